@@ -1,0 +1,80 @@
+"""`moelink` command line: generate, make-tiny-model (serve arrives with the gRPC front)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags, named as vLLM names them."""
+    p.add_argument("model", help="local Hugging Face checkpoint directory")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or float64")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--device", default="auto")
+
+
+def engine_args_from(ns: argparse.Namespace):
+    from .engine_args import EngineArgs
+
+    return EngineArgs(
+        model=ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size, num_kv_blocks=ns.num_kv_blocks,
+        kv_cache_memory_bytes=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
+        enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
+    )
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from .llm import LLM
+    from .sampling_params import SamplingParams
+
+    args = engine_args_from(ns)
+    llm = LLM(**{k: v for k, v in vars(args).items()})
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
+                            seed=ns.seed, stop=ns.stop or [])
+    outs = llm.generate(ns.prompt, params, use_tqdm=len(ns.prompt) > 1)
+    for out in outs:
+        comp = out.outputs[0]
+        print(f"--- prompt: {out.prompt!r}")
+        print(comp.text)
+        print(f"--- {len(comp.token_ids)} tokens, finish_reason={comp.finish_reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moelink", description="Mixture-of-experts LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one or more prompts, offline")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None)
+    gen.set_defaults(func=_generate)
+    from .tiny_model import register_cli
+
+    register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns) or 0
+    except ValueError as exc:
+        print(f"moelink: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""EngineArgs: every user-facing engine option in one validated place, turned into per-concern configs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moelink.scheduler.config import CacheConfig, SchedulerConfig
+
+from .config import ModelConfig
+from .model_runner import kv_cache_bytes_per_block
+
+_DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: ample for tiny models, small for a 24 GiB machine
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    device: torch.device
+    kernels: str
+    load_progress: bool
+
+
+@dataclass
+class EngineArgs:
+    """Options named as in vLLM where the concept is the same."""
+
+    model: str
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None
+    kv_cache_memory_bytes: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+    kernels: str = "auto"
+    load_progress: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(field: str, allowed: str):
+            raise ValueError(f"{field}={getattr(self, field)!r} is invalid: {allowed}.")
+
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_num_batched_tokens", "max_model_len"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                bad(name, "must be a positive integer or None")
+        if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
+            bad("kv_cache_memory_bytes", "give either num_kv_blocks or kv_cache_memory_bytes, not both")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} is invalid: CUDA is not available on this machine.")
+        return dev
+
+    def create_engine_config(self) -> EngineConfig:
+        model_cfg = ModelConfig.from_pretrained(self.model, self.dtype, self.max_model_len)
+        device = self.resolve_device()
+        # The budget must hold at least one whole sequence's worth of chunks: vLLM's default of 8192,
+        # but never below max_num_seqs so every running request can decode each step.
+        budget = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
+                                max_model_len=model_cfg.max_model_len)
+        cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device),
+                            enable_prefix_caching=self.enable_prefix_caching)
+        return EngineConfig(model_cfg, cache, sched, device, self.kernels, self.load_progress)
+
+    def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int:
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        per_block = kv_cache_bytes_per_block(model_cfg, self.block_size)
+        if self.kv_cache_memory_bytes is not None:
+            budget = self.kv_cache_memory_bytes
+        elif device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            weights = _weight_bytes(model_cfg)
+            budget = int(total * self.gpu_memory_utilization) - (total - free) - weights
+        else:
+            # Enough for every sequence at full length, capped at 1 GiB.
+            want = self.max_num_seqs * -(-model_cfg.max_model_len // self.block_size) * per_block
+            budget = min(want, _DEFAULT_CPU_KV_BYTES)
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes={budget} leaves no room for one KV block of {per_block} bytes: "
+                "give more memory (kv_cache_memory_bytes or gpu_memory_utilization) or num_kv_blocks."
+            )
+        return int(blocks)
+
+
+def _weight_bytes(cfg: ModelConfig) -> int:
+    elem = torch.empty((), dtype=cfg.dtype).element_size()
+    attn = cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * cfg.hidden_size
+    moe = cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size + cfg.num_experts * cfg.hidden_size
+    dense = 3 * cfg.hidden_size * cfg.intermediate_size
+    n_sparse = len(cfg.sparse_layers)
+    per_model = cfg.num_layers * attn + n_sparse * moe + (cfg.num_layers - n_sparse) * dense
+    per_model += cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    return per_model * elem

@@ -1,0 +1,141 @@
+"""LLMEngine: tokenizer + scheduler + executor + output processing, stepped by its owner.
+
+Not thread-safe: `LLM` steps it in the caller's thread, `AsyncEngine` in its
+engine thread. All input validation happens in `process_inputs`, before a
+request touches the scheduler, so a rejected request never holds a KV block.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Union
+
+from moelink.scheduler.request import Request, RequestStatus
+from moelink.scheduler.scheduler import Scheduler
+
+from .engine_args import EngineArgs, EngineConfig
+from .executor import Executor, InProcessExecutor
+from .output_processor import OutputProcessor
+from .outputs import OutputKind, RequestOutput
+from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+PromptType = Union[str, list[int], dict]
+
+
+@dataclass
+class ProcessedRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None, tokenizer: Tokenizer | None = None):
+        self.config = config
+        self.tokenizer = tokenizer or Tokenizer.from_dir(config.model.model)
+        self.eos_token_ids = set(config.model.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.scheduler = Scheduler(config.scheduler, config.cache)
+        self.executor = executor or InProcessExecutor(config)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._step_id = 0
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args.create_engine_config())
+
+    # -- input validation -----------------------------------------------------
+    def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None) -> ProcessedRequest:
+        """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only)."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty string.")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params={params!r} is invalid: must be a SamplingParams.")
+        text = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt dict is invalid: it needs a 'prompt' or 'prompt_token_ids' key.")
+        if isinstance(prompt, str):
+            text = prompt
+            if not prompt:
+                raise ValueError("prompt is empty: give at least one character or token id.")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+        else:
+            raise ValueError(f"prompt of type {type(prompt).__name__} is invalid: pass a string or a list of token ids.")
+        if not ids:
+            raise ValueError("prompt is empty: give at least one character or token id.")
+        vocab = self.config.model.vocab_size
+        for i, t in enumerate(ids):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt_token_ids[{i}]={t!r} is out of range: token ids must be integers in [0, {vocab}).")
+        max_len = self.config.scheduler.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, too long: max_model_len={max_len} leaves room for at most {max_len - 1} prompt tokens."
+            )
+        bs, blocks = self.config.cache.block_size, self.config.cache.num_kv_blocks
+        if -(-(len(ids) + 1) // bs) > blocks:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than the KV cache holds ({blocks} blocks of {bs} tokens): "
+                "raise num_kv_blocks / kv_cache_memory_bytes or shorten the prompt."
+            )
+        for t in params.stop_token_ids:
+            if t >= vocab:
+                raise ValueError(f"SamplingParams.stop_token_ids contains {t}: token ids must be in [0, {vocab}).")
+        room = max_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        return ProcessedRequest(request_id, text, ids, params, max_tokens)
+
+    # -- request lifecycle ----------------------------------------------------
+    def add_processed(self, req: ProcessedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        p = req.params
+        sched_req = Request(
+            req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,
+            eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
+            stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens,
+        )
+        self.scheduler.add_request(sched_req)
+        self.output_processor.add_request(req.request_id, req.prompt, req.prompt_token_ids, p, output_kind)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        if request_id in self.output_processor.states:
+            raise ValueError(f"request_id={request_id!r} is already in use by a running request.")
+        self.add_processed(self.process_inputs(request_id, prompt, params), output_kind)
+
+    def abort_requests(self, request_ids, reason: str = "abort") -> list[RequestOutput]:
+        """Finish requests now (blocks freed); returns their final outputs."""
+        ids = [r for r in request_ids if r in self.output_processor.states]
+        status = RequestStatus.FINISHED_ABORTED if reason == "abort" else RequestStatus.FINISHED_ERROR
+        self.scheduler.finish_requests(ids, status)
+        return [o for o in (self.output_processor.finish(r, reason) for r in ids) if o is not None]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        self._step_id += 1
+        (runner_out,) = self.executor.execute([so])
+        core_outputs = self.scheduler.update_from_output(so, runner_out)
+        outputs, stopped = self.output_processor.process(core_outputs)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def stats(self):
+        return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,88 @@
+"""Load a Hugging Face safetensors checkpoint into a model by its weight plan.
+
+Tensors are read one at a time with `safe_open`, so memory holds at most one
+checkpoint tensor beyond the model itself, and a rank reads only the tensors
+its plan lists (its own experts under expert parallelism).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .models import ARCHITECTURES, MoEDecoderForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_index(model_dir: str | Path) -> dict[str, Path]:
+    """Tensor name → safetensors file, from model.safetensors.index.json or the files themselves."""
+    path = Path(model_dir)
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+        return {name: path / fname for name, fname in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model={str(path)!r} has no *.safetensors files: moelink loads safetensors checkpoints only.")
+    index: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                index[name] = f
+    return index
+
+
+def load_model(cfg: ModelConfig, kernels, device: torch.device, expert_ids: list[int] | None = None,
+               progress: bool = False) -> MoEDecoderForCausalLM:
+    """Build the model for `cfg.architecture` on `device` and fill every parameter from the checkpoint."""
+    spec = ARCHITECTURES[cfg.architecture]
+    model = MoEDecoderForCausalLM(cfg, spec, kernels, device, expert_ids)
+    plan = model.weight_plan()
+    index = checkpoint_index(cfg.model)
+    missing = [name for name in plan if name not in index]
+    if missing:
+        raise ValueError(
+            f"checkpoint {cfg.model!r} is missing tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f": every {cfg.architecture} weight must be present."
+        )
+    by_file: dict[Path, list[str]] = {}
+    for name in plan:
+        by_file.setdefault(index[name], []).append(name)
+    bar = _progress(len(plan), progress)
+    with torch.no_grad():
+        for fname, names in by_file.items():
+            with safe_open(str(fname), framework="pt") as st:
+                for name in names:
+                    param, idx = plan[name]
+                    dest = param[idx] if idx else param
+                    src = st.get_tensor(name)
+                    if tuple(src.shape) != tuple(dest.shape):
+                        raise ValueError(
+                            f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)} from config.json."
+                        )
+                    dest.copy_(src.to(device=device, dtype=dest.dtype))
+                    bar.update(1)
+    bar.close()
+    return model.eval()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Loading weights", unit="tensor")

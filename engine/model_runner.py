@@ -1,0 +1,163 @@
+"""The worker's model runner: keeps per-request state, builds one flat batch per step, runs the model, samples.
+
+Legend: T scheduled tokens in the flat batch, S sequences, M max blocks per
+sequence, D hidden, V vocab, R rows that sample this step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moelink.kernels.attention import AttentionMetadata
+from moelink.kernels.ops import select_kernels
+from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
+
+from .config import ModelConfig
+from .loader import load_model
+from .models.layers import ForwardContext
+from .sampler import Sampler, SamplingMetadata
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    generator: torch.Generator | None
+    all_token_ids: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = self.prompt_token_ids + self.output_token_ids
+
+
+def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int) -> int:
+    """K and V of every layer for one block of tokens."""
+    elem = torch.empty((), dtype=cfg.dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the request states of one rank."""
+
+    def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int, device: torch.device,
+                 kernels: str = "auto", expert_ids: list[int] | None = None, load_progress: bool = False):
+        self.cfg = model_cfg
+        self.device = device
+        self.block_size = block_size
+        self.kernels = select_kernels(device, kernels)
+        self.model = load_model(model_cfg, self.kernels, device, expert_ids, progress=load_progress)
+        shape = (num_kv_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=model_cfg.dtype, device=device), torch.zeros(shape, dtype=model_cfg.dtype, device=device))
+            for _ in range(model_cfg.num_layers)
+        ]
+        self.sampler = Sampler()
+        self.eos_token_ids = set(model_cfg.eos_token_ids)
+        self.requests: dict[str, CachedRequestState] = {}
+        # Preempted requests keep their generator so a seeded request draws the
+        # same tokens whether or not it was preempted.
+        self._parked_generators: dict[str, torch.Generator | None] = {}
+
+    # -- state updates --------------------------------------------------------
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids:
+            self.requests.pop(rid, None)
+            self._parked_generators.pop(rid, None)
+        for rid in so.preempted_req_ids:
+            st = self.requests.pop(rid, None)
+            if st is not None:
+                self._parked_generators[rid] = st.generator
+        for new in so.scheduled_new_reqs:
+            if new.req_id in self._parked_generators:
+                gen = self._parked_generators.pop(new.req_id)
+            else:
+                gen = self._make_generator(new.sampling_params)
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
+                list(new.block_ids), new.num_computed_tokens, gen,
+            )
+        for cached in so.scheduled_cached_reqs:
+            st = self.requests[cached.req_id]
+            st.block_ids.extend(cached.new_block_ids)
+
+    def _make_generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed)
+        return gen
+
+    # -- one step ---------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        t0 = time.perf_counter()
+        self._update_states(so)
+        out = ModelRunnerOutput(step_id=so.step_id)
+        if so.total_num_scheduled_tokens == 0:
+            return out
+        bs = self.block_size
+        req_ids = list(so.num_scheduled_tokens)
+        states = [self.requests[r] for r in req_ids]
+        query_lens = [so.num_scheduled_tokens[r] for r in req_ids]
+        starts = [st.num_computed_tokens for st in states]
+        seq_lens = [c + n for c, n in zip(starts, query_lens)]
+        tokens: list[int] = []
+        positions = np.concatenate([np.arange(c, c + n, dtype=np.int64) for c, n in zip(starts, query_lens)])
+        slots = np.empty(len(positions), dtype=np.int64)
+        max_blocks = max(len(st.block_ids) for st in states)
+        tables_SM = np.zeros((len(states), max_blocks), dtype=np.int32)
+        off = 0
+        for s, (st, c, n) in enumerate(zip(states, starts, query_lens)):
+            tokens.extend(st.all_token_ids[c : c + n])
+            blocks = np.asarray(st.block_ids, dtype=np.int64)
+            tables_SM[s, : len(blocks)] = blocks
+            pos = positions[off : off + n]
+            slots[off : off + n] = blocks[pos // bs] * bs + pos % bs
+            off += n
+        dev = self.device
+        qsl = np.zeros(len(states) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=qsl[1:])
+        attn = AttentionMetadata(
+            query_start_loc_S1=torch.from_numpy(qsl).to(dev),
+            seq_lens_S=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables_SM=torch.from_numpy(tables_SM).to(dev),
+            slot_mapping_T=torch.from_numpy(slots).to(dev),
+            query_lens=query_lens, seq_lens=seq_lens,
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        )
+        input_ids_T = torch.tensor(tokens, dtype=torch.long, device=dev)
+        positions_T = torch.from_numpy(positions).to(dev)
+        h_TD = self.model(input_ids_T, positions_T, ForwardContext(attn, self.kv_caches))
+        for st, n in zip(states, query_lens):
+            st.num_computed_tokens += n
+        # A chunk samples only when it reaches the request's last known token.
+        rows = [s for s, (st, L) in enumerate(zip(states, seq_lens)) if L == len(st.all_token_ids)]
+        if rows:
+            self._sample(rows, states, qsl, h_TD, out)
+        out.stats = {"num_tokens": len(tokens), "num_seqs": len(states), "step_s": time.perf_counter() - t0}
+        return out
+
+    def _sample(self, rows, states, qsl, h_TD, out: ModelRunnerOutput) -> None:
+        last_R = torch.tensor([int(qsl[s + 1]) - 1 for s in rows], dtype=torch.long, device=self.device)
+        logits_RV = self.model.compute_logits(h_TD.index_select(0, last_R))
+        picked = [states[s] for s in rows]
+        meta = SamplingMetadata.build(
+            [st.params for st in picked], [st.prompt_token_ids for st in picked],
+            [st.output_token_ids for st in picked], [st.generator for st in picked],
+            self.eos_token_ids, self.cfg.vocab_size, self.device,
+        )
+        result = self.sampler(logits_RV, meta)
+        token_ids = result.token_ids_B.tolist()  # host sync: sampled ids go back to the scheduler
+        for st, tok, lp in zip(picked, token_ids, result.logprobs):
+            st.output_token_ids.append(tok)
+            st.all_token_ids.append(tok)
+            out.sampled_token_ids[st.req_id] = tok
+            if lp is not None:
+                out.logprobs[st.req_id] = lp

@@ -1,0 +1,136 @@
+"""A decoder-only MoE transformer, parameterised by an `ArchSpec` (weight names, q/k norm, routing).
+
+Legend: T tokens in the flat batch, D hidden, V vocab.
+
+Layer structure (pre-norm, as in Qwen3-MoE and Mixtral):
+    h = x + attn(norm1(x));  out = h + mlp(norm2(h))
+with the residual add fused into the next norm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from moelink.kernels.rotary import rotary_cos_sin_cache
+from moelink.moe.layer import MoELayer
+from moelink.moe.router import SoftmaxTopKRouter
+
+from ..config import ModelConfig
+from .layers import DenseMLP, ForwardContext, PagedAttention, RMSNorm
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What differs between architectures: checkpoint names and two switches."""
+
+    qk_norm: bool
+    moe_prefix: str  # "mlp" (Qwen3) or "block_sparse_moe" (Mixtral)
+    expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
+    renormalize: Callable[[ModelConfig], bool]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: ArchSpec, layer_idx: int, cos_sin_PH, kernels, device, expert_ids):
+        super().__init__()
+        dt = cfg.dtype
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
+        self.self_attn = PagedAttention(
+            layer_idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.rms_norm_eps if spec.qk_norm else None, cos_sin_PH, kernels, dt, device,
+        )
+        self.is_sparse = layer_idx in cfg.sparse_layers
+        if self.is_sparse:
+            router = SoftmaxTopKRouter(cfg.top_k, spec.renormalize(cfg))
+            self.mlp = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, len(expert_ids), router, kernels, dt, device)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dt, device)
+
+    def forward(self, positions_T, x_TD, residual_TD, ctx: ForwardContext):
+        if residual_TD is None:
+            residual_TD, h_TD = x_TD, self.input_layernorm(x_TD)
+        else:
+            h_TD, residual_TD = self.input_layernorm.add_forward(x_TD, residual_TD)
+        h_TD = self.self_attn(positions_T, h_TD, ctx)
+        h_TD, residual_TD = self.post_attention_layernorm.add_forward(h_TD, residual_TD)
+        return self.mlp(h_TD), residual_TD
+
+
+class MoEDecoderForCausalLM(nn.Module):
+    """Embedding → decoder layers → final norm; `compute_logits` applies the LM head to chosen rows."""
+
+    def __init__(self, cfg: ModelConfig, spec: ArchSpec, kernels, device: torch.device,
+                 expert_ids: list[int] | None = None):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        # Global ids of the experts this rank holds, in local order (all of them without EP).
+        self.expert_ids = list(range(cfg.num_experts)) if expert_ids is None else list(expert_ids)
+        dt = cfg.dtype
+        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
+        cos_sin_PH = rotary_cos_sin_cache(cfg.head_dim, cfg.max_model_len, cfg.rope_theta, device=device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, spec, i, cos_sin_PH, kernels, device, self.expert_ids) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
+        self.lm_head = (
+            self.embed_tokens if cfg.tie_word_embeddings
+            else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
+        )
+
+    def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Returns the final-normed hidden states [T, D]."""
+        x_TD = F.embedding(input_ids_T, self.embed_tokens)
+        residual_TD = None
+        for layer in self.layers:
+            x_TD, residual_TD = layer(positions_T, x_TD, residual_TD, ctx)
+        h_TD, _ = self.norm.add_forward(x_TD, residual_TD)
+        return h_TD
+
+    def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
+        return F.linear(h_SD, self.lm_head)
+
+    # -- checkpoint mapping ---------------------------------------------------
+    def weight_plan(self) -> dict[str, tuple[torch.Tensor, tuple]]:
+        """Checkpoint tensor name → (destination parameter, index into it).
+
+        Only tensors this rank needs are listed, so a loader that follows the
+        plan never reads another rank's experts.
+        """
+        cfg, spec = self.cfg, self.spec
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        plan: dict[str, tuple[torch.Tensor, tuple]] = {"model.embed_tokens.weight": (self.embed_tokens, ())}
+        if not cfg.tie_word_embeddings:
+            plan["lm_head.weight"] = (self.lm_head, ())
+        plan["model.norm.weight"] = (self.norm.weight, ())
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn = layer.self_attn
+            plan[p + "input_layernorm.weight"] = (layer.input_layernorm.weight, ())
+            plan[p + "post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, ())
+            plan[p + "self_attn.q_proj.weight"] = (attn.qkv_proj, (slice(0, q),))
+            plan[p + "self_attn.k_proj.weight"] = (attn.qkv_proj, (slice(q, q + kv),))
+            plan[p + "self_attn.v_proj.weight"] = (attn.qkv_proj, (slice(q + kv, q + 2 * kv),))
+            plan[p + "self_attn.o_proj.weight"] = (attn.o_proj, ())
+            if spec.qk_norm:
+                plan[p + "self_attn.q_norm.weight"] = (attn.q_norm.weight, ())
+                plan[p + "self_attn.k_norm.weight"] = (attn.k_norm.weight, ())
+            mlp = layer.mlp
+            if layer.is_sparse:
+                inter = cfg.moe_intermediate_size
+                m = p + spec.moe_prefix + "."
+                gate_name, up_name, down_name = spec.expert_names
+                plan[m + "gate.weight"] = (mlp.gate_GD, ())
+                for local, e in enumerate(self.expert_ids):
+                    plan[f"{m}experts.{e}.{gate_name}.weight"] = (mlp.w13_EFD, (local, slice(0, inter)))
+                    plan[f"{m}experts.{e}.{up_name}.weight"] = (mlp.w13_EFD, (local, slice(inter, 2 * inter)))
+                    plan[f"{m}experts.{e}.{down_name}.weight"] = (mlp.w2_EDI, (local,))
+            else:
+                inter = cfg.intermediate_size
+                plan[p + "mlp.gate_proj.weight"] = (mlp.gate_up_proj, (slice(0, inter),))
+                plan[p + "mlp.up_proj.weight"] = (mlp.gate_up_proj, (slice(inter, 2 * inter),))
+                plan[p + "mlp.down_proj.weight"] = (mlp.down_proj, ())
+        return plan

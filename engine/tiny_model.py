@@ -1,0 +1,312 @@
+"""Tiny random MoE checkpoints in the exact Hugging Face on-disk layout.
+
+Tests, examples and benchmarks need real-looking models without a network: a
+directory that `transformers` loads with no missing or unexpected weights
+(so it is the test oracle for our model code) and that our loader reads like
+any downloaded Qwen3-MoE or Mixtral checkpoint. Everything is seeded, so the
+same arguments give byte-identical files.
+
+Shape legend: V vocab, D hidden, E experts, I expert (or dense MLP) width,
+H query heads, K kv heads, Dh head dim.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import save_file
+
+from .tiny_corpus import (CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, SPECIAL_TOKENS,  # noqa: F401 (re-exported)
+                          train_tiny_tokenizer, write_tokenizer_configs)
+
+ARCHS = ("qwen3_moe", "mixtral")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_VOCAB_SIZE = 300  # 256 byte tokens + specials + a few merges
+
+# Init gains (std = gain / sqrt(fan_in)). Found by checking greedy
+# generations: the router gain makes the top-k choice differ between tokens,
+# the lm_head gain makes logits peaked enough that greedy decoding follows the
+# context instead of repeating one token.
+_ROUTER_GAIN = 2.0
+_LM_HEAD_GAIN = 4.0
+_NORM_NOISE = 0.1
+
+
+def _fail(name: str, value, allowed: str) -> None:
+    raise ValueError(f"make_tiny_model: {name}={value!r} is invalid: {allowed}.")
+
+
+def _pos_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(name, value, "must be a positive integer")
+
+
+def _validate(a: dict) -> None:
+    if a["arch"] not in ARCHS:
+        _fail("arch", a["arch"], f"must be one of {', '.join(ARCHS)}")
+    for name in ("num_layers", "hidden_size", "num_experts", "top_k", "num_heads", "num_kv_heads",
+                 "moe_intermediate_size", "max_position_embeddings", "decoder_sparse_step"):
+        _pos_int(name, a[name])
+    if a["top_k"] > a["num_experts"]:
+        _fail("top_k", a["top_k"], f"must be <= num_experts ({a['num_experts']})")
+    if a["num_heads"] % a["num_kv_heads"]:
+        _fail("num_heads", a["num_heads"], f"must be a multiple of num_kv_heads ({a['num_kv_heads']})")
+    if not isinstance(a["vocab_size"], int) or a["vocab_size"] < MIN_VOCAB_SIZE:
+        _fail("vocab_size", a["vocab_size"], f"must be an integer >= {MIN_VOCAB_SIZE} (256 byte tokens + specials)")
+    if a["head_dim"] is not None:
+        _pos_int("head_dim", a["head_dim"])
+    if a["arch"] == "mixtral":
+        if a["hidden_size"] % a["num_heads"]:
+            _fail("hidden_size", a["hidden_size"], f"must be divisible by num_heads ({a['num_heads']}) for mixtral")
+        if a["head_dim"] is not None and a["head_dim"] != a["hidden_size"] // a["num_heads"]:
+            _fail("head_dim", a["head_dim"], "must be None or hidden_size // num_heads for mixtral")
+        if a["intermediate_size"] is not None:
+            _fail("intermediate_size", a["intermediate_size"],
+                  "applies to qwen3_moe dense layers only; mixtral's expert width is moe_intermediate_size")
+        if not a["norm_topk_prob"]:
+            _fail("norm_topk_prob", a["norm_topk_prob"], "must be True for mixtral (it always renormalises its top-k)")
+        if tuple(a["mlp_only_layers"]) or a["decoder_sparse_step"] != 1:
+            _fail("mlp_only_layers", a["mlp_only_layers"], "must be empty (and decoder_sparse_step 1) for mixtral")
+    elif a["intermediate_size"] is not None:
+        _pos_int("intermediate_size", a["intermediate_size"])
+    for layer in a["mlp_only_layers"]:
+        if not isinstance(layer, int) or not 0 <= layer < a["num_layers"]:
+            _fail("mlp_only_layers", list(a["mlp_only_layers"]), f"must hold layer indices in [0, {a['num_layers']})")
+    if a["dtype"] not in DTYPES:
+        _fail("dtype", a["dtype"], f"must be one of {', '.join(DTYPES)}")
+    if a["max_shard_size"] is not None:
+        _pos_int("max_shard_size", a["max_shard_size"])
+    if not isinstance(a["rope_theta"], (int, float)) or not a["rope_theta"] > 0:
+        _fail("rope_theta", a["rope_theta"], "must be a number > 0")
+    if a["init_std"] is not None and not (isinstance(a["init_std"], (int, float)) and a["init_std"] > 0):
+        _fail("init_std", a["init_std"], "must be None (fan-in scaled) or a number > 0")
+    if not isinstance(a["seed"], int) or isinstance(a["seed"], bool):
+        _fail("seed", a["seed"], "must be an integer")
+
+
+def is_moe_layer(layer: int, mlp_only_layers: Sequence[int], decoder_sparse_step: int) -> bool:
+    """Qwen3-MoE's rule (transformers Qwen3MoeDecoderLayer) for which layers are sparse."""
+    return layer not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0
+
+
+def make_tiny_model(
+    out_dir: Union[str, Path],
+    arch: str = "qwen3_moe",
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    num_experts: int = 8,
+    top_k: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: Optional[int] = None,
+    moe_intermediate_size: int = 32,
+    intermediate_size: Optional[int] = None,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 1024,
+    norm_topk_prob: bool = True,
+    rope_theta: float = 10000.0,
+    seed: int = 0,
+    init_std: Optional[float] = None,
+    dtype: str = "float32",
+    max_shard_size: Optional[int] = None,
+    mlp_only_layers: Sequence[int] = (),
+    decoder_sparse_step: int = 1,
+) -> Path:
+    """Write a random `arch` checkpoint with a trained byte-level BPE tokenizer; return its directory.
+
+    head_dim: qwen3_moe only (default 16); mixtral uses hidden_size // num_heads.
+    moe_intermediate_size: width of each expert (Mixtral calls it intermediate_size).
+    intermediate_size: qwen3_moe dense-layer MLP width (layers in mlp_only_layers or off
+        decoder_sparse_step); default 2 * moe_intermediate_size.
+    init_std: None scales each matrix by 1/sqrt(fan_in); a number uses that std everywhere.
+    max_shard_size: bytes; above it the weights go to model-0000x-of-0000N.safetensors
+        plus model.safetensors.index.json.
+    """
+    args = dict(locals())
+    args.pop("out_dir")
+    args["mlp_only_layers"] = tuple(mlp_only_layers)
+    _validate(args)
+    if arch == "mixtral":
+        head_dim = hidden_size // num_heads
+    elif head_dim is None:
+        head_dim = 16
+    if intermediate_size is None:
+        intermediate_size = 2 * moe_intermediate_size
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = train_tiny_tokenizer(vocab_size)
+    tokenizer.save(str(out / "tokenizer.json"))
+    special_ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    eos_id, im_end_id = special_ids[EOS_TOKEN], special_ids[IM_END]
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
+        hidden_act="silu", max_position_embeddings=max_position_embeddings,
+        initializer_range=init_std if init_std is not None else 0.02, rms_norm_eps=1e-6,
+        use_cache=True, tie_word_embeddings=False, rope_theta=float(rope_theta), rope_scaling=None,
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+        attention_dropout=0.0, num_experts_per_tok=top_k, output_router_logits=False,
+        bos_token_id=eos_id, eos_token_id=eos_id, torch_dtype=dtype, dtype=dtype,
+    )
+    if arch == "qwen3_moe":
+        config = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", **common,
+                      intermediate_size=intermediate_size, moe_intermediate_size=moe_intermediate_size,
+                      num_experts=num_experts, norm_topk_prob=bool(norm_topk_prob),
+                      decoder_sparse_step=decoder_sparse_step, mlp_only_layers=list(mlp_only_layers),
+                      attention_bias=False, use_sliding_window=False, sliding_window=None,
+                      max_window_layers=num_layers, router_aux_loss_coef=0.001)
+    else:
+        config = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", **common,
+                      intermediate_size=moe_intermediate_size, num_local_experts=num_experts,
+                      sliding_window=None, router_aux_loss_coef=0.02, router_jitter_noise=0.0)
+    _write_json(out / "config.json", config)
+    # Chat turns end with <|im_end|>, plain text with <|endoftext|>: both stop.
+    _write_json(out / "generation_config.json",
+                {"bos_token_id": eos_id, "eos_token_id": [eos_id, im_end_id], "pad_token_id": eos_id})
+    write_tokenizer_configs(out, tokenizer, max_position_embeddings)
+
+    shapes = list(_weight_shapes(config, arch, mlp_only_layers, decoder_sparse_step))
+    tensors = _random_weights(shapes, seed=seed, init_std=init_std, dtype=DTYPES[dtype])
+    _save_weights(out, tensors, max_shard_size)
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _weight_shapes(cfg: dict, arch: str, mlp_only_layers, sparse_step) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, kind) in a fixed order; kind picks the init (norm / linear / router / embed / head)."""
+    V, D, L = cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]
+    H, K, Dh = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    yield "model.embed_tokens.weight", (V, D), "embed"
+    for i in range(L):
+        p = f"model.layers.{i}"
+        yield f"{p}.input_layernorm.weight", (D,), "norm"
+        yield f"{p}.self_attn.q_proj.weight", (H * Dh, D), "linear"
+        yield f"{p}.self_attn.k_proj.weight", (K * Dh, D), "linear"
+        yield f"{p}.self_attn.v_proj.weight", (K * Dh, D), "linear"
+        yield f"{p}.self_attn.o_proj.weight", (D, H * Dh), "linear"
+        if arch == "qwen3_moe":
+            yield f"{p}.self_attn.q_norm.weight", (Dh,), "norm"
+            yield f"{p}.self_attn.k_norm.weight", (Dh,), "norm"
+        yield f"{p}.post_attention_layernorm.weight", (D,), "norm"
+        if arch == "mixtral":
+            E, I = cfg["num_local_experts"], cfg["intermediate_size"]
+            yield f"{p}.block_sparse_moe.gate.weight", (E, D), "router"
+            for j in range(E):
+                yield f"{p}.block_sparse_moe.experts.{j}.w1.weight", (I, D), "linear"
+                yield f"{p}.block_sparse_moe.experts.{j}.w2.weight", (D, I), "linear"
+                yield f"{p}.block_sparse_moe.experts.{j}.w3.weight", (I, D), "linear"
+        elif is_moe_layer(i, mlp_only_layers, sparse_step):
+            E, I = cfg["num_experts"], cfg["moe_intermediate_size"]
+            yield f"{p}.mlp.gate.weight", (E, D), "router"
+            for j in range(E):
+                yield f"{p}.mlp.experts.{j}.gate_proj.weight", (I, D), "linear"
+                yield f"{p}.mlp.experts.{j}.up_proj.weight", (I, D), "linear"
+                yield f"{p}.mlp.experts.{j}.down_proj.weight", (D, I), "linear"
+        else:
+            I = cfg["intermediate_size"]
+            yield f"{p}.mlp.gate_proj.weight", (I, D), "linear"
+            yield f"{p}.mlp.up_proj.weight", (I, D), "linear"
+            yield f"{p}.mlp.down_proj.weight", (D, I), "linear"
+    yield "model.norm.weight", (D,), "norm"
+    yield "lm_head.weight", (V, D), "head"
+
+
+def _random_weights(shapes, *, seed: int, init_std: Optional[float], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    # One generator drawn in the fixed order of `shapes`: same seed, same bytes.
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape, kind in shapes:
+        if kind == "norm":
+            w = 1.0 + _NORM_NOISE * torch.randn(shape, generator=gen)
+        else:
+            fan_in = shape[-1]
+            if kind == "embed":
+                std = 1.0  # followed by RMSNorm, so only direction matters
+            elif init_std is not None:
+                std = init_std
+            else:
+                gain = {"router": _ROUTER_GAIN, "head": _LM_HEAD_GAIN}.get(kind, 1.0)
+                std = gain / math.sqrt(fan_in)
+            w = std * torch.randn(shape, generator=gen)
+        tensors[name] = w.to(dtype).contiguous()
+    return tensors
+
+
+def _save_weights(out: Path, tensors: dict[str, torch.Tensor], max_shard_size: Optional[int]) -> None:
+    # Stale shards from an earlier call would leave a mixed checkpoint behind.
+    for old in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
+        if old.exists():
+            old.unlink()
+    metadata = {"format": "pt"}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_size is None or total <= max_shard_size:
+        save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        # Greedy packing like transformers' save_pretrained; a tensor larger
+        # than the limit gets a shard of its own.
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    n = len(shards)
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        fname = f"model-{k:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(out / fname), metadata=metadata)
+        weight_map.update({name: fname for name in shard})
+    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def register_cli(subparsers) -> None:
+    """Add `make-tiny-model OUT ...` to an argparse subparsers object."""
+    p = subparsers.add_parser("make-tiny-model", help="write a tiny random MoE checkpoint (for tests and demos)",
+                              description=make_tiny_model.__doc__)
+    p.add_argument("out", help="output directory")
+    p.add_argument("--arch", choices=ARCHS, default="qwen3_moe")
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=None, help="qwen3_moe only (default 16)")
+    p.add_argument("--moe-intermediate-size", type=int, default=32, help="width of each expert")
+    p.add_argument("--intermediate-size", type=int, default=None, help="qwen3_moe dense-layer MLP width")
+    p.add_argument("--mlp-only-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                   help="qwen3_moe: comma-separated dense layer indices")
+    p.add_argument("--decoder-sparse-step", type=int, default=1)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--max-position-embeddings", type=int, default=1024)
+    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-std", type=float, default=None)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--max-shard-size", type=int, default=None, help="bytes per safetensors shard")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> None:
+    path = make_tiny_model(
+        args.out, args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_experts=args.num_experts, top_k=args.top_k, num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+        moe_intermediate_size=args.moe_intermediate_size, intermediate_size=args.intermediate_size,
+        mlp_only_layers=args.mlp_only_layers, decoder_sparse_step=args.decoder_sparse_step,
+        vocab_size=args.vocab_size, max_position_embeddings=args.max_position_embeddings,
+        rope_theta=args.rope_theta, seed=args.seed, init_std=args.init_std, dtype=args.dtype,
+        max_shard_size=args.max_shard_size)
+    print(path)

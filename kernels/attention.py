@@ -1,0 +1,125 @@
+"""Attention over the paged KV cache: metadata, KV write, and the plain-torch reference.
+
+Legend: T query tokens in the flattened batch, S sequences, N query heads,
+K kv heads, H head dim, B cache blocks, L block size (tokens per block),
+M max blocks per sequence, C context length.
+
+Cache layout per layer: k_cache_BLKH / v_cache_BLKH = [num_blocks, block_size, K, H].
+Token p of a sequence lives in block `block_table[p // L]` at offset `p % L`;
+its flat slot is `block * L + offset`.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's queries sit in the flat batch and where its KV lives.
+
+    Device tensors feed the kernels; the host lists are kept because the
+    runner builds them on the host anyway, so the CPU path reads them without
+    a device→host sync.
+    """
+
+    query_start_loc_S1: torch.Tensor  # int32 [S + 1], cumulative query lengths
+    seq_lens_S: torch.Tensor  # int32 [S], context length after this step's tokens
+    block_tables_SM: torch.Tensor  # int32 [S, M], padded with 0
+    slot_mapping_T: torch.Tensor  # int64 [T], flat cache slot of each new token
+    query_lens: list[int]
+    seq_lens: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+def reference_write_kv(
+    k_TKH: torch.Tensor,
+    v_TKH: torch.Tensor,
+    k_cache_BLKH: torch.Tensor,
+    v_cache_BLKH: torch.Tensor,
+    slot_mapping_T: torch.Tensor,
+) -> None:
+    """Scatter this step's keys and values into their cache slots (in place)."""
+    num_kv_heads, head_dim = k_TKH.shape[1], k_TKH.shape[2]
+    k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, k_TKH)
+    v_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, v_TKH)
+
+
+def reference_paged_attention(
+    q_TNH: torch.Tensor,
+    k_cache_BLKH: torch.Tensor,
+    v_cache_BLKH: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each new token to its sequence's cached context.
+
+    The query at position p (= seq_len - query_len + i) sees keys [0, p].
+    Single-token (decode) sequences are batched into one padded call; each
+    multi-token chunk runs on its own, so no padding is wasted on long chunks.
+    Returns [T, N, H] in q's dtype.
+    """
+    out_TNH = torch.empty_like(q_TNH)
+    starts = list(itertools.accumulate(meta.query_lens, initial=0))
+    decode_seqs = [s for s, n in enumerate(meta.query_lens) if n == 1]
+    if decode_seqs:
+        _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, decode_seqs, starts, out_TNH)
+    for s, qlen in enumerate(meta.query_lens):
+        if qlen == 1:
+            continue
+        start, ctx = starts[s], meta.seq_lens[s]
+        k_CKH, v_CKH = _gather_context(k_cache_BLKH, v_cache_BLKH, meta.block_tables_SM[s], ctx)
+        q_1NQH = q_TNH[start : start + qlen].transpose(0, 1).unsqueeze(0)
+        key_pos_C = torch.arange(ctx, device=q_TNH.device)
+        query_pos_Q = torch.arange(ctx - qlen, ctx, device=q_TNH.device)
+        mask_QC = key_pos_C[None, :] <= query_pos_Q[:, None]
+        o_1NQH = _sdpa(q_1NQH, k_CKH.transpose(0, 1).unsqueeze(0), v_CKH.transpose(0, 1).unsqueeze(0), mask_QC, scale)
+        out_TNH[start : start + qlen] = o_1NQH[0].transpose(0, 1)
+    return out_TNH
+
+
+def _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH) -> None:
+    block_size = k_cache_BLKH.shape[1]
+    max_ctx = max(meta.seq_lens[s] for s in seqs)
+    num_blocks = -(-max_ctx // block_size)
+    dev = q_TNH.device
+    seq_idx_S = torch.tensor(seqs, device=dev, dtype=torch.long)
+    tok_idx_S = torch.tensor([starts[s] for s in seqs], device=dev, dtype=torch.long)
+    tables_SM = meta.block_tables_SM.index_select(0, seq_idx_S)[:, :num_blocks].long()
+    k_SCKH = k_cache_BLKH[tables_SM].flatten(1, 2)
+    v_SCKH = v_cache_BLKH[tables_SM].flatten(1, 2)
+    lens_S = torch.tensor([meta.seq_lens[s] for s in seqs], device=dev)
+    valid_SC = torch.arange(k_SCKH.shape[1], device=dev)[None, :] < lens_S[:, None]
+    # Slots past a sequence's end hold stale or never-written data (NaN would survive a
+    # -inf mask as 0 * NaN), so zero them rather than trust the mask alone.
+    k_SCKH = k_SCKH.masked_fill(~valid_SC[:, :, None, None], 0)
+    v_SCKH = v_SCKH.masked_fill(~valid_SC[:, :, None, None], 0)
+    mask_S11C = valid_SC[:, None, None, :]
+    q_SN1H = q_TNH.index_select(0, tok_idx_S).unsqueeze(2)
+    o_SN1H = _sdpa(q_SN1H, k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2), mask_S11C, scale)
+    out_TNH.index_copy_(0, tok_idx_S, o_SN1H.squeeze(2))
+
+
+def _gather_context(k_cache_BLKH, v_cache_BLKH, block_table_M, ctx: int):
+    block_size = k_cache_BLKH.shape[1]
+    blocks = block_table_M[: -(-ctx // block_size)].long()
+    k_CKH = k_cache_BLKH.index_select(0, blocks).flatten(0, 1)[:ctx]
+    v_CKH = v_cache_BLKH.index_select(0, blocks).flatten(0, 1)[:ctx]
+    return k_CKH, v_CKH
+
+
+def _sdpa(q_BNQH, k_BKCH, v_BKCH, mask, scale: float) -> torch.Tensor:
+    # GQA by repeating kv heads: `enable_gqa` is not on every torch we support.
+    rep = q_BNQH.shape[1] // k_BKCH.shape[1]
+    if rep > 1:
+        k_BKCH = k_BKCH.repeat_interleave(rep, dim=1)
+        v_BKCH = v_BKCH.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q_BNQH, k_BKCH, v_BKCH, attn_mask=mask, scale=scale)

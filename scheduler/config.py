@@ -1,0 +1,65 @@
+"""Configs of the scheduler and of the paged KV cache (DESIGN.md: Conventions 2).
+
+Each is a plain dataclass checked in `__post_init__`; a bad value raises a
+ValueError with one sentence naming the field, the value and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _is_int(v: object) -> bool:
+    # bool is an int subclass; `block_size=True` is a bug, not a 1.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(ok: bool, cls: str, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{cls}.{name}={value!r} is invalid: {allowed}.")
+
+
+@dataclass
+class CacheConfig:
+    """Shape of the paged KV cache.
+
+    `num_kv_blocks=None` means "not known yet": the engine measures free device
+    memory after loading the model and fills it in before building the
+    `Scheduler`, which refuses a config where it is still None.
+    """
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.block_size) and self.block_size > 0,
+               "CacheConfig", "block_size", self.block_size, "must be a positive integer")
+        _check(self.num_kv_blocks is None or (_is_int(self.num_kv_blocks) and self.num_kv_blocks >= 1),
+               "CacheConfig", "num_kv_blocks", self.num_kv_blocks,
+               "must be None (filled in by the engine) or an integer >= 1")
+        _check(isinstance(self.enable_prefix_caching, bool),
+               "CacheConfig", "enable_prefix_caching", self.enable_prefix_caching, "must be True or False")
+
+    @property
+    def num_kv_tokens(self) -> int | None:
+        """Tokens the whole pool can hold (None while num_kv_blocks is unknown)."""
+        return None if self.num_kv_blocks is None else self.num_kv_blocks * self.block_size
+
+
+@dataclass
+class SchedulerConfig:
+    """Limits of one engine step and of one sequence.
+
+    `max_num_batched_tokens` is the token budget of a step (prompt chunks and
+    decode tokens alike); `max_num_seqs` caps how many requests run at once;
+    `max_model_len` caps prompt + generated tokens of one request.
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, "SchedulerConfig", name, value, "must be a positive integer")

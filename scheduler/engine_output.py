@@ -1,0 +1,47 @@
+"""What the scheduler hands back to the engine after each step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .outputs import TokenLogprobs
+
+
+@dataclass
+class EngineCoreOutput:
+    """New tokens (usually one) and, at the end, the finish reason of one request.
+
+    The engine detokenizes `new_token_ids` and streams them; a non-None
+    `finish_reason` ("stop" | "length" | "abort" | "error") is the last output
+    of that request. `stop_reason` is the stop token id that ended it (None for
+    EOS or length). `num_cached_tokens` is the prefix-cache hit of its first
+    schedule, for usage reporting.
+    """
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class SchedulerStats:
+    """A snapshot of one scheduler, for metrics and the data-parallel router."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks held by requests
+    num_free_blocks: int  # ref-0 blocks, including cached ones that can be evicted
+    num_total_blocks: int
+    prefix_cache_queries: int  # tokens looked up, cumulative
+    prefix_cache_hits: int  # tokens found, cumulative
+    num_preemptions_total: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

@@ -1,0 +1,113 @@
+"""Per-request view of the block pool: which blocks each request holds.
+
+The scheduler decides *who* runs; this module turns "request r computes n more
+tokens" into block allocations, prefix-cache lookups and cache registration,
+keeping the per-request bookkeeping incremental (O(new blocks) per call).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .block_pool import BlockPool, extend_block_hashes
+from .request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    """Owns the `BlockPool` and the block table of every request holding blocks."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self._blocks: dict[str, list[int]] = {}
+        # How many leading blocks of a request are registered (or known to be
+        # registered) in the prefix cache; caching resumes from there.
+        self._num_cached_blocks: dict[str, int] = {}
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (shared list: do not mutate)."""
+        return self._blocks.get(request_id, [])
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[int], int]:
+        """Longest cached prefix of a request that holds no blocks yet.
+
+        Returns (block ids, number of hit tokens). At most `num_tokens - 1`
+        tokens may hit: the last token must be computed to produce logits.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, max_blocks)
+        hits = self.pool.find_cached_blocks(req.block_hashes, max_blocks)
+        return hits, len(hits) * self.block_size
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def allocate_slots(self, req: Request, num_new_tokens: int,
+                       computed_blocks: Sequence[int] = ()) -> list[int] | None:
+        """Make room for `num_new_tokens` tokens after the computed ones.
+
+        `computed_blocks` are prefix hits for a request that holds no blocks
+        yet (`req.num_computed_tokens` must then be 0); they are referenced
+        before fresh blocks are taken so the allocation cannot evict them.
+        Returns the newly allocated block ids (possibly empty), or None,
+        changing nothing, if the pool cannot supply them.
+        """
+        rid = req.request_id
+        blocks = self._blocks.get(rid)
+        held = len(blocks) if blocks is not None else 0
+        if computed_blocks:
+            assert held == 0 and req.num_computed_tokens == 0, "prefix hits are only for fresh requests"
+        computed_tokens = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        need = self.num_blocks_needed(computed_tokens + num_new_tokens) - held - len(computed_blocks)
+        # Touching a hit block that sits in the free queue takes it out of
+        # what `allocate` can hand out.
+        available = self.pool.num_free_blocks - self.pool.num_evictable(computed_blocks)
+        if need > available:
+            return None
+        if blocks is None:
+            blocks = self._blocks[rid] = []
+            self._num_cached_blocks[rid] = len(computed_blocks)  # hits are cached already
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            blocks.extend(computed_blocks)
+        new_blocks = self.pool.allocate(need) if need > 0 else []
+        assert new_blocks is not None
+        blocks.extend(new_blocks)
+        return new_blocks
+
+    def cache_blocks(self, req: Request) -> None:
+        """Register the request's blocks that are full of computed tokens.
+
+        Call only once the KV of `req.num_computed_tokens` tokens is really
+        written (after the step ran): a cached block may be read by anyone.
+        """
+        if not self.enable_prefix_caching:
+            return
+        rid = req.request_id
+        blocks = self._blocks.get(rid)
+        if blocks is None:
+            return
+        start = self._num_cached_blocks[rid]
+        num_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+        if num_full <= start:
+            return
+        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full)
+        self.pool.cache_full_blocks(blocks[start:num_full], req.block_hashes[start:num_full])
+        self._num_cached_blocks[rid] = num_full
+
+    def free(self, req: Request) -> None:
+        """Release all blocks of a request (tail first; see BlockPool.free)."""
+        blocks = self._blocks.pop(req.request_id, None)
+        self._num_cached_blocks.pop(req.request_id, None)
+        if blocks:
+            self.pool.free(blocks)
+
+    @property
+    def num_requests_holding_blocks(self) -> int:
+        return len(self._blocks)

@@ -1,0 +1,152 @@
+"""A request as the scheduler sees it: token ids, progress and state."""
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterable
+from typing import Any
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in its life. Every FINISHED_* state is terminal."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()  # lost its KV blocks; waits to be recomputed
+    FINISHED_STOPPED = enum.auto()  # EOS, a stop token, or a stop string (engine)
+    FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = enum.auto()  # the client went away or cancelled
+    FINISHED_ERROR = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI-style reason string, or None while not finished."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS: dict[RequestStatus, str] = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+def is_finished(status: RequestStatus) -> bool:
+    """True for the terminal FINISHED_* states."""
+    return status.is_finished
+
+
+def get_finish_reason(status: RequestStatus) -> str | None:
+    """"stop" | "length" | "abort" | "error" for finished states, else None."""
+    return status.finish_reason
+
+
+class Request:
+    """One generation request inside the scheduler.
+
+    The scheduler only needs token ids and the stop rules; `sampling_params` is
+    carried opaquely to the worker. `num_computed_tokens` counts tokens whose
+    KV is (or, once the scheduled step runs, will be) in the request's blocks;
+    it is advanced when a step is scheduled, not when it completes.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: Any = None,
+        *,
+        max_tokens: int | None = None,
+        eos_token_ids: Iterable[int] = frozenset(),
+        ignore_eos: bool = False,
+        stop_token_ids: Iterable[int] = (),
+        min_tokens: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"Request.request_id={request_id!r} is invalid: must be a non-empty string.")
+        if len(prompt_token_ids) == 0:
+            raise ValueError(f"Request.prompt_token_ids of {request_id!r} is invalid: must hold at least one token.")
+        if max_tokens is not None and not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1):
+            raise ValueError(f"Request.max_tokens={max_tokens!r} is invalid: must be an integer >= 1 or None.")
+        if not (isinstance(min_tokens, int) and min_tokens >= 0):
+            raise ValueError(f"Request.min_tokens={min_tokens!r} is invalid: must be an integer >= 0.")
+        self.request_id = request_id
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.max_tokens = max_tokens
+        self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
+        self.ignore_eos = ignore_eos
+        self.stop_token_ids: frozenset[int] = frozenset(stop_token_ids)
+        self.min_tokens = min_tokens
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+
+        self.output_token_ids: list[int] = []
+        # prompt + output kept as one list and appended to, so that reading it
+        # every step costs nothing (a `prompt + output` property would copy).
+        self._all_token_ids: list[int] = list(self.prompt_token_ids)
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.stop_reason: int | None = None  # the stop token id; None for EOS / length
+        self.num_cached_tokens = 0  # prefix-cache hit tokens at the first schedule
+        self.num_preemptions = 0
+        # Chain hashes of the full blocks of all_token_ids, extended lazily by
+        # the KV cache manager. Tokens are only ever appended, so a hash once
+        # computed stays valid, preemptions included.
+        self.block_hashes: list[bytes] = []
+
+    @classmethod
+    def from_sampling_params(
+        cls,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: Any,
+        eos_token_ids: Iterable[int] = frozenset(),
+        arrival_time: float | None = None,
+    ) -> "Request":
+        """Build from an engine `SamplingParams` (read by attribute name, so the
+        scheduler does not import the engine)."""
+        sp = sampling_params
+        return cls(
+            request_id, prompt_token_ids, sp,
+            max_tokens=getattr(sp, "max_tokens", None),
+            eos_token_ids=eos_token_ids,
+            ignore_eos=getattr(sp, "ignore_eos", False),
+            stop_token_ids=getattr(sp, "stop_token_ids", ()) or (),
+            min_tokens=getattr(sp, "min_tokens", 0),
+            arrival_time=arrival_time,
+        )
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by output tokens. Shared list: do not mutate."""
+        return self._all_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, outputs={self.num_output_tokens})")

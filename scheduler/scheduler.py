@@ -1,0 +1,288 @@
+"""Token-budget continuous-batching scheduler (vLLM v1 style).
+
+There is no prefill phase and no decode phase. Each step hands out a budget
+of `max_num_batched_tokens` tokens: first to the running requests in priority
+order (a decode needs 1 token, an unfinished prompt chunk needs the rest of
+its prompt), then to waiting requests first-come-first-served, chunking a long
+prompt over several steps. When KV blocks run out for a running request, the
+latest-arrived running request is preempted by recompute: it drops its blocks
+and goes back to the front of the waiting queue, keeping its output tokens.
+
+`num_computed_tokens` is advanced when a step is scheduled, so a request whose
+chunk reaches its last token is "fully computed" once the step has run, and
+`update_from_output` appends the sampled token. Per step the work is
+O(running requests + new blocks); no step rescans whole token lists.
+"""
+from __future__ import annotations
+
+from bisect import insort
+from collections import deque
+from collections.abc import Iterable
+
+from .config import CacheConfig, SchedulerConfig
+from .engine_output import EngineCoreOutput, SchedulerStats
+from .kv_cache_manager import KVCacheManager
+from .outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from .request import Request, RequestStatus
+
+
+class Scheduler:
+    """Decides, each step, which requests compute how many tokens on one rank.
+
+    Typical loop (the engine's)::
+
+        sched_out = scheduler.schedule()
+        runner_out = executor.execute(sched_out)
+        for out in scheduler.update_from_output(sched_out, runner_out): ...
+
+    `finish_requests` may be called between steps (aborts, stop strings).
+    Not thread-safe: one engine thread owns it.
+    """
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        if cache_config.num_kv_blocks is None:
+            raise ValueError("CacheConfig.num_kv_blocks=None is invalid for the Scheduler: "
+                             "set it (the engine measures free memory) before building one.")
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.block_size = cache_config.block_size
+        self.kv = KVCacheManager(cache_config.num_kv_blocks, cache_config.block_size,
+                                 cache_config.enable_prefix_caching)
+        # The longest sequence whose KV fits the whole pool: a request is
+        # finished ("length") before it outgrows it, else it could never be
+        # scheduled again, even alone.
+        self._pool_tokens = cache_config.num_kv_blocks * cache_config.block_size
+
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.waiting: deque[Request] = deque()
+        # Sorted by priority (arrival time, then add order), so the running
+        # loop serves the oldest first and the preemption victim is running[-1].
+        self.running: list[Request] = []
+        self._priority: dict[str, tuple[float, int]] = {}
+        self._num_added = 0
+        # Finished or aborted since the last schedule(); the worker drops them.
+        self._finished_req_ids: set[str] = set()
+        self._step_id = 0
+        self.num_preemptions_total = 0
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, req: Request) -> None:
+        """Queue a new request; ValueError if it can never run or its id is taken."""
+        rid = req.request_id
+        if rid in self.requests:
+            raise ValueError(f"Request.request_id={rid!r} is invalid: an unfinished request already uses it.")
+        if req.status is not RequestStatus.WAITING or req.num_computed_tokens or req.num_output_tokens:
+            raise ValueError(f"Request {rid!r} is invalid: only fresh requests (WAITING, no outputs) can be added.")
+        n = req.num_tokens
+        max_len = self.scheduler_config.max_model_len
+        if n > max_len:
+            raise ValueError(f"Request {rid!r} is invalid: its prompt has {n} tokens, more than "
+                             f"SchedulerConfig.max_model_len={max_len}.")
+        if n > self._pool_tokens:
+            raise ValueError(f"Request {rid!r} is invalid: its {n}-token prompt needs "
+                             f"{self.kv.num_blocks_needed(n)} KV blocks, more than the whole pool "
+                             f"(CacheConfig.num_kv_blocks={self.cache_config.num_kv_blocks}).")
+        self.requests[rid] = req
+        self._priority[rid] = (req.arrival_time, self._num_added)
+        self._num_added += 1
+        self.waiting.append(req)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """End requests from outside the step loop (abort, stop string found by
+        the detokenizer). Unknown or already finished ids are ignored."""
+        if not status.is_finished:
+            raise ValueError(f"finish_requests status={status.name} is invalid: must be a FINISHED_* status.")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        reqs = [self.requests[rid] for rid in dict.fromkeys(request_ids) if rid in self.requests]
+        if not reqs:
+            return
+        gone = {id(r) for r in reqs}
+        if any(r.status is RequestStatus.RUNNING for r in reqs):
+            self.running = [r for r in self.running if id(r) not in gone]
+        if any(r.status is not RequestStatus.RUNNING for r in reqs):
+            self.waiting = deque(r for r in self.waiting if id(r) not in gone)
+        for r in reqs:
+            r.status = status
+            self._release(r)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def has_finished_requests(self) -> bool:
+        """True if finished ids still wait to be sent to the worker by a schedule()."""
+        return bool(self._finished_req_ids)
+
+    # -------------------------------------------------------------------- step
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step under the token budget (see the module docstring)."""
+        self._step_id += 1
+        out = SchedulerOutput(step_id=self._step_id, finished_req_ids=self._finished_req_ids)
+        self._finished_req_ids = set()
+        budget = self.scheduler_config.max_num_batched_tokens
+
+        # 1) Running requests, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:  # its sampled token has not come back yet
+                i += 1
+                continue
+            new_blocks = self.kv.allocate_slots(req, n)
+            while new_blocks is None:
+                # The victim is the latest arrival, always at index >= i (the
+                # list is sorted), so nothing already scheduled is undone.
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted_req_ids.add(victim.request_id)
+                if victim is req:
+                    break
+                new_blocks = self.kv.allocate_slots(req, n)
+            if new_blocks is None:
+                break  # req preempted itself; it was the last running request
+            out.scheduled_cached_reqs.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            out.num_scheduled_tokens[req.request_id] = n
+            req.num_computed_tokens += n
+            budget -= n
+            i += 1
+
+        # 2) Waiting requests, FCFS. Not after a preemption: blocks are short,
+        # and re-admitting the request just preempted would only thrash.
+        if not out.preempted_req_ids:
+            self._schedule_waiting(out, budget)
+
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        return out
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        max_seqs = self.scheduler_config.max_num_seqs
+        while self.waiting and budget > 0 and len(self.running) < max_seqs:
+            req = self.waiting[0]
+            hits, num_hit = self.kv.get_computed_blocks(req)
+            n = min(req.num_tokens - num_hit, budget)
+            if self.kv.allocate_slots(req, n, hits) is None:
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            rid = req.request_id
+            self.kv.pool.record_prefix_query(req.num_tokens, num_hit)
+            if req.status is RequestStatus.WAITING:  # not for a resumed preemption
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            # Copies: with an in-process worker these lists must not alias ours.
+            out.scheduled_new_reqs.append(NewRequestData(
+                req_id=rid, prompt_token_ids=list(req.prompt_token_ids),
+                output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
+                block_ids=list(self.kv.get_block_ids(rid)), num_computed_tokens=num_hit))
+            out.num_scheduled_tokens[rid] = n
+            req.num_computed_tokens = num_hit + n
+            budget -= n
+            insort(self.running, req, key=lambda r: self._priority[r.request_id])
+
+    def _preempt(self, req: Request) -> None:
+        """Preempt by recompute: drop its KV, keep its tokens, requeue at the front."""
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(req)
+
+    def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Take the sampled tokens of a step: append, check stops, cache full
+        blocks, free finished requests. One output per request that got a token."""
+        if runner_out.step_id != sched_out.step_id:
+            raise ValueError(f"ModelRunnerOutput.step_id={runner_out.step_id} is invalid: "
+                             f"it must answer SchedulerOutput.step_id={sched_out.step_id}.")
+        outputs: list[EngineCoreOutput] = []
+        finished: list[Request] = []
+        for rid in sched_out.num_scheduled_tokens:
+            req = self.requests.get(rid)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # aborted (or finished by a stop string) while the step ran
+            self.kv.cache_blocks(req)  # the step has written this KV: shareable now
+            token = runner_out.sampled_token_ids.get(rid)
+            # A token sampled mid-prompt (chunk not reaching the end) is discarded.
+            if token is None or req.num_computed_tokens < req.num_tokens:
+                continue
+            req.append_output_token(token)
+            status = self._check_stop(req, token)
+            logprobs = runner_out.logprobs.get(rid)
+            eco = EngineCoreOutput(rid, [token], [logprobs] if logprobs is not None else [],
+                                   num_cached_tokens=req.num_cached_tokens)
+            if status is not None:
+                req.status = status
+                eco.finish_reason = status.finish_reason
+                eco.stop_reason = req.stop_reason
+                finished.append(req)
+            outputs.append(eco)
+        if finished:
+            gone = {id(r) for r in finished}
+            self.running = [r for r in self.running if id(r) not in gone]
+            for r in finished:
+                self._release(r)
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        n_out = req.num_output_tokens
+        if token in req.eos_token_ids and not req.ignore_eos and n_out >= req.min_tokens:
+            return RequestStatus.FINISHED_STOPPED
+        if token in req.stop_token_ids and n_out >= req.min_tokens:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if req.max_tokens is not None and n_out >= req.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.scheduler_config.max_model_len or req.num_tokens > self._pool_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _release(self, req: Request) -> None:
+        """Forget a finished request (already out of running/waiting)."""
+        self.kv.free(req)
+        rid = req.request_id
+        del self.requests[rid]
+        del self._priority[rid]
+        self._finished_req_ids.add(rid)
+
+    # ------------------------------------------------------------------- stats
+    def stats(self) -> SchedulerStats:
+        pool = self.kv.pool
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting), kv_usage=pool.usage,
+            num_free_blocks=pool.num_free_blocks, num_total_blocks=pool.num_blocks,
+            prefix_cache_queries=pool.prefix_cache_queries, prefix_cache_hits=pool.prefix_cache_hits,
+            num_preemptions_total=self.num_preemptions_total)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget all cached prefixes (e.g. after a weight update)."""
+        return self.kv.pool.reset_prefix_cache()
+
+    def check_invariants(self) -> None:
+        """AssertionError on inconsistent state (for tests; O(all blocks))."""
+        pool = self.kv.pool
+        pool.check_invariants()
+        assert len(self.running) <= self.scheduler_config.max_num_seqs
+        running_ids = [r.request_id for r in self.running]
+        waiting_ids = [r.request_id for r in self.waiting]
+        assert len(set(running_ids) | set(waiting_ids)) == len(running_ids) + len(waiting_ids), "request queued twice"
+        assert set(running_ids) | set(waiting_ids) == set(self.requests), "queues and request map disagree"
+        keys = [self._priority[r] for r in running_ids]
+        assert keys == sorted(keys), "running list out of priority order"
+        refs = [0] * pool.num_blocks
+        for r in self.running:
+            assert r.status is RequestStatus.RUNNING
+            blocks = self.kv.get_block_ids(r.request_id)
+            assert len(blocks) >= self.kv.num_blocks_needed(r.num_computed_tokens), f"{r} lacks blocks"
+            for b in blocks:
+                refs[b] += 1
+        for r in self.waiting:
+            assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert not self.kv.get_block_ids(r.request_id) and r.num_computed_tokens == 0
+        assert self.kv.num_requests_holding_blocks == len(self.running)
+        assert refs == [pool.ref_count(b) for b in range(pool.num_blocks)], "ref counts != block tables"

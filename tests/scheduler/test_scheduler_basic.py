@@ -1,0 +1,186 @@
+"""Scheduler: step structure, chunked prefill, max_num_seqs, prefix caching, add errors."""
+import pytest
+
+from moelink.scheduler import ModelRunnerOutput, RequestStatus, TokenLogprobs
+
+
+def test_single_request_step_structure(kit):
+    s = kit.make_scheduler(num_blocks=16, block_size=4, max_num_batched_tokens=64)
+    s.add_request(kit.make_request("a", [1, 2, 3, 4, 5, 6, 7], max_tokens=3))
+    so = s.schedule()
+    # First step: the whole prompt as a new request; 7 tokens need 2 blocks of 4.
+    (nr,) = so.scheduled_new_reqs
+    assert (nr.req_id, nr.prompt_token_ids, nr.output_token_ids, nr.num_computed_tokens) == ("a", [1, 2, 3, 4, 5, 6, 7], [], 0)
+    assert len(nr.block_ids) == 2 and so.num_scheduled_tokens == {"a": 7} and so.total_num_scheduled_tokens == 7
+    assert s.get_request("a").num_computed_tokens == 7  # advanced at schedule time
+    outs = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 40}))
+    assert [(o.request_id, o.new_token_ids, o.finish_reason) for o in outs] == [("a", [40], None)]
+    # Second step: a decode of the sampled token at position 7, the last slot of block 2.
+    so = s.schedule()
+    assert not so.scheduled_new_reqs
+    (cr,) = so.scheduled_cached_reqs
+    assert (cr.req_id, cr.new_block_ids, cr.num_computed_tokens) == ("a", [], 7) and so.num_scheduled_tokens == {"a": 1}
+    s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 41}))
+    so = s.schedule()  # position 8 needs a third block
+    assert len(so.scheduled_cached_reqs[0].new_block_ids) == 1
+    outs = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 42}))
+    assert outs[0].finish_reason == "length" and not s.has_unfinished_requests()
+    assert s.has_finished_requests()
+    so = s.schedule()
+    assert so.is_empty and so.finished_req_ids == {"a"} and not s.has_finished_requests()
+    assert s.kv.pool.num_free_blocks == 16
+
+
+def test_chunked_prefill_splits_prompt_within_budget(kit):
+    s = kit.make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=32)
+    sim = kit.Sim(s)
+    prompt = [i % 50 for i in range(100)]
+    s.add_request(kit.make_request("long", prompt, max_tokens=2))
+    chunks = []
+    for _ in range(4):
+        so = sim.step()
+        chunks.append(so.num_scheduled_tokens["long"])
+        assert so.total_num_scheduled_tokens <= 32
+    assert chunks == [32, 32, 32, 4]
+    assert sim.tokens["long"] == [kit.toy_model(prompt)]  # sampled only after the last chunk
+    # Blocks arrive as the chunks need them: 2 at first, then 2 more per chunk, then 1.
+    assert len(sim.steps[0].scheduled_new_reqs[0].block_ids) == 2
+    assert [len(c.new_block_ids) for so in sim.steps[1:4] for c in so.scheduled_cached_reqs] == [2, 2, 1]
+    sim.run()
+    assert sim.tokens["long"] == kit.reference_generate(prompt, max_tokens=2)[0]
+
+
+def test_budget_goes_to_running_first_then_waiting_chunks(kit):
+    s = kit.make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=10)
+    sim = kit.Sim(s)
+    s.add_request(kit.make_request("a", [1] * 8, max_tokens=5))
+    s.add_request(kit.make_request("b", [2] * 30, max_tokens=5))
+    assert sim.step().num_scheduled_tokens == {"a": 8, "b": 2}
+    assert sim.step().num_scheduled_tokens == {"a": 1, "b": 9}
+    sim.run()
+    for rid, p in (("a", [1] * 8), ("b", [2] * 30)):
+        assert sim.tokens[rid] == kit.reference_generate(p, max_tokens=5)[0]
+
+
+def test_max_num_seqs_respected(kit):
+    s = kit.make_scheduler(num_blocks=64, max_num_seqs=2, max_num_batched_tokens=100)
+    sim = kit.Sim(s)
+    for i in range(5):
+        s.add_request(kit.make_request(f"r{i}", [i + 1, 2, 3], max_tokens=4))
+    while s.has_unfinished_requests():
+        so = sim.step()
+        assert len(so.num_scheduled_tokens) <= 2 and len(s.running) <= 2
+    sim.run()
+    assert len(sim.finish) == 5
+    # FCFS: r0 and r1 run first; r2 only starts once one of them finished.
+    first_steps = {rid for so in sim.steps[:4] for rid in so.num_scheduled_tokens}
+    assert first_steps == {"r0", "r1"}
+
+
+def test_prefix_cache_hit_of_shared_64_token_prefix(kit):
+    s = kit.make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=256)
+    sim = kit.Sim(s)
+    shared = [(7 * i) % 50 for i in range(64)]
+    s.add_request(kit.make_request("a", shared + [1, 2, 3], max_tokens=4))
+    sim.step()  # a's prompt is computed; its 4 full blocks are cached after the step
+    assert s.stats().prefix_cache_hits == 0 and s.stats().prefix_cache_queries == 67
+    s.add_request(kit.make_request("b", shared + [4, 5, 6, 7, 8], max_tokens=4))
+    so = sim.step()
+    (nr,) = so.scheduled_new_reqs
+    assert nr.num_computed_tokens == 64 and so.num_scheduled_tokens["b"] == 5
+    assert nr.block_ids[:4] == s.kv.get_block_ids("a")[:4]  # shared physical blocks
+    assert s.kv.pool.ref_count(nr.block_ids[0]) == 2
+    st = s.stats()
+    assert (st.prefix_cache_queries, st.prefix_cache_hits) == (67 + 69, 64)
+    sim.run()
+    assert sim.cached == {"a": 0, "b": 64}
+    assert sim.tokens["b"] == kit.reference_generate(shared + [4, 5, 6, 7, 8], max_tokens=4)[0]
+
+
+def test_full_prompt_hit_still_computes_last_token(kit):
+    s = kit.make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=256)
+    sim = kit.Sim(s)
+    prompt = list(range(48))  # exactly 3 blocks
+    s.add_request(kit.make_request("a", prompt, max_tokens=1))
+    sim.run()
+    s.add_request(kit.make_request("b", prompt, max_tokens=1))
+    so = sim.step()
+    # At most 47 tokens may hit and hits are whole blocks: 32 hit, 16 computed.
+    assert so.scheduled_new_reqs[0].num_computed_tokens == 32 and so.num_scheduled_tokens == {"b": 16}
+    assert sim.tokens["b"] == sim.tokens["a"]
+
+
+def test_generated_tokens_are_cached_too(kit):
+    s = kit.make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=256)
+    sim = kit.Sim(s)
+    prompt = [3, 1, 4, 1, 5, 9]
+    s.add_request(kit.make_request("a", prompt, max_tokens=10))
+    sim.run()
+    # A follow-up turn = prompt + a's answer + more: its KV for the answer is reused.
+    # a's KV covers 15 of its 16 tokens (the last sampled one is never computed): 3 full blocks.
+    follow = prompt + sim.tokens["a"] + [7, 7]
+    s.add_request(kit.make_request("b", follow, max_tokens=1))
+    so = sim.step()
+    assert so.scheduled_new_reqs[0].num_computed_tokens == 12
+    sim.run()
+
+
+def test_prefix_caching_disabled(kit):
+    s = kit.make_scheduler(num_blocks=64, block_size=4, prefix_caching=False)
+    sim = kit.Sim(s)
+    s.add_request(kit.make_request("a", list(range(12)), max_tokens=2))
+    sim.run()
+    s.add_request(kit.make_request("b", list(range(12)), max_tokens=2))
+    assert sim.step().scheduled_new_reqs[0].num_computed_tokens == 0
+    sim.run()
+    assert s.stats().prefix_cache_hits == 0 and s.kv.pool.num_cached_blocks == 0
+
+
+def test_add_request_errors(kit):
+    s = kit.make_scheduler(num_blocks=4, block_size=4, max_model_len=20)
+    s.add_request(kit.make_request("a", [1, 2]))
+    with pytest.raises(ValueError, match=r"request_id='a' is invalid: an unfinished request already uses it"):
+        s.add_request(kit.make_request("a", [1, 2]))
+    with pytest.raises(ValueError, match=r"21 tokens, more than SchedulerConfig\.max_model_len=20"):
+        s.add_request(kit.make_request("b", [1] * 21))
+    with pytest.raises(ValueError, match=r"needs 5 KV blocks, more than the whole pool \(CacheConfig\.num_kv_blocks=4\)"):
+        s.add_request(kit.make_request("c", [1] * 17))
+    s.add_request(kit.make_request("d", [1] * 16))  # exactly the whole pool is fine
+    assert s.get_num_unfinished_requests() == 2
+    stats = s.stats()
+    assert (stats.num_waiting, stats.num_running, stats.num_total_blocks, stats.num_free_blocks) == (2, 0, 4, 4)
+
+
+def test_step_id_mismatch_and_logprobs(kit):
+    s = kit.make_scheduler()
+    s.add_request(kit.make_request("a", [1, 2]))
+    so = s.schedule()
+    with pytest.raises(ValueError, match="ModelRunnerOutput.step_id"):
+        s.update_from_output(so, ModelRunnerOutput(so.step_id + 1, {"a": 3}))
+    lp = TokenLogprobs(3, -0.1, 1, [(3, -0.1), (4, -2.5)])
+    (out,) = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 3}, {"a": lp}))
+    assert out.new_logprobs == [lp] and out.new_token_ids == [3]
+    assert s.get_request("a").status is RequestStatus.RUNNING
+
+
+def test_token_sampled_mid_prompt_is_ignored(kit):
+    s = kit.make_scheduler(block_size=4, max_num_batched_tokens=4)
+    s.add_request(kit.make_request("a", list(range(10))))
+    so = s.schedule()
+    assert so.num_scheduled_tokens == {"a": 4}
+    assert s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 99})) == []
+    assert s.get_request("a").output_token_ids == []
+
+
+def test_waiting_queue_is_fcfs_even_when_a_later_request_would_fit(kit):
+    s = kit.make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=64)
+    sim = kit.Sim(s)
+    s.add_request(kit.make_request("a", [1] * 12, max_tokens=4))  # 3 blocks
+    sim.step()
+    s.add_request(kit.make_request("big", [2] * 16, max_tokens=1))  # needs 4+ blocks: only 3 free
+    s.add_request(kit.make_request("small", [3] * 2, max_tokens=1))  # would fit in 1
+    so = sim.step()
+    assert list(so.num_scheduled_tokens) == ["a"] and [r.request_id for r in s.waiting] == ["big", "small"]
+    sim.run()
+    first = {rid: next(i for i, so in enumerate(sim.steps) if rid in so.num_scheduled_tokens) for rid in sim.finish}
+    assert first["big"] <= first["small"]
