@@ -53,7 +53,9 @@ class ModelRunner:
         self.block_size = block_size
         self.kernels = select_kernels(device, kernels)
         self.model = load_model(model_cfg, self.kernels, device, expert_ids, progress=load_progress)
-        shape = (num_kv_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+        # One extra, never-allocated block at the end: the attention null block.
+        self.null_block = num_kv_blocks
+        shape = (num_kv_blocks + 1, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=model_cfg.dtype, device=device), torch.zeros(shape, dtype=model_cfg.dtype, device=device))
             for _ in range(model_cfg.num_layers)
@@ -130,7 +132,7 @@ class ModelRunner:
             block_tables_SM=torch.from_numpy(tables_SM).to(dev),
             slot_mapping_T=torch.from_numpy(slots).to(dev),
             query_lens=query_lens, seq_lens=seq_lens,
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens), null_block=self.null_block,
         )
         input_ids_T = torch.tensor(tokens, dtype=torch.long, device=dev)
         positions_T = torch.from_numpy(positions).to(dev)

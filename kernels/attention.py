@@ -4,7 +4,8 @@ Legend: T query tokens in the flattened batch, S sequences, N query heads,
 K kv heads, H head dim, B cache blocks, L block size (tokens per block),
 M max blocks per sequence, C context length.
 
-Cache layout per layer: k_cache_BLKH / v_cache_BLKH = [num_blocks, block_size, K, H].
+Cache layout per layer: k_cache_BLKH / v_cache_BLKH = [num_blocks + 1, block_size, K, H];
+the extra last block is the null block (see AttentionMetadata.null_block).
 Token p of a sequence lives in block `block_table[p // L]` at offset `p % L`;
 its flat slot is `block * L + offset`.
 """
@@ -34,6 +35,8 @@ class AttentionMetadata:
     seq_lens: list[int]
     max_query_len: int
     max_seq_len: int
+    # A cache block that is never allocated and stays zero: padded reads land there.
+    null_block: int
 
     @property
     def num_seqs(self) -> int:
@@ -86,26 +89,47 @@ def reference_paged_attention(
     return out_TNH
 
 
+# Decode sequences are processed in groups of similar length, so padding each
+# group to its longest context wastes little.
+_DECODE_GROUP = 32
+
+
 def _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH) -> None:
-    block_size = k_cache_BLKH.shape[1]
-    max_ctx = max(meta.seq_lens[s] for s in seqs)
-    num_blocks = -(-max_ctx // block_size)
+    seqs = sorted(seqs, key=lambda s: meta.seq_lens[s])
+    for i in range(0, len(seqs), _DECODE_GROUP):
+        _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs[i : i + _DECODE_GROUP], starts, out_TNH)
+
+
+def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH) -> None:
+    block_size, num_kv_heads, head_dim = k_cache_BLKH.shape[1:]
     dev = q_TNH.device
+    S = len(seqs)
+    max_ctx = meta.seq_lens[seqs[-1]]
     seq_idx_S = torch.tensor(seqs, device=dev, dtype=torch.long)
     tok_idx_S = torch.tensor([starts[s] for s in seqs], device=dev, dtype=torch.long)
-    tables_SM = meta.block_tables_SM.index_select(0, seq_idx_S)[:, :num_blocks].long()
-    k_SCKH = k_cache_BLKH[tables_SM].flatten(1, 2)
-    v_SCKH = v_cache_BLKH[tables_SM].flatten(1, 2)
     lens_S = torch.tensor([meta.seq_lens[s] for s in seqs], device=dev)
-    valid_SC = torch.arange(k_SCKH.shape[1], device=dev)[None, :] < lens_S[:, None]
-    # Slots past a sequence's end hold stale or never-written data (NaN would survive a
-    # -inf mask as 0 * NaN), so zero them rather than trust the mask alone.
-    k_SCKH = k_SCKH.masked_fill(~valid_SC[:, :, None, None], 0)
-    v_SCKH = v_SCKH.masked_fill(~valid_SC[:, :, None, None], 0)
-    mask_S11C = valid_SC[:, None, None, :]
-    q_SN1H = q_TNH.index_select(0, tok_idx_S).unsqueeze(2)
-    o_SN1H = _sdpa(q_SN1H, k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2), mask_S11C, scale)
-    out_TNH.index_copy_(0, tok_idx_S, o_SN1H.squeeze(2))
+    # One flat slot per (sequence, context position); positions past a sequence's
+    # end read the null block, which is all zeros, so stale or NaN data is never read.
+    pos_C = torch.arange(max_ctx, device=dev)
+    tables_SM = meta.block_tables_SM.index_select(0, seq_idx_S).long()
+    blocks_SC = tables_SM.index_select(1, pos_C // block_size)
+    valid_SC = pos_C[None, :] < lens_S[:, None]
+    null_slot = meta.null_block * block_size
+    slots_SC = torch.where(valid_SC, blocks_SC * block_size + pos_C % block_size, null_slot)
+    flat = slots_SC.reshape(-1)
+    k_SCKH = k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
+    v_SCKH = v_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
+    # GQA without copying K/V per query head: one batched matmul per kv head, over
+    # strided views of the gathered K/V (BLAS reads them in place).
+    rep = q_TNH.shape[1] // num_kv_heads
+    q_SKRH = q_TNH.index_select(0, tok_idx_S).view(S, num_kv_heads, rep, head_dim)
+    mask_S1C = ~valid_SC[:, None, :]
+    out_SKRH = q_SKRH.new_empty(S, num_kv_heads, rep, head_dim)
+    for h in range(num_kv_heads):
+        scores_SRC = torch.bmm(q_SKRH[:, h], k_SCKH[:, :, h].transpose(1, 2)) * scale
+        probs_SRC = torch.softmax(scores_SRC.masked_fill_(mask_S1C, float("-inf")), dim=-1)
+        out_SKRH[:, h] = torch.bmm(probs_SRC, v_SCKH[:, :, h])
+    out_TNH.index_copy_(0, tok_idx_S, out_SKRH.view(S, -1, head_dim))
 
 
 def _gather_context(k_cache_BLKH, v_cache_BLKH, block_table_M, ctx: int):

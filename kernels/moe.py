@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 
 
+# Few tokens (decode): one padded batched matmul over all experts beats a loop of
+# tiny matmuls, as long as padding at most doubles the work.
+_PADDED_MAX_PAIRS = 256
+
+
 def reference_fused_moe(
     x_TD: torch.Tensor,
     w13_EFD: torch.Tensor,
@@ -39,6 +44,10 @@ def reference_fused_moe(
     counts_E = torch.bincount(sort_key_P, minlength=num_local + 1)[:num_local]
     counts = counts_E.tolist()  # host sync: per-expert token counts drive the loop
     weights_P = topk_weights_TK.reshape(-1)
+    num_pairs = int(valid_P.numel())
+    max_count = max(counts, default=0)
+    if 0 < num_pairs <= _PADDED_MAX_PAIRS and num_local * max_count <= 2 * num_pairs:
+        return _padded_bmm(x_TD, w13_EFD, w2_EDI, weights_P, sort_key_P, order_P, counts_E, max_count, top_k, out_TD)
     offset = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -50,4 +59,22 @@ def reference_fused_moe(
         y_nD = F.linear(F.silu(gate_nI) * up_nI, w2_EDI[e])
         y_nD = y_nD * weights_P.index_select(0, pairs_n)[:, None].to(y_nD.dtype)
         out_TD.index_add_(0, tok_n, y_nD.to(out_TD.dtype))
+    return out_TD
+
+
+def _padded_bmm(x_TD, w13_EFD, w2_EDI, weights_P, sort_key_P, order_P, counts_E, max_count, top_k, out_TD):
+    """Tokens of each expert in rows of an [E, max_count, D] buffer, two batched matmuls, scatter back."""
+    num_local = w13_EFD.shape[0]
+    n_valid = int(counts_E.sum())
+    pairs_n = order_P[:n_valid]  # sorted by expert; remote pairs (key = num_local) sort last
+    expert_n = sort_key_P.index_select(0, pairs_n)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    row_n = torch.arange(n_valid, device=x_TD.device) - starts_E.index_select(0, expert_n)
+    tok_n = pairs_n // top_k
+    buf_EnD = x_TD.new_zeros(num_local, max_count, x_TD.shape[1])
+    buf_EnD[expert_n, row_n] = x_TD.index_select(0, tok_n)
+    gate_EnI, up_EnI = torch.bmm(buf_EnD, w13_EFD.transpose(1, 2)).chunk(2, dim=-1)
+    y_EnD = torch.bmm(F.silu(gate_EnI) * up_EnI, w2_EDI.transpose(1, 2))
+    y_nD = y_EnD[expert_n, row_n] * weights_P.index_select(0, pairs_n)[:, None].to(y_EnD.dtype)
+    out_TD.index_add_(0, tok_n, y_nD.to(out_TD.dtype))
     return out_TD

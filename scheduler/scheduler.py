@@ -89,7 +89,11 @@ class Scheduler:
 
     def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
         """End requests from outside the step loop (abort, stop string found by
-        the detokenizer). Unknown or already finished ids are ignored."""
+        the detokenizer). Unknown or already finished ids are ignored. Their
+        blocks are freed now; their ids reach the worker in the next
+        SchedulerOutput.finished_req_ids. No EngineCoreOutput is produced for
+        them (the caller already knows), and a token sampled for them by a
+        step in flight is dropped by update_from_output."""
         if not status.is_finished:
             raise ValueError(f"finish_requests status={status.name} is invalid: must be a FINISHED_* status.")
         if isinstance(request_ids, str):

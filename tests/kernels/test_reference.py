@@ -59,13 +59,18 @@ def _naive_attention(q_QNH, k_CKH, v_CKH, scale):
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-@pytest.mark.parametrize("ctx_q", [[(1, 1), (5, 1), (20, 7), (33, 33), (17, 1)], [(3, 3)], [(40, 1), (9, 1)]])
+@pytest.mark.parametrize("ctx_q", [
+    [(1, 1), (5, 1), (20, 7), (33, 33), (17, 1)], [(3, 3)], [(40, 1), (9, 1)],
+    [(n, 1) for n in range(1, 70, 2)],  # more decodes than one length group
+])
 def test_paged_attention_matches_dense(block_size, ctx_q):
     g = torch.Generator().manual_seed(hash((block_size, str(ctx_q))) % 2**31)
     N, K, H = 4, 2, 8
-    num_blocks = 64
-    k_cache = torch.full((num_blocks, block_size, K, H), float("nan"), dtype=torch.float64)
-    v_cache = torch.full_like(k_cache, float("nan"))
+    num_blocks = 400
+    # Poisoned with NaN except the null block (the last), which the runner keeps zero.
+    k_cache = torch.full((num_blocks + 1, block_size, K, H), float("nan"), dtype=torch.float64)
+    k_cache[num_blocks] = 0
+    v_cache = k_cache.clone()
     perm = torch.randperm(num_blocks, generator=g).tolist()  # scattered, non-contiguous blocks
     tables, qs, ks, vs, slots, seq_lens, q_lens = [], [], [], [], [], [], []
     for ctx, ql in ctx_q:
@@ -91,7 +96,7 @@ def test_paged_attention_matches_dense(block_size, ctx_q):
     tables_SM = torch.tensor([t + [0] * (M - len(t)) for t in tables], dtype=torch.int32)
     qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
     meta = AttentionMetadata(qsl, torch.tensor(seq_lens, dtype=torch.int32), tables_SM, slot_T, q_lens, seq_lens,
-                             max(q_lens), max(seq_lens))
+                             max(q_lens), max(seq_lens), null_block=num_blocks)
     q_TNH = torch.cat(qs)
     scale = 1 / math.sqrt(H)
     got = reference_paged_attention(q_TNH, k_cache, v_cache, meta, scale)
