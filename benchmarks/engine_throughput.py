@@ -84,13 +84,15 @@ def run_hf_static(path, prompts, outs, device, batch=16):
 def run_hf_continuous(path, prompts, outs, device):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa_paged").to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").to(device).eval()
     cfg = GenerationConfig(max_new_tokens=max(outs), do_sample=False, eos_token_id=-1, pad_token_id=0)
     t0 = time.perf_counter()
     res = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
     dt = time.perf_counter() - t0
-    generated = sum(len(r.generated_tokens) for r in res.values())
-    useful = sum(min(len(r.generated_tokens), o) for r, o in zip(res.values(), outs))
+    # Request ids end in the prompt's index ("req_12"); map them back to the requested lengths.
+    by_index = {int("".join(ch for ch in rid if ch.isdigit()) or i): r for i, (rid, r) in enumerate(res.items())}
+    generated = sum(len(r.generated_tokens) for r in by_index.values())
+    useful = sum(min(len(r.generated_tokens), outs[i]) for i, r in by_index.items() if i < len(outs))
     return dict(system="transformers generate_batch (continuous batching)", seconds=dt,
                 useful_tokens=useful, generated_tokens=generated)
 

@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
+
+# Modules that register subcommands with `register_cli(subparsers)`.
+_SUBCOMMAND_MODULES = (
+    "moelink.engine.tiny_model",  # make-tiny-model
+    "moelink.engine.server.cli",  # serve, bench-serve (gRPC front)
+    "moelink.benchmarks.cluster_model",  # plan (cluster throughput model)
+)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +57,13 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moelink", description="Mixture-of-experts LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=None)
     gen.set_defaults(func=_generate)
-    from .tiny_model import register_cli
-
-    register_cli(sub)
+    for module in _SUBCOMMAND_MODULES:
+        # Each module adds its own subcommands; modules of later roadmap steps may not exist yet.
+        if _exists(module):
+            importlib.import_module(module).register_cli(sub)
     return parser
 
 

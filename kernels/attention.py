@@ -81,9 +81,12 @@ def reference_paged_attention(
         start, ctx = starts[s], meta.seq_lens[s]
         k_CKH, v_CKH = _gather_context(k_cache_BLKH, v_cache_BLKH, meta.block_tables_SM[s], ctx)
         q_1NQH = q_TNH[start : start + qlen].transpose(0, 1).unsqueeze(0)
-        key_pos_C = torch.arange(ctx, device=q_TNH.device)
-        query_pos_Q = torch.arange(ctx - qlen, ctx, device=q_TNH.device)
-        mask_QC = key_pos_C[None, :] <= query_pos_Q[:, None]
+        if ctx == qlen:
+            mask_QC = None  # no cached prefix: plain causal, which SDPA runs without a mask
+        else:
+            key_pos_C = torch.arange(ctx, device=q_TNH.device)
+            query_pos_Q = torch.arange(ctx - qlen, ctx, device=q_TNH.device)
+            mask_QC = key_pos_C[None, :] <= query_pos_Q[:, None]
         o_1NQH = _sdpa(q_1NQH, k_CKH.transpose(0, 1).unsqueeze(0), v_CKH.transpose(0, 1).unsqueeze(0), mask_QC, scale)
         out_TNH[start : start + qlen] = o_1NQH[0].transpose(0, 1)
     return out_TNH
@@ -146,4 +149,6 @@ def _sdpa(q_BNQH, k_BKCH, v_BKCH, mask, scale: float) -> torch.Tensor:
     if rep > 1:
         k_BKCH = k_BKCH.repeat_interleave(rep, dim=1)
         v_BKCH = v_BKCH.repeat_interleave(rep, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q_BNQH, k_BKCH, v_BKCH, is_causal=True, scale=scale)
     return F.scaled_dot_product_attention(q_BNQH, k_BKCH, v_BKCH, attn_mask=mask, scale=scale)
