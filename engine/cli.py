@@ -27,6 +27,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--device", default="auto")
+    p.add_argument("--expert-parallel-size", "-ep", type=int, default=1,
+                   help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
+    p.add_argument("--all-to-all", default="auto", choices=["auto", "none", "torch", "nccl"])
+    p.add_argument("--num-redundant-experts", type=int, default=0)
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -37,6 +43,8 @@ def engine_args_from(ns: argparse.Namespace):
         max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size, num_kv_blocks=ns.num_kv_blocks,
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
         enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
+        expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
+        num_redundant_experts=ns.num_redundant_experts,
     )
 
 

@@ -128,3 +128,56 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             hf_config=hf,
         )
+
+
+_EXECUTORS = ("auto", "inprocess", "ray")
+_ALL_TO_ALL = ("auto", "none", "torch", "nccl")
+
+
+@dataclass
+class ParallelConfig:
+    """Data-parallel attention + expert-parallel MoE over the same `expert_parallel_size` ranks.
+
+    Every rank runs attention for its own requests and holds 1/N of the experts.
+    `executor` "auto" is in-process for one rank and Ray beyond; `ray_address`
+    None starts a local Ray instance, "auto" joins the running cluster, or give
+    an address. `all_to_all` "auto" picks "none" for one rank and "torch"
+    otherwise (gloo on CPU, NCCL on GPU).
+    """
+
+    expert_parallel_size: int = 1
+    executor: str = "auto"
+    ray_address: str | None = None
+    all_to_all: str = "auto"
+    num_redundant_experts: int = 0
+    # A step that takes longer than this is treated as a hang (dead peer).
+    step_timeout_s: float = 300.0
+    comm_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        n = self.expert_parallel_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"expert_parallel_size={n!r} is invalid: must be a positive integer.")
+        if self.executor not in _EXECUTORS:
+            raise ValueError(f"executor={self.executor!r} is invalid: choose from {', '.join(_EXECUTORS)}.")
+        if self.executor == "inprocess" and n > 1:
+            raise ValueError(f"executor='inprocess' runs one rank; expert_parallel_size={n} needs executor='ray' or 'auto'.")
+        if self.all_to_all not in _ALL_TO_ALL:
+            raise ValueError(f"all_to_all={self.all_to_all!r} is invalid: choose from {', '.join(_ALL_TO_ALL)}.")
+        if not isinstance(self.num_redundant_experts, int) or self.num_redundant_experts < 0:
+            raise ValueError(f"num_redundant_experts={self.num_redundant_experts!r} is invalid: must be an integer >= 0.")
+
+    @property
+    def world_size(self) -> int:
+        return self.expert_parallel_size
+
+    @property
+    def resolved_executor(self) -> str:
+        if self.executor != "auto":
+            return self.executor
+        return "inprocess" if self.expert_parallel_size == 1 else "ray"
+
+    def resolved_all_to_all(self) -> str:
+        if self.all_to_all != "auto":
+            return self.all_to_all
+        return "none" if self.expert_parallel_size == 1 else "torch"

@@ -8,7 +8,7 @@ import torch
 
 from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
-from .config import ModelConfig
+from .config import ModelConfig, ParallelConfig
 from .model_runner import kv_cache_bytes_per_block
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: ample for tiny models, small for a 24 GiB machine
@@ -17,9 +17,10 @@ _DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: ample for tiny models, small for a 24 
 @dataclass
 class EngineConfig:
     model: ModelConfig
-    cache: CacheConfig
-    scheduler: SchedulerConfig
-    device: torch.device
+    cache: CacheConfig  # per rank: each rank has its own KV pool
+    scheduler: SchedulerConfig  # per rank
+    parallel: ParallelConfig
+    device: torch.device  # the device type every rank uses (a rank's own index is set by its worker)
     kernels: str
     load_progress: bool
 
@@ -41,6 +42,11 @@ class EngineArgs:
     device: str = "auto"
     kernels: str = "auto"
     load_progress: bool = False
+    expert_parallel_size: int = 1
+    executor: str = "auto"
+    ray_address: Optional[str] = None
+    all_to_all: str = "auto"
+    num_redundant_experts: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -65,8 +71,19 @@ class EngineArgs:
             raise ValueError(f"device={self.device!r} is invalid: CUDA is not available on this machine.")
         return dev
 
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(expert_parallel_size=self.expert_parallel_size, executor=self.executor,
+                              ray_address=self.ray_address, all_to_all=self.all_to_all,
+                              num_redundant_experts=self.num_redundant_experts)
+
     def create_engine_config(self) -> EngineConfig:
+        parallel = self.parallel_config()
         model_cfg = ModelConfig.from_pretrained(self.model, self.dtype, self.max_model_len)
+        if parallel.expert_parallel_size > model_cfg.num_experts + parallel.num_redundant_experts:
+            raise ValueError(
+                f"expert_parallel_size={parallel.expert_parallel_size} is invalid: the model has "
+                f"{model_cfg.num_experts} experts (+{parallel.num_redundant_experts} redundant), fewer than ranks."
+            )
         device = self.resolve_device()
         # The budget must hold at least one whole sequence's worth of chunks: vLLM's default of 8192,
         # but never below max_num_seqs so every running request can decode each step.
@@ -75,7 +92,7 @@ class EngineArgs:
                                 max_model_len=model_cfg.max_model_len)
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device),
                             enable_prefix_caching=self.enable_prefix_caching)
-        return EngineConfig(model_cfg, cache, sched, device, self.kernels, self.load_progress)
+        return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int:
         if self.num_kv_blocks is not None:

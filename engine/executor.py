@@ -6,7 +6,6 @@ from abc import ABC, abstractmethod
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .engine_args import EngineConfig
-from .model_runner import ModelRunner
 
 
 class Executor(ABC):
@@ -24,15 +23,37 @@ class Executor(ABC):
         """Raise if a worker is gone."""
 
 
+class WorkerDiedError(RuntimeError):
+    """A rank's worker is gone; the engine cannot step any more."""
+
+    def __init__(self, rank: int, reason: str):
+        super().__init__(f"expert-parallel rank {rank} died: {reason}")
+        self.rank = rank
+
+
 class InProcessExecutor(Executor):
     """One rank, in this process: no Ray, no process group."""
 
     def __init__(self, config: EngineConfig):
-        self.runner = ModelRunner(
-            config.model, config.cache.block_size, config.cache.num_kv_blocks, config.device,
-            kernels=config.kernels, load_progress=config.load_progress,
-        )
+        from .worker import Worker
+
+        self.worker = Worker(config, rank=0)
+        self.worker.load()
+
+    @property
+    def runner(self):
+        return self.worker.runner
 
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         (so,) = outputs_per_rank
-        return [self.runner.execute_model(so)]
+        return [self.worker.execute(so)]
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    """One executor per engine, chosen once from the parallel config."""
+    kind = config.parallel.resolved_executor
+    if kind == "inprocess":
+        return InProcessExecutor(config)
+    from .ray_executor import RayExecutor
+
+    return RayExecutor(config)

@@ -10,11 +10,14 @@ import logging
 from dataclasses import dataclass
 from typing import Union
 
+from moelink.scheduler.engine_output import SchedulerStats
 from moelink.scheduler.request import Request, RequestStatus
+from moelink.scheduler.router import LeastLoadedRouter
 from moelink.scheduler.scheduler import Scheduler
 
 from .engine_args import EngineArgs, EngineConfig
-from .executor import Executor, InProcessExecutor
+from .executor import Executor, make_executor
+from .moe_metrics import MoEMetrics
 from .output_processor import OutputProcessor
 from .outputs import OutputKind, RequestOutput
 from .sampling_params import SamplingParams
@@ -39,9 +42,14 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer or Tokenizer.from_dir(config.model.model)
         self.eos_token_ids = set(config.model.eos_token_ids) | set(self.tokenizer.eos_token_ids)
-        self.scheduler = Scheduler(config.scheduler, config.cache)
-        self.executor = executor or InProcessExecutor(config)
+        # Data-parallel attention: one scheduler (and KV pool) per rank.
+        self.world_size = config.parallel.world_size
+        self.schedulers = [Scheduler(config.scheduler, config.cache) for _ in range(self.world_size)]
+        self.router = LeastLoadedRouter(self.schedulers)
+        self._rank_of: dict[str, int] = {}
+        self.executor = executor or make_executor(config)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.moe_metrics = MoEMetrics(len(config.model.sparse_layers), config.model.num_experts, self.world_size)
         self._step_id = 0
 
     @classmethod
@@ -105,7 +113,9 @@ class LLMEngine:
             eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
             stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens,
         )
-        self.scheduler.add_request(sched_req)
+        rank = self.router.route(req.prompt_token_ids)
+        self.schedulers[rank].add_request(sched_req)
+        self._rank_of[req.request_id] = rank
         self.output_processor.add_request(req.request_id, req.prompt, req.prompt_token_ids, p, output_kind)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
@@ -118,24 +128,52 @@ class LLMEngine:
         """Finish requests now (blocks freed); returns their final outputs."""
         ids = [r for r in request_ids if r in self.output_processor.states]
         status = RequestStatus.FINISHED_ABORTED if reason == "abort" else RequestStatus.FINISHED_ERROR
-        self.scheduler.finish_requests(ids, status)
+        self._finish(ids, status)
         return [o for o in (self.output_processor.finish(r, reason) for r in ids) if o is not None]
 
+    def _finish(self, request_ids, status: RequestStatus) -> None:
+        for rid in request_ids:
+            rank = self._rank_of.pop(rid, None)
+            if rank is not None:
+                self.schedulers[rank].finish_requests([rid], status)
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return any(s.has_unfinished_requests() for s in self.schedulers)
 
     def step(self) -> list[RequestOutput]:
-        so = self.scheduler.schedule()
+        """One lockstep step of every rank; returns the outputs it produced."""
+        sched_outs = [s.schedule() for s in self.schedulers]
         self._step_id += 1
-        (runner_out,) = self.executor.execute([so])
-        core_outputs = self.scheduler.update_from_output(so, runner_out)
+        runner_outs = self.executor.execute(sched_outs)
+        core_outputs = []
+        for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
+            core_outputs.extend(sched.update_from_output(so, ro))
+        self.moe_metrics.add_step([ro.stats.get("moe") for ro in runner_outs])
+        for co in core_outputs:
+            if co.finish_reason is not None:
+                self._rank_of.pop(co.request_id, None)
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
-            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+            self._finish(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs
 
-    def stats(self):
-        return self.scheduler.stats()
+    def rank_stats(self) -> list[SchedulerStats]:
+        return [s.stats() for s in self.schedulers]
+
+    def stats(self) -> SchedulerStats:
+        """All ranks together (sums; kv_usage over the pooled blocks)."""
+        per_rank = self.rank_stats()
+        if len(per_rank) == 1:
+            return per_rank[0]
+        total = sum(s.num_total_blocks for s in per_rank)
+        free = sum(s.num_free_blocks for s in per_rank)
+        return SchedulerStats(
+            num_running=sum(s.num_running for s in per_rank), num_waiting=sum(s.num_waiting for s in per_rank),
+            kv_usage=sum(s.kv_usage * s.num_total_blocks for s in per_rank) / total, num_free_blocks=free,
+            num_total_blocks=total, prefix_cache_queries=sum(s.prefix_cache_queries for s in per_rank),
+            prefix_cache_hits=sum(s.prefix_cache_hits for s in per_rank),
+            num_preemptions_total=sum(s.num_preemptions_total for s in per_rank),
+        )
 
     def shutdown(self) -> None:
         self.executor.shutdown()

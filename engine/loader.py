@@ -37,11 +37,11 @@ def checkpoint_index(model_dir: str | Path) -> dict[str, Path]:
     return index
 
 
-def load_model(cfg: ModelConfig, kernels, device: torch.device, expert_ids: list[int] | None = None,
+def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
                progress: bool = False) -> MoEDecoderForCausalLM:
     """Build the model for `cfg.architecture` on `device` and fill every parameter from the checkpoint."""
     spec = ARCHITECTURES[cfg.architecture]
-    model = MoEDecoderForCausalLM(cfg, spec, kernels, device, expert_ids)
+    model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep)
     plan = model.weight_plan()
     index = checkpoint_index(cfg.model)
     missing = [name for name in plan if name not in index]

@@ -47,12 +47,12 @@ class ModelRunner:
     """Owns the model, the KV cache tensors and the request states of one rank."""
 
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int, device: torch.device,
-                 kernels: str = "auto", expert_ids: list[int] | None = None, load_progress: bool = False):
+                 kernels: str = "auto", ep=None, load_progress: bool = False):
         self.cfg = model_cfg
         self.device = device
         self.block_size = block_size
         self.kernels = select_kernels(device, kernels)
-        self.model = load_model(model_cfg, self.kernels, device, expert_ids, progress=load_progress)
+        self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress)
         # One extra, never-allocated block at the end: the attention null block.
         self.null_block = num_kv_blocks
         shape = (num_kv_blocks + 1, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
@@ -98,11 +98,17 @@ class ModelRunner:
 
     # -- one step ---------------------------------------------------------------
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, so: SchedulerOutput, run_forward: bool = True) -> ModelRunnerOutput:
+        """Run one step. With no tokens of its own, a rank still runs the MoE layers'
+        collectives when `run_forward` says a peer has tokens (expert parallelism)."""
         t0 = time.perf_counter()
         self._update_states(so)
         out = ModelRunnerOutput(step_id=so.step_id)
         if so.total_num_scheduled_tokens == 0:
+            if run_forward:
+                self.model.forward_moe_only()
+                out.stats = {"num_tokens": 0, "num_seqs": 0, "step_s": time.perf_counter() - t0,
+                             "moe": self.model.moe_stats.snapshot()}
             return out
         bs = self.block_size
         req_ids = list(so.num_scheduled_tokens)
@@ -143,7 +149,8 @@ class ModelRunner:
         rows = [s for s, (st, L) in enumerate(zip(states, seq_lens)) if L == len(st.all_token_ids)]
         if rows:
             self._sample(rows, states, qsl, h_TD, out)
-        out.stats = {"num_tokens": len(tokens), "num_seqs": len(states), "step_s": time.perf_counter() - t0}
+        out.stats = {"num_tokens": len(tokens), "num_seqs": len(states), "step_s": time.perf_counter() - t0,
+                     "moe": self.model.moe_stats.snapshot()}
         return out
 
     def _sample(self, rows, states, qsl, h_TD, out: ModelRunnerOutput) -> None:

@@ -1,36 +1,84 @@
-"""The MoE layer: router → experts → weighted sum, over the experts this rank holds.
+"""The MoE layer: router → (dispatch) → local experts → (combine), over the experts this rank holds.
 
-Legend: T tokens, D hidden, E local experts, G global experts, I expert
-intermediate size, F = 2I, K top-k.
+Legend: T local tokens, N tokens received by this rank, D hidden, E local
+experts, G logical experts, I expert intermediate size, F = 2I, K top-k.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from .router import SoftmaxTopKRouter
+from .stats import MoEStats
+
+
+@dataclass
+class ExpertParallel:
+    """What a rank needs to run its share of the experts.
+
+    `all_to_all` is any backend behind moelink.comm's AllToAll interface; the
+    layer never asks which one. `tables` are the placement's device tables
+    (`ExpertPlacement.to_tensors`) that dispatch uses to find each expert's rank.
+    """
+
+    rank: int
+    world_size: int
+    placement: Any  # moelink.moe.placement.ExpertPlacement
+    all_to_all: Any  # moelink.comm.all_to_all.AllToAll
+    tables: Any
+
+    @property
+    def local_experts(self) -> list[int]:
+        return self.placement.experts_on_rank(self.rank)
 
 
 class MoELayer(nn.Module):
     """A sparse MLP block. Expert weights are stacked: w13_EFD = [gate; up], w2_EDI = down.
 
-    `kernels` is the device's kernel strategy (moelink.kernels.ops); the layer
-    never asks which one it got.
+    `kernels` is the device's kernel strategy (moelink.kernels.ops). Without
+    `ep` every expert is local and tokens never leave the rank.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, router: SoftmaxTopKRouter,
-                 kernels, dtype: torch.dtype, device: torch.device | None = None):
+                 kernels, dtype: torch.dtype, device: torch.device | None = None, *,
+                 ep: ExpertParallel | None = None, moe_index: int = 0, stats: MoEStats | None = None):
         super().__init__()
         self.num_experts = num_experts
         self.router = router
         self.kernels = kernels
+        self.ep = ep
+        self.moe_index = moe_index
+        self.stats = stats
+        num_local = len(ep.local_experts) if ep is not None else num_experts
         factory = dict(dtype=dtype, device=device)
         self.gate_GD = nn.Parameter(torch.empty(num_experts, hidden_size, **factory), requires_grad=False)
-        self.w13_EFD = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory), requires_grad=False)
-        self.w2_EDI = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory), requires_grad=False)
+        self.w13_EFD = nn.Parameter(torch.empty(num_local, 2 * intermediate_size, hidden_size, **factory), requires_grad=False)
+        self.w2_EDI = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size, **factory), requires_grad=False)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         logits_TG = F.linear(x_TD, self.gate_GD)
         weights_TK, ids_TK = self.router(logits_TG)
-        return self.kernels.fused_moe(x_TD, self.w13_EFD, self.w2_EDI, weights_TK, ids_TK)
+        if self.stats is not None:
+            self.stats.record_routing(self.moe_index, ids_TK)
+        if self.ep is None:
+            return self.kernels.fused_moe(x_TD, self.w13_EFD, self.w2_EDI, weights_TK, ids_TK)
+        return self._forward_ep(x_TD, weights_TK, ids_TK)
+
+    def _forward_ep(self, x_TD, weights_TK, ids_TK) -> torch.Tensor:
+        stats = self.stats
+        t0 = stats.clock() if stats else 0.0
+        recv_ND, meta = self.ep.all_to_all.dispatch(x_TD, ids_TK, weights_TK, self.ep.tables)
+        t1 = stats.clock() if stats else 0.0
+        # The owner applies the routed weights and sums its experts' outputs, so
+        # combine returns one row per (token, rank), not per (token, expert).
+        y_ND = self.kernels.fused_moe(recv_ND, self.w13_EFD, self.w2_EDI, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK)
+        t2 = stats.clock() if stats else 0.0
+        out_TD = self.ep.all_to_all.combine(y_ND, meta)
+        if stats is not None:
+            stats.add_times(t1 - t0, t2 - t1, stats.clock() - t2)
+            stats.record_transfer(self.moe_index, meta.bytes_dispatched, meta.bytes_combined, meta.num_tokens_sent)
+        return out_TD

@@ -119,6 +119,21 @@ class Scheduler:
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
+    def outstanding_tokens(self) -> int:
+        """Work still owed by this rank, in tokens: prompt tokens not yet computed plus
+        output tokens not yet generated (up to each request's max_tokens). The data-
+        parallel router balances on it."""
+        total = 0
+        for r in self.requests.values():
+            total += max(r.num_tokens - r.num_computed_tokens, 0)
+            if r.max_tokens is not None:
+                total += max(r.max_tokens - r.num_output_tokens, 0)
+        return total
+
+    def num_cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """How many leading tokens of a prompt this rank's prefix cache holds (whole blocks)."""
+        return len(self.kv.pool.find_cached_prefix(token_ids)) * self.block_size
+
     def has_finished_requests(self) -> bool:
         """True if finished ids still wait to be sent to the worker by a schedule()."""
         return bool(self._finished_req_ids)

@@ -16,8 +16,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from moelink.kernels.rotary import rotary_cos_sin_cache
-from moelink.moe.layer import MoELayer
+from moelink.moe.layer import ExpertParallel, MoELayer
 from moelink.moe.router import SoftmaxTopKRouter
+from moelink.moe.stats import MoEStats
 
 from ..config import ModelConfig
 from .layers import DenseMLP, ForwardContext, PagedAttention, RMSNorm
@@ -34,7 +35,8 @@ class ArchSpec:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: ArchSpec, layer_idx: int, cos_sin_PH, kernels, device, expert_ids):
+    def __init__(self, cfg: ModelConfig, spec: ArchSpec, layer_idx: int, cos_sin_PH, kernels, device,
+                 ep: ExpertParallel | None, stats: MoEStats):
         super().__init__()
         dt = cfg.dtype
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
@@ -46,7 +48,8 @@ class DecoderLayer(nn.Module):
         self.is_sparse = layer_idx in cfg.sparse_layers
         if self.is_sparse:
             router = SoftmaxTopKRouter(cfg.top_k, spec.renormalize(cfg))
-            self.mlp = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, len(expert_ids), router, kernels, dt, device)
+            self.mlp = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, router, kernels, dt, device,
+                                ep=ep, moe_index=cfg.sparse_layers.index(layer_idx), stats=stats)
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dt, device)
 
@@ -64,16 +67,17 @@ class MoEDecoderForCausalLM(nn.Module):
     """Embedding → decoder layers → final norm; `compute_logits` applies the LM head to chosen rows."""
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, kernels, device: torch.device,
-                 expert_ids: list[int] | None = None):
+                 ep: ExpertParallel | None = None):
         super().__init__()
         self.cfg, self.spec = cfg, spec
-        # Global ids of the experts this rank holds, in local order (all of them without EP).
-        self.expert_ids = list(range(cfg.num_experts)) if expert_ids is None else list(expert_ids)
+        # Logical ids of the experts this rank holds, in local slot order (all of them without EP).
+        self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
+        self.moe_stats = MoEStats(len(cfg.sparse_layers), cfg.num_experts, device)
         dt = cfg.dtype
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
         cos_sin_PH = rotary_cos_sin_cache(cfg.head_dim, cfg.max_model_len, cfg.rope_theta, device=device)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, spec, i, cos_sin_PH, kernels, device, self.expert_ids) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, spec, i, cos_sin_PH, kernels, device, ep, self.moe_stats) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         self.lm_head = (
@@ -89,6 +93,14 @@ class MoEDecoderForCausalLM(nn.Module):
             x_TD, residual_TD = layer(positions_T, x_TD, residual_TD, ctx)
         h_TD, _ = self.norm.add_forward(x_TD, residual_TD)
         return h_TD
+
+    def forward_moe_only(self) -> None:
+        """An empty step under expert parallelism: no local tokens, but this rank still
+        joins every MoE layer's dispatch and combine, in the same order as its peers."""
+        x_0D = self.embed_tokens.new_zeros(0, self.cfg.hidden_size)
+        for layer in self.layers:
+            if layer.is_sparse:
+                layer.mlp(x_0D)
 
     def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
         return F.linear(h_SD, self.lm_head)

@@ -1,0 +1,103 @@
+"""Expert-parallel scaling on CPU: throughput for EP 1/2/4 and the dispatch volume it saves.
+
+    python -m moelink.benchmarks.ep_scaling [--ep 1 2 4] [--num-requests 32]
+
+Every EP size runs the same seeded workload (greedy, EOS ignored) on Ray with
+gloo. The table compares the bytes our dispatch sent (each token once per
+distinct destination rank) with what a naive dispatch sends (once per
+(token, expert) pair). On a 2-core CPU machine more ranks do not run faster —
+the ranks share the cores and gloo copies through loopback — so read the
+throughput column as overhead, and the bytes columns as the design's saving;
+GPU/NVLink speed is the cluster model's job (benchmarks/cluster_model.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+MODEL_KW = dict(arch="qwen3_moe", num_layers=2, hidden_size=128, num_experts=16, top_k=4, num_heads=4,
+                num_kv_heads=2, head_dim=32, moe_intermediate_size=128, vocab_size=512)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run(ep: int, path: str, prompts, outs) -> dict:
+    from moelink.engine import LLM, SamplingParams
+
+    llm = LLM(path, dtype="float32", expert_parallel_size=ep, max_num_seqs=64, num_kv_blocks=1024)
+    try:
+        params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outs]
+        llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up (and process start) excluded
+        m = llm.engine.moe_metrics
+        base_bytes, base_pairs = m.bytes_dispatched, m.total_routed()
+        t0 = time.perf_counter()
+        res = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        produced = sum(len(r.outputs[0].token_ids) for r in res)
+        pairs = m.total_routed() - base_pairs
+        elem = 4  # float32 activations
+        naive = pairs * MODEL_KW["hidden_size"] * elem
+        sent = m.bytes_dispatched - base_bytes if ep > 1 else 0
+        return dict(ep=ep, seconds=dt, output_tokens=produced, tok_s=produced / dt, routed_pairs=pairs,
+                    dispatched_bytes=sent, naive_bytes=naive if ep > 1 else 0,
+                    saving=(1 - sent / naive) if ep > 1 and naive else 0.0,
+                    dispatch_s=m.dispatch_s, combine_s=m.combine_s, compute_s=m.compute_s)
+    finally:
+        llm.engine.shutdown()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ep_scaling_cpu.json"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("MOELINK_MASTER_ADDR", "127.0.0.1")
+    import ray
+
+    from moelink.engine.tiny_model import make_tiny_model
+
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(3, MODEL_KW["vocab_size"]) for _ in range(rng.randint(32, 128))] for _ in range(args.num_requests)]
+    outs = [rng.randint(16, 32) for _ in range(args.num_requests)]
+    ray.init(num_cpus=max(args.ep), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(make_tiny_model(tmp, **MODEL_KW))
+            for ep in args.ep:
+                rows.append(run(ep, path, prompts, outs))
+    finally:
+        ray.shutdown()
+    print(f"\n{args.num_requests} requests, prompts 32-128, outputs 16-32; model {MODEL_KW['num_layers']}L "
+          f"h{MODEL_KW['hidden_size']} E{MODEL_KW['num_experts']} top{MODEL_KW['top_k']} fp32; CPU, {os.cpu_count()} cores\n")
+    print("| EP | output tok/s | routed (token, expert) pairs | dispatched MB (ours) | naive MB (per pair) | saved |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['ep']} | {r['tok_s']:.0f} | {r['routed_pairs']} | {r['dispatched_bytes'] / 1e6:.2f} | "
+              f"{r['naive_bytes'] / 1e6:.2f} | {100 * r['saving']:.0f}% |")
+    result = dict(benchmark="ep_scaling", date=str(date.today()), commit=_commit(), device="cpu",
+                  cores=os.cpu_count(), model=MODEL_KW, num_requests=args.num_requests, rows=rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

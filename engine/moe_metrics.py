@@ -1,0 +1,60 @@
+"""Engine-side totals of the per-step MoE counters that every rank reports.
+
+Legend: L MoE layers, G logical experts, R ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MoEMetrics:
+    """Cumulative since engine start: expert load, all-to-all volume and time."""
+
+    num_moe_layers: int
+    num_experts: int
+    world_size: int
+    tokens_per_expert: list[list[int]] = field(init=False)  # [L][G], summed over ranks
+    bytes_dispatched: int = 0
+    bytes_combined: int = 0
+    tokens_dispatched: int = 0
+    bytes_dispatched_per_rank: list[int] = field(init=False)
+    dispatch_s: float = 0.0
+    compute_s: float = 0.0
+    combine_s: float = 0.0
+    steps: int = 0
+    # The last step alone, for "this step" views (metrics, the benchmark).
+    last_step_bytes_dispatched: int = 0
+
+    def __post_init__(self) -> None:
+        self.tokens_per_expert = [[0] * self.num_experts for _ in range(self.num_moe_layers)]
+        self.bytes_dispatched_per_rank = [0] * self.world_size
+
+    def add_step(self, per_rank) -> None:
+        """`per_rank[r]` is that rank's MoEStepStats, or None when it ran no forward."""
+        if all(s is None for s in per_rank):
+            return
+        self.steps += 1
+        step_bytes = 0
+        for r, s in enumerate(per_rank):
+            if s is None:
+                continue
+            for layer, row in enumerate(s.tokens_per_expert):
+                acc = self.tokens_per_expert[layer]
+                for e, n in enumerate(row):
+                    if n:
+                        acc[e] += n
+            self.bytes_dispatched += s.bytes_dispatched
+            self.bytes_combined += s.bytes_combined
+            self.tokens_dispatched += s.tokens_dispatched
+            self.bytes_dispatched_per_rank[r] += s.bytes_dispatched
+            step_bytes += s.bytes_dispatched
+            # Ranks step together: the slowest rank's time is the step's.
+        self.dispatch_s += max((s.dispatch_s for s in per_rank if s is not None), default=0.0)
+        self.compute_s += max((s.compute_s for s in per_rank if s is not None), default=0.0)
+        self.combine_s += max((s.combine_s for s in per_rank if s is not None), default=0.0)
+        self.last_step_bytes_dispatched = step_bytes
+
+    def total_routed(self) -> int:
+        """(token, expert) pairs routed so far: tokens × top-k × MoE layers."""
+        return sum(sum(row) for row in self.tokens_per_expert)

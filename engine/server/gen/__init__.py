@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs of engine/server/protos (python -m moelink.engine.server.protogen). Do not edit."""

@@ -1,0 +1,105 @@
+"""Worker: one rank — its device, its process group, its share of the experts, its model runner.
+
+The same class runs in-process (one rank) and inside a Ray actor (one per GPU
+or CPU bundle); only the transport of `execute` differs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+
+from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
+
+from .engine_args import EngineConfig
+from .model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int):
+        self.config = config
+        self.rank = rank
+        self.world_size = config.parallel.world_size
+        self.device = self._pick_device(config.device)
+        self.group = None
+        self.runner: ModelRunner | None = None
+
+    @staticmethod
+    def _pick_device(device: torch.device) -> torch.device:
+        if device.type == "cuda":
+            # Ray gives each actor one GPU through CUDA_VISIBLE_DEVICES; in-process
+            # we use the device the user named.
+            index = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") and device.index is None else (device.index or 0)
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
+        return device
+
+    # -- set-up ---------------------------------------------------------------
+    def node_address(self) -> str:
+        """An address the other ranks can reach this rank's node on."""
+        return os.environ.get("MOELINK_MASTER_ADDR") or _node_ip()
+
+    def pick_master(self) -> tuple[str, int]:
+        """Rank 0 chooses the rendezvous: its own address and a port free right now."""
+        from moelink.comm.process_group import find_free_port
+
+        addr = self.node_address()
+        return addr, find_free_port(addr)
+
+    def init_distributed(self, master_addr: str, master_port: int) -> None:
+        if self.world_size == 1:
+            return
+        from moelink.comm.process_group import init_process_group
+
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.group = init_process_group(self.rank, self.world_size, master_addr, master_port, backend,
+                                        self.config.parallel.comm_timeout_s)
+
+    def load(self) -> None:
+        cfg = self.config
+        if self.device.type == "cpu" and self.world_size > 1:
+            # Several ranks share this machine's cores: one intra-op thread each.
+            torch.set_num_threads(1)
+        ep = self._expert_parallel() if self.world_size > 1 else None
+        self.runner = ModelRunner(cfg.model, cfg.cache.block_size, cfg.cache.num_kv_blocks, self.device,
+                                  kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0)
+
+    def _expert_parallel(self):
+        from moelink.comm.all_to_all import make_all_to_all
+        from moelink.moe.layer import ExpertParallel
+        from moelink.moe.placement import ExpertPlacement
+
+        par = self.config.parallel
+        placement = ExpertPlacement(num_experts=self.config.model.num_experts, ep_size=self.world_size,
+                                    num_redundant=par.num_redundant_experts)
+        a2a = make_all_to_all(par.resolved_all_to_all(), self.group, self.rank, self.world_size, self.device)
+        return ExpertParallel(self.rank, self.world_size, placement, a2a, placement.to_tensors(self.device))
+
+    # -- steps ----------------------------------------------------------------
+    def execute(self, so: SchedulerOutput, run_forward: bool = True) -> ModelRunnerOutput:
+        return self.runner.execute_model(so, run_forward)
+
+    def ping(self) -> int:
+        return self.rank
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            from moelink.comm.process_group import destroy
+
+            destroy()
+            self.group = None
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return socket.gethostbyname(socket.gethostname())

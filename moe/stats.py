@@ -1,0 +1,70 @@
+"""Expert-load and all-to-all counters, collected per step and per MoE layer.
+
+Legend: L MoE layers, G logical experts.
+
+Token counts accumulate on the device and are read back once per step (one
+host sync, in `snapshot`); byte counts are already host integers (the
+all-to-all syncs its counts anyway); times are host wall-clock seconds.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class MoEStepStats:
+    """What one rank measured in one step; plain Python, summed by the engine."""
+
+    tokens_per_expert: list[list[int]]  # [L][G] (token, expert) pairs routed from this rank's tokens
+    bytes_dispatched: int = 0
+    bytes_combined: int = 0
+    tokens_dispatched: int = 0  # rows sent (one per token and destination rank)
+    dispatch_s: float = 0.0
+    compute_s: float = 0.0
+    combine_s: float = 0.0
+    per_layer_bytes: list[int] = field(default_factory=list)
+
+
+class MoEStats:
+    """Shared by the MoE layers of one model; reset by the runner each step."""
+
+    def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device):
+        self.counts_LG = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64, device=device)
+        self.num_experts = num_experts
+        self._bytes = [0] * num_moe_layers
+        self._combined = 0
+        self._rows = 0
+        self._times = [0.0, 0.0, 0.0]
+        # Host timers are only honest where ops run synchronously (CPU); on a GPU
+        # they would time kernel launches, so they stay off there.
+        self.time_phases = device.type == "cpu"
+
+    def record_routing(self, layer: int, topk_ids_TK: torch.Tensor) -> None:
+        if topk_ids_TK.numel():
+            self.counts_LG[layer] += torch.bincount(topk_ids_TK.reshape(-1), minlength=self.num_experts)
+
+    def record_transfer(self, layer: int, bytes_dispatched: int, bytes_combined: int, rows: int) -> None:
+        self._bytes[layer] += bytes_dispatched
+        self._combined += bytes_combined
+        self._rows += rows
+
+    def clock(self) -> float:
+        return time.perf_counter() if self.time_phases else 0.0
+
+    def add_times(self, dispatch_s: float, compute_s: float, combine_s: float) -> None:
+        self._times[0] += dispatch_s
+        self._times[1] += compute_s
+        self._times[2] += combine_s
+
+    def snapshot(self) -> MoEStepStats:
+        """Read this step's counters (host sync) and reset them."""
+        counts = self.counts_LG.tolist()  # host sync: one small read per step
+        out = MoEStepStats(counts, sum(self._bytes), self._combined, self._rows, *self._times, list(self._bytes))
+        self.counts_LG.zero_()
+        self._bytes = [0] * len(self._bytes)
+        self._combined = self._rows = 0
+        self._times = [0.0, 0.0, 0.0]
+        return out

@@ -1,0 +1,19 @@
+"""A local Ray instance for the EP tests of one module (ranks are processes, gloo on 127.0.0.1)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# One-node tests keep Ray on loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("MOELINK_MASTER_ADDR", "127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
