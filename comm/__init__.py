@@ -1,0 +1,12 @@
+"""Communication for expert parallelism: process groups and the all-to-all backends.
+
+`init_process_group` / `find_free_port` / `destroy` set up the EP group;
+`make_all_to_all(name, group, rank, world_size, device)` builds the dispatch /
+combine strategy ("none", "torch", "torch_padded", "nccl"). The NCCL backend is
+imported lazily (GPU only).
+"""
+from .all_to_all import AllToAll, DispatchMeta, PlacementTables, make_all_to_all, select_replicas
+from .process_group import backend_for_device, destroy, find_free_port, init_process_group
+
+__all__ = ["AllToAll", "DispatchMeta", "PlacementTables", "backend_for_device", "destroy", "find_free_port",
+           "init_process_group", "make_all_to_all", "select_replicas"]

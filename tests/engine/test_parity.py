@@ -12,7 +12,7 @@ import torch
 
 from moelink.engine import LLM, SamplingParams
 
-from conftest import TINY_CONFIGS
+from tiny_configs import TINY_CONFIGS
 
 MAX_NEW = 10
 

@@ -9,7 +9,7 @@ import pytest
 
 from moelink.engine import LLM, AsyncEngine, EngineArgs, SamplingParams
 
-from conftest import TINY_CONFIGS
+from tiny_configs import TINY_CONFIGS
 
 MAX_NEW = 8
 

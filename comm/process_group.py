@@ -1,0 +1,81 @@
+"""Process-group set-up for the EP ranks, driven by the executor.
+
+The executor's rank 0 calls `find_free_port` on its own node and shares
+(address, port) with every worker; each worker then calls
+`init_process_group(rank, world_size, address, port)`. Nothing is read from
+environment variables and no port is fixed. The group is torch.distributed's
+default group (created with an explicit tcp:// init_method and returned, so
+callers pass it on instead of reaching for globals).
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+
+import torch
+import torch.distributed as dist
+
+BACKENDS = ("gloo", "nccl")
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now (the OS picks it). Call it where rank 0 will listen."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def backend_for_device(device: torch.device | str) -> str:
+    """gloo for CPU tensors, nccl for CUDA tensors."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, backend: str | None = None,
+                       timeout_s: float = 60.0, device: torch.device | str | None = None) -> dist.ProcessGroup:
+    """Join the group of `world_size` ranks whose rank 0 listens on master_addr:master_port; returns the group.
+
+    backend: "gloo" or "nccl"; None chooses from `device` (CUDA → nccl, else
+    gloo). "nccl" also gets a gloo side for CPU tensors ("cpu:gloo,cuda:nccl").
+    timeout_s bounds the rendezvous and every collective, so a dead or missing
+    peer surfaces as an error instead of a hang: gloo raises in the caller;
+    NCCL's watchdog aborts the communicator (and by default the process).
+    """
+    _check_int("world_size", world_size, 1)
+    _check_int("rank", rank, 0, world_size - 1)
+    _check_int("master_port", master_port, 1, 65535)
+    if not isinstance(master_addr, str) or not master_addr:
+        raise ValueError(f"master_addr must be a host name or IP address, got {master_addr!r}.")
+    if backend is None:
+        backend = backend_for_device(device if device is not None else "cpu")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}.")
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialized in this process; call comm.destroy() first.")
+    host = f"[{master_addr}]" if ":" in master_addr else master_addr
+    kwargs = {}
+    if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl"
+        if device is not None and torch.device(device).index is not None:
+            kwargs["device_id"] = torch.device(device)  # eager NCCL init bound to this GPU
+    dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{master_port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return dist.group.WORLD
+
+
+def destroy() -> None:
+    """Tear down the process group of this process, if any (safe to call twice)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}.")
+
+
+__all__ = ["BACKENDS", "backend_for_device", "destroy", "find_free_port", "init_process_group"]

@@ -1,0 +1,205 @@
+"""Expert placement: which logical expert lives in which physical slot on which EP rank.
+
+Legend: G logical experts, R ranks (ep_size), X most replicas of one expert.
+
+There are G + num_redundant physical slots. Each rank's slots are numbered
+0.. in "local slot order" (the order of its stacked expert weights); global
+physical slot numbers run rank-major (all of rank 0's slots, then rank 1's ...).
+
+Primaries: G experts over R ranks as evenly as possible; when R does not divide
+G the FIRST G % R ranks hold one expert more (6 experts on 4 ranks: 2, 2, 1, 1).
+"contiguous": rank r holds the range [start_r, end_r); "round_robin": expert e
+lives on rank e % R.
+
+Redundant replicas (the mechanism; choosing hot experts is EPLB's job, later):
+each entry of `replicas` adds one copy of that expert, appended to the
+least-loaded rank (fewest slots, lowest rank on ties) among those that do not
+hold it yet, so slots stay as even as the constraint allows. A rank never holds
+two copies of one expert. With num_redundant > 0 and no `replicas`, each extra
+slot goes to the least-loaded rank and copies the lowest-id expert that rank
+lacks among those with the fewest copies: an even placeholder until EPLB
+chooses hot experts.
+
+Dispatch picks among an expert's replicas deterministically (comm.all_to_all:
+replica (token index + source rank) % count, replicas in rank order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from moelink.comm.all_to_all import PlacementTables
+
+POLICIES = ("contiguous", "round_robin")
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """A validated map from logical experts to (rank, local slot).
+
+    replicas: hot expert ids to copy into the redundant slots, one extra copy
+    per entry (an id may repeat), or {expert id: extra copies}; normalised to a
+    tuple. num_redundant: 0 means len(replicas); otherwise it must match, or,
+    with no replicas, asks for that many default copies (module docstring).
+    """
+
+    num_experts: int
+    ep_size: int
+    num_redundant: int = 0
+    policy: str = "contiguous"
+    replicas: Sequence[int] | Mapping[int, int] = ()
+    _slots: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check_int("num_experts", self.num_experts, 1)
+        _check_int("ep_size", self.ep_size, 1)
+        _check_int("num_redundant", self.num_redundant, 0)
+        if self.policy not in POLICIES:
+            raise ValueError(f"ExpertPlacement.policy must be one of {POLICIES}, got {self.policy!r}.")
+        slots, replicas = self._build_slots(self._normalised_replicas())
+        object.__setattr__(self, "replicas", replicas)
+        object.__setattr__(self, "num_redundant", len(replicas))
+        object.__setattr__(self, "_slots", slots)
+
+    def _normalised_replicas(self) -> tuple[int, ...] | None:
+        """The replicas asked for, flattened to one id per extra slot; None: choose num_redundant defaults."""
+        given = self.replicas
+        if isinstance(given, Mapping):
+            flat: list[int] = []
+            for e, copies in sorted(given.items()):
+                _check_int(f"replicas[{e!r}] (extra copies)", copies, 1)
+                flat += [e] * copies
+        elif isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+            raise ValueError(f"ExpertPlacement.replicas must be a list of expert ids or a dict "
+                             f"{{expert id: extra copies}}, got {given!r}.")
+        else:
+            flat = list(given)
+        for e in flat:
+            if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < self.num_experts:
+                raise ValueError(f"ExpertPlacement.replicas holds expert id {e!r}, but ids must be integers in "
+                                 f"[0, {self.num_experts}) for num_experts={self.num_experts}.")
+        if not flat:
+            return None if self.num_redundant else ()
+        if self.num_redundant not in (0, len(flat)):
+            raise ValueError(f"ExpertPlacement.num_redundant={self.num_redundant} does not match replicas, which "
+                             f"add {len(flat)} slots: pass one of them, or make them agree.")
+        return tuple(flat)
+
+    def _build_slots(self, replicas: tuple[int, ...] | None) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+        G, R = self.num_experts, self.ep_size
+        base, extra = divmod(G, R)
+        if self.policy == "contiguous":
+            slots, start = [], 0
+            for r in range(R):
+                n = base + (1 if r < extra else 0)  # the first G % R ranks take the extra experts
+                slots.append(list(range(start, start + n)))
+                start += n
+        else:  # round_robin
+            slots = [list(range(r, G, R)) for r in range(R)]
+        copies = [1] * G
+        chosen: list[int] = []
+        for i in range(self.num_redundant if replicas is None else len(replicas)):
+            e = self._default_replica(slots, copies) if replicas is None else replicas[i]
+            free = [r for r in range(R) if e not in slots[r]]
+            if not free:
+                raise ValueError(f"ExpertPlacement.replicas asks for {1 + replicas.count(e)} copies of expert {e}, "
+                                 f"but ep_size={R} ranks can hold at most {R} (one copy per rank).")
+            slots[min(free, key=lambda r: (len(slots[r]), r))].append(e)
+            copies[e] += 1
+            chosen.append(e)
+        empty = [r for r in range(R) if not slots[r]]
+        if empty:
+            raise ValueError(f"ExpertPlacement: rank {empty[0]} would hold no expert (num_experts={G} + "
+                             f"num_redundant={len(chosen)} slots for ep_size={R}); every rank needs one: "
+                             f"add redundant replicas or use fewer ranks.")
+        return tuple(tuple(s) for s in slots), tuple(chosen)
+
+    def _default_replica(self, slots: list[list[int]], copies: list[int]) -> int:
+        """The expert the next default extra slot copies (module docstring)."""
+        target = min(range(self.ep_size), key=lambda r: (len(slots[r]), r))
+        lacking = [e for e in range(self.num_experts) if e not in slots[target]]
+        if not lacking:
+            raise ValueError(f"ExpertPlacement.num_redundant={self.num_redundant} is too many: every rank would "
+                             f"hold every one of the {self.num_experts} experts.")
+        return min(lacking, key=lambda e: (copies[e], e))
+
+    # -- queries ------------------------------------------------------------------------------------
+    @property
+    def num_physical_experts(self) -> int:
+        return self.num_experts + self.num_redundant
+
+    @property
+    def max_local_experts(self) -> int:
+        return max(len(s) for s in self._slots)
+
+    def experts_on_rank(self, rank: int) -> list[int]:
+        """Logical expert ids held by `rank`, in local slot order (the order of its stacked weights)."""
+        return list(self._slots[self._check_rank(rank)])
+
+    def num_local_experts(self, rank: int) -> int:
+        return len(self._slots[self._check_rank(rank)])
+
+    def slot_offset(self, rank: int) -> int:
+        """Global physical slot number of `rank`'s local slot 0."""
+        return sum(len(s) for s in self._slots[: self._check_rank(rank)])
+
+    def rank_of_slot(self, slot: int) -> int:
+        """The rank holding global physical slot `slot` (rank-major numbering)."""
+        _check_int("slot", slot, 0, self.num_physical_experts - 1)
+        for r, s in enumerate(self._slots):
+            if slot < len(s):
+                return r
+            slot -= len(s)
+        raise AssertionError("unreachable")
+
+    @property
+    def phy2log(self) -> list[int]:
+        """Logical expert of each global physical slot."""
+        return [e for s in self._slots for e in s]
+
+    @property
+    def log2phy(self) -> list[list[tuple[int, int]]]:
+        """For each logical expert, its replicas as (rank, local slot), in rank order."""
+        out: list[list[tuple[int, int]]] = [[] for _ in range(self.num_experts)]
+        for r, s in enumerate(self._slots):
+            for local, e in enumerate(s):
+                out[e].append((r, local))
+        return out
+
+    def expert_map(self, rank: int) -> list[int]:
+        """Length-G list: the local slot of each logical expert on `rank`, -1 where `rank` does not hold it."""
+        out = [-1] * self.num_experts
+        for local, e in enumerate(self._slots[self._check_rank(rank)]):
+            out[e] = local
+        return out
+
+    def expert_map_tensor(self, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """`expert_map(rank)` as int32 [G] (the `expert_map_G` of kernels.moe.reference_fused_moe)."""
+        return torch.tensor(self.expert_map(rank), dtype=torch.int32, device=device)
+
+    def to_tensors(self, device: torch.device | str | None = None) -> PlacementTables:
+        """Device tables for dispatch: replica count [G] and (rank, local slot) of each replica [G, X], int32,
+        padded with -1."""
+        log2phy = self.log2phy
+        X = max(len(reps) for reps in log2phy)
+        ranks = [[r for r, _ in reps] + [-1] * (X - len(reps)) for reps in log2phy]
+        slots = [[s for _, s in reps] + [-1] * (X - len(reps)) for reps in log2phy]
+        i32 = dict(dtype=torch.int32, device=device)
+        return PlacementTables(replica_count_G=torch.tensor([len(reps) for reps in log2phy], **i32),
+                               replica_rank_GX=torch.tensor(ranks, **i32), replica_slot_GX=torch.tensor(slots, **i32),
+                               ep_size=self.ep_size)
+
+    def _check_rank(self, rank: int) -> int:
+        _check_int("rank", rank, 0, self.ep_size - 1)
+        return rank
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"ExpertPlacement.{name} must be an integer {allowed}, got {value!r}.")
+
+
+__all__ = ["POLICIES", "ExpertPlacement"]
