@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(3, MODEL_KW["vocab_size"]) for _ in range(rng.randint(32, 128))] for _ in range(args.num_requests)]
     outs = [rng.randint(16, 32) for _ in range(args.num_requests)]
-    ray.init(num_cpus=max(args.ep), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=max(args.ep), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

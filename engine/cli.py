@@ -31,7 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
-    p.add_argument("--all-to-all", default="auto", choices=["auto", "none", "torch", "nccl"])
+    p.add_argument("--all-to-all", default="auto", choices=["auto", "none", "torch", "torch_padded", "nccl"])
     p.add_argument("--num-redundant-experts", type=int, default=0)
 
 

@@ -131,7 +131,7 @@ class ModelConfig:
 
 
 _EXECUTORS = ("auto", "inprocess", "ray")
-_ALL_TO_ALL = ("auto", "none", "torch", "nccl")
+_ALL_TO_ALL = ("auto", "none", "torch", "torch_padded", "nccl")
 
 
 @dataclass

@@ -39,7 +39,9 @@ class RayExecutor(Executor):
         self.dead_error: WorkerDiedError | None = None
         if not ray.is_initialized():
             address = config.parallel.ray_address
-            kwargs = dict(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
+            # "local" forces a fresh instance: a stale /tmp/ray/ray_current_cluster must not redirect us.
+            kwargs = dict(address=address or "local", include_dashboard=False, ignore_reinit_error=True,
+                          log_to_driver=True)
             if address is None:
                 # A local instance: enough CPU slots for one bundle per rank even on a small machine.
                 kwargs["num_cpus"] = max(self.world_size, os.cpu_count() or 1)

@@ -76,7 +76,12 @@ class Worker:
         par = self.config.parallel
         placement = ExpertPlacement(num_experts=self.config.model.num_experts, ep_size=self.world_size,
                                     num_redundant=par.num_redundant_experts)
-        a2a = make_all_to_all(par.resolved_all_to_all(), self.group, self.rank, self.world_size, self.device)
+        name = par.resolved_all_to_all()
+        options = {}
+        if name in ("nccl", "torch_padded"):
+            # Fixed-size buffers (CUDA-graph safe): a rank never holds more tokens than one step's budget.
+            options["max_tokens_per_rank"] = self.config.scheduler.max_num_batched_tokens
+        a2a = make_all_to_all(name, self.group, self.rank, self.world_size, self.device, **options)
         return ExpertParallel(self.rank, self.world_size, placement, a2a, placement.to_tensors(self.device))
 
     # -- steps ----------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""One EP rank for the multi-process comm tests (run as a script; never imported by pytest).
+
+usage: ep_worker.py SCENARIOS RANK WORLD_SIZE PORT OUT_DIR MODE
+
+MODE "run": join a gloo group on 127.0.0.1:PORT and, for each scenario in the
+torch.save'd list, run dispatch → expert compute → combine with this rank's
+inputs; save everything observed to OUT_DIR/rank{RANK}.pt.
+MODE "die": rank 1 exits right after joining; rank 0 dispatches and records
+the error it gets (and how long it took). MODE "stall": the same, but rank 1
+stays alive without joining (timeout_s=2).
+MODE "lonely": join a 2-rank group that nobody else joins; record the error.
+Any unexpected exception is written to OUT_DIR/rank{RANK}.err.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+torch.set_num_threads(1)
+
+from moelink.comm import destroy, init_process_group, make_all_to_all  # noqa: E402
+from moelink.kernels.moe import reference_fused_moe  # noqa: E402
+from moelink.moe.placement import ExpertPlacement  # noqa: E402
+
+
+def expert_compute(kind: str, recv_x_ND, meta, placement: ExpertPlacement, rank: int, sc: dict):
+    ids_NK, w_NK = meta.recv_topk_ids_NK, meta.recv_topk_weights_NK
+    if kind == "identity":
+        return recv_x_ND.clone()
+    local = placement.experts_on_rank(rank)
+    if kind == "moe":
+        return reference_fused_moe(recv_x_ND, sc["w13"][local], sc["w2"][local], w_NK, ids_NK)
+    # "fake": y = x · Σ_k w_k · (global expert id + 1) over this rank's entries.
+    gid_NK = torch.tensor(local, dtype=torch.long)[ids_NK.long().clamp(min=0)]
+    factor_N = torch.where(ids_NK >= 0, w_NK.to(recv_x_ND.dtype) * (gid_NK + 1), 0).sum(1)
+    return recv_x_ND * factor_N[:, None]
+
+
+def run(scenarios, rank, world_size, group):
+    results = {}
+    for sc in scenarios:
+        placement = ExpertPlacement(**sc["placement"])
+        tables = placement.to_tensors("cpu")
+        a2a = make_all_to_all(sc["backend"], group, rank, world_size, "cpu", **sc.get("options", {}))
+        recv_x, meta = a2a.dispatch(sc["x"][rank], sc["ids"][rank], sc["weights"][rank], tables)
+        y = expert_compute(sc["compute"], recv_x, meta, placement, rank, sc)
+        out = a2a.combine(y, meta)
+        results[sc["name"]] = dict(
+            recv_x=recv_x, recv_ids=meta.recv_topk_ids_NK, recv_weights=meta.recv_topk_weights_NK, y=y, out=out,
+            send_counts_list=meta.send_counts, recv_counts_list=meta.recv_counts,
+            send_counts=meta.send_counts_R.tolist(), recv_counts=meta.recv_counts_R.tolist(),
+            num_tokens_sent=meta.num_tokens_sent, num_tokens_received=meta.num_tokens_received,
+            bytes_dispatched=meta.bytes_dispatched, bytes_combined=meta.bytes_combined,
+            bytes_metadata=meta.bytes_metadata)
+    return results
+
+
+def main() -> None:
+    scenario_file, rank, world_size, port, out_dir, mode = sys.argv[1:7]
+    rank, world_size, port = int(rank), int(world_size), int(port)
+    try:
+        if mode == "lonely":
+            t0 = time.monotonic()
+            try:
+                init_process_group(rank, world_size, "127.0.0.1", port, "gloo", timeout_s=2.0)
+                result = dict(error=None)
+            except Exception as e:  # the point of the test
+                result = dict(error=f"{type(e).__name__}: {e}")
+            result["elapsed_s"] = time.monotonic() - t0
+        else:
+            group = init_process_group(rank, world_size, "127.0.0.1", port, "gloo",
+                                       timeout_s={"die": 5.0, "stall": 2.0}.get(mode, 30.0))
+            if mode in ("die", "stall"):
+                if rank == 1:
+                    torch.save(dict(peer=mode), os.path.join(out_dir, f"rank{rank}.pt"))
+                    if mode == "stall":  # alive but never joins: wait until rank 0 has given up
+                        rank0_done = os.path.join(out_dir, "rank0.pt")
+                        for _ in range(300):
+                            if os.path.exists(rank0_done):
+                                break
+                            time.sleep(0.1)
+                    os._exit(0)
+                time.sleep(0.5)
+                placement = ExpertPlacement(num_experts=4, ep_size=2)
+                a2a = make_all_to_all("torch", group, rank, world_size, "cpu")
+                t0 = time.monotonic()
+                try:
+                    a2a.dispatch(torch.ones(3, 4), torch.tensor([[0, 3]] * 3), torch.ones(3, 2),
+                                 placement.to_tensors("cpu"))
+                    result = dict(error=None)
+                except Exception as e:  # the point of the test
+                    result = dict(error=f"{type(e).__name__}: {e}")
+                result["elapsed_s"] = time.monotonic() - t0
+            else:
+                result = run(torch.load(scenario_file, weights_only=False), rank, world_size, group)
+                destroy()
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    if mode in ("die", "stall"):
+        os._exit(0)  # skip the process-group teardown with a dead peer
+
+
+if __name__ == "__main__":
+    main()
