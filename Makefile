@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TINY_MODEL ?= tiny-model
 PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 50051
+SERVE_ARGS ?=
 
 .PHONY: setup serve test test-gpu bench clean
 
@@ -21,8 +24,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 $(TINY_MODEL)/config.json: | setup
 	$(VENV)/bin/moelink make-tiny-model $(TINY_MODEL) --arch qwen3_moe
 
+# The gRPC server on the tiny model (Ctrl-C drains and stops it). How to call it is printed first.
 serve: setup $(TINY_MODEL)/config.json
-	$(VENV)/bin/moelink generate $(TINY_MODEL) --prompt "The quick brown fox" --prompt "Once upon a time" --max-tokens 32
+	@echo "moelink gRPC server for $(TINY_MODEL) on $(HOST):$(PORT) (moelink.v1.Generation + vllm.grpc.engine.VllmEngine)."
+	@echo "Call it from another shell:"
+	@echo "  $(PY) -m moelink.engine.server.client --target $(HOST):$(PORT) 'The quick brown fox' --max-tokens 32"
+	@echo "  grpcurl -plaintext -d '{\"prompt\": \"Once upon a time\", \"sampling_params\": {\"max_tokens\": 16}}' $(HOST):$(PORT) moelink.v1.Generation/Generate"
+	@echo "OpenAI-compatible HTTP in front of it (smg gateway), then POST http://127.0.0.1:8000/v1/chat/completions:"
+	@echo "  $(VENV)/bin/smg launch --host 127.0.0.1 --port 8000 --worker-urls grpc://$(HOST):$(PORT)"
+	@echo "Load benchmark against it: $(VENV)/bin/moelink bench-serve --target $(HOST):$(PORT)"
+	$(VENV)/bin/moelink serve $(TINY_MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """Bandwidth/latency models of GPU links and of the EP all-to-all that runs over them.
 
-Pure Python (no torch, no model code): the cluster model in
+Standard library only (no torch, no model code): the cluster model in
 `moelink.benchmarks.cluster` predicts dispatch/combine times from these.
 
 Units: bytes, seconds, GB/s = 1e9 bytes/s. "Per GPU per direction" everywhere:

@@ -10,6 +10,7 @@ callers pass it on instead of reaching for globals).
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 
 import torch
@@ -27,13 +28,36 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def interface_for_address(addr: str) -> str | None:
+    """The network interface that holds IPv4 `addr` on this host, or None.
+
+    Gloo picks its interface from the host name, which on many machines
+    resolves to 127.0.x.x; ranks on other nodes then dial loopback. Naming
+    the interface that carries this node's cluster address avoids that.
+    """
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on this interface
+                continue
+            if socket.inet_ntoa(packed[20:24]) == addr:
+                return name
+    return None
+
+
 def backend_for_device(device: torch.device | str) -> str:
     """gloo for CPU tensors, nccl for CUDA tensors."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, backend: str | None = None,
-                       timeout_s: float = 60.0, device: torch.device | str | None = None) -> dist.ProcessGroup:
+                       timeout_s: float = 60.0, device: torch.device | str | None = None,
+                       local_addr: str | None = None) -> dist.ProcessGroup:
     """Join the group of `world_size` ranks whose rank 0 listens on master_addr:master_port; returns the group.
 
     backend: "gloo" or "nccl"; None chooses from `device` (CUDA → nccl, else
@@ -41,6 +65,8 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
     timeout_s bounds the rendezvous and every collective, so a dead or missing
     peer surfaces as an error instead of a hang: gloo raises in the caller;
     NCCL's watchdog aborts the communicator (and by default the process).
+    local_addr: this rank's address on the cluster network; gloo then talks
+    over the interface that holds it (unless GLOO_SOCKET_IFNAME says otherwise).
     """
     _check_int("world_size", world_size, 1)
     _check_int("rank", rank, 0, world_size - 1)
@@ -56,6 +82,12 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialized in this process; call comm.destroy() first.")
     host = f"[{master_addr}]" if ":" in master_addr else master_addr
+    if local_addr and "GLOO_SOCKET_IFNAME" not in os.environ:
+        iface = interface_for_address(local_addr)
+        if iface is not None:
+            # Read by gloo when the group is created; the process holds one group, so
+            # setting it for the process is what we mean.
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
     kwargs = {}
     if backend == "nccl":
         backend = "cpu:gloo,cuda:nccl"

@@ -57,7 +57,7 @@ class Worker:
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.group = init_process_group(self.rank, self.world_size, master_addr, master_port, backend,
-                                        self.config.parallel.comm_timeout_s)
+                                        self.config.parallel.comm_timeout_s, local_addr=self.node_address())
 
     def load(self) -> None:
         cfg = self.config

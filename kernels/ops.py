@@ -2,7 +2,12 @@
 
 `Kernels` is a strategy object: the model calls `kernels.rms_norm(...)` and
 never asks which implementation it got. `ReferenceKernels` is plain torch (the
-CPU path and the test oracle).
+CPU path and the test oracle); `TritonKernels` is the GPU path.
+
+The Triton modules are imported only when a `TritonKernels` is built: Triton
+decides at kernel definition whether a kernel runs compiled or in the CPU
+interpreter (TRITON_INTERPRET=1), so importing them as a side effect of
+importing the engine would freeze that choice too early.
 """
 from __future__ import annotations
 
@@ -27,16 +32,51 @@ class ReferenceKernels:
     fused_moe = staticmethod(reference_fused_moe)
 
 
-_BACKENDS = {"reference": ReferenceKernels}
+class TritonKernels:
+    """Triton kernels (moelink.kernels.triton_*): the GPU path. Same signatures as the references.
+
+    Takes float32, bfloat16 and float16 activations. On CPU tensors the kernels
+    run in the Triton interpreter, which needs TRITON_INTERPRET=1 set before
+    this is first built (tests only: it is slow).
+    """
+
+    name = "triton"
+
+    def __init__(self):
+        from .triton_attention import triton_paged_attention, triton_write_kv
+        from .triton_moe import triton_fused_moe
+        from .triton_norm import triton_add_rms_norm, triton_rms_norm
+        from .triton_rotary import triton_rotary
+
+        self.rms_norm = triton_rms_norm
+        self.add_rms_norm = triton_add_rms_norm
+        self.rotary = triton_rotary
+        self.write_kv = triton_write_kv
+        self.paged_attention = triton_paged_attention
+        self.fused_moe = triton_fused_moe
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_BACKENDS = {"reference": ReferenceKernels, "triton": TritonKernels}
 
 
 def select_kernels(device: torch.device, name: str = "auto"):
-    """Pick the kernel backend: `auto` is Triton on CUDA when available, references elsewhere."""
+    """Pick the kernel backend: `auto` is Triton on CUDA, references elsewhere; a name forces one (tests)."""
+    device = torch.device(device)
     if name == "auto":
-        name = "triton" if device.type == "cuda" and "triton" in _BACKENDS else "reference"
+        name = "triton" if device.type == "cuda" and _triton_available() else "reference"
     if name not in _BACKENDS:
-        raise ValueError(f"kernel backend {name!r} is not available: choose from {sorted(_BACKENDS)} or 'auto'.")
+        raise ValueError(f"kernels={name!r} is invalid: choose from {sorted(_BACKENDS)} or 'auto'.")
+    if name == "triton" and not _triton_available():
+        raise ValueError("kernels='triton' is not available: the triton package is not installed (use 'reference').")
     return _BACKENDS[name]()
 
 
-__all__ = ["AttentionMetadata", "ReferenceKernels", "select_kernels"]
+__all__ = ["AttentionMetadata", "ReferenceKernels", "TritonKernels", "select_kernels"]

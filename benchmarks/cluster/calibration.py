@@ -1,0 +1,207 @@
+"""Calibration: published DeepSeek-V3/R1 serving results, the model's prediction for each setup, the error.
+
+Every row is predicted with the same constants (`efficiency.Efficiency`,
+`hardware` measured ceilings, `comm.link_model.LINK_EFFICIENCY`,
+`imbalance.EPLB_RESIDUAL_CV`); a row only states what its source states about
+the setup (hardware, EP size, batch, lengths, precisions, overlap, which
+all-to-all, load balancing). Where a source is silent the assumption is named
+in `assumed`. Published per-node figures are divided by GPUs per node (8 for
+HGX) to compare per GPU. `moelink plan --calibrate` prints the table; the
+test suite runs it and requires every row within ±30%.
+
+Reading the table (errors at the time of writing; the command prints current ones):
+
+- Hopper prefill rows (-9 to -15%) and the SGLang EPLB-vs-perfect pair: the
+  real/perfect ratio (0.85 published) is what fixed EPLB_RESIDUAL_CV, so the
+  pair checks the imbalance model's form, not its level.
+- deepseek-h800-prefill-day6 (+28%): a 24-hour fleet average, not a capacity
+  measurement. Prefill instances are provisioned for peak load and TTFT, so on
+  average they idle part of the time; DeepSeek's own profile of the same
+  system runs 62.7k computed tokens/s/node against the 32.2k this average
+  implies (73.7k x 43.7% uncached). The model predicts capacity, so this row
+  sits high by construction; it stays in the table because the issue names it.
+- The decode rows over InfiniBand (DeepSeek -18%, SGLang H100 -21%) sit low:
+  we stretch the low-latency all-to-all by the EP-wide expert imbalance (the
+  busiest receiver ends it), but LMSYS measured ~0.17 ms per dispatch, about
+  the unstretched time, so that stretch is probably too strong at decode
+  batch sizes. We keep the physically motivated form rather than fit it.
+- sglang-gb200-decode-part2-fp8 (-23%) and part1 (-8%) have the same setup, so
+  the model predicts the same number for both; the 20% between them is
+  SGLang's software progress from June to September 2025.
+- trtllm-b200-fp4-fp8kv (+27%): TensorRT-LLM published this and the BF16-KV
+  row from the same commit; going from 384 to 896 sequences per GPU with FP8
+  attention bought 1.19x there and 1.57x in the model, i.e. per-token costs at
+  large batch were higher in that build than the roofline allows. The
+  aggregated-serving rows depend on the attention-DP imbalance term of
+  `step_model.mixed_iteration`, which TensorRT-LLM tech blog 10 ("ADP Balance
+  Strategy") measured directly: 54% average balance across ranks, 35% of
+  throughput lost, without its balancing scheduler.
+
+Not tabled: vLLM's "2.2k tok/s per H200" (vLLM blog 2025-12-17) gives no EP
+size, batch or sequence lengths, so there is no setup to predict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .efficiency import DEFAULT_EFFICIENCY, Efficiency
+from .hardware import get_profile
+from .imbalance import Balance
+from .models import get_model
+from .step_model import Precision, Setup, decode_step, mixed_iteration, prefill_chunk
+
+TOLERANCE = 0.30
+# DeepSeek day 6: 608B input tokens (56.3% cache hits), 168B output, mean KV length 4,989 per output
+# token. With I/O = 608/168 and I + O/2 = 4,989: O ~ 1,211, I ~ 4,383 (2,468 cached, 1,915 computed).
+DAY6_PROMPT, DAY6_CACHED = 4383, 2468
+
+LMSYS_EP = "LMSYS blog 2025-05-05 'Deploying DeepSeek with PD Disaggregation and Large-scale EP on 96 H100 GPUs'"
+LMSYS_GB1 = "LMSYS blog 2025-06-16 'Deploying DeepSeek on GB200 NVL72 ... (Part I)'; decode flags from sglang#7227"
+LMSYS_GB2 = "LMSYS blog 2025-09-25 'Deploying DeepSeek on GB200 NVL72 ... (Part II)'"
+DS_PROFILE = "deepseek-ai/profile-data README (EP32, 4K prompts, 16K tokens/GPU), per-node throughput as tabled in " \
+             + "the LMSYS large-scale-EP blog"
+DS_DAY6 = "DeepSeek open-infra day 6 'DeepSeek-V3/R1 inference system overview' (24 h production average)"
+TRT_PERF = "TensorRT-LLM docs/source/blogs/Best_perf_practice_on_DeepSeek-R1_in_TensorRT-LLM.md (trtllm-bench)"
+TRT_BLOG3 = "TensorRT-LLM tech blog 3 'Optimizing DeepSeek R1 Throughput on NVIDIA Blackwell GPUs'"
+
+# DeepSeek-style deployments: FP8 weights and dispatch, BF16 attention/KV and combine.
+FP8 = Precision()
+GB_LOW = Precision(experts="nvfp4", dense="fp8", attention="fp8", dispatch="nvfp4")
+TRT_FP4 = Precision(experts="nvfp4", dense="fp8", attention="bf16", dispatch="nvfp4")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One published result. kind: prefill / decode / mixed. published: tokens/s per GPU."""
+
+    id: str
+    system: str
+    hardware: str
+    kind: str
+    setup: Setup
+    published: float
+    metric: str
+    source: str
+    assumed: str = ""
+    mixed: dict = field(default_factory=dict)  # input_len, output_len, max_num_tokens for kind "mixed"
+    model: str = "deepseek-v3"
+    count_cached: bool = False  # published figure counts cache-hit prompt tokens as processed
+    note: str = ""
+
+
+ROWS = (
+    Row("deepseek-h800-prefill-profile", "DeepSeek", "h800-hgx", "prefill",
+        Setup(ep=32, prefill_chunk=16384, prompt_len=4096, overlap="tbo", prefill_pattern="node",
+              balance=Balance("perfect"), redundant_experts=32),
+        62713 / 8, "input tok/s/GPU", DS_PROFILE,
+        note="profiled with forced-uniform ('absolutely balanced') routing"),
+    Row("deepseek-h800-prefill-day6", "DeepSeek", "h800-hgx", "prefill",
+        Setup(ep=32, prefill_chunk=16384, prompt_len=DAY6_PROMPT, cached_prefix=DAY6_CACHED, overlap="tbo",
+              prefill_pattern="node", redundant_experts=32),
+        73700 / 8, "input tok/s/GPU incl. cache hits", DS_DAY6, count_cached=True,
+        assumed=f"mean prompt {DAY6_PROMPT} tokens, {DAY6_CACHED} of them cache hits, derived from the note "
+                "(608B input / 168B output tokens, 56.3% hits, mean KV length 4,989 per output token = I + O/2); "
+                "16,384 computed tokens per GPU per forward (DeepSeek's profile)",
+        note="a 24-hour fleet average: prefill capacity is provisioned for peak load and TTFT, so the "
+             "average sits below capacity; DeepSeek's own profile runs 62.7k computed tokens/s/node vs "
+             "32.2k in this average"),
+    Row("deepseek-h800-decode-day6", "DeepSeek", "h800-hgx", "decode",
+        Setup(ep=144, batch_per_rank=128, context_len=4989, overlap="tbo", decode_pattern="expert",
+              redundant_experts=32, mtp_draft=1, mtp_accept=0.85),
+        14800 / 8, "output tok/s/GPU", DS_DAY6,
+        assumed="batch 128/GPU (LMSYS table); MTP acceptance 0.85 (DeepSeek-V3 report: 85-90%)"),
+    Row("sglang-h100-prefill", "SGLang", "h100-hgx", "prefill",
+        Setup(ep=32, prefill_chunk=16384, prompt_len=2000, overlap="tbo", prefill_pattern="node",
+              redundant_experts=32),
+        52300 / 8, "input tok/s/GPU", LMSYS_EP, assumed="16,384 tokens per GPU per forward (as in its 4K runs)"),
+    Row("sglang-h100-prefill-4k-eplb", "SGLang", "h100-hgx", "prefill",
+        Setup(ep=32, prefill_chunk=16384, prompt_len=4096, overlap="tbo", prefill_pattern="node",
+              redundant_experts=32),
+        50302 / 8, "input tok/s/GPU", LMSYS_EP + " (profile table, default EPLB)"),
+    Row("sglang-h100-prefill-4k-perfect", "SGLang", "h100-hgx", "prefill",
+        Setup(ep=32, prefill_chunk=16384, prompt_len=4096, overlap="tbo", prefill_pattern="node",
+              balance=Balance("perfect"), redundant_experts=32),
+        59337 / 8, "input tok/s/GPU", LMSYS_EP + " (profile table, simulated perfect EPLB)"),
+    Row("sglang-h100-decode", "SGLang", "h100-hgx", "decode",
+        Setup(ep=72, batch_per_rank=256, context_len=2000, overlap="tbo", decode_pattern="expert",
+              redundant_experts=32),
+        22282 / 8, "output tok/s/GPU", LMSYS_EP),
+    Row("sglang-gb200-decode-part1", "SGLang", "gb200-nvl72", "decode",
+        Setup(ep=48, batch_per_rank=768, context_len=2050, overlap="none", decode_pattern="expert",
+              redundant_experts=32),
+        7583, "output tok/s/GPU", LMSYS_GB1, assumed="KV length 2,000 input + half of 100 output"),
+    Row("sglang-gb200-decode-part2-fp8", "SGLang", "gb200-nvl72", "decode",
+        Setup(ep=48, batch_per_rank=768, context_len=2050, overlap="none", decode_pattern="expert",
+              redundant_experts=32),
+        9087, "output tok/s/GPU", LMSYS_GB2 + " (BF16 attention, FP8 MoE)",
+        assumed="batch 768 as in part I (the BF16 KV cache holds about half the 1,408 FP8 one does)"),
+    Row("sglang-gb200-decode-part2-fp4", "SGLang", "gb200-nvl72", "decode",
+        Setup(ep=48, batch_per_rank=1408, context_len=2050, precision=GB_LOW, overlap="none",
+              decode_pattern="expert", redundant_experts=32),
+        13386, "output tok/s/GPU", LMSYS_GB2 + " (FP8 attention, NVFP4 MoE)"),
+    Row("sglang-gb200-prefill-part2-fp8", "SGLang", "gb200-nvl72", "prefill",
+        Setup(ep=4, prefill_chunk=16384, prompt_len=2000, overlap="none", prefill_pattern="rank"),
+        18471, "input tok/s/GPU", LMSYS_GB2 + " (BF16 attention, FP8 MoE; 4 ranks per prefill instance)",
+        assumed="16,384 tokens per GPU per forward; weight offload to Grace memory not modelled"),
+    Row("sglang-gb200-prefill-part2-fp4", "SGLang", "gb200-nvl72", "prefill",
+        Setup(ep=2, prefill_chunk=16384, prompt_len=2000, precision=GB_LOW, overlap="none",
+              prefill_pattern="rank"),
+        26156, "input tok/s/GPU", LMSYS_GB2 + " (FP8 attention, NVFP4 MoE; 2 ranks per prefill instance)",
+        assumed="16,384 tokens per GPU per forward; weight offload to Grace memory not modelled"),
+    Row("trtllm-b200-fp4-bf16kv", "TensorRT-LLM", "b200-hgx", "mixed",
+        Setup(ep=8, batch_per_rank=384, precision=TRT_FP4, overlap="none", decode_pattern="allgather",
+              balance=Balance("none")),
+        4548, "output tok/s/GPU", TRT_PERF + "; 4,600 in " + TRT_BLOG3,
+        mixed=dict(input_len=1024, output_len=2048, max_num_tokens=1536)),
+    Row("trtllm-b200-fp4-fp8kv", "TensorRT-LLM", "b200-hgx", "mixed",
+        Setup(ep=8, batch_per_rank=896, precision=Precision(experts="nvfp4", attention="fp8", dispatch="nvfp4"),
+              overlap="none", decode_pattern="allgather", balance=Balance("none")),
+        5393, "output tok/s/GPU", TRT_PERF + " (R1-0528, FP8 KV cache)",
+        mixed=dict(input_len=1024, output_len=2048, max_num_tokens=2048)),
+    Row("trtllm-h200-fp8", "TensorRT-LLM", "h200-hgx", "mixed",
+        Setup(ep=8, batch_per_rank=128, overlap="none", decode_pattern="allgather", balance=Balance("none")),
+        1436, "output tok/s/GPU", TRT_PERF + " (H200 max-throughput)",
+        mixed=dict(input_len=1024, output_len=2048, max_num_tokens=1151)),
+)
+
+
+@dataclass
+class Result:
+    row: Row
+    predicted: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.row.published - 1.0
+
+    @property
+    def ok(self) -> bool:
+        return abs(self.error) <= TOLERANCE
+
+
+def predict(row: Row, eff: Efficiency = DEFAULT_EFFICIENCY) -> float:
+    """The model's tokens/s per GPU for a row's setup."""
+    model, hw = get_model(row.model), get_profile(row.hardware)
+    if row.kind == "prefill":
+        computed = prefill_chunk(model, hw, row.setup, eff).tokens_per_s
+        s = row.setup
+        return computed * s.prompt_len / (s.prompt_len - s.cached_prefix) if row.count_cached else computed
+    if row.kind == "decode":
+        return decode_step(model, hw, row.setup, eff).tokens_per_s
+    return mixed_iteration(model, hw, row.setup, eff=eff, **row.mixed).tokens_per_s
+
+
+def run(eff: Efficiency = DEFAULT_EFFICIENCY) -> list[Result]:
+    return [Result(r, predict(r, eff)) for r in ROWS]
+
+
+def format_table(results: list[Result]) -> str:
+    """Markdown table of published vs predicted per GPU."""
+    lines = ["| row | hardware | kind | published tok/s/GPU | predicted | error |",
+             "|---|---|---|---:|---:|---:|"]
+    for res in results:
+        r = res.row
+        flag = "" if res.ok else " **outside ±30%**"
+        lines.append(f"| {r.id} | {r.hardware} | {r.kind} | {r.published:,.0f} | {res.predicted:,.0f} | "
+                     f"{res.error:+.1%}{flag} |")
+    return "\n".join(lines)

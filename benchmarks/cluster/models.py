@@ -1,0 +1,153 @@
+"""Model shapes for the cluster model, from the public config.json values tabled in REFERENCES.md.
+
+Counts only what decides time: parameters touched per token (per layer kind),
+attention FLOPs per (query, key) pair and KV bytes per cached token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MLA:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2)."""
+
+    num_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_dim: int
+    qk_rope_dim: int
+    v_dim: int
+
+
+@dataclass(frozen=True)
+class GQA:
+    """Grouped-query attention."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A MoE decoder. Dense layers come first (`first_dense` of them, intermediate `dense_intermediate`).
+
+    n_group/topk_group: group-limited routing (DeepSeek-V3: 8/4); 1/1 means none.
+    mtp_layers: multi-token-prediction modules shipped with the checkpoint (each one decoder layer).
+    """
+
+    name: str
+    num_layers: int
+    first_dense: int
+    hidden: int
+    dense_intermediate: int
+    attention: MLA | GQA
+    num_experts: int
+    num_shared: int
+    top_k: int
+    moe_intermediate: int
+    vocab: int
+    n_group: int = 1
+    topk_group: int = 1
+    mtp_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.first_dense < self.num_layers:
+            raise ValueError(f"model {self.name}: first_dense={self.first_dense} must be in [0, num_layers).")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"model {self.name}: top_k={self.top_k} must be in [1, num_experts={self.num_experts}].")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"model {self.name}: n_group={self.n_group}/topk_group={self.topk_group} do not fit "
+                             f"{self.num_experts} experts.")
+
+    @property
+    def moe_layers(self) -> int:
+        return self.num_layers - self.first_dense
+
+    @property
+    def is_mla(self) -> bool:
+        return isinstance(self.attention, MLA)
+
+    def attn_proj_params(self) -> int:
+        """Weights of the attention projections of one layer (both MLA forms touch the same count)."""
+        a = self.attention
+        h = self.hidden
+        if isinstance(a, MLA):
+            q_dim = a.num_heads * (a.qk_nope_dim + a.qk_rope_dim)
+            q = h * a.q_lora_rank + a.q_lora_rank * q_dim if a.q_lora_rank else h * q_dim
+            kv_a = h * (a.kv_lora_rank + a.qk_rope_dim)
+            # kv_b in prefill; in absorbed decode the same weights act as W_UK and W_UV.
+            kv_b = a.kv_lora_rank * a.num_heads * (a.qk_nope_dim + a.v_dim)
+            return q + kv_a + kv_b + a.num_heads * a.v_dim * h
+        return h * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + a.num_heads * a.head_dim * h
+
+    def expert_params(self) -> int:
+        """One routed (or shared) expert: gate, up, down."""
+        return 3 * self.hidden * self.moe_intermediate
+
+    def dense_ffn_params(self) -> int:
+        return 3 * self.hidden * self.dense_intermediate
+
+    def attn_flops_per_key(self, decode: bool) -> float:
+        """FLOPs per (query token, cached key) pair in one layer.
+
+        MLA decode runs absorbed (MQA over the 512+64 latent: QK over 576, PV over
+        512, all heads); MLA prefill runs as plain MHA over 192-dim keys / 128-dim
+        values, the cheaper form for long chunks (TensorRT-LLM tech blog 3).
+        """
+        a = self.attention
+        if isinstance(a, MLA):
+            if decode:
+                return 2 * a.num_heads * (a.kv_lora_rank + a.qk_rope_dim) + 2 * a.num_heads * a.kv_lora_rank
+            return 2 * a.num_heads * (a.qk_nope_dim + a.qk_rope_dim) + 2 * a.num_heads * a.v_dim
+        return 4 * a.num_heads * a.head_dim
+
+    def kv_elems_per_token(self) -> int:
+        """Cached elements per token per layer (MLA: latent + rope key; GQA: K and V)."""
+        a = self.attention
+        if isinstance(a, MLA):
+            return a.kv_lora_rank + a.qk_rope_dim
+        return 2 * a.num_kv_heads * a.head_dim
+
+    def total_params(self) -> float:
+        """All weights (embedding and LM head counted once each); for memory checks."""
+        per_attn = self.attn_proj_params()
+        moe = (self.num_experts + self.num_shared) * self.expert_params() + self.hidden * self.num_experts
+        return (self.num_layers * per_attn + self.first_dense * self.dense_ffn_params()
+                + self.moe_layers * moe + 2 * self.vocab * self.hidden)
+
+
+_DS_MLA = MLA(num_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_dim=128)
+
+MODELS = {
+    m.name: m
+    for m in (
+        ModelShape("deepseek-v3", num_layers=61, first_dense=3, hidden=7168, dense_intermediate=18432,
+                   attention=_DS_MLA, num_experts=256, num_shared=1, top_k=8, moe_intermediate=2048,
+                   vocab=129280, n_group=8, topk_group=4, mtp_layers=1),
+        ModelShape("kimi-k2", num_layers=61, first_dense=1, hidden=7168, dense_intermediate=18432,
+                   attention=MLA(64, 1536, 512, 128, 64, 128), num_experts=384, num_shared=1, top_k=8,
+                   moe_intermediate=2048, vocab=163840),
+        ModelShape("qwen3-235b-a22b", num_layers=94, first_dense=0, hidden=4096, dense_intermediate=12288,
+                   attention=GQA(64, 4, 128), num_experts=128, num_shared=0, top_k=8, moe_intermediate=1536,
+                   vocab=151936),
+        ModelShape("qwen3-30b-a3b", num_layers=48, first_dense=0, hidden=2048, dense_intermediate=6144,
+                   attention=GQA(32, 4, 128), num_experts=128, num_shared=0, top_k=8, moe_intermediate=768,
+                   vocab=151936),
+        ModelShape("mixtral-8x22b", num_layers=56, first_dense=0, hidden=6144, dense_intermediate=16384,
+                   attention=GQA(48, 8, 128), num_experts=8, num_shared=0, top_k=2, moe_intermediate=16384,
+                   vocab=32768),
+        ModelShape("mixtral-8x7b", num_layers=32, first_dense=0, hidden=4096, dense_intermediate=14336,
+                   attention=GQA(32, 8, 128), num_experts=8, num_shared=0, top_k=2, moe_intermediate=14336,
+                   vocab=32000),
+    )
+}
+MODELS["deepseek-r1"] = MODELS["deepseek-v3"]  # same architecture and shapes
+
+
+def get_model(name: str) -> ModelShape:
+    """Model by name; a ValueError lists the known names."""
+    if name not in MODELS:
+        raise ValueError(f"model={name!r} is not known: choose from {', '.join(sorted(MODELS))}.")
+    return MODELS[name]

@@ -1,0 +1,77 @@
+"""Text reports of `moelink plan`: one layout in detail, a hardware comparison, the calibration table."""
+from __future__ import annotations
+
+from .calibration import TOLERANCE, Result, format_table
+
+
+def _bd(breakdown: dict) -> str:
+    items = sorted(((k, v) for k, v in breakdown.items() if abs(v) >= 0.05), key=lambda kv: -abs(kv[1]))
+    return " | ".join(f"{k} {v:,.1f}" for k, v in items)
+
+
+def format_plan(res: dict) -> str:
+    """Human-readable plan for one hardware profile."""
+    i, d, p, m = res["inputs"], res["decode"], res["prefill"], res["memory"]
+    lines = [
+        f"{res['model']} on {res['hardware']} ({res['hardware_description']})",
+        f"EP {i['ep']}, decode batch {i['batch_per_rank']}/rank, input {i['input_len']}, output {i['output_len']}, "
+        f"prefill chunk {i['prefill_chunk']}/rank, precision {i['precision']}, dispatch once per {i['pattern']}, "
+        f"balance {i['balance']}" + (f", MTP {i['mtp_draft']} @ {i['mtp_accept']:.2f}" if i["mtp_draft"] else ""),
+        f"memory: weights {m['weights_per_rank_gb']:.1f} GB/rank; KV fits {m['max_batch_per_rank']} sequences/rank "
+        f"at {i['input_len'] + i['output_len']} tokens",
+    ]
+    if m["max_batch_per_rank"] < i["batch_per_rank"]:
+        lines.append(f"  warning: batch {i['batch_per_rank']}/rank does not fit at EP {i['ep']} (timing shown anyway)")
+    lines += [
+        f"decode : {d['tokens_per_s_per_gpu']:>9,.0f} output tok/s/GPU  step {d['step_ms']:.1f} ms, ITL "
+        f"{d['itl_ms']:.1f} ms ({d['tokens_per_s_per_user']:.1f} tok/s/user), overlap {d['overlap']}, "
+        f"expert imbalance {d['expert_imbalance']:.2f}",
+        f"         ms/step: {_bd(d['breakdown_ms'])}",
+        f"prefill: {p['tokens_per_s_per_gpu']:>9,.0f} input tok/s/GPU   chunk {p['chunk_ms']:.1f} ms, overlap "
+        f"{p['overlap']}, expert imbalance {p['expert_imbalance']:.2f}",
+        f"         ms/chunk: {_bd(p['breakdown_ms'])}",
+    ]
+    b, bp = res["best_decode_under_slo"], res["best_prefill"]
+    if b:
+        lines.append(f"best decode with ITL <= {i['itl_slo_ms']:g} ms: EP {b['ep']}, batch {b['batch_per_rank']}/rank, "
+                     f"{b['tokens_per_s_per_gpu']:,.0f} tok/s/GPU ({b['tokens_per_s_per_user']:.1f} tok/s/user, "
+                     f"overlap {b['overlap']})")
+    else:
+        lines.append(f"best decode with ITL <= {i['itl_slo_ms']:g} ms: no EP size/batch meets it")
+    if bp:
+        lines.append(f"best prefill: EP {bp['ep']}, {bp['tokens_per_s_per_gpu']:,.0f} tok/s/GPU")
+    lines.append("EP sweep:  EP | decode batch | decode tok/s/GPU | ITL ms | prefill tok/s/GPU")
+    for r in res["sweep"]:
+        dd, pre = r["decode"], r["prefill_tokens_per_s_per_gpu"]
+        dec_txt = (f"{dd['batch_per_rank']:>12} | {dd['tokens_per_s_per_gpu']:>16,.0f} | {dd['itl_ms']:>6.1f}"
+                   if dd else f"{'-':>12} | {'-':>16} | {'-':>6}")
+        lines.append(f"         {r['ep']:>3} | {dec_txt} | {pre:>17,.0f}" if pre else
+                     f"         {r['ep']:>3} | {dec_txt} | {'does not fit':>17}")
+    return "\n".join(lines)
+
+
+def format_comparison(results: dict) -> str:
+    """One line per hardware: best decode under the ITL target and best prefill, per GPU."""
+    first = next(iter(results.values()))
+    i = first["inputs"]
+    lines = [f"{first['model']}: input {i['input_len']}, output {i['output_len']}, precision {i['precision']}, "
+             f"ITL <= {i['itl_slo_ms']:g} ms, dispatch once per {i['pattern']}, balance {i['balance']}",
+             "| hardware | decode EP | batch/GPU | decode tok/s/GPU | tok/s/user | prefill EP | prefill tok/s/GPU |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for hw, res in results.items():
+        b, bp = res["best_decode_under_slo"], res["best_prefill"]
+        dec = (f"{b['ep']} | {b['batch_per_rank']} | {b['tokens_per_s_per_gpu']:,.0f} | {b['tokens_per_s_per_user']:.1f}"
+               if b else "- | - | - | -")
+        pre = f"{bp['ep']} | {bp['tokens_per_s_per_gpu']:,.0f}" if bp else "- | -"
+        lines.append(f"| {hw} | {dec} | {pre} |")
+    return "\n".join(lines)
+
+
+def format_calibration(results: list[Result]) -> str:
+    bad = [r for r in results if not r.ok]
+    mean_abs = sum(abs(r.error) for r in results) / len(results)
+    summary = (f"{len(results)} published results, mean |error| {mean_abs:.1%}, "
+               + ("all within ±{:.0%}".format(TOLERANCE) if not bad else f"{len(bad)} outside ±{TOLERANCE:.0%}"))
+    notes = [f"- {r.row.id}: {r.row.source}" + (f"; assumed: {r.row.assumed}" if r.row.assumed else "")
+             + (f"; note: {r.row.note}" if r.row.note else "") for r in results]
+    return "\n".join([format_table(results), "", summary, "", "Sources and assumptions:"] + notes)

@@ -1,0 +1,323 @@
+"""Step-time model of MoE serving under data-parallel attention + expert parallelism.
+
+One rank of an EP group of `ep` GPUs. Every rank runs attention, dense layers
+and shared experts on its own requests (DP); at each MoE layer its tokens are
+dispatched once per destination (see `moelink.comm.link_model.Pattern`), the
+routed experts run as a grouped GEMM on the rank that holds them, and the
+results are combined back. Three forward kinds:
+
+- `decode_step`: `batch_per_rank` sequences, one token each (1 + mtp_draft with
+  multi-token prediction), attending to `context_len` cached tokens;
+- `prefill_chunk`: `prefill_chunk` prompt tokens per rank (whole prompts of
+  `prompt_len`, `cached_prefix` of them already cached);
+- `mixed_iteration`: aggregated serving (no prefill/decode split) in steady
+  state: decode batch plus the prompts of the requests that replace finished ones.
+
+Per layer, component times come from the roofline (`kernels.py`) and the link
+model; with `overlap="tbo"` the batch runs as two micro-batches whose
+communication overlaps the other's compute:
+    t_layer = max(C, M) + (1 - overlap) * min(C, M)
+where C and M are the compute and communication of both halves, and overlap is
+eff.overlap_rdma for low-latency RDMA all-to-all (Pattern.EXPERT), eff.overlap_sm otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from moelink.comm.link_model import Pattern, RoutingSpec, all_to_all_time
+
+from .efficiency import DEFAULT_EFFICIENCY, Efficiency
+from .hardware import DTYPES, HardwareProfile
+from .imbalance import Balance, expert_load_imbalance
+from .kernels import WEIGHT_BYTES, MeasuredMoE, find_measurement, gemm_time, grouped_expert_time, roofline
+from .models import ModelShape
+
+OVERLAPS = ("none", "tbo")
+KV_BYTES = {"bf16": 2.0, "fp8": 1.0}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Datatypes: expert weights, dense weights (attention projections, dense FFN), attention math and
+    KV cache, dispatch payload, combine payload, LM head."""
+
+    experts: str = "fp8"
+    dense: str = "fp8"
+    attention: str = "bf16"
+    dispatch: str = "fp8"
+    combine: str = "bf16"
+    lm_head: str = "bf16"
+
+    def __post_init__(self) -> None:
+        for name in ("experts", "dense", "dispatch", "combine", "lm_head"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"precision {name}={getattr(self, name)!r} is not supported: "
+                                 f"choose from {', '.join(DTYPES)}.")
+        if self.attention not in KV_BYTES:
+            raise ValueError(f"precision attention={self.attention!r} is not supported: choose bf16 or fp8.")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What runs on one rank; see the module docstring for the three forward kinds."""
+
+    ep: int
+    batch_per_rank: int = 128
+    context_len: int = 2048
+    prefill_chunk: int = 16384
+    prompt_len: int = 2048
+    cached_prefix: int = 0
+    precision: Precision = field(default_factory=Precision)
+    overlap: str = "tbo"
+    decode_pattern: str = "rank"
+    prefill_pattern: str = "rank"
+    balance: Balance = field(default_factory=Balance)
+    redundant_experts: int = 0
+    mtp_draft: int = 0
+    mtp_accept: float = 0.0
+    measured: tuple[MeasuredMoE, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("ep", "batch_per_rank", "context_len", "prefill_chunk", "prompt_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if not 0 <= self.cached_prefix < self.prompt_len:
+            raise ValueError(f"cached_prefix={self.cached_prefix} must be in [0, prompt_len={self.prompt_len}).")
+        if self.overlap not in OVERLAPS:
+            raise ValueError(f"overlap={self.overlap!r} is not supported: choose from {', '.join(OVERLAPS)}.")
+        for name in ("decode_pattern", "prefill_pattern"):
+            if getattr(self, name) not in [p.value for p in Pattern]:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported: choose from "
+                                 f"{', '.join(p.value for p in Pattern)}.")
+        if self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts={self.redundant_experts} must be >= 0.")
+        if not 0 <= self.mtp_draft <= 4:
+            raise ValueError(f"mtp_draft={self.mtp_draft} must be in [0, 4].")
+        if not 0 <= self.mtp_accept <= 1:
+            raise ValueError(f"mtp_accept={self.mtp_accept} must be in [0, 1].")
+
+
+@dataclass
+class StepResult:
+    """One forward on one rank: wall seconds, tokens it yields, seconds per component (sum ~ seconds)."""
+
+    kind: str
+    seconds: float
+    tokens: float
+    breakdown: dict
+    imbalance: float
+    tokens_per_seq: float = 1.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def itl_s(self) -> float:
+        """Time between a sequence's tokens (decode): step time over tokens per sequence per step."""
+        return self.seconds / self.tokens_per_seq
+
+
+@dataclass
+class _Load:
+    """Work of one layer on the busiest rank. rows: tokens through this rank's projections;
+    pool: mean tokens per rank whose expert pairs are spread over EP; comm: tokens this rank sends."""
+
+    rows: float
+    attn_flops: float
+    attn_bytes: float
+    pool: float
+    comm: float
+
+    def scaled(self, f: float) -> "_Load":
+        return _Load(self.rows * f, self.attn_flops * f, self.attn_bytes * f, self.pool * f, self.comm * f)
+
+
+class _Layers:
+    """Times the components of dense and MoE layers for a given `_Load`."""
+
+    def __init__(self, model: ModelShape, hw: HardwareProfile, setup: Setup, eff: Efficiency, pattern: str):
+        if model.num_experts + setup.redundant_experts < setup.ep:
+            raise ValueError(f"ep={setup.ep} exceeds the {model.num_experts + setup.redundant_experts} "
+                             f"expert slots of {model.name}: lower ep or add redundant_experts.")
+        self.m, self.hw, self.s, self.eff, self.pattern = model, hw, setup, eff, Pattern(pattern)
+        self.gpu = hw.gpu
+        self.slots = model.num_experts + setup.redundant_experts
+        self.local_experts = self.slots / setup.ep
+        # Replicas placed by EPLB break the group <-> rank correspondence group-limited routing relies on.
+        grouped = setup.redundant_experts == 0
+        self.routing = RoutingSpec(self.slots, model.top_k, model.n_group if grouped else 1,
+                                   model.topk_group if grouped else 1)
+        p = setup.precision
+        self.measured = find_measurement(list(setup.measured), model.num_experts, model.top_k, model.hidden,
+                                         model.moe_intermediate, p.experts)
+
+    def imbalance(self, pool: float) -> float:
+        return expert_load_imbalance(self.s.balance, self.s.ep, self.local_experts, pool * self.m.top_k)
+
+    def attention(self, ld: _Load) -> dict:
+        m, p, eff = self.m, self.s.precision, self.eff
+        proj = gemm_time(ld.rows, m.attn_proj_params(), 4 * m.hidden, self.gpu, p.dense, eff)
+        core = roofline(ld.attn_flops, ld.attn_bytes, self.gpu, p.attention, eff, compute_eff=eff.attention)
+        other = eff.layer_overhead_s + ld.rows * m.hidden * 2 * eff.activation_passes / (
+            self.gpu.ceiling_hbm_bytes_per_s * eff.memory)
+        return {"attn_proj": proj, "attn_core": core, "other": other}
+
+    def dense(self, ld: _Load) -> dict:
+        out = self.attention(ld)
+        out["dense_ffn"] = gemm_time(ld.rows, self.m.dense_ffn_params(), 2 * self.m.hidden
+                                     + 3 * self.m.dense_intermediate, self.gpu, self.s.precision.dense, self.eff)
+        return out
+
+    def moe_compute(self, ld: _Load, imb: float) -> dict:
+        m, p, eff = self.m, self.s.precision, self.eff
+        out = self.attention(ld)
+        out["router"] = gemm_time(ld.rows, m.hidden * m.num_experts, m.hidden + m.num_experts, self.gpu,
+                                  "bf16", eff)
+        out["shared_experts"] = gemm_time(ld.rows, m.num_shared * m.expert_params(),
+                                          2 * m.hidden + 3 * m.moe_intermediate, self.gpu, p.experts, eff)
+        pairs = ld.pool * m.top_k * imb
+        if self.measured is not None:
+            out["routed_experts"] = self.measured.time(pairs, self.local_experts)
+        else:
+            out["routed_experts"] = grouped_expert_time(pairs, self.local_experts, m.hidden, m.moe_intermediate,
+                                                        self.gpu, p.experts, eff)
+        return out
+
+    def comm(self, ld: _Load, imb: float) -> dict:
+        p = self.s.precision
+        a2a = all_to_all_time(ld.comm, self.m.hidden, self.routing, self.s.ep, self.hw.fabric,
+                              pattern=self.pattern, dispatch_dtype=p.dispatch, combine_dtype=p.combine,
+                              recv_imbalance=imb)
+        return {"dispatch": a2a.dispatch_s, "combine": a2a.combine_s}
+
+    def forward(self, ld: _Load, lm_rows: float) -> tuple[float, dict, float]:
+        """All layers plus LM head and per-step overhead: (seconds, breakdown, expert imbalance)."""
+        m, eff = self.m, self.eff
+        tbo = self.s.overlap == "tbo"
+        parts = 2 if tbo else 1
+        half = ld.scaled(1.0 / parts)
+        imb = self.imbalance(half.pool)  # each micro-batch waits for its own busiest rank
+        bd: dict[str, float] = {}
+
+        def add(d: dict, times: float) -> None:
+            for k, v in d.items():
+                bd[k] = bd.get(k, 0.0) + v * times
+
+        dense = {k: v * parts for k, v in self.dense(half).items()}
+        add(dense, m.first_dense)
+        comp = {k: v * parts for k, v in self.moe_compute(half, imb).items()}
+        comm = {k: v * parts for k, v in self.comm(half, imb).items()}
+        add(comp, m.moe_layers)
+        add(comm, m.moe_layers)
+        c, x = sum(comp.values()), sum(comm.values())
+        layer = c + x
+        if tbo:
+            ov = eff.overlap_rdma if self.pattern == Pattern.EXPERT else eff.overlap_sm
+            layer = max(c, x) + (1.0 - ov) * min(c, x)
+            bd["overlap_hidden"] = -(c + x - layer) * m.moe_layers
+        bd["lm_head"] = gemm_time(lm_rows, m.vocab * m.hidden, m.hidden + m.vocab, self.gpu,
+                                  self.s.precision.lm_head, eff)
+        bd["step_overhead"] = eff.step_overhead_s
+        total = sum(dense.values()) * m.first_dense + layer * m.moe_layers + bd["lm_head"] + eff.step_overhead_s
+        return total, bd, imb
+
+
+def _kv_bytes_per_token_layer(model: ModelShape, precision: Precision) -> float:
+    return model.kv_elems_per_token() * KV_BYTES[precision.attention]
+
+
+def decode_step(model: ModelShape, hw: HardwareProfile, setup: Setup,
+                eff: Efficiency = DEFAULT_EFFICIENCY) -> StepResult:
+    """One decode step on one rank: batch_per_rank sequences, (1 + mtp_draft) query tokens each."""
+    layers = _Layers(model, hw, setup, eff, setup.decode_pattern)
+    b, q, ctx = setup.batch_per_rank, 1 + setup.mtp_draft, setup.context_len
+    t = b * q
+    kv = _kv_bytes_per_token_layer(model, setup.precision)
+    # Queries of one sequence share its KV read; FLOPs scale with every query.
+    ld = _Load(rows=t, attn_flops=t * ctx * model.attn_flops_per_key(decode=True), attn_bytes=b * ctx * kv,
+               pool=t, comm=t)
+    total, bd, imb = layers.forward(ld, lm_rows=t)
+    if setup.mtp_draft:
+        # Each draft token: one more decoder layer (MoE) and the LM head over the batch, no overlap.
+        draft = _Load(rows=b, attn_flops=b * ctx * model.attn_flops_per_key(decode=True), attn_bytes=b * ctx * kv,
+                      pool=b, comm=b)
+        one = layers.moe_compute(draft, layers.imbalance(b))
+        one.update(layers.comm(draft, layers.imbalance(b)))
+        mtp = (sum(one.values()) + gemm_time(b, model.vocab * model.hidden, model.hidden + model.vocab, hw.gpu,
+                                             setup.precision.lm_head, eff)) * setup.mtp_draft
+        bd["mtp_draft"] = mtp
+        total += mtp
+    per_seq = sum(setup.mtp_accept ** i for i in range(setup.mtp_draft + 1))
+    return StepResult("decode", total, b * per_seq, bd, imb, tokens_per_seq=per_seq)
+
+
+def prefill_chunk(model: ModelShape, hw: HardwareProfile, setup: Setup,
+                  eff: Efficiency = DEFAULT_EFFICIENCY) -> StepResult:
+    """One prefill forward of prefill_chunk tokens per rank (prompt tokens computed, cached prefix excluded)."""
+    layers = _Layers(model, hw, setup, eff, setup.prefill_pattern)
+    t = setup.prefill_chunk
+    new = setup.prompt_len - setup.cached_prefix
+    seqs = t / new
+    keys = setup.cached_prefix + (new + 1) / 2.0  # causal: a token sees the prefix and half its prompt
+    kv = _kv_bytes_per_token_layer(model, setup.precision)
+    ld = _Load(rows=t, attn_flops=t * keys * model.attn_flops_per_key(decode=False),
+               attn_bytes=(seqs * setup.cached_prefix + t) * kv, pool=t, comm=t)
+    total, bd, imb = layers.forward(ld, lm_rows=seqs)
+    return StepResult("prefill", total, t, bd, imb)
+
+
+def mixed_iteration(model: ModelShape, hw: HardwareProfile, setup: Setup, input_len: int, output_len: int,
+                    max_num_tokens: int, eff: Efficiency = DEFAULT_EFFICIENCY) -> StepResult:
+    """Aggregated serving in steady state (continuous batching, chunked prefill, attention DP).
+
+    Each iteration a rank decodes batch_per_rank tokens; B/output_len requests
+    finish and are replaced, adding B*input_len/output_len prompt tokens per rank
+    on average. Prompts arrive whole, up to max_num_tokens - B per iteration, so
+    the busiest rank usually carries a full chunk while the mean is far lower;
+    attention is per rank, so every rank waits for it at the next MoE layer.
+    Expected busiest-rank prefill: min(chunk, input_len) * (1 - exp(-lambda*ep)),
+    lambda = B/output_len arrivals per rank per iteration. TensorRT-LLM measured
+    this imbalance (tech blog 10, "ADP Balance Strategy": 54% mean balance
+    ratio, 35% throughput lost without a balancing scheduler).
+    """
+    if input_len < 1 or output_len < 1:
+        raise ValueError(f"input_len={input_len} and output_len={output_len} must be >= 1.")
+    b = setup.batch_per_rank
+    if max_num_tokens <= b:
+        raise ValueError(f"max_num_tokens={max_num_tokens} must exceed batch_per_rank={b}.")
+    layers = _Layers(model, hw, setup, eff, setup.decode_pattern)
+    lam = b / output_len
+    p_mean = lam * input_len
+    p_max = max(p_mean, min(max_num_tokens - b, input_len) * (1.0 - math.exp(-lam * setup.ep)))
+    ctx = input_len + output_len / 2.0
+    kv = _kv_bytes_per_token_layer(model, setup.precision)
+    ld = _Load(rows=b + p_max,
+               attn_flops=b * ctx * model.attn_flops_per_key(True)
+               + p_max * (input_len + 1) / 2.0 * model.attn_flops_per_key(False),
+               attn_bytes=(b * ctx + p_max) * kv, pool=b + p_mean, comm=b + p_max)
+    total, bd, imb = layers.forward(ld, lm_rows=b)
+    return StepResult("mixed", total, b, bd, imb)
+
+
+def weights_per_rank_bytes(model: ModelShape, setup: Setup) -> float:
+    """Weights one rank holds: everything DP-replicated plus its share of routed-expert slots."""
+    p = setup.precision
+    replicated = (model.num_layers * model.attn_proj_params() + model.first_dense * model.dense_ffn_params()
+                  ) * WEIGHT_BYTES[p.dense]
+    replicated += model.moe_layers * model.num_shared * model.expert_params() * WEIGHT_BYTES[p.experts]
+    replicated += 2 * model.vocab * model.hidden * WEIGHT_BYTES["bf16"]
+    slots = (model.num_experts + setup.redundant_experts) / setup.ep
+    return replicated + model.moe_layers * slots * model.expert_params() * WEIGHT_BYTES[p.experts]
+
+
+def max_batch_per_rank(model: ModelShape, hw: HardwareProfile, setup: Setup, context_len: int,
+                       usable_fraction: float = 0.9, reserve_gb: float = 8.0) -> int:
+    """Largest decode batch whose KV cache (context_len tokens per sequence) fits beside the weights.
+
+    reserve_gb: activations, all-to-all buffers and CUDA graphs (DeepEP-style buffers are a few GB).
+    """
+    free = hw.gpu.hbm_gb * 1e9 * usable_fraction - reserve_gb * 1e9 - weights_per_rank_bytes(model, setup)
+    per_seq = context_len * model.num_layers * _kv_bytes_per_token_layer(model, setup.precision)
+    return max(0, int(free // per_seq))

@@ -1,0 +1,167 @@
+"""`moelink plan`: predicted throughput per GPU of MoE serving under DP attention + EP, from one H100 to an NVL72.
+
+    moelink plan --model deepseek-v3 --hardware h100-hgx --ep 8 --batch-per-rank 128 \\
+        [--input-len 2000 --output-len 1000 --itl-slo-ms 50 --precision fp8 ...] [--json out] [--plot out.png]
+    moelink plan --model deepseek-v3 --hardware all --json ... --plot ...   # H100, H200, B200, GB200 NVL72
+    moelink plan --calibrate [--json out]      # published results vs predictions (exit 1 if any is off by >30%)
+    python -m moelink.benchmarks.cluster_model ...   # the same, without the moelink CLI
+
+The model lives in `moelink.benchmarks.cluster` (step model, hardware, models,
+calibration) and `moelink.comm.link_model` (links and all-to-all volume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+README_HARDWARE = ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72")
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    from .cluster.hardware import PROFILES
+    from .cluster.models import MODELS
+    from .cluster.plan import PRECISIONS
+
+    p.add_argument("--model", default="deepseek-v3", choices=sorted(MODELS))
+    p.add_argument("--hardware", default="h100-hgx",
+                   help=f"one of {', '.join(sorted(PROFILES))}, a comma-separated list, or 'all' "
+                        f"({', '.join(README_HARDWARE)})")
+    p.add_argument("--ep", type=int, default=8, help="EP group size (GPUs)")
+    p.add_argument("--batch-per-rank", type=int, default=128, help="decode sequences per GPU")
+    p.add_argument("--input-len", type=int, default=2000)
+    p.add_argument("--output-len", type=int, default=1000)
+    p.add_argument("--prefill-chunk", type=int, default=16384, help="prompt tokens per GPU per prefill forward")
+    p.add_argument("--itl-slo-ms", type=float, default=50.0, help="per-user inter-token latency target")
+    p.add_argument("--precision", default="fp8", choices=sorted(PRECISIONS))
+    p.add_argument("--overlap", default="auto", choices=("auto", "tbo", "none"),
+                   help="two-micro-batch overlap of all-to-all with compute (auto: the faster)")
+    p.add_argument("--balance", default="eplb",
+                   help="expert load: eplb, none, uniform, perfect, or a per-expert load cv (skew)")
+    p.add_argument("--expert-counts", default=None,
+                   help="JSON file of measured tokens per expert (a list, or {\"counts\": [...]}); overrides --balance")
+    p.add_argument("--pattern", default="rank", choices=("rank", "expert", "node", "allgather"),
+                   help="what the all-to-all sends: once per destination rank (moelink), per expert, per node, all")
+    p.add_argument("--mtp-draft", type=int, default=0, help="multi-token-prediction draft tokens per step")
+    p.add_argument("--mtp-accept", type=float, default=0.0, help="acceptance rate of each draft token")
+    p.add_argument("--calibrate", action="store_true", help="print the calibration table instead of a plan")
+    p.add_argument("--json", dest="json_path", default=None, help="write the result as JSON here")
+    p.add_argument("--plot", dest="plot_path", default=None, help="write throughput per GPU vs EP size (PNG)")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _meta(argv_text: str) -> dict:
+    return {"date": date.today().isoformat(), "commit": _commit(), "command": argv_text,
+            "note": "predictions of the calibrated cluster model (no GPU was used)"}
+
+
+def _hardware_list(text: str) -> list[str]:
+    from .cluster.hardware import get_profile
+
+    names = list(README_HARDWARE) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    for n in names:
+        get_profile(n)  # raises ValueError naming the known profiles
+    return names
+
+
+def _calibrate(ns: argparse.Namespace) -> int:
+    from .cluster.calibration import TOLERANCE, run
+    from .cluster.report import format_calibration
+
+    results = run()
+    print(format_calibration(results))
+    if ns.json_path:
+        rows = [{"id": r.row.id, "system": r.row.system, "hardware": r.row.hardware, "kind": r.row.kind,
+                 "metric": r.row.metric, "published_per_gpu": r.row.published, "predicted_per_gpu": r.predicted,
+                 "relative_error": r.error, "within_tolerance": r.ok, "source": r.row.source,
+                 "assumed": r.row.assumed, "note": r.row.note} for r in results]
+        _write_json(ns.json_path, {**_meta(ns.command_text), "tolerance": TOLERANCE, "rows": rows})
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _write_json(path: str, data: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def run_plan(ns: argparse.Namespace) -> int:
+    """Entry point of `moelink plan` (and of `python -m moelink.benchmarks.cluster_model`)."""
+    if not getattr(ns, "command_text", None):
+        ns.command_text = "moelink " + " ".join(sys.argv[1:])
+    if ns.calibrate:
+        return _calibrate(ns)
+    from .cluster.hardware import get_profile
+    from .cluster.models import get_model
+    from .cluster.plan import PlanInputs, plan, with_hardware
+    from .cluster.report import format_comparison, format_plan
+
+    balance = ns.balance
+    if ns.expert_counts:
+        from .cluster.imbalance import Balance
+
+        try:
+            data = json.loads(Path(ns.expert_counts).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--expert-counts={ns.expert_counts!r} is not a readable JSON file: {exc}") from exc
+        counts = data.get("counts") if isinstance(data, dict) else data
+        if not isinstance(counts, list) or not all(isinstance(c, (int, float)) for c in counts):
+            raise ValueError(f"--expert-counts={ns.expert_counts!r} must hold a list of numbers (or {{'counts': [...]}}).")
+        balance = Balance("counts", counts=tuple(float(c) for c in counts))
+    base = PlanInputs(get_model(ns.model), get_profile(_hardware_list(ns.hardware)[0]), ep=ns.ep,
+                      batch_per_rank=ns.batch_per_rank, input_len=ns.input_len, output_len=ns.output_len,
+                      prefill_chunk=ns.prefill_chunk, itl_slo_ms=ns.itl_slo_ms, precision=ns.precision,
+                      overlap=ns.overlap, balance=balance, pattern=ns.pattern, mtp_draft=ns.mtp_draft,
+                      mtp_accept=ns.mtp_accept)
+    results = {}
+    for name in _hardware_list(ns.hardware):
+        results[name] = plan(with_hardware(base, get_profile(name)))
+        print(format_plan(results[name]))
+        print()
+    if len(results) > 1:
+        print(format_comparison(results))
+    if ns.json_path:
+        _write_json(ns.json_path, {**_meta(ns.command_text), "results": results})
+    if ns.plot_path:
+        from .cluster.plots import plot_ep_sweep
+
+        out = plot_ep_sweep(results, ns.plot_path, f"{ns.model}: predicted throughput per GPU vs EP size "
+                                                   f"({ns.precision}, input {ns.input_len}, output {ns.output_len})")
+        print(f"wrote {out}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add `moelink plan` to the main CLI (engine/cli.py calls this)."""
+    p = subparsers.add_parser("plan", help="predict MoE serving throughput per GPU (cluster model); --calibrate")
+    add_plan_args(p)
+    p.set_defaults(func=run_plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moelink.benchmarks.cluster_model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_plan_args(parser)
+    args = sys.argv[1:] if argv is None else argv
+    ns = parser.parse_args(args)
+    ns.command_text = "python -m moelink.benchmarks.cluster_model " + " ".join(args)
+    try:
+        return run_plan(ns)
+    except ValueError as exc:
+        print(f"cluster_model: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Decode step time of a Qwen3-30B-A3B-shaped model (random bf16 weights) against its memory floor.
+
+    python -m moelink.benchmarks.engine_decode [--batches 1,16,64,256] [--context 1024] [--layers auto]
+
+Every sequence of the batch has `--context` tokens cached and decodes one more.
+Timed on the device (CUDA events, median over steps): one model step as the
+engine's model runner runs it, i.e. embedding → decoder layers (Triton
+kernels via the same selector the engine uses) → final norm → LM head on the
+batch's rows → greedy argmax. Host-side scheduling and metadata building are
+not included (they are the same for every kernel backend).
+
+Memory floor: the bytes one step must read at least (attention and router
+weights, the experts the batch actually routed to, counted per layer in an
+untimed pass, embedding rows, the LM head, and the K/V of every cached token),
+over the device-to-device copy bandwidth measured in the same run. The ratio
+step / floor says how far from memory-bound the step is (1.0 is the floor).
+
+If the 48 layers and the largest batch's KV cache do not fit, fewer layers are
+built and the output says so; the full-model step is then extrapolated as
+head + 48 × (measured per-layer time), with the head (embedding, final norm,
+LM head) timed separately.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .moe_kernels import RESULTS, Timer, measure_ceilings, require_cuda, run_meta
+
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
+                     intermediate_size=6144, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                     vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
+                     decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False, eos_token_id=151645)
+SMOKE = dict(QWEN3_30B_A3B, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=64, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4, vocab_size=1024,
+             max_position_embeddings=4096)
+BLOCK = 16
+
+
+def build_model(hf: dict, num_layers: int, device, kernels_name: str, max_len: int):
+    """The engine's model class, random weights; config read the engine's way (from a config.json)."""
+    from moelink.engine.config import ModelConfig
+    from moelink.engine.models import ARCHITECTURES, MoEDecoderForCausalLM
+    from moelink.kernels.ops import select_kernels
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(dict(hf, num_hidden_layers=num_layers)))
+        cfg = ModelConfig.from_pretrained(d, dtype="bfloat16", max_model_len=max_len)
+    kernels = select_kernels(device, kernels_name)
+    torch.manual_seed(0)
+    model = MoEDecoderForCausalLM(cfg, ARCHITECTURES[cfg.architecture], kernels, device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:  # fan-in scaled, so activations stay O(1) through the layers
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+    return cfg, model.eval(), kernels
+
+
+def layer_weight_bytes(hf: dict, elem: int = 2) -> tuple[int, int]:
+    """(dense bytes per layer: attention, norms, router; bytes of one expert)."""
+    D, N, K, H = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    attn = D * (N + 2 * K) * H + N * H * D + 2 * H + 2 * D
+    return (attn + hf["num_experts"] * D) * elem, 3 * D * hf["moe_intermediate_size"] * elem
+
+
+def kv_bytes(hf: dict, tokens: int, layers: int, elem: int = 2) -> int:
+    return 2 * tokens * layers * hf["num_key_value_heads"] * hf["head_dim"] * elem
+
+
+def pick_layers(hf: dict, max_batch: int, context: int, device) -> int:
+    if device.type != "cuda":
+        return hf["num_hidden_layers"]
+    free, _ = torch.cuda.mem_get_info(device)
+    dense, expert = layer_weight_bytes(hf)
+    per_layer = dense + hf["num_experts"] * expert + kv_bytes(hf, max_batch * (context + BLOCK), 1)
+    head = 2 * hf["vocab_size"] * hf["hidden_size"] * 2
+    usable = int(free * 0.92) - head - (4 << 30)  # 4 GiB for activations, workspaces, the allocator
+    return max(1, min(hf["num_hidden_layers"], usable // per_layer))
+
+
+def decode_inputs(cfg, batch: int, context: int, device, caches):
+    """Metadata of one decode step: every sequence has `context` tokens cached and adds one."""
+    from moelink.engine.models.layers import ForwardContext
+    from moelink.kernels.attention import AttentionMetadata
+
+    seq_len = context + 1
+    nb = -(-seq_len // BLOCK)
+    tables_SM = torch.arange(batch * nb, dtype=torch.int32, device=device).view(batch, nb)
+    slots_T = (tables_SM[:, context // BLOCK].long() * BLOCK + context % BLOCK)
+    meta = AttentionMetadata(
+        query_start_loc_S1=torch.arange(batch + 1, dtype=torch.int32, device=device),
+        seq_lens_S=torch.full((batch,), seq_len, dtype=torch.int32, device=device),
+        block_tables_SM=tables_SM, slot_mapping_T=slots_T, query_lens=[1] * batch, seq_lens=[seq_len] * batch,
+        max_query_len=1, max_seq_len=seq_len, null_block=caches[0][0].shape[0] - 1)
+    ids_T = torch.randint(0, cfg.vocab_size, (batch,), device=device)
+    pos_T = torch.full((batch,), context, dtype=torch.long, device=device)
+    return ids_T, pos_T, ForwardContext(meta, caches)
+
+
+def count_touched_experts(model, kernels, args) -> list[int]:
+    """Untimed pass: distinct experts routed to in each MoE layer (host syncs are fine here)."""
+    seen = []
+    inner = kernels.fused_moe
+
+    def spy(x, w13, w2, tw, ti, *rest, **kw):
+        seen.append(int(torch.unique(ti).numel()))
+        return inner(x, w13, w2, tw, ti, *rest, **kw)
+
+    kernels.fused_moe = spy
+    try:
+        model(*args)
+    finally:
+        kernels.fused_moe = inner
+    return seen
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,16,64,256", help="comma list of decode batch sizes")
+    ap.add_argument("--context", type=int, default=1024, help="cached tokens per sequence")
+    ap.add_argument("--layers", default="auto", help="decoder layers to build ('auto': as many as fit, up to 48)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per batch size (median reported)")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"], help="kernel backend")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_decode_<gpu>.json)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU: checks the script only")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined (--kernels triton)
+        device, hf, batches, context = torch.device("cpu"), SMOKE, [1, 4], 64
+    else:
+        device, hf, context = require_cuda("engine_decode"), QWEN3_30B_A3B, args.context
+    full_layers = hf["num_hidden_layers"]
+    layers = pick_layers(hf, max(batches), context, device) if args.layers == "auto" else int(args.layers)
+    note = "" if layers == full_layers else (
+        f"built {layers} of {full_layers} layers (memory); full-model step extrapolated as head + {full_layers} x per-layer time")
+    if note:
+        print(note)
+    timer = Timer(device)
+    ceilings = measure_ceilings(device, timer)
+    cfg, model, kernels = build_model(hf, layers, device, args.kernels, context + BLOCK)
+    max_blocks = max(batches) * -(-(context + 1) // BLOCK)
+    shape = (max_blocks + 1, BLOCK, cfg.num_kv_heads, cfg.head_dim)
+    caches = [(torch.randn(shape, dtype=cfg.dtype, device=device) * 0.5,
+               torch.randn(shape, dtype=cfg.dtype, device=device) * 0.5) for _ in range(layers)]
+    for k, v in caches:  # the null block (last) stays zero, as the runner keeps it
+        k[-1].zero_(), v[-1].zero_()
+    dense, expert = layer_weight_bytes(hf)
+    rows = []
+    with torch.inference_mode():
+        for B in batches:
+            args_ = decode_inputs(cfg, B, context, device, caches)
+            touched = count_touched_experts(model, kernels, args_)
+            step = lambda ids, pos, ctx: model.compute_logits(model(ids, pos, ctx)).argmax(-1)  # noqa: E731
+            t = timer(step, [args_], iters=args.steps, warmup=3)
+            x = torch.randn(B, cfg.hidden_size, dtype=cfg.dtype, device=device)
+            t_head = timer(lambda: model.compute_logits(model.norm(torch.nn.functional.embedding(args_[0], model.embed_tokens) + x)).argmax(-1),
+                           [()], iters=args.steps, warmup=2)
+            per_layer = max(0.0, t - t_head) / layers
+            t_full = t_head + full_layers * per_layer
+            bytes_layers = layers * dense + sum(touched) * expert + kv_bytes(hf, B * (context + 1), layers)
+            bytes_head = (cfg.vocab_size + B) * cfg.hidden_size * 2
+            mean_touched = statistics.mean(touched)
+            bytes_full = full_layers * (dense + mean_touched * expert) + kv_bytes(hf, B * (context + 1), full_layers) + bytes_head
+            floor = (bytes_layers + bytes_head) / (ceilings["copy_GBps"] * 1e9)
+            floor_full = bytes_full / (ceilings["copy_GBps"] * 1e9)
+            row = dict(batch=B, context=context, layers=layers, step_ms=t * 1e3, tokens_per_s=B / t,
+                       floor_ms=floor * 1e3, step_over_floor=t / floor, head_ms=t_head * 1e3, per_layer_ms=per_layer * 1e3,
+                       experts_touched_per_layer=mean_touched, bytes_read_floor=bytes_layers + bytes_head,
+                       full_model_step_ms=t_full * 1e3, full_model_tokens_per_s=B / t_full, full_model_floor_ms=floor_full * 1e3)
+            rows.append(row)
+            print(f"batch {B:>4}: step {t * 1e3:8.3f} ms ({layers} layers), {B / t:9.1f} tok/s, floor {floor * 1e3:7.3f} ms, "
+                  f"step/floor {t / floor:5.2f}; {mean_touched:.0f} experts/layer; "
+                  f"48-layer estimate {t_full * 1e3:.2f} ms = {B / t_full:.0f} tok/s", flush=True)
+    result = dict(benchmark="engine_decode", **run_meta(device), model="Qwen3-30B-A3B shape, random bf16 weights",
+                  kernels=kernels.name, note=note or f"all {full_layers} layers built", ceilings=ceilings, results=rows)
+    tag = "cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")
+    out = Path(args.out) if args.out else RESULTS / f"engine_decode_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""MoE expert computation on one GPU: moelink Triton vs permute + torch._grouped_mm vs a per-expert loop.
+
+    python -m moelink.benchmarks.moe_kernels [--shapes qwen3-30b-a3b,mixtral-8x7b,deepseek-v3]
+        [--tokens 1,16,64,256,1024,4096,16384] [--out benchmarks/results/moe_kernels_<gpu>.json]
+
+Timed: the whole expert computation from router output to [T, D] result
+(align → gate-up GEMM → SiLU·mul → down GEMM → weighted top-k sum), median
+of per-iteration CUDA-event times after warm-up. Inputs rotate over several
+sets (x, routing) and L2 is flushed before each iteration, so no iteration
+finds its weights or activations in cache from the one before.
+
+Metrics, beside ceilings measured in the same run:
+- TFLOP/s on useful FLOPs, 6·T·K·D·I (padding rows are not counted);
+- GB/s on bytes actually touched: the weights of experts that got at least
+  one token, x read once, the output written once;
+- ceilings: device-to-device copy (read + write bytes of a 2 GiB copy) and
+  a dense bf16 8192³ matmul.
+Targets (issue 3): geomean speed-up >= 1.2x over the _grouped_mm path; at
+<= 64 tokens >= 80% of copy bandwidth; at >= 4096 tokens >= 70% of the matmul TFLOP/s.
+
+Output: a table, JSON and a roofline PNG under benchmarks/results/, with the
+device name, date and commit. `--cpu-smoke` runs tiny shapes on CPU (Triton
+interpreter, wall-clock timing) to check this script, not to measure anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# name: (E experts, K top-k, D hidden, I expert intermediate), from the models' config.json.
+SHAPES = {
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "mixtral-8x7b": (8, 2, 4096, 14336),
+    "deepseek-v3": (256, 8, 7168, 2048),
+}
+TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
+SMOKE_SHAPES = {"smoke-e8": (8, 2, 64, 32), "smoke-e16": (16, 4, 32, 48)}
+RESULTS = Path(__file__).parent / "results"
+
+
+# -- run metadata and measurement helpers (shared with tune_moe.py and engine_decode.py) ----------------------
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_label(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def run_meta(device: torch.device) -> dict:
+    import triton
+
+    return dict(device=device_label(device), date=str(date.today()), commit=commit(), torch=torch.__version__,
+                triton=triton.__version__, python=sys.version.split()[0])
+
+
+def require_cuda(script: str) -> torch.device:
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: no CUDA GPU is visible; this benchmark measures GPU kernels "
+                 "(run it on a GPU machine, or pass --cpu-smoke to check the script on CPU).")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class Timer:
+    """Median of per-iteration times: CUDA events on a GPU (L2 flushed before each), wall clock on CPU."""
+
+    def __init__(self, device: torch.device, flush_bytes: int = 256 << 20):
+        self.device = device
+        self.flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
+
+    def __call__(self, fn, arg_sets, iters: int = 30, warmup: int = 3) -> float:
+        """Seconds (median); fn(*arg_sets[i % len(arg_sets)]) per iteration."""
+        for i in range(max(warmup, len(arg_sets))):
+            fn(*arg_sets[i % len(arg_sets)])
+        times = []
+        for i in range(iters):
+            args = arg_sets[i % len(arg_sets)]
+            if self.flush is None:
+                t0 = time.perf_counter()
+                fn(*args)
+                times.append(time.perf_counter() - t0)
+                continue
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()  # host sync: only to read this iteration's time
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+
+def measure_ceilings(device: torch.device, timer: Timer) -> dict:
+    """Copy bandwidth (GB/s, read + write) and dense bf16 matmul TFLOP/s, measured now."""
+    n = (2 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(n // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    t_copy = timer(lambda: dst.copy_(src), [()], iters=20)
+    m = 8192 if device.type == "cuda" else 512
+    a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    t_mm = timer(lambda: a @ b, [()], iters=20)
+    del src, dst
+    return dict(copy_GBps=2 * n / t_copy / 1e9, matmul_TFLOPs=2 * m**3 / t_mm / 1e12, copy_bytes=n, matmul_n=m)
+
+
+# -- the systems ------------------------------------------------------------------------------------------------------
+def moelink_triton(combine: str):
+    from moelink.kernels.triton_moe import triton_fused_moe
+
+    return lambda x, w13, w2, tw, ti: triton_fused_moe(x, w13, w2, tw, ti, combine=combine)
+
+
+def grouped_mm_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK):
+    """Permute → _grouped_mm → SiLU·mul → _grouped_mm → unpermute (weighted sum over top-k). No host sync."""
+    T, K = topk_ids_TK.shape
+    E = w13_EFD.shape[0]
+    ids_P = topk_ids_TK.reshape(-1)
+    order_P = torch.argsort(ids_P, stable=True)
+    # bincount would sync (it sizes its output from the max); a scatter-add does not.
+    counts_E = torch.zeros(E, dtype=torch.int32, device=x_TD.device).index_add_(
+        0, ids_P, torch.ones_like(ids_P, dtype=torch.int32))
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    xs_PD = x_TD.index_select(0, order_P // K)
+    gate_PI, up_PI = torch._grouped_mm(xs_PD, w13_EFD.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
+    y_PD = torch._grouped_mm(F.silu(gate_PI) * up_PI, w2_EDI.transpose(1, 2), offs=offs_E)
+    y_PD = y_PD * topk_weights_TK.reshape(-1).index_select(0, order_P)[:, None].to(y_PD.dtype)
+    unperm_PD = torch.empty_like(y_PD).index_copy_(0, order_P, y_PD)
+    return unperm_PD.view(T, K, -1).sum(1)
+
+
+def per_expert_loop(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK):
+    """One pair of matmuls per expert with tokens (the obvious eager-mode code)."""
+    T, K = topk_ids_TK.shape
+    ids_P = topk_ids_TK.reshape(-1)
+    order_P = torch.argsort(ids_P, stable=True)
+    counts = torch.bincount(ids_P, minlength=w13_EFD.shape[0]).tolist()  # host sync: the loop needs counts
+    weights_P = topk_weights_TK.reshape(-1)
+    out_TD = torch.zeros_like(x_TD)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            pairs_n = order_P[start : start + n]
+            tok_n = pairs_n // K
+            gate_nI, up_nI = F.linear(x_TD.index_select(0, tok_n), w13_EFD[e]).chunk(2, dim=-1)
+            y_nD = F.linear(F.silu(gate_nI) * up_nI, w2_EDI[e]) * weights_P.index_select(0, pairs_n)[:, None].to(x_TD.dtype)
+            out_TD.index_add_(0, tok_n, y_nD)
+            start += n
+    return out_TD
+
+
+def systems(has_grouped_mm: bool) -> dict:
+    out = {"moelink-triton": moelink_triton("sum"), "moelink-triton-atomic": moelink_triton("atomic")}
+    if has_grouped_mm:
+        out["torch-grouped_mm"] = grouped_mm_moe
+    out["per-expert-loop"] = per_expert_loop
+    return out
+
+
+def _grouped_mm_works(device) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.randn(32, 64, dtype=torch.bfloat16, device=device)
+        b = torch.randn(2, 64, 64, dtype=torch.bfloat16, device=device)
+        torch._grouped_mm(a, b.transpose(1, 2), offs=torch.tensor([16, 32], dtype=torch.int32, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):  # e.g. not built for this GPU architecture
+        return False
+
+
+# -- one shape ---------------------------------------------------------------------------------------------------------
+def make_inputs(E, K, D, I, T, dtype, device, gen, n_sets):
+    """Expert weights (one copy) and n_sets of (x, topk weights, topk ids) from softmax top-k of random logits."""
+    w13 = (torch.randn(E, 2 * I, D, generator=gen, device=device) / math.sqrt(D)).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=gen, device=device) / math.sqrt(I)).to(dtype)
+    sets = []
+    for _ in range(n_sets):
+        x = torch.randn(T, D, generator=gen, device=device).to(dtype)
+        tw, ti = torch.topk(torch.softmax(torch.randn(T, E, generator=gen, device=device), -1), K, dim=-1)
+        sets.append((x, w13, w2, (tw / tw.sum(-1, keepdim=True)).float(), ti))
+    return sets
+
+
+def work(E, K, D, I, sets, elem) -> tuple[float, float, int]:
+    """(useful FLOPs, bytes touched, experts touched) averaged over the input sets."""
+    T = sets[0][0].shape[0]
+    touched = statistics.mean(int(torch.unique(s[4]).numel()) for s in sets)
+    flops = 6.0 * T * K * D * I
+    bytes_ = touched * 3 * D * I * elem + 2 * T * D * elem
+    return flops, bytes_, touched
+
+
+def bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, check) -> list[dict]:
+    E, K, D, I = shape
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    has_gmm = _grouped_mm_works(device) and dtype == torch.bfloat16
+    for T in tokens:
+        x_bytes = T * D * dtype.itemsize
+        n_sets = max(2, min(8, (512 << 20) // max(1, x_bytes))) if device.type == "cuda" else 2
+        sets = make_inputs(E, K, D, I, T, dtype, device, gen, n_sets)
+        flops, bytes_, touched = work(E, K, D, I, sets, dtype.itemsize)
+        ref = None
+        for sys_name, fn in systems(has_gmm).items():
+            if sys_name == "per-expert-loop" and T * K > 8 * 16384 and device.type == "cpu":
+                continue
+            if check:
+                got = fn(*sets[0]).float()
+                ref = per_expert_loop(*sets[0]).float() if ref is None else ref
+                err = float((got - ref).norm() / ref.norm())
+                if err > 2e-2:
+                    raise AssertionError(f"{sys_name} {name} T={T}: relative error {err:.3g} against the per-expert loop")
+            t = timer(fn, sets, iters=iters)
+            row = dict(shape=name, E=E, K=K, D=D, I=I, tokens=T, system=sys_name, median_ms=t * 1e3,
+                       TFLOPs=flops / t / 1e12, GBps=bytes_ / t / 1e9, flops=flops, bytes=bytes_,
+                       experts_touched=touched, intensity=flops / bytes_)
+            row["frac_copy_bw"] = row["GBps"] / ceilings["copy_GBps"]
+            row["frac_matmul"] = row["TFLOPs"] / ceilings["matmul_TFLOPs"]
+            rows.append(row)
+            print(f"{name:>14} T={T:>5} {sys_name:>22} {t * 1e3:9.3f} ms {row['TFLOPs']:8.1f} TFLOP/s "
+                  f"{row['GBps']:8.0f} GB/s ({100 * row['frac_copy_bw']:5.1f}% copy, {100 * row['frac_matmul']:5.1f}% mm)",
+                  flush=True)
+        del sets
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def summarize(rows) -> dict:
+    by = {(r["shape"], r["tokens"], r["system"]): r for r in rows}
+    ours = [r for r in rows if r["system"] == "moelink-triton"]
+    speedups = [by[(r["shape"], r["tokens"], "torch-grouped_mm")]["median_ms"] / r["median_ms"]
+                for r in ours if (r["shape"], r["tokens"], "torch-grouped_mm") in by]
+    small = [r["frac_copy_bw"] for r in ours if r["tokens"] <= 64]
+    large = [r["frac_matmul"] for r in ours if r["tokens"] >= 4096]
+    s = dict(geomean_speedup_vs_grouped_mm=math.exp(statistics.mean(map(math.log, speedups))) if speedups else None,
+             min_frac_copy_bw_le64_tokens=min(small) if small else None,
+             min_frac_matmul_ge4096_tokens=min(large) if large else None)
+    s["targets"] = dict(speedup_ge_1_2=None if s["geomean_speedup_vs_grouped_mm"] is None
+                        else s["geomean_speedup_vs_grouped_mm"] >= 1.2,
+                        copy_bw_ge_80pct=None if not small else min(small) >= 0.8,
+                        matmul_ge_70pct=None if not large else min(large) >= 0.7)
+    return s
+
+
+def plot_roofline(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no roofline plot")
+        return False
+    ceil = result["ceilings"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    xs = [10 ** (i / 20) for i in range(-20, 100)]
+    ax.plot(xs, [min(ceil["matmul_TFLOPs"], x * ceil["copy_GBps"] / 1e3) for x in xs], "k-", lw=1,
+            label=f"measured roof: {ceil['copy_GBps']:.0f} GB/s copy, {ceil['matmul_TFLOPs']:.0f} TFLOP/s matmul")
+    markers = {"moelink-triton": "o", "moelink-triton-atomic": "s", "torch-grouped_mm": "^", "per-expert-loop": "x"}
+    colors = dict(zip(sorted({r["shape"] for r in result["results"]}), ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    for sys_name, mk in markers.items():
+        for shape, col in colors.items():
+            pts = [(r["intensity"], r["TFLOPs"]) for r in result["results"] if r["system"] == sys_name and r["shape"] == shape]
+            if pts:
+                ax.scatter(*zip(*pts), marker=mk, color=col, s=28, label=f"{sys_name} · {shape}")
+    ax.set(xscale="log", yscale="log", xlabel="FLOP per byte touched", ylabel="TFLOP/s",
+           title=f"MoE experts, {result['dtype']}, {result['device']} ({result['date']}, {result['commit']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    return True
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list of token counts")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--iters", type=int, default=30, help="timed iterations per point (median reported)")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness check of each system")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/moe_kernels_<gpu>.json); PNG beside it")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined
+        device, shapes, tokens = torch.device("cpu"), SMOKE_SHAPES, [1, 5, 40]
+    else:
+        device = require_cuda("moe_kernels")
+        unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+        if unknown:
+            ap.error(f"--shapes: {unknown[0]!r} is not one of {', '.join(SHAPES)}")
+        shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
+        tokens = [int(t) for t in args.tokens.split(",")]
+    dtype = getattr(torch, args.dtype)
+    timer = Timer(device)
+    ceilings = measure_ceilings(device, timer)
+    print(f"ceilings: {ceilings['copy_GBps']:.0f} GB/s copy, {ceilings['matmul_TFLOPs']:.0f} TFLOP/s bf16 matmul")
+    rows = []
+    for name, shape in shapes.items():
+        rows += bench_shape(name, shape, tokens, dtype, device, timer, ceilings, args.iters, not args.no_check)
+    result = dict(benchmark="moe_kernels", **run_meta(device), dtype=args.dtype, ceilings=ceilings,
+                  timing="median of per-iteration CUDA events, L2 flushed, inputs rotated" if device.type == "cuda"
+                  else "CPU smoke: wall clock in the Triton interpreter, meaningless as speed",
+                  results=rows, summary=summarize(rows))
+    tag = "cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")
+    out = Path(args.out) if args.out else RESULTS / f"moe_kernels_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot_roofline(result, out.with_suffix(".png"))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

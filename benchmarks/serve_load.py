@@ -1,0 +1,370 @@
+"""Serving load benchmark: closed-loop concurrency and Poisson arrivals against a gRPC server.
+
+    # against a running server
+    python -m moelink.benchmarks.serve_load --target 127.0.0.1:50051
+    # or let it start `moelink serve MODEL --port 0` itself, and stop it afterwards
+    python -m moelink.benchmarks.serve_load --model tiny-model
+    moelink bench-serve --model tiny-model          # the same, from the CLI
+
+Workload: random prompts of --input-len token ids, exactly --output-len new
+tokens each (EOS ignored), greedy, streamed. Levels: one closed loop per
+--concurrency value (C clients, each sending its next request when the last
+one finished; max(--num-requests, 4·C) requests) and one open loop per
+--rates value (Poisson arrivals at that many requests/s; max(--num-requests,
+2·rate) requests, so each level sees at least ~2 s of arrivals).
+
+Per level: TTFT (send → first token), ITL (gap between streamed tokens; a
+message with k tokens counts as k gaps of 1/k of its wait), TPOT, end-to-end
+latency (p50/p90/p99, ms), request and token throughput, and goodput: the
+requests/s that met every SLO (--slo-ttft-ms, --slo-tpot-ms, --slo-e2e-ms).
+Writes JSON and a PNG plot (benchmarks/results/serve_load_<device>.*).
+Latencies include the client, which shares the machine with the server on
+CPU runs.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--target", default=None, help="HOST:PORT of a running moelink server")
+    src.add_argument("--model", default=None, help="start `moelink serve MODEL --port 0` for the run, then stop it")
+    p.add_argument("--serve-args", default="", help="extra flags for the server started with --model")
+    p.add_argument("--protocol", choices=("native", "vllm"), default="native",
+                   help="moelink.v1.Generation or vllm.grpc.engine.VllmEngine")
+    p.add_argument("--concurrency", default="1,4,16,64", help="closed-loop levels, comma separated ('' for none)")
+    p.add_argument("--rates", default="20,80,200", help="Poisson arrival rates in req/s ('' for none)")
+    p.add_argument("--num-requests", type=int, default=64, help="requests per level")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--slo-ttft-ms", type=float, default=250.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    p.add_argument("--slo-e2e-ms", type=float, default=None)
+    p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each request")
+    p.add_argument("--api-key", default=os.environ.get("MOELINK_API_KEY"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serve_load_<device>.json); "
+                                               "the plot goes beside it")
+    p.add_argument("--no-plot", action="store_true")
+
+
+# -- one request ---------------------------------------------------------------
+class _Client:
+    """Streams one request over either protocol; returns its timings."""
+
+    def __init__(self, channel, protocol: str, api_key: Optional[str], timeout_s: float):
+        self.protocol = protocol
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self.timeout_s = timeout_s
+        if protocol == "native":
+            from moelink.engine.server.gen import moelink_v1_pb2 as pb, moelink_v1_pb2_grpc as pb_grpc
+
+            self.pb, self.stub = pb, pb_grpc.GenerationStub(channel)
+        else:
+            from smg_grpc_proto.generated import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+
+            self.pb, self.stub = pb, pb_grpc.VllmEngineStub(channel)
+
+    def _request(self, rid: str, prompt: list[int], output_len: int):
+        pb = self.pb
+        if self.protocol == "native":
+            return pb.GenerateRequest(request_id=rid, prompt_token_ids=pb.TokenIds(ids=prompt), sampling_params=pb.SamplingParams(
+                temperature=0.0, max_tokens=output_len, ignore_eos=True))
+        return pb.GenerateRequest(request_id=rid, tokenized=pb.TokenizedInput(input_ids=prompt), stream=True,
+                                  sampling_params=pb.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True))
+
+    def _tokens(self, msg) -> int:
+        if self.protocol == "native":
+            return len(msg.token_ids)
+        return len(msg.chunk.token_ids) if msg.HasField("chunk") else 0
+
+    async def run(self, rid: str, prompt: list[int], output_len: int) -> dict:
+        import grpc
+
+        t0 = time.perf_counter()
+        ttft, itls, n, last = None, [], 0, t0
+        try:
+            call = self.stub.Generate(self._request(rid, prompt, output_len), timeout=self.timeout_s, metadata=self.metadata)
+            async for msg in call:
+                k = self._tokens(msg)
+                if not k:
+                    continue
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - t0
+                    itls.extend([0.0] * (k - 1))  # tokens that arrived together with the first
+                else:
+                    itls.extend([(now - last) / k] * k)
+                n += k
+                last = now
+        except grpc.aio.AioRpcError as exc:
+            return dict(ok=False, error=exc.code().name, start=t0, end=time.perf_counter())
+        end = time.perf_counter()
+        return dict(ok=n == output_len, error=None if n == output_len else f"got {n} tokens", start=t0, end=end,
+                    ttft=ttft, itls=itls, e2e=end - t0, tokens=n,
+                    tpot=(end - t0 - ttft) / (n - 1) if n > 1 and ttft is not None else 0.0)
+
+
+# -- levels ---------------------------------------------------------------------
+async def _closed_loop(client: _Client, prompts, output_len: int, concurrency: int, tag: str) -> list[dict]:
+    it = iter(enumerate(prompts))
+    results = []
+
+    async def worker():
+        for i, prompt in it:
+            results.append(await client.run(f"{tag}-{i}", prompt, output_len))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+async def _poisson(client: _Client, prompts, output_len: int, rate: float, rng: random.Random, tag: str) -> list[dict]:
+    tasks = []
+    next_t = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        delay = next_t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(client.run(f"{tag}-{i}", prompt, output_len)))
+        next_t += rng.expovariate(rate)
+    return list(await asyncio.gather(*tasks))
+
+
+def _pct(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(results: list[dict], input_len: int, slo: dict) -> dict:
+    ok = [r for r in results if r["ok"]]
+    start = min(r["start"] for r in results)
+    end = max(r["end"] for r in results)
+    dur = max(end - start, 1e-9)
+
+    def stats(values):
+        return {f"p{q}": (None if (v := _pct(values, q)) is None else round(v * 1e3, 3)) for q in (50, 90, 99)} | {
+            "mean": round(sum(values) / len(values) * 1e3, 3) if values else None}
+
+    def good(r):
+        return ((slo["ttft_ms"] is None or r["ttft"] * 1e3 <= slo["ttft_ms"])
+                and (slo["tpot_ms"] is None or r["tpot"] * 1e3 <= slo["tpot_ms"])
+                and (slo["e2e_ms"] is None or r["e2e"] * 1e3 <= slo["e2e_ms"]))
+
+    out_tokens = sum(r["tokens"] for r in ok)
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r["ok"]:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
+    n_good = sum(1 for r in ok if good(r))
+    return dict(
+        num_requests=len(results), completed=len(ok), errors=errors, duration_s=round(dur, 3),
+        request_throughput=round(len(ok) / dur, 3), output_token_throughput=round(out_tokens / dur, 1),
+        total_token_throughput=round((out_tokens + input_len * len(ok)) / dur, 1),
+        goodput=round(n_good / dur, 3), goodput_fraction=round(n_good / len(results), 4),
+        ttft_ms=stats([r["ttft"] for r in ok]), itl_ms=stats([x for r in ok for x in r["itls"]]),
+        tpot_ms=stats([r["tpot"] for r in ok]), e2e_ms=stats([r["e2e"] for r in ok]),
+    )
+
+
+# -- server management (--model) -----------------------------------------------------
+def start_server(model: str, extra: str = "", timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start `moelink serve MODEL --port 0`; returns (process, 'host:port') once it serves."""
+    import shlex
+
+    cmd = [sys.executable, "-m", "moelink.engine.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
+           *shlex.split(extra)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + timeout_s
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`moelink serve` exited with {proc.returncode} before serving")
+        if sel.select(timeout=0.5):
+            line = proc.stdout.readline()
+            if line.startswith("moelink: serving"):
+                addr = line.split(" on ", 1)[1].split(" ", 1)[0]
+                return proc, addr
+    stop_server(proc)
+    raise RuntimeError(f"`moelink serve` did not start within {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+# -- driver ---------------------------------------------------------------------------
+def _levels(spec: str, cast) -> list:
+    return [cast(x) for x in spec.split(",") if x.strip()]
+
+
+async def _run_all(ns, target: str) -> dict:
+    import grpc
+
+    from moelink.engine.server.gen import moelink_v1_pb2 as pb, moelink_v1_pb2_grpc as pb_grpc
+
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        md = (("authorization", f"Bearer {ns.api_key}"),) if ns.api_key else None
+        info = await pb_grpc.GenerationStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=30, metadata=md)
+        rng = random.Random(ns.seed)
+        vocab = info.vocab_size
+        specials = set(info.eos_token_ids)
+
+        def prompts(n):
+            return [[t for t in (rng.randrange(vocab) for _ in range(ns.input_len * 2)) if t not in specials][: ns.input_len]
+                    for _ in range(n)]
+
+        client = _Client(channel, ns.protocol, ns.api_key, ns.timeout_s)
+        await _closed_loop(client, prompts(4), ns.output_len, 4, "warmup")
+        slo = dict(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2e_ms=ns.slo_e2e_ms)
+        levels = []
+        for c in _levels(ns.concurrency, int):
+            t = time.perf_counter()
+            res = await _closed_loop(client, prompts(max(ns.num_requests, 4 * c)), ns.output_len, c, f"c{c}")
+            levels.append(dict(mode="closed_loop", concurrency=c, **summarize(res, ns.input_len, slo)))
+            print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
+        for r in _levels(ns.rates, float):
+            t = time.perf_counter()
+            res = await _poisson(client, prompts(max(ns.num_requests, int(2 * r))), ns.output_len, r, rng, f"r{r:g}")
+            levels.append(dict(mode="poisson", rate=r, **summarize(res, ns.input_len, slo)))
+            print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
+        return dict(model=dict(name=info.served_model_name, architecture=info.architecture, dtype=info.dtype,
+                               layers=info.num_layers, hidden=info.hidden_size, experts=info.num_experts,
+                               top_k=info.num_experts_per_tok), device=info.device or "unknown", levels=levels,
+                    slo=slo)
+
+
+def _row(lv: dict) -> str:
+    name = f"C={lv['concurrency']}" if lv["mode"] == "closed_loop" else f"λ={lv['rate']:g}/s"
+    return (f"{name:>9}  {lv['request_throughput']:7.1f} req/s {lv['output_token_throughput']:8.0f} tok/s  "
+            f"TTFT p50/p99 {lv['ttft_ms']['p50']:7.1f}/{lv['ttft_ms']['p99']:7.1f} ms  "
+            f"ITL p50/p99 {lv['itl_ms']['p50']:6.2f}/{lv['itl_ms']['p99']:6.2f} ms  "
+            f"E2E p50/p99 {lv['e2e_ms']['p50']:7.1f}/{lv['e2e_ms']['p99']:7.1f} ms  "
+            f"goodput {lv['goodput']:6.1f} req/s ({lv['goodput_fraction']:.0%})"
+            + (f"  errors {lv['errors']}" if lv["errors"] else ""))
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| load | req/s | output tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | E2E p50 / p99 (ms) | goodput req/s |",
+             "|---|---|---|---|---|---|---|"]
+    for lv in result["levels"]:
+        name = f"{lv['concurrency']} concurrent" if lv["mode"] == "closed_loop" else f"Poisson {lv['rate']:g} req/s"
+        lines.append(f"| {name} | {lv['request_throughput']:.1f} | {lv['output_token_throughput']:.0f} | "
+                     f"{lv['ttft_ms']['p50']:.1f} / {lv['ttft_ms']['p99']:.1f} | {lv['itl_ms']['p50']:.2f} / "
+                     f"{lv['itl_ms']['p99']:.2f} | {lv['e2e_ms']['p50']:.1f} / {lv['e2e_ms']['p99']:.1f} | "
+                     f"{lv['goodput']:.1f} ({lv['goodput_fraction']:.0%}) |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for mode, marker in (("closed_loop", "o"), ("poisson", "s")):
+        lvs = [lv for lv in result["levels"] if lv["mode"] == mode and lv["completed"]]
+        if not lvs:
+            continue
+        x = [lv["output_token_throughput"] for lv in lvs]
+        for ax, key, title in zip(axes, ("ttft_ms", "itl_ms", "e2e_ms"), ("TTFT", "inter-token latency", "end-to-end latency")):
+            for q, style in (("p50", "-"), ("p99", "--")):
+                label = f"{'closed loop' if mode == 'closed_loop' else 'Poisson'} {q}"
+                ax.plot(x, [lv[key][q] for lv in lvs], style, marker=marker, label=label)
+            for xi, lv in zip(x, lvs):
+                ax.annotate(f"C{lv['concurrency']}" if mode == "closed_loop" else f"{lv['rate']:g}/s",
+                            (xi, lv[key]["p50"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            ax.set_title(title)
+            ax.set_xlabel("output tokens/s")
+            ax.set_ylabel("ms")
+            ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"moelink serve load — {result['model']['name']} on {result['device']} "
+                 f"({result['config']['input_len']} in / {result['config']['output_len']} out, {result['config']['protocol']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_from_args(ns: argparse.Namespace) -> int:
+    if ns.target is None and ns.model is None:
+        raise ValueError("give --target HOST:PORT (a running server) or --model DIR (start one for the run).")
+    if ns.num_requests < 1 or ns.input_len < 1 or ns.output_len < 1:
+        raise ValueError("--num-requests, --input-len and --output-len must be positive.")
+    t0 = time.perf_counter()
+    proc = None
+    target = ns.target
+    if ns.model is not None:
+        proc, target = start_server(ns.model, ns.serve_args)
+        print(f"started moelink serve on {target} (pid {proc.pid})", flush=True)
+    try:
+        result = asyncio.run(_run_all(ns, target))
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    device = result["device"]
+    result["config"] = dict(protocol=ns.protocol, input_len=ns.input_len, output_len=ns.output_len,
+                            num_requests=ns.num_requests, concurrency=ns.concurrency, rates=ns.rates,
+                            serve_args=ns.serve_args, target=ns.target or "started with --model")
+    result["meta"] = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), commit=_git_commit(),
+                          host=platform.node(), cpu_count=os.cpu_count(), python=platform.python_version(),
+                          client_on_same_host=True, wall_s=round(time.perf_counter() - t0, 1))
+    tag = device.split(" ")[0].replace("(", "").lower() or "unknown"
+    out = Path(ns.out) if ns.out else RESULTS_DIR / f"serve_load_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown_table(result))
+    print(f"wrote {out}")
+    if not ns.no_plot:
+        plot(result, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

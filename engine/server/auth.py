@@ -1,0 +1,58 @@
+"""Bearer-token check (`--api-key`) for every RPC except health probes."""
+from __future__ import annotations
+
+import hmac
+from typing import Iterable
+
+import grpc
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _presented_key(metadata: Iterable[tuple[str, str]]) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token:
+                return token.strip()
+        if key == "x-api-key" and isinstance(value, str):
+            return value.strip()
+    return None
+
+
+def _deny(handler, message: str):
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def streaming(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(streaming, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <key>` (or `x-api-key: <key>`) metadata; UNAUTHENTICATED otherwise.
+
+    Health checks stay open so load balancers and Kubernetes probes need no secret.
+    """
+
+    def __init__(self, api_key: str):
+        self._key = api_key.encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+            return handler
+        presented = _presented_key(handler_call_details.invocation_metadata)
+        if presented is None:
+            return _deny(handler, "missing API key: send metadata 'authorization: Bearer <key>'.")
+        if not hmac.compare_digest(presented.encode(), self._key):
+            return _deny(handler, "invalid API key.")
+        return handler

@@ -1,0 +1,74 @@
+"""`moelink serve` (the gRPC server) and `moelink bench-serve` (load benchmark against one)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from ..cli import add_engine_args, engine_args_from
+from .config import DEFAULT_MAX_MESSAGE_SIZE, ServerConfig
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (printed at start)")
+    p.add_argument("--served-model-name", default=None, help="model name clients see (default: the directory name)")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="refuse (RESOURCE_EXHAUSTED) beyond this many requests waiting for their first token")
+    p.add_argument("--max-queued-tokens", type=int, default=None,
+                   help="refuse (RESOURCE_EXHAUSTED) beyond this many prompt tokens waiting for their first token")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM; the rest end with 'abort'")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--api-key", default=os.environ.get("MOELINK_API_KEY"),
+                   help="require metadata 'authorization: Bearer KEY' (default: $MOELINK_API_KEY)")
+    p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
+                   help="largest gRPC message, in bytes, received or sent")
+    if "--expert-parallel-size" not in p._option_string_actions:  # engine flags may already have it
+        p.add_argument("--expert-parallel-size", type=int, default=1, help="expert-parallel ranks")
+
+
+def server_config_from(ns: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(host=ns.host, port=ns.port, served_model_name=ns.served_model_name,
+                        max_queued_requests=ns.max_queued_requests, max_queued_tokens=ns.max_queued_tokens,
+                        shutdown_grace=ns.shutdown_grace, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
+                        api_key=ns.api_key, max_message_size=ns.max_message_size)
+
+
+def serve_engine_args_from(ns: argparse.Namespace):
+    """EngineArgs for `serve`, with --expert-parallel-size passed on when the engine knows the option."""
+    args = engine_args_from(ns)
+    ep = getattr(ns, "expert_parallel_size", 1)
+    if "expert_parallel_size" in {f.name for f in dataclasses.fields(args)}:
+        if getattr(args, "expert_parallel_size") != ep:
+            args = dataclasses.replace(args, expert_parallel_size=ep)
+    elif ep != 1:
+        raise ValueError(f"expert_parallel_size={ep} is invalid: this build of moelink runs one rank only.")
+    return args
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from .server import serve
+
+    config = server_config_from(ns)  # validate server flags before loading any weights
+    return serve(serve_engine_args_from(ns), config)
+
+
+def _bench_serve(ns: argparse.Namespace) -> int:
+    from moelink.benchmarks import serve_load
+
+    return serve_load.run_from_args(ns)
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over gRPC (moelink.v1 and vllm.grpc.engine.VllmEngine)")
+    add_engine_args(p)
+    add_server_args(p)
+    p.set_defaults(func=_serve)
+
+    from moelink.benchmarks import serve_load
+
+    b = subparsers.add_parser("bench-serve", help="load benchmark against a running gRPC server (or one it starts)")
+    serve_load.add_arguments(b)
+    b.set_defaults(func=_bench_serve)

@@ -1,0 +1,65 @@
+"""ServerConfig: every option of the gRPC front, validated where it is made."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # 64 MiB: a 1M-token prompt of uint32 ids fits with room
+
+
+@dataclass
+class ServerConfig:
+    """Options of `moelink serve` that are not engine options (vLLM's names where the concept exists)."""
+
+    host: str = "127.0.0.1"  # loopback by default: exposing a server is a decision
+    port: int = 50051  # 0 = any free port (the bound one is printed and returned)
+    served_model_name: Optional[str] = None  # default: the model directory's name
+    max_queued_requests: Optional[int] = None  # admitted requests still waiting for their first token
+    max_queued_tokens: Optional[int] = None  # their prompt tokens
+    shutdown_grace: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    api_key: Optional[str] = None
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+
+    def __post_init__(self) -> None:
+        def bad(field: str, allowed: str):
+            raise ValueError(f"{field}={getattr(self, field)!r} is invalid: {allowed}.")
+
+        if not isinstance(self.host, str) or not self.host:
+            bad("host", "give an address to bind, e.g. 127.0.0.1 or 0.0.0.0")
+        if not _is_int(self.port) or not 0 <= self.port <= 65535:
+            bad("port", "must be an integer in [0, 65535] (0 picks a free port)")
+        for name in ("max_queued_requests", "max_queued_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 1):
+                bad(name, "must be a positive integer (or unset for no limit)")
+        if not isinstance(self.shutdown_grace, (int, float)) or not math.isfinite(self.shutdown_grace) or self.shutdown_grace < 0:
+            bad("shutdown_grace", "must be a number of seconds >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            bad("tls_cert" if self.tls_cert is None else "tls_key", "TLS needs both --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key"):
+            v = getattr(self, name)
+            if v is not None and not os.path.isfile(v):
+                bad(name, "no such file")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            bad("api_key", "must be a non-empty string")
+        if not _is_int(self.max_message_size) or self.max_message_size < 1024:
+            bad("max_message_size", "must be an integer number of bytes >= 1024")
+        if self.served_model_name is not None and not self.served_model_name:
+            bad("served_model_name", "must be a non-empty string")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -1,0 +1,124 @@
+"""`moelink.v1.Generation`: the native streaming service (engine/server/protos/moelink_v1.proto)."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import grpc
+
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
+from .gen import moelink_v1_pb2 as pb
+from .gen import moelink_v1_pb2_grpc as pb_grpc
+from .serving import Serving, abort_rpc, optional, top_logprobs
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+def sampling_params_from_proto(sp: pb.SamplingParams) -> tuple[SamplingParams, int]:
+    """(engine SamplingParams, n); ValueError naming the field on bad values."""
+    d = SamplingParams()
+    kwargs = dict(
+        temperature=optional(sp, "temperature", d.temperature),
+        top_p=optional(sp, "top_p", d.top_p),
+        top_k=optional(sp, "top_k", d.top_k),
+        min_p=optional(sp, "min_p", d.min_p),
+        repetition_penalty=optional(sp, "repetition_penalty", d.repetition_penalty),
+        presence_penalty=optional(sp, "presence_penalty", d.presence_penalty),
+        frequency_penalty=optional(sp, "frequency_penalty", d.frequency_penalty),
+        seed=optional(sp, "seed"),
+        max_tokens=None if sp.unlimited_tokens else optional(sp, "max_tokens", d.max_tokens),
+        min_tokens=sp.min_tokens,
+        stop=list(sp.stop),
+        stop_token_ids=list(sp.stop_token_ids),
+        ignore_eos=sp.ignore_eos,
+        include_stop_str_in_output=sp.include_stop_str_in_output,
+        logprobs=optional(sp, "logprobs"),
+        skip_special_tokens=optional(sp, "skip_special_tokens", True),
+    )
+    try:
+        return SamplingParams(**kwargs), optional(sp, "n", 1)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("SamplingParams.", "sampling_params.")) from None
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, serving: Serving):
+        self.s = serving
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        which = request.WhichOneof("input")
+        if which == "prompt":
+            return self.s.check_prompt_ids(self.s.encode(request.prompt, "prompt"), "prompt")
+        if which == "prompt_token_ids":
+            return self.s.check_prompt_ids(list(request.prompt_token_ids.ids), "prompt_token_ids")
+        raise ValueError("prompt is missing: set either prompt (text) or prompt_token_ids.")
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        # A coroutine writing with context.write (not an async generator): a cancelled or
+        # disconnected call raises CancelledError right here, and closing `stream` aborts the request.
+        try:
+            rid = self.s.request_id(request.request_id)
+            ids = self._prompt_ids(request)
+            params, n = sampling_params_from_proto(request.sampling_params)
+            stream = self.s.run(rid, ids, params, n)
+            counts = [0] * n
+            async with contextlib.aclosing(stream):
+                async for index, out in stream:
+                    comp = out.outputs[0]
+                    counts[index] += len(comp.token_ids)
+                    await context.write(self._message(rid, index, out, comp, counts[index], params.logprobs))
+        except (grpc.aio.AbortError, GeneratorExit):
+            raise
+        except Exception as exc:
+            await abort_rpc(context, exc, f"Generate {request.request_id!r}")
+
+    def _message(self, rid: str, index: int, out: RequestOutput, comp: CompletionOutput, num_generated: int,
+                 num_logprobs) -> pb.GenerateResponse:
+        msg = pb.GenerateResponse(request_id=rid, index=index, token_ids=comp.token_ids, text=comp.text)
+        if num_logprobs is not None and comp.logprobs:
+            for tid, entry in zip(comp.token_ids, comp.logprobs):
+                lp = entry[tid]
+                msg.logprobs.append(pb.TokenLogprob(
+                    token_id=tid, logprob=lp.logprob, rank=lp.rank, token=lp.decoded_token or "",
+                    top=[pb.TopLogprob(token_id=t, logprob=v.logprob, rank=v.rank, token=v.decoded_token or "")
+                         for t, v in top_logprobs(entry, num_logprobs)]))
+        if comp.finish_reason is not None:
+            msg.finish_reason = comp.finish_reason
+            if isinstance(comp.stop_reason, str):
+                msg.stop_str = comp.stop_reason
+            elif isinstance(comp.stop_reason, int):
+                msg.stop_token_id = comp.stop_reason
+            prompt = len(out.prompt_token_ids)
+            msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt, completion_tokens=num_generated,
+                                        cached_tokens=out.num_cached_tokens, total_tokens=prompt + num_generated))
+        return msg
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        return pb.AbortResponse(num_aborted=await self.s.abort(request.request_ids))
+
+    async def ModelInfo(self, request, context) -> pb.ModelInfoResponse:
+        m, s = self.s.model, self.s
+        resp = pb.ModelInfoResponse(
+            served_model_name=s.served_model_name, model_path=s.model_path, architecture=m.architecture,
+            model_type=str(m.hf_config.get("model_type", "")), dtype=str(m.dtype).replace("torch.", ""),
+            max_model_len=s.max_model_len, vocab_size=m.vocab_size, eos_token_ids=s.eos_token_ids,
+            num_layers=m.num_layers, hidden_size=m.hidden_size, num_experts=m.num_experts,
+            num_experts_per_tok=m.top_k, block_size=s.block_size, num_kv_blocks=s.stats().num_total_blocks,
+            max_num_seqs=s.max_num_seqs, expert_parallel_size=s.expert_parallel_size,
+            has_chat_template=bool(s.tokenizer.chat_template), device=s.device_name)
+        if s.tokenizer.bos_token_id is not None:
+            resp.bos_token_id = s.tokenizer.bos_token_id
+        return resp
+
+    async def ServerInfo(self, request, context) -> pb.ServerInfoResponse:
+        st, reg = self.s.stats(), self.s.registry
+        return pb.ServerInfoResponse(
+            num_running=st.num_running, num_waiting=st.num_waiting, kv_usage=st.kv_usage,
+            num_free_blocks=st.num_free_blocks, num_total_blocks=st.num_total_blocks,
+            prefix_cache_hit_rate=st.prefix_cache_hit_rate, num_preemptions_total=st.num_preemptions_total,
+            active_requests=len(reg.active), queued_requests=reg.queued_requests, queued_tokens=reg.queued_tokens,
+            max_queued_requests=reg.max_queued_requests or 0, max_queued_tokens=reg.max_queued_tokens or 0,
+            requests_total=reg.requests_total, rejected_total=reg.rejected_total,
+            generated_tokens_total=reg.generated_tokens_total, generation_throughput=reg.generation_throughput(),
+            uptime_s=time.time() - self.s.start_time, healthy=self.s.healthy, draining=reg.draining)

@@ -1,0 +1,128 @@
+"""Requests in flight on this server: admission (queue limits, draining), ids for Abort, load counters.
+
+Everything here runs on the server's event loop, so there are no locks. A
+request counts as *queued* from admission until its first output: that is
+what a queue limit must bound (a running request already holds its blocks),
+and counting it here, not from the engine's scheduler, sees a burst of
+requests at once instead of a step later.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class Overloaded(Exception):
+    """The queue is full: answer RESOURCE_EXHAUSTED."""
+
+
+class Draining(Exception):
+    """The server is shutting down or the engine is dead: answer UNAVAILABLE."""
+
+
+class DuplicateRequest(Exception):
+    """The request id is already running: answer ALREADY_EXISTS."""
+
+
+@dataclass
+class Entry:
+    request_id: str
+    engine_ids: list[str]
+    queued_tokens: int
+    queued: bool = True
+    admitted_at: float = field(default_factory=time.monotonic)
+
+
+class RequestRegistry:
+    def __init__(self, max_queued_requests: Optional[int] = None, max_queued_tokens: Optional[int] = None):
+        self.max_queued_requests = max_queued_requests
+        self.max_queued_tokens = max_queued_tokens
+        self.active: dict[str, Entry] = {}
+        self.queued_requests = 0
+        self.queued_tokens = 0
+        self.draining = False
+        self.unavailable_reason: Optional[str] = None  # set when the engine died
+        self.requests_total = 0
+        self.rejected_total = 0
+        self.generated_tokens_total = 0
+        self.last_receive_time = 0.0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._token_buckets: deque[list] = deque()  # [second, tokens], last ~10 s
+
+    # -- admission ------------------------------------------------------------
+    def admit(self, request_id: str, engine_ids: list[str], queued_tokens: int) -> Entry:
+        self.last_receive_time = time.time()
+        if self.draining:
+            raise Draining("the server is shutting down and takes no new requests; retry on another replica.")
+        if self.unavailable_reason is not None:
+            raise Draining(self.unavailable_reason)
+        if request_id in self.active:
+            raise DuplicateRequest(f"request_id={request_id!r} is already running: give each request its own id.")
+        if self.max_queued_requests is not None and self.queued_requests + 1 > self.max_queued_requests:
+            self.rejected_total += 1
+            raise Overloaded(
+                f"server overloaded: {self.queued_requests} requests are already queued, the limit "
+                f"(--max-queued-requests) is {self.max_queued_requests}; retry later.")
+        if self.max_queued_tokens is not None and self.queued_tokens + queued_tokens > self.max_queued_tokens:
+            self.rejected_total += 1
+            raise Overloaded(
+                f"server overloaded: {self.queued_tokens} prompt tokens are queued and this request adds "
+                f"{queued_tokens}, over the limit (--max-queued-tokens) of {self.max_queued_tokens}; retry later.")
+        entry = Entry(request_id, list(engine_ids), queued_tokens)
+        self.active[request_id] = entry
+        self.queued_requests += 1
+        self.queued_tokens += queued_tokens
+        self.requests_total += 1
+        self._idle.clear()
+        return entry
+
+    def mark_started(self, entry: Entry) -> None:
+        if entry.queued:
+            entry.queued = False
+            self.queued_requests -= 1
+            self.queued_tokens -= entry.queued_tokens
+
+    def release(self, entry: Entry) -> None:
+        self.mark_started(entry)
+        if self.active.get(entry.request_id) is entry:
+            del self.active[entry.request_id]
+        if not self.active:
+            self._idle.set()
+
+    def engine_ids(self, request_ids) -> list[str]:
+        out = []
+        for rid in request_ids:
+            entry = self.active.get(rid)
+            if entry is not None:
+                out.extend(entry.engine_ids)
+        return out
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when nothing is in flight (within `timeout` seconds)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return not self.active
+
+    # -- load -----------------------------------------------------------------
+    def record_tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.generated_tokens_total += n
+        sec = int(time.monotonic())
+        if self._token_buckets and self._token_buckets[-1][0] == sec:
+            self._token_buckets[-1][1] += n
+        else:
+            self._token_buckets.append([sec, n])
+            while self._token_buckets and self._token_buckets[0][0] < sec - 10:
+                self._token_buckets.popleft()
+
+    def generation_throughput(self, window_s: int = 10) -> float:
+        """Generated tokens per second over the last `window_s` seconds."""
+        now = int(time.monotonic())
+        return sum(n for s, n in self._token_buckets if s > now - window_s) / window_s

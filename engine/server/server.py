@@ -1,0 +1,170 @@
+"""The gRPC server: both services, health, reflection, auth, TLS, and a graceful drain.
+
+The AsyncEngine runs in this process (its engine thread steps the model); the
+grpc.aio server runs on the asyncio loop and only enqueues work and relays
+outputs, so a slow client never stalls a step.
+
+Health (`grpc.health.v1`): "" is liveness — SERVING while the process can
+serve at all, NOT_SERVING once the engine loop died. Each service name is
+readiness — NOT_SERVING while draining or after the engine died.
+
+Drain (SIGTERM/SIGINT, or `drain()`): readiness goes NOT_SERVING, new
+requests get UNAVAILABLE, in-flight requests have `shutdown_grace` seconds to
+finish; whatever is still running then ends with finish_reason "abort" (a
+normal last message, not a broken stream), and the server stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc
+
+from ..async_engine import AsyncEngine
+from .auth import ApiKeyInterceptor
+from .config import ServerConfig
+from .gen import moelink_v1_pb2_grpc
+from .native import SERVICE_NAME as NATIVE_SERVICE, GenerationServicer
+from .serving import Serving
+from .vllm_engine import SERVICE_NAME as VLLM_SERVICE, VllmEngineServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICES = (NATIVE_SERVICE, VLLM_SERVICE)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_WATCH_INTERVAL_S = 0.2
+_ABORT_WAIT_S = 5.0  # after aborting, how long handlers get to send their last message
+
+
+class MoelinkServer:
+    """One gRPC server in front of one AsyncEngine. Start, then `drain()` or `stop()` on the same loop."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        self.serving = Serving(engine, config)
+        self.health = health.aio.HealthServicer()
+        self.server: Optional[grpc.aio.Server] = None
+        self.port: Optional[int] = None
+        self._watchdog: Optional[asyncio.Task] = None
+        self._stopped: Optional[asyncio.Event] = None
+        self._draining_task: Optional[asyncio.Task] = None
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port (useful with port 0)."""
+        cfg = self.config
+        self._stopped = asyncio.Event()
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_size),
+            ("grpc.max_send_message_length", cfg.max_message_size),
+            # Linux gRPC binds with SO_REUSEPORT by default: two servers could share a port unnoticed.
+            ("grpc.so_reuseport", 0),
+        ]
+        interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        moelink_v1_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.serving), self.server)
+        vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(VllmEngineServicer(self.serving), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            SERVICES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        try:
+            if cfg.tls:
+                with open(cfg.tls_key, "rb") as f:
+                    key = f.read()
+                with open(cfg.tls_cert, "rb") as f:
+                    cert = f.read()
+                for name, pem in (("tls_cert", cert), ("tls_key", key)):
+                    if b"-----BEGIN" not in pem:
+                        raise ValueError(f"{name}={getattr(cfg, name)!r} is invalid: not a PEM file.")
+                port = self.server.add_secure_port(cfg.address, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                port = self.server.add_insecure_port(cfg.address)
+        except RuntimeError:  # grpc's way of saying the bind failed
+            port = 0
+        if not port:
+            raise ValueError(f"port={cfg.port} is invalid: could not bind {cfg.address} (in use, or no such address).")
+        self.port = port
+        await self.server.start()
+        for service in ("",) + SERVICES:
+            await self.health.set(service, _SERVING)
+        self._watchdog = asyncio.create_task(self._watch_engine())
+        return port
+
+    async def _watch_engine(self) -> None:
+        """After the engine loop dies, say so: health NOT_SERVING everywhere, new requests UNAVAILABLE."""
+        while self.engine.is_healthy:
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+        reason = f"the engine is not running ({self.engine.dead_error}); retry on another replica."
+        logger.error("engine died: %s", self.engine.dead_error)
+        self.serving.registry.unavailable_reason = reason
+        for service in ("",) + SERVICES:
+            await self.health.set(service, _NOT_SERVING)
+
+    async def drain(self, grace: Optional[float] = None) -> None:
+        """Graceful shutdown (idempotent: a second call while draining stops at once)."""
+        if self._draining_task is not None:
+            logger.warning("second shutdown request: aborting what is still running")
+            await self._abort_remaining()
+            return
+        self._draining_task = asyncio.current_task()
+        grace = self.config.shutdown_grace if grace is None else grace
+        reg = self.serving.registry
+        reg.draining = True
+        for service in SERVICES:
+            await self.health.set(service, _NOT_SERVING)
+        logger.info("draining: %d requests in flight, %.1f s grace", len(reg.active), grace)
+        if not await reg.wait_idle(grace):
+            await self._abort_remaining()
+        await self.stop()
+
+    async def _abort_remaining(self) -> None:
+        reg = self.serving.registry
+        if reg.active:
+            logger.info("aborting %d requests still running", len(reg.active))
+            await self.serving.abort_all()
+            await reg.wait_idle(_ABORT_WAIT_S)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+
+async def _serve(engine: AsyncEngine, config: ServerConfig) -> None:
+    server = MoelinkServer(engine, config)
+    port = await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
+    host = config.host
+    scheme = "TLS" if config.tls else "plaintext"
+    # Tests and scripts wait for this line (it carries the port when --port 0 picked one).
+    print(f"moelink: serving {server.serving.served_model_name!r} on {host}:{port} "
+          f"(gRPC {scheme}; services {', '.join(SERVICES)})", flush=True)
+    await server.wait_closed()
+    print("moelink: server stopped", flush=True)
+
+
+def serve(engine_args, config: ServerConfig) -> int:
+    """Load the engine, serve until SIGTERM/SIGINT, drain, exit. Blocking; returns an exit code."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = AsyncEngine.from_engine_args(engine_args)
+    try:
+        asyncio.run(_serve(engine, config))
+    finally:
+        engine.shutdown()
+    return 0

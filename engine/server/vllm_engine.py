@@ -1,0 +1,254 @@
+"""`vllm.grpc.engine.VllmEngine`: the protocol the smg gateway (and other vLLM gRPC clients) speak.
+
+Proto and stubs come from the `smg-grpc-proto` package. What a gateway relies
+on: Generate with pre-tokenized input; chunks carry *new* token ids; every
+output index ends with one GenerateComplete holding finish_reason and token
+counts; GetModelInfo names the model and a tokenizer directory the gateway can
+read; GetTokenizer ships the same files as a zip for gateways on other hosts.
+RPCs we have nothing for (Embed, profiling, KV events, FlushCache) answer
+UNIMPLEMENTED, which gateways accept.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import io
+import logging
+import time
+import zipfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import grpc
+from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+
+from ..sampling_params import SamplingParams
+from .serving import Serving, abort_rpc, optional, top_logprobs
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
+SERVER_TYPE = "moelink-grpc"
+try:
+    MOELINK_VERSION = version("moelink")
+except PackageNotFoundError:  # running from a source tree
+    MOELINK_VERSION = "unknown"
+# What a tokenizer bundle holds, when present (the names Hugging Face tokenizers use).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "config.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "added_tokens.json")
+
+
+def sampling_params_from_proto(sp: pb.SamplingParams) -> tuple[SamplingParams, int]:
+    """(engine SamplingParams, n) with vLLM's reading of unset proto3 fields; ValueError names the field."""
+    unsupported = sp.WhichOneof("constraint")
+    if unsupported:
+        raise ValueError(f"sampling_params.{unsupported} is not supported: moelink has no structured outputs yet.")
+    if sp.logit_bias:
+        raise ValueError("sampling_params.logit_bias is not supported yet.")
+    if sp.HasField("prompt_logprobs"):
+        raise ValueError("sampling_params.prompt_logprobs is not supported yet: ask for output logprobs only.")
+    if sp.HasField("truncate_prompt_tokens") and sp.truncate_prompt_tokens != -1 and sp.truncate_prompt_tokens < 1:
+        raise ValueError(f"sampling_params.truncate_prompt_tokens={sp.truncate_prompt_tokens} is invalid: "
+                         f"must be -1 (the model's limit) or a positive integer.")
+    try:
+        params = SamplingParams(
+            temperature=optional(sp, "temperature", 1.0),
+            top_p=sp.top_p if sp.top_p != 0.0 else 1.0,
+            top_k=sp.top_k if sp.top_k else -1,
+            min_p=sp.min_p,
+            frequency_penalty=sp.frequency_penalty,
+            presence_penalty=sp.presence_penalty,
+            repetition_penalty=sp.repetition_penalty if sp.repetition_penalty != 0.0 else 1.0,
+            max_tokens=optional(sp, "max_tokens"),  # unset: until the context is full, as in vLLM
+            min_tokens=sp.min_tokens,
+            stop=list(sp.stop),
+            stop_token_ids=list(sp.stop_token_ids),
+            ignore_eos=sp.ignore_eos,
+            include_stop_str_in_output=sp.include_stop_str_in_output,
+            logprobs=optional(sp, "logprobs"),
+            seed=optional(sp, "seed"),
+            skip_special_tokens=sp.skip_special_tokens,
+        )
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("SamplingParams.", "sampling_params.")) from None
+    return params, sp.n or 1
+
+
+def truncate(ids: list[int], sp: pb.SamplingParams, max_model_len: int) -> list[int]:
+    if not sp.HasField("truncate_prompt_tokens"):
+        return ids
+    keep = max_model_len - 1 if sp.truncate_prompt_tokens == -1 else sp.truncate_prompt_tokens
+    return ids[-keep:]
+
+
+def output_logprobs(token_ids, logprobs, num_top) -> pb.OutputLogProbs | None:
+    if num_top is None or not logprobs:
+        return None
+    proto = pb.OutputLogProbs()
+    for tid, entry in zip(token_ids, logprobs):
+        proto.token_logprobs.append(entry[tid].logprob)
+        proto.token_ids.append(tid)
+        if num_top:
+            top = top_logprobs(entry, num_top)
+            proto.top_logprobs.append(pb.TopLogProbs(values=[lp.logprob for _, lp in top], token_ids=[t for t, _ in top]))
+    return proto
+
+
+def tokenizer_zip(model_dir: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in TOKENIZER_FILES:
+            path = model_dir / name
+            if path.is_file():
+                zf.write(path, arcname=name)
+    return buf.getvalue()
+
+
+class VllmEngineServicer(pb_grpc.VllmEngineServicer):
+    def __init__(self, serving: Serving):
+        self.s = serving
+        self._tokenizer_zip: bytes | None = None
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        for field in ("mm_inputs", "media_refs"):
+            if request.HasField(field):
+                raise ValueError(f"{field} is not supported: this model takes text only.")
+        if request.extra_mm_inputs:
+            raise ValueError("extra_mm_inputs is not supported: this model takes text only.")
+        if request.HasField("kv_transfer_params_json") or request.HasField("kv_transfer_params"):
+            raise ValueError("kv_transfer_params is not supported: moelink does not do prefill/decode disaggregation.")
+        which = request.WhichOneof("input")
+        sp = request.sampling_params
+        if which == "tokenized":
+            ids = truncate(list(request.tokenized.input_ids), sp, self.s.max_model_len)
+            return self.s.check_prompt_ids(ids, "tokenized.input_ids")
+        if which == "text":
+            ids = truncate(self.s.encode(request.text, "text"), sp, self.s.max_model_len)
+            return self.s.check_prompt_ids(ids, "text")
+        raise ValueError("input is missing: set tokenized.input_ids (or text).")
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        try:
+            rid = self.s.request_id(request.request_id)
+            ids = self._prompt_ids(request)
+            params, n = sampling_params_from_proto(request.sampling_params)
+            stream = self.s.run(rid, ids, params, n)
+            # Non-streaming: everything per index, sent once in the GenerateComplete.
+            all_ids: list[list[int]] = [[] for _ in range(n)]
+            all_lps: list[list] = [[] for _ in range(n)]
+            async with contextlib.aclosing(stream):
+                async for index, out in stream:
+                    comp = out.outputs[0]
+                    all_ids[index].extend(comp.token_ids)
+                    if params.logprobs is not None and comp.logprobs:
+                        all_lps[index].extend(comp.logprobs)
+                    if request.stream and (comp.token_ids or comp.finish_reason is None):
+                        # completion_tokens of a chunk counts its own tokens (vLLM's convention: clients add them up).
+                        await context.write(pb.GenerateResponse(chunk=pb.GenerateStreamChunk(
+                            token_ids=comp.token_ids, prompt_tokens=len(ids), completion_tokens=len(comp.token_ids),
+                            cached_tokens=out.num_cached_tokens, index=index,
+                            output_logprobs=output_logprobs(comp.token_ids, comp.logprobs, params.logprobs))))
+                    if comp.finish_reason is not None:
+                        # Streaming: output_ids repeat only this last delta (vLLM's convention: the
+                        # gateway has the rest from the chunks); otherwise they are the whole output.
+                        # completion_tokens is always the whole count.
+                        out_ids = comp.token_ids if request.stream else all_ids[index]
+                        lps = comp.logprobs if request.stream else all_lps[index]
+                        await context.write(pb.GenerateResponse(complete=self._complete(
+                            out, comp, index, out_ids, len(all_ids[index]), len(ids),
+                            output_logprobs(out_ids, lps, params.logprobs))))
+        except (grpc.aio.AbortError, GeneratorExit):
+            raise
+        except Exception as exc:
+            await abort_rpc(context, exc, f"VllmEngine.Generate {request.request_id!r}")
+
+    @staticmethod
+    def _complete(out, comp, index, out_ids, num_generated, num_prompt, lps) -> pb.GenerateComplete:
+        complete = pb.GenerateComplete(
+            output_ids=out_ids, finish_reason=comp.finish_reason, prompt_tokens=num_prompt,
+            completion_tokens=num_generated, cached_tokens=out.num_cached_tokens, index=index, output_logprobs=lps)
+        if isinstance(comp.stop_reason, str):
+            complete.matched_stop_str = comp.stop_reason
+        elif isinstance(comp.stop_reason, int):
+            complete.matched_token_id = comp.stop_reason
+        return complete
+
+    async def HealthCheck(self, request, context) -> pb.HealthCheckResponse:
+        if not self.s.healthy:
+            return pb.HealthCheckResponse(healthy=False, message=f"engine is not running: {self.s.engine.dead_error}")
+        if self.s.registry.draining:
+            return pb.HealthCheckResponse(healthy=False, message="draining: shutting down")
+        return pb.HealthCheckResponse(healthy=True, message="healthy")
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        await self.s.abort(request.request_ids)
+        return pb.AbortResponse()
+
+    async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
+        s, m, tok = self.s, self.s.model, self.s.tokenizer
+        pad = m.hf_config.get("pad_token_id")
+        return pb.GetModelInfoResponse(
+            model_path=s.model_path, tokenizer_path=s.model_path, served_model_name=s.served_model_name,
+            is_generation=True, max_context_length=s.max_model_len, vocab_size=m.vocab_size, supports_vision=False,
+            model_type=str(m.hf_config.get("model_type", "")), architectures=[m.architecture],
+            eos_token_ids=s.eos_token_ids, pad_token_id=pad if isinstance(pad, int) else 0,
+            bos_token_id=tok.bos_token_id or 0, max_req_input_len=s.max_model_len - 1)
+
+    async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
+        s = self.s
+        return pb.GetServerInfoResponse(
+            active_requests=len(s.registry.active), is_paused=False,
+            last_receive_timestamp=s.registry.last_receive_time, uptime_seconds=time.time() - s.start_time,
+            server_type=SERVER_TYPE, data_parallel_size=s.expert_parallel_size, kv_cache_dtype="auto",
+            block_size=s.block_size, model_dtype=str(s.model.dtype), max_num_seqs=s.max_num_seqs)
+
+    async def GetLoads(self, request: pb.GetLoadsRequest, context) -> pb.GetLoadsResponse:
+        s, reg = self.s, self.s.registry
+        per_rank = s.rank_stats()
+        loads = []
+        for rank, st in enumerate(per_rank):
+            if request.HasField("dp_rank") and request.dp_rank != rank:
+                continue
+            used = (st.num_total_blocks - st.num_free_blocks) * s.block_size
+            loads.append(pb.SchedulerLoad(
+                dp_rank=rank, num_running_reqs=st.num_running, num_waiting_reqs=st.num_waiting,
+                num_total_reqs=st.num_running + st.num_waiting, num_used_tokens=used,
+                max_total_num_tokens=st.num_total_blocks * s.block_size, token_usage=st.kv_usage,
+                gen_throughput=reg.generation_throughput() / len(per_rank), cache_hit_rate=st.prefix_cache_hit_rate,
+                utilization=st.num_running / s.max_num_seqs, max_running_requests=s.max_num_seqs,
+                # Not yet in the engine: what this server admitted that has no token yet, split evenly.
+                num_waiting_uncached_tokens=reg.queued_tokens // len(per_rank)))
+        return pb.GetLoadsResponse(
+            timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(), version=f"moelink {MOELINK_VERSION}",
+            dp_rank_count=len(per_rank), loads=loads)
+
+    # -- RPCs moelink has nothing behind (gateways treat UNIMPLEMENTED as "not offered") --
+    async def Embed(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Embed: moelink serves generative models only.")
+
+    async def FlushCache(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "FlushCache is not offered by moelink yet.")
+
+    async def StartProfile(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "profiling over gRPC is not offered by moelink.")
+
+    async def StopProfile(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "profiling over gRPC is not offered by moelink.")
+
+    async def SubscribeKvEvents(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "KV cache events are not published by moelink yet; "
+                                                           "poll GetLoads instead.")
+
+    async def GetTokenizer(self, request, context):
+        model_dir = Path(self.s.model_path)
+        if self._tokenizer_zip is None:
+            self._tokenizer_zip = tokenizer_zip(model_dir)
+        data = self._tokenizer_zip
+        digest = hashlib.sha256(data).hexdigest()
+        chunk = max(1024, min(512 * 1024, self.s.config.max_message_size // 2))
+        for start in range(0, len(data), chunk):
+            end = min(start + chunk, len(data))
+            await context.write(common_pb2.GetTokenizerChunk(data=data[start:end], sha256=digest if end == len(data) else ""))
+

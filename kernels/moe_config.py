@@ -1,0 +1,131 @@
+"""Launch configs of the expert GEMMs, as JSON data keyed by GPU name and shape (DESIGN.md convention 9).
+
+Files in kernels/configs/:
+- `E={E},N={N},device_name={GPU}.json` (written by benchmarks/tune_moe.py):
+  {"key": "tokens", "configs": {"<tokens>": {...}, ...}}; the bucket nearest
+  the batch's token count wins (vLLM's rule). N is the expert intermediate size I.
+- `default.json`: GPUs with no tuned file, keyed by average rows per expert
+  (tokens * top_k / E), the largest key not above wins: that ratio, not the
+  token count, decides whether a block of rows fills up.
+- `interpreter.json`: CPU tensors, i.e. the Triton interpreter (tests).
+
+A config is {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M",
+"num_warps", "num_stages"} for the gate-up GEMM, with an optional "down" dict
+overriding all but BLOCK_SIZE_M for the down GEMM (the alignment fixes one M block).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_GEMM_KEYS = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BLOCK_SIZE_N: int
+    BLOCK_SIZE_K: int
+    GROUP_SIZE_M: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """BLOCK_SIZE_M is shared: the token alignment pads every expert's rows to it."""
+
+    BLOCK_SIZE_M: int
+    up: GemmConfig
+    down: GemmConfig
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "MoEConfig":
+        def gemm(src: dict, fallback: dict) -> GemmConfig:
+            vals = {k: src.get(k, fallback.get(k)) for k in _GEMM_KEYS}
+            for k, v in vals.items():
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ValueError(f"{where}: {k}={v!r} is invalid: must be a positive integer.")
+            for k in ("BLOCK_SIZE_N", "BLOCK_SIZE_K"):
+                if vals[k] < 16 or vals[k] & (vals[k] - 1):
+                    raise ValueError(f"{where}: {k}={vals[k]} is invalid: must be a power of two >= 16 (tl.dot tiles).")
+            return GemmConfig(**vals)
+
+        bm = d.get("BLOCK_SIZE_M")
+        if not isinstance(bm, int) or bm < 16 or bm & (bm - 1):
+            raise ValueError(f"{where}: BLOCK_SIZE_M={bm!r} is invalid: must be a power of two >= 16.")
+        up = gemm(d, {})
+        return cls(bm, up, gemm(d.get("down", {}), asdict(up)))
+
+    def to_dict(self) -> dict:
+        d = {"BLOCK_SIZE_M": self.BLOCK_SIZE_M, **asdict(self.up)}
+        if self.down != self.up:
+            d["down"] = asdict(self.down)
+        return d
+
+
+def device_name(device: torch.device) -> str:
+    """File-name form of the GPU's name ('NVIDIA_H100_80GB_HBM3'); 'cpu' for the interpreter."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name(device).replace(" ", "_")
+
+
+def config_file_name(num_experts: int, inter: int, name: str) -> str:
+    return f"E={num_experts},N={inter},device_name={name}.json"
+
+
+@functools.lru_cache(maxsize=64)
+def load_config_file(path: str) -> tuple[str, tuple[tuple[int, MoEConfig], ...]] | None:
+    """(key kind, sorted ((bucket, config), ...)) or None when the file does not exist."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    data = json.loads(p.read_text())
+    key = data.get("key", "tokens")
+    if key not in ("tokens", "rows_per_expert"):
+        raise ValueError(f"{p.name}: key={key!r} is invalid: must be 'tokens' or 'rows_per_expert'.")
+    buckets = tuple(sorted((int(b), MoEConfig.from_dict(c, f"{p.name}[{b}]")) for b, c in data["configs"].items()))
+    if not buckets:
+        raise ValueError(f"{p.name}: configs is empty: give at least one bucket.")
+    return key, buckets
+
+
+def _pick(key: str, buckets, num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
+    if key == "tokens":
+        return min(buckets, key=lambda bc: (abs(bc[0] - num_tokens), bc[0]))[1]
+    rows = num_tokens * top_k / max(1, num_experts)
+    best = buckets[0][1]
+    for bucket, cfg in buckets:
+        if bucket <= rows:
+            best = cfg
+    return best
+
+
+def get_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int, device: torch.device,
+                   config_dir: str | Path | None = None) -> MoEConfig:
+    """The launch config for this shape on this device: tuned file, else defaults."""
+    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    name = device_name(device)
+    if name == "cpu":
+        found = load_config_file(str(root / "interpreter.json")) or load_config_file(str(CONFIG_DIR / "interpreter.json"))
+    else:
+        found = load_config_file(str(root / config_file_name(num_experts, inter, name)))
+        if found is None:
+            found = load_config_file(str(root / "default.json")) or load_config_file(str(CONFIG_DIR / "default.json"))
+    key, buckets = found
+    return _pick(key, buckets, num_tokens, top_k, num_experts)
+
+
+def write_config_file(path: str | Path, configs: dict[int, MoEConfig], meta: dict | None = None) -> None:
+    """Token-keyed file as tune_moe.py writes it: one bucket per line, so diffs stay readable."""
+    lines = [f'    "{b}": {json.dumps(c.to_dict())}' for b, c in sorted(configs.items())]
+    head = {"key": "tokens", **(meta or {})}
+    head_txt = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items())
+    Path(path).write_text("{\n" + head_txt + ',\n  "configs": {\n' + ",\n".join(lines) + "\n  }\n}\n")
+    load_config_file.cache_clear()

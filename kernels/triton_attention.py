@@ -1,0 +1,284 @@
+"""Attention over the paged KV cache in Triton: KV write, split-K decode, varlen causal prefill.
+
+Legend: T query tokens in the flat batch, S sequences, N query heads, K kv
+heads, G = N/K query heads per kv head, H head dim, L block size, M max blocks
+per sequence, Z split-K partitions. Cache layout as in attention.py:
+k_cache_BLKH / v_cache_BLKH = [num_blocks + 1, L, K, H].
+
+Same semantics as `reference_paged_attention`: the query at position
+p = seq_len - query_len + i sees keys [0, p]. The kernels never read a key at
+or past seq_len: those loads are masked, so nothing depends on what unused or
+null blocks hold (the reference routes such reads to the zeroed null block
+instead; both see only the first seq_len keys).
+
+- Decode (query_len == 1): grid (S, K, Z). Each program takes the G query
+  heads of one kv head (one K/V load serves them all) over a 1/Z slice of the
+  context, then a reduce kernel merges the Z partial softmaxes by their
+  log-sum-exp. Z grows when S·K alone would leave SMs idle (long contexts, small batches).
+- Prefill (query_len > 1): grid (q blocks, K). A program takes BLOCK_Q query
+  tokens × G heads as one [BLOCK_Q·G, H] tile and walks the sequence's block
+  table over the cached prefix and the chunk itself, causal-masked. The
+  sequence of a q block is found by binary search over query_start_loc, so the
+  grid comes from T and S alone (no host sync).
+A mixed batch runs both: each kernel skips the other's sequences on the device.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as common
+from .attention import AttentionMetadata
+from .triton_common import cast, dot
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, row,
+                     BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = (offs < row) & ((tl.zeros([BLOCK], dtype=tl.int64) + slot) >= 0)  # slot -1: padding token, skip
+    dt = kc_ptr.dtype.element_ty
+    k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs, mask=ok, other=0.0)
+    v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs, mask=ok, other=0.0)
+    tl.store(kc_ptr + slot * row + offs, cast(k, dt, INTERPRET), mask=ok)
+    tl.store(vc_ptr + slot * row + offs, cast(v, dt, INTERPRET), mask=ok)
+
+
+def triton_write_kv(k_TKH, v_TKH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T) -> None:
+    """Same contract as `reference_write_kv` (in place); slots < 0 are skipped (padding tokens)."""
+    T, K, H = k_TKH.shape
+    if T == 0:
+        return
+    for name, c in (("k_cache_BLKH", k_cache_BLKH), ("v_cache_BLKH", v_cache_BLKH)):
+        if not c.is_contiguous() or tuple(c.shape[2:]) != (K, H):
+            raise ValueError(f"{name} {tuple(c.shape)} is invalid: must be contiguous [blocks, L, {K}, {H}].")
+    k_TKH = k_TKH if k_TKH[0].is_contiguous() else k_TKH.contiguous()
+    v_TKH = v_TKH if v_TKH[0].is_contiguous() else v_TKH.contiguous()
+    row = K * H
+    BLOCK = min(1024, triton.next_power_of_2(row))
+    _write_kv_kernel[(T, triton.cdiv(row, BLOCK))](
+        k_TKH, v_TKH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T, k_TKH.stride(0), v_TKH.stride(0), row,
+        BLOCK=BLOCK, INTERPRET=common.interpreting(k_TKH), num_warps=4,
+    )
+
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv_end, q_pos, scale,
+                 stride_cb, stride_cl, stride_ck, head_dim, ROWS: tl.constexpr,
+                 L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, CAUSAL: tl.constexpr,
+                 INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """One step of the online softmax over keys [start, start + BLOCK_N) ∩ [0, kv_end)."""
+    pos = start + tl.arange(0, BLOCK_N)
+    p_ok = pos < kv_end
+    d = tl.arange(0, BLOCK_H)
+    d_ok = d < head_dim
+    blk = tl.load(table_ptr + pos // L, mask=p_ok, other=0).to(tl.int64)
+    off = blk * stride_cb + (pos % L) * stride_cl + kv_head * stride_ck
+    k = tl.load(kc_ptr + off[None, :] + d[:, None], mask=p_ok[None, :] & d_ok[:, None], other=0.0)
+    s = dot(q, k, tl.zeros([ROWS, BLOCK_N], dtype=tl.float32), INTERPRET, PREC) * scale
+    ok = p_ok[None, :]
+    if CAUSAL:
+        ok = ok & (pos[None, :] <= q_pos[:, None])
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: keep exp() finite
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = dot(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], INTERPRET, PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+                   scale, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb, stride_ot, stride_on,
+                   num_heads, head_dim,
+                   G: tl.constexpr, L: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_N: tl.constexpr, Z: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    s_idx = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + s_idx)
+    if tl.load(qsl_ptr + s_idx + 1) - q_start != 1:
+        return  # a prefill chunk: the prefill kernel's
+    seq_len = tl.load(seq_lens_ptr + s_idx)
+    per_split = tl.cdiv(tl.cdiv(seq_len, Z), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    g = tl.arange(0, BLOCK_G)
+    head = kv_head * G + g
+    d = tl.arange(0, BLOCK_H)
+    q_ok = (g[:, None] < G) & (d[None, :] < head_dim)
+    q = tl.load(q_ptr + q_start.to(tl.int64) * stride_qt + head[:, None] * stride_qn + d[None, :], mask=q_ok, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
+    table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
+    for start in range(lo, hi, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, hi, g, scale,
+                                     stride_cb, stride_cl, stride_ck, head_dim, BLOCK_G, L, BLOCK_N, BLOCK_H, False,
+                                     INTERPRET, PREC)
+    if Z == 1:
+        o = acc / l_i[:, None]
+        o_ptrs = out_ptr + q_start.to(tl.int64) * stride_ot + head[:, None] * stride_on + d[None, :]
+        tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=q_ok)
+    else:
+        # Partials [S, N, Z, H] and their log-sum-exp [S, N, Z]; an empty split stores lse = -inf.
+        row = (s_idx.to(tl.int64) * num_heads + head) * Z + split
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        tl.store(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], o, mask=g[:, None] < G)
+        tl.store(part_lse_ptr + row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=g < G)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, stride_ot, stride_on, num_heads, head_dim,
+                          Z: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+    s_idx = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + s_idx)
+    if tl.load(qsl_ptr + s_idx + 1) - q_start != 1:
+        return
+    z = tl.arange(0, BLOCK_Z)
+    d = tl.arange(0, BLOCK_H)
+    row = (s_idx.to(tl.int64) * num_heads + head) * Z + z
+    lse = tl.load(part_lse_ptr + row, mask=z < Z, other=float("-inf"))
+    w = tl.exp(lse - tl.max(lse, axis=0))  # split 0 is never empty, so the max is finite
+    o = tl.load(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], mask=(z[:, None] < Z), other=0.0)
+    o = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_on + d, cast(o, out_ptr.dtype.element_ty, INTERPRET),
+             mask=d < head_dim)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+                    scale, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb,
+                    stride_ot, stride_on, head_dim,
+                    G: tl.constexpr, L: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_DECODE: tl.constexpr,
+                    INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    qb = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # Sequence s owns q blocks [qsl[s] // BLOCK_Q + s, qsl[s+1] // BLOCK_Q + s + 1): a
+    # bound on its ceil(len / BLOCK_Q) blocks that needs no prefix sum. Binary search.
+    lo = qb * 0  # int32 tensors from the start: loop-carried, and num_seqs may be specialised to a constant
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= qb:
+            lo = mid + 1
+        else:
+            hi = mid
+    s_idx = lo - 1
+    q_start = tl.load(qsl_ptr + s_idx)
+    q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
+    local_qb = qb - (q_start // BLOCK_Q + s_idx)
+    if local_qb * BLOCK_Q >= q_len:
+        return
+    if SKIP_DECODE:
+        if q_len == 1:
+            return  # the decode kernel's
+    seq_len = tl.load(seq_lens_ptr + s_idx)
+    prefix = seq_len - q_len
+    r = tl.arange(0, BLOCK_Q * BLOCK_G)
+    q_idx = local_qb * BLOCK_Q + r // BLOCK_G
+    g = r % BLOCK_G
+    head = kv_head * G + g
+    row_ok = (q_idx < q_len) & (g < G)
+    d = tl.arange(0, BLOCK_H)
+    io_ok = row_ok[:, None] & (d[None, :] < head_dim)
+    tok = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qn + d[None, :], mask=io_ok, other=0.0)
+    q_pos = prefix + q_idx
+    kv_end = tl.minimum(seq_len, prefix + (local_qb + 1) * BLOCK_Q)
+    m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_H], dtype=tl.float32)
+    table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
+    for start in range(0, kv_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv_end, q_pos,
+                                     scale, stride_cb, stride_cl, stride_ck, head_dim, BLOCK_Q * BLOCK_G, L, BLOCK_N,
+                                     BLOCK_H, True,
+                                     INTERPRET, PREC)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_on + d[None, :]
+    tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=io_ok)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _pick_splits(device: torch.device, programs: int, max_seq_len: int, block_n: int) -> int:
+    """Enough splits to give every SM about two programs, never a split shorter than 2 key tiles."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    want = triton.cdiv(2 * sms, max(1, programs))
+    return max(1, min(want, max_seq_len // (2 * block_n), 32))
+
+
+def triton_paged_attention(
+    q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, meta: AttentionMetadata,
+    scale: float, *, out: torch.Tensor | None = None, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Same contract as `reference_paged_attention`: [T, N, H] in q's dtype.
+
+    Reads only the metadata's host lists and device tensors (no device→host
+    sync). `num_splits` forces the decode split count (tests); `out` receives the result.
+    """
+    common.check_dtype("q_TNH", q_TNH)
+    T, N, H = q_TNH.shape
+    _, L, K, _ = k_cache_BLKH.shape
+    if N % K or k_cache_BLKH.shape[3] != H or not k_cache_BLKH.is_contiguous() or not v_cache_BLKH.is_contiguous():
+        raise ValueError(f"q_TNH {tuple(q_TNH.shape)} and cache {tuple(k_cache_BLKH.shape)} do not fit: need a contiguous "
+                         f"[blocks, L, K, {H}] cache with N a multiple of K.")
+    if out is None:
+        out = common.workspace((T, N, H), q_TNH.dtype, q_TNH.device)
+    elif tuple(out.shape) != (T, N, H) or out.dtype != q_TNH.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [{T}, {N}, {H}] {q_TNH.dtype}.")
+    if T == 0:
+        return out
+    q_TNH = q_TNH if q_TNH.stride(-1) == 1 else q_TNH.contiguous()
+    G = N // K
+    S = meta.num_seqs
+    dev = q_TNH.device
+    flags = dict(INTERPRET=common.interpreting(q_TNH), PREC=common.dot_precision(q_TNH.dtype))
+    BLOCK_H = max(16, triton.next_power_of_2(H))
+    BLOCK_N = 16 if flags["INTERPRET"] else 64
+    tables = meta.block_tables_SM
+    common_args = (q_TNH, k_cache_BLKH, v_cache_BLKH, tables, meta.seq_lens_S, meta.query_start_loc_S1)
+    cache_strides = (k_cache_BLKH.stride(0), k_cache_BLKH.stride(1), k_cache_BLKH.stride(2), tables.stride(0))
+    has_decode = min(meta.query_lens) == 1
+    if has_decode:
+        Z = num_splits or _pick_splits(dev, S * K, meta.max_seq_len, BLOCK_N)
+        part_o = part_lse = out  # unused when Z == 1
+        if Z > 1:
+            part_o = common.workspace((S, N, Z, BLOCK_H), torch.float32, dev)
+            part_lse = common.workspace((S, N, Z), torch.float32, dev)
+        _decode_kernel[(S, K, Z)](
+            *common_args, out, part_o, part_lse, scale, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
+            out.stride(0), out.stride(1), N, H, G=G, L=L, BLOCK_G=max(16, triton.next_power_of_2(G)),
+            BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, Z=Z, num_warps=4, **flags,
+        )
+        if Z > 1:
+            _decode_reduce_kernel[(S, N)](
+                part_o, part_lse, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, H,
+                Z=Z, BLOCK_Z=triton.next_power_of_2(Z), BLOCK_H=BLOCK_H, INTERPRET=flags["INTERPRET"], num_warps=4,
+            )
+    if meta.max_query_len > 1:
+        BLOCK_G = triton.next_power_of_2(G)
+        # Aim for ~64-row tiles (16 in the interpreter); at least 16 rows for tl.dot.
+        rows = 16 if flags["INTERPRET"] else 64
+        BLOCK_Q = max(1, rows // BLOCK_G, triton.cdiv(16, BLOCK_G))
+        _prefill_kernel[(T // BLOCK_Q + S, K)](
+            *common_args, out, scale, S, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
+            out.stride(0), out.stride(1), H, G=G, L=L, BLOCK_Q=BLOCK_Q, BLOCK_G=BLOCK_G, BLOCK_H=BLOCK_H,
+            BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode, num_warps=4, **flags,
+        )
+    return out

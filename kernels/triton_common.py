@@ -1,0 +1,70 @@
+"""Helpers shared by the Triton kernels: interpreter-safe dot and cast, device checks, workspace allocation.
+
+The Triton CPU interpreter (TRITON_INTERPRET=1, what the CPU test suite runs)
+differs from compiled code in two ways that matter for exactness (Triton 3.9):
+- fp32 → bf16 casts truncate instead of rounding to nearest even;
+- tl.dot on bf16 operands computes garbage.
+Kernels take an INTERPRET constexpr (True for CPU tensors) and go through
+`cast` and `dot` below, which emulate the GPU's numerics there and compile
+to the plain instructions on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x.to(dtype), rounding to nearest even in the interpreter too."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    return x.to(dtype)
+
+
+@triton.jit
+def dot(a, b, acc, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; bf16/fp16 products are exact in fp32, so
+    widening first (interpreter only) gives what a tensor-core MMA gives."""
+    if INTERPRET:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return acc + tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _probe_kernel(x_ptr):
+    tl.store(x_ptr, 0)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32: the fp32 tests hold 1e-5.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def interpreting(t: torch.Tensor) -> bool:
+    """Kernels run in the interpreter exactly when their tensors are on the CPU."""
+    if t.device.type == "cuda":
+        return False
+    if type(_probe_kernel).__name__ != "InterpretedFunction":
+        raise ValueError(
+            f"tensor device={t.device} is invalid for the Triton kernels: CPU tensors need TRITON_INTERPRET=1 set "
+            "before moelink.kernels' Triton modules are imported (or use the reference kernels on CPU)."
+        )
+    return True
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}.dtype={t.dtype} is not supported by the Triton kernels: use float32, bfloat16 or float16 "
+                         "(the reference kernels take float64).")
+
+
+def workspace(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every buffer the Triton wrappers allocate comes from here, so tests can poison it with NaN."""
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -1,0 +1,102 @@
+"""RMSNorm and residual-add + RMSNorm in Triton, one program per row.
+
+Legend: T tokens, D normalised size, R rows (T, or T*heads for the per-head q/k norm).
+
+Numerics follow `reference_rms_norm` (the Hugging Face definition) step by
+step: the mean square and the scaling in fp32, a cast back to x's dtype,
+then the weight multiply in the output dtype (bf16·bf16 products are exact in
+fp32, so one rounding gives what torch gives). The residual sum is rounded to
+x's dtype before it is normalised, as `x + residual` is in torch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as common
+from .triton_common import cast
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, inner, D, eps,
+                     stride_xo, stride_xi, stride_ro, stride_ri, stride_oo, stride_so,
+                     HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr):
+    # A row is (outer, inner): strided [T, heads, D] views (q/k slices of qkv) need no copy.
+    row = tl.program_id(0)
+    outer, inn = row // inner, row % inner
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    x_dt = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + outer.to(tl.int64) * stride_xo + inn * stride_xi + offs, mask=ok, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + outer.to(tl.int64) * stride_ro + inn * stride_ri + offs, mask=ok, other=0.0)
+        x = cast(x.to(ACC) + r.to(ACC), x_dt, INTERPRET)
+        tl.store(sum_ptr + row.to(tl.int64) * stride_so + offs, x, mask=ok)
+    x32 = x.to(tl.float32)
+    var = tl.sum(x32 * x32, axis=0) / D
+    y = cast(x32 / tl.sqrt(var + eps), x_dt, INTERPRET)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+    out = y.to(ACC) * w.to(ACC)
+    tl.store(out_ptr + row.to(tl.int64) * stride_oo + offs, cast(out, out_ptr.dtype.element_ty, INTERPRET), mask=ok)
+
+
+def _rows(t: torch.Tensor, name: str):
+    """(outer, inner, stride_outer, stride_inner) of a [..., D] tensor with a unit last stride."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if t.dim() == 2:
+        return t, t.shape[0], 1, t.stride(0), 0
+    if t.dim() == 3:
+        return t, t.shape[0], t.shape[1], t.stride(0), t.stride(1)
+    raise ValueError(f"{name} has {t.dim()} dims: the Triton RMSNorm takes [T, D] or [T, heads, D].")
+
+
+def _launch(x, res, weight_D, eps, out, summed):
+    common.check_dtype("x", x)
+    if x.shape[-1] != weight_D.shape[0]:
+        raise ValueError(f"weight_D has {weight_D.shape[0]} elements: it must match x's last dim {x.shape[-1]}.")
+    x, outer, inner, sxo, sxi = _rows(x, "x")
+    D = x.shape[-1]
+    out_dtype = torch.promote_types(weight_D.dtype, x.dtype)
+    if out is None:
+        out = common.workspace(x.shape, out_dtype, x.device)
+    if out.shape != x.shape or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be contiguous {tuple(x.shape)} {out_dtype}.")
+    rows = outer * inner
+    if rows == 0:
+        return out, summed
+    interp = common.interpreting(x)
+    acc = tl.float64 if out_dtype == torch.float64 else tl.float32
+    if res is not None:
+        res, _, _, sro, sri = _rows(res, "residual")
+        if summed is None:
+            summed = common.workspace(x.shape, x.dtype, x.device)
+        if summed.shape != x.shape or summed.dtype != x.dtype or not summed.is_contiguous():
+            raise ValueError(f"residual_out {tuple(summed.shape)} {summed.dtype} is invalid: must be contiguous "
+                             f"{tuple(x.shape)} {x.dtype}.")
+    else:
+        sro = sri = 0
+    BLOCK_D = triton.next_power_of_2(D)
+    _rms_norm_kernel[(rows,)](
+        x, res if res is not None else x, weight_D, out, summed if summed is not None else out, inner, D, eps,
+        sxo, sxi, sro, sri, D, D, HAS_RES=res is not None, BLOCK_D=BLOCK_D, ACC=acc, INTERPRET=interp,
+        num_warps=min(16, max(1, BLOCK_D // 256)),
+    )
+    return out, summed
+
+
+def triton_rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `reference_rms_norm`; x may also be a strided [T, heads, D] view. Returns a new contiguous tensor."""
+    return _launch(x_TD, None, weight_D, eps, out, None)[0]
+
+
+def triton_add_rms_norm(
+    x_TD: torch.Tensor, residual_TD: torch.Tensor, weight_D: torch.Tensor, eps: float, *,
+    out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `reference_add_rms_norm`: (norm(x + residual), x + residual), one pass over memory."""
+    if residual_TD.shape != x_TD.shape or residual_TD.dtype != x_TD.dtype:
+        raise ValueError(f"residual_TD {tuple(residual_TD.shape)} {residual_TD.dtype} must match x_TD "
+                         f"{tuple(x_TD.shape)} {x_TD.dtype}.")
+    return _launch(x_TD, residual_TD, weight_D, eps, out, residual_out)

@@ -1,0 +1,87 @@
+"""Fixtures for the Triton kernel tests: device, fresh seeds, NaN-poisoned workspaces, error checks.
+
+Without a GPU, the Triton kernels run in the CPU interpreter. Triton reads
+TRITON_INTERPRET when a kernel is *defined*, so it is set here, at conftest
+import, before any test module imports moelink.kernels.triton_* (ops.py
+imports them lazily, so engine tests collected earlier do not define them
+first). Only the Triton kernels read the variable; the rest of the suite is
+unaffected. With a GPU the same small-shape tests run compiled on CUDA.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICE = torch.device("cpu" if INTERPRET or not torch.cuda.is_available() else "cuda")
+
+# Normwise relative error ||got - want|| / ||want|| against a float64 oracle.
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture
+def kdev() -> torch.device:
+    """Where the kernels under test run: CPU (interpreter) here, CUDA on a GPU machine."""
+    return KERNEL_DEVICE
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test, printed and attached to the report; MOELINK_TEST_SEED=N replays one."""
+    s = int(os.environ.get("MOELINK_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(s)
+    request.node.user_properties.append(("seed", s))
+    print(f"seed={s} (rerun with MOELINK_TEST_SEED={s})")
+    return s
+
+
+@pytest.fixture
+def gen(seed, kdev) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def poison_workspaces(monkeypatch):
+    """Every buffer the Triton wrappers allocate starts as NaN (floats) or a large junk value (ints),
+    so a kernel that reads memory it never wrote fails the comparison."""
+    from moelink.kernels import triton_common
+
+    def poisoned(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan") if dtype.is_floating_point else 2**30 - 1)
+
+    monkeypatch.setattr(triton_common, "workspace", poisoned)
+
+
+@pytest.fixture
+def nan_buffer():
+    """nan_buffer(shape, dtype, device): an output buffer poisoned with NaN before the call."""
+    return lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got64, want64 = got.double().cpu(), want.double().cpu()
+    return float((got64 - want64).norm() / want64.norm().clamp_min(1e-300))
+
+
+@pytest.fixture
+def check(seed):
+    """check(got, want64, dtype, what): finite, and normwise relative error under the dtype's tolerance."""
+
+    def _check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> float:
+        assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)} (seed={seed})"
+        assert torch.isfinite(got).all(), f"{what}: non-finite output (seed={seed})"
+        if want.abs().max() == 0:
+            assert got.abs().max() == 0, f"{what}: expected all zeros (seed={seed})"
+            return 0.0
+        err = rel_error(got, want)
+        assert err < REL_TOL[dtype], f"{what}: relative error {err:.3g} >= {REL_TOL[dtype]:g} for {dtype} (seed={seed})"
+        return err
+
+    return _check
