@@ -129,6 +129,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=1024, help="cached tokens per sequence")
     ap.add_argument("--layers", default="auto", help="decoder layers to build ('auto': as many as fit, up to 48)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per batch size (median reported)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time the step as a CUDA-graph replay (fails and says so if a layer syncs with the host)")
     ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"], help="kernel backend")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_decode_<gpu>.json)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU: checks the script only")
@@ -162,6 +164,7 @@ def main(argv=None) -> dict:
             touched = count_touched_experts(model, kernels, args_)
             step = lambda ids, pos, ctx: model.compute_logits(model(ids, pos, ctx)).argmax(-1)  # noqa: E731
             t = timer(step, [args_], iters=args.steps, warmup=3)
+            t_graph = timer.graph(step, [args_], iters=args.steps) if args.graphs else None
             x = torch.randn(B, cfg.hidden_size, dtype=cfg.dtype, device=device)
             t_head = timer(lambda: model.compute_logits(model.norm(torch.nn.functional.embedding(args_[0], model.embed_tokens) + x)).argmax(-1),
                            [()], iters=args.steps, warmup=2)
@@ -174,6 +177,7 @@ def main(argv=None) -> dict:
             floor = (bytes_layers + bytes_head) / (ceilings["copy_GBps"] * 1e9)
             floor_full = bytes_full / (ceilings["copy_GBps"] * 1e9)
             row = dict(batch=B, context=context, layers=layers, step_ms=t * 1e3, tokens_per_s=B / t,
+                       graph_step_ms=None if t_graph is None else t_graph * 1e3,
                        floor_ms=floor * 1e3, step_over_floor=t / floor, head_ms=t_head * 1e3, per_layer_ms=per_layer * 1e3,
                        experts_touched_per_layer=mean_touched, bytes_read_floor=bytes_layers + bytes_head,
                        full_model_step_ms=t_full * 1e3, full_model_tokens_per_s=B / t_full, full_model_floor_ms=floor_full * 1e3)

@@ -7,7 +7,10 @@ Timed: the whole expert computation from router output to [T, D] result
 (align → gate-up GEMM → SiLU·mul → down GEMM → weighted top-k sum), median
 of per-iteration CUDA-event times after warm-up. Inputs rotate over several
 sets (x, routing) and L2 is flushed before each iteration, so no iteration
-finds its weights or activations in cache from the one before.
+finds its weights or activations in cache from the one before. Each system is
+timed eagerly and, when it has no host sync (all but the per-expert loop), as
+a CUDA-graph replay, which removes host launch overhead the way a decode
+engine with graphs does; the graph time is the headline where there is one.
 
 Metrics, beside ceilings measured in the same run:
 - TFLOP/s on useful FLOPs, 6·T·K·D·I (padding rows are not counted);
@@ -103,6 +106,31 @@ class Timer:
             end.synchronize()  # host sync: only to read this iteration's time
             times.append(start.elapsed_time(end) / 1e3)
         return statistics.median(times)
+
+
+    def graph(self, fn, arg_sets, iters: int = 30) -> float | None:
+        """Median time of CUDA-graph replays (one graph per input set): the kernels without host launch
+        overhead, as a decode engine with graphs runs them. None on CPU or when fn cannot be captured
+        (it syncs with the host)."""
+        if self.flush is None:
+            return None
+        graphs = []
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for args in arg_sets:  # warm-up outside capture (Triton compiles, allocator settles)
+                    fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            for args in arg_sets:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn(*args)
+                graphs.append(g)
+        except RuntimeError as e:
+            print(f"  (no CUDA graph: {str(e).splitlines()[0][:100]})")
+            return None
+        return self(lambda g: g.replay(), [(g,) for g in graphs], iters=iters, warmup=len(graphs))
 
 
 def measure_ceilings(device: torch.device, timer: Timer) -> dict:
@@ -206,7 +234,7 @@ def work(E, K, D, I, sets, elem) -> tuple[float, float, int]:
     return flops, bytes_, touched
 
 
-def bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, check) -> list[dict]:
+def bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, check, graphs) -> list[dict]:
     E, K, D, I = shape
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -226,14 +254,19 @@ def bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, chec
                 err = float((got - ref).norm() / ref.norm())
                 if err > 2e-2:
                     raise AssertionError(f"{sys_name} {name} T={T}: relative error {err:.3g} against the per-expert loop")
-            t = timer(fn, sets, iters=iters)
+            t_eager = timer(fn, sets, iters=iters)
+            t_graph = timer.graph(fn, sets, iters=iters) if graphs and sys_name != "per-expert-loop" else None
+            t = t_graph or t_eager
             row = dict(shape=name, E=E, K=K, D=D, I=I, tokens=T, system=sys_name, median_ms=t * 1e3,
+                       eager_ms=t_eager * 1e3, graph_ms=None if t_graph is None else t_graph * 1e3,
                        TFLOPs=flops / t / 1e12, GBps=bytes_ / t / 1e9, flops=flops, bytes=bytes_,
                        experts_touched=touched, intensity=flops / bytes_)
             row["frac_copy_bw"] = row["GBps"] / ceilings["copy_GBps"]
             row["frac_matmul"] = row["TFLOPs"] / ceilings["matmul_TFLOPs"]
             rows.append(row)
-            print(f"{name:>14} T={T:>5} {sys_name:>22} {t * 1e3:9.3f} ms {row['TFLOPs']:8.1f} TFLOP/s "
+            mode = "graph" if t_graph else "eager"
+            print(f"{name:>14} T={T:>5} {sys_name:>22} {t * 1e3:9.3f} ms {mode:>5} (eager {t_eager * 1e3:9.3f}) "
+                  f"{row['TFLOPs']:8.1f} TFLOP/s "
                   f"{row['GBps']:8.0f} GB/s ({100 * row['frac_copy_bw']:5.1f}% copy, {100 * row['frac_matmul']:5.1f}% mm)",
                   flush=True)
         del sets
@@ -295,6 +328,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--iters", type=int, default=30, help="timed iterations per point (median reported)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check of each system")
+    ap.add_argument("--no-graphs", action="store_true", help="time eager launches only (no CUDA-graph replay)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/moe_kernels_<gpu>.json); PNG beside it")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
     args = ap.parse_args(argv)
@@ -314,9 +348,12 @@ def main(argv=None) -> dict:
     print(f"ceilings: {ceilings['copy_GBps']:.0f} GB/s copy, {ceilings['matmul_TFLOPs']:.0f} TFLOP/s bf16 matmul")
     rows = []
     for name, shape in shapes.items():
-        rows += bench_shape(name, shape, tokens, dtype, device, timer, ceilings, args.iters, not args.no_check)
+        rows += bench_shape(name, shape, tokens, dtype, device, timer, ceilings, args.iters, not args.no_check,
+                            not args.no_graphs)
     result = dict(benchmark="moe_kernels", **run_meta(device), dtype=args.dtype, ceilings=ceilings,
-                  timing="median of per-iteration CUDA events, L2 flushed, inputs rotated" if device.type == "cuda"
+                  timing="median of per-iteration CUDA events, L2 flushed, inputs rotated; median_ms is the CUDA-graph "
+                  "replay time where the system can be captured (no host sync), else eager (eager_ms always)"
+                  if device.type == "cuda"
                   else "CPU smoke: wall clock in the Triton interpreter, meaningless as speed",
                   results=rows, summary=summarize(rows))
     tag = "cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")

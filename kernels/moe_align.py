@@ -51,7 +51,7 @@ def reference_moe_align_block_size(
     as in the module docstring.
     """
     num_pairs = topk_ids_TK.numel()
-    local_P = _local_ids(topk_ids_TK, expert_map_G).cpu()
+    local_P = _local_ids(topk_ids_TK, expert_map_G).cpu()  # host sync: the oracle loops on the host
     R = max_padded_rows(num_pairs, num_experts, block_m)
     sorted_ids_R = torch.full((R,), num_pairs, dtype=torch.int32)
     expert_ids_B = torch.full((R // block_m,), -1, dtype=torch.int32)

@@ -73,7 +73,12 @@ def device_name(device: torch.device) -> str:
     device = torch.device(device)
     if device.type != "cuda":
         return "cpu"
-    return torch.cuda.get_device_name(device).replace(" ", "_")
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index).replace(" ", "_")
 
 
 def config_file_name(num_experts: int, inter: int, name: str) -> str:

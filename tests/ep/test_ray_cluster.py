@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,9 @@ def test_generate_on_ray_head_started_by_ray_start(tiny_model, tmp_path):
     want = [o.outputs[0].token_ids for o in LLM(path, dtype="float64").generate(
         prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)]
 
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", MOELINK_MASTER_ADDR="127.0.0.1")
+    # Ray's token auth, as deploy/ray documents it: one shared secret for the head and every driver.
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", MOELINK_MASTER_ADDR="127.0.0.1",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     port = _free_port()
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
@@ -48,16 +51,18 @@ def test_generate_on_ray_head_started_by_ray_start(tiny_model, tmp_path):
             print("RESULT", json.dumps([o.outputs[0].token_ids for o in outs]))
             llm.engine.shutdown()
         """)
-        deadline = time.monotonic() + 120
-        last = None
-        while time.monotonic() < deadline:  # the head needs a few seconds before it takes drivers
-            proc = subprocess.run([sys.executable, "-c", client], env=env, capture_output=True, text=True, timeout=240)
-            last = proc
-            if proc.returncode == 0:
+        # Wait until the head answers: only then does /tmp/ray/ray_current_cluster (what
+        # address="auto" reads) name this head rather than an earlier, stopped instance.
+        deadline = time.monotonic() + 90
+        while True:
+            status = subprocess.run([RAY, "status", "--address", f"127.0.0.1:{port}"], env=env,
+                                    capture_output=True, text=True, timeout=60)
+            if status.returncode == 0:
                 break
-            if "ConnectionError" not in proc.stderr and "Could not find any running Ray instance" not in proc.stderr:
-                break
-            time.sleep(2)
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Ray head did not come up within 90 s"
+            time.sleep(1)
+        last = subprocess.run([sys.executable, "-c", client], env=env, capture_output=True, text=True, timeout=240)
         assert last.returncode == 0, last.stderr[-3000:]
         line = next(ln for ln in last.stdout.splitlines() if ln.startswith("RESULT "))
         assert json.loads(line[len("RESULT "):]) == want

@@ -128,3 +128,25 @@ def test_fused_moe_rejects_bad_input(kdev):
     with pytest.raises(ValueError, match="combine"):
         triton_fused_moe(x.float(), x.new_zeros(2, 32, 32).float(), x.new_zeros(2, 32, 16).float(),
                          x.new_zeros(3, 2).float(), torch.zeros(3, 2, dtype=torch.long, device=kdev), combine="max")
+
+
+def test_moe_config_files(tmp_path):
+    """Tuned files: nearest token bucket; default.json: largest rows-per-expert key not above; bad values named."""
+    from moelink.kernels import moe_config
+
+    a = MoEConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
+                             "num_warps": 4, "num_stages": 4})
+    b = MoEConfig.from_dict({**a.to_dict(), "BLOCK_SIZE_M": 128, "down": {**a.to_dict(), "BLOCK_SIZE_N": 256}})
+    path = tmp_path / moe_config.config_file_name(128, 768, "FAKE_GPU")
+    moe_config.write_config_file(path, {1: a, 4096: b}, meta={"tuned_on": "FAKE GPU"})
+    key, buckets = moe_config.load_config_file(str(path))
+    assert key == "tokens" and dict(buckets) == {1: a, 4096: b}
+    assert b.down.BLOCK_SIZE_N == 256 and b.up.BLOCK_SIZE_N == 64
+    assert moe_config._pick(key, buckets, 1000, 8, 128) == a and moe_config._pick(key, buckets, 3000, 8, 128) == b
+    dkey, dbuckets = moe_config.load_config_file(str(moe_config.CONFIG_DIR / "default.json"))
+    assert moe_config._pick(dkey, dbuckets, 1, 8, 128).BLOCK_SIZE_M == 16  # 0.06 rows per expert
+    assert moe_config._pick(dkey, dbuckets, 16384, 8, 128).BLOCK_SIZE_M == 128  # 1024 rows per expert
+    for bad, field in (({"BLOCK_SIZE_M": 24}, "BLOCK_SIZE_M"), ({"BLOCK_SIZE_N": 8}, "BLOCK_SIZE_N"),
+                       ({"num_warps": 0}, "num_warps")):
+        with pytest.raises(ValueError, match=field):
+            MoEConfig.from_dict({**a.to_dict(), **bad})

@@ -14,7 +14,7 @@ _ids = lambda d: str(d).split(".")[-1]  # noqa: E731
 
 
 def _ulps_bf16_or_fp16(got, want):
-    """Largest difference in units of the dtype's last place (0 = bit-identical)."""
+    """Largest difference in units of the dtype's last place (0 = bit-identical; never over-counts)."""
     ulp = torch.finfo(want.dtype).eps * want.abs().clamp_min(torch.finfo(want.dtype).tiny)
     return float(((got.float() - want.float()).abs() / ulp.float()).max())
 
@@ -44,12 +44,19 @@ def test_rms_norm_matches_reference(shape, strided, dtype, gen, kdev, check, nan
     if x.numel() == 0:
         return
     check(got, reference_rms_norm(x.double(), w.double(), 1e-6), dtype, f"rms_norm {shape}")
-    if dtype != torch.float32:  # same dtype: the HF numerics, up to one rounding of the fp32 sum order
-        assert _ulps_bf16_or_fp16(got.cpu(), reference_rms_norm(x, w, 1e-6)) <= 1.0
+    if dtype != torch.float32:
+        # Same dtype: the HF numerics. The fp32 sum order may move the normalised value by one ulp
+        # before the weight multiply, which can become two ulps of the product; never more.
+        assert _ulps_bf16_or_fp16(got.cpu(), reference_rms_norm(x, w, 1e-6)) <= 2.0
+
+
+# [T, D] only (the model adds residuals of whole hidden states); strided x as a slice of a wider tensor.
+ADD_NORM_CASES = [((1, 16), False), ((7, 100), False), ((13, 48), True), ((9, 2048), False), ((64, 384), True),
+                  ((0, 32), False)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-@pytest.mark.parametrize("shape,strided", [c for c in NORM_CASES if len(c[0]) == 2])
+@pytest.mark.parametrize("shape,strided", ADD_NORM_CASES)
 def test_add_rms_norm_matches_reference(shape, strided, dtype, gen, kdev, check, nan_buffer):
     x, r = _x(gen, shape, dtype, strided), _x(gen, shape, dtype, False)
     w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype)
