@@ -51,6 +51,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.moe_metrics = MoEMetrics(len(config.model.sparse_layers), config.model.num_experts, self.world_size)
         self._step_id = 0
+        # Set by the server when metrics are exported (moelink.engine.metrics.EngineMetrics).
+        self.metrics = None
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -129,7 +131,10 @@ class LLMEngine:
         ids = [r for r in request_ids if r in self.output_processor.states]
         status = RequestStatus.FINISHED_ABORTED if reason == "abort" else RequestStatus.FINISHED_ERROR
         self._finish(ids, status)
-        return [o for o in (self.output_processor.finish(r, reason) for r in ids) if o is not None]
+        outputs = [o for o in (self.output_processor.finish(r, reason) for r in ids) if o is not None]
+        if self.metrics is not None:
+            self.metrics.on_outputs(outputs)
+        return outputs
 
     def _finish(self, request_ids, status: RequestStatus) -> None:
         for rid in request_ids:
@@ -155,7 +160,29 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self._finish(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.metrics is not None:
+            self.metrics.on_outputs(outputs)
         return outputs
+
+    def experts_on_ranks(self) -> list[list[tuple[int, int]]]:
+        """Per rank: (logical expert, number of replicas of it) for each expert slot it holds."""
+        if self.world_size == 1:
+            return [[(e, 1) for e in range(self.config.model.num_experts)]]
+        from moelink.moe.placement import ExpertPlacement
+
+        p = ExpertPlacement(num_experts=self.config.model.num_experts, ep_size=self.world_size,
+                            num_redundant=self.config.parallel.num_redundant_experts)
+        copies = [len(r) for r in p.log2phy]
+        return [[(e, copies[e]) for e in p.experts_on_rank(r)] for r in range(self.world_size)]
+
+    def expert_load(self) -> dict:
+        """Raw expert-load counts since start: [MoE layer][expert] routed (token, expert) pairs."""
+        m = self.moe_metrics
+        return {"moe_layers": list(self.config.model.sparse_layers), "num_experts": m.num_experts,
+                "top_k": self.config.model.top_k, "world_size": self.world_size,
+                "experts_on_ranks": [[e for e, _ in held] for held in self.experts_on_ranks()],
+                "tokens_per_expert": [list(row) for row in m.tokens_per_expert],
+                "bytes_dispatched": m.bytes_dispatched, "bytes_combined": m.bytes_combined, "steps": m.steps}
 
     def rank_stats(self) -> list[SchedulerStats]:
         return [s.stats() for s in self.schedulers]

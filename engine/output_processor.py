@@ -106,5 +106,6 @@ class OutputProcessor:
         else:
             text, ids, logprobs = st.text, list(st.token_ids), st.logprobs
         comp = CompletionOutput(0, text, ids, st.cumulative_logprob, logprobs, finish_reason, stop_reason)
-        metrics = {"arrival_time": st.arrival_time, "first_token_time": st.first_token_time}
+        metrics = {"arrival_time": st.arrival_time, "first_token_time": st.first_token_time,
+                   "output_kind": st.output_kind.value}
         return RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], finished, st.num_cached_tokens, metrics)

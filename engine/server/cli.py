@@ -23,6 +23,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--api-key", default=os.environ.get("MOELINK_API_KEY"),
                    help="require metadata 'authorization: Bearer KEY' (default: $MOELINK_API_KEY)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics over HTTP on this port (default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default loopback)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one object per line with request ids, for log pipelines")
     p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest gRPC message, in bytes, received or sent")
     if "--expert-parallel-size" not in p._option_string_actions:  # engine flags may already have it
@@ -33,7 +38,8 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=ns.host, port=ns.port, served_model_name=ns.served_model_name,
                         max_queued_requests=ns.max_queued_requests, max_queued_tokens=ns.max_queued_tokens,
                         shutdown_grace=ns.shutdown_grace, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
-                        api_key=ns.api_key, max_message_size=ns.max_message_size)
+                        api_key=ns.api_key, max_message_size=ns.max_message_size,
+                        metrics_port=ns.metrics_port, metrics_host=ns.metrics_host, log_format=ns.log_format)
 
 
 def serve_engine_args_from(ns: argparse.Namespace):
@@ -61,6 +67,42 @@ def _bench_serve(ns: argparse.Namespace) -> int:
     return serve_load.run_from_args(ns)
 
 
+def _stats(ns: argparse.Namespace) -> int:
+    """Fetch the raw expert-load counts from a running server (the ExpertLoad RPC) and print/save them."""
+    import json
+
+    import grpc
+
+    from .gen import moelink_v1_pb2 as pb
+    from .gen import moelink_v1_pb2_grpc as pb_grpc
+
+    if ns.tls_ca:
+        with open(ns.tls_ca, "rb") as f:
+            channel = grpc.secure_channel(ns.target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+    else:
+        channel = grpc.insecure_channel(ns.target)
+    metadata = (("authorization", f"Bearer {ns.api_key}"),) if ns.api_key else None
+    with channel:
+        try:
+            r = pb_grpc.GenerationStub(channel).ExpertLoad(pb.ExpertLoadRequest(), timeout=ns.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            raise ValueError(f"target={ns.target!r}: {exc.code().name}: {exc.details()}") from None
+    load = {"moe_layers": list(r.moe_layers), "num_experts": r.num_experts, "top_k": r.top_k,
+            "world_size": r.world_size, "tokens_per_expert": [list(row.tokens_per_expert) for row in r.layers],
+            "experts_on_ranks": [list(x.experts) for x in r.experts_on_ranks],
+            "bytes_dispatched": r.bytes_dispatched, "bytes_combined": r.bytes_combined, "steps": r.steps}
+    text = json.dumps(load, indent=2)
+    if ns.out:
+        with open(ns.out, "w") as f:
+            f.write(text)
+        total = sum(map(sum, load["tokens_per_expert"]))
+        print(f"wrote {ns.out}: {len(load['moe_layers'])} MoE layers x {load['num_experts']} experts, "
+              f"{total} routed (token, expert) pairs")
+    else:
+        print(text)
+    return 0
+
+
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over gRPC (moelink.v1 and vllm.grpc.engine.VllmEngine)")
     add_engine_args(p)
@@ -72,3 +114,11 @@ def register_cli(subparsers) -> None:
     b = subparsers.add_parser("bench-serve", help="load benchmark against a running gRPC server (or one it starts)")
     serve_load.add_arguments(b)
     b.set_defaults(func=_bench_serve)
+
+    st = subparsers.add_parser("stats", help="raw expert-load counts of a running server (JSON)")
+    st.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of `moelink serve`")
+    st.add_argument("--api-key", default=os.environ.get("MOELINK_API_KEY"))
+    st.add_argument("--tls-ca", default=None, help="PEM of the CA (or self-signed cert) to trust: use TLS")
+    st.add_argument("--timeout", type=float, default=30.0)
+    st.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+    st.set_defaults(func=_stats)

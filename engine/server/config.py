@@ -23,6 +23,9 @@ class ServerConfig:
     tls_key: Optional[str] = None
     api_key: Optional[str] = None
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    metrics_port: Optional[int] = None  # Prometheus /metrics over HTTP; None = off
+    metrics_host: str = "127.0.0.1"
+    log_format: str = "text"  # "text" or "json" (one JSON object per line, with request ids)
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -48,6 +51,12 @@ class ServerConfig:
             bad("api_key", "must be a non-empty string")
         if not _is_int(self.max_message_size) or self.max_message_size < 1024:
             bad("max_message_size", "must be an integer number of bytes >= 1024")
+        if self.metrics_port is not None and (not _is_int(self.metrics_port) or not 0 <= self.metrics_port <= 65535):
+            bad("metrics_port", "must be an integer in [0, 65535] (or unset for no metrics)")
+        if self.metrics_port is not None and self.metrics_port == self.port and self.port != 0:
+            bad("metrics_port", "must differ from --port")
+        if self.log_format not in ("text", "json"):
+            bad("log_format", "choose 'text' or 'json'")
         if self.served_model_name is not None and not self.served_model_name:
             bad("served_model_name", "must be a non-empty string")
 

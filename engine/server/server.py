@@ -56,6 +56,8 @@ class MoelinkServer:
         self._watchdog: Optional[asyncio.Task] = None
         self._stopped: Optional[asyncio.Event] = None
         self._draining_task: Optional[asyncio.Task] = None
+        self._metrics_server = None
+        self.metrics_port: Optional[int] = None
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0)."""
@@ -96,7 +98,20 @@ class MoelinkServer:
         for service in ("",) + SERVICES:
             await self.health.set(service, _SERVING)
         self._watchdog = asyncio.create_task(self._watch_engine())
+        if cfg.metrics_port is not None:
+            self._start_metrics()
         return port
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import start_http_server
+
+        from ..metrics import EngineMetrics
+
+        metrics = EngineMetrics(self.engine.engine)
+        self.engine.engine.metrics = metrics
+        self._metrics_server, _ = start_http_server(self.config.metrics_port, addr=self.config.metrics_host,
+                                                    registry=metrics.registry)
+        self.metrics_port = self._metrics_server.server_port
 
     async def _watch_engine(self) -> None:
         """After the engine loop dies, say so: health NOT_SERVING everywhere, new requests UNAVAILABLE."""
@@ -135,6 +150,9 @@ class MoelinkServer:
     async def stop(self, grace: float = 1.0) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         if self.server is not None:
             await self.server.stop(grace)
         if self._stopped is not None:
@@ -155,13 +173,48 @@ async def _serve(engine: AsyncEngine, config: ServerConfig) -> None:
     # Tests and scripts wait for this line (it carries the port when --port 0 picked one).
     print(f"moelink: serving {server.serving.served_model_name!r} on {host}:{port} "
           f"(gRPC {scheme}; services {', '.join(SERVICES)})", flush=True)
+    if server.metrics_port is not None:
+        print(f"moelink: metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True)
     await server.wait_closed()
     print("moelink: server stopped", flush=True)
 
 
+_STANDARD_RECORD_KEYS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra` fields (request_id, ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        doc = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        doc.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD_RECORD_KEYS})
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+class _TextWithExtras(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD_RECORD_KEYS}
+        return line + ("".join(f" {k}={v}" for k, v in extras.items()) if extras else "")
+
+
+def configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json"
+                         else _TextWithExtras("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
 def serve(engine_args, config: ServerConfig) -> int:
     """Load the engine, serve until SIGTERM/SIGINT, drain, exit. Blocking; returns an exit code."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_format)
     engine = AsyncEngine.from_engine_args(engine_args)
     try:
         asyncio.run(_serve(engine, config))

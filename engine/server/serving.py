@@ -134,6 +134,8 @@ class Serving:
         if not self.engine.is_healthy:
             raise Draining(f"the engine is not running ({self.engine.dead_error}); retry on another replica.")
         entry = self.registry.admit(request_id, [eid for eid, _ in samples], len(prompt_ids) * n)
+        t0, generated, reasons = time.monotonic(), 0, []
+        logger.info("request admitted", extra={"request_id": request_id, "prompt_tokens": len(prompt_ids), "n": n})
         try:
             if n == 1:
                 stream = self._one(request_id, prompt_ids, params, kind)
@@ -143,9 +145,17 @@ class Serving:
                 async for index, out in stream:
                     self.registry.mark_started(entry)
                     self.registry.record_tokens(len(out.outputs[0].token_ids))
+                    generated += len(out.outputs[0].token_ids)
+                    if out.finished:
+                        reasons.append(out.outputs[0].finish_reason)
                     yield index, out
         finally:
             self.registry.release(entry)
+            # One structured line per request (with --log-format json, one JSON object).
+            logger.info("request finished", extra={
+                "request_id": request_id, "prompt_tokens": len(prompt_ids), "completion_tokens": generated,
+                "finish_reason": ",".join(r or "" for r in reasons) or "cancelled",
+                "latency_s": round(time.monotonic() - t0, 4)})
 
     async def _one(self, eid, prompt_ids, params, kind):
         gen = self.engine.generate(eid, prompt_ids, params, kind)

@@ -227,3 +227,41 @@ class ServerInfoResponse(_message.Message):
     healthy: bool
     draining: bool
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions_total: _Optional[int] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., requests_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., generation_throughput: _Optional[float] = ..., uptime_s: _Optional[float] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class ExpertLoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertLoadRow(_message.Message):
+    __slots__ = ("tokens_per_expert",)
+    TOKENS_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    tokens_per_expert: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens_per_expert: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RankExperts(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, experts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ExpertLoadResponse(_message.Message):
+    __slots__ = ("moe_layers", "num_experts", "top_k", "world_size", "layers", "experts_on_ranks", "bytes_dispatched", "bytes_combined", "steps")
+    MOE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_ON_RANKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DISPATCHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_COMBINED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    moe_layers: _containers.RepeatedScalarFieldContainer[int]
+    num_experts: int
+    top_k: int
+    world_size: int
+    layers: _containers.RepeatedCompositeFieldContainer[ExpertLoadRow]
+    experts_on_ranks: _containers.RepeatedCompositeFieldContainer[RankExperts]
+    bytes_dispatched: int
+    bytes_combined: int
+    steps: int
+    def __init__(self, moe_layers: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., world_size: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[ExpertLoadRow, _Mapping]]] = ..., experts_on_ranks: _Optional[_Iterable[_Union[RankExperts, _Mapping]]] = ..., bytes_dispatched: _Optional[int] = ..., bytes_combined: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class GenerationStub:
                 request_serializer=moelink__v1__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=moelink__v1__pb2.ServerInfoResponse.FromString,
                 _registered_method=True)
+        self.ExpertLoad = channel.unary_unary(
+                '/moelink.v1.Generation/ExpertLoad',
+                request_serializer=moelink__v1__pb2.ExpertLoadRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.ExpertLoadResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -87,6 +92,14 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExpertLoad(self, request, context):
+        """Raw expert-load counts since start (`moelink stats`): routed (token, expert)
+        pairs per MoE layer and logical expert, summed over the ranks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.ServerInfo,
                     request_deserializer=moelink__v1__pb2.ServerInfoRequest.FromString,
                     response_serializer=moelink__v1__pb2.ServerInfoResponse.SerializeToString,
+            ),
+            'ExpertLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExpertLoad,
+                    request_deserializer=moelink__v1__pb2.ExpertLoadRequest.FromString,
+                    response_serializer=moelink__v1__pb2.ExpertLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class Generation:
             '/moelink.v1.Generation/ServerInfo',
             moelink__v1__pb2.ServerInfoRequest.SerializeToString,
             moelink__v1__pb2.ServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpertLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Generation/ExpertLoad',
+            moelink__v1__pb2.ExpertLoadRequest.SerializeToString,
+            moelink__v1__pb2.ExpertLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

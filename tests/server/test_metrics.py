@@ -1,0 +1,99 @@
+"""Prometheus /metrics after a small workload, the ExpertLoad RPC, `moelink stats` and the heat map."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tiny_configs import TINY_CONFIGS
+
+
+def _metrics_port(srv, timeout=30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in list(srv.stdout_lines):
+            if line.startswith("moelink: metrics on http://"):
+                return int(line.rsplit(":", 1)[1].split("/", 1)[0])
+        time.sleep(0.1)
+    raise AssertionError("the server did not print its metrics address:\n" + "".join(srv.stdout_lines))
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
+            values[key] = s.value
+    return values
+
+
+def test_metrics_move_with_the_workload(spawn_server, util, tmp_path, model_path):
+    srv = spawn_server("--metrics-port", "0", "--log-format", "json")
+    port = _metrics_port(srv)
+    import grpc
+
+    from moelink.engine.server.gen import moelink_v1_pb2 as pb
+
+    stubs = util.make_stubs(grpc.insecure_channel(srv.addr))
+    rng = random.Random(5)
+    n_req, max_tokens = 7, 5
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(5, 60))] for _ in range(n_req)]
+    for i, ids in enumerate(prompts):
+        req = pb.GenerateRequest(request_id=f"m{i}", prompt_token_ids=pb.TokenIds(ids=ids),
+                                 sampling_params=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        last = list(stubs.native.Generate(req, timeout=60))[-1]
+        assert last.finish_reason == "length"
+    util.wait_until(lambda: util.pool_is_free(stubs.native, pb), timeout=10)
+    m = _scrape(port)
+    assert sum(v for k, v in m.items() if k.startswith("moelink_requests_total{")) == n_req
+    assert m["moelink_requests_total{outcome=length}"] == n_req
+    assert m["moelink_generation_tokens_total"] == n_req * max_tokens
+    assert m["moelink_prompt_tokens_total"] == sum(map(len, prompts))
+    assert m["moelink_time_to_first_token_seconds_count"] == n_req
+    assert m["moelink_e2e_request_latency_seconds_count"] == n_req
+    assert m["moelink_inter_token_latency_seconds_count"] == n_req * (max_tokens - 1)
+    assert m["moelink_kv_cache_usage_ratio"] == 0.0
+    assert m["moelink_kv_cache_free_blocks"] == m["moelink_kv_cache_total_blocks"] > 0
+    assert m["moelink_num_requests_running"] == 0 and m["moelink_num_requests_waiting"] == 0
+    # Every computed token is routed to top-k experts in every MoE layer.
+    cfg = TINY_CONFIGS["qwen3_e6k3"]
+    computed = sum(len(p) + max_tokens - 1 for p in prompts) - m["moelink_prefix_cache_hits_total"]
+    assert m["moelink_expert_tokens_total"] == computed * cfg["top_k"] * cfg["num_layers"]
+    for layer in range(cfg["num_layers"]):
+        assert m[f"moelink_expert_load_max_over_mean{{layer={layer}}}"] >= 1.0
+    # The raw counts behind it, through the RPC and `moelink stats`.
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, "-m", "moelink.engine.cli", "stats", "--target", srv.addr, "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    load = json.loads(out.read_text())
+    assert sum(map(sum, load["tokens_per_expert"])) == m["moelink_expert_tokens_total"]
+    assert len(load["tokens_per_expert"]) == cfg["num_layers"] and len(load["tokens_per_expert"][0]) == cfg["num_experts"]
+    from moelink.benchmarks.plot_expert_load import plot
+
+    heat, ranks = plot(load, str(tmp_path / "load"))
+    assert heat.stat().st_size > 1000 and ranks.stat().st_size > 1000
+    # Structured logs: one JSON line per finished request, with its id.
+    srv.stop()
+    finished = [json.loads(line) for line in srv.logs().splitlines()
+                if line.startswith("{") and '"request finished"' in line]
+    assert {rec["request_id"] for rec in finished} >= {f"m{i}" for i in range(n_req)}
+    assert all(rec["finish_reason"] == "length" for rec in finished if rec["request_id"].startswith("m"))
+
+
+def test_metrics_flags_validated(model_path):
+    from moelink.engine.server.config import ServerConfig
+
+    with pytest.raises(ValueError, match="metrics_port"):
+        ServerConfig(port=50051, metrics_port=50051)
+    with pytest.raises(ValueError, match="metrics_port"):
+        ServerConfig(metrics_port=70000)
+    with pytest.raises(ValueError, match="log_format"):
+        ServerConfig(log_format="xml")
