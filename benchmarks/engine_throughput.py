@@ -29,6 +29,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 MODEL_KW = dict(arch="qwen3_moe", num_layers=4, hidden_size=256, num_experts=16, top_k=4, num_heads=8,
                 num_kv_heads=2, head_dim=32, moe_intermediate_size=256, vocab_size=1024,
@@ -82,6 +83,7 @@ def run_hf_static(path, prompts, outs, device, batch=16):
 
 
 def run_hf_continuous(path, prompts, outs, device):
+    """transformers generate_batch (continuous batching)"""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").to(device).eval()
@@ -119,13 +121,15 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = str(make_tiny_model(tmp, **MODEL_KW))
-        rows.append(run_moelink(path, prompts, outs, args.device))
-        rows.append(run_hf_static(path, prompts, outs, args.device))
-        if not args.skip_hf_continuous:
+        runs = [run_moelink, run_hf_static] + ([] if args.skip_hf_continuous else [run_hf_continuous])
+        # One bar step per system (outside the timed regions).
+        for run in tqdm(runs, desc="systems", unit="system"):
             try:
-                rows.append(run_hf_continuous(path, prompts, outs, args.device))
-            except Exception as exc:  # report, don't hide: it may not support this device
-                rows.append(dict(system="transformers generate_batch (continuous batching)", error=f"{type(exc).__name__}: {exc}"[:300]))
+                rows.append(run(path, prompts, outs, args.device))
+            except Exception as exc:  # report, don't hide: e.g. a system that does not run on this device
+                if run is run_moelink:
+                    raise
+                rows.append(dict(system=run.__doc__ or run.__name__, error=f"{type(exc).__name__}: {exc}"[:300]))
     base = rows[0]["useful_tokens"] / rows[0]["seconds"]
     print(f"\n{args.num_requests} requests, prompts 32-512, outputs 16-128 ({sum(outs)} output tokens), "
           f"model {MODEL_KW['num_layers']}L h{MODEL_KW['hidden_size']} E{MODEL_KW['num_experts']} top{MODEL_KW['top_k']} fp32, "

@@ -22,6 +22,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from tqdm import tqdm
+
 MODEL_KW = dict(arch="qwen3_moe", num_layers=2, hidden_size=128, num_experts=16, top_k=4, num_heads=4,
                 num_kv_heads=2, head_dim=32, moe_intermediate_size=128, vocab_size=512)
 
@@ -80,7 +82,7 @@ def main(argv=None) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = str(make_tiny_model(tmp, **MODEL_KW))
-            for ep in args.ep:
+            for ep in tqdm(args.ep, desc="EP sizes", unit="run"):
                 rows.append(run(ep, path, prompts, outs))
     finally:
         ray.shutdown()
