@@ -7,7 +7,8 @@ gloo. The table compares the bytes our dispatch sent (each token once per
 distinct destination rank) with what a naive dispatch sends (once per
 (token, expert) pair). On a 2-core CPU machine more ranks do not run faster —
 the ranks share the cores and gloo copies through loopback — so read the
-throughput column as overhead, and the bytes columns as the design's saving;
+throughput column as overhead, and the bytes columns as the design's saving
+(each rank, EP 1 included, runs one intra-op thread);
 GPU/NVLink speed is the cluster model's job (benchmarks/cluster_model.py).
 """
 from __future__ import annotations
@@ -72,17 +73,27 @@ def main(argv=None) -> dict:
     os.environ.setdefault("MOELINK_MASTER_ADDR", "127.0.0.1")
     import ray
 
+    import torch
+
     from moelink.engine.tiny_model import make_tiny_model
+
+    # One intra-op thread per rank, as every Ray rank on CPU uses: EP 1 gets one core like
+    # each EP rank does, and no rank's OpenMP threads spin against another rank's.
+    torch.set_num_threads(1)
 
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(3, MODEL_KW["vocab_size"]) for _ in range(rng.randint(32, 128))] for _ in range(args.num_requests)]
     outs = [rng.randint(16, 32) for _ in range(args.num_requests)]
-    ray.init(address="local", num_cpus=max(args.ep), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = str(make_tiny_model(tmp, **MODEL_KW))
-            for ep in tqdm(args.ep, desc="EP sizes", unit="run"):
+            for ep in tqdm(sorted(args.ep), desc="EP sizes", unit="run"):
+                # EP 1 runs in-process; Ray starts only for the first EP > 1, so its
+                # booting worker processes never compete with the one-rank run.
+                if ep > 1 and not ray.is_initialized():
+                    ray.init(address="local", num_cpus=max(args.ep), include_dashboard=False, log_to_driver=False,
+                             _node_ip_address="127.0.0.1")
                 rows.append(run(ep, path, prompts, outs))
     finally:
         ray.shutdown()

@@ -98,9 +98,10 @@ def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                    scale, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb, stride_ot, stride_on,
-                   num_heads, head_dim,
+                   num_heads, head_dim, Z,
                    G: tl.constexpr, L: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_N: tl.constexpr, Z: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    # Z (splits) is a runtime value, so a new batch shape never means a new compile; SPLIT = Z > 1.
     s_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -124,7 +125,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, hi, g, scale,
                                      stride_cb, stride_cl, stride_ck, head_dim, BLOCK_G, L, BLOCK_N, BLOCK_H, False,
                                      INTERPRET, PREC)
-    if Z == 1:
+    if not SPLIT:
         o = acc / l_i[:, None]
         o_ptrs = out_ptr + q_start.to(tl.int64) * stride_ot + head[:, None] * stride_on + d[None, :]
         tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=q_ok)
@@ -138,8 +139,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out
 
 
 @triton.jit
-def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, stride_ot, stride_on, num_heads, head_dim,
-                          Z: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, stride_ot, stride_on, num_heads, head_dim, Z,
+                          BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
     s_idx = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(qsl_ptr + s_idx)
@@ -263,13 +264,13 @@ def triton_paged_attention(
             part_lse = common.workspace((S, N, Z), torch.float32, dev)
         _decode_kernel[(S, K, Z)](
             *common_args, out, part_o, part_lse, scale, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
-            out.stride(0), out.stride(1), N, H, G=G, L=L, BLOCK_G=max(16, triton.next_power_of_2(G)),
-            BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, Z=Z, num_warps=4, **flags,
+            out.stride(0), out.stride(1), N, H, Z, G=G, L=L, BLOCK_G=max(16, triton.next_power_of_2(G)),
+            BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, SPLIT=Z > 1, num_warps=4, **flags,
         )
         if Z > 1:
             _decode_reduce_kernel[(S, N)](
-                part_o, part_lse, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, H,
-                Z=Z, BLOCK_Z=triton.next_power_of_2(Z), BLOCK_H=BLOCK_H, INTERPRET=flags["INTERPRET"], num_warps=4,
+                part_o, part_lse, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, H, Z,
+                BLOCK_Z=triton.next_power_of_2(Z), BLOCK_H=BLOCK_H, INTERPRET=flags["INTERPRET"], num_warps=4,
             )
     if meta.max_query_len > 1:
         BLOCK_G = triton.next_power_of_2(G)

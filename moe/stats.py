@@ -44,7 +44,10 @@ class MoEStats:
 
     def record_routing(self, layer: int, topk_ids_TK: torch.Tensor) -> None:
         if topk_ids_TK.numel():
-            self.counts_LG[layer] += torch.bincount(topk_ids_TK.reshape(-1), minlength=self.num_experts)
+            # index_add_, not bincount: bincount sizes its output from the data, a host sync on
+            # CUDA that would also break CUDA-graph capture.
+            ids = topk_ids_TK.reshape(-1)
+            self.counts_LG[layer].index_add_(0, ids, torch.ones_like(ids, dtype=self.counts_LG.dtype))
 
     def record_transfer(self, layer: int, bytes_dispatched: int, bytes_combined: int, rows: int) -> None:
         self._bytes[layer] += bytes_dispatched
