@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
+from moelink.benchmarks.provenance import git_commit as _commit
 
 README_HARDWARE = ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72")
 
@@ -51,13 +51,6 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the result as JSON here")
     p.add_argument("--plot", dest="plot_path", default=None, help="write throughput per GPU vs EP size (PNG)")
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _meta(argv_text: str) -> dict:

@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import random
-import subprocess
 import tempfile
 import time
 from datetime import date
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from moelink.benchmarks.provenance import git_commit as _commit
 
 MODEL_KW = dict(arch="qwen3_moe", num_layers=4, hidden_size=256, num_experts=16, top_k=4, num_heads=8,
                 num_kv_heads=2, head_dim=32, moe_intermediate_size=256, vocab_size=1024,
@@ -98,13 +98,6 @@ def run_hf_continuous(path, prompts, outs, device):
     return dict(system="transformers generate_batch (continuous batching)", seconds=dt,
                 useful_tokens=useful, generated_tokens=generated)
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main(argv=None) -> dict:

@@ -17,24 +17,17 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 from tqdm import tqdm
+from moelink.benchmarks.provenance import git_commit as _commit
 
 MODEL_KW = dict(arch="qwen3_moe", num_layers=2, hidden_size=128, num_experts=16, top_k=4, num_heads=4,
                 num_kv_heads=2, head_dim=32, moe_intermediate_size=128, vocab_size=512)
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def run(ep: int, path: str, prompts, outs) -> dict:

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from moelink.benchmarks.provenance import git_commit as commit
 
 # name: (E experts, K top-k, D hidden, I expert intermediate), from the models' config.json.
 SHAPES = {
@@ -53,13 +53,6 @@ RESULTS = Path(__file__).parent / "results"
 
 
 # -- run metadata and measurement helpers (shared with tune_moe.py and engine_decode.py) ----------------------
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
 
 def device_label(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

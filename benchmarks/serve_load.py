@@ -37,6 +37,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
+from moelink.benchmarks.provenance import git_commit as _git_commit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -316,13 +317,6 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def run_from_args(ns: argparse.Namespace) -> int:

@@ -76,12 +76,9 @@ def _stats(ns: argparse.Namespace) -> int:
     from .gen import moelink_v1_pb2 as pb
     from .gen import moelink_v1_pb2_grpc as pb_grpc
 
-    if ns.tls_ca:
-        with open(ns.tls_ca, "rb") as f:
-            channel = grpc.secure_channel(ns.target, grpc.ssl_channel_credentials(root_certificates=f.read()))
-    else:
-        channel = grpc.insecure_channel(ns.target)
-    metadata = (("authorization", f"Bearer {ns.api_key}"),) if ns.api_key else None
+    from .client import open_channel
+
+    channel, metadata = open_channel(ns.target, ns.tls_ca, ns.api_key)
     with channel:
         try:
             r = pb_grpc.GenerationStub(channel).ExpertLoad(pb.ExpertLoadRequest(), timeout=ns.timeout, metadata=metadata)

@@ -14,6 +14,16 @@ from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
 
 
+def open_channel(target: str, tls_ca: str | None, api_key: str | None):
+    """(channel, call metadata) for a server: TLS when a CA file is given, a bearer token when a key is."""
+    if tls_ca:
+        with open(tls_ca, "rb") as f:
+            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+    else:
+        channel = grpc.insecure_channel(target)
+    return channel, ((("authorization", f"Bearer {api_key}"),) if api_key else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("prompt", nargs="+")
@@ -25,12 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-ca", default=None, help="PEM file of the CA (or self-signed cert) to trust: use TLS")
     ap.add_argument("--timeout", type=float, default=60.0)
     ns = ap.parse_args(argv)
-    if ns.tls_ca:
-        with open(ns.tls_ca, "rb") as f:
-            channel = grpc.secure_channel(ns.target, grpc.ssl_channel_credentials(root_certificates=f.read()))
-    else:
-        channel = grpc.insecure_channel(ns.target)
-    metadata = (("authorization", f"Bearer {ns.api_key}"),) if ns.api_key else None
+    channel, metadata = open_channel(ns.target, ns.tls_ca, ns.api_key)
     stub = pb_grpc.GenerationStub(channel)
     params = pb.SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature)
     if ns.seed is not None:

@@ -24,7 +24,7 @@ def test_proto_ships_with_the_package():
     from moelink.engine.server.gen import moelink_v1_pb2
 
     methods = {m.name for m in moelink_v1_pb2.DESCRIPTOR.services_by_name["Generation"].methods}
-    assert methods == {"Generate", "Abort", "ModelInfo", "ServerInfo"}
+    assert methods == {"Generate", "Abort", "ModelInfo", "ServerInfo", "ExpertLoad"}
 
 
 def test_serve_flags(tmp_path, monkeypatch):
