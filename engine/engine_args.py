@@ -1,6 +1,7 @@
 """EngineArgs: every user-facing engine option in one validated place, turned into per-concern configs."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,6 +11,8 @@ from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
 from .config import ModelConfig, ParallelConfig
 from .model_runner import kv_cache_bytes_per_block
+
+logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: ample for tiny models, small for a 24 GiB machine
 
@@ -65,6 +68,12 @@ class EngineArgs:
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
+            if not torch.cuda.is_available() and self.expert_parallel_size > 1:
+                # The driver decides the ranks' device; a CPU-only driver in front of a GPU
+                # cluster would otherwise ask Ray for CPU bundles without a word.
+                logger.warning("device='auto' resolved to CPU because this process sees no GPU: the %d ranks "
+                               "will run on CPUs. Pass --device cuda to use the cluster's GPUs.",
+                               self.expert_parallel_size)
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -101,8 +110,11 @@ class EngineArgs:
         if self.kv_cache_memory_bytes is not None:
             budget = self.kv_cache_memory_bytes
         elif device.type == "cuda":
+            # Measured on this process's GPU, for one rank's weights (its 1/N of the experts);
+            # ranks on other nodes are assumed alike. Pass kv_cache_memory_bytes to be exact.
             free, total = torch.cuda.mem_get_info(device)
-            weights = _weight_bytes(model_cfg)
+            par = self.parallel_config()
+            weights = _weight_bytes(model_cfg, par.expert_parallel_size, par.num_redundant_experts)
             budget = int(total * self.gpu_memory_utilization) - (total - free) - weights
         else:
             # Enough for every sequence at full length, capped at 1 GiB.
@@ -117,10 +129,12 @@ class EngineArgs:
         return int(blocks)
 
 
-def _weight_bytes(cfg: ModelConfig) -> int:
+def _weight_bytes(cfg: ModelConfig, ep_size: int = 1, num_redundant: int = 0) -> int:
+    """Bytes of weights one rank holds: everything but the experts, plus its share of the expert slots."""
     elem = torch.empty((), dtype=cfg.dtype).element_size()
     attn = cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * cfg.hidden_size
-    moe = cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size + cfg.num_experts * cfg.hidden_size
+    local_experts = -(-(cfg.num_experts + num_redundant) // ep_size)
+    moe = local_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size + cfg.num_experts * cfg.hidden_size
     dense = 3 * cfg.hidden_size * cfg.intermediate_size
     n_sparse = len(cfg.sparse_layers)
     per_model = cfg.num_layers * attn + n_sparse * moe + (cfg.num_layers - n_sparse) * dense
