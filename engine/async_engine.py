@@ -37,8 +37,13 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
-    def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put(self, item) -> bool:
+        """False if the consumer's event loop is closed (nobody will ever read)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            return False
+        return True
 
 
 class AsyncEngine:
@@ -80,7 +85,9 @@ class AsyncEngine:
             if self.dead_error is not None:
                 self._streams.pop(request_id, None)
                 raise EngineDeadError(f"engine is not running: {self.dead_error}")
-        self._send(("add", processed, output_kind))
+            # Under the lock: the engine thread's last command drain (shutdown)
+            # then either sees this add or this call sees dead_error.
+            self._send(("add", processed, output_kind))
         finished = False
         try:
             while True:
@@ -120,8 +127,13 @@ class AsyncEngine:
         for out in outputs:
             with self._lock:
                 stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put(out)
+            if stream is not None and not stream.put(out):
+                # Its consumer's loop closed without closing the generator: free
+                # the request here rather than let one client kill the engine thread.
+                with self._lock:
+                    self._streams.pop(out.request_id, None)
+                if not out.finished:
+                    self._send(("abort", out.request_id))
 
     def _apply_commands(self) -> None:
         while True:
@@ -145,12 +157,15 @@ class AsyncEngine:
         try:
             while not self._stopping:
                 self._apply_commands()
-                if self.engine.has_unfinished_requests():
+                if self.engine.has_requests():
                     self._deliver(self.engine.step())
                 else:
                     self._wakeup.wait(0.05)
                     self._wakeup.clear()
-            # Shutdown: whatever is still running ends with reason "abort".
+            # Shutdown: refuse new requests (generate checks dead_error under the
+            # lock), then whatever is still running ends with reason "abort".
+            with self._lock:
+                self.dead_error = EngineDeadError("engine is shut down")
             self._apply_commands()
             self._deliver(self.engine.abort_requests(list(self.engine.output_processor.states)))
         except BaseException as exc:  # the engine is dead: fail everyone, hang no one

@@ -40,6 +40,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         if isinstance(stop, str):
             stop = [stop]
@@ -49,6 +50,9 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop)
         self.include_stop_str_in_output = include_stop_str_in_output
+        # As in vLLM, stop strings (like EOS and stop ids) do not end a request
+        # before min_tokens tokens: only text decoded after them is searched.
+        self.min_tokens = min_tokens
         self.stop_reason: Optional[str] = None
         self.output_token_ids: list[int] = []
         # A suffix shorter than the longest stop string may still grow into one.
@@ -115,7 +119,7 @@ class IncrementalDetokenizer:
 
     def _release(self, final: bool) -> str:
         start = self._emitted_len
-        if self.stop:
+        if self.stop and len(self.output_token_ids) > self.min_tokens:
             match = self._find_stop(start)
             if match is not None:
                 pos, stop_str = match

@@ -46,7 +46,9 @@ class InProcessExecutor(Executor):
 
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         (so,) = outputs_per_rank
-        return [self.worker.execute(so)]
+        # No peers to join in an all-to-all: an empty step (e.g. one that only
+        # carries finished ids) runs no model code.
+        return [self.worker.execute(so, run_forward=not so.is_empty)]
 
 
 def make_executor(config: EngineConfig) -> Executor:

@@ -54,7 +54,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         bar = _bar(len(processed), use_tqdm)
         try:
-            while self.engine.has_unfinished_requests():
+            while self.engine.has_requests():
                 for out in self.engine.step():
                     if out.finished:
                         finished[out.request_id] = out

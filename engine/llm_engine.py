@@ -7,7 +7,7 @@ request touches the scheduler, so a rejected request never holds a KV block.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 from moelink.scheduler.engine_output import SchedulerStats
@@ -39,9 +39,12 @@ class ProcessedRequest:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None, tokenizer: Tokenizer | None = None):
-        self.config = config
         self.tokenizer = tokenizer or Tokenizer.from_dir(config.model.model)
         self.eos_token_ids = set(config.model.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        # The workers' samplers hold EOS back under min_tokens: they must know every
+        # EOS id the schedulers stop on (generation_config.json, tokenizer too).
+        config = replace(config, model=replace(config.model, eos_token_ids=tuple(sorted(self.eos_token_ids))))
+        self.config = config
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
         self.schedulers = [Scheduler(config.scheduler, config.cache) for _ in range(self.world_size)]
@@ -144,6 +147,12 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return any(s.has_unfinished_requests() for s in self.schedulers)
+
+    def has_requests(self) -> bool:
+        """Unfinished requests, or finished ones the workers have not been told about:
+        their ids only travel with the next step, so a loop that stops stepping when
+        the last request finishes would leave the workers holding its state."""
+        return any(s.has_unfinished_requests() or s.has_finished_requests() for s in self.schedulers)
 
     def step(self) -> list[RequestOutput]:
         """One lockstep step of every rank; returns the outputs it produced."""

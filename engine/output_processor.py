@@ -40,7 +40,8 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, output_kind: OutputKind) -> None:
         detok = IncrementalDetokenizer(
-            self.tokenizer, prompt_token_ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
+            self.tokenizer, prompt_token_ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output,
+            min_tokens=params.min_tokens,
         )
         st = RequestState(request_id, prompt, prompt_token_ids, params, output_kind, detok)
         if params.logprobs is not None:

@@ -53,10 +53,14 @@ class RayExecutor(Executor):
         try:
             ray.get(self.pg.ready(), timeout=_PG_TIMEOUT_S)
         except Exception as exc:
+            resources = ray.cluster_resources()
             ray.util.remove_placement_group(self.pg)
+            if self._started_ray:  # a retry must not find our half-used instance
+                ray.shutdown()
+                self._started_ray = False
             raise RuntimeError(
                 f"Ray cannot place {self.world_size} workers of {bundle} each within {_PG_TIMEOUT_S:.0f} s "
-                f"(cluster resources: {ray.cluster_resources()}): add nodes or lower expert_parallel_size."
+                f"(cluster resources: {resources}): add nodes or lower expert_parallel_size."
             ) from exc
         actor_cls = ray.remote(Worker)
         self.workers = [
