@@ -38,8 +38,10 @@ serve: setup $(TINY_MODEL)/config.json
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# GPU tests live where the code needs nothing beyond torch/triton/transformers (the GPU image has no
+# smg-grpc-proto or Ray); benchmarks/gpu_session.sh runs these plus the GPU benchmarks.
 test-gpu: setup
-	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m gpu tests/kernels tests/engine tests/comm tests/moe $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m moelink.benchmarks.engine_throughput
