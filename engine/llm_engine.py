@@ -112,6 +112,9 @@ class LLMEngine:
 
     # -- request lifecycle ----------------------------------------------------
     def add_processed(self, req: ProcessedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        # Checked here, not per rank: the router may place a duplicate on another rank's scheduler.
+        if req.request_id in self.output_processor.states:
+            raise ValueError(f"request_id={req.request_id!r} is already in use by a running request.")
         p = req.params
         sched_req = Request(
             req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,

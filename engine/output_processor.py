@@ -85,7 +85,11 @@ class OutputProcessor:
         st = self.states.pop(request_id, None)
         if st is None:
             return None
-        return self._make_output(st, [], "", reason, None, force=True)
+        # Text held back (a possible stop-string prefix, a split UTF-8 character) was
+        # generated all the same: the final output carries it.
+        delta = st.detok.flush() if st.detok.stop_reason is None else ""
+        st.text += delta
+        return self._make_output(st, [], delta, reason, None, force=True)
 
     def _add_logprobs(self, st: RequestState, lp: TokenLogprobs) -> None:
         entry = {tid: Logprob(v, rank + 1, self.tokenizer.decode([tid], skip_special_tokens=False))

@@ -133,3 +133,42 @@ def test_stop_strings_ignored_until_min_tokens(tiny_model):
     stop = first.strip()[:1]
     out = llm.generate([[7, 8, 9]], SamplingParams(stop=[stop], min_tokens=4, **greedy), use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) > 4, (first, out)
+
+
+def test_abort_output_carries_text_held_back_for_a_stop_string(tiny_model):
+    """An aborted request's last output includes text the detokenizer was holding back."""
+    from moelink.engine import LLM, SamplingParams
+    from moelink.engine.outputs import OutputKind
+
+    llm = LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=64, max_model_len=256)
+    eng = llm.engine
+    # A stop string that can never match but whose first character often starts the tail: the
+    # detokenizer holds back up to len(stop) - 1 characters until it is sure.
+    base = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    stop = base.text[-1] + "\x00never"
+    eng.add_request("held", [5, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop]),
+                    OutputKind.CUMULATIVE)
+    last = None
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        last = outs[-1] if outs else last
+        if last is not None and len(last.outputs[0].token_ids) == 12:
+            break
+    assert len(last.outputs[0].token_ids) == 12 and not last.finished
+    assert last.outputs[0].text != base.text  # something is held back at this point
+    (final,) = eng.abort_requests(["held"])
+    assert final.outputs[0].text == base.text
+    assert final.outputs[0].finish_reason == "abort"
+
+
+def test_duplicate_request_id_refused_even_if_routed_to_another_rank(tiny_model):
+    from moelink.engine import LLM, SamplingParams
+
+    llm = LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=64, max_model_len=256)
+    eng = llm.engine
+    req = eng.process_inputs("dup", [1, 2, 3], SamplingParams(max_tokens=4))
+    eng.add_processed(req)
+    with pytest.raises(ValueError, match="request_id='dup'"):
+        eng.add_processed(eng.process_inputs("dup", [9] * 30, SamplingParams(max_tokens=4)))
+    eng.abort_requests(["dup"])
