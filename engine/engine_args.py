@@ -26,6 +26,8 @@ class EngineConfig:
     device: torch.device  # the device type every rank uses (a rank's own index is set by its worker)
     kernels: str
     load_progress: bool
+    # With cache.num_kv_blocks None, how full each rank's device may get once the KV cache is in.
+    gpu_memory_utilization: float = 0.9
 
 
 @dataclass
@@ -101,21 +103,19 @@ class EngineArgs:
                                 max_model_len=model_cfg.max_model_len)
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device),
                             enable_prefix_caching=self.enable_prefix_caching)
-        return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress)
+        return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
+                            self.gpu_memory_utilization)
 
-    def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int:
+    def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
         if self.num_kv_blocks is not None:
             return self.num_kv_blocks
         per_block = kv_cache_bytes_per_block(model_cfg, self.block_size)
         if self.kv_cache_memory_bytes is not None:
             budget = self.kv_cache_memory_bytes
         elif device.type == "cuda":
-            # Measured on this process's GPU, for one rank's weights (its 1/N of the experts);
-            # ranks on other nodes are assumed alike. Pass kv_cache_memory_bytes to be exact.
-            free, total = torch.cuda.mem_get_info(device)
-            par = self.parallel_config()
-            weights = _weight_bytes(model_cfg, par.expert_parallel_size, par.num_redundant_experts)
-            budget = int(total * self.gpu_memory_utilization) - (total - free) - weights
+            # Sized by the workers once their weights are loaded (each measures its own
+            # GPU; the engine takes the smallest), not guessed here on the driver's GPU.
+            return None
         else:
             # Enough for every sequence at full length, capped at 1 GiB.
             want = self.max_num_seqs * -(-model_cfg.max_model_len // self.block_size) * per_block
@@ -128,15 +128,3 @@ class EngineArgs:
             )
         return int(blocks)
 
-
-def _weight_bytes(cfg: ModelConfig, ep_size: int = 1, num_redundant: int = 0) -> int:
-    """Bytes of weights one rank holds: everything but the experts, plus its share of the expert slots."""
-    elem = torch.empty((), dtype=cfg.dtype).element_size()
-    attn = cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * cfg.hidden_size
-    local_experts = -(-(cfg.num_experts + num_redundant) // ep_size)
-    moe = local_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size + cfg.num_experts * cfg.hidden_size
-    dense = 3 * cfg.hidden_size * cfg.intermediate_size
-    n_sparse = len(cfg.sparse_layers)
-    per_model = cfg.num_layers * attn + n_sparse * moe + (cfg.num_layers - n_sparse) * dense
-    per_model += cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    return per_model * elem

@@ -19,6 +19,20 @@ class Executor(ABC):
     def shutdown(self) -> None:
         pass
 
+    def initialize_kv_cache(self) -> int:
+        """Size the KV cache from what every rank has left after loading its weights:
+        each rank gets the same number of blocks, the smallest any rank can hold."""
+        blocks = min(self._collective("available_kv_blocks"))
+        if blocks < 1:
+            raise ValueError("gpu_memory_utilization leaves no memory for the KV cache once the weights are "
+                             "loaded: raise it, or pass kv_cache_memory_bytes / num_kv_blocks.")
+        self._collective("allocate_kv_cache", blocks)
+        return blocks
+
+    @abstractmethod
+    def _collective(self, method: str, *args) -> list:
+        """Call a Worker method on every rank; results in rank order."""
+
     def check_health(self) -> None:
         """Raise if a worker is gone."""
 
@@ -43,6 +57,9 @@ class InProcessExecutor(Executor):
     @property
     def runner(self):
         return self.worker.runner
+
+    def _collective(self, method: str, *args) -> list:
+        return [getattr(self.worker, method)(*args)]
 
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         (so,) = outputs_per_rank

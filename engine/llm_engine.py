@@ -44,13 +44,21 @@ class LLMEngine:
         # The workers' samplers hold EOS back under min_tokens: they must know every
         # EOS id the schedulers stop on (generation_config.json, tokenizer too).
         config = replace(config, model=replace(config.model, eos_token_ids=tuple(sorted(self.eos_token_ids))))
+        self.executor = executor or make_executor(config)
+        if config.cache.num_kv_blocks is None:
+            # Sized by the ranks themselves, now that their weights are in memory.
+            try:
+                blocks = self.executor.initialize_kv_cache()
+            except BaseException:
+                self.executor.shutdown()  # no worker outlives a failed start
+                raise
+            config = replace(config, cache=replace(config.cache, num_kv_blocks=blocks))
         self.config = config
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
         self.schedulers = [Scheduler(config.scheduler, config.cache) for _ in range(self.world_size)]
         self.router = LeastLoadedRouter(self.schedulers)
         self._rank_of: dict[str, int] = {}
-        self.executor = executor or make_executor(config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.moe_metrics = MoEMetrics(len(config.model.sparse_layers), config.model.num_experts, self.world_size)
         self._step_id = 0

@@ -5,6 +5,7 @@ sequence, D hidden, V vocab, R rows that sample this step.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,9 @@ class CachedRequestState:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids
 
 
+_CPU_KV_CAP_BYTES = 1 << 30  # tiny CPU models need far less; the machine needs the rest
+
+
 def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int) -> int:
     """K and V of every layer for one block of tokens."""
     elem = torch.empty((), dtype=cfg.dtype).element_size()
@@ -46,26 +50,51 @@ def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int) -> int:
 class ModelRunner:
     """Owns the model, the KV cache tensors and the request states of one rank."""
 
-    def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int, device: torch.device,
+    def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False):
+        """`num_kv_blocks` None: the cache is sized later, from the memory left once the
+        weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`)."""
         self.cfg = model_cfg
         self.device = device
         self.block_size = block_size
         self.kernels = select_kernels(device, kernels)
         self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress)
-        # One extra, never-allocated block at the end: the attention null block.
-        self.null_block = num_kv_blocks
-        shape = (num_kv_blocks + 1, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=model_cfg.dtype, device=device), torch.zeros(shape, dtype=model_cfg.dtype, device=device))
-            for _ in range(model_cfg.num_layers)
-        ]
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.null_block = -1
+        if num_kv_blocks is not None:
+            self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
         # Preempted requests keep their generator so a seeded request draws the
         # same tokens whether or not it was preempted.
         self._parked_generators: dict[str, torch.Generator | None] = {}
+
+    # -- KV cache -------------------------------------------------------------------
+    def available_kv_blocks(self, memory_utilization: float) -> int:
+        """KV blocks that fit in this rank's device now, weights loaded, keeping the device
+        at most `memory_utilization` full (one block is kept back for the null block)."""
+        per_block = kv_cache_bytes_per_block(self.cfg, self.block_size)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * memory_utilization) - (total - free)
+        else:
+            # Host memory the OS reports available, capped like the driver-side CPU default.
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            budget = min(int(avail * memory_utilization), _CPU_KV_CAP_BYTES)
+        return max(budget // per_block - 1, 0)
+
+    def allocate_kv_cache(self, num_kv_blocks: int) -> None:
+        if num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks={num_kv_blocks} is invalid: the KV cache needs at least one block.")
+        # One extra, never-allocated block at the end: the attention null block.
+        self.null_block = num_kv_blocks
+        shape = (num_kv_blocks + 1, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.cfg.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.cfg.dtype, device=self.device))
+            for _ in range(self.cfg.num_layers)
+        ]
 
     # -- state updates --------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:

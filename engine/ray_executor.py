@@ -80,6 +80,9 @@ class RayExecutor(Executor):
             raise
         logger.info("RayExecutor: %d ranks ready (rendezvous %s:%d)", self.world_size, master_addr, master_port)
 
+    def _collective(self, method: str, *args) -> list:
+        return self._get([getattr(w, method).remote(*args) for w in self.workers])
+
     # -- stepping ---------------------------------------------------------------
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         if self.dead_error is not None:

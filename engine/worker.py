@@ -84,6 +84,12 @@ class Worker:
         a2a = make_all_to_all(name, self.group, self.rank, self.world_size, self.device, **options)
         return ExpertParallel(self.rank, self.world_size, placement, a2a, placement.to_tensors(self.device))
 
+    def available_kv_blocks(self) -> int:
+        return self.runner.available_kv_blocks(self.config.gpu_memory_utilization)
+
+    def allocate_kv_cache(self, num_kv_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_kv_blocks)
+
     # -- steps ----------------------------------------------------------------
     def execute(self, so: SchedulerOutput, run_forward: bool = True) -> ModelRunnerOutput:
         return self.runner.execute_model(so, run_forward)

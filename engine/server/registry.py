@@ -33,6 +33,7 @@ class Entry:
     engine_ids: list[str]
     queued_tokens: int
     queued: bool = True
+    aborted: bool = False  # an Abort asked for it (samples not yet in the engine are aborted on arrival)
     admitted_at: float = field(default_factory=time.monotonic)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -44,6 +45,11 @@ class Serving:
         self.served_model_name = config.served_model_name or Path(self.model.model).name
         self.model_path = str(Path(self.model.model).resolve())
         self.start_time = time.time()
+        # Engine ids are the client's id plus a per-admission number, never the bare client id: a retry
+        # that reuses the id of a request just cancelled (whose abort the engine has not applied yet)
+        # must not receive that request's late outputs, and client ids like "x#0" must not collide
+        # with the sample ids of a request "x" with n > 1.
+        self._admissions = itertools.count()
 
     # -- facts ----------------------------------------------------------------
     @property
@@ -125,8 +131,9 @@ class Serving:
         kind = OutputKind.DELTA
         if not 1 <= n <= MAX_N:
             raise ValueError(f"sampling_params.n={n} is invalid: must be in [1, {MAX_N}].")
-        samples = [(request_id, params)] if n == 1 else [
-            (f"{request_id}#{i}", params if params.seed is None else replace(params, seed=params.seed + i))
+        base = f"{request_id}|{next(self._admissions)}"
+        samples = [(base, params)] if n == 1 else [
+            (f"{base}#{i}", params if params.seed is None else replace(params, seed=params.seed + i))
             for i in range(n)]
         # Validate every sample before admitting any, so a refusal leaves nothing behind.
         for eid, p in samples:
@@ -138,9 +145,9 @@ class Serving:
         logger.info("request admitted", extra={"request_id": request_id, "prompt_tokens": len(prompt_ids), "n": n})
         try:
             if n == 1:
-                stream = self._one(request_id, prompt_ids, params, kind)
+                stream = self._one(samples[0][0], prompt_ids, params, kind)
             else:
-                stream = self._many(samples, prompt_ids, kind)
+                stream = self._many(entry, samples, prompt_ids, kind)
             async with contextlib.aclosing(stream):
                 async for index, out in stream:
                     self.registry.mark_started(entry)
@@ -163,7 +170,7 @@ class Serving:
             async for out in gen:
                 yield 0, out
 
-    async def _many(self, samples, prompt_ids, kind):
+    async def _many(self, entry, samples, prompt_ids, kind):
         """Merge n sample streams; closing this closes (and so aborts) all of them."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
@@ -181,6 +188,13 @@ class Serving:
 
         tasks = [asyncio.create_task(pump(i, eid, p)) for i, (eid, p) in enumerate(samples)]
         try:
+            # Let every pump take its first step (which queues its sample in the engine), then repeat an
+            # Abort that came between admission and that point: the engine drops an abort of an id it
+            # has not seen yet, so without this the samples would run to the end.
+            await asyncio.sleep(0)
+            if entry.aborted:
+                for eid, _ in samples:
+                    await self.engine.abort(eid)
             remaining = len(tasks)
             while remaining:
                 i, item = await queue.get()
@@ -199,13 +213,14 @@ class Serving:
         """Abort by client request id (every sample); returns how many were running."""
         ids = list(request_ids)
         running = [rid for rid in ids if rid in self.registry.active]
+        for rid in running:
+            self.registry.active[rid].aborted = True
         for eid in self.registry.engine_ids(running):
             await self.engine.abort(eid)
         return len(running)
 
     async def abort_all(self) -> None:
-        for eid in self.registry.engine_ids(list(self.registry.active)):
-            await self.engine.abort(eid)
+        await self.abort(list(self.registry.active))
 
 
 # -- errors --------------------------------------------------------------------

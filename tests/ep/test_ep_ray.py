@@ -96,3 +96,30 @@ def test_ep_padded_all_to_all_backend_matches(local_ray, tiny_model):
         assert _greedy(llm, prompts) == want
     finally:
         llm.engine.shutdown()
+
+
+def test_ep_ranks_size_the_kv_cache_together(local_ray, tiny_model):
+    """Deferred KV sizing (the GPU default): every rank measures, all get the smallest count."""
+    import dataclasses
+
+    from moelink.engine.llm_engine import LLMEngine
+
+    path = tiny_model("qwen3_e6k3")
+    cfg = EngineArgs(model=path, dtype="float64", max_model_len=256, expert_parallel_size=2).create_engine_config()
+    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, num_kv_blocks=None), gpu_memory_utilization=0.01)
+    engine = LLMEngine(cfg)
+    try:
+        blocks = engine.config.cache.num_kv_blocks
+        assert blocks > 0 and all(s.num_total_blocks == blocks for s in engine.rank_stats())
+        prompts = _prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=3, n=4)
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            engine.add_request(f"k{i}", p, params)
+        done = {}
+        while engine.has_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        assert [done[f"k{i}"] for i in range(4)] == _greedy(LLM(path, **ENGINE_KW), prompts)
+    finally:
+        engine.shutdown()

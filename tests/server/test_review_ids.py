@@ -1,0 +1,103 @@
+"""Review: request ids a client reuses or picks must never cross-talk inside the engine.
+
+In-process (Serving on a ThreadServer's loop), with the engine thread held
+inside a step where a race needs it, so each case is deterministic.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+from moelink.engine.sampling_params import SamplingParams
+
+
+def _gate(engine):
+    """Wrap engine.step: while `hold` is set, the next step parks until `go` is set (`parked` says it did)."""
+    hold, go, parked = threading.Event(), threading.Event(), threading.Event()
+    real = engine.engine.step
+
+    def step():
+        if hold.is_set():
+            parked.set()
+            go.wait(30)
+        return real()
+
+    engine.engine.step = step
+    return hold, go, parked
+
+
+async def _collect(gen):
+    outs = []
+    async with contextlib.aclosing(gen):
+        async for index, out in gen:
+            outs.append((index, out))
+    return outs
+
+
+def test_reused_id_after_cancel_gets_its_own_outputs(thread_server, util):
+    """A client cancels request "a" and at once retries with the same id: the retry must get its own
+    tokens and end on its own terms, not the cancelled request's stale outputs and final "abort"."""
+    srv = thread_server()
+    serving, engine = srv.server.serving, srv.engine
+    hold, go, parked = _gate(engine)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    long_params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def scenario():
+        first = serving.run("a", [5, 6, 7], long_params)
+        await first.__anext__()  # "a" runs
+        hold.set()
+        await asyncio.to_thread(parked.wait, 30)  # the engine thread is inside a step that has "a" in it
+        await first.aclose()  # cancelled: the engine is told to abort "a" (processed after this step)
+        retry = asyncio.ensure_future(_collect(serving.run("a", [5, 6, 7], params)))
+        await asyncio.sleep(0.05)  # the retry is admitted and added while the engine is still parked
+        hold.clear()
+        go.set()
+        return await asyncio.wait_for(retry, 30)
+
+    outs = srv.call(scenario(), timeout=60)
+    tokens = [t for _, o in outs for t in o.outputs[0].token_ids]
+    assert outs[-1][1].outputs[0].finish_reason == "length", [(o.request_id, o.outputs[0].finish_reason) for _, o in outs]
+    assert len(tokens) == 6
+    # And nothing is left running in the engine (no orphan that nobody reads).
+    assert util.wait_until(lambda: not engine.engine.has_unfinished_requests(), timeout=10)
+
+
+def test_sample_ids_do_not_collide_with_client_ids(thread_server, util):
+    """Client ids "b" (n=2) and "b#0" (n=1) are different requests: both must run."""
+    srv = thread_server()
+    serving = srv.server.serving
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    long_params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+
+    async def scenario():
+        many_gen = serving.run("b", [5, 6], long_params, n=2)
+        first = await many_gen.__anext__()  # "b" runs (both samples are in the engine)
+        many = asyncio.ensure_future(_collect(many_gen))
+        one = asyncio.ensure_future(_collect(serving.run("b#0", [8, 9], params)))
+        return await asyncio.wait_for(asyncio.gather(many, one), 30)
+
+    many, one = srv.call(scenario(), timeout=60)
+    assert all(o.outputs[0].finish_reason == "length" for _, o in many if o.finished)
+    assert sorted({i for i, o in many if o.finished}) == [0, 1]
+    assert one[-1][1].outputs[0].finish_reason == "length"
+
+
+def test_abort_right_after_admission_aborts_every_sample(thread_server, util):
+    """Abort that arrives after a request with n=2 is admitted but before its samples reached the engine
+    must still end every sample with "abort" (not let them run to max_tokens)."""
+    srv = thread_server()
+    serving = srv.server.serving
+    params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+
+    async def scenario():
+        task = asyncio.ensure_future(_collect(serving.run("c", [5, 6], params, n=2)))
+        await asyncio.sleep(0)  # the request is admitted; its per-sample tasks have not run yet
+        assert "c" in serving.registry.active
+        assert await serving.abort(["c"]) == 1
+        return await asyncio.wait_for(task, 60)
+
+    outs = srv.call(scenario(), timeout=90)
+    finals = {i: o.outputs[0].finish_reason for i, o in outs if o.finished}
+    assert finals == {0: "abort", 1: "abort"}
