@@ -68,7 +68,10 @@ class RequestRegistry:
             raise Overloaded(
                 f"server overloaded: {self.queued_requests} requests are already queued, the limit "
                 f"(--max-queued-requests) is {self.max_queued_requests}; retry later.")
-        if self.max_queued_tokens is not None and self.queued_tokens + queued_tokens > self.max_queued_tokens:
+        # An empty queue admits one request of any size: RESOURCE_EXHAUSTED means "retry later", and a
+        # prompt longer than the limit would otherwise be refused forever on an idle server.
+        if (self.max_queued_tokens is not None and self.queued_requests > 0
+                and self.queued_tokens + queued_tokens > self.max_queued_tokens):
             self.rejected_total += 1
             raise Overloaded(
                 f"server overloaded: {self.queued_tokens} prompt tokens are queued and this request adds "
