@@ -36,6 +36,10 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    # Set by the engine thread once this stream's request is in the engine. A caller may
+    # reuse an id the moment its previous stream ended, while that request's abort is
+    # still queued: until then, outputs under the id are the old request's, not ours.
+    live: bool = False
 
     def put(self, item) -> bool:
         """False if the consumer's event loop is closed (nobody will ever read)."""
@@ -87,7 +91,7 @@ class AsyncEngine:
                 raise EngineDeadError(f"engine is not running: {self.dead_error}")
             # Under the lock: the engine thread's last command drain (shutdown)
             # then either sees this add or this call sees dead_error.
-            self._send(("add", processed, output_kind))
+            self._send(("add", processed, output_kind, stream))
         finished = False
         try:
             while True:
@@ -127,7 +131,9 @@ class AsyncEngine:
         for out in outputs:
             with self._lock:
                 stream = self._streams.get(out.request_id)
-            if stream is not None and not stream.put(out):
+            if stream is None or not stream.live:
+                continue
+            if not stream.put(out):
                 # Its consumer's loop closed without closing the generator: free
                 # the request here rather than let one client kill the engine thread.
                 with self._lock:
@@ -142,14 +148,15 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, processed, kind = cmd
+                _, processed, kind, stream = cmd
                 try:
                     self.engine.add_processed(processed, kind)
                 except Exception as exc:  # e.g. a duplicate id: fail this request only
-                    with self._lock:
-                        stream = self._streams.get(processed.request_id)
-                    if stream is not None:
-                        stream.put(exc)
+                    stream.put(exc)
+                    continue
+                with self._lock:
+                    # Only the stream that sent this add, and only if still listening.
+                    stream.live = self._streams.get(processed.request_id) is stream
             else:
                 self._deliver(self.engine.abort_requests([cmd[1]]))
 

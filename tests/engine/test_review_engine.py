@@ -172,3 +172,30 @@ def test_duplicate_request_id_refused_even_if_routed_to_another_rank(tiny_model)
     with pytest.raises(ValueError, match="request_id='dup'"):
         eng.add_processed(eng.process_inputs("dup", [9] * 30, SamplingParams(max_tokens=4)))
     eng.abort_requests(["dup"])
+
+
+def test_reusing_an_id_right_after_cancel_gets_only_its_own_outputs(tiny_model):
+    """A caller that stops a stream and immediately reuses its id must not see the old request's
+    late tokens or its abort (the abort is still queued when the new stream registers)."""
+    import asyncio
+
+    from moelink.engine import AsyncEngine, EngineArgs, SamplingParams
+
+    engine = AsyncEngine.from_engine_args(EngineArgs(model=tiny_model("qwen3_e6k3"), dtype="float32",
+                                                     num_kv_blocks=64, max_model_len=256))
+
+    async def main():
+        for round_ in range(20):
+            old = engine.generate("same", [1, 2, 3], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+            async for _ in old:
+                break
+            await old.aclose()
+            outs = [o async for o in engine.generate("same", [4, 5], SamplingParams(max_tokens=6, temperature=0,
+                                                                                    ignore_eos=True))]
+            last = outs[-1].outputs[0]
+            assert last.finish_reason == "length" and len(last.token_ids) == 6, (round_, last)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
