@@ -10,11 +10,10 @@ import torch
 from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
 from .config import ModelConfig, ParallelConfig
-from .model_runner import kv_cache_bytes_per_block
+from .model_runner import CPU_KV_CAP_BYTES, kv_cache_bytes_per_block
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: ample for tiny models, small for a 24 GiB machine
 
 
 @dataclass
@@ -119,7 +118,7 @@ class EngineArgs:
         else:
             # Enough for every sequence at full length, capped at 1 GiB.
             want = self.max_num_seqs * -(-model_cfg.max_model_len // self.block_size) * per_block
-            budget = min(want, _DEFAULT_CPU_KV_BYTES)
+            budget = min(want, CPU_KV_CAP_BYTES)
         blocks = budget // per_block
         if blocks < 1:
             raise ValueError(

@@ -201,7 +201,7 @@ class LLMEngine:
         return {"moe_layers": list(self.config.model.sparse_layers), "num_experts": m.num_experts,
                 "top_k": self.config.model.top_k, "world_size": self.world_size,
                 "experts_on_ranks": [[e for e, _ in held] for held in self.experts_on_ranks()],
-                "tokens_per_expert": [list(row) for row in m.tokens_per_expert],
+                "tokens_per_expert": m.tokens_per_expert.tolist(),
                 "bytes_dispatched": m.bytes_dispatched, "bytes_combined": m.bytes_combined, "steps": m.steps}
 
     def rank_stats(self) -> list[SchedulerStats]:

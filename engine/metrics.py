@@ -120,7 +120,7 @@ class _EngineCollector:
         t.add_metric(["compute"], moe.compute_s)
         t.add_metric(["combine"], moe.combine_s)
         yield t
-        counts = [list(row) for row in moe.tokens_per_expert]
+        counts = moe.tokens_per_expert.tolist()
         yield _counter("moelink_expert_tokens", "Routed (token, expert) pairs, all layers and ranks.",
                        sum(map(sum, counts)))
         expert = GaugeMetricFamily("moelink_expert_load_max_over_mean",

@@ -38,7 +38,7 @@ class CachedRequestState:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids
 
 
-_CPU_KV_CAP_BYTES = 1 << 30  # tiny CPU models need far less; the machine needs the rest
+CPU_KV_CAP_BYTES = 1 << 30  # 1 GiB: ample for tiny CPU models; the machine needs the rest
 
 
 def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int) -> int:
@@ -81,7 +81,7 @@ class ModelRunner:
         else:
             # Host memory the OS reports available, capped like the driver-side CPU default.
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            budget = min(int(avail * memory_utilization), _CPU_KV_CAP_BYTES)
+            budget = min(int(avail * memory_utilization), CPU_KV_CAP_BYTES)
         return max(budget // per_block - 1, 0)
 
     def allocate_kv_cache(self, num_kv_blocks: int) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class MoEMetrics:
@@ -14,7 +16,7 @@ class MoEMetrics:
     num_moe_layers: int
     num_experts: int
     world_size: int
-    tokens_per_expert: list[list[int]] = field(init=False)  # [L][G], summed over ranks
+    tokens_per_expert: np.ndarray = field(init=False)  # int64 [L, G], summed over ranks
     bytes_dispatched: int = 0
     bytes_combined: int = 0
     tokens_dispatched: int = 0
@@ -27,7 +29,7 @@ class MoEMetrics:
     last_step_bytes_dispatched: int = 0
 
     def __post_init__(self) -> None:
-        self.tokens_per_expert = [[0] * self.num_experts for _ in range(self.num_moe_layers)]
+        self.tokens_per_expert = np.zeros((self.num_moe_layers, self.num_experts), dtype=np.int64)
         self.bytes_dispatched_per_rank = [0] * self.world_size
 
     def add_step(self, per_rank) -> None:
@@ -39,11 +41,7 @@ class MoEMetrics:
         for r, s in enumerate(per_rank):
             if s is None:
                 continue
-            for layer, row in enumerate(s.tokens_per_expert):
-                acc = self.tokens_per_expert[layer]
-                for e, n in enumerate(row):
-                    if n:
-                        acc[e] += n
+            self.tokens_per_expert += s.tokens_per_expert
             self.bytes_dispatched += s.bytes_dispatched
             self.bytes_combined += s.bytes_combined
             self.tokens_dispatched += s.tokens_dispatched
@@ -57,4 +55,4 @@ class MoEMetrics:
 
     def total_routed(self) -> int:
         """(token, expert) pairs routed so far: tokens × top-k × MoE layers."""
-        return sum(sum(row) for row in self.tokens_per_expert)
+        return int(self.tokens_per_expert.sum())

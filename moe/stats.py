@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -18,7 +19,7 @@ import torch
 class MoEStepStats:
     """What one rank measured in one step; plain Python, summed by the engine."""
 
-    tokens_per_expert: list[list[int]]  # [L][G] (token, expert) pairs routed from this rank's tokens
+    tokens_per_expert: np.ndarray  # int64 [L, G]: (token, expert) pairs routed from this rank's tokens
     bytes_dispatched: int = 0
     bytes_combined: int = 0
     tokens_dispatched: int = 0  # rows sent (one per token and destination rank)
@@ -64,7 +65,9 @@ class MoEStats:
 
     def snapshot(self) -> MoEStepStats:
         """Read this step's counters (host sync) and reset them."""
-        counts = self.counts_LG.tolist()  # host sync: one small read per step
+        # Host sync: one small read per step; an array, not nested lists, so summing it
+        # on the driver and shipping it through Ray stay cheap at L x G = 58 x 256.
+        counts = self.counts_LG.cpu().numpy().copy()
         out = MoEStepStats(counts, sum(self._bytes), self._combined, self._rows, *self._times, list(self._bytes))
         self.counts_LG.zero_()
         self._bytes = [0] * len(self._bytes)
