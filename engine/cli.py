@@ -33,6 +33,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
     p.add_argument("--all-to-all", default="auto", choices=["auto", "none", "torch", "torch_padded", "nccl"])
     p.add_argument("--num-redundant-experts", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
+    p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, ... "
+                        "up to --max-num-seqs)")
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -44,7 +49,8 @@ def engine_args_from(ns: argparse.Namespace):
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
         enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
         expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
-        num_redundant_experts=ns.num_redundant_experts,
+        num_redundant_experts=ns.num_redundant_experts, enforce_eager=ns.enforce_eager,
+        cuda_graph_sizes=ns.cuda_graph_sizes,
     )
 
 

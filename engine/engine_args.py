@@ -10,6 +10,7 @@ import torch
 from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
 from .config import ModelConfig, ParallelConfig
+from .cuda_graph import CudaGraphConfig
 from .model_runner import CPU_KV_CAP_BYTES, kv_cache_bytes_per_block
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class EngineConfig:
     load_progress: bool
     # With cache.num_kv_blocks None, how full each rank's device may get once the KV cache is in.
     gpu_memory_utilization: float = 0.9
+    cuda_graph: CudaGraphConfig = CudaGraphConfig()  # decode batch sizes captured as CUDA graphs (none: eager)
 
 
 @dataclass
@@ -51,6 +53,10 @@ class EngineArgs:
     ray_address: Optional[str] = None
     all_to_all: str = "auto"
     num_redundant_experts: int = 0
+    # Decode steps replay CUDA graphs (on CUDA with the Triton kernels) unless enforce_eager;
+    # cuda_graph_sizes: the padded batch sizes captured (default: 1, 2, 4, 8, 16, ... max_num_seqs).
+    enforce_eager: bool = False
+    cuda_graph_sizes: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -64,6 +70,8 @@ class EngineArgs:
             bad("kv_cache_memory_bytes", "give either num_kv_blocks or kv_cache_memory_bytes, not both")
         if not 0 < self.gpu_memory_utilization <= 1:
             bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.cuda_graph_sizes is not None and not isinstance(self.cuda_graph_sizes, (list, tuple)):
+            bad("cuda_graph_sizes", "must be a list of positive batch sizes or None")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
@@ -102,8 +110,9 @@ class EngineArgs:
                                 max_model_len=model_cfg.max_model_len)
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device),
                             enable_prefix_caching=self.enable_prefix_caching)
+        graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
-                            self.gpu_memory_utilization)
+                            self.gpu_memory_utilization, graphs)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
         if self.num_kv_blocks is not None:

@@ -5,6 +5,7 @@ sequence, D hidden, V vocab, R rows that sample this step.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from moelink.kernels.ops import select_kernels
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .config import ModelConfig
+from .cuda_graph import CudaGraphCapture, DecodeGraphs
 from .loader import load_model
 from .models.layers import ForwardContext
 from .sampler import Sampler, SamplingMetadata
@@ -38,6 +40,8 @@ class CachedRequestState:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids
 
 
+logger = logging.getLogger(__name__)
+
 CPU_KV_CAP_BYTES = 1 << 30  # 1 GiB: ample for tiny CPU models; the machine needs the rest
 
 
@@ -51,9 +55,13 @@ class ModelRunner:
     """Owns the model, the KV cache tensors and the request states of one rank."""
 
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
-                 kernels: str = "auto", ep=None, load_progress: bool = False):
+                 kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
+                 graph_backend=None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
-        weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`)."""
+        weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
+
+        `cuda_graph_sizes`: decode batch sizes to capture once the KV cache exists (empty: all
+        eager). `graph_backend` replaces torch.cuda.CUDAGraph (tests: cuda_graph.EagerReplay)."""
         self.cfg = model_cfg
         self.device = device
         self.block_size = block_size
@@ -61,6 +69,9 @@ class ModelRunner:
         self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.null_block = -1
+        self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
+        self.graph_backend = graph_backend
+        self.graphs: DecodeGraphs | None = None
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
@@ -95,6 +106,39 @@ class ModelRunner:
              torch.zeros(shape, dtype=self.cfg.dtype, device=self.device))
             for _ in range(self.cfg.num_layers)
         ]
+        if self.graph_sizes:
+            self._capture_graphs()
+
+    # -- CUDA graphs (engine/cuda_graph.py) ---------------------------------------
+    def _graph_sizes(self, sizes: tuple[int, ...], ep, backend) -> tuple[int, ...]:
+        if not sizes:
+            return ()
+        why_not = None
+        if self.kernels.name != "triton":
+            why_not = f"the {self.kernels.name} kernels read host-side lengths, which a graph would freeze"
+        elif ep is not None:
+            why_not = "expert-parallel steps run their all-to-all (and empty ranks' MoE-only passes) eagerly"
+        elif backend is None and self.device.type != "cuda":
+            why_not = f"device {self.device} is not a CUDA device"
+        if why_not:
+            logger.info("CUDA graphs off: %s.", why_not)
+            return ()
+        return tuple(sizes)
+
+    def _capture_graphs(self) -> None:
+        backend = self.graph_backend or CudaGraphCapture(self.device)
+        max_blocks = -(-self.cfg.max_model_len // self.block_size)
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.cfg.max_model_len,
+                              self.null_block, self.device, backend)
+        t0 = time.perf_counter()
+        try:
+            graphs.capture_all()
+        except RuntimeError as e:  # e.g. an op that syncs with the host: keep serving, eagerly, and say why
+            logger.warning("CUDA graph capture failed, decoding eagerly: %s", str(e).splitlines()[0][:300])
+            self.model.moe_stats.reset()
+            return
+        self.graphs = graphs
+        logger.info("decode graphs ready in %.1f s", time.perf_counter() - t0)
 
     # -- state updates --------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -158,20 +202,23 @@ class ModelRunner:
             pos = positions[off : off + n]
             slots[off : off + n] = blocks[pos // bs] * bs + pos % bs
             off += n
-        dev = self.device
         qsl = np.zeros(len(states) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=qsl[1:])
-        attn = AttentionMetadata(
-            query_start_loc_S1=torch.from_numpy(qsl).to(dev),
-            seq_lens_S=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables_SM=torch.from_numpy(tables_SM).to(dev),
-            slot_mapping_T=torch.from_numpy(slots).to(dev),
-            query_lens=query_lens, seq_lens=seq_lens,
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens), null_block=self.null_block,
-        )
-        input_ids_T = torch.tensor(tokens, dtype=torch.long, device=dev)
-        positions_T = torch.from_numpy(positions).to(dev)
-        h_TD = self.model(input_ids_T, positions_T, ForwardContext(attn, self.kv_caches))
+        if self.graphs is not None and max(query_lens) == 1 and len(states) <= self.graphs.max_batch:
+            h_TD = self.graphs.run(tokens, positions, slots, seq_lens, tables_SM)
+        else:
+            dev = self.device
+            attn = AttentionMetadata(
+                query_start_loc_S1=torch.from_numpy(qsl).to(dev),
+                seq_lens_S=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+                block_tables_SM=torch.from_numpy(tables_SM).to(dev),
+                slot_mapping_T=torch.from_numpy(slots).to(dev),
+                query_lens=query_lens, seq_lens=seq_lens,
+                max_query_len=max(query_lens), max_seq_len=max(seq_lens), null_block=self.null_block,
+            )
+            input_ids_T = torch.tensor(tokens, dtype=torch.long, device=dev)
+            positions_T = torch.from_numpy(positions).to(dev)
+            h_TD = self.model(input_ids_T, positions_T, ForwardContext(attn, self.kv_caches))
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         # A chunk samples only when it reaches the request's last known token.

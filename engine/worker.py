@@ -66,7 +66,8 @@ class Worker:
             torch.set_num_threads(1)
         ep = self._expert_parallel() if self.world_size > 1 else None
         self.runner = ModelRunner(cfg.model, cfg.cache.block_size, cfg.cache.num_kv_blocks, self.device,
-                                  kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0)
+                                  kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
+                                  cuda_graph_sizes=cfg.cuda_graph.batch_sizes)
 
     def _expert_parallel(self):
         from moelink.comm.all_to_all import make_all_to_all

@@ -50,8 +50,12 @@ def reference_write_kv(
     v_cache_BLKH: torch.Tensor,
     slot_mapping_T: torch.Tensor,
 ) -> None:
-    """Scatter this step's keys and values into their cache slots (in place)."""
+    """Scatter this step's keys and values into their cache slots (in place); slots < 0 are
+    skipped (padding tokens), as the Triton kernel does."""
     num_kv_heads, head_dim = k_TKH.shape[1], k_TKH.shape[2]
+    keep_T = slot_mapping_T >= 0
+    if not bool(keep_T.all()):  # host sync: the reference only; the runner never pads eager steps
+        slot_mapping_T, k_TKH, v_TKH = slot_mapping_T[keep_T], k_TKH[keep_T], v_TKH[keep_T]
     k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, k_TKH)
     v_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, v_TKH)
 

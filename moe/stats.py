@@ -42,13 +42,20 @@ class MoEStats:
         # Host timers are only honest where ops run synchronously (CPU); on a GPU
         # they would time kernel launches, so they stay off there.
         self.time_phases = device.type == "cpu"
+        # Set only while a padded CUDA-graph batch runs (engine/cuda_graph.py): int64 [T], 1 for
+        # real rows, 0 for padding, so padding rows are not counted as routed tokens.
+        self.row_weight_T: torch.Tensor | None = None
 
     def record_routing(self, layer: int, topk_ids_TK: torch.Tensor) -> None:
         if topk_ids_TK.numel():
             # index_add_, not bincount: bincount sizes its output from the data, a host sync on
             # CUDA that would also break CUDA-graph capture.
             ids = topk_ids_TK.reshape(-1)
-            self.counts_LG[layer].index_add_(0, ids, torch.ones_like(ids, dtype=self.counts_LG.dtype))
+            if self.row_weight_T is None:
+                ones = torch.ones_like(ids, dtype=self.counts_LG.dtype)
+            else:
+                ones = self.row_weight_T[:, None].expand(topk_ids_TK.shape).reshape(-1)
+            self.counts_LG[layer].index_add_(0, ids, ones)
 
     def record_transfer(self, layer: int, bytes_dispatched: int, bytes_combined: int, rows: int) -> None:
         self._bytes[layer] += bytes_dispatched
@@ -63,14 +70,18 @@ class MoEStats:
         self._times[1] += compute_s
         self._times[2] += combine_s
 
+    def reset(self) -> None:
+        """Drop what was counted so far (warm-up and capture runs are not traffic)."""
+        self.counts_LG.zero_()
+        self._bytes = [0] * len(self._bytes)
+        self._combined = self._rows = 0
+        self._times = [0.0, 0.0, 0.0]
+
     def snapshot(self) -> MoEStepStats:
         """Read this step's counters (host sync) and reset them."""
         # Host sync: one small read per step; an array, not nested lists, so summing it
         # on the driver and shipping it through Ray stay cheap at L x G = 58 x 256.
         counts = self.counts_LG.cpu().numpy().copy()
         out = MoEStepStats(counts, sum(self._bytes), self._combined, self._rows, *self._times, list(self._bytes))
-        self.counts_LG.zero_()
-        self._bytes = [0] * len(self._bytes)
-        self._combined = self._rows = 0
-        self._times = [0.0, 0.0, 0.0]
+        self.reset()
         return out

@@ -1,0 +1,90 @@
+"""Decode CUDA graphs (engine/cuda_graph.py): the padded static-buffer path, on CPU.
+
+No GPU here, so the capture itself is replaced by `EagerReplay` (the forward
+re-run on the same static buffers); everything else the GPU path does runs:
+bucket choice, copy-in and re-padding of the static inputs, the metadata fixed
+at capture, KV slot -1 for padding rows, the expert-counter mask. The Triton
+kernels run in the interpreter, as the graphs capture only them.
+tests/engine/test_gpu_engine.py captures real graphs when a GPU is present.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.cuda_graph import EagerReplay
+
+
+# -- the padded static-buffer path -------------------------------------------------------------------------
+def _llm(path, kernels):
+    return LLM(path, dtype="float32", device="cpu", kernels=kernels, max_num_seqs=6, max_num_batched_tokens=64,
+               num_kv_blocks=48, block_size=16, enable_prefix_caching=False)
+
+
+def _runner(llm):
+    return llm.engine.executor.worker.runner
+
+
+def _generate(llm, prompts):
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=3) for m in (9, 3, 5, 2, 6, 4)]
+    outs = llm.generate(prompts, params[: len(prompts)], use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+def test_graph_decode_matches_eager_on_the_same_kernels(tiny_model, kdev):
+    if kdev.type != "cpu":
+        pytest.skip("CPU stand-in for the capture; with a GPU, test_gpu_engine.py captures real graphs")
+    path = tiny_model("qwen3_e6k3")
+    rng = random.Random(1)
+    # Six sequences of different lengths and output budgets: decode batches shrink 6 → 5 → ... → 1 as they
+    # finish, so steps land on sizes 1, 2 and 4 (padded) and on 5-6 (above the largest size: eager).
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 19, 7, 33, 2, 16)]
+    eager = _llm(path, "triton")
+    want = _generate(eager, prompts)
+
+    llm = _llm(path, "triton")
+    runner = _runner(llm)
+    runner.graph_sizes, runner.graph_backend = (1, 2, 4), EagerReplay()
+    runner._capture_graphs()
+    assert runner.graphs is not None and set(runner.graphs.steps) == {1, 2, 4}
+    assert not llm.engine.expert_load()["steps"] or not any(map(any, llm.engine.expert_load()["tokens_per_expert"]))
+    replays = {1: 0, 2: 0, 4: 0}
+    for b, step in runner.graphs.steps.items():
+        inner = step.replay
+
+        def counting(inner=inner, b=b):
+            replays[b] += 1
+            return inner()
+
+        step.replay = counting
+    got = _generate(llm, prompts)
+    assert all(replays.values()), f"every captured size should have served a step: {replays}"
+    for (tok_w, lps_w), (tok_g, lps_g) in zip(want, got):
+        assert tok_g == tok_w
+        for lw, lg in zip(lps_w, lps_g):
+            assert lw.keys() == lg.keys()
+            assert max(abs(lw[t].logprob - lg[t].logprob) for t in lw) < 1e-4
+    # Padding rows are not counted as routed tokens: the counters equal the eager engine's.
+    assert llm.engine.expert_load()["tokens_per_expert"] == eager.engine.expert_load()["tokens_per_expert"]
+    # ... and wrote no KV: the null block (last) is still all zeros in every layer.
+    for k, v in runner.kv_caches:
+        assert not k[-1].any() and not v[-1].any()
+
+
+def test_graphs_stay_off_where_they_cannot_be_right(tiny_model, caplog):
+    caplog.set_level(logging.INFO, logger="moelink.engine.model_runner")
+    llm = _llm(tiny_model("qwen3_e6k3"), "reference")
+    runner = _runner(llm)
+    assert runner.graphs is None
+    assert runner._graph_sizes((1, 2), None, EagerReplay()) == ()
+    assert "read host-side lengths" in caplog.text
+    runner.kernels = SimpleNamespace(name="triton")
+    assert runner._graph_sizes((1, 2), object(), EagerReplay()) == ()
+    assert "expert-parallel" in caplog.text
+    assert runner._graph_sizes((1, 2), None, None) == ()  # CPU device and no stand-in backend
+    assert "not a CUDA device" in caplog.text
+    assert runner._graph_sizes((1, 2), None, EagerReplay()) == (1, 2)
