@@ -18,8 +18,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv | tee 
 python -m pytest -q -m gpu tests/kernels tests/engine tests/comm tests/moe 2>&1 | tee "$OUT/gpu_tests_${DEV}.txt"
 if [[ "$QUICK" == "--quick" ]]; then
   python -m moelink.benchmarks.moe_kernels --tokens 1,64,1024,16384 --out "$OUT/moe_kernels_${DEV}.json"
-  python -m moelink.benchmarks.engine_decode --batches 1,64,256 --out "$OUT/engine_decode_${DEV}.json"
+  python -m moelink.benchmarks.engine_decode --graphs --batches 1,64,256 --out "$OUT/engine_decode_${DEV}.json"
 else
   python -m moelink.benchmarks.moe_kernels --out "$OUT/moe_kernels_${DEV}.json"
-  python -m moelink.benchmarks.engine_decode --out "$OUT/engine_decode_${DEV}.json"
+  python -m moelink.benchmarks.engine_decode --graphs --out "$OUT/engine_decode_${DEV}.json"
 fi
