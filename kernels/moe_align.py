@@ -10,8 +10,9 @@ Worked layout (T=3, K=2, E=3, BLOCK_M=4, ids_TK = [[2,0],[0,1],[1,2]]):
     expert_ids_B   = [0, 1, 2, -1]                               -1: no work in this block
     num_rows_1     = [12]
 Pairs keep ascending order inside an expert's run, so the result is deterministic.
-Pairs whose expert is remote (expert_map -1) or negative appear nowhere: the GEMMs
-never see them and the combine step treats them as zero.
+Pairs whose expert is remote (expert_map -1), negative or out of range (>= E, or
+>= G with a map) appear nowhere: the GEMMs never see them and the combine step
+treats them as zero.
 
 R is a bound known on the host from shapes alone, never from the routing:
 each of the at most min(E, P) non-empty experts wastes fewer than BLOCK_M rows,
@@ -70,45 +71,49 @@ def reference_moe_align_block_size(
 
 
 @triton.jit
-def _local_expert(ids_ptr, map_ptr, offs, num_pairs, HAS_MAP: tl.constexpr):
-    """Local expert of each pair in `offs`; -1 where remote, negative or past the end."""
+def _local_expert(ids_ptr, map_ptr, offs, num_pairs, num_ids, HAS_MAP: tl.constexpr):
+    """Local expert of each pair in `offs`; -1 where remote, negative, out of range or past the end.
+
+    `num_ids` bounds the ids: the map's length G with a map, else E. An id outside it would
+    otherwise index past the map, or get rows (and expert weights) that do not exist."""
     inb = offs < num_pairs
     e = tl.load(ids_ptr + offs, mask=inb, other=-1).to(tl.int32)
+    e = tl.where(e < num_ids, e, -1)
     if HAS_MAP:
         e = tl.load(map_ptr + e, mask=inb & (e >= 0), other=-1).to(tl.int32)
     return e
 
 
 @triton.jit
-def _chunk_histogram(ids_ptr, map_ptr, chunk, num_pairs, CHUNK: tl.constexpr, SUB: tl.constexpr,
+def _chunk_histogram(ids_ptr, map_ptr, chunk, num_pairs, num_ids, CHUNK: tl.constexpr, SUB: tl.constexpr,
                      X: tl.constexpr, HAS_MAP: tl.constexpr):
     lanes_X = tl.arange(0, X)
     hist_X = tl.zeros([X], dtype=tl.int32)
     for s in range(0, CHUNK, SUB):
         offs = chunk * CHUNK + s + tl.arange(0, SUB)
-        e = _local_expert(ids_ptr, map_ptr, offs, num_pairs, HAS_MAP)
+        e = _local_expert(ids_ptr, map_ptr, offs, num_pairs, num_ids, HAS_MAP)
         hist_X += tl.sum((e[:, None] == lanes_X[None, :]).to(tl.int32), axis=0)
     return hist_X
 
 
 @triton.jit
-def _align_count_kernel(ids_ptr, map_ptr, counts_CX_ptr, num_pairs,
+def _align_count_kernel(ids_ptr, map_ptr, counts_CX_ptr, num_pairs, num_ids,
                         CHUNK: tl.constexpr, SUB: tl.constexpr, X: tl.constexpr, HAS_MAP: tl.constexpr):
     c = tl.program_id(0)
-    hist_X = _chunk_histogram(ids_ptr, map_ptr, c, num_pairs, CHUNK, SUB, X, HAS_MAP)
+    hist_X = _chunk_histogram(ids_ptr, map_ptr, c, num_pairs, num_ids, CHUNK, SUB, X, HAS_MAP)
     tl.store(counts_CX_ptr + c * X + tl.arange(0, X), hist_X)
 
 
 @triton.jit
 def _align_scatter_kernel(ids_ptr, map_ptr, counts_CX_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr,
-                          num_pairs, num_chunks, num_blocks,
+                          num_pairs, num_ids, num_chunks, num_blocks,
                           BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, X: tl.constexpr,
                           CB: tl.constexpr, NB: tl.constexpr, HAS_MAP: tl.constexpr, SINGLE: tl.constexpr):
     c = tl.program_id(0)
     lanes_X = tl.arange(0, X)
     # Pairs per expert in all chunks (total) and in the chunks before this one (before).
     if SINGLE:
-        total_X = _chunk_histogram(ids_ptr, map_ptr, 0, num_pairs, CHUNK, SUB, X, HAS_MAP)
+        total_X = _chunk_histogram(ids_ptr, map_ptr, 0, num_pairs, num_ids, CHUNK, SUB, X, HAS_MAP)
         before_X = tl.zeros([X], dtype=tl.int32)
     else:
         total_X = tl.zeros([X], dtype=tl.int32)
@@ -127,7 +132,7 @@ def _align_scatter_kernel(ids_ptr, map_ptr, counts_CX_ptr, sorted_ptr, expert_id
     next_X = start_X + before_X
     for s in range(0, CHUNK, SUB):
         offs = c * CHUNK + s + tl.arange(0, SUB)
-        e = _local_expert(ids_ptr, map_ptr, offs, num_pairs, HAS_MAP)
+        e = _local_expert(ids_ptr, map_ptr, offs, num_pairs, num_ids, HAS_MAP)
         onehot_sX = (e[:, None] == lanes_X[None, :]).to(tl.int32)
         rank_s = tl.sum(tl.cumsum(onehot_sX, axis=0) * onehot_sX, axis=1) - 1
         row_s = tl.sum(onehot_sX * next_X[None, :], axis=1) + rank_s
@@ -190,12 +195,13 @@ def moe_align_block_size(
     C = triton.cdiv(num_pairs, chunk)
     has_map = expert_map_G is not None
     map_G = expert_map_G if has_map else ids_P  # any pointer: unused without a map
+    num_ids = expert_map_G.numel() if has_map else num_experts
     counts_CX = common.workspace((C, X), torch.int32, dev) if not single else num_rows_1
     if not single:
-        _align_count_kernel[(C,)](ids_P, map_G, counts_CX, num_pairs, CHUNK=chunk, SUB=SUB, X=X,
+        _align_count_kernel[(C,)](ids_P, map_G, counts_CX, num_pairs, num_ids, CHUNK=chunk, SUB=SUB, X=X,
                                   HAS_MAP=has_map, num_warps=4)
     _align_scatter_kernel[(C,)](
-        ids_P, map_G, counts_CX, sorted_ids_R, expert_ids_B, num_rows_1, num_pairs, C, B,
+        ids_P, map_G, counts_CX, sorted_ids_R, expert_ids_B, num_rows_1, num_pairs, num_ids, C, B,
         BLOCK_M=block_m, CHUNK=chunk, SUB=SUB, X=X, CB=max(1, min(32, 8192 // X)), NB=16,
         HAS_MAP=has_map, SINGLE=single, num_warps=8,
     )

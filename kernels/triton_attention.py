@@ -224,6 +224,12 @@ def _pick_splits(device: torch.device, programs: int, max_seq_len: int, block_n:
     return max(1, min(want, max_seq_len // (2 * block_n), 32))
 
 
+def _warps(rows: int, block_h: int) -> int:
+    """4 warps for the common tiles (<= 64 query rows x head dim 128); 8 for head dim 256 or 128+ rows,
+    where 4 warps run out of registers and spill (seen in the sm_90 compile: 255 registers + stack)."""
+    return 8 if block_h >= 256 or rows >= 128 else 4
+
+
 def triton_paged_attention(
     q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, meta: AttentionMetadata,
     scale: float, *, out: torch.Tensor | None = None, num_splits: int | None = None,
@@ -265,7 +271,8 @@ def triton_paged_attention(
         _decode_kernel[(S, K, Z)](
             *common_args, out, part_o, part_lse, scale, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
             out.stride(0), out.stride(1), N, H, Z, G=G, L=L, BLOCK_G=max(16, triton.next_power_of_2(G)),
-            BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, SPLIT=Z > 1, num_warps=4, **flags,
+            BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, SPLIT=Z > 1, num_warps=_warps(max(16, triton.next_power_of_2(G)), BLOCK_H),
+            **flags,
         )
         if Z > 1:
             _decode_reduce_kernel[(S, N)](
@@ -280,6 +287,6 @@ def triton_paged_attention(
         _prefill_kernel[(T // BLOCK_Q + S, K)](
             *common_args, out, scale, S, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
             out.stride(0), out.stride(1), H, G=G, L=L, BLOCK_Q=BLOCK_Q, BLOCK_G=BLOCK_G, BLOCK_H=BLOCK_H,
-            BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode, num_warps=4, **flags,
+            BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode, num_warps=_warps(BLOCK_Q * BLOCK_G, BLOCK_H), **flags,
         )
     return out

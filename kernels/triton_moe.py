@@ -128,14 +128,16 @@ def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_p
     mask = row_ok[:, None] & n_ok[None, :]
     if ATOMIC:
         tok_m = (pair_m // top_k).to(tl.int64)
-        tl.atomic_add(y_ptr + tok_m[:, None] * stride_yr + offs_n[None, :], acc, mask=mask)
+        # relaxed: nothing reads these sums before the kernel ends, so no ordering is needed
+        # (the default acq_rel atomic returns a value; relaxed lowers to a fire-and-forget red).
+        tl.atomic_add(y_ptr + tok_m[:, None] * stride_yr + offs_n[None, :], acc, mask=mask, sem="relaxed")
     else:
         y_ptrs = y_ptr + pair_m[:, None].to(tl.int64) * stride_yr + offs_n[None, :]
         tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
-def _moe_sum_kernel(y_ptr, ids_ptr, map_ptr, out_ptr, num_pairs, hidden, top_k, stride_yr, stride_ot,
+def _moe_sum_kernel(y_ptr, ids_ptr, map_ptr, out_ptr, num_pairs, num_ids, hidden, top_k, stride_yr, stride_ot,
                     BLOCK_D: tl.constexpr, HAS_MAP: tl.constexpr, INTERPRET: tl.constexpr):
     # Pairs that no local expert computed were never written: skip them, do not read them.
     t = tl.program_id(0)
@@ -144,7 +146,7 @@ def _moe_sum_kernel(y_ptr, ids_ptr, map_ptr, out_ptr, num_pairs, hidden, top_k, 
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k in range(0, top_k):
         pair = t * top_k + k
-        local = _local_expert(ids_ptr, map_ptr, pair, num_pairs, HAS_MAP)
+        local = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
         # (broadcast before `&`: the interpreter rejects a scalar-and-vector mask)
         ok = d_ok & ((tl.zeros([BLOCK_D], dtype=tl.int32) + local) >= 0)
         y = tl.load(y_ptr + pair.to(tl.int64) * stride_yr + offs_d, mask=ok, other=0.0)
@@ -237,7 +239,8 @@ def triton_fused_moe(
     has_map = expert_map_G is not None
     BLOCK_D = min(1024, triton.next_power_of_2(D))
     _moe_sum_kernel[(T, triton.cdiv(D, BLOCK_D))](
-        y, ids_P, expert_map_G if has_map else ids_P, out, P, D, K, y.stride(0), out.stride(0),
+        y, ids_P, expert_map_G if has_map else ids_P, out, P, expert_map_G.numel() if has_map else E, D, K,
+        y.stride(0), out.stride(0),
         BLOCK_D=BLOCK_D, HAS_MAP=has_map, INTERPRET=interp, num_warps=4,
     )
     return out

@@ -113,6 +113,35 @@ def test_fused_moe_negative_ids_are_skipped(gen, kdev, check):
     check(got, want, torch.float32, "fused_moe with -1 ids")
 
 
+@pytest.mark.parametrize("combine", ["sum", "atomic"])
+@pytest.mark.parametrize("with_map", [False, True])
+def test_out_of_range_ids_touch_nothing(gen, kdev, check, combine, with_map):
+    """Ids >= E (>= G with a map) are bad input the kernels cannot report without a host sync: they
+    must count as 'no expert here' (as in the reference), never index past the map, the weights or
+    the sorted-row buffer. E=5 rounds up to X=16 histogram lanes, so ids 5..15 would get lanes of their own
+    and 16+ none at all: both kinds are in the batch."""
+    T, E, K, D, I = 11, 5, 3, 32, 16
+    G = 7 if with_map else E
+    x = torch.randn(T, D, generator=gen)
+    w13 = torch.randn(E, 2 * I, D, generator=gen) / D**0.5
+    w2 = torch.randn(E, D, I, generator=gen) / I**0.5
+    ids = _routing(gen, T, G, K, "rand")
+    bad = ids.clone()
+    bad[0, 1], bad[3, 0], bad[4, 2], bad[7, 1] = G, G + 3, 40, 1 << 20
+    weights = torch.rand(T, K, generator=gen)
+    emap = _expert_map(gen, G, E) if with_map else None
+    keep = (bad < G).to(weights.dtype)
+    want = reference_fused_moe(x.double(), w13.double(), w2.double(), (weights * keep).double(),
+                               torch.where(bad < G, bad, torch.zeros_like(bad)), emap)
+    got = triton_fused_moe(*(t.to(kdev) for t in (x, w13, w2, weights, bad)),
+                           None if emap is None else emap.to(kdev), config=SMALL, combine=combine)
+    check(got, want, torch.float32, f"fused_moe with out-of-range ids ({combine}, map={with_map})")
+    sorted_R, experts_B, rows_1 = moe_align_block_size(bad.to(kdev), 16, E, None if emap is None else emap.to(kdev))
+    valid = sorted_R[: int(rows_1)]
+    assert int((valid < bad.numel()).sum()) == int(((bad < G) & ((emap[bad.clamp(max=G - 1)] >= 0) if with_map
+                                                            else torch.ones_like(bad, dtype=torch.bool))).sum())
+
+
 def test_fused_moe_empty_batch(kdev):
     x = torch.zeros(0, 32, device=kdev)
     out = triton_fused_moe(x, torch.zeros(2, 32, 32, device=kdev), torch.zeros(2, 32, 16, device=kdev),
