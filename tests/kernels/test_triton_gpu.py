@@ -176,3 +176,53 @@ def test_add_rms_norm_and_rotary_real_shapes(D):
         gq, gk = triton_rotary(q, k, pos, cache)
     wq, wk = reference_rotary(q, k, pos, cache)
     assert torch.equal(gq, wq) and torch.equal(gk, wk)
+
+
+def test_paged_attention_cache_past_int32_offsets():
+    """A KV cache of more than 2**31 elements per layer (here 140k blocks x 16 x 8 x 128 bf16 = 4.6 GB each
+    for K and V): sequences whose blocks sit past element 2**31 must read and write there, which an int32
+    offset would wrap. The same case on a compact cache (blocks renumbered from 0) is the oracle."""
+    dev = torch.device("cuda")
+    L, K, N, H = 16, 8, 32, 128
+    num_blocks = 140_000
+    assert num_blocks * L * K * H > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    ctx_q = [(3000, 1), (700, 5), (64, 64)]
+    need = [-(-c // L) for c, _ in ctx_q]
+    big_k = torch.zeros(num_blocks + 1, L, K, H, dtype=torch.bfloat16, device=dev)
+    big_v = torch.zeros_like(big_k)
+    first = num_blocks - sum(need) - 3  # the highest blocks: offsets ~ 2.29e9 elements
+    tables_big, tables_small, slots_big, slots_small = [], [], [], []
+    nxt = 0
+    for (ctx, ql), nb in zip(ctx_q, need):
+        small = list(range(nxt, nxt + nb))
+        nxt += nb
+        big = [first + b for b in small]
+        tables_small.append(small)
+        tables_big.append(big)
+        slots_small += [small[p // L] * L + p % L for p in range(ctx - ql, ctx)]
+        slots_big += [big[p // L] * L + p % L for p in range(ctx - ql, ctx)]
+    small_k = torch.randn(nxt + 1, L, K, H, generator=gen, device=dev).bfloat16()
+    small_v = torch.randn(nxt + 1, L, K, H, generator=gen, device=dev).bfloat16()
+    small_k[-1], small_v[-1] = 0, 0
+    big_k[first : first + nxt], big_v[first : first + nxt] = small_k[:nxt], small_v[:nxt]
+    T = sum(q for _, q in ctx_q)
+    q = torch.randn(T, N, H, generator=gen, device=dev).bfloat16()
+    k_new, v_new = (torch.randn(T, K, H, generator=gen, device=dev).bfloat16() for _ in range(2))
+    outs = []
+    for kc, vc, tables, slots, null in ((big_k, big_v, tables_big, slots_big, num_blocks),
+                                        (small_k, small_v, tables_small, slots_small, nxt)):
+        M = max(map(len, tables))
+        qsl = [0]
+        for _, ql in ctx_q:
+            qsl.append(qsl[-1] + ql)
+        meta = AttentionMetadata(torch.tensor(qsl, dtype=torch.int32, device=dev),
+                                 torch.tensor([c for c, _ in ctx_q], dtype=torch.int32, device=dev),
+                                 torch.tensor([t + [null] * (M - len(t)) for t in tables], dtype=torch.int32, device=dev),
+                                 torch.tensor(slots, dtype=torch.long, device=dev), [ql for _, ql in ctx_q],
+                                 [c for c, _ in ctx_q], max(ql for _, ql in ctx_q), max(c for c, _ in ctx_q), null)
+        with no_host_sync(dev):
+            triton_write_kv(k_new, v_new, kc, vc, meta.slot_mapping_T)
+            outs.append(triton_paged_attention(q, kc, vc, meta, H**-0.5, num_splits=4))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(big_k[first : first + nxt], small_k[:nxt]) and torch.equal(big_v[first : first + nxt], small_v[:nxt])
