@@ -41,6 +41,7 @@ QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, nu
 SMOKE = dict(QWEN3_30B_A3B, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=64, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4, vocab_size=1024,
              max_position_embeddings=4096)
+SMOKE_BATCHES, SMOKE_CONTEXT = (1, 4), 64
 BLOCK = 16
 
 
@@ -138,7 +139,7 @@ def main(argv=None) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined (--kernels triton)
-        device, hf, batches, context = torch.device("cpu"), SMOKE, [1, 4], 64
+        device, hf, batches, context = torch.device("cpu"), SMOKE, list(SMOKE_BATCHES), SMOKE_CONTEXT
     else:
         device, hf, context = require_cuda("engine_decode"), QWEN3_30B_A3B, args.context
     full_layers = hf["num_hidden_layers"]
@@ -184,7 +185,7 @@ def main(argv=None) -> dict:
             rows.append(row)
             print(f"batch {B:>4}: step {t * 1e3:8.3f} ms ({layers} layers), {B / t:9.1f} tok/s, floor {floor * 1e3:7.3f} ms, "
                   f"step/floor {t / floor:5.2f}; {mean_touched:.0f} experts/layer; "
-                  f"48-layer estimate {t_full * 1e3:.2f} ms = {B / t_full:.0f} tok/s", flush=True)
+                  f"{full_layers}-layer estimate {t_full * 1e3:.2f} ms = {B / t_full:.0f} tok/s", flush=True)
     result = dict(benchmark="engine_decode", **run_meta(device), model="Qwen3-30B-A3B shape, random bf16 weights",
                   kernels=kernels.name, note=note or f"all {full_layers} layers built", ceilings=ceilings, results=rows)
     tag = "cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")

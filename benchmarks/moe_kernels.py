@@ -23,7 +23,9 @@ Targets (issue 3): geomean speed-up >= 1.2x over the _grouped_mm path; at
 
 Output: a table, JSON and a roofline PNG under benchmarks/results/, with the
 device name, date and commit. `--cpu-smoke` runs tiny shapes on CPU (Triton
-interpreter, wall-clock timing) to check this script, not to measure anything.
+interpreter, wall-clock timing) to check this script, not to measure anything;
+it is sized for CI (tests/benchmarks): each interpreted Triton call costs
+0.1-1 s, so it times few token counts and iterations.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ SHAPES = {
 }
 TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
 SMOKE_SHAPES = {"smoke-e8": (8, 2, 64, 32), "smoke-e16": (16, 4, 32, 48)}
+# One token, and enough tokens that experts get several rows; the interpreter's cost grows with T.
+SMOKE_TOKENS = (1, 12)
+ITERS, SMOKE_ITERS = 30, 2
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -206,10 +211,18 @@ def _grouped_mm_works(device) -> bool:
 
 
 # -- one shape ---------------------------------------------------------------------------------------------------------
-def make_inputs(E, K, D, I, T, dtype, device, gen, n_sets):
-    """Expert weights (one copy) and n_sets of (x, topk weights, topk ids) from softmax top-k of random logits."""
-    w13 = (torch.randn(E, 2 * I, D, generator=gen, device=device) / math.sqrt(D)).to(dtype)
-    w2 = (torch.randn(E, D, I, generator=gen, device=device) / math.sqrt(I)).to(dtype)
+def make_weights(E, D, I, dtype, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fan-in-scaled random expert weights, drawn straight in `dtype` and scaled in place: DeepSeek-V3's
+    are 22 GB in bf16, and an fp32 draw plus its scaled copy would peak near 70 GB."""
+    w13 = torch.randn(E, 2 * I, D, generator=gen, device=device, dtype=dtype).mul_(1 / math.sqrt(D))
+    w2 = torch.randn(E, D, I, generator=gen, device=device, dtype=dtype).mul_(1 / math.sqrt(I))
+    return w13, w2
+
+
+def make_inputs(E, K, D, I, T, dtype, device, gen, n_sets, weights=None):
+    """Expert weights (one copy: `weights` if given, else new) and n_sets of (x, topk weights, topk ids)
+    from softmax top-k of random logits."""
+    w13, w2 = weights if weights is not None else make_weights(E, D, I, dtype, device, gen)
     sets = []
     for _ in range(n_sets):
         x = torch.randn(T, D, generator=gen, device=device).to(dtype)
@@ -231,29 +244,33 @@ def bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, chec
     E, K, D, I = shape
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
+    # The interpreter has nothing to warm up: Timer's minimum (one call per input set) is enough on CPU.
+    warmup = 3 if device.type == "cuda" else 1
     has_gmm = _grouped_mm_works(device) and dtype == torch.bfloat16
+    weights = make_weights(E, D, I, dtype, device, gen)  # once per shape, shared by every token count
     for T in tokens:
         x_bytes = T * D * dtype.itemsize
         n_sets = max(2, min(8, (512 << 20) // max(1, x_bytes))) if device.type == "cuda" else 2
-        sets = make_inputs(E, K, D, I, T, dtype, device, gen, n_sets)
+        sets = make_inputs(E, K, D, I, T, dtype, device, gen, n_sets, weights)
         flops, bytes_, touched = work(E, K, D, I, sets, dtype.itemsize)
         ref = None
         for sys_name, fn in systems(has_gmm).items():
             if sys_name == "per-expert-loop" and T * K > 8 * 16384 and device.type == "cpu":
                 continue
+            err = None
             if check:
                 got = fn(*sets[0]).float()
                 ref = per_expert_loop(*sets[0]).float() if ref is None else ref
                 err = float((got - ref).norm() / ref.norm())
-                if err > 2e-2:
+                if not err <= 2e-2:  # written so that a NaN fails too
                     raise AssertionError(f"{sys_name} {name} T={T}: relative error {err:.3g} against the per-expert loop")
-            t_eager = timer(fn, sets, iters=iters)
+            t_eager = timer(fn, sets, iters=iters, warmup=warmup)
             t_graph = timer.graph(fn, sets, iters=iters) if graphs and sys_name != "per-expert-loop" else None
             t = t_graph or t_eager
             row = dict(shape=name, E=E, K=K, D=D, I=I, tokens=T, system=sys_name, median_ms=t * 1e3,
                        eager_ms=t_eager * 1e3, graph_ms=None if t_graph is None else t_graph * 1e3,
                        TFLOPs=flops / t / 1e12, GBps=bytes_ / t / 1e9, flops=flops, bytes=bytes_,
-                       experts_touched=touched, intensity=flops / bytes_)
+                       experts_touched=touched, intensity=flops / bytes_, rel_err_vs_loop=err)
             row["frac_copy_bw"] = row["GBps"] / ceilings["copy_GBps"]
             row["frac_matmul"] = row["TFLOPs"] / ceilings["matmul_TFLOPs"]
             rows.append(row)
@@ -319,7 +336,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list of token counts")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--iters", type=int, default=30, help="timed iterations per point (median reported)")
+    ap.add_argument("--iters", type=int, default=None,
+                    help=f"timed iterations per point (median reported; default {ITERS}, {SMOKE_ITERS} with --cpu-smoke)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check of each system")
     ap.add_argument("--no-graphs", action="store_true", help="time eager launches only (no CUDA-graph replay)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/moe_kernels_<gpu>.json); PNG beside it")
@@ -327,7 +345,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined
-        device, shapes, tokens = torch.device("cpu"), SMOKE_SHAPES, [1, 5, 40]
+        device, shapes, tokens = torch.device("cpu"), SMOKE_SHAPES, list(SMOKE_TOKENS)
     else:
         device = require_cuda("moe_kernels")
         unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
@@ -336,14 +354,15 @@ def main(argv=None) -> dict:
         shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
         tokens = [int(t) for t in args.tokens.split(",")]
     dtype = getattr(torch, args.dtype)
+    iters = args.iters or (SMOKE_ITERS if args.cpu_smoke else ITERS)
     timer = Timer(device)
     ceilings = measure_ceilings(device, timer)
     print(f"ceilings: {ceilings['copy_GBps']:.0f} GB/s copy, {ceilings['matmul_TFLOPs']:.0f} TFLOP/s bf16 matmul")
     rows = []
     for name, shape in shapes.items():
-        rows += bench_shape(name, shape, tokens, dtype, device, timer, ceilings, args.iters, not args.no_check,
+        rows += bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, not args.no_check,
                             not args.no_graphs)
-    result = dict(benchmark="moe_kernels", **run_meta(device), dtype=args.dtype, ceilings=ceilings,
+    result = dict(benchmark="moe_kernels", **run_meta(device), dtype=args.dtype, iters=iters, ceilings=ceilings,
                   timing="median of per-iteration CUDA events, L2 flushed, inputs rotated; median_ms is the CUDA-graph "
                   "replay time where the system can be captured (no host sync), else eager (eager_ms always)"
                   if device.type == "cuda"
@@ -353,9 +372,9 @@ def main(argv=None) -> dict:
     out = Path(args.out) if args.out else RESULTS / f"moe_kernels_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    plot_roofline(result, out.with_suffix(".png"))
+    plotted = plot_roofline(result, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=1))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if plotted else ""))
     return result
 
 

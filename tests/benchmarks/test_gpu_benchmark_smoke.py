@@ -1,0 +1,215 @@
+"""The GPU benchmark scripts end to end on CPU: each one's `--cpu-smoke` run in a subprocess.
+
+The smoke runs use tiny shapes and the Triton interpreter, so their times say
+nothing about speed; what is checked is the script: every system, shape and
+token count is there with finite positive times, the correctness check ran,
+tune_moe's file reads back through moelink.kernels.moe_config, and
+engine_decode reports a step time and floor ratio per batch. Output goes to
+tmp_path only (never benchmarks/results/ or kernels/configs/). About 35 s
+on 2 cores, nearly all of it the moe_kernels and tune_moe runs (~15 s each).
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelink.benchmarks import engine_decode, moe_kernels, tune_moe
+from moelink.kernels import moe_config
+from moelink.kernels.moe_config import GemmConfig, MoEConfig
+
+CPU = torch.device("cpu")
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def _snapshot() -> set[Path]:
+    """Files the default output paths would hold: a smoke run given --out/--out-dir must add none."""
+    return set(moe_kernels.RESULTS.glob("*")) | set(moe_config.CONFIG_DIR.glob("*"))
+
+
+def run_smoke(module: str, tmp_path: Path, *args: str) -> str:
+    """stdout of `python -m moelink.benchmarks.<module> --cpu-smoke ARGS`, run in tmp_path; fails on a non-zero exit."""
+    before = _snapshot()
+    # Explicit, not inherited: the scripts only setdefault it, and a compiled CPU Triton would not run these kernels.
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", f"moelink.benchmarks.{module}", "--cpu-smoke", *args],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, (f"{module} --cpu-smoke exited {proc.returncode}:\n"
+                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    assert _snapshot() == before, f"{module} --cpu-smoke wrote outside tmp_path: {sorted(map(str, _snapshot() ^ before))}"
+    return proc.stdout
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+# -- moe_kernels ---------------------------------------------------------------------------------------------------------
+def test_moe_kernels_smoke_rows_checks_summary_and_plot(tmp_path):
+    out = tmp_path / "mk" / "moe_kernels.json"
+    stdout = run_smoke("moe_kernels", tmp_path, "--out", str(out))
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "moe_kernels" and res["device"] == "cpu" and res["dtype"] == "bfloat16"
+    assert {"date", "commit", "torch", "triton", "python", "timing", "iters"} <= res.keys()
+    assert res["iters"] == moe_kernels.SMOKE_ITERS
+    assert positive(res["ceilings"]["copy_GBps"]) and positive(res["ceilings"]["matmul_TFLOPs"])
+
+    has_gmm = moe_kernels._grouped_mm_works(CPU)
+    systems = list(moe_kernels.systems(has_gmm))
+    assert {"moelink-triton", "moelink-triton-atomic", "per-expert-loop"} <= set(systems)
+    rows = {(r["shape"], r["tokens"], r["system"]): r for r in res["results"]}
+    assert len(rows) == len(res["results"]), "a (shape, tokens, system) row is duplicated"
+    assert set(rows) == set(itertools.product(moe_kernels.SMOKE_SHAPES, moe_kernels.SMOKE_TOKENS, systems))
+    for (shape, T, system), r in rows.items():
+        E, K, D, I = moe_kernels.SMOKE_SHAPES[shape]
+        assert (r["E"], r["K"], r["D"], r["I"]) == (E, K, D, I)
+        for key in ("median_ms", "eager_ms", "TFLOPs", "GBps", "frac_copy_bw", "frac_matmul", "intensity"):
+            assert positive(r[key]), f"{shape} T={T} {system}: {key}={r[key]!r}"
+        assert r["graph_ms"] is None and r["median_ms"] == r["eager_ms"]  # no CUDA graphs on CPU
+        assert r["flops"] == 6.0 * T * K * D * I
+        # One token routes to K distinct experts; more tokens touch at most all E.
+        assert r["experts_touched"] == K if T == 1 else K <= r["experts_touched"] <= E
+        # The correctness check ran against the per-expert loop (the reference itself: exactly 0).
+        err = r["rel_err_vs_loop"]
+        assert err == 0.0 if system == "per-expert-loop" else (math.isfinite(err) and 0 <= err <= 2e-2), (system, err)
+
+    s = res["summary"]
+    assert set(s) == {"geomean_speedup_vs_grouped_mm", "min_frac_copy_bw_le64_tokens", "min_frac_matmul_ge4096_tokens",
+                      "targets"}
+    assert positive(s["geomean_speedup_vs_grouped_mm"]) if has_gmm else s["geomean_speedup_vs_grouped_mm"] is None
+    assert positive(s["min_frac_copy_bw_le64_tokens"])  # every smoke token count is <= 64
+    assert s["min_frac_matmul_ge4096_tokens"] is None and s["targets"]["matmul_ge_70pct"] is None
+    assert set(s["targets"]) == {"speedup_ge_1_2", "copy_bw_ge_80pct", "matmul_ge_70pct"}
+
+    png = out.with_suffix(".png")
+    if HAS_MATPLOTLIB:
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+        assert f"wrote {out} and {png}" in stdout
+    else:
+        assert not png.exists() and "matplotlib is not installed" in stdout
+
+
+@pytest.mark.parametrize("wrong", [lambda y: y * 1.05, lambda y: torch.full_like(y, float("nan"))], ids=["5pct", "nan"])
+def test_moe_kernels_check_catches_a_wrong_system(monkeypatch, wrong):
+    """In process and without Triton: a system 5% off (or NaN) fails the check before it is timed."""
+    def off(*args):
+        return wrong(moe_kernels.per_expert_loop(*args))
+
+    monkeypatch.setattr(moe_kernels, "systems",
+                        lambda has_gmm: {"wrong": off, "per-expert-loop": moe_kernels.per_expert_loop})
+    ceilings = dict(copy_GBps=1.0, matmul_TFLOPs=1.0)
+    with pytest.raises(AssertionError, match="wrong smoke-e8 T=4: relative error"):
+        moe_kernels.bench_shape("smoke-e8", moe_kernels.SMOKE_SHAPES["smoke-e8"], [4], torch.bfloat16, CPU,
+                                moe_kernels.Timer(CPU), ceilings, iters=1, check=True, graphs=False)
+
+
+# -- tune_moe --------------------------------------------------------------------------------------------------------------
+TUNED_LINE = re.compile(r"^(\S+) T=(\d+): ([0-9.]+) ms with (\{.*\})$", re.M)
+OLD_BUCKET = 4096  # seeded before the run: tune_moe must merge into the file, not replace it
+OLD_CONFIG = MoEConfig(64, GemmConfig(128, 64, 8, 8, 3), GemmConfig(64, 128, 1, 4, 4))
+
+
+def seed_config_file(out_dir: Path) -> Path:
+    E, _, _, I = moe_kernels.SMOKE_SHAPES["smoke-e8"]
+    path = out_dir / moe_config.config_file_name(E, I, "cpu")
+    out_dir.mkdir(parents=True)
+    moe_config.write_config_file(path, {OLD_BUCKET: OLD_CONFIG}, meta=dict(note="seeded by the test"))
+    return path
+
+
+def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
+    out_dir = tmp_path / "configs"
+    seeded = seed_config_file(out_dir)
+    stdout = run_smoke("tune_moe", tmp_path, "--out-dir", str(out_dir))
+    printed = {(m[1], int(m[2])): (float(m[3]), json.loads(m[4])) for m in TUNED_LINE.finditer(stdout)}
+    assert set(printed) == set(itertools.product(moe_kernels.SMOKE_SHAPES, moe_kernels.SMOKE_TOKENS)), stdout
+
+    space = tune_moe.SPACES["smoke"]
+    candidates = set(tune_moe.gemm_candidates(space))
+    assert len(candidates) >= 2
+    paths = set()
+    for name, (E, K, D, I) in moe_kernels.SMOKE_SHAPES.items():
+        path = out_dir / moe_config.config_file_name(E, I, "cpu")
+        paths.add(path)
+        assert f"wrote {path}" in stdout
+        data = json.loads(path.read_text())
+        assert data["shape"] == dict(model=name, E=E, top_k=K, D=D, I=I)
+        assert data["tuned_on"] == "cpu" and data["dtype"] == "bfloat16" and data["key"] == "tokens"
+        key, buckets = moe_config.load_config_file(str(path))
+        assert key == "tokens"
+        tuned = dict(buckets)
+        want = set(moe_kernels.SMOKE_TOKENS) | ({OLD_BUCKET} if path == seeded else set())
+        assert set(tuned) == want
+        if path == seeded:
+            assert tuned[OLD_BUCKET] == OLD_CONFIG
+        for T in moe_kernels.SMOKE_TOKENS:
+            ms, cfg = printed[(name, T)]
+            assert positive(ms)
+            assert tuned[T].to_dict() == cfg
+            # Each GEMM's config is the starting one (interpreter.json) or one of the searched candidates.
+            base = moe_config.get_moe_config(E, I, T, K, CPU)
+            assert tuned[T].BLOCK_SIZE_M in tune_moe.block_m_candidates(T, K, E)
+            assert tuned[T].up in candidates | {base.up} and tuned[T].down in candidates | {base.down}
+    assert set(out_dir.iterdir()) == paths
+
+    # The engine's lookup finds them: a GPU named "Smoke_GPU" with these files picks the nearest bucket.
+    for path in paths:
+        path.rename(path.with_name(path.name.replace("device_name=cpu", "device_name=Smoke_GPU")))
+    monkeypatch.setattr(moe_config, "device_name", lambda device: "Smoke_GPU")
+    for name, (E, K, D, I) in moe_kernels.SMOKE_SHAPES.items():
+        for T in moe_kernels.SMOKE_TOKENS:
+            got = moe_config.get_moe_config(E, I, T, K, CPU, config_dir=out_dir)
+            assert got.to_dict() == printed[(name, T)][1]
+    E, K, _, I = moe_kernels.SMOKE_SHAPES["smoke-e8"]
+    assert moe_config.get_moe_config(E, I, 3000, K, CPU, config_dir=out_dir) == OLD_CONFIG
+
+
+def test_tune_moe_out_of_budget_tunes_nothing(tmp_path):
+    out_dir = tmp_path / "configs"
+    seeded = seed_config_file(out_dir)
+    before = seeded.read_bytes()
+    stdout = run_smoke("tune_moe", tmp_path, "--out-dir", str(out_dir), "--budget-s", "0")
+    assert not TUNED_LINE.search(stdout)
+    for name, T in itertools.product(moe_kernels.SMOKE_SHAPES, moe_kernels.SMOKE_TOKENS):
+        assert f"{name} T={T}: out of time budget, not tuned" in stdout
+    assert seeded.read_bytes() == before and list(out_dir.iterdir()) == [seeded]
+
+
+# -- engine_decode ---------------------------------------------------------------------------------------------------------
+def test_engine_decode_smoke_step_and_floor_per_batch(tmp_path):
+    out = tmp_path / "engine_decode.json"
+    stdout = run_smoke("engine_decode", tmp_path, "--out", str(out))
+    assert f"wrote {out}" in stdout
+    res = json.loads(out.read_text())
+    hf = engine_decode.SMOKE
+    layers = hf["num_hidden_layers"]
+    assert res["benchmark"] == "engine_decode" and res["device"] == "cpu"
+    assert res["kernels"] == "reference"  # --kernels auto on CPU
+    assert res["note"] == f"all {layers} layers built"
+    copy_GBps = res["ceilings"]["copy_GBps"]
+    assert positive(copy_GBps) and positive(res["ceilings"]["matmul_TFLOPs"])
+    assert [r["batch"] for r in res["results"]] == list(engine_decode.SMOKE_BATCHES)
+    for r in res["results"]:
+        B = r["batch"]
+        assert r["context"] == engine_decode.SMOKE_CONTEXT and r["layers"] == layers
+        for key in ("step_ms", "tokens_per_s", "floor_ms", "step_over_floor", "head_ms", "bytes_read_floor",
+                    "full_model_step_ms", "full_model_floor_ms"):
+            assert positive(r[key]), f"batch {B}: {key}={r[key]!r}"
+        assert r["per_layer_ms"] >= 0 and r["graph_step_ms"] is None
+        assert r["step_over_floor"] == pytest.approx(r["step_ms"] / r["floor_ms"])
+        assert r["floor_ms"] == pytest.approx(r["bytes_read_floor"] / (copy_GBps * 1e9) * 1e3)
+        assert r["tokens_per_s"] == pytest.approx(B / r["step_ms"] * 1e3)
+        # Every layer built: the "full model" is the measured one.
+        assert r["full_model_step_ms"] == pytest.approx(r["step_ms"])
+        assert r["full_model_floor_ms"] == pytest.approx(r["floor_ms"])
+        K, E = hf["num_experts_per_tok"], hf["num_experts"]
+        assert r["experts_touched_per_layer"] == K if B == 1 else K <= r["experts_touched_per_layer"] <= E
