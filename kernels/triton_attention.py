@@ -15,12 +15,15 @@ instead; both see only the first seq_len keys).
   heads of one kv head (one K/V load serves them all) over a 1/Z slice of the
   context, then a reduce kernel merges the Z partial softmaxes by their
   log-sum-exp. Z grows when S·K alone would leave SMs idle (long contexts, small batches).
-- Prefill (query_len > 1): grid (q blocks, K). A program takes BLOCK_Q query
+- Prefill (query_len > 1): grid (q blocks, K, Zp). A program takes BLOCK_Q query
   tokens × G heads as one [BLOCK_Q·G, H] tile and walks the sequence's block
   table over the cached prefix and the chunk itself, causal-masked. The
   sequence of a q block is found by binary search over query_start_loc, so the
-  grid comes from T and S alone (no host sync).
-A mixed batch runs both: each kernel skips the other's sequences on the device.
+  grid comes from T and S alone (no host sync). When the q blocks alone would
+  leave SMs idle (short chunks over long cached prefixes), Zp > 1 splits the
+  keys as decode does and a per-token reduce merges the partials.
+A mixed batch runs both: each kernel skips the other's sequences on the device
+(with Zp > 1 the prefill kernel takes the decode sequences too: a small step).
 """
 from __future__ import annotations
 
@@ -158,14 +161,15 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, stride_ot,
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                     scale, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb,
-                    stride_ot, stride_on, head_dim,
+                    stride_ot, stride_on, num_heads, head_dim, Z,
                     G: tl.constexpr, L: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_DECODE: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_DECODE: tl.constexpr, SPLIT: tl.constexpr,
                     INTERPRET: tl.constexpr, PREC: tl.constexpr):
     qb = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     # Sequence s owns q blocks [qsl[s] // BLOCK_Q + s, qsl[s+1] // BLOCK_Q + s + 1): a
     # bound on its ceil(len / BLOCK_Q) blocks that needs no prefix sum. Binary search.
     lo = qb * 0  # int32 tensors from the start: loop-carried, and num_seqs may be specialised to a constant
@@ -202,14 +206,43 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ou
     l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_H], dtype=tl.float32)
     table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
-    for start in range(0, kv_end, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv_end, q_pos,
+    # Split-K (SPLIT): this program takes a 1/Z slice of the keys the q block sees.
+    per_split = tl.cdiv(tl.cdiv(kv_end, Z), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, kv_end)
+    for start in range(lo, hi, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, hi, q_pos,
                                      scale, stride_cb, stride_cl, stride_ck, head_dim, BLOCK_Q * BLOCK_G, L, BLOCK_N,
                                      BLOCK_H, True,
                                      INTERPRET, PREC)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_on + d[None, :]
-    tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=io_ok)
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if not SPLIT:
+        o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_on + d[None, :]
+        tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=io_ok)
+    else:
+        # Token-indexed partials [T, N, Z, H] and lse [T, N, Z]. A row that sees no key of this slice
+        # (causal: the slice starts after it) stores lse = -inf; split 0 holds key 0, which every row sees.
+        row = (tok * num_heads + head) * Z + split
+        tl.store(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], o, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _token_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, num_heads, head_dim, Z,
+                         BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+    """Merge the Z partial softmaxes of token t, head n (the split prefill kernel's partials)."""
+    t = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    z = tl.arange(0, BLOCK_Z)
+    d = tl.arange(0, BLOCK_H)
+    row = (t * num_heads + head) * Z + z
+    lse = tl.load(part_lse_ptr + row, mask=z < Z, other=float("-inf"))
+    w = tl.exp(lse - tl.max(lse, axis=0))  # split 0 is never empty: the max is finite
+    o = tl.load(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], mask=(z[:, None] < Z), other=0.0)
+    o = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + t * stride_ot + head * stride_on + d, cast(o, out_ptr.dtype.element_ty, INTERPRET),
+             mask=d < head_dim)
 
 
 @functools.lru_cache(maxsize=8)
@@ -233,11 +266,13 @@ def _warps(rows: int, block_h: int) -> int:
 def triton_paged_attention(
     q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, meta: AttentionMetadata,
     scale: float, *, out: torch.Tensor | None = None, num_splits: int | None = None,
+    prefill_splits: int | None = None,
 ) -> torch.Tensor:
     """Same contract as `reference_paged_attention`: [T, N, H] in q's dtype.
 
     Reads only the metadata's host lists and device tensors (no device→host
-    sync). `num_splits` forces the decode split count (tests); `out` receives the result.
+    sync). `num_splits` / `prefill_splits` force the decode / prefill split counts
+    (tests; a prefill split > 1 also takes the batch's decode sequences); `out` receives the result.
     """
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
@@ -262,7 +297,18 @@ def triton_paged_attention(
     common_args = (q_TNH, k_cache_BLKH, v_cache_BLKH, tables, meta.seq_lens_S, meta.query_start_loc_S1)
     cache_strides = (k_cache_BLKH.stride(0), k_cache_BLKH.stride(1), k_cache_BLKH.stride(2), tables.stride(0))
     has_decode = min(meta.query_lens) == 1
-    if has_decode:
+    Zp = 1
+    if meta.max_query_len > 1:
+        BLOCK_G = triton.next_power_of_2(G)
+        # Aim for ~64-row tiles (16 in the interpreter); at least 16 rows for tl.dot.
+        rows = 16 if flags["INTERPRET"] else 64
+        BLOCK_Q = max(1, rows // BLOCK_G, triton.cdiv(16, BLOCK_G))
+        q_blocks = T // BLOCK_Q + S
+        # Short chunks over long contexts (a prefix-cache hit plus a few new tokens, a chunk's tail) would
+        # leave most SMs idle walking the whole context: split the keys too, as decode does. A split
+        # step is a small one, so its decode sequences ride along in the same kernel (one reduce for all).
+        Zp = prefill_splits or _pick_splits(dev, q_blocks * K, meta.max_seq_len, BLOCK_N)
+    if has_decode and Zp == 1:
         Z = num_splits or _pick_splits(dev, S * K, meta.max_seq_len, BLOCK_N)
         part_o = part_lse = out  # unused when Z == 1
         if Z > 1:
@@ -280,13 +326,19 @@ def triton_paged_attention(
                 BLOCK_Z=triton.next_power_of_2(Z), BLOCK_H=BLOCK_H, INTERPRET=flags["INTERPRET"], num_warps=4,
             )
     if meta.max_query_len > 1:
-        BLOCK_G = triton.next_power_of_2(G)
-        # Aim for ~64-row tiles (16 in the interpreter); at least 16 rows for tl.dot.
-        rows = 16 if flags["INTERPRET"] else 64
-        BLOCK_Q = max(1, rows // BLOCK_G, triton.cdiv(16, BLOCK_G))
-        _prefill_kernel[(T // BLOCK_Q + S, K)](
-            *common_args, out, scale, S, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
-            out.stride(0), out.stride(1), H, G=G, L=L, BLOCK_Q=BLOCK_Q, BLOCK_G=BLOCK_G, BLOCK_H=BLOCK_H,
-            BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode, num_warps=_warps(BLOCK_Q * BLOCK_G, BLOCK_H), **flags,
+        part_o = part_lse = out  # unused when Zp == 1
+        if Zp > 1:
+            part_o = common.workspace((T, N, Zp, BLOCK_H), torch.float32, dev)
+            part_lse = common.workspace((T, N, Zp), torch.float32, dev)
+        _prefill_kernel[(q_blocks, K, Zp)](
+            *common_args, out, part_o, part_lse, scale, S, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
+            out.stride(0), out.stride(1), N, H, Zp, G=G, L=L, BLOCK_Q=BLOCK_Q, BLOCK_G=BLOCK_G, BLOCK_H=BLOCK_H,
+            BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode and Zp == 1, SPLIT=Zp > 1,
+            num_warps=_warps(BLOCK_Q * BLOCK_G, BLOCK_H), **flags,
         )
+        if Zp > 1:  # every token's row of every head has split 0 written: merge them all
+            _token_reduce_kernel[(T, N)](
+                part_o, part_lse, out, out.stride(0), out.stride(1), N, H, Zp,
+                BLOCK_Z=triton.next_power_of_2(Zp), BLOCK_H=BLOCK_H, INTERPRET=flags["INTERPRET"], num_warps=4,
+            )
     return out

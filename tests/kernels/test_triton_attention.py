@@ -88,6 +88,43 @@ def test_decode_split_counts_agree(gen, kdev, check):
         check(triton_paged_attention(q, kc, vc, meta, 0.25, num_splits=z), want, torch.float32, f"{z} splits")
 
 
+# Prefill split-K: (ctx_q, N, K, H, block size, prefill splits).
+PREFILL_SPLIT_CASES = [
+    ([(150, 3)], 4, 2, 16, 16, 4),  # a 3-token chunk over a 147-token cached prefix (the prefix-hit case)
+    ([(97, 5), (40, 1), (3, 2)], 8, 2, 16, 4, 3),  # + a decode riding along, + a chunk shorter than the splits
+    ([(20, 20), (66, 1)], 4, 1, 16, 16, 5),  # no prefix: late splits are invisible to early rows (causal, lse -inf)
+    ([(130, 17), (31, 9)], 6, 2, 24, 8, 2),  # q blocks spanning several rows, H=24 (padded)
+    ([(64, 2)], 4, 4, 8, 16, 8),  # MHA, head dim 8, more splits than key tiles of the short rows
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("ctx_q,N,K,H,bs,zp", PREFILL_SPLIT_CASES)
+def test_prefill_split_matches_reference(ctx_q, N, K, H, bs, zp, dtype, gen, kdev, check, nan_buffer):
+    q, kc, vc, meta, k_new, v_new, slots = _build(gen, ctx_q, N, K, H, bs, dtype, kdev)
+    triton_write_kv(k_new, v_new, kc, vc, slots)
+    out = nan_buffer(q.shape, dtype, kdev)
+    got = triton_paged_attention(q, kc, vc, meta, 0.3, out=out, prefill_splits=zp)
+    want = reference_paged_attention(q.double().cpu(), kc.double().cpu(), vc.double().cpu(), _meta_to(meta, "cpu"), 0.3)
+    check(got, want, dtype, f"prefill split {ctx_q} N={N} K={K} H={H} L={bs} Zp={zp}")
+
+
+def test_short_chunk_on_long_prefix_splits_by_itself(gen, kdev, check, monkeypatch):
+    """Without forcing: a few query tokens over a long prefix leave SMs idle, so the wrapper splits the keys."""
+    from moelink.kernels import triton_attention as ta
+
+    launched = []
+    real = ta._token_reduce_kernel
+    monkeypatch.setattr(ta, "_token_reduce_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launched.append(grid) or real[grid]})())
+    q, kc, vc, meta, k_new, v_new, slots = _build(gen, [(300, 4), (12, 1)], 4, 2, 16, 16, torch.float32, kdev)
+    triton_write_kv(k_new, v_new, kc, vc, slots)
+    got = triton_paged_attention(q, kc, vc, meta, 0.25)
+    assert launched, "a 4-token chunk over 296 cached tokens should have been split"
+    want = reference_paged_attention(q.double().cpu(), kc.double().cpu(), vc.double().cpu(), _meta_to(meta, "cpu"), 0.25)
+    check(got, want, torch.float32, "auto prefill split")
+
+
 # (T, K, H, block size, strided k/v input)
 WRITE_CASES = [(1, 1, 16, 16, False), (7, 2, 8, 4, False), (33, 4, 24, 16, True), (5, 8, 128, 16, True), (16, 2, 16, 1, False)]
 

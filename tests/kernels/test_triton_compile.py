@@ -33,7 +33,7 @@ def test_all_kernels_compile_for_sm90():
     names = {c["name"] for c in compiled}
     assert names >= {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel", "_moe_down_kernel",
                      "_moe_sum_kernel", "_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel",
-                     "_write_kv_kernel", "_rms_norm_kernel", "_rotary_kernel"}, names
+                     "_write_kv_kernel", "_rms_norm_kernel", "_rotary_kernel", "_token_reduce_kernel"}, names
     too_big = [c for c in compiled if c["shared"] > H100_SMEM]
     assert not too_big, f"shared memory over the sm_90 limit: {too_big}"
 
@@ -94,6 +94,7 @@ def _compile_all() -> list[dict]:
         mixed = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(T, dtype=torch.long, **meta),
                                   [1] * 7 + [33], [100] * 8, 33, 1000, 99)
         triton_paged_attention(q, cache, cache, mixed, 0.1, num_splits=4)
+        triton_paged_attention(q, cache, cache, mixed, 0.1, prefill_splits=4)  # split prefill + token reduce
         decode = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(S, dtype=torch.long, **meta),
                                    [1] * 8, [100] * 8, 1, 1000, 99)
         triton_paged_attention(q[:S], cache, cache, decode, 0.1, num_splits=1)

@@ -147,13 +147,15 @@ def run_attention_case(ctx_q, N, K, H, L, dtype, device, gen, num_splits=None):
 
 
 @pytest.mark.parametrize("heads", [(32, 4), (32, 8)], ids=["qwen3", "mixtral"])
-@pytest.mark.parametrize("case", ["decode64", "decode1_long", "mixed"])
+@pytest.mark.parametrize("case", ["decode64", "decode1_long", "mixed", "prefix_hit"])
 def test_paged_attention_real_shapes(heads, case):
     N, K = heads
     gen = torch.Generator(device="cuda").manual_seed(7)
     lens = torch.randint(1, 4096, (64,), generator=torch.Generator().manual_seed(3)).tolist()
     ctx_q = {"decode64": [(n, 1) for n in lens], "decode1_long": [(16001, 1)],
-             "mixed": [(1000, 1), (777, 777), (2048, 300), (5, 1), (130, 2)]}[case]
+             "mixed": [(1000, 1), (777, 777), (2048, 300), (5, 1), (130, 2)],
+             # short chunks over long cached prefixes: few q blocks, so the prefill kernel splits the keys
+             "prefix_hit": [(16000, 4), (8000, 20), (1000, 1)]}[case]
     for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
         err = run_attention_case(ctx_q, N, K, 128, 16, dtype, torch.device("cuda"), gen)
         assert err < tol, f"{case} {dtype}: relative error {err:.3g}"
