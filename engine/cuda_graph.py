@@ -17,14 +17,22 @@ rows run (wasted work, as in vLLM) but are masked out of the expert counters.
 Only the Triton kernels are captured: they read lengths from device tensors.
 The metadata's host lists are fixed at capture (query_lens = 1s; seq_lens =
 max_model_len, an upper bound that only picks the decode split count, since
-each split's range comes from the device's seq_lens). The reference kernels
-read the host lists, so they cannot be captured.
+each split's range comes from the device's seq_lens). So a graph may split a
+short context more ways than an eager step would: the same result up to fp32
+summation order, not bit for bit. The reference kernels read the host lists,
+so they cannot be captured.
+
+Memory: graphs are captured after the KV cache took its share of
+gpu_memory_utilization, so they (a shared pool of tens of MB for decode
+activations plus the graphs themselves; logged after capture) live in the
+remaining headroom, like eager prefill activations.
 
 Legend: B largest captured batch, b captured batch, n sequences this step,
 M max blocks per sequence, D hidden.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -103,7 +111,8 @@ class CudaGraphCapture:
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> CapturedStep:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: an unrelated thread's CUDA call (an allocator free, a copy) must not void this capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
 
         def replay() -> torch.Tensor:
@@ -111,6 +120,14 @@ class CudaGraphCapture:
             return out
 
         return CapturedStep(replay)
+
+    def device_guard(self):
+        return torch.cuda.device(self.device)
+
+    def memory_in_use(self) -> int:
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
 
 
 class EagerReplay:
@@ -123,12 +140,18 @@ class EagerReplay:
         fn()
         return CapturedStep(fn)
 
+    def device_guard(self):
+        return contextlib.nullcontext()
+
+    def memory_in_use(self) -> int:
+        return 0
+
 
 class DecodeGraphs:
     """Static decode inputs, one captured forward per batch size, and the copy-in/replay of a step."""
 
     def __init__(self, model, kv_caches, sizes: tuple[int, ...], max_blocks_per_seq: int, max_model_len: int,
-                 null_block: int, device: torch.device, backend):
+                 null_block: int, top_k: int, device: torch.device, backend):
         if not sizes:
             raise ValueError("DecodeGraphs needs at least one batch size.")
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
@@ -144,12 +167,20 @@ class DecodeGraphs:
         self.seq_lens_B = torch.ones(B, **i32)
         self.tables_BM = torch.full((B, M), null_block, **i32)
         self.qsl_B1 = torch.arange(B + 1, **i32)  # one query token per sequence, always
-        self.row_weight_B = torch.zeros(B, **i64)  # 1 for real rows: the expert counters skip padding
+        self.pair_weight_BK = torch.zeros(B, top_k, **i64)  # 1 for real rows: the expert counters skip padding
         self.steps: dict[int, CapturedStep] = {}
-        # Host staging, padded once: a step overwrites the first n rows and re-pads the tail.
-        self._host = dict(ids=np.zeros(B, np.int64), pos=np.zeros(B, np.int64), slots=np.full(B, -1, np.int64),
-                          lens=np.ones(B, np.int32), tables=np.full((B, M), null_block, np.int32),
-                          weight=np.zeros(B, np.int64))
+        # Host staging, pinned on CUDA so the copies are asynchronous. Reusing it each step is safe: the
+        # previous step's copies finished before its sampled ids were read back (a sync), which is
+        # before the host writes here again.
+        pin = device.type == "cuda"
+
+        def host(shape, dtype, fill):
+            return torch.full(shape, fill, dtype=dtype, pin_memory=pin).numpy()
+
+        self._host = dict(ids=host((B,), torch.long, 0), pos=host((B,), torch.long, 0),
+                          slots=host((B,), torch.long, -1), lens=host((B,), torch.int32, 1),
+                          tables=host((B, M), torch.int32, null_block), weight=host((B, top_k), torch.long, 0))
+        self._host_t = {k: torch.from_numpy(v) for k, v in self._host.items()}
 
     def _forward(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(
@@ -158,22 +189,41 @@ class DecodeGraphs:
             max_query_len=1, max_seq_len=self.max_model_len, null_block=self.null_block,
         )
         stats = self.model.moe_stats
-        stats.row_weight_T = self.row_weight_B[:b]
+        stats.pair_weight_TK = self.pair_weight_BK[:b]
         try:
             return self.model(self.input_ids_B[:b], self.positions_B[:b], ForwardContext(meta, self.kv_caches))
         finally:
-            stats.row_weight_T = None
+            stats.pair_weight_TK = None
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Capture every size, largest first (later, smaller graphs reuse the pool's blocks). The static
-        inputs hold padding throughout, so warm-up runs write no KV and count no experts."""
-        for b in reversed(self.sizes):
-            self._forward(b)  # warm-up outside capture: Triton compiles, the allocator settles
-            self.steps[b] = self.backend.capture(lambda b=b: self._forward(b))
+        """Capture every size, largest first (later, smaller graphs reuse the pool's blocks), and replay
+        each once, so a graph that cannot run fails here (and is dropped) rather than in a user's step.
+        The static inputs hold padding throughout: warm-ups and test replays write no KV and count no
+        experts. A size that fails is skipped; a failure that is not out-of-memory (a host sync in the
+        forward, say) would fail every size, so it stops the capture."""
+        before = self.backend.memory_in_use()
+        with self.backend.device_guard():
+            for b in reversed(self.sizes):
+                try:
+                    self._forward(b)  # warm-up outside capture: Triton compiles, the allocator settles
+                    step = self.backend.capture(lambda b=b: self._forward(b))
+                    step.replay()
+                except RuntimeError as e:
+                    oom = "out of memory" in str(e).lower()
+                    logger.warning("CUDA graph for decode batch %d not captured (%s)%s", b, str(e).splitlines()[0][:300],
+                                   "" if oom else "; decoding eagerly at every size")
+                    if not oom:
+                        self.steps.clear()
+                        break
+                    continue
+                self.steps[b] = step
+            used = self.backend.memory_in_use() - before
         self.model.moe_stats.reset()
-        logger.info("captured %d decode graphs (%s) for batch sizes %s", len(self.sizes), self.backend.name,
-                    ", ".join(map(str, self.sizes)))
+        self.sizes = tuple(sorted(self.steps))
+        self.max_batch = self.sizes[-1] if self.sizes else 0
+        logger.info("captured %d decode graphs (%s) for batch sizes %s; %.0f MiB of device memory", len(self.sizes),
+                    self.backend.name, ", ".join(map(str, self.sizes)) or "none", used / 2**20)
 
     def size_for(self, n: int) -> int | None:
         """The smallest captured size holding n sequences; None if n is above the largest."""
@@ -191,13 +241,15 @@ class DecodeGraphs:
         m = tables_SM.shape[1]
         h["ids"][:n], h["pos"][:n], h["slots"][:n], h["lens"][:n] = input_ids, positions_T, slots_T, seq_lens
         h["tables"][:n, :m] = tables_SM
-        h["tables"][:n, m:] = self.null_block
         h["weight"][:n] = 1
         # Rows n..b: padding again (an earlier, larger step may have left real values there).
         h["ids"][n:b], h["pos"][n:b], h["slots"][n:b], h["lens"][n:b], h["weight"][n:b] = 0, 0, -1, 1, 0
-        h["tables"][n:b] = self.null_block
-        for dst, src in ((self.input_ids_B, h["ids"]), (self.positions_B, h["pos"]), (self.slots_B, h["slots"]),
-                         (self.seq_lens_B, h["lens"]), (self.row_weight_B, h["weight"])):
-            dst[:b].copy_(torch.from_numpy(src[:b]), non_blocking=False)
-        self.tables_BM[:b].copy_(torch.from_numpy(h["tables"][:b]))
+        h["tables"][n:b, :m] = self.null_block
+        t = self._host_t
+        for dst, key in ((self.input_ids_B, "ids"), (self.positions_B, "pos"), (self.slots_B, "slots"),
+                         (self.seq_lens_B, "lens"), (self.pair_weight_BK, "weight")):
+            dst[:b].copy_(t[key][:b], non_blocking=True)
+        # Only the first m columns: a row reads columns < ceil(seq_len / block) <= m, and a padding row
+        # (seq_len 1) reads column 0. Older columns past m are never read.
+        self.tables_BM[:b, :m].copy_(t["tables"][:b, :m], non_blocking=True)
         return self.steps[b].replay()[:n]

@@ -98,6 +98,9 @@ class ModelRunner:
     def allocate_kv_cache(self, num_kv_blocks: int) -> None:
         if num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks={num_kv_blocks} is invalid: the KV cache needs at least one block.")
+        # Graphs captured on an older cache would replay into it: drop them (and the old cache) first.
+        self.graphs = None
+        self.kv_caches = []
         # One extra, never-allocated block at the end: the attention null block.
         self.null_block = num_kv_blocks
         shape = (num_kv_blocks + 1, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
@@ -129,16 +132,12 @@ class ModelRunner:
         backend = self.graph_backend or CudaGraphCapture(self.device)
         max_blocks = -(-self.cfg.max_model_len // self.block_size)
         graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.cfg.max_model_len,
-                              self.null_block, self.device, backend)
+                              self.null_block, self.cfg.top_k, self.device, backend)
         t0 = time.perf_counter()
-        try:
-            graphs.capture_all()
-        except RuntimeError as e:  # e.g. an op that syncs with the host: keep serving, eagerly, and say why
-            logger.warning("CUDA graph capture failed, decoding eagerly: %s", str(e).splitlines()[0][:300])
-            self.model.moe_stats.reset()
-            return
-        self.graphs = graphs
-        logger.info("decode graphs ready in %.1f s", time.perf_counter() - t0)
+        graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
+        if graphs.steps:
+            self.graphs = graphs
+            logger.info("decode graphs ready in %.1f s", time.perf_counter() - t0)
 
     # -- state updates --------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:

@@ -47,11 +47,22 @@ def generate(path: str, prompts, dtype: str, device: str, kernels: str = "auto",
     On CUDA decode steps replay CUDA graphs (sizes 1, 2, 4, 8) unless engine has enforce_eager=True."""
     llm = LLM(path, dtype=dtype, device=device, kernels=kernels, max_num_seqs=8, max_num_batched_tokens=48,
               num_kv_blocks=256, block_size=16, **engine)
+    replays = {}
     if device == "cuda":
         graphs = llm.engine.executor.worker.runner.graphs
         assert (graphs is None) == bool(engine.get("enforce_eager")), "decode graphs were not captured"
+        for b, step in (graphs.steps.items() if graphs else ()):
+            replays[b] = 0
+
+            def counting(inner=step.replay, b=b):
+                replays[b] += 1
+                return inner()
+
+            step.replay = counting
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=TOP)
     outs = llm.generate(prompts, params, use_tqdm=False)
+    if replays:
+        assert sum(replays.values()) > 0, "no decode step replayed a graph"
     return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs]) for o in outs]
 
 

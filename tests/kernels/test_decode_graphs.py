@@ -88,3 +88,32 @@ def test_graphs_stay_off_where_they_cannot_be_right(tiny_model, caplog):
     assert runner._graph_sizes((1, 2), None, None) == ()  # CPU device and no stand-in backend
     assert "not a CUDA device" in caplog.text
     assert runner._graph_sizes((1, 2), None, EagerReplay()) == (1, 2)
+
+
+class _FailingBackend(EagerReplay):
+    """EagerReplay whose capture raises for chosen sizes, as torch.cuda.graph would."""
+
+    def __init__(self, fail: dict[int, str]):
+        self.fail = fail
+
+    def capture(self, fn):
+        b = fn.__defaults__[0]  # DecodeGraphs binds the size as the lambda's default
+        if b in self.fail:
+            raise RuntimeError(self.fail[b])
+        return super().capture(fn)
+
+
+def test_a_size_out_of_memory_is_dropped_and_the_rest_kept(tiny_model, caplog):
+    llm = _llm(tiny_model("qwen3_e6k3"), "triton")
+    runner = _runner(llm)
+    runner.graph_sizes = (1, 2, 4)
+    runner.graph_backend = _FailingBackend({4: "CUDA out of memory. Tried to allocate 2.00 GiB"})
+    runner._capture_graphs()
+    assert runner.graphs is not None and runner.graphs.sizes == (1, 2) and runner.graphs.max_batch == 2
+    assert "decode batch 4 not captured" in caplog.text
+    # A failure that is not memory (a host sync inside the forward) would hit every size: none are kept.
+    runner.graph_backend = _FailingBackend({4: "operation not permitted when stream is capturing"})
+    runner.allocate_kv_cache(48)
+    assert runner.graphs is None
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2  # eager decoding still serves
