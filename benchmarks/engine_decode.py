@@ -7,7 +7,9 @@ Timed on the device (CUDA events, median over steps): one model step as the
 engine's model runner runs it, i.e. embedding → decoder layers (Triton
 kernels via the same selector the engine uses) → final norm → LM head on the
 batch's rows → greedy argmax. Host-side scheduling and metadata building are
-not included (they are the same for every kernel backend).
+not included (they are the same for every kernel backend). With --graphs the
+step is also timed as the engine decodes on a GPU: the batch's CUDA graph
+(engine/cuda_graph.py) replayed after the step's inputs are copied in.
 
 Memory floor: the bytes one step must read at least (attention and router
 weights, the experts the batch actually routed to, counted per layer in an
@@ -124,22 +126,51 @@ def count_touched_experts(model, kernels, args) -> list[int]:
     return seen
 
 
+def time_engine_graph(model, cfg, caches, args_, batch, device, timer, steps) -> float | None:
+    """Median step time through the engine's decode graph for this batch size: host copy-in of the step's
+    inputs, replay, LM head, argmax. On CPU the capture is stood in by a re-run (smoke only)."""
+    from moelink.engine.cuda_graph import CudaGraphCapture, DecodeGraphs, EagerReplay
+
+    if model.layers[0].self_attn.kernels.name != "triton":
+        print("  (--graphs needs the Triton kernels: not timed)")
+        return None
+    ids_T, pos_T, ctx = args_
+    meta = ctx.attn
+    backend = CudaGraphCapture(device) if device.type == "cuda" else EagerReplay()
+    graphs = DecodeGraphs(model, caches, (batch,), meta.block_tables_SM.shape[1], cfg.max_model_len, meta.null_block,
+                          cfg.top_k, device, backend)
+    graphs.capture_all()
+    if batch not in graphs.steps:
+        return None
+    # Host-side inputs, as the model runner holds them (untimed: the runner builds them for eager steps too).
+    host = (ids_T.tolist(), pos_T.cpu().numpy(), meta.slot_mapping_T.cpu().numpy(), list(meta.seq_lens),
+            meta.block_tables_SM.cpu().numpy())
+    t = timer(lambda: model.compute_logits(graphs.run(*host)).argmax(-1), [()], iters=steps,
+              warmup=2 if device.type == "cuda" else 1)
+    del graphs
+    return t
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,16,64,256", help="comma list of decode batch sizes")
+    ap.add_argument("--batches", default=None,
+                    help=f"comma list of decode batch sizes (default 1,16,64,256; {','.join(map(str, SMOKE_BATCHES))} "
+                         "with --cpu-smoke)")
     ap.add_argument("--context", type=int, default=1024, help="cached tokens per sequence")
     ap.add_argument("--layers", default="auto", help="decoder layers to build ('auto': as many as fit, up to 48)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per batch size (median reported)")
     ap.add_argument("--graphs", action="store_true",
-                    help="also time the step as a CUDA-graph replay (fails and says so if a layer syncs with the host)")
+                    help="also time the step as the engine runs decode on CUDA: its captured graph for the batch "
+                         "(engine/cuda_graph.py), inputs copied in each step (needs the Triton kernels)")
     ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"], help="kernel backend")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_decode_<gpu>.json)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU: checks the script only")
     args = ap.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in (args.batches or "1,16,64,256").split(",")]
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined (--kernels triton)
-        device, hf, batches, context = torch.device("cpu"), SMOKE, list(SMOKE_BATCHES), SMOKE_CONTEXT
+        device, hf, context = torch.device("cpu"), SMOKE, SMOKE_CONTEXT
+        batches = batches if args.batches else list(SMOKE_BATCHES)
     else:
         device, hf, context = require_cuda("engine_decode"), QWEN3_30B_A3B, args.context
     full_layers = hf["num_hidden_layers"]
@@ -164,11 +195,12 @@ def main(argv=None) -> dict:
             args_ = decode_inputs(cfg, B, context, device, caches)
             touched = count_touched_experts(model, kernels, args_)
             step = lambda ids, pos, ctx: model.compute_logits(model(ids, pos, ctx)).argmax(-1)  # noqa: E731
-            t = timer(step, [args_], iters=args.steps, warmup=3)
-            t_graph = timer.graph(step, [args_], iters=args.steps) if args.graphs else None
+            warm = 3 if device.type == "cuda" else 1  # the CPU smoke has nothing to warm up
+            t = timer(step, [args_], iters=args.steps, warmup=warm)
+            t_graph = time_engine_graph(model, cfg, caches, args_, B, device, timer, args.steps) if args.graphs else None
             x = torch.randn(B, cfg.hidden_size, dtype=cfg.dtype, device=device)
             t_head = timer(lambda: model.compute_logits(model.norm(torch.nn.functional.embedding(args_[0], model.embed_tokens) + x)).argmax(-1),
-                           [()], iters=args.steps, warmup=2)
+                           [()], iters=args.steps, warmup=warm)
             per_layer = max(0.0, t - t_head) / layers
             t_full = t_head + full_layers * per_layer
             bytes_layers = layers * dense + sum(touched) * expert + kv_bytes(hf, B * (context + 1), layers)
@@ -179,6 +211,8 @@ def main(argv=None) -> dict:
             floor_full = bytes_full / (ceilings["copy_GBps"] * 1e9)
             row = dict(batch=B, context=context, layers=layers, step_ms=t * 1e3, tokens_per_s=B / t,
                        graph_step_ms=None if t_graph is None else t_graph * 1e3,
+                       graph_tokens_per_s=None if t_graph is None else B / t_graph,
+                       graph_step_over_floor=None if t_graph is None else t_graph / floor,
                        floor_ms=floor * 1e3, step_over_floor=t / floor, head_ms=t_head * 1e3, per_layer_ms=per_layer * 1e3,
                        experts_touched_per_layer=mean_touched, bytes_read_floor=bytes_layers + bytes_head,
                        full_model_step_ms=t_full * 1e3, full_model_tokens_per_s=B / t_full, full_model_floor_ms=floor_full * 1e3)
@@ -186,6 +220,9 @@ def main(argv=None) -> dict:
             print(f"batch {B:>4}: step {t * 1e3:8.3f} ms ({layers} layers), {B / t:9.1f} tok/s, floor {floor * 1e3:7.3f} ms, "
                   f"step/floor {t / floor:5.2f}; {mean_touched:.0f} experts/layer; "
                   f"{full_layers}-layer estimate {t_full * 1e3:.2f} ms = {B / t_full:.0f} tok/s", flush=True)
+            if t_graph is not None:
+                print(f"            graph step {t_graph * 1e3:8.3f} ms, {B / t_graph:9.1f} tok/s, step/floor {t_graph / floor:5.2f}",
+                      flush=True)
     result = dict(benchmark="engine_decode", **run_meta(device), model="Qwen3-30B-A3B shape, random bf16 weights",
                   kernels=kernels.name, note=note or f"all {full_layers} layers built", ceilings=ceilings, results=rows)
     tag = "cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")

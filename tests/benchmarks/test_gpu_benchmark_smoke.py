@@ -213,3 +213,18 @@ def test_engine_decode_smoke_step_and_floor_per_batch(tmp_path):
         assert r["full_model_floor_ms"] == pytest.approx(r["floor_ms"])
         K, E = hf["num_experts_per_tok"], hf["num_experts"]
         assert r["experts_touched_per_layer"] == K if B == 1 else K <= r["experts_touched_per_layer"] <= E
+
+
+def test_engine_decode_smoke_times_the_engine_graph_path(tmp_path):
+    """--graphs with the Triton kernels (interpreter): the step through engine/cuda_graph.py's DecodeGraphs
+    (capture stood in by a re-run on CPU), reported beside the eager step. One batch, one step: ~25 s."""
+    out = tmp_path / "engine_decode_graphs.json"
+    run_smoke("engine_decode", tmp_path, "--graphs", "--kernels", "triton", "--steps", "1", "--batches", "2",
+              "--out", str(out))
+    res = json.loads(out.read_text())
+    assert res["kernels"] == "triton"
+    (r,) = res["results"]
+    assert r["batch"] == 2
+    assert positive(r["graph_step_ms"]) and positive(r["step_ms"])
+    assert r["graph_step_over_floor"] == pytest.approx(r["graph_step_ms"] / r["floor_ms"])
+    assert r["graph_tokens_per_s"] == pytest.approx(2 / r["graph_step_ms"] * 1e3)
