@@ -11,8 +11,10 @@ captured size b >= n, copies its inputs into the first n rows, fills rows
 n..b with padding that touches nothing, replays graph b and reads rows 0..n
 of its static output. Padding rows: token 0 at position 0, KV slot -1 (the KV
 write skips it), one cached token in the never-allocated zero null block, so
-attention over them is finite and no real block is read or written; their MoE
-rows run (wasted work, as in vLLM) but are masked out of the expert counters.
+attention over them is finite and no real block is read or written; the MoE
+layers route them to no expert (id -1), so they add no expert weight reads
+(a padding row past an expert's block boundary would re-stream its weights)
+and no expert load.
 
 Only the Triton kernels are captured: they read lengths from device tensors.
 The metadata's host lists are fixed at capture (query_lens = 1s; seq_lens =
@@ -151,7 +153,7 @@ class DecodeGraphs:
     """Static decode inputs, one captured forward per batch size, and the copy-in/replay of a step."""
 
     def __init__(self, model, kv_caches, sizes: tuple[int, ...], max_blocks_per_seq: int, max_model_len: int,
-                 null_block: int, top_k: int, device: torch.device, backend):
+                 null_block: int, device: torch.device, backend):
         if not sizes:
             raise ValueError("DecodeGraphs needs at least one batch size.")
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
@@ -167,7 +169,7 @@ class DecodeGraphs:
         self.seq_lens_B = torch.ones(B, **i32)
         self.tables_BM = torch.full((B, M), null_block, **i32)
         self.qsl_B1 = torch.arange(B + 1, **i32)  # one query token per sequence, always
-        self.pair_weight_BK = torch.zeros(B, top_k, **i64)  # 1 for real rows: the expert counters skip padding
+        self.valid_B = torch.zeros(B, dtype=torch.bool, device=device)  # real rows; padding routes to no expert
         self.steps: dict[int, CapturedStep] = {}
         # Host staging, pinned on CUDA so the copies are asynchronous. Reusing it each step is safe: the
         # previous step's copies finished before its sampled ids were read back (a sync), which is
@@ -179,7 +181,7 @@ class DecodeGraphs:
 
         self._host = dict(ids=host((B,), torch.long, 0), pos=host((B,), torch.long, 0),
                           slots=host((B,), torch.long, -1), lens=host((B,), torch.int32, 1),
-                          tables=host((B, M), torch.int32, null_block), weight=host((B, top_k), torch.long, 0))
+                          tables=host((B, M), torch.int32, null_block), valid=host((B,), torch.bool, False))
         self._host_t = {k: torch.from_numpy(v) for k, v in self._host.items()}
 
     def _forward(self, b: int) -> torch.Tensor:
@@ -188,12 +190,11 @@ class DecodeGraphs:
             slot_mapping_T=self.slots_B[:b], query_lens=[1] * b, seq_lens=[self.max_model_len] * b,
             max_query_len=1, max_seq_len=self.max_model_len, null_block=self.null_block,
         )
-        stats = self.model.moe_stats
-        stats.pair_weight_TK = self.pair_weight_BK[:b]
+        self.model.set_valid_rows(self.valid_B[:b])
         try:
             return self.model(self.input_ids_B[:b], self.positions_B[:b], ForwardContext(meta, self.kv_caches))
         finally:
-            stats.pair_weight_TK = None
+            self.model.set_valid_rows(None)
 
     @torch.inference_mode()
     def capture_all(self) -> None:
@@ -241,13 +242,13 @@ class DecodeGraphs:
         m = tables_SM.shape[1]
         h["ids"][:n], h["pos"][:n], h["slots"][:n], h["lens"][:n] = input_ids, positions_T, slots_T, seq_lens
         h["tables"][:n, :m] = tables_SM
-        h["weight"][:n] = 1
+        h["valid"][:n] = True
         # Rows n..b: padding again (an earlier, larger step may have left real values there).
-        h["ids"][n:b], h["pos"][n:b], h["slots"][n:b], h["lens"][n:b], h["weight"][n:b] = 0, 0, -1, 1, 0
+        h["ids"][n:b], h["pos"][n:b], h["slots"][n:b], h["lens"][n:b], h["valid"][n:b] = 0, 0, -1, 1, False
         h["tables"][n:b, :m] = self.null_block
         t = self._host_t
         for dst, key in ((self.input_ids_B, "ids"), (self.positions_B, "pos"), (self.slots_B, "slots"),
-                         (self.seq_lens_B, "lens"), (self.pair_weight_BK, "weight")):
+                         (self.seq_lens_B, "lens"), (self.valid_B, "valid")):
             dst[:b].copy_(t[key][:b], non_blocking=True)
         # Only the first m columns: a row reads columns < ceil(seq_len / block) <= m, and a padding row
         # (seq_len 1) reads column 0. Older columns past m are never read.

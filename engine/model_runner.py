@@ -132,7 +132,7 @@ class ModelRunner:
         backend = self.graph_backend or CudaGraphCapture(self.device)
         max_blocks = -(-self.cfg.max_model_len // self.block_size)
         graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.cfg.max_model_len,
-                              self.null_block, self.cfg.top_k, self.device, backend)
+                              self.null_block, self.device, backend)
         t0 = time.perf_counter()
         graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
         if graphs.steps:

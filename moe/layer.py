@@ -58,10 +58,15 @@ class MoELayer(nn.Module):
         self.gate_GD = nn.Parameter(torch.empty(num_experts, hidden_size, **factory), requires_grad=False)
         self.w13_EFD = nn.Parameter(torch.empty(num_local, 2 * intermediate_size, hidden_size, **factory), requires_grad=False)
         self.w2_EDI = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size, **factory), requires_grad=False)
+        # bool [T], set only while a padded decode graph runs (engine/cuda_graph.py): padding rows route to
+        # no expert (id -1), so they cost no expert weight reads and count in no expert's load.
+        self.valid_rows_T: torch.Tensor | None = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         logits_TG = F.linear(x_TD, self.gate_GD)
         weights_TK, ids_TK = self.router(logits_TG)
+        if self.valid_rows_T is not None:
+            ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)
         if self.stats is not None:
             self.stats.record_routing(self.moe_index, ids_TK)
         if self.ep is None:

@@ -42,20 +42,15 @@ class MoEStats:
         # Host timers are only honest where ops run synchronously (CPU); on a GPU
         # they would time kernel launches, so they stay off there.
         self.time_phases = device.type == "cpu"
-        # Set only while a padded CUDA-graph batch runs (engine/cuda_graph.py): int64 [T, K], 1 for
-        # real rows, 0 for padding, so padding rows are not counted as routed tokens.
-        self.pair_weight_TK: torch.Tensor | None = None
 
     def record_routing(self, layer: int, topk_ids_TK: torch.Tensor) -> None:
         if topk_ids_TK.numel():
             # index_add_, not bincount: bincount sizes its output from the data, a host sync on
-            # CUDA that would also break CUDA-graph capture.
+            # CUDA that would also break CUDA-graph capture. Ids < 0 (padding rows of a decode
+            # graph) route nowhere and count for nothing.
             ids = topk_ids_TK.reshape(-1)
-            if self.pair_weight_TK is None:
-                ones = torch.ones_like(ids, dtype=self.counts_LG.dtype)
-            else:
-                ones = self.pair_weight_TK.reshape(-1)  # a view: the static buffer is contiguous
-            self.counts_LG[layer].index_add_(0, ids, ones)
+            routed = (ids >= 0).to(self.counts_LG.dtype)
+            self.counts_LG[layer].index_add_(0, ids.clamp(min=0), routed)
 
     def record_transfer(self, layer: int, bytes_dispatched: int, bytes_combined: int, rows: int) -> None:
         self._bytes[layer] += bytes_dispatched

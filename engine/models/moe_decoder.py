@@ -94,6 +94,13 @@ class MoEDecoderForCausalLM(nn.Module):
         h_TD, _ = self.norm.add_forward(x_TD, residual_TD)
         return h_TD
 
+    def set_valid_rows(self, valid_T: torch.Tensor | None) -> None:
+        """Mark which rows of the coming forward are real (bool [T]); the MoE layers route the others to
+        no expert. None (the default) = every row is real. Used by padded decode graphs."""
+        for layer in self.layers:
+            if layer.is_sparse:
+                layer.mlp.valid_rows_T = valid_T
+
     def forward_moe_only(self) -> None:
         """An empty step under expert parallelism: no local tokens, but this rank still
         joins every MoE layer's dispatch and combine, in the same order as its peers."""

@@ -117,3 +117,29 @@ def test_a_size_out_of_memory_is_dropped_and_the_rest_kept(tiny_model, caplog):
     assert runner.graphs is None
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2  # eager decoding still serves
+
+
+def test_padding_rows_route_to_no_expert(tiny_model):
+    """One sequence decoding through a size-4 graph: rows 1-3 are padding and reach the experts as id -1
+    (no weight reads, no load), while the real row keeps its top-k."""
+    llm = _llm(tiny_model("qwen3_e6k3"), "triton")
+    runner = _runner(llm)
+    runner.graph_sizes, runner.graph_backend = (4,), EagerReplay()
+    runner._capture_graphs()
+    seen = []
+    inner = runner.kernels.fused_moe
+
+    def spy(x, w13, w2, tw, ti, *rest, **kw):
+        seen.append(ti.clone())
+        return inner(x, w13, w2, tw, ti, *rest, **kw)
+
+    runner.kernels.fused_moe = spy
+    try:
+        llm.generate([[9] * 7], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    finally:
+        runner.kernels.fused_moe = inner
+    padded = [ti for ti in seen if ti.shape[0] == 4]
+    assert padded, "no decode step went through the size-4 graph"
+    for ti in padded:
+        assert (ti[0] >= 0).all() and (ti[1:] == -1).all()
+    assert all((ti >= 0).all() for ti in seen if ti.shape[0] == 7)  # the eager prefill step is untouched
