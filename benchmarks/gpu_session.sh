@@ -1,25 +1,46 @@
 #!/usr/bin/env bash
-# Everything a GPU session owes the project, in one command (issue 3 and the README's GPU tables).
+# Everything a GPU session owes the project (issue 3 and the README's GPU tables), in steps that each fit
+# one device command (the device tool stops a command at 10 minutes; a lease holds 30 minutes in all).
 #
 # Assumes: the device image (torch 2.11, Triton 3.6, transformers, grpcio; no Ray, no registry), run from
-# the repository root. Installs moelink without dependencies, runs the GPU tests of the folders that need
-# nothing beyond that image (the server tests need smg-grpc-proto and are CPU-covered anyway), then the
-# kernel and decode benchmarks, and writes everything under $OUT (default benchmarks/results).
+# the repository root. Installs moelink without dependencies, then runs one step (or all), writing under
+# $OUT (default benchmarks/results):
 #
-#   OUT=$OUT bash benchmarks/gpu_session.sh [--quick]      # --quick: fewer shapes/tokens, for a short lease
+#   OUT=$OUT bash benchmarks/gpu_session.sh tests            # pytest -m gpu: kernels, engine (graphs), comm, moe
+#   OUT=$OUT bash benchmarks/gpu_session.sh moe [SHAPES]     # moe_kernels (SHAPES: comma list, default all three)
+#   OUT=$OUT bash benchmarks/gpu_session.sh decode           # engine_decode, eager and as graph replays
+#   OUT=$OUT bash benchmarks/gpu_session.sh all [--quick]    # the three in a row (--quick: fewer shapes/tokens)
+#
+# The server tests need smg-grpc-proto (not in the image) and are CPU-covered, so they are not run here.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
-QUICK=${1:-}
+STEP=${1:-all}
+ARG=${2:-}
 mkdir -p "$OUT"
 python -m pip install --no-deps --no-build-isolation -e . >/dev/null
 DEV=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
-echo "device: $DEV"
+echo "device: $DEV, step: $STEP"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv | tee "$OUT/gpu_${DEV}_nvidia_smi.csv"
-python -m pytest -q -m gpu tests/kernels tests/engine tests/comm tests/moe 2>&1 | tee "$OUT/gpu_tests_${DEV}.txt"
-if [[ "$QUICK" == "--quick" ]]; then
-  python -m moelink.benchmarks.moe_kernels --tokens 1,64,1024,16384 --out "$OUT/moe_kernels_${DEV}.json"
-  python -m moelink.benchmarks.engine_decode --graphs --batches 1,64,256 --out "$OUT/engine_decode_${DEV}.json"
-else
-  python -m moelink.benchmarks.moe_kernels --out "$OUT/moe_kernels_${DEV}.json"
-  python -m moelink.benchmarks.engine_decode --graphs --out "$OUT/engine_decode_${DEV}.json"
-fi
+
+run_tests() {
+  python -m pytest -q -m gpu tests/kernels tests/engine tests/comm tests/moe 2>&1 | tee "$OUT/gpu_tests_${DEV}.txt"
+}
+run_moe() {  # $1: shapes (optional), $2: --quick (optional)
+  local shapes=${1:-qwen3-30b-a3b,mixtral-8x7b,deepseek-v3} tokens=()
+  [[ "${2:-}" == "--quick" ]] && tokens=(--tokens 1,64,1024,16384)
+  local tag=${shapes//,/+}
+  python -m moelink.benchmarks.moe_kernels --shapes "$shapes" "${tokens[@]}" --out "$OUT/moe_kernels_${DEV}_${tag}.json"
+}
+run_decode() {  # $1: --quick (optional)
+  local batches=()
+  [[ "${1:-}" == "--quick" ]] && batches=(--batches 1,64,256)
+  python -m moelink.benchmarks.engine_decode --graphs "${batches[@]}" --out "$OUT/engine_decode_${DEV}.json"
+}
+
+case "$STEP" in
+  tests) run_tests ;;
+  moe) run_moe "$ARG" ;;
+  decode) run_decode ;;
+  all) run_tests; run_moe "" "$ARG"; run_decode "$ARG" ;;
+  *) echo "step must be tests, moe, decode or all (got '$STEP')" >&2; exit 2 ;;
+esac
