@@ -7,31 +7,38 @@
 # $OUT (default benchmarks/results):
 #
 #   OUT=$OUT bash benchmarks/gpu_session.sh tests            # pytest -m gpu: kernels, engine (graphs), comm, moe
-#   OUT=$OUT bash benchmarks/gpu_session.sh moe [SHAPES]     # moe_kernels (SHAPES: comma list, default all three)
-#   OUT=$OUT bash benchmarks/gpu_session.sh decode           # engine_decode, eager and as graph replays
+#   OUT=$OUT bash benchmarks/gpu_session.sh moe [SHAPES] [--quick]   # moe_kernels (SHAPES: comma list, default all three)
+#   OUT=$OUT bash benchmarks/gpu_session.sh decode [--quick]         # engine_decode, eager and as graph replays
 #   OUT=$OUT bash benchmarks/gpu_session.sh all [--quick]    # the three in a row (--quick: fewer shapes/tokens)
 #
 # The server tests need smg-grpc-proto (not in the image) and are CPU-covered, so they are not run here.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
 STEP=${1:-all}
-ARG=${2:-}
 mkdir -p "$OUT"
 python -m pip install --no-deps --no-build-isolation -e . >/dev/null
 DEV=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 echo "device: $DEV, step: $STEP"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv | tee "$OUT/gpu_${DEV}_nvidia_smi.csv"
 
-run_tests() {
-  python -m pytest -q -m gpu tests/kernels tests/engine tests/comm tests/moe 2>&1 | tee "$OUT/gpu_tests_${DEV}.txt"
+FAILED=0
+run_tests() {  # a failing GPU test is reported and the benchmarks still run (exit status 1 at the end)
+  python -m pytest -q -m gpu tests/kernels tests/engine tests/comm tests/moe 2>&1 | tee "$OUT/gpu_tests_${DEV}.txt" \
+    || { echo "GPU tests failed: see $OUT/gpu_tests_${DEV}.txt"; FAILED=1; }
 }
-run_moe() {  # $1: shapes (optional), $2: --quick (optional)
-  local shapes=${1:-qwen3-30b-a3b,mixtral-8x7b,deepseek-v3} tokens=()
-  [[ "${2:-}" == "--quick" ]] && tokens=(--tokens 1,64,1024,16384)
+run_moe() {  # args: [SHAPES] [--quick], in any order
+  local shapes=qwen3-30b-a3b,mixtral-8x7b,deepseek-v3 tokens=() a
+  for a in "$@"; do
+    case "$a" in
+      --quick) tokens=(--tokens 1,64,1024,16384) ;;
+      "") ;;
+      *) shapes=$a ;;
+    esac
+  done
   local tag=${shapes//,/+}
   python -m moelink.benchmarks.moe_kernels --shapes "$shapes" "${tokens[@]}" --out "$OUT/moe_kernels_${DEV}_${tag}.json"
 }
-run_decode() {  # $1: --quick (optional)
+run_decode() {  # args: [--quick]
   local batches=()
   [[ "${1:-}" == "--quick" ]] && batches=(--batches 1,64,256)
   python -m moelink.benchmarks.engine_decode --graphs "${batches[@]}" --out "$OUT/engine_decode_${DEV}.json"
@@ -39,8 +46,9 @@ run_decode() {  # $1: --quick (optional)
 
 case "$STEP" in
   tests) run_tests ;;
-  moe) run_moe "$ARG" ;;
-  decode) run_decode ;;
-  all) run_tests; run_moe "" "$ARG"; run_decode "$ARG" ;;
+  moe) run_moe "${@:2}" ;;
+  decode) run_decode "${@:2}" ;;
+  all) run_tests; run_moe "${@:2}"; run_decode "${@:2}" ;;
   *) echo "step must be tests, moe, decode or all (got '$STEP')" >&2; exit 2 ;;
 esac
+exit "$FAILED"

@@ -151,15 +151,17 @@ def main(argv=None) -> dict[str, dict]:
         configs = dict(found[1]) if found and found[0] == "tokens" else {}
         for T in tokens:
             best, t = tune_bucket((E, K, D, I), T, dtype, device, timer, space, iters, deadline)
-            if best is None:  # past the deadline, or every candidate failed to compile
-                why = "out of time budget" if time.monotonic() > deadline else "no candidate config compiled"
+            if best is None:  # past the deadline, or every candidate failed to compile or gave wrong results
+                why = ("out of time budget" if time.monotonic() > deadline
+                       else "no candidate config compiled and gave correct results")
                 print(f"{name} T={T}: {why}, not tuned")
                 continue
             configs[T] = best
             write_config_file(path, configs, meta=dict(shape=dict(model=name, E=E, top_k=K, D=D, I=I), dtype=args.dtype,
                                                        tuned_on=meta["device"], date=meta["date"], commit=meta["commit"]))
             tuned.setdefault(str(path), {})[T] = best
-            print(f"{name} T={T}: {t * 1e3:.3f} ms with {json.dumps(best.to_dict())}", flush=True)
+            cut = " (search cut short by --budget-s: best found so far)" if time.monotonic() > deadline else ""
+            print(f"{name} T={T}: {t * 1e3:.3f} ms with {json.dumps(best.to_dict())}{cut}", flush=True)
         print(f"wrote {path}" if str(path) in tuned else f"{name}: nothing tuned, {path} left as it was")
     return tuned
 

@@ -36,8 +36,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
-                   help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, ... "
-                        "up to --max-num-seqs)")
+                   help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
+                        "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
 
 
 def engine_args_from(ns: argparse.Namespace):

@@ -67,6 +67,8 @@ class CudaGraphConfig:
     batch_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.batch_sizes, tuple):
+            raise ValueError(f"cuda_graph_sizes={self.batch_sizes!r} is invalid: must be a list of positive batch sizes.")
         for s in self.batch_sizes:
             if not isinstance(s, int) or isinstance(s, bool) or s < 1:
                 raise ValueError(f"cuda_graph_sizes contains {s!r}: every size must be a positive integer.")
@@ -81,7 +83,10 @@ class CudaGraphConfig:
     @classmethod
     def resolve(cls, enforce_eager: bool, sizes: list[int] | tuple[int, ...] | None, max_num_seqs: int,
                 device: torch.device) -> "CudaGraphConfig":
-        """The engine's choice: off on CPU or with enforce_eager; the given sizes, else the defaults."""
+        """The engine's choice: off on CPU or with enforce_eager; the given sizes (an empty list: no
+        graphs), else the defaults."""
+        if not isinstance(enforce_eager, bool):
+            raise ValueError(f"enforce_eager={enforce_eager!r} is invalid: must be True or False.")
         if sizes is not None:
             cfg = cls(tuple(sizes))  # validates before anything is dropped
             too_big = [s for s in cfg.batch_sizes if s > max_num_seqs]
@@ -171,9 +176,10 @@ class DecodeGraphs:
         self.qsl_B1 = torch.arange(B + 1, **i32)  # one query token per sequence, always
         self.valid_B = torch.zeros(B, dtype=torch.bool, device=device)  # real rows; padding routes to no expert
         self.steps: dict[int, CapturedStep] = {}
-        # Host staging, pinned on CUDA so the copies are asynchronous. Reusing it each step is safe: the
-        # previous step's copies finished before its sampled ids were read back (a sync), which is
-        # before the host writes here again.
+        # Host staging, pinned on CUDA so the copies are asynchronous. Reusing it each step is safe: every
+        # step ends with a host sync after its replay (ModelRunner reads the expert counters back in
+        # moe_stats.snapshot(), and the sampled ids), so the previous copies are done before the host
+        # writes here again.
         pin = device.type == "cuda"
 
         def host(shape, dtype, fill):

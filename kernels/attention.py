@@ -51,11 +51,15 @@ def reference_write_kv(
     slot_mapping_T: torch.Tensor,
 ) -> None:
     """Scatter this step's keys and values into their cache slots (in place); slots < 0 are
-    skipped (padding tokens), as the Triton kernel does."""
+    padding tokens whose K/V go nowhere, as in the Triton kernel."""
     num_kv_heads, head_dim = k_TKH.shape[1], k_TKH.shape[2]
+    # No host sync: padding rows write zeros into the null block (the cache's last block), which
+    # stays all zeros as every reader expects.
     keep_T = slot_mapping_T >= 0
-    if not bool(keep_T.all()):  # host sync: the reference only; the runner never pads eager steps
-        slot_mapping_T, k_TKH, v_TKH = slot_mapping_T[keep_T], k_TKH[keep_T], v_TKH[keep_T]
+    null_slot = (k_cache_BLKH.shape[0] - 1) * k_cache_BLKH.shape[1]
+    slot_mapping_T = torch.where(keep_T, slot_mapping_T, torch.full_like(slot_mapping_T, null_slot))
+    k_TKH = torch.where(keep_T[:, None, None], k_TKH, torch.zeros((), dtype=k_TKH.dtype, device=k_TKH.device))
+    v_TKH = torch.where(keep_T[:, None, None], v_TKH, torch.zeros((), dtype=v_TKH.dtype, device=v_TKH.device))
     k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, k_TKH)
     v_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, v_TKH)
 

@@ -35,8 +35,8 @@ def reference_fused_moe(
     num_tokens, top_k = topk_ids_TK.shape
     out_TD = torch.zeros_like(x_TD)
     ids_P = topk_ids_TK.reshape(-1).long()
-    if expert_map_G is not None:
-        ids_P = expert_map_G.long()[ids_P]
+    if expert_map_G is not None:  # -1 (no expert) stays -1: indexing the map with it would wrap
+        ids_P = torch.where(ids_P >= 0, expert_map_G.long()[ids_P.clamp(min=0)], torch.full_like(ids_P, -1))
     num_local = w13_EFD.shape[0]
     valid_P = ids_P >= 0
     sort_key_P = torch.where(valid_P, ids_P, torch.full_like(ids_P, num_local))

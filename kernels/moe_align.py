@@ -77,8 +77,9 @@ def _local_expert(ids_ptr, map_ptr, offs, num_pairs, num_ids, HAS_MAP: tl.conste
     `num_ids` bounds the ids: the map's length G with a map, else E. An id outside it would
     otherwise index past the map, or get rows (and expert weights) that do not exist."""
     inb = offs < num_pairs
-    e = tl.load(ids_ptr + offs, mask=inb, other=-1).to(tl.int32)
-    e = tl.where(e < num_ids, e, -1)
+    raw = tl.load(ids_ptr + offs, mask=inb, other=-1)
+    # Range-check before narrowing: an int64 id >= 2**31 must not wrap onto a real expert.
+    e = tl.where((raw >= 0) & (raw < num_ids), raw, -1).to(tl.int32)
     if HAS_MAP:
         e = tl.load(map_ptr + e, mask=inb & (e >= 0), other=-1).to(tl.int32)
     return e

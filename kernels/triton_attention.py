@@ -257,6 +257,16 @@ def _pick_splits(device: torch.device, programs: int, max_seq_len: int, block_n:
     return max(1, min(want, max_seq_len // (2 * block_n), 32))
 
 
+def _prefill_splits(device: torch.device, programs: int, meta: AttentionMetadata, block_n: int) -> int:
+    """Split the keys only where it pays: some sequence has a long cached prefix (>= 16 key tiles) that
+    dwarfs the largest chunk. A short prompt with no prefix has little to walk and keeps the plain
+    kernels (no partials, no reduce, its decode sequences on the decode kernel)."""
+    longest_prefix = max(s - q for s, q in zip(meta.seq_lens, meta.query_lens))
+    if longest_prefix < max(16 * block_n, 4 * meta.max_query_len):
+        return 1
+    return _pick_splits(device, programs, meta.max_seq_len, block_n)
+
+
 def _warps(rows: int, block_h: int) -> int:
     """4 warps for the common tiles (<= 64 query rows x head dim 128); 8 for head dim 256 or 128+ rows,
     where 4 warps run out of registers and spill (seen in the sm_90 compile: 255 registers + stack)."""
@@ -307,7 +317,7 @@ def triton_paged_attention(
         # Short chunks over long contexts (a prefix-cache hit plus a few new tokens, a chunk's tail) would
         # leave most SMs idle walking the whole context: split the keys too, as decode does. A split
         # step is a small one, so its decode sequences ride along in the same kernel (one reduce for all).
-        Zp = prefill_splits or _pick_splits(dev, q_blocks * K, meta.max_seq_len, BLOCK_N)
+        Zp = prefill_splits or _prefill_splits(dev, q_blocks * K, meta, BLOCK_N)
     if has_decode and Zp == 1:
         Z = num_splits or _pick_splits(dev, S * K, meta.max_seq_len, BLOCK_N)
         part_o = part_lse = out  # unused when Z == 1

@@ -97,6 +97,9 @@ class MoEDecoderForCausalLM(nn.Module):
     def set_valid_rows(self, valid_T: torch.Tensor | None) -> None:
         """Mark which rows of the coming forward are real (bool [T]); the MoE layers route the others to
         no expert. None (the default) = every row is real. Used by padded decode graphs."""
+        if valid_T is not None and any(layer.is_sparse and layer.mlp.ep is not None for layer in self.layers):
+            # Dispatch looks every id up in the placement tables; -1 has no rank to go to.
+            raise ValueError("set_valid_rows is invalid under expert parallelism: padded rows cannot be dispatched.")
         for layer in self.layers:
             if layer.is_sparse:
                 layer.mlp.valid_rows_T = valid_T

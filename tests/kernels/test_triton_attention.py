@@ -147,11 +147,17 @@ def test_write_kv_matches_reference(T, K, H, bs, strided, dtype, gen, kdev, seed
         torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True, msg=f"seed={seed}")
 
 
-def test_write_kv_skips_negative_slots(gen, kdev):
-    k = torch.randn(3, 2, 16, generator=gen, device="cpu").to(kdev)
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_write_kv_skips_negative_slots(gen, kdev, impl):
+    """Slot -1 marks a padding token (decode graphs): its K/V land nowhere, and the null block (the
+    cache's last block) stays zero. Both implementations, as the reference is the oracle."""
+    write = triton_write_kv if impl == "triton" else reference_write_kv
+    k = torch.randn(4, 2, 16, generator=gen, device="cpu").to(kdev)
     kc = torch.zeros(3, 4, 2, 16, device=kdev)
     vc = torch.zeros_like(kc)
-    triton_write_kv(k, k, kc, vc, torch.tensor([5, -1, 2], device=kdev))
-    flat = kc.view(-1, 2, 16)
-    assert torch.equal(flat[5], k[0]) and torch.equal(flat[2], k[2])
-    assert int((flat.abs().sum((1, 2)) != 0).sum()) == 2
+    write(k, k + 1, kc, vc, torch.tensor([5, -1, 2, -1], device=kdev))
+    for cache, src in ((kc, k), (vc, k + 1)):
+        flat = cache.view(-1, 2, 16)
+        assert torch.equal(flat[5], src[0]) and torch.equal(flat[2], src[2])
+        assert int((flat.abs().sum((1, 2)) != 0).sum()) == 2
+        assert not cache[-1].any()

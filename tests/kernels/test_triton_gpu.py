@@ -211,7 +211,7 @@ def test_paged_attention_cache_past_int32_offsets():
     T = sum(q for _, q in ctx_q)
     q = torch.randn(T, N, H, generator=gen, device=dev).bfloat16()
     k_new, v_new = (torch.randn(T, K, H, generator=gen, device=dev).bfloat16() for _ in range(2))
-    outs = []
+    outs = {}
     for kc, vc, tables, slots, null in ((big_k, big_v, tables_big, slots_big, num_blocks),
                                         (small_k, small_v, tables_small, slots_small, nxt)):
         M = max(map(len, tables))
@@ -225,6 +225,10 @@ def test_paged_attention_cache_past_int32_offsets():
                                  [c for c, _ in ctx_q], max(ql for _, ql in ctx_q), max(c for c, _ in ctx_q), null)
         with no_host_sync(dev):
             triton_write_kv(k_new, v_new, kc, vc, meta.slot_mapping_T)
-            outs.append(triton_paged_attention(q, kc, vc, meta, H**-0.5, num_splits=4))
-    assert torch.equal(outs[0], outs[1])
+            # Both attention paths: decode kernel split 4 ways + plain prefill, and the split prefill
+            # kernel that takes the decode sequence along.
+            for name, kw in (("decode split", dict(num_splits=4, prefill_splits=1)), ("prefill split", dict(prefill_splits=4))):
+                outs.setdefault(name, []).append(triton_paged_attention(q, kc, vc, meta, H**-0.5, **kw))
+    for name, (big, small) in outs.items():
+        assert torch.equal(big, small), name
     assert torch.equal(big_k[first : first + nxt], small_k[:nxt]) and torch.equal(big_v[first : first + nxt], small_v[:nxt])

@@ -1,0 +1,81 @@
+"""Expert counters (moe/stats.py) and the padding-row mask of the MoE layer (used by decode graphs)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moelink.kernels.moe import reference_fused_moe
+from moelink.kernels.ops import ReferenceKernels
+from moelink.moe.layer import MoELayer
+from moelink.moe.router import SoftmaxTopKRouter
+from moelink.moe.stats import MoEStats
+
+
+def test_counts_skip_negative_ids_and_reset_clears_everything():
+    stats = MoEStats(num_moe_layers=2, num_experts=5, device=torch.device("cpu"))
+    stats.record_routing(0, torch.tensor([[0, 3], [3, -1], [-1, -1]]))
+    stats.record_routing(1, torch.tensor([[4, 4]]))
+    stats.record_transfer(0, 100, 50, 3)
+    stats.add_times(0.1, 0.2, 0.3)
+    assert stats.counts_LG.tolist() == [[1, 0, 0, 2, 0], [0, 0, 0, 0, 2]]
+    stats.reset()
+    snap = stats.snapshot()
+    assert not snap.tokens_per_expert.any() and snap.bytes_dispatched == 0 and snap.bytes_combined == 0
+    assert snap.tokens_dispatched == 0 and snap.dispatch_s == snap.compute_s == snap.combine_s == 0.0
+    # snapshot resets too: counts read once per step, then zero.
+    stats.record_routing(0, torch.tensor([[2, 1]]))
+    assert np.array_equal(stats.snapshot().tokens_per_expert[0], [0, 1, 1, 0, 0])
+    assert not stats.counts_LG.any()
+
+
+def _layer(stats, E=6, K=2, D=16, I=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer = MoELayer(D, I, E, SoftmaxTopKRouter(K, True), ReferenceKernels(), torch.float64, stats=stats)
+    with torch.no_grad():
+        for p in (layer.gate_GD, layer.w13_EFD, layer.w2_EDI):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return layer
+
+
+def test_masked_rows_reach_no_expert_and_count_nothing():
+    stats = MoEStats(1, 6, torch.device("cpu"))
+    layer = _layer(stats)
+    x_TD = torch.randn(5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want_TD = layer(x_TD[:3])
+    want_counts = stats.snapshot().tokens_per_expert
+    layer.valid_rows_T = torch.tensor([True, True, True, False, False])
+    got_TD = layer(x_TD)
+    assert torch.equal(got_TD[:3], want_TD) and not got_TD[3:].any()
+    assert np.array_equal(stats.snapshot().tokens_per_expert, want_counts)
+
+
+def test_reference_moe_with_a_map_keeps_minus_one_as_no_expert():
+    """-1 ids (padding, or 'not here') must not index the expert map, where -1 would wrap to its last entry."""
+    g = torch.Generator().manual_seed(2)
+    E, G, K, D, I = 3, 5, 2, 8, 4
+    x = torch.randn(4, D, generator=g, dtype=torch.float64)
+    w13 = torch.randn(E, 2 * I, D, generator=g, dtype=torch.float64)
+    w2 = torch.randn(E, D, I, generator=g, dtype=torch.float64)
+    emap = torch.tensor([0, -1, 1, -1, 2], dtype=torch.int32)  # global 4 is local 2: what -1 would wrap to
+    ids = torch.tensor([[4, -1], [-1, -1], [0, 2], [-1, 4]])
+    w = torch.rand(4, K, generator=g, dtype=torch.float64)
+    out = reference_fused_moe(x, w13, w2, w, ids, emap)
+    assert not out[1].any()
+    only_real = reference_fused_moe(x, w13, w2, w * (ids >= 0), ids.clamp(min=0), emap)
+    assert torch.allclose(out, only_real)
+
+
+def test_set_valid_rows_is_refused_under_expert_parallelism(tiny_model):
+    from moelink.engine.config import ModelConfig
+    from moelink.engine.models import ARCHITECTURES, MoEDecoderForCausalLM
+
+    cfg = ModelConfig.from_pretrained(tiny_model("qwen3_e6k3"), "float32", None)
+    model = MoEDecoderForCausalLM(cfg, ARCHITECTURES[cfg.architecture], ReferenceKernels(), torch.device("cpu"))
+    model.set_valid_rows(torch.ones(2, dtype=torch.bool))
+    model.set_valid_rows(None)
+    for layer in model.layers:
+        if layer.is_sparse:
+            layer.mlp.ep = object()  # what an expert-parallel rank's layers hold
+    with pytest.raises(ValueError, match="expert parallelism"):
+        model.set_valid_rows(torch.ones(2, dtype=torch.bool))
