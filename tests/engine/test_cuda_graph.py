@@ -57,3 +57,11 @@ def test_cli_flags_reach_engine_args():
     assert engine_args_from(ns).cuda_graph_sizes == [1, 2, 8] and not engine_args_from(ns).enforce_eager
     ns = build_parser().parse_args(["generate", "m", "--prompt", "x", "--enforce-eager"])
     assert engine_args_from(ns).enforce_eager and engine_args_from(ns).cuda_graph_sizes is None
+
+
+def test_enforce_eager_must_be_a_bool_and_empty_sizes_mean_eager():
+    with pytest.raises(ValueError, match="enforce_eager='yes' is invalid"):
+        CudaGraphConfig.resolve("yes", None, 64, torch.device("cuda"))
+    assert not CudaGraphConfig.resolve(False, [], 64, torch.device("cuda")).enabled
+    with pytest.raises(ValueError, match="cuda_graph_sizes=.* is invalid"):
+        CudaGraphConfig([1, 2])  # the dataclass itself takes a tuple; resolve() converts lists
