@@ -35,9 +35,23 @@ class CachedRequestState:
     num_computed_tokens: int
     generator: torch.Generator | None
     all_token_ids: list[int] = field(init=False)
+    # block_ids as an int32 array with spare capacity: each step copies it into the batch's table
+    # with one slice assignment instead of converting a Python list.
+    block_arr: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids
+        self.block_arr = np.empty(max(16, 2 * len(self.block_ids)), dtype=np.int32)
+        self.block_arr[: len(self.block_ids)] = self.block_ids
+
+    def add_blocks(self, new_block_ids: list[int]) -> None:
+        n, k = len(self.block_ids), len(new_block_ids)
+        if n + k > len(self.block_arr):
+            grown = np.empty(2 * (n + k), dtype=np.int32)
+            grown[:n] = self.block_arr[:n]
+            self.block_arr = grown
+        self.block_arr[n : n + k] = new_block_ids
+        self.block_ids.extend(new_block_ids)
 
 
 logger = logging.getLogger(__name__)
@@ -158,8 +172,8 @@ class ModelRunner:
                 list(new.block_ids), new.num_computed_tokens, gen,
             )
         for cached in so.scheduled_cached_reqs:
-            st = self.requests[cached.req_id]
-            st.block_ids.extend(cached.new_block_ids)
+            if cached.new_block_ids:
+                self.requests[cached.req_id].add_blocks(cached.new_block_ids)
 
     def _make_generator(self, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None:
@@ -188,20 +202,27 @@ class ModelRunner:
         query_lens = [so.num_scheduled_tokens[r] for r in req_ids]
         starts = [st.num_computed_tokens for st in states]
         seq_lens = [c + n for c, n in zip(starts, query_lens)]
-        tokens: list[int] = []
-        positions = np.concatenate([np.arange(c, c + n, dtype=np.int64) for c, n in zip(starts, query_lens)])
-        slots = np.empty(len(positions), dtype=np.int64)
+        num_seqs = len(states)
+        # Vectorised over the batch: only the token gather and the block-table rows loop per sequence.
+        if max(query_lens) == 1:  # pure decode: one token per sequence
+            tokens = [st.all_token_ids[c] for st, c in zip(states, starts)]
+            positions = np.asarray(starts, dtype=np.int64)
+            seq_of_token = np.arange(num_seqs)
+        else:
+            tokens = []
+            for st, c, n in zip(states, starts, query_lens):
+                tokens.extend(st.all_token_ids[c : c + n])
+            q = np.asarray(query_lens)
+            seq_of_token = np.repeat(np.arange(num_seqs), q)
+            first_T = np.repeat(np.cumsum(q) - q, q)  # index of each token's sequence's first token
+            positions = np.arange(len(tokens), dtype=np.int64) - first_T + np.repeat(np.asarray(starts, np.int64), q)
         max_blocks = max(len(st.block_ids) for st in states)
-        tables_SM = np.zeros((len(states), max_blocks), dtype=np.int32)
-        off = 0
-        for s, (st, c, n) in enumerate(zip(states, starts, query_lens)):
-            tokens.extend(st.all_token_ids[c : c + n])
-            blocks = np.asarray(st.block_ids, dtype=np.int64)
-            tables_SM[s, : len(blocks)] = blocks
-            pos = positions[off : off + n]
-            slots[off : off + n] = blocks[pos // bs] * bs + pos % bs
-            off += n
-        qsl = np.zeros(len(states) + 1, dtype=np.int32)
+        tables_SM = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        for s, st in enumerate(states):
+            n_blk = len(st.block_ids)
+            tables_SM[s, :n_blk] = st.block_arr[:n_blk]
+        slots = tables_SM[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        qsl = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(query_lens, out=qsl[1:])
         if self.graphs is not None and max(query_lens) == 1 and len(states) <= self.graphs.max_batch:
             h_TD = self.graphs.run(tokens, positions, slots, seq_lens, tables_SM)

@@ -19,7 +19,7 @@ class RequestState:
     prompt_token_ids: list[int]
     params: SamplingParams
     output_kind: OutputKind
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: detokenize=False, token ids only
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
@@ -42,7 +42,7 @@ class OutputProcessor:
         detok = IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output,
             min_tokens=params.min_tokens,
-        )
+        ) if params.detokenize else None
         st = RequestState(request_id, prompt, prompt_token_ids, params, output_kind, detok)
         if params.logprobs is not None:
             st.logprobs, st.cumulative_logprob = [], 0.0
@@ -64,14 +64,16 @@ class OutputProcessor:
             st.num_cached_tokens = co.num_cached_tokens
             for lp in co.new_logprobs or []:
                 self._add_logprobs(st, lp)
-            delta = st.detok.update(new_ids) if new_ids else ""
             finish_reason, stop_reason = co.finish_reason, co.stop_reason
-            if st.detok.stop_reason is not None:
-                finish_reason, stop_reason = "stop", st.detok.stop_reason
-                if co.finish_reason is None:
-                    stopped.append(co.request_id)
-            if finish_reason is not None and st.detok.stop_reason is None:
-                delta += st.detok.flush()
+            delta = ""
+            if st.detok is not None:
+                delta = st.detok.update(new_ids) if new_ids else ""
+                if st.detok.stop_reason is not None:
+                    finish_reason, stop_reason = "stop", st.detok.stop_reason
+                    if co.finish_reason is None:
+                        stopped.append(co.request_id)
+                if finish_reason is not None and st.detok.stop_reason is None:
+                    delta += st.detok.flush()
             st.text += delta
             out = self._make_output(st, new_ids, delta, finish_reason, stop_reason)
             if out is not None:
@@ -87,14 +89,16 @@ class OutputProcessor:
             return None
         # Text held back (a possible stop-string prefix, a split UTF-8 character) was
         # generated all the same: the final output carries it.
-        delta = st.detok.flush() if st.detok.stop_reason is None else ""
+        delta = st.detok.flush() if st.detok is not None and st.detok.stop_reason is None else ""
         st.text += delta
         return self._make_output(st, [], delta, reason, None, force=True)
 
     def _add_logprobs(self, st: RequestState, lp: TokenLogprobs) -> None:
-        entry = {tid: Logprob(v, rank + 1, self.tokenizer.decode([tid], skip_special_tokens=False))
-                 for rank, (tid, v) in enumerate(lp.top)}
-        entry[lp.token_id] = Logprob(lp.logprob, lp.rank, self.tokenizer.decode([lp.token_id], skip_special_tokens=False))
+        # Token texts only when the request wants text (decoded_token None otherwise, as in vLLM).
+        text = (lambda tid: self.tokenizer.decode([tid], skip_special_tokens=False)) if st.detok is not None \
+            else (lambda tid: None)
+        entry = {tid: Logprob(v, rank + 1, text(tid)) for rank, (tid, v) in enumerate(lp.top)}
+        entry[lp.token_id] = Logprob(lp.logprob, lp.rank, text(lp.token_id))
         st.logprobs.append(entry)
         st.cumulative_logprob += lp.logprob
 

@@ -33,6 +33,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: Optional[int] = None  # top-n logprobs per generated token
     skip_special_tokens: bool = True
+    # False: no text at all (token ids only, as a client that detokenizes itself wants, e.g. the smg
+    # gateway); saves the per-token decode on the engine thread. Stop strings need text, so they need True.
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,6 +57,9 @@ class SamplingParams:
             _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids, "must be non-negative integers")
+        _check(isinstance(self.detokenize, bool), "detokenize", self.detokenize, "must be True or False")
+        _check(self.detokenize or not self.stop, "detokenize", self.detokenize,
+               "stop strings are matched on the output text, so they need detokenize=True")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs", self.logprobs, "must be None or an integer in [0, 20]")
 
     @property

@@ -61,6 +61,8 @@ class KVCacheManager:
         rid = req.request_id
         blocks = self._blocks.get(rid)
         held = len(blocks) if blocks is not None else 0
+        if not computed_blocks and held and (req.num_computed_tokens + num_new_tokens) <= held * self.block_size:
+            return []  # the common decode step: the last block still has room (no pool work at all)
         if computed_blocks:
             assert held == 0 and req.num_computed_tokens == 0, "prefix hits are only for fresh requests"
         computed_tokens = req.num_computed_tokens + len(computed_blocks) * self.block_size

@@ -70,6 +70,9 @@ def sampling_params_from_proto(sp: pb.SamplingParams) -> tuple[SamplingParams, i
             logprobs=optional(sp, "logprobs"),
             seed=optional(sp, "seed"),
             skip_special_tokens=sp.skip_special_tokens,
+            # This protocol carries token ids only (the gateway detokenizes): text is needed
+            # here just to match stop strings.
+            detokenize=bool(sp.stop),
         )
     except ValueError as exc:
         raise ValueError(str(exc).replace("SamplingParams.", "sampling_params.")) from None

@@ -245,3 +245,13 @@ def test_gpu_session_script_parses_and_uses_real_flags():
                                   text=True, timeout=120, check=True).stdout
         missing = sorted(f for f in flags if f not in helptext)
         assert not missing, f"gpu_session.sh passes {missing} to {module}, which does not take them"
+
+
+def test_host_overhead_benchmark_reports_both_modes(tmp_path):
+    from moelink.benchmarks import host_overhead
+
+    res = host_overhead.main(["--seqs", "8", "--tokens", "6", "--repeats", "1", "--out", str(tmp_path / "h.json")])
+    ms = res["ms_per_decode_step"]
+    assert positive(ms["detokenize"]) and positive(ms["token_ids_only"])
+    assert res["ratio"] == pytest.approx(ms["detokenize"] / ms["token_ids_only"])
+    assert json.loads((tmp_path / "h.json").read_text())["seqs"] == 8

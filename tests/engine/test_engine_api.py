@@ -46,6 +46,18 @@ def test_outputs_shape_and_text(llm):
     assert out.prompt == "hello world" and out.prompt_token_ids == llm.get_tokenizer().encode("hello world")
 
 
+def test_detokenize_false_gives_the_same_tokens_and_no_text(llm):
+    """Token ids only (what the smg gateway asks for): same ids and logprob values, empty text, no token texts."""
+    kw = dict(max_tokens=6, temperature=0, logprobs=2, ignore_eos=True)
+    want = llm.generate([[5, 6, 7]], SamplingParams(**kw), use_tqdm=False)[0].outputs[0]
+    got = llm.generate([[5, 6, 7]], SamplingParams(**kw, detokenize=False), use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == want.token_ids and got.text == "" and want.text
+    assert [{t: v.logprob for t, v in d.items()} for d in got.logprobs] == \
+           [{t: v.logprob for t, v in d.items()} for d in want.logprobs]
+    assert all(v.decoded_token is None for d in got.logprobs for v in d.values())
+    assert _free(llm)
+
+
 def test_stop_string_and_stop_token(llm):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     base = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0]
@@ -84,7 +96,8 @@ def test_bad_prompts_raise_and_leak_nothing(llm, prompt, params, field):
 @pytest.mark.parametrize("kwargs,field", [
     (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(min_p=2.0), "min_p"),
-    (dict(logprobs=-1), "logprobs"),
+    (dict(logprobs=-1), "logprobs"), (dict(detokenize=0), "detokenize"),
+    (dict(detokenize=False, stop=["."]), "detokenize"),
 ])
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):

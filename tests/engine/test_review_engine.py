@@ -199,3 +199,22 @@ def test_reusing_an_id_right_after_cancel_gets_only_its_own_outputs(tiny_model):
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_request_state_block_array_grows_with_the_block_list():
+    """The runner copies each request's block table from an int32 array with spare room; appending past
+    its capacity must keep every id (a 1-block request growing to 40 blocks, in uneven steps)."""
+    from moelink.engine.model_runner import CachedRequestState
+    from moelink.engine.sampling_params import SamplingParams
+
+    st = CachedRequestState("r", [1, 2, 3], [], SamplingParams(), [7], 0, None)
+    want = [7]
+    nxt = 100
+    for k in (1, 3, 0, 9, 2, 17, 7):
+        new = list(range(nxt, nxt + k))
+        nxt += k
+        if new:
+            st.add_blocks(new)
+        want += new
+        assert st.block_ids == want and st.block_arr[: len(want)].tolist() == want
+    assert len(want) == 40 and len(st.block_arr) >= 40

@@ -156,3 +156,15 @@ def test_truncate_prompt_tokens_keeps_the_tail(stubs, offline):
                      truncate_prompt_tokens=10)
     ref = offline.generate([ids[-10:]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
     assert list(msgs[-1].complete.output_ids) == ref.outputs[0].token_ids and msgs[-1].complete.prompt_tokens == 10
+
+
+def test_proto_requests_detokenize_only_for_stop_strings():
+    """The VllmEngine protocol returns token ids (the gateway detokenizes): the engine decodes text only
+    when a stop string has to be matched on it."""
+    from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+
+    from moelink.engine.server.vllm_engine import sampling_params_from_proto
+
+    plain, _ = sampling_params_from_proto(vpb.SamplingParams(max_tokens=4))
+    stops, _ = sampling_params_from_proto(vpb.SamplingParams(max_tokens=4, stop=["\n\n"]))
+    assert plain.detokenize is False and stops.detokenize is True
