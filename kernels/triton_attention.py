@@ -142,25 +142,6 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out
 
 
 @triton.jit
-def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, stride_ot, stride_on, num_heads, head_dim, Z,
-                          BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
-    s_idx = tl.program_id(0)
-    head = tl.program_id(1)
-    q_start = tl.load(qsl_ptr + s_idx)
-    if tl.load(qsl_ptr + s_idx + 1) - q_start != 1:
-        return
-    z = tl.arange(0, BLOCK_Z)
-    d = tl.arange(0, BLOCK_H)
-    row = (s_idx.to(tl.int64) * num_heads + head) * Z + z
-    lse = tl.load(part_lse_ptr + row, mask=z < Z, other=float("-inf"))
-    w = tl.exp(lse - tl.max(lse, axis=0))  # split 0 is never empty, so the max is finite
-    o = tl.load(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], mask=(z[:, None] < Z), other=0.0)
-    o = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_on + d, cast(o, out_ptr.dtype.element_ty, INTERPRET),
-             mask=d < head_dim)
-
-
-@triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                     scale, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb,
                     stride_ot, stride_on, num_heads, head_dim, Z,
@@ -229,19 +210,30 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ou
 
 
 @triton.jit
-def _token_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, num_heads, head_dim, Z,
-                         BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
-    """Merge the Z partial softmaxes of token t, head n (the split prefill kernel's partials)."""
-    t = tl.program_id(0).to(tl.int64)
+def _merge_splits_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, stride_ot, stride_on, num_heads, head_dim, Z,
+                         BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, BY_SEQUENCE: tl.constexpr,
+                         INTERPRET: tl.constexpr):
+    """Merge the Z partial softmaxes of one (row, head) by their log-sum-exp.
+
+    BY_SEQUENCE (the decode kernel's partials, [S, N, Z]): program 0 is a sequence, written to its one
+    query token, and prefill sequences are skipped. Else (the split prefill kernel's, [T, N, Z]): program
+    0 is a token. Either way split 0 is never empty, so the max below is finite."""
+    idx = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    if BY_SEQUENCE:
+        tok = tl.load(qsl_ptr + idx).to(tl.int64)
+        if tl.load(qsl_ptr + idx + 1) - tok != 1:
+            return
+    else:
+        tok = idx
     z = tl.arange(0, BLOCK_Z)
     d = tl.arange(0, BLOCK_H)
-    row = (t * num_heads + head) * Z + z
+    row = (idx * num_heads + head) * Z + z
     lse = tl.load(part_lse_ptr + row, mask=z < Z, other=float("-inf"))
-    w = tl.exp(lse - tl.max(lse, axis=0))  # split 0 is never empty: the max is finite
+    w = tl.exp(lse - tl.max(lse, axis=0))
     o = tl.load(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], mask=(z[:, None] < Z), other=0.0)
     o = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + t * stride_ot + head * stride_on + d, cast(o, out_ptr.dtype.element_ty, INTERPRET),
+    tl.store(out_ptr + tok * stride_ot + head * stride_on + d, cast(o, out_ptr.dtype.element_ty, INTERPRET),
              mask=d < head_dim)
 
 
@@ -331,9 +323,10 @@ def triton_paged_attention(
             **flags,
         )
         if Z > 1:
-            _decode_reduce_kernel[(S, N)](
+            _merge_splits_kernel[(S, N)](
                 part_o, part_lse, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, H, Z,
-                BLOCK_Z=triton.next_power_of_2(Z), BLOCK_H=BLOCK_H, INTERPRET=flags["INTERPRET"], num_warps=4,
+                BLOCK_Z=triton.next_power_of_2(Z), BLOCK_H=BLOCK_H, BY_SEQUENCE=True, INTERPRET=flags["INTERPRET"],
+                num_warps=4,
             )
     if meta.max_query_len > 1:
         part_o = part_lse = out  # unused when Zp == 1
@@ -347,8 +340,9 @@ def triton_paged_attention(
             num_warps=_warps(BLOCK_Q * BLOCK_G, BLOCK_H), **flags,
         )
         if Zp > 1:  # every token's row of every head has split 0 written: merge them all
-            _token_reduce_kernel[(T, N)](
-                part_o, part_lse, out, out.stride(0), out.stride(1), N, H, Zp,
-                BLOCK_Z=triton.next_power_of_2(Zp), BLOCK_H=BLOCK_H, INTERPRET=flags["INTERPRET"], num_warps=4,
+            _merge_splits_kernel[(T, N)](
+                part_o, part_lse, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, H, Zp,
+                BLOCK_Z=triton.next_power_of_2(Zp), BLOCK_H=BLOCK_H, BY_SEQUENCE=False, INTERPRET=flags["INTERPRET"],
+                num_warps=4,
             )
     return out

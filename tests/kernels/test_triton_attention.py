@@ -114,13 +114,13 @@ def test_short_chunk_on_long_prefix_splits_by_itself(gen, kdev, check, monkeypat
     from moelink.kernels import triton_attention as ta
 
     launched = []
-    real = ta._token_reduce_kernel
-    monkeypatch.setattr(ta, "_token_reduce_kernel", type("Spy", (), {
+    real = ta._prefill_kernel
+    monkeypatch.setattr(ta, "_prefill_kernel", type("Spy", (), {
         "__getitem__": lambda self, grid: launched.append(grid) or real[grid]})())
     q, kc, vc, meta, k_new, v_new, slots = _build(gen, [(300, 4), (12, 1)], 4, 2, 16, 16, torch.float32, kdev)
     triton_write_kv(k_new, v_new, kc, vc, slots)
     got = triton_paged_attention(q, kc, vc, meta, 0.25)
-    assert launched, "a 4-token chunk over 296 cached tokens should have been split"
+    assert launched and launched[0][2] > 1, "a 4-token chunk over 296 cached tokens should have been split"
     want = reference_paged_attention(q.double().cpu(), kc.double().cpu(), vc.double().cpu(), _meta_to(meta, "cpu"), 0.25)
     check(got, want, torch.float32, "auto prefill split")
 
@@ -161,3 +161,17 @@ def test_write_kv_skips_negative_slots(gen, kdev, impl):
         assert torch.equal(flat[5], src[0]) and torch.equal(flat[2], src[2])
         assert int((flat.abs().sum((1, 2)) != 0).sum()) == 2
         assert not cache[-1].any()
+
+
+def test_short_prompt_without_prefix_is_not_split(gen, kdev, monkeypatch):
+    """The split pays only over a long cached prefix: a short fresh prompt keeps the plain kernels."""
+    from moelink.kernels import triton_attention as ta
+
+    grids = []
+    real = ta._prefill_kernel
+    monkeypatch.setattr(ta, "_prefill_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: grids.append(grid) or real[grid]})())
+    q, kc, vc, meta, k_new, v_new, slots = _build(gen, [(40, 40), (12, 1)], 4, 2, 16, 16, torch.float32, kdev)
+    triton_write_kv(k_new, v_new, kc, vc, slots)
+    triton_paged_attention(q, kc, vc, meta, 0.25)
+    assert grids and grids[0][2] == 1
