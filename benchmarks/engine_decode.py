@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .moe_kernels import RESULTS, Timer, measure_ceilings, require_cuda, run_meta
+from .provenance import write_result
 
 QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, num_hidden_layers=48,
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
@@ -147,7 +148,6 @@ def time_engine_graph(model, cfg, caches, args_, batch, device, timer, steps) ->
             meta.block_tables_SM.cpu().numpy())
     t = timer(lambda: model.compute_logits(graphs.run(*host)).argmax(-1), [()], iters=steps,
               warmup=2 if device.type == "cuda" else 1)
-    del graphs
     return t
 
 
@@ -226,10 +226,7 @@ def main(argv=None) -> dict:
     result = dict(benchmark="engine_decode", **run_meta(device), model="Qwen3-30B-A3B shape, random bf16 weights",
                   kernels=kernels.name, note=note or f"all {full_layers} layers built", ceilings=ceilings, results=rows)
     tag = "cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")
-    out = Path(args.out) if args.out else RESULTS / f"engine_decode_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(args.out or RESULTS / f'engine_decode_{tag}.json', result)}")
     return result
 
 

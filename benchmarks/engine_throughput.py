@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     print(f"\n{args.num_requests} requests, prompts 32-512, outputs 16-128 ({sum(outs)} output tokens), "
           f"model {MODEL_KW['num_layers']}L h{MODEL_KW['hidden_size']} E{MODEL_KW['num_experts']} top{MODEL_KW['top_k']} fp32, "
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print(f"| system | wall s | useful output tok/s | generated tok/s | moelink speed-up |\n|---|---|---|---|---|")
+    print("| system | wall s | useful output tok/s | generated tok/s | moelink speed-up |\n|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['system']} | — | — | — | did not run: {r['error'][:120]} |")

@@ -18,7 +18,6 @@ Reported: median over repeats of ms per step in the decode phase, and the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .provenance import git_commit
+from .provenance import git_commit, write_result
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -96,10 +95,7 @@ def main(argv=None) -> dict:
                   runs=dict(detokenize=runs[True], token_ids_only=runs[False]), ratio=text_ms / ids_ms)
     print(f"{args.seqs} sequences decoding, host ms per step (forward stubbed): "
           f"with text {text_ms:.2f} ms, token ids only {ids_ms:.2f} ms ({text_ms / ids_ms:.2f}x)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(args.out, result)}")
     return result
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from moelink.benchmarks.provenance import git_commit as commit
+from moelink.benchmarks.provenance import git_commit as commit, write_result
 
 # name: (E experts, K top-k, D hidden, I expert intermediate), from the models' config.json.
 SHAPES = {
@@ -141,7 +141,6 @@ def measure_ceilings(device: torch.device, timer: Timer) -> dict:
     a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
     b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
     t_mm = timer(lambda: a @ b, [()], iters=20)
-    del src, dst
     return dict(copy_GBps=2 * n / t_copy / 1e9, matmul_TFLOPs=2 * m**3 / t_mm / 1e12, copy_bytes=n, matmul_n=m)
 
 
@@ -370,8 +369,7 @@ def main(argv=None) -> dict:
                   results=rows, summary=summarize(rows))
     tag = "cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")
     out = Path(args.out) if args.out else RESULTS / f"moe_kernels_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(out, result)
     plotted = plot_roofline(result, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=1))
     print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if plotted else ""))

@@ -1,6 +1,7 @@
 """Where a benchmark result came from: every results JSON records the commit it measured."""
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -12,3 +13,11 @@ def git_commit() -> str:
                               cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def write_result(path: str | Path, result: dict, indent: int = 1) -> Path:
+    """Write a benchmark's result JSON (creating its folder) and say where; returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=indent) + "\n")
+    return out

@@ -87,15 +87,13 @@ class CudaGraphConfig:
         graphs), else the defaults."""
         if not isinstance(enforce_eager, bool):
             raise ValueError(f"enforce_eager={enforce_eager!r} is invalid: must be True or False.")
-        if sizes is not None:
-            cfg = cls(tuple(sizes))  # validates before anything is dropped
-            too_big = [s for s in cfg.batch_sizes if s > max_num_seqs]
-            if too_big:
-                raise ValueError(f"cuda_graph_sizes contains {too_big[0]}, above max_num_seqs={max_num_seqs}: "
-                                 "a decode batch is never that large; give sizes <= max_num_seqs.")
-        if enforce_eager or device.type != "cuda":
-            return cls(())
-        return cls(tuple(sizes)) if sizes is not None else cls(default_graph_sizes(max_num_seqs))
+        # Given sizes are validated even where graphs end up off: bad input is an error everywhere.
+        cfg = cls(tuple(sizes)) if sizes is not None else cls(default_graph_sizes(max_num_seqs))
+        too_big = [s for s in cfg.batch_sizes if s > max_num_seqs]
+        if too_big:
+            raise ValueError(f"cuda_graph_sizes contains {too_big[0]}, above max_num_seqs={max_num_seqs}: "
+                             "a decode batch is never that large; give sizes <= max_num_seqs.")
+        return cls(()) if enforce_eager or device.type != "cuda" else cfg
 
 
 # -- capture backends: one strategy object per way of "replaying" ----------------------------------------------

@@ -109,14 +109,20 @@ def test_prefill_split_matches_reference(ctx_q, N, K, H, bs, zp, dtype, gen, kde
     check(got, want, dtype, f"prefill split {ctx_q} N={N} K={K} H={H} L={bs} Zp={zp}")
 
 
-def test_short_chunk_on_long_prefix_splits_by_itself(gen, kdev, check, monkeypatch):
-    """Without forcing: a few query tokens over a long prefix leave SMs idle, so the wrapper splits the keys."""
+def _prefill_grids(monkeypatch) -> list[tuple]:
+    """Records the grid of every prefill-kernel launch (its third entry is the split count)."""
     from moelink.kernels import triton_attention as ta
 
-    launched = []
+    grids = []
     real = ta._prefill_kernel
     monkeypatch.setattr(ta, "_prefill_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: launched.append(grid) or real[grid]})())
+        "__getitem__": lambda self, grid: grids.append(grid) or real[grid]})())
+    return grids
+
+
+def test_short_chunk_on_long_prefix_splits_by_itself(gen, kdev, check, monkeypatch):
+    """Without forcing: a few query tokens over a long prefix leave SMs idle, so the wrapper splits the keys."""
+    launched = _prefill_grids(monkeypatch)
     q, kc, vc, meta, k_new, v_new, slots = _build(gen, [(300, 4), (12, 1)], 4, 2, 16, 16, torch.float32, kdev)
     triton_write_kv(k_new, v_new, kc, vc, slots)
     got = triton_paged_attention(q, kc, vc, meta, 0.25)
@@ -165,12 +171,7 @@ def test_write_kv_skips_negative_slots(gen, kdev, impl):
 
 def test_short_prompt_without_prefix_is_not_split(gen, kdev, monkeypatch):
     """The split pays only over a long cached prefix: a short fresh prompt keeps the plain kernels."""
-    from moelink.kernels import triton_attention as ta
-
-    grids = []
-    real = ta._prefill_kernel
-    monkeypatch.setattr(ta, "_prefill_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: grids.append(grid) or real[grid]})())
+    grids = _prefill_grids(monkeypatch)
     q, kc, vc, meta, k_new, v_new, slots = _build(gen, [(40, 40), (12, 1)], 4, 2, 16, 16, torch.float32, kdev)
     triton_write_kv(k_new, v_new, kc, vc, slots)
     triton_paged_attention(q, kc, vc, meta, 0.25)
