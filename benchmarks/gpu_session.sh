@@ -35,7 +35,7 @@ run_moe() {  # args: [SHAPES] [--quick], in any order
       *) shapes=$a ;;
     esac
   done
-  local tag=${shapes//,/+}
+  local tag=${shapes//,/_}
   python -m moelink.benchmarks.moe_kernels --shapes "$shapes" "${tokens[@]}" --out "$OUT/moe_kernels_${DEV}_${tag}.json"
 }
 run_decode() {  # args: [--quick]

@@ -236,6 +236,9 @@ class NcclAllToAll(PaddedAllToAll):
             check(lib.ncclGroupEnd(), "ncclGroupEnd")
 
     def close(self) -> None:
+        """Destroy the communicator. Every CUDA graph that captured this all-to-all must be destroyed first:
+        ncclCommDestroy waits for such graphs to release the communicator, forever (seen on an H100 with
+        NCCL 2.28.9, benchmarks/results/gpu_NVIDIA_H100_80GB_HBM3_2026-11-22.md)."""
         if getattr(self, "_comm", None) is not None:
             self._nccl.check(self._nccl.lib.ncclCommDestroy(self._comm), "ncclCommDestroy")
             self._comm = None
