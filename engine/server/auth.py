@@ -1,4 +1,10 @@
-"""Bearer-token check (`--api-key`) for every RPC except health probes."""
+"""Bearer-token check (`--api-key`) for every RPC except health probes.
+
+Health probes are `grpc.health.v1` and `VllmEngine/HealthCheck` (what the smg
+gateway and other vLLM clients probe). Without the key, `VllmEngine/HealthCheck`
+answers only healthy or not: its message (which can carry the engine's error)
+is replaced by a fixed word. Everything else needs the key.
+"""
 from __future__ import annotations
 
 import hmac
@@ -7,6 +13,7 @@ from typing import Iterable
 import grpc
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+VLLM_HEALTH_CHECK = "/vllm.grpc.engine.VllmEngine/HealthCheck"
 
 
 def _presented_key(metadata: Iterable[tuple[str, str]]) -> str | None:
@@ -37,10 +44,22 @@ def _deny(handler, message: str):
     return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
 
 
+def _health_only(handler):
+    """The VllmEngine HealthCheck handler for a caller without the key: healthy or not, and nothing else."""
+    inner = handler.unary_unary
+
+    async def unary(request, context):
+        resp = await inner(request, context)
+        return type(resp)(healthy=resp.healthy, message="healthy" if resp.healthy else "not serving")
+
+    return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
+                                               response_serializer=handler.response_serializer)
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <key>` (or `x-api-key: <key>`) metadata; UNAUTHENTICATED otherwise.
 
-    Health checks stay open so load balancers and Kubernetes probes need no secret.
+    Health checks stay open so load balancers, Kubernetes probes and gateways need no secret.
     """
 
     def __init__(self, api_key: str):
@@ -51,8 +70,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
             return handler
         presented = _presented_key(handler_call_details.invocation_metadata)
+        valid = presented is not None and hmac.compare_digest(presented.encode(), self._key)
+        if valid:
+            return handler
+        if handler_call_details.method == VLLM_HEALTH_CHECK and handler.unary_unary is not None:
+            return _health_only(handler)
         if presented is None:
             return _deny(handler, "missing API key: send metadata 'authorization: Bearer <key>'.")
-        if not hmac.compare_digest(presented.encode(), self._key):
-            return _deny(handler, "invalid API key.")
-        return handler
+        return _deny(handler, "invalid API key.")

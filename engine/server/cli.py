@@ -26,6 +26,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics over HTTP on this port (default: off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default loopback)")
+    p.add_argument("--gateway-port", type=int, default=None,
+                   help="also serve vllm.grpc.engine.VllmEngine and health on this port in plaintext and WITHOUT "
+                        "the API key, for an smg gateway on the same host (smg sends workers no key and no TLS); "
+                        "0 picks a free one (default: off)")
+    p.add_argument("--gateway-host", default="127.0.0.1",
+                   help="address of --gateway-port (default loopback: only this host can reach it)")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="json: one object per line with request ids, for log pipelines")
     p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
@@ -39,7 +45,8 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
                         max_queued_requests=ns.max_queued_requests, max_queued_tokens=ns.max_queued_tokens,
                         shutdown_grace=ns.shutdown_grace, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
                         api_key=ns.api_key, max_message_size=ns.max_message_size,
-                        metrics_port=ns.metrics_port, metrics_host=ns.metrics_host, log_format=ns.log_format)
+                        metrics_port=ns.metrics_port, metrics_host=ns.metrics_host, log_format=ns.log_format,
+                        gateway_port=ns.gateway_port, gateway_host=ns.gateway_host)
 
 
 def serve_engine_args_from(ns: argparse.Namespace):

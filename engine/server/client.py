@@ -12,13 +12,14 @@ import grpc
 
 from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
+from .tls import check_ca_bundle
 
 
 def open_channel(target: str, tls_ca: str | None, api_key: str | None):
     """(channel, call metadata) for a server: TLS when a CA file is given, a bearer token when a key is."""
     if tls_ca:
-        with open(tls_ca, "rb") as f:
-            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+        ca = check_ca_bundle(tls_ca, "tls_ca")  # ValueError naming the file: unreadable, not PEM, bad certificate
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca))
     else:
         channel = grpc.insecure_channel(target)
     return channel, ((("authorization", f"Bearer {api_key}"),) if api_key else None)
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-ca", default=None, help="PEM file of the CA (or self-signed cert) to trust: use TLS")
     ap.add_argument("--timeout", type=float, default=60.0)
     ns = ap.parse_args(argv)
-    channel, metadata = open_channel(ns.target, ns.tls_ca, ns.api_key)
+    try:
+        channel, metadata = open_channel(ns.target, ns.tls_ca, ns.api_key)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     stub = pb_grpc.GenerationStub(channel)
     params = pb.SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature)
     if ns.seed is not None:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from .tls import check_server_tls
+
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # 64 MiB: a 1M-token prompt of uint32 ids fits with room
 
 
@@ -25,6 +27,10 @@ class ServerConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     metrics_port: Optional[int] = None  # Prometheus /metrics over HTTP; None = off
     metrics_host: str = "127.0.0.1"
+    # A second listener for a gateway beside the server (smg sends workers no key and speaks no TLS):
+    # plaintext, no API key, VllmEngine and health only. None = off.
+    gateway_port: Optional[int] = None
+    gateway_host: str = "127.0.0.1"
     log_format: str = "text"  # "text" or "json" (one JSON object per line, with request ids)
 
     def __post_init__(self) -> None:
@@ -47,6 +53,9 @@ class ServerConfig:
             v = getattr(self, name)
             if v is not None and not os.path.isfile(v):
                 bad(name, "no such file")
+        if self.tls_cert is not None:
+            # Readable, PEM, and a key that belongs to the certificate: found here, before any weights load.
+            check_server_tls(self.tls_cert, self.tls_key)
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             bad("api_key", "must be a non-empty string")
         if not _is_int(self.max_message_size) or self.max_message_size < 1024:
@@ -55,6 +64,13 @@ class ServerConfig:
             bad("metrics_port", "must be an integer in [0, 65535] (or unset for no metrics)")
         if self.metrics_port is not None and self.metrics_port == self.port and self.port != 0:
             bad("metrics_port", "must differ from --port")
+        if self.gateway_port is not None:
+            if not _is_int(self.gateway_port) or not 0 <= self.gateway_port <= 65535:
+                bad("gateway_port", "must be an integer in [0, 65535] (or unset for no gateway listener)")
+            if self.gateway_port != 0 and self.gateway_port in (self.port, self.metrics_port):
+                bad("gateway_port", "must differ from --port and --metrics-port")
+        if not isinstance(self.gateway_host, str) or not self.gateway_host:
+            bad("gateway_host", "give an address to bind, e.g. 127.0.0.1")
         if self.log_format not in ("text", "json"):
             bad("log_format", "choose 'text' or 'json'")
         if self.served_model_name is not None and not self.served_model_name:
@@ -64,6 +80,12 @@ class ServerConfig:
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def gateway_address(self) -> str:
+        host = self.gateway_host
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return f"{host}:{self.gateway_port}"
 
     @property
     def tls(self) -> bool:

@@ -8,6 +8,10 @@ Health (`grpc.health.v1`): "" is liveness — SERVING while the process can
 serve at all, NOT_SERVING once the engine loop died. Each service name is
 readiness — NOT_SERVING while draining or after the engine died.
 
+With `gateway_port`, a second server on the same loop serves the VllmEngine
+service and health on a loopback port without the API key or TLS, for an smg
+gateway beside it (smg sends gRPC workers neither); it shares everything else.
+
 Drain (SIGTERM/SIGINT, or `drain()`): readiness goes NOT_SERVING, new
 requests get UNAVAILABLE, in-flight requests have `shutdown_grace` seconds to
 finish; whatever is still running then ends with finish_reason "abort" (a
@@ -16,6 +20,7 @@ normal last message, not a broken stream), and the server stops.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -32,6 +37,7 @@ from .config import ServerConfig
 from .gen import moelink_v1_pb2_grpc
 from .native import SERVICE_NAME as NATIVE_SERVICE, GenerationServicer
 from .serving import Serving
+from .tls import check_server_tls
 from .vllm_engine import SERVICE_NAME as VLLM_SERVICE, VllmEngineServicer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +64,8 @@ class MoelinkServer:
         self._draining_task: Optional[asyncio.Task] = None
         self._metrics_server = None
         self.metrics_port: Optional[int] = None
+        self.gateway_server: Optional[grpc.aio.Server] = None
+        self.gateway_port: Optional[int] = None
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0)."""
@@ -72,20 +80,21 @@ class MoelinkServer:
         interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         moelink_v1_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.serving), self.server)
-        vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(VllmEngineServicer(self.serving), self.server)
+        vllm_servicer = VllmEngineServicer(self.serving)
+        vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(vllm_servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             SERVICES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
         try:
             if cfg.tls:
+                # Checked when the config was made; again here, since the files may have changed while the
+                # weights loaded: a TLS problem must not be reported as a bind failure.
+                check_server_tls(cfg.tls_cert, cfg.tls_key)
                 with open(cfg.tls_key, "rb") as f:
                     key = f.read()
                 with open(cfg.tls_cert, "rb") as f:
                     cert = f.read()
-                for name, pem in (("tls_cert", cert), ("tls_key", key)):
-                    if b"-----BEGIN" not in pem:
-                        raise ValueError(f"{name}={getattr(cfg, name)!r} is invalid: not a PEM file.")
                 port = self.server.add_secure_port(cfg.address, grpc.ssl_server_credentials([(key, cert)]))
             else:
                 port = self.server.add_insecure_port(cfg.address)
@@ -94,7 +103,11 @@ class MoelinkServer:
         if not port:
             raise ValueError(f"port={cfg.port} is invalid: could not bind {cfg.address} (in use, or no such address).")
         self.port = port
+        if cfg.gateway_port is not None:
+            self._bind_gateway(vllm_servicer, options)
         await self.server.start()
+        if self.gateway_server is not None:
+            await self.gateway_server.start()
         for service in ("",) + SERVICES:
             await self.health.set(service, _SERVING)
         self._watchdog = asyncio.create_task(self._watch_engine())
@@ -102,15 +115,38 @@ class MoelinkServer:
             self._start_metrics()
         return port
 
-    def _start_metrics(self) -> None:
-        from prometheus_client import start_http_server
+    def _bind_gateway(self, vllm_servicer: VllmEngineServicer, options) -> None:
+        """The gateway listener: VllmEngine and health, plaintext, no API key (see ServerConfig.gateway_port).
 
-        from ..metrics import EngineMetrics
+        The smg gateway (1.13) connects to gRPC workers in plaintext and sends no credentials, so behind
+        --api-key or TLS it could not even probe the worker. It gets a port of its own instead, meant
+        for loopback (a gateway in the same host or pod), while the main port keeps the key and TLS.
+        It shares the engine, the queue limits and the health state with the main port.
+        """
+        cfg = self.config
+        self.gateway_server = grpc.aio.server(options=options)
+        vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(vllm_servicer, self.gateway_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.gateway_server)
+        try:
+            port = self.gateway_server.add_insecure_port(cfg.gateway_address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise ValueError(f"gateway_port={cfg.gateway_port} is invalid: could not bind {cfg.gateway_address} "
+                             f"(in use, or no such address).")
+        self.gateway_port = port
+        if not _is_loopback(cfg.gateway_host) and (cfg.api_key or cfg.tls):
+            logger.warning("--gateway-port %d listens on %s without the API key or TLS of --port: anything that "
+                           "reaches it can generate; keep it on loopback unless the network is private",
+                           port, cfg.gateway_host)
+
+    def _start_metrics(self) -> None:
+        from ..metrics import EngineMetrics, start_metrics_server
 
         metrics = EngineMetrics(self.engine.engine)
         self.engine.engine.metrics = metrics
-        self._metrics_server, _ = start_http_server(self.config.metrics_port, addr=self.config.metrics_host,
-                                                    registry=metrics.registry)
+        # Bounded: a capped number of connections, each with a deadline (half-open ones cost no thread for long).
+        self._metrics_server = start_metrics_server(metrics.registry, self.config.metrics_host, self.config.metrics_port)
         self.metrics_port = self._metrics_server.server_port
 
     async def _watch_engine(self) -> None:
@@ -151,10 +187,11 @@ class MoelinkServer:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            self._metrics_server.close()
             self._metrics_server = None
-        if self.server is not None:
-            await self.server.stop(grace)
+        servers = [srv for srv in (self.server, self.gateway_server) if srv is not None]
+        if servers:
+            await asyncio.gather(*(srv.stop(grace) for srv in servers))
         if self._stopped is not None:
             self._stopped.set()
 
@@ -175,8 +212,20 @@ async def _serve(engine: AsyncEngine, config: ServerConfig) -> None:
           f"(gRPC {scheme}; services {', '.join(SERVICES)})", flush=True)
     if server.metrics_port is not None:
         print(f"moelink: metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True)
+    if server.gateway_port is not None:
+        print(f"moelink: gateway listener on {config.gateway_host}:{server.gateway_port} "
+              f"(gRPC plaintext, no API key; services {VLLM_SERVICE}, health)", flush=True)
     await server.wait_closed()
     print("moelink: server stopped", flush=True)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 _STANDARD_RECORD_KEYS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from importlib import resources
 
 import pytest
@@ -30,16 +31,21 @@ def test_proto_ships_with_the_package():
 def test_serve_flags(tmp_path, monkeypatch):
     from moelink.engine.server import cli as server_cli
 
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    cert.write_text("x")
-    key.write_text("y")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"  # TLS files are checked when the config is made: a real pair
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                        "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"openssl could not make a certificate: {exc}")
     ns = build_parser().parse_args([
         "serve", "some-model", "--host", "0.0.0.0", "--port", "0", "--max-num-seqs", "8", "--max-queued-requests", "5",
         "--max-queued-tokens", "900", "--shutdown-grace", "2.5", "--tls-cert", str(cert), "--tls-key", str(key),
-        "--api-key", "k", "--served-model-name", "m", "--max-message-size", "4096", "--expert-parallel-size", "2"])
+        "--api-key", "k", "--served-model-name", "m", "--max-message-size", "4096", "--expert-parallel-size", "2",
+        "--gateway-port", "50052"])
     cfg = server_cli.server_config_from(ns)
     assert (cfg.host, cfg.port, cfg.max_queued_requests, cfg.max_queued_tokens, cfg.shutdown_grace) == ("0.0.0.0", 0, 5, 900, 2.5)
     assert (cfg.tls, cfg.api_key, cfg.served_model_name, cfg.max_message_size) == (True, "k", "m", 4096)
+    assert (cfg.gateway_port, cfg.gateway_host) == (50052, "127.0.0.1")
     args = server_cli.serve_engine_args_from(ns)
     assert args.model == "some-model" and args.max_num_seqs == 8
     if any(f.name == "expert_parallel_size" for f in dataclasses.fields(args)):

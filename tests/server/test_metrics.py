@@ -97,3 +97,56 @@ def test_metrics_flags_validated(model_path):
         ServerConfig(metrics_port=70000)
     with pytest.raises(ValueError, match="log_format"):
         ServerConfig(log_format="xml")
+
+
+def _connection_threads() -> int:
+    """Threads serving one HTTP connection each (socketserver's ThreadingMixIn names them after its method)."""
+    import threading
+
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def test_half_open_connections_are_bounded_and_time_out(thread_server, monkeypatch):
+    """200 clients that connect and never finish a request: a capped number of threads, each gone after the timeout."""
+    import socket
+
+    from moelink.engine import metrics
+
+    monkeypatch.setattr(metrics, "METRICS_CONNECTION_TIMEOUT_S", 1.0)
+    srv = thread_server(metrics_port=0)
+    port = srv.server.metrics_port
+    base = _connection_threads()
+    socks = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /metr")  # half a request line, then silence
+            socks.append(s)
+        time.sleep(0.5)
+        assert _connection_threads() - base <= metrics.METRICS_MAX_CONNECTIONS
+        # Every connection is closed by the server within the timeout (plus the accept loop's half-second tick).
+        t0 = time.monotonic()
+        for s in socks:
+            s.settimeout(max(0.1, 6.0 - (time.monotonic() - t0)))
+            try:
+                data = s.recv(1024)
+            except ConnectionResetError:
+                data = b""
+            assert data == b"" or data.startswith(b"HTTP/1.")  # closed (refused) or an error answer, never a hang
+        assert time.monotonic() - t0 < 6.0
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.monotonic() + 5
+    while _connection_threads() > base and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _connection_threads() == base
+    # A client that trickles one byte at a time is cut off too, and a normal scrape still works.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            while time.monotonic() - t0 < 10:
+                s.sendall(b"G")
+                time.sleep(0.2)
+        assert time.monotonic() - t0 < 4
+    assert "moelink_num_requests_running" in _scrape(port)
