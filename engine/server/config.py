@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from .limits import RequestLimits
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # 64 MiB: a 1M-token prompt of uint32 ids fits with room
 
@@ -26,6 +28,7 @@ class ServerConfig:
     metrics_port: Optional[int] = None  # Prometheus /metrics over HTTP; None = off
     metrics_host: str = "127.0.0.1"
     log_format: str = "text"  # "text" or "json" (one JSON object per line, with request ids)
+    limits: RequestLimits = field(default_factory=RequestLimits)  # per-request caps (README: bad input)
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -57,6 +60,8 @@ class ServerConfig:
             bad("metrics_port", "must differ from --port")
         if self.log_format not in ("text", "json"):
             bad("log_format", "choose 'text' or 'json'")
+        if not isinstance(self.limits, RequestLimits):
+            bad("limits", "must be a RequestLimits")
         if self.served_model_name is not None and not self.served_model_name:
             bad("served_model_name", "must be a non-empty string")
 

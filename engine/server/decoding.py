@@ -1,0 +1,225 @@
+"""Decoding requests: undecodable ones get INVALID_ARGUMENT, large ones give their memory back.
+
+grpc parses a request with the method's deserializer before any handler
+runs; when that raises (corrupt bytes, a string field that is not UTF-8),
+grpc answers UNKNOWN ("Unexpected error"), which tells a client nothing and
+reads like a server fault. This interceptor wraps every method's deserializer
+so a parse failure becomes a marker object, and the method's behaviour answers
+INVALID_ARGUMENT for it, on every service.
+
+A Generate request whose sampling_params is larger than anything the limits
+allow (5 M stop_token_ids: a 40 ms parse on the event loop) is refused the
+same way, from the field's length on the wire, before it is parsed.
+
+The deserializer also sees each request's size. A large one (a 16 MB prompt)
+passes through several 16 MB buffers on several threads; glibc keeps such
+freed memory in its per-thread arenas, so RSS would rise by a few hundred MB
+and stay. After a large request, `malloc_trim` hands it back (once a second
+at most, on a timer thread, after the request is gone).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import inspect
+import logging
+import threading
+
+import grpc
+
+from ..safe_text import shown
+from .limits import RequestLimits
+
+logger = logging.getLogger(__name__)
+
+LARGE_REQUEST_BYTES = 1 << 20
+_TRIM_DELAY_S = 1.0
+
+
+class _Trimmer:
+    """Calls glibc's malloc_trim(0) a little after it is asked, coalescing requests; a no-op elsewhere."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending = False
+        try:
+            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            self._trim = None
+
+    def soon(self) -> None:
+        if self._trim is None:
+            return
+        with self._lock:
+            if self._pending:
+                return
+            self._pending = True
+        timer = threading.Timer(_TRIM_DELAY_S, self._run)
+        timer.daemon = True
+        timer.start()
+
+    def _run(self) -> None:
+        with self._lock:
+            self._pending = False
+        self._trim(0)  # ctypes releases the GIL meanwhile
+
+
+class _Refused:
+    """What the deserializer returns instead of a request it refuses; `message` is the INVALID_ARGUMENT text."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+_SCAN_FIELDS = 64  # a request has a dozen top-level fields; a scan stops after this many (then: a normal parse)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]  # IndexError past the end: the caller gives up
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def field_bytes(data: bytes, number: int) -> int:
+    """Bytes of the length-delimited top-level field `number` in a serialized message, summed over its
+    occurrences (protobuf merges repeated occurrences of a message field) among the first _SCAN_FIELDS
+    fields: a lower bound of what the parser would build. O(fields scanned), whatever the message size."""
+    total, pos = 0, 0
+    try:
+        for _ in range(_SCAN_FIELDS):
+            if pos >= len(data):
+                break
+            key, pos = _varint(data, pos)
+            wire = key & 7
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                size, pos = _varint(data, pos)
+                if key >> 3 == number:
+                    total += min(size, len(data) - pos)
+                pos += size
+            else:
+                break  # groups, or not protobuf: the parser says what is wrong
+    except IndexError:
+        pass
+    return total
+
+
+class _SizeCheck:
+    """Refuses a request whose field `number` (sampling_params) is over `limit` bytes, before it is parsed."""
+
+    def __init__(self, number: int, limits: RequestLimits):
+        self.number, self.limits, self.limit = number, limits, limits.max_sampling_params_bytes()
+
+    def __call__(self, data: bytes) -> str | None:
+        size = field_bytes(data, self.number) if len(data) > self.limit else 0
+        if size <= self.limit:
+            return None
+        lim = self.limits
+        return (f"sampling_params is {size} bytes: no request within this server's limits needs more than "
+                f"{self.limit} ({lim.max_stop_strings} stop strings of {lim.max_stop_string_chars} characters, "
+                f"{lim.max_stop_token_ids} stop_token_ids: --max-stop-strings, --max-stop-string-chars, "
+                f"--max-stop-token-ids).")
+
+
+def _safe(deserialize, method: str, trimmer: _Trimmer, precheck):
+    def parse(data: bytes):
+        if len(data) >= LARGE_REQUEST_BYTES:
+            trimmer.soon()
+        refusal = precheck(data) if precheck is not None else None
+        if refusal is not None:
+            return _Refused(refusal)
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or whatever a deserializer raises on bad bytes
+            return _Refused(f"the request to {method} could not be decoded ({shown(str(exc), quote=False)}): "
+                                "it must be a valid protobuf message whose string fields are valid UTF-8.")
+
+    return parse
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, trimmer: _Trimmer, precheck) -> grpc.RpcMethodHandler:
+    behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+    async def refuse(context, bad):
+        logger.info("%s refused: INVALID_ARGUMENT %s", method, bad.message)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+    if handler.request_streaming:
+        async def requests(iterator, context):
+            async for request in iterator:
+                if isinstance(request, _Refused):
+                    await refuse(context, request)
+                yield request
+
+        if inspect.isasyncgenfunction(behaviour):
+            async def wrapped(iterator, context):
+                async for response in behaviour(requests(iterator, context), context):
+                    yield response
+        else:
+            async def wrapped(iterator, context):
+                return await behaviour(requests(iterator, context), context)
+    elif inspect.isasyncgenfunction(behaviour):
+        async def wrapped(request, context):
+            if isinstance(request, _Refused):
+                await refuse(context, request)
+            async for response in behaviour(request, context):
+                yield response
+    else:
+        async def wrapped(request, context):
+            if isinstance(request, _Refused):
+                await refuse(context, request)
+            return await behaviour(request, context)
+
+    kwargs = dict(request_deserializer=_safe(handler.request_deserializer, method, trimmer, precheck),
+                  response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(wrapped, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(wrapped, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(wrapped, **kwargs)
+
+
+class DecodingInterceptor(grpc.aio.ServerInterceptor):
+    """INVALID_ARGUMENT (not UNKNOWN) for a request its method cannot parse; memory back after large ones."""
+
+    def __init__(self, limits: RequestLimits):
+        from smg_grpc_proto.generated import vllm_engine_pb2
+
+        from .gen import moelink_v1_pb2
+
+        self._trimmer = _Trimmer()
+        # Checked on the wire before parsing: Generate's sampling_params (field 4 of both GenerateRequests).
+        self._prechecks = {
+            f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/Generate": _SizeCheck(
+                pb.GenerateRequest.DESCRIPTOR.fields_by_name["sampling_params"].number, limits)
+            for pb, service in ((moelink_v1_pb2, "Generation"), (vllm_engine_pb2, "VllmEngine"))}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # per method, made once
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
+            return handler  # a synchronous handler (none of ours): left as grpc runs it
+        wrapped = _wrap(handler, method, self._trimmer, self._prechecks.get(method))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
