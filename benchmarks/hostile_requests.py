@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostile-interval-s", type=float, default=1.0,
                    help="each hostile request is re-sent this long after the last one was sent (0: at once, a flood)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default=None, help="recorded in the JSON (e.g. which build --target runs)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/hostile_requests_cpu.json)")
 
 
@@ -136,10 +137,15 @@ async def _segment(target: str, ns, vocab: int, tag: str, duration_s: float) -> 
 def _summary(results: list[dict], elapsed: float) -> dict:
     ok = [r for r in results if r["ok"]]
     itls = [x for r in ok for x in r["itls"]]
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r["ok"]:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
+    ms = (lambda v: None if v is None else round(v * 1e3, 2))
     return dict(
-        requests=len(results), completed=len(ok), errors=len(results) - len(ok), duration_s=round(elapsed, 2),
+        requests=len(results), completed=len(ok), errors=errors, duration_s=round(elapsed, 2),
         output_tok_s=round(sum(r["tokens"] for r in ok) / elapsed, 1), itl_samples=len(itls),
-        itl_ms={f"p{q}": round(_pct(itls, q) * 1e3, 2) for q in (50, 90, 99)} | {"max": round(max(itls) * 1e3, 2)})
+        itl_ms={f"p{q}": ms(_pct(itls, q)) for q in (50, 90, 99)} | {"max": ms(max(itls, default=None))})
 
 
 async def _vocab(target: str) -> int:
@@ -211,9 +217,10 @@ def run(ns) -> dict:
                       output_len=ns.output_len,
                       hostile=dict(text_bytes=HOSTILE_TEXT_BYTES, stop_token_ids=HOSTILE_STOP_IDS, n=HOSTILE_N,
                                    interval_s=ns.hostile_interval_s)),
-        target=ns.target or "started by the benchmark", serve_args=ns.serve_args,
+        target=ns.target or "started by the benchmark", serve_args=ns.serve_args, note=ns.note,
         alone=alone, with_hostile=hostile, hostile_requests=attacks,
-        p99_itl_ratio=round(hostile["itl_ms"]["p99"] / alone["itl_ms"]["p99"], 2))
+        p99_itl_ratio=None if None in (hostile["itl_ms"]["p99"], alone["itl_ms"]["p99"]) else
+        round(hostile["itl_ms"]["p99"] / alone["itl_ms"]["p99"], 2))
 
 
 def table(result: dict) -> str:
@@ -222,8 +229,10 @@ def table(result: dict) -> str:
     for q in ("p50", "p90", "p99", "max"):
         rows.append(f"| ITL {q} (ms) | {a['itl_ms'][q]} | {h['itl_ms'][q]} |")
     rows.append(f"| output tok/s | {a['output_tok_s']} | {h['output_tok_s']} |")
-    rows.append(f"| requests completed / failed | {a['completed']} / {a['errors']} | {h['completed']} / {h['errors']} |")
-    rows.append(f"| **p99 ITL ratio** | 1.00 | **{result['p99_itl_ratio']:.2f}x** |")
+    failed = (lambda c: sum(c["errors"].values()))
+    rows.append(f"| requests completed / failed | {a['completed']} / {failed(a)} | {h['completed']} / {failed(h)} |")
+    ratio = result["p99_itl_ratio"]
+    rows.append(f"| **p99 ITL ratio** | 1.00 | **{'n/a' if ratio is None else f'{ratio:.2f}x'}** |")
     lines = [f"- {name}: {v['sent']} sent, answered {', '.join(v['answers'])} (median {v['latency_s_p50']} s, "
              f"max {v['latency_s_max']} s)" for name, v in result["hostile_requests"].items()]
     return "\n".join(rows + [""] + lines)

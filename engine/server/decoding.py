@@ -7,9 +7,10 @@ reads like a server fault. This interceptor wraps every method's deserializer
 so a parse failure becomes a marker object, and the method's behaviour answers
 INVALID_ARGUMENT for it, on every service.
 
-A Generate request whose sampling_params is larger than anything the limits
-allow (5 M stop_token_ids: a 40 ms parse on the event loop) is refused the
-same way, from the field's length on the wire, before it is parsed.
+A Generate request that its wire form alone proves too large (sampling_params
+beyond anything the limits allow, a text prompt longer than can fit) is
+refused the same way, before it is parsed: parsing 5 M stop_token_ids takes
+40 ms of the event loop, a 16 MB prompt's parse and str 6 to 35 ms.
 
 The deserializer also sees each request's size. A large one (a 16 MB prompt)
 passes through several 16 MB buffers on several threads; glibc keeps such
@@ -32,7 +33,8 @@ from .limits import RequestLimits
 
 logger = logging.getLogger(__name__)
 
-LARGE_REQUEST_BYTES = 1 << 20
+LARGE_REQUEST_BYTES = 1 << 20  # after one this large, memory is given back
+PRECHECK_MIN_BYTES = 4096  # smaller requests parse in microseconds: not worth a scan
 _TRIM_DELAY_S = 1.0
 
 
@@ -73,13 +75,13 @@ class _Refused:
         self.message = message
 
 
-_SCAN_FIELDS = 64  # a request has a dozen top-level fields; a scan stops after this many (then: a normal parse)
+_SCAN_FIELDS = 64  # a request has a dozen top-level fields; a scan stops after this many
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
-        byte = data[pos]  # IndexError past the end: the caller gives up
+        byte = data[pos]  # IndexError past the end: the scan stops
         value |= (byte & 0x7F) << shift
         pos += 1
         if byte < 0x80:
@@ -87,57 +89,83 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def field_bytes(data: bytes, number: int) -> int:
-    """Bytes of the length-delimited top-level field `number` in a serialized message, summed over its
-    occurrences (protobuf merges repeated occurrences of a message field) among the first _SCAN_FIELDS
-    fields: a lower bound of what the parser would build. O(fields scanned), whatever the message size."""
-    total, pos = 0, 0
+def scan(data: bytes | memoryview) -> tuple[list[tuple[int, int, int]], bool]:
+    """The fields of a serialized message, read from the wire without parsing it: (number, offset, size) of
+    each length-delimited field (size 0 for the others) among the first _SCAN_FIELDS, and whether that was
+    all of them. O(fields scanned), whatever the message's size."""
+    fields, pos = [], 0
     try:
         for _ in range(_SCAN_FIELDS):
             if pos >= len(data):
-                break
+                return fields, True
             key, pos = _varint(data, pos)
-            wire = key & 7
+            wire, size, start = key & 7, 0, pos
             if wire == 0:
                 _, pos = _varint(data, pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
             elif wire == 2:
-                size, pos = _varint(data, pos)
-                if key >> 3 == number:
-                    total += min(size, len(data) - pos)
-                pos += size
+                size, start = _varint(data, pos)
+                size = min(size, len(data) - start)
+                pos = start + size
             else:
-                break  # groups, or not protobuf: the parser says what is wrong
+                return fields, False  # groups, or not protobuf: the parser says what is wrong
+            fields.append((key >> 3, start, size))
     except IndexError:
-        pass
-    return total
+        return fields, False
+    return fields, pos >= len(data)
 
 
-class _SizeCheck:
-    """Refuses a request whose field `number` (sampling_params) is over `limit` bytes, before it is parsed."""
+def field_bytes(data: bytes, number: int) -> int:
+    """Bytes of top-level field `number`, summed over its occurrences (protobuf merges repeated occurrences
+    of a message field): a lower bound of what the parser would build, even from a partial scan."""
+    return sum(size for n, _, size in scan(data)[0] if n == number)
 
-    def __init__(self, number: int, limits: RequestLimits):
-        self.number, self.limits, self.limit = number, limits, limits.max_sampling_params_bytes()
+
+class _GenerateCheck:
+    """What a Generate request's wire form alone proves too large, refused before it is parsed (the parse
+    and the text's str are most of what a hostile request would cost the event loop):
+    - sampling_params larger than any within the limits (5 M stop_token_ids: a 40 ms parse);
+    - a text prompt of more bytes than can fit max_model_len (Serving.text_refusal), unless the request asks
+      for truncation (VllmEngine's truncate_prompt_tokens, inside sampling_params)."""
+
+    def __init__(self, pb, text_field: str, truncate_field: str | None, limits: RequestLimits, text_refusal):
+        fields = pb.GenerateRequest.DESCRIPTOR.fields_by_name
+        self.sp = fields["sampling_params"].number
+        self.text, self.text_name = fields[text_field].number, text_field
+        self.inputs = {f.number for f in fields[text_field].containing_oneof.fields}
+        self.truncate = None if truncate_field is None else \
+            pb.SamplingParams.DESCRIPTOR.fields_by_name[truncate_field].number
+        self.limits, self.sp_limit, self.text_refusal = limits, limits.max_sampling_params_bytes(), text_refusal
 
     def __call__(self, data: bytes) -> str | None:
-        size = field_bytes(data, self.number) if len(data) > self.limit else 0
-        if size <= self.limit:
+        fields, complete = scan(data)
+        sp = [(start, size) for n, start, size in fields if n == self.sp]
+        sp_bytes = sum(size for _, size in sp)
+        if sp_bytes > self.sp_limit:
+            lim = self.limits
+            return (f"sampling_params is {sp_bytes} bytes: no request within this server's limits needs more than "
+                    f"{self.sp_limit} ({lim.max_stop_strings} stop strings of {lim.max_stop_string_chars} "
+                    f"characters, {lim.max_stop_token_ids} stop_token_ids: --max-stop-strings, "
+                    "--max-stop-string-chars, --max-stop-token-ids).")
+        # The last field of the input oneof wins; only a complete scan knows which is last.
+        inputs = [(n, size) for n, _, size in fields if n in self.inputs]
+        if not complete or not inputs or inputs[-1][0] != self.text:
             return None
-        lim = self.limits
-        return (f"sampling_params is {size} bytes: no request within this server's limits needs more than "
-                f"{self.limit} ({lim.max_stop_strings} stop strings of {lim.max_stop_string_chars} characters, "
-                f"{lim.max_stop_token_ids} stop_token_ids: --max-stop-strings, --max-stop-string-chars, "
-                f"--max-stop-token-ids).")
+        if self.truncate is not None:
+            view = memoryview(data)
+            for start, size in sp:
+                sub, sub_complete = scan(view[start:start + size])
+                if not sub_complete or any(n == self.truncate for n, _, _ in sub):
+                    return None  # the tail of a long text may be asked for
+        return self.text_refusal(self.text_name, inputs[-1][1])
 
 
 def _safe(deserialize, method: str, trimmer: _Trimmer, precheck):
     def parse(data: bytes):
         if len(data) >= LARGE_REQUEST_BYTES:
             trimmer.soon()
-        refusal = precheck(data) if precheck is not None else None
+        refusal = precheck(data) if precheck is not None and len(data) > PRECHECK_MIN_BYTES else None
         if refusal is not None:
             return _Refused(refusal)
         try:
@@ -196,17 +224,18 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, trimmer: _Trimmer, preche
 class DecodingInterceptor(grpc.aio.ServerInterceptor):
     """INVALID_ARGUMENT (not UNKNOWN) for a request its method cannot parse; memory back after large ones."""
 
-    def __init__(self, limits: RequestLimits):
+    def __init__(self, limits: RequestLimits, text_refusal=lambda field, num_bytes: None):
+        """`text_refusal(field, num_bytes)`: why a text prompt of that many bytes cannot fit, or None."""
         from smg_grpc_proto.generated import vllm_engine_pb2
 
         from .gen import moelink_v1_pb2
 
         self._trimmer = _Trimmer()
-        # Checked on the wire before parsing: Generate's sampling_params (field 4 of both GenerateRequests).
         self._prechecks = {
-            f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/Generate": _SizeCheck(
-                pb.GenerateRequest.DESCRIPTOR.fields_by_name["sampling_params"].number, limits)
-            for pb, service in ((moelink_v1_pb2, "Generation"), (vllm_engine_pb2, "VllmEngine"))}
+            f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/Generate":
+                _GenerateCheck(pb, text, truncate, limits, text_refusal)
+            for pb, service, text, truncate in ((moelink_v1_pb2, "Generation", "prompt", None),
+                                                (vllm_engine_pb2, "VllmEngine", "text", "truncate_prompt_tokens"))}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # per method, made once
 
     async def intercept_service(self, continuation, handler_call_details):

@@ -71,7 +71,8 @@ class MoelinkServer:
             # Linux gRPC binds with SO_REUSEPORT by default: two servers could share a port unnoticed.
             ("grpc.so_reuseport", 0),
         ]
-        interceptors = ([ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []) + [DecodingInterceptor(cfg.limits)]
+        interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
+        interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         moelink_v1_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.serving), self.server)
         vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(VllmEngineServicer(self.serving), self.server)

@@ -114,6 +114,15 @@ class Serving:
             return None, None
         return bpt, int((self.max_model_len - 1) * bpt)
 
+    def text_refusal(self, field: str, num_bytes: int) -> Optional[str]:
+        """Why a text prompt of (at least) `num_bytes` bytes cannot fit max_model_len, or None if it may."""
+        bound = self.max_prompt_bytes
+        if bound is None or num_bytes <= bound:
+            return None
+        return (f"{field} is too long: it has more than {bound} bytes, and one token of this model's tokenizer "
+                f"stands for at most {self.bytes_per_token:g} bytes, so it cannot fit in the "
+                f"{self.max_model_len - 1} prompt tokens max_model_len={self.max_model_len} leaves.")
+
     def request_id(self, given: str) -> str:
         if not given:
             return f"req-{uuid.uuid4().hex}"
@@ -146,10 +155,7 @@ class Serving:
         # len(text) counts characters, each 1 to 4 bytes: encode only when the count alone cannot decide.
         if bound is not None and (len(text) > bound or (4 * len(text) > bound and len(text.encode()) > bound)):
             if keep is None:
-                raise ValueError(
-                    f"{field} is too long: it has more than {bound} bytes, and one token of this model's tokenizer "
-                    f"stands for at most {self.bytes_per_token:g} bytes, so it cannot fit in the "
-                    f"{self.max_model_len - 1} prompt tokens max_model_len={self.max_model_len} leaves.")
+                raise ValueError(self.text_refusal(field, max(len(text), bound + 1)))
             # Only the last `keep` <= max_model_len - 1 tokens stay, and 2 * bound bytes of text are at least
             # twice that many tokens: tokenizing this tail gives them (the cut is far before them).
             text = text[-2 * bound:]
