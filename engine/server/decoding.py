@@ -222,7 +222,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, trimmer: _Trimmer, preche
 
 
 class DecodingInterceptor(grpc.aio.ServerInterceptor):
-    """INVALID_ARGUMENT (not UNKNOWN) for a request its method cannot parse; memory back after large ones."""
+    """INVALID_ARGUMENT (not UNKNOWN) for a request its method cannot parse, or that its wire form shows too
+    large to accept; memory given back after large requests."""
 
     def __init__(self, limits: RequestLimits, text_refusal=lambda field, num_bytes: None):
         """`text_refusal(field, num_bytes)`: why a text prompt of that many bytes cannot fit, or None."""
