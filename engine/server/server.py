@@ -27,13 +27,13 @@ from grpc_reflection.v1alpha import reflection
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from ..async_engine import AsyncEngine
+from ..safe_text import MAX_LOG_LINE_CHARS, shown
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig
+from .decoding import DecodingInterceptor
 from .gen import moelink_v1_pb2_grpc
 from .native import SERVICE_NAME as NATIVE_SERVICE, GenerationServicer
-from ..safe_text import MAX_LOG_LINE_CHARS, shown
 from .serving import Serving
-from .decoding import DecodingInterceptor
 from .vllm_engine import SERVICE_NAME as VLLM_SERVICE, VllmEngineServicer
 
 logger = logging.getLogger(__name__)

@@ -257,11 +257,17 @@ def test_text_that_cannot_fit_is_refused_before_tokenizing_and_long_text_is_toke
         s = util.make_stubs(ch)
         just_over = "ab" * (serving.max_prompt_bytes // 2) + "abc"
         for text in ("x" * (1 << 20), just_over, "é" * (serving.max_prompt_bytes // 2 + 1)):
-            for call in (_native(s, prompt=text), _vllm(s, tokenized=None, text=text)):
+            for call in (_native(s, prompt=text), _vllm(s, text=text)):
                 err = _refused(call)
                 assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
                 assert "too long" in err.details() and "max_model_len=512" in err.details(), err.details()
         assert spy.calls == [], "text that cannot fit was tokenized"
+    # (Those were refused from their size on the wire; Serving.prepare, behind it, refuses the same way.)
+    with pytest.raises(ValueError, match="prompt is too long"):
+        srv.call(serving.prepare("t", just_over, SamplingParams(), "prompt"))
+    assert spy.calls == []
+    with grpc.insecure_channel(srv.addr) as ch:
+        s = util.make_stubs(ch)
         # Text that may fit, but is long: tokenized on a worker thread (here it then turns out too long).
         text = "the quick brown fox " * 200
         assert 2048 < len(text) < serving.max_prompt_bytes
@@ -296,7 +302,7 @@ def test_16_mb_prompt_is_refused_fast_and_memory_does_not_stay(spawn_server, uti
                                timeout=30))
         before = rss_mb()
         for i in range(3):
-            for call in (_native(s, prompt=text), _vllm(s, tokenized=None, text=text)):
+            for call in (_native(s, prompt=text), _vllm(s, text=text)):
                 err = _refused(call)
                 assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "too long" in err.details(), err.details()
             assert s.health.Check(s.hpb.HealthCheckRequest(service=""), timeout=2).status == \
