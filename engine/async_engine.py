@@ -14,6 +14,7 @@ its KV blocks freed within one step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from .engine_args import EngineArgs
-from .llm_engine import LLMEngine, PromptType
+from .llm_engine import LLMEngine, ProcessedRequest, PromptType
 from .outputs import OutputKind, RequestOutput
+from .safe_text import shown
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -80,11 +82,22 @@ class AsyncEngine:
         """Stream outputs of one request. Raises ValueError for bad input before anything is queued."""
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
-        processed = self.engine.process_inputs(request_id, prompt, params)
+        gen = self.generate_processed(self.engine.process_inputs(request_id, prompt, params), output_kind)
+        async with contextlib.aclosing(gen):  # closing this closes (and so aborts) the request at once
+            async for out in gen:
+                yield out
+
+    async def generate_processed(self, processed: ProcessedRequest,
+                                 output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+        """`generate` for a request `LLMEngine.process_inputs` already validated (the server validates
+        once per request, whatever its number of samples)."""
+        request_id = processed.request_id
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine is not running: {self.dead_error}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
-                raise ValueError(f"request_id={request_id!r} is already in use by a running request.")
+                raise ValueError(f"request_id={shown(request_id)} is already in use by a running request.")
             self._streams[request_id] = stream
             if self.dead_error is not None:
                 self._streams.pop(request_id, None)

@@ -20,12 +20,25 @@ from .executor import Executor, make_executor
 from .moe_metrics import MoEMetrics
 from .output_processor import OutputProcessor
 from .outputs import OutputKind, RequestOutput
+from .safe_text import shown
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 PromptType = Union[str, list[int], dict]
+
+
+def too_long(field: str, num_tokens: int, max_model_len: int) -> ValueError:
+    return ValueError(f"{field} has {num_tokens} tokens, too long: max_model_len={max_model_len} leaves room for "
+                      f"at most {max_model_len - 1} prompt tokens.")
+
+
+def _first_bad_id(ids: list, vocab: int) -> int | None:
+    """Index of the first entry that is not an int in [0, vocab), or None; C-speed when all are fine."""
+    if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab):
+        return None
+    return next(i for i, t in enumerate(ids) if type(t) is not int or not 0 <= t < vocab)
 
 
 @dataclass
@@ -70,13 +83,18 @@ class LLMEngine:
         return cls(args.create_engine_config())
 
     # -- input validation -----------------------------------------------------
-    def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None) -> ProcessedRequest:
-        """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only)."""
+    def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
+                       field: str | None = None) -> ProcessedRequest:
+        """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
+
+        `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
+        passes the name of the proto field it came from).
+        """
         if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty string.")
+            raise ValueError(f"request_id={shown(request_id)} is invalid: must be a non-empty string.")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params={params!r} is invalid: must be a SamplingParams.")
+            raise ValueError(f"sampling_params={shown(params)} is invalid: must be a SamplingParams.")
         text = None
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -85,35 +103,36 @@ class LLMEngine:
                 prompt = prompt["prompt"]
             else:
                 raise ValueError("prompt dict is invalid: it needs a 'prompt' or 'prompt_token_ids' key.")
+        field = field or ("prompt" if isinstance(prompt, str) else "prompt_token_ids")
         if isinstance(prompt, str):
             text = prompt
             if not prompt:
-                raise ValueError("prompt is empty: give at least one character or token id.")
+                raise ValueError(f"{field} is empty: give at least one character or token id.")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)
         else:
-            raise ValueError(f"prompt of type {type(prompt).__name__} is invalid: pass a string or a list of token ids.")
+            raise ValueError(f"{field} of type {type(prompt).__name__} is invalid: pass a string or a list of token ids.")
         if not ids:
-            raise ValueError("prompt is empty: give at least one character or token id.")
-        vocab = self.config.model.vocab_size
-        for i, t in enumerate(ids):
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids[{i}]={t!r} is out of range: token ids must be integers in [0, {vocab}).")
+            raise ValueError(f"{field} is empty: give at least one character or token id.")
         max_len = self.config.scheduler.max_model_len
-        if len(ids) >= max_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens, too long: max_model_len={max_len} leaves room for at most {max_len - 1} prompt tokens."
-            )
+        if len(ids) >= max_len:  # before looking at each id: a long list is refused at no cost
+            raise too_long(field, len(ids), max_len)
+        vocab = self.config.model.vocab_size
+        bad = _first_bad_id(ids, vocab)
+        if bad is not None:
+            name = f"{field}[{bad}]" if text is None else f"{field} token {bad}"
+            raise ValueError(f"{name}={shown(ids[bad])} is out of range: token ids must be integers in [0, {vocab}).")
         bs, blocks = self.config.cache.block_size, self.config.cache.num_kv_blocks
         if -(-(len(ids) + 1) // bs) > blocks:
             raise ValueError(
-                f"prompt has {len(ids)} tokens, more than the KV cache holds ({blocks} blocks of {bs} tokens): "
+                f"{field} has {len(ids)} tokens, more than the KV cache holds ({blocks} blocks of {bs} tokens): "
                 "raise num_kv_blocks / kv_cache_memory_bytes or shorten the prompt."
             )
-        for t in params.stop_token_ids:
-            if t >= vocab:
-                raise ValueError(f"SamplingParams.stop_token_ids contains {t}: token ids must be in [0, {vocab}).")
+        bad = _first_bad_id(params.stop_token_ids, vocab)
+        if bad is not None:
+            raise ValueError(f"SamplingParams.stop_token_ids contains {shown(params.stop_token_ids[bad])}: "
+                             f"token ids must be in [0, {vocab}).")
         room = max_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         return ProcessedRequest(request_id, text, ids, params, max_tokens)
@@ -122,7 +141,7 @@ class LLMEngine:
     def add_processed(self, req: ProcessedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
         # Checked here, not per rank: the router may place a duplicate on another rank's scheduler.
         if req.request_id in self.output_processor.states:
-            raise ValueError(f"request_id={req.request_id!r} is already in use by a running request.")
+            raise ValueError(f"request_id={shown(req.request_id)} is already in use by a running request.")
         p = req.params
         sched_req = Request(
             req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,
@@ -137,7 +156,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
         if request_id in self.output_processor.states:
-            raise ValueError(f"request_id={request_id!r} is already in use by a running request.")
+            raise ValueError(f"request_id={shown(request_id)} is already in use by a running request.")
         self.add_processed(self.process_inputs(request_id, prompt, params), output_kind)
 
     def abort_requests(self, request_ids, reason: str = "abort") -> list[RequestOutput]:

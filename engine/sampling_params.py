@@ -1,10 +1,46 @@
 """Sampling parameters, validated where they are made (vLLM-compatible names)."""
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .safe_text import shown
+
 _GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A closed (or half-open) range of finite numbers; str() is how messages and README's table write it."""
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        return (_is_num(v) and math.isfinite(v) and (self.low < v if self.low_open else self.low <= v)
+                and v <= self.high)
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# What each float parameter may be. Non-finite values are never allowed (temperature=inf would sample
+# uniformly, NaN poisons the whole batch's softmax). Bounds beyond vLLM's own:
+# - temperature <= 100: above it every token is about equally likely, whatever the model says;
+# - repetition_penalty in [0.01, 100]: a seen token's logit is divided or multiplied by it, so 1e-45
+#   overflows float32 to inf (then NaN); beyond 100x either way the output only degenerates.
+FLOAT_RANGES: dict[str, Interval] = {
+    "temperature": Interval(0.0, 100.0),
+    "top_p": Interval(0.0, 1.0, low_open=True),
+    "min_p": Interval(0.0, 1.0),
+    "repetition_penalty": Interval(0.01, 100.0),
+    "presence_penalty": Interval(-2.0, 2.0),
+    "frequency_penalty": Interval(-2.0, 2.0),
+}
 
 
 @dataclass
@@ -43,13 +79,10 @@ class SamplingParams:
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         _check(self.n == 1, "n", self.n, "only n=1 is supported")
-        _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
-        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        for name, allowed in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            _check(value in allowed, name, value, f"must be a finite number in {allowed}")
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k, "must be -1 (disabled), 0 (disabled) or a positive integer")
-        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
-        _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
-        _check(_is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
-        _check(_is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
         _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "must be an integer or None")
         _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens", self.max_tokens, "must be an integer >= 1 or None")
         _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be an integer >= 0")
@@ -60,7 +93,15 @@ class SamplingParams:
         _check(isinstance(self.detokenize, bool), "detokenize", self.detokenize, "must be True or False")
         _check(self.detokenize or not self.stop, "detokenize", self.detokenize,
                "stop strings are matched on the output text, so they need detokenize=True")
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs", self.logprobs, "must be None or an integer in [0, 20]")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs", self.logprobs,
+               f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+
+    def with_seed(self, seed: int) -> "SamplingParams":
+        """A copy with another seed, not validated again (a seed is an int whatever its value).
+        The lists are shared, never copied: nothing changes them after validation."""
+        p = copy.copy(self)
+        p.seed = seed
+        return p
 
     @property
     def greedy(self) -> bool:
@@ -77,4 +118,4 @@ def _is_num(v) -> bool:
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: {allowed}.")
+        raise ValueError(f"SamplingParams.{name}={shown(value)} is invalid: {allowed}.")

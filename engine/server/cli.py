@@ -7,6 +7,7 @@ import os
 
 from ..cli import add_engine_args, engine_args_from
 from .config import DEFAULT_MAX_MESSAGE_SIZE, ServerConfig
+from .limits import add_limit_args, limits_from
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +37,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="json: one object per line with request ids, for log pipelines")
     p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest gRPC message, in bytes, received or sent")
+    add_limit_args(p)
     if "--expert-parallel-size" not in p._option_string_actions:  # engine flags may already have it
         p.add_argument("--expert-parallel-size", type=int, default=1, help="expert-parallel ranks")
 
@@ -46,7 +48,8 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
                         shutdown_grace=ns.shutdown_grace, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
                         api_key=ns.api_key, max_message_size=ns.max_message_size,
                         metrics_port=ns.metrics_port, metrics_host=ns.metrics_host, log_format=ns.log_format,
-                        gateway_port=ns.gateway_port, gateway_host=ns.gateway_host)
+                        gateway_port=ns.gateway_port, gateway_host=ns.gateway_host,
+                        limits=limits_from(ns))
 
 
 def serve_engine_args_from(ns: argparse.Namespace):

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+from .limits import RequestLimits
 from .tls import check_server_tls
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # 64 MiB: a 1M-token prompt of uint32 ids fits with room
@@ -32,6 +33,7 @@ class ServerConfig:
     gateway_port: Optional[int] = None
     gateway_host: str = "127.0.0.1"
     log_format: str = "text"  # "text" or "json" (one JSON object per line, with request ids)
+    limits: RequestLimits = field(default_factory=RequestLimits)  # per-request caps (README: bad input)
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -73,6 +75,8 @@ class ServerConfig:
             bad("gateway_host", "give an address to bind, e.g. 127.0.0.1")
         if self.log_format not in ("text", "json"):
             bad("log_format", "choose 'text' or 'json'")
+        if not isinstance(self.limits, RequestLimits):
+            bad("limits", "must be a RequestLimits")
         if self.served_model_name is not None and not self.served_model_name:
             bad("served_model_name", "must be a non-empty string")
 

@@ -6,18 +6,24 @@ import time
 
 import grpc
 
+from ..llm_engine import ProcessedRequest
 from ..outputs import CompletionOutput, RequestOutput
+from ..safe_text import shown
 from ..sampling_params import SamplingParams
 from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
+from .limits import RequestLimits
 from .serving import Serving, abort_rpc, optional, top_logprobs
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+_DEFAULTS = SamplingParams()  # unset optional fields read these
 
 
-def sampling_params_from_proto(sp: pb.SamplingParams) -> tuple[SamplingParams, int]:
-    """(engine SamplingParams, n); ValueError naming the field on bad values."""
-    d = SamplingParams()
+def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = RequestLimits()
+                               ) -> tuple[SamplingParams, int]:
+    """(engine SamplingParams, n); ValueError naming the field on bad values (lists checked by length first)."""
+    limits.check_sampling(sp)
+    d = _DEFAULTS
     kwargs = dict(
         temperature=optional(sp, "temperature", d.temperature),
         top_p=optional(sp, "top_p", d.top_p),
@@ -46,12 +52,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, serving: Serving):
         self.s = serving
 
-    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+    async def _prepare(self, rid: str, request: pb.GenerateRequest, params: SamplingParams) -> ProcessedRequest:
         which = request.WhichOneof("input")
         if which == "prompt":
-            return self.s.check_prompt_ids(self.s.encode(request.prompt, "prompt"), "prompt")
+            return await self.s.prepare(rid, request.prompt, params, "prompt")
         if which == "prompt_token_ids":
-            return self.s.check_prompt_ids(list(request.prompt_token_ids.ids), "prompt_token_ids")
+            return await self.s.prepare(rid, request.prompt_token_ids.ids, params, "prompt_token_ids")
         raise ValueError("prompt is missing: set either prompt (text) or prompt_token_ids.")
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
@@ -59,9 +65,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # disconnected call raises CancelledError right here, and closing `stream` aborts the request.
         try:
             rid = self.s.request_id(request.request_id)
-            ids = self._prompt_ids(request)
-            params, n = sampling_params_from_proto(request.sampling_params)
-            stream = self.s.run(rid, ids, params, n)
+            # The cheap checks first: a refused request never costs a tokenization.
+            params, n = sampling_params_from_proto(request.sampling_params, self.s.limits)
+            stream = self.s.run(rid, await self._prepare(rid, request, params), n=n)
             counts = [0] * n
             async with contextlib.aclosing(stream):
                 async for index, out in stream:
@@ -71,7 +77,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except (grpc.aio.AbortError, GeneratorExit):
             raise
         except Exception as exc:
-            await abort_rpc(context, exc, f"Generate {request.request_id!r}")
+            await abort_rpc(context, exc, f"Generate {shown(request.request_id)}")
 
     def _message(self, rid: str, index: int, out: RequestOutput, comp: CompletionOutput, num_generated: int,
                  num_logprobs) -> pb.GenerateResponse:
@@ -95,7 +101,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return msg
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        return pb.AbortResponse(num_aborted=await self.s.abort(request.request_ids))
+        try:
+            return pb.AbortResponse(num_aborted=await self.s.abort(request.request_ids))
+        except ValueError as exc:
+            await abort_rpc(context, exc, "Abort")
 
     async def ModelInfo(self, request, context) -> pb.ModelInfoResponse:
         m, s = self.s.model, self.s

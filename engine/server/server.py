@@ -32,8 +32,10 @@ from grpc_reflection.v1alpha import reflection
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from ..async_engine import AsyncEngine
+from ..safe_text import MAX_LOG_LINE_CHARS, shown
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig
+from .decoding import DecodingInterceptor
 from .gen import moelink_v1_pb2_grpc
 from .native import SERVICE_NAME as NATIVE_SERVICE, GenerationServicer
 from .serving import Serving
@@ -78,6 +80,7 @@ class MoelinkServer:
             ("grpc.so_reuseport", 0),
         ]
         interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
+        interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         moelink_v1_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.serving), self.server)
         vllm_servicer = VllmEngineServicer(self.serving)
@@ -231,6 +234,12 @@ def _is_loopback(host: str) -> bool:
 _STANDARD_RECORD_KEYS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+def _extras(record: logging.LogRecord) -> dict:
+    # `extra` fields carry client values (request ids): escaped and cut, like every client value in a log.
+    return {k: shown(v, quote=False) if isinstance(v, str) else v
+            for k, v in record.__dict__.items() if k not in _STANDARD_RECORD_KEYS}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and any `extra` fields (request_id, ...)."""
 
@@ -238,17 +247,19 @@ class JsonFormatter(logging.Formatter):
         import json
 
         doc = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-               "message": record.getMessage()}
-        doc.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD_RECORD_KEYS})
+               "message": shown(record.getMessage(), MAX_LOG_LINE_CHARS, quote=False)}
+        doc.update(_extras(record))
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)
 
 
 class _TextWithExtras(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD_RECORD_KEYS}
+    """One line per record (a traceback after it aside): no message or field can start a line of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = shown(super().formatMessage(record), MAX_LOG_LINE_CHARS, quote=False)
+        extras = _extras(record)
         return line + ("".join(f" {k}={v}" for k, v in extras.items()) if extras else "")
 
 

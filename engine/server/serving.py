@@ -1,8 +1,12 @@
 """What both gRPC services share: prompt checks, admission, running a request (n samples), status codes.
 
-`Serving.run` is the one place a request meets the engine. It validates
-before admitting (a rejected request never holds a queue slot or a KV block),
-admits against the queue limits, and streams `(sample_index, RequestOutput)`.
+`Serving.prepare` tokenizes and validates a request once, whatever its number
+of samples, refusing text that cannot fit before tokenizing it and doing the
+work for large inputs on a worker thread, so the event loop (every other
+stream, health checks) keeps moving. `Serving.run` is the one place a request
+meets the engine: it validates before admitting (a rejected request never
+holds a queue slot or a KV block), admits against the queue limits, and
+streams `(sample_index, RequestOutput)`.
 Whoever iterates it must close it (`contextlib.aclosing`): closing, like a
 cancelled RPC, aborts every sample still running, so its blocks are freed
 within one engine step.
@@ -22,15 +26,20 @@ from typing import AsyncIterator, Optional
 import grpc
 
 from ..async_engine import AsyncEngine, EngineDeadError
+from ..llm_engine import ProcessedRequest, too_long
 from ..outputs import OutputKind, RequestOutput
+from ..prompt_bound import NoBound, bytes_per_token
+from ..safe_text import MAX_MESSAGE_CHARS, shown
 from ..sampling_params import SamplingParams
 from .config import ServerConfig
 from .registry import Draining, DuplicateRequest, Overloaded, RequestRegistry
 
 logger = logging.getLogger(__name__)
 
-MAX_N = 64  # samples per request
-MAX_REQUEST_ID_LEN = 256
+# Up to this size a prompt is tokenized / validated on the event loop (well under a millisecond);
+# beyond it on a worker thread.
+INLINE_MAX_CHARS = 2048
+INLINE_MAX_IDS = 4096
 
 
 class Serving:
@@ -41,6 +50,7 @@ class Serving:
         self.config = config
         self.model = engine.engine.config.model
         self.tokenizer = engine.tokenizer
+        self.limits = config.limits
         self.registry = RequestRegistry(config.max_queued_requests, config.max_queued_tokens)
         self.served_model_name = config.served_model_name or Path(self.model.model).name
         self.model_path = str(Path(self.model.model).resolve())
@@ -50,6 +60,7 @@ class Serving:
         # must not receive that request's late outputs, and client ids like "x#0" must not collide
         # with the sample ids of a request "x" with n > 1.
         self._admissions = itertools.count()
+        self.bytes_per_token, self.max_prompt_bytes = self._prompt_byte_bound()
 
     # -- facts ----------------------------------------------------------------
     @property
@@ -94,60 +105,96 @@ class Serving:
         return self.engine.is_healthy
 
     # -- inputs ---------------------------------------------------------------
+    def _prompt_byte_bound(self) -> tuple[Optional[float], Optional[int]]:
+        """(most bytes one token stands for, most bytes a text prompt that fits can have); None: no bound."""
+        try:
+            bpt = bytes_per_token(self.tokenizer.backend.to_str())
+        except NoBound as exc:
+            logger.warning("text prompts are not refused by size before tokenizing: %s", exc)
+            return None, None
+        return bpt, int((self.max_model_len - 1) * bpt)
+
+    def text_refusal(self, field: str, num_bytes: int) -> Optional[str]:
+        """Why a text prompt of (at least) `num_bytes` bytes cannot fit max_model_len, or None if it may."""
+        bound = self.max_prompt_bytes
+        if bound is None or num_bytes <= bound:
+            return None
+        return (f"{field} is too long: it has more than {bound} bytes, and one token of this model's tokenizer "
+                f"stands for at most {self.bytes_per_token:g} bytes, so it cannot fit in the "
+                f"{self.max_model_len - 1} prompt tokens max_model_len={self.max_model_len} leaves.")
+
     def request_id(self, given: str) -> str:
         if not given:
             return f"req-{uuid.uuid4().hex}"
-        if len(given) > MAX_REQUEST_ID_LEN:
-            raise ValueError(f"request_id has {len(given)} characters: at most {MAX_REQUEST_ID_LEN} are allowed.")
+        self.limits.check("max_request_id_chars", len(given))
         return given
 
-    def encode(self, text: str, field: str) -> list[int]:
+    async def prepare(self, request_id: str, prompt, params: SamplingParams, field: str,
+                      keep: Optional[int] = None) -> ProcessedRequest:
+        """Tokenize (text) and validate a request, once; ValueError names `field` (the proto field).
+
+        `prompt`: text, or token ids (a list or a proto repeated field). `keep`: keep only the last
+        `keep` tokens (the VllmEngine protocol's truncate_prompt_tokens).
+        """
+        if isinstance(prompt, str):
+            ids = await self._tokenize(prompt, field, keep)
+        else:
+            if keep is None and len(prompt) >= self.max_model_len:
+                # Refused on its length alone: not one of a 5M-id list's entries is looked at.
+                raise too_long(field, len(prompt), self.max_model_len)
+            ids = list(prompt if keep is None else prompt[-keep:])
+        process = self.engine.engine.process_inputs
+        if len(ids) <= INLINE_MAX_IDS:
+            return process(request_id, ids, params, field)
+        return await asyncio.to_thread(process, request_id, ids, params, field)
+
+    async def _tokenize(self, text: str, field: str, keep: Optional[int]) -> list[int]:
         if not text:
             raise ValueError(f"{field} is empty: give at least one character or token id.")
-        return self.tokenizer.encode(text)
-
-    def check_prompt_ids(self, ids: list[int], field: str) -> list[int]:
-        """Raises ValueError naming `field` (the proto field the ids came from)."""
-        if not ids:
-            raise ValueError(f"{field} is empty: give at least one token id.")
-        vocab = self.model.vocab_size
-        if max(ids) >= vocab:
-            i = next(i for i, t in enumerate(ids) if t >= vocab)
-            raise ValueError(f"{field}[{i}]={ids[i]} is out of range: token ids must be in [0, {vocab}).")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"{field} has {len(ids)} tokens, too long: max_model_len={self.max_model_len} leaves room for at "
-                f"most {self.max_model_len - 1} prompt tokens.")
-        return ids
+        bound = self.max_prompt_bytes
+        # len(text) counts characters, each 1 to 4 bytes: encode only when the count alone cannot decide.
+        if bound is not None and (len(text) > bound or (4 * len(text) > bound and len(text.encode()) > bound)):
+            if keep is None:
+                raise ValueError(self.text_refusal(field, max(len(text), bound + 1)))
+            # Only the last `keep` <= max_model_len - 1 tokens stay, and 2 * bound bytes of text are at least
+            # twice that many tokens: tokenizing this tail gives them (the cut is far before them).
+            text = text[-2 * bound:]
+        if len(text) <= INLINE_MAX_CHARS:
+            ids = self.tokenizer.encode(text)
+        else:
+            ids = await asyncio.to_thread(self.tokenizer.encode_without_gil, text)
+        return ids if keep is None else ids[-keep:]
 
     # -- running --------------------------------------------------------------
-    async def run(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+    async def run(self, request_id: str, prompt: ProcessedRequest | list[int], params: SamplingParams | None = None,
                   n: int = 1) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Admit and stream one request's `n` samples as deltas; raises before yielding anything if refused.
 
+        `prompt`: what `prepare` returned (then `params` is already in it), or token ids to validate here.
         Always OutputKind.DELTA, even for a caller that answers once at the end:
         the first delta is what ends a request's time in the queue.
         """
         kind = OutputKind.DELTA
-        if not 1 <= n <= MAX_N:
-            raise ValueError(f"sampling_params.n={n} is invalid: must be in [1, {MAX_N}].")
+        self.limits.check_n(n)
+        processed = prompt if isinstance(prompt, ProcessedRequest) else \
+            self.engine.engine.process_inputs(request_id, prompt, params)
+        params, prompt_ids = processed.params, processed.prompt_token_ids
         base = f"{request_id}|{next(self._admissions)}"
-        samples = [(base, params)] if n == 1 else [
-            (f"{base}#{i}", params if params.seed is None else replace(params, seed=params.seed + i))
+        # One validated request, n engine requests: only the id (and a seed) differ.
+        samples = [replace(processed, request_id=base)] if n == 1 else [
+            replace(processed, request_id=f"{base}#{i}",
+                    params=params if params.seed is None else params.with_seed(params.seed + i))
             for i in range(n)]
-        # Validate every sample before admitting any, so a refusal leaves nothing behind.
-        for eid, p in samples:
-            self.engine.engine.process_inputs(eid, prompt_ids, p)
         if not self.engine.is_healthy:
             raise Draining(f"the engine is not running ({self.engine.dead_error}); retry on another replica.")
-        entry = self.registry.admit(request_id, [eid for eid, _ in samples], len(prompt_ids) * n)
+        entry = self.registry.admit(request_id, [p.request_id for p in samples], len(prompt_ids) * n)
         t0, generated, reasons = time.monotonic(), 0, []
         logger.info("request admitted", extra={"request_id": request_id, "prompt_tokens": len(prompt_ids), "n": n})
         try:
             if n == 1:
-                stream = self._one(samples[0][0], prompt_ids, params, kind)
+                stream = self._one(samples[0], kind)
             else:
-                stream = self._many(entry, samples, prompt_ids, kind)
+                stream = self._many(entry, samples, kind)
             async with contextlib.aclosing(stream):
                 async for index, out in stream:
                     self.registry.mark_started(entry)
@@ -164,20 +211,20 @@ class Serving:
                 "finish_reason": ",".join(r or "" for r in reasons) or "cancelled",
                 "latency_s": round(time.monotonic() - t0, 4)})
 
-    async def _one(self, eid, prompt_ids, params, kind):
-        gen = self.engine.generate(eid, prompt_ids, params, kind)
+    async def _one(self, sample: ProcessedRequest, kind):
+        gen = self.engine.generate_processed(sample, kind)
         async with contextlib.aclosing(gen):
             async for out in gen:
                 yield 0, out
 
-    async def _many(self, entry, samples, prompt_ids, kind):
+    async def _many(self, entry, samples: list[ProcessedRequest], kind):
         """Merge n sample streams; closing this closes (and so aborts) all of them."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
-        async def pump(i, eid, p):
+        async def pump(i, sample):
             try:
-                gen = self.engine.generate(eid, prompt_ids, p, kind)
+                gen = self.engine.generate_processed(sample, kind)
                 async with contextlib.aclosing(gen):
                     async for out in gen:
                         queue.put_nowait((i, out))
@@ -186,15 +233,15 @@ class Serving:
             finally:
                 queue.put_nowait((i, done))
 
-        tasks = [asyncio.create_task(pump(i, eid, p)) for i, (eid, p) in enumerate(samples)]
+        tasks = [asyncio.create_task(pump(i, sample)) for i, sample in enumerate(samples)]
         try:
             # Let every pump take its first step (which queues its sample in the engine), then repeat an
             # Abort that came between admission and that point: the engine drops an abort of an id it
             # has not seen yet, so without this the samples would run to the end.
             await asyncio.sleep(0)
             if entry.aborted:
-                for eid, _ in samples:
-                    await self.engine.abort(eid)
+                for sample in samples:
+                    await self.engine.abort(sample.request_id)
             remaining = len(tasks)
             while remaining:
                 i, item = await queue.get()
@@ -211,6 +258,7 @@ class Serving:
 
     async def abort(self, request_ids) -> int:
         """Abort by client request id (every sample); returns how many were running."""
+        self.limits.check("max_abort_ids", len(request_ids))
         ids = list(request_ids)
         running = [rid for rid in ids if rid in self.registry.active]
         for rid in running:
@@ -242,11 +290,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 async def abort_rpc(context: grpc.aio.ServicerContext, exc: BaseException, what: str) -> None:
     code, message = status_for(exc)
+    # Messages quote client values (each already cut by `shown`); this bounds whatever else got in.
+    message = shown(message, MAX_MESSAGE_CHARS, quote=False)
     if code is grpc.StatusCode.INTERNAL:
         logger.error("%s failed", what, exc_info=exc)
     else:
         logger.info("%s refused: %s %s", what, code.name, message)
     await context.abort(code, message)
+
 
 
 def optional(msg, field: str, default=None):

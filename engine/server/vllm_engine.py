@@ -23,7 +23,10 @@ from pathlib import Path
 import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
+from ..llm_engine import ProcessedRequest
+from ..safe_text import shown
 from ..sampling_params import SamplingParams
+from .limits import RequestLimits
 from .serving import Serving, abort_rpc, optional, top_logprobs
 
 logger = logging.getLogger(__name__)
@@ -40,8 +43,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "added_tokens.json")
 
 
-def sampling_params_from_proto(sp: pb.SamplingParams) -> tuple[SamplingParams, int]:
+def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = RequestLimits()
+                               ) -> tuple[SamplingParams, int]:
     """(engine SamplingParams, n) with vLLM's reading of unset proto3 fields; ValueError names the field."""
+    limits.check_sampling(sp)
     unsupported = sp.WhichOneof("constraint")
     if unsupported:
         raise ValueError(f"sampling_params.{unsupported} is not supported: moelink has no structured outputs yet.")
@@ -79,11 +84,11 @@ def sampling_params_from_proto(sp: pb.SamplingParams) -> tuple[SamplingParams, i
     return params, sp.n or 1
 
 
-def truncate(ids: list[int], sp: pb.SamplingParams, max_model_len: int) -> list[int]:
+def kept_tokens(sp: pb.SamplingParams, max_model_len: int) -> int | None:
+    """How many prompt tokens truncate_prompt_tokens keeps (the last ones); None: no truncation."""
     if not sp.HasField("truncate_prompt_tokens"):
-        return ids
-    keep = max_model_len - 1 if sp.truncate_prompt_tokens == -1 else sp.truncate_prompt_tokens
-    return ids[-keep:]
+        return None
+    return max_model_len - 1 if sp.truncate_prompt_tokens == -1 else sp.truncate_prompt_tokens
 
 
 def output_logprobs(token_ids, logprobs, num_top) -> pb.OutputLogProbs | None:
@@ -114,7 +119,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         self.s = serving
         self._tokenizer_zip: bytes | None = None
 
-    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+    async def _prepare(self, rid: str, request: pb.GenerateRequest, params: SamplingParams) -> ProcessedRequest:
         for field in ("mm_inputs", "media_refs"):
             if request.HasField(field):
                 raise ValueError(f"{field} is not supported: this model takes text only.")
@@ -123,21 +128,21 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         if request.HasField("kv_transfer_params_json") or request.HasField("kv_transfer_params"):
             raise ValueError("kv_transfer_params is not supported: moelink does not do prefill/decode disaggregation.")
         which = request.WhichOneof("input")
-        sp = request.sampling_params
+        keep = kept_tokens(request.sampling_params, self.s.max_model_len)
         if which == "tokenized":
-            ids = truncate(list(request.tokenized.input_ids), sp, self.s.max_model_len)
-            return self.s.check_prompt_ids(ids, "tokenized.input_ids")
+            return await self.s.prepare(rid, request.tokenized.input_ids, params, "tokenized.input_ids", keep)
         if which == "text":
-            ids = truncate(self.s.encode(request.text, "text"), sp, self.s.max_model_len)
-            return self.s.check_prompt_ids(ids, "text")
+            return await self.s.prepare(rid, request.text, params, "text", keep)
         raise ValueError("input is missing: set tokenized.input_ids (or text).")
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         try:
             rid = self.s.request_id(request.request_id)
-            ids = self._prompt_ids(request)
-            params, n = sampling_params_from_proto(request.sampling_params)
-            stream = self.s.run(rid, ids, params, n)
+            # The cheap checks first: a refused request never costs a tokenization.
+            params, n = sampling_params_from_proto(request.sampling_params, self.s.limits)
+            processed = await self._prepare(rid, request, params)
+            ids = processed.prompt_token_ids
+            stream = self.s.run(rid, processed, n=n)
             # Non-streaming: everything per index, sent once in the GenerateComplete.
             all_ids: list[list[int]] = [[] for _ in range(n)]
             all_lps: list[list] = [[] for _ in range(n)]
@@ -165,7 +170,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         except (grpc.aio.AbortError, GeneratorExit):
             raise
         except Exception as exc:
-            await abort_rpc(context, exc, f"VllmEngine.Generate {request.request_id!r}")
+            await abort_rpc(context, exc, f"VllmEngine.Generate {shown(request.request_id)}")
 
     @staticmethod
     def _complete(out, comp, index, out_ids, num_generated, num_prompt, lps) -> pb.GenerateComplete:
@@ -186,7 +191,10 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         return pb.HealthCheckResponse(healthy=True, message="healthy")
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        await self.s.abort(request.request_ids)
+        try:
+            await self.s.abort(request.request_ids)
+        except ValueError as exc:
+            await abort_rpc(context, exc, "VllmEngine.Abort")
         return pb.AbortResponse()
 
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:

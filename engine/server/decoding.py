@@ -1,0 +1,255 @@
+"""Decoding requests: undecodable ones get INVALID_ARGUMENT, large ones give their memory back.
+
+grpc parses a request with the method's deserializer before any handler
+runs; when that raises (corrupt bytes, a string field that is not UTF-8),
+grpc answers UNKNOWN ("Unexpected error"), which tells a client nothing and
+reads like a server fault. This interceptor wraps every method's deserializer
+so a parse failure becomes a marker object, and the method's behaviour answers
+INVALID_ARGUMENT for it, on every service.
+
+A Generate request that its wire form alone proves too large (sampling_params
+beyond anything the limits allow, a text prompt longer than can fit) is
+refused the same way, before it is parsed: parsing 5 M stop_token_ids takes
+40 ms of the event loop, a 16 MB prompt's parse and str 6 to 35 ms.
+
+The deserializer also sees each request's size. A large one (a 16 MB prompt)
+passes through several 16 MB buffers on several threads; glibc keeps such
+freed memory in its per-thread arenas, so RSS would rise by a few hundred MB
+and stay. After a large request, `malloc_trim` hands it back (once a second
+at most, on a timer thread, after the request is gone).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import inspect
+import logging
+import threading
+
+import grpc
+
+from ..safe_text import shown
+from .limits import RequestLimits
+
+logger = logging.getLogger(__name__)
+
+LARGE_REQUEST_BYTES = 1 << 20  # after one this large, memory is given back
+PRECHECK_MIN_BYTES = 4096  # smaller requests parse in microseconds: not worth a scan
+_TRIM_DELAY_S = 1.0
+
+
+class _Trimmer:
+    """Calls glibc's malloc_trim(0) a little after it is asked, coalescing requests; a no-op elsewhere."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending = False
+        try:
+            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            self._trim = None
+
+    def soon(self) -> None:
+        if self._trim is None:
+            return
+        with self._lock:
+            if self._pending:
+                return
+            self._pending = True
+        timer = threading.Timer(_TRIM_DELAY_S, self._run)
+        timer.daemon = True
+        timer.start()
+
+    def _run(self) -> None:
+        with self._lock:
+            self._pending = False
+        self._trim(0)  # ctypes releases the GIL meanwhile
+
+
+class _Refused:
+    """What the deserializer returns instead of a request it refuses; `message` is the INVALID_ARGUMENT text."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+_SCAN_FIELDS = 64  # a request has a dozen top-level fields; a scan stops after this many
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]  # IndexError past the end: the scan stops
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def scan(data: bytes | memoryview) -> tuple[list[tuple[int, int, int]], bool]:
+    """The fields of a serialized message, read from the wire without parsing it: (number, offset, size) of
+    each length-delimited field (size 0 for the others) among the first _SCAN_FIELDS, and whether that was
+    all of them. O(fields scanned), whatever the message's size."""
+    fields, pos = [], 0
+    try:
+        for _ in range(_SCAN_FIELDS):
+            if pos >= len(data):
+                return fields, True
+            key, pos = _varint(data, pos)
+            wire, size, start = key & 7, 0, pos
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            elif wire == 2:
+                size, start = _varint(data, pos)
+                size = min(size, len(data) - start)
+                pos = start + size
+            else:
+                return fields, False  # groups, or not protobuf: the parser says what is wrong
+            fields.append((key >> 3, start, size))
+    except IndexError:
+        return fields, False
+    return fields, pos >= len(data)
+
+
+def field_bytes(data: bytes, number: int) -> int:
+    """Bytes of top-level field `number`, summed over its occurrences (protobuf merges repeated occurrences
+    of a message field): a lower bound of what the parser would build, even from a partial scan."""
+    return sum(size for n, _, size in scan(data)[0] if n == number)
+
+
+class _GenerateCheck:
+    """What a Generate request's wire form alone proves too large, refused before it is parsed (the parse
+    and the text's str are most of what a hostile request would cost the event loop):
+    - sampling_params larger than any within the limits (5 M stop_token_ids: a 40 ms parse);
+    - a text prompt of more bytes than can fit max_model_len (Serving.text_refusal), unless the request asks
+      for truncation (VllmEngine's truncate_prompt_tokens, inside sampling_params)."""
+
+    def __init__(self, pb, text_field: str, truncate_field: str | None, limits: RequestLimits, text_refusal):
+        fields = pb.GenerateRequest.DESCRIPTOR.fields_by_name
+        self.sp = fields["sampling_params"].number
+        self.text, self.text_name = fields[text_field].number, text_field
+        self.inputs = {f.number for f in fields[text_field].containing_oneof.fields}
+        self.truncate = None if truncate_field is None else \
+            pb.SamplingParams.DESCRIPTOR.fields_by_name[truncate_field].number
+        self.limits, self.sp_limit, self.text_refusal = limits, limits.max_sampling_params_bytes(), text_refusal
+
+    def __call__(self, data: bytes) -> str | None:
+        fields, complete = scan(data)
+        sp = [(start, size) for n, start, size in fields if n == self.sp]
+        sp_bytes = sum(size for _, size in sp)
+        if sp_bytes > self.sp_limit:
+            lim = self.limits
+            return (f"sampling_params is {sp_bytes} bytes: no request within this server's limits needs more than "
+                    f"{self.sp_limit} ({lim.max_stop_strings} stop strings of {lim.max_stop_string_chars} "
+                    f"characters, {lim.max_stop_token_ids} stop_token_ids: --max-stop-strings, "
+                    "--max-stop-string-chars, --max-stop-token-ids).")
+        # The last field of the input oneof wins; only a complete scan knows which is last.
+        inputs = [(n, size) for n, _, size in fields if n in self.inputs]
+        if not complete or not inputs or inputs[-1][0] != self.text:
+            return None
+        if self.truncate is not None:
+            view = memoryview(data)
+            for start, size in sp:
+                sub, sub_complete = scan(view[start:start + size])
+                if not sub_complete or any(n == self.truncate for n, _, _ in sub):
+                    return None  # the tail of a long text may be asked for
+        return self.text_refusal(self.text_name, inputs[-1][1])
+
+
+def _safe(deserialize, method: str, trimmer: _Trimmer, precheck):
+    def parse(data: bytes):
+        if len(data) >= LARGE_REQUEST_BYTES:
+            trimmer.soon()
+        refusal = precheck(data) if precheck is not None and len(data) > PRECHECK_MIN_BYTES else None
+        if refusal is not None:
+            return _Refused(refusal)
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or whatever a deserializer raises on bad bytes
+            return _Refused(f"the request to {method} could not be decoded ({shown(str(exc), quote=False)}): "
+                                "it must be a valid protobuf message whose string fields are valid UTF-8.")
+
+    return parse
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, trimmer: _Trimmer, precheck) -> grpc.RpcMethodHandler:
+    behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+    async def refuse(context, bad):
+        logger.info("%s refused: INVALID_ARGUMENT %s", method, bad.message)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+    if handler.request_streaming:
+        async def requests(iterator, context):
+            async for request in iterator:
+                if isinstance(request, _Refused):
+                    await refuse(context, request)
+                yield request
+
+        if inspect.isasyncgenfunction(behaviour):
+            async def wrapped(iterator, context):
+                async for response in behaviour(requests(iterator, context), context):
+                    yield response
+        else:
+            async def wrapped(iterator, context):
+                return await behaviour(requests(iterator, context), context)
+    elif inspect.isasyncgenfunction(behaviour):
+        async def wrapped(request, context):
+            if isinstance(request, _Refused):
+                await refuse(context, request)
+            async for response in behaviour(request, context):
+                yield response
+    else:
+        async def wrapped(request, context):
+            if isinstance(request, _Refused):
+                await refuse(context, request)
+            return await behaviour(request, context)
+
+    kwargs = dict(request_deserializer=_safe(handler.request_deserializer, method, trimmer, precheck),
+                  response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(wrapped, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(wrapped, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(wrapped, **kwargs)
+
+
+class DecodingInterceptor(grpc.aio.ServerInterceptor):
+    """INVALID_ARGUMENT (not UNKNOWN) for a request its method cannot parse, or that its wire form shows too
+    large to accept; memory given back after large requests."""
+
+    def __init__(self, limits: RequestLimits, text_refusal=lambda field, num_bytes: None):
+        """`text_refusal(field, num_bytes)`: why a text prompt of that many bytes cannot fit, or None."""
+        from smg_grpc_proto.generated import vllm_engine_pb2
+
+        from .gen import moelink_v1_pb2
+
+        self._trimmer = _Trimmer()
+        self._prechecks = {
+            f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/Generate":
+                _GenerateCheck(pb, text, truncate, limits, text_refusal)
+            for pb, service, text, truncate in ((moelink_v1_pb2, "Generation", "prompt", None),
+                                                (vllm_engine_pb2, "VllmEngine", "text", "truncate_prompt_tokens"))}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # per method, made once
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
+            return handler  # a synchronous handler (none of ours): left as grpc runs it
+        wrapped = _wrap(handler, method, self._trimmer, self._prechecks.get(method))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped

@@ -1,0 +1,153 @@
+"""What one request may ask for: the per-request limits both gRPC services enforce, and README's table of them.
+
+Every list a client sends costs work per entry (validation, per-token stop
+checks on the engine thread, per-sample copies), so each has a cap, checked on
+the list's length before any entry is looked at. `RequestLimits` holds the
+caps (each a `moelink serve` flag); `bad_input_table()` renders README's "bad
+input" table from the same objects the code checks against, and a test keeps
+README equal to it (`python -m moelink.engine.server.limits` prints it).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+
+from ..safe_text import MAX_SHOWN_CHARS
+
+
+def _limit(default: int, proto_field: str, unit: str, help: str):
+    return field(default=default, metadata=dict(proto_field=proto_field, unit=unit, help=help))
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps on one request's lists and strings (each is the `--max-...` flag of the same name)."""
+
+    max_request_id_chars: int = _limit(256, "request_id", "characters", "longest request_id")
+    max_n: int = _limit(64, "sampling_params.n", "samples", "most samples (n) per request")
+    max_stop_strings: int = _limit(32, "sampling_params.stop", "strings", "most stop strings per request")
+    max_stop_string_chars: int = _limit(256, "sampling_params.stop[i]", "characters", "longest stop string")
+    max_stop_token_ids: int = _limit(1024, "sampling_params.stop_token_ids", "ids", "most stop token ids per request")
+    max_abort_ids: int = _limit(1024, "AbortRequest.request_ids", "ids", "most request ids in one Abort")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f.name}={v!r} is invalid: must be a positive integer.")
+
+    def check(self, name: str, count: int, what: str | None = None) -> None:
+        """ValueError when `count` (a length) is over the limit `name`; `what` names the field if not the usual."""
+        limit = getattr(self, name)
+        if count > limit:
+            meta = self.__dataclass_fields__[name].metadata
+            raise ValueError(f"{what or meta['proto_field']} has {count} {meta['unit']}: at most {limit} are allowed "
+                             f"(--{name.replace('_', '-')}).")
+
+    def check_sampling(self, sp) -> None:
+        """The list fields of either service's SamplingParams message, by length only (O(1) per field)."""
+        self.check("max_stop_strings", len(sp.stop))
+        self.check("max_stop_token_ids", len(sp.stop_token_ids))
+        for i, s in enumerate(sp.stop):
+            self.check("max_stop_string_chars", len(s), f"sampling_params.stop[{i}]")
+
+    def max_sampling_params_bytes(self) -> int:
+        """No SamplingParams message within these limits is larger, on either service: a stop string is at most
+        4 bytes a character plus 6 of tag and length, a stop id at most 11 (tag and a 10-byte varint, unpacked),
+        and 64 KiB is room for every other field. A larger one is refused before it is parsed."""
+        return self.max_stop_strings * (4 * self.max_stop_string_chars + 6) + 11 * self.max_stop_token_ids + (64 << 10)
+
+    def check_n(self, n: int) -> None:
+        if not 1 <= n <= self.max_n:
+            raise ValueError(f"sampling_params.n={n} is invalid: must be in [1, {self.max_n}] (--max-n).")
+
+
+# -- flags ------------------------------------------------------------------------
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    d = RequestLimits()
+    for f in fields(RequestLimits):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=getattr(d, f.name),
+                       help=f"{f.metadata['help']} (INVALID_ARGUMENT beyond it; default %(default)s)")
+
+
+def limits_from(ns: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(**{f.name: getattr(ns, f.name) for f in fields(RequestLimits) if hasattr(ns, f.name)})
+
+
+# -- README's table -------------------------------------------------------------
+def bad_input_table(limits: RequestLimits | None = None) -> str:
+    """Markdown: field -> limit -> status, from the limits the servers enforce."""
+    from ..sampling_params import FLOAT_RANGES, MAX_LOGPROBS
+    from .config import DEFAULT_MAX_MESSAGE_SIZE
+
+    lim = limits or RequestLimits()
+
+    def flag(name):
+        return f"`--{name.replace('_', '-')}`"
+
+    invalid = "INVALID_ARGUMENT"
+    rows = [
+        ("any request", f"at most {DEFAULT_MAX_MESSAGE_SIZE >> 20} MiB (`--max-message-size`)", "RESOURCE_EXHAUSTED"),
+        ("any request", "decodes as its protobuf message, every string valid UTF-8", invalid),
+        ("`request_id`", f"at most {lim.max_request_id_chars} characters ({flag('max_request_id_chars')})", invalid),
+        ("`prompt` / `text`", "not empty; at most (max_model_len − 1) × B bytes, where B is the most bytes one "
+                              "token of the model's tokenizer can stand for (refused before tokenizing)", invalid),
+        ("`prompt_token_ids.ids` / `tokenized.input_ids`", "1 to max_model_len − 1 ids, each in [0, vocab_size)",
+         invalid),
+        ("`sampling_params`", f"at most {lim.max_sampling_params_bytes()} bytes, what the limits below allow "
+                              "(refused before parsing)", invalid),
+        ("`sampling_params.n`", f"1 to {lim.max_n} ({flag('max_n')})", invalid),
+        ("`sampling_params.stop`", f"at most {lim.max_stop_strings} strings ({flag('max_stop_strings')})", invalid),
+        ("`sampling_params.stop[i]`", f"1 to {lim.max_stop_string_chars} characters "
+                                      f"({flag('max_stop_string_chars')})", invalid),
+        ("`sampling_params.stop_token_ids`", f"at most {lim.max_stop_token_ids} ids "
+                                             f"({flag('max_stop_token_ids')}), each in [0, vocab_size)", invalid),
+    ]
+    rows += [(f"`sampling_params.{name}`", f"a finite number in {allowed}", invalid)
+             for name, allowed in FLOAT_RANGES.items()]
+    rows += [
+        ("`sampling_params.logprobs`", f"0 to {MAX_LOGPROBS}", invalid),
+        ("`AbortRequest.request_ids`", f"at most {lim.max_abort_ids} ids ({flag('max_abort_ids')})", invalid),
+        ("VllmEngine: `logit_bias`, structured outputs, `prompt_logprobs`, multimodal inputs", "not supported",
+         invalid),
+        ("requests waiting for their first token", "`--max-queued-requests`, `--max-queued-tokens` (default: no limit)",
+         "RESOURCE_EXHAUSTED"),
+    ]
+    lines = ["| field | limit | refused with |", "|---|---|---|"]
+    lines += [f"| {f} | {limit} | {status} |" for f, limit, status in rows]
+    lines.append("")
+    lines.append(f"Client values quoted in error messages and logs are cut to {MAX_SHOWN_CHARS} characters, "
+                 "with control characters escaped.")
+    return "\n".join(lines)
+
+
+BEGIN_MARK = "<!-- bad-input-table: generated by `python -m moelink.engine.server.limits --readme README.md`; " \
+             "a test keeps it equal -->"
+END_MARK = "<!-- /bad-input-table -->"
+
+
+def readme_table(readme: str) -> str | None:
+    """The table between README's markers, or None when they are missing."""
+    start, end = readme.find(BEGIN_MARK), readme.find(END_MARK)
+    return None if start < 0 or end < 0 else readme[start + len(BEGIN_MARK) + 1:end - 1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Print README's bad-input table, or rewrite it in place.")
+    p.add_argument("--readme", default=None, help="rewrite the table between the markers in this file")
+    ns = p.parse_args(argv)
+    if ns.readme is None:
+        print(bad_input_table())
+        return 0
+    with open(ns.readme) as f:
+        text = f.read()
+    old = readme_table(text)
+    if old is None:
+        raise SystemExit(f"{ns.readme} has no {BEGIN_MARK} ... {END_MARK} section")
+    with open(ns.readme, "w") as f:
+        f.write(text.replace(f"{BEGIN_MARK}\n{old}\n{END_MARK}", f"{BEGIN_MARK}\n{bad_input_table()}\n{END_MARK}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
