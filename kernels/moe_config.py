@@ -127,6 +127,19 @@ def get_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int, de
     return _pick(key, buckets, num_tokens, top_k, num_experts)
 
 
+def default_config(num_experts: int, inter: int, num_tokens: int, top_k: int) -> MoEConfig:
+    """The config a GPU with no tuned file for this shape gets (default.json): tune_moe's first seed."""
+    key, buckets = load_config_file(str(CONFIG_DIR / "default.json"))
+    return _pick(key, buckets, num_tokens, top_k, num_experts)
+
+
+def tuned_file_name_ok(name: str) -> bool:
+    """A tuned config file name as get_moe_config looks it up: `E=<int>,N=<int>,device_name=<GPU>.json`, no path."""
+    import re
+
+    return re.fullmatch(r"E=\d+,N=\d+,device_name=[A-Za-z0-9._-]+\.json", name) is not None
+
+
 def write_config_file(path: str | Path, configs: dict[int, MoEConfig], meta: dict | None = None) -> None:
     """Token-keyed file as tune_moe.py writes it: one bucket per line, so diffs stay readable."""
     lines = [f'    "{b}": {json.dumps(c.to_dict())}' for b, c in sorted(configs.items())]
