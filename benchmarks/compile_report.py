@@ -429,8 +429,11 @@ def notes(rep: dict) -> list[str]:
     top = max(ks, key=lambda k: k.get("registers", 0))
     out.append(f"- Most registers: {top['name']} {_cfg(top['constexprs'])} with {top.get('registers')} per thread "
                f"(of 255) at {top['num_warps']} warps.")
-    out.append("- The device runs the Triton in its image (3.6 in the first session); this report is regenerated with "
-               "whatever Triton is installed, and records its version above.")
+    out.append(f"- Compiled with Triton {rep['triton']}. The script uses the Triton that is installed; the GPU image has "
+               "Triton 3.6 (first session), which installs beside the CPU machines' one with `pip install --no-deps "
+               "--target /tmp/triton36 triton==3.6.0` and runs with `PYTHONPATH=/tmp/triton36` first.")
+    out.append("- compile s is one cold compile on a 2-core CPU machine (TTIR to cubin, no launcher): the per-class "
+               "maxima are what benchmarks/gpu_session.sh budgets each compile at.")
     return out
 
 

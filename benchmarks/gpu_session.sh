@@ -282,10 +282,10 @@ setup() {  # what every step but preflight/plan/unpack needs: the import working
     use_shim  # never install into this machine's environment from a smoke run
     IMPORT_MODE=shim
   elif [[ $MODE == run ]]; then
-    preflight 1 >"$STATE/preflight.txt" 2>&1
+    decide_import 1 >"$STATE/import.txt" 2>&1  # (the full checks are the preflight step's: ~12 Python starts)
   fi
   if [[ $MODE != dry-run ]] && ! "$PY" -c "import moelink.kernels.moe_config" 2>/dev/null; then
-    say "cannot import moelink.kernels.moe_config (import mode: $IMPORT_MODE); see $STATE/preflight.txt" >&2
+    say "cannot import moelink.kernels.moe_config (import mode: $IMPORT_MODE); run the preflight step" >&2
     exit 2
   fi
   [[ $MODE == run ]] && say "import: $IMPORT_MODE; Triton cache: $TRITON_CACHE_DIR"
@@ -379,9 +379,17 @@ step_tune() {
     shape=smoke
   else
     check_shape "$shape"
-    cmd "tune_moe_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- \
-      "$PY" -m moelink.benchmarks.tune_moe --shapes "$shape" ${tokens:+--tokens "$tokens"} --budget-s "$TUNE_BUDGET_S" \
-      --out-dir "$stage"
+    local log="$OUT/tune_moe_${DEV}_${shape}.txt"
+    if [[ $MODE == dry-run ]]; then
+      cmd "tune_moe_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- \
+        "$PY" -m moelink.benchmarks.tune_moe --shapes "$shape" ${tokens:+--tokens "$tokens"} --budget-s "$TUNE_BUDGET_S" \
+        --out-dir "$stage"
+    else  # its log is also a file: the device tool returns only the tail of a command's output
+      cmd "tune_moe_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- \
+        bash -c 'set -o pipefail; "$@" 2>&1 | tee "'"$log"'"' _ \
+        "$PY" -m moelink.benchmarks.tune_moe --shapes "$shape" ${tokens:+--tokens "$tokens"} --budget-s "$TUNE_BUDGET_S" \
+        --out-dir "$stage"
+    fi
   fi
   [[ $MODE == dry-run ]] && return 0
   local tarball="$OUT/tuned_configs_${DEV}_${shape}.tar.gz"

@@ -23,6 +23,8 @@ Data flow (same math as `reference_fused_moe`):
      after the GEMM (bf16/fp16 pay one cast). Summation order varies between
      runs (last-bit differences). benchmarks/moe_kernels.py measures both.
 All accumulation is fp32 whatever the input dtype (fp32, bf16, fp16).
+The pair count is not specialised on (`do_not_specialize`): decode batches of odd and even sizes share
+one compiled kernel per config (T*K % 16 would otherwise split them), so a new batch size never compiles.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def _grouped_pids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, expert_ids_ptr,
                    num_pairs, num_rows, inter, hidden, top_k,
                    stride_xt, stride_we, stride_wf, stride_wd, stride_hr,
@@ -92,7 +94,7 @@ def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, expert_ids_ptr,
     tl.store(h_ptrs, cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr,
                      num_pairs, num_rows, hidden, inter, top_k,
                      stride_hr, stride_we, stride_wd, stride_wi, stride_yr,
@@ -136,7 +138,7 @@ def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_p
         tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_sum_kernel(y_ptr, ids_ptr, map_ptr, out_ptr, num_pairs, num_ids, hidden, top_k, stride_yr, stride_ot,
                     BLOCK_D: tl.constexpr, HAS_MAP: tl.constexpr, INTERPRET: tl.constexpr):
     # Pairs that no local expert computed were never written: skip them, do not read them.

@@ -134,8 +134,6 @@ def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
     assert set(printed) == set(itertools.product(moe_kernels.SMOKE_SHAPES, moe_kernels.SMOKE_TOKENS)), stdout
 
     space = tune_moe.SPACES["smoke"]
-    candidates = set(tune_moe.gemm_candidates(space))
-    assert len(candidates) >= 2
     paths = set()
     for name, (E, K, D, I) in moe_kernels.SMOKE_SHAPES.items():
         path = out_dir / moe_config.config_file_name(E, I, "cpu")
@@ -155,10 +153,15 @@ def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
             ms, cfg = printed[(name, T)]
             assert positive(ms)
             assert tuned[T].to_dict() == cfg
-            # Each GEMM's config is the starting one (interpreter.json) or one of the searched candidates.
-            base = moe_config.get_moe_config(E, I, T, K, CPU)
-            assert tuned[T].BLOCK_SIZE_M in tune_moe.block_m_candidates(T, K, E)
-            assert tuned[T].up in candidates | {base.up} and tuned[T].down in candidates | {base.down}
+            # The written config is a seed (current config, default.json) or one searched axis value away
+            # from one, for each GEMM: every field is a seed's value or one of the space's values.
+            seeds = [c for _, c in tune_moe.seeds_for((E, K, D, I), T, CPU)]
+            got = tuned[T]
+            assert got.BLOCK_SIZE_M in {s.BLOCK_SIZE_M for s in seeds} | set(tune_moe.block_m_candidates(T, K, E, space))
+            for part in ("up", "down"):
+                for axis in tune_moe.GEMM_AXES:
+                    allowed = {getattr(getattr(s, part), axis) for s in seeds} | set(space[axis])
+                    assert getattr(getattr(got, part), axis) in allowed, (name, T, part, axis)
     assert set(out_dir.iterdir()) == paths
 
     # The engine's lookup finds them: a GPU named "Smoke_GPU" with these files picks the nearest bucket.
