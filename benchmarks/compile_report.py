@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -112,7 +113,7 @@ class Recorder:
 # -- what gets compiled ----------------------------------------------------------------------------------------------------
 def moe_cases(published: bool, quick: bool):
     """(label, shape name, (E, K, D, I), T, MoEConfig, dtype, map?, combine) for every config moelink or the tuner uses."""
-    from moelink.kernels.moe_config import CONFIG_DIR, load_config_file
+    from moelink.kernels.moe_config import CONFIG_DIR, MoEConfig, load_config_file
 
     key, default = load_config_file(str(CONFIG_DIR / "default.json"))
     assert key == "rows_per_expert"
@@ -120,6 +121,9 @@ def moe_cases(published: bool, quick: bool):
         for bucket, cfg in default:
             T = max(1, -(-bucket * E // K))  # the fewest tokens that reach this rows-per-expert bucket
             yield f"default.json[{bucket}]", name, (E, K, D, I), T, cfg, torch.bfloat16, False, "sum"
+            # The same config with the fused gate-up tile (FUSED_GATE_UP), which tune_moe tries as one axis.
+            fused = MoEConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, FUSED_GATE_UP=True), cfg.down)
+            yield f"default.json[{bucket}] fused gate-up", name, (E, K, D, I), T, fused, torch.bfloat16, False, "sum"
             if quick:
                 break
     for path in sorted(CONFIG_DIR.glob("E=*,N=*,device_name=*.json")):
@@ -236,6 +240,7 @@ def analyze(kernel, workdir: Path, ptxas: str | None, cuobjdump: str | None) -> 
     d = dict(name=name, num_warps=md.num_warps, num_stages=md.num_stages, shared=md.shared,
              target=f"sm_{md.target.arch}", ptx_wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
              ptx_mma_sync=len(re.findall(r"\bmma\.sync", ptx)), ptx_tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+             wgmma_n=max(map(int, re.findall(r"wgmma\.mma_async\.sync\.aligned\.m\d+n(\d+)k", ptx)), default=0),
              ptx_cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)))
     cub = workdir / f"{kernel.hash}.cubin"
     cub.write_bytes(cubin)
@@ -313,7 +318,7 @@ def summarize(rep: dict) -> dict:
 
 def _cfg(c: dict) -> str:
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
-    return "x".join(str(c.get(k, "-")) for k in keys)
+    return "x".join(str(c.get(k, "-")) for k in keys) + (" fused" if c.get("FUSED") else "")
 
 
 def markdown(rep: dict) -> str:
@@ -340,15 +345,16 @@ def markdown(rep: dict) -> str:
     ]
     lines += rep.get("notes", [])
     lines += ["", "## MoE GEMM kernels", "",
-              "| kernel | BM x BN x BK x GROUP | warps | stages | shared KB | regs | spill st/ld B | local B | tensor cores | HGMMA / HMMA | TMA | compile s | configs (shape T source) |",
-              "|---|---|---:|---:|---:|---:|---|---:|---|---|---|---:|---|"]
+              "| kernel | BM x BN x BK x GROUP | warps | stages | shared KB | regs | spill st/ld B | local B | tensor cores | wgmma N | HGMMA / HMMA | TMA | compile s | configs (shape T source) |",
+              "|---|---|---:|---:|---:|---:|---|---:|---|---:|---|---|---:|---|"]
     gemm = sorted((k for k in rep["kernels"] if k["name"] in GEMM_KERNELS),
                   key=lambda k: (k["name"], [k["constexprs"].get(x, 0) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]))
     for k in gemm:
         cases = "; ".join(k["cases"][:4]) + (f"; +{len(k['cases']) - 4} more" if len(k["cases"]) > 4 else "")
         lines.append(f"| {k['name']} | {_cfg(k['constexprs'])} | {k['num_warps']} | {k['num_stages']} | "
                      f"{k['shared'] / 1024:.0f} | {k.get('registers', '?')} | {k.get('spill_stores', '?')}/{k.get('spill_loads', '?')} | "
-                     f"{k.get('local', '?')} | {k['tensor_cores']} | {k.get('sass_hgmma', '?')} / {k.get('sass_hmma', '?')} | "
+                     f"{k.get('local', '?')} | {k['tensor_cores']} | {k['wgmma_n'] or '-'} | "
+                     f"{k.get('sass_hgmma', '?')} / {k.get('sass_hmma', '?')} | "
                      f"{'yes' if k['tma'] else 'no'} | {k['compile_s']:.1f} | {cases} |")
     lines += ["", "## Other kernels", "",
               "| kernel | constexprs | warps | stages | shared KB | regs | spill st/ld B | local B | tensor cores | compile s | cases |",
@@ -414,6 +420,21 @@ def notes(rep: dict) -> list[str]:
     big = sorted({bm(k) for k in gemm if k["tensor_cores"] == "wgmma"})
     out.append(f"- wgmma needs 64 rows per warpgroup: the GEMMs use it at BLOCK_M {big or 'none'} and fall back to "
                f"mma.sync (HMMA, still tensor cores) at BLOCK_M {small or 'none'} (the decode-size buckets).")
+    fused = [k for k in ks if k["name"] == "_moe_up_kernel" and k["constexprs"].get("FUSED") and k["wgmma_n"]]
+    if fused:
+        pairs = []
+        for f in fused:
+            twin = [k for k in ks if k["name"] == "_moe_up_kernel" and not k["constexprs"].get("FUSED")
+                    and {x: k["constexprs"].get(x) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+                    == {x: f["constexprs"].get(x) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+                    and k["num_warps"] == f["num_warps"] and k["num_stages"] == f["num_stages"] and k["wgmma_n"]]
+            if twin:
+                pairs.append(f"{_cfg(f['constexprs'])}/{f['num_warps']}w: N {twin[0]['wgmma_n']} -> {f['wgmma_n']}, "
+                             f"HGMMA {twin[0].get('sass_hgmma')} -> {f.get('sass_hgmma')}, regs {twin[0].get('registers')} -> "
+                             f"{f.get('registers')}")
+        out.append("- FUSED_GATE_UP (one interleaved gate|up tile, one dot): the wgmma is twice as wide with half the "
+                   "instructions, no spills (" + "; ".join(sorted(set(pairs))[:4]) + "). Opt-in per config: "
+                   "tune_moe tries it as one axis, so it is kept only where it measures faster.")
     fp32 = [k for k in ks if k["name"] in GEMM_KERNELS and k["tensor_cores"] == "none"]
     if fp32:
         out.append(f"- {len(fp32)} GEMM specialisations without tensor cores are the fp32-activation variants "

@@ -8,7 +8,8 @@ Per shape and token count (a "bucket"):
    use with no tuned file (default.json), and published tuned configs for the same shape (PUBLISHED
    below, translated to this kernel). Each is timed; the fastest is "the seed".
 2. A coordinate search from the seed over a pruned space: one axis at a time (BLOCK_SIZE_M, then each
-   GEMM's BLOCK_N, BLOCK_K, GROUP_M, warps, stages), each other value of that axis tried, the first that
+   GEMM's BLOCK_N, BLOCK_K, GROUP_M, warps, stages, and the gate-up GEMM's FUSED_GATE_UP: one interleaved
+   gate|up tile and one dot of twice the width), each other value of that axis tried, the first that
    is faster by more than NOISE kept; up to `passes` sweeps while anything improves. Candidates that cannot
    fit (shared memory of the pipeline, accumulator registers per thread, blocks wider than the matrix)
    are pruned before they are compiled. A candidate that fails for any reason (compile error, out of
@@ -46,14 +47,16 @@ from .moe_kernels import (SHAPES, SMOKE_SHAPES, SMOKE_TOKENS, TOKENS, Timer, mak
                           run_meta)
 
 GEMM_AXES = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+UP_AXES = ("FUSED_GATE_UP",)  # the gate-up GEMM's alone (one interleaved tile and one dot: moe_config)
 # Values tried per axis. The search moves one axis at a time from the seed, so the cost is the sum of the
 # axes' lengths per sweep (about 2 x 14 + 3 candidates), not their product.
 SPACES = {
     "quick": dict(BLOCK_SIZE_M=(16, 32, 64, 128), BLOCK_SIZE_N=(32, 64, 128, 256), BLOCK_SIZE_K=(32, 64, 128, 256),
-                  GROUP_SIZE_M=(1, 8, 16, 32), num_warps=(4, 8), num_stages=(2, 3, 4, 5), passes=1),
+                  GROUP_SIZE_M=(1, 8, 16, 32), num_warps=(4, 8), num_stages=(2, 3, 4, 5), FUSED_GATE_UP=(False, True),
+                  passes=1),
     "full": dict(BLOCK_SIZE_M=(16, 32, 64, 128, 256), BLOCK_SIZE_N=(16, 32, 64, 128, 256),
                  BLOCK_SIZE_K=(32, 64, 128, 256), GROUP_SIZE_M=(1, 4, 8, 16, 32, 64), num_warps=(2, 4, 8),
-                 num_stages=(2, 3, 4, 5, 6), passes=3),
+                 num_stages=(2, 3, 4, 5, 6), FUSED_GATE_UP=(False, True), passes=3),
     # CPU interpreter: one axis per GEMM (an empty axis is never moved), one confirmation round; blocks no
     # smaller than interpreter.json's, as the interpreter's cost grows with the number of programs.
     "smoke": dict(BLOCK_SIZE_M=(16,), BLOCK_SIZE_N=(32, 64), BLOCK_SIZE_K=(), GROUP_SIZE_M=(), num_warps=(),
@@ -140,8 +143,8 @@ def neighbours(cfg, space, bms):
             yield replace(cfg, BLOCK_SIZE_M=bm)
     for part in ("up", "down"):
         g = getattr(cfg, part)
-        for axis in GEMM_AXES:
-            for v in space[axis]:
+        for axis in GEMM_AXES + (UP_AXES if part == "up" else ()):
+            for v in space.get(axis, ()):
                 if v != getattr(g, axis):
                     yield replace(cfg, **{part: replace(g, **{axis: v})})
 
