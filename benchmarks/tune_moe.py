@@ -1,28 +1,39 @@
 """Tune the Triton MoE launch configs on this GPU and write them as JSON (kernels/configs/).
 
     python -m moelink.benchmarks.tune_moe [--shapes qwen3-30b-a3b,...] [--tokens 1,16,...]
-        [--space quick|full] [--budget-s 540] [--out-dir kernels/configs]
+        [--space quick|full] [--budget-s 480] [--out-dir kernels/configs] [--merge-from DIR]
 
-For every shape and token count: for each BLOCK_SIZE_M that fits the rows per
-expert, a coordinate search, first over the gate-up GEMM's (BLOCK_N, BLOCK_K,
-GROUP_M, warps, stages) with the down GEMM at its default, then over the down
-GEMM's with the best gate-up; each candidate timed end to end (the whole fused
-MoE, median of CUDA-event times, L2 flushed, rotating inputs). Candidates that
-do not compile (shared memory) are skipped. The best per token count goes to
-`E={E},N={I},device_name={GPU}.json`, merged into the file that is there, and
-written after every token count, so a run cut short by --budget-s keeps what
-it finished. moelink.kernels.moe_config reads these files.
+Per shape and token count (a "bucket"):
+1. Seeds: the config moelink uses now for this bucket (a tuned file's, if there is one), the one it would
+   use with no tuned file (default.json), and published tuned configs for the same shape (PUBLISHED
+   below, translated to this kernel). Each is timed; the fastest is "the seed".
+2. A coordinate search from the seed over a pruned space: one axis at a time (BLOCK_SIZE_M, then each
+   GEMM's BLOCK_N, BLOCK_K, GROUP_M, warps, stages, and the gate-up GEMM's FUSED_GATE_UP: one interleaved
+   gate|up tile and one dot of twice the width), each other value of that axis tried, the first that
+   is faster by more than NOISE kept; up to `passes` sweeps while anything improves. Candidates that cannot
+   fit (shared memory of the pipeline, accumulator registers per thread, blocks wider than the matrix)
+   are pruned before they are compiled. A candidate that fails for any reason (compile error, out of
+   resources, a launch error, a wrong result against the per-expert loop) is skipped and the reason
+   printed; a CUDA fault that poisons the context stops the run.
+3. The search's best and the seed are re-timed head to head (CONFIRM_ROUNDS interleaved rounds); the search's
+   best is written only if it is faster there too, else the seed is written: a bucket never gets a config
+   slower than the seed.
+Each bucket gets an equal share of what is left of --budget-s, so a slow bucket cannot starve the later
+ones; the file is rewritten after every bucket, so a run cut short keeps what it finished. Timing is the
+whole fused MoE, median of CUDA-event times, L2 flushed, inputs rotated (moe_kernels.Timer).
 
-`--cpu-smoke` tunes the tiny shapes of moe_kernels.py on CPU (Triton
-interpreter) over a two-candidate space, one timed iteration each, into
-`--out-dir` (default: a new temporary directory, never kernels/configs): it
-checks this script only. Every candidate's output is checked against the
-per-expert loop before it is timed; a wrong one is skipped and said so.
+Output: `E={E},N={I},device_name={GPU}.json` in --out-dir (default kernels/configs), merged into the file
+there, or, when --out-dir has none, into the same-named file in --merge-from (default: kernels/configs), so
+a staging directory (benchmarks/gpu_session.sh tune) still keeps the buckets it did not re-tune. The file
+records per bucket the seed, its time and the tuned time ("tuning"). moelink.kernels.moe_config reads it.
+
+`--cpu-smoke` tunes the tiny shapes of moe_kernels.py on CPU (Triton interpreter) over a tiny space, one
+timed iteration each, into `--out-dir` (default: a new temporary directory, never kernels/configs): it
+checks this script only.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import tempfile
@@ -35,34 +46,118 @@ import torch
 from .moe_kernels import (SHAPES, SMOKE_SHAPES, SMOKE_TOKENS, TOKENS, Timer, make_inputs, per_expert_loop, require_cuda,
                           run_meta)
 
+GEMM_AXES = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+UP_AXES = ("FUSED_GATE_UP",)  # the gate-up GEMM's alone (one interleaved tile and one dot: moe_config)
+# Values tried per axis. The search moves one axis at a time from the seed, so the cost is the sum of the
+# axes' lengths per sweep (about 2 x 14 + 3 candidates), not their product.
 SPACES = {
-    "quick": dict(BLOCK_SIZE_N=(64, 128), BLOCK_SIZE_K=(64, 128), GROUP_SIZE_M=(1, 16), num_warps=(4, 8), num_stages=(3, 4)),
-    "full": dict(BLOCK_SIZE_N=(32, 64, 128, 256), BLOCK_SIZE_K=(32, 64, 128, 256), GROUP_SIZE_M=(1, 8, 16, 32),
-                 num_warps=(4, 8), num_stages=(2, 3, 4, 5)),
-    # Two candidates per GEMM, blocks no smaller than interpreter.json's: the interpreter's cost grows with programs.
-    "smoke": dict(BLOCK_SIZE_N=(32, 64), BLOCK_SIZE_K=(32,), GROUP_SIZE_M=(1,), num_warps=(4,), num_stages=(2,)),
+    "quick": dict(BLOCK_SIZE_M=(16, 32, 64, 128), BLOCK_SIZE_N=(32, 64, 128, 256), BLOCK_SIZE_K=(32, 64, 128, 256),
+                  GROUP_SIZE_M=(1, 8, 16, 32), num_warps=(4, 8), num_stages=(2, 3, 4, 5), FUSED_GATE_UP=(False, True),
+                  passes=1),
+    "full": dict(BLOCK_SIZE_M=(16, 32, 64, 128, 256), BLOCK_SIZE_N=(16, 32, 64, 128, 256),
+                 BLOCK_SIZE_K=(32, 64, 128, 256), GROUP_SIZE_M=(1, 4, 8, 16, 32, 64), num_warps=(2, 4, 8),
+                 num_stages=(2, 3, 4, 5, 6), FUSED_GATE_UP=(False, True), passes=3),
+    # CPU interpreter: one axis per GEMM (an empty axis is never moved), one confirmation round; blocks no
+    # smaller than interpreter.json's, as the interpreter's cost grows with the number of programs.
+    "smoke": dict(BLOCK_SIZE_M=(16,), BLOCK_SIZE_N=(32, 64), BLOCK_SIZE_K=(), GROUP_SIZE_M=(), num_warps=(),
+                  num_stages=(), passes=1, confirm_rounds=1),
 }
 ITERS, SMOKE_ITERS = 10, 1
+NOISE = 0.01  # a candidate must beat the current best by more than this fraction to replace it
+CONFIRM_ROUNDS = 3
+SMEM_LIMIT = 200 * 1024  # of sm_90's 227 KB per block: headroom for the epilogue and barriers
+MAX_ACC_REGS = 128  # fp32 accumulator registers per thread above which the GEMM spills (255 in all)
+
+# Published tuned configs, as data: vLLM's fused_moe tuned configs for NVIDIA_H100_80GB_HBM3, bf16
+# (vllm/model_executor/layers/fused_moe/configs/, read 2026-11-22), token bucket ->
+# (BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, num_warps, num_stages); the buckets near TOKENS.
+# - "vllm E=128,N=768": Qwen3-30B-A3B's expert shape at TP 1 (this repository's qwen3-30b-a3b exactly).
+# - "vllm E=8,N=7168": Mixtral-8x7B at TP 2 (intermediate 7168): the nearest published bf16 H100 config for 8
+#   experts of hidden 4096 (vLLM publishes E=8,N=14336 for H100 in fp8 only).
+# No bf16 H100 config is published for DeepSeek-V3's E=256, I=2048: it is seeded from default.json and its
+# current tuned file.
+PUBLISHED = {
+    "vllm E=128,N=768": dict(E=128, I=768, D=2048, configs={
+        1: (16, 32, 64, 1, 4, 4), 16: (16, 32, 256, 64, 4, 2), 64: (16, 256, 128, 1, 8, 3),
+        256: (32, 256, 128, 1, 8, 3), 1024: (64, 256, 64, 1, 8, 5), 4096: (128, 256, 64, 1, 8, 4)}),
+    "vllm E=8,N=7168": dict(E=8, I=14336, D=4096, configs={
+        1: (16, 64, 128, 64, 4, 4), 16: (16, 128, 128, 1, 4, 4), 64: (32, 128, 128, 1, 4, 4),
+        256: (64, 128, 128, 64, 4, 4), 1024: (128, 256, 64, 16, 8, 4), 4096: (128, 256, 64, 16, 8, 4)}),
+}
 
 
-def block_m_candidates(tokens: int, top_k: int, num_experts: int) -> list[int]:
-    """M blocks worth trying: up to ~2x the average rows per expert (more is padding), at least 16."""
+class CudaFault(RuntimeError):
+    """A CUDA error that leaves the context unusable: nothing after it can be measured."""
+
+
+def from_vllm(bm, bn, bk, group, warps, stages):
+    """vLLM's one config for both GEMMs -> this kernel's. vLLM's first GEMM computes the [M, 2I] gate|up
+    product with BLOCK_N columns per program; ours keeps gate and up accumulators of BLOCK_N each (2*BLOCK_N
+    columns), so the same tile width is BLOCK_N/2 here. The down GEMM is the same GEMM as vLLM's."""
+    from moelink.kernels.moe_config import GemmConfig, MoEConfig
+
+    return MoEConfig(bm, GemmConfig(max(16, bn // 2), bk, group, warps, stages), GemmConfig(bn, bk, group, warps, stages))
+
+
+def published_seeds(E: int, I: int, D: int, tokens: int | None = None, all_buckets: bool = False):
+    """[(bucket, MoEConfig, source)] published for this expert shape: the bucket nearest `tokens`, or all of them."""
+    out = []
+    for src, p in PUBLISHED.items():
+        if (p["E"], p["I"], p["D"]) != (E, I, D):
+            continue
+        buckets = sorted(p["configs"])
+        if not all_buckets:
+            buckets = [min(buckets, key=lambda b: (abs(b - tokens), b))]
+        out += [(b, from_vllm(*p["configs"][b]), src) for b in buckets]
+    return out
+
+
+# -- pruning -----------------------------------------------------------------------------------------------------------
+def feasible(cfg, D: int, I: int, elem: int = 2) -> str | None:
+    """Why `cfg` cannot be a good config for this shape (None: try it). Cheap, before any compile."""
+    bm = cfg.BLOCK_SIZE_M
+    for part, g, n, k in (("up", cfg.up, I, D), ("down", cfg.down, D, I)):
+        cols = 2 * g.BLOCK_SIZE_N if part == "up" else g.BLOCK_SIZE_N  # the up GEMM keeps two accumulators
+        smem = max(1, g.num_stages - 1) * (bm * g.BLOCK_SIZE_K + cols * g.BLOCK_SIZE_K) * elem
+        if smem > SMEM_LIMIT:
+            return f"{part}: {smem // 1024} KB of pipelined shared memory > {SMEM_LIMIT // 1024} KB"
+        acc = bm * cols // (32 * g.num_warps)
+        if acc > MAX_ACC_REGS:
+            return f"{part}: {acc} fp32 accumulator registers per thread > {MAX_ACC_REGS}"
+        if g.BLOCK_SIZE_N > max(16, 1 << (n - 1).bit_length()) or g.BLOCK_SIZE_K > max(16, 1 << (k - 1).bit_length()):
+            return f"{part}: block {g.BLOCK_SIZE_N}x{g.BLOCK_SIZE_K} wider than the {n}x{k} GEMM"
+    return None
+
+
+def block_m_candidates(tokens: int, top_k: int, num_experts: int, space=None) -> list[int]:
+    """M blocks worth trying: up to ~2x the average rows per expert (more is padding), at least the smallest."""
+    values = (space or SPACES["quick"])["BLOCK_SIZE_M"]
     rows = tokens * top_k / num_experts
-    cands = [bm for bm in (16, 32, 64, 128) if bm <= max(16, 2 * rows)]
-    return cands[-2:]
+    return [bm for bm in values if bm <= max(values[0], 2 * rows)]
 
 
-def gemm_candidates(space: dict):
-    from moelink.kernels.moe_config import GemmConfig
+def neighbours(cfg, space, bms):
+    """Every config one axis away from cfg (BLOCK_SIZE_M among `bms`, each GEMM axis among the space's values)."""
+    for bm in bms:
+        if bm != cfg.BLOCK_SIZE_M:
+            yield replace(cfg, BLOCK_SIZE_M=bm)
+    for part in ("up", "down"):
+        g = getattr(cfg, part)
+        for axis in GEMM_AXES + (UP_AXES if part == "up" else ()):
+            for v in space.get(axis, ()):
+                if v != getattr(g, axis):
+                    yield replace(cfg, **{part: replace(g, **{axis: v})})
 
-    keys = list(space)
-    for vals in itertools.product(*(space[k] for k in keys)):
-        yield GemmConfig(**dict(zip(keys, vals)))
+
+# -- timing ------------------------------------------------------------------------------------------------------------
+def _is_cuda_fault(e: BaseException) -> bool:
+    msg = str(e)
+    return type(e).__name__ == "AcceleratorError" or "CUDA error" in msg or "illegal memory access" in msg
 
 
 def time_config(cfg, sets, timer, iters, want=None) -> float:
-    """Median seconds of `cfg`; inf if it does not compile or (with `want`, the per-expert loop's output
-    on sets[0]) computes something else: a fast wrong config must never be written."""
+    """Median seconds of `cfg`; inf if it fails for any reason or (with `want`, the per-expert loop's output on
+    sets[0]) computes something else: a fast wrong config must never be written. The reason is printed."""
     from moelink.kernels.triton_moe import triton_fused_moe
 
     fn = lambda x, w13, w2, tw, ti: triton_fused_moe(x, w13, w2, tw, ti, config=cfg)  # noqa: E731
@@ -73,38 +168,95 @@ def time_config(cfg, sets, timer, iters, want=None) -> float:
                 print(f"  skipped {json.dumps(cfg.to_dict())}: relative error {err:.3g} against the per-expert loop")
                 return float("inf")
         return timer(fn, sets, iters=iters, warmup=1)
-    except Exception as e:  # noqa: BLE001 - triton raises several kinds (OutOfResources, CompilationError)
-        if "out of resource" in str(e).lower() or "OutOfResources" in type(e).__name__ or "Compilation" in type(e).__name__:
-            return float("inf")
-        raise
+    except Exception as e:  # noqa: BLE001 - any failure skips the candidate (compile errors come in many types)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if _is_cuda_fault(e):
+            raise CudaFault(f"{type(e).__name__}: {first} (config {json.dumps(cfg.to_dict())})") from e
+        print(f"  skipped {json.dumps(cfg.to_dict())}: {type(e).__name__}: {first}")
+        return float("inf")
 
 
-def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline):
-    from moelink.kernels.moe_config import MoEConfig, get_moe_config
+def confirm(best, best_t, seed, seed_t, sets, timer, iters, rounds=CONFIRM_ROUNDS):
+    """Head-to-head re-timing of the search's best against the seed, interleaved; returns (config, seconds, seconds
+    of the seed): the seed unless the best is faster in the median of `rounds` rounds."""
+    if best == seed:
+        return seed, seed_t, seed_t
+    tb, ts = [], []
+    for _ in range(rounds):
+        ts.append(time_config(seed, sets, timer, iters))
+        tb.append(time_config(best, sets, timer, iters))
+    tb.sort(), ts.sort()
+    mb, ms = tb[len(tb) // 2], ts[len(ts) // 2]
+    return (best, mb, ms) if mb < ms else (seed, ms, ms)
 
+
+def seeds_for(shape, T, device):
+    """[(label, MoEConfig)], duplicates removed, in order: current, default.json, published."""
+    from moelink.kernels.moe_config import default_config, get_moe_config
+
+    E, K, D, I = shape
+    out = [("current", get_moe_config(E, I, T, K, device)), ("default.json", default_config(E, I, T, K))]
+    out += [(f"{src}[{b}]", cfg) for b, cfg, src in published_seeds(E, I, D, T)]
+    seen, uniq = set(), []
+    for label, cfg in out:
+        if cfg not in seen:
+            seen.add(cfg)
+            uniq.append((label, cfg))
+    return uniq
+
+
+def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=print):
+    """(best MoEConfig, its seconds, info dict) or (None, inf, info) when nothing could be timed in time."""
     E, K, D, I = shape
     gen = torch.Generator(device=device).manual_seed(T)
     # Rotating inputs keeps them out of a GPU's L2; the CPU interpreter has no cache to defeat (and a call costs ~0.2 s).
     sets = make_inputs(E, K, D, I, T, dtype, device, gen, n_sets=2 if device.type == "cuda" else 1)
-    base = get_moe_config(E, I, T, K, device)
     want = per_expert_loop(*sets[0]).float()
-    best, best_t = None, float("inf")
-    for bm in block_m_candidates(T, K, E):
-        if time.monotonic() > deadline:  # else a bucket past the budget would be "tuned" to the default config
+    info = dict(tried=0, pruned=0, failed=0)
+    seen: dict = {}
+
+    def measure(cfg) -> float:
+        if cfg not in seen:
+            seen[cfg] = time_config(cfg, sets, timer, iters, want)
+            info["tried"] += 1
+            info["failed"] += seen[cfg] == float("inf")
+        return seen[cfg]
+
+    seed, seed_t, seed_label = None, float("inf"), None
+    for label, cfg in seeds_for(shape, T, device):
+        if time.monotonic() > deadline:
             break
-        cur = MoEConfig(bm, base.up, base.down)
-        cur_t = time_config(cur, sets, timer, iters, want)
-        for part in ("up", "down"):
-            for g in gemm_candidates(space):
-                if time.monotonic() > deadline:
-                    break
-                cand = replace(cur, **{part: g})
-                t = time_config(cand, sets, timer, iters, want)
-                if t < cur_t:
-                    cur, cur_t = cand, t
-        if cur_t < best_t:
-            best, best_t = cur, cur_t
-    return best, best_t
+        t = measure(cfg)
+        log(f"  seed {label}: {t * 1e3:.3f} ms {json.dumps(cfg.to_dict())}")
+        if t < seed_t:
+            seed, seed_t, seed_label = cfg, t, label
+    if seed is None:
+        return None, float("inf"), info
+    cur, cur_t = seed, seed_t
+    bms = block_m_candidates(T, K, E, space)
+    for _ in range(space.get("passes", 1)):
+        improved = False
+        for cand in neighbours(cur, space, bms):
+            if time.monotonic() > deadline:
+                break
+            if cand in seen:
+                continue
+            # (a seed can break a rule, e.g. default.json's 64-wide blocks on a 32-wide smoke GEMM: then its
+            # neighbours are not held to the rules it breaks)
+            why = feasible(cand, D, I, dtype.itemsize)
+            if why and feasible(cur, D, I, dtype.itemsize) is None:
+                info["pruned"] += 1
+                continue
+            t = measure(cand)
+            if t < cur_t * (1 - NOISE):
+                cur, cur_t, improved = cand, t, True
+        if not improved or time.monotonic() > deadline:
+            break
+    best, best_t, seed_t2 = confirm(cur, cur_t, seed, seed_t, sets, timer, iters,
+                                    space.get("confirm_rounds", CONFIRM_ROUNDS))
+    info.update(seed=seed_label, seed_config=seed.to_dict(), seed_ms=round(seed_t2 * 1e3, 4),
+                tuned_ms=round(best_t * 1e3, 4), kept_seed=best == seed)
+    return best, best_t, info
 
 
 def main(argv=None) -> dict[str, dict]:
@@ -113,11 +265,13 @@ def main(argv=None) -> dict[str, dict]:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list of token-count buckets")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--space", default="quick", choices=sorted(SPACES), help="search space per GEMM")
+    ap.add_argument("--space", default="quick", choices=sorted(SPACES), help="values per axis and sweeps")
     ap.add_argument("--iters", type=int, default=None,
                     help=f"timed iterations per candidate (default {ITERS}, {SMOKE_ITERS} with --cpu-smoke)")
-    ap.add_argument("--budget-s", type=float, default=540.0, help="stop after this many seconds (results so far are kept)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop after this many seconds (results so far are kept)")
     ap.add_argument("--out-dir", default=None, help="where the JSON goes (default: the package's kernels/configs)")
+    ap.add_argument("--merge-from", default=None,
+                    help="where an existing file to merge into is read when --out-dir has none (default: kernels/configs)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
@@ -138,30 +292,49 @@ def main(argv=None) -> dict[str, dict]:
         out_dir = Path(tempfile.mkdtemp(prefix="moelink-tune-smoke-"))
     else:
         out_dir = CONFIG_DIR
+    merge_dir = Path(args.merge_from) if args.merge_from else CONFIG_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     iters = args.iters or (SMOKE_ITERS if args.cpu_smoke else ITERS)
     timer = Timer(device)
-    deadline = time.monotonic() + args.budget_s
+    end = time.monotonic() + args.budget_s
     meta = run_meta(device)
     tuned: dict[str, dict] = {}
+    n_left = len(shapes) * len(tokens)
     for name, (E, K, D, I) in shapes.items():
         path = out_dir / config_file_name(E, I, device_name(device))
-        found = load_config_file(str(path))
+        src = path if path.is_file() else merge_dir / path.name
+        found = load_config_file(str(src))
         configs = dict(found[1]) if found and found[0] == "tokens" else {}
+        tuning = json.loads(src.read_text()).get("tuning", {}) if found else {}
+        if found and src != path:
+            print(f"{name}: merging into {src}'s {len(configs)} buckets")
         for T in tokens:
-            best, t = tune_bucket((E, K, D, I), T, dtype, device, timer, space, iters, deadline)
-            if best is None:  # past the deadline, or every candidate failed to compile or gave wrong results
+            now = time.monotonic()
+            deadline = now + max(0.0, end - now) / n_left  # an equal share of what is left
+            n_left -= 1
+            if now > end:
+                print(f"{name} T={T}: out of time budget, not tuned")
+                continue
+            best, t, info = tune_bucket((E, K, D, I), T, dtype, device, timer, space, iters, deadline)
+            if best is None:
                 why = ("out of time budget" if time.monotonic() > deadline
                        else "no candidate config compiled and gave correct results")
                 print(f"{name} T={T}: {why}, not tuned")
                 continue
             configs[T] = best
+            tuning[str(T)] = dict(seed=info["seed"], seed_ms=info["seed_ms"], tuned_ms=info["tuned_ms"],
+                                  tried=info["tried"], failed=info["failed"], pruned=info["pruned"])
             write_config_file(path, configs, meta=dict(shape=dict(model=name, E=E, top_k=K, D=D, I=I), dtype=args.dtype,
-                                                       tuned_on=meta["device"], date=meta["date"], commit=meta["commit"]))
+                                                       tuned_on=meta["device"], date=meta["date"], commit=meta["commit"],
+                                                       triton=meta["triton"],
+                                                       tuning={k: tuning[k] for k in sorted(tuning, key=int)}))
             tuned.setdefault(str(path), {})[T] = best
-            cut = " (search cut short by --budget-s: best found so far)" if time.monotonic() > deadline else ""
-            print(f"{name} T={T}: {t * 1e3:.3f} ms with {json.dumps(best.to_dict())}{cut}", flush=True)
+            cut = " (search cut short by its share of --budget-s: best found so far)" if time.monotonic() > deadline else ""
+            kept = "the seed, nothing beat it" if info["kept_seed"] else f"{info['seed_ms'] / info['tuned_ms']:.3f}x the seed"
+            print(f"  {name} T={T}: seed {info['seed']} {info['seed_ms']:.3f} ms; {info['tried']} timed, "
+                  f"{info['failed']} failed, {info['pruned']} pruned; kept {kept}{cut}")
+            print(f"{name} T={T}: {t * 1e3:.3f} ms with {json.dumps(best.to_dict())}", flush=True)
         print(f"wrote {path}" if str(path) in tuned else f"{name}: nothing tuned, {path} left as it was")
     return tuned
 

@@ -97,7 +97,7 @@ def _chunk_histogram(ids_ptr, map_ptr, chunk, num_pairs, num_ids, CHUNK: tl.cons
     return hist_X
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _align_count_kernel(ids_ptr, map_ptr, counts_CX_ptr, num_pairs, num_ids,
                         CHUNK: tl.constexpr, SUB: tl.constexpr, X: tl.constexpr, HAS_MAP: tl.constexpr):
     c = tl.program_id(0)
@@ -105,7 +105,8 @@ def _align_count_kernel(ids_ptr, map_ptr, counts_CX_ptr, num_pairs, num_ids,
     tl.store(counts_CX_ptr + c * X + tl.arange(0, X), hist_X)
 
 
-@triton.jit
+# Sizes that change with the batch are not specialised on, so a new decode batch size rarely compiles.
+@triton.jit(do_not_specialize=["num_pairs", "num_chunks", "num_blocks"])
 def _align_scatter_kernel(ids_ptr, map_ptr, counts_CX_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr,
                           num_pairs, num_ids, num_chunks, num_blocks,
                           BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, X: tl.constexpr,

@@ -12,18 +12,22 @@ Files in kernels/configs/:
 A config is {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M",
 "num_warps", "num_stages"} for the gate-up GEMM, with an optional "down" dict
 overriding all but BLOCK_SIZE_M for the down GEMM (the alignment fixes one M block).
+Optional "FUSED_GATE_UP": true makes the gate-up GEMM load one [BLOCK_K, 2*BLOCK_N]
+tile (gate and up rows of w13 interleaved) and issue one dot of N = 2*BLOCK_N
+instead of two of BLOCK_N (kernels/triton_moe.py); the down GEMM ignores it.
 """
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _GEMM_KEYS = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+_FLAG_KEYS = ("FUSED_GATE_UP",)
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,14 @@ class GemmConfig:
     GROUP_SIZE_M: int
     num_warps: int
     num_stages: int
+    FUSED_GATE_UP: bool = False  # gate-up GEMM only: one interleaved [BK, 2*BN] tile and one dot
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in _FLAG_KEYS:  # written only when set, so files without the flags stay as they were
+            if not d[k]:
+                del d[k]
+        return d
 
 
 @dataclass(frozen=True)
@@ -53,18 +65,23 @@ class MoEConfig:
             for k in ("BLOCK_SIZE_N", "BLOCK_SIZE_K"):
                 if vals[k] < 16 or vals[k] & (vals[k] - 1):
                     raise ValueError(f"{where}: {k}={vals[k]} is invalid: must be a power of two >= 16 (tl.dot tiles).")
+            for k in _FLAG_KEYS:
+                v = src.get(k, fallback.get(k, False))
+                if not isinstance(v, bool):
+                    raise ValueError(f"{where}: {k}={v!r} is invalid: must be true or false.")
+                vals[k] = v
             return GemmConfig(**vals)
 
         bm = d.get("BLOCK_SIZE_M")
         if not isinstance(bm, int) or bm < 16 or bm & (bm - 1):
             raise ValueError(f"{where}: BLOCK_SIZE_M={bm!r} is invalid: must be a power of two >= 16.")
         up = gemm(d, {})
-        return cls(bm, up, gemm(d.get("down", {}), asdict(up)))
+        return cls(bm, up, replace(gemm(d.get("down", {}), asdict(up)), FUSED_GATE_UP=False))  # (up GEMM only)
 
     def to_dict(self) -> dict:
-        d = {"BLOCK_SIZE_M": self.BLOCK_SIZE_M, **asdict(self.up)}
-        if self.down != self.up:
-            d["down"] = asdict(self.down)
+        d = {"BLOCK_SIZE_M": self.BLOCK_SIZE_M, **self.up.to_dict()}
+        if self.down != replace(self.up, FUSED_GATE_UP=False):
+            d["down"] = self.down.to_dict()
         return d
 
 
@@ -125,6 +142,19 @@ def get_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int, de
             found = load_config_file(str(root / "default.json")) or load_config_file(str(CONFIG_DIR / "default.json"))
     key, buckets = found
     return _pick(key, buckets, num_tokens, top_k, num_experts)
+
+
+def default_config(num_experts: int, inter: int, num_tokens: int, top_k: int) -> MoEConfig:
+    """The config a GPU with no tuned file for this shape gets (default.json): tune_moe's first seed."""
+    key, buckets = load_config_file(str(CONFIG_DIR / "default.json"))
+    return _pick(key, buckets, num_tokens, top_k, num_experts)
+
+
+def tuned_file_name_ok(name: str) -> bool:
+    """A tuned config file name as get_moe_config looks it up: `E=<int>,N=<int>,device_name=<GPU>.json`, no path."""
+    import re
+
+    return re.fullmatch(r"E=\d+,N=\d+,device_name=[A-Za-z0-9._-]+\.json", name) is not None
 
 
 def write_config_file(path: str | Path, configs: dict[int, MoEConfig], meta: dict | None = None) -> None:

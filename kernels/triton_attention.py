@@ -302,8 +302,12 @@ def triton_paged_attention(
     Zp = 1
     if meta.max_query_len > 1:
         BLOCK_G = triton.next_power_of_2(G)
-        # Aim for ~64-row tiles (16 in the interpreter); at least 16 rows for tl.dot.
-        rows = 16 if flags["INTERPRET"] else 64
+        # Aim for ~64-row tiles (16 in the interpreter); at least 16 rows for tl.dot. fp32 dots are FMA loops,
+        # not tensor cores, and hold their operands in registers: 16-row tiles on 8 warps, the fp32 tile that
+        # compiles without spills for every head layout (64 rows on 4 warps spilled ~30 KB per thread on
+        # sm_90; benchmarks/results/compile_report_sm90.md).
+        fp32 = q_TNH.dtype == torch.float32
+        rows = 16 if flags["INTERPRET"] or fp32 else 64
         BLOCK_Q = max(1, rows // BLOCK_G, triton.cdiv(16, BLOCK_G))
         q_blocks = T // BLOCK_Q + S
         # Short chunks over long contexts (a prefix-cache hit plus a few new tokens, a chunk's tail) would
@@ -337,7 +341,7 @@ def triton_paged_attention(
             *common_args, out, part_o, part_lse, scale, S, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
             out.stride(0), out.stride(1), N, H, Zp, G=G, L=L, BLOCK_Q=BLOCK_Q, BLOCK_G=BLOCK_G, BLOCK_H=BLOCK_H,
             BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode and Zp == 1, SPLIT=Zp > 1,
-            num_warps=_warps(BLOCK_Q * BLOCK_G, BLOCK_H), **flags,
+            num_warps=8 if fp32 else _warps(BLOCK_Q * BLOCK_G, BLOCK_H), **flags,
         )
         if Zp > 1:  # every token's row of every head has split 0 written: merge them all
             _merge_splits_kernel[(T, N)](

@@ -23,6 +23,8 @@ Data flow (same math as `reference_fused_moe`):
      after the GEMM (bf16/fp16 pay one cast). Summation order varies between
      runs (last-bit differences). benchmarks/moe_kernels.py measures both.
 All accumulation is fp32 whatever the input dtype (fp32, bf16, fp16).
+The pair count is not specialised on (`do_not_specialize`): decode batches of odd and even sizes share
+one compiled kernel per config (T*K % 16 would otherwise split them), so a new batch size never compiles.
 """
 from __future__ import annotations
 
@@ -49,12 +51,12 @@ def _grouped_pids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, expert_ids_ptr,
                    num_pairs, num_rows, inter, hidden, top_k,
                    stride_xt, stride_we, stride_wf, stride_wd, stride_hr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                   EVEN_K: tl.constexpr, FUSED: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
     pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert = tl.load(expert_ids_ptr + pid_m)
     if expert < 0:
@@ -68,31 +70,53 @@ def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, expert_ids_ptr,
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok_m[:, None] * stride_xt + offs_k[None, :]
     w_ptr = w13_ptr + expert.to(tl.int64) * stride_we
-    g_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wf + offs_k[:, None] * stride_wd
-    u_ptrs = g_ptrs + inter * stride_wf
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-            bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < hidden - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = dot(a, bg, acc_g, INTERPRET, PREC)
-        acc_u = dot(a, bu, acc_u, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K * stride_wd
-        u_ptrs += BLOCK_K * stride_wd
+    if FUSED:
+        # One [BLOCK_K, 2*BLOCK_N] tile: column 2j is gate row n+j of w13, column 2j+1 up row I+n+j (each row
+        # contiguous along D, so the interleave costs nothing at load), and one dot of N = 2*BLOCK_N: a wider
+        # MMA (wgmma N up to 256) and one A operand in shared memory instead of two dots' worth.
+        offs_2n = tl.arange(0, 2 * BLOCK_N)
+        col_2n = pid_n * BLOCK_N + offs_2n // 2
+        col_ok = col_2n < inter
+        b_ptrs = w_ptr + (col_2n + (offs_2n % 2) * inter)[None, :].to(tl.int64) * stride_wf + offs_k[:, None] * stride_wd
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = offs_k < hidden - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = dot(a, b, acc, INTERPRET, PREC)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_wd
+        acc_g, acc_u = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    else:
+        g_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wf + offs_k[:, None] * stride_wd
+        u_ptrs = g_ptrs + inter * stride_wf
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+                bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = offs_k < hidden - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_g = dot(a, bg, acc_g, INTERPRET, PREC)
+            acc_u = dot(a, bu, acc_u, INTERPRET, PREC)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K * stride_wd
+            u_ptrs += BLOCK_K * stride_wd
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
     tl.store(h_ptrs, cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr,
                      num_pairs, num_rows, hidden, inter, top_k,
                      stride_hr, stride_we, stride_wd, stride_wi, stride_yr,
@@ -136,7 +160,7 @@ def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_p
         tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_sum_kernel(y_ptr, ids_ptr, map_ptr, out_ptr, num_pairs, num_ids, hidden, top_k, stride_yr, stride_ot,
                     BLOCK_D: tl.constexpr, HAS_MAP: tl.constexpr, INTERPRET: tl.constexpr):
     # Pairs that no local expert computed were never written: skip them, do not read them.
@@ -215,7 +239,8 @@ def triton_fused_moe(
         x_TD, w13_EFD, h_RI, sorted_R, expert_ids_B, P, R, I, D, K,
         x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), w13_EFD.stride(2), h_RI.stride(0),
         BLOCK_M=BM, BLOCK_N=up.BLOCK_SIZE_N, BLOCK_K=up.BLOCK_SIZE_K, GROUP_M=up.GROUP_SIZE_M,
-        EVEN_K=D % up.BLOCK_SIZE_K == 0, num_warps=up.num_warps, num_stages=up.num_stages, **flags,
+        EVEN_K=D % up.BLOCK_SIZE_K == 0, FUSED=up.FUSED_GATE_UP, num_warps=up.num_warps, num_stages=up.num_stages,
+        **flags,
     )
 
     down = cfg.down

@@ -66,8 +66,12 @@ WIDE = MoEConfig.from_dict({"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_
                             "down": {"BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 4, "num_warps": 4,
                                      "num_stages": 2}})
 
+FUSED = MoEConfig.from_dict({**SMALL.to_dict(), "FUSED_GATE_UP": True})  # one interleaved gate|up tile, one dot
+
 # (T, E local, G global, K, D, I, routing, config, combine)
 MOE_CASES = [
+    (13, 6, 6, 3, 48, 40, "rand", FUSED, "sum"),  # fused gate-up tile: masked K and N tails, I off the block
+    (23, 5, 12, 4, 40, 24, "map", FUSED, "atomic"),  # fused gate-up tile with remote experts, atomic combine
     (1, 4, 4, 2, 32, 16, "rand", SMALL, "sum"),  # decode, experts with zero tokens
     (13, 6, 6, 3, 48, 40, "rand", SMALL, "sum"),  # T, D, I all off the block sizes (masked K and N tails)
     (37, 5, 5, 1, 32, 32, "one", WIDE, "sum"),  # all tokens on one expert, separate down-GEMM config
@@ -176,6 +180,12 @@ def test_moe_config_files(tmp_path):
     assert moe_config._pick(dkey, dbuckets, 1, 8, 128).BLOCK_SIZE_M == 16  # 0.06 rows per expert
     assert moe_config._pick(dkey, dbuckets, 16384, 8, 128).BLOCK_SIZE_M == 128  # 1024 rows per expert
     for bad, field in (({"BLOCK_SIZE_M": 24}, "BLOCK_SIZE_M"), ({"BLOCK_SIZE_N": 8}, "BLOCK_SIZE_N"),
-                       ({"num_warps": 0}, "num_warps")):
+                       ({"num_warps": 0}, "num_warps"), ({"FUSED_GATE_UP": 1}, "FUSED_GATE_UP")):
         with pytest.raises(ValueError, match=field):
             MoEConfig.from_dict({**a.to_dict(), **bad})
+    # FUSED_GATE_UP: the gate-up GEMM's only; written only when set; round-trips with or without a down dict.
+    f = MoEConfig.from_dict({**a.to_dict(), "FUSED_GATE_UP": True})
+    assert f.up.FUSED_GATE_UP and not f.down.FUSED_GATE_UP and f.to_dict() == {**a.to_dict(), "FUSED_GATE_UP": True}
+    assert "FUSED_GATE_UP" not in a.to_dict() and MoEConfig.from_dict(f.to_dict()) == f
+    g = MoEConfig.from_dict({**b.to_dict(), "FUSED_GATE_UP": True})
+    assert g.up.FUSED_GATE_UP and not g.down.FUSED_GATE_UP and MoEConfig.from_dict(g.to_dict()) == g

@@ -1,0 +1,462 @@
+"""Offline sm_90 compile report: every Triton kernel in kernels/, at its default and tuned launch configs,
+compiled for Hopper on a machine without a GPU, with what the compiler made of it.
+
+    python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
+        [--no-published] [--only moe|attention|norm] [--quick]
+
+How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
+size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
+`JITFunction.run(..., warmup=True)`: the real specialisation (signature, constexprs, divisibility of
+pointers/strides/sizes) that a launch at that shape would compile, lowered by Triton through TTIR, TTGIR,
+LLVM IR and PTX to a cubin by the ptxas Triton ships (triton/backends/nvidia/bin). The wrappers run on
+meta tensors, so nothing executes and no memory is allocated. For every distinct compiled kernel:
+- registers and local memory per thread from the cubin (`cuobjdump -res-usage`, the shipped cuobjdump);
+- spill stores/loads and stack frame from `ptxas -v` on the same PTX (sm_90a);
+- shared memory Triton allocated (`metadata.shared`; the sm_90 limit per block is 227 KB);
+- tensor-core instructions: PTX `wgmma.mma_async` (Hopper warpgroup MMA; SASS HGMMA) or `mma.sync`
+  (SASS HMMA); TMA: PTX `cp.async.bulk.tensor` (SASS UTMALDG); cp.async (LDGSTS) pipelining; counted
+  from the SASS when cuobjdump can disassemble it, else from the PTX;
+- cold compile seconds (a fresh Triton cache per run unless --cache-dir): an upper bound for the
+  GPU machine's compile cost, which benchmarks/gpu_session.sh budgets from.
+
+Configs covered (MoE GEMMs): every bucket of kernels/configs/default.json at each model shape, every
+bucket of every tuned `E=..,N=..,device_name=...json` file at its own shape, and (unless --no-published)
+the published seed configs tune_moe.py starts from (benchmarks/tune_moe.py PUBLISHED). The other kernels
+(align, top-k sum, attention, KV write, RMSNorm, rotary) are compiled at the shapes the engine launches
+for the three models. Output: <out>.json (every kernel) and <out>.md (tables and notes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
+GEMM_KERNELS = ("_moe_up_kernel", "_moe_down_kernel")
+ATTN_DOT_KERNELS = ("_decode_kernel", "_prefill_kernel")
+MODEL_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336),
+                "deepseek-v3": (256, 8, 7168, 2048)}  # = moe_kernels.SHAPES (not imported: it pulls matplotlib paths)
+TARGET_NAME = "NVIDIA_H100_80GB_HBM3"
+
+
+# -- compiling without a GPU ---------------------------------------------------------------------------------------------
+class _StandInDriver:
+    """What JITFunction.run asks of a driver when it only compiles (warmup=True)."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+class Recorder:
+    """Turns every `kernel[grid](...)` into an ahead-of-time compile and keeps (case, kernel, seconds, constexprs)."""
+
+    def __init__(self):
+        self.case = ""
+        self.records: list[dict] = []
+
+    @contextmanager
+    def labelled(self, case: str):
+        old, self.case = self.case, case
+        try:
+            yield
+        finally:
+            self.case = old
+
+    def install(self, arch: int = 90) -> None:
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
+
+        driver.set_active(_StandInDriver(arch))
+        rec = self
+
+        def compile_instead_of_launch(self, grid):
+            def launch(*args, **kwargs):
+                t0 = time.perf_counter()
+                k = self.run(*args, grid=grid, warmup=True, **kwargs)
+                consts = {a: b for a, b in kwargs.items() if isinstance(b, (int, bool, str)) and a != "PREC"}
+                rec.records.append(dict(case=rec.case, kernel=k, seconds=time.perf_counter() - t0, constexprs=consts))
+            return launch
+
+        JITFunction.__getitem__ = compile_instead_of_launch
+        from moelink.kernels import moe_config, triton_common
+
+        triton_common.interpreting = lambda t: False
+        moe_config.device_name = lambda d: TARGET_NAME
+
+
+# -- what gets compiled ----------------------------------------------------------------------------------------------------
+def moe_cases(published: bool, quick: bool):
+    """(label, shape name, (E, K, D, I), T, MoEConfig, dtype, map?, combine) for every config moelink or the tuner uses."""
+    from moelink.kernels.moe_config import CONFIG_DIR, MoEConfig, load_config_file
+
+    key, default = load_config_file(str(CONFIG_DIR / "default.json"))
+    assert key == "rows_per_expert"
+    for name, (E, K, D, I) in MODEL_SHAPES.items():
+        for bucket, cfg in default:
+            T = max(1, -(-bucket * E // K))  # the fewest tokens that reach this rows-per-expert bucket
+            yield f"default.json[{bucket}]", name, (E, K, D, I), T, cfg, torch.bfloat16, False, "sum"
+            # The same config with the fused gate-up tile (FUSED_GATE_UP), which tune_moe tries as one axis.
+            fused = MoEConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, FUSED_GATE_UP=True), cfg.down)
+            yield f"default.json[{bucket}] fused gate-up", name, (E, K, D, I), T, fused, torch.bfloat16, False, "sum"
+            if quick:
+                break
+    for path in sorted(CONFIG_DIR.glob("E=*,N=*,device_name=*.json")):
+        m = re.match(r"E=(\d+),N=(\d+),device_name=(.+)\.json$", path.name)
+        E, I = int(m[1]), int(m[2])
+        shape = [(n, s) for n, s in MODEL_SHAPES.items() if (s[0], s[3]) == (E, I)]
+        if not shape:
+            continue
+        name, (E, K, D, I) = shape[0]
+        for bucket, cfg in load_config_file(str(path))[1]:
+            yield f"{path.name}[{bucket}]", name, (E, K, D, I), bucket, cfg, torch.bfloat16, False, "sum"
+    if published:
+        from moelink.benchmarks.tune_moe import published_seeds
+
+        for name, (E, K, D, I) in MODEL_SHAPES.items():
+            for T, cfg, src in published_seeds(E, I, D, all_buckets=True):
+                yield f"published {src}[{T}]", name, (E, K, D, I), T, cfg, torch.bfloat16, False, "sum"
+    # Variants the engine also launches: fp32/fp16 activations, an expert map (EP), atomic combine.
+    E, K, D, I = MODEL_SHAPES["qwen3-30b-a3b"]
+    for dt in (torch.float32, torch.float16):
+        yield f"variant {str(dt)[6:]}", "qwen3-30b-a3b", (E, K, D, I), 64, None, dt, False, "sum"
+    yield "variant expert map", "qwen3-30b-a3b", (E, K, D, I), 64, None, torch.bfloat16, True, "sum"
+    yield "variant atomic", "qwen3-30b-a3b", (E, K, D, I), 4096, None, torch.bfloat16, False, "atomic"
+
+
+def compile_moe(rec: Recorder, published: bool, quick: bool) -> None:
+    from moelink.kernels.triton_moe import triton_fused_moe
+
+    meta = dict(device="meta")
+    for label, name, (E, K, D, I), T, cfg, dt, emap, combine in moe_cases(published, quick):
+        with rec.labelled(f"{name} T={T} {label}"):
+            triton_fused_moe(torch.empty(T, D, dtype=dt, **meta), torch.empty(E, 2 * I, D, dtype=dt, **meta),
+                             torch.empty(E, D, I, dtype=dt, **meta), torch.empty(T, K, **meta),
+                             torch.empty(T, K, dtype=torch.long, **meta),
+                             torch.empty(E, dtype=torch.int32, **meta) if emap else None, config=cfg, combine=combine)
+
+
+def compile_attention(rec: Recorder, quick: bool) -> None:
+    from moelink.kernels.attention import AttentionMetadata
+    from moelink.kernels.triton_attention import triton_paged_attention, triton_write_kv
+
+    meta = dict(device="meta")
+    heads = [("qwen3 32/4", 32, 4, torch.bfloat16), ("mixtral 32/8", 32, 8, torch.bfloat16)]
+    if not quick:
+        heads += [("qwen3 32/4 fp32", 32, 4, torch.float32), ("16/16 fp16", 16, 16, torch.float16)]
+    for label, N, Kh, dt in heads:
+        H, L, S, T = 128, 16, 8, 40
+        i32 = lambda *s: torch.empty(*s, dtype=torch.int32, **meta)  # noqa: E731
+        q = torch.empty(T, N, H, dtype=dt, **meta)
+        cache = torch.empty(100, L, Kh, H, dtype=dt, **meta)
+        mixed = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(T, dtype=torch.long, **meta),
+                                  [1] * 7 + [33], [100] * 8, 33, 1000, 99)
+        decode = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(S, dtype=torch.long, **meta),
+                                   [1] * 8, [100] * 8, 1, 1000, 99)
+        with rec.labelled(f"{label} mixed batch, decode split 4"):
+            triton_paged_attention(q, cache, cache, mixed, 0.1, num_splits=4)
+        with rec.labelled(f"{label} mixed batch, prefill split 4"):
+            triton_paged_attention(q, cache, cache, mixed, 0.1, prefill_splits=4)
+        with rec.labelled(f"{label} decode, no split"):
+            triton_paged_attention(q[:S], cache, cache, decode, 0.1, num_splits=1)
+        with rec.labelled(f"{label} KV write"):
+            kv = torch.empty(T, Kh, H, dtype=dt, **meta)
+            triton_write_kv(kv, kv, cache, cache, torch.empty(T, dtype=torch.long, **meta))
+
+
+def compile_norm_rotary(rec: Recorder, quick: bool) -> None:
+    from moelink.kernels.triton_norm import triton_add_rms_norm, triton_rms_norm
+    from moelink.kernels.triton_rotary import triton_rotary
+
+    meta = dict(device="meta")
+    for dt in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32, torch.float16):
+        for D in (2048, 4096, 7168):
+            x = torch.empty(33, D, dtype=dt, **meta)
+            with rec.labelled(f"RMSNorm D={D} {str(dt)[6:]}"):
+                triton_rms_norm(x, torch.empty(D, dtype=dt, **meta), 1e-6)
+                triton_add_rms_norm(x, x, torch.empty(D, dtype=dt, **meta), 1e-6)
+        qkv = torch.empty(33, 40 * 128, dtype=dt, **meta)
+        q, k = qkv[:, :4096].view(33, 32, 128), qkv[:, 4096:4608].view(33, 4, 128)
+        with rec.labelled(f"q/k-norm + rotary, head dim 128 {str(dt)[6:]}"):
+            triton_rms_norm(q, torch.empty(128, dtype=dt, **meta), 1e-6)
+            triton_rotary(q, k, torch.empty(33, dtype=torch.long, **meta), torch.empty(100, 128, **meta))
+
+
+# -- what the compiler made of it ---------------------------------------------------------------------------------------
+def nvidia_bin(tool: str) -> str | None:
+    import triton
+
+    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
+    return str(p) if p.is_file() and os.access(p, os.X_OK) else shutil.which(tool)
+
+
+def triton_ptxas() -> str | None:
+    """The ptxas Triton itself runs for sm_90 (Triton 3.9 picks the newer ptxas-blackwell: its PTX is 9.x)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except Exception:  # noqa: BLE001 - older/newer Triton: fall back to the shipped binary
+        return nvidia_bin("ptxas")
+
+
+def tool_version(tool: str | None) -> str | None:
+    if not tool:
+        return None
+    out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"release ([\d.]+), V([\d.]+)", out)
+    return m[2] if m else out.strip().splitlines()[-1] if out.strip() else None
+
+
+def analyze(kernel, workdir: Path, ptxas: str | None, cuobjdump: str | None) -> dict:
+    md = kernel.metadata
+    ptx, cubin = kernel.asm["ptx"], kernel.asm["cubin"]
+    name = md.name
+    d = dict(name=name, num_warps=md.num_warps, num_stages=md.num_stages, shared=md.shared,
+             target=f"sm_{md.target.arch}", ptx_wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+             ptx_mma_sync=len(re.findall(r"\bmma\.sync", ptx)), ptx_tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+             wgmma_n=max(map(int, re.findall(r"wgmma\.mma_async\.sync\.aligned\.m\d+n(\d+)k", ptx)), default=0),
+             ptx_cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)))
+    cub = workdir / f"{kernel.hash}.cubin"
+    cub.write_bytes(cubin)
+    if cuobjdump:
+        res = subprocess.run([cuobjdump, "-res-usage", str(cub)], capture_output=True, text=True, timeout=60).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+        if m:
+            d.update(registers=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]))
+        sass = subprocess.run([cuobjdump, "-sass", str(cub)], capture_output=True, text=True, timeout=120).stdout
+        if sass:
+            d.update(sass_hgmma=len(re.findall(r"\bHGMMA\b", sass)), sass_hmma=len(re.findall(r"\bHMMA\b", sass)),
+                     sass_utmaldg=len(re.findall(r"\bUTMALDG\b", sass)), sass_ldgsts=len(re.findall(r"\bLDGSTS\b", sass)))
+    if ptxas:
+        p = workdir / f"{kernel.hash}.ptx"
+        p.write_text(ptx)
+        arch = "sm_90a" if ".target sm_90a" in ptx else f"sm_{md.target.arch}"
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", str(p), "-o", str(workdir / "x.cubin")],
+                             capture_output=True, text=True, timeout=300)
+        log = out.stdout + out.stderr
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        if m:
+            d.update(stack_frame=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+        m = re.search(r"Used (\d+) registers", log)
+        if m:
+            d["ptxas_registers"] = int(m[1])
+    d["tensor_cores"] = ("wgmma" if d.get("sass_hgmma", d["ptx_wgmma"]) else
+                         "mma.sync" if d.get("sass_hmma", d["ptx_mma_sync"]) else "none")
+    d["tma"] = bool(d.get("sass_utmaldg", d["ptx_tma"]))
+    return d
+
+
+def collect(published: bool = True, quick: bool = False, only: str | None = None) -> dict:
+    import triton
+
+    rec = Recorder()
+    rec.install(90)
+    if only in (None, "moe"):
+        compile_moe(rec, published, quick)
+    if only in (None, "attention"):
+        compile_attention(rec, quick)
+    if only in (None, "norm"):
+        compile_norm_rotary(rec, quick)
+    ptxas, cuobjdump = triton_ptxas(), nvidia_bin("cuobjdump")
+    kernels: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in rec.records:
+            k = r["kernel"]
+            entry = kernels.get(k.hash)
+            if entry is None:
+                entry = kernels[k.hash] = analyze(k, Path(tmp), ptxas, cuobjdump)
+                entry.update(hash=k.hash[:12], compile_s=round(r["seconds"], 3), constexprs=r["constexprs"], cases=[])
+            if r["case"] not in entry["cases"]:
+                entry["cases"].append(r["case"])
+    return dict(target="cuda sm_90 (GPUTarget('cuda', 90, 32): sm_90a PTX)", triton=triton.__version__,
+                torch=torch.__version__, ptxas=tool_version(ptxas), cuobjdump=tool_version(cuobjdump),
+                ptxas_path=ptxas, kernels=list(kernels.values()))
+
+
+# -- report ------------------------------------------------------------------------------------------------------------
+def summarize(rep: dict) -> dict:
+    ks = rep["kernels"]
+    spilled = [k for k in ks if k.get("spill_stores", 0) or k.get("spill_loads", 0) or k.get("local", 0)]
+    gemm = [k for k in ks if k["name"] in GEMM_KERNELS]
+    gemm_lowp = [k for k in gemm if k["constexprs"].get("PREC", "tf32") != "ieee" and "float32" not in " ".join(k["cases"])]
+    return dict(
+        kernels_compiled=len(ks), kernel_names=sorted({k["name"] for k in ks}), spilling=[k["hash"] for k in spilled],
+        over_smem_limit=[k["hash"] for k in ks if k["shared"] > H100_SMEM],
+        gemm_bf16_fp16=len(gemm_lowp), gemm_wgmma=sum(k["tensor_cores"] == "wgmma" for k in gemm_lowp),
+        gemm_mma_sync=sum(k["tensor_cores"] == "mma.sync" for k in gemm_lowp),
+        gemm_no_tensor_cores=[k["hash"] for k in gemm_lowp if k["tensor_cores"] == "none"],
+        tma=sum(k["tma"] for k in ks), max_registers=max((k.get("registers", 0) for k in ks), default=0),
+        compile_s_total=round(sum(k["compile_s"] for k in ks), 1),
+        compile_s_max={n: max(k["compile_s"] for k in ks if k["name"] == n) for n in sorted({k["name"] for k in ks})})
+
+
+def _cfg(c: dict) -> str:
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+    return "x".join(str(c.get(k, "-")) for k in keys) + (" fused" if c.get("FUSED") else "")
+
+
+def markdown(rep: dict) -> str:
+    s = rep["summary"]
+    lines = [
+        "# Offline sm_90 compile report (no GPU)",
+        "",
+        f"Generated by `python -m moelink.benchmarks.compile_report` on {rep['date']} at commit {rep['commit']}: "
+        f"Triton {rep['triton']}, torch {rep['torch']}, ptxas {rep['ptxas']}, cuobjdump {rep['cuobjdump']} (the ones "
+        f"Triton ships). Target {rep['target']}. Every launch the wrappers make at the model shapes is compiled "
+        "ahead of time on meta tensors (see the script's docstring); registers and local memory come from the cubin "
+        "(`cuobjdump -res-usage`), spills from `ptxas -v`, tensor-core and TMA instructions from the SASS.",
+        "",
+        f"- {s['kernels_compiled']} distinct compiled kernels ({', '.join(s['kernel_names'])}), "
+        f"{s['compile_s_total']} s of cold compiles on this CPU machine.",
+        f"- Spills: {'none (0 bytes spill stores/loads and 0 local memory in every kernel)' if not s['spilling'] else 'IN ' + ', '.join(s['spilling'])}.",
+        f"- Shared memory over the 227 KB sm_90 limit: {'none' if not s['over_smem_limit'] else ', '.join(s['over_smem_limit'])}.",
+        f"- MoE GEMM kernels (bf16/fp16): {s['gemm_bf16_fp16']} compiled, {s['gemm_wgmma']} use wgmma (SASS HGMMA), "
+        f"{s['gemm_mma_sync']} use mma.sync (HMMA), "
+        f"{'none without tensor cores' if not s['gemm_no_tensor_cores'] else 'WITHOUT tensor cores: ' + ', '.join(s['gemm_no_tensor_cores'])}.",
+        f"- TMA (cp.async.bulk.tensor / UTMALDG): used in {s['tma']} kernels. The kernels load through pointers "
+        "(gathered rows for the up GEMM's A, per-expert weight tiles) and pipeline them with cp.async (LDGSTS).",
+        "",
+    ]
+    lines += rep.get("notes", [])
+    lines += ["", "## MoE GEMM kernels", "",
+              "| kernel | BM x BN x BK x GROUP | warps | stages | shared KB | regs | spill st/ld B | local B | tensor cores | wgmma N | HGMMA / HMMA | TMA | compile s | configs (shape T source) |",
+              "|---|---|---:|---:|---:|---:|---|---:|---|---:|---|---|---:|---|"]
+    gemm = sorted((k for k in rep["kernels"] if k["name"] in GEMM_KERNELS),
+                  key=lambda k: (k["name"], [k["constexprs"].get(x, 0) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]))
+    for k in gemm:
+        cases = "; ".join(k["cases"][:4]) + (f"; +{len(k['cases']) - 4} more" if len(k["cases"]) > 4 else "")
+        lines.append(f"| {k['name']} | {_cfg(k['constexprs'])} | {k['num_warps']} | {k['num_stages']} | "
+                     f"{k['shared'] / 1024:.0f} | {k.get('registers', '?')} | {k.get('spill_stores', '?')}/{k.get('spill_loads', '?')} | "
+                     f"{k.get('local', '?')} | {k['tensor_cores']} | {k['wgmma_n'] or '-'} | "
+                     f"{k.get('sass_hgmma', '?')} / {k.get('sass_hmma', '?')} | "
+                     f"{'yes' if k['tma'] else 'no'} | {k['compile_s']:.1f} | {cases} |")
+    lines += ["", "## Other kernels", "",
+              "| kernel | constexprs | warps | stages | shared KB | regs | spill st/ld B | local B | tensor cores | compile s | cases |",
+              "|---|---|---:|---:|---:|---:|---|---:|---|---:|---|"]
+    for k in sorted((k for k in rep["kernels"] if k["name"] not in GEMM_KERNELS), key=lambda k: k["name"]):
+        c = ", ".join(f"{a}={b}" for a, b in k["constexprs"].items() if a not in ("num_warps", "num_stages", "INTERPRET"))
+        cases = "; ".join(k["cases"][:3]) + (f"; +{len(k['cases']) - 3} more" if len(k["cases"]) > 3 else "")
+        lines.append(f"| {k['name']} | {c} | {k['num_warps']} | {k['num_stages']} | {k['shared'] / 1024:.1f} | "
+                     f"{k.get('registers', '?')} | {k.get('spill_stores', '?')}/{k.get('spill_loads', '?')} | {k.get('local', '?')} | "
+                     f"{k['tensor_cores']} | {k['compile_s']:.1f} | {cases} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
+    ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
+    ap.add_argument("--only", choices=["moe", "attention", "norm"], default=None, help="one kernel family")
+    ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="Triton cache (default: a fresh temporary one, so compile_s is a cold compile)")
+    args = ap.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"compile_report: Triton has no NVIDIA backend here ({e}): nothing to compile for sm_90 with.")
+    tmp_cache = None
+    if args.cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = args.cache_dir
+    else:
+        tmp_cache = tempfile.mkdtemp(prefix="moelink-triton-cache-")
+        os.environ["TRITON_CACHE_DIR"] = tmp_cache
+    try:
+        from moelink.benchmarks.provenance import git_commit
+        from datetime import date
+
+        rep = collect(published=not args.no_published, quick=args.quick, only=args.only)
+        rep.update(date=str(date.today()), commit=git_commit())
+        rep["summary"] = summarize(rep)
+        rep["notes"] = notes(rep)
+    finally:
+        if tmp_cache:
+            shutil.rmtree(tmp_cache, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    js, md = Path(f"{out}.json"), Path(f"{out}.md")  # (not with_suffix: a name may hold a version's dots)
+    js.write_text(json.dumps(rep, indent=1) + "\n")
+    md.write_text(markdown(rep))
+    print(json.dumps(rep["summary"], indent=1))
+    print(f"wrote {js} and {md}")
+    return rep
+
+
+def notes(rep: dict) -> list[str]:
+    """What a reader should take from the numbers (computed, so the note cannot go stale)."""
+    ks = rep["kernels"]
+    out = ["## Notes", ""]
+    gemm = [k for k in ks if k["name"] in GEMM_KERNELS and k["tensor_cores"] != "none"]
+    bm = lambda k: k["constexprs"].get("BLOCK_M", 0)  # noqa: E731
+    small = sorted({bm(k) for k in gemm if k["tensor_cores"] == "mma.sync"})
+    big = sorted({bm(k) for k in gemm if k["tensor_cores"] == "wgmma"})
+    out.append(f"- wgmma needs 64 rows per warpgroup: the GEMMs use it at BLOCK_M {big or 'none'} and fall back to "
+               f"mma.sync (HMMA, still tensor cores) at BLOCK_M {small or 'none'} (the decode-size buckets).")
+    fused = [k for k in ks if k["name"] == "_moe_up_kernel" and k["constexprs"].get("FUSED") and k["wgmma_n"]]
+    if fused:
+        pairs = []
+        for f in fused:
+            twin = [k for k in ks if k["name"] == "_moe_up_kernel" and not k["constexprs"].get("FUSED")
+                    and {x: k["constexprs"].get(x) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+                    == {x: f["constexprs"].get(x) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+                    and k["num_warps"] == f["num_warps"] and k["num_stages"] == f["num_stages"] and k["wgmma_n"]]
+            if twin:
+                pairs.append(f"{_cfg(f['constexprs'])}/{f['num_warps']}w: N {twin[0]['wgmma_n']} -> {f['wgmma_n']}, "
+                             f"HGMMA {twin[0].get('sass_hgmma')} -> {f.get('sass_hgmma')}, regs {twin[0].get('registers')} -> "
+                             f"{f.get('registers')}")
+        out.append("- FUSED_GATE_UP (one interleaved gate|up tile, one dot): the wgmma is twice as wide with half the "
+                   "instructions, no spills (" + "; ".join(sorted(set(pairs))[:4]) + "). Opt-in per config: "
+                   "tune_moe tries it as one axis, so it is kept only where it measures faster.")
+    fp32 = [k for k in ks if k["name"] in GEMM_KERNELS and k["tensor_cores"] == "none"]
+    if fp32:
+        out.append(f"- {len(fp32)} GEMM specialisations without tensor cores are the fp32-activation variants "
+                   "(input_precision='ieee': fp32 must not drop to TF32), as intended.")
+    spilled = [k for k in ks if k.get("spill_stores", 0) or k.get("spill_loads", 0) or k.get("local", 0)]
+    if spilled:
+        for k in spilled:
+            out.append(f"- SPILL: {k['name']} {_cfg(k['constexprs'])} warps={k['num_warps']} stages={k['num_stages']}: "
+                       f"{k.get('spill_stores')} B stores / {k.get('spill_loads')} B loads, local {k.get('local')} B "
+                       f"({'; '.join(k['cases'][:3])}).")
+    else:
+        out.append("- No kernel spills: every one has 0 bytes of spill stores and loads and no local memory.")
+    top = max(ks, key=lambda k: k.get("registers", 0))
+    out.append(f"- Most registers: {top['name']} {_cfg(top['constexprs'])} with {top.get('registers')} per thread "
+               f"(of 255) at {top['num_warps']} warps.")
+    out.append(f"- Compiled with Triton {rep['triton']}. The script uses the Triton that is installed; the GPU image has "
+               "Triton 3.6 (first session), which installs beside the CPU machines' one with `pip install --no-deps "
+               "--target /tmp/triton36 triton==3.6.0` and runs with `PYTHONPATH=/tmp/triton36` first.")
+    out.append("- compile s is one cold compile on a 2-core CPU machine (TTIR to cubin, no launcher): the per-class "
+               "maxima are what benchmarks/gpu_session.sh budgets each compile at.")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""benchmarks/gpu_session.sh on CPU: preflight, every step's command list against its budget, the CPU smoke
+runs of the steps whose shell logic matters (pytest per file, tune's tarball and unpack), and tune_moe's
+guarantees (seeded search, any failure skipped, never slower than the seed) with fake timings.
+
+A GPU session is lent for minutes: what it runs is checked here so that it produces numbers, not tracebacks.
+About 45 s on 2 cores, most of it the tune smoke run.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelink.benchmarks import moe_kernels, tune_moe
+from moelink.kernels import moe_config
+from moelink.kernels.moe_config import GemmConfig, MoEConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool returns
+DEVICE_TOOL_LIMIT_S = 600
+MAX_FILES_PER_STEP = 8
+PLAN = re.compile(r"^PLAN step=(\S+) cmd=(\S+) gemm_compiles=(\d+) slow_compiles=(\d+) other_compiles=(\d+) "
+                  r"run_s=(\d+) budget_s=(\d+) :: (.*)$", re.M)
+STEP_LINE = re.compile(r"^STEP step=(\S+) total_budget_s=(\d+) limit_s=(\d+)$", re.M)
+# Every device command of a session (what `plan` lists), plus the variants.
+STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quick", "compile-report"]
+         + [f"moe {s}" for s in moe_kernels.SHAPES] + [f"moe {s} --quick" for s in moe_kernels.SHAPES]
+         + [f"tune {s}" for s in moe_kernels.SHAPES] + ["tune deepseek-v3 1,64"])
+
+
+def session(*args: str, out: Path | None = None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PYTHON=sys.executable, **env)
+    e.pop("TRITON_INTERPRET", None)  # the script's children set what they need
+    if out is not None:
+        e["OUT"] = str(out)
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=e)
+
+
+@functools.lru_cache(maxsize=1)
+def constants() -> dict[str, int]:
+    text = SCRIPT.read_text()
+    c = {k: int(v) for k, v in re.findall(r"^(STEP_BUDGET_S|START_S|LAUNCHER_S)=(\d+)", text, re.M)}
+    for k, base in re.findall(r"^(S_PER_\w+)=\$\(\((\d+) \+ LAUNCHER_S\)\)", text, re.M):
+        c[k] = int(base) + c["LAUNCHER_S"]
+    assert set(c) == {"STEP_BUDGET_S", "START_S", "LAUNCHER_S", "S_PER_GEMM_COMPILE", "S_PER_SLOW_COMPILE", "S_PER_COMPILE"}
+    return c
+
+
+@functools.lru_cache(maxsize=8)
+def module_help(module: str) -> str:
+    return subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                          check=True).stdout
+
+
+def test_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
+
+
+def test_preflight_runs_on_cpu_and_says_what_it_will_do(tmp_path):
+    proc = session("preflight", out=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for what in ("python", "torch", "triton", "triton NVIDIA backend + ptxas", "C compiler (Triton's launcher)",
+                 "Python.h (Triton's launcher)", "pytest", "pytest-timeout", "pip + setuptools (editable install)"):
+        assert re.search(rf"^(ok     |MISSING) {re.escape(what)}: ", out, re.M), f"no check of {what}:\n{out}"
+    # Whatever is missing says what happens instead.
+    for line in re.findall(r"^MISSING .*$", out, re.M):
+        assert " -> " in line, line
+    assert re.search(r"^plan    import: ", out, re.M) and "torch: " in out and "no CUDA device" in out
+    assert re.search(r"^plan    Triton cache: .*/\.gpu_session/triton_cache", out, re.M)
+    files = list(tmp_path.iterdir())
+    assert [f.name for f in files] == ["preflight_cpu.txt"] and "plan    import" in files[0].read_text()
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_every_step_fits_its_budget(step):
+    """--dry-run prints each command with its compile counts and budget: the budget is the script's stated
+    formula, the step's commands add up to at most STEP_BUDGET_S, which leaves the device tool its margin."""
+    c = constants()
+    assert c["STEP_BUDGET_S"] + 30 <= DEVICE_TOOL_LIMIT_S
+    proc = session("--dry-run", *step.split())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plans = PLAN.findall(proc.stdout)
+    assert plans, proc.stdout
+    total = 0
+    for name, cmd, gemm, slow, other, run_s, budget, command in plans:
+        assert name == step.split()[0]
+        want = (c["START_S"] + int(gemm) * c["S_PER_GEMM_COMPILE"] + int(slow) * c["S_PER_SLOW_COMPILE"]
+                + int(other) * c["S_PER_COMPILE"] + int(run_s))
+        assert int(budget) == want, (cmd, budget, want)
+        total += int(budget)
+        m = re.search(r"-m (moelink\.benchmarks\.\w+|pytest)\b(.*)$", command)
+        if m and m[1] != "pytest":  # every flag passed to a benchmark is one its parser takes
+            flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", m[2]))
+            missing = sorted(f for f in flags if f not in module_help(m[1]))
+            assert not missing, f"{step}: passes {missing} to {m[1]}"
+        if m and m[1] == "pytest":
+            assert "--timeout=" in command or "faulthandler_timeout" in command  # a hang cannot eat the step
+    (line,) = STEP_LINE.findall(proc.stdout)
+    assert int(line[1]) == total <= int(line[2]) == c["STEP_BUDGET_S"], f"{step}: {total} s budgeted"
+    assert "split it" not in proc.stderr
+
+
+@pytest.mark.parametrize("shape", list(moe_kernels.SHAPES))
+def test_moe_step_counts_every_config_it_compiles(shape, monkeypatch):
+    """The moe step's GEMM compile count covers the distinct configs moelink picks on an H100 at each token
+    count (tuned file, else default.json): up + down + the atomic down per config."""
+    monkeypatch.setattr(moe_config, "device_name", lambda d: "NVIDIA_H100_80GB_HBM3")
+    E, K, D, I = moe_kernels.SHAPES[shape]
+    configs = {moe_config.get_moe_config(E, I, T, K, torch.device("cpu")) for T in moe_kernels.TOKENS}
+    (plan,) = PLAN.findall(session("--dry-run", "moe", shape).stdout)
+    assert int(plan[2]) >= 3 * len(configs)
+    assert f"--shapes {shape} " in plan[7] and f"moe_kernels_cpu_{shape}.json" in plan[7]
+
+
+def test_plan_lists_one_device_command_per_step():
+    proc = session("plan")
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^(.+?)\s+budget\s+(\d+) s\s+OUT=\$OUT bash benchmarks/gpu_session.sh (.+)$", proc.stdout, re.M)
+    assert [r[2] for r in rows] == (["preflight", "tests-kernels", "tests-engine"] + [f"moe {s}" for s in moe_kernels.SHAPES]
+                                    + [f"tune {s}" for s in moe_kernels.SHAPES] + ["decode"])
+    assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
+    assert f"total {sum(int(b) for _, b, _ in rows)} s" in proc.stdout
+
+
+def test_unknown_step_and_shape_are_refused():
+    assert session("bogus").returncode == 2
+    proc = session("--dry-run", "moe", "qwen3")
+    assert proc.returncode == 2 and "SHAPE must be one of" in proc.stderr
+
+
+def assert_device_safe(out: Path):
+    files = list(out.iterdir())
+    assert len(files) <= MAX_FILES_PER_STEP, files
+    for f in files:
+        assert f.is_file() and SAFE_NAME.match(f.name), f"{f.name}: the device tool would not return it"
+
+
+def test_cpu_smoke_tests_step_runs_pytest_per_file(tmp_path):
+    proc = session("--cpu-smoke", "tests-kernels", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_device_safe(tmp_path)
+    log = (tmp_path / "gpu_tests_kernels_cpu_smoke.txt").read_text()
+    assert "=== tests/kernels/test_triton_gpu.py" in log and re.search(r"\d+ skipped", log)  # no GPU here
+    assert re.search(r"triton_gpu: exit 0 after \d+ s \(budget \d+ s\)", proc.stdout)
+
+
+def test_cpu_smoke_tune_step_tarball_unpacks_into_configs(tmp_path):
+    out, dest = tmp_path / "out", tmp_path / "configs"
+    out.mkdir(), dest.mkdir()
+    proc = session("--cpu-smoke", "tune", out=out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(out)
+    (tarball,) = out.iterdir()
+    assert tarball.name == "tuned_configs_cpu_smoke_smoke.tar.gz"
+    with tarfile.open(tarball) as tf:
+        names = sorted(tf.getnames())
+    want = sorted(moe_config.config_file_name(E, I, "cpu") for E, _, _, I in moe_kernels.SMOKE_SHAPES.values())
+    assert names == want
+    proc = session("unpack", str(tarball), UNPACK_DEST=str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == want
+    for p in dest.iterdir():
+        key, buckets = moe_config.load_config_file(str(p))
+        assert key == "tokens" and [b for b, _ in buckets] == list(moe_kernels.SMOKE_TOKENS)
+        tuning = json.loads(p.read_text())["tuning"]
+        for b in moe_kernels.SMOKE_TOKENS:  # what was written is never slower than its seed
+            assert tuning[str(b)]["tuned_ms"] <= tuning[str(b)]["seed_ms"]
+
+
+@pytest.mark.parametrize("member", ["../evil.json", "notes.txt", "E=8,N=32,device_name=a/b.json"])
+def test_unpack_refuses_what_is_not_a_tuned_config(tmp_path, member):
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tf:
+        data = b'{"key": "tokens", "configs": {}}'
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    proc = session("unpack", str(bad), UNPACK_DEST=str(dest))
+    assert proc.returncode == 2 and "refused" in proc.stderr
+    assert not list(dest.iterdir()) and not (tmp_path / "evil.json").exists()
+
+
+# -- tune_moe's guarantees, with fake timings (no Triton) -------------------------------------------------------------------
+SHAPE = moe_kernels.SMOKE_SHAPES["smoke-e8"]
+
+
+def fake_times(monkeypatch, times):
+    """time_config returns times(cfg) (seconds) and records what it was asked; no kernel runs."""
+    asked = []
+
+    def fake(cfg, sets, timer, iters, want=None):
+        asked.append(cfg)
+        return times(cfg)
+
+    monkeypatch.setattr(tune_moe, "time_config", fake)
+    return asked
+
+
+def run_bucket(T=12, space="quick"):
+    return tune_moe.tune_bucket(SHAPE, T, torch.bfloat16, torch.device("cpu"), None, tune_moe.SPACES[space], 1,
+                                deadline=float("inf"), log=lambda *a: None)
+
+
+def test_tune_keeps_the_seed_when_nothing_beats_it(monkeypatch):
+    seeds = dict(tune_moe.seeds_for(SHAPE, 12, torch.device("cpu")))
+    best_seed = seeds["default.json"]
+    asked = fake_times(monkeypatch, lambda cfg: 1.0 if cfg == best_seed else 2.0)
+    cfg, t, info = run_bucket()
+    assert cfg == best_seed and t == 1.0 and info["kept_seed"] and info["seed"] == "default.json"
+    assert asked[: len(seeds)] == list(seeds.values())  # every seed is timed first
+    assert info["tried"] > len(seeds)  # and the search ran
+
+
+def test_tune_moves_one_axis_at_a_time_and_confirms(monkeypatch):
+    seeds = dict(tune_moe.seeds_for(SHAPE, 12, torch.device("cpu")))
+    base = next(iter(seeds.values()))  # all seeds tie: the first (the current config) is the seed
+    assert all(c.down.num_warps != 8 for c in seeds.values())
+    faster = lambda cfg: cfg.down.num_warps == 8  # noqa: E731
+    fake_times(monkeypatch, lambda cfg: 0.5 if faster(cfg) else 1.0)
+    cfg, t, info = run_bucket()
+    assert faster(cfg) and t == 0.5 and not info["kept_seed"] and info["seed"] == "current"
+    assert cfg == replace(base, down=replace(base.down, num_warps=8))  # the seed, one axis moved
+
+
+def test_tune_never_writes_a_config_slower_than_the_seed_on_re_timing(monkeypatch):
+    """A candidate that looked faster in the search but is slower head to head loses to the seed."""
+    seeds = dict(tune_moe.seeds_for(SHAPE, 12, torch.device("cpu")))
+    base = seeds["default.json"]
+    calls = {}
+
+    def times(cfg):
+        n = calls[cfg] = calls.get(cfg, 0) + 1
+        if cfg == base:
+            return 1.0
+        if cfg.down.num_warps == 8:
+            return 0.5 if n == 1 else 1.5  # lucky once, slower after
+        return 2.0
+
+    fake_times(monkeypatch, times)
+    cfg, t, info = run_bucket()
+    assert cfg == base and info["kept_seed"] and t == 1.0
+
+
+def test_tune_skips_candidates_that_fail_for_any_reason(monkeypatch, capsys):
+    from moelink.kernels import triton_moe
+
+    cfg = MoEConfig(16, GemmConfig(32, 32, 1, 4, 2), GemmConfig(32, 32, 1, 4, 2))
+    run_once = lambda fn, sets, iters, warmup: fn(*sets[0])  # noqa: E731  (a Timer that runs the call once)
+
+    class WeirdCompilerError(Exception):
+        pass
+
+    for exc in (WeirdCompilerError("unsupported layout\ndetails"), KeyError("BLOCK_K"), AssertionError("bad tile")):
+        def boom(*a, _e=exc, **k):
+            raise _e
+
+        monkeypatch.setattr(triton_moe, "triton_fused_moe", boom)
+        assert tune_moe.time_config(cfg, [(None,) * 5], run_once, 1) == float("inf")
+        printed = capsys.readouterr().out
+        assert f"skipped {json.dumps(cfg.to_dict())}: {type(exc).__name__}: " in printed
+    # A CUDA fault poisons the context: nothing after it could be timed, so it stops the run.
+    monkeypatch.setattr(triton_moe, "triton_fused_moe",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access")))
+    with pytest.raises(tune_moe.CudaFault):
+        tune_moe.time_config(cfg, [(None,) * 5], run_once, 1)
+
+
+def test_tune_prunes_before_compiling():
+    D, I = 7168, 2048
+    ok = MoEConfig(64, GemmConfig(64, 64, 8, 4, 3), GemmConfig(128, 64, 8, 8, 3))
+    assert tune_moe.feasible(ok, D, I) is None
+    too_much_smem = MoEConfig(128, GemmConfig(256, 256, 1, 8, 5), ok.down)
+    assert "shared memory" in tune_moe.feasible(too_much_smem, D, I)
+    too_many_regs = MoEConfig(128, GemmConfig(128, 32, 1, 4, 2), ok.down)
+    assert "accumulator registers" in tune_moe.feasible(too_many_regs, D, I)
+    too_wide = MoEConfig(16, GemmConfig(64, 64, 1, 4, 2), ok.down)
+    assert "wider" in tune_moe.feasible(too_wide, 64, 32)
+
+
+def test_published_seeds_are_translated_for_this_kernel():
+    """vLLM's gate|up GEMM is one [M, 2I] product: the same tile width is BLOCK_N/2 per accumulator here."""
+    E, K, D, I = moe_kernels.SHAPES["qwen3-30b-a3b"]
+    ((bucket, cfg, src),) = tune_moe.published_seeds(E, I, D, 1000)
+    assert bucket == 1024 and src == "vllm E=128,N=768"
+    assert cfg.up.BLOCK_SIZE_N * 2 == cfg.down.BLOCK_SIZE_N == 256 and cfg.BLOCK_SIZE_M == 64
+    E, K, D, I = moe_kernels.SHAPES["deepseek-v3"]
+    assert tune_moe.published_seeds(E, I, D, 64) == []  # none published for it: default + current only
+    for src, p in tune_moe.PUBLISHED.items():  # each one loads as a valid config
+        for b, vals in p["configs"].items():
+            MoEConfig.from_dict(tune_moe.from_vllm(*vals).to_dict(), f"{src}[{b}]")

@@ -1,0 +1,105 @@
+"""The committed offline sm_90 compile report (benchmarks/results/compile_report_sm90.json) covers every Triton
+kernel and every launch config in kernels/configs/ as they are now, with zero spills and tensor-core
+instructions in the GEMM kernels; and benchmarks/compile_report.py runs here (no GPU).
+
+When a config file or a kernel changes, regenerate the report (CPU only, ~4 min):
+    python -m moelink.benchmarks.compile_report            # or: bash benchmarks/gpu_session.sh compile-report
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moelink.benchmarks import compile_report
+from moelink.kernels.moe_config import CONFIG_DIR, load_config_file
+
+REPORT = compile_report.RESULTS / "compile_report_sm90.json"
+REGENERATE = "regenerate it: python -m moelink.benchmarks.compile_report (see this test's docstring)"
+ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel", "_moe_down_kernel", "_moe_sum_kernel",
+               "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel", "_write_kv_kernel", "_rms_norm_kernel",
+               "_rotary_kernel"}
+
+
+def report() -> dict:
+    assert REPORT.is_file(), f"{REPORT} is missing: {REGENERATE}"
+    return json.loads(REPORT.read_text())
+
+
+def kernel_sources() -> set[str]:
+    """Every @triton.jit kernel (a name ending in _kernel) defined in kernels/."""
+    names = set()
+    for p in Path(compile_report.__file__).resolve().parents[1].joinpath("kernels").glob("*.py"):
+        names |= set(re.findall(r"@triton\.jit(?:\([^)]*\))?\s*\ndef (\w+_kernel)\(", p.read_text()))
+    return names
+
+
+def test_report_covers_every_kernel():
+    names = {k["name"] for k in report()["kernels"]}
+    # (_probe_kernel, triton_common's interpreter probe, is never launched)
+    assert kernel_sources() - {"_probe_kernel"} == ALL_KERNELS, "a kernel was added or renamed: add it to the report and here"
+    assert names >= ALL_KERNELS, f"missing from the report: {sorted(ALL_KERNELS - names)}; {REGENERATE}"
+
+
+def configs_in_repo():
+    """(label, shape, MoEConfig) for every default.json bucket at each model shape and every tuned file's bucket."""
+    _, default = load_config_file(str(CONFIG_DIR / "default.json"))
+    for shape in compile_report.MODEL_SHAPES:
+        for bucket, cfg in default:
+            yield f"default.json[{bucket}]", shape, cfg
+    for path in sorted(CONFIG_DIR.glob("E=*,N=*,device_name=*.json")):
+        E, I = map(int, re.match(r"E=(\d+),N=(\d+),", path.name).groups())
+        shapes = [n for n, s in compile_report.MODEL_SHAPES.items() if (s[0], s[3]) == (E, I)]
+        if shapes:
+            for bucket, cfg in load_config_file(str(path))[1]:
+                yield f"{path.name}[{bucket}]", shapes[0], cfg
+
+
+def test_report_covers_every_config_as_it_is_now():
+    kernels = report()["kernels"]
+    for label, shape, cfg in configs_in_repo():
+        for name, g in (("_moe_up_kernel", cfg.up), ("_moe_down_kernel", cfg.down)):
+            hits = [k for k in kernels if k["name"] == name and any(c.startswith(f"{shape} ") and c.endswith(f" {label}")
+                                                                     for c in k["cases"])]
+            assert hits, f"{name} for {shape} {label} is not in the report: {REGENERATE}"
+            c = hits[0]["constexprs"]
+            got = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], hits[0]["num_warps"], hits[0]["num_stages"])
+            want = (cfg.BLOCK_SIZE_M, g.BLOCK_SIZE_N, g.BLOCK_SIZE_K, g.GROUP_SIZE_M, g.num_warps, g.num_stages)
+            assert got == want, f"{name} {shape} {label}: report has {got}, the file {want}: {REGENERATE}"
+
+
+def test_report_zero_spills_tensor_cores_in_gemms_and_shared_memory_fits():
+    rep = report()
+    for k in rep["kernels"]:
+        what = f"{k['name']} {k['constexprs']} ({'; '.join(k['cases'][:2])})"
+        assert k["spill_stores"] == 0 and k["spill_loads"] == 0 and k["local"] == 0, f"spills: {what}"
+        assert k["shared"] <= compile_report.H100_SMEM, f"shared memory {k['shared']}: {what}"
+        assert k["registers"] <= 255
+        fp32 = any("float32" in c or "fp32" in c for c in k["cases"])
+        if k["name"] in compile_report.GEMM_KERNELS + compile_report.ATTN_DOT_KERNELS and not fp32:
+            assert k["tensor_cores"] in ("wgmma", "mma.sync"), f"no tensor-core instruction: {what}"
+        if k["tensor_cores"] == "wgmma":
+            assert k["constexprs"].get("BLOCK_M", 64) >= 64 or k["name"] in compile_report.ATTN_DOT_KERNELS
+    gemm = [k for k in rep["kernels"] if k["name"] in compile_report.GEMM_KERNELS]
+    assert any(k["tensor_cores"] == "wgmma" and k.get("sass_hgmma", 0) > 0 for k in gemm)  # Hopper's MMA in SASS
+    assert rep["summary"]["spilling"] == [] and rep["target"].startswith("cuda sm_90")
+
+
+def test_compile_report_script_runs_without_a_gpu(tmp_path):
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"no Triton NVIDIA backend: {e}")
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.compile_report", "--only", "norm", "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(Path(f"{out}.json").read_text())
+    assert {k["name"] for k in rep["kernels"]} == {"_rms_norm_kernel", "_rotary_kernel"}
+    for k in rep["kernels"]:  # cuobjdump and ptxas both answered
+        assert k["registers"] > 0 and k["spill_stores"] == 0 and k["target"] == "sm_90"
+    assert "| _rms_norm_kernel |" in Path(f"{out}.md").read_text()
