@@ -31,7 +31,7 @@ serve: setup $(TINY_MODEL)/config.json
 	@echo "  $(PY) -m moelink.engine.server.client --target $(HOST):$(PORT) 'The quick brown fox' --max-tokens 32"
 	@echo "  grpcurl -plaintext -d '{\"prompt\": \"Once upon a time\", \"sampling_params\": {\"max_tokens\": 16}}' $(HOST):$(PORT) moelink.v1.Generation/Generate"
 	@echo "OpenAI-compatible HTTP in front of it (smg gateway), then POST http://127.0.0.1:8000/v1/chat/completions:"
-	@echo "  $(VENV)/bin/smg launch --host 127.0.0.1 --port 8000 --worker-urls grpc://$(HOST):$(PORT)"
+	@echo "  $(VENV)/bin/smg launch --host 127.0.0.1 --port 8000 --prometheus-host 127.0.0.1 --prometheus-port 29000 --worker-urls grpc://$(HOST):$(PORT)"
 	@echo "Load benchmark against it: $(VENV)/bin/moelink bench-serve --target $(HOST):$(PORT)"
 	$(VENV)/bin/moelink serve $(TINY_MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 

@@ -4,8 +4,9 @@ The executor's rank 0 calls `find_free_port` on its own node and shares
 (address, port) with every worker; each worker then calls
 `init_process_group(rank, world_size, address, port)`. Nothing is read from
 environment variables and no port is fixed. The group is torch.distributed's
-default group (created with an explicit tcp:// init_method and returned, so
-callers pass it on instead of reaching for globals).
+default group (created on a TCPStore that rank 0 serves on `address` only, never
+on every interface, and returned, so callers pass it on instead of reaching for
+globals).
 """
 from __future__ import annotations
 
@@ -81,7 +82,6 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}.")
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialized in this process; call comm.destroy() first.")
-    host = f"[{master_addr}]" if ":" in master_addr else master_addr
     if local_addr and "GLOO_SOCKET_IFNAME" not in os.environ:
         iface = interface_for_address(local_addr)
         if iface is not None:
@@ -93,9 +93,33 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         backend = "cpu:gloo,cuda:nccl"
         if device is not None and torch.device(device).index is not None:
             kwargs["device_id"] = torch.device(device)  # eager NCCL init bound to this GPU
-    dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = rendezvous_store(rank, world_size, master_addr, master_port, timeout)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     return dist.group.WORLD
+
+
+def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: int,
+                     timeout: datetime.timedelta) -> dist.TCPStore:
+    """The group's key-value store: rank 0 serves it on master_addr:master_port, the others connect.
+
+    torch's own tcp:// rendezvous listens on every interface (*:PORT), which opens an
+    unauthenticated store to the whole network even when the group only uses loopback. Here
+    rank 0 binds the socket to master_addr, the address the group uses, and hands it to the store.
+    """
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, world_size, False, timeout)
+    family, _, _, _, sockaddr = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    # The store owns the listening socket from here on (it closes it, also when it fails to start).
+    return dist.TCPStore(master_addr, master_port, world_size, True, timeout, master_listen_fd=sock.detach())
 
 
 def destroy() -> None:
@@ -110,4 +134,4 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name} must be an integer {allowed}, got {value!r}.")
 
 
-__all__ = ["BACKENDS", "backend_for_device", "destroy", "find_free_port", "init_process_group"]
+__all__ = ["BACKENDS", "backend_for_device", "destroy", "find_free_port", "init_process_group", "rendezvous_store"]

@@ -10,6 +10,13 @@ abort), so the scheduler is never touched from two threads. Outputs go to a
 per-request asyncio.Queue on the caller's loop. When the consumer stops
 iterating (break, cancellation, client disconnect) the request is aborted and
 its KV blocks freed within one step.
+
+Step watchdog: a step that runs longer than the step timeout (`--step-timeout`; the first
+step, which compiles kernels, gets at least FIRST_STEP_TIMEOUT_S) kills the engine: health
+goes NOT_SERVING and every stream ends with EngineDeadError naming the reason. A multi-rank
+executor enforces the same bound itself (and stops its ranks); this one also covers a single
+rank, whose hung step nothing else can see. `end_streams` ends streams at once, from the
+caller's side, when the engine thread cannot (a drain whose grace ran out during a hung step).
 """
 from __future__ import annotations
 
@@ -18,16 +25,23 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from .engine_args import EngineArgs
 from .llm_engine import LLMEngine, ProcessedRequest, PromptType
-from .outputs import OutputKind, RequestOutput
+from .outputs import CompletionOutput, OutputKind, RequestOutput
 from .safe_text import shown
 from .sampling_params import SamplingParams
+from .timeouts import FIRST_STEP_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
+
+# The executor's own step watchdog fires first when it has one (its error names the rank): this one
+# waits that much longer (at most half the budget).
+_WATCHDOG_MARGIN_S = 5.0
+_WATCHDOG_POLL_S = 0.25
 
 
 class EngineDeadError(RuntimeError):
@@ -38,10 +52,13 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    prompt_token_ids: list
+    output_kind: OutputKind
     # Set by the engine thread once this stream's request is in the engine. A caller may
     # reuse an id the moment its previous stream ended, while that request's abort is
     # still queued: until then, outputs under the id are the old request's, not ours.
     live: bool = False
+    last: RequestOutput | None = None  # the last output handed to the consumer
 
     def put(self, item) -> bool:
         """False if the consumer's event loop is closed (nobody will ever read)."""
@@ -60,9 +77,13 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._stopping = False
-        self.dead_error: BaseException | None = None
+        self._dead_error: BaseException | None = None
+        self._step_started: float | None = None  # monotonic time the running step began
+        self._steps_done = 0
         self._thread = threading.Thread(target=self._run, name="moelink-engine", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch_steps, name="moelink-step-watchdog", daemon=True)
+        self._watchdog.start()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncEngine":
@@ -73,7 +94,14 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def dead_error(self) -> BaseException | None:
+        """Why the engine cannot run requests any more (None while it can). A lost rank counts at
+        once, before the engine thread has noticed."""
+        return self._dead_error or getattr(self.engine.executor, "dead_error", None)
+
+    @property
     def is_healthy(self) -> bool:
+        """False once the engine loop died, a rank was lost (even between steps) or a step hung."""
         return self.dead_error is None and self._thread.is_alive()
 
     # -- public API -------------------------------------------------------------
@@ -94,7 +122,7 @@ class AsyncEngine:
         request_id = processed.request_id
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), processed.prompt_token_ids, output_kind)
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id={shown(request_id)} is already in use by a running request.")
@@ -126,6 +154,22 @@ class AsyncEngine:
         """End a request with finish_reason 'abort'; its stream gets a final output."""
         self._send(("abort", request_id))
 
+    def end_streams(self, request_ids, reason: str = "abort") -> int:
+        """End these requests' streams now with a final output (finish_reason `reason`), without
+        waiting for the engine thread, which may be inside a step that does not end (a hung rank).
+        Thread-safe. The engine still aborts the requests, and frees their KV blocks, as soon as it
+        can (or when it dies or shuts down). Returns how many streams were ended."""
+        ended = 0
+        for rid in request_ids:
+            with self._lock:
+                stream = self._streams.pop(rid, None)  # later outputs under this id are dropped
+            if stream is None:
+                continue
+            stream.put(_final_output(rid, stream, reason))
+            self._send(("abort", rid))
+            ended += 1
+        return ended
+
     def stats(self):
         return self.engine.stats()
 
@@ -133,7 +177,9 @@ class AsyncEngine:
         self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout)
+        # Also with the loop still inside a step (a hung rank): stopping the ranks is what ends that step.
         self.engine.shutdown()
+        self._thread.join(timeout)
 
     # -- engine thread ----------------------------------------------------------
     def _send(self, cmd) -> None:
@@ -146,6 +192,7 @@ class AsyncEngine:
                 stream = self._streams.get(out.request_id)
             if stream is None or not stream.live:
                 continue
+            stream.last = out
             if not stream.put(out):
                 # Its consumer's loop closed without closing the generator: free
                 # the request here rather than let one client kill the engine thread.
@@ -178,25 +225,72 @@ class AsyncEngine:
             while not self._stopping:
                 self._apply_commands()
                 if self.engine.has_requests():
-                    self._deliver(self.engine.step())
+                    self._step_started = time.monotonic()
+                    outputs = self.engine.step()
+                    self._step_started = None
+                    self._steps_done += 1
+                    if self._dead_error is not None:  # the watchdog gave up on this step while it ran
+                        raise self._dead_error
+                    self._deliver(outputs)
                 else:
+                    self.engine.check_health()  # a rank lost while idle kills the engine now, not at the next request
                     self._wakeup.wait(0.05)
                     self._wakeup.clear()
             # Shutdown: refuse new requests (generate checks dead_error under the
             # lock), then whatever is still running ends with reason "abort".
             with self._lock:
-                self.dead_error = EngineDeadError("engine is shut down")
+                self._dead_error = EngineDeadError("engine is shut down")
             self._apply_commands()
             self._deliver(self.engine.abort_requests(list(self.engine.output_processor.states)))
         except BaseException as exc:  # the engine is dead: fail everyone, hang no one
-            logger.exception("engine loop failed")
-            self.dead_error = exc
-            err = EngineDeadError(f"engine loop failed: {exc}")
-            with self._lock:
-                streams = list(self._streams.values())
-            for stream in streams:
-                stream.put(err)
+            self._step_started = None
+            if self._dead_error is None:
+                if self._stopping:  # shutdown stopped the ranks under a step that had not ended
+                    logger.warning("engine loop stopped inside a step at shutdown: %s", exc)
+                else:
+                    logger.exception("engine loop failed")
+            self._die(exc)
             try:
                 self.engine.abort_requests(list(self.engine.output_processor.states), reason="error")
             except Exception:
                 logger.exception("could not free requests after the engine failed")
+
+    def _die(self, exc: BaseException) -> None:
+        """Record the first fatal error and fail every stream with it (from any thread)."""
+        with self._lock:
+            if self._dead_error is None:
+                self._dead_error = exc
+            exc = self._dead_error
+            streams = list(self._streams.values())
+        err = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine loop failed: {exc}")
+        for stream in streams:
+            stream.put(err)
+
+    def _step_budget(self) -> float:
+        timeout = self.engine.config.parallel.step_timeout_s
+        return max(timeout, FIRST_STEP_TIMEOUT_S) if self._steps_done == 0 else timeout
+
+    def _watch_steps(self) -> None:
+        """The step watchdog: a step running past its budget kills the engine (health, streams)."""
+        while self._thread.is_alive() and self._dead_error is None:
+            time.sleep(_WATCHDOG_POLL_S)
+            started = self._step_started
+            budget = self._step_budget()
+            if started is None or time.monotonic() - started <= budget + min(_WATCHDOG_MARGIN_S, budget / 2):
+                continue
+            err = EngineDeadError(f"the engine is hung: a step has run for more than {budget:g} s (--step-timeout)")
+            logger.error("%s; failing every request", err)
+            self._die(err)
+            return
+
+
+def _final_output(request_id: str, stream: _Stream, reason: str) -> RequestOutput:
+    """A last output for a stream ended from outside the engine: nothing new, finish_reason `reason`."""
+    last = stream.last
+    cumulative = stream.output_kind is not OutputKind.DELTA and last is not None
+    prev = last.outputs[0] if cumulative else None
+    comp = CompletionOutput(index=0, text=prev.text if prev else "", token_ids=list(prev.token_ids) if prev else [],
+                            cumulative_logprob=prev.cumulative_logprob if prev else None,
+                            logprobs=prev.logprobs if prev else None, finish_reason=reason)
+    return RequestOutput(request_id, last.prompt if last else None, stream.prompt_token_ids, [comp], finished=True,
+                         num_cached_tokens=last.num_cached_tokens if last else 0)

@@ -6,6 +6,8 @@ import importlib
 import importlib.util
 import sys
 
+from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
+
 # Modules that register subcommands with `register_cli(subparsers)`.
 _SUBCOMMAND_MODULES = (
     "moelink.engine.tiny_model",  # make-tiny-model
@@ -33,6 +35,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
     p.add_argument("--all-to-all", default="auto", choices=["auto", "none", "torch", "torch_padded", "nccl"])
     p.add_argument("--num-redundant-experts", type=int, default=0)
+    p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="SECONDS",
+                   help="a model step running longer than this is a hang: the engine fails (health NOT_SERVING, "
+                        "requests end with the reason); the first step, which compiles kernels, gets at least "
+                        f"{FIRST_STEP_TIMEOUT_S:.0f} s (default {DEFAULT_STEP_TIMEOUT_S:.0f})")
+    p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="SECONDS",
+                   help="an expert-parallel rank that answers no heartbeat for this long (frozen, wedged, "
+                        f"unreachable) fails the engine, busy or idle (default {DEFAULT_HEARTBEAT_TIMEOUT_S:.0f})")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
@@ -50,7 +59,7 @@ def engine_args_from(ns: argparse.Namespace):
         enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
         expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
         num_redundant_experts=ns.num_redundant_experts, enforce_eager=ns.enforce_eager,
-        cuda_graph_sizes=ns.cuda_graph_sizes,
+        cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
     )
 
 
@@ -59,10 +68,10 @@ def _generate(ns: argparse.Namespace) -> int:
     from .sampling_params import SamplingParams
 
     args = engine_args_from(ns)
-    llm = LLM(**{k: v for k, v in vars(args).items()})
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
                             seed=ns.seed, stop=ns.stop or [])
-    outs = llm.generate(ns.prompt, params, use_tqdm=len(ns.prompt) > 1)
+    with LLM(**{k: v for k, v in vars(args).items()}) as llm:  # gives Ray workers back at once
+        outs = llm.generate(ns.prompt, params, use_tqdm=len(ns.prompt) > 1)
     for out in outs:
         comp = out.outputs[0]
         print(f"--- prompt: {out.prompt!r}")

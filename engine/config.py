@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -150,8 +152,13 @@ class ParallelConfig:
     ray_address: str | None = None
     all_to_all: str = "auto"
     num_redundant_experts: int = 0
-    # A step that takes longer than this is treated as a hang (dead peer).
-    step_timeout_s: float = 300.0
+    # Watchdogs of a multi-rank engine (see RayExecutor): a model step that takes longer than
+    # step_timeout_s fails the engine (the first model step, which JIT-compiles kernels, gets at least
+    # timeouts.FIRST_STEP_TIMEOUT_S); a rank that answers no heartbeat for heartbeat_timeout_s (frozen, wedged
+    # or unreachable) fails it too, whether or not a step is running. One collective may wait
+    # comm_timeout_s for its peers, so step_timeout_s is longer: a lost peer is reported by its rank.
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
     comm_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -166,6 +173,8 @@ class ParallelConfig:
             raise ValueError(f"all_to_all={self.all_to_all!r} is invalid: choose from {', '.join(_ALL_TO_ALL)}.")
         if not isinstance(self.num_redundant_experts, int) or self.num_redundant_experts < 0:
             raise ValueError(f"num_redundant_experts={self.num_redundant_experts!r} is invalid: must be an integer >= 0.")
+        for name in ("step_timeout_s", "heartbeat_timeout_s", "comm_timeout_s"):
+            check_seconds(name, getattr(self, name))
 
     @property
     def world_size(self) -> int:

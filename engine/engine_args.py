@@ -10,6 +10,7 @@ import torch
 from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
 from .config import ModelConfig, ParallelConfig
+from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
 from .cuda_graph import CudaGraphConfig
 from .model_runner import CPU_KV_CAP_BYTES, kv_cache_bytes_per_block
 
@@ -53,6 +54,11 @@ class EngineArgs:
     ray_address: Optional[str] = None
     all_to_all: str = "auto"
     num_redundant_experts: int = 0
+    # Watchdogs of a multi-rank engine, in seconds: a model step that runs longer than step_timeout
+    # (the first one, which compiles kernels: at least 600 s), or a rank silent for heartbeat_timeout,
+    # fails the engine (health NOT_SERVING, in-flight requests end with the reason).
+    step_timeout: float = DEFAULT_STEP_TIMEOUT_S
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S
     # Decode steps replay CUDA graphs (on CUDA with the Triton kernels) unless enforce_eager;
     # cuda_graph_sizes: the padded batch sizes captured (default: 1, 2, 4, 8, 16, ... max_num_seqs).
     enforce_eager: bool = False
@@ -74,6 +80,8 @@ class EngineArgs:
             bad("cuda_graph_sizes", "must be a list of positive batch sizes or None")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        check_seconds("step_timeout", self.step_timeout)
+        check_seconds("heartbeat_timeout", self.heartbeat_timeout)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -92,7 +100,8 @@ class EngineArgs:
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(expert_parallel_size=self.expert_parallel_size, executor=self.executor,
                               ray_address=self.ray_address, all_to_all=self.all_to_all,
-                              num_redundant_experts=self.num_redundant_experts)
+                              num_redundant_experts=self.num_redundant_experts, step_timeout_s=self.step_timeout,
+                              heartbeat_timeout_s=self.heartbeat_timeout)
 
     def create_engine_config(self) -> EngineConfig:
         parallel = self.parallel_config()

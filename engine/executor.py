@@ -12,6 +12,8 @@ class Executor(ABC):
     """`execute(outputs_per_rank) -> results_per_rank`; all ranks step together."""
 
     world_size: int = 1
+    # Set once a rank is lost (or the executor is shut down): the engine cannot step any more.
+    dead_error: Exception | None = None
 
     @abstractmethod
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]: ...
@@ -35,13 +37,15 @@ class Executor(ABC):
 
     def check_health(self) -> None:
         """Raise if a worker is gone."""
+        if self.dead_error is not None:
+            raise self.dead_error
 
 
 class WorkerDiedError(RuntimeError):
-    """A rank's worker is gone; the engine cannot step any more."""
+    """A rank's worker is gone, hung or silent; the engine cannot step any more."""
 
-    def __init__(self, rank: int, reason: str):
-        super().__init__(f"expert-parallel rank {rank} died: {reason}")
+    def __init__(self, rank: int, reason: str, what: str = "died"):
+        super().__init__(f"expert-parallel rank {rank} {what}: {reason}")
         self.rank = rank
 
 

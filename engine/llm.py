@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Optional, Sequence, Union
 
 from .engine_args import EngineArgs
@@ -16,11 +17,28 @@ class LLM:
     >>> llm = LLM(model="tiny-model", dtype="float32")
     >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
     >>> out[0].outputs[0].text
+
+    With expert_parallel_size > 1 an LLM holds Ray workers (and a Ray instance it started):
+    `shutdown()` or `with LLM(...) as llm:` gives them back, as does dropping the last
+    reference to it (garbage collection) or the interpreter's exit. Idempotent.
     """
 
     def __init__(self, model: str, **kwargs):
         self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
         self._counter = itertools.count()
+        # Holds the engine, not the LLM: `del llm` still frees the LLM, and this then frees the workers.
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)
+
+    def shutdown(self) -> None:
+        """Release the engine's workers (Ray actors, placement group, a Ray it started). Idempotent;
+        the LLM cannot generate afterwards."""
+        self._finalizer()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -35,6 +53,8 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
+        if not self._finalizer.alive:
+            raise RuntimeError("this LLM is shut down: create a new one.")
         if not prompts:
             raise ValueError("prompts is empty: pass at least one prompt.")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):

@@ -241,5 +241,9 @@ class LLMEngine:
             num_preemptions_total=sum(s.num_preemptions_total for s in per_rank),
         )
 
+    def check_health(self) -> None:
+        """Raise the executor's error once a rank is lost (dead, hung, silent), even between steps."""
+        self.executor.check_health()
+
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 
 import torch
 
@@ -27,6 +28,7 @@ class Worker:
         self.device = self._pick_device(config.device)
         self.group = None
         self.runner: ModelRunner | None = None
+        self._device_thread: int | None = None  # the thread _bind_device last made self.device current on
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -50,9 +52,18 @@ class Worker:
         addr = self.node_address()
         return addr, find_free_port(addr)
 
+    def _bind_device(self) -> None:
+        """Make this rank's GPU the current one of the calling thread (once per thread). The current CUDA
+        device is per thread, and the methods do not run where the constructor did: under Ray on the
+        actor's task thread (the actor has a heartbeat thread too), in-process on AsyncEngine's thread."""
+        if self.device.type == "cuda" and self._device_thread != threading.get_ident():
+            torch.cuda.set_device(self.device)
+            self._device_thread = threading.get_ident()
+
     def init_distributed(self, master_addr: str, master_port: int) -> None:
         if self.world_size == 1:
             return
+        self._bind_device()
         from moelink.comm.process_group import init_process_group
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -60,6 +71,7 @@ class Worker:
                                         self.config.parallel.comm_timeout_s, local_addr=self.node_address())
 
     def load(self) -> None:
+        self._bind_device()
         cfg = self.config
         if self.device.type == "cpu" and self.world_size > 1:
             # Several ranks share this machine's cores: one intra-op thread each.
@@ -86,17 +98,26 @@ class Worker:
         return ExpertParallel(self.rank, self.world_size, placement, a2a, placement.to_tensors(self.device))
 
     def available_kv_blocks(self) -> int:
+        self._bind_device()
         return self.runner.available_kv_blocks(self.config.gpu_memory_utilization)
 
     def allocate_kv_cache(self, num_kv_blocks: int) -> None:
+        self._bind_device()
         self.runner.allocate_kv_cache(num_kv_blocks)
 
     # -- steps ----------------------------------------------------------------
     def execute(self, so: SchedulerOutput, run_forward: bool = True) -> ModelRunnerOutput:
+        self._bind_device()
         return self.runner.execute_model(so, run_forward)
 
     def ping(self) -> int:
         return self.rank
+
+    def heartbeat(self) -> int:
+        """This rank's process id. Under Ray it runs on a thread of its own (a concurrency group), so a
+        rank answers while a step, a collective or a compile is running; only a frozen, wedged or
+        unreachable process stays silent."""
+        return os.getpid()
 
     def shutdown(self) -> None:
         if self.group is not None:

@@ -26,5 +26,10 @@ fi
 if [[ -z "$NODE_IP" ]]; then
   NODE_IP=$(hostname -I | awk '{print $1}')
 fi
+case "$NODE_IP" in
+  127.*|localhost|::1)
+    echo "start_worker.sh: --node-ip $NODE_IP is loopback: the head and the other nodes could not reach this" \
+         "node (a one-node cluster needs only start_head.sh --node-ip 127.0.0.1)" >&2; exit 2 ;;
+esac
 RAY=${RAY:-ray}
 exec "$RAY" start --block --address "$ADDRESS" --node-ip-address "$NODE_IP" --disable-usage-stats "${EXTRA[@]}"

@@ -15,7 +15,9 @@ gateway beside it (smg sends gRPC workers neither); it shares everything else.
 Drain (SIGTERM/SIGINT, or `drain()`): readiness goes NOT_SERVING, new
 requests get UNAVAILABLE, in-flight requests have `shutdown_grace` seconds to
 finish; whatever is still running then ends with finish_reason "abort" (a
-normal last message, not a broken stream), and the server stops.
+normal last message, not a broken stream), and the server stops. That holds
+whatever the ranks do: if the engine is stuck in a step (a frozen rank the
+watchdogs have not failed yet) the streams are ended here, not by the engine.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _WATCH_INTERVAL_S = 0.2
 _ABORT_WAIT_S = 5.0  # after aborting, how long handlers get to send their last message
+# How long the engine thread gets to apply the aborts itself (one step) before the streams are ended
+# from here: a hung rank can hold the engine inside a step for as long as the watchdogs allow.
+_ENGINE_ABORT_WAIT_S = 1.0
 
 
 class MoelinkServer:
@@ -184,6 +189,10 @@ class MoelinkServer:
         if reg.active:
             logger.info("aborting %d requests still running", len(reg.active))
             await self.serving.abort_all()
+            if not await reg.wait_idle(_ENGINE_ABORT_WAIT_S):
+                ended = self.serving.end_all()
+                logger.warning("the engine did not end %d requests within %.1f s (a step that does not end); "
+                               "ended them with 'abort' here", ended, _ENGINE_ABORT_WAIT_S)
             await reg.wait_idle(_ABORT_WAIT_S)
 
     async def stop(self, grace: float = 1.0) -> None:

@@ -270,6 +270,14 @@ class Serving:
     async def abort_all(self) -> None:
         await self.abort(list(self.registry.active))
 
+    def end_all(self, reason: str = "abort") -> int:
+        """End every running stream now with finish_reason `reason`, without waiting for the engine thread
+        (it may be stuck in a step); the engine frees the requests when it can. Returns how many ended."""
+        running = list(self.registry.active)
+        for rid in running:
+            self.registry.active[rid].aborted = True
+        return self.engine.end_streams(self.registry.engine_ids(running), reason)
+
 
 # -- errors --------------------------------------------------------------------
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

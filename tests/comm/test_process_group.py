@@ -62,3 +62,23 @@ def test_missing_peer_times_out_at_rendezvous(failures):
     (result,) = failures["lonely"]
     assert "Timed out" in result["error"] or "timeout" in result["error"].lower()
     assert result["elapsed_s"] < 20
+
+
+def test_rendezvous_store_listens_on_the_group_address_only(listening):
+    """Rank 0's store is an unauthenticated key-value server: it must not listen on every interface."""
+    import torch.distributed as dist
+
+    from moelink.comm import destroy
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    port = find_free_port("127.0.0.1")
+    init_process_group(0, 1, "127.0.0.1", port, "gloo", timeout_s=10.0)
+    try:
+        assert listening(port) == {("127.0.0.1", port)}
+        # The group works on that store.
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        destroy()

@@ -1,0 +1,111 @@
+"""Clean-up of a Ray instance that moelink started for itself, even when moelink is SIGKILLed.
+
+    python ray_guard.py TEMP_DIR PARENT_PID      (started by `LocalRay`, never by hand)
+
+A local Ray lives in a temp dir of its own (sessions, logs, sockets). Ray's GCS and raylet die
+with the process that started them (PR_SET_PDEATHSIG), but the agents the raylet starts
+(ray::DashboardAgent, ray::RuntimeEnvAgent) outlived a SIGKILLed `moelink serve` by about a
+minute, and session folders piled up under /tmp/ray, after clean exits too.
+
+The guard is a small process started next to Ray, in a session of its own (so Ctrl-C or a
+SIGTERM to the server's process group does not reach it: the server may be draining). It waits
+until the server is gone — EOF on its stdin, a pipe whose other end only the server holds, or
+its parent process changing — then stops every process that has a file open under TEMP_DIR or
+names it on its command line (the processes of this Ray instance, and no others: every Ray
+process keeps its logs there) and removes TEMP_DIR. On a clean exit the server shuts Ray down
+itself, then closes the pipe, and the guard only checks for stragglers and removes the folder.
+
+No imports beyond the standard library: it must start in milliseconds and outlive anything.
+"""
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import sys
+import time
+
+_TERM_GRACE_S = 0.5
+
+
+def processes_using(temp_dir: str, exclude: tuple[int, ...] = ()) -> list[int]:
+    """PIDs of this user's processes that have a file open under `temp_dir` or name it in their arguments
+    (never this process, nor those in `exclude`)."""
+    prefix = os.path.realpath(temp_dir).rstrip("/") + "/"
+    needle = temp_dir.encode()
+    uid = os.getuid()
+    skip = {os.getpid(), *exclude}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in skip:
+            continue
+        proc = f"/proc/{entry}"
+        try:
+            if os.stat(proc).st_uid != uid:
+                continue
+            with open(f"{proc}/cmdline", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry))
+                    continue
+            for fd in os.listdir(f"{proc}/fd"):
+                try:
+                    target = os.readlink(f"{proc}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith(prefix):
+                    found.append(int(entry))
+                    break
+        except OSError:  # gone, or not ours to look at
+            continue
+    return found
+
+
+def clean(temp_dir: str, exclude: tuple[int, ...] = (), grace_s: float = _TERM_GRACE_S) -> int:
+    """Stop the processes of the Ray instance in `temp_dir` (SIGTERM, then SIGKILL) and remove it;
+    returns how many there were. `exclude`: PIDs to leave alone (the server, on a clean exit)."""
+    pids = processes_using(temp_dir, exclude)
+    for pid in pids:
+        _signal(pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    left = pids
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in processes_using(temp_dir, exclude) if p in pids]
+    for pid in processes_using(temp_dir, exclude):  # stragglers, and anything started meanwhile
+        _signal(pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return len(pids)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def wait_for_parent(parent_pid: int) -> None:
+    """Return once the parent is gone: EOF on stdin (or stdin closed), or a new parent process."""
+    stdin = sys.stdin.fileno()
+    while os.getppid() == parent_pid:
+        try:
+            ready, _, _ = select.select([stdin], [], [], 0.5)
+            if ready and not os.read(stdin, 4096):
+                return
+        except OSError:
+            return
+
+
+def main(argv: list[str]) -> int:
+    temp_dir, parent_pid = argv[0], int(argv[1])
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # only the parent's exit ends the watch
+    wait_for_parent(parent_pid)
+    clean(temp_dir, exclude=(parent_pid,))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

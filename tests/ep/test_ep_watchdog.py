@@ -1,0 +1,194 @@
+"""A frozen EP rank (a real Ray actor process, SIGSTOP by PID) is seen: health, streams, KV blocks, drain.
+
+Each test runs a gRPC server in this process in front of an EP-2 AsyncEngine on the module's
+local Ray, streams a few long requests, freezes rank 1 and checks what clients and probes see.
+The frozen process is resumed and killed (by PID) at the end whatever happened.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from moelink.engine import AsyncEngine, EngineArgs
+
+HEARTBEAT_TIMEOUT_S = 3.0
+
+
+class _Server:
+    """MoelinkServer + AsyncEngine (EP 2) on an event loop in a background thread."""
+
+    def __init__(self, model: str, grace: float = 30.0, **engine_kw):
+        from moelink.engine.server.config import ServerConfig
+        from moelink.engine.server.server import MoelinkServer
+
+        self.engine = AsyncEngine.from_engine_args(EngineArgs(
+            model=model, dtype="float32", expert_parallel_size=2, num_kv_blocks=256, max_num_seqs=8, **engine_kw))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = MoelinkServer(self.engine, ServerConfig(host="127.0.0.1", port=0, shutdown_grace=grace))
+        self.addr = f"127.0.0.1:{self.call(self.server.start())}"
+
+    def call(self, coro, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        try:
+            self.call(self.server.stop(0.5))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.engine.shutdown(timeout=3)
+            self.loop.close()
+
+
+@contextlib.contextmanager
+def _frozen(pid: int):
+    """SIGSTOP `pid` (a rank's actor process); resume and kill it on the way out, whatever happened."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+class _Streams:
+    """Long requests on both services, each consumed by a thread: messages, then the error if any."""
+
+    def __init__(self, channel, n_native: int = 2, n_vllm: int = 1):
+        from smg_grpc_proto.generated import vllm_engine_pb2, vllm_engine_pb2_grpc
+
+        from moelink.engine.server.gen import moelink_v1_pb2, moelink_v1_pb2_grpc
+
+        pb, vpb = moelink_v1_pb2, vllm_engine_pb2
+        native, vllm = moelink_v1_pb2_grpc.GenerationStub(channel), vllm_engine_pb2_grpc.VllmEngineStub(channel)
+        self.results: dict[str, list] = {}
+        calls = {}
+        for i in range(n_native):
+            calls[f"n{i}"] = lambda i=i: native.Generate(pb.GenerateRequest(
+                request_id=f"n{i}", prompt_token_ids=pb.TokenIds(ids=[i + 3] * 12),
+                sampling_params=pb.SamplingParams(max_tokens=3000, ignore_eos=True, temperature=0)), timeout=60)
+        for i in range(n_vllm):
+            calls[f"v{i}"] = lambda i=i: vllm.Generate(vpb.GenerateRequest(
+                request_id=f"v{i}", tokenized=vpb.TokenizedInput(input_ids=[i + 7] * 12), stream=True,
+                sampling_params=vpb.SamplingParams(max_tokens=3000, ignore_eos=True, temperature=0)), timeout=60)
+        self.threads = [threading.Thread(target=self._consume, args=(rid, call), daemon=True)
+                        for rid, call in calls.items()]
+        for t in self.threads:
+            t.start()
+
+    def _consume(self, rid, call):
+        msgs = self.results.setdefault(rid, [])
+        try:
+            for m in call():
+                msgs.append(m)
+        except grpc.RpcError as exc:
+            msgs.append(exc)
+
+    def wait_flowing(self, n_messages: int = 3, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while any(len(self.results.get(rid, [])) < n_messages for rid in ("n0", "n1", "v0")):
+            assert time.monotonic() < deadline, f"streams did not start: { {k: len(v) for k, v in self.results.items()} }"
+            time.sleep(0.05)
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self.threads), "a stream did not end"
+
+
+def _health(stub, hpb, service: str) -> int:
+    return stub.Check(hpb.HealthCheckRequest(service=service), timeout=5).status
+
+
+def _pool_free(engine) -> bool:
+    return all(s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks
+               for s in engine.engine.rank_stats())
+
+
+def test_frozen_rank_turns_health_not_serving_and_ends_requests(local_ray, tiny_model):
+    from grpc_health.v1 import health_pb2 as hpb, health_pb2_grpc
+    from smg_grpc_proto.generated import vllm_engine_pb2 as vpb, vllm_engine_pb2_grpc
+
+    srv = _Server(tiny_model("qwen3_e6k3"), heartbeat_timeout=HEARTBEAT_TIMEOUT_S)
+    channel = grpc.insecure_channel(srv.addr)
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        vllm = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+        assert _health(health, hpb, "") == hpb.HealthCheckResponse.SERVING
+        streams = _Streams(channel)
+        streams.wait_flowing()
+        pid = srv.engine.engine.executor.rank_pids[1]
+        with _frozen(pid):
+            t0 = time.monotonic()
+            while _health(health, hpb, "") != hpb.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() - t0 < 15, "liveness still SERVING 15 s after a rank froze"
+                time.sleep(0.05)
+            seen_after = time.monotonic() - t0
+            # The bound: one heartbeat round (timeout + interval), the server's 0.2 s poll, scheduling slack.
+            assert seen_after < HEARTBEAT_TIMEOUT_S + 2.5, f"NOT_SERVING only after {seen_after:.1f} s"
+            print(f"liveness NOT_SERVING {seen_after:.2f} s after rank 1 froze (heartbeat timeout "
+                  f"{HEARTBEAT_TIMEOUT_S:g} s)")
+            for service in ("moelink.v1.Generation", "vllm.grpc.engine.VllmEngine"):
+                assert _health(health, hpb, service) == hpb.HealthCheckResponse.NOT_SERVING, service
+            hc = vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=5)
+            assert not hc.healthy and "rank 1" in hc.message and "heartbeat" in hc.message, hc.message
+            # Every in-flight request ends with a clear status naming the rank and the reason.
+            streams.join(10)
+            for rid, msgs in streams.results.items():
+                err = msgs[-1]
+                assert isinstance(err, grpc.RpcError), (rid, err)
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, (rid, err.code())
+                assert "rank 1" in err.details() and "heartbeat" in err.details(), (rid, err.details())
+            # Nothing leaked: every request ended, every KV block of every rank is free.
+            deadline = time.monotonic() + 5
+            while not _pool_free(srv.engine):
+                assert time.monotonic() < deadline, srv.engine.engine.rank_stats()
+                time.sleep(0.05)
+            assert not srv.engine.engine.output_processor.states
+            assert not srv.server.serving.registry.active
+    finally:
+        channel.close()
+        srv.close()
+
+
+def test_drain_keeps_its_grace_with_a_frozen_rank(local_ray, tiny_model):
+    """The rank froze and no watchdog has fired yet: drain still ends every stream with 'abort' in time."""
+    srv = _Server(tiny_model("qwen3_e6k3"), grace=1.0, heartbeat_timeout=60.0)
+    channel = grpc.insecure_channel(srv.addr)
+    pid = srv.engine.engine.executor.rank_pids[1]
+    try:
+        streams = _Streams(channel)
+        streams.wait_flowing()
+        with _frozen(pid):
+            time.sleep(0.3)  # the engine is now inside a step that waits for rank 1
+            t0 = time.monotonic()
+            srv.call(srv.server.drain(), timeout=20)
+            drained = time.monotonic() - t0
+            streams.join(5)
+            assert drained < 1.0 + 3.0, f"drain took {drained:.1f} s for a 1 s grace"
+            print(f"drain with a frozen rank took {drained:.2f} s for a 1 s grace")
+            for rid, msgs in streams.results.items():
+                last = msgs[-1]
+                assert not isinstance(last, grpc.RpcError), (rid, last.code(), last.details())
+                reason = last.finish_reason if rid.startswith("n") else last.complete.finish_reason
+                assert reason == "abort", (rid, last)
+            # Shutdown is bounded too: it stops the ranks, which ends the step that waits for rank 1.
+            t1 = time.monotonic()
+            srv.engine.shutdown(timeout=3)
+            assert time.monotonic() - t1 < 10
+            assert not srv.engine._thread.is_alive()
+            assert _pool_free(srv.engine) and not srv.engine.engine.output_processor.states
+    finally:
+        channel.close()
+        srv.close()
