@@ -257,8 +257,10 @@ class Serving:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def abort(self, request_ids) -> int:
-        """Abort by client request id (every sample); returns how many were running."""
-        self.limits.check("max_abort_ids", len(request_ids))
+        """Abort by client request id (every sample); returns how many were running.
+
+        Uncapped: --max-abort-ids bounds what one Abort RPC may ask (`abort_requested`), not the server's
+        own drain, which aborts everything running, however many that is."""
         ids = list(request_ids)
         running = [rid for rid in ids if rid in self.registry.active]
         for rid in running:
@@ -266,6 +268,11 @@ class Serving:
         for eid in self.registry.engine_ids(running):
             await self.engine.abort(eid)
         return len(running)
+
+    async def abort_requested(self, request_ids) -> int:
+        """An Abort RPC's ids: refused by their count before any is looked at, then `abort`."""
+        self.limits.check("max_abort_ids", len(request_ids))
+        return await self.abort(request_ids)
 
     async def abort_all(self) -> None:
         await self.abort(list(self.registry.active))

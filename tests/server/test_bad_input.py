@@ -115,6 +115,35 @@ def test_list_fields_are_capped(stubs, util, service):
     assert util.pool_is_free(stubs.native, stubs.pb)
 
 
+def test_drain_aborts_more_requests_than_one_abort_rpc_may_name(thread_server, util):
+    """--max-abort-ids caps an Abort RPC, not the server's own drain: with more requests running than the cap,
+    drain used to raise and leave every stream running to its length."""
+    srv = thread_server(limits=RequestLimits(max_abort_ids=1))
+    results: dict[int, list] = {}
+
+    def consume(i, s):
+        try:
+            results[i] = list(s.native.Generate(s.pb.GenerateRequest(
+                request_id=f"d{i}", prompt_token_ids=s.pb.TokenIds(ids=[5, 6, 7]), sampling_params=s.pb.SamplingParams(
+                    max_tokens=500, ignore_eos=True)), timeout=30))
+        except grpc.RpcError as exc:
+            results[i] = [exc]
+
+    with grpc.insecure_channel(srv.addr) as ch:
+        s = util.make_stubs(ch)
+        threads = [threading.Thread(target=consume, args=(i, s)) for i in range(3)]
+        for t in threads:
+            t.start()
+        assert util.wait_until(lambda: s.native.ServerInfo(s.pb.ServerInfoRequest()).active_requests == 3, 10)
+        srv.call(srv.server.drain(grace=0), timeout=15)
+        for t in threads:
+            t.join(15)
+    assert sorted(results) == [0, 1, 2]
+    for i, msgs in results.items():
+        assert not isinstance(msgs[-1], Exception), (i, msgs[-1])
+        assert msgs[-1].finish_reason == "abort", (i, msgs[-1].finish_reason)
+
+
 @pytest.mark.parametrize("service", ["native", "vllm"])
 def test_sampling_params_larger_than_the_limits_allow_are_refused_before_parsing(stubs, service):
     many = [1] * 150_000  # ~150 KB packed: more than any SamplingParams within the limits
