@@ -132,7 +132,10 @@ class MoelinkServer:
         It shares the engine, the queue limits and the health state with the main port.
         """
         cfg = self.config
-        self.gateway_server = grpc.aio.server(options=options)
+        # The same decoding and wire prechecks as the main port (INVALID_ARGUMENT for corrupt bytes, large
+        # requests refused before parsing, memory given back): behind smg this port takes all the traffic.
+        self.gateway_server = grpc.aio.server(
+            interceptors=[DecodingInterceptor(cfg.limits, self.serving.text_refusal)], options=options)
         vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(vllm_servicer, self.gateway_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.gateway_server)
         try:

@@ -89,6 +89,20 @@ def test_undecodable_requests_are_invalid_argument_on_both_services(stubs):
     assert stubs.vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=5).healthy
 
 
+def test_the_gateway_listener_decodes_and_prechecks_like_the_main_port(thread_server, util):
+    """Behind smg (--api-key with --gateway-port) all traffic comes through the gateway listener: corrupt bytes
+    get INVALID_ARGUMENT there too, and sampling_params too large for the limits are refused before parsing."""
+    srv = thread_server(api_key="k", gateway_port=0)
+    with grpc.insecure_channel(f"127.0.0.1:{srv.server.gateway_port}") as ch:
+        s = util.make_stubs(ch)
+        err = _refused(lambda: ch.unary_stream("/vllm.grpc.engine.VllmEngine/Generate")(b"\x0a\x03\xff\xfe\xfd",
+                                                                                          timeout=10))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "could not be decoded" in err.details(), err.details()
+        err = _refused(_vllm(s, sampling_params=s.vpb.SamplingParams(stop_token_ids=[1] * 150_000)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling_params is" in err.details(), err.details()
+        assert s.vllm.HealthCheck(s.vpb.HealthCheckRequest(), timeout=5).healthy
+
+
 # -- item 2: capped lists, validated once -----------------------------------------------------
 CAP_CASES = [  # (sampling params, what the message must say)
     (dict(stop_token_ids=[1] * (LIMITS.max_stop_token_ids + 1)), "sampling_params.stop_token_ids has"),
