@@ -139,9 +139,11 @@ class Serving:
         if isinstance(prompt, str):
             ids = await self._tokenize(prompt, field, keep)
         else:
-            if keep is None and len(prompt) >= self.max_model_len:
-                # Refused on its length alone: not one of a 5M-id list's entries is looked at.
-                raise too_long(field, len(prompt), self.max_model_len)
+            kept = len(prompt) if keep is None else min(len(prompt), keep)
+            if kept >= self.max_model_len:
+                # Refused on its length alone (truncated or not): not one of a 5M-id list's entries is looked at
+                # or copied.
+                raise too_long(field, kept, self.max_model_len)
             ids = list(prompt if keep is None else prompt[-keep:])
         process = self.engine.engine.process_inputs
         if len(ids) <= INLINE_MAX_IDS:

@@ -330,6 +330,45 @@ def test_text_that_cannot_fit_is_refused_before_tokenizing_and_long_text_is_toke
     assert processed.prompt_token_ids == whole[-511:]
 
 
+class _LenOnly:
+    """A token-id list of which only the length may be read: touching an entry (or slicing) is recorded."""
+
+    def __init__(self, n):
+        self.n, self.touched = n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        self.touched.append(index)
+        raise AssertionError("an entry was looked at")
+
+    def __iter__(self):
+        self.touched.append("iter")
+        raise AssertionError("the list was iterated")
+
+
+def test_token_ids_that_cannot_fit_even_truncated_are_refused_on_their_length(thread_server, util):
+    """truncate_prompt_tokens >= max_model_len keeps more than can fit: 30 M ids were copied on the event loop
+    (1.5 s without health checks) before the refusal."""
+    srv = thread_server()
+    serving = srv.server.serving
+    for keep in (None, 512, 10 ** 6):
+        ids = _LenOnly(30_000_000)
+        with pytest.raises(ValueError, match="has .* tokens, too long"):
+            srv.call(serving.prepare("t", ids, SamplingParams(), "tokenized.input_ids", keep=keep))
+        assert ids.touched == [], keep
+    with grpc.insecure_channel(srv.addr) as ch:
+        s = util.make_stubs(ch)
+        err = _refused(_vllm(s, tokenized=s.vpb.TokenizedInput(input_ids=[1] * 600),
+                             sampling_params=s.vpb.SamplingParams(truncate_prompt_tokens=10 ** 6)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "has 600 tokens, too long" in err.details()
+        msgs = list(s.vllm.Generate(s.vpb.GenerateRequest(tokenized=s.vpb.TokenizedInput(input_ids=[1] * 600),
+                    stream=False, sampling_params=s.vpb.SamplingParams(truncate_prompt_tokens=100, max_tokens=1)),
+                    timeout=30))
+        assert msgs[-1].complete.prompt_tokens == 100
+
+
 def test_16_mb_prompt_is_refused_fast_and_memory_does_not_stay(spawn_server, util):
     """A 16 MB text prompt used to freeze the server for ~18 s and leave RSS 2 GB higher."""
     srv = spawn_server()
