@@ -85,7 +85,7 @@ class MoelinkServer:
             ("grpc.so_reuseport", 0),
         ]
         interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
-        interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal))
+        interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         moelink_v1_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.serving), self.server)
         vllm_servicer = VllmEngineServicer(self.serving)
@@ -134,8 +134,8 @@ class MoelinkServer:
         cfg = self.config
         # The same decoding and wire prechecks as the main port (INVALID_ARGUMENT for corrupt bytes, large
         # requests refused before parsing, memory given back): behind smg this port takes all the traffic.
-        self.gateway_server = grpc.aio.server(
-            interceptors=[DecodingInterceptor(cfg.limits, self.serving.text_refusal)], options=options)
+        decoding = DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal)
+        self.gateway_server = grpc.aio.server(interceptors=[decoding], options=options)
         vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(vllm_servicer, self.gateway_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.gateway_server)
         try:

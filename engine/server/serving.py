@@ -123,6 +123,13 @@ class Serving:
                 f"stands for at most {self.bytes_per_token:g} bytes, so it cannot fit in the "
                 f"{self.max_model_len - 1} prompt tokens max_model_len={self.max_model_len} leaves.")
 
+    def ids_refusal(self, field: str, num_ids: int) -> Optional[str]:
+        """Why a prompt of at least `num_ids` token ids cannot fit max_model_len, or None if it may."""
+        if num_ids < self.max_model_len:
+            return None
+        return (f"{field} has at least {num_ids} tokens, too long: max_model_len={self.max_model_len} leaves room "
+                f"for at most {self.max_model_len - 1} prompt tokens.")
+
     def request_id(self, given: str) -> str:
         if not given:
             return f"req-{uuid.uuid4().hex}"

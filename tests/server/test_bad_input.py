@@ -170,6 +170,13 @@ def test_sampling_params_larger_than_the_limits_allow_are_refused_before_parsing
     assert f"more than {LIMITS.max_sampling_params_bytes()}" in err.details()
 
 
+def _varint(n: int) -> bytes:
+    out = b""
+    while n >= 0x80:
+        out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+    return out + bytes([n])
+
+
 def test_requests_too_large_on_the_wire_are_not_parsed():
     """The 5 M stop ids and the 16 MB prompt of issue 11 cost the event loop 40 ms and 6-35 ms of parsing;
     their wire form says enough without it. What could still fit is parsed as usual."""
@@ -183,6 +190,9 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
 
     def text_refusal(field, num_bytes):
         return f"{field} is too long" if num_bytes > 10_000 else None
+
+    def ids_refusal(field, num_ids):
+        return f"{field} has at least {num_ids} tokens" if num_ids >= 512 else None
 
     parsed = []
 
@@ -202,7 +212,7 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
             return handler
 
         details = SimpleNamespace(method=method, invocation_metadata=())
-        wrapped = await DecodingInterceptor(LIMITS, text_refusal).intercept_service(continuation, details)
+        wrapped = await DecodingInterceptor(LIMITS, text_refusal, ids_refusal).intercept_service(continuation, details)
         return wrapped.request_deserializer
 
     native = asyncio.run(wrap("/moelink.v1.Generation/Generate", pb.GenerateRequest))
@@ -217,12 +227,30 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
         (vllm, vpb.GenerateRequest(text=long_text, sampling_params=vpb.SamplingParams(max_tokens=3)).SerializeToString(),
          "text is too long"),
     ]
+    big_sp = pb.SamplingParams(stop_token_ids=[1] * 150_000).SerializeToString()
+    # Padding: 64 tiny request_id fields used to push sampling_params past the scan, which then parsed it.
+    padding = pb.GenerateRequest(request_id="p").SerializeToString() * 70
+    refused += [
+        (native, padding + pb.GenerateRequest(prompt="hi").SerializeToString() + b"\x22" + _varint(len(big_sp)) + big_sp,
+         "top-level field occurrences"),
+        (vllm, padding + vpb.GenerateRequest(text="x" * 5000).SerializeToString(), "top-level field occurrences"),
+        # Token ids: 5000 bytes of packed ids are at least 1000 ids (5 bytes each at most), more than can fit.
+        (native, pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[2 ** 31] * 1000)).SerializeToString(),
+         "prompt_token_ids.ids has at least 1000 tokens"),
+        (vllm, vpb.GenerateRequest(tokenized=vpb.TokenizedInput(input_ids=[1] * 5000)).SerializeToString(),
+         "tokenized.input_ids has at least 1000 tokens"),
+    ]
     for deserialize, data, message in refused:
         out = deserialize(data)
         assert message in out.message and parsed == [], (message, parsed)
     parsed_as_usual = [
         (native, pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(stop_token_ids=[1] * 1000))),
         (native, pb.GenerateRequest(prompt="x" * 9_000)),
+        # 2500 bytes of packed ids may be only 500 ids: parsed (the engine counts them).
+        (native, pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1] * 2500),
+                                    sampling_params=pb.SamplingParams(stop=["y" * 256] * 8))),
+        (vllm, vpb.GenerateRequest(tokenized=vpb.TokenizedInput(input_ids=[1] * 5000),
+                                   sampling_params=vpb.SamplingParams(truncate_prompt_tokens=10))),
         # Truncation asked: the tail of a long text may fit.
         (vllm, vpb.GenerateRequest(text=long_text, sampling_params=vpb.SamplingParams(truncate_prompt_tokens=-1))),
     ]
@@ -232,7 +260,7 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
     later_ids = pb.GenerateRequest(prompt=long_text).SerializeToString() + \
         pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 2])).SerializeToString()
     assert list(native(later_ids).prompt_token_ids.ids) == [1, 2]
-    assert len(parsed) == 4
+    assert len(parsed) == 6
 
 
 def test_a_request_is_validated_once_whatever_its_n(thread_server, util, monkeypatch):
