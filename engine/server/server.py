@@ -266,13 +266,44 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+_MAX_TRACEBACK_CHARS = 20_000
+_MAX_TRACEBACK_LINES = 500  # a deep recursion's traceback, collapsed by `traceback`, stays under this
+
+
+def _logfmt(value) -> str:
+    """A field value as logfmt writes it: quoted when it has a space, '=', '"' or '\\' (or is empty), so
+    request_id="x finish_reason=length" stays one field and cannot plant others after it."""
+    text = value if isinstance(value, str) else str(value)
+    if text and not any(c in text for c in ' ="\\'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class _TextWithExtras(logging.Formatter):
-    """One line per record (a traceback after it aside): no message or field can start a line of its own."""
+    """One line per record, fields in logfmt after the message; a traceback follows indented, so no message,
+    field or exception text can start a line of its own."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = shown(super().formatMessage(record), MAX_LOG_LINE_CHARS, quote=False)
         extras = _extras(record)
-        return line + ("".join(f" {k}={v}" for k, v in extras.items()) if extras else "")
+        return line + ("".join(f" {k}={_logfmt(v)}" for k, v in extras.items()) if extras else "")
+
+    def formatException(self, ei) -> str:
+        return self._indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return self._indented(super().formatStack(stack_info))
+
+    @staticmethod
+    def _indented(text: str) -> str:
+        # An exception's message can carry client values (newlines included): each line is escaped and
+        # indented, and the whole is bounded like any other client value.
+        if len(text) > _MAX_TRACEBACK_CHARS:
+            text = f"{text[:_MAX_TRACEBACK_CHARS]}... ({len(text)} characters in all)"
+        lines = text.split("\n")
+        if len(lines) > _MAX_TRACEBACK_LINES:
+            lines = lines[:_MAX_TRACEBACK_LINES] + [f"... ({len(lines)} lines in all)"]
+        return "\n".join("  " + shown(line, MAX_LOG_LINE_CHARS, quote=False) for line in lines)
 
 
 def configure_logging(log_format: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -451,6 +452,29 @@ def test_client_values_cannot_forge_or_flood_log_lines(server, stubs):
     assert "FORGED" in logs
     assert not any(line.startswith("2099-01-01") for line in logs.splitlines()), "a client wrote its own log line"
     assert max(len(line) for line in logs.splitlines()) < 2000
+
+
+def test_text_log_fields_and_tracebacks_cannot_plant_fields_or_lines():
+    """A request_id with spaces and '=' used to plant fields (finish_reason=length) in the text log; an exception
+    message with a newline, lines of its own."""
+    import re
+
+    from moelink.engine.server.server import _TextWithExtras
+
+    fmt = _TextWithExtras("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "request finished", (), None)
+    record.request_id = 'x finish_reason=length latency_s=0 q="\\'
+    record.finish_reason = "stop"
+    line = fmt.format(record)
+    fields = dict(re.findall(r' (\w+)=("(?:[^"\\]|\\.)*"|[^ "]*)', line.split(": request finished", 1)[1]))
+    assert fields == {"request_id": '"x finish_reason=length latency_s=0 q=\\"\\\\"', "finish_reason": "stop"}, line
+    try:
+        raise ValueError("boom\n2099-01-01 00:00:00,000 INFO FORGED" + "\n" * 50_000)
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    text = fmt.format(record)
+    assert text.count("\n") < 1000 and len(text) < 30_000
+    assert all(i == 0 or line.startswith("  ") for i, line in enumerate(text.split("\n"))), text[:500]
 
 
 def test_json_log_fields_are_bounded():
