@@ -202,8 +202,9 @@ class MoelinkServer:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._metrics_server is not None:
-            self._metrics_server.close()
-            self._metrics_server = None
+            # close() waits for the accept loop's next tick (up to half a second): not on the event loop.
+            metrics_server, self._metrics_server = self._metrics_server, None
+            await asyncio.to_thread(metrics_server.close)
         servers = [srv for srv in (self.server, self.gateway_server) if srv is not None]
         if servers:
             await asyncio.gather(*(srv.stop(grace) for srv in servers))
