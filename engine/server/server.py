@@ -146,10 +146,9 @@ class MoelinkServer:
             raise ValueError(f"gateway_port={cfg.gateway_port} is invalid: could not bind {cfg.gateway_address} "
                              f"(in use, or no such address).")
         self.gateway_port = port
-        if not _is_loopback(cfg.gateway_host) and (cfg.api_key or cfg.tls):
-            logger.warning("--gateway-port %d listens on %s without the API key or TLS of --port: anything that "
-                           "reaches it can generate; keep it on loopback unless the network is private",
-                           port, cfg.gateway_host)
+        warning = gateway_exposure(cfg)
+        if warning:
+            logger.warning("--gateway-port %d %s", port, warning)
 
     def _start_metrics(self) -> None:
         from ..metrics import EngineMetrics, start_metrics_server
@@ -233,6 +232,21 @@ async def _serve(engine: AsyncEngine, config: ServerConfig) -> None:
               f"(gRPC plaintext, no API key; services {VLLM_SERVICE}, health)", flush=True)
     await server.wait_closed()
     print("moelink: server stopped", flush=True)
+
+
+def gateway_exposure(cfg: ServerConfig) -> Optional[str]:
+    """Why the gateway listener is more exposed than the main port, or None: it has no key or TLS, so beyond
+    loopback it is open wherever the main port has a key or TLS, or is itself on loopback."""
+    if _is_loopback(cfg.gateway_host):
+        return None
+    if cfg.api_key or cfg.tls:
+        guard = "without the API key or TLS of --port"
+    elif _is_loopback(cfg.host):
+        guard = f"while --host {cfg.host} keeps the main port on loopback"
+    else:
+        return None
+    return (f"listens on {cfg.gateway_host} {guard}: anything that reaches it can generate; keep it on loopback "
+            "unless the network is private")
 
 
 def _is_loopback(host: str) -> bool:

@@ -252,3 +252,16 @@ def test_gateway_port_in_use_is_named(thread_server):
                 srv.call(second.start())
         finally:
             srv.call(second.stop(0))
+
+
+def test_a_gateway_listener_wider_than_the_main_port_is_warned_about():
+    from moelink.engine.server.config import ServerConfig
+    from moelink.engine.server.server import gateway_exposure
+
+    def exposure(**kw):
+        return gateway_exposure(ServerConfig(port=50051, gateway_port=50052, **kw))
+
+    assert "API key" in exposure(host="127.0.0.1", gateway_host="0.0.0.0", api_key="k")
+    assert "--host 127.0.0.1" in exposure(host="127.0.0.1", gateway_host="0.0.0.0")
+    assert exposure(host="0.0.0.0", gateway_host="0.0.0.0") is None
+    assert exposure(host="127.0.0.1", gateway_host="127.0.0.1", api_key="k") is None
