@@ -98,8 +98,12 @@ def bytes_per_token(tokenizer_json: str | dict) -> float:
         raise NoBound(f"model {kind}: an unknown token may stand for a whole word")
     covers_all = byte_level and kind == "BPE" and all(chr(c) in vocab for c in _byte_level_alphabet())
     longest = 0
+    # Byte fallback turns an unknown character into its bytes, one <0xNN> token each, but a byte whose token is
+    # missing falls back to the unknown token (which fuse_unk would merge with its neighbours): all 256 needed.
+    token_set = set(tokens)
+    byte_fallback = model.get("byte_fallback") and all(f"<0x{b:02X}>" in token_set for b in range(256))
     if not covers_all:
-        if model.get("byte_fallback"):
+        if byte_fallback:
             pass  # an unknown character becomes its bytes, one token each
         elif model.get("unk_token") is not None and kind == "BPE" and not model.get("fuse_unk"):
             longest = _MAX_CHAR_BYTES  # one unknown token per unknown character

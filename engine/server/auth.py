@@ -34,7 +34,9 @@ def _deny(handler, message: str):
     async def streaming(request_or_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    # No deserializer: the request stays raw bytes, never parsed. A caller without the key must not make the
+    # server parse 30 M token ids on its event loop just to be told UNAUTHENTICATED.
+    kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
     if handler.request_streaming:

@@ -8,7 +8,7 @@ so a parse failure becomes a marker object, and the method's behaviour answers
 INVALID_ARGUMENT for it, on every service.
 
 A Generate request that its wire form alone proves too large (sampling_params
-beyond anything the limits allow, a text prompt longer than can fit) is
+beyond anything the limits allow, a prompt longer than can fit) is
 refused the same way, before it is parsed: parsing 5 M stop_token_ids takes
 40 ms of the event loop, a 16 MB prompt's parse and str 6 to 35 ms.
 
@@ -75,7 +75,12 @@ class _Refused:
         self.message = message
 
 
-_SCAN_FIELDS = 64  # a request has a dozen top-level fields; a scan stops after this many
+# A GenerateRequest has at most 11 top-level fields (vllm's; moelink's has 4), and a serializer writes each
+# once: the only repeated one, extra_mm_inputs, is refused anyway (text-only models). So a Generate request
+# with this many top-level occurrences is padding (placed there to push the real fields past the scan) and is
+# refused; for other messages a scan just stops here.
+_SCAN_FIELDS = 64
+_MAX_VARINT_BYTES = 5  # a packed uint32 token id takes 1 to 5 bytes
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -89,10 +94,10 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def scan(data: bytes | memoryview) -> tuple[list[tuple[int, int, int]], bool]:
-    """The fields of a serialized message, read from the wire without parsing it: (number, offset, size) of
-    each length-delimited field (size 0 for the others) among the first _SCAN_FIELDS, and whether that was
-    all of them. O(fields scanned), whatever the message's size."""
+def scan(data: bytes | memoryview) -> tuple[list[tuple[int, int, int, int]], bool]:
+    """The fields of a serialized message, read from the wire without parsing it: (number, wire type, offset,
+    size) of each among the first _SCAN_FIELDS (size 0 unless length-delimited), and whether that was all of
+    them. O(fields scanned), whatever the message's size."""
     fields, pos = [], 0
     try:
         for _ in range(_SCAN_FIELDS):
@@ -110,7 +115,7 @@ def scan(data: bytes | memoryview) -> tuple[list[tuple[int, int, int]], bool]:
                 pos = start + size
             else:
                 return fields, False  # groups, or not protobuf: the parser says what is wrong
-            fields.append((key >> 3, start, size))
+            fields.append((key >> 3, wire, start, size))
     except IndexError:
         return fields, False
     return fields, pos >= len(data)
@@ -119,20 +124,37 @@ def scan(data: bytes | memoryview) -> tuple[list[tuple[int, int, int]], bool]:
 def field_bytes(data: bytes, number: int) -> int:
     """Bytes of top-level field `number`, summed over its occurrences (protobuf merges repeated occurrences
     of a message field): a lower bound of what the parser would build, even from a partial scan."""
-    return sum(size for n, _, size in scan(data)[0] if n == number)
+    return sum(size for n, _, _, size in scan(data)[0] if n == number)
+
+
+def min_ids(data: bytes | memoryview, number: int) -> int:
+    """At least how many entries the repeated uint32 field `number` of a serialized message has: a packed run of
+    k bytes holds at least k/5 of them (ceiling), an unpacked entry is one. Reads only the tags."""
+    count = 0
+    for n, wire, _, size in scan(data)[0]:
+        if n == number:
+            count += -(-size // _MAX_VARINT_BYTES) if wire == 2 else 1
+    return count
 
 
 class _GenerateCheck:
     """What a Generate request's wire form alone proves too large, refused before it is parsed (the parse
     and the text's str are most of what a hostile request would cost the event loop):
     - sampling_params larger than any within the limits (5 M stop_token_ids: a 40 ms parse);
-    - a text prompt of more bytes than can fit max_model_len (Serving.text_refusal), unless the request asks
-      for truncation (VllmEngine's truncate_prompt_tokens, inside sampling_params)."""
+    - a text prompt of more bytes than can fit max_model_len (Serving.text_refusal), or token ids provably as
+      many as max_model_len or more (Serving.ids_refusal), unless the request asks for truncation (VllmEngine's
+      truncate_prompt_tokens, inside sampling_params);
+    - _SCAN_FIELDS top-level field occurrences or more, which no serializer writes (padding)."""
 
-    def __init__(self, pb, text_field: str, truncate_field: str | None, limits: RequestLimits, text_refusal):
+    def __init__(self, pb, text_field: str, ids_field: str, truncate_field: str | None, limits: RequestLimits,
+                 text_refusal, ids_refusal):
         fields = pb.GenerateRequest.DESCRIPTOR.fields_by_name
         self.sp = fields["sampling_params"].number
         self.text, self.text_name = fields[text_field].number, text_field
+        ids_msg, ids_list = ids_field.split(".")
+        self.ids, self.ids_name = fields[ids_msg].number, ids_field
+        self.ids_entry = fields[ids_msg].message_type.fields_by_name[ids_list].number
+        self.ids_refusal = ids_refusal
         self.inputs = {f.number for f in fields[text_field].containing_oneof.fields}
         self.truncate = None if truncate_field is None else \
             pb.SamplingParams.DESCRIPTOR.fields_by_name[truncate_field].number
@@ -140,7 +162,10 @@ class _GenerateCheck:
 
     def __call__(self, data: bytes) -> str | None:
         fields, complete = scan(data)
-        sp = [(start, size) for n, start, size in fields if n == self.sp]
+        if not complete and len(fields) == _SCAN_FIELDS:
+            return (f"the request has more than {_SCAN_FIELDS - 1} top-level field occurrences: a GenerateRequest "
+                    "has a dozen fields at most, each written once.")
+        sp = [(start, size) for n, _, start, size in fields if n == self.sp]
         sp_bytes = sum(size for _, size in sp)
         if sp_bytes > self.sp_limit:
             lim = self.limits
@@ -149,16 +174,25 @@ class _GenerateCheck:
                     f"characters, {lim.max_stop_token_ids} stop_token_ids: --max-stop-strings, "
                     "--max-stop-string-chars, --max-stop-token-ids).")
         # The last field of the input oneof wins; only a complete scan knows which is last.
-        inputs = [(n, size) for n, _, size in fields if n in self.inputs]
-        if not complete or not inputs or inputs[-1][0] != self.text:
+        inputs = [(n, start, size) for n, _, start, size in fields if n in self.inputs]
+        if not complete or not inputs or inputs[-1][0] not in (self.text, self.ids):
             return None
+        view = memoryview(data)
         if self.truncate is not None:
-            view = memoryview(data)
             for start, size in sp:
                 sub, sub_complete = scan(view[start:start + size])
-                if not sub_complete or any(n == self.truncate for n, _, _ in sub):
-                    return None  # the tail of a long text may be asked for
-        return self.text_refusal(self.text_name, inputs[-1][1])
+                if not sub_complete or any(n == self.truncate for n, _, _, _ in sub):
+                    return None  # the tail of a long prompt may be asked for
+        number, start, size = inputs[-1]
+        if number == self.text:
+            return self.text_refusal(self.text_name, size)
+        # Earlier occurrences of the same message field would be merged in (more ids): the last alone is a
+        # lower bound.
+        return self.ids_refusal(self.ids_name, min_ids(view[start:start + size], self.ids_entry))
+
+
+def _no_refusal(field: str, amount: int) -> None:
+    return None
 
 
 def _safe(deserialize, method: str, trimmer: _Trimmer, precheck):
@@ -225,8 +259,9 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
     """INVALID_ARGUMENT (not UNKNOWN) for a request its method cannot parse, or that its wire form shows too
     large to accept; memory given back after large requests."""
 
-    def __init__(self, limits: RequestLimits, text_refusal=lambda field, num_bytes: None):
-        """`text_refusal(field, num_bytes)`: why a text prompt of that many bytes cannot fit, or None."""
+    def __init__(self, limits: RequestLimits, text_refusal=_no_refusal, ids_refusal=_no_refusal):
+        """`text_refusal(field, num_bytes)`: why a text prompt of that many bytes cannot fit, or None;
+        `ids_refusal(field, num_ids)`: why a prompt of at least that many token ids cannot fit, or None."""
         from smg_grpc_proto.generated import vllm_engine_pb2
 
         from .gen import moelink_v1_pb2
@@ -234,9 +269,10 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
         self._trimmer = _Trimmer()
         self._prechecks = {
             f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/Generate":
-                _GenerateCheck(pb, text, truncate, limits, text_refusal)
-            for pb, service, text, truncate in ((moelink_v1_pb2, "Generation", "prompt", None),
-                                                (vllm_engine_pb2, "VllmEngine", "text", "truncate_prompt_tokens"))}
+                _GenerateCheck(pb, text, ids, truncate, limits, text_refusal, ids_refusal)
+            for pb, service, text, ids, truncate in (
+                (moelink_v1_pb2, "Generation", "prompt", "prompt_token_ids.ids", None),
+                (vllm_engine_pb2, "VllmEngine", "text", "tokenized.input_ids", "truncate_prompt_tokens"))}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # per method, made once
 
     async def intercept_service(self, continuation, handler_call_details):

@@ -89,11 +89,17 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
     rows = [
         ("any request", f"at most {DEFAULT_MAX_MESSAGE_SIZE >> 20} MiB (`--max-message-size`)", "RESOURCE_EXHAUSTED"),
         ("any request", "decodes as its protobuf message, every string valid UTF-8", invalid),
+        ("`Generate` (both services)", "each top-level field written once: a request over 4 KiB with 64 or more "
+                                       "top-level field occurrences (padding) is refused before parsing", invalid),
         ("`request_id`", f"at most {lim.max_request_id_chars} characters ({flag('max_request_id_chars')})", invalid),
         ("`prompt` / `text`", "not empty; at most (max_model_len − 1) × B bytes, where B is the most bytes one "
-                              "token of the model's tokenizer can stand for (refused before tokenizing)", invalid),
-        ("`prompt_token_ids.ids` / `tokenized.input_ids`", "1 to max_model_len − 1 ids, each in [0, vocab_size)",
-         invalid),
+                              "token of the model's tokenizer can stand for (refused before tokenizing, and before "
+                              "parsing); with VllmEngine's `truncate_prompt_tokens` only the text's last "
+                              "2 × that many bytes are tokenized", invalid),
+        ("`prompt_token_ids.ids` / `tokenized.input_ids`", "1 to max_model_len − 1 ids, each in [0, vocab_size), "
+                                                           "counted after `truncate_prompt_tokens` when it is set; "
+                                                           "refused by the count alone, and before parsing when "
+                                                           "the packed ids' bytes / 5 reach max_model_len", invalid),
         ("`sampling_params`", f"at most {lim.max_sampling_params_bytes()} bytes, what the limits below allow "
                               "(refused before parsing)", invalid),
         ("`sampling_params.n`", f"1 to {lim.max_n} ({flag('max_n')})", invalid),
@@ -116,8 +122,17 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
     lines = ["| field | limit | refused with |", "|---|---|---|"]
     lines += [f"| {f} | {limit} | {status} |" for f, limit, status in rows]
     lines.append("")
-    lines.append(f"Client values quoted in error messages and logs are cut to {MAX_SHOWN_CHARS} characters, "
-                 "with control characters escaped.")
+    lines.append("Every list is checked by its length before any of its entries is looked at. The same checks "
+                 "hold on `--port` and on `--gateway-port`; a request without a valid `--api-key` is refused "
+                 "unparsed. Client values quoted in error messages and logs are cut to "
+                 f"{MAX_SHOWN_CHARS} characters, with control characters escaped (text logs quote fields "
+                 "logfmt-style).")
+    lines.append("")
+    lines.append("B is the tokenizer's longest token (times what normalization can shrink), so the text bound is "
+                 "loose for large vocabularies: with 128-byte tokens and max_model_len 40960 it is about 5 MB, and "
+                 "text under it is tokenized (on a worker thread, about 1 s per MB, never on the event loop) "
+                 "before its token count can refuse it; cap request sizes with `--max-message-size` where that "
+                 "matters.")
     return "\n".join(lines)
 
 

@@ -102,7 +102,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         try:
-            return pb.AbortResponse(num_aborted=await self.s.abort(request.request_ids))
+            return pb.AbortResponse(num_aborted=await self.s.abort_requested(request.request_ids))
         except ValueError as exc:
             await abort_rpc(context, exc, "Abort")
 

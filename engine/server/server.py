@@ -85,7 +85,7 @@ class MoelinkServer:
             ("grpc.so_reuseport", 0),
         ]
         interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
-        interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal))
+        interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         moelink_v1_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.serving), self.server)
         vllm_servicer = VllmEngineServicer(self.serving)
@@ -132,7 +132,10 @@ class MoelinkServer:
         It shares the engine, the queue limits and the health state with the main port.
         """
         cfg = self.config
-        self.gateway_server = grpc.aio.server(options=options)
+        # The same decoding and wire prechecks as the main port (INVALID_ARGUMENT for corrupt bytes, large
+        # requests refused before parsing, memory given back): behind smg this port takes all the traffic.
+        decoding = DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal)
+        self.gateway_server = grpc.aio.server(interceptors=[decoding], options=options)
         vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(vllm_servicer, self.gateway_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.gateway_server)
         try:
@@ -143,10 +146,9 @@ class MoelinkServer:
             raise ValueError(f"gateway_port={cfg.gateway_port} is invalid: could not bind {cfg.gateway_address} "
                              f"(in use, or no such address).")
         self.gateway_port = port
-        if not _is_loopback(cfg.gateway_host) and (cfg.api_key or cfg.tls):
-            logger.warning("--gateway-port %d listens on %s without the API key or TLS of --port: anything that "
-                           "reaches it can generate; keep it on loopback unless the network is private",
-                           port, cfg.gateway_host)
+        warning = gateway_exposure(cfg)
+        if warning:
+            logger.warning("--gateway-port %d %s", port, warning)
 
     def _start_metrics(self) -> None:
         from ..metrics import EngineMetrics, start_metrics_server
@@ -199,8 +201,9 @@ class MoelinkServer:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._metrics_server is not None:
-            self._metrics_server.close()
-            self._metrics_server = None
+            # close() waits for the accept loop's next tick (up to half a second): not on the event loop.
+            metrics_server, self._metrics_server = self._metrics_server, None
+            await asyncio.to_thread(metrics_server.close)
         servers = [srv for srv in (self.server, self.gateway_server) if srv is not None]
         if servers:
             await asyncio.gather(*(srv.stop(grace) for srv in servers))
@@ -229,6 +232,21 @@ async def _serve(engine: AsyncEngine, config: ServerConfig) -> None:
               f"(gRPC plaintext, no API key; services {VLLM_SERVICE}, health)", flush=True)
     await server.wait_closed()
     print("moelink: server stopped", flush=True)
+
+
+def gateway_exposure(cfg: ServerConfig) -> Optional[str]:
+    """Why the gateway listener is more exposed than the main port, or None: it has no key or TLS, so beyond
+    loopback it is open wherever the main port has a key or TLS, or is itself on loopback."""
+    if _is_loopback(cfg.gateway_host):
+        return None
+    if cfg.api_key or cfg.tls:
+        guard = "without the API key or TLS of --port"
+    elif _is_loopback(cfg.host):
+        guard = f"while --host {cfg.host} keeps the main port on loopback"
+    else:
+        return None
+    return (f"listens on {cfg.gateway_host} {guard}: anything that reaches it can generate; keep it on loopback "
+            "unless the network is private")
 
 
 def _is_loopback(host: str) -> bool:
@@ -263,13 +281,44 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+_MAX_TRACEBACK_CHARS = 20_000
+_MAX_TRACEBACK_LINES = 500  # a deep recursion's traceback, collapsed by `traceback`, stays under this
+
+
+def _logfmt(value) -> str:
+    """A field value as logfmt writes it: quoted when it has a space, '=', '"' or '\\' (or is empty), so
+    request_id="x finish_reason=length" stays one field and cannot plant others after it."""
+    text = value if isinstance(value, str) else str(value)
+    if text and not any(c in text for c in ' ="\\'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class _TextWithExtras(logging.Formatter):
-    """One line per record (a traceback after it aside): no message or field can start a line of its own."""
+    """One line per record, fields in logfmt after the message; a traceback follows indented, so no message,
+    field or exception text can start a line of its own."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = shown(super().formatMessage(record), MAX_LOG_LINE_CHARS, quote=False)
         extras = _extras(record)
-        return line + ("".join(f" {k}={v}" for k, v in extras.items()) if extras else "")
+        return line + ("".join(f" {k}={_logfmt(v)}" for k, v in extras.items()) if extras else "")
+
+    def formatException(self, ei) -> str:
+        return self._indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return self._indented(super().formatStack(stack_info))
+
+    @staticmethod
+    def _indented(text: str) -> str:
+        # An exception's message can carry client values (newlines included): each line is escaped and
+        # indented, and the whole is bounded like any other client value.
+        if len(text) > _MAX_TRACEBACK_CHARS:
+            text = f"{text[:_MAX_TRACEBACK_CHARS]}... ({len(text)} characters in all)"
+        lines = text.split("\n")
+        if len(lines) > _MAX_TRACEBACK_LINES:
+            lines = lines[:_MAX_TRACEBACK_LINES] + [f"... ({len(lines)} lines in all)"]
+        return "\n".join("  " + shown(line, MAX_LOG_LINE_CHARS, quote=False) for line in lines)
 
 
 def configure_logging(log_format: str) -> None:

@@ -123,6 +123,13 @@ class Serving:
                 f"stands for at most {self.bytes_per_token:g} bytes, so it cannot fit in the "
                 f"{self.max_model_len - 1} prompt tokens max_model_len={self.max_model_len} leaves.")
 
+    def ids_refusal(self, field: str, num_ids: int) -> Optional[str]:
+        """Why a prompt of at least `num_ids` token ids cannot fit max_model_len, or None if it may."""
+        if num_ids < self.max_model_len:
+            return None
+        return (f"{field} has at least {num_ids} tokens, too long: max_model_len={self.max_model_len} leaves room "
+                f"for at most {self.max_model_len - 1} prompt tokens.")
+
     def request_id(self, given: str) -> str:
         if not given:
             return f"req-{uuid.uuid4().hex}"
@@ -139,9 +146,11 @@ class Serving:
         if isinstance(prompt, str):
             ids = await self._tokenize(prompt, field, keep)
         else:
-            if keep is None and len(prompt) >= self.max_model_len:
-                # Refused on its length alone: not one of a 5M-id list's entries is looked at.
-                raise too_long(field, len(prompt), self.max_model_len)
+            kept = len(prompt) if keep is None else min(len(prompt), keep)
+            if kept >= self.max_model_len:
+                # Refused on its length alone (truncated or not): not one of a 5M-id list's entries is looked at
+                # or copied.
+                raise too_long(field, kept, self.max_model_len)
             ids = list(prompt if keep is None else prompt[-keep:])
         process = self.engine.engine.process_inputs
         if len(ids) <= INLINE_MAX_IDS:
@@ -257,8 +266,10 @@ class Serving:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def abort(self, request_ids) -> int:
-        """Abort by client request id (every sample); returns how many were running."""
-        self.limits.check("max_abort_ids", len(request_ids))
+        """Abort by client request id (every sample); returns how many were running.
+
+        Uncapped: --max-abort-ids bounds what one Abort RPC may ask (`abort_requested`), not the server's
+        own drain, which aborts everything running, however many that is."""
         ids = list(request_ids)
         running = [rid for rid in ids if rid in self.registry.active]
         for rid in running:
@@ -266,6 +277,11 @@ class Serving:
         for eid in self.registry.engine_ids(running):
             await self.engine.abort(eid)
         return len(running)
+
+    async def abort_requested(self, request_ids) -> int:
+        """An Abort RPC's ids: refused by their count before any is looked at, then `abort`."""
+        self.limits.check("max_abort_ids", len(request_ids))
+        return await self.abort(request_ids)
 
     async def abort_all(self) -> None:
         await self.abort(list(self.registry.active))

@@ -192,7 +192,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         try:
-            await self.s.abort(request.request_ids)
+            await self.s.abort_requested(request.request_ids)
         except ValueError as exc:
             await abort_rpc(context, exc, "VllmEngine.Abort")
         return pb.AbortResponse()

@@ -84,6 +84,19 @@ def test_metaspace_byte_fallback_tokenizer_is_bounded():
     assert b == len("▁hello".encode())
 
 
+def test_byte_fallback_without_all_256_byte_tokens_falls_back_to_the_unknown_token_rules():
+    """A byte whose <0xNN> token is missing becomes <unk>, and with fuse_unk a run of such characters is one
+    token: byte_fallback alone proves nothing."""
+    vocab = {"<unk>": 0, **{f"<0x{i:02X}>": 1 + i for i in range(0x80)}, "a": 129}
+    text = "\u00e9" * 1000  # bytes C3 A9: both missing
+    fused = Tokenizer(models.BPE(vocab, [], byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    assert len(fused.encode(text).ids) == 1
+    with pytest.raises(NoBound):
+        bytes_per_token(fused.to_str())
+    # Without fuse_unk each unknown byte is one <unk>: bounded again, by the unknown-character rule.
+    _assert_sound(Tokenizer(models.BPE(vocab, [], byte_fallback=True, unk_token="<unk>", fuse_unk=False)))
+
+
 @pytest.mark.parametrize("case", ["whitespace", "wordpiece", "strip_accents", "lstrip", "truncation",
                                   "no_unk", "fused_unk", "regex_replace", "split_removed"])
 def test_tokenizers_that_can_drop_text_have_no_bound(case):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -89,6 +90,20 @@ def test_undecodable_requests_are_invalid_argument_on_both_services(stubs):
     assert stubs.vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=5).healthy
 
 
+def test_the_gateway_listener_decodes_and_prechecks_like_the_main_port(thread_server, util):
+    """Behind smg (--api-key with --gateway-port) all traffic comes through the gateway listener: corrupt bytes
+    get INVALID_ARGUMENT there too, and sampling_params too large for the limits are refused before parsing."""
+    srv = thread_server(api_key="k", gateway_port=0)
+    with grpc.insecure_channel(f"127.0.0.1:{srv.server.gateway_port}") as ch:
+        s = util.make_stubs(ch)
+        err = _refused(lambda: ch.unary_stream("/vllm.grpc.engine.VllmEngine/Generate")(b"\x0a\x03\xff\xfe\xfd",
+                                                                                          timeout=10))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "could not be decoded" in err.details(), err.details()
+        err = _refused(_vllm(s, sampling_params=s.vpb.SamplingParams(stop_token_ids=[1] * 150_000)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling_params is" in err.details(), err.details()
+        assert s.vllm.HealthCheck(s.vpb.HealthCheckRequest(), timeout=5).healthy
+
+
 # -- item 2: capped lists, validated once -----------------------------------------------------
 CAP_CASES = [  # (sampling params, what the message must say)
     (dict(stop_token_ids=[1] * (LIMITS.max_stop_token_ids + 1)), "sampling_params.stop_token_ids has"),
@@ -115,6 +130,35 @@ def test_list_fields_are_capped(stubs, util, service):
     assert util.pool_is_free(stubs.native, stubs.pb)
 
 
+def test_drain_aborts_more_requests_than_one_abort_rpc_may_name(thread_server, util):
+    """--max-abort-ids caps an Abort RPC, not the server's own drain: with more requests running than the cap,
+    drain used to raise and leave every stream running to its length."""
+    srv = thread_server(limits=RequestLimits(max_abort_ids=1))
+    results: dict[int, list] = {}
+
+    def consume(i, s):
+        try:
+            results[i] = list(s.native.Generate(s.pb.GenerateRequest(
+                request_id=f"d{i}", prompt_token_ids=s.pb.TokenIds(ids=[5, 6, 7]), sampling_params=s.pb.SamplingParams(
+                    max_tokens=500, ignore_eos=True)), timeout=30))
+        except grpc.RpcError as exc:
+            results[i] = [exc]
+
+    with grpc.insecure_channel(srv.addr) as ch:
+        s = util.make_stubs(ch)
+        threads = [threading.Thread(target=consume, args=(i, s)) for i in range(3)]
+        for t in threads:
+            t.start()
+        assert util.wait_until(lambda: s.native.ServerInfo(s.pb.ServerInfoRequest()).active_requests == 3, 10)
+        srv.call(srv.server.drain(grace=0), timeout=15)
+        for t in threads:
+            t.join(15)
+    assert sorted(results) == [0, 1, 2]
+    for i, msgs in results.items():
+        assert not isinstance(msgs[-1], Exception), (i, msgs[-1])
+        assert msgs[-1].finish_reason == "abort", (i, msgs[-1].finish_reason)
+
+
 @pytest.mark.parametrize("service", ["native", "vllm"])
 def test_sampling_params_larger_than_the_limits_allow_are_refused_before_parsing(stubs, service):
     many = [1] * 150_000  # ~150 KB packed: more than any SamplingParams within the limits
@@ -125,6 +169,13 @@ def test_sampling_params_larger_than_the_limits_allow_are_refused_before_parsing
     err = _refused(call)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling_params is" in err.details(), err.details()
     assert f"more than {LIMITS.max_sampling_params_bytes()}" in err.details()
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n >= 0x80:
+        out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+    return out + bytes([n])
 
 
 def test_requests_too_large_on_the_wire_are_not_parsed():
@@ -140,6 +191,9 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
 
     def text_refusal(field, num_bytes):
         return f"{field} is too long" if num_bytes > 10_000 else None
+
+    def ids_refusal(field, num_ids):
+        return f"{field} has at least {num_ids} tokens" if num_ids >= 512 else None
 
     parsed = []
 
@@ -159,7 +213,7 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
             return handler
 
         details = SimpleNamespace(method=method, invocation_metadata=())
-        wrapped = await DecodingInterceptor(LIMITS, text_refusal).intercept_service(continuation, details)
+        wrapped = await DecodingInterceptor(LIMITS, text_refusal, ids_refusal).intercept_service(continuation, details)
         return wrapped.request_deserializer
 
     native = asyncio.run(wrap("/moelink.v1.Generation/Generate", pb.GenerateRequest))
@@ -174,12 +228,30 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
         (vllm, vpb.GenerateRequest(text=long_text, sampling_params=vpb.SamplingParams(max_tokens=3)).SerializeToString(),
          "text is too long"),
     ]
+    big_sp = pb.SamplingParams(stop_token_ids=[1] * 150_000).SerializeToString()
+    # Padding: 64 tiny request_id fields used to push sampling_params past the scan, which then parsed it.
+    padding = pb.GenerateRequest(request_id="p").SerializeToString() * 70
+    refused += [
+        (native, padding + pb.GenerateRequest(prompt="hi").SerializeToString() + b"\x22" + _varint(len(big_sp)) + big_sp,
+         "top-level field occurrences"),
+        (vllm, padding + vpb.GenerateRequest(text="x" * 5000).SerializeToString(), "top-level field occurrences"),
+        # Token ids: 5000 bytes of packed ids are at least 1000 ids (5 bytes each at most), more than can fit.
+        (native, pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[2 ** 31] * 1000)).SerializeToString(),
+         "prompt_token_ids.ids has at least 1000 tokens"),
+        (vllm, vpb.GenerateRequest(tokenized=vpb.TokenizedInput(input_ids=[1] * 5000)).SerializeToString(),
+         "tokenized.input_ids has at least 1000 tokens"),
+    ]
     for deserialize, data, message in refused:
         out = deserialize(data)
         assert message in out.message and parsed == [], (message, parsed)
     parsed_as_usual = [
         (native, pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(stop_token_ids=[1] * 1000))),
         (native, pb.GenerateRequest(prompt="x" * 9_000)),
+        # 2500 bytes of packed ids may be only 500 ids: parsed (the engine counts them).
+        (native, pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1] * 2500),
+                                    sampling_params=pb.SamplingParams(stop=["y" * 256] * 8))),
+        (vllm, vpb.GenerateRequest(tokenized=vpb.TokenizedInput(input_ids=[1] * 5000),
+                                   sampling_params=vpb.SamplingParams(truncate_prompt_tokens=10))),
         # Truncation asked: the tail of a long text may fit.
         (vllm, vpb.GenerateRequest(text=long_text, sampling_params=vpb.SamplingParams(truncate_prompt_tokens=-1))),
     ]
@@ -189,7 +261,7 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
     later_ids = pb.GenerateRequest(prompt=long_text).SerializeToString() + \
         pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 2])).SerializeToString()
     assert list(native(later_ids).prompt_token_ids.ids) == [1, 2]
-    assert len(parsed) == 4
+    assert len(parsed) == 6
 
 
 def test_a_request_is_validated_once_whatever_its_n(thread_server, util, monkeypatch):
@@ -287,6 +359,45 @@ def test_text_that_cannot_fit_is_refused_before_tokenizing_and_long_text_is_toke
     assert processed.prompt_token_ids == whole[-511:]
 
 
+class _LenOnly:
+    """A token-id list of which only the length may be read: touching an entry (or slicing) is recorded."""
+
+    def __init__(self, n):
+        self.n, self.touched = n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        self.touched.append(index)
+        raise AssertionError("an entry was looked at")
+
+    def __iter__(self):
+        self.touched.append("iter")
+        raise AssertionError("the list was iterated")
+
+
+def test_token_ids_that_cannot_fit_even_truncated_are_refused_on_their_length(thread_server, util):
+    """truncate_prompt_tokens >= max_model_len keeps more than can fit: 30 M ids were copied on the event loop
+    (1.5 s without health checks) before the refusal."""
+    srv = thread_server()
+    serving = srv.server.serving
+    for keep in (None, 512, 10 ** 6):
+        ids = _LenOnly(30_000_000)
+        with pytest.raises(ValueError, match="has .* tokens, too long"):
+            srv.call(serving.prepare("t", ids, SamplingParams(), "tokenized.input_ids", keep=keep))
+        assert ids.touched == [], keep
+    with grpc.insecure_channel(srv.addr) as ch:
+        s = util.make_stubs(ch)
+        err = _refused(_vllm(s, tokenized=s.vpb.TokenizedInput(input_ids=[1] * 600),
+                             sampling_params=s.vpb.SamplingParams(truncate_prompt_tokens=10 ** 6)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "has 600 tokens, too long" in err.details()
+        msgs = list(s.vllm.Generate(s.vpb.GenerateRequest(tokenized=s.vpb.TokenizedInput(input_ids=[1] * 600),
+                    stream=False, sampling_params=s.vpb.SamplingParams(truncate_prompt_tokens=100, max_tokens=1)),
+                    timeout=30))
+        assert msgs[-1].complete.prompt_tokens == 100
+
+
 def test_16_mb_prompt_is_refused_fast_and_memory_does_not_stay(spawn_server, util):
     """A 16 MB text prompt used to freeze the server for ~18 s and leave RSS 2 GB higher."""
     srv = spawn_server()
@@ -341,6 +452,29 @@ def test_client_values_cannot_forge_or_flood_log_lines(server, stubs):
     assert "FORGED" in logs
     assert not any(line.startswith("2099-01-01") for line in logs.splitlines()), "a client wrote its own log line"
     assert max(len(line) for line in logs.splitlines()) < 2000
+
+
+def test_text_log_fields_and_tracebacks_cannot_plant_fields_or_lines():
+    """A request_id with spaces and '=' used to plant fields (finish_reason=length) in the text log; an exception
+    message with a newline, lines of its own."""
+    import re
+
+    from moelink.engine.server.server import _TextWithExtras
+
+    fmt = _TextWithExtras("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "request finished", (), None)
+    record.request_id = 'x finish_reason=length latency_s=0 q="\\'
+    record.finish_reason = "stop"
+    line = fmt.format(record)
+    fields = dict(re.findall(r' (\w+)=("(?:[^"\\]|\\.)*"|[^ "]*)', line.split(": request finished", 1)[1]))
+    assert fields == {"request_id": '"x finish_reason=length latency_s=0 q=\\"\\\\"', "finish_reason": "stop"}, line
+    try:
+        raise ValueError("boom\n2099-01-01 00:00:00,000 INFO FORGED" + "\n" * 50_000)
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    text = fmt.format(record)
+    assert text.count("\n") < 1000 and len(text) < 30_000
+    assert all(i == 0 or line.startswith("  ") for i, line in enumerate(text.split("\n"))), text[:500]
 
 
 def test_json_log_fields_are_bounded():

@@ -150,6 +150,37 @@ def test_smg_serves_a_worker_that_has_an_api_key(spawn_server, util, offline):
         assert util.wait_until(lambda: util.pool_is_free(s.native, s.pb, metadata=(("authorization", f"Bearer {KEY}"),)), 10)
 
 
+def test_a_request_without_the_key_is_not_parsed(thread_server, util):
+    """UNAUTHENTICATED is answered from the metadata alone: the request's bytes are never deserialized (a keyless
+    Generate with 30 M token ids used to be parsed on the event loop first)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from moelink.engine.server.auth import ApiKeyInterceptor
+
+    parsed = []
+
+    async def behaviour(request, context):
+        yield None
+
+    handler = grpc.unary_stream_rpc_method_handler(behaviour, request_deserializer=parsed.append)
+
+    async def continuation(details):
+        return handler
+
+    for metadata in ((), (("authorization", "Bearer wrong"),)):
+        details = SimpleNamespace(method="/vllm.grpc.engine.VllmEngine/Generate", invocation_metadata=metadata)
+        denied = asyncio.run(ApiKeyInterceptor(KEY).intercept_service(continuation, details))
+        assert denied is not handler and denied.request_deserializer is None
+    srv = thread_server(api_key=KEY)
+    with grpc.insecure_channel(srv.addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        s = util.make_stubs(ch)
+        big = s.vpb.GenerateRequest(tokenized=s.vpb.TokenizedInput(input_ids=[1] * 300_000))
+        with pytest.raises(grpc.RpcError) as err:
+            list(s.vllm.Generate(big, timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "missing API key" in err.value.details()
+
+
 def test_without_the_key_health_checks_answer_and_nothing_else(thread_server, util):
     from smg_grpc_proto.generated import common_pb2
 
@@ -221,3 +252,16 @@ def test_gateway_port_in_use_is_named(thread_server):
                 srv.call(second.start())
         finally:
             srv.call(second.stop(0))
+
+
+def test_a_gateway_listener_wider_than_the_main_port_is_warned_about():
+    from moelink.engine.server.config import ServerConfig
+    from moelink.engine.server.server import gateway_exposure
+
+    def exposure(**kw):
+        return gateway_exposure(ServerConfig(port=50051, gateway_port=50052, **kw))
+
+    assert "API key" in exposure(host="127.0.0.1", gateway_host="0.0.0.0", api_key="k")
+    assert "--host 127.0.0.1" in exposure(host="127.0.0.1", gateway_host="0.0.0.0")
+    assert exposure(host="0.0.0.0", gateway_host="0.0.0.0") is None
+    assert exposure(host="127.0.0.1", gateway_host="127.0.0.1", api_key="k") is None

@@ -150,3 +150,20 @@ def test_half_open_connections_are_bounded_and_time_out(thread_server, monkeypat
                 time.sleep(0.2)
         assert time.monotonic() - t0 < 4
     assert "moelink_num_requests_running" in _scrape(port)
+
+
+def test_stopping_the_metrics_server_does_not_block_the_event_loop(thread_server):
+    """Closing the metrics server waits for its accept loop (up to 0.5 s): stop() used to do it on the loop."""
+    import threading
+
+    srv = thread_server(metrics_port=0)
+    metrics_server = srv.server._metrics_server
+    real_close, closed_on = metrics_server.close, []
+
+    def close():
+        closed_on.append(threading.current_thread().name)
+        real_close()
+
+    metrics_server.close = close
+    srv.call(srv.server.stop(0.5))
+    assert closed_on and closed_on[0] != srv.thread.name, closed_on
