@@ -185,8 +185,7 @@ def confirm(best, best_t, seed, seed_t, sets, timer, iters, rounds=CONFIRM_ROUND
     for _ in range(rounds):
         ts.append(time_config(seed, sets, timer, iters))
         tb.append(time_config(best, sets, timer, iters))
-    tb.sort(), ts.sort()
-    mb, ms = tb[len(tb) // 2], ts[len(ts) // 2]
+    mb, ms = sorted(tb)[len(tb) // 2], sorted(ts)[len(ts) // 2]
     return (best, mb, ms) if mb < ms else (seed, ms, ms)
 
 

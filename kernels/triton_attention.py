@@ -259,6 +259,13 @@ def _prefill_splits(device: torch.device, programs: int, meta: AttentionMetadata
     return _pick_splits(device, programs, meta.max_seq_len, block_n)
 
 
+# (BLOCK_N, num_warps) of the fp32 decode kernel (compiled only: the interpreter keeps its 16-key tiles). fp32
+# dots are FMA loops that hold their operands in registers: 64-key tiles on 4 warps spill on sm_90 (Triton 3.9:
+# ~830 B at head dim 128; 3.6: 2 KB at head dim 256), 8 warps alone still spill 12 B under 3.6; 32-key tiles on
+# 8 warps spill in no head layout under either (benchmarks/results/compile_report_sm90*.md).
+_FP32_DECODE = (32, 8)
+
+
 def _warps(rows: int, block_h: int) -> int:
     """4 warps for the common tiles (<= 64 query rows x head dim 128); 8 for head dim 256 or 128+ rows,
     where 4 warps run out of registers and spill (seen in the sm_90 compile: 255 registers + stack)."""
@@ -295,6 +302,7 @@ def triton_paged_attention(
     flags = dict(INTERPRET=common.interpreting(q_TNH), PREC=common.dot_precision(q_TNH.dtype))
     BLOCK_H = max(16, triton.next_power_of_2(H))
     BLOCK_N = 16 if flags["INTERPRET"] else 64
+    fp32 = q_TNH.dtype == torch.float32  # fp32 dots are FMA loops (no tensor cores): see _FP32_DECODE
     tables = meta.block_tables_SM
     common_args = (q_TNH, k_cache_BLKH, v_cache_BLKH, tables, meta.seq_lens_S, meta.query_start_loc_S1)
     cache_strides = (k_cache_BLKH.stride(0), k_cache_BLKH.stride(1), k_cache_BLKH.stride(2), tables.stride(0))
@@ -306,7 +314,6 @@ def triton_paged_attention(
         # not tensor cores, and hold their operands in registers: 16-row tiles on 8 warps, the fp32 tile that
         # compiles without spills for every head layout (64 rows on 4 warps spilled ~30 KB per thread on
         # sm_90; benchmarks/results/compile_report_sm90.md).
-        fp32 = q_TNH.dtype == torch.float32
         rows = 16 if flags["INTERPRET"] or fp32 else 64
         BLOCK_Q = max(1, rows // BLOCK_G, triton.cdiv(16, BLOCK_G))
         q_blocks = T // BLOCK_Q + S
@@ -323,7 +330,8 @@ def triton_paged_attention(
         _decode_kernel[(S, K, Z)](
             *common_args, out, part_o, part_lse, scale, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
             out.stride(0), out.stride(1), N, H, Z, G=G, L=L, BLOCK_G=max(16, triton.next_power_of_2(G)),
-            BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, SPLIT=Z > 1, num_warps=_warps(max(16, triton.next_power_of_2(G)), BLOCK_H),
+            BLOCK_H=BLOCK_H, BLOCK_N=_FP32_DECODE[0] if fp32 and not flags["INTERPRET"] else BLOCK_N, SPLIT=Z > 1,
+            num_warps=_FP32_DECODE[1] if fp32 else _warps(max(16, triton.next_power_of_2(G)), BLOCK_H),
             **flags,
         )
         if Z > 1:

@@ -302,3 +302,28 @@ def test_published_seeds_are_translated_for_this_kernel():
     for src, p in tune_moe.PUBLISHED.items():  # each one loads as a valid config
         for b, vals in p["configs"].items():
             MoEConfig.from_dict(tune_moe.from_vllm(*vals).to_dict(), f"{src}[{b}]")
+
+
+def test_per_compile_costs_cover_the_compile_report():
+    """Against the cold compiles of the committed sm_90 compile report (benchmarks/results/compile_report_sm90.json),
+    per kernel class: the script's per-compile seconds less the launcher are at least twice the mean (a sum of many
+    compiles, on a CPU up to 2x slower), and with the launcher at least the slowest single compile."""
+    from moelink.benchmarks import compile_report
+
+    rep = json.loads((compile_report.RESULTS / "compile_report_sm90.json").read_text())
+    times: dict[str, list[float]] = {"gemm": [], "slow": [], "other": []}
+    for k in rep["kernels"]:
+        fp32 = any("float32" in c or "fp32" in c for c in k["cases"])
+        if k["name"] in compile_report.ATTN_DOT_KERNELS and fp32:
+            cls = "slow"  # fp32 attention: FMA loops, the longest compiles
+        elif k["name"] in compile_report.GEMM_KERNELS + compile_report.ATTN_DOT_KERNELS:
+            cls = "gemm"
+        else:
+            cls = "other"
+        times[cls].append(k["compile_s"])
+    c = constants()
+    for cls, key in (("gemm", "S_PER_GEMM_COMPILE"), ("slow", "S_PER_SLOW_COMPILE"), ("other", "S_PER_COMPILE")):
+        assert times[cls], f"no {cls} kernel in the report"
+        mean = sum(times[cls]) / len(times[cls])
+        assert c[key] - c["LAUNCHER_S"] >= 2 * mean, (cls, mean)
+        assert c[key] >= max(times[cls]), (cls, max(times[cls]))
