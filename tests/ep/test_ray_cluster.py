@@ -1,4 +1,7 @@
-"""Join a real Ray head started with `ray start --head` on 127.0.0.1 (address="auto")."""
+"""Join a real Ray head started with `ray start --head` on 127.0.0.1, by its explicit address.
+
+Not address="auto": that reads machine-wide state (/tmp/ray/ray_current_cluster), which names whatever
+Ray started last on this machine, and made this test join another instance and time out."""
 from __future__ import annotations
 
 import json
@@ -46,13 +49,12 @@ def test_generate_on_ray_head_started_by_ray_start(tiny_model, tmp_path):
         client = textwrap.dedent(f"""
             import json
             from moelink.engine import LLM, SamplingParams
-            llm = LLM({path!r}, dtype="float64", expert_parallel_size=2, ray_address="auto")
+            llm = LLM({path!r}, dtype="float64", expert_parallel_size=2, ray_address="127.0.0.1:{port}")
             outs = llm.generate({prompts!r}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
             print("RESULT", json.dumps([o.outputs[0].token_ids for o in outs]))
             llm.engine.shutdown()
         """)
-        # Wait until the head answers: only then does /tmp/ray/ray_current_cluster (what
-        # address="auto" reads) name this head rather than an earlier, stopped instance.
+        # Wait until the head answers before the driver joins it.
         deadline = time.monotonic() + 90
         while True:
             status = subprocess.run([RAY, "status", "--address", f"127.0.0.1:{port}"], env=env,
