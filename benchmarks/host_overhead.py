@@ -30,12 +30,11 @@ from .provenance import git_commit, write_result
 RESULTS = Path(__file__).parent / "results"
 
 
-def build_llm(seqs: int, tokens: int):
+def build_llm(seqs: int, tokens: int, model_dir: str):
     from moelink.engine import LLM
     from moelink.engine.tiny_model import make_tiny_model
 
-    d = tempfile.mkdtemp(prefix="moelink-host-")
-    path = make_tiny_model(d, arch="qwen3_moe", num_layers=2, hidden_size=64, num_experts=8, top_k=2,
+    path = make_tiny_model(model_dir, arch="qwen3_moe", num_layers=2, hidden_size=64, num_experts=8, top_k=2,
                            max_position_embeddings=4096)
     llm = LLM(str(path), dtype="float32", device="cpu", max_num_seqs=seqs, max_num_batched_tokens=max(8192, seqs),
               num_kv_blocks=seqs * (-(-(64 + tokens) // 16) + 1), block_size=16)
@@ -80,12 +79,13 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # host work is single-threaded Python; keep torch's small ops from fanning out
     try:
-        llm = build_llm(args.seqs, args.tokens)
-        runs = {True: [], False: []}
-        for _ in range(args.repeats):
-            for detok in (True, False):  # alternate, so drift on a shared machine hits both
-                runs[detok].append(decode_ms_per_step(llm, args.seqs, args.tokens, detok))
-        llm.engine.shutdown()
+        # The tiny checkpoint lives only for this run (the folder used to be left in /tmp by every run).
+        with tempfile.TemporaryDirectory(prefix="moelink-host-") as model_dir, \
+                build_llm(args.seqs, args.tokens, model_dir) as llm:
+            runs = {True: [], False: []}
+            for _ in range(args.repeats):
+                for detok in (True, False):  # alternate, so drift on a shared machine hits both
+                    runs[detok].append(decode_ms_per_step(llm, args.seqs, args.tokens, detok))
     finally:
         torch.set_num_threads(threads)
     text_ms, ids_ms = statistics.median(runs[True]), statistics.median(runs[False])
