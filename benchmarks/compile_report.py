@@ -35,176 +35,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_moe,  # noqa: F401
+                            compile_norm_rotary)
 
 RESULTS = Path(__file__).parent / "results"
 H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
 GEMM_KERNELS = ("_moe_up_kernel", "_moe_down_kernel")
 ATTN_DOT_KERNELS = ("_decode_kernel", "_prefill_kernel")
-MODEL_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336),
-                "deepseek-v3": (256, 8, 7168, 2048)}  # = moe_kernels.SHAPES (not imported: it pulls matplotlib paths)
-TARGET_NAME = "NVIDIA_H100_80GB_HBM3"
-
-
-# -- compiling without a GPU ---------------------------------------------------------------------------------------------
-class _StandInDriver:
-    """What JITFunction.run asks of a driver when it only compiles (warmup=True)."""
-
-    def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return self.target
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-
-class Recorder:
-    """Turns every `kernel[grid](...)` into an ahead-of-time compile and keeps (case, kernel, seconds, constexprs)."""
-
-    def __init__(self):
-        self.case = ""
-        self.records: list[dict] = []
-
-    @contextmanager
-    def labelled(self, case: str):
-        old, self.case = self.case, case
-        try:
-            yield
-        finally:
-            self.case = old
-
-    def install(self, arch: int = 90) -> None:
-        from triton.runtime.driver import driver
-        from triton.runtime.jit import JITFunction
-
-        driver.set_active(_StandInDriver(arch))
-        rec = self
-
-        def compile_instead_of_launch(self, grid):
-            def launch(*args, **kwargs):
-                t0 = time.perf_counter()
-                k = self.run(*args, grid=grid, warmup=True, **kwargs)
-                consts = {a: b for a, b in kwargs.items() if isinstance(b, (int, bool, str)) and a != "PREC"}
-                rec.records.append(dict(case=rec.case, kernel=k, seconds=time.perf_counter() - t0, constexprs=consts))
-            return launch
-
-        JITFunction.__getitem__ = compile_instead_of_launch
-        from moelink.kernels import moe_config, triton_common
-
-        triton_common.interpreting = lambda t: False
-        moe_config.device_name = lambda d: TARGET_NAME
-
-
-# -- what gets compiled ----------------------------------------------------------------------------------------------------
-def moe_cases(published: bool, quick: bool):
-    """(label, shape name, (E, K, D, I), T, MoEConfig, dtype, map?, combine) for every config moelink or the tuner uses."""
-    from moelink.kernels.moe_config import CONFIG_DIR, MoEConfig, load_config_file
-
-    key, default = load_config_file(str(CONFIG_DIR / "default.json"))
-    assert key == "rows_per_expert"
-    for name, (E, K, D, I) in MODEL_SHAPES.items():
-        for bucket, cfg in default:
-            T = max(1, -(-bucket * E // K))  # the fewest tokens that reach this rows-per-expert bucket
-            yield f"default.json[{bucket}]", name, (E, K, D, I), T, cfg, torch.bfloat16, False, "sum"
-            # The same config with the fused gate-up tile (FUSED_GATE_UP), which tune_moe tries as one axis.
-            fused = MoEConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, FUSED_GATE_UP=True), cfg.down)
-            yield f"default.json[{bucket}] fused gate-up", name, (E, K, D, I), T, fused, torch.bfloat16, False, "sum"
-            if quick:
-                break
-    for path in sorted(CONFIG_DIR.glob("E=*,N=*,device_name=*.json")):
-        m = re.match(r"E=(\d+),N=(\d+),device_name=(.+)\.json$", path.name)
-        E, I = int(m[1]), int(m[2])
-        shape = [(n, s) for n, s in MODEL_SHAPES.items() if (s[0], s[3]) == (E, I)]
-        if not shape:
-            continue
-        name, (E, K, D, I) = shape[0]
-        for bucket, cfg in load_config_file(str(path))[1]:
-            yield f"{path.name}[{bucket}]", name, (E, K, D, I), bucket, cfg, torch.bfloat16, False, "sum"
-    if published:
-        from moelink.benchmarks.tune_moe import published_seeds
-
-        for name, (E, K, D, I) in MODEL_SHAPES.items():
-            for T, cfg, src in published_seeds(E, I, D, all_buckets=True):
-                yield f"published {src}[{T}]", name, (E, K, D, I), T, cfg, torch.bfloat16, False, "sum"
-    # Variants the engine also launches: fp32/fp16 activations, an expert map (EP), atomic combine.
-    E, K, D, I = MODEL_SHAPES["qwen3-30b-a3b"]
-    for dt in (torch.float32, torch.float16):
-        yield f"variant {str(dt)[6:]}", "qwen3-30b-a3b", (E, K, D, I), 64, None, dt, False, "sum"
-    yield "variant expert map", "qwen3-30b-a3b", (E, K, D, I), 64, None, torch.bfloat16, True, "sum"
-    yield "variant atomic", "qwen3-30b-a3b", (E, K, D, I), 4096, None, torch.bfloat16, False, "atomic"
-
-
-def compile_moe(rec: Recorder, published: bool, quick: bool) -> None:
-    from moelink.kernels.triton_moe import triton_fused_moe
-
-    meta = dict(device="meta")
-    for label, name, (E, K, D, I), T, cfg, dt, emap, combine in moe_cases(published, quick):
-        with rec.labelled(f"{name} T={T} {label}"):
-            triton_fused_moe(torch.empty(T, D, dtype=dt, **meta), torch.empty(E, 2 * I, D, dtype=dt, **meta),
-                             torch.empty(E, D, I, dtype=dt, **meta), torch.empty(T, K, **meta),
-                             torch.empty(T, K, dtype=torch.long, **meta),
-                             torch.empty(E, dtype=torch.int32, **meta) if emap else None, config=cfg, combine=combine)
-
-
-def compile_attention(rec: Recorder, quick: bool) -> None:
-    from moelink.kernels.attention import AttentionMetadata
-    from moelink.kernels.triton_attention import triton_paged_attention, triton_write_kv
-
-    meta = dict(device="meta")
-    heads = [("qwen3 32/4", 32, 4, torch.bfloat16), ("mixtral 32/8", 32, 8, torch.bfloat16)]
-    if not quick:
-        heads += [("qwen3 32/4 fp32", 32, 4, torch.float32), ("16/16 fp16", 16, 16, torch.float16)]
-    for label, N, Kh, dt in heads:
-        H, L, S, T = 128, 16, 8, 40
-        i32 = lambda *s: torch.empty(*s, dtype=torch.int32, **meta)  # noqa: E731
-        q = torch.empty(T, N, H, dtype=dt, **meta)
-        cache = torch.empty(100, L, Kh, H, dtype=dt, **meta)
-        mixed = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(T, dtype=torch.long, **meta),
-                                  [1] * 7 + [33], [100] * 8, 33, 1000, 99)
-        decode = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(S, dtype=torch.long, **meta),
-                                   [1] * 8, [100] * 8, 1, 1000, 99)
-        with rec.labelled(f"{label} mixed batch, decode split 4"):
-            triton_paged_attention(q, cache, cache, mixed, 0.1, num_splits=4)
-        with rec.labelled(f"{label} mixed batch, prefill split 4"):
-            triton_paged_attention(q, cache, cache, mixed, 0.1, prefill_splits=4)
-        with rec.labelled(f"{label} decode, no split"):
-            triton_paged_attention(q[:S], cache, cache, decode, 0.1, num_splits=1)
-        with rec.labelled(f"{label} KV write"):
-            kv = torch.empty(T, Kh, H, dtype=dt, **meta)
-            triton_write_kv(kv, kv, cache, cache, torch.empty(T, dtype=torch.long, **meta))
-
-
-def compile_norm_rotary(rec: Recorder, quick: bool) -> None:
-    from moelink.kernels.triton_norm import triton_add_rms_norm, triton_rms_norm
-    from moelink.kernels.triton_rotary import triton_rotary
-
-    meta = dict(device="meta")
-    for dt in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32, torch.float16):
-        for D in (2048, 4096, 7168):
-            x = torch.empty(33, D, dtype=dt, **meta)
-            with rec.labelled(f"RMSNorm D={D} {str(dt)[6:]}"):
-                triton_rms_norm(x, torch.empty(D, dtype=dt, **meta), 1e-6)
-                triton_add_rms_norm(x, x, torch.empty(D, dtype=dt, **meta), 1e-6)
-        qkv = torch.empty(33, 40 * 128, dtype=dt, **meta)
-        q, k = qkv[:, :4096].view(33, 32, 128), qkv[:, 4096:4608].view(33, 4, 128)
-        with rec.labelled(f"q/k-norm + rotary, head dim 128 {str(dt)[6:]}"):
-            triton_rms_norm(q, torch.empty(128, dtype=dt, **meta), 1e-6)
-            triton_rotary(q, k, torch.empty(33, dtype=torch.long, **meta), torch.empty(100, 128, **meta))
 
 
 # -- what the compiler made of it ---------------------------------------------------------------------------------------

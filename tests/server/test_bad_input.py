@@ -5,40 +5,19 @@ limit, and none of them costs the server more than its length to find out.
 """
 from __future__ import annotations
 
-import json
-import logging
-import sys
 import threading
 from pathlib import Path
 
 import grpc
 import pytest
 
-from moelink.engine.safe_text import MAX_SHOWN_CHARS, shown
 from moelink.engine.sampling_params import SamplingParams
 from moelink.engine.server.limits import RequestLimits, bad_input_table
 
+from grpc_calls import native, refused, vllm
+
 LIMITS = RequestLimits()
 INF = float("inf")
-
-
-def _refused(call):
-    """The RpcError `call()` ends with (a stream is read to its end)."""
-    with pytest.raises(grpc.RpcError) as err:
-        out = call()
-        if hasattr(out, "__next__"):
-            list(out)
-    return err.value
-
-
-def _native(stubs, rid="bad", **req):
-    return lambda: stubs.native.Generate(stubs.pb.GenerateRequest(request_id=rid, **req), timeout=10)
-
-
-def _vllm(stubs, rid="bad", **req):
-    if "text" not in req:
-        req.setdefault("tokenized", stubs.vpb.TokenizedInput(input_ids=[1, 2, 3]))
-    return lambda: stubs.vllm.Generate(stubs.vpb.GenerateRequest(request_id=rid, stream=True, **req), timeout=10)
 
 
 # -- item 7: non-finite and degenerate floats ------------------------------------------------
@@ -58,10 +37,10 @@ FLOAT_CASES = [  # (sampling params, field, allowed range as the message writes 
 def test_non_finite_and_degenerate_floats_are_refused_naming_field_and_range(stubs, util, service):
     for sp, field, allowed in FLOAT_CASES:
         if service == "native":
-            call = _native(stubs, prompt="x", sampling_params=stubs.pb.SamplingParams(**sp))
+            call = native(stubs, prompt="x", sampling_params=stubs.pb.SamplingParams(**sp))
         else:
-            call = _vllm(stubs, sampling_params=stubs.vpb.SamplingParams(**sp))
-        err = _refused(call)
+            call = vllm(stubs, sampling_params=stubs.vpb.SamplingParams(**sp))
+        err = refused(call)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (sp, err.details())
         assert f"sampling_params.{field}=" in err.details() and allowed in err.details(), err.details()
     assert util.pool_is_free(stubs.native, stubs.pb)
@@ -83,7 +62,7 @@ def test_undecodable_requests_are_invalid_argument_on_both_services(stubs):
         (ch.unary_unary("/vllm.grpc.engine.VllmEngine/Abort"), corrupt),
     ]
     for method, data in cases:
-        err = _refused(lambda: method(data, timeout=10))
+        err = refused(lambda: method(data, timeout=10))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (data, err.details())
         assert "could not be decoded" in err.details(), err.details()
     # The services still answer.
@@ -96,10 +75,10 @@ def test_the_gateway_listener_decodes_and_prechecks_like_the_main_port(thread_se
     srv = thread_server(api_key="k", gateway_port=0)
     with grpc.insecure_channel(f"127.0.0.1:{srv.server.gateway_port}") as ch:
         s = util.make_stubs(ch)
-        err = _refused(lambda: ch.unary_stream("/vllm.grpc.engine.VllmEngine/Generate")(b"\x0a\x03\xff\xfe\xfd",
+        err = refused(lambda: ch.unary_stream("/vllm.grpc.engine.VllmEngine/Generate")(b"\x0a\x03\xff\xfe\xfd",
                                                                                           timeout=10))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "could not be decoded" in err.details(), err.details()
-        err = _refused(_vllm(s, sampling_params=s.vpb.SamplingParams(stop_token_ids=[1] * 150_000)))
+        err = refused(vllm(s, sampling_params=s.vpb.SamplingParams(stop_token_ids=[1] * 150_000)))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling_params is" in err.details(), err.details()
         assert s.vllm.HealthCheck(s.vpb.HealthCheckRequest(), timeout=5).healthy
 
@@ -117,15 +96,15 @@ def test_list_fields_are_capped(stubs, util, service):
     sp_cls = stubs.pb.SamplingParams if service == "native" else stubs.vpb.SamplingParams
     for sp, text in CAP_CASES:
         sp = sp_cls(max_tokens=4, **sp)
-        call = _native(stubs, prompt="x", sampling_params=sp) if service == "native" else _vllm(stubs, sampling_params=sp)
-        err = _refused(call)
+        call = native(stubs, prompt="x", sampling_params=sp) if service == "native" else vllm(stubs, sampling_params=sp)
+        err = refused(call)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (text, err.details())
         assert text in err.details() and "at most" in err.details() and "--max-" in err.details(), err.details()
         assert len(err.details()) < 300
     ids = [f"r{i}" for i in range(LIMITS.max_abort_ids + 1)]
     abort = stubs.native.Abort if service == "native" else stubs.vllm.Abort
     req = (stubs.pb if service == "native" else stubs.vpb).AbortRequest(request_ids=ids)
-    err = _refused(lambda: abort(req, timeout=10))
+    err = refused(lambda: abort(req, timeout=10))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_ids has" in err.details(), err.details()
     assert util.pool_is_free(stubs.native, stubs.pb)
 
@@ -163,10 +142,10 @@ def test_drain_aborts_more_requests_than_one_abort_rpc_may_name(thread_server, u
 def test_sampling_params_larger_than_the_limits_allow_are_refused_before_parsing(stubs, service):
     many = [1] * 150_000  # ~150 KB packed: more than any SamplingParams within the limits
     if service == "native":
-        call = _native(stubs, prompt="x", sampling_params=stubs.pb.SamplingParams(stop_token_ids=many))
+        call = native(stubs, prompt="x", sampling_params=stubs.pb.SamplingParams(stop_token_ids=many))
     else:
-        call = _vllm(stubs, sampling_params=stubs.vpb.SamplingParams(stop_token_ids=many))
-    err = _refused(call)
+        call = vllm(stubs, sampling_params=stubs.vpb.SamplingParams(stop_token_ids=many))
+    err = refused(call)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling_params is" in err.details(), err.details()
     assert f"more than {LIMITS.max_sampling_params_bytes()}" in err.details()
 
@@ -296,194 +275,6 @@ def test_a_request_is_validated_once_whatever_its_n(thread_server, util, monkeyp
                 n=8, seed=3, max_tokens=2, ignore_eos=True, stop_token_ids=stop_ids)), timeout=30))
         assert sorted(m.complete.index for m in msgs) == list(range(8))
         assert calls == {"process_inputs": 1, "SamplingParams": 1}, calls
-
-
-# -- item 1: long text prompts -----------------------------------------------------------------
-class _SpyBackend:
-    """Stands in for the `tokenizers` object: records (thread name, text length) of every encode."""
-
-    def __init__(self, real):
-        self._real, self.calls = real, []
-
-    def encode(self, text, *a, **k):
-        self.calls.append((threading.current_thread().name, len(text)))
-        return self._real.encode(text, *a, **k)
-
-    def encode_batch(self, texts, *a, **k):
-        self.calls.extend((threading.current_thread().name, len(t)) for t in texts)
-        return self._real.encode_batch(texts, *a, **k)
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
-def test_text_that_cannot_fit_is_refused_before_tokenizing_and_long_text_is_tokenized_off_the_loop(thread_server,
-                                                                                                    util):
-    srv = thread_server()
-    serving = srv.server.serving
-    # The tiny tokenizer's longest token is "<|endoftext|>": 13 bytes, no normalizer.
-    assert serving.bytes_per_token == 13 and serving.max_prompt_bytes == 511 * 13
-    spy = _SpyBackend(serving.tokenizer._tok)
-    serving.tokenizer._tok = spy
-    with grpc.insecure_channel(srv.addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-        s = util.make_stubs(ch)
-        just_over = "ab" * (serving.max_prompt_bytes // 2) + "abc"
-        for text in ("x" * (1 << 20), just_over, "é" * (serving.max_prompt_bytes // 2 + 1)):
-            for call in (_native(s, prompt=text), _vllm(s, text=text)):
-                err = _refused(call)
-                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
-                assert "too long" in err.details() and "max_model_len=512" in err.details(), err.details()
-        assert spy.calls == [], "text that cannot fit was tokenized"
-    # (Those were refused from their size on the wire; Serving.prepare, behind it, refuses the same way.)
-    with pytest.raises(ValueError, match="prompt is too long"):
-        srv.call(serving.prepare("t", just_over, SamplingParams(), "prompt"))
-    assert spy.calls == []
-    with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
-        # Text that may fit, but is long: tokenized on a worker thread (here it then turns out too long).
-        text = "the quick brown fox " * 200
-        assert 2048 < len(text) < serving.max_prompt_bytes
-        err = _refused(_native(s, prompt=text))
-        assert "prompt has" in err.details() and "tokens, too long" in err.details(), err.details()
-        assert len(spy.calls) == 1 and spy.calls[0][0] != srv.thread.name, spy.calls
-        # With truncate_prompt_tokens only the last tokens stay: a text far over the bound is tokenized as its
-        # tail alone, which gives the same last tokens as the whole text.
-        spy.calls.clear()
-        text = "Words, words, words: 1234 ünïcödé. " * 30_000
-        msgs = list(s.vllm.Generate(s.vpb.GenerateRequest(text=text, stream=False, sampling_params=s.vpb.SamplingParams(
-            truncate_prompt_tokens=-1, max_tokens=2)), timeout=30))
-        assert msgs[-1].complete.prompt_tokens == 511
-        assert spy.calls and max(n for _, n in spy.calls) <= 2 * serving.max_prompt_bytes
-    whole = spy._real.encode(text).ids
-    processed = srv.call(serving.prepare("t", text, SamplingParams(), "text", keep=511))
-    assert processed.prompt_token_ids == whole[-511:]
-
-
-class _LenOnly:
-    """A token-id list of which only the length may be read: touching an entry (or slicing) is recorded."""
-
-    def __init__(self, n):
-        self.n, self.touched = n, []
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, index):
-        self.touched.append(index)
-        raise AssertionError("an entry was looked at")
-
-    def __iter__(self):
-        self.touched.append("iter")
-        raise AssertionError("the list was iterated")
-
-
-def test_token_ids_that_cannot_fit_even_truncated_are_refused_on_their_length(thread_server, util):
-    """truncate_prompt_tokens >= max_model_len keeps more than can fit: 30 M ids were copied on the event loop
-    (1.5 s without health checks) before the refusal."""
-    srv = thread_server()
-    serving = srv.server.serving
-    for keep in (None, 512, 10 ** 6):
-        ids = _LenOnly(30_000_000)
-        with pytest.raises(ValueError, match="has .* tokens, too long"):
-            srv.call(serving.prepare("t", ids, SamplingParams(), "tokenized.input_ids", keep=keep))
-        assert ids.touched == [], keep
-    with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
-        err = _refused(_vllm(s, tokenized=s.vpb.TokenizedInput(input_ids=[1] * 600),
-                             sampling_params=s.vpb.SamplingParams(truncate_prompt_tokens=10 ** 6)))
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "has 600 tokens, too long" in err.details()
-        msgs = list(s.vllm.Generate(s.vpb.GenerateRequest(tokenized=s.vpb.TokenizedInput(input_ids=[1] * 600),
-                    stream=False, sampling_params=s.vpb.SamplingParams(truncate_prompt_tokens=100, max_tokens=1)),
-                    timeout=30))
-        assert msgs[-1].complete.prompt_tokens == 100
-
-
-def test_16_mb_prompt_is_refused_fast_and_memory_does_not_stay(spawn_server, util):
-    """A 16 MB text prompt used to freeze the server for ~18 s and leave RSS 2 GB higher."""
-    srv = spawn_server()
-
-    def rss_mb():
-        with open(f"/proc/{srv.pid}/status") as f:
-            return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) / 1024
-
-    text = "The quick brown fox jumps over the lazy dog. " * (16 * 2 ** 20 // 45)
-    with grpc.insecure_channel(srv.addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-        s = util.make_stubs(ch)
-        list(s.native.Generate(s.pb.GenerateRequest(prompt="warm up", sampling_params=s.pb.SamplingParams(max_tokens=2)),
-                               timeout=30))
-        before = rss_mb()
-        for i in range(3):
-            for call in (_native(s, prompt=text), _vllm(s, text=text)):
-                err = _refused(call)
-                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "too long" in err.details(), err.details()
-            assert s.health.Check(s.hpb.HealthCheckRequest(service=""), timeout=2).status == \
-                s.hpb.HealthCheckResponse.SERVING
-        after = rss_mb()
-    # Tokenizing one of them took RSS from 0.4 to 2.5 GB. What is left is gRPC's own: a bare grpc.aio server
-    # that receives 16 MB messages and does nothing with them also ends a few hundred MB higher.
-    assert after - before < 500, f"RSS {before:.0f} MB -> {after:.0f} MB after six 16 MB prompts"
-
-
-# -- item 4: logs and error messages -----------------------------------------------------------
-def test_shown_escapes_and_bounds_client_values():
-    assert shown("a\nb") == "'a\\nb'" and shown("a\nb\x1b[2J\u2028", quote=False) == "a\\nb\\x1b[2J\\u2028"
-    long = shown("x" * 1_000_000)
-    assert len(long) < MAX_SHOWN_CHARS + 40 and long.endswith("(1000000 characters in all)")
-    huge_list = shown(list(range(5_000_000)))
-    assert len(huge_list) < MAX_SHOWN_CHARS + 40 and "5000000 items" in huge_list
-    with pytest.raises(ValueError) as err:
-        SamplingParams(stop=["s" * 10_000] * 10_000 + [""])
-    assert len(str(err.value)) < 400
-
-
-def test_client_values_cannot_forge_or_flood_log_lines(server, stubs):
-    pb = stubs.pb
-    forged = "innocent\n2099-01-01 00:00:00,000 INFO moelink.engine.server.serving: FORGED by a client"
-    # Admitted: its id goes into the "request admitted" and "request finished" lines.
-    list(stubs.native.Generate(pb.GenerateRequest(request_id=forged, prompt="hi", sampling_params=pb.SamplingParams(
-        max_tokens=2)), timeout=30))
-    # Refused: the id and the offending value go into the "refused" line and the status.
-    huge_id = "i" * 500_000
-    err = _refused(_native(stubs, rid=huge_id, prompt="hi"))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.details()) < 300, len(err.details())
-    err = _refused(_native(stubs, rid=forged, prompt="x", sampling_params=pb.SamplingParams(stop=["s" * 200] * 30 + [""])))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.details()) < 1000, len(err.details())
-    logs = server.logs()
-    assert "FORGED" in logs
-    assert not any(line.startswith("2099-01-01") for line in logs.splitlines()), "a client wrote its own log line"
-    assert max(len(line) for line in logs.splitlines()) < 2000
-
-
-def test_text_log_fields_and_tracebacks_cannot_plant_fields_or_lines():
-    """A request_id with spaces and '=' used to plant fields (finish_reason=length) in the text log; an exception
-    message with a newline, lines of its own."""
-    import re
-
-    from moelink.engine.server.server import _TextWithExtras
-
-    fmt = _TextWithExtras("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    record = logging.LogRecord("x", logging.INFO, __file__, 1, "request finished", (), None)
-    record.request_id = 'x finish_reason=length latency_s=0 q="\\'
-    record.finish_reason = "stop"
-    line = fmt.format(record)
-    fields = dict(re.findall(r' (\w+)=("(?:[^"\\]|\\.)*"|[^ "]*)', line.split(": request finished", 1)[1]))
-    assert fields == {"request_id": '"x finish_reason=length latency_s=0 q=\\"\\\\"', "finish_reason": "stop"}, line
-    try:
-        raise ValueError("boom\n2099-01-01 00:00:00,000 INFO FORGED" + "\n" * 50_000)
-    except ValueError:
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
-    text = fmt.format(record)
-    assert text.count("\n") < 1000 and len(text) < 30_000
-    assert all(i == 0 or line.startswith("  ") for i, line in enumerate(text.split("\n"))), text[:500]
-
-
-def test_json_log_fields_are_bounded():
-    from moelink.engine.server.server import JsonFormatter
-
-    record = logging.LogRecord("x", logging.INFO, __file__, 1, "request admitted", (), None)
-    record.request_id = "a\n" * 100_000
-    doc = json.loads(JsonFormatter().format(record))
-    assert len(doc["request_id"]) < MAX_SHOWN_CHARS + 40
 
 
 # -- README -----------------------------------------------------------------------------------

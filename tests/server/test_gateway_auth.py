@@ -9,16 +9,8 @@ requiring it for everything but health checks.
 """
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import grpc
@@ -26,68 +18,10 @@ import pytest
 
 from moelink.engine import SamplingParams
 
+from smg_gateway import http_request, launch_smg, wait_models
+
 KEY = "w0rker-key"
 SMG_KEY = "gateway-key"
-SMG_READY_TIMEOUT_S = 60.0
-
-
-def _smg_executable():
-    exe = shutil.which("smg") or os.path.join(os.path.dirname(sys.executable), "smg")
-    return exe if os.path.exists(exe) else None
-
-
-def _http(port: int, method: str, path: str, body=None, headers=None, timeout: float = 30.0):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={"content-type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-@contextlib.contextmanager
-def _smg(worker_url: str, free_port, *extra: str):
-    """`smg launch` on 127.0.0.1 in front of one worker; yields its HTTP port once it lists a model."""
-    exe = _smg_executable()
-    if exe is None:
-        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
-    port, metrics_port = free_port(), free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="smg-", suffix=".log", delete=False)
-    proc = subprocess.Popen([exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
-                             "--prometheus-port", str(metrics_port), "--worker-urls", worker_url,
-                             "--log-level", "warn", "--shutdown-grace-period-secs", "1", *extra],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield port, proc, log.name
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        log.close()
-        os.unlink(log.name)
-
-
-def _wait_models(port: int, proc, log_name: str, headers=None) -> list[str]:
-    deadline = time.monotonic() + SMG_READY_TIMEOUT_S
-    while True:
-        assert proc.poll() is None, f"smg exited with {proc.returncode}: {open(log_name).read()[-3000:]}"
-        try:
-            status, body = _http(port, "GET", "/v1/models", headers=headers, timeout=2)
-            ids = [m["id"] for m in json.loads(body)["data"]] if status == 200 else []
-            if ids and "unknown" not in ids:
-                return ids
-        except (OSError, ValueError, KeyError):
-            pass
-        assert time.monotonic() < deadline, f"smg did not register the worker: {open(log_name).read()[-3000:]}"
-        time.sleep(0.2)
-
-
 def _gateway_port(srv, timeout: float = 30.0) -> int:
     """The port of the gateway listener, from the line the server prints after its ready line."""
     deadline = time.monotonic() + timeout
@@ -106,14 +40,14 @@ def test_smg_serves_a_worker_that_has_an_api_key(spawn_server, util, offline):
 
     srv = spawn_server("--served-model-name", "tiny-moe", "--api-key", KEY, "--gateway-port", "0")
     gw = _gateway_port(srv)
-    with _smg(f"grpc://127.0.0.1:{gw}", util.free_port, "--api-key", SMG_KEY) as (port, proc, log):
-        assert _wait_models(port, proc, log, headers={"authorization": f"Bearer {SMG_KEY}"}) == ["tiny-moe"]
+    with launch_smg(f"grpc://127.0.0.1:{gw}", util.free_port, "--api-key", SMG_KEY) as (port, proc, log):
+        assert wait_models(port, proc, log, headers={"authorization": f"Bearer {SMG_KEY}"}) == ["tiny-moe"]
         body = dict(model="tiny-moe", prompt="Once upon a time", max_tokens=12, temperature=0, ignore_eos=True)
         # smg's --api-key gates its HTTP clients ...
-        status, raw = _http(port, "POST", "/v1/completions", body)
+        status, raw = http_request(port, "POST", "/v1/completions", body)
         assert status == 401, raw
         # ... and with it, the request runs on the keyed worker and matches the offline engine.
-        status, raw = _http(port, "POST", "/v1/completions", body, headers={"authorization": f"Bearer {SMG_KEY}"})
+        status, raw = http_request(port, "POST", "/v1/completions", body, headers={"authorization": f"Bearer {SMG_KEY}"})
         assert status == 200, raw
         out = json.loads(raw)
         ref = offline.generate("Once upon a time", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),

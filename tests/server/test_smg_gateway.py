@@ -8,36 +8,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 
 import pytest
 
 from moelink.engine import SamplingParams
 
-SMG_READY_TIMEOUT_S = 60.0
-
-
-def _smg_executable():
-    exe = shutil.which("smg") or os.path.join(os.path.dirname(sys.executable), "smg")
-    return exe if os.path.exists(exe) else None
-
-
-def _http(port: int, method: str, path: str, body=None, timeout: float = 30.0):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={"content-type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
+from smg_gateway import http_request, launch_smg, wait_models
 
 def _sse_events(port: int, path: str, body: dict, timeout: float = 30.0):
     """Yields the JSON events of a streamed response (the connection closes when the generator is closed)."""
@@ -58,40 +34,12 @@ def _sse_events(port: int, path: str, body: dict, timeout: float = 30.0):
         conn.close()
 
 
+
 @pytest.fixture(scope="module")
 def gateway(server, util_module):
-    exe = _smg_executable()
-    if exe is None:
-        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
-    port, metrics_port = util_module.free_port(), util_module.free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="smg-", suffix=".log", delete=False)
-    proc = subprocess.Popen([exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
-                             "--prometheus-port", str(metrics_port), "--worker-urls", f"grpc://{server.addr}",
-                             "--log-level", "warn", "--shutdown-grace-period-secs", "1"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + SMG_READY_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"smg exited with {proc.returncode}: {open(log.name).read()[-3000:]}"
-            try:
-                status, body = _http(port, "GET", "/v1/models", timeout=2)
-                if status == 200 and json.loads(body)["data"]:
-                    break
-            except (OSError, ValueError):
-                pass
-            assert time.monotonic() < deadline, f"smg not ready: {open(log.name).read()[-3000:]}"
-            time.sleep(0.2)
+    with launch_smg(f"grpc://{server.addr}", util_module.free_port) as (port, proc, log):
+        wait_models(port, proc, log)
         yield port
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        log.close()
-        os.unlink(log.name)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +70,7 @@ CASES = {
 
 
 def test_models_endpoint_names_the_served_model(gateway):
-    status, body = _http(gateway, "GET", "/v1/models")
+    status, body = http_request(gateway, "GET", "/v1/models")
     assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["tiny-moe"]
 
 
@@ -134,7 +82,7 @@ def test_completions_match_offline(gateway, offline, stream, case):
     ref = offline.generate(prompt, SamplingParams(**params), use_tqdm=False)[0]
     body = dict(model="tiny-moe", prompt=prompt, stream=stream, **http_params)
     if not stream:
-        status, raw = _http(gateway, "POST", "/v1/completions", body)
+        status, raw = http_request(gateway, "POST", "/v1/completions", body)
         assert status == 200, raw
         out = json.loads(raw)
         text, finish, usage = out["choices"][0]["text"], out["choices"][0]["finish_reason"], out["usage"]
@@ -159,7 +107,7 @@ def test_chat_completions_match_offline(gateway, offline, stream, case):
     ref = offline.generate([ids], SamplingParams(logprobs=0, **params), use_tqdm=False)[0].outputs[0]
     body = dict(model="tiny-moe", messages=messages, stream=stream, logprobs=True, **http_params)
     if not stream:
-        status, raw = _http(gateway, "POST", "/v1/chat/completions", body)
+        status, raw = http_request(gateway, "POST", "/v1/chat/completions", body)
         assert status == 200, raw
         out = json.loads(raw)
         text, usage = out["choices"][0]["message"]["content"], out["usage"]
@@ -185,7 +133,7 @@ def test_generate_endpoint_returns_the_offline_token_ids(gateway, offline):
     ids = [7, 77, 177, 277]
     ref = offline.generate([ids], SamplingParams(**params), use_tqdm=False)[0].outputs[0]
     sp = dict(max_new_tokens=params["max_tokens"], temperature=0.0, ignore_eos=True)
-    status, raw = _http(gateway, "POST", "/generate", dict(model="tiny-moe", input_ids=ids, sampling_params=sp))
+    status, raw = http_request(gateway, "POST", "/generate", dict(model="tiny-moe", input_ids=ids, sampling_params=sp))
     assert status == 200, raw
     out = json.loads(raw)
     out = out[0] if isinstance(out, list) else out

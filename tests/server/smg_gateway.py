@@ -1,0 +1,75 @@
+"""The smg gateway in front of a worker, for the gateway tests (not a test module): find it, launch it on
+127.0.0.1, wait until it has registered the worker, call its HTTP API."""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+SMG_READY_TIMEOUT_S = 60.0
+
+
+def smg_executable():
+    exe = shutil.which("smg") or os.path.join(os.path.dirname(sys.executable), "smg")
+    return exe if os.path.exists(exe) else None
+
+
+def http_request(port: int, method: str, path: str, body=None, headers=None, timeout: float = 30.0):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=None if body is None else json.dumps(body),
+                     headers={"content-type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def launch_smg(worker_url: str, free_port, *extra: str):
+    """`smg launch` on 127.0.0.1 in front of one worker; yields its HTTP port once it lists a model."""
+    exe = smg_executable()
+    if exe is None:
+        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
+    port, metrics_port = free_port(), free_port()
+    log = tempfile.NamedTemporaryFile("w+", prefix="smg-", suffix=".log", delete=False)
+    proc = subprocess.Popen([exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
+                             "--prometheus-port", str(metrics_port), "--worker-urls", worker_url,
+                             "--log-level", "warn", "--shutdown-grace-period-secs", "1", *extra],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield port, proc, log.name
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        log.close()
+        os.unlink(log.name)
+
+
+def wait_models(port: int, proc, log_name: str, headers=None) -> list[str]:
+    deadline = time.monotonic() + SMG_READY_TIMEOUT_S
+    while True:
+        assert proc.poll() is None, f"smg exited with {proc.returncode}: {open(log_name).read()[-3000:]}"
+        try:
+            status, body = http_request(port, "GET", "/v1/models", headers=headers, timeout=2)
+            ids = [m["id"] for m in json.loads(body)["data"]] if status == 200 else []
+            if ids and "unknown" not in ids:
+                return ids
+        except (OSError, ValueError, KeyError):
+            pass
+        assert time.monotonic() < deadline, f"smg did not register the worker: {open(log_name).read()[-3000:]}"
+        time.sleep(0.2)
