@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
         tmp_cache = tempfile.mkdtemp(prefix="moelink-triton-cache-")
         os.environ["TRITON_CACHE_DIR"] = tmp_cache
     try:
-        from moelink.benchmarks.provenance import git_commit
+        from moelink.engine.provenance import git_commit
         from datetime import date
 
         rep = collect(published=not args.no_published, quick=args.quick, only=args.only)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .moe_kernels import RESULTS, Timer, measure_ceilings, require_cuda, run_meta
-from .provenance import write_result
+from moelink.engine.provenance import write_result
 
 QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, num_hidden_layers=48,
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,

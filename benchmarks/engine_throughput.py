@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from moelink.benchmarks.provenance import git_commit as _commit
+from moelink.engine.provenance import git_commit as _commit
 
 MODEL_KW = dict(arch="qwen3_moe", num_layers=4, hidden_size=256, num_experts=16, top_k=4, num_heads=8,
                 num_kv_heads=2, head_dim=32, moe_intermediate_size=256, vocab_size=1024,

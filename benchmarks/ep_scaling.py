@@ -9,7 +9,7 @@ distinct destination rank) with what a naive dispatch sends (once per
 the ranks share the cores and gloo copies through loopback — so read the
 throughput column as overhead, and the bytes columns as the design's saving
 (each rank, EP 1 included, runs one intra-op thread);
-GPU/NVLink speed is the cluster model's job (benchmarks/cluster_model.py).
+GPU/NVLink speed is the cluster model's job (`moelink plan`, engine/plan_cli.py).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from datetime import date
 from pathlib import Path
 
 from tqdm import tqdm
-from moelink.benchmarks.provenance import git_commit as _commit
+from moelink.engine.provenance import git_commit as _commit
 
 MODEL_KW = dict(arch="qwen3_moe", num_layers=2, hidden_size=128, num_experts=16, top_k=4, num_heads=4,
                 num_kv_heads=2, head_dim=32, moe_intermediate_size=128, vocab_size=512)

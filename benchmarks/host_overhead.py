@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .provenance import git_commit, write_result
+from moelink.engine.provenance import git_commit, write_result
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from moelink.benchmarks.provenance import git_commit, write_result
+from moelink.engine.provenance import git_commit, write_result
 from moelink.benchmarks.serve_load import RESULTS_DIR, _Client, _pct, start_server, stop_server
 
 HOSTILE_TEXT_BYTES = 16 << 20

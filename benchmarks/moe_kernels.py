@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from moelink.benchmarks.provenance import git_commit as commit, write_result
+from moelink.engine.provenance import git_commit as commit, write_result
 
 # name: (E experts, K top-k, D hidden, I expert intermediate), from the models' config.json.
 SHAPES = {

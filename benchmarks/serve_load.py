@@ -37,7 +37,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
-from moelink.benchmarks.provenance import git_commit as _git_commit
+from moelink.engine.provenance import git_commit as _git_commit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -352,6 +352,13 @@ def run_from_args(ns: argparse.Namespace) -> int:
         plot(result, out.with_suffix(".png"))
         print(f"wrote {out.with_suffix('.png')}")
     return 0
+
+
+def register_cli(subparsers) -> None:
+    """`moelink bench-serve`: registered through the `moelink.cli` entry point (pyproject.toml)."""
+    b = subparsers.add_parser("bench-serve", help="load benchmark against a running gRPC server (or one it starts)")
+    add_arguments(b)
+    b.set_defaults(func=run_from_args)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

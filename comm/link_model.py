@@ -1,7 +1,7 @@
 """Bandwidth/latency models of GPU links and of the EP all-to-all that runs over them.
 
 Standard library only (no torch, no model code): the cluster model in
-`moelink.benchmarks.cluster` predicts dispatch/combine times from these.
+`moelink.planner` predicts dispatch/combine times from these.
 
 Units: bytes, seconds, GB/s = 1e9 bytes/s. "Per GPU per direction" everywhere:
 NVLink 4 is sold as 900 GB/s *bidirectional*, i.e. 450 GB/s each way.

@@ -1,4 +1,12 @@
-"""moelink.engine: user-facing entry points (LLM, AsyncEngine, CLI)."""
+"""moelink.engine: the user-facing engine: `LLM` (offline), `AsyncEngine` (serving), the `moelink` CLI.
+
+Owns: engine arguments and configs, the engine loop (tokenizer, scheduler, executor, output processing),
+executors (in-process, Ray), the worker and its model runner, model definitions (`models/`), checkpoint
+loading, sampling, CUDA graphs, metrics. Scheduling policy belongs to scheduler/, the MoE layer to moe/.
+The gRPC front (`server/`) sits on top of this folder; only `cli.py`, the composition root of the `moelink`
+command, reaches up into it to register `serve` and `stats`.
+Must not import: benchmarks, engine.server (except cli.py, the composition root).
+"""
 from .outputs import CompletionOutput, Logprob, OutputKind, RequestOutput
 from .sampling_params import SamplingParams
 

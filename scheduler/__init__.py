@@ -1,5 +1,10 @@
-"""Requests, the paged KV block pool with prefix caching, and the token-budget
-scheduler. Pure Python: nothing here imports torch or numpy (DESIGN.md)."""
+"""moelink.scheduler: requests and their states, the paged KV block pool with prefix caching, the
+token-budget scheduler (chunked prefill, preemption) and the data-parallel request router.
+
+Pure Python: the standard library only, no torch or numpy (DESIGN.md), so it is tested on plain lists.
+`SchedulerOutput` / `ModelRunnerOutput` (outputs.py) are the only things that cross to the worker and back.
+Must not import: benchmarks, engine, engine.server, planner, moe, comm, kernels.
+"""
 from .block_pool import BlockPool, extend_block_hashes, hash_block_tokens
 from .config import CacheConfig, SchedulerConfig
 from .engine_output import EngineCoreOutput, SchedulerStats

@@ -1,11 +1,11 @@
-"""`moelink serve` (the gRPC server) and `moelink bench-serve` (load benchmark against one)."""
+"""`moelink serve` (the gRPC server) and `moelink stats` (expert-load counts of a running one)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
 
-from ..cli import add_engine_args, engine_args_from
+from ..cli_args import add_engine_args, engine_args_from
 from .config import DEFAULT_MAX_MESSAGE_SIZE, ServerConfig
 from .limits import add_limit_args, limits_from
 
@@ -71,12 +71,6 @@ def _serve(ns: argparse.Namespace) -> int:
     return serve(serve_engine_args_from(ns), config)
 
 
-def _bench_serve(ns: argparse.Namespace) -> int:
-    from moelink.benchmarks import serve_load
-
-    return serve_load.run_from_args(ns)
-
-
 def _stats(ns: argparse.Namespace) -> int:
     """Fetch the raw expert-load counts from a running server (the ExpertLoad RPC) and print/save them."""
     import json
@@ -115,12 +109,6 @@ def register_cli(subparsers) -> None:
     add_engine_args(p)
     add_server_args(p)
     p.set_defaults(func=_serve)
-
-    from moelink.benchmarks import serve_load
-
-    b = subparsers.add_parser("bench-serve", help="load benchmark against a running gRPC server (or one it starts)")
-    serve_load.add_arguments(b)
-    b.set_defaults(func=_bench_serve)
 
     st = subparsers.add_parser("stats", help="raw expert-load counts of a running server (JSON)")
     st.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of `moelink serve`")

@@ -6,10 +6,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .limits import RequestLimits
+from .limits import DEFAULT_MAX_MESSAGE_SIZE, RequestLimits
 from .tls import check_server_tls
 
-DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # 64 MiB: a 1M-token prompt of uint32 ids fits with room
 
 
 @dataclass

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field, fields
 
 from ..safe_text import MAX_SHOWN_CHARS
 
+# Whole-message cap of both listeners (ServerConfig.max_message_size): 64 MiB, so a 1M-token prompt of uint32
+# ids fits with room. Here, not in config.py, because the README table below renders it and config imports us.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
 
 def _limit(default: int, proto_field: str, unit: str, help: str):
     return field(default=default, metadata=dict(proto_field=proto_field, unit=unit, help=help))
@@ -78,7 +82,6 @@ def limits_from(ns: argparse.Namespace) -> RequestLimits:
 def bad_input_table(limits: RequestLimits | None = None) -> str:
     """Markdown: field -> limit -> status, from the limits the servers enforce."""
     from ..sampling_params import FLOAT_RANGES, MAX_LOGPROBS
-    from .config import DEFAULT_MAX_MESSAGE_SIZE
 
     lim = limits or RequestLimits()
 

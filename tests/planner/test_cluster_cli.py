@@ -1,9 +1,9 @@
-"""Smoke tests of `moelink plan` and `python -m moelink.benchmarks.cluster_model`."""
+"""Smoke tests of `moelink plan` and `python -m moelink.engine.plan_cli`."""
 from __future__ import annotations
 
 import json
 
-from moelink.benchmarks import cluster_model
+from moelink.engine import plan_cli
 from moelink.engine import cli
 
 
@@ -24,18 +24,18 @@ def test_moelink_plan_prints_throughput_breakdown_and_best(tmp_path, capsys):
 
 
 def test_module_main_all_hardware_and_other_models(capsys):
-    assert cluster_model.main(["--hardware", "all", "--ep", "16", "--batch-per-rank", "32"]) == 0
+    assert plan_cli.main(["--hardware", "all", "--ep", "16", "--batch-per-rank", "32"]) == 0
     out = capsys.readouterr().out
     for hw in ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72"):
         assert f"| {hw} |" in out
     for model in ("kimi-k2", "qwen3-235b-a22b", "qwen3-30b-a3b", "mixtral-8x22b"):
-        assert cluster_model.main(["--model", model, "--hardware", "b200-hgx", "--ep", "8", "--precision", "fp4",
+        assert plan_cli.main(["--model", model, "--hardware", "b200-hgx", "--ep", "8", "--precision", "fp4",
                                    "--batch-per-rank", "16"]) == 0
     assert "mixtral-8x22b on b200-hgx" in capsys.readouterr().out
 
 
 def test_bad_input_is_one_clear_error(capsys):
-    assert cluster_model.main(["--hardware", "tpu-v5"]) == 2
+    assert plan_cli.main(["--hardware", "tpu-v5"]) == 2
     assert "hardware='tpu-v5' is not known" in capsys.readouterr().err
     assert cli.main(["plan", "--ep", "0"]) == 2
     assert "ep=0 must be >= 1" in capsys.readouterr().err
@@ -47,10 +47,10 @@ def test_measured_expert_counts_feed_the_imbalance(tmp_path, capsys):
     path = tmp_path / "counts.json"
     path.write_text(json.dumps({"counts": counts}))
     js = tmp_path / "out.json"
-    assert cluster_model.main(["--hardware", "h200-hgx", "--ep", "8", "--batch-per-rank", "32",
+    assert plan_cli.main(["--hardware", "h200-hgx", "--ep", "8", "--batch-per-rank", "32",
                                "--expert-counts", str(path), "--json", str(js)]) == 0
     res = json.loads(js.read_text())["results"]["h200-hgx"]
     assert res["decode"]["expert_imbalance"] == 4 * 32 / ((4 * 32 + 224) / 8)
     assert "measured counts (256 experts)" in capsys.readouterr().out
     path.write_text("not json")
-    assert cluster_model.main(["--expert-counts", str(path)]) == 2
+    assert plan_cli.main(["--expert-counts", str(path)]) == 2

@@ -4,9 +4,9 @@
         [--input-len 2000 --output-len 1000 --itl-slo-ms 50 --precision fp8 ...] [--json out] [--plot out.png]
     moelink plan --model deepseek-v3 --hardware all --json ... --plot ...   # H100, H200, B200, GB200 NVL72
     moelink plan --calibrate [--json out]      # published results vs predictions (exit 1 if any is off by >30%)
-    python -m moelink.benchmarks.cluster_model ...   # the same, without the moelink CLI
+    python -m moelink.engine.plan_cli ...   # the same, without the moelink CLI
 
-The model lives in `moelink.benchmarks.cluster` (step model, hardware, models,
+The model lives in `moelink.planner` (step model, hardware, models,
 calibration) and `moelink.comm.link_model` (links and all-to-all volume).
 """
 from __future__ import annotations
@@ -16,15 +16,15 @@ import json
 import sys
 from datetime import date
 from pathlib import Path
-from moelink.benchmarks.provenance import git_commit as _commit
+from .provenance import git_commit as _commit
 
 README_HARDWARE = ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72")
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
-    from .cluster.hardware import PROFILES
-    from .cluster.models import MODELS
-    from .cluster.plan import PRECISIONS
+    from moelink.planner.hardware import PROFILES
+    from moelink.planner.models import MODELS
+    from moelink.planner.plan import PRECISIONS
 
     p.add_argument("--model", default="deepseek-v3", choices=sorted(MODELS))
     p.add_argument("--hardware", default="h100-hgx",
@@ -59,7 +59,7 @@ def _meta(argv_text: str) -> dict:
 
 
 def _hardware_list(text: str) -> list[str]:
-    from .cluster.hardware import get_profile
+    from moelink.planner.hardware import get_profile
 
     names = list(README_HARDWARE) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
     for n in names:
@@ -68,8 +68,8 @@ def _hardware_list(text: str) -> list[str]:
 
 
 def _calibrate(ns: argparse.Namespace) -> int:
-    from .cluster.calibration import TOLERANCE, run
-    from .cluster.report import format_calibration
+    from moelink.planner.calibration import TOLERANCE, run
+    from moelink.planner.report import format_calibration
 
     results = run()
     print(format_calibration(results))
@@ -90,19 +90,19 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def run_plan(ns: argparse.Namespace) -> int:
-    """Entry point of `moelink plan` (and of `python -m moelink.benchmarks.cluster_model`)."""
+    """Entry point of `moelink plan` (and of `python -m moelink.engine.plan_cli`)."""
     if not getattr(ns, "command_text", None):
         ns.command_text = "moelink " + " ".join(sys.argv[1:])
     if ns.calibrate:
         return _calibrate(ns)
-    from .cluster.hardware import get_profile
-    from .cluster.models import get_model
-    from .cluster.plan import PlanInputs, plan, with_hardware
-    from .cluster.report import format_comparison, format_plan
+    from moelink.planner.hardware import get_profile
+    from moelink.planner.models import get_model
+    from moelink.planner.plan import PlanInputs, plan, with_hardware
+    from moelink.planner.report import format_comparison, format_plan
 
     balance = ns.balance
     if ns.expert_counts:
-        from .cluster.imbalance import Balance
+        from moelink.planner.imbalance import Balance
 
         try:
             data = json.loads(Path(ns.expert_counts).read_text())
@@ -127,7 +127,7 @@ def run_plan(ns: argparse.Namespace) -> int:
     if ns.json_path:
         _write_json(ns.json_path, {**_meta(ns.command_text), "results": results})
     if ns.plot_path:
-        from .cluster.plots import plot_ep_sweep
+        from moelink.planner.plots import plot_ep_sweep
 
         out = plot_ep_sweep(results, ns.plot_path, f"{ns.model}: predicted throughput per GPU vs EP size "
                                                    f"({ns.precision}, input {ns.input_len}, output {ns.output_len})")
@@ -143,16 +143,16 @@ def register_cli(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moelink.benchmarks.cluster_model", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m moelink.engine.plan_cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_args(parser)
     args = sys.argv[1:] if argv is None else argv
     ns = parser.parse_args(args)
-    ns.command_text = "python -m moelink.benchmarks.cluster_model " + " ".join(args)
+    ns.command_text = "python -m moelink.engine.plan_cli " + " ".join(args)
     try:
         return run_plan(ns)
     except ValueError as exc:
-        print(f"cluster_model: error: {exc}", file=sys.stderr)
+        print(f"plan: error: {exc}", file=sys.stderr)
         return 2
 
 

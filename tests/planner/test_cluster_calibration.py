@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 
-from moelink.benchmarks import cluster_model
-from moelink.benchmarks.cluster.calibration import ROWS, TOLERANCE
+from moelink.engine import plan_cli
+from moelink.planner.calibration import ROWS, TOLERANCE
 
 
 def test_calibrate_command_every_row_within_tolerance(tmp_path, capsys):
     out = tmp_path / "calibration.json"
-    rc = cluster_model.main(["--calibrate", "--json", str(out)])
+    rc = plan_cli.main(["--calibrate", "--json", str(out)])
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     bad = [(r["id"], round(r["relative_error"], 3)) for r in data["rows"] if abs(r["relative_error"]) > TOLERANCE]

@@ -7,14 +7,14 @@ from dataclasses import replace
 
 import pytest
 
-from moelink.benchmarks.cluster.efficiency import Efficiency
-from moelink.benchmarks.cluster.hardware import GpuSpec, get_profile
-from moelink.benchmarks.cluster.imbalance import Balance, counts_imbalance, expected_max_normal, \
+from moelink.planner.efficiency import Efficiency
+from moelink.planner.hardware import GpuSpec, get_profile
+from moelink.planner.imbalance import Balance, counts_imbalance, expected_max_normal, \
     expert_load_imbalance, zipf_counts
-from moelink.benchmarks.cluster.kernels import WEIGHT_BYTES, gemm_time, grouped_expert_time, \
+from moelink.planner.kernels import WEIGHT_BYTES, gemm_time, grouped_expert_time, \
     load_moe_measurements
-from moelink.benchmarks.cluster.models import get_model
-from moelink.benchmarks.cluster.step_model import Precision, Setup, decode_step, max_batch_per_rank, \
+from moelink.planner.models import get_model
+from moelink.planner.step_model import Precision, Setup, decode_step, max_batch_per_rank, \
     mixed_iteration, prefill_chunk
 
 # A round-number GPU: 1000 TFLOP/s BF16, 2000 FP8, 1 TB/s; ceilings equal to the datasheet.

@@ -1,0 +1,55 @@
+"""Engine flags of the `moelink` subcommands that build an engine (`generate`, `serve`), named as vLLM names
+them, and the `EngineArgs` they make. Its own module so that the gRPC front's CLI and the top-level CLI share
+it without importing each other."""
+from __future__ import annotations
+
+import argparse
+
+from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags, named as vLLM names them."""
+    p.add_argument("model", help="local Hugging Face checkpoint directory")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or float64")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--expert-parallel-size", "-ep", type=int, default=1,
+                   help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
+    p.add_argument("--all-to-all", default="auto", choices=["auto", "none", "torch", "torch_padded", "nccl"])
+    p.add_argument("--num-redundant-experts", type=int, default=0)
+    p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="SECONDS",
+                   help="a model step running longer than this is a hang: the engine fails (health NOT_SERVING, "
+                        "requests end with the reason); the first step, which compiles kernels, gets at least "
+                        f"{FIRST_STEP_TIMEOUT_S:.0f} s (default {DEFAULT_STEP_TIMEOUT_S:.0f})")
+    p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="SECONDS",
+                   help="an expert-parallel rank that answers no heartbeat for this long (frozen, wedged, "
+                        f"unreachable) fails the engine, busy or idle (default {DEFAULT_HEARTBEAT_TIMEOUT_S:.0f})")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
+    p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
+                        "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
+
+
+def engine_args_from(ns: argparse.Namespace):
+    from .engine_args import EngineArgs
+
+    return EngineArgs(
+        model=ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size, num_kv_blocks=ns.num_kv_blocks,
+        kv_cache_memory_bytes=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
+        enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
+        expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
+        num_redundant_experts=ns.num_redundant_experts, enforce_eager=ns.enforce_eager,
+        cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
+    )
