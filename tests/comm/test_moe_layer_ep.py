@@ -108,8 +108,9 @@ def test_moe_layer_under_ep_matches_one_rank(launched, world_size, name, backend
 
 
 def test_hot_expert_is_served_by_every_replica(launched):
-    """The hot expert of the EP 3 case has a copy on each rank; with every token routed to it, the layer
-    outputs only match if all three copies hold the right weights and the replica rule finds them."""
+    """What makes the EP 3 hot case cover every replica: expert 1 has a copy on each rank and every token
+    routes to it, so rank 0's five tokens use replicas (t + 0) % 3 = 0, 1, 2, 0, 1, one on each rank; the
+    outputs above then match only if each copy holds expert 1's weights and serves its rows."""
     inp = launched[3][1]["e4k2_hot_everywhere"]
     placement = ExpertPlacement(**inp["placement"])
     assert [r for r, _ in placement.log2phy[1]] == [0, 1, 2]
