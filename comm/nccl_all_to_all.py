@@ -1,6 +1,6 @@
 """Fixed-capacity all-to-all without host syncs: over torch.distributed, and over direct NCCL (CUDA graphs).
 
-Legend as in all_to_all.py; C = max_tokens_per_rank (the capacity), B bytes.
+Legend as in a2a_base.py; C = max_tokens_per_rank (the capacity), B bytes.
 
 Why a fixed capacity: CUDA graphs replay fixed shapes and cannot wait for the
 host to learn how many rows each rank sends. A token goes to a rank at most
@@ -33,8 +33,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .all_to_all import (AllToAll, DispatchMeta, _check_inputs, _meta_row_bytes, _pack_meta, _unpack_meta,
-                         select_replicas)
+from .a2a_base import AllToAll, DispatchMeta, check_inputs, meta_row_bytes, pack_meta, unpack_meta
 
 
 class PaddedAllToAll(AllToAll):
@@ -58,8 +57,8 @@ class PaddedAllToAll(AllToAll):
             else:
                 dist.all_to_all_single(out, inp, group=self.group)
 
-    def dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, placement_tables):
-        _check_inputs(x_TD, topk_ids_TK, topk_weights_TK, placement_tables, self.world_size)
+    def dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route):
+        check_inputs(x_TD, topk_ids_TK, topk_weights_TK, route, self.world_size)
         num_tokens, hidden = x_TD.shape
         top_k = topk_ids_TK.shape[1]
         if num_tokens > self.capacity:
@@ -67,7 +66,7 @@ class PaddedAllToAll(AllToAll):
                              f"raise max_tokens_per_rank or schedule fewer tokens per step.")
         R, C, dev = self.world_size, self.capacity, x_TD.device
         rows = R * C
-        dst_TK, slot_TK = select_replicas(topk_ids_TK, placement_tables, self.rank)
+        dst_TK, slot_TK = route.route(topk_ids_TK, self.rank)
         to_rank_TR = torch.zeros(num_tokens, R, dtype=torch.bool, device=dev).scatter_(1, dst_TK, True)
         send_counts_R = to_rank_TR.sum(0)
         # Position of token t in block r = how many earlier tokens also go to r.
@@ -84,17 +83,17 @@ class PaddedAllToAll(AllToAll):
         send_weights_SK = topk_weights_TK.new_zeros(rows, top_k)
         send_weights_SK[row_TK, col_TK] = topk_weights_TK
 
-        send_meta_SB = _pack_meta(send_ids_SK, send_weights_SK)
+        send_meta_SB = pack_meta(send_ids_SK, send_weights_SK)
         recv_x_ND = torch.empty_like(send_x_SD)
         recv_meta_NB = torch.empty_like(send_meta_SB)
         recv_counts_R = torch.empty_like(send_counts_R)
         self._exchange([(recv_counts_R, send_counts_R), (recv_x_ND, send_x_SD), (recv_meta_NB, send_meta_SB)])
-        recv_ids_NK, recv_weights_NK = _unpack_meta(recv_meta_NB, top_k, topk_weights_TK.dtype)
+        recv_ids_NK, recv_weights_NK = unpack_meta(recv_meta_NB, top_k, topk_weights_TK.dtype)
         meta = DispatchMeta(
             recv_topk_ids_NK=recv_ids_NK, recv_topk_weights_NK=recv_weights_NK, num_tokens=num_tokens,
             send_token_idx_S=send_tok_S, send_counts_R=send_counts_R, recv_counts_R=recv_counts_R,
             send_counts=None, recv_counts=None,
-            row_bytes=hidden * x_TD.element_size(), meta_row_bytes=_meta_row_bytes(topk_weights_TK))
+            row_bytes=hidden * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK))
         return recv_x_ND, meta
 
     def combine(self, y_ND, meta):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from moelink.comm.backends import resolve_backend
+
 from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
 
 _DTYPES = {
@@ -133,7 +135,6 @@ class ModelConfig:
 
 
 _EXECUTORS = ("auto", "inprocess", "ray")
-_ALL_TO_ALL = ("auto", "none", "torch", "torch_padded", "nccl")
 
 
 @dataclass
@@ -143,8 +144,8 @@ class ParallelConfig:
     Every rank runs attention for its own requests and holds 1/N of the experts.
     `executor` "auto" is in-process for one rank and Ray beyond; `ray_address`
     None starts a local Ray instance, "auto" joins the running cluster, or give
-    an address. `all_to_all` "auto" picks "none" for one rank and "torch"
-    otherwise (gloo on CPU, NCCL on GPU).
+    an address. `all_to_all` names a backend of moelink.comm.backends: "auto"
+    picks "none" for one rank and "torch" otherwise (gloo on CPU, NCCL on GPU).
     """
 
     expert_parallel_size: int = 1
@@ -169,8 +170,8 @@ class ParallelConfig:
             raise ValueError(f"executor={self.executor!r} is invalid: choose from {', '.join(_EXECUTORS)}.")
         if self.executor == "inprocess" and n > 1:
             raise ValueError(f"executor='inprocess' runs one rank; expert_parallel_size={n} needs executor='ray' or 'auto'.")
-        if self.all_to_all not in _ALL_TO_ALL:
-            raise ValueError(f"all_to_all={self.all_to_all!r} is invalid: choose from {', '.join(_ALL_TO_ALL)}.")
+        # The registry owns the names and "auto"; it also refuses a backend that cannot run at n ranks.
+        resolve_backend(self.all_to_all, n)
         if not isinstance(self.num_redundant_experts, int) or self.num_redundant_experts < 0:
             raise ValueError(f"num_redundant_experts={self.num_redundant_experts!r} is invalid: must be an integer >= 0.")
         for name in ("step_timeout_s", "heartbeat_timeout_s", "comm_timeout_s"):
@@ -185,8 +186,3 @@ class ParallelConfig:
         if self.executor != "auto":
             return self.executor
         return "inprocess" if self.expert_parallel_size == 1 else "ray"
-
-    def resolved_all_to_all(self) -> str:
-        if self.all_to_all != "auto":
-            return self.all_to_all
-        return "none" if self.expert_parallel_size == 1 else "torch"

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .engine_args import EngineConfig
+from .expert_parallel import ExpertParallelPlan, plan_expert_parallel
 
 
 class Executor(ABC):
@@ -50,12 +51,13 @@ class WorkerDiedError(RuntimeError):
 
 
 class InProcessExecutor(Executor):
-    """One rank, in this process: no Ray, no process group."""
+    """One rank, in this process: no Ray, no process group. `plan`: the engine's (built from config if None)."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, plan: ExpertParallelPlan | None = None):
         from .worker import Worker
 
-        self.worker = Worker(config, rank=0)
+        self.plan = plan if plan is not None else plan_expert_parallel(config)
+        self.worker = Worker(config, rank=0, plan=self.plan)
         self.worker.load()
 
     @property
@@ -72,11 +74,11 @@ class InProcessExecutor(Executor):
         return [self.worker.execute(so, run_forward=not so.is_empty)]
 
 
-def make_executor(config: EngineConfig) -> Executor:
-    """One executor per engine, chosen once from the parallel config."""
+def make_executor(config: EngineConfig, plan: ExpertParallelPlan | None = None) -> Executor:
+    """One executor per engine, chosen once from the parallel config; its workers get `plan`."""
     kind = config.parallel.resolved_executor
     if kind == "inprocess":
-        return InProcessExecutor(config)
+        return InProcessExecutor(config, plan)
     from .ray_executor import RayExecutor
 
-    return RayExecutor(config)
+    return RayExecutor(config, plan)

@@ -17,6 +17,7 @@ from moelink.scheduler.scheduler import Scheduler
 
 from .engine_args import EngineArgs, EngineConfig
 from .executor import Executor, make_executor
+from .expert_parallel import plan_expert_parallel
 from .moe_metrics import MoEMetrics
 from .output_processor import OutputProcessor
 from .outputs import OutputKind, RequestOutput
@@ -57,7 +58,9 @@ class LLMEngine:
         # The workers' samplers hold EOS back under min_tokens: they must know every
         # EOS id the schedulers stop on (generation_config.json, tokenizer too).
         config = replace(config, model=replace(config.model, eos_token_ids=tuple(sorted(self.eos_token_ids))))
-        self.executor = executor or make_executor(config)
+        # Built once, here: the workers receive it and expert_load reports the same placement.
+        self.ep_plan = plan_expert_parallel(config)
+        self.executor = executor or make_executor(config, self.ep_plan)
         if config.cache.num_kv_blocks is None:
             # Sized by the ranks themselves, now that their weights are in memory.
             try:
@@ -205,12 +208,7 @@ class LLMEngine:
 
     def experts_on_ranks(self) -> list[list[tuple[int, int]]]:
         """Per rank: (logical expert, number of replicas of it) for each expert slot it holds."""
-        if self.world_size == 1:
-            return [[(e, 1) for e in range(self.config.model.num_experts)]]
-        from moelink.moe.placement import ExpertPlacement
-
-        p = ExpertPlacement(num_experts=self.config.model.num_experts, ep_size=self.world_size,
-                            num_redundant=self.config.parallel.num_redundant_experts)
+        p = self.ep_plan.placement  # at one rank: every expert once
         copies = [len(r) for r in p.log2phy]
         return [[(e, copies[e]) for e in p.experts_on_rank(r)] for r in range(self.world_size)]
 

@@ -38,6 +38,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .engine_args import EngineConfig
 from .executor import Executor, WorkerDiedError
+from .expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from .timeouts import FIRST_STEP_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def _heartbeats(state: _RayState, interval_s: float, timeout_s: float) -> None:
 
 
 class RayExecutor(Executor):
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, plan: ExpertParallelPlan | None = None):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -247,6 +248,9 @@ class RayExecutor(Executor):
 
         self.config = config
         self.world_size = config.parallel.world_size
+        # The engine's plan (built here from config if None), shipped to every rank: before Ray starts, so a
+        # placement or backend that cannot work fails on the driver.
+        self.plan = plan if plan is not None else plan_expert_parallel(config)
         self._state = state = _RayState()
         # Releases the actors, the placement group and a Ray we started when this executor is collected
         # (or at exit), if shutdown() was not called; calling it is shutdown().
@@ -281,7 +285,7 @@ class RayExecutor(Executor):
                 actor_cls.options(
                     num_cpus=1, num_gpus=1 if gpu else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(state.pg, placement_group_bundle_index=r),
-                ).remote(config, r)
+                ).remote(config, r, self.plan)
                 for r in range(self.world_size)
             ]
             self.rank_pids = self._get([w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote()

@@ -15,15 +15,17 @@ import torch
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .engine_args import EngineConfig
+from .expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int):
+    def __init__(self, config: EngineConfig, rank: int, plan: ExpertParallelPlan):
         self.config = config
         self.rank = rank
+        self.plan = plan  # the engine's, the same on every rank (engine/expert_parallel.py)
         self.world_size = config.parallel.world_size
         self.device = self._pick_device(config.device)
         self.group = None
@@ -82,20 +84,7 @@ class Worker:
                                   cuda_graph_sizes=cfg.cuda_graph.batch_sizes)
 
     def _expert_parallel(self):
-        from moelink.comm.all_to_all import make_all_to_all
-        from moelink.moe.layer import ExpertParallel
-        from moelink.moe.placement import ExpertPlacement
-
-        par = self.config.parallel
-        placement = ExpertPlacement(num_experts=self.config.model.num_experts, ep_size=self.world_size,
-                                    num_redundant=par.num_redundant_experts)
-        name = par.resolved_all_to_all()
-        options = {}
-        if name in ("nccl", "torch_padded"):
-            # Fixed-size buffers (CUDA-graph safe): a rank never holds more tokens than one step's budget.
-            options["max_tokens_per_rank"] = self.config.scheduler.max_num_batched_tokens
-        a2a = make_all_to_all(name, self.group, self.rank, self.world_size, self.device, **options)
-        return ExpertParallel(self.rank, self.world_size, placement, a2a, placement.to_tensors(self.device))
+        return self.plan.for_rank(self.group, self.rank, self.device)
 
     def available_kv_blocks(self) -> int:
         self._bind_device()

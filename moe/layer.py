@@ -6,12 +6,14 @@ experts, G logical experts, I expert intermediate size, F = 2I, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from moelink.comm.a2a_base import AllToAll
+
+from .placement import ExpertPlacement, PlacementTables
 from .router import SoftmaxTopKRouter
 from .stats import MoEStats
 
@@ -22,14 +24,15 @@ class ExpertParallel:
 
     `all_to_all` is any backend behind moelink.comm's AllToAll interface; the
     layer never asks which one. `tables` are the placement's device tables
-    (`ExpertPlacement.to_tensors`) that dispatch uses to find each expert's rank.
+    (`placement.to_tensors(device)`) that dispatch asks where each (token,
+    expert) pair goes.
     """
 
     rank: int
     world_size: int
-    placement: Any  # moelink.moe.placement.ExpertPlacement
-    all_to_all: Any  # moelink.comm.all_to_all.AllToAll
-    tables: Any
+    placement: ExpertPlacement
+    all_to_all: AllToAll
+    tables: PlacementTables
 
     @property
     def local_experts(self) -> list[int]:

@@ -1,6 +1,7 @@
 """Expert placement: which logical expert lives in which physical slot on which EP rank.
 
-Legend: G logical experts, R ranks (ep_size), X most replicas of one expert.
+Legend: G logical experts, R ranks (ep_size), X most replicas of one expert,
+T tokens of the sending rank, K top-k.
 
 There are G + num_redundant physical slots. Each rank's slots are numbered
 0.. in "local slot order" (the order of its stacked expert weights); global
@@ -20,8 +21,11 @@ slot goes to the least-loaded rank and copies the lowest-id expert that rank
 lacks among those with the fewest copies: an even placeholder until EPLB
 chooses hot experts.
 
-Dispatch picks among an expert's replicas deterministically (comm.all_to_all:
-replica (token index + source rank) % count, replicas in rank order).
+Replica choice (`PlacementTables.route`, what dispatch asks): a logical
+expert with c replicas (in rank order, as in `log2phy`) is served for token t
+of rank s by replica (t + s) % c. Deterministic, so EP runs repeat exactly; it
+spreads a hot expert over its replicas within a batch, and the `+ s` spreads it
+across sender ranks even when every rank has a single decode token.
 """
 from __future__ import annotations
 
@@ -29,8 +33,6 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
-
-from moelink.comm.all_to_all import PlacementTables
 
 POLICIES = ("contiguous", "round_robin")
 
@@ -196,10 +198,52 @@ class ExpertPlacement:
         return rank
 
 
+@dataclass(frozen=True)
+class PlacementTables:
+    """Device tables of an expert placement: what dispatch needs to route a (token, expert) pair.
+
+    Built by `ExpertPlacement.to_tensors`; it is the `ExpertRoute` that comm's
+    dispatch asks (comm names only `ep_size` and `route`, since it must not
+    import moe). All int32 on the dispatch device: replica_count_G [G] (>= 1),
+    replica_rank_GX and replica_slot_GX [G, X] (the rank and local slot of each
+    replica, -1 beyond the count).
+    """
+
+    replica_count_G: torch.Tensor
+    replica_rank_GX: torch.Tensor
+    replica_slot_GX: torch.Tensor
+    ep_size: int
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.replica_rank_GX.shape[0])
+
+    @property
+    def max_replicas(self) -> int:
+        return int(self.replica_rank_GX.shape[1])
+
+    def route(self, topk_ids_TK: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select_replicas(topk_ids_TK, self, rank)`: (dst_rank_TK int64, local_slot_TK int32)."""
+        return select_replicas(topk_ids_TK, self, rank)
+
+
+def select_replicas(topk_ids_TK: torch.Tensor, tables: PlacementTables, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each (token, expert) pair of sender `rank` goes: (dst_rank_TK int64, local_slot_TK int32), [T, K].
+
+    Replica rule (module docstring): replica (t + rank) % count. No host sync.
+    """
+    ids_TK = topk_ids_TK.long()
+    if tables.max_replicas == 1:
+        return tables.replica_rank_GX[:, 0].long()[ids_TK], tables.replica_slot_GX[:, 0][ids_TK]
+    tok_T = torch.arange(ids_TK.shape[0], device=ids_TK.device)
+    rep_TK = (tok_T[:, None] + rank) % tables.replica_count_G.long()[ids_TK]
+    return tables.replica_rank_GX.long()[ids_TK, rep_TK], tables.replica_slot_GX[ids_TK, rep_TK]
+
+
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"ExpertPlacement.{name} must be an integer {allowed}, got {value!r}.")
 
 
-__all__ = ["POLICIES", "ExpertPlacement"]
+__all__ = ["POLICIES", "ExpertPlacement", "PlacementTables", "select_replicas"]

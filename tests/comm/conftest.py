@@ -74,7 +74,7 @@ class _Launch:
 def ep_launch(tmp_path_factory):
     """ep_launch(spec, ..., timeout_s=90) → one list of per-rank results per spec, the groups running at once.
 
-    A spec is a dict: world_size, and optionally scenarios, mode ("run", "die", "stall", "lonely"), ranks.
+    A spec is a dict: world_size, and optionally scenarios, mode ("run", "layer", "die", "stall", "lonely"), ranks.
     """
     counter = iter(range(10**6))
 

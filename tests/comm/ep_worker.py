@@ -5,6 +5,9 @@ usage: ep_worker.py SCENARIOS RANK WORLD_SIZE PORT OUT_DIR MODE
 MODE "run": join a gloo group on 127.0.0.1:PORT and, for each scenario in the
 torch.save'd list, run dispatch → expert compute → combine with this rank's
 inputs; save everything observed to OUT_DIR/rank{RANK}.pt.
+MODE "layer": the same group, but each scenario runs `MoELayer.forward` with
+ExpertParallel (router → dispatch → experts → combine) on this rank's tokens;
+saves the output and the layer's expert-load counts.
 MODE "die": rank 1 exits right after joining; rank 0 dispatches and records
 the error it gets (and how long it took). MODE "stall": the same, but rank 1
 stays alive without joining (timeout_s=2).
@@ -24,7 +27,11 @@ torch.set_num_threads(1)
 
 from moelink.comm import destroy, init_process_group, make_all_to_all  # noqa: E402
 from moelink.kernels.moe import reference_fused_moe  # noqa: E402
+from moelink.kernels.ops import ReferenceKernels  # noqa: E402
+from moelink.moe.layer import ExpertParallel, MoELayer  # noqa: E402
 from moelink.moe.placement import ExpertPlacement  # noqa: E402
+from moelink.moe.router import SoftmaxTopKRouter  # noqa: E402
+from moelink.moe.stats import MoEStats  # noqa: E402
 
 
 def expert_compute(kind: str, recv_x_ND, meta, placement: ExpertPlacement, rank: int, sc: dict):
@@ -56,6 +63,28 @@ def run(scenarios, rank, world_size, group):
             num_tokens_sent=meta.num_tokens_sent, num_tokens_received=meta.num_tokens_received,
             bytes_dispatched=meta.bytes_dispatched, bytes_combined=meta.bytes_combined,
             bytes_metadata=meta.bytes_metadata)
+    return results
+
+
+def run_layer(scenarios, rank, world_size, group):
+    """Each scenario: gate [G, D], w13 [G, 2I, D], w2 [G, D, I] of all experts, x per rank, top_k, renormalize."""
+    results = {}
+    for sc in scenarios:
+        placement = ExpertPlacement(**sc["placement"])
+        a2a = make_all_to_all(sc["backend"], group, rank, world_size, "cpu", **sc.get("options", {}))
+        ep = ExpertParallel(rank, world_size, placement, a2a, placement.to_tensors("cpu"))
+        (G, D), I = sc["gate"].shape, sc["w2"].shape[2]
+        stats = MoEStats(1, G, torch.device("cpu"))
+        layer = MoELayer(D, I, G, SoftmaxTopKRouter(sc["top_k"], sc["renormalize"]), ReferenceKernels(),
+                         torch.float64, ep=ep, stats=stats)
+        local = placement.experts_on_rank(rank)
+        layer.gate_GD.copy_(sc["gate"])
+        layer.w13_EFD.copy_(sc["w13"][local])
+        layer.w2_EDI.copy_(sc["w2"][local])
+        out = layer(sc["x"][rank])
+        snap = stats.snapshot()
+        results[sc["name"]] = dict(out=out, tokens_per_expert=snap.tokens_per_expert,
+                                   tokens_dispatched=snap.tokens_dispatched)
     return results
 
 
@@ -96,7 +125,8 @@ def main() -> None:
                     result = dict(error=f"{type(e).__name__}: {e}")
                 result["elapsed_s"] = time.monotonic() - t0
             else:
-                result = run(torch.load(scenario_file, weights_only=False), rank, world_size, group)
+                runner = run_layer if mode == "layer" else run
+                result = runner(torch.load(scenario_file, weights_only=False), rank, world_size, group)
                 destroy()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:

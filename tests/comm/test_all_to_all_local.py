@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.comm import DispatchMeta, make_all_to_all, select_replicas
+from moelink.comm import DispatchMeta, make_all_to_all
 from moelink.kernels.moe import reference_fused_moe
-from moelink.moe.placement import ExpertPlacement
+from moelink.moe.placement import ExpertPlacement, select_replicas
 
 
 def _moe_inputs(T=9, G=6, K=3, D=16, I=8, seed=0):

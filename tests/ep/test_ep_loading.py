@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from safetensors import safe_open
 
-from moelink.comm.all_to_all import make_all_to_all
+from moelink.comm.backends import make_all_to_all
 from moelink.engine.config import ModelConfig
 from moelink.engine.loader import checkpoint_index, load_model
 from moelink.kernels.ops import ReferenceKernels

@@ -1,0 +1,80 @@
+"""The expert-parallel plan: which rank holds which experts and which all-to-all moves the tokens, decided once.
+
+The engine builds one `ExpertParallelPlan` from its config
+(`plan_expert_parallel`) before any worker starts, so a placement or backend
+that cannot work fails on the driver with one message. Every worker receives
+the same plan and builds only its own share (`for_rank`: its all-to-all object
+and device tables); the engine's expert-load report reads the same placement.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from moelink.comm.backends import AllToAllSpec, resolve_backend
+from moelink.moe.layer import ExpertParallel
+from moelink.moe.placement import ExpertPlacement
+
+if TYPE_CHECKING:
+    from .engine_args import EngineConfig
+
+
+@dataclass(frozen=True)
+class ExpertParallelPlan:
+    """The placement, the resolved all-to-all backend and, for fixed-capacity backends, the capacity.
+
+    max_tokens_per_rank: the most tokens one rank dispatches per call, set
+    exactly when `backend.needs_capacity` (None otherwise).
+    """
+
+    placement: ExpertPlacement
+    backend: AllToAllSpec
+    max_tokens_per_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.placement, ExpertPlacement):
+            raise ValueError(f"ExpertParallelPlan.placement must be an ExpertPlacement, got {self.placement!r}.")
+        if not isinstance(self.backend, AllToAllSpec):
+            raise ValueError(f"ExpertParallelPlan.backend must be an AllToAllSpec, got {self.backend!r}.")
+        if not self.backend.accepts_world_size(self.world_size):
+            raise ValueError(f"ExpertParallelPlan.backend {self.backend.name!r} runs at world size <= "
+                             f"{self.backend.max_world_size}, but the placement has ep_size={self.world_size}.")
+        cap = self.max_tokens_per_rank
+        if self.backend.needs_capacity:
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise ValueError(f"ExpertParallelPlan.max_tokens_per_rank must be a positive integer for backend "
+                                 f"{self.backend.name!r} (fixed per-rank buffers), got {cap!r}.")
+        elif cap is not None:
+            raise ValueError(f"ExpertParallelPlan.max_tokens_per_rank must be None for backend "
+                             f"{self.backend.name!r} (it sizes its buffers per call), got {cap!r}.")
+
+    @property
+    def world_size(self) -> int:
+        return self.placement.ep_size
+
+    def for_rank(self, group, rank: int, device: torch.device) -> ExpertParallel:
+        """This rank's share: its all-to-all (built collectively: every rank calls this together, since the
+        nccl backend's communicator set-up blocks until all have joined) and the placement's tables on
+        `device`."""
+        options = {} if self.max_tokens_per_rank is None else {"max_tokens_per_rank": self.max_tokens_per_rank}
+        a2a = self.backend.build(group, rank, self.world_size, device, **options)
+        return ExpertParallel(rank, self.world_size, self.placement, a2a, self.placement.to_tensors(device))
+
+
+def plan_expert_parallel(config: EngineConfig) -> ExpertParallelPlan:
+    """The one place the engine's placement, backend and capacity are decided, from its config."""
+    par = config.parallel
+    world_size = par.world_size
+    backend = resolve_backend(par.all_to_all, world_size)
+    # One rank holds every expert and never dispatches: redundant copies have nowhere to go (a rank never
+    # holds two copies of one expert), so num_redundant_experts applies from two ranks on, as it always has.
+    redundant = par.num_redundant_experts if world_size > 1 else 0
+    placement = ExpertPlacement(num_experts=config.model.num_experts, ep_size=world_size, num_redundant=redundant)
+    # Fixed-size buffers: a rank never holds more tokens than one step's budget.
+    capacity = config.scheduler.max_num_batched_tokens if backend.needs_capacity else None
+    return ExpertParallelPlan(placement, backend, capacity)
+
+
+__all__ = ["ExpertParallelPlan", "plan_expert_parallel"]
