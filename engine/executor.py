@@ -1,4 +1,5 @@
-"""Executors: run one step on every rank's worker. In-process here; Ray shares the interface."""
+"""Executors: run one step on every rank's worker. The interface and the in-process executor here; Ray's
+(`ray_executor.py`) shares the interface; `executor_factory.make_executor` picks one."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -6,6 +7,7 @@ from abc import ABC, abstractmethod
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .engine_args import EngineConfig
+from .kv_sizing import common_num_kv_blocks
 
 
 class Executor(ABC):
@@ -24,10 +26,7 @@ class Executor(ABC):
     def initialize_kv_cache(self) -> int:
         """Size the KV cache from what every rank has left after loading its weights:
         each rank gets the same number of blocks, the smallest any rank can hold."""
-        blocks = min(self._collective("available_kv_blocks"))
-        if blocks < 1:
-            raise ValueError("gpu_memory_utilization leaves no memory for the KV cache once the weights are "
-                             "loaded: raise it, or pass kv_cache_memory_bytes / num_kv_blocks.")
+        blocks = common_num_kv_blocks(self._collective("available_kv_blocks"))
         self._collective("allocate_kv_cache", blocks)
         return blocks
 
@@ -55,7 +54,7 @@ class InProcessExecutor(Executor):
     def __init__(self, config: EngineConfig):
         from .worker import Worker
 
-        self.worker = Worker(config, rank=0)
+        self.worker = Worker(config.worker_config(), rank=0)
         self.worker.load()
 
     @property
@@ -71,12 +70,3 @@ class InProcessExecutor(Executor):
         # carries finished ids) runs no model code.
         return [self.worker.execute(so, run_forward=not so.is_empty)]
 
-
-def make_executor(config: EngineConfig) -> Executor:
-    """One executor per engine, chosen once from the parallel config."""
-    kind = config.parallel.resolved_executor
-    if kind == "inprocess":
-        return InProcessExecutor(config)
-    from .ray_executor import RayExecutor
-
-    return RayExecutor(config)

@@ -16,7 +16,8 @@ from moelink.scheduler.router import LeastLoadedRouter
 from moelink.scheduler.scheduler import Scheduler
 
 from .engine_args import EngineArgs, EngineConfig
-from .executor import Executor, make_executor
+from .executor import Executor
+from .executor_factory import make_executor
 from .moe_metrics import MoEMetrics
 from .output_processor import OutputProcessor
 from .outputs import OutputKind, RequestOutput

@@ -14,17 +14,17 @@ import torch
 
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
-from .engine_args import EngineConfig
 from .model_runner import ModelRunner
+from .worker_config import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int):
+    def __init__(self, config: WorkerConfig, rank: int):
         self.config = config
         self.rank = rank
-        self.world_size = config.parallel.world_size
+        self.world_size = config.world_size
         self.device = self._pick_device(config.device)
         self.group = None
         self.runner: ModelRunner | None = None
@@ -77,9 +77,9 @@ class Worker:
             # Several ranks share this machine's cores: one intra-op thread each.
             torch.set_num_threads(1)
         ep = self._expert_parallel() if self.world_size > 1 else None
-        self.runner = ModelRunner(cfg.model, cfg.cache.block_size, cfg.cache.num_kv_blocks, self.device,
+        self.runner = ModelRunner(cfg.model, cfg.block_size, cfg.num_kv_blocks, self.device,
                                   kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
-                                  cuda_graph_sizes=cfg.cuda_graph.batch_sizes)
+                                  cuda_graph_sizes=cfg.cuda_graph_sizes)
 
     def _expert_parallel(self):
         from moelink.comm.all_to_all import make_all_to_all
@@ -93,7 +93,7 @@ class Worker:
         options = {}
         if name in ("nccl", "torch_padded"):
             # Fixed-size buffers (CUDA-graph safe): a rank never holds more tokens than one step's budget.
-            options["max_tokens_per_rank"] = self.config.scheduler.max_num_batched_tokens
+            options["max_tokens_per_rank"] = self.config.max_num_batched_tokens
         a2a = make_all_to_all(name, self.group, self.rank, self.world_size, self.device, **options)
         return ExpertParallel(self.rank, self.world_size, placement, a2a, placement.to_tensors(self.device))
 
