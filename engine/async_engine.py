@@ -6,11 +6,11 @@
     await engine.abort("req-1")
 
 The engine thread owns the LLMEngine: callers only enqueue commands (`AddCommand`,
-`AbortCommand`), so the scheduler is never touched from two threads. A front end reads what it
-needs through this class (`info`, `process_inputs`, `stats`, `expert_load`), never the LLMEngine. Outputs go to a
-per-request asyncio.Queue on the caller's loop. When the consumer stops
-iterating (break, cancellation, client disconnect) the request is aborted and
-its KV blocks freed within one step.
+`AbortCommand`), so the scheduler is never touched from two threads. A front end reads what
+it needs through this class (`info`, `process_inputs`, `stats`, `expert_load`), never the
+LLMEngine. Outputs go to a per-request asyncio.Queue on the caller's loop. When the consumer
+stops iterating (break, cancellation, client disconnect) the request is aborted and its KV
+blocks freed within one step.
 
 Step watchdog: a step that runs longer than the step timeout (`--step-timeout`; the first
 step, which compiles kernels, gets at least FIRST_STEP_TIMEOUT_S) kills the engine: health

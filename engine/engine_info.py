@@ -26,7 +26,8 @@ class EngineInfo:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"EngineInfo.{name}={value!r} is invalid: must be a positive integer.")
         if list(self.eos_token_ids) != sorted(set(self.eos_token_ids)):
-            raise ValueError(f"EngineInfo.eos_token_ids={self.eos_token_ids!r} is invalid: must be sorted and distinct.")
+            raise ValueError(f"EngineInfo.eos_token_ids={self.eos_token_ids!r} is invalid: "
+                             "must be sorted and distinct.")
 
     @property
     def device_name(self) -> str:

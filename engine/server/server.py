@@ -62,8 +62,9 @@ class MoelinkServer:
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
         if config.metrics_port is not None and engine.metrics is None:
             # The engine takes its metrics sink when it is made; a server cannot add one afterwards.
-            raise ValueError(f"metrics_port={config.metrics_port} needs an engine that exports metrics: make it with "
-                             "AsyncEngine.from_engine_args(args, metrics=EngineMetrics()), or leave metrics_port unset.")
+            raise ValueError(f"metrics_port={config.metrics_port} needs an engine that exports metrics: make it "
+                             "with AsyncEngine.from_engine_args(args, metrics=EngineMetrics()), or leave "
+                             "metrics_port unset.")
         self.engine = engine
         self.config = config
         self.serving = Serving(engine, config)
