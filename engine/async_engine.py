@@ -5,11 +5,12 @@
         ...
     await engine.abort("req-1")
 
-The engine thread owns the LLMEngine: callers only enqueue commands (add,
-abort), so the scheduler is never touched from two threads. Outputs go to a
-per-request asyncio.Queue on the caller's loop. When the consumer stops
-iterating (break, cancellation, client disconnect) the request is aborted and
-its KV blocks freed within one step.
+The engine thread owns the LLMEngine: callers only enqueue commands (`AddCommand`,
+`AbortCommand`), so the scheduler is never touched from two threads. A front end reads what
+it needs through this class (`info`, `process_inputs`, `stats`, `expert_load`), never the
+LLMEngine. Outputs go to a per-request asyncio.Queue on the caller's loop. When the consumer
+stops iterating (break, cancellation, client disconnect) the request is aborted and its KV
+blocks freed within one step.
 
 Step watchdog: a step that runs longer than the step timeout (`--step-timeout`; the first
 step, which compiles kernels, gets at least FIRST_STEP_TIMEOUT_S) kills the engine: health
@@ -27,10 +28,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
+
+from moelink.scheduler.engine_output import SchedulerStats
 
 from .engine_args import EngineArgs
+from .engine_info import EngineInfo
 from .llm_engine import LLMEngine, ProcessedRequest, PromptType
+from .moe_metrics import ExpertLoadReport
 from .outputs import CompletionOutput, OutputKind, RequestOutput
 from .safe_text import shown
 from .sampling_params import SamplingParams
@@ -46,6 +51,16 @@ _WATCHDOG_POLL_S = 0.25
 
 class EngineDeadError(RuntimeError):
     """The engine loop failed; every in-flight request ends with this error."""
+
+
+class MetricsSink(Protocol):
+    """Where the engine thread reports outputs (moelink.engine.metrics.EngineMetrics)."""
+
+    def attach(self, engine: LLMEngine) -> None:
+        """Called once, by the AsyncEngine that takes this sink: the engine whose counters it reads."""
+
+    def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Outputs the engine just produced (steps and aborts alike), on the engine thread."""
 
 
 @dataclass
@@ -69,9 +84,30 @@ class _Stream:
         return True
 
 
+@dataclass(frozen=True)
+class AddCommand:
+    """Put a validated request into the engine; its outputs go to `stream`."""
+
+    processed: ProcessedRequest
+    output_kind: OutputKind
+    stream: _Stream
+
+
+@dataclass(frozen=True)
+class AbortCommand:
+    """End a request (finish_reason "abort") and free its KV blocks."""
+
+    request_id: str
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, metrics: MetricsSink | None = None):
+        """`metrics`: a sink for every output the engine produces (None: no metrics)."""
         self.engine = engine
+        self._info = engine.info()
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.attach(engine)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -86,12 +122,21 @@ class AsyncEngine:
         self._watchdog.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> "AsyncEngine":
-        return cls(LLMEngine.from_engine_args(args))
+    def from_engine_args(cls, args: EngineArgs, metrics: MetricsSink | None = None) -> "AsyncEngine":
+        return cls(LLMEngine.from_engine_args(args), metrics)
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def info(self) -> EngineInfo:
+        """Model, limits, KV block shape, ranks, EOS ids and device: fixed once the engine has started."""
+        return self._info
+
+    @property
+    def metrics(self) -> MetricsSink | None:
+        return self._metrics
 
     @property
     def dead_error(self) -> BaseException | None:
@@ -110,15 +155,15 @@ class AsyncEngine:
         """Stream outputs of one request. Raises ValueError for bad input before anything is queued."""
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
-        gen = self.generate_processed(self.engine.process_inputs(request_id, prompt, params), output_kind)
+        gen = self.generate_processed(self.process_inputs(request_id, prompt, params), output_kind)
         async with contextlib.aclosing(gen):  # closing this closes (and so aborts) the request at once
             async for out in gen:
                 yield out
 
     async def generate_processed(self, processed: ProcessedRequest,
                                  output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
-        """`generate` for a request `LLMEngine.process_inputs` already validated (the server validates
-        once per request, whatever its number of samples)."""
+        """`generate` for a request `process_inputs` already validated (the server validates once per
+        request, whatever its number of samples)."""
         request_id = processed.request_id
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
@@ -132,7 +177,7 @@ class AsyncEngine:
                 raise EngineDeadError(f"engine is not running: {self.dead_error}")
             # Under the lock: the engine thread's last command drain (shutdown)
             # then either sees this add or this call sees dead_error.
-            self._send(("add", processed, output_kind, stream))
+            self._send(AddCommand(processed, output_kind, stream))
         finished = False
         try:
             while True:
@@ -148,11 +193,17 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
             if not finished:
-                self._send(("abort", request_id))
+                self._send(AbortCommand(request_id))
+
+    def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
+                       field: str | None = None) -> ProcessedRequest:
+        """Tokenize and validate a request (`LLMEngine.process_inputs`); raises ValueError naming the bad
+        field. Thread-safe: it only reads, so a server may call it from a worker thread."""
+        return self.engine.process_inputs(request_id, prompt, params, field)
 
     async def abort(self, request_id: str) -> None:
         """End a request with finish_reason 'abort'; its stream gets a final output."""
-        self._send(("abort", request_id))
+        self._send(AbortCommand(request_id))
 
     def end_streams(self, request_ids, reason: str = "abort") -> int:
         """End these requests' streams now with a final output (finish_reason `reason`), without
@@ -166,12 +217,21 @@ class AsyncEngine:
             if stream is None:
                 continue
             stream.put(_final_output(rid, stream, reason))
-            self._send(("abort", rid))
+            self._send(AbortCommand(rid))
             ended += 1
         return ended
 
-    def stats(self):
+    def stats(self) -> SchedulerStats:
+        """All ranks together. Read from any thread: a snapshot of plain counters."""
         return self.engine.stats()
+
+    def rank_stats(self) -> list[SchedulerStats]:
+        """One entry per rank."""
+        return self.engine.rank_stats()
+
+    def expert_load(self) -> ExpertLoadReport:
+        """Expert load and all-to-all volume since start."""
+        return self.engine.expert_load()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -182,9 +242,17 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     # -- engine thread ----------------------------------------------------------
-    def _send(self, cmd) -> None:
+    def _send(self, cmd: AddCommand | AbortCommand) -> None:
         self._commands.put(cmd)
         self._wakeup.set()
+
+    def _observe(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        if self._metrics is not None:
+            self._metrics.on_outputs(outputs)
+        return outputs
+
+    def _abort(self, request_ids, reason: str = "abort") -> list[RequestOutput]:
+        return self._observe(self.engine.abort_requests(request_ids, reason))
 
     def _deliver(self, outputs) -> None:
         for out in outputs:
@@ -199,7 +267,7 @@ class AsyncEngine:
                 with self._lock:
                     self._streams.pop(out.request_id, None)
                 if not out.finished:
-                    self._send(("abort", out.request_id))
+                    self._send(AbortCommand(out.request_id))
 
     def _apply_commands(self) -> None:
         while True:
@@ -207,18 +275,17 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
-                _, processed, kind, stream = cmd
+            if isinstance(cmd, AddCommand):
                 try:
-                    self.engine.add_processed(processed, kind)
+                    self.engine.add_processed(cmd.processed, cmd.output_kind)
                 except Exception as exc:  # e.g. a duplicate id: fail this request only
-                    stream.put(exc)
+                    cmd.stream.put(exc)
                     continue
                 with self._lock:
                     # Only the stream that sent this add, and only if still listening.
-                    stream.live = self._streams.get(processed.request_id) is stream
+                    cmd.stream.live = self._streams.get(cmd.processed.request_id) is cmd.stream
             else:
-                self._deliver(self.engine.abort_requests([cmd[1]]))
+                self._deliver(self._abort([cmd.request_id]))
 
     def _run(self) -> None:
         try:
@@ -226,7 +293,7 @@ class AsyncEngine:
                 self._apply_commands()
                 if self.engine.has_requests():
                     self._step_started = time.monotonic()
-                    outputs = self.engine.step()
+                    outputs = self._observe(self.engine.step())
                     self._step_started = None
                     self._steps_done += 1
                     if self._dead_error is not None:  # the watchdog gave up on this step while it ran
@@ -241,7 +308,7 @@ class AsyncEngine:
             with self._lock:
                 self._dead_error = EngineDeadError("engine is shut down")
             self._apply_commands()
-            self._deliver(self.engine.abort_requests(list(self.engine.output_processor.states)))
+            self._deliver(self._abort(list(self.engine.output_processor.states)))
         except BaseException as exc:  # the engine is dead: fail everyone, hang no one
             self._step_started = None
             if self._dead_error is None:
@@ -251,7 +318,7 @@ class AsyncEngine:
                     logger.exception("engine loop failed")
             self._die(exc)
             try:
-                self.engine.abort_requests(list(self.engine.output_processor.states), reason="error")
+                self._abort(list(self.engine.output_processor.states), reason="error")
             except Exception:
                 logger.exception("could not free requests after the engine failed")
 

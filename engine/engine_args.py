@@ -10,12 +10,12 @@ import torch
 from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
 from .config import ModelConfig, ParallelConfig
+from .graph_config import CudaGraphConfig
+from .kv_sizing import driver_num_kv_blocks
 from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
-from .cuda_graph import CudaGraphConfig
-from .model_runner import CPU_KV_CAP_BYTES, kv_cache_bytes_per_block
+from .worker_config import WorkerConfig
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -30,6 +30,15 @@ class EngineConfig:
     # With cache.num_kv_blocks None, how full each rank's device may get once the KV cache is in.
     gpu_memory_utilization: float = 0.9
     cuda_graph: CudaGraphConfig = CudaGraphConfig()  # decode batch sizes captured as CUDA graphs (none: eager)
+
+    def worker_config(self) -> WorkerConfig:
+        """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
+        return WorkerConfig(
+            model=self.model, device=self.device, block_size=self.cache.block_size,
+            num_kv_blocks=self.cache.num_kv_blocks, kernels=self.kernels,
+            cuda_graph_sizes=self.cuda_graph.batch_sizes, load_progress=self.load_progress,
+            gpu_memory_utilization=self.gpu_memory_utilization, world_size=self.parallel.world_size,
+            comm_timeout_s=self.parallel.comm_timeout_s)
 
 
 @dataclass
@@ -124,24 +133,5 @@ class EngineArgs:
                             self.gpu_memory_utilization, graphs)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
-        if self.num_kv_blocks is not None:
-            return self.num_kv_blocks
-        per_block = kv_cache_bytes_per_block(model_cfg, self.block_size)
-        if self.kv_cache_memory_bytes is not None:
-            budget = self.kv_cache_memory_bytes
-        elif device.type == "cuda":
-            # Sized by the workers once their weights are loaded (each measures its own
-            # GPU; the engine takes the smallest), not guessed here on the driver's GPU.
-            return None
-        else:
-            # Enough for every sequence at full length, capped at 1 GiB.
-            want = self.max_num_seqs * -(-model_cfg.max_model_len // self.block_size) * per_block
-            budget = min(want, CPU_KV_CAP_BYTES)
-        blocks = budget // per_block
-        if blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory_bytes={budget} leaves no room for one KV block of {per_block} bytes: "
-                "give more memory (kv_cache_memory_bytes or gpu_memory_utilization) or num_kv_blocks."
-            )
-        return int(blocks)
-
+        return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,
+                                    device.type, self.max_num_seqs)

@@ -1,4 +1,5 @@
-"""Executors: run one step on every rank's worker. In-process here; Ray shares the interface."""
+"""Executors: run one step on every rank's worker. The interface and the in-process executor here; Ray's
+(`ray_executor.py`) shares the interface; `executor_factory.make_executor` picks one."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -7,6 +8,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .engine_args import EngineConfig
 from .expert_parallel import ExpertParallelPlan, plan_expert_parallel
+from .kv_sizing import common_num_kv_blocks
 
 
 class Executor(ABC):
@@ -25,10 +27,7 @@ class Executor(ABC):
     def initialize_kv_cache(self) -> int:
         """Size the KV cache from what every rank has left after loading its weights:
         each rank gets the same number of blocks, the smallest any rank can hold."""
-        blocks = min(self._collective("available_kv_blocks"))
-        if blocks < 1:
-            raise ValueError("gpu_memory_utilization leaves no memory for the KV cache once the weights are "
-                             "loaded: raise it, or pass kv_cache_memory_bytes / num_kv_blocks.")
+        blocks = common_num_kv_blocks(self._collective("available_kv_blocks"))
         self._collective("allocate_kv_cache", blocks)
         return blocks
 
@@ -57,7 +56,7 @@ class InProcessExecutor(Executor):
         from .worker import Worker
 
         self.plan = plan if plan is not None else plan_expert_parallel(config)
-        self.worker = Worker(config, rank=0, plan=self.plan)
+        self.worker = Worker(config.worker_config(), rank=0, plan=self.plan)
         self.worker.load()
 
     @property
@@ -73,12 +72,3 @@ class InProcessExecutor(Executor):
         # carries finished ids) runs no model code.
         return [self.worker.execute(so, run_forward=not so.is_empty)]
 
-
-def make_executor(config: EngineConfig, plan: ExpertParallelPlan | None = None) -> Executor:
-    """One executor per engine, chosen once from the parallel config; its workers get `plan`."""
-    kind = config.parallel.resolved_executor
-    if kind == "inprocess":
-        return InProcessExecutor(config, plan)
-    from .ray_executor import RayExecutor
-
-    return RayExecutor(config, plan)

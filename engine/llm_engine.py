@@ -16,9 +16,11 @@ from moelink.scheduler.router import LeastLoadedRouter
 from moelink.scheduler.scheduler import Scheduler
 
 from .engine_args import EngineArgs, EngineConfig
-from .executor import Executor, make_executor
+from .engine_info import EngineInfo
+from .executor import Executor
+from .executor_factory import make_executor
 from .expert_parallel import plan_expert_parallel
-from .moe_metrics import MoEMetrics
+from .moe_metrics import ExpertLoadReport, MoEMetrics
 from .output_processor import OutputProcessor
 from .outputs import OutputKind, RequestOutput
 from .safe_text import shown
@@ -78,12 +80,18 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.moe_metrics = MoEMetrics(len(config.model.sparse_layers), config.model.num_experts, self.world_size)
         self._step_id = 0
-        # Set by the server when metrics are exported (moelink.engine.metrics.EngineMetrics).
-        self.metrics = None
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         return cls(args.create_engine_config())
+
+    def info(self) -> EngineInfo:
+        """What a front end reports about this engine (fixed once it has started)."""
+        cfg = self.config
+        return EngineInfo(model=cfg.model, max_model_len=cfg.scheduler.max_model_len,
+                          max_num_seqs=cfg.scheduler.max_num_seqs, block_size=cfg.cache.block_size,
+                          num_kv_blocks=cfg.cache.num_kv_blocks, expert_parallel_size=cfg.parallel.expert_parallel_size,
+                          eos_token_ids=tuple(sorted(self.eos_token_ids)), device=cfg.device)
 
     # -- input validation -----------------------------------------------------
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
@@ -167,10 +175,7 @@ class LLMEngine:
         ids = [r for r in request_ids if r in self.output_processor.states]
         status = RequestStatus.FINISHED_ABORTED if reason == "abort" else RequestStatus.FINISHED_ERROR
         self._finish(ids, status)
-        outputs = [o for o in (self.output_processor.finish(r, reason) for r in ids) if o is not None]
-        if self.metrics is not None:
-            self.metrics.on_outputs(outputs)
-        return outputs
+        return [o for o in (self.output_processor.finish(r, reason) for r in ids) if o is not None]
 
     def _finish(self, request_ids, status: RequestStatus) -> None:
         for rid in request_ids:
@@ -195,15 +200,13 @@ class LLMEngine:
         core_outputs = []
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))
-        self.moe_metrics.add_step([ro.stats.get("moe") for ro in runner_outs])
+        self.moe_metrics.add_step([ro.stats.moe if ro.stats is not None else None for ro in runner_outs])
         for co in core_outputs:
             if co.finish_reason is not None:
                 self._rank_of.pop(co.request_id, None)
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self._finish(stopped, RequestStatus.FINISHED_STOPPED)
-        if self.metrics is not None:
-            self.metrics.on_outputs(outputs)
         return outputs
 
     def experts_on_ranks(self) -> list[list[tuple[int, int]]]:
@@ -212,14 +215,15 @@ class LLMEngine:
         copies = [len(r) for r in p.log2phy]
         return [[(e, copies[e]) for e in p.experts_on_rank(r)] for r in range(self.world_size)]
 
-    def expert_load(self) -> dict:
+    def expert_load(self) -> ExpertLoadReport:
         """Raw expert-load counts since start: [MoE layer][expert] routed (token, expert) pairs."""
         m = self.moe_metrics
-        return {"moe_layers": list(self.config.model.sparse_layers), "num_experts": m.num_experts,
-                "top_k": self.config.model.top_k, "world_size": self.world_size,
-                "experts_on_ranks": [[e for e, _ in held] for held in self.experts_on_ranks()],
-                "tokens_per_expert": m.tokens_per_expert.tolist(),
-                "bytes_dispatched": m.bytes_dispatched, "bytes_combined": m.bytes_combined, "steps": m.steps}
+        return ExpertLoadReport(
+            moe_layers=tuple(self.config.model.sparse_layers), num_experts=m.num_experts,
+            top_k=self.config.model.top_k, world_size=self.world_size,
+            experts_on_ranks=tuple(tuple(e for e, _ in held) for held in self.experts_on_ranks()),
+            tokens_per_expert_LG=tuple(map(tuple, m.tokens_per_expert.tolist())),
+            bytes_dispatched=m.bytes_dispatched, bytes_combined=m.bytes_combined, steps=m.steps)
 
     def rank_stats(self) -> list[SchedulerStats]:
         return [s.stats() for s in self.schedulers]

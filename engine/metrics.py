@@ -32,10 +32,11 @@ METRICS_CONNECTION_TIMEOUT_S = 10.0
 
 
 class EngineMetrics:
-    """Owns a registry; `LLMEngine` calls `on_outputs` from its thread, Prometheus scrapes `registry`."""
+    """Owns a registry; the AsyncEngine that takes it (`AsyncEngine(..., metrics=EngineMetrics())`) attaches
+    its LLMEngine and calls `on_outputs` from its thread; Prometheus scrapes `registry`."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self):
+        self.engine = None  # set once by `attach`; engine-level series are empty until then
         self.registry = CollectorRegistry()
         self.requests = Counter("moelink_requests", "Finished requests by outcome (finish reason).",
                                 ["outcome"], registry=self.registry)
@@ -51,6 +52,12 @@ class EngineMetrics:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for the tokens/s gauge
         self._lock = threading.Lock()
         self.registry.register(_EngineCollector(self))
+
+    def attach(self, engine) -> None:
+        """The engine (an LLMEngine) whose counters the scrape reads; called once by the AsyncEngine."""
+        if self.engine is not None and self.engine is not engine:
+            raise ValueError("EngineMetrics is already attached to another engine: make one per engine.")
+        self.engine = engine
 
     def on_outputs(self, outputs) -> None:
         """Observe RequestOutputs just produced (cumulative or delta kind)."""
@@ -98,6 +105,8 @@ class _EngineCollector:
 
     def collect(self):
         eng = self.m.engine
+        if eng is None:
+            return
         st = eng.stats()
         yield _gauge("moelink_num_requests_running", "Requests scheduled on the ranks.", st.num_running)
         yield _gauge("moelink_num_requests_waiting", "Requests waiting for KV blocks or budget.", st.num_waiting)

@@ -15,8 +15,9 @@ import torch
 
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.ops import select_kernels
-from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
+from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput, StepStats
 
+from . import kv_sizing
 from .config import ModelConfig
 from .cuda_graph import CudaGraphCapture, DecodeGraphs
 from .loader import load_model
@@ -56,14 +57,6 @@ class CachedRequestState:
 
 logger = logging.getLogger(__name__)
 
-CPU_KV_CAP_BYTES = 1 << 30  # 1 GiB: ample for tiny CPU models; the machine needs the rest
-
-
-def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int) -> int:
-    """K and V of every layer for one block of tokens."""
-    elem = torch.empty((), dtype=cfg.dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
-
 
 class ModelRunner:
     """Owns the model, the KV cache tensors and the request states of one rank."""
@@ -98,16 +91,15 @@ class ModelRunner:
     # -- KV cache -------------------------------------------------------------------
     def available_kv_blocks(self, memory_utilization: float) -> int:
         """KV blocks that fit in this rank's device now, weights loaded, keeping the device
-        at most `memory_utilization` full (one block is kept back for the null block)."""
-        per_block = kv_cache_bytes_per_block(self.cfg, self.block_size)
+        at most `memory_utilization` full (one block is kept back for the null block). Measured here,
+        sized by `kv_sizing`."""
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * memory_utilization) - (total - free)
+            budget = kv_sizing.gpu_kv_budget_bytes(total, free, memory_utilization)
         else:
-            # Host memory the OS reports available, capped like the driver-side CPU default.
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            budget = min(int(avail * memory_utilization), CPU_KV_CAP_BYTES)
-        return max(budget // per_block - 1, 0)
+            budget = kv_sizing.cpu_kv_budget_bytes(avail, memory_utilization)
+        return kv_sizing.blocks_in_budget(budget, kv_sizing.kv_cache_bytes_per_block(self.cfg, self.block_size))
 
     def allocate_kv_cache(self, num_kv_blocks: int) -> None:
         if num_kv_blocks < 1:
@@ -193,8 +185,7 @@ class ModelRunner:
         if so.total_num_scheduled_tokens == 0:
             if run_forward:
                 self.model.forward_moe_only()
-                out.stats = {"num_tokens": 0, "num_seqs": 0, "step_s": time.perf_counter() - t0,
-                             "moe": self.model.moe_stats.snapshot()}
+                out.stats = StepStats(0, 0, time.perf_counter() - t0, self.model.moe_stats.snapshot())
             return out
         bs = self.block_size
         req_ids = list(so.num_scheduled_tokens)
@@ -245,8 +236,7 @@ class ModelRunner:
         rows = [s for s, (st, L) in enumerate(zip(states, seq_lens)) if L == len(st.all_token_ids)]
         if rows:
             self._sample(rows, states, qsl, h_TD, out)
-        out.stats = {"num_tokens": len(tokens), "num_seqs": len(states), "step_s": time.perf_counter() - t0,
-                     "moe": self.model.moe_stats.snapshot()}
+        out.stats = StepStats(len(tokens), len(states), time.perf_counter() - t0, self.model.moe_stats.snapshot())
         return out
 
     def _sample(self, rows, states, qsl, h_TD, out: ModelRunnerOutput) -> None:

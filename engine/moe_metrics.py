@@ -1,4 +1,4 @@
-"""Engine-side totals of the per-step MoE counters that every rank reports.
+"""Engine-side totals of the per-step MoE counters that every rank reports, and the expert-load report.
 
 Legend: L MoE layers, G logical experts, R ranks.
 """
@@ -56,3 +56,34 @@ class MoEMetrics:
     def total_routed(self) -> int:
         """(token, expert) pairs routed so far: tokens × top-k × MoE layers."""
         return int(self.tokens_per_expert.sum())
+
+
+@dataclass(frozen=True)
+class ExpertLoadReport:
+    """Raw expert load since engine start, as the ExpertLoad RPC and `moelink stats` report it.
+
+    `tokens_per_expert_LG[l][g]`: (token, expert) pairs routed to logical expert g in the l-th MoE layer
+    (decoder layer `moe_layers[l]`), all ranks together. `experts_on_ranks[r]`: the logical expert of each
+    expert slot rank r holds (redundant copies included). Plain tuples: nothing here changes once made.
+    """
+
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    world_size: int
+    experts_on_ranks: tuple[tuple[int, ...], ...]
+    tokens_per_expert_LG: tuple[tuple[int, ...], ...]
+    bytes_dispatched: int
+    bytes_combined: int
+    steps: int
+
+    def __post_init__(self) -> None:
+        if len(self.tokens_per_expert_LG) != len(self.moe_layers):
+            raise ValueError(f"ExpertLoadReport.tokens_per_expert_LG has {len(self.tokens_per_expert_LG)} rows: "
+                             f"must have one per MoE layer ({len(self.moe_layers)}).")
+        if any(len(row) != self.num_experts for row in self.tokens_per_expert_LG):
+            raise ValueError(f"ExpertLoadReport.tokens_per_expert_LG rows must each have num_experts="
+                             f"{self.num_experts} counts.")
+        if len(self.experts_on_ranks) != self.world_size:
+            raise ValueError(f"ExpertLoadReport.experts_on_ranks has {len(self.experts_on_ranks)} entries: "
+                             f"must have one per rank (world_size={self.world_size}).")

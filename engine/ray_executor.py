@@ -279,13 +279,14 @@ class RayExecutor(Executor):
                     f"Ray cannot place {self.world_size} workers of {bundle} each within {_PG_TIMEOUT_S:.0f} s "
                     f"(cluster resources: {resources}): add nodes or lower expert_parallel_size."
                 ) from exc
+            worker_config = config.worker_config()  # built once, pickled to every rank
             # One extra thread per actor answers heartbeats; steps keep the default group's single thread.
             actor_cls = ray.remote(concurrency_groups={_HEARTBEAT_GROUP: 1})(Worker)
             state.workers = [
                 actor_cls.options(
                     num_cpus=1, num_gpus=1 if gpu else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(state.pg, placement_group_bundle_index=r),
-                ).remote(config, r, self.plan)
+                ).remote(worker_config, r, self.plan)
                 for r in range(self.world_size)
             ]
             self.rank_pids = self._get([w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote()

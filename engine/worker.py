@@ -14,19 +14,19 @@ import torch
 
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
-from .engine_args import EngineConfig
 from .expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
+from .worker_config import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int, plan: ExpertParallelPlan):
+    def __init__(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan):
         self.config = config
         self.rank = rank
         self.plan = plan  # the engine's, the same on every rank (engine/expert_parallel.py)
-        self.world_size = config.parallel.world_size
+        self.world_size = config.world_size
         self.device = self._pick_device(config.device)
         self.group = None
         self.runner: ModelRunner | None = None
@@ -70,7 +70,7 @@ class Worker:
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.group = init_process_group(self.rank, self.world_size, master_addr, master_port, backend,
-                                        self.config.parallel.comm_timeout_s, local_addr=self.node_address())
+                                        self.config.comm_timeout_s, local_addr=self.node_address())
 
     def load(self) -> None:
         self._bind_device()
@@ -79,9 +79,9 @@ class Worker:
             # Several ranks share this machine's cores: one intra-op thread each.
             torch.set_num_threads(1)
         ep = self._expert_parallel() if self.world_size > 1 else None
-        self.runner = ModelRunner(cfg.model, cfg.cache.block_size, cfg.cache.num_kv_blocks, self.device,
+        self.runner = ModelRunner(cfg.model, cfg.block_size, cfg.num_kv_blocks, self.device,
                                   kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
-                                  cuda_graph_sizes=cfg.cuda_graph.batch_sizes)
+                                  cuda_graph_sizes=cfg.cuda_graph_sizes)
 
     def _expert_parallel(self):
         return self.plan.for_rank(self.group, self.rank, self.device)

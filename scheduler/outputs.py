@@ -12,7 +12,32 @@ sides agree on `all_token_ids` without shipping them every step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Optional, Protocol
+
+
+class SamplingOptions(Protocol):
+    """What the scheduler and the worker read of a request's sampling parameters.
+
+    The engine's `SamplingParams` has these fields (and more); the scheduler only carries the object
+    to the worker (and reads the stop rules when a Request is built from it), so it names the shape
+    here instead of importing the engine. Scheduler tests pass None.
+    """
+
+    # The scheduler: when a request stops (Request.from_sampling_params).
+    max_tokens: Optional[int]
+    min_tokens: int
+    ignore_eos: bool
+    stop_token_ids: list[int]
+    # The worker: its generator, and how each next token is drawn.
+    seed: Optional[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    logprobs: Optional[int]
 
 
 @dataclass
@@ -24,8 +49,8 @@ class NewRequestData:
     # Tokens generated before a preemption: recomputed like prompt tokens, but
     # they count as output for penalties and stop checks.
     output_token_ids: list[int]
-    # Opaque to the scheduler: the engine's SamplingParams (a plain dataclass).
-    sampling_params: Any
+    # Carried, not read, by the scheduler: the engine's SamplingParams (a plain dataclass).
+    sampling_params: Optional[SamplingOptions]
     block_ids: list[int]
     # Tokens whose KV is already in `block_ids` (prefix-cache hits).
     num_computed_tokens: int
@@ -74,6 +99,18 @@ class TokenLogprobs:
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What one rank measured in a step that ran model code; summed by the engine."""
+
+    num_tokens: int  # tokens in the rank's flat batch (0: an empty rank that joined its peers' MoE layers)
+    num_seqs: int
+    step_s: float  # host wall-clock seconds of the step on this rank
+    # moe.stats.MoEStepStats (expert load, all-to-all bytes and times): opaque here, since the scheduler
+    # imports neither torch nor the MoE layer.
+    moe: object = None
+
+
 @dataclass
 class ModelRunnerOutput:
     """What the worker sends back after a step."""
@@ -82,5 +119,5 @@ class ModelRunnerOutput:
     # Only requests whose scheduled chunk reached their last token sample.
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    # Free-form per-step counters (timings, expert load), summed by the engine.
-    stats: dict[str, Any] = field(default_factory=dict)
+    # None when the rank ran no model code this step.
+    stats: Optional[StepStats] = None

@@ -4,7 +4,9 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Optional
+
+from .outputs import SamplingOptions
 
 
 class RequestStatus(enum.Enum):
@@ -59,7 +61,7 @@ class Request:
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling_params: Any = None,
+        sampling_params: Optional[SamplingOptions] = None,
         *,
         max_tokens: int | None = None,
         eos_token_ids: Iterable[int] = frozenset(),
@@ -105,7 +107,7 @@ class Request:
         cls,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling_params: Any,
+        sampling_params: SamplingOptions,
         eos_token_ids: Iterable[int] = frozenset(),
         arrival_time: float | None = None,
     ) -> "Request":

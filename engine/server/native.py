@@ -133,10 +133,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             uptime_s=time.time() - self.s.start_time, healthy=self.s.healthy, draining=reg.draining)
 
     async def ExpertLoad(self, request, context) -> pb.ExpertLoadResponse:
-        load = self.s.engine.engine.expert_load()
+        load = self.s.engine.expert_load()
         return pb.ExpertLoadResponse(
-            moe_layers=load["moe_layers"], num_experts=load["num_experts"], top_k=load["top_k"],
-            world_size=load["world_size"],
-            layers=[pb.ExpertLoadRow(tokens_per_expert=row) for row in load["tokens_per_expert"]],
-            experts_on_ranks=[pb.RankExperts(experts=held) for held in load["experts_on_ranks"]],
-            bytes_dispatched=load["bytes_dispatched"], bytes_combined=load["bytes_combined"], steps=load["steps"])
+            moe_layers=load.moe_layers, num_experts=load.num_experts, top_k=load.top_k, world_size=load.world_size,
+            layers=[pb.ExpertLoadRow(tokens_per_expert=row) for row in load.tokens_per_expert_LG],
+            experts_on_ranks=[pb.RankExperts(experts=held) for held in load.experts_on_ranks],
+            bytes_dispatched=load.bytes_dispatched, bytes_combined=load.bytes_combined, steps=load.steps)

@@ -60,6 +60,11 @@ class MoelinkServer:
     """One gRPC server in front of one AsyncEngine. Start, then `drain()` or `stop()` on the same loop."""
 
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
+        if config.metrics_port is not None and engine.metrics is None:
+            # The engine takes its metrics sink when it is made; a server cannot add one afterwards.
+            raise ValueError(f"metrics_port={config.metrics_port} needs an engine that exports metrics: make it "
+                             "with AsyncEngine.from_engine_args(args, metrics=EngineMetrics()), or leave "
+                             "metrics_port unset.")
         self.engine = engine
         self.config = config
         self.serving = Serving(engine, config)
@@ -151,10 +156,9 @@ class MoelinkServer:
             logger.warning("--gateway-port %d %s", port, warning)
 
     def _start_metrics(self) -> None:
-        from ..metrics import EngineMetrics, start_metrics_server
+        from ..metrics import start_metrics_server
 
-        metrics = EngineMetrics(self.engine.engine)
-        self.engine.engine.metrics = metrics
+        metrics = self.engine.metrics
         # Bounded: a capped number of connections, each with a deadline (half-open ones cost no thread for long).
         self._metrics_server = start_metrics_server(metrics.registry, self.config.metrics_host, self.config.metrics_port)
         self.metrics_port = self._metrics_server.server_port
@@ -333,7 +337,12 @@ def configure_logging(log_format: str) -> None:
 def serve(engine_args, config: ServerConfig) -> int:
     """Load the engine, serve until SIGTERM/SIGINT, drain, exit. Blocking; returns an exit code."""
     configure_logging(config.log_format)
-    engine = AsyncEngine.from_engine_args(engine_args)
+    metrics = None
+    if config.metrics_port is not None:
+        from ..metrics import EngineMetrics
+
+        metrics = EngineMetrics()
+    engine = AsyncEngine.from_engine_args(engine_args, metrics=metrics)
     try:
         asyncio.run(_serve(engine, config))
     finally:

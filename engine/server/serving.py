@@ -48,7 +48,7 @@ class Serving:
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
         self.engine = engine
         self.config = config
-        self.model = engine.engine.config.model
+        self.model = engine.info.model
         self.tokenizer = engine.tokenizer
         self.limits = config.limits
         self.registry = RequestRegistry(config.max_queued_requests, config.max_queued_tokens)
@@ -65,40 +65,33 @@ class Serving:
     # -- facts ----------------------------------------------------------------
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.config.scheduler.max_model_len
+        return self.engine.info.max_model_len
 
     @property
     def max_num_seqs(self) -> int:
-        return self.engine.engine.config.scheduler.max_num_seqs
+        return self.engine.info.max_num_seqs
 
     @property
     def block_size(self) -> int:
-        return self.engine.engine.config.cache.block_size
+        return self.engine.info.block_size
 
     @property
     def expert_parallel_size(self) -> int:
-        parallel = getattr(self.engine.engine.config, "parallel", None)
-        return int(getattr(parallel, "expert_parallel_size", 1) or 1)
+        return self.engine.info.expert_parallel_size
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return sorted(self.engine.engine.eos_token_ids)
+        return list(self.engine.info.eos_token_ids)
 
     @property
     def device_name(self) -> str:
-        device = self.engine.engine.config.device
-        if device.type == "cuda":
-            import torch
-
-            return f"cuda ({torch.cuda.get_device_name(device)})"
-        return str(device.type)
+        return self.engine.info.device_name
 
     def stats(self):
         return self.engine.stats()
 
     def rank_stats(self) -> list:
-        per_rank = getattr(self.engine.engine, "rank_stats", None)
-        return list(per_rank()) if callable(per_rank) else [self.engine.stats()]
+        return self.engine.rank_stats()
 
     @property
     def healthy(self) -> bool:
@@ -152,7 +145,7 @@ class Serving:
                 # or copied.
                 raise too_long(field, kept, self.max_model_len)
             ids = list(prompt if keep is None else prompt[-keep:])
-        process = self.engine.engine.process_inputs
+        process = self.engine.process_inputs
         if len(ids) <= INLINE_MAX_IDS:
             return process(request_id, ids, params, field)
         return await asyncio.to_thread(process, request_id, ids, params, field)
@@ -186,7 +179,7 @@ class Serving:
         kind = OutputKind.DELTA
         self.limits.check_n(n)
         processed = prompt if isinstance(prompt, ProcessedRequest) else \
-            self.engine.engine.process_inputs(request_id, prompt, params)
+            self.engine.process_inputs(request_id, prompt, params)
         params, prompt_ids = processed.params, processed.prompt_token_ids
         base = f"{request_id}|{next(self._admissions)}"
         # One validated request, n engine requests: only the id (and a seed) differ.

@@ -57,5 +57,5 @@ def test_engine_workers_and_report_share_one_plan(tiny_model):
     with LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32, max_model_len=128) as llm:
         engine = llm.engine
         assert engine.executor.plan is engine.ep_plan and engine.executor.worker.plan is engine.ep_plan
-        assert engine.expert_load()["experts_on_ranks"] == [list(range(6))]
+        assert engine.expert_load().experts_on_ranks == (tuple(range(6)),)
         assert engine.experts_on_ranks() == [[(e, 1) for e in range(6)]]

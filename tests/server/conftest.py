@@ -119,7 +119,12 @@ class ThreadServer:
         from moelink.engine.server.config import ServerConfig
         from moelink.engine.server.server import MoelinkServer
 
-        self.engine = AsyncEngine.from_engine_args(EngineArgs(model=model, **engine_kw))
+        metrics = None
+        if config_kw.get("metrics_port") is not None:  # the engine takes its metrics sink when it is made
+            from moelink.engine.metrics import EngineMetrics
+
+            metrics = EngineMetrics()
+        self.engine = AsyncEngine.from_engine_args(EngineArgs(model=model, **engine_kw), metrics=metrics)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-server", daemon=True)
         self.thread.start()

@@ -1,0 +1,52 @@
+"""WorkerConfig: exactly what one rank's Worker needs, built once from the EngineConfig
+(`EngineConfig.worker_config()`) and shipped to every rank (pickled to each Ray actor)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One rank's model, device, KV cache shape, kernels and CUDA graphs, and the size of its process group.
+
+    What the expert-parallel layer needs (placement, all-to-all backend, per-rank capacity) is not here: the
+    worker receives the engine's `ExpertParallelPlan` (engine/expert_parallel.py) beside this config.
+    `comm_timeout_s` is how long a collective waits for its peers before the rank gives up.
+    """
+
+    model: ModelConfig
+    device: torch.device  # the device type every rank uses; a rank's own index is set by its worker
+    block_size: int
+    num_kv_blocks: int | None  # None: sized by the ranks once their weights are loaded
+    kernels: str
+    cuda_graph_sizes: tuple[int, ...]  # decode batch sizes captured as CUDA graphs (empty: eager)
+    load_progress: bool
+    gpu_memory_utilization: float  # with num_kv_blocks None, how full the device may get with the cache in
+    world_size: int
+    comm_timeout_s: float
+
+    def __post_init__(self) -> None:
+        def bad(field: str, allowed: str):
+            raise ValueError(f"WorkerConfig.{field}={getattr(self, field)!r} is invalid: {allowed}.")
+
+        def positive_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if not isinstance(self.device, torch.device):
+            bad("device", "must be a torch.device")
+        if not positive_int(self.block_size):
+            bad("block_size", "must be a positive integer")
+        if self.num_kv_blocks is not None and not positive_int(self.num_kv_blocks):
+            bad("num_kv_blocks", "must be None (sized by the ranks) or a positive integer")
+        if not isinstance(self.cuda_graph_sizes, tuple) or not all(positive_int(s) for s in self.cuda_graph_sizes):
+            bad("cuda_graph_sizes", "must be a tuple of positive batch sizes")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            bad("gpu_memory_utilization", "must be in (0, 1]")
+        if not positive_int(self.world_size):
+            bad("world_size", "must be a positive integer")
+        if not (isinstance(self.comm_timeout_s, (int, float)) and self.comm_timeout_s > 0):
+            bad("comm_timeout_s", "must be a positive number of seconds")

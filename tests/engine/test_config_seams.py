@@ -1,0 +1,101 @@
+"""The seams between configuration and runtime: KV sizing as pure functions, the worker's own config,
+and imports that point one way (checked on the source, lazy imports inside functions included)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelink.engine import EngineArgs
+from moelink.engine import kv_sizing
+from moelink.engine.worker_config import WorkerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _imports(rel: str) -> set[str]:
+    """Modules `rel` (a path under the repository root) imports anywhere, as dotted names under moelink."""
+    path = ROOT / rel
+    package = ["moelink"] + list(Path(rel).parent.parts)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+    return found
+
+
+def _reach(rel: str) -> set[str]:
+    """Every moelink module reachable from `rel` through imports."""
+    seen, todo = set(), [rel]
+    while todo:
+        for name in _imports(todo.pop()):
+            if not name.startswith("moelink."):
+                continue
+            parts = name.split(".")[1:]
+            for cand in (Path(*parts).with_suffix(".py"), Path(*parts) / "__init__.py"):
+                if (ROOT / cand).is_file() and str(cand) not in seen:
+                    seen.add(str(cand))
+                    todo.append(str(cand))
+    return seen
+
+
+def test_engine_args_do_not_load_the_model_runner():
+    reached = _reach("engine/engine_args.py")
+    for runtime in ("engine/model_runner.py", "engine/loader.py", "engine/cuda_graph.py", "engine/sampler.py"):
+        assert runtime not in reached, f"engine_args reaches {runtime}"
+    assert not any(p.startswith("kernels/") for p in reached), sorted(reached)
+
+
+def test_executors_form_no_cycle():
+    executor, ray_executor = _imports("engine/executor.py"), _imports("engine/ray_executor.py")
+    assert "moelink.engine.ray_executor" not in executor
+    assert "moelink.engine.executor" in ray_executor
+    for imported in (executor, ray_executor):
+        assert "moelink.engine.executor_factory" not in imported
+
+
+def test_scheduler_imports_nothing_above_it():
+    for path in (ROOT / "scheduler").glob("*.py"):
+        outside = {m for m in _imports(f"scheduler/{path.name}")
+                   if m.startswith("moelink.") and not m.startswith("moelink.scheduler")}
+        assert not outside, f"{path.name} imports {sorted(outside)}"
+        assert "torch" not in _imports(f"scheduler/{path.name}")
+
+
+def test_kv_sizing_rules(tiny_model):
+    cfg = EngineArgs(model=tiny_model("qwen3_e6k3"), dtype="float32", max_model_len=256).create_engine_config()
+    m = cfg.model
+    per_block = kv_sizing.kv_cache_bytes_per_block(m, 16)
+    # K and V, every layer, 16 tokens, each KV head's head_dim float32 values.
+    assert per_block == 2 * m.num_layers * 16 * m.num_kv_heads * m.head_dim * 4
+    # CPU default: every sequence at full length (256 tokens = 16 blocks each).
+    assert kv_sizing.driver_num_kv_blocks(m, 16, None, None, "cpu", max_num_seqs=3) == 3 * 16
+    assert kv_sizing.driver_num_kv_blocks(m, 16, 7, None, "cpu", 3) == 7
+    assert kv_sizing.driver_num_kv_blocks(m, 16, None, 5 * per_block + 1, "cuda", 3) == 5
+    assert kv_sizing.driver_num_kv_blocks(m, 16, None, None, "cuda", 3) is None  # the ranks size it
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes=.* leaves no room for one KV block"):
+        kv_sizing.driver_num_kv_blocks(m, 16, None, per_block - 1, "cpu", 3)
+    # A GPU of 100 bytes, 40 free, at most 90% full: 30 bytes for the cache, 3 blocks of 10 less the null block.
+    assert kv_sizing.blocks_in_budget(kv_sizing.gpu_kv_budget_bytes(100, 40, 0.9), 10) == 2
+    assert kv_sizing.blocks_in_budget(kv_sizing.gpu_kv_budget_bytes(100, 5, 0.9), 10) == 0
+    assert kv_sizing.cpu_kv_budget_bytes(1 << 40, 0.5) == kv_sizing.CPU_KV_CAP_BYTES
+    assert kv_sizing.common_num_kv_blocks([9, 4, 12]) == 4
+    with pytest.raises(ValueError, match="gpu_memory_utilization leaves no memory for the KV cache"):
+        kv_sizing.common_num_kv_blocks([9, 0])
+
+
+def test_worker_config_holds_what_a_worker_needs(tiny_model):
+    cfg = EngineArgs(model=tiny_model("qwen3_e6k3"), dtype="float32", max_model_len=256, num_kv_blocks=32,
+                     max_num_batched_tokens=512).create_engine_config()
+    wc = cfg.worker_config()
+    assert (wc.model, wc.device, wc.block_size, wc.num_kv_blocks) == (cfg.model, cfg.device, 16, 32)
+    assert wc.world_size == 1 and wc.comm_timeout_s == cfg.parallel.comm_timeout_s and wc.cuda_graph_sizes == ()
+    with pytest.raises(ValueError, match=r"WorkerConfig.block_size=0 is invalid: must be a positive integer"):
+        WorkerConfig(cfg.model, torch.device("cpu"), 0, None, "auto", (), False, 0.9, 1, 60.0)
