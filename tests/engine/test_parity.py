@@ -12,7 +12,7 @@ import torch
 
 from moelink.engine import LLM, SamplingParams
 
-from tiny_configs import TINY_CONFIGS
+from tests.helpers.tiny_configs import TINY_CONFIGS
 
 MAX_NEW = 10
 

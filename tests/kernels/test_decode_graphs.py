@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import random
-from types import SimpleNamespace
 
 import pytest
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.cuda_graph import EagerReplay
+
+from tests.helpers.fakes import KernelsName
 
 
 # -- the padded static-buffer path -------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def test_graphs_stay_off_where_they_cannot_be_right(tiny_model, caplog):
     assert runner.graphs is None
     assert runner._graph_sizes((1, 2), None, EagerReplay()) == ()
     assert "read host-side lengths" in caplog.text
-    runner.kernels = SimpleNamespace(name="triton")
+    runner.kernels = KernelsName("triton")
     assert runner._graph_sizes((1, 2), object(), EagerReplay()) == ()
     assert "expert-parallel" in caplog.text
     assert runner._graph_sizes((1, 2), None, None) == ()  # CPU device and no stand-in backend
