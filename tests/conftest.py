@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints built once per session; sockets listening."""
+"""Shared fixtures: tiny random Hugging Face checkpoints built once per session; sockets listening.
+
+And the `slow` marker for every test that uses a fixture starting processes (the rest is marked where it
+is defined: Ray tests, network namespaces, anything over ~5 s). `pytest -m "not slow"` is the quick loop.
+"""
 from __future__ import annotations
 
 import os
@@ -11,6 +15,17 @@ from tests.helpers.tiny_configs import TINY_CONFIGS
 
 # Two cores on CI: torch's intra-op threads plus pytest is plenty.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+# Fixtures that start processes: a `moelink serve` subprocess (tests/server), EP rank processes (tests/comm),
+# a Ray (tests/ep). A test using one, even indirectly (e.g. `stubs` → `server`), is slow.
+SLOW_FIXTURES = {"server", "spawn_server", "ep_launch", "local_ray", "ray_tmpdir"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ def _free(llm: LLM) -> bool:
     return s.num_free_blocks == s.num_total_blocks and not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.slow
 def test_seeded_request_same_alone_and_in_batch(llm):
     rng = random.Random(0)
     target = [rng.randrange(500) for _ in range(37)]

@@ -14,6 +14,8 @@ from moelink.engine import LLM, SamplingParams
 
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
+pytestmark = pytest.mark.slow  # transformers generate beside the engine, in float64
+
 MAX_NEW = 10
 
 

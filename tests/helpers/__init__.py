@@ -1,4 +1,4 @@
-"""Code the tests share, imported as `tests.helpers.<module>` (never through sys.path tricks).
+"""Code the tests share, imported as `tests.helpers.<module>` (pyproject puts the repository root on sys.path).
 
 - `tiny_configs`: the tiny model configs the `tiny_model` fixture builds.
 - `waits`: `wait_until`, the one bounded poll (for subprocesses and remote servers with nothing to wait on),
