@@ -55,6 +55,7 @@ def positive(x) -> bool:
 
 
 # -- moe_kernels ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_moe_kernels_smoke_rows_checks_summary_and_plot(tmp_path):
     out = tmp_path / "mk" / "moe_kernels.json"
     stdout = run_smoke("moe_kernels", tmp_path, "--out", str(out))
@@ -127,6 +128,7 @@ def seed_config_file(out_dir: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
     out_dir = tmp_path / "configs"
     seeded = seed_config_file(out_dir)
@@ -189,6 +191,7 @@ def test_tune_moe_out_of_budget_tunes_nothing(tmp_path):
 
 
 # -- engine_decode ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_engine_decode_smoke_step_and_floor_per_batch(tmp_path):
     out = tmp_path / "engine_decode.json"
     stdout = run_smoke("engine_decode", tmp_path, "--out", str(out))
@@ -219,6 +222,7 @@ def test_engine_decode_smoke_step_and_floor_per_batch(tmp_path):
         assert r["experts_touched_per_layer"] == K if B == 1 else K <= r["experts_touched_per_layer"] <= E
 
 
+@pytest.mark.slow
 def test_engine_decode_smoke_times_the_engine_graph_path(tmp_path):
     """--graphs with the Triton kernels (interpreter): the step through engine/cuda_graph.py's DecodeGraphs
     (capture stood in by a re-run on CPU), reported beside the eager step. One batch, one step: ~25 s."""

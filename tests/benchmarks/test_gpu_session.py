@@ -67,6 +67,7 @@ def test_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
 
 
+@pytest.mark.slow
 def test_preflight_runs_on_cpu_and_says_what_it_will_do(tmp_path):
     proc = session("preflight", out=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -147,6 +148,7 @@ def assert_device_safe(out: Path):
         assert f.is_file() and SAFE_NAME.match(f.name), f"{f.name}: the device tool would not return it"
 
 
+@pytest.mark.slow
 def test_cpu_smoke_tests_step_runs_pytest_per_file(tmp_path):
     proc = session("--cpu-smoke", "tests-kernels", out=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -156,6 +158,7 @@ def test_cpu_smoke_tests_step_runs_pytest_per_file(tmp_path):
     assert re.search(r"triton_gpu: exit 0 after \d+ s \(budget \d+ s\)", proc.stdout)
 
 
+@pytest.mark.slow
 def test_cpu_smoke_tune_step_tarball_unpacks_into_configs(tmp_path):
     out, dest = tmp_path / "out", tmp_path / "configs"
     out.mkdir(), dest.mkdir()

@@ -1,9 +1,8 @@
 """Fixtures for the comm tests: launch EP ranks as real processes (gloo on 127.0.0.1, a free port).
 
-Each launch runs tests/comm/ep_worker.py once per rank (several groups may run
-at once, to save wall time), bounded by a timeout, and always kills whatever it
-started. Helpers are fixtures, not imports, so
-the tests work under any pytest import mode.
+Each launch runs tests/helpers/ep_worker.py (`python -m tests.helpers.ep_worker`) once per rank
+(several groups may run at once, to save wall time), bounded by a timeout, and always kills whatever
+it started.
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-WORKER = Path(__file__).with_name("ep_worker.py")
+ROOT = Path(__file__).resolve().parents[2]  # on the ranks' sys.path, for `tests.helpers`
 
 
 class _Launch:
@@ -31,14 +30,15 @@ class _Launch:
         scenario_file = workdir / "scenarios.pt"
         torch.save(scenarios or [], scenario_file)
         port = find_free_port("127.0.0.1")
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
         self.procs, self.logs = [], []
         try:
             for r in self.ranks:
                 log = open(workdir / f"rank{r}.log", "w")
                 self.logs.append(log)
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, str(WORKER), str(scenario_file), str(r), str(world_size), str(port),
+                    [sys.executable, "-m", "tests.helpers.ep_worker", str(scenario_file), str(r), str(world_size), str(port),
                      str(workdir), mode], stdout=log, stderr=subprocess.STDOUT, env=env))
         except BaseException:
             self.kill()

@@ -10,14 +10,16 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.local_ray import remove_ray_dir
+from tests.helpers.net import free_port
+from tests.helpers.waits import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -65,24 +67,23 @@ def test_start_worker_refuses_a_loopback_node_address():
     assert proc.returncode == 2 and "loopback" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(RAY is None, reason="the `ray` command is not installed")
 def test_start_head_on_loopback_listens_on_loopback_only(listening):
     from moelink.engine.ray_guard import processes_using
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="mlhead-", dir="/tmp")  # short: Ray's socket paths
     log = Path(temp_dir + ".log")
     head = subprocess.Popen([str(ROOT / "deploy/ray/start_head.sh"), "--node-ip", "127.0.0.1", "--port", str(port),
                              "--num-cpus", "1", "--temp-dir", temp_dir], env=_env(RAY=RAY),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while "Ray runtime started" not in log.read_text():
+        def started():  # the head is another process: its log is polled
             assert head.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"the Ray head did not start:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
+            return "Ray runtime started" in log.read_text()
+
+        wait_until(started, 90, "the Ray head to start", interval=0.2, detail=lambda: log.read_text()[-3000:])
         text = log.read_text()
         assert "Local node IP: 127.0.0.1" in text, text[-3000:]
         assert listening(port) == {("127.0.0.1", port)}, "the GCS port must listen on loopback only"
@@ -93,7 +94,5 @@ def test_start_head_on_loopback_listens_on_loopback_only(listening):
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)  # the head's session: ray start, GCS, raylet
             head.wait(10)
-        for pid in processes_using(temp_dir):  # anything of this head that left its process group
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        remove_ray_dir(temp_dir)  # kills (by PID) anything of this head that left its process group
         log.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from deploy_commands import (  # tests/deploy/deploy_commands.py
+from tests.helpers.deploy_commands import (  # noqa: E402
     CLUSTER_YAML, DEPLOY, K8S, Placeholder, README,
     SBATCH, SCRIPTS, SERVE_SH, YAML_FILES, _container_env,
     commands_in, commands_in_text, concrete_args, parse_serve,

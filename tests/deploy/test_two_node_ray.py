@@ -15,11 +15,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.local_ray import remove_ray_dir
+from tests.helpers.waits import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -86,15 +88,12 @@ def _stop(proc: subprocess.Popen | None, timeout=60):
 
 
 def _wait_for(pred, timeout: float, what: str, logs=()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(1.0)
-    detail = "\n".join(f"--- {p.name}:\n{p.read_text()[-2000:]}" for p in logs if p.exists())
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{detail}")
+    # The cluster's processes run in other network namespaces: polled, with their logs on a timeout.
+    wait_until(pred, timeout, what, interval=1.0,
+               detail=lambda: "\n".join(f"--- {p.name}:\n{p.read_text()[-2000:]}" for p in logs if p.exists()))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 def test_serve_ep2_across_two_ray_nodes(tiny_model, tmp_path):
     model = tiny_model("mixtral_e5k3")
@@ -109,8 +108,10 @@ def test_serve_ep2_across_two_ray_nodes(tiny_model, tmp_path):
     # A cluster reachable beyond loopback uses Ray's token auth: one shared secret for every process.
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    # Ray's socket paths must stay under 107 bytes: a short temp dir, removed at the end.
+    # Each node keeps its files in a short temp dir of its own (Ray's socket paths must stay under 107 bytes;
+    # never /tmp/ray), removed at the end with anything still using it.
     ray_tmp = tempfile.mkdtemp(prefix="mlray", dir="/tmp")
+    worker_tmp = tempfile.mkdtemp(prefix="mlrayw", dir="/tmp")
     hosts = TwoHosts()
     head = worker = server = None
     port = 6380
@@ -123,7 +124,8 @@ def test_serve_ep2_across_two_ray_nodes(tiny_model, tmp_path):
         _wait_for(lambda: status().returncode == 0, 90, "the Ray head", [tmp_path / "head.log"])
         worker = hosts.popen(hosts.worker, [str(ROOT / "deploy/ray/start_worker.sh"), "--address", address,
                                             "--node-ip", WORKER_IP, "--num-cpus", "1",
-                                            "--resources", '{"moelink_worker": 1}'], tmp_path / "worker.log", env)
+                                            "--resources", '{"moelink_worker": 1}', "--temp-dir", worker_tmp],
+                             tmp_path / "worker.log", env)
         _wait_for(lambda: "moelink_worker" in status().stdout, 90, "the worker node to join",
                   [tmp_path / "head.log", tmp_path / "worker.log"])
         server = hosts.popen(hosts.head, [str(ROOT / "deploy/ray/serve.sh"), model, "--ray-address", address,
@@ -150,4 +152,5 @@ def test_serve_ep2_across_two_ray_nodes(tiny_model, tmp_path):
         _stop(worker)
         _stop(head)
         hosts.close()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        remove_ray_dir(ray_tmp)
+        remove_ray_dir(worker_tmp)

@@ -10,6 +10,8 @@ import pytest
 
 from moelink.engine import LLM, AsyncEngine, EngineArgs, SamplingParams
 
+from tests.helpers.engine_steps import EngineSteps
+
 
 @pytest.fixture(scope="module")
 def llm(tiny_model):
@@ -22,6 +24,7 @@ def _free(llm: LLM) -> bool:
     return s.num_free_blocks == s.num_total_blocks and not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.slow
 def test_seeded_request_same_alone_and_in_batch(llm):
     rng = random.Random(0)
     target = [rng.randrange(500) for _ in range(37)]
@@ -141,6 +144,7 @@ def test_engine_args_validation(tiny_model):
 def test_async_generate_abort_and_cancel_free_everything(tiny_model):
     engine = AsyncEngine.from_engine_args(EngineArgs(model=tiny_model("qwen3_e6k3"), dtype="float32",
                                                      max_num_seqs=8, num_kv_blocks=96, max_model_len=512))
+    steps = EngineSteps(engine.engine)
 
     async def run_one(i: int, mode: str):
         params = SamplingParams(max_tokens=60, temperature=0.8, seed=i, ignore_eos=True)
@@ -171,11 +175,11 @@ def test_async_generate_abort_and_cancel_free_everything(tiny_model):
             async for _ in engine.generate("bad", "", None):
                 pass
         # Aborts and cancels are applied by the engine thread within a step.
-        for _ in range(200):
+        def idle():
             s = engine.stats()
-            if s.num_free_blocks == s.num_total_blocks and s.num_running == 0 and s.num_waiting == 0:
-                break
-            await asyncio.sleep(0.02)
+            return s.num_free_blocks == s.num_total_blocks and s.num_running == 0 and s.num_waiting == 0
+
+        await asyncio.to_thread(steps.wait_for, idle, 10, "every block free and no request left")
         s = engine.stats()
         assert s.num_free_blocks == s.num_total_blocks, s
 

@@ -26,7 +26,7 @@ import torch
 from moelink.engine import LLM, SamplingParams
 from moelink.kernels.ops import select_kernels
 
-from tiny_configs import TINY_CONFIGS
+from tests.helpers.tiny_configs import TINY_CONFIGS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiled kernels only")]

@@ -12,7 +12,9 @@ import torch
 
 from moelink.engine import LLM, SamplingParams
 
-from tiny_configs import TINY_CONFIGS
+from tests.helpers.tiny_configs import TINY_CONFIGS
+
+pytestmark = pytest.mark.slow  # transformers generate beside the engine, in float64
 
 MAX_NEW = 10
 

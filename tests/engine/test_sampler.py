@@ -12,7 +12,7 @@ import torch
 from moelink.engine.sampler import Sampler, _apply_penalties
 from moelink.engine.sampling_params import SamplingParams
 
-from sampler_helpers import LOGITS6, PROBS6, build, chi_square, draw_counts, sample  # tests/engine/sampler_helpers.py
+from tests.helpers.sampler import LOGITS6, PROBS6, build, chi_square, draw_counts, sample
 
 
 # ---------------------------------------------------------------- greedy

@@ -11,7 +11,7 @@ import torch
 from moelink.engine.sampler import Sampler, SamplingMetadata
 from moelink.engine.sampling_params import SamplingParams
 
-from sampler_helpers import CPU, build, sample  # tests/engine/sampler_helpers.py
+from tests.helpers.sampler import CPU, build, sample
 
 
 # ---------------------------------------------------------------- seeds

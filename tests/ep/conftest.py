@@ -1,27 +1,28 @@
-"""A local Ray instance for the EP tests of one module (ranks are processes, gloo on 127.0.0.1)."""
+"""Fixtures of the EP tests: a local Ray for one module (ranks are processes, gloo on 127.0.0.1), and a
+RAY_TMPDIR of one test's own."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import pytest
 
-# One-node tests keep Ray on loopback.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from tests.helpers import local_ray as ray_helpers
+
+# One-node tests keep Ray, and the ranks' rendezvous, on loopback (servers started here inherit this).
+os.environ.setdefault(ray_helpers.LOOPBACK_ENV, "0")
 os.environ.setdefault("MOELINK_MASTER_ADDR", "127.0.0.1")
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray = pytest.importorskip("ray")
-    temp_dir = None
-    if not ray.is_initialized():
-        # A temp dir of its own (short: Ray's socket paths), removed afterwards: no /tmp/ray sessions pile up.
-        temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
-    yield ray
-    ray.shutdown()
-    if temp_dir is not None:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """A Ray of this module's own (tests.helpers.local_ray.local_ray: own temp dir, 127.0.0.1)."""
+    pytest.importorskip("ray")
+    with ray_helpers.local_ray(num_cpus=4) as ray:
+        yield ray
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A short RAY_TMPDIR for one test; whatever still uses it at the end is killed (by PID), then removed."""
+    with ray_helpers.ray_temp_dir("mlrt-") as path:
+        yield path

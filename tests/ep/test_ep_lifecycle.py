@@ -1,27 +1,35 @@
-"""What an EP engine holds in Ray is given back: on `del`, `with`, shutdown(), clean exit and SIGKILL."""
+"""What an EP engine holds in Ray is given back: on `del`, `with`, shutdown(), clean exit, SIGKILL, and
+a start-up that fails (placement) leaves nothing running."""
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
 
-from moelink.engine import LLM, SamplingParams
+from moelink.engine import LLM, EngineArgs, SamplingParams
 from moelink.engine.ray_guard import processes_using
+
+from tests.helpers import local_ray as ray_helpers
+from tests.helpers.grpc_server import ServerProcess
+from tests.helpers.waits import wait_until
+
+pytestmark = pytest.mark.slow
 
 KW = dict(dtype="float32", num_kv_blocks=64, max_num_seqs=4)
 
 
+@pytest.fixture
+def local_ray():
+    """The shared Ray for one test only: the other tests here start (and check) Rays of their own."""
+    pytest.importorskip("ray")
+    with ray_helpers.local_ray(num_cpus=4) as ray:
+        yield ray
+
+
 def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.05)
+    # Ray's resources and /proc: other processes' state, polled.
+    wait_until(pred, timeout, what)
 
 
 def _gone(pid: int) -> bool:
@@ -61,19 +69,6 @@ def test_llm_gives_its_ray_workers_back(local_ray, tiny_model, listening):
         llm.generate([[1, 2]], params, use_tqdm=False)
 
 
-@pytest.fixture
-def ray_tmpdir():
-    """A short RAY_TMPDIR for one test; whatever still uses it at the end is killed (by PID), then removed."""
-    path = tempfile.mkdtemp(prefix="mlrt-", dir="/tmp")
-    yield path
-    for pid in processes_using(path):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def _no_ray_left(path: str) -> bool:
     return not processes_using(path) and not os.listdir(path)
 
@@ -81,33 +76,49 @@ def _no_ray_left(path: str) -> bool:
 def test_sigkilled_ep_server_leaves_no_ray_behind(tiny_model, ray_tmpdir, listening):
     """`moelink serve -ep 2` starts a private Ray on loopback only; after a SIGKILL of the server it goes
     within seconds (before: every Ray server on all interfaces; agents lived ~65 s, the session folder for good)."""
-    env = dict(os.environ, RAY_TMPDIR=ray_tmpdir, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "moelink.engine.cli", "serve", tiny_model("qwen3_e6k3"), "--host", "127.0.0.1",
-           "--port", "0", "--expert-parallel-size", "2", "--dtype", "float32", "--num-kv-blocks", "64"]
-    log = tempfile.TemporaryFile("w+")
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    # (ServerProcess: `moelink serve --host 127.0.0.1 --port 0`, OMP_NUM_THREADS=1, ready within 90 s.)
+    server = ServerProcess(tiny_model("qwen3_e6k3"), ["--expert-parallel-size", "2", "--dtype", "float32",
+                                                      "--num-kv-blocks", "64"], env={"RAY_TMPDIR": ray_tmpdir})
     try:
-        deadline = time.monotonic() + 90
-        for line in server.stdout:
-            if line.startswith("moelink: serving"):
-                break
-            assert time.monotonic() < deadline, "server not ready within 90 s"
-        else:
-            log.seek(0)
-            raise AssertionError(f"server exited ({server.wait()}):\n{log.read()[-3000:]}")
         ray_pids = processes_using(ray_tmpdir)
         assert ray_pids, "the server's Ray should live under RAY_TMPDIR"
         # GCS, raylet, agents, the rank actors and rank 0's rendezvous store: all on loopback.
         ours = listening(pids=ray_pids)
         assert ours and all(addr == "127.0.0.1" for addr, _ in ours), sorted(ours)
         server.kill()
-        server.wait(10)
         t0 = time.monotonic()
         _wait(lambda: _no_ray_left(ray_tmpdir), 10, "the Ray of a SIGKILLed server to be gone")
         print(f"Ray processes and folder gone {time.monotonic() - t0:.2f} s after SIGKILL of the server")
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(10)
-        server.stdout.close()
-        log.close()
+        server.kill()
+        server.close()
+
+
+def test_placement_failure_shuts_down_the_ray_it_started(tiny_model, monkeypatch, ray_tmpdir):
+    """RayExecutor start-up failures leave nothing running."""
+    ray = pytest.importorskip("ray")
+    import importlib
+
+    pg_mod = importlib.import_module("ray.util.placement_group")  # ray.util re-exports a function of that name
+
+    from moelink.engine import ray_executor
+    from moelink.engine.ray_executor import RayExecutor
+
+    if ray.is_initialized():
+        pytest.skip("needs to start its own Ray instance")
+    real_pg = pg_mod.placement_group
+    # Bundles no node can hold: the placement group never becomes ready.
+    monkeypatch.setattr(pg_mod, "placement_group", lambda bundles, **kw: real_pg([{"CPU": 1000}] * len(bundles), **kw))
+    monkeypatch.setattr(ray_executor, "_PG_TIMEOUT_S", 2.0)
+    cfg = EngineArgs(model=tiny_model("qwen3_e6k3"), dtype="float32", expert_parallel_size=2, executor="ray",
+                     num_kv_blocks=32).create_engine_config()
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmpdir)  # the executor's own Ray makes its temp dir in there
+    try:
+        with pytest.raises(RuntimeError, match="cannot place"):
+            RayExecutor(cfg)
+        assert not ray.is_initialized(), "the local Ray instance started for this executor was left running"
+        # Nothing of it is left either: no process, no session folder (its own temp dir is gone).
+        assert not processes_using(ray_tmpdir) and not os.listdir(ray_tmpdir)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()

@@ -9,7 +9,9 @@ import pytest
 
 from moelink.engine import LLM, AsyncEngine, EngineArgs, SamplingParams
 
-from tiny_configs import TINY_CONFIGS
+from tests.helpers.tiny_configs import TINY_CONFIGS
+
+pytestmark = pytest.mark.slow
 
 MAX_NEW = 8
 
@@ -56,21 +58,25 @@ def test_dead_rank_fails_inflight_requests_fast(local_ray, tiny_model):
     engine = AsyncEngine.from_engine_args(EngineArgs(model=tiny_model("qwen3_e6k3"), dtype="float32",
                                                      expert_parallel_size=2, num_kv_blocks=64, max_num_seqs=8))
 
-    async def one(i):
+    async def one(i, streaming: asyncio.Event):
         params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
         n = 0
         try:
             async for _ in engine.generate(f"r{i}", [i + 1] * 20, params):
                 n += 1
+                streaming.set()
         except Exception as exc:  # the engine dies under it
             return n, exc
         return n, None
 
     async def main():
-        tasks = [asyncio.create_task(one(i)) for i in range(4)]
-        while engine.engine.stats().num_running < 4:
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
+        streaming = [asyncio.Event() for _ in range(4)]
+        tasks = [asyncio.create_task(one(i, streaming[i])) for i in range(4)]
+        # Every request runs and has streamed a token (the kill comes mid-stream).
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in streaming)), timeout=60)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"not every request streamed within 60 s: {[e.is_set() for e in streaming]}") from None
         t0 = time.monotonic()
         ray.kill(engine.engine.executor.workers[1], no_restart=True)
         results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)

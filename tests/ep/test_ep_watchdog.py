@@ -6,7 +6,6 @@ The frozen process is resumed and killed (by PID) at the end whatever happened.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -16,37 +15,18 @@ import time
 import grpc
 import pytest
 
-from moelink.engine import AsyncEngine, EngineArgs
+from tests.helpers.grpc_server import ThreadServer, wait_health
+from tests.helpers.waits import join_threads
+
+pytestmark = pytest.mark.slow
 
 HEARTBEAT_TIMEOUT_S = 3.0
 
 
-class _Server:
-    """MoelinkServer + AsyncEngine (EP 2) on an event loop in a background thread."""
-
-    def __init__(self, model: str, grace: float = 30.0, **engine_kw):
-        from moelink.engine.server.config import ServerConfig
-        from moelink.engine.server.server import MoelinkServer
-
-        self.engine = AsyncEngine.from_engine_args(EngineArgs(
-            model=model, dtype="float32", expert_parallel_size=2, num_kv_blocks=256, max_num_seqs=8, **engine_kw))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = MoelinkServer(self.engine, ServerConfig(host="127.0.0.1", port=0, shutdown_grace=grace))
-        self.addr = f"127.0.0.1:{self.call(self.server.start())}"
-
-    def call(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        try:
-            self.call(self.server.stop(0.5))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.engine.shutdown(timeout=3)
-            self.loop.close()
+def _server(model: str, grace: float = 30.0, **engine_kw) -> ThreadServer:
+    """MoelinkServer + AsyncEngine (EP 2) on an event loop in a background thread (as tests/server's)."""
+    return ThreadServer(model, dict(dtype="float32", expert_parallel_size=2, num_kv_blocks=256, max_num_seqs=8,
+                                    **engine_kw), engine_shutdown_timeout=3, shutdown_grace=grace)
 
 
 @contextlib.contextmanager
@@ -72,6 +52,7 @@ class _Streams:
         pb, vpb = moelink_v1_pb2, vllm_engine_pb2
         native, vllm = moelink_v1_pb2_grpc.GenerationStub(channel), vllm_engine_pb2_grpc.VllmEngineStub(channel)
         self.results: dict[str, list] = {}
+        self._changed = threading.Condition()  # notified for every message (and error) a stream gets
         calls = {}
         for i in range(n_native):
             calls[f"n{i}"] = lambda i=i: native.Generate(pb.GenerateRequest(
@@ -90,15 +71,19 @@ class _Streams:
         msgs = self.results.setdefault(rid, [])
         try:
             for m in call():
-                msgs.append(m)
+                with self._changed:
+                    msgs.append(m)
+                    self._changed.notify_all()
         except grpc.RpcError as exc:
-            msgs.append(exc)
+            with self._changed:
+                msgs.append(exc)
+                self._changed.notify_all()
 
     def wait_flowing(self, n_messages: int = 3, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while any(len(self.results.get(rid, [])) < n_messages for rid in ("n0", "n1", "v0")):
-            assert time.monotonic() < deadline, f"streams did not start: { {k: len(v) for k, v in self.results.items()} }"
-            time.sleep(0.05)
+        with self._changed:
+            flowing = self._changed.wait_for(
+                lambda: all(len(self.results.get(rid, [])) >= n_messages for rid in ("n0", "n1", "v0")), timeout)
+        assert flowing, f"streams did not start: { {k: len(v) for k, v in self.results.items()} }"
 
     def join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -120,7 +105,7 @@ def test_frozen_rank_turns_health_not_serving_and_ends_requests(local_ray, tiny_
     from grpc_health.v1 import health_pb2 as hpb, health_pb2_grpc
     from smg_grpc_proto.generated import vllm_engine_pb2 as vpb, vllm_engine_pb2_grpc
 
-    srv = _Server(tiny_model("qwen3_e6k3"), heartbeat_timeout=HEARTBEAT_TIMEOUT_S)
+    srv = _server(tiny_model("qwen3_e6k3"), heartbeat_timeout=HEARTBEAT_TIMEOUT_S)
     channel = grpc.insecure_channel(srv.addr)
     try:
         health = health_pb2_grpc.HealthStub(channel)
@@ -130,11 +115,8 @@ def test_frozen_rank_turns_health_not_serving_and_ends_requests(local_ray, tiny_
         streams.wait_flowing()
         pid = srv.engine.engine.executor.rank_pids[1]
         with _frozen(pid):
-            t0 = time.monotonic()
-            while _health(health, hpb, "") != hpb.HealthCheckResponse.NOT_SERVING:
-                assert time.monotonic() - t0 < 15, "liveness still SERVING 15 s after a rank froze"
-                time.sleep(0.05)
-            seen_after = time.monotonic() - t0
+            # Health.Watch: the server pushes the change (WaitTimeout if still SERVING 15 s after the freeze).
+            seen_after = wait_health(health, hpb, "", hpb.HealthCheckResponse.NOT_SERVING, 15)
             # The bound: one heartbeat round (timeout + interval), the server's 0.2 s poll, scheduling slack.
             assert seen_after < HEARTBEAT_TIMEOUT_S + 2.5, f"NOT_SERVING only after {seen_after:.1f} s"
             print(f"liveness NOT_SERVING {seen_after:.2f} s after rank 1 froze (heartbeat timeout "
@@ -150,11 +132,10 @@ def test_frozen_rank_turns_health_not_serving_and_ends_requests(local_ray, tiny_
                 assert isinstance(err, grpc.RpcError), (rid, err)
                 assert err.code() == grpc.StatusCode.UNAVAILABLE, (rid, err.code())
                 assert "rank 1" in err.details() and "heartbeat" in err.details(), (rid, err.details())
-            # Nothing leaked: every request ended, every KV block of every rank is free.
-            deadline = time.monotonic() + 5
-            while not _pool_free(srv.engine):
-                assert time.monotonic() < deadline, srv.engine.engine.rank_stats()
-                time.sleep(0.05)
+            # Nothing leaked: every request ended, every KV block of every rank is free (the engine thread
+            # frees them as it fails, then ends).
+            join_threads([srv.engine._thread], 5, "the failed engine's thread to free every block and end")
+            assert _pool_free(srv.engine), srv.engine.engine.rank_stats()
             assert not srv.engine.engine.output_processor.states
             assert not srv.server.serving.registry.active
     finally:
@@ -164,7 +145,7 @@ def test_frozen_rank_turns_health_not_serving_and_ends_requests(local_ray, tiny_
 
 def test_drain_keeps_its_grace_with_a_frozen_rank(local_ray, tiny_model):
     """The rank froze and no watchdog has fired yet: drain still ends every stream with 'abort' in time."""
-    srv = _Server(tiny_model("qwen3_e6k3"), grace=1.0, heartbeat_timeout=60.0)
+    srv = _server(tiny_model("qwen3_e6k3"), grace=1.0, heartbeat_timeout=60.0)
     channel = grpc.insecure_channel(srv.addr)
     pid = srv.engine.engine.executor.rank_pids[1]
     try:

@@ -89,6 +89,7 @@ def test_report_zero_spills_tensor_cores_in_gemms_and_shared_memory_fits():
     assert rep["summary"]["spilling"] == [] and rep["target"].startswith("cuda sm_90")
 
 
+@pytest.mark.slow
 def test_compile_report_script_runs_without_a_gpu(tmp_path):
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import random
-from types import SimpleNamespace
 
 import pytest
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.cuda_graph import EagerReplay
+
+from tests.helpers.fakes import KernelsName
 
 
 # -- the padded static-buffer path -------------------------------------------------------------------------
@@ -35,6 +36,7 @@ def _generate(llm, prompts):
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 
+@pytest.mark.slow
 def test_graph_decode_matches_eager_on_the_same_kernels(tiny_model, kdev):
     if kdev.type != "cpu":
         pytest.skip("CPU stand-in for the capture; with a GPU, test_gpu_engine.py captures real graphs")
@@ -82,7 +84,7 @@ def test_graphs_stay_off_where_they_cannot_be_right(tiny_model, caplog):
     assert runner.graphs is None
     assert runner._graph_sizes((1, 2), None, EagerReplay()) == ()
     assert "read host-side lengths" in caplog.text
-    runner.kernels = SimpleNamespace(name="triton")
+    runner.kernels = KernelsName("triton")
     assert runner._graph_sizes((1, 2), object(), EagerReplay()) == ()
     assert "expert-parallel" in caplog.text
     assert runner._graph_sizes((1, 2), None, None) == ()  # CPU device and no stand-in backend
@@ -103,6 +105,7 @@ class _FailingBackend(EagerReplay):
         return super().capture(fn)
 
 
+@pytest.mark.slow
 def test_a_size_out_of_memory_is_dropped_and_the_rest_kept(tiny_model, caplog):
     llm = _llm(tiny_model("qwen3_e6k3"), "triton")
     runner = _runner(llm)
@@ -119,6 +122,7 @@ def test_a_size_out_of_memory_is_dropped_and_the_rest_kept(tiny_model, caplog):
     assert len(out[0].outputs[0].token_ids) == 2  # eager decoding still serves
 
 
+@pytest.mark.slow
 def test_padding_rows_route_to_no_expert(tiny_model):
     """One sequence decoding through a size-4 graph: rows 1-3 are padding and reach the experts as id -1
     (no weight reads, no load), while the real row keeps its top-k."""

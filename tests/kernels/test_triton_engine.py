@@ -15,6 +15,7 @@ def _run(path, kernels, prompts):
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
+@pytest.mark.slow
 def test_engine_with_triton_kernels_matches_reference(tiny_model, kdev):
     if kdev.type != "cpu":
         pytest.skip("CPU interpreter smoke; with a GPU, tests/engine/test_gpu_engine.py runs the engine on Triton")

@@ -1,6 +1,4 @@
 """Config validation and the Request / RequestStatus basics."""
-from types import SimpleNamespace
-
 import pytest
 
 from moelink.scheduler import (
@@ -12,6 +10,8 @@ from moelink.scheduler import (
     get_finish_reason,
     is_finished,
 )
+
+from tests.helpers.fakes import StopParams
 
 
 def test_config_defaults():
@@ -70,7 +70,7 @@ def test_request_basics():
 
 
 def test_request_from_sampling_params():
-    sp = SimpleNamespace(max_tokens=5, min_tokens=2, stop_token_ids=[4], ignore_eos=True)
+    sp = StopParams(max_tokens=5, min_tokens=2, stop_token_ids=[4], ignore_eos=True)
     r = Request.from_sampling_params("x", [1, 2], sp, eos_token_ids={0})
     assert (r.max_tokens, r.min_tokens, r.stop_token_ids, r.ignore_eos, r.eos_token_ids) == (
         5, 2, frozenset({4}), True, frozenset({0}))

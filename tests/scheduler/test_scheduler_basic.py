@@ -3,10 +3,12 @@ import pytest
 
 from moelink.scheduler import ModelRunnerOutput, RequestStatus, TokenLogprobs
 
+from tests.helpers.scheduler_sim import Sim, make_request, make_scheduler, reference_generate, toy_model
 
-def test_single_request_step_structure(kit):
-    s = kit.make_scheduler(num_blocks=16, block_size=4, max_num_batched_tokens=64)
-    s.add_request(kit.make_request("a", [1, 2, 3, 4, 5, 6, 7], max_tokens=3))
+
+def test_single_request_step_structure():
+    s = make_scheduler(num_blocks=16, block_size=4, max_num_batched_tokens=64)
+    s.add_request(make_request("a", [1, 2, 3, 4, 5, 6, 7], max_tokens=3))
     so = s.schedule()
     # First step: the whole prompt as a new request; 7 tokens need 2 blocks of 4.
     (nr,) = so.scheduled_new_reqs
@@ -31,42 +33,42 @@ def test_single_request_step_structure(kit):
     assert s.kv.pool.num_free_blocks == 16
 
 
-def test_chunked_prefill_splits_prompt_within_budget(kit):
-    s = kit.make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=32)
-    sim = kit.Sim(s)
+def test_chunked_prefill_splits_prompt_within_budget():
+    s = make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=32)
+    sim = Sim(s)
     prompt = [i % 50 for i in range(100)]
-    s.add_request(kit.make_request("long", prompt, max_tokens=2))
+    s.add_request(make_request("long", prompt, max_tokens=2))
     chunks = []
     for _ in range(4):
         so = sim.step()
         chunks.append(so.num_scheduled_tokens["long"])
         assert so.total_num_scheduled_tokens <= 32
     assert chunks == [32, 32, 32, 4]
-    assert sim.tokens["long"] == [kit.toy_model(prompt)]  # sampled only after the last chunk
+    assert sim.tokens["long"] == [toy_model(prompt)]  # sampled only after the last chunk
     # Blocks arrive as the chunks need them: 2 at first, then 2 more per chunk, then 1.
     assert len(sim.steps[0].scheduled_new_reqs[0].block_ids) == 2
     assert [len(c.new_block_ids) for so in sim.steps[1:4] for c in so.scheduled_cached_reqs] == [2, 2, 1]
     sim.run()
-    assert sim.tokens["long"] == kit.reference_generate(prompt, max_tokens=2)[0]
+    assert sim.tokens["long"] == reference_generate(prompt, max_tokens=2)[0]
 
 
-def test_budget_goes_to_running_first_then_waiting_chunks(kit):
-    s = kit.make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=10)
-    sim = kit.Sim(s)
-    s.add_request(kit.make_request("a", [1] * 8, max_tokens=5))
-    s.add_request(kit.make_request("b", [2] * 30, max_tokens=5))
+def test_budget_goes_to_running_first_then_waiting_chunks():
+    s = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=10)
+    sim = Sim(s)
+    s.add_request(make_request("a", [1] * 8, max_tokens=5))
+    s.add_request(make_request("b", [2] * 30, max_tokens=5))
     assert sim.step().num_scheduled_tokens == {"a": 8, "b": 2}
     assert sim.step().num_scheduled_tokens == {"a": 1, "b": 9}
     sim.run()
     for rid, p in (("a", [1] * 8), ("b", [2] * 30)):
-        assert sim.tokens[rid] == kit.reference_generate(p, max_tokens=5)[0]
+        assert sim.tokens[rid] == reference_generate(p, max_tokens=5)[0]
 
 
-def test_max_num_seqs_respected(kit):
-    s = kit.make_scheduler(num_blocks=64, max_num_seqs=2, max_num_batched_tokens=100)
-    sim = kit.Sim(s)
+def test_max_num_seqs_respected():
+    s = make_scheduler(num_blocks=64, max_num_seqs=2, max_num_batched_tokens=100)
+    sim = Sim(s)
     for i in range(5):
-        s.add_request(kit.make_request(f"r{i}", [i + 1, 2, 3], max_tokens=4))
+        s.add_request(make_request(f"r{i}", [i + 1, 2, 3], max_tokens=4))
     while s.has_unfinished_requests():
         so = sim.step()
         assert len(so.num_scheduled_tokens) <= 2 and len(s.running) <= 2
@@ -77,14 +79,14 @@ def test_max_num_seqs_respected(kit):
     assert first_steps == {"r0", "r1"}
 
 
-def test_prefix_cache_hit_of_shared_64_token_prefix(kit):
-    s = kit.make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=256)
-    sim = kit.Sim(s)
+def test_prefix_cache_hit_of_shared_64_token_prefix():
+    s = make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=256)
+    sim = Sim(s)
     shared = [(7 * i) % 50 for i in range(64)]
-    s.add_request(kit.make_request("a", shared + [1, 2, 3], max_tokens=4))
+    s.add_request(make_request("a", shared + [1, 2, 3], max_tokens=4))
     sim.step()  # a's prompt is computed; its 4 full blocks are cached after the step
     assert s.stats().prefix_cache_hits == 0 and s.stats().prefix_cache_queries == 67
-    s.add_request(kit.make_request("b", shared + [4, 5, 6, 7, 8], max_tokens=4))
+    s.add_request(make_request("b", shared + [4, 5, 6, 7, 8], max_tokens=4))
     so = sim.step()
     (nr,) = so.scheduled_new_reqs
     assert nr.num_computed_tokens == 64 and so.num_scheduled_tokens["b"] == 5
@@ -94,66 +96,66 @@ def test_prefix_cache_hit_of_shared_64_token_prefix(kit):
     assert (st.prefix_cache_queries, st.prefix_cache_hits) == (67 + 69, 64)
     sim.run()
     assert sim.cached == {"a": 0, "b": 64}
-    assert sim.tokens["b"] == kit.reference_generate(shared + [4, 5, 6, 7, 8], max_tokens=4)[0]
+    assert sim.tokens["b"] == reference_generate(shared + [4, 5, 6, 7, 8], max_tokens=4)[0]
 
 
-def test_full_prompt_hit_still_computes_last_token(kit):
-    s = kit.make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=256)
-    sim = kit.Sim(s)
+def test_full_prompt_hit_still_computes_last_token():
+    s = make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=256)
+    sim = Sim(s)
     prompt = list(range(48))  # exactly 3 blocks
-    s.add_request(kit.make_request("a", prompt, max_tokens=1))
+    s.add_request(make_request("a", prompt, max_tokens=1))
     sim.run()
-    s.add_request(kit.make_request("b", prompt, max_tokens=1))
+    s.add_request(make_request("b", prompt, max_tokens=1))
     so = sim.step()
     # At most 47 tokens may hit and hits are whole blocks: 32 hit, 16 computed.
     assert so.scheduled_new_reqs[0].num_computed_tokens == 32 and so.num_scheduled_tokens == {"b": 16}
     assert sim.tokens["b"] == sim.tokens["a"]
 
 
-def test_generated_tokens_are_cached_too(kit):
-    s = kit.make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=256)
-    sim = kit.Sim(s)
+def test_generated_tokens_are_cached_too():
+    s = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=256)
+    sim = Sim(s)
     prompt = [3, 1, 4, 1, 5, 9]
-    s.add_request(kit.make_request("a", prompt, max_tokens=10))
+    s.add_request(make_request("a", prompt, max_tokens=10))
     sim.run()
     # A follow-up turn = prompt + a's answer + more: its KV for the answer is reused.
     # a's KV covers 15 of its 16 tokens (the last sampled one is never computed): 3 full blocks.
     follow = prompt + sim.tokens["a"] + [7, 7]
-    s.add_request(kit.make_request("b", follow, max_tokens=1))
+    s.add_request(make_request("b", follow, max_tokens=1))
     so = sim.step()
     assert so.scheduled_new_reqs[0].num_computed_tokens == 12
     sim.run()
 
 
-def test_prefix_caching_disabled(kit):
-    s = kit.make_scheduler(num_blocks=64, block_size=4, prefix_caching=False)
-    sim = kit.Sim(s)
-    s.add_request(kit.make_request("a", list(range(12)), max_tokens=2))
+def test_prefix_caching_disabled():
+    s = make_scheduler(num_blocks=64, block_size=4, prefix_caching=False)
+    sim = Sim(s)
+    s.add_request(make_request("a", list(range(12)), max_tokens=2))
     sim.run()
-    s.add_request(kit.make_request("b", list(range(12)), max_tokens=2))
+    s.add_request(make_request("b", list(range(12)), max_tokens=2))
     assert sim.step().scheduled_new_reqs[0].num_computed_tokens == 0
     sim.run()
     assert s.stats().prefix_cache_hits == 0 and s.kv.pool.num_cached_blocks == 0
 
 
-def test_add_request_errors(kit):
-    s = kit.make_scheduler(num_blocks=4, block_size=4, max_model_len=20)
-    s.add_request(kit.make_request("a", [1, 2]))
+def test_add_request_errors():
+    s = make_scheduler(num_blocks=4, block_size=4, max_model_len=20)
+    s.add_request(make_request("a", [1, 2]))
     with pytest.raises(ValueError, match=r"request_id='a' is invalid: an unfinished request already uses it"):
-        s.add_request(kit.make_request("a", [1, 2]))
+        s.add_request(make_request("a", [1, 2]))
     with pytest.raises(ValueError, match=r"21 tokens, more than SchedulerConfig\.max_model_len=20"):
-        s.add_request(kit.make_request("b", [1] * 21))
+        s.add_request(make_request("b", [1] * 21))
     with pytest.raises(ValueError, match=r"needs 5 KV blocks, more than the whole pool \(CacheConfig\.num_kv_blocks=4\)"):
-        s.add_request(kit.make_request("c", [1] * 17))
-    s.add_request(kit.make_request("d", [1] * 16))  # exactly the whole pool is fine
+        s.add_request(make_request("c", [1] * 17))
+    s.add_request(make_request("d", [1] * 16))  # exactly the whole pool is fine
     assert s.get_num_unfinished_requests() == 2
     stats = s.stats()
     assert (stats.num_waiting, stats.num_running, stats.num_total_blocks, stats.num_free_blocks) == (2, 0, 4, 4)
 
 
-def test_step_id_mismatch_and_logprobs(kit):
-    s = kit.make_scheduler()
-    s.add_request(kit.make_request("a", [1, 2]))
+def test_step_id_mismatch_and_logprobs():
+    s = make_scheduler()
+    s.add_request(make_request("a", [1, 2]))
     so = s.schedule()
     with pytest.raises(ValueError, match="ModelRunnerOutput.step_id"):
         s.update_from_output(so, ModelRunnerOutput(so.step_id + 1, {"a": 3}))
@@ -163,22 +165,22 @@ def test_step_id_mismatch_and_logprobs(kit):
     assert s.get_request("a").status is RequestStatus.RUNNING
 
 
-def test_token_sampled_mid_prompt_is_ignored(kit):
-    s = kit.make_scheduler(block_size=4, max_num_batched_tokens=4)
-    s.add_request(kit.make_request("a", list(range(10))))
+def test_token_sampled_mid_prompt_is_ignored():
+    s = make_scheduler(block_size=4, max_num_batched_tokens=4)
+    s.add_request(make_request("a", list(range(10))))
     so = s.schedule()
     assert so.num_scheduled_tokens == {"a": 4}
     assert s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 99})) == []
     assert s.get_request("a").output_token_ids == []
 
 
-def test_waiting_queue_is_fcfs_even_when_a_later_request_would_fit(kit):
-    s = kit.make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=64)
-    sim = kit.Sim(s)
-    s.add_request(kit.make_request("a", [1] * 12, max_tokens=4))  # 3 blocks
+def test_waiting_queue_is_fcfs_even_when_a_later_request_would_fit():
+    s = make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=64)
+    sim = Sim(s)
+    s.add_request(make_request("a", [1] * 12, max_tokens=4))  # 3 blocks
     sim.step()
-    s.add_request(kit.make_request("big", [2] * 16, max_tokens=1))  # needs 4+ blocks: only 3 free
-    s.add_request(kit.make_request("small", [3] * 2, max_tokens=1))  # would fit in 1
+    s.add_request(make_request("big", [2] * 16, max_tokens=1))  # needs 4+ blocks: only 3 free
+    s.add_request(make_request("small", [3] * 2, max_tokens=1))  # would fit in 1
     so = sim.step()
     assert list(so.num_scheduled_tokens) == ["a"] and [r.request_id for r in s.waiting] == ["big", "small"]
     sim.run()

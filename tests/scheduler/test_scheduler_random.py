@@ -11,8 +11,10 @@ import pytest
 
 from moelink.scheduler import RequestStatus
 
+from tests.helpers.scheduler_sim import Sim, make_request, make_scheduler, reference_generate
 
-def _random_request(kit, rng, rid, prefixes, vocab):
+
+def _random_request(rng, rid, prefixes, vocab):
     base = rng.choice(prefixes)
     prompt = base[:rng.randint(0, len(base))] + [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
     kw = dict(
@@ -24,21 +26,21 @@ def _random_request(kit, rng, rid, prefixes, vocab):
     )
     if kw["max_tokens"] is not None:
         kw["min_tokens"] = min(kw["min_tokens"], kw["max_tokens"])
-    return kit.make_request(rid, prompt, **kw)
+    return make_request(rid, prompt, **kw)
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_random_simulation(kit, seed):
+def test_random_simulation(seed):
     rng = random.Random(seed)
     vocab = 50
     block_size = rng.choice([1, 2, 3, 4, 8])
     num_blocks = rng.randint(4, 24)
     max_model_len = rng.randint(8, 64)
-    s = kit.make_scheduler(num_blocks=num_blocks, block_size=block_size, max_num_seqs=rng.randint(1, 6),
-                           max_num_batched_tokens=rng.randint(1, 40), max_model_len=max_model_len,
-                           prefix_caching=rng.random() < 0.8)
+    s = make_scheduler(num_blocks=num_blocks, block_size=block_size, max_num_seqs=rng.randint(1, 6),
+                       max_num_batched_tokens=rng.randint(1, 40), max_model_len=max_model_len,
+                       prefix_caching=rng.random() < 0.8)
     pool_tokens = num_blocks * block_size
-    sim = kit.Sim(s)
+    sim = Sim(s)
     prefixes = [[rng.randrange(vocab) for _ in range(rng.randint(0, 24))] for _ in range(3)]
     added, aborted = {}, set()
 
@@ -53,7 +55,7 @@ def test_random_simulation(kit, seed):
     for step in range(400):
         if step < 250 and rng.random() < 0.35:
             rid = f"r{len(added)}"
-            req = _random_request(kit, rng, rid, prefixes, vocab)
+            req = _random_request(rng, rid, prefixes, vocab)
             if req.num_tokens > min(max_model_len, pool_tokens):
                 with pytest.raises(ValueError):
                     s.add_request(req)
@@ -70,7 +72,7 @@ def test_random_simulation(kit, seed):
 
     assert set(sim.finish) | aborted == set(added)
     for rid, req in added.items():
-        want, reason = kit.reference_generate(
+        want, reason = reference_generate(
             req.prompt_token_ids, max_tokens=req.max_tokens, eos=req.eos_token_ids, stop_ids=req.stop_token_ids,
             min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, max_len=min(max_model_len, pool_tokens + 1))
         if rid in aborted:
@@ -83,14 +85,14 @@ def test_random_simulation(kit, seed):
     s.kv.pool.check_invariants()
 
 
-def test_random_simulation_exercises_the_interesting_paths(kit):
+def test_random_simulation_exercises_the_interesting_paths():
     """The seeds above really hit preemptions, prefix hits and chunking."""
     rng = random.Random(1234)
-    s = kit.make_scheduler(num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64)
-    sim = kit.Sim(s)
+    s = make_scheduler(num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64)
+    sim = Sim(s)
     shared = [rng.randrange(50) for _ in range(16)]
     for i in range(12):
-        s.add_request(kit.make_request(f"r{i}", shared + [i, i + 1, i + 2], max_tokens=12))
+        s.add_request(make_request(f"r{i}", shared + [i, i + 1, i + 2], max_tokens=12))
         sim.step()
     sim.run()
     st = s.stats()
@@ -99,4 +101,4 @@ def test_random_simulation_exercises_the_interesting_paths(kit):
                < len(nr.prompt_token_ids) + len(nr.output_token_ids) - nr.num_computed_tokens
                for so in sim.steps for nr in so.scheduled_new_reqs)
     for i in range(12):
-        assert sim.tokens[f"r{i}"] == kit.reference_generate(shared + [i, i + 1, i + 2], max_tokens=12)[0]
+        assert sim.tokens[f"r{i}"] == reference_generate(shared + [i, i + 1, i + 2], max_tokens=12)[0]

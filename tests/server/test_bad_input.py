@@ -14,7 +14,10 @@ import pytest
 from moelink.engine.sampling_params import SamplingParams
 from moelink.engine.server.limits import RequestLimits, bad_input_table
 
-from grpc_calls import native, refused, vllm
+from tests.helpers.fakes import CallDetails
+from tests.helpers.grpc_calls import native, refused, vllm
+from tests.helpers.grpc_server import make_stubs, pool_is_free
+from tests.helpers.waits import wait_until
 
 LIMITS = RequestLimits()
 INF = float("inf")
@@ -34,7 +37,7 @@ FLOAT_CASES = [  # (sampling params, field, allowed range as the message writes 
 
 
 @pytest.mark.parametrize("service", ["native", "vllm"])
-def test_non_finite_and_degenerate_floats_are_refused_naming_field_and_range(stubs, util, service):
+def test_non_finite_and_degenerate_floats_are_refused_naming_field_and_range(stubs, service):
     for sp, field, allowed in FLOAT_CASES:
         if service == "native":
             call = native(stubs, prompt="x", sampling_params=stubs.pb.SamplingParams(**sp))
@@ -43,7 +46,7 @@ def test_non_finite_and_degenerate_floats_are_refused_naming_field_and_range(stu
         err = refused(call)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (sp, err.details())
         assert f"sampling_params.{field}=" in err.details() and allowed in err.details(), err.details()
-    assert util.pool_is_free(stubs.native, stubs.pb)
+    assert pool_is_free(stubs.native, stubs.pb)
 
 
 # -- item 8: undecodable requests -------------------------------------------------------------
@@ -69,12 +72,12 @@ def test_undecodable_requests_are_invalid_argument_on_both_services(stubs):
     assert stubs.vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=5).healthy
 
 
-def test_the_gateway_listener_decodes_and_prechecks_like_the_main_port(thread_server, util):
+def test_the_gateway_listener_decodes_and_prechecks_like_the_main_port(thread_server):
     """Behind smg (--api-key with --gateway-port) all traffic comes through the gateway listener: corrupt bytes
     get INVALID_ARGUMENT there too, and sampling_params too large for the limits are refused before parsing."""
     srv = thread_server(api_key="k", gateway_port=0)
     with grpc.insecure_channel(f"127.0.0.1:{srv.server.gateway_port}") as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         err = refused(lambda: ch.unary_stream("/vllm.grpc.engine.VllmEngine/Generate")(b"\x0a\x03\xff\xfe\xfd",
                                                                                           timeout=10))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "could not be decoded" in err.details(), err.details()
@@ -92,7 +95,7 @@ CAP_CASES = [  # (sampling params, what the message must say)
 
 
 @pytest.mark.parametrize("service", ["native", "vllm"])
-def test_list_fields_are_capped(stubs, util, service):
+def test_list_fields_are_capped(stubs, service):
     sp_cls = stubs.pb.SamplingParams if service == "native" else stubs.vpb.SamplingParams
     for sp, text in CAP_CASES:
         sp = sp_cls(max_tokens=4, **sp)
@@ -106,10 +109,10 @@ def test_list_fields_are_capped(stubs, util, service):
     req = (stubs.pb if service == "native" else stubs.vpb).AbortRequest(request_ids=ids)
     err = refused(lambda: abort(req, timeout=10))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_ids has" in err.details(), err.details()
-    assert util.pool_is_free(stubs.native, stubs.pb)
+    assert pool_is_free(stubs.native, stubs.pb)
 
 
-def test_drain_aborts_more_requests_than_one_abort_rpc_may_name(thread_server, util):
+def test_drain_aborts_more_requests_than_one_abort_rpc_may_name(thread_server):
     """--max-abort-ids caps an Abort RPC, not the server's own drain: with more requests running than the cap,
     drain used to raise and leave every stream running to its length."""
     srv = thread_server(limits=RequestLimits(max_abort_ids=1))
@@ -124,11 +127,12 @@ def test_drain_aborts_more_requests_than_one_abort_rpc_may_name(thread_server, u
             results[i] = [exc]
 
     with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         threads = [threading.Thread(target=consume, args=(i, s)) for i in range(3)]
         for t in threads:
             t.start()
-        assert util.wait_until(lambda: s.native.ServerInfo(s.pb.ServerInfoRequest()).active_requests == 3, 10)
+        assert wait_until(lambda: s.native.ServerInfo(s.pb.ServerInfoRequest()).active_requests == 3, 10,
+                          "3 requests active")
         srv.call(srv.server.drain(grace=0), timeout=15)
         for t in threads:
             t.join(15)
@@ -161,7 +165,6 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
     """The 5 M stop ids and the 16 MB prompt of issue 11 cost the event loop 40 ms and 6-35 ms of parsing;
     their wire form says enough without it. What could still fit is parsed as usual."""
     import asyncio
-    from types import SimpleNamespace
 
     from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
@@ -191,7 +194,7 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
         async def continuation(details):
             return handler
 
-        details = SimpleNamespace(method=method, invocation_metadata=())
+        details = CallDetails(method=method)
         wrapped = await DecodingInterceptor(LIMITS, text_refusal, ids_refusal).intercept_service(continuation, details)
         return wrapped.request_deserializer
 
@@ -243,7 +246,7 @@ def test_requests_too_large_on_the_wire_are_not_parsed():
     assert len(parsed) == 6
 
 
-def test_a_request_is_validated_once_whatever_its_n(thread_server, util, monkeypatch):
+def test_a_request_is_validated_once_whatever_its_n(thread_server, monkeypatch):
     """The prompt and the sampling parameters are checked once per request, not once per sample (and not
     again by the engine): n=8 with 1024 stop ids costs one pass over each list."""
     srv = thread_server()
@@ -263,7 +266,7 @@ def test_a_request_is_validated_once_whatever_its_n(thread_server, util, monkeyp
     monkeypatch.setattr(SamplingParams, "__post_init__", post_init)
     stop_ids = [100 + i % 300 for i in range(LIMITS.max_stop_token_ids)]
     with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         msgs = list(s.native.Generate(s.pb.GenerateRequest(
             prompt_token_ids=s.pb.TokenIds(ids=[5, 6, 7]), sampling_params=s.pb.SamplingParams(
                 n=8, seed=3, max_tokens=2, ignore_eos=True, stop_token_ids=stop_ids)), timeout=30))

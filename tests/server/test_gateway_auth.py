@@ -10,37 +10,32 @@ requiring it for everything but health checks.
 from __future__ import annotations
 
 import json
-import re
-import time
 
 import grpc
 import pytest
 
 from moelink.engine import SamplingParams
 
-from smg_gateway import http_request, launch_smg, wait_models
+from tests.helpers.fakes import CallDetails
+from tests.helpers.grpc_server import make_stubs, pool_is_free
+from tests.helpers.smg_gateway import http_request, launch_smg, wait_models
+from tests.helpers.waits import wait_until
 
 KEY = "w0rker-key"
 SMG_KEY = "gateway-key"
 def _gateway_port(srv, timeout: float = 30.0) -> int:
     """The port of the gateway listener, from the line the server prints after its ready line."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(srv.stdout_lines):
-            m = re.match(r"moelink: gateway listener on 127\.0\.0\.1:(\d+) ", line)
-            if m:
-                return int(m.group(1))
-        time.sleep(0.1)
-    raise AssertionError("no gateway listener line:\n" + "".join(srv.stdout_lines))
+    m = srv.wait_for_line(r"moelink: gateway listener on 127\.0\.0\.1:(\d+) ", timeout, "the gateway listener line")
+    return int(m.group(1))
 
 
-def test_smg_serves_a_worker_that_has_an_api_key(spawn_server, util, offline):
+def test_smg_serves_a_worker_that_has_an_api_key(spawn_server, offline):
     """The documented deployment: key on the worker, smg beside it on --gateway-port, smg's own key for clients."""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     srv = spawn_server("--served-model-name", "tiny-moe", "--api-key", KEY, "--gateway-port", "0")
     gw = _gateway_port(srv)
-    with launch_smg(f"grpc://127.0.0.1:{gw}", util.free_port, "--api-key", SMG_KEY) as (port, proc, log):
+    with launch_smg(f"grpc://127.0.0.1:{gw}", "--api-key", SMG_KEY) as (port, proc, log):
         assert wait_models(port, proc, log, headers={"authorization": f"Bearer {SMG_KEY}"}) == ["tiny-moe"]
         body = dict(model="tiny-moe", prompt="Once upon a time", max_tokens=12, temperature=0, ignore_eos=True)
         # smg's --api-key gates its HTTP clients ...
@@ -56,7 +51,7 @@ def test_smg_serves_a_worker_that_has_an_api_key(spawn_server, util, offline):
         assert out["choices"][0]["text"] in (ref.outputs[0].text, ref.outputs[0].text.rstrip("\ufffd"))
     # Directly, without the key, the main port still refuses generation (both services) and model facts.
     with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         with pytest.raises(grpc.RpcError) as err:
             list(s.vllm.Generate(s.vpb.GenerateRequest(request_id="direct", tokenized=s.vpb.TokenizedInput(
                 input_ids=[5, 6, 7]), sampling_params=s.vpb.SamplingParams(max_tokens=4), stream=True), timeout=10))
@@ -69,7 +64,7 @@ def test_smg_serves_a_worker_that_has_an_api_key(spawn_server, util, offline):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # The gateway port offers the VllmEngine service and health only: not the native service, not reflection.
     with grpc.insecure_channel(f"127.0.0.1:{gw}") as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         with pytest.raises(grpc.RpcError) as err:
             s.native.ServerInfo(s.pb.ServerInfoRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -80,15 +75,15 @@ def test_smg_serves_a_worker_that_has_an_api_key(spawn_server, util, offline):
         assert s.health.Check(s.hpb.HealthCheckRequest(service="vllm.grpc.engine.VllmEngine"),
                               timeout=5).status == s.hpb.HealthCheckResponse.SERVING
     with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
-        assert util.wait_until(lambda: util.pool_is_free(s.native, s.pb, metadata=(("authorization", f"Bearer {KEY}"),)), 10)
+        s = make_stubs(ch)
+        assert wait_until(lambda: pool_is_free(s.native, s.pb, metadata=(("authorization", f"Bearer {KEY}"),)), 10,
+                          "the pool to be free")
 
 
-def test_a_request_without_the_key_is_not_parsed(thread_server, util):
+def test_a_request_without_the_key_is_not_parsed(thread_server):
     """UNAUTHENTICATED is answered from the metadata alone: the request's bytes are never deserialized (a keyless
     Generate with 30 M token ids used to be parsed on the event loop first)."""
     import asyncio
-    from types import SimpleNamespace
 
     from moelink.engine.server.auth import ApiKeyInterceptor
 
@@ -103,25 +98,25 @@ def test_a_request_without_the_key_is_not_parsed(thread_server, util):
         return handler
 
     for metadata in ((), (("authorization", "Bearer wrong"),)):
-        details = SimpleNamespace(method="/vllm.grpc.engine.VllmEngine/Generate", invocation_metadata=metadata)
+        details = CallDetails(method="/vllm.grpc.engine.VllmEngine/Generate", invocation_metadata=metadata)
         denied = asyncio.run(ApiKeyInterceptor(KEY).intercept_service(continuation, details))
         assert denied is not handler and denied.request_deserializer is None
     srv = thread_server(api_key=KEY)
     with grpc.insecure_channel(srv.addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         big = s.vpb.GenerateRequest(tokenized=s.vpb.TokenizedInput(input_ids=[1] * 300_000))
         with pytest.raises(grpc.RpcError) as err:
             list(s.vllm.Generate(big, timeout=10))
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "missing API key" in err.value.details()
 
 
-def test_without_the_key_health_checks_answer_and_nothing_else(thread_server, util):
+def test_without_the_key_health_checks_answer_and_nothing_else(thread_server):
     from smg_grpc_proto.generated import common_pb2
 
     srv = thread_server(api_key=KEY)
     auth = (("authorization", f"Bearer {KEY}"),)
     with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         vpb = s.vpb
         for metadata in (None, (("authorization", "Bearer wrong"),)):
             # What smg (and any vLLM client) probes first: answered, with a fixed message.
@@ -151,7 +146,8 @@ def test_without_the_key_health_checks_answer_and_nothing_else(thread_server, ut
         with pytest.raises(grpc.RpcError):
             list(s.native.Generate(s.pb.GenerateRequest(prompt="x", sampling_params=s.pb.SamplingParams(max_tokens=2)),
                                    timeout=10, metadata=auth))
-        assert util.wait_until(lambda: not s.vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=5).healthy, 5)
+        assert wait_until(lambda: not s.vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=5).healthy, 5,
+                          "HealthCheck to say the engine is not healthy")
         hc = s.vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=5)
         assert not hc.healthy and hc.message == "not serving"
         hc = s.vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=5, metadata=auth)

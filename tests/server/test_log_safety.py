@@ -12,7 +12,7 @@ import pytest
 from moelink.engine.safe_text import MAX_SHOWN_CHARS, shown
 from moelink.engine.sampling_params import SamplingParams
 
-from grpc_calls import native, refused
+from tests.helpers.grpc_calls import native, refused
 
 # -- item 4: logs and error messages -----------------------------------------------------------
 def test_shown_escapes_and_bounds_client_values():

@@ -11,17 +11,14 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tiny_configs import TINY_CONFIGS
+from tests.helpers.grpc_server import make_stubs, pool_is_free
+from tests.helpers.tiny_configs import TINY_CONFIGS
+from tests.helpers.waits import join_threads, wait_until
 
 
 def _metrics_port(srv, timeout=30.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(srv.stdout_lines):
-            if line.startswith("moelink: metrics on http://"):
-                return int(line.rsplit(":", 1)[1].split("/", 1)[0])
-        time.sleep(0.1)
-    raise AssertionError("the server did not print its metrics address:\n" + "".join(srv.stdout_lines))
+    line = srv.wait_for_line(r"moelink: metrics on http://", timeout, "the server's metrics address").string
+    return int(line.rsplit(":", 1)[1].split("/", 1)[0])
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -34,14 +31,14 @@ def _scrape(port: int) -> dict[str, float]:
     return values
 
 
-def test_metrics_move_with_the_workload(spawn_server, util, tmp_path, model_path):
+def test_metrics_move_with_the_workload(spawn_server, tmp_path, model_path):
     srv = spawn_server("--metrics-port", "0", "--log-format", "json")
     port = _metrics_port(srv)
     import grpc
 
     from moelink.engine.server.gen import moelink_v1_pb2 as pb
 
-    stubs = util.make_stubs(grpc.insecure_channel(srv.addr))
+    stubs = make_stubs(grpc.insecure_channel(srv.addr))
     rng = random.Random(5)
     n_req, max_tokens = 7, 5
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(5, 60))] for _ in range(n_req)]
@@ -50,7 +47,7 @@ def test_metrics_move_with_the_workload(spawn_server, util, tmp_path, model_path
                                  sampling_params=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
         last = list(stubs.native.Generate(req, timeout=60))[-1]
         assert last.finish_reason == "length"
-    util.wait_until(lambda: util.pool_is_free(stubs.native, pb), timeout=10)
+    wait_until(lambda: pool_is_free(stubs.native, pb), 10, "the pool to be free")
     m = _scrape(port)
     assert sum(v for k, v in m.items() if k.startswith("moelink_requests_total{")) == n_req
     assert m["moelink_requests_total{outcome=length}"] == n_req
@@ -99,11 +96,11 @@ def test_metrics_flags_validated(model_path):
         ServerConfig(log_format="xml")
 
 
-def _connection_threads() -> int:
+def _connection_threads() -> list:
     """Threads serving one HTTP connection each (socketserver's ThreadingMixIn names them after its method)."""
     import threading
 
-    return sum("process_request_thread" in t.name for t in threading.enumerate())
+    return [t for t in threading.enumerate() if "process_request_thread" in t.name]
 
 
 def test_half_open_connections_are_bounded_and_time_out(thread_server, monkeypatch):
@@ -123,7 +120,7 @@ def test_half_open_connections_are_bounded_and_time_out(thread_server, monkeypat
             s.sendall(b"GET /metr")  # half a request line, then silence
             socks.append(s)
         time.sleep(0.5)
-        assert _connection_threads() - base <= metrics.METRICS_MAX_CONNECTIONS
+        assert len(_connection_threads()) - len(base) <= metrics.METRICS_MAX_CONNECTIONS
         # Every connection is closed by the server within the timeout (plus the accept loop's half-second tick).
         t0 = time.monotonic()
         for s in socks:
@@ -137,10 +134,8 @@ def test_half_open_connections_are_bounded_and_time_out(thread_server, monkeypat
     finally:
         for s in socks:
             s.close()
-    deadline = time.monotonic() + 5
-    while _connection_threads() > base and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _connection_threads() == base
+    join_threads([t for t in _connection_threads() if t not in base], 5, "the metrics server's connection threads to end")
+    assert len(_connection_threads()) == len(base)
     # A client that trickles one byte at a time is cut off too, and a normal scrape still works.
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         t0 = time.monotonic()

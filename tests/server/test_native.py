@@ -11,6 +11,9 @@ import pytest
 
 from moelink.engine import SamplingParams
 
+from tests.helpers.grpc_server import make_stubs, pool_is_free
+from tests.helpers.waits import wait_until
+
 SEEDED = dict(temperature=0.9, top_p=0.95, top_k=40, seed=1234)
 
 
@@ -109,7 +112,7 @@ def test_model_info_server_info_reflection_health(stubs, model_path, offline):
     assert resp.file_descriptor_response.file_descriptor_proto
 
 
-def test_abort_rpc_ends_stream_with_abort(stubs, util):
+def test_abort_rpc_ends_stream_with_abort(stubs):
     pb = stubs.pb
     call = stubs.native.Generate(pb.GenerateRequest(request_id="to-abort", prompt="abort me", sampling_params=pb.SamplingParams(
         max_tokens=480, ignore_eos=True, temperature=0)), timeout=60)
@@ -119,22 +122,22 @@ def test_abort_rpc_ends_stream_with_abort(stubs, util):
     rest = list(call)
     assert rest and rest[-1].finish_reason == "abort"
     assert rest[-1].usage.completion_tokens < 480
-    assert util.wait_until(lambda: util.pool_is_free(stubs.native, pb), 5), "blocks not freed after Abort"
+    assert wait_until(lambda: pool_is_free(stubs.native, pb), 5, "blocks freed after Abort")
 
 
-def test_client_cancel_and_deadline_free_blocks(stubs, util):
+def test_client_cancel_and_deadline_free_blocks(stubs):
     pb = stubs.pb
     long = pb.SamplingParams(max_tokens=480, ignore_eos=True, temperature=0)
     call = stubs.native.Generate(pb.GenerateRequest(prompt="cancel me", sampling_params=long), timeout=60)
     next(call)
     call.cancel()
-    assert util.wait_until(lambda: util.pool_is_free(stubs.native, pb), 5), "blocks not freed after cancel"
+    assert wait_until(lambda: pool_is_free(stubs.native, pb), 5, "blocks freed after cancel")
     # A deadline that expires mid-stream: DEADLINE_EXCEEDED for the client, abort in the engine.
     with pytest.raises(grpc.RpcError) as err:
         for msg in stubs.native.Generate(pb.GenerateRequest(prompt="too slow", sampling_params=long), timeout=0.15):
             time.sleep(0.02)  # a slow reader
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert util.wait_until(lambda: util.pool_is_free(stubs.native, pb), 5), "blocks not freed after deadline"
+    assert wait_until(lambda: pool_is_free(stubs.native, pb), 5, "blocks freed after deadline")
 
 
 def _bad_native(pb):
@@ -165,7 +168,7 @@ def _bad_native(pb):
     ]
 
 
-def test_bad_inputs_are_invalid_argument_naming_the_field(stubs, util):
+def test_bad_inputs_are_invalid_argument_naming_the_field(stubs):
     cases = _bad_native(stubs.pb)
     assert len(cases) >= 10
     for req, field in cases:
@@ -173,7 +176,7 @@ def test_bad_inputs_are_invalid_argument_naming_the_field(stubs, util):
             list(stubs.native.Generate(stubs.pb.GenerateRequest(**req), timeout=10))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (req, err.value.details())
         assert field in err.value.details(), (field, err.value.details())
-    assert util.pool_is_free(stubs.native, stubs.pb)
+    assert pool_is_free(stubs.native, stubs.pb)
 
 
 def test_duplicate_request_id_and_message_size(stubs):
@@ -191,7 +194,7 @@ def test_duplicate_request_id_and_message_size(stubs):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_200_concurrent_streams_30_percent_cancelled(server, stubs, offline, util):
+def test_200_concurrent_streams_30_percent_cancelled(server, stubs, offline):
     """The rest complete exactly like the offline API; afterwards the pool is free and the server healthy."""
     pb = stubs.pb
     rng = random.Random(2024)
@@ -222,7 +225,7 @@ def test_200_concurrent_streams_30_percent_cancelled(server, stubs, offline, uti
 
     async def main():
         async with grpc.aio.insecure_channel(server.addr) as ch:
-            stub = util.make_stubs(ch).native
+            stub = make_stubs(ch).native
             return await asyncio.gather(*(one(stub, i) for i in range(n)))
 
     t0 = time.perf_counter()
@@ -235,7 +238,8 @@ def test_200_concurrent_streams_30_percent_cancelled(server, stubs, offline, uti
     for (i, (ids, last)), ref in zip(completed.items(), refs):
         assert ids == ref.outputs[0].token_ids, f"request {i} differs from the offline API"
         assert last.finish_reason == "length" and last.usage.completion_tokens == params[i]["max_tokens"]
-    info = util.wait_until(lambda: util.pool_is_free(stubs.native, pb), 10)
+    info = wait_until(lambda: pool_is_free(stubs.native, pb), 10, "the pool to be free after cancellations",
+                      detail=lambda: str(stubs.native.ServerInfo(pb.ServerInfoRequest())))
     assert info, f"pool not free after cancellations: {stubs.native.ServerInfo(pb.ServerInfoRequest())}"
     assert info.healthy
     assert stubs.health.Check(stubs.hpb.HealthCheckRequest(service="moelink.v1.Generation"), timeout=5).status == \

@@ -9,7 +9,8 @@ import pytest
 
 from moelink.engine.sampling_params import SamplingParams
 
-from grpc_calls import native, refused, vllm
+from tests.helpers.grpc_calls import native, refused, vllm
+from tests.helpers.grpc_server import make_stubs
 
 # -- item 1: long text prompts -----------------------------------------------------------------
 class _SpyBackend:
@@ -30,8 +31,7 @@ class _SpyBackend:
         return getattr(self._real, name)
 
 
-def test_text_that_cannot_fit_is_refused_before_tokenizing_and_long_text_is_tokenized_off_the_loop(thread_server,
-                                                                                                    util):
+def test_text_that_cannot_fit_is_refused_before_tokenizing_and_long_text_is_tokenized_off_the_loop(thread_server):
     srv = thread_server()
     serving = srv.server.serving
     # The tiny tokenizer's longest token is "<|endoftext|>": 13 bytes, no normalizer.
@@ -39,7 +39,7 @@ def test_text_that_cannot_fit_is_refused_before_tokenizing_and_long_text_is_toke
     spy = _SpyBackend(serving.tokenizer._tok)
     serving.tokenizer._tok = spy
     with grpc.insecure_channel(srv.addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         just_over = "ab" * (serving.max_prompt_bytes // 2) + "abc"
         for text in ("x" * (1 << 20), just_over, "é" * (serving.max_prompt_bytes // 2 + 1)):
             for call in (native(s, prompt=text), vllm(s, text=text)):
@@ -52,7 +52,7 @@ def test_text_that_cannot_fit_is_refused_before_tokenizing_and_long_text_is_toke
         srv.call(serving.prepare("t", just_over, SamplingParams(), "prompt"))
     assert spy.calls == []
     with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         # Text that may fit, but is long: tokenized on a worker thread (here it then turns out too long).
         text = "the quick brown fox " * 200
         assert 2048 < len(text) < serving.max_prompt_bytes
@@ -90,7 +90,7 @@ class _LenOnly:
         raise AssertionError("the list was iterated")
 
 
-def test_token_ids_that_cannot_fit_even_truncated_are_refused_on_their_length(thread_server, util):
+def test_token_ids_that_cannot_fit_even_truncated_are_refused_on_their_length(thread_server):
     """truncate_prompt_tokens >= max_model_len keeps more than can fit: 30 M ids were copied on the event loop
     (1.5 s without health checks) before the refusal."""
     srv = thread_server()
@@ -101,7 +101,7 @@ def test_token_ids_that_cannot_fit_even_truncated_are_refused_on_their_length(th
             srv.call(serving.prepare("t", ids, SamplingParams(), "tokenized.input_ids", keep=keep))
         assert ids.touched == [], keep
     with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         err = refused(vllm(s, tokenized=s.vpb.TokenizedInput(input_ids=[1] * 600),
                              sampling_params=s.vpb.SamplingParams(truncate_prompt_tokens=10 ** 6)))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "has 600 tokens, too long" in err.details()
@@ -111,7 +111,7 @@ def test_token_ids_that_cannot_fit_even_truncated_are_refused_on_their_length(th
         assert msgs[-1].complete.prompt_tokens == 100
 
 
-def test_16_mb_prompt_is_refused_fast_and_memory_does_not_stay(spawn_server, util):
+def test_16_mb_prompt_is_refused_fast_and_memory_does_not_stay(spawn_server):
     """A 16 MB text prompt used to freeze the server for ~18 s and leave RSS 2 GB higher."""
     srv = spawn_server()
 
@@ -121,7 +121,7 @@ def test_16_mb_prompt_is_refused_fast_and_memory_does_not_stay(spawn_server, uti
 
     text = "The quick brown fox jumps over the lazy dog. " * (16 * 2 ** 20 // 45)
     with grpc.insecure_channel(srv.addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         list(s.native.Generate(s.pb.GenerateRequest(prompt="warm up", sampling_params=s.pb.SamplingParams(max_tokens=2)),
                                timeout=30))
         before = rss_mb()

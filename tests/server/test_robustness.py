@@ -1,4 +1,5 @@
-"""Overload, SIGTERM drain, API key, TLS, and a dead engine: the server says what happened and leaks nothing."""
+"""Overload (and admission into an empty queue), SIGTERM drain, API key, TLS, and a dead engine: the server
+says what happened and leaks nothing."""
 from __future__ import annotations
 
 import subprocess
@@ -9,22 +10,27 @@ import grpc
 import pytest
 
 from moelink.engine import SamplingParams
+from moelink.engine.server.registry import Overloaded, RequestRegistry
+
+from tests.helpers.grpc_server import make_stubs, pool_is_free, wait_health
+from tests.helpers.waits import wait_until
 
 
 def _long(pb, n=1000):
     return pb.SamplingParams(max_tokens=n, ignore_eos=True, temperature=0)
 
 
-def test_overload_is_resource_exhausted(thread_server, util):
+def test_overload_is_resource_exhausted(thread_server):
     srv = thread_server(engine_kw=dict(max_num_seqs=1, max_model_len=1024), max_queued_requests=2, max_queued_tokens=300)
     with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         pb = s.pb
         running = s.native.Generate(pb.GenerateRequest(request_id="A", prompt="a", sampling_params=_long(pb)), timeout=60)
         next(running)  # A has its first token: it runs and holds the only sequence slot
         queued = [s.native.Generate(pb.GenerateRequest(request_id=r, prompt="b", sampling_params=_long(pb)), timeout=60)
                   for r in ("B", "C")]
-        info = util.wait_until(lambda: (i := s.native.ServerInfo(pb.ServerInfoRequest())).queued_requests == 2 and i)
+        info = wait_until(lambda: (i := s.native.ServerInfo(pb.ServerInfoRequest())).queued_requests == 2 and i, 10,
+                          "B and C to be queued")
         assert info and info.max_queued_requests == 2 and info.max_queued_tokens == 300
         with pytest.raises(grpc.RpcError) as err:
             list(s.native.Generate(pb.GenerateRequest(request_id="D", prompt="c"), timeout=10))
@@ -35,7 +41,8 @@ def test_overload_is_resource_exhausted(thread_server, util):
                                                        stream=True), timeout=10))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         queued[0].cancel()
-        assert util.wait_until(lambda: s.native.ServerInfo(pb.ServerInfoRequest()).queued_requests == 1)
+        assert wait_until(lambda: s.native.ServerInfo(pb.ServerInfoRequest()).queued_requests == 1, 10,
+                          "the cancelled request to leave the queue")
         # One slot is free again, but 400 more prompt tokens exceed --max-queued-tokens.
         with pytest.raises(grpc.RpcError) as err:
             list(s.native.Generate(pb.GenerateRequest(request_id="E", prompt_token_ids=pb.TokenIds(ids=[7] * 400)),
@@ -44,14 +51,27 @@ def test_overload_is_resource_exhausted(thread_server, util):
         assert s.native.ServerInfo(pb.ServerInfoRequest()).rejected_total == 3
         for call in (running, queued[1]):
             call.cancel()
-        assert util.wait_until(lambda: util.pool_is_free(s.native, pb), 10)
+        assert wait_until(lambda: pool_is_free(s.native, pb), 10, "the pool to be free")
 
 
-def test_sigterm_drains(spawn_server, util):
+def test_request_larger_than_token_limit_is_admitted_into_an_empty_queue():
+    """Admission limits must never refuse forever a request that fits an empty queue."""
+    # RESOURCE_EXHAUSTED says "retry later"; with nothing queued a retry can never succeed,
+    # so a lone request over --max-queued-tokens is admitted (the limit bounds the backlog).
+    reg = RequestRegistry(max_queued_requests=4, max_queued_tokens=300)
+    entry = reg.admit("big", ["big|0"], 400)
+    assert reg.queued_tokens == 400
+    with pytest.raises(Overloaded):  # but nothing more while it waits
+        reg.admit("small", ["small|1"], 10)
+    reg.release(entry)
+    assert reg.queued_tokens == 0 and reg.queued_requests == 0 and not reg.active
+
+
+def test_sigterm_drains(spawn_server):
     """Health goes NOT_SERVING, new requests are refused, in-flight ones finish within the grace, the rest abort."""
     srv = spawn_server("--max-model-len", "1024", "--max-num-seqs", "2", "--shutdown-grace", "2")
     ch = grpc.insecure_channel(srv.addr)
-    s = util.make_stubs(ch)
+    s = make_stubs(ch)
     pb = s.pb
     results: dict[str, list] = {}
 
@@ -69,12 +89,14 @@ def test_sigterm_drains(spawn_server, util):
     for t in threads:
         t.start()
         if t is threads[0]:
-            util.wait_until(lambda: s.native.ServerInfo(pb.ServerInfoRequest()).active_requests == 1)
-    assert util.wait_until(lambda: s.native.ServerInfo(pb.ServerInfoRequest()).active_requests == 7, 10)
+            wait_until(lambda: s.native.ServerInfo(pb.ServerInfoRequest()).active_requests == 1, 10,
+                       "the short request to be active")
+    assert wait_until(lambda: s.native.ServerInfo(pb.ServerInfoRequest()).active_requests == 7, 10,
+                      "7 requests active")
     t_term = time.monotonic()
     srv.signal()
-    ready = {svc: util.wait_until(lambda svc=svc: s.health.Check(s.hpb.HealthCheckRequest(service=svc), timeout=5).status
-                                  == s.hpb.HealthCheckResponse.NOT_SERVING, 2)
+    ready = {svc: wait_until(lambda svc=svc: s.health.Check(s.hpb.HealthCheckRequest(service=svc), timeout=5).status
+                             == s.hpb.HealthCheckResponse.NOT_SERVING, 2, f"{svc} NOT_SERVING")
              for svc in ("moelink.v1.Generation", "vllm.grpc.engine.VllmEngine")}
     assert all(ready.values()), ready
     assert s.native.ServerInfo(pb.ServerInfoRequest(), timeout=5).draining
@@ -105,7 +127,7 @@ def _self_signed_cert(tmp_path):
     return cert, key
 
 
-def test_tls_and_api_key(thread_server, tmp_path, offline, util):
+def test_tls_and_api_key(thread_server, tmp_path, offline):
     try:
         cert, key = _self_signed_cert(tmp_path)
     except (OSError, subprocess.CalledProcessError) as exc:
@@ -113,7 +135,7 @@ def test_tls_and_api_key(thread_server, tmp_path, offline, util):
     srv = thread_server(tls_cert=str(cert), tls_key=str(key), api_key="s3cret-key")
     creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
     with grpc.secure_channel(srv.addr, creds) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         pb, vpb = s.pb, s.vpb
         req = pb.GenerateRequest(prompt="Hello TLS", sampling_params=pb.SamplingParams(max_tokens=8, temperature=0))
         for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", "s3cret-key"),)):
@@ -136,11 +158,11 @@ def test_tls_and_api_key(thread_server, tmp_path, offline, util):
     # A plaintext client cannot talk to the TLS port.
     with grpc.insecure_channel(srv.addr) as ch:
         with pytest.raises(grpc.RpcError) as err:
-            util.make_stubs(ch).health.Check(util.make_stubs(ch).hpb.HealthCheckRequest(service=""), timeout=3)
+            make_stubs(ch).health.Check(make_stubs(ch).hpb.HealthCheckRequest(service=""), timeout=3)
         assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def test_dead_engine_turns_health_not_serving(thread_server, util):
+def test_dead_engine_turns_health_not_serving(thread_server):
     srv = thread_server()
 
     def broken_step():
@@ -148,14 +170,15 @@ def test_dead_engine_turns_health_not_serving(thread_server, util):
 
     srv.engine.engine.step = broken_step  # the next step kills the engine loop, as a dead worker would
     with grpc.insecure_channel(srv.addr) as ch:
-        s = util.make_stubs(ch)
+        s = make_stubs(ch)
         pb, hpb = s.pb, s.hpb
         with pytest.raises(grpc.RpcError) as err:
             list(s.native.Generate(pb.GenerateRequest(prompt="x", sampling_params=pb.SamplingParams(max_tokens=4)), timeout=10))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "simulated worker death" in err.value.details()
         for service in ("", "moelink.v1.Generation", "vllm.grpc.engine.VllmEngine"):
-            assert util.wait_until(lambda service=service: s.health.Check(hpb.HealthCheckRequest(service=service),
-                                                                          timeout=5).status == hpb.HealthCheckResponse.NOT_SERVING, 5), service
+            wait_health(s.health, hpb, service, hpb.HealthCheckResponse.NOT_SERVING, 5)
+            assert s.health.Check(hpb.HealthCheckRequest(service=service),
+                                  timeout=5).status == hpb.HealthCheckResponse.NOT_SERVING, service
         hc = s.vllm.HealthCheck(s.vpb.HealthCheckRequest(), timeout=5)
         assert not hc.healthy and "simulated worker death" in hc.message
         assert not s.native.ServerInfo(pb.ServerInfoRequest(), timeout=5).healthy

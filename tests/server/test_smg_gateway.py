@@ -13,7 +13,9 @@ import pytest
 
 from moelink.engine import SamplingParams
 
-from smg_gateway import http_request, launch_smg, wait_models
+from tests.helpers.grpc_server import pool_is_free
+from tests.helpers.smg_gateway import http_request, launch_smg, wait_models
+from tests.helpers.waits import wait_until
 
 def _sse_events(port: int, path: str, body: dict, timeout: float = 30.0):
     """Yields the JSON events of a streamed response (the connection closes when the generator is closed)."""
@@ -36,24 +38,11 @@ def _sse_events(port: int, path: str, body: dict, timeout: float = 30.0):
 
 
 @pytest.fixture(scope="module")
-def gateway(server, util_module):
-    with launch_smg(f"grpc://{server.addr}", util_module.free_port) as (port, proc, log):
+def gateway(server):
+    with launch_smg(f"grpc://{server.addr}") as (port, proc, log):
         wait_models(port, proc, log)
         yield port
 
-
-@pytest.fixture(scope="module")
-def util_module():
-    from types import SimpleNamespace
-
-    import socket
-
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    return SimpleNamespace(free_port=free_port)
 
 
 def _same_text(got: str, ref: str) -> bool:
@@ -140,7 +129,7 @@ def test_generate_endpoint_returns_the_offline_token_ids(gateway, offline):
     assert out["output_ids"] == ref.token_ids
 
 
-def test_closing_the_http_stream_aborts_in_moelink(gateway, stubs, util):
+def test_closing_the_http_stream_aborts_in_moelink(gateway, stubs):
     pb = stubs.pb
     body = dict(model="tiny-moe", prompt="a long story", stream=True, max_tokens=480, ignore_eos=True, temperature=0)
     events = _sse_events(gateway, "/v1/completions", body)
@@ -149,6 +138,7 @@ def test_closing_the_http_stream_aborts_in_moelink(gateway, stubs, util):
     running = stubs.native.ServerInfo(pb.ServerInfoRequest(), timeout=5)
     assert running.active_requests == 1 and running.num_running == 1
     events.close()  # closes the HTTP connection mid-stream
-    info = util.wait_until(lambda: util.pool_is_free(stubs.native, pb), 10)
+    info = wait_until(lambda: pool_is_free(stubs.native, pb), 10, "moelink to abort the request smg closed",
+                      detail=lambda: str(stubs.native.ServerInfo(pb.ServerInfoRequest())))
     assert info, f"request still running in moelink: {stubs.native.ServerInfo(pb.ServerInfoRequest())}"
     assert info.generated_tokens_total < running.generated_tokens_total + 480

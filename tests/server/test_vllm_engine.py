@@ -13,6 +13,9 @@ from smg_grpc_proto.generated import common_pb2
 
 from moelink.engine import SamplingParams
 
+from tests.helpers.grpc_server import pool_is_free
+from tests.helpers.waits import wait_until
+
 
 def _generate(stubs, ids, stream: bool, rid: str, **sp):
     vpb = stubs.vpb
@@ -89,7 +92,7 @@ def test_get_tokenizer_zip(stubs, model_path):
         assert zf.read("tokenizer.json") == (Path(model_path) / "tokenizer.json").read_bytes()
 
 
-def test_server_info_loads_health_abort(stubs, util):
+def test_server_info_loads_health_abort(stubs):
     vpb = stubs.vpb
     call = stubs.vllm.Generate(vpb.GenerateRequest(
         request_id="v-long", tokenized=vpb.TokenizedInput(input_ids=[1, 2, 3, 4]), stream=True,
@@ -108,7 +111,7 @@ def test_server_info_loads_health_abort(stubs, util):
     stubs.vllm.Abort(vpb.AbortRequest(request_ids=["v-long"]), timeout=5)
     rest = list(call)
     assert rest[-1].HasField("complete") and rest[-1].complete.finish_reason == "abort"
-    assert util.wait_until(lambda: util.pool_is_free(stubs.native, stubs.pb), 5)
+    assert wait_until(lambda: pool_is_free(stubs.native, stubs.pb), 5, "the pool to be free after Abort")
     with pytest.raises(grpc.RpcError) as err:
         list(stubs.vllm.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(), timeout=5))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -139,7 +142,7 @@ def _bad_vllm(vpb):
     ]
 
 
-def test_bad_inputs_are_invalid_argument_naming_the_field(stubs, util):
+def test_bad_inputs_are_invalid_argument_naming_the_field(stubs):
     cases = _bad_vllm(stubs.vpb)
     assert len(cases) >= 10
     for i, (req, field) in enumerate(cases):
@@ -147,7 +150,7 @@ def test_bad_inputs_are_invalid_argument_naming_the_field(stubs, util):
             list(stubs.vllm.Generate(stubs.vpb.GenerateRequest(request_id=f"bad-{i}", stream=True, **req), timeout=10))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (req, err.value.details())
         assert field in err.value.details(), (field, err.value.details())
-    assert util.pool_is_free(stubs.native, stubs.pb)
+    assert pool_is_free(stubs.native, stubs.pb)
 
 
 def test_truncate_prompt_tokens_keeps_the_tail(stubs, offline):

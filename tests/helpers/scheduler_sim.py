@@ -1,4 +1,4 @@
-"""Shared fixtures for scheduler tests: a fake worker that checks KV contents.
+"""The scheduler tests' simulation: a fake worker that checks KV contents, and an unbatched oracle.
 
 The fake worker is the oracle for the scheduler's block bookkeeping. It keeps
 what a real worker keeps (token ids and block table per request, updated only
@@ -11,17 +11,11 @@ overwritten while in use all fail loudly.
 
 The fake model's next token is a pure function of the token ids so far, so a
 request's output must not depend on batching, chunking or preemption.
-
-Helpers are exposed through fixtures (not imports) so the tests work under any
-pytest import mode and never clash with other folders' helper modules.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-
-import pytest
 
 from moelink.scheduler import (
     CacheConfig,
@@ -188,10 +182,3 @@ _arrival = iter(range(10**9))
 def make_request(rid: str, prompt: list[int], max_tokens: int | None = 8, **kw) -> Request:
     kw.setdefault("arrival_time", float(next(_arrival)))
     return Request(rid, prompt, None, max_tokens=max_tokens, **kw)
-
-
-@pytest.fixture
-def kit() -> SimpleNamespace:
-    """Test helpers: make_scheduler, make_request, Sim, FakeWorker, reference_generate, toy_model."""
-    return SimpleNamespace(make_scheduler=make_scheduler, make_request=make_request, Sim=Sim,
-                           FakeWorker=FakeWorker, reference_generate=reference_generate, toy_model=toy_model)

@@ -1,6 +1,6 @@
-"""One EP rank for the multi-process comm tests (run as a script; never imported by pytest).
+"""One EP rank for the multi-process comm tests (run as a module; never imported by pytest).
 
-usage: ep_worker.py SCENARIOS RANK WORLD_SIZE PORT OUT_DIR MODE
+usage: python -m tests.helpers.ep_worker SCENARIOS RANK WORLD_SIZE PORT OUT_DIR MODE
 
 MODE "run": join a gloo group on 127.0.0.1:PORT and, for each scenario in the
 torch.save'd list, run dispatch → expert compute → combine with this rank's
@@ -32,6 +32,8 @@ from moelink.moe.layer import ExpertParallel, MoELayer  # noqa: E402
 from moelink.moe.placement import ExpertPlacement  # noqa: E402
 from moelink.moe.router import SoftmaxTopKRouter  # noqa: E402
 from moelink.moe.stats import MoEStats  # noqa: E402
+
+from tests.helpers.waits import wait_until  # noqa: E402
 
 
 def expert_compute(kind: str, recv_x_ND, meta, placement: ExpertPlacement, rank: int, sc: dict):
@@ -107,11 +109,8 @@ def main() -> None:
                 if rank == 1:
                     torch.save(dict(peer=mode), os.path.join(out_dir, f"rank{rank}.pt"))
                     if mode == "stall":  # alive but never joins: wait until rank 0 has given up
-                        rank0_done = os.path.join(out_dir, "rank0.pt")
-                        for _ in range(300):
-                            if os.path.exists(rank0_done):
-                                break
-                            time.sleep(0.1)
+                        rank0_done = os.path.join(out_dir, "rank0.pt")  # rank 0 is another process: polled
+                        wait_until(lambda: os.path.exists(rank0_done), 30, "rank 0 to give up", interval=0.1)
                     os._exit(0)
                 time.sleep(0.5)
                 placement = ExpertPlacement(num_experts=4, ep_size=2)

@@ -11,9 +11,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
+
+from .net import free_port
+from .waits import wait_until
 
 SMG_READY_TIMEOUT_S = 60.0
 
@@ -35,7 +37,7 @@ def http_request(port: int, method: str, path: str, body=None, headers=None, tim
 
 
 @contextlib.contextmanager
-def launch_smg(worker_url: str, free_port, *extra: str):
+def launch_smg(worker_url: str, *extra: str):
     """`smg launch` on 127.0.0.1 in front of one worker; yields its HTTP port once it lists a model."""
     exe = smg_executable()
     if exe is None:
@@ -61,8 +63,8 @@ def launch_smg(worker_url: str, free_port, *extra: str):
 
 
 def wait_models(port: int, proc, log_name: str, headers=None) -> list[str]:
-    deadline = time.monotonic() + SMG_READY_TIMEOUT_S
-    while True:
+    """The model ids smg lists once it has registered the worker (polled: smg is another process)."""
+    def models():
         assert proc.poll() is None, f"smg exited with {proc.returncode}: {open(log_name).read()[-3000:]}"
         try:
             status, body = http_request(port, "GET", "/v1/models", headers=headers, timeout=2)
@@ -71,5 +73,7 @@ def wait_models(port: int, proc, log_name: str, headers=None) -> list[str]:
                 return ids
         except (OSError, ValueError, KeyError):
             pass
-        assert time.monotonic() < deadline, f"smg did not register the worker: {open(log_name).read()[-3000:]}"
-        time.sleep(0.2)
+        return None
+
+    return wait_until(models, SMG_READY_TIMEOUT_S, "smg to register the worker", interval=0.2,
+                      detail=lambda: open(log_name).read()[-3000:])

@@ -1,30 +1,17 @@
-"""Review: request ids a client reuses or picks must never cross-talk inside the engine.
+"""Request ids a client reuses or picks never cross-talk inside the engine (the server's Serving layer).
 
 In-process (Serving on a ThreadServer's loop), with the engine thread held
-inside a step where a race needs it, so each case is deterministic.
+inside a step where a race needs it (tests.helpers.engine_steps), so each case is deterministic.
+The engine-level counterpart is tests/engine/test_request_lifecycle.py.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 
 from moelink.engine.sampling_params import SamplingParams
 
-
-def _gate(engine):
-    """Wrap engine.step: while `hold` is set, the next step parks until `go` is set (`parked` says it did)."""
-    hold, go, parked = threading.Event(), threading.Event(), threading.Event()
-    real = engine.engine.step
-
-    def step():
-        if hold.is_set():
-            parked.set()
-            go.wait(30)
-        return real()
-
-    engine.engine.step = step
-    return hold, go, parked
+from tests.helpers.engine_steps import EngineSteps
 
 
 async def _collect(gen):
@@ -35,25 +22,24 @@ async def _collect(gen):
     return outs
 
 
-def test_reused_id_after_cancel_gets_its_own_outputs(thread_server, util):
+def test_reused_id_after_cancel_gets_its_own_outputs(thread_server):
     """A client cancels request "a" and at once retries with the same id: the retry must get its own
     tokens and end on its own terms, not the cancelled request's stale outputs and final "abort"."""
     srv = thread_server()
     serving, engine = srv.server.serving, srv.engine
-    hold, go, parked = _gate(engine)
+    steps = EngineSteps(engine.engine)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     long_params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
 
     async def scenario():
         first = serving.run("a", [5, 6, 7], long_params)
         await first.__anext__()  # "a" runs
-        hold.set()
-        await asyncio.to_thread(parked.wait, 30)  # the engine thread is inside a step that has "a" in it
+        steps.hold()
+        await asyncio.to_thread(steps.wait_parked, 30)  # the engine thread is inside a step that has "a" in it
         await first.aclose()  # cancelled: the engine is told to abort "a" (processed after this step)
         retry = asyncio.ensure_future(_collect(serving.run("a", [5, 6, 7], params)))
         await asyncio.sleep(0.05)  # the retry is admitted and added while the engine is still parked
-        hold.clear()
-        go.set()
+        steps.release()
         return await asyncio.wait_for(retry, 30)
 
     outs = srv.call(scenario(), timeout=60)
@@ -61,10 +47,10 @@ def test_reused_id_after_cancel_gets_its_own_outputs(thread_server, util):
     assert outs[-1][1].outputs[0].finish_reason == "length", [(o.request_id, o.outputs[0].finish_reason) for _, o in outs]
     assert len(tokens) == 6
     # And nothing is left running in the engine (no orphan that nobody reads).
-    assert util.wait_until(lambda: not engine.engine.has_unfinished_requests(), timeout=10)
+    assert steps.wait_for(lambda: not engine.engine.has_unfinished_requests(), 10, "no request left in the engine")
 
 
-def test_sample_ids_do_not_collide_with_client_ids(thread_server, util):
+def test_sample_ids_do_not_collide_with_client_ids(thread_server):
     """Client ids "b" (n=2) and "b#0" (n=1) are different requests: both must run."""
     srv = thread_server()
     serving = srv.server.serving
@@ -84,7 +70,7 @@ def test_sample_ids_do_not_collide_with_client_ids(thread_server, util):
     assert one[-1][1].outputs[0].finish_reason == "length"
 
 
-def test_abort_right_after_admission_aborts_every_sample(thread_server, util):
+def test_abort_right_after_admission_aborts_every_sample(thread_server):
     """Abort that arrives after a request with n=2 is admitted but before its samples reached the engine
     must still end every sample with "abort" (not let them run to max_tokens)."""
     srv = thread_server()

@@ -1,0 +1,145 @@
+"""Every Ray a test starts is its own: a temp dir of its own and an explicit address on 127.0.0.1.
+
+Never /tmp/ray, never address="auto": both are machine-wide state, so another Ray on the machine (another
+test run, a user's cluster) would be joined, or would have its session files mixed with ours. The temp
+dirs are short and under /tmp (Ray's socket paths must stay under 107 bytes); whatever still uses one at
+the end is killed by PID, then the dir is removed.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .net import free_port
+from .waits import wait_until
+
+# Ray replaces a node address of 127.0.0.1 by this host's routable one and binds every interface, unless
+# this is "0" (a one-node cluster). Ray reads it when it is imported and when its processes start.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+
+
+def remove_ray_dir(path: str) -> None:
+    """Kill (by PID) whatever still uses `path`, then remove it."""
+    from moelink.engine.ray_guard import processes_using
+
+    for pid in processes_using(path):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_temp_dir(prefix: str = "mlray-"):
+    """A fresh short temp dir for one Ray (or for RAY_TMPDIR); cleaned up by remove_ray_dir on exit."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        yield path
+    finally:
+        remove_ray_dir(path)
+
+
+@contextlib.contextmanager
+def _loopback_ray():
+    """RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 while a Ray starts (also in this process's imported Ray)."""
+    old = os.environ.get(LOOPBACK_ENV)
+    os.environ[LOOPBACK_ENV] = "0"
+    try:
+        from ray._private import ray_constants
+    except ImportError:
+        ray_constants = None
+    old_const = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if old_const is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if old_const is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = old_const
+        if old is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = old
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 4):
+    """`ray.init` of a new local Ray in this process: its own temp dir, 127.0.0.1, no dashboard.
+
+    Yields the `ray` module; shuts Ray down and removes its dir on exit. Refuses to run when this process
+    is already connected to a Ray (a test that left one behind), instead of silently sharing it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("a Ray instance is already initialized in this process (left behind by a test?)")
+    with ray_temp_dir("mlray-") as temp_dir:
+        try:
+            with _loopback_ray():
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+class RayHead:
+    """`ray start --head --block` on 127.0.0.1, an explicit free port and a temp dir of its own.
+
+    `address` is what a driver joins (never "auto"). `close()` stops the head's process group (SIGTERM,
+    then SIGKILL) and removes its dir, killing by PID anything of it still left there.
+    """
+
+    def __init__(self, log: Path, env: dict, num_cpus: int = 4, ready_timeout: float = 90.0):
+        if RAY is None:
+            raise RuntimeError("the `ray` command is not installed")
+        self.env = dict(env)
+        self.env[LOOPBACK_ENV] = "0"
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.temp_dir = tempfile.mkdtemp(prefix="mlhead-", dir="/tmp")
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+                 "--num-cpus", str(num_cpus), "--include-dashboard", "false", "--disable-usage-stats",
+                 "--temp-dir", self.temp_dir],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until `ray status` answers on the head's address (polled: the head is another process)."""
+        def answers():
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            status = subprocess.run([RAY, "status", "--address", self.address], env=self.env,
+                                    capture_output=True, text=True, timeout=60)
+            return status.returncode == 0
+
+        wait_until(answers, timeout, f"the Ray head on {self.address} to answer", interval=1.0,
+                   detail=lambda: self.log.read_text()[-3000:])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        remove_ray_dir(self.temp_dir)
+
+    def __enter__(self) -> "RayHead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
