@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from moelink.comm.backends import ALL_TO_ALL_NAMES
+
 from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
 
 
@@ -25,7 +27,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
-    p.add_argument("--all-to-all", default="auto", choices=["auto", "none", "torch", "torch_padded", "nccl"])
+    p.add_argument("--all-to-all", default="auto", choices=ALL_TO_ALL_NAMES)
     p.add_argument("--num-redundant-experts", type=int, default=0)
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="SECONDS",
                    help="a model step running longer than this is a hang: the engine fails (health NOT_SERVING, "

@@ -43,7 +43,6 @@ import torch
 
 from moelink.kernels.attention import AttentionMetadata
 
-from .graph_config import CudaGraphConfig, default_graph_sizes  # noqa: F401 (re-exported: config lives apart)
 from .models.layers import ForwardContext
 
 logger = logging.getLogger(__name__)

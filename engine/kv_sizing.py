@@ -1,4 +1,5 @@
-"""KV-cache sizing: how many blocks of the paged KV cache a rank gets. Pure functions of numbers.
+"""KV-cache sizing: how many blocks of the paged KV cache a rank gets. Pure functions (of the model's
+shape and numbers: no device, no allocation).
 
 The cache is sized in one of three places, all through this module:
 - the driver, before any weights load (`EngineArgs`): a given `num_kv_blocks` or `kv_cache_memory_bytes`,

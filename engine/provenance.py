@@ -1,4 +1,5 @@
-"""Where a benchmark result came from: every results JSON records the commit it measured."""
+"""Where a result came from: every benchmark results JSON (and `moelink plan --json`) records the commit
+it measured."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 
 
 def git_commit() -> str:
-    """Short hash of HEAD of the checkout these benchmarks live in, or "unknown" outside git."""
+    """Short hash of HEAD of the checkout moelink runs from, or "unknown" outside git."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                               cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"

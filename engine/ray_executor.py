@@ -53,11 +53,11 @@ class ExecutorShutDown(RuntimeError):
     """The executor was shut down while a step was running."""
 
 
-_RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @contextlib.contextmanager
-def _ray_on_loopback():
+def ray_on_loopback():
     """Make the Ray about to be started a loopback one.
 
     Ray replaces a node address of 127.0.0.1 by this host's routable address and then binds its
@@ -66,8 +66,8 @@ def _ray_on_loopback():
     Every Ray process reads it when it imports Ray: the processes started here inherit it from the
     environment, and this process, which imported Ray already, gets its constant set meanwhile.
     """
-    old_env = os.environ.get(_RAY_LOOPBACK_ENV)
-    os.environ[_RAY_LOOPBACK_ENV] = "0"
+    old_env = os.environ.get(RAY_LOOPBACK_ENV)
+    os.environ[RAY_LOOPBACK_ENV] = "0"
     try:
         from ray._private import ray_constants
     except ImportError:  # a Ray without that module: the environment variable is all we can do
@@ -81,9 +81,9 @@ def _ray_on_loopback():
         if old_const is not None:
             ray_constants.ENABLE_RAY_CLUSTER = old_const
         if old_env is None:
-            os.environ.pop(_RAY_LOOPBACK_ENV, None)
+            os.environ.pop(RAY_LOOPBACK_ENV, None)
         else:
-            os.environ[_RAY_LOOPBACK_ENV] = old_env
+            os.environ[RAY_LOOPBACK_ENV] = old_env
 
 
 class LocalRay:
@@ -109,7 +109,7 @@ class LocalRay:
             # process holds (close-on-exec: Ray's processes do not inherit it).
             self.guard = subprocess.Popen([sys.executable, ray_guard.__file__, self.temp_dir, str(os.getpid())],
                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
-            with _ray_on_loopback():
+            with ray_on_loopback():
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                          _node_ip_address="127.0.0.1", _temp_dir=self.temp_dir)
         except BaseException:

@@ -22,7 +22,7 @@ from .hardware import GpuSpec
 
 WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4.0 / (128 * 128), "nvfp4": 0.5 + 1.0 / 16}
 ACT_BYTES = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 1.0}  # activations of FP4 GEMMs arrive as FP8/FP4 (~1 B)
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 def compute_dtype(gpu: GpuSpec, weight_dtype: str) -> str:

@@ -2,9 +2,6 @@
 and imports that point one way (checked on the source, lazy imports inside functions included)."""
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,61 +9,33 @@ from moelink.engine import EngineArgs
 from moelink.engine import kv_sizing
 from moelink.engine.worker_config import WorkerConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.import_graph import build_graph, reachable
+
+@pytest.fixture(scope="module")
+def graph():
+    return build_graph()
 
 
-def _imports(rel: str) -> set[str]:
-    """Modules `rel` (a path under the repository root) imports anywhere, as dotted names under moelink."""
-    path = ROOT / rel
-    package = ["moelink"] + list(Path(rel).parent.parts)
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
-            module = ".".join(p for p in (base, node.module) if p)
-            found.add(module)
-            found.update(f"{module}.{a.name}" for a in node.names)
-    return found
-
-
-def _reach(rel: str) -> set[str]:
-    """Every moelink module reachable from `rel` through imports."""
-    seen, todo = set(), [rel]
-    while todo:
-        for name in _imports(todo.pop()):
-            if not name.startswith("moelink."):
-                continue
-            parts = name.split(".")[1:]
-            for cand in (Path(*parts).with_suffix(".py"), Path(*parts) / "__init__.py"):
-                if (ROOT / cand).is_file() and str(cand) not in seen:
-                    seen.add(str(cand))
-                    todo.append(str(cand))
-    return seen
-
-
-def test_engine_args_do_not_load_the_model_runner():
-    reached = _reach("engine/engine_args.py")
-    for runtime in ("engine/model_runner.py", "engine/loader.py", "engine/cuda_graph.py", "engine/sampler.py"):
+def test_engine_args_do_not_load_the_model_runner(graph):
+    reached = reachable(graph, "engine.engine_args")
+    for runtime in ("engine.model_runner", "engine.loader", "engine.cuda_graph", "engine.sampler"):
         assert runtime not in reached, f"engine_args reaches {runtime}"
-    assert not any(p.startswith("kernels/") for p in reached), sorted(reached)
+    assert not any(m.startswith("kernels") for m in reached), sorted(reached)
 
 
-def test_executors_form_no_cycle():
-    executor, ray_executor = _imports("engine/executor.py"), _imports("engine/ray_executor.py")
-    assert "moelink.engine.ray_executor" not in executor
-    assert "moelink.engine.executor" in ray_executor
+def test_executors_form_no_cycle(graph):
+    executor, ray_executor = graph.edges["engine.executor"], graph.edges["engine.ray_executor"]
+    assert "engine.ray_executor" not in executor
+    assert "engine.executor" in ray_executor
     for imported in (executor, ray_executor):
-        assert "moelink.engine.executor_factory" not in imported
+        assert "engine.executor_factory" not in imported
 
 
-def test_scheduler_imports_nothing_above_it():
-    for path in (ROOT / "scheduler").glob("*.py"):
-        outside = {m for m in _imports(f"scheduler/{path.name}")
-                   if m.startswith("moelink.") and not m.startswith("moelink.scheduler")}
-        assert not outside, f"{path.name} imports {sorted(outside)}"
-        assert "torch" not in _imports(f"scheduler/{path.name}")
+def test_scheduler_imports_nothing_above_it(graph):
+    for module, imported in graph.edges.items():
+        if module.startswith("scheduler"):
+            assert all(m.startswith("scheduler") for m in imported), f"{module} imports {sorted(imported)}"
+            assert "torch" not in graph.external[module]
 
 
 def test_kv_sizing_rules(tiny_model):

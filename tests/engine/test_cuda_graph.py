@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelink.engine import EngineArgs
-from moelink.engine.cuda_graph import CudaGraphConfig, default_graph_sizes
+from moelink.engine.graph_config import CudaGraphConfig, default_graph_sizes
 
 
 # -- configuration ---------------------------------------------------------------------------------------------

@@ -146,11 +146,15 @@ def test_async_generate_abort_and_cancel_free_everything(tiny_model):
                                                      max_num_seqs=8, num_kv_blocks=96, max_model_len=512))
     steps = EngineSteps(engine.engine)
 
+    streaming = asyncio.Event()  # the task cancelled from outside has its first output: it is mid-stream
+
     async def run_one(i: int, mode: str):
         params = SamplingParams(max_tokens=60, temperature=0.8, seed=i, ignore_eos=True)
         got = []
         async for out in engine.generate(f"r{i}", [1 + i, 2, 3] * (i + 1), params):
             got.append(out)
+            if i == 99:
+                streaming.set()
             if mode == "abort" and len(got) == 3:
                 await engine.abort(f"r{i}")
             if mode == "break" and len(got) == 4:
@@ -162,7 +166,7 @@ def test_async_generate_abort_and_cancel_free_everything(tiny_model):
         tasks = [asyncio.create_task(run_one(i, m)) for i, m in enumerate(modes)]
         # And one task cancelled from outside while it waits.
         cancelled = asyncio.create_task(run_one(99, "full"))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(streaming.wait(), 60)
         cancelled.cancel()
         results = await asyncio.gather(*tasks)
         for mode, got in zip(modes, results):

@@ -15,6 +15,7 @@ import time
 import grpc
 import pytest
 
+from tests.helpers.engine_steps import EngineSteps
 from tests.helpers.grpc_server import ThreadServer, wait_health
 from tests.helpers.waits import join_threads
 
@@ -149,10 +150,13 @@ def test_drain_keeps_its_grace_with_a_frozen_rank(local_ray, tiny_model):
     channel = grpc.insecure_channel(srv.addr)
     pid = srv.engine.engine.executor.rank_pids[1]
     try:
+        steps = EngineSteps(srv.engine.engine)  # before the streams: it sees every step from the first
         streams = _Streams(channel)
         streams.wait_flowing()
         with _frozen(pid):
-            time.sleep(0.3)  # the engine is now inside a step that waits for rank 1
+            # The streams keep the engine stepping, and no step can end without rank 1 once it is frozen:
+            # a step in progress now is one the drain must cut short.
+            steps.wait_for(lambda: steps.started > steps.finished, 30, "the engine inside a step")
             t0 = time.monotonic()
             srv.call(srv.server.drain(), timeout=20)
             drained = time.monotonic() - t0

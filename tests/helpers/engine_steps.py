@@ -52,10 +52,6 @@ class EngineSteps:
                               f"({self.finished} engine steps done)")
         return value
 
-    def wait_started(self, after: int, timeout: float, what: str) -> None:
-        """Wait until a step is entered after `after` steps had been (i.e. step number after + 1 runs)."""
-        self.wait_for(lambda: self.started > after, timeout, what)
-
     # -- holding the engine thread inside a step ---------------------------------
     def hold(self) -> None:
         """The next step parks (before running) until release()."""

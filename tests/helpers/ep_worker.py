@@ -112,7 +112,9 @@ def main() -> None:
                         rank0_done = os.path.join(out_dir, "rank0.pt")  # rank 0 is another process: polled
                         wait_until(lambda: os.path.exists(rank0_done), 30, "rank 0 to give up", interval=0.1)
                     os._exit(0)
-                time.sleep(0.5)
+                # Rank 1 writes its file, then exits (die) or stops answering (stall): dispatch after that.
+                rank1_file = os.path.join(out_dir, "rank1.pt")  # another process's file: polled
+                wait_until(lambda: os.path.exists(rank1_file), 30, "rank 1 to leave", interval=0.05)
                 placement = ExpertPlacement(num_experts=4, ep_size=2)
                 a2a = make_all_to_all("torch", group, rank, world_size, "cpu")
                 t0 = time.monotonic()

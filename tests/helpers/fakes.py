@@ -1,17 +1,18 @@
-"""Small typed stand-ins for real interfaces, for tests that call one piece without the rest."""
+"""Small typed stand-ins for real interfaces, for tests that call one piece without the rest.
+
+Standard library only: kernel and scheduler tests import it, and they run where grpc is absent (the GPU image).
+The gRPC stand-in (CallDetails) lives in tests/helpers/grpc_server.py.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import grpc
-
 
 @dataclass
-class CallDetails(grpc.HandlerCallDetails):
-    """grpc.HandlerCallDetails as a server interceptor's intercept_service(continuation, details) gets it."""
+class NoMetricsEngine:
+    """What MoelinkServer reads of an AsyncEngine before anything else: its metrics sink (None: made without)."""
 
-    method: str
-    invocation_metadata: tuple = ()
+    metrics: object = None
 
 
 @dataclass

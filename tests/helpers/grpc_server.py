@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import grpc
+
 from .waits import WaitTimeout
 
 MODEL = "qwen3_e6k3"
@@ -29,6 +31,14 @@ SERVED_NAME = "tiny-moe"
 # The shared server takes at most this many bytes per message (the message-size test sends more).
 MAX_MESSAGE_SIZE = 1 << 20
 READY_TIMEOUT_S = 90.0
+
+
+@dataclass
+class CallDetails(grpc.HandlerCallDetails):
+    """grpc.HandlerCallDetails as a server interceptor's intercept_service(continuation, details) gets it."""
+
+    method: str
+    invocation_metadata: tuple = ()
 
 
 class ServerProcess:

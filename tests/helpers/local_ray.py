@@ -16,12 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+# LOOPBACK_ENV: Ray replaces a node address of 127.0.0.1 by this host's routable one and binds every interface,
+# unless this is "0" (a one-node cluster); ray_on_loopback sets it (and Ray's constant) while a Ray starts.
+from moelink.engine.ray_executor import RAY_LOOPBACK_ENV as LOOPBACK_ENV, ray_on_loopback
+
 from .net import free_port
 from .waits import wait_until
 
-# Ray replaces a node address of 127.0.0.1 by this host's routable one and binds every interface, unless
-# this is "0" (a one-node cluster). Ray reads it when it is imported and when its processes start.
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
 
 
@@ -46,29 +47,6 @@ def ray_temp_dir(prefix: str = "mlray-"):
 
 
 @contextlib.contextmanager
-def _loopback_ray():
-    """RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 while a Ray starts (also in this process's imported Ray)."""
-    old = os.environ.get(LOOPBACK_ENV)
-    os.environ[LOOPBACK_ENV] = "0"
-    try:
-        from ray._private import ray_constants
-    except ImportError:
-        ray_constants = None
-    old_const = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    if old_const is not None:
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        if old_const is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = old_const
-        if old is None:
-            os.environ.pop(LOOPBACK_ENV, None)
-        else:
-            os.environ[LOOPBACK_ENV] = old
-
-
-@contextlib.contextmanager
 def local_ray(num_cpus: int = 4):
     """`ray.init` of a new local Ray in this process: its own temp dir, 127.0.0.1, no dashboard.
 
@@ -81,7 +59,7 @@ def local_ray(num_cpus: int = 4):
         raise RuntimeError("a Ray instance is already initialized in this process (left behind by a test?)")
     with ray_temp_dir("mlray-") as temp_dir:
         try:
-            with _loopback_ray():
+            with ray_on_loopback():
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                          _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
             yield ray

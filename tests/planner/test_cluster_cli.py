@@ -54,3 +54,10 @@ def test_measured_expert_counts_feed_the_imbalance(tmp_path, capsys):
     assert "measured counts (256 experts)" in capsys.readouterr().out
     path.write_text("not json")
     assert plan_cli.main(["--expert-counts", str(path)]) == 2
+
+
+def test_measured_kernel_times_are_read_from_benchmarks_results():
+    # The planner moved out of benchmarks/; its measured MoE timings still come from benchmarks/results.
+    from moelink.planner import kernels
+
+    assert kernels.RESULTS_DIR.is_dir() and kernels.RESULTS_DIR.parts[-2:] == ("benchmarks", "results")

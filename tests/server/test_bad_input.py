@@ -14,7 +14,7 @@ import pytest
 from moelink.engine.sampling_params import SamplingParams
 from moelink.engine.server.limits import RequestLimits, bad_input_table
 
-from tests.helpers.fakes import CallDetails
+from tests.helpers.grpc_server import CallDetails
 from tests.helpers.grpc_calls import native, refused, vllm
 from tests.helpers.grpc_server import make_stubs, pool_is_free
 from tests.helpers.waits import wait_until

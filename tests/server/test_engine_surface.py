@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+
+from tests.helpers.fakes import NoMetricsEngine
 
 SERVER = Path(__file__).resolve().parents[2] / "engine" / "server"
 
@@ -23,4 +24,4 @@ def test_metrics_need_an_engine_made_with_a_sink():
     from moelink.engine.server.server import MoelinkServer
 
     with pytest.raises(ValueError, match=r"metrics_port=0 needs an engine that exports metrics"):
-        MoelinkServer(SimpleNamespace(metrics=None), ServerConfig(port=0, metrics_port=0))
+        MoelinkServer(NoMetricsEngine(), ServerConfig(port=0, metrics_port=0))

@@ -16,7 +16,7 @@ import pytest
 
 from moelink.engine import SamplingParams
 
-from tests.helpers.fakes import CallDetails
+from tests.helpers.grpc_server import CallDetails
 from tests.helpers.grpc_server import make_stubs, pool_is_free
 from tests.helpers.smg_gateway import http_request, launch_smg, wait_models
 from tests.helpers.waits import wait_until

@@ -119,7 +119,9 @@ def test_half_open_connections_are_bounded_and_time_out(thread_server, monkeypat
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
             s.sendall(b"GET /metr")  # half a request line, then silence
             socks.append(s)
-        time.sleep(0.5)
+        # The server has taken as many as it may; an unbounded one would be serving all 200 by then.
+        wait_until(lambda: len(_connection_threads()) - len(base) >= metrics.METRICS_MAX_CONNECTIONS, 10,
+                   "the metrics server to serve its maximum of connections")
         assert len(_connection_threads()) - len(base) <= metrics.METRICS_MAX_CONNECTIONS
         # Every connection is closed by the server within the timeout (plus the accept loop's half-second tick).
         t0 = time.monotonic()

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
+from moelink.engine.async_engine import AddCommand
 from moelink.engine.sampling_params import SamplingParams
 
 from tests.helpers.engine_steps import EngineSteps
+from tests.helpers.waits import wait_event
 
 
 async def _collect(gen):
@@ -37,8 +40,17 @@ def test_reused_id_after_cancel_gets_its_own_outputs(thread_server):
         steps.hold()
         await asyncio.to_thread(steps.wait_parked, 30)  # the engine thread is inside a step that has "a" in it
         await first.aclose()  # cancelled: the engine is told to abort "a" (processed after this step)
+        retry_added = threading.Event()
+        send = engine._send
+
+        def send_and_tell(cmd):  # the retry's AddCommand is queued for the engine thread (still parked)
+            send(cmd)
+            if isinstance(cmd, AddCommand):
+                retry_added.set()
+
+        engine._send = send_and_tell
         retry = asyncio.ensure_future(_collect(serving.run("a", [5, 6, 7], params)))
-        await asyncio.sleep(0.05)  # the retry is admitted and added while the engine is still parked
+        await asyncio.to_thread(wait_event, retry_added, 30, "the retry's AddCommand")
         steps.release()
         return await asyncio.wait_for(retry, 30)
 
