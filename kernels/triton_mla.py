@@ -172,14 +172,14 @@ def _mla_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, n
              mask=h_ok[:, None] & (c[None, :] < C))
 
 
-# (BLOCK_H, BLOCK_N, num_warps, num_stages) on sm_90, from the offline compile (Triton 3.9, DeepSeek-V3 shapes:
-# C 512, P 64; `python -m moelink.benchmarks.compile_report --only mla`). The [BLOCK_H, 512] fp32 accumulator
-# is what fills the registers. bf16/fp16: 32 heads x 64 rows on 8 warps, 175 registers, 112 KB shared, no
-# spills, mma.sync. 64 heads (what wgmma needs per warpgroup, and half the latent re-reads of 32) spills on
-# every variant tried (4-32 B on 8 warps, KBs on 4; 16 warps caps registers at 128 and ptxas gives up); 32
-# heads on 4 warps spills 144 B. fp32 dots are FMA loops (no tensor cores): 16 heads x 16 rows on 8 warps,
-# 114 registers (32 rows spill 36-60 B in the split variant). Not yet timed on a GPU: bf16 (16, 32, 4, 3) and
-# (32, 32, 8, 3) also compile clean.
+# (BLOCK_H, BLOCK_N, num_warps, num_stages) on sm_90, from the offline compile (Triton 3.9, DeepSeek-V3
+# shapes: C 512, P 64; `python -m moelink.benchmarks.compile_report --only mla`). The [BLOCK_H, 512] fp32
+# accumulator is what fills the registers. bf16/fp16: 32 heads x 64 rows on 8 warps, 172 registers (198
+# split), 112 KB shared, no spills, mma.sync. 64 heads (what wgmma needs per warpgroup, and half the latent
+# re-reads of 32) spills on every variant tried (4-32 B on 8 warps, KBs on 4; on 16 warps registers cap at
+# 128 and ptxas gives up); 32 heads on 4 warps spills 144 B. fp32 dots are FMA loops (no tensor cores): 16
+# heads x 16 rows on 8 warps, 114 registers (32 rows spill 36-60 B split). Not yet timed on a GPU: bf16
+# (16, 32, 4, 3) and (32, 32, 8, 3) also compile clean.
 _CONFIG = (32, 64, 8, 2)
 _FP32_CONFIG = (16, 16, 8, 2)
 
