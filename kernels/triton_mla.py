@@ -179,14 +179,22 @@ def _mla_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, n
 # re-reads of 32) spills on every variant tried (4-32 B on 8 warps, KBs on 4; on 16 warps registers cap at
 # 128 and ptxas gives up); 32 heads on 4 warps spills 144 B. fp32 dots are FMA loops (no tensor cores): 16
 # heads x 16 rows on 8 warps, 114 registers (32 rows spill 36-60 B split). Not yet timed on a GPU: bf16
-# (16, 32, 4, 3) and (32, 32, 8, 3) also compile clean.
+# (16, 32, 4, 3) and (32, 32, 8, 3) also compile clean. Under Triton 3.6 (the GPU image's) the split variant
+# of (32, 64, 8, 2) reaches 255 registers and spills 104 B (the partial-LSE epilogue's extra live values),
+# so split launches take 32-row tiles: (32, 32, 8, 2).
 _CONFIG = (32, 64, 8, 2)
+_SPLIT_CONFIG = (32, 32, 8, 2)
 _FP32_CONFIG = (16, 16, 8, 2)
 
 
-def _launch_config(dtype: torch.dtype, interpret: bool, num_heads: int) -> tuple[int, int, int, int]:
+def _launch_config(dtype: torch.dtype, interpret: bool, num_heads: int, split: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_H, BLOCK_N, num_warps, num_stages); BLOCK_H shrinks to the head count (>= 16 rows for tl.dot)."""
-    block_h, block_n, warps, stages = (16, 16, 4, 1) if interpret else _FP32_CONFIG if dtype == torch.float32 else _CONFIG
+    if interpret:
+        block_h, block_n, warps, stages = 16, 16, 4, 1
+    elif dtype == torch.float32:
+        block_h, block_n, warps, stages = _FP32_CONFIG
+    else:
+        block_h, block_n, warps, stages = _SPLIT_CONFIG if split else _CONFIG
     return min(block_h, max(16, triton.next_power_of_2(num_heads))), block_n, warps, stages
 
 
@@ -224,6 +232,8 @@ def triton_mla_attention(
     BLOCK_P = max(16, triton.next_power_of_2(P))
     head_blocks = triton.cdiv(N, BLOCK_H)
     Z = num_splits or _pick_splits(dev, T * head_blocks, meta.max_seq_len, BLOCK_N)
+    if Z > 1:
+        BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, split=True)
     part_o = part_lse = out  # unused when Z == 1
     if Z > 1:
         part_o = common.workspace((T, N, Z, BLOCK_C), torch.float32, dev)
