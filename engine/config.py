@@ -261,7 +261,7 @@ def _deepseek(arch: str, hf, c: dict) -> dict:
     )
     first_dense = int(getattr(hf, "first_k_dense_replace", 0) or 0)
     moe = MoEConfig(router, int(getattr(hf, "n_shared_experts", 0) or 0), first_dense,
-                    getattr(hf, "moe_layer_freq", 1))
+                    getattr(hf, "moe_layer_freq", None) or 1)
     fields = dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size),
                   intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm,
                   sparse_layers=tuple(range(first_dense, c["num_layers"])), moe=moe)

@@ -120,11 +120,11 @@ class MoEDecoderForCausalLM(nn.Module):
         """Checkpoint tensor name → (destination parameter, index into it[, index into the tensor]).
 
         Only tensors this rank needs are listed, so a loader that follows the
-        plan never reads another rank's experts (in the fused layout it reads
-        only their rows). Experts come in one of two on-disk layouts, chosen per
+        plan never reads another rank's experts (in the fused layout it skips
+        their rows when this rank's experts are contiguous). Experts come in one of two on-disk layouts, chosen per
         layer from `checkpoint_names` (None = per-expert):
         - per expert, as Hugging Face publishes them and `save_pretrained` writes
-          them by default: `{moe_prefix}.experts.{e}.{gate,up,down}_proj.weight`;
+          them by default: `{moe_prefix}.experts.{e}.{expert_names}.weight`;
         - fused, as transformers 5 holds them in memory and writes them with
           `save_pretrained(save_original_format=False)`: `mlp.experts.gate_up_proj`
           [E, 2I, D] (gate rows, then up rows: our w13 order) and
