@@ -1,4 +1,4 @@
-"""A decoder-only MoE transformer, parameterised by an `ArchSpec` (weight names, q/k norm, routing).
+"""A decoder-only MoE transformer, parameterised by an `ArchSpec` (weight names, q/k norm).
 
 Legend: T tokens in the flat batch, D hidden, V vocab.
 
@@ -9,7 +9,7 @@ with the residual add fused into the next norm.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Collection
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from moelink.kernels.rotary import rotary_cos_sin_cache
 from moelink.moe.layer import ExpertParallel, MoELayer
-from moelink.moe.router import SoftmaxTopKRouter
+from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
 
 from ..config import ModelConfig
@@ -26,12 +26,12 @@ from .layers import DenseMLP, ForwardContext, PagedAttention, RMSNorm
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """What differs between architectures: checkpoint names and two switches."""
+    """What differs between architectures: checkpoint names and the q/k norm switch (routing is
+    ModelConfig.moe.router's business)."""
 
     qk_norm: bool
-    moe_prefix: str  # "mlp" (Qwen3) or "block_sparse_moe" (Mixtral)
+    moe_prefix: str  # "mlp" (Qwen3) or "block_sparse_moe" (Mixtral) in the per-expert layout
     expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
-    renormalize: Callable[[ModelConfig], bool]
 
 
 class DecoderLayer(nn.Module):
@@ -47,7 +47,7 @@ class DecoderLayer(nn.Module):
         )
         self.is_sparse = layer_idx in cfg.sparse_layers
         if self.is_sparse:
-            router = SoftmaxTopKRouter(cfg.top_k, spec.renormalize(cfg))
+            router = make_router(cfg.moe.router)
             self.mlp = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, router, kernels, dt, device,
                                 ep=ep, moe_index=cfg.sparse_layers.index(layer_idx), stats=stats)
         else:
@@ -116,15 +116,24 @@ class MoEDecoderForCausalLM(nn.Module):
         return F.linear(h_SD, self.lm_head)
 
     # -- checkpoint mapping ---------------------------------------------------
-    def weight_plan(self) -> dict[str, tuple[torch.Tensor, tuple]]:
-        """Checkpoint tensor name → (destination parameter, index into it).
+    def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> dict[str, tuple]:
+        """Checkpoint tensor name → (destination parameter, index into it[, index into the tensor]).
 
         Only tensors this rank needs are listed, so a loader that follows the
-        plan never reads another rank's experts.
+        plan never reads another rank's experts (in the fused layout it skips
+        their rows when this rank's experts are contiguous). Experts come in one of two on-disk layouts, chosen per
+        layer from `checkpoint_names` (None = per-expert):
+        - per expert, as Hugging Face publishes them and `save_pretrained` writes
+          them by default: `{moe_prefix}.experts.{e}.{expert_names}.weight`;
+        - fused, as transformers 5 holds them in memory and writes them with
+          `save_pretrained(save_original_format=False)`: `mlp.experts.gate_up_proj`
+          [E, 2I, D] (gate rows, then up rows: our w13 order) and
+          `mlp.experts.down_proj` [E, D, I], with the router at `mlp.gate`.
         """
         cfg, spec = self.cfg, self.spec
+        names = frozenset(checkpoint_names) if checkpoint_names is not None else frozenset()
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        plan: dict[str, tuple[torch.Tensor, tuple]] = {"model.embed_tokens.weight": (self.embed_tokens, ())}
+        plan: dict[str, tuple] = {"model.embed_tokens.weight": (self.embed_tokens, ())}
         if not cfg.tie_word_embeddings:
             plan["lm_head.weight"] = (self.lm_head, ())
         plan["model.norm.weight"] = (self.norm.weight, ())
@@ -142,17 +151,40 @@ class MoEDecoderForCausalLM(nn.Module):
                 plan[p + "self_attn.k_norm.weight"] = (attn.k_norm.weight, ())
             mlp = layer.mlp
             if layer.is_sparse:
-                inter = cfg.moe_intermediate_size
-                m = p + spec.moe_prefix + "."
-                gate_name, up_name, down_name = spec.expert_names
-                plan[m + "gate.weight"] = (mlp.gate_GD, ())
-                for local, e in enumerate(self.expert_ids):
-                    plan[f"{m}experts.{e}.{gate_name}.weight"] = (mlp.w13_EFD, (local, slice(0, inter)))
-                    plan[f"{m}experts.{e}.{up_name}.weight"] = (mlp.w13_EFD, (local, slice(inter, 2 * inter)))
-                    plan[f"{m}experts.{e}.{down_name}.weight"] = (mlp.w2_EDI, (local,))
+                fused = p + "mlp.experts.gate_up_proj" in names
+                plan.update(self._expert_plan(mlp, p + ("mlp." if fused else spec.moe_prefix + "."), fused))
             else:
                 inter = cfg.intermediate_size
                 plan[p + "mlp.gate_proj.weight"] = (mlp.gate_up_proj, (slice(0, inter),))
                 plan[p + "mlp.up_proj.weight"] = (mlp.gate_up_proj, (slice(inter, 2 * inter),))
                 plan[p + "mlp.down_proj.weight"] = (mlp.down_proj, ())
         return plan
+
+    def _expert_plan(self, mlp: MoELayer, m: str, fused: bool) -> dict[str, tuple]:
+        """The router and this rank's experts of one MoE layer whose checkpoint names start with `m`."""
+        inter = self.cfg.moe_intermediate_size
+        plan: dict[str, tuple] = {m + "gate.weight": (mlp.gate_GD, ())}
+        if mlp.e_score_correction_bias_G is not None:
+            plan[m + "gate.e_score_correction_bias"] = (mlp.e_score_correction_bias_G, ())
+        if fused:
+            rows = _expert_rows(self.expert_ids, self.cfg.num_experts)
+            plan[m + "experts.gate_up_proj"] = (mlp.w13_EFD, (), rows)
+            plan[m + "experts.down_proj"] = (mlp.w2_EDI, (), rows)
+            return plan
+        gate_name, up_name, down_name = self.spec.expert_names
+        for local, e in enumerate(self.expert_ids):
+            plan[f"{m}experts.{e}.{gate_name}.weight"] = (mlp.w13_EFD, (local, slice(0, inter)))
+            plan[f"{m}experts.{e}.{up_name}.weight"] = (mlp.w13_EFD, (local, slice(inter, 2 * inter)))
+            plan[f"{m}experts.{e}.{down_name}.weight"] = (mlp.w2_EDI, (local,))
+        return plan
+
+
+def _expert_rows(expert_ids: list[int], num_experts: int) -> tuple:
+    """Index into a fused [E, ...] checkpoint tensor that yields this rank's experts in local slot order:
+    () for all of them, a slice for a contiguous run (read without the other rows), else the id list."""
+    if expert_ids == list(range(num_experts)):
+        return ()
+    lo = expert_ids[0] if expert_ids else 0
+    if expert_ids == list(range(lo, lo + len(expert_ids))):
+        return (slice(lo, lo + len(expert_ids)),)
+    return (torch.tensor(expert_ids, dtype=torch.long),)
