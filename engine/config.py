@@ -15,6 +15,8 @@ import torch
 from moelink.comm.backends import resolve_backend
 from moelink.moe.router import RouterConfig
 
+from .hf_readers import read_fields
+from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
 from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
 
 _DTYPES = {
@@ -26,29 +28,10 @@ _DTYPES = {
 
 # Architectures moelink can run, by the `architectures` name in config.json (engine/models registers an
 # ArchSpec for each one; a test checks the two lists agree).
-SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM")
 # Architectures whose config.json moelink reads (routing included) but whose model it cannot build yet.
-CONFIG_ONLY_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM")
+CONFIG_ONLY_ARCHITECTURES = ("DeepseekV2ForCausalLM", "Glm4MoeForCausalLM")
 KNOWN_ARCHITECTURES = SUPPORTED_ARCHITECTURES + CONFIG_ONLY_ARCHITECTURES
-# rope_parameters.rope_type values moelink's rotary kernel implements (transformers turns the older
-# rope_scaling / rope_theta fields into rope_parameters).
-ROPE_TYPES = ("default",)
-# The routing scheme of each DeepSeek-style family as transformers implements it: the scoring function and
-# the topk_methods it runs. transformers does not read `scoring_func` / `topk_method` for DeepSeek-V3 and
-# GLM-4-MoE, so a file that names another scheme would silently run this one: such a file is refused.
-_DEEPSEEK_ROUTING = {
-    "DeepseekV3ForCausalLM": ("sigmoid", ("noaux_tc",)),
-    "Glm4MoeForCausalLM": ("sigmoid", ("noaux_tc",)),
-    "DeepseekV2ForCausalLM": ("softmax", ("greedy", "group_limited_greedy")),
-}
-# Multi-head latent attention: every query head attends to keys and values of its own, decompressed from
-# one latent, so there are as many kv heads as query heads whatever num_key_value_heads says.
-_MLA_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
-
-
-def _unsupported(field_name: str, value, allowed, why: str = "") -> ValueError:
-    allowed = ", ".join(repr(a) for a in allowed) if isinstance(allowed, tuple) else allowed
-    return ValueError(f"config.json {field_name}={value!r} is not supported{why}: allowed: {allowed}.")
 
 
 def parse_dtype(value, checkpoint_dtype: str | None = None) -> torch.dtype:
@@ -64,40 +47,16 @@ def parse_dtype(value, checkpoint_dtype: str | None = None) -> torch.dtype:
     return _DTYPES[value]
 
 
-@dataclass(frozen=True)
-class MoEConfig:
-    """How the MoE layers are laid out and routed, beyond ModelConfig's num_experts and top_k.
-
-    router: the routing scheme (moe.router.RouterConfig; `make_router(router)` builds it).
-    n_shared_experts: always-on experts beside the routed ones in every MoE layer (DeepSeek, GLM).
-    first_k_dense_replace: the first k layers have a dense MLP. moe_layer_freq: every n-th layer after
-    them is sparse; transformers implements 1 only, so that is all that is accepted.
-    """
-
-    router: RouterConfig
-    n_shared_experts: int = 0
-    first_k_dense_replace: int = 0
-    moe_layer_freq: int = 1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.router, RouterConfig):
-            raise ValueError(f"MoEConfig router={self.router!r} must be a moelink.moe.router.RouterConfig.")
-        for name in ("n_shared_experts", "first_k_dense_replace"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise _unsupported(name, v, "an integer >= 0")
-        if self.moe_layer_freq != 1:
-            raise _unsupported("moe_layer_freq", self.moe_layer_freq, (1,),
-                               " (transformers puts experts in every layer from first_k_dense_replace on)")
-
-
 @dataclass
 class ModelConfig:
     """Shape and routing of a MoE decoder, from a local Hugging Face directory.
 
     `moe` holds the routing scheme and the MoE layout; a ModelConfig built by hand without one gets
-    softmax top-k routing over num_experts (renormalised when norm_topk_prob). `hf_config` is the
-    config as transformers reads it (`PretrainedConfig.to_dict()`: aliases resolved, defaults filled).
+    softmax top-k routing over num_experts (renormalised when norm_topk_prob). `attention` is the attention
+    kind (layer_configs.GQAConfig or MLAConfig: the layers' shape, rope, and what the KV cache holds per
+    token); built by hand without one it is GQA over num_heads / num_kv_heads / head_dim with plain RoPE.
+    num_kv_heads and head_dim are GQA's; an MLA model reads its shape from `attention` alone. `hf_config`
+    is the config as transformers reads it (`PretrainedConfig.to_dict()`: aliases resolved, defaults filled).
     """
 
     model: str
@@ -123,6 +82,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     hf_config: dict = field(repr=False, default_factory=dict)
     moe: MoEConfig | None = None
+    attention: AttentionConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -133,6 +93,9 @@ class ModelConfig:
             raise ValueError(
                 f"max_model_len={self.max_model_len} is invalid: must be in [1, max_position_embeddings={self.max_position_embeddings}]."
             )
+        if self.attention is None:
+            self.attention = GQAConfig(self.num_heads, self.num_kv_heads, self.head_dim,
+                                       RopeConfig(self.head_dim, self.rope_theta))
         if self.moe is None:
             self.moe = MoEConfig(RouterConfig(self.num_experts, self.top_k, norm_topk_prob=bool(self.norm_topk_prob)))
         r = self.moe.router
@@ -166,7 +129,7 @@ class ModelConfig:
         if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)):
             raise ValueError(f"max_model_len={max_model_len!r} is invalid: must be a positive integer.")
         hf = _auto_config(path)
-        fields = _read_fields(arch, hf)
+        fields = read_fields(arch, hf)
         checkpoint_dtype = str(hf.dtype).removeprefix("torch.") if getattr(hf, "dtype", None) else raw.get("torch_dtype")
         cfg = cls(
             model=str(path), dtype=parse_dtype(dtype, checkpoint_dtype), architecture=arch,
@@ -188,89 +151,6 @@ def _auto_config(path: Path):
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001  (transformers raises ValueError, OSError and strict-dataclass errors)
         raise ValueError(f"model={str(path)!r}: transformers could not read config.json: {e}") from None
-
-
-def _read_fields(arch: str, hf) -> dict:
-    """ModelConfig's fields (all but model, dtype, architecture, max_model_len, hf_config) from `hf`."""
-    hidden_act = getattr(hf, "hidden_act", "silu")
-    if hidden_act != "silu":
-        raise _unsupported("hidden_act", hidden_act, ("silu",), " (moelink's MLPs are SiLU-gated)")
-    rope = dict(getattr(hf, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise _unsupported("rope_parameters.rope_type (rope_scaling.type in older files)", rope_type, ROPE_TYPES)
-    num_layers, num_heads = int(hf.num_hidden_layers), int(hf.num_attention_heads)
-    eos = getattr(hf, "eos_token_id", None)
-    common = dict(
-        vocab_size=int(hf.vocab_size), hidden_size=int(hf.hidden_size), num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or num_heads),
-        head_dim=int(getattr(hf, "head_dim", None) or hf.hidden_size // num_heads),
-        rms_norm_eps=float(getattr(hf, "rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
-        max_position_embeddings=int(getattr(hf, "max_position_embeddings", 4096)),
-        top_k=int(hf.num_experts_per_tok),
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ()),
-    )
-    family = _READERS.get(arch, _deepseek)
-    return dict(common, **family(arch, hf, common))
-
-
-def _qwen3_moe(arch: str, hf, c: dict) -> dict:
-    if getattr(hf, "use_sliding_window", False):
-        raise _unsupported("use_sliding_window", True, (False,), " (moelink's Qwen3-MoE attention is full-context)")
-    if getattr(hf, "attention_bias", False):
-        raise _unsupported("attention_bias", True, (False,), " for Qwen3MoeForCausalLM (q/k/v/o without bias)")
-    E = int(hf.num_experts)  # transformers' attribute_map: num_experts and num_local_experts are one field
-    only_dense = set(getattr(hf, "mlp_only_layers", None) or [])
-    step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
-    sparse = tuple(i for i in range(c["num_layers"]) if i not in only_dense and E > 0 and (i + 1) % step == 0)
-    norm = bool(hf.norm_topk_prob)
-    return dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size),
-                intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm, sparse_layers=sparse,
-                moe=MoEConfig(RouterConfig(E, c["top_k"], norm_topk_prob=norm)))
-
-
-def _mixtral(arch: str, hf, c: dict) -> dict:
-    if getattr(hf, "sliding_window", None) is not None:
-        raise _unsupported("sliding_window", hf.sliding_window, (None,), " (moelink's Mixtral attention is full-context)")
-    E, inter = int(hf.num_local_experts), int(hf.intermediate_size)
-    # Mixtral's softmax over the top-k logits is a softmax over all experts renormalised over the top-k.
-    return dict(num_experts=E, moe_intermediate_size=inter, intermediate_size=inter, norm_topk_prob=True,
-                sparse_layers=tuple(range(c["num_layers"])),
-                moe=MoEConfig(RouterConfig(E, c["top_k"], norm_topk_prob=True)))
-
-
-def _deepseek(arch: str, hf, c: dict) -> dict:
-    """DeepSeek-V2/V3 and GLM-4-MoE: n_routed_experts, group-limited routing, first_k_dense_replace."""
-    scoring, methods = _DEEPSEEK_ROUTING[arch]
-    scoring_func = getattr(hf, "scoring_func", None) or scoring
-    if scoring_func != scoring:
-        raise _unsupported("scoring_func", scoring_func, (scoring,), f" for {arch} (transformers' model scores experts with {scoring!r})")
-    method = getattr(hf, "topk_method", None) or methods[0]
-    if method not in methods:
-        raise _unsupported("topk_method", method, methods, f" for {arch}")
-    norm = bool(getattr(hf, "norm_topk_prob", False))
-    if arch == "DeepseekV2ForCausalLM" and norm:
-        raise _unsupported("norm_topk_prob", True, (False,), f" for {arch} (transformers' DeepSeek-V2 never renormalises its top-k)")
-    E = int(hf.n_routed_experts)
-    grouped = method != "greedy"  # "greedy" reads no groups: all experts form one
-    router = RouterConfig(
-        E, c["top_k"], scoring_func, method, hf.n_group if grouped else 1, hf.topk_group if grouped else 1,
-        norm, hf.routed_scaling_factor, float32_logits=True,  # transformers casts gate input and weight to float32
-    )
-    first_dense = int(getattr(hf, "first_k_dense_replace", 0) or 0)
-    moe = MoEConfig(router, int(getattr(hf, "n_shared_experts", 0) or 0), first_dense,
-                    getattr(hf, "moe_layer_freq", None) or 1)
-    fields = dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size),
-                  intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm,
-                  sparse_layers=tuple(range(first_dense, c["num_layers"])), moe=moe)
-    if arch in _MLA_ARCHITECTURES:
-        fields["num_kv_heads"] = c["num_heads"]
-    return fields
-
-
-_READERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "MixtralForCausalLM": _mixtral}
 
 
 _EXECUTORS = ("auto", "inprocess", "ray")

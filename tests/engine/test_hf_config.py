@@ -15,6 +15,7 @@ import torch
 
 from moelink.engine import LLM
 from moelink.engine.config import CONFIG_ONLY_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelConfig
+from moelink.engine.layer_configs import MLAConfig, RopeConfig
 from moelink.engine.loader import checkpoint_index, load_model
 from moelink.engine.models import ARCHITECTURES
 from moelink.engine.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
@@ -23,7 +24,8 @@ from moelink.moe.layer import ExpertParallel
 from moelink.moe.placement import ExpertPlacement
 from moelink.moe.router import RouterConfig, SigmoidGroupLimitedRouter, SoftmaxGroupLimitedRouter, make_router
 
-from test_parity import _prompts, engine_greedy, hf_greedy
+from tests.helpers.parity import engine_greedy, hf_greedy
+from tests.helpers.parity import prompts as _prompts
 
 transformers = pytest.importorskip("transformers")
 
@@ -146,6 +148,46 @@ def test_deepseek_v3_config(tmp_path):
     assert cfg.num_kv_heads == cfg.num_heads  # MLA: one key/value per query head
     assert cfg.hf_config["kv_lora_rank"] == 512  # transformers' defaults are filled in
     assert type(make_router(cfg.moe.router)) is SigmoidGroupLimitedRouter
+    # transformers' defaults: q LoRA 1536, latent 512 + rope 64, nope 128, v 128, interleaved plain rope.
+    assert cfg.attention == MLAConfig(4, 1536, 512, 128, 64, 128, RopeConfig(64, 10000.0, "default", "interleaved"),
+                                      softmax_scale=192**-0.5)
+
+
+@pytest.mark.parametrize("rope", [
+    # DeepSeek-V3 / Kimi K2's published rope_scaling, and DeepSeek-V2-Lite's (mscale 0.707 both).
+    {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 1.0,
+     "beta_fast": 32, "beta_slow": 1},
+    {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 0.707,
+     "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1},
+    {"type": "yarn", "factor": 4, "original_max_position_embeddings": 128, "mscale": 1.0, "mscale_all_dim": 0.8},
+    None,
+])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+def test_mla_scale_and_rope_are_transformers(tmp_path, arch, rope):
+    """The softmax scale and the rotary table are transformers' own numbers (yarn's inverse frequencies,
+    attention factor and mscale_all_dim scale included), read from the config file it wrote."""
+    from moelink.engine.models.rope import RotaryEmbedding
+
+    fields = {"rope_scaling": rope, "rope_parameters": None, "max_position_embeddings": 163840} if rope else {}
+    path = _config_dir(tmp_path, arch, **fields)
+    cfg = ModelConfig.from_pretrained(path, require_runnable=False)
+    hf = transformers.AutoConfig.from_pretrained(path)
+    mod = {"deepseek_v3": transformers.models.deepseek_v3.modeling_deepseek_v3,
+           "deepseek_v2": transformers.models.deepseek_v2.modeling_deepseek_v2}[arch]
+    attn_cls, rope_cls = ((mod.DeepseekV3Attention, mod.DeepseekV3RotaryEmbedding) if arch == "deepseek_v3"
+                          else (mod.DeepseekV2Attention, mod.DeepseekV2RotaryEmbedding))
+    assert cfg.attention.softmax_scale == attn_cls(hf, 0).scaling
+    assert cfg.attention.rope.rope_type == ("yarn" if rope else "default")
+    ours = RotaryEmbedding(cfg.attention.rope, cfg.hf_config, 4096, ReferenceKernels())
+    pos = torch.arange(0, 4096, 37)
+    theirs = rope_cls(hf)(torch.zeros(1, dtype=torch.float32), pos[None])
+    if arch == "deepseek_v3":
+        half = cfg.attention.qk_rope_head_dim // 2
+        cos, sin = theirs
+        want = torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=-1)
+    else:  # complex64 exp(i * angle) * attention factor
+        want = theirs[0]
+    torch.testing.assert_close(ours.table_PR[pos], want, rtol=2e-7, atol=2e-7)
 
 
 def test_deepseek_v2_and_glm4_moe_configs(tmp_path):
@@ -157,7 +199,7 @@ def test_deepseek_v2_and_glm4_moe_configs(tmp_path):
     assert glm.num_kv_heads == 2 and glm.sparse_layers == (1, 2, 3)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["deepseek_v2", "glm4_moe"])
 def test_config_only_architectures_refuse_to_run(tmp_path, arch):
     path = _config_dir(tmp_path, arch)
     with pytest.raises(ValueError, match=r"config read, model definition not available in this build"):
@@ -179,9 +221,11 @@ def test_config_only_architectures_refuse_to_run(tmp_path, arch):
     ("deepseek_v3", dict(topk_group=5), r"topk_group=5 .*\[1, n_group=4\]"),
     ("deepseek_v3", dict(num_experts_per_tok=7), r"num_experts_per_tok=7 .*the 6 experts of the topk_group=2 chosen groups"),
     ("deepseek_v3", dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported .*allowed: 'silu'"),
-    ("deepseek_v3", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
-                                          "original_max_position_embeddings": 128}),
-     r"rope_parameters.rope_type .*='yarn' is not supported: allowed: 'default'"),
+    ("deepseek_v3", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}),
+     r"rope_parameters.rope_type \(rope_scaling.rope_type or rope_scaling.type in older files\)='dynamic' is not "
+     r"supported: allowed: 'default', 'yarn'"),
+    ("deepseek_v3", dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_parameters=None),
+     r"rope_parameters.rope_type .*='linear' is not supported"),
 ])
 def test_unsupported_values_name_the_field(tmp_path, arch, fields, match):
     with pytest.raises(ValueError, match=r"config\.json " + match):
