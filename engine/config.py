@@ -28,9 +28,10 @@ _DTYPES = {
 
 # Architectures moelink can run, by the `architectures` name in config.json (engine/models registers an
 # ArchSpec for each one; a test checks the two lists agree).
-SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM",
+                           "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM")
 # Architectures whose config.json moelink reads (routing included) but whose model it cannot build yet.
-CONFIG_ONLY_ARCHITECTURES = ("DeepseekV2ForCausalLM", "Glm4MoeForCausalLM")
+CONFIG_ONLY_ARCHITECTURES: tuple[str, ...] = ()
 KNOWN_ARCHITECTURES = SUPPORTED_ARCHITECTURES + CONFIG_ONLY_ARCHITECTURES
 
 

@@ -16,6 +16,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "MixtralForCausalLM": ArchSpec("gqa", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2")),
     # DeepSeek-V3/R1, Kimi K2, Mistral Large 3 (DeepSeek-V3 format); DeepSeek-V2 / V2-Lite.
     "DeepseekV3ForCausalLM": ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ),
+    "DeepseekV2ForCausalLM": ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ),
+    # GLM-4.5 / 4.6: GQA with partial rotary and the DeepSeek-V3 MoE block.
+    "Glm4MoeForCausalLM": ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ),
 }
 
 

@@ -1,5 +1,7 @@
 """config.json as transformers writes it: checkpoints saved by the installed transformers load and match,
-DeepSeek-style configs are read (routing included) but refused for running, bad values name their field.
+DeepSeek-style configs are read into their routing, attention kind and rope (the scale and rope tables are
+transformers' own numbers), bad values name their field. (Parity of the DeepSeek / GLM models themselves:
+test_model_families.py.)
 
 The checkpoints here are built by transformers itself (random init, `save_pretrained`), not by
 moelink's tiny_model writer, so nothing in them is hand-edited: transformers 5 writes Qwen3-MoE's expert
@@ -15,7 +17,7 @@ import torch
 
 from moelink.engine import LLM
 from moelink.engine.config import CONFIG_ONLY_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelConfig
-from moelink.engine.layer_configs import MLAConfig, RopeConfig
+from moelink.engine.layer_configs import GQAConfig, MLAConfig, RopeConfig
 from moelink.engine.loader import checkpoint_index, load_model
 from moelink.engine.models import ARCHITECTURES
 from moelink.engine.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
@@ -197,11 +199,22 @@ def test_deepseek_v2_and_glm4_moe_configs(tmp_path):
     glm = ModelConfig.from_pretrained(_config_dir(tmp_path / "glm", "glm4_moe"), require_runnable=False)
     assert glm.moe.router == RouterConfig(8, 2, "sigmoid", "noaux_tc", 1, 1, True, 1.0, True)
     assert glm.num_kv_heads == 2 and glm.sparse_layers == (1, 2, 3)
+    # GLM: GQA rotating half of each 16-wide head (transformers' default partial_rotary_factor 0.5).
+    assert glm.attention == GQAConfig(4, 2, 16, RopeConfig(8, 10000.0), qk_norm=False, qkv_bias=False)
+    assert v2.attention.rope.style == "complex" and v2.attention.q_lora_rank == 1536
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v2", "glm4_moe"])
-def test_config_only_architectures_refuse_to_run(tmp_path, arch):
-    path = _config_dir(tmp_path, arch)
+def test_config_only_architectures_refuse_to_run(tmp_path, monkeypatch):
+    # Every known architecture runs today; a config-only one (read, not built) is simulated by taking GLM-4-MoE
+    # out of the runnable lists.
+    from moelink.engine import config as config_module
+    from moelink.engine import models as models_module
+
+    monkeypatch.setattr(config_module, "SUPPORTED_ARCHITECTURES",
+                        tuple(a for a in SUPPORTED_ARCHITECTURES if a != "Glm4MoeForCausalLM"))
+    monkeypatch.setattr(models_module, "ARCHITECTURES",
+                        {a: s for a, s in ARCHITECTURES.items() if a != "Glm4MoeForCausalLM"})
+    path = _config_dir(tmp_path, "glm4_moe")
     with pytest.raises(ValueError, match=r"config read, model definition not available in this build"):
         ModelConfig.from_pretrained(path)
     cfg = ModelConfig.from_pretrained(path, require_runnable=False)
@@ -221,6 +234,13 @@ def test_config_only_architectures_refuse_to_run(tmp_path, arch):
     ("deepseek_v3", dict(topk_group=5), r"topk_group=5 .*\[1, n_group=4\]"),
     ("deepseek_v3", dict(num_experts_per_tok=7), r"num_experts_per_tok=7 .*the 6 experts of the topk_group=2 chosen groups"),
     ("deepseek_v3", dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported .*allowed: 'silu'"),
+    ("deepseek_v2", dict(mlp_bias=True), r"mlp_bias=True is not supported for DeepseekV2ForCausalLM .*allowed: False"),
+    ("glm4_moe", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.1}),
+     r"partial_rotary_factor=0.1 is not supported: allowed: a factor in \(0, 1\] giving an even rotary width"),
+    ("glm4_moe", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+                                       "long_factor": [1.0] * 4, "original_max_position_embeddings": 128}),
+     r"rope_parameters.rope_type .*='longrope' is not supported: allowed: 'default', 'yarn'"),
+    ("glm4_moe", dict(n_group=3), r"n_group=3 .*divides the 8 routed experts"),
     ("deepseek_v3", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}),
      r"rope_parameters.rope_type \(rope_scaling.rope_type or rope_scaling.type in older files\)='dynamic' is not "
      r"supported: allowed: 'default', 'yarn'"),

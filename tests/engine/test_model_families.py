@@ -1,4 +1,4 @@
-"""DeepSeek-V3 (and, as they land, DeepSeek-V2 and GLM-4-MoE) checkpoints saved by transformers: the engine's
+"""DeepSeek-V3, DeepSeek-V2 and GLM-4-MoE checkpoints saved by transformers: the engine's
 greedy outputs equal transformers' `generate` on each prompt alone, token for token, in float64.
 
 16 prompts of 1-200 tokens run together under a small token budget (chunked prefill, several sequences per
@@ -19,7 +19,7 @@ from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, h
 pytestmark = pytest.mark.slow  # transformers generate beside the engine, in float64
 
 # One checkpoint per architecture for the preemption and prefix-cache runs.
-ONE_PER_ARCH = ["dsv3_lora"]
+ONE_PER_ARCH = ["dsv3_lora", "dsv2_lite", "glm_bias"]
 
 
 def _prompts(name: str) -> list[list[int]]:

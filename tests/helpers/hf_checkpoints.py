@@ -41,6 +41,32 @@ HF_TINY: dict[str, tuple[str, dict]] = {
         kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, moe_intermediate_size=12,
         n_routed_experts=10, n_group=1, topk_group=1, num_experts_per_tok=3, first_k_dense_replace=0,
         n_shared_experts=1, rope_interleave=False, tie_word_embeddings=True)),
+    # DeepSeek-V2-Lite layout: no q LoRA, softmax group-limited greedy (9 experts in 3 groups, 1 chosen),
+    # V2-Lite's YaRN (mscale = mscale_all_dim = 0.707), 2 shared experts, one dense layer.
+    "dsv2_lite": ("deepseek_v2", dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=None,
+        **_MLA_SMALL, moe_intermediate_size=16, n_routed_experts=9, topk_method="group_limited_greedy", n_group=3,
+        topk_group=1, num_experts_per_tok=3, first_k_dense_replace=1, n_shared_experts=2,
+        routed_scaling_factor=16.0, rope_parameters=dict(_YARN, mscale=0.707, mscale_all_dim=0.707))),
+    # DeepSeek-V2 layout: q LoRA, plain greedy top-k over 6 experts, no dense layer, one shared expert.
+    "dsv2_lora": ("deepseek_v2", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, moe_intermediate_size=16,
+        n_routed_experts=6, topk_method="greedy", num_experts_per_tok=2, first_k_dense_replace=0,
+        n_shared_experts=1)),
+    # GLM-4.5 layout: partial rotary (half of each head), q/k norm, qkv bias, 10 experts in 2 groups (1
+    # chosen), one dense layer, one shared expert.
+    "glm_bias": ("glm4_moe", dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, moe_intermediate_size=16, n_routed_experts=10, n_group=2, topk_group=1, num_experts_per_tok=3,
+        first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, use_qk_norm=True,
+        attention_bias=True)),
+    # A quarter of each head rotated, with YaRN; no q/k norm, no bias, 6 experts, two shared experts.
+    "glm_yarn": ("glm4_moe", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, moe_intermediate_size=16, n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, n_shared_experts=2, norm_topk_prob=False,
+        rope_parameters=dict(_YARN, partial_rotary_factor=0.25))),
 }
 
 _CLASSES = {
