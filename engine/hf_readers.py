@@ -26,6 +26,13 @@ _ROPE_FIELD = "rope_parameters.rope_type (rope_scaling.rope_type or rope_scaling
 
 def read_fields(arch: str, hf) -> dict:
     """ModelConfig's fields (all but model, dtype, architecture, max_model_len, hf_config) from `hf`."""
+    quant = getattr(hf, "quantization_config", None)
+    if quant:
+        # DeepSeek-V3/R1 and Kimi K2 publish FP8 block-scaled weights: read without their scales they would
+        # load as wrong numbers, so a quantized checkpoint is refused until quantized weights are supported.
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", quant)
+        raise unsupported("quantization_config.quant_method", method, "none (an unquantized bf16 / fp16 / fp32 "
+                          "checkpoint; convert FP8 weights to bf16 first)")
     hidden_act = getattr(hf, "hidden_act", "silu")
     if hidden_act != "silu":
         raise unsupported("hidden_act", hidden_act, ("silu",), " (moelink's MLPs are SiLU-gated)")
