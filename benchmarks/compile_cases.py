@@ -173,3 +173,30 @@ def compile_norm_rotary(rec: Recorder, quick: bool) -> None:
         with rec.labelled(f"q/k-norm + rotary, head dim 128 {str(dt)[6:]}"):
             triton_rms_norm(q, torch.empty(128, dtype=dt, **meta), 1e-6)
             triton_rotary(q, k, torch.empty(33, dtype=torch.long, **meta), torch.empty(100, 128, **meta))
+
+
+def compile_mla(rec: Recorder, quick: bool) -> None:
+    """MLA at DeepSeek-V3 shapes (128 heads, latent 512, rope 64): a decode batch (split and not), a mixed batch
+    of decodes and a chunk over a cached prefix, the latent write; and 16 heads (DeepSeek-V2-Lite), where the
+    head block shrinks to 16."""
+    from moelink.kernels.attention import AttentionMetadata
+    from moelink.kernels.triton_mla import triton_mla_attention, triton_write_latent
+
+    meta = dict(device="meta")
+    C, P, L = 512, 64, 16
+    i32 = lambda *s: torch.empty(*s, dtype=torch.int32, **meta)  # noqa: E731
+    variants = [(128, torch.bfloat16)] + ([] if quick else [(128, torch.float16), (128, torch.float32), (16, torch.bfloat16)])
+    for N, dt in variants:
+        name = f"{'deepseek-v3' if N == 128 else 'deepseek-v2-lite'} MLA {str(dt)[6:]}"
+        cache = torch.empty(1000, L, C + P, dtype=dt, **meta)
+        for label, S, q_lens, splits in (("decode batch 64", 64, [1] * 64, 1), ("decode batch 4, split 8", 4, [1] * 4, 8),
+                                         ("mixed batch (31 decodes + a 97-token chunk)", 32, [1] * 31 + [97], None)):
+            T = sum(q_lens)
+            m = AttentionMetadata(i32(S + 1), i32(S), i32(S, 512), torch.empty(T, dtype=torch.long, **meta), q_lens,
+                                  [4096] * S, max(q_lens), 4096, 999)
+            with rec.labelled(f"{name} {label}"):
+                triton_mla_attention(torch.empty(T, N, C, dtype=dt, **meta), torch.empty(T, N, P, dtype=dt, **meta),
+                                     cache, m, 0.1, num_splits=splits)
+        with rec.labelled(f"{name} latent write"):
+            triton_write_latent(torch.empty(40, C, dtype=dt, **meta), torch.empty(40, P, dtype=dt, **meta), cache,
+                                torch.empty(40, dtype=torch.long, **meta))

@@ -1,4 +1,9 @@
-"""ModelConfig: what the engine needs to know about a checkpoint, read from config.json and validated."""
+"""ModelConfig: what the engine needs to know about a checkpoint, read from config.json and validated.
+
+config.json is read by transformers' own config classes (the library that writes these files owns their
+aliases and defaults); this module maps that object onto moelink's fields and refuses, with one sentence
+naming the field, any value moelink cannot run.
+"""
 from __future__ import annotations
 
 import json
@@ -8,7 +13,10 @@ from pathlib import Path
 import torch
 
 from moelink.comm.backends import resolve_backend
+from moelink.moe.router import RouterConfig
 
+from .hf_readers import read_fields
+from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
 from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
 
 _DTYPES = {
@@ -18,8 +26,13 @@ _DTYPES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
 
-# Architectures we can run, by the `architectures` name in config.json.
-SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+# Architectures moelink can run, by the `architectures` name in config.json (engine/models registers an
+# ArchSpec for each one; a test checks the two lists agree).
+SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM",
+                           "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM")
+# Architectures whose config.json moelink reads (routing included) but whose model it cannot build yet.
+CONFIG_ONLY_ARCHITECTURES: tuple[str, ...] = ()
+KNOWN_ARCHITECTURES = SUPPORTED_ARCHITECTURES + CONFIG_ONLY_ARCHITECTURES
 
 
 def parse_dtype(value, checkpoint_dtype: str | None = None) -> torch.dtype:
@@ -37,7 +50,15 @@ def parse_dtype(value, checkpoint_dtype: str | None = None) -> torch.dtype:
 
 @dataclass
 class ModelConfig:
-    """Shape and routing of a MoE decoder, from a local Hugging Face directory."""
+    """Shape and routing of a MoE decoder, from a local Hugging Face directory.
+
+    `moe` holds the routing scheme and the MoE layout; a ModelConfig built by hand without one gets
+    softmax top-k routing over num_experts (renormalised when norm_topk_prob). `attention` is the attention
+    kind (layer_configs.GQAConfig or MLAConfig: the layers' shape, rope, and what the KV cache holds per
+    token); built by hand without one it is GQA over num_heads / num_kv_heads / head_dim with plain RoPE.
+    num_kv_heads and head_dim are GQA's; an MLA model reads its shape from `attention` alone. `hf_config`
+    is the config as transformers reads it (`PretrainedConfig.to_dict()`: aliases resolved, defaults filled).
+    """
 
     model: str
     dtype: torch.dtype
@@ -55,12 +76,14 @@ class ModelConfig:
     num_experts: int
     top_k: int
     moe_intermediate_size: int
-    intermediate_size: int  # dense MLP layers (Qwen3 `mlp_only_layers`)
+    intermediate_size: int  # dense MLP layers (Qwen3 `mlp_only_layers`, DeepSeek `first_k_dense_replace`)
     norm_topk_prob: bool
     sparse_layers: tuple[int, ...]
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
     hf_config: dict = field(repr=False, default_factory=dict)
+    moe: MoEConfig | None = None
+    attention: AttentionConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -71,67 +94,64 @@ class ModelConfig:
             raise ValueError(
                 f"max_model_len={self.max_model_len} is invalid: must be in [1, max_position_embeddings={self.max_position_embeddings}]."
             )
+        if self.attention is None:
+            self.attention = GQAConfig(self.num_heads, self.num_kv_heads, self.head_dim,
+                                       RopeConfig(self.head_dim, self.rope_theta))
+        if self.moe is None:
+            self.moe = MoEConfig(RouterConfig(self.num_experts, self.top_k, norm_topk_prob=bool(self.norm_topk_prob)))
+        r = self.moe.router
+        if (r.num_experts, r.top_k, r.norm_topk_prob) != (self.num_experts, self.top_k, self.norm_topk_prob):
+            raise ValueError(f"ModelConfig moe.router (num_experts={r.num_experts}, top_k={r.top_k}, norm_topk_prob="
+                             f"{r.norm_topk_prob}) disagrees with num_experts={self.num_experts}, top_k={self.top_k}, "
+                             f"norm_topk_prob={self.norm_topk_prob}.")
 
     @classmethod
-    def from_pretrained(cls, model: str, dtype="auto", max_model_len: int | None = None) -> "ModelConfig":
+    def from_pretrained(cls, model: str, dtype="auto", max_model_len: int | None = None, *,
+                        require_runnable: bool = True) -> "ModelConfig":
+        """Read `model`/config.json through transformers' own config class (so every alias and default
+        transformers knows applies) and validate it. Architectures in CONFIG_ONLY_ARCHITECTURES are read
+        only with require_runnable=False; otherwise they are refused here, before any engine work."""
         path = Path(model)
         if not path.is_dir():
             raise ValueError(f"model={model!r} is not a directory: pass a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).")
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ValueError(f"model={model!r} has no config.json: a Hugging Face checkpoint directory is required.")
-        hf = json.loads(cfg_file.read_text())
-        archs = hf.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"model={model!r}: config.json is not valid JSON ({e}).") from None
+        # The architecture is checked on the file first: transformers would fail on an unknown model_type
+        # with a message about its own registry rather than about what moelink runs.
+        archs = raw.get("architectures") or []
+        arch = next((a for a in archs if a in KNOWN_ARCHITECTURES), None)
         if arch is None:
             raise ValueError(f"config.json architectures={archs!r} is not supported: moelink runs {', '.join(SUPPORTED_ARCHITECTURES)}.")
-        is_qwen = arch == "Qwen3MoeForCausalLM"
-        num_layers = int(hf["num_hidden_layers"])
-        num_heads = int(hf["num_attention_heads"])
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-        num_experts = int(hf["num_experts"] if is_qwen else hf["num_local_experts"])
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"config.json rope_type={rope_type!r} is not supported yet: only 'default' rotary embeddings.")
-        rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-        if is_qwen:
-            only_dense = set(hf.get("mlp_only_layers") or [])
-            step = int(hf.get("decoder_sparse_step", 1) or 1)
-            sparse = tuple(i for i in range(num_layers) if i not in only_dense and num_experts > 0 and (i + 1) % step == 0)
-            moe_inter = int(hf["moe_intermediate_size"])
-        else:
-            sparse = tuple(range(num_layers))
-            moe_inter = int(hf["intermediate_size"])
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        max_pos = int(hf.get("max_position_embeddings", 4096))
         if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)):
             raise ValueError(f"max_model_len={max_model_len!r} is invalid: must be a positive integer.")
-        return cls(
-            model=str(path),
-            dtype=parse_dtype(dtype, hf.get("torch_dtype") or hf.get("dtype")),
-            architecture=arch,
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=int(hf.get("num_key_value_heads", num_heads)),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            max_position_embeddings=max_pos,
-            max_model_len=max_model_len if max_model_len is not None else max_pos,
-            num_experts=num_experts,
-            top_k=int(hf["num_experts_per_tok"]),
-            moe_intermediate_size=moe_inter,
-            intermediate_size=int(hf.get("intermediate_size", moe_inter)),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", True)) if is_qwen else True,
-            sparse_layers=sparse,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            eos_token_ids=eos_ids,
-            hf_config=hf,
+        hf = _auto_config(path)
+        fields = read_fields(arch, hf)
+        checkpoint_dtype = str(hf.dtype).removeprefix("torch.") if getattr(hf, "dtype", None) else raw.get("torch_dtype")
+        cfg = cls(
+            model=str(path), dtype=parse_dtype(dtype, checkpoint_dtype), architecture=arch,
+            max_model_len=max_model_len if max_model_len is not None else fields["max_position_embeddings"],
+            hf_config=hf.to_dict(), **fields,
         )
+        if require_runnable and arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"architecture {arch}: config read, model definition not available in this build "
+                             f"(moelink runs {', '.join(SUPPORTED_ARCHITECTURES)}).")
+        return cfg
+
+
+def _auto_config(path: Path):
+    """transformers' config object for `path`; it owns config.json's aliases (Qwen3-MoE's num_experts is
+    written num_local_experts by transformers 5), defaults and the rope_scaling → rope_parameters rewrite."""
+    from transformers import AutoConfig  # ~1 s to import: paid when a model is read, not by every CLI start
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001  (transformers raises ValueError, OSError and strict-dataclass errors)
+        raise ValueError(f"model={str(path)!r}: transformers could not read config.json: {e}") from None
 
 
 _EXECUTORS = ("auto", "inprocess", "ray")

@@ -21,9 +21,15 @@ if TYPE_CHECKING:  # typing only: a ModelConfig is read by attribute
 CPU_KV_CAP_BYTES = 1 << 30  # 1 GiB: ample for tiny CPU models; the machine needs the rest
 
 
+def kv_cache_bytes_per_token_per_layer(cfg: "ModelConfig") -> int:
+    """What one token stores in one layer's cache, as its attention kind lays the cache out: a K and a V per kv
+    head (GQA), or one latent + rope key (MLA: (kv_lora_rank + qk_rope_head_dim) values)."""
+    return cfg.attention.kv_bytes_per_token(cfg.dtype)
+
+
 def kv_cache_bytes_per_block(cfg: "ModelConfig", block_size: int) -> int:
-    """K and V of every layer for one block of `block_size` tokens, in bytes."""
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * cfg.dtype.itemsize
+    """The cache of every layer for one block of `block_size` tokens, in bytes."""
+    return cfg.num_layers * block_size * kv_cache_bytes_per_token_per_layer(cfg)
 
 
 def blocks_per_sequence(max_model_len: int, block_size: int) -> int:

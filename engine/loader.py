@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
-from .models import ARCHITECTURES, MoEDecoderForCausalLM
+from .models import MoEDecoderForCausalLM, arch_spec
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,10 @@ def checkpoint_index(model_dir: str | Path) -> dict[str, Path]:
 def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
                progress: bool = False) -> MoEDecoderForCausalLM:
     """Build the model for `cfg.architecture` on `device` and fill every parameter from the checkpoint."""
-    spec = ARCHITECTURES[cfg.architecture]
+    spec = arch_spec(cfg.architecture)
     model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep)
-    plan = model.weight_plan()
     index = checkpoint_index(cfg.model)
+    plan = model.weight_plan(index.keys())  # the names pick the experts' on-disk layout
     missing = [name for name in plan if name not in index]
     if missing:
         raise ValueError(
@@ -59,9 +59,9 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
         for fname, names in by_file.items():
             with safe_open(str(fname), framework="pt") as st:
                 for name in names:
-                    param, idx = plan[name]
+                    param, idx, *src_idx = plan[name]
                     dest = param[idx] if idx else param
-                    src = st.get_tensor(name)
+                    src = _read(st, name, src_idx[0] if src_idx else ())
                     if tuple(src.shape) != tuple(dest.shape):
                         raise ValueError(
                             f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)} from config.json."
@@ -70,6 +70,15 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
                     bar.update(1)
     bar.close()
     return model.eval()
+
+
+def _read(st, name: str, src_idx: tuple) -> torch.Tensor:
+    """The checkpoint tensor, or the rows `src_idx` picks (slices are read alone, without the rest)."""
+    if not src_idx:
+        return st.get_tensor(name)
+    if all(isinstance(i, slice) for i in src_idx):
+        return st.get_slice(name)[src_idx]
+    return st.get_tensor(name)[src_idx]
 
 
 class _NoBar:

@@ -74,7 +74,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kernels = select_kernels(device, kernels)
         self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[tuple[torch.Tensor, ...]] = []
         self.null_block = -1
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
         self.graph_backend = graph_backend
@@ -109,10 +109,11 @@ class ModelRunner:
         self.kv_caches = []
         # One extra, never-allocated block at the end: the attention null block.
         self.null_block = num_kv_blocks
-        shape = (num_kv_blocks + 1, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        # Each layer's tensors as its attention kind lays them out: (k_cache, v_cache) for GQA, (latent_cache,)
+        # for MLA (engine/layer_configs.py).
+        shapes = self.cfg.attention.cache_shapes(num_kv_blocks, self.block_size)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.cfg.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.cfg.dtype, device=self.device))
+            tuple(torch.zeros(shape, dtype=self.cfg.dtype, device=self.device) for shape in shapes)
             for _ in range(self.cfg.num_layers)
         ]
         if self.graph_sizes:

@@ -3,8 +3,10 @@
 Tests, examples and benchmarks need real-looking models without a network: a
 directory that `transformers` loads with no missing or unexpected weights
 (so it is the test oracle for our model code) and that our loader reads like
-any downloaded Qwen3-MoE or Mixtral checkpoint. Everything is seeded, so the
-same arguments give byte-identical files.
+any downloaded checkpoint. Qwen3-MoE and Mixtral files are written here;
+DeepSeek-V3, DeepSeek-V2 and GLM-4-MoE are built and saved by transformers
+itself (tiny_hf_model.py). Everything is seeded, so the same arguments give
+byte-identical files.
 
 Shape legend: V vocab, D hidden, E experts, I expert (or dense MLP) width,
 H query heads, K kv heads, Dh head dim.
@@ -14,15 +16,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import save_file
 
 from .tiny_corpus import (CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, SPECIAL_TOKENS,  # noqa: F401 (re-exported)
                           train_tiny_tokenizer, write_tokenizer_configs)
+from .tiny_hf_model import HF_ARCHS, build_hf_config, write_generation_config, write_hf_model
 
-ARCHS = ("qwen3_moe", "mixtral")
+ARCHS = ("qwen3_moe", "mixtral") + tuple(HF_ARCHS)
+_MLA_ARCHS = ("deepseek_v3", "deepseek_v2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_VOCAB_SIZE = 300  # 256 byte tokens + specials + a few merges
 
@@ -58,6 +62,10 @@ def _validate(a: dict) -> None:
         _fail("vocab_size", a["vocab_size"], f"must be an integer >= {MIN_VOCAB_SIZE} (256 byte tokens + specials)")
     if a["head_dim"] is not None:
         _pos_int("head_dim", a["head_dim"])
+    if a["arch"] in HF_ARCHS:
+        _validate_hf_arch(a)
+    elif a["extra"]:
+        _fail("extra", dict(a["extra"]), f"applies to {', '.join(HF_ARCHS)} only")
     if a["arch"] == "mixtral":
         if a["hidden_size"] % a["num_heads"]:
             _fail("hidden_size", a["hidden_size"], f"must be divisible by num_heads ({a['num_heads']}) for mixtral")
@@ -66,7 +74,7 @@ def _validate(a: dict) -> None:
         if a["intermediate_size"] is not None:
             _fail("intermediate_size", a["intermediate_size"],
                   "applies to qwen3_moe dense layers only; mixtral's expert width is moe_intermediate_size")
-        if not a["norm_topk_prob"]:
+        if a["norm_topk_prob"] is False:
             _fail("norm_topk_prob", a["norm_topk_prob"], "must be True for mixtral (it always renormalises its top-k)")
         if tuple(a["mlp_only_layers"]) or a["decoder_sparse_step"] != 1:
             _fail("mlp_only_layers", a["mlp_only_layers"], "must be empty (and decoder_sparse_step 1) for mixtral")
@@ -85,6 +93,18 @@ def _validate(a: dict) -> None:
         _fail("init_std", a["init_std"], "must be None (fan-in scaled) or a number > 0")
     if not isinstance(a["seed"], int) or isinstance(a["seed"], bool):
         _fail("seed", a["seed"], "must be an integer")
+
+
+def _validate_hf_arch(a: dict) -> None:
+    if a["arch"] in _MLA_ARCHS and a["head_dim"] is not None:
+        _fail("head_dim", a["head_dim"], "must be None for MLA models (set qk_rope_head_dim etc. through extra)")
+    if tuple(a["mlp_only_layers"]) or a["decoder_sparse_step"] != 1:
+        _fail("mlp_only_layers", list(a["mlp_only_layers"]), f"must be empty (and decoder_sparse_step 1) for "
+              f"{a['arch']}: its dense layers are extra['first_k_dense_replace']")
+    if a["arch"] == "deepseek_v2" and a["norm_topk_prob"]:
+        _fail("norm_topk_prob", a["norm_topk_prob"], "must be None or False for deepseek_v2 (it never renormalises)")
+    if a["intermediate_size"] is not None:
+        _pos_int("intermediate_size", a["intermediate_size"])
 
 
 def is_moe_layer(layer: int, mlp_only_layers: Sequence[int], decoder_sparse_step: int) -> bool:
@@ -107,7 +127,7 @@ def make_tiny_model(
     intermediate_size: Optional[int] = None,
     vocab_size: int = 512,
     max_position_embeddings: int = 1024,
-    norm_topk_prob: bool = True,
+    norm_topk_prob: Optional[bool] = None,
     rope_theta: float = 10000.0,
     seed: int = 0,
     init_std: Optional[float] = None,
@@ -115,13 +135,20 @@ def make_tiny_model(
     max_shard_size: Optional[int] = None,
     mlp_only_layers: Sequence[int] = (),
     decoder_sparse_step: int = 1,
+    extra: Optional[Mapping] = None,
 ) -> Path:
     """Write a random `arch` checkpoint with a trained byte-level BPE tokenizer; return its directory.
 
-    head_dim: qwen3_moe only (default 16); mixtral uses hidden_size // num_heads.
+    arch: qwen3_moe, mixtral, deepseek_v3, deepseek_v2 or glm4_moe.
+    head_dim: qwen3_moe and glm4_moe (default 16); mixtral uses hidden_size // num_heads; the MLA
+        models (deepseek_v3, deepseek_v2) set their widths through `extra`.
+    num_kv_heads: GQA models; MLA has one key and value per query head.
+    norm_topk_prob: None is the family's rule (renormalise; never for deepseek_v2).
     moe_intermediate_size: width of each expert (Mixtral calls it intermediate_size).
-    intermediate_size: qwen3_moe dense-layer MLP width (layers in mlp_only_layers or off
-        decoder_sparse_step); default 2 * moe_intermediate_size.
+    intermediate_size: dense-layer MLP width (qwen3_moe: layers in mlp_only_layers or off
+        decoder_sparse_step; DeepSeek / GLM: the first_k_dense_replace layers); default 2 * moe_intermediate_size.
+    extra: DeepSeek / GLM only: further config fields as transformers names them (q_lora_rank,
+        kv_lora_rank, n_group, topk_group, n_shared_experts, first_k_dense_replace, rope_parameters, ...).
     init_std: None scales each matrix by 1/sqrt(fan_in); a number uses that std everywhere.
     max_shard_size: bytes; above it the weights go to model-0000x-of-0000N.safetensors
         plus model.safetensors.index.json.
@@ -130,12 +157,27 @@ def make_tiny_model(
     args.pop("out_dir")
     args["mlp_only_layers"] = tuple(mlp_only_layers)
     _validate(args)
+    if norm_topk_prob is None:
+        norm_topk_prob = arch != "deepseek_v2"
     if arch == "mixtral":
         head_dim = hidden_size // num_heads
     elif head_dim is None:
         head_dim = 16
     if intermediate_size is None:
         intermediate_size = 2 * moe_intermediate_size
+    if arch in HF_ARCHS:
+        common = dict(
+            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+            num_attention_heads=num_heads, num_key_value_heads=num_heads if arch in _MLA_ARCHS else num_kv_heads,
+            max_position_embeddings=max_position_embeddings, intermediate_size=intermediate_size,
+            moe_intermediate_size=moe_intermediate_size, n_routed_experts=num_experts, num_experts_per_tok=top_k,
+            norm_topk_prob=bool(norm_topk_prob), rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+            **({} if arch in _MLA_ARCHS else {"head_dim": head_dim}),
+        )
+        if arch == "glm4_moe":  # rope_parameters given whole: GLM's partial rotary default goes in with it
+            common["rope_parameters"]["partial_rotary_factor"] = 0.5
+        build_hf_config(arch, common, extra)  # transformers' checks, before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -143,6 +185,13 @@ def make_tiny_model(
     tokenizer.save(str(out / "tokenizer.json"))
     special_ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     eos_id, im_end_id = special_ids[EOS_TOKEN], special_ids[IM_END]
+    if arch in HF_ARCHS:
+        common.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+        write_hf_model(out, arch, common, extra, seed=seed, init_std=init_std, dtype=DTYPES[dtype],
+                       max_shard_size=max_shard_size)
+        write_generation_config(out, [eos_id, im_end_id], eos_id)
+        write_tokenizer_configs(out, tokenizer, max_position_embeddings)
+        return out
 
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
@@ -283,9 +332,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--num-kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=None, help="qwen3_moe only (default 16)")
+    p.add_argument("--head-dim", type=int, default=None, help="qwen3_moe and glm4_moe (default 16)")
     p.add_argument("--moe-intermediate-size", type=int, default=32, help="width of each expert")
-    p.add_argument("--intermediate-size", type=int, default=None, help="qwen3_moe dense-layer MLP width")
+    p.add_argument("--intermediate-size", type=int, default=None, help="dense-layer MLP width")
     p.add_argument("--mlp-only-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                    help="qwen3_moe: comma-separated dense layer indices")
     p.add_argument("--decoder-sparse-step", type=int, default=1)
@@ -296,7 +345,22 @@ def register_cli(subparsers) -> None:
     p.add_argument("--init-std", type=float, default=None)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--max-shard-size", type=int, default=None, help="bytes per safetensors shard")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="FIELD=VALUE", type=_field_value,
+                   help="deepseek_v3 / deepseek_v2 / glm4_moe: a further config field as transformers names it, "
+                        "VALUE as JSON (e.g. --set q_lora_rank=null --set n_group=4); repeatable")
     p.set_defaults(func=_run_cli)
+
+
+def _field_value(text: str) -> tuple[str, object]:
+    import argparse
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--set {text!r} is invalid: expected FIELD=VALUE.")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value  # a bare word: a string
 
 
 def _run_cli(args) -> None:
@@ -308,5 +372,5 @@ def _run_cli(args) -> None:
         mlp_only_layers=args.mlp_only_layers, decoder_sparse_step=args.decoder_sparse_step,
         vocab_size=args.vocab_size, max_position_embeddings=args.max_position_embeddings,
         rope_theta=args.rope_theta, seed=args.seed, init_std=args.init_std, dtype=args.dtype,
-        max_shard_size=args.max_shard_size)
+        max_shard_size=args.max_shard_size, extra=dict(args.extra))
     print(path)

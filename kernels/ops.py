@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
+from .mla import reference_mla_attention, reference_write_latent
 from .moe import reference_fused_moe
 from .norm import reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rotary
@@ -29,6 +30,8 @@ class ReferenceKernels:
     rotary = staticmethod(reference_rotary)
     write_kv = staticmethod(reference_write_kv)
     paged_attention = staticmethod(reference_paged_attention)
+    write_latent = staticmethod(reference_write_latent)
+    mla_attention = staticmethod(reference_mla_attention)
     fused_moe = staticmethod(reference_fused_moe)
 
 
@@ -44,6 +47,7 @@ class TritonKernels:
 
     def __init__(self):
         from .triton_attention import triton_paged_attention, triton_write_kv
+        from .triton_mla import triton_mla_attention, triton_write_latent
         from .triton_moe import triton_fused_moe
         from .triton_norm import triton_add_rms_norm, triton_rms_norm
         from .triton_rotary import triton_rotary
@@ -53,6 +57,8 @@ class TritonKernels:
         self.rotary = triton_rotary
         self.write_kv = triton_write_kv
         self.paged_attention = triton_paged_attention
+        self.write_latent = triton_write_latent
+        self.mla_attention = triton_mla_attention
         self.fused_moe = triton_fused_moe
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moelink.comm.a2a_base import AllToAll
 
 from .placement import ExpertPlacement, PlacementTables
-from .router import SoftmaxTopKRouter
+from .router import Router
 from .stats import MoEStats
 
 
@@ -43,10 +43,13 @@ class MoELayer(nn.Module):
     """A sparse MLP block. Expert weights are stacked: w13_EFD = [gate; up], w2_EDI = down.
 
     `kernels` is the device's kernel strategy (moelink.kernels.ops). Without
-    `ep` every expert is local and tokens never leave the rank.
+    `ep` every expert is local and tokens never leave the rank. A router that
+    selects with a correction bias (`router.needs_bias`) gets the checkpoint's
+    `e_score_correction_bias`, held here in float32 whatever the model dtype
+    (transformers keeps it in float32 too: it decides ties between experts).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, router: SoftmaxTopKRouter,
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, router: Router,
                  kernels, dtype: torch.dtype, device: torch.device | None = None, *,
                  ep: ExpertParallel | None = None, moe_index: int = 0, stats: MoEStats | None = None):
         super().__init__()
@@ -61,13 +64,20 @@ class MoELayer(nn.Module):
         self.gate_GD = nn.Parameter(torch.empty(num_experts, hidden_size, **factory), requires_grad=False)
         self.w13_EFD = nn.Parameter(torch.empty(num_local, 2 * intermediate_size, hidden_size, **factory), requires_grad=False)
         self.w2_EDI = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size, **factory), requires_grad=False)
+        self.e_score_correction_bias_G = (
+            nn.Parameter(torch.zeros(num_experts, dtype=torch.float32, device=device), requires_grad=False)
+            if router.needs_bias else None
+        )
         # bool [T], set only while a padded decode graph runs (engine/cuda_graph.py): padding rows route to
         # no expert (id -1), so they cost no expert weight reads and count in no expert's load.
         self.valid_rows_T: torch.Tensor | None = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TG = F.linear(x_TD, self.gate_GD)
-        weights_TK, ids_TK = self.router(logits_TG)
+        if self.router.float32_logits:  # the DeepSeek family runs its gate matmul in float32
+            logits_TG = F.linear(x_TD.float(), self.gate_GD.float())
+        else:
+            logits_TG = F.linear(x_TD, self.gate_GD)
+        weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
         if self.valid_rows_T is not None:
             ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)
         if self.stats is not None:

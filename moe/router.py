@@ -1,30 +1,217 @@
 """Routers: from router logits to (top-k weights, top-k expert ids), one strategy per scheme.
 
-Legend: T tokens, E experts, K top-k.
+Every strategy is a frozen dataclass with one call signature,
+`router(router_logits_TE, bias_E=None) -> (weights_TK float32, ids_TK int64)`, and two facts the MoE
+layer reads: `float32_logits` (compute the gate matmul in float32, as the DeepSeek family does) and
+`needs_bias` (the scheme selects with a per-expert `e_score_correction_bias` checkpoint tensor).
+`RouterConfig` holds the config.json routing fields, validated; `make_router` turns it into a strategy.
+Each strategy repeats its reference implementation in transformers op for op (the float32 casts, the
+group score, `topk(sorted=False)`, the epsilon of the renormalisation), so that float64 parity holds.
+
+Legend: T tokens, E experts, K top-k, G expert groups, S experts per group (E = G * S).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
+
+SCORING_FUNCS = ("softmax", "sigmoid")
+# Which `topk_method`s go with each `scoring_func` (DeepSeek-V2: softmax; DeepSeek-V3 / GLM-4-MoE: sigmoid).
+TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy"), "sigmoid": ("noaux_tc",)}
+_GROUPED = ("group_limited_greedy", "noaux_tc")
+
+
+class Router(Protocol):
+    top_k: int
+    float32_logits: bool
+    needs_bias: ClassVar[bool]
+
+    def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _bad(field: str, value, allowed: str) -> ValueError:
+    return ValueError(f"config.json {field}={value!r} is not supported: {allowed}.")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The routing fields of config.json, checked together.
+
+    scoring_func / topk_method: "softmax" with "greedy" (top-k over all experts) or "group_limited_greedy"
+    (DeepSeek-V2: top-k within the `topk_group` groups of highest max score); "sigmoid" with "noaux_tc"
+    (DeepSeek-V3, GLM-4-MoE: selection on scores + e_score_correction_bias, groups ranked by the sum of
+    their top-2). n_group / topk_group apply to the grouped methods only. norm_topk_prob renormalises the
+    k weights to sum to 1; routed_scaling_factor multiplies them after that. float32_logits: the gate
+    matmul runs in float32 whatever the model dtype (transformers' DeepSeek-V2/V3 and GLM-4-MoE).
+    """
+
+    num_experts: int
+    top_k: int
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    float32_logits: bool = False
+
+    def __post_init__(self) -> None:
+        E, K = self.num_experts, self.top_k
+        if not _is_int(E) or E < 1:
+            raise _bad("num_experts", E, "the number of routed experts must be a positive integer")
+        if not _is_int(K) or not 1 <= K <= E:
+            raise _bad("num_experts_per_tok", K, f"must be an integer in [1, {E}] (the number of routed experts)")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise _bad("scoring_func", self.scoring_func, f"choose from {', '.join(SCORING_FUNCS)}")
+        methods = TOPK_METHODS[self.scoring_func]
+        if self.topk_method not in methods:
+            raise _bad("topk_method", self.topk_method,
+                       f"with scoring_func={self.scoring_func!r} choose from {', '.join(methods)}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise _bad("norm_topk_prob", self.norm_topk_prob, "must be true or false")
+        s = self.routed_scaling_factor
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
+            raise _bad("routed_scaling_factor", s, "must be a finite number > 0")
+        if not isinstance(self.float32_logits, bool):
+            raise ValueError(f"RouterConfig float32_logits={self.float32_logits!r} must be a bool.")
+        if self.topk_method in _GROUPED:
+            self._check_groups()
+
+    def _check_groups(self) -> None:
+        E, K, G, TG = self.num_experts, self.top_k, self.n_group, self.topk_group
+        if not _is_int(G) or G < 1 or E % G:
+            raise _bad("n_group", G, f"must be a positive integer that divides the {E} routed experts (n_routed_experts)")
+        if not _is_int(TG) or not 1 <= TG <= G:
+            raise _bad("topk_group", TG, f"must be an integer in [1, n_group={G}]")
+        S = E // G
+        if self.topk_method == "noaux_tc" and S < 2:
+            raise _bad("n_group", G, f"noaux_tc ranks a group by its top-2 experts, so each of the n_group groups "
+                                     f"needs >= 2 of the {E} routed experts (n_group <= {E // 2})")
+        if K > TG * S:
+            raise _bad("num_experts_per_tok", K, f"must be <= the {TG * S} experts of the topk_group={TG} chosen "
+                                                 f"groups ({S} experts in each of n_group={G})")
 
 
 @dataclass(frozen=True)
 class SoftmaxTopKRouter:
-    """Softmax over all experts, keep the top-k, optionally renormalise them to sum to 1.
+    """Softmax over all experts, keep the top-k, optionally renormalise them to sum to 1, then scale.
 
-    Qwen3-MoE (`norm_topk_prob`) and Mixtral (always renormalised, which equals
-    a softmax over the top-k logits). The softmax runs in float32 as in the
-    reference models, which matters for exact parity in float64.
+    Qwen3-MoE (`norm_topk_prob`), Mixtral (always renormalised, which equals a softmax over the top-k
+    logits) and DeepSeek-V2 "greedy" (never renormalised, scaled by routed_scaling_factor, float32 gate).
+    The softmax runs in float32 as in the reference models, which matters for exact parity in float64.
     """
 
     top_k: int
     renormalize: bool
+    routed_scaling_factor: float = 1.0
+    float32_logits: bool = False
+    needs_bias: ClassVar[bool] = False
 
-    def __call__(self, router_logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights_TK float32, ids_TK int64)."""
+        _no_bias(self, bias_E)
         probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
         weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if self.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * self.routed_scaling_factor
         return weights_TK, ids_TK
+
+
+@dataclass(frozen=True)
+class SoftmaxGroupLimitedRouter:
+    """DeepSeek-V2 "group_limited_greedy": softmax scores; a group's score is its best expert's; the top-k
+    is taken within the `topk_group` best groups (the others' scores set to 0); then scaled."""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+    renormalize: bool = False
+    routed_scaling_factor: float = 1.0
+    float32_logits: bool = True
+    needs_bias: ClassVar[bool] = False
+
+    def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights_TK float32, ids_TK int64)."""
+        _no_bias(self, bias_E)
+        scores_TE = torch.softmax(router_logits_TE.float(), dim=-1)
+        T, E = scores_TE.shape
+        group_TG = scores_TE.view(T, self.n_group, E // self.n_group).amax(dim=-1)
+        keep_TE = _group_mask(group_TG, self.topk_group, E)
+        if keep_TE is not None:
+            scores_TE = scores_TE.masked_fill(~keep_TE, 0.0)
+        weights_TK, ids_TK = torch.topk(scores_TE, self.top_k, dim=-1, sorted=False)
+        if self.renormalize:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_TK * self.routed_scaling_factor, ids_TK
+
+
+@dataclass(frozen=True)
+class SigmoidGroupLimitedRouter:
+    """DeepSeek-V3 / GLM-4-MoE "noaux_tc": sigmoid scores; selection on scores + bias_E (the checkpoint's
+    e_score_correction_bias, float32), groups ranked by the sum of their top-2 biased scores; the weights
+    are the unbiased scores of the chosen experts, renormalised (denominator + 1e-20), then scaled."""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float = 1.0
+    float32_logits: bool = True
+    needs_bias: ClassVar[bool] = True
+
+    def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights_TK float32, ids_TK int64). bias_E None = no correction bias."""
+        scores_TE = torch.sigmoid(router_logits_TE.float())
+        choice_TE = scores_TE + bias_E if bias_E is not None else scores_TE
+        T, E = choice_TE.shape
+        keep_TE = None
+        if self.topk_group < self.n_group:  # otherwise every group is kept: skip the group ranking
+            group_TG = choice_TE.view(T, self.n_group, E // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)
+            keep_TE = _group_mask(group_TG, self.topk_group, E)
+        if keep_TE is not None:
+            choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+        ids_TK = torch.topk(choice_TE, self.top_k, dim=-1, sorted=False)[1]
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_TK * self.routed_scaling_factor, ids_TK
+
+
+def _group_mask(group_TG: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor | None:
+    """bool [T, E]: experts of the `topk_group` best groups; None when every group is kept."""
+    T, G = group_TG.shape
+    if topk_group == G:
+        return None
+    group_idx_TK = torch.topk(group_TG, k=topk_group, dim=-1, sorted=False)[1]
+    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, group_idx_TK, True)
+    return keep_TG.unsqueeze(-1).expand(T, G, num_experts // G).reshape(T, num_experts)
+
+
+def _no_bias(router, bias_E) -> None:
+    if bias_E is not None:
+        raise ValueError(f"{type(router).__name__} takes no e_score_correction_bias: only scoring_func='sigmoid' "
+                         "(topk_method='noaux_tc') selects with one.")
+
+
+def make_router(cfg: RouterConfig) -> Router:
+    """The strategy for `cfg`'s scheme (the only place a RouterConfig becomes a router)."""
+    if cfg.scoring_func == "sigmoid":
+        return SigmoidGroupLimitedRouter(cfg.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                                         cfg.routed_scaling_factor, cfg.float32_logits)
+    if cfg.topk_method == "group_limited_greedy":
+        return SoftmaxGroupLimitedRouter(cfg.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                                         cfg.routed_scaling_factor, cfg.float32_logits)
+    return SoftmaxTopKRouter(cfg.top_k, cfg.norm_topk_prob, cfg.routed_scaling_factor, cfg.float32_logits)

@@ -47,6 +47,22 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hf_tiny_model(tmp_path_factory):
+    """hf_tiny_model(name) → path of that checkpoint saved by transformers (tests.helpers.hf_checkpoints.HF_TINY;
+    built on first use)."""
+    from tests.helpers.hf_checkpoints import save_hf_checkpoint
+
+    built: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in built:
+            built[name] = save_hf_checkpoint(tmp_path_factory.mktemp(name), name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def listening():
     """listening(port=None, pids=None) → {(address, port)} of the TCP sockets listening on this host."""
     return net.listening

@@ -1,55 +1,79 @@
-"""A decoder-only MoE transformer, parameterised by an `ArchSpec` (weight names, q/k norm, routing).
+"""The decoder, one definition for every architecture: a layer is attention kind x MLP kind.
 
 Legend: T tokens in the flat batch, D hidden, V vocab.
 
-Layer structure (pre-norm, as in Qwen3-MoE and Mixtral):
+Layer structure (pre-norm, as in every supported family):
     h = x + attn(norm1(x));  out = h + mlp(norm2(h))
-with the residual add fused into the next norm.
+with the residual add fused into the next norm. Attention kinds (ModelConfig.attention): GQA (gqa.py) or
+MLA (mla.py). MLP kinds, per layer: dense (the layers outside `sparse_layers`: Qwen3's mlp_only_layers,
+DeepSeek / GLM's first_k_dense_replace), routed experts (moe.MoELayer), or routed + shared experts
+(SharedExpertsMoE, when n_shared_experts > 0). The ArchSpec of an architecture names its attention kind and
+its checkpoint's weight names; ModelConfig holds every shape and routing fact.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Collection
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from moelink.kernels.rotary import rotary_cos_sin_cache
 from moelink.moe.layer import ExpertParallel, MoELayer
-from moelink.moe.router import SoftmaxTopKRouter
+from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
 
 from ..config import ModelConfig
-from .layers import DenseMLP, ForwardContext, PagedAttention, RMSNorm
+from .gqa import GQAAttention
+from .layers import DenseMLP, ForwardContext, RMSNorm
+from .mla import MLAAttention
+from .rope import RotaryEmbedding
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """What differs between architectures: checkpoint names and two switches."""
+    """What an architecture chooses beyond its config.json: the attention kind it runs (its config must say
+    the same) and its checkpoint's names (routing and shapes are ModelConfig's business)."""
 
-    qk_norm: bool
-    moe_prefix: str  # "mlp" (Qwen3) or "block_sparse_moe" (Mixtral)
+    attention: str  # "gqa" or "mla"
+    moe_prefix: str  # "mlp" (Qwen3, DeepSeek, GLM) or "block_sparse_moe" (Mixtral) in the per-expert layout
     expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
-    renormalize: Callable[[ModelConfig], bool]
+    shared_experts: str = "shared_experts"  # under moe_prefix: mlp.shared_experts.{gate,up,down}_proj
+
+
+class SharedExpertsMoE(nn.Module):
+    """Routed experts plus always-on shared experts (DeepSeek, GLM): out = routed(x) + shared(x), as
+    transformers adds them. The shared MLP runs on this rank's own tokens, so under expert parallelism every
+    rank holds it and it never crosses the all-to-all; only routed experts are placed, dispatched, counted."""
+
+    def __init__(self, routed: MoELayer, shared: DenseMLP):
+        super().__init__()
+        self.routed, self.shared = routed, shared
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.routed(x_TD) + self.shared(x_TD)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: ArchSpec, layer_idx: int, cos_sin_PH, kernels, device,
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, kernels, device,
                  ep: ExpertParallel | None, stats: MoEStats):
         super().__init__()
         dt = cfg.dtype
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
-        self.self_attn = PagedAttention(
-            layer_idx, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-            cfg.rms_norm_eps if spec.qk_norm else None, cos_sin_PH, kernels, dt, device,
-        )
+        if cfg.attention.kind == "mla":
+            self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, cfg.attention, rope, kernels, dt, device)
+        else:
+            self.self_attn = GQAAttention(layer_idx, cfg.hidden_size, cfg.attention, cfg.rms_norm_eps, rope, kernels, dt, device)
         self.is_sparse = layer_idx in cfg.sparse_layers
+        # The routed experts of this layer (None in a dense layer): EP, valid rows and the counters act on them.
+        self.moe: MoELayer | None = None
         if self.is_sparse:
-            router = SoftmaxTopKRouter(cfg.top_k, spec.renormalize(cfg))
-            self.mlp = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, router, kernels, dt, device,
-                                ep=ep, moe_index=cfg.sparse_layers.index(layer_idx), stats=stats)
+            self.moe = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, make_router(cfg.moe.router),
+                                kernels, dt, device, ep=ep, moe_index=cfg.sparse_layers.index(layer_idx), stats=stats)
+            n_shared = cfg.moe.n_shared_experts
+            self.mlp = (self.moe if not n_shared else
+                        SharedExpertsMoE(self.moe, DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dt, device)))
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dt, device)
 
@@ -69,15 +93,19 @@ class MoEDecoderForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, kernels, device: torch.device,
                  ep: ExpertParallel | None = None):
         super().__init__()
+        if spec.attention != cfg.attention.kind:
+            raise ValueError(f"architecture {cfg.architecture} runs {spec.attention} attention, but its ModelConfig "
+                             f"holds {cfg.attention.kind}.")
         self.cfg, self.spec = cfg, spec
         # Logical ids of the experts this rank holds, in local slot order (all of them without EP).
         self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
         self.moe_stats = MoEStats(len(cfg.sparse_layers), cfg.num_experts, device)
         dt = cfg.dtype
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
-        cos_sin_PH = rotary_cos_sin_cache(cfg.head_dim, cfg.max_model_len, cfg.rope_theta, device=device)
+        # One table for every layer (the layers hold the same module).
+        rope = RotaryEmbedding(cfg.attention.rope, cfg.hf_config, cfg.max_model_len, kernels, device)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, spec, i, cos_sin_PH, kernels, device, ep, self.moe_stats) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, rope, kernels, device, ep, self.moe_stats) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         self.lm_head = (
@@ -97,62 +125,86 @@ class MoEDecoderForCausalLM(nn.Module):
     def set_valid_rows(self, valid_T: torch.Tensor | None) -> None:
         """Mark which rows of the coming forward are real (bool [T]); the MoE layers route the others to
         no expert. None (the default) = every row is real. Used by padded decode graphs."""
-        if valid_T is not None and any(layer.is_sparse and layer.mlp.ep is not None for layer in self.layers):
+        if valid_T is not None and any(layer.moe is not None and layer.moe.ep is not None for layer in self.layers):
             # Dispatch looks every id up in the placement tables; -1 has no rank to go to.
             raise ValueError("set_valid_rows is invalid under expert parallelism: padded rows cannot be dispatched.")
         for layer in self.layers:
-            if layer.is_sparse:
-                layer.mlp.valid_rows_T = valid_T
+            if layer.moe is not None:
+                layer.moe.valid_rows_T = valid_T
 
     def forward_moe_only(self) -> None:
         """An empty step under expert parallelism: no local tokens, but this rank still
-        joins every MoE layer's dispatch and combine, in the same order as its peers."""
+        joins every MoE layer's dispatch and combine, in the same order as its peers (shared experts, which
+        are local, have nothing to do)."""
         x_0D = self.embed_tokens.new_zeros(0, self.cfg.hidden_size)
         for layer in self.layers:
-            if layer.is_sparse:
-                layer.mlp(x_0D)
+            if layer.moe is not None:
+                layer.moe(x_0D)
 
     def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
         return F.linear(h_SD, self.lm_head)
 
     # -- checkpoint mapping ---------------------------------------------------
-    def weight_plan(self) -> dict[str, tuple[torch.Tensor, tuple]]:
-        """Checkpoint tensor name → (destination parameter, index into it).
+    def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> dict[str, tuple]:
+        """Checkpoint tensor name → (destination parameter, index into it[, index into the tensor]).
 
         Only tensors this rank needs are listed, so a loader that follows the
-        plan never reads another rank's experts.
+        plan never reads another rank's experts (in the fused layout it skips
+        their rows when this rank's experts are contiguous). Experts come in one of two on-disk layouts, chosen per
+        layer from `checkpoint_names` (None = per-expert):
+        - per expert, as Hugging Face publishes them and `save_pretrained` writes
+          them by default: `{moe_prefix}.experts.{e}.{expert_names}.weight`;
+        - fused, as transformers 5 holds them in memory and writes them with
+          `save_pretrained(save_original_format=False)`: `mlp.experts.gate_up_proj`
+          [E, 2I, D] (gate rows, then up rows: our w13 order) and
+          `mlp.experts.down_proj` [E, D, I], with the router at `mlp.gate`.
         """
         cfg, spec = self.cfg, self.spec
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        plan: dict[str, tuple[torch.Tensor, tuple]] = {"model.embed_tokens.weight": (self.embed_tokens, ())}
+        names = frozenset(checkpoint_names) if checkpoint_names is not None else frozenset()
+        plan: dict[str, tuple] = {"model.embed_tokens.weight": (self.embed_tokens, ())}
         if not cfg.tie_word_embeddings:
             plan["lm_head.weight"] = (self.lm_head, ())
-        plan["model.norm.weight"] = (self.norm.weight, ())
+        plan.update(self.norm.weight_plan("model.norm.weight"))
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            attn = layer.self_attn
-            plan[p + "input_layernorm.weight"] = (layer.input_layernorm.weight, ())
-            plan[p + "post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, ())
-            plan[p + "self_attn.q_proj.weight"] = (attn.qkv_proj, (slice(0, q),))
-            plan[p + "self_attn.k_proj.weight"] = (attn.qkv_proj, (slice(q, q + kv),))
-            plan[p + "self_attn.v_proj.weight"] = (attn.qkv_proj, (slice(q + kv, q + 2 * kv),))
-            plan[p + "self_attn.o_proj.weight"] = (attn.o_proj, ())
-            if spec.qk_norm:
-                plan[p + "self_attn.q_norm.weight"] = (attn.q_norm.weight, ())
-                plan[p + "self_attn.k_norm.weight"] = (attn.k_norm.weight, ())
-            mlp = layer.mlp
-            if layer.is_sparse:
-                inter = cfg.moe_intermediate_size
-                m = p + spec.moe_prefix + "."
-                gate_name, up_name, down_name = spec.expert_names
-                plan[m + "gate.weight"] = (mlp.gate_GD, ())
-                for local, e in enumerate(self.expert_ids):
-                    plan[f"{m}experts.{e}.{gate_name}.weight"] = (mlp.w13_EFD, (local, slice(0, inter)))
-                    plan[f"{m}experts.{e}.{up_name}.weight"] = (mlp.w13_EFD, (local, slice(inter, 2 * inter)))
-                    plan[f"{m}experts.{e}.{down_name}.weight"] = (mlp.w2_EDI, (local,))
-            else:
-                inter = cfg.intermediate_size
-                plan[p + "mlp.gate_proj.weight"] = (mlp.gate_up_proj, (slice(0, inter),))
-                plan[p + "mlp.up_proj.weight"] = (mlp.gate_up_proj, (slice(inter, 2 * inter),))
-                plan[p + "mlp.down_proj.weight"] = (mlp.down_proj, ())
+            plan.update(layer.input_layernorm.weight_plan(p + "input_layernorm.weight"))
+            plan.update(layer.post_attention_layernorm.weight_plan(p + "post_attention_layernorm.weight"))
+            plan.update(layer.self_attn.weight_plan(p + "self_attn."))
+            if layer.moe is None:
+                plan.update(layer.mlp.weight_plan(p + "mlp."))
+                continue
+            fused = p + "mlp.experts.gate_up_proj" in names
+            prefix = p + ("mlp." if fused else spec.moe_prefix + ".")
+            plan.update(self._expert_plan(layer.moe, prefix, fused))
+            if isinstance(layer.mlp, SharedExpertsMoE):  # every rank holds the shared experts whole
+                plan.update(layer.mlp.shared.weight_plan(f"{p}{spec.moe_prefix}.{spec.shared_experts}."))
         return plan
+
+    def _expert_plan(self, mlp: MoELayer, m: str, fused: bool) -> dict[str, tuple]:
+        """The router and this rank's experts of one MoE layer whose checkpoint names start with `m`."""
+        inter = self.cfg.moe_intermediate_size
+        plan: dict[str, tuple] = {m + "gate.weight": (mlp.gate_GD, ())}
+        if mlp.e_score_correction_bias_G is not None:
+            plan[m + "gate.e_score_correction_bias"] = (mlp.e_score_correction_bias_G, ())
+        if fused:
+            rows = _expert_rows(self.expert_ids, self.cfg.num_experts)
+            plan[m + "experts.gate_up_proj"] = (mlp.w13_EFD, (), rows)
+            plan[m + "experts.down_proj"] = (mlp.w2_EDI, (), rows)
+            return plan
+        gate_name, up_name, down_name = self.spec.expert_names
+        for local, e in enumerate(self.expert_ids):
+            plan[f"{m}experts.{e}.{gate_name}.weight"] = (mlp.w13_EFD, (local, slice(0, inter)))
+            plan[f"{m}experts.{e}.{up_name}.weight"] = (mlp.w13_EFD, (local, slice(inter, 2 * inter)))
+            plan[f"{m}experts.{e}.{down_name}.weight"] = (mlp.w2_EDI, (local,))
+        return plan
+
+
+def _expert_rows(expert_ids: list[int], num_experts: int) -> tuple:
+    """Index into a fused [E, ...] checkpoint tensor that yields this rank's experts in local slot order:
+    () for all of them, a slice for a contiguous run (read without the other rows), else the id list."""
+    if expert_ids == list(range(num_experts)):
+        return ()
+    lo = expert_ids[0] if expert_ids else 0
+    if expert_ids == list(range(lo, lo + len(expert_ids))):
+        return (slice(lo, lo + len(expert_ids)),)
+    return (torch.tensor(expert_ids, dtype=torch.long),)

@@ -8,54 +8,15 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
-from moelink.engine import LLM, SamplingParams
+from moelink.engine import LLM
 
+from tests.helpers.parity import assert_pool_free as _assert_pool_free
+from tests.helpers.parity import engine_greedy, hf_greedy
+from tests.helpers.parity import prompts as _prompts
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.slow  # transformers generate beside the engine, in float64
-
-MAX_NEW = 10
-
-
-def _prompts(vocab: int, seed: int, n: int = 16, lo: int = 1, hi: int = 200) -> list[list[int]]:
-    rng = random.Random(seed)
-    lens = [lo, hi] + [rng.randint(lo, hi) for _ in range(n - 2)]
-    return [[rng.randrange(vocab) for _ in range(L)] for L in lens]
-
-
-_HF_CACHE: dict = {}
-
-
-def hf_greedy(path: str, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    if path not in _HF_CACHE:
-        _HF_CACHE.clear()
-        _HF_CACHE[path] = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float64, experts_implementation="eager"
-        ).eval()
-    model = _HF_CACHE[path]
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
-                                 min_new_tokens=max_new, eos_token_id=None, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
-
-
-def engine_greedy(llm: LLM, prompts, max_new: int = MAX_NEW) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
-def _assert_pool_free(llm: LLM) -> None:
-    stats = llm.engine.stats()
-    assert stats.num_free_blocks == stats.num_total_blocks
-    assert not llm.engine.has_unfinished_requests()
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))

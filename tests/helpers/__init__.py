@@ -1,6 +1,8 @@
 """Code the tests share, imported as `tests.helpers.<module>` (pyproject puts the repository root on sys.path).
 
 - `tiny_configs`: the tiny model configs the `tiny_model` fixture builds.
+- `hf_checkpoints`: tiny DeepSeek-V3/V2 and GLM-4-MoE checkpoints saved by transformers (`hf_tiny_model` fixture).
+- `parity`: greedy parity against transformers (prompts, cached `generate` outputs, the engine's, pool checks).
 - `waits`: `wait_until`, the one bounded poll (for subprocesses and remote servers with nothing to wait on),
   and `wait_event`.
 - `engine_steps`: `EngineSteps`, event waits on an in-process engine's steps (and holding a step).

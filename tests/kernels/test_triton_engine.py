@@ -16,13 +16,14 @@ def _run(path, kernels, prompts):
 
 
 @pytest.mark.slow
-def test_engine_with_triton_kernels_matches_reference(tiny_model, kdev):
+@pytest.mark.parametrize("name", ["qwen3_e6k3", "dsv3_neox"])  # GQA; MLA (latent cache, MLA kernel)
+def test_engine_with_triton_kernels_matches_reference(tiny_model, hf_tiny_model, kdev, name):
     if kdev.type != "cpu":
         pytest.skip("CPU interpreter smoke; with a GPU, tests/engine/test_gpu_engine.py runs the engine on Triton")
-    path = tiny_model("qwen3_e6k3")
+    path = tiny_model(name) if name.startswith("qwen3") else hf_tiny_model(name)
     rng = random.Random(0)
     # A decode-only sequence, a chunked prompt (40 > 32 tokens per step), and a prompt over a 16-token block edge.
-    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 40, 17)]
+    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (1, 40, 17)]
     want, got = _run(path, "reference", prompts), _run(path, "triton", prompts)
     for (tok_w, lps_w), (tok_g, lps_g) in zip(want, got):
         assert tok_g == tok_w

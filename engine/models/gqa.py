@@ -1,0 +1,62 @@
+"""Grouped-query attention over the paged K/V cache (Qwen3-MoE, Mixtral, GLM-4-MoE).
+
+Legend: T tokens in the flat batch, D hidden, N query heads, K kv heads, H head dim.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..layer_configs import GQAConfig
+from .layers import ForwardContext, RMSNorm, param
+from .rope import RotaryEmbedding
+
+
+class GQAAttention(nn.Module):
+    """q, k, v projections stacked into one matmul (qkv_proj, and qkv_bias when the checkpoint has biases);
+    optional per-head q/k RMSNorm before rotary (Qwen3; GLM's use_qk_norm); rotary over the first
+    rope.rotary_dim dims of each head (all of them, or GLM's partial_rotary_factor)."""
+
+    def __init__(self, layer_idx: int, hidden_size: int, attn: GQAConfig, rms_norm_eps: float, rope: RotaryEmbedding,
+                 kernels, dtype, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.q_size, self.kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        self.scale = attn.softmax_scale
+        self.kernels = kernels
+        self.rope = rope
+        qkv_rows = self.q_size + 2 * self.kv_size
+        self.qkv_proj = param(qkv_rows, hidden_size, dtype=dtype, device=device)
+        self.qkv_bias = param(qkv_rows, dtype=dtype, device=device) if attn.qkv_bias else None
+        self.o_proj = param(hidden_size, self.q_size, dtype=dtype, device=device)
+        self.q_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
+        self.k_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
+
+    def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T = x_TD.shape[0]
+        qkv = F.linear(x_TD, self.qkv_proj, self.qkv_bias)
+        q_TNH = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
+        k_TKH = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
+        v_TKH = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)
+        q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, ctx.attn.slot_mapping_T)
+        o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, ctx.attn, self.scale)
+        return F.linear(o_TNH.reshape(T, self.q_size), self.o_proj)
+
+    def weight_plan(self, p: str) -> dict[str, tuple]:
+        """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index)."""
+        q, kv = self.q_size, self.kv_size
+        rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
+        plan = {f"{p}{name}.weight": (self.qkv_proj, (r,)) for name, r in rows.items()}
+        if self.qkv_bias is not None:
+            plan.update({f"{p}{name}.bias": (self.qkv_bias, (r,)) for name, r in rows.items()})
+        plan[p + "o_proj.weight"] = (self.o_proj, ())
+        if self.q_norm is not None:
+            plan[p + "q_norm.weight"] = (self.q_norm.weight, ())
+            plan[p + "k_norm.weight"] = (self.k_norm.weight, ())
+        return plan

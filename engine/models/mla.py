@@ -1,0 +1,109 @@
+"""Multi-head latent attention (DeepSeek-V2/V3, Kimi K2) over the paged latent cache, absorbed for every token.
+
+Legend: T tokens in the flat batch, D hidden, N heads, Q q_lora_rank, C kv_lora_rank, P qk_rope_head_dim,
+Dn qk_nope_head_dim, Dv v_head_dim, A rows of the fused first projection.
+
+Per token (as transformers' DeepseekV3Attention): q = q_b_proj(q_a_layernorm(q_a_proj(x))), or q_proj(x)
+when q_lora_rank is null, split per head into q_nope [Dn] and q_pe [P]; kv_a_proj_with_mqa(x) = [c_kv (C) |
+k_pe (P)], c_kv normalised by kv_a_layernorm; q_pe and k_pe roped. kv_b_proj [N * (Dn + Dv), C], viewed
+[N, Dn + Dv, C], holds W_UK [N, Dn, C] and W_UV [N, Dv, C]: W_UK folds into the query (q_latent = q_nope @
+W_UK) and W_UV into the output (o = out_latent @ W_UV^T), so attention runs over the cached rows [c_kv | k_pe]
+(kernels/mla.py has the algebra) and no per-head K or V ever exists.
+
+Why absorbed for prefill chunks too: the latent cache is the only K/V there is, so one code path serves
+decode tokens, prefill chunks and chunks over a cached prefix in the same batch (the kernels take mixed
+batches); expanding K/V per head for long prompts is an optimisation for later, not a second semantics.
+Decode is graph-safe: only device tensors and the kernels' device-side lengths, no host sync.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..layer_configs import MLAConfig
+from .layers import ForwardContext, RMSNorm, param
+from .rope import RotaryEmbedding, deinterleave_rows
+
+# transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not config.rms_norm_eps.
+_LATENT_NORM_EPS = 1e-6
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, layer_idx: int, hidden_size: int, attn: MLAConfig, rope: RotaryEmbedding, kernels, dtype,
+                 device=None):
+        super().__init__()
+        self.layer_idx, self.attn, self.kernels, self.rope = layer_idx, attn, kernels, rope
+        N, C, P = attn.num_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
+        self.q_rows = attn.q_lora_rank if attn.q_lora_rank is not None else N * attn.qk_head_dim
+        f = dict(dtype=dtype, device=device)
+        # x feeds two projections, q's first (q_a_proj, or q_proj) and kv_a_proj_with_mqa: one matmul over
+        # their stacked rows [q rows | c_kv (C) | k_pe (P)].
+        A = self.q_rows + C + P
+        self.fused_a_proj = param(A, hidden_size, **f)
+        # attention_bias puts biases on q_a_proj and kv_a_proj_with_mqa (never q_proj): zeros where none loads.
+        self.fused_a_bias = nn.Parameter(torch.zeros(A, **f), requires_grad=False) if attn.attention_bias else None
+        if attn.q_lora_rank is not None:
+            self.q_a_layernorm = RMSNorm(attn.q_lora_rank, _LATENT_NORM_EPS, kernels, dtype, device)
+            self.q_b_proj = param(N * attn.qk_head_dim, attn.q_lora_rank, **f)
+        self.kv_a_layernorm = RMSNorm(C, _LATENT_NORM_EPS, kernels, dtype, device)
+        self.kv_b_proj = param(N * (attn.qk_nope_head_dim + attn.v_head_dim), C, **f)
+        self.o_proj = param(hidden_size, N * attn.v_head_dim, **f)
+        self.o_bias = param(hidden_size, **f) if attn.attention_bias else None
+
+    def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        a = self.attn
+        T, N, C, Dn = x_TD.shape[0], a.num_heads, a.kv_lora_rank, a.qk_nope_head_dim
+        a_TA = F.linear(x_TD, self.fused_a_proj, self.fused_a_bias)
+        q_TX = a_TA[:, : self.q_rows]
+        if a.q_lora_rank is not None:
+            q_TX = F.linear(self.q_a_layernorm(q_TX), self.q_b_proj)
+        q_TNX = q_TX.view(T, N, a.qk_head_dim)
+        ckv_TC = self.kv_a_layernorm(a_TA[:, self.q_rows : self.q_rows + C])
+        q_pe_TNP, k_pe_T1P = self.rope(q_TNX[..., Dn:], a_TA[:, None, self.q_rows + C :], positions_T)
+        w_NXC = self.kv_b_proj.view(N, Dn + a.v_head_dim, C)
+        # q_latent[n] = q_nope[n] @ W_UK[n]: [N, T, Dn] @ [N, Dn, C] -> [N, T, C]
+        q_latent_NTC = torch.bmm(q_TNX[..., :Dn].transpose(0, 1), w_NXC[:, :Dn])
+        (cache_BLR,) = ctx.kv_caches[self.layer_idx]
+        self.kernels.write_latent(ckv_TC, k_pe_T1P[:, 0], cache_BLR, ctx.attn.slot_mapping_T)
+        out_TNC = self.kernels.mla_attention(q_latent_NTC.transpose(0, 1), q_pe_TNP, cache_BLR, ctx.attn,
+                                             a.softmax_scale)
+        # o[n] = out_latent[n] @ W_UV[n]^T: [N, T, C] @ [N, C, Dv] -> [N, T, Dv]
+        o_NTV = torch.bmm(out_TNC.transpose(0, 1), w_NXC[:, Dn:].transpose(1, 2))
+        return F.linear(o_NTV.transpose(0, 1).reshape(T, N * a.v_head_dim), self.o_proj, self.o_bias)
+
+    def weight_plan(self, p: str) -> dict[str, tuple]:
+        """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index[, checkpoint rows])."""
+        a = self.attn
+        C, P, q_rows = a.kv_lora_rank, a.qk_rope_head_dim, self.q_rows
+        q_order, kv_order = self._row_orders()
+        kv_rows = (slice(q_rows, q_rows + C + P),)
+        plan = {p + "kv_a_proj_with_mqa.weight": (self.fused_a_proj, kv_rows, *kv_order),
+                p + "kv_a_layernorm.weight": (self.kv_a_layernorm.weight, ()),
+                p + "kv_b_proj.weight": (self.kv_b_proj, ()),
+                p + "o_proj.weight": (self.o_proj, ())}
+        if a.q_lora_rank is not None:
+            plan[p + "q_a_proj.weight"] = (self.fused_a_proj, (slice(0, q_rows),))
+            plan[p + "q_a_layernorm.weight"] = (self.q_a_layernorm.weight, ())
+            plan[p + "q_b_proj.weight"] = (self.q_b_proj, (), *q_order)
+        else:
+            plan[p + "q_proj.weight"] = (self.fused_a_proj, (slice(0, q_rows),), *q_order)
+        if a.attention_bias:
+            plan[p + "kv_a_proj_with_mqa.bias"] = (self.fused_a_bias, kv_rows, *kv_order)
+            plan[p + "o_proj.bias"] = (self.o_bias, ())
+            if a.q_lora_rank is not None:
+                plan[p + "q_a_proj.bias"] = (self.fused_a_bias, (slice(0, q_rows),))
+        return plan
+
+    def _row_orders(self) -> tuple[tuple, tuple]:
+        """Checkpoint row orders of the q projection that makes q_pe and of kv_a_proj_with_mqa: () as stored,
+        or, for DeepSeek-V3's interleaved rope, each rope part de-interleaved (rope.deinterleave_rows) so the
+        neox rotary kernel computes transformers' interleaved rotation."""
+        a = self.attn
+        if a.rope.style != "interleaved":
+            return (), ()
+        X, Dn, P, C = a.qk_head_dim, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
+        head_X = torch.cat([torch.arange(Dn), Dn + deinterleave_rows(P)])
+        q_order = (torch.arange(a.num_heads)[:, None] * X + head_X[None, :]).reshape(-1)
+        kv_order = torch.cat([torch.arange(C), C + deinterleave_rows(P)])
+        return ((q_order,),), ((kv_order,),)

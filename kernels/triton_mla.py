@@ -1,0 +1,254 @@
+"""MLA over the paged latent cache in Triton: latent write and the absorbed attention kernel (split-K).
+
+Legend as in mla.py: T query tokens, S sequences, N query heads, C latent width (kv_lora_rank), P rope key
+width, R = C + P, L block size, Z split-K partitions; latent_cache_BLR = [num_blocks + 1, L, R].
+
+Same semantics as `reference_mla_attention`: the token at position p = seq_len - query_len + i sees cache
+rows [0, p]. One kernel serves decode tokens and prefill chunks alike: grid (T, N / BLOCK_H, Z), a program
+takes BLOCK_H heads of ONE token as a [BLOCK_H, C] query tile and walks its sequence's block table over
+rows [0, p] in BLOCK_N-row tiles. Every head of a token reads the same row (MLA decode is multi-query
+attention), so one [BLOCK_N, C] latent tile load feeds BLOCK_H heads twice: as the key of the score dot
+(with the [BLOCK_N, P] rope tile) and as the value of the output dot. With one token per program all rows
+of a tile share one causal bound, so no per-row mask is needed and a mixed batch is one launch; the
+token's sequence is found by binary search over query_start_loc (grid from T alone, no host sync).
+A long prompt is better served expanded per head (fewer flops per score, see mla.py); this kernel is the
+absorbed path and correct for any mix.
+
+Split-K: when T * N / BLOCK_H programs alone would leave SMs idle (small decode batches, long contexts),
+Z > 1 programs per (token, head block) each take a 1/Z slice of the token's rows and store a partial
+output and its log-sum-exp; a merge kernel combines them per (token, head block).
+
+The kernel never reads a row at or past the token's causal bound: those loads are masked, so nothing
+depends on what unused or null blocks hold (the reference routes such reads to the zeroed null block).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as common
+from .attention import AttentionMetadata
+from .mla import check_latent_cache, check_mla_inputs
+from .triton_attention import _pick_splits
+from .triton_common import cast, dot
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _write_latent_kernel(ckv_ptr, kpe_ptr, cache_ptr, slot_ptr, stride_ct, stride_pt, C, R,
+                         BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = (tl.zeros([BLOCK], dtype=tl.int64) + slot) >= 0  # slot -1: a padding token, its row goes nowhere
+    is_c = offs < C
+    ckv = tl.load(ckv_ptr + t * stride_ct + offs, mask=keep & is_c, other=0.0)
+    kpe = tl.load(kpe_ptr + t * stride_pt + (offs - C), mask=keep & ~is_c & (offs < R), other=0.0)
+    dt = cache_ptr.dtype.element_ty
+    row = tl.where(is_c, cast(ckv, dt, INTERPRET), cast(kpe, dt, INTERPRET))
+    tl.store(cache_ptr + slot * R + offs, row, mask=keep & (offs < R))
+
+
+def triton_write_latent(ckv_TC, kpe_TP, latent_cache_BLR, slot_mapping_T) -> None:
+    """Same contract as `reference_write_latent` (in place); slots < 0 are skipped (padding tokens)."""
+    T, C = ckv_TC.shape
+    if kpe_TP.dim() != 2 or kpe_TP.shape[0] != T:
+        raise ValueError(f"kpe_TP {tuple(kpe_TP.shape)} is invalid: must be [{T}, qk_rope_head_dim] like ckv_TC's rows.")
+    R = C + kpe_TP.shape[1]
+    check_latent_cache("latent_cache_BLR", latent_cache_BLR, R)
+    if T == 0:
+        return
+    # Rows may be strided (slices of the kv_a_proj output); the values within a row must be contiguous.
+    ckv_TC = ckv_TC if ckv_TC.stride(1) == 1 else ckv_TC.contiguous()
+    kpe_TP = kpe_TP if kpe_TP.stride(1) == 1 else kpe_TP.contiguous()
+    BLOCK = min(1024, triton.next_power_of_2(R))
+    _write_latent_kernel[(T, triton.cdiv(R, BLOCK))](
+        ckv_TC, kpe_TP, latent_cache_BLR, slot_mapping_T, ckv_TC.stride(0), kpe_TP.stride(0), C, R,
+        BLOCK=BLOCK, INTERPRET=common.interpreting(ckv_TC), num_warps=4,
+    )
+
+
+@triton.jit(do_not_specialize=["num_seqs", "Z"])
+def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+                scale_log2, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn, stride_cb, stride_cl, stride_tb,
+                stride_ot, stride_on, num_heads, C, P, Z,
+                L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    # num_seqs and Z are runtime values (do_not_specialize): a new batch never means a new compile.
+    tok = tl.program_id(0)
+    hb = tl.program_id(1)
+    split = tl.program_id(2)
+    # The token's sequence: the first s whose queries end after it (binary search over query_start_loc).
+    lo = tok * 0  # int32 tensors from the start: loop-carried
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid + 1) <= tok:
+            lo = mid + 1
+        else:
+            hi = mid
+    s_idx = lo
+    if s_idx >= num_seqs:
+        return  # past the batch's last token (never from the runner; kept so a stray row reads nothing)
+    q_start = tl.load(qsl_ptr + s_idx)
+    q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + s_idx)
+    kv_end = seq_len - q_len + (tok - q_start) + 1  # causal: the token sees rows [0, its position]
+    per_split = tl.cdiv(tl.cdiv(kv_end, Z), BLOCK_N) * BLOCK_N
+    start_row = split * per_split
+    end_row = tl.minimum(start_row + per_split, kv_end)
+
+    tok64 = tok.to(tl.int64)
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # heads past num_heads are padding rows for tl.dot's 16-row minimum
+    h_ok = h < num_heads
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    pe = tl.arange(0, BLOCK_P)
+    pe_ok = pe < P
+    q_lat = tl.load(ql_ptr + tok64 * stride_qlt + h[:, None] * stride_qln + c[None, :],
+                    mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+    q_pe = tl.load(qpe_ptr + tok64 * stride_qpt + h[:, None] * stride_qpn + pe[None, :],
+                   mask=h_ok[:, None] & pe_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
+    for start in range(start_row, end_row, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        p_ok = pos < end_row
+        blk = tl.load(table_ptr + pos // L, mask=p_ok, other=0).to(tl.int64)
+        row = blk * stride_cb + (pos % L) * stride_cl
+        kv = tl.load(cache_ptr + row[:, None] + c[None, :], mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+        kpe = tl.load(cache_ptr + row[:, None] + C + pe[None, :], mask=p_ok[:, None] & pe_ok[None, :], other=0.0)
+        # Scores in log2 units (scale folded with log2 e): exp2 is the cheap exponential.
+        s = dot(q_lat, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), INTERPRET, PREC)
+        s = dot(q_pe, tl.trans(kpe), s, INTERPRET, PREC) * scale_log2
+        s = tl.where(p_ok[None, :], s, float("-inf"))
+        # Every tile holds at least one visible row (start < end_row), so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = dot(cast(p, kv.dtype, INTERPRET), kv, acc * alpha[:, None], INTERPRET, PREC)
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if not SPLIT:
+        o_ptrs = out_ptr + tok64 * stride_ot + h[:, None] * stride_on + c[None, :]
+        tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=h_ok[:, None] & c_ok[None, :])
+    else:
+        # Token-indexed partials [T, N, Z, BLOCK_C] and their log2-sum-exp2 [T, N, Z]. A split past the token's
+        # causal bound is empty and stores lse = -inf; split 0 holds row 0, which every token sees.
+        prow = (tok64 * num_heads + h) * Z + split
+        tl.store(part_o_ptr + prow[:, None] * BLOCK_C + c[None, :], o, mask=h_ok[:, None])
+        tl.store(part_lse_ptr + prow, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=h_ok)
+
+
+@triton.jit(do_not_specialize=["Z"])
+def _mla_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, num_heads, C, Z,
+                      BLOCK_H: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
+    """Merge the Z partial softmaxes of BLOCK_H heads of one token by their log-sum-exp: one program per
+    (token, head block), so a [BLOCK_H, C] tile moves at a time rather than one head's row."""
+    tok64 = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < num_heads
+    c = tl.arange(0, BLOCK_C)
+    base = (tok64 * num_heads + h) * Z  # [BLOCK_H]: row of split 0
+    z = tl.arange(0, BLOCK_Z)
+    lse = tl.load(part_lse_ptr + base[:, None] + z[None, :], mask=h_ok[:, None] & (z[None, :] < Z),
+                  other=float("-inf"))
+    m = tl.max(lse, axis=1)  # finite: split 0 is never empty
+    m = tl.where(h_ok, m, 0.0)  # padding heads: keep exp2 finite
+    total = tl.sum(tl.exp2(lse - m[:, None]), axis=1)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    for zi in range(0, Z):
+        w = tl.exp2(tl.load(part_lse_ptr + base + zi, mask=h_ok, other=float("-inf")) - m)
+        o = tl.load(part_o_ptr + (base + zi)[:, None] * BLOCK_C + c[None, :], mask=h_ok[:, None], other=0.0)
+        acc += o * w[:, None]
+    o = acc / tl.where(h_ok, total, 1.0)[:, None]
+    tl.store(out_ptr + tok64 * stride_ot + h[:, None] * stride_on + c[None, :], cast(o, out_ptr.dtype.element_ty, INTERPRET),
+             mask=h_ok[:, None] & (c[None, :] < C))
+
+
+# (BLOCK_H, BLOCK_N, num_warps, num_stages) on sm_90, from the offline compile (Triton 3.9, DeepSeek-V3
+# shapes: C 512, P 64; `python -m moelink.benchmarks.compile_report --only mla`). The [BLOCK_H, 512] fp32
+# accumulator is what fills the registers. bf16/fp16: 32 heads x 64 rows on 8 warps, 172 registers (198
+# split), 112 KB shared, no spills, mma.sync. 64 heads (what wgmma needs per warpgroup, and half the latent
+# re-reads of 32) spills on every variant tried (4-32 B on 8 warps, KBs on 4; on 16 warps registers cap at
+# 128 and ptxas gives up); 32 heads on 4 warps spills 144 B. fp32 dots are FMA loops (no tensor cores): 16
+# heads x 16 rows on 8 warps, 114 registers (32 rows spill 36-60 B split). Not yet timed on a GPU: bf16
+# (16, 32, 4, 3) and (32, 32, 8, 3) also compile clean. Under Triton 3.6 (the GPU image's) the split variant
+# of (32, 64, 8, 2) reaches 255 registers and spills 104 B (the partial-LSE epilogue's extra live values),
+# so split launches take 32-row tiles: (32, 32, 8, 2).
+_CONFIG = (32, 64, 8, 2)
+_SPLIT_CONFIG = (32, 32, 8, 2)
+_FP32_CONFIG = (16, 16, 8, 2)
+
+
+def _launch_config(dtype: torch.dtype, interpret: bool, num_heads: int, split: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_N, num_warps, num_stages); BLOCK_H shrinks to the head count (>= 16 rows for tl.dot)."""
+    if interpret:
+        block_h, block_n, warps, stages = 16, 16, 4, 1
+    elif dtype == torch.float32:
+        block_h, block_n, warps, stages = _FP32_CONFIG
+    else:
+        block_h, block_n, warps, stages = _SPLIT_CONFIG if split else _CONFIG
+    return min(block_h, max(16, triton.next_power_of_2(num_heads))), block_n, warps, stages
+
+
+def triton_mla_attention(
+    q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor, meta: AttentionMetadata,
+    scale: float, *, out: torch.Tensor | None = None, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Same contract as `reference_mla_attention`: out_latent_TNC [T, N, C] in q's dtype.
+
+    Reads only the metadata's host lists and device tensors (no device→host sync). q_latent_TNC and q_pe_TNP
+    may be strided views (e.g. a per-head bmm's transposed output) with contiguous last dims; `out` (any
+    [T, N, C] strides with a contiguous last dim, e.g. a transposed [N, T, C] buffer for the W_UV bmm)
+    receives the result. `num_splits` forces the split-K count (tests); by default it grows only when the
+    programs alone would leave SMs idle.
+    """
+    common.check_dtype("q_latent_TNC", q_latent_TNC)
+    check_mla_inputs(q_latent_TNC, q_pe_TNP, latent_cache_BLR)
+    T, N, C = q_latent_TNC.shape
+    P = q_pe_TNP.shape[2]
+    if out is None:
+        out = common.workspace((T, N, C), q_latent_TNC.dtype, q_latent_TNC.device)
+    elif tuple(out.shape) != (T, N, C) or out.dtype != q_latent_TNC.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [{T}, {N}, {C}] {q_latent_TNC.dtype} "
+                         "with a contiguous last dim.")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits={num_splits} is invalid: must be >= 1 (or None to pick).")
+    if T == 0:
+        return out
+    q_latent_TNC = q_latent_TNC if q_latent_TNC.stride(-1) == 1 else q_latent_TNC.contiguous()
+    q_pe_TNP = q_pe_TNP if q_pe_TNP.stride(-1) == 1 else q_pe_TNP.contiguous()
+    dev = q_latent_TNC.device
+    flags = dict(INTERPRET=common.interpreting(q_latent_TNC), PREC=common.dot_precision(q_latent_TNC.dtype))
+    BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N)
+    BLOCK_C = max(16, triton.next_power_of_2(C))
+    BLOCK_P = max(16, triton.next_power_of_2(P))
+    head_blocks = triton.cdiv(N, BLOCK_H)
+    Z = num_splits or _pick_splits(dev, T * head_blocks, meta.max_seq_len, BLOCK_N)
+    if Z > 1:
+        BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, split=True)
+    part_o = part_lse = out  # unused when Z == 1
+    if Z > 1:
+        part_o = common.workspace((T, N, Z, BLOCK_C), torch.float32, dev)
+        part_lse = common.workspace((T, N, Z), torch.float32, dev)
+    tables = meta.block_tables_SM
+    _mla_kernel[(T, head_blocks, Z)](
+        q_latent_TNC, q_pe_TNP, latent_cache_BLR, tables, meta.seq_lens_S, meta.query_start_loc_S1, out, part_o,
+        part_lse, scale * _LOG2E, meta.num_seqs, q_latent_TNC.stride(0), q_latent_TNC.stride(1), q_pe_TNP.stride(0),
+        q_pe_TNP.stride(1), latent_cache_BLR.stride(0), latent_cache_BLR.stride(1), tables.stride(0), out.stride(0),
+        out.stride(1), N, C, P, Z, L=latent_cache_BLR.shape[1], BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
+        BLOCK_N=BLOCK_N, SPLIT=Z > 1, num_warps=warps, num_stages=stages, **flags,
+    )
+    if Z > 1:  # every (token, head) has split 0 written: merge them all
+        _mla_merge_kernel[(T, head_blocks)](
+            part_o, part_lse, out, out.stride(0), out.stride(1), N, C, Z, BLOCK_H=BLOCK_H,
+            BLOCK_Z=triton.next_power_of_2(Z), BLOCK_C=BLOCK_C, INTERPRET=flags["INTERPRET"], num_warps=8,
+        )
+    return out

@@ -1,0 +1,114 @@
+"""Tiny DeepSeek-V3 / DeepSeek-V2 / GLM-4-MoE checkpoints built and saved by transformers itself.
+
+Each is transformers' own model class on a tiny config (hidden 32-48, 2-3 layers), randomly initialised with
+a fixed seed, made float64 and written by `save_pretrained`, with the tiny tokenizer beside it: nothing in
+these files is written by moelink. Biases, norm weights and DeepSeek's e_score_correction_bias get random
+values too (transformers initialises them to zeros / ones), so a weight loaded into the wrong place shows.
+
+Together the configs cover what issue 13 asks of each architecture: n_group > 1 with topk_group < n_group,
+first_k_dense_replace >= 1, n_shared_experts >= 1, q LoRA on and off, YaRN rope (with mscale != mscale_all_dim,
+so both the cos/sin attention factor and the softmax scale differ from 1), interleaved and plain rope, GLM's
+partial rotary with qkv bias and q/k norm, and routed-expert counts that are not powers of two.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB, MAX_POS = 400, 512
+_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+         "beta_fast": 32, "beta_slow": 1}
+_MLA_SMALL = dict(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10)
+
+# name -> (transformers model_type, config fields beyond the common ones)
+HF_TINY: dict[str, tuple[str, dict]] = {
+    # DeepSeek-V3 layout: q LoRA, interleaved rope, 12 experts in 4 groups (2 chosen), one dense layer.
+    "dsv3_lora": ("deepseek_v3", dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=24,
+        **_MLA_SMALL, moe_intermediate_size=16, n_routed_experts=12, n_group=4, topk_group=2,
+        num_experts_per_tok=3, first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5)),
+    # No q LoRA, YaRN (DeepSeek-V3's rope: factor, mscale, interleaved), biases, 6 experts in 3 groups, 2 shared.
+    "dsv3_yarn": ("deepseek_v3", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, q_lora_rank=None,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=16,
+        n_routed_experts=6, n_group=3, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_shared_experts=2, norm_topk_prob=False, attention_bias=True,
+        rope_parameters=dict(_YARN, mscale=1.0, mscale_all_dim=0.8))),
+    # Plain (non-interleaved) rope, no dense layer, 10 experts in one group, tied embeddings.
+    "dsv3_neox": ("deepseek_v3", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, q_lora_rank=16,
+        kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, moe_intermediate_size=12,
+        n_routed_experts=10, n_group=1, topk_group=1, num_experts_per_tok=3, first_k_dense_replace=0,
+        n_shared_experts=1, rope_interleave=False, tie_word_embeddings=True)),
+    # DeepSeek-V2-Lite layout: no q LoRA, softmax group-limited greedy (9 experts in 3 groups, 1 chosen),
+    # V2-Lite's YaRN (mscale = mscale_all_dim = 0.707), 2 shared experts, one dense layer.
+    "dsv2_lite": ("deepseek_v2", dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=None,
+        **_MLA_SMALL, moe_intermediate_size=16, n_routed_experts=9, topk_method="group_limited_greedy", n_group=3,
+        topk_group=1, num_experts_per_tok=3, first_k_dense_replace=1, n_shared_experts=2,
+        routed_scaling_factor=16.0, rope_parameters=dict(_YARN, mscale=0.707, mscale_all_dim=0.707))),
+    # DeepSeek-V2 layout: q LoRA, plain greedy top-k over 6 experts, no dense layer, one shared expert.
+    "dsv2_lora": ("deepseek_v2", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, moe_intermediate_size=16,
+        n_routed_experts=6, topk_method="greedy", num_experts_per_tok=2, first_k_dense_replace=0,
+        n_shared_experts=1)),
+    # GLM-4.5 layout: partial rotary (half of each head), q/k norm, qkv bias, 10 experts in 2 groups (1
+    # chosen), one dense layer, one shared expert.
+    "glm_bias": ("glm4_moe", dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, moe_intermediate_size=16, n_routed_experts=10, n_group=2, topk_group=1, num_experts_per_tok=3,
+        first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, use_qk_norm=True,
+        attention_bias=True)),
+    # A quarter of each head rotated, with YaRN; no q/k norm, no bias, 6 experts, two shared experts.
+    "glm_yarn": ("glm4_moe", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, moe_intermediate_size=16, n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, n_shared_experts=2, norm_topk_prob=False,
+        rope_parameters=dict(_YARN, partial_rotary_factor=0.25))),
+}
+
+_CLASSES = {
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
+}
+
+
+def hf_config(name: str):
+    import transformers
+
+    model_type, fields = HF_TINY[name]
+    config_cls, model_cls = _CLASSES[model_type]
+    cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, max_position_embeddings=MAX_POS, initializer_range=0.1,
+                                             **fields)
+    cfg.architectures = [model_cls]
+    return cfg
+
+
+def save_hf_checkpoint(out: Path, name: str, seed: int = 0) -> str:
+    """Build HF_TINY[name] with transformers, randomise what it initialises to constants, save it + tokenizer."""
+    import transformers
+
+    from moelink.engine.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
+
+    cfg = hf_config(name)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cfg.architectures[0])(cfg).to(torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for mod_name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=torch.float64) * 0.1)
+            if type(mod).__name__.endswith("RMSNorm"):
+                mod.weight.add_(torch.randn(mod.weight.shape, generator=g, dtype=torch.float64) * 0.1)
+            bias = getattr(mod, "e_score_correction_bias", None)
+            if bias is not None:
+                bias.copy_(torch.randn(bias.shape, generator=g, dtype=bias.dtype) * 0.05)
+    out = Path(out)
+    model.save_pretrained(out)
+    tok = train_tiny_tokenizer(VOCAB)
+    tok.save(str(out / "tokenizer.json"))
+    write_tokenizer_configs(out, tok, MAX_POS)
+    return str(out)

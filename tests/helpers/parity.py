@@ -1,0 +1,65 @@
+"""Greedy parity against transformers: the prompts, transformers' `generate` on each prompt alone (float64,
+cached per checkpoint and prompt set, so a test that re-runs the same prompts under other engine settings pays
+for transformers once), the engine's greedy outputs, and the pool-is-free check."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+MAX_NEW = 10
+
+
+def prompts(vocab: int, seed: int, n: int = 16, lo: int = 1, hi: int = 200) -> list[list[int]]:
+    """n random prompts; the first is `lo` tokens long and the second `hi`, the rest in between."""
+    rng = random.Random(seed)
+    lens = [lo, hi] + [rng.randint(lo, hi) for _ in range(n - 2)]
+    return [[rng.randrange(vocab) for _ in range(L)] for L in lens]
+
+
+_HF_MODEL: dict = {}
+_HF_OUT: dict = {}
+
+
+def hf_greedy(path: str, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, run alone (no padding), in float64."""
+    from transformers import AutoModelForCausalLM
+
+    key = (path, tuple(map(tuple, prompts)), max_new)
+    if key in _HF_OUT:
+        return _HF_OUT[key]
+    if path not in _HF_MODEL:
+        _HF_MODEL.clear()  # one model in memory at a time
+        _HF_MODEL[path] = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float64, experts_implementation="eager"
+        ).eval()
+    model = _HF_MODEL[path]
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
+                                 min_new_tokens=max_new, eos_token_id=None, pad_token_id=0)
+            outs.append(gen[0, len(p):].tolist())
+    _HF_OUT[key] = outs
+    return outs
+
+
+def engine_greedy(llm, prompts, max_new: int = MAX_NEW) -> list[list[int]]:
+    from moelink.engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def assert_same(got: list[list[int]], want: list[list[int]], prompts: list[list[int]]) -> None:
+    """Token for token, naming the first prompt that differs."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"prompt {i} (len {len(prompts[i])}): engine {g} != transformers {w}"
+    assert len(got) == len(want)
+
+
+def assert_pool_free(llm) -> None:
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert not llm.engine.has_unfinished_requests()
