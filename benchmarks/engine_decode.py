@@ -36,7 +36,7 @@ import torch
 from .moe_kernels import RESULTS, Timer, measure_ceilings, require_cuda, run_meta
 from moelink.engine.provenance import write_result
 
-QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, num_hidden_layers=48,
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48,
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
                      intermediate_size=6144, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
                      vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,

@@ -1,0 +1,67 @@
+"""The cluster model's model shapes agree with the engine's own model for the same config.json.
+
+For each planner model, the config transformers would write for it is read by the engine and its decoder
+is built on the meta device (no memory, no weights): the weight matrices it holds (every parameter of two
+or more dims: embedding, LM head, projections, router gates, stacked experts) must add up exactly to the
+planner's `total_params()`, and its KV cache bytes per token per layer to the planner's `kv_elems_per_token`.
+The planner leaves out only vectors (norm weights, DeepSeek's router bias), which decide no time.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelink.engine import kv_sizing
+from moelink.engine.config import ModelConfig
+from moelink.engine.models import arch_spec
+from moelink.engine.models.moe_decoder import MoEDecoderForCausalLM
+from moelink.kernels.ops import ReferenceKernels
+from moelink.planner.models import MLA, MODELS, ModelShape
+
+
+def _hf_config(shape: ModelShape):
+    """The config.json transformers writes for this shape (its own config classes)."""
+    a = shape.attention
+    common = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.num_layers,
+                  num_attention_heads=a.num_heads, num_experts_per_tok=shape.top_k, max_position_embeddings=4096,
+                  tie_word_embeddings=False)
+    if isinstance(a, MLA):
+        from transformers import DeepseekV3Config
+
+        cfg = DeepseekV3Config(**common, num_key_value_heads=a.num_heads, intermediate_size=shape.dense_intermediate,
+                               moe_intermediate_size=shape.moe_intermediate, n_shared_experts=shape.num_shared,
+                               n_routed_experts=shape.num_experts, n_group=shape.n_group,
+                               topk_group=shape.topk_group, first_k_dense_replace=shape.first_dense,
+                               q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_dim,
+                               qk_rope_head_dim=a.qk_rope_dim, v_head_dim=a.v_dim)
+        cfg.architectures = ["DeepseekV3ForCausalLM"]
+    elif shape.name.startswith("qwen3"):
+        from transformers import Qwen3MoeConfig
+
+        cfg = Qwen3MoeConfig(**common, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
+                             intermediate_size=shape.dense_intermediate, moe_intermediate_size=shape.moe_intermediate,
+                             num_experts=shape.num_experts)
+        cfg.architectures = ["Qwen3MoeForCausalLM"]
+    else:
+        from transformers import MixtralConfig
+
+        cfg = MixtralConfig(**common, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
+                            intermediate_size=shape.moe_intermediate, num_local_experts=shape.num_experts)
+        cfg.architectures = ["MixtralForCausalLM"]
+    assert shape.first_dense == 0 or isinstance(a, MLA), "a dense-first GQA shape needs its own config here"
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "kimi-k2", "qwen3-30b-a3b", "mixtral-8x7b"])
+def test_planner_shapes_match_the_engine_model(name, tmp_path):
+    shape = MODELS[name]
+    _hf_config(shape).save_pretrained(tmp_path)
+    cfg = ModelConfig.from_pretrained(str(tmp_path), dtype="bfloat16")
+    model = MoEDecoderForCausalLM(cfg, arch_spec(cfg.architecture), ReferenceKernels(), torch.device("meta"))
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() < 2)
+    assert matrices == shape.total_params(), (name, matrices, shape.total_params())
+    assert vectors < 1e-5 * matrices  # what the planner leaves out is noise
+    assert kv_sizing.kv_cache_bytes_per_token_per_layer(cfg) == shape.kv_elems_per_token() * 2  # bf16
+    if name == "deepseek-v3":  # the published size: 671B without the MTP module
+        assert round(matrices / 1e9) == 671
