@@ -111,22 +111,29 @@ def _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
         _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs[i : i + _DECODE_GROUP], starts, out_TNH)
 
 
-def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH) -> None:
-    block_size, num_kv_heads, head_dim = k_cache_BLKH.shape[1:]
-    dev = q_TNH.device
-    S = len(seqs)
+def decode_group_slots(meta: AttentionMetadata, seqs: list[int], starts: list[int], block_size: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a group of decode sequences sorted by length (reference paths of GQA and MLA attention):
+    (tok_idx_S: each sequence's query row, slots_SC: the flat cache slot of every context position up to the
+    longest, valid_SC: which positions are inside their sequence). Positions past a sequence's end point
+    at the null block, which is all zeros, so stale or NaN data is never read."""
     max_ctx = meta.seq_lens[seqs[-1]]
-    seq_idx_S = torch.tensor(seqs, device=dev, dtype=torch.long)
-    tok_idx_S = torch.tensor([starts[s] for s in seqs], device=dev, dtype=torch.long)
-    lens_S = torch.tensor([meta.seq_lens[s] for s in seqs], device=dev)
-    # One flat slot per (sequence, context position); positions past a sequence's
-    # end read the null block, which is all zeros, so stale or NaN data is never read.
-    pos_C = torch.arange(max_ctx, device=dev)
+    seq_idx_S = torch.tensor(seqs, device=device, dtype=torch.long)
+    tok_idx_S = torch.tensor([starts[s] for s in seqs], device=device, dtype=torch.long)
+    lens_S = torch.tensor([meta.seq_lens[s] for s in seqs], device=device)
+    pos_C = torch.arange(max_ctx, device=device)
     tables_SM = meta.block_tables_SM.index_select(0, seq_idx_S).long()
     blocks_SC = tables_SM.index_select(1, pos_C // block_size)
     valid_SC = pos_C[None, :] < lens_S[:, None]
-    null_slot = meta.null_block * block_size
-    slots_SC = torch.where(valid_SC, blocks_SC * block_size + pos_C % block_size, null_slot)
+    slots_SC = torch.where(valid_SC, blocks_SC * block_size + pos_C % block_size, meta.null_block * block_size)
+    return tok_idx_S, slots_SC, valid_SC
+
+
+def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH) -> None:
+    block_size, num_kv_heads, head_dim = k_cache_BLKH.shape[1:]
+    S = len(seqs)
+    tok_idx_S, slots_SC, valid_SC = decode_group_slots(meta, seqs, starts, block_size, q_TNH.device)
+    max_ctx = slots_SC.shape[1]
     flat = slots_SC.reshape(-1)
     k_SCKH = k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
     v_SCKH = v_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)

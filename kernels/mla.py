@@ -33,7 +33,7 @@ import itertools
 
 import torch
 
-from .attention import AttentionMetadata
+from .attention import AttentionMetadata, decode_group_slots
 
 
 def check_latent_cache(name: str, latent_cache_BLR: torch.Tensor, width: int) -> None:
@@ -126,18 +126,9 @@ _DECODE_GROUP = 32
 
 def _decode_group(q_TNR, latent_cache_BLR, meta, scale, seqs, starts, C, out_TNC) -> None:
     block_size, R = latent_cache_BLR.shape[1:]
-    dev = q_TNR.device
     S = len(seqs)
-    max_ctx = meta.seq_lens[seqs[-1]]
-    seq_idx_S = torch.tensor(seqs, device=dev, dtype=torch.long)
-    tok_idx_S = torch.tensor([starts[s] for s in seqs], device=dev, dtype=torch.long)
-    lens_S = torch.tensor([meta.seq_lens[s] for s in seqs], device=dev)
-    # Positions past a sequence's end read the null block (all zeros), so stale or NaN rows are never read.
-    pos_X = torch.arange(max_ctx, device=dev)
-    tables_SM = meta.block_tables_SM.index_select(0, seq_idx_S).long()
-    blocks_SX = tables_SM.index_select(1, pos_X // block_size)
-    valid_SX = pos_X[None, :] < lens_S[:, None]
-    slots_SX = torch.where(valid_SX, blocks_SX * block_size + pos_X % block_size, meta.null_block * block_size)
+    tok_idx_S, slots_SX, valid_SX = decode_group_slots(meta, seqs, starts, block_size, q_TNR.device)
+    max_ctx = slots_SX.shape[1]
     rows_SXR = latent_cache_BLR.view(-1, R).index_select(0, slots_SX.reshape(-1)).view(S, max_ctx, R).to(q_TNR.dtype)
     q_SNR = q_TNR.index_select(0, tok_idx_S)
     scores_SNX = torch.bmm(q_SNR, rows_SXR.transpose(1, 2)) * scale
