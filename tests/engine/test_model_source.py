@@ -201,3 +201,15 @@ def test_cli_flags_and_validation():
         EngineArgs("org/name", revision="")
     with pytest.raises(ValueError, match=r"download_dir=.* is invalid: must be a directory"):
         EngineArgs("org/name", download_dir=__file__)
+
+
+def test_moelink_generate_with_an_id(hub_cache, capsys):
+    from moelink.engine.cli import main
+
+    flags = ["--prompt", "Hello", "--max-tokens", "3", "--dtype", "float32", "--num-kv-blocks", "32",
+             "--max-model-len", "128", "--device", "cpu"]
+    assert main(["generate", REPO, "--revision", "v1", *flags]) == 0
+    assert "3 tokens" in capsys.readouterr().out
+    assert main(["generate", "org/missing", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "moelink: error: model='org/missing'" in err and "huggingface-cli download org/missing" in err
