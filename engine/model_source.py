@@ -29,7 +29,7 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     env = any(os.environ.get(k, "").upper() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return env or constants.is_offline_mode()
+    return env or bool(constants.HF_HUB_OFFLINE)
 
 
 def is_repo_id(model: str) -> bool:
@@ -47,9 +47,10 @@ def is_repo_id(model: str) -> bool:
     return True
 
 
-def _what_to_do(model: str) -> str:
+def _what_to_do(model: str, offline: bool = True) -> str:
+    reach = "allow downloads with HF_HUB_OFFLINE=0" if offline else "check the network (or HF_ENDPOINT)"
     return (f"check the id, download it with `huggingface-cli download {model}` (or `hf download {model}`), "
-            f"allow downloads with HF_HUB_OFFLINE=0, or pass a local checkpoint directory")
+            f"{reach}, or pass a local checkpoint directory")
 
 
 def _has_checkpoint(path: str) -> bool:
@@ -118,20 +119,20 @@ def _snapshot(model: str, revision: Optional[str], download_dir: Optional[str], 
             return None
         # Online but unreachable (no network, hub down): the hub's own reason is kept.
         raise ValueError(f"model={model!r}{where} is not in the Hugging Face cache and could not be downloaded "
-                         f"({_first_line(e)}): {_what_to_do(model)}.") from None
+                         f"({_first_line(e)}): {_what_to_do(model, offline=False)}.") from None
     except GatedRepoError:  # before RepositoryNotFoundError: it is one
         raise ValueError(f"model={model!r} is a gated Hugging Face repo: accept its terms on "
                          f"https://huggingface.co/{model} and log in (`hf auth login` or HF_TOKEN), or pass a "
                          f"local checkpoint directory.") from None
     except RepositoryNotFoundError:
         raise ValueError(f"model={model!r} is not a local directory and no Hugging Face repo of that id was found "
-                         f"(or it is private: log in with `hf auth login` or HF_TOKEN): {_what_to_do(model)}.") from None
+                         f"(or it is private: log in with `hf auth login` or HF_TOKEN): {_what_to_do(model, offline=False)}.") from None
     except RevisionNotFoundError:
         raise ValueError(f"revision={revision!r} is invalid for model={model!r}: the repo has no such branch, tag "
                          f"or commit.") from None
     except HfHubHTTPError as e:
         raise ValueError(f"model={model!r}{where}: the Hugging Face hub answered {_first_line(e)}: "
-                         f"{_what_to_do(model)}.") from None
+                         f"{_what_to_do(model, offline=False)}.") from None
 
 
 def _first_line(e: Exception) -> str:
