@@ -126,7 +126,8 @@ def _snapshot(model: str, revision: Optional[str], download_dir: Optional[str], 
                          f"local checkpoint directory.") from None
     except RepositoryNotFoundError:
         raise ValueError(f"model={model!r} is not a local directory and no Hugging Face repo of that id was found "
-                         f"(or it is private: log in with `hf auth login` or HF_TOKEN): {_what_to_do(model, offline=False)}.") from None
+                         f"(or it is private: log in with `hf auth login` or HF_TOKEN): "
+                         f"{_what_to_do(model, offline=False)}.") from None
     except RevisionNotFoundError:
         raise ValueError(f"revision={revision!r} is invalid for model={model!r}: the repo has no such branch, tag "
                          f"or commit.") from None

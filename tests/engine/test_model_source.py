@@ -197,6 +197,8 @@ def test_cli_flags_and_validation():
     args = engine_args_from(p.parse_args(["org/name", "--revision", "v1", "--download-dir", "/tmp/hf"]))
     assert (args.model, args.revision, args.download_dir) == ("org/name", "v1", "/tmp/hf")
     assert engine_args_from(p.parse_args(["org/name"])).revision is None
+    with pytest.raises(ValueError, match=r"model='' is invalid: must be a local checkpoint directory or a Hugging"):
+        EngineArgs("")
     with pytest.raises(ValueError, match=r"revision='' is invalid: must be a non-empty string"):
         EngineArgs("org/name", revision="")
     with pytest.raises(ValueError, match=r"download_dir=.* is invalid: must be a directory"):
