@@ -12,7 +12,13 @@ from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, FIRST
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them."""
-    p.add_argument("model", help="local Hugging Face checkpoint directory")
+    p.add_argument("model", help="a local Hugging Face checkpoint directory, or a Hugging Face repo id ('org/name'): "
+                                 "read from the Hugging Face cache, downloaded when missing unless HF_HUB_OFFLINE=1")
+    p.add_argument("--revision", default=None,
+                   help="for a repo id: the branch, tag or commit hash to serve (default: the repo's default branch)")
+    p.add_argument("--download-dir", default=None, metavar="DIR",
+                   help="for a repo id: the Hugging Face cache to read and download into (default: HF_HUB_CACHE, "
+                        "~/.cache/huggingface/hub)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or float64")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -54,4 +60,5 @@ def engine_args_from(ns: argparse.Namespace):
         expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
         num_redundant_experts=ns.num_redundant_experts, enforce_eager=ns.enforce_eager,
         cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
+        revision=ns.revision, download_dir=ns.download_dir,
     )

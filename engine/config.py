@@ -84,6 +84,9 @@ class ModelConfig:
     hf_config: dict = field(repr=False, default_factory=dict)
     moe: MoEConfig | None = None
     attention: AttentionConfig | None = None
+    # The Hugging Face repo id `model` (then a cache snapshot directory) was resolved from; None for a
+    # directory the user gave. What the user knows the model by: see `name`.
+    model_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -105,6 +108,11 @@ class ModelConfig:
                              f"{r.norm_topk_prob}) disagrees with num_experts={self.num_experts}, top_k={self.top_k}, "
                              f"norm_topk_prob={self.norm_topk_prob}.")
 
+    @property
+    def name(self) -> str:
+        """The model as the user named it: its repo id, else the directory's name (a snapshot's is a hash)."""
+        return self.model_id or Path(self.model).name
+
     @classmethod
     def from_pretrained(cls, model: str, dtype="auto", max_model_len: int | None = None, *,
                         require_runnable: bool = True) -> "ModelConfig":
@@ -113,7 +121,7 @@ class ModelConfig:
         only with require_runnable=False; otherwise they are refused here, before any engine work."""
         path = Path(model)
         if not path.is_dir():
-            raise ValueError(f"model={model!r} is not a directory: pass a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).")
+            raise ValueError(f"model={model!r} is not a directory: pass a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json); EngineArgs resolves a Hugging Face repo id to one.")
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ValueError(f"model={model!r} has no config.json: a Hugging Face checkpoint directory is required.")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,6 +13,7 @@ from moelink.scheduler.config import CacheConfig, SchedulerConfig
 from .config import ModelConfig, ParallelConfig
 from .graph_config import CudaGraphConfig
 from .kv_sizing import driver_num_kv_blocks
+from .model_source import resolve_model_dir
 from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
 from .worker_config import WorkerConfig
 
@@ -45,6 +47,8 @@ class EngineConfig:
 class EngineArgs:
     """Options named as in vLLM where the concept is the same."""
 
+    # A local checkpoint directory or a Hugging Face repo id ('org/name'), kept as the user gave it: the
+    # served model name defaults to it. `model_path()` is the local directory everything reads.
     model: str
     dtype: str = "auto"
     max_model_len: Optional[int] = None
@@ -72,6 +76,10 @@ class EngineArgs:
     # cuda_graph_sizes: the padded batch sizes captured (default: 1, 2, 4, 8, 16, ... max_num_seqs).
     enforce_eager: bool = False
     cuda_graph_sizes: Optional[list[int]] = None
+    # For a repo id: the branch, tag or commit hash to serve (default: the repo's default branch), and the
+    # Hugging Face cache directory to read and download into (default: HF_HUB_CACHE, ~/.cache/huggingface/hub).
+    revision: Optional[str] = None
+    download_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -89,6 +97,14 @@ class EngineArgs:
             bad("cuda_graph_sizes", "must be a list of positive batch sizes or None")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if not isinstance(self.model, str) or not self.model:
+            bad("model", "must be a local checkpoint directory or a Hugging Face repo id ('org/name')")
+        for name in ("revision", "download_dir"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                bad(name, "must be a non-empty string or None")
+        if self.download_dir is not None and os.path.exists(self.download_dir) and not os.path.isdir(self.download_dir):
+            bad("download_dir", "must be a directory (it is created when missing)")
         check_seconds("step_timeout", self.step_timeout)
         check_seconds("heartbeat_timeout", self.heartbeat_timeout)
 
@@ -112,9 +128,17 @@ class EngineArgs:
                               num_redundant_experts=self.num_redundant_experts, step_timeout_s=self.step_timeout,
                               heartbeat_timeout_s=self.heartbeat_timeout)
 
+    def model_path(self) -> str:
+        """The local directory of `model`: itself, or a repo id's snapshot from the Hugging Face cache
+        (downloaded first unless the hub is offline). Done before anything reads config.json."""
+        return resolve_model_dir(self.model, self.revision, self.download_dir)
+
     def create_engine_config(self) -> EngineConfig:
         parallel = self.parallel_config()
-        model_cfg = ModelConfig.from_pretrained(self.model, self.dtype, self.max_model_len)
+        path = self.model_path()
+        model_cfg = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len)
+        if path != self.model:
+            model_cfg.model_id = self.model
         if parallel.expert_parallel_size > model_cfg.num_experts + parallel.num_redundant_experts:
             raise ValueError(
                 f"expert_parallel_size={parallel.expert_parallel_size} is invalid: the model has "
