@@ -13,7 +13,7 @@ from .limits import add_limit_args, limits_from
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (printed at start)")
-    p.add_argument("--served-model-name", default=None, help="model name clients see (default: the directory name)")
+    p.add_argument("--served-model-name", default=None, help="model name clients see (default: the Hugging Face id given, or the directory name)")
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="refuse (RESOURCE_EXHAUSTED) beyond this many requests waiting for their first token")
     p.add_argument("--max-queued-tokens", type=int, default=None,

@@ -52,7 +52,7 @@ class Serving:
         self.tokenizer = engine.tokenizer
         self.limits = config.limits
         self.registry = RequestRegistry(config.max_queued_requests, config.max_queued_tokens)
-        self.served_model_name = config.served_model_name or Path(self.model.model).name
+        self.served_model_name = config.served_model_name or self.model.name  # the id a user gave, or the directory name
         self.model_path = str(Path(self.model.model).resolve())
         self.start_time = time.time()
         # Engine ids are the client's id plus a per-admission number, never the bare client id: a retry
