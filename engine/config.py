@@ -137,7 +137,7 @@ class ModelConfig:
             raise ValueError(f"config.json architectures={archs!r} is not supported: moelink runs {', '.join(SUPPORTED_ARCHITECTURES)}.")
         if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)):
             raise ValueError(f"max_model_len={max_model_len!r} is invalid: must be a positive integer.")
-        hf = _auto_config(path)
+        hf = _auto_config(path, raw, arch)
         fields = read_fields(arch, hf)
         checkpoint_dtype = str(hf.dtype).removeprefix("torch.") if getattr(hf, "dtype", None) else raw.get("torch_dtype")
         cfg = cls(
@@ -151,13 +151,26 @@ class ModelConfig:
         return cfg
 
 
-def _auto_config(path: Path):
+def _auto_config(path: Path, raw: dict, arch: str):
     """transformers' config object for `path`; it owns config.json's aliases (Qwen3-MoE's num_experts is
-    written num_local_experts by transformers 5), defaults and the rope_scaling → rope_parameters rewrite."""
+    written num_local_experts by transformers 5), defaults and the rope_scaling → rope_parameters rewrite.
+
+    A checkpoint's own Python code is never run (trust_remote_code=False, and transformers is never left to
+    ask on stdin). A `model_type` transformers does not know, on an architecture moelink runs (Kimi K2 ships
+    `model_type: kimi_k2` with an `auto_map` to its own DeepSeek-V3 code), is read through the config class
+    transformers registers for that architecture."""
     from transformers import AutoConfig  # ~1 s to import: paid when a model is read, not by every CLI start
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        if raw.get("model_type") in CONFIG_MAPPING_NAMES:
+            return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        model_type = {cls: t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}.get(arch)
+        if model_type is None:
+            raise ValueError(f"model_type={raw.get('model_type')!r} is unknown to transformers")
+        fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+        return AutoConfig.for_model(model_type, **fields)
     except Exception as e:  # noqa: BLE001  (transformers raises ValueError, OSError and strict-dataclass errors)
         raise ValueError(f"model={str(path)!r}: transformers could not read config.json: {e}") from None
 

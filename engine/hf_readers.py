@@ -32,7 +32,8 @@ def read_fields(arch: str, hf) -> dict:
         # load as wrong numbers, so a quantized checkpoint is refused until quantized weights are supported.
         method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", quant)
         raise unsupported("quantization_config.quant_method", method, "none (an unquantized bf16 / fp16 / fp32 "
-                          "checkpoint; convert FP8 weights to bf16 first)")
+                          "checkpoint: convert FP8 weights to bf16 first, then remove quantization_config from "
+                          "config.json, which DeepSeek's fp8_cast_bf16.py leaves in place)")
     hidden_act = getattr(hf, "hidden_act", "silu")
     if hidden_act != "silu":
         raise unsupported("hidden_act", hidden_act, ("silu",), " (moelink's MLPs are SiLU-gated)")

@@ -61,7 +61,11 @@ class MoELayer(nn.Module):
         self.stats = stats
         num_local = len(ep.local_experts) if ep is not None else num_experts
         factory = dict(dtype=dtype, device=device)
-        self.gate_GD = nn.Parameter(torch.empty(num_experts, hidden_size, **factory), requires_grad=False)
+        # The DeepSeek family runs its gate matmul in float32 (as transformers does): the weight is held in
+        # float32 from load, not cast every step (7 MB read + written per layer per step at DeepSeek-V3 size).
+        gate_dtype = torch.float32 if router.float32_logits else dtype
+        self.gate_GD = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=gate_dtype, device=device),
+                                    requires_grad=False)
         self.w13_EFD = nn.Parameter(torch.empty(num_local, 2 * intermediate_size, hidden_size, **factory), requires_grad=False)
         self.w2_EDI = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size, **factory), requires_grad=False)
         self.e_score_correction_bias_G = (
@@ -73,10 +77,8 @@ class MoELayer(nn.Module):
         self.valid_rows_T: torch.Tensor | None = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.router.float32_logits:  # the DeepSeek family runs its gate matmul in float32
-            logits_TG = F.linear(x_TD.float(), self.gate_GD.float())
-        else:
-            logits_TG = F.linear(x_TD, self.gate_GD)
+        # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
+        logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD)
         weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
         if self.valid_rows_T is not None:
             ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)

@@ -275,3 +275,23 @@ def test_unreadable_config_is_one_error(tmp_path):
                                                       "model_type": "mixtral", "hidden_size": "big"}))
     with pytest.raises(ValueError, match=r"transformers could not read config\.json"):
         ModelConfig.from_pretrained(str(tmp_path))
+
+
+def test_kimi_k2_model_type_reads_as_deepseek_v3_without_running_its_code(hf_tiny_model, tmp_path, monkeypatch):
+    """Kimi K2 ships `model_type: kimi_k2` (unknown to transformers) with an `auto_map` to its own Python code:
+    the config is read through DeepSeek-V3's class, the checkpoint's code never runs, nothing asks on stdin."""
+    import shutil
+
+    src = Path(hf_tiny_model("dsv3_lora"))
+    kimi = tmp_path / "kimi"
+    shutil.copytree(src, kimi)
+    raw = json.loads((kimi / "config.json").read_text())
+    raw.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                               "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (kimi / "config.json").write_text(json.dumps(raw))
+    (kimi / "configuration_deepseek.py").write_text("raise SystemExit('checkpoint code ran')\n")
+    monkeypatch.setattr("sys.stdin", None)  # a prompt for trust_remote_code would fail here
+    cfg = ModelConfig.from_pretrained(str(kimi), dtype="float64")
+    assert cfg.architecture == "DeepseekV3ForCausalLM" and cfg.hf_config["model_type"] == "deepseek_v3"
+    ps = _prompts(VOCAB, seed=7, n=3, hi=40)
+    assert engine_greedy(LLM(str(kimi), dtype="float64"), ps) == engine_greedy(LLM(str(src), dtype="float64"), ps)

@@ -12,7 +12,7 @@ import pytest
 from moelink.engine import LLM
 
 from tests.helpers.parity import assert_pool_free as _assert_pool_free
-from tests.helpers.parity import engine_greedy, hf_greedy
+from tests.helpers.parity import check_prefix_cache_parity, engine_greedy, hf_greedy
 from tests.helpers.parity import prompts as _prompts
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
@@ -46,15 +46,4 @@ def test_greedy_parity_under_preemption(tiny_model, name):
 
 
 def test_prefix_caching_hits_and_parity(tiny_model):
-    path = tiny_model("qwen3_e6k3")
-    rng = random.Random(3)
-    prefix = [rng.randrange(512) for _ in range(64)]
-    prompts = [prefix + [rng.randrange(512) for _ in range(rng.randint(1, 30))] for _ in range(6)]
-    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=128, num_kv_blocks=128, block_size=16)
-    first = engine_greedy(llm, prompts[:1])
-    hits_before = llm.engine.stats().prefix_cache_hits
-    rest = engine_greedy(llm, prompts[1:])
-    hits = llm.engine.stats().prefix_cache_hits - hits_before
-    assert hits >= 64 * 5, f"expected the 64-token prefix to hit for 5 prompts, got {hits} hit tokens"
-    assert first + rest == hf_greedy(path, prompts)
-    _assert_pool_free(llm)
+    check_prefix_cache_parity(LLM, tiny_model("qwen3_e6k3"), vocab=512, n=6, max_suffix=30)

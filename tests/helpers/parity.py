@@ -63,3 +63,20 @@ def assert_pool_free(llm) -> None:
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
     assert not llm.engine.has_unfinished_requests()
+
+
+def check_prefix_cache_parity(llm_factory, path: str, vocab: int, n: int, max_suffix: int, seed: int = 3) -> None:
+    """n prompts share a 64-token prefix (4 blocks of 16) and end in 1..max_suffix tokens of their own: after
+    the first, every prompt must hit the cached prefix (asserted), and all must equal transformers."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(vocab) for _ in range(64)]
+    ps = [prefix + [rng.randrange(vocab) for _ in range(rng.randint(1, max_suffix))] for _ in range(n)]
+    llm = llm_factory(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=128, num_kv_blocks=128,
+                      block_size=16)
+    first = engine_greedy(llm, ps[:1])
+    hits_before = llm.engine.stats().prefix_cache_hits
+    rest = engine_greedy(llm, ps[1:])
+    hits = llm.engine.stats().prefix_cache_hits - hits_before
+    assert hits >= 64 * (n - 1), f"expected the 64-token prefix to hit for {n - 1} prompts, got {hits} hit tokens"
+    assert_same(first + rest, hf_greedy(path, ps), ps)
+    assert_pool_free(llm)
