@@ -383,17 +383,17 @@ def configure_logging(log_format: str) -> None:
 
 def serve(engine_args, config: ServerConfig) -> int:
     """Load the engine, serve until SIGTERM/SIGINT, drain, exit. Blocking; returns an exit code."""
+    if config.http_port is not None:
+        from . import gateway
+
+        if gateway.smg_executable() is None:  # said before any weights load
+            raise gateway.GatewayError(gateway.INSTALL_HINT)
     configure_logging(config.log_format)
     metrics = None
     if config.metrics_port is not None:
         from ..metrics import EngineMetrics
 
         metrics = EngineMetrics()
-    if config.http_port is not None:
-        from .gateway import GatewayError, INSTALL_HINT, smg_executable
-
-        if smg_executable() is None:  # before any weights load
-            raise GatewayError(INSTALL_HINT)
     engine = AsyncEngine.from_engine_args(engine_args, metrics=metrics)
     tokenizer_path = os.path.abspath(engine_args.model) if os.path.isdir(engine_args.model) else None
     try:
