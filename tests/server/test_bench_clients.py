@@ -46,7 +46,9 @@ def test_aiperf_counts_match_the_server(model_path, tmp_path):
         before = _generated_tokens(metrics_port)
         # No HF_HUB_OFFLINE: aiperf's offline mode looks every name up in the hub cache, a local path too;
         # an absolute path is loaded from disk without it. No network is needed either way.
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        # The hub's address points nowhere, so any lookup there fails the run: the path alone must do.
+        env = {**{k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")},
+               "HF_ENDPOINT": "http://127.0.0.1:9"}
         out = tmp_path / "aiperf"
         proc = subprocess.run(
             [exe, "profile", "--model", "tiny-moe", "--url", f"http://127.0.0.1:{port}", "--endpoint-type", "chat",
