@@ -108,15 +108,13 @@ class GatewaySupervisor:
 
     async def _spawn_ready(self) -> None:
         self.metrics_port = self.spec.metrics_port or free_loopback_port()
-        cmd = self.command(self.metrics_port)
-        if self.spec.api_key:
-            cmd += ["--api-key", self.spec.api_key]
+        cmd, env = _with_key(self.command(self.metrics_port), self.spec.api_key)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             # Own session and process group: the terminal's Ctrl-C goes to the server alone, which drains
             # before it stops the gateway (smg would otherwise drop in-flight HTTP requests at once).
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True, preexec_fn=_die_with_parent, env=env)
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()
@@ -206,6 +204,47 @@ class GatewaySupervisor:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(STOP_TIMEOUT_S)
+
+
+_KEY_ENV = "MOELINK_GATEWAY_API_KEY"
+# Runs smg's entry-point script with the key appended to its argv in memory only: smg (1.13) reads the key
+# from --api-key alone, and a command line is readable by every local user (/proc/PID/cmdline, ps).
+_KEY_BOOTSTRAP = ("import os, runpy, sys; key = os.environ.pop(%r); "
+                  "sys.argv = sys.argv[1:] + ['--api-key', key]; runpy.run_path(sys.argv[0], run_name='__main__')"
+                  % _KEY_ENV)
+
+
+def _with_key(cmd: list[str], api_key: Optional[str]) -> tuple[list[str], dict]:
+    """(command, environment) that give smg `api_key` without putting it on a command line when smg is a
+    Python entry-point script (as pip installs it); otherwise on the command line, with a warning."""
+    env = dict(os.environ)
+    if not api_key:
+        return cmd, env
+    interpreter = _python_shebang(cmd[0])
+    if interpreter is None:
+        logger.warning("%s is not a Python script: the API key goes to it on its command line, which local "
+                       "users can read", cmd[0])
+        return cmd + ["--api-key", api_key], env
+    env[_KEY_ENV] = api_key
+    return [interpreter, "-c", _KEY_BOOTSTRAP, *cmd], env
+
+
+def _python_shebang(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    if not first.startswith("#!"):
+        return None
+    words = first[2:].split()
+    if not words:
+        return None
+    # "#!/venv/bin/python" or "#!/usr/bin/env python3"
+    exe = words[1] if os.path.basename(words[0]) == "env" and len(words) > 1 else words[0]
+    if "python" not in os.path.basename(exe):
+        return None
+    return exe if os.path.isabs(exe) else shutil.which(exe)
 
 
 def _die_with_parent() -> None:

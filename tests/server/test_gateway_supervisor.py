@@ -122,3 +122,13 @@ def test_no_smg_is_one_error_naming_the_flag_and_the_fix(fake, monkeypatch):
     monkeypatch.setattr(gw, "smg_executable", lambda: None)
     with pytest.raises(gw.GatewayError, match=r"--http-port.*pip install smg.*--no-http"):
         gw.GatewaySupervisor(spec)
+
+
+def test_the_key_goes_through_the_environment_not_the_command_line(fake, tmp_path):
+    script, _ = fake
+    cmd, env = gw._with_key([str(script), "launch", "--port", "1"], "s3cret")
+    assert cmd[0] == sys.executable and "s3cret" not in " ".join(cmd) and env[gw._KEY_ENV] == "s3cret"
+    binary = tmp_path / "smg-bin"
+    binary.write_bytes(b"\x7fELF...")
+    cmd, env = gw._with_key([str(binary), "launch"], "s3cret")  # not a script: only the command line is left
+    assert cmd[-2:] == ["--api-key", "s3cret"] and gw._KEY_ENV not in env

@@ -78,6 +78,9 @@ def test_one_command_gives_the_openai_api_and_supervises_smg(http_server):
     # The same API key as the server's gRPC port: without it the gateway refuses.
     with pytest.raises(openai.AuthenticationError):
         _client(port, "wrong").completions.create(model=SERVED, prompt="x", max_tokens=1)
+    # The key reaches smg without going on a command line (local users can read those).
+    with open(f"/proc/{smg_pid}/cmdline", "rb") as f:
+        assert KEY.encode() not in f.read()
     # Everything smg listens on is loopback: its HTTP port and its Prometheus port (smg's own default is 0.0.0.0).
     socks = listening(pids=[smg_pid])
     assert {p for _, p in socks} >= {port, metrics_port}, socks
