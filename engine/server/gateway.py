@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -267,3 +268,34 @@ def worker_url(host: str, port: int) -> str:
     elif ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"grpc://{host}:{port}"
+
+
+async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: Optional[int]) -> GatewaySupervisor:
+    """The supervised smg for a bound server (ServerConfig `config`): in front of the keyless gateway
+    listener when there is one (smg sends workers no key and no TLS), else of the main port."""
+    target = worker_url(config.gateway_host, gateway_listener_port) if gateway_listener_port is not None \
+        else worker_url(config.host, grpc_port)
+    spec = GatewaySpec(http_host=config.http_host, http_port=config.http_port, worker_url=target,
+                       metrics_host=config.http_metrics_host, metrics_port=config.http_metrics_port,
+                       api_key=config.api_key)
+    if not config.api_key and not _is_loopback(config.http_host):
+        logger.warning("--http-host %s: the OpenAI API on port %d takes requests from anyone who reaches it "
+                       "(no --api-key)", config.http_host, config.http_port)
+    # smg's own log goes where MOELINK_GATEWAY_LOG says (a file), else nowhere: its startup chatter is noise
+    # next to the server's; readiness failures are reported by the supervisor either way.
+    gateway = GatewaySupervisor(spec, log_path=os.environ.get("MOELINK_GATEWAY_LOG"))
+    try:
+        await gateway.start()
+    except BaseException:
+        await gateway.stop()
+        raise
+    return gateway
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -230,7 +230,9 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     gateway = None
     try:
         if config.http_port is not None:
-            gateway = await _start_gateway(server, config, port, tokenizer_path)
+            from .gateway import start_managed_gateway
+
+            gateway = await start_managed_gateway(config, port, server.gateway_port)
     except BaseException:
         await server.stop()
         raise
@@ -262,23 +264,6 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
             # After the drain: in-flight HTTP requests finished through the gateway before it goes.
             await gateway.stop()
     print("moelink: server stopped", flush=True)
-
-
-async def _start_gateway(server: MoelinkServer, config: ServerConfig, port: int, tokenizer_path: Optional[str]):
-    from .gateway import GatewaySpec, GatewaySupervisor, worker_url
-
-    target = worker_url(config.gateway_host, server.gateway_port) if server.gateway_port is not None \
-        else worker_url(config.host, port)
-    spec = GatewaySpec(http_host=config.http_host, http_port=config.http_port, worker_url=target,
-                       metrics_host=config.http_metrics_host, metrics_port=config.http_metrics_port,
-                       api_key=config.api_key)
-    gateway = GatewaySupervisor(spec, log_path=os.environ.get("MOELINK_GATEWAY_LOG"))
-    try:
-        await gateway.start()
-    except BaseException:
-        await gateway.stop()
-        raise
-    return gateway
 
 
 def _url_host(host: str) -> str:
