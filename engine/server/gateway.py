@@ -131,7 +131,7 @@ class GatewaySupervisor:
             await asyncio.sleep(0.2)
 
     def _log_hint(self) -> str:
-        return f"; its log: {self.log_path}" if self.log_path else ""
+        return f"; its log: {self.log_path}" if self.log_path else "; MOELINK_GATEWAY_LOG=FILE keeps its log"
 
     def _lists_model(self) -> bool:
         """smg lists a real model id once it has probed the worker (it says 'unknown' before)."""
