@@ -138,3 +138,18 @@ def test_worker_url_dials_wildcard_binds_on_loopback():
     assert gateway_mod.worker_url("0.0.0.0", 5) == "grpc://127.0.0.1:5"
     assert gateway_mod.worker_url("::", 5) == "grpc://[::1]:5"
     assert gateway_mod.worker_url("10.0.0.2", 5) == "grpc://10.0.0.2:5"
+
+
+def test_make_serve_uses_the_managed_gateway_and_prints_both_client_examples():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(["make", "-n", "-s", "serve", "TINY_MODEL=some-model", "HTTP_PORT=8123"], cwd=root,
+                         capture_output=True, text=True, timeout=30).stdout
+    assert re.search(r"moelink serve some-model --host 127\.0\.0\.1 --port 50051 --http-port 8123", out), out
+    assert "curl http://127.0.0.1:8123/v1/chat/completions" in out
+    assert 'OpenAI(base_url=\\"http://127.0.0.1:8123/v1\\"' in out
