@@ -9,6 +9,7 @@ TINY_MODEL ?= tiny-model
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 50051
+HTTP_PORT ?= 8000
 SERVE_ARGS ?=
 
 .PHONY: setup serve test test-gpu bench clean
@@ -24,16 +25,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 $(TINY_MODEL)/config.json: | setup
 	$(VENV)/bin/moelink make-tiny-model $(TINY_MODEL) --arch qwen3_moe
 
-# The gRPC server on the tiny model (Ctrl-C drains and stops it). How to call it is printed first.
+# The tiny model behind one command: gRPC on $(PORT) and the OpenAI API on $(HTTP_PORT) through the smg
+# gateway that `moelink serve` starts, restarts and stops itself (Ctrl-C drains and stops both).
+# How to call it is printed first.
 serve: setup $(TINY_MODEL)/config.json
-	@echo "moelink gRPC server for $(TINY_MODEL) on $(HOST):$(PORT) (moelink.v1.Generation + vllm.grpc.engine.VllmEngine)."
-	@echo "Call it from another shell:"
+	@echo "moelink on $(TINY_MODEL): OpenAI API on http://$(HOST):$(HTTP_PORT)/v1, gRPC on $(HOST):$(PORT) (moelink.v1.Generation + vllm.grpc.engine.VllmEngine)."
+	@echo "Call it from another shell (model name: $(notdir $(TINY_MODEL))):"
+	@echo "  curl http://$(HOST):$(HTTP_PORT)/v1/chat/completions -H 'content-type: application/json' -d '{\"model\": \"$(notdir $(TINY_MODEL))\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 32}'"
+	@echo "  $(PY) -c 'from openai import OpenAI; c = OpenAI(base_url=\"http://$(HOST):$(HTTP_PORT)/v1\", api_key=\"none\"); print(c.chat.completions.create(model=\"$(notdir $(TINY_MODEL))\", messages=[{\"role\": \"user\", \"content\": \"Hello\"}], max_tokens=32).choices[0].message.content)'"
 	@echo "  $(PY) -m moelink.engine.server.client --target $(HOST):$(PORT) 'The quick brown fox' --max-tokens 32"
-	@echo "  grpcurl -plaintext -d '{\"prompt\": \"Once upon a time\", \"sampling_params\": {\"max_tokens\": 16}}' $(HOST):$(PORT) moelink.v1.Generation/Generate"
-	@echo "OpenAI-compatible HTTP in front of it (smg gateway), then POST http://127.0.0.1:8000/v1/chat/completions:"
-	@echo "  $(VENV)/bin/smg launch --host 127.0.0.1 --port 8000 --prometheus-host 127.0.0.1 --prometheus-port 29000 --worker-urls grpc://$(HOST):$(PORT)"
 	@echo "Load benchmark against it: $(VENV)/bin/moelink bench-serve --target $(HOST):$(PORT)"
-	$(VENV)/bin/moelink serve $(TINY_MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+	$(VENV)/bin/moelink serve $(TINY_MODEL) --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

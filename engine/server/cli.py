@@ -33,6 +33,17 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "0 picks a free one (default: off)")
     p.add_argument("--gateway-host", default="127.0.0.1",
                    help="address of --gateway-port (default loopback: only this host can reach it)")
+    http = p.add_mutually_exclusive_group()
+    http.add_argument("--http-port", type=int, default=8000,
+                      help="serve the OpenAI API over HTTP on this port through a managed smg gateway, started, "
+                           "restarted and stopped with the server (default: %(default)s, like `vllm serve`)")
+    http.add_argument("--no-http", action="store_true", help="no HTTP gateway: serve gRPC only")
+    p.add_argument("--http-host", default="127.0.0.1",
+                   help="address of --http-port (default loopback; 0.0.0.0 for all)")
+    p.add_argument("--http-metrics-port", type=int, default=None,
+                   help="the gateway's Prometheus port (default: a free port; always on --http-metrics-host)")
+    p.add_argument("--http-metrics-host", default="127.0.0.1",
+                   help="address of the gateway's Prometheus port (default loopback)")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="json: one object per line with request ids, for log pipelines")
     p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
@@ -49,6 +60,8 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
                         api_key=ns.api_key, max_message_size=ns.max_message_size,
                         metrics_port=ns.metrics_port, metrics_host=ns.metrics_host, log_format=ns.log_format,
                         gateway_port=ns.gateway_port, gateway_host=ns.gateway_host,
+                        http_port=None if ns.no_http else ns.http_port, http_host=ns.http_host,
+                        http_metrics_port=ns.http_metrics_port, http_metrics_host=ns.http_metrics_host,
                         limits=limits_from(ns))
 
 

@@ -31,6 +31,13 @@ class ServerConfig:
     # plaintext, no API key, VllmEngine and health only. None = off.
     gateway_port: Optional[int] = None
     gateway_host: str = "127.0.0.1"
+    # The managed OpenAI HTTP gateway (smg, supervised by the server; engine/server/gateway.py). None = off.
+    # The CLI defaults it to 8000 like `vllm serve`; the dataclass defaults it off so that embedding a
+    # server never spawns a process nobody asked for.
+    http_port: Optional[int] = None
+    http_host: str = "127.0.0.1"
+    http_metrics_port: Optional[int] = None  # smg's Prometheus port; None = a free loopback port
+    http_metrics_host: str = "127.0.0.1"
     log_format: str = "text"  # "text" or "json" (one JSON object per line, with request ids)
     limits: RequestLimits = field(default_factory=RequestLimits)  # per-request caps (README: bad input)
 
@@ -72,12 +79,34 @@ class ServerConfig:
                 bad("gateway_port", "must differ from --port and --metrics-port")
         if not isinstance(self.gateway_host, str) or not self.gateway_host:
             bad("gateway_host", "give an address to bind, e.g. 127.0.0.1")
+        self._check_http(bad)
         if self.log_format not in ("text", "json"):
             bad("log_format", "choose 'text' or 'json'")
         if not isinstance(self.limits, RequestLimits):
             bad("limits", "must be a RequestLimits")
         if self.served_model_name is not None and not self.served_model_name:
             bad("served_model_name", "must be a non-empty string")
+
+    def _check_http(self, bad) -> None:
+        if self.http_port is not None:
+            # smg takes no port 0, and the port is the one users type into their clients: ask for a real one.
+            if not _is_int(self.http_port) or not 1 <= self.http_port <= 65535:
+                bad("http_port", "must be an integer in [1, 65535] (or --no-http for gRPC only)")
+            taken = {"--port": self.port, "--metrics-port": self.metrics_port, "--gateway-port": self.gateway_port,
+                     "--http-metrics-port": self.http_metrics_port}
+            for flag, v in taken.items():
+                if v == self.http_port:
+                    bad("http_port", f"must differ from {flag} ({v})")
+        if self.http_metrics_port is not None:
+            if not _is_int(self.http_metrics_port) or not 1 <= self.http_metrics_port <= 65535:
+                bad("http_metrics_port", "must be an integer in [1, 65535] (or unset for a free loopback port)")
+            for flag, v in {"--port": self.port, "--metrics-port": self.metrics_port,
+                            "--gateway-port": self.gateway_port}.items():
+                if v == self.http_metrics_port:
+                    bad("http_metrics_port", f"must differ from {flag} ({v})")
+        for name in ("http_host", "http_metrics_host"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                bad(name, "give an address to bind, e.g. 127.0.0.1 or 0.0.0.0")
 
     @property
     def address(self) -> str:

@@ -22,8 +22,10 @@ watchdogs have not failed yet) the streams are ended here, not by the engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from typing import Optional
@@ -218,9 +220,22 @@ class MoelinkServer:
         await self._stopped.wait()
 
 
-async def _serve(engine: AsyncEngine, config: ServerConfig) -> None:
+async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Optional[str] = None) -> None:
+    if config.http_port is not None and config.gateway_port is None and (config.api_key or config.tls):
+        # smg dials workers in plaintext without a key: behind --api-key or TLS it needs the loopback
+        # gateway listener (see _bind_gateway), so the managed gateway brings one.
+        config = dataclasses.replace(config, gateway_port=0, gateway_host="127.0.0.1")
     server = MoelinkServer(engine, config)
     port = await server.start()
+    gateway = None
+    try:
+        if config.http_port is not None:
+            from .gateway import start_managed_gateway
+
+            gateway = await start_managed_gateway(config, port, server.gateway_port)
+    except BaseException:
+        await server.stop()
+        raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
@@ -234,8 +249,25 @@ async def _serve(engine: AsyncEngine, config: ServerConfig) -> None:
     if server.gateway_port is not None:
         print(f"moelink: gateway listener on {config.gateway_host}:{server.gateway_port} "
               f"(gRPC plaintext, no API key; services {VLLM_SERVICE}, health)", flush=True)
-    await server.wait_closed()
+    if tokenizer_path:
+        # Benchmark clients (aiperf, guidellm) need a tokenizer they can load offline: this path is one.
+        print(f"moelink: tokenizer: {tokenizer_path}", flush=True)
+    if gateway is not None:
+        key = " (same API key)" if config.api_key else ""
+        print(f"moelink: OpenAI API on http://{_url_host(config.http_host)}:{config.http_port}/v1{key} "
+              f"(smg gateway pid {gateway.pid}; its metrics on http://{config.http_metrics_host}:"
+              f"{gateway.metrics_port}/metrics)", flush=True)
+    try:
+        await server.wait_closed()
+    finally:
+        if gateway is not None:
+            # After the drain: in-flight HTTP requests finished through the gateway before it goes.
+            await gateway.stop()
     print("moelink: server stopped", flush=True)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def gateway_exposure(cfg: ServerConfig) -> Optional[str]:
@@ -336,6 +368,11 @@ def configure_logging(log_format: str) -> None:
 
 def serve(engine_args, config: ServerConfig) -> int:
     """Load the engine, serve until SIGTERM/SIGINT, drain, exit. Blocking; returns an exit code."""
+    if config.http_port is not None:
+        from . import gateway
+
+        if gateway.smg_executable() is None:  # said before any weights load
+            raise gateway.GatewayError(gateway.INSTALL_HINT)
     configure_logging(config.log_format)
     metrics = None
     if config.metrics_port is not None:
@@ -343,8 +380,9 @@ def serve(engine_args, config: ServerConfig) -> int:
 
         metrics = EngineMetrics()
     engine = AsyncEngine.from_engine_args(engine_args, metrics=metrics)
+    tokenizer_path = os.path.abspath(engine_args.model) if os.path.isdir(engine_args.model) else None
     try:
-        asyncio.run(_serve(engine, config))
+        asyncio.run(_serve(engine, config, tokenizer_path))
     finally:
         engine.shutdown()
     return 0

@@ -46,7 +46,10 @@ class ServerProcess:
 
     def __init__(self, model: str, args: list[str], env: dict | None = None):
         self.log = tempfile.NamedTemporaryFile("w+", prefix="moelink-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "moelink.engine.cli", "serve", model, "--host", "127.0.0.1", "--port", "0", *args]
+        # gRPC only unless a test asks for the managed HTTP gateway (its default port 8000 is shared).
+        http = [] if "--http-port" in args or "--no-http" in args else ["--no-http"]
+        cmd = [sys.executable, "-m", "moelink.engine.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
+               *http, *args]
         # One intra-op thread: the tiny model gains nothing from more, and on a 2-core machine the
         # server, the test process (the offline oracle) and smg would otherwise fight over cores.
         env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}

@@ -1,0 +1,301 @@
+"""The managed OpenAI HTTP gateway: `moelink serve --http-port N` runs smg as a supervised child.
+
+vLLM's `serve` gives HTTP in one command; moelink speaks gRPC, and the smg gateway (PyPI `smg`) turns
+that into the OpenAI API. Rather than have the user learn and run a second program, the server starts
+smg in front of its own gRPC port, restarts it (bounded, with backoff) when it dies, and stops it by
+PID when the server stops. smg runs in its own process group so a Ctrl-C in the terminal reaches the
+server, which drains first and then stops smg: the gateway must outlive no request and no server.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0  # smg starts in about a second; it lists the model once its health probe passed
+STOP_TIMEOUT_S = 10.0  # after SIGTERM, before SIGKILL
+MAX_RESTARTS = 5  # within RESTART_WINDOW_S: a gateway that keeps dying is a fault to report, not to hide
+RESTART_WINDOW_S = 300.0
+BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+INSTALL_HINT = ("`moelink serve --http-port` runs the smg gateway for the OpenAI API, and smg is not installed: "
+                "`pip install smg` in this environment (or `pip install -e '.[test]'`), or pass --no-http to "
+                "serve gRPC only.")
+
+
+class GatewayError(ValueError):
+    """The managed gateway could not be started (not installed, port taken, never ready).
+
+    A ValueError so that the CLI prints it as its one-line error, like any other bad flag."""
+
+
+def smg_executable() -> Optional[str]:
+    """smg beside this Python (a venv that was not activated) or on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "smg")
+    if os.path.isfile(beside) and os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("smg")
+
+
+def free_loopback_port() -> int:
+    # smg takes no port 0 for its metrics; the tiny race between this close and smg's bind is caught by
+    # the readiness wait (smg exits, and is restarted on a fresh port).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class GatewaySpec:
+    """What smg is started with: all decided by the server's config before the first start."""
+
+    http_host: str
+    http_port: int
+    worker_url: str  # grpc://HOST:PORT of the server's own (or gateway) listener
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Optional[int] = None  # None: a free loopback port, chosen at each start
+    api_key: Optional[str] = None  # the server's key: smg asks the same of its HTTP clients
+    tokenizer_path: Optional[str] = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+class GatewaySupervisor:
+    """Start, watch, restart and stop one smg process. `start()`/`stop()` on the server's event loop."""
+
+    def __init__(self, spec: GatewaySpec, exe: Optional[str] = None, *, ready_timeout: float = READY_TIMEOUT_S,
+                 log_path: Optional[str] = None):
+        self.spec = spec
+        self.exe = exe or smg_executable()
+        if self.exe is None:
+            raise GatewayError(INSTALL_HINT)
+        self.ready_timeout = ready_timeout
+        self.log_path = log_path
+        self.proc: Optional[subprocess.Popen] = None
+        self.metrics_port: Optional[int] = None
+        self.restarts = 0
+        self._restart_times: list[float] = []
+        self._watch: Optional[asyncio.Task] = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc is not None else None
+
+    def command(self, metrics_port: int) -> list[str]:
+        s = self.spec
+        cmd = [self.exe, "launch", "--host", s.http_host, "--port", str(s.http_port),
+               "--prometheus-host", s.metrics_host, "--prometheus-port", str(metrics_port),
+               "--worker-urls", s.worker_url, "--log-level", "warn", "--shutdown-grace-period-secs", "1"]
+        if s.tokenizer_path:
+            cmd += ["--tokenizer-path", s.tokenizer_path]
+        return cmd + list(s.extra_args)
+
+    async def start(self) -> None:
+        """Spawn smg and wait (bounded) until it serves the model; then watch it."""
+        await self._spawn_ready()
+        self._watch = asyncio.create_task(self._supervise())
+
+    async def _spawn_ready(self) -> None:
+        self.metrics_port = self.spec.metrics_port or free_loopback_port()
+        cmd, env = _with_key(self.command(self.metrics_port), self.spec.api_key)
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        try:
+            # Own session and process group: the terminal's Ctrl-C goes to the server alone, which drains
+            # before it stops the gateway (smg would otherwise drop in-flight HTTP requests at once).
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=_die_with_parent, env=env)
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()
+        deadline = time.monotonic() + self.ready_timeout
+        while not await asyncio.to_thread(self._lists_model):
+            if self.proc.poll() is not None:
+                raise GatewayError(f"the smg gateway exited with {self.proc.returncode} before it was ready "
+                                   f"(--http-port {self.spec.http_port} in use?){self._log_hint()}")
+            if time.monotonic() >= deadline:
+                await self._terminate()
+                raise GatewayError(f"the smg gateway did not serve the model on --http-port {self.spec.http_port} "
+                                   f"within {self.ready_timeout:g} s{self._log_hint()}")
+            await asyncio.sleep(0.2)
+
+    def _log_hint(self) -> str:
+        return f"; its log: {self.log_path}" if self.log_path else "; MOELINK_GATEWAY_LOG=FILE keeps its log"
+
+    def _lists_model(self) -> bool:
+        """smg lists a real model id once it has probed the worker (it says 'unknown' before)."""
+        host = "127.0.0.1" if self.spec.http_host in ("0.0.0.0", "") else self.spec.http_host
+        host = "::1" if host == "::" else host.strip("[]")
+        headers = {"authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
+        conn = http.client.HTTPConnection(host, self.spec.http_port, timeout=2)
+        try:
+            conn.request("GET", "/v1/models", headers=headers)
+            resp = conn.getresponse()
+            if resp.status != 200:
+                return False
+            ids = [m["id"] for m in json.loads(resp.read())["data"]]
+            return bool(ids) and "unknown" not in ids
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        finally:
+            conn.close()
+
+    async def _supervise(self) -> None:
+        """Restart smg when it exits on its own, with backoff, at most MAX_RESTARTS in RESTART_WINDOW_S."""
+        while not self._stopping:
+            code = await asyncio.to_thread(self.proc.wait)
+            if self._stopping:
+                return
+            now = time.monotonic()
+            self._restart_times = [t for t in self._restart_times if now - t < RESTART_WINDOW_S]
+            if len(self._restart_times) >= MAX_RESTARTS:
+                logger.error("the smg gateway (pid %d) exited with %s; %d restarts in %.0f s already: giving up, "
+                             "the OpenAI API on port %d is down (gRPC still serves)", self.proc.pid, code,
+                             MAX_RESTARTS, RESTART_WINDOW_S, self.spec.http_port)
+                return
+            delay = BACKOFF_S[min(len(self._restart_times), len(BACKOFF_S) - 1)]
+            self._restart_times.append(now)
+            logger.warning("the smg gateway (pid %d) exited with %s; restarting in %.1f s", self.proc.pid, code, delay)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                await self._spawn_ready()
+            except GatewayError as exc:
+                logger.error("restarting the smg gateway failed: %s", exc)
+                continue  # the wait above returns at once for an exited process: counts as the next attempt
+            self.restarts += 1
+            logger.info("the smg gateway is back (pid %d) on %s:%d", self.proc.pid, self.spec.http_host,
+                        self.spec.http_port)
+
+    async def stop(self) -> None:
+        """Stop watching, then SIGTERM smg by PID and SIGKILL it after STOP_TIMEOUT_S. Idempotent."""
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        await self._terminate()
+
+    async def _terminate(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            logger.warning("the smg gateway (pid %d) did not stop within %.0f s: killing it", proc.pid, STOP_TIMEOUT_S)
+            proc.kill()
+            await asyncio.to_thread(proc.wait, STOP_TIMEOUT_S)
+
+    def kill_now(self) -> None:
+        """Last resort from a synchronous path (the server is exiting on an exception): SIGKILL by PID."""
+        self._stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT_S)
+
+
+_KEY_ENV = "MOELINK_GATEWAY_API_KEY"
+# Runs smg's entry-point script with the key appended to its argv in memory only: smg (1.13) reads the key
+# from --api-key alone, and a command line is readable by every local user (/proc/PID/cmdline, ps).
+_KEY_BOOTSTRAP = ("import os, runpy, sys; key = os.environ.pop(%r); "
+                  "sys.argv = sys.argv[1:] + ['--api-key', key]; runpy.run_path(sys.argv[0], run_name='__main__')"
+                  % _KEY_ENV)
+
+
+def _with_key(cmd: list[str], api_key: Optional[str]) -> tuple[list[str], dict]:
+    """(command, environment) that give smg `api_key` without putting it on a command line when smg is a
+    Python entry-point script (as pip installs it); otherwise on the command line, with a warning."""
+    env = dict(os.environ)
+    if not api_key:
+        return cmd, env
+    interpreter = _python_shebang(cmd[0])
+    if interpreter is None:
+        logger.warning("%s is not a Python script: the API key goes to it on its command line, which local "
+                       "users can read", cmd[0])
+        return cmd + ["--api-key", api_key], env
+    env[_KEY_ENV] = api_key
+    return [interpreter, "-c", _KEY_BOOTSTRAP, *cmd], env
+
+
+def _python_shebang(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    if not first.startswith("#!"):
+        return None
+    words = first[2:].split()
+    if not words:
+        return None
+    # "#!/venv/bin/python" or "#!/usr/bin/env python3"
+    exe = words[1] if os.path.basename(words[0]) == "env" and len(words) > 1 else words[0]
+    if "python" not in os.path.basename(exe):
+        return None
+    return exe if os.path.isabs(exe) else shutil.which(exe)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM smg if the server dies without stopping it (SIGKILL, OOM), so no
+    gateway outlives its server. Linux only (prctl); elsewhere stop() is the only guard."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def worker_url(host: str, port: int) -> str:
+    """The address smg dials for a listener bound on `host`: a wildcard bind is reached on loopback."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host in ("::", "[::]"):
+        host = "[::1]"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"grpc://{host}:{port}"
+
+
+async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: Optional[int]) -> GatewaySupervisor:
+    """The supervised smg for a bound server (ServerConfig `config`): in front of the keyless gateway
+    listener when there is one (smg sends workers no key and no TLS), else of the main port."""
+    target = worker_url(config.gateway_host, gateway_listener_port) if gateway_listener_port is not None \
+        else worker_url(config.host, grpc_port)
+    spec = GatewaySpec(http_host=config.http_host, http_port=config.http_port, worker_url=target,
+                       metrics_host=config.http_metrics_host, metrics_port=config.http_metrics_port,
+                       api_key=config.api_key)
+    if not config.api_key and not _is_loopback(config.http_host):
+        logger.warning("--http-host %s: the OpenAI API on port %d takes requests from anyone who reaches it "
+                       "(no --api-key)", config.http_host, config.http_port)
+    # smg's own log goes where MOELINK_GATEWAY_LOG says (a file), else nowhere: its startup chatter is noise
+    # next to the server's; readiness failures are reported by the supervisor either way.
+    gateway = GatewaySupervisor(spec, log_path=os.environ.get("MOELINK_GATEWAY_LOG"))
+    try:
+        await gateway.start()
+    except BaseException:
+        await gateway.stop()
+        raise
+    return gateway
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,134 @@
+"""GatewaySupervisor against a stand-in smg (a small script): readiness, its errors, bounded restarts, stop.
+
+The real smg is exercised by tests/server/test_managed_gateway.py; this stand-in makes the failure paths
+(never ready, exits at once, keeps dying) quick and certain. Everything binds 127.0.0.1.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import textwrap
+
+import pytest
+
+from moelink.engine.server import gateway as gw
+
+from tests.helpers.net import free_port
+
+# Reads its mode from a file at each start: "ok" serves /v1/models, "exit" exits 3, "hang" never binds.
+FAKE_SMG = textwrap.dedent('''
+    import http.server, json, sys, time
+    args = sys.argv[1:]
+    port = int(args[args.index("--port") + 1])
+    mode = open(MODE_FILE).read().strip()
+    if mode == "exit":
+        sys.exit(3)
+    if mode == "hang":
+        time.sleep(600)
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "m"}]}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+''')
+
+
+@pytest.fixture
+def fake(tmp_path):
+    mode = tmp_path / "mode"
+    mode.write_text("ok")
+    script = tmp_path / "smg"
+    script.write_text(f"#!{sys.executable}\nMODE_FILE = {str(mode)!r}\n{FAKE_SMG}")
+    script.chmod(0o755)
+    return script, mode
+
+
+def _supervisor(script, **kw) -> gw.GatewaySupervisor:
+    spec = gw.GatewaySpec(http_host="127.0.0.1", http_port=free_port(), worker_url="grpc://127.0.0.1:1")
+    return gw.GatewaySupervisor(spec, str(script), **kw)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_restarts_with_backoff_then_gives_up_and_stop_leaves_nothing(fake, monkeypatch, caplog):
+    script, mode = fake
+    monkeypatch.setattr(gw, "BACKOFF_S", (0.05,))
+    monkeypatch.setattr(gw, "MAX_RESTARTS", 2)
+
+    async def run():
+        sup = _supervisor(script, ready_timeout=10)
+        await sup.start()
+        first = sup.pid
+        os.kill(first, 9)
+        for _ in range(200):  # bounded: 10 s
+            if sup.restarts == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert sup.restarts == 1 and sup.pid != first and _alive(sup.pid)
+        # From now on every start fails at once: two more tries, then it gives up (logged), no busy loop.
+        mode.write_text("exit")
+        os.kill(sup.pid, 9)
+        await asyncio.wait_for(sup._watch, 10)
+        assert sup.restarts == 1
+        await sup.stop()
+        assert not _alive(sup.pid)
+
+    asyncio.run(run())
+    assert "giving up" in caplog.text
+
+
+def test_exit_before_ready_names_the_http_port(fake):
+    script, mode = fake
+    mode.write_text("exit")
+    sup = _supervisor(script)
+    with pytest.raises(gw.GatewayError, match=rf"exited with 3 before it was ready \(--http-port {sup.spec.http_port}"):
+        asyncio.run(sup.start())
+
+
+def test_never_ready_is_bounded_and_killed(fake):
+    script, mode = fake
+    mode.write_text("hang")
+    sup = _supervisor(script, ready_timeout=1.0)
+    with pytest.raises(gw.GatewayError, match=r"did not serve the model on --http-port \d+ within 1 s"):
+        asyncio.run(sup.start())
+    assert not _alive(sup.pid)
+
+
+def test_command_keeps_everything_on_loopback(fake):
+    script, _ = fake
+    cmd = _supervisor(script).command(9999)
+    assert cmd[cmd.index("--prometheus-host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+def test_no_smg_is_one_error_naming_the_flag_and_the_fix(fake, monkeypatch):
+    script, _ = fake
+    spec = _supervisor(script).spec
+    monkeypatch.setattr(gw, "smg_executable", lambda: None)
+    with pytest.raises(gw.GatewayError, match=r"--http-port.*pip install smg.*--no-http"):
+        gw.GatewaySupervisor(spec)
+
+
+def test_the_key_goes_through_the_environment_not_the_command_line(fake, tmp_path):
+    script, _ = fake
+    cmd, env = gw._with_key([str(script), "launch", "--port", "1"], "s3cret")
+    assert cmd[0] == sys.executable and "s3cret" not in " ".join(cmd) and env[gw._KEY_ENV] == "s3cret"
+    binary = tmp_path / "smg-bin"
+    binary.write_bytes(b"\x7fELF...")
+    cmd, env = gw._with_key([str(binary), "launch"], "s3cret")  # not a script: only the command line is left
+    assert cmd[-2:] == ["--api-key", "s3cret"] and gw._KEY_ENV not in env

@@ -1,0 +1,155 @@
+"""`moelink serve --http-port`: the OpenAI API from one command, through a supervised smg gateway.
+
+One server (with an API key, so the managed gateway must use the keyless loopback listener and ask its
+own clients for the same key) serves the official `openai` client; its smg child is killed by PID and
+comes back; SIGTERM stops both. Flag validation and the "smg not installed" error need no server.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+from moelink.engine.server import gateway as gateway_mod
+from moelink.engine.server.config import ServerConfig
+
+from tests.helpers.grpc_server import ServerProcess
+from tests.helpers.net import free_port, listening
+from tests.helpers.smg_gateway import smg_executable
+from tests.helpers.waits import wait_until
+
+KEY = "sk-moelink-test"
+SERVED = "tiny-moe"
+_API_LINE = r"moelink: OpenAI API on http://127\.0\.0\.1:(\d+)/v1 \(same API key\) \(smg gateway pid (\d+); " \
+            r"its metrics on http://127\.0\.0\.1:(\d+)/metrics\)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def http_server(model_path):
+    from tests.helpers.grpc_server import ENGINE_FLAGS
+
+    if smg_executable() is None:
+        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
+    srv = ServerProcess(model_path, ENGINE_FLAGS + ["--served-model-name", SERVED, "--api-key", KEY,
+                                                    "--http-port", str(free_port())])
+    try:
+        m = srv.wait_for_line(_API_LINE, 30, "the OpenAI API line")
+        yield srv, int(m.group(1)), int(m.group(2)), int(m.group(3))
+    finally:
+        srv.stop()
+        srv.close()
+
+
+def _client(port: int, key: str = KEY):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=60, max_retries=0)
+
+
+def _chat_and_stream(client) -> None:
+    chat = client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=8, temperature=0)
+    assert chat.usage.completion_tokens == 8 and chat.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model=SERVED, prompt="Once upon a time", max_tokens=6, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+@pytest.mark.slow
+def test_one_command_gives_the_openai_api_and_supervises_smg(http_server):
+    import openai
+
+    srv, port, smg_pid, metrics_port = http_server
+    assert srv.wait_for_line(r"moelink: tokenizer: (/\S+)", 5, "the tokenizer line").group(1) == \
+        os.path.abspath(srv.proc.args[4])
+    client = _client(port)
+    assert [m.id for m in client.models.list()] == [SERVED]
+    _chat_and_stream(client)
+    # The same API key as the server's gRPC port: without it the gateway refuses.
+    with pytest.raises(openai.AuthenticationError):
+        _client(port, "wrong").completions.create(model=SERVED, prompt="x", max_tokens=1)
+    # The key reaches smg without going on a command line (local users can read those).
+    with open(f"/proc/{smg_pid}/cmdline", "rb") as f:
+        assert KEY.encode() not in f.read()
+    # Everything smg listens on is loopback: its HTTP port and its Prometheus port (smg's own default is 0.0.0.0).
+    socks = listening(pids=[smg_pid])
+    assert {p for _, p in socks} >= {port, metrics_port}, socks
+    assert {a for a, _ in socks} == {"127.0.0.1"}, socks
+
+    # smg dies → the supervisor starts a new one on the same port, and requests work again.
+    os.kill(smg_pid, signal.SIGKILL)
+    back = re.compile(r"the smg gateway is back \(pid (\d+)\)")
+    new_pid = int(wait_until(lambda: back.search(srv.logs()), 60, "the supervisor to restart smg",
+                             interval=0.2, detail=lambda: srv.logs()[-3000:]).group(1))
+    assert new_pid != smg_pid and _alive(new_pid) and not _alive(smg_pid)
+    _chat_and_stream(client)
+
+    # SIGTERM the server → it drains, stops, and leaves no smg behind.
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(60) == 0, srv.logs()[-3000:]
+    wait_until(lambda: not _alive(new_pid), 15, f"smg (pid {new_pid}) to be gone")
+
+
+def test_http_flags_are_validated_naming_the_flag():
+    with pytest.raises(ValueError, match=r"http_port=0 is invalid: .*--no-http"):
+        ServerConfig(port=50051, http_port=0)
+    with pytest.raises(ValueError, match=r"http_port=50051 is invalid: must differ from --port"):
+        ServerConfig(port=50051, http_port=50051)
+    with pytest.raises(ValueError, match=r"http_port=9100 is invalid: must differ from --metrics-port"):
+        ServerConfig(port=0, metrics_port=9100, http_port=9100)
+    with pytest.raises(ValueError, match=r"http_metrics_port=70000 is invalid"):
+        ServerConfig(port=0, http_port=8000, http_metrics_port=70000)
+    assert ServerConfig().http_port is None  # embedding a server never spawns a gateway by itself
+
+
+def test_cli_defaults_to_http_8000_like_vllm_and_no_http_turns_it_off():
+    from moelink.engine.cli import build_parser
+    from moelink.engine.server.cli import server_config_from
+
+    parse = build_parser().parse_args
+    cfg = server_config_from(parse(["serve", "m", "--port", "0"]))
+    assert (cfg.http_port, cfg.http_host, cfg.http_metrics_host) == (8000, "127.0.0.1", "127.0.0.1")
+    assert server_config_from(parse(["serve", "m", "--port", "0", "--no-http"])).http_port is None
+    assert server_config_from(parse(["serve", "m", "--port", "0", "--http-port", "9000"])).http_port == 9000
+
+
+def test_missing_smg_is_one_clear_error_before_weights_load(monkeypatch, capsys, tmp_path):
+    from moelink.engine.cli import main
+
+    monkeypatch.setattr(gateway_mod, "smg_executable", lambda: None)
+    # An empty model directory: the gateway check comes first, before anything loads.
+    assert main(["serve", str(tmp_path), "--port", "0", "--http-port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "--http-port" in err and "pip install smg" in err and "--no-http" in err, err
+    assert err.count("\n") == 1, err
+
+
+def test_worker_url_dials_wildcard_binds_on_loopback():
+    assert gateway_mod.worker_url("0.0.0.0", 5) == "grpc://127.0.0.1:5"
+    assert gateway_mod.worker_url("::", 5) == "grpc://[::1]:5"
+    assert gateway_mod.worker_url("10.0.0.2", 5) == "grpc://10.0.0.2:5"
+
+
+def test_make_serve_uses_the_managed_gateway_and_prints_both_client_examples():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(["make", "-n", "-s", "serve", "TINY_MODEL=some-model", "HTTP_PORT=8123"], cwd=root,
+                         capture_output=True, text=True, timeout=30).stdout
+    assert re.search(r"moelink serve some-model --host 127\.0\.0\.1 --port 50051 --http-port 8123", out), out
+    assert "curl http://127.0.0.1:8123/v1/chat/completions" in out
+    assert 'OpenAI(base_url=\\"http://127.0.0.1:8123/v1\\"' in out
