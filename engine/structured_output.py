@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable
@@ -25,7 +26,7 @@ from typing import Iterable
 import numpy as np
 
 from .safe_text import shown
-from .structured_output_params import StructuredOutputParams
+from .structured_output_params import PREFIX, StructuredOutputParams
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +97,18 @@ class GrammarCompilerPool:
                 if self._futures.get(params.key) is fut:
                     del self._futures[params.key]  # a bad spec is not cached
             kind = params.kind
-            raise ValueError(f"StructuredOutputParams.{kind}={shown(getattr(params, kind))} is invalid: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}.") from None
+            raise ValueError(f"{PREFIX}{kind}={shown(getattr(params, kind))} is invalid: {_reason(e)}.") from None
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _reason(exc: Exception) -> str:
+    """xgrammar's message without its "[time] /path/file.cc:line: " prefix or final period."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return re.sub(r"^(\[[^\]]*\]\s*)?\S+\.cc:\d+:\s*", "", lines[0]).rstrip(".")
 
 
 class StructuredOutputManager:

@@ -13,6 +13,8 @@ from typing import Optional, Union
 from .safe_text import shown
 
 KINDS = ("json", "json_object", "regex", "grammar", "choice")
+# Messages name fields as a SamplingParams path, so servers map them to their wire names like any other.
+PREFIX = "SamplingParams.structured_outputs."
 
 
 @dataclass(frozen=True)
@@ -33,20 +35,20 @@ class StructuredOutputParams:
         _check(isinstance(self.json_object, bool), "json_object", self.json_object, "must be True or False")
         chosen = [k for k in KINDS if (getattr(self, k) is not None if k != "json_object" else self.json_object)]
         if len(chosen) != 1:
-            raise ValueError(f"StructuredOutputParams sets {chosen or 'nothing'}: set exactly one of {', '.join(KINDS)}.")
+            raise ValueError(f"SamplingParams.structured_outputs sets {chosen or 'nothing'}: set exactly one of {', '.join(KINDS)}.")
         if self.json is not None:
             _check(isinstance(self.json, (str, dict)), "json", self.json, "must be a JSON schema (a dict or its JSON text)")
             if isinstance(self.json, str):
                 try:
                     schema = json.loads(self.json)
                 except ValueError as e:
-                    raise ValueError(f"StructuredOutputParams.json={shown(self.json)} is invalid: not JSON ({e}).") from None
+                    raise ValueError(f"{PREFIX}json={shown(self.json)} is invalid: not JSON ({e}).") from None
                 _check(isinstance(schema, (dict, bool)), "json", self.json, "must be a JSON schema object")
             else:
                 try:
                     json.dumps(self.json)
                 except (TypeError, ValueError) as e:
-                    raise ValueError(f"StructuredOutputParams.json={shown(self.json)} is invalid: not JSON ({e}).") from None
+                    raise ValueError(f"{PREFIX}json={shown(self.json)} is invalid: not JSON ({e}).") from None
         for name in ("regex", "grammar"):
             v = getattr(self, name)
             _check(v is None or (isinstance(v, str) and v), name, v, "must be a non-empty string")
@@ -75,4 +77,4 @@ class StructuredOutputParams:
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"StructuredOutputParams.{name}={shown(value)} is invalid: {allowed}.")
+        raise ValueError(f"{PREFIX}{name}={shown(value)} is invalid: {allowed}.")

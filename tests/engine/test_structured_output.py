@@ -91,7 +91,7 @@ def test_mixed_batch_and_unconstrained_rows(llm):
     (dict(choice=[]), "choice"),
 ])
 def test_invalid_specs_name_the_field(llm, kw, field):
-    with pytest.raises(ValueError, match=rf"StructuredOutputParams\.{field}="):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.structured_outputs\.{field}="):
         llm.generate(["hi"], SamplingParams(structured_outputs=StructuredOutputParams(**kw)), use_tqdm=False)
 
 
