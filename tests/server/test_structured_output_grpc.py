@@ -61,6 +61,17 @@ def test_vllm_engine_constraints(srv_stubs):
             assert isinstance(json.loads(text), dict), text
 
 
+def test_n_samples_each_follow_the_grammar(srv_stubs):
+    s, _ = srv_stubs
+    msgs = list(s.native.Generate(s.pb.GenerateRequest(prompt="Hi", sampling_params=s.pb.SamplingParams(
+        n=4, temperature=1.0, seed=7, max_tokens=16, regex=r"(ab|cd){2}")), timeout=60))
+    texts = {}
+    for m in msgs:
+        texts[m.index] = texts.get(m.index, "") + m.text
+    assert sorted(texts) == [0, 1, 2, 3]
+    assert all(re.fullmatch(r"(ab|cd){2}", t) for t in texts.values()), texts
+
+
 @pytest.mark.parametrize("service", ["native", "vllm"])
 @pytest.mark.parametrize("constraint, field", [
     (dict(json_schema='{"type": "object", "properties": {"a": {"type": "nope"}}}'), "sampling_params.json_schema"),
