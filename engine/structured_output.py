@@ -31,6 +31,10 @@ from .structured_output_params import PREFIX, StructuredOutputParams
 logger = logging.getLogger(__name__)
 
 
+CACHE_LIMIT_BYTES = 256 << 20  # xgrammar's compiled-grammar cache
+MAX_SHARED_COMPILES = 256
+
+
 def bitmask_words(vocab_size: int) -> int:
     """int32 words per row of a token bitmask (bit t of word t // 32: token t allowed)."""
     return -(-vocab_size // 32)
@@ -59,7 +63,8 @@ class GrammarCompilerPool:
                 hf = PreTrainedTokenizerFast(tokenizer_object=self._tokenizer._tok)
                 info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+                # Bounded: every distinct schema a client sends is cached, so an unbounded cache is a memory leak.
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_LIMIT_BYTES)
             return self._compiler
 
     def _compile(self, params: StructuredOutputParams):
@@ -83,6 +88,9 @@ class GrammarCompilerPool:
         with self._lock:
             fut = self._futures.get(key)
             if fut is None:
+                if len(self._futures) >= MAX_SHARED_COMPILES:
+                    # Only in-flight compiles need sharing (xgrammar caches the results): forget finished ones.
+                    self._futures = {k: f for k, f in self._futures.items() if not f.done()}
                 fut = self._futures[key] = self._pool.submit(self._compile, params)
         return fut
 
@@ -100,7 +108,12 @@ class GrammarCompilerPool:
             raise ValueError(f"{PREFIX}{kind}={shown(getattr(params, kind))} is invalid: {_reason(e)}.") from None
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Waits for a running compile (milliseconds for sane specs), then frees the compiler here rather than
+        # at interpreter exit, where destroying xgrammar's native thread pool can abort the process.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._compiler = None
+            self._futures.clear()
 
 
 def _reason(exc: Exception) -> str:

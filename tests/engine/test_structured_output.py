@@ -110,3 +110,61 @@ def test_grammar_survives_preemption(tiny_model):
         assert llm.engine.stats().num_preemptions_total > 0
     for out in outs:
         jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def test_bitmask_unpacking_matches_xgrammar():
+    # The sampler's own unpacking (numpy, any device) against xgrammar's apply_token_bitmask_inplace, for a
+    # vocabulary that is not a multiple of 32 and a batch with an unconstrained row.
+    import numpy as np
+    import torch
+    import xgrammar as xgr
+
+    from moelink.engine.sampler import _unpack_bitmasks
+
+    V = 77
+    rng = np.random.default_rng(0)
+    masks = rng.integers(-2**31, 2**31, size=(2, 3), dtype=np.int64).astype(np.int32)
+    allowed = _unpack_bitmasks([masks[0].tobytes(), None, masks[1].tobytes()], V, torch.device("cpu"))
+    logits = torch.zeros(2, V)
+    xgr.apply_token_bitmask_inplace(logits, torch.from_numpy(masks))
+    assert torch.equal(allowed[[0, 2]], logits == 0)
+    assert allowed[1].all()
+
+
+def test_a_compiling_grammar_never_blocks_the_engine_loop(llm):
+    # The compile is held until a free request has finished: process_inputs waits on its own thread (as a
+    # server handler does) while this thread, the engine loop, keeps stepping.
+    import threading
+
+    from moelink.engine.structured_output import GrammarCompilerPool
+
+    engine = llm.engine
+    release = threading.Event()
+    real = GrammarCompilerPool._compile
+    processed = []
+
+    def held(self, params):
+        assert release.wait(30)
+        return real(self, params)
+
+    so = StructuredOutputParams(regex="[xy]{3}")
+    GrammarCompilerPool._compile = held
+    try:
+        waiter = threading.Thread(target=lambda: processed.append(engine.process_inputs(
+            "c", "Hello", SamplingParams(max_tokens=8, seed=0, structured_outputs=so))))
+        waiter.start()
+        engine.add_request("f", "Hello", SamplingParams(max_tokens=4, ignore_eos=True))
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        assert steps >= 4 and waiter.is_alive() and not processed
+        release.set()
+        waiter.join(30)
+    finally:
+        GrammarCompilerPool._compile = real
+    engine.add_processed(processed[0])
+    outs = []
+    while engine.has_requests():
+        outs.extend(o for o in engine.step() if o.finished)
+    assert re.fullmatch("[xy]{3}", outs[-1].outputs[0].text)
