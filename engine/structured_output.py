@@ -48,12 +48,15 @@ class GrammarCompilerPool:
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the shared-compile table
+        # Building the tokenizer info reads the whole vocabulary (seconds for 150k tokens): its own lock, so
+        # submit() is never held up behind it.
+        self._compiler_lock = threading.Lock()
         self._compiler = None
         self._futures: dict[tuple[str, str], Future] = {}
 
     def _get_compiler(self):
-        with self._lock:
+        with self._compiler_lock:
             if self._compiler is None:
                 import xgrammar as xgr
                 from transformers import PreTrainedTokenizerFast
@@ -111,8 +114,9 @@ class GrammarCompilerPool:
         # Waits for a running compile (milliseconds for sane specs), then frees the compiler here rather than
         # at interpreter exit, where destroying xgrammar's native thread pool can abort the process.
         self._pool.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
+        with self._compiler_lock:
             self._compiler = None
+        with self._lock:
             self._futures.clear()
 
 
