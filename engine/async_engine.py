@@ -155,7 +155,12 @@ class AsyncEngine:
         """Stream outputs of one request. Raises ValueError for bad input before anything is queued."""
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
-        gen = self.generate_processed(self.process_inputs(request_id, prompt, params), output_kind)
+        if params is not None and params.structured_outputs is not None:
+            # Its grammar compiles on the engine's grammar pool; wait for it off this event loop.
+            processed = await asyncio.to_thread(self.process_inputs, request_id, prompt, params)
+        else:
+            processed = self.process_inputs(request_id, prompt, params)
+        gen = self.generate_processed(processed, output_kind)
         async with contextlib.aclosing(gen):  # closing this closes (and so aborts) the request at once
             async for out in gen:
                 yield out

@@ -25,6 +25,7 @@ from .output_processor import OutputProcessor
 from .outputs import OutputKind, RequestOutput
 from .safe_text import shown
 from .sampling_params import SamplingParams
+from .structured_output import GrammarCompilerPool, StructuredOutputManager
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class ProcessedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
+    # xgrammar CompiledGrammar when params.structured_outputs is set (compiled in process_inputs).
+    grammar: object = None
 
 
 class LLMEngine:
@@ -80,6 +83,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.moe_metrics = MoEMetrics(len(config.model.sparse_layers), config.model.num_experts, self.world_size)
         self._step_id = 0
+        self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
+        self.structured = StructuredOutputManager(config.model.vocab_size)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -146,7 +151,11 @@ class LLMEngine:
                              f"token ids must be in [0, {vocab}).")
         room = max_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        return ProcessedRequest(request_id, text, ids, params, max_tokens)
+        grammar = None
+        if params.structured_outputs is not None:
+            # Compiled on the grammar pool; this caller waits, the engine loop does not.
+            grammar = self.grammars.compile(params.structured_outputs)
+        return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar)
 
     # -- request lifecycle ----------------------------------------------------
     def add_processed(self, req: ProcessedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
@@ -159,6 +168,11 @@ class LLMEngine:
             eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
             stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens,
         )
+        if p.structured_outputs is not None:
+            if req.grammar is None:
+                raise ValueError("SamplingParams.structured_outputs is set but the request was not processed "
+                                 "by process_inputs (no compiled grammar).")
+            self.structured.add(req.request_id, req.grammar)
         rank = self.router.route(req.prompt_token_ids)
         self.schedulers[rank].add_request(sched_req)
         self._rank_of[req.request_id] = rank
@@ -179,6 +193,7 @@ class LLMEngine:
 
     def _finish(self, request_ids, status: RequestStatus) -> None:
         for rid in request_ids:
+            self.structured.remove(rid)
             rank = self._rank_of.pop(rid, None)
             if rank is not None:
                 self.schedulers[rank].finish_requests([rid], status)
@@ -196,14 +211,20 @@ class LLMEngine:
         """One lockstep step of every rank; returns the outputs it produced."""
         sched_outs = [s.schedule() for s in self.schedulers]
         self._step_id += 1
+        if self.structured:
+            for so in sched_outs:  # each rank gets the masks of its own rows only
+                so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens)
         runner_outs = self.executor.execute(sched_outs)
         core_outputs = []
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))
         self.moe_metrics.add_step([ro.stats.moe if ro.stats is not None else None for ro in runner_outs])
         for co in core_outputs:
+            if self.structured and co.new_token_ids:
+                self.structured.accept(co.request_id, co.new_token_ids)
             if co.finish_reason is not None:
                 self._rank_of.pop(co.request_id, None)
+                self.structured.remove(co.request_id)
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self._finish(stopped, RequestStatus.FINISHED_STOPPED)
@@ -248,4 +269,5 @@ class LLMEngine:
         self.executor.check_health()
 
     def shutdown(self) -> None:
+        self.grammars.shutdown()
         self.executor.shutdown()

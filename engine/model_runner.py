@@ -236,11 +236,11 @@ class ModelRunner:
         # A chunk samples only when it reaches the request's last known token.
         rows = [s for s, (st, L) in enumerate(zip(states, seq_lens)) if L == len(st.all_token_ids)]
         if rows:
-            self._sample(rows, states, qsl, h_TD, out)
+            self._sample(rows, states, qsl, h_TD, out, so.grammar_bitmask)
         out.stats = StepStats(len(tokens), len(states), time.perf_counter() - t0, self.model.moe_stats.snapshot())
         return out
 
-    def _sample(self, rows, states, qsl, h_TD, out: ModelRunnerOutput) -> None:
+    def _sample(self, rows, states, qsl, h_TD, out: ModelRunnerOutput, bitmasks: dict[str, bytes]) -> None:
         last_R = torch.tensor([int(qsl[s + 1]) - 1 for s in rows], dtype=torch.long, device=self.device)
         logits_RV = self.model.compute_logits(h_TD.index_select(0, last_R))
         picked = [states[s] for s in rows]
@@ -248,6 +248,7 @@ class ModelRunner:
             [st.params for st in picked], [st.prompt_token_ids for st in picked],
             [st.output_token_ids for st in picked], [st.generator for st in picked],
             self.eos_token_ids, self.cfg.vocab_size, self.device,
+            [bitmasks.get(st.req_id) for st in picked] if bitmasks else None,
         )
         result = self.sampler(logits_RV, meta)
         token_ids = result.token_ids_B.tolist()  # host sync: sampled ids go back to the scheduler

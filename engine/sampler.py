@@ -11,7 +11,8 @@ Shape legend:
 Order of a step:
     1. logprobs of the *raw* model distribution (before any processing, as in
        vLLM v1, so a client sees what the model thought);
-    2. penalties (repetition, frequency, presence), then min_tokens blocking;
+    2. penalties (repetition, frequency, presence), then min_tokens blocking, then the structured-output
+       grammar's bitmask (tokens the grammar forbids get -inf);
     3. greedy rows take the argmax here;
     4. other rows: temperature, min-p, top-k, top-p, then an exponential race.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from moelink.engine.sampling_params import SamplingParams
@@ -82,6 +84,9 @@ class SamplingMetadata:
     logprob_rows_L: Optional[torch.Tensor] = None
     max_num_logprobs: int = 0
 
+    # bool [B, V]: False where a constrained row's grammar forbids the token; None when no row is constrained.
+    grammar_allowed_BV: Optional[torch.Tensor] = None
+
     @property
     def no_logprobs(self) -> bool:
         return self.logprob_rows_L is None
@@ -100,11 +105,14 @@ class SamplingMetadata:
         eos_token_ids: set[int],
         vocab_size: int,
         device: torch.device,
+        grammar_bitmasks: Optional[list[Optional[bytes]]] = None,
     ) -> "SamplingMetadata":
         """Batch one step's per-request parameters into tensors on `device`.
 
         All lists are indexed by row and must have the same length. Token ids
         outside [0, vocab_size) are ignored by penalties and min_tokens.
+        `grammar_bitmasks`: per row None (unconstrained) or the row's allowed tokens as little-endian
+        int32 words, bit t of word t // 32 for token t (xgrammar's layout).
         """
         B, V = len(params), vocab_size
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == B):
@@ -139,6 +147,9 @@ class SamplingMetadata:
             rows, ids = zip(*blocked)
             meta.min_tokens_rows_M = torch.tensor(rows, dtype=torch.long, device=device)
             meta.min_tokens_ids_M = torch.tensor(ids, dtype=torch.long, device=device)
+
+        if grammar_bitmasks is not None and any(m is not None for m in grammar_bitmasks):
+            meta.grammar_allowed_BV = _unpack_bitmasks(grammar_bitmasks, V, device)
 
         if meta.all_greedy:
             return meta
@@ -181,6 +192,16 @@ class SamplingMetadata:
             self.seen_mask_BV = (prompt_counts_BV > 0) | (self.output_counts_BV > 0)
 
 
+def _unpack_bitmasks(masks: list[Optional[bytes]], V: int, device: torch.device) -> torch.Tensor:
+    """bool [B, V] from per-row little-endian int32 bitmask bytes (None: every token allowed)."""
+    words = -(-V // 32)
+    full = b"\xff" * (4 * words)
+    packed = np.frombuffer(b"".join(full if m is None else m for m in masks), dtype=np.uint8)
+    # Little-endian words: byte k holds tokens 8k..8k+7, lowest bit first.
+    bits = np.unpackbits(packed.reshape(len(masks), 4 * words), axis=1, bitorder="little")[:, :V]
+    return torch.from_numpy(bits.astype(np.bool_)).to(device)
+
+
 def _token_counts(token_ids: list[list[int]], V: int, device: torch.device) -> torch.Tensor:
     """float32 [B, V]: occurrences of each token id per row (ids outside [0, V) dropped)."""
     B = len(token_ids)
@@ -220,7 +241,8 @@ class Sampler:
                 f"Sampler: logits shape {tuple(logits_BV.shape)} does not match the metadata "
                 f"({meta.num_rows} rows, vocab {meta.vocab_size})."
             )
-        if meta.all_greedy and meta.no_penalties and meta.no_min_tokens and meta.no_logprobs:
+        if (meta.all_greedy and meta.no_penalties and meta.no_min_tokens and meta.no_logprobs
+                and meta.grammar_allowed_BV is None):
             # Casting to float32 is monotone and exact, so argmax needs no cast.
             return SamplerOutput(logits_BV.argmax(dim=-1), [None] * B)
 
@@ -234,6 +256,8 @@ class Sampler:
             _apply_penalties(logits, meta)
         if not meta.no_min_tokens:
             logits.index_put_((meta.min_tokens_rows_M, meta.min_tokens_ids_M), torch.tensor(_NEG_INF, device=logits.device))
+        if meta.grammar_allowed_BV is not None:
+            logits.masked_fill_(~meta.grammar_allowed_BV, _NEG_INF)
 
         if meta.all_greedy:
             token_ids_B = logits.argmax(dim=-1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .safe_text import shown
+from .structured_output_params import StructuredOutputParams
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -72,6 +73,8 @@ class SamplingParams:
     # False: no text at all (token ids only, as a client that detokenizes itself wants, e.g. the smg
     # gateway); saves the per-token decode on the engine thread. Stop strings need text, so they need True.
     detokenize: bool = True
+    # Constrain the output to a JSON schema, regex, grammar or choice (engine/structured_output.py).
+    structured_outputs: Optional[StructuredOutputParams] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -93,6 +96,8 @@ class SamplingParams:
         _check(isinstance(self.detokenize, bool), "detokenize", self.detokenize, "must be True or False")
         _check(self.detokenize or not self.stop, "detokenize", self.detokenize,
                "stop strings are matched on the output text, so they need detokenize=True")
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputParams),
+               "structured_outputs", self.structured_outputs, "must be a StructuredOutputParams or None")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs", self.logprobs,
                f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 

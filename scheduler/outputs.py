@@ -83,6 +83,9 @@ class SchedulerOutput:
     # since the previous step) before running this step.
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Structured output: per constrained request scheduled this step, its allowed next tokens as
+    # little-endian int32 bitmask words (bytes; filled by the engine, engine/structured_output.py).
+    grammar_bitmask: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

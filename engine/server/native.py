@@ -13,7 +13,7 @@ from ..sampling_params import SamplingParams
 from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
 from .limits import RequestLimits
-from .serving import Serving, abort_rpc, optional, top_logprobs
+from .serving import Serving, abort_rpc, optional, structured_from_proto, top_logprobs, wire_message
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 _DEFAULTS = SamplingParams()  # unset optional fields read these
@@ -43,9 +43,9 @@ def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = Re
         skip_special_tokens=optional(sp, "skip_special_tokens", True),
     )
     try:
-        return SamplingParams(**kwargs), optional(sp, "n", 1)
+        return SamplingParams(**kwargs, structured_outputs=structured_from_proto(sp)), optional(sp, "n", 1)
     except ValueError as exc:
-        raise ValueError(str(exc).replace("SamplingParams.", "sampling_params.")) from None
+        raise ValueError(wire_message(str(exc))) from None
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):

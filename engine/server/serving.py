@@ -31,6 +31,7 @@ from ..outputs import OutputKind, RequestOutput
 from ..prompt_bound import NoBound, bytes_per_token
 from ..safe_text import MAX_MESSAGE_CHARS, shown
 from ..sampling_params import SamplingParams
+from ..structured_output_params import StructuredOutputParams
 from .config import ServerConfig
 from .registry import Draining, DuplicateRequest, Overloaded, RequestRegistry
 
@@ -146,7 +147,8 @@ class Serving:
                 raise too_long(field, kept, self.max_model_len)
             ids = list(prompt if keep is None else prompt[-keep:])
         process = self.engine.process_inputs
-        if len(ids) <= INLINE_MAX_IDS:
+        # A grammar compiles on the engine's grammar pool while process_inputs waits: never on this loop.
+        if len(ids) <= INLINE_MAX_IDS and params.structured_outputs is None:
             return process(request_id, ids, params, field)
         return await asyncio.to_thread(process, request_id, ids, params, field)
 
@@ -289,11 +291,36 @@ class Serving:
 
 
 # -- errors --------------------------------------------------------------------
+def wire_message(msg: str) -> str:
+    """An engine message with its field names as both protos spell them: SamplingParams.<field> is
+    sampling_params.<field>; structured outputs are the proto's `constraint` oneof (json is json_schema)."""
+    return (msg.replace("SamplingParams.structured_outputs.json=", "sampling_params.json_schema=")
+            .replace("SamplingParams.structured_outputs.", "sampling_params.")
+            .replace("SamplingParams.", "sampling_params."))
+
+
+def structured_from_proto(sp) -> StructuredOutputParams | None:
+    """The `constraint` oneof of a SamplingParams message (moelink.v1 and vllm.grpc.engine spell it the
+    same way), or None when unset."""
+    which = sp.WhichOneof("constraint")
+    if which is None:
+        return None
+    if which == "choice":
+        return StructuredOutputParams(choice=list(sp.choice.choices))
+    if which == "json_schema":
+        return StructuredOutputParams(json=sp.json_schema)
+    if which == "json_object":
+        return StructuredOutputParams(json_object=sp.json_object)
+    if which in ("regex", "grammar"):
+        return StructuredOutputParams(**{which: getattr(sp, which)})
+    raise ValueError(f"sampling_params.{which} is not supported: moelink serves json_schema, json_object, regex, "
+                     f"grammar and choice.")
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a request failure maps to (one sentence for the user)."""
     if isinstance(exc, ValueError):
-        # Engine messages name SamplingParams fields; on the wire they are sampling_params.<field>.
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc).replace("SamplingParams.", "sampling_params.")
+        return grpc.StatusCode.INVALID_ARGUMENT, wire_message(str(exc))
     if isinstance(exc, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, DuplicateRequest):

@@ -27,7 +27,7 @@ from ..llm_engine import ProcessedRequest
 from ..safe_text import shown
 from ..sampling_params import SamplingParams
 from .limits import RequestLimits
-from .serving import Serving, abort_rpc, optional, top_logprobs
+from .serving import Serving, abort_rpc, optional, structured_from_proto, top_logprobs, wire_message
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,6 @@ def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = Re
                                ) -> tuple[SamplingParams, int]:
     """(engine SamplingParams, n) with vLLM's reading of unset proto3 fields; ValueError names the field."""
     limits.check_sampling(sp)
-    unsupported = sp.WhichOneof("constraint")
-    if unsupported:
-        raise ValueError(f"sampling_params.{unsupported} is not supported: moelink has no structured outputs yet.")
     if sp.logit_bias:
         raise ValueError("sampling_params.logit_bias is not supported yet.")
     if sp.HasField("prompt_logprobs"):
@@ -78,9 +75,10 @@ def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = Re
             # This protocol carries token ids only (the gateway detokenizes): text is needed
             # here just to match stop strings.
             detokenize=bool(sp.stop),
+            structured_outputs=structured_from_proto(sp),
         )
     except ValueError as exc:
-        raise ValueError(str(exc).replace("SamplingParams.", "sampling_params.")) from None
+        raise ValueError(wire_message(str(exc))) from None
     return params, sp.n or 1
 
 

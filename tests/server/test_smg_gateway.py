@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 
 import pytest
 
@@ -142,3 +143,51 @@ def test_closing_the_http_stream_aborts_in_moelink(gateway, stubs):
                       detail=lambda: str(stubs.native.ServerInfo(pb.ServerInfoRequest())))
     assert info, f"request still running in moelink: {stubs.native.ServerInfo(pb.ServerInfoRequest())}"
     assert info.generated_tokens_total < running.generated_tokens_total + 480
+
+
+# -- structured output through the OpenAI API (smg maps response_format / regex / choice to the constraint oneof) --
+PET_SCHEMA = {"type": "object", "properties": {"pet": {"type": "string", "enum": ["cat", "dog", "emu"]},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 30}},
+              "required": ["pet", "age"], "additionalProperties": False}
+
+
+def test_chat_response_format_json_schema_validates(gateway):
+    jsonschema = pytest.importorskip("jsonschema")
+    messages = [{"role": "user", "content": "Describe a pet as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET_SCHEMA}}
+    for seed in range(20):
+        status, raw = http_request(gateway, "POST", "/v1/chat/completions", dict(
+            model="tiny-moe", messages=messages, temperature=1.0, seed=seed, max_tokens=48, response_format=fmt))
+        assert status == 200, raw
+        choice = json.loads(raw)["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), PET_SCHEMA)
+
+
+def test_completions_regex_ebnf_and_chat_json_object(gateway):
+    # smg's OpenAI API takes SGLang's top-level `regex` and `ebnf` (it has no `choice`: that one is served
+    # through gRPC, tests/server/test_structured_output_grpc.py).
+    for seed in range(4):
+        for extra, pattern in [(dict(regex=r"[a-z]{3}-[0-9]{2}"), r"[a-z]{3}-[0-9]{2}"),
+                               (dict(ebnf='root ::= ("yes" | "no") "!"'), r"(yes|no)!")]:
+            status, raw = http_request(gateway, "POST", "/v1/completions", dict(
+                model="tiny-moe", prompt="Go", temperature=1.0, seed=seed, max_tokens=16, **extra))
+            assert status == 200, raw
+            text = json.loads(raw)["choices"][0]["text"]
+            assert re.fullmatch(pattern, text), (extra, text)
+    status, raw = http_request(gateway, "POST", "/v1/chat/completions", dict(
+        model="tiny-moe", messages=[{"role": "user", "content": "JSON please"}], temperature=1.0, seed=3,
+        max_tokens=48, response_format={"type": "json_object"}))
+    assert status == 200, raw
+    out = json.loads(raw)["choices"][0]
+    if out["finish_reason"] == "stop":
+        assert isinstance(json.loads(out["message"]["content"]), dict)
+
+
+def test_invalid_schema_is_http_400_naming_the_field(gateway):
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+                                                                        "properties": {"a": {"type": "nope"}}}}}
+    status, raw = http_request(gateway, "POST", "/v1/chat/completions", dict(
+        model="tiny-moe", messages=[{"role": "user", "content": "hi"}], max_tokens=8, response_format=bad))
+    assert status == 400, (status, raw)
+    assert b"json_schema" in raw, raw

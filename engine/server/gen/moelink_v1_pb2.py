@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10moelink_v1.proto\x12\nmoelink.v1\"\xfa\x04\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\rH\t\x88\x01\x01\x12\x18\n\x10unlimited_tokens\x18\x0b \x01(\x08\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0e \x03(\r\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x15\n\x08logprobs\x18\x11 \x01(\x05H\n\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0b\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.moelink.v1.TokenIdsH\x00\x12\x33\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1a.moelink.v1.SamplingParamsB\x07\n\x05input\"L\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\t\"s\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\t\x12#\n\x03top\x18\x05 \x03(\x0b\x32\x16.moelink.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\r\"\xf7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.moelink.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x12\x12\n\x08stop_str\x18\x08 \x01(\tH\x00\x12 \n\x05usage\x18\t \x01(\x0b\x32\x11.moelink.v1.UsageB\r\n\x0bstop_reason\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0bnum_aborted\x18\x01 \x01(\r\"\x12\n\x10ModelInfoRequest\"\xce\x03\n\x11ModelInfoResponse\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\t \x01(\rH\x00\x88\x01\x01\x12\x12\n\nnum_layers\x18\n \x01(\r\x12\x13\n\x0bhidden_size\x18\x0b \x01(\r\x12\x13\n\x0bnum_experts\x18\x0c \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\r \x01(\r\x12\x12\n\nblock_size\x18\x0e \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x0f \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x10 \x01(\r\x12\x1c\n\x14\x65xpert_parallel_size\x18\x11 \x01(\r\x12\x19\n\x11has_chat_template\x18\x12 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x13 \x01(\tB\x0f\n\r_bos_token_id\"\x13\n\x11ServerInfoRequest\"\xe6\x03\n\x12ServerInfoResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x01\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x1d\n\x15num_preemptions_total\x18\x07 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\x08 \x01(\r\x12\x17\n\x0fqueued_requests\x18\t \x01(\r\x12\x15\n\rqueued_tokens\x18\n \x01(\x04\x12\x1b\n\x13max_queued_requests\x18\x0b \x01(\r\x12\x19\n\x11max_queued_tokens\x18\x0c \x01(\x04\x12\x16\n\x0erequests_total\x18\r \x01(\x04\x12\x16\n\x0erejected_total\x18\x0e \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x0f \x01(\x04\x12\x1d\n\x15generation_throughput\x18\x10 \x01(\x01\x12\x10\n\x08uptime_s\x18\x11 \x01(\x01\x12\x0f\n\x07healthy\x18\x12 \x01(\x08\x12\x10\n\x08\x64raining\x18\x13 \x01(\x08\"\x13\n\x11\x45xpertLoadRequest\"*\n\rExpertLoadRow\x12\x19\n\x11tokens_per_expert\x18\x01 \x03(\x03\"\x1e\n\x0bRankExperts\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\x05\"\xff\x01\n\x12\x45xpertLoadResponse\x12\x12\n\nmoe_layers\x18\x01 \x03(\x05\x12\x13\n\x0bnum_experts\x18\x02 \x01(\x05\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12)\n\x06layers\x18\x05 \x03(\x0b\x32\x19.moelink.v1.ExpertLoadRow\x12\x31\n\x10\x65xperts_on_ranks\x18\x06 \x03(\x0b\x32\x17.moelink.v1.RankExperts\x12\x18\n\x10\x62ytes_dispatched\x18\x07 \x01(\x03\x12\x16\n\x0e\x62ytes_combined\x18\x08 \x01(\x03\x12\r\n\x05steps\x18\t \x01(\x03\x32\xf7\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.moelink.v1.GenerateRequest\x1a\x1c.moelink.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.moelink.v1.AbortRequest\x1a\x19.moelink.v1.AbortResponse\x12H\n\tModelInfo\x12\x1c.moelink.v1.ModelInfoRequest\x1a\x1d.moelink.v1.ModelInfoResponse\x12K\n\nServerInfo\x12\x1d.moelink.v1.ServerInfoRequest\x1a\x1e.moelink.v1.ServerInfoResponse\x12K\n\nExpertLoad\x12\x1d.moelink.v1.ExpertLoadRequest\x1a\x1e.moelink.v1.ExpertLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10moelink_v1.proto\x12\nmoelink.v1\"\x8a\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\t\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\rH\n\x88\x01\x01\x12\x18\n\x10unlimited_tokens\x18\x0b \x01(\x08\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0e \x03(\r\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x15\n\x08logprobs\x18\x11 \x01(\x05H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0c\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x13 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x14 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x15 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x16 \x01(\tH\x00\x12.\n\x06\x63hoice\x18\x17 \x01(\x0b\x32\x1c.moelink.v1.ChoiceConstraintH\x00\x42\x0c\n\nconstraintB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"#\n\x10\x43hoiceConstraint\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.moelink.v1.TokenIdsH\x00\x12\x33\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1a.moelink.v1.SamplingParamsB\x07\n\x05input\"L\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\t\"s\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\t\x12#\n\x03top\x18\x05 \x03(\x0b\x32\x16.moelink.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\r\"\xf7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.moelink.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x17\n\rstop_token_id\x18\x07 \x01(\rH\x00\x12\x12\n\x08stop_str\x18\x08 \x01(\tH\x00\x12 \n\x05usage\x18\t \x01(\x0b\x32\x11.moelink.v1.UsageB\r\n\x0bstop_reason\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0bnum_aborted\x18\x01 \x01(\r\"\x12\n\x10ModelInfoRequest\"\xce\x03\n\x11ModelInfoResponse\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\t \x01(\rH\x00\x88\x01\x01\x12\x12\n\nnum_layers\x18\n \x01(\r\x12\x13\n\x0bhidden_size\x18\x0b \x01(\r\x12\x13\n\x0bnum_experts\x18\x0c \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\r \x01(\r\x12\x12\n\nblock_size\x18\x0e \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x0f \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x10 \x01(\r\x12\x1c\n\x14\x65xpert_parallel_size\x18\x11 \x01(\r\x12\x19\n\x11has_chat_template\x18\x12 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x13 \x01(\tB\x0f\n\r_bos_token_id\"\x13\n\x11ServerInfoRequest\"\xe6\x03\n\x12ServerInfoResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x01\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x1d\n\x15num_preemptions_total\x18\x07 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\x08 \x01(\r\x12\x17\n\x0fqueued_requests\x18\t \x01(\r\x12\x15\n\rqueued_tokens\x18\n \x01(\x04\x12\x1b\n\x13max_queued_requests\x18\x0b \x01(\r\x12\x19\n\x11max_queued_tokens\x18\x0c \x01(\x04\x12\x16\n\x0erequests_total\x18\r \x01(\x04\x12\x16\n\x0erejected_total\x18\x0e \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x0f \x01(\x04\x12\x1d\n\x15generation_throughput\x18\x10 \x01(\x01\x12\x10\n\x08uptime_s\x18\x11 \x01(\x01\x12\x0f\n\x07healthy\x18\x12 \x01(\x08\x12\x10\n\x08\x64raining\x18\x13 \x01(\x08\"\x13\n\x11\x45xpertLoadRequest\"*\n\rExpertLoadRow\x12\x19\n\x11tokens_per_expert\x18\x01 \x03(\x03\"\x1e\n\x0bRankExperts\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\x05\"\xff\x01\n\x12\x45xpertLoadResponse\x12\x12\n\nmoe_layers\x18\x01 \x03(\x05\x12\x13\n\x0bnum_experts\x18\x02 \x01(\x05\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12)\n\x06layers\x18\x05 \x03(\x0b\x32\x19.moelink.v1.ExpertLoadRow\x12\x31\n\x10\x65xperts_on_ranks\x18\x06 \x03(\x0b\x32\x17.moelink.v1.RankExperts\x12\x18\n\x10\x62ytes_dispatched\x18\x07 \x01(\x03\x12\x16\n\x0e\x62ytes_combined\x18\x08 \x01(\x03\x12\r\n\x05steps\x18\t \x01(\x03\x32\xf7\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.moelink.v1.GenerateRequest\x1a\x1c.moelink.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.moelink.v1.AbortRequest\x1a\x19.moelink.v1.AbortResponse\x12H\n\tModelInfo\x12\x1c.moelink.v1.ModelInfoRequest\x1a\x1d.moelink.v1.ModelInfoResponse\x12K\n\nServerInfo\x12\x1d.moelink.v1.ServerInfoRequest\x1a\x1e.moelink.v1.ServerInfoResponse\x12K\n\nExpertLoad\x12\x1d.moelink.v1.ExpertLoadRequest\x1a\x1e.moelink.v1.ExpertLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,39 +32,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moelink_v1_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=33
-  _globals['_SAMPLINGPARAMS']._serialized_end=667
-  _globals['_TOKENIDS']._serialized_start=669
-  _globals['_TOKENIDS']._serialized_end=692
-  _globals['_GENERATEREQUEST']._serialized_start=695
-  _globals['_GENERATEREQUEST']._serialized_end=862
-  _globals['_TOPLOGPROB']._serialized_start=864
-  _globals['_TOPLOGPROB']._serialized_end=940
-  _globals['_TOKENLOGPROB']._serialized_start=942
-  _globals['_TOKENLOGPROB']._serialized_end=1057
-  _globals['_USAGE']._serialized_start=1059
-  _globals['_USAGE']._serialized_end=1161
-  _globals['_GENERATERESPONSE']._serialized_start=1164
-  _globals['_GENERATERESPONSE']._serialized_end=1411
-  _globals['_ABORTREQUEST']._serialized_start=1413
-  _globals['_ABORTREQUEST']._serialized_end=1448
-  _globals['_ABORTRESPONSE']._serialized_start=1450
-  _globals['_ABORTRESPONSE']._serialized_end=1486
-  _globals['_MODELINFOREQUEST']._serialized_start=1488
-  _globals['_MODELINFOREQUEST']._serialized_end=1506
-  _globals['_MODELINFORESPONSE']._serialized_start=1509
-  _globals['_MODELINFORESPONSE']._serialized_end=1971
-  _globals['_SERVERINFOREQUEST']._serialized_start=1973
-  _globals['_SERVERINFOREQUEST']._serialized_end=1992
-  _globals['_SERVERINFORESPONSE']._serialized_start=1995
-  _globals['_SERVERINFORESPONSE']._serialized_end=2481
-  _globals['_EXPERTLOADREQUEST']._serialized_start=2483
-  _globals['_EXPERTLOADREQUEST']._serialized_end=2502
-  _globals['_EXPERTLOADROW']._serialized_start=2504
-  _globals['_EXPERTLOADROW']._serialized_end=2546
-  _globals['_RANKEXPERTS']._serialized_start=2548
-  _globals['_RANKEXPERTS']._serialized_end=2578
-  _globals['_EXPERTLOADRESPONSE']._serialized_start=2581
-  _globals['_EXPERTLOADRESPONSE']._serialized_end=2836
-  _globals['_GENERATION']._serialized_start=2839
-  _globals['_GENERATION']._serialized_end=3214
+  _globals['_SAMPLINGPARAMS']._serialized_end=811
+  _globals['_CHOICECONSTRAINT']._serialized_start=813
+  _globals['_CHOICECONSTRAINT']._serialized_end=848
+  _globals['_TOKENIDS']._serialized_start=850
+  _globals['_TOKENIDS']._serialized_end=873
+  _globals['_GENERATEREQUEST']._serialized_start=876
+  _globals['_GENERATEREQUEST']._serialized_end=1043
+  _globals['_TOPLOGPROB']._serialized_start=1045
+  _globals['_TOPLOGPROB']._serialized_end=1121
+  _globals['_TOKENLOGPROB']._serialized_start=1123
+  _globals['_TOKENLOGPROB']._serialized_end=1238
+  _globals['_USAGE']._serialized_start=1240
+  _globals['_USAGE']._serialized_end=1342
+  _globals['_GENERATERESPONSE']._serialized_start=1345
+  _globals['_GENERATERESPONSE']._serialized_end=1592
+  _globals['_ABORTREQUEST']._serialized_start=1594
+  _globals['_ABORTREQUEST']._serialized_end=1629
+  _globals['_ABORTRESPONSE']._serialized_start=1631
+  _globals['_ABORTRESPONSE']._serialized_end=1667
+  _globals['_MODELINFOREQUEST']._serialized_start=1669
+  _globals['_MODELINFOREQUEST']._serialized_end=1687
+  _globals['_MODELINFORESPONSE']._serialized_start=1690
+  _globals['_MODELINFORESPONSE']._serialized_end=2152
+  _globals['_SERVERINFOREQUEST']._serialized_start=2154
+  _globals['_SERVERINFOREQUEST']._serialized_end=2173
+  _globals['_SERVERINFORESPONSE']._serialized_start=2176
+  _globals['_SERVERINFORESPONSE']._serialized_end=2662
+  _globals['_EXPERTLOADREQUEST']._serialized_start=2664
+  _globals['_EXPERTLOADREQUEST']._serialized_end=2683
+  _globals['_EXPERTLOADROW']._serialized_start=2685
+  _globals['_EXPERTLOADROW']._serialized_end=2727
+  _globals['_RANKEXPERTS']._serialized_start=2729
+  _globals['_RANKEXPERTS']._serialized_end=2759
+  _globals['_EXPERTLOADRESPONSE']._serialized_start=2762
+  _globals['_EXPERTLOADRESPONSE']._serialized_end=3017
+  _globals['_GENERATION']._serialized_start=3020
+  _globals['_GENERATION']._serialized_end=3395
 # @@protoc_insertion_point(module_scope)
