@@ -278,7 +278,7 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     spec = GatewaySpec(http_host=config.http_host, http_port=config.http_port, worker_url=target,
                        metrics_host=config.http_metrics_host, metrics_port=config.http_metrics_port,
                        api_key=config.api_key)
-    if not config.api_key and not _is_loopback(config.http_host):
+    if not config.api_key and not is_loopback(config.http_host):
         logger.warning("--http-host %s: the OpenAI API on port %d takes requests from anyone who reaches it "
                        "(no --api-key)", config.http_host, config.http_port)
     # smg's own log goes where MOELINK_GATEWAY_LOG says (a file), else nowhere: its startup chatter is noise
@@ -292,7 +292,8 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     return gateway
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 in brackets or not) stays on this machine."""
     if host == "localhost":
         return True
     try:

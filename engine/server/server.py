@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import os
 import signal
@@ -40,6 +39,7 @@ from ..safe_text import MAX_LOG_LINE_CHARS, shown
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig
 from .decoding import DecodingInterceptor
+from .gateway import is_loopback
 from .gen import moelink_v1_pb2_grpc
 from .native import SERVICE_NAME as NATIVE_SERVICE, GenerationServicer
 from .serving import Serving
@@ -273,25 +273,16 @@ def _url_host(host: str) -> str:
 def gateway_exposure(cfg: ServerConfig) -> Optional[str]:
     """Why the gateway listener is more exposed than the main port, or None: it has no key or TLS, so beyond
     loopback it is open wherever the main port has a key or TLS, or is itself on loopback."""
-    if _is_loopback(cfg.gateway_host):
+    if is_loopback(cfg.gateway_host):
         return None
     if cfg.api_key or cfg.tls:
         guard = "without the API key or TLS of --port"
-    elif _is_loopback(cfg.host):
+    elif is_loopback(cfg.host):
         guard = f"while --host {cfg.host} keeps the main port on loopback"
     else:
         return None
     return (f"listens on {cfg.gateway_host} {guard}: anything that reaches it can generate; keep it on loopback "
             "unless the network is private")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 _STANDARD_RECORD_KEYS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
