@@ -118,6 +118,10 @@ class AsyncEngine:
         self._steps_done = 0
         self._thread = threading.Thread(target=self._run, name="moelink-engine", daemon=True)
         self._thread.start()
+        # Set by shutdown: the watchdog wakes at once and ends, and shutdown joins it. A watchdog left sleeping
+        # would hold the last reference to this engine until interpreter exit and free its tensors there, on a
+        # daemon thread (torch aborts: "terminate called without an active exception").
+        self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch_steps, name="moelink-step-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -245,6 +249,9 @@ class AsyncEngine:
         # Also with the loop still inside a step (a hung rank): stopping the ranks is what ends that step.
         self.engine.shutdown()
         self._thread.join(timeout)
+        self._closed.set()
+        if self._watchdog is not threading.current_thread():
+            self._watchdog.join(timeout)
 
     # -- engine thread ----------------------------------------------------------
     def _send(self, cmd: AddCommand | AbortCommand) -> None:
@@ -345,7 +352,8 @@ class AsyncEngine:
     def _watch_steps(self) -> None:
         """The step watchdog: a step running past its budget kills the engine (health, streams)."""
         while self._thread.is_alive() and self._dead_error is None:
-            time.sleep(_WATCHDOG_POLL_S)
+            if self._closed.wait(_WATCHDOG_POLL_S):
+                return
             started = self._step_started
             budget = self._step_budget()
             if started is None or time.monotonic() - started <= budget + min(_WATCHDOG_MARGIN_S, budget / 2):
