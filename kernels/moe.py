@@ -10,8 +10,42 @@ the expert lives on another rank: such pairs contribute nothing here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class MoEActivation:
+    """The gated activation between the two expert GEMMs, applied to the [gate | up] halves of x @ w13^T.
+
+    - "silu" (Qwen3, Mixtral, DeepSeek, GLM): silu(gate) * up.
+    - "swiglu_oai" (gpt-oss): gate' = min(gate, limit), up' = clamp(up, -limit, limit),
+      (up' + 1) * gate' * sigmoid(alpha * gate'), with the checkpoint's swiglu_alpha (1.702) and
+      swiglu_limit (7.0). gpt-oss stores gate and up interleaved; the loader de-interleaves them into the
+      [gate; up] rows of w13 so every kernel sees one layout.
+    """
+
+    kind: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self):
+        if self.kind not in ("silu", "swiglu_oai"):
+            raise ValueError(f"activation={self.kind!r} is invalid: 'silu' or 'swiglu_oai'.")
+        if self.kind == "swiglu_oai" and not (self.limit > 0 and self.alpha > 0):
+            raise ValueError(f"swiglu_limit={self.limit} / swiglu_alpha={self.alpha} are invalid: both must be > 0.")
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.kind == "silu":
+            return F.silu(gate) * up
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+SILU = MoEActivation()
 
 
 # Few tokens (decode): one padded batched matmul over all experts beats a loop of
@@ -26,8 +60,14 @@ def reference_fused_moe(
     topk_weights_TK: torch.Tensor,
     topk_ids_TK: torch.Tensor,
     expert_map_G: torch.Tensor | None = None,
+    *,
+    b13_EF: torch.Tensor | None = None,
+    b2_ED: torch.Tensor | None = None,
+    activation: MoEActivation = SILU,
 ) -> torch.Tensor:
-    """out[t] = Σ_k w[t,k] · down_e(silu(gate_e(x[t])) · up_e(x[t])) over the local experts e = ids[t,k].
+    """out[t] = Σ_k w[t,k] · (down_e(act(gate_e(x[t]), up_e(x[t]))) + b2_e) over the local experts e = ids[t,k],
+    with gate_e / up_e including b13_e's halves when given (gpt-oss's expert biases; the routed weight scales
+    the down bias too, as transformers applies it).
 
     One matmul per expert that has tokens (tokens gathered by index, no
     padding). Returns [T, D] in x's dtype; rows whose experts are all remote are 0.
@@ -47,7 +87,8 @@ def reference_fused_moe(
     num_pairs = int(valid_P.numel())
     max_count = max(counts, default=0)
     if 0 < num_pairs <= _PADDED_MAX_PAIRS and num_local * max_count <= 2 * num_pairs:
-        return _padded_bmm(x_TD, w13_EFD, w2_EDI, weights_P, sort_key_P, order_P, counts_E, max_count, top_k, out_TD)
+        return _padded_bmm(x_TD, w13_EFD, w2_EDI, weights_P, sort_key_P, order_P, counts_E, max_count, top_k, out_TD,
+                           b13_EF, b2_ED, activation)
     offset = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -55,14 +96,15 @@ def reference_fused_moe(
         pairs_n = order_P[offset : offset + n]
         offset += n
         tok_n = pairs_n // top_k
-        gate_nI, up_nI = F.linear(x_TD.index_select(0, tok_n), w13_EFD[e]).chunk(2, dim=-1)
-        y_nD = F.linear(F.silu(gate_nI) * up_nI, w2_EDI[e])
+        gate_nI, up_nI = F.linear(x_TD.index_select(0, tok_n), w13_EFD[e], None if b13_EF is None else b13_EF[e]).chunk(2, dim=-1)
+        y_nD = F.linear(activation(gate_nI, up_nI), w2_EDI[e], None if b2_ED is None else b2_ED[e])
         y_nD = y_nD * weights_P.index_select(0, pairs_n)[:, None].to(y_nD.dtype)
         out_TD.index_add_(0, tok_n, y_nD.to(out_TD.dtype))
     return out_TD
 
 
-def _padded_bmm(x_TD, w13_EFD, w2_EDI, weights_P, sort_key_P, order_P, counts_E, max_count, top_k, out_TD):
+def _padded_bmm(x_TD, w13_EFD, w2_EDI, weights_P, sort_key_P, order_P, counts_E, max_count, top_k, out_TD,
+                b13_EF=None, b2_ED=None, activation: MoEActivation = SILU):
     """Tokens of each expert in rows of an [E, max_count, D] buffer, two batched matmuls, scatter back."""
     num_local = w13_EFD.shape[0]
     n_valid = int(counts_E.sum())
@@ -73,8 +115,13 @@ def _padded_bmm(x_TD, w13_EFD, w2_EDI, weights_P, sort_key_P, order_P, counts_E,
     tok_n = pairs_n // top_k
     buf_EnD = x_TD.new_zeros(num_local, max_count, x_TD.shape[1])
     buf_EnD[expert_n, row_n] = x_TD.index_select(0, tok_n)
-    gate_EnI, up_EnI = torch.bmm(buf_EnD, w13_EFD.transpose(1, 2)).chunk(2, dim=-1)
-    y_EnD = torch.bmm(F.silu(gate_EnI) * up_EnI, w2_EDI.transpose(1, 2))
+    h_EnF = torch.bmm(buf_EnD, w13_EFD.transpose(1, 2))
+    if b13_EF is not None:  # padding rows pick up the bias too; they are never read back
+        h_EnF = h_EnF + b13_EF[:, None, :]
+    gate_EnI, up_EnI = h_EnF.chunk(2, dim=-1)
+    y_EnD = torch.bmm(activation(gate_EnI, up_EnI), w2_EDI.transpose(1, 2))
+    if b2_ED is not None:
+        y_EnD = y_EnD + b2_ED[:, None, :]
     y_nD = y_EnD[expert_n, row_n] * weights_P.index_select(0, pairs_n)[:, None].to(y_EnD.dtype)
     out_TD.index_add_(0, tok_n, y_nD.to(out_TD.dtype))
     return out_TD
