@@ -35,6 +35,12 @@ import torch
 
 from .attention import AttentionMetadata, decode_group_slots
 
+# A cache may hold its rows in float8 e4m3 (`--kv-cache-dtype fp8`): a row is stored as row / kv_scale and
+# read back as stored * kv_scale, with one float scale per layer (1.0 unless the checkpoint ships one). Both
+# uses of a row are linear in it, so readers fold the scale into the softmax scale (scores) and the output
+# (P @ c_kv) instead of rescaling every loaded row.
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
+
 
 def check_latent_cache(name: str, latent_cache_BLR: torch.Tensor, width: int) -> None:
     """A contiguous [blocks, L, width] cache, or a ValueError naming the argument."""
@@ -48,9 +54,11 @@ def check_mla_inputs(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_
     if q_latent_TNC.dim() != 3 or q_pe_TNP.dim() != 3 or q_pe_TNP.shape[:2] != q_latent_TNC.shape[:2]:
         raise ValueError(f"q_latent_TNC {tuple(q_latent_TNC.shape)} and q_pe_TNP {tuple(q_pe_TNP.shape)} are invalid: "
                          "must be [T, N, kv_lora_rank] and [T, N, qk_rope_head_dim] with the same T and N.")
-    if q_pe_TNP.dtype != q_latent_TNC.dtype or latent_cache_BLR.dtype != q_latent_TNC.dtype:
+    cache_dt = latent_cache_BLR.dtype
+    if q_pe_TNP.dtype != q_latent_TNC.dtype or (cache_dt != q_latent_TNC.dtype and cache_dt not in FP8_CACHE_DTYPES):
         raise ValueError(f"dtypes q_latent_TNC={q_latent_TNC.dtype}, q_pe_TNP={q_pe_TNP.dtype}, "
-                         f"latent_cache_BLR={latent_cache_BLR.dtype} are invalid: all three must be the same.")
+                         f"latent_cache_BLR={cache_dt} are invalid: the queries must share one dtype, and the cache "
+                         "must have it too or be float8_e4m3fn (an fp8 KV cache).")
     check_latent_cache("latent_cache_BLR", latent_cache_BLR, q_latent_TNC.shape[2] + q_pe_TNP.shape[2])
 
 
@@ -59,22 +67,30 @@ def reference_write_latent(
     kpe_TP: torch.Tensor,
     latent_cache_BLR: torch.Tensor,
     slot_mapping_T: torch.Tensor,
+    kv_scale: float = 1.0,
 ) -> None:
     """Scatter this step's latents [T, C] and roped keys [T, P] into their cache rows (in place).
 
-    Slots < 0 are padding tokens whose rows go nowhere, as in the Triton kernel.
+    Slots < 0 are padding tokens whose rows go nowhere, as in the Triton kernel. An fp8 cache stores
+    row / kv_scale, saturated to e4m3's ±448 (a cast alone would turn an out-of-range value into NaN).
     """
     T, C = ckv_TC.shape
     check_latent_cache("latent_cache_BLR", latent_cache_BLR, C + kpe_TP.shape[1])
     if kpe_TP.shape[0] != T:
         raise ValueError(f"kpe_TP {tuple(kpe_TP.shape)} is invalid: must have the {T} rows of ckv_TC.")
-    row_TR = torch.cat([ckv_TC, kpe_TP], dim=1).to(latent_cache_BLR.dtype)
+    row_TR = torch.cat([ckv_TC, kpe_TP], dim=1)
+    if latent_cache_BLR.dtype in FP8_CACHE_DTYPES:
+        fp8_max = torch.finfo(latent_cache_BLR.dtype).max
+        row_TR = (row_TR.to(torch.float32) / kv_scale).clamp(-fp8_max, fp8_max)
+    row_TR = row_TR.to(latent_cache_BLR.dtype)
     # No host sync: padding rows write zeros into the null block (the cache's last block), which stays
     # all zeros as every reader expects.
     keep_T = slot_mapping_T >= 0
     null_slot = (latent_cache_BLR.shape[0] - 1) * latent_cache_BLR.shape[1]
     slot_mapping_T = torch.where(keep_T, slot_mapping_T, torch.full_like(slot_mapping_T, null_slot))
     row_TR = torch.where(keep_T[:, None], row_TR, torch.zeros((), dtype=row_TR.dtype, device=row_TR.device))
+    if latent_cache_BLR.dtype in FP8_CACHE_DTYPES:  # torch has no fp8 index_copy_ on CPU: copy the bytes
+        latent_cache_BLR, row_TR = latent_cache_BLR.view(torch.uint8), row_TR.view(torch.uint8)
     latent_cache_BLR.view(-1, latent_cache_BLR.shape[2]).index_copy_(0, slot_mapping_T, row_TR)
 
 
@@ -84,13 +100,15 @@ def reference_mla_attention(
     latent_cache_BLR: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal absorbed MLA over the paged latent cache (see the module docstring for the algebra).
 
     q_latent_TNC [T, N, C]: queries already multiplied by W_UK; q_pe_TNP [T, N, P]: their roped part;
     latent_cache_BLR [B + 1, L, C + P]: this step's rows already written. The query at position
     p = seq_len - query_len + i sees cache rows [0, p]. Scores, softmax and P @ c_kv accumulate in float32
-    (float64 for float64 inputs). Returns out_latent_TNC [T, N, C] in q's dtype; the caller applies W_UV.
+    (float64 for float64 inputs). An fp8 cache's rows count as stored * kv_scale. Returns out_latent_TNC
+    [T, N, C] in q's dtype; the caller applies W_UV.
     Reads only the metadata's host lists and device tensors (no device→host sync).
     """
     check_mla_inputs(q_latent_TNC, q_pe_TNP, latent_cache_BLR)
@@ -104,14 +122,15 @@ def reference_mla_attention(
     decode_seqs.sort(key=lambda s: meta.seq_lens[s])
     # Decodes in groups of similar length, so padding each group to its longest context wastes little.
     for i in range(0, len(decode_seqs), _DECODE_GROUP):
-        _decode_group(q_TNR, latent_cache_BLR, meta, scale, decode_seqs[i : i + _DECODE_GROUP], starts, C, out_TNC)
+        _decode_group(q_TNR, latent_cache_BLR, meta, scale, decode_seqs[i : i + _DECODE_GROUP], starts, C, out_TNC,
+                      kv_scale)
     for s, qlen in enumerate(meta.query_lens):
         if qlen <= 1:
             continue
         start, ctx = starts[s], meta.seq_lens[s]
         block_size = latent_cache_BLR.shape[1]
         blocks = meta.block_tables_SM[s, : -(-ctx // block_size)].long()
-        rows_XR = latent_cache_BLR.index_select(0, blocks).flatten(0, 1)[:ctx].to(acc)
+        rows_XR = latent_cache_BLR.index_select(0, blocks).flatten(0, 1)[:ctx].to(acc) * kv_scale
         scores_QNX = torch.einsum("qnr,xr->qnx", q_TNR[start : start + qlen], rows_XR) * scale
         key_pos_X = torch.arange(ctx, device=q_TNR.device)
         query_pos_Q = torch.arange(ctx - qlen, ctx, device=q_TNR.device)
@@ -124,12 +143,12 @@ def reference_mla_attention(
 _DECODE_GROUP = 32
 
 
-def _decode_group(q_TNR, latent_cache_BLR, meta, scale, seqs, starts, C, out_TNC) -> None:
+def _decode_group(q_TNR, latent_cache_BLR, meta, scale, seqs, starts, C, out_TNC, kv_scale: float = 1.0) -> None:
     block_size, R = latent_cache_BLR.shape[1:]
     S = len(seqs)
     tok_idx_S, slots_SX, valid_SX = decode_group_slots(meta, seqs, starts, block_size, q_TNR.device)
     max_ctx = slots_SX.shape[1]
-    rows_SXR = latent_cache_BLR.view(-1, R).index_select(0, slots_SX.reshape(-1)).view(S, max_ctx, R).to(q_TNR.dtype)
+    rows_SXR = latent_cache_BLR.view(-1, R).index_select(0, slots_SX.reshape(-1)).view(S, max_ctx, R).to(q_TNR.dtype) * kv_scale
     q_SNR = q_TNR.index_select(0, tok_idx_S)
     scores_SNX = torch.bmm(q_SNR, rows_SXR.transpose(1, 2)) * scale
     probs_SNX = torch.softmax(scores_SNX.masked_fill_(~valid_SX[:, None, :], float("-inf")), dim=-1)

@@ -3,7 +3,9 @@
 The Triton CPU interpreter (TRITON_INTERPRET=1, what the CPU test suite runs)
 differs from compiled code in two ways that matter for exactness (Triton 3.9):
 - fp32 → bf16 casts truncate instead of rounding to nearest even;
-- tl.dot on bf16 operands computes garbage.
+- tl.dot on bf16 operands computes garbage;
+- fp32 → fp8 e4m3 casts mis-round (ties away from zero, and a mantissa that rounds up past 1.111 does not
+  carry into the exponent: -31.03 becomes -16).
 Kernels take an INTERPRET constexpr (True for CPU tensors) and go through
 `cast` and `dot` below, which emulate the GPU's numerics there and compile
 to the plain instructions on a GPU.
@@ -25,6 +27,18 @@ def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
             bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
             return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        if dtype == tl.float8e4nv:
+            # Round to e4m3's grid in fp32 first (nearest even), so the cast itself is exact. Normals keep 3
+            # of fp32's 23 mantissa bits (an integer add carries into the exponent as it should); below 2^-6
+            # the grid is the subnormal step 2^-9, which adding and removing 2^14 (ulp 2^-9) rounds to.
+            # Callers saturate to ±448 first, as the GPU's satfinite conversion would.
+            xf = x.to(tl.float32)
+            bits = xf.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFFF + ((bits >> 20) & 1))) & 0xFFF00000
+            normal = bits.to(tl.float32, bitcast=True)
+            sub = tl.abs(xf) + 16384.0
+            sub = tl.where(xf < 0, -(sub - 16384.0), sub - 16384.0)
+            return tl.where(tl.abs(xf) < 0.015625, sub, normal).to(dtype)
     return x.to(dtype)
 
 

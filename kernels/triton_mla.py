@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import triton_common as common
 from .attention import AttentionMetadata
-from .mla import check_latent_cache, check_mla_inputs
+from .mla import FP8_CACHE_DTYPES, check_latent_cache, check_mla_inputs
 from .triton_attention import _pick_splits
 from .triton_common import cast, dot
 
@@ -37,8 +37,8 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _write_latent_kernel(ckv_ptr, kpe_ptr, cache_ptr, slot_ptr, stride_ct, stride_pt, C, R,
-                         BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+def _write_latent_kernel(ckv_ptr, kpe_ptr, cache_ptr, slot_ptr, stride_ct, stride_pt, C, R, kv_scale,
+                         BLOCK: tl.constexpr, INTERPRET: tl.constexpr, FP8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -47,11 +47,15 @@ def _write_latent_kernel(ckv_ptr, kpe_ptr, cache_ptr, slot_ptr, stride_ct, strid
     ckv = tl.load(ckv_ptr + t * stride_ct + offs, mask=keep & is_c, other=0.0)
     kpe = tl.load(kpe_ptr + t * stride_pt + (offs - C), mask=keep & ~is_c & (offs < R), other=0.0)
     dt = cache_ptr.dtype.element_ty
-    row = tl.where(is_c, cast(ckv, dt, INTERPRET), cast(kpe, dt, INTERPRET))
+    if FP8:  # row / kv_scale, saturated to e4m3's range (a bare cast would make NaN of an out-of-range value)
+        val = tl.where(is_c, ckv.to(tl.float32), kpe.to(tl.float32)) / kv_scale
+        row = cast(tl.minimum(tl.maximum(val, -448.0), 448.0), dt, INTERPRET)
+    else:
+        row = tl.where(is_c, cast(ckv, dt, INTERPRET), cast(kpe, dt, INTERPRET))
     tl.store(cache_ptr + slot * R + offs, row, mask=keep & (offs < R))
 
 
-def triton_write_latent(ckv_TC, kpe_TP, latent_cache_BLR, slot_mapping_T) -> None:
+def triton_write_latent(ckv_TC, kpe_TP, latent_cache_BLR, slot_mapping_T, kv_scale: float = 1.0) -> None:
     """Same contract as `reference_write_latent` (in place); slots < 0 are skipped (padding tokens)."""
     T, C = ckv_TC.shape
     if kpe_TP.dim() != 2 or kpe_TP.shape[0] != T:
@@ -65,14 +69,14 @@ def triton_write_latent(ckv_TC, kpe_TP, latent_cache_BLR, slot_mapping_T) -> Non
     kpe_TP = kpe_TP if kpe_TP.stride(1) == 1 else kpe_TP.contiguous()
     BLOCK = min(1024, triton.next_power_of_2(R))
     _write_latent_kernel[(T, triton.cdiv(R, BLOCK))](
-        ckv_TC, kpe_TP, latent_cache_BLR, slot_mapping_T, ckv_TC.stride(0), kpe_TP.stride(0), C, R,
-        BLOCK=BLOCK, INTERPRET=common.interpreting(ckv_TC), num_warps=4,
+        ckv_TC, kpe_TP, latent_cache_BLR, slot_mapping_T, ckv_TC.stride(0), kpe_TP.stride(0), C, R, kv_scale,
+        BLOCK=BLOCK, INTERPRET=common.interpreting(ckv_TC), FP8=latent_cache_BLR.dtype in FP8_CACHE_DTYPES, num_warps=4,
     )
 
 
 @triton.jit(do_not_specialize=["num_seqs", "Z"])
 def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                scale_log2, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn, stride_cb, stride_cl, stride_tb,
+                scale_log2, kv_scale, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn, stride_cb, stride_cl, stride_tb,
                 stride_ot, stride_on, num_heads, C, P, Z,
                 L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
@@ -120,8 +124,10 @@ def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, o
         p_ok = pos < end_row
         blk = tl.load(table_ptr + pos // L, mask=p_ok, other=0).to(tl.int64)
         row = blk * stride_cb + (pos % L) * stride_cl
-        kv = tl.load(cache_ptr + row[:, None] + c[None, :], mask=p_ok[:, None] & c_ok[None, :], other=0.0)
-        kpe = tl.load(cache_ptr + row[:, None] + C + pe[None, :], mask=p_ok[:, None] & pe_ok[None, :], other=0.0)
+        # An fp8 cache widens to the query's dtype exactly (e4m3 ⊂ bf16/fp16); its kv_scale is folded into
+        # scale_log2 and the final output, never applied per row.
+        kv = tl.load(cache_ptr + row[:, None] + c[None, :], mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(q_lat.dtype)
+        kpe = tl.load(cache_ptr + row[:, None] + C + pe[None, :], mask=p_ok[:, None] & pe_ok[None, :], other=0.0).to(q_lat.dtype)
         # Scores in log2 units (scale folded with log2 e): exp2 is the cheap exponential.
         s = dot(q_lat, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), INTERPRET, PREC)
         s = dot(q_pe, tl.trans(kpe), s, INTERPRET, PREC) * scale_log2
@@ -134,7 +140,7 @@ def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, o
         acc = dot(cast(p, kv.dtype, INTERPRET), kv, acc * alpha[:, None], INTERPRET, PREC)
         m_i = m_new
     has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = acc * kv_scale / tl.where(has, l_i, 1.0)[:, None]
     if not SPLIT:
         o_ptrs = out_ptr + tok64 * stride_ot + h[:, None] * stride_on + c[None, :]
         tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=h_ok[:, None] & c_ok[None, :])
@@ -200,7 +206,7 @@ def _launch_config(dtype: torch.dtype, interpret: bool, num_heads: int, split: b
 
 def triton_mla_attention(
     q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor, meta: AttentionMetadata,
-    scale: float, *, out: torch.Tensor | None = None, num_splits: int | None = None,
+    scale: float, kv_scale: float = 1.0, *, out: torch.Tensor | None = None, num_splits: int | None = None,
 ) -> torch.Tensor:
     """Same contract as `reference_mla_attention`: out_latent_TNC [T, N, C] in q's dtype.
 
@@ -241,7 +247,7 @@ def triton_mla_attention(
     tables = meta.block_tables_SM
     _mla_kernel[(T, head_blocks, Z)](
         q_latent_TNC, q_pe_TNP, latent_cache_BLR, tables, meta.seq_lens_S, meta.query_start_loc_S1, out, part_o,
-        part_lse, scale * _LOG2E, meta.num_seqs, q_latent_TNC.stride(0), q_latent_TNC.stride(1), q_pe_TNP.stride(0),
+        part_lse, scale * kv_scale * _LOG2E, kv_scale, meta.num_seqs, q_latent_TNC.stride(0), q_latent_TNC.stride(1), q_pe_TNP.stride(0),
         q_pe_TNP.stride(1), latent_cache_BLR.stride(0), latent_cache_BLR.stride(1), tables.stride(0), out.stride(0),
         out.stride(1), N, C, P, Z, L=latent_cache_BLR.shape[1], BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
         BLOCK_N=BLOCK_N, SPLIT=Z > 1, num_warps=warps, num_stages=stages, **flags,

@@ -124,6 +124,66 @@ def test_mla_matches_reference(ctx_q, N, C, P, bs, splits, dtype, gen, kdev, che
     check(got, _oracle(q_lat, q_pe, cache, meta, scale), dtype, f"MLA {ctx_q} N={N} C={C} P={P} L={bs} Z={splits}")
 
 
+# -- fp8 latent cache (--kv-cache-dtype fp8) ---------------------------------------------------------------------------
+FP8 = torch.float8_e4m3fn
+
+
+def _to_fp8_cache(cache, kv_scale):
+    """A float cache as the fp8 write path would store it (NaN stays NaN: unwritten rows must stay poisoned)."""
+    return (cache.float() / kv_scale).clamp(-448, 448).to(FP8)
+
+
+def test_fp8_reference_reads_stored_times_scale(gen):
+    """The reference over an fp8 cache equals the float64 reference over the dequantized cache (stored *
+    kv_scale) exactly: the scale is the only thing fp8 adds to the read path."""
+    ctx_q, N, C, P, L, kv_scale = [(11, 1), (19, 6), (3, 3)], 3, 24, 8, 4, 0.37
+    cache, meta, ckv_new, kpe_new, slots = _build(gen, ctx_q, C, P, L, torch.float64, "cpu")
+    reference_write_latent(ckv_new, kpe_new, cache, slots)
+    cache8 = _to_fp8_cache(cache, kv_scale)
+    T = sum(q for _, q in ctx_q)
+    q_lat, q_pe = torch.randn(T, N, C, generator=gen, dtype=torch.float64), torch.randn(T, N, P, generator=gen, dtype=torch.float64)
+    got = reference_mla_attention(q_lat, q_pe, cache8, meta, 0.2, kv_scale)
+    want = reference_mla_attention(q_lat, q_pe, cache8.double() * kv_scale, meta, 0.2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ctx_q,N,C,P,bs,splits", [MLA_CASES[0], MLA_CASES[1], MLA_CASES[3]])
+def test_mla_fp8_cache_matches_reference(ctx_q, N, C, P, bs, splits, gen, kdev, check, nan_buffer):
+    """bf16 queries over an fp8 cache with a per-layer scale: the kernel (fp8 rows widened to bf16, the scale
+    folded into the softmax scale and the output) against the float64 reference over the same fp8 rows."""
+    kv_scale = 0.5
+    cache, meta, ckv_new, kpe_new, slots = _build(gen, ctx_q, C, P, bs, torch.float32, "cpu")
+    cache8 = _to_fp8_cache(cache, kv_scale).to(kdev)
+    triton_write_latent(ckv_new.to(kdev), kpe_new.to(kdev), cache8, slots, kv_scale)
+    T = sum(meta.query_lens)
+    q_lat = torch.randn(T, N, C, generator=gen).to(torch.bfloat16).to(kdev)
+    q_pe = torch.randn(T, N, P, generator=gen).to(torch.bfloat16).to(kdev)
+    scale = 1 / math.sqrt(C + P)
+    out = nan_buffer((T, N, C), torch.bfloat16, kdev)
+    got = triton_mla_attention(q_lat, q_pe, cache8, meta, scale, kv_scale, out=out, num_splits=splits)
+    want = reference_mla_attention(q_lat.double().cpu(), q_pe.double().cpu(), cache8.cpu(), _meta_to(meta, "cpu"),
+                                   scale, kv_scale)
+    check(got, want, torch.bfloat16, f"MLA fp8 cache {ctx_q} Z={splits}")
+
+
+@pytest.mark.parametrize("T,C,P,bs", [(1, 16, 16, 16), (7, 48, 16, 4), (9, 40, 8, 1)])
+def test_write_latent_fp8_matches_reference(T, C, P, bs, gen, kdev, seed):
+    """fp8 writes: row / kv_scale saturated to ±448, bit for bit like the reference (some values saturate).
+    float32 rows: bf16 ones divided by the scale land exactly halfway between two e4m3 values now and then,
+    and the interpreter's cast breaks such ties away from zero where torch (and the GPU) round to even."""
+    kv_scale = 0.01
+    num_blocks = -(-T // bs) + 3
+    ckv = torch.randn(T, C, generator=gen) * 3
+    kpe = torch.randn(T, P, generator=gen) * 3
+    slots = torch.randperm(num_blocks * bs, generator=gen)[:T]
+    want = torch.full((num_blocks + 1, bs, C + P), float("nan")).to(FP8)
+    got = want.clone().to(kdev)
+    reference_write_latent(ckv, kpe, want, slots, kv_scale)
+    triton_write_latent(ckv.to(kdev), kpe.to(kdev), got, slots.to(kdev), kv_scale)
+    assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8)), f"seed={seed}"
+    assert (want.float().abs() == 448).any(), "the case should saturate some values"
+
+
 def test_strided_queries_and_output(gen, kdev, check, nan_buffer):
     """q_latent as the transposed output of a per-head bmm ([N, T, C] memory), q_pe a slice of a wider
     projection, and out a transposed [N, T, C] buffer (what the W_UV bmm wants): strides are honoured."""
