@@ -209,3 +209,21 @@ def test_max_tokens_beyond_the_context_is_http_400_with_the_numbers(gateway):
     assert status == 200, raw
     usage = json.loads(raw)["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] == 512, usage
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "smg 1.13's /v1/completions builds each choice with logprobs None (streamed or not; its source marks it TODO) "
+    "although moelink's VllmEngine answer carries them (tests/server/test_managed_gateway.py proves both sides). "
+    "An XPASS means smg passes them on now: drop this marker and README's note."))
+def test_completions_logprobs_through_smg(gateway, offline):
+    prompt = "Once upon a time"
+    ref = offline.generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2),
+                           use_tqdm=False)[0].outputs[0]
+    status, raw = http_request(gateway, "POST", "/v1/completions", dict(
+        model="tiny-moe", prompt=prompt, max_tokens=4, temperature=0, ignore_eos=True, logprobs=2))
+    if status != 200:  # not the AssertionError this xfail expects: a broken request must fail the test
+        raise RuntimeError(f"HTTP {status}: {raw[:500]!r}")
+    lps = json.loads(raw)["choices"][0].get("logprobs")  # smg leaves the key out when it is None
+    assert lps is not None, "smg dropped the completions logprobs"
+    want = [ref.logprobs[i][t].logprob for i, t in enumerate(ref.token_ids)]
+    assert lps["token_logprobs"] == pytest.approx(want, abs=1e-4)
