@@ -17,7 +17,10 @@ Per level: TTFT (send → first token), ITL (gap between streamed tokens; a
 message with k tokens counts as k gaps of 1/k of its wait), TPOT, end-to-end
 latency (p50/p90/p99, ms), request and token throughput, and goodput: the
 requests/s that met every SLO (--slo-ttft-ms, --slo-tpot-ms, --slo-e2e-ms).
-Writes JSON and a PNG plot (benchmarks/results/serve_load_<device>.*).
+Writes JSON and a PNG plot: by default a fresh, git-ignored
+benchmarks/runs/serve_load_<device>_<UTC time>.*, so a run never overwrites
+the committed results; `--out benchmarks/results/serve_load_cpu.json` is how
+those are refreshed, on purpose.
 Latencies include the client, which shares the machine with the server on
 CPU runs.
 """
@@ -39,30 +42,56 @@ from pathlib import Path
 from typing import Optional
 from moelink.engine.provenance import git_commit as _git_commit
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed: written only when --out names it
+RUNS_DIR = Path(__file__).resolve().parent / "runs"  # git-ignored: where runs go by default
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help; a help text that already says its default (in words) keeps its own."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--target", default=None, help="HOST:PORT of a running moelink server")
-    src.add_argument("--model", default=None, help="start `moelink serve MODEL --port 0` for the run, then stop it")
-    p.add_argument("--serve-args", default="", help="extra flags for the server started with --model")
+    src.add_argument("--target", default=None, help="HOST:PORT of a running moelink server (default: none; "
+                                                     "give this or --model)")
+    src.add_argument("--model", default=None, help="start `moelink serve MODEL --port 0` for the run, then stop it "
+                                                   "(default: none; give this or --target)")
+    p.add_argument("--serve-args", default="", help="extra flags for the server started with --model (default: none)")
     p.add_argument("--protocol", choices=("native", "vllm"), default="native",
                    help="moelink.v1.Generation or vllm.grpc.engine.VllmEngine")
     p.add_argument("--concurrency", default="1,4,16,64", help="closed-loop levels, comma separated ('' for none)")
     p.add_argument("--rates", default="20,80,200", help="Poisson arrival rates in req/s ('' for none)")
     p.add_argument("--num-requests", type=int, default=64, help="requests per level")
-    p.add_argument("--input-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--slo-ttft-ms", type=float, default=250.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
-    p.add_argument("--slo-e2e-ms", type=float, default=None)
+    p.add_argument("--input-len", type=int, default=32, help="prompt token ids per request")
+    p.add_argument("--output-len", type=int, default=32, help="new tokens per request (EOS ignored)")
+    p.add_argument("--slo-ttft-ms", type=float, default=250.0, help="goodput SLO on time to first token")
+    p.add_argument("--slo-tpot-ms", type=float, default=50.0, help="goodput SLO on time per output token")
+    p.add_argument("--slo-e2e-ms", type=float, default=None, help="goodput SLO on end-to-end latency (default: none)")
     p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each request")
-    p.add_argument("--api-key", default=os.environ.get("MOELINK_API_KEY"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serve_load_<device>.json); "
-                                               "the plot goes beside it")
-    p.add_argument("--no-plot", action="store_true")
+    # Read at run time, not as the default: --help must not print a key.
+    p.add_argument("--api-key", default=None, help="the server's --api-key (default: $MOELINK_API_KEY, else none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the Poisson arrivals")
+    p.add_argument("--out", default=None, help="JSON path; the plot goes beside it (default: a new "
+                                               "benchmarks/runs/serve_load_<device>_<UTC time>.json, git-ignored; "
+                                               "the committed benchmarks/results/ files change only when --out "
+                                               "names them)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+
+
+def output_path(out: Optional[str], device: str, now: Optional[datetime] = None) -> Path:
+    """--out, or a fresh timestamped file under RUNS_DIR (git-ignored) named after the device."""
+    if out:
+        return Path(out)
+    tag = device.split(" ")[0].replace("(", "").lower() or "unknown"
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    path = RUNS_DIR / f"serve_load_{tag}_{stamp}.json"
+    n = 1
+    while path.exists():  # two runs in one second: never overwrite
+        path, n = RUNS_DIR / f"serve_load_{tag}_{stamp}_{n}.json", n + 1
+    return path
 
 
 # -- one request ---------------------------------------------------------------
@@ -325,6 +354,8 @@ def run_from_args(ns: argparse.Namespace) -> int:
         raise ValueError("give --target HOST:PORT (a running server) or --model DIR (start one for the run).")
     if ns.num_requests < 1 or ns.input_len < 1 or ns.output_len < 1:
         raise ValueError("--num-requests, --input-len and --output-len must be positive.")
+    if ns.api_key is None:
+        ns.api_key = os.environ.get("MOELINK_API_KEY")
     t0 = time.perf_counter()
     proc = None
     target = ns.target
@@ -343,8 +374,7 @@ def run_from_args(ns: argparse.Namespace) -> int:
     result["meta"] = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), commit=_git_commit(),
                           host=platform.node(), cpu_count=os.cpu_count(), python=platform.python_version(),
                           client_on_same_host=True, wall_s=round(time.perf_counter() - t0, 1))
-    tag = device.split(" ")[0].replace("(", "").lower() or "unknown"
-    out = Path(ns.out) if ns.out else RESULTS_DIR / f"serve_load_{tag}.json"
+    out = output_path(ns.out, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown_table(result))
@@ -357,13 +387,14 @@ def run_from_args(ns: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     """`moelink bench-serve`: registered through the `moelink.cli` entry point (pyproject.toml)."""
-    b = subparsers.add_parser("bench-serve", help="load benchmark against a running gRPC server (or one it starts)")
+    b = subparsers.add_parser("bench-serve", help="load benchmark against a running gRPC server (or one it starts)",
+                              description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add_arguments(b)
     b.set_defaults(func=run_from_args)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add_arguments(p)
     return run_from_args(p.parse_args(argv))
 

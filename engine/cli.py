@@ -19,13 +19,45 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "moelink.cli"
 
 
-def _generate(ns: argparse.Namespace) -> int:
-    from .llm import LLM
+# `generate`'s sampling flags: SamplingParams field -> flag (what an error names).
+SAMPLING_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
+                  "top_k": "--top-k", "seed": "--seed", "stop": "--stop"}
+
+
+def sampling_params_from(ns: argparse.Namespace):
+    """`generate`'s SamplingParams, checked before anything is read from disk; ValueError names the flag."""
     from .sampling_params import SamplingParams
 
+    try:
+        return SamplingParams(**{field: getattr(ns, field) for field in SAMPLING_FLAGS} | {"stop": ns.stop or []})
+    except ValueError as exc:
+        msg = str(exc)
+        for field, flag in SAMPLING_FLAGS.items():
+            msg = msg.replace(f"SamplingParams.{field}=", f"{flag}=")
+        raise ValueError(msg) from None
+
+
+def _check_prompts_fit(args, prompts: list[str], max_tokens: int) -> None:
+    """Prompt + --max-tokens against the context, from config.json and the tokenizer alone: a request that
+    cannot fit is refused before minutes of weight loading, not after."""
+    from .tokenizer import Tokenizer
+
+    config = args.create_engine_config()  # config.json (an id resolved in the HF cache); no weights
+    max_len, tok = config.scheduler.max_model_len, Tokenizer.from_dir(config.model.model)
+    for i, prompt in enumerate(prompts):
+        n = len(tok.encode(prompt))
+        if n < max_len and n + max_tokens > max_len:
+            raise ValueError(f"--max-tokens={max_tokens} is too large: this model's maximum context length is "
+                             f"{max_len} tokens and --prompt #{i + 1} has {n} tokens ({max_tokens} > {max_len} - "
+                             f"{n}); ask for at most {max_len - n}.")
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from .llm import LLM
+
+    params = sampling_params_from(ns)  # first: a bad flag costs nothing
     args = engine_args_from(ns)
-    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                            seed=ns.seed, stop=ns.stop or [])
+    _check_prompts_fit(args, ns.prompt, params.max_tokens)
     with LLM(**{k: v for k, v in vars(args).items()}) as llm:  # gives Ray workers back at once
         outs = llm.generate(ns.prompt, params, use_tqdm=len(ns.prompt) > 1)
     for out in outs:
@@ -56,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one or more prompts, offline")
     add_engine_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=None)
+    gen.add_argument("--max-tokens", type=int, default=32, help="new tokens per prompt (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=-1, help="-1 disables (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=None, help="per-request seed (default: none)")
+    gen.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
     gen.set_defaults(func=_generate)
     # Modules of this package that add their own subcommands with `register_cli(subparsers)`.
     from . import plan_cli, tiny_model  # plan (cluster throughput model, moelink.planner); make-tiny-model

@@ -38,6 +38,15 @@ def too_long(field: str, num_tokens: int, max_model_len: int) -> ValueError:
                       f"at most {max_model_len - 1} prompt tokens.")
 
 
+def max_tokens_too_large(field: str, max_tokens: int, num_prompt_tokens: int, max_model_len: int) -> ValueError:
+    """vLLM's wording (its OpenAI server's 400), with the numbers: what was asked, what the prompt took."""
+    return ValueError(
+        f"SamplingParams.max_tokens={max_tokens} is too large: this model's maximum context length is "
+        f"{max_model_len} tokens and the {field} has {num_prompt_tokens} tokens ({max_tokens} > {max_model_len} - "
+        f"{num_prompt_tokens}); ask for at most {max_model_len - num_prompt_tokens}, or leave max_tokens unset "
+        f"to generate up to the context.")
+
+
 def _first_bad_id(ids: list, vocab: int) -> int | None:
     """Index of the first entry that is not an int in [0, vocab), or None; C-speed when all are fine."""
     if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab):
@@ -150,7 +159,11 @@ class LLMEngine:
             raise ValueError(f"SamplingParams.stop_token_ids contains {shown(params.stop_token_ids[bad])}: "
                              f"token ids must be in [0, {vocab}).")
         room = max_len - len(ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if params.max_tokens is not None and params.max_tokens > room:
+            # Refused, not clamped (vLLM answers 400): a client that asked for N tokens and silently got fewer
+            # would read finish_reason="length" as its own limit.
+            raise max_tokens_too_large(field, params.max_tokens, len(ids), max_len)
+        max_tokens = room if params.max_tokens is None else params.max_tokens
         grammar = None
         if params.structured_outputs is not None:
             # Compiled on the grammar pool; this caller waits, the engine loop does not.

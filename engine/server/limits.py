@@ -100,11 +100,15 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
                               "parsing); with VllmEngine's `truncate_prompt_tokens` only the text's last "
                               "2 × that many bytes are tokenized", invalid),
         ("`prompt_token_ids.ids` / `tokenized.input_ids`", "1 to max_model_len − 1 ids, each in [0, vocab_size), "
-                                                           "counted after `truncate_prompt_tokens` when it is set; "
+                                                           "counted after `truncate_prompt_tokens` when it is set "
+                                                           "(-1 keeps what fits beside max_tokens); "
                                                            "refused by the count alone, and before parsing when "
                                                            "the packed ids' bytes / 5 reach max_model_len", invalid),
         ("`sampling_params`", f"at most {lim.max_sampling_params_bytes()} bytes, what the limits below allow "
                               "(refused before parsing)", invalid),
+        ("`sampling_params.max_tokens`", "at least 1, and prompt tokens + max_tokens at most max_model_len, as in "
+                                         "vLLM (refused, never clamped); unset on VllmEngine (or `unlimited_tokens` "
+                                         "on moelink.v1, whose unset default is 16): up to the context", invalid),
         ("`sampling_params.n`", f"1 to {lim.max_n} ({flag('max_n')})", invalid),
         ("`sampling_params.stop`", f"at most {lim.max_stop_strings} strings ({flag('max_stop_strings')})", invalid),
         ("`sampling_params.stop[i]`", f"1 to {lim.max_stop_string_chars} characters "
@@ -117,7 +121,7 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
     rows += [
         ("`sampling_params.logprobs`", f"0 to {MAX_LOGPROBS}", invalid),
         ("`AbortRequest.request_ids`", f"at most {lim.max_abort_ids} ids ({flag('max_abort_ids')})", invalid),
-        ("VllmEngine: `logit_bias`, structured outputs, `prompt_logprobs`, multimodal inputs", "not supported",
+        ("VllmEngine: `logit_bias`, `prompt_logprobs`, multimodal inputs", "not supported",
          invalid),
         ("requests waiting for their first token", "`--max-queued-requests`, `--max-queued-tokens` (default: no limit)",
          "RESOURCE_EXHAUSTED"),

@@ -83,10 +83,16 @@ def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = Re
 
 
 def kept_tokens(sp: pb.SamplingParams, max_model_len: int) -> int | None:
-    """How many prompt tokens truncate_prompt_tokens keeps (the last ones); None: no truncation."""
+    """How many prompt tokens truncate_prompt_tokens keeps (the last ones); None: no truncation.
+
+    -1 keeps as many as fit beside max_tokens (unset: one), so "the model's limit" never turns a request that
+    truncation could save into a max_tokens refusal; a max_tokens that leaves no room is still refused."""
     if not sp.HasField("truncate_prompt_tokens"):
         return None
-    return max_model_len - 1 if sp.truncate_prompt_tokens == -1 else sp.truncate_prompt_tokens
+    if sp.truncate_prompt_tokens != -1:
+        return sp.truncate_prompt_tokens
+    room = max_model_len - (sp.max_tokens if sp.HasField("max_tokens") and sp.max_tokens > 0 else 1)
+    return max(room, 1)
 
 
 def output_logprobs(token_ids, logprobs, num_top) -> pb.OutputLogProbs | None:

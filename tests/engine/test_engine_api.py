@@ -96,6 +96,21 @@ def test_bad_prompts_raise_and_leak_nothing(llm, prompt, params, field):
     assert _free(llm)
 
 
+def test_max_tokens_beyond_the_context_is_refused_not_clamped(llm):
+    """vLLM answers 400 where prompt + max_tokens > max_model_len; clamping hid it (finish_reason "length" at a
+    count the client never asked for). Unset max_tokens still means "up to the context"."""
+    msg = (r"SamplingParams\.max_tokens=13 is too large: this model's maximum context length is 512 tokens and the "
+           r"prompt_token_ids has 500 tokens \(13 > 512 - 500\); ask for at most 12")
+    with pytest.raises(ValueError, match=msg):
+        llm.generate(["a fine prompt", [1] * 500], SamplingParams(max_tokens=13), use_tqdm=False)
+    assert _free(llm)
+    exact = llm.generate([[1] * 500], SamplingParams(max_tokens=12, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(exact.token_ids) == 12 and exact.finish_reason == "length"
+    unset = llm.generate([[1] * 505], SamplingParams(max_tokens=None, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(unset.token_ids) == 7 and unset.finish_reason == "length"
+    assert _free(llm)
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(min_p=2.0), "min_p"),

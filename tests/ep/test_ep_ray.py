@@ -59,7 +59,7 @@ def test_dead_rank_fails_inflight_requests_fast(local_ray, tiny_model):
                                                      expert_parallel_size=2, num_kv_blocks=64, max_num_seqs=8))
 
     async def one(i, streaming: asyncio.Event):
-        params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)  # up to the context: long
         n = 0
         try:
             async for _ in engine.generate(f"r{i}", [i + 1] * 20, params):

@@ -43,7 +43,10 @@ def _frozen(pid: int):
 
 
 class _Streams:
-    """Long requests on both services, each consumed by a thread: messages, then the error if any."""
+    """Long requests on both services, each consumed by a thread: messages, then the error if any.
+
+    1000 tokens each: as many as the tiny model's 1024-token context leaves beside a 12-token prompt (more is
+    refused, INVALID_ARGUMENT)."""
 
     def __init__(self, channel, n_native: int = 2, n_vllm: int = 1):
         from smg_grpc_proto.generated import vllm_engine_pb2, vllm_engine_pb2_grpc
@@ -58,11 +61,11 @@ class _Streams:
         for i in range(n_native):
             calls[f"n{i}"] = lambda i=i: native.Generate(pb.GenerateRequest(
                 request_id=f"n{i}", prompt_token_ids=pb.TokenIds(ids=[i + 3] * 12),
-                sampling_params=pb.SamplingParams(max_tokens=3000, ignore_eos=True, temperature=0)), timeout=60)
+                sampling_params=pb.SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0)), timeout=60)
         for i in range(n_vllm):
             calls[f"v{i}"] = lambda i=i: vllm.Generate(vpb.GenerateRequest(
                 request_id=f"v{i}", tokenized=vpb.TokenizedInput(input_ids=[i + 7] * 12), stream=True,
-                sampling_params=vpb.SamplingParams(max_tokens=3000, ignore_eos=True, temperature=0)), timeout=60)
+                sampling_params=vpb.SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0)), timeout=60)
         self.threads = [threading.Thread(target=self._consume, args=(rid, call), daemon=True)
                         for rid, call in calls.items()]
         for t in self.threads:

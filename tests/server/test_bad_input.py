@@ -280,6 +280,45 @@ def test_a_request_is_validated_once_whatever_its_n(thread_server, monkeypatch):
         assert calls == {"process_inputs": 1, "SamplingParams": 1}, calls
 
 
+# -- issue 14: max_tokens beyond the context ----------------------------------------------------
+def test_max_tokens_beyond_the_context_is_invalid_argument_on_both_services(thread_server):
+    """prompt + max_tokens > max_model_len is refused as vLLM refuses it (HTTP 400 through a gateway), with the
+    numbers; it was silently clamped. Unset max_tokens on VllmEngine (smg's "no max_tokens") still means "up to
+    the context", and truncate_prompt_tokens=-1 keeps what fits beside max_tokens."""
+    srv = thread_server()
+    with grpc.insecure_channel(srv.addr) as ch:
+        s = make_stubs(ch)
+        pb, vpb = s.pb, s.vpb
+        cases = [
+            (native(s, prompt_token_ids=pb.TokenIds(ids=[5] * 500), sampling_params=pb.SamplingParams(max_tokens=13)),
+             "prompt_token_ids has 500 tokens (13 > 512 - 500)"),
+            (native(s, prompt="hi", sampling_params=pb.SamplingParams(max_tokens=600)), "(600 > 512 - "),
+            (vllm(s, tokenized=vpb.TokenizedInput(input_ids=[5] * 500), sampling_params=vpb.SamplingParams(
+                max_tokens=13)), "tokenized.input_ids has 500 tokens (13 > 512 - 500)"),
+            (vllm(s, text="hi", sampling_params=vpb.SamplingParams(max_tokens=600)), "(600 > 512 - "),
+        ]
+        for call, numbers in cases:
+            err = refused(call)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+            assert err.details().startswith("sampling_params.max_tokens=") and \
+                "maximum context length is 512 tokens" in err.details() and numbers in err.details(), err.details()
+        # At the limit, and unset: the request runs to the end of the context.
+        msgs = list(s.vllm.Generate(vpb.GenerateRequest(tokenized=vpb.TokenizedInput(input_ids=[5] * 500),
+                    stream=False, sampling_params=vpb.SamplingParams(max_tokens=12, ignore_eos=True)), timeout=30))
+        assert msgs[-1].complete.completion_tokens == 12 and msgs[-1].complete.finish_reason == "length"
+        msgs = list(s.vllm.Generate(vpb.GenerateRequest(tokenized=vpb.TokenizedInput(input_ids=[5] * 505),
+                    stream=False, sampling_params=vpb.SamplingParams(ignore_eos=True)), timeout=30))
+        assert msgs[-1].complete.completion_tokens == 7 and msgs[-1].complete.finish_reason == "length"
+        msgs = list(s.vllm.Generate(vpb.GenerateRequest(tokenized=vpb.TokenizedInput(input_ids=[5] * 600),
+                    stream=False, sampling_params=vpb.SamplingParams(truncate_prompt_tokens=-1, max_tokens=20,
+                                                                     ignore_eos=True)), timeout=30))
+        assert (msgs[-1].complete.prompt_tokens, msgs[-1].complete.completion_tokens) == (492, 20)
+        msgs = list(s.native.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5] * 505),
+                    sampling_params=pb.SamplingParams(unlimited_tokens=True, ignore_eos=True)), timeout=30))
+        assert msgs[-1].usage.completion_tokens == 7 and msgs[-1].finish_reason == "length"
+        assert wait_until(lambda: pool_is_free(s.native, pb), 10, "the KV pool to be free")
+
+
 # -- README -----------------------------------------------------------------------------------
 def test_readme_bad_input_table_is_rendered_from_the_enforced_limits():
     from moelink.engine.server.limits import readme_table

@@ -191,3 +191,39 @@ def test_invalid_schema_is_http_400_naming_the_field(gateway):
         model="tiny-moe", messages=[{"role": "user", "content": "hi"}], max_tokens=8, response_format=bad))
     assert status == 400, (status, raw)
     assert b"json_schema" in raw, raw
+
+
+def test_max_tokens_beyond_the_context_is_http_400_with_the_numbers(gateway):
+    """vLLM's answer to prompt + max_tokens > max_model_len: 400 naming max_tokens, the context and the prompt's
+    tokens (it was clamped in silence). Leaving max_tokens out still runs up to the context."""
+    for path, body in [("/v1/completions", dict(prompt="Once upon a time")),
+                       ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "Hello"}]))]:
+        status, raw = http_request(gateway, "POST", path, dict(model="tiny-moe", max_tokens=600, **body))
+        assert status == 400, (path, status, raw)
+        message = json.loads(raw)["error"]["message"]
+        assert "sampling_params.max_tokens=600 is too large" in message, message
+        assert "maximum context length is 512 tokens" in message and re.search(r"has \d+ tokens \(600 > 512 - \d+\)",
+                                                                                 message), message
+    status, raw = http_request(gateway, "POST", "/v1/completions", dict(
+        model="tiny-moe", prompt="Once upon a time", temperature=0, ignore_eos=True))
+    assert status == 200, raw
+    usage = json.loads(raw)["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 512, usage
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "smg 1.13's /v1/completions builds each choice with logprobs None (streamed or not; its source marks it TODO) "
+    "although moelink's VllmEngine answer carries them (tests/server/test_managed_gateway.py proves both sides). "
+    "An XPASS means smg passes them on now: drop this marker and README's note."))
+def test_completions_logprobs_through_smg(gateway, offline):
+    prompt = "Once upon a time"
+    ref = offline.generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2),
+                           use_tqdm=False)[0].outputs[0]
+    status, raw = http_request(gateway, "POST", "/v1/completions", dict(
+        model="tiny-moe", prompt=prompt, max_tokens=4, temperature=0, ignore_eos=True, logprobs=2))
+    if status != 200:  # not the AssertionError this xfail expects: a broken request must fail the test
+        raise RuntimeError(f"HTTP {status}: {raw[:500]!r}")
+    lps = json.loads(raw)["choices"][0].get("logprobs")  # smg leaves the key out when it is None
+    assert lps is not None, "smg dropped the completions logprobs"
+    want = [ref.logprobs[i][t].logprob for i, t in enumerate(ref.token_ids)]
+    assert lps["token_logprobs"] == pytest.approx(want, abs=1e-4)
