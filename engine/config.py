@@ -119,7 +119,8 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model: str, dtype="auto", max_model_len: int | None = None, *,
-                        require_runnable: bool = True, quantization: str | None = None) -> "ModelConfig":
+                        require_runnable: bool = True, quantization: str | None = None,
+                        fp8_block_size: tuple[int, int] | None = None) -> "ModelConfig":
         """Read `model`/config.json through transformers' own config class (so every alias and default
         transformers knows applies) and validate it. Architectures in CONFIG_ONLY_ARCHITECTURES are read
         only with require_runnable=False; otherwise they are refused here, before any engine work."""
@@ -143,7 +144,7 @@ class ModelConfig:
             raise ValueError(f"max_model_len={max_model_len!r} is invalid: must be a positive integer.")
         hf = _auto_config(path, raw, arch)
         fields = read_fields(arch, hf)
-        fields["quantization"] = resolve_quantization(fields.get("quantization"), quantization)
+        fields["quantization"] = resolve_quantization(fields.get("quantization"), quantization, fp8_block_size)
         checkpoint_dtype = str(hf.dtype).removeprefix("torch.") if getattr(hf, "dtype", None) else raw.get("torch_dtype")
         cfg = cls(
             model=str(path), dtype=parse_dtype(dtype, checkpoint_dtype), architecture=arch,

@@ -103,10 +103,15 @@ def _read_fp8(quant: Mapping) -> Fp8Config:
 _READERS = {"fp8": _read_fp8}
 
 
-def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) -> QuantConfig | None:
+def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None,
+                         block: tuple[int, int] | None = None) -> QuantConfig | None:
     """The quantization the engine runs: the checkpoint's own, or `requested` (EngineArgs.quantization) made
-    at load from a float checkpoint. Asking for another format than the checkpoint's is refused."""
+    at load from a float checkpoint in `block`s (default 128 x 128, as published). Asking for another format
+    than the checkpoint's is refused."""
     if requested is None:
+        if block is not None:
+            raise ValueError(f"fp8_block_size={list(block)!r} is invalid without quantization='fp8': it is the "
+                             f"block of weights quantized at load.")
         return checkpoint
     if requested not in ONLINE_METHODS:
         raise ValueError(f"quantization={requested!r} is invalid: choose from {', '.join(ONLINE_METHODS)} or None "
@@ -115,8 +120,16 @@ def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) 
         if checkpoint.method != requested:
             raise ValueError(f"quantization={requested!r} is invalid for this checkpoint: it is already quantized "
                              f"with {checkpoint.method!r} (leave quantization unset).")
+        if block is not None and tuple(block) != checkpoint.block:
+            raise ValueError(f"fp8_block_size={list(block)!r} is invalid for this checkpoint: its weights are "
+                             f"already quantized in {list(checkpoint.block)} blocks (leave it unset).")
         return checkpoint
-    return Fp8Config(online=True)
+    if block is None:
+        return Fp8Config(online=True)
+    if not isinstance(block, (list, tuple)) or len(block) != 2 or any(
+            not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in block):
+        raise ValueError(f"fp8_block_size={block!r} is invalid: two positive integers [Bn, Bk] (default [128, 128]).")
+    return Fp8Config(tuple(block), online=True)
 
 
 def quantization_config_dict(cfg: Fp8Config) -> dict:
