@@ -136,7 +136,8 @@ def test_online_quantization_equals_the_tool(fp8_tiny, name):
     floats = load_model(ModelConfig.from_pretrained(src, "float32"), ReferenceKernels(), CPU)
     fp8_bytes = sum(v.numel() * v.element_size() for k, v in a.items() if "experts" in k or "proj" in k)
     float_bytes = sum(v.numel() * v.element_size() for k, v in floats.state_dict().items() if "experts" in k or "proj" in k)
-    assert fp8_bytes < 0.3 * float_bytes  # 1 byte + scales against 4 bytes per weight
+    # 1 byte (+ 4 bytes per 256-weight block) against 4; MLA keeps kv_b_proj float for its absorption.
+    assert fp8_bytes < 0.4 * float_bytes
     prompts = _prompts(seed=3, n=3)
     llm_online = LLM(src, dtype="float64", quantization="fp8", fp8_block_size=list(BLOCK), **ENGINE_KW)
     llm_tool = LLM(dst, dtype="float64", **ENGINE_KW)
