@@ -1,15 +1,12 @@
 """FP8 experts under expert parallelism: a rank reads only its experts' weights AND scales (per-expert and
-fused layouts, redundant replicas included, online quantization too), holding exactly the single-rank rows;
-and (slow, Ray) an EP 2 engine with replicas gives the single-rank engine's greedy tokens."""
+fused layouts, redundant replicas included, online quantization too), holding exactly the single-rank rows.
+tests/ep/test_ep_fp8.py runs an EP 2 engine on Ray against one rank."""
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
 
 from moelink.comm.backends import make_all_to_all
-from moelink.engine import LLM, SamplingParams
 from moelink.engine.config import ModelConfig
 from moelink.engine.loader import load_model
 from moelink.kernels.fp8 import FP8_DTYPE
@@ -18,7 +15,7 @@ from moelink.moe.layer import ExpertParallel
 from moelink.moe.placement import ExpertPlacement
 
 from tests.engine.test_fp8_checkpoints import fp8_tiny  # noqa: F401  (the session fixture)
-from tests.helpers.fp8_checkpoints import BLOCK, VOCAB
+from tests.helpers.fp8_checkpoints import BLOCK
 
 CPU = torch.device("cpu")
 _PARAMS = ("w13_EFD", "w2_EDI", "w13_scale_inv_EFD", "w2_scale_inv_EDI")
@@ -56,16 +53,19 @@ def test_rank_reads_its_experts_weights_and_scales(fp8_tiny, name, fused, online
                 assert torch.equal(_bits(getattr(mine, p)), _bits(getattr(full, p)[local])), (rank, i, p)
 
 
-@pytest.mark.slow
-def test_ep2_with_replicas_matches_one_rank(local_ray, fp8_tiny):
-    _, dst, _ = fp8_tiny("dsv3_fp8")
-    rng = random.Random(5)
-    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(6)]
-    kw = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=64, block_size=8)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    want = [o.outputs[0].token_ids for o in LLM(dst, **kw).generate(prompts, params, use_tqdm=False)]
-    llm = LLM(dst, expert_parallel_size=2, num_redundant_experts=2, **kw)
-    try:
-        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
-    finally:
-        llm.engine.shutdown()
+def test_weight_bytes_per_format_match_the_tensors_and_the_planner(fp8_tiny):
+    """The start-up report counts with planner.weight_bytes (what `moelink plan --precision fp8` prices): its
+    total equals the bytes the rank's tensors really take, FP8 or float."""
+    from moelink.engine.weight_memory import describe_memory, weight_bytes_by_format
+    from moelink.planner.kernels import WEIGHT_BYTES
+
+    src, dst, _ = fp8_tiny("dsv3_fp8")
+    placement = ExpertPlacement(num_experts=6, ep_size=2, replicas=[0])
+    for path in (src, dst):
+        model = load_model(ModelConfig.from_pretrained(path, "float32"), ReferenceKernels(), CPU, _ep(placement, 0))
+        by_format = weight_bytes_by_format(model)
+        real = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        assert sum(by_format.values()) == real
+        assert ("fp8" in by_format) == (path == dst)
+        assert "weights" in describe_memory(by_format, 10, 16, 1 << 20)
+    assert WEIGHT_BYTES["fp8"] == 1 + 4 / (128 * 128) and WEIGHT_BYTES["bf16"] == 2
