@@ -9,6 +9,7 @@ from __future__ import annotations
 FP8_BLOCK = (128, 128)
 _SCALE_BYTES = 4  # weight_scale_inv is float32
 FLOAT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+NVFP4_GROUP = 16  # NVFP4: two values per byte, one FP8 scale per 16 along the reduction dim
 
 
 def weight_bytes(fmt: str, rows: int, cols: int, block: tuple[int, int] = FP8_BLOCK, float_bytes: int = 2) -> int:
@@ -16,11 +17,13 @@ def weight_bytes(fmt: str, rows: int, cols: int, block: tuple[int, int] = FP8_BL
     element), or a name of FLOAT_BYTES."""
     if fmt == "fp8":
         return rows * cols + _SCALE_BYTES * (-(-rows // block[0])) * (-(-cols // block[1]))
+    if fmt == "nvfp4":
+        return rows * cols // 2 + rows * (-(-cols // NVFP4_GROUP))
     if fmt == "float":
         return rows * cols * float_bytes
     if fmt in FLOAT_BYTES:
         return rows * cols * FLOAT_BYTES[fmt]
-    raise ValueError(f"weight format {fmt!r} is unknown: choose fp8, float or one of {', '.join(FLOAT_BYTES)}.")
+    raise ValueError(f"weight format {fmt!r} is unknown: choose fp8, nvfp4, float or one of {', '.join(FLOAT_BYTES)}.")
 
 
 def bytes_per_weight(fmt: str, block: tuple[int, int] = FP8_BLOCK) -> float:
