@@ -134,6 +134,10 @@ class ModelRunner:
             why_not = "expert-parallel steps run their all-to-all (and empty ranks' MoE-only passes) eagerly"
         elif backend is None and self.device.type != "cuda":
             why_not = f"device {self.device} is not a CUDA device"
+        elif self.cfg.quantization is not None and not all(
+                hasattr(self.kernels, op) for op in ("fp8_linear", "fused_moe_fp8")):
+            # Until its Triton kernels exist, FP8 runs the references, whose MoE loops over experts on the host.
+            why_not = f"the {self.kernels.name} kernels have no FP8 GEMMs yet (the references run, with host syncs)"
         if why_not:
             logger.info("CUDA graphs off: %s.", why_not)
             return ()
