@@ -105,7 +105,7 @@ def test_fp32_logprobs_close_to_the_float_model(fp8_tiny):
     by hundredths, and by more where the error flips a routing choice: measured worst 0.18 nat here (the
     same run against the float checkpoint itself: 7e-7). DeepSeek-V3's tiny group-limited router flips more
     (0.87 measured), so it is left to the exact parity test above. A missing or misplaced block scale is off
-    by a factor of its scale (~100 here): many nats.
+    by orders of magnitude (its scale is ~1e-3 here): many nats.
     """
     from transformers import AutoModelForCausalLM
 

@@ -161,3 +161,31 @@ def test_quantize_fp8_command(fp8_tiny, tmp_path, capsys):
     assert "weight_block_size" in capsys.readouterr().err
     assert main(["quantize-fp8", dst, str(tmp_path / "again")]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_quantize_fp8_keeps_shards_and_index(fp8_tiny, tmp_path):
+    """A sharded float checkpoint (two files + model.safetensors.index.json) converts shard by shard: the same
+    file names, the index naming every scale, and the model it loads equals the one-file conversion."""
+    src, dst, _ = fp8_tiny("qwen3_fp8")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    tensors = load_file(str(Path(src) / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for fname, part in shards.items():
+        save_file({n: tensors[n] for n in part}, str(sharded / fname), metadata={"format": "pt"})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}))
+    for f in Path(src).iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy2(f, sharded / f.name)
+    out = tmp_path / "fp8"
+    assert main(["quantize-fp8", str(sharded), str(out), "--block", "16", "16"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["model.layers.0.self_attn.q_proj.weight_scale_inv"] == index["model.layers.0.self_attn.q_proj.weight"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(shards)
+    a = load_model(ModelConfig.from_pretrained(str(out), "float32"), ReferenceKernels(), CPU).state_dict()
+    b = load_model(ModelConfig.from_pretrained(dst, "float32"), ReferenceKernels(), CPU).state_dict()
+    assert all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == FP8_DTYPE else a[k],
+                           b[k].view(torch.uint8) if b[k].dtype == FP8_DTYPE else b[k]) for k in a)
