@@ -111,9 +111,9 @@ def test_expert_intermediate_must_be_whole_blocks(fp8_tiny):
         load_model(cfg, ReferenceKernels(), CPU)
 
 
-def test_modules_to_not_convert_stay_float(fp8_tiny, tmp_path):
+def test_modules_to_not_convert_stay_float(fp8_tiny, tmp_path, caplog):
     """An FP8 checkpoint whose o_proj weights are published float (listed in modules_to_not_convert) loads
-    them float and runs; everything else stays FP8."""
+    them float and runs; everything else stays FP8. Start-up logs the rank's weights per format and its KV."""
     _, dst, _ = fp8_tiny("dsv3_fp8")
     cfg = json.loads((Path(dst) / "config.json").read_text())
     path = _with_config(dst, tmp_path / "skip", weights=True,
@@ -127,8 +127,11 @@ def test_modules_to_not_convert_stay_float(fp8_tiny, tmp_path):
     attn = model.layers[1].self_attn
     assert attn.o_proj.weight.dtype == torch.float64 and attn.o_proj.weight_scale_inv is None
     assert attn.q_b_proj.weight.dtype == FP8_DTYPE and model.layers[1].moe.w13_EFD.dtype == FP8_DTYPE
-    llm = LLM(path, dtype="float64", num_kv_blocks=16, block_size=8)
+    with caplog.at_level("INFO", logger="moelink.engine.model_runner"):
+        llm = LLM(path, dtype="float64", num_kv_blocks=16, block_size=8)
     assert len(llm.generate([[1, 2, 3]], use_tqdm=False)[0].outputs[0].token_ids) > 0
+    line = next(r.getMessage() for r in caplog.records if "rank memory" in r.getMessage())
+    assert "fp8 " in line and "float " in line and "16 blocks x 8 = 128 tokens" in line, line
 
 
 def test_loader_errors_name_the_tensor(fp8_tiny, tmp_path):
