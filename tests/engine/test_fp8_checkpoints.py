@@ -83,7 +83,8 @@ def test_tool_writes_the_published_layout(fp8_tiny):
     assert (open(f"{dst}/tokenizer.json").read() == open(f"{src}/tokenizer.json").read())
 
 
-@pytest.mark.parametrize("name,fused", [("qwen3_fp8", False), ("qwen3_fp8", True), ("dsv3_fp8", False)])
+@pytest.mark.parametrize("name,fused", [("qwen3_fp8", False), ("qwen3_fp8", True), ("dsv3_fp8", False),
+                                        ("dsv3_fp8_noq", False)])
 def test_greedy_equals_transformers_on_dequantized_weights(fp8_tiny, name, fused):
     _, dst, deq = fp8_tiny(name, fused)
     prompts = _prompts(seed=len(name) + fused)

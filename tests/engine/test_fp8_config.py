@@ -95,6 +95,20 @@ def test_requested_quantization_is_checked():
         EngineArgs(model="x", quantization="awq")
 
 
+def test_the_tool_quantizes_what_deepseek_quantizes():
+    from moelink.engine.quantize_fp8 import is_quantized_name
+
+    yes = ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.kv_a_proj_with_mqa.weight",
+           "model.layers.3.self_attn.q_b_proj.weight", "model.layers.3.self_attn.kv_b_proj.weight",
+           "model.layers.0.mlp.gate_proj.weight", "model.layers.5.mlp.shared_experts.down_proj.weight",
+           "model.layers.5.mlp.experts.17.up_proj.weight", "model.layers.1.block_sparse_moe.experts.0.w3.weight",
+           "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+    no = ["model.layers.1.mlp.gate.weight", "model.layers.1.block_sparse_moe.gate.weight", "lm_head.weight",
+          "model.embed_tokens.weight", "model.layers.0.self_attn.q_a_layernorm.weight", "model.norm.weight",
+          "model.layers.0.self_attn.o_proj.bias", "model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert all(map(is_quantized_name, yes)) and not any(map(is_quantized_name, no))
+
+
 def test_stacked_pieces_must_start_on_a_block():
     assert scale_index((slice(64, 96),), 16, "x") == (slice(4, 6),)
     assert scale_index((3, slice(16, 40),), 16, "x") == (3, slice(1, 3))  # a ragged last piece

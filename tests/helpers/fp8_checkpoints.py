@@ -3,7 +3,7 @@
 Shapes are chosen for FP8 blocks of 16 x 16 (BLOCK): every stacked piece starts on a block boundary (q 64 /
 k 32 / v 32; MLA's q_a 32 then kv_a 40; gate / up 16, 48), as in the published checkpoints, while ragged
 blocks occur too: hidden 40 (= 2.5 blocks: every K of a hidden-input linear and every N of an output one),
-MLA's kv_a 40 rows, and 6 experts (EP 2 splits them 3 + 3 contiguous rows). DeepSeek-V3's interleaved rope keeps
+MLA's kv_a 40 rows (24 without q LoRA), and 6 experts. DeepSeek-V3's interleaved rope keeps
 each head's de-interleaved rope rows (8 of its 16) inside one block, as 64-row rope parts do in 128 blocks.
 """
 from __future__ import annotations
@@ -25,6 +25,12 @@ FP8_TINY: dict[str, tuple[str, str, dict]] = {
         kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=16,
         n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
         n_shared_experts=1, routed_scaling_factor=2.5)),
+    # q_proj without q LoRA (its 32 rows stacked before kv_a), biases on kv_a and o, two shared experts.
+    "dsv3_fp8_noq": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        hidden_size=40, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=None,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=16,
+        n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_shared_experts=2, routed_scaling_factor=2.5, attention_bias=True)),
 }
 
 
@@ -44,6 +50,8 @@ def save_fp8_tiny(out: Path, name: str, seed: int = 0, fused: bool = False) -> s
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:  # zeros from transformers' init
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=torch.float64) * 0.1)
             if type(mod).__name__.endswith("RMSNorm"):
                 mod.weight.add_(torch.randn(mod.weight.shape, generator=g, dtype=torch.float64) * 0.1)
             bias = getattr(mod, "e_score_correction_bias", None)
