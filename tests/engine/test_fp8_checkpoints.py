@@ -1,6 +1,7 @@
 """FP8 block-scaled checkpoints end to end on CPU: tiny Qwen3-MoE and DeepSeek-V3 models saved (float64) by
 transformers, converted by `moelink quantize-fp8` with 16 x 16 blocks (tests.helpers.fp8_checkpoints: stacked
-pieces on block boundaries, ragged blocks on hidden 40 and MLA's kv_a), loaded and served by the engine.
+pieces on block boundaries, ragged blocks on hidden 40 and MLA's kv_a; the `fp8_tiny` fixture of tests/conftest.py),
+loaded and served by the engine.
 
 Oracle: transformers' own model holding the dequantized weights, with the W8A8 activation rounding applied at
 the inputs of the same linears and expert GEMMs (fake_quant_hf_model), in float64. The engine must produce the
@@ -18,33 +19,14 @@ from safetensors import safe_open
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.config import ModelConfig
 from moelink.engine.loader import checkpoint_index, load_model
-from moelink.engine.quantize_fp8 import quantize_checkpoint
 from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
 from moelink.kernels.ops import ReferenceKernels
 
-from tests.helpers.fp8_checkpoints import (BLOCK, VOCAB, dequantized_copy, fake_quant_hf_model, hf_greedy_with,
-                                           save_fp8_tiny)
+from tests.helpers.fp8_checkpoints import BLOCK, VOCAB, fake_quant_hf_model, hf_greedy_with
 
 CPU = torch.device("cpu")
 MAX_NEW = 6
 ENGINE_KW = dict(max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=64, block_size=8)
-
-
-@pytest.fixture(scope="session")
-def fp8_tiny(tmp_path_factory):
-    """fp8_tiny(name, fused=False) → (float checkpoint, its quantize-fp8 copy, that copy dequantized)."""
-    built: dict = {}
-
-    def get(name: str, fused: bool = False):
-        key = (name, fused)
-        if key not in built:
-            root = tmp_path_factory.mktemp(name + ("_fused" if fused else ""))
-            src = save_fp8_tiny(root / "float", name, fused=fused)
-            dst = str(quantize_checkpoint(src, root / "fp8", BLOCK))
-            built[key] = (src, dst, dequantized_copy(dst, root / "dequantized"))
-        return built[key]
-
-    return get
 
 
 def _prompts(seed: int, n: int = 5) -> list[list[int]]:

@@ -21,7 +21,6 @@ from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.expert_weights import scale_index
 
-from tests.engine.test_fp8_checkpoints import fp8_tiny  # noqa: F401  (the session fixture)
 from tests.helpers.fp8_checkpoints import BLOCK
 
 CPU = torch.device("cpu")

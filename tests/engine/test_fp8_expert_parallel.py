@@ -14,7 +14,6 @@ from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.layer import ExpertParallel
 from moelink.moe.placement import ExpertPlacement
 
-from tests.engine.test_fp8_checkpoints import fp8_tiny  # noqa: F401  (the session fixture)
 from tests.helpers.fp8_checkpoints import BLOCK
 
 CPU = torch.device("cpu")

@@ -7,7 +7,6 @@ import pytest
 
 from moelink.engine import LLM, SamplingParams
 
-from tests.engine.test_fp8_checkpoints import fp8_tiny  # noqa: F401  (the session fixture)
 from tests.helpers.fp8_checkpoints import VOCAB
 
 pytestmark = pytest.mark.slow
