@@ -3,6 +3,12 @@
 Tensors are read one at a time with `safe_open`, so memory holds at most one
 checkpoint tensor beyond the model itself, and a rank reads only the tensors
 its plan lists (its own experts under expert parallelism).
+
+FP8 (engine/quantization.py): FP8 tensors are copied as they are and their
+`weight_scale_inv` as float32, both by the plan; a plan destination
+`QuantizeOnLoad` (online FP8 from a float checkpoint) block-quantizes the tensor
+as it is read. `process_weights_after_loading` then lets modules convert what
+they loaded (MLA's kv_b_proj, dequantized for its absorption).
 """
 from __future__ import annotations
 
