@@ -1,4 +1,4 @@
-"""`moelink` command line: generate, serve, stats, plan, make-tiny-model, and plug-in subcommands.
+"""`moelink` command line: generate, serve, stats, plan, make-tiny-model, quantize-fp8, and plug-in subcommands.
 
 engine/ is the top of the layering, so the CLI may import every module below it; subcommands that live
 above it (benchmarks/: `bench-serve`) register themselves through the `moelink.cli` entry-point group
@@ -96,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
     gen.set_defaults(func=_generate)
     # Modules of this package that add their own subcommands with `register_cli(subparsers)`.
-    from . import plan_cli, tiny_model  # plan (cluster throughput model, moelink.planner); make-tiny-model
+    from . import plan_cli, quantize_fp8, tiny_model  # plan (moelink.planner); quantize-fp8; make-tiny-model
     from .server import cli as server_cli  # serve, stats (the gRPC front)
 
-    for module in (tiny_model, server_cli, plan_cli):
+    for module in (tiny_model, server_cli, plan_cli, quantize_fp8):
         module.register_cli(sub)
     _register_plugins(sub)
     return parser

@@ -21,6 +21,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "~/.cache/huggingface/hub)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or float64")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+                   help="fp8: block-quantize a float checkpoint's weights at load (W8A8, 128x128 blocks); "
+                        "default: run the checkpoint as published (FP8 checkpoints run FP8)")
+    p.add_argument("--fp8-block-size", type=int, nargs=2, default=None, metavar=("BN", "BK"),
+                   help="with --quantization fp8: the weight block (default 128 128)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
@@ -60,5 +65,6 @@ def engine_args_from(ns: argparse.Namespace):
         expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
         num_redundant_experts=ns.num_redundant_experts, enforce_eager=ns.enforce_eager,
         cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
-        revision=ns.revision, download_dir=ns.download_dir,
+        revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,
+        fp8_block_size=ns.fp8_block_size,
     )

@@ -16,6 +16,7 @@ from moelink.comm.backends import resolve_backend
 from moelink.moe.router import RouterConfig
 
 from .hf_readers import read_fields
+from .quantization import QuantConfig, resolve_quantization
 from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
 from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
 
@@ -87,6 +88,9 @@ class ModelConfig:
     # The Hugging Face repo id `model` (then a cache snapshot directory) was resolved from; None for a
     # directory the user gave. What the user knows the model by: see `name`.
     model_id: str | None = None
+    # FP8 block-scaled weights (engine/quantization.py): the checkpoint's quantization_config, or made at
+    # load from a float checkpoint (`online`); None runs float weights in `dtype`.
+    quantization: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -115,7 +119,8 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model: str, dtype="auto", max_model_len: int | None = None, *,
-                        require_runnable: bool = True) -> "ModelConfig":
+                        require_runnable: bool = True, quantization: str | None = None,
+                        fp8_block_size: tuple[int, int] | None = None) -> "ModelConfig":
         """Read `model`/config.json through transformers' own config class (so every alias and default
         transformers knows applies) and validate it. Architectures in CONFIG_ONLY_ARCHITECTURES are read
         only with require_runnable=False; otherwise they are refused here, before any engine work."""
@@ -139,6 +144,7 @@ class ModelConfig:
             raise ValueError(f"max_model_len={max_model_len!r} is invalid: must be a positive integer.")
         hf = _auto_config(path, raw, arch)
         fields = read_fields(arch, hf)
+        fields["quantization"] = resolve_quantization(fields.get("quantization"), quantization, fp8_block_size)
         checkpoint_dtype = str(hf.dtype).removeprefix("torch.") if getattr(hf, "dtype", None) else raw.get("torch_dtype")
         cfg = cls(
             model=str(path), dtype=parse_dtype(dtype, checkpoint_dtype), architecture=arch,

@@ -11,6 +11,7 @@ import torch
 from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
 from .config import ModelConfig, ParallelConfig
+from .quantization import ONLINE_METHODS
 from .graph_config import CudaGraphConfig
 from .kv_sizing import driver_num_kv_blocks
 from .model_source import resolve_model_dir
@@ -80,6 +81,11 @@ class EngineArgs:
     # Hugging Face cache directory to read and download into (default: HF_HUB_CACHE, ~/.cache/huggingface/hub).
     revision: Optional[str] = None
     download_dir: Optional[str] = None
+    # "fp8": block-quantize a float checkpoint's linears and experts at load (128x128 blocks, halving weight
+    # memory against bf16); None runs the checkpoint as published (an FP8 checkpoint runs FP8 either way).
+    quantization: Optional[str] = None
+    # The [rows, columns] block of weights quantized at load (default [128, 128], as every FP8 release).
+    fp8_block_size: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -107,6 +113,8 @@ class EngineArgs:
             bad("download_dir", "must be a directory (it is created when missing)")
         check_seconds("step_timeout", self.step_timeout)
         check_seconds("heartbeat_timeout", self.heartbeat_timeout)
+        if self.quantization is not None and self.quantization not in ONLINE_METHODS:
+            bad("quantization", f"choose from {', '.join(ONLINE_METHODS)} or None")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -136,7 +144,8 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         parallel = self.parallel_config()
         path = self.model_path()
-        model_cfg = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len)
+        model_cfg = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len, quantization=self.quantization,
+                                                fp8_block_size=self.fp8_block_size)
         if path != self.model:
             model_cfg.model_id = self.model
         if parallel.expert_parallel_size > model_cfg.num_experts + parallel.num_redundant_experts:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moelink.moe.router import RouterConfig
 
+from .quantization import read_quantization
 from .layer_configs import ROPE_TYPES, GQAConfig, MLAConfig, MoEConfig, RopeConfig, unsupported
 
 # The routing scheme of each DeepSeek-style family as transformers implements it: the scoring function and
@@ -26,14 +27,9 @@ _ROPE_FIELD = "rope_parameters.rope_type (rope_scaling.rope_type or rope_scaling
 
 def read_fields(arch: str, hf) -> dict:
     """ModelConfig's fields (all but model, dtype, architecture, max_model_len, hf_config) from `hf`."""
-    quant = getattr(hf, "quantization_config", None)
-    if quant:
-        # DeepSeek-V3/R1 and Kimi K2 publish FP8 block-scaled weights: read without their scales they would
-        # load as wrong numbers, so a quantized checkpoint is refused until quantized weights are supported.
-        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", quant)
-        raise unsupported("quantization_config.quant_method", method, "none (an unquantized bf16 / fp16 / fp32 "
-                          "checkpoint: convert FP8 weights to bf16 first, then remove quantization_config from "
-                          "config.json, which DeepSeek's fp8_cast_bf16.py leaves in place)")
+    # FP8 block-scaled weights carry their scales (engine/quantization.py reads every quant_method moelink
+    # runs and refuses the rest); a format's reader plugs in there, not here.
+    quantization = read_quantization(getattr(hf, "quantization_config", None))
     hidden_act = getattr(hf, "hidden_act", "silu")
     if hidden_act != "silu":
         raise unsupported("hidden_act", hidden_act, ("silu",), " (moelink's MLPs are SiLU-gated)")
@@ -50,6 +46,7 @@ def read_fields(arch: str, hf) -> dict:
         top_k=int(hf.num_experts_per_tok),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ()),
+        quantization=quantization,
     )
     family = _READERS.get(arch, _deepseek)
     return dict(common, **family(arch, hf, common, rope))

@@ -3,6 +3,12 @@
 Tensors are read one at a time with `safe_open`, so memory holds at most one
 checkpoint tensor beyond the model itself, and a rank reads only the tensors
 its plan lists (its own experts under expert parallelism).
+
+FP8 (engine/quantization.py): FP8 tensors are copied as they are and their
+`weight_scale_inv` as float32, both by the plan; a plan destination
+`QuantizeOnLoad` (online FP8 from a float checkpoint) block-quantizes the tensor
+as it is read. `process_weights_after_loading` then lets modules convert what
+they loaded (MLA's kv_b_proj, dequantized for its absorption).
 """
 from __future__ import annotations
 
@@ -12,6 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
+from moelink.moe.expert_weights import QuantizeOnLoad
 
 from .config import ModelConfig
 from .models import MoEDecoderForCausalLM, arch_spec
@@ -60,16 +69,48 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
             with safe_open(str(fname), framework="pt") as st:
                 for name in names:
                     param, idx, *src_idx = plan[name]
-                    dest = param[idx] if idx else param
                     src = _read(st, name, src_idx[0] if src_idx else ())
-                    if tuple(src.shape) != tuple(dest.shape):
-                        raise ValueError(
-                            f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)} from config.json."
-                        )
-                    dest.copy_(src.to(device=device, dtype=dest.dtype))
+                    if isinstance(param, QuantizeOnLoad):
+                        _quantize_into(name, src, param, idx, device)
+                    else:
+                        _copy_into(name, src, param[idx] if idx else param, device)
                     bar.update(1)
     bar.close()
+    model.process_weights_after_loading()
     return model.eval()
+
+
+def _check_shape(name: str, src: torch.Tensor, dest: torch.Tensor) -> None:
+    if tuple(src.shape) != tuple(dest.shape):
+        raise ValueError(
+            f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)} from config.json."
+        )
+
+
+def _copy_into(name: str, src: torch.Tensor, dest: torch.Tensor, device) -> None:
+    """FP8 values are copied as they are (a cast would turn them into wrong numbers, their scales apart);
+    float tensors, scales included (float32), take the destination's dtype."""
+    _check_shape(name, src, dest)
+    if (src.dtype == FP8_DTYPE) != (dest.dtype == FP8_DTYPE):
+        raise ValueError(f"checkpoint tensor {name!r} is {src.dtype}, but the model holds it as {dest.dtype}: "
+                         f"FP8 weights need config.json's quantization_config (and float weights none for this module).")
+    dest.copy_(src.to(device=device, dtype=dest.dtype))
+
+
+def _quantize_into(name: str, src: torch.Tensor, target: QuantizeOnLoad, idx: tuple, device) -> None:
+    """Online FP8 (`quantization="fp8"` on a float checkpoint): block-quantize the tensor as it is read, so
+    only one float tensor is ever held beside the FP8 model. A stacked piece starts on a block boundary
+    (expert_weights.scale_index), so quantizing it alone gives the blocks of the stacked weight."""
+    if src.dtype == FP8_DTYPE:
+        raise ValueError(f"checkpoint tensor {name!r} is already float8_e4m3fn: quantization='fp8' quantizes a "
+                         f"float checkpoint; this one needs its quantization_config in config.json.")
+    dest = target.weight[idx] if idx else target.weight
+    _check_shape(name, src, dest)
+    wq, scale = block_quantize(src.to(device=device, dtype=torch.float32), target.block)
+    s_dest = target.scale[target.scale_index] if target.scale_index else target.scale
+    _check_shape(name + " (its block scales)", scale, s_dest)
+    dest.copy_(wq)
+    s_dest.copy_(scale)
 
 
 def _read(st, name: str, src_idx: tuple) -> torch.Tensor:

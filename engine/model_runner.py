@@ -21,6 +21,7 @@ from . import kv_sizing
 from .config import ModelConfig
 from .cuda_graph import CudaGraphCapture, DecodeGraphs
 from .loader import load_model
+from .weight_memory import describe_memory, weight_bytes_by_format
 from .models.layers import ForwardContext
 from .sampler import Sampler, SamplingMetadata
 from .sampling_params import SamplingParams
@@ -116,6 +117,9 @@ class ModelRunner:
             tuple(torch.zeros(shape, dtype=self.cfg.dtype, device=self.device) for shape in shapes)
             for _ in range(self.cfg.num_layers)
         ]
+        kv_bytes = sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
+        logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(self.model), num_kv_blocks,
+                                                       self.block_size, kv_bytes))
         if self.graph_sizes:
             self._capture_graphs()
 
@@ -130,6 +134,10 @@ class ModelRunner:
             why_not = "expert-parallel steps run their all-to-all (and empty ranks' MoE-only passes) eagerly"
         elif backend is None and self.device.type != "cuda":
             why_not = f"device {self.device} is not a CUDA device"
+        elif self.cfg.quantization is not None and not all(
+                hasattr(self.kernels, op) for op in ("fp8_linear", "fused_moe_fp8")):
+            # Until its Triton kernels exist, FP8 runs the references, whose MoE loops over experts on the host.
+            why_not = f"the {self.kernels.name} kernels have no FP8 GEMMs yet (the references run, with host syncs)"
         if why_not:
             logger.info("CUDA graphs off: %s.", why_not)
             return ()

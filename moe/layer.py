@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from moelink.comm.a2a_base import AllToAll
 
+from .expert_weights import ExpertFormat, FloatExperts
 from .placement import ExpertPlacement, PlacementTables
 from .router import Router
 from .stats import MoEStats
@@ -40,7 +41,8 @@ class ExpertParallel:
 
 
 class MoELayer(nn.Module):
-    """A sparse MLP block. Expert weights are stacked: w13_EFD = [gate; up], w2_EDI = down.
+    """A sparse MLP block. Expert weights are stacked: w13_EFD = [gate; up], w2_EDI = down, held (with any
+    scales beside them) by `expert_format` (moe/expert_weights.py: float, or FP8 block-scaled).
 
     `kernels` is the device's kernel strategy (moelink.kernels.ops). Without
     `ep` every expert is local and tokens never leave the rank. A router that
@@ -51,7 +53,8 @@ class MoELayer(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, router: Router,
                  kernels, dtype: torch.dtype, device: torch.device | None = None, *,
-                 ep: ExpertParallel | None = None, moe_index: int = 0, stats: MoEStats | None = None):
+                 ep: ExpertParallel | None = None, moe_index: int = 0, stats: MoEStats | None = None,
+                 expert_format: ExpertFormat | None = None):
         super().__init__()
         self.num_experts = num_experts
         self.router = router
@@ -60,14 +63,14 @@ class MoELayer(nn.Module):
         self.moe_index = moe_index
         self.stats = stats
         num_local = len(ep.local_experts) if ep is not None else num_experts
-        factory = dict(dtype=dtype, device=device)
         # The DeepSeek family runs its gate matmul in float32 (as transformers does): the weight is held in
         # float32 from load, not cast every step (7 MB read + written per layer per step at DeepSeek-V3 size).
         gate_dtype = torch.float32 if router.float32_logits else dtype
         self.gate_GD = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=gate_dtype, device=device),
                                     requires_grad=False)
-        self.w13_EFD = nn.Parameter(torch.empty(num_local, 2 * intermediate_size, hidden_size, **factory), requires_grad=False)
-        self.w2_EDI = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size, **factory), requires_grad=False)
+        # w13_EFD, w2_EDI (and the format's scales) are the format's parameters, set on this layer.
+        self.expert_format = expert_format if expert_format is not None else FloatExperts()
+        self.expert_format.create(self, num_local, hidden_size, intermediate_size, dtype, device)
         self.e_score_correction_bias_G = (
             nn.Parameter(torch.zeros(num_experts, dtype=torch.float32, device=device), requires_grad=False)
             if router.needs_bias else None
@@ -85,7 +88,7 @@ class MoELayer(nn.Module):
         if self.stats is not None:
             self.stats.record_routing(self.moe_index, ids_TK)
         if self.ep is None:
-            return self.kernels.fused_moe(x_TD, self.w13_EFD, self.w2_EDI, weights_TK, ids_TK)
+            return self.expert_format.run(self.kernels, self, x_TD, weights_TK, ids_TK)
         return self._forward_ep(x_TD, weights_TK, ids_TK)
 
     def _forward_ep(self, x_TD, weights_TK, ids_TK) -> torch.Tensor:
@@ -95,7 +98,7 @@ class MoELayer(nn.Module):
         t1 = stats.clock() if stats else 0.0
         # The owner applies the routed weights and sums its experts' outputs, so
         # combine returns one row per (token, rank), not per (token, expert).
-        y_ND = self.kernels.fused_moe(recv_ND, self.w13_EFD, self.w2_EDI, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK)
+        y_ND = self.expert_format.run(self.kernels, self, recv_ND, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK)
         t2 = stats.clock() if stats else 0.0
         out_TD = self.ep.all_to_all.combine(y_ND, meta)
         if stats is not None:

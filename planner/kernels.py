@@ -19,8 +19,11 @@ from pathlib import Path
 
 from .efficiency import Efficiency
 from .hardware import GpuSpec
+from .weight_bytes import bytes_per_weight
 
-WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4.0 / (128 * 128), "nvfp4": 0.5 + 1.0 / 16}
+# Per weight of large matrices, as the engine counts them (weight_bytes.py): FP8 is 1 byte + a float32 scale
+# per 128 x 128 block, NVFP4 half a byte + an FP8 scale per 16.
+WEIGHT_BYTES = {fmt: bytes_per_weight(fmt) for fmt in ("bf16", "fp8", "nvfp4")}
 ACT_BYTES = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 1.0}  # activations of FP4 GEMMs arrive as FP8/FP4 (~1 B)
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 

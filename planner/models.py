@@ -82,6 +82,29 @@ class ModelShape:
             return q + kv_a + kv_b + a.num_heads * a.v_dim * h
         return h * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + a.num_heads * a.head_dim * h
 
+    def weight_matrices(self) -> list[tuple[str, int, int, int]]:
+        """(kind, rows, columns, count) of every weight matrix, laid out as the engine holds them (stacked
+        q/k/v; MLA's q_a + kv_a; gate + up), routed experts per expert per MoE layer. Kinds: "attn", "kv_b"
+        (MLA's, absorbed: the engine keeps it in the activation dtype), "dense", "shared", "expert",
+        "router", "embed" (embedding and LM head)."""
+        a, h, L = self.attention, self.hidden, self.num_layers
+        if isinstance(a, MLA):
+            q_dim = a.num_heads * (a.qk_nope_dim + a.qk_rope_dim)
+            first = (a.q_lora_rank or q_dim) + a.kv_lora_rank + a.qk_rope_dim
+            out = [("attn", first, h, L), ("kv_b", a.num_heads * (a.qk_nope_dim + a.v_dim), a.kv_lora_rank, L),
+                   ("attn", h, a.num_heads * a.v_dim, L)]
+            if a.q_lora_rank:
+                out.append(("attn", q_dim, a.q_lora_rank, L))
+        else:
+            out = [("attn", (a.num_heads + 2 * a.num_kv_heads) * a.head_dim, h, L),
+                   ("attn", h, a.num_heads * a.head_dim, L)]
+        di, mi = self.dense_intermediate, self.moe_intermediate
+        out += [("dense", 2 * di, h, self.first_dense), ("dense", h, di, self.first_dense),
+                ("shared", 2 * mi * self.num_shared, h, self.moe_layers), ("shared", h, mi * self.num_shared, self.moe_layers),
+                ("expert", 2 * mi, h, self.moe_layers * self.num_experts), ("expert", h, mi, self.moe_layers * self.num_experts),
+                ("router", self.num_experts, h, self.moe_layers), ("embed", self.vocab, h, 2)]
+        return [m for m in out if m[1] and m[2] and m[3]]
+
     def expert_params(self) -> int:
         """One routed (or shared) expert: gate, up, down."""
         return 3 * self.hidden * self.moe_intermediate

@@ -30,8 +30,9 @@ from moelink.comm.link_model import Pattern, RoutingSpec, all_to_all_time
 from .efficiency import DEFAULT_EFFICIENCY, Efficiency
 from .hardware import DTYPES, HardwareProfile
 from .imbalance import Balance, expert_load_imbalance
-from .kernels import WEIGHT_BYTES, MeasuredMoE, find_measurement, gemm_time, grouped_expert_time, roofline
+from .kernels import MeasuredMoE, find_measurement, gemm_time, grouped_expert_time, roofline
 from .models import ModelShape
+from .weight_bytes import weight_bytes
 
 OVERLAPS = ("none", "tbo")
 KV_BYTES = {"bf16": 2.0, "fp8": 1.0}
@@ -302,14 +303,21 @@ def mixed_iteration(model: ModelShape, hw: HardwareProfile, setup: Setup, input_
 
 
 def weights_per_rank_bytes(model: ModelShape, setup: Setup) -> float:
-    """Weights one rank holds: everything DP-replicated plus its share of routed-expert slots."""
+    """Weights one rank holds: everything DP-replicated plus its share of routed-expert slots, matrix by
+    matrix with weight_bytes (block scales and ragged edges included), as the engine counts its own.
+
+    Formats: experts and shared experts in precision.experts, attention projections and dense FFNs in
+    precision.dense; MLA's kv_b_proj (absorbed into other matmuls), embeddings and LM head in bf16; router
+    gates in bf16, float32 for the DeepSeek family (MLA), which routes in float32. Norm vectors are left out."""
     p = setup.precision
-    replicated = (model.num_layers * model.attn_proj_params() + model.first_dense * model.dense_ffn_params()
-                  ) * WEIGHT_BYTES[p.dense]
-    replicated += model.moe_layers * model.num_shared * model.expert_params() * WEIGHT_BYTES[p.experts]
-    replicated += 2 * model.vocab * model.hidden * WEIGHT_BYTES["bf16"]
-    slots = (model.num_experts + setup.redundant_experts) / setup.ep
-    return replicated + model.moe_layers * slots * model.expert_params() * WEIGHT_BYTES[p.experts]
+    fmt = {"attn": p.dense, "dense": p.dense, "kv_b": "bf16", "shared": p.experts, "expert": p.experts,
+           "router": "fp32" if model.is_mla else "bf16", "embed": "bf16"}
+    slots_per_expert = (model.num_experts + setup.redundant_experts) / setup.ep / model.num_experts
+    total = 0.0
+    for kind, rows, cols, count in model.weight_matrices():
+        share = slots_per_expert if kind == "expert" else 1.0
+        total += count * share * weight_bytes(fmt[kind], rows, cols)
+    return total
 
 
 def max_batch_per_rank(model: ModelShape, hw: HardwareProfile, setup: Setup, context_len: int,

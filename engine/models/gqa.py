@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from ..layer_configs import GQAConfig
 from .layers import ForwardContext, RMSNorm, param
+from .linear import Linear, linear_method
 from .rope import RotaryEmbedding
 
 
@@ -19,7 +19,7 @@ class GQAAttention(nn.Module):
     rope.rotary_dim dims of each head (all of them, or GLM's partial_rotary_factor)."""
 
     def __init__(self, layer_idx: int, hidden_size: int, attn: GQAConfig, rms_norm_eps: float, rope: RotaryEmbedding,
-                 kernels, dtype, device=None):
+                 kernels, dtype, device=None, quant=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -28,15 +28,18 @@ class GQAAttention(nn.Module):
         self.kernels = kernels
         self.rope = rope
         qkv_rows = self.q_size + 2 * self.kv_size
-        self.qkv_proj = param(qkv_rows, hidden_size, dtype=dtype, device=device)
+        # quant: engine/quantization.py's config (None = float); the method is chosen by checkpoint name.
+        p = f"model.layers.{layer_idx}.self_attn."
+        qkv_method = linear_method(quant, p + "q_proj", p + "k_proj", p + "v_proj")
+        self.qkv_proj = Linear(hidden_size, qkv_rows, qkv_method, kernels, dtype, device)
         self.qkv_bias = param(qkv_rows, dtype=dtype, device=device) if attn.qkv_bias else None
-        self.o_proj = param(hidden_size, self.q_size, dtype=dtype, device=device)
+        self.o_proj = Linear(self.q_size, hidden_size, linear_method(quant, p + "o_proj"), kernels, dtype, device)
         self.q_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
         self.k_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x_TD.shape[0]
-        qkv = F.linear(x_TD, self.qkv_proj, self.qkv_bias)
+        qkv = self.qkv_proj(x_TD, self.qkv_bias)
         q_TNH = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k_TKH = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
         v_TKH = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
@@ -46,16 +49,18 @@ class GQAAttention(nn.Module):
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, ctx.attn.slot_mapping_T)
         o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, ctx.attn, self.scale)
-        return F.linear(o_TNH.reshape(T, self.q_size), self.o_proj)
+        return self.o_proj(o_TNH.reshape(T, self.q_size))
 
     def weight_plan(self, p: str) -> dict[str, tuple]:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index)."""
         q, kv = self.q_size, self.kv_size
         rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
-        plan = {f"{p}{name}.weight": (self.qkv_proj, (r,)) for name, r in rows.items()}
+        plan = {}
+        for name, r in rows.items():
+            plan.update(self.qkv_proj.weight_plan(f"{p}{name}.weight", (r,)))
         if self.qkv_bias is not None:
             plan.update({f"{p}{name}.bias": (self.qkv_bias, (r,)) for name, r in rows.items()})
-        plan[p + "o_proj.weight"] = (self.o_proj, ())
+        plan.update(self.o_proj.weight_plan(p + "o_proj.weight"))
         if self.q_norm is not None:
             plan[p + "q_norm.weight"] = (self.q_norm.weight, ())
             plan[p + "k_norm.weight"] = (self.k_norm.weight, ())

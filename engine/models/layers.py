@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from moelink.kernels.attention import AttentionMetadata
 
+from .linear import Linear, linear_method
+
 
 @dataclass
 class ForwardContext:
@@ -49,19 +51,24 @@ class DenseMLP(nn.Module):
     """SiLU-gated MLP with gate and up stacked (gate_up_proj = [gate; up]): the dense layers, and the shared
     experts of DeepSeek / GLM MoE layers (one MLP of n_shared_experts * moe_intermediate_size)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None):
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None, *, kernels=None, quant=None,
+                 prefix: str = ""):
+        """quant: engine/quantization.py's config (None = float); prefix: the checkpoint names' prefix
+        ("model.layers.{i}.mlp."), which modules_to_not_convert is matched against."""
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = param(2 * intermediate_size, hidden_size, dtype=dtype, device=device)
-        self.down_proj = param(hidden_size, intermediate_size, dtype=dtype, device=device)
+        gate_up = linear_method(quant, prefix + "gate_proj", prefix + "up_proj")
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, gate_up, kernels, dtype, device)
+        self.down_proj = Linear(intermediate_size, hidden_size, linear_method(quant, prefix + "down_proj"), kernels,
+                                dtype, device)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate_TI, up_TI = F.linear(x_TD, self.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(F.silu(gate_TI) * up_TI, self.down_proj)
+        gate_TI, up_TI = self.gate_up_proj(x_TD).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate_TI) * up_TI)
 
     def weight_plan(self, p: str) -> dict[str, tuple]:
         """Checkpoint names under `p` ("model.layers.{i}.mlp." or "...mlp.shared_experts.") → (parameter, index)."""
         inter = self.intermediate_size
-        return {p + "gate_proj.weight": (self.gate_up_proj, (slice(0, inter),)),
-                p + "up_proj.weight": (self.gate_up_proj, (slice(inter, 2 * inter),)),
-                p + "down_proj.weight": (self.down_proj, ())}
+        return {**self.gate_up_proj.weight_plan(p + "gate_proj.weight", (slice(0, inter),)),
+                **self.gate_up_proj.weight_plan(p + "up_proj.weight", (slice(inter, 2 * inter),)),
+                **self.down_proj.weight_plan(p + "down_proj.weight")}

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from ..layer_configs import MLAConfig
 from .layers import ForwardContext, RMSNorm, param
+from .linear import Linear, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
 
 # transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not config.rms_norm_eps.
@@ -31,7 +31,7 @@ _LATENT_NORM_EPS = 1e-6
 
 class MLAAttention(nn.Module):
     def __init__(self, layer_idx: int, hidden_size: int, attn: MLAConfig, rope: RotaryEmbedding, kernels, dtype,
-                 device=None):
+                 device=None, quant=None):
         super().__init__()
         self.layer_idx, self.attn, self.kernels, self.rope = layer_idx, attn, kernels, rope
         N, C, P = attn.num_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
@@ -40,28 +40,35 @@ class MLAAttention(nn.Module):
         # x feeds two projections, q's first (q_a_proj, or q_proj) and kv_a_proj_with_mqa: one matmul over
         # their stacked rows [q rows | c_kv (C) | k_pe (P)].
         A = self.q_rows + C + P
-        self.fused_a_proj = param(A, hidden_size, **f)
+        # quant: engine/quantization.py's config (None = float); each linear's method by its checkpoint name.
+        p = f"model.layers.{layer_idx}.self_attn."
+        q_first = p + ("q_a_proj" if attn.q_lora_rank is not None else "q_proj")
+        self.fused_a_proj = Linear(hidden_size, A, linear_method(quant, q_first, p + "kv_a_proj_with_mqa"), kernels, **f)
         # attention_bias puts biases on q_a_proj and kv_a_proj_with_mqa (never q_proj): zeros where none loads.
         self.fused_a_bias = nn.Parameter(torch.zeros(A, **f), requires_grad=False) if attn.attention_bias else None
         if attn.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(attn.q_lora_rank, _LATENT_NORM_EPS, kernels, dtype, device)
-            self.q_b_proj = param(N * attn.qk_head_dim, attn.q_lora_rank, **f)
+            self.q_b_proj = Linear(attn.q_lora_rank, N * attn.qk_head_dim, linear_method(quant, p + "q_b_proj"),
+                                   kernels, **f)
         self.kv_a_layernorm = RMSNorm(C, _LATENT_NORM_EPS, kernels, dtype, device)
-        self.kv_b_proj = param(N * (attn.qk_nope_head_dim + attn.v_head_dim), C, **f)
-        self.o_proj = param(hidden_size, N * attn.v_head_dim, **f)
+        # Absorbed into the query and the output (never applied to activations): an FP8 kv_b_proj is
+        # dequantized once at load.
+        self.kv_b_proj = Linear(C, N * (attn.qk_nope_head_dim + attn.v_head_dim), linear_method(quant, p + "kv_b_proj"),
+                                kernels, **f, dequantize_after_load=True)
+        self.o_proj = Linear(N * attn.v_head_dim, hidden_size, linear_method(quant, p + "o_proj"), kernels, **f)
         self.o_bias = param(hidden_size, **f) if attn.attention_bias else None
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         a = self.attn
         T, N, C, Dn = x_TD.shape[0], a.num_heads, a.kv_lora_rank, a.qk_nope_head_dim
-        a_TA = F.linear(x_TD, self.fused_a_proj, self.fused_a_bias)
+        a_TA = self.fused_a_proj(x_TD, self.fused_a_bias)
         q_TX = a_TA[:, : self.q_rows]
         if a.q_lora_rank is not None:
-            q_TX = F.linear(self.q_a_layernorm(q_TX), self.q_b_proj)
+            q_TX = self.q_b_proj(self.q_a_layernorm(q_TX))
         q_TNX = q_TX.view(T, N, a.qk_head_dim)
         ckv_TC = self.kv_a_layernorm(a_TA[:, self.q_rows : self.q_rows + C])
         q_pe_TNP, k_pe_T1P = self.rope(q_TNX[..., Dn:], a_TA[:, None, self.q_rows + C :], positions_T)
-        w_NXC = self.kv_b_proj.view(N, Dn + a.v_head_dim, C)
+        w_NXC = self.kv_b_proj.weight.view(N, Dn + a.v_head_dim, C)
         # q_latent[n] = q_nope[n] @ W_UK[n]: [N, T, Dn] @ [N, Dn, C] -> [N, T, C]
         q_latent_NTC = torch.bmm(q_TNX[..., :Dn].transpose(0, 1), w_NXC[:, :Dn])
         (cache_BLR,) = ctx.kv_caches[self.layer_idx]
@@ -70,7 +77,7 @@ class MLAAttention(nn.Module):
                                              a.softmax_scale)
         # o[n] = out_latent[n] @ W_UV[n]^T: [N, T, C] @ [N, C, Dv] -> [N, T, Dv]
         o_NTV = torch.bmm(out_TNC.transpose(0, 1), w_NXC[:, Dn:].transpose(1, 2))
-        return F.linear(o_NTV.transpose(0, 1).reshape(T, N * a.v_head_dim), self.o_proj, self.o_bias)
+        return self.o_proj(o_NTV.transpose(0, 1).reshape(T, N * a.v_head_dim), self.o_bias)
 
     def weight_plan(self, p: str) -> dict[str, tuple]:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index[, checkpoint rows])."""
@@ -78,16 +85,16 @@ class MLAAttention(nn.Module):
         C, P, q_rows = a.kv_lora_rank, a.qk_rope_head_dim, self.q_rows
         q_order, kv_order = self._row_orders()
         kv_rows = (slice(q_rows, q_rows + C + P),)
-        plan = {p + "kv_a_proj_with_mqa.weight": (self.fused_a_proj, kv_rows, *kv_order),
+        plan = {**self.fused_a_proj.weight_plan(p + "kv_a_proj_with_mqa.weight", kv_rows, *kv_order),
                 p + "kv_a_layernorm.weight": (self.kv_a_layernorm.weight, ()),
-                p + "kv_b_proj.weight": (self.kv_b_proj, ()),
-                p + "o_proj.weight": (self.o_proj, ())}
+                **self.kv_b_proj.weight_plan(p + "kv_b_proj.weight"),
+                **self.o_proj.weight_plan(p + "o_proj.weight")}
         if a.q_lora_rank is not None:
-            plan[p + "q_a_proj.weight"] = (self.fused_a_proj, (slice(0, q_rows),))
+            plan.update(self.fused_a_proj.weight_plan(p + "q_a_proj.weight", (slice(0, q_rows),)))
             plan[p + "q_a_layernorm.weight"] = (self.q_a_layernorm.weight, ())
-            plan[p + "q_b_proj.weight"] = (self.q_b_proj, (), *q_order)
+            plan.update(self.q_b_proj.weight_plan(p + "q_b_proj.weight", (), *q_order))
         else:
-            plan[p + "q_proj.weight"] = (self.fused_a_proj, (slice(0, q_rows),), *q_order)
+            plan.update(self.fused_a_proj.weight_plan(p + "q_proj.weight", (slice(0, q_rows),), *q_order))
         if a.attention_bias:
             plan[p + "kv_a_proj_with_mqa.bias"] = (self.fused_a_bias, kv_rows, *kv_order)
             plan[p + "o_proj.bias"] = (self.o_bias, ())

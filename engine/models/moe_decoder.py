@@ -19,6 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from moelink.moe.expert_weights import make_expert_format
 from moelink.moe.layer import ExpertParallel, MoELayer
 from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
@@ -56,26 +57,34 @@ class SharedExpertsMoE(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, kernels, device,
-                 ep: ExpertParallel | None, stats: MoEStats):
+                 ep: ExpertParallel | None, stats: MoEStats, spec: ArchSpec | None = None):
         super().__init__()
-        dt = cfg.dtype
+        dt, quant = cfg.dtype, cfg.quantization
+        p = f"model.layers.{layer_idx}."
+        moe_prefix, shared_name = (spec.moe_prefix, spec.shared_experts) if spec else ("mlp", "shared_experts")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         if cfg.attention.kind == "mla":
-            self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, cfg.attention, rope, kernels, dt, device)
+            self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, cfg.attention, rope, kernels, dt, device, quant)
         else:
-            self.self_attn = GQAAttention(layer_idx, cfg.hidden_size, cfg.attention, cfg.rms_norm_eps, rope, kernels, dt, device)
+            self.self_attn = GQAAttention(layer_idx, cfg.hidden_size, cfg.attention, cfg.rms_norm_eps, rope, kernels, dt,
+                                          device, quant)
         self.is_sparse = layer_idx in cfg.sparse_layers
         # The routed experts of this layer (None in a dense layer): EP, valid rows and the counters act on them.
         self.moe: MoELayer | None = None
         if self.is_sparse:
+            experts = f"{p}{moe_prefix}.experts"
+            fmt = make_expert_format(quant if quant is None or quant.is_quantized(experts) else None)
             self.moe = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, make_router(cfg.moe.router),
-                                kernels, dt, device, ep=ep, moe_index=cfg.sparse_layers.index(layer_idx), stats=stats)
+                                kernels, dt, device, ep=ep, moe_index=cfg.sparse_layers.index(layer_idx), stats=stats,
+                                expert_format=fmt)
             n_shared = cfg.moe.n_shared_experts
-            self.mlp = (self.moe if not n_shared else
-                        SharedExpertsMoE(self.moe, DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dt, device)))
+            self.mlp = (self.moe if not n_shared else SharedExpertsMoE(self.moe, DenseMLP(
+                cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dt, device, kernels=kernels, quant=quant,
+                prefix=f"{p}{moe_prefix}.{shared_name}.")))
         else:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dt, device)
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dt, device, kernels=kernels, quant=quant,
+                                prefix=p + "mlp.")
 
     def forward(self, positions_T, x_TD, residual_TD, ctx: ForwardContext):
         if residual_TD is None:
@@ -105,7 +114,7 @@ class MoEDecoderForCausalLM(nn.Module):
         # One table for every layer (the layers hold the same module).
         rope = RotaryEmbedding(cfg.attention.rope, cfg.hf_config, cfg.max_model_len, kernels, device)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, rope, kernels, device, ep, self.moe_stats) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, rope, kernels, device, ep, self.moe_stats, spec) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         self.lm_head = (
@@ -140,6 +149,13 @@ class MoEDecoderForCausalLM(nn.Module):
         for layer in self.layers:
             if layer.moe is not None:
                 layer.moe(x_0D)
+
+    def process_weights_after_loading(self) -> None:
+        """After the loader filled every parameter: modules that convert what they loaded (an FP8 kv_b_proj
+        dequantized for MLA's absorption) do it now."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
 
     def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
         return F.linear(h_SD, self.lm_head)
@@ -182,20 +198,12 @@ class MoEDecoderForCausalLM(nn.Module):
 
     def _expert_plan(self, mlp: MoELayer, m: str, fused: bool) -> dict[str, tuple]:
         """The router and this rank's experts of one MoE layer whose checkpoint names start with `m`."""
-        inter = self.cfg.moe_intermediate_size
         plan: dict[str, tuple] = {m + "gate.weight": (mlp.gate_GD, ())}
         if mlp.e_score_correction_bias_G is not None:
             plan[m + "gate.e_score_correction_bias"] = (mlp.e_score_correction_bias_G, ())
-        if fused:
-            rows = _expert_rows(self.expert_ids, self.cfg.num_experts)
-            plan[m + "experts.gate_up_proj"] = (mlp.w13_EFD, (), rows)
-            plan[m + "experts.down_proj"] = (mlp.w2_EDI, (), rows)
-            return plan
-        gate_name, up_name, down_name = self.spec.expert_names
-        for local, e in enumerate(self.expert_ids):
-            plan[f"{m}experts.{e}.{gate_name}.weight"] = (mlp.w13_EFD, (local, slice(0, inter)))
-            plan[f"{m}experts.{e}.{up_name}.weight"] = (mlp.w13_EFD, (local, slice(inter, 2 * inter)))
-            plan[f"{m}experts.{e}.{down_name}.weight"] = (mlp.w2_EDI, (local,))
+        # The expert format lists its weights (and scales) for this rank's experts, in either layout.
+        rows = _expert_rows(self.expert_ids, self.cfg.num_experts) if fused else ()
+        plan.update(mlp.expert_format.weight_plan(mlp, m, fused, self.expert_ids, rows, self.spec.expert_names))
         return plan
 
 

@@ -65,3 +65,28 @@ def test_planner_shapes_match_the_engine_model(name, tmp_path):
     assert kv_sizing.kv_cache_bytes_per_token_per_layer(cfg) == shape.kv_elems_per_token() * 2  # bf16
     if name == "deepseek-v3":  # the published size: 671B without the MTP module
         assert round(matrices / 1e9) == 671
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_planner_weight_bytes_per_rank_equal_the_engine(name, precision, tmp_path):
+    """`moelink plan --precision` prices a rank's weights as the engine holds them (EP 8, two redundant
+    experts): both count with planner.weight_bytes, matrix by matrix; the planner leaves out only vectors."""
+    from moelink.engine.weight_memory import weight_bytes_by_format
+    from moelink.moe.layer import ExpertParallel
+    from moelink.moe.placement import ExpertPlacement
+    from moelink.planner.plan import PRECISIONS
+    from moelink.planner.step_model import Setup, weights_per_rank_bytes
+
+    shape = MODELS[name]
+    _hf_config(shape).save_pretrained(tmp_path)
+    cfg = ModelConfig.from_pretrained(str(tmp_path), dtype="bfloat16",
+                                      quantization="fp8" if precision == "fp8" else None)
+    placement = ExpertPlacement(shape.num_experts, 8, num_redundant=8)  # one extra slot per rank
+    ep = ExpertParallel(0, 8, placement, None, None)
+    model = MoEDecoderForCausalLM(cfg, arch_spec(cfg.architecture), ReferenceKernels(), torch.device("meta"), ep)
+    model.process_weights_after_loading()  # MLA's kv_b_proj: FP8 on disk, held in bf16
+    engine = sum(weight_bytes_by_format(model).values())
+    vectors = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() < 2)
+    plan = weights_per_rank_bytes(shape, Setup(ep=8, precision=PRECISIONS[precision], redundant_experts=8))
+    assert plan == pytest.approx(engine - vectors, rel=1e-12)

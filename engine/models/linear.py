@@ -1,0 +1,129 @@
+"""Dense linears behind one seam: a `Linear` holds its weight as its `LinearMethod` says (float, or FP8
+block-scaled with `weight_scale_inv` beside it) and runs the matching kernel, as vLLM's quant_method objects do.
+
+Legend: T tokens, K input features, N output features (rows), Nb / Kb block counts (kernels/fp8.py).
+
+Which linears: attention projections (GQA's stacked qkv and o; MLA's fused q_a / kv_a, q_b, kv_b, o), dense
+MLPs and shared experts. The router gate, norms, embeddings and lm_head stay float, as DeepSeek and Qwen
+publish them, and are plain parameters elsewhere.
+
+Stacking (qkv_proj, gate_up_proj, MLA's q_a + kv_a): FP8 pieces stack with their scale rows, so each piece
+must start on a block boundary (row offset a multiple of Bn); the last may end ragged. That holds in every
+published checkpoint (DeepSeek-V3: q_a 1536 rows then kv_a 576; Qwen3: q 4096, k 512, v 512), so a
+stacking that breaks it is refused naming the piece (`expert_weights.scale_index`) rather than kept unstacked:
+one layout to test, and no model moelink runs needs the other.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize, block_scale_shape, reference_fp8_linear
+from moelink.moe.expert_weights import fp8_plan
+
+from ..quantization import QuantConfig
+
+
+class FloatLinear:
+    """The weight in the model dtype; F.linear."""
+
+    name = "float"
+
+    def create(self, layer: "Linear", n: int, k: int, dtype, device) -> None:
+        layer.weight = nn.Parameter(torch.empty(n, k, dtype=dtype, device=device), requires_grad=False)
+        layer.weight_scale_inv = None
+
+    def apply(self, layer: "Linear", x_TK: torch.Tensor, bias_N: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x_TK, layer.weight, bias_N)
+
+    def weight_plan(self, layer: "Linear", name: str, index: tuple, rows: tuple) -> dict[str, tuple]:
+        return {name: (layer.weight, index, *((rows,) if rows else ()))}
+
+
+class Fp8Linear:
+    """float8_e4m3fn weight [N, K] with float32 weight_scale_inv [Nb, Kb]; W8A8 through kernels.fp8_linear
+    (activations quantized per token per Bk channels). `online`: the checkpoint is float and each weight is
+    block-quantized as it loads."""
+
+    name = "fp8"
+
+    def __init__(self, block: tuple[int, int], online: bool = False):
+        self.block, self.online = (int(block[0]), int(block[1])), online
+
+    def create(self, layer: "Linear", n: int, k: int, dtype, device) -> None:
+        layer.weight = nn.Parameter(torch.empty(n, k, dtype=FP8_DTYPE, device=device), requires_grad=False)
+        layer.weight_scale_inv = nn.Parameter(torch.empty(*block_scale_shape(n, k, self.block), dtype=torch.float32,
+                                                          device=device), requires_grad=False)
+
+    def apply(self, layer: "Linear", x_TK: torch.Tensor, bias_N: torch.Tensor | None) -> torch.Tensor:
+        lead = x_TK.shape[:-1]
+        y_TN = layer.fp8_linear(x_TK.reshape(-1, x_TK.shape[-1]), layer.weight, layer.weight_scale_inv,
+                                block=self.block, bias_N=bias_N)
+        return y_TN.view(*lead, y_TN.shape[-1])
+
+    def weight_plan(self, layer: "Linear", name: str, index: tuple, rows: tuple) -> dict[str, tuple]:
+        if rows and not self.online:
+            _check_block_preserving(name, rows[0], self.block[0])
+        # A row order that keeps every row in its block leaves the block scales where they are.
+        return fp8_plan(name, layer.weight, layer.weight_scale_inv, index, self.block, self.online, rows, ())
+
+
+def _check_block_preserving(name: str, order: torch.Tensor, bn: int) -> None:
+    """Rows of an FP8 weight may be reordered at load (DeepSeek-V3's rope de-interleave) only within their
+    block: a row that left its block would be scaled by another block's scale."""
+    if not isinstance(order, torch.Tensor):
+        return
+    if not torch.equal(order // bn, torch.arange(len(order)) // bn):
+        raise ValueError(f"checkpoint tensor {name!r}: its rows are reordered at load (rope de-interleave) across "
+                         f"FP8 blocks of {bn} rows; this layout is not supported with weight_block_size[0]={bn}.")
+
+
+LinearMethod = FloatLinear | Fp8Linear
+
+
+def linear_method(quant: QuantConfig | None, *modules: str) -> LinearMethod:
+    """The method of a linear made of the checkpoint modules `modules` (one, or the pieces of a stack, e.g.
+    ".q_proj", ".k_proj", ".v_proj" under a layer): FP8 when the model is quantized and the modules are not
+    listed in modules_to_not_convert. Stacked pieces must agree."""
+    if quant is None:
+        return FloatLinear()
+    quantized = {m: quant.is_quantized(m) for m in modules}
+    if len(set(quantized.values())) > 1:
+        raise ValueError(f"quantization_config.modules_to_not_convert lists some of {sorted(modules)} but not all: "
+                         f"moelink stacks them into one matmul, so they must be all FP8 or all float.")
+    return Fp8Linear(quant.block, quant.online) if all(quantized.values()) else FloatLinear()
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ bias, held by the caller: stacked biases load by their own names). `weight` (and
+    `weight_scale_inv` for FP8) as `method` creates them. dequantize_after_load: hold the weight float after
+    loading (MLA's kv_b_proj, which is absorbed into other matmuls rather than applied to activations)."""
+
+    def __init__(self, in_features: int, out_features: int, method: LinearMethod, kernels, dtype, device=None,
+                 dequantize_after_load: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.method = method
+        self.dequantize_after_load = dequantize_after_load
+        # A TritonKernels without the FP8 GEMM yet runs the reference (correct, slower).
+        self.fp8_linear = getattr(kernels, "fp8_linear", reference_fp8_linear)
+        method.create(self, out_features, in_features, dtype, device)
+
+    def forward(self, x_TK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
+        return self.method.apply(self, x_TK, bias_N)
+
+    def weight_plan(self, name: str, index: tuple = (), rows: tuple = ()) -> dict[str, tuple]:
+        """Checkpoint `name` ("...q_proj.weight") → this weight (rows `index` of it, for a stacked piece),
+        plus its scales for FP8; `rows`: a checkpoint row order to read it in (MLA's rope de-interleave)."""
+        return self.method.weight_plan(self, name, index, rows)
+
+    def process_weights_after_loading(self) -> None:
+        if self.dequantize_after_load and isinstance(self.method, Fp8Linear):
+            w = block_dequantize(self.weight.data, self.weight_scale_inv.data, self.method.block, self.dtype)
+            self.method = FloatLinear()
+            self.weight = nn.Parameter(w, requires_grad=False)
+            self.weight_scale_inv = None
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, method={self.method.name}"

@@ -1,0 +1,141 @@
+"""Quantized checkpoints: config.json's `quantization_config`, read and validated into one frozen config.
+
+moelink runs FP8 block-scaled weights (`quant_method: fp8`, as DeepSeek-V3/R1, Kimi K2 and Qwen3-FP8 publish
+them; kernels/fp8.py has the layout) from a checkpoint that says so, or made at load from a float checkpoint
+(`--quantization fp8`, "online": the same weights the `moelink quantize-fp8` tool would write). Each reader of
+a `quant_method` lives in `_READERS`; a method without one is refused naming the field, the value and what runs.
+
+Which modules stay float: the router gate, norms, embeddings and lm_head always (as published); any module
+that `modules_to_not_convert` (transformers' name) or `ignored_layers` (vLLM / compressed-tensors' name) lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .layer_configs import unsupported
+
+# Every quant_method a reader exists for. "mxfp4" (gpt-oss's experts) is read by the MXFP4 work: add its
+# reader to _READERS and its name here.
+SUPPORTED_METHODS = ("fp8",)
+_ACTIVATION_SCHEMES = ("dynamic",)
+_FP8_FORMATS = ("e4m3", "float8_e4m3fn")
+# `quantization=` (EngineArgs, --quantization) values that quantize a float checkpoint at load.
+ONLINE_METHODS = ("fp8",)
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """FP8 e4m3 weights with one float32 `weight_scale_inv` per weight_block_size block; activations quantized
+    per token per Bk channels at run time (activation_scheme "dynamic": the only one published for blocks).
+
+    online: the checkpoint is float and the loader block-quantizes each weight as it reads it.
+    modules_to_not_convert: module names (or name components / prefixes) whose weights stay float.
+    """
+
+    weight_block_size: tuple[int, int] = (128, 128)
+    activation_scheme: str = "dynamic"
+    modules_to_not_convert: tuple[str, ...] = ()
+    online: bool = False
+
+    method = "fp8"
+
+    def __post_init__(self) -> None:
+        b = self.weight_block_size
+        if (not isinstance(b, (list, tuple)) or len(b) != 2
+                or any(not isinstance(x, int) or isinstance(x, bool) or x <= 0 for x in b)):
+            raise ValueError(f"quantization_config.weight_block_size={b!r} is invalid: two positive integers "
+                             f"[Bn, Bk] (every published FP8 checkpoint has [128, 128]).")
+        object.__setattr__(self, "weight_block_size", (int(b[0]), int(b[1])))
+        if self.activation_scheme not in _ACTIVATION_SCHEMES:
+            raise unsupported("quantization_config.activation_scheme", self.activation_scheme, _ACTIVATION_SCHEMES,
+                              " (activations are quantized per token per 128-channel group at run time)")
+        object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return self.weight_block_size
+
+    def is_quantized(self, module: str) -> bool:
+        """Whether the module named `module` ("model.layers.3.self_attn.q_proj") holds FP8 weights. An entry
+        of modules_to_not_convert matches the whole name, a dotted prefix of it, or a run of its components
+        ("lm_head", "model.layers.0", "self_attn"), as transformers and vLLM match them."""
+        name = f".{module}."
+        return not any(f".{m.strip('.')}." in name for m in self.modules_to_not_convert)
+
+
+QuantConfig = Fp8Config  # the union of the formats moelink reads (MXFP4 joins it)
+
+
+def read_quantization(quant: Any) -> QuantConfig | None:
+    """The checkpoint's quantization, from config.json's `quantization_config` (a dict, or the object
+    transformers made of it); None for an unquantized checkpoint."""
+    if not quant:
+        return None
+    if not isinstance(quant, Mapping):
+        quant = quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
+    method = quant.get("quant_method")
+    reader = _READERS.get(method)
+    if reader is None:
+        raise unsupported("quantization_config.quant_method", method, SUPPORTED_METHODS + ("mxfp4",),
+                          " (fp8: block-scaled e4m3 weights as DeepSeek-V3 / Qwen3-FP8 publish them; mxfp4: "
+                          "gpt-oss's experts; other formats: convert the checkpoint to bf16 first)")
+    return reader(quant)
+
+
+def _read_fp8(quant: Mapping) -> Fp8Config:
+    fmt = quant.get("fmt", "e4m3")
+    if fmt not in _FP8_FORMATS:
+        raise unsupported("quantization_config.fmt", fmt, ("e4m3",), " (float8_e4m3fn weights)")
+    block = quant.get("weight_block_size")
+    if block is None:
+        # Per-tensor FP8 (one scale per weight) is another layout: refused rather than read as blocks.
+        raise ValueError("quantization_config.weight_block_size is missing: moelink runs block-scaled FP8 "
+                         "(two positive integers, e.g. [128, 128]); per-tensor FP8 checkpoints are not supported.")
+    skip = tuple(quant.get("modules_to_not_convert") or ()) + tuple(quant.get("ignored_layers") or ())
+    if any(not isinstance(m, str) for m in skip):
+        raise ValueError(f"quantization_config.modules_to_not_convert={list(skip)!r} is invalid: a list of "
+                         f"module names.")
+    return Fp8Config(tuple(block) if isinstance(block, (list, tuple)) else block,
+                     quant.get("activation_scheme", "dynamic"), skip)
+
+
+_READERS = {"fp8": _read_fp8}
+
+
+def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None,
+                         block: tuple[int, int] | None = None) -> QuantConfig | None:
+    """The quantization the engine runs: the checkpoint's own, or `requested` (EngineArgs.quantization) made
+    at load from a float checkpoint in `block`s (default 128 x 128, as published). Asking for another format
+    than the checkpoint's is refused."""
+    if requested is None:
+        if block is not None:
+            raise ValueError(f"fp8_block_size={list(block)!r} is invalid without quantization='fp8': it is the "
+                             f"block of weights quantized at load.")
+        return checkpoint
+    if requested not in ONLINE_METHODS:
+        raise ValueError(f"quantization={requested!r} is invalid: choose from {', '.join(ONLINE_METHODS)} or None "
+                         f"(None runs the checkpoint as published).")
+    if checkpoint is not None:
+        if checkpoint.method != requested:
+            raise ValueError(f"quantization={requested!r} is invalid for this checkpoint: it is already quantized "
+                             f"with {checkpoint.method!r} (leave quantization unset).")
+        if block is not None and tuple(block) != checkpoint.block:
+            raise ValueError(f"fp8_block_size={list(block)!r} is invalid for this checkpoint: its weights are "
+                             f"already quantized in {list(checkpoint.block)} blocks (leave it unset).")
+        return checkpoint
+    if block is None:
+        return Fp8Config(online=True)
+    if not isinstance(block, (list, tuple)) or len(block) != 2 or any(
+            not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in block):
+        raise ValueError(f"fp8_block_size={block!r} is invalid: two positive integers [Bn, Bk] (default [128, 128]).")
+    return Fp8Config(tuple(block), online=True)
+
+
+def quantization_config_dict(cfg: Fp8Config) -> dict:
+    """config.json's `quantization_config` for `cfg`, in the published layout."""
+    out = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": cfg.activation_scheme,
+           "weight_block_size": list(cfg.weight_block_size)}
+    if cfg.modules_to_not_convert:
+        out["modules_to_not_convert"] = list(cfg.modules_to_not_convert)
+    return out

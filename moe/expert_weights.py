@@ -1,0 +1,157 @@
+"""Expert weight formats: how a MoE layer's stacked expert weights are held, loaded and multiplied.
+
+Legend: E local experts, D hidden, I expert intermediate size, F = 2I, N tokens (received), K top-k,
+Fb / Db / Ib block counts ceil(F / Bn), ceil(D / Bk) ... of an FP8 block-scaled weight (kernels/fp8.py).
+
+One strategy object per format (DESIGN.md 6), each owning its parameters (set on the MoE layer, beside the
+router), its rows of the weight plan (per-expert and fused on-disk layouts, this rank's experts only) and its
+kernel call, so the layer has no format branches:
+- `FloatExperts`: w13_EFD = [gate; up], w2_EDI in the model dtype → kernels.fused_moe.
+- `Fp8BlockExperts`: the same two weights in float8_e4m3fn with float32 `w13_scale_inv_EFD` [E, Fb, Db] and
+  `w2_scale_inv_EDI` [E, Db, Ib] beside them → kernels.fused_moe_fp8. From an FP8 checkpoint each weight's
+  `weight_scale_inv` (per expert) or `{gate_up,down}_proj_scale_inv` (fused, transformers' FP8Experts names)
+  loads beside it; from a float checkpoint (`online`) the loader block-quantizes each weight as it reads it.
+A further format (MXFP4) is one more class with the same four methods.
+
+Plan entries are `name -> (destination, index[, checkpoint rows])` (engine/loader.py); `QuantizeOnLoad` as
+the destination asks the loader to block-quantize a float checkpoint tensor into an FP8 weight and its scales.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moelink.kernels.fp8 import FP8_DTYPE, block_scale_shape, reference_fused_moe_fp8
+
+
+@dataclass(frozen=True)
+class QuantizeOnLoad:
+    """Loader destination: block-quantize the (float) checkpoint tensor, write the FP8 values to
+    `weight[index]` (the plan entry's index) and its scales to `scale[scale_index]`."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    scale_index: tuple
+    block: tuple[int, int]
+
+
+def scale_index(index: tuple, bn: int, what: str) -> tuple:
+    """The index into a [..., Nb, Kb] scale tensor that matches `index` into its [..., N, K] weight: a slice
+    of rows (the last entry, as stacked pieces are indexed) becomes the slice of block rows. A stacked piece
+    must start on a block boundary, or its blocks would share scales with its neighbour."""
+    if not index or not isinstance(index[-1], slice):
+        return index
+    rows = index[-1]
+    start, stop = rows.start or 0, rows.stop
+    if start % bn:
+        raise ValueError(f"{what}: a stacked piece starts at row {start}, not a multiple of "
+                         f"weight_block_size[0]={bn}, so its FP8 blocks would straddle two checkpoint tensors.")
+    return (*index[:-1], slice(start // bn, -(-stop // bn)))
+
+
+def fp8_plan(name: str, weight: torch.Tensor, scale: torch.Tensor, index: tuple, block: tuple[int, int],
+             online: bool, rows: tuple = (), scale_rows: tuple | None = None) -> dict[str, tuple]:
+    """The plan entries of one FP8 weight (or a stacked piece of one) named `name` ("...q_proj.weight" or
+    "...experts.gate_up_proj"): the weight and its `_scale_inv` tensor, or one QuantizeOnLoad entry when the
+    checkpoint is float. `rows`: the checkpoint rows to read (experts of this rank, MLA's rope order);
+    scale_rows: those of the scale tensor (default `rows`)."""
+    s_index = scale_index(index, block[0], name)
+    if online:
+        return {name: (QuantizeOnLoad(weight, scale, s_index, block), index, *((rows,) if rows else ()))}
+    scale_name = name[: -len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
+    s_rows = rows if scale_rows is None else scale_rows
+    return {name: (weight, index, *((rows,) if rows else ())),
+            scale_name: (scale, s_index, *((s_rows,) if s_rows else ()))}
+
+
+def _param(*shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class FloatExperts:
+    """Expert weights in the model dtype."""
+
+    name = "float"
+
+    def create(self, layer: nn.Module, num_local: int, hidden: int, inter: int, dtype, device) -> None:
+        layer.w13_EFD = _param(num_local, 2 * inter, hidden, dtype=dtype, device=device)
+        layer.w2_EDI = _param(num_local, hidden, inter, dtype=dtype, device=device)
+
+    def weight_plan(self, layer: nn.Module, m: str, fused: bool, expert_ids: list[int], rows: tuple,
+                    names: tuple[str, str, str]) -> dict[str, tuple]:
+        """This rank's experts under `m` ("model.layers.{i}.mlp."): fused `experts.gate_up_proj` [E, 2I, D] /
+        `experts.down_proj` [E, D, I] (rows = this rank's experts), or `experts.{e}.{gate,up,down}.weight`."""
+        inter = layer.w2_EDI.shape[-1]
+        if fused:
+            return {m + "experts.gate_up_proj": (layer.w13_EFD, (), rows),
+                    m + "experts.down_proj": (layer.w2_EDI, (), rows)}
+        gate, up, down = names
+        plan: dict[str, tuple] = {}
+        for local, e in enumerate(expert_ids):
+            plan[f"{m}experts.{e}.{gate}.weight"] = (layer.w13_EFD, (local, slice(0, inter)))
+            plan[f"{m}experts.{e}.{up}.weight"] = (layer.w13_EFD, (local, slice(inter, 2 * inter)))
+            plan[f"{m}experts.{e}.{down}.weight"] = (layer.w2_EDI, (local,))
+        return plan
+
+    def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+        return kernels.fused_moe(x_ND, layer.w13_EFD, layer.w2_EDI, weights_NK, ids_NK)
+
+
+class Fp8BlockExperts:
+    """FP8 e4m3 expert weights with float32 block scales (W8A8: the kernel quantizes activations per token
+    per Bk channels). Gate and up rows are stacked, so moe_intermediate_size must be a multiple of Bn (it is
+    in every published checkpoint: 2048 for DeepSeek-V3, 768 / 1536 for Qwen3) or a block would mix the two."""
+
+    name = "fp8"
+
+    def __init__(self, block: tuple[int, int], online: bool = False):
+        self.block, self.online = (int(block[0]), int(block[1])), online
+
+    def create(self, layer: nn.Module, num_local: int, hidden: int, inter: int, dtype, device) -> None:
+        bn = self.block[0]
+        if inter % bn:
+            raise ValueError(f"moe_intermediate_size={inter} is not supported with FP8 weight_block_size="
+                             f"{list(self.block)}: gate and up are stacked, so it must be a multiple of {bn}.")
+        layer.w13_EFD = _param(num_local, 2 * inter, hidden, dtype=FP8_DTYPE, device=device)
+        layer.w2_EDI = _param(num_local, hidden, inter, dtype=FP8_DTYPE, device=device)
+        layer.w13_scale_inv_EFD = _param(num_local, *block_scale_shape(2 * inter, hidden, self.block),
+                                         dtype=torch.float32, device=device)
+        layer.w2_scale_inv_EDI = _param(num_local, *block_scale_shape(hidden, inter, self.block),
+                                        dtype=torch.float32, device=device)
+
+    def weight_plan(self, layer: nn.Module, m: str, fused: bool, expert_ids: list[int], rows: tuple,
+                    names: tuple[str, str, str]) -> dict[str, tuple]:
+        """FloatExperts' names, each with its scales (same expert rows) or quantized as it loads."""
+        inter, b, on = layer.w2_EDI.shape[-1], self.block, self.online
+        w13, w2, s13, s2 = layer.w13_EFD, layer.w2_EDI, layer.w13_scale_inv_EFD, layer.w2_scale_inv_EDI
+        if fused:
+            return {**fp8_plan(m + "experts.gate_up_proj", w13, s13, (), b, on, rows),
+                    **fp8_plan(m + "experts.down_proj", w2, s2, (), b, on, rows)}
+        gate, up, down = names
+        plan: dict[str, tuple] = {}
+        for local, e in enumerate(expert_ids):
+            p = f"{m}experts.{e}."
+            plan.update(fp8_plan(f"{p}{gate}.weight", w13, s13, (local, slice(0, inter)), b, on))
+            plan.update(fp8_plan(f"{p}{up}.weight", w13, s13, (local, slice(inter, 2 * inter)), b, on))
+            plan.update(fp8_plan(f"{p}{down}.weight", w2, s2, (local,), b, on))
+        return plan
+
+    def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+        # A TritonKernels without the FP8 MoE kernel yet runs the reference (correct, slower).
+        fused_moe_fp8 = getattr(kernels, "fused_moe_fp8", reference_fused_moe_fp8)
+        return fused_moe_fp8(x_ND, layer.w13_EFD, layer.w13_scale_inv_EFD, layer.w2_EDI, layer.w2_scale_inv_EDI,
+                             weights_NK, ids_NK, block=self.block)
+
+
+ExpertFormat = FloatExperts | Fp8BlockExperts
+
+
+def make_expert_format(quant) -> ExpertFormat:
+    """The expert format of a model's quantization (engine/quantization.py's config; None = float)."""
+    if quant is None:
+        return FloatExperts()
+    if quant.method == "fp8":
+        return Fp8BlockExperts(quant.block, quant.online)
+    raise ValueError(f"quantization {quant.method!r} has no expert weight format (moelink runs fp8).")

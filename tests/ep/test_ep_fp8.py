@@ -1,0 +1,26 @@
+"""FP8 experts under EP 2 on Ray (gloo), with two redundant replicas: the greedy tokens of one rank."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from moelink.engine import LLM, SamplingParams
+
+from tests.helpers.fp8_checkpoints import VOCAB
+
+pytestmark = pytest.mark.slow
+
+
+def test_ep2_with_replicas_matches_one_rank(local_ray, fp8_tiny):
+    _, dst, _ = fp8_tiny("dsv3_fp8")
+    rng = random.Random(5)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(6)]
+    kw = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=64, block_size=8)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(dst, **kw).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(dst, expert_parallel_size=2, num_redundant_experts=2, **kw)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    finally:
+        llm.engine.shutdown()
