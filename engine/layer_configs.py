@@ -3,8 +3,10 @@ layout. Read from config.json by engine/hf_readers.py; pure data, no model code,
 
 Attention kinds
 (DESIGN.md: model families as compositions; KV cache layouts per attention kind):
-- GQAConfig: grouped-query attention (Qwen3-MoE, Mixtral, GLM-4-MoE). The cache holds a K and a V per kv head
-  per token: two tensors [blocks + 1, block_size, K, H] per layer.
+- GQAConfig: grouped-query attention (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss). The cache holds a K and a V per kv
+  head per token: two tensors [blocks + 1, block_size, K, H] per layer. gpt-oss adds per-head attention sinks and a
+  sliding window on every other layer (its sliding layers still keep every block: freeing blocks that leave the
+  window is for later).
 - MLAConfig: multi-head latent attention (DeepSeek-V2/V3, Kimi K2). The cache holds one row per token, the
   normalised latent c_kv and the roped key k_pe: one tensor [blocks + 1, block_size, kv_lora_rank +
   qk_rope_head_dim] per layer (576 values for DeepSeek-V3 instead of 2 * 128 heads * 128).
@@ -18,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from moelink.kernels.moe import SILU, MoEActivation
 from moelink.moe.router import RouterConfig
 
 # rope_parameters.rope_type values moelink implements: "default" (plain RoPE) and "yarn" (inverse frequencies
@@ -65,12 +68,23 @@ class GQAConfig:
     head_dim: int
     rope: RopeConfig
     qk_norm: bool = False  # per-head RMSNorm of q and k before rotary (Qwen3-MoE; GLM's use_qk_norm)
-    qkv_bias: bool = False  # biases on q/k/v (GLM's attention_bias); o_proj never has one
+    qkv_bias: bool = False  # biases on q/k/v (GLM's attention_bias, gpt-oss's)
+    o_bias: bool = False  # a bias on o_proj too (gpt-oss's attention_bias; GLM has none there)
+    sinks: bool = False  # a learned logit per query head in every softmax's denominator, with no value (gpt-oss)
+    # Layers whose queries see only the last `sliding_window` keys, themselves included (gpt-oss's
+    # "sliding_attention" layer_types: transformers masks key positions <= query position - sliding_window).
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"config.json num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}.")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise unsupported("sliding_window", w, "null or a positive integer")
+        if self.sliding_layers and w is None:
+            raise unsupported("sliding_window", w, "a positive integer: layer_types names sliding_attention layers")
         if self.rope.rotary_dim > self.head_dim:
             raise ValueError(f"config.json partial_rotary_factor gives rotary_dim={self.rope.rotary_dim}, more than "
                              f"head_dim={self.head_dim}.")
@@ -78,6 +92,10 @@ class GQAConfig:
     @property
     def softmax_scale(self) -> float:
         return self.head_dim**-0.5
+
+    def window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer `layer_idx` (None: it attends to the whole context)."""
+        return self.sliding_window if layer_idx in self.sliding_layers else None
 
     def kv_values_per_token(self) -> int:
         """Values one token stores in one layer's cache: a K and a V per kv head."""
@@ -154,10 +172,17 @@ class MoEConfig:
     n_shared_experts: int = 0
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
+    # gpt-oss: the router linear has a bias (router.bias), each expert has gate/up and down biases, and the
+    # experts' gated activation is the clamped SwiGLU ("swiglu_oai" with swiglu_alpha / swiglu_limit).
+    router_bias: bool = False
+    expert_bias: bool = False
+    activation: MoEActivation = SILU
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"MoEConfig router={self.router!r} must be a moelink.moe.router.RouterConfig.")
+        if not isinstance(self.activation, MoEActivation):
+            raise ValueError(f"MoEConfig activation={self.activation!r} must be a moelink.kernels.moe.MoEActivation.")
         for name in ("n_shared_experts", "first_k_dense_replace"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -1,0 +1,125 @@
+"""gpt-oss's attention extras: per-head sinks and a sliding window, in the reference paged attention (against
+a per-query float64 oracle written out here) and in the Triton kernels (against the reference; interpreter on
+CPU), at ragged shapes: decode, chunks over cached prefixes whose window starts mid-context, split-K both ways.
+
+Without sinks and window both must be exactly today's kernels: the default path is unchanged (checked by the
+existing test_triton_attention.py / test_reference.py, which pass neither argument).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moelink.kernels.attention import reference_paged_attention
+from moelink.kernels.triton_attention import triton_paged_attention, triton_write_kv
+
+from tests.kernels.test_triton_attention import _build, _meta_to
+
+
+def _oracle(q_TNH, k_cache, v_cache, meta, scale, sinks_N, window):
+    """Each query of each head alone: scores over the keys its position sees, the sink's logit in the
+    softmax denominator, in float64."""
+    L, K = k_cache.shape[1], k_cache.shape[2]
+    N = q_TNH.shape[1]
+    out = torch.zeros(q_TNH.shape, dtype=torch.float64)
+    t = 0
+    for s, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+        table = meta.block_tables_SM[s].tolist()
+        slots = [table[p // L] * L + p % L for p in range(ctx)]
+        k_CKH = k_cache.double().reshape(-1, K, k_cache.shape[3])[slots]
+        v_CKH = v_cache.double().reshape(-1, K, v_cache.shape[3])[slots]
+        for i in range(qlen):
+            p = ctx - qlen + i
+            lo = 0 if window is None else max(0, p - window + 1)
+            for n in range(N):
+                kh = n // (N // K)
+                logits = (k_CKH[lo : p + 1, kh] @ q_TNH[t, n].double()) * scale
+                if sinks_N is not None:
+                    z = torch.cat([logits, sinks_N[n].double().view(1)])
+                    w = torch.softmax(z, 0)[:-1]
+                else:
+                    w = torch.softmax(logits, 0)
+                out[t, n] = w @ v_CKH[lo : p + 1, kh]
+            t += 1
+    return out
+
+
+# (ctx_q [(context after this step, query length)], N, K, H, block size, window)
+CASES = [
+    ([(1, 1), (5, 1), (17, 1), (40, 1)], 4, 2, 16, 4, 6),  # decode: windows cut mid-block, one shorter than W
+    ([(20, 20)], 4, 1, 16, 4, 5),  # one prompt, no prefix, longer than the window (MQA)
+    ([(45, 13), (9, 9), (30, 1), (64, 64)], 6, 2, 24, 16, 7),  # chunks whose window starts mid-prefix + decode
+    ([(23, 2), (1, 1), (50, 17)], 4, 2, 16, 8, 3),  # a 2-token chunk, first-token decode, mixed
+    ([(37, 11)], 4, 2, 8, 4, 64),  # window wider than the context: plain causal + sinks
+]
+
+
+@pytest.mark.parametrize("sinks", [True, False], ids=["sinks", "nosinks"])
+@pytest.mark.parametrize("ctx_q,N,K,H,bs,window", CASES)
+def test_reference_matches_oracle(ctx_q, N, K, H, bs, window, sinks, gen):
+    q, kc, vc, meta, k_new, v_new, slots = _build(gen, ctx_q, N, K, H, bs, torch.float64, "cpu")
+    from moelink.kernels.attention import reference_write_kv
+
+    reference_write_kv(k_new, v_new, kc, vc, slots)
+    sinks_N = torch.randn(N, generator=gen, dtype=torch.float64) * 2 if sinks else None
+    for w in (window, None):
+        if w is None and not sinks:
+            continue
+        got = reference_paged_attention(q, kc, vc, meta, 0.3, sinks_N=sinks_N, sliding_window=w)
+        want = _oracle(q, kc, vc, meta, 0.3, sinks_N, w)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{ctx_q} window={w} sinks={sinks}")
+
+
+def test_sinks_and_window_change_the_answer(gen):
+    """The extras are not silently ignored: each one moves the output of a long-context query."""
+    q, kc, vc, meta, k_new, v_new, slots = _build(gen, [(30, 3)], 4, 2, 16, 4, torch.float64, "cpu")
+    from moelink.kernels.attention import reference_write_kv
+
+    reference_write_kv(k_new, v_new, kc, vc, slots)
+    plain = reference_paged_attention(q, kc, vc, meta, 0.3)
+    sinks = torch.full((4,), 3.0, dtype=torch.float64)
+    assert not torch.allclose(plain, reference_paged_attention(q, kc, vc, meta, 0.3, sinks_N=sinks))
+    assert not torch.allclose(plain, reference_paged_attention(q, kc, vc, meta, 0.3, sliding_window=4))
+
+
+def test_bad_extras_are_refused():
+    q = torch.zeros(2, 4, 8)
+    kc = torch.zeros(3, 4, 2, 8)
+    from moelink.kernels.attention import AttentionMetadata
+
+    meta = AttentionMetadata(torch.tensor([0, 2]), torch.tensor([2]), torch.zeros(1, 1, dtype=torch.int32),
+                             torch.tensor([0, 1]), [2], [2], 2, 2, null_block=2)
+    with pytest.raises(ValueError, match=r"sinks_N \(3,\) is invalid: must be one logit per query head, \[4\]"):
+        reference_paged_attention(q, kc, kc, meta, 1.0, sinks_N=torch.zeros(3))
+    with pytest.raises(ValueError, match="sliding_window=0 is invalid"):
+        reference_paged_attention(q, kc, kc, meta, 1.0, sliding_window=0)
+
+
+TRITON_CASES = [
+    # (ctx_q, N, K, H, bs, window, decode splits, prefill splits)
+    ([(1, 1), (5, 1), (17, 1), (40, 1)], 4, 2, 16, 4, 6, None, None),
+    ([(150, 1), (3, 1)], 8, 2, 16, 16, 37, 4, None),  # split decode: splits before the window are empty
+    ([(45, 13), (9, 9), (30, 1), (64, 64)], 6, 2, 24, 16, 7, 2, None),
+    ([(97, 5), (40, 1), (3, 2)], 8, 2, 16, 4, 9, None, 3),  # split prefill with a decode riding along
+    ([(20, 20), (66, 1)], 4, 1, 16, 16, 5, None, 5),  # no prefix, split: rows see one or two splits only
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("ctx_q,N,K,H,bs,window,zd,zp", TRITON_CASES)
+def test_triton_matches_reference(ctx_q, N, K, H, bs, window, zd, zp, dtype, gen, kdev, check, nan_buffer):
+    q, kc, vc, meta, k_new, v_new, slots = _build(gen, ctx_q, N, K, H, bs, dtype, kdev)
+    triton_write_kv(k_new, v_new, kc, vc, slots)
+    sinks_N = (torch.randn(N, generator=gen) * 2).to(dtype).to(kdev)
+    scale = 1 / math.sqrt(H)
+    ref = dict(q_TNH=q.double().cpu(), k_cache_BLKH=kc.double().cpu(), v_cache_BLKH=vc.double().cpu(),
+               meta=_meta_to(meta, "cpu"), scale=scale)
+    for sinks, w in ((sinks_N, window), (sinks_N, None), (None, window)):
+        out = nan_buffer(q.shape, dtype, kdev)
+        got = triton_paged_attention(q, kc, vc, meta, scale, sinks_N=sinks, sliding_window=w, out=out,
+                                     num_splits=zd, prefill_splits=zp)
+        want = reference_paged_attention(**ref, sinks_N=None if sinks is None else sinks.double().cpu(),
+                                         sliding_window=w)
+        check(got, want, dtype, f"{ctx_q} window={w} sinks={sinks is not None} Z={zd} Zp={zp}")
