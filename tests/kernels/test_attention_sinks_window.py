@@ -98,28 +98,27 @@ def test_bad_extras_are_refused():
 
 
 TRITON_CASES = [
-    # (ctx_q, N, K, H, bs, window, decode splits, prefill splits)
-    ([(1, 1), (5, 1), (17, 1), (40, 1)], 4, 2, 16, 4, 6, None, None),
-    ([(150, 1), (3, 1)], 8, 2, 16, 16, 37, 4, None),  # split decode: splits before the window are empty
-    ([(45, 13), (9, 9), (30, 1), (64, 64)], 6, 2, 24, 16, 7, 2, None),
-    ([(97, 5), (40, 1), (3, 2)], 8, 2, 16, 4, 9, None, 3),  # split prefill with a decode riding along
-    ([(20, 20), (66, 1)], 4, 1, 16, 16, 5, None, 5),  # no prefix, split: rows see one or two splits only
+    # (ctx_q, N, K, H, bs, sinks, window, decode splits, prefill splits, dtype)
+    ([(1, 1), (5, 1), (17, 1), (40, 1)], 4, 2, 16, 4, True, 6, None, None, torch.float32),
+    ([(5, 1), (33, 1)], 4, 2, 16, 4, True, None, 3, None, torch.bfloat16),  # sinks alone, split decode
+    ([(150, 1), (3, 1)], 8, 2, 16, 16, True, 37, 4, None, torch.bfloat16),  # splits before the window are empty
+    ([(45, 13), (9, 9), (30, 1), (40, 24)], 6, 2, 24, 16, True, 7, 2, None, torch.float32),  # window mid-prefix
+    ([(23, 2), (1, 1), (50, 17)], 4, 2, 16, 8, False, 3, None, None, torch.bfloat16),  # window alone
+    ([(97, 5), (40, 1), (3, 2)], 8, 2, 16, 4, True, 9, None, 3, torch.float32),  # split prefill + a decode
+    ([(20, 20), (66, 1)], 4, 1, 16, 16, True, 5, None, 5, torch.float32),  # no prefix, split: rows see 1-2 splits
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("ctx_q,N,K,H,bs,window,zd,zp", TRITON_CASES)
-def test_triton_matches_reference(ctx_q, N, K, H, bs, window, zd, zp, dtype, gen, kdev, check, nan_buffer):
+@pytest.mark.parametrize("ctx_q,N,K,H,bs,sinks,window,zd,zp,dtype", TRITON_CASES)
+def test_triton_matches_reference(ctx_q, N, K, H, bs, sinks, window, zd, zp, dtype, gen, kdev, check, nan_buffer):
     q, kc, vc, meta, k_new, v_new, slots = _build(gen, ctx_q, N, K, H, bs, dtype, kdev)
     triton_write_kv(k_new, v_new, kc, vc, slots)
-    sinks_N = (torch.randn(N, generator=gen) * 2).to(dtype).to(kdev)
+    sinks_N = (torch.randn(N, generator=gen) * 2).to(dtype).to(kdev) if sinks else None
     scale = 1 / math.sqrt(H)
-    ref = dict(q_TNH=q.double().cpu(), k_cache_BLKH=kc.double().cpu(), v_cache_BLKH=vc.double().cpu(),
-               meta=_meta_to(meta, "cpu"), scale=scale)
-    for sinks, w in ((sinks_N, window), (sinks_N, None), (None, window)):
-        out = nan_buffer(q.shape, dtype, kdev)
-        got = triton_paged_attention(q, kc, vc, meta, scale, sinks_N=sinks, sliding_window=w, out=out,
-                                     num_splits=zd, prefill_splits=zp)
-        want = reference_paged_attention(**ref, sinks_N=None if sinks is None else sinks.double().cpu(),
-                                         sliding_window=w)
-        check(got, want, dtype, f"{ctx_q} window={w} sinks={sinks is not None} Z={zd} Zp={zp}")
+    out = nan_buffer(q.shape, dtype, kdev)
+    got = triton_paged_attention(q, kc, vc, meta, scale, sinks_N=sinks_N, sliding_window=window, out=out,
+                                 num_splits=zd, prefill_splits=zp)
+    want = reference_paged_attention(q.double().cpu(), kc.double().cpu(), vc.double().cpu(), _meta_to(meta, "cpu"),
+                                      scale, sinks_N=None if sinks_N is None else sinks_N.double().cpu(),
+                                      sliding_window=window)
+    check(got, want, dtype, f"{ctx_q} window={window} sinks={sinks} Z={zd} Zp={zp}")
