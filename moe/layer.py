@@ -12,6 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from moelink.comm.a2a_base import AllToAll
+from moelink.kernels.moe import SILU, MoEActivation
 
 from .placement import ExpertPlacement, PlacementTables
 from .router import Router
@@ -47,11 +48,17 @@ class MoELayer(nn.Module):
     selects with a correction bias (`router.needs_bias`) gets the checkpoint's
     `e_score_correction_bias`, held here in float32 whatever the model dtype
     (transformers keeps it in float32 too: it decides ties between experts).
+
+    gpt-oss: `router_bias` adds a bias to the router linear (gate_bias_G), `expert_bias` gives each local expert
+    a [gate; up] bias (b13_EF, de-interleaved at load like w13) and a down bias (b2_ED), and `activation` is the
+    experts' gated activation (kernels.moe.MoEActivation: SiLU, or gpt-oss's clamped SwiGLU). A layer with
+    none of them calls the expert kernel exactly as before.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, router: Router,
                  kernels, dtype: torch.dtype, device: torch.device | None = None, *,
-                 ep: ExpertParallel | None = None, moe_index: int = 0, stats: MoEStats | None = None):
+                 ep: ExpertParallel | None = None, moe_index: int = 0, stats: MoEStats | None = None,
+                 router_bias: bool = False, expert_bias: bool = False, activation: MoEActivation = SILU):
         super().__init__()
         self.num_experts = num_experts
         self.router = router
@@ -72,20 +79,29 @@ class MoELayer(nn.Module):
             nn.Parameter(torch.zeros(num_experts, dtype=torch.float32, device=device), requires_grad=False)
             if router.needs_bias else None
         )
+        self.gate_bias_G = (nn.Parameter(torch.empty(num_experts, dtype=gate_dtype, device=device), requires_grad=False)
+                            if router_bias else None)
+        self.b13_EF = (nn.Parameter(torch.empty(num_local, 2 * intermediate_size, **factory), requires_grad=False)
+                       if expert_bias else None)
+        self.b2_ED = (nn.Parameter(torch.empty(num_local, hidden_size, **factory), requires_grad=False)
+                      if expert_bias else None)
+        self.activation = activation
+        # Only the arguments this layer has: the plain SiLU layer calls every kernel strategy as before.
+        self._plain_experts = not expert_bias and activation == SILU
         # bool [T], set only while a padded decode graph runs (engine/cuda_graph.py): padding rows route to
         # no expert (id -1), so they cost no expert weight reads and count in no expert's load.
         self.valid_rows_T: torch.Tensor | None = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
-        logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD)
+        logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
         weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
         if self.valid_rows_T is not None:
             ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)
         if self.stats is not None:
             self.stats.record_routing(self.moe_index, ids_TK)
         if self.ep is None:
-            return self.kernels.fused_moe(x_TD, self.w13_EFD, self.w2_EDI, weights_TK, ids_TK)
+            return self.kernels.fused_moe(x_TD, self.w13_EFD, self.w2_EDI, weights_TK, ids_TK, **self._extras())
         return self._forward_ep(x_TD, weights_TK, ids_TK)
 
     def _forward_ep(self, x_TD, weights_TK, ids_TK) -> torch.Tensor:
@@ -95,10 +111,17 @@ class MoELayer(nn.Module):
         t1 = stats.clock() if stats else 0.0
         # The owner applies the routed weights and sums its experts' outputs, so
         # combine returns one row per (token, rank), not per (token, expert).
-        y_ND = self.kernels.fused_moe(recv_ND, self.w13_EFD, self.w2_EDI, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK)
+        y_ND = self.kernels.fused_moe(recv_ND, self.w13_EFD, self.w2_EDI, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK,
+                                      **self._extras())
         t2 = stats.clock() if stats else 0.0
         out_TD = self.ep.all_to_all.combine(y_ND, meta)
         if stats is not None:
             stats.add_times(t1 - t0, t2 - t1, stats.clock() - t2)
             stats.record_transfer(self.moe_index, meta.bytes_dispatched, meta.bytes_combined, meta.num_tokens_sent)
         return out_TD
+
+    def _extras(self) -> dict:
+        """The expert kernel's optional arguments this layer has (none for a plain SiLU layer)."""
+        if self._plain_experts:
+            return {}
+        return dict(b13_EF=self.b13_EF, b2_ED=self.b2_ED, activation=self.activation)
