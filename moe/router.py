@@ -199,7 +199,9 @@ class SigmoidGroupLimitedRouter:
 class TopKSoftmaxRouter:
     """gpt-oss: top-k of the logits (the router linear's bias already added by the layer), then a softmax over
     the k chosen logits alone, in the logits' dtype, as transformers' GptOssTopKRouter computes it (for
-    float32 and wider logits the same numbers as a renormalised softmax over all experts, in bf16 not)."""
+    float32 and wider logits the same numbers as a renormalised softmax over all experts, in bf16 not). The
+    weights are float32, or float64 for float64 logits: transformers keeps them in the logits' dtype, and a
+    float32 round would cost float64 parity ~1e-5 relative after the experts."""
 
     top_k: int
     float32_logits: bool = False
@@ -207,10 +209,11 @@ class TopKSoftmaxRouter:
 
     def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weights_TK float32, ids_TK int64)."""
+        """Returns (weights_TK float32, or float64 for float64 logits; ids_TK int64)."""
         _no_bias(self, bias_E)
         top_TK, ids_TK = torch.topk(router_logits_TE, self.top_k, dim=-1)
-        return torch.softmax(top_TK, dim=-1, dtype=top_TK.dtype).float(), ids_TK
+        weights_TK = torch.softmax(top_TK, dim=-1, dtype=top_TK.dtype)
+        return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), ids_TK
 
 
 def _group_mask(group_TG: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor | None:
