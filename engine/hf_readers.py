@@ -6,7 +6,6 @@ with one sentence naming the field, any value moelink cannot run.
 """
 from __future__ import annotations
 
-from moelink.kernels.moe import MoEActivation
 from moelink.moe.router import RouterConfig
 
 from .layer_configs import ROPE_TYPES, GQAConfig, MLAConfig, MoEConfig, RopeConfig, unsupported
@@ -181,15 +180,12 @@ def _gpt_oss(arch: str, hf, c: dict, rope: dict) -> dict:
     if sliding and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise unsupported("sliding_window", window, "a positive integer (layer_types has sliding_attention layers)")
     E, inter = int(hf.num_local_experts), int(hf.intermediate_size)
-    try:
-        activation = MoEActivation("swiglu_oai", float(hf.swiglu_alpha), float(hf.swiglu_limit))
-    except ValueError:
-        raise unsupported("swiglu_limit", hf.swiglu_limit, f"a number > 0 (with swiglu_alpha={hf.swiglu_alpha!r} > 0)") from None
     router = RouterConfig(E, c["top_k"], topk_method="topk_softmax", norm_topk_prob=True)
     bias = bool(getattr(hf, "attention_bias", True))
     return dict(num_experts=E, moe_intermediate_size=inter, intermediate_size=inter, norm_topk_prob=True,
                 sparse_layers=tuple(range(c["num_layers"])),
-                moe=MoEConfig(router, router_bias=True, expert_bias=True, activation=activation),
+                moe=MoEConfig(router, router_bias=True, expert_bias=True, activation="swiglu_oai",
+                              swiglu_alpha=hf.swiglu_alpha, swiglu_limit=hf.swiglu_limit),
                 attention=_gqa(c, _rope(rope, c, c["head_dim"]), qkv_bias=bias, o_bias=bias, sinks=True,
                                sliding_window=window if sliding else None, sliding_layers=sliding))
 

@@ -20,7 +20,6 @@ from typing import ClassVar
 
 import torch
 
-from moelink.kernels.moe import SILU, MoEActivation
 from moelink.moe.router import RouterConfig
 
 # rope_parameters.rope_type values moelink implements: "default" (plain RoPE) and "yarn" (inverse frequencies
@@ -31,6 +30,8 @@ ROPE_TYPES = ("default", "yarn")
 # the checkpoint's rope rows are de-interleaved at load, after which it runs as neox); "complex" rotates
 # (x[2i], x[2i + 1]) as complex numbers in float32 (DeepSeek-V2, as transformers computes it).
 ROPE_STYLES = ("neox", "interleaved", "complex")
+# The experts' gated activations (kernels.moe.MoEActivation's kinds).
+MOE_ACTIVATIONS = ("silu", "swiglu_oai")
 
 
 def unsupported(field_name: str, value, allowed, why: str = "") -> ValueError:
@@ -173,16 +174,23 @@ class MoEConfig:
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
     # gpt-oss: the router linear has a bias (router.bias), each expert has gate/up and down biases, and the
-    # experts' gated activation is the clamped SwiGLU ("swiglu_oai" with swiglu_alpha / swiglu_limit).
+    # experts' gated activation is the clamped SwiGLU: "swiglu_oai" with swiglu_alpha / swiglu_limit (plain
+    # data here, so reading a config loads no kernel module; the decoder builds kernels.moe.MoEActivation).
     router_bias: bool = False
     expert_bias: bool = False
-    activation: MoEActivation = SILU
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"MoEConfig router={self.router!r} must be a moelink.moe.router.RouterConfig.")
-        if not isinstance(self.activation, MoEActivation):
-            raise ValueError(f"MoEConfig activation={self.activation!r} must be a moelink.kernels.moe.MoEActivation.")
+        if self.activation not in MOE_ACTIVATIONS:
+            raise ValueError(f"MoEConfig activation={self.activation!r} is invalid: allowed: {', '.join(MOE_ACTIVATIONS)}.")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise unsupported(name, v, "a number > 0")
         for name in ("n_shared_experts", "first_k_dense_replace"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

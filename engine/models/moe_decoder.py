@@ -19,6 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from moelink.kernels.moe import MoEActivation
 from moelink.moe.layer import ExpertParallel, MoELayer
 from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
@@ -75,7 +76,8 @@ class DecoderLayer(nn.Module):
             m = cfg.moe
             self.moe = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, make_router(m.router),
                                 kernels, dt, device, ep=ep, moe_index=cfg.sparse_layers.index(layer_idx), stats=stats,
-                                router_bias=m.router_bias, expert_bias=m.expert_bias, activation=m.activation)
+                                router_bias=m.router_bias, expert_bias=m.expert_bias,
+                                activation=MoEActivation(m.activation, m.swiglu_alpha, m.swiglu_limit))
             n_shared = cfg.moe.n_shared_experts
             self.mlp = (self.moe if not n_shared else
                         SharedExpertsMoE(self.moe, DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dt, device)))

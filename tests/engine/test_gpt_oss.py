@@ -13,7 +13,6 @@ import torch
 
 from moelink.engine import LLM
 from moelink.engine.config import ModelConfig
-from moelink.kernels.moe import MoEActivation
 
 from tests.helpers.gpt_oss_checkpoints import VOCAB, WINDOW, gpt_oss_config, save_gpt_oss
 from tests.helpers.parity import (assert_pool_free, assert_same, check_prefix_cache_parity, engine_greedy,
@@ -43,7 +42,7 @@ def test_config_reader(tmp_path):
     assert (a.rope.rope_type, a.rope.style, a.rope.rotary_dim) == ("yarn", "neox", 16)
     m = cfg.moe
     assert m.router.topk_method == "topk_softmax" and m.router_bias and m.expert_bias
-    assert m.activation == MoEActivation("swiglu_oai", 1.702, 0.6)
+    assert (m.activation, m.swiglu_alpha, m.swiglu_limit) == ("swiglu_oai", 1.702, 0.6)
     assert cfg.sparse_layers == (0, 1, 2, 3) and cfg.moe_intermediate_size == 24 and cfg.num_experts == 5
 
 
@@ -62,7 +61,7 @@ def test_config_without_attention_bias_or_sliding_layers(tmp_path):
      r"'full_attention' for each of the num_hidden_layers=3 layers"),
     (lambda r: r.update(sliding_window=None),
      r"sliding_window=None is not supported: allowed: a positive integer \(layer_types has sliding_attention"),
-    (lambda r: r.update(swiglu_limit=0.0), r"swiglu_limit=0.0 is not supported: allowed: a number > 0"),
+    (lambda r: r.update(swiglu_limit=0.0), r"config.json swiglu_limit=0.0 is not supported: allowed: a number > 0"),
 ])
 def test_config_refusals(tmp_path, edit, match):
     with pytest.raises(ValueError, match=match):
