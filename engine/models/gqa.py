@@ -36,12 +36,6 @@ class GQAAttention(nn.Module):
         self.o_bias = param(hidden_size, dtype=dtype, device=device) if attn.o_bias else None
         self.sinks_N = param(attn.num_heads, dtype=dtype, device=device) if attn.sinks else None
         self.sliding_window = attn.window(layer_idx)
-        # Only the arguments this layer has, so kernel strategies without them keep their signature.
-        self._extras = {}
-        if self.sinks_N is not None:
-            self._extras["sinks_N"] = self.sinks_N
-        if self.sliding_window is not None:
-            self._extras["sliding_window"] = self.sliding_window
         self.q_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
         self.k_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
 
@@ -56,8 +50,17 @@ class GQAAttention(nn.Module):
         q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, ctx.attn.slot_mapping_T)
-        o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, ctx.attn, self.scale, **self._extras)
+        o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, ctx.attn, self.scale, **self._extras())
         return F.linear(o_TNH.reshape(T, self.q_size), self.o_proj, self.o_bias)
+
+    def _extras(self) -> dict:
+        """Only the attention arguments this layer has, so kernel strategies without them keep their signature."""
+        extras = {}
+        if self.sinks_N is not None:
+            extras["sinks_N"] = self.sinks_N
+        if self.sliding_window is not None:
+            extras["sliding_window"] = self.sliding_window
+        return extras
 
     def weight_plan(self, p: str) -> dict[str, tuple]:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index)."""
