@@ -189,3 +189,43 @@ def test_bf16_checkpoint(tmp_path):
     bf16 = LLM(path, max_num_seqs=4, max_num_batched_tokens=16, num_kv_blocks=64, block_size=4)
     out = engine_greedy(bf16, ps, max_new=4)
     assert all(len(o) == 4 and all(0 <= t < VOCAB for t in o) for o in out)
+
+
+# gpt-oss-20b's config.json in bf16 form (the published one plus quantization_config, which is MXFP4's business):
+# the older rope_scaling / rope_theta spelling, fields transformers does not define (experts_per_token,
+# initial_context_length), 24 alternating layer types.
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+    "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+    "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+    "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+    "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                            "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                            "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 201088,
+}
+
+
+def test_gpt_oss_20b_config_and_rope(tmp_path):
+    """The real model's config reads as the 20b shape, and the YaRN table (factor 32, truncate false) is
+    transformers' GptOssRotaryEmbedding's: same inverse frequencies and attention factor."""
+    from transformers import AutoConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    from moelink.engine.models.rope import rope_inv_freq
+
+    (tmp_path / "config.json").write_text(json.dumps(GPT_OSS_20B))
+    cfg = ModelConfig.from_pretrained(str(tmp_path), max_model_len=8192)
+    a = cfg.attention
+    assert cfg.dtype == torch.bfloat16 and cfg.eos_token_ids == (200002,)
+    assert (a.num_heads, a.num_kv_heads, a.head_dim, a.sliding_window) == (64, 8, 64, 128)
+    assert a.sliding_layers == tuple(range(0, 24, 2)) and a.qkv_bias and a.o_bias and a.sinks
+    assert (cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size) == (32, 4, 2880)
+    assert (cfg.moe.swiglu_alpha, cfg.moe.swiglu_limit) == (1.702, 7.0)
+    inv_freq, factor = rope_inv_freq(a.rope, cfg.hf_config)
+    hf = GptOssRotaryEmbedding(AutoConfig.from_pretrained(str(tmp_path)))
+    assert a.rope.rope_type == "yarn" and factor == hf.attention_scaling != 1.0
+    assert torch.equal(inv_freq, hf.inv_freq.float())
