@@ -1,7 +1,8 @@
 """Routers: from router logits to (top-k weights, top-k expert ids), one strategy per scheme.
 
 Every strategy is a frozen dataclass with one call signature,
-`router(router_logits_TE, bias_E=None) -> (weights_TK float32, ids_TK int64)`, and two facts the MoE
+`router(router_logits_TE, bias_E=None) -> (weights_TK float32, ids_TK int64)` (TopKSoftmaxRouter keeps
+float64 weights for float64 logits), and two facts the MoE
 layer reads: `float32_logits` (compute the gate matmul in float32, as the DeepSeek family does) and
 `needs_bias` (the scheme selects with a per-expert `e_score_correction_bias` checkpoint tensor).
 `RouterConfig` holds the config.json routing fields, validated; `make_router` turns it into a strategy.
@@ -198,10 +199,10 @@ class SigmoidGroupLimitedRouter:
 @dataclass(frozen=True)
 class TopKSoftmaxRouter:
     """gpt-oss: top-k of the logits (the router linear's bias already added by the layer), then a softmax over
-    the k chosen logits alone, in the logits' dtype, as transformers' GptOssTopKRouter computes it (for
-    float32 and wider logits the same numbers as a renormalised softmax over all experts, in bf16 not). The
-    weights are float32, or float64 for float64 logits: transformers keeps them in the logits' dtype, and a
-    float32 round would cost float64 parity ~1e-5 relative after the experts."""
+    the k chosen logits alone, in the logits' dtype, as transformers' GptOssTopKRouter computes it (in exact
+    arithmetic a renormalised softmax over all experts; in bf16 the rounding differs, so it is computed as
+    transformers does). The weights are float32, or float64 for float64 logits: transformers keeps them in
+    the logits' dtype, and a float32 round would cost float64 parity ~1e-5 relative after the experts."""
 
     top_k: int
     float32_logits: bool = False

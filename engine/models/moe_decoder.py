@@ -208,7 +208,6 @@ class MoEDecoderForCausalLM(nn.Module):
             plan[f"{m}experts.{e}.{down_name}.weight"] = (mlp.w2_EDI, (local,))
         return plan
 
-
     def _gpt_oss_plan(self, mlp: MoELayer, m: str) -> dict[str, tuple]:
         """gpt-oss's MoE block: `router.weight` / `router.bias`, and the experts fused, with their biases:
         `experts.gate_up_proj` [E, D, 2I] (x @ W, not a linear's [out, in]) whose columns interleave gate and
