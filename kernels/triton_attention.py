@@ -292,14 +292,22 @@ def _pick_splits(device: torch.device, programs: int, max_seq_len: int, block_n:
     return max(1, min(want, max_seq_len // (2 * block_n), 32))
 
 
-def _prefill_splits(device: torch.device, programs: int, meta: AttentionMetadata, block_n: int) -> int:
+def _prefill_splits(device: torch.device, programs: int, meta: AttentionMetadata, block_n: int,
+                    window: int | None = None) -> int:
     """Split the keys only where it pays: some sequence has a long cached prefix (>= 16 key tiles) that
     dwarfs the largest chunk. A short prompt with no prefix has little to walk and keeps the plain
     kernels (no partials, no reduce, its decode sequences on the decode kernel)."""
     longest_prefix = max(s - q for s, q in zip(meta.seq_lens, meta.query_lens))
+    if window is not None:  # a sliding layer's query block walks at most window + BLOCK_Q keys, whatever the prefix
+        longest_prefix = min(longest_prefix, window)
     if longest_prefix < max(16 * block_n, 4 * meta.max_query_len):
         return 1
-    return _pick_splits(device, programs, meta.max_seq_len, block_n)
+    return _pick_splits(device, programs, _keys_walked(meta.max_seq_len, window), block_n)
+
+
+def _keys_walked(max_seq_len: int, window: int | None) -> int:
+    """The most keys one query walks: the context, or a sliding layer's window (splits beyond it would be empty)."""
+    return max_seq_len if window is None else min(max_seq_len, window)
 
 
 # (BLOCK_N, num_warps) of the fp32 decode kernel (compiled only: the interpreter keeps its 16-key tiles). fp32
@@ -367,9 +375,9 @@ def triton_paged_attention(
         # Short chunks over long contexts (a prefix-cache hit plus a few new tokens, a chunk's tail) would
         # leave most SMs idle walking the whole context: split the keys too, as decode does. A split
         # step is a small one, so its decode sequences ride along in the same kernel (one reduce for all).
-        Zp = prefill_splits or _prefill_splits(dev, q_blocks * K, meta, BLOCK_N)
+        Zp = prefill_splits or _prefill_splits(dev, q_blocks * K, meta, BLOCK_N, sliding_window)
     if has_decode and Zp == 1:
-        Z = num_splits or _pick_splits(dev, S * K, meta.max_seq_len, BLOCK_N)
+        Z = num_splits or _pick_splits(dev, S * K, _keys_walked(meta.max_seq_len, sliding_window), BLOCK_N)
         part_o = part_lse = out  # unused when Z == 1
         if Z > 1:
             part_o = common.workspace((S, N, Z, BLOCK_H), torch.float32, dev)

@@ -122,3 +122,24 @@ def test_triton_matches_reference(ctx_q, N, K, H, bs, sinks, window, zd, zp, dty
                                       scale, sinks_N=None if sinks_N is None else sinks_N.double().cpu(),
                                       sliding_window=window)
     check(got, want, dtype, f"{ctx_q} window={window} sinks={sinks} Z={zd} Zp={zp}")
+
+
+def test_sliding_layer_does_not_split_past_its_window(gen, kdev, check, monkeypatch):
+    """Auto split counts look at the keys a query walks: a long-context decode batch and a short chunk over a
+    long prefix split on a full layer, not on a sliding layer whose window is two key tiles."""
+    from moelink.kernels import triton_attention as ta
+
+    grids = {}
+    for name in ("_decode_kernel", "_prefill_kernel"):
+        real = getattr(ta, name)
+        monkeypatch.setattr(ta, name, type("Spy", (), {"__getitem__": lambda self, grid, n=name, r=real: (
+            grids.setdefault(n, []).append(grid), r[grid])[1]})())
+    q, kc, vc, meta, k_new, v_new, slots = _build(gen, [(300, 4), (290, 1)], 4, 2, 16, 16, torch.float32, kdev)
+    triton_write_kv(k_new, v_new, kc, vc, slots)
+    ref = (q.double().cpu(), kc.double().cpu(), vc.double().cpu(), _meta_to(meta, "cpu"), 0.25)
+    for window, split in ((None, True), (24, False)):
+        grids.clear()
+        got = triton_paged_attention(q, kc, vc, meta, 0.25, sliding_window=window)
+        launched = grids["_prefill_kernel"] + grids.get("_decode_kernel", [])
+        assert any(g[2] > 1 for g in launched) == split, (window, launched)
+        check(got, reference_paged_attention(*ref, sliding_window=window), torch.float32, f"window={window}")
