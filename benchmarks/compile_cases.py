@@ -155,6 +155,25 @@ def compile_attention(rec: Recorder, quick: bool) -> None:
         with rec.labelled(f"{label} KV write"):
             kv = torch.empty(T, Kh, H, dtype=dt, **meta)
             triton_write_kv(kv, kv, cache, cache, torch.empty(T, dtype=torch.long, **meta))
+    # gpt-oss: 64 heads over 8 kv heads of 64 dims, with per-head sinks, on a sliding (128) and a full layer.
+    for dt in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
+        H, L, S, T = 64, 16, 8, 40
+        i32 = lambda *s: torch.empty(*s, dtype=torch.int32, **meta)  # noqa: E731
+        q = torch.empty(T, 64, H, dtype=dt, **meta)
+        cache = torch.empty(100, L, 8, H, dtype=dt, **meta)
+        sinks = torch.empty(64, dtype=dt, **meta)
+        mixed = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(T, dtype=torch.long, **meta),
+                                  [1] * 7 + [33], [100] * 8, 33, 1000, 99)
+        decode = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(S, dtype=torch.long, **meta),
+                                   [1] * 8, [100] * 8, 1, 1000, 99)
+        for layer, extra in (("sliding", dict(sinks_N=sinks, sliding_window=128)), ("full", dict(sinks_N=sinks))):
+            label = f"gpt-oss 64/8 {layer} {str(dt)[6:]}"
+            with rec.labelled(f"{label} mixed batch, decode split 4"):
+                triton_paged_attention(q, cache, cache, mixed, 0.1, num_splits=4, **extra)
+            with rec.labelled(f"{label} mixed batch, prefill split 4"):
+                triton_paged_attention(q, cache, cache, mixed, 0.1, prefill_splits=4, **extra)
+            with rec.labelled(f"{label} decode, no split"):
+                triton_paged_attention(q[:S], cache, cache, decode, 0.1, num_splits=1, **extra)
 
 
 def compile_norm_rotary(rec: Recorder, quick: bool) -> None:

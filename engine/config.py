@@ -30,7 +30,7 @@ _DTYPES = {
 # Architectures moelink can run, by the `architectures` name in config.json (engine/models registers an
 # ArchSpec for each one; a test checks the two lists agree).
 SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM",
-                           "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM")
+                           "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM")
 # Architectures whose config.json moelink reads (routing included) but whose model it cannot build yet.
 CONFIG_ONLY_ARCHITECTURES: tuple[str, ...] = ()
 KNOWN_ARCHITECTURES = SUPPORTED_ARCHITECTURES + CONFIG_ONLY_ARCHITECTURES

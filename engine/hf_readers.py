@@ -31,7 +31,8 @@ def read_fields(arch: str, hf) -> dict:
     # runs and refuses the rest); a format's reader plugs in there, not here.
     quantization = read_quantization(getattr(hf, "quantization_config", None))
     hidden_act = getattr(hf, "hidden_act", "silu")
-    if hidden_act != "silu":
+    # gpt-oss's experts run their clamped SwiGLU whatever hidden_act says (transformers never reads it there).
+    if hidden_act != "silu" and arch != "GptOssForCausalLM":
         raise unsupported("hidden_act", hidden_act, ("silu",), " (moelink's MLPs are SiLU-gated)")
     rope = _rope_parameters(hf)
     num_layers, num_heads = int(hf.num_hidden_layers), int(hf.num_attention_heads)
@@ -159,4 +160,31 @@ def _mla(arch: str, hf, c: dict, rope: dict) -> MLAConfig:
     )
 
 
-_READERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "MixtralForCausalLM": _mixtral}
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gpt_oss(arch: str, hf, c: dict, rope: dict) -> dict:
+    """gpt-oss: GQA with q/k/v/o biases (attention_bias), per-head attention sinks, a sliding window on the
+    layers layer_types names "sliding_attention"; every layer routed (router with a bias, top-k then softmax
+    over the k), experts with biases and the clamped SwiGLU; YaRN rope over the whole head (neox pairs;
+    `truncate` is read by transformers' own yarn, which computes the table)."""
+    layer_types = tuple(getattr(hf, "layer_types", None) or ())
+    if len(layer_types) != c["num_layers"] or any(t not in _LAYER_TYPES for t in layer_types):
+        raise unsupported("layer_types", list(layer_types), f"one of {', '.join(map(repr, _LAYER_TYPES))} for each "
+                                                            f"of the num_hidden_layers={c['num_layers']} layers")
+    sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    window = getattr(hf, "sliding_window", None)
+    if sliding and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise unsupported("sliding_window", window, "a positive integer (layer_types has sliding_attention layers)")
+    E, inter = int(hf.num_local_experts), int(hf.intermediate_size)
+    router = RouterConfig(E, c["top_k"], topk_method="topk_softmax", norm_topk_prob=True)
+    bias = bool(getattr(hf, "attention_bias", True))
+    return dict(num_experts=E, moe_intermediate_size=inter, intermediate_size=inter, norm_topk_prob=True,
+                sparse_layers=tuple(range(c["num_layers"])),
+                moe=MoEConfig(router, router_bias=True, expert_bias=True, activation="swiglu_oai",
+                              swiglu_alpha=hf.swiglu_alpha, swiglu_limit=hf.swiglu_limit),
+                attention=_gqa(c, _rope(rope, c, c["head_dim"]), qkv_bias=bias, o_bias=bias, sinks=True,
+                               sliding_window=window if sliding else None, sliding_layers=sliding))
+
+
+_READERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "MixtralForCausalLM": _mixtral, "GptOssForCausalLM": _gpt_oss}

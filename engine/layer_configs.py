@@ -3,8 +3,10 @@ layout. Read from config.json by engine/hf_readers.py; pure data, no model code,
 
 Attention kinds
 (DESIGN.md: model families as compositions; KV cache layouts per attention kind):
-- GQAConfig: grouped-query attention (Qwen3-MoE, Mixtral, GLM-4-MoE). The cache holds a K and a V per kv head
-  per token: two tensors [blocks + 1, block_size, K, H] per layer.
+- GQAConfig: grouped-query attention (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss). The cache holds a K and a V per kv
+  head per token: two tensors [blocks + 1, block_size, K, H] per layer. gpt-oss adds per-head attention sinks and a
+  sliding window on every other layer (its sliding layers still keep every block: freeing blocks that leave the
+  window is for later).
 - MLAConfig: multi-head latent attention (DeepSeek-V2/V3, Kimi K2). The cache holds one row per token, the
   normalised latent c_kv and the roped key k_pe: one tensor [blocks + 1, block_size, kv_lora_rank +
   qk_rope_head_dim] per layer (576 values for DeepSeek-V3 instead of 2 * 128 heads * 128).
@@ -28,6 +30,8 @@ ROPE_TYPES = ("default", "yarn")
 # the checkpoint's rope rows are de-interleaved at load, after which it runs as neox); "complex" rotates
 # (x[2i], x[2i + 1]) as complex numbers in float32 (DeepSeek-V2, as transformers computes it).
 ROPE_STYLES = ("neox", "interleaved", "complex")
+# The experts' gated activations (kernels.moe.MoEActivation's kinds).
+MOE_ACTIVATIONS = ("silu", "swiglu_oai")
 
 
 def unsupported(field_name: str, value, allowed, why: str = "") -> ValueError:
@@ -65,12 +69,23 @@ class GQAConfig:
     head_dim: int
     rope: RopeConfig
     qk_norm: bool = False  # per-head RMSNorm of q and k before rotary (Qwen3-MoE; GLM's use_qk_norm)
-    qkv_bias: bool = False  # biases on q/k/v (GLM's attention_bias); o_proj never has one
+    qkv_bias: bool = False  # biases on q/k/v (GLM's attention_bias, gpt-oss's)
+    o_bias: bool = False  # a bias on o_proj too (gpt-oss's attention_bias; GLM has none there)
+    sinks: bool = False  # a learned logit per query head in every softmax's denominator, with no value (gpt-oss)
+    # Layers whose queries see only the last `sliding_window` keys, themselves included (gpt-oss's
+    # "sliding_attention" layer_types: transformers masks key positions <= query position - sliding_window).
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"config.json num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}.")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise unsupported("sliding_window", w, "null or a positive integer")
+        if self.sliding_layers and w is None:
+            raise unsupported("sliding_window", w, "a positive integer: layer_types names sliding_attention layers")
         if self.rope.rotary_dim > self.head_dim:
             raise ValueError(f"config.json partial_rotary_factor gives rotary_dim={self.rope.rotary_dim}, more than "
                              f"head_dim={self.head_dim}.")
@@ -78,6 +93,10 @@ class GQAConfig:
     @property
     def softmax_scale(self) -> float:
         return self.head_dim**-0.5
+
+    def window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer `layer_idx` (None: it attends to the whole context)."""
+        return self.sliding_window if layer_idx in self.sliding_layers else None
 
     def kv_values_per_token(self) -> int:
         """Values one token stores in one layer's cache: a K and a V per kv head."""
@@ -154,10 +173,24 @@ class MoEConfig:
     n_shared_experts: int = 0
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
+    # gpt-oss: the router linear has a bias (router.bias), each expert has gate/up and down biases, and the
+    # experts' gated activation is the clamped SwiGLU: "swiglu_oai" with swiglu_alpha / swiglu_limit (plain
+    # data here, so reading a config loads no kernel module; the decoder builds kernels.moe.MoEActivation).
+    router_bias: bool = False
+    expert_bias: bool = False
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"MoEConfig router={self.router!r} must be a moelink.moe.router.RouterConfig.")
+        if self.activation not in MOE_ACTIVATIONS:
+            raise ValueError(f"MoEConfig activation={self.activation!r} is invalid: allowed: {', '.join(MOE_ACTIVATIONS)}.")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise unsupported(name, v, "a number > 0")
         for name in ("n_shared_experts", "first_k_dense_replace"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

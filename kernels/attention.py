@@ -8,6 +8,12 @@ Cache layout per layer: k_cache_BLKH / v_cache_BLKH = [num_blocks + 1, block_siz
 the extra last block is the null block (see AttentionMetadata.null_block).
 Token p of a sequence lives in block `block_table[p // L]` at offset `p % L`;
 its flat slot is `block * L + offset`.
+
+Two optional per-layer arguments (gpt-oss), None = plain causal softmax attention:
+- sinks_N: a learned logit per query head that joins every softmax's denominator and has no value:
+  out = Σ_j e^(s_j) v_j / (Σ_j e^(s_j) + e^(sink)).
+- sliding_window W: the query at position p sees keys (p - W, p] only, the last W positions, itself included
+  (transformers' sliding_window_overlay: kv_idx > q_idx - W).
 """
 from __future__ import annotations
 
@@ -70,34 +76,79 @@ def reference_paged_attention(
     v_cache_BLKH: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    *,
+    sinks_N: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each new token to its sequence's cached context.
 
-    The query at position p (= seq_len - query_len + i) sees keys [0, p].
+    The query at position p (= seq_len - query_len + i) sees keys [0, p], or (p - sliding_window, p] with a
+    window; sinks_N (float [N]) adds each head's sink logit to the softmax denominator (module docstring).
     Single-token (decode) sequences are batched into one padded call; each
     multi-token chunk runs on its own, so no padding is wasted on long chunks.
     Returns [T, N, H] in q's dtype.
     """
+    _check_extras(q_TNH, sinks_N, sliding_window)
     out_TNH = torch.empty_like(q_TNH)
     starts = list(itertools.accumulate(meta.query_lens, initial=0))
     decode_seqs = [s for s, n in enumerate(meta.query_lens) if n == 1]
     if decode_seqs:
-        _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, decode_seqs, starts, out_TNH)
+        _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, decode_seqs, starts, out_TNH, sinks_N,
+                      sliding_window)
     for s, qlen in enumerate(meta.query_lens):
         if qlen == 1:
             continue
         start, ctx = starts[s], meta.seq_lens[s]
-        k_CKH, v_CKH = _gather_context(k_cache_BLKH, v_cache_BLKH, meta.block_tables_SM[s], ctx)
+        # A window needs only the keys the chunk's first query sees onwards: a long context is not gathered whole.
+        lo = 0 if sliding_window is None else max(0, ctx - qlen - sliding_window + 1)
+        k_CKH, v_CKH = _gather_context(k_cache_BLKH, v_cache_BLKH, meta.block_tables_SM[s], ctx, lo)
         q_1NQH = q_TNH[start : start + qlen].transpose(0, 1).unsqueeze(0)
-        if ctx == qlen:
+        if ctx == qlen and sliding_window is None:
             mask_QC = None  # no cached prefix: plain causal, which SDPA runs without a mask
         else:
-            key_pos_C = torch.arange(ctx, device=q_TNH.device)
+            key_pos_C = torch.arange(lo, ctx, device=q_TNH.device)
             query_pos_Q = torch.arange(ctx - qlen, ctx, device=q_TNH.device)
             mask_QC = key_pos_C[None, :] <= query_pos_Q[:, None]
-        o_1NQH = _sdpa(q_1NQH, k_CKH.transpose(0, 1).unsqueeze(0), v_CKH.transpose(0, 1).unsqueeze(0), mask_QC, scale)
+            if sliding_window is not None:
+                mask_QC &= key_pos_C[None, :] > query_pos_Q[:, None] - sliding_window
+        k_1KCH, v_1KCH = k_CKH.transpose(0, 1).unsqueeze(0), v_CKH.transpose(0, 1).unsqueeze(0)
+        if sinks_N is None:
+            o_1NQH = _sdpa(q_1NQH, k_1KCH, v_1KCH, mask_QC, scale)
+        else:
+            o_1NQH = _attend_with_sinks(q_1NQH, k_1KCH, v_1KCH, mask_QC, scale, sinks_N)
         out_TNH[start : start + qlen] = o_1NQH[0].transpose(0, 1)
     return out_TNH
+
+
+def _check_extras(q_TNH: torch.Tensor, sinks_N: torch.Tensor | None, sliding_window: int | None) -> None:
+    """One clear error for a malformed per-layer argument (shared by the reference and the Triton wrapper)."""
+    if sinks_N is not None and (sinks_N.dim() != 1 or sinks_N.shape[0] != q_TNH.shape[1]):
+        raise ValueError(f"sinks_N {tuple(sinks_N.shape)} is invalid: must be one logit per query head, [{q_TNH.shape[1]}].")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or isinstance(sliding_window, bool)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window={sliding_window!r} is invalid: must be None or a positive integer.")
+
+
+def _with_sinks_softmax(scores_XC: torch.Tensor, sinks_X1: torch.Tensor) -> torch.Tensor:
+    """Softmax over the keys with one more logit per row (its sink) in the denominator, dropped after: as
+    transformers' gpt-oss eager attention (max subtracted over keys and sink together)."""
+    combined = torch.cat([scores_XC, sinks_X1.to(scores_XC.dtype).expand(*scores_XC.shape[:-1], 1)], dim=-1)
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    return torch.softmax(combined, dim=-1)[..., :-1]
+
+
+def _attend_with_sinks(q_BNQH, k_BKCH, v_BKCH, mask_QC, scale: float, sinks_N) -> torch.Tensor:
+    rep = q_BNQH.shape[1] // k_BKCH.shape[1]
+    if rep > 1:
+        k_BKCH = k_BKCH.repeat_interleave(rep, dim=1)
+        v_BKCH = v_BKCH.repeat_interleave(rep, dim=1)
+    scores_BNQC = torch.matmul(q_BNQH, k_BKCH.transpose(2, 3)) * scale
+    Q, C = scores_BNQC.shape[-2:]
+    if mask_QC is None:  # plain causal over a chunk with no cached prefix (C == Q)
+        mask_QC = torch.ones(Q, C, dtype=torch.bool, device=q_BNQH.device).tril()
+    scores_BNQC = scores_BNQC.masked_fill(~mask_QC, float("-inf"))
+    probs_BNQC = _with_sinks_softmax(scores_BNQC, sinks_N[None, :, None, None])
+    return torch.matmul(probs_BNQC.to(v_BKCH.dtype), v_BKCH)
 
 
 # Decode sequences are processed in groups of similar length, so padding each
@@ -105,10 +156,12 @@ def reference_paged_attention(
 _DECODE_GROUP = 32
 
 
-def _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH) -> None:
+def _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH, sinks_N=None,
+                  window=None) -> None:
     seqs = sorted(seqs, key=lambda s: meta.seq_lens[s])
     for i in range(0, len(seqs), _DECODE_GROUP):
-        _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs[i : i + _DECODE_GROUP], starts, out_TNH)
+        _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs[i : i + _DECODE_GROUP], starts, out_TNH,
+                      sinks_N, window)
 
 
 def decode_group_slots(meta: AttentionMetadata, seqs: list[int], starts: list[int], block_size: int,
@@ -129,10 +182,14 @@ def decode_group_slots(meta: AttentionMetadata, seqs: list[int], starts: list[in
     return tok_idx_S, slots_SC, valid_SC
 
 
-def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH) -> None:
+def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH, sinks_N=None,
+                  window=None) -> None:
     block_size, num_kv_heads, head_dim = k_cache_BLKH.shape[1:]
     S = len(seqs)
     tok_idx_S, slots_SC, valid_SC = decode_group_slots(meta, seqs, starts, block_size, q_TNH.device)
+    if window is not None:  # the decode query sits at seq_len - 1: it sees keys > seq_len - 1 - window
+        lens_S1 = torch.tensor([meta.seq_lens[s] for s in seqs], device=q_TNH.device)[:, None]
+        valid_SC = valid_SC & (torch.arange(slots_SC.shape[1], device=q_TNH.device)[None, :] >= lens_S1 - window)
     max_ctx = slots_SC.shape[1]
     flat = slots_SC.reshape(-1)
     k_SCKH = k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
@@ -143,18 +200,26 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
     q_SKRH = q_TNH.index_select(0, tok_idx_S).view(S, num_kv_heads, rep, head_dim)
     mask_S1C = ~valid_SC[:, None, :]
     out_SKRH = q_SKRH.new_empty(S, num_kv_heads, rep, head_dim)
+    sinks_KR = None if sinks_N is None else sinks_N.view(num_kv_heads, rep)
     for h in range(num_kv_heads):
         scores_SRC = torch.bmm(q_SKRH[:, h], k_SCKH[:, :, h].transpose(1, 2)) * scale
-        probs_SRC = torch.softmax(scores_SRC.masked_fill_(mask_S1C, float("-inf")), dim=-1)
+        scores_SRC = scores_SRC.masked_fill_(mask_S1C, float("-inf"))
+        if sinks_KR is None:
+            probs_SRC = torch.softmax(scores_SRC, dim=-1)
+        else:
+            probs_SRC = _with_sinks_softmax(scores_SRC, sinks_KR[h][None, :, None]).to(v_SCKH.dtype)
         out_SKRH[:, h] = torch.bmm(probs_SRC, v_SCKH[:, :, h])
     out_TNH.index_copy_(0, tok_idx_S, out_SKRH.view(S, -1, head_dim))
 
 
-def _gather_context(k_cache_BLKH, v_cache_BLKH, block_table_M, ctx: int):
+def _gather_context(k_cache_BLKH, v_cache_BLKH, block_table_M, ctx: int, lo: int = 0):
+    """Keys and values of positions [lo, ctx) of one sequence."""
     block_size = k_cache_BLKH.shape[1]
-    blocks = block_table_M[: -(-ctx // block_size)].long()
-    k_CKH = k_cache_BLKH.index_select(0, blocks).flatten(0, 1)[:ctx]
-    v_CKH = v_cache_BLKH.index_select(0, blocks).flatten(0, 1)[:ctx]
+    first = lo // block_size
+    blocks = block_table_M[first : -(-ctx // block_size)].long()
+    skip = lo - first * block_size
+    k_CKH = k_cache_BLKH.index_select(0, blocks).flatten(0, 1)[skip : ctx - first * block_size]
+    v_CKH = v_cache_BLKH.index_select(0, blocks).flatten(0, 1)[skip : ctx - first * block_size]
     return k_CKH, v_CKH
 
 

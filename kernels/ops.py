@@ -16,7 +16,7 @@ import torch
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .mla import reference_mla_attention, reference_write_latent
-from .moe import reference_fused_moe
+from .moe import SILU, reference_fused_moe
 from .norm import reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rotary
 
@@ -62,7 +62,22 @@ class TritonKernels:
         self.paged_attention = triton_paged_attention
         self.write_latent = triton_write_latent
         self.mla_attention = triton_mla_attention
-        self.fused_moe = triton_fused_moe
+        self.fused_moe = _with_reference_extras(triton_fused_moe)
+
+
+def _with_reference_extras(triton_fused_moe):
+    """The Triton fused MoE for plain SiLU experts; a layer with expert biases or another activation (gpt-oss)
+    runs `reference_fused_moe` until the Triton kernel takes them (helper "mxfp4" is adding b13/b2 and the
+    clamped SwiGLU there: then this wrapper goes)."""
+
+    def fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G=None, *, b13_EF=None,
+                  b2_ED=None, activation=SILU, **kw):
+        if b13_EF is None and b2_ED is None and activation == SILU:
+            return triton_fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G, **kw)
+        return reference_fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G,
+                                   b13_EF=b13_EF, b2_ED=b2_ED, activation=activation)
+
+    return fused_moe
 
 
 def _triton_available() -> bool:

@@ -24,6 +24,14 @@ instead; both see only the first seq_len keys).
   keys as decode does and a per-token reduce merges the partials.
 A mixed batch runs both: each kernel skips the other's sequences on the device
 (with Zp > 1 the prefill kernel takes the decode sequences too: a small step).
+
+gpt-oss's per-layer extras (attention.py's docstring has their semantics), both graph-safe:
+- sliding_window W (a runtime int; WINDOW, a constexpr, says whether there is one, so a model compiles two
+  variants at most): the key loop starts at the window's first key of the program's first query (decode:
+  seq_len - W; split-K partitions [that, seq_len)), and each row masks keys <= its position - W. A split
+  then may hold no key a row sees: its lse is -inf and the merge weighs it 0 (every row sees itself).
+- sinks_N (SINKS): after the key loop the sink joins the denominator, l += e^(sink - m) with m raised to the
+  sink where it is larger; split partials leave it out and the merge adds it once.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common as common
-from .attention import AttentionMetadata
+from .attention import AttentionMetadata, _check_extras
 from .triton_common import cast, dot
 
 
@@ -71,11 +79,12 @@ def triton_write_kv(k_TKH, v_TKH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T) ->
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv_end, q_pos, scale,
+def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv_end, q_pos, scale, window,
                  stride_cb, stride_cl, stride_ck, head_dim, ROWS: tl.constexpr,
                  L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, CAUSAL: tl.constexpr,
-                 INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """One step of the online softmax over keys [start, start + BLOCK_N) ∩ [0, kv_end)."""
+                 WINDOW: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """One step of the online softmax over keys [start, start + BLOCK_N) ∩ [0, kv_end); with WINDOW, a row at
+    q_pos sees only keys > q_pos - window (decode passes its one position as q_pos for every row)."""
     pos = start + tl.arange(0, BLOCK_N)
     p_ok = pos < kv_end
     d = tl.arange(0, BLOCK_H)
@@ -87,6 +96,8 @@ def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv
     ok = p_ok[None, :]
     if CAUSAL:
         ok = ok & (pos[None, :] <= q_pos[:, None])
+    if WINDOW:
+        ok = ok & (pos[None, :] > q_pos[:, None] - window)
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: keep exp() finite
@@ -99,11 +110,22 @@ def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv
 
 
 @triton.jit
+def _add_sink(m_i, l_i, acc, sinks_ptr, head, head_ok):
+    """The sink logit joins the softmax denominator (no value): rescale to max(m, sink) and add e^(sink - m)."""
+    sink = tl.load(sinks_ptr + head, mask=head_ok, other=float("-inf")).to(tl.float32)
+    m_new = tl.maximum(m_i, sink)
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_new)
+    return l_i * alpha + tl.exp(sink - m_new), acc * alpha[:, None]
+
+
+@triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                   scale, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb, stride_ot, stride_on,
-                   num_heads, head_dim, Z,
+                   sinks_ptr, scale, window, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb,
+                   stride_ot, stride_on, num_heads, head_dim, Z,
                    G: tl.constexpr, L: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
+                   INTERPRET: tl.constexpr, PREC: tl.constexpr):
     # Z (splits) is a runtime value, so a new batch shape never means a new compile; SPLIT = Z > 1.
     s_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -112,8 +134,11 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out
     if tl.load(qsl_ptr + s_idx + 1) - q_start != 1:
         return  # a prefill chunk: the prefill kernel's
     seq_len = tl.load(seq_lens_ptr + s_idx)
-    per_split = tl.cdiv(tl.cdiv(seq_len, Z), BLOCK_N) * BLOCK_N
-    lo = split * per_split
+    kv_lo = seq_len * 0
+    if WINDOW:
+        kv_lo = tl.maximum(seq_len - window, 0)  # the query at seq_len - 1 sees keys > seq_len - 1 - window
+    per_split = tl.cdiv(tl.cdiv(seq_len - kv_lo, Z), BLOCK_N) * BLOCK_N
+    lo = kv_lo + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
     g = tl.arange(0, BLOCK_G)
     head = kv_head * G + g
@@ -124,11 +149,14 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
     table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
+    q_pos = g * 0 + seq_len - 1
     for start in range(lo, hi, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, hi, g, scale,
-                                     stride_cb, stride_cl, stride_ck, head_dim, BLOCK_G, L, BLOCK_N, BLOCK_H, False,
-                                     INTERPRET, PREC)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, hi, q_pos, scale,
+                                     window, stride_cb, stride_cl, stride_ck, head_dim, BLOCK_G, L, BLOCK_N, BLOCK_H,
+                                     False, WINDOW, INTERPRET, PREC)
     if not SPLIT:
+        if SINKS:
+            l_i, acc = _add_sink(m_i, l_i, acc, sinks_ptr, head, g < G)
         o = acc / l_i[:, None]
         o_ptrs = out_ptr + q_start.to(tl.int64) * stride_ot + head[:, None] * stride_on + d[None, :]
         tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=q_ok)
@@ -143,11 +171,11 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out
 
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                    scale, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb,
-                    stride_ot, stride_on, num_heads, head_dim, Z,
+                    sinks_ptr, scale, window, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck,
+                    stride_tb, stride_ot, stride_on, num_heads, head_dim, Z,
                     G: tl.constexpr, L: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_DECODE: tl.constexpr, SPLIT: tl.constexpr,
-                    INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                    WINDOW: tl.constexpr, SINKS: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
     qb = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -187,15 +215,22 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ou
     l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_H], dtype=tl.float32)
     table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
+    # With a window the block's first query sees keys from prefix + local_qb * BLOCK_Q - window + 1 on.
+    kv_lo = kv_end * 0
+    if WINDOW:
+        kv_lo = tl.maximum(prefix + local_qb * BLOCK_Q - window + 1, 0)
     # Split-K (SPLIT): this program takes a 1/Z slice of the keys the q block sees.
-    per_split = tl.cdiv(tl.cdiv(kv_end, Z), BLOCK_N) * BLOCK_N
-    lo = split * per_split
+    per_split = tl.cdiv(tl.cdiv(kv_end - kv_lo, Z), BLOCK_N) * BLOCK_N
+    lo = kv_lo + split * per_split
     hi = tl.minimum(lo + per_split, kv_end)
     for start in range(lo, hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, hi, q_pos,
-                                     scale, stride_cb, stride_cl, stride_ck, head_dim, BLOCK_Q * BLOCK_G, L, BLOCK_N,
-                                     BLOCK_H, True,
+                                     scale, window, stride_cb, stride_cl, stride_ck, head_dim, BLOCK_Q * BLOCK_G, L,
+                                     BLOCK_N, BLOCK_H, True, WINDOW,
                                      INTERPRET, PREC)
+    if SINKS:
+        if not SPLIT:
+            l_i, acc = _add_sink(m_i, l_i, acc, sinks_ptr, head, g < G)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if not SPLIT:
@@ -203,21 +238,23 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ou
         tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=io_ok)
     else:
         # Token-indexed partials [T, N, Z, H] and lse [T, N, Z]. A row that sees no key of this slice
-        # (causal: the slice starts after it) stores lse = -inf; split 0 holds key 0, which every row sees.
+        # (causal: the slice starts after it; a window: it ends before) stores lse = -inf; some split holds
+        # the row's own key, so the merge never sees -inf everywhere.
         row = (tok * num_heads + head) * Z + split
         tl.store(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], o, mask=row_ok[:, None])
         tl.store(part_lse_ptr + row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=row_ok)
 
 
 @triton.jit
-def _merge_splits_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, stride_ot, stride_on, num_heads, head_dim, Z,
-                         BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, BY_SEQUENCE: tl.constexpr,
-                         INTERPRET: tl.constexpr):
-    """Merge the Z partial softmaxes of one (row, head) by their log-sum-exp.
+def _merge_splits_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, sinks_ptr, stride_ot, stride_on, num_heads,
+                         head_dim, Z, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, BY_SEQUENCE: tl.constexpr,
+                         SINKS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Merge the Z partial softmaxes of one (row, head) by their log-sum-exp; with SINKS the head's sink
+    logit joins the denominator once, here.
 
     BY_SEQUENCE (the decode kernel's partials, [S, N, Z]): program 0 is a sequence, written to its one
     query token, and prefill sequences are skipped. Else (the split prefill kernel's, [T, N, Z]): program
-    0 is a token. Either way split 0 is never empty, so the max below is finite."""
+    0 is a token. Either way some split holds the row's own key, so the max below is finite."""
     idx = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     if BY_SEQUENCE:
@@ -230,9 +267,15 @@ def _merge_splits_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, stride_ot, 
     d = tl.arange(0, BLOCK_H)
     row = (idx * num_heads + head) * Z + z
     lse = tl.load(part_lse_ptr + row, mask=z < Z, other=float("-inf"))
-    w = tl.exp(lse - tl.max(lse, axis=0))
+    m = tl.max(lse, axis=0)
+    if SINKS:
+        m = tl.maximum(m, tl.load(sinks_ptr + head).to(tl.float32))
+    w = tl.exp(lse - m)
     o = tl.load(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], mask=(z[:, None] < Z), other=0.0)
-    o = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    denom = tl.sum(w, axis=0)
+    if SINKS:
+        denom += tl.exp(tl.load(sinks_ptr + head).to(tl.float32) - m)
+    o = tl.sum(o * w[:, None], axis=0) / denom
     tl.store(out_ptr + tok * stride_ot + head * stride_on + d, cast(o, out_ptr.dtype.element_ty, INTERPRET),
              mask=d < head_dim)
 
@@ -249,14 +292,22 @@ def _pick_splits(device: torch.device, programs: int, max_seq_len: int, block_n:
     return max(1, min(want, max_seq_len // (2 * block_n), 32))
 
 
-def _prefill_splits(device: torch.device, programs: int, meta: AttentionMetadata, block_n: int) -> int:
+def _prefill_splits(device: torch.device, programs: int, meta: AttentionMetadata, block_n: int,
+                    window: int | None = None) -> int:
     """Split the keys only where it pays: some sequence has a long cached prefix (>= 16 key tiles) that
     dwarfs the largest chunk. A short prompt with no prefix has little to walk and keeps the plain
     kernels (no partials, no reduce, its decode sequences on the decode kernel)."""
     longest_prefix = max(s - q for s, q in zip(meta.seq_lens, meta.query_lens))
+    if window is not None:  # a sliding layer's query block walks at most window + BLOCK_Q keys, whatever the prefix
+        longest_prefix = min(longest_prefix, window)
     if longest_prefix < max(16 * block_n, 4 * meta.max_query_len):
         return 1
-    return _pick_splits(device, programs, meta.max_seq_len, block_n)
+    return _pick_splits(device, programs, _keys_walked(meta.max_seq_len, window), block_n)
+
+
+def _keys_walked(max_seq_len: int, window: int | None) -> int:
+    """The most keys one query walks: the context, or a sliding layer's window (splits beyond it would be empty)."""
+    return max_seq_len if window is None else min(max_seq_len, window)
 
 
 # (BLOCK_N, num_warps) of the fp32 decode kernel (compiled only: the interpreter keeps its 16-key tiles). fp32
@@ -274,10 +325,10 @@ def _warps(rows: int, block_h: int) -> int:
 
 def triton_paged_attention(
     q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, meta: AttentionMetadata,
-    scale: float, *, out: torch.Tensor | None = None, num_splits: int | None = None,
-    prefill_splits: int | None = None,
+    scale: float, *, sinks_N: torch.Tensor | None = None, sliding_window: int | None = None,
+    out: torch.Tensor | None = None, num_splits: int | None = None, prefill_splits: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as `reference_paged_attention`: [T, N, H] in q's dtype.
+    """Same contract as `reference_paged_attention` (sinks_N, sliding_window included): [T, N, H] in q's dtype.
 
     Reads only the metadata's host lists and device tensors (no device→host
     sync). `num_splits` / `prefill_splits` force the decode / prefill split counts
@@ -293,9 +344,13 @@ def triton_paged_attention(
         out = common.workspace((T, N, H), q_TNH.dtype, q_TNH.device)
     elif tuple(out.shape) != (T, N, H) or out.dtype != q_TNH.dtype or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [{T}, {N}, {H}] {q_TNH.dtype}.")
+    _check_extras(q_TNH, sinks_N, sliding_window)
     if T == 0:
         return out
     q_TNH = q_TNH if q_TNH.stride(-1) == 1 else q_TNH.contiguous()
+    extras = dict(WINDOW=sliding_window is not None, SINKS=sinks_N is not None)
+    window = sliding_window or 0
+    sinks = sinks_N if sinks_N is not None else out  # a placeholder pointer when there are none (never read)
     G = N // K
     S = meta.num_seqs
     dev = q_TNH.device
@@ -320,25 +375,25 @@ def triton_paged_attention(
         # Short chunks over long contexts (a prefix-cache hit plus a few new tokens, a chunk's tail) would
         # leave most SMs idle walking the whole context: split the keys too, as decode does. A split
         # step is a small one, so its decode sequences ride along in the same kernel (one reduce for all).
-        Zp = prefill_splits or _prefill_splits(dev, q_blocks * K, meta, BLOCK_N)
+        Zp = prefill_splits or _prefill_splits(dev, q_blocks * K, meta, BLOCK_N, sliding_window)
     if has_decode and Zp == 1:
-        Z = num_splits or _pick_splits(dev, S * K, meta.max_seq_len, BLOCK_N)
+        Z = num_splits or _pick_splits(dev, S * K, _keys_walked(meta.max_seq_len, sliding_window), BLOCK_N)
         part_o = part_lse = out  # unused when Z == 1
         if Z > 1:
             part_o = common.workspace((S, N, Z, BLOCK_H), torch.float32, dev)
             part_lse = common.workspace((S, N, Z), torch.float32, dev)
         _decode_kernel[(S, K, Z)](
-            *common_args, out, part_o, part_lse, scale, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
+            *common_args, out, part_o, part_lse, sinks, scale, window, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
             out.stride(0), out.stride(1), N, H, Z, G=G, L=L, BLOCK_G=max(16, triton.next_power_of_2(G)),
             BLOCK_H=BLOCK_H, BLOCK_N=_FP32_DECODE[0] if fp32 and not flags["INTERPRET"] else BLOCK_N, SPLIT=Z > 1,
             num_warps=_FP32_DECODE[1] if fp32 else _warps(max(16, triton.next_power_of_2(G)), BLOCK_H),
-            **flags,
+            **extras, **flags,
         )
         if Z > 1:
             _merge_splits_kernel[(S, N)](
-                part_o, part_lse, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, H, Z,
-                BLOCK_Z=triton.next_power_of_2(Z), BLOCK_H=BLOCK_H, BY_SEQUENCE=True, INTERPRET=flags["INTERPRET"],
-                num_warps=4,
+                part_o, part_lse, meta.query_start_loc_S1, out, sinks, out.stride(0), out.stride(1), N, H, Z,
+                BLOCK_Z=triton.next_power_of_2(Z), BLOCK_H=BLOCK_H, BY_SEQUENCE=True, SINKS=extras["SINKS"],
+                INTERPRET=flags["INTERPRET"], num_warps=4,
             )
     if meta.max_query_len > 1:
         part_o = part_lse = out  # unused when Zp == 1
@@ -346,15 +401,15 @@ def triton_paged_attention(
             part_o = common.workspace((T, N, Zp, BLOCK_H), torch.float32, dev)
             part_lse = common.workspace((T, N, Zp), torch.float32, dev)
         _prefill_kernel[(q_blocks, K, Zp)](
-            *common_args, out, part_o, part_lse, scale, S, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
-            out.stride(0), out.stride(1), N, H, Zp, G=G, L=L, BLOCK_Q=BLOCK_Q, BLOCK_G=BLOCK_G, BLOCK_H=BLOCK_H,
-            BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode and Zp == 1, SPLIT=Zp > 1,
-            num_warps=8 if fp32 else _warps(BLOCK_Q * BLOCK_G, BLOCK_H), **flags,
+            *common_args, out, part_o, part_lse, sinks, scale, window, S, q_TNH.stride(0), q_TNH.stride(1),
+            *cache_strides, out.stride(0), out.stride(1), N, H, Zp, G=G, L=L, BLOCK_Q=BLOCK_Q, BLOCK_G=BLOCK_G,
+            BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode and Zp == 1, SPLIT=Zp > 1,
+            num_warps=8 if fp32 else _warps(BLOCK_Q * BLOCK_G, BLOCK_H), **extras, **flags,
         )
-        if Zp > 1:  # every token's row of every head has split 0 written: merge them all
+        if Zp > 1:  # every split of every token's row of every head is written (lse -inf where empty): merge all
             _merge_splits_kernel[(T, N)](
-                part_o, part_lse, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, H, Zp,
-                BLOCK_Z=triton.next_power_of_2(Zp), BLOCK_H=BLOCK_H, BY_SEQUENCE=False, INTERPRET=flags["INTERPRET"],
-                num_warps=4,
+                part_o, part_lse, meta.query_start_loc_S1, out, sinks, out.stride(0), out.stride(1), N, H, Zp,
+                BLOCK_Z=triton.next_power_of_2(Zp), BLOCK_H=BLOCK_H, BY_SEQUENCE=False, SINKS=extras["SINKS"],
+                INTERPRET=flags["INTERPRET"], num_warps=4,
             )
     return out

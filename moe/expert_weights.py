@@ -71,9 +71,10 @@ def _param(*shape, dtype, device) -> nn.Parameter:
 
 
 class FloatExperts:
-    """Expert weights in the model dtype."""
+    """Expert weights in the model dtype (with gpt-oss's expert biases and activation when the layer has them)."""
 
     name = "float"
+    supports_extras = True
 
     def create(self, layer: nn.Module, num_local: int, hidden: int, inter: int, dtype, device) -> None:
         layer.w13_EFD = _param(num_local, 2 * inter, hidden, dtype=dtype, device=device)
@@ -96,7 +97,7 @@ class FloatExperts:
         return plan
 
     def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
-        return kernels.fused_moe(x_ND, layer.w13_EFD, layer.w2_EDI, weights_NK, ids_NK)
+        return kernels.fused_moe(x_ND, layer.w13_EFD, layer.w2_EDI, weights_NK, ids_NK, **layer._extras())
 
 
 class Fp8BlockExperts:
@@ -105,6 +106,7 @@ class Fp8BlockExperts:
     in every published checkpoint: 2048 for DeepSeek-V3, 768 / 1536 for Qwen3) or a block would mix the two."""
 
     name = "fp8"
+    supports_extras = False  # no published FP8 checkpoint has expert biases or a clamped SwiGLU
 
     def __init__(self, block: tuple[int, int], online: bool = False):
         self.block, self.online = (int(block[0]), int(block[1])), online

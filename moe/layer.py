@@ -12,6 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from moelink.comm.a2a_base import AllToAll
+from moelink.kernels.moe import SILU, MoEActivation
 
 from .expert_weights import ExpertFormat, FloatExperts
 from .placement import ExpertPlacement, PlacementTables
@@ -49,12 +50,18 @@ class MoELayer(nn.Module):
     selects with a correction bias (`router.needs_bias`) gets the checkpoint's
     `e_score_correction_bias`, held here in float32 whatever the model dtype
     (transformers keeps it in float32 too: it decides ties between experts).
+
+    gpt-oss: `router_bias` adds a bias to the router linear (gate_bias_G), `expert_bias` gives each local expert
+    a [gate; up] bias (b13_EF, de-interleaved at load like w13) and a down bias (b2_ED), and `activation` is the
+    experts' gated activation (kernels.moe.MoEActivation: SiLU, or gpt-oss's clamped SwiGLU). A layer with
+    none of them calls the expert kernel exactly as before.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, router: Router,
                  kernels, dtype: torch.dtype, device: torch.device | None = None, *,
                  ep: ExpertParallel | None = None, moe_index: int = 0, stats: MoEStats | None = None,
-                 expert_format: ExpertFormat | None = None):
+                 expert_format: ExpertFormat | None = None,
+                 router_bias: bool = False, expert_bias: bool = False, activation: MoEActivation = SILU):
         super().__init__()
         self.num_experts = num_experts
         self.router = router
@@ -70,18 +77,32 @@ class MoELayer(nn.Module):
                                     requires_grad=False)
         # w13_EFD, w2_EDI (and the format's scales) are the format's parameters, set on this layer.
         self.expert_format = expert_format if expert_format is not None else FloatExperts()
+        if not self.expert_format.supports_extras and (expert_bias or activation != SILU):
+            raise ValueError(f"expert weights in {self.expert_format.name} with expert biases or the "
+                             f"{activation.kind} activation are not supported: only float (and MXFP4) experts "
+                             "take gpt-oss's biases and clamped SwiGLU.")
         self.expert_format.create(self, num_local, hidden_size, intermediate_size, dtype, device)
+        factory = dict(dtype=dtype, device=device)
         self.e_score_correction_bias_G = (
             nn.Parameter(torch.zeros(num_experts, dtype=torch.float32, device=device), requires_grad=False)
             if router.needs_bias else None
         )
+        self.gate_bias_G = (nn.Parameter(torch.empty(num_experts, dtype=gate_dtype, device=device), requires_grad=False)
+                            if router_bias else None)
+        self.b13_EF = (nn.Parameter(torch.empty(num_local, 2 * intermediate_size, **factory), requires_grad=False)
+                       if expert_bias else None)
+        self.b2_ED = (nn.Parameter(torch.empty(num_local, hidden_size, **factory), requires_grad=False)
+                      if expert_bias else None)
+        self.activation = activation
+        # Only the arguments this layer has: the plain SiLU layer calls every kernel strategy as before.
+        self._plain_experts = not expert_bias and activation == SILU
         # bool [T], set only while a padded decode graph runs (engine/cuda_graph.py): padding rows route to
         # no expert (id -1), so they cost no expert weight reads and count in no expert's load.
         self.valid_rows_T: torch.Tensor | None = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
-        logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD)
+        logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
         weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
         if self.valid_rows_T is not None:
             ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)
@@ -105,3 +126,9 @@ class MoELayer(nn.Module):
             stats.add_times(t1 - t0, t2 - t1, stats.clock() - t2)
             stats.record_transfer(self.moe_index, meta.bytes_dispatched, meta.bytes_combined, meta.num_tokens_sent)
         return out_TD
+
+    def _extras(self) -> dict:
+        """The expert kernel's optional arguments this layer has (none for a plain SiLU layer)."""
+        if self._plain_experts:
+            return {}
+        return dict(b13_EF=self.b13_EF, b2_ED=self.b2_ED, activation=self.activation)

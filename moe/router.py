@@ -1,7 +1,8 @@
 """Routers: from router logits to (top-k weights, top-k expert ids), one strategy per scheme.
 
 Every strategy is a frozen dataclass with one call signature,
-`router(router_logits_TE, bias_E=None) -> (weights_TK float32, ids_TK int64)`, and two facts the MoE
+`router(router_logits_TE, bias_E=None) -> (weights_TK float32, ids_TK int64)` (TopKSoftmaxRouter keeps
+float64 weights for float64 logits), and two facts the MoE
 layer reads: `float32_logits` (compute the gate matmul in float32, as the DeepSeek family does) and
 `needs_bias` (the scheme selects with a per-expert `e_score_correction_bias` checkpoint tensor).
 `RouterConfig` holds the config.json routing fields, validated; `make_router` turns it into a strategy.
@@ -20,7 +21,8 @@ import torch
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 # Which `topk_method`s go with each `scoring_func` (DeepSeek-V2: softmax; DeepSeek-V3 / GLM-4-MoE: sigmoid).
-TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy"), "sigmoid": ("noaux_tc",)}
+# "topk_softmax" is no config.json value: the gpt-oss reader names it for its top-k-then-softmax router.
+TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy", "topk_softmax"), "sigmoid": ("noaux_tc",)}
 _GROUPED = ("group_limited_greedy", "noaux_tc")
 
 
@@ -45,8 +47,9 @@ def _is_int(v) -> bool:
 class RouterConfig:
     """The routing fields of config.json, checked together.
 
-    scoring_func / topk_method: "softmax" with "greedy" (top-k over all experts) or "group_limited_greedy"
-    (DeepSeek-V2: top-k within the `topk_group` groups of highest max score); "sigmoid" with "noaux_tc"
+    scoring_func / topk_method: "softmax" with "greedy" (top-k over all experts), "group_limited_greedy"
+    (DeepSeek-V2: top-k within the `topk_group` groups of highest max score) or "topk_softmax" (gpt-oss: top-k
+    of the logits, then a softmax over those k alone; norm_topk_prob must be true); "sigmoid" with "noaux_tc"
     (DeepSeek-V3, GLM-4-MoE: selection on scores + e_score_correction_bias, groups ranked by the sum of
     their top-2). n_group / topk_group apply to the grouped methods only. norm_topk_prob renormalises the
     k weights to sum to 1; routed_scaling_factor multiplies them after that. float32_logits: the gate
@@ -84,6 +87,9 @@ class RouterConfig:
             raise ValueError(f"RouterConfig float32_logits={self.float32_logits!r} must be a bool.")
         if self.topk_method in _GROUPED:
             self._check_groups()
+        if self.topk_method == "topk_softmax" and (not self.norm_topk_prob or self.routed_scaling_factor != 1.0):
+            raise ValueError("RouterConfig topk_method='topk_softmax' is a softmax over the k chosen logits: it needs "
+                             "norm_topk_prob=True and routed_scaling_factor=1.0.")
 
     def _check_groups(self) -> None:
         E, K, G, TG = self.num_experts, self.top_k, self.n_group, self.topk_group
@@ -190,6 +196,27 @@ class SigmoidGroupLimitedRouter:
         return weights_TK * self.routed_scaling_factor, ids_TK
 
 
+@dataclass(frozen=True)
+class TopKSoftmaxRouter:
+    """gpt-oss: top-k of the logits (the router linear's bias already added by the layer), then a softmax over
+    the k chosen logits alone, in the logits' dtype, as transformers' GptOssTopKRouter computes it (in exact
+    arithmetic a renormalised softmax over all experts; in bf16 the rounding differs, so it is computed as
+    transformers does). The weights are float32, or float64 for float64 logits: transformers keeps them in
+    the logits' dtype, and a float32 round would cost float64 parity ~1e-5 relative after the experts."""
+
+    top_k: int
+    float32_logits: bool = False
+    needs_bias: ClassVar[bool] = False
+
+    def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights_TK float32, or float64 for float64 logits; ids_TK int64)."""
+        _no_bias(self, bias_E)
+        top_TK, ids_TK = torch.topk(router_logits_TE, self.top_k, dim=-1)
+        weights_TK = torch.softmax(top_TK, dim=-1, dtype=top_TK.dtype)
+        return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), ids_TK
+
+
 def _group_mask(group_TG: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor | None:
     """bool [T, E]: experts of the `topk_group` best groups; None when every group is kept."""
     T, G = group_TG.shape
@@ -211,6 +238,8 @@ def make_router(cfg: RouterConfig) -> Router:
     if cfg.scoring_func == "sigmoid":
         return SigmoidGroupLimitedRouter(cfg.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
                                          cfg.routed_scaling_factor, cfg.float32_logits)
+    if cfg.topk_method == "topk_softmax":
+        return TopKSoftmaxRouter(cfg.top_k, cfg.float32_logits)
     if cfg.topk_method == "group_limited_greedy":
         return SoftmaxGroupLimitedRouter(cfg.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
                                          cfg.routed_scaling_factor, cfg.float32_logits)

@@ -19,6 +19,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "DeepseekV2ForCausalLM": ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ),
     # GLM-4.5 / 4.6: GQA with partial rotary and the DeepSeek-V3 MoE block.
     "Glm4MoeForCausalLM": ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ),
+    # gpt-oss-20b / 120b in bf16 or float: GQA with sinks and sliding windows, fused experts with biases.
+    "GptOssForCausalLM": ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ, router="router", expert_layout="gpt_oss"),
 }
 
 

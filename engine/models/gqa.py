@@ -1,4 +1,4 @@
-"""Grouped-query attention over the paged K/V cache (Qwen3-MoE, Mixtral, GLM-4-MoE).
+"""Grouped-query attention over the paged K/V cache (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss).
 
 Legend: T tokens in the flat batch, D hidden, N query heads, K kv heads, H head dim.
 """
@@ -16,7 +16,9 @@ from .rope import RotaryEmbedding
 class GQAAttention(nn.Module):
     """q, k, v projections stacked into one matmul (qkv_proj, and qkv_bias when the checkpoint has biases);
     optional per-head q/k RMSNorm before rotary (Qwen3; GLM's use_qk_norm); rotary over the first
-    rope.rotary_dim dims of each head (all of them, or GLM's partial_rotary_factor)."""
+    rope.rotary_dim dims of each head (all of them, or GLM's partial_rotary_factor). gpt-oss adds an o_proj
+    bias, per-head attention sinks and, on its sliding layers, a window: both go to the attention kernel as
+    per-layer arguments (a Python int and a parameter: nothing per step, so decode graphs capture them)."""
 
     def __init__(self, layer_idx: int, hidden_size: int, attn: GQAConfig, rms_norm_eps: float, rope: RotaryEmbedding,
                  kernels, dtype, device=None, quant=None):
@@ -34,6 +36,9 @@ class GQAAttention(nn.Module):
         self.qkv_proj = Linear(hidden_size, qkv_rows, qkv_method, kernels, dtype, device)
         self.qkv_bias = param(qkv_rows, dtype=dtype, device=device) if attn.qkv_bias else None
         self.o_proj = Linear(self.q_size, hidden_size, linear_method(quant, p + "o_proj"), kernels, dtype, device)
+        self.o_bias = param(hidden_size, dtype=dtype, device=device) if attn.o_bias else None
+        self.sinks_N = param(attn.num_heads, dtype=dtype, device=device) if attn.sinks else None
+        self.sliding_window = attn.window(layer_idx)
         self.q_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
         self.k_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
 
@@ -48,8 +53,17 @@ class GQAAttention(nn.Module):
         q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, ctx.attn.slot_mapping_T)
-        o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, ctx.attn, self.scale)
-        return self.o_proj(o_TNH.reshape(T, self.q_size))
+        o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, ctx.attn, self.scale, **self._extras())
+        return self.o_proj(o_TNH.reshape(T, self.q_size), self.o_bias)
+
+    def _extras(self) -> dict:
+        """Only the attention arguments this layer has, so kernel strategies without them keep their signature."""
+        extras = {}
+        if self.sinks_N is not None:
+            extras["sinks_N"] = self.sinks_N
+        if self.sliding_window is not None:
+            extras["sliding_window"] = self.sliding_window
+        return extras
 
     def weight_plan(self, p: str) -> dict[str, tuple]:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index)."""
@@ -61,6 +75,10 @@ class GQAAttention(nn.Module):
         if self.qkv_bias is not None:
             plan.update({f"{p}{name}.bias": (self.qkv_bias, (r,)) for name, r in rows.items()})
         plan.update(self.o_proj.weight_plan(p + "o_proj.weight"))
+        if self.o_bias is not None:
+            plan[p + "o_proj.bias"] = (self.o_bias, ())
+        if self.sinks_N is not None:
+            plan[p + "sinks"] = (self.sinks_N, ())
         if self.q_norm is not None:
             plan[p + "q_norm.weight"] = (self.q_norm.weight, ())
             plan[p + "k_norm.weight"] = (self.k_norm.weight, ())

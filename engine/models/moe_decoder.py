@@ -19,6 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import make_expert_format
 from moelink.moe.layer import ExpertParallel, MoELayer
 from moelink.moe.router import make_router
@@ -40,6 +41,9 @@ class ArchSpec:
     moe_prefix: str  # "mlp" (Qwen3, DeepSeek, GLM) or "block_sparse_moe" (Mixtral) in the per-expert layout
     expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
     shared_experts: str = "shared_experts"  # under moe_prefix: mlp.shared_experts.{gate,up,down}_proj
+    router: str = "gate"  # the router linear under moe_prefix ("router" for gpt-oss, with a bias)
+    # "gpt_oss": the only expert layout is fused, transposed and interleaved (see MoEDecoderForCausalLM._gpt_oss_plan).
+    expert_layout: str = "auto"
 
 
 class SharedExpertsMoE(nn.Module):
@@ -75,9 +79,11 @@ class DecoderLayer(nn.Module):
         if self.is_sparse:
             experts = f"{p}{moe_prefix}.experts"
             fmt = make_expert_format(quant if quant is None or quant.is_quantized(experts) else None)
-            self.moe = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, make_router(cfg.moe.router),
+            m = cfg.moe
+            self.moe = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, make_router(m.router),
                                 kernels, dt, device, ep=ep, moe_index=cfg.sparse_layers.index(layer_idx), stats=stats,
-                                expert_format=fmt)
+                                expert_format=fmt, router_bias=m.router_bias, expert_bias=m.expert_bias,
+                                activation=MoEActivation(m.activation, m.swiglu_alpha, m.swiglu_limit))
             n_shared = cfg.moe.n_shared_experts
             self.mlp = (self.moe if not n_shared else SharedExpertsMoE(self.moe, DenseMLP(
                 cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dt, device, kernels=kernels, quant=quant,
@@ -189,6 +195,9 @@ class MoEDecoderForCausalLM(nn.Module):
             if layer.moe is None:
                 plan.update(layer.mlp.weight_plan(p + "mlp."))
                 continue
+            if spec.expert_layout == "gpt_oss":
+                plan.update(self._gpt_oss_plan(layer.moe, f"{p}{spec.moe_prefix}."))
+                continue
             fused = p + "mlp.experts.gate_up_proj" in names
             prefix = p + ("mlp." if fused else spec.moe_prefix + ".")
             plan.update(self._expert_plan(layer.moe, prefix, fused))
@@ -204,6 +213,29 @@ class MoEDecoderForCausalLM(nn.Module):
         # The expert format lists its weights (and scales) for this rank's experts, in either layout.
         rows = _expert_rows(self.expert_ids, self.cfg.num_experts) if fused else ()
         plan.update(mlp.expert_format.weight_plan(mlp, m, fused, self.expert_ids, rows, self.spec.expert_names))
+        return plan
+
+    def _gpt_oss_plan(self, mlp: MoELayer, m: str) -> dict[str, tuple]:
+        """gpt-oss's MoE block: `router.weight` / `router.bias`, and the experts fused, with their biases:
+        `experts.gate_up_proj` [E, D, 2I] (x @ W, not a linear's [out, in]) whose columns interleave gate and
+        up (gate = [..., ::2], up = [..., 1::2]), `gate_up_proj_bias` [E, 2I] interleaved the same way,
+        `down_proj` [E, I, D] and `down_proj_bias` [E, D].
+
+        Read as moelink's layout by one advanced index each (the loader's checkpoint-index element): with
+        e [E', 1, 1] this rank's experts, f [1, 2I, 1] the de-interleaving column order [0, 2, ..., 1, 3, ...]
+        and d [1, 1, D], gate_up_proj[e, d, f] is w13 [E', 2I, D] = [gate; up] rows, transposed; down_proj[e,
+        i, d] with i [1, 1, I], d [1, D, 1] is w2 [E', D, I]."""
+        D, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
+        e = torch.tensor(self.expert_ids, dtype=torch.long)
+        f = torch.cat([torch.arange(0, 2 * inter, 2), torch.arange(1, 2 * inter, 2)])
+        plan: dict[str, tuple] = {m + f"{self.spec.router}.weight": (mlp.gate_GD, ()),
+                                  m + f"{self.spec.router}.bias": (mlp.gate_bias_G, ())}
+        plan[m + "experts.gate_up_proj"] = (mlp.w13_EFD, (), (e[:, None, None], torch.arange(D)[None, None, :],
+                                                              f[None, :, None]))
+        plan[m + "experts.gate_up_proj_bias"] = (mlp.b13_EF, (), (e[:, None], f[None, :]))
+        plan[m + "experts.down_proj"] = (mlp.w2_EDI, (), (e[:, None, None], torch.arange(inter)[None, None, :],
+                                                          torch.arange(D)[None, :, None]))
+        plan[m + "experts.down_proj_bias"] = (mlp.b2_ED, (), (e,))
         return plan
 
 

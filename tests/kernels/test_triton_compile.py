@@ -100,6 +100,22 @@ def _compile_all() -> list[dict]:
         triton_paged_attention(q[:S], cache, cache, decode, 0.1, num_splits=1)
         kv = torch.empty(T, Kh, H, dtype=dt, **meta)
         triton_write_kv(kv, kv, cache, cache, torch.empty(T, dtype=torch.long, **meta))
+    # gpt-oss: 64 heads over 8 kv heads of 64 dims, with sinks and a 128-token window (the WINDOW / SINKS
+    # variants of the decode, prefill and merge kernels).
+    for dt in (torch.bfloat16, torch.float32):
+        H, L, S, T = 64, 16, 8, 40
+        i32 = lambda *s: torch.empty(*s, dtype=torch.int32, **meta)  # noqa: E731
+        q = torch.empty(T, 64, H, dtype=dt, **meta)
+        cache = torch.empty(100, L, 8, H, dtype=dt, **meta)
+        sinks = torch.empty(64, dtype=dt, **meta)
+        mixed = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(T, dtype=torch.long, **meta),
+                                  [1] * 7 + [33], [100] * 8, 33, 1000, 99)
+        for extra in (dict(sinks_N=sinks, sliding_window=128), dict(sinks_N=sinks)):
+            triton_paged_attention(q, cache, cache, mixed, 0.1, num_splits=4, **extra)
+            triton_paged_attention(q, cache, cache, mixed, 0.1, prefill_splits=4, **extra)
+            triton_paged_attention(q[:S], cache, cache, AttentionMetadata(
+                i32(S + 1), i32(S), i32(S, 64), torch.empty(S, dtype=torch.long, **meta), [1] * 8, [100] * 8, 1,
+                1000, 99), 0.1, num_splits=1, **extra)
     # Norms (hidden sizes of the three models, per-head q/k views) and rotary.
     for dt in (torch.bfloat16, torch.float32, torch.float16):
         for D in (2048, 7168):
