@@ -14,6 +14,10 @@ Two optional per-layer arguments (gpt-oss), None = plain causal softmax attentio
   out = Σ_j e^(s_j) v_j / (Σ_j e^(s_j) + e^(sink)).
 - sliding_window W: the query at position p sees keys (p - W, p] only, the last W positions, itself included
   (transformers' sliding_window_overlay: kv_idx > q_idx - W).
+
+An fp8 cache (`--kv-cache-dtype fp8`: float8_e4m3fn K and V) stores k / k_scale and v / v_scale, saturated to
+e4m3's ±448, with one float scale each per layer (1.0 unless the checkpoint ships `k_scale` / `v_scale`);
+readers widen the stored values to the query's dtype and multiply the scales back in.
 """
 from __future__ import annotations
 
@@ -22,6 +26,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
+
+
+def quantize_for_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """What a cache of `cache_dtype` stores for x: x itself (cast), or for fp8 x / scale saturated to the
+    format's range (a bare cast would turn an out-of-range value into NaN)."""
+    if cache_dtype not in FP8_CACHE_DTYPES:
+        return x.to(cache_dtype)
+    fp8_max = torch.finfo(cache_dtype).max
+    return (x.to(torch.float32) / scale).clamp(-fp8_max, fp8_max).to(cache_dtype)
+
+
+def dequantize_from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Cached values as `dtype` (the query's): fp8 ones widened and multiplied by their scale."""
+    if x.dtype not in FP8_CACHE_DTYPES:
+        return x
+    return x.to(dtype) * scale
 
 
 @dataclass
@@ -55,9 +77,12 @@ def reference_write_kv(
     k_cache_BLKH: torch.Tensor,
     v_cache_BLKH: torch.Tensor,
     slot_mapping_T: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Scatter this step's keys and values into their cache slots (in place); slots < 0 are
-    padding tokens whose K/V go nowhere, as in the Triton kernel."""
+    padding tokens whose K/V go nowhere, as in the Triton kernel. An fp8 cache stores k / k_scale and
+    v / v_scale (module docstring)."""
     num_kv_heads, head_dim = k_TKH.shape[1], k_TKH.shape[2]
     # No host sync: padding rows write zeros into the null block (the cache's last block), which
     # stays all zeros as every reader expects.
@@ -66,6 +91,11 @@ def reference_write_kv(
     slot_mapping_T = torch.where(keep_T, slot_mapping_T, torch.full_like(slot_mapping_T, null_slot))
     k_TKH = torch.where(keep_T[:, None, None], k_TKH, torch.zeros((), dtype=k_TKH.dtype, device=k_TKH.device))
     v_TKH = torch.where(keep_T[:, None, None], v_TKH, torch.zeros((), dtype=v_TKH.dtype, device=v_TKH.device))
+    k_TKH = quantize_for_cache(k_TKH, k_cache_BLKH.dtype, k_scale)
+    v_TKH = quantize_for_cache(v_TKH, v_cache_BLKH.dtype, v_scale)
+    if k_cache_BLKH.dtype in FP8_CACHE_DTYPES:  # torch has no fp8 index_copy_ on CPU: copy the bytes
+        k_cache_BLKH, k_TKH = k_cache_BLKH.view(torch.uint8), k_TKH.view(torch.uint8)
+        v_cache_BLKH, v_TKH = v_cache_BLKH.view(torch.uint8), v_TKH.view(torch.uint8)
     k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, k_TKH)
     v_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, v_TKH)
 
@@ -79,11 +109,14 @@ def reference_paged_attention(
     *,
     sinks_N: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each new token to its sequence's cached context.
 
     The query at position p (= seq_len - query_len + i) sees keys [0, p], or (p - sliding_window, p] with a
-    window; sinks_N (float [N]) adds each head's sink logit to the softmax denominator (module docstring).
+    window; sinks_N (float [N]) adds each head's sink logit to the softmax denominator (module docstring); an
+    fp8 cache's values count as stored * k_scale / v_scale.
     Single-token (decode) sequences are batched into one padded call; each
     multi-token chunk runs on its own, so no padding is wasted on long chunks.
     Returns [T, N, H] in q's dtype.
@@ -94,7 +127,7 @@ def reference_paged_attention(
     decode_seqs = [s for s, n in enumerate(meta.query_lens) if n == 1]
     if decode_seqs:
         _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, decode_seqs, starts, out_TNH, sinks_N,
-                      sliding_window)
+                      sliding_window, (k_scale, v_scale))
     for s, qlen in enumerate(meta.query_lens):
         if qlen == 1:
             continue
@@ -102,6 +135,8 @@ def reference_paged_attention(
         # A window needs only the keys the chunk's first query sees onwards: a long context is not gathered whole.
         lo = 0 if sliding_window is None else max(0, ctx - qlen - sliding_window + 1)
         k_CKH, v_CKH = _gather_context(k_cache_BLKH, v_cache_BLKH, meta.block_tables_SM[s], ctx, lo)
+        k_CKH = dequantize_from_cache(k_CKH, q_TNH.dtype, k_scale)
+        v_CKH = dequantize_from_cache(v_CKH, q_TNH.dtype, v_scale)
         q_1NQH = q_TNH[start : start + qlen].transpose(0, 1).unsqueeze(0)
         if ctx == qlen and sliding_window is None:
             mask_QC = None  # no cached prefix: plain causal, which SDPA runs without a mask
@@ -157,11 +192,11 @@ _DECODE_GROUP = 32
 
 
 def _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH, sinks_N=None,
-                  window=None) -> None:
+                  window=None, kv_scales=(1.0, 1.0)) -> None:
     seqs = sorted(seqs, key=lambda s: meta.seq_lens[s])
     for i in range(0, len(seqs), _DECODE_GROUP):
         _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs[i : i + _DECODE_GROUP], starts, out_TNH,
-                      sinks_N, window)
+                      sinks_N, window, kv_scales)
 
 
 def decode_group_slots(meta: AttentionMetadata, seqs: list[int], starts: list[int], block_size: int,
@@ -183,7 +218,7 @@ def decode_group_slots(meta: AttentionMetadata, seqs: list[int], starts: list[in
 
 
 def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH, sinks_N=None,
-                  window=None) -> None:
+                  window=None, kv_scales=(1.0, 1.0)) -> None:
     block_size, num_kv_heads, head_dim = k_cache_BLKH.shape[1:]
     S = len(seqs)
     tok_idx_S, slots_SC, valid_SC = decode_group_slots(meta, seqs, starts, block_size, q_TNH.device)
@@ -194,6 +229,8 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
     flat = slots_SC.reshape(-1)
     k_SCKH = k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
     v_SCKH = v_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
+    k_SCKH = dequantize_from_cache(k_SCKH, q_TNH.dtype, kv_scales[0])
+    v_SCKH = dequantize_from_cache(v_SCKH, q_TNH.dtype, kv_scales[1])
     # GQA without copying K/V per query head: one batched matmul per kv head, over
     # strided views of the gathered K/V (BLAS reads them in place).
     rep = q_TNH.shape[1] // num_kv_heads

@@ -33,13 +33,12 @@ import itertools
 
 import torch
 
-from .attention import AttentionMetadata, decode_group_slots
+from .attention import FP8_CACHE_DTYPES, AttentionMetadata, decode_group_slots, quantize_for_cache
 
 # A cache may hold its rows in float8 e4m3 (`--kv-cache-dtype fp8`): a row is stored as row / kv_scale and
 # read back as stored * kv_scale, with one float scale per layer (1.0 unless the checkpoint ships one). Both
-# uses of a row are linear in it, so readers fold the scale into the softmax scale (scores) and the output
-# (P @ c_kv) instead of rescaling every loaded row.
-FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
+# uses of a row are linear in it, so the Triton kernel folds the scale into the softmax scale (scores) and the
+# output (P @ c_kv) instead of rescaling every loaded row.
 
 
 def check_latent_cache(name: str, latent_cache_BLR: torch.Tensor, width: int) -> None:
@@ -78,11 +77,7 @@ def reference_write_latent(
     check_latent_cache("latent_cache_BLR", latent_cache_BLR, C + kpe_TP.shape[1])
     if kpe_TP.shape[0] != T:
         raise ValueError(f"kpe_TP {tuple(kpe_TP.shape)} is invalid: must have the {T} rows of ckv_TC.")
-    row_TR = torch.cat([ckv_TC, kpe_TP], dim=1)
-    if latent_cache_BLR.dtype in FP8_CACHE_DTYPES:
-        fp8_max = torch.finfo(latent_cache_BLR.dtype).max
-        row_TR = (row_TR.to(torch.float32) / kv_scale).clamp(-fp8_max, fp8_max)
-    row_TR = row_TR.to(latent_cache_BLR.dtype)
+    row_TR = quantize_for_cache(torch.cat([ckv_TC, kpe_TP], dim=1), latent_cache_BLR.dtype, kv_scale)
     # No host sync: padding rows write zeros into the null block (the cache's last block), which stays
     # all zeros as every reader expects.
     keep_T = slot_mapping_T >= 0

@@ -42,13 +42,13 @@ import triton
 import triton.language as tl
 
 from . import triton_common as common
-from .attention import AttentionMetadata, _check_extras
+from .attention import FP8_CACHE_DTYPES, AttentionMetadata, _check_extras
 from .triton_common import cast, dot
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, row,
-                     BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, row, k_scale, v_scale,
+                     BLOCK: tl.constexpr, INTERPRET: tl.constexpr, FP8: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -56,11 +56,15 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_v
     dt = kc_ptr.dtype.element_ty
     k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs, mask=ok, other=0.0)
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs, mask=ok, other=0.0)
+    if FP8:  # x / scale saturated to e4m3's range (a bare cast makes NaN of an out-of-range value)
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -448.0), 448.0)
     tl.store(kc_ptr + slot * row + offs, cast(k, dt, INTERPRET), mask=ok)
     tl.store(vc_ptr + slot * row + offs, cast(v, dt, INTERPRET), mask=ok)
 
 
-def triton_write_kv(k_TKH, v_TKH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T) -> None:
+def triton_write_kv(k_TKH, v_TKH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> None:
     """Same contract as `reference_write_kv` (in place); slots < 0 are skipped (padding tokens)."""
     T, K, H = k_TKH.shape
     if T == 0:
@@ -74,7 +78,8 @@ def triton_write_kv(k_TKH, v_TKH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T) ->
     BLOCK = min(1024, triton.next_power_of_2(row))
     _write_kv_kernel[(T, triton.cdiv(row, BLOCK))](
         k_TKH, v_TKH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T, k_TKH.stride(0), v_TKH.stride(0), row,
-        BLOCK=BLOCK, INTERPRET=common.interpreting(k_TKH), num_warps=4,
+        float(k_scale), float(v_scale), BLOCK=BLOCK, INTERPRET=common.interpreting(k_TKH),
+        FP8=k_cache_BLKH.dtype in FP8_CACHE_DTYPES, num_warps=4,
     )
 
 
@@ -91,7 +96,9 @@ def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv
     d_ok = d < head_dim
     blk = tl.load(table_ptr + pos // L, mask=p_ok, other=0).to(tl.int64)
     off = blk * stride_cb + (pos % L) * stride_cl + kv_head * stride_ck
-    k = tl.load(kc_ptr + off[None, :] + d[:, None], mask=p_ok[None, :] & d_ok[:, None], other=0.0)
+    # An fp8 cache widens exactly to the query's dtype (e4m3 ⊂ bf16/fp16/fp32); the wrapper folds k_scale into
+    # `scale` and the kernels apply v_scale to the output, never per loaded row. A no-op for a same-dtype cache.
+    k = tl.load(kc_ptr + off[None, :] + d[:, None], mask=p_ok[None, :] & d_ok[:, None], other=0.0).to(q.dtype)
     s = dot(q, k, tl.zeros([ROWS, BLOCK_N], dtype=tl.float32), INTERPRET, PREC) * scale
     ok = p_ok[None, :]
     if CAUSAL:
@@ -104,7 +111,7 @@ def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
     acc = dot(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], INTERPRET, PREC)
     return m_new, l_i, acc
 
@@ -121,7 +128,7 @@ def _add_sink(m_i, l_i, acc, sinks_ptr, head, head_ok):
 
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                   sinks_ptr, scale, window, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb,
+                   sinks_ptr, scale, window, v_scale, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb,
                    stride_ot, stride_on, num_heads, head_dim, Z,
                    G: tl.constexpr, L: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
@@ -157,21 +164,21 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out
     if not SPLIT:
         if SINKS:
             l_i, acc = _add_sink(m_i, l_i, acc, sinks_ptr, head, g < G)
-        o = acc / l_i[:, None]
+        o = acc * v_scale / l_i[:, None]
         o_ptrs = out_ptr + q_start.to(tl.int64) * stride_ot + head[:, None] * stride_on + d[None, :]
         tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=q_ok)
     else:
         # Partials [S, N, Z, H] and their log-sum-exp [S, N, Z]; an empty split stores lse = -inf.
         row = (s_idx.to(tl.int64) * num_heads + head) * Z + split
         has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        o = acc * v_scale / tl.where(has, l_i, 1.0)[:, None]
         tl.store(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], o, mask=g[:, None] < G)
         tl.store(part_lse_ptr + row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=g < G)
 
 
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                    sinks_ptr, scale, window, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck,
+                    sinks_ptr, scale, window, v_scale, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck,
                     stride_tb, stride_ot, stride_on, num_heads, head_dim, Z,
                     G: tl.constexpr, L: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_DECODE: tl.constexpr, SPLIT: tl.constexpr,
@@ -232,7 +239,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ou
         if not SPLIT:
             l_i, acc = _add_sink(m_i, l_i, acc, sinks_ptr, head, g < G)
     has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = acc * v_scale / tl.where(has, l_i, 1.0)[:, None]
     if not SPLIT:
         o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_on + d[None, :]
         tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=io_ok)
@@ -326,9 +333,10 @@ def _warps(rows: int, block_h: int) -> int:
 def triton_paged_attention(
     q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, meta: AttentionMetadata,
     scale: float, *, sinks_N: torch.Tensor | None = None, sliding_window: int | None = None,
-    out: torch.Tensor | None = None, num_splits: int | None = None, prefill_splits: int | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None, num_splits: int | None = None, prefill_splits: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as `reference_paged_attention` (sinks_N, sliding_window included): [T, N, H] in q's dtype.
+    """Same contract as `reference_paged_attention` (sinks_N, sliding_window, an fp8 cache's k_scale / v_scale
+    included): [T, N, H] in q's dtype.
 
     Reads only the metadata's host lists and device tensors (no device→host
     sync). `num_splits` / `prefill_splits` force the decode / prefill split counts
@@ -350,6 +358,11 @@ def triton_paged_attention(
     q_TNH = q_TNH if q_TNH.stride(-1) == 1 else q_TNH.contiguous()
     extras = dict(WINDOW=sliding_window is not None, SINKS=sinks_N is not None)
     window = sliding_window or 0
+    if k_cache_BLKH.dtype != q_TNH.dtype and (k_cache_BLKH.dtype not in FP8_CACHE_DTYPES
+                                              or v_cache_BLKH.dtype != k_cache_BLKH.dtype):
+        raise ValueError(f"cache dtypes {k_cache_BLKH.dtype} / {v_cache_BLKH.dtype} are invalid for q_TNH "
+                         f"{q_TNH.dtype}: the cache holds the query's dtype, or float8_e4m3fn for both K and V.")
+    scale, v_scale = float(scale) * float(k_scale), float(v_scale)  # k_scale folds into the softmax scale
     sinks = sinks_N if sinks_N is not None else out  # a placeholder pointer when there are none (never read)
     G = N // K
     S = meta.num_seqs
@@ -383,7 +396,7 @@ def triton_paged_attention(
             part_o = common.workspace((S, N, Z, BLOCK_H), torch.float32, dev)
             part_lse = common.workspace((S, N, Z), torch.float32, dev)
         _decode_kernel[(S, K, Z)](
-            *common_args, out, part_o, part_lse, sinks, scale, window, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
+            *common_args, out, part_o, part_lse, sinks, scale, window, v_scale, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
             out.stride(0), out.stride(1), N, H, Z, G=G, L=L, BLOCK_G=max(16, triton.next_power_of_2(G)),
             BLOCK_H=BLOCK_H, BLOCK_N=_FP32_DECODE[0] if fp32 and not flags["INTERPRET"] else BLOCK_N, SPLIT=Z > 1,
             num_warps=_FP32_DECODE[1] if fp32 else _warps(max(16, triton.next_power_of_2(G)), BLOCK_H),
@@ -401,7 +414,7 @@ def triton_paged_attention(
             part_o = common.workspace((T, N, Zp, BLOCK_H), torch.float32, dev)
             part_lse = common.workspace((T, N, Zp), torch.float32, dev)
         _prefill_kernel[(q_blocks, K, Zp)](
-            *common_args, out, part_o, part_lse, sinks, scale, window, S, q_TNH.stride(0), q_TNH.stride(1),
+            *common_args, out, part_o, part_lse, sinks, scale, window, v_scale, S, q_TNH.stride(0), q_TNH.stride(1),
             *cache_strides, out.stride(0), out.stride(1), N, H, Zp, G=G, L=L, BLOCK_Q=BLOCK_Q, BLOCK_G=BLOCK_G,
             BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode and Zp == 1, SPLIT=Zp > 1,
             num_warps=8 if fp32 else _warps(BLOCK_Q * BLOCK_G, BLOCK_H), **extras, **flags,
