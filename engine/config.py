@@ -49,6 +49,18 @@ def parse_dtype(value, checkpoint_dtype: str | None = None) -> torch.dtype:
     return _DTYPES[value]
 
 
+# --kv-cache-dtype values, as vLLM names them. e5m2 is not offered: e4m3 with a scale is what every peer
+# defaults to for fp8 KV, and one format keeps one set of kernels.
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def parse_kv_cache_dtype(value: str) -> torch.dtype | None:
+    """'auto' → None (the model's dtype); 'fp8' / 'fp8_e4m3' → float8_e4m3fn."""
+    if value not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={value!r} is invalid: choose from {', '.join(map(repr, KV_CACHE_DTYPES))}.")
+    return KV_CACHE_DTYPES[value]
+
+
 @dataclass
 class ModelConfig:
     """Shape and routing of a MoE decoder, from a local Hugging Face directory.
@@ -91,6 +103,13 @@ class ModelConfig:
     # FP8 block-scaled weights (engine/quantization.py): the checkpoint's quantization_config, or made at
     # load from a float checkpoint (`online`); None runs float weights in `dtype`.
     quantization: QuantConfig | None = None
+    # The KV cache's element type (`--kv-cache-dtype`): None = `dtype`; float8_e4m3fn stores K/V (or MLA's
+    # latent rows) in one byte with a per-layer scale (kernels/attention.py), half a bf16 cache's bytes.
+    kv_cache_dtype: torch.dtype | None = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_cache_dtype if self.kv_cache_dtype is not None else self.dtype
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -120,7 +139,7 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, model: str, dtype="auto", max_model_len: int | None = None, *,
                         require_runnable: bool = True, quantization: str | None = None,
-                        fp8_block_size: tuple[int, int] | None = None) -> "ModelConfig":
+                        fp8_block_size: tuple[int, int] | None = None, kv_cache_dtype: str = "auto") -> "ModelConfig":
         """Read `model`/config.json through transformers' own config class (so every alias and default
         transformers knows applies) and validate it. Architectures in CONFIG_ONLY_ARCHITECTURES are read
         only with require_runnable=False; otherwise they are refused here, before any engine work."""
@@ -149,7 +168,7 @@ class ModelConfig:
         cfg = cls(
             model=str(path), dtype=parse_dtype(dtype, checkpoint_dtype), architecture=arch,
             max_model_len=max_model_len if max_model_len is not None else fields["max_position_embeddings"],
-            hf_config=hf.to_dict(), **fields,
+            hf_config=hf.to_dict(), kv_cache_dtype=parse_kv_cache_dtype(kv_cache_dtype), **fields,
         )
         if require_runnable and arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch}: config read, model definition not available in this build "

@@ -10,7 +10,7 @@ import torch
 
 from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
-from .config import ModelConfig, ParallelConfig
+from .config import KV_CACHE_DTYPES, ModelConfig, ParallelConfig
 from .quantization import ONLINE_METHODS
 from .graph_config import CudaGraphConfig
 from .kv_sizing import driver_num_kv_blocks
@@ -86,6 +86,9 @@ class EngineArgs:
     quantization: Optional[str] = None
     # The [rows, columns] block of weights quantized at load (default [128, 128], as every FP8 release).
     fp8_block_size: Optional[list[int]] = None
+    # "fp8" (= "fp8_e4m3"): the KV cache in one byte per value with a per-layer scale (twice the tokens of a
+    # bf16 cache in the same memory); "auto": the model's dtype.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -115,6 +118,8 @@ class EngineArgs:
         check_seconds("heartbeat_timeout", self.heartbeat_timeout)
         if self.quantization is not None and self.quantization not in ONLINE_METHODS:
             bad("quantization", f"choose from {', '.join(ONLINE_METHODS)} or None")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad("kv_cache_dtype", f"choose from {', '.join(map(repr, KV_CACHE_DTYPES))}")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -145,7 +150,7 @@ class EngineArgs:
         parallel = self.parallel_config()
         path = self.model_path()
         model_cfg = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len, quantization=self.quantization,
-                                                fp8_block_size=self.fp8_block_size)
+                                                kv_cache_dtype=self.kv_cache_dtype, fp8_block_size=self.fp8_block_size)
         if path != self.model:
             model_cfg.model_id = self.model
         if parallel.expert_parallel_size > model_cfg.num_experts + parallel.num_redundant_experts:

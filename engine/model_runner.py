@@ -114,7 +114,7 @@ class ModelRunner:
         # for MLA (engine/layer_configs.py).
         shapes = self.cfg.attention.cache_shapes(num_kv_blocks, self.block_size)
         self.kv_caches = [
-            tuple(torch.zeros(shape, dtype=self.cfg.dtype, device=self.device) for shape in shapes)
+            tuple(torch.zeros(shape, dtype=self.cfg.cache_dtype, device=self.device) for shape in shapes)
             for _ in range(self.cfg.num_layers)
         ]
         kv_bytes = sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moelink.kernels.attention import FP8_CACHE_DTYPES
+
 from ..layer_configs import GQAConfig
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
@@ -39,6 +41,9 @@ class GQAAttention(nn.Module):
         self.o_bias = param(hidden_size, dtype=dtype, device=device) if attn.o_bias else None
         self.sinks_N = param(attn.num_heads, dtype=dtype, device=device) if attn.sinks else None
         self.sliding_window = attn.window(layer_idx)
+        # The fp8 KV cache's per-layer scales (stored = k / k_scale): 1.0, as vLLM runs a checkpoint that ships
+        # none; e4m3 covers ±448 with steps of 2^-9 near zero, ample for normed, roped keys and values.
+        self.k_scale = self.v_scale = 1.0
         self.q_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
         self.k_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
 
@@ -52,8 +57,12 @@ class GQAAttention(nn.Module):
             q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)
         q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, ctx.attn.slot_mapping_T)
-        o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, ctx.attn, self.scale, **self._extras())
+        fp8 = k_cache.dtype in FP8_CACHE_DTYPES
+        kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if fp8 else {}
+        self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, ctx.attn.slot_mapping_T,
+                              **kv_scales)
+        o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, ctx.attn, self.scale,
+                                             **self._extras(), **kv_scales)
         return self.o_proj(o_TNH.reshape(T, self.q_size), self.o_bias)
 
     def _extras(self) -> dict:

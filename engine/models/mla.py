@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moelink.kernels.attention import FP8_CACHE_DTYPES
+
 from ..layer_configs import MLAConfig
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
@@ -57,6 +59,7 @@ class MLAAttention(nn.Module):
                                 kernels, **f, dequantize_after_load=True)
         self.o_proj = Linear(N * attn.v_head_dim, hidden_size, linear_method(quant, p + "o_proj"), kernels, **f)
         self.o_bias = param(hidden_size, **f) if attn.attention_bias else None
+        self.kv_scale = 1.0  # the fp8 latent cache's per-layer scale (as GQAAttention.k_scale)
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         a = self.attn
@@ -72,9 +75,11 @@ class MLAAttention(nn.Module):
         # q_latent[n] = q_nope[n] @ W_UK[n]: [N, T, Dn] @ [N, Dn, C] -> [N, T, C]
         q_latent_NTC = torch.bmm(q_TNX[..., :Dn].transpose(0, 1), w_NXC[:, :Dn])
         (cache_BLR,) = ctx.kv_caches[self.layer_idx]
-        self.kernels.write_latent(ckv_TC, k_pe_T1P[:, 0], cache_BLR, ctx.attn.slot_mapping_T)
+        # An fp8 latent cache (--kv-cache-dtype fp8) with this layer's scale; the plain call otherwise.
+        kv_scale = (self.kv_scale,) if cache_BLR.dtype in FP8_CACHE_DTYPES else ()
+        self.kernels.write_latent(ckv_TC, k_pe_T1P[:, 0], cache_BLR, ctx.attn.slot_mapping_T, *kv_scale)
         out_TNC = self.kernels.mla_attention(q_latent_NTC.transpose(0, 1), q_pe_TNP, cache_BLR, ctx.attn,
-                                             a.softmax_scale)
+                                             a.softmax_scale, *kv_scale)
         # o[n] = out_latent[n] @ W_UV[n]^T: [N, T, C] @ [N, C, Dv] -> [N, T, Dv]
         o_NTV = torch.bmm(out_TNC.transpose(0, 1), w_NXC[:, Dn:].transpose(1, 2))
         return self.o_proj(o_NTV.transpose(0, 1).reshape(T, N * a.v_head_dim), self.o_bias)
