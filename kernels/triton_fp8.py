@@ -64,21 +64,21 @@ def quant_tile(v, GROUPS: tl.constexpr, GROUP: tl.constexpr, INTERPRET: tl.const
 
 
 @triton.jit
-def _group_quant_kernel(x_ptr, q_ptr, s_ptr, K, num_groups, stride_xt, stride_qt, stride_st,
-                        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_G: tl.constexpr,
+def _group_quant_kernel(x_ptr, q_ptr, s_ptr, K, num_groups, num_rows, stride_xt, stride_qt, stride_st,
+                        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_R: tl.constexpr,
                         INTERPRET: tl.constexpr):
-    # One program: one token, BLOCK_G groups of GROUP channels (GROUP_P2 = GROUP rounded up to a power of two,
-    # the lanes past GROUP masked).
-    t = tl.program_id(0).to(tl.int64)
-    offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    # One program: BLOCK_R (token, group) rows of the flattened [T * G, GROUP] view, so short rows (decode,
+    # small K) still fill a tile. GROUP_P2 = GROUP rounded up to a power of two, the lanes past GROUP masked.
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    t, g = r // num_groups, r % num_groups
     offs_c = tl.arange(0, GROUP_P2)
-    k = offs_g[:, None] * GROUP + offs_c[None, :]
-    ok = (offs_c[None, :] < GROUP) & (k < K)
-    x = tl.load(x_ptr + t * stride_xt + k, mask=ok, other=0.0).to(tl.float32)
+    k = g[:, None] * GROUP + offs_c[None, :]
+    ok = (r[:, None] < num_rows) & (offs_c[None, :] < GROUP) & (k < K)
+    x = tl.load(x_ptr + t[:, None] * stride_xt + k, mask=ok, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
     q = tl.clamp(x / scale[:, None], -448.0, 448.0)
-    tl.store(q_ptr + t * stride_qt + k, to_fp8(q, INTERPRET), mask=ok)
-    tl.store(s_ptr + t * stride_st + offs_g, scale, mask=offs_g < num_groups)
+    tl.store(q_ptr + t[:, None] * stride_qt + k, to_fp8(q, INTERPRET), mask=ok)
+    tl.store(s_ptr + t * stride_st + g, scale, mask=r < num_rows)
 
 
 def triton_per_token_group_quant(x_TK: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,11 +96,13 @@ def triton_per_token_group_quant(x_TK: torch.Tensor, group: int = 128) -> tuple[
         return xq, scale
     if x_TK.stride(-1) != 1:
         x_TK = x_TK.contiguous()
+    interp = common.interpreting(x_TK)
     p2 = triton.next_power_of_2(group)
-    block_g = max(1, min(triton.next_power_of_2(G), 4096 // p2))
-    _group_quant_kernel[(T, triton.cdiv(G, block_g))](
-        x_TK, xq, scale, K, G, x_TK.stride(0), xq.stride(0), scale.stride(0),
-        GROUP=group, GROUP_P2=p2, BLOCK_G=block_g, INTERPRET=common.interpreting(x_TK), num_warps=4)
+    # ~4K elements a program on a GPU; the interpreter pays per program, so it takes up to 32K.
+    block_r = max(1, min(triton.next_power_of_2(T * G), (32768 if interp else 4096) // p2))
+    _group_quant_kernel[(triton.cdiv(T * G, block_r),)](
+        x_TK, xq, scale, K, G, T * G, x_TK.stride(0), xq.stride(0), scale.stride(0),
+        GROUP=group, GROUP_P2=p2, BLOCK_R=block_r, INTERPRET=interp, num_warps=4)
     return xq, scale
 
 
