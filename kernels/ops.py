@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
+from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .mla import reference_mla_attention, reference_write_latent
 from .moe import reference_fused_moe
 from .norm import reference_add_rms_norm, reference_rms_norm
@@ -33,6 +34,8 @@ class ReferenceKernels:
     write_latent = staticmethod(reference_write_latent)
     mla_attention = staticmethod(reference_mla_attention)
     fused_moe = staticmethod(reference_fused_moe)
+    fp8_linear = staticmethod(reference_fp8_linear)
+    fused_moe_fp8 = staticmethod(reference_fused_moe_fp8)
 
 
 class TritonKernels:
@@ -60,6 +63,12 @@ class TritonKernels:
         self.write_latent = triton_write_latent
         self.mla_attention = triton_mla_attention
         self.fused_moe = triton_fused_moe
+        # FP8 block-scaled W8A8 (kernels/fp8.py is the contract): same signatures as the references.
+        from .triton_fp8 import triton_fp8_linear
+        from .triton_moe_fp8 import triton_fused_moe_fp8
+
+        self.fp8_linear = triton_fp8_linear
+        self.fused_moe_fp8 = triton_fused_moe_fp8
 
 
 def _triton_available() -> bool:
