@@ -22,7 +22,8 @@ REPORT = compile_report.RESULTS / "compile_report_sm90.json"
 REGENERATE = "regenerate it: python -m moelink.benchmarks.compile_report (see this test's docstring)"
 ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel", "_moe_down_kernel", "_moe_sum_kernel",
                "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel", "_write_kv_kernel", "_rms_norm_kernel",
-               "_rotary_kernel", "_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel"}
+               "_rotary_kernel", "_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel",
+               "_group_quant_kernel", "_fp8_gemm_kernel", "_moe_fp8_up_kernel", "_moe_fp8_down_kernel"}
 
 
 def report() -> dict:
@@ -80,13 +81,18 @@ def test_report_zero_spills_tensor_cores_in_gemms_and_shared_memory_fits():
         assert k["shared"] <= compile_report.H100_SMEM, f"shared memory {k['shared']}: {what}"
         assert k["registers"] <= 255
         fp32 = any("float32" in c or "fp32" in c for c in k["cases"])
-        if k["name"] in compile_report.GEMM_KERNELS + compile_report.ATTN_DOT_KERNELS and not fp32:
+        if (k["name"] in compile_report.GEMM_KERNELS + compile_report.ATTN_DOT_KERNELS + compile_report.FP8_GEMM_KERNELS
+                and not fp32):
             assert k["tensor_cores"] in ("wgmma", "mma.sync"), f"no tensor-core instruction: {what}"
         if k["tensor_cores"] == "wgmma":
             assert k["constexprs"].get("BLOCK_M", 64) >= 64 or k["name"] in compile_report.ATTN_DOT_KERNELS
     gemm = [k for k in rep["kernels"] if k["name"] in compile_report.GEMM_KERNELS]
     assert any(k["tensor_cores"] == "wgmma" and k.get("sass_hgmma", 0) > 0 for k in gemm)  # Hopper's MMA in SASS
     assert rep["summary"]["spilling"] == [] and rep["target"].startswith("cuda sm_90")
+    # FP8: every default bucket's gate-up and down GEMM compiled, and the large ones on FP8 wgmma (SASS QGMMA).
+    fp8 = [k for k in rep["kernels"] if k["name"] in compile_report.FP8_GEMM_KERNELS]
+    assert {k["name"] for k in fp8} == set(compile_report.FP8_GEMM_KERNELS)
+    assert all(k.get("sass_qgmma", 0) > 0 for k in fp8 if k["constexprs"]["BLOCK_M"] >= 64)
 
 
 @pytest.mark.slow
