@@ -5,7 +5,8 @@ token, Bn x Bk the weight block (128 x 128 in every published checkpoint). Contr
 (`per_token_group_quant`, `reference_fp8_linear`), which is also the oracle of the tests.
 
 - `triton_per_token_group_quant`: x [T, K] → (xq float8_e4m3fn [T, K], scale float32 [T, G]), bit-identical to
-  the reference: the same fp32 amax, the same fp32 division, round to nearest even.
+  the reference: the same fp32 amax, the same IEEE fp32 division (`tl.div_rn`: Triton's `/` compiles to the
+  approximate div.full.f32, up to 2 ulp off torch's), round to nearest even.
 - `triton_fp8_linear`: quantize x, then one GEMM whose K loop takes BLOCK_K ≤ Bk channels at a time (Bk a
   multiple of BLOCK_K, so a K step never straddles two scale groups): an fp8 x fp8 dot into a fresh fp32 tile,
   times the token's activation scale and the column's weight scale, added to the fp32 accumulator. Promoting
@@ -58,8 +59,9 @@ def quant_tile(v, GROUPS: tl.constexpr, GROUP: tl.constexpr, INTERPRET: tl.const
     amax / 448 (at least MIN_SCALE), exactly as fp8.per_token_group_quant."""
     M: tl.constexpr = v.shape[0]
     v3 = tl.reshape(v, [M, GROUPS, GROUP])
-    scale = tl.maximum(tl.max(tl.abs(v3), axis=2) / 448.0, 1e-12)
-    q = tl.clamp(v3 / scale[:, :, None], -448.0, 448.0)
+    amax = tl.max(tl.abs(v3), axis=2)
+    scale = tl.maximum(tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1e-12)
+    q = tl.clamp(tl.div_rn(v3, tl.broadcast_to(scale[:, :, None], v3.shape)), -448.0, 448.0)
     return tl.reshape(to_fp8(q, INTERPRET), [M, GROUPS * GROUP]), scale
 
 
@@ -75,8 +77,9 @@ def _group_quant_kernel(x_ptr, q_ptr, s_ptr, K, num_groups, num_rows, stride_xt,
     k = g[:, None] * GROUP + offs_c[None, :]
     ok = (r[:, None] < num_rows) & (offs_c[None, :] < GROUP) & (k < K)
     x = tl.load(x_ptr + t[:, None] * stride_xt + k, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
-    q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.maximum(tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1e-12)
+    q = tl.clamp(tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape)), -448.0, 448.0)
     tl.store(q_ptr + t[:, None] * stride_qt + k, to_fp8(q, INTERPRET), mask=ok)
     tl.store(s_ptr + t * stride_st + g, scale, mask=r < num_rows)
 
