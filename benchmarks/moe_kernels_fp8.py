@@ -36,8 +36,18 @@ def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return wq, ws
 
 
+def _inputs(E, K, D, T, device, gen, n_sets):
+    """n_sets of (x bf16, topk weights, topk ids) from softmax top-k of random logits, as moe_kernels draws them
+    (not imported from it: moe_kernels imports this module)."""
+    sets = []
+    for _ in range(n_sets):
+        x = torch.randn(T, D, generator=gen, device=device).to(torch.bfloat16)
+        tw, ti = torch.topk(torch.softmax(torch.randn(T, E, generator=gen, device=device), -1), K, dim=-1)
+        sets.append((x, (tw / tw.sum(-1, keepdim=True)).float(), ti))
+    return sets
+
+
 def bench_fp8_shape(name, shape, tokens, device, timer, ceilings, iters, check, graphs) -> list[dict]:
-    from moelink.benchmarks.moe_kernels import make_inputs, make_weights
     from moelink.kernels.fp8 import reference_fused_moe_fp8
     from moelink.kernels.triton_moe import triton_fused_moe
     from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
@@ -45,7 +55,9 @@ def bench_fp8_shape(name, shape, tokens, device, timer, ceilings, iters, check, 
     E, K, D, I = shape
     gen = torch.Generator(device=device).manual_seed(0)
     warmup = 3 if device.type == "cuda" else 1
-    w13, w2 = make_weights(E, D, I, torch.bfloat16, device, gen)
+    # Fan-in-scaled, drawn in bf16 and scaled in place (DeepSeek-V3's experts are 22 GB in bf16).
+    w13 = torch.randn(E, 2 * I, D, generator=gen, device=device, dtype=torch.bfloat16).mul_(1 / math.sqrt(D))
+    w2 = torch.randn(E, D, I, generator=gen, device=device, dtype=torch.bfloat16).mul_(1 / math.sqrt(I))
     w13q, w13s = quantize_experts(w13)
     w2q, w2s = quantize_experts(w2)
     scale_bytes = (w13s.numel() + w2s.numel()) * 4 / E
@@ -56,8 +68,7 @@ def bench_fp8_shape(name, shape, tokens, device, timer, ceilings, iters, check, 
     rows = []
     for T in tokens:
         n_sets = max(2, min(8, (512 << 20) // max(1, T * D * 2))) if device.type == "cuda" else 2
-        sets = [(x, tw, ti) for x, _, _, tw, ti in make_inputs(E, K, D, I, T, torch.bfloat16, device, gen, n_sets,
-                                                              (w13, w2))]
+        sets = _inputs(E, K, D, T, device, gen, n_sets)
         touched = statistics.mean(int(torch.unique(s[2]).numel()) for s in sets)
         flops = 6.0 * T * K * D * I
         times, outs = {}, {}
