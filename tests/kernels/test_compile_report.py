@@ -110,3 +110,32 @@ def test_compile_report_script_runs_without_a_gpu(tmp_path):
     for k in rep["kernels"]:  # cuobjdump and ptxas both answered
         assert k["registers"] > 0 and k["spill_stores"] == 0 and k["target"] == "sm_90"
     assert "| _rms_norm_kernel |" in Path(f"{out}.md").read_text()
+
+
+def test_report_covers_every_fp8_config_as_it_is_now():
+    """Every bucket of fp8_moe_default.json (gate-up and down, at both FP8 model shapes) and of fp8_linear.json is
+    in the report with the blocks, warps and stages the wrapper launches it with (BK capped at 128, the gate-up
+    BN raised to a multiple of it)."""
+    from moelink.kernels.triton_fp8 import _linear_buckets
+    from moelink.kernels.triton_moe_fp8 import _blocks
+
+    kernels = report()["kernels"]
+
+    def launched(name, label):
+        hits = [k for k in kernels if k["name"] == name and any(c.endswith(f" {label}") for c in k["cases"])]
+        assert hits, f"{name} {label} is not in the report: {REGENERATE}"
+        c = hits[0]["constexprs"]
+        return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], hits[0]["num_warps"], hits[0]["num_stages"]
+
+    _, default = load_config_file(str(CONFIG_DIR / "fp8_moe_default.json"))
+    for bucket, cfg in default:
+        up_bn, up_bk, down_bn, down_bk = _blocks(cfg, 128)
+        label = f"fp8_moe_default.json[{bucket}]"
+        assert launched("_moe_fp8_up_kernel", label) == (cfg.BLOCK_SIZE_M, up_bn, up_bk, cfg.up.GROUP_SIZE_M,
+                                                         cfg.up.num_warps, cfg.up.num_stages), REGENERATE
+        assert launched("_moe_fp8_down_kernel", label) == (cfg.BLOCK_SIZE_M, down_bn, down_bk, cfg.down.GROUP_SIZE_M,
+                                                           cfg.down.num_warps, cfg.down.num_stages), REGENERATE
+    for bucket, cfg in _linear_buckets("gpu"):
+        g = cfg.up
+        assert launched("_fp8_gemm_kernel", f"fp8_linear.json[{bucket}]") == (
+            cfg.BLOCK_SIZE_M, g.BLOCK_SIZE_N, min(g.BLOCK_SIZE_K, 128), g.GROUP_SIZE_M, g.num_warps, g.num_stages), REGENERATE
