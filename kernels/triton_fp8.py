@@ -20,6 +20,9 @@ cast (cvt.rn.satfinite: nearest even).
 """
 from __future__ import annotations
 
+import functools
+import json
+
 import torch
 import triton
 import triton.language as tl
@@ -178,17 +181,11 @@ def fp8_linear_config(num_tokens: int, device: torch.device) -> MoEConfig:
     return best
 
 
-_LINEAR_CACHE: dict[str, tuple] = {}
-
-
-def _linear_buckets(section: str):
-    if section not in _LINEAR_CACHE:
-        import json
-
-        data = json.loads(LINEAR_CONFIG.read_text())[section]
-        _LINEAR_CACHE[section] = tuple(sorted((int(b), MoEConfig.from_dict(c, f"{LINEAR_CONFIG.name}[{section}][{b}]"))
-                                              for b, c in data.items()))
-    return _LINEAR_CACHE[section]
+@functools.lru_cache(maxsize=2)
+def _linear_buckets(section: str) -> tuple[tuple[int, MoEConfig], ...]:
+    """((T bucket, config), ...) of one section of fp8_linear.json, sorted, each checked by MoEConfig.from_dict."""
+    data = json.loads(LINEAR_CONFIG.read_text())[section]
+    return tuple(sorted((int(b), MoEConfig.from_dict(c, f"{LINEAR_CONFIG.name}[{section}][{b}]")) for b, c in data.items()))
 
 
 def triton_fp8_linear(x_TK: torch.Tensor, wq_NK: torch.Tensor, w_scale_inv: torch.Tensor,
