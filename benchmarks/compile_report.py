@@ -183,7 +183,10 @@ def markdown(rep: dict) -> str:
         f"Triton {rep['triton']}, torch {rep['torch']}, ptxas {rep['ptxas']}, cuobjdump {rep['cuobjdump']} (the ones "
         f"Triton ships). Target {rep['target']}. Every launch the wrappers make at the model shapes is compiled "
         "ahead of time on meta tensors (see the script's docstring); registers and local memory come from the cubin "
-        "(`cuobjdump -res-usage`), spills from `ptxas -v`, tensor-core and TMA instructions from the SASS.",
+        "(`cuobjdump -res-usage`), spills from `ptxas -v`, tensor-core and TMA instructions from the SASS."
+        + "".join(f" The {m['only']} kernels were recompiled and merged in on {m['date']} at commit {m['commit']} "
+                  f"(`--only {m['only']} --merge`; the other kernels' records, compile seconds included, are the "
+                  "full run's)." for m in rep.get("merged", [])),
         "",
         f"- {s['kernels_compiled']} distinct compiled kernels ({', '.join(s['kernel_names'])}), "
         f"{s['compile_s_total']} s of cold compiles on this CPU machine.",
@@ -239,9 +242,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
     ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "fp8"], default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: replace that family's kernels in the existing <out>.json and keep every other "
+                    "kernel's record (compile seconds included) as it is")
     ap.add_argument("--cache-dir", default=None,
                     help="Triton cache (default: a fresh temporary one, so compile_s is a cold compile)")
     args = ap.parse_args(argv)
+    if args.merge and not args.only:
+        ap.error("--merge needs --only FAMILY (the family whose kernels it replaces)")
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
@@ -260,6 +268,8 @@ def main(argv=None) -> dict:
 
         rep = collect(published=not args.no_published, quick=args.quick, only=args.only)
         rep.update(date=str(date.today()), commit=git_commit())
+        if args.merge:
+            rep = merge_into(json.loads(Path(f"{args.out}.json").read_text()), rep, args.only)
         rep["summary"] = summarize(rep)
         rep["notes"] = notes(rep)
     finally:
@@ -273,6 +283,33 @@ def main(argv=None) -> dict:
     print(json.dumps(rep["summary"], indent=1))
     print(f"wrote {js} and {md}")
     return rep
+
+
+def merge_into(old: dict, new: dict, only: str) -> dict:
+    """`old` with `new`'s kernels (one family, compiled now) in place of that family's: kernels only this family
+    launches are replaced; kernels it shares with others (align, top-k sum: same hash, i.e. the same compiled
+    specialisation) keep their record and gain the new cases. Compile seconds are a cold compile on whatever
+    the machine was doing, so re-measuring every kernel for one family's change would only add noise."""
+    # Owned: the family's named kernels, and any kernel name the old report did not have.
+    own = set(FAMILY_KERNELS.get(only, ())) | ({k["name"] for k in new["kernels"]} - {k["name"] for k in old["kernels"]})
+    kept = [k for k in old["kernels"] if k["name"] not in own]
+    by_hash = {k["hash"]: k for k in kept}
+    for k in new["kernels"]:
+        if k["hash"] in by_hash:
+            by_hash[k["hash"]]["cases"] += [c for c in k["cases"] if c not in by_hash[k["hash"]]["cases"]]
+        else:
+            kept.append(k)
+    if (old.get("triton"), old.get("ptxas")) != (new["triton"], new["ptxas"]):
+        raise SystemExit(f"--merge: this Triton/ptxas ({new['triton']}, {new['ptxas']}) is not the report's "
+                         f"({old['triton']}, {old['ptxas']}): regenerate the whole report instead.")
+    merged = {**old, "kernels": kept}
+    merged["merged"] = [m for m in old.get("merged", []) if m["only"] != only] + [
+        dict(only=only, date=new["date"], commit=new["commit"])]
+    return merged
+
+
+# Kernels a family owns (replaced by --merge); kernels several families launch are shared.
+FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",)}
 
 
 def notes(rep: dict) -> list[str]:
