@@ -219,3 +219,45 @@ def compile_mla(rec: Recorder, quick: bool) -> None:
         with rec.labelled(f"{name} latent write"):
             triton_write_latent(torch.empty(40, C, dtype=dt, **meta), torch.empty(40, P, dtype=dt, **meta), cache,
                                 torch.empty(40, dtype=torch.long, **meta))
+
+
+# Dense FP8 linears the engine launches (DeepSeek-V3's attention and dense-MLP projections, [N, K]).
+FP8_LINEAR_SHAPES = {"deepseek-v3 q_b_proj": (24576, 1536), "deepseek-v3 o_proj": (7168, 16384),
+                     "deepseek-v3 dense gate_up": (36864, 7168)}
+
+
+def compile_fp8(rec: Recorder, quick: bool) -> None:
+    """FP8 block-scaled W8A8 (kernels/triton_fp8.py, triton_moe_fp8.py): the fused MoE at every bucket of
+    fp8_moe_default.json at the DeepSeek-V3 and Qwen3-30B-A3B shapes (the published FP8 checkpoints), one
+    expert-map and one atomic variant; the dense GEMM at every fp8_linear.json bucket; the quantization kernel
+    with them."""
+    from moelink.kernels.fp8 import block_scale_shape
+    from moelink.kernels.moe_config import CONFIG_DIR, load_config_file
+    from moelink.kernels.triton_fp8 import _linear_buckets, triton_fp8_linear
+    from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
+
+    meta = dict(device="meta")
+    f8 = torch.float8_e4m3fn
+    key, default = load_config_file(str(CONFIG_DIR / "fp8_moe_default.json"))
+    assert key == "rows_per_expert"
+    moe = [(f"fp8_moe_default.json[{b}]", n, T, c, False, "sum") for n in ("deepseek-v3", "qwen3-30b-a3b")
+           for b, c in (default[:1] if quick else default)
+           for T in [max(1, -(-b * MODEL_SHAPES[n][0] // MODEL_SHAPES[n][1]))]]
+    if not quick:
+        moe += [("fp8 variant expert map", "deepseek-v3", 64, None, True, "sum"),
+                ("fp8 variant atomic", "deepseek-v3", 4096, None, False, "atomic")]
+    for label, name, T, cfg, emap, combine in moe:
+        E, K, D, I = MODEL_SHAPES[name]
+        with rec.labelled(f"{name} T={T} {label}"):
+            triton_fused_moe_fp8(torch.empty(T, D, dtype=torch.bfloat16, **meta), torch.empty(E, 2 * I, D, dtype=f8, **meta),
+                                 torch.empty(E, *block_scale_shape(2 * I, D), **meta), torch.empty(E, D, I, dtype=f8, **meta),
+                                 torch.empty(E, *block_scale_shape(D, I), **meta), torch.empty(T, K, **meta),
+                                 torch.empty(T, K, dtype=torch.long, **meta),
+                                 torch.empty(E, dtype=torch.int32, **meta) if emap else None, config=cfg, combine=combine)
+    shapes = list(FP8_LINEAR_SHAPES.items())[: 1 if quick else None]
+    for bucket, cfg in _linear_buckets("gpu"):
+        for label, (N, K) in shapes:
+            T = max(1, bucket)
+            with rec.labelled(f"{label} T={T} fp8_linear.json[{bucket}]"):
+                triton_fp8_linear(torch.empty(T, K, dtype=torch.bfloat16, **meta), torch.empty(N, K, dtype=f8, **meta),
+                                  torch.empty(*block_scale_shape(N, K), **meta), config=cfg)

@@ -2,7 +2,7 @@
 compiled for Hopper on a machine without a GPU, with what the compiler made of it.
 
     python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
-        [--no-published] [--only moe|attention|mla|norm] [--quick]
+        [--no-published] [--only moe|attention|mla|norm|fp8] [--quick]
 
 How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
 size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
@@ -23,7 +23,8 @@ Configs covered (MoE GEMMs): every bucket of kernels/configs/default.json at eac
 bucket of every tuned `E=..,N=..,device_name=...json` file at its own shape, and (unless --no-published)
 the published seed configs tune_moe.py starts from (benchmarks/tune_moe.py PUBLISHED). The other kernels
 (align, top-k sum, attention, KV write, RMSNorm, rotary) are compiled at the shapes the engine launches
-for the three models. Output: <out>.json (every kernel) and <out>.md (tables and notes).
+for the three models; the FP8 block-scaled kernels (fused MoE, dense GEMM, activation quantization) at the
+buckets of kernels/configs/fp8_moe_default.json and fp8_linear.json (compile_cases.compile_fp8). Output: <out>.json (every kernel) and <out>.md (tables and notes).
 """
 from __future__ import annotations
 
@@ -39,12 +40,13 @@ from pathlib import Path
 
 import torch
 
-from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_mla,  # noqa: F401
-                            compile_moe, compile_norm_rotary)
+from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_fp8,  # noqa: F401
+                            compile_mla, compile_moe, compile_norm_rotary)
 
 RESULTS = Path(__file__).parent / "results"
 H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
 GEMM_KERNELS = ("_moe_up_kernel", "_moe_down_kernel")
+FP8_GEMM_KERNELS = ("_moe_fp8_up_kernel", "_moe_fp8_down_kernel", "_fp8_gemm_kernel")
 ATTN_DOT_KERNELS = ("_decode_kernel", "_prefill_kernel", "_mla_kernel")
 
 
@@ -92,7 +94,9 @@ def analyze(kernel, workdir: Path, ptxas: str | None, cuobjdump: str | None) -> 
             d.update(registers=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]))
         sass = subprocess.run([cuobjdump, "-sass", str(cub)], capture_output=True, text=True, timeout=120).stdout
         if sass:
-            d.update(sass_hgmma=len(re.findall(r"\bHGMMA\b", sass)), sass_hmma=len(re.findall(r"\bHMMA\b", sass)),
+            # (FP8 wgmma is QGMMA in SASS; Triton runs FP8 mma.sync below 64 rows as fp16 HMMA)
+            d.update(sass_hgmma=len(re.findall(r"\bHGMMA\b", sass)), sass_qgmma=len(re.findall(r"\bQGMMA\b", sass)),
+                     sass_hmma=len(re.findall(r"\bHMMA\b", sass)),
                      sass_utmaldg=len(re.findall(r"\bUTMALDG\b", sass)), sass_ldgsts=len(re.findall(r"\bLDGSTS\b", sass)))
     if ptxas:
         p = workdir / f"{kernel.hash}.ptx"
@@ -107,7 +111,8 @@ def analyze(kernel, workdir: Path, ptxas: str | None, cuobjdump: str | None) -> 
         m = re.search(r"Used (\d+) registers", log)
         if m:
             d["ptxas_registers"] = int(m[1])
-    d["tensor_cores"] = ("wgmma" if d.get("sass_hgmma", d["ptx_wgmma"]) else
+    gmma = d["sass_hgmma"] + d["sass_qgmma"] if "sass_hgmma" in d else d["ptx_wgmma"]
+    d["tensor_cores"] = ("wgmma" if gmma else
                          "mma.sync" if d.get("sass_hmma", d["ptx_mma_sync"]) else "none")
     d["tma"] = bool(d.get("sass_utmaldg", d["ptx_tma"]))
     return d
@@ -126,6 +131,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
         compile_mla(rec, quick)
     if only in (None, "norm"):
         compile_norm_rotary(rec, quick)
+    if only in (None, "fp8"):
+        compile_fp8(rec, quick)
     ptxas, cuobjdump = triton_ptxas(), nvidia_bin("cuobjdump")
     kernels: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,12 +155,15 @@ def summarize(rep: dict) -> dict:
     spilled = [k for k in ks if k.get("spill_stores", 0) or k.get("spill_loads", 0) or k.get("local", 0)]
     gemm = [k for k in ks if k["name"] in GEMM_KERNELS]
     gemm_lowp = [k for k in gemm if k["constexprs"].get("PREC", "tf32") != "ieee" and "float32" not in " ".join(k["cases"])]
+    fp8 = [k for k in ks if k["name"] in FP8_GEMM_KERNELS]
     return dict(
         kernels_compiled=len(ks), kernel_names=sorted({k["name"] for k in ks}), spilling=[k["hash"] for k in spilled],
         over_smem_limit=[k["hash"] for k in ks if k["shared"] > H100_SMEM],
         gemm_bf16_fp16=len(gemm_lowp), gemm_wgmma=sum(k["tensor_cores"] == "wgmma" for k in gemm_lowp),
         gemm_mma_sync=sum(k["tensor_cores"] == "mma.sync" for k in gemm_lowp),
         gemm_no_tensor_cores=[k["hash"] for k in gemm_lowp if k["tensor_cores"] == "none"],
+        gemm_fp8=len(fp8), gemm_fp8_wgmma=sum(k["tensor_cores"] == "wgmma" for k in fp8),
+        gemm_fp8_mma_sync=sum(k["tensor_cores"] == "mma.sync" for k in fp8),
         tma=sum(k["tma"] for k in ks), max_registers=max((k.get("registers", 0) for k in ks), default=0),
         compile_s_total=round(sum(k["compile_s"] for k in ks), 1),
         compile_s_max={n: max(k["compile_s"] for k in ks if k["name"] == n) for n in sorted({k["name"] for k in ks})})
@@ -173,7 +183,10 @@ def markdown(rep: dict) -> str:
         f"Triton {rep['triton']}, torch {rep['torch']}, ptxas {rep['ptxas']}, cuobjdump {rep['cuobjdump']} (the ones "
         f"Triton ships). Target {rep['target']}. Every launch the wrappers make at the model shapes is compiled "
         "ahead of time on meta tensors (see the script's docstring); registers and local memory come from the cubin "
-        "(`cuobjdump -res-usage`), spills from `ptxas -v`, tensor-core and TMA instructions from the SASS.",
+        "(`cuobjdump -res-usage`), spills from `ptxas -v`, tensor-core and TMA instructions from the SASS."
+        + "".join(f" The {m['only']} kernels were recompiled and merged in on {m['date']} at commit {m['commit']} "
+                  f"(`--only {m['only']} --merge`; the other kernels' records, compile seconds included, are the "
+                  "full run's)." for m in rep.get("merged", [])),
         "",
         f"- {s['kernels_compiled']} distinct compiled kernels ({', '.join(s['kernel_names'])}), "
         f"{s['compile_s_total']} s of cold compiles on this CPU machine.",
@@ -182,6 +195,8 @@ def markdown(rep: dict) -> str:
         f"- MoE GEMM kernels (bf16/fp16): {s['gemm_bf16_fp16']} compiled, {s['gemm_wgmma']} use wgmma (SASS HGMMA), "
         f"{s['gemm_mma_sync']} use mma.sync (HMMA), "
         f"{'none without tensor cores' if not s['gemm_no_tensor_cores'] else 'WITHOUT tensor cores: ' + ', '.join(s['gemm_no_tensor_cores'])}.",
+        f"- FP8 GEMM kernels (W8A8 block-scaled: fused MoE up/down, dense): {s.get('gemm_fp8', 0)} compiled, "
+        f"{s.get('gemm_fp8_wgmma', 0)} use FP8 wgmma (SASS QGMMA), {s.get('gemm_fp8_mma_sync', 0)} mma.sync.",
         f"- TMA (cp.async.bulk.tensor / UTMALDG): used in {s['tma']} kernels. The kernels load through pointers "
         "(gathered rows for the up GEMM's A, per-expert weight tiles) and pipeline them with cp.async (LDGSTS).",
         "",
@@ -199,10 +214,20 @@ def markdown(rep: dict) -> str:
                      f"{k.get('local', '?')} | {k['tensor_cores']} | {k['wgmma_n'] or '-'} | "
                      f"{k.get('sass_hgmma', '?')} / {k.get('sass_hmma', '?')} | "
                      f"{'yes' if k['tma'] else 'no'} | {k['compile_s']:.1f} | {cases} |")
+    lines += ["", "## FP8 GEMM kernels", "",
+              "| kernel | BM x BN x BK x GROUP | warps | stages | shared KB | regs | spill st/ld B | local B | tensor cores | wgmma N | QGMMA / HMMA | compile s | configs (shape T source) |",
+              "|---|---|---:|---:|---:|---:|---|---:|---|---:|---|---:|---|"]
+    for k in sorted((k for k in rep["kernels"] if k["name"] in FP8_GEMM_KERNELS),
+                    key=lambda k: (k["name"], [k["constexprs"].get(x, 0) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K")])):
+        cases = "; ".join(k["cases"][:4]) + (f"; +{len(k['cases']) - 4} more" if len(k["cases"]) > 4 else "")
+        lines.append(f"| {k['name']} | {_cfg(k['constexprs'])} | {k['num_warps']} | {k['num_stages']} | "
+                     f"{k['shared'] / 1024:.0f} | {k.get('registers', '?')} | {k.get('spill_stores', '?')}/{k.get('spill_loads', '?')} | "
+                     f"{k.get('local', '?')} | {k['tensor_cores']} | {k['wgmma_n'] or '-'} | "
+                     f"{k.get('sass_qgmma', '?')} / {k.get('sass_hmma', '?')} | {k['compile_s']:.1f} | {cases} |")
     lines += ["", "## Other kernels", "",
               "| kernel | constexprs | warps | stages | shared KB | regs | spill st/ld B | local B | tensor cores | compile s | cases |",
               "|---|---|---:|---:|---:|---:|---|---:|---|---:|---|"]
-    for k in sorted((k for k in rep["kernels"] if k["name"] not in GEMM_KERNELS), key=lambda k: k["name"]):
+    for k in sorted((k for k in rep["kernels"] if k["name"] not in GEMM_KERNELS + FP8_GEMM_KERNELS), key=lambda k: k["name"]):
         c = ", ".join(f"{a}={b}" for a, b in k["constexprs"].items() if a not in ("num_warps", "num_stages", "INTERPRET"))
         cases = "; ".join(k["cases"][:3]) + (f"; +{len(k['cases']) - 3} more" if len(k["cases"]) > 3 else "")
         lines.append(f"| {k['name']} | {c} | {k['num_warps']} | {k['num_stages']} | {k['shared'] / 1024:.1f} | "
@@ -215,11 +240,16 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
-    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm"], default=None, help="one kernel family")
+    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "fp8"], default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: replace that family's kernels in the existing <out>.json and keep every other "
+                    "kernel's record (compile seconds included) as it is")
     ap.add_argument("--cache-dir", default=None,
                     help="Triton cache (default: a fresh temporary one, so compile_s is a cold compile)")
     args = ap.parse_args(argv)
+    if args.merge and not args.only:
+        ap.error("--merge needs --only FAMILY (the family whose kernels it replaces)")
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
@@ -238,6 +268,8 @@ def main(argv=None) -> dict:
 
         rep = collect(published=not args.no_published, quick=args.quick, only=args.only)
         rep.update(date=str(date.today()), commit=git_commit())
+        if args.merge:
+            rep = merge_into(json.loads(Path(f"{args.out}.json").read_text()), rep, args.only)
         rep["summary"] = summarize(rep)
         rep["notes"] = notes(rep)
     finally:
@@ -251,6 +283,33 @@ def main(argv=None) -> dict:
     print(json.dumps(rep["summary"], indent=1))
     print(f"wrote {js} and {md}")
     return rep
+
+
+def merge_into(old: dict, new: dict, only: str) -> dict:
+    """`old` with `new`'s kernels (one family, compiled now) in place of that family's: kernels only this family
+    launches are replaced; kernels it shares with others (align, top-k sum: same hash, i.e. the same compiled
+    specialisation) keep their record and gain the new cases. Compile seconds are a cold compile on whatever
+    the machine was doing, so re-measuring every kernel for one family's change would only add noise."""
+    # Owned: the family's named kernels, and any kernel name the old report did not have.
+    own = set(FAMILY_KERNELS.get(only, ())) | ({k["name"] for k in new["kernels"]} - {k["name"] for k in old["kernels"]})
+    kept = [k for k in old["kernels"] if k["name"] not in own]
+    by_hash = {k["hash"]: k for k in kept}
+    for k in new["kernels"]:
+        if k["hash"] in by_hash:
+            by_hash[k["hash"]]["cases"] += [c for c in k["cases"] if c not in by_hash[k["hash"]]["cases"]]
+        else:
+            kept.append(k)
+    if (old.get("triton"), old.get("ptxas")) != (new["triton"], new["ptxas"]):
+        raise SystemExit(f"--merge: this Triton/ptxas ({new['triton']}, {new['ptxas']}) is not the report's "
+                         f"({old['triton']}, {old['ptxas']}): regenerate the whole report instead.")
+    merged = {**old, "kernels": kept}
+    merged["merged"] = [m for m in old.get("merged", []) if m["only"] != only] + [
+        dict(only=only, date=new["date"], commit=new["commit"])]
+    return merged
+
+
+# Kernels a family owns (replaced by --merge); kernels several families launch are shared.
+FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",)}
 
 
 def notes(rep: dict) -> list[str]:
@@ -278,6 +337,14 @@ def notes(rep: dict) -> list[str]:
         out.append("- FUSED_GATE_UP (one interleaved gate|up tile, one dot): the wgmma is twice as wide with half the "
                    "instructions, no spills (" + "; ".join(sorted(set(pairs))[:4]) + "). Opt-in per config: "
                    "tune_moe tries it as one axis, so it is kept only where it measures faster.")
+    f8 = [k for k in ks if k["name"] in FP8_GEMM_KERNELS]
+    if f8:
+        f8_big = sorted({bm(k) for k in f8 if k["tensor_cores"] == "wgmma"})
+        f8_small = sorted({bm(k) for k in f8 if k["tensor_cores"] == "mma.sync"})
+        out.append(f"- FP8 GEMMs (W8A8, scales applied per 128-channel K block in fp32): FP8 wgmma (SASS QGMMA, "
+                   f"e4m3 x e4m3) at BLOCK_M {f8_big or 'none'}; at BLOCK_M {f8_small or 'none'} Triton has no FP8 "
+                   "mma.sync on sm_90 and widens the fp8 tiles to fp16 for HMMA (exact: every e4m3 value is an fp16). "
+                   "The gate-up kernel's warps are picked for zero spills (kernels/configs/fp8_moe_default.json).")
     fp32 = [k for k in ks if k["name"] in GEMM_KERNELS and k["tensor_cores"] == "none"]
     if fp32:
         out.append(f"- {len(fp32)} GEMM specialisations without tensor cores are the fp32-activation variants "

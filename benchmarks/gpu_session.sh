@@ -10,7 +10,9 @@
 #                          install: says what is missing and what the other steps will do instead. Runs on CPU.
 #   tests-kernels          pytest -m gpu: Triton kernels at model shapes, sampler seeds, comm (NCCL + graphs)
 #   tests-engine           pytest -m gpu: the engine on the Triton kernels, fp32/bf16, graphs vs eager
+#   tests-fp8              pytest -m gpu: the FP8 block-scaled kernels at DeepSeek-V3 and Qwen3-30B-A3B shapes
 #   moe SHAPE [--quick]    moe_kernels for ONE shape (qwen3-30b-a3b | mixtral-8x7b | deepseek-v3)
+#   moe-fp8 SHAPE [--quick] moe_kernels --dtype fp8 for ONE shape (deepseek-v3 | qwen3-30b-a3b): FP8 fused MoE vs bf16
 #   tune SHAPE [TOKENS]    tune_moe for ONE shape into .gpu_session/tuned, then
 #                          $OUT/tuned_configs_<GPU>_<SHAPE>.tar.gz (see "Tuned configs" below)
 #   decode [--quick]       engine_decode, eager and as CUDA-graph replays
@@ -70,6 +72,11 @@ SHAPES=(qwen3-30b-a3b mixtral-8x7b deepseek-v3)
 # 22 GB of weights and its per-expert loop at 16k tokens dominate) and (with --quick: 4 token counts).
 declare -A MOE_RUN_S=([qwen3-30b-a3b]=120 [mixtral-8x7b]=150 [deepseek-v3]=240)
 declare -A MOE_QUICK_RUN_S=([qwen3-30b-a3b]=70 [mixtral-8x7b]=90 [deepseek-v3]=150)
+# moe-fp8 SHAPE: the FP8 checkpoints' shapes; 2 systems (bf16, fp8) x 7 token counts, eager + graph, plus
+# quantizing the experts once and the fp8 reference check up to 1024 tokens (estimates: not yet run on a GPU).
+FP8_SHAPES=(deepseek-v3 qwen3-30b-a3b)
+declare -A MOE_FP8_RUN_S=([qwen3-30b-a3b]=100 [deepseek-v3]=200)
+declare -A MOE_FP8_QUICK_RUN_S=([qwen3-30b-a3b]=60 [deepseek-v3]=120)
 # tune SHAPE: the tuner's own --budget-s (it stops starting candidates then), plus one candidate that may
 # start just before it (2 GEMM compiles and its timing) and the seed-vs-best confirmation of the last bucket.
 TUNE_BUDGET_S=${TUNE_BUDGET_S:-400}   # (TUNE_BUDGET_S=200 bash ... tune SHAPE: a shorter search, same guarantees)
@@ -346,6 +353,13 @@ step_tests_kernels() {
     sampler_seeds 0 0 0 20 tests/engine/test_sampler_seeds.py \
     comm 0 0 0 40 tests/comm/test_all_to_all_local.py
 }
+#  test_triton_fp8_gpu.py (15 tests): fused MoE at 2 shapes x 3 T x sum/atomic -> the FP8 default buckets hit
+#    (5 shape x bucket pairs: up + down + atomic down = 15) + the dense GEMM 3 = GEMM 18; other 20 (align,
+#    top-k sum, group quant per shape); run: float32 references on the GPU, DeepSeek's 32 local experts.
+step_tests_fp8() {
+  run_pytest_files "gpu_tests_fp8_${DEV}.txt" \
+    triton_fp8_gpu 18 0 20 60 tests/kernels/test_triton_fp8_gpu.py
+}
 step_tests_engine() {
   run_pytest_files "gpu_tests_engine_${DEV}.txt" \
     gpu_engine 44 12 80 120 tests/engine/test_gpu_engine.py
@@ -371,6 +385,25 @@ step_moe() {
   if [[ $quick == 1 ]]; then toks=(--tokens 1,64,1024,16384); n=4; run=${MOE_QUICK_RUN_S[$shape]}; fi
   cmd "moe_kernels_$shape" $((3 * n)) 0 $((2 * n + 1)) "$run" -- \
     "$PY" -m moelink.benchmarks.moe_kernels --shapes "$shape" "${toks[@]}" --out "$OUT/moe_kernels_${DEV}_${shape}.json"
+}
+
+# moe-fp8 SHAPE: per token count the bf16 config (up + down) and the FP8 one (up + down): 4 GEMM; 2 align per
+# config, the top-k sum twice and the group quantization: 7 other (7 token counts -> 28 + 49; --quick: 4 -> 16 + 28).
+step_moe_fp8() {
+  local shape="" quick=0 a s ok=0
+  for a in "$@"; do case "$a" in --quick) quick=1 ;; *) shape=$a ;; esac; done
+  if [[ $MODE == cpu-smoke ]]; then
+    cmd moe_kernels_fp8 0 0 0 240 -- "$PY" -m moelink.benchmarks.moe_kernels --cpu-smoke --dtype fp8 \
+      --out "$OUT/moe_kernels_cpu_smoke_fp8.json"
+    return 0
+  fi
+  for s in "${FP8_SHAPES[@]}"; do [[ $shape == "$s" ]] && ok=1; done
+  [[ $ok == 1 ]] || { echo "SHAPE must be one of ${FP8_SHAPES[*]} (got '${shape}')" >&2; exit 2; }
+  local toks=() n=7 run=${MOE_FP8_RUN_S[$shape]}
+  if [[ $quick == 1 ]]; then toks=(--tokens 1,64,1024,16384); n=4; run=${MOE_FP8_QUICK_RUN_S[$shape]}; fi
+  cmd "moe_kernels_fp8_$shape" $((4 * n)) 0 $((7 * n)) "$run" -- \
+    "$PY" -m moelink.benchmarks.moe_kernels --dtype fp8 --shapes "$shape" "${toks[@]}" \
+    --out "$OUT/moe_kernels_${DEV}_${shape}_fp8.json"
 }
 
 # tune SHAPE [TOKENS]: the tuner stops starting candidates at --budget-s; compile counts are what fits in it
@@ -468,7 +501,8 @@ step_plan() {  # the full session, one device command per line, with budgets (dr
   local s
   for s in "${SHAPES[@]}"; do steps+=("moe $s"); done
   for s in "${SHAPES[@]}"; do steps+=("tune $s"); done
-  steps+=("decode")
+  steps+=("decode" "tests-fp8")
+  for s in "${FP8_SHAPES[@]}"; do steps+=("moe-fp8 $s"); done
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -519,9 +553,9 @@ case "$STEP" in
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests|moe|tune|decode|compile-report|all) ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|tune|decode|compile-report|all) ;;
   ""|-h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be preflight, tests-kernels, tests-engine, moe SHAPE, tune SHAPE, decode, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, tune SHAPE, decode, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -533,8 +567,10 @@ setup
 case "$STEP" in
   tests-kernels) step_tests_kernels ;;
   tests-engine) step_tests_engine ;;
+  tests-fp8) step_tests_fp8 ;;
   tests) step_tests_kernels; step_tests_engine ;;
   moe) step_moe "$@" ;;
+  moe-fp8) step_moe_fp8 "$@" ;;
   tune) step_tune "$@" ;;
   decode) step_decode "$@" ;;
   compile-report) step_compile_report ;;
@@ -542,7 +578,9 @@ case "$STEP" in
     step_tests_kernels; step_tests_engine
     for s in "${SHAPES[@]}"; do step_moe "$s" "$@"; done
     for s in "${SHAPES[@]}"; do step_tune "$s"; done
-    step_decode "$@" ;;
+    step_decode "$@"
+    step_tests_fp8
+    for s in "${FP8_SHAPES[@]}"; do step_moe_fp8 "$s" "$@"; done ;;
 esac
 [[ $STEP != all && $STEP != tests ]] && finish_step
 exit "$STATUS"

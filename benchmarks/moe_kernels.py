@@ -332,9 +332,11 @@ def plot_roofline(result: dict, path: Path) -> bool:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default=None,
+                    help=f"comma list of {', '.join(SHAPES)} (default: all; with --dtype fp8, the FP8 checkpoints' two)")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list of token counts")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8"],
+                    help="fp8: the FP8 block-scaled fused MoE against the bf16 one, side by side (moe_kernels_fp8.py)")
     ap.add_argument("--iters", type=int, default=None,
                     help=f"timed iterations per point (median reported; default {ITERS}, {SMOKE_ITERS} with --cpu-smoke)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check of each system")
@@ -347,30 +349,46 @@ def main(argv=None) -> dict:
         device, shapes, tokens = torch.device("cpu"), SMOKE_SHAPES, list(SMOKE_TOKENS)
     else:
         device = require_cuda("moe_kernels")
-        unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+        from .moe_kernels_fp8 import FP8_SHAPES
+
+        names = args.shapes.split(",") if args.shapes else list(FP8_SHAPES if args.dtype == "fp8" else SHAPES)
+        unknown = [s for s in names if s not in SHAPES]
         if unknown:
             ap.error(f"--shapes: {unknown[0]!r} is not one of {', '.join(SHAPES)}")
-        shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
+        shapes = {s: SHAPES[s] for s in names}
         tokens = [int(t) for t in args.tokens.split(",")]
-    dtype = getattr(torch, args.dtype)
+    fp8 = args.dtype == "fp8"
+    dtype = torch.bfloat16 if fp8 else getattr(torch, args.dtype)
     iters = args.iters or (SMOKE_ITERS if args.cpu_smoke else ITERS)
     timer = Timer(device)
     ceilings = measure_ceilings(device, timer)
     print(f"ceilings: {ceilings['copy_GBps']:.0f} GB/s copy, {ceilings['matmul_TFLOPs']:.0f} TFLOP/s bf16 matmul")
     rows = []
     for name, shape in shapes.items():
+        if fp8:
+            from .moe_kernels_fp8 import bench_fp8_shape
+
+            rows += bench_fp8_shape(name, shape, tokens, device, timer, ceilings, iters, not args.no_check,
+                                    not args.no_graphs)
+            continue
         rows += bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, not args.no_check,
                             not args.no_graphs)
+    if fp8:
+        from .moe_kernels_fp8 import summarize_fp8
+
+        summary = summarize_fp8(rows)
+    else:
+        summary = summarize(rows)
     result = dict(benchmark="moe_kernels", **run_meta(device), dtype=args.dtype, iters=iters, ceilings=ceilings,
                   timing="median of per-iteration CUDA events, L2 flushed, inputs rotated; median_ms is the CUDA-graph "
                   "replay time where the system can be captured (no host sync), else eager (eager_ms always)"
                   if device.type == "cuda"
                   else "CPU smoke: wall clock in the Triton interpreter, meaningless as speed",
-                  results=rows, summary=summarize(rows))
-    tag = "cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")
+                  results=rows, summary=summary)
+    tag = ("cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")) + ("_fp8" if fp8 else "")
     out = Path(args.out) if args.out else RESULTS / f"moe_kernels_{tag}.json"
     write_result(out, result)
-    plotted = plot_roofline(result, out.with_suffix(".png"))
+    plotted = not fp8 and plot_roofline(result, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=1))
     print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if plotted else ""))
     return result

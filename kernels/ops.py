@@ -63,6 +63,12 @@ class TritonKernels:
         self.write_latent = triton_write_latent
         self.mla_attention = triton_mla_attention
         self.fused_moe = _with_reference_extras(triton_fused_moe)
+        # FP8 block-scaled W8A8 (kernels/fp8.py is the contract): same signatures as the references.
+        from .triton_fp8 import triton_fp8_linear
+        from .triton_moe_fp8 import triton_fused_moe_fp8
+
+        self.fp8_linear = triton_fp8_linear
+        self.fused_moe_fp8 = triton_fused_moe_fp8
 
 
 def _with_reference_extras(triton_fused_moe):

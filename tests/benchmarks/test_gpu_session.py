@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from moelink.benchmarks import moe_kernels, tune_moe
+from moelink.benchmarks.moe_kernels_fp8 import FP8_SHAPES
 from moelink.kernels import moe_config
 from moelink.kernels.moe_config import GemmConfig, MoEConfig
 
@@ -36,7 +37,8 @@ STEP_LINE = re.compile(r"^STEP step=(\S+) total_budget_s=(\d+) limit_s=(\d+)$", 
 # Every device command of a session (what `plan` lists), plus the variants.
 STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quick", "compile-report"]
          + [f"moe {s}" for s in moe_kernels.SHAPES] + [f"moe {s} --quick" for s in moe_kernels.SHAPES]
-         + [f"tune {s}" for s in moe_kernels.SHAPES] + ["tune deepseek-v3 1,64"])
+         + [f"tune {s}" for s in moe_kernels.SHAPES] + ["tune deepseek-v3 1,64"]
+         + ["tests-fp8"] + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"moe-fp8 {s} --quick" for s in FP8_SHAPES])
 
 
 def session(*args: str, out: Path | None = None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
@@ -130,7 +132,8 @@ def test_plan_lists_one_device_command_per_step():
     assert proc.returncode == 0, proc.stderr
     rows = re.findall(r"^(.+?)\s+budget\s+(\d+) s\s+OUT=\$OUT bash benchmarks/gpu_session.sh (.+)$", proc.stdout, re.M)
     assert [r[2] for r in rows] == (["preflight", "tests-kernels", "tests-engine"] + [f"moe {s}" for s in moe_kernels.SHAPES]
-                                    + [f"tune {s}" for s in moe_kernels.SHAPES] + ["decode"])
+                                    + [f"tune {s}" for s in moe_kernels.SHAPES] + ["decode", "tests-fp8"]
+                                    + [f"moe-fp8 {s}" for s in FP8_SHAPES])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"total {sum(int(b) for _, b, _ in rows)} s" in proc.stdout
 
@@ -319,7 +322,7 @@ def test_per_compile_costs_cover_the_compile_report():
         fp32 = any("float32" in c or "fp32" in c for c in k["cases"])
         if k["name"] in compile_report.ATTN_DOT_KERNELS and fp32:
             cls = "slow"  # fp32 attention: FMA loops, the longest compiles
-        elif k["name"] in compile_report.GEMM_KERNELS + compile_report.ATTN_DOT_KERNELS:
+        elif k["name"] in compile_report.GEMM_KERNELS + compile_report.ATTN_DOT_KERNELS + compile_report.FP8_GEMM_KERNELS:
             cls = "gemm"
         else:
             cls = "other"

@@ -22,7 +22,8 @@ REPORT = compile_report.RESULTS / "compile_report_sm90.json"
 REGENERATE = "regenerate it: python -m moelink.benchmarks.compile_report (see this test's docstring)"
 ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel", "_moe_down_kernel", "_moe_sum_kernel",
                "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel", "_write_kv_kernel", "_rms_norm_kernel",
-               "_rotary_kernel", "_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel"}
+               "_rotary_kernel", "_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel",
+               "_group_quant_kernel", "_fp8_gemm_kernel", "_moe_fp8_up_kernel", "_moe_fp8_down_kernel"}
 
 
 def report() -> dict:
@@ -80,13 +81,18 @@ def test_report_zero_spills_tensor_cores_in_gemms_and_shared_memory_fits():
         assert k["shared"] <= compile_report.H100_SMEM, f"shared memory {k['shared']}: {what}"
         assert k["registers"] <= 255
         fp32 = any("float32" in c or "fp32" in c for c in k["cases"])
-        if k["name"] in compile_report.GEMM_KERNELS + compile_report.ATTN_DOT_KERNELS and not fp32:
+        if (k["name"] in compile_report.GEMM_KERNELS + compile_report.ATTN_DOT_KERNELS + compile_report.FP8_GEMM_KERNELS
+                and not fp32):
             assert k["tensor_cores"] in ("wgmma", "mma.sync"), f"no tensor-core instruction: {what}"
         if k["tensor_cores"] == "wgmma":
             assert k["constexprs"].get("BLOCK_M", 64) >= 64 or k["name"] in compile_report.ATTN_DOT_KERNELS
     gemm = [k for k in rep["kernels"] if k["name"] in compile_report.GEMM_KERNELS]
     assert any(k["tensor_cores"] == "wgmma" and k.get("sass_hgmma", 0) > 0 for k in gemm)  # Hopper's MMA in SASS
     assert rep["summary"]["spilling"] == [] and rep["target"].startswith("cuda sm_90")
+    # FP8: every default bucket's gate-up and down GEMM compiled, and the large ones on FP8 wgmma (SASS QGMMA).
+    fp8 = [k for k in rep["kernels"] if k["name"] in compile_report.FP8_GEMM_KERNELS]
+    assert {k["name"] for k in fp8} == set(compile_report.FP8_GEMM_KERNELS)
+    assert all(k.get("sass_qgmma", 0) > 0 for k in fp8 if k["constexprs"]["BLOCK_M"] >= 64)
 
 
 @pytest.mark.slow
@@ -104,3 +110,32 @@ def test_compile_report_script_runs_without_a_gpu(tmp_path):
     for k in rep["kernels"]:  # cuobjdump and ptxas both answered
         assert k["registers"] > 0 and k["spill_stores"] == 0 and k["target"] == "sm_90"
     assert "| _rms_norm_kernel |" in Path(f"{out}.md").read_text()
+
+
+def test_report_covers_every_fp8_config_as_it_is_now():
+    """Every bucket of fp8_moe_default.json (gate-up and down, at both FP8 model shapes) and of fp8_linear.json is
+    in the report with the blocks, warps and stages the wrapper launches it with (BK capped at 128, the gate-up
+    BN raised to a multiple of it)."""
+    from moelink.kernels.triton_fp8 import _linear_buckets
+    from moelink.kernels.triton_moe_fp8 import _blocks
+
+    kernels = report()["kernels"]
+
+    def launched(name, label):
+        hits = [k for k in kernels if k["name"] == name and any(c.endswith(f" {label}") for c in k["cases"])]
+        assert hits, f"{name} {label} is not in the report: {REGENERATE}"
+        c = hits[0]["constexprs"]
+        return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], hits[0]["num_warps"], hits[0]["num_stages"]
+
+    _, default = load_config_file(str(CONFIG_DIR / "fp8_moe_default.json"))
+    for bucket, cfg in default:
+        up_bn, up_bk, down_bn, down_bk = _blocks(cfg, 128)
+        label = f"fp8_moe_default.json[{bucket}]"
+        assert launched("_moe_fp8_up_kernel", label) == (cfg.BLOCK_SIZE_M, up_bn, up_bk, cfg.up.GROUP_SIZE_M,
+                                                         cfg.up.num_warps, cfg.up.num_stages), REGENERATE
+        assert launched("_moe_fp8_down_kernel", label) == (cfg.BLOCK_SIZE_M, down_bn, down_bk, cfg.down.GROUP_SIZE_M,
+                                                           cfg.down.num_warps, cfg.down.num_stages), REGENERATE
+    for bucket, cfg in _linear_buckets("gpu"):
+        g = cfg.up
+        assert launched("_fp8_gemm_kernel", f"fp8_linear.json[{bucket}]") == (
+            cfg.BLOCK_SIZE_M, g.BLOCK_SIZE_N, min(g.BLOCK_SIZE_K, 128), g.GROUP_SIZE_M, g.num_warps, g.num_stages), REGENERATE
