@@ -57,8 +57,8 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_v
     k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs, mask=ok, other=0.0)
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs, mask=ok, other=0.0)
     if FP8:  # x / scale saturated to e4m3's range (a bare cast makes NaN of an out-of-range value)
-        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -448.0), 448.0)
-        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -448.0), 448.0)
+        k = tl.minimum(tl.maximum(tl.div_rn(k.to(tl.float32), tl.full(k.shape, k_scale, tl.float32)), -448.0), 448.0)
+        v = tl.minimum(tl.maximum(tl.div_rn(v.to(tl.float32), tl.full(v.shape, v_scale, tl.float32)), -448.0), 448.0)
     tl.store(kc_ptr + slot * row + offs, cast(k, dt, INTERPRET), mask=ok)
     tl.store(vc_ptr + slot * row + offs, cast(v, dt, INTERPRET), mask=ok)
 

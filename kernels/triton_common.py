@@ -4,8 +4,8 @@ The Triton CPU interpreter (TRITON_INTERPRET=1, what the CPU test suite runs)
 differs from compiled code in two ways that matter for exactness (Triton 3.9):
 - fp32 → bf16 casts truncate instead of rounding to nearest even;
 - tl.dot on bf16 operands computes garbage;
-- fp32 → fp8 e4m3 casts mis-round (ties away from zero, and a mantissa that rounds up past 1.111 does not
-  carry into the exponent: -31.03 becomes -16).
+- fp32 → fp8 e4m3 casts mis-round (ties away from zero, subnormals, and a mantissa that rounds up past
+  1.111 does not carry into the exponent: -31.03 becomes -16): `to_fp8` builds the code itself there.
 Kernels take an INTERPRET constexpr (True for CPU tensors) and go through
 `cast` and `dot` below, which emulate the GPU's numerics there and compile
 to the plain instructions on a GPU.
@@ -20,6 +20,25 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def to_fp8(x, INTERPRET: tl.constexpr):
+    """fp32 x with |x| <= 448 → float8_e4m3fn, round to nearest even (also in the interpreter)."""
+    if INTERPRET:
+        a = tl.abs(x)
+        ab = a.to(tl.uint32, bitcast=True)
+        # Normals (|x| >= 2^-6): keep 3 of fp32's 23 mantissa bits, nearest even; a carry moves the exponent.
+        rn = ((ab + (0x7FFFF + ((ab >> 20) & 1))) & 0xFFF00000).to(tl.float32, bitcast=True)
+        # Subnormals are multiples of 2^-9: an fp32 add at 2^14 (whose ulp is 2^-9) rounds to them, nearest even.
+        sub = (a + 16384.0) - 16384.0
+        y = tl.where(a >= 0.015625, rn, sub)
+        yb = y.to(tl.uint32, bitcast=True)
+        # e4m3fn code: exponent field = fp32 exponent - 127 + 7; below 2^-6 the code is y / 2^-9 (8 → 2^-6 exactly).
+        code = tl.where(y >= 0.015625, (((yb >> 23) - 120) << 3) | ((yb >> 20) & 7), (y * 512.0).to(tl.uint32))
+        code = code | ((x.to(tl.uint32, bitcast=True) >> 24) & 0x80)
+        return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     """x.to(dtype), rounding to nearest even in the interpreter too."""
     if INTERPRET:
@@ -28,17 +47,7 @@ def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
             return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
         if dtype == tl.float8e4nv:
-            # Round to e4m3's grid in fp32 first (nearest even), so the cast itself is exact. Normals keep 3
-            # of fp32's 23 mantissa bits (an integer add carries into the exponent as it should); below 2^-6
-            # the grid is the subnormal step 2^-9, which adding and removing 2^14 (ulp 2^-9) rounds to.
-            # Callers saturate to ±448 first, as the GPU's satfinite conversion would.
-            xf = x.to(tl.float32)
-            bits = xf.to(tl.uint32, bitcast=True)
-            bits = (bits + (0x7FFFF + ((bits >> 20) & 1))) & 0xFFF00000
-            normal = bits.to(tl.float32, bitcast=True)
-            sub = tl.abs(xf) + 16384.0
-            sub = tl.where(xf < 0, -(sub - 16384.0), sub - 16384.0)
-            return tl.where(tl.abs(xf) < 0.015625, sub, normal).to(dtype)
+            return to_fp8(x.to(tl.float32), INTERPRET)
     return x.to(dtype)
 
 

@@ -29,31 +29,13 @@ import triton.language as tl
 
 from . import moe_config
 from . import triton_common as common
+from .triton_common import to_fp8
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPE, _check_block, block_scale_shape
 from .moe_config import MoEConfig
 
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12  # = fp8._MIN_SCALE: a zero group still gets a finite scale
 LINEAR_CONFIG = moe_config.CONFIG_DIR / "fp8_linear.json"
-
-
-@triton.jit
-def to_fp8(x, INTERPRET: tl.constexpr):
-    """fp32 x with |x| <= 448 → float8_e4m3fn, round to nearest even (also in the interpreter)."""
-    if INTERPRET:
-        a = tl.abs(x)
-        ab = a.to(tl.uint32, bitcast=True)
-        # Normals (|x| >= 2^-6): keep 3 of fp32's 23 mantissa bits, nearest even; a carry moves the exponent.
-        rn = ((ab + (0x7FFFF + ((ab >> 20) & 1))) & 0xFFF00000).to(tl.float32, bitcast=True)
-        # Subnormals are multiples of 2^-9: an fp32 add at 2^14 (whose ulp is 2^-9) rounds to them, nearest even.
-        sub = (a + 16384.0) - 16384.0
-        y = tl.where(a >= 0.015625, rn, sub)
-        yb = y.to(tl.uint32, bitcast=True)
-        # e4m3fn code: exponent field = fp32 exponent - 127 + 7; below 2^-6 the code is y / 2^-9 (8 → 2^-6 exactly).
-        code = tl.where(y >= 0.015625, (((yb >> 23) - 120) << 3) | ((yb >> 20) & 7), (y * 512.0).to(tl.uint32))
-        code = code | ((x.to(tl.uint32, bitcast=True) >> 24) & 0x80)
-        return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-    return x.to(tl.float8e4nv)
 
 
 @triton.jit

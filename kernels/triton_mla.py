@@ -48,7 +48,8 @@ def _write_latent_kernel(ckv_ptr, kpe_ptr, cache_ptr, slot_ptr, stride_ct, strid
     kpe = tl.load(kpe_ptr + t * stride_pt + (offs - C), mask=keep & ~is_c & (offs < R), other=0.0)
     dt = cache_ptr.dtype.element_ty
     if FP8:  # row / kv_scale, saturated to e4m3's range (a bare cast would make NaN of an out-of-range value)
-        val = tl.where(is_c, ckv.to(tl.float32), kpe.to(tl.float32)) / kv_scale
+        val = tl.where(is_c, ckv.to(tl.float32), kpe.to(tl.float32))
+        val = tl.div_rn(val, tl.full(val.shape, kv_scale, tl.float32))
         row = cast(tl.minimum(tl.maximum(val, -448.0), 448.0), dt, INTERPRET)
     else:
         row = tl.where(is_c, cast(ckv, dt, INTERPRET), cast(kpe, dt, INTERPRET))
