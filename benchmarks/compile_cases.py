@@ -155,6 +155,16 @@ def compile_attention(rec: Recorder, quick: bool) -> None:
         with rec.labelled(f"{label} KV write"):
             kv = torch.empty(T, Kh, H, dtype=dt, **meta)
             triton_write_kv(kv, kv, cache, cache, torch.empty(T, dtype=torch.long, **meta))
+        if dt == torch.bfloat16 and label.startswith("qwen3"):  # --kv-cache-dtype fp8: e4m3 K/V, bf16 queries
+            c8 = torch.empty(100, L, Kh, H, dtype=torch.float8_e4m3fn, **meta)
+            with rec.labelled(f"{label} fp8 KV cache, mixed batch, decode split 4"):
+                triton_paged_attention(q, c8, c8, mixed, 0.1, num_splits=4, k_scale=0.5, v_scale=0.5)
+            with rec.labelled(f"{label} fp8 KV cache, mixed batch, prefill split 4"):
+                triton_paged_attention(q, c8, c8, mixed, 0.1, prefill_splits=4, k_scale=0.5, v_scale=0.5)
+            with rec.labelled(f"{label} fp8 KV cache, decode, no split"):
+                triton_paged_attention(q[:S], c8, c8, decode, 0.1, num_splits=1, k_scale=0.5, v_scale=0.5)
+            with rec.labelled(f"{label} fp8 KV write"):
+                triton_write_kv(kv, kv, c8, c8, torch.empty(T, dtype=torch.long, **meta), 0.5, 0.5)
     # gpt-oss: 64 heads over 8 kv heads of 64 dims, with per-head sinks, on a sliding (128) and a full layer.
     for dt in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
         H, L, S, T = 64, 16, 8, 40
@@ -219,6 +229,17 @@ def compile_mla(rec: Recorder, quick: bool) -> None:
         with rec.labelled(f"{name} latent write"):
             triton_write_latent(torch.empty(40, C, dtype=dt, **meta), torch.empty(40, P, dtype=dt, **meta), cache,
                                 torch.empty(40, dtype=torch.long, **meta))
+        if N == 128 and dt == torch.bfloat16:  # --kv-cache-dtype fp8: an e4m3 latent cache, bf16 queries
+            c8 = torch.empty(1000, L, C + P, dtype=torch.float8_e4m3fn, **meta)
+            for label, S, splits in (("decode batch 64", 64, 1), ("decode batch 4, split 8", 4, 8)):
+                m = AttentionMetadata(i32(S + 1), i32(S), i32(S, 512), torch.empty(S, dtype=torch.long, **meta),
+                                      [1] * S, [4096] * S, 1, 4096, 999)
+                with rec.labelled(f"{name} fp8 latent cache, {label}"):
+                    triton_mla_attention(torch.empty(S, N, C, dtype=dt, **meta), torch.empty(S, N, P, dtype=dt, **meta),
+                                         c8, m, 0.1, 0.5, num_splits=splits)
+            with rec.labelled(f"{name} fp8 latent write"):
+                triton_write_latent(torch.empty(40, C, dtype=dt, **meta), torch.empty(40, P, dtype=dt, **meta), c8,
+                                    torch.empty(40, dtype=torch.long, **meta), 0.5)
 
 
 # Dense FP8 linears the engine launches (DeepSeek-V3's attention and dense-MLP projections, [N, K]).

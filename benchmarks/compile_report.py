@@ -309,7 +309,9 @@ def merge_into(old: dict, new: dict, only: str) -> dict:
 
 
 # Kernels a family owns (replaced by --merge); kernels several families launch are shared.
-FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",)}
+FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
+                  "mla": ("_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel"),
+                  "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_write_kv_kernel")}
 
 
 def notes(rep: dict) -> list[str]:

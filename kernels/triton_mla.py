@@ -192,14 +192,22 @@ def _mla_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, n
 _CONFIG = (32, 64, 8, 2)
 _SPLIT_CONFIG = (32, 32, 8, 2)
 _FP32_CONFIG = (16, 16, 8, 2)
+# An fp8 latent cache holds each tile twice for a while (the e4m3 load and its bf16 widening): with 32 heads
+# the kernel reaches 255 registers and spills 8 B (16 B split) on sm_90 under Triton 3.6 at 64, 32 and 16
+# rows alike (the [heads, 512] accumulator dominates); 16 heads compile clean, at twice the latent re-reads.
+_FP8_CACHE_CONFIG = (16, 32, 8, 2)
+_FP8_CACHE_SPLIT_CONFIG = (16, 32, 8, 2)
 
 
-def _launch_config(dtype: torch.dtype, interpret: bool, num_heads: int, split: bool = False) -> tuple[int, int, int, int]:
+def _launch_config(dtype: torch.dtype, interpret: bool, num_heads: int, split: bool = False,
+                   fp8_cache: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_H, BLOCK_N, num_warps, num_stages); BLOCK_H shrinks to the head count (>= 16 rows for tl.dot)."""
     if interpret:
         block_h, block_n, warps, stages = 16, 16, 4, 1
     elif dtype == torch.float32:
         block_h, block_n, warps, stages = _FP32_CONFIG
+    elif fp8_cache:
+        block_h, block_n, warps, stages = _FP8_CACHE_SPLIT_CONFIG if split else _FP8_CACHE_CONFIG
     else:
         block_h, block_n, warps, stages = _SPLIT_CONFIG if split else _CONFIG
     return min(block_h, max(16, triton.next_power_of_2(num_heads))), block_n, warps, stages
@@ -234,13 +242,15 @@ def triton_mla_attention(
     q_pe_TNP = q_pe_TNP if q_pe_TNP.stride(-1) == 1 else q_pe_TNP.contiguous()
     dev = q_latent_TNC.device
     flags = dict(INTERPRET=common.interpreting(q_latent_TNC), PREC=common.dot_precision(q_latent_TNC.dtype))
-    BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N)
+    fp8_cache = latent_cache_BLR.dtype in FP8_CACHE_DTYPES
+    BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, fp8_cache=fp8_cache)
     BLOCK_C = max(16, triton.next_power_of_2(C))
     BLOCK_P = max(16, triton.next_power_of_2(P))
     head_blocks = triton.cdiv(N, BLOCK_H)
     Z = num_splits or _pick_splits(dev, T * head_blocks, meta.max_seq_len, BLOCK_N)
     if Z > 1:
-        BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, split=True)
+        BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, split=True,
+                                                         fp8_cache=fp8_cache)
     part_o = part_lse = out  # unused when Z == 1
     if Z > 1:
         part_o = common.workspace((T, N, Z, BLOCK_C), torch.float32, dev)
