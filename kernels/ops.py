@@ -16,6 +16,7 @@ import torch
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
 from .mla import reference_mla_attention, reference_write_latent
 from .moe import reference_fused_moe
+from .mxfp4 import reference_fused_moe_mxfp4
 from .norm import reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rotary
 
@@ -33,6 +34,7 @@ class ReferenceKernels:
     write_latent = staticmethod(reference_write_latent)
     mla_attention = staticmethod(reference_mla_attention)
     fused_moe = staticmethod(reference_fused_moe)
+    fused_moe_mxfp4 = staticmethod(reference_fused_moe_mxfp4)
 
 
 class TritonKernels:
@@ -49,6 +51,7 @@ class TritonKernels:
         from .triton_attention import triton_paged_attention, triton_write_kv
         from .triton_mla import triton_mla_attention, triton_write_latent
         from .triton_moe import triton_fused_moe
+        from .triton_moe_mxfp4 import triton_fused_moe_mxfp4
         from .triton_norm import triton_add_rms_norm, triton_rms_norm
         from .triton_rotary import triton_rotary
 
@@ -59,7 +62,8 @@ class TritonKernels:
         self.paged_attention = triton_paged_attention
         self.write_latent = triton_write_latent
         self.mla_attention = triton_mla_attention
-        self.fused_moe = triton_fused_moe
+        self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too
+        self.fused_moe_mxfp4 = triton_fused_moe_mxfp4
 
 
 def _triton_available() -> bool:

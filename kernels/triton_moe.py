@@ -248,12 +248,12 @@ def triton_fused_moe(
     topk_ids_TK: torch.Tensor,
     expert_map_G: torch.Tensor | None = None,
     *,
-    out: torch.Tensor | None = None,
-    config: MoEConfig | None = None,
-    combine: str = "sum",
     b13_EF: torch.Tensor | None = None,
     b2_ED: torch.Tensor | None = None,
     activation: MoEActivation = SILU,
+    out: torch.Tensor | None = None,
+    config: MoEConfig | None = None,
+    combine: str = "sum",
 ) -> torch.Tensor:
     """Same contract as `reference_fused_moe` (biases b13 [E, F] / b2 [E, D] of any float dtype, activation):
     [T, D] in x's dtype; rows whose experts are all remote are 0.

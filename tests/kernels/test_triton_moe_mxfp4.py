@@ -115,3 +115,18 @@ def test_fused_moe_mxfp4_empty_batch_and_bad_input(kdev):
         triton_fused_moe_mxfp4(x, *w, *route, native=True)
     with pytest.raises(ValueError, match="combine"):
         triton_fused_moe_mxfp4(x, *w, *route, combine="max")
+
+
+def test_both_kernel_strategies_take_the_reference_signature():
+    """ops.ReferenceKernels / TritonKernels: fused_moe_mxfp4 on both, and the Triton fused_moe and fused_moe_mxfp4
+    accept every parameter of their references (biases and activation included) under the same names."""
+    import inspect
+
+    from moelink.kernels.ops import ReferenceKernels, TritonKernels
+
+    ref, tri = ReferenceKernels(), TritonKernels()
+    for name in ("fused_moe", "fused_moe_mxfp4"):
+        want = inspect.signature(getattr(ref, name)).parameters
+        got = inspect.signature(getattr(tri, name)).parameters
+        assert list(want) == list(got)[: len(want)], name
+        assert {"b13_EF", "b2_ED", "activation"} <= set(got), name
