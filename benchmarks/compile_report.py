@@ -2,7 +2,7 @@
 compiled for Hopper on a machine without a GPU, with what the compiler made of it.
 
     python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
-        [--no-published] [--only moe|attention|mla|norm] [--quick]
+        [--no-published] [--only moe|mxfp4|attention|mla|norm] [--quick]
 
 How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
 size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
@@ -40,11 +40,11 @@ from pathlib import Path
 import torch
 
 from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_mla,  # noqa: F401
-                            compile_moe, compile_norm_rotary)
+                            compile_moe, compile_moe_mxfp4, compile_norm_rotary)
 
 RESULTS = Path(__file__).parent / "results"
 H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
-GEMM_KERNELS = ("_moe_up_kernel", "_moe_down_kernel")
+GEMM_KERNELS = ("_moe_up_kernel", "_moe_down_kernel", "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel")
 ATTN_DOT_KERNELS = ("_decode_kernel", "_prefill_kernel", "_mla_kernel")
 
 
@@ -120,6 +120,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
     rec.install(90)
     if only in (None, "moe"):
         compile_moe(rec, published, quick)
+    if only in (None, "mxfp4"):
+        compile_moe_mxfp4(rec, quick)
     if only in (None, "attention"):
         compile_attention(rec, quick)
     if only in (None, "mla"):
@@ -215,7 +217,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
-    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm"], default=None, help="one kernel family")
+    ap.add_argument("--only", choices=["moe", "mxfp4", "attention", "mla", "norm"], default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
     ap.add_argument("--cache-dir", default=None,
                     help="Triton cache (default: a fresh temporary one, so compile_s is a cold compile)")
