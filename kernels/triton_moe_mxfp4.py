@@ -13,8 +13,12 @@ In the K loop (Hopper and older, `NATIVE=False`): bytes → two nibbles (low nib
 built in fp32 bits → times 2**(scale - 127) (also built from bits) → the activation dtype, exact (an e2m1 value
 times a power of two needs 2 significant bits) unless it over/underflows that dtype → tl.dot with fp32
 accumulation, as the float kernel. The activations stay in their dtype (W4A16); x is never quantized.
-`NATIVE=True` (sm_100+, bf16/fp16 activations): `tl.dot_scaled(x, None, "bf16", packed, scales, "e2m1")`, the
-hardware's own microscaled MMA (Triton upcasts in software where the hardware has none).
+`NATIVE=True` (opt-in, `native=True`; bf16/fp16 activations): `tl.dot_scaled(x, None, "bf16", packed, scales,
+"e2m1")` instead, Triton's own microscaling path. Verified: it matches the reference in the interpreter (same
+operand layouts: bytes packed along K, scales [N, K/32]), and compiles for sm_100 (Triton 3.6 and 3.9, offline) to
+`tcgen05.mma ... kind::f16`: with bf16 activations Triton upcasts the e2m1 operand and runs Blackwell's bf16 MMA,
+not the block-scaled `kind::mxf8f6f4` / `kind::mxf4` MMA, which needs both operands microscaled (activations
+quantized to MXFP8/MXFP4, a numerics change not made here). Not run on Blackwell hardware, hence opt-in.
 
 The rest is the float kernel's: moe_align, gather of x rows by pair // K, [gate; up] accumulators with biases
 and the activation (`activation_epilogue`) in the epilogue, h_RI in sorted order, the down GEMM times the
@@ -195,11 +199,6 @@ def mxfp4_config(cfg: MoEConfig) -> MoEConfig:
                      replace(cfg.down, BLOCK_SIZE_K=max(GROUP, cfg.down.BLOCK_SIZE_K)))
 
 
-def native_microscaling(device: torch.device) -> bool:
-    """sm_100 and newer have MMA with e2m1 operands and E8M0 scales (tl.dot_scaled lowers to it)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
-
-
 def _check(x_TD, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int]:
     common.check_dtype("x_TD", x_TD)
     _check_packed(w13_blocks, w13_scales, "w13")
@@ -235,11 +234,11 @@ def triton_fused_moe_mxfp4(
     out: torch.Tensor | None = None,
     config: MoEConfig | None = None,
     combine: str = "sum",
-    native: bool | None = None,
+    native: bool = False,
 ) -> torch.Tensor:
     """Same contract as `reference_fused_moe_mxfp4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose
-    experts are all remote are 0. `out`, `config` and `combine` as `triton_fused_moe`; `native` forces the
-    tl.dot_scaled path on or off (default: on for sm_100+ with bf16/fp16 activations). No device→host sync.
+    experts are all remote are 0. `out`, `config` and `combine` as `triton_fused_moe`; `native=True` takes the
+    tl.dot_scaled path (module docstring; bf16/fp16 activations only). No device→host sync.
     """
     E, I, D = _check(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, topk_weights_TK,
                      topk_ids_TK)
@@ -250,9 +249,7 @@ def triton_fused_moe_mxfp4(
     act, alpha, limit = activation_args(activation)
     T, K = x_TD.shape[0], topk_ids_TK.shape[1]
     dev, dt = x_TD.device, x_TD.dtype
-    if native is None:
-        native = dt in _NATIVE_DTYPES and native_microscaling(dev)
-    elif native and dt not in _NATIVE_DTYPES:
+    if native and dt not in _NATIVE_DTYPES:
         raise ValueError(f"native=True is invalid with x_TD.dtype={dt}: tl.dot_scaled takes bf16 or fp16 activations.")
     if out is None:
         out = common.workspace((T, D), dt, dev)

@@ -69,6 +69,24 @@ def test_fused_moe_mxfp4_matches_reference(T, E, G, K, D, I, mode, cfg, combine,
         assert (got.cpu()[remote] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", [0, 2], ids=["masked-K", "decode"])
+def test_native_dot_scaled_branch(case, dtype, gen, kdev, check, nan_buffer):
+    """native=True (tl.dot_scaled) computes the same thing; on CPU this runs Triton's interpreter emulation of it."""
+    T, E, G, K, D, I, mode, cfg, combine, act, biases = CASES[case]
+    w13q, w13s, w2q, w2s, b13, b2 = _weights(gen, E, D, I, biases)
+    x = (torch.randn(T, D, generator=gen) * 2).to(dtype)
+    ids = routing(gen, T, G, K)
+    weights = torch.rand(T, K, generator=gen)
+    want = reference_fused_moe_mxfp4(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, b13_EF=b13.double(),
+                                     b2_ED=b2.double(), activation=act)
+    dev = lambda t: t.to(kdev)  # noqa: E731
+    got = triton_fused_moe_mxfp4(*map(dev, (x, w13q, w13s, w2q, w2s, weights, ids)), b13_EF=dev(b13), b2_ED=dev(b2),
+                                 activation=act, config=cfg, combine=combine, native=True,
+                                 out=nan_buffer((T, D), dtype, kdev))
+    check(got, want, dtype, f"fused_moe_mxfp4 native T={T}")
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # 2**127 * 6 is inf in fp32: both sides, on purpose
 def test_dequant_tile_is_the_reference(gen, kdev):
     """The in-register dequantization alone, at every byte value and extreme exponents, equals mxfp4_dequantize."""
