@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None)
     gen.set_defaults(func=_generate)
     # Modules of this package that add their own subcommands with `register_cli(subparsers)`.
-    from . import plan_cli, tiny_model  # plan (cluster throughput model, moelink.planner); make-tiny-model
+    from . import mxfp4_checkpoint, plan_cli, tiny_model  # quantize-mxfp4; plan (moelink.planner); make-tiny-model
     from .server import cli as server_cli  # serve, stats (the gRPC front)
 
-    for module in (tiny_model, server_cli, plan_cli):
+    for module in (tiny_model, server_cli, plan_cli, mxfp4_checkpoint):
         module.register_cli(sub)
     _register_plugins(sub)
     return parser
