@@ -282,3 +282,44 @@ def compile_fp8(rec: Recorder, quick: bool) -> None:
             with rec.labelled(f"{label} T={T} fp8_linear.json[{bucket}]"):
                 triton_fp8_linear(torch.empty(T, K, dtype=torch.bfloat16, **meta), torch.empty(N, K, dtype=f8, **meta),
                                   torch.empty(*block_scale_shape(N, K), **meta), config=cfg)
+
+
+# gpt-oss experts (E, top-k, D, I): MXFP4 weights, biases, swiglu_oai.
+GPT_OSS_SHAPES = {"gpt-oss-120b": (128, 4, 2880, 2880), "gpt-oss-20b": (32, 4, 2880, 2880)}
+
+
+def compile_moe_mxfp4(rec: Recorder, quick: bool) -> None:
+    """The MXFP4 fused MoE (kernels/triton_moe_mxfp4.py) at gpt-oss shapes with its published layout: every
+    default.json bucket (decode to prefill), an expert map, the atomic combine, fp16 activations; and the bf16
+    fused MoE with gpt-oss's biases and swiglu_oai (the float checkpoint path)."""
+    from moelink.kernels.moe import MoEActivation
+    from moelink.kernels.moe_config import CONFIG_DIR, load_config_file
+    from moelink.kernels.triton_moe import triton_fused_moe
+    from moelink.kernels.triton_moe_mxfp4 import triton_fused_moe_mxfp4
+
+    meta = dict(device="meta")
+    u8 = lambda *s: torch.empty(*s, dtype=torch.uint8, **meta)  # noqa: E731
+    act = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
+    _, default = load_config_file(str(CONFIG_DIR / "default.json"))
+    for name, (E, K, D, I) in GPT_OSS_SHAPES.items():
+        w = (u8(E, 2 * I, D // 32, 16), u8(E, 2 * I, D // 32), u8(E, D, I // 32, 16), u8(E, D, I // 32))
+        bias = dict(b13_EF=torch.empty(E, 2 * I, dtype=torch.bfloat16, **meta),
+                    b2_ED=torch.empty(E, D, dtype=torch.bfloat16, **meta))
+        variants = [(f"default.json[{b}]", max(1, -(-b * E // K)), torch.bfloat16, False, "sum") for b, _ in default]
+        if name == "gpt-oss-120b" and not quick:
+            variants += [("expert map", 64, torch.bfloat16, True, "sum"), ("atomic", 4096, torch.bfloat16, False, "atomic"),
+                         ("fp16", 64, torch.float16, False, "sum")]
+        for label, T, dt, emap, combine in variants[:1] if quick else variants:
+            with rec.labelled(f"{name} MXFP4 T={T} {label}"):
+                triton_fused_moe_mxfp4(torch.empty(T, D, dtype=dt, **meta), *w, torch.empty(T, K, **meta),
+                                       torch.empty(T, K, dtype=torch.long, **meta),
+                                       torch.empty(E, dtype=torch.int32, **meta) if emap else None,
+                                       activation=act, combine=combine, native=False, **bias)
+        if quick:
+            break
+        for T in (1, 4096):
+            with rec.labelled(f"{name} bf16 weights + biases + swiglu_oai T={T}"):
+                triton_fused_moe(torch.empty(T, D, dtype=torch.bfloat16, **meta),
+                                 torch.empty(E, 2 * I, D, dtype=torch.bfloat16, **meta),
+                                 torch.empty(E, D, I, dtype=torch.bfloat16, **meta), torch.empty(T, K, **meta),
+                                 torch.empty(T, K, dtype=torch.long, **meta), activation=act, **bias)

@@ -2,7 +2,7 @@
 compiled for Hopper on a machine without a GPU, with what the compiler made of it.
 
     python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
-        [--no-published] [--only moe|attention|mla|norm|fp8] [--quick]
+        [--no-published] [--only moe|attention|mla|norm|fp8|mxfp4] [--quick]
 
 How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
 size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
@@ -41,11 +41,11 @@ from pathlib import Path
 import torch
 
 from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_fp8,  # noqa: F401
-                            compile_mla, compile_moe, compile_norm_rotary)
+                            compile_mla, compile_moe, compile_moe_mxfp4, compile_norm_rotary)
 
 RESULTS = Path(__file__).parent / "results"
 H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
-GEMM_KERNELS = ("_moe_up_kernel", "_moe_down_kernel")
+GEMM_KERNELS = ("_moe_up_kernel", "_moe_down_kernel", "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel")
 FP8_GEMM_KERNELS = ("_moe_fp8_up_kernel", "_moe_fp8_down_kernel", "_fp8_gemm_kernel")
 ATTN_DOT_KERNELS = ("_decode_kernel", "_prefill_kernel", "_mla_kernel")
 
@@ -125,6 +125,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
     rec.install(90)
     if only in (None, "moe"):
         compile_moe(rec, published, quick)
+    if only in (None, "mxfp4"):
+        compile_moe_mxfp4(rec, quick)
     if only in (None, "attention"):
         compile_attention(rec, quick)
     if only in (None, "mla"):
@@ -240,7 +242,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
-    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "fp8"], default=None, help="one kernel family")
+    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "fp8", "mxfp4"], default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
     ap.add_argument("--merge", action="store_true",
                     help="with --only: replace that family's kernels in the existing <out>.json and keep every other "
@@ -311,6 +313,8 @@ def merge_into(old: dict, new: dict, only: str) -> dict:
 # Kernels a family owns (replaced by --merge); kernels several families launch are shared.
 FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
                   "mla": ("_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel"),
+                  "moe": ("_moe_up_kernel", "_moe_down_kernel"),
+                  "mxfp4": ("_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"),
                   "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_write_kv_kernel")}
 
 

@@ -96,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
     gen.set_defaults(func=_generate)
     # Modules of this package that add their own subcommands with `register_cli(subparsers)`.
-    from . import plan_cli, quantize_fp8, tiny_model  # plan (moelink.planner); quantize-fp8; make-tiny-model
+    from . import mxfp4_checkpoint, plan_cli, quantize_fp8, tiny_model  # plan; quantize-fp8/-mxfp4; make-tiny-model
     from .server import cli as server_cli  # serve, stats (the gRPC front)
 
-    for module in (tiny_model, server_cli, plan_cli, quantize_fp8):
+    for module in (tiny_model, server_cli, plan_cli, quantize_fp8, mxfp4_checkpoint):
         module.register_cli(sub)
     _register_plugins(sub)
     return parser

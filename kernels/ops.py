@@ -16,7 +16,8 @@ import torch
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .mla import reference_mla_attention, reference_write_latent
-from .moe import SILU, reference_fused_moe
+from .moe import reference_fused_moe
+from .mxfp4 import reference_fused_moe_mxfp4
 from .norm import reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rotary
 
@@ -36,6 +37,7 @@ class ReferenceKernels:
     fused_moe = staticmethod(reference_fused_moe)
     fp8_linear = staticmethod(reference_fp8_linear)
     fused_moe_fp8 = staticmethod(reference_fused_moe_fp8)
+    fused_moe_mxfp4 = staticmethod(reference_fused_moe_mxfp4)
 
 
 class TritonKernels:
@@ -52,6 +54,7 @@ class TritonKernels:
         from .triton_attention import triton_paged_attention, triton_write_kv
         from .triton_mla import triton_mla_attention, triton_write_latent
         from .triton_moe import triton_fused_moe
+        from .triton_moe_mxfp4 import triton_fused_moe_mxfp4
         from .triton_norm import triton_add_rms_norm, triton_rms_norm
         from .triton_rotary import triton_rotary
 
@@ -62,28 +65,14 @@ class TritonKernels:
         self.paged_attention = triton_paged_attention
         self.write_latent = triton_write_latent
         self.mla_attention = triton_mla_attention
-        self.fused_moe = _with_reference_extras(triton_fused_moe)
+        self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too
+        self.fused_moe_mxfp4 = triton_fused_moe_mxfp4
         # FP8 block-scaled W8A8 (kernels/fp8.py is the contract): same signatures as the references.
         from .triton_fp8 import triton_fp8_linear
         from .triton_moe_fp8 import triton_fused_moe_fp8
 
         self.fp8_linear = triton_fp8_linear
         self.fused_moe_fp8 = triton_fused_moe_fp8
-
-
-def _with_reference_extras(triton_fused_moe):
-    """The Triton fused MoE for plain SiLU experts; a layer with expert biases or another activation (gpt-oss)
-    runs `reference_fused_moe` until the Triton kernel takes them (helper "mxfp4" is adding b13/b2 and the
-    clamped SwiGLU there: then this wrapper goes)."""
-
-    def fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G=None, *, b13_EF=None,
-                  b2_ED=None, activation=SILU, **kw):
-        if b13_EF is None and b2_ED is None and activation == SILU:
-            return triton_fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G, **kw)
-        return reference_fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G,
-                                   b13_EF=b13_EF, b2_ED=b2_ED, activation=activation)
-
-    return fused_moe
 
 
 def _triton_available() -> bool:

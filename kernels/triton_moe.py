@@ -1,4 +1,4 @@
-"""Fused MoE experts in Triton: align → gate-up GEMM with SiLU·mul → down GEMM × routed weight → top-k sum.
+"""Fused MoE experts in Triton: align → gate-up GEMM with the gated activation → down GEMM × routed weight → top-k sum.
 
 Legend: T tokens, D hidden, E local experts, G global experts, I expert
 intermediate size, F = 2I, K top-k, P = T*K pairs, R padded rows (moe_align).
@@ -23,6 +23,11 @@ Data flow (same math as `reference_fused_moe`):
      after the GEMM (bf16/fp16 pay one cast). Summation order varies between
      runs (last-bit differences). benchmarks/moe_kernels.py measures both.
 All accumulation is fp32 whatever the input dtype (fp32, bf16, fp16).
+Expert biases (gpt-oss: b13 [E, F] on the gate-up GEMM, b2 [E, D] on the down GEMM, scaled by the routed
+weight like the rest of the expert's output) and the activation (`MoEActivation`: SiLU·up, or gpt-oss's
+clamped swiglu_oai) are constexpr switches of the epilogues: without biases the kernels load nothing more,
+and the SiLU path compiles to the code it always did. `activation_epilogue` and `_add_bias` are shared with
+the MXFP4 kernels (kernels/triton_moe_mxfp4.py).
 The pair count is not specialised on (`do_not_specialize`): decode batches of odd and even sizes share
 one compiled kernel per config (T*K % 16 would otherwise split them), so a new batch size never compiles.
 """
@@ -33,9 +38,13 @@ import triton
 import triton.language as tl
 
 from . import triton_common as common
+from .moe import SILU, MoEActivation
 from .moe_align import _local_expert, moe_align_block_size
 from .moe_config import MoEConfig, get_moe_config
 from .triton_common import cast, dot
+
+ACT_SILU, ACT_SWIGLU_OAI = 0, 1  # the ACT constexpr of the gate-up epilogue
+_ACT_CODES = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI}
 
 
 @triton.jit
@@ -51,12 +60,29 @@ def _grouped_pids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _add_bias(acc, b_ptr, offs_n, n_ok):
+    """acc [BM, BN] + the bias row's [BN] slice, in fp32."""
+    return acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def activation_epilogue(acc_g, acc_u, alpha, limit, ACT: tl.constexpr):
+    """The gated activation on fp32 accumulators (same math as `MoEActivation`)."""
+    if ACT == 1:  # swiglu_oai: gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha * gate)
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        return (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
+    return acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, expert_ids_ptr,
+def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, expert_ids_ptr, b13_ptr,
                    num_pairs, num_rows, inter, hidden, top_k,
-                   stride_xt, stride_we, stride_wf, stride_wd, stride_hr,
+                   stride_xt, stride_we, stride_wf, stride_wd, stride_hr, stride_be, alpha, limit,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   EVEN_K: tl.constexpr, FUSED: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                   EVEN_K: tl.constexpr, FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                   INTERPRET: tl.constexpr, PREC: tl.constexpr):
     pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert = tl.load(expert_ids_ptr + pid_m)
     if expert < 0:
@@ -111,17 +137,22 @@ def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, expert_ids_ptr,
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K * stride_wd
             u_ptrs += BLOCK_K * stride_wd
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    if HAS_BIAS:
+        b_ptr = b13_ptr + expert.to(tl.int64) * stride_be
+        acc_g = _add_bias(acc_g, b_ptr, offs_n, n_ok)
+        acc_u = _add_bias(acc_u, b_ptr + inter, offs_n, n_ok)
+    h = activation_epilogue(acc_g, acc_u, alpha, limit, ACT)
     h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
     tl.store(h_ptrs, cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=n_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr,
+def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr, b2_ptr,
                      num_pairs, num_rows, hidden, inter, top_k,
-                     stride_hr, stride_we, stride_wd, stride_wi, stride_yr,
+                     stride_hr, stride_we, stride_wd, stride_wi, stride_yr, stride_be,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+                     PREC: tl.constexpr):
     pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     expert = tl.load(expert_ids_ptr + pid_m)
     if expert < 0:
@@ -147,6 +178,8 @@ def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_p
         acc = dot(a, b, acc, INTERPRET, PREC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wi
+    if HAS_BIAS:  # before the routed weight: it scales the bias too
+        acc = _add_bias(acc, b2_ptr + expert.to(tl.int64) * stride_be, offs_n, n_ok)
     w_m = tl.load(weights_ptr + pair_m, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * w_m[:, None]
     mask = row_ok[:, None] & n_ok[None, :]
@@ -178,6 +211,22 @@ def _moe_sum_kernel(y_ptr, ids_ptr, map_ptr, out_ptr, num_pairs, num_ids, hidden
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_d, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=d_ok)
 
 
+def check_bias(name: str, b: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor | None:
+    """None, or the bias [rows, cols] (any float dtype) with contiguous rows; anything else is named."""
+    if b is None:
+        return None
+    if not b.dtype.is_floating_point or tuple(b.shape) != (rows, cols):
+        raise ValueError(f"{name} {tuple(b.shape)} {b.dtype} is invalid: must be a float tensor [{rows}, {cols}].")
+    return b if b.stride(-1) == 1 else b.contiguous()
+
+
+def activation_args(activation: MoEActivation) -> tuple[int, float, float]:
+    """(ACT constexpr, alpha, limit) for `activation_epilogue`."""
+    if not isinstance(activation, MoEActivation):
+        raise ValueError(f"activation={activation!r} is invalid: must be a moelink.kernels.moe.MoEActivation.")
+    return _ACT_CODES[activation.kind], float(activation.alpha), float(activation.limit)
+
+
 def _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK) -> None:
     common.check_dtype("x_TD", x_TD)
     if w13_EFD.dtype != x_TD.dtype or w2_EDI.dtype != x_TD.dtype:
@@ -199,11 +248,15 @@ def triton_fused_moe(
     topk_ids_TK: torch.Tensor,
     expert_map_G: torch.Tensor | None = None,
     *,
+    b13_EF: torch.Tensor | None = None,
+    b2_ED: torch.Tensor | None = None,
+    activation: MoEActivation = SILU,
     out: torch.Tensor | None = None,
     config: MoEConfig | None = None,
     combine: str = "sum",
 ) -> torch.Tensor:
-    """Same contract as `reference_fused_moe`: [T, D] in x's dtype; rows whose experts are all remote are 0.
+    """Same contract as `reference_fused_moe` (biases b13 [E, F] / b2 [E, D] of any float dtype, activation):
+    [T, D] in x's dtype; rows whose experts are all remote are 0.
 
     `out` (optional [T, D], x's dtype) receives the result; `config` overrides
     the JSON launch config; `combine` is "sum" or "atomic" (module docstring).
@@ -215,6 +268,8 @@ def triton_fused_moe(
     T, D = x_TD.shape
     E, F, _ = w13_EFD.shape
     I, K = F // 2, topk_ids_TK.shape[1]
+    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, F), check_bias("b2_ED", b2_ED, E, D)
+    act, alpha, limit = activation_args(activation)
     dev, dt = x_TD.device, x_TD.dtype
     if out is None:
         out = common.workspace((T, D), dt, dev)
@@ -236,11 +291,12 @@ def triton_fused_moe(
     up = cfg.up
     h_RI = common.workspace((R, I), dt, dev)
     _moe_up_kernel[(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N),)](
-        x_TD, w13_EFD, h_RI, sorted_R, expert_ids_B, P, R, I, D, K,
+        x_TD, w13_EFD, h_RI, sorted_R, expert_ids_B, x_TD if b13_EF is None else b13_EF, P, R, I, D, K,
         x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), w13_EFD.stride(2), h_RI.stride(0),
+        0 if b13_EF is None else b13_EF.stride(0), alpha, limit,
         BLOCK_M=BM, BLOCK_N=up.BLOCK_SIZE_N, BLOCK_K=up.BLOCK_SIZE_K, GROUP_M=up.GROUP_SIZE_M,
-        EVEN_K=D % up.BLOCK_SIZE_K == 0, FUSED=up.FUSED_GATE_UP, num_warps=up.num_warps, num_stages=up.num_stages,
-        **flags,
+        EVEN_K=D % up.BLOCK_SIZE_K == 0, FUSED=up.FUSED_GATE_UP, HAS_BIAS=b13_EF is not None, ACT=act,
+        num_warps=up.num_warps, num_stages=up.num_stages, **flags,
     )
 
     down = cfg.down
@@ -251,11 +307,12 @@ def triton_fused_moe(
     else:
         y = common.workspace((P, D), dt, dev)
     _moe_down_kernel[(R // BM * triton.cdiv(D, down.BLOCK_SIZE_N),)](
-        h_RI, w2_EDI, y, sorted_R, expert_ids_B, weights_P, P, R, D, I, K,
+        h_RI, w2_EDI, y, sorted_R, expert_ids_B, weights_P, weights_P if b2_ED is None else b2_ED, P, R, D, I, K,
         h_RI.stride(0), w2_EDI.stride(0), w2_EDI.stride(1), w2_EDI.stride(2), y.stride(0),
+        0 if b2_ED is None else b2_ED.stride(0),
         BLOCK_M=BM, BLOCK_N=down.BLOCK_SIZE_N, BLOCK_K=down.BLOCK_SIZE_K, GROUP_M=down.GROUP_SIZE_M,
-        EVEN_K=I % down.BLOCK_SIZE_K == 0, ATOMIC=atomic, num_warps=down.num_warps, num_stages=down.num_stages,
-        **flags,
+        EVEN_K=I % down.BLOCK_SIZE_K == 0, ATOMIC=atomic, HAS_BIAS=b2_ED is not None, num_warps=down.num_warps,
+        num_stages=down.num_stages, **flags,
     )
     if atomic:
         if y is not out:
