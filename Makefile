@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 # A CPU machine must get the CPU wheel: an unpinned `torch` pulls gigabytes of CUDA packages.
 # 2.13.0 is the CPU build provided on our machines; override TORCH_SPEC elsewhere.
 TORCH_SPEC ?= torch==2.13.0
-TINY_MODEL ?= tiny-model
+# What `make serve` serves: the committed built-in model (a tiny MoE trained on the stdlib's docstrings by
+# `moelink train-builtin-model builtin-model`; see builtin-model/README.md), or any checkpoint directory.
+TINY_MODEL ?= builtin-model
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 50051
@@ -22,13 +24,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -e ".[test]"
 	touch $@
 
-$(TINY_MODEL)/config.json: | setup
-	$(VENV)/bin/moelink make-tiny-model $(TINY_MODEL) --arch qwen3_moe
+# The random-weight model of the tests and benchmarks (`make tiny-model`), for `make serve TINY_MODEL=tiny-model`.
+tiny-model/config.json: | setup
+	$(VENV)/bin/moelink make-tiny-model tiny-model --arch qwen3_moe
 
-# The tiny model behind one command: gRPC on $(PORT) and the OpenAI API on $(HTTP_PORT) through the smg
+tiny-model: tiny-model/config.json
+
+# The built-in model behind one command: gRPC on $(PORT) and the OpenAI API on $(HTTP_PORT) through the smg
 # gateway that `moelink serve` starts, restarts and stops itself (Ctrl-C drains and stops both).
 # How to call it is printed first.
-serve: setup $(TINY_MODEL)/config.json
+serve: setup
 	@echo "moelink on $(TINY_MODEL): OpenAI API on http://$(HOST):$(HTTP_PORT)/v1, gRPC on $(HOST):$(PORT) (moelink.v1.Generation + vllm.grpc.engine.VllmEngine)."
 	@echo "Call it from another shell (model name: $(notdir $(TINY_MODEL))):"
 	@echo "  curl http://$(HOST):$(HTTP_PORT)/v1/chat/completions -H 'content-type: application/json' -d '{\"model\": \"$(notdir $(TINY_MODEL))\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 32}'"
@@ -49,4 +54,4 @@ bench: setup
 	$(PY) -m moelink.benchmarks.engine_throughput
 
 clean:
-	rm -rf $(VENV) $(TINY_MODEL) .pytest_cache
+	rm -rf $(VENV) tiny-model .pytest_cache  # never builtin-model/: it is committed

@@ -1,4 +1,5 @@
-"""`moelink` command line: generate, serve, stats, plan, make-tiny-model, quantize-fp8, and plug-in subcommands.
+"""`moelink` command line: generate, serve, stats, plan, make-tiny-model, train-builtin-model, quantize-fp8,
+quantize-mxfp4, and plug-in subcommands.
 
 engine/ is the top of the layering, so the CLI may import every module below it; subcommands that live
 above it (benchmarks/: `bench-serve`) register themselves through the `moelink.cli` entry-point group
@@ -96,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
     gen.set_defaults(func=_generate)
     # Modules of this package that add their own subcommands with `register_cli(subparsers)`.
-    from . import mxfp4_checkpoint, plan_cli, quantize_fp8, tiny_model  # plan; quantize-fp8/-mxfp4; make-tiny-model
+    from . import mxfp4_checkpoint, plan_cli, quantize_fp8, tiny_model, train_builtin  # plan; quantize-fp8/-mxfp4;
+    # make-tiny-model; train-builtin-model
     from .server import cli as server_cli  # serve, stats (the gRPC front)
 
-    for module in (tiny_model, server_cli, plan_cli, quantize_fp8, mxfp4_checkpoint):
+    for module in (tiny_model, train_builtin, server_cli, plan_cli, quantize_fp8, mxfp4_checkpoint):
         module.register_cli(sub)
     _register_plugins(sub)
     return parser

@@ -130,6 +130,14 @@ def train_tiny_tokenizer(vocab_size: int) -> Tokenizer:
     Returns a `tokenizers.Tokenizer` with at most `vocab_size` ids (fewer when
     the small corpus runs out of merges).
     """
+    return train_bpe_tokenizer(corpus_texts(), vocab_size)
+
+
+def train_bpe_tokenizer(texts, vocab_size: int) -> Tokenizer:
+    """Byte-level BPE trained on `texts` (an iterable of str), ids 0-2 the specials; deterministic.
+
+    The built-in model (train_builtin.py) trains the same kind of tokenizer on the stdlib's docstrings.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -138,7 +146,7 @@ def train_tiny_tokenizer(vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
         # All 256 bytes, even those absent from the corpus, so nothing is unknown.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus_texts(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 

@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from ..async_engine import AsyncEngine
+from ..builtin_model import describe as describe_builtin_model
 from ..safe_text import MAX_LOG_LINE_CHARS, shown
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig
@@ -252,6 +253,9 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     if tokenizer_path:
         # Benchmark clients (aiperf, guidellm) need a tokenizer they can load offline: this path is one.
         print(f"moelink: tokenizer: {tokenizer_path}", flush=True)
+    builtin_note = describe_builtin_model(tokenizer_path)  # None unless it is builtin-model/ (or a retrained copy)
+    if builtin_note:
+        print(f"moelink: {builtin_note}", flush=True)
     if gateway is not None:
         key = " (same API key)" if config.api_key else ""
         print(f"moelink: OpenAI API on http://{_url_host(config.http_host)}:{config.http_port}/v1{key} "
