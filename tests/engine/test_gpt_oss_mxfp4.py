@@ -191,16 +191,20 @@ def test_weight_memory_reports_mxfp4(mxfp4_path):
 
 _TRITON_RUN = """
 import json, sys
+import moelink.kernels.triton_moe_mxfp4 as mx
 from moelink.engine import LLM, SamplingParams
+calls, kernel = [], mx.triton_fused_moe_mxfp4
+mx.triton_fused_moe_mxfp4 = lambda *a, **k: calls.append(a[0].dtype) or kernel(*a, **k)  # TritonKernels reads it
 llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=16,
           num_kv_blocks=16, block_size=4)
 ps = json.loads(sys.argv[2])
 outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+print("CALLS", len(calls), set(map(str, calls)))
 print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
 """
 
 
-@pytest.mark.slow  # the Triton interpreter runs every kernel of the step (attention, norms, MXFP4 MoE): ~1 min
+@pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step: 15-20 s on CPU
 def test_triton_engine_run_matches_reference(mxfp4_path):
     """One short engine run with kernels="triton" (the MXFP4 Triton MoE, in the interpreter here: a fresh
     process, since Triton reads TRITON_INTERPRET when a kernel is defined) gives the reference kernels' greedy
@@ -211,6 +215,8 @@ def test_triton_engine_run_matches_reference(mxfp4_path):
                           capture_output=True, text=True, timeout=600, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
+    calls = proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0]
+    assert int(calls.split()[0]) >= 3 * L and "torch.float32" in calls, calls  # every layer, every step, Triton
     ref = LLM(mxfp4_path, dtype="float32", kernels="reference", max_num_seqs=2, max_num_batched_tokens=16,
               num_kv_blocks=16, block_size=4)
     assert_same(got, engine_greedy(ref, ps, max_new=3), ps)
