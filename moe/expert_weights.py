@@ -184,22 +184,27 @@ class Mxfp4Experts:
         Each gate_up tensor is read through one advanced index (the loader's checkpoint-index element): with e
         [E', 1] this rank's experts and f [1, 2I] = gate_up_order, t[e, f] is [E', 2I, ...] with [gate; up]
         rows. Permuting whole rows is exact for blocks, scales and bias alike: a row carries its own bytes and
-        scales (kernels/mxfp4.py). down tensors are read at rows e. `rows` (the fused reader's expert index) is
-        not used: the expert ids give the same rows, and the gate_up read needs them as a tensor anyway."""
+        scales (kernels/mxfp4.py). down tensors are read at rows e. `rows` is the fused reader's expert index
+        (`()` all, a slice for a contiguous run, else the ids as a tensor): a slice stays a slice (basic
+        indexing beside the advanced row order), so the loader reads only this rank's experts from the file."""
         if not fused:
             raise ValueError(f"MXFP4 experts under {m!r} must be fused (experts.gate_up_proj_blocks ...), as gpt-oss "
                              "publishes them: per-expert MXFP4 tensors are not a published layout.")
-        e = torch.tensor(expert_ids, dtype=torch.long)
-        gu = (e[:, None], gate_up_order(layer.w2_blocks_EDSQ.shape[2] * MXFP4_GROUP)[None, :])
+        f = gate_up_order(layer.w2_blocks_EDSQ.shape[2] * MXFP4_GROUP)
+        if rows and not isinstance(rows[0], slice):
+            e = torch.as_tensor(rows[0], dtype=torch.long)
+            gu, dn = (e[:, None], f[None, :]), (e,)
+        else:
+            gu, dn = (rows[0] if rows else slice(None), f), rows
         x = m + "experts."
         plan: dict[str, tuple] = {x + "gate_up_proj_blocks": (layer.w13_blocks_EFSQ, (), gu),
                                   x + "gate_up_proj_scales": (layer.w13_scales_EFS, (), gu),
-                                  x + "down_proj_blocks": (layer.w2_blocks_EDSQ, (), (e,)),
-                                  x + "down_proj_scales": (layer.w2_scales_EDS, (), (e,))}
+                                  x + "down_proj_blocks": (layer.w2_blocks_EDSQ, (), *((dn,) if dn else ())),
+                                  x + "down_proj_scales": (layer.w2_scales_EDS, (), *((dn,) if dn else ()))}
         if getattr(layer, "b13_EF", None) is not None:
             plan[x + "gate_up_proj_bias"] = (layer.b13_EF, (), gu)
         if getattr(layer, "b2_ED", None) is not None:
-            plan[x + "down_proj_bias"] = (layer.b2_ED, (), (e,))
+            plan[x + "down_proj_bias"] = (layer.b2_ED, (), *((dn,) if dn else ()))
         return plan
 
     def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:

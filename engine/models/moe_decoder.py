@@ -231,7 +231,8 @@ class MoEDecoderForCausalLM(nn.Module):
         plan: dict[str, tuple] = {m + f"{self.spec.router}.weight": (mlp.gate_GD, ()),
                                   m + f"{self.spec.router}.bias": (mlp.gate_bias_G, ())}
         if mlp.expert_format.name != "float":
-            plan.update(mlp.expert_format.weight_plan(mlp, m, True, self.expert_ids, (), self.spec.expert_names))
+            rows = _expert_rows(self.expert_ids, self.cfg.num_experts)
+            plan.update(mlp.expert_format.weight_plan(mlp, m, True, self.expert_ids, rows, self.spec.expert_names))
             return plan
         D, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
         e = torch.tensor(self.expert_ids, dtype=torch.long)

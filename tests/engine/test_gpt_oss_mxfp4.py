@@ -152,25 +152,37 @@ def _ep(placement: ExpertPlacement, rank: int) -> ExpertParallel:
                           placement.to_tensors("cpu"))
 
 
-def test_rank_reads_its_experts_blocks_scales_and_biases(mxfp4_path):
+@pytest.mark.parametrize("replicas", [[0, 4], []])
+def test_rank_reads_its_experts_blocks_scales_and_biases(mxfp4_path, replicas):
     """Under EP each rank holds exactly the single-rank rows of its experts (redundant replicas included), in
-    its local slot order, and its plan names no per-expert tensor."""
+    its local slot order; a rank whose experts are contiguous reads only their rows from the file (its plan's
+    checkpoint index starts with a slice, the loader reads that slice alone)."""
     cfg = ModelConfig.from_pretrained(mxfp4_path, dtype="float32")
     whole = load_model(cfg, ReferenceKernels(), CPU)
-    # 5 experts + replicas of 0 and 4 over 2 ranks: rank 0 holds 0, 1, 2, 4; rank 1 holds 3, 4, 0 (non-contiguous).
-    placement = ExpertPlacement(num_experts=E, ep_size=2, replicas=[0, 4])
+    # replicas [0, 4]: rank 0 holds 0, 1, 2, 4 and rank 1 holds 3, 4, 0 (neither contiguous);
+    # none: rank 0 holds 0, 1, 2 and rank 1 holds 3, 4 (contiguous: sliced reads).
+    placement = ExpertPlacement(num_experts=E, ep_size=2, replicas=replicas)
     seen = set()
     for rank in range(2):
         local = placement.experts_on_rank(rank)
         seen.update(local)
         model = load_model(cfg, ReferenceKernels(), CPU, _ep(placement, rank))
-        assert not any(".experts.0." in n or n.endswith("gate_up_proj") for n in model.weight_plan(None))
+        plan = model.weight_plan(None)
+        assert not any(".experts.0." in n or n.endswith("gate_up_proj") for n in plan)
+        contiguous = local == list(range(local[0], local[0] + len(local)))
+        for n in ("gate_up_proj_blocks", "down_proj_scales", "gate_up_proj_bias"):
+            src_idx = plan[f"model.layers.1.mlp.experts.{n}"][2]
+            assert isinstance(src_idx[0], slice) == contiguous, (rank, n, src_idx)
         for i in range(L):
             mine, full = model.layers[i].moe, whole.layers[i].moe
             assert mine.w13_blocks_EFSQ.shape[0] == len(local)
             for name in _MXFP4_PARAMS:
                 assert torch.equal(getattr(mine, name), getattr(full, name)[local]), (rank, i, name)
     assert seen == set(range(E))
+    # an EP rank that receives no tokens still runs its experts (forward_moe_only's empty batch): 0 rows in, 0 out
+    moe = whole.layers[0].moe
+    y = moe.expert_format.run(moe.kernels, moe, torch.zeros(0, D), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long))
+    assert y.shape == (0, D)
 
 
 def test_weight_memory_reports_mxfp4(mxfp4_path):
