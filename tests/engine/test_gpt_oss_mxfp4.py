@@ -232,3 +232,29 @@ def test_triton_engine_run_matches_reference(mxfp4_path):
     ref = LLM(mxfp4_path, dtype="float32", kernels="reference", max_num_seqs=2, max_num_batched_tokens=16,
               num_kv_blocks=16, block_size=4)
     assert_same(got, engine_greedy(ref, ps, max_new=3), ps)
+
+
+def test_mxfp4_experts_need_whole_scale_groups():
+    from moelink.moe.expert_weights import Mxfp4Experts
+
+    with pytest.raises(ValueError, match=r"^config.json intermediate_size=24 is not supported with MXFP4 experts: it "
+                                         r"must be a multiple of 32"):
+        Mxfp4Experts().create(torch.nn.Module(), 4, 64, 24, torch.float32, CPU)
+    with pytest.raises(ValueError, match=r"hidden_size=48 .*multiple of 32"):
+        Mxfp4Experts().create(torch.nn.Module(), 4, 48, 32, torch.float32, CPU)
+
+
+def test_bf16_checkpoint_as_published(tmp_path):
+    """Biases and the float weights in bf16, as OpenAI publishes gpt-oss: the model runs in bf16 by default
+    (the MXFP4 weights dequantize exactly to bf16), and in float64 it still matches transformers on the file."""
+    from moelink.engine.mxfp4_checkpoint import quantize_mxfp4_checkpoint
+
+    path = str(quantize_mxfp4_checkpoint(save_gpt_oss(tmp_path / "float", torch.bfloat16, intermediate_size=I),
+                                         tmp_path / "mxfp4"))
+    cfg = ModelConfig.from_pretrained(path)
+    assert cfg.dtype == torch.bfloat16 and cfg.quantization.method == "mxfp4"
+    ps = [prompts(VOCAB, seed=5, n=2, lo=2, hi=14)[1]]
+    llm = LLM(path, max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=16, block_size=4)
+    assert all(len(o) == 4 and all(0 <= t < VOCAB for t in o) for o in engine_greedy(llm, ps, max_new=4))
+    llm64 = LLM(path, dtype="float64", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=16, block_size=4)
+    assert_same(engine_greedy(llm64, ps, max_new=4), _hf_greedy(path, ps, max_new=4), ps)
