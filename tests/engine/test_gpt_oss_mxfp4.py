@@ -181,7 +181,8 @@ def test_rank_reads_its_experts_blocks_scales_and_biases(mxfp4_path, replicas):
     assert seen == set(range(E))
     # an EP rank that receives no tokens still runs its experts (forward_moe_only's empty batch): 0 rows in, 0 out
     moe = whole.layers[0].moe
-    y = moe.expert_format.run(moe.kernels, moe, torch.zeros(0, D), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long))
+    y = moe.expert_format.run(moe.kernels, moe, torch.zeros(0, D), torch.zeros(0, 2),
+                              torch.zeros(0, 2, dtype=torch.long))
     assert y.shape == (0, D)
 
 
