@@ -100,8 +100,8 @@ class ModelConfig:
     # The Hugging Face repo id `model` (then a cache snapshot directory) was resolved from; None for a
     # directory the user gave. What the user knows the model by: see `name`.
     model_id: str | None = None
-    # FP8 block-scaled weights (engine/quantization.py): the checkpoint's quantization_config, or made at
-    # load from a float checkpoint (`online`); None runs float weights in `dtype`.
+    # FP8 block-scaled weights or MXFP4 experts (engine/quantization.py): the checkpoint's quantization_config,
+    # or FP8 made at load from a float checkpoint (`online`); None runs float weights in `dtype`.
     quantization: QuantConfig | None = None
     # The KV cache's element type (`--kv-cache-dtype`): None = `dtype`; float8_e4m3fn stores K/V (or MLA's
     # latent rows) in one byte with a per-layer scale (kernels/attention.py), half a bf16 cache's bytes.

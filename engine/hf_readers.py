@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from moelink.moe.router import RouterConfig
 
-from .quantization import read_quantization
+from .quantization import check_architecture, read_quantization
 from .layer_configs import ROPE_TYPES, GQAConfig, MLAConfig, MoEConfig, RopeConfig, unsupported
 
 # The routing scheme of each DeepSeek-style family as transformers implements it: the scoring function and
@@ -27,9 +27,10 @@ _ROPE_FIELD = "rope_parameters.rope_type (rope_scaling.rope_type or rope_scaling
 
 def read_fields(arch: str, hf) -> dict:
     """ModelConfig's fields (all but model, dtype, architecture, max_model_len, hf_config) from `hf`."""
-    # FP8 block-scaled weights carry their scales (engine/quantization.py reads every quant_method moelink
-    # runs and refuses the rest); a format's reader plugs in there, not here.
+    # Quantized weights carry their scales (engine/quantization.py reads every quant_method moelink runs and
+    # refuses the rest); a format's reader plugs in there, not here. MXFP4 is gpt-oss's experts only.
     quantization = read_quantization(getattr(hf, "quantization_config", None))
+    check_architecture(quantization, arch)
     hidden_act = getattr(hf, "hidden_act", "silu")
     # gpt-oss's experts run their clamped SwiGLU whatever hidden_act says (transformers never reads it there).
     if hidden_act != "silu" and arch != "GptOssForCausalLM":

@@ -7,7 +7,8 @@ its plan lists (its own experts under expert parallelism).
 FP8 (engine/quantization.py): FP8 tensors are copied as they are and their
 `weight_scale_inv` as float32, both by the plan; a plan destination
 `QuantizeOnLoad` (online FP8 from a float checkpoint) block-quantizes the tensor
-as it is read. `process_weights_after_loading` then lets modules convert what
+as it is read. MXFP4 (gpt-oss's experts) is uint8 blocks and scales, copied as they are.
+`process_weights_after_loading` then lets modules convert what
 they loaded (MLA's kv_b_proj, dequantized for its absorption).
 """
 from __future__ import annotations
@@ -114,11 +115,16 @@ def _quantize_into(name: str, src: torch.Tensor, target: QuantizeOnLoad, idx: tu
 
 
 def _read(st, name: str, src_idx: tuple) -> torch.Tensor:
-    """The checkpoint tensor, or the rows `src_idx` picks (slices are read alone, without the rest)."""
+    """The checkpoint tensor, or the rows `src_idx` picks (slices are read alone, without the rest). Leading
+    slices before an advanced index (a rank's contiguous experts, then MXFP4's gate/up row order) are read
+    alone too, and the rest of the index applied to what they read: the same tensor as `full[src_idx]`."""
     if not src_idx:
         return st.get_tensor(name)
     if all(isinstance(i, slice) for i in src_idx):
         return st.get_slice(name)[src_idx]
+    n = next(k for k, i in enumerate(src_idx) if not isinstance(i, slice))
+    if n:
+        return st.get_slice(name)[src_idx[:n]][(slice(None),) * n + tuple(src_idx[n:])]
     return st.get_tensor(name)[src_idx]
 
 

@@ -2,22 +2,27 @@
 
 moelink runs FP8 block-scaled weights (`quant_method: fp8`, as DeepSeek-V3/R1, Kimi K2 and Qwen3-FP8 publish
 them; kernels/fp8.py has the layout) from a checkpoint that says so, or made at load from a float checkpoint
-(`--quantization fp8`, "online": the same weights the `moelink quantize-fp8` tool would write). Each reader of
-a `quant_method` lives in `_READERS`; a method without one is refused naming the field, the value and what runs.
+(`--quantization fp8`, "online": the same weights the `moelink quantize-fp8` tool would write), and MXFP4
+routed experts (`quant_method: mxfp4`, as OpenAI publishes gpt-oss; kernels/mxfp4.py has the layout). Each
+reader of a `quant_method` lives in `_READERS`; a method without one is refused naming the field, the value and
+what runs.
 
 Which modules stay float: the router gate, norms, embeddings and lm_head always (as published); any module
 that `modules_to_not_convert` (transformers' name) or `ignored_layers` (vLLM / compressed-tensors' name) lists.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .layer_configs import unsupported
 
-# Every quant_method a reader exists for. "mxfp4" (gpt-oss's experts) is read by the MXFP4 work: add its
-# reader to _READERS and its name here.
-SUPPORTED_METHODS = ("fp8",)
+# Every quant_method a reader exists for (_READERS).
+SUPPORTED_METHODS = ("fp8", "mxfp4")
+# The architectures whose experts moelink runs in MXFP4: the layout (gate/up interleaved rows, expert biases)
+# is gpt-oss's, and no other family publishes it.
+MXFP4_ARCHITECTURES = ("GptOssForCausalLM",)
 _ACTIVATION_SCHEMES = ("dynamic",)
 _FP8_FORMATS = ("e4m3", "float8_e4m3fn")
 # `quantization=` (EngineArgs, --quantization) values that quantize a float checkpoint at load.
@@ -64,7 +69,39 @@ class Fp8Config:
         return not any(f".{m.strip('.')}." in name for m in self.modules_to_not_convert)
 
 
-QuantConfig = Fp8Config  # the union of the formats moelink reads (MXFP4 joins it)
+def _skip_pattern(entry: str) -> re.Pattern:
+    """modules_to_not_convert entry -> a regex matching it as a run of whole name components, `*` standing for
+    one component (gpt-oss lists "model.layers.*.self_attn")."""
+    parts = [r"[^.]+" if c == "*" else re.escape(c) for c in entry.strip(".").split(".")]
+    return re.compile(r"(^|\.)" + r"\.".join(parts) + r"(\.|$)")
+
+
+@dataclass(frozen=True)
+class Mxfp4Config:
+    """MXFP4 routed experts (OCP MX: e2m1 values, one E8M0 scale per 32 along the reduction dim; activations
+    stay in the model dtype, W4A16) as gpt-oss publishes them: only `mlp.experts` is ever MXFP4 (everything
+    else, attention and router included, is float in the checkpoint whatever the list says).
+
+    modules_to_not_convert: module names, dotted prefixes or runs of components, `*` matching one component.
+    """
+
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    method = "mxfp4"
+    online = False  # MXFP4 is read as published; nothing quantizes it at load
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
+
+    def is_quantized(self, module: str) -> bool:
+        """Whether `module` ("model.layers.3.mlp.experts") holds MXFP4 weights: a routed-experts module not
+        listed in modules_to_not_convert. Linears are never MXFP4 (engine/models/linear.py runs them float)."""
+        if module.rsplit(".", 1)[-1] != "experts":
+            return False
+        return not any(_skip_pattern(m).search(module) for m in self.modules_to_not_convert)
+
+
+QuantConfig = Fp8Config | Mxfp4Config  # the formats moelink reads
 
 
 def read_quantization(quant: Any) -> QuantConfig | None:
@@ -77,7 +114,7 @@ def read_quantization(quant: Any) -> QuantConfig | None:
     method = quant.get("quant_method")
     reader = _READERS.get(method)
     if reader is None:
-        raise unsupported("quantization_config.quant_method", method, SUPPORTED_METHODS + ("mxfp4",),
+        raise unsupported("quantization_config.quant_method", method, SUPPORTED_METHODS,
                           " (fp8: block-scaled e4m3 weights as DeepSeek-V3 / Qwen3-FP8 publish them; mxfp4: "
                           "gpt-oss's experts; other formats: convert the checkpoint to bf16 first)")
     return reader(quant)
@@ -92,15 +129,32 @@ def _read_fp8(quant: Mapping) -> Fp8Config:
         # Per-tensor FP8 (one scale per weight) is another layout: refused rather than read as blocks.
         raise ValueError("quantization_config.weight_block_size is missing: moelink runs block-scaled FP8 "
                          "(two positive integers, e.g. [128, 128]); per-tensor FP8 checkpoints are not supported.")
-    skip = tuple(quant.get("modules_to_not_convert") or ()) + tuple(quant.get("ignored_layers") or ())
-    if any(not isinstance(m, str) for m in skip):
-        raise ValueError(f"quantization_config.modules_to_not_convert={list(skip)!r} is invalid: a list of "
-                         f"module names.")
+    skip = _read_skip_list(quant)
     return Fp8Config(tuple(block) if isinstance(block, (list, tuple)) else block,
                      quant.get("activation_scheme", "dynamic"), skip)
 
 
-_READERS = {"fp8": _read_fp8}
+def _read_skip_list(quant: Mapping) -> tuple[str, ...]:
+    skip = tuple(quant.get("modules_to_not_convert") or ()) + tuple(quant.get("ignored_layers") or ())
+    if any(not isinstance(m, str) for m in skip):
+        raise ValueError(f"quantization_config.modules_to_not_convert={list(skip)!r} is invalid: a list of "
+                         f"module names.")
+    return skip
+
+
+def _read_mxfp4(quant: Mapping) -> Mxfp4Config:
+    return Mxfp4Config(_read_skip_list(quant))
+
+
+def check_architecture(quant: QuantConfig | None, arch: str) -> None:
+    """Refuse a quantization the architecture's weights cannot be in (MXFP4 is gpt-oss's experts only)."""
+    if quant is not None and quant.method == "mxfp4" and arch not in MXFP4_ARCHITECTURES:
+        raise ValueError(f"config.json quantization_config.quant_method='mxfp4' is not supported for {arch}: "
+                         f"MXFP4 experts run for {', '.join(MXFP4_ARCHITECTURES)} only (gpt-oss's published "
+                         f"layout); use a bf16 or fp8 checkpoint of this model.")
+
+
+_READERS = {"fp8": _read_fp8, "mxfp4": _read_mxfp4}
 
 
 def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None,

@@ -13,8 +13,8 @@ from .models.linear import Linear
 
 def weight_bytes_by_format(model: nn.Module) -> dict[str, int]:
     """{format: bytes} of every weight `model` holds: "fp8" (values + block scales: dense linears and experts
-    in FP8) and "float" (everything else, in its own dtype). Each parameter is counted once (tied
-    embeddings share one)."""
+    in FP8), "mxfp4" (packed values + E8M0 scales: gpt-oss's experts) and "float" (everything else, in its own
+    dtype). Each parameter is counted once (tied embeddings share one)."""
     out: dict[str, int] = {}
     counted: set[int] = set()
 
@@ -27,6 +27,13 @@ def weight_bytes_by_format(model: nn.Module) -> dict[str, int]:
             fmt = "fp8" if w.dtype == FP8_DTYPE else "float"
             add(fmt, weight_bytes(fmt, w.shape[0], w.shape[1], block, w.element_size()))
             counted.update(id(p) for p in (w, module.weight_scale_inv) if p is not None)
+        elif hasattr(module, "expert_format") and hasattr(module, "w13_blocks_EFSQ"):
+            # MXFP4 [E, N, K/32, 16] blocks + [E, N, K/32] scales: [N, K] weights per expert (biases stay float).
+            for blocks in (module.w13_blocks_EFSQ, module.w2_blocks_EDSQ):
+                e, n, s, q = blocks.shape
+                add("mxfp4", e * weight_bytes("mxfp4", n, s * 2 * q))
+            counted.update(id(p) for p in (module.w13_blocks_EFSQ, module.w13_scales_EFS, module.w2_blocks_EDSQ,
+                                           module.w2_scales_EDS))
         elif hasattr(module, "expert_format") and hasattr(module, "w13_EFD"):
             block = getattr(module.expert_format, "block", (1, 1))
             for w in (module.w13_EFD, module.w2_EDI):

@@ -1,7 +1,8 @@
 """Expert weight formats: how a MoE layer's stacked expert weights are held, loaded and multiplied.
 
 Legend: E local experts, D hidden, I expert intermediate size, F = 2I, N tokens (received), K top-k,
-Fb / Db / Ib block counts ceil(F / Bn), ceil(D / Bk) ... of an FP8 block-scaled weight (kernels/fp8.py).
+Fb / Db / Ib block counts ceil(F / Bn), ceil(D / Bk) ... of an FP8 block-scaled weight (kernels/fp8.py);
+MXFP4 (kernels/mxfp4.py): S = (reduction dim) / 32 scale groups, Q = 16 packed bytes per group.
 
 One strategy object per format (DESIGN.md 6), each owning its parameters (set on the MoE layer, beside the
 router), its rows of the weight plan (per-expert and fused on-disk layouts, this rank's experts only) and its
@@ -11,7 +12,9 @@ kernel call, so the layer has no format branches:
   `w2_scale_inv_EDI` [E, Db, Ib] beside them → kernels.fused_moe_fp8. From an FP8 checkpoint each weight's
   `weight_scale_inv` (per expert) or `{gate_up,down}_proj_scale_inv` (fused, transformers' FP8Experts names)
   loads beside it; from a float checkpoint (`online`) the loader block-quantizes each weight as it reads it.
-A further format (MXFP4) is one more class with the same four methods.
+- `Mxfp4Experts`: gpt-oss's published MXFP4 experts: uint8 e2m1 blocks `w13_blocks_EFSQ` [E, F, D/32, 16] /
+  `w2_blocks_EDSQ` [E, D, I/32, 16] with uint8 E8M0 scales `w13_scales_EFS` / `w2_scales_EDS` beside them, and
+  the layer's float expert biases → kernels.fused_moe_mxfp4 (W4A16: activations stay in the model dtype).
 
 Plan entries are `name -> (destination, index[, checkpoint rows])` (engine/loader.py); `QuantizeOnLoad` as
 the destination asks the loader to block-quantize a float checkpoint tensor into an FP8 weight and its scales.
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_scale_shape, reference_fused_moe_fp8
+from moelink.kernels.mxfp4 import GROUP as MXFP4_GROUP
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,68 @@ class Fp8BlockExperts:
                              weights_NK, ids_NK, block=self.block)
 
 
-ExpertFormat = FloatExperts | Fp8BlockExperts
+def gate_up_order(inter: int) -> torch.Tensor:
+    """The checkpoint row of each w13 row when gate and up are interleaved (gpt-oss: row 2i is gate channel i,
+    row 2i+1 up channel i): [0, 2, ..., 2I-2, 1, 3, ..., 2I-1], so reading rows in this order gives [gate; up]."""
+    return torch.cat([torch.arange(0, 2 * inter, 2), torch.arange(1, 2 * inter, 2)])
+
+
+class Mxfp4Experts:
+    """MXFP4 expert weights as gpt-oss publishes them (kernels/mxfp4.py: e2m1 pairs per byte, one E8M0 scale per
+    32 along the reduction dim), with gpt-oss's expert biases and clamped SwiGLU. Only the fused layout exists
+    on disk: `experts.{gate_up,down}_proj_{blocks,scales}` [E, N, K/32(, 16)] (output-channel major, gate/up rows
+    interleaved) and `experts.{gate_up,down}_proj_bias`."""
+
+    name = "mxfp4"
+    supports_extras = True
+
+    def create(self, layer: nn.Module, num_local: int, hidden: int, inter: int, dtype, device) -> None:
+        for field, n in (("hidden_size", hidden), ("intermediate_size", inter)):
+            if n % MXFP4_GROUP:
+                raise ValueError(f"config.json {field}={n} is not supported with MXFP4 experts: it must be a "
+                                 f"multiple of {MXFP4_GROUP} (one E8M0 scale per {MXFP4_GROUP} values).")
+        g, q = MXFP4_GROUP, MXFP4_GROUP // 2
+        layer.w13_blocks_EFSQ = _param(num_local, 2 * inter, hidden // g, q, dtype=torch.uint8, device=device)
+        layer.w13_scales_EFS = _param(num_local, 2 * inter, hidden // g, dtype=torch.uint8, device=device)
+        layer.w2_blocks_EDSQ = _param(num_local, hidden, inter // g, q, dtype=torch.uint8, device=device)
+        layer.w2_scales_EDS = _param(num_local, hidden, inter // g, dtype=torch.uint8, device=device)
+
+    def weight_plan(self, layer: nn.Module, m: str, fused: bool, expert_ids: list[int], rows: tuple,
+                    names: tuple[str, str, str]) -> dict[str, tuple]:
+        """This rank's experts (and their biases, when the layer has them) under `m` ("model.layers.{i}.mlp.").
+
+        Each gate_up tensor is read through one advanced index (the loader's checkpoint-index element): with e
+        [E', 1] this rank's experts and f [1, 2I] = gate_up_order, t[e, f] is [E', 2I, ...] with [gate; up]
+        rows. Permuting whole rows is exact for blocks, scales and bias alike: a row carries its own bytes and
+        scales (kernels/mxfp4.py). down tensors are read at rows e. `rows` is the fused reader's expert index
+        (`()` all, a slice for a contiguous run, else the ids as a tensor): a slice stays a slice (basic
+        indexing beside the advanced row order), so the loader reads only this rank's experts from the file."""
+        if not fused:
+            raise ValueError(f"MXFP4 experts under {m!r} must be fused (experts.gate_up_proj_blocks ...), as gpt-oss "
+                             "publishes them: per-expert MXFP4 tensors are not a published layout.")
+        f = gate_up_order(layer.w2_blocks_EDSQ.shape[2] * MXFP4_GROUP)
+        if rows and not isinstance(rows[0], slice):
+            e = torch.as_tensor(rows[0], dtype=torch.long)
+            gu, dn = (e[:, None], f[None, :]), (e,)
+        else:
+            gu, dn = (rows[0] if rows else slice(None), f), rows
+        x = m + "experts."
+        plan: dict[str, tuple] = {x + "gate_up_proj_blocks": (layer.w13_blocks_EFSQ, (), gu),
+                                  x + "gate_up_proj_scales": (layer.w13_scales_EFS, (), gu),
+                                  x + "down_proj_blocks": (layer.w2_blocks_EDSQ, (), *((dn,) if dn else ())),
+                                  x + "down_proj_scales": (layer.w2_scales_EDS, (), *((dn,) if dn else ()))}
+        if getattr(layer, "b13_EF", None) is not None:
+            plan[x + "gate_up_proj_bias"] = (layer.b13_EF, (), gu)
+        if getattr(layer, "b2_ED", None) is not None:
+            plan[x + "down_proj_bias"] = (layer.b2_ED, (), *((dn,) if dn else ()))
+        return plan
+
+    def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+        return kernels.fused_moe_mxfp4(x_ND, layer.w13_blocks_EFSQ, layer.w13_scales_EFS, layer.w2_blocks_EDSQ,
+                                       layer.w2_scales_EDS, weights_NK, ids_NK, **layer._extras())
+
+
+ExpertFormat = FloatExperts | Fp8BlockExperts | Mxfp4Experts
 
 
 def make_expert_format(quant) -> ExpertFormat:
@@ -156,4 +221,6 @@ def make_expert_format(quant) -> ExpertFormat:
         return FloatExperts()
     if quant.method == "fp8":
         return Fp8BlockExperts(quant.block, quant.online)
-    raise ValueError(f"quantization {quant.method!r} has no expert weight format (moelink runs fp8).")
+    if quant.method == "mxfp4":
+        return Mxfp4Experts()
+    raise ValueError(f"quantization {quant.method!r} has no expert weight format (moelink runs fp8 and mxfp4).")

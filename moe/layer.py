@@ -43,7 +43,8 @@ class ExpertParallel:
 
 class MoELayer(nn.Module):
     """A sparse MLP block. Expert weights are stacked: w13_EFD = [gate; up], w2_EDI = down, held (with any
-    scales beside them) by `expert_format` (moe/expert_weights.py: float, or FP8 block-scaled).
+    scales beside them) by `expert_format` (moe/expert_weights.py: float, FP8 block-scaled, or MXFP4, whose
+    packed blocks and scales replace w13 / w2).
 
     `kernels` is the device's kernel strategy (moelink.kernels.ops). Without
     `ep` every expert is local and tokens never leave the rank. A router that

@@ -20,7 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from moelink.kernels.moe import MoEActivation
-from moelink.moe.expert_weights import make_expert_format
+from moelink.moe.expert_weights import gate_up_order, make_expert_format
 from moelink.moe.layer import ExpertParallel, MoELayer
 from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
@@ -224,12 +224,19 @@ class MoEDecoderForCausalLM(nn.Module):
         Read as moelink's layout by one advanced index each (the loader's checkpoint-index element): with
         e [E', 1, 1] this rank's experts, f [1, 2I, 1] the de-interleaving column order [0, 2, ..., 1, 3, ...]
         and d [1, 1, D], gate_up_proj[e, d, f] is w13 [E', 2I, D] = [gate; up] rows, transposed; down_proj[e,
-        i, d] with i [1, 1, I], d [1, D, 1] is w2 [E', D, I]."""
-        D, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
-        e = torch.tensor(self.expert_ids, dtype=torch.long)
-        f = torch.cat([torch.arange(0, 2 * inter, 2), torch.arange(1, 2 * inter, 2)])
+        i, d] with i [1, 1, I], d [1, D, 1] is w2 [E', D, I].
+
+        Quantized experts (MXFP4, as OpenAI publishes gpt-oss: `experts.*_blocks` / `*_scales`, already output-
+        channel major) are their format's plan, the same de-interleaving included (moe/expert_weights.py)."""
         plan: dict[str, tuple] = {m + f"{self.spec.router}.weight": (mlp.gate_GD, ()),
                                   m + f"{self.spec.router}.bias": (mlp.gate_bias_G, ())}
+        if mlp.expert_format.name != "float":
+            rows = _expert_rows(self.expert_ids, self.cfg.num_experts)
+            plan.update(mlp.expert_format.weight_plan(mlp, m, True, self.expert_ids, rows, self.spec.expert_names))
+            return plan
+        D, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
+        e = torch.tensor(self.expert_ids, dtype=torch.long)
+        f = gate_up_order(inter)
         plan[m + "experts.gate_up_proj"] = (mlp.w13_EFD, (), (e[:, None, None], torch.arange(D)[None, None, :],
                                                               f[None, :, None]))
         plan[m + "experts.gate_up_proj_bias"] = (mlp.b13_EF, (), (e[:, None], f[None, :]))
