@@ -124,6 +124,12 @@ class Scheduler:
             r.status = status
             self._release(r)
 
+    @property
+    def pool_tokens(self) -> int:
+        """The longest sequence (prompt + outputs) this scheduler runs: its KV fits the pool with nothing else
+        running. num_kv_blocks * block_size, or less when the sliding-window group draws on the same pool."""
+        return self._pool_tokens
+
     def get_request(self, request_id: str) -> Request | None:
         return self.requests.get(request_id)
 

@@ -48,18 +48,18 @@ def test_long_decode_frees_sliding_blocks_and_equals_transformers(paired_path):
     runner = llm.engine.executor.worker.runner
     assert runner.kv_caches[0] is runner.kv_caches[1]  # one tensor set for the pair
     free = _free_blocks_per_step(llm)
-    got = engine_greedy(llm, ps, max_new=40)
+    got = engine_greedy(llm, ps, max_new=30)
     # Each step of a decode takes a full block every other token; the sliding table gives its oldest back at
     # the same pace once the window has moved on, so the free count rises again between takes.
     assert any(b > a for a, b in zip(free, free[1:])), f"no step gave sliding blocks back: {free}"
-    # 49 tokens: 25 full blocks; a table per group that kept everything would hold 50.
-    assert min(free) >= 64 - 25 - (-(-(8 + WINDOW) // 2) + 2), free
-    assert_same(got, hf_greedy(paired_path, ps, max_new=40), ps)
+    # 39 tokens: 20 full blocks; a table per group that kept everything would hold 40.
+    assert min(free) >= 64 - 20 - (-(-(8 + WINDOW) // 2) + 2), free
+    assert_same(got, hf_greedy(paired_path, ps, max_new=30), ps)
     assert_pool_free(llm)
     llm.engine.schedulers[0].check_invariants()
 
 
-def test_preemption_and_a_prefix_hit_stay_exact(paired_path):
+def test_preemption_stays_exact(paired_path):
     ps = prompts(VOCAB, seed=7, n=5, lo=1, hi=30)
     # 20 blocks of 4: five sequences of up to 30 + 10 tokens preempt each other.
     llm = LLM(paired_path, dtype="float64", max_num_seqs=5, max_num_batched_tokens=16, num_kv_blocks=20,
@@ -68,8 +68,24 @@ def test_preemption_and_a_prefix_hit_stay_exact(paired_path):
     assert llm.engine.stats().num_preemptions_total > 0
     assert_same(got, hf_greedy(paired_path, ps), ps)
     assert_pool_free(llm)
+
+
+def test_a_prefix_hit_stays_exact(paired_path):
     # A 64-token shared prefix (10x the window): hits need the sliding group's window blocks cached too.
     check_prefix_cache_parity(LLM, paired_path, VOCAB, n=3, max_suffix=5)
+
+
+def test_a_prompt_longer_than_one_sequence_may_hold_is_refused(paired_path):
+    # 20 blocks of 4, chunks of 16, window 6: a step's sliding blocks are at most ceil(22 / 4) + 2 = 8, so one
+    # sequence may hold 12 full blocks (48 tokens), not 80.
+    llm = LLM(paired_path, dtype="float64", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=20,
+              block_size=4)
+    assert llm.engine.schedulers[0].pool_tokens == 48
+    with pytest.raises(ValueError, match=r"prompt_token_ids has 60 tokens, more than the KV cache holds \(20 blocks of 4 "
+                                         r"tokens, of which one sequence may use 48 tokens"):
+        llm.generate([[1] * 60], use_tqdm=False)
+    assert engine_greedy(llm, [[1] * 40], max_new=2)  # 40 + 1 fit
+    assert_pool_free(llm)
 
 
 def test_the_same_memory_holds_more_blocks(tmp_path):
