@@ -14,6 +14,7 @@ import torch
 from moelink.engine import LLM
 from moelink.engine.config import ModelConfig
 from moelink.engine.kv_sizing import driver_num_kv_blocks, kv_cache_bytes_per_block, kv_sliding_window
+from moelink.scheduler.sliding_kv import NULL_BLOCK
 
 from tests.helpers.gpt_oss_checkpoints import VOCAB, WINDOW, gpt_oss_config, save_gpt_oss
 from tests.helpers.parity import (assert_pool_free, assert_same, check_prefix_cache_parity, engine_greedy,
@@ -26,17 +27,28 @@ def paired_path(tmp_path_factory):
 
 
 def _free_blocks_per_step(llm):
-    seen = []
+    """Record the pool's free blocks after each step, and check the worker's sliding tables against the
+    scheduler's: the same ids, the null block where the scheduler freed one (it never addresses a freed id)."""
+    seen, nulled = [], []
     real = llm.engine.step
+    runner, sched = llm.engine.executor.worker.runner, llm.engine.schedulers[0]
 
     def step():
         out = real()
         if llm.engine.has_unfinished_requests():
             seen.append(llm.engine.stats().num_free_blocks)
+        for rid, st in runner.requests.items():
+            if rid not in sched.requests:
+                continue
+            want = [runner.null_block if b == NULL_BLOCK else b for b in sched.kv.get_sliding_block_ids(rid)]
+            assert st.sliding.arr[: st.sliding.n].tolist() == want
+            nulled.append(st.sliding.num_nulled)
         return out
 
+    nulled = []
+
     llm.engine.step = step
-    return seen
+    return seen, nulled
 
 
 def test_long_decode_frees_sliding_blocks_and_equals_transformers(paired_path):
@@ -47,11 +59,12 @@ def test_long_decode_frees_sliding_blocks_and_equals_transformers(paired_path):
               block_size=2)
     runner = llm.engine.executor.worker.runner
     assert runner.kv_caches[0] is runner.kv_caches[1]  # one tensor set for the pair
-    free = _free_blocks_per_step(llm)
+    free, nulled = _free_blocks_per_step(llm)
     got = engine_greedy(llm, ps, max_new=30)
     # Each step of a decode takes a full block every other token; the sliding table gives its oldest back at
     # the same pace once the window has moved on, so the free count rises again between takes.
     assert any(b > a for a, b in zip(free, free[1:])), f"no step gave sliding blocks back: {free}"
+    assert max(nulled) >= 10  # the worker's table nulled what the scheduler freed
     # 39 tokens: 20 full blocks; a table per group that kept everything would hold 40.
     assert min(free) >= 64 - 20 - (-(-(8 + WINDOW) // 2) + 2), free
     assert_same(got, hf_greedy(paired_path, ps, max_new=30), ps)

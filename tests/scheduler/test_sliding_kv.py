@@ -124,3 +124,16 @@ def test_preemption_under_a_tight_pool_stays_exact():
 def test_sliding_window_config_is_checked():
     with pytest.raises(ValueError, match=r"CacheConfig.sliding_window=0 is invalid: must be None or a positive"):
         CacheConfig(block_size=4, num_kv_blocks=8, sliding_window=0)
+
+
+def test_without_a_window_the_scheduler_keeps_one_table():
+    """CacheConfig.sliding_window None (every model without paired sliding layers): today's manager, no
+    sliding ids on the wire."""
+    from moelink.scheduler.kv_cache_manager import KVCacheManager
+    from tests.helpers.scheduler_sim import make_scheduler
+
+    sched = make_scheduler(num_blocks=16)
+    assert type(sched.kv) is KVCacheManager and sched.pool_tokens == 64
+    sched.add_request(make_request("a", [1, 2, 3, 4, 5], max_tokens=2))
+    so = sched.schedule()
+    assert so.scheduled_new_reqs[0].sliding_block_ids == [] and len(so.scheduled_new_reqs[0].block_ids) == 2
