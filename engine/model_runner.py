@@ -42,15 +42,14 @@ class CachedRequestState:
     # block_ids as an int32 array with spare capacity: each step copies it into the batch's table
     # with one slice assignment instead of converting a Python list.
     block_arr: np.ndarray = field(init=False)
+    # The sliding-window group's table when it has its own (scheduler/sliding_kv.py), the runner's null block
+    # where no query can see a block any more; None when one table serves every layer.
+    sliding: "SlidingTable | None" = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids
         self.block_arr = np.empty(max(16, 2 * len(self.block_ids)), dtype=np.int32)
         self.block_arr[: len(self.block_ids)] = self.block_ids
-
-    # The sliding-window group's table when it has its own (scheduler/sliding_kv.py), the runner's null block
-    # where no query can see a block any more; None when one table serves every layer.
-    sliding: "SlidingTable | None" = None
 
     def add_blocks(self, new_block_ids: list[int]) -> None:
         n, k = len(self.block_ids), len(new_block_ids)
