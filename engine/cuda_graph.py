@@ -35,6 +35,7 @@ M max blocks per sequence, D hidden.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Callable
 
@@ -108,7 +109,9 @@ class DecodeGraphs:
     """Static decode inputs, one captured forward per batch size, and the copy-in/replay of a step."""
 
     def __init__(self, model, kv_caches, sizes: tuple[int, ...], max_blocks_per_seq: int, max_model_len: int,
-                 null_block: int, device: torch.device, backend):
+                 null_block: int, device: torch.device, backend, sliding_table: bool = False):
+        """`sliding_table`: the sliding-window layers have their own block table (a second static table and
+        slot buffer, read by those layers through ForwardContext.attn_sliding)."""
         if not sizes:
             raise ValueError("DecodeGraphs needs at least one batch size.")
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
@@ -125,6 +128,10 @@ class DecodeGraphs:
         self.tables_BM = torch.full((B, M), null_block, **i32)
         self.qsl_B1 = torch.arange(B + 1, **i32)  # one query token per sequence, always
         self.valid_B = torch.zeros(B, dtype=torch.bool, device=device)  # real rows; padding routes to no expert
+        self.sliding_table = sliding_table
+        if sliding_table:
+            self.sliding_slots_B = torch.full((B,), -1, **i64)
+            self.sliding_tables_BM = torch.full((B, M), null_block, **i32)
         self.steps: dict[int, CapturedStep] = {}
         # Host staging, pinned on CUDA so the copies are asynchronous. Reusing it each step is safe: every
         # step ends with a host sync after its replay (ModelRunner reads the expert counters back in
@@ -138,6 +145,9 @@ class DecodeGraphs:
         self._host = dict(ids=host((B,), torch.long, 0), pos=host((B,), torch.long, 0),
                           slots=host((B,), torch.long, -1), lens=host((B,), torch.int32, 1),
                           tables=host((B, M), torch.int32, null_block), valid=host((B,), torch.bool, False))
+        if sliding_table:
+            self._host.update(sliding_slots=host((B,), torch.long, -1),
+                              sliding_tables=host((B, M), torch.int32, null_block))
         self._host_t = {k: torch.from_numpy(v) for k, v in self._host.items()}
 
     def _forward(self, b: int) -> torch.Tensor:
@@ -146,9 +156,14 @@ class DecodeGraphs:
             slot_mapping_T=self.slots_B[:b], query_lens=[1] * b, seq_lens=[self.max_model_len] * b,
             max_query_len=1, max_seq_len=self.max_model_len, null_block=self.null_block,
         )
+        meta_sliding = None
+        if self.sliding_table:
+            meta_sliding = dataclasses.replace(meta, block_tables_SM=self.sliding_tables_BM[:b],
+                                               slot_mapping_T=self.sliding_slots_B[:b])
         self.model.set_valid_rows(self.valid_B[:b])
         try:
-            return self.model(self.input_ids_B[:b], self.positions_B[:b], ForwardContext(meta, self.kv_caches))
+            return self.model(self.input_ids_B[:b], self.positions_B[:b],
+                              ForwardContext(meta, self.kv_caches, meta_sliding))
         finally:
             self.model.set_valid_rows(None)
 
@@ -190,8 +205,9 @@ class DecodeGraphs:
         return None
 
     def run(self, input_ids: list[int], positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
-            tables_SM: np.ndarray) -> torch.Tensor:
-        """One decode step of n = len(input_ids) sequences (n <= max_batch): hidden states [n, D]."""
+            tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
+        """One decode step of n = len(input_ids) sequences (n <= max_batch): hidden states [n, D].
+        `sliding`: the sliding group's (tables [n, m'], slots [n]) when it has its own table."""
         n = len(input_ids)
         b = self.size_for(n)
         h = self._host
@@ -209,4 +225,12 @@ class DecodeGraphs:
         # Only the first m columns: a row reads columns < ceil(seq_len / block) <= m, and a padding row
         # (seq_len 1) reads column 0. Older columns past m are never read.
         self.tables_BM[:b, :m].copy_(t["tables"][:b, :m], non_blocking=True)
+        if self.sliding_table:
+            # Not append-only (freed entries turn null), but every column a row reads is rewritten here.
+            s_tables, s_slots = sliding
+            ms = s_tables.shape[1]
+            h["sliding_tables"][:n, :ms], h["sliding_slots"][:n] = s_tables, s_slots
+            h["sliding_tables"][n:b, :ms], h["sliding_slots"][n:b] = self.null_block, -1
+            self.sliding_slots_B[:b].copy_(t["sliding_slots"][:b], non_blocking=True)
+            self.sliding_tables_BM[:b, :ms].copy_(t["sliding_tables"][:b, :ms], non_blocking=True)
         return self.steps[b].replay()[:n]

@@ -13,7 +13,7 @@ from moelink.scheduler.config import CacheConfig, SchedulerConfig
 from .config import KV_CACHE_DTYPES, ModelConfig, ParallelConfig
 from .quantization import ONLINE_METHODS
 from .graph_config import CudaGraphConfig
-from .kv_sizing import driver_num_kv_blocks
+from .kv_sizing import driver_num_kv_blocks, kv_sliding_window
 from .model_source import resolve_model_dir
 from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
 from .worker_config import WorkerConfig
@@ -165,7 +165,8 @@ class EngineArgs:
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=model_cfg.max_model_len)
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device),
-                            enable_prefix_caching=self.enable_prefix_caching)
+                            enable_prefix_caching=self.enable_prefix_caching,
+                            sliding_window=kv_sliding_window(model_cfg))
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs)

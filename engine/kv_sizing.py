@@ -28,9 +28,21 @@ def kv_cache_bytes_per_token_per_layer(cfg: "ModelConfig") -> int:
     return cfg.attention.kv_bytes_per_token(cfg.cache_dtype)
 
 
+def kv_cache_layers(cfg: "ModelConfig") -> int:
+    """Layers' worth of cache tensors one block id indexes: every layer, or, when sliding and full layers are
+    paired on shared tensors (layer_configs.GQAConfig.kv_layer_pairs), one per pair."""
+    pairs = cfg.attention.kv_layer_pairs(cfg.num_layers)
+    return cfg.num_layers if pairs is None else len(pairs)
+
+
+def kv_sliding_window(cfg: "ModelConfig") -> int | None:
+    """The window of the sliding group when it has its own block table (CacheConfig.sliding_window), else None."""
+    return None if cfg.attention.kv_layer_pairs(cfg.num_layers) is None else cfg.attention.sliding_window
+
+
 def kv_cache_bytes_per_block(cfg: "ModelConfig", block_size: int) -> int:
     """The cache of every layer for one block of `block_size` tokens, in bytes."""
-    return cfg.num_layers * block_size * kv_cache_bytes_per_token_per_layer(cfg)
+    return kv_cache_layers(cfg) * block_size * kv_cache_bytes_per_token_per_layer(cfg)
 
 
 def blocks_per_sequence(max_model_len: int, block_size: int) -> int:

@@ -5,8 +5,10 @@ Attention kinds
 (DESIGN.md: model families as compositions; KV cache layouts per attention kind):
 - GQAConfig: grouped-query attention (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss). The cache holds a K and a V per kv
   head per token: two tensors [blocks + 1, block_size, K, H] per layer. gpt-oss adds per-head attention sinks and a
-  sliding window on every other layer (its sliding layers still keep every block: freeing blocks that leave the
-  window is for later).
+  sliding window on every other layer. When its sliding and full layers are equally many (`kv_layer_pairs`), sliding
+  layer j and full layer j share one set of cache tensors: a block id is handed to one group at a time (the
+  scheduler keeps a second block table for the sliding group, whose blocks are freed once they leave the window),
+  so a block costs half the layers' bytes.
 - MLAConfig: multi-head latent attention (DeepSeek-V2/V3, Kimi K2). The cache holds one row per token, the
   normalised latent c_kv and the roped key k_pe: one tensor [blocks + 1, block_size, kv_lora_rank +
   qk_rope_head_dim] per layer (576 values for DeepSeek-V3 instead of 2 * 128 heads * 128).
@@ -98,6 +100,18 @@ class GQAConfig:
         """The sliding window of layer `layer_idx` (None: it attends to the whole context)."""
         return self.sliding_window if layer_idx in self.sliding_layers else None
 
+    def kv_layer_pairs(self, num_layers: int) -> tuple[tuple[int, int], ...] | None:
+        """(full layer, sliding layer) pairs that share one set of cache tensors, or None: every layer has its
+        own and one block table serves them all (no sliding layers, or unequal counts, e.g. 2 sliding + 1 full,
+        where pairing would leave layers unpaired; those keep today's shared table)."""
+        if self.sliding_window is None or not self.sliding_layers:
+            return None
+        sliding = [i for i in range(num_layers) if i in self.sliding_layers]
+        full = [i for i in range(num_layers) if i not in self.sliding_layers]
+        if len(sliding) != len(full):
+            return None
+        return tuple(zip(full, sliding))
+
     def kv_values_per_token(self) -> int:
         """Values one token stores in one layer's cache: a K and a V per kv head."""
         return 2 * self.num_kv_heads * self.head_dim
@@ -142,6 +156,10 @@ class MLAConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def kv_layer_pairs(self, num_layers: int) -> None:
+        """MLA has no sliding layers: every layer has its own cache tensors (see GQAConfig.kv_layer_pairs)."""
+        return None
 
     def kv_values_per_token(self) -> int:
         """Values one token stores in one layer's cache: its latent and its roped key, shared by every head."""

@@ -149,10 +149,15 @@ class LLMEngine:
             name = f"{field}[{bad}]" if text is None else f"{field} token {bad}"
             raise ValueError(f"{name}={shown(ids[bad])} is out of range: token ids must be integers in [0, {vocab}).")
         bs, blocks = self.config.cache.block_size, self.config.cache.num_kv_blocks
-        if -(-(len(ids) + 1) // bs) > blocks:
+        # The prompt and its first sampled token must fit what one sequence may hold alone: the whole pool, or
+        # less when the sliding-window layers' blocks come from the same pool (Scheduler.pool_tokens).
+        if len(ids) + 1 > self.schedulers[0].pool_tokens:
+            alone = "" if self.config.cache.sliding_window is None else (
+                f", of which one sequence may use {self.schedulers[0].pool_tokens} tokens beside its "
+                "sliding-window layers' blocks")
             raise ValueError(
-                f"{field} has {len(ids)} tokens, more than the KV cache holds ({blocks} blocks of {bs} tokens): "
-                "raise num_kv_blocks / kv_cache_memory_bytes or shorten the prompt."
+                f"{field} has {len(ids)} tokens, more than the KV cache holds ({blocks} blocks of {bs} tokens"
+                f"{alone}): raise num_kv_blocks / kv_cache_memory_bytes or shorten the prompt."
             )
         bad = _first_bad_id(params.stop_token_ids, vocab)
         if bad is not None:

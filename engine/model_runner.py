@@ -5,6 +5,7 @@ sequence, D hidden, V vocab, R rows that sample this step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ import torch
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.ops import select_kernels
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput, StepStats
+from moelink.scheduler.sliding_kv import NULL_BLOCK, first_live_sliding_block
 
 from . import kv_sizing
 from .config import ModelConfig
@@ -40,6 +42,9 @@ class CachedRequestState:
     # block_ids as an int32 array with spare capacity: each step copies it into the batch's table
     # with one slice assignment instead of converting a Python list.
     block_arr: np.ndarray = field(init=False)
+    # The sliding-window group's table when it has its own (scheduler/sliding_kv.py), the runner's null block
+    # where no query can see a block any more; None when one table serves every layer.
+    sliding: "SlidingTable | None" = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids
@@ -54,6 +59,33 @@ class CachedRequestState:
             self.block_arr = grown
         self.block_arr[n : n + k] = new_block_ids
         self.block_ids.extend(new_block_ids)
+
+
+class SlidingTable:
+    """One request's sliding-group block table. Not append-only: entries that leave the window turn into the
+    null block, by the scheduler's rule (first_live_sliding_block), so a freed id (maybe another request's
+    block by now) is never even addressed."""
+
+    def __init__(self, block_ids: list[int], null_block: int) -> None:
+        self.arr = np.empty(max(16, 2 * len(block_ids)), dtype=np.int32)
+        self.n = len(block_ids)
+        self.arr[: self.n] = [null_block if b == NULL_BLOCK else b for b in block_ids]
+        self.num_nulled = 0
+
+    def add(self, new_block_ids: list[int]) -> None:
+        n, k = self.n, len(new_block_ids)
+        if n + k > len(self.arr):
+            grown = np.empty(2 * (n + k), dtype=np.int32)
+            grown[:n] = self.arr[:n]
+            self.arr = grown
+        self.arr[n : n + k] = new_block_ids
+        self.n = n + k
+
+    def drop_before(self, first_live: int, null_block: int) -> None:
+        stop = min(first_live, self.n)
+        if stop > self.num_nulled:
+            self.arr[self.num_nulled : stop] = null_block
+            self.num_nulled = stop
 
 
 logger = logging.getLogger(__name__)
@@ -76,6 +108,10 @@ class ModelRunner:
         self.kernels = select_kernels(device, kernels)
         self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress)
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
+        # (full, sliding) layer pairs sharing cache tensors, with the sliding group's own block table; None: one
+        # table and one tensor set per layer (layer_configs.GQAConfig.kv_layer_pairs).
+        self.kv_pairs = model_cfg.attention.kv_layer_pairs(model_cfg.num_layers)
+        self.sliding_window = model_cfg.attention.sliding_window if self.kv_pairs is not None else None
         self.null_block = -1
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
         self.graph_backend = graph_backend
@@ -113,11 +149,21 @@ class ModelRunner:
         # Each layer's tensors as its attention kind lays them out: (k_cache, v_cache) for GQA, (latent_cache,)
         # for MLA (engine/layer_configs.py).
         shapes = self.cfg.attention.cache_shapes(num_kv_blocks, self.block_size)
-        self.kv_caches = [
-            tuple(torch.zeros(shape, dtype=self.cfg.cache_dtype, device=self.device) for shape in shapes)
-            for _ in range(self.cfg.num_layers)
-        ]
-        kv_bytes = sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
+        if self.kv_pairs is None:
+            self.kv_caches = [
+                tuple(torch.zeros(shape, dtype=self.cfg.cache_dtype, device=self.device) for shape in shapes)
+                for _ in range(self.cfg.num_layers)
+            ]
+            kv_bytes = sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
+        else:
+            # A full layer and its sliding partner index one tensor set: a block id belongs to one group at a
+            # time (the scheduler's two tables share one pool), so their KV never meets.
+            caches: list = [None] * self.cfg.num_layers
+            for full, sliding in self.kv_pairs:
+                caches[full] = caches[sliding] = tuple(
+                    torch.zeros(shape, dtype=self.cfg.cache_dtype, device=self.device) for shape in shapes)
+            self.kv_caches = caches
+            kv_bytes = sum(t.numel() * t.element_size() for full, _ in self.kv_pairs for t in caches[full])
         logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(self.model), num_kv_blocks,
                                                        self.block_size, kv_bytes))
         if self.graph_sizes:
@@ -147,7 +193,7 @@ class ModelRunner:
         backend = self.graph_backend or CudaGraphCapture(self.device)
         max_blocks = -(-self.cfg.max_model_len // self.block_size)
         graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.cfg.max_model_len,
-                              self.null_block, self.device, backend)
+                              self.null_block, self.device, backend, sliding_table=self.kv_pairs is not None)
         t0 = time.perf_counter()
         graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
         if graphs.steps:
@@ -168,13 +214,17 @@ class ModelRunner:
                 gen = self._parked_generators.pop(new.req_id)
             else:
                 gen = self._make_generator(new.sampling_params)
-            self.requests[new.req_id] = CachedRequestState(
+            st = self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
                 list(new.block_ids), new.num_computed_tokens, gen,
             )
+            if self.kv_pairs is not None:
+                st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
         for cached in so.scheduled_cached_reqs:
             if cached.new_block_ids:
                 self.requests[cached.req_id].add_blocks(cached.new_block_ids)
+            if cached.new_sliding_block_ids:
+                self.requests[cached.req_id].sliding.add(cached.new_sliding_block_ids)
 
     def _make_generator(self, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None:
@@ -222,10 +272,11 @@ class ModelRunner:
             n_blk = len(st.block_ids)
             tables_SM[s, :n_blk] = st.block_arr[:n_blk]
         slots = tables_SM[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        sliding = None if self.kv_pairs is None else self._sliding_tables(states, starts, seq_of_token, positions)
         qsl = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(query_lens, out=qsl[1:])
         if self.graphs is not None and max(query_lens) == 1 and len(states) <= self.graphs.max_batch:
-            h_TD = self.graphs.run(tokens, positions, slots, seq_lens, tables_SM)
+            h_TD = self.graphs.run(tokens, positions, slots, seq_lens, tables_SM, sliding)
         else:
             dev = self.device
             attn = AttentionMetadata(
@@ -238,7 +289,11 @@ class ModelRunner:
             )
             input_ids_T = torch.tensor(tokens, dtype=torch.long, device=dev)
             positions_T = torch.from_numpy(positions).to(dev)
-            h_TD = self.model(input_ids_T, positions_T, ForwardContext(attn, self.kv_caches))
+            attn_sliding = None
+            if sliding is not None:
+                attn_sliding = dataclasses.replace(attn, block_tables_SM=torch.from_numpy(sliding[0]).to(dev),
+                                                   slot_mapping_T=torch.from_numpy(sliding[1]).to(dev))
+            h_TD = self.model(input_ids_T, positions_T, ForwardContext(attn, self.kv_caches, attn_sliding))
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         # A chunk samples only when it reaches the request's last known token.
@@ -247,6 +302,18 @@ class ModelRunner:
             self._sample(rows, states, qsl, h_TD, out, so.grammar_bitmask)
         out.stats = StepStats(len(tokens), len(states), time.perf_counter() - t0, self.model.moe_stats.snapshot())
         return out
+
+    def _sliding_tables(self, states, starts, seq_of_token, positions) -> tuple[np.ndarray, np.ndarray]:
+        """The sliding group's block tables [S, M] and KV slots [T]: entries no query of this step (or a later
+        one) can see are the null block first, as the scheduler freed them before this step."""
+        bs, w = self.block_size, self.sliding_window
+        for st, c in zip(states, starts):
+            st.sliding.drop_before(first_live_sliding_block(c, w, bs), self.null_block)
+        tables_SM = np.zeros((len(states), max(st.sliding.n for st in states)), dtype=np.int32)
+        for s, st in enumerate(states):
+            tables_SM[s, : st.sliding.n] = st.sliding.arr[: st.sliding.n]
+        slots = tables_SM[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        return tables_SM, slots
 
     def _sample(self, rows, states, qsl, h_TD, out: ModelRunnerOutput, bitmasks: dict[str, bytes]) -> None:
         last_R = torch.tensor([int(qsl[s + 1]) - 1 for s in rows], dtype=torch.long, device=self.device)

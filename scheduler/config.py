@@ -30,6 +30,9 @@ class CacheConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
+    # Set by the engine when the model's sliding-window layers keep their own block table (paired with the full
+    # layers on shared cache tensors): blocks that leave this window are freed. None: one table for every layer.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         _check(_is_int(self.block_size) and self.block_size > 0,
@@ -39,6 +42,8 @@ class CacheConfig:
                "must be None (filled in by the engine) or an integer >= 1")
         _check(isinstance(self.enable_prefix_caching, bool),
                "CacheConfig", "enable_prefix_caching", self.enable_prefix_caching, "must be True or False")
+        _check(self.sliding_window is None or (_is_int(self.sliding_window) and self.sliding_window >= 1),
+               "CacheConfig", "sliding_window", self.sliding_window, "must be None or a positive integer")
 
     @property
     def num_kv_tokens(self) -> int | None:

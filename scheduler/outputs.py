@@ -54,6 +54,9 @@ class NewRequestData:
     block_ids: list[int]
     # Tokens whose KV is already in `block_ids` (prefix-cache hits).
     num_computed_tokens: int
+    # The sliding-window group's table when it has its own (CacheConfig.sliding_window), -1 where no query can
+    # see a block (scheduler/sliding_kv.py); empty otherwise.
+    sliding_block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +66,9 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # The sliding group's new ids (appended to its table). Entries that left the window are not sent: the worker
+    # nulls them by the same rule (sliding_kv.first_live_sliding_block).
+    new_sliding_block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

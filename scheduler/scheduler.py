@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from .config import CacheConfig, SchedulerConfig
 from .engine_output import EngineCoreOutput, SchedulerStats
 from .kv_cache_manager import KVCacheManager
+from .sliding_kv import SlidingKVCacheManager
 from .outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from .request import Request, RequestStatus
 
@@ -46,12 +47,20 @@ class Scheduler:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
-        self.kv = KVCacheManager(cache_config.num_kv_blocks, cache_config.block_size,
-                                 cache_config.enable_prefix_caching)
+        # The sliding-window group has its own table only when the engine set a window (scheduler/sliding_kv.py).
+        self._sliding = cache_config.sliding_window is not None
+        if self._sliding:
+            self.kv = SlidingKVCacheManager(cache_config.num_kv_blocks, cache_config.block_size,
+                                            cache_config.enable_prefix_caching, cache_config.sliding_window,
+                                            scheduler_config.max_num_batched_tokens)
+        else:
+            self.kv = KVCacheManager(cache_config.num_kv_blocks, cache_config.block_size,
+                                     cache_config.enable_prefix_caching)
         # The longest sequence whose KV fits the whole pool: a request is
         # finished ("length") before it outgrows it, else it could never be
         # scheduled again, even alone.
-        self._pool_tokens = cache_config.num_kv_blocks * cache_config.block_size
+        self._pool_tokens = (self.kv.max_tokens_alone() if self._sliding
+                             else cache_config.num_kv_blocks * cache_config.block_size)
 
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()
@@ -80,12 +89,17 @@ class Scheduler:
                              f"SchedulerConfig.max_model_len={max_len}.")
         if n > self._pool_tokens:
             raise ValueError(f"Request {rid!r} is invalid: its {n}-token prompt needs "
-                             f"{self.kv.num_blocks_needed(n)} KV blocks, more than the whole pool "
+                             f"{self._blocks_alone(n)} KV blocks, more than the whole pool "
                              f"(CacheConfig.num_kv_blocks={self.cache_config.num_kv_blocks}).")
         self.requests[rid] = req
         self._priority[rid] = (req.arrival_time, self._num_added)
         self._num_added += 1
         self.waiting.append(req)
+
+    def _blocks_alone(self, n: int) -> int:
+        """Blocks a request of n tokens may hold at once (both tables' when the sliding group has its own)."""
+        blocks = self.kv.num_blocks_needed(n)
+        return blocks + self.kv.max_live_sliding_blocks(n) if self._sliding else blocks
 
     def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
         """End requests from outside the step loop (abort, stop string found by
@@ -109,6 +123,12 @@ class Scheduler:
         for r in reqs:
             r.status = status
             self._release(r)
+
+    @property
+    def pool_tokens(self) -> int:
+        """The longest sequence (prompt + outputs) this scheduler runs: its KV fits the pool with nothing else
+        running. num_kv_blocks * block_size, or less when the sliding-window group draws on the same pool."""
+        return self._pool_tokens
 
     def get_request(self, request_id: str) -> Request | None:
         return self.requests.get(request_id)
@@ -166,7 +186,10 @@ class Scheduler:
                 new_blocks = self.kv.allocate_slots(req, n)
             if new_blocks is None:
                 break  # req preempted itself; it was the last running request
-            out.scheduled_cached_reqs.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            cached = CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens)
+            if self._sliding:
+                cached.new_sliding_block_ids = self.kv.last_new_sliding
+            out.scheduled_cached_reqs.append(cached)
             out.num_scheduled_tokens[req.request_id] = n
             req.num_computed_tokens += n
             budget -= n
@@ -195,10 +218,13 @@ class Scheduler:
                 req.num_cached_tokens = num_hit
             req.status = RequestStatus.RUNNING
             # Copies: with an in-process worker these lists must not alias ours.
-            out.scheduled_new_reqs.append(NewRequestData(
+            new = NewRequestData(
                 req_id=rid, prompt_token_ids=list(req.prompt_token_ids),
                 output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
-                block_ids=list(self.kv.get_block_ids(rid)), num_computed_tokens=num_hit))
+                block_ids=list(self.kv.get_block_ids(rid)), num_computed_tokens=num_hit)
+            if self._sliding:
+                new.sliding_block_ids = list(self.kv.get_sliding_block_ids(rid))
+            out.scheduled_new_reqs.append(new)
             out.num_scheduled_tokens[rid] = n
             req.num_computed_tokens = num_hit + n
             budget -= n
@@ -298,6 +324,10 @@ class Scheduler:
             assert r.status is RequestStatus.RUNNING
             blocks = self.kv.get_block_ids(r.request_id)
             assert len(blocks) >= self.kv.num_blocks_needed(r.num_computed_tokens), f"{r} lacks blocks"
+            if self._sliding:
+                sliding = self.kv.get_sliding_block_ids(r.request_id)
+                assert len(sliding) >= self.kv.num_blocks_needed(r.num_computed_tokens), f"{r} lacks sliding blocks"
+                blocks = self.kv.held_block_ids(r.request_id)
             for b in blocks:
                 refs[b] += 1
         for r in self.waiting:

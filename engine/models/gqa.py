@@ -57,11 +57,13 @@ class GQAAttention(nn.Module):
             q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)
         q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        # A sliding layer reads its group's own table when it has one (its tensors are shared with a full layer).
+        attn = ctx.attn_sliding if self.sliding_window is not None and ctx.attn_sliding is not None else ctx.attn
         fp8 = k_cache.dtype in FP8_CACHE_DTYPES
         kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if fp8 else {}
-        self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, ctx.attn.slot_mapping_T,
+        self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
                               **kv_scales)
-        o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, ctx.attn, self.scale,
+        o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, attn, self.scale,
                                              **self._extras(), **kv_scales)
         return self.o_proj(o_TNH.reshape(T, self.q_size), self.o_bias)
 

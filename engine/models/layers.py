@@ -23,6 +23,9 @@ class ForwardContext:
     # Per layer, the cache tensors of its attention kind (layer_configs: cache_shapes): (k_cache_BLKH,
     # v_cache_BLKH) for GQA, (latent_cache_BLR,) for MLA.
     kv_caches: list[tuple[torch.Tensor, ...]]
+    # The sliding-window layers' metadata when their group has its own block table (its block tables and KV
+    # slots; the rest as `attn`); None: every layer reads `attn`.
+    attn_sliding: AttentionMetadata | None = None
 
 
 def param(*shape, dtype, device) -> nn.Parameter:
