@@ -42,8 +42,11 @@ serve: setup
 	@echo "Load benchmark against it: $(VENV)/bin/moelink bench-serve --target $(HOST):$(PORT)"
 	$(VENV)/bin/moelink serve $(TINY_MODEL) --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
+# Two pytest-xdist workers (the machines have 2 cores); Ray tests share one worker (tests/conftest.py).
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 # GPU tests live where the code needs nothing beyond torch/triton/transformers (the GPU image has no
 # smg-grpc-proto or Ray); benchmarks/gpu_session.sh runs these plus the GPU benchmarks.

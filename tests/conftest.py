@@ -22,10 +22,21 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 SLOW_FIXTURES = {"server", "spawn_server", "ep_launch", "local_ray", "ray_tmpdir"}
 
 
+# Tests that start a Ray cluster (tests/ep, tests/deploy, or a Ray fixture). `make test` runs the suite on two
+# pytest-xdist workers; these all go to one of them (`--dist loadgroup`), so two Ray heads never start at
+# once: two concurrent starts on 2 cores time out in raylet/GCS start-up.
+RAY_DIRS = ("tests/ep/", "tests/deploy/")
+RAY_FIXTURES = {"local_ray", "ray_tmpdir"}
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        path = str(item.path).replace(os.sep, "/")
+        if RAY_FIXTURES & fixtures or any(d in path for d in RAY_DIRS):
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")
