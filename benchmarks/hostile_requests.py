@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Optional
 
 from moelink.engine.provenance import git_commit, write_result
-from moelink.benchmarks.serve_load import RESULTS_DIR, _Client, _pct, start_server, stop_server
+from moelink.benchmarks.serve_load import RESULTS_DIR, _Client, _pct
+from moelink.benchmarks.server_process import start_server, stop_server
 
 HOSTILE_TEXT_BYTES = 16 << 20
 HOSTILE_STOP_IDS = 5_000_000

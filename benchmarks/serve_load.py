@@ -33,14 +33,14 @@ import math
 import os
 import platform
 import random
-import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 from moelink.engine.provenance import git_commit as _git_commit
+
+from .server_process import start_server, stop_server
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed: written only when --out names it
 RUNS_DIR = Path(__file__).resolve().parent / "runs"  # git-ignored: where runs go by default
@@ -214,42 +214,6 @@ def summarize(results: list[dict], input_len: int, slo: dict) -> dict:
         ttft_ms=stats([r["ttft"] for r in ok]), itl_ms=stats([x for r in ok for x in r["itls"]]),
         tpot_ms=stats([r["tpot"] for r in ok]), e2e_ms=stats([r["e2e"] for r in ok]),
     )
-
-
-# -- server management (--model) -----------------------------------------------------
-def start_server(model: str, extra: str = "", timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start `moelink serve MODEL --port 0`; returns (process, 'host:port') once it serves."""
-    import shlex
-
-    # --no-http: this benchmark speaks gRPC; a managed HTTP gateway would only take port 8000 and a core.
-    cmd = [sys.executable, "-m", "moelink.engine.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
-           "--no-http", *shlex.split(extra)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + timeout_s
-    import selectors
-
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`moelink serve` exited with {proc.returncode} before serving")
-        if sel.select(timeout=0.5):
-            line = proc.stdout.readline()
-            if line.startswith("moelink: serving"):
-                addr = line.split(" on ", 1)[1].split(" ", 1)[0]
-                return proc, addr
-    stop_server(proc)
-    raise RuntimeError(f"`moelink serve` did not start within {timeout_s:.0f} s")
-
-
-def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 # -- driver ---------------------------------------------------------------------------

@@ -35,13 +35,13 @@ gpt-oss's per-layer extras (attention.py's docstring has their semantics), both 
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from . import triton_common as common
+from . import split_planning as splits
 from .attention import FP8_CACHE_DTYPES, AttentionMetadata, _check_extras
 from .triton_common import cast, dot
 
@@ -287,36 +287,6 @@ def _merge_splits_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, sinks_ptr, 
              mask=d < head_dim)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _pick_splits(device: torch.device, programs: int, max_seq_len: int, block_n: int) -> int:
-    """Enough splits to give every SM about two programs, never a split shorter than 2 key tiles."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
-    want = triton.cdiv(2 * sms, max(1, programs))
-    return max(1, min(want, max_seq_len // (2 * block_n), 32))
-
-
-def _prefill_splits(device: torch.device, programs: int, meta: AttentionMetadata, block_n: int,
-                    window: int | None = None) -> int:
-    """Split the keys only where it pays: some sequence has a long cached prefix (>= 16 key tiles) that
-    dwarfs the largest chunk. A short prompt with no prefix has little to walk and keeps the plain
-    kernels (no partials, no reduce, its decode sequences on the decode kernel)."""
-    longest_prefix = max(s - q for s, q in zip(meta.seq_lens, meta.query_lens))
-    if window is not None:  # a sliding layer's query block walks at most window + BLOCK_Q keys, whatever the prefix
-        longest_prefix = min(longest_prefix, window)
-    if longest_prefix < max(16 * block_n, 4 * meta.max_query_len):
-        return 1
-    return _pick_splits(device, programs, _keys_walked(meta.max_seq_len, window), block_n)
-
-
-def _keys_walked(max_seq_len: int, window: int | None) -> int:
-    """The most keys one query walks: the context, or a sliding layer's window (splits beyond it would be empty)."""
-    return max_seq_len if window is None else min(max_seq_len, window)
-
-
 # (BLOCK_N, num_warps) of the fp32 decode kernel (compiled only: the interpreter keeps its 16-key tiles). fp32
 # dots are FMA loops that hold their operands in registers: 64-key tiles on 4 warps spill on sm_90 (Triton 3.9:
 # ~830 B at head dim 128; 3.6: 2 KB at head dim 256), 8 warps alone still spill 12 B under 3.6; 32-key tiles on
@@ -333,7 +303,8 @@ def _warps(rows: int, block_h: int) -> int:
 def triton_paged_attention(
     q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, meta: AttentionMetadata,
     scale: float, *, sinks_N: torch.Tensor | None = None, sliding_window: int | None = None,
-    k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None, num_splits: int | None = None, prefill_splits: int | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None, num_splits: int | None = None,
+    prefill_splits: int | None = None,
 ) -> torch.Tensor:
     """Same contract as `reference_paged_attention` (sinks_N, sliding_window, an fp8 cache's k_scale / v_scale
     included): [T, N, H] in q's dtype.
@@ -388,9 +359,9 @@ def triton_paged_attention(
         # Short chunks over long contexts (a prefix-cache hit plus a few new tokens, a chunk's tail) would
         # leave most SMs idle walking the whole context: split the keys too, as decode does. A split
         # step is a small one, so its decode sequences ride along in the same kernel (one reduce for all).
-        Zp = prefill_splits or _prefill_splits(dev, q_blocks * K, meta, BLOCK_N, sliding_window)
+        Zp = prefill_splits or splits.prefill_splits(dev, q_blocks * K, meta, BLOCK_N, sliding_window)
     if has_decode and Zp == 1:
-        Z = num_splits or _pick_splits(dev, S * K, _keys_walked(meta.max_seq_len, sliding_window), BLOCK_N)
+        Z = num_splits or splits.pick_splits(dev, S * K, splits.keys_walked(meta.max_seq_len, sliding_window), BLOCK_N)
         part_o = part_lse = out  # unused when Z == 1
         if Z > 1:
             part_o = common.workspace((S, N, Z, BLOCK_H), torch.float32, dev)

@@ -30,7 +30,7 @@ import triton.language as tl
 from . import triton_common as common
 from .attention import AttentionMetadata
 from .mla import FP8_CACHE_DTYPES, check_latent_cache, check_mla_inputs
-from .triton_attention import _pick_splits
+from .split_planning import pick_splits
 from .triton_common import cast, dot
 
 _LOG2E = 1.4426950408889634
@@ -247,7 +247,7 @@ def triton_mla_attention(
     BLOCK_C = max(16, triton.next_power_of_2(C))
     BLOCK_P = max(16, triton.next_power_of_2(P))
     head_blocks = triton.cdiv(N, BLOCK_H)
-    Z = num_splits or _pick_splits(dev, T * head_blocks, meta.max_seq_len, BLOCK_N)
+    Z = num_splits or pick_splits(dev, T * head_blocks, meta.max_seq_len, BLOCK_N)
     if Z > 1:
         BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, split=True,
                                                          fp8_cache=fp8_cache)

@@ -1,0 +1,41 @@
+"""A `moelink serve` subprocess for the serving benchmarks (serve_load, hostile_requests): started on a free
+loopback port with gRPC only, stopped by PID."""
+from __future__ import annotations
+
+import selectors
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+
+def start_server(model: str, extra: str = "", timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start `moelink serve MODEL --port 0`; returns (process, 'host:port') once it serves."""
+    # --no-http: this benchmark speaks gRPC; a managed HTTP gateway would only take port 8000 and a core.
+    cmd = [sys.executable, "-m", "moelink.engine.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
+           "--no-http", *shlex.split(extra)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + timeout_s
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`moelink serve` exited with {proc.returncode} before serving")
+        if sel.select(timeout=0.5):
+            line = proc.stdout.readline()
+            if line.startswith("moelink: serving"):
+                addr = line.split(" on ", 1)[1].split(" ", 1)[0]
+                return proc, addr
+    stop_server(proc)
+    raise RuntimeError(f"`moelink serve` did not start within {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

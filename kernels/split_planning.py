@@ -1,0 +1,42 @@
+"""Split-K planning for the paged-attention and MLA kernels: how many partitions of a sequence's keys run
+as separate programs (merged by log-sum-exp afterwards). Host-side arithmetic on shapes and the metadata's host
+lists only: no device sync, and a split count never depends on anything a CUDA graph would freeze differently.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from .attention import AttentionMetadata
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def pick_splits(device: torch.device, programs: int, max_seq_len: int, block_n: int) -> int:
+    """Enough splits to give every SM about two programs, never a split shorter than 2 key tiles."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    want = triton.cdiv(2 * sms, max(1, programs))
+    return max(1, min(want, max_seq_len // (2 * block_n), 32))
+
+
+def prefill_splits(device: torch.device, programs: int, meta: AttentionMetadata, block_n: int,
+                    window: int | None = None) -> int:
+    """Split the keys only where it pays: some sequence has a long cached prefix (>= 16 key tiles) that
+    dwarfs the largest chunk. A short prompt with no prefix has little to walk and keeps the plain
+    kernels (no partials, no reduce, its decode sequences on the decode kernel)."""
+    longest_prefix = max(s - q for s, q in zip(meta.seq_lens, meta.query_lens))
+    if window is not None:  # a sliding layer's query block walks at most window + BLOCK_Q keys, whatever the prefix
+        longest_prefix = min(longest_prefix, window)
+    if longest_prefix < max(16 * block_n, 4 * meta.max_query_len):
+        return 1
+    return pick_splits(device, programs, keys_walked(meta.max_seq_len, window), block_n)
+
+
+def keys_walked(max_seq_len: int, window: int | None) -> int:
+    """The most keys one query walks: the context, or a sliding layer's window (splits beyond it would be empty)."""
+    return max_seq_len if window is None else min(max_seq_len, window)
