@@ -10,9 +10,11 @@
 #                          install: says what is missing and what the other steps will do instead. Runs on CPU.
 #   tests-kernels          pytest -m gpu: Triton kernels at model shapes, sampler seeds, comm (NCCL + graphs)
 #   tests-engine           pytest -m gpu: the engine on the Triton kernels, fp32/bf16, graphs vs eager
-#   tests-fp8              pytest -m gpu: the FP8 block-scaled kernels at DeepSeek-V3 and Qwen3-30B-A3B shapes
+#   tests-fp8              pytest -m gpu: the FP8 block-scaled kernels at DeepSeek-V3 and Qwen3-30B-A3B shapes,
+#                          the MXFP4 fused MoE at gpt-oss-120b's
 #   moe SHAPE [--quick]    moe_kernels for ONE shape (qwen3-30b-a3b | mixtral-8x7b | deepseek-v3)
 #   moe-fp8 SHAPE [--quick] moe_kernels --dtype fp8 for ONE shape (deepseek-v3 | qwen3-30b-a3b): FP8 fused MoE vs bf16
+#   moe-mxfp4 [--quick]    moe_mxfp4: gpt-oss-120b/-20b experts, MXFP4 (dequantized in the K loop) vs bf16
 #   tune SHAPE [TOKENS]    tune_moe for ONE shape into .gpu_session/tuned, then
 #                          $OUT/tuned_configs_<GPU>_<SHAPE>.tar.gz (see "Tuned configs" below)
 #   decode [--quick]       engine_decode, eager and as CUDA-graph replays
@@ -356,9 +358,12 @@ step_tests_kernels() {
 #  test_triton_fp8_gpu.py (15 tests): fused MoE at 2 shapes x 3 T x sum/atomic -> the FP8 default buckets hit
 #    (5 shape x bucket pairs: up + down + atomic down = 15) + the dense GEMM 3 = GEMM 18; other 20 (align,
 #    top-k sum, group quant per shape); run: float32 references on the GPU, DeepSeek's 32 local experts.
+#  test_triton_moe_mxfp4_gpu.py (5 tests, 1 skipped below sm_100): gpt-oss-120b experts at 4 T x variant ->
+#    GEMM 8 (up + down per case), other 8 (align, sum); run: float32 references on the GPU (measured 12 s).
 step_tests_fp8() {
   run_pytest_files "gpu_tests_fp8_${DEV}.txt" \
-    triton_fp8_gpu 18 0 20 60 tests/kernels/test_triton_fp8_gpu.py
+    triton_fp8_gpu 18 0 20 60 tests/kernels/test_triton_fp8_gpu.py \
+    triton_mxfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_mxfp4_gpu.py
 }
 step_tests_engine() {
   run_pytest_files "gpu_tests_engine_${DEV}.txt" \
@@ -404,6 +409,20 @@ step_moe_fp8() {
   cmd "moe_kernels_fp8_$shape" $((4 * n)) 0 $((7 * n)) "$run" -- \
     "$PY" -m moelink.benchmarks.moe_kernels --dtype fp8 --shapes "$shape" "${toks[@]}" \
     --out "$OUT/moe_kernels_${DEV}_${shape}_fp8.json"
+}
+
+# moe-mxfp4 [--quick]: gpt-oss-120b and -20b experts, MXFP4 vs bf16 (moe_mxfp4.py): per shape and token count
+# 2 systems x (up + down) = 4 GEMM and 3 other (2 align + sum); 6 token counts x 2 shapes -> 48 GEMM + 36 other
+# (--quick: 1,64,1024 -> 24 + 18). Run: measured 40 s on an H100 (2026-11-22, warm cache), doubled.
+step_moe_mxfp4() {
+  if [[ $MODE == cpu-smoke ]]; then
+    cmd moe_mxfp4 0 0 0 120 -- "$PY" -m moelink.benchmarks.moe_mxfp4 --cpu-smoke --out "$OUT/moe_mxfp4_cpu_smoke.json"
+    return 0
+  fi
+  local toks=() n=6
+  if [[ "${1:-}" == "--quick" ]]; then toks=(--tokens 1,64,1024); n=3; fi
+  cmd moe_mxfp4 $((8 * n)) 0 $((6 * n)) 80 -- \
+    "$PY" -m moelink.benchmarks.moe_mxfp4 "${toks[@]}" --out "$OUT/moe_mxfp4_${DEV}.json"
 }
 
 # tune SHAPE [TOKENS]: the tuner stops starting candidates at --budget-s; compile counts are what fits in it
@@ -503,6 +522,7 @@ step_plan() {  # the full session, one device command per line, with budgets (dr
   for s in "${SHAPES[@]}"; do steps+=("tune $s"); done
   steps+=("decode" "tests-fp8")
   for s in "${FP8_SHAPES[@]}"; do steps+=("moe-fp8 $s"); done
+  steps+=("moe-mxfp4")
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -530,7 +550,9 @@ step_preflight() {
   if [[ $MODE == run && -n "$PY" ]] && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     decide_import 1 >/dev/null
     # One tiny Triton kernel compiled and launched on the GPU: the C compiler, Python.h, ptxas and the driver at once.
-    timeout 120 "$PY" - >>"$outf" 2>&1 <<'EOF' && say "triton launch on the GPU: ok" || say "triton launch on the GPU FAILED: see $outf"
+    # (from a file: Triton reads a @jit function's source with inspect, which a script piped to stdin has not;
+    # the second GPU session's preflight failed so, 2026-11-22)
+    cat >"$STATE/preflight_kernel.py" <<'EOF'
 import torch, triton, triton.language as tl
 @triton.jit
 def _k(x_ptr):
@@ -541,6 +563,8 @@ torch.cuda.synchronize()
 assert x.tolist() == list(map(float, range(16))), x
 print("triton launch on the GPU: ok")
 EOF
+    timeout 120 "$PY" "$STATE/preflight_kernel.py" >>"$outf" 2>&1 && say "triton launch on the GPU: ok" \
+      || say "triton launch on the GPU FAILED: see $outf"
   fi
   return 0
 }
@@ -553,9 +577,9 @@ case "$STEP" in
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|tune|decode|compile-report|all) ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|decode|compile-report|all) ;;
   ""|-h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, tune SHAPE, decode, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, decode, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -571,6 +595,7 @@ case "$STEP" in
   tests) step_tests_kernels; step_tests_engine ;;
   moe) step_moe "$@" ;;
   moe-fp8) step_moe_fp8 "$@" ;;
+  moe-mxfp4) step_moe_mxfp4 "$@" ;;
   tune) step_tune "$@" ;;
   decode) step_decode "$@" ;;
   compile-report) step_compile_report ;;
@@ -580,7 +605,8 @@ case "$STEP" in
     for s in "${SHAPES[@]}"; do step_tune "$s"; done
     step_decode "$@"
     step_tests_fp8
-    for s in "${FP8_SHAPES[@]}"; do step_moe_fp8 "$s" "$@"; done ;;
+    for s in "${FP8_SHAPES[@]}"; do step_moe_fp8 "$s" "$@"; done
+    step_moe_mxfp4 "$@" ;;
 esac
 [[ $STEP != all && $STEP != tests ]] && finish_step
 exit "$STATUS"

@@ -47,6 +47,14 @@ def _expand_scales(scale_nk: torch.Tensor, n: int, k: int, bn: int, bk: int) -> 
     return scale_nk.repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
 
 
+def _div_fp8_max(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448, correctly rounded on every device. A Python-scalar divisor is not: torch's CUDA division by a
+    scalar multiplies by its float32 reciprocal, and 1/448 is inexact, so on an H100 60 % of the scales came out
+    one ulp off the IEEE quotient that the Triton kernels (tl.div_rn) and the CPU compute, moving fp8 roundings
+    (seen 2026-11-22: the GPU reference drifted 1.4 % from the kernel, while the kernel matched float64)."""
+    return amax / torch.full_like(amax, FP8_MAX)
+
+
 def block_quantize(w_NK: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a weight ([..., N, K], leading dims = stacked experts) to float8_e4m3fn with one float32 scale per
     block: scale_inv = amax(|block|) / 448, wq = round(w / scale_inv). Returns (wq [..., N, K], scale_inv
@@ -58,7 +66,7 @@ def block_quantize(w_NK: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -
     padded = F.pad(w, (0, kb * bk - k, 0, nb * bn - n))  # zeros never raise an amax
     blocks = padded.reshape(*lead, nb, bn, kb, bk)
     amax = blocks.abs().amax(dim=(-3, -1))  # [..., nb, kb]
-    scale_inv = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
+    scale_inv = _div_fp8_max(amax).clamp(min=_MIN_SCALE)
     wq = (w / _expand_scales(scale_inv, n, k, bn, bk)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return wq, scale_inv
 
@@ -85,7 +93,7 @@ def per_token_group_quant(x_TK: torch.Tensor, group: int = 128) -> tuple[torch.T
     g = -(-k // group)
     x = x_TK.to(torch.float32)
     amax = F.pad(x, (0, g * group - k)).reshape(t, g, group).abs().amax(dim=-1)
-    scale_TG = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
+    scale_TG = _div_fp8_max(amax).clamp(min=_MIN_SCALE)
     xq = (x / scale_TG.repeat_interleave(group, dim=-1)[:, :k]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return xq, scale_TG
 

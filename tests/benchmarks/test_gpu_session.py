@@ -38,7 +38,8 @@ STEP_LINE = re.compile(r"^STEP step=(\S+) total_budget_s=(\d+) limit_s=(\d+)$", 
 STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quick", "compile-report"]
          + [f"moe {s}" for s in moe_kernels.SHAPES] + [f"moe {s} --quick" for s in moe_kernels.SHAPES]
          + [f"tune {s}" for s in moe_kernels.SHAPES] + ["tune deepseek-v3 1,64"]
-         + ["tests-fp8"] + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"moe-fp8 {s} --quick" for s in FP8_SHAPES])
+         + ["tests-fp8"] + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"moe-fp8 {s} --quick" for s in FP8_SHAPES]
+         + ["moe-mxfp4", "moe-mxfp4 --quick"])
 
 
 def session(*args: str, out: Path | None = None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
@@ -133,7 +134,7 @@ def test_plan_lists_one_device_command_per_step():
     rows = re.findall(r"^(.+?)\s+budget\s+(\d+) s\s+OUT=\$OUT bash benchmarks/gpu_session.sh (.+)$", proc.stdout, re.M)
     assert [r[2] for r in rows] == (["preflight", "tests-kernels", "tests-engine"] + [f"moe {s}" for s in moe_kernels.SHAPES]
                                     + [f"tune {s}" for s in moe_kernels.SHAPES] + ["decode", "tests-fp8"]
-                                    + [f"moe-fp8 {s}" for s in FP8_SHAPES])
+                                    + [f"moe-fp8 {s}" for s in FP8_SHAPES] + ["moe-mxfp4"])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"total {sum(int(b) for _, b, _ in rows)} s" in proc.stdout
 
