@@ -14,6 +14,13 @@ Semantics (every backend):
   `reference_fused_moe(recv_x_ND, w13, w2, recv_topk_weights_NK, recv_topk_ids_NK)`
   over its own experts (weights applied, summed over its experts).
 * `combine` sends one row back per (token, rank) and sums them into out_TD.
+* `dispatch_async` / `combine_async` start the same operations and return an
+  `A2AHandle`; `handle.wait()` returns what the blocking call returns. Work
+  the caller does between the two (the shared experts, the other micro-batch
+  of a two-batch-overlap step) overlaps the transfer where the backend can
+  overlap (DeepEP's async_finish idea). The base class runs the blocking call
+  and returns a handle that is already done, so every backend has both forms.
+  Each handle is waited on exactly once, in issue order per rank.
 
 Where a (token, expert) pair goes (which rank, which local slot, which replica
 of a redundant expert) is the placement's decision, not the backend's:
@@ -109,6 +116,28 @@ class DispatchMeta:
         return self.num_tokens_sent * self.meta_row_bytes
 
 
+class A2AHandle(ABC):
+    """An all-to-all in flight: `wait()` returns its result (dispatch: (recv_x_ND, meta); combine: out_TD)."""
+
+    @abstractmethod
+    def wait(self):
+        """Block until the transfer is complete (on GPU: make the current stream wait) and return its result."""
+
+
+class DoneHandle(A2AHandle):
+    """A handle whose transfer already finished (the blocking fallback)."""
+
+    def __init__(self, result):
+        self._result = result
+        self._waited = False
+
+    def wait(self):
+        if self._waited:
+            raise RuntimeError("all-to-all handle waited on twice: each dispatch/combine handle is waited on once.")
+        self._waited = True
+        return self._result
+
+
 class AllToAll(ABC):
     """Dispatch tokens to the ranks that hold their experts and combine the results back.
 
@@ -144,6 +173,15 @@ class AllToAll(ABC):
     def combine(self, y_ND: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         """Send y_ND (one row per received row, same order) back; returns out_TD [T, D] in y's dtype,
         each token's rows summed over the ranks that served it."""
+
+    def dispatch_async(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                       route: ExpertRoute) -> A2AHandle:
+        """Start `dispatch`; `.wait()` returns (recv_x_ND, meta). Default: the blocking dispatch."""
+        return DoneHandle(self.dispatch(x_TD, topk_ids_TK, topk_weights_TK, route))
+
+    def combine_async(self, y_ND: torch.Tensor, meta: DispatchMeta) -> A2AHandle:
+        """Start `combine`; `.wait()` returns out_TD. Default: the blocking combine."""
+        return DoneHandle(self.combine(y_ND, meta))
 
     def close(self) -> None:
         """Release communicator resources (no-op for backends that own none)."""
@@ -186,4 +224,4 @@ def unpack_meta(packed_NB: torch.Tensor, top_k: int, weight_dtype: torch.dtype) 
     return ids_NK, weights_NK
 
 
-__all__ = ["AllToAll", "DispatchMeta", "ExpertRoute", "check_inputs", "meta_row_bytes", "pack_meta", "unpack_meta"]
+__all__ = ["A2AHandle", "AllToAll", "DispatchMeta", "DoneHandle", "ExpertRoute", "check_inputs", "meta_row_bytes", "pack_meta", "unpack_meta"]

@@ -116,13 +116,13 @@ class MoELayer(nn.Module):
     def _forward_ep(self, x_TD, weights_TK, ids_TK) -> torch.Tensor:
         stats = self.stats
         t0 = stats.clock() if stats else 0.0
-        recv_ND, meta = self.ep.all_to_all.dispatch(x_TD, ids_TK, weights_TK, self.ep.tables)
+        recv_ND, meta = self.ep.all_to_all.dispatch_async(x_TD, ids_TK, weights_TK, self.ep.tables).wait()
         t1 = stats.clock() if stats else 0.0
         # The owner applies the routed weights and sums its experts' outputs, so
         # combine returns one row per (token, rank), not per (token, expert).
         y_ND = self.expert_format.run(self.kernels, self, recv_ND, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK)
         t2 = stats.clock() if stats else 0.0
-        out_TD = self.ep.all_to_all.combine(y_ND, meta)
+        out_TD = self.ep.all_to_all.combine_async(y_ND, meta).wait()
         if stats is not None:
             stats.add_times(t1 - t0, t2 - t1, stats.clock() - t2)
             stats.record_transfer(self.moe_index, meta.bytes_dispatched, meta.bytes_combined, meta.num_tokens_sent)
