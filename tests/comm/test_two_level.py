@@ -52,8 +52,25 @@ def _inputs(seed: int):
     return inputs
 
 
+def _layer_inputs(seed: int):
+    """MoELayer scenarios (router included): 2 nodes x 2 ranks, and 3 + 1 with redundant slots."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, pkw, tokens, top_k, nodes in (
+            ("e8k3_2x2", dict(num_experts=8, ep_size=R), [7, 0, 4, 9], 3, [0, 0, 1, 1]),
+            ("e6k2_redundant_3+1", dict(num_experts=6, ep_size=R, num_redundant=2), [3, 6, 0, 5], 2, [0, 0, 0, 1])):
+        G = pkw["num_experts"]
+        out[name] = dict(
+            placement=pkw, top_k=top_k, renormalize=True, nodes=nodes,
+            gate=torch.randn(G, HIDDEN, generator=g, dtype=torch.float64),
+            w13=torch.randn(G, 2 * INTER, HIDDEN, generator=g, dtype=torch.float64) / HIDDEN**0.5,
+            w2=torch.randn(G, HIDDEN, INTER, generator=g, dtype=torch.float64) / INTER**0.5,
+            x=[torch.randn(T, HIDDEN, generator=g, dtype=torch.float64) for T in tokens])
+    return out
+
+
 @pytest.fixture(scope="module")
-def launched(ep_launch):
+def launches(ep_launch):
     inputs = _inputs(seed=3)
     scenarios = []
     for name, inp in inputs.items():
@@ -61,8 +78,17 @@ def launched(ep_launch):
             scenarios.append(dict(name=f"{name}/{map_name}", backend="two_level", options=dict(node_of_rank=nodes),
                                   compute="moe", **inp))
         scenarios.append(dict(name=f"{name}/torch", backend="torch", compute="moe", **inp))
-    (results,) = ep_launch(dict(world_size=R, scenarios=scenarios), timeout_s=120)
-    return results, inputs
+    layer_inputs = _layer_inputs(seed=5)
+    layer_scenarios = [dict(name=name, backend="two_level", options=dict(node_of_rank=inp["nodes"]), **inp)
+                       for name, inp in layer_inputs.items()]
+    results, layer_results = ep_launch(dict(world_size=R, scenarios=scenarios),
+                                       dict(world_size=R, scenarios=layer_scenarios, mode="layer"), timeout_s=180)
+    return (results, inputs), (layer_results, layer_inputs)
+
+
+@pytest.fixture(scope="module")
+def launched(launches):
+    return launches[0]
 
 
 def _destinations(placement: ExpertPlacement, ids_TK: torch.Tensor, src_rank: int) -> list[set[int]]:
@@ -142,6 +168,37 @@ def test_two_nodes_cross_less_than_one_level(launched):
         crossing_one_level += sum(c for r, c in enumerate(res["send_counts"]) if nodes[r] != nodes[rank])
         crossing_two_level += sum(res["inter_node_rows"])
     assert 0 < crossing_two_level < crossing_one_level
+
+
+@pytest.mark.parametrize("name", ["e8k3_2x2", "e6k2_redundant_3+1"])
+def test_moe_layer_runs_unchanged_and_records_network_rows(launches, name):
+    """MoELayer over two_level equals one MoELayer over all experts; MoEStats counts the network rows exactly."""
+    from moelink.kernels.ops import ReferenceKernels
+    from moelink.moe.layer import MoELayer
+    from moelink.moe.router import SoftmaxTopKRouter
+    from moelink.moe.stats import MoEStats
+
+    results, inputs = launches[1]
+    inp = inputs[name]
+    placement, nodes = ExpertPlacement(**inp["placement"]), inp["nodes"]
+    G = inp["gate"].shape[0]
+    layer = MoELayer(HIDDEN, INTER, G, SoftmaxTopKRouter(inp["top_k"], inp["renormalize"]), ReferenceKernels(),
+                     torch.float64, stats=MoEStats(1, G, torch.device("cpu")))
+    layer.gate_GD.copy_(inp["gate"])
+    layer.w13_EFD.copy_(inp["w13"])
+    layer.w2_EDI.copy_(inp["w2"])
+    total = 0
+    for rank in range(R):
+        x = inp["x"][rank]
+        res = results[rank][name]
+        torch.testing.assert_close(res["out"], layer(x), rtol=1e-12, atol=1e-12)
+        _, ids_TK = layer.router(torch.nn.functional.linear(x, layer.gate_GD), None)
+        dests = _destinations(placement, ids_TK, rank)
+        want = sum(len({nodes[r] for r in d} - {nodes[rank]}) for d in dests)
+        assert res["inter_node_rows"] == want and res["bytes_inter_node"] == want * HIDDEN * 8
+        assert res["tokens_dispatched"] == sum(len(d) for d in dests)
+        total += want
+    assert total > 0
 
 
 # --- one process ------------------------------------------------------------------------------------

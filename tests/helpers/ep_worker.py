@@ -87,7 +87,8 @@ def run_layer(scenarios, rank, world_size, group):
         out = layer(sc["x"][rank])
         snap = stats.snapshot()
         results[sc["name"]] = dict(out=out, tokens_per_expert=snap.tokens_per_expert,
-                                   tokens_dispatched=snap.tokens_dispatched)
+                                   tokens_dispatched=snap.tokens_dispatched, inter_node_rows=snap.inter_node_rows,
+                                   bytes_inter_node=snap.bytes_inter_node)
     return results
 
 
