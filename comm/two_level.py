@@ -64,18 +64,24 @@ import torch.distributed as dist
 from .a2a_base import AllToAll, DispatchMeta, check_inputs, meta_row_bytes, pack_meta, unpack_meta
 
 
-def check_node_of_rank(node_of_rank, world_size: int) -> tuple[int, ...]:
-    """Validated node map: one integer >= 0 per rank (ranks with equal numbers share an NVLink domain)."""
+def check_node_of_rank(node_of_rank, world_size: int, name: str = "node_of_rank") -> tuple[int, ...]:
+    """Validated node map: one integer >= 0 per rank (ranks with equal numbers share an NVLink domain).
+    `name` is the field the user set, for the error message."""
     if not isinstance(node_of_rank, (list, tuple)):
-        raise ValueError(f"node_of_rank must be a list of {world_size} node numbers (one per rank), "
-                         f"got {node_of_rank!r}.")
+        raise ValueError(f"{name} must be a list of {world_size} node numbers (one per rank), got {node_of_rank!r}.")
     if len(node_of_rank) != world_size:
-        raise ValueError(f"node_of_rank must have one entry per rank ({world_size}), got {len(node_of_rank)}: "
+        raise ValueError(f"{name} must have one entry per rank ({world_size}), got {len(node_of_rank)}: "
                          f"{list(node_of_rank)!r}.")
     for r, n in enumerate(node_of_rank):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"node_of_rank[{r}]={n!r} is invalid: node numbers must be integers >= 0.")
+            raise ValueError(f"{name}[{r}]={n!r} is invalid: node numbers must be integers >= 0.")
     return tuple(node_of_rank)
+
+
+def node_numbers(node_ids) -> tuple[int, ...]:
+    """Any per-rank node labels (Ray node ids are hex strings) → node numbers 0, 1, ... in first-seen order."""
+    dense: dict = {}
+    return tuple(dense.setdefault(n, len(dense)) for n in node_ids)
 
 
 @dataclass(eq=False)
@@ -243,4 +249,4 @@ class TwoLevelAllToAll(AllToAll):
             dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
 
 
-__all__ = ["TwoLevelAllToAll", "TwoLevelMeta", "check_node_of_rank"]
+__all__ = ["TwoLevelAllToAll", "TwoLevelMeta", "check_node_of_rank", "node_numbers"]
