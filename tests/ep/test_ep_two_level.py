@@ -1,8 +1,8 @@
 """The two_level all-to-all in the engine: EP 4 as 2 simulated nodes x 2 ranks on Ray (CPU, gloo).
 
 Oracle: the same prompts on one rank, float64, greedy: tokens must be identical. The node map comes from
-`--ep-nvlink-domain-size 2` (the test hook: one machine, two "nodes"); the placement group's own map (one
-Ray node here) is read too. The inter-node counters must be non-zero, consistent with the dispatch counters,
+`--ep-nvlink-domain-size 2` (nodes [0, 0, 1, 1]) or the test hook `ep_node_ids` (interleaved [0, 1, 0, 1]):
+one machine, two "nodes"; the placement group's own map (one Ray node here) is read too. The inter-node counters must be non-zero, consistent with the dispatch counters,
 and exported unchanged as Prometheus metrics.
 """
 from __future__ import annotations
@@ -56,16 +56,18 @@ def reference(local_ray, tiny_model):
     return path, prompts, want, torch_bytes
 
 
-def test_two_simulated_nodes_match_one_rank_and_count_the_network(reference):
+@pytest.mark.parametrize("node_map,nodes", [(dict(ep_nvlink_domain_size=2), (0, 0, 1, 1)),
+                                            (dict(ep_node_ids=[0, 1, 0, 1]), (0, 1, 0, 1))])
+def test_two_simulated_nodes_match_one_rank_and_count_the_network(reference, node_map, nodes):
     from moelink.engine.metrics import EngineMetrics
 
     cfg = TINY_CONFIGS[NAME]
     path, prompts, want, torch_bytes = reference
-    llm = LLM(path, expert_parallel_size=4, all_to_all="two_level", ep_nvlink_domain_size=2, **ENGINE_KW)
+    llm = LLM(path, expert_parallel_size=4, all_to_all="two_level", **node_map, **ENGINE_KW)
     try:
         engine = llm.engine
-        # The flag's map reaches every rank; the placement group's (one Ray node here) is read all the same.
-        assert engine.ep_plan.node_of_rank == (0, 0, 1, 1) and engine.executor.plan is engine.ep_plan
+        # The flags' map reaches every rank; the placement group's (one Ray node here) is read all the same.
+        assert engine.ep_plan.node_of_rank == nodes and engine.executor.plan is engine.ep_plan
         assert len(engine.executor.node_ids) == 4 and node_numbers(engine.executor.node_ids) == (0, 0, 0, 0)
         got = _greedy(llm, prompts)
         assert got == want
