@@ -138,12 +138,10 @@ class TwoLevelAllToAll(AllToAll):
         dev = self.device
         self.my_node = me_node
         self._node_R = torch.tensor(node_R, dtype=torch.long, device=dev)
-        self._gateway_M = torch.tensor(gateway_M, dtype=torch.long, device=dev)
         same_node_RR = self._node_R[:, None] == self._node_R[None, :]
         # [g, r]: rows to r are forwarded by g (g is this rank's forwarder for r's node).
         self._forward_via_RR = same_node_RR & torch.tensor(forwards_for_me_R, device=dev)[:, None]
         self._remote_gateway_R = torch.tensor(forwards_for_me_R, device=dev) & (self._node_R != me_node)
-        self._in_my_node_R = self._node_R == me_node
 
     def dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route):
         check_inputs(x_TD, topk_ids_TK, topk_weights_TK, route, self.world_size)
@@ -173,9 +171,9 @@ class TwoLevelAllToAll(AllToAll):
         send1, recv1, send2, recv2, send_counts, recv_counts = (counts[i * R:(i + 1) * R] for i in range(6))
 
         # Stage 1 (network): rows in (gateway, token) order; entries outside the gateway's node are -1.
-        gw_tok_S2 = torch.nonzero_static(to_gw_TR.T, size=sum(send1))
-        send1_tok_S = gw_tok_S2[:, 1]
-        in_node_SK = node_TK.index_select(0, send1_tok_S) == self._node_R[gw_tok_S2[:, 0]][:, None]
+        gateway_token = torch.nonzero_static(to_gw_TR.T, size=sum(send1))  # [S1, 2]: (gateway rank, token)
+        send1_tok_S = gateway_token[:, 1]
+        in_node_SK = node_TK.index_select(0, send1_tok_S) == self._node_R[gateway_token[:, 0]][:, None]
         send1_dst_SK = torch.where(in_node_SK, dst_TK.index_select(0, send1_tok_S), -1)
         send1_slot_SK = slot_TK.index_select(0, send1_tok_S)
         send1_w_SK = topk_weights_TK.index_select(0, send1_tok_S)
@@ -200,8 +198,8 @@ class TwoLevelAllToAll(AllToAll):
         # Column R collects the -1 entries and is cut off.
         to_rank_FR = torch.zeros(num_fwd, R + 1, dtype=torch.bool, device=dev).scatter_(
             1, torch.where(fwd_dst_FK < 0, R, fwd_dst_FK), True)[:, :R]
-        rank_fwd_S2 = torch.nonzero_static(to_rank_FR.T, size=sum(send2))
-        send2_rank_S, send2_fwd_S = rank_fwd_S2[:, 0], rank_fwd_S2[:, 1]
+        rank_fwd = torch.nonzero_static(to_rank_FR.T, size=sum(send2))  # [S2, 2]: (destination rank, forwarded row)
+        send2_rank_S, send2_fwd_S = rank_fwd[:, 0], rank_fwd[:, 1]
         here_SK = fwd_dst_FK.index_select(0, send2_fwd_S) == send2_rank_S[:, None]
         send2_ids_SK = torch.where(here_SK, fwd_slot_FK.index_select(0, send2_fwd_S), -1)
         w_SK = fwd_w_FK.index_select(0, send2_fwd_S)
