@@ -70,6 +70,8 @@ class DispatchMeta:
     send_counts / recv_counts: the same as python lists, filled by backends
         that already synced (torch, none); None on the sync-free padded backends.
     row_bytes: D · element size of x; meta_row_bytes: K · (4 + weight element size).
+    inter_node_rows: int64 device tensor [R], rows this rank sent across nodes to each rank, counted apart
+        from the dispatch rows; set by the node-aware backend ("two_level"), None on one-level backends.
     """
 
     recv_topk_ids_NK: torch.Tensor
@@ -82,6 +84,7 @@ class DispatchMeta:
     recv_counts: list[int] | None
     row_bytes: int
     meta_row_bytes: int
+    inter_node_rows: torch.Tensor | None = None
 
     def _host_counts(self) -> tuple[list[int], list[int]]:
         if self.send_counts is None or self.recv_counts is None:
@@ -114,6 +117,14 @@ class DispatchMeta:
     def bytes_metadata(self) -> int:
         """Id and weight bytes sent with the dispatched rows, counted apart from the payload."""
         return self.num_tokens_sent * self.meta_row_bytes
+
+    @property
+    def bytes_inter_node(self) -> int:
+        """Payload bytes this rank sent across nodes in dispatch (0 on one-level backends)."""
+        if self.inter_node_rows is None:
+            return 0
+        # host sync (read after the step): backends that already hold the counts on the host override this.
+        return int(self.inter_node_rows.sum()) * self.row_bytes
 
 
 class A2AHandle(ABC):

@@ -25,6 +25,12 @@ def _make_padded(group, rank: int, world_size: int, device, **options) -> AllToA
     return PaddedAllToAll(group, rank, world_size, device, **options)
 
 
+def _make_two_level(group, rank: int, world_size: int, device, **options) -> AllToAll:
+    from .two_level import TwoLevelAllToAll
+
+    return TwoLevelAllToAll(group, rank, world_size, device, **options)
+
+
 def _make_nccl(group, rank: int, world_size: int, device, **options) -> AllToAll:
     from .nccl_all_to_all import NcclAllToAll  # lazy: GPU-only, loads libnccl when built
 
@@ -43,6 +49,8 @@ class AllToAllSpec:
         runner's graph decision; today the runner replays graphs on one rank only.
     max_world_size: the largest EP world size it runs at; None: any.
     factory: `(group, rank, world_size, device, **options) -> AllToAll`.
+    needs_node_map: the backend is node-aware and must be built with `node_of_rank` (the node, i.e.
+        NVLink domain, of each rank; the engine reads it from the Ray placement group or the flags).
     """
 
     name: str
@@ -50,6 +58,7 @@ class AllToAllSpec:
     graph_safe: bool
     max_world_size: int | None
     factory: Callable[..., AllToAll] = field(repr=False, compare=False)
+    needs_node_map: bool = False
 
     def __post_init__(self) -> None:
         if self.max_world_size is not None and self.max_world_size < 1:
@@ -60,10 +69,13 @@ class AllToAllSpec:
 
     def build(self, group, rank: int, world_size: int, device: torch.device | str, **options) -> AllToAll:
         """The strategy object of one rank. Options: max_tokens_per_rank (required where needs_capacity),
-        and backend-specific ones (nccl: library_path, self_copy)."""
+        and backend-specific ones (nccl: library_path, self_copy; two_level: node_of_rank)."""
         if self.needs_capacity and options.get("max_tokens_per_rank") is None:
             raise ValueError(f"all-to-all backend {self.name!r} needs max_tokens_per_rank (its fixed per-rank "
                              f"capacity), got none.")
+        if self.needs_node_map and options.get("node_of_rank") is None:
+            raise ValueError(f"all-to-all backend {self.name!r} needs node_of_rank (the node of each of the "
+                             f"{world_size} ranks), got none.")
         return self.factory(group, rank, world_size, device, **options)
 
 
@@ -73,6 +85,8 @@ BACKENDS: dict[str, AllToAllSpec] = {spec.name: spec for spec in (
     AllToAllSpec("torch", needs_capacity=False, graph_safe=False, max_world_size=None, factory=TorchAllToAll),
     AllToAllSpec("torch_padded", needs_capacity=True, graph_safe=True, max_world_size=None, factory=_make_padded),
     AllToAllSpec("nccl", needs_capacity=True, graph_safe=True, max_world_size=None, factory=_make_nccl),
+    AllToAllSpec("two_level", needs_capacity=False, graph_safe=False, max_world_size=None,
+                 factory=_make_two_level, needs_node_map=True),
 )}
 
 # What a user may write: "auto" ("none" at world size 1, else "torch") and every backend.
@@ -104,7 +118,8 @@ def make_all_to_all(name: str, group, rank: int, world_size: int, device: torch.
     host sync per dispatch), "torch_padded" (fixed-capacity layout over
     all_to_all_single, no host sync; option max_tokens_per_rank), "nccl"
     (fixed-capacity layout over direct NCCL send/recv, CUDA only, CUDA-graph
-    safe; option max_tokens_per_rank), "auto" ("none" at world size 1, else "torch").
+    safe; option max_tokens_per_rank), "two_level" (node-aware: each token crosses the network once per
+    destination node, then NVLink fan-out; option node_of_rank), "auto" ("none" at world size 1, else "torch").
     """
     return resolve_backend(name, world_size).build(group, rank, world_size, device, **options)
 

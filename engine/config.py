@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moelink.comm.backends import resolve_backend
+from moelink.comm.two_level import check_node_of_rank
 from moelink.moe.router import RouterConfig
 
 from .hf_readers import read_fields
@@ -212,6 +213,13 @@ class ParallelConfig:
     None starts a local Ray instance, "auto" joins the running cluster, or give
     an address. `all_to_all` names a backend of moelink.comm.backends: "auto"
     picks "none" for one rank and "torch" otherwise (gloo on CPU, NCCL on GPU).
+
+    The node-aware backend ("two_level") needs the node (NVLink domain) of each
+    rank. By default the Ray executor reads it from its placement group (the
+    Ray node of each rank's bundle). `ep_nvlink_domain_size` N overrides it:
+    consecutive groups of N ranks share a domain (GB200 NVL72: 72); N >= the
+    rank count is one domain. `ep_node_ids` (for tests and simulation: several
+    "nodes" on one machine) gives the node number of each rank outright.
     """
 
     expert_parallel_size: int = 1
@@ -227,6 +235,8 @@ class ParallelConfig:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
     comm_timeout_s: float = 60.0
+    ep_nvlink_domain_size: int | None = None
+    ep_node_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         n = self.expert_parallel_size
@@ -242,6 +252,35 @@ class ParallelConfig:
             raise ValueError(f"num_redundant_experts={self.num_redundant_experts!r} is invalid: must be an integer >= 0.")
         for name in ("step_timeout_s", "heartbeat_timeout_s", "comm_timeout_s"):
             check_seconds(name, getattr(self, name))
+        self._check_node_map()
+
+    def _check_node_map(self) -> None:
+        n, size = self.expert_parallel_size, self.ep_nvlink_domain_size
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"ep_nvlink_domain_size={size!r} is invalid: must be a positive integer (ranks "
+                                 "per NVLink domain, e.g. 8 for an HGX node, 72 for a GB200 NVL72).")
+            if size < n and n % size:
+                raise ValueError(f"ep_nvlink_domain_size={size} is invalid for expert_parallel_size={n}: domains are "
+                                 f"groups of consecutive ranks, so the size must divide {n} (or be >= {n}: one "
+                                 "domain).")
+        if self.ep_node_ids is not None:
+            if size is not None:
+                raise ValueError("ep_node_ids and ep_nvlink_domain_size both set: give one node map, not two.")
+            self.ep_node_ids = check_node_of_rank(self.ep_node_ids, n, "ep_node_ids")
+        if (size is not None or self.ep_node_ids is not None) and self.all_to_all != "two_level":
+            which = "ep_nvlink_domain_size" if size is not None else "ep_node_ids"
+            raise ValueError(f"{which} is set but all_to_all={self.all_to_all!r}: the node map is only used by "
+                             "the node-aware backend, all_to_all='two_level'.")
+
+    def node_of_rank(self) -> tuple[int, ...] | None:
+        """The node number of each rank from the flags (ep_node_ids, else ep_nvlink_domain_size); None: read
+        it from the Ray placement group."""
+        if self.ep_node_ids is not None:
+            return tuple(self.ep_node_ids)
+        if self.ep_nvlink_domain_size is not None:
+            return tuple(r // self.ep_nvlink_domain_size for r in range(self.expert_parallel_size))
+        return None
 
     @property
     def world_size(self) -> int:

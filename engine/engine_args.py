@@ -68,6 +68,11 @@ class EngineArgs:
     ray_address: Optional[str] = None
     all_to_all: str = "auto"
     num_redundant_experts: int = 0
+    # all_to_all="two_level" only: ranks per NVLink domain (consecutive ranks; 72 on a GB200 NVL72), overriding
+    # the node map read from the Ray placement group; ep_node_ids gives each rank's node number outright (for
+    # tests and simulation: several "nodes" on one machine).
+    ep_nvlink_domain_size: Optional[int] = None
+    ep_node_ids: Optional[list[int]] = None
     # Watchdogs of a multi-rank engine, in seconds: a model step that runs longer than step_timeout
     # (the first one, which compiles kernels: at least 600 s), or a rank silent for heartbeat_timeout,
     # fails the engine (health NOT_SERVING, in-flight requests end with the reason).
@@ -139,7 +144,8 @@ class EngineArgs:
         return ParallelConfig(expert_parallel_size=self.expert_parallel_size, executor=self.executor,
                               ray_address=self.ray_address, all_to_all=self.all_to_all,
                               num_redundant_experts=self.num_redundant_experts, step_timeout_s=self.step_timeout,
-                              heartbeat_timeout_s=self.heartbeat_timeout)
+                              heartbeat_timeout_s=self.heartbeat_timeout,
+                              ep_nvlink_domain_size=self.ep_nvlink_domain_size, ep_node_ids=self.ep_node_ids)
 
     def model_path(self) -> str:
         """The local directory of `model`: itself, or a repo id's snapshot from the Hugging Face cache

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moelink.comm.backends import AllToAllSpec, resolve_backend
+from moelink.comm.two_level import check_node_of_rank
 from moelink.moe.layer import ExpertParallel
 from moelink.moe.placement import ExpertPlacement
 
@@ -27,11 +28,15 @@ class ExpertParallelPlan:
 
     max_tokens_per_rank: the most tokens one rank dispatches per call, set
     exactly when `backend.needs_capacity` (None otherwise).
+    node_of_rank: the node (NVLink domain) number of each rank, for a
+    node-aware backend (`backend.needs_node_map`) only. None there until the
+    Ray executor fills it from its placement group (or the flags set it).
     """
 
     placement: ExpertPlacement
     backend: AllToAllSpec
     max_tokens_per_rank: int | None = None
+    node_of_rank: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.placement, ExpertPlacement):
@@ -49,6 +54,12 @@ class ExpertParallelPlan:
         elif cap is not None:
             raise ValueError(f"ExpertParallelPlan.max_tokens_per_rank must be None for backend "
                              f"{self.backend.name!r} (it sizes its buffers per call), got {cap!r}.")
+        if self.node_of_rank is not None:
+            if not self.backend.needs_node_map:
+                raise ValueError(f"ExpertParallelPlan.node_of_rank must be None for backend {self.backend.name!r} "
+                                 f"(it is not node-aware), got {self.node_of_rank!r}.")
+            object.__setattr__(self, "node_of_rank", check_node_of_rank(
+                self.node_of_rank, self.world_size, "ExpertParallelPlan.node_of_rank"))
 
     @property
     def world_size(self) -> int:
@@ -59,6 +70,12 @@ class ExpertParallelPlan:
         nccl backend's communicator set-up blocks until all have joined) and the placement's tables on
         `device`."""
         options = {} if self.max_tokens_per_rank is None else {"max_tokens_per_rank": self.max_tokens_per_rank}
+        if self.backend.needs_node_map:
+            if self.node_of_rank is None and self.world_size > 1:
+                raise ValueError(f"all-to-all backend {self.backend.name!r} needs the node of each rank: the Ray "
+                                 "executor reads it from its placement group; elsewhere set ep_nvlink_domain_size "
+                                 "or ep_node_ids.")
+            options["node_of_rank"] = list(self.node_of_rank or (0,))
         a2a = self.backend.build(group, rank, self.world_size, device, **options)
         return ExpertParallel(rank, self.world_size, self.placement, a2a, self.placement.to_tensors(device))
 
@@ -74,7 +91,9 @@ def plan_expert_parallel(config: EngineConfig) -> ExpertParallelPlan:
     placement = ExpertPlacement(num_experts=config.model.num_experts, ep_size=world_size, num_redundant=redundant)
     # Fixed-size buffers: a rank never holds more tokens than one step's budget.
     capacity = config.scheduler.max_num_batched_tokens if backend.needs_capacity else None
-    return ExpertParallelPlan(placement, backend, capacity)
+    # The flags' node map, if any; otherwise the Ray executor fills it from its placement group.
+    nodes = par.node_of_rank() if backend.needs_node_map else None
+    return ExpertParallelPlan(placement, backend, capacity, nodes)
 
 
 __all__ = ["ExpertParallelPlan", "plan_expert_parallel"]

@@ -75,6 +75,8 @@ class LLMEngine:
         # Built once, here: the workers receive it and expert_load reports the same placement.
         self.ep_plan = plan_expert_parallel(config)
         self.executor = executor or make_executor(config, self.ep_plan)
+        # The executor may complete the plan (the Ray placement group's node map): keep the one the ranks got.
+        self.ep_plan = getattr(self.executor, "plan", self.ep_plan)
         if config.cache.num_kv_blocks is None:
             # Sized by the ranks themselves, now that their weights are in memory.
             try:

@@ -130,6 +130,12 @@ class _EngineCollector:
         b.add_metric(["dispatch"], moe.bytes_dispatched)
         b.add_metric(["combine"], moe.bytes_combined)
         yield b
+        yield _counter("moelink_all_to_all_inter_node_bytes",
+                       "Dispatch payload bytes that crossed between nodes (two_level all-to-all; combine returns as "
+                       "many); included in moelink_all_to_all_bytes.", moe.bytes_inter_node)
+        yield _counter("moelink_all_to_all_inter_node_rows",
+                       "Dispatch rows that crossed between nodes: one per (token, destination node other than the "
+                       "sender's).", moe.inter_node_rows)
         t = CounterMetricFamily("moelink_moe_seconds", "Host time of the MoE phases (CPU ranks; slowest rank per step).",
                                 labels=["phase"])
         t.add_metric(["dispatch"], moe.dispatch_s)

@@ -27,6 +27,11 @@ class MoEMetrics:
     steps: int = 0
     # The last step alone, for "this step" views (metrics, the benchmark).
     last_step_bytes_dispatched: int = 0
+    # Node-aware all-to-all ("two_level") only: dispatch rows and payload bytes that crossed between nodes
+    # (combine sends as many back), counted apart from the totals above, which include them.
+    inter_node_rows: int = 0
+    bytes_inter_node: int = 0
+    last_step_bytes_inter_node: int = 0
 
     def __post_init__(self) -> None:
         self.tokens_per_expert = np.zeros((self.num_moe_layers, self.num_experts), dtype=np.int64)
@@ -37,7 +42,7 @@ class MoEMetrics:
         if all(s is None for s in per_rank):
             return
         self.steps += 1
-        step_bytes = 0
+        step_bytes = step_inter = 0
         for r, s in enumerate(per_rank):
             if s is None:
                 continue
@@ -47,11 +52,15 @@ class MoEMetrics:
             self.tokens_dispatched += s.tokens_dispatched
             self.bytes_dispatched_per_rank[r] += s.bytes_dispatched
             step_bytes += s.bytes_dispatched
+            self.inter_node_rows += s.inter_node_rows
+            step_inter += s.bytes_inter_node
             # Ranks step together: the slowest rank's time is the step's.
         self.dispatch_s += max((s.dispatch_s for s in per_rank if s is not None), default=0.0)
         self.compute_s += max((s.compute_s for s in per_rank if s is not None), default=0.0)
         self.combine_s += max((s.combine_s for s in per_rank if s is not None), default=0.0)
         self.last_step_bytes_dispatched = step_bytes
+        self.bytes_inter_node += step_inter
+        self.last_step_bytes_inter_node = step_inter
 
     def total_routed(self) -> int:
         """(token, expert) pairs routed so far: tokens × top-k × MoE layers."""

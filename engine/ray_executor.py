@@ -33,7 +33,9 @@ import tempfile
 import threading
 import time
 import weakref
+from dataclasses import replace
 
+from moelink.comm.two_level import node_numbers
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .engine_args import EngineConfig
@@ -238,6 +240,14 @@ def _heartbeats(state: _RayState, interval_s: float, timeout_s: float) -> None:
                 pass
 
 
+def bundle_node_ids(pg, count: int) -> list[str]:
+    """The Ray node id of each of the first `count` bundles of a ready placement group (bundle r is rank r)."""
+    import ray
+
+    by_bundle = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+    return [by_bundle[r] for r in range(count)]
+
+
 class RayExecutor(Executor):
     def __init__(self, config: EngineConfig, plan: ExpertParallelPlan | None = None):
         import ray
@@ -259,6 +269,7 @@ class RayExecutor(Executor):
         self.rank_pids: list[int] = []
         self.master_addr: str | None = None
         self.master_port: int | None = None
+        self.node_ids: list[str] = []  # the Ray node id of each rank's bundle
         try:
             if not ray.is_initialized():
                 address = config.parallel.ray_address
@@ -279,6 +290,10 @@ class RayExecutor(Executor):
                     f"Ray cannot place {self.world_size} workers of {bundle} each within {_PG_TIMEOUT_S:.0f} s "
                     f"(cluster resources: {resources}): add nodes or lower expert_parallel_size."
                 ) from exc
+            self.node_ids = bundle_node_ids(state.pg, self.world_size)
+            if self.plan.backend.needs_node_map and self.plan.node_of_rank is None:
+                # The node-aware all-to-all's default node map: ranks on one Ray node share an NVLink domain.
+                self.plan = replace(self.plan, node_of_rank=node_numbers(self.node_ids))
             worker_config = config.worker_config()  # built once, pickled to every rank
             # One extra thread per actor answers heartbeats; steps keep the default group's single thread.
             actor_cls = ray.remote(concurrency_groups={_HEARTBEAT_GROUP: 1})(Worker)

@@ -27,6 +27,9 @@ class MoEStepStats:
     compute_s: float = 0.0
     combine_s: float = 0.0
     per_layer_bytes: list[int] = field(default_factory=list)
+    # Node-aware all-to-all only ("two_level"): rows and payload bytes this rank sent across nodes.
+    inter_node_rows: int = 0
+    bytes_inter_node: int = 0
 
 
 class MoEStats:
@@ -42,6 +45,10 @@ class MoEStats:
         # Host timers are only honest where ops run synchronously (CPU); on a GPU
         # they would time kernel launches, so they stay off there.
         self.time_phases = device.type == "cpu"
+        # [rows, bytes] sent across nodes, on the device (no sync in the layer); read in `snapshot` only
+        # once a node-aware dispatch recorded something.
+        self._inter_node_2 = torch.zeros(2, dtype=torch.int64, device=device)
+        self._inter_node_seen = False
 
     def record_routing(self, layer: int, topk_ids_TK: torch.Tensor) -> None:
         if topk_ids_TK.numel():
@@ -57,6 +64,12 @@ class MoEStats:
         self._combined += bytes_combined
         self._rows += rows
 
+    def record_inter_node(self, rows_R: torch.Tensor, row_bytes: int) -> None:
+        """Add one dispatch's rows sent across nodes (int64 device tensor [R], `DispatchMeta.inter_node_rows`)."""
+        rows = rows_R.sum()
+        self._inter_node_2 += torch.stack([rows, rows * row_bytes])
+        self._inter_node_seen = True
+
     def clock(self) -> float:
         return time.perf_counter() if self.time_phases else 0.0
 
@@ -71,6 +84,8 @@ class MoEStats:
         self._bytes = [0] * len(self._bytes)
         self._combined = self._rows = 0
         self._times = [0.0, 0.0, 0.0]
+        self._inter_node_2.zero_()
+        self._inter_node_seen = False
 
     def snapshot(self) -> MoEStepStats:
         """Read this step's counters (host sync) and reset them."""
@@ -78,5 +93,8 @@ class MoEStats:
         # on the driver and shipping it through Ray stay cheap at L x G = 58 x 256.
         counts = self.counts_LG.cpu().numpy().copy()
         out = MoEStepStats(counts, sum(self._bytes), self._combined, self._rows, *self._times, list(self._bytes))
+        if self._inter_node_seen:
+            # Host sync: the second read of the step, only on the node-aware backend.
+            out.inter_node_rows, out.bytes_inter_node = self._inter_node_2.tolist()
         self.reset()
         return out

@@ -10,7 +10,7 @@ from moelink.engine.config import ParallelConfig
 
 
 def test_names_and_auto():
-    assert ALL_TO_ALL_NAMES == ("auto", "none", "torch", "torch_padded", "nccl")
+    assert ALL_TO_ALL_NAMES == ("auto", "none", "torch", "torch_padded", "nccl", "two_level")
     assert resolve_backend("auto", 1).name == "none"
     assert resolve_backend("auto", 2).name == resolve_backend("auto", 72).name == "torch"
     for name in BACKENDS:
@@ -21,18 +21,20 @@ def test_specs_say_what_the_engine_needs_to_know():
     # Capacity: the fixed-block backends (comm/nccl_all_to_all.py) size their buffers once.
     assert [n for n, s in BACKENDS.items() if s.needs_capacity] == ["torch_padded", "nccl"]
     # Graph-safe: no host sync inside dispatch / combine; "torch" reads the counts on the host.
-    assert [n for n, s in BACKENDS.items() if not s.graph_safe] == ["torch"]
+    assert [n for n, s in BACKENDS.items() if not s.graph_safe] == ["torch", "two_level"]
+    # Node map: the node-aware backend is built with the node of each rank.
+    assert [n for n, s in BACKENDS.items() if s.needs_node_map] == ["two_level"]
     assert [n for n, s in BACKENDS.items() if not s.accepts_world_size(2)] == ["none"]
 
 
 def test_unknown_and_misplaced_names_are_one_clear_error():
     with pytest.raises(ValueError, match=r"all_to_all='mpi' is invalid: choose from auto, none, torch, "
-                                         r"torch_padded, nccl\."):
+                                         r"torch_padded, nccl, two_level\."):
         resolve_backend("mpi", 2)
     with pytest.raises(ValueError, match=r"all_to_all=None is invalid"):
         resolve_backend(None, 2)
     with pytest.raises(ValueError, match=r"all_to_all='none' is for world size 1, got world size 4: use 'auto' "
-                                         r"or one of torch, torch_padded, nccl\."):
+                                         r"or one of torch, torch_padded, nccl, two_level\."):
         resolve_backend("none", 4)
 
 

@@ -64,7 +64,8 @@ def run(scenarios, rank, world_size, group):
             send_counts=meta.send_counts_R.tolist(), recv_counts=meta.recv_counts_R.tolist(),
             num_tokens_sent=meta.num_tokens_sent, num_tokens_received=meta.num_tokens_received,
             bytes_dispatched=meta.bytes_dispatched, bytes_combined=meta.bytes_combined,
-            bytes_metadata=meta.bytes_metadata)
+            bytes_metadata=meta.bytes_metadata, bytes_inter_node=meta.bytes_inter_node,
+            inter_node_rows=None if meta.inter_node_rows is None else meta.inter_node_rows.tolist())
     return results
 
 
@@ -86,7 +87,8 @@ def run_layer(scenarios, rank, world_size, group):
         out = layer(sc["x"][rank])
         snap = stats.snapshot()
         results[sc["name"]] = dict(out=out, tokens_per_expert=snap.tokens_per_expert,
-                                   tokens_dispatched=snap.tokens_dispatched)
+                                   tokens_dispatched=snap.tokens_dispatched, inter_node_rows=snap.inter_node_rows,
+                                   bytes_inter_node=snap.bytes_inter_node)
     return results
 
 
