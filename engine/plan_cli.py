@@ -18,7 +18,7 @@ from datetime import date
 from pathlib import Path
 from .provenance import git_commit as _commit
 
-README_HARDWARE = ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72")
+README_HARDWARE = ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72", "b300-hgx", "gb300-nvl72")
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +47,21 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="what the all-to-all sends: once per destination rank (moelink), per expert, per node, all")
     p.add_argument("--mtp-draft", type=int, default=0, help="multi-token-prediction draft tokens per step")
     p.add_argument("--mtp-accept", type=float, default=0.0, help="acceptance rate of each draft token")
+    p.add_argument("--engine", default="moelink", choices=("moelink", "published"),
+                   help="moelink: only the modes this engine has, its measured kernels; published: the engines "
+                        "of the calibration table (DeepEP, MTP, NVFP4, ...)")
+    p.add_argument("--gpu-hour-usd", type=float, default=None,
+                   help="price of one GPU-hour (default: the hardware profile's assumed price)")
+    p.add_argument("--utilization", type=float, default=1.0, help="average fraction of capacity served, (0, 1]")
+    p.add_argument("--prefix-hit", type=float, default=0.0, help="fraction of prompt tokens found in the prefix cache")
+    p.add_argument("--redundant-experts", type=int, default=None,
+                   help="extra expert slots (replicas of hot experts); default: the fewest that divide over EP")
+    p.add_argument("--attn-tp", type=int, default=1, help="tensor-parallel attention group size (published engine)")
+    p.add_argument("--serving", default="disaggregated", choices=("disaggregated", "mixed"),
+                   help="disaggregated prefill/decode pools, or mixed: both on every GPU (chunked prefill)")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="mixed serving: tokens per iteration per rank")
+    p.add_argument("--report", dest="report_path", default=None,
+                   help="write a markdown cost report with Pareto and $/M-token plots (PNGs beside it)")
     p.add_argument("--calibrate", action="store_true", help="print the calibration table instead of a plan")
     p.add_argument("--json", dest="json_path", default=None, help="write the result as JSON here")
     p.add_argument("--plot", dest="plot_path", default=None, help="write throughput per GPU vs EP size (PNG)")
@@ -116,7 +131,9 @@ def run_plan(ns: argparse.Namespace) -> int:
                       batch_per_rank=ns.batch_per_rank, input_len=ns.input_len, output_len=ns.output_len,
                       prefill_chunk=ns.prefill_chunk, itl_slo_ms=ns.itl_slo_ms, precision=ns.precision,
                       overlap=ns.overlap, balance=balance, pattern=ns.pattern, mtp_draft=ns.mtp_draft,
-                      mtp_accept=ns.mtp_accept)
+                      mtp_accept=ns.mtp_accept, engine=ns.engine, gpu_hour_usd=ns.gpu_hour_usd,
+                      utilization=ns.utilization, prefix_hit=ns.prefix_hit, redundant_experts=ns.redundant_experts,
+                      attn_tp=ns.attn_tp, serving=ns.serving, max_num_tokens=ns.max_num_tokens)
     results = {}
     for name in _hardware_list(ns.hardware):
         results[name] = plan(with_hardware(base, get_profile(name)))
@@ -132,6 +149,11 @@ def run_plan(ns: argparse.Namespace) -> int:
         out = plot_ep_sweep(results, ns.plot_path, f"{ns.model}: predicted throughput per GPU vs EP size "
                                                    f"({ns.precision}, input {ns.input_len}, output {ns.output_len})")
         print(f"wrote {out}")
+    if ns.report_path:
+        from moelink.planner.cost_report import write_report
+
+        for out in write_report(base, _hardware_list(ns.hardware), ns.report_path, ns.command_text):
+            print(f"wrote {out}")
     return 0
 
 
