@@ -1,7 +1,7 @@
 """Text reports of `moelink plan`: one layout in detail, a hardware comparison, the calibration table."""
 from __future__ import annotations
 
-from .calibration import TOLERANCE, Result, format_table
+from .calibration import TOLERANCE, VALIDATION_MAE, Result, format_table, summary
 
 
 def _bd(breakdown: dict) -> str:
@@ -76,11 +76,14 @@ def format_comparison(results: dict) -> str:
 def format_calibration(results: list[Result]) -> str:
     bad = [r for r in results if not r.ok]
     mean_abs = sum(abs(r.error) for r in results) / len(results)
-    summary = (f"{len(results)} published results, mean |error| {mean_abs:.1%}, "
-               + ("all within ±{:.0%}".format(TOLERANCE) if not bad else f"{len(bad)} outside ±{TOLERANCE:.0%}"))
-    notes = [f"- {r.row.id}: {r.row.source}" + (f"; assumed: {r.row.assumed}" if r.row.assumed else "")
+    summary_line = (f"{len(results)} published results, mean |error| {mean_abs:.1%}, "
+                    + ("all within ±{:.0%}".format(TOLERANCE) if not bad else f"{len(bad)} outside ±{TOLERANCE:.0%}"))
+    per_split = [f"{split}: {s['rows']} rows, mean |error| {s['mean_abs_error']:.1%}, worst {s['max_abs_error']:.1%}"
+                 + (f" (validation target <= {VALIDATION_MAE:.0%})" if split == "validation" else "")
+                 for split, s in summary(results).items()]
+    notes = [f"- {r.row.id} [{r.row.split}]: {r.row.source}" + (f"; assumed: {r.row.assumed}" if r.row.assumed else "")
              + (f"; note: {r.row.note}" if r.row.note else "") for r in results]
-    return "\n".join([format_table(results), "", summary, "", "Sources and assumptions:"] + notes)
+    return "\n".join([format_table(results), "", summary_line] + per_split + ["", "Sources and assumptions:"] + notes)
 
 
 def format_cost(res: dict) -> list[str]:
