@@ -2,8 +2,11 @@
 
     moelink plan --model deepseek-v3 --hardware h100-hgx --ep 8 --batch-per-rank 128 \\
         [--input-len 2000 --output-len 1000 --itl-slo-ms 50 --precision fp8 ...] [--json out] [--plot out.png]
-    moelink plan --model deepseek-v3 --hardware all --json ... --plot ...   # H100, H200, B200, GB200 NVL72
-    moelink plan --calibrate [--json out]      # published results vs predictions (exit 1 if any is off by >30%)
+    moelink plan --model deepseek-v3 --hardware all --json ... --plot ...   # H100/H200/B200/B300 HGX, GB200/GB300 NVL72
+    moelink plan --model deepseek-v3 --hardware all --report out.md   # $/M tokens, Pareto and cost plots
+    moelink plan --engine published ...        # the published engines' modes (MTP, NVFP4, DeepEP) instead of moelink's
+    moelink plan --calibrate [--json out]      # published results vs predictions: calibration and validation rows
+                                               # (exit 1 if any is off by >30% or validation MAE > 15%)
     python -m moelink.engine.plan_cli ...   # the same, without the moelink CLI
 
 The model lives in `moelink.planner` (step model, hardware, models,
@@ -60,8 +63,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serving", default="disaggregated", choices=("disaggregated", "mixed"),
                    help="disaggregated prefill/decode pools, or mixed: both on every GPU (chunked prefill)")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="mixed serving: tokens per iteration per rank")
-    p.add_argument("--report", dest="report_path", default=None,
-                   help="write a markdown cost report with Pareto and $/M-token plots (PNGs beside it)")
+    p.add_argument("--report", dest="report_path", nargs="?", const="", default=None,
+                   help="write a markdown cost report with Pareto and $/M-token plots (PNGs beside it); "
+                        "without a path: cost_report_<model>.md here")
     p.add_argument("--calibrate", action="store_true", help="print the calibration table instead of a plan")
     p.add_argument("--json", dest="json_path", default=None, help="write the result as JSON here")
     p.add_argument("--plot", dest="plot_path", default=None, help="write throughput per GPU vs EP size (PNG)")
@@ -154,10 +158,11 @@ def run_plan(ns: argparse.Namespace) -> int:
         out = plot_ep_sweep(results, ns.plot_path, f"{ns.model}: predicted throughput per GPU vs EP size "
                                                    f"({ns.precision}, input {ns.input_len}, output {ns.output_len})")
         print(f"wrote {out}")
-    if ns.report_path:
+    if ns.report_path is not None:
         from moelink.planner.cost_report import write_report
 
-        for out in write_report(base, _hardware_list(ns.hardware), ns.report_path, ns.command_text):
+        path = ns.report_path or f"cost_report_{ns.model}.md"
+        for out in write_report(base, _hardware_list(ns.hardware), path, ns.command_text):
             print(f"wrote {out}")
     return 0
 

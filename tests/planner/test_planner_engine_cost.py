@@ -261,3 +261,20 @@ def test_pareto_frontier_is_a_frontier():
     users, gpus = [p[0] for p in pts], [p[1] for p in pts]
     assert users == sorted(users) and gpus == sorted(gpus, reverse=True)
     assert all(math.isfinite(u) and g > 0 for u, g in zip(users, gpus))
+
+
+def test_report_for_all_hardware_without_a_path_within_a_minute(tmp_path, monkeypatch, capsys):
+    # The acceptance command, as typed: `moelink plan --model deepseek-v3 --hardware all --report`.
+    import time
+
+    from moelink.engine import cli
+
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    assert cli.main(["plan", "--model", "deepseek-v3", "--hardware", "all", "--report"]) == 0
+    assert time.perf_counter() - start < 60
+    text = (tmp_path / "cost_report_deepseek-v3.md").read_text()
+    for hw in ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72", "b300-hgx", "gb300-nvl72"):
+        assert f"| {hw} | moelink | fp8 |" in text
+    assert (tmp_path / "cost_report_deepseek-v3_pareto.png").stat().st_size > 10_000
+    assert (tmp_path / "cost_report_deepseek-v3_cost.png").stat().st_size > 10_000
