@@ -4,7 +4,8 @@
   latency) over every EP size and batch that fits; only the frontier is drawn (no layout is both faster
   per GPU and per user than a point on it).
 - Cost plot: $ per million output tokens at the best decode layout under the ITL target, per hardware
-  and (engine, precision): moelink's own precisions, and the published engines' FP8 and FP4 beside them.
+  and (engine, precision): moelink's own precisions, and the published engines' FP8 and FP4 beside them
+  (FP4 only on GPUs with FP4 tensor cores).
 
 PNGs are written beside the markdown (out.md -> out_pareto.png, out_cost.png).
 """
@@ -103,6 +104,8 @@ def write_report(base: PlanInputs, hardware: list[str], path: str | Path, comman
         hw_inp = with_hardware(base, get_profile(name))
         costs[name] = {}
         for eng, prec in variants:
+            if prec == "fp4" and "nvfp4" not in hw_inp.hardware.gpu.tflops:
+                continue  # no FP4 tensor cores (Hopper): no engine serves NVFP4 experts there
             res = plan(replace(hw_inp, engine=eng, precision=prec, pattern="rank", gpu_hour_usd=base.gpu_hour_usd))
             plans[(name, eng, prec)] = res
             costs[name][(eng, prec)] = (res["cost"] or {}).get("usd_per_m_output")

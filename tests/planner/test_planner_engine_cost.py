@@ -249,7 +249,8 @@ def test_report_writes_markdown_and_plots(tmp_path, capsys):
         path = out.with_name(png)
         assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
         assert f"]({png})" in text
-    assert "| gb300-nvl72 | moelink | fp8 |" in text and "| h200-hgx | published | fp4 |" in text
+    assert "| gb300-nvl72 | moelink | fp8 |" in text and "| gb300-nvl72 | published | fp4 |" in text
+    assert "| h200-hgx | published | fp4 |" not in text  # Hopper has no FP4 tensor cores
     assert "built, not GPU-measured" in text and "GPU_HOUR_USD" in text
 
 
