@@ -90,8 +90,19 @@ def _calibrate(ns: argparse.Namespace) -> int:
     from moelink.planner.calibration import TOLERANCE, VALIDATION_MAE, run, summary
     from moelink.planner.report import format_calibration
 
+    from moelink.planner.engine_measured import check
+    from moelink.planner.engines import get_engine
+
     results = run()
     print(format_calibration(results))
+    engine_rows = check(get_engine("moelink").efficiency)
+    if engine_rows:
+        print("\nmoelink's own engine (per-layer decode time, CUDA graph; batch 1 fits the fixed cost, "
+              "the rest are checked):")
+        print("| device | model | batch | measured us/layer | predicted | error |\n|---|---|---:|---:|---:|---:|")
+        for r in engine_rows:
+            print(f"| {r['device']} | {r['model']} | {r['batch']} | {r['measured_us']:.0f} | "
+                  f"{r['predicted_us']:.0f} | {r['error']:+.1%} |")
     if ns.json_path:
         rows = [{"id": r.row.id, "split": r.row.split, "system": r.row.system, "hardware": r.row.hardware, "kind": r.row.kind,
                  "metric": r.row.metric, "published_per_gpu": r.row.published, "predicted_per_gpu": r.predicted,
@@ -101,7 +112,8 @@ def _calibrate(ns: argparse.Namespace) -> int:
                  "and TBO ablations set EPLB_RESIDUAL_CV and the overlap fractions); validation rows set nothing")
         _write_json(ns.json_path, {**_meta(ns.command_text), "tolerance": TOLERANCE,
                                    "validation_mae_target": VALIDATION_MAE, "split": split,
-                                   "summary": summary(results), "rows": rows})
+                                   "summary": summary(results), "rows": rows,
+                                   "moelink_engine_check": engine_rows})
     val = summary(results)["validation"]
     return 0 if all(r.ok for r in results) and val["mean_abs_error"] <= VALIDATION_MAE else 1
 

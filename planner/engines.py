@@ -19,6 +19,7 @@ moelink number stand on code that exists and was timed on a GPU.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from .efficiency import DEFAULT_EFFICIENCY, Efficiency
@@ -113,7 +114,21 @@ ENGINES = {e.name: e for e in (MOELINK, PUBLISHED)}
 
 
 def get_engine(name: str) -> EngineProfile:
-    """Engine profile by name; a ValueError lists the known names."""
+    """Engine profile by name; a ValueError lists the known names. moelink's comes with its per-layer fixed
+    cost fitted on its own measured decode steps when benchmarks/results has them (`engine_measured`)."""
     if name not in ENGINES:
         raise ValueError(f"engine={name!r} is not known: choose from {', '.join(ENGINES)}.")
-    return ENGINES[name]
+    return _measured_moelink() if name == "moelink" else ENGINES[name]
+
+
+@functools.lru_cache(maxsize=1)
+def _measured_moelink() -> EngineProfile:
+    from .engine_measured import load_engine_decode, with_measured_overhead
+
+    eff = with_measured_overhead(MOELINK.efficiency)
+    if eff is MOELINK.efficiency:
+        return MOELINK
+    src = ", ".join(sorted({p.source for p in load_engine_decode()}))
+    feature = Feature(f"per-layer fixed cost {eff.layer_overhead_s * 1e6:.0f} us (small kernels in a CUDA graph)",
+                      BUILT_MEASURED, f"fitted on the batch-1 decode step of {src}")
+    return replace(MOELINK, efficiency=eff, features=MOELINK.features + (feature,))

@@ -279,3 +279,34 @@ def test_report_for_all_hardware_without_a_path_within_a_minute(tmp_path, monkey
         assert f"| {hw} | moelink | fp8 |" in text
     assert (tmp_path / "cost_report_deepseek-v3_pareto.png").stat().st_size > 10_000
     assert (tmp_path / "cost_report_deepseek-v3_cost.png").stat().st_size > 10_000
+
+
+def test_moelink_fixed_cost_fitted_on_batch_one_predicts_other_batches(tmp_path):
+    from moelink.planner.engine_measured import DecodePoint, check, fit_layer_overhead, load_engine_decode
+
+    points = load_engine_decode()
+    assert {p.batch for p in points} >= {1, 16, 64, 256} and {p.model for p in points} == {"qwen3-30b-a3b"}
+    eff = get_engine("moelink").efficiency
+    assert eff.layer_overhead_s == pytest.approx(fit_layer_overhead(MOELINK.efficiency))
+    assert eff.layer_overhead_s < MOELINK.efficiency.layer_overhead_s  # graphs: less than the published 120 us
+    rows = check(eff)
+    fitted = [r for r in rows if r["batch"] == 1]
+    unseen = [r for r in rows if r["batch"] > 1]
+    assert fitted[0]["error"] == pytest.approx(0.0, abs=1e-9) and len(unseen) >= 3
+    assert all(abs(r["error"]) <= 0.10 for r in unseen), unseen
+    # The fit follows the measurement: a slower batch-1 step gives a larger fixed cost.
+    p1 = min(points, key=lambda p: p.batch)
+    slow = replace(p1, per_layer_s=p1.per_layer_s + 50e-6)
+    assert fit_layer_overhead(MOELINK.efficiency, (slow,)) == pytest.approx(eff.layer_overhead_s + 50e-6)
+    assert fit_layer_overhead(MOELINK.efficiency, ()) is None
+    assert load_engine_decode(tmp_path) == ()
+    assert any("per-layer fixed cost" in f.name and f.status == "built, GPU-measured"
+               for f in get_engine("moelink").features)
+    assert isinstance(p1, DecodePoint)
+
+
+def test_calibrate_prints_the_moelink_engine_check(capsys, tmp_path):
+    out = tmp_path / "cal.json"
+    assert plan_cli.main(["--calibrate", "--json", str(out)]) == 0
+    assert "moelink's own engine (per-layer decode time" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["moelink_engine_check"]) >= 4
