@@ -136,8 +136,9 @@ def write_report(base: PlanInputs, hardware: list[str], path: str | Path, comman
     first = plans[(hardware[0], base.engine, base.precision)] if (hardware[0], base.engine, base.precision) in plans \
         else next(iter(plans.values()))
     lines += ["## What the moelink prediction assumes", ""]
-    lines += [f"- {f['feature']}: **{f['status']}**" + (f" ({f['evidence']})" if f["evidence"] else "")
-              for f in first["engine"]["features"]]
+    lines += [f"- [{'x' if f.get('used', True) else ' '}] {f['feature']}: **{f['status']}**"
+              + (f" ({f['evidence']})" if f["evidence"] else "") for f in first["engine"]["features"]]
+    lines += ["", "[x]: this report's moelink predictions assume it."]
     lines += ["", f"## Assumptions ({hardware[0]})", ""] + [f"- {a}" for a in first["assumptions"]]
     lines += ["", "GPU-hour prices are assumptions (planner/hardware.py `GPU_HOUR_USD`); `--gpu-hour-usd` "
               "overrides them. $/M output counts decode GPUs, $/M input prefill GPUs (computed tokens only)."]

@@ -37,6 +37,7 @@ class Feature:
     name: str
     status: str
     evidence: str = ""
+    tag: str = ""  # what a plan uses it for (see plan.features_used); "" = every plan
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -89,16 +90,19 @@ MOELINK = EngineProfile(
         Feature("data-parallel attention, one request set per rank", BUILT_MEASURED,
                 "GPU tests, engine decode on one H100"),
         Feature("all-to-all once per destination rank (pattern rank)", BUILT,
-                "CPU ranks (gloo); NCCL at world size 1 on GPU"),
-        Feature("low-latency (decode) / high-throughput (prefill) dispatch modes", BUILT, "issue 17, CPU ranks"),
-        Feature("two-batch overlap of all-to-all with compute (overlap tbo)", BUILT, "issue 17, CPU ranks"),
-        Feature("node-aware two-level all-to-all (pattern node)", BUILT, "issue 17, CPU ranks"),
+                "CPU ranks (gloo); NCCL at world size 1 on GPU", tag="rank"),
+        Feature("low-latency (decode) / high-throughput (prefill) dispatch modes", BUILT, "issue 17, CPU ranks",
+                tag="ep"),
+        Feature("two-batch overlap of all-to-all with compute (overlap tbo)", BUILT, "issue 17, CPU ranks",
+                tag="tbo"),
+        Feature("node-aware two-level all-to-all (pattern node)", BUILT, "issue 17, CPU ranks", tag="node"),
         Feature("CUDA graphs for decode", BUILT_MEASURED, "single GPU; under EP: issue 17, not GPU-measured"),
-        Feature("FP8 KV cache (precision attention fp8)", BUILT, "--kv-cache-dtype fp8"),
-        Feature("redundant experts (replicas of hot experts)", BUILT, "moe/placement.py, CPU ranks"),
-        Feature("NVFP4 experts / FP4 dispatch", NOT_BUILT, "precision fp4 refused"),
-        Feature("multi-token prediction (MTP) drafts", NOT_BUILT, "--mtp-draft refused"),
-        Feature("tensor-parallel attention", NOT_BUILT, "--attn-tp refused"),
+        Feature("FP8 KV cache (precision attention fp8)", BUILT, "--kv-cache-dtype fp8", tag="fp8_kv"),
+        Feature("redundant experts (replicas of hot experts)", BUILT, "moe/placement.py, CPU ranks",
+                tag="redundant"),
+        Feature("NVFP4 experts / FP4 dispatch", NOT_BUILT, "precision fp4 refused", tag="fp4"),
+        Feature("multi-token prediction (MTP) drafts", NOT_BUILT, "--mtp-draft refused", tag="mtp"),
+        Feature("tensor-parallel attention", NOT_BUILT, "--attn-tp refused", tag="attn_tp"),
     ),
 )
 
@@ -130,5 +134,5 @@ def _measured_moelink() -> EngineProfile:
         return MOELINK
     src = ", ".join(sorted({p.source for p in load_engine_decode()}))
     feature = Feature(f"per-layer fixed cost {eff.layer_overhead_s * 1e6:.0f} us (small kernels in a CUDA graph)",
-                      BUILT_MEASURED, f"fitted on the batch-1 decode step of {src}")
+                      BUILT_MEASURED, f"fitted on the batch-1 decode step of {src} (Qwen3-30B-A3B, one GPU)")
     return replace(MOELINK, efficiency=eff, features=MOELINK.features + (feature,))

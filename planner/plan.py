@@ -242,7 +242,7 @@ def plan(inp: PlanInputs, eff: Efficiency | None = None) -> dict:
                    "engine": inp.engine, "prefix_hit": inp.prefix_hit, "attn_tp": inp.attn_tp,
                    "redundant_experts": setup.redundant_experts, "serving": inp.serving,
                    "max_num_tokens": inp.max_num_tokens},
-        "engine": engine_summary(inp),
+        "engine": engine_summary(inp, setup, (dec_ov, pre_ov)),
         "assumptions": assumptions(inp, setup),
         "memory": {"weights_per_rank_gb": round(weights_per_rank_bytes(model, setup) / 1e9, 2),
                    "max_batch_per_rank": max_batch_per_rank(model, hw, setup, inp.input_len + inp.output_len)},
@@ -259,10 +259,20 @@ def plan(inp: PlanInputs, eff: Efficiency | None = None) -> dict:
     }
 
 
-def engine_summary(inp: PlanInputs) -> dict:
+def features_used(inp: PlanInputs, setup: Setup, overlaps: tuple[str, ...]) -> dict[str, bool]:
+    """Which tagged engine features this plan's prediction leans on (untagged ones: always)."""
+    return {"rank": inp.pattern == "rank" and inp.ep > 1, "ep": inp.ep > 1, "tbo": "tbo" in overlaps,
+            "node": inp.pattern == "node", "fp8_kv": setup.precision.attention == "fp8",
+            "redundant": setup.redundant_experts > 0, "fp4": setup.precision.experts == "nvfp4",
+            "mtp": inp.mtp_draft > 0, "attn_tp": inp.attn_tp > 1}
+
+
+def engine_summary(inp: PlanInputs, setup: Setup | None = None, overlaps: tuple[str, ...] = ()) -> dict:
     e = inp.engine_profile
+    used = features_used(inp, setup or make_setup(inp, inp.ep, inp.batch_per_rank, "none"), overlaps)
     return {"name": e.name, "description": e.description, "kernels": kernel_source(inp)["text"],
-            "features": [{"feature": f.name, "status": f.status, "evidence": f.evidence} for f in e.features]}
+            "features": [{"feature": f.name, "status": f.status, "evidence": f.evidence,
+                          "used": used.get(f.tag, True) if f.tag else True} for f in e.features]}
 
 
 def assumptions(inp: PlanInputs, setup: Setup) -> list[str]:

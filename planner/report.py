@@ -109,9 +109,9 @@ def format_assumptions(res: dict) -> list[str]:
     e = res.get("engine")
     if not e:
         return []
-    lines = [f"features assumed (engine {e['name']}):"]
-    lines += [f"  - {f['feature']}: {f['status']}" + (f" ({f['evidence']})" if f["evidence"] else "")
-              for f in e["features"]]
+    lines = [f"features (engine {e['name']}; [x] = this prediction assumes it):"]
+    lines += [f"  [{'x' if f.get('used', True) else ' '}] {f['feature']}: {f['status']}"
+              + (f" ({f['evidence']})" if f["evidence"] else "") for f in e["features"]]
     lines.append("assumptions:")
     lines += [f"  - {a}" for a in res.get("assumptions", [])]
     return lines

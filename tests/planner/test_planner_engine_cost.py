@@ -107,10 +107,14 @@ def test_engine_profiles_refuse_modes_they_do_not_have():
 def test_plan_prints_features_with_status_and_every_assumption(capsys):
     assert plan_cli.main(["--hardware", "h200-hgx", "--ep", "8", "--batch-per-rank", "32"]) == 0
     out = capsys.readouterr().out
-    assert "features assumed (engine moelink):" in out
+    assert "features (engine moelink; [x] = this prediction assumes it):" in out
     assert "two-batch overlap of all-to-all with compute (overlap tbo): built, not GPU-measured" in out
-    assert "Triton grouped-GEMM MoE kernels (BF16, FP8 block-scaled): built, GPU-measured" in out
-    assert "multi-token prediction (MTP) drafts: not built" in out
+    assert "[x] Triton grouped-GEMM MoE kernels (BF16, FP8 block-scaled): built, GPU-measured" in out
+    assert "[ ] multi-token prediction (MTP) drafts: not built" in out
+    assert "[ ] node-aware two-level all-to-all (pattern node)" in out  # default pattern: once per rank
+    assert "[x] all-to-all once per destination rank (pattern rank)" in out
+    assert plan_cli.main(["--hardware", "h200-hgx", "--ep", "16", "--batch-per-rank", "32", "--pattern", "node"]) == 0
+    assert "[x] node-aware two-level all-to-all (pattern node)" in capsys.readouterr().out
     for phrase in ("assumptions:", "routed experts: moelink's measured fp8 kernel efficiency",
                    "two-batch overlap hides", "fixed costs:", "links:", "prefix-cache hit rate 0%",
                    "assumed for H200"):
