@@ -106,7 +106,9 @@ def write_report(base: PlanInputs, hardware: list[str], path: str | Path, comman
         for eng, prec in variants:
             if prec == "fp4" and "nvfp4" not in hw_inp.hardware.gpu.tflops:
                 continue  # no FP4 tensor cores (Hopper): no engine serves NVFP4 experts there
-            res = plan(replace(hw_inp, engine=eng, precision=prec, pattern="rank", gpu_hour_usd=base.gpu_hour_usd))
+            # The asked all-to-all pattern where the engine has it, else moelink's (once per rank).
+            pattern = hw_inp.pattern if hw_inp.pattern in get_engine(eng).patterns else "rank"
+            res = plan(replace(hw_inp, engine=eng, precision=prec, pattern=pattern))
             plans[(name, eng, prec)] = res
             costs[name][(eng, prec)] = (res["cost"] or {}).get("usd_per_m_output")
         fronts[name] = pareto_points(hw_inp)
