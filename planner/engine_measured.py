@@ -88,14 +88,21 @@ def predicted_per_layer(point: DecodePoint, eff: Efficiency) -> float:
 
 
 def fit_layer_overhead(base: Efficiency, points: tuple[DecodePoint, ...] | None = None) -> float | None:
-    """moelink's per-layer fixed cost: the smallest batch's measured per-layer time minus the model's
-    per-layer time without its fixed cost (>= 0). None without a usable measurement."""
+    """moelink's per-layer fixed cost: per measured (device, model) series, the smallest batch's measured
+    per-layer time minus the model's per-layer time without its fixed cost (>= 0); the mean over series.
+    None without a usable measurement."""
     pts = [p for p in (points if points is not None else load_engine_decode()) if _profile(p.device)]
     if not pts:
         return None
-    p = min(pts, key=lambda q: q.batch)
-    rest = predicted_per_layer(p, base) - base.layer_overhead_s
-    return max(0.0, p.per_layer_s - rest)
+    # One fit per measured (device, model) series, from its smallest batch; the mean over series.
+    series: dict[tuple[str, str], DecodePoint] = {}
+    for p in pts:
+        key = (p.device, p.model)
+        if key not in series or p.batch < series[key].batch:
+            series[key] = p
+    fits = [max(0.0, p.per_layer_s - (predicted_per_layer(p, base) - base.layer_overhead_s))
+            for p in series.values()]
+    return sum(fits) / len(fits)
 
 
 def check(eff: Efficiency) -> list[dict]:
