@@ -2,8 +2,11 @@
 
     moelink plan --model deepseek-v3 --hardware h100-hgx --ep 8 --batch-per-rank 128 \\
         [--input-len 2000 --output-len 1000 --itl-slo-ms 50 --precision fp8 ...] [--json out] [--plot out.png]
-    moelink plan --model deepseek-v3 --hardware all --json ... --plot ...   # H100, H200, B200, GB200 NVL72
-    moelink plan --calibrate [--json out]      # published results vs predictions (exit 1 if any is off by >30%)
+    moelink plan --model deepseek-v3 --hardware all --json ... --plot ...   # H100/H200/B200/B300 HGX, GB200/GB300 NVL72
+    moelink plan --model deepseek-v3 --hardware all --report out.md   # $/M tokens, Pareto and cost plots
+    moelink plan --engine published ...        # the published engines' modes (MTP, NVFP4, DeepEP) instead of moelink's
+    moelink plan --calibrate [--json out]      # published results vs predictions: calibration and validation rows
+                                               # (exit 1 if any is off by >30% or validation MAE > 15%)
     python -m moelink.engine.plan_cli ...   # the same, without the moelink CLI
 
 The model lives in `moelink.planner` (step model, hardware, models,
@@ -18,7 +21,7 @@ from datetime import date
 from pathlib import Path
 from .provenance import git_commit as _commit
 
-README_HARDWARE = ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72")
+README_HARDWARE = ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72", "b300-hgx", "gb300-nvl72")
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +50,22 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="what the all-to-all sends: once per destination rank (moelink), per expert, per node, all")
     p.add_argument("--mtp-draft", type=int, default=0, help="multi-token-prediction draft tokens per step")
     p.add_argument("--mtp-accept", type=float, default=0.0, help="acceptance rate of each draft token")
+    p.add_argument("--engine", default="moelink", choices=("moelink", "published"),
+                   help="moelink: only the modes this engine has, its measured kernels; published: the engines "
+                        "of the calibration table (DeepEP, MTP, NVFP4, ...)")
+    p.add_argument("--gpu-hour-usd", type=float, default=None,
+                   help="price of one GPU-hour (default: the hardware profile's assumed price)")
+    p.add_argument("--utilization", type=float, default=1.0, help="average fraction of capacity served, (0, 1]")
+    p.add_argument("--prefix-hit", type=float, default=0.0, help="fraction of prompt tokens found in the prefix cache")
+    p.add_argument("--redundant-experts", type=int, default=None,
+                   help="extra expert slots (replicas of hot experts); default: the fewest that divide over EP")
+    p.add_argument("--attn-tp", type=int, default=1, help="tensor-parallel attention group size (published engine)")
+    p.add_argument("--serving", default="disaggregated", choices=("disaggregated", "mixed"),
+                   help="disaggregated prefill/decode pools, or mixed: both on every GPU (chunked prefill)")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="mixed serving: tokens per iteration per rank")
+    p.add_argument("--report", dest="report_path", nargs="?", const="", default=None,
+                   help="write a markdown cost report with Pareto and $/M-token plots (PNGs beside it); "
+                        "without a path: cost_report_<model>.md here")
     p.add_argument("--calibrate", action="store_true", help="print the calibration table instead of a plan")
     p.add_argument("--json", dest="json_path", default=None, help="write the result as JSON here")
     p.add_argument("--plot", dest="plot_path", default=None, help="write throughput per GPU vs EP size (PNG)")
@@ -68,18 +87,35 @@ def _hardware_list(text: str) -> list[str]:
 
 
 def _calibrate(ns: argparse.Namespace) -> int:
-    from moelink.planner.calibration import TOLERANCE, run
+    from moelink.planner.calibration import TOLERANCE, VALIDATION_MAE, run, summary
     from moelink.planner.report import format_calibration
+
+    from moelink.planner.engine_measured import check
+    from moelink.planner.engines import get_engine
 
     results = run()
     print(format_calibration(results))
+    engine_rows = check(get_engine("moelink").efficiency)
+    if engine_rows:
+        print("\nmoelink's own engine (per-layer decode time, CUDA graph; batch 1 fits the fixed cost, "
+              "the rest are checked):")
+        print("| device | model | batch | measured us/layer | predicted | error |\n|---|---|---:|---:|---:|---:|")
+        for r in engine_rows:
+            print(f"| {r['device']} | {r['model']} | {r['batch']} | {r['measured_us']:.0f} | "
+                  f"{r['predicted_us']:.0f} | {r['error']:+.1%} |")
     if ns.json_path:
-        rows = [{"id": r.row.id, "system": r.row.system, "hardware": r.row.hardware, "kind": r.row.kind,
+        rows = [{"id": r.row.id, "split": r.row.split, "system": r.row.system, "hardware": r.row.hardware, "kind": r.row.kind,
                  "metric": r.row.metric, "published_per_gpu": r.row.published, "predicted_per_gpu": r.predicted,
                  "relative_error": r.error, "within_tolerance": r.ok, "source": r.row.source,
                  "assumed": r.row.assumed, "note": r.row.note} for r in results]
-        _write_json(ns.json_path, {**_meta(ns.command_text), "tolerance": TOLERANCE, "rows": rows})
-    return 0 if all(r.ok for r in results) else 1
+        split = ("calibration rows set or fit a constant (single-node rows fit Efficiency.gemm; SGLang's EPLB "
+                 "and TBO ablations set EPLB_RESIDUAL_CV and the overlap fractions); validation rows set nothing")
+        _write_json(ns.json_path, {**_meta(ns.command_text), "tolerance": TOLERANCE,
+                                   "validation_mae_target": VALIDATION_MAE, "split": split,
+                                   "summary": summary(results), "rows": rows,
+                                   "moelink_engine_check": engine_rows})
+    val = summary(results)["validation"]
+    return 0 if all(r.ok for r in results) and val["mean_abs_error"] <= VALIDATION_MAE else 1
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -116,7 +152,9 @@ def run_plan(ns: argparse.Namespace) -> int:
                       batch_per_rank=ns.batch_per_rank, input_len=ns.input_len, output_len=ns.output_len,
                       prefill_chunk=ns.prefill_chunk, itl_slo_ms=ns.itl_slo_ms, precision=ns.precision,
                       overlap=ns.overlap, balance=balance, pattern=ns.pattern, mtp_draft=ns.mtp_draft,
-                      mtp_accept=ns.mtp_accept)
+                      mtp_accept=ns.mtp_accept, engine=ns.engine, gpu_hour_usd=ns.gpu_hour_usd,
+                      utilization=ns.utilization, prefix_hit=ns.prefix_hit, redundant_experts=ns.redundant_experts,
+                      attn_tp=ns.attn_tp, serving=ns.serving, max_num_tokens=ns.max_num_tokens)
     results = {}
     for name in _hardware_list(ns.hardware):
         results[name] = plan(with_hardware(base, get_profile(name)))
@@ -132,6 +170,12 @@ def run_plan(ns: argparse.Namespace) -> int:
         out = plot_ep_sweep(results, ns.plot_path, f"{ns.model}: predicted throughput per GPU vs EP size "
                                                    f"({ns.precision}, input {ns.input_len}, output {ns.output_len})")
         print(f"wrote {out}")
+    if ns.report_path is not None:
+        from moelink.planner.cost_report import write_report
+
+        path = ns.report_path or f"cost_report_{ns.model}.md"
+        for out in write_report(base, _hardware_list(ns.hardware), path, ns.command_text):
+            print(f"wrote {out}")
     return 0
 
 

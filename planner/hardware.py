@@ -78,6 +78,18 @@ H800 = GpuSpec("H800", {"bf16": 989, "fp8": 1979}, 80, 3.35, HOPPER_MATMUL, HOPP
 # FP4 dense: half the sparse figures of NVIDIA's HGX B200 (18 PF sparse) and GB200 NVL72 (20 PF) datasheets.
 B200 = GpuSpec("B200", {"bf16": 2250, "fp8": 4500, "nvfp4": 9000}, 180, 8.0, BLACKWELL_MATMUL, BLACKWELL_COPY)
 GB200 = GpuSpec("GB200", {"bf16": 2500, "fp8": 5000, "nvfp4": 10000}, 186, 8.0, BLACKWELL_MATMUL, BLACKWELL_COPY)
+# Blackwell Ultra: 15 PF dense NVFP4 per GPU (NVIDIA's "Inside Blackwell Ultra" blog) for GB300; HGX B300
+# assumed 0.9 of it, as B200 is of GB200; BF16/FP8 as Blackwell; 288 GB HBM3e at 8 TB/s. Measured
+# fractions: Blackwell's (no independent microbenchmark yet).
+B300 = GpuSpec("B300", {"bf16": 2250, "fp8": 4500, "nvfp4": 13500}, 288, 8.0, BLACKWELL_MATMUL, BLACKWELL_COPY)
+GB300 = GpuSpec("GB300", {"bf16": 2500, "fp8": 5000, "nvfp4": 15000}, 288, 8.0, BLACKWELL_MATMUL, BLACKWELL_COPY)
+
+# Assumed rental prices, USD per GPU-hour (override with --gpu-hour-usd). Public reference points:
+# DeepSeek's day-6 cost estimate uses $2 per H800-hour; LMSYS's Kimi K2 deployment prices H200 at $2.3.
+# Blackwell figures are round assumptions in proportion to list-price ratios reported for cloud offers
+# (B200 ~1.5x H200, GB200 a little above B200, Blackwell Ultra ~1.2x Blackwell); none is a quote.
+GPU_HOUR_USD = {"H100-SXM": 2.0, "H200": 2.3, "H800": 2.0, "B200": 3.5, "GB200": 4.0, "B300": 4.2,
+                "GB300": 4.8}
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,13 @@ class HardwareProfile:
     def __post_init__(self) -> None:
         if self.max_ep < 1:
             raise ValueError(f"HardwareProfile {self.name}: max_ep={self.max_ep} must be >= 1.")
+        if self.gpu.name not in GPU_HOUR_USD:
+            raise ValueError(f"HardwareProfile {self.name}: no assumed price for GPU {self.gpu.name!r} in GPU_HOUR_USD.")
+
+    @property
+    def gpu_hour_usd(self) -> float:
+        """Assumed rental price of one GPU for one hour (see GPU_HOUR_USD)."""
+        return GPU_HOUR_USD[self.gpu.name]
 
 
 PROFILES = {
@@ -111,6 +130,10 @@ PROFILES = {
                         "8x B200 per node, NVLink 5 (900 GB/s/dir), CX7 400 Gb/s IB per GPU"),
         HardwareProfile("gb200-nvl72", GB200, Fabric(NVLINK5, IB_NDR400, 72),
                         "GB200 NVL72 rack: 72 GPUs in one NVLink 5 domain (900 GB/s/dir)", max_ep=72),
+        HardwareProfile("b300-hgx", B300, Fabric(NVLINK5, IB_NDR400, 8),
+                        "8x B300 per node, NVLink 5 (900 GB/s/dir), 400 Gb/s IB per GPU (CX8 runs 800: not assumed)"),
+        HardwareProfile("gb300-nvl72", GB300, Fabric(NVLINK5, IB_NDR400, 72),
+                        "GB300 NVL72 rack: 72 Blackwell Ultra GPUs in one NVLink 5 domain (900 GB/s/dir)", max_ep=72),
     )
 }
 

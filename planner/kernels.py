@@ -11,6 +11,7 @@ expert shape on the same GPU, `MeasuredMoE` replaces the roofline for it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -80,6 +81,10 @@ class MeasuredMoE:
     """Measured whole-MoE times (align -> GEMM1 -> act -> GEMM2 -> combine) on one GPU.
 
     points: (tokens, seconds) for all `num_experts` experts of the layer on that GPU, top_k each.
+    memory_frac / matmul_frac: the kernel's achieved fractions of that GPU's *measured* copy bandwidth
+    (best of the memory-bound points, <= 64 tokens) and large-matmul TFLOP/s in `dtype` (best point):
+    what `moelink plan --engine moelink` carries to GPUs we have not measured. None when the file
+    does not state them.
     """
 
     device: str
@@ -89,6 +94,9 @@ class MeasuredMoE:
     inter: int
     dtype: str
     points: tuple[tuple[float, float], ...]
+    memory_frac: float | None = None
+    matmul_frac: float | None = None
+    source: str = ""
 
     def time(self, pairs: float, experts: float) -> float:
         """Seconds for `pairs` rows over `experts` local experts, by equal rows per expert.
@@ -115,50 +123,126 @@ class MeasuredMoE:
 
 def _first(row: dict, *keys, default=None):
     for k in keys:
-        if k in row:
+        if k in row and row[k] is not None:
             return row[k]
     return default
 
 
-def load_moe_measurements(device_substring: str, results_dir: Path | None = None) -> list[MeasuredMoE]:
-    """All moelink MoE timings in results_dir/moe_kernels*.json measured on a device whose name has a word
-    starting with `device_substring` (e.g. "H100" matches "NVIDIA H100 80GB HBM3", "B200" not "GB200"). Missing directory or files give []; unreadable rows are skipped.
+_DTYPE_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float8_e4m3fn": "fp8", "fp8": "fp8", "nvfp4": "nvfp4"}
+# System names of moelink's own MoE kernels, best first: the benchmark's default Triton path, its
+# atomic-combine variant, and the precision comparison files' per-dtype rows ("bf16"/"fp8").
+_MOELINK_SYSTEMS = ("moelink-triton", "moelink", "triton", "bf16", "fp8", "moelink-triton-atomic")
 
-    Schema read (tolerant of the spelling variants below): top level "device_name"; "rows" with a
-    shape ("shape": {E/num_experts, top_k, H/hidden, I/intermediate}), "tokens", a system name
-    ("system"/"impl", moelink rows only) and a time ("median_ms"/"median_us"/"time_ms"); "dtype".
-    """
-    out: list[MeasuredMoE] = []
-    for path in sorted((results_dir or RESULTS_DIR).glob("moe_kernels*.json")):
+
+def _row_dtype(system: str, row: dict, file_dtype: str) -> str | None:
+    """dtype of a moelink row: the precision files name the dtype as the system; others carry it."""
+    if system in ("bf16", "fp8"):
+        return system
+    return _DTYPE_NAMES.get(str(_first(row, "dtype", default=file_dtype)).lower())
+
+
+def _row_key(row: dict, file_dtype: str) -> tuple | None:
+    shape = row["shape"] if isinstance(row.get("shape"), dict) else row
+    system = str(_first(row, "system", "impl", default="moelink")).lower()
+    if system not in _MOELINK_SYSTEMS:
+        return None
+    dtype = _row_dtype(system, row, file_dtype)
+    try:
+        key = (int(_first(shape, "E", "num_experts")), int(_first(shape, "K", "top_k", "topk")),
+               int(_first(shape, "D", "H", "hidden")), int(_first(shape, "I", "intermediate")), dtype, system)
+    except (TypeError, ValueError):
+        return None
+    return key if dtype else None
+
+
+def _row_seconds(row: dict) -> float | None:
+    try:
+        if row.get("median_us") is not None:
+            return float(row["median_us"]) * 1e-6
+        return float(_first(row, "median_ms", "time_ms")) * 1e-3
+    except (TypeError, ValueError):
+        return None
+
+
+def _fractions(rows: list[dict], dtype: str) -> tuple[float | None, float | None]:
+    """Best achieved fraction of copy bandwidth at <= 64 tokens and of the matmul ceiling in `dtype`."""
+    mem = [float(r["frac_copy_bw"]) for r in rows if r.get("frac_copy_bw") is not None and r["tokens"] <= 64]
+    mm = []
+    for r in rows:
+        if r.get("frac_matmul") is not None:
+            mm.append(float(r["frac_matmul"]) / (2.0 if dtype == "fp8" else 1.0))
+        elif r.get("frac_matmul_bf16") is not None:  # the precision files state it against the BF16 ceiling
+            mm.append(float(r["frac_matmul_bf16"]) / (2.0 if dtype == "fp8" else 1.0))
+    return (min(1.0, max(mem)) if mem else None), (min(1.0, max(mm)) if mm else None)
+
+
+def load_moe_measurements(device_substring: str, results_dir: Path | None = None) -> list[MeasuredMoE]:
+    """See `_load` (read once per directory and device name; the planner asks for them per layout)."""
+    return list(_load(device_substring, Path(results_dir or RESULTS_DIR)))
+
+
+@functools.lru_cache(maxsize=64)
+def _load(device_substring: str, results_dir: Path) -> tuple[MeasuredMoE, ...]:
+    """moelink's MoE timings from results_dir/moe_kernels*.json measured on a device whose name has a word
+    starting with `device_substring` ("H100" matches "NVIDIA H100 80GB HBM3"; "B200" not "GB200"; "" any).
+
+    Schema (benchmarks/moe_kernels.py): top level "device" (or "device_name"), "dtype" ("bfloat16", "fp8"),
+    "results" (or "rows"): {"shape": name or {E, top_k, H, I}, "E", "K", "D", "I", "tokens", "system",
+    "median_ms" (or "median_us"/"time_ms"), "frac_copy_bw", "frac_matmul" (or "frac_matmul_bf16")}.
+    Only moelink's own kernels count ("moelink-triton" and its variants; "bf16"/"fp8" in the precision
+    files); torch and per-expert-loop baselines are skipped. Several files may measure the same shape and
+    dtype (a tuning run, a check run, the per-shape run): the series with the most token counts wins, then
+    the preferred system (the default Triton path before the atomic variant), then the later file name.
+    Missing directory or files give []; unreadable files and rows are skipped."""
+    series: dict[tuple, tuple] = {}
+    for path in sorted(results_dir.glob("moe_kernels*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
             continue
         device = str(data.get("device_name") or data.get("device") or "")
         # Word-start match so that "B200" does not pick up "GB200" files.
         if not re.search(rf"\b{re.escape(device_substring)}", device, re.IGNORECASE):
             continue
-        groups: dict[tuple, list[tuple[float, float]]] = {}
-        for row in data.get("rows", []):
-            system = str(_first(row, "system", "impl", default="moelink")).lower()
-            if not (system.startswith("moelink") or system == "triton"):
+        file_dtype = str(data.get("dtype", "bf16")).lower()
+        groups: dict[tuple, list[dict]] = {}
+        for row in data.get("results", data.get("rows", [])):
+            if not isinstance(row, dict):
                 continue
-            shape = row.get("shape", row)
+            key, sec = _row_key(row, file_dtype), _row_seconds(row)
             try:
-                key = (int(_first(shape, "E", "num_experts")), int(_first(shape, "top_k", "topk")),
-                       int(_first(shape, "H", "hidden")), int(_first(shape, "I", "intermediate")),
-                       str(_first(row, "dtype", default=data.get("dtype", "bf16"))))
                 tokens = float(_first(row, "tokens", "num_tokens"))
-                if "median_us" in row:
-                    sec = float(row["median_us"]) * 1e-6
-                else:
-                    sec = float(_first(row, "median_ms", "time_ms")) * 1e-3
             except (TypeError, ValueError):
                 continue
-            groups.setdefault(key, []).append((tokens, sec))
-        for (e, k, h, i, dt), pts in groups.items():
-            out.append(MeasuredMoE(device, e, k, h, i, dt, tuple(sorted(pts))))
-    return out
+            if key is None or sec is None or tokens <= 0:
+                continue
+            groups.setdefault(key, []).append({**row, "tokens": tokens, "_sec": sec})
+        for (e, k, h, i, dt, system), rows in groups.items():
+            pts = tuple(sorted({r["tokens"]: r["_sec"] for r in rows}.items()))
+            mem, mm = _fractions(rows, dt)
+            meas = MeasuredMoE(device, e, k, h, i, dt, pts, mem, mm, path.name)
+            rank = (len(pts), -_MOELINK_SYSTEMS.index(system))
+            best = series.get((device, e, k, h, i, dt))
+            if best is None or rank >= best[0]:
+                series[(device, e, k, h, i, dt)] = (rank, meas)
+    return tuple(m for _, m in series.values())
+
+
+def measured_efficiency(measurements: list[MeasuredMoE], dtype: str, shape: tuple | None = None
+                        ) -> tuple[float, float, str] | None:
+    """(matmul fraction, memory fraction, where from) of moelink's grouped expert kernel in `dtype`:
+    of the measurement of this exact (E, top_k, H, I) shape when there is one, else the mean over the
+    measured shapes in that dtype; None without any."""
+    pool = [m for m in measurements if m.dtype == dtype and m.matmul_frac and m.memory_frac]
+    exact = [m for m in pool if shape and (m.num_experts, m.top_k, m.hidden, m.inter) == tuple(shape)]
+    use = exact or pool
+    if not use:
+        return None
+    mm = sum(m.matmul_frac for m in use) / len(use)
+    mem = sum(m.memory_frac for m in use) / len(use)
+    return mm, mem, ", ".join(sorted({m.source for m in use}))
 
 
 def find_measurement(measurements: list[MeasuredMoE], num_experts: int, top_k: int, hidden: int, inter: int,

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .costs import cost_summary
 from .efficiency import DEFAULT_EFFICIENCY, Efficiency
+from .engines import EngineProfile, get_engine
 from .hardware import HardwareProfile
 from .imbalance import Balance
-from .kernels import load_moe_measurements
+from .kernels import load_moe_measurements, measured_efficiency
 from .models import ModelShape
-from .step_model import (Precision, Setup, StepResult, decode_step, max_batch_per_rank, prefill_chunk,
-                         weights_per_rank_bytes)
+from .step_model import (Precision, Setup, StepResult, decode_step, max_batch_per_rank, mixed_iteration,
+                         prefill_chunk, weights_per_rank_bytes)
 
 PRECISIONS = {
     "bf16": Precision(experts="bf16", dense="bf16", attention="bf16", dispatch="bf16"),
@@ -44,6 +46,14 @@ class PlanInputs:
     pattern: str = "rank"
     mtp_draft: int = 0
     mtp_accept: float = 0.0
+    engine: str = "moelink"
+    gpu_hour_usd: float | None = None  # None: the hardware profile's assumed price
+    utilization: float = 1.0
+    prefix_hit: float = 0.0
+    redundant_experts: int | None = None  # None: the fewest that make EP divide the expert slots
+    attn_tp: int = 1
+    serving: str = "disaggregated"  # or "mixed": prefill and decode share every GPU (chunked prefill)
+    max_num_tokens: int = 8192  # mixed serving: token budget per iteration per rank
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -52,9 +62,33 @@ class PlanInputs:
             raise ValueError(f"overlap={self.overlap!r} is not supported: choose auto, tbo or none.")
         if self.itl_slo_ms <= 0:
             raise ValueError(f"itl_slo_ms={self.itl_slo_ms} must be > 0.")
-        for name in ("ep", "batch_per_rank", "input_len", "output_len", "prefill_chunk"):
+        for name in ("ep", "batch_per_rank", "input_len", "output_len", "prefill_chunk", "attn_tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.gpu_hour_usd is not None and self.gpu_hour_usd <= 0:
+            raise ValueError(f"gpu_hour_usd={self.gpu_hour_usd} must be > 0.")
+        if not 0 < self.utilization <= 1:
+            raise ValueError(f"utilization={self.utilization} must be in (0, 1].")
+        if not 0 <= self.prefix_hit < 1:
+            raise ValueError(f"prefix_hit={self.prefix_hit} must be in [0, 1).")
+        if self.serving not in ("disaggregated", "mixed"):
+            raise ValueError(f"serving={self.serving!r} is not supported: choose disaggregated or mixed.")
+        if self.serving == "mixed" and self.max_num_tokens <= self.batch_per_rank:
+            raise ValueError(f"max_num_tokens={self.max_num_tokens} must exceed batch_per_rank={self.batch_per_rank} "
+                             "for mixed serving.")
+        if self.redundant_experts is not None and self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts={self.redundant_experts} must be >= 0.")
+        self.engine_profile.check(precision=self.precision, pattern=self.pattern, mtp_draft=self.mtp_draft,
+                                  attn_tp=self.attn_tp)
+
+    @property
+    def engine_profile(self) -> EngineProfile:
+        return get_engine(self.engine)
+
+    @property
+    def cached_prefix(self) -> int:
+        """Prompt tokens found in the prefix cache (prefill computes the rest)."""
+        return min(int(round(self.input_len * self.prefix_hit)), self.input_len - 1)
 
     @property
     def context_len(self) -> int:
@@ -68,42 +102,85 @@ def balance_label(balance: "str | Balance") -> str:
     return str(balance)
 
 
-def redundant_for(model: ModelShape, ep: int) -> int:
-    """Fewest extra expert slots (EPLB replicas) that make `ep` divide the slot count."""
-    return (-model.num_experts) % ep
+def redundant_for(model: ModelShape, ep: int, asked: int | None = None) -> int:
+    """Extra expert slots (EPLB replicas): `asked`, else the fewest that make `ep` divide the slot count.
+    An asked number that leaves ranks with unequal slot counts is refused (the engine's placement is even)."""
+    if asked is None:
+        return (-model.num_experts) % ep
+    if (model.num_experts + asked) % ep:
+        raise ValueError(f"redundant_experts={asked}: {model.num_experts} + {asked} expert slots do not divide "
+                         f"evenly over ep={ep}; use a number r with ({model.num_experts} + r) % {ep} == 0.")
+    return asked
+
+
+def kernel_source(inp: PlanInputs) -> dict:
+    """Where the routed-expert kernel time comes from for this engine, GPU, model and precision."""
+    m, prec = inp.model, PRECISIONS[inp.precision]
+    if not inp.engine_profile.measured_kernels:
+        return {"kind": "assumed", "text": "published engines' kernel efficiencies (efficiency.Efficiency)"}
+    shape = (m.num_experts, m.top_k, m.hidden, m.moe_intermediate)
+    on_gpu = load_moe_measurements(inp.hardware.gpu.name.split("-")[0])
+    exact = [x for x in on_gpu if (x.num_experts, x.top_k, x.hidden, x.inter, x.dtype) == shape + (prec.experts,)]
+    if exact:
+        return {"kind": "measured", "measured": tuple(exact),
+                "text": f"moelink's measured MoE times on {exact[0].device} ({exact[0].source})"}
+    eff = measured_efficiency(load_moe_measurements(""), prec.experts, shape)
+    if eff:
+        return {"kind": "efficiency", "expert_eff": (eff[0], eff[1]),
+                "text": f"moelink's measured {prec.experts} kernel efficiency ({eff[0]:.2f} of the matmul ceiling, "
+                        f"{eff[1]:.2f} of copy bandwidth; {eff[2]}) on {inp.hardware.gpu.name}"}
+    return {"kind": "assumed", "text": f"no moelink {prec.experts} kernel measurement: published efficiencies"}
 
 
 def make_setup(inp: PlanInputs, ep: int, batch: int, overlap: str) -> Setup:
-    measured = tuple(load_moe_measurements(inp.hardware.gpu.name.split("-")[0]))
+    src = kernel_source(inp)
     return Setup(ep=ep, batch_per_rank=batch, context_len=inp.context_len, prefill_chunk=inp.prefill_chunk,
-                 prompt_len=inp.input_len, precision=PRECISIONS[inp.precision], overlap=overlap,
-                 decode_pattern=inp.pattern, prefill_pattern=inp.pattern, balance=Balance.parse(inp.balance),
-                 redundant_experts=redundant_for(inp.model, ep), mtp_draft=inp.mtp_draft,
-                 mtp_accept=inp.mtp_accept, measured=measured)
+                 prompt_len=inp.input_len, cached_prefix=inp.cached_prefix, precision=PRECISIONS[inp.precision],
+                 overlap=overlap, decode_pattern=inp.pattern, prefill_pattern=inp.pattern,
+                 balance=Balance.parse(inp.balance),
+                 redundant_experts=redundant_for(inp.model, ep, inp.redundant_experts), mtp_draft=inp.mtp_draft,
+                 mtp_accept=inp.mtp_accept, measured=src.get("measured", ()), expert_eff=src.get("expert_eff"),
+                 attn_tp=inp.attn_tp)
 
 
 def _best_overlap(fn, inp: PlanInputs, ep: int, batch: int, eff: Efficiency) -> tuple[StepResult, str]:
+    eff = eff or inp.engine_profile.efficiency
     options = ("tbo", "none") if inp.overlap == "auto" else (inp.overlap,)
     results = [(fn(inp.model, inp.hardware, make_setup(inp, ep, batch, o), eff), o) for o in options]
     return min(results, key=lambda r: r[0].seconds)
 
 
-def decode_at(inp: PlanInputs, ep: int, batch: int, eff: Efficiency = DEFAULT_EFFICIENCY) -> tuple[StepResult, str]:
+def decode_at(inp: PlanInputs, ep: int, batch: int, eff: Efficiency | None = None) -> tuple[StepResult, str]:
+    """One decode step; with mixed serving, one steady-state iteration that also prefills the prompts of
+    the requests replacing finished ones (`step_model.mixed_iteration`)."""
+    if inp.serving == "mixed":
+        if batch >= inp.max_num_tokens:
+            raise ValueError(f"batch_per_rank={batch} must be below max_num_tokens={inp.max_num_tokens}.")
+
+        def mixed(model, hw, setup, e):
+            return mixed_iteration(model, hw, setup, inp.input_len, inp.output_len, inp.max_num_tokens, e)
+
+        return _best_overlap(mixed, inp, ep, batch, eff)
     return _best_overlap(decode_step, inp, ep, batch, eff)
 
 
-def prefill_at(inp: PlanInputs, ep: int, eff: Efficiency = DEFAULT_EFFICIENCY) -> tuple[StepResult, str]:
+def prefill_at(inp: PlanInputs, ep: int, eff: Efficiency | None = None) -> tuple[StepResult, str]:
     return _best_overlap(prefill_chunk, inp, ep, 1, eff)
 
 
-def ep_candidates(model: ModelShape, hw: HardwareProfile) -> list[int]:
+def ep_candidates(model: ModelShape, hw: HardwareProfile, redundant: int | None = None) -> list[int]:
     """EP sizes worth trying: powers of two, multiples of 8 inside a large NVLink domain and
     multiples of the domain, up to the expert count and the profile's max_ep; sizes needing more
-    than 1/8 extra expert slots are skipped."""
+    than 1/8 extra expert slots are skipped; with a chosen number of redundant experts, only the
+    sizes that divide the slots evenly."""
     out = set()
     domain = hw.fabric.domain_size
     for ep in ([2 ** i for i in range(0, 9)] + list(range(8, domain + 1, 8)) + [domain * k for k in (1, 2, 4)]):
-        if 1 <= ep <= min(hw.max_ep, model.num_experts) and redundant_for(model, ep) <= model.num_experts // 8:
+        if not 1 <= ep <= min(hw.max_ep, model.num_experts):
+            continue
+        if redundant is None and redundant_for(model, ep) <= model.num_experts // 8:
+            out.add(ep)
+        elif redundant is not None and (model.num_experts + redundant) % ep == 0:
             out.add(ep)
     return sorted(out)
 
@@ -114,11 +191,11 @@ def fits(inp: PlanInputs, ep: int, batch: int) -> bool:
     return batch <= max_batch_per_rank(inp.model, inp.hardware, setup, inp.input_len + inp.output_len)
 
 
-def best_decode_for_ep(inp: PlanInputs, ep: int, eff: Efficiency = DEFAULT_EFFICIENCY) -> dict | None:
+def best_decode_for_ep(inp: PlanInputs, ep: int, eff: Efficiency | None = None) -> dict | None:
     """Largest-throughput batch at this EP size meeting the ITL target and fitting in memory."""
     best = None
     for batch in BATCH_CANDIDATES:
-        if not fits(inp, ep, batch):
+        if not fits(inp, ep, batch) or (inp.serving == "mixed" and batch >= inp.max_num_tokens):
             break
         res, ov = decode_at(inp, ep, batch, eff)
         if res.itl_s * 1e3 > inp.itl_slo_ms:
@@ -129,10 +206,10 @@ def best_decode_for_ep(inp: PlanInputs, ep: int, eff: Efficiency = DEFAULT_EFFIC
     return best
 
 
-def sweep(inp: PlanInputs, eff: Efficiency = DEFAULT_EFFICIENCY) -> list[dict]:
+def sweep(inp: PlanInputs, eff: Efficiency | None = None) -> list[dict]:
     """Per candidate EP size: best decode under the ITL target, and prefill tokens/s per GPU."""
     rows = []
-    for ep in ep_candidates(inp.model, inp.hardware):
+    for ep in ep_candidates(inp.model, inp.hardware, inp.redundant_experts):
         dec = best_decode_for_ep(inp, ep, eff)
         weights_fit = fits(inp, ep, 1)
         pre = prefill_at(inp, ep, eff)[0].tokens_per_s if weights_fit else None
@@ -144,9 +221,10 @@ def _breakdown_ms(res: StepResult) -> dict:
     return {k: round(v * 1e3, 3) for k, v in res.breakdown.items()}
 
 
-def plan(inp: PlanInputs, eff: Efficiency = DEFAULT_EFFICIENCY) -> dict:
+def plan(inp: PlanInputs, eff: Efficiency | None = None) -> dict:
     """Everything `moelink plan` prints, as a JSON-ready dict."""
     hw, model = inp.hardware, inp.model
+    eff = eff or inp.engine_profile.efficiency
     dec, dec_ov = decode_at(inp, inp.ep, inp.batch_per_rank, eff)
     pre, pre_ov = prefill_at(inp, inp.ep, eff)
     setup = make_setup(inp, inp.ep, inp.batch_per_rank, dec_ov)
@@ -160,7 +238,12 @@ def plan(inp: PlanInputs, eff: Efficiency = DEFAULT_EFFICIENCY) -> dict:
         "inputs": {"ep": inp.ep, "batch_per_rank": inp.batch_per_rank, "input_len": inp.input_len,
                    "output_len": inp.output_len, "prefill_chunk": inp.prefill_chunk, "itl_slo_ms": inp.itl_slo_ms,
                    "precision": inp.precision, "overlap": inp.overlap, "balance": balance_label(inp.balance),
-                   "pattern": inp.pattern, "mtp_draft": inp.mtp_draft, "mtp_accept": inp.mtp_accept},
+                   "pattern": inp.pattern, "mtp_draft": inp.mtp_draft, "mtp_accept": inp.mtp_accept,
+                   "engine": inp.engine, "prefix_hit": inp.prefix_hit, "attn_tp": inp.attn_tp,
+                   "redundant_experts": setup.redundant_experts, "serving": inp.serving,
+                   "max_num_tokens": inp.max_num_tokens},
+        "engine": engine_summary(inp, setup, (dec_ov, pre_ov)),
+        "assumptions": assumptions(inp, setup),
         "memory": {"weights_per_rank_gb": round(weights_per_rank_bytes(model, setup) / 1e9, 2),
                    "max_batch_per_rank": max_batch_per_rank(model, hw, setup, inp.input_len + inp.output_len)},
         "decode": {"overlap": dec_ov, "step_ms": dec.seconds * 1e3, "itl_ms": dec.itl_s * 1e3,
@@ -171,8 +254,47 @@ def plan(inp: PlanInputs, eff: Efficiency = DEFAULT_EFFICIENCY) -> dict:
         "best_decode_under_slo": best_dec,
         "best_prefill": {"ep": best_pre["ep"], "tokens_per_s_per_gpu": best_pre["prefill_tokens_per_s_per_gpu"]}
         if best_pre else None,
+        "cost": cost_summary(inp, best_dec, best_pre["prefill_tokens_per_s_per_gpu"] if best_pre else None),
         "sweep": rows,
     }
+
+
+def features_used(inp: PlanInputs, setup: Setup, overlaps: tuple[str, ...]) -> dict[str, bool]:
+    """Which tagged engine features this plan's prediction leans on (untagged ones: always)."""
+    return {"rank": inp.pattern == "rank" and inp.ep > 1, "ep": inp.ep > 1, "tbo": "tbo" in overlaps,
+            "node": inp.pattern == "node", "fp8_kv": setup.precision.attention == "fp8",
+            "redundant": setup.redundant_experts > 0, "fp4": setup.precision.experts == "nvfp4",
+            "mtp": inp.mtp_draft > 0, "attn_tp": inp.attn_tp > 1}
+
+
+def engine_summary(inp: PlanInputs, setup: Setup | None = None, overlaps: tuple[str, ...] = ()) -> dict:
+    e = inp.engine_profile
+    used = features_used(inp, setup or make_setup(inp, inp.ep, inp.batch_per_rank, "none"), overlaps)
+    return {"name": e.name, "description": e.description, "kernels": kernel_source(inp)["text"],
+            "features": [{"feature": f.name, "status": f.status, "evidence": f.evidence,
+                          "used": used.get(f.tag, True) if f.tag else True} for f in e.features]}
+
+
+def assumptions(inp: PlanInputs, setup: Setup) -> list[str]:
+    """Every assumption a prediction rests on, in words (printed with it)."""
+    e, hw = inp.engine_profile, inp.hardware
+    eff = e.efficiency
+    out = [f"engine {e.name}: {e.description}",
+           f"routed experts: {kernel_source(inp)['text']}",
+           f"other GEMMs at {eff.gemm:.2f} of the measured matmul ceiling, attention at {eff.attention:.2f}, "
+           f"HBM streams at {eff.memory:.2f} of copy bandwidth ({hw.gpu.name}: {hw.gpu.matmul_fraction:.2f} of "
+           f"datasheet matmul, {hw.gpu.copy_fraction:.2f} of datasheet HBM)",
+           f"two-batch overlap hides {eff.overlap_sm:.2f} of the shorter of compute/communication "
+           f"({eff.overlap_rdma:.2f} with RDMA-only all-to-all)",
+           f"fixed costs: {eff.layer_overhead_s * 1e6:.0f} us per layer, {eff.step_overhead_s * 1e3:.1f} ms per step",
+           f"expert load: {balance_label(inp.balance)}; {setup.redundant_experts} redundant expert slots",
+           f"links: {hw.fabric.intra.name} {hw.fabric.intra.bw_gbps:g} GB/s/dir inside {hw.fabric.domain_size} GPUs, "
+           f"{hw.fabric.inter.name} {hw.fabric.inter.bw_gbps:g} GB/s/dir between, at {hw.fabric.intra.efficiency:.2f}",
+           f"prefix-cache hit rate {inp.prefix_hit:.0%} ({inp.cached_prefix} of {inp.input_len} prompt tokens cached)",
+           f"attention: {'tensor-parallel over ' + str(inp.attn_tp) + ' GPUs' if inp.attn_tp > 1 else 'data-parallel'}"]
+    if inp.mtp_draft:
+        out.append(f"MTP: {inp.mtp_draft} draft tokens, each accepted with probability {inp.mtp_accept:g}")
+    return out
 
 
 def with_hardware(inp: PlanInputs, hw: HardwareProfile) -> PlanInputs:

@@ -1,7 +1,7 @@
 """Text reports of `moelink plan`: one layout in detail, a hardware comparison, the calibration table."""
 from __future__ import annotations
 
-from .calibration import TOLERANCE, Result, format_table
+from .calibration import TOLERANCE, VALIDATION_MAE, Result, format_table, summary
 
 
 def _bd(breakdown: dict) -> str:
@@ -40,6 +40,8 @@ def format_plan(res: dict) -> str:
         lines.append(f"best decode with ITL <= {i['itl_slo_ms']:g} ms: no EP size/batch meets it")
     if bp:
         lines.append(f"best prefill: EP {bp['ep']}, {bp['tokens_per_s_per_gpu']:,.0f} tok/s/GPU")
+    lines += format_cost(res)
+    lines += format_assumptions(res)
     lines.append("EP sweep:  EP | decode batch | decode tok/s/GPU | ITL ms | prefill tok/s/GPU")
     for r in res["sweep"]:
         dd, pre = r["decode"], r["prefill_tokens_per_s_per_gpu"]
@@ -56,22 +58,60 @@ def format_comparison(results: dict) -> str:
     i = first["inputs"]
     lines = [f"{first['model']}: input {i['input_len']}, output {i['output_len']}, precision {i['precision']}, "
              f"ITL <= {i['itl_slo_ms']:g} ms, dispatch once per {i['pattern']}, balance {i['balance']}",
-             "| hardware | decode EP | batch/GPU | decode tok/s/GPU | tok/s/user | prefill EP | prefill tok/s/GPU |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| hardware | decode EP | batch/GPU | decode tok/s/GPU | tok/s/user | prefill EP | prefill tok/s/GPU "
+             "| $/GPU-h | $/M output | $/M input | prefill:decode GPUs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for hw, res in results.items():
         b, bp = res["best_decode_under_slo"], res["best_prefill"]
         dec = (f"{b['ep']} | {b['batch_per_rank']} | {b['tokens_per_s_per_gpu']:,.0f} | {b['tokens_per_s_per_user']:.1f}"
                if b else "- | - | - | -")
         pre = f"{bp['ep']} | {bp['tokens_per_s_per_gpu']:,.0f}" if bp else "- | -"
-        lines.append(f"| {hw} | {dec} | {pre} |")
+        c = res.get("cost") or {}
+        cost = (f"{c['gpu_hour_usd']:.2f} | {c['usd_per_m_output']:.3f} | {c['usd_per_m_input']:.3f} | "
+                f"{c['prefill_to_decode_gpus']:.2f}" if c.get("usd_per_m_output") is not None else "- | - | - | -")
+        lines.append(f"| {hw} | {dec} | {pre} | {cost} |")
     return "\n".join(lines)
 
 
 def format_calibration(results: list[Result]) -> str:
     bad = [r for r in results if not r.ok]
     mean_abs = sum(abs(r.error) for r in results) / len(results)
-    summary = (f"{len(results)} published results, mean |error| {mean_abs:.1%}, "
-               + ("all within ±{:.0%}".format(TOLERANCE) if not bad else f"{len(bad)} outside ±{TOLERANCE:.0%}"))
-    notes = [f"- {r.row.id}: {r.row.source}" + (f"; assumed: {r.row.assumed}" if r.row.assumed else "")
+    summary_line = (f"{len(results)} published results, mean |error| {mean_abs:.1%}, "
+                    + ("all within ±{:.0%}".format(TOLERANCE) if not bad else f"{len(bad)} outside ±{TOLERANCE:.0%}"))
+    per_split = [f"{split}: {s['rows']} rows, mean |error| {s['mean_abs_error']:.1%}, worst {s['max_abs_error']:.1%}"
+                 + (f" (validation target <= {VALIDATION_MAE:.0%})" if split == "validation" else "")
+                 for split, s in summary(results).items()]
+    notes = [f"- {r.row.id} [{r.row.split}]: {r.row.source}" + (f"; assumed: {r.row.assumed}" if r.row.assumed else "")
              + (f"; note: {r.row.note}" if r.row.note else "") for r in results]
-    return "\n".join([format_table(results), "", summary, "", "Sources and assumptions:"] + notes)
+    return "\n".join([format_table(results), "", summary_line] + per_split + ["", "Sources and assumptions:"] + notes)
+
+
+def format_cost(res: dict) -> list[str]:
+    """Dollars at the best decode point under the ITL target and the best prefill EP."""
+    c = res.get("cost")
+    if not c:
+        return []
+    head = (f"cost at ${c['gpu_hour_usd']:.2f}/GPU-hour ({c['price_source']}), utilization {c['utilization']:.0%}, "
+            f"prefix-cache hits {c['prefix_hit']:.0%}:")
+    if c["usd_per_m_output"] is None:
+        return [head, "  no decode layout meets the ITL target or no prefill fits: no price"]
+    if c.get("note"):
+        return [head, f"  ${c['usd_per_m_output']:.3f} per M output tokens ({c['note']})"]
+    return [head,
+            f"  ${c['usd_per_m_output']:.3f} per M output tokens (decode GPUs), ${c['usd_per_m_input']:.3f} per M "
+            f"input tokens (prefill GPUs); ${c['usd_per_m_output_all_gpus']:.3f} per M output tokens counting both",
+            f"  {c['gpu_seconds_per_request']:.3f} GPU-s per request; prefill:decode GPUs = "
+            f"{c['prefill_to_decode_gpus']:.2f} : 1 balances the two pools"]
+
+
+def format_assumptions(res: dict) -> list[str]:
+    """The engine's features with their status, and every assumption of the prediction."""
+    e = res.get("engine")
+    if not e:
+        return []
+    lines = [f"features (engine {e['name']}; [x] = this prediction assumes it):"]
+    lines += [f"  [{'x' if f.get('used', True) else ' '}] {f['feature']}: {f['status']}"
+              + (f" ({f['evidence']})" if f["evidence"] else "") for f in e["features"]]
+    lines.append("assumptions:")
+    lines += [f"  - {a}" for a in res.get("assumptions", [])]
+    return lines

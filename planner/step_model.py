@@ -23,7 +23,7 @@ eff.overlap_rdma for low-latency RDMA all-to-all (Pattern.EXPERT), eff.overlap_s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from moelink.comm.link_model import Pattern, RoutingSpec, all_to_all_time
 
@@ -78,6 +78,8 @@ class Setup:
     mtp_draft: int = 0
     mtp_accept: float = 0.0
     measured: tuple[MeasuredMoE, ...] = ()
+    expert_eff: tuple[float, float] | None = None  # (matmul, memory) fractions of moelink's measured kernel
+    attn_tp: int = 1
 
     def __post_init__(self) -> None:
         for name in ("ep", "batch_per_rank", "context_len", "prefill_chunk", "prompt_len"):
@@ -97,6 +99,10 @@ class Setup:
             raise ValueError(f"mtp_draft={self.mtp_draft} must be in [0, 4].")
         if not 0 <= self.mtp_accept <= 1:
             raise ValueError(f"mtp_accept={self.mtp_accept} must be in [0, 1].")
+        if self.attn_tp < 1:
+            raise ValueError(f"attn_tp={self.attn_tp} must be >= 1.")
+        if self.expert_eff is not None and not all(0 < f <= 1 for f in self.expert_eff):
+            raise ValueError(f"expert_eff={self.expert_eff} must be two fractions in (0, 1].")
 
 
 @dataclass
@@ -158,12 +164,21 @@ class _Layers:
         return expert_load_imbalance(self.s.balance, self.s.ep, self.local_experts, pool * self.m.top_k)
 
     def attention(self, ld: _Load) -> dict:
-        m, p, eff = self.m, self.s.precision, self.eff
-        proj = gemm_time(ld.rows, m.attn_proj_params(), 4 * m.hidden, self.gpu, p.dense, eff)
-        core = roofline(ld.attn_flops, ld.attn_bytes, self.gpu, p.attention, eff, compute_eff=eff.attention)
+        """Attention of this rank's requests. With attn_tp = t > 1 the t GPUs of a TP group run the
+        attention of all t ranks' requests together, each on 1/t of the heads: projection weights are read
+        t times less per GPU for t times the rows (same FLOPs); MLA's latent cache is shared by all heads, so
+        every GPU reads the latent of all t ranks' sequences (GQA shards its KV heads: no extra bytes); the
+        head outputs are summed across the group (an all-reduce over NVLink, 2(t-1)/t of the rows' bytes)."""
+        m, p, eff, t = self.m, self.s.precision, self.eff, self.s.attn_tp
+        proj = gemm_time(ld.rows * t, m.attn_proj_params() / t, 4 * m.hidden, self.gpu, p.dense, eff)
+        kv_bytes = ld.attn_bytes * (t if m.is_mla else 1)
+        core = roofline(ld.attn_flops, kv_bytes, self.gpu, p.attention, eff, compute_eff=eff.attention)
         other = eff.layer_overhead_s + ld.rows * m.hidden * 2 * eff.activation_passes / (
             self.gpu.ceiling_hbm_bytes_per_s * eff.memory)
-        return {"attn_proj": proj, "attn_core": core, "other": other}
+        out = {"attn_proj": proj, "attn_core": core, "other": other}
+        if t > 1:
+            out["attn_allreduce"] = self.hw.fabric.intra.transfer_time(2.0 * (t - 1) / t * ld.rows * t * m.hidden * 2)
+        return out
 
     def dense(self, ld: _Load) -> dict:
         out = self.attention(ld)
@@ -181,17 +196,29 @@ class _Layers:
         pairs = ld.pool * m.top_k * imb
         if self.measured is not None:
             out["routed_experts"] = self.measured.time(pairs, self.local_experts)
+        elif self.s.expert_eff is not None:  # moelink's measured kernel efficiency on an unmeasured GPU
+            kern = replace(eff, gemm=self.s.expert_eff[0], memory=self.s.expert_eff[1])
+            out["routed_experts"] = grouped_expert_time(pairs, self.local_experts, m.hidden, m.moe_intermediate,
+                                                        self.gpu, p.experts, kern)
         else:
             out["routed_experts"] = grouped_expert_time(pairs, self.local_experts, m.hidden, m.moe_intermediate,
                                                         self.gpu, p.experts, eff)
         return out
 
     def comm(self, ld: _Load, imb: float) -> dict:
+        """Dispatch and combine of one layer. Who is imbalanced decides which op stretches:
+        dispatch is sent by the attention ranks, which hold equal token counts (DP attention), so every
+        NIC/NVLink port sends the same bytes and the op is not stretched by expert imbalance; combine is
+        sent by the expert ranks, and the busiest one sends `imb` times the mean. Evidence: LMSYS measured
+        ~0.17 ms per decode dispatch per layer in both DeepSeek's and SGLang's real-traffic profiles (EP 72+,
+        waiting for stragglers included), the time DeepEP's uniform-routing unit test takes and this model
+        gives unstretched (0.18 ms); stretched by the EP-wide imbalance it gave 0.28 ms."""
         p = self.s.precision
-        a2a = all_to_all_time(ld.comm, self.m.hidden, self.routing, self.s.ep, self.hw.fabric,
-                              pattern=self.pattern, dispatch_dtype=p.dispatch, combine_dtype=p.combine,
-                              recv_imbalance=imb)
-        return {"dispatch": a2a.dispatch_s, "combine": a2a.combine_s}
+        kw = dict(pattern=self.pattern, dispatch_dtype=p.dispatch, combine_dtype=p.combine)
+        fab = self.hw.fabric
+        dispatch = all_to_all_time(ld.comm, self.m.hidden, self.routing, self.s.ep, fab, recv_imbalance=1.0, **kw)
+        combine = all_to_all_time(ld.comm, self.m.hidden, self.routing, self.s.ep, fab, recv_imbalance=imb, **kw)
+        return {"dispatch": dispatch.dispatch_s, "combine": combine.combine_s}
 
     def forward(self, ld: _Load, lm_rows: float) -> tuple[float, dict, float]:
         """All layers plus LM head and per-step overhead: (seconds, breakdown, expert imbalance)."""
@@ -266,6 +293,15 @@ def prefill_chunk(model: ModelShape, hw: HardwareProfile, setup: Setup,
     ld = _Load(rows=t, attn_flops=t * keys * model.attn_flops_per_key(decode=False),
                attn_bytes=(seqs * setup.cached_prefix + t) * kv, pool=t, comm=t)
     total, bd, imb = layers.forward(ld, lm_rows=seqs)
+    if model.is_mla and setup.cached_prefix:
+        # MLA prefill attends in the uncompressed (MHA) form, so the cached prefix's latent KV must be
+        # up-projected through kv_b for every sequence that reuses it: a GEMM of prefix rows, every layer.
+        a = model.attention
+        kv_b = a.kv_lora_rank * a.num_heads * (a.qk_nope_dim + a.v_dim)
+        up = gemm_time(seqs * setup.cached_prefix, kv_b, a.kv_lora_rank + a.num_heads * (a.qk_nope_dim + a.v_dim),
+                       hw.gpu, "bf16", eff) * model.num_layers
+        bd["prefix_kv_up"] = up
+        total += up
     return StepResult("prefill", total, t, bd, imb)
 
 
@@ -315,7 +351,7 @@ def weights_per_rank_bytes(model: ModelShape, setup: Setup) -> float:
     slots_per_expert = (model.num_experts + setup.redundant_experts) / setup.ep / model.num_experts
     total = 0.0
     for kind, rows, cols, count in model.weight_matrices():
-        share = slots_per_expert if kind == "expert" else 1.0
+        share = slots_per_expert if kind == "expert" else 1.0 / setup.attn_tp if kind in ("attn", "kv_b") else 1.0
         total += count * share * weight_bytes(fmt[kind], rows, cols)
     return total
 
@@ -328,4 +364,6 @@ def max_batch_per_rank(model: ModelShape, hw: HardwareProfile, setup: Setup, con
     """
     free = hw.gpu.hbm_gb * 1e9 * usable_fraction - reserve_gb * 1e9 - weights_per_rank_bytes(model, setup)
     per_seq = context_len * model.num_layers * _kv_bytes_per_token_layer(model, setup.precision)
+    if model.is_mla:  # TP attention keeps the whole latent of the group's sequences on every GPU
+        per_seq *= setup.attn_tp
     return max(0, int(free // per_seq))

@@ -30,8 +30,11 @@ def test_module_main_all_hardware_and_other_models(capsys):
         assert f"| {hw} |" in out
     for model in ("kimi-k2", "qwen3-235b-a22b", "qwen3-30b-a3b", "mixtral-8x22b"):
         assert plan_cli.main(["--model", model, "--hardware", "b200-hgx", "--ep", "8", "--precision", "fp4",
-                                   "--batch-per-rank", "16"]) == 0
+                              "--batch-per-rank", "16", "--engine", "published"]) == 0
     assert "mixtral-8x22b on b200-hgx" in capsys.readouterr().out
+    # moelink has no NVFP4 experts: its profile refuses FP4 with one sentence naming the flag.
+    assert plan_cli.main(["--hardware", "b200-hgx", "--precision", "fp4"]) == 2
+    assert "precision='fp4' is not available in engine 'moelink'" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_clear_error(capsys):
