@@ -43,6 +43,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
     p.add_argument("--all-to-all", default="auto", choices=ALL_TO_ALL_NAMES)
     p.add_argument("--num-redundant-experts", type=int, default=0)
+    p.add_argument("--ep-decode-capacity", type=int, default=None, metavar="TOKENS",
+                   help="tokens per rank of a low-latency (decode-only) dispatch on the fixed-capacity all-to-alls "
+                        "(torch_padded, nccl): fixed buffers, no counts exchange, CUDA-graph safe; larger or mixed "
+                        "steps run high-throughput, sized from the step (default: --max-num-seqs)")
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="SECONDS",
                    help="a model step running longer than this is a hang: the engine fails (health NOT_SERVING, "
                         "requests end with the reason); the first step, which compiles kernels, gets at least "
@@ -66,7 +70,8 @@ def engine_args_from(ns: argparse.Namespace):
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
         enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
         expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
-        num_redundant_experts=ns.num_redundant_experts, enforce_eager=ns.enforce_eager,
+        num_redundant_experts=ns.num_redundant_experts, ep_decode_capacity=ns.ep_decode_capacity,
+        enforce_eager=ns.enforce_eager,
         cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
         revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,
         fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype,

@@ -2,9 +2,11 @@
 
 Legend: L MoE layers, G logical experts.
 
-Token counts accumulate on the device and are read back once per step (one
-host sync, in `snapshot`); byte counts are already host integers (the
-all-to-all syncs its counts anyway); times are host wall-clock seconds.
+Token counts and all-to-all counters (rows sent, rows received, wire rows, and
+their bytes) accumulate as device tensors and are read back once per step, after
+it (one host sync, in `snapshot`): the MoE layer never reads a count on the host,
+so the sync-free backends stay sync-free and a CUDA graph replays the counting
+too. Times are host wall-clock seconds (CPU only).
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ class MoEStepStats:
     compute_s: float = 0.0
     combine_s: float = 0.0
     per_layer_bytes: list[int] = field(default_factory=list)
+    rows_received: int = 0  # valid rows received (and sent back by combine)
+    wire_rows: int = 0  # x rows put on the wire by dispatch, padding included (combine moves as many back)
+    wire_bytes: int = 0  # those rows' bytes
+    ep_mode: str = ""  # the step's dispatch mode (comm/ep_modes.py), set by the runner; "" without EP
 
 
 class MoEStats:
@@ -35,9 +41,8 @@ class MoEStats:
     def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device):
         self.counts_LG = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64, device=device)
         self.num_experts = num_experts
-        self._bytes = [0] * num_moe_layers
-        self._combined = 0
-        self._rows = 0
+        # Per MoE layer, int64 on the device: columns _SENT .. _WIRE_BYTES (below).
+        self.xfer_LC = torch.zeros(num_moe_layers, _COLUMNS, dtype=torch.int64, device=device)
         self._times = [0.0, 0.0, 0.0]
         # Host timers are only honest where ops run synchronously (CPU); on a GPU
         # they would time kernel launches, so they stay off there.
@@ -52,10 +57,15 @@ class MoEStats:
             routed = (ids >= 0).to(self.counts_LG.dtype)
             self.counts_LG[layer].index_add_(0, ids.clamp(min=0), routed)
 
-    def record_transfer(self, layer: int, bytes_dispatched: int, bytes_combined: int, rows: int) -> None:
-        self._bytes[layer] += bytes_dispatched
-        self._combined += bytes_combined
-        self._rows += rows
+    def record_transfer(self, layer: int, meta) -> None:
+        """Add one dispatch's counters (a comm DispatchMeta) on the device: no host sync, graph-capturable."""
+        sent, recv = meta.send_counts_R.sum(), meta.recv_counts_R.sum()
+        rb = meta.row_bytes
+        row_C = torch.stack([sent, recv, sent * rb, recv * rb]).to(self.xfer_LC.dtype)
+        self.xfer_LC[layer, :_WIRE] += row_C
+        # Host-known from shapes; added on the device so a replayed graph adds it too.
+        self.xfer_LC[layer, _WIRE] += meta.wire_rows
+        self.xfer_LC[layer, _WIRE_BYTES] += meta.wire_rows * rb
 
     def clock(self) -> float:
         return time.perf_counter() if self.time_phases else 0.0
@@ -68,15 +78,23 @@ class MoEStats:
     def reset(self) -> None:
         """Drop what was counted so far (warm-up and capture runs are not traffic)."""
         self.counts_LG.zero_()
-        self._bytes = [0] * len(self._bytes)
-        self._combined = self._rows = 0
+        self.xfer_LC.zero_()
         self._times = [0.0, 0.0, 0.0]
 
     def snapshot(self) -> MoEStepStats:
         """Read this step's counters (host sync) and reset them."""
-        # Host sync: one small read per step; an array, not nested lists, so summing it
-        # on the driver and shipping it through Ray stay cheap at L x G = 58 x 256.
-        counts = self.counts_LG.cpu().numpy().copy()
-        out = MoEStepStats(counts, sum(self._bytes), self._combined, self._rows, *self._times, list(self._bytes))
+        # host sync: one small read per step, expert counts and transfer counters together; an array, not
+        # nested lists, so summing it on the driver and shipping it through Ray stay cheap at L x G = 58 x 256.
+        both = torch.cat([self.counts_LG, self.xfer_LC], 1).cpu().numpy()
+        G = self.num_experts
+        counts, xfer = both[:, :G].copy(), both[:, G:].sum(0)
+        out = MoEStepStats(counts, int(xfer[_SENT_BYTES]), int(xfer[_RECV_BYTES]), int(xfer[_SENT]), *self._times,
+                           [int(b) for b in both[:, G + _SENT_BYTES]], rows_received=int(xfer[_RECV]),
+                           wire_rows=int(xfer[_WIRE]), wire_bytes=int(xfer[_WIRE_BYTES]))
         self.reset()
         return out
+
+
+# Columns of MoEStats.xfer_LC: rows sent, rows received, their payload bytes, wire rows and wire bytes.
+_SENT, _RECV, _SENT_BYTES, _RECV_BYTES, _WIRE, _WIRE_BYTES = range(6)
+_COLUMNS = 6
