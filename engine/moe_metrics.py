@@ -30,8 +30,9 @@ class MoEMetrics:
     rows_received: int = 0
     wire_rows: int = 0  # dispatch rows on the wire, padding included (combine moves as many back)
     wire_bytes: int = 0
-    # Per dispatch mode (comm/ep_modes.py: "low_latency", "high_throughput", or "exact"): steps, rows (sent,
-    # one per token and destination rank), wire_rows, bytes (payload) and wire_bytes, all ranks together.
+    # Per dispatch mode (comm/ep_modes.py: "low_latency", "high_throughput", or "exact"): steps, pairs (routed
+    # (token, expert) pairs, all MoE layers), rows (sent, one per token and destination rank), wire_rows, bytes
+    # (payload) and wire_bytes, all ranks together.
     per_mode: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -52,7 +53,9 @@ class MoEMetrics:
             self.wire_rows += s.wire_rows
             self.wire_bytes += s.wire_bytes
             if s.ep_mode:
-                m = self.per_mode.setdefault(s.ep_mode, dict(steps=0, rows=0, wire_rows=0, bytes=0, wire_bytes=0))
+                m = self.per_mode.setdefault(s.ep_mode, dict(steps=0, pairs=0, rows=0, wire_rows=0, bytes=0,
+                                                             wire_bytes=0))
+                m["pairs"] += int(s.tokens_per_expert.sum())
                 m["rows"] += s.tokens_dispatched
                 m["wire_rows"] += s.wire_rows
                 m["bytes"] += s.bytes_dispatched
