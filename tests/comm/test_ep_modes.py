@@ -205,3 +205,19 @@ def test_dispatch_wire_bytes_per_mode():
         dispatch_wire_bytes(LOW_LATENCY, capacity=8, **kw)
     with pytest.raises(ValueError, match="dispatch mode 'fast' is invalid"):
         dispatch_wire_bytes("fast", **kw)
+
+
+def test_the_cluster_model_reads_the_same_formula():
+    """comm.link_model's per-rank bytes come from dispatch_wire_bytes: exact rows as before, and a mode's fixed
+    blocks (capacity rows to every peer, whatever the routing) when it models one."""
+    from moelink.comm.link_model import Pattern, RoutingSpec, a2a_bytes
+
+    routing = RoutingSpec(num_experts=64, top_k=6)
+    d = routing.distinct_ranks(8)
+    intra, inter, n_intra, n_inter = a2a_bytes(100, routing, 8, 8, Pattern.RANK, 1000)
+    assert (n_intra, n_inter) == (7, 0) and intra == pytest.approx(100 * d * 7 / 8 * 1000) and inter == 0
+    intra, _, _, _ = a2a_bytes(100, routing, 8, 8, Pattern.RANK, 1000, mode=LOW_LATENCY, capacity=256)
+    assert intra == pytest.approx(256 * 7 * 1000)  # 256 rows to each of the 7 peers
+    want = dispatch_wire_bytes(HIGH_THROUGHPUT, world_size=8, tokens=100, distinct_ranks_per_token=d, row_bytes=1000)
+    intra, _, _, _ = a2a_bytes(100, routing, 8, 8, Pattern.RANK, 1000, mode=HIGH_THROUGHPUT)
+    assert intra == pytest.approx(want.wire * 7 / 8)
