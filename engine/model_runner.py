@@ -181,6 +181,10 @@ class ModelRunner:
         elif ep is not None and getattr(ep.all_to_all, "low_latency", None) is None:
             why_not = (f"the {ep.all_to_all.name} all-to-all sizes its buffers from counts on the host; decode graphs "
                        "under expert parallelism need a fixed-capacity backend's low-latency mode (nccl)")
+        elif ep is not None and backend is None and ep.all_to_all.name != "nccl":
+            # A capture that fails on one rank mid-collective would leave its peers waiting: only the transport
+            # captured in tests (direct NCCL) is captured under EP (the CPU stand-in replays any).
+            why_not = f"under expert parallelism only the nccl all-to-all is captured, not {ep.all_to_all.name}"
         elif backend is None and self.device.type != "cuda":
             why_not = f"device {self.device} is not a CUDA device"
         elif self.cfg.quantization is not None and not all(

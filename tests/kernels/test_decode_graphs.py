@@ -98,6 +98,8 @@ def test_graphs_stay_off_where_they_cannot_be_right(tiny_model, caplog):
     padded = make_all_to_all("torch_padded", None, 0, 1, "cpu", max_tokens_per_rank=8)
     two_mode = SimpleNamespace(all_to_all=TwoModeAllToAll(padded, 2))
     assert runner._graph_sizes((1, 2, 4), two_mode, EagerReplay()) == (1, 2)
+    assert runner._graph_sizes((1, 2), two_mode, None) == ()  # a real capture: direct NCCL only
+    assert "only the nccl all-to-all is captured, not torch_padded" in caplog.text
     assert runner._graph_sizes((1, 2), None, None) == ()  # CPU device and no stand-in backend
     assert "not a CUDA device" in caplog.text
     assert runner._graph_sizes((1, 2), None, EagerReplay()) == (1, 2)
