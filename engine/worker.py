@@ -79,8 +79,8 @@ class Worker:
             # Several ranks share this machine's cores: one intra-op thread each.
             torch.set_num_threads(1)
         # World size 1 dispatches too when a fixed-capacity backend was named (the two-mode path on one rank,
-        # as the GPU graph test runs it); "none" keeps tokens local with no all-to-all at all.
-        ep = self._expert_parallel() if self.world_size > 1 or self.plan.backend.name != "none" else None
+        # needing no process group); otherwise one rank keeps its tokens local with no all-to-all at all.
+        ep = self._expert_parallel() if self.world_size > 1 or self.plan.decode_capacity is not None else None
         self.runner = ModelRunner(cfg.model, cfg.block_size, cfg.num_kv_blocks, self.device,
                                   kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
                                   cuda_graph_sizes=cfg.cuda_graph_sizes)
