@@ -211,7 +211,9 @@ class ParallelConfig:
     `executor` "auto" is in-process for one rank and Ray beyond; `ray_address`
     None starts a local Ray instance, "auto" joins the running cluster, or give
     an address. `all_to_all` names a backend of moelink.comm.backends: "auto"
-    picks "none" for one rank and "torch" otherwise (gloo on CPU, NCCL on GPU).
+    picks "none" for one rank and "torch" otherwise (gloo on CPU, NCCL on GPU);
+    the fixed-capacity ones ("torch_padded", "nccl") run two dispatch modes
+    picked per step (comm/ep_modes.py), low-latency at `ep_decode_capacity`.
     """
 
     expert_parallel_size: int = 1
