@@ -265,7 +265,7 @@ class ModelRunner:
                 # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
                 # so this eager pass makes the same collective calls as its peers' replays.
                 self.model.forward_moe_only()
-                out.stats = StepStats(0, 0, time.perf_counter() - t0, self._moe_snapshot(so))
+                out.stats = StepStats(0, 0, time.perf_counter() - t0, self._moe_snapshot())
             return out
         bs = self.block_size
         req_ids = list(so.num_scheduled_tokens)
@@ -322,7 +322,7 @@ class ModelRunner:
         rows = [s for s, (st, L) in enumerate(zip(states, seq_lens)) if L == len(st.all_token_ids)]
         if rows:
             self._sample(rows, states, qsl, h_TD, out, so.grammar_bitmask)
-        out.stats = StepStats(len(tokens), len(states), time.perf_counter() - t0, self._moe_snapshot(so))
+        out.stats = StepStats(len(tokens), len(states), time.perf_counter() - t0, self._moe_snapshot())
         return out
 
     def _graph_batch(self, so: SchedulerOutput, query_lens: list[int], num_seqs: int) -> int | None:
@@ -335,7 +335,7 @@ class ModelRunner:
         b = getattr(so.ep_step, "graph_batch", None)
         return b if b in self.graphs.steps and b >= num_seqs else None
 
-    def _moe_snapshot(self, so: SchedulerOutput):
+    def _moe_snapshot(self):
         snap = self.model.moe_stats.snapshot()
         if self.ep is not None:
             mode = getattr(self.ep.all_to_all, "mode", None)  # a TwoModeAllToAll's current mode object
