@@ -6,6 +6,8 @@ tests/ep/test_ep_modes_ray.py and tests/comm/test_ep_modes.py.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from moelink.engine import LLM, EngineArgs, SamplingParams
@@ -125,3 +127,17 @@ def test_a_low_latency_step_makes_no_host_sync_in_its_moe_layers(tiny_model):
         engine.step()  # one decode step
     assert runner.ep.all_to_all.mode.name == LOW_LATENCY
     assert per_layer == [0, 0], counter.where
+
+
+def test_metrics_export_bytes_per_mode(tiny_model):
+    from moelink.engine.metrics import _EngineCollector
+
+    llm = LLM(tiny_model("qwen3_e6k3"), all_to_all="torch_padded", **KW)
+    llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    per_mode = llm.engine.moe_metrics.per_mode
+    families = {f.name: f for f in _EngineCollector(SimpleNamespace(engine=llm.engine, tokens_per_second=lambda: 0.0))
+                ._moe(llm.engine)}
+    samples = {tuple(s.labels.values()): s.value for s in families["moelink_all_to_all_mode_bytes"].samples}
+    for mode in (LOW_LATENCY, HIGH_THROUGHPUT):
+        assert samples[(mode, "payload")] == per_mode[mode]["bytes"] > 0
+        assert samples[(mode, "wire")] == per_mode[mode]["wire_bytes"] >= per_mode[mode]["bytes"]
