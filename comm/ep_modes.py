@@ -110,9 +110,10 @@ class TwoModeAllToAll(AllToAll):
 
     `begin_step(step)` (the runner calls it before each step with the driver's
     `EPStepPlan`: `.mode` and `.max_tokens_per_rank`) picks the mode object;
-    dispatch / combine (blocking and async) go to it. Before any step plan (a
-    layer driven by hand, the warm-up) the high-throughput mode runs at the
-    transport's built capacity, which is what the backend did on its own.
+    dispatch / combine (blocking and async) go to it. Before any step plan, and
+    for a step without one (a layer driven by hand, the warm-up), the
+    high-throughput mode runs at the transport's built capacity, which is what
+    the backend did on its own.
     """
 
     def __init__(self, transport: AllToAll, decode_capacity: int):
@@ -128,7 +129,8 @@ class TwoModeAllToAll(AllToAll):
         return self.low_latency.capacity
 
     def begin_step(self, step) -> None:
-        if step is None:
+        if step is None:  # a step nobody planned: the backend's own behaviour, never a stale mode
+            self.mode = HighThroughputMode(self.transport, self.transport.capacity)
             return
         if step.mode == LOW_LATENCY:
             if step.max_tokens_per_rank > self.decode_capacity:

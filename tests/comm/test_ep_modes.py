@@ -152,8 +152,8 @@ def test_the_step_plan_picks_the_mode_object_and_its_capacity():
     assert recv.shape == (7, HIDDEN) and meta.wire_rows == 7 and meta.mode == HIGH_THROUGHPUT
     out = a2a.combine(reference_fused_moe(recv, w13, w2, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK), meta)
     torch.testing.assert_close(out, reference_fused_moe(x, w13, w2, w, ids), rtol=1e-12, atol=1e-12)
-    a2a.begin_step(None)  # no plan (a backend that sizes per call): the mode stays
-    assert a2a.mode.capacity == 7
+    a2a.begin_step(None)  # a step without a plan: back to the built capacity, never the last step's mode
+    assert isinstance(a2a.mode, HighThroughputMode) and a2a.mode.capacity == 32
 
 
 def test_tokens_above_the_capacity_are_refused_never_dropped():
