@@ -1,6 +1,17 @@
-"""Expert-parallel scaling on CPU: throughput for EP 1/2/4 and the dispatch volume it saves.
+"""Expert-parallel scaling on CPU: throughput for EP 1/2/4, the dispatch volume it saves, and the two
+dispatch modes side by side.
 
-    python -m moelink.benchmarks.ep_scaling [--ep 1 2 4] [--num-requests 32]
+    python -m moelink.benchmarks.ep_scaling [--ep 1 2 4] [--num-requests 32] [--all-to-all torch torch_padded]
+
+Each EP > 1 runs once per all-to-all backend: "torch" (exact splits, one counts
+exchange and host sync per dispatch) and "torch_padded" (the two-mode path:
+low-latency decode steps at --ep-decode-capacity, high-throughput prefill/mixed
+steps at the step's largest tokens-per-rank; comm/ep_modes.py). The second
+table gives, per mode, bytes per step (payload: one row per token and
+destination rank; wire: padding included) and rows per token and MoE layer,
+from the engine's own counters; `planned wire` is
+comm.ep_modes.dispatch_wire_bytes, the formula the cluster model reads, fed the
+measured rows.
 
 Every EP size runs the same seeded workload (greedy, EOS ignored) on Ray with
 gloo. The table compares the bytes our dispatch sent (each token once per
@@ -30,15 +41,17 @@ MODEL_KW = dict(arch="qwen3_moe", num_layers=2, hidden_size=128, num_experts=16,
 
 
 
-def run(ep: int, path: str, prompts, outs) -> dict:
+def run(ep: int, path: str, prompts, outs, all_to_all: str = "auto", decode_capacity: int | None = None) -> dict:
     from moelink.engine import LLM, SamplingParams
 
-    llm = LLM(path, dtype="float32", expert_parallel_size=ep, max_num_seqs=64, num_kv_blocks=1024)
+    llm = LLM(path, dtype="float32", expert_parallel_size=ep, max_num_seqs=64, num_kv_blocks=1024,
+              all_to_all=all_to_all, ep_decode_capacity=decode_capacity)
     try:
         params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outs]
         llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up (and process start) excluded
         m = llm.engine.moe_metrics
         base_bytes, base_pairs = m.bytes_dispatched, m.total_routed()
+        m.per_mode.clear()  # the warm-up's steps are not the workload's
         t0 = time.perf_counter()
         res = llm.generate(prompts, params, use_tqdm=False)
         dt = time.perf_counter() - t0
@@ -47,7 +60,16 @@ def run(ep: int, path: str, prompts, outs) -> dict:
         elem = 4  # float32 activations
         naive = pairs * MODEL_KW["hidden_size"] * elem
         sent = m.bytes_dispatched - base_bytes if ep > 1 else 0
-        return dict(ep=ep, seconds=dt, output_tokens=produced, tok_s=produced / dt, routed_pairs=pairs,
+        modes = {}
+        for mode, c in m.per_mode.items():
+            steps = max(c["steps"], 1)
+            tokens_layers = c["pairs"] / MODEL_KW["top_k"]  # tokens x MoE layers dispatched in that mode
+            modes[mode] = dict(steps=c["steps"], payload_bytes_per_step=c["bytes"] / steps,
+                               wire_bytes_per_step=c["wire_bytes"] / steps,
+                               rows_per_token=c["rows"] / tokens_layers if tokens_layers else 0.0,
+                               wire_rows_per_token=c["wire_rows"] / tokens_layers if tokens_layers else 0.0,
+                               planned_wire_bytes_per_step=_planned_wire(mode, ep, c, steps, decode_capacity or 64))
+        return dict(ep=ep, all_to_all=all_to_all, modes=modes, seconds=dt, output_tokens=produced, tok_s=produced / dt, routed_pairs=pairs,
                     dispatched_bytes=sent, naive_bytes=naive if ep > 1 else 0,
                     saving=(1 - sent / naive) if ep > 1 and naive else 0.0,
                     dispatch_s=m.dispatch_s, combine_s=m.combine_s, compute_s=m.compute_s)
@@ -55,11 +77,32 @@ def run(ep: int, path: str, prompts, outs) -> dict:
         llm.engine.shutdown()
 
 
+def _planned_wire(mode: str, ep: int, c: dict, steps: int, decode_capacity: int) -> float:
+    """comm.ep_modes.dispatch_wire_bytes (the cluster model's formula) for this mode's measured tokens and
+    distinct ranks per token: per dispatch and rank, times dispatches per step (ranks x MoE layers). Block size:
+    low-latency, the configured decode capacity; high-throughput, the step's largest tokens-per-rank, which
+    only the driver knew (its mean is read back from the wire rows); exact: none."""
+    from moelink.comm.ep_modes import dispatch_wire_bytes
+
+    row_bytes = MODEL_KW["hidden_size"] * 4
+    dispatches = steps * ep * MODEL_KW["num_layers"]
+    tokens = c["pairs"] / MODEL_KW["top_k"] / dispatches
+    if not tokens:
+        return 0.0
+    capacity = decode_capacity if mode == "low_latency" else max(c["wire_rows"] / dispatches / ep, tokens)
+    b = dispatch_wire_bytes(mode, world_size=ep, tokens=tokens, distinct_ranks_per_token=c["rows"] / dispatches / tokens,
+                            row_bytes=row_bytes, capacity=None if mode == "exact" else capacity)
+    return b.wire * dispatches / steps
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--all-to-all", nargs="+", default=["torch", "torch_padded"],
+                    help="backends to run at each EP > 1 (the two-mode path is torch_padded)")
+    ap.add_argument("--ep-decode-capacity", type=int, default=None, help="low-latency capacity (default max_num_seqs)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ep_scaling_cpu.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -87,16 +130,25 @@ def main(argv=None) -> dict:
                 if ep > 1 and not ray.is_initialized():
                     ray.init(address="local", num_cpus=max(args.ep), include_dashboard=False, log_to_driver=False,
                              _node_ip_address="127.0.0.1")
-                rows.append(run(ep, path, prompts, outs))
+                for a2a in (["auto"] if ep == 1 else args.all_to_all):
+                    rows.append(run(ep, path, prompts, outs, a2a, args.ep_decode_capacity if ep > 1 else None))
     finally:
         ray.shutdown()
     print(f"\n{args.num_requests} requests, prompts 32-128, outputs 16-32; model {MODEL_KW['num_layers']}L "
           f"h{MODEL_KW['hidden_size']} E{MODEL_KW['num_experts']} top{MODEL_KW['top_k']} fp32; CPU, {os.cpu_count()} cores\n")
-    print("| EP | output tok/s | routed (token, expert) pairs | dispatched MB (ours) | naive MB (per pair) | saved |")
-    print("|---|---|---|---|---|---|")
+    print("| EP | all-to-all | output tok/s | routed (token, expert) pairs | dispatched MB (ours) | naive MB (per pair) | saved |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['ep']} | {r['tok_s']:.0f} | {r['routed_pairs']} | {r['dispatched_bytes'] / 1e6:.2f} | "
+        print(f"| {r['ep']} | {r['all_to_all']} | {r['tok_s']:.0f} | {r['routed_pairs']} | {r['dispatched_bytes'] / 1e6:.2f} | "
               f"{r['naive_bytes'] / 1e6:.2f} | {100 * r['saving']:.0f}% |")
+    print("\nPer dispatch mode (all ranks, all MoE layers; KB per step):\n")
+    print("| EP | all-to-all | mode | steps | payload KB/step | wire KB/step | planned wire KB/step | rows/token | wire rows/token |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for mode, c in sorted(r["modes"].items()):
+            print(f"| {r['ep']} | {r['all_to_all']} | {mode} | {c['steps']} | {c['payload_bytes_per_step'] / 1e3:.1f} | "
+                  f"{c['wire_bytes_per_step'] / 1e3:.1f} | {c['planned_wire_bytes_per_step'] / 1e3:.1f} | "
+                  f"{c['rows_per_token']:.2f} | {c['wire_rows_per_token']:.2f} |")
     result = dict(benchmark="ep_scaling", date=str(date.today()), commit=_commit(), device="cpu",
                   cores=os.cpu_count(), model=MODEL_KW, num_requests=args.num_requests, rows=rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@
 `AllToAllSpec` ("auto", "none", "torch", "torch_padded", "nccl"; registry in
 backends.py) and `make_all_to_all(name, group, rank, world_size, device)`
 builds it. The interface (`AllToAll`, `DispatchMeta`, `ExpertRoute`) is in
-a2a_base.py. The NCCL backend is imported lazily (GPU only). `link_model` holds
+a2a_base.py. The fixed-capacity backends run two dispatch modes picked per step
+(ep_modes.py: low-latency, high-throughput; `dispatch_wire_bytes` is their byte
+formula). The NCCL backend is imported lazily (GPU only). `link_model` holds
 the bandwidth/latency models of links. comm moves rows of tensors; which expert a
 row is for is the caller's (moe/) business, asked through `ExpertRoute`.
 Must not import: benchmarks, engine, engine.server, planner, scheduler, moe.

@@ -72,6 +72,10 @@ class DispatchMeta:
     row_bytes: D · element size of x; meta_row_bytes: K · (4 + weight element size).
     inter_node_rows: int64 device tensor [R], rows this rank sent across nodes to each rank, counted apart
         from the dispatch rows; set by the node-aware backend ("two_level"), None on one-level backends.
+    wire_rows: x rows this rank puts on the wire in this dispatch, padding included, known from
+        shapes on the host (fixed-capacity layouts: R · C; exact layouts: the rows sent). combine
+        moves as many back.
+    mode: the dispatch mode that moved it ("exact", "low_latency", "high_throughput"; comm/ep_modes.py).
     """
 
     recv_topk_ids_NK: torch.Tensor
@@ -85,6 +89,8 @@ class DispatchMeta:
     row_bytes: int
     meta_row_bytes: int
     inter_node_rows: torch.Tensor | None = None
+    wire_rows: int = 0
+    mode: str = "exact"
 
     def _host_counts(self) -> tuple[list[int], list[int]]:
         if self.send_counts is None or self.recv_counts is None:
@@ -160,6 +166,8 @@ class AllToAll(ABC):
     """
 
     name: str = ""
+    # Whether dispatch takes ids < 0 (padding rows of a decode graph) and sends them nowhere.
+    accepts_padding_rows: bool = False
 
     def __init__(self, group, rank: int, world_size: int, device: torch.device | str):
         if not 0 <= rank < world_size:
@@ -186,13 +194,19 @@ class AllToAll(ABC):
         each token's rows summed over the ranks that served it."""
 
     def dispatch_async(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                       route: ExpertRoute) -> A2AHandle:
-        """Start `dispatch`; `.wait()` returns (recv_x_ND, meta). Default: the blocking dispatch."""
-        return DoneHandle(self.dispatch(x_TD, topk_ids_TK, topk_weights_TK, route))
+                       route: ExpertRoute, **options) -> A2AHandle:
+        """Start `dispatch`; `.wait()` returns (recv_x_ND, meta). Default: the blocking dispatch. `options` go to
+        `dispatch` as they are (the fixed-capacity backends take `capacity`, the step's per-rank block)."""
+        return DoneHandle(self.dispatch(x_TD, topk_ids_TK, topk_weights_TK, route, **options))
 
     def combine_async(self, y_ND: torch.Tensor, meta: DispatchMeta) -> A2AHandle:
         """Start `combine`; `.wait()` returns out_TD. Default: the blocking combine."""
         return DoneHandle(self.combine(y_ND, meta))
+
+    def begin_step(self, step) -> None:
+        """Called by the runner before each step with the driver's `EPStepPlan` (engine/ep_step.py: the step's
+        mode and its largest tokens-per-rank). Backends that size every call from exchanged counts ignore it;
+        `TwoModeAllToAll` (comm/ep_modes.py) picks its dispatch mode here."""
 
     def close(self) -> None:
         """Release communicator resources (no-op for backends that own none)."""

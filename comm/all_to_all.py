@@ -42,7 +42,8 @@ class NoAllToAll(AllToAll):
             recv_topk_ids_NK=slot_TK, recv_topk_weights_NK=topk_weights_TK, num_tokens=num_tokens,
             send_token_idx_S=None, send_counts_R=counts_R, recv_counts_R=counts_R,
             send_counts=[num_tokens], recv_counts=[num_tokens],
-            row_bytes=x_TD.shape[1] * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK))
+            row_bytes=x_TD.shape[1] * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK),
+            wire_rows=0)  # nothing leaves the rank
         return x_TD, meta
 
     def combine(self, y_ND, meta):
@@ -102,7 +103,8 @@ class TorchAllToAll(AllToAll):
             recv_topk_ids_NK=recv_ids_NK, recv_topk_weights_NK=recv_weights_NK, num_tokens=num_tokens,
             send_token_idx_S=send_tok_S, send_counts_R=send_counts_R, recv_counts_R=recv_counts_R,
             send_counts=send_counts, recv_counts=recv_counts,
-            row_bytes=hidden * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK))
+            row_bytes=hidden * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK),
+            wire_rows=num_send)
         return recv_x_ND, meta
 
     def combine(self, y_ND, meta):

@@ -45,8 +45,9 @@ class AllToAllSpec:
         with `max_tokens_per_rank` (the most tokens one rank dispatches per call).
     graph_safe: dispatch and combine keep fixed shapes and never sync with the
         host, so a CUDA graph can capture them where their transport can be
-        captured (direct NCCL is the one captured in tests). Recorded for the
-        runner's graph decision; today the runner replays graphs on one rank only.
+        captured (direct NCCL is the one captured in tests). Fixed-capacity
+        backends run in the engine as comm.ep_modes.TwoModeAllToAll, whose
+        low-latency mode the runner captures in decode graphs under EP (nccl).
     max_world_size: the largest EP world size it runs at; None: any.
     factory: `(group, rank, world_size, device, **options) -> AllToAll`.
     needs_node_map: the backend is node-aware and must be built with `node_of_rank` (the node, i.e.

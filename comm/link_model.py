@@ -29,6 +29,8 @@ import enum
 import math
 from dataclasses import dataclass
 
+from .ep_modes import EXACT, dispatch_wire_bytes
+
 GB = 1e9
 
 
@@ -216,11 +218,15 @@ class A2ATime:
 
 
 def a2a_bytes(tokens: float, routing: RoutingSpec, ep: int, domain_size: int, pattern: Pattern,
-              token_bytes: float) -> tuple[float, float, int, int]:
+              token_bytes: float, mode: str = EXACT, capacity: float | None = None) -> tuple[float, float, int, int]:
     """Bytes one rank sends for `tokens` tokens: (intra-domain, inter-domain, intra peers, inter peers).
 
     Self-sends are local copies and cost no link time. Destinations are spread
     uniformly, so a fraction (G-1)/R of them share the sender's NVLink domain.
+    `mode` (per-rank pattern only): the engine's dispatch mode, whose wire rows
+    come from `comm.ep_modes.dispatch_wire_bytes`, the formula the engine's own
+    counters measure: "exact" (rows of real tokens only), "low_latency" /
+    "high_throughput" (R blocks of `capacity` rows, padding included).
     """
     g = min(domain_size, ep)
     intra_peers, inter_peers = g - 1, ep - g
@@ -233,6 +239,11 @@ def a2a_bytes(tokens: float, routing: RoutingSpec, ep: int, domain_size: int, pa
         copies_intra, copies_inter = routing.top_k * intra_peers / ep, routing.top_k * inter_peers / ep
     else:
         d = routing.distinct_ranks(ep)
+        if mode != EXACT and tokens:
+            # Fixed blocks: every peer gets `capacity` rows whatever the routing; the formula is the engine's.
+            wire = dispatch_wire_bytes(mode, world_size=ep, tokens=tokens, distinct_ranks_per_token=d,
+                                       row_bytes=token_bytes, capacity=capacity).wire
+            d = wire / (tokens * token_bytes)
         copies_intra, copies_inter = d * intra_peers / ep, d * inter_peers / ep
         if pattern == Pattern.NODE and inter_peers:
             nodes = math.ceil(ep / g)
@@ -246,19 +257,21 @@ def a2a_bytes(tokens: float, routing: RoutingSpec, ep: int, domain_size: int, pa
 
 def all_to_all_time(tokens: float, hidden: int, routing: RoutingSpec, ep: int, fabric: Fabric, *,
                     pattern: Pattern | str = Pattern.RANK, dispatch_dtype: str = "fp8",
-                    combine_dtype: str = "bf16", recv_imbalance: float = 1.0) -> A2ATime:
+                    combine_dtype: str = "bf16", recv_imbalance: float = 1.0, mode: str = EXACT,
+                    capacity: float | None = None) -> A2ATime:
     """Time of one EP dispatch + combine for `tokens` tokens on each of `ep` ranks.
 
     NVLink and NIC traffic proceed concurrently, so each op takes the slower
     of the two. `recv_imbalance` (max/mean tokens received) stretches the op:
-    it ends when the busiest receiver is done.
+    it ends when the busiest receiver is done. `mode` / `capacity`: the engine's
+    dispatch mode and its block size (see `a2a_bytes`; default exact rows).
     """
     if recv_imbalance < 1:
         raise ValueError(f"recv_imbalance={recv_imbalance} must be >= 1 (max over mean).")
     times, intra_total, inter_total = [], 0.0, 0.0
     for dtype in (dispatch_dtype, combine_dtype):
         intra, inter, n_intra, n_inter = a2a_bytes(tokens, routing, ep, fabric.domain_size, Pattern(pattern),
-                                                   payload_bytes(hidden, dtype))
+                                                   payload_bytes(hidden, dtype), mode, capacity)
         t_intra = fabric.intra.transfer_time(intra * recv_imbalance, intra / n_intra if n_intra else None)
         t_inter = fabric.inter.transfer_time(inter * recv_imbalance, inter / n_inter if n_inter else None)
         times.append(max(t_intra, t_inter))

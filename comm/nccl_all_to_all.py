@@ -14,8 +14,11 @@ tokens going to rank r in token order, then padding. Receive buffer [R·C, D]:
 block s holds what rank s sent here, same order; padding rows are zeros with
 ids -1 and weights 0, so the expert kernel skips them. combine sends y back in
 the same slots and the sender adds slot r·C + p into its token; padding slots
-point at a dump row T that is cut off. Counts travel too (device tensors), for
-the counters only.
+point at a dump row T that is cut off. No counts travel: the receiver counts its
+valid rows (those with a local id) on the device, for the counters only. C is
+chosen per call (`capacity`): the step's dispatch mode (comm/ep_modes.py) passes
+the decode capacity (low-latency) or the step's largest tokens-per-rank
+(high-throughput); without it, the capacity the backend was built with.
 
 Transports: `PaddedAllToAll` ("torch_padded") moves the blocks with
 all_to_all_single (equal splits; runs on gloo, so the layout is tested on CPU);
@@ -40,6 +43,7 @@ class PaddedAllToAll(AllToAll):
     """Fixed-capacity blocks (module docstring) moved by torch.distributed all_to_all_single. No host sync."""
 
     name = "torch_padded"
+    accepts_padding_rows = True
 
     def __init__(self, group, rank: int, world_size: int, device, max_tokens_per_rank: int):
         if isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
@@ -57,49 +61,65 @@ class PaddedAllToAll(AllToAll):
             else:
                 dist.all_to_all_single(out, inp, group=self.group)
 
-    def dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route):
+    def dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route, capacity: int | None = None):
+        """`capacity`: this call's rows per (source, destination) block, C (default: the built
+        max_tokens_per_rank). Every rank of one call must pass the same C (the blocks are equal splits); the
+        engine's step plan gives it (comm/ep_modes.py). Ids < 0 (padding rows of a decode graph) go nowhere."""
         check_inputs(x_TD, topk_ids_TK, topk_weights_TK, route, self.world_size)
         num_tokens, hidden = x_TD.shape
         top_k = topk_ids_TK.shape[1]
-        if num_tokens > self.capacity:
-            raise ValueError(f"dispatch got {num_tokens} tokens but max_tokens_per_rank is {self.capacity}: "
-                             f"raise max_tokens_per_rank or schedule fewer tokens per step.")
-        R, C, dev = self.world_size, self.capacity, x_TD.device
+        C = self.capacity if capacity is None else capacity
+        if isinstance(C, bool) or not isinstance(C, int) or C < 1:
+            raise ValueError(f"dispatch capacity must be a positive integer, got {C!r}.")
+        if num_tokens > C:
+            # Host-known shapes: no sync. Dropping rows would lose tokens, so this is an error, never a cut.
+            what = "max_tokens_per_rank" if capacity is None else "this call's capacity"
+            raise ValueError(f"dispatch got {num_tokens} tokens but {what} is {C}: raise it (the step plan sizes "
+                             f"it, engine/ep_step.py) or schedule fewer tokens per step.")
+        R, dev = self.world_size, x_TD.device
         rows = R * C
-        dst_TK, slot_TK = route.route(topk_ids_TK, self.rank)
-        to_rank_TR = torch.zeros(num_tokens, R, dtype=torch.bool, device=dev).scatter_(1, dst_TK, True)
+        valid_TK = topk_ids_TK >= 0
+        dst_TK, slot_TK = route.route(topk_ids_TK.clamp(min=0), self.rank)
+        # Pairs with no expert go to column R, a rank that does not exist, and from there to dump row `rows`.
+        dst_TK = torch.where(valid_TK, dst_TK, R)
+        to_rank_TR = torch.zeros(num_tokens, R + 1, dtype=torch.bool, device=dev).scatter_(1, dst_TK, True)[:, :R]
         send_counts_R = to_rank_TR.sum(0)
         # Position of token t in block r = how many earlier tokens also go to r.
         pos_TR = torch.cumsum(to_rank_TR.long(), 0) - 1
-        row_TK = dst_TK * C + pos_TR.gather(1, dst_TK)
-        # Pairs of one token to one rank share a row and write the same values there.
-        send_x_SD = x_TD.new_zeros(rows, hidden)
+        pos_TR = torch.cat([pos_TR, pos_TR.new_zeros(num_tokens, 1)], 1)
+        row_TK = torch.where(valid_TK, dst_TK * C + pos_TR.gather(1, dst_TK), rows)
+        # Pairs of one token to one rank share a row and write the same values there. Row `rows` is the dump.
+        send_x_SD = x_TD.new_zeros(rows + 1, hidden)
         send_x_SD[row_TK] = x_TD[:, None, :].expand(-1, top_k, -1)
-        send_tok_S = torch.full((rows,), num_tokens, dtype=torch.long, device=dev)
-        send_tok_S[row_TK] = torch.arange(num_tokens, device=dev)[:, None].expand(-1, top_k)
+        send_tok_S = torch.full((rows + 1,), num_tokens, dtype=torch.long, device=dev)
+        send_tok_S[row_TK] = torch.where(valid_TK, torch.arange(num_tokens, device=dev)[:, None], num_tokens)
         col_TK = torch.arange(top_k, device=dev)[None, :].expand(num_tokens, -1)
-        send_ids_SK = torch.full((rows, top_k), -1, dtype=torch.int32, device=dev)
-        send_ids_SK[row_TK, col_TK] = slot_TK.to(torch.int32)
-        send_weights_SK = topk_weights_TK.new_zeros(rows, top_k)
-        send_weights_SK[row_TK, col_TK] = topk_weights_TK
+        send_ids_SK = torch.full((rows + 1, top_k), -1, dtype=torch.int32, device=dev)
+        send_ids_SK[row_TK, col_TK] = torch.where(valid_TK, slot_TK.to(torch.int32), -1)
+        send_weights_SK = topk_weights_TK.new_zeros(rows + 1, top_k)
+        send_weights_SK[row_TK, col_TK] = torch.where(valid_TK, topk_weights_TK, 0)
+        send_x_SD, send_tok_S = send_x_SD[:rows], send_tok_S[:rows]
 
-        send_meta_SB = pack_meta(send_ids_SK, send_weights_SK)
+        send_meta_SB = pack_meta(send_ids_SK[:rows], send_weights_SK[:rows])
         recv_x_ND = torch.empty_like(send_x_SD)
         recv_meta_NB = torch.empty_like(send_meta_SB)
-        recv_counts_R = torch.empty_like(send_counts_R)
-        self._exchange([(recv_counts_R, send_counts_R), (recv_x_ND, send_x_SD), (recv_meta_NB, send_meta_SB)])
+        self._exchange([(recv_x_ND, send_x_SD), (recv_meta_NB, send_meta_SB)])
         recv_ids_NK, recv_weights_NK = unpack_meta(recv_meta_NB, top_k, topk_weights_TK.dtype)
+        # No counts exchange: a row arrives here only because one of its pairs lives here, so the valid rows
+        # are those with a local id, counted on the device.
+        recv_counts_R = (recv_ids_NK >= 0).any(1).view(R, C).sum(1)
         meta = DispatchMeta(
             recv_topk_ids_NK=recv_ids_NK, recv_topk_weights_NK=recv_weights_NK, num_tokens=num_tokens,
             send_token_idx_S=send_tok_S, send_counts_R=send_counts_R, recv_counts_R=recv_counts_R,
             send_counts=None, recv_counts=None,
-            row_bytes=hidden * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK))
+            row_bytes=hidden * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK),
+            wire_rows=rows)
         return recv_x_ND, meta
 
     def combine(self, y_ND, meta):
-        rows = self.world_size * self.capacity
+        rows = meta.send_token_idx_S.shape[0]  # R · C of the dispatch that made meta
         if y_ND.dim() != 2 or y_ND.shape[0] != rows:
-            raise ValueError(f"combine y_ND must have {rows} rows (world size × max_tokens_per_rank), "
+            raise ValueError(f"combine y_ND must have {rows} rows (world size × the dispatch's capacity), "
                              f"got {tuple(y_ND.shape)}.")
         y_ND = y_ND.contiguous()
         back_SD = torch.empty_like(y_ND)

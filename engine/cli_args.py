@@ -46,6 +46,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep-nvlink-domain-size", type=int, default=None, metavar="N",
                    help="with --all-to-all two_level: N consecutive ranks share an NVLink domain (8: HGX node, 72: "
                         "GB200 NVL72); default: one domain per Ray node, read from the placement group")
+    p.add_argument("--ep-decode-capacity", type=int, default=None, metavar="TOKENS",
+                   help="tokens per rank of a low-latency (decode-only) dispatch on the fixed-capacity all-to-alls "
+                        "(torch_padded, nccl): fixed buffers, no counts exchange, CUDA-graph safe; larger or mixed "
+                        "steps run high-throughput, sized from the step (default: --max-num-seqs)")
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="SECONDS",
                    help="a model step running longer than this is a hang: the engine fails (health NOT_SERVING, "
                         "requests end with the reason); the first step, which compiles kernels, gets at least "
@@ -70,6 +74,7 @@ def engine_args_from(ns: argparse.Namespace):
         enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
         expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
         num_redundant_experts=ns.num_redundant_experts, ep_nvlink_domain_size=ns.ep_nvlink_domain_size,
+        ep_decode_capacity=ns.ep_decode_capacity,
         enforce_eager=ns.enforce_eager,
         cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
         revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,

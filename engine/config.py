@@ -220,6 +220,9 @@ class ParallelConfig:
     consecutive groups of N ranks share a domain (GB200 NVL72: 72); N >= the
     rank count is one domain. `ep_node_ids` (for tests and simulation: several
     "nodes" on one machine) gives the node number of each rank outright.
+    picks "none" for one rank and "torch" otherwise (gloo on CPU, NCCL on GPU);
+    the fixed-capacity ones ("torch_padded", "nccl") run two dispatch modes
+    picked per step (comm/ep_modes.py), low-latency at `ep_decode_capacity`.
     """
 
     expert_parallel_size: int = 1
@@ -227,6 +230,10 @@ class ParallelConfig:
     ray_address: str | None = None
     all_to_all: str = "auto"
     num_redundant_experts: int = 0
+    # Rows per (source, destination) block of a low-latency (decode-only) dispatch on the fixed-capacity
+    # backends (torch_padded, nccl): the most tokens one rank may have in a step that runs low-latency;
+    # None: max_num_seqs (every decode batch fits). Larger decode steps run high-throughput (engine/ep_step.py).
+    ep_decode_capacity: int | None = None
     # Watchdogs of a multi-rank engine (see RayExecutor): a model step that takes longer than
     # step_timeout_s fails the engine (the first model step, which JIT-compiles kernels, gets at least
     # timeouts.FIRST_STEP_TIMEOUT_S); a rank that answers no heartbeat for heartbeat_timeout_s (frozen, wedged
@@ -248,6 +255,10 @@ class ParallelConfig:
             raise ValueError(f"executor='inprocess' runs one rank; expert_parallel_size={n} needs executor='ray' or 'auto'.")
         # The registry owns the names and "auto"; it also refuses a backend that cannot run at n ranks.
         resolve_backend(self.all_to_all, n)
+        cap = self.ep_decode_capacity
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ValueError(f"ep_decode_capacity={cap!r} is invalid: must be a positive integer (tokens per rank "
+                             "of a low-latency decode dispatch) or None (max_num_seqs).")
         if not isinstance(self.num_redundant_experts, int) or self.num_redundant_experts < 0:
             raise ValueError(f"num_redundant_experts={self.num_redundant_experts!r} is invalid: must be an integer >= 0.")
         for name in ("step_timeout_s", "heartbeat_timeout_s", "comm_timeout_s"):

@@ -205,11 +205,16 @@ class DecodeGraphs:
         return None
 
     def run(self, input_ids: list[int], positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
-            tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
+            tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
+            batch: int | None = None) -> torch.Tensor:
         """One decode step of n = len(input_ids) sequences (n <= max_batch): hidden states [n, D].
-        `sliding`: the sliding group's (tables [n, m'], slots [n]) when it has its own table."""
+        `sliding`: the sliding group's (tables [n, m'], slots [n]) when it has its own table. `batch`: the
+        captured size to replay (>= n; expert parallelism: the size the driver chose for every rank);
+        default the smallest holding n."""
         n = len(input_ids)
-        b = self.size_for(n)
+        b = self.size_for(n) if batch is None else batch
+        if b not in self.steps or b < n:
+            raise ValueError(f"decode graph batch {b} is invalid for {n} sequences: captured sizes are {self.sizes}.")
         h = self._host
         m = tables_SM.shape[1]
         h["ids"][:n], h["pos"][:n], h["slots"][:n], h["lens"][:n] = input_ids, positions_T, slots_T, seq_lens

@@ -73,6 +73,8 @@ class EngineArgs:
     # tests and simulation: several "nodes" on one machine).
     ep_nvlink_domain_size: Optional[int] = None
     ep_node_ids: Optional[list[int]] = None
+    # Per-rank block of a low-latency (decode) dispatch on torch_padded / nccl; None: max_num_seqs.
+    ep_decode_capacity: Optional[int] = None
     # Watchdogs of a multi-rank engine, in seconds: a model step that runs longer than step_timeout
     # (the first one, which compiles kernels: at least 600 s), or a rank silent for heartbeat_timeout,
     # fails the engine (health NOT_SERVING, in-flight requests end with the reason).
@@ -144,7 +146,7 @@ class EngineArgs:
         return ParallelConfig(expert_parallel_size=self.expert_parallel_size, executor=self.executor,
                               ray_address=self.ray_address, all_to_all=self.all_to_all,
                               num_redundant_experts=self.num_redundant_experts, step_timeout_s=self.step_timeout,
-                              heartbeat_timeout_s=self.heartbeat_timeout,
+                              heartbeat_timeout_s=self.heartbeat_timeout, ep_decode_capacity=self.ep_decode_capacity,
                               ep_nvlink_domain_size=self.ep_nvlink_domain_size, ep_node_ids=self.ep_node_ids)
 
     def model_path(self) -> str:

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .engine_args import EngineConfig
+from .ep_step import attach_ep_step
 from .expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from .kv_sizing import common_num_kv_blocks
 
@@ -29,7 +30,23 @@ class Executor(ABC):
         each rank gets the same number of blocks, the smallest any rank can hold."""
         blocks = common_num_kv_blocks(self._collective("available_kv_blocks"))
         self._collective("allocate_kv_cache", blocks)
+        self._ep_graph_sizes = None  # new cache, new graphs
         return blocks
+
+    _ep_graph_sizes: tuple[int, ...] | None = None
+
+    def plan_ep_step(self, outputs_per_rank: list[SchedulerOutput]) -> None:
+        """Give every rank's output the step's EP plan (engine/ep_step.py) when the backend runs two modes.
+
+        The decode graph sizes every rank captured are asked once (and again after the KV cache is re-made):
+        the plan only names a size all ranks hold."""
+        decode_capacity = getattr(getattr(self, "plan", None), "decode_capacity", None)
+        if decode_capacity is None:
+            return
+        if self._ep_graph_sizes is None:
+            captured = [set(s) for s in self._collective("captured_graph_sizes")]
+            self._ep_graph_sizes = tuple(sorted(set.intersection(*captured))) if captured else ()
+        attach_ep_step(outputs_per_rank, decode_capacity, self._ep_graph_sizes)
 
     @abstractmethod
     def _collective(self, method: str, *args) -> list:
@@ -68,6 +85,7 @@ class InProcessExecutor(Executor):
 
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         (so,) = outputs_per_rank
+        self.plan_ep_step(outputs_per_rank)
         # No peers to join in an all-to-all: an empty step (e.g. one that only
         # carries finished ids) runs no model code.
         return [self.worker.execute(so, run_forward=not so.is_empty)]

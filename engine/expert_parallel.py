@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moelink.comm.backends import AllToAllSpec, resolve_backend
+from moelink.comm.ep_modes import TwoModeAllToAll
 from moelink.comm.two_level import check_node_of_rank
 from moelink.moe.layer import ExpertParallel
 from moelink.moe.placement import ExpertPlacement
@@ -24,10 +25,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ExpertParallelPlan:
-    """The placement, the resolved all-to-all backend and, for fixed-capacity backends, the capacity.
+    """The placement, the resolved all-to-all backend and, for fixed-capacity backends, the capacities.
 
     max_tokens_per_rank: the most tokens one rank dispatches per call, set
     exactly when `backend.needs_capacity` (None otherwise).
+    decode_capacity: the low-latency mode's per-rank block (comm/ep_modes.py), set
+    exactly when `backend.needs_capacity`: such a backend runs as a
+    `TwoModeAllToAll`, its mode picked per step by the driver (engine/ep_step.py).
     node_of_rank: the node (NVLink domain) number of each rank, for a
     node-aware backend (`backend.needs_node_map`) only. None there until the
     Ray executor fills it from its placement group (or the flags set it).
@@ -36,6 +40,7 @@ class ExpertParallelPlan:
     placement: ExpertPlacement
     backend: AllToAllSpec
     max_tokens_per_rank: int | None = None
+    decode_capacity: int | None = None
     node_of_rank: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -60,6 +65,11 @@ class ExpertParallelPlan:
                                  f"(it is not node-aware), got {self.node_of_rank!r}.")
             object.__setattr__(self, "node_of_rank", check_node_of_rank(
                 self.node_of_rank, self.world_size, "ExpertParallelPlan.node_of_rank"))
+        dec = self.decode_capacity
+        if dec is not None and (not self.backend.needs_capacity or isinstance(dec, bool) or not isinstance(dec, int)
+                                or not 1 <= dec <= cap):
+            raise ValueError(f"ExpertParallelPlan.decode_capacity must be None, or for a fixed-capacity backend an "
+                             f"integer in [1, max_tokens_per_rank={cap}], got {dec!r} (backend {self.backend.name!r}).")
 
     @property
     def world_size(self) -> int:
@@ -77,6 +87,8 @@ class ExpertParallelPlan:
                                  "or ep_node_ids.")
             options["node_of_rank"] = list(self.node_of_rank or (0,))
         a2a = self.backend.build(group, rank, self.world_size, device, **options)
+        if self.decode_capacity is not None:
+            a2a = TwoModeAllToAll(a2a, self.decode_capacity)
         return ExpertParallel(rank, self.world_size, self.placement, a2a, self.placement.to_tensors(device))
 
 
@@ -89,11 +101,20 @@ def plan_expert_parallel(config: EngineConfig) -> ExpertParallelPlan:
     # holds two copies of one expert), so num_redundant_experts applies from two ranks on, as it always has.
     redundant = par.num_redundant_experts if world_size > 1 else 0
     placement = ExpertPlacement(num_experts=config.model.num_experts, ep_size=world_size, num_redundant=redundant)
-    # Fixed-size buffers: a rank never holds more tokens than one step's budget.
-    capacity = config.scheduler.max_num_batched_tokens if backend.needs_capacity else None
+    # Fixed-size buffers: a rank never holds more tokens than one step's budget; each step then uses only what
+    # its mode needs (the decode capacity, or the step's largest tokens-per-rank).
+    capacity = decode = None
+    if backend.needs_capacity:
+        capacity = config.scheduler.max_num_batched_tokens
+        decode = par.ep_decode_capacity if par.ep_decode_capacity is not None else config.scheduler.max_num_seqs
+        if decode > capacity:
+            if par.ep_decode_capacity is not None:
+                raise ValueError(f"ep_decode_capacity={decode} is invalid: above max_num_batched_tokens={capacity}, "
+                                 "no step holds that many tokens on a rank.")
+            decode = capacity
     # The flags' node map, if any; otherwise the Ray executor fills it from its placement group.
     nodes = par.node_of_rank() if backend.needs_node_map else None
-    return ExpertParallelPlan(placement, backend, capacity, nodes)
+    return ExpertParallelPlan(placement, backend, capacity, decode_capacity=decode, node_of_rank=nodes)
 
 
 __all__ = ["ExpertParallelPlan", "plan_expert_parallel"]

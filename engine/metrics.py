@@ -136,6 +136,17 @@ class _EngineCollector:
         yield _counter("moelink_all_to_all_inter_node_rows",
                        "Dispatch rows that crossed between nodes: one per (token, destination node other than the "
                        "sender's).", moe.inter_node_rows)
+        if moe.per_mode:
+            # Per dispatch mode (comm/ep_modes.py): payload vs wire (padding included) bytes of dispatch.
+            mb = CounterMetricFamily("moelink_all_to_all_mode_bytes", "Dispatch bytes per mode: payload rows, and "
+                                     "the wire's fixed blocks (padding included).", labels=["mode", "kind"])
+            ms = CounterMetricFamily("moelink_all_to_all_mode_steps", "Engine steps per dispatch mode.", labels=["mode"])
+            for mode, c in sorted(moe.per_mode.items()):
+                mb.add_metric([mode, "payload"], c["bytes"])
+                mb.add_metric([mode, "wire"], c["wire_bytes"])
+                ms.add_metric([mode], c["steps"])
+            yield mb
+            yield ms
         t = CounterMetricFamily("moelink_moe_seconds", "Host time of the MoE phases (CPU ranks; slowest rank per step).",
                                 labels=["phase"])
         t.add_metric(["dispatch"], moe.dispatch_s)

@@ -22,6 +22,7 @@ from moelink.scheduler.sliding_kv import NULL_BLOCK, first_live_sliding_block
 from . import kv_sizing
 from .config import ModelConfig
 from .cuda_graph import CudaGraphCapture, DecodeGraphs
+from .ep_step import LOW_LATENCY, EPStepPlan
 from .loader import load_model
 from .weight_memory import describe_memory, weight_bytes_by_format
 from .models.layers import ForwardContext
@@ -113,6 +114,7 @@ class ModelRunner:
         self.kv_pairs = model_cfg.attention.kv_layer_pairs(model_cfg.num_layers)
         self.sliding_window = model_cfg.attention.sliding_window if self.kv_pairs is not None else None
         self.null_block = -1
+        self.ep = ep
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
         self.graph_backend = graph_backend
         self.graphs: DecodeGraphs | None = None
@@ -176,8 +178,13 @@ class ModelRunner:
         why_not = None
         if self.kernels.name != "triton":
             why_not = f"the {self.kernels.name} kernels read host-side lengths, which a graph would freeze"
-        elif ep is not None:
-            why_not = "expert-parallel steps run their all-to-all (and empty ranks' MoE-only passes) eagerly"
+        elif ep is not None and getattr(ep.all_to_all, "low_latency", None) is None:
+            why_not = (f"the {ep.all_to_all.name} all-to-all sizes its buffers from counts on the host; decode graphs "
+                       "under expert parallelism need a fixed-capacity backend's low-latency mode (nccl)")
+        elif ep is not None and backend is None and ep.all_to_all.name != "nccl":
+            # A capture that fails on one rank mid-collective would leave its peers waiting: only the transport
+            # captured in tests (direct NCCL) is captured under EP (the CPU stand-in replays any).
+            why_not = f"under expert parallelism only the nccl all-to-all is captured, not {ep.all_to_all.name}"
         elif backend is None and self.device.type != "cuda":
             why_not = f"device {self.device} is not a CUDA device"
         elif self.cfg.quantization is not None and not all(
@@ -187,10 +194,20 @@ class ModelRunner:
         if why_not:
             logger.info("CUDA graphs off: %s.", why_not)
             return ()
+        if ep is not None:
+            # A graph replays the low-latency dispatch, whose blocks hold at most the decode capacity.
+            cap = ep.all_to_all.decode_capacity
+            if any(s > cap for s in sizes):
+                logger.info("decode graphs above the EP decode capacity %d dropped (those steps run eagerly).", cap)
+            sizes = tuple(s for s in sizes if s <= cap)
         return tuple(sizes)
 
     def _capture_graphs(self) -> None:
         backend = self.graph_backend or CudaGraphCapture(self.device)
+        if self.ep is not None:
+            # Every rank captures the same sizes at the same time (allocate_kv_cache is a collective of the
+            # executor), each forward in the low-latency mode, so their dispatches pair up.
+            self.ep.all_to_all.begin_step(EPStepPlan(LOW_LATENCY, max(self.graph_sizes)))
         max_blocks = -(-self.cfg.max_model_len // self.block_size)
         graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.cfg.max_model_len,
                               self.null_block, self.device, backend, sliding_table=self.kv_pairs is not None)
@@ -241,10 +258,14 @@ class ModelRunner:
         t0 = time.perf_counter()
         self._update_states(so)
         out = ModelRunnerOutput(step_id=so.step_id)
+        if self.ep is not None:
+            self.ep.all_to_all.begin_step(so.ep_step)  # the step's dispatch mode (engine/ep_step.py)
         if so.total_num_scheduled_tokens == 0:
             if run_forward:
+                # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
+                # so this eager pass makes the same collective calls as its peers' replays.
                 self.model.forward_moe_only()
-                out.stats = StepStats(0, 0, time.perf_counter() - t0, self.model.moe_stats.snapshot())
+                out.stats = StepStats(0, 0, time.perf_counter() - t0, self._moe_snapshot())
             return out
         bs = self.block_size
         req_ids = list(so.num_scheduled_tokens)
@@ -275,8 +296,9 @@ class ModelRunner:
         sliding = None if self.kv_pairs is None else self._sliding_tables(states, starts, seq_of_token, positions)
         qsl = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(query_lens, out=qsl[1:])
-        if self.graphs is not None and max(query_lens) == 1 and len(states) <= self.graphs.max_batch:
-            h_TD = self.graphs.run(tokens, positions, slots, seq_lens, tables_SM, sliding)
+        graph_batch = self._graph_batch(so, query_lens, num_seqs)
+        if graph_batch is not None:
+            h_TD = self.graphs.run(tokens, positions, slots, seq_lens, tables_SM, sliding, batch=graph_batch)
         else:
             dev = self.device
             attn = AttentionMetadata(
@@ -300,8 +322,25 @@ class ModelRunner:
         rows = [s for s, (st, L) in enumerate(zip(states, seq_lens)) if L == len(st.all_token_ids)]
         if rows:
             self._sample(rows, states, qsl, h_TD, out, so.grammar_bitmask)
-        out.stats = StepStats(len(tokens), len(states), time.perf_counter() - t0, self.model.moe_stats.snapshot())
+        out.stats = StepStats(len(tokens), len(states), time.perf_counter() - t0, self._moe_snapshot())
         return out
+
+    def _graph_batch(self, so: SchedulerOutput, query_lens: list[int], num_seqs: int) -> int | None:
+        """The captured size this step replays, or None (eager). Under EP the driver chose it for every rank
+        (the largest decode batch over ranks, `EPStepPlan.graph_batch`), so all ranks replay one size."""
+        if self.graphs is None or max(query_lens) != 1:
+            return None
+        if self.ep is None:
+            return self.graphs.size_for(num_seqs)
+        b = getattr(so.ep_step, "graph_batch", None)
+        return b if b in self.graphs.steps and b >= num_seqs else None
+
+    def _moe_snapshot(self):
+        snap = self.model.moe_stats.snapshot()
+        if self.ep is not None:
+            mode = getattr(self.ep.all_to_all, "mode", None)  # a TwoModeAllToAll's current mode object
+            snap.ep_mode = mode.name if mode is not None else "exact"
+        return snap
 
     def _sliding_tables(self, states, starts, seq_of_token, positions) -> tuple[np.ndarray, np.ndarray]:
         """The sliding group's block tables [S, M] and KV slots [T]: entries no query of this step (or a later

@@ -32,6 +32,13 @@ class MoEMetrics:
     inter_node_rows: int = 0
     bytes_inter_node: int = 0
     last_step_bytes_inter_node: int = 0
+    rows_received: int = 0
+    wire_rows: int = 0  # dispatch rows on the wire, padding included (combine moves as many back)
+    wire_bytes: int = 0
+    # Per dispatch mode (comm/ep_modes.py: "low_latency", "high_throughput", or "exact"): steps, pairs (routed
+    # (token, expert) pairs, all MoE layers), rows (sent, one per token and destination rank), wire_rows, bytes
+    # (payload) and wire_bytes, all ranks together.
+    per_mode: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tokens_per_expert = np.zeros((self.num_moe_layers, self.num_experts), dtype=np.int64)
@@ -43,9 +50,24 @@ class MoEMetrics:
             return
         self.steps += 1
         step_bytes = step_inter = 0
+        modes = set()
         for r, s in enumerate(per_rank):
             if s is None:
                 continue
+            self.rows_received += s.rows_received
+            self.wire_rows += s.wire_rows
+            self.wire_bytes += s.wire_bytes
+            if s.ep_mode:
+                m = self.per_mode.setdefault(s.ep_mode, dict(steps=0, pairs=0, rows=0, wire_rows=0, bytes=0,
+                                                             wire_bytes=0))
+                m["pairs"] += int(s.tokens_per_expert.sum())
+                m["rows"] += s.tokens_dispatched
+                m["wire_rows"] += s.wire_rows
+                m["bytes"] += s.bytes_dispatched
+                m["wire_bytes"] += s.wire_bytes
+                if s.ep_mode not in modes:
+                    modes.add(s.ep_mode)
+                    m["steps"] += 1
             self.tokens_per_expert += s.tokens_per_expert
             self.bytes_dispatched += s.bytes_dispatched
             self.bytes_combined += s.bytes_combined

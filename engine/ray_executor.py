@@ -350,6 +350,8 @@ class RayExecutor(Executor):
         self.check_health()
         # Ranks with nothing scheduled still join every all-to-all while any rank has tokens.
         run_forward = any(not so.is_empty for so in outputs_per_rank)
+        if run_forward:
+            self.plan_ep_step(outputs_per_rank)
         timeout = self.step_timeout(run_forward)
         refs = [w.execute.remote(so, run_forward) for w, so in zip(self.workers, outputs_per_rank)]
         outs = self._get(refs, timeout=timeout, late=f"its step ran longer than {timeout:g} s (--step-timeout)")

@@ -78,7 +78,9 @@ class Worker:
         if self.device.type == "cpu" and self.world_size > 1:
             # Several ranks share this machine's cores: one intra-op thread each.
             torch.set_num_threads(1)
-        ep = self._expert_parallel() if self.world_size > 1 else None
+        # World size 1 dispatches too when a fixed-capacity backend was named (the two-mode path on one rank,
+        # needing no process group); otherwise one rank keeps its tokens local with no all-to-all at all.
+        ep = self._expert_parallel() if self.world_size > 1 or self.plan.decode_capacity is not None else None
         self.runner = ModelRunner(cfg.model, cfg.block_size, cfg.num_kv_blocks, self.device,
                                   kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
                                   cuda_graph_sizes=cfg.cuda_graph_sizes)
@@ -98,6 +100,11 @@ class Worker:
     def execute(self, so: SchedulerOutput, run_forward: bool = True) -> ModelRunnerOutput:
         self._bind_device()
         return self.runner.execute_model(so, run_forward)
+
+    def captured_graph_sizes(self) -> tuple[int, ...]:
+        """The decode batch sizes this rank replays graphs for (empty: none)."""
+        graphs = self.runner.graphs if self.runner is not None else None
+        return tuple(graphs.sizes) if graphs is not None else ()
 
     def ping(self) -> int:
         return self.rank

@@ -125,9 +125,7 @@ class MoELayer(nn.Module):
         out_TD = self.ep.all_to_all.combine_async(y_ND, meta).wait()
         if stats is not None:
             stats.add_times(t1 - t0, t2 - t1, stats.clock() - t2)
-            stats.record_transfer(self.moe_index, meta.bytes_dispatched, meta.bytes_combined, meta.num_tokens_sent)
-            if meta.inter_node_rows is not None:
-                stats.record_inter_node(meta.inter_node_rows, meta.row_bytes)
+            stats.record_transfer(self.moe_index, meta)  # device counters: the layer reads no count on the host
         return out_TD
 
     def _extras(self) -> dict:

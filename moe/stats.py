@@ -2,9 +2,11 @@
 
 Legend: L MoE layers, G logical experts.
 
-Token counts accumulate on the device and are read back once per step (one
-host sync, in `snapshot`); byte counts are already host integers (the
-all-to-all syncs its counts anyway); times are host wall-clock seconds.
+Token counts and all-to-all counters (rows sent, rows received, wire rows, and
+their bytes) accumulate as device tensors and are read back once per step, after
+it (one host sync, in `snapshot`): the MoE layer never reads a count on the host,
+so the sync-free backends stay sync-free and a CUDA graph replays the counting
+too. Times are host wall-clock seconds (CPU only).
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ class MoEStepStats:
     # Node-aware all-to-all only ("two_level"): rows and payload bytes this rank sent across nodes.
     inter_node_rows: int = 0
     bytes_inter_node: int = 0
+    rows_received: int = 0  # valid rows received (and sent back by combine)
+    wire_rows: int = 0  # x rows put on the wire by dispatch, padding included (combine moves as many back)
+    wire_bytes: int = 0  # those rows' bytes
+    ep_mode: str = ""  # the step's dispatch mode (comm/ep_modes.py), set by the runner; "" without EP
 
 
 class MoEStats:
@@ -38,17 +44,12 @@ class MoEStats:
     def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device):
         self.counts_LG = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64, device=device)
         self.num_experts = num_experts
-        self._bytes = [0] * num_moe_layers
-        self._combined = 0
-        self._rows = 0
+        # Per MoE layer, int64 on the device: columns _SENT .. _WIRE_BYTES (below).
+        self.xfer_LC = torch.zeros(num_moe_layers, _COLUMNS, dtype=torch.int64, device=device)
         self._times = [0.0, 0.0, 0.0]
         # Host timers are only honest where ops run synchronously (CPU); on a GPU
         # they would time kernel launches, so they stay off there.
         self.time_phases = device.type == "cpu"
-        # [rows, bytes] sent across nodes, on the device (no sync in the layer); read in `snapshot` only
-        # once a node-aware dispatch recorded something.
-        self._inter_node_2 = torch.zeros(2, dtype=torch.int64, device=device)
-        self._inter_node_seen = False
 
     def record_routing(self, layer: int, topk_ids_TK: torch.Tensor) -> None:
         if topk_ids_TK.numel():
@@ -59,16 +60,24 @@ class MoEStats:
             routed = (ids >= 0).to(self.counts_LG.dtype)
             self.counts_LG[layer].index_add_(0, ids.clamp(min=0), routed)
 
-    def record_transfer(self, layer: int, bytes_dispatched: int, bytes_combined: int, rows: int) -> None:
-        self._bytes[layer] += bytes_dispatched
-        self._combined += bytes_combined
-        self._rows += rows
+    def record_transfer(self, layer: int, meta) -> None:
+        """Add one dispatch's counters (a comm DispatchMeta) on the device: no host sync, graph-capturable."""
+        sent, recv = meta.send_counts_R.sum(), meta.recv_counts_R.sum()
+        rb = meta.row_bytes
+        row_C = torch.stack([sent, recv, sent * rb, recv * rb]).to(self.xfer_LC.dtype)
+        self.xfer_LC[layer, :_WIRE] += row_C
+        # Host-known from shapes; added on the device so a replayed graph adds it too.
+        self.xfer_LC[layer, _WIRE] += meta.wire_rows
+        self.xfer_LC[layer, _WIRE_BYTES] += meta.wire_rows * rb
+        if getattr(meta, "inter_node_rows", None) is not None:  # the node-aware backend ("two_level") only
+            self.record_inter_node(meta.inter_node_rows, rb, layer)
 
-    def record_inter_node(self, rows_R: torch.Tensor, row_bytes: int) -> None:
-        """Add one dispatch's rows sent across nodes (int64 device tensor [R], `DispatchMeta.inter_node_rows`)."""
-        rows = rows_R.sum()
-        self._inter_node_2 += torch.stack([rows, rows * row_bytes])
-        self._inter_node_seen = True
+    def record_inter_node(self, rows_R: torch.Tensor, row_bytes: int, layer: int = 0) -> None:
+        """Add one dispatch's rows sent across nodes (int64 device tensor [R], `DispatchMeta.inter_node_rows`),
+        in the same device table as the other counters: read with them, no second sync."""
+        rows = rows_R.sum().to(self.xfer_LC.dtype)
+        self.xfer_LC[layer, _INTER] += rows
+        self.xfer_LC[layer, _INTER_BYTES] += rows * row_bytes
 
     def clock(self) -> float:
         return time.perf_counter() if self.time_phases else 0.0
@@ -81,20 +90,25 @@ class MoEStats:
     def reset(self) -> None:
         """Drop what was counted so far (warm-up and capture runs are not traffic)."""
         self.counts_LG.zero_()
-        self._bytes = [0] * len(self._bytes)
-        self._combined = self._rows = 0
+        self.xfer_LC.zero_()
         self._times = [0.0, 0.0, 0.0]
-        self._inter_node_2.zero_()
-        self._inter_node_seen = False
 
     def snapshot(self) -> MoEStepStats:
         """Read this step's counters (host sync) and reset them."""
-        # Host sync: one small read per step; an array, not nested lists, so summing it
-        # on the driver and shipping it through Ray stay cheap at L x G = 58 x 256.
-        counts = self.counts_LG.cpu().numpy().copy()
-        out = MoEStepStats(counts, sum(self._bytes), self._combined, self._rows, *self._times, list(self._bytes))
-        if self._inter_node_seen:
-            # Host sync: the second read of the step, only on the node-aware backend.
-            out.inter_node_rows, out.bytes_inter_node = self._inter_node_2.tolist()
+        # host sync: one small read per step, expert counts and transfer counters together; an array, not
+        # nested lists, so summing it on the driver and shipping it through Ray stay cheap at L x G = 58 x 256.
+        both = torch.cat([self.counts_LG, self.xfer_LC], 1).cpu().numpy()
+        G = self.num_experts
+        counts, xfer = both[:, :G].copy(), both[:, G:].sum(0)
+        out = MoEStepStats(counts, int(xfer[_SENT_BYTES]), int(xfer[_RECV_BYTES]), int(xfer[_SENT]), *self._times,
+                           [int(b) for b in both[:, G + _SENT_BYTES]], rows_received=int(xfer[_RECV]),
+                           wire_rows=int(xfer[_WIRE]), wire_bytes=int(xfer[_WIRE_BYTES]),
+                           inter_node_rows=int(xfer[_INTER]), bytes_inter_node=int(xfer[_INTER_BYTES]))
         self.reset()
         return out
+
+
+# Columns of MoEStats.xfer_LC: rows sent, rows received, their payload bytes, wire rows and wire bytes, and
+# the rows (and bytes) sent across nodes (node-aware backend only).
+_SENT, _RECV, _SENT_BYTES, _RECV_BYTES, _WIRE, _WIRE_BYTES, _INTER, _INTER_BYTES = range(8)
+_COLUMNS = 8

@@ -92,6 +92,9 @@ class SchedulerOutput:
     # Structured output: per constrained request scheduled this step, its allowed next tokens as
     # little-endian int32 bitmask words (bytes; filled by the engine, engine/structured_output.py).
     grammar_bitmask: dict[str, bytes] = field(default_factory=dict)
+    # Expert parallelism: the step's dispatch plan (engine.ep_step.EPStepPlan: mode, largest tokens per rank,
+    # decode graph size), the same object on every rank, set by the driver's executor. Opaque here.
+    ep_step: object = None
 
     @property
     def is_empty(self) -> bool:

@@ -140,9 +140,11 @@ class MoEDecoderForCausalLM(nn.Module):
     def set_valid_rows(self, valid_T: torch.Tensor | None) -> None:
         """Mark which rows of the coming forward are real (bool [T]); the MoE layers route the others to
         no expert. None (the default) = every row is real. Used by padded decode graphs."""
-        if valid_T is not None and any(layer.moe is not None and layer.moe.ep is not None for layer in self.layers):
-            # Dispatch looks every id up in the placement tables; -1 has no rank to go to.
-            raise ValueError("set_valid_rows is invalid under expert parallelism: padded rows cannot be dispatched.")
+        if valid_T is not None and any(layer.moe is not None and layer.moe.ep is not None
+                                       and not layer.moe.ep.all_to_all.accepts_padding_rows for layer in self.layers):
+            # The counted backends look every id up in the placement tables; -1 has no rank to go to.
+            raise ValueError("set_valid_rows is invalid under expert parallelism with this all-to-all: padded rows "
+                             "dispatch only on the fixed-capacity backends (torch_padded, nccl).")
         for layer in self.layers:
             if layer.moe is not None:
                 layer.moe.valid_rows_T = valid_T

@@ -163,3 +163,67 @@ def test_nccl_world_size_one_and_cuda_graph(self_copy):
         if graph is not None:
             graph.reset()
         a2a.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nccl_low_latency_mode_in_a_cuda_graph():
+    """On one GPU: the NCCL backend as the engine runs it (TwoModeAllToAll), in the low-latency mode inside a
+    captured graph: decode capacity 8, a batch of 6 with two padding rows (ids -1), the device transfer
+    counters recorded in the graph too. Replayed on new inputs: outputs equal the reference over the real
+    rows, padding rows are 0, and the counters read after the replay say 4 rows sent, 8 on the wire. A
+    high-throughput step after it (other block size, eager) still runs."""
+    from moelink.comm.ep_modes import HIGH_THROUGHPUT, LOW_LATENCY, TwoModeAllToAll
+    from moelink.engine.ep_step import EPStepPlan
+    from moelink.moe.stats import MoEStats
+
+    dev = torch.device("cuda", 0)
+    placement = ExpertPlacement(num_experts=6, ep_size=1)
+    tables = placement.to_tensors(dev)
+    a2a = TwoModeAllToAll(make_all_to_all("nccl", None, 0, 1, dev, max_tokens_per_rank=32, self_copy=False), 8)
+    stats = MoEStats(1, 6, dev)
+    graph = None
+    try:
+        x, ids, w, w13, w2 = (t.to(dev) for t in _moe_inputs(T=6))
+        ids[4:] = -1
+
+        def step(x_, ids_, w_):
+            recv, meta = a2a.dispatch(x_, ids_, w_, tables)
+            gate, up = torch.einsum("nd,efd->nef", recv, w13).chunk(2, dim=-1)
+            h = torch.einsum("nei,edi->ned", torch.nn.functional.silu(gate) * up, w2)
+            ids_l = meta.recv_topk_ids_NK.long()
+            dense_w = torch.zeros(recv.shape[0], 6, dtype=recv.dtype, device=dev)
+            dense_w.scatter_add_(1, ids_l.clamp(min=0), torch.where(ids_l >= 0, meta.recv_topk_weights_NK, 0))
+            stats.record_transfer(0, meta)
+            return a2a.combine((h * dense_w[:, :, None]).sum(1), meta)
+
+        a2a.begin_step(EPStepPlan(LOW_LATENCY, 6))
+        sx, sids, sw = x.clone(), ids.clone(), w.clone()
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(sx, sids, sw)  # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(sx, sids, sw)
+        stats.reset()
+        x2, ids2, w2_, _, _ = (t.to(dev) for t in _moe_inputs(T=6, seed=5))
+        ids2[4:] = -1
+        sx.copy_(x2), sids.copy_(ids2), sw.copy_(w2_)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out[:4], reference_fused_moe(x2[:4], w13, w2, w2_[:4], ids2[:4]),
+                                   rtol=1e-10, atol=1e-10)
+        assert not out[4:].any()
+        snap = stats.snapshot()
+        assert (snap.tokens_dispatched, snap.rows_received, snap.wire_rows) == (4, 4, 8)
+        a2a.begin_step(EPStepPlan(HIGH_THROUGHPUT, 20))
+        x3, ids3, w3, _, _ = (t.to(dev) for t in _moe_inputs(T=20, seed=6))
+        torch.testing.assert_close(step(x3, ids3, w3), reference_fused_moe(x3, w13, w2, w3, ids3),
+                                   rtol=1e-10, atol=1e-10)
+    finally:
+        if graph is not None:
+            graph.reset()
+        a2a.close()

@@ -125,6 +125,20 @@ def test_cuda_graph_decode_matches_eager(tiny_model, dtype):
         assert sum(gaps) / len(gaps) < 0.05, f"graph vs eager bf16 logprobs differ by {sum(gaps) / len(gaps):.3g} on average"
 
 
+def test_cuda_graph_decode_under_ep_nccl_matches_eager(tiny_model):
+    """The two-mode NCCL all-to-all at world size 1 (the EP data path on one GPU: padded blocks, ids -1 for
+    padding rows, device counters): decode steps replay graphs in the low-latency mode (generate asserts
+    replays) and give the eager engine without EP's logprobs; prefill runs high-throughput, eagerly."""
+    name = "qwen3_e6k3"
+    path = tiny_model(name)
+    prompts = _prompts(TINY_CONFIGS[name]["vocab_size"], seed=7, n=11)  # batches shrink through 8, 4, 2, 1
+    ep_graphs = generate(path, prompts, "float32", "cuda", all_to_all="nccl")
+    eager = generate(path, prompts, "float32", "cuda", enforce_eager=True)
+    gaps = step_gaps(ep_graphs, eager)
+    assert len(gaps) >= len(prompts)
+    assert max(gaps) < 1e-4, f"EP graphs vs eager fp32 logprobs differ by {max(gaps):.3g}"
+
+
 # -- DeepSeek-V3 / V2 (MLA: latent cache, MLA kernel) and GLM-4-MoE (partial rotary), saved by transformers -------
 FAMILIES = ["dsv3_lora", "dsv3_yarn", "dsv2_lite", "glm_bias"]
 

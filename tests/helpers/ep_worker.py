@@ -26,6 +26,8 @@ import torch
 torch.set_num_threads(1)
 
 from moelink.comm import destroy, init_process_group, make_all_to_all  # noqa: E402
+from moelink.comm.ep_modes import TwoModeAllToAll  # noqa: E402
+from moelink.engine.ep_step import EPStepPlan  # noqa: E402
 from moelink.kernels.moe import reference_fused_moe  # noqa: E402
 from moelink.kernels.ops import ReferenceKernels  # noqa: E402
 from moelink.moe.layer import ExpertParallel, MoELayer  # noqa: E402
@@ -33,6 +35,7 @@ from moelink.moe.placement import ExpertPlacement  # noqa: E402
 from moelink.moe.router import SoftmaxTopKRouter  # noqa: E402
 from moelink.moe.stats import MoEStats  # noqa: E402
 
+from tests.helpers.host_syncs import HostSyncCounter, count_moe_layer_syncs  # noqa: E402
 from tests.helpers.waits import wait_until  # noqa: E402
 
 
@@ -70,11 +73,17 @@ def run(scenarios, rank, world_size, group):
 
 
 def run_layer(scenarios, rank, world_size, group):
-    """Each scenario: gate [G, D], w13 [G, 2I, D], w2 [G, D, I] of all experts, x per rank, top_k, renormalize."""
+    """Each scenario: gate [G, D], w13 [G, 2I, D], w2 [G, D, I] of all experts, x per rank, top_k, renormalize.
+    Optional: `step` = (mode, max tokens per rank, decode capacity): the backend runs as a TwoModeAllToAll
+    given that step plan; the layer's host syncs are counted (expert kernel excluded) and saved."""
     results = {}
     for sc in scenarios:
         placement = ExpertPlacement(**sc["placement"])
         a2a = make_all_to_all(sc["backend"], group, rank, world_size, "cpu", **sc.get("options", {}))
+        if sc.get("step") is not None:
+            mode, max_tokens, decode_capacity = sc["step"]
+            a2a = TwoModeAllToAll(a2a, decode_capacity)
+            a2a.begin_step(EPStepPlan(mode, max_tokens))
         ep = ExpertParallel(rank, world_size, placement, a2a, placement.to_tensors("cpu"))
         (G, D), I = sc["gate"].shape, sc["w2"].shape[2]
         stats = MoEStats(1, G, torch.device("cpu"))
@@ -84,11 +93,15 @@ def run_layer(scenarios, rank, world_size, group):
         layer.gate_GD.copy_(sc["gate"])
         layer.w13_EFD.copy_(sc["w13"][local])
         layer.w2_EDI.copy_(sc["w2"][local])
-        out = layer(sc["x"][rank])
+        with HostSyncCounter() as counter:
+            per_layer = count_moe_layer_syncs(layer, counter)
+            out = layer(sc["x"][rank])
         snap = stats.snapshot()
         results[sc["name"]] = dict(out=out, tokens_per_expert=snap.tokens_per_expert,
                                    tokens_dispatched=snap.tokens_dispatched, inter_node_rows=snap.inter_node_rows,
-                                   bytes_inter_node=snap.bytes_inter_node)
+                                   bytes_inter_node=snap.bytes_inter_node, rows_received=snap.rows_received,
+                                   wire_rows=snap.wire_rows, wire_bytes=snap.wire_bytes,
+                                   bytes_dispatched=snap.bytes_dispatched, host_syncs=per_layer, sync_where=counter.where)
     return results
 
 

@@ -14,8 +14,13 @@ import random
 
 import pytest
 
+from types import SimpleNamespace
+
+from moelink.comm import make_all_to_all
+from moelink.comm.ep_modes import LOW_LATENCY, TwoModeAllToAll
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.cuda_graph import EagerReplay
+from moelink.engine.ep_step import EPStepPlan
 
 from tests.helpers.fakes import KernelsName
 
@@ -86,8 +91,15 @@ def test_graphs_stay_off_where_they_cannot_be_right(tiny_model, caplog):
     assert runner._graph_sizes((1, 2), None, EagerReplay()) == ()
     assert "read host-side lengths" in caplog.text
     runner.kernels = KernelsName("triton")
-    assert runner._graph_sizes((1, 2), object(), EagerReplay()) == ()
-    assert "expert-parallel" in caplog.text
+    # Under EP only a fixed-capacity backend's low-latency mode is graph safe, up to its decode capacity.
+    counted = SimpleNamespace(all_to_all=make_all_to_all("torch", object(), 0, 1, "cpu"))
+    assert runner._graph_sizes((1, 2), counted, EagerReplay()) == ()
+    assert "decode graphs under expert parallelism need" in caplog.text
+    padded = make_all_to_all("torch_padded", None, 0, 1, "cpu", max_tokens_per_rank=8)
+    two_mode = SimpleNamespace(all_to_all=TwoModeAllToAll(padded, 2))
+    assert runner._graph_sizes((1, 2, 4), two_mode, EagerReplay()) == (1, 2)
+    assert runner._graph_sizes((1, 2), two_mode, None) == ()  # a real capture: direct NCCL only
+    assert "only the nccl all-to-all is captured, not torch_padded" in caplog.text
     assert runner._graph_sizes((1, 2), None, None) == ()  # CPU device and no stand-in backend
     assert "not a CUDA device" in caplog.text
     assert runner._graph_sizes((1, 2), None, EagerReplay()) == (1, 2)
@@ -148,3 +160,53 @@ def test_padding_rows_route_to_no_expert(tiny_model):
     for ti in padded:
         assert (ti[0] >= 0).all() and (ti[1:] == -1).all()
     assert all((ti >= 0).all() for ti in seen if ti.shape[0] == 7)  # the eager prefill step is untouched
+
+
+@pytest.mark.slow
+def test_graphs_under_ep_replay_the_size_the_driver_chose_in_low_latency(tiny_model, kdev):
+    """Expert parallelism on the two-mode path (torch_padded at world size 1: real dispatch and combine, ids
+    -1 for padding rows) with decode graphs. The driver's plan is widened as if a peer rank decoded 4
+    sequences (graph_batch 4): every low-latency decode step then replays the size-4 graph whatever its own
+    batch, as all ranks must; steps of 5-6 sequences exceed the decode capacity 4 and run high-throughput,
+    eagerly. Tokens equal the eager engine without EP, and padding rows count in no expert's load."""
+    if kdev.type != "cpu":
+        pytest.skip("CPU stand-in for the capture; with a GPU, tests/comm captures NCCL in a real graph")
+    path = tiny_model("qwen3_e6k3")
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (1, 19, 7, 33, 2, 16)]
+    eager = _llm(path, "triton")
+    want = _generate(eager, prompts)
+
+    llm = LLM(path, dtype="float32", device="cpu", kernels="triton", max_num_seqs=6, max_num_batched_tokens=64,
+              num_kv_blocks=48, block_size=16, enable_prefix_caching=False, all_to_all="torch_padded",
+              ep_decode_capacity=4)
+    runner = _runner(llm)
+    runner.graph_sizes, runner.graph_backend = (1, 2, 4), EagerReplay()
+    runner._capture_graphs()
+    assert runner.graphs is not None and set(runner.graphs.steps) == {1, 2, 4}
+    executor = llm.engine.executor
+    real_plan = executor.plan_ep_step
+
+    def as_if_a_peer_decoded_four(outputs):
+        real_plan(outputs)
+        for so in outputs:
+            if so.ep_step.mode == LOW_LATENCY:
+                so.ep_step = EPStepPlan(LOW_LATENCY, 4, 4)
+
+    executor.plan_ep_step = as_if_a_peer_decoded_four
+    replays = []
+    for b, step in runner.graphs.steps.items():
+        def counting(inner=step.replay, b=b):
+            replays.append((b, runner.ep.all_to_all.mode.name))
+            return inner()
+
+        step.replay = counting
+    got = _generate(llm, prompts)
+    assert replays and set(replays) == {(4, LOW_LATENCY)}, replays
+    modes = llm.engine.moe_metrics.per_mode
+    assert modes["high_throughput"]["steps"] > 1  # the prefill, and the 5-6 sequence decode steps
+    for (tok_w, lps_w), (tok_g, lps_g) in zip(want, got):
+        assert tok_g == tok_w
+        for lw, lg in zip(lps_w, lps_g):
+            assert max(abs(lw[t].logprob - lg[t].logprob) for t in lw) < 1e-4
+    assert llm.engine.expert_load().tokens_per_expert_LG == eager.engine.expert_load().tokens_per_expert_LG

@@ -16,7 +16,7 @@ def test_counts_skip_negative_ids_and_reset_clears_everything():
     stats = MoEStats(num_moe_layers=2, num_experts=5, device=torch.device("cpu"))
     stats.record_routing(0, torch.tensor([[0, 3], [3, -1], [-1, -1]]))
     stats.record_routing(1, torch.tensor([[4, 4]]))
-    stats.record_transfer(0, 100, 50, 3)
+    stats.record_transfer(0, _meta(sent=[2, 1], recv=[1, 3], row_bytes=10, wire_rows=8))
     stats.add_times(0.1, 0.2, 0.3)
     assert stats.counts_LG.tolist() == [[1, 0, 0, 2, 0], [0, 0, 0, 0, 2]]
     stats.reset()
@@ -27,6 +27,27 @@ def test_counts_skip_negative_ids_and_reset_clears_everything():
     stats.record_routing(0, torch.tensor([[2, 1]]))
     assert np.array_equal(stats.snapshot().tokens_per_expert[0], [0, 1, 1, 0, 0])
     assert not stats.counts_LG.any()
+
+
+def _meta(sent, recv, row_bytes, wire_rows):
+    """The DispatchMeta fields record_transfer reads (device counts, host-known sizes)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(send_counts_R=torch.tensor(sent), recv_counts_R=torch.tensor(recv), row_bytes=row_bytes,
+                           wire_rows=wire_rows)
+
+
+def test_transfer_counters_stay_on_the_device_until_the_snapshot():
+    stats = MoEStats(num_moe_layers=2, num_experts=3, device=torch.device("cpu"))
+    stats.record_transfer(0, _meta(sent=[2, 1], recv=[1, 3], row_bytes=10, wire_rows=8))
+    stats.record_transfer(1, _meta(sent=[0, 5], recv=[2, 2], row_bytes=10, wire_rows=8))
+    stats.record_transfer(1, _meta(sent=[1, 0], recv=[0, 0], row_bytes=10, wire_rows=4))
+    assert stats.xfer_LC.device.type == "cpu" and stats.xfer_LC.dtype == torch.int64
+    snap = stats.snapshot()
+    assert (snap.tokens_dispatched, snap.rows_received, snap.wire_rows) == (3 + 5 + 1, 4 + 4, 20)
+    assert (snap.bytes_dispatched, snap.bytes_combined, snap.wire_bytes) == (90, 80, 200)
+    assert snap.per_layer_bytes == [30, 60]
+    assert not stats.xfer_LC.any()  # read once, then zero
 
 
 def _layer(stats, E=6, K=2, D=16, I=8, seed=0):
@@ -66,7 +87,11 @@ def test_reference_moe_with_a_map_keeps_minus_one_as_no_expert():
     assert torch.allclose(out, only_real)
 
 
-def test_set_valid_rows_is_refused_under_expert_parallelism(tiny_model):
+def test_set_valid_rows_under_expert_parallelism_needs_a_padding_aware_all_to_all(tiny_model):
+    """Padding rows (ids -1) dispatch only on the fixed-capacity backends; the counted ones would look -1 up."""
+    from types import SimpleNamespace
+
+    from moelink.comm import make_all_to_all
     from moelink.engine.config import ModelConfig
     from moelink.engine.models import ARCHITECTURES, MoEDecoderForCausalLM
 
@@ -74,8 +99,14 @@ def test_set_valid_rows_is_refused_under_expert_parallelism(tiny_model):
     model = MoEDecoderForCausalLM(cfg, ARCHITECTURES[cfg.architecture], ReferenceKernels(), torch.device("cpu"))
     model.set_valid_rows(torch.ones(2, dtype=torch.bool))
     model.set_valid_rows(None)
-    for layer in model.layers:
-        if layer.is_sparse:
-            layer.mlp.ep = object()  # what an expert-parallel rank's layers hold
-    with pytest.raises(ValueError, match="expert parallelism"):
+    counted = SimpleNamespace(all_to_all=make_all_to_all("none", None, 0, 1, "cpu"))
+    padded = SimpleNamespace(all_to_all=make_all_to_all("torch_padded", None, 0, 1, "cpu", max_tokens_per_rank=4))
+    sparse = [layer for layer in model.layers if layer.is_sparse]
+    for layer in sparse:
+        layer.mlp.ep = counted  # what an expert-parallel rank's layers hold
+    with pytest.raises(ValueError, match="expert parallelism with this all-to-all"):
         model.set_valid_rows(torch.ones(2, dtype=torch.bool))
+    for layer in sparse:
+        layer.mlp.ep = padded
+    model.set_valid_rows(torch.ones(2, dtype=torch.bool))
+    assert all(layer.mlp.valid_rows_T is not None for layer in sparse)
