@@ -82,6 +82,10 @@ DS_PROFILE = "deepseek-ai/profile-data README (EP32, 4K prompts, 16K tokens/GPU)
 DS_DAY6 = "DeepSeek open-infra day 6 'DeepSeek-V3/R1 inference system overview' (24 h production average)"
 TRT_PERF = "TensorRT-LLM docs/source/blogs/Best_perf_practice_on_DeepSeek-R1_in_TensorRT-LLM.md (trtllm-bench)"
 TRT_BLOG3 = "TensorRT-LLM tech blog 3 'Optimizing DeepSeek R1 Throughput on NVIDIA Blackwell GPUs'"
+GPUSTACK_H200 = "GPUStack performance lab 'Optimizing DeepSeek-R1 Throughput on NVIDIA H200 GPUs' " \
+                "(github.com/gpustack/gpustack docs/performance-lab/deepseek-r1/h200.md; SGLang v0.5.3, " \
+                "--tp 8 --enable-dp-attention, random 32K input / 100 output, 100 prompts: 3,199,900 input " \
+                "tokens in 199.47 s)"
 
 # DeepSeek-style deployments: FP8 weights and dispatch, BF16 attention/KV and combine.
 FP8 = Precision()
@@ -107,8 +111,11 @@ class Row:
     count_cached: bool = False  # published figure counts cache-hit prompt tokens as processed
     note: str = ""
     split: str = "validation"  # "calibration": sets or fits a constant; "validation": never used to set one
+    requests: int = 0  # a finite benchmark of this many prompts split over ep DP ranks (0: steady state)
 
     def __post_init__(self) -> None:
+        if self.requests < 0:
+            raise ValueError(f"row {self.id}: requests={self.requests} must be >= 0.")
         if self.split not in SPLITS:
             raise ValueError(f"row {self.id}: split={self.split!r} must be one of {', '.join(SPLITS)}.")
         if self.kind not in ("prefill", "decode", "mixed"):
@@ -212,6 +219,17 @@ ROWS = (
         18598 / 8, "output tok/s/GPU", DS_PROFILE.replace("EP32, 4K prompts, 16K tokens/GPU", "decode: EP128, "
                                                           "batch 128/GPU, 4K KV; 18,598 tok/s/node"),
         assumed="MTP 1 draft accepted at 0.85 as DeepSeek's production decode (DeepSeek-V3 report: 85-90%)"),
+    Row("sglang-h200-prefill-32k-1node", "SGLang", "h200-hgx", "prefill",
+        Setup(ep=8, prefill_chunk=1024, prompt_len=32000, overlap="none", prefill_pattern="allgather",
+              balance=Balance("perfect"), precision=Precision(dispatch="bf16")),
+        3199900 / 199.47 / 8, "input tok/s/GPU", GPUSTACK_H200, requests=100,
+        assumed="SGLang's defaults for that command: chunked prefill 8,192 on H200 divided by the 8 DP "
+                "ranks (server_args: 'chunked prefill size is adjusted to ... to avoid MoE kernel issues') "
+                "= 1,024 tokens per rank; MoE tensor-parallel over the gathered tokens (no DeepEP), so no "
+                "expert imbalance (balance 'perfect') and a BF16 all-gather / reduce-scatter; no TBO",
+        note="single-node Hopper prefill (EP group inside one NVLink domain) the single-node compute fit "
+             "never saw; at 32K prompts attention is half the step and chunking re-up-projects the "
+             "prompt's earlier chunks every chunk (prefix_kv_up)"),
 )
 
 
@@ -235,6 +253,9 @@ def predict(row: Row, eff: Efficiency = DEFAULT_EFFICIENCY) -> float:
     if row.kind == "prefill":
         computed = prefill_chunk(model, hw, row.setup, eff).tokens_per_s
         s = row.setup
+        if row.requests:
+            # A finite set of equal prompts over ep DP ranks ends when the busiest rank does.
+            computed *= row.requests / s.ep / math.ceil(row.requests / s.ep)
         return computed * s.prompt_len / (s.prompt_len - s.cached_prefix) if row.count_cached else computed
     if row.kind == "decode":
         return decode_step(model, hw, row.setup, eff).tokens_per_s

@@ -287,22 +287,32 @@ def decode_step(model: ModelShape, hw: HardwareProfile, setup: Setup,
 
 def prefill_chunk(model: ModelShape, hw: HardwareProfile, setup: Setup,
                   eff: Efficiency = DEFAULT_EFFICIENCY) -> StepResult:
-    """One prefill forward of prefill_chunk tokens per rank (prompt tokens computed, cached prefix excluded)."""
+    """One prefill forward of prefill_chunk tokens per rank (prompt tokens computed, cached prefix excluded).
+
+    A prompt longer than the chunk runs as n = ceil(new / chunk) chunks; chunk j attends to the cached
+    prefix and to the j chunks before it, which by then sit in the KV cache like a cached prefix. Attention
+    FLOPs are the same as one causal pass; what chunking adds is re-reading that prefix, once per chunk,
+    and for MLA its up-projection (below)."""
     layers = _Layers(model, hw, setup, eff, setup.prefill_pattern)
     t = setup.prefill_chunk
     new = setup.prompt_len - setup.cached_prefix
-    seqs = t / new
+    seqs = t / new  # prompts per step (< 1: a chunk of one prompt)
+    n = max(1, math.ceil(new / t))
+    # Cached tokens each prompt's chunks read back, summed over its chunks: the cached prefix n times, and
+    # chunk j's j earlier chunks (of new/n tokens each).
+    reread = n * setup.cached_prefix + (new / n) * n * (n - 1) / 2.0
     keys = setup.cached_prefix + (new + 1) / 2.0  # causal: a token sees the prefix and half its prompt
     kv = _kv_bytes_per_token_layer(model, setup.precision)
     ld = _Load(rows=t, attn_flops=t * keys * model.attn_flops_per_key(decode=False),
-               attn_bytes=(seqs * setup.cached_prefix + t) * kv, pool=t, comm=t, seqs=seqs)
+               attn_bytes=(seqs * reread + t) * kv, pool=t, comm=t, seqs=seqs)
     total, bd, imb = layers.forward(ld, lm_rows=seqs)
-    if model.is_mla and setup.cached_prefix:
-        # MLA prefill attends in the uncompressed (MHA) form, so the cached prefix's latent KV must be
-        # up-projected through kv_b for every sequence that reuses it: a GEMM of prefix rows, every layer.
+    if model.is_mla and reread:
+        # MLA prefill attends in the uncompressed (MHA) form, so every cached token a chunk attends to
+        # (cached prefix, earlier chunks of a long prompt) has its latent KV up-projected through kv_b
+        # again for that chunk: a GEMM of `reread` rows per prompt, every layer.
         a = model.attention
         kv_b = a.kv_lora_rank * a.num_heads * (a.qk_nope_dim + a.v_dim)
-        up = gemm_time(seqs * setup.cached_prefix, kv_b, a.kv_lora_rank + a.num_heads * (a.qk_nope_dim + a.v_dim),
+        up = gemm_time(seqs * reread, kv_b, a.kv_lora_rank + a.num_heads * (a.qk_nope_dim + a.v_dim),
                        hw.gpu, "bf16", eff) * model.num_layers
         bd["prefix_kv_up"] = up
         total += up
