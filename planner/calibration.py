@@ -2,24 +2,41 @@
 
 Every row is predicted with the same constants (`efficiency.Efficiency`,
 `hardware` measured ceilings, `comm.link_model.LINK_EFFICIENCY`,
-`imbalance.EPLB_RESIDUAL_CV`); a row only states what its source states about
-the setup (hardware, EP size, batch, lengths, precisions, overlap, which
-all-to-all, load balancing). Where a source is silent the assumption is named
-in `assumed`. Published per-node figures are divided by GPUs per node (8 for
-HGX) to compare per GPU. `moelink plan --calibrate` prints the table.
+`imbalance.SEQUENCE_CV` / `EPLB_STATIC_CV`); a row only states what its source
+states about the setup (hardware, EP size, batch, lengths, precisions, overlap,
+which all-to-all, load balancing). Where a source is silent the assumption is
+named in `assumed`. Published per-node figures are divided by GPUs per node (8
+for HGX) to compare per GPU. `moelink plan --calibrate` prints the table.
 
 The split (`Row.split`). Calibration rows set or fit a constant: the
 single-node rows (EP inside one NVLink domain: GB200 prefill at EP 4/2,
 TensorRT-LLM on one B200/H200 node) fit the compute efficiency
 (`fit_gemm_efficiency`; no NIC on their path, so network errors cannot hide in
-it), SGLang's EPLB-vs-perfect prefill pair fixed `EPLB_RESIDUAL_CV`, SGLang's
-decode TBO ablation (with and without TBO) fixed the overlap fractions.
-Validation rows set nothing: DeepSeek's profile and day-6 numbers, SGLang's
-headline and 1K-prompt prefill on 96 H100, SGLang's GB200 NVL72 decode rows.
-The test suite requires every row within ±30% and the validation rows' mean
-|error| within 15%, and that the committed gemm efficiency is what the fit gives.
+it), SGLang's EPLB-vs-perfect prefill pair fits `imbalance.SEQUENCE_CV`
+(`fit_sequence_cv`: a ratio of one setup, so compute and network errors
+cancel), SGLang's decode TBO ablation (with and without TBO) fixed the overlap
+fractions. Validation rows set nothing: DeepSeek's profile and day-6 numbers,
+SGLang's headline and 1K-prompt prefill on 96 H100, SGLang's GB200 NVL72
+decode rows, SGLang's single-node 8x H200 32K-prompt prefill (GPUStack), and
+`COMM_ROWS`, DeepEP's per-EP all-to-all latencies (EP 16-256). The test suite
+requires every row within ±30% and the validation rows' mean |error| within
+15%, and that the committed gemm efficiency and sequence cv are what the fits
+give.
 
 Reading the table (errors at the time of writing; the command prints current ones):
+
+- EP scaling: the model used to lose 23% of decode tok/s/GPU from EP 32 to 96
+  (H100, 256 sequences/GPU): it gave every EPLB rank a fixed per-expert skew,
+  whose per-rank share grows as sqrt(ep) (fewer experts per rank). Real traffic
+  is imbalanced mostly by sequence clustering, which a wider group averages
+  away as fast as it loses experts per rank (`imbalance.py`); now -12%, and
+  dispatch + combine follow DeepEP's published per-EP latencies (`COMM_ROWS`,
+  within 2-18%, growth EP 32 -> 128 +29% vs +31% published). No published
+  per-EP *throughput* sweep with stated setups was found to table.
+- sglang-h200-prefill-32k-1node: single-node Hopper prefill was predicted ~50%
+  fast before chunked prefill was modelled: SGLang splits its 8,192-token chunk
+  over the 8 DP ranks, so a 32K prompt runs as 32 chunks and every chunk
+  up-projects the MLA latent of the chunks before it (`prefix_kv_up`).
 
 - Decode across InfiniBand used to sit 18-33% low: the model stretched the
   whole all-to-all by the EP-wide expert imbalance. Dispatch is sent by the
@@ -28,14 +45,14 @@ Reading the table (errors at the time of writing; the command prints current one
   SGLang's real-traffic decode profiles, the unstretched time (0.18 ms here)
   and DeepEP's uniform-routing unit test. Combine is sent by the expert ranks
   and still waits for the busiest one.
-- deepseek-h800-prefill-day6 (+28%): a 24-hour fleet average, not a capacity
+- deepseek-h800-prefill-day6 (+29.5%): a 24-hour fleet average, not a capacity
   measurement. Prefill instances are provisioned for peak load and TTFT, so on
   average they idle part of the time; DeepSeek's own profile of the same
   system runs 62.7k computed tokens/s/node against the 32.2k this average
   implies (73.7k x 43.7% uncached). The model predicts capacity, so this row
   sits high by construction. Cached prefixes cost MLA prefill an up-projection
   of their latent KV (`prefix_kv_up`), which this row is the only one to use.
-- sglang-gb200-decode-part2-fp8 (-22%) and part1 (-6%) have the same setup, so
+- sglang-gb200-decode-part2-fp8 (-17%) and part1 (-0.3%) have the same setup, so
   the model predicts the same number for both; the 20% between them is
   SGLang's software progress from June to September 2025.
 - trtllm-b200-fp4-fp8kv (+29%): TensorRT-LLM published this and the BF16-KV
