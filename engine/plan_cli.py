@@ -93,7 +93,7 @@ def _calibrate(ns: argparse.Namespace) -> int:
     from moelink.planner.engine_measured import check
     from moelink.planner.engines import get_engine
 
-    from moelink.planner.calibration import comm_sweep, format_comm_sweep
+    from moelink.planner.comm_sweep import comm_sweep, format_comm_sweep
 
     results = run()
     print(format_calibration(results))

@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 
 from moelink.planner import imbalance
-from moelink.planner.calibration import (COMM_ROWS, EPLB_PAIR, ROWS, Row, comm_sweep, fit_sequence_cv,
+from moelink.planner.calibration import (EPLB_PAIR, ROWS, Row, fit_sequence_cv,
                                          predict, single_node, split_rows)
+from moelink.planner.comm_sweep import COMM_ROWS, comm_sweep
 from moelink.planner.hardware import get_profile
 from moelink.planner.imbalance import Balance, expected_max_normal, expert_load_imbalance
 from moelink.planner.models import get_model
