@@ -93,8 +93,13 @@ def _calibrate(ns: argparse.Namespace) -> int:
     from moelink.planner.engine_measured import check
     from moelink.planner.engines import get_engine
 
+    from moelink.planner.comm_sweep import comm_sweep, format_comm_sweep
+
     results = run()
     print(format_calibration(results))
+    comm = comm_sweep()
+    print("\nAll-to-all per layer across EP sizes (validation; DeepEP low-latency kernels, H800, 128 tokens/rank):")
+    print(format_comm_sweep(comm))
     engine_rows = check(get_engine("moelink").efficiency)
     if engine_rows:
         print("\nmoelink's own engine (per-layer decode time, CUDA graph; batch 1 fits the fixed cost, "
@@ -109,11 +114,12 @@ def _calibrate(ns: argparse.Namespace) -> int:
                  "relative_error": r.error, "within_tolerance": r.ok, "source": r.row.source,
                  "assumed": r.row.assumed, "note": r.row.note} for r in results]
         split = ("calibration rows set or fit a constant (single-node rows fit Efficiency.gemm; SGLang's EPLB "
-                 "and TBO ablations set EPLB_RESIDUAL_CV and the overlap fractions); validation rows set nothing")
+                 "ablation fits imbalance.SEQUENCE_CV, its TBO ablation sets the overlap fractions); validation "
+                 "rows set nothing (comm_sweep: DeepEP's per-EP all-to-all latencies, validation)")
         _write_json(ns.json_path, {**_meta(ns.command_text), "tolerance": TOLERANCE,
                                    "validation_mae_target": VALIDATION_MAE, "split": split,
                                    "summary": summary(results), "rows": rows,
-                                   "moelink_engine_check": engine_rows})
+                                   "comm_sweep": comm, "moelink_engine_check": engine_rows})
     val = summary(results)["validation"]
     return 0 if all(r.ok for r in results) and val["mean_abs_error"] <= VALIDATION_MAE else 1
 

@@ -13,6 +13,7 @@ from .costs import cost_summary
 from .efficiency import DEFAULT_EFFICIENCY, Efficiency
 from .engines import EngineProfile, get_engine
 from .hardware import HardwareProfile
+from . import imbalance
 from .imbalance import Balance
 from .kernels import load_moe_measurements, measured_efficiency
 from .models import ModelShape
@@ -287,7 +288,11 @@ def assumptions(inp: PlanInputs, setup: Setup) -> list[str]:
            f"two-batch overlap hides {eff.overlap_sm:.2f} of the shorter of compute/communication "
            f"({eff.overlap_rdma:.2f} with RDMA-only all-to-all)",
            f"fixed costs: {eff.layer_overhead_s * 1e6:.0f} us per layer, {eff.step_overhead_s * 1e3:.1f} ms per step",
-           f"expert load: {balance_label(inp.balance)}; {setup.redundant_experts} redundant expert slots",
+           f"expert load: {balance_label(inp.balance)}; {setup.redundant_experts} redundant expert slots"
+           + (f"; real traffic: per-sequence expert-share cv {imbalance.SEQUENCE_CV:g} (fitted on SGLang's EPLB "
+              f"ablation), per-expert long-run cv {setup.balance.systematic_cv():g} left "
+              + ("after EPLB (assumed)" if setup.balance.kind == "eplb" else "without rebalancing (assumed)")
+              if setup.balance.real_traffic() else ""),
            f"links: {hw.fabric.intra.name} {hw.fabric.intra.bw_gbps:g} GB/s/dir inside {hw.fabric.domain_size} GPUs, "
            f"{hw.fabric.inter.name} {hw.fabric.inter.bw_gbps:g} GB/s/dir between, at {hw.fabric.intra.efficiency:.2f}",
            f"prefix-cache hit rate {inp.prefix_hit:.0%} ({inp.cached_prefix} of {inp.input_len} prompt tokens cached)",

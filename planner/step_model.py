@@ -129,16 +129,19 @@ class StepResult:
 @dataclass
 class _Load:
     """Work of one layer on the busiest rank. rows: tokens through this rank's projections;
-    pool: mean tokens per rank whose expert pairs are spread over EP; comm: tokens this rank sends."""
+    pool: mean tokens per rank whose expert pairs are spread over EP; comm: tokens this rank sends;
+    seqs: sequences per rank those pool tokens come from (expert imbalance: `imbalance.py`)."""
 
     rows: float
     attn_flops: float
     attn_bytes: float
     pool: float
     comm: float
+    seqs: float
 
     def scaled(self, f: float) -> "_Load":
-        return _Load(self.rows * f, self.attn_flops * f, self.attn_bytes * f, self.pool * f, self.comm * f)
+        return _Load(self.rows * f, self.attn_flops * f, self.attn_bytes * f, self.pool * f, self.comm * f,
+                     self.seqs * f)
 
 
 class _Layers:
@@ -160,8 +163,9 @@ class _Layers:
         self.measured = find_measurement(list(setup.measured), model.num_experts, model.top_k, model.hidden,
                                          model.moe_intermediate, p.experts)
 
-    def imbalance(self, pool: float) -> float:
-        return expert_load_imbalance(self.s.balance, self.s.ep, self.local_experts, pool * self.m.top_k)
+    def imbalance(self, ld: "_Load") -> float:
+        return expert_load_imbalance(self.s.balance, self.s.ep, self.local_experts, ld.pool * self.m.top_k,
+                                     seqs_per_rank=ld.seqs)
 
     def attention(self, ld: _Load) -> dict:
         """Attention of this rank's requests. With attn_tp = t > 1 the t GPUs of a TP group run the
@@ -226,7 +230,7 @@ class _Layers:
         tbo = self.s.overlap == "tbo"
         parts = 2 if tbo else 1
         half = ld.scaled(1.0 / parts)
-        imb = self.imbalance(half.pool)  # each micro-batch waits for its own busiest rank
+        imb = self.imbalance(half)  # each micro-batch waits for its own busiest rank
         bd: dict[str, float] = {}
 
         def add(d: dict, times: float) -> None:
@@ -265,14 +269,14 @@ def decode_step(model: ModelShape, hw: HardwareProfile, setup: Setup,
     kv = _kv_bytes_per_token_layer(model, setup.precision)
     # Queries of one sequence share its KV read; FLOPs scale with every query.
     ld = _Load(rows=t, attn_flops=t * ctx * model.attn_flops_per_key(decode=True), attn_bytes=b * ctx * kv,
-               pool=t, comm=t)
+               pool=t, comm=t, seqs=b)
     total, bd, imb = layers.forward(ld, lm_rows=t)
     if setup.mtp_draft:
         # Each draft token: one more decoder layer (MoE) and the LM head over the batch, no overlap.
         draft = _Load(rows=b, attn_flops=b * ctx * model.attn_flops_per_key(decode=True), attn_bytes=b * ctx * kv,
-                      pool=b, comm=b)
-        one = layers.moe_compute(draft, layers.imbalance(b))
-        one.update(layers.comm(draft, layers.imbalance(b)))
+                      pool=b, comm=b, seqs=b)
+        one = layers.moe_compute(draft, layers.imbalance(draft))
+        one.update(layers.comm(draft, layers.imbalance(draft)))
         mtp = (sum(one.values()) + gemm_time(b, model.vocab * model.hidden, model.hidden + model.vocab, hw.gpu,
                                              setup.precision.lm_head, eff)) * setup.mtp_draft
         bd["mtp_draft"] = mtp
@@ -283,22 +287,32 @@ def decode_step(model: ModelShape, hw: HardwareProfile, setup: Setup,
 
 def prefill_chunk(model: ModelShape, hw: HardwareProfile, setup: Setup,
                   eff: Efficiency = DEFAULT_EFFICIENCY) -> StepResult:
-    """One prefill forward of prefill_chunk tokens per rank (prompt tokens computed, cached prefix excluded)."""
+    """One prefill forward of prefill_chunk tokens per rank (prompt tokens computed, cached prefix excluded).
+
+    A prompt longer than the chunk runs as n = ceil(new / chunk) chunks; chunk j attends to the cached
+    prefix and to the j chunks before it, which by then sit in the KV cache like a cached prefix. Attention
+    FLOPs are the same as one causal pass; what chunking adds is re-reading that prefix, once per chunk,
+    and for MLA its up-projection (below)."""
     layers = _Layers(model, hw, setup, eff, setup.prefill_pattern)
     t = setup.prefill_chunk
     new = setup.prompt_len - setup.cached_prefix
-    seqs = t / new
+    seqs = t / new  # prompts per step (< 1: a chunk of one prompt)
+    n = max(1, math.ceil(new / t))
+    # Cached tokens each prompt's chunks read back, summed over its chunks: the cached prefix n times, and
+    # chunk j's j earlier chunks (of new/n tokens each).
+    reread = n * setup.cached_prefix + (new / n) * n * (n - 1) / 2.0
     keys = setup.cached_prefix + (new + 1) / 2.0  # causal: a token sees the prefix and half its prompt
     kv = _kv_bytes_per_token_layer(model, setup.precision)
     ld = _Load(rows=t, attn_flops=t * keys * model.attn_flops_per_key(decode=False),
-               attn_bytes=(seqs * setup.cached_prefix + t) * kv, pool=t, comm=t)
+               attn_bytes=(seqs * reread + t) * kv, pool=t, comm=t, seqs=seqs)
     total, bd, imb = layers.forward(ld, lm_rows=seqs)
-    if model.is_mla and setup.cached_prefix:
-        # MLA prefill attends in the uncompressed (MHA) form, so the cached prefix's latent KV must be
-        # up-projected through kv_b for every sequence that reuses it: a GEMM of prefix rows, every layer.
+    if model.is_mla and reread:
+        # MLA prefill attends in the uncompressed (MHA) form, so every cached token a chunk attends to
+        # (cached prefix, earlier chunks of a long prompt) has its latent KV up-projected through kv_b
+        # again for that chunk: a GEMM of `reread` rows per prompt, every layer.
         a = model.attention
         kv_b = a.kv_lora_rank * a.num_heads * (a.qk_nope_dim + a.v_dim)
-        up = gemm_time(seqs * setup.cached_prefix, kv_b, a.kv_lora_rank + a.num_heads * (a.qk_nope_dim + a.v_dim),
+        up = gemm_time(seqs * reread, kv_b, a.kv_lora_rank + a.num_heads * (a.qk_nope_dim + a.v_dim),
                        hw.gpu, "bf16", eff) * model.num_layers
         bd["prefix_kv_up"] = up
         total += up
@@ -333,7 +347,7 @@ def mixed_iteration(model: ModelShape, hw: HardwareProfile, setup: Setup, input_
     ld = _Load(rows=b + p_max,
                attn_flops=b * ctx * model.attn_flops_per_key(True)
                + p_max * (input_len + 1) / 2.0 * model.attn_flops_per_key(False),
-               attn_bytes=(b * ctx + p_max) * kv, pool=b + p_mean, comm=b + p_max)
+               attn_bytes=(b * ctx + p_max) * kv, pool=b + p_mean, comm=b + p_max, seqs=b + lam)
     total, bd, imb = layers.forward(ld, lm_rows=b)
     return StepResult("mixed", total, b, bd, imb)
 
