@@ -117,11 +117,22 @@ class DispatchMeta:
 
 
 class A2AHandle(ABC):
-    """An all-to-all in flight: `wait()` returns its result (dispatch: (recv_x_ND, meta); combine: out_TD)."""
+    """An all-to-all in flight: `wait()` returns its result (dispatch: (recv_x_ND, meta); combine: out_TD).
 
-    @abstractmethod
+    Waited on exactly once (a second wait raises: the result's buffers may already be reused by the caller)."""
+
+    _waited = False
+
     def wait(self):
         """Block until the transfer is complete (on GPU: make the current stream wait) and return its result."""
+        if self._waited:
+            raise RuntimeError("all-to-all handle waited on twice: each dispatch/combine handle is waited on once.")
+        self._waited = True
+        return self._finish()
+
+    @abstractmethod
+    def _finish(self):
+        """The backend's part of `wait`: complete the transfer and build the result (called once)."""
 
 
 class DoneHandle(A2AHandle):
@@ -129,13 +140,26 @@ class DoneHandle(A2AHandle):
 
     def __init__(self, result):
         self._result = result
-        self._waited = False
 
-    def wait(self):
-        if self._waited:
-            raise RuntimeError("all-to-all handle waited on twice: each dispatch/combine handle is waited on once.")
-        self._waited = True
-        return self._result
+    def _finish(self):
+        result, self._result = self._result, None
+        return result
+
+
+class PendingHandle(A2AHandle):
+    """Collectives in flight: `works` are torch.distributed Work objects (or anything with `wait()`), waited in
+    order; then `finish()` builds the result from the received buffers (e.g. unpacks ids and weights). The
+    handle holds the send buffers too (`keep`): an async collective reads them until it completes."""
+
+    def __init__(self, works, finish, keep=()):
+        self._works, self._then, self._keep = list(works), finish, keep
+
+    def _finish(self):
+        for work in self._works:
+            work.wait()
+        then = self._then
+        self._works, self._then, self._keep = [], None, ()
+        return then()
 
 
 class AllToAll(ABC):
@@ -224,4 +248,4 @@ def unpack_meta(packed_NB: torch.Tensor, top_k: int, weight_dtype: torch.dtype) 
     return ids_NK, weights_NK
 
 
-__all__ = ["A2AHandle", "AllToAll", "DispatchMeta", "DoneHandle", "ExpertRoute", "check_inputs", "meta_row_bytes", "pack_meta", "unpack_meta"]
+__all__ = ["A2AHandle", "AllToAll", "DispatchMeta", "DoneHandle", "PendingHandle", "ExpertRoute", "check_inputs", "meta_row_bytes", "pack_meta", "unpack_meta"]
