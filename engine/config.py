@@ -227,6 +227,9 @@ class ParallelConfig:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
     comm_timeout_s: float = 60.0
+    # Two micro-batches per step, each one's compute overlapping the other's all-to-all (engine/step_plan.py).
+    # Only EP > 1 has an all-to-all to overlap: at one rank steps run as one batch.
+    enable_two_batch_overlap: bool = False
 
     def __post_init__(self) -> None:
         n = self.expert_parallel_size
@@ -242,6 +245,9 @@ class ParallelConfig:
             raise ValueError(f"num_redundant_experts={self.num_redundant_experts!r} is invalid: must be an integer >= 0.")
         for name in ("step_timeout_s", "heartbeat_timeout_s", "comm_timeout_s"):
             check_seconds(name, getattr(self, name))
+        if not isinstance(self.enable_two_batch_overlap, bool):
+            raise ValueError(f"enable_two_batch_overlap={self.enable_two_batch_overlap!r} is invalid: must be True "
+                             "or False.")
 
     @property
     def world_size(self) -> int:
