@@ -1,6 +1,6 @@
 """Expert-parallel scaling on CPU: throughput for EP 1/2/4 and the dispatch volume it saves.
 
-    python -m moelink.benchmarks.ep_scaling [--ep 1 2 4] [--num-requests 32]
+    python -m moelink.benchmarks.ep_scaling [--ep 1 2 4] [--num-requests 32] [--overlap-ep 2]
 
 Every EP size runs the same seeded workload (greedy, EOS ignored) on Ray with
 gloo. The table compares the bytes our dispatch sent (each token once per
@@ -10,6 +10,9 @@ the ranks share the cores and gloo copies through loopback — so read the
 throughput column as overhead, and the bytes columns as the design's saving
 (each rank, EP 1 included, runs one intra-op thread);
 GPU/NVLink speed is the cluster model's job (`moelink plan`, engine/plan_cli.py).
+`--overlap-ep N` (default 2) then runs EP N with two-batch overlap off and on and prints the mean step time of
+each and their ratio: on CPU ranks sharing two cores the overlap has little idle time to fill, so read it as
+the cost or gain of the schedule itself, not as a GPU prediction.
 """
 from __future__ import annotations
 
@@ -55,11 +58,58 @@ def run(ep: int, path: str, prompts, outs) -> dict:
         llm.engine.shutdown()
 
 
+# --- two-batch overlap on and off (issue 17 item 4) -----------------------------------------------------------
+
+def run_overlap(ep: int, path: str, prompts, outs) -> list[dict]:
+    """The same workload at one EP size with --enable-two-batch-overlap off, then on: mean engine step time (the
+    driver's wall time per `LLMEngine.step`, warm-up excluded) and output tokens per second."""
+    from moelink.engine import LLM, SamplingParams
+
+    rows = []
+    for overlap in (False, True):
+        llm = LLM(path, dtype="float32", expert_parallel_size=ep, max_num_seqs=64, num_kv_blocks=1024,
+                  enable_two_batch_overlap=overlap)
+        try:
+            params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outs]
+            llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up (and process start) excluded
+            engine, step, times = llm.engine, llm.engine.step, []
+
+            def timed_step(_step=step, _times=times):
+                t = time.perf_counter()
+                try:
+                    return _step()
+                finally:
+                    _times.append(time.perf_counter() - t)
+
+            engine.step = timed_step
+            t0 = time.perf_counter()
+            res = llm.generate(prompts, params, use_tqdm=False)
+            dt = time.perf_counter() - t0
+            produced = sum(len(r.outputs[0].token_ids) for r in res)
+            rows.append(dict(ep=ep, two_batch_overlap=overlap, steps=len(times), step_ms=1e3 * sum(times) / len(times),
+                             seconds=dt, tok_s=produced / dt))
+        finally:
+            llm.engine.shutdown()
+    return rows
+
+
+def print_overlap(rows: list[dict]) -> None:
+    off, on = (next(r for r in rows if r["two_batch_overlap"] is v) for v in (False, True))
+    print(f"\nTwo-batch overlap at EP {off['ep']} (same workload, greedy; steps {off['steps']} off / {on['steps']} on)\n")
+    print("| two-batch overlap | mean step ms | output tok/s |")
+    print("|---|---|---|")
+    for r in (off, on):
+        print(f"| {'on' if r['two_batch_overlap'] else 'off'} | {r['step_ms']:.1f} | {r['tok_s']:.0f} |")
+    print(f"\nstep time on / off = {on['step_ms'] / off['step_ms']:.3f} (below 1: overlap is faster)")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overlap-ep", type=int, default=2,
+                    help="also time this EP size with two-batch overlap off and on (0: skip)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ep_scaling_cpu.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -88,6 +138,12 @@ def main(argv=None) -> dict:
                     ray.init(address="local", num_cpus=max(args.ep), include_dashboard=False, log_to_driver=False,
                              _node_ip_address="127.0.0.1")
                 rows.append(run(ep, path, prompts, outs))
+            overlap_rows = []
+            if args.overlap_ep > 1:
+                if not ray.is_initialized():
+                    ray.init(address="local", num_cpus=args.overlap_ep, include_dashboard=False, log_to_driver=False,
+                             _node_ip_address="127.0.0.1")
+                overlap_rows = run_overlap(args.overlap_ep, path, prompts, outs)
     finally:
         ray.shutdown()
     print(f"\n{args.num_requests} requests, prompts 32-128, outputs 16-32; model {MODEL_KW['num_layers']}L "
@@ -97,8 +153,11 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"| {r['ep']} | {r['tok_s']:.0f} | {r['routed_pairs']} | {r['dispatched_bytes'] / 1e6:.2f} | "
               f"{r['naive_bytes'] / 1e6:.2f} | {100 * r['saving']:.0f}% |")
+    if overlap_rows:
+        print_overlap(overlap_rows)
     result = dict(benchmark="ep_scaling", date=str(date.today()), commit=_commit(), device="cpu",
-                  cores=os.cpu_count(), model=MODEL_KW, num_requests=args.num_requests, rows=rows)
+                  cores=os.cpu_count(), model=MODEL_KW, num_requests=args.num_requests, rows=rows,
+                  two_batch_overlap=overlap_rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
