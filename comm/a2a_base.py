@@ -19,8 +19,10 @@ Semantics (every backend):
   the caller does between the two (the shared experts, the other micro-batch
   of a two-batch-overlap step) overlaps the transfer where the backend can
   overlap (DeepEP's async_finish idea). The base class runs the blocking call
-  and returns a handle that is already done, so every backend has both forms.
-  Each handle is waited on exactly once, in issue order per rank.
+  and returns a handle that is already done, so every backend has both forms;
+  "torch", "torch_padded" and "nccl" return transfers really in flight
+  (`PendingHandle`). Each handle is waited on exactly once (a second wait
+  raises), in issue order per rank.
 
 Where a (token, expert) pair goes (which rank, which local slot, which replica
 of a redundant expert) is the placement's decision, not the backend's:
