@@ -120,7 +120,7 @@ class MoELayer(nn.Module):
     def stages(self, x_TD: torch.Tensor) -> Stages:
         """This layer as stages: a generator that yields each time an all-to-all is in flight (after
         dispatch_async, after combine_async; never without `ep`) and returns out_TD [T, D]. Whoever drives it
-        runs other work at the yields: the shared experts, the other micro-batch (engine/models/step_plan.py)."""
+        runs other work at the yields: the shared experts, the other micro-batch (engine/step_plan.py)."""
         # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
         logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
         weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
