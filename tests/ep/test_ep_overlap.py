@@ -20,11 +20,11 @@ ENGINE_KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=32, num
                  expert_parallel_size=2, step_timeout=120.0)
 
 
-def _run(path: str, vocab: int, overlap: bool):
+def _run(path: str, vocab: int, overlap: bool, all_to_all: str = "auto"):
     rng = random.Random(5)
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (1, 70, 9, 33, 4)]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=1) for m in (3, 6, 9, 4, 12)]
-    llm = LLM(path, enable_two_batch_overlap=overlap, **ENGINE_KW)
+    llm = LLM(path, enable_two_batch_overlap=overlap, all_to_all=all_to_all, **ENGINE_KW)
     try:
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
@@ -34,8 +34,10 @@ def _run(path: str, vocab: int, overlap: bool):
         llm.engine.shutdown()
 
 
-@pytest.mark.parametrize("model", ["qwen3", "dsv3"])
-def test_two_batch_overlap_matches_one_batch(local_ray, tiny_model, hf_tiny_model, model):
+# "torch" (the default at EP 2: counts synced, rows async) for both models; the fixed-capacity "torch_padded"
+# (everything async) once.
+@pytest.mark.parametrize("model,all_to_all", [("qwen3", "auto"), ("dsv3", "auto"), ("qwen3", "torch_padded")])
+def test_two_batch_overlap_matches_one_batch(local_ray, tiny_model, hf_tiny_model, model, all_to_all):
     from tests.helpers.hf_checkpoints import hf_config
     from tests.helpers.tiny_configs import TINY_CONFIGS
 
@@ -43,7 +45,8 @@ def test_two_batch_overlap_matches_one_batch(local_ray, tiny_model, hf_tiny_mode
         path, vocab = tiny_model("qwen3_e6k3"), TINY_CONFIGS["qwen3_e6k3"]["vocab_size"]
     else:
         path, vocab = hf_tiny_model("dsv3_lora"), hf_config("dsv3_lora").vocab_size
-    (off, off_bytes, off_routed), (on, on_bytes, on_routed) = (_run(path, vocab, False), _run(path, vocab, True))
+    (off, off_bytes, off_routed), (on, on_bytes, on_routed) = (_run(path, vocab, False, all_to_all),
+                                                                _run(path, vocab, True, all_to_all))
     assert [o.token_ids for o in on] == [o.token_ids for o in off]
     for a, b in zip(on, off):
         for lp_a, lp_b in zip(a.logprobs, b.logprobs):
