@@ -21,8 +21,8 @@ Semantics (every backend):
   overlap (DeepEP's async_finish idea). The base class runs the blocking call
   and returns a handle that is already done, so every backend has both forms;
   "torch", "torch_padded" and "nccl" return transfers really in flight
-  (`PendingHandle`). Each handle is waited on exactly once (a second wait
-  raises), in issue order per rank.
+  (`PendingHandle`). Each handle is waited on exactly once and in issue order
+  per all-to-all object (both checked: `IssueOrder`).
 
 Where a (token, expert) pair goes (which rank, which local slot, which replica
 of a redundant expert) is the placement's decision, not the backend's:
@@ -118,17 +118,42 @@ class DispatchMeta:
         return self.num_tokens_sent * self.meta_row_bytes
 
 
+class IssueOrder:
+    """One all-to-all object's handles in issue order: each is waited on after every handle issued before it.
+    (Ranks must issue the same collectives in the same order; waiting in that order too keeps a schedule such as
+    two-batch overlap the same on every rank and easy to reason about.)"""
+
+    def __init__(self) -> None:
+        self.issued = 0
+        self.waited = 0
+
+    def take(self) -> int:
+        self.issued += 1
+        return self.issued - 1
+
+    def check(self, seq: int) -> None:
+        if seq != self.waited:
+            raise RuntimeError(f"all-to-all handle #{seq} waited out of order: handle #{self.waited}, issued "
+                               "before it on this rank, is not waited on yet (wait handles in issue order).")
+        self.waited += 1
+
+
 class A2AHandle(ABC):
     """An all-to-all in flight: `wait()` returns its result (dispatch: (recv_x_ND, meta); combine: out_TD).
 
-    Waited on exactly once (a second wait raises: the result's buffers may already be reused by the caller)."""
+    Waited on exactly once (a second wait raises: the result's buffers may already be reused by the caller),
+    and, when its all-to-all tracks the order (`AllToAll._issued`), after every handle issued before it."""
 
     _waited = False
+    _order: IssueOrder | None = None
+    _seq = 0
 
     def wait(self):
         """Block until the transfer is complete (on GPU: make the current stream wait) and return its result."""
         if self._waited:
             raise RuntimeError("all-to-all handle waited on twice: each dispatch/combine handle is waited on once.")
+        if self._order is not None:
+            self._order.check(self._seq)
         self._waited = True
         return self._finish()
 
@@ -183,6 +208,12 @@ class AllToAll(ABC):
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
+        self._order = IssueOrder()
+
+    def _issued(self, handle: A2AHandle) -> A2AHandle:
+        """Number a handle this object just issued, so that waits follow issue order (A2AHandle.wait)."""
+        handle._order, handle._seq = self._order, self._order.take()
+        return handle
 
     @abstractmethod
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
@@ -203,11 +234,11 @@ class AllToAll(ABC):
     def dispatch_async(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                        route: ExpertRoute) -> A2AHandle:
         """Start `dispatch`; `.wait()` returns (recv_x_ND, meta). Default: the blocking dispatch."""
-        return DoneHandle(self.dispatch(x_TD, topk_ids_TK, topk_weights_TK, route))
+        return self._issued(DoneHandle(self.dispatch(x_TD, topk_ids_TK, topk_weights_TK, route)))
 
     def combine_async(self, y_ND: torch.Tensor, meta: DispatchMeta) -> A2AHandle:
         """Start `combine`; `.wait()` returns out_TD. Default: the blocking combine."""
-        return DoneHandle(self.combine(y_ND, meta))
+        return self._issued(DoneHandle(self.combine(y_ND, meta)))
 
     def close(self) -> None:
         """Release communicator resources (no-op for backends that own none)."""
@@ -250,4 +281,4 @@ def unpack_meta(packed_NB: torch.Tensor, top_k: int, weight_dtype: torch.dtype) 
     return ids_NK, weights_NK
 
 
-__all__ = ["A2AHandle", "AllToAll", "DispatchMeta", "DoneHandle", "PendingHandle", "ExpertRoute", "check_inputs", "meta_row_bytes", "pack_meta", "unpack_meta"]
+__all__ = ["A2AHandle", "AllToAll", "DispatchMeta", "DoneHandle", "IssueOrder", "PendingHandle", "ExpertRoute", "check_inputs", "meta_row_bytes", "pack_meta", "unpack_meta"]

@@ -70,15 +70,23 @@ class TorchAllToAll(AllToAll):
             raise ValueError("all-to-all backend 'torch' needs a process group (comm.init_process_group).")
         super().__init__(group, rank, world_size, device)
 
+    # The blocking calls are the async ones waited at once (untracked: they never wait out of order).
     def dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route):
-        return self.dispatch_async(x_TD, topk_ids_TK, topk_weights_TK, route).wait()
+        return self._start_dispatch(x_TD, topk_ids_TK, topk_weights_TK, route).wait()
 
     def combine(self, y_ND, meta):
-        return self.combine_async(y_ND, meta).wait()
+        return self._start_combine(y_ND, meta).wait()
 
     def dispatch_async(self, x_TD, topk_ids_TK, topk_weights_TK, route) -> PendingHandle:
         """The counts exchange runs now (blocking: the split sizes must reach the host); the x rows and the packed
         ids+weights travel as two async collectives, and `wait()` waits for both and unpacks the metadata."""
+        return self._issued(self._start_dispatch(x_TD, topk_ids_TK, topk_weights_TK, route))
+
+    def combine_async(self, y_ND, meta) -> PendingHandle:
+        """One async collective; `wait()` waits for it and sums each token's rows."""
+        return self._issued(self._start_combine(y_ND, meta))
+
+    def _start_dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route) -> PendingHandle:
         check_inputs(x_TD, topk_ids_TK, topk_weights_TK, route, self.world_size)
         num_tokens, hidden = x_TD.shape
         top_k = topk_ids_TK.shape[1]
@@ -121,8 +129,7 @@ class TorchAllToAll(AllToAll):
 
         return PendingHandle(works, finish, keep=(send_x_SD, send_meta_SB))
 
-    def combine_async(self, y_ND, meta) -> PendingHandle:
-        """One async collective; `wait()` waits for it and sums each token's rows."""
+    def _start_combine(self, y_ND, meta) -> PendingHandle:
         num_recv = sum(meta.recv_counts)
         if y_ND.dim() != 2 or y_ND.shape[0] != num_recv:
             raise ValueError(f"combine y_ND must have {num_recv} rows (one per received row), got {tuple(y_ND.shape)}.")

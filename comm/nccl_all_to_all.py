@@ -70,7 +70,7 @@ class PaddedAllToAll(AllToAll):
     def dispatch_async(self, x_TD, topk_ids_TK, topk_weights_TK, route) -> PendingHandle:
         """Counts, x blocks and packed ids+weights all travel async; `wait()` unpacks the metadata."""
         pairs, finish = self._pack_dispatch(x_TD, topk_ids_TK, topk_weights_TK, route)
-        return PendingHandle(self._exchange_async(pairs), finish, keep=pairs)
+        return self._issued(PendingHandle(self._exchange_async(pairs), finish, keep=pairs))
 
     def combine(self, y_ND, meta):
         pairs, finish = self._pack_combine(y_ND, meta)
@@ -79,7 +79,7 @@ class PaddedAllToAll(AllToAll):
 
     def combine_async(self, y_ND, meta) -> PendingHandle:
         pairs, finish = self._pack_combine(y_ND, meta)
-        return PendingHandle(self._exchange_async(pairs), finish, keep=pairs)
+        return self._issued(PendingHandle(self._exchange_async(pairs), finish, keep=pairs))
 
     def _pack_dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route):
         """The send blocks and their receive buffers as (out, inp) pairs, and the function that builds
@@ -256,7 +256,10 @@ class NcclAllToAll(PaddedAllToAll):
     def _exchange_async(self, pairs):
         """The exchange on the communication stream, after what the compute stream has queued (the send buffers
         were written there); the handle makes the compute stream wait for it at `wait()`. Events and stream
-        waits only: CUDA-graph safe (a captured graph forks to the side stream and joins back at the wait)."""
+        waits only: CUDA-graph safe (a captured graph forks to the side stream and joins back at the wait).
+        Blocking calls run on the compute stream: with a handle in flight they would use the communicator from two
+        streams at once, which NCCL does not order; callers that use handles use them for every call (the MoE
+        layer does)."""
         compute, side = torch.cuda.current_stream(self.device), self._comm_stream
         side.wait_stream(compute)
         with torch.cuda.stream(side):

@@ -1,6 +1,6 @@
 """dispatch_async / combine_async on real ranks (gloo processes, EP 2 and 3): with two dispatches in flight and
 work issued between each start and its wait, the results equal the blocking calls' bit for bit, and those
-equal one process over all experts; a handle waited twice is an error. (The nccl backend's stream-and-event
+equal one process over all experts; a handle waited twice, or before one issued earlier, is an error. (The nccl backend's stream-and-event
 handles are a GPU test: tests/comm/test_nccl_gpu.py.)"""
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def test_async_equals_blocking_with_work_in_between(launched, world_size):
                 x = sc["x"][rank] * (i + 1)
                 want = reference_fused_moe(x, sc["w13"], sc["w2"], sc["weights"][rank], sc["ids"][rank])
                 torch.testing.assert_close(out_a, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{where}: {m}")
+            want = reference_fused_moe(3 * sc["x"][rank], sc["w13"], sc["w2"], sc["weights"][rank], sc["ids"][rank])
+            torch.testing.assert_close(res["between"], want, rtol=1e-12, atol=1e-12)
 
 
 def test_handle_waited_twice_is_an_error(launched):
@@ -87,3 +89,22 @@ def test_one_rank_handles():
         out = a2a.combine_async(recv_x, meta).wait()
         # y = x on every received row: each token comes back once (one rank serves all its experts).
         torch.testing.assert_close(out, x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, options", [("none", {}), ("torch_padded", dict(max_tokens_per_rank=3))])
+def test_handles_are_waited_in_issue_order(name, options):
+    placement = ExpertPlacement(num_experts=4, ep_size=1)
+    tables = placement.to_tensors("cpu")
+    x = torch.randn(3, 8, dtype=torch.float64)
+    ids, w = torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.full((3, 2), 0.5, dtype=torch.float64)
+    a2a = make_all_to_all(name, None, 0, 1, "cpu", **options)
+    first, second = a2a.dispatch_async(x, ids, w, tables), a2a.dispatch_async(2 * x, ids, w, tables)
+    with pytest.raises(RuntimeError, match=r"handle #1 waited out of order: handle #0"):
+        second.wait()
+    # The refused wait left the second handle waitable: in order, both complete.
+    (recv_1, _), (recv_2, _) = first.wait(), second.wait()
+    assert torch.equal(recv_2, 2 * recv_1)
+    # Blocking calls in between are issued and waited at once: they never stand in the way.
+    later = a2a.dispatch_async(x, ids, w, tables)
+    a2a.dispatch(x, ids, w, tables)
+    assert torch.equal(later.wait()[0], recv_1)

@@ -86,6 +86,9 @@ def run_async(scenarios, rank, world_size, group):
         busy = torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
         handles = [a2a.dispatch_async(xi, ids, w, tables) for xi in (x, 2 * x)]
         busy = busy @ busy  # work between start and wait
+        # A blocking round trip while both are in flight (it must neither block on them nor count as out of order).
+        recv_x, meta = a2a.dispatch(3 * x, ids, w, tables)
+        between = a2a.combine(expert_compute(sc["compute"], recv_x, meta, placement, rank, sc), meta)
         got, combines = [], []
         for h in handles:
             recv_x, meta = h.wait()
@@ -99,7 +102,8 @@ def run_async(scenarios, rank, world_size, group):
             twice = None
         except RuntimeError as e:  # the point of the check
             twice = str(e)
-        results[sc["name"]] = dict(blocking=blocking, got=got, twice=twice, handle=type(handles[0]).__name__)
+        results[sc["name"]] = dict(blocking=blocking, got=got, twice=twice, handle=type(handles[0]).__name__,
+                                   between=between)
     return results
 
 
