@@ -19,8 +19,10 @@ Semantics (every backend):
   the caller does between the two (the shared experts, the other micro-batch
   of a two-batch-overlap step) overlaps the transfer where the backend can
   overlap (DeepEP's async_finish idea). The base class runs the blocking call
-  and returns a handle that is already done, so every backend has both forms.
-  Each handle is waited on exactly once, in issue order per rank.
+  and returns a handle that is already done, so every backend has both forms;
+  "torch", "torch_padded" and "nccl" return transfers really in flight
+  (`PendingHandle`). Each handle is waited on exactly once and in issue order
+  per all-to-all object (both checked: `IssueOrder`).
 
 Where a (token, expert) pair goes (which rank, which local slot, which replica
 of a redundant expert) is the placement's decision, not the backend's:
@@ -133,12 +135,48 @@ class DispatchMeta:
         return int(self.inter_node_rows.sum()) * self.row_bytes
 
 
-class A2AHandle(ABC):
-    """An all-to-all in flight: `wait()` returns its result (dispatch: (recv_x_ND, meta); combine: out_TD)."""
+class IssueOrder:
+    """One all-to-all object's handles in issue order: each is waited on after every handle issued before it.
+    (Ranks must issue the same collectives in the same order; waiting in that order too keeps a schedule such as
+    two-batch overlap the same on every rank and easy to reason about.)"""
 
-    @abstractmethod
+    def __init__(self) -> None:
+        self.issued = 0
+        self.waited = 0
+
+    def take(self) -> int:
+        self.issued += 1
+        return self.issued - 1
+
+    def check(self, seq: int) -> None:
+        if seq != self.waited:
+            raise RuntimeError(f"all-to-all handle #{seq} waited out of order: handle #{self.waited}, issued "
+                               "before it on this rank, is not waited on yet (wait handles in issue order).")
+        self.waited += 1
+
+
+class A2AHandle(ABC):
+    """An all-to-all in flight: `wait()` returns its result (dispatch: (recv_x_ND, meta); combine: out_TD).
+
+    Waited on exactly once (a second wait raises: the result's buffers may already be reused by the caller),
+    and, when its all-to-all tracks the order (`AllToAll._issued`), after every handle issued before it."""
+
+    _waited = False
+    _order: IssueOrder | None = None
+    _seq = 0
+
     def wait(self):
         """Block until the transfer is complete (on GPU: make the current stream wait) and return its result."""
+        if self._waited:
+            raise RuntimeError("all-to-all handle waited on twice: each dispatch/combine handle is waited on once.")
+        if self._order is not None:
+            self._order.check(self._seq)
+        self._waited = True
+        return self._finish()
+
+    @abstractmethod
+    def _finish(self):
+        """The backend's part of `wait`: complete the transfer and build the result (called once)."""
 
 
 class DoneHandle(A2AHandle):
@@ -146,13 +184,26 @@ class DoneHandle(A2AHandle):
 
     def __init__(self, result):
         self._result = result
-        self._waited = False
 
-    def wait(self):
-        if self._waited:
-            raise RuntimeError("all-to-all handle waited on twice: each dispatch/combine handle is waited on once.")
-        self._waited = True
-        return self._result
+    def _finish(self):
+        result, self._result = self._result, None
+        return result
+
+
+class PendingHandle(A2AHandle):
+    """Collectives in flight: `works` are torch.distributed Work objects (or anything with `wait()`), waited in
+    order; then `finish()` builds the result from the received buffers (e.g. unpacks ids and weights). The
+    handle holds the send buffers too (`keep`): an async collective reads them until it completes."""
+
+    def __init__(self, works, finish, keep=()):
+        self._works, self._then, self._keep = list(works), finish, keep
+
+    def _finish(self):
+        for work in self._works:
+            work.wait()
+        then = self._then
+        self._works, self._then, self._keep = [], None, ()
+        return then()
 
 
 class AllToAll(ABC):
@@ -176,6 +227,12 @@ class AllToAll(ABC):
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
+        self._order = IssueOrder()
+
+    def _issued(self, handle: A2AHandle) -> A2AHandle:
+        """Number a handle this object just issued, so that waits follow issue order (A2AHandle.wait)."""
+        handle._order, handle._seq = self._order, self._order.take()
+        return handle
 
     @abstractmethod
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
@@ -197,11 +254,11 @@ class AllToAll(ABC):
                        route: ExpertRoute, **options) -> A2AHandle:
         """Start `dispatch`; `.wait()` returns (recv_x_ND, meta). Default: the blocking dispatch. `options` go to
         `dispatch` as they are (the fixed-capacity backends take `capacity`, the step's per-rank block)."""
-        return DoneHandle(self.dispatch(x_TD, topk_ids_TK, topk_weights_TK, route, **options))
+        return self._issued(DoneHandle(self.dispatch(x_TD, topk_ids_TK, topk_weights_TK, route, **options)))
 
     def combine_async(self, y_ND: torch.Tensor, meta: DispatchMeta) -> A2AHandle:
         """Start `combine`; `.wait()` returns out_TD. Default: the blocking combine."""
-        return DoneHandle(self.combine(y_ND, meta))
+        return self._issued(DoneHandle(self.combine(y_ND, meta)))
 
     def begin_step(self, step) -> None:
         """Called by the runner before each step with the driver's `EPStepPlan` (engine/ep_step.py: the step's
@@ -249,4 +306,4 @@ def unpack_meta(packed_NB: torch.Tensor, top_k: int, weight_dtype: torch.dtype) 
     return ids_NK, weights_NK
 
 
-__all__ = ["A2AHandle", "AllToAll", "DispatchMeta", "DoneHandle", "ExpertRoute", "check_inputs", "meta_row_bytes", "pack_meta", "unpack_meta"]
+__all__ = ["A2AHandle", "AllToAll", "DispatchMeta", "DoneHandle", "IssueOrder", "PendingHandle", "ExpertRoute", "check_inputs", "meta_row_bytes", "pack_meta", "unpack_meta"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .a2a_base import AllToAll, DispatchMeta, check_inputs, meta_row_bytes, pack_meta, unpack_meta
+from .a2a_base import AllToAll, DispatchMeta, PendingHandle, check_inputs, meta_row_bytes, pack_meta, unpack_meta
 
 
 class NoAllToAll(AllToAll):
@@ -56,8 +56,10 @@ class TorchAllToAll(AllToAll):
     """torch.distributed `all_to_all_single` with exact (uneven) splits; gloo on CPU, NCCL on GPU.
 
     Per dispatch: one collective for the counts (then THE one host sync, to size
-    the buffers), one for the x rows, one for ids+weights packed as bytes.
-    Per combine: one collective, no sync. gloo supports uneven splits (checked
+    the buffers), one for the x rows, one for ids+weights packed as bytes; the
+    last two are issued async (`dispatch_async`: the caller works while they
+    travel). Per combine: one async collective, no sync. The blocking calls are
+    the async ones waited at once. gloo supports uneven splits (checked
     on torch 2.13, bf16 included), so no fallback path is needed. Not CUDA-graph
     safe (the counts sync); the padded backends are.
     """
@@ -69,7 +71,23 @@ class TorchAllToAll(AllToAll):
             raise ValueError("all-to-all backend 'torch' needs a process group (comm.init_process_group).")
         super().__init__(group, rank, world_size, device)
 
+    # The blocking calls are the async ones waited at once (untracked: they never wait out of order).
     def dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route):
+        return self._start_dispatch(x_TD, topk_ids_TK, topk_weights_TK, route).wait()
+
+    def combine(self, y_ND, meta):
+        return self._start_combine(y_ND, meta).wait()
+
+    def dispatch_async(self, x_TD, topk_ids_TK, topk_weights_TK, route) -> PendingHandle:
+        """The counts exchange runs now (blocking: the split sizes must reach the host); the x rows and the packed
+        ids+weights travel as two async collectives, and `wait()` waits for both and unpacks the metadata."""
+        return self._issued(self._start_dispatch(x_TD, topk_ids_TK, topk_weights_TK, route))
+
+    def combine_async(self, y_ND, meta) -> PendingHandle:
+        """One async collective; `wait()` waits for it and sums each token's rows."""
+        return self._issued(self._start_combine(y_ND, meta))
+
+    def _start_dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route) -> PendingHandle:
         check_inputs(x_TD, topk_ids_TK, topk_weights_TK, route, self.world_size)
         num_tokens, hidden = x_TD.shape
         top_k = topk_ids_TK.shape[1]
@@ -94,29 +112,41 @@ class TorchAllToAll(AllToAll):
         send_weights_SK = torch.where(here_SK, weights_SK, torch.zeros_like(weights_SK))
 
         recv_x_ND = x_TD.new_empty(num_recv, hidden)
-        dist.all_to_all_single(recv_x_ND, send_x_SD, recv_counts, send_counts, group=self.group)
         send_meta_SB = pack_meta(send_ids_SK, send_weights_SK)
         recv_meta_NB = send_meta_SB.new_empty(num_recv, send_meta_SB.shape[1])
-        dist.all_to_all_single(recv_meta_NB, send_meta_SB, recv_counts, send_counts, group=self.group)
-        recv_ids_NK, recv_weights_NK = unpack_meta(recv_meta_NB, top_k, topk_weights_TK.dtype)
-        meta = DispatchMeta(
-            recv_topk_ids_NK=recv_ids_NK, recv_topk_weights_NK=recv_weights_NK, num_tokens=num_tokens,
-            send_token_idx_S=send_tok_S, send_counts_R=send_counts_R, recv_counts_R=recv_counts_R,
-            send_counts=send_counts, recv_counts=recv_counts,
-            row_bytes=hidden * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK),
-            wire_rows=num_send)
-        return recv_x_ND, meta
+        works = [dist.all_to_all_single(recv_x_ND, send_x_SD, recv_counts, send_counts, group=self.group,
+                                        async_op=True),
+                 dist.all_to_all_single(recv_meta_NB, send_meta_SB, recv_counts, send_counts, group=self.group,
+                                        async_op=True)]
 
-    def combine(self, y_ND, meta):
+        def finish():
+            recv_ids_NK, recv_weights_NK = unpack_meta(recv_meta_NB, top_k, topk_weights_TK.dtype)
+            meta = DispatchMeta(
+                recv_topk_ids_NK=recv_ids_NK, recv_topk_weights_NK=recv_weights_NK, num_tokens=num_tokens,
+                send_token_idx_S=send_tok_S, send_counts_R=send_counts_R, recv_counts_R=recv_counts_R,
+                send_counts=send_counts, recv_counts=recv_counts,
+                row_bytes=hidden * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK),
+                wire_rows=num_send)
+            return recv_x_ND, meta
+
+        return PendingHandle(works, finish, keep=(send_x_SD, send_meta_SB))
+
+    def _start_combine(self, y_ND, meta) -> PendingHandle:
         num_recv = sum(meta.recv_counts)
         if y_ND.dim() != 2 or y_ND.shape[0] != num_recv:
             raise ValueError(f"combine y_ND must have {num_recv} rows (one per received row), got {tuple(y_ND.shape)}.")
+        y_ND = y_ND.contiguous()
         back_SD = y_ND.new_empty(meta.send_token_idx_S.shape[0], y_ND.shape[1])
-        dist.all_to_all_single(back_SD, y_ND.contiguous(), meta.send_counts, meta.recv_counts, group=self.group)
-        # index_add_ sums a token's rows in rank order: deterministic on CPU; on CUDA it uses atomics
-        # unless torch.use_deterministic_algorithms(True).
-        out_TD = y_ND.new_zeros(meta.num_tokens, y_ND.shape[1])
-        return out_TD.index_add_(0, meta.send_token_idx_S, back_SD)
+        work = dist.all_to_all_single(back_SD, y_ND, meta.send_counts, meta.recv_counts, group=self.group,
+                                      async_op=True)
+
+        def finish():
+            # index_add_ sums a token's rows in rank order: deterministic on CPU; on CUDA it uses atomics
+            # unless torch.use_deterministic_algorithms(True).
+            out_TD = y_ND.new_zeros(meta.num_tokens, y_ND.shape[1])
+            return out_TD.index_add_(0, meta.send_token_idx_S, back_SD)
+
+        return PendingHandle([work], finish, keep=(y_ND,))
 
 
 __all__ = ["NoAllToAll", "TorchAllToAll"]

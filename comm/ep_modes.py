@@ -86,7 +86,8 @@ class _NamedHandle(A2AHandle):
     def __init__(self, inner: A2AHandle, mode: str):
         self._inner, self._mode = inner, mode
 
-    def wait(self):
+    def _finish(self):
+        # (the transport's own handle checks the issue order)
         recv_x_ND, meta = self._inner.wait()
         meta.mode = self._mode
         return recv_x_ND, meta

@@ -36,7 +36,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .a2a_base import AllToAll, DispatchMeta, check_inputs, meta_row_bytes, pack_meta, unpack_meta
+from .a2a_base import AllToAll, DispatchMeta, PendingHandle, check_inputs, meta_row_bytes, pack_meta, unpack_meta
 
 
 class PaddedAllToAll(AllToAll):
@@ -55,16 +55,43 @@ class PaddedAllToAll(AllToAll):
 
     def _exchange(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """For each (out, inp): block r of inp goes to rank r, block s of out comes from rank s (R equal blocks)."""
-        for out, inp in pairs:
-            if self.world_size == 1:
+        for work in self._exchange_async(pairs):
+            work.wait()
+
+    def _exchange_async(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+        """Start `_exchange`; returns what to wait on (nothing where the copy is already done)."""
+        if self.world_size == 1:
+            for out, inp in pairs:
                 out.copy_(inp)
-            else:
-                dist.all_to_all_single(out, inp, group=self.group)
+            return []
+        return [dist.all_to_all_single(out, inp, group=self.group, async_op=True) for out, inp in pairs]
 
     def dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route, capacity: int | None = None):
         """`capacity`: this call's rows per (source, destination) block, C (default: the built
         max_tokens_per_rank). Every rank of one call must pass the same C (the blocks are equal splits); the
         engine's step plan gives it (comm/ep_modes.py). Ids < 0 (padding rows of a decode graph) go nowhere."""
+        pairs, finish = self._pack_dispatch(x_TD, topk_ids_TK, topk_weights_TK, route, capacity)
+        self._exchange(pairs)
+        return finish()
+
+    def dispatch_async(self, x_TD, topk_ids_TK, topk_weights_TK, route,
+                       capacity: int | None = None) -> PendingHandle:
+        """x blocks and packed ids+weights travel async (no counts exchange); `wait()` unpacks the metadata."""
+        pairs, finish = self._pack_dispatch(x_TD, topk_ids_TK, topk_weights_TK, route, capacity)
+        return self._issued(PendingHandle(self._exchange_async(pairs), finish, keep=pairs))
+
+    def combine(self, y_ND, meta):
+        pairs, finish = self._pack_combine(y_ND, meta)
+        self._exchange(pairs)
+        return finish()
+
+    def combine_async(self, y_ND, meta) -> PendingHandle:
+        pairs, finish = self._pack_combine(y_ND, meta)
+        return self._issued(PendingHandle(self._exchange_async(pairs), finish, keep=pairs))
+
+    def _pack_dispatch(self, x_TD, topk_ids_TK, topk_weights_TK, route, capacity: int | None = None):
+        """The send blocks and their receive buffers as (out, inp) pairs, and the function that builds
+        dispatch's result once they have arrived."""
         check_inputs(x_TD, topk_ids_TK, topk_weights_TK, route, self.world_size)
         num_tokens, hidden = x_TD.shape
         top_k = topk_ids_TK.shape[1]
@@ -103,30 +130,36 @@ class PaddedAllToAll(AllToAll):
         send_meta_SB = pack_meta(send_ids_SK[:rows], send_weights_SK[:rows])
         recv_x_ND = torch.empty_like(send_x_SD)
         recv_meta_NB = torch.empty_like(send_meta_SB)
-        self._exchange([(recv_x_ND, send_x_SD), (recv_meta_NB, send_meta_SB)])
-        recv_ids_NK, recv_weights_NK = unpack_meta(recv_meta_NB, top_k, topk_weights_TK.dtype)
-        # No counts exchange: a row arrives here only because one of its pairs lives here, so the valid rows
-        # are those with a local id, counted on the device.
-        recv_counts_R = (recv_ids_NK >= 0).any(1).view(R, C).sum(1)
-        meta = DispatchMeta(
-            recv_topk_ids_NK=recv_ids_NK, recv_topk_weights_NK=recv_weights_NK, num_tokens=num_tokens,
-            send_token_idx_S=send_tok_S, send_counts_R=send_counts_R, recv_counts_R=recv_counts_R,
-            send_counts=None, recv_counts=None,
-            row_bytes=hidden * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK),
-            wire_rows=rows)
-        return recv_x_ND, meta
 
-    def combine(self, y_ND, meta):
+        def finish():
+            recv_ids_NK, recv_weights_NK = unpack_meta(recv_meta_NB, top_k, topk_weights_TK.dtype)
+            # No counts exchange: a row arrives here only because one of its pairs lives here, so the valid
+            # rows are those with a local id, counted on the device.
+            recv_counts_R = (recv_ids_NK >= 0).any(1).view(R, C).sum(1)
+            meta = DispatchMeta(
+                recv_topk_ids_NK=recv_ids_NK, recv_topk_weights_NK=recv_weights_NK, num_tokens=num_tokens,
+                send_token_idx_S=send_tok_S, send_counts_R=send_counts_R, recv_counts_R=recv_counts_R,
+                send_counts=None, recv_counts=None,
+                row_bytes=hidden * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK),
+                wire_rows=rows)
+            return recv_x_ND, meta
+
+        return [(recv_x_ND, send_x_SD), (recv_meta_NB, send_meta_SB)], finish
+
+    def _pack_combine(self, y_ND, meta):
         rows = meta.send_token_idx_S.shape[0]  # R · C of the dispatch that made meta
         if y_ND.dim() != 2 or y_ND.shape[0] != rows:
             raise ValueError(f"combine y_ND must have {rows} rows (world size × the dispatch's capacity), "
                              f"got {tuple(y_ND.shape)}.")
         y_ND = y_ND.contiguous()
         back_SD = torch.empty_like(y_ND)
-        self._exchange([(back_SD, y_ND)])
-        out_TD = y_ND.new_zeros(meta.num_tokens + 1, y_ND.shape[1])  # row T collects the padding slots
-        out_TD.index_add_(0, meta.send_token_idx_S, back_SD)
-        return out_TD[: meta.num_tokens]
+
+        def finish():
+            out_TD = y_ND.new_zeros(meta.num_tokens + 1, y_ND.shape[1])  # row T collects the padding slots
+            out_TD.index_add_(0, meta.send_token_idx_S, back_SD)
+            return out_TD[: meta.num_tokens]
+
+        return [(back_SD, y_ND)], finish
 
 
 # --- direct NCCL ---------------------------------------------------------------------------------
@@ -199,6 +232,17 @@ class NcclLibrary:
         return comm
 
 
+class _StreamJoin:
+    """What an async NCCL exchange hands back: `wait()` makes the then-current stream wait for its event (no
+    host sync)."""
+
+    def __init__(self, event, device):
+        self.event, self.device = event, device
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+
+
 class NcclAllToAll(PaddedAllToAll):
     """The fixed-capacity layout over grouped ncclSend/ncclRecv on the current stream: CUDA-graph safe.
 
@@ -227,6 +271,25 @@ class NcclAllToAll(PaddedAllToAll):
             dist.broadcast_object_list(uid, src=dist.get_global_rank(group, 0), group=group)
         with torch.cuda.device(device):
             self._comm = self._nccl.comm_init_rank(world_size, uid[0], rank)
+            # The async calls' transfers run here, so the compute stream goes on until it waits on the handle.
+            self._comm_stream = torch.cuda.Stream(device)
+
+    def _exchange_async(self, pairs):
+        """The exchange on the communication stream, after what the compute stream has queued (the send buffers
+        were written there); the handle makes the compute stream wait for it at `wait()`. Events and stream
+        waits only: CUDA-graph safe (a captured graph forks to the side stream and joins back at the wait).
+        Blocking calls run on the compute stream: with a handle in flight they would use the communicator from two
+        streams at once, which NCCL does not order; callers that use handles use them for every call (the MoE
+        layer does)."""
+        compute, side = torch.cuda.current_stream(self.device), self._comm_stream
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
+            self._exchange(pairs)
+        # No record_stream (not capture-safe): the handle holds every buffer until its wait() has joined the
+        # compute stream to this one, so the caching allocator reuses them only after the transfer.
+        done = torch.cuda.Event()
+        done.record(side)
+        return [_StreamJoin(done, self.device)]
 
     def _exchange(self, pairs):
         R, me = self.world_size, self.rank

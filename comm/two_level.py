@@ -218,7 +218,9 @@ class TwoLevelAllToAll(AllToAll):
             send_counts=send_counts, recv_counts=recv_counts,
             row_bytes=hidden * x_TD.element_size(), meta_row_bytes=meta_row_bytes(topk_weights_TK),
             inter_node_rows=send1_R, stage1_send=send1, stage1_recv=recv1, stage2_send=send2, stage2_recv=recv2,
-            stage2_fwd_idx_S=send2_fwd_S)
+            stage2_fwd_idx_S=send2_fwd_S,
+            # Both stages' rows leave this rank (rows to itself included, as the exact backend counts them).
+            wire_rows=sum(send1) + sum(send2))
         return recv_x_ND, meta
 
     def combine(self, y_ND, meta):

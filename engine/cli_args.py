@@ -50,6 +50,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per rank of a low-latency (decode-only) dispatch on the fixed-capacity all-to-alls "
                         "(torch_padded, nccl): fixed buffers, no counts exchange, CUDA-graph safe; larger or mixed "
                         "steps run high-throughput, sized from the step (default: --max-num-seqs)")
+    p.add_argument("--enable-two-batch-overlap", action="store_true",
+                   help="expert parallelism: run each step as two micro-batches whose attention and experts "
+                        "overlap each other's all-to-all (no effect at --expert-parallel-size 1)")
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="SECONDS",
                    help="a model step running longer than this is a hang: the engine fails (health NOT_SERVING, "
                         "requests end with the reason); the first step, which compiles kernels, gets at least "
@@ -79,4 +82,5 @@ def engine_args_from(ns: argparse.Namespace):
         cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
         revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,
         fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype,
+        enable_two_batch_overlap=ns.enable_two_batch_overlap,
     )

@@ -244,6 +244,9 @@ class ParallelConfig:
     comm_timeout_s: float = 60.0
     ep_nvlink_domain_size: int | None = None
     ep_node_ids: tuple[int, ...] | None = None
+    # Two micro-batches per step, each one's compute overlapping the other's all-to-all (engine/step_plan.py).
+    # Only EP > 1 has an all-to-all to overlap: at one rank steps run as one batch.
+    enable_two_batch_overlap: bool = False
 
     def __post_init__(self) -> None:
         n = self.expert_parallel_size
@@ -263,6 +266,9 @@ class ParallelConfig:
             raise ValueError(f"num_redundant_experts={self.num_redundant_experts!r} is invalid: must be an integer >= 0.")
         for name in ("step_timeout_s", "heartbeat_timeout_s", "comm_timeout_s"):
             check_seconds(name, getattr(self, name))
+        if not isinstance(self.enable_two_batch_overlap, bool):
+            raise ValueError(f"enable_two_batch_overlap={self.enable_two_batch_overlap!r} is invalid: must be True "
+                             "or False.")
         self._check_node_map()
 
     def _check_node_map(self) -> None:

@@ -41,7 +41,8 @@ class EngineConfig:
             num_kv_blocks=self.cache.num_kv_blocks, kernels=self.kernels,
             cuda_graph_sizes=self.cuda_graph.batch_sizes, load_progress=self.load_progress,
             gpu_memory_utilization=self.gpu_memory_utilization, world_size=self.parallel.world_size,
-            comm_timeout_s=self.parallel.comm_timeout_s)
+            comm_timeout_s=self.parallel.comm_timeout_s,
+            two_batch_overlap=self.parallel.enable_two_batch_overlap and self.parallel.world_size > 1)
 
 
 @dataclass
@@ -96,6 +97,10 @@ class EngineArgs:
     # "fp8" (= "fp8_e4m3"): the KV cache in one byte per value with a per-layer scale (twice the tokens of a
     # bf16 cache in the same memory); "auto": the model's dtype.
     kv_cache_dtype: str = "auto"
+    # Each step as two micro-batches (split by sequences, balanced by tokens) whose attention and experts run
+    # while the other's all-to-all is in flight (engine/step_plan.py). Expert parallelism only: at
+    # expert_parallel_size 1 there is no all-to-all, and steps run as one batch (logged once).
+    enable_two_batch_overlap: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -147,7 +152,8 @@ class EngineArgs:
                               ray_address=self.ray_address, all_to_all=self.all_to_all,
                               num_redundant_experts=self.num_redundant_experts, step_timeout_s=self.step_timeout,
                               heartbeat_timeout_s=self.heartbeat_timeout, ep_decode_capacity=self.ep_decode_capacity,
-                              ep_nvlink_domain_size=self.ep_nvlink_domain_size, ep_node_ids=self.ep_node_ids)
+                              ep_nvlink_domain_size=self.ep_nvlink_domain_size, ep_node_ids=self.ep_node_ids,
+                              enable_two_batch_overlap=self.enable_two_batch_overlap)
 
     def model_path(self) -> str:
         """The local directory of `model`: itself, or a repo id's snapshot from the Hugging Face cache
@@ -156,6 +162,9 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         parallel = self.parallel_config()
+        if parallel.enable_two_batch_overlap and parallel.world_size == 1:
+            logger.info("enable_two_batch_overlap has no effect at expert_parallel_size=1 (no all-to-all to "
+                        "overlap): steps run as one batch.")
         path = self.model_path()
         model_cfg = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len, quantization=self.quantization,
                                                 kv_cache_dtype=self.kv_cache_dtype, fp8_block_size=self.fp8_block_size)

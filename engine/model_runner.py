@@ -28,6 +28,7 @@ from .weight_memory import describe_memory, weight_bytes_by_format
 from .models.layers import ForwardContext
 from .sampler import Sampler, SamplingMetadata
 from .sampling_params import SamplingParams
+from .step_plan import SingleBatch, TwoBatchOverlap
 
 
 @dataclass
@@ -97,14 +98,16 @@ class ModelRunner:
 
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
-                 graph_backend=None):
+                 graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 
         `cuda_graph_sizes`: decode batch sizes to capture once the KV cache exists (empty: all
-        eager). `graph_backend` replaces torch.cuda.CUDAGraph (tests: cuda_graph.EagerReplay)."""
+        eager). `graph_backend` replaces torch.cuda.CUDAGraph (tests: cuda_graph.EagerReplay).
+        `step_plan`: how eager steps run the model (engine/step_plan.py; default one batch)."""
         self.cfg = model_cfg
         self.device = device
+        self.step_plan = step_plan if step_plan is not None else SingleBatch()
         self.block_size = block_size
         self.kernels = select_kernels(device, kernels)
         self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress)
@@ -178,6 +181,9 @@ class ModelRunner:
         why_not = None
         if self.kernels.name != "triton":
             why_not = f"the {self.kernels.name} kernels read host-side lengths, which a graph would freeze"
+        elif ep is not None and isinstance(self.step_plan, TwoBatchOverlap):
+            why_not = ("two-batch overlap runs every step as two micro-batches (two dispatches per MoE layer) and a "
+                       "decode graph captures one: all ranks must make the same collective calls")
         elif ep is not None and getattr(ep.all_to_all, "low_latency", None) is None:
             why_not = (f"the {ep.all_to_all.name} all-to-all sizes its buffers from counts on the host; decode graphs "
                        "under expert parallelism need a fixed-capacity backend's low-latency mode (nccl)")
@@ -264,7 +270,7 @@ class ModelRunner:
             if run_forward:
                 # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
                 # so this eager pass makes the same collective calls as its peers' replays.
-                self.model.forward_moe_only()
+                self.step_plan.forward_moe_only(self.model)
                 out.stats = StepStats(0, 0, time.perf_counter() - t0, self._moe_snapshot())
             return out
         bs = self.block_size
@@ -315,7 +321,8 @@ class ModelRunner:
             if sliding is not None:
                 attn_sliding = dataclasses.replace(attn, block_tables_SM=torch.from_numpy(sliding[0]).to(dev),
                                                    slot_mapping_T=torch.from_numpy(sliding[1]).to(dev))
-            h_TD = self.model(input_ids_T, positions_T, ForwardContext(attn, self.kv_caches, attn_sliding))
+            h_TD = self.step_plan.forward(self.model, input_ids_T, positions_T,
+                                          ForwardContext(attn, self.kv_caches, attn_sliding))
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         # A chunk samples only when it reaches the request's last known token.

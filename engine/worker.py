@@ -16,6 +16,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
+from .step_plan import make_step_plan
 from .worker_config import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ class Worker:
         ep = self._expert_parallel() if self.world_size > 1 or self.plan.decode_capacity is not None else None
         self.runner = ModelRunner(cfg.model, cfg.block_size, cfg.num_kv_blocks, self.device,
                                   kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
-                                  cuda_graph_sizes=cfg.cuda_graph_sizes)
+                                  cuda_graph_sizes=cfg.cuda_graph_sizes,
+                                  step_plan=make_step_plan(cfg.two_batch_overlap, self.world_size))
 
     def _expert_parallel(self):
         return self.plan.for_rank(self.group, self.rank, self.device)

@@ -28,6 +28,9 @@ class WorkerConfig:
     gpu_memory_utilization: float  # with num_kv_blocks None, how full the device may get with the cache in
     world_size: int
     comm_timeout_s: float
+    # Run each step as two micro-batches overlapping each other's all-to-all (engine/step_plan.py); ranks at
+    # world size 1 run one batch whatever this says.
+    two_batch_overlap: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -50,3 +53,5 @@ class WorkerConfig:
             bad("world_size", "must be a positive integer")
         if not (isinstance(self.comm_timeout_s, (int, float)) and self.comm_timeout_s > 0):
             bad("comm_timeout_s", "must be a positive number of seconds")
+        if not isinstance(self.two_batch_overlap, bool):
+            bad("two_batch_overlap", "must be True or False")

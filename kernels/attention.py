@@ -21,6 +21,7 @@ readers widen the stored values to the query's dtype and multiply the scales bac
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -69,6 +70,20 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+    def select(self, s0: int, s1: int) -> "AttentionMetadata":
+        """Sequences [s0, s1) as a batch of their own (a micro-batch: their tokens are contiguous in the flat
+        batch). Device tensors are sliced on the device and the lengths come from the host lists: no host sync.
+        Needs s0 < s1 (an empty batch has no metadata)."""
+        if not 0 <= s0 < s1 <= self.num_seqs:
+            raise ValueError(f"AttentionMetadata.select({s0}, {s1}) needs 0 <= s0 < s1 <= {self.num_seqs}.")
+        t0 = sum(self.query_lens[:s0])
+        query_lens, seq_lens = self.query_lens[s0:s1], self.seq_lens[s0:s1]
+        qsl_S1 = self.query_start_loc_S1[s0 : s1 + 1]
+        return dataclasses.replace(
+            self, query_start_loc_S1=qsl_S1 - qsl_S1[:1], seq_lens_S=self.seq_lens_S[s0:s1],
+            block_tables_SM=self.block_tables_SM[s0:s1], slot_mapping_T=self.slot_mapping_T[t0 : t0 + sum(query_lens)],
+            query_lens=query_lens, seq_lens=seq_lens, max_query_len=max(query_lens), max_seq_len=max(seq_lens))
 
 
 def reference_write_kv(

@@ -6,6 +6,7 @@ experts, G logical experts, I expert intermediate size, F = 2I, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generator
 
 import torch
 from torch import nn
@@ -18,6 +19,18 @@ from .expert_weights import ExpertFormat, FloatExperts
 from .placement import ExpertPlacement, PlacementTables
 from .router import Router
 from .stats import MoEStats
+
+# A layer's work as a generator: it yields while an all-to-all is in flight and returns its output.
+Stages = Generator[None, None, torch.Tensor]
+
+
+def run_stages(stages: Generator):
+    """Drive a stages generator to the end with nothing in between (no overlap); returns its result."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass
@@ -102,6 +115,12 @@ class MoELayer(nn.Module):
         self.valid_rows_T: torch.Tensor | None = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return run_stages(self.stages(x_TD))
+
+    def stages(self, x_TD: torch.Tensor) -> Stages:
+        """This layer as stages: a generator that yields each time an all-to-all is in flight (after
+        dispatch_async, after combine_async; never without `ep`) and returns out_TD [T, D]. Whoever drives it
+        runs other work at the yields: the shared experts, the other micro-batch (engine/step_plan.py)."""
         # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
         logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
         weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
@@ -111,20 +130,31 @@ class MoELayer(nn.Module):
             self.stats.record_routing(self.moe_index, ids_TK)
         if self.ep is None:
             return self.expert_format.run(self.kernels, self, x_TD, weights_TK, ids_TK)
-        return self._forward_ep(x_TD, weights_TK, ids_TK)
+        return (yield from self._forward_ep(x_TD, weights_TK, ids_TK))
 
-    def _forward_ep(self, x_TD, weights_TK, ids_TK) -> torch.Tensor:
+    def _forward_ep(self, x_TD, weights_TK, ids_TK) -> Stages:
+        # The phase times are the host time spent in each phase's calls (issue + wait), so with overlap they
+        # measure the exposed communication, not the transfer.
         stats = self.stats
+        a2a = self.ep.all_to_all
         t0 = stats.clock() if stats else 0.0
-        recv_ND, meta = self.ep.all_to_all.dispatch_async(x_TD, ids_TK, weights_TK, self.ep.tables).wait()
+        handle = a2a.dispatch_async(x_TD, ids_TK, weights_TK, self.ep.tables)
+        t_issue = stats.clock() - t0 if stats else 0.0
+        yield  # dispatch in flight
+        t0 = stats.clock() if stats else 0.0
+        recv_ND, meta = handle.wait()
         t1 = stats.clock() if stats else 0.0
         # The owner applies the routed weights and sums its experts' outputs, so
         # combine returns one row per (token, rank), not per (token, expert).
         y_ND = self.expert_format.run(self.kernels, self, recv_ND, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK)
         t2 = stats.clock() if stats else 0.0
-        out_TD = self.ep.all_to_all.combine_async(y_ND, meta).wait()
+        handle = a2a.combine_async(y_ND, meta)
+        t_issue_combine = stats.clock() - t2 if stats else 0.0
+        yield  # combine in flight
+        t3 = stats.clock() if stats else 0.0
+        out_TD = handle.wait()
         if stats is not None:
-            stats.add_times(t1 - t0, t2 - t1, stats.clock() - t2)
+            stats.add_times(t_issue + t1 - t0, t2 - t1, t_issue_combine + stats.clock() - t3)
             stats.record_transfer(self.moe_index, meta)  # device counters: the layer reads no count on the host
         return out_TD
 

@@ -27,6 +27,11 @@ class ForwardContext:
     # slots; the rest as `attn`); None: every layer reads `attn`.
     attn_sliding: AttentionMetadata | None = None
 
+    def select(self, s0: int, s1: int) -> "ForwardContext":
+        """The context of sequences [s0, s1) only (a micro-batch): same caches, their metadata."""
+        sliding = self.attn_sliding.select(s0, s1) if self.attn_sliding is not None else None
+        return ForwardContext(self.attn.select(s0, s1), self.kv_caches, sliding)
+
 
 def param(*shape, dtype, device) -> nn.Parameter:
     """An uninitialised, frozen parameter (the loader fills it from the checkpoint)."""

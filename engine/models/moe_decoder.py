@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import gate_up_order, make_expert_format
-from moelink.moe.layer import ExpertParallel, MoELayer
+from moelink.moe.layer import ExpertParallel, MoELayer, Stages, run_stages
 from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
 
@@ -56,7 +56,20 @@ class SharedExpertsMoE(nn.Module):
         self.routed, self.shared = routed, shared
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.routed(x_TD) + self.shared(x_TD)
+        return run_stages(self.stages(x_TD))
+
+    def stages(self, x_TD: torch.Tensor) -> Stages:
+        """The routed layer's stages with the shared MLP run while the dispatch is in flight (its one
+        independent piece of work); the sum is routed + shared, as before."""
+        routed = self.routed.stages(x_TD)
+        try:
+            next(routed)  # router run, dispatch issued
+        except StopIteration as done:  # no expert parallelism: nothing travels
+            return done.value + self.shared(x_TD)
+        shared_TD = self.shared(x_TD)
+        yield  # dispatch in flight (the shared MLP above ran during it)
+        routed_TD = yield from routed
+        return routed_TD + shared_TD
 
 
 class DecoderLayer(nn.Module):
@@ -93,13 +106,20 @@ class DecoderLayer(nn.Module):
                                 prefix=p + "mlp.")
 
     def forward(self, positions_T, x_TD, residual_TD, ctx: ForwardContext):
+        return run_stages(self.stages(positions_T, x_TD, residual_TD, ctx))
+
+    def stages(self, positions_T, x_TD, residual_TD, ctx: ForwardContext):
+        """The layer as stages (moe.layer.MoELayer.stages): yields while its MoE all-to-all is in flight, returns
+        (mlp output, residual). A dense layer never yields."""
         if residual_TD is None:
             residual_TD, h_TD = x_TD, self.input_layernorm(x_TD)
         else:
             h_TD, residual_TD = self.input_layernorm.add_forward(x_TD, residual_TD)
         h_TD = self.self_attn(positions_T, h_TD, ctx)
         h_TD, residual_TD = self.post_attention_layernorm.add_forward(h_TD, residual_TD)
-        return self.mlp(h_TD), residual_TD
+        if self.moe is None:
+            return self.mlp(h_TD), residual_TD
+        return (yield from self.mlp.stages(h_TD)), residual_TD
 
 
 class MoEDecoderForCausalLM(nn.Module):
@@ -130,10 +150,16 @@ class MoEDecoderForCausalLM(nn.Module):
 
     def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Returns the final-normed hidden states [T, D]."""
+        return run_stages(self.stages(input_ids_T, positions_T, ctx))
+
+    def stages(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> Stages:
+        """`forward` as stages: yields twice per MoE layer under expert parallelism (dispatch in flight, combine
+        in flight), never otherwise; returns the final-normed hidden states [T, D]. engine/step_plan.py drives
+        it, alone or interleaved with another micro-batch's."""
         x_TD = F.embedding(input_ids_T, self.embed_tokens)
         residual_TD = None
         for layer in self.layers:
-            x_TD, residual_TD = layer(positions_T, x_TD, residual_TD, ctx)
+            x_TD, residual_TD = yield from layer.stages(positions_T, x_TD, residual_TD, ctx)
         h_TD, _ = self.norm.add_forward(x_TD, residual_TD)
         return h_TD
 
@@ -153,10 +179,15 @@ class MoEDecoderForCausalLM(nn.Module):
         """An empty step under expert parallelism: no local tokens, but this rank still
         joins every MoE layer's dispatch and combine, in the same order as its peers (shared experts, which
         are local, have nothing to do)."""
+        run_stages(self.moe_only_stages())
+
+    def moe_only_stages(self) -> Stages:
+        """`forward_moe_only` as stages: the same yields as `stages` (an empty micro-batch of a two-batch step
+        runs this, so its rank issues the same collectives as its peers); returns None."""
         x_0D = self.embed_tokens.new_zeros(0, self.cfg.hidden_size)
         for layer in self.layers:
             if layer.moe is not None:
-                layer.moe(x_0D)
+                yield from layer.moe.stages(x_0D)
 
     def process_weights_after_loading(self) -> None:
         """After the loader filled every parameter: modules that convert what they loaded (an FP8 kv_b_proj

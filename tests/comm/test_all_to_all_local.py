@@ -119,9 +119,11 @@ def test_bad_inputs_name_what_is_wrong():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("self_copy", [True, False])
-def test_nccl_world_size_one_and_cuda_graph(self_copy):
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_nccl_world_size_one_and_cuda_graph(self_copy, asynchronous):
     """On one GPU: the ctypes NCCL path (self_copy=False sends the block to itself through ncclSend/ncclRecv),
-    and dispatch → experts → combine captured in a CUDA graph and replayed on new inputs."""
+    and dispatch → experts → combine captured in a CUDA graph and replayed on new inputs; `asynchronous`: the
+    async calls (transfers on the communication stream, joined at wait()) with compute issued in between."""
     dev = torch.device("cuda", 0)
     x, ids, w, w13, w2 = (t.to(dev) for t in _moe_inputs(T=9))
     placement = ExpertPlacement(num_experts=6, ep_size=1)
@@ -132,14 +134,21 @@ def test_nccl_world_size_one_and_cuda_graph(self_copy):
         want = reference_fused_moe(x, w13, w2, w, ids)
 
         def step(x_, ids_, w_):
-            recv, meta = a2a.dispatch(x_, ids_, w_, tables)
+            if asynchronous:
+                handle = a2a.dispatch_async(x_, ids_, w_, tables)
+                busy = x_ @ x_.T  # compute-stream work while the transfer runs on the communication stream
+                recv, meta = handle.wait()
+                recv = recv + 0 * busy.sum()
+            else:
+                recv, meta = a2a.dispatch(x_, ids_, w_, tables)
             # A graph-safe expert compute: dense over all (6) experts, masked by the routed weights.
             gate, up = torch.einsum("nd,efd->nef", recv, w13).chunk(2, dim=-1)
             h = torch.einsum("nei,edi->ned", torch.nn.functional.silu(gate) * up, w2)
             ids_l = meta.recv_topk_ids_NK.long()
             dense_w = torch.zeros(recv.shape[0], 6, dtype=recv.dtype, device=dev)
             dense_w.scatter_add_(1, ids_l.clamp(min=0), torch.where(ids_l >= 0, meta.recv_topk_weights_NK, 0))
-            return a2a.combine((h * dense_w[:, :, None]).sum(1), meta)
+            y = (h * dense_w[:, :, None]).sum(1)
+            return a2a.combine_async(y, meta).wait() if asynchronous else a2a.combine(y, meta)
 
         torch.testing.assert_close(step(x, ids, w), want, rtol=1e-10, atol=1e-10)
         sx, sids, sw = x.clone(), ids.clone(), w.clone()

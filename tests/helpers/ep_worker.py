@@ -8,6 +8,7 @@ inputs; save everything observed to OUT_DIR/rank{RANK}.pt.
 MODE "layer": the same group, but each scenario runs `MoELayer.forward` with
 ExpertParallel (router → dispatch → experts → combine) on this rank's tokens;
 saves the output and the layer's expert-load counts.
+MODE "async": each scenario blocking, then async with two dispatches in flight (run_async).
 MODE "die": rank 1 exits right after joining; rank 0 dispatches and records
 the error it gets (and how long it took). MODE "stall": the same, but rank 1
 stays alive without joining (timeout_s=2).
@@ -69,6 +70,44 @@ def run(scenarios, rank, world_size, group):
             bytes_dispatched=meta.bytes_dispatched, bytes_combined=meta.bytes_combined,
             bytes_metadata=meta.bytes_metadata, bytes_inter_node=meta.bytes_inter_node,
             inter_node_rows=None if meta.inter_node_rows is None else meta.inter_node_rows.tolist())
+    return results
+
+
+def run_async(scenarios, rank, world_size, group):
+    """Each scenario twice, blocking and async: two dispatches in flight at once (the second of 2·x), a matmul
+    issued between each start and its wait, waits in issue order; and the second wait of a handle's error."""
+    results = {}
+    for sc in scenarios:
+        placement = ExpertPlacement(**sc["placement"])
+        tables = placement.to_tensors("cpu")
+        a2a = make_all_to_all(sc["backend"], group, rank, world_size, "cpu", **sc.get("options", {}))
+        x, ids, w = sc["x"][rank], sc["ids"][rank], sc["weights"][rank]
+        blocking = []
+        for xi in (x, 2 * x):
+            recv_x, meta = a2a.dispatch(xi, ids, w, tables)
+            blocking.append((recv_x, meta.recv_topk_ids_NK, a2a.combine(expert_compute(sc["compute"], recv_x, meta,
+                                                                                      placement, rank, sc), meta)))
+        busy = torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+        handles = [a2a.dispatch_async(xi, ids, w, tables) for xi in (x, 2 * x)]
+        busy = busy @ busy  # work between start and wait
+        # A blocking round trip while both are in flight (it must neither block on them nor count as out of order).
+        recv_x, meta = a2a.dispatch(3 * x, ids, w, tables)
+        between = a2a.combine(expert_compute(sc["compute"], recv_x, meta, placement, rank, sc), meta)
+        got, combines = [], []
+        for h in handles:
+            recv_x, meta = h.wait()
+            combines.append(a2a.combine_async(expert_compute(sc["compute"], recv_x, meta, placement, rank, sc), meta))
+            got.append([recv_x, meta.recv_topk_ids_NK])
+        busy = busy @ busy
+        for g, h in zip(got, combines):
+            g.append(h.wait())
+        try:
+            combines[0].wait()
+            twice = None
+        except RuntimeError as e:  # the point of the check
+            twice = str(e)
+        results[sc["name"]] = dict(blocking=blocking, got=got, twice=twice, handle=type(handles[0]).__name__,
+                                   between=between)
     return results
 
 
@@ -141,7 +180,7 @@ def main() -> None:
                     result = dict(error=f"{type(e).__name__}: {e}")
                 result["elapsed_s"] = time.monotonic() - t0
             else:
-                runner = run_layer if mode == "layer" else run
+                runner = {"layer": run_layer, "async": run_async}.get(mode, run)
                 result = runner(torch.load(scenario_file, weights_only=False), rank, world_size, group)
                 destroy()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

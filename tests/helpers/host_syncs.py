@@ -96,6 +96,24 @@ def count_moe_layer_syncs(model, counter: HostSyncCounter) -> list[int]:
             per_layer.append(counter.count - before)
             return out
 
+        def counted_stages(x, _stages=module.stages):
+            # The decoder drives MoE layers as stage generators (two-batch overlap interleaves them): count
+            # only while this layer's own code runs, one entry per layer once its generator finishes.
+            gen, n = _stages(x), 0
+            while True:
+                before = counter.count
+                try:
+                    with counter.counting():
+                        value = next(gen)
+                except StopIteration as stop:
+                    per_layer.append(n + counter.count - before)
+                    return stop.value
+                n += counter.count - before
+                yield value
+
         fmt.run = paused_run
-        module.forward = counted
+        if hasattr(module, "stages"):
+            module.stages = counted_stages  # forward runs the stages too: wrapping both would count twice
+        else:
+            module.forward = counted
     return per_layer
