@@ -28,6 +28,9 @@ weight like the rest of the expert's output) and the activation (`MoEActivation`
 clamped swiglu_oai) are constexpr switches of the epilogues: without biases the kernels load nothing more,
 and the SiLU path compiles to the code it always did. `activation_epilogue` and `_add_bias` are shared with
 the MXFP4 kernels (kernels/triton_moe_mxfp4.py).
+Tiny batches (decode) skip all of the above when the launch config says so (`TINY`, kernels/moe_config.py):
+kernels/triton_moe_tiny.py runs the layer in two launches (gate-up GEMV per pair, down GEMV with the top-k sum
+per token), chosen from T*K alone, so CUDA graphs stay valid. `path` forces either path (benchmarks, tests).
 The pair count is not specialised on (`do_not_specialize`): decode batches of odd and even sizes share
 one compiled kernel per config (T*K % 16 would otherwise split them), so a new batch size never compiles.
 """
@@ -40,11 +43,12 @@ import triton.language as tl
 from . import triton_common as common
 from .moe import SILU, MoEActivation
 from .moe_align import _local_expert, moe_align_block_size
-from .moe_config import MoEConfig, get_moe_config
+from .moe_config import DEFAULT_TINY, MoEConfig, get_moe_config
 from .triton_common import cast, dot
 
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1  # the ACT constexpr of the gate-up epilogue
 _ACT_CODES = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI}
+_PATHS = ("auto", "tiny", "sorted")
 
 
 @triton.jit
@@ -254,17 +258,22 @@ def triton_fused_moe(
     out: torch.Tensor | None = None,
     config: MoEConfig | None = None,
     combine: str = "sum",
+    path: str = "auto",
 ) -> torch.Tensor:
     """Same contract as `reference_fused_moe` (biases b13 [E, F] / b2 [E, D] of any float dtype, activation):
     [T, D] in x's dtype; rows whose experts are all remote are 0.
 
     `out` (optional [T, D], x's dtype) receives the result; `config` overrides
-    the JSON launch config; `combine` is "sum" or "atomic" (module docstring).
+    the JSON launch config; `combine` is "sum" or "atomic" (module docstring); `path` is "auto" (the
+    config's TINY.max_pairs decides), "tiny" (always the two-launch tiny path; the config's TINY blocks, else
+    DEFAULT_TINY's; it sums deterministically whatever `combine` says) or "sorted" (never the tiny path).
     No device→host sync: grids come from shapes only.
     """
     _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK)
     if combine not in ("sum", "atomic"):
         raise ValueError(f"combine={combine!r} is invalid: must be 'sum' or 'atomic'.")
+    if path not in _PATHS:
+        raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(_PATHS)}.")
     T, D = x_TD.shape
     E, F, _ = w13_EFD.shape
     I, K = F // 2, topk_ids_TK.shape[1]
@@ -281,6 +290,11 @@ def triton_fused_moe(
     weights_P = topk_weights_TK.reshape(-1).contiguous()
     ids_P = topk_ids_TK.reshape(-1).contiguous()
     cfg = config or get_moe_config(E, I, T, K, dev)
+    if path == "tiny" or (path == "auto" and cfg.uses_tiny(T * K)):
+        from .triton_moe_tiny import tiny_fused_moe  # (imports this module: not at the top)
+
+        return tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF, b2_ED, act, alpha, limit,
+                              out, cfg.tiny or DEFAULT_TINY, K)
     BM = cfg.BLOCK_SIZE_M
     sorted_R, expert_ids_B, _ = moe_align_block_size(ids_P, BM, E, expert_map_G)
     R = sorted_R.numel()
