@@ -9,7 +9,8 @@ Per shape and token count (a "bucket"):
    below, translated to this kernel). Each is timed; the fastest is "the seed".
 2. A coordinate search from the seed over a pruned space: one axis at a time (BLOCK_SIZE_M, then each
    GEMM's BLOCK_N, BLOCK_K, GROUP_M, warps, stages, and the gate-up GEMM's FUSED_GATE_UP: one interleaved
-   gate|up tile and one dot of twice the width), each other value of that axis tried, the first that
+   gate|up tile and one dot of twice the width), and at <= TINY_TUNE_MAX_PAIRS pairs the tiny-batch path
+   (TINY: on with max_pairs = this bucket's T*K, then its GEMV blocks and warps), each other value of that axis tried, the first that
    is faster by more than NOISE kept; up to `passes` sweeps while anything improves. Candidates that cannot
    fit (shared memory of the pipeline, accumulator registers per thread, blocks wider than the matrix)
    are pruned before they are compiled. A candidate that fails for any reason (compile error, out of
@@ -62,6 +63,13 @@ SPACES = {
     "smoke": dict(BLOCK_SIZE_M=(16,), BLOCK_SIZE_N=(32, 64), BLOCK_SIZE_K=(), GROUP_SIZE_M=(), num_warps=(),
                   num_stages=(), passes=1, confirm_rounds=1),
 }
+# The tiny-batch path (kernels/triton_moe_tiny.py) as an axis: tried in buckets of at most this many pairs; a
+# bucket that keeps it turns it on for pair counts up to its own T*K (tune 1,2,4,8 to cover decode sizes).
+TINY_TUNE_MAX_PAIRS = 64
+TINY_AXES = {"quick": dict(up_BLOCK_SIZE_N=(8, 16, 32), up_BLOCK_SIZE_K=(128, 256, 512), up_num_warps=(4, 8),
+                           down_BLOCK_SIZE_N=(8, 16, 32, 64), down_BLOCK_SIZE_K=(128, 256, 512), down_num_warps=(4, 8)),
+             "smoke": dict(up_BLOCK_SIZE_K=(16, 32))}
+TINY_AXES["full"] = TINY_AXES["quick"]
 ITERS, SMOKE_ITERS = 10, 1
 NOISE = 0.01  # a candidate must beat the current best by more than this fraction to replace it
 CONFIRM_ROUNDS = 3
@@ -136,8 +144,32 @@ def block_m_candidates(tokens: int, top_k: int, num_experts: int, space=None) ->
     return [bm for bm in values if bm <= max(values[0], 2 * rows)]
 
 
-def neighbours(cfg, space, bms):
-    """Every config one axis away from cfg (BLOCK_SIZE_M among `bms`, each GEMM axis among the space's values)."""
+def tiny_neighbours(cfg, pairs: int, tiny_axes: dict):
+    """The tiny path's axis: off -> on (DEFAULT_TINY's blocks, max_pairs = `pairs`); on -> off, and each GEMV
+    block / warp count of tiny_axes moved one at a time."""
+    from moelink.kernels.moe_config import DEFAULT_TINY
+
+    if pairs > TINY_TUNE_MAX_PAIRS:
+        return
+    if cfg.tiny is None:
+        yield replace(cfg, tiny=replace(DEFAULT_TINY, max_pairs=pairs))
+        return
+    yield replace(cfg, tiny=None)
+    for key, values in tiny_axes.items():
+        part, axis = key.split("_", 1)
+        g = getattr(cfg.tiny, part)
+        for v in values:
+            if v != getattr(g, axis):
+                yield replace(cfg, tiny=replace(cfg.tiny, **{part: replace(g, **{axis: v})}))
+
+
+def neighbours(cfg, space, bms, pairs: int = 0, tiny_axes: dict | None = None):
+    """Every config one axis away from cfg (BLOCK_SIZE_M among `bms`, each GEMM axis among the space's values,
+    the tiny path's when the bucket has at most TINY_TUNE_MAX_PAIRS pairs)."""
+    if tiny_axes is not None and pairs:
+        yield from tiny_neighbours(cfg, pairs, tiny_axes)
+        if cfg.uses_tiny(pairs):  # the sorted path's blocks do not run in this bucket: moving them measures nothing
+            return
     for bm in bms:
         if bm != cfg.BLOCK_SIZE_M:
             yield replace(cfg, BLOCK_SIZE_M=bm)
@@ -204,7 +236,7 @@ def seeds_for(shape, T, device):
     return uniq
 
 
-def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=print):
+def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=print, tiny_axes=None):
     """(best MoEConfig, its seconds, info dict) or (None, inf, info) when nothing could be timed in time."""
     E, K, D, I = shape
     gen = torch.Generator(device=device).manual_seed(T)
@@ -235,7 +267,7 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
     bms = block_m_candidates(T, K, E, space)
     for _ in range(space.get("passes", 1)):
         improved = False
-        for cand in neighbours(cur, space, bms):
+        for cand in neighbours(cur, space, bms, T * K, tiny_axes):
             if time.monotonic() > deadline:
                 break
             if cand in seen:
@@ -315,7 +347,8 @@ def main(argv=None) -> dict[str, dict]:
             if now > end:
                 print(f"{name} T={T}: out of time budget, not tuned")
                 continue
-            best, t, info = tune_bucket((E, K, D, I), T, dtype, device, timer, space, iters, deadline)
+            best, t, info = tune_bucket((E, K, D, I), T, dtype, device, timer, space, iters, deadline,
+                                        tiny_axes=TINY_AXES["smoke" if args.cpu_smoke else args.space])
             if best is None:
                 why = ("out of time budget" if time.monotonic() > deadline
                        else "no candidate config compiled and gave correct results")

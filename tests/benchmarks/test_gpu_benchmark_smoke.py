@@ -67,7 +67,7 @@ def test_moe_kernels_smoke_rows_checks_summary_and_plot(tmp_path):
 
     has_gmm = moe_kernels._grouped_mm_works(CPU)
     systems = list(moe_kernels.systems(has_gmm))
-    assert {"moelink-triton", "moelink-triton-atomic", "per-expert-loop"} <= set(systems)
+    assert {"moelink-triton", "moelink-triton-atomic", "moelink-triton-tiny", "per-expert-loop"} <= set(systems)
     rows = {(r["shape"], r["tokens"], r["system"]): r for r in res["results"]}
     assert len(rows) == len(res["results"]), "a (shape, tokens, system) row is duplicated"
     assert set(rows) == set(itertools.product(moe_kernels.SMOKE_SHAPES, moe_kernels.SMOKE_TOKENS, systems))
@@ -86,7 +86,14 @@ def test_moe_kernels_smoke_rows_checks_summary_and_plot(tmp_path):
 
     s = res["summary"]
     assert set(s) == {"geomean_speedup_vs_grouped_mm", "min_frac_copy_bw_le64_tokens", "min_frac_matmul_ge4096_tokens",
-                      "targets"}
+                      "tiny_speedup_vs_moelink_triton", "targets"}
+    # every smoke point is within the tiny path's pair limit: one ratio per (shape, tokens), each the rows' quotient
+    assert set(s["tiny_speedup_vs_moelink_triton"]) == {f"{n} T={T}" for n, T in
+                                                        itertools.product(moe_kernels.SMOKE_SHAPES, moe_kernels.SMOKE_TOKENS)}
+    for (shape, T, system), r in rows.items():
+        if system == "moelink-triton":
+            want = r["median_ms"] / rows[(shape, T, "moelink-triton-tiny")]["median_ms"]
+            assert s["tiny_speedup_vs_moelink_triton"][f"{shape} T={T}"] == pytest.approx(want, rel=1e-3)
     assert positive(s["geomean_speedup_vs_grouped_mm"]) if has_gmm else s["geomean_speedup_vs_grouped_mm"] is None
     assert positive(s["min_frac_copy_bw_le64_tokens"])  # every smoke token count is <= 64
     assert s["min_frac_matmul_ge4096_tokens"] is None and s["targets"]["matmul_ge_70pct"] is None
@@ -165,6 +172,12 @@ def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
                 for axis in tune_moe.GEMM_AXES:
                     allowed = {getattr(getattr(s, part), axis) for s in seeds} | set(space[axis])
                     assert getattr(getattr(got, part), axis) in allowed, (name, T, part, axis)
+            if got.tiny is not None:  # the tiny path's axis: on at this bucket's pair count, blocks from the space
+                assert got.tiny.max_pairs == T * K and T * K <= tune_moe.TINY_TUNE_MAX_PAIRS
+                for key, values in tune_moe.TINY_AXES["smoke"].items():
+                    part, axis = key.split("_", 1)
+                    assert getattr(getattr(got.tiny, part), axis) in set(values) | {
+                        getattr(getattr(moe_config.DEFAULT_TINY, part), axis)}
     assert set(out_dir.iterdir()) == paths
 
     # The engine's lookup finds them: a GPU named "Smoke_GPU" with these files picks the nearest bucket.

@@ -334,3 +334,25 @@ def test_per_compile_costs_cover_the_compile_report():
         mean = sum(times[cls]) / len(times[cls])
         assert c[key] - c["LAUNCHER_S"] >= 2 * mean, (cls, mean)
         assert c[key] >= max(times[cls]), (cls, max(times[cls]))
+
+
+def test_tune_tiny_axis_moves_one_step_at_a_time():
+    """The tiny-batch path as a tune axis: off -> on at the bucket's pair count; on -> off or one GEMV field moved;
+    with it on, the sorted path's axes are not searched (they do not run); none of it above TINY_TUNE_MAX_PAIRS."""
+    from dataclasses import replace
+
+    from moelink.kernels.moe_config import DEFAULT_TINY
+
+    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))
+    space, axes = tune_moe.SPACES["quick"], tune_moe.TINY_AXES["quick"]
+    off = list(tune_moe.neighbours(base, space, [16], 8, axes))
+    assert off[0] == replace(base, tiny=replace(DEFAULT_TINY, max_pairs=8))
+    assert all(c.tiny is None for c in off[1:]) and len(off) > 1  # the sorted axes follow
+    on = off[0]
+    moved = list(tune_moe.neighbours(on, space, [16], 8, axes))
+    assert moved[0] == base  # tiny off again
+    assert all(c.tiny is not None and c.tiny.max_pairs == 8 and (c.BLOCK_SIZE_M, c.up, c.down) == (16, base.up, base.down)
+               for c in moved[1:])
+    assert len(moved) - 1 == sum(len([v for v in vals if v != getattr(getattr(on.tiny, k.split("_", 1)[0]), k.split("_", 1)[1])])
+                                 for k, vals in axes.items())
+    assert all(c.tiny is None for c in tune_moe.neighbours(base, space, [16], tune_moe.TINY_TUNE_MAX_PAIRS + 1, axes))
