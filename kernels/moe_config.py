@@ -101,7 +101,9 @@ class TinyConfig:
 
 _TINY_KEYS = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages")
 # What `path="tiny"` runs with when the picked config has no TINY entry (benchmarks, tests).
-DEFAULT_TINY = TinyConfig(64, TinyGemm(16, 256, 4, 2), TinyGemm(16, 256, 4, 2))
+# The down GEMV's tile is [K, BN, BK] (all of a token's pairs at once): BN * BK = 1024 keeps 8 pairs of it at
+# 64 bf16 values a thread (4 warps), the same bytes in flight as the gate-up GEMV's two [16, 256] tiles.
+DEFAULT_TINY = TinyConfig(64, TinyGemm(16, 256, 4, 2), TinyGemm(8, 128, 4, 2))
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ of 16 rows carries one real row. Here:
    (through the expert map), its token's x row and the gate and up rows [n, n+BN) of w13, and writes
    act(gate)·up into h_PI[p] (x's dtype, as the sorted path rounds h). A remote or invalid expert's program
    exits: its h row is never written and never read.
-2. Down GEMV + top-k sum, grid (T, D / BLOCK_N): program (t, n) walks the token's K pairs in order,
-   accumulating w[t,k] · h[t,k] · w2[e]ᵀ (+ w[t,k] · b2[e]) for the output columns [n, n+BN) in fp32, and
-   stores the token's row once. No atomics, no y_PD round trip, a fixed summation order: bit-identical run
+2. Down GEMV + top-k sum, grid (T, D / BLOCK_N): program (t, n) loads the token's K pairs side by side
+   ([K, BN, BK] tiles of w2 rows of the K experts), accumulating Σ_k w[t,k] · h[t,k] · w2[e]ᵀ
+   (+ w[t,k] · b2[e]) for the output columns [n, n+BN) in fp32, and stores the token's row once. No atomics, no y_PD round trip, a fixed summation order: bit-identical run
    to run (what combine="sum" promises), for any `combine` argument.
 Both kernels are GEMVs on the CUDA cores (a [BN, BK] fp32 tile of products, reduced once at the end): with
 one row per expert an MMA of M = 16 would waste 15/16 of its work and gain nothing on a memory-bound step.
@@ -79,36 +79,43 @@ def _tiny_up_kernel(x_ptr, w13_ptr, h_ptr, ids_ptr, map_ptr, b13_ptr, num_pairs,
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _tiny_down_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, b2_ptr, num_pairs, num_ids, hidden,
-                      inter, top_k, stride_hp, stride_we, stride_wd, stride_ot, stride_be,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+                      inter, stride_hp, stride_we, stride_wd, stride_ot, stride_be,
+                      TOP_K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    # All K pairs of the token at once: each step loads a [KP, BLOCK_N, BLOCK_K] tile (K experts' rows side by
+    # side), so a program keeps K times the bytes of one weight tile in flight; the pair axis is summed in
+    # registers, in a fixed order. Lanes k >= TOP_K and remote pairs are masked: their memory is never read.
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # every pair of the token adds into the same tile
-    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k in range(0, top_k):
-        pair = t * top_k + k
-        expert = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
-        if expert >= 0:  # remote / invalid pairs: nothing read (their h rows were never written)
-            w = tl.load(weights_ptr + pair).to(tl.float32)
-            h_ptrs = h_ptr + pair.to(tl.int64) * stride_hp + offs_k
-            b_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wd + offs_k[None, :]
-            for i0 in range(0, inter, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(h_ptrs).to(tl.float32)
-                    b = tl.load(b_ptrs, mask=n_ok[:, None], other=0.0)
-                else:
-                    k_ok = offs_k < inter - i0
-                    a = tl.load(h_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-                    b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                acc += b.to(tl.float32) * (a * w)[None, :]  # the routed weight scales h: linear, so the same sum
-                h_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
-            if HAS_BIAS:  # scaled by the routed weight, as the reference applies it
-                acc_b += w * tl.load(b2_ptr + expert.to(tl.int64) * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    y = tl.sum(acc, axis=1) + acc_b
+    lanes = tl.arange(0, KP)
+    pair_p = t * TOP_K + lanes
+    expert_p = _local_expert(ids_ptr, map_ptr, pair_p, num_pairs, num_ids, HAS_MAP)
+    live_p = (lanes < TOP_K) & (expert_p >= 0)
+    w_p = tl.load(weights_ptr + pair_p, mask=live_p, other=0.0).to(tl.float32)
+    h_ptrs = h_ptr + pair_p[:, None].to(tl.int64) * stride_hp + offs_k[None, :]  # [KP, BK]
+    b_ptrs = (w2_ptr + tl.maximum(expert_p, 0).to(tl.int64)[:, None, None] * stride_we
+              + offs_n[None, :, None].to(tl.int64) * stride_wd + offs_k[None, None, :])  # [KP, BN, BK]
+    row_ok = live_p[:, None, None] & n_ok[None, :, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for i0 in range(0, inter, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(h_ptrs, mask=live_p[:, None], other=0.0).to(tl.float32)
+            b = tl.load(b_ptrs, mask=row_ok, other=0.0)
+        else:
+            k_ok = offs_k < inter - i0
+            a = tl.load(h_ptrs, mask=live_p[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            b = tl.load(b_ptrs, mask=row_ok & k_ok[None, None, :], other=0.0)
+        a = a * w_p[:, None]  # the routed weight scales h: linear, so the same sum
+        acc += tl.sum(b.to(tl.float32) * a[:, None, :], axis=0)
+        h_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:  # scaled by the routed weight, as the reference applies it
+        b2_ptrs = b2_ptr + tl.maximum(expert_p, 0).to(tl.int64)[:, None] * stride_be + offs_n[None, :]
+        b2 = tl.load(b2_ptrs, mask=live_p[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        y += tl.sum(b2 * w_p[:, None], axis=0)
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n, cast(y, out_ptr.dtype.element_ty, INTERPRET), mask=n_ok)
 
 
@@ -153,9 +160,9 @@ def tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF
     down = tiny.down
     bn = down_block_n(down.BLOCK_SIZE_N, T, D, _num_sms(dev))
     _tiny_down_kernel[(T, triton.cdiv(D, bn))](
-        h_PI, w2_EDI, out, ids_P, map_G, weights_P, weights_P if b2_ED is None else b2_ED, P, num_ids, D, I, top_k,
+        h_PI, w2_EDI, out, ids_P, map_G, weights_P, weights_P if b2_ED is None else b2_ED, P, num_ids, D, I,
         h_PI.stride(0), w2_EDI.stride(0), w2_EDI.stride(1), out.stride(0), 0 if b2_ED is None else b2_ED.stride(0),
-        BLOCK_N=bn, BLOCK_K=down.BLOCK_SIZE_K, EVEN_K=I % down.BLOCK_SIZE_K == 0, HAS_MAP=has_map,
+        TOP_K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_N=bn, BLOCK_K=down.BLOCK_SIZE_K, EVEN_K=I % down.BLOCK_SIZE_K == 0, HAS_MAP=has_map,
         HAS_BIAS=b2_ED is not None, INTERPRET=interp, num_warps=down.num_warps, num_stages=down.num_stages,
     )
     return out
