@@ -235,6 +235,39 @@ def test_engine_decode_smoke_step_and_floor_per_batch(tmp_path):
         assert r["experts_touched_per_layer"] == K if B == 1 else K <= r["experts_touched_per_layer"] <= E
 
 
+def _dsv2_floor_bytes(hf: dict, batch: int, context: int, touched_per_moe_layer: float) -> float:
+    """DeepSeek-V2-Lite's step floor counted by hand from config.json (bf16, the router gate in float32): MLA
+    without q LoRA in every layer, the dense MLP in the first, router + 2 shared experts in the others, the
+    routed experts touched, one latent + rope key cached per token and layer, the LM head and embedding rows."""
+    D, N, C, P = hf["hidden_size"], hf["num_attention_heads"], hf["kv_lora_rank"], hf["qk_rope_head_dim"]
+    Dn, Dv, I, E, L = hf["qk_nope_head_dim"], hf["v_head_dim"], hf["moe_intermediate_size"], hf["n_routed_experts"], hf["num_hidden_layers"]
+    attn = D * N * (Dn + P) + D * (C + P) + C * N * (Dn + Dv) + N * Dv * D + C + 2 * D  # + kv_a_layernorm, 2 norms
+    dense = hf["first_k_dense_replace"]
+    layers_b = 2 * (L * attn + dense * 3 * D * hf["intermediate_size"] + (L - dense) * 3 * D * I * hf["n_shared_experts"])
+    router_b = 4 * (L - dense) * E * D
+    experts_b = 2 * 3 * D * I * touched_per_moe_layer * (L - dense)
+    kv_b = 2 * (C + P) * batch * (context + 1) * L
+    return layers_b + router_b + experts_b + kv_b + 2 * (hf["vocab_size"] + batch) * D
+
+
+@pytest.mark.slow
+def test_engine_decode_smoke_deepseek_v2_lite(tmp_path):
+    """--model deepseek-v2-lite: the engine's DeepSeek-V2 model (MLA, dense first layer, shared experts) decodes,
+    and the floor is the bytes counted by hand (a GQA-shaped cache, a missed shared expert or dense layer fails)."""
+    out = tmp_path / "engine_decode_dsv2.json"
+    run_smoke("engine_decode", tmp_path, "--model", "deepseek-v2-lite", "--out", str(out))
+    res = json.loads(out.read_text())
+    hf = engine_decode.SMOKE_DSV2
+    assert res["model_key"] == "deepseek-v2-lite" and res["model"].startswith("DeepSeek-V2-Lite")
+    assert [r["batch"] for r in res["results"]] == list(engine_decode.SMOKE_BATCHES)
+    for r in res["results"]:
+        assert r["layers"] == hf["num_hidden_layers"] and positive(r["step_ms"]) and positive(r["floor_ms"])
+        K, E = hf["num_experts_per_tok"], hf["n_routed_experts"]
+        assert r["experts_touched_per_layer"] == K if r["batch"] == 1 else K <= r["experts_touched_per_layer"] <= E
+        want = _dsv2_floor_bytes(hf, r["batch"], engine_decode.SMOKE_CONTEXT, r["experts_touched_per_layer"])
+        assert r["bytes_read_floor"] == pytest.approx(want, rel=1e-9)
+
+
 @pytest.mark.slow
 def test_engine_decode_smoke_times_the_engine_graph_path(tmp_path):
     """--graphs with the Triton kernels (interpreter): the step through engine/cuda_graph.py's DecodeGraphs
