@@ -67,7 +67,7 @@ SPACES = {
 # bucket that keeps it turns it on for pair counts up to its own T*K (tune 1,2,4,8 to cover decode sizes).
 TINY_TUNE_MAX_PAIRS = 64
 TINY_AXES = {"quick": dict(up_BLOCK_SIZE_N=(8, 16, 32), up_BLOCK_SIZE_K=(128, 256, 512), up_num_warps=(4, 8),
-                           down_BLOCK_SIZE_N=(8, 16, 32, 64), down_BLOCK_SIZE_K=(128, 256, 512), down_num_warps=(4, 8)),
+                           down_BLOCK_SIZE_N=(8, 16, 32), down_BLOCK_SIZE_K=(64, 128, 256), down_num_warps=(4, 8)),
              "smoke": dict(up_BLOCK_SIZE_K=(16, 32))}
 TINY_AXES["full"] = TINY_AXES["quick"]
 ITERS, SMOKE_ITERS = 10, 1
@@ -75,6 +75,10 @@ NOISE = 0.01  # a candidate must beat the current best by more than this fractio
 CONFIRM_ROUNDS = 3
 SMEM_LIMIT = 200 * 1024  # of sm_90's 227 KB per block: headroom for the epilogue and barriers
 MAX_ACC_REGS = 128  # fp32 accumulator registers per thread above which the GEMM spills (255 in all)
+# The tiny path's GEMVs hold their tiles in registers: the gate-up GEMV two fp32 [BN, BK] accumulators, the down
+# GEMV a [top-k, BN, BK] tile of weights (widened to fp32) per step; values per thread above these spill on
+# sm_90 (compile report: a [8, 32, 512] down tile at 8 warps spilled 3.4 KB; [8, 8, 128] at 4 warps: 128 regs).
+MAX_TINY_UP_VALUES, MAX_TINY_DOWN_VALUES = 128, 64
 
 # Published tuned configs, as data: vLLM's fused_moe tuned configs for NVIDIA_H100_80GB_HBM3, bf16
 # (vllm/model_executor/layers/fused_moe/configs/, read 2026-11-22), token bucket ->
@@ -121,8 +125,17 @@ def published_seeds(E: int, I: int, D: int, tokens: int | None = None, all_bucke
 
 
 # -- pruning -----------------------------------------------------------------------------------------------------------
-def feasible(cfg, D: int, I: int, elem: int = 2) -> str | None:
+def feasible(cfg, D: int, I: int, elem: int = 2, top_k: int = 1) -> str | None:
     """Why `cfg` cannot be a good config for this shape (None: try it). Cheap, before any compile."""
+    if cfg.tiny is not None:
+        up, down = cfg.tiny.up, cfg.tiny.down
+        vals = 2 * up.BLOCK_SIZE_N * up.BLOCK_SIZE_K // (32 * up.num_warps)
+        if vals > MAX_TINY_UP_VALUES:
+            return f"tiny up: {vals} fp32 accumulator values per thread > {MAX_TINY_UP_VALUES}"
+        kp = 1 << max(0, top_k - 1).bit_length()
+        vals = kp * down.BLOCK_SIZE_N * down.BLOCK_SIZE_K // (32 * down.num_warps)
+        if vals > MAX_TINY_DOWN_VALUES:
+            return f"tiny down: a [{kp}, {down.BLOCK_SIZE_N}, {down.BLOCK_SIZE_K}] tile is {vals} values per thread > {MAX_TINY_DOWN_VALUES}"
     bm = cfg.BLOCK_SIZE_M
     for part, g, n, k in (("up", cfg.up, I, D), ("down", cfg.down, D, I)):
         cols = 2 * g.BLOCK_SIZE_N if part == "up" else g.BLOCK_SIZE_N  # the up GEMM keeps two accumulators
@@ -274,8 +287,8 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
                 continue
             # (a seed can break a rule, e.g. default.json's 64-wide blocks on a 32-wide smoke GEMM: then its
             # neighbours are not held to the rules it breaks)
-            why = feasible(cand, D, I, dtype.itemsize)
-            if why and feasible(cur, D, I, dtype.itemsize) is None:
+            why = feasible(cand, D, I, dtype.itemsize, K)
+            if why and feasible(cur, D, I, dtype.itemsize, K) is None:
                 info["pruned"] += 1
                 continue
             t = measure(cand)

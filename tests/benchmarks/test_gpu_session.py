@@ -356,3 +356,19 @@ def test_tune_tiny_axis_moves_one_step_at_a_time():
     assert len(moved) - 1 == sum(len([v for v in vals if v != getattr(getattr(on.tiny, k.split("_", 1)[0]), k.split("_", 1)[1])])
                                  for k, vals in axes.items())
     assert all(c.tiny is None for c in tune_moe.neighbours(base, space, [16], tune_moe.TINY_TUNE_MAX_PAIRS + 1, axes))
+
+
+def test_tune_prunes_tiny_tiles_that_would_spill():
+    """The tiny GEMVs hold their tiles in registers: the [8, 32, 512] down tile the compile report saw spill is
+    pruned at top-8 (fine at top-1), DEFAULT_TINY is not."""
+    from dataclasses import replace
+
+    from moelink.kernels.moe_config import DEFAULT_TINY, TinyGemm
+
+    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), DEFAULT_TINY)
+    assert tune_moe.feasible(base, 2048, 768, 2, 8) is None
+    wide = replace(base, tiny=replace(DEFAULT_TINY, down=TinyGemm(32, 512, 8, 2)))
+    assert "tiny down" in tune_moe.feasible(wide, 2048, 768, 2, 8)
+    assert tune_moe.feasible(wide, 2048, 768, 2, 1) is None
+    fat_up = replace(base, tiny=replace(DEFAULT_TINY, up=TinyGemm(32, 512, 4, 2)))
+    assert "tiny up" in tune_moe.feasible(fat_up, 2048, 768, 2, 8)
