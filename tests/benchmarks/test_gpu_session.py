@@ -35,7 +35,8 @@ PLAN = re.compile(r"^PLAN step=(\S+) cmd=(\S+) gemm_compiles=(\d+) slow_compiles
                   r"run_s=(\d+) budget_s=(\d+) :: (.*)$", re.M)
 STEP_LINE = re.compile(r"^STEP step=(\S+) total_budget_s=(\d+) limit_s=(\d+)$", re.M)
 # Every device command of a session (what `plan` lists), plus the variants.
-STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quick", "compile-report"]
+STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quick", "decode --model deepseek-v2-lite",
+          "decode --quick --model deepseek-v2-lite", "compile-report"]
          + [f"moe {s}" for s in moe_kernels.SHAPES] + [f"moe {s} --quick" for s in moe_kernels.SHAPES]
          + [f"tune {s}" for s in moe_kernels.SHAPES] + ["tune deepseek-v3 1,64"]
          + ["tests-fp8"] + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"moe-fp8 {s} --quick" for s in FP8_SHAPES]
@@ -141,6 +142,10 @@ def test_plan_lists_one_device_command_per_step():
 
 def test_unknown_step_and_shape_are_refused():
     assert session("bogus").returncode == 2
+    proc = session("--dry-run", "decode", "--model", "llama")
+    assert proc.returncode == 2 and "--model must be" in proc.stderr
+    (plan,) = PLAN.findall(session("--dry-run", "decode", "--model", "deepseek-v2-lite").stdout)
+    assert "--model deepseek-v2-lite --graphs" in plan[7] and "_deepseek-v2-lite.json" in plan[7]
     proc = session("--dry-run", "moe", "qwen3")
     assert proc.returncode == 2 and "SHAPE must be one of" in proc.stderr
 
