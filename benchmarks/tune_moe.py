@@ -21,7 +21,8 @@ Per shape and token count (a "bucket"):
    slower than the seed.
 Each bucket gets an equal share of what is left of --budget-s, so a slow bucket cannot starve the later
 ones; the file is rewritten after every bucket, so a run cut short keeps what it finished. Timing is the
-whole fused MoE, median of CUDA-event times, L2 flushed, inputs rotated (moe_kernels.Timer).
+whole fused MoE, median of CUDA-event times, L2 flushed, inputs rotated (moe_kernels.Timer); buckets of at
+most TINY_TUNE_MAX_PAIRS pairs are timed as CUDA-graph replays (GraphTiming), as the engine decodes.
 
 Output: `E={E},N={I},device_name={GPU}.json` in --out-dir (default kernels/configs), merged into the file
 there, or, when --out-dir has none, into the same-named file in --merge-from (default: kernels/configs), so
@@ -221,6 +222,18 @@ def time_config(cfg, sets, timer, iters, want=None) -> float:
         return float("inf")
 
 
+class GraphTiming:
+    """A Timer that times CUDA-graph replays (how the engine runs decode steps), eager where a capture fails:
+    at decode sizes eager timing is mostly host launch cost, which would favour whichever path launches less."""
+
+    def __init__(self, timer):
+        self.timer = timer
+
+    def __call__(self, fn, arg_sets, iters: int = 30, warmup: int = 3) -> float:
+        t = self.timer.graph(fn, arg_sets, iters=iters)
+        return t if t is not None else self.timer(fn, arg_sets, iters=iters, warmup=warmup)
+
+
 def confirm(best, best_t, seed, seed_t, sets, timer, iters, rounds=CONFIRM_ROUNDS):
     """Head-to-head re-timing of the search's best against the seed, interleaved; returns (config, seconds, seconds
     of the seed): the seed unless the best is faster in the median of `rounds` rounds."""
@@ -256,6 +269,8 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
     # Rotating inputs keeps them out of a GPU's L2; the CPU interpreter has no cache to defeat (and a call costs ~0.2 s).
     sets = make_inputs(E, K, D, I, T, dtype, device, gen, n_sets=2 if device.type == "cuda" else 1)
     want = per_expert_loop(*sets[0]).float()
+    if device.type == "cuda" and T * K <= TINY_TUNE_MAX_PAIRS:  # decode-sized: what a decode graph replays
+        timer = GraphTiming(timer)
     info = dict(tried=0, pruned=0, failed=0)
     seen: dict = {}
 

@@ -377,3 +377,22 @@ def test_tune_prunes_tiny_tiles_that_would_spill():
     assert tune_moe.feasible(wide, 2048, 768, 2, 1) is None
     fat_up = replace(base, tiny=replace(DEFAULT_TINY, up=TinyGemm(32, 512, 4, 2)))
     assert "tiny up" in tune_moe.feasible(fat_up, 2048, 768, 2, 8)
+
+
+def test_graph_timing_prefers_replays_and_falls_back_to_eager():
+    class FakeTimer:
+        def __init__(self, graph_s):
+            self.graph_s, self.calls = graph_s, []
+
+        def graph(self, fn, arg_sets, iters=30):
+            self.calls.append(("graph", iters))
+            return self.graph_s
+
+        def __call__(self, fn, arg_sets, iters=30, warmup=3):
+            self.calls.append(("eager", iters, warmup))
+            return 9.0
+
+    t = FakeTimer(0.5)
+    assert tune_moe.GraphTiming(t)(None, [()], iters=7, warmup=1) == 0.5 and t.calls == [("graph", 7)]
+    t = FakeTimer(None)  # capture failed (e.g. a host sync): eager
+    assert tune_moe.GraphTiming(t)(None, [()], iters=7, warmup=1) == 9.0 and t.calls == [("graph", 7), ("eager", 7, 1)]
