@@ -30,8 +30,7 @@ import triton.language as tl
 from . import triton_common as common
 from .moe_align import _local_expert
 from .moe_config import TinyConfig
-from .triton_common import cast
-from .triton_moe import activation_epilogue
+from .triton_common import activation_epilogue, cast
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
