@@ -72,16 +72,17 @@ class Recorder:
             return launch
 
         JITFunction.__getitem__ = compile_instead_of_launch
-        from moelink.kernels import moe_config, triton_common
+        from moelink.kernels import moe_config, triton_common, triton_moe_tiny
 
         triton_common.interpreting = lambda t: False
         moe_config.device_name = lambda d: TARGET_NAME
+        triton_moe_tiny._num_sms = lambda d: 132  # the H100's SMs: the tiny down GEMV narrows as it would there
 
 
 # -- what gets compiled ----------------------------------------------------------------------------------------------------
 def moe_cases(published: bool, quick: bool):
     """(label, shape name, (E, K, D, I), T, MoEConfig, dtype, map?, combine) for every config moelink or the tuner uses."""
-    from moelink.kernels.moe_config import CONFIG_DIR, MoEConfig, load_config_file
+    from moelink.kernels.moe_config import CONFIG_DIR, DEFAULT_TINY, MoEConfig, TinyGemm, load_config_file
 
     key, default = load_config_file(str(CONFIG_DIR / "default.json"))
     assert key == "rows_per_expert"
@@ -115,6 +116,20 @@ def moe_cases(published: bool, quick: bool):
         yield f"variant {str(dt)[6:]}", "qwen3-30b-a3b", (E, K, D, I), 64, None, dt, False, "sum"
     yield "variant expert map", "qwen3-30b-a3b", (E, K, D, I), 64, None, torch.bfloat16, True, "sum"
     yield "variant atomic", "qwen3-30b-a3b", (E, K, D, I), 4096, None, torch.bfloat16, False, "atomic"
+    # The tiny-batch path (kernels/triton_moe_tiny.py) with DEFAULT_TINY at decode sizes of every shape: one
+    # token (the down GEMV narrowed to fill 132 SMs where D / BN is too few programs) and eight; fp32 activations
+    # and an expert map; and the widest GEMV tiles tune_moe's tiny axis keeps (its register rule, 8 warps).
+    base = load_config_file(str(CONFIG_DIR / "default.json"))[1][0][1]
+    tiny = MoEConfig(base.BLOCK_SIZE_M, base.up, base.down, DEFAULT_TINY)
+    for name, shape in MODEL_SHAPES.items():
+        for T in (1, 8):
+            yield "tiny DEFAULT_TINY", name, shape, T, tiny, torch.bfloat16, False, "sum"
+    yield "tiny variant float32", "qwen3-30b-a3b", (E, K, D, I), 1, tiny, torch.float32, False, "sum"
+    yield "tiny variant expert map", "qwen3-30b-a3b", (E, K, D, I), 1, tiny, torch.bfloat16, True, "sum"
+    if not quick:
+        wide = replace(DEFAULT_TINY, up=TinyGemm(32, 512, 8, 2), down=TinyGemm(16, 128, 8, 2))
+        yield "tiny up 32x512 down 16x128 8 warps", "qwen3-30b-a3b", (E, K, D, I), 8, replace(tiny, tiny=wide), \
+            torch.bfloat16, False, "sum"
 
 
 def compile_moe(rec: Recorder, published: bool, quick: bool) -> None:
@@ -127,6 +142,16 @@ def compile_moe(rec: Recorder, published: bool, quick: bool) -> None:
                              torch.empty(E, D, I, dtype=dt, **meta), torch.empty(T, K, **meta),
                              torch.empty(T, K, dtype=torch.long, **meta),
                              torch.empty(E, dtype=torch.int32, **meta) if emap else None, config=cfg, combine=combine)
+    # gpt-oss's float experts on the tiny path: both biases and the clamped swiglu in the GEMV epilogues.
+    from moelink.kernels.moe import MoEActivation
+
+    E, K, D, I = 128, 4, 2880, 2880
+    bf = dict(dtype=torch.bfloat16, **meta)
+    with rec.labelled("gpt-oss-120b T=1 tiny DEFAULT_TINY + biases + swiglu_oai"):
+        triton_fused_moe(torch.empty(1, D, **bf), torch.empty(E, 2 * I, D, **bf), torch.empty(E, D, I, **bf),
+                         torch.empty(1, K, **meta), torch.empty(1, K, dtype=torch.long, **meta),
+                         b13_EF=torch.empty(E, 2 * I, **bf), b2_ED=torch.empty(E, D, **bf),
+                         activation=MoEActivation("swiglu_oai"), path="tiny")
 
 
 def compile_attention(rec: Recorder, quick: bool) -> None:

@@ -1,6 +1,13 @@
-"""Decode step time of a Qwen3-30B-A3B-shaped model (random bf16 weights) against its memory floor.
+"""Decode step time of a Qwen3-30B-A3B- or DeepSeek-V2-Lite-shaped model (random bf16 weights) against its
+memory floor.
 
-    python -m moelink.benchmarks.engine_decode [--batches 1,16,64,256] [--context 1024] [--layers auto]
+    python -m moelink.benchmarks.engine_decode [--model qwen3-30b-a3b|deepseek-v2-lite] [--batches 1,16,64,256]
+        [--context 1024] [--layers auto] [--graphs]
+
+Models (config.json facts, read by the engine's own config reader and built by its model class):
+- qwen3-30b-a3b: GQA (32 query / 4 kv heads of 128), 128 routed experts top-8 of I=768, hidden 2048, 48 layers.
+- deepseek-v2-lite: MLA (16 heads, no q LoRA, latent 512 + rope key 64 cached per token), 64 routed experts
+  top-6 of I=1408 plus 2 shared experts, the first layer dense (intermediate 10944), hidden 2048, 27 layers.
 
 Every sequence of the batch has `--context` tokens cached and decodes one more.
 Timed on the device (CUDA events, median over steps): one model step as the
@@ -17,9 +24,9 @@ untimed pass, embedding rows, the LM head, and the K/V of every cached token),
 over the device-to-device copy bandwidth measured in the same run. The ratio
 step / floor says how far from memory-bound the step is (1.0 is the floor).
 
-If the 48 layers and the largest batch's KV cache do not fit, fewer layers are
+If the model's layers and the largest batch's KV cache do not fit, fewer layers are
 built and the output says so; the full-model step is then extrapolated as
-head + 48 × (measured per-layer time), with the head (embedding, final norm,
+head + layers × (measured per-layer time), with the head (embedding, final norm,
 LM head) timed separately.
 """
 from __future__ import annotations
@@ -44,6 +51,25 @@ QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_mo
 SMOKE = dict(QWEN3_30B_A3B, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=64, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4, vocab_size=1024,
              max_position_embeddings=4096)
+# deepseek-ai/DeepSeek-V2-Lite's config.json (the fields the engine reads).
+DEEPSEEK_V2_LITE = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=2048,
+                        intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                        num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+                        first_k_dense_replace=1, moe_layer_freq=1, kv_lora_rank=512, q_lora_rank=None,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", n_group=1,
+                        topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0, scoring_func="softmax",
+                        vocab_size=102400, max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000,
+                        rope_scaling=dict(type="yarn", factor=40, beta_fast=32, beta_slow=1, mscale=0.707,
+                                          mscale_all_dim=0.707, original_max_position_embeddings=4096),
+                        attention_bias=False, tie_word_embeddings=False, bos_token_id=100000, eos_token_id=100001)
+# Small enough for the CPU interpreter; keeps V2-Lite's structure (a dense first layer, shared experts, MLA
+# without q LoRA, YaRN).
+SMOKE_DSV2 = dict(DEEPSEEK_V2_LITE, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
+                  num_experts_per_tok=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                  vocab_size=1024, max_position_embeddings=4096, bos_token_id=0, eos_token_id=1)
+MODELS = {"qwen3-30b-a3b": (QWEN3_30B_A3B, SMOKE, "Qwen3-30B-A3B"),
+          "deepseek-v2-lite": (DEEPSEEK_V2_LITE, SMOKE_DSV2, "DeepSeek-V2-Lite")}
 SMOKE_BATCHES, SMOKE_CONTEXT = (1, 4), 64
 BLOCK = 16
 
@@ -66,26 +92,50 @@ def build_model(hf: dict, num_layers: int, device, kernels_name: str, max_len: i
                 p.fill_(1.0)
             else:  # fan-in scaled, so activations stay O(1) through the layers
                 p.normal_(0.0, p.shape[-1] ** -0.5)
+    model.process_weights_after_loading()  # as the loader ends (a no-op for float weights today)
     return cfg, model.eval(), kernels
 
 
-def layer_weight_bytes(hf: dict, elem: int = 2) -> tuple[int, int]:
-    """(dense bytes per layer: attention, norms, router; bytes of one expert)."""
-    D, N, K, H = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
-    attn = D * (N + 2 * K) * H + N * H * D + 2 * H + 2 * D
-    return (attn + hf["num_experts"] * D) * elem, 3 * D * hf["moe_intermediate_size"] * elem
+def num_experts(hf: dict) -> int:
+    return hf.get("num_experts") or hf["n_routed_experts"]
 
 
-def kv_bytes(hf: dict, tokens: int, layers: int, elem: int = 2) -> int:
-    return 2 * tokens * layers * hf["num_key_value_heads"] * hf["head_dim"] * elem
+def estimate_layer_bytes(hf: dict, elem: int = 2) -> tuple[int, int]:
+    """(bytes of one layer but its routed experts, bytes of one routed expert), from config.json alone: what
+    `pick_layers` needs before anything is built (an upper bound: every layer counted as a MoE layer)."""
+    D, N = hf["hidden_size"], hf["num_attention_heads"]
+    if "kv_lora_rank" in hf:  # MLA
+        C, P, Dn, Dv, Q = hf["kv_lora_rank"], hf["qk_rope_head_dim"], hf["qk_nope_head_dim"], hf["v_head_dim"], hf["q_lora_rank"]
+        q = D * N * (Dn + P) if Q is None else D * Q + Q * N * (Dn + P)
+        attn = q + D * (C + P) + C * N * (Dn + Dv) + N * Dv * D
+    else:
+        K, H = hf["num_key_value_heads"], hf["head_dim"]
+        attn = D * (N + 2 * K) * H + N * H * D
+    shared = 3 * D * hf["moe_intermediate_size"] * (hf.get("n_shared_experts") or 0)
+    return (attn + shared + num_experts(hf) * D + 4 * D) * elem, 3 * D * hf["moe_intermediate_size"] * elem
+
+
+def layer_bytes(layer) -> int:
+    """Bytes of one built decoder layer's parameters but its routed experts (attention, norms, router, shared
+    experts, or the dense MLP of a dense layer): every step reads all of them."""
+    return sum(p.numel() * p.element_size() for n, p in layer.named_parameters()
+               if not n.endswith(("w13_EFD", "w2_EDI")))
+
+
+def kv_bytes(cfg, tokens: int, layers: int) -> int:
+    """The cache one step reads: per token and layer what the attention kind stores (GQA: K and V per kv head;
+    MLA: one latent and rope key)."""
+    return tokens * layers * cfg.attention.kv_bytes_per_token(cfg.cache_dtype)
 
 
 def pick_layers(hf: dict, max_batch: int, context: int, device) -> int:
     if device.type != "cuda":
         return hf["num_hidden_layers"]
     free, _ = torch.cuda.mem_get_info(device)
-    dense, expert = layer_weight_bytes(hf)
-    per_layer = dense + hf["num_experts"] * expert + kv_bytes(hf, max_batch * (context + BLOCK), 1)
+    dense, expert = estimate_layer_bytes(hf)
+    kv_per_token = 2 * (hf["kv_lora_rank"] + hf["qk_rope_head_dim"] if "kv_lora_rank" in hf
+                        else 2 * hf["num_key_value_heads"] * hf["head_dim"])
+    per_layer = dense + num_experts(hf) * expert + kv_per_token * max_batch * (context + BLOCK)
     head = 2 * hf["vocab_size"] * hf["hidden_size"] * 2
     usable = int(free * 0.92) - head - (4 << 30)  # 4 GiB for activations, workspaces, the allocator
     return max(1, min(hf["num_hidden_layers"], usable // per_layer))
@@ -153,11 +203,12 @@ def time_engine_graph(model, cfg, caches, args_, batch, device, timer, steps) ->
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(MODELS), help="model shape (random weights)")
     ap.add_argument("--batches", default=None,
                     help=f"comma list of decode batch sizes (default 1,16,64,256; {','.join(map(str, SMOKE_BATCHES))} "
                          "with --cpu-smoke)")
     ap.add_argument("--context", type=int, default=1024, help="cached tokens per sequence")
-    ap.add_argument("--layers", default="auto", help="decoder layers to build ('auto': as many as fit, up to 48)")
+    ap.add_argument("--layers", default="auto", help="decoder layers to build ('auto': as many as fit, up to the model's)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per batch size (median reported)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time the step as the engine runs decode on CUDA: its captured graph for the batch "
@@ -167,12 +218,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU: checks the script only")
     args = ap.parse_args(argv)
     batches = [int(b) for b in (args.batches or "1,16,64,256").split(",")]
+    full_hf, smoke_hf, model_name = MODELS[args.model]
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined (--kernels triton)
-        device, hf, context = torch.device("cpu"), SMOKE, SMOKE_CONTEXT
+        device, hf, context = torch.device("cpu"), smoke_hf, SMOKE_CONTEXT
         batches = batches if args.batches else list(SMOKE_BATCHES)
     else:
-        device, hf, context = require_cuda("engine_decode"), QWEN3_30B_A3B, args.context
+        device, hf, context = require_cuda("engine_decode"), full_hf, args.context
     full_layers = hf["num_hidden_layers"]
     layers = pick_layers(hf, max(batches), context, device) if args.layers == "auto" else int(args.layers)
     note = "" if layers == full_layers else (
@@ -183,12 +235,16 @@ def main(argv=None) -> dict:
     ceilings = measure_ceilings(device, timer)
     cfg, model, kernels = build_model(hf, layers, device, args.kernels, context + BLOCK)
     max_blocks = max(batches) * -(-(context + 1) // BLOCK)
-    shape = (max_blocks + 1, BLOCK, cfg.num_kv_heads, cfg.head_dim)
-    caches = [(torch.randn(shape, dtype=cfg.dtype, device=device) * 0.5,
-               torch.randn(shape, dtype=cfg.dtype, device=device) * 0.5) for _ in range(layers)]
-    for k, v in caches:  # the null block (last) stays zero, as the runner keeps it
-        k[-1].zero_(), v[-1].zero_()
-    dense, expert = layer_weight_bytes(hf)
+    # Each layer's cache tensors as the attention kind lays them out (GQA: K and V; MLA: one latent tensor),
+    # with the null block last, as the model runner allocates them.
+    shapes = cfg.attention.cache_shapes(max_blocks, BLOCK)
+    caches = [tuple(torch.randn(shape, dtype=cfg.dtype, device=device) * 0.5 for shape in shapes)
+              for _ in range(layers)]
+    for layer_caches in caches:  # the null block (last) stays zero, as the runner keeps it
+        for t in layer_caches:
+            t[-1].zero_()
+    dense_bytes = sum(layer_bytes(layer) for layer in model.layers)
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.dtype.itemsize
     rows = []
     with torch.inference_mode():
         for B in batches:
@@ -203,10 +259,10 @@ def main(argv=None) -> dict:
                            [()], iters=args.steps, warmup=warm)
             per_layer = max(0.0, t - t_head) / layers
             t_full = t_head + full_layers * per_layer
-            bytes_layers = layers * dense + sum(touched) * expert + kv_bytes(hf, B * (context + 1), layers)
+            bytes_layers = dense_bytes + sum(touched) * expert + kv_bytes(cfg, B * (context + 1), layers)
             bytes_head = (cfg.vocab_size + B) * cfg.hidden_size * 2
             mean_touched = statistics.mean(touched)
-            bytes_full = full_layers * (dense + mean_touched * expert) + kv_bytes(hf, B * (context + 1), full_layers) + bytes_head
+            bytes_full = bytes_layers * full_layers / layers + bytes_head  # the built layers' mix, scaled
             floor = (bytes_layers + bytes_head) / (ceilings["copy_GBps"] * 1e9)
             floor_full = bytes_full / (ceilings["copy_GBps"] * 1e9)
             row = dict(batch=B, context=context, layers=layers, step_ms=t * 1e3, tokens_per_s=B / t,
@@ -223,9 +279,11 @@ def main(argv=None) -> dict:
             if t_graph is not None:
                 print(f"            graph step {t_graph * 1e3:8.3f} ms, {B / t_graph:9.1f} tok/s, step/floor {t_graph / floor:5.2f}",
                       flush=True)
-    result = dict(benchmark="engine_decode", **run_meta(device), model="Qwen3-30B-A3B shape, random bf16 weights",
+    result = dict(benchmark="engine_decode", **run_meta(device), model=f"{model_name} shape, random bf16 weights",
+                  model_key=args.model,
                   kernels=kernels.name, note=note or f"all {full_layers} layers built", ceilings=ceilings, results=rows)
-    tag = "cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")
+    tag = ("cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")) + (
+        "" if args.model == "qwen3-30b-a3b" else f"_{args.model}")
     print(f"wrote {write_result(args.out or RESULTS / f'engine_decode_{tag}.json', result)}")
     return result
 

@@ -17,7 +17,8 @@
 #   moe-mxfp4 [--quick]    moe_mxfp4: gpt-oss-120b/-20b experts, MXFP4 (dequantized in the K loop) vs bf16
 #   tune SHAPE [TOKENS]    tune_moe for ONE shape into .gpu_session/tuned, then
 #                          $OUT/tuned_configs_<GPU>_<SHAPE>.tar.gz (see "Tuned configs" below)
-#   decode [--quick]       engine_decode, eager and as CUDA-graph replays
+#   decode [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite]
+#                          engine_decode, eager and as CUDA-graph replays
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   plan                   every device command of a full session, in order, with its budget
@@ -376,8 +377,9 @@ check_shape() {
   echo "SHAPE must be one of ${SHAPES[*]} (got '${1:-}')" >&2
   exit 2
 }
-# moe SHAPE: per token count one config -> up + down (sum) + down (atomic) GEMMs, 2 align kernels and the sum:
-# 7 token counts -> 21 GEMM + 15 other compiles (--quick: 4 -> 12 + 9).
+# moe SHAPE: per token count one config -> up + down (sum) + down (atomic) GEMMs, 2 align kernels and the sum;
+# the tiny-batch system (moelink-triton-tiny, <= 512 pairs) adds its two GEMVs once (the pair count is not
+# specialised on): 7 token counts -> 21 GEMM + 17 other compiles (--quick: 4 -> 12 + 11).
 step_moe() {
   local shape="" quick=0 a
   for a in "$@"; do case "$a" in --quick) quick=1 ;; *) shape=$a ;; esac; done
@@ -388,7 +390,7 @@ step_moe() {
   check_shape "$shape"
   local toks=() n=7 run=${MOE_RUN_S[$shape]}
   if [[ $quick == 1 ]]; then toks=(--tokens 1,64,1024,16384); n=4; run=${MOE_QUICK_RUN_S[$shape]}; fi
-  cmd "moe_kernels_$shape" $((3 * n)) 0 $((2 * n + 1)) "$run" -- \
+  cmd "moe_kernels_$shape" $((3 * n)) 0 $((2 * n + 3)) "$run" -- \
     "$PY" -m moelink.benchmarks.moe_kernels --shapes "$shape" "${toks[@]}" --out "$OUT/moe_kernels_${DEV}_${shape}.json"
 }
 
@@ -462,15 +464,32 @@ step_tune() {
 
 # decode: Qwen3-30B-A3B-shaped engine with random weights, 40 layers: its kernels (attention, norm, rotary,
 # MoE at each batch's bucket) compile once: ~10 GEMM + 20 other; run: batches x (eager + graph capture).
+# --model deepseek-v2-lite: MLA (its decode kernel and merge, the latent write), a dense first layer, shared
+# experts: ~12 GEMM + 24 other; all 27 layers fit.
 step_decode() {
+  local quick=0 model=qwen3-30b-a3b suffix="" prev="" a
+  for a in "$@"; do
+    if [[ $prev == --model ]]; then model=$a; prev=""; continue; fi
+    case "$a" in
+      --quick) quick=1 ;;
+      --model) prev=--model ;;
+      *) echo "decode: unknown argument '$a' (--quick, --model qwen3-30b-a3b|deepseek-v2-lite)" >&2; exit 2 ;;
+    esac
+  done
+  case "$model" in
+    qwen3-30b-a3b) ;;
+    deepseek-v2-lite) suffix=_$model ;;
+    *) echo "decode: --model must be qwen3-30b-a3b or deepseek-v2-lite (got '$model')" >&2; exit 2 ;;
+  esac
   if [[ $MODE == cpu-smoke ]]; then
-    cmd engine_decode 0 0 0 180 -- "$PY" -m moelink.benchmarks.engine_decode --cpu-smoke --out "$OUT/engine_decode_cpu_smoke.json"
+    cmd engine_decode 0 0 0 180 -- "$PY" -m moelink.benchmarks.engine_decode --cpu-smoke --model "$model" \
+      --out "$OUT/engine_decode_cpu_smoke${suffix}.json"
     return 0
   fi
   local batches=() run=300
-  if [[ "${1:-}" == "--quick" ]]; then batches=(--batches 1,64,256); run=200; fi
-  cmd engine_decode 10 0 20 "$run" -- "$PY" -m moelink.benchmarks.engine_decode --graphs "${batches[@]}" \
-    --out "$OUT/engine_decode_${DEV}.json"
+  if [[ $quick == 1 ]]; then batches=(--batches 1,64,256); run=200; fi
+  cmd engine_decode 12 0 24 "$run" -- "$PY" -m moelink.benchmarks.engine_decode --model "$model" --graphs \
+    "${batches[@]}" --out "$OUT/engine_decode_${DEV}${suffix}.json"
 }
 
 # compile-report: every kernel at every default/tuned/published config, compiled for sm_90 offline

@@ -145,10 +145,15 @@ def measure_ceilings(device: torch.device, timer: Timer) -> dict:
 
 
 # -- the systems ------------------------------------------------------------------------------------------------------
-def moelink_triton(combine: str):
+def moelink_triton(combine: str, path: str = "auto"):
     from moelink.kernels.triton_moe import triton_fused_moe
 
-    return lambda x, w13, w2, tw, ti: triton_fused_moe(x, w13, w2, tw, ti, combine=combine)
+    return lambda x, w13, w2, tw, ti: triton_fused_moe(x, w13, w2, tw, ti, combine=combine, path=path)
+
+
+# The tiny-batch path re-reads an expert's weights for every pair routed to it: timed up to this many pairs
+# (T = 64 at top-8), where it may still win; beyond, it only loses, slowly.
+TINY_MAX_PAIRS = 512
 
 
 def grouped_mm_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK):
@@ -190,7 +195,11 @@ def per_expert_loop(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK):
 
 
 def systems(has_grouped_mm: bool) -> dict:
-    out = {"moelink-triton": moelink_triton("sum"), "moelink-triton-atomic": moelink_triton("atomic")}
+    """moelink-triton: what the engine runs (the launch config picks the path); -atomic: the sorted path's
+    atomic combine; -tiny: the two-launch tiny-batch path forced (kernels/triton_moe_tiny.py, the config's TINY
+    blocks or DEFAULT_TINY), timed at <= TINY_MAX_PAIRS pairs."""
+    out = {"moelink-triton": moelink_triton("sum"), "moelink-triton-atomic": moelink_triton("atomic"),
+           "moelink-triton-tiny": moelink_triton("sum", "tiny")}
     if has_grouped_mm:
         out["torch-grouped_mm"] = grouped_mm_moe
     out["per-expert-loop"] = per_expert_loop
@@ -256,6 +265,8 @@ def bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, chec
         for sys_name, fn in systems(has_gmm).items():
             if sys_name == "per-expert-loop" and T * K > 8 * 16384 and device.type == "cpu":
                 continue
+            if sys_name == "moelink-triton-tiny" and T * K > TINY_MAX_PAIRS:
+                continue
             err = None
             if check:
                 got = fn(*sets[0]).float()
@@ -291,7 +302,12 @@ def summarize(rows) -> dict:
                 for r in ours if (r["shape"], r["tokens"], "torch-grouped_mm") in by]
     small = [r["frac_copy_bw"] for r in ours if r["tokens"] <= 64]
     large = [r["frac_matmul"] for r in ours if r["tokens"] >= 4096]
+    tiny = [r for r in ours if (r["shape"], r["tokens"], "moelink-triton-tiny") in by]
     s = dict(geomean_speedup_vs_grouped_mm=math.exp(statistics.mean(map(math.log, speedups))) if speedups else None,
+             # per (shape, tokens): moelink-triton time / forced tiny-path time (> 1: the tiny path is faster)
+             tiny_speedup_vs_moelink_triton={
+                 f"{r['shape']} T={r['tokens']}": round(r["median_ms"] / by[(r["shape"], r["tokens"], "moelink-triton-tiny")]
+                                                         ["median_ms"], 4) for r in tiny},
              min_frac_copy_bw_le64_tokens=min(small) if small else None,
              min_frac_matmul_ge4096_tokens=min(large) if large else None)
     s["targets"] = dict(speedup_ge_1_2=None if s["geomean_speedup_vs_grouped_mm"] is None
@@ -314,7 +330,8 @@ def plot_roofline(result: dict, path: Path) -> bool:
     xs = [10 ** (i / 20) for i in range(-20, 100)]
     ax.plot(xs, [min(ceil["matmul_TFLOPs"], x * ceil["copy_GBps"] / 1e3) for x in xs], "k-", lw=1,
             label=f"measured roof: {ceil['copy_GBps']:.0f} GB/s copy, {ceil['matmul_TFLOPs']:.0f} TFLOP/s matmul")
-    markers = {"moelink-triton": "o", "moelink-triton-atomic": "s", "torch-grouped_mm": "^", "per-expert-loop": "x"}
+    markers = {"moelink-triton": "o", "moelink-triton-atomic": "s", "moelink-triton-tiny": "D", "torch-grouped_mm": "^",
+               "per-expert-loop": "x"}
     colors = dict(zip(sorted({r["shape"] for r in result["results"]}), ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
     for sys_name, mk in markers.items():
         for shape, col in colors.items():

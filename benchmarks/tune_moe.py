@@ -9,7 +9,8 @@ Per shape and token count (a "bucket"):
    below, translated to this kernel). Each is timed; the fastest is "the seed".
 2. A coordinate search from the seed over a pruned space: one axis at a time (BLOCK_SIZE_M, then each
    GEMM's BLOCK_N, BLOCK_K, GROUP_M, warps, stages, and the gate-up GEMM's FUSED_GATE_UP: one interleaved
-   gate|up tile and one dot of twice the width), each other value of that axis tried, the first that
+   gate|up tile and one dot of twice the width), and at <= TINY_TUNE_MAX_PAIRS pairs the tiny-batch path
+   (TINY: on with max_pairs = this bucket's T*K, then its GEMV blocks and warps), each other value of that axis tried, the first that
    is faster by more than NOISE kept; up to `passes` sweeps while anything improves. Candidates that cannot
    fit (shared memory of the pipeline, accumulator registers per thread, blocks wider than the matrix)
    are pruned before they are compiled. A candidate that fails for any reason (compile error, out of
@@ -20,7 +21,8 @@ Per shape and token count (a "bucket"):
    slower than the seed.
 Each bucket gets an equal share of what is left of --budget-s, so a slow bucket cannot starve the later
 ones; the file is rewritten after every bucket, so a run cut short keeps what it finished. Timing is the
-whole fused MoE, median of CUDA-event times, L2 flushed, inputs rotated (moe_kernels.Timer).
+whole fused MoE, median of CUDA-event times, L2 flushed, inputs rotated (moe_kernels.Timer); buckets of at
+most TINY_TUNE_MAX_PAIRS pairs are timed as CUDA-graph replays (GraphTiming), as the engine decodes.
 
 Output: `E={E},N={I},device_name={GPU}.json` in --out-dir (default kernels/configs), merged into the file
 there, or, when --out-dir has none, into the same-named file in --merge-from (default: kernels/configs), so
@@ -62,11 +64,22 @@ SPACES = {
     "smoke": dict(BLOCK_SIZE_M=(16,), BLOCK_SIZE_N=(32, 64), BLOCK_SIZE_K=(), GROUP_SIZE_M=(), num_warps=(),
                   num_stages=(), passes=1, confirm_rounds=1),
 }
+# The tiny-batch path (kernels/triton_moe_tiny.py) as an axis: tried in buckets of at most this many pairs; a
+# bucket that keeps it turns it on for pair counts up to its own T*K (tune 1,2,4,8 to cover decode sizes).
+TINY_TUNE_MAX_PAIRS = 64
+TINY_AXES = {"quick": dict(up_BLOCK_SIZE_N=(8, 16, 32), up_BLOCK_SIZE_K=(128, 256, 512), up_num_warps=(4, 8),
+                           down_BLOCK_SIZE_N=(8, 16, 32), down_BLOCK_SIZE_K=(64, 128, 256), down_num_warps=(4, 8)),
+             "smoke": dict(up_BLOCK_SIZE_K=(16, 32))}
+TINY_AXES["full"] = TINY_AXES["quick"]
 ITERS, SMOKE_ITERS = 10, 1
 NOISE = 0.01  # a candidate must beat the current best by more than this fraction to replace it
 CONFIRM_ROUNDS = 3
 SMEM_LIMIT = 200 * 1024  # of sm_90's 227 KB per block: headroom for the epilogue and barriers
 MAX_ACC_REGS = 128  # fp32 accumulator registers per thread above which the GEMM spills (255 in all)
+# The tiny path's GEMVs hold their tiles in registers: the gate-up GEMV two fp32 [BN, BK] accumulators, the down
+# GEMV a [top-k, BN, BK] tile of weights (widened to fp32) per step; values per thread above these spill on
+# sm_90 (compile report: a [8, 32, 512] down tile at 8 warps spilled 3.4 KB; [8, 8, 128] at 4 warps: 128 regs).
+MAX_TINY_UP_VALUES, MAX_TINY_DOWN_VALUES = 128, 64
 
 # Published tuned configs, as data: vLLM's fused_moe tuned configs for NVIDIA_H100_80GB_HBM3, bf16
 # (vllm/model_executor/layers/fused_moe/configs/, read 2026-11-22), token bucket ->
@@ -113,8 +126,17 @@ def published_seeds(E: int, I: int, D: int, tokens: int | None = None, all_bucke
 
 
 # -- pruning -----------------------------------------------------------------------------------------------------------
-def feasible(cfg, D: int, I: int, elem: int = 2) -> str | None:
+def feasible(cfg, D: int, I: int, elem: int = 2, top_k: int = 1) -> str | None:
     """Why `cfg` cannot be a good config for this shape (None: try it). Cheap, before any compile."""
+    if cfg.tiny is not None:
+        up, down = cfg.tiny.up, cfg.tiny.down
+        vals = 2 * up.BLOCK_SIZE_N * up.BLOCK_SIZE_K // (32 * up.num_warps)
+        if vals > MAX_TINY_UP_VALUES:
+            return f"tiny up: {vals} fp32 accumulator values per thread > {MAX_TINY_UP_VALUES}"
+        kp = 1 << max(0, top_k - 1).bit_length()
+        vals = kp * down.BLOCK_SIZE_N * down.BLOCK_SIZE_K // (32 * down.num_warps)
+        if vals > MAX_TINY_DOWN_VALUES:
+            return f"tiny down: a [{kp}, {down.BLOCK_SIZE_N}, {down.BLOCK_SIZE_K}] tile is {vals} values per thread > {MAX_TINY_DOWN_VALUES}"
     bm = cfg.BLOCK_SIZE_M
     for part, g, n, k in (("up", cfg.up, I, D), ("down", cfg.down, D, I)):
         cols = 2 * g.BLOCK_SIZE_N if part == "up" else g.BLOCK_SIZE_N  # the up GEMM keeps two accumulators
@@ -136,8 +158,32 @@ def block_m_candidates(tokens: int, top_k: int, num_experts: int, space=None) ->
     return [bm for bm in values if bm <= max(values[0], 2 * rows)]
 
 
-def neighbours(cfg, space, bms):
-    """Every config one axis away from cfg (BLOCK_SIZE_M among `bms`, each GEMM axis among the space's values)."""
+def tiny_neighbours(cfg, pairs: int, tiny_axes: dict):
+    """The tiny path's axis: off -> on (DEFAULT_TINY's blocks, max_pairs = `pairs`); on -> off, and each GEMV
+    block / warp count of tiny_axes moved one at a time."""
+    from moelink.kernels.moe_config import DEFAULT_TINY
+
+    if pairs > TINY_TUNE_MAX_PAIRS:
+        return
+    if cfg.tiny is None:
+        yield replace(cfg, tiny=replace(DEFAULT_TINY, max_pairs=pairs))
+        return
+    yield replace(cfg, tiny=None)
+    for key, values in tiny_axes.items():
+        part, axis = key.split("_", 1)
+        g = getattr(cfg.tiny, part)
+        for v in values:
+            if v != getattr(g, axis):
+                yield replace(cfg, tiny=replace(cfg.tiny, **{part: replace(g, **{axis: v})}))
+
+
+def neighbours(cfg, space, bms, pairs: int = 0, tiny_axes: dict | None = None):
+    """Every config one axis away from cfg (BLOCK_SIZE_M among `bms`, each GEMM axis among the space's values,
+    the tiny path's when the bucket has at most TINY_TUNE_MAX_PAIRS pairs)."""
+    if tiny_axes is not None and pairs:
+        yield from tiny_neighbours(cfg, pairs, tiny_axes)
+        if cfg.uses_tiny(pairs):  # the sorted path's blocks do not run in this bucket: moving them measures nothing
+            return
     for bm in bms:
         if bm != cfg.BLOCK_SIZE_M:
             yield replace(cfg, BLOCK_SIZE_M=bm)
@@ -176,6 +222,18 @@ def time_config(cfg, sets, timer, iters, want=None) -> float:
         return float("inf")
 
 
+class GraphTiming:
+    """A Timer that times CUDA-graph replays (how the engine runs decode steps), eager where a capture fails:
+    at decode sizes eager timing is mostly host launch cost, which would favour whichever path launches less."""
+
+    def __init__(self, timer):
+        self.timer = timer
+
+    def __call__(self, fn, arg_sets, iters: int = 30, warmup: int = 3) -> float:
+        t = self.timer.graph(fn, arg_sets, iters=iters)
+        return t if t is not None else self.timer(fn, arg_sets, iters=iters, warmup=warmup)
+
+
 def confirm(best, best_t, seed, seed_t, sets, timer, iters, rounds=CONFIRM_ROUNDS):
     """Head-to-head re-timing of the search's best against the seed, interleaved; returns (config, seconds, seconds
     of the seed): the seed unless the best is faster in the median of `rounds` rounds."""
@@ -204,13 +262,15 @@ def seeds_for(shape, T, device):
     return uniq
 
 
-def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=print):
+def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=print, tiny_axes=None):
     """(best MoEConfig, its seconds, info dict) or (None, inf, info) when nothing could be timed in time."""
     E, K, D, I = shape
     gen = torch.Generator(device=device).manual_seed(T)
     # Rotating inputs keeps them out of a GPU's L2; the CPU interpreter has no cache to defeat (and a call costs ~0.2 s).
     sets = make_inputs(E, K, D, I, T, dtype, device, gen, n_sets=2 if device.type == "cuda" else 1)
     want = per_expert_loop(*sets[0]).float()
+    if device.type == "cuda" and T * K <= TINY_TUNE_MAX_PAIRS:  # decode-sized: what a decode graph replays
+        timer = GraphTiming(timer)
     info = dict(tried=0, pruned=0, failed=0)
     seen: dict = {}
 
@@ -235,15 +295,15 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
     bms = block_m_candidates(T, K, E, space)
     for _ in range(space.get("passes", 1)):
         improved = False
-        for cand in neighbours(cur, space, bms):
+        for cand in neighbours(cur, space, bms, T * K, tiny_axes):
             if time.monotonic() > deadline:
                 break
             if cand in seen:
                 continue
             # (a seed can break a rule, e.g. default.json's 64-wide blocks on a 32-wide smoke GEMM: then its
             # neighbours are not held to the rules it breaks)
-            why = feasible(cand, D, I, dtype.itemsize)
-            if why and feasible(cur, D, I, dtype.itemsize) is None:
+            why = feasible(cand, D, I, dtype.itemsize, K)
+            if why and feasible(cur, D, I, dtype.itemsize, K) is None:
                 info["pruned"] += 1
                 continue
             t = measure(cand)
@@ -315,7 +375,8 @@ def main(argv=None) -> dict[str, dict]:
             if now > end:
                 print(f"{name} T={T}: out of time budget, not tuned")
                 continue
-            best, t, info = tune_bucket((E, K, D, I), T, dtype, device, timer, space, iters, deadline)
+            best, t, info = tune_bucket((E, K, D, I), T, dtype, device, timer, space, iters, deadline,
+                                        tiny_axes=TINY_AXES["smoke" if args.cpu_smoke else args.space])
             if best is None:
                 why = ("out of time budget" if time.monotonic() > deadline
                        else "no candidate config compiled and gave correct results")

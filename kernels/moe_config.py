@@ -15,6 +15,9 @@ overriding all but BLOCK_SIZE_M for the down GEMM (the alignment fixes one M blo
 Optional "FUSED_GATE_UP": true makes the gate-up GEMM load one [BLOCK_K, 2*BLOCK_N]
 tile (gate and up rows of w13 interleaved) and issue one dot of N = 2*BLOCK_N
 instead of two of BLOCK_N (kernels/triton_moe.py); the down GEMM ignores it.
+Optional "TINY": {"max_pairs", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages", "down": {...}}
+turns on the tiny-batch path (kernels/triton_moe_tiny.py: no alignment, no sum pass, two launches) for
+batches of at most max_pairs (token, expert) pairs; larger batches of the same bucket take the sorted path.
 """
 from __future__ import annotations
 
@@ -48,12 +51,69 @@ class GemmConfig:
 
 
 @dataclass(frozen=True)
+class TinyGemm:
+    """One GEMV kernel of the tiny path: a program reduces BLOCK_SIZE_N weight rows over BLOCK_SIZE_K columns."""
+
+    BLOCK_SIZE_N: int
+    BLOCK_SIZE_K: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """The tiny-batch path and when it runs: pair count T*K <= max_pairs (a host-known shape, graph-safe).
+
+    The down kernel's BLOCK_SIZE_N is the widest it uses: the wrapper narrows it (to 8 at least) until the
+    grid gives every SM two programs (one token's output is only D / BLOCK_SIZE_N programs)."""
+
+    max_pairs: int
+    up: TinyGemm
+    down: TinyGemm
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "TINY") -> "TinyConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}={d!r} is invalid: must be an object with max_pairs and the GEMV blocks.")
+        mp = d.get("max_pairs")
+        if not isinstance(mp, int) or isinstance(mp, bool) or mp < 0:
+            raise ValueError(f"{where}: max_pairs={mp!r} is invalid: must be an integer >= 0 (0 turns the path off).")
+
+        def gemv(src: dict, fallback: dict) -> TinyGemm:
+            vals = {k: src.get(k, fallback.get(k)) for k in _TINY_KEYS}
+            for k, v in vals.items():
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ValueError(f"{where}: {k}={v!r} is invalid: must be a positive integer.")
+            for k in ("BLOCK_SIZE_N", "BLOCK_SIZE_K"):
+                if vals[k] < 8 or vals[k] & (vals[k] - 1):
+                    raise ValueError(f"{where}: {k}={vals[k]} is invalid: must be a power of two >= 8.")
+            return TinyGemm(**vals)
+
+        up = gemv(d, {})
+        return cls(mp, up, gemv(d.get("down", {}), asdict(up)))
+
+    def to_dict(self) -> dict:
+        d = {"max_pairs": self.max_pairs, **asdict(self.up)}
+        if self.down != self.up:
+            d["down"] = asdict(self.down)
+        return d
+
+
+_TINY_KEYS = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages")
+# What `path="tiny"` runs with when the picked config has no TINY entry (benchmarks, tests).
+# The down GEMV's tile is [K, BN, BK] (all of a token's pairs at once): BN * BK = 1024 keeps 8 pairs of it at
+# 64 bf16 values a thread (4 warps), the same bytes in flight as the gate-up GEMV's two [16, 256] tiles.
+DEFAULT_TINY = TinyConfig(64, TinyGemm(16, 256, 4, 2), TinyGemm(8, 128, 4, 2))
+
+
+@dataclass(frozen=True)
 class MoEConfig:
     """BLOCK_SIZE_M is shared: the token alignment pads every expert's rows to it."""
 
     BLOCK_SIZE_M: int
     up: GemmConfig
     down: GemmConfig
+    tiny: TinyConfig | None = None  # the tiny-batch path, for pair counts up to tiny.max_pairs
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "MoEConfig":
@@ -76,13 +136,20 @@ class MoEConfig:
         if not isinstance(bm, int) or bm < 16 or bm & (bm - 1):
             raise ValueError(f"{where}: BLOCK_SIZE_M={bm!r} is invalid: must be a power of two >= 16.")
         up = gemm(d, {})
-        return cls(bm, up, replace(gemm(d.get("down", {}), asdict(up)), FUSED_GATE_UP=False))  # (up GEMM only)
+        tiny = TinyConfig.from_dict(d["TINY"], f"{where}: TINY") if "TINY" in d else None
+        return cls(bm, up, replace(gemm(d.get("down", {}), asdict(up)), FUSED_GATE_UP=False), tiny)  # (up GEMM only)
 
     def to_dict(self) -> dict:
         d = {"BLOCK_SIZE_M": self.BLOCK_SIZE_M, **self.up.to_dict()}
         if self.down != replace(self.up, FUSED_GATE_UP=False):
             d["down"] = self.down.to_dict()
+        if self.tiny is not None:
+            d["TINY"] = self.tiny.to_dict()
         return d
+
+    def uses_tiny(self, num_pairs: int) -> bool:
+        """Whether a batch of `num_pairs` (token, expert) pairs takes the tiny path under this config."""
+        return self.tiny is not None and 0 < num_pairs <= self.tiny.max_pairs
 
 
 def device_name(device: torch.device) -> str:

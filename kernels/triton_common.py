@@ -61,6 +61,17 @@ def dot(a, b, acc, INTERPRET: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def activation_epilogue(acc_g, acc_u, alpha, limit, ACT: tl.constexpr):
+    """The gated activation of the MoE gate-up epilogues on fp32 values (same math as `MoEActivation`):
+    ACT 0 SiLU(gate)·up, 1 gpt-oss's clamped swiglu_oai."""
+    if ACT == 1:  # swiglu_oai: gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha * gate)
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        return (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
+    return acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+
+
+@triton.jit
 def _probe_kernel(x_ptr):
     tl.store(x_ptr, 0)
 

@@ -26,8 +26,11 @@ All accumulation is fp32 whatever the input dtype (fp32, bf16, fp16).
 Expert biases (gpt-oss: b13 [E, F] on the gate-up GEMM, b2 [E, D] on the down GEMM, scaled by the routed
 weight like the rest of the expert's output) and the activation (`MoEActivation`: SiLU·up, or gpt-oss's
 clamped swiglu_oai) are constexpr switches of the epilogues: without biases the kernels load nothing more,
-and the SiLU path compiles to the code it always did. `activation_epilogue` and `_add_bias` are shared with
-the MXFP4 kernels (kernels/triton_moe_mxfp4.py).
+and the SiLU path compiles to the code it always did. `activation_epilogue` (in triton_common, shared with the
+tiny path) and `_add_bias` are shared with the MXFP4 kernels (kernels/triton_moe_mxfp4.py).
+Tiny batches (decode) skip all of the above when the launch config says so (`TINY`, kernels/moe_config.py):
+kernels/triton_moe_tiny.py runs the layer in two launches (gate-up GEMV per pair, down GEMV with the top-k sum
+per token), chosen from T*K alone, so CUDA graphs stay valid. `path` forces either path (benchmarks, tests).
 The pair count is not specialised on (`do_not_specialize`): decode batches of odd and even sizes share
 one compiled kernel per config (T*K % 16 would otherwise split them), so a new batch size never compiles.
 """
@@ -38,13 +41,15 @@ import triton
 import triton.language as tl
 
 from . import triton_common as common
+from . import triton_moe_tiny
 from .moe import SILU, MoEActivation
 from .moe_align import _local_expert, moe_align_block_size
-from .moe_config import MoEConfig, get_moe_config
-from .triton_common import cast, dot
+from .moe_config import DEFAULT_TINY, MoEConfig, get_moe_config
+from .triton_common import activation_epilogue, cast, dot  # (activation_epilogue: shared with the tiny path)
 
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1  # the ACT constexpr of the gate-up epilogue
 _ACT_CODES = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI}
+_PATHS = ("auto", "tiny", "sorted")
 
 
 @triton.jit
@@ -64,16 +69,6 @@ def _grouped_pids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _add_bias(acc, b_ptr, offs_n, n_ok):
     """acc [BM, BN] + the bias row's [BN] slice, in fp32."""
     return acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-
-
-@triton.jit
-def activation_epilogue(acc_g, acc_u, alpha, limit, ACT: tl.constexpr):
-    """The gated activation on fp32 accumulators (same math as `MoEActivation`)."""
-    if ACT == 1:  # swiglu_oai: gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha * gate)
-        g = tl.minimum(acc_g, limit)
-        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-        return (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
-    return acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -254,17 +249,22 @@ def triton_fused_moe(
     out: torch.Tensor | None = None,
     config: MoEConfig | None = None,
     combine: str = "sum",
+    path: str = "auto",
 ) -> torch.Tensor:
     """Same contract as `reference_fused_moe` (biases b13 [E, F] / b2 [E, D] of any float dtype, activation):
     [T, D] in x's dtype; rows whose experts are all remote are 0.
 
     `out` (optional [T, D], x's dtype) receives the result; `config` overrides
-    the JSON launch config; `combine` is "sum" or "atomic" (module docstring).
+    the JSON launch config; `combine` is "sum" or "atomic" (module docstring); `path` is "auto" (the
+    config's TINY.max_pairs decides), "tiny" (always the two-launch tiny path; the config's TINY blocks, else
+    DEFAULT_TINY's; it sums deterministically whatever `combine` says) or "sorted" (never the tiny path).
     No device→host sync: grids come from shapes only.
     """
     _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK)
     if combine not in ("sum", "atomic"):
         raise ValueError(f"combine={combine!r} is invalid: must be 'sum' or 'atomic'.")
+    if path not in _PATHS:
+        raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(_PATHS)}.")
     T, D = x_TD.shape
     E, F, _ = w13_EFD.shape
     I, K = F // 2, topk_ids_TK.shape[1]
@@ -281,6 +281,9 @@ def triton_fused_moe(
     weights_P = topk_weights_TK.reshape(-1).contiguous()
     ids_P = topk_ids_TK.reshape(-1).contiguous()
     cfg = config or get_moe_config(E, I, T, K, dev)
+    if path == "tiny" or (path == "auto" and cfg.uses_tiny(T * K)):
+        return triton_moe_tiny.tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF, b2_ED, act,
+                                              alpha, limit, out, cfg.tiny or DEFAULT_TINY, K)
     BM = cfg.BLOCK_SIZE_M
     sorted_R, expert_ids_B, _ = moe_align_block_size(ids_P, BM, E, expert_map_G)
     R = sorted_R.numel()

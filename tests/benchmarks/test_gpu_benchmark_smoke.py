@@ -67,7 +67,7 @@ def test_moe_kernels_smoke_rows_checks_summary_and_plot(tmp_path):
 
     has_gmm = moe_kernels._grouped_mm_works(CPU)
     systems = list(moe_kernels.systems(has_gmm))
-    assert {"moelink-triton", "moelink-triton-atomic", "per-expert-loop"} <= set(systems)
+    assert {"moelink-triton", "moelink-triton-atomic", "moelink-triton-tiny", "per-expert-loop"} <= set(systems)
     rows = {(r["shape"], r["tokens"], r["system"]): r for r in res["results"]}
     assert len(rows) == len(res["results"]), "a (shape, tokens, system) row is duplicated"
     assert set(rows) == set(itertools.product(moe_kernels.SMOKE_SHAPES, moe_kernels.SMOKE_TOKENS, systems))
@@ -86,7 +86,14 @@ def test_moe_kernels_smoke_rows_checks_summary_and_plot(tmp_path):
 
     s = res["summary"]
     assert set(s) == {"geomean_speedup_vs_grouped_mm", "min_frac_copy_bw_le64_tokens", "min_frac_matmul_ge4096_tokens",
-                      "targets"}
+                      "tiny_speedup_vs_moelink_triton", "targets"}
+    # every smoke point is within the tiny path's pair limit: one ratio per (shape, tokens), each the rows' quotient
+    assert set(s["tiny_speedup_vs_moelink_triton"]) == {f"{n} T={T}" for n, T in
+                                                        itertools.product(moe_kernels.SMOKE_SHAPES, moe_kernels.SMOKE_TOKENS)}
+    for (shape, T, system), r in rows.items():
+        if system == "moelink-triton":
+            want = r["median_ms"] / rows[(shape, T, "moelink-triton-tiny")]["median_ms"]
+            assert s["tiny_speedup_vs_moelink_triton"][f"{shape} T={T}"] == pytest.approx(want, rel=1e-3)
     assert positive(s["geomean_speedup_vs_grouped_mm"]) if has_gmm else s["geomean_speedup_vs_grouped_mm"] is None
     assert positive(s["min_frac_copy_bw_le64_tokens"])  # every smoke token count is <= 64
     assert s["min_frac_matmul_ge4096_tokens"] is None and s["targets"]["matmul_ge_70pct"] is None
@@ -165,6 +172,12 @@ def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
                 for axis in tune_moe.GEMM_AXES:
                     allowed = {getattr(getattr(s, part), axis) for s in seeds} | set(space[axis])
                     assert getattr(getattr(got, part), axis) in allowed, (name, T, part, axis)
+            if got.tiny is not None:  # the tiny path's axis: on at this bucket's pair count, blocks from the space
+                assert got.tiny.max_pairs == T * K and T * K <= tune_moe.TINY_TUNE_MAX_PAIRS
+                for key, values in tune_moe.TINY_AXES["smoke"].items():
+                    part, axis = key.split("_", 1)
+                    assert getattr(getattr(got.tiny, part), axis) in set(values) | {
+                        getattr(getattr(moe_config.DEFAULT_TINY, part), axis)}
     assert set(out_dir.iterdir()) == paths
 
     # The engine's lookup finds them: a GPU named "Smoke_GPU" with these files picks the nearest bucket.
@@ -220,6 +233,39 @@ def test_engine_decode_smoke_step_and_floor_per_batch(tmp_path):
         assert r["full_model_floor_ms"] == pytest.approx(r["floor_ms"])
         K, E = hf["num_experts_per_tok"], hf["num_experts"]
         assert r["experts_touched_per_layer"] == K if B == 1 else K <= r["experts_touched_per_layer"] <= E
+
+
+def _dsv2_floor_bytes(hf: dict, batch: int, context: int, touched_per_moe_layer: float) -> float:
+    """DeepSeek-V2-Lite's step floor counted by hand from config.json (bf16, the router gate in float32): MLA
+    without q LoRA in every layer, the dense MLP in the first, router + 2 shared experts in the others, the
+    routed experts touched, one latent + rope key cached per token and layer, the LM head and embedding rows."""
+    D, N, C, P = hf["hidden_size"], hf["num_attention_heads"], hf["kv_lora_rank"], hf["qk_rope_head_dim"]
+    Dn, Dv, I, E, L = hf["qk_nope_head_dim"], hf["v_head_dim"], hf["moe_intermediate_size"], hf["n_routed_experts"], hf["num_hidden_layers"]
+    attn = D * N * (Dn + P) + D * (C + P) + C * N * (Dn + Dv) + N * Dv * D + C + 2 * D  # + kv_a_layernorm, 2 norms
+    dense = hf["first_k_dense_replace"]
+    layers_b = 2 * (L * attn + dense * 3 * D * hf["intermediate_size"] + (L - dense) * 3 * D * I * hf["n_shared_experts"])
+    router_b = 4 * (L - dense) * E * D
+    experts_b = 2 * 3 * D * I * touched_per_moe_layer * (L - dense)
+    kv_b = 2 * (C + P) * batch * (context + 1) * L
+    return layers_b + router_b + experts_b + kv_b + 2 * (hf["vocab_size"] + batch) * D
+
+
+@pytest.mark.slow
+def test_engine_decode_smoke_deepseek_v2_lite(tmp_path):
+    """--model deepseek-v2-lite: the engine's DeepSeek-V2 model (MLA, dense first layer, shared experts) decodes,
+    and the floor is the bytes counted by hand (a GQA-shaped cache, a missed shared expert or dense layer fails)."""
+    out = tmp_path / "engine_decode_dsv2.json"
+    run_smoke("engine_decode", tmp_path, "--model", "deepseek-v2-lite", "--out", str(out))
+    res = json.loads(out.read_text())
+    hf = engine_decode.SMOKE_DSV2
+    assert res["model_key"] == "deepseek-v2-lite" and res["model"].startswith("DeepSeek-V2-Lite")
+    assert [r["batch"] for r in res["results"]] == list(engine_decode.SMOKE_BATCHES)
+    for r in res["results"]:
+        assert r["layers"] == hf["num_hidden_layers"] and positive(r["step_ms"]) and positive(r["floor_ms"])
+        K, E = hf["num_experts_per_tok"], hf["n_routed_experts"]
+        assert r["experts_touched_per_layer"] == K if r["batch"] == 1 else K <= r["experts_touched_per_layer"] <= E
+        want = _dsv2_floor_bytes(hf, r["batch"], engine_decode.SMOKE_CONTEXT, r["experts_touched_per_layer"])
+        assert r["bytes_read_floor"] == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.slow

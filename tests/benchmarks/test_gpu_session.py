@@ -35,7 +35,8 @@ PLAN = re.compile(r"^PLAN step=(\S+) cmd=(\S+) gemm_compiles=(\d+) slow_compiles
                   r"run_s=(\d+) budget_s=(\d+) :: (.*)$", re.M)
 STEP_LINE = re.compile(r"^STEP step=(\S+) total_budget_s=(\d+) limit_s=(\d+)$", re.M)
 # Every device command of a session (what `plan` lists), plus the variants.
-STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quick", "compile-report"]
+STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quick", "decode --model deepseek-v2-lite",
+          "decode --quick --model deepseek-v2-lite", "compile-report"]
          + [f"moe {s}" for s in moe_kernels.SHAPES] + [f"moe {s} --quick" for s in moe_kernels.SHAPES]
          + [f"tune {s}" for s in moe_kernels.SHAPES] + ["tune deepseek-v3 1,64"]
          + ["tests-fp8"] + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"moe-fp8 {s} --quick" for s in FP8_SHAPES]
@@ -141,6 +142,10 @@ def test_plan_lists_one_device_command_per_step():
 
 def test_unknown_step_and_shape_are_refused():
     assert session("bogus").returncode == 2
+    proc = session("--dry-run", "decode", "--model", "llama")
+    assert proc.returncode == 2 and "--model must be" in proc.stderr
+    (plan,) = PLAN.findall(session("--dry-run", "decode", "--model", "deepseek-v2-lite").stdout)
+    assert "--model deepseek-v2-lite --graphs" in plan[7] and "_deepseek-v2-lite.json" in plan[7]
     proc = session("--dry-run", "moe", "qwen3")
     assert proc.returncode == 2 and "SHAPE must be one of" in proc.stderr
 
@@ -334,3 +339,60 @@ def test_per_compile_costs_cover_the_compile_report():
         mean = sum(times[cls]) / len(times[cls])
         assert c[key] - c["LAUNCHER_S"] >= 2 * mean, (cls, mean)
         assert c[key] >= max(times[cls]), (cls, max(times[cls]))
+
+
+def test_tune_tiny_axis_moves_one_step_at_a_time():
+    """The tiny-batch path as a tune axis: off -> on at the bucket's pair count; on -> off or one GEMV field moved;
+    with it on, the sorted path's axes are not searched (they do not run); none of it above TINY_TUNE_MAX_PAIRS."""
+    from dataclasses import replace
+
+    from moelink.kernels.moe_config import DEFAULT_TINY
+
+    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))
+    space, axes = tune_moe.SPACES["quick"], tune_moe.TINY_AXES["quick"]
+    off = list(tune_moe.neighbours(base, space, [16], 8, axes))
+    assert off[0] == replace(base, tiny=replace(DEFAULT_TINY, max_pairs=8))
+    assert all(c.tiny is None for c in off[1:]) and len(off) > 1  # the sorted axes follow
+    on = off[0]
+    moved = list(tune_moe.neighbours(on, space, [16], 8, axes))
+    assert moved[0] == base  # tiny off again
+    assert all(c.tiny is not None and c.tiny.max_pairs == 8 and (c.BLOCK_SIZE_M, c.up, c.down) == (16, base.up, base.down)
+               for c in moved[1:])
+    assert len(moved) - 1 == sum(len([v for v in vals if v != getattr(getattr(on.tiny, k.split("_", 1)[0]), k.split("_", 1)[1])])
+                                 for k, vals in axes.items())
+    assert all(c.tiny is None for c in tune_moe.neighbours(base, space, [16], tune_moe.TINY_TUNE_MAX_PAIRS + 1, axes))
+
+
+def test_tune_prunes_tiny_tiles_that_would_spill():
+    """The tiny GEMVs hold their tiles in registers: the [8, 32, 512] down tile the compile report saw spill is
+    pruned at top-8 (fine at top-1), DEFAULT_TINY is not."""
+    from dataclasses import replace
+
+    from moelink.kernels.moe_config import DEFAULT_TINY, TinyGemm
+
+    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), DEFAULT_TINY)
+    assert tune_moe.feasible(base, 2048, 768, 2, 8) is None
+    wide = replace(base, tiny=replace(DEFAULT_TINY, down=TinyGemm(32, 512, 8, 2)))
+    assert "tiny down" in tune_moe.feasible(wide, 2048, 768, 2, 8)
+    assert tune_moe.feasible(wide, 2048, 768, 2, 1) is None
+    fat_up = replace(base, tiny=replace(DEFAULT_TINY, up=TinyGemm(32, 512, 4, 2)))
+    assert "tiny up" in tune_moe.feasible(fat_up, 2048, 768, 2, 8)
+
+
+def test_graph_timing_prefers_replays_and_falls_back_to_eager():
+    class FakeTimer:
+        def __init__(self, graph_s):
+            self.graph_s, self.calls = graph_s, []
+
+        def graph(self, fn, arg_sets, iters=30):
+            self.calls.append(("graph", iters))
+            return self.graph_s
+
+        def __call__(self, fn, arg_sets, iters=30, warmup=3):
+            self.calls.append(("eager", iters, warmup))
+            return 9.0
+
+    t = FakeTimer(0.5)
+    assert tune_moe.GraphTiming(t)(None, [()], iters=7, warmup=1) == 0.5 and t.calls == [("graph", 7)]
+    t = FakeTimer(None)  # capture failed (e.g. a host sync): eager
+    assert tune_moe.GraphTiming(t)(None, [()], iters=7, warmup=1) == 9.0 and t.calls == [("graph", 7), ("eager", 7, 1)]

@@ -24,7 +24,7 @@ ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel",
                "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel", "_write_kv_kernel", "_rms_norm_kernel",
                "_rotary_kernel", "_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel",
                "_group_quant_kernel", "_fp8_gemm_kernel", "_moe_fp8_up_kernel", "_moe_fp8_down_kernel",
-               "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"}
+               "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel", "_tiny_up_kernel", "_tiny_down_kernel"}
 
 
 def report() -> dict:
@@ -72,6 +72,31 @@ def test_report_covers_every_config_as_it_is_now():
             got = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], hits[0]["num_warps"], hits[0]["num_stages"])
             want = (cfg.BLOCK_SIZE_M, g.BLOCK_SIZE_N, g.BLOCK_SIZE_K, g.GROUP_SIZE_M, g.num_warps, g.num_stages)
             assert got == want, f"{name} {shape} {label}: report has {got}, the file {want}: {REGENERATE}"
+
+
+def test_report_covers_the_tiny_path():
+    """The tiny-batch GEMVs (kernels/triton_moe_tiny.py) at every model shape with DEFAULT_TINY's blocks, the down
+    GEMV's top-k lanes padded to a power of two, and (Qwen3, one token: 2048 / 8 = 256 programs) the narrowing
+    floor. Spills are checked with every kernel below."""
+    from moelink.kernels.moe_config import DEFAULT_TINY
+    from moelink.kernels.triton_moe_tiny import down_block_n
+
+    kernels = report()["kernels"]
+
+    def launched(name, case):
+        hits = [k for k in kernels if k["name"] == name and case in k["cases"]]
+        assert hits, f"{name} for {case!r} is not in the report: {REGENERATE}"
+        return hits[0]
+
+    for shape, (E, K, D, I) in compile_report.MODEL_SHAPES.items():
+        for T in (1, 8):
+            case = f"{shape} T={T} tiny DEFAULT_TINY"
+            up, down = launched("_tiny_up_kernel", case), launched("_tiny_down_kernel", case)
+            assert (up["constexprs"]["BLOCK_N"], up["constexprs"]["BLOCK_K"], up["num_warps"]) == (
+                DEFAULT_TINY.up.BLOCK_SIZE_N, DEFAULT_TINY.up.BLOCK_SIZE_K, DEFAULT_TINY.up.num_warps), REGENERATE
+            c = down["constexprs"]
+            assert c["BLOCK_N"] == down_block_n(DEFAULT_TINY.down.BLOCK_SIZE_N, T, D, 132), REGENERATE
+            assert (c["BLOCK_K"], c["TOP_K"], c["KP"]) == (DEFAULT_TINY.down.BLOCK_SIZE_K, K, 1 << (K - 1).bit_length())
 
 
 def test_report_zero_spills_tensor_cores_in_gemms_and_shared_memory_fits():

@@ -1,0 +1,167 @@
+"""The fused MoE for tiny batches (decode): two launches, no alignment, no top-k sum pass.
+
+Legend: T tokens, D hidden, E local experts, I expert intermediate size, F = 2I, K top-k, P = T*K pairs.
+
+At one to a few tokens the sorted path (kernels/triton_moe.py) is launch- and latency-bound, not
+bandwidth-bound: four kernels (align, gate-up, down, sum) each wait for the one before, and each M block
+of 16 rows carries one real row. Here:
+1. Gate-up GEMV, grid (P, I / BLOCK_N): program (p, n) reads the pair's expert straight from topk_ids
+   (through the expert map), its token's x row and the gate and up rows [n, n+BN) of w13, and writes
+   act(gate)·up into h_PI[p] (x's dtype, as the sorted path rounds h). A remote or invalid expert's program
+   exits: its h row is never written and never read.
+2. Down GEMV + top-k sum, grid (T, D / BLOCK_N): program (t, n) loads the token's K pairs side by side
+   ([K, BN, BK] tiles of w2 rows of the K experts), accumulating Σ_k w[t,k] · h[t,k] · w2[e]ᵀ
+   (+ w[t,k] · b2[e]) for the output columns [n, n+BN) in fp32, and stores the token's row once. No atomics, no y_PD round trip, a fixed summation order: bit-identical run
+   to run (what combine="sum" promises), for any `combine` argument.
+Both kernels are GEMVs on the CUDA cores (a [BN, BK] fp32 tile of products, reduced once at the end): with
+one row per expert an MMA of M = 16 would waste 15/16 of its work and gain nothing on a memory-bound step.
+A token's output is only D / BLOCK_N programs (Qwen3: 128 at BN = 16, fewer than two per H100 SM), so the
+wrapper narrows the down kernel's N (down to 8) until the grid gives every SM two programs: more rows of
+w2 in flight at once, the work of a split-K with no partial sums to merge.
+Choice: `TinyConfig.max_pairs` in the launch config (kernels/moe_config.py); a function of T*K only, known
+on the host, so a CUDA graph captured for a batch size always replays the same path.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as common
+from .moe_align import _local_expert
+from .moe_config import TinyConfig
+from .triton_common import activation_epilogue, cast
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _tiny_up_kernel(x_ptr, w13_ptr, h_ptr, ids_ptr, map_ptr, b13_ptr, num_pairs, num_ids, inter, hidden, top_k,
+                    stride_xt, stride_we, stride_wf, stride_hp, stride_be, alpha, limit,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
+    pair = tl.program_id(0)
+    expert = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
+    if expert < 0:
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xt + offs_k
+    w_ptr = w13_ptr + expert.to(tl.int64) * stride_we
+    g_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wf + offs_k[None, :]  # [BN, BK]: rows contiguous along D
+    u_ptrs = g_ptrs + inter * stride_wf
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs).to(tl.float32)
+            bg = tl.load(g_ptrs, mask=n_ok[:, None], other=0.0)
+            bu = tl.load(u_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = offs_k < hidden - k0
+            a = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            bg = tl.load(g_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc_g += bg.to(tl.float32) * a[None, :]
+        acc_u += bu.to(tl.float32) * a[None, :]
+        x_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    gate = tl.sum(acc_g, axis=1)
+    up = tl.sum(acc_u, axis=1)
+    if HAS_BIAS:
+        b_ptr = b13_ptr + expert.to(tl.int64) * stride_be
+        gate += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        up += tl.load(b_ptr + inter + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    h = activation_epilogue(gate, up, alpha, limit, ACT)
+    tl.store(h_ptr + pair.to(tl.int64) * stride_hp + offs_n, cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _tiny_down_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, b2_ptr, num_pairs, num_ids, hidden,
+                      inter, stride_hp, stride_we, stride_wd, stride_ot, stride_be,
+                      TOP_K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    # All K pairs of the token at once: each step loads a [KP, BLOCK_N, BLOCK_K] tile (K experts' rows side by
+    # side), so a program keeps K times the bytes of one weight tile in flight; the pair axis is summed in
+    # registers, in a fixed order. Lanes k >= TOP_K and remote pairs are masked: their memory is never read.
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    lanes = tl.arange(0, KP)
+    pair_p = t * TOP_K + lanes
+    expert_p = _local_expert(ids_ptr, map_ptr, pair_p, num_pairs, num_ids, HAS_MAP)
+    live_p = (lanes < TOP_K) & (expert_p >= 0)
+    w_p = tl.load(weights_ptr + pair_p, mask=live_p, other=0.0).to(tl.float32)
+    h_ptrs = h_ptr + pair_p[:, None].to(tl.int64) * stride_hp + offs_k[None, :]  # [KP, BK]
+    b_ptrs = (w2_ptr + tl.maximum(expert_p, 0).to(tl.int64)[:, None, None] * stride_we
+              + offs_n[None, :, None].to(tl.int64) * stride_wd + offs_k[None, None, :])  # [KP, BN, BK]
+    row_ok = live_p[:, None, None] & n_ok[None, :, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for i0 in range(0, inter, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(h_ptrs, mask=live_p[:, None], other=0.0).to(tl.float32)
+            b = tl.load(b_ptrs, mask=row_ok, other=0.0)
+        else:
+            k_ok = offs_k < inter - i0
+            a = tl.load(h_ptrs, mask=live_p[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            b = tl.load(b_ptrs, mask=row_ok & k_ok[None, None, :], other=0.0)
+        a = a * w_p[:, None]  # the routed weight scales h: linear, so the same sum
+        acc += tl.sum(b.to(tl.float32) * a[:, None, :], axis=0)
+        h_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:  # scaled by the routed weight, as the reference applies it
+        b2_ptrs = b2_ptr + tl.maximum(expert_p, 0).to(tl.int64)[:, None] * stride_be + offs_n[None, :]
+        b2 = tl.load(b2_ptrs, mask=live_p[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        y += tl.sum(b2 * w_p[:, None], axis=0)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n, cast(y, out_ptr.dtype.element_ty, INTERPRET), mask=n_ok)
+
+
+def down_block_n(widest: int, num_tokens: int, hidden: int, num_sms: int) -> int:
+    """The down GEMV's BLOCK_N: the config's, halved (not below 8) while the grid gives fewer than two
+    programs per SM. Host arithmetic on shapes only."""
+    bn = widest
+    while bn > 8 and num_tokens * triton.cdiv(hidden, bn) < 2 * num_sms:
+        bn //= 2
+    return bn
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: small grids, still exercises the narrowing
+    from .split_planning import _num_sms as sms
+
+    return sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF, b2_ED, act: int, alpha: float,
+                   limit: float, out: torch.Tensor, tiny: TinyConfig, top_k: int) -> torch.Tensor:
+    """The two launches above into `out` [T, D]. Called by `triton_fused_moe` with its inputs checked and
+    made row-contiguous (weights_P / ids_P are the flat [T*K] routing); no host sync."""
+    T, D = x_TD.shape
+    E, F, _ = w13_EFD.shape
+    I, P = F // 2, ids_P.numel()
+    dev, dt = x_TD.device, x_TD.dtype
+    interp = common.interpreting(x_TD)
+    has_map = expert_map_G is not None
+    map_G = expert_map_G if has_map else ids_P  # any pointer: unused without a map
+    num_ids = expert_map_G.numel() if has_map else E
+    up = tiny.up
+    h_PI = common.workspace((P, I), dt, dev)
+    _tiny_up_kernel[(P, triton.cdiv(I, up.BLOCK_SIZE_N))](
+        x_TD, w13_EFD, h_PI, ids_P, map_G, x_TD if b13_EF is None else b13_EF, P, num_ids, I, D, top_k,
+        x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), h_PI.stride(0),
+        0 if b13_EF is None else b13_EF.stride(0), alpha, limit,
+        BLOCK_N=up.BLOCK_SIZE_N, BLOCK_K=up.BLOCK_SIZE_K, EVEN_K=D % up.BLOCK_SIZE_K == 0, HAS_MAP=has_map,
+        HAS_BIAS=b13_EF is not None, ACT=act, INTERPRET=interp, num_warps=up.num_warps, num_stages=up.num_stages,
+    )
+    down = tiny.down
+    bn = down_block_n(down.BLOCK_SIZE_N, T, D, _num_sms(dev))
+    _tiny_down_kernel[(T, triton.cdiv(D, bn))](
+        h_PI, w2_EDI, out, ids_P, map_G, weights_P, weights_P if b2_ED is None else b2_ED, P, num_ids, D, I,
+        h_PI.stride(0), w2_EDI.stride(0), w2_EDI.stride(1), out.stride(0), 0 if b2_ED is None else b2_ED.stride(0),
+        TOP_K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_N=bn, BLOCK_K=down.BLOCK_SIZE_K, EVEN_K=I % down.BLOCK_SIZE_K == 0, HAS_MAP=has_map,
+        HAS_BIAS=b2_ED is not None, INTERPRET=interp, num_warps=down.num_warps, num_stages=down.num_stages,
+    )
+    return out

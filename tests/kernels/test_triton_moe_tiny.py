@@ -1,0 +1,139 @@
+"""The tiny-batch fused MoE (kernels/triton_moe_tiny.py: two launches, no alignment, no sum pass) against
+reference_fused_moe in float64, in the interpreter on CPU; ragged shapes, NaN-poisoned outputs and workspaces
+(conftest.py). Also: the config threshold picks the path from T*K alone, and the down GEMV's narrowing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelink.kernels import moe_align, triton_moe_tiny
+from moelink.kernels.moe import SILU, MoEActivation, reference_fused_moe
+from moelink.kernels.moe_config import DEFAULT_TINY, MoEConfig, TinyConfig
+from moelink.kernels.triton_moe import triton_fused_moe
+
+from tests.helpers.moe_cases import DTYPES, SMALL, expert_map as _expert_map, routing as _routing
+
+# Interpreter-sized GEMV blocks: BLOCK_K below D and I so the K loop runs several times and its tail is masked.
+TINY = TinyConfig.from_dict({"max_pairs": 12, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "num_warps": 4, "num_stages": 2,
+                             "down": {"BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32}})
+WITH_TINY = MoEConfig(SMALL.BLOCK_SIZE_M, SMALL.up, SMALL.down, TINY)
+OAI = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
+
+# (T, E local, G global, K, D, I, routing, activation, biases): ragged on purpose.
+CASES = [
+    (1, 4, 4, 2, 32, 16, "rand", SILU, "none"),  # decode: one token, even K loops
+    (3, 6, 6, 3, 40, 24, "rand", SILU, "none"),  # D and I off BLOCK_K (masked tails), I off BLOCK_N
+    (5, 16, 16, 2, 48, 40, "rand", SILU, "none"),  # more experts than pairs
+    (4, 3, 3, 3, 32, 16, "one", SILU, "none"),  # every token on expert 0 (repeat reads of one expert)
+    (3, 5, 12, 4, 40, 24, "map", SILU, "none"),  # remote experts via the map: wholly remote tokens -> 0
+    (3, 4, 4, 2, 36, 20, "rand", OAI, "both"),  # gpt-oss: clamped swiglu, both biases, ragged D and I
+    (2, 3, 9, 3, 32, 16, "map", OAI, "b2"),  # down bias only, with remote experts
+]
+
+
+def _inputs(gen, T, E, G, K, D, I, mode, dtype, biases="none"):
+    x = (torch.randn(T, D, generator=gen) * 2).to(dtype)
+    w13 = (torch.randn(E, 2 * I, D, generator=gen) / D**0.5).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=gen) / I**0.5).to(dtype)
+    ids = _routing(gen, T, G, K, "one" if mode == "one" else "rand")
+    weights = torch.rand(T, K, generator=gen)
+    emap = _expert_map(gen, G, E) if mode == "map" else None
+    b13 = torch.randn(E, 2 * I, generator=gen).to(dtype) if biases in ("both", "b13") else None
+    b2 = torch.randn(E, D, generator=gen).to(dtype) if biases in ("both", "b2") else None
+    return x, w13, w2, weights, ids, emap, b13, b2
+
+
+def _want(x, w13, w2, weights, ids, emap, b13, b2, act=SILU):
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    return reference_fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids, emap, b13_EF=d(b13),
+                               b2_ED=d(b2), activation=act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("T,E,G,K,D,I,mode,act,biases", CASES)
+def test_tiny_matches_reference(T, E, G, K, D, I, mode, act, biases, dtype, gen, kdev, check, nan_buffer, monkeypatch):
+    x, w13, w2, weights, ids, emap, b13, b2 = _inputs(gen, T, E, G, K, D, I, mode, dtype, biases)
+    ids[::2, -1] = -1  # EP receive-buffer holes
+    want = _want(x, w13, w2, weights, ids, emap, b13, b2, act)
+    # The tiny path must not align: any call to the sort kernels fails the test.
+    monkeypatch.setattr(moe_align, "moe_align_block_size", lambda *a, **k: pytest.fail("tiny path aligned"))
+    monkeypatch.setattr("moelink.kernels.triton_moe.moe_align_block_size",
+                        lambda *a, **k: pytest.fail("tiny path aligned"))
+    out = nan_buffer((T, D), dtype, kdev)
+    dev = lambda t: None if t is None else t.to(kdev)  # noqa: E731
+    got = triton_fused_moe(dev(x), dev(w13), dev(w2), dev(weights), dev(ids), dev(emap), out=out, config=WITH_TINY,
+                           b13_EF=dev(b13), b2_ED=dev(b2), activation=act)  # path="auto": T*K <= 12
+    assert got is out
+    check(got, want, dtype, f"tiny fused_moe T={T} E={E} K={K} {mode} {act.kind} biases={biases}")
+    if mode == "map":
+        remote = ((emap[ids.clamp(min=0)] < 0) | (ids < 0)).all(1)
+        assert (got.cpu()[remote] == 0).all()
+
+
+def test_tiny_out_of_range_ids_touch_nothing(gen, kdev, check):
+    """Ids >= E (>= G with a map) count as 'no expert here', as on the sorted path: never a weight row past E."""
+    T, E, G, K, D, I = 4, 5, 7, 3, 32, 16
+    x, w13, w2, weights, ids, emap, _, _ = _inputs(gen, T, E, G, K, D, I, "map", torch.float32)
+    bad = ids.clone()
+    bad[0, 1], bad[2, 0], bad[3, 2] = G, 40, 1 << 20
+    keep = (bad < G).to(weights.dtype)
+    want = _want(x, w13, w2, weights * keep, torch.where(bad < G, bad, torch.zeros_like(bad)), emap, None, None)
+    got = triton_fused_moe(*(t.to(kdev) for t in (x, w13, w2, weights, bad, emap)), config=WITH_TINY, path="tiny")
+    check(got, want, torch.float32, "tiny fused_moe with out-of-range ids")
+
+
+def test_tiny_is_deterministic_and_ignores_combine(gen, kdev):
+    """One fixed summation order: the same bits run to run, with either combine argument."""
+    x, w13, w2, weights, ids, _, _, _ = _inputs(gen, 3, 6, 6, 4, 32, 16, "rand", torch.bfloat16)
+    args = [t.to(kdev) for t in (x, w13, w2, weights, ids)]
+    a = triton_fused_moe(*args, config=WITH_TINY, path="tiny")
+    b = triton_fused_moe(*args, config=WITH_TINY, path="tiny", combine="atomic")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("T,K,expect_tiny", [(4, 3, True), (6, 2, True), (5, 3, False), (13, 1, False)])
+def test_threshold_picks_the_path_from_pairs(T, K, expect_tiny, gen, kdev, check, monkeypatch):
+    """path='auto': tiny exactly when T*K <= TINY.max_pairs (12); both paths give the reference's answer."""
+    calls = []
+    real = triton_moe_tiny.tiny_fused_moe
+    monkeypatch.setattr(triton_moe_tiny, "tiny_fused_moe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w13, w2, weights, ids, _, _, _ = _inputs(gen, T, 6, 6, K, 32, 16, "rand", torch.float32)
+    got = triton_fused_moe(*(t.to(kdev) for t in (x, w13, w2, weights, ids)), config=WITH_TINY)
+    assert bool(calls) == expect_tiny
+    check(got, _want(x, w13, w2, weights, ids, None, None, None), torch.float32, f"auto path T={T} K={K}")
+    calls.clear()
+    triton_fused_moe(*(t.to(kdev) for t in (x, w13, w2, weights, ids)), config=WITH_TINY, path="sorted")
+    assert not calls
+    triton_fused_moe(*(t.to(kdev) for t in (x, w13, w2, weights, ids)), config=SMALL, path="tiny")  # DEFAULT_TINY
+    assert calls
+
+
+def test_down_block_n_narrows_to_fill_the_sms():
+    # Qwen3 decode on an H100: 1 token x 2048 / 16 = 128 programs < 264 -> 8 (256 programs, the floor).
+    assert triton_moe_tiny.down_block_n(16, 1, 2048, 132) == 8
+    assert triton_moe_tiny.down_block_n(64, 1, 7168, 132) == 16  # 448 programs >= 264
+    assert triton_moe_tiny.down_block_n(16, 8, 2048, 132) == 16  # enough tokens: the config's width
+    assert triton_moe_tiny.down_block_n(8, 1, 64, 132) == 8  # never below 8
+
+
+def test_tiny_config_round_trip_and_errors():
+    assert TinyConfig.from_dict(TINY.to_dict()) == TINY and TINY.down.BLOCK_SIZE_N == 32 and TINY.up.BLOCK_SIZE_N == 16
+    assert TINY.down.num_warps == 4  # down inherits what it does not override
+    cfg = MoEConfig.from_dict({**SMALL.to_dict(), "TINY": TINY.to_dict()})
+    assert cfg.tiny == TINY and MoEConfig.from_dict(cfg.to_dict()) == cfg and "TINY" not in SMALL.to_dict()
+    assert cfg.uses_tiny(12) and not cfg.uses_tiny(13) and not cfg.uses_tiny(0) and not SMALL.uses_tiny(1)
+    for bad, field in (({"max_pairs": -1}, "max_pairs"), ({"max_pairs": True}, "max_pairs"),
+                       ({"BLOCK_SIZE_N": 12}, "BLOCK_SIZE_N"), ({"BLOCK_SIZE_K": 4}, "BLOCK_SIZE_K"),
+                       ({"num_warps": 0}, "num_warps")):
+        with pytest.raises(ValueError, match=field):
+            MoEConfig.from_dict({**SMALL.to_dict(), "TINY": {**TINY.to_dict(), **bad}})
+    with pytest.raises(ValueError, match="TINY"):
+        MoEConfig.from_dict({**SMALL.to_dict(), "TINY": 16})
+    assert DEFAULT_TINY.max_pairs > 0
+
+
+def test_bad_path_is_named(kdev):
+    x = torch.zeros(2, 32, device=kdev)
+    with pytest.raises(ValueError, match="path"):
+        triton_fused_moe(x, x.new_zeros(2, 32, 32), x.new_zeros(2, 32, 16), x.new_zeros(2, 2),
+                         torch.zeros(2, 2, dtype=torch.long, device=kdev), path="fast")
