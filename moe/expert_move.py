@@ -74,6 +74,14 @@ def slot_tensors(layer: nn.Module, num_slots: int) -> dict[str, torch.Tensor]:
             if n not in _NOT_PER_SLOT and p.dim() >= 1 and p.shape[0] == num_slots}
 
 
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's expert-parallel MoE layers, in MoE-layer order."""
+    from .layer import MoELayer
+
+    found = [m for m in model.modules() if isinstance(m, MoELayer) and m.ep is not None]
+    return sorted(found, key=lambda m: m.moe_index)
+
+
 class ExpertMover:
     """One rank's share of moving `layers` (its MoE layers, in MoE order) from `old` to `new` placements."""
 
@@ -142,4 +150,4 @@ class ExpertMover:
         self._staged.clear()
 
 
-__all__ = ["ExpertMover", "Transfer", "plan_moves", "slot_tensors"]
+__all__ = ["ExpertMover", "Transfer", "moe_layers", "plan_moves", "slot_tensors"]
