@@ -243,7 +243,8 @@ class LLMEngine:
             core_outputs.extend(sched.update_from_output(so, ro))
         self.moe_metrics.add_step([ro.stats.moe if ro.stats is not None else None for ro in runner_outs])
         if self.eplb is not None:  # at the step boundary: every rank is between steps
-            self.eplb.after_step(step_expert_load(runner_outs, self.moe_metrics), self.executor._collective)
+            counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
+            self.eplb.after_step(counts_LG, self.executor._collective, pairs_LR)
         for co in core_outputs:
             if self.structured and co.new_token_ids:
                 self.structured.accept(co.request_id, co.new_token_ids)

@@ -267,6 +267,11 @@ class PlacementTables:
     def max_replicas(self) -> int:
         return int(self.replica_rank_GX.shape[1])
 
+    def clone(self) -> PlacementTables:
+        """The same tables in tensors of their own."""
+        return PlacementTables(self.replica_count_G.clone(), self.replica_rank_GX.clone(),
+                               self.replica_slot_GX.clone(), self.ep_size)
+
     def route(self, topk_ids_TK: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`select_replicas(topk_ids_TK, self, rank)`: (dst_rank_TK int64, local_slot_TK int32)."""
         return select_replicas(topk_ids_TK, self, rank)

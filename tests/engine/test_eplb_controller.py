@@ -63,6 +63,16 @@ def test_rebalances_every_interval_moving_one_layer_per_step():
     for _ in range(5):
         ctl.after_step(_skewed_step(), ranks)
     assert ranks.calls.count("eplb_begin") == 1
+    # A small gain is not worth a move: the skew shifts slightly, EPLB finds a different placement, gain < 0.5.
+    lazy = EPLBController(5, ctl.placements[0], L, min_gain=0.5)
+    lazy.placements = ctl.placements
+    shifted = _skewed_step()
+    shifted[:, 0] += 3
+    for _ in range(5):
+        lazy.after_step(shifted, ranks)
+    assert ranks.calls.count("eplb_begin") == 1 and not lazy.moving
+    with pytest.raises(ValueError, match="min_gain"):
+        EPLBController(5, ctl.placements[0], L, min_gain=-1)
 
 
 def test_no_load_no_move_and_validation():

@@ -64,8 +64,9 @@ def main() -> None:
 
         before = run()
         load = np.zeros((L, G))
-        load[:, [5, 6]] = 10.0
-        load[:, [0, 1, 2, 3, 4, 7]] = 2.0
+        load[:] = 2.0
+        load[0, [5, 6]] = 10.0
+        load[1, [1, 6]] = 10.0  # another layout per layer: each layer must switch to its own tables
         new = rebalance_experts(load, old).placements
         mover = ExpertMover(layers, rank, group, [old] * L, new, torch.device("cpu"))
         chunks = 0

@@ -59,6 +59,7 @@ def test_move_on_gloo_ranks_outputs_unchanged(tmp_path, world):
     w = weights()
     layouts = res[0]["layouts"]
     assert all(r["layouts"] == layouts for r in res)
+    assert layouts[0] != layouts[1]
     moved = 0
     for r, out in enumerate(res):
         assert out["chunks"] == L
