@@ -59,6 +59,13 @@ def test_rebalances_every_interval_moving_one_layer_per_step():
     # Under the new placement the window's measured imbalance is the predicted one (same load).
     assert ctl.measured_imbalance() == pytest.approx(snap["predicted_imbalance_after"])
     assert len(ctl.experts_on_ranks_per_layer()) == L
+    # The Prometheus families carry the same numbers.
+    from moelink.engine.metrics import eplb_families
+
+    fams = {f.name: f for f in eplb_families(ctl.snapshot())}
+    assert fams["moelink_eplb_expert_bytes_moved"].samples[0].value == 10 * R
+    predicted = {tuple(x.labels.values()): x.value for x in fams["moelink_eplb_rank_imbalance"].samples}
+    assert predicted[("predicted", "after")] == pytest.approx(snap["predicted_imbalance_after"])
     # Same load at the next interval: the placement is already the best EPLB finds, nothing moves.
     for _ in range(5):
         ctl.after_step(_skewed_step(), ranks)
