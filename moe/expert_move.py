@@ -137,15 +137,13 @@ class ExpertMover:
             for n, w in tensors.items():
                 weights[n][slot].copy_(w)
         for layer, placement in zip(self.layers, self.new):
-            tables = placement.to_tensors(self.device)
+            # In place (the layer's tables are as wide as any placement needs): a captured decode graph keeps
+            # reading the same tensors.
             old = layer.ep_tables
-            same = (old is not None and old.replica_rank_GX.shape == tables.replica_rank_GX.shape)
-            if same:  # in place: a captured graph keeps reading the same tensors
-                old.replica_count_G.copy_(tables.replica_count_G)
-                old.replica_rank_GX.copy_(tables.replica_rank_GX)
-                old.replica_slot_GX.copy_(tables.replica_slot_GX)
-            else:
-                layer.ep_tables = tables
+            tables = placement.to_tensors(self.device).padded(old.max_replicas)
+            old.replica_count_G.copy_(tables.replica_count_G)
+            old.replica_rank_GX.copy_(tables.replica_rank_GX)
+            old.replica_slot_GX.copy_(tables.replica_slot_GX)
             layer.placement = placement
         self._staged.clear()
 

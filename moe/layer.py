@@ -83,8 +83,11 @@ class MoELayer(nn.Module):
         self.ep = ep
         # This layer's placement tables: the plan's at first; online EPLB (moe/expert_move.py) swaps in a
         # per-layer table at a step boundary, together with the layer's expert weights.
-        # A copy of its own (G x X int32, small): the move rewrites one layer's tables in place.
-        self.ep_tables = ep.tables.clone() if ep is not None else None
+        # A copy of its own (G x X int32, small), as wide as any placement of these slots can need (a rank
+        # holds one copy of an expert at most): online EPLB rewrites one layer's tables in place.
+        self.ep_tables = (ep.tables.padded(max(ep.tables.max_replicas,
+                                               min(ep.world_size, 1 + ep.placement.num_redundant)))
+                          if ep is not None else None)
         self.placement = ep.placement if ep is not None else None
         self.moe_index = moe_index
         self.stats = stats

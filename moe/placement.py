@@ -267,10 +267,17 @@ class PlacementTables:
     def max_replicas(self) -> int:
         return int(self.replica_rank_GX.shape[1])
 
-    def clone(self) -> PlacementTables:
-        """The same tables in tensors of their own."""
-        return PlacementTables(self.replica_count_G.clone(), self.replica_rank_GX.clone(),
-                               self.replica_slot_GX.clone(), self.ep_size)
+    def padded(self, width: int) -> PlacementTables:
+        """The same tables in tensors of their own, [G, width] (-1 beyond each count): every placement with at
+        most `width` copies of an expert fits them, so a new one is copied in place (a captured graph keeps
+        reading the same tensors)."""
+        X = self.max_replicas
+        if isinstance(width, bool) or not isinstance(width, int) or width < X:
+            raise ValueError(f"PlacementTables.padded: width must be an integer >= max_replicas={X}, got {width!r}.")
+        pad = (0, width - X)
+        return PlacementTables(self.replica_count_G.clone(),
+                               torch.nn.functional.pad(self.replica_rank_GX, pad, value=-1),
+                               torch.nn.functional.pad(self.replica_slot_GX, pad, value=-1), self.ep_size)
 
     def route(self, topk_ids_TK: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`select_replicas(topk_ids_TK, self, rank)`: (dst_rank_TK int64, local_slot_TK int32)."""

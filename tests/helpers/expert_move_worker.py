@@ -63,6 +63,7 @@ def main() -> None:
             return x
 
         before = run()
+        ptrs = [layer.ep_tables.replica_rank_GX.data_ptr() for layer in layers]
         load = np.zeros((L, G))
         load[:] = 2.0
         load[0, [5, 6]] = 10.0
@@ -82,7 +83,8 @@ def main() -> None:
                         w13=[layer.w13_EFD.detach().clone() for layer in layers],
                         w2=[layer.w2_EDI.detach().clone() for layer in layers],
                         layouts=[[p.experts_on_rank(r) for r in range(world)] for p in new],
-                        tables=[layer.ep_tables.replica_rank_GX.clone() for layer in layers]),
+                        tables=[layer.ep_tables.replica_rank_GX.clone() for layer in layers],
+                        tables_in_place=[layer.ep_tables.replica_rank_GX.data_ptr() for layer in layers] == ptrs),
                    f"{out_dir}/rank{rank}.pt")
     finally:
         destroy()

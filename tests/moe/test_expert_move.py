@@ -70,8 +70,10 @@ def test_move_on_gloo_ranks_outputs_unchanged(tmp_path, world):
             assert torch.equal(out["w13"][l], w[l]["w13"][held])  # every slot holds its new expert's weights
             assert torch.equal(out["w2"][l], w[l]["w2"][held])
             # the table now routes to the new copies
-            assert out["tables"][l][5].tolist()[: sum(5 in h for h in layouts[l])] == \
-                [q for q in range(world) if 5 in layouts[l][q]]
+            copies = sum(5 in h for h in layouts[l])
+            assert out["tables"][l][5].tolist() == [q for q in range(world) if 5 in layouts[l][q]] + \
+                [-1] * (out["tables"][l].shape[1] - copies)
+        assert out["tables_in_place"]  # same tensors: a captured decode graph would read the new tables
         moved += out["bytes_sent"]
     # The hot experts 5 and 6 got copies that were not there before: something crossed ranks, and every byte
     # sent was received.
