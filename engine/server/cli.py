@@ -106,7 +106,8 @@ def _stats(ns: argparse.Namespace) -> int:
             "experts_on_ranks": [list(x.experts) for x in r.experts_on_ranks],
             "bytes_dispatched": r.bytes_dispatched, "bytes_combined": r.bytes_combined, "steps": r.steps}
     if r.placement_per_layer:  # online EPLB: the current per-layer placement and its counters
-        load["placement_per_layer"] = [[list(x.experts) for x in layer.experts_on_ranks] for layer in r.placement_per_layer]
+        load["placement_per_layer"] = [[list(x.experts) for x in layer.experts_on_ranks]
+                                       for layer in r.placement_per_layer]
         load["eplb"] = {"rebalances": r.eplb_rebalances, "bytes_moved": r.eplb_bytes_moved,
                         "imbalance_before": r.eplb_imbalance_before, "imbalance_after": r.eplb_imbalance_after}
     text = json.dumps(load, indent=2)

@@ -147,8 +147,9 @@ def _eplb_fields(load) -> dict:
     if load.eplb is None:
         return {}
     m = load.eplb
-    return dict(placement_per_layer=[pb.LayerPlacement(experts_on_ranks=[pb.RankExperts(experts=held) for held in layer])
-                                     for layer in load.experts_on_ranks_per_layer],
+    layers = [pb.LayerPlacement(experts_on_ranks=[pb.RankExperts(experts=held) for held in layer])
+              for layer in load.experts_on_ranks_per_layer]
+    return dict(placement_per_layer=layers,
                 eplb_rebalances=m["rebalances"], eplb_bytes_moved=m["bytes_moved"],
                 eplb_imbalance_before=m["predicted_imbalance_before"] or 0.0,
                 eplb_imbalance_after=m["predicted_imbalance_after"] or 0.0)

@@ -67,7 +67,8 @@ def test_online_eplb_balances_skewed_load_outputs_unchanged(local_ray, skewed_mo
     assert first["measured_imbalance_before"] == pytest.approx(first["predicted_imbalance_before"], abs=0.1)
     assert first["measured_imbalance_after"] == pytest.approx(first["predicted_imbalance_after"], abs=0.15)
     assert first["measured_imbalance_after"] < first["measured_imbalance_before"] - 0.25
-    print(f"longest inter-step move chunk: {m['longest_move_chunk_s'] * 1e3:.1f} ms, commit {m['commit_s'] * 1e3:.1f} ms")
+    print(f"longest inter-step move chunk: {m['longest_move_chunk_s'] * 1e3:.1f} ms, "
+          f"commit {m['commit_s'] * 1e3:.1f} ms")
     assert m["longest_move_chunk_s"] < MOVE_CHUNK_BOUND_S
     # The report shows the current placement: the hot experts hold copies on several ranks now.
     for layer in load.experts_on_ranks_per_layer:
