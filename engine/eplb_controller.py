@@ -138,7 +138,11 @@ def make_eplb_controller(config, plan) -> EPLBController | None:
     interval = config.parallel.eplb_interval
     if not interval:
         return None
-    return EPLBController(interval, plan.placement, len(config.model.sparse_layers), node_of_rank=plan.node_of_rank)
+    # The router's expert groups (DeepSeek's n_group): EPLB keeps a group on one node when groups divide nodes.
+    moe = getattr(config.model, "moe", None)
+    groups = moe.router.n_group if moe is not None else 1
+    return EPLBController(interval, plan.placement, len(config.model.sparse_layers), num_groups=groups,
+                          node_of_rank=plan.node_of_rank)
 
 
 def step_expert_load(runner_outs, metrics) -> tuple[np.ndarray, np.ndarray]:

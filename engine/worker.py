@@ -32,6 +32,7 @@ class Worker:
         self.group = None
         self.runner: ModelRunner | None = None
         self._device_thread: int | None = None  # the thread _bind_device last made self.device current on
+        self._mover = None  # an online-EPLB move under way (moe/expert_move.py ExpertMover)
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -121,6 +122,8 @@ class Worker:
     def eplb_move(self, num_layers: int) -> bool:
         """Stage the next `num_layers` layers' weights (collective); True once every layer is staged."""
         self._bind_device()
+        if self._mover is None:
+            raise RuntimeError("Worker.eplb_move without eplb_begin: no expert move is under way.")
         self._mover.move(num_layers)
         return self._mover.done
 
@@ -128,6 +131,8 @@ class Worker:
         """Switch to the new placement (weights and tables); the bytes this rank sent to other ranks."""
         self._bind_device()
         mover, self._mover = self._mover, None
+        if mover is None:
+            raise RuntimeError("Worker.eplb_commit without eplb_begin: no expert move is under way.")
         mover.commit()
         return mover.bytes_sent
 

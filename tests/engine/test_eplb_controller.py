@@ -106,3 +106,18 @@ def test_cli_flag_reaches_the_config():
     add_engine_args(p)
     ns = p.parse_args(["m", "--expert-parallel-size", "2", "--eplb-interval", "16"])
     assert engine_args_from(ns).parallel_config().eplb_interval == 16
+
+
+def test_engine_builds_the_controller_from_its_config():
+    from types import SimpleNamespace as NS
+
+    from moelink.engine.eplb_controller import make_eplb_controller
+
+    def config(interval):
+        return NS(parallel=NS(eplb_interval=interval),
+                  model=NS(sparse_layers=[1, 2], moe=NS(router=NS(n_group=4))))
+
+    plan = NS(placement=ExpertPlacement(num_experts=G, ep_size=R), node_of_rank=(0, 0, 1, 1))
+    assert make_eplb_controller(config(0), plan) is None
+    ctl = make_eplb_controller(config(8), plan)
+    assert (ctl.interval, ctl.num_groups, ctl.node_of_rank, len(ctl.placements)) == (8, 4, (0, 0, 1, 1), 2)
