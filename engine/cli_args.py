@@ -43,6 +43,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
     p.add_argument("--all-to-all", default="auto", choices=ALL_TO_ALL_NAMES)
     p.add_argument("--num-redundant-experts", type=int, default=0)
+    p.add_argument("--eplb-interval", type=int, default=0, metavar="STEPS",
+                   help="online expert load balancing: every STEPS engine steps, re-place the experts (and the "
+                        "redundant copies) from the last STEPS steps' expert load and move weights to match; 0: off")
     p.add_argument("--ep-nvlink-domain-size", type=int, default=None, metavar="N",
                    help="with --all-to-all two_level: N consecutive ranks share an NVLink domain (8: HGX node, 72: "
                         "GB200 NVL72); default: one domain per Ray node, read from the placement group")
@@ -76,7 +79,8 @@ def engine_args_from(ns: argparse.Namespace):
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
         enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
         expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
-        num_redundant_experts=ns.num_redundant_experts, ep_nvlink_domain_size=ns.ep_nvlink_domain_size,
+        num_redundant_experts=ns.num_redundant_experts, eplb_interval=ns.eplb_interval,
+        ep_nvlink_domain_size=ns.ep_nvlink_domain_size,
         ep_decode_capacity=ns.ep_decode_capacity,
         enforce_eager=ns.enforce_eager,
         cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,

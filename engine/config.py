@@ -230,6 +230,9 @@ class ParallelConfig:
     ray_address: str | None = None
     all_to_all: str = "auto"
     num_redundant_experts: int = 0
+    # Online EPLB (moe/eplb.py, engine/eplb_controller.py): every eplb_interval steps the driver re-places the
+    # experts from the expert load of the last eplb_interval steps and the ranks move weights to match; 0: off.
+    eplb_interval: int = 0
     # Rows per (source, destination) block of a low-latency (decode-only) dispatch on the fixed-capacity
     # backends (torch_padded, nccl): the most tokens one rank may have in a step that runs low-latency;
     # None: max_num_seqs (every decode batch fits). Larger decode steps run high-throughput (engine/ep_step.py).
@@ -264,6 +267,12 @@ class ParallelConfig:
                              "of a low-latency decode dispatch) or None (max_num_seqs).")
         if not isinstance(self.num_redundant_experts, int) or self.num_redundant_experts < 0:
             raise ValueError(f"num_redundant_experts={self.num_redundant_experts!r} is invalid: must be an integer >= 0.")
+        if isinstance(self.eplb_interval, bool) or not isinstance(self.eplb_interval, int) or self.eplb_interval < 0:
+            raise ValueError(f"eplb_interval={self.eplb_interval!r} is invalid: must be an integer >= 0 (steps "
+                             "between expert re-placements; 0 = off).")
+        if self.eplb_interval and n == 1:
+            raise ValueError(f"eplb_interval={self.eplb_interval} needs expert_parallel_size > 1: one rank holds "
+                             "every expert, there is nothing to re-place.")
         for name in ("step_timeout_s", "heartbeat_timeout_s", "comm_timeout_s"):
             check_seconds(name, getattr(self, name))
         if not isinstance(self.enable_two_batch_overlap, bool):

@@ -69,6 +69,7 @@ class EngineArgs:
     ray_address: Optional[str] = None
     all_to_all: str = "auto"
     num_redundant_experts: int = 0
+    eplb_interval: int = 0
     # all_to_all="two_level" only: ranks per NVLink domain (consecutive ranks; 72 on a GB200 NVL72), overriding
     # the node map read from the Ray placement group; ep_node_ids gives each rank's node number outright (for
     # tests and simulation: several "nodes" on one machine).
@@ -150,7 +151,8 @@ class EngineArgs:
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(expert_parallel_size=self.expert_parallel_size, executor=self.executor,
                               ray_address=self.ray_address, all_to_all=self.all_to_all,
-                              num_redundant_experts=self.num_redundant_experts, step_timeout_s=self.step_timeout,
+                              num_redundant_experts=self.num_redundant_experts, eplb_interval=self.eplb_interval,
+                              step_timeout_s=self.step_timeout,
                               heartbeat_timeout_s=self.heartbeat_timeout, ep_decode_capacity=self.ep_decode_capacity,
                               ep_nvlink_domain_size=self.ep_nvlink_domain_size, ep_node_ids=self.ep_node_ids,
                               enable_two_batch_overlap=self.enable_two_batch_overlap)

@@ -20,6 +20,7 @@ from .engine_info import EngineInfo
 from .executor import Executor
 from .executor_factory import make_executor
 from .expert_parallel import plan_expert_parallel
+from .eplb_controller import make_eplb_controller, step_expert_load
 from .moe_metrics import ExpertLoadReport, MoEMetrics
 from .output_processor import OutputProcessor
 from .outputs import OutputKind, RequestOutput
@@ -94,6 +95,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.moe_metrics = MoEMetrics(len(config.model.sparse_layers), config.model.num_experts, self.world_size)
         self._step_id = 0
+        # Online EPLB (--eplb-interval): None when off.
+        self.eplb = make_eplb_controller(config, self.ep_plan)
         self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
         self.structured = StructuredOutputManager(config.model.vocab_size)
 
@@ -239,6 +242,9 @@ class LLMEngine:
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))
         self.moe_metrics.add_step([ro.stats.moe if ro.stats is not None else None for ro in runner_outs])
+        if self.eplb is not None:  # at the step boundary: every rank is between steps
+            counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
+            self.eplb.after_step(counts_LG, self.executor._collective, pairs_LR)
         for co in core_outputs:
             if self.structured and co.new_token_ids:
                 self.structured.accept(co.request_id, co.new_token_ids)
@@ -264,7 +270,9 @@ class LLMEngine:
             top_k=self.config.model.top_k, world_size=self.world_size,
             experts_on_ranks=tuple(tuple(e for e, _ in held) for held in self.experts_on_ranks()),
             tokens_per_expert_LG=tuple(map(tuple, m.tokens_per_expert.tolist())),
-            bytes_dispatched=m.bytes_dispatched, bytes_combined=m.bytes_combined, steps=m.steps)
+            bytes_dispatched=m.bytes_dispatched, bytes_combined=m.bytes_combined, steps=m.steps,
+            experts_on_ranks_per_layer=self.eplb.experts_on_ranks_per_layer() if self.eplb else (),
+            eplb=self.eplb.snapshot() if self.eplb else None)
 
     def rank_stats(self) -> list[SchedulerStats]:
         return [s.stats() for s in self.schedulers]

@@ -168,6 +168,28 @@ class _EngineCollector:
             rank.add_metric([str(layer)], (max(per_rank) * len(per_rank) / total) if total else 0.0)
         yield expert
         yield rank
+        eplb = getattr(eng, "eplb", None)
+        if eplb is not None:  # online EPLB (--eplb-interval)
+            yield from eplb_families(eplb.snapshot())
+
+
+def eplb_families(m: dict):
+    """Online EPLB's metric families from its controller's snapshot (engine/eplb_controller.py)."""
+    yield _counter("moelink_eplb_rebalances", "Online EPLB re-placements applied.", m["rebalances"])
+    yield _counter("moelink_eplb_expert_bytes_moved", "Expert weight bytes sent between ranks by online "
+                   "EPLB.", m["bytes_moved"])
+    g = GaugeMetricFamily("moelink_eplb_rank_imbalance", "Max over mean expert load per rank (layers "
+                          "averaged) around the last re-placement: predicted by EPLB, and measured (pairs "
+                          "each rank's experts computed) over the window before and since the switch.",
+                          labels=["kind", "when"])
+    for kind in ("predicted", "measured"):
+        for when in ("before", "after"):
+            value = m[f"{kind}_imbalance_{when}"]
+            if value is not None:
+                g.add_metric([kind, when], value)
+    yield g
+    yield _gauge("moelink_eplb_longest_move_chunk_seconds", "Longest pause between two steps spent "
+                 "moving expert weights.", m["longest_move_chunk_s"])
 
 
 def _gauge(name, doc, value):

@@ -107,6 +107,10 @@ class ExpertLoadReport:
     bytes_dispatched: int
     bytes_combined: int
     steps: int
+    # Online EPLB only (empty / None when off): the current placement of every MoE layer ([L][R], the expert of
+    # each slot), and the controller's metrics (engine/eplb_controller.py `snapshot`).
+    experts_on_ranks_per_layer: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    eplb: dict | None = None
 
     def __post_init__(self) -> None:
         if len(self.tokens_per_expert_LG) != len(self.moe_layers):

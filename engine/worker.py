@@ -32,6 +32,7 @@ class Worker:
         self.group = None
         self.runner: ModelRunner | None = None
         self._device_thread: int | None = None  # the thread _bind_device last made self.device current on
+        self._mover = None  # an online-EPLB move under way (moe/expert_move.py ExpertMover)
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -107,6 +108,33 @@ class Worker:
         """The decode batch sizes this rank replays graphs for (empty: none)."""
         graphs = self.runner.graphs if self.runner is not None else None
         return tuple(graphs.sizes) if graphs is not None else ()
+
+    # -- online EPLB (moe/expert_move.py; driven by engine/eplb_controller.py between steps) ------------------
+    def eplb_begin(self, placements) -> None:
+        """Plan the move of this rank's MoE layers to `placements` (one per MoE layer); nothing moves yet."""
+        from moelink.moe.expert_move import ExpertMover, moe_layers
+
+        self._bind_device()
+        layers = moe_layers(self.runner.model)
+        self._mover = ExpertMover(layers, self.rank, self.group, [layer.placement for layer in layers],
+                                  placements, self.device)
+
+    def eplb_move(self, num_layers: int) -> bool:
+        """Stage the next `num_layers` layers' weights (collective); True once every layer is staged."""
+        self._bind_device()
+        if self._mover is None:
+            raise RuntimeError("Worker.eplb_move without eplb_begin: no expert move is under way.")
+        self._mover.move(num_layers)
+        return self._mover.done
+
+    def eplb_commit(self) -> int:
+        """Switch to the new placement (weights and tables); the bytes this rank sent to other ranks."""
+        self._bind_device()
+        mover, self._mover = self._mover, None
+        if mover is None:
+            raise RuntimeError("Worker.eplb_commit without eplb_begin: no expert move is under way.")
+        mover.commit()
+        return mover.bytes_sent
 
     def ping(self) -> int:
         return self.rank

@@ -81,9 +81,18 @@ class MoELayer(nn.Module):
         self.router = router
         self.kernels = kernels
         self.ep = ep
+        # This layer's placement tables: the plan's at first; online EPLB (moe/expert_move.py) swaps in a
+        # per-layer table at a step boundary, together with the layer's expert weights.
+        # A copy of its own (G x X int32, small), as wide as any placement of these slots can need (a rank
+        # holds one copy of an expert at most): online EPLB rewrites one layer's tables in place.
+        self.ep_tables = (ep.tables.padded(max(ep.tables.max_replicas,
+                                               min(ep.world_size, 1 + ep.placement.num_redundant)))
+                          if ep is not None else None)
+        self.placement = ep.placement if ep is not None else None
         self.moe_index = moe_index
         self.stats = stats
         num_local = len(ep.local_experts) if ep is not None else num_experts
+        self.num_local_slots = num_local
         # The DeepSeek family runs its gate matmul in float32 (as transformers does): the weight is held in
         # float32 from load, not cast every step (7 MB read + written per layer per step at DeepSeek-V3 size).
         gate_dtype = torch.float32 if router.float32_logits else dtype
@@ -138,7 +147,7 @@ class MoELayer(nn.Module):
         stats = self.stats
         a2a = self.ep.all_to_all
         t0 = stats.clock() if stats else 0.0
-        handle = a2a.dispatch_async(x_TD, ids_TK, weights_TK, self.ep.tables)
+        handle = a2a.dispatch_async(x_TD, ids_TK, weights_TK, self.ep_tables)
         t_issue = stats.clock() - t0 if stats else 0.0
         yield  # dispatch in flight
         t0 = stats.clock() if stats else 0.0

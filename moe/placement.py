@@ -45,6 +45,10 @@ class ExpertPlacement:
     per entry (an id may repeat), or {expert id: extra copies}; normalised to a
     tuple. num_redundant: 0 means len(replicas); otherwise it must match, or,
     with no replicas, asks for that many default copies (module docstring).
+    layout: an explicit placement instead (what EPLB computes, moe/eplb.py): the
+    logical experts of each rank's slots, in local slot order. Every expert at
+    least once, no rank empty or holding one expert twice; `replicas` then lists
+    the extra copies in slot order, and policy/replicas must stay at defaults.
     """
 
     num_experts: int
@@ -52,6 +56,7 @@ class ExpertPlacement:
     num_redundant: int = 0
     policy: str = "contiguous"
     replicas: Sequence[int] | Mapping[int, int] = ()
+    layout: Sequence[Sequence[int]] | None = None
     _slots: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -60,10 +65,50 @@ class ExpertPlacement:
         _check_int("num_redundant", self.num_redundant, 0)
         if self.policy not in POLICIES:
             raise ValueError(f"ExpertPlacement.policy must be one of {POLICIES}, got {self.policy!r}.")
-        slots, replicas = self._build_slots(self._normalised_replicas())
+        if self.layout is not None:
+            slots, replicas = self._check_layout()
+        else:
+            slots, replicas = self._build_slots(self._normalised_replicas())
         object.__setattr__(self, "replicas", replicas)
         object.__setattr__(self, "num_redundant", len(replicas))
         object.__setattr__(self, "_slots", slots)
+
+    def _check_layout(self) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+        """Validate an explicit `layout`; its slots and its extra copies (each expert's 2nd, 3rd ... slot)."""
+        G, R, lay = self.num_experts, self.ep_size, self.layout
+        if self.policy != "contiguous" or self.replicas:
+            raise ValueError("ExpertPlacement.layout is a whole placement: leave policy and replicas at their "
+                             f"defaults with it, got policy={self.policy!r}, replicas={self.replicas!r}.")
+        if isinstance(lay, (str, bytes)) or not isinstance(lay, Sequence) or len(lay) != R:
+            raise ValueError(f"ExpertPlacement.layout must be a list of ep_size={R} lists of expert ids, got {lay!r}.")
+        slots, extra, seen = [], [], set()
+        for r, held in enumerate(lay):
+            if isinstance(held, (str, bytes)) or not isinstance(held, Sequence) or not held:
+                raise ValueError(f"ExpertPlacement.layout[{r}] must be a non-empty list of expert ids (every rank "
+                                 f"holds at least one expert), got {held!r}.")
+            for e in held:
+                if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < G:
+                    raise ValueError(f"ExpertPlacement.layout[{r}] holds {e!r}: expert ids must be integers in "
+                                     f"[0, {G}).")
+            if len(set(held)) != len(held):
+                raise ValueError(f"ExpertPlacement.layout[{r}] holds an expert twice ({list(held)}): a rank holds "
+                                 "at most one copy of each expert.")
+            slots.append(tuple(int(e) for e in held))
+        for s in slots:
+            for e in s:
+                (extra.append(e) if e in seen else seen.add(e))
+        missing = sorted(set(range(G)) - seen)
+        if missing:
+            raise ValueError(f"ExpertPlacement.layout places no copy of experts {missing}: every expert needs one.")
+        if self.num_redundant not in (0, len(extra)):
+            raise ValueError(f"ExpertPlacement.num_redundant={self.num_redundant} does not match layout, which "
+                             f"holds {len(extra)} extra copies.")
+        return tuple(slots), tuple(extra)
+
+    @property
+    def slots_per_rank(self) -> tuple[int, ...]:
+        """How many expert slots each rank holds (the length of its stacked weights)."""
+        return tuple(len(s) for s in self._slots)
 
     def _normalised_replicas(self) -> tuple[int, ...] | None:
         """The replicas asked for, flattened to one id per extra slot; None: choose num_redundant defaults."""
@@ -221,6 +266,18 @@ class PlacementTables:
     @property
     def max_replicas(self) -> int:
         return int(self.replica_rank_GX.shape[1])
+
+    def padded(self, width: int) -> PlacementTables:
+        """The same tables in tensors of their own, [G, width] (-1 beyond each count): every placement with at
+        most `width` copies of an expert fits them, so a new one is copied in place (a captured graph keeps
+        reading the same tensors)."""
+        X = self.max_replicas
+        if isinstance(width, bool) or not isinstance(width, int) or width < X:
+            raise ValueError(f"PlacementTables.padded: width must be an integer >= max_replicas={X}, got {width!r}.")
+        pad = (0, width - X)
+        return PlacementTables(self.replica_count_G.clone(),
+                               torch.nn.functional.pad(self.replica_rank_GX, pad, value=-1),
+                               torch.nn.functional.pad(self.replica_slot_GX, pad, value=-1), self.ep_size)
 
     def route(self, topk_ids_TK: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`select_replicas(topk_ids_TK, self, rank)`: (dst_rank_TK int64, local_slot_TK int32)."""

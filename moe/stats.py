@@ -36,6 +36,8 @@ class MoEStepStats:
     wire_rows: int = 0  # x rows put on the wire by dispatch, padding included (combine moves as many back)
     wire_bytes: int = 0  # those rows' bytes
     ep_mode: str = ""  # the step's dispatch mode (comm/ep_modes.py), set by the runner; "" without EP
+    # Per MoE layer: (token, expert) pairs this rank's experts computed (received, valid); empty without EP.
+    pairs_computed_per_layer: list[int] = field(default_factory=list)
 
 
 class MoEStats:
@@ -69,6 +71,10 @@ class MoEStats:
         # Host-known from shapes; added on the device so a replayed graph adds it too.
         self.xfer_LC[layer, _WIRE] += meta.wire_rows
         self.xfer_LC[layer, _WIRE_BYTES] += meta.wire_rows * rb
+        # The pairs this rank's experts compute: its measured expert load (what online EPLB balances).
+        ids_NK = getattr(meta, "recv_topk_ids_NK", None)
+        if ids_NK is not None:
+            self.xfer_LC[layer, _PAIRS] += (ids_NK >= 0).sum().to(self.xfer_LC.dtype)
         if getattr(meta, "inter_node_rows", None) is not None:  # the node-aware backend ("two_level") only
             self.record_inter_node(meta.inter_node_rows, rb, layer)
 
@@ -103,12 +109,13 @@ class MoEStats:
         out = MoEStepStats(counts, int(xfer[_SENT_BYTES]), int(xfer[_RECV_BYTES]), int(xfer[_SENT]), *self._times,
                            [int(b) for b in both[:, G + _SENT_BYTES]], rows_received=int(xfer[_RECV]),
                            wire_rows=int(xfer[_WIRE]), wire_bytes=int(xfer[_WIRE_BYTES]),
-                           inter_node_rows=int(xfer[_INTER]), bytes_inter_node=int(xfer[_INTER_BYTES]))
+                           inter_node_rows=int(xfer[_INTER]), bytes_inter_node=int(xfer[_INTER_BYTES]),
+                           pairs_computed_per_layer=[int(n) for n in both[:, G + _PAIRS]])
         self.reset()
         return out
 
 
 # Columns of MoEStats.xfer_LC: rows sent, rows received, their payload bytes, wire rows and wire bytes, and
-# the rows (and bytes) sent across nodes (node-aware backend only).
-_SENT, _RECV, _SENT_BYTES, _RECV_BYTES, _WIRE, _WIRE_BYTES, _INTER, _INTER_BYTES = range(8)
-_COLUMNS = 8
+# the rows (and bytes) sent across nodes (node-aware backend only), and the (token, expert) pairs computed here.
+_SENT, _RECV, _SENT_BYTES, _RECV_BYTES, _WIRE, _WIRE_BYTES, _INTER, _INTER_BYTES, _PAIRS = range(9)
+_COLUMNS = 9

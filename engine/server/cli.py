@@ -105,6 +105,11 @@ def _stats(ns: argparse.Namespace) -> int:
             "world_size": r.world_size, "tokens_per_expert": [list(row.tokens_per_expert) for row in r.layers],
             "experts_on_ranks": [list(x.experts) for x in r.experts_on_ranks],
             "bytes_dispatched": r.bytes_dispatched, "bytes_combined": r.bytes_combined, "steps": r.steps}
+    if r.placement_per_layer:  # online EPLB: the current per-layer placement and its counters
+        load["placement_per_layer"] = [[list(x.experts) for x in layer.experts_on_ranks]
+                                       for layer in r.placement_per_layer]
+        load["eplb"] = {"rebalances": r.eplb_rebalances, "bytes_moved": r.eplb_bytes_moved,
+                        "imbalance_before": r.eplb_imbalance_before, "imbalance_after": r.eplb_imbalance_after}
     text = json.dumps(load, indent=2)
     if ns.out:
         with open(ns.out, "w") as f:

@@ -138,4 +138,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             moe_layers=load.moe_layers, num_experts=load.num_experts, top_k=load.top_k, world_size=load.world_size,
             layers=[pb.ExpertLoadRow(tokens_per_expert=row) for row in load.tokens_per_expert_LG],
             experts_on_ranks=[pb.RankExperts(experts=held) for held in load.experts_on_ranks],
-            bytes_dispatched=load.bytes_dispatched, bytes_combined=load.bytes_combined, steps=load.steps)
+            bytes_dispatched=load.bytes_dispatched, bytes_combined=load.bytes_combined, steps=load.steps,
+            **_eplb_fields(load))
+
+
+def _eplb_fields(load) -> dict:
+    """The ExpertLoadResponse fields of online EPLB (engine/eplb_controller.py); none when it is off."""
+    if load.eplb is None:
+        return {}
+    m = load.eplb
+    layers = [pb.LayerPlacement(experts_on_ranks=[pb.RankExperts(experts=held) for held in layer])
+              for layer in load.experts_on_ranks_per_layer]
+    return dict(placement_per_layer=layers,
+                eplb_rebalances=m["rebalances"], eplb_bytes_moved=m["bytes_moved"],
+                eplb_imbalance_before=m["predicted_imbalance_before"] or 0.0,
+                eplb_imbalance_after=m["predicted_imbalance_after"] or 0.0)

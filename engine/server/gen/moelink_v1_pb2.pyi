@@ -261,7 +261,7 @@ class RankExperts(_message.Message):
     def __init__(self, experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExpertLoadResponse(_message.Message):
-    __slots__ = ("moe_layers", "num_experts", "top_k", "world_size", "layers", "experts_on_ranks", "bytes_dispatched", "bytes_combined", "steps")
+    __slots__ = ("moe_layers", "num_experts", "top_k", "world_size", "layers", "experts_on_ranks", "bytes_dispatched", "bytes_combined", "steps", "placement_per_layer", "eplb_rebalances", "eplb_bytes_moved", "eplb_imbalance_before", "eplb_imbalance_after")
     MOE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +271,11 @@ class ExpertLoadResponse(_message.Message):
     BYTES_DISPATCHED_FIELD_NUMBER: _ClassVar[int]
     BYTES_COMBINED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    EPLB_REBALANCES_FIELD_NUMBER: _ClassVar[int]
+    EPLB_BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    EPLB_IMBALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    EPLB_IMBALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
     moe_layers: _containers.RepeatedScalarFieldContainer[int]
     num_experts: int
     top_k: int
@@ -280,4 +285,15 @@ class ExpertLoadResponse(_message.Message):
     bytes_dispatched: int
     bytes_combined: int
     steps: int
-    def __init__(self, moe_layers: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., world_size: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[ExpertLoadRow, _Mapping]]] = ..., experts_on_ranks: _Optional[_Iterable[_Union[RankExperts, _Mapping]]] = ..., bytes_dispatched: _Optional[int] = ..., bytes_combined: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    placement_per_layer: _containers.RepeatedCompositeFieldContainer[LayerPlacement]
+    eplb_rebalances: int
+    eplb_bytes_moved: int
+    eplb_imbalance_before: float
+    eplb_imbalance_after: float
+    def __init__(self, moe_layers: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., world_size: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[ExpertLoadRow, _Mapping]]] = ..., experts_on_ranks: _Optional[_Iterable[_Union[RankExperts, _Mapping]]] = ..., bytes_dispatched: _Optional[int] = ..., bytes_combined: _Optional[int] = ..., steps: _Optional[int] = ..., placement_per_layer: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., eplb_rebalances: _Optional[int] = ..., eplb_bytes_moved: _Optional[int] = ..., eplb_imbalance_before: _Optional[float] = ..., eplb_imbalance_after: _Optional[float] = ...) -> None: ...
+
+class LayerPlacement(_message.Message):
+    __slots__ = ("experts_on_ranks",)
+    EXPERTS_ON_RANKS_FIELD_NUMBER: _ClassVar[int]
+    experts_on_ranks: _containers.RepeatedCompositeFieldContainer[RankExperts]
+    def __init__(self, experts_on_ranks: _Optional[_Iterable[_Union[RankExperts, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,165 @@
+"""Online EPLB on the driver: watch the live expert load, re-place experts every `interval` steps, move weights.
+
+Legend: L MoE layers, G logical experts, R ranks.
+
+After every engine step the driver adds the step's expert-load counts (all
+ranks summed, [L, G], already read once per step by moe/stats.py) to a sliding
+window of the last `interval` steps. Every `interval` steps it runs EPLB
+(moe/eplb.py) on the window; when the new placement differs, the ranks start
+a move (moe/expert_move.py): one chunk of `chunk_layers` MoE layers per step
+boundary, so no gap between steps stalls for long, and after the last chunk
+every rank commits the new weights and tables together, before the next step.
+The old placement serves until then. A placement that would lower the
+predicted max/mean by less than `min_gain` is not worth moving weights for.
+
+Metrics (`snapshot`): rebalances, expert bytes moved, the predicted max/mean
+rank load before/after the last rebalance, the measured max/mean over the
+window under the current placement, and the longest inter-step move chunk.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from moelink.moe.eplb import EPLBResult, LoadWindow, imbalance, rank_load, rebalance_experts
+from moelink.moe.placement import ExpertPlacement
+
+# Calls a Worker method on every rank together; results in rank order (Executor._collective).
+Collective = Callable[..., list]
+
+
+class EPLBController:
+    def __init__(self, interval: int, placement: ExpertPlacement, num_layers: int, *, num_groups: int = 1,
+                 node_of_rank: Sequence[int] | None = None, chunk_layers: int = 1, min_gain: float = 0.05):
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"EPLBController.interval must be an integer >= 1 (steps), got {interval!r}.")
+        if isinstance(chunk_layers, bool) or not isinstance(chunk_layers, int) or chunk_layers < 1:
+            raise ValueError(f"EPLBController.chunk_layers must be an integer >= 1, got {chunk_layers!r}.")
+        if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not min_gain >= 0:
+            raise ValueError(f"EPLBController.min_gain must be a number >= 0, got {min_gain!r}.")
+        # A new placement moves weights only when it lowers the predicted max/mean by at least min_gain: a
+        # window's noise alone should not keep the ranks shuffling experts.
+        self.interval, self.chunk_layers, self.min_gain = interval, chunk_layers, min_gain
+        self.num_groups, self.node_of_rank = num_groups, node_of_rank
+        self.placements: tuple[ExpertPlacement, ...] = (placement,) * num_layers
+        self.window = LoadWindow(interval, num_layers, placement.num_experts)
+        self.steps = 0
+        self.pending: EPLBResult | None = None  # a move under way
+        self.rebalances = 0
+        self.bytes_moved = 0
+        self.last: EPLBResult | None = None
+        self.move_chunk_s: list[float] = []  # every move chunk's time (a gap between two steps)
+        self.commit_s = 0.0
+        # Measured: (token, expert) pairs each rank's experts computed, [L, R]: over the window, and since the
+        # last commit (the new placement's own load).
+        self.pairs_window = LoadWindow(interval, num_layers, placement.ep_size)
+        self.pairs_since_commit_LR = np.zeros((num_layers, placement.ep_size), dtype=np.int64)
+        self.measured_before: float | None = None
+        # One record per rebalance (step, bytes, predicted and measured max/mean before/after); the last one's
+        # measured_imbalance_after is live until the next rebalance.
+        self.history: list[dict] = []
+
+    @property
+    def moving(self) -> bool:
+        return self.pending is not None
+
+    def after_step(self, counts_LG, collective: Collective, pairs_LR=None) -> None:
+        """Count one step's expert load (and, when given, the pairs each rank computed [L, R]); start, continue
+        or finish a move. At a step boundary, on the driver."""
+        self.window.add(counts_LG)
+        if pairs_LR is not None:
+            self.pairs_window.add(pairs_LR)
+            self.pairs_since_commit_LR += np.asarray(pairs_LR, dtype=np.int64)
+        self.steps += 1
+        if self.pending is not None:
+            self._continue(collective)
+        elif self.steps % self.interval == 0 and self.window.total_LG.sum() > 0:
+            result = rebalance_experts(self.window.total_LG, self.placements, num_groups=self.num_groups,
+                                       node_of_rank=self.node_of_rank)
+            if (_layouts(result.placements) != _layouts(self.placements)
+                    and result.imbalance_before - result.imbalance_after >= self.min_gain):
+                collective("eplb_begin", list(result.placements))
+                self.pending = result
+                self._continue(collective)
+
+    def _continue(self, collective: Collective) -> None:
+        t0 = time.perf_counter()
+        done = all(collective("eplb_move", self.chunk_layers))
+        self.move_chunk_s.append(time.perf_counter() - t0)
+        if done:
+            t0 = time.perf_counter()
+            self.bytes_moved += sum(collective("eplb_commit"))
+            self.commit_s = max(self.commit_s, time.perf_counter() - t0)
+            if self.history:  # the previous placement's measured load ends here
+                self.history[-1]["measured_imbalance_after"] = self._measured_after()
+            bytes_now = self.bytes_moved - sum(h["bytes_moved"] for h in self.history)
+            self.placements, self.last, self.pending = self.pending.placements, self.pending, None
+            self.measured_before = _mean_imbalance(self.pairs_window.total_LG)
+            self.pairs_since_commit_LR[:] = 0
+            self.history.append(dict(step=self.steps, bytes_moved=bytes_now,
+                                     predicted_imbalance_before=self.last.imbalance_before,
+                                     predicted_imbalance_after=self.last.imbalance_after,
+                                     measured_imbalance_before=self.measured_before, measured_imbalance_after=None))
+            self.rebalances += 1
+
+    def _measured_after(self) -> float | None:
+        return _mean_imbalance(self.pairs_since_commit_LR) if self.pairs_since_commit_LR.sum() else None
+
+    def measured_imbalance(self, load_LG=None) -> float:
+        """max/mean rank load under the current placements for load_LG (default: the window), layers averaged."""
+        load_LG = self.window.total_LG if load_LG is None else np.asarray(load_LG)
+        return float(np.mean([imbalance(rank_load(p, row)) for p, row in zip(self.placements, load_LG)]))
+
+    def experts_on_ranks_per_layer(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """[L][R]: the logical expert of each slot of each rank, under the current placement."""
+        return tuple(tuple(tuple(p.experts_on_rank(r)) for r in range(p.ep_size)) for p in self.placements)
+
+    def snapshot(self) -> dict:
+        return dict(rebalances=self.rebalances, bytes_moved=self.bytes_moved, moving=self.moving,
+                    predicted_imbalance_before=self.last.imbalance_before if self.last else None,
+                    predicted_imbalance_after=self.last.imbalance_after if self.last else None,
+                    window_imbalance=self.measured_imbalance(),
+                    measured_imbalance_before=self.measured_before,
+                    measured_imbalance_after=self._measured_after() if self.rebalances else None,
+                    history=[dict(h) for h in self.history[:-1]] + ([dict(self.history[-1], measured_imbalance_after=
+                                                                           self._measured_after())]
+                                                                     if self.history else []),
+                    longest_move_chunk_s=max(self.move_chunk_s, default=0.0), commit_s=self.commit_s)
+
+
+def _mean_imbalance(load_LR) -> float:
+    return float(np.mean([imbalance(row) for row in np.asarray(load_LR, dtype=np.float64)]))
+
+
+def make_eplb_controller(config, plan) -> EPLBController | None:
+    """The engine's controller from its config (`parallel.eplb_interval`; None when 0) and EP plan."""
+    interval = config.parallel.eplb_interval
+    if not interval:
+        return None
+    # The router's expert groups (DeepSeek's n_group): EPLB keeps a group on one node when groups divide nodes.
+    moe = getattr(config.model, "moe", None)
+    groups = moe.router.n_group if moe is not None else 1
+    return EPLBController(interval, plan.placement, len(config.model.sparse_layers), num_groups=groups,
+                          node_of_rank=plan.node_of_rank)
+
+
+def step_expert_load(runner_outs, metrics) -> tuple[np.ndarray, np.ndarray]:
+    """One step's expert load [L, G], all ranks summed, and the pairs each rank computed [L, R], from what the
+    ranks reported (zeros where a rank ran nothing)."""
+    total = np.zeros((metrics.num_moe_layers, metrics.num_experts), dtype=np.int64)
+    pairs = np.zeros((metrics.num_moe_layers, len(runner_outs)), dtype=np.int64)
+    for r, ro in enumerate(runner_outs):
+        if ro.stats is not None and ro.stats.moe is not None:
+            total += ro.stats.moe.tokens_per_expert
+            if ro.stats.moe.pairs_computed_per_layer:
+                pairs[:, r] = ro.stats.moe.pairs_computed_per_layer
+    return total, pairs
+
+
+def _layouts(placements) -> list:
+    return [[p.experts_on_rank(r) for r in range(p.ep_size)] for p in placements]
+
+
+__all__ = ["EPLBController", "make_eplb_controller", "step_expert_load"]

@@ -1,0 +1,151 @@
+"""Moving expert weights to a new placement while serving (online EPLB), point-to-point, a few layers at a time.
+
+Legend: L MoE layers, E local expert slots of a rank.
+
+Every rank builds the same `plan_moves(old, new)` (the placements are the
+driver's, the same everywhere), so sends and receives pair up without talk.
+A slot whose expert stays put moves nothing; an expert the rank held in
+another slot is a local copy; otherwise the slot is received from a rank that
+held the expert (the least-used sender among its copies, lowest rank on ties).
+
+`ExpertMover` runs the plan in chunks between steps (`move(num_layers)`: every
+rank calls it together, over the EP process group, gloo on CPU): received
+weights go to a staging area, so the layers keep serving with the old
+placement. `commit()` at a step boundary (all ranks, after the last chunk)
+writes the staged slots into the layers' stacked weights and swaps in the new
+tables, so the switch is atomic: no step ever sees a half-moved layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .placement import ExpertPlacement
+
+# Layer parameters that are not per local expert slot (the router's, indexed by logical expert).
+_NOT_PER_SLOT = ("gate_GD", "gate_bias_G", "e_score_correction_bias_G")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Slot dst_slot of rank dst in MoE layer `layer` gets the weights in src_slot of rank src (the old
+    placement's); src == dst is a local copy."""
+
+    layer: int
+    src: int
+    src_slot: int
+    dst: int
+    dst_slot: int
+
+
+def plan_moves(old: Sequence[ExpertPlacement], new: Sequence[ExpertPlacement]) -> list[Transfer]:
+    """Every slot that changes, per layer (module docstring); the same list on every rank."""
+    if len(old) != len(new):
+        raise ValueError(f"plan_moves: {len(old)} old placements but {len(new)} new ones (one per MoE layer).")
+    out: list[Transfer] = []
+    for l, (a, b) in enumerate(zip(old, new)):
+        if (a.num_experts, a.ep_size, a.slots_per_rank) != (b.num_experts, b.ep_size, b.slots_per_rank):
+            raise ValueError(f"plan_moves: layer {l}: the new placement must keep the experts, ranks and slot "
+                             f"counts (old {a.slots_per_rank}, new {b.slots_per_rank}).")
+        sends = [0] * a.ep_size
+        holders = a.log2phy
+        for r in range(b.ep_size):
+            before = a.experts_on_rank(r)
+            for slot, e in enumerate(b.experts_on_rank(r)):
+                if before[slot] == e:
+                    continue
+                if e in before:
+                    out.append(Transfer(l, r, before.index(e), r, slot))
+                    continue
+                src, src_slot = min(holders[e], key=lambda h: (sends[h[0]], h[0]))
+                sends[src] += 1
+                out.append(Transfer(l, src, src_slot, r, slot))
+    return out
+
+
+def slot_tensors(layer: nn.Module, num_slots: int) -> dict[str, torch.Tensor]:
+    """The layer's per-slot tensors (stacked expert weights, their scales and biases): every parameter whose
+    first dimension is the local slot count, the router's excepted."""
+    return {n: p.data for n, p in layer.named_parameters(recurse=False)
+            if n not in _NOT_PER_SLOT and p.dim() >= 1 and p.shape[0] == num_slots}
+
+
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's expert-parallel MoE layers, in MoE-layer order."""
+    from .layer import MoELayer
+
+    found = [m for m in model.modules() if isinstance(m, MoELayer) and m.ep is not None]
+    return sorted(found, key=lambda m: m.moe_index)
+
+
+class ExpertMover:
+    """One rank's share of moving `layers` (its MoE layers, in MoE order) from `old` to `new` placements."""
+
+    def __init__(self, layers: Sequence[nn.Module], rank: int, group, old: Sequence[ExpertPlacement],
+                 new: Sequence[ExpertPlacement], device: torch.device):
+        if len(layers) != len(new):
+            raise ValueError(f"ExpertMover: {len(layers)} MoE layers but {len(new)} placements.")
+        self.layers, self.rank, self.group, self.new, self.device = list(layers), rank, group, list(new), device
+        self.transfers = plan_moves(old, new)
+        self._next_layer = 0
+        self._staged: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (layer, slot) -> tensors
+        self.bytes_sent = 0  # to other ranks (local copies excluded)
+        self.bytes_received = 0
+
+    @property
+    def done(self) -> bool:
+        return self._next_layer >= len(self.layers)
+
+    def move(self, num_layers: int = 1) -> None:
+        """Stage the next `num_layers` layers' changed slots. Collective: every rank, the same argument."""
+        stop = min(len(self.layers), self._next_layer + max(1, num_layers))
+        todo = [t for t in self.transfers if self._next_layer <= t.layer < stop]
+        pending = []
+        for i, t in enumerate(todo):
+            if self.rank not in (t.src, t.dst):
+                continue
+            n_slots = self.layers[t.layer].num_local_slots
+            src_tensors = slot_tensors(self.layers[t.layer], n_slots)
+            if t.src == t.dst:  # local: copy now (the old weights stay in place until commit)
+                self._staged[(t.layer, t.dst_slot)] = {n: w[t.src_slot].clone() for n, w in src_tensors.items()}
+                continue
+            for j, (n, w) in enumerate(sorted(src_tensors.items())):
+                if t.src == self.rank:
+                    buf = w[t.src_slot].contiguous()
+                    pending.append(dist.isend(buf, group=self.group, group_dst=t.dst, tag=i * 64 + j))
+                    self.bytes_sent += buf.numel() * buf.element_size()
+                else:
+                    buf = torch.empty_like(w[t.src_slot])
+                    self._staged.setdefault((t.layer, t.dst_slot), {})[n] = buf
+                    pending.append(dist.irecv(buf, group=self.group, group_src=t.src, tag=i * 64 + j))
+                    self.bytes_received += buf.numel() * buf.element_size()
+        for work in pending:
+            work.wait()
+        self._next_layer = stop
+
+    def commit(self) -> None:
+        """Write the staged slots into the weights and switch every layer to its new tables (at a step
+        boundary, on every rank, after the last `move`)."""
+        if not self.done:
+            raise RuntimeError("ExpertMover.commit before every layer was moved: call move() until done.")
+        for (l, slot), tensors in self._staged.items():
+            weights = slot_tensors(self.layers[l], self.layers[l].num_local_slots)
+            for n, w in tensors.items():
+                weights[n][slot].copy_(w)
+        for layer, placement in zip(self.layers, self.new):
+            # In place (the layer's tables are as wide as any placement needs): a captured decode graph keeps
+            # reading the same tensors.
+            old = layer.ep_tables
+            tables = placement.to_tensors(self.device).padded(old.max_replicas)
+            old.replica_count_G.copy_(tables.replica_count_G)
+            old.replica_rank_GX.copy_(tables.replica_rank_GX)
+            old.replica_slot_GX.copy_(tables.replica_slot_GX)
+            layer.placement = placement
+        self._staged.clear()
+
+
+__all__ = ["ExpertMover", "Transfer", "moe_layers", "plan_moves", "slot_tensors"]

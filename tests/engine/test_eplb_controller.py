@@ -1,0 +1,123 @@
+"""The driver's online-EPLB controller (engine/eplb_controller.py) against fake ranks, and its config flag."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moelink.engine.config import ParallelConfig
+from moelink.engine.eplb_controller import EPLBController
+from moelink.moe.placement import ExpertPlacement
+
+L, G, R = 3, 8, 4
+
+
+class FakeRanks:
+    """Records the collective calls; each rank 'moves' one layer per eplb_move and reports 10 bytes sent."""
+
+    def __init__(self):
+        self.calls, self.staged, self.placements = [], 0, None
+
+    def __call__(self, method, *args):
+        self.calls.append(method)
+        if method == "eplb_begin":
+            self.pending, self.staged = args[0], 0
+            return [None] * R
+        if method == "eplb_move":
+            self.staged += args[0]
+            return [self.staged >= L] * R
+        if method == "eplb_commit":
+            self.placements = self.pending
+            return [10] * R
+        raise AssertionError(method)
+
+
+def _skewed_step():
+    counts = np.full((L, G), 2, dtype=np.int64)
+    counts[:, [4, 5]] = 12  # half the pairs to experts 4 and 5, both on rank 2
+    return counts
+
+
+def test_rebalances_every_interval_moving_one_layer_per_step():
+    placement = ExpertPlacement(num_experts=G, ep_size=R, num_redundant=4)
+    ctl = EPLBController(5, placement, L)
+    ranks = FakeRanks()
+    for _ in range(4):
+        ctl.after_step(_skewed_step(), ranks)
+    assert ranks.calls == [] and ctl.rebalances == 0
+    before = ctl.measured_imbalance()
+    ctl.after_step(_skewed_step(), ranks)  # step 5: plan, and the first layer moves
+    assert ranks.calls == ["eplb_begin", "eplb_move"] and ctl.moving
+    ctl.after_step(_skewed_step(), ranks)
+    assert ctl.moving and ctl.placements == (placement,) * L  # the old placement serves until the commit
+    ctl.after_step(_skewed_step(), ranks)  # the third layer: commit at this step boundary
+    assert ranks.calls == ["eplb_begin", "eplb_move", "eplb_move", "eplb_move", "eplb_commit"]
+    assert not ctl.moving and ctl.rebalances == 1 and ctl.bytes_moved == 10 * R
+    assert list(ctl.placements) == list(ranks.placements)
+    snap = ctl.snapshot()
+    assert snap["predicted_imbalance_after"] < snap["predicted_imbalance_before"]
+    assert snap["predicted_imbalance_before"] == pytest.approx(before)
+    # Under the new placement the window's measured imbalance is the predicted one (same load).
+    assert ctl.measured_imbalance() == pytest.approx(snap["predicted_imbalance_after"])
+    assert len(ctl.experts_on_ranks_per_layer()) == L
+    # The Prometheus families carry the same numbers.
+    from moelink.engine.metrics import eplb_families
+
+    fams = {f.name: f for f in eplb_families(ctl.snapshot())}
+    assert fams["moelink_eplb_expert_bytes_moved"].samples[0].value == 10 * R
+    predicted = {tuple(x.labels.values()): x.value for x in fams["moelink_eplb_rank_imbalance"].samples}
+    assert predicted[("predicted", "after")] == pytest.approx(snap["predicted_imbalance_after"])
+    # Same load at the next interval: the placement is already the best EPLB finds, nothing moves.
+    for _ in range(5):
+        ctl.after_step(_skewed_step(), ranks)
+    assert ranks.calls.count("eplb_begin") == 1
+    # A small gain is not worth a move: the skew shifts slightly, EPLB finds a different placement, gain < 0.5.
+    lazy = EPLBController(5, ctl.placements[0], L, min_gain=0.5)
+    lazy.placements = ctl.placements
+    shifted = _skewed_step()
+    shifted[:, 0] += 3
+    for _ in range(5):
+        lazy.after_step(shifted, ranks)
+    assert ranks.calls.count("eplb_begin") == 1 and not lazy.moving
+    with pytest.raises(ValueError, match="min_gain"):
+        EPLBController(5, ctl.placements[0], L, min_gain=-1)
+
+
+def test_no_load_no_move_and_validation():
+    ctl = EPLBController(2, ExpertPlacement(num_experts=G, ep_size=R), L)
+    ranks = FakeRanks()
+    for _ in range(4):
+        ctl.after_step(np.zeros((L, G), dtype=np.int64), ranks)
+    assert ranks.calls == []
+    with pytest.raises(ValueError, match="interval"):
+        EPLBController(0, ExpertPlacement(num_experts=G, ep_size=R), L)
+    with pytest.raises(ValueError, match="eplb_interval"):
+        ParallelConfig(expert_parallel_size=2, eplb_interval=-1)
+    with pytest.raises(ValueError, match="expert_parallel_size > 1"):
+        ParallelConfig(expert_parallel_size=1, eplb_interval=4)
+    assert ParallelConfig(expert_parallel_size=2, eplb_interval=4).eplb_interval == 4
+
+
+def test_cli_flag_reaches_the_config():
+    import argparse
+
+    from moelink.engine.cli_args import add_engine_args, engine_args_from
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    ns = p.parse_args(["m", "--expert-parallel-size", "2", "--eplb-interval", "16"])
+    assert engine_args_from(ns).parallel_config().eplb_interval == 16
+
+
+def test_engine_builds_the_controller_from_its_config():
+    from types import SimpleNamespace as NS
+
+    from moelink.engine.eplb_controller import make_eplb_controller
+
+    def config(interval):
+        return NS(parallel=NS(eplb_interval=interval),
+                  model=NS(sparse_layers=[1, 2], moe=NS(router=NS(n_group=4))))
+
+    plan = NS(placement=ExpertPlacement(num_experts=G, ep_size=R), node_of_rank=(0, 0, 1, 1))
+    assert make_eplb_controller(config(0), plan) is None
+    ctl = make_eplb_controller(config(8), plan)
+    assert (ctl.interval, ctl.num_groups, ctl.node_of_rank, len(ctl.placements)) == (8, 4, (0, 0, 1, 1), 2)

@@ -1,0 +1,82 @@
+"""Online EPLB's weight move (moe/expert_move.py): the plan on paper, then real gloo ranks moving two MoE
+layers' experts to EPLB's placement in chunks, serving between chunks, outputs unchanged after the switch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelink.moe.expert_move import Transfer, plan_moves
+from moelink.moe.placement import ExpertPlacement
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_plan_moves_keeps_local_copies_and_spreads_senders():
+    old = ExpertPlacement(num_experts=4, ep_size=2, layout=[[0, 1, 2], [2, 3, 0]])
+    new = ExpertPlacement(num_experts=4, ep_size=2, layout=[[0, 2, 3], [1, 3, 0]])
+    moves = plan_moves([old], [new])
+    assert moves == [Transfer(0, 0, 2, 0, 1),  # rank 0 slot 1 <- its own expert 2 (slot 2): local copy
+                     Transfer(0, 1, 1, 0, 2),  # rank 0 slot 2 <- expert 3 from rank 1
+                     Transfer(0, 0, 1, 1, 0)]  # rank 1 slot 0 <- expert 1 from rank 0 (slots 1, 2 stay)
+    assert plan_moves([old], [old]) == []
+    with pytest.raises(ValueError, match="slot counts"):
+        plan_moves([old], [ExpertPlacement(num_experts=4, ep_size=2, layout=[[0, 1], [2, 3, 0, 1]])])
+    with pytest.raises(ValueError, match="one per MoE layer"):
+        plan_moves([old, old], [new])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_move_on_gloo_ranks_outputs_unchanged(tmp_path, world):
+    from moelink.comm import find_free_port
+    from tests.helpers.expert_move_worker import G, L, weights
+
+    port = find_free_port("127.0.0.1")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    logs = [open(tmp_path / f"log{r}", "w") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.expert_move_worker", str(r), str(world), str(port),
+                               str(tmp_path)], stdout=logs[r], stderr=subprocess.STDOUT, env=env)
+             for r in range(world)]
+    deadline = time.monotonic() + 120
+    try:
+        for p in procs:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    assert all(p.returncode == 0 for p in procs), [(tmp_path / f"log{r}").read_text()[-2000:] for r in range(world)]
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    w = weights()
+    layouts = res[0]["layouts"]
+    assert all(r["layouts"] == layouts for r in res)
+    assert layouts[0] != layouts[1]
+    moved = 0
+    for r, out in enumerate(res):
+        assert out["chunks"] == L
+        torch.testing.assert_close(out["mid"], out["before"], rtol=0, atol=0)  # old placement between chunks
+        torch.testing.assert_close(out["after"], out["before"], rtol=1e-12, atol=1e-12)
+        for l in range(L):
+            held = layouts[l][r]
+            assert torch.equal(out["w13"][l], w[l]["w13"][held])  # every slot holds its new expert's weights
+            assert torch.equal(out["w2"][l], w[l]["w2"][held])
+            # the table now routes to the new copies
+            copies = sum(5 in h for h in layouts[l])
+            assert out["tables"][l][5].tolist() == [q for q in range(world) if 5 in layouts[l][q]] + \
+                [-1] * (out["tables"][l].shape[1] - copies)
+        assert out["tables_in_place"]  # same tensors: a captured decode graph would read the new tables
+        moved += out["bytes_sent"]
+    # The hot experts 5 and 6 got copies that were not there before: something crossed ranks, and every byte
+    # sent was received.
+    assert moved > 0 and moved == sum(out["bytes_received"] for out in res)
+    old = ExpertPlacement(num_experts=G, ep_size=world, num_redundant=4)
+    assert layouts[0] != [old.experts_on_rank(q) for q in range(world)]
