@@ -1,0 +1,121 @@
+"""Elastic EP (engine/elastic.py): SIGKILL one rank's process mid-stream and the engine serves on at EP N-1.
+
+Real Ray actor processes on gloo (127.0.0.1), the tiny float64 Qwen3-MoE. The reference is the same
+requests on one in-process rank: float64 greedy outputs do not depend on the EP size or on a recompute.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+
+from moelink.engine import EngineArgs, SamplingParams
+from moelink.engine.executor import WorkerDiedError
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 20
+KW = dict(dtype="float64", max_model_len=256, num_kv_blocks=64, max_num_seqs=16, heartbeat_timeout=10.0)
+PROMPTS = [[(7 * i + j) % 50 + 3 for j in range(5 + i % 4)] for i in range(12)]
+LATE_PROMPTS = [[(11 * i + j) % 40 + 5 for j in range(6)] for i in range(4)]  # sent after the kill
+PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+
+
+def _engine(path: str, **kw):
+    from moelink.engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineArgs(model=path, **{**KW, **kw}).create_engine_config())
+
+
+def _reference(path: str) -> dict[str, list[int]]:
+    eng = _engine(path, expert_parallel_size=1)
+    try:
+        for i, p in enumerate(PROMPTS + LATE_PROMPTS):
+            eng.add_request(f"r{i}", p, PARAMS)
+        return _drain(eng, {})
+    finally:
+        eng.shutdown()
+
+
+def _drain(eng, done: dict, on_step=None, timeout: float = 240.0) -> dict[str, list[int]]:
+    deadline = time.monotonic() + timeout
+    while eng.has_requests():
+        assert time.monotonic() < deadline, f"requests did not finish in {timeout:g} s: {eng.stats()}"
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        if on_step is not None:
+            on_step()
+    return {rid: o.outputs[0].token_ids for rid, o in done.items()}
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkill_one_rank_mid_stream_every_request_completes(local_ray, tiny_model):
+    path = tiny_model("qwen3_e6k3")
+    want = _reference(path)
+    eng = _engine(path, expert_parallel_size=3, elastic_ep=True)
+    ex = eng.executor
+    victim = ex.rank_pids[1]
+    try:
+        for i, p in enumerate(PROMPTS):
+            eng.add_request(f"r{i}", p, PARAMS)
+        assert all(s.num_running + s.num_waiting > 0 for s in eng.rank_stats()), "every rank should own requests"
+        done: dict = {}
+        streamed = 0
+        while streamed < 3 * len(PROMPTS):  # mid-stream: a few tokens out for every request, none finished
+            streamed += sum(1 for _ in eng.step())
+        assert not done
+        _kill(victim)
+        for i, p in enumerate(LATE_PROMPTS):  # the stream goes on: requests keep arriving
+            eng.add_request(f"r{len(PROMPTS) + i}", p, PARAMS)
+        on_victim = sum(1 for r in eng._rank_of.values() if r == 1)
+        assert on_victim > 0
+        serving = []
+        got = _drain(eng, done, on_step=lambda: serving.append(ex.dead_error is None))
+        # Readiness (AsyncEngine.is_healthy reads the executor's dead_error) never turned.
+        assert all(serving) and ex.dead_error is None
+        stats = eng.elastic_stats
+        print(f"elastic EP 3 -> 2: recovered in {stats.last_recovery_seconds:.2f} s, "
+              f"{stats.requests_requeued} requests requeued ({stats.requests_on_lost_ranks} from the lost rank)")
+        assert stats.recoveries == 1 and stats.rank_losses == 1 and stats.failed_recoveries == 0
+        assert stats.history[0].dead_ranks == (1,) and stats.history[0].survivors == (0, 2)
+        assert stats.requests_on_lost_ranks == on_victim
+        assert stats.requests_requeued == len(PROMPTS) + len(LATE_PROMPTS)  # none had finished
+        assert ex.world_size == 2 and eng.world_size == 2 and len(eng.schedulers) == 2
+        assert eng.ep_plan.placement.ep_size == 2
+        # Every request completed with its full output, none with an error, greedy outputs as undisturbed.
+        assert set(got) == set(want)
+        for rid, out in done.items():
+            assert out.outputs[0].finish_reason == "length", (rid, out.outputs[0].finish_reason)
+            assert got[rid] == want[rid], rid
+        # No KV block leaked; nothing left in flight.
+        for s in eng.rank_stats():
+            assert s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks, s
+        assert not eng.output_processor.states and not eng._rank_of
+    finally:
+        eng.shutdown()
+
+
+def test_elastic_ep_2_to_1_fails_fast_naming_the_rank(local_ray, tiny_model):
+    """Nothing to recover to (one survivor): the old fail-fast path, one error naming the rank and why."""
+    eng = _engine(tiny_model("qwen3_e6k3"), expert_parallel_size=2, elastic_ep=True)
+    try:
+        for i, p in enumerate(PROMPTS[:4]):
+            eng.add_request(f"r{i}", p, PARAMS)
+        eng.step()
+        _kill(eng.executor.rank_pids[1])
+        with pytest.raises(WorkerDiedError, match=r"rank 1 .*elastic EP cannot go on without it: 1 rank\(s\) "
+                                                  r"would survive") as info:
+            for _ in range(200):
+                eng.step()
+        assert eng.executor.dead_error is info.value
+        assert eng.elastic_stats.failed_recoveries == 1 and eng.elastic_stats.recoveries == 0
+    finally:
+        eng.shutdown()
