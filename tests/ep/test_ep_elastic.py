@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 20
 KW = dict(dtype="float64", max_model_len=256, num_kv_blocks=64, max_num_seqs=16, heartbeat_timeout=10.0)
-PROMPTS = [[(7 * i + j) % 50 + 3 for j in range(5 + i % 4)] for i in range(12)]
-LATE_PROMPTS = [[(11 * i + j) % 40 + 5 for j in range(6)] for i in range(4)]  # sent after the kill
+PROMPTS = [[(7 * i + j) % 50 + 3 for j in range(5 + i % 4)] for i in range(24)]
+LATE_PROMPTS = [[(11 * i + j) % 40 + 5 for j in range(6)] for i in range(8)]  # sent after the kill
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
@@ -60,7 +60,11 @@ def _kill(pid: int) -> None:
 def test_sigkill_one_rank_mid_stream_every_request_completes(local_ray, tiny_model):
     path = tiny_model("qwen3_e6k3")
     want = _reference(path)
-    eng = _engine(path, expert_parallel_size=3, elastic_ep=True)
+    from moelink.engine.metrics import EngineMetrics
+
+    eng = _engine(path, expert_parallel_size=4, elastic_ep=True)
+    metrics = EngineMetrics()
+    metrics.attach(eng)
     ex = eng.executor
     victim = ex.rank_pids[1]
     try:
@@ -82,14 +86,20 @@ def test_sigkill_one_rank_mid_stream_every_request_completes(local_ray, tiny_mod
         # Readiness (AsyncEngine.is_healthy reads the executor's dead_error) never turned.
         assert all(serving) and ex.dead_error is None
         stats = eng.elastic_stats
-        print(f"elastic EP 3 -> 2: recovered in {stats.last_recovery_seconds:.2f} s, "
+        print(f"elastic EP 4 -> 3: recovered in {stats.last_recovery_seconds:.2f} s, "
               f"{stats.requests_requeued} requests requeued ({stats.requests_on_lost_ranks} from the lost rank)")
         assert stats.recoveries == 1 and stats.rank_losses == 1 and stats.failed_recoveries == 0
-        assert stats.history[0].dead_ranks == (1,) and stats.history[0].survivors == (0, 2)
+        assert stats.history[0].dead_ranks == (1,) and stats.history[0].survivors == (0, 2, 3)
         assert stats.requests_on_lost_ranks == on_victim
         assert stats.requests_requeued == len(PROMPTS) + len(LATE_PROMPTS)  # none had finished
-        assert ex.world_size == 2 and eng.world_size == 2 and len(eng.schedulers) == 2
-        assert eng.ep_plan.placement.ep_size == 2
+        assert ex.world_size == 3 and eng.world_size == 3 and len(eng.schedulers) == 3
+        assert eng.ep_plan.placement.ep_size == 3 and eng.config.parallel.expert_parallel_size == 3
+        # Every expert is held by a survivor, each exactly once.
+        assert sorted(e for held in eng.experts_on_ranks() for e, _ in held) == list(range(6))
+        sample = metrics.registry.get_sample_value
+        assert sample("moelink_ep_rank_losses_total") == 1 and sample("moelink_ep_recoveries_total") == 1
+        assert sample("moelink_ep_requests_requeued_total") == stats.requests_requeued
+        assert sample("moelink_ep_recovery_seconds_total") == pytest.approx(stats.recovery_seconds_total)
         # Every request completed with its full output, none with an error, greedy outputs as undisturbed.
         assert set(got) == set(want)
         for rid, out in done.items():
@@ -99,6 +109,32 @@ def test_sigkill_one_rank_mid_stream_every_request_completes(local_ray, tiny_mod
         for s in eng.rank_stats():
             assert s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks, s
         assert not eng.output_processor.states and not eng._rank_of
+    finally:
+        eng.shutdown()
+
+
+def test_rank_lost_while_idle_is_recovered_by_the_health_check(local_ray, tiny_model):
+    """No step running: the heartbeats find the dead actor, the engine's health check recovers (AsyncEngine
+    calls it when idle), readiness never turns, and the next requests run at EP 2 with the same outputs."""
+    path = tiny_model("qwen3_e6k3")
+    want = _reference(path)
+    eng = _engine(path, expert_parallel_size=3, elastic_ep=True)
+    ex = eng.executor
+    try:
+        _kill(ex.rank_pids[2])
+        deadline = time.monotonic() + 20
+        while ex.lost_error is None:
+            assert time.monotonic() < deadline, "the heartbeats did not see the dead rank"
+            assert ex.dead_error is None
+            time.sleep(0.1)
+        assert "rank 2" in str(ex.lost_error)
+        eng.check_health()  # recovers; raises nothing
+        assert ex.dead_error is None and ex.lost_error is None and ex.world_size == 2
+        assert eng.elastic_stats.recoveries == 1 and eng.elastic_stats.requests_requeued == 0
+        for i, p in enumerate(PROMPTS[:6]):
+            eng.add_request(f"r{i}", p, PARAMS)
+        got = _drain(eng, {})
+        assert got == {f"r{i}": want[f"r{i}"] for i in range(6)}
     finally:
         eng.shutdown()
 
