@@ -155,3 +155,68 @@ def test_elastic_ep_2_to_1_fails_fast_naming_the_rank(local_ray, tiny_model):
         assert eng.elastic_stats.failed_recoveries == 1 and eng.elastic_stats.recoveries == 0
     finally:
         eng.shutdown()
+
+
+def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
+    """AsyncEngine streams (what the gRPC server serves; its readiness is `is_healthy`): EP 4 -> 3 -> 2 with a
+    SIGKILL mid-stream each time; every stream completes, none errors, and health never turns."""
+    import asyncio
+    import threading
+
+    from moelink.engine.async_engine import AsyncEngine
+
+    path = tiny_model("qwen3_e6k3")
+    want = _reference(path)
+    engine = AsyncEngine.from_engine_args(EngineArgs(model=path, expert_parallel_size=4, elastic_ep=True, **KW))
+    ex = engine.engine.executor
+    victims = [ex.rank_pids[3], ex.rank_pids[1]]
+    health: list[bool] = []
+    watching = threading.Event()
+
+    def watch():
+        while not watching.wait(0.005):
+            health.append(engine.is_healthy)
+
+    async def one(rid, prompt, streamed: asyncio.Event):
+        outs = []
+        async for out in engine.generate(rid, prompt, PARAMS):
+            outs.append(out)
+            if len(out.outputs[0].token_ids) >= 3:
+                streamed.set()
+        return outs[-1]
+
+    async def main():
+        prompts = PROMPTS + LATE_PROMPTS
+        events = [asyncio.Event() for _ in prompts]
+        tasks = [asyncio.create_task(one(f"r{i}", p, events[i])) for i, p in enumerate(prompts)]
+        for victim, n_recovered in zip(victims, (1, 2)):
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=120)
+            _kill(victim)
+            while engine.engine.elastic_stats.recoveries < n_recovered:
+                await asyncio.sleep(0.01)
+            for e in events:  # the next kill comes once every stream moved on
+                e.clear()
+            for i, t in enumerate(tasks):
+                if t.done():
+                    events[i].set()
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=240)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        finals = asyncio.run(main())
+        watching.set()
+        watcher.join(5)
+        stats = engine.engine.elastic_stats
+        print(f"elastic EP 4 -> 3 -> 2: recoveries took {[round(h.seconds, 3) for h in stats.history]} s; "
+              f"health sampled {len(health)} times, all SERVING: {all(health)}")
+        assert health and all(health)
+        assert stats.recoveries == 2 and stats.rank_losses == 2 and ex.world_size == 2
+        for out in finals:
+            assert out.finished and out.outputs[0].finish_reason == "length", out
+            assert out.outputs[0].token_ids == want[out.request_id], out.request_id
+        for s in engine.rank_stats():
+            assert s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks, s
+    finally:
+        watching.set()
+        engine.shutdown()
