@@ -49,6 +49,7 @@ _PG_TIMEOUT_S = 120.0
 _HEARTBEAT_GROUP = "heartbeat"
 _HEARTBEAT_INTERVAL_S = 1.0
 _GUARD_EXIT_WAIT_S = 15.0
+_LOST_POLL_S = 0.25
 
 
 class ExecutorShutDown(RuntimeError):
@@ -399,7 +400,14 @@ class RayExecutor(Executor):
         pending = list(refs)
         deadline = time.monotonic() + timeout
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            # Elastic: a rank the heartbeats lost ends the wait now (its peers may sit in a collective with it).
+            wait_s = max(deadline - time.monotonic(), 0.0)
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=min(wait_s, _LOST_POLL_S) if self._state.elastic else wait_s)
+            if not ready and self._state.lost is not None:
+                raise self._state.lost
+            if not ready and time.monotonic() < deadline:
+                continue
             if not ready:
                 late_ranks = sorted(rank_of[ref] for ref in pending)
                 self._fail(late_ranks[0], (late or f"no answer within {timeout:.0f} s")

@@ -220,3 +220,32 @@ def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
     finally:
         watching.set()
         engine.shutdown()
+
+
+def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_model):
+    """SIGSTOP (a wedged process, not a dead one): the heartbeats lose it after --heartbeat-timeout, the step
+    waiting on it ends then (not at --step-timeout), it is killed, and the survivors go on at EP 2."""
+    path = tiny_model("qwen3_e6k3")
+    want = _reference(path)
+    eng = _engine(path, expert_parallel_size=3, elastic_ep=True, heartbeat_timeout=3.0)
+    ex = eng.executor
+    pid = ex.rank_pids[1]
+    try:
+        for i, p in enumerate(PROMPTS[:9]):
+            eng.add_request(f"r{i}", p, PARAMS)
+        for _ in range(4):
+            eng.step()
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        got = _drain(eng, {}, on_step=lambda: None if ex.dead_error is None else pytest.fail(str(ex.dead_error)))
+        elapsed = time.monotonic() - t0
+        print(f"frozen rank dropped; all requests done {elapsed:.1f} s after the freeze "
+              f"(recovery {eng.elastic_stats.last_recovery_seconds:.2f} s)")
+        assert eng.elastic_stats.recoveries == 1 and ex.world_size == 2
+        assert elapsed < 3.0 + 30.0  # one heartbeat timeout, the recovery and the rest of the requests
+        assert got == {f"r{i}": want[f"r{i}"] for i in range(9)}
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        eng.shutdown()
