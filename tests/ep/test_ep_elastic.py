@@ -249,3 +249,26 @@ def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_mode
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         eng.shutdown()
+
+
+def test_survivors_that_cannot_hold_the_experts_fail_cleanly(local_ray, tiny_model):
+    """EP 3 with 7 redundant replicas (13 slots for 6 experts) cannot be placed on 2 ranks (a rank holds one copy
+    of an expert at most): one error naming the lost rank and why the survivors cannot go on; ranks stopped."""
+    eng = _engine(tiny_model("qwen3_e6k3"), expert_parallel_size=3, elastic_ep=True, num_redundant_experts=7)
+    ex = eng.executor
+    try:
+        for i, p in enumerate(PROMPTS[:3]):
+            eng.add_request(f"r{i}", p, PARAMS)
+        eng.step()
+        _kill(ex.rank_pids[0])
+        with pytest.raises(WorkerDiedError, match=r"rank 0 died: its actor died .*elastic EP cannot go on without "
+                                                  r"it: the 2 surviving ranks cannot hold the experts: "
+                                                  r"ExpertPlacement.num_redundant=7 is too many") as info:
+            for _ in range(200):
+                eng.step()
+        assert ex.dead_error is info.value and ex.lost_error is None
+        with pytest.raises(WorkerDiedError):
+            eng.check_health()
+        assert eng.elastic_stats.failed_recoveries == 1
+    finally:
+        eng.shutdown()
