@@ -60,10 +60,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="SECONDS",
                    help="an expert-parallel rank that answers no heartbeat for this long (frozen, wedged, "
                         f"unreachable) fails the engine, busy or idle (default {DEFAULT_HEARTBEAT_TIMEOUT_S:.0f})")
-    p.add_argument("--elastic-ep", action="store_true",
-                   help="survive a lost expert-parallel rank: drop it, re-place its experts on the survivors "
-                        "(reloaded from the checkpoint), recompute its requests and go on at EP N-1 (needs >= 2 "
-                        "survivors; otherwise, and without this flag, a lost rank fails the engine)")
+    p.add_argument("--elastic-ep", action=argparse.BooleanOptionalAction, default=True,
+                   help="survive a lost expert-parallel rank: drop it, re-place the experts on the survivors "
+                        "(reloaded from the checkpoint), recompute the requests and go on at EP N-1 when >= 2 "
+                        "ranks survive (default); --no-elastic-ep, or EP 2, fails the engine on a lost rank")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",

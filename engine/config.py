@@ -248,8 +248,9 @@ class ParallelConfig:
     # Only EP > 1 has an all-to-all to overlap: at one rank steps run as one batch.
     enable_two_batch_overlap: bool = False
     # Elastic EP (engine/elastic.py): a lost rank (killed, actor lost, silent) is dropped and the engine goes on
-    # at EP N-1, its requests recomputed, instead of failing. Off: the fail-fast watchdogs, as before.
-    elastic_ep: bool = False
+    # at EP N-1, its requests recomputed, instead of failing, when at least 2 ranks survive (EP >= 3). Off, or
+    # at EP 2: the fail-fast watchdogs, as before.
+    elastic_ep: bool = True
 
     def __post_init__(self) -> None:
         n = self.expert_parallel_size

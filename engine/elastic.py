@@ -79,10 +79,7 @@ def _find_dead(ex, lost: WorkerDiedError) -> set[int]:
     """The lost rank plus any rank whose actor is gone or silent (its heartbeat thread answers mid-step)."""
     import ray
 
-    from .ray_executor import _HEARTBEAT_GROUP
-
-    workers = list(ex.workers)
-    refs = [w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote() for w in workers]
+    refs = ex.heartbeat_refs()
     timeout = min(ex.config.parallel.heartbeat_timeout_s, _PROBE_TIMEOUT_S)
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     dead = {lost.rank}

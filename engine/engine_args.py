@@ -101,8 +101,8 @@ class EngineArgs:
     # while the other's all-to-all is in flight (engine/step_plan.py). Expert parallelism only: at
     # expert_parallel_size 1 there is no all-to-all, and steps run as one batch (logged once).
     enable_two_batch_overlap: bool = False
-    # Survive a lost EP rank at EP N-1 instead of failing (ParallelConfig.elastic_ep).
-    elastic_ep: bool = False
+    # Survive a lost EP rank at EP N-1 instead of failing (ParallelConfig.elastic_ep; EP >= 3).
+    elastic_ep: bool = True
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):

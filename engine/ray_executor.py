@@ -16,7 +16,9 @@ Watchdogs. A rank that is lost must fail the engine, not leave it silently stuck
 - the step watchdog: a step that runs longer than `step_timeout_s` (the first model step, which
   compiles kernels: at least FIRST_STEP_TIMEOUT_S) fails the engine.
 On any of these the survivors, possibly blocked in a collective with the lost rank, are killed
-rather than left to hang, and the engine reports the first failure.
+rather than left to hang, and the engine reports the first failure. With elastic EP (the default, when
+at least 2 ranks would survive) the loss is recorded in `lost_error` instead, the survivors live on,
+and the engine recovers at EP N-1 (engine/elastic.py, `recover`).
 
 Everything the executor holds in Ray (actors, placement group, a Ray it started) is released by
 `shutdown()`, and also when the executor is garbage-collected or the interpreter exits.
@@ -165,7 +167,7 @@ class _RayState:
     def fail(self, error: Exception) -> Exception:
         """Record the first failure, stop every rank; returns the first failure (the one to report). Elastic:
         a lost rank is recorded as `lost` instead and no rank is stopped (engine/elastic.py decides)."""
-        if self.elastic and isinstance(error, WorkerDiedError):
+        if self.elastic and isinstance(error, WorkerDiedError) and len(self.workers) >= 3:  # >= 2 would survive
             with self.lock:
                 if self.dead_error is None:
                     if self.lost is None:
@@ -340,6 +342,10 @@ class RayExecutor(Executor):
         threading.Thread(target=_heartbeats, name="moelink-heartbeat", daemon=True,
                          args=(state, min(_HEARTBEAT_INTERVAL_S, par.heartbeat_timeout_s / 4),
                                par.heartbeat_timeout_s, state.generation)).start()
+
+    def heartbeat_refs(self) -> list:
+        """One heartbeat per rank, answered on the rank's heartbeat thread (also mid-step)."""
+        return [w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote() for w in self.workers]
 
     @property
     def lost_error(self) -> Exception | None:

@@ -170,7 +170,8 @@ def test_elastic_ep_flag_is_validated_and_reaches_the_config(tiny_model):
     with pytest.raises(ValueError, match=r"elastic_ep='yes' is invalid: must be True or False"):
         ParallelConfig(elastic_ep="yes")
     path = tiny_model("qwen3_e6k3")
-    assert not EngineArgs(model=path, num_kv_blocks=8).create_engine_config().parallel.elastic_ep
-    assert EngineArgs(model=path, num_kv_blocks=8, elastic_ep=True).create_engine_config().parallel.elastic_ep
-    ns = build_parser().parse_args(["generate", path, "--prompt", "hi", "--elastic-ep"])
-    assert engine_args_from(ns).elastic_ep
+    assert EngineArgs(model=path, num_kv_blocks=8).create_engine_config().parallel.elastic_ep  # on by default
+    assert not EngineArgs(model=path, num_kv_blocks=8, elastic_ep=False).create_engine_config().parallel.elastic_ep
+    assert engine_args_from(build_parser().parse_args(["generate", path, "--prompt", "hi"])).elastic_ep
+    ns = build_parser().parse_args(["generate", path, "--prompt", "hi", "--no-elastic-ep"])
+    assert not engine_args_from(ns).elastic_ep
