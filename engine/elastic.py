@@ -4,7 +4,9 @@
               ─▶ LLMEngine.step / check_health ─▶ recover_engine
                    1. recover_ranks (driver): find every dead rank (the lost one, plus any that does not
                       answer a heartbeat), kill them, wait until each survivor's failed step has ended,
-                      re-plan the placement for the survivors (plan_expert_parallel at EP N-1), have each
+                      re-place for the survivors (`survivor_placement`: each keeps its experts; an expert
+                      only lost ranks held goes to the survivor with the fewest, unless a replica of it
+                      survives), have each
                       survivor leave the old process group and drop its runner (Worker.reconfigure),
                       form the new group, load each survivor's new share of the experts from the
                       checkpoint, size and allocate the KV cache, restart the heartbeats;
@@ -13,8 +15,8 @@
                       its client sees a pause, not an error.
 
 First version, stated: the survivors' KV caches are recomputed too (their runners are rebuilt), every
-survivor reloads its new share from the checkpoint (replicas are not preferred, experts it already held
-are not kept in memory), and seeded sampling restarts its generator (greedy outputs are unchanged).
+survivor reloads its whole new share from the checkpoint (the experts it already held are not kept in
+memory, though they stay on it), and seeded sampling restarts its generator (greedy outputs are unchanged).
 Recovery is impossible, and the old fail-fast path is taken (one WorkerDiedError naming the rank and why),
 when fewer than 2 ranks survive, a survivor stays inside the failed step (a collective that waits for the
 lost rank until comm_timeout_s), the placement cannot be built at EP N-1, or a survivor cannot load its
@@ -26,6 +28,8 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
+from moelink.moe.placement import ExpertPlacement
+
 from .executor import WorkerDiedError
 from .expert_parallel import plan_expert_parallel
 from .kv_sizing import common_num_kv_blocks
@@ -34,6 +38,46 @@ logger = logging.getLogger(__name__)
 
 _PROBE_TIMEOUT_S = 5.0  # a survivor answers a heartbeat within this (its own thread), or counts as lost
 _LOAD_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class SurvivorPlacement(ExpertPlacement):
+    """A placement given slot by slot: each survivor keeps the experts it held, in its local slot order, and
+    the experts only lost ranks held are appended to the survivors (`survivor_placement`). A subclass here, so
+    that moe/placement.py (whose tables EPLB owns) is untouched: only `_build_slots` differs."""
+
+    given_slots: tuple[tuple[int, ...], ...] = ()
+
+    def _build_slots(self, replicas):
+        slots = tuple(tuple(s) for s in self.given_slots)
+        if len(slots) != self.ep_size:
+            raise ValueError(f"SurvivorPlacement.given_slots has {len(slots)} ranks, ep_size={self.ep_size}.")
+        for r, held in enumerate(slots):
+            if not held or len(set(held)) != len(held) or not all(0 <= e < self.num_experts for e in held):
+                raise ValueError(f"SurvivorPlacement: rank {r} holds {held}: every rank needs at least one "
+                                 f"expert, each in [0, {self.num_experts}) at most once.")
+        copies = [0] * self.num_experts
+        for held in slots:
+            for e in held:
+                copies[e] += 1
+        if 0 in copies:
+            raise ValueError(f"SurvivorPlacement: expert {copies.index(0)} is held by no rank.")
+        extra = tuple(e for e in range(self.num_experts) for _ in range(copies[e] - 1))
+        return slots, extra
+
+
+def survivor_placement(old: ExpertPlacement, survivors: list[int]) -> SurvivorPlacement:
+    """The placement at EP len(survivors) that moves the least: every survivor keeps its experts (their
+    weights come back from the checkpoint with the rest of its share); an expert a lost rank held is served by
+    its replicas on survivors when it has any (replicas first), and otherwise appended to the survivor with the
+    fewest slots (lowest rank on ties), which loads it from the checkpoint."""
+    slots = [list(old.experts_on_rank(r)) for r in survivors]
+    held = {e for s in slots for e in s}
+    for e in range(old.num_experts):
+        if e not in held:
+            min(slots, key=lambda s: (len(s), slots.index(s))).append(e)
+    return SurvivorPlacement(num_experts=old.num_experts, ep_size=len(slots),
+                             given_slots=tuple(tuple(s) for s in slots))
 
 
 @dataclass(frozen=True)
@@ -94,10 +138,11 @@ def _find_dead(ex, lost: WorkerDiedError) -> set[int]:
     return dead
 
 
-def _survivor_config(config, survivors: list[int]):
+def _survivor_config(config, survivors: list[int], num_redundant: int):
     par = config.parallel
     node_ids = None if par.ep_node_ids is None else tuple(par.ep_node_ids[r] for r in survivors)
-    return replace(config, parallel=replace(par, expert_parallel_size=len(survivors), ep_node_ids=node_ids))
+    return replace(config, parallel=replace(par, expert_parallel_size=len(survivors), ep_node_ids=node_ids,
+                                            num_redundant_experts=num_redundant))
 
 
 def recover_ranks(ex) -> RecoveryResult:
@@ -126,11 +171,12 @@ def recover_ranks(ex) -> RecoveryResult:
         # A survivor's step ends once its collective with the lost rank fails; the ping queues behind it.
         wait = ex.config.parallel.comm_timeout_s + _PROBE_TIMEOUT_S
         _gather([old_workers[r].ping.remote() for r in survivors], wait, "the step the lost rank broke")
-        config = _survivor_config(ex.config, survivors)
+        placement = survivor_placement(ex.plan.placement, survivors)
+        config = _survivor_config(ex.config, survivors, placement.num_redundant)
         try:
-            plan = plan_expert_parallel(config)
+            plan = replace(plan_expert_parallel(config), placement=placement)
         except ValueError as exc:
-            raise _Unrecoverable(f"the {len(survivors)} surviving ranks cannot hold the experts: {exc}") from exc
+            raise _Unrecoverable(f"the {len(survivors)} surviving ranks cannot run the experts: {exc}") from exc
         node_ids = [ex.node_ids[r] for r in survivors] if ex.node_ids else []
         if plan.backend.needs_node_map and plan.node_of_rank is None and node_ids:
             plan = replace(plan, node_of_rank=node_numbers(node_ids))

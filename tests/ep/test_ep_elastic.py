@@ -94,8 +94,9 @@ def test_sigkill_one_rank_mid_stream_every_request_completes(local_ray, tiny_mod
         assert stats.requests_requeued == len(PROMPTS) + len(LATE_PROMPTS)  # none had finished
         assert ex.world_size == 3 and eng.world_size == 3 and len(eng.schedulers) == 3
         assert eng.ep_plan.placement.ep_size == 3 and eng.config.parallel.expert_parallel_size == 3
-        # Every expert is held by a survivor, each exactly once.
-        assert sorted(e for held in eng.experts_on_ranks() for e, _ in held) == list(range(6))
+        # Every expert is held by a survivor, each exactly once; each survivor kept the experts it held (6 on
+        # 4 ranks: [0 1] [2 3] [4] [5]) and the lost rank's went to the two that held one.
+        assert [[e for e, _ in held] for held in eng.experts_on_ranks()] == [[0, 1], [4, 2], [5, 3]]
         sample = metrics.registry.get_sample_value
         assert sample("moelink_ep_rank_losses_total") == 1 and sample("moelink_ep_recoveries_total") == 1
         assert sample("moelink_ep_requests_requeued_total") == stats.requests_requeued
@@ -252,24 +253,26 @@ def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_mode
         eng.shutdown()
 
 
-def test_survivors_that_cannot_hold_the_experts_fail_cleanly(local_ray, tiny_model):
-    """EP 3 with 7 redundant replicas (13 slots for 6 experts) cannot be placed on 2 ranks (a rank holds one copy
-    of an expert at most): one error naming the lost rank and why the survivors cannot go on; ranks stopped."""
-    eng = _engine(tiny_model("qwen3_e6k3"), expert_parallel_size=3, elastic_ep=True, num_redundant_experts=7)
+def test_two_ranks_lost_at_once_leave_one_survivor_and_fail_cleanly(local_ray, tiny_model):
+    """EP 3 losing ranks 0 and 2 together: one survivor cannot go on; one error naming the first lost rank
+    and why; every rank stopped, health NOT_SERVING from then on."""
+    eng = _engine(tiny_model("qwen3_e6k3"), expert_parallel_size=3, elastic_ep=True)
     ex = eng.executor
     try:
         for i, p in enumerate(PROMPTS[:3]):
             eng.add_request(f"r{i}", p, PARAMS)
         eng.step()
         _kill(ex.rank_pids[0])
-        with pytest.raises(WorkerDiedError, match=r"rank 0 died: its actor died .*elastic EP cannot go on without "
-                                                  r"it: the 2 surviving ranks cannot hold the experts: "
-                                                  r"ExpertPlacement.num_redundant=7 is too many") as info:
+        _kill(ex.rank_pids[2])
+        time.sleep(0.5)  # both gone before the next step
+        with pytest.raises(WorkerDiedError, match=r"rank [02] died: its actor died .*elastic EP cannot go on "
+                                                  r"without it: 1 rank\(s\) would survive; elastic EP needs at "
+                                                  r"least 2") as info:
             for _ in range(200):
                 eng.step()
         assert ex.dead_error is info.value and ex.lost_error is None
         with pytest.raises(WorkerDiedError):
             eng.check_health()
-        assert eng.elastic_stats.failed_recoveries == 1
+        assert eng.elastic_stats.failed_recoveries == 1 and eng.elastic_stats.recoveries == 0
     finally:
         eng.shutdown()
