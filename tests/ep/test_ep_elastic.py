@@ -276,3 +276,31 @@ def test_two_ranks_lost_at_once_leave_one_survivor_and_fail_cleanly(local_ray, t
         assert eng.elastic_stats.failed_recoveries == 1 and eng.elastic_stats.recoveries == 0
     finally:
         eng.shutdown()
+
+
+def test_sigkill_during_chunked_prefill(local_ray, tiny_model):
+    """The kill lands while long prompts are still being prefilled in chunks (no token out yet for most):
+    requeued from the prompt alone, they finish as undisturbed."""
+    path = tiny_model("qwen3_e6k3")
+    prompts = [[(13 * i + j) % 60 + 2 for j in range(70 + 5 * i)] for i in range(6)]
+    kw = dict(max_num_batched_tokens=32, max_num_seqs=4)
+    ref = _engine(path, expert_parallel_size=1, **kw)
+    try:
+        for i, p in enumerate(prompts):
+            ref.add_request(f"p{i}", p, PARAMS)
+        want = _drain(ref, {})
+    finally:
+        ref.shutdown()
+    eng = _engine(path, expert_parallel_size=3, elastic_ep=True, **kw)
+    try:
+        for i, p in enumerate(prompts):
+            eng.add_request(f"p{i}", p, PARAMS)
+        assert not eng.step()  # one 32-token chunk per rank: no prompt is done
+        _kill(eng.executor.rank_pids[2])
+        got = _drain(eng, {})
+        assert eng.elastic_stats.recoveries == 1 and eng.executor.world_size == 2
+        assert got == want
+        for s in eng.rank_stats():
+            assert s.num_free_blocks == s.num_total_blocks, s
+    finally:
+        eng.shutdown()
