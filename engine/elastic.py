@@ -119,14 +119,16 @@ def _gather(refs, timeout: float, what: str) -> list:
         raise _Unrecoverable(f"a surviving rank failed {what}: {exc}") from exc
 
 
-def _find_dead(ex, lost: WorkerDiedError) -> set[int]:
-    """The lost rank plus any rank whose actor is gone or silent (its heartbeat thread answers mid-step)."""
+def _find_dead(ex) -> set[int]:
+    """The ranks whose actor is gone or silent (a live rank answers on its heartbeat thread, also mid-step).
+    Not simply the rank that reported the loss: a survivor's collective may fail (connection reset by the
+    dead peer) before Ray reports the dead actor."""
     import ray
 
     refs = ex.heartbeat_refs()
     timeout = min(ex.config.parallel.heartbeat_timeout_s, _PROBE_TIMEOUT_S)
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-    dead = {lost.rank}
+    dead = set()
     for r, ref in enumerate(refs):
         if ref not in ready:
             dead.add(r)
@@ -159,7 +161,9 @@ def recover_ranks(ex) -> RecoveryResult:
     t0 = time.monotonic()
     old_workers = list(ex.workers)
     try:
-        dead = _find_dead(ex, lost)
+        dead = _find_dead(ex)
+        if not dead:  # every rank is alive: the step failed on its own (a bug, not a loss); no rank to drop
+            raise _Unrecoverable("every rank still answers, so no rank was lost: the step itself failed")
         survivors = [r for r in range(len(old_workers)) if r not in dead]
         for r in dead:
             try:
