@@ -63,6 +63,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="SECONDS",
                    help="an expert-parallel rank that answers no heartbeat for this long (frozen, wedged, "
                         f"unreachable) fails the engine, busy or idle (default {DEFAULT_HEARTBEAT_TIMEOUT_S:.0f})")
+    p.add_argument("--elastic-ep", action=argparse.BooleanOptionalAction, default=True,
+                   help="survive a lost expert-parallel rank: drop it, re-place the experts on the survivors "
+                        "(reloaded from the checkpoint), recompute the requests and go on at EP N-1 when >= 2 "
+                        "ranks survive (default); --no-elastic-ep, or EP 2, fails the engine on a lost rank")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
@@ -86,5 +90,5 @@ def engine_args_from(ns: argparse.Namespace):
         cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
         revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,
         fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype,
-        enable_two_batch_overlap=ns.enable_two_batch_overlap,
+        enable_two_batch_overlap=ns.enable_two_batch_overlap, elastic_ep=ns.elastic_ep,
     )

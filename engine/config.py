@@ -250,6 +250,10 @@ class ParallelConfig:
     # Two micro-batches per step, each one's compute overlapping the other's all-to-all (engine/step_plan.py).
     # Only EP > 1 has an all-to-all to overlap: at one rank steps run as one batch.
     enable_two_batch_overlap: bool = False
+    # Elastic EP (engine/elastic.py): a lost rank (killed, actor lost, silent) is dropped and the engine goes on
+    # at EP N-1, its requests recomputed, instead of failing, when at least 2 ranks survive (EP >= 3). Off, or
+    # at EP 2: the fail-fast watchdogs, as before.
+    elastic_ep: bool = True
 
     def __post_init__(self) -> None:
         n = self.expert_parallel_size
@@ -278,6 +282,8 @@ class ParallelConfig:
         if not isinstance(self.enable_two_batch_overlap, bool):
             raise ValueError(f"enable_two_batch_overlap={self.enable_two_batch_overlap!r} is invalid: must be True "
                              "or False.")
+        if not isinstance(self.elastic_ep, bool):
+            raise ValueError(f"elastic_ep={self.elastic_ep!r} is invalid: must be True or False.")
         self._check_node_map()
 
     def _check_node_map(self) -> None:

@@ -102,6 +102,8 @@ class EngineArgs:
     # while the other's all-to-all is in flight (engine/step_plan.py). Expert parallelism only: at
     # expert_parallel_size 1 there is no all-to-all, and steps run as one batch (logged once).
     enable_two_batch_overlap: bool = False
+    # Survive a lost EP rank at EP N-1 instead of failing (ParallelConfig.elastic_ep; EP >= 3).
+    elastic_ep: bool = True
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -155,7 +157,7 @@ class EngineArgs:
                               step_timeout_s=self.step_timeout,
                               heartbeat_timeout_s=self.heartbeat_timeout, ep_decode_capacity=self.ep_decode_capacity,
                               ep_nvlink_domain_size=self.ep_nvlink_domain_size, ep_node_ids=self.ep_node_ids,
-                              enable_two_batch_overlap=self.enable_two_batch_overlap)
+                              enable_two_batch_overlap=self.enable_two_batch_overlap, elastic_ep=self.elastic_ep)
 
     def model_path(self) -> str:
         """The local directory of `model`: itself, or a repo id's snapshot from the Hugging Face cache

@@ -18,6 +18,9 @@ class Executor(ABC):
     world_size: int = 1
     # Set once a rank is lost (or the executor is shut down): the engine cannot step any more.
     dead_error: Exception | None = None
+    # Elastic EP (engine/elastic.py): a rank lost that the engine may still recover from (`recover()`); None
+    # when nothing is lost, or on an executor that cannot recover (then a loss is `dead_error`).
+    lost_error: Exception | None = None
 
     @abstractmethod
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]: ...
@@ -63,7 +66,7 @@ class WorkerDiedError(RuntimeError):
 
     def __init__(self, rank: int, reason: str, what: str = "died"):
         super().__init__(f"expert-parallel rank {rank} {what}: {reason}")
-        self.rank = rank
+        self.rank, self.reason, self.what = rank, reason, what
 
 
 class InProcessExecutor(Executor):

@@ -17,7 +17,8 @@ from moelink.scheduler.scheduler import Scheduler
 
 from .engine_args import EngineArgs, EngineConfig
 from .engine_info import EngineInfo
-from .executor import Executor
+from .elastic import ElasticStats, recover_engine
+from .executor import Executor, WorkerDiedError
 from .executor_factory import make_executor
 from .expert_parallel import plan_expert_parallel
 from .eplb_controller import make_eplb_controller, step_expert_load
@@ -99,6 +100,7 @@ class LLMEngine:
         self.eplb = make_eplb_controller(config, self.ep_plan)
         self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
         self.structured = StructuredOutputManager(config.model.vocab_size)
+        self.elastic_stats = ElasticStats()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -237,7 +239,14 @@ class LLMEngine:
         if self.structured:
             for so in sched_outs:  # each rank gets the masks of its own rows only
                 so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens)
-        runner_outs = self.executor.execute(sched_outs)
+        try:
+            runner_outs = self.executor.execute(sched_outs)
+        except WorkerDiedError:
+            if self.executor.lost_error is None:  # not elastic, or nothing to recover from: fail as before
+                raise
+            # Elastic EP: the step is dropped; every unfinished request is requeued on the survivors.
+            recover_engine(self)
+            return []
         core_outputs = []
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))
@@ -293,7 +302,10 @@ class LLMEngine:
         )
 
     def check_health(self) -> None:
-        """Raise the executor's error once a rank is lost (dead, hung, silent), even between steps."""
+        """Raise the executor's error once a rank is lost (dead, hung, silent), even between steps; with
+        elastic EP, recover from the loss instead when the survivors can go on (engine/elastic.py)."""
+        if self.executor.lost_error is not None:
+            recover_engine(self)
         self.executor.check_health()
 
     def shutdown(self) -> None:

@@ -122,7 +122,22 @@ class _EngineCollector:
                        st.num_preemptions_total)
         yield _gauge("moelink_generation_tokens_per_second", f"Generated tokens/s over the last {_THROUGHPUT_WINDOW_S:.0f} s.",
                      self.m.tokens_per_second())
+        yield from self._elastic(eng.elastic_stats)
         yield from self._moe(eng)
+
+    @staticmethod
+    def _elastic(es):
+        """Elastic EP (engine/elastic.py): ranks lost, recoveries and their time, requests recomputed."""
+        yield _counter("moelink_ep_rank_losses", "Expert-parallel ranks lost (killed, actor lost, silent).",
+                       es.rank_losses)
+        yield _counter("moelink_ep_recoveries", "Rank losses the engine recovered from (serving on at EP N-1).",
+                       es.recoveries)
+        yield _counter("moelink_ep_failed_recoveries", "Rank losses the engine could not recover from (it failed).",
+                       es.failed_recoveries)
+        yield _counter("moelink_ep_recovery_seconds", "Time spent recovering from lost ranks (the step paused).",
+                       es.recovery_seconds_total)
+        yield _counter("moelink_ep_requests_requeued", "Unfinished requests requeued and recomputed by recoveries.",
+                       es.requests_requeued)
 
     def _moe(self, eng):
         moe = eng.moe_metrics

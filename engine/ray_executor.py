@@ -16,7 +16,9 @@ Watchdogs. A rank that is lost must fail the engine, not leave it silently stuck
 - the step watchdog: a step that runs longer than `step_timeout_s` (the first model step, which
   compiles kernels: at least FIRST_STEP_TIMEOUT_S) fails the engine.
 On any of these the survivors, possibly blocked in a collective with the lost rank, are killed
-rather than left to hang, and the engine reports the first failure.
+rather than left to hang, and the engine reports the first failure. With elastic EP (the default, when
+at least 2 ranks would survive) the loss is recorded in `lost_error` instead, the survivors live on,
+and the engine recovers at EP N-1 (engine/elastic.py, `recover`).
 
 Everything the executor holds in Ray (actors, placement group, a Ray it started) is released by
 `shutdown()`, and also when the executor is garbage-collected or the interpreter exits.
@@ -49,6 +51,7 @@ _PG_TIMEOUT_S = 120.0
 _HEARTBEAT_GROUP = "heartbeat"
 _HEARTBEAT_INTERVAL_S = 1.0
 _GUARD_EXIT_WAIT_S = 15.0
+_LOST_POLL_S = 0.25
 
 
 class ExecutorShutDown(RuntimeError):
@@ -155,9 +158,22 @@ class _RayState:
         self.dead_error: Exception | None = None
         self.stopping = threading.Event()
         self.released = False
+        # Elastic EP: a lost rank is recorded in `lost` (the survivors live on) for the engine to recover from;
+        # each recovery starts a new heartbeat generation (the old thread ends).
+        self.elastic = False
+        self.lost: WorkerDiedError | None = None
+        self.generation = 0
 
     def fail(self, error: Exception) -> Exception:
-        """Record the first failure, stop every rank; returns the first failure (the one to report)."""
+        """Record the first failure, stop every rank; returns the first failure (the one to report). Elastic:
+        a lost rank is recorded as `lost` instead and no rank is stopped (engine/elastic.py decides)."""
+        if self.elastic and isinstance(error, WorkerDiedError) and len(self.workers) >= 3:  # >= 2 would survive
+            with self.lock:
+                if self.dead_error is None:
+                    if self.lost is None:
+                        self.lost = error
+                        logger.error("%s; elastic EP will recover without it", error)
+                    return self.lost
         with self.lock:
             first = self.dead_error is None
             if first:
@@ -206,12 +222,14 @@ class _RayState:
                 pass
 
 
-def _heartbeats(state: _RayState, interval_s: float, timeout_s: float) -> None:
+def _heartbeats(state: _RayState, interval_s: float, timeout_s: float, generation: int = 0) -> None:
     """Ping every rank each `interval_s`; a rank silent for `timeout_s`, or dead, fails the executor."""
     import ray
 
     while not state.stopping.wait(interval_s):
         workers = list(state.workers)
+        if state.lost is not None or state.generation != generation:
+            return  # elastic: a rank is lost; the recovery starts the next generation's thread
         if not workers or state.dead_error is not None or not ray.is_initialized():
             return  # released, failed, or Ray shut down under us (interpreter exit)
         try:
@@ -222,7 +240,7 @@ def _heartbeats(state: _RayState, interval_s: float, timeout_s: float) -> None:
                 return
             logger.warning("heartbeat round failed", exc_info=True)
             continue
-        if state.stopping.is_set() or state.dead_error is not None:
+        if state.stopping.is_set() or state.dead_error is not None or state.generation != generation:
             return
         answered = set(ready)
         for rank, ref in enumerate(refs):
@@ -262,6 +280,7 @@ class RayExecutor(Executor):
         # placement or backend that cannot work fails on the driver.
         self.plan = plan if plan is not None else plan_expert_parallel(config)
         self._state = state = _RayState()
+        state.elastic = config.parallel.elastic_ep
         # Releases the actors, the placement group and a Ray we started when this executor is collected
         # (or at exit), if shutdown() was not called; calling it is shutdown().
         self._finalizer = weakref.finalize(self, state.release)
@@ -313,12 +332,30 @@ class RayExecutor(Executor):
         except BaseException:
             self.shutdown()  # a retry must not find our half-used instance
             raise
-        par = config.parallel
-        threading.Thread(target=_heartbeats, name="moelink-heartbeat", daemon=True,
-                         args=(state, min(_HEARTBEAT_INTERVAL_S, par.heartbeat_timeout_s / 4),
-                               par.heartbeat_timeout_s)).start()
+        self.start_heartbeats()
         logger.info("RayExecutor: %d ranks ready (pids %s, rendezvous %s:%d)", self.world_size, self.rank_pids,
                     self.master_addr, self.master_port)
+
+    def start_heartbeats(self) -> None:
+        """The heartbeat thread of the current generation (the ranks of now)."""
+        par, state = self.config.parallel, self._state
+        threading.Thread(target=_heartbeats, name="moelink-heartbeat", daemon=True,
+                         args=(state, min(_HEARTBEAT_INTERVAL_S, par.heartbeat_timeout_s / 4),
+                               par.heartbeat_timeout_s, state.generation)).start()
+
+    def heartbeat_refs(self) -> list:
+        """One heartbeat per rank, answered on the rank's heartbeat thread (also mid-step)."""
+        return [w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote() for w in self.workers]
+
+    @property
+    def lost_error(self) -> Exception | None:
+        return self._state.lost
+
+    def recover(self):
+        """Go on without the lost rank(s) at EP N-1 (engine/elastic.py); raises the loss when it cannot."""
+        from .elastic import recover_ranks
+
+        return recover_ranks(self)
 
     @property
     def workers(self) -> list:
@@ -348,6 +385,8 @@ class RayExecutor(Executor):
 
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         self.check_health()
+        if self._state.lost is not None:  # elastic: lost while idle; the engine recovers before stepping
+            raise self._state.lost
         # Ranks with nothing scheduled still join every all-to-all while any rank has tokens.
         run_forward = any(not so.is_empty for so in outputs_per_rank)
         if run_forward:
@@ -367,7 +406,14 @@ class RayExecutor(Executor):
         pending = list(refs)
         deadline = time.monotonic() + timeout
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            # Elastic: a rank the heartbeats lost ends the wait now (its peers may sit in a collective with it).
+            wait_s = max(deadline - time.monotonic(), 0.0)
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=min(wait_s, _LOST_POLL_S) if self._state.elastic else wait_s)
+            if not ready and self._state.lost is not None:
+                raise self._state.lost
+            if not ready and time.monotonic() < deadline:
+                continue
             if not ready:
                 late_ranks = sorted(rank_of[ref] for ref in pending)
                 self._fail(late_ranks[0], (late or f"no answer within {timeout:.0f} s")

@@ -88,6 +88,17 @@ class Worker:
                                   cuda_graph_sizes=cfg.cuda_graph_sizes,
                                   step_plan=make_step_plan(cfg.two_batch_overlap, self.world_size))
 
+    def reconfigure(self, rank: int, world_size: int, plan: ExpertParallelPlan) -> None:
+        """Become rank `rank` of a new, smaller group (elastic EP, engine/elastic.py): leave the old process
+        group and drop the model runner (weights, KV cache), so that `init_distributed` and `load` build this
+        rank's share of `plan` afresh. Runs after the old group's last step ended on this rank."""
+        from dataclasses import replace
+
+        self.shutdown()
+        self.runner = None  # freed before the new share loads: the budget holds one copy, not two
+        self.rank, self.world_size, self.plan = rank, world_size, plan
+        self.config = replace(self.config, world_size=world_size)
+
     def _expert_parallel(self):
         return self.plan.for_rank(self.group, self.rank, self.device)
 

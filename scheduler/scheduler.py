@@ -96,6 +96,23 @@ class Scheduler:
         self._num_added += 1
         self.waiting.append(req)
 
+    def requeue(self, req: Request) -> None:
+        """Queue a request taken over from a scheduler that is gone (elastic EP: its rank was lost). It keeps
+        its prompt and output tokens and is recomputed like a preempted request: no KV blocks, nothing
+        computed, waiting in arrival order behind the requests already here."""
+        rid = req.request_id
+        if rid in self.requests:
+            raise ValueError(f"Request.request_id={rid!r} is invalid: an unfinished request already uses it.")
+        if req.is_finished:
+            raise ValueError(f"Request {rid!r} is invalid: it is finished ({req.status.name}); only unfinished "
+                             "requests can be requeued.")
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        self.requests[rid] = req
+        self._priority[rid] = (req.arrival_time, self._num_added)
+        self._num_added += 1
+        self.waiting.append(req)
+
     def _blocks_alone(self, n: int) -> int:
         """Blocks a request of n tokens may hold at once (both tables' when the sliding group has its own)."""
         blocks = self.kv.num_blocks_needed(n)

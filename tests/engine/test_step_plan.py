@@ -161,3 +161,17 @@ def test_two_batch_overlap_same_as_one_batch_in_process(tiny_model, hf_tiny_mode
     for a, b in zip(*caches):
         assert torch.equal(a != 0, b != 0)
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_elastic_ep_flag_is_validated_and_reaches_the_config(tiny_model):
+    from moelink.engine.cli_args import engine_args_from
+    from moelink.engine.cli import build_parser
+
+    with pytest.raises(ValueError, match=r"elastic_ep='yes' is invalid: must be True or False"):
+        ParallelConfig(elastic_ep="yes")
+    path = tiny_model("qwen3_e6k3")
+    assert EngineArgs(model=path, num_kv_blocks=8).create_engine_config().parallel.elastic_ep  # on by default
+    assert not EngineArgs(model=path, num_kv_blocks=8, elastic_ep=False).create_engine_config().parallel.elastic_ep
+    assert engine_args_from(build_parser().parse_args(["generate", path, "--prompt", "hi"])).elastic_ep
+    ns = build_parser().parse_args(["generate", path, "--prompt", "hi", "--no-elastic-ep"])
+    assert not engine_args_from(ns).elastic_ep

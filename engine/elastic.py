@@ -1,0 +1,271 @@
+"""Elastic expert parallelism: lose a rank, keep serving at EP N-1 (`--elastic-ep`).
+
+    rank lost ─▶ RayExecutor records it (state.lost; the survivors are NOT killed)
+              ─▶ LLMEngine.step / check_health ─▶ recover_engine
+                   1. recover_ranks (driver): find every dead rank (the lost one, plus any that does not
+                      answer a heartbeat), kill them, wait until each survivor's failed step has ended,
+                      re-place for the survivors (`survivor_placement`: each keeps its experts; an expert
+                      only lost ranks held goes to the survivor with the fewest, unless a replica of it
+                      survives), have each
+                      survivor leave the old process group and drop its runner (Worker.reconfigure),
+                      form the new group, load each survivor's new share of the experts from the
+                      checkpoint, size and allocate the KV cache, restart the heartbeats;
+                   2. requeue: every unfinished request (on every rank) goes to the new schedulers with
+                      its prompt and the tokens already streamed, recomputed like a preempted request:
+                      its client sees a pause, not an error.
+
+First version, stated: the survivors' KV caches are recomputed too (their runners are rebuilt), every
+survivor reloads its whole new share from the checkpoint (the experts it already held are not kept in
+memory, though they stay on it), and seeded sampling restarts its generator (greedy outputs are unchanged).
+Recovery is impossible, and the old fail-fast path is taken (one WorkerDiedError naming the rank and why),
+when fewer than 2 ranks survive, a survivor stays inside the failed step (a collective that waits for the
+lost rank until comm_timeout_s), the placement cannot be built at EP N-1, or a survivor cannot load its
+share (its memory budget).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from moelink.moe.placement import ExpertPlacement
+
+from .executor import WorkerDiedError
+from .expert_parallel import plan_expert_parallel
+from .kv_sizing import common_num_kv_blocks
+
+logger = logging.getLogger(__name__)
+
+_PROBE_TIMEOUT_S = 5.0  # a survivor answers a heartbeat within this (its own thread), or counts as lost
+_LOAD_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class SurvivorPlacement(ExpertPlacement):
+    """A placement given slot by slot: each survivor keeps the experts it held, in its local slot order, and
+    the experts only lost ranks held are appended to the survivors (`survivor_placement`). A subclass here, so
+    that moe/placement.py (whose tables EPLB owns) is untouched: only `_build_slots` differs."""
+
+    given_slots: tuple[tuple[int, ...], ...] = ()
+
+    def _build_slots(self, replicas):
+        slots = tuple(tuple(s) for s in self.given_slots)
+        if len(slots) != self.ep_size:
+            raise ValueError(f"SurvivorPlacement.given_slots has {len(slots)} ranks, ep_size={self.ep_size}.")
+        for r, held in enumerate(slots):
+            if not held or len(set(held)) != len(held) or not all(0 <= e < self.num_experts for e in held):
+                raise ValueError(f"SurvivorPlacement: rank {r} holds {held}: every rank needs at least one "
+                                 f"expert, each in [0, {self.num_experts}) at most once.")
+        copies = [0] * self.num_experts
+        for held in slots:
+            for e in held:
+                copies[e] += 1
+        if 0 in copies:
+            raise ValueError(f"SurvivorPlacement: expert {copies.index(0)} is held by no rank.")
+        extra = tuple(e for e in range(self.num_experts) for _ in range(copies[e] - 1))
+        return slots, extra
+
+
+def survivor_placement(old: ExpertPlacement, survivors: list[int]) -> SurvivorPlacement:
+    """The placement at EP len(survivors) that moves the least: every survivor keeps its experts (their
+    weights come back from the checkpoint with the rest of its share); an expert a lost rank held is served by
+    its replicas on survivors when it has any (replicas first), and otherwise appended to the survivor with the
+    fewest slots (lowest rank on ties), which loads it from the checkpoint."""
+    slots = [list(old.experts_on_rank(r)) for r in survivors]
+    held = {e for s in slots for e in s}
+    for e in range(old.num_experts):
+        if e not in held:
+            min(slots, key=lambda s: (len(s), slots.index(s))).append(e)
+    return SurvivorPlacement(num_experts=old.num_experts, ep_size=len(slots),
+                             given_slots=tuple(tuple(s) for s in slots))
+
+
+@dataclass(frozen=True)
+class RecoveryResult:
+    dead_ranks: tuple[int, ...]  # in the old numbering
+    survivors: tuple[int, ...]  # old rank of each new rank
+    world_size: int
+    num_kv_blocks: int | None  # per rank, when the ranks sized their caches; None: the configured count
+    seconds: float
+
+
+@dataclass
+class ElasticStats:
+    """Counters of elastic EP (exported with the engine's metrics)."""
+
+    rank_losses: int = 0
+    recoveries: int = 0
+    failed_recoveries: int = 0
+    recovery_seconds_total: float = 0.0
+    last_recovery_seconds: float | None = None
+    requests_requeued: int = 0  # every unfinished request at a recovery (all are recomputed)
+    requests_on_lost_ranks: int = 0  # of those, the ones that lived on a lost rank
+    history: list[RecoveryResult] = field(default_factory=list)
+
+
+class _Unrecoverable(RuntimeError):
+    pass
+
+
+def _gather(refs, timeout: float, what: str) -> list:
+    import ray
+
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+    if pending:
+        raise _Unrecoverable(f"{len(pending)} surviving rank(s) did not finish {what} within {timeout:g} s")
+    try:
+        return ray.get(list(refs))
+    except Exception as exc:
+        raise _Unrecoverable(f"a surviving rank failed {what}: {exc}") from exc
+
+
+def _find_dead(ex) -> set[int]:
+    """The ranks whose actor is gone or silent (a live rank answers on its heartbeat thread, also mid-step).
+    Not simply the rank that reported the loss: a survivor's collective may fail (connection reset by the
+    dead peer) before Ray reports the dead actor."""
+    import ray
+
+    refs = ex.heartbeat_refs()
+    timeout = min(ex.config.parallel.heartbeat_timeout_s, _PROBE_TIMEOUT_S)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    dead = set()
+    for r, ref in enumerate(refs):
+        if ref not in ready:
+            dead.add(r)
+            continue
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:
+            dead.add(r)
+    return dead
+
+
+def _survivor_config(config, survivors: list[int], num_redundant: int):
+    par = config.parallel
+    node_ids = None if par.ep_node_ids is None else tuple(par.ep_node_ids[r] for r in survivors)
+    return replace(config, parallel=replace(par, expert_parallel_size=len(survivors), ep_node_ids=node_ids,
+                                            num_redundant_experts=num_redundant))
+
+
+def recover_ranks(ex) -> RecoveryResult:
+    """Re-form `ex` (a RayExecutor with `lost_error` set) from its survivors at EP N-1; see the module doc.
+    Raises the loss (WorkerDiedError, now the executor's dead_error, every rank stopped) when it cannot."""
+    import ray
+
+    from moelink.comm.two_level import node_numbers
+
+    state = ex._state
+    lost = state.lost
+    if lost is None:
+        raise RuntimeError("recover_ranks: no rank is lost")
+    t0 = time.monotonic()
+    old_workers = list(ex.workers)
+    try:
+        dead = _find_dead(ex)
+        if not dead:  # every rank is alive: the step failed on its own (a bug, not a loss); no rank to drop
+            raise _Unrecoverable("every rank still answers, so no rank was lost: the step itself failed")
+        survivors = [r for r in range(len(old_workers)) if r not in dead]
+        for r in dead:
+            try:
+                ray.kill(old_workers[r], no_restart=True)
+            except Exception:  # already gone
+                pass
+        if len(survivors) < 2:
+            raise _Unrecoverable(f"{len(survivors)} rank(s) would survive; elastic EP needs at least 2")
+        # A survivor's step ends once its collective with the lost rank fails; the ping queues behind it.
+        wait = ex.config.parallel.comm_timeout_s + _PROBE_TIMEOUT_S
+        _gather([old_workers[r].ping.remote() for r in survivors], wait, "the step the lost rank broke")
+        placement = survivor_placement(ex.plan.placement, survivors)
+        config = _survivor_config(ex.config, survivors, placement.num_redundant)
+        try:
+            plan = replace(plan_expert_parallel(config), placement=placement)
+        except ValueError as exc:
+            raise _Unrecoverable(f"the {len(survivors)} surviving ranks cannot run the experts: {exc}") from exc
+        node_ids = [ex.node_ids[r] for r in survivors] if ex.node_ids else []
+        if plan.backend.needs_node_map and plan.node_of_rank is None and node_ids:
+            plan = replace(plan, node_of_rank=node_numbers(node_ids))
+        workers = [old_workers[r] for r in survivors]
+        m = len(workers)
+        _gather([w.reconfigure.remote(i, m, plan) for i, w in enumerate(workers)], _LOAD_TIMEOUT_S,
+                "leaving the old group")
+        addr, port = _gather([workers[0].pick_master.remote()], _LOAD_TIMEOUT_S, "choosing a rendezvous")[0]
+        _gather([w.init_distributed.remote(addr, port) for w in workers], _LOAD_TIMEOUT_S, "forming the new group")
+        _gather([w.load.remote() for w in workers], _LOAD_TIMEOUT_S, "loading its new share of the experts")
+        blocks = None
+        if config.cache.num_kv_blocks is None:
+            blocks = common_num_kv_blocks(_gather([w.available_kv_blocks.remote() for w in workers],
+                                                  _LOAD_TIMEOUT_S, "sizing its KV cache"))
+            _gather([w.allocate_kv_cache.remote(blocks) for w in workers], _LOAD_TIMEOUT_S, "allocating its KV cache")
+    except _Unrecoverable as exc:
+        err = WorkerDiedError(lost.rank, f"{lost.reason}; elastic EP cannot go on without it: {exc}", lost.what)
+        with state.lock:
+            state.lost = None
+            if state.dead_error is None:
+                state.dead_error = err
+        logger.error("%s; stopping the other ranks", err)
+        state.kill_workers()
+        raise state.dead_error from exc
+    state.workers = workers
+    ex.world_size, ex.config, ex.plan = m, config, plan
+    ex.rank_pids = [ex.rank_pids[r] for r in survivors]
+    ex.node_ids = node_ids
+    ex.master_addr, ex.master_port = addr, port
+    ex._ep_graph_sizes = None
+    with state.lock:
+        state.lost = None
+        state.generation += 1
+    ex.start_heartbeats()
+    result = RecoveryResult(tuple(sorted(dead)), tuple(survivors), m, blocks, time.monotonic() - t0)
+    logger.warning("elastic EP: lost rank(s) %s; serving on at EP %d (old ranks %s) after %.2f s",
+                   list(result.dead_ranks), m, survivors, result.seconds)
+    return result
+
+
+def recover_engine(engine) -> RecoveryResult:
+    """Recover the engine's executor, then requeue every unfinished request on the new ranks' schedulers."""
+    from moelink.scheduler.router import LeastLoadedRouter
+    from moelink.scheduler.scheduler import Scheduler
+
+    stats: ElasticStats = engine.elastic_stats
+    t0 = time.monotonic()
+    try:
+        result = engine.executor.recover()
+    except BaseException:
+        stats.rank_losses += 1
+        stats.failed_recoveries += 1
+        raise
+    cfg = engine.config
+    cache = cfg.cache if result.num_kv_blocks is None else replace(cfg.cache, num_kv_blocks=result.num_kv_blocks)
+    engine.config = replace(cfg, cache=cache,
+                            parallel=replace(cfg.parallel, expert_parallel_size=result.world_size,
+                                             ep_node_ids=engine.executor.config.parallel.ep_node_ids))
+    dead = set(result.dead_ranks)
+    old = engine.schedulers
+    reqs = sorted((req for s in old for req in s.requests.values()), key=lambda r: r.arrival_time)
+    on_lost = sum(len(old[r].requests) for r in dead if r < len(old))
+    engine.world_size = result.world_size
+    engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache) for _ in range(result.world_size)]
+    engine.router = LeastLoadedRouter(engine.schedulers)
+    engine._rank_of = {}
+    for req in reqs:
+        rank = engine.router.route(req.all_token_ids)
+        engine.schedulers[rank].requeue(req)
+        engine._rank_of[req.request_id] = rank
+    engine.ep_plan = engine.executor.plan
+    mm = engine.moe_metrics
+    mm.world_size = result.world_size
+    mm.bytes_dispatched_per_rank = [mm.bytes_dispatched_per_rank[r] for r in result.survivors]
+    seconds = time.monotonic() - t0
+    stats.rank_losses += len(dead)
+    stats.recoveries += 1
+    stats.recovery_seconds_total += seconds
+    stats.last_recovery_seconds = seconds
+    stats.requests_requeued += len(reqs)
+    stats.requests_on_lost_ranks += on_lost
+    stats.history.append(replace(result, seconds=seconds))
+    logger.warning("elastic EP: %d request(s) requeued (%d from the lost rank(s)); recovery took %.2f s",
+                   len(reqs), on_lost, seconds)
+    return result
+
+
+__all__ = ["ElasticStats", "RecoveryResult", "recover_engine", "recover_ranks"]

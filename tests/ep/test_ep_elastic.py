@@ -1,0 +1,306 @@
+"""Elastic EP (engine/elastic.py): SIGKILL one rank's process mid-stream and the engine serves on at EP N-1.
+
+Real Ray actor processes on gloo (127.0.0.1), the tiny float64 Qwen3-MoE. The reference is the same
+requests on one in-process rank: float64 greedy outputs do not depend on the EP size or on a recompute.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+
+from moelink.engine import EngineArgs, SamplingParams
+from moelink.engine.executor import WorkerDiedError
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 20
+KW = dict(dtype="float64", max_model_len=256, num_kv_blocks=64, max_num_seqs=16, heartbeat_timeout=10.0)
+PROMPTS = [[(7 * i + j) % 50 + 3 for j in range(5 + i % 4)] for i in range(24)]
+LATE_PROMPTS = [[(11 * i + j) % 40 + 5 for j in range(6)] for i in range(8)]  # sent after the kill
+PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+
+
+def _engine(path: str, **kw):
+    from moelink.engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineArgs(model=path, **{**KW, **kw}).create_engine_config())
+
+
+def _reference(path: str) -> dict[str, list[int]]:
+    eng = _engine(path, expert_parallel_size=1)
+    try:
+        for i, p in enumerate(PROMPTS + LATE_PROMPTS):
+            eng.add_request(f"r{i}", p, PARAMS)
+        return _drain(eng, {})
+    finally:
+        eng.shutdown()
+
+
+def _drain(eng, done: dict, on_step=None, timeout: float = 240.0) -> dict[str, list[int]]:
+    deadline = time.monotonic() + timeout
+    while eng.has_requests():
+        assert time.monotonic() < deadline, f"requests did not finish in {timeout:g} s: {eng.stats()}"
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        if on_step is not None:
+            on_step()
+    return {rid: o.outputs[0].token_ids for rid, o in done.items()}
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkill_one_rank_mid_stream_every_request_completes(local_ray, tiny_model):
+    path = tiny_model("qwen3_e6k3")
+    want = _reference(path)
+    from moelink.engine.metrics import EngineMetrics
+
+    eng = _engine(path, expert_parallel_size=4, elastic_ep=True)
+    metrics = EngineMetrics()
+    metrics.attach(eng)
+    ex = eng.executor
+    victim = ex.rank_pids[1]
+    try:
+        for i, p in enumerate(PROMPTS):
+            eng.add_request(f"r{i}", p, PARAMS)
+        assert all(s.num_running + s.num_waiting > 0 for s in eng.rank_stats()), "every rank should own requests"
+        done: dict = {}
+        streamed = 0
+        while streamed < 3 * len(PROMPTS):  # mid-stream: a few tokens out for every request, none finished
+            streamed += sum(1 for _ in eng.step())
+        assert not done
+        _kill(victim)
+        for i, p in enumerate(LATE_PROMPTS):  # the stream goes on: requests keep arriving
+            eng.add_request(f"r{len(PROMPTS) + i}", p, PARAMS)
+        on_victim = sum(1 for r in eng._rank_of.values() if r == 1)
+        assert on_victim > 0
+        serving = []
+        got = _drain(eng, done, on_step=lambda: serving.append(ex.dead_error is None))
+        # Readiness (AsyncEngine.is_healthy reads the executor's dead_error) never turned.
+        assert all(serving) and ex.dead_error is None
+        stats = eng.elastic_stats
+        print(f"elastic EP 4 -> 3: recovered in {stats.last_recovery_seconds:.2f} s, "
+              f"{stats.requests_requeued} requests requeued ({stats.requests_on_lost_ranks} from the lost rank)")
+        assert stats.recoveries == 1 and stats.rank_losses == 1 and stats.failed_recoveries == 0
+        assert stats.history[0].dead_ranks == (1,) and stats.history[0].survivors == (0, 2, 3)
+        assert stats.requests_on_lost_ranks == on_victim
+        assert stats.requests_requeued == len(PROMPTS) + len(LATE_PROMPTS)  # none had finished
+        assert ex.world_size == 3 and eng.world_size == 3 and len(eng.schedulers) == 3
+        assert eng.ep_plan.placement.ep_size == 3 and eng.config.parallel.expert_parallel_size == 3
+        # Every expert is held by a survivor, each exactly once; each survivor kept the experts it held (6 on
+        # 4 ranks: [0 1] [2 3] [4] [5]) and the lost rank's went to the two that held one.
+        assert [[e for e, _ in held] for held in eng.experts_on_ranks()] == [[0, 1], [4, 2], [5, 3]]
+        sample = metrics.registry.get_sample_value
+        assert sample("moelink_ep_rank_losses_total") == 1 and sample("moelink_ep_recoveries_total") == 1
+        assert sample("moelink_ep_requests_requeued_total") == stats.requests_requeued
+        assert sample("moelink_ep_recovery_seconds_total") == pytest.approx(stats.recovery_seconds_total)
+        # Every request completed with its full output, none with an error, greedy outputs as undisturbed.
+        assert set(got) == set(want)
+        for rid, out in done.items():
+            assert out.outputs[0].finish_reason == "length", (rid, out.outputs[0].finish_reason)
+            assert got[rid] == want[rid], rid
+        # No KV block leaked; nothing left in flight.
+        for s in eng.rank_stats():
+            assert s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks, s
+        assert not eng.output_processor.states and not eng._rank_of
+    finally:
+        eng.shutdown()
+
+
+def test_rank_lost_while_idle_is_recovered_by_the_health_check(local_ray, tiny_model):
+    """No step running: the heartbeats find the dead actor, the engine's health check recovers (AsyncEngine
+    calls it when idle), readiness never turns, and the next requests run at EP 2 with the same outputs."""
+    path = tiny_model("qwen3_e6k3")
+    want = _reference(path)
+    eng = _engine(path, expert_parallel_size=3, elastic_ep=True)
+    ex = eng.executor
+    try:
+        _kill(ex.rank_pids[2])
+        deadline = time.monotonic() + 20
+        while ex.lost_error is None:
+            assert time.monotonic() < deadline, "the heartbeats did not see the dead rank"
+            assert ex.dead_error is None
+            time.sleep(0.1)
+        assert "rank 2" in str(ex.lost_error)
+        eng.check_health()  # recovers; raises nothing
+        assert ex.dead_error is None and ex.lost_error is None and ex.world_size == 2
+        assert eng.elastic_stats.recoveries == 1 and eng.elastic_stats.requests_requeued == 0
+        for i, p in enumerate(PROMPTS[:6]):
+            eng.add_request(f"r{i}", p, PARAMS)
+        got = _drain(eng, {})
+        assert got == {f"r{i}": want[f"r{i}"] for i in range(6)}
+    finally:
+        eng.shutdown()
+
+
+def test_elastic_ep_2_to_1_fails_fast_naming_the_rank(local_ray, tiny_model):
+    """Nothing to recover to (one survivor): the old fail-fast path, one error naming the rank and why, as
+    soon as the loss is seen (no recovery attempted)."""
+    eng = _engine(tiny_model("qwen3_e6k3"), expert_parallel_size=2, elastic_ep=True)
+    try:
+        for i, p in enumerate(PROMPTS[:4]):
+            eng.add_request(f"r{i}", p, PARAMS)
+        eng.step()
+        _kill(eng.executor.rank_pids[1])
+        with pytest.raises(WorkerDiedError, match=r"^expert-parallel rank 1 died: its actor died") as info:
+            for _ in range(200):
+                eng.step()
+        assert "elastic" not in str(info.value)
+        assert eng.executor.dead_error is info.value and eng.executor.lost_error is None
+        assert eng.elastic_stats.recoveries == eng.elastic_stats.failed_recoveries == 0
+    finally:
+        eng.shutdown()
+
+
+def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
+    """AsyncEngine streams (what the gRPC server serves; its readiness is `is_healthy`): EP 4 -> 3 -> 2 with a
+    SIGKILL mid-stream each time; every stream completes, none errors, and health never turns."""
+    import asyncio
+    import threading
+
+    from moelink.engine.async_engine import AsyncEngine
+
+    path = tiny_model("qwen3_e6k3")
+    want = _reference(path)
+    engine = AsyncEngine.from_engine_args(EngineArgs(model=path, expert_parallel_size=4, elastic_ep=True, **KW))
+    ex = engine.engine.executor
+    victims = [ex.rank_pids[3], ex.rank_pids[1]]
+    health: list[bool] = []
+    watching = threading.Event()
+
+    def watch():
+        while not watching.wait(0.005):
+            health.append(engine.is_healthy)
+
+    async def one(rid, prompt, streamed: asyncio.Event):
+        outs = []
+        async for out in engine.generate(rid, prompt, PARAMS):
+            outs.append(out)
+            if len(out.outputs[0].token_ids) >= 3:
+                streamed.set()
+        return outs[-1]
+
+    async def main():
+        prompts = PROMPTS + LATE_PROMPTS
+        events = [asyncio.Event() for _ in prompts]
+        tasks = [asyncio.create_task(one(f"r{i}", p, events[i])) for i, p in enumerate(prompts)]
+        for victim, n_recovered in zip(victims, (1, 2)):
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=120)
+            _kill(victim)
+            while engine.engine.elastic_stats.recoveries < n_recovered:
+                await asyncio.sleep(0.01)
+            for e in events:  # the next kill comes once every stream moved on
+                e.clear()
+            for i, t in enumerate(tasks):
+                if t.done():
+                    events[i].set()
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=240)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        finals = asyncio.run(main())
+        watching.set()
+        watcher.join(5)
+        stats = engine.engine.elastic_stats
+        print(f"elastic EP 4 -> 3 -> 2: recoveries took {[round(h.seconds, 3) for h in stats.history]} s; "
+              f"health sampled {len(health)} times, all SERVING: {all(health)}")
+        assert health and all(health)
+        assert stats.recoveries == 2 and stats.rank_losses == 2 and ex.world_size == 2
+        for out in finals:
+            assert out.finished and out.outputs[0].finish_reason == "length", out
+            assert out.outputs[0].token_ids == want[out.request_id], out.request_id
+        for s in engine.rank_stats():
+            assert s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks, s
+    finally:
+        watching.set()
+        engine.shutdown()
+
+
+def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_model):
+    """SIGSTOP (a wedged process, not a dead one): the heartbeats lose it after --heartbeat-timeout, the step
+    waiting on it ends then (not at --step-timeout), it is killed, and the survivors go on at EP 2."""
+    path = tiny_model("qwen3_e6k3")
+    want = _reference(path)
+    eng = _engine(path, expert_parallel_size=3, elastic_ep=True, heartbeat_timeout=3.0)
+    ex = eng.executor
+    pid = ex.rank_pids[1]
+    try:
+        for i, p in enumerate(PROMPTS[:9]):
+            eng.add_request(f"r{i}", p, PARAMS)
+        for _ in range(4):
+            eng.step()
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        got = _drain(eng, {}, on_step=lambda: None if ex.dead_error is None else pytest.fail(str(ex.dead_error)))
+        elapsed = time.monotonic() - t0
+        print(f"frozen rank dropped; all requests done {elapsed:.1f} s after the freeze "
+              f"(recovery {eng.elastic_stats.last_recovery_seconds:.2f} s)")
+        assert eng.elastic_stats.recoveries == 1 and ex.world_size == 2
+        assert elapsed < 3.0 + 30.0  # one heartbeat timeout, the recovery and the rest of the requests
+        assert got == {f"r{i}": want[f"r{i}"] for i in range(9)}
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        eng.shutdown()
+
+
+def test_two_ranks_lost_at_once_leave_one_survivor_and_fail_cleanly(local_ray, tiny_model):
+    """EP 3 losing ranks 0 and 2 together: one survivor cannot go on; one error naming the first lost rank
+    and why; every rank stopped, health NOT_SERVING from then on."""
+    eng = _engine(tiny_model("qwen3_e6k3"), expert_parallel_size=3, elastic_ep=True)
+    ex = eng.executor
+    try:
+        for i, p in enumerate(PROMPTS[:3]):
+            eng.add_request(f"r{i}", p, PARAMS)
+        eng.step()
+        _kill(ex.rank_pids[0])
+        _kill(ex.rank_pids[2])
+        time.sleep(0.5)  # both gone before the next step
+        with pytest.raises(WorkerDiedError, match=r"rank [02] died: its actor died .*elastic EP cannot go on "
+                                                  r"without it: 1 rank\(s\) would survive; elastic EP needs at "
+                                                  r"least 2") as info:
+            for _ in range(200):
+                eng.step()
+        assert ex.dead_error is info.value and ex.lost_error is None
+        with pytest.raises(WorkerDiedError):
+            eng.check_health()
+        assert eng.elastic_stats.failed_recoveries == 1 and eng.elastic_stats.recoveries == 0
+    finally:
+        eng.shutdown()
+
+
+def test_sigkill_during_chunked_prefill(local_ray, tiny_model):
+    """The kill lands while long prompts are still being prefilled in chunks (no token out yet for most):
+    requeued from the prompt alone, they finish as undisturbed."""
+    path = tiny_model("qwen3_e6k3")
+    prompts = [[(13 * i + j) % 60 + 2 for j in range(70 + 5 * i)] for i in range(6)]
+    kw = dict(max_num_batched_tokens=32, max_num_seqs=4)
+    ref = _engine(path, expert_parallel_size=1, **kw)
+    try:
+        for i, p in enumerate(prompts):
+            ref.add_request(f"p{i}", p, PARAMS)
+        want = _drain(ref, {})
+    finally:
+        ref.shutdown()
+    eng = _engine(path, expert_parallel_size=3, elastic_ep=True, **kw)
+    try:
+        for i, p in enumerate(prompts):
+            eng.add_request(f"p{i}", p, PARAMS)
+        assert not eng.step()  # one 32-token chunk per rank: no prompt is done
+        _kill(eng.executor.rank_pids[2])
+        got = _drain(eng, {})
+        assert eng.elastic_stats.recoveries == 1 and eng.executor.world_size == 2
+        assert got == want
+        for s in eng.rank_stats():
+            assert s.num_free_blocks == s.num_total_blocks, s
+    finally:
+        eng.shutdown()
