@@ -252,6 +252,17 @@ def recover_engine(engine) -> RecoveryResult:
         engine.schedulers[rank].requeue(req)
         engine._rank_of[req.request_id] = rank
     engine.ep_plan = engine.executor.plan
+    if getattr(engine, "eplb", None) is not None:
+        # The survivors rebuilt their layers from the new plan (any per-layer EPLB placement and a move under way
+        # are gone with the old runners): online EPLB starts over from it, its window and tables being for the
+        # old group. A survivor placement EPLB cannot re-place (uneven slots) turns it off, said once.
+        from .eplb_controller import make_eplb_controller
+
+        try:
+            engine.eplb = make_eplb_controller(engine.config, engine.ep_plan)
+        except ValueError as err:
+            logger.warning("online EPLB off after the recovery: %s", err)
+            engine.eplb = None
     mm = engine.moe_metrics
     mm.world_size = result.world_size
     mm.bytes_dispatched_per_rank = [mm.bytes_dispatched_per_rank[r] for r in result.survivors]
