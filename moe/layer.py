@@ -87,7 +87,7 @@ class MoELayer(nn.Module):
         # holds one copy of an expert at most): online EPLB rewrites one layer's tables in place.
         self.ep_tables = (ep.tables.padded(max(ep.tables.max_replicas,
                                                min(ep.world_size, 1 + ep.placement.num_redundant)))
-                          if ep is not None else None)
+                          if ep is not None and ep.tables is not None else None)  # (None: built to count weights)
         self.placement = ep.placement if ep is not None else None
         self.moe_index = moe_index
         self.stats = stats
