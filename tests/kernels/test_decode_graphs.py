@@ -23,6 +23,7 @@ from moelink.engine.cuda_graph import EagerReplay
 from moelink.engine.ep_step import EPStepPlan
 
 from tests.helpers.fakes import KernelsName
+from tests.helpers.graph_replays import count_replays
 
 
 # -- the padded static-buffer path -------------------------------------------------------------------------
@@ -60,15 +61,7 @@ def test_graph_decode_matches_eager_on_the_same_kernels(tiny_model, hf_tiny_mode
     runner._capture_graphs()
     assert runner.graphs is not None and set(runner.graphs.steps) == {1, 2, 4}
     assert not runner.model.moe_stats.counts_LG.any(), "warm-up and capture runs must not count as traffic"
-    replays = {1: 0, 2: 0, 4: 0}
-    for b, step in runner.graphs.steps.items():
-        inner = step.replay
-
-        def counting(inner=inner, b=b):
-            replays[b] += 1
-            return inner()
-
-        step.replay = counting
+    replays = count_replays(runner.graphs)
     got = _generate(llm, prompts)
     assert all(replays.values()), f"every captured size should have served a step: {replays}"
     for (tok_w, lps_w), (tok_g, lps_g) in zip(want, got):

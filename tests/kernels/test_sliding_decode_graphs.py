@@ -10,6 +10,7 @@ import pytest
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.cuda_graph import EagerReplay
 
+from tests.helpers.graph_replays import count_replays
 from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
 
 
@@ -37,15 +38,7 @@ def test_graph_decode_with_a_sliding_table_matches_eager(tmp_path, kdev):
     runner.graph_sizes, runner.graph_backend = (1, 2), EagerReplay()
     runner._capture_graphs()
     assert runner.graphs is not None and runner.graphs.sliding_table and set(runner.graphs.steps) == {1, 2}
-    replays = {1: 0, 2: 0}
-    for b, step in runner.graphs.steps.items():
-        inner = step.replay
-
-        def counting(inner=inner, b=b):
-            replays[b] += 1
-            return inner()
-
-        step.replay = counting
+    replays = count_replays(runner.graphs)
     got = _generate(llm, prompts)
     assert all(replays.values()), f"every captured size should have served a step: {replays}"
     for (tok_w, lps_w), (tok_g, lps_g) in zip(want, got):

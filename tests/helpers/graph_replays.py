@@ -1,0 +1,17 @@
+"""Count how often each captured decode-graph size serves a step (the CPU stand-in tests of decode graphs)."""
+from __future__ import annotations
+
+
+def count_replays(graphs) -> dict[int, int]:
+    """Wrap every captured step of `graphs` (engine.cuda_graph.DecodeGraphs) so its replays are counted; returns
+    the live {batch size: replays} dict, all zero now."""
+    replays = {b: 0 for b in graphs.steps}
+    for b, step in graphs.steps.items():
+        inner = step.replay
+
+        def counting(inner=inner, b=b):
+            replays[b] += 1
+            return inner()
+
+        step.replay = counting
+    return replays
