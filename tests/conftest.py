@@ -13,8 +13,12 @@ import torch
 from tests.helpers import net
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
-# Two cores on CI: torch's intra-op threads plus pytest is plenty.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Torch's intra-op threads: `make test` runs two pytest-xdist workers on the 2-core machines, so one thread
+# each. Two each oversubscribe the cores, and the OpenMP barriers of the tiny models' many small ops then spin
+# against the other worker: the same preemption parity test took 75 s with 2 threads and 10 s with 1.
+torch.set_num_threads(int(os.environ.get("MOELINK_TEST_THREADS", "1")))
+# The same for what the tests start (servers, benchmark and session-script subprocesses) unless a test says.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # Fixtures that start processes: a `moelink serve` subprocess (tests/server), EP rank processes (tests/comm),
