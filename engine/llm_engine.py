@@ -251,9 +251,17 @@ class LLMEngine:
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))
         self.moe_metrics.add_step([ro.stats.moe if ro.stats is not None else None for ro in runner_outs])
+        lost_in_move = False
         if self.eplb is not None:  # at the step boundary: every rank is between steps
             counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
-            self.eplb.after_step(counts_LG, self.executor._collective, pairs_LR)
+            try:
+                self.eplb.after_step(counts_LG, self.executor._collective, pairs_LR)
+            except WorkerDiedError:
+                if self.executor.lost_error is None:
+                    raise
+                # Elastic EP, a rank lost during an expert move: this step's tokens are good (the step ended on
+                # every rank); they are streamed below, then the survivors re-form (engine/elastic.py).
+                lost_in_move = True
         for co in core_outputs:
             if self.structured and co.new_token_ids:
                 self.structured.accept(co.request_id, co.new_token_ids)
@@ -263,6 +271,8 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self._finish(stopped, RequestStatus.FINISHED_STOPPED)
+        if lost_in_move:
+            recover_engine(self)
         return outputs
 
     def experts_on_ranks(self) -> list[list[tuple[int, int]]]:
