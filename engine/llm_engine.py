@@ -98,6 +98,10 @@ class LLMEngine:
         self._step_id = 0
         # Online EPLB (--eplb-interval): None when off.
         self.eplb = make_eplb_controller(config, self.ep_plan)
+        if self.eplb is not None:
+            # At start-up, not at the first move: the ranks' slot sizes (the staging budget's unit), and a layer
+            # holding a tensor a move could not carry refuses EPLB here (moe/expert_move.py slot_bytes).
+            self.eplb.slot_bytes_L = [int(b) for b in self.executor._collective("eplb_slot_bytes")[0]]
         self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
         self.structured = StructuredOutputManager(config.model.vocab_size)
         self.elastic_stats = ElasticStats()

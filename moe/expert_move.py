@@ -94,8 +94,18 @@ def chunk_staging_bytes(transfers: Sequence[Transfer], slot_bytes_L: Sequence[in
 
 
 def slot_bytes(layer: nn.Module) -> int:
-    """Bytes of one local slot of `layer`: every per-slot tensor's (weights, scales, biases)."""
-    return sum(w[0].numel() * w.element_size() for w in slot_tensors(layer, layer.num_local_slots).values())
+    """Bytes of one local slot of `layer`: every per-slot tensor's (weights, scales, biases). Raises when the
+    layer holds expert state a move would not carry (a parameter or buffer that is not per slot, the router's
+    excepted): its experts cannot be moved, so online EPLB must stay off."""
+    per_slot = slot_tensors(layer, layer.num_local_slots)
+    fixed = [n for n, _ in layer.named_parameters(recurse=False) if n not in _NOT_PER_SLOT and n not in per_slot]
+    fixed += [n for n, _ in layer.named_buffers(recurse=False)]
+    if fixed:
+        fmt = getattr(getattr(layer, "expert_format", None), "name", "?")
+        raise ValueError(f"online EPLB (--eplb-interval) cannot move the experts of MoE layer {layer.moe_index} "
+                         f"({fmt} experts): {fixed} are not stacked per expert slot, so a move would leave them "
+                         "behind; run without --eplb-interval.")
+    return sum(w[0].numel() * w.element_size() for w in per_slot.values())
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:

@@ -98,3 +98,25 @@ def test_move_on_gloo_ranks_outputs_unchanged(tmp_path, world, fmt):
     assert max(out["peak_staged_bytes"] for out in res) >= slot
     old = ExpertPlacement(num_experts=G, ep_size=world, num_redundant=4)
     assert layouts[0] != [old.experts_on_rank(q) for q in range(world)]
+
+
+@pytest.mark.parametrize("fmt", ["float", "fp8", "mxfp4"])
+def test_slot_bytes_counts_every_tensor_of_an_expert_and_refuses_what_cannot_move(fmt):
+    from torch import nn
+
+    from moelink.kernels.ops import ReferenceKernels
+    from moelink.moe.expert_move import slot_bytes, slot_tensors
+    from moelink.moe.layer import MoELayer
+    from moelink.moe.router import SoftmaxTopKRouter
+    from tests.helpers.expert_move_worker import DIMS, G, expert_format, weights
+
+    D, I = DIMS[fmt]
+    layer = MoELayer(D, I, G, SoftmaxTopKRouter(2, True), ReferenceKernels(), torch.float64,
+                     expert_format=expert_format(fmt), expert_bias=fmt == "mxfp4")
+    want = weights(fmt)[0]["experts"]
+    assert sorted(slot_tensors(layer, G)) == sorted(want)  # the router's gate is not per slot
+    assert slot_bytes(layer) == sum(t[0].numel() * t.element_size() for t in want.values())
+    # A tensor not stacked per slot (a format with a layout EPLB cannot split) refuses EPLB, naming the flag.
+    layer.global_amax = nn.Parameter(torch.ones(3), requires_grad=False)
+    with pytest.raises(ValueError, match=r"--eplb-interval.*global_amax"):
+        slot_bytes(layer)
