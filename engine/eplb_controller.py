@@ -118,6 +118,16 @@ class EPLBController:
                 self.pending, self._chunks, self._old, self._moved = result, chunks, self.placements, 0
                 self._continue(collective)
 
+    def set_slot_bytes(self, slot_bytes_L: Sequence[int]) -> None:
+        """The bytes of one expert slot of each MoE layer (the ranks', at start-up). A staging budget below the
+        largest could never move that layer's experts: refused here, naming the flag."""
+        self.slot_bytes_L = [int(b) for b in slot_bytes_L]
+        if self.staging_bytes is not None and self.staging_bytes < max(self.slot_bytes_L):
+            raise ValueError(f"--eplb-staging-mb={self.staging_bytes / 2**20:g} is below one expert slot of this "
+                             f"model ({max(self.slot_bytes_L) / 2**20:g} MiB, every tensor of an expert): online "
+                             "EPLB could never move it; raise --eplb-staging-mb or leave it unset (the default fits "
+                             "a chunk).")
+
     def staging_budget(self) -> int | None:
         """Bytes one rank may stage in a chunk (None until the ranks reported their slot sizes)."""
         if self.staging_bytes is not None or self.slot_bytes_L is None:
@@ -128,8 +138,8 @@ class EPLBController:
     def _plan_chunks(self, new: Sequence[ExpertPlacement], collective: Collective) -> list[int] | None:
         """The layers of each chunk: up to chunk_layers whole layers, each chunk within the staging budget on
         every rank; None (refused, logged) when one layer alone stages more than the budget on some rank."""
-        if self.slot_bytes_L is None:
-            self.slot_bytes_L = [int(b) for b in collective("eplb_slot_bytes")[0]]  # the same on every rank
+        if self.slot_bytes_L is None:  # a controller built after a recovery: ask the ranks (the same on each)
+            self.set_slot_bytes(collective("eplb_slot_bytes")[0])
         budget = self.staging_budget()
         transfers = plan_moves(self.placements, new)
         R, L = new[0].ep_size, len(new)

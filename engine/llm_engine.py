@@ -100,8 +100,13 @@ class LLMEngine:
         self.eplb = make_eplb_controller(config, self.ep_plan)
         if self.eplb is not None:
             # At start-up, not at the first move: the ranks' slot sizes (the staging budget's unit), and a layer
-            # holding a tensor a move could not carry refuses EPLB here (moe/expert_move.py slot_bytes).
-            self.eplb.slot_bytes_L = [int(b) for b in self.executor._collective("eplb_slot_bytes")[0]]
+            # holding a tensor a move could not carry refuses EPLB here (moe/expert_move.py slot_bytes), as
+            # does a staging budget no expert fits in.
+            try:
+                self.eplb.set_slot_bytes(self.executor._collective("eplb_slot_bytes")[0])
+            except BaseException:
+                self.executor.shutdown()  # no worker outlives a failed start
+                raise
         self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
         self.structured = StructuredOutputManager(config.model.vocab_size)
         self.elastic_stats = ElasticStats()

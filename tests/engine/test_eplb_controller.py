@@ -161,6 +161,10 @@ def test_staging_budget_cuts_chunks_and_refuses_a_layer_over_it():
     assert fams["moelink_eplb_staging_budget_bytes"].samples[0].value == max(per_layer) - 1
     with pytest.raises(ValueError, match="staging_bytes"):
         EPLBController(5, placement, L, staging_bytes=0)
+    # A budget below one expert slot could never move anything: refused when the slot sizes arrive (start-up).
+    small = EPLBController(5, placement, L, staging_bytes=99)
+    with pytest.raises(ValueError, match=r"--eplb-staging-mb=.* is below one expert slot"):
+        small.set_slot_bytes([100] * L)
 
 
 def test_engine_builds_the_controller_from_its_config():

@@ -154,6 +154,9 @@ def test_rank_killed_during_an_expert_move_every_request_completes(local_ray, sk
         watcher.join(timeout=5)
         assert killed.is_set(), "no move chunk ran: the skew should make EPLB move experts"
         assert seen["moving"] and seen["pending"]
+        # The kill landed inside that move: the old group's controller never finished it (no rebalance), and
+        # the engine serves on with a controller of the survivors'.
+        assert ctl.moving and ctl.rebalances == 0 and eng.eplb is not ctl
         stats = eng.elastic_stats
         print(f"\nkilled rank {victim} during a move chunk (step {seen['step']}); recovered in "
               f"{stats.last_recovery_seconds:.2f} s, {stats.requests_requeued} requests requeued; EPLB after: "
