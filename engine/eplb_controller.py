@@ -123,8 +123,8 @@ class EPLBController:
         largest could never move that layer's experts: refused here, naming the flag."""
         self.slot_bytes_L = [int(b) for b in slot_bytes_L]
         if self.staging_bytes is not None and self.staging_bytes < max(self.slot_bytes_L):
-            raise ValueError(f"--eplb-staging-mb={self.staging_bytes / 2**20:g} is below one expert slot of this "
-                             f"model ({max(self.slot_bytes_L) / 2**20:g} MiB, every tensor of an expert): online "
+            raise ValueError(f"--eplb-staging-mb allows {self.staging_bytes} bytes per rank, below one expert slot of "
+                             f"this model ({max(self.slot_bytes_L)} bytes, every tensor of an expert): online "
                              "EPLB could never move it; raise --eplb-staging-mb or leave it unset (the default fits "
                              "a chunk).")
 

@@ -163,7 +163,7 @@ def test_staging_budget_cuts_chunks_and_refuses_a_layer_over_it():
         EPLBController(5, placement, L, staging_bytes=0)
     # A budget below one expert slot could never move anything: refused when the slot sizes arrive (start-up).
     small = EPLBController(5, placement, L, staging_bytes=99)
-    with pytest.raises(ValueError, match=r"--eplb-staging-mb=.* is below one expert slot"):
+    with pytest.raises(ValueError, match=r"--eplb-staging-mb allows 99 bytes per rank, below one expert slot"):
         small.set_slot_bytes([100] * L)
 
 
@@ -180,3 +180,35 @@ def test_engine_builds_the_controller_from_its_config():
     assert make_eplb_controller(config(0), plan) is None
     ctl = make_eplb_controller(config(8), plan)
     assert (ctl.interval, ctl.num_groups, ctl.node_of_rank, len(ctl.placements)) == (8, 4, (0, 0, 1, 1), 2)
+
+
+def test_engine_asks_slot_sizes_at_start_up_and_refuses_a_budget_no_expert_fits(tiny_model):
+    """LLMEngine asks the ranks their expert slot sizes as it starts (a stand-in executor here): the default
+    budget follows from them, and a --eplb-staging-mb below one slot fails the start, the ranks shut down."""
+    from moelink.engine import EngineArgs
+    from moelink.engine.llm_engine import LLMEngine
+
+    class Ranks:
+        def __init__(self):
+            self.calls, self.shut = [], False
+
+        def _collective(self, method, *args):
+            self.calls.append(method)
+            assert method == "eplb_slot_bytes"
+            return [[4096, 4096]] * 2
+
+        def shutdown(self):
+            self.shut = True
+
+    def config(mb):
+        return EngineArgs(model=tiny_model("qwen3_e6k3"), expert_parallel_size=2, eplb_interval=4, eplb_staging_mb=mb,
+                          dtype="float64", num_kv_blocks=16, executor="ray").create_engine_config()
+
+    ranks = Ranks()
+    eng = LLMEngine(config(None), executor=ranks)
+    assert ranks.calls == ["eplb_slot_bytes"] and eng.eplb.slot_bytes_L == [4096, 4096] and not ranks.shut
+    assert eng.eplb.staging_budget() == 4096 * max(eng.ep_plan.placement.slots_per_rank)
+    ranks = Ranks()
+    with pytest.raises(ValueError, match=r"--eplb-staging-mb allows 1048 bytes per rank, below one expert slot of this model \(4096 bytes"):
+        LLMEngine(config(0.001), executor=ranks)
+    assert ranks.shut
