@@ -62,7 +62,7 @@ class EPLBController:
                                           or staging_bytes < 1):
             raise ValueError(f"EPLBController.staging_bytes must be None or an integer >= 1, got {staging_bytes!r}.")
         self.staging_bytes = staging_bytes  # None: the default (module docstring), once the slot sizes are known
-        self.slot_bytes_L: list[int] | None = None  # asked of the ranks at the first move
+        self.slot_bytes_L: list[int] | None = None  # the ranks' (set_slot_bytes): at start-up, or the first move
         # A new placement moves weights only when it lowers the predicted max/mean by at least min_gain: a
         # window's noise alone should not keep the ranks shuffling experts.
         self.interval, self.chunk_layers, self.min_gain = interval, chunk_layers, min_gain
@@ -158,9 +158,9 @@ class EPLBController:
                                "staging budget of %d bytes per rank (--eplb-staging-mb); the current placement "
                                "serves on. Raise --eplb-staging-mb to allow it.", first, need[rank], rank, budget)
                 return None
-            self.bytes_staged += sum(chunk_staging_bytes(transfers, self.slot_bytes_L, first, first + size, R))
             chunks.append(size)
             first += size
+        self.bytes_staged += sum(chunk_staging_bytes(transfers, self.slot_bytes_L, 0, L, R))  # applied plans only
         return chunks
 
     def _continue(self, collective: Collective) -> None:

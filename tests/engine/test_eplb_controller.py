@@ -155,7 +155,7 @@ def test_staging_budget_cuts_chunks_and_refuses_a_layer_over_it():
     tight_ranks = FakeRanks()
     _rebalance_once(tight, tight_ranks)
     assert "eplb_begin" not in tight_ranks.calls and not tight.moving and tight.rebalances == 0
-    assert tight.plans_refused == 1 and tight.placements == (placement,) * L
+    assert tight.plans_refused == 1 and tight.placements == (placement,) * L and tight.bytes_staged == 0
     fams = {f.name: f for f in eplb_families(tight.snapshot())}
     assert fams["moelink_eplb_plans_refused"].samples[0].value == 1
     assert fams["moelink_eplb_staging_budget_bytes"].samples[0].value == max(per_layer) - 1
