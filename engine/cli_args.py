@@ -46,6 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eplb-interval", type=int, default=0, metavar="STEPS",
                    help="online expert load balancing: every STEPS engine steps, re-place the experts (and the "
                         "redundant copies) from the last STEPS steps' expert load and move weights to match; 0: off")
+    p.add_argument("--eplb-staging-mb", type=float, default=None, metavar="MIB",
+                   help="online EPLB: the most expert weight one rank stages in one move chunk (MiB); a plan "
+                        "with a layer over it is refused; default: the largest expert x its slots per rank")
     p.add_argument("--ep-nvlink-domain-size", type=int, default=None, metavar="N",
                    help="with --all-to-all two_level: N consecutive ranks share an NVLink domain (8: HGX node, 72: "
                         "GB200 NVL72); default: one domain per Ray node, read from the placement group")
@@ -84,6 +87,7 @@ def engine_args_from(ns: argparse.Namespace):
         enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
         expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
         num_redundant_experts=ns.num_redundant_experts, eplb_interval=ns.eplb_interval,
+        eplb_staging_mb=ns.eplb_staging_mb,
         ep_nvlink_domain_size=ns.ep_nvlink_domain_size,
         ep_decode_capacity=ns.ep_decode_capacity,
         enforce_eager=ns.enforce_eager,

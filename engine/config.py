@@ -233,6 +233,9 @@ class ParallelConfig:
     # Online EPLB (moe/eplb.py, engine/eplb_controller.py): every eplb_interval steps the driver re-places the
     # experts from the expert load of the last eplb_interval steps and the ranks move weights to match; 0: off.
     eplb_interval: int = 0
+    # Bytes (MiB) one rank may stage in one move chunk of online EPLB (engine/eplb_controller.py); None: the
+    # largest expert slot x the most slots a rank holds x the chunk's layers (what a chunk can need at most).
+    eplb_staging_mb: float | None = None
     # Rows per (source, destination) block of a low-latency (decode-only) dispatch on the fixed-capacity
     # backends (torch_padded, nccl): the most tokens one rank may have in a step that runs low-latency;
     # None: max_num_seqs (every decode batch fits). Larger decode steps run high-throughput (engine/ep_step.py).
@@ -277,6 +280,11 @@ class ParallelConfig:
         if self.eplb_interval and n == 1:
             raise ValueError(f"eplb_interval={self.eplb_interval} needs expert_parallel_size > 1: one rank holds "
                              "every expert, there is nothing to re-place.")
+        mb = self.eplb_staging_mb
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0
+                               or mb * 2**20 < 1):
+            raise ValueError(f"eplb_staging_mb={mb!r} is invalid (--eplb-staging-mb): must be a number of MiB > 0 "
+                             "(a rank's staging for one online-EPLB move chunk), or None for the default.")
         for name in ("step_timeout_s", "heartbeat_timeout_s", "comm_timeout_s"):
             check_seconds(name, getattr(self, name))
         if not isinstance(self.enable_two_batch_overlap, bool):

@@ -70,6 +70,7 @@ class EngineArgs:
     all_to_all: str = "auto"
     num_redundant_experts: int = 0
     eplb_interval: int = 0
+    eplb_staging_mb: Optional[float] = None
     # all_to_all="two_level" only: ranks per NVLink domain (consecutive ranks; 72 on a GB200 NVL72), overriding
     # the node map read from the Ray placement group; ep_node_ids gives each rank's node number outright (for
     # tests and simulation: several "nodes" on one machine).
@@ -154,7 +155,7 @@ class EngineArgs:
         return ParallelConfig(expert_parallel_size=self.expert_parallel_size, executor=self.executor,
                               ray_address=self.ray_address, all_to_all=self.all_to_all,
                               num_redundant_experts=self.num_redundant_experts, eplb_interval=self.eplb_interval,
-                              step_timeout_s=self.step_timeout,
+                              eplb_staging_mb=self.eplb_staging_mb, step_timeout_s=self.step_timeout,
                               heartbeat_timeout_s=self.heartbeat_timeout, ep_decode_capacity=self.ep_decode_capacity,
                               ep_nvlink_domain_size=self.ep_nvlink_domain_size, ep_node_ids=self.ep_node_ids,
                               enable_two_batch_overlap=self.enable_two_batch_overlap, elastic_ep=self.elastic_ep)

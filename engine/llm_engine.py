@@ -98,6 +98,15 @@ class LLMEngine:
         self._step_id = 0
         # Online EPLB (--eplb-interval): None when off.
         self.eplb = make_eplb_controller(config, self.ep_plan)
+        if self.eplb is not None:
+            # At start-up, not at the first move: the ranks' slot sizes (the staging budget's unit), and a layer
+            # holding a tensor a move could not carry refuses EPLB here (moe/expert_move.py slot_bytes), as
+            # does a staging budget no expert fits in.
+            try:
+                self.eplb.set_slot_bytes(self.executor._collective("eplb_slot_bytes")[0])
+            except BaseException:
+                self.executor.shutdown()  # no worker outlives a failed start
+                raise
         self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
         self.structured = StructuredOutputManager(config.model.vocab_size)
         self.elastic_stats = ElasticStats()
@@ -251,9 +260,17 @@ class LLMEngine:
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))
         self.moe_metrics.add_step([ro.stats.moe if ro.stats is not None else None for ro in runner_outs])
+        lost_in_move = False
         if self.eplb is not None:  # at the step boundary: every rank is between steps
             counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
-            self.eplb.after_step(counts_LG, self.executor._collective, pairs_LR)
+            try:
+                self.eplb.after_step(counts_LG, self.executor._collective, pairs_LR)
+            except WorkerDiedError:
+                if self.executor.lost_error is None:
+                    raise
+                # Elastic EP, a rank lost during an expert move: this step's tokens are good (the step ended on
+                # every rank); they are streamed below, then the survivors re-form (engine/elastic.py).
+                lost_in_move = True
         for co in core_outputs:
             if self.structured and co.new_token_ids:
                 self.structured.accept(co.request_id, co.new_token_ids)
@@ -263,6 +280,8 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self._finish(stopped, RequestStatus.FINISHED_STOPPED)
+        if lost_in_move:
+            recover_engine(self)
         return outputs
 
     def experts_on_ranks(self) -> list[list[tuple[int, int]]]:

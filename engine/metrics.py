@@ -203,6 +203,15 @@ def eplb_families(m: dict):
             if value is not None:
                 g.add_metric([kind, when], value)
     yield g
+    yield _counter("moelink_eplb_expert_bytes_staged", "Expert weight bytes staged by online EPLB's move "
+                   "chunks (all ranks).", m["bytes_staged"])
+    yield _gauge("moelink_eplb_staging_peak_bytes", "The most expert weight bytes one rank staged in one move "
+                 "chunk.", m["peak_staged_bytes"])
+    if m["staging_budget_bytes"] is not None:
+        yield _gauge("moelink_eplb_staging_budget_bytes", "Staging bound of one move chunk per rank "
+                     "(--eplb-staging-mb).", m["staging_budget_bytes"])
+    yield _counter("moelink_eplb_plans_refused", "Online EPLB placements not applied: a layer would stage more "
+                   "than --eplb-staging-mb.", m["plans_refused"])
     yield _gauge("moelink_eplb_longest_move_chunk_seconds", "Longest pause between two steps spent "
                  "moving expert weights.", m["longest_move_chunk_s"])
 

@@ -33,6 +33,7 @@ class Worker:
         self.runner: ModelRunner | None = None
         self._device_thread: int | None = None  # the thread _bind_device last made self.device current on
         self._mover = None  # an online-EPLB move under way (moe/expert_move.py ExpertMover)
+        self._eplb_chunk_delay_s = 0.0  # tests only (eplb_test_slow_moves)
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -95,6 +96,7 @@ class Worker:
         from dataclasses import replace
 
         self.shutdown()
+        self._eplb_abort()  # a move the lost rank broke: its staging goes with it
         self.runner = None  # freed before the new share loads: the budget holds one copy, not two
         self.rank, self.world_size, self.plan = rank, world_size, plan
         self.config = replace(self.config, world_size=world_size)
@@ -126,26 +128,55 @@ class Worker:
         from moelink.moe.expert_move import ExpertMover, moe_layers
 
         self._bind_device()
+        self._eplb_abort()  # a move left behind (none in a healthy group) must not keep its staging
         layers = moe_layers(self.runner.model)
         self._mover = ExpertMover(layers, self.rank, self.group, [layer.placement for layer in layers],
-                                  placements, self.device)
+                                  placements, self.device, chunk_delay_s=self._eplb_chunk_delay_s)
+
+    def eplb_slot_bytes(self) -> list[int]:
+        """Bytes of one expert slot of each MoE layer (all its tensors: weights, scales, biases)."""
+        from moelink.moe.expert_move import moe_layers, slot_bytes
+
+        return [slot_bytes(layer) for layer in moe_layers(self.runner.model)]
 
     def eplb_move(self, num_layers: int) -> bool:
-        """Stage the next `num_layers` layers' weights (collective); True once every layer is staged."""
+        """Move and switch the next `num_layers` layers (collective); True once every layer has switched."""
         self._bind_device()
         if self._mover is None:
             raise RuntimeError("Worker.eplb_move without eplb_begin: no expert move is under way.")
         self._mover.move(num_layers)
         return self._mover.done
 
-    def eplb_commit(self) -> int:
-        """Switch to the new placement (weights and tables); the bytes this rank sent to other ranks."""
+    def eplb_commit(self) -> tuple[int, int]:
+        """End the move: the bytes this rank sent to other ranks and the most it staged in one chunk."""
         self._bind_device()
         mover, self._mover = self._mover, None
         if mover is None:
             raise RuntimeError("Worker.eplb_commit without eplb_begin: no expert move is under way.")
         mover.commit()
-        return mover.bytes_sent
+        return mover.bytes_sent, mover.peak_staged_bytes
+
+    def _eplb_abort(self) -> None:
+        if self._mover is not None:
+            self._mover.abort()
+            self._mover = None
+
+    def eplb_state(self) -> dict:
+        """This rank's placement state: each MoE layer's experts per slot, whether its routing tables are
+        exactly its placement's, and the bytes a move holds staged (0 unless a chunk is under way)."""
+        from moelink.moe.expert_move import moe_layers, tables_match_placement
+
+        layers = moe_layers(self.runner.model) if self.runner is not None else []
+        return dict(rank=self.rank, moving=self._mover is not None,
+                    staged_bytes=self._mover.staged_bytes if self._mover is not None else 0,
+                    layouts=[[list(layer.placement.experts_on_rank(r)) for r in range(layer.placement.ep_size)]
+                             for layer in layers],
+                    tables_match=[tables_match_placement(layer) for layer in layers])
+
+    def eplb_test_slow_moves(self, chunk_delay_s: float) -> None:
+        """Tests only (not a user flag): every later move chunk pauses `chunk_delay_s` after posting its
+        transfers, long enough to kill a rank while a move is in flight."""
+        self._eplb_chunk_delay_s = float(chunk_delay_s)
 
     def ping(self) -> int:
         return self.rank
