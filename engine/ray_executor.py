@@ -25,6 +25,7 @@ Everything the executor holds in Ray (actors, placement group, a Ray it started)
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -47,13 +48,30 @@ from .timeouts import FIRST_STEP_TIMEOUT_S
 logger = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=None)
+def _worker_actor_class():
+    import ray
+
+    from .worker import Worker
+
+    # One extra thread per actor answers heartbeats; steps keep the default group's single thread.
+    return ray.remote(concurrency_groups={_HEARTBEAT_GROUP: 1})(Worker)
+
+
+def start_worker(state, gpu: bool, worker_config, plan: ExpertParallelPlan, bundle: int):
+    """A Worker actor for rank `bundle` in that bundle of the placement group (at start, and a replacement)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return _worker_actor_class().options(
+        num_cpus=1, num_gpus=1 if gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(state.pg, placement_group_bundle_index=bundle),
+    ).remote(worker_config, bundle, plan)
+
+
 class RayExecutor(Executor):
     def __init__(self, config: EngineConfig, plan: ExpertParallelPlan | None = None):
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from .worker import Worker
 
         self.config = config
         self.world_size = config.parallel.world_size
@@ -70,6 +88,11 @@ class RayExecutor(Executor):
         self.master_addr: str | None = None
         self.master_port: int | None = None
         self.node_ids: list[str] = []  # the Ray node id of each rank's bundle
+        # Elastic EP: the placement-group bundle of each rank (rank r starts in bundle r; a recovery keeps the
+        # survivors'), and the original EP-N config and plan a rejoin returns to (engine/rejoin.py).
+        self.bundles = list(range(self.world_size))
+        self.rejoiner = None
+        self._rejoin_drop: tuple[int, ...] = ()
         try:
             if not ray.is_initialized():
                 address = config.parallel.ray_address
@@ -94,16 +117,8 @@ class RayExecutor(Executor):
             if self.plan.backend.needs_node_map and self.plan.node_of_rank is None:
                 # The node-aware all-to-all's default node map: ranks on one Ray node share an NVLink domain.
                 self.plan = replace(self.plan, node_of_rank=node_numbers(self.node_ids))
-            worker_config = config.worker_config()  # built once, pickled to every rank
-            # One extra thread per actor answers heartbeats; steps keep the default group's single thread.
-            actor_cls = ray.remote(concurrency_groups={_HEARTBEAT_GROUP: 1})(Worker)
-            state.workers = [
-                actor_cls.options(
-                    num_cpus=1, num_gpus=1 if gpu else 0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(state.pg, placement_group_bundle_index=r),
-                ).remote(worker_config, r, self.plan)
-                for r in range(self.world_size)
-            ]
+            start = functools.partial(start_worker, state, gpu, config.worker_config(), self.plan)  # pickled per rank
+            state.workers = [start(r) for r in range(self.world_size)]
             self.rank_pids = self._get([w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote()
                                         for w in state.workers])
             self.master_addr, self.master_port = self._get([state.workers[0].pick_master.remote()])[0]
@@ -113,6 +128,11 @@ class RayExecutor(Executor):
         except BaseException:
             self.shutdown()  # a retry must not find our half-used instance
             raise
+        self.full_config, self.full_plan, self.full_node_ids = config, self.plan, list(self.node_ids)
+        if config.parallel.elastic_ep and config.parallel.rejoin_enabled:
+            from .rejoin import Rejoiner
+
+            self.rejoiner = Rejoiner(start, state, config.parallel.ep_rejoin_delay_s)
         self.start_heartbeats()
         logger.info("RayExecutor: %d ranks ready (pids %s, rendezvous %s:%d)", self.world_size, self.rank_pids,
                     self.master_addr, self.master_port)
@@ -133,10 +153,26 @@ class RayExecutor(Executor):
         return self._state.lost
 
     def recover(self):
-        """Go on without the lost rank(s) at EP N-1 (engine/elastic.py); raises the loss when it cannot."""
+        """Go on without the lost rank(s) at EP N-1 (engine/elastic.py); raises the loss when it cannot. With
+        rejoin on, the freed bundles then get replacements in the background (engine/rejoin.py)."""
         from .elastic import recover_ranks
 
-        return recover_ranks(self)
+        drop, self._rejoin_drop = self._rejoin_drop, ()
+        result = recover_ranks(self, drop_if_all_alive=drop)
+        if self.rejoiner is not None:
+            self.rejoiner.lost(sorted(set(range(self.full_plan.placement.ep_size)) - set(self.bundles)))
+        return result
+
+    @property
+    def rejoin_ready(self) -> bool:
+        """Every freed bundle has a pre-loaded replacement: the engine admits them at its next step boundary."""
+        return self.rejoiner is not None and self.rejoiner.ready and self._state.lost is None
+
+    def admit(self):
+        """Admit the replacements: back to EP N (engine/rejoin.py). None when none was ready after all."""
+        from .rejoin import admit_ranks
+
+        return admit_ranks(self)
 
     @property
     def workers(self) -> list:

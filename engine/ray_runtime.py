@@ -128,6 +128,7 @@ class _RayState:
     def __init__(self):
         self.lock = threading.Lock()
         self.workers: list = []
+        self.spares: list = []  # replacement actors started but not yet admitted (engine/rejoin.py)
         self.pg = None
         self.local: LocalRay | None = None
         self.connected = False  # we called ray.init (a cluster's address): disconnect on release
@@ -162,7 +163,7 @@ class _RayState:
     def kill_workers(self) -> None:
         import ray
 
-        for w in list(self.workers):
+        for w in list(self.workers) + list(self.spares):
             try:
                 ray.kill(w, no_restart=True)
             except Exception:  # already gone, or Ray is down
@@ -186,6 +187,7 @@ class _RayState:
         except Exception:
             logger.warning("could not release the Ray workers cleanly", exc_info=True)
         self.workers = []
+        self.spares = []
         self.pg = None
         if self.local is not None:
             self.local.close()
