@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     summary = rejoin_phases(res) if ns.rejoin else phases(res)
     print(f"EP {ns.ep} -> {ns.ep - 1}, {ns.num_requests} requests x {ns.max_tokens} tokens: rank 1 killed at "
           f"{res['killed_at_s']:.2f} s; recovery {summary['time_to_recover_s']:.2f} s, "
-          f"{res['requests_requeued']} requests requeued")
+          f"{res['requests_requeued']} requests requeued" + (" (at the recovery and the rejoin)" if ns.rejoin else ""))
     if ns.rejoin:
         print(f"replacement admitted at {res['rejoined_at_s']:.2f} s in {summary['time_to_rejoin_s']:.2f} s; "
               f"{res['requests_served']} requests served in all")
