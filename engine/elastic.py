@@ -14,6 +14,9 @@
                       its prompt and the tokens already streamed, recomputed like a preempted request:
                       its client sees a pause, not an error.
 
+The re-form steps (`reform_group`, `commit_group`, `regroup_engine`) are shared with the rejoin of a replacement
+rank (engine/rejoin.py), which returns the group to EP N.
+
 First version, stated: the survivors' KV caches are recomputed too (their runners are rebuilt), every
 survivor reloads its whole new share from the checkpoint (the experts it already held are not kept in
 memory, though they stay on it), and seeded sampling restarts its generator (greedy outputs are unchanged).
@@ -109,6 +112,7 @@ class ElasticStats:
     failed_rejoins: int = 0
     rejoin_seconds_total: float = 0.0
     last_rejoin_seconds: float | None = None
+    rejoin_history: list = field(default_factory=list)  # rejoin.RejoinResult of each admission
 
 
 class _Unrecoverable(RuntimeError):

@@ -18,7 +18,8 @@ Watchdogs. A rank that is lost must fail the engine, not leave it silently stuck
 On any of these the survivors, possibly blocked in a collective with the lost rank, are killed
 rather than left to hang, and the engine reports the first failure. With elastic EP (the default, when
 at least 2 ranks would survive) the loss is recorded in `lost_error` instead, the survivors live on,
-and the engine recovers at EP N-1 (engine/elastic.py, `recover`).
+and the engine recovers at EP N-1 (engine/elastic.py, `recover`); with rejoin on, a replacement rank is then
+started in the freed bundle and admitted at a step boundary, back to EP N (engine/rejoin.py, `admit`).
 
 Everything the executor holds in Ray (actors, placement group, a Ray it started) is released by
 `shutdown()`, and also when the executor is garbage-collected or the interpreter exits.

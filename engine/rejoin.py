@@ -26,11 +26,12 @@ import enum
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from .elastic import _LOAD_TIMEOUT_S, _PROBE_TIMEOUT_S, _Unrecoverable, commit_group, reform_group, regroup_engine
 from .executor import WorkerDiedError
+from .ray_runtime import _HEARTBEAT_GROUP, bundle_node_ids
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class Rejoiner:
         return self.tracker.phase is Phase.READY
 
     def take(self) -> dict[int, tuple]:
-        """The replacements {bundle: (actor, pid)} when all are ready and still answer; {} otherwise (a dead
+        """The replacements {bundle: (actor, pid, pre-loaded)} when all are ready and still answer; {} otherwise (a dead
         one goes back to the backoff)."""
         import ray
 
@@ -173,7 +174,7 @@ class Rejoiner:
             handles = dict(self.tracker.ready) if self.ready else {}
         if not handles:
             return {}
-        refs = {b: a.heartbeat.options(concurrency_group="heartbeat").remote() for b, (a, _) in handles.items()}
+        refs = {b: h[0].heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote() for b, h in handles.items()}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=_PROBE_TIMEOUT_S)
         dead = []
         for b, ref in refs.items():
@@ -232,7 +233,7 @@ class Rejoiner:
         try:
             actor = self._start_actor(bundle)
             self._state.spares.append(actor)
-            pid = ray.get(actor.heartbeat.options(concurrency_group="heartbeat").remote(), timeout=self.start_timeout_s)
+            pid = ray.get(actor.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote(), timeout=self.start_timeout_s)
             preloaded = ray.get(actor.preload.remote(), timeout=self.load_timeout_s)
         except Exception as exc:
             self.start_failures += 1
@@ -248,7 +249,7 @@ class Rejoiner:
                              "serving on without it", bundle, self.tracker.backoff.max_attempts, exc)
             return
         with self._lock:
-            self.tracker.succeeded(bundle, (actor, pid))
+            self.tracker.succeeded(bundle, (actor, pid, preloaded))
         logger.warning("rejoin: replacement for rank %d ready (pid %d, %s) in %.2f s", bundle, pid,
                        "pre-loaded" if preloaded else "loads at admission", time.monotonic() - t0)
 
@@ -260,6 +261,7 @@ class RejoinResult:
     world_size: int
     num_kv_blocks: int | None
     seconds: float
+    preloaded: tuple[bool, ...] = ()  # per admitted rank: its share was loaded before the admission
 
 
 class RejoinFailed(RuntimeError):
@@ -275,8 +277,6 @@ def admit_ranks(ex) -> RejoinResult | None:
     none is ready (any more); raises RejoinFailed (the loss recorded for a recovery) when it fails midway."""
     from moelink.comm.two_level import node_numbers
 
-    from .ray_runtime import bundle_node_ids
-
     handles = ex.rejoiner.take()
     if not handles:
         return None
@@ -288,7 +288,7 @@ def admit_ranks(ex) -> RejoinResult | None:
             i = ex.bundles.index(b)
             kept.append(i), workers.append(ex.workers[i]), pids.append(ex.rank_pids[i])
         else:
-            actor, pid = handles[b]
+            actor, pid, _ = handles[b]
             kept.append(None), workers.append(actor), pids.append(pid)
     plan, config = ex.full_plan, ex.full_config
     try:
@@ -296,10 +296,8 @@ def admit_ranks(ex) -> RejoinResult | None:
     except Exception:
         node_ids = list(ex.full_node_ids)
     if plan.backend.needs_node_map and config.parallel.node_of_rank() is None:
-        from dataclasses import replace
-
         plan = replace(plan, node_of_rank=node_numbers(node_ids))
-    ex.rejoiner.admitted(a for a, _ in handles.values())
+    ex.rejoiner.admitted(h[0] for h in handles.values())
     try:
         addr, port, blocks = reform_group(workers, plan, config)
     except _Unrecoverable as exc:
@@ -316,8 +314,8 @@ def admit_ranks(ex) -> RejoinResult | None:
         logger.error("rejoin failed midway (%s); recovering at the ranks that are alive", exc)
         raise RejoinFailed(tuple(kept), str(exc)) from exc
     commit_group(ex, workers, config, plan, pids, node_ids, list(range(n)), addr, port)
-    result = RejoinResult(tuple(b for b in range(n) if kept[b] is None), tuple(kept), n, blocks,
-                          time.monotonic() - t0)
+    result = RejoinResult(tuple(sorted(handles)), tuple(kept), n, blocks, time.monotonic() - t0,
+                          tuple(handles[b][2] for b in sorted(handles)))
     logger.warning("elastic EP: replacement rank(s) %s rejoined; back to EP %d after %.2f s", list(result.admitted),
                    n, result.seconds)
     return result
@@ -354,6 +352,7 @@ def admit_engine(engine) -> RejoinResult | None:
     stats.rejoin_seconds_total += seconds
     stats.last_rejoin_seconds = seconds
     stats.requests_requeued += len(reqs)
+    stats.rejoin_history.append(replace(result, seconds=seconds))
     logger.warning("elastic EP: %d request(s) requeued at the rejoin; it took %.2f s", len(reqs), seconds)
     return result
 

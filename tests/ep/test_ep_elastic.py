@@ -121,6 +121,8 @@ def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_
         assert sizes[0] == 3 and at_3 == [[[0, 1], [4, 2], [5, 3]]]
         # Then the rejoin, with requests in flight: EP 4 with the original placement, a new process as rank 1.
         assert stats.rejoins == 1 and stats.rank_rejoins == 1 and stats.failed_rejoins == 0
+        (rejoined,) = stats.rejoin_history
+        assert rejoined.admitted == (1,) and rejoined.kept == (0, None, 1, 2) and rejoined.preloaded == (True,)
         assert sizes[-1] == 4 and sorted(set(sizes)) == [3, 4] and sizes.index(4) > 0
         assert 4 not in sizes[:sizes.index(4)] and 3 not in sizes[sizes.index(4):]
         # Every request of the recovery (none had finished) plus those in flight at the admission.
