@@ -233,7 +233,8 @@ class Rejoiner:
         try:
             actor = self._start_actor(bundle)
             self._state.spares.append(actor)
-            pid = ray.get(actor.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote(), timeout=self.start_timeout_s)
+            pid = ray.get(actor.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote(),
+                          timeout=self.start_timeout_s)
             preloaded = ray.get(actor.preload.remote(), timeout=self.load_timeout_s)
         except Exception as exc:
             self.start_failures += 1

@@ -75,3 +75,34 @@ def test_rejoin_flags_are_validated_and_reach_the_config(tiny_model):
     assert args.ep_rejoin is False and args.ep_rejoin_delay_s == 7.5
     assert not args.create_engine_config().parallel.rejoin_enabled
     assert engine_args_from(parse(["generate", path, "--prompt", "hi"])).ep_rejoin is None
+
+
+def test_rejoiner_thread_retries_a_failing_start_with_backoff_then_gives_up():
+    """The background thread: a replacement whose start fails is retried after the backoff, never raising
+    into anyone; after max_attempts it gives up (no Ray needed: the start itself fails)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from moelink.engine.rejoin import Rejoiner
+
+    calls: list[float] = []
+
+    def start(bundle):
+        calls.append(time.monotonic())
+        raise RuntimeError(f"bundle {bundle} cannot be placed")
+
+    state = SimpleNamespace(stopping=threading.Event(), dead_error=None, spares=[])
+    rj = Rejoiner(start, state, delay_s=0.0, backoff=Backoff(first_s=0.05, factor=2.0, max_s=1.0, max_attempts=3))
+    try:
+        rj.lost([1])
+        deadline = time.monotonic() + 10
+        while rj.phase is not Phase.GAVE_UP:
+            assert time.monotonic() < deadline, rj.phase
+            time.sleep(0.01)
+        assert len(calls) == 3 and rj.start_failures == 3 and not rj.ready and rj.take() == {}
+        assert calls[1] - calls[0] >= 0.05 and calls[2] - calls[1] >= 0.1  # the backoff doubled
+        assert state.spares == []
+    finally:
+        state.stopping.set()
