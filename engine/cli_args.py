@@ -7,7 +7,7 @@ import argparse
 
 from moelink.comm.backends import ALL_TO_ALL_NAMES
 
-from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
+from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +70,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="survive a lost expert-parallel rank: drop it, re-place the experts on the survivors "
                         "(reloaded from the checkpoint), recompute the requests and go on at EP N-1 when >= 2 "
                         "ranks survive (default); --no-elastic-ep, or EP 2, fails the engine on a lost rank")
+    p.add_argument("--ep-rejoin", action=argparse.BooleanOptionalAction, default=None,
+                   help="after a lost rank, start a replacement in its place, pre-load its experts in the background "
+                        "and admit it at a step boundary: back to EP N, unfinished requests recomputed (default: on "
+                        "with --elastic-ep)")
+    p.add_argument("--ep-rejoin-delay-s", type=float, default=DEFAULT_REJOIN_DELAY_S, metavar="SECONDS",
+                   help=f"how long after a rank loss the replacement is started (default {DEFAULT_REJOIN_DELAY_S:g})")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
@@ -95,4 +101,5 @@ def engine_args_from(ns: argparse.Namespace):
         revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,
         fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype,
         enable_two_batch_overlap=ns.enable_two_batch_overlap, elastic_ep=ns.elastic_ep,
+        ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s,
     )

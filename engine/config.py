@@ -19,7 +19,8 @@ from moelink.moe.router import RouterConfig
 from .hf_readers import read_fields
 from .quantization import QuantConfig, resolve_quantization
 from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
-from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
+from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
+                       check_seconds)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -257,6 +258,11 @@ class ParallelConfig:
     # at EP N-1, its requests recomputed, instead of failing, when at least 2 ranks survive (EP >= 3). Off, or
     # at EP 2: the fail-fast watchdogs, as before.
     elastic_ep: bool = True
+    # Rejoin (engine/rejoin.py): after a loss, a replacement rank is started in the lost rank's placement-group
+    # bundle ep_rejoin_delay_s later, pre-loads its share in the background and is admitted at a step boundary:
+    # the group returns to EP N. None: on exactly when elastic_ep is.
+    ep_rejoin: bool | None = None
+    ep_rejoin_delay_s: float = DEFAULT_REJOIN_DELAY_S
 
     def __post_init__(self) -> None:
         n = self.expert_parallel_size
@@ -292,6 +298,7 @@ class ParallelConfig:
                              "or False.")
         if not isinstance(self.elastic_ep, bool):
             raise ValueError(f"elastic_ep={self.elastic_ep!r} is invalid: must be True or False.")
+        check_rejoin(self.ep_rejoin, self.ep_rejoin_delay_s, self.elastic_ep)
         self._check_node_map()
 
     def _check_node_map(self) -> None:
@@ -325,6 +332,11 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.expert_parallel_size
+
+    @property
+    def rejoin_enabled(self) -> bool:
+        """Whether a lost rank is replaced (ep_rejoin, by default elastic_ep)."""
+        return self.elastic_ep if self.ep_rejoin is None else self.ep_rejoin
 
     @property
     def resolved_executor(self) -> str:

@@ -14,6 +14,9 @@
                       its prompt and the tokens already streamed, recomputed like a preempted request:
                       its client sees a pause, not an error.
 
+The re-form steps (`reform_group`, `commit_group`, `regroup_engine`) are shared with the rejoin of a replacement
+rank (engine/rejoin.py), which returns the group to EP N.
+
 First version, stated: the survivors' KV caches are recomputed too (their runners are rebuilt), every
 survivor reloads its whole new share from the checkpoint (the experts it already held are not kept in
 memory, though they stay on it), and seeded sampling restarts its generator (greedy outputs are unchanged).
@@ -101,6 +104,15 @@ class ElasticStats:
     requests_requeued: int = 0  # every unfinished request at a recovery (all are recomputed)
     requests_on_lost_ranks: int = 0  # of those, the ones that lived on a lost rank
     history: list[RecoveryResult] = field(default_factory=list)
+    # Rejoin (engine/rejoin.py): replacement ranks admitted, admissions, their time (the step paused), admissions
+    # that failed midway (the engine fell back to a recovery). Replacements that failed to start (retried) are
+    # counted by the executor's Rejoiner (`start_failures`).
+    rank_rejoins: int = 0
+    rejoins: int = 0
+    failed_rejoins: int = 0
+    rejoin_seconds_total: float = 0.0
+    last_rejoin_seconds: float | None = None
+    rejoin_history: list = field(default_factory=list)  # rejoin.RejoinResult of each admission
 
 
 class _Unrecoverable(RuntimeError):
@@ -147,9 +159,44 @@ def _survivor_config(config, survivors: list[int], num_redundant: int):
                                             num_redundant_experts=num_redundant))
 
 
-def recover_ranks(ex) -> RecoveryResult:
+def reform_group(workers: list, plan, config) -> tuple[str, int, int | None]:
+    """Form a new group of `workers` (actors, in their new rank order) running `plan`: each leaves its old group
+    (Worker.reconfigure), rank 0 picks a rendezvous, all join it, load their share of the experts, and size
+    and allocate their KV caches when the size is not configured. Shared by a recovery (EP N-1) and a rejoin
+    (EP N). Returns (address, port, KV blocks per rank or None); raises _Unrecoverable naming the step."""
+    m = len(workers)
+    _gather([w.reconfigure.remote(i, m, plan) for i, w in enumerate(workers)], _LOAD_TIMEOUT_S, "leaving the old group")
+    addr, port = _gather([workers[0].pick_master.remote()], _LOAD_TIMEOUT_S, "choosing a rendezvous")[0]
+    _gather([w.init_distributed.remote(addr, port) for w in workers], _LOAD_TIMEOUT_S, "forming the new group")
+    _gather([w.load.remote() for w in workers], _LOAD_TIMEOUT_S, "loading its share of the experts")
+    blocks = None
+    if config.cache.num_kv_blocks is None:
+        blocks = common_num_kv_blocks(_gather([w.available_kv_blocks.remote() for w in workers],
+                                              _LOAD_TIMEOUT_S, "sizing its KV cache"))
+        _gather([w.allocate_kv_cache.remote(blocks) for w in workers], _LOAD_TIMEOUT_S, "allocating its KV cache")
+    return addr, port, blocks
+
+
+def commit_group(ex, workers: list, config, plan, rank_pids: list, node_ids: list, bundles: list, addr: str,
+                 port: int) -> None:
+    """Make the group `reform_group` formed the executor's: its ranks, config, plan and rendezvous; clear the
+    loss and start the next heartbeat generation."""
+    state = ex._state
+    state.workers = workers
+    ex.world_size, ex.config, ex.plan = len(workers), config, plan
+    ex.rank_pids, ex.node_ids, ex.bundles = list(rank_pids), list(node_ids), list(bundles)
+    ex.master_addr, ex.master_port = addr, port
+    ex._ep_graph_sizes = None
+    with state.lock:
+        state.lost = None
+        state.generation += 1
+    ex.start_heartbeats()
+
+
+def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = ()) -> RecoveryResult:
     """Re-form `ex` (a RayExecutor with `lost_error` set) from its survivors at EP N-1; see the module doc.
-    Raises the loss (WorkerDiedError, now the executor's dead_error, every rank stopped) when it cannot."""
+    `drop_if_all_alive`: the ranks to drop when every rank still answers (a rejoin that failed). Raises the loss
+    (WorkerDiedError, now the executor's dead_error, every rank stopped) when it cannot."""
     import ray
 
     from moelink.comm.two_level import node_numbers
@@ -161,7 +208,7 @@ def recover_ranks(ex) -> RecoveryResult:
     t0 = time.monotonic()
     old_workers = list(ex.workers)
     try:
-        dead = _find_dead(ex)
+        dead = _find_dead(ex) or set(drop_if_all_alive)  # a failed rejoin whose ranks all live: drop its new ones
         if not dead:  # every rank is alive: the step failed on its own (a bug, not a loss); no rank to drop
             raise _Unrecoverable("every rank still answers, so no rank was lost: the step itself failed")
         survivors = [r for r in range(len(old_workers)) if r not in dead]
@@ -185,17 +232,7 @@ def recover_ranks(ex) -> RecoveryResult:
         if plan.backend.needs_node_map and plan.node_of_rank is None and node_ids:
             plan = replace(plan, node_of_rank=node_numbers(node_ids))
         workers = [old_workers[r] for r in survivors]
-        m = len(workers)
-        _gather([w.reconfigure.remote(i, m, plan) for i, w in enumerate(workers)], _LOAD_TIMEOUT_S,
-                "leaving the old group")
-        addr, port = _gather([workers[0].pick_master.remote()], _LOAD_TIMEOUT_S, "choosing a rendezvous")[0]
-        _gather([w.init_distributed.remote(addr, port) for w in workers], _LOAD_TIMEOUT_S, "forming the new group")
-        _gather([w.load.remote() for w in workers], _LOAD_TIMEOUT_S, "loading its new share of the experts")
-        blocks = None
-        if config.cache.num_kv_blocks is None:
-            blocks = common_num_kv_blocks(_gather([w.available_kv_blocks.remote() for w in workers],
-                                                  _LOAD_TIMEOUT_S, "sizing its KV cache"))
-            _gather([w.allocate_kv_cache.remote(blocks) for w in workers], _LOAD_TIMEOUT_S, "allocating its KV cache")
+        addr, port, blocks = reform_group(workers, plan, config)
     except _Unrecoverable as exc:
         err = WorkerDiedError(lost.rank, f"{lost.reason}; elastic EP cannot go on without it: {exc}", lost.what)
         with state.lock:
@@ -205,46 +242,33 @@ def recover_ranks(ex) -> RecoveryResult:
         logger.error("%s; stopping the other ranks", err)
         state.kill_workers()
         raise state.dead_error from exc
-    state.workers = workers
-    ex.world_size, ex.config, ex.plan = m, config, plan
-    ex.rank_pids = [ex.rank_pids[r] for r in survivors]
-    ex.node_ids = node_ids
-    ex.master_addr, ex.master_port = addr, port
-    ex._ep_graph_sizes = None
-    with state.lock:
-        state.lost = None
-        state.generation += 1
-    ex.start_heartbeats()
+    m = len(workers)
+    commit_group(ex, workers, config, plan, [ex.rank_pids[r] for r in survivors], node_ids,
+                 [ex.bundles[r] for r in survivors], addr, port)
     result = RecoveryResult(tuple(sorted(dead)), tuple(survivors), m, blocks, time.monotonic() - t0)
     logger.warning("elastic EP: lost rank(s) %s; serving on at EP %d (old ranks %s) after %.2f s",
                    list(result.dead_ranks), m, survivors, result.seconds)
     return result
 
 
-def recover_engine(engine) -> RecoveryResult:
-    """Recover the engine's executor, then requeue every unfinished request on the new ranks' schedulers."""
+def regroup_engine(engine, num_kv_blocks: int | None, kept: list) -> list:
+    """The engine's side of a new group (a recovery or a rejoin; the executor has re-formed it): config, one
+    scheduler per new rank, every unfinished request requeued (recomputed from its prompt and the tokens
+    already streamed, like a preempted request), online EPLB restarted from the new plan, the per-rank
+    metrics re-indexed. `kept[i]`: the old rank new rank i was (None: a replacement). Returns the requests."""
     from moelink.scheduler.router import LeastLoadedRouter
     from moelink.scheduler.scheduler import Scheduler
 
-    stats: ElasticStats = engine.elastic_stats
-    t0 = time.monotonic()
-    try:
-        result = engine.executor.recover()
-    except BaseException:
-        stats.rank_losses += 1
-        stats.failed_recoveries += 1
-        raise
+    world_size = len(kept)
     cfg = engine.config
-    cache = cfg.cache if result.num_kv_blocks is None else replace(cfg.cache, num_kv_blocks=result.num_kv_blocks)
+    cache = cfg.cache if num_kv_blocks is None else replace(cfg.cache, num_kv_blocks=num_kv_blocks)
     engine.config = replace(cfg, cache=cache,
-                            parallel=replace(cfg.parallel, expert_parallel_size=result.world_size,
+                            parallel=replace(cfg.parallel, expert_parallel_size=world_size,
                                              ep_node_ids=engine.executor.config.parallel.ep_node_ids))
-    dead = set(result.dead_ranks)
     old = engine.schedulers
     reqs = sorted((req for s in old for req in s.requests.values()), key=lambda r: r.arrival_time)
-    on_lost = sum(len(old[r].requests) for r in dead if r < len(old))
-    engine.world_size = result.world_size
-    engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache) for _ in range(result.world_size)]
+    engine.world_size = world_size
+    engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache) for _ in range(world_size)]
     engine.router = LeastLoadedRouter(engine.schedulers)
     engine._rank_of = {}
     for req in reqs:
@@ -253,19 +277,35 @@ def recover_engine(engine) -> RecoveryResult:
         engine._rank_of[req.request_id] = rank
     engine.ep_plan = engine.executor.plan
     if getattr(engine, "eplb", None) is not None:
-        # The survivors rebuilt their layers from the new plan (any per-layer EPLB placement and a move under way
+        # The ranks rebuilt their layers from the new plan (any per-layer EPLB placement and a move under way
         # are gone with the old runners): online EPLB starts over from it, its window and tables being for the
-        # old group. A survivor placement EPLB cannot re-place (uneven slots) turns it off, said once.
+        # old group. A placement EPLB cannot re-place (uneven slots) turns it off, said once.
         from .eplb_controller import make_eplb_controller
 
         try:
             engine.eplb = make_eplb_controller(engine.config, engine.ep_plan)
         except ValueError as err:
-            logger.warning("online EPLB off after the recovery: %s", err)
+            logger.warning("online EPLB off after the regroup: %s", err)
             engine.eplb = None
     mm = engine.moe_metrics
-    mm.world_size = result.world_size
-    mm.bytes_dispatched_per_rank = [mm.bytes_dispatched_per_rank[r] for r in result.survivors]
+    mm.world_size = world_size
+    mm.bytes_dispatched_per_rank = [0 if r is None else mm.bytes_dispatched_per_rank[r] for r in kept]
+    return reqs
+
+
+def recover_engine(engine) -> RecoveryResult:
+    """Recover the engine's executor, then requeue every unfinished request on the new ranks' schedulers."""
+    stats: ElasticStats = engine.elastic_stats
+    t0 = time.monotonic()
+    try:
+        result = engine.executor.recover()
+    except BaseException:
+        stats.rank_losses += 1
+        stats.failed_recoveries += 1
+        raise
+    dead = set(result.dead_ranks)
+    on_lost = sum(len(engine.schedulers[r].requests) for r in dead if r < len(engine.schedulers))
+    reqs = regroup_engine(engine, result.num_kv_blocks, list(result.survivors))
     seconds = time.monotonic() - t0
     stats.rank_losses += len(dead)
     stats.recoveries += 1
@@ -279,4 +319,5 @@ def recover_engine(engine) -> RecoveryResult:
     return result
 
 
-__all__ = ["ElasticStats", "RecoveryResult", "recover_engine", "recover_ranks"]
+__all__ = ["ElasticStats", "RecoveryResult", "commit_group", "recover_engine", "recover_ranks", "reform_group",
+           "regroup_engine"]

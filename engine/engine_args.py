@@ -15,7 +15,8 @@ from .quantization import ONLINE_METHODS
 from .graph_config import CudaGraphConfig
 from .kv_sizing import driver_num_kv_blocks, kv_sliding_window
 from .model_source import resolve_model_dir
-from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, check_seconds
+from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
+                       check_seconds)
 from .worker_config import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,10 @@ class EngineArgs:
     enable_two_batch_overlap: bool = False
     # Survive a lost EP rank at EP N-1 instead of failing (ParallelConfig.elastic_ep; EP >= 3).
     elastic_ep: bool = True
+    # A replacement rank rejoins after a loss, back to EP N (ParallelConfig.ep_rejoin; None: with elastic_ep),
+    # started ep_rejoin_delay_s after the loss.
+    ep_rejoin: Optional[bool] = None
+    ep_rejoin_delay_s: float = DEFAULT_REJOIN_DELAY_S
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -132,6 +137,7 @@ class EngineArgs:
             bad("download_dir", "must be a directory (it is created when missing)")
         check_seconds("step_timeout", self.step_timeout)
         check_seconds("heartbeat_timeout", self.heartbeat_timeout)
+        check_rejoin(self.ep_rejoin, self.ep_rejoin_delay_s, self.elastic_ep)
         if self.quantization is not None and self.quantization not in ONLINE_METHODS:
             bad("quantization", f"choose from {', '.join(ONLINE_METHODS)} or None")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -158,7 +164,8 @@ class EngineArgs:
                               eplb_staging_mb=self.eplb_staging_mb, step_timeout_s=self.step_timeout,
                               heartbeat_timeout_s=self.heartbeat_timeout, ep_decode_capacity=self.ep_decode_capacity,
                               ep_nvlink_domain_size=self.ep_nvlink_domain_size, ep_node_ids=self.ep_node_ids,
-                              enable_two_batch_overlap=self.enable_two_batch_overlap, elastic_ep=self.elastic_ep)
+                              enable_two_batch_overlap=self.enable_two_batch_overlap, elastic_ep=self.elastic_ep,
+                              ep_rejoin=self.ep_rejoin, ep_rejoin_delay_s=self.ep_rejoin_delay_s)
 
     def model_path(self) -> str:
         """The local directory of `model`: itself, or a repo id's snapshot from the Hugging Face cache

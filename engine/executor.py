@@ -21,6 +21,8 @@ class Executor(ABC):
     # Elastic EP (engine/elastic.py): a rank lost that the engine may still recover from (`recover()`); None
     # when nothing is lost, or on an executor that cannot recover (then a loss is `dead_error`).
     lost_error: Exception | None = None
+    # Rejoin (engine/rejoin.py): replacement ranks are ready to be admitted (`admit()`) at a step boundary.
+    rejoin_ready: bool = False
 
     @abstractmethod
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]: ...

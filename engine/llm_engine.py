@@ -18,6 +18,7 @@ from moelink.scheduler.scheduler import Scheduler
 from .engine_args import EngineArgs, EngineConfig
 from .engine_info import EngineInfo
 from .elastic import ElasticStats, recover_engine
+from .rejoin import admit_engine
 from .executor import Executor, WorkerDiedError
 from .executor_factory import make_executor
 from .expert_parallel import plan_expert_parallel
@@ -243,6 +244,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One lockstep step of every rank; returns the outputs it produced."""
+        if self.executor.rejoin_ready:  # at the step boundary: replacement ranks join, back to EP N
+            admit_engine(self)
         sched_outs = [s.schedule() for s in self.schedulers]
         self._step_id += 1
         if self.structured:
@@ -322,9 +325,12 @@ class LLMEngine:
 
     def check_health(self) -> None:
         """Raise the executor's error once a rank is lost (dead, hung, silent), even between steps; with
-        elastic EP, recover from the loss instead when the survivors can go on (engine/elastic.py)."""
+        elastic EP, recover from the loss instead when the survivors can go on (engine/elastic.py), and admit
+        replacement ranks that are ready (engine/rejoin.py)."""
         if self.executor.lost_error is not None:
             recover_engine(self)
+        elif self.executor.rejoin_ready:
+            admit_engine(self)
         self.executor.check_health()
 
     def shutdown(self) -> None:

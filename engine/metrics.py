@@ -136,8 +136,14 @@ class _EngineCollector:
                        es.failed_recoveries)
         yield _counter("moelink_ep_recovery_seconds", "Time spent recovering from lost ranks (the step paused).",
                        es.recovery_seconds_total)
-        yield _counter("moelink_ep_requests_requeued", "Unfinished requests requeued and recomputed by recoveries.",
-                       es.requests_requeued)
+        yield _counter("moelink_ep_requests_requeued", "Unfinished requests requeued and recomputed by recoveries "
+                       "and rejoins.", es.requests_requeued)
+        yield _counter("moelink_ep_rank_rejoins", "Replacement ranks admitted (the group back to EP N).",
+                       es.rank_rejoins)
+        yield _counter("moelink_ep_rejoin_seconds", "Time spent admitting replacement ranks (the step paused).",
+                       es.rejoin_seconds_total)
+        yield _counter("moelink_ep_failed_rejoins", "Admissions that failed midway (the engine fell back to a "
+                       "recovery).", es.failed_rejoins)
 
     def _moe(self, eng):
         moe = eng.moe_metrics

@@ -19,3 +19,17 @@ def check_seconds(name: str, value) -> None:
     """A positive, finite number of seconds, or ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}={value!r} is invalid: must be a positive number of seconds.")
+
+
+DEFAULT_REJOIN_DELAY_S = 3.0  # after a rank loss, before a replacement is started (engine/rejoin.py)
+
+
+def check_rejoin(ep_rejoin, delay_s, elastic_ep: bool, flag: str = "ep_rejoin") -> None:
+    """The rejoin settings (ParallelConfig.ep_rejoin / ep_rejoin_delay_s), or one ValueError naming the field."""
+    if ep_rejoin is not None and not isinstance(ep_rejoin, bool):
+        raise ValueError(f"{flag}={ep_rejoin!r} is invalid: must be True, False or None (on with elastic_ep).")
+    if ep_rejoin and not elastic_ep:
+        raise ValueError(f"{flag}=True needs elastic_ep=True: a replacement rank rejoins a group that elastic EP kept "
+                         "serving without the lost rank (drop --no-elastic-ep, or pass --no-ep-rejoin).")
+    if isinstance(delay_s, bool) or not isinstance(delay_s, (int, float)) or not math.isfinite(delay_s) or delay_s < 0:
+        raise ValueError(f"{flag}_delay_s={delay_s!r} is invalid: must be a finite number of seconds >= 0.")

@@ -34,6 +34,7 @@ class Worker:
         self._device_thread: int | None = None  # the thread _bind_device last made self.device current on
         self._mover = None  # an online-EPLB move under way (moe/expert_move.py ExpertMover)
         self._eplb_chunk_delay_s = 0.0  # tests only (eplb_test_slow_moves)
+        self._preloaded = False  # a replacement's runner built before its group (preload); all-to-all to attach
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -77,27 +78,61 @@ class Worker:
 
     def load(self) -> None:
         self._bind_device()
+        if self._preloaded:  # a replacement rank (engine/rejoin.py): only its all-to-all and KV cache are left
+            self._attach_group()
+            return
+        # World size 1 dispatches too when a fixed-capacity backend was named (the two-mode path on one rank,
+        # needing no process group); otherwise one rank keeps its tokens local with no all-to-all at all.
+        ep = self._expert_parallel() if self.world_size > 1 or self.plan.decode_capacity is not None else None
+        self._build_runner(ep, self.config.num_kv_blocks)
+
+    def _build_runner(self, ep, num_kv_blocks: int | None) -> None:
         cfg = self.config
         if self.device.type == "cpu" and self.world_size > 1:
             # Several ranks share this machine's cores: one intra-op thread each.
             torch.set_num_threads(1)
-        # World size 1 dispatches too when a fixed-capacity backend was named (the two-mode path on one rank,
-        # needing no process group); otherwise one rank keeps its tokens local with no all-to-all at all.
-        ep = self._expert_parallel() if self.world_size > 1 or self.plan.decode_capacity is not None else None
-        self.runner = ModelRunner(cfg.model, cfg.block_size, cfg.num_kv_blocks, self.device,
+        self.runner = ModelRunner(cfg.model, cfg.block_size, num_kv_blocks, self.device,
                                   kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
                                   cuda_graph_sizes=cfg.cuda_graph_sizes,
                                   step_plan=make_step_plan(cfg.two_batch_overlap, self.world_size))
 
+    def preload(self) -> bool:
+        """A replacement rank, before it joins (engine/rejoin.py): load its share of `plan` (weights, placement
+        tables) now, in the background, so that admission only forms the group and builds the all-to-all on it.
+        False (nothing loaded; `load` does it all at admission) when CUDA graphs are on: their sizes are chosen
+        from the all-to-all backend when the runner is built, and that backend needs the group."""
+        from moelink.moe.layer import ExpertParallel
+
+        if self.world_size == 1 or self.config.cuda_graph_sizes:
+            return False
+        self._bind_device()
+        # The all-to-all comes with the group (`_attach_group`); no layer dispatches before then.
+        p = self.plan.placement
+        self._build_runner(ExpertParallel(self.rank, self.world_size, p, None, p.to_tensors(self.device)), None)
+        self._preloaded = True
+        return True
+
+    def _attach_group(self) -> None:
+        """Give the pre-loaded runner the all-to-all of the group just formed (every layer shares its
+        ExpertParallel), then its KV cache when the size is configured (else the executor sizes it)."""
+        self.runner.ep.all_to_all = self._expert_parallel().all_to_all
+        self._preloaded = False
+        if self.config.num_kv_blocks is not None:
+            self.runner.allocate_kv_cache(self.config.num_kv_blocks)
+
     def reconfigure(self, rank: int, world_size: int, plan: ExpertParallelPlan) -> None:
-        """Become rank `rank` of a new, smaller group (elastic EP, engine/elastic.py): leave the old process
-        group and drop the model runner (weights, KV cache), so that `init_distributed` and `load` build this
-        rank's share of `plan` afresh. Runs after the old group's last step ended on this rank."""
+        """Become rank `rank` of a new group of `world_size` (elastic EP, engine/elastic.py and rejoin.py): leave
+        the old process group and drop the model runner (weights, KV cache), so that `init_distributed` and `load`
+        build this rank's share of `plan` afresh. Runs after the old group's last step ended on this rank. A
+        replacement that pre-loaded exactly this share keeps it."""
         from dataclasses import replace
 
         self.shutdown()
         self._eplb_abort()  # a move the lost rank broke: its staging goes with it
+        if self._preloaded and (rank, world_size) == (self.rank, self.world_size) and _same_plan(plan, self.plan):
+            return
         self.runner = None  # freed before the new share loads: the budget holds one copy, not two
+        self._preloaded = False
         self.rank, self.world_size, self.plan = rank, world_size, plan
         self.config = replace(self.config, world_size=world_size)
 
@@ -193,6 +228,13 @@ class Worker:
 
             destroy()
             self.group = None
+
+
+def _same_plan(a: ExpertParallelPlan, b: ExpertParallelPlan) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a field without a value comparison (tensors): not provably the same, load afresh
+        return False
 
 
 def _node_ip() -> str:

@@ -18,9 +18,12 @@ from moelink.engine.executor import WorkerDiedError
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 20
-KW = dict(dtype="float64", max_model_len=256, num_kv_blocks=64, max_num_seqs=16, heartbeat_timeout=10.0)
+# Rejoin off except where a test turns it on: a replacement would return these engines to EP N mid-assertion.
+KW = dict(dtype="float64", max_model_len=256, num_kv_blocks=64, max_num_seqs=16, heartbeat_timeout=10.0,
+          ep_rejoin=False)
 PROMPTS = [[(7 * i + j) % 50 + 3 for j in range(5 + i % 4)] for i in range(24)]
 LATE_PROMPTS = [[(11 * i + j) % 40 + 5 for j in range(6)] for i in range(8)]  # sent after the kill
+STREAM = [[(5 * i + j) % 45 + 4 for j in range(4 + i % 3)] for i in range(12)]  # the steady stream until rejoin
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
@@ -30,11 +33,13 @@ def _engine(path: str, **kw):
     return LLMEngine(EngineArgs(model=path, **{**KW, **kw}).create_engine_config())
 
 
-def _reference(path: str) -> dict[str, list[int]]:
+def _reference(path: str, stream: bool = False) -> dict[str, list[int]]:
     eng = _engine(path, expert_parallel_size=1)
     try:
         for i, p in enumerate(PROMPTS + LATE_PROMPTS):
             eng.add_request(f"r{i}", p, PARAMS)
+        for i, p in enumerate(STREAM if stream else []):
+            eng.add_request(f"s{i}", p, PARAMS)
         return _drain(eng, {})
     finally:
         eng.shutdown()
@@ -57,16 +62,20 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_sigkill_one_rank_mid_stream_every_request_completes(local_ray, tiny_model):
+def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_model):
+    """EP 4, SIGKILL rank 1 mid-stream: EP 3 at once (every request requeued), while requests keep arriving;
+    a replacement rank starts in rank 1's bundle, pre-loads, and is admitted at a step boundary with requests
+    in flight: EP 4 again, every request complete and as undisturbed, no KV block leaked, never NOT_SERVING."""
     path = tiny_model("qwen3_e6k3")
-    want = _reference(path)
+    want = _reference(path, stream=True)
     from moelink.engine.metrics import EngineMetrics
 
-    eng = _engine(path, expert_parallel_size=4, elastic_ep=True)
+    eng = _engine(path, expert_parallel_size=4, elastic_ep=True, ep_rejoin=True, ep_rejoin_delay_s=0.5)
     metrics = EngineMetrics()
     metrics.attach(eng)
     ex = eng.executor
     victim = ex.rank_pids[1]
+    experts_at_4 = [[e for e, _ in held] for held in eng.experts_on_ranks()]
     try:
         for i, p in enumerate(PROMPTS):
             eng.add_request(f"r{i}", p, PARAMS)
@@ -81,31 +90,62 @@ def test_sigkill_one_rank_mid_stream_every_request_completes(local_ray, tiny_mod
             eng.add_request(f"r{len(PROMPTS) + i}", p, PARAMS)
         on_victim = sum(1 for r in eng._rank_of.values() if r == 1)
         assert on_victim > 0
-        serving = []
-        got = _drain(eng, done, on_step=lambda: serving.append(ex.dead_error is None))
+        stats = eng.elastic_stats
+        serving, sizes, at_3, sent = [], [], [], [0]
+        deadline = time.monotonic() + 180
+
+        def on_step():
+            serving.append(ex.dead_error is None)
+            sizes.append(ex.world_size)
+            if ex.world_size == 3 and not at_3:
+                at_3.append([[e for e, _ in held] for held in eng.experts_on_ranks()])
+            # A steady stream until the replacement is in: one request every other step (ids s0, s1, ... cycle
+            # through STREAM), so the admission lands while requests are in flight.
+            if stats.rejoins == 0 and len(sizes) % 2 == 0:
+                assert time.monotonic() < deadline, f"no rejoin in time: {ex.rejoiner.phase}"
+                k = sent[0]
+                eng.add_request(f"s{k}", STREAM[k % len(STREAM)], PARAMS)
+                sent[0] += 1
+
+        got = _drain(eng, done, on_step=on_step)
         # Readiness (AsyncEngine.is_healthy reads the executor's dead_error) never turned.
         assert all(serving) and ex.dead_error is None
-        stats = eng.elastic_stats
-        print(f"elastic EP 4 -> 3: recovered in {stats.last_recovery_seconds:.2f} s, "
-              f"{stats.requests_requeued} requests requeued ({stats.requests_on_lost_ranks} from the lost rank)")
+        print(f"elastic EP 4 -> 3 -> 4: recovered in {stats.last_recovery_seconds:.2f} s, replacement admitted in "
+              f"{stats.last_rejoin_seconds:.2f} s; {stats.requests_requeued} requests requeued in all "
+              f"({stats.requests_on_lost_ranks} from the lost rank); {sent[0]} streamed in meanwhile")
         assert stats.recoveries == 1 and stats.rank_losses == 1 and stats.failed_recoveries == 0
         assert stats.history[0].dead_ranks == (1,) and stats.history[0].survivors == (0, 2, 3)
         assert stats.requests_on_lost_ranks == on_victim
-        assert stats.requests_requeued == len(PROMPTS) + len(LATE_PROMPTS)  # none had finished
-        assert ex.world_size == 3 and eng.world_size == 3 and len(eng.schedulers) == 3
-        assert eng.ep_plan.placement.ep_size == 3 and eng.config.parallel.expert_parallel_size == 3
-        # Every expert is held by a survivor, each exactly once; each survivor kept the experts it held (6 on
-        # 4 ranks: [0 1] [2 3] [4] [5]) and the lost rank's went to the two that held one.
-        assert [[e for e, _ in held] for held in eng.experts_on_ranks()] == [[0, 1], [4, 2], [5, 3]]
+        # EP 3 first: every expert on a survivor, each once; each survivor kept its experts (6 on 4 ranks:
+        # [0 1] [2 3] [4] [5]) and the lost rank's went to the two that held one.
+        assert sizes[0] == 3 and at_3 == [[[0, 1], [4, 2], [5, 3]]]
+        # Then the rejoin, with requests in flight: EP 4 with the original placement, a new process as rank 1.
+        assert stats.rejoins == 1 and stats.rank_rejoins == 1 and stats.failed_rejoins == 0
+        (rejoined,) = stats.rejoin_history
+        assert rejoined.admitted == (1,) and rejoined.kept == (0, None, 1, 2) and rejoined.preloaded == (True,)
+        assert sizes[-1] == 4 and sorted(set(sizes)) == [3, 4] and sizes.index(4) > 0
+        assert 4 not in sizes[:sizes.index(4)] and 3 not in sizes[sizes.index(4):]
+        # Every request of the recovery (none had finished) plus those in flight at the admission.
+        assert stats.requests_requeued > len(PROMPTS) + len(LATE_PROMPTS)
+        assert ex.world_size == 4 and eng.world_size == 4 and len(eng.schedulers) == 4 and ex.bundles == [0, 1, 2, 3]
+        assert eng.ep_plan.placement.ep_size == 4 and eng.config.parallel.expert_parallel_size == 4
+        assert [[e for e, _ in held] for held in eng.experts_on_ranks()] == experts_at_4
+        assert ex.rank_pids[1] != victim and len(set(ex.rank_pids)) == 4
+        assert ex.rank_pids[1] == ex._get([ex.workers[1].heartbeat.remote()])[0]
         sample = metrics.registry.get_sample_value
         assert sample("moelink_ep_rank_losses_total") == 1 and sample("moelink_ep_recoveries_total") == 1
         assert sample("moelink_ep_requests_requeued_total") == stats.requests_requeued
         assert sample("moelink_ep_recovery_seconds_total") == pytest.approx(stats.recovery_seconds_total)
+        assert sample("moelink_ep_rank_rejoins_total") == 1 and sample("moelink_ep_failed_rejoins_total") == 0
+        assert stats.rejoin_seconds_total > 0
+        assert sample("moelink_ep_rejoin_seconds_total") == pytest.approx(stats.rejoin_seconds_total)
         # Every request completed with its full output, none with an error, greedy outputs as undisturbed.
-        assert set(got) == set(want)
+        assert set(got) == {f"r{i}" for i in range(len(PROMPTS) + len(LATE_PROMPTS))} | {f"s{k}" for k in
+                                                                                      range(sent[0])}
         for rid, out in done.items():
             assert out.outputs[0].finish_reason == "length", (rid, out.outputs[0].finish_reason)
-            assert got[rid] == want[rid], rid
+            ref = want[rid] if rid.startswith("r") else want[f"s{int(rid[1:]) % len(STREAM)}"]
+            assert got[rid] == ref, rid
         # No KV block leaked; nothing left in flight.
         for s in eng.rank_stats():
             assert s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks, s
@@ -114,15 +154,36 @@ def test_sigkill_one_rank_mid_stream_every_request_completes(local_ray, tiny_mod
         eng.shutdown()
 
 
-def test_rank_lost_while_idle_is_recovered_by_the_health_check(local_ray, tiny_model):
+def test_rank_lost_while_idle_is_recovered_then_a_failed_rejoin_falls_back_and_retries(local_ray, tiny_model,
+                                                                                          monkeypatch):
     """No step running: the heartbeats find the dead actor, the engine's health check recovers (AsyncEngine
-    calls it when idle), readiness never turns, and the next requests run at EP 2 with the same outputs."""
+    calls it when idle), readiness never turns, and the next requests run at EP 2 with the same outputs. Then
+    the rejoin: the first admission loses its replacement midway (killed as the group re-forms), so the engine
+    falls back to a recovery at the ranks alive (EP 2 again, serving on); a second replacement is started and
+    admitted, also by the idle health check: EP 3 again, same outputs."""
+    import ray
+
+    from moelink.engine import rejoin
+
     path = tiny_model("qwen3_e6k3")
     want = _reference(path)
-    eng = _engine(path, expert_parallel_size=3, elastic_ep=True)
+    killed: list[int] = []
+    real_reform = rejoin.reform_group
+
+    def reform_losing_the_first_replacement(workers, plan, config):
+        if not killed:
+            killed.append(ray.get(workers[2].heartbeat.remote()))
+            _kill(killed[0])
+            time.sleep(0.5)
+        return real_reform(workers, plan, config)
+
+    monkeypatch.setattr(rejoin, "reform_group", reform_losing_the_first_replacement)
+    eng = _engine(path, expert_parallel_size=3, elastic_ep=True, ep_rejoin=True, ep_rejoin_delay_s=0.0)
     ex = eng.executor
+    victim = ex.rank_pids[2]
+    stats = eng.elastic_stats
     try:
-        _kill(ex.rank_pids[2])
+        _kill(victim)
         deadline = time.monotonic() + 20
         while ex.lost_error is None:
             assert time.monotonic() < deadline, "the heartbeats did not see the dead rank"
@@ -131,11 +192,27 @@ def test_rank_lost_while_idle_is_recovered_by_the_health_check(local_ray, tiny_m
         assert "rank 2" in str(ex.lost_error)
         eng.check_health()  # recovers; raises nothing
         assert ex.dead_error is None and ex.lost_error is None and ex.world_size == 2
-        assert eng.elastic_stats.recoveries == 1 and eng.elastic_stats.requests_requeued == 0
+        assert stats.recoveries == 1 and stats.requests_requeued == 0
         for i, p in enumerate(PROMPTS[:6]):
             eng.add_request(f"r{i}", p, PARAMS)
         got = _drain(eng, {})
         assert got == {f"r{i}": want[f"r{i}"] for i in range(6)}
+        deadline = time.monotonic() + 150
+        while stats.rejoins == 0:  # idle: the health check admits (and falls back) as AsyncEngine's loop would
+            assert time.monotonic() < deadline, f"no rejoin: {ex.rejoiner.phase}, {stats}"
+            eng.check_health()
+            assert ex.dead_error is None
+            time.sleep(0.1)
+        print(f"rejoin after a failed admission: recoveries {[round(h.seconds, 2) for h in stats.history]} s, "
+              f"admission {stats.last_rejoin_seconds:.2f} s")
+        assert killed and stats.failed_rejoins == 1 and stats.recoveries == 2 and stats.rejoins == 1
+        assert ex.world_size == 3 and eng.world_size == 3 and ex.bundles == [0, 1, 2]
+        assert ex.rank_pids[2] not in (victim, killed[0])
+        for i, p in enumerate(PROMPTS[6:12], start=6):
+            eng.add_request(f"r{i}", p, PARAMS)
+        assert _drain(eng, {}) == {f"r{i}": want[f"r{i}"] for i in range(6, 12)}
+        for s in eng.rank_stats():
+            assert s.num_free_blocks == s.num_total_blocks, s
     finally:
         eng.shutdown()
 
