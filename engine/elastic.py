@@ -88,8 +88,9 @@ class RecoveryResult:
     dead_ranks: tuple[int, ...]  # in the old numbering
     survivors: tuple[int, ...]  # old rank of each new rank
     world_size: int
-    num_kv_blocks: int | None  # per rank, when the ranks sized their caches; None: the configured count
+    num_kv_blocks: int | None  # per rank, when the ranks sized their caches; None: the configured count (or kept)
     seconds: float
+    kept_runners: bool = False  # the survivors kept their runners, KV caches and requests (engine/keep_runner.py)
 
 
 @dataclass
@@ -101,8 +102,9 @@ class ElasticStats:
     failed_recoveries: int = 0
     recovery_seconds_total: float = 0.0
     last_recovery_seconds: float | None = None
-    requests_requeued: int = 0  # every unfinished request at a recovery (all are recomputed)
-    requests_on_lost_ranks: int = 0  # of those, the ones that lived on a lost rank
+    requests_requeued: int = 0  # requests recomputed from their tokens on another rank (recoveries and rejoins)
+    requests_on_lost_ranks: int = 0  # the unfinished requests that lived on a lost rank (always requeued)
+    recoveries_keeping_runners: int = 0  # recoveries whose survivors kept their runners: only lost ranks' requeued
     history: list[RecoveryResult] = field(default_factory=list)
     # Rejoin (engine/rejoin.py): replacement ranks admitted, admissions, their time (the step paused), admissions
     # that failed midway (the engine fell back to a recovery). Replacements that failed to start (retried) are
@@ -159,22 +161,40 @@ def _survivor_config(config, survivors: list[int], num_redundant: int):
                                             num_redundant_experts=num_redundant))
 
 
-def reform_group(workers: list, plan, config) -> tuple[str, int, int | None]:
-    """Form a new group of `workers` (actors, in their new rank order) running `plan`: each leaves its old group
-    (Worker.reconfigure), rank 0 picks a rendezvous, all join it, load their share of the experts, and size
-    and allocate their KV caches when the size is not configured. Shared by a recovery (EP N-1) and a rejoin
-    (EP N). Returns (address, port, KV blocks per rank or None); raises _Unrecoverable naming the step."""
+def _keep_runners(workers: list, plan) -> bool:
+    """Every survivor keeps its model runner (Worker.reconfigure_keep), or none does: one that cannot (the
+    first reason is logged, once) and all rebuild theirs. True when they all keep."""
     m = len(workers)
-    _gather([w.reconfigure.remote(i, m, plan) for i, w in enumerate(workers)], _LOAD_TIMEOUT_S, "leaving the old group")
+    why = [w for w in _gather([w.reconfigure_keep.remote(i, m, plan) for i, w in enumerate(workers)],
+                              _LOAD_TIMEOUT_S, "leaving the old group") if w is not None]
+    if why:
+        logger.warning("elastic EP: the survivors rebuild their model runners and recompute every request, as "
+                       "%d of them cannot keep theirs (%s)", len(why), why[0])
+    return not why
+
+
+def reform_group(workers: list, plan, config, keep: bool = False) -> tuple[str, int, int | None, bool]:
+    """Form a new group of `workers` (actors, in their new rank order) running `plan`: each leaves its old group
+    and, with `keep` (a recovery), keeps its model runner when every one can (engine/keep_runner.py: only the
+    experts newly placed on it are loaded, its KV cache and requests stay), else drops it (Worker.reconfigure);
+    rank 0 picks a rendezvous, all join it, load their share of the experts (or grow theirs), and size and
+    allocate their KV caches when the size is not configured and the runners were rebuilt. Shared by a recovery
+    (EP N-1) and a rejoin (EP N, always rebuilt). Returns (address, port, KV blocks per rank or None, whether
+    the runners were kept); raises _Unrecoverable naming the step."""
+    m = len(workers)
+    kept = keep and _keep_runners(workers, plan)
+    if not kept:
+        _gather([w.reconfigure.remote(i, m, plan) for i, w in enumerate(workers)], _LOAD_TIMEOUT_S,
+                "leaving the old group")
     addr, port = _gather([workers[0].pick_master.remote()], _LOAD_TIMEOUT_S, "choosing a rendezvous")[0]
     _gather([w.init_distributed.remote(addr, port) for w in workers], _LOAD_TIMEOUT_S, "forming the new group")
     _gather([w.load.remote() for w in workers], _LOAD_TIMEOUT_S, "loading its share of the experts")
     blocks = None
-    if config.cache.num_kv_blocks is None:
+    if config.cache.num_kv_blocks is None and not kept:
         blocks = common_num_kv_blocks(_gather([w.available_kv_blocks.remote() for w in workers],
                                               _LOAD_TIMEOUT_S, "sizing its KV cache"))
         _gather([w.allocate_kv_cache.remote(blocks) for w in workers], _LOAD_TIMEOUT_S, "allocating its KV cache")
-    return addr, port, blocks
+    return addr, port, blocks, kept
 
 
 def commit_group(ex, workers: list, config, plan, rank_pids: list, node_ids: list, bundles: list, addr: str,
@@ -232,7 +252,7 @@ def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = ()) -> RecoveryResult
         if plan.backend.needs_node_map and plan.node_of_rank is None and node_ids:
             plan = replace(plan, node_of_rank=node_numbers(node_ids))
         workers = [old_workers[r] for r in survivors]
-        addr, port, blocks = reform_group(workers, plan, config)
+        addr, port, blocks, kept = reform_group(workers, plan, config, keep=True)
     except _Unrecoverable as exc:
         err = WorkerDiedError(lost.rank, f"{lost.reason}; elastic EP cannot go on without it: {exc}", lost.what)
         with state.lock:
@@ -245,17 +265,20 @@ def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = ()) -> RecoveryResult
     m = len(workers)
     commit_group(ex, workers, config, plan, [ex.rank_pids[r] for r in survivors], node_ids,
                  [ex.bundles[r] for r in survivors], addr, port)
-    result = RecoveryResult(tuple(sorted(dead)), tuple(survivors), m, blocks, time.monotonic() - t0)
-    logger.warning("elastic EP: lost rank(s) %s; serving on at EP %d (old ranks %s) after %.2f s",
-                   list(result.dead_ranks), m, survivors, result.seconds)
+    result = RecoveryResult(tuple(sorted(dead)), tuple(survivors), m, blocks, time.monotonic() - t0, kept)
+    logger.warning("elastic EP: lost rank(s) %s; serving on at EP %d (old ranks %s, runners %s) after %.2f s",
+                   list(result.dead_ranks), m, survivors, "kept" if kept else "rebuilt", result.seconds)
     return result
 
 
-def regroup_engine(engine, num_kv_blocks: int | None, kept: list) -> list:
+def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: bool = False) -> list:
     """The engine's side of a new group (a recovery or a rejoin; the executor has re-formed it): config, one
-    scheduler per new rank, every unfinished request requeued (recomputed from its prompt and the tokens
-    already streamed, like a preempted request), online EPLB restarted from the new plan, the per-rank
-    metrics re-indexed. `kept[i]`: the old rank new rank i was (None: a replacement). Returns the requests."""
+    scheduler per new rank, the requests to requeue requeued (recomputed from their prompt and the tokens
+    already streamed, like a preempted request, on the least-loaded ranks), online EPLB restarted from the new
+    plan, the per-rank metrics re-indexed. `kept[i]`: the old rank new rank i was (None: a replacement).
+    `keep_runners` (the survivors kept their runners): each survivor keeps its scheduler and its requests as
+    they are, the step the loss broke undone (Scheduler.rewind), and only the lost ranks' requests are
+    requeued; otherwise every unfinished request is. Returns the requeued requests."""
     from moelink.scheduler.router import LeastLoadedRouter
     from moelink.scheduler.scheduler import Scheduler
 
@@ -266,15 +289,21 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list) -> list:
                             parallel=replace(cfg.parallel, expert_parallel_size=world_size,
                                              ep_node_ids=engine.executor.config.parallel.ep_node_ids))
     old = engine.schedulers
-    reqs = sorted((req for s in old for req in s.requests.values()), key=lambda r: r.arrival_time)
+    if keep_runners:
+        inflight, engine._inflight = engine._inflight, None
+        gone = [s for r, s in enumerate(old) if r not in kept]
+        engine.schedulers = [old[r] for r in kept]
+        for r, s in zip(kept, engine.schedulers):
+            s.rewind(inflight[r] if inflight is not None else None)
+    else:
+        gone = old
+        engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache) for _ in range(world_size)]
+    reqs = sorted((req for s in gone for req in s.requests.values()), key=lambda r: r.arrival_time)
     engine.world_size = world_size
-    engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache) for _ in range(world_size)]
     engine.router = LeastLoadedRouter(engine.schedulers)
-    engine._rank_of = {}
     for req in reqs:
-        rank = engine.router.route(req.all_token_ids)
-        engine.schedulers[rank].requeue(req)
-        engine._rank_of[req.request_id] = rank
+        engine.schedulers[engine.router.route(req.all_token_ids)].requeue(req)
+    engine._rank_of = {rid: rank for rank, s in enumerate(engine.schedulers) for rid in s.requests}
     engine.ep_plan = engine.executor.plan
     if getattr(engine, "eplb", None) is not None:
         # The ranks rebuilt their layers from the new plan (any per-layer EPLB placement and a move under way
@@ -305,7 +334,7 @@ def recover_engine(engine) -> RecoveryResult:
         raise
     dead = set(result.dead_ranks)
     on_lost = sum(len(engine.schedulers[r].requests) for r in dead if r < len(engine.schedulers))
-    reqs = regroup_engine(engine, result.num_kv_blocks, list(result.survivors))
+    reqs = regroup_engine(engine, result.num_kv_blocks, list(result.survivors), keep_runners=result.kept_runners)
     seconds = time.monotonic() - t0
     stats.rank_losses += len(dead)
     stats.recoveries += 1
@@ -313,6 +342,7 @@ def recover_engine(engine) -> RecoveryResult:
     stats.last_recovery_seconds = seconds
     stats.requests_requeued += len(reqs)
     stats.requests_on_lost_ranks += on_lost
+    stats.recoveries_keeping_runners += result.kept_runners
     stats.history.append(replace(result, seconds=seconds))
     logger.warning("elastic EP: %d request(s) requeued (%d from the lost rank(s)); recovery took %.2f s",
                    len(reqs), on_lost, seconds)

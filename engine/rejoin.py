@@ -300,7 +300,7 @@ def admit_ranks(ex) -> RejoinResult | None:
         plan = replace(plan, node_of_rank=node_numbers(node_ids))
     ex.rejoiner.admitted(h[0] for h in handles.values())
     try:
-        addr, port, blocks = reform_group(workers, plan, config)
+        addr, port, blocks, _ = reform_group(workers, plan, config)  # a rejoin rebuilds every runner
     except _Unrecoverable as exc:
         # The recovery path takes it from here, at the N ranks (whichever are alive): adopt them all.
         state.workers = workers

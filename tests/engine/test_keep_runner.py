@@ -1,0 +1,151 @@
+"""Elastic EP without Ray: a survivor keeps its model runner (engine/keep_runner.py), and a survivor's scheduler
+undoes the step a loss broke (Scheduler.rewind) so that its worker and it agree again (ModelRunner resync).
+
+The runners are built on one process with no all-to-all (as Worker.preload builds them): what is checked is
+what a kept runner holds, slot for slot, against a runner built afresh for the same share. ~3 s.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelink.engine import EngineArgs, SamplingParams
+from moelink.engine.elastic import survivor_placement
+from moelink.engine.expert_parallel import plan_expert_parallel
+from moelink.engine.keep_runner import growth_bytes, keep_blocker, keep_runner
+from moelink.engine.model_runner import ModelRunner
+from moelink.moe.expert_move import moe_layers, slot_bytes, slot_tensors
+from moelink.moe.layer import ExpertParallel
+from moelink.moe.placement import ExpertPlacement
+
+CPU = torch.device("cpu")
+KW = dict(dtype="float64", max_model_len=128, num_kv_blocks=16)
+
+
+def _runner(path: str, ep_size: int, rank: int, placement: ExpertPlacement) -> ModelRunner:
+    config = EngineArgs(model=path, expert_parallel_size=ep_size, **KW).create_engine_config()
+    ep = ExpertParallel(rank, ep_size, placement, None, placement.to_tensors(CPU))
+    return ModelRunner(config.model, config.cache.block_size, 16, CPU, ep=ep)
+
+
+@pytest.mark.parametrize("name", ["qwen3_e6k3", "mixtral_e5k3"])
+def test_a_kept_runner_holds_what_a_fresh_one_of_its_new_share_holds(tiny_model, name):
+    path = tiny_model(name)
+    old = plan_expert_parallel(EngineArgs(model=path, expert_parallel_size=3, **KW).create_engine_config()).placement
+    new = survivor_placement(old, [0, 2])  # rank 1 lost: its experts go to the survivors, appended
+    runner = _runner(path, 3, 2, old)  # old rank 2 becomes new rank 1
+    kv_before = [t for layer in runner.kv_caches for t in layer]
+    dense = runner.model.embed_tokens
+    n_old = len(old.experts_on_rank(2))
+    added = new.experts_on_rank(1)[n_old:]
+    assert added, "the survivor must get an expert of the lost rank"
+    want = growth_bytes(moe_layers(runner.model), len(added))
+    assert keep_blocker(runner, 2, new.experts_on_rank(1), free_bytes=want) is None
+    loaded = keep_runner(runner, ExpertParallel(1, 2, new, None, new.to_tensors(CPU)), path, False, ())
+    fresh = _runner(path, 2, 1, new)
+    layers, ref = moe_layers(runner.model), moe_layers(fresh.model)
+    assert loaded == sum(len(added) * slot_bytes(layer) for layer in ref)
+    for a, b in zip(layers, ref):
+        assert a.num_local_slots == b.num_local_slots == len(new.experts_on_rank(1))
+        ta, tb = slot_tensors(a, a.num_local_slots), slot_tensors(b, b.num_local_slots)
+        assert ta.keys() == tb.keys() and ta
+        for n in ta:
+            assert torch.equal(ta[n], tb[n]), (a.moe_index, n)
+        for t in ("replica_count_G", "replica_rank_GX", "replica_slot_GX"):
+            assert torch.equal(getattr(a.ep_tables, t), getattr(b.ep_tables, t)), t
+        assert a.placement is new and a.ep is runner.ep
+    assert runner.ep.rank == 1 and runner.ep.world_size == 2 and runner.ep.placement is new
+    assert runner.model.expert_ids == fresh.model.expert_ids == list(new.experts_on_rank(1))
+    # The KV cache and the dense weights are the same tensors: nothing else was reloaded or reallocated.
+    assert [t for layer in runner.kv_caches for t in layer] == kv_before
+    assert all(a is b for a, b in zip([t for layer in runner.kv_caches for t in layer], kv_before))
+    assert runner.model.embed_tokens is dense
+
+
+def test_keep_blocker_names_a_layout_change_a_memory_shortfall_and_a_missing_runner(tiny_model):
+    path = tiny_model("qwen3_e6k3")
+    old = ExpertPlacement(num_experts=6, ep_size=3)  # [0 1] [2 3] [4 5]
+    new = survivor_placement(old, [0, 2])
+    runner = _runner(path, 3, 0, old)
+    share = new.experts_on_rank(0)
+    need = growth_bytes(moe_layers(runner.model), len(share) - 2)
+    assert need > 0 and keep_blocker(runner, 0, share, free_bytes=need) is None
+    assert "MiB beside the old ones" in keep_blocker(runner, 0, share, free_bytes=need - 1)
+    assert "no expert-parallel model runner" in keep_blocker(None, 0, share, free_bytes=need)
+    # Online EPLB re-placed one layer (its rank-0 slots swapped): the share no longer starts with them.
+    layer = moe_layers(runner.model)[1]
+    layer.placement = ExpertPlacement(num_experts=6, ep_size=3, layout=[[1, 0], [2, 3], [4, 5]])
+    why = keep_blocker(runner, 0, share, free_bytes=need)
+    assert "MoE layer 1" in why and "layout change" in why
+
+
+PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = [[(7 * i + j) % 50 + 3 for j in range(20 + 9 * i)] for i in range(5)]
+
+
+def _engine(path: str):
+    from moelink.engine.llm_engine import LLMEngine
+
+    # A small token budget: the broken step holds prompt chunks and new requests, not only decodes.
+    return LLMEngine(EngineArgs(model=path, expert_parallel_size=1, max_num_batched_tokens=24, max_num_seqs=4,
+                                **KW).create_engine_config())
+
+
+def _drain(eng) -> dict[str, list[int]]:
+    done = {}
+    for _ in range(500):
+        if not eng.has_requests():
+            return done
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    raise AssertionError("requests did not finish")
+
+
+@pytest.mark.parametrize("ran", [False, True], ids=["never-sent", "ran-unanswered"])
+def test_a_rewound_step_is_recomputed_alone_and_outputs_are_unchanged(tiny_model, ran):
+    """The step a loss broke either never reached the worker (lost while idle) or ran there with its answer
+    lost: after Scheduler.rewind, the next steps recompute that one step, the worker's states are the
+    scheduler's again (resync), and every output is the undisturbed one; no KV block leaks."""
+    path = tiny_model("qwen3_e6k3")
+    ref = _engine(path)
+    try:
+        for i, p in enumerate(PROMPTS):
+            ref.add_request(f"r{i}", p, PARAMS)
+        want = _drain(ref)
+    finally:
+        ref.shutdown()
+    eng = _engine(path)
+    try:
+        for i, p in enumerate(PROMPTS):
+            eng.add_request(f"r{i}", p, PARAMS)
+        for _ in range(2):  # then the broken step decodes r0, ends r1's prompt and admits r2 (24 tokens)
+            eng.step()
+        sched = eng.schedulers[0]
+        before = {rid: r.num_computed_tokens for rid, r in sched.requests.items()}
+        broken = sched.schedule()
+        assert broken.num_scheduled_tokens and any(n > 1 for n in broken.num_scheduled_tokens.values())
+        assert broken.scheduled_new_reqs, "the broken step should admit a waiting request"
+        if ran:
+            eng.executor.execute([broken])  # the worker ran it; its sampled tokens never reach the scheduler
+        sched.rewind(broken)
+        # Computed up to where each request was before the broken step (a new one: nothing).
+        assert {rid: r.num_computed_tokens for rid, r in sched.requests.items()} == {
+            rid: before.get(rid, 0) for rid in sched.requests}
+        running, waiting = {r.request_id for r in sched.running}, {r.request_id for r in sched.waiting}
+        assert {n.req_id for n in broken.scheduled_new_reqs} <= running and waiting
+        sent = []
+        execute = eng.executor.execute
+        eng.executor.execute = lambda outs: sent.append(outs[0]) or execute(outs)
+        got = _drain(eng)
+        nxt = sent[0]
+        assert nxt.resync is not None and {n.req_id for n in nxt.resync.running} == running
+        assert nxt.resync.waiting_ids == waiting
+        assert nxt.num_scheduled_tokens == broken.num_scheduled_tokens  # that step again, nothing more
+        assert all(so.resync is None for so in sent[1:])
+        assert got == want
+        s = eng.rank_stats()[0]
+        assert s.num_free_blocks == s.num_total_blocks
+        assert not eng.executor.worker.runner.requests
+    finally:
+        eng.shutdown()
