@@ -6,20 +6,30 @@
                       answer a heartbeat), kill them, wait until each survivor's failed step has ended,
                       re-place for the survivors (`survivor_placement`: each keeps its experts; an expert
                       only lost ranks held goes to the survivor with the fewest, unless a replica of it
-                      survives), have each
-                      survivor leave the old process group and drop its runner (Worker.reconfigure),
-                      form the new group, load each survivor's new share of the experts from the
-                      checkpoint, size and allocate the KV cache, restart the heartbeats;
-                   2. requeue: every unfinished request (on every rank) goes to the new schedulers with
-                      its prompt and the tokens already streamed, recomputed like a preempted request:
-                      its client sees a pause, not an error.
+                      survives), form the new group without the dead ranks:
+                      - kept (the default): each survivor keeps its model runner (engine/keep_runner.py):
+                        its dense weights, the experts it held, its KV cache and its request states stay;
+                        only the experts newly placed on it are read from the checkpoint, into slots
+                        appended to its MoE layers, whose tables and all-to-all switch to the new group;
+                      - rebuilt (the fallback, when any survivor cannot keep its runner: a layer online EPLB
+                        re-placed, the new slots not fitting beside the old ones; logged once): each
+                        survivor drops its runner (Worker.reconfigure), loads its whole new share from the
+                        checkpoint, and the KV cache is sized and allocated again;
+                      then restart the heartbeats;
+                   2. requeue: the requests that lived on the lost rank(s) (their KV is gone with it) go to the
+                      least-loaded survivors with their prompt and the tokens already streamed, recomputed like
+                      a preempted request: their clients see a pause, not an error. With kept runners the
+                      survivors keep their schedulers and requests as they are (mid-prefill, mid-decode): only
+                      the step the loss broke is undone (Scheduler.rewind) and recomputed, and each worker's
+                      request states are re-sent with the next step. With rebuilt runners every unfinished
+                      request is requeued.
 
 The re-form steps (`reform_group`, `commit_group`, `regroup_engine`) are shared with the rejoin of a replacement
 rank (engine/rejoin.py), which returns the group to EP N.
 
-First version, stated: the survivors' KV caches are recomputed too (their runners are rebuilt), every
-survivor reloads its whole new share from the checkpoint (the experts it already held are not kept in
-memory, though they stay on it), and seeded sampling restarts its generator (greedy outputs are unchanged).
+Stated: seeded sampling of a requeued request restarts its generator (greedy outputs are unchanged), and a
+kept survivor's seeded request may have drawn once in the broken step; a rejoin (engine/rejoin.py) still
+rebuilds every runner and requeues every request.
 Recovery is impossible, and the old fail-fast path is taken (one WorkerDiedError naming the rank and why),
 when fewer than 2 ranks survive, a survivor stays inside the failed step (a collective that waits for the
 lost rank until comm_timeout_s), the placement cannot be built at EP N-1, or a survivor cannot load its
@@ -70,10 +80,11 @@ class SurvivorPlacement(ExpertPlacement):
 
 
 def survivor_placement(old: ExpertPlacement, survivors: list[int]) -> SurvivorPlacement:
-    """The placement at EP len(survivors) that moves the least: every survivor keeps its experts (their
-    weights come back from the checkpoint with the rest of its share); an expert a lost rank held is served by
-    its replicas on survivors when it has any (replicas first), and otherwise appended to the survivor with the
-    fewest slots (lowest rank on ties), which loads it from the checkpoint."""
+    """The placement at EP len(survivors) that moves the least: every survivor keeps its experts, in its local
+    slot order (a survivor that keeps its runner keeps their weights in memory, engine/keep_runner.py); an
+    expert a lost rank held is served by its replicas on survivors when it has any (replicas first), and
+    otherwise appended to the survivor with the fewest slots (lowest rank on ties), which loads it from the
+    checkpoint."""
     slots = [list(old.experts_on_rank(r)) for r in survivors]
     held = {e for s in slots for e in s}
     for e in range(old.num_experts):
