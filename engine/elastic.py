@@ -300,8 +300,8 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: 
                             parallel=replace(cfg.parallel, expert_parallel_size=world_size,
                                              ep_node_ids=engine.executor.config.parallel.ep_node_ids))
     old = engine.schedulers
+    inflight, engine._inflight = engine._inflight, None  # indexed by the old ranks: never for a later regroup
     if keep_runners:
-        inflight, engine._inflight = engine._inflight, None
         gone = [s for r, s in enumerate(old) if r not in kept]
         engine.schedulers = [old[r] for r in kept]
         for r, s in zip(kept, engine.schedulers):

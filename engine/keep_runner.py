@@ -140,6 +140,7 @@ def keep_runner(runner, ep: ExpertParallel, checkpoint: str, two_batch_overlap: 
         layer.ep_tables = own_tables(shared)
         layer.placement = ep.placement
     runner.model.expert_ids = new_ids
+    runner.model.moe_stats.reset()  # what the broken step counted (it never reported) is not traffic
     runner.step_plan = make_step_plan(two_batch_overlap, ep.world_size)
     # Decode graphs replayed the old all-to-all's buffers: capture again on the new one (every rank together,
     # as at start: the executor's load is a collective), or run eagerly when the new backend cannot.

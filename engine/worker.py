@@ -36,6 +36,7 @@ class Worker:
         self._eplb_chunk_delay_s = 0.0  # tests only (eplb_test_slow_moves)
         self._preloaded = False  # a replacement's runner built before its group (preload); all-to-all to attach
         self._keeping = False  # a survivor keeping its runner (reconfigure_keep); `load` grows it to the new share
+        self._refuse_keep: str | None = None  # tests only (elastic_test_refuse_keep)
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -156,7 +157,7 @@ class Worker:
 
         self.shutdown()
         self._eplb_abort()  # a move the lost rank broke: its staging goes with it (its layers never switched)
-        why = ("a pre-loaded replacement has no requests to keep" if self._preloaded else
+        why = ("a pre-loaded replacement has no requests to keep" if self._preloaded else self._refuse_keep or
                keep_blocker(self.runner, self.rank, plan.placement.experts_on_rank(rank),
                             free_device_bytes(self.device, self.config.gpu_memory_utilization)))
         if why is not None:
@@ -242,6 +243,11 @@ class Worker:
         """Tests only (not a user flag): every later move chunk pauses `chunk_delay_s` after posting its
         transfers, long enough to kill a rank while a move is in flight."""
         self._eplb_chunk_delay_s = float(chunk_delay_s)
+
+    def elastic_test_refuse_keep(self, reason: str | None) -> None:
+        """Tests only (not a user flag): `reconfigure_keep` refuses with `reason` (None: decides as usual), so
+        that a test reaches the full-rebuild fallback of a recovery without running out of memory."""
+        self._refuse_keep = reason
 
     def ping(self) -> int:
         return self.rank

@@ -310,6 +310,8 @@ def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
               f"health sampled {len(health)} times, all SERVING: {all(health)}")
         assert health and all(health)
         assert stats.recoveries == 2 and stats.rank_losses == 2 and ex.world_size == 2
+        # Both recoveries kept the survivors' runners (the second grows runners the first grew already).
+        assert stats.recoveries_keeping_runners == 2 and stats.requests_requeued == stats.requests_on_lost_ranks
         for out in finals:
             assert out.finished and out.outputs[0].finish_reason == "length", out
             assert out.outputs[0].token_ids == want[out.request_id], out.request_id
@@ -322,7 +324,9 @@ def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
 
 def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_model):
     """SIGSTOP (a wedged process, not a dead one): the heartbeats lose it after --heartbeat-timeout, the step
-    waiting on it ends then (not at --step-timeout), it is killed, and the survivors go on at EP 2."""
+    waiting on it ends then (not at --step-timeout), it is killed, and the survivors go on at EP 2. Rank 0 is
+    made to refuse keeping its runner: every survivor then rebuilds its runner and every request is
+    recomputed (the fallback of engine/keep_runner.py), outputs unchanged."""
     path = tiny_model("qwen3_e6k3")
     want = _reference(path)
     eng = _engine(path, expert_parallel_size=3, elastic_ep=True, heartbeat_timeout=3.0)
@@ -333,13 +337,17 @@ def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_mode
             eng.add_request(f"r{i}", p, PARAMS)
         for _ in range(4):
             eng.step()
+        ex._get([ex.workers[0].elastic_test_refuse_keep.remote("refused by the test")])
         os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
         got = _drain(eng, {}, on_step=lambda: None if ex.dead_error is None else pytest.fail(str(ex.dead_error)))
         elapsed = time.monotonic() - t0
         print(f"frozen rank dropped; all requests done {elapsed:.1f} s after the freeze "
               f"(recovery {eng.elastic_stats.last_recovery_seconds:.2f} s)")
-        assert eng.elastic_stats.recoveries == 1 and ex.world_size == 2
+        stats = eng.elastic_stats
+        assert stats.recoveries == 1 and ex.world_size == 2
+        assert not stats.history[0].kept_runners and stats.recoveries_keeping_runners == 0
+        assert stats.requests_requeued == 9 and stats.requests_on_lost_ranks < 9  # all, not only rank 1's
         assert elapsed < 3.0 + 30.0  # one heartbeat timeout, the recovery and the rest of the requests
         assert got == {f"r{i}": want[f"r{i}"] for i in range(9)}
     finally:
@@ -392,9 +400,13 @@ def test_sigkill_during_chunked_prefill(local_ray, tiny_model):
         for i, p in enumerate(prompts):
             eng.add_request(f"p{i}", p, PARAMS)
         assert not eng.step()  # one 32-token chunk per rank: no prompt is done
+        on_lost = sum(1 for r in eng._rank_of.values() if r == 2)
         _kill(eng.executor.rank_pids[2])
         got = _drain(eng, {})
-        assert eng.elastic_stats.recoveries == 1 and eng.executor.world_size == 2
+        stats = eng.elastic_stats
+        assert stats.recoveries == 1 and eng.executor.world_size == 2
+        # The survivors' prompts went on from their computed chunks; only rank 2's started over.
+        assert stats.history[0].kept_runners and stats.requests_requeued == on_lost > 0
         assert got == want
         for s in eng.rank_stats():
             assert s.num_free_blocks == s.num_total_blocks, s
