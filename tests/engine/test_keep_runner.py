@@ -6,6 +6,8 @@ what a kept runner holds, slot for slot, against a runner built afresh for the s
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -149,3 +151,72 @@ def test_a_rewound_step_is_recomputed_alone_and_outputs_are_unchanged(tiny_model
         assert not eng.executor.worker.runner.requests
     finally:
         eng.shutdown()
+
+
+def test_worker_keeps_only_when_it_can_and_otherwise_changes_nothing(tiny_model, monkeypatch):
+    from dataclasses import replace
+
+    from moelink.engine import keep_runner as kr
+    from moelink.engine.worker import Worker
+
+    path = tiny_model("qwen3_e6k3")
+    config = EngineArgs(model=path, expert_parallel_size=3, **KW).create_engine_config()
+    plan = plan_expert_parallel(config)
+    new_plan = replace(plan, placement=survivor_placement(plan.placement, [0, 2]))
+    worker = Worker(config.worker_config(), 2, plan)
+    worker.runner = _runner(path, 3, 2, plan.placement)
+    monkeypatch.setattr(kr, "free_device_bytes", lambda device, util: 0)  # nothing fits beside the old slots
+    why = worker.reconfigure_keep(1, 2, new_plan)
+    assert why.startswith("rank 2: ") and "MiB beside the old ones" in why
+    assert (worker.rank, worker.world_size, worker.plan, worker._keeping) == (2, 3, plan, False)
+    monkeypatch.setattr(kr, "free_device_bytes", lambda device, util: 1 << 40)
+    worker.elastic_test_refuse_keep("refused")
+    assert worker.reconfigure_keep(1, 2, new_plan) == "rank 2: refused"
+    worker.elastic_test_refuse_keep(None)
+    assert worker.reconfigure_keep(1, 2, new_plan) is None
+    assert (worker.rank, worker.world_size, worker.plan, worker._keeping) == (1, 2, new_plan, True)
+    assert worker.config.world_size == 2 and worker.runner is not None
+    worker.reconfigure(1, 2, new_plan)  # the driver's fallback when another rank refused: a full rebuild
+    assert worker.runner is None and not worker._keeping
+
+
+class _Remote:
+    def __init__(self, log: list, name: str, answer=None):
+        self.log, self.name, self.answer = log, name, answer
+
+    def remote(self, *args):
+        self.log.append((self.name, args))
+        return self.answer(*args) if callable(self.answer) else self.answer
+
+
+class _FakeWorker:
+    def __init__(self, refuse: str | None):
+        self.log: list = []
+        self.reconfigure_keep = _Remote(self.log, "reconfigure_keep", refuse)
+        for name in ("reconfigure", "init_distributed", "load", "allocate_kv_cache"):
+            setattr(self, name, _Remote(self.log, name))
+        self.pick_master = _Remote(self.log, "pick_master", ("127.0.0.1", 1))
+        self.available_kv_blocks = _Remote(self.log, "available_kv_blocks", 40)
+
+
+@pytest.mark.parametrize("refusing", [(), (1,)])
+def test_reform_group_keeps_all_runners_or_rebuilds_all_logging_once(refusing, monkeypatch, caplog):
+    """The driver's side (engine/elastic.py reform_group with keep): every survivor keeps, and then no rank
+    rebuilds or re-sizes its KV cache; or one cannot, and every rank rebuilds (and the caches are sized)."""
+    from moelink.engine import elastic
+
+    monkeypatch.setattr(elastic, "_gather", lambda refs, timeout, what: list(refs))
+    workers = [_FakeWorker(f"rank {r}: no room" if r in refusing else None) for r in range(3)]
+    config = SimpleNamespace(cache=SimpleNamespace(num_kv_blocks=None))  # the KV cache sized by the ranks
+    with caplog.at_level("WARNING", logger="moelink.engine.elastic"):
+        addr, port, blocks, kept = elastic.reform_group(workers, "plan", config, keep=True)
+    assert kept == (not refusing) and (addr, port) == ("127.0.0.1", 1)
+    for w in workers:
+        names = [n for n, _ in w.log]
+        assert names[0] == "reconfigure_keep" and ("reconfigure" in names) == bool(refusing)
+        assert ("allocate_kv_cache" in names) == bool(refusing) and "load" in names
+    assert blocks == (40 if refusing else None)
+    warnings = [r for r in caplog.records if "rebuild their model runners" in r.getMessage()]
+    assert len(warnings) == (1 if refusing else 0)
+    if refusing:
+        assert "rank 1: no room" in warnings[0].getMessage()
