@@ -15,6 +15,7 @@ from moelink.engine import EngineArgs, SamplingParams
 from moelink.engine.elastic import survivor_placement
 from moelink.engine.expert_parallel import plan_expert_parallel
 from moelink.engine.keep_runner import growth_bytes, keep_blocker, keep_runner
+from moelink.engine.config import ModelConfig
 from moelink.engine.model_runner import ModelRunner
 from moelink.moe.expert_move import moe_layers, slot_bytes, slot_tensors
 from moelink.moe.layer import ExpertParallel
@@ -24,18 +25,48 @@ CPU = torch.device("cpu")
 KW = dict(dtype="float64", max_model_len=128, num_kv_blocks=16)
 
 
-def _runner(path: str, ep_size: int, rank: int, placement: ExpertPlacement) -> ModelRunner:
-    config = EngineArgs(model=path, expert_parallel_size=ep_size, **KW).create_engine_config()
+def _runner(path, ep_size: int, rank: int, placement: ExpertPlacement) -> ModelRunner:
+    """A runner for `rank` of `placement`; `path` a checkpoint or a ModelConfig."""
+    model_cfg = path if isinstance(path, ModelConfig) else EngineArgs(
+        model=path, expert_parallel_size=ep_size, **KW).create_engine_config().model
     ep = ExpertParallel(rank, ep_size, placement, None, placement.to_tensors(CPU))
-    return ModelRunner(config.model, config.cache.block_size, 16, CPU, ep=ep)
+    return ModelRunner(model_cfg, 16, 16, CPU, ep=ep)
 
 
-@pytest.mark.parametrize("name", ["qwen3_e6k3", "mixtral_e5k3"])
-def test_a_kept_runner_holds_what_a_fresh_one_of_its_new_share_holds(tiny_model, name):
-    path = tiny_model(name)
-    old = plan_expert_parallel(EngineArgs(model=path, expert_parallel_size=3, **KW).create_engine_config()).placement
+def _model(kind: str, tiny_model, fp8_tiny, tmp_path_factory):
+    """(ModelConfig or tiny checkpoint path, checkpoint path) of one expert layout / format."""
+    if kind in ("qwen3_e6k3", "mixtral_e5k3"):
+        path = tiny_model(kind)
+        return path, path
+    if kind.startswith("fp8"):
+        from tests.helpers.fp8_checkpoints import BLOCK
+
+        src, dst, _ = fp8_tiny("qwen3_fp8", fused=kind == "fp8_fused")
+        if kind == "fp8_online":  # a float checkpoint quantized as it loads (QuantizeOnLoad plan entries)
+            return ModelConfig.from_pretrained(src, "float32", quantization="fp8", fp8_block_size=BLOCK), src
+        return ModelConfig.from_pretrained(dst, "float32"), dst
+    from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
+
+    path = save_gpt_oss(tmp_path_factory.mktemp("keep_gpt_oss") / "float", intermediate_size=32)
+    if kind == "gpt_oss_mxfp4":
+        from moelink.engine.mxfp4_checkpoint import quantize_mxfp4_checkpoint
+
+        path = str(quantize_mxfp4_checkpoint(path, tmp_path_factory.mktemp("keep_mxfp4") / "mxfp4"))
+    return ModelConfig.from_pretrained(path, "float32"), path
+
+
+@pytest.mark.parametrize("kind", ["qwen3_e6k3", "mixtral_e5k3", "fp8", "fp8_fused", "fp8_online", "gpt_oss",
+                                  "gpt_oss_mxfp4"])
+def test_a_kept_runner_holds_what_a_fresh_one_of_its_new_share_holds(tiny_model, fp8_tiny, tmp_path_factory,
+                                                                       kind):
+    """Per-expert and fused checkpoints, FP8 (with its block scales, also quantized on load), gpt-oss's fused
+    interleaved experts with biases, MXFP4 blocks and scales: the kept runner's slots equal a fresh runner's."""
+    spec, path = _model(kind, tiny_model, fp8_tiny, tmp_path_factory)
+    num_experts = spec.num_experts if isinstance(spec, ModelConfig) else None
+    old = (ExpertPlacement(num_experts=num_experts, ep_size=3) if num_experts is not None else
+           plan_expert_parallel(EngineArgs(model=path, expert_parallel_size=3, **KW).create_engine_config()).placement)
     new = survivor_placement(old, [0, 2])  # rank 1 lost: its experts go to the survivors, appended
-    runner = _runner(path, 3, 2, old)  # old rank 2 becomes new rank 1
+    runner = _runner(spec, 3, 2, old)  # old rank 2 becomes new rank 1
     kv_before = [t for layer in runner.kv_caches for t in layer]
     dense = runner.model.embed_tokens
     n_old = len(old.experts_on_rank(2))
@@ -44,7 +75,7 @@ def test_a_kept_runner_holds_what_a_fresh_one_of_its_new_share_holds(tiny_model,
     want = growth_bytes(moe_layers(runner.model), len(added))
     assert keep_blocker(runner, 2, new.experts_on_rank(1), free_bytes=want) is None
     loaded = keep_runner(runner, ExpertParallel(1, 2, new, None, new.to_tensors(CPU)), path, False, ())
-    fresh = _runner(path, 2, 1, new)
+    fresh = _runner(spec, 2, 1, new)
     layers, ref = moe_layers(runner.model), moe_layers(fresh.model)
     assert loaded == sum(len(added) * slot_bytes(layer) for layer in ref)
     for a, b in zip(layers, ref):
