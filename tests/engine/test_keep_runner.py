@@ -114,6 +114,7 @@ def test_keep_blocker_names_a_layout_change_a_memory_shortfall_and_a_missing_run
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [[(7 * i + j) % 50 + 3 for j in range(20 + 9 * i)] for i in range(5)]
+_WANT: dict[str, dict[str, list[int]]] = {}
 
 
 def _engine(path: str):
@@ -135,19 +136,28 @@ def _drain(eng) -> dict[str, list[int]]:
     raise AssertionError("requests did not finish")
 
 
+@pytest.mark.parametrize("model", ["qwen3_e6k3", "gpt_oss"])
 @pytest.mark.parametrize("ran", [False, True], ids=["never-sent", "ran-unanswered"])
-def test_a_rewound_step_is_recomputed_alone_and_outputs_are_unchanged(tiny_model, ran):
+def test_a_rewound_step_is_recomputed_alone_and_outputs_are_unchanged(tiny_model, tmp_path_factory, ran, model):
     """The step a loss broke either never reached the worker (lost while idle) or ran there with its answer
     lost: after Scheduler.rewind, the next steps recompute that one step, the worker's states are the
-    scheduler's again (resync), and every output is the undisturbed one; no KV block leaks."""
-    path = tiny_model("qwen3_e6k3")
-    ref = _engine(path)
-    try:
-        for i, p in enumerate(PROMPTS):
-            ref.add_request(f"r{i}", p, PARAMS)
-        want = _drain(ref)
-    finally:
-        ref.shutdown()
+    scheduler's again (resync), and every output is the undisturbed one; no KV block leaks. gpt-oss: its
+    sliding-window layers have their own block table (re-sent too), the prompts longer than its window."""
+    if model == "gpt_oss":
+        from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
+
+        path = save_gpt_oss(tmp_path_factory.mktemp("rewind_gpt_oss") / "float", num_hidden_layers=2)  # paired
+    else:
+        path = tiny_model(model)
+    if model not in _WANT:  # the undisturbed outputs, once per model
+        ref = _engine(path)
+        try:
+            for i, p in enumerate(PROMPTS):
+                ref.add_request(f"r{i}", p, PARAMS)
+            _WANT[model] = _drain(ref)
+        finally:
+            ref.shutdown()
+    want = _WANT[model]
     eng = _engine(path)
     try:
         for i, p in enumerate(PROMPTS):
@@ -174,6 +184,8 @@ def test_a_rewound_step_is_recomputed_alone_and_outputs_are_unchanged(tiny_model
         nxt = sent[0]
         assert nxt.resync is not None and {n.req_id for n in nxt.resync.running} == running
         assert nxt.resync.waiting_ids == waiting
+        if model == "gpt_oss":  # the sliding group's table travels with the resync
+            assert eng.config.cache.sliding_window and all(n.sliding_block_ids for n in nxt.resync.running)
         assert nxt.num_scheduled_tokens == broken.num_scheduled_tokens  # that step again, nothing more
         assert all(so.resync is None for so in sent[1:])
         assert got == want
