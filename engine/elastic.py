@@ -224,10 +224,12 @@ def commit_group(ex, workers: list, config, plan, rank_pids: list, node_ids: lis
     ex.start_heartbeats()
 
 
-def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = ()) -> RecoveryResult:
+def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = (), keep: bool = True) -> RecoveryResult:
     """Re-form `ex` (a RayExecutor with `lost_error` set) from its survivors at EP N-1; see the module doc.
-    `drop_if_all_alive`: the ranks to drop when every rank still answers (a rejoin that failed). Raises the loss
-    (WorkerDiedError, now the executor's dead_error, every rank stopped) when it cannot."""
+    `drop_if_all_alive`: the ranks to drop when every rank still answers (a rejoin that failed). `keep`: the
+    survivors may keep their runners (False: they rebuild, e.g. after a failed rejoin that may have rebuilt
+    them already). Raises the loss (WorkerDiedError, now the executor's dead_error, every rank stopped) when
+    it cannot."""
     import ray
 
     from moelink.comm.two_level import node_numbers
@@ -263,7 +265,7 @@ def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = ()) -> RecoveryResult
         if plan.backend.needs_node_map and plan.node_of_rank is None and node_ids:
             plan = replace(plan, node_of_rank=node_numbers(node_ids))
         workers = [old_workers[r] for r in survivors]
-        addr, port, blocks, kept = reform_group(workers, plan, config, keep=True)
+        addr, port, blocks, kept = reform_group(workers, plan, config, keep=keep)
     except _Unrecoverable as exc:
         err = WorkerDiedError(lost.rank, f"{lost.reason}; elastic EP cannot go on without it: {exc}", lost.what)
         with state.lock:

@@ -225,6 +225,9 @@ def test_rank_lost_while_idle_is_recovered_then_a_failed_rejoin_falls_back_and_r
         print(f"rejoin after a failed admission: recoveries {[round(h.seconds, 2) for h in stats.history]} s, "
               f"admission {stats.last_rejoin_seconds:.2f} s")
         assert killed and stats.failed_rejoins == 1 and stats.recoveries == 2 and stats.rejoins == 1
+        # The idle loss kept the survivors' runners; the recovery after the failed admission (whose re-form
+        # had rebuilt them) did not.
+        assert [h.kept_runners for h in stats.history] == [True, False]
         assert ex.world_size == 3 and eng.world_size == 3 and ex.bundles == [0, 1, 2]
         assert ex.rank_pids[2] not in (victim, killed[0])
         for i, p in enumerate(PROMPTS[6:12], start=6):
