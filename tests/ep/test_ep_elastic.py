@@ -154,6 +154,7 @@ def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_
         sample = metrics.registry.get_sample_value
         assert sample("moelink_ep_rank_losses_total") == 1 and sample("moelink_ep_recoveries_total") == 1
         assert sample("moelink_ep_requests_requeued_total") == stats.requests_requeued
+        assert sample("moelink_ep_recoveries_keeping_runners_total") == 1
         assert sample("moelink_ep_recovery_seconds_total") == pytest.approx(stats.recovery_seconds_total)
         assert sample("moelink_ep_rank_rejoins_total") == 1 and sample("moelink_ep_failed_rejoins_total") == 0
         assert stats.rejoin_seconds_total > 0
