@@ -113,7 +113,7 @@ class ElasticStats:
     failed_recoveries: int = 0
     recovery_seconds_total: float = 0.0
     last_recovery_seconds: float | None = None
-    requests_requeued: int = 0  # requests recomputed from their tokens on another rank (recoveries and rejoins)
+    requests_requeued: int = 0  # requests requeued, recomputed from their tokens (recoveries and rejoins)
     requests_on_lost_ranks: int = 0  # the unfinished requests that lived on a lost rank (always requeued)
     recoveries_keeping_runners: int = 0  # recoveries whose survivors kept their runners: only lost ranks' requeued
     history: list[RecoveryResult] = field(default_factory=list)
@@ -319,8 +319,8 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: 
     engine._rank_of = {rid: rank for rank, s in enumerate(engine.schedulers) for rid in s.requests}
     engine.ep_plan = engine.executor.plan
     if getattr(engine, "eplb", None) is not None:
-        # The ranks rebuilt their layers from the new plan (any per-layer EPLB placement and a move under way
-        # are gone with the old runners): online EPLB starts over from it, its window and tables being for the
+        # The ranks' layers run the new plan (rebuilt from it, or kept and switched to it: any per-layer EPLB
+        # placement, which keeping refuses, and a move under way are gone): online EPLB starts over from it, its window and tables being for the
         # old group. A placement EPLB cannot re-place (uneven slots) turns it off, said once.
         from .eplb_controller import make_eplb_controller
 
