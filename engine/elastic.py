@@ -6,20 +6,30 @@
                       answer a heartbeat), kill them, wait until each survivor's failed step has ended,
                       re-place for the survivors (`survivor_placement`: each keeps its experts; an expert
                       only lost ranks held goes to the survivor with the fewest, unless a replica of it
-                      survives), have each
-                      survivor leave the old process group and drop its runner (Worker.reconfigure),
-                      form the new group, load each survivor's new share of the experts from the
-                      checkpoint, size and allocate the KV cache, restart the heartbeats;
-                   2. requeue: every unfinished request (on every rank) goes to the new schedulers with
-                      its prompt and the tokens already streamed, recomputed like a preempted request:
-                      its client sees a pause, not an error.
+                      survives), form the new group without the dead ranks:
+                      - kept (the default): each survivor keeps its model runner (engine/keep_runner.py):
+                        its dense weights, the experts it held, its KV cache and its request states stay;
+                        only the experts newly placed on it are read from the checkpoint, into slots
+                        appended to its MoE layers, whose tables and all-to-all switch to the new group;
+                      - rebuilt (the fallback, when any survivor cannot keep its runner: a layer online EPLB
+                        re-placed, the new slots not fitting beside the old ones; logged once): each
+                        survivor drops its runner (Worker.reconfigure), loads its whole new share from the
+                        checkpoint, and the KV cache is sized and allocated again;
+                      then restart the heartbeats;
+                   2. requeue: the requests that lived on the lost rank(s) (their KV is gone with it) go to the
+                      least-loaded survivors with their prompt and the tokens already streamed, recomputed like
+                      a preempted request: their clients see a pause, not an error. With kept runners the
+                      survivors keep their schedulers and requests as they are (mid-prefill, mid-decode): only
+                      the step the loss broke is undone (Scheduler.rewind) and recomputed, and each worker's
+                      request states are re-sent with the next step. With rebuilt runners every unfinished
+                      request is requeued.
 
 The re-form steps (`reform_group`, `commit_group`, `regroup_engine`) are shared with the rejoin of a replacement
 rank (engine/rejoin.py), which returns the group to EP N.
 
-First version, stated: the survivors' KV caches are recomputed too (their runners are rebuilt), every
-survivor reloads its whole new share from the checkpoint (the experts it already held are not kept in
-memory, though they stay on it), and seeded sampling restarts its generator (greedy outputs are unchanged).
+Stated: seeded sampling of a requeued request restarts its generator (greedy outputs are unchanged), and a
+kept survivor's seeded request may have drawn once in the broken step; a rejoin (engine/rejoin.py) still
+rebuilds every runner and requeues every request.
 Recovery is impossible, and the old fail-fast path is taken (one WorkerDiedError naming the rank and why),
 when fewer than 2 ranks survive, a survivor stays inside the failed step (a collective that waits for the
 lost rank until comm_timeout_s), the placement cannot be built at EP N-1, or a survivor cannot load its
@@ -70,10 +80,11 @@ class SurvivorPlacement(ExpertPlacement):
 
 
 def survivor_placement(old: ExpertPlacement, survivors: list[int]) -> SurvivorPlacement:
-    """The placement at EP len(survivors) that moves the least: every survivor keeps its experts (their
-    weights come back from the checkpoint with the rest of its share); an expert a lost rank held is served by
-    its replicas on survivors when it has any (replicas first), and otherwise appended to the survivor with the
-    fewest slots (lowest rank on ties), which loads it from the checkpoint."""
+    """The placement at EP len(survivors) that moves the least: every survivor keeps its experts, in its local
+    slot order (a survivor that keeps its runner keeps their weights in memory, engine/keep_runner.py); an
+    expert a lost rank held is served by its replicas on survivors when it has any (replicas first), and
+    otherwise appended to the survivor with the fewest slots (lowest rank on ties), which loads it from the
+    checkpoint."""
     slots = [list(old.experts_on_rank(r)) for r in survivors]
     held = {e for s in slots for e in s}
     for e in range(old.num_experts):
@@ -88,8 +99,9 @@ class RecoveryResult:
     dead_ranks: tuple[int, ...]  # in the old numbering
     survivors: tuple[int, ...]  # old rank of each new rank
     world_size: int
-    num_kv_blocks: int | None  # per rank, when the ranks sized their caches; None: the configured count
+    num_kv_blocks: int | None  # per rank, when the ranks sized their caches; None: the configured count (or kept)
     seconds: float
+    kept_runners: bool = False  # the survivors kept their runners, KV caches and requests (engine/keep_runner.py)
 
 
 @dataclass
@@ -101,8 +113,9 @@ class ElasticStats:
     failed_recoveries: int = 0
     recovery_seconds_total: float = 0.0
     last_recovery_seconds: float | None = None
-    requests_requeued: int = 0  # every unfinished request at a recovery (all are recomputed)
-    requests_on_lost_ranks: int = 0  # of those, the ones that lived on a lost rank
+    requests_requeued: int = 0  # requests requeued, recomputed from their tokens (recoveries and rejoins)
+    requests_on_lost_ranks: int = 0  # the unfinished requests that lived on a lost rank (always requeued)
+    recoveries_keeping_runners: int = 0  # recoveries whose survivors kept their runners: only lost ranks' requeued
     history: list[RecoveryResult] = field(default_factory=list)
     # Rejoin (engine/rejoin.py): replacement ranks admitted, admissions, their time (the step paused), admissions
     # that failed midway (the engine fell back to a recovery). Replacements that failed to start (retried) are
@@ -159,22 +172,40 @@ def _survivor_config(config, survivors: list[int], num_redundant: int):
                                             num_redundant_experts=num_redundant))
 
 
-def reform_group(workers: list, plan, config) -> tuple[str, int, int | None]:
-    """Form a new group of `workers` (actors, in their new rank order) running `plan`: each leaves its old group
-    (Worker.reconfigure), rank 0 picks a rendezvous, all join it, load their share of the experts, and size
-    and allocate their KV caches when the size is not configured. Shared by a recovery (EP N-1) and a rejoin
-    (EP N). Returns (address, port, KV blocks per rank or None); raises _Unrecoverable naming the step."""
+def _keep_runners(workers: list, plan) -> bool:
+    """Every survivor keeps its model runner (Worker.reconfigure_keep), or none does: one that cannot (the
+    first reason is logged, once) and all rebuild theirs. True when they all keep."""
     m = len(workers)
-    _gather([w.reconfigure.remote(i, m, plan) for i, w in enumerate(workers)], _LOAD_TIMEOUT_S, "leaving the old group")
+    why = [w for w in _gather([w.reconfigure_keep.remote(i, m, plan) for i, w in enumerate(workers)],
+                              _LOAD_TIMEOUT_S, "leaving the old group") if w is not None]
+    if why:
+        logger.warning("elastic EP: the survivors rebuild their model runners and recompute every request, as "
+                       "%d of them cannot keep theirs (%s)", len(why), why[0])
+    return not why
+
+
+def reform_group(workers: list, plan, config, keep: bool = False) -> tuple[str, int, int | None, bool]:
+    """Form a new group of `workers` (actors, in their new rank order) running `plan`: each leaves its old group
+    and, with `keep` (a recovery), keeps its model runner when every one can (engine/keep_runner.py: only the
+    experts newly placed on it are loaded, its KV cache and requests stay), else drops it (Worker.reconfigure);
+    rank 0 picks a rendezvous, all join it, load their share of the experts (or grow theirs), and size and
+    allocate their KV caches when the size is not configured and the runners were rebuilt. Shared by a recovery
+    (EP N-1) and a rejoin (EP N, always rebuilt). Returns (address, port, KV blocks per rank or None, whether
+    the runners were kept); raises _Unrecoverable naming the step."""
+    m = len(workers)
+    kept = keep and _keep_runners(workers, plan)
+    if not kept:
+        _gather([w.reconfigure.remote(i, m, plan) for i, w in enumerate(workers)], _LOAD_TIMEOUT_S,
+                "leaving the old group")
     addr, port = _gather([workers[0].pick_master.remote()], _LOAD_TIMEOUT_S, "choosing a rendezvous")[0]
     _gather([w.init_distributed.remote(addr, port) for w in workers], _LOAD_TIMEOUT_S, "forming the new group")
     _gather([w.load.remote() for w in workers], _LOAD_TIMEOUT_S, "loading its share of the experts")
     blocks = None
-    if config.cache.num_kv_blocks is None:
+    if config.cache.num_kv_blocks is None and not kept:
         blocks = common_num_kv_blocks(_gather([w.available_kv_blocks.remote() for w in workers],
                                               _LOAD_TIMEOUT_S, "sizing its KV cache"))
         _gather([w.allocate_kv_cache.remote(blocks) for w in workers], _LOAD_TIMEOUT_S, "allocating its KV cache")
-    return addr, port, blocks
+    return addr, port, blocks, kept
 
 
 def commit_group(ex, workers: list, config, plan, rank_pids: list, node_ids: list, bundles: list, addr: str,
@@ -193,10 +224,12 @@ def commit_group(ex, workers: list, config, plan, rank_pids: list, node_ids: lis
     ex.start_heartbeats()
 
 
-def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = ()) -> RecoveryResult:
+def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = (), keep: bool = True) -> RecoveryResult:
     """Re-form `ex` (a RayExecutor with `lost_error` set) from its survivors at EP N-1; see the module doc.
-    `drop_if_all_alive`: the ranks to drop when every rank still answers (a rejoin that failed). Raises the loss
-    (WorkerDiedError, now the executor's dead_error, every rank stopped) when it cannot."""
+    `drop_if_all_alive`: the ranks to drop when every rank still answers (a rejoin that failed). `keep`: the
+    survivors may keep their runners (False: they rebuild, e.g. after a failed rejoin that may have rebuilt
+    them already). Raises the loss (WorkerDiedError, now the executor's dead_error, every rank stopped) when
+    it cannot."""
     import ray
 
     from moelink.comm.two_level import node_numbers
@@ -232,7 +265,7 @@ def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = ()) -> RecoveryResult
         if plan.backend.needs_node_map and plan.node_of_rank is None and node_ids:
             plan = replace(plan, node_of_rank=node_numbers(node_ids))
         workers = [old_workers[r] for r in survivors]
-        addr, port, blocks = reform_group(workers, plan, config)
+        addr, port, blocks, kept = reform_group(workers, plan, config, keep=keep)
     except _Unrecoverable as exc:
         err = WorkerDiedError(lost.rank, f"{lost.reason}; elastic EP cannot go on without it: {exc}", lost.what)
         with state.lock:
@@ -245,17 +278,20 @@ def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = ()) -> RecoveryResult
     m = len(workers)
     commit_group(ex, workers, config, plan, [ex.rank_pids[r] for r in survivors], node_ids,
                  [ex.bundles[r] for r in survivors], addr, port)
-    result = RecoveryResult(tuple(sorted(dead)), tuple(survivors), m, blocks, time.monotonic() - t0)
-    logger.warning("elastic EP: lost rank(s) %s; serving on at EP %d (old ranks %s) after %.2f s",
-                   list(result.dead_ranks), m, survivors, result.seconds)
+    result = RecoveryResult(tuple(sorted(dead)), tuple(survivors), m, blocks, time.monotonic() - t0, kept)
+    logger.warning("elastic EP: lost rank(s) %s; serving on at EP %d (old ranks %s, runners %s) after %.2f s",
+                   list(result.dead_ranks), m, survivors, "kept" if kept else "rebuilt", result.seconds)
     return result
 
 
-def regroup_engine(engine, num_kv_blocks: int | None, kept: list) -> list:
+def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: bool = False) -> list:
     """The engine's side of a new group (a recovery or a rejoin; the executor has re-formed it): config, one
-    scheduler per new rank, every unfinished request requeued (recomputed from its prompt and the tokens
-    already streamed, like a preempted request), online EPLB restarted from the new plan, the per-rank
-    metrics re-indexed. `kept[i]`: the old rank new rank i was (None: a replacement). Returns the requests."""
+    scheduler per new rank, the requests to requeue requeued (recomputed from their prompt and the tokens
+    already streamed, like a preempted request, on the least-loaded ranks), online EPLB restarted from the new
+    plan, the per-rank metrics re-indexed. `kept[i]`: the old rank new rank i was (None: a replacement).
+    `keep_runners` (the survivors kept their runners): each survivor keeps its scheduler and its requests as
+    they are, the step the loss broke undone (Scheduler.rewind), and only the lost ranks' requests are
+    requeued; otherwise every unfinished request is. Returns the requeued requests."""
     from moelink.scheduler.router import LeastLoadedRouter
     from moelink.scheduler.scheduler import Scheduler
 
@@ -266,20 +302,27 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list) -> list:
                             parallel=replace(cfg.parallel, expert_parallel_size=world_size,
                                              ep_node_ids=engine.executor.config.parallel.ep_node_ids))
     old = engine.schedulers
-    reqs = sorted((req for s in old for req in s.requests.values()), key=lambda r: r.arrival_time)
+    inflight, engine._inflight = engine._inflight, None  # indexed by the old ranks: never for a later regroup
+    if keep_runners:
+        gone = [s for r, s in enumerate(old) if r not in kept]
+        engine.schedulers = [old[r] for r in kept]
+        for r, s in zip(kept, engine.schedulers):
+            s.rewind(inflight[r] if inflight is not None else None)
+    else:
+        gone = old
+        engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache) for _ in range(world_size)]
+    reqs = sorted((req for s in gone for req in s.requests.values()), key=lambda r: r.arrival_time)
     engine.world_size = world_size
-    engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache) for _ in range(world_size)]
     engine.router = LeastLoadedRouter(engine.schedulers)
-    engine._rank_of = {}
     for req in reqs:
-        rank = engine.router.route(req.all_token_ids)
-        engine.schedulers[rank].requeue(req)
-        engine._rank_of[req.request_id] = rank
+        engine.schedulers[engine.router.route(req.all_token_ids)].requeue(req)
+    engine._rank_of = {rid: rank for rank, s in enumerate(engine.schedulers) for rid in s.requests}
     engine.ep_plan = engine.executor.plan
     if getattr(engine, "eplb", None) is not None:
-        # The ranks rebuilt their layers from the new plan (any per-layer EPLB placement and a move under way
-        # are gone with the old runners): online EPLB starts over from it, its window and tables being for the
-        # old group. A placement EPLB cannot re-place (uneven slots) turns it off, said once.
+        # The ranks' layers run the new plan (rebuilt from it, or kept and switched to it: any per-layer EPLB
+        # placement, which keeping refuses, and a move under way are gone): online EPLB starts over from it,
+        # its window and tables being for the old group. A placement EPLB cannot re-place (uneven slots) turns
+        # it off, said once.
         from .eplb_controller import make_eplb_controller
 
         try:
@@ -305,7 +348,7 @@ def recover_engine(engine) -> RecoveryResult:
         raise
     dead = set(result.dead_ranks)
     on_lost = sum(len(engine.schedulers[r].requests) for r in dead if r < len(engine.schedulers))
-    reqs = regroup_engine(engine, result.num_kv_blocks, list(result.survivors))
+    reqs = regroup_engine(engine, result.num_kv_blocks, list(result.survivors), keep_runners=result.kept_runners)
     seconds = time.monotonic() - t0
     stats.rank_losses += len(dead)
     stats.recoveries += 1
@@ -313,6 +356,7 @@ def recover_engine(engine) -> RecoveryResult:
     stats.last_recovery_seconds = seconds
     stats.requests_requeued += len(reqs)
     stats.requests_on_lost_ranks += on_lost
+    stats.recoveries_keeping_runners += result.kept_runners
     stats.history.append(replace(result, seconds=seconds))
     logger.warning("elastic EP: %d request(s) requeued (%d from the lost rank(s)); recovery took %.2f s",
                    len(reqs), on_lost, seconds)

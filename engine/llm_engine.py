@@ -111,6 +111,7 @@ class LLMEngine:
         self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
         self.structured = StructuredOutputManager(config.model.vocab_size)
         self.elastic_stats = ElasticStats()
+        self._inflight = None  # the SchedulerOutputs of the step now running (elastic EP: see step)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -251,6 +252,8 @@ class LLMEngine:
         if self.structured:
             for so in sched_outs:  # each rank gets the masks of its own rows only
                 so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens)
+        # Elastic EP: the step a loss breaks, undone on the survivors that keep their requests (Scheduler.rewind).
+        self._inflight = sched_outs
         try:
             runner_outs = self.executor.execute(sched_outs)
         except WorkerDiedError:
@@ -259,6 +262,7 @@ class LLMEngine:
             # Elastic EP: the step is dropped; every unfinished request is requeued on the survivors.
             recover_engine(self)
             return []
+        self._inflight = None
         core_outputs = []
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))

@@ -61,6 +61,14 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + f": every {cfg.architecture} weight must be present."
         )
+    load_plan(index, plan, device, progress)
+    model.process_weights_after_loading()
+    return model.eval()
+
+
+def load_plan(index: dict[str, Path], plan: dict[str, tuple], device: torch.device, progress: bool = False) -> None:
+    """Fill every destination of `plan` (a weight plan or a part of one: elastic EP loads only the experts a
+    survivor newly holds, engine/keep_runner.py) from the checkpoint files of `index`, one tensor at a time."""
     by_file: dict[Path, list[str]] = {}
     for name in plan:
         by_file.setdefault(index[name], []).append(name)
@@ -77,8 +85,6 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
                         _copy_into(name, src, param[idx] if idx else param, device)
                     bar.update(1)
     bar.close()
-    model.process_weights_after_loading()
-    return model.eval()
 
 
 def _check_shape(name: str, src: torch.Tensor, dest: torch.Tensor) -> None:

@@ -138,6 +138,8 @@ class _EngineCollector:
                        es.recovery_seconds_total)
         yield _counter("moelink_ep_requests_requeued", "Unfinished requests requeued and recomputed by recoveries "
                        "and rejoins.", es.requests_requeued)
+        yield _counter("moelink_ep_recoveries_keeping_runners", "Recoveries whose survivors kept their model runners "
+                       "and KV caches (only the lost ranks' requests recomputed).", es.recoveries_keeping_runners)
         yield _counter("moelink_ep_rank_rejoins", "Replacement ranks admitted (the group back to EP N).",
                        es.rank_rejoins)
         yield _counter("moelink_ep_rejoin_seconds", "Time spent admitting replacement ranks (the step paused).",

@@ -225,6 +225,8 @@ class ModelRunner:
 
     # -- state updates --------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
+        if so.resync is not None:
+            self._resync(so.resync)
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
             self._parked_generators.pop(rid, None)
@@ -237,17 +239,30 @@ class ModelRunner:
                 gen = self._parked_generators.pop(new.req_id)
             else:
                 gen = self._make_generator(new.sampling_params)
-            st = self.requests[new.req_id] = CachedRequestState(
-                new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
-                list(new.block_ids), new.num_computed_tokens, gen,
-            )
-            if self.kv_pairs is not None:
-                st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
+            self._add_request(new, gen)
         for cached in so.scheduled_cached_reqs:
             if cached.new_block_ids:
                 self.requests[cached.req_id].add_blocks(cached.new_block_ids)
             if cached.new_sliding_block_ids:
                 self.requests[cached.req_id].sliding.add(cached.new_sliding_block_ids)
+
+    def _add_request(self, new, gen: torch.Generator | None) -> None:
+        st = self.requests[new.req_id] = CachedRequestState(
+            new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
+            list(new.block_ids), new.num_computed_tokens, gen,
+        )
+        if self.kv_pairs is not None:
+            st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
+
+    def _resync(self, rs) -> None:
+        """Elastic EP (scheduler.Scheduler.rewind): hold exactly the scheduler's requests, as it holds them. A
+        request keeps its generator (a seeded one may have drawn once in the broken step)."""
+        gens = {**self._parked_generators, **{rid: st.generator for rid, st in self.requests.items()}}
+        self.requests = {}
+        self._parked_generators = {rid: gens[rid] for rid in rs.waiting_ids if rid in gens}
+        for new in rs.running:
+            self._add_request(new, gens[new.req_id] if new.req_id in gens else
+                              self._make_generator(new.sampling_params))
 
     def _make_generator(self, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None:

@@ -159,7 +159,9 @@ class RayExecutor(Executor):
         from .elastic import recover_ranks
 
         drop, self._rejoin_drop = self._rejoin_drop, ()
-        result = recover_ranks(self, drop_if_all_alive=drop)
+        # After a failed rejoin (`drop` is its replacements) the survivors' runners may have been rebuilt by it,
+        # their request states and KV gone: they cannot be kept, every request is recomputed.
+        result = recover_ranks(self, drop_if_all_alive=drop, keep=not drop)
         if self.rejoiner is not None:
             self.rejoiner.lost(sorted(set(range(self.full_plan.placement.ep_size)) - set(self.bundles)))
         return result

@@ -16,8 +16,10 @@
            N ranks, records the loss and the recovery path runs at the ranks that are alive (serving goes
            on, no request is lost; a replacement that lives stays, a freed bundle gets a new one).
 
-Stated: the survivors reload their share at the admission (their runners are rebuilt, KV caches too), so the
-admission's pause is about one recovery's; the placement is the original one (not an EPLB-balanced one:
+Stated: the survivors reload their share at the admission (their runners are rebuilt, KV caches too, and
+every unfinished request is recomputed; keeping them, as a recovery does with engine/keep_runner.py, would
+need their slots shrunk back to the original placement: not done yet), so the admission's pause is about one
+rebuilding recovery's; the placement is the original one (not an EPLB-balanced one:
 EPLB starts over from it); replacements are admitted all at once, when every freed bundle has one.
 """
 from __future__ import annotations
@@ -300,7 +302,7 @@ def admit_ranks(ex) -> RejoinResult | None:
         plan = replace(plan, node_of_rank=node_numbers(node_ids))
     ex.rejoiner.admitted(h[0] for h in handles.values())
     try:
-        addr, port, blocks = reform_group(workers, plan, config)
+        addr, port, blocks, _ = reform_group(workers, plan, config)  # a rejoin rebuilds every runner
     except _Unrecoverable as exc:
         # The recovery path takes it from here, at the N ranks (whichever are alive): adopt them all.
         state.workers = workers

@@ -35,6 +35,8 @@ class Worker:
         self._mover = None  # an online-EPLB move under way (moe/expert_move.py ExpertMover)
         self._eplb_chunk_delay_s = 0.0  # tests only (eplb_test_slow_moves)
         self._preloaded = False  # a replacement's runner built before its group (preload); all-to-all to attach
+        self._keeping = False  # a survivor keeping its runner (reconfigure_keep); `load` grows it to the new share
+        self._refuse_keep: str | None = None  # tests only (elastic_test_refuse_keep)
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -80,6 +82,14 @@ class Worker:
         self._bind_device()
         if self._preloaded:  # a replacement rank (engine/rejoin.py): only its all-to-all and KV cache are left
             self._attach_group()
+            return
+        if self._keeping:  # a survivor (engine/elastic.py): its runner grows to the new share, KV cache kept
+            from .keep_runner import keep_runner
+
+            self._keeping = False
+            cfg = self.config
+            keep_runner(self.runner, self._expert_parallel(), cfg.model.model, cfg.two_batch_overlap,
+                        cfg.cuda_graph_sizes)
             return
         # World size 1 dispatches too when a fixed-capacity backend was named (the two-mode path on one rank,
         # needing no process group); otherwise one rank keeps its tokens local with no all-to-all at all.
@@ -132,9 +142,30 @@ class Worker:
         if self._preloaded and (rank, world_size) == (self.rank, self.world_size) and _same_plan(plan, self.plan):
             return
         self.runner = None  # freed before the new share loads: the budget holds one copy, not two
-        self._preloaded = False
+        self._preloaded = self._keeping = False
         self.rank, self.world_size, self.plan = rank, world_size, plan
         self.config = replace(self.config, world_size=world_size)
+
+    def reconfigure_keep(self, rank: int, world_size: int, plan: ExpertParallelPlan) -> str | None:
+        """`reconfigure` for a survivor that keeps its model runner (engine/keep_runner.py): leave the old group
+        and become rank `rank` of `world_size`; `load` then only grows the runner's experts to its share of
+        `plan`. Returns None when it keeps, else why it cannot (then nothing but the group changed: the driver
+        calls `reconfigure` on every rank, a full rebuild)."""
+        from dataclasses import replace
+
+        from .keep_runner import free_device_bytes, keep_blocker
+
+        self.shutdown()
+        self._eplb_abort()  # a move the lost rank broke: its staging goes with it (its layers never switched)
+        why = ("a pre-loaded replacement has no requests to keep" if self._preloaded else self._refuse_keep or
+               keep_blocker(self.runner, self.rank, plan.placement.experts_on_rank(rank),
+                            free_device_bytes(self.device, self.config.gpu_memory_utilization)))
+        if why is not None:
+            return f"rank {self.rank}: {why}"
+        self._keeping = True
+        self.rank, self.world_size, self.plan = rank, world_size, plan
+        self.config = replace(self.config, world_size=world_size)
+        return None
 
     def _expert_parallel(self):
         return self.plan.for_rank(self.group, self.rank, self.device)
@@ -212,6 +243,11 @@ class Worker:
         """Tests only (not a user flag): every later move chunk pauses `chunk_delay_s` after posting its
         transfers, long enough to kill a rank while a move is in flight."""
         self._eplb_chunk_delay_s = float(chunk_delay_s)
+
+    def elastic_test_refuse_keep(self, reason: str | None) -> None:
+        """Tests only (not a user flag): `reconfigure_keep` refuses with `reason` (None: decides as usual), so
+        that a test reaches the full-rebuild fallback of a recovery without running out of memory."""
+        self._refuse_keep = reason
 
     def ping(self) -> int:
         return self.rank

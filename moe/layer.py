@@ -54,6 +54,15 @@ class ExpertParallel:
         return self.placement.experts_on_rank(self.rank)
 
 
+def own_tables(ep: ExpertParallel | None) -> PlacementTables | None:
+    """A layer's own copy of `ep`'s placement tables (G x X int32, small), as wide as any placement of these
+    slots can need (a rank holds one copy of an expert at most): online EPLB rewrites them in place, and a
+    survivor that keeps its layers through an elastic-EP recovery takes new ones (engine/keep_runner.py)."""
+    if ep is None or ep.tables is None:
+        return None
+    return ep.tables.padded(max(ep.tables.max_replicas, min(ep.world_size, 1 + ep.placement.num_redundant)))
+
+
 class MoELayer(nn.Module):
     """A sparse MLP block. Expert weights are stacked: w13_EFD = [gate; up], w2_EDI = down, held (with any
     scales beside them) by `expert_format` (moe/expert_weights.py: float, FP8 block-scaled, or MXFP4, whose
@@ -85,9 +94,7 @@ class MoELayer(nn.Module):
         # per-layer table at a step boundary, together with the layer's expert weights.
         # A copy of its own (G x X int32, small), as wide as any placement of these slots can need (a rank
         # holds one copy of an expert at most): online EPLB rewrites one layer's tables in place.
-        self.ep_tables = (ep.tables.padded(max(ep.tables.max_replicas,
-                                               min(ep.world_size, 1 + ep.placement.num_redundant)))
-                          if ep is not None and ep.tables is not None else None)  # (None: built to count weights)
+        self.ep_tables = own_tables(ep)  # (None: built to count weights)
         self.placement = ep.placement if ep is not None else None
         self.moe_index = moe_index
         self.stats = stats

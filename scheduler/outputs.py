@@ -72,6 +72,18 @@ class CachedRequestData:
 
 
 @dataclass
+class RequestResync:
+    """Elastic EP, a survivor that kept its model runner (engine/keep_runner.py): the worker replaces its request
+    states by these before its next step, because the step the lost rank broke may have changed them on one side
+    only (scheduled but never run, or run but never answered). `running`: every running request as the scheduler
+    holds it now (its blocks, its tokens, what is computed); `waiting_ids`: the preempted ones waiting to resume
+    (their seeded generators stay parked)."""
+
+    running: list[NewRequestData]
+    waiting_ids: frozenset[str]
+
+
+@dataclass
 class SchedulerOutput:
     """What one engine step computes on one rank.
 
@@ -95,6 +107,8 @@ class SchedulerOutput:
     # Expert parallelism: the step's dispatch plan (engine.ep_step.EPStepPlan: mode, largest tokens per rank,
     # decode graph size), the same object on every rank, set by the driver's executor. Opaque here.
     ep_step: object = None
+    # Elastic EP: set on the first step after a recovery that kept this rank's runner (Scheduler.rewind).
+    resync: Optional[RequestResync] = None
 
     @property
     def is_empty(self) -> bool:

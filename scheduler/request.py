@@ -97,6 +97,7 @@ class Request:
         self.stop_reason: int | None = None  # the stop token id; None for EOS / length
         self.num_cached_tokens = 0  # prefix-cache hit tokens at the first schedule
         self.num_preemptions = 0
+        self.num_requeues = 0  # taken over from a lost rank and recomputed (elastic EP: Scheduler.requeue)
         # Chain hashes of the full blocks of all_token_ids, extended lazily by
         # the KV cache manager. Tokens are only ever appended, so a hash once
         # computed stays valid, preemptions included.

@@ -23,7 +23,7 @@ from .config import CacheConfig, SchedulerConfig
 from .engine_output import EngineCoreOutput, SchedulerStats
 from .kv_cache_manager import KVCacheManager
 from .sliding_kv import SlidingKVCacheManager
-from .outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from .outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, RequestResync, SchedulerOutput
 from .request import Request, RequestStatus
 
 
@@ -73,6 +73,7 @@ class Scheduler:
         self._finished_req_ids: set[str] = set()
         self._step_id = 0
         self.num_preemptions_total = 0
+        self._resync: RequestResync | None = None  # elastic EP: sent with the next step (rewind)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, req: Request) -> None:
@@ -108,6 +109,7 @@ class Scheduler:
                              "requests can be requeued.")
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_requeues += 1
         self.requests[rid] = req
         self._priority[rid] = (req.arrival_time, self._num_added)
         self._num_added += 1
@@ -179,7 +181,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plan one step under the token budget (see the module docstring)."""
         self._step_id += 1
-        out = SchedulerOutput(step_id=self._step_id, finished_req_ids=self._finished_req_ids)
+        out = SchedulerOutput(step_id=self._step_id, finished_req_ids=self._finished_req_ids, resync=self._resync)
+        self._resync = None
         self._finished_req_ids = set()
         budget = self.scheduler_config.max_num_batched_tokens
 
@@ -234,18 +237,38 @@ class Scheduler:
             if req.status is RequestStatus.WAITING:  # not for a resumed preemption
                 req.num_cached_tokens = num_hit
             req.status = RequestStatus.RUNNING
-            # Copies: with an in-process worker these lists must not alias ours.
-            new = NewRequestData(
-                req_id=rid, prompt_token_ids=list(req.prompt_token_ids),
-                output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
-                block_ids=list(self.kv.get_block_ids(rid)), num_computed_tokens=num_hit)
-            if self._sliding:
-                new.sliding_block_ids = list(self.kv.get_sliding_block_ids(rid))
-            out.scheduled_new_reqs.append(new)
+            out.scheduled_new_reqs.append(self._new_request_data(req, num_hit))
             out.num_scheduled_tokens[rid] = n
             req.num_computed_tokens = num_hit + n
             budget -= n
             insort(self.running, req, key=lambda r: self._priority[r.request_id])
+
+    def _new_request_data(self, req: Request, num_computed: int) -> NewRequestData:
+        """What the worker needs to hold `req` (copies: with an in-process worker these lists must not alias
+        ours)."""
+        rid = req.request_id
+        new = NewRequestData(
+            req_id=rid, prompt_token_ids=list(req.prompt_token_ids),
+            output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
+            block_ids=list(self.kv.get_block_ids(rid)), num_computed_tokens=num_computed)
+        if self._sliding:
+            new.sliding_block_ids = list(self.kv.get_sliding_block_ids(rid))
+        return new
+
+    def rewind(self, failed: SchedulerOutput | None) -> None:
+        """Elastic EP, this rank survived a loss and kept its runner (engine/keep_runner.py): undo the step
+        `failed` that never completed (None: the loss came between steps), so each running request is computed
+        up to where it was before it, and send the worker every request state afresh with the next step
+        (`SchedulerOutput.resync`): the broken step may have reached the worker or not, run there or not. The
+        KV of what was computed before stays in the blocks; a request keeps blocks it got for the broken step
+        (the next step needs them again). Nothing is recomputed but that one step."""
+        if failed is not None:
+            for rid, n in failed.num_scheduled_tokens.items():
+                req = self.requests.get(rid)
+                if req is not None and req.status is RequestStatus.RUNNING:
+                    req.num_computed_tokens -= n
+        self._resync = RequestResync([self._new_request_data(r, r.num_computed_tokens) for r in self.running],
+                                     frozenset(r.request_id for r in self.waiting))
 
     def _preempt(self, req: Request) -> None:
         """Preempt by recompute: drop its KV, keep its tokens, requeue at the front."""

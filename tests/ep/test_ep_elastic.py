@@ -63,7 +63,8 @@ def _kill(pid: int) -> None:
 
 
 def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_model):
-    """EP 4, SIGKILL rank 1 mid-stream: EP 3 at once (every request requeued), while requests keep arriving;
+    """EP 4, SIGKILL rank 1 mid-stream: EP 3 at once (the survivors keep their runners and requests, only rank
+    1's are requeued), while requests keep arriving;
     a replacement rank starts in rank 1's bundle, pre-loads, and is admitted at a step boundary with requests
     in flight: EP 4 again, every request complete and as undisturbed, no KV block leaked, never NOT_SERVING."""
     path = tiny_model("qwen3_e6k3")
@@ -90,8 +91,16 @@ def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_
             eng.add_request(f"r{len(PROMPTS) + i}", p, PARAMS)
         on_victim = sum(1 for r in eng._rank_of.values() if r == 1)
         assert on_victim > 0
+        # Every request in flight at the kill (the same objects move between schedulers), and how far each
+        # survivor's own requests were computed: the survivors keep theirs (KV cache and all), so only the
+        # victim's are requeued, and a kept one never goes back below where it was.
+        live = {rid: req for s in eng.schedulers for rid, req in s.requests.items()}
+        victims = {rid for rid, r in eng._rank_of.items() if r == 1}
+        computed = {rid: req.num_computed_tokens for rid, req in live.items()
+                    if rid not in victims and req.num_computed_tokens}  # the late ones have none yet
+        assert len(computed) >= len(PROMPTS) - on_victim
         stats = eng.elastic_stats
-        serving, sizes, at_3, sent = [], [], [], [0]
+        serving, sizes, at_3, sent, at_recovery = [], [], [], [0], []
         deadline = time.monotonic() + 180
 
         def on_step():
@@ -99,6 +108,8 @@ def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_
             sizes.append(ex.world_size)
             if ex.world_size == 3 and not at_3:
                 at_3.append([[e for e, _ in held] for held in eng.experts_on_ranks()])
+                at_recovery.append((stats.requests_requeued, {rid: req.num_requeues for rid, req in live.items()},
+                                    {rid: live[rid].num_computed_tokens for rid in computed}))
             # A steady stream until the replacement is in: one request every other step (ids s0, s1, ... cycle
             # through STREAM), so the admission lands while requests are in flight.
             if stats.rejoins == 0 and len(sizes) % 2 == 0:
@@ -116,6 +127,13 @@ def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_
         assert stats.recoveries == 1 and stats.rank_losses == 1 and stats.failed_recoveries == 0
         assert stats.history[0].dead_ranks == (1,) and stats.history[0].survivors == (0, 2, 3)
         assert stats.requests_on_lost_ranks == on_victim
+        # The survivors kept their runners: only the victim's requests were requeued (recomputed), the
+        # survivors' went on from where they were (mid-prefill or mid-decode), their KV never recomputed.
+        (requeued, requeues, computed_after), = at_recovery
+        assert stats.history[0].kept_runners and stats.recoveries_keeping_runners == 1
+        assert requeued == on_victim == len(victims)
+        assert {rid for rid, n in requeues.items() if n} == victims and max(requeues.values()) == 1
+        assert all(computed_after[rid] >= computed[rid] for rid in computed), (computed, computed_after)
         # EP 3 first: every expert on a survivor, each once; each survivor kept its experts (6 on 4 ranks:
         # [0 1] [2 3] [4] [5]) and the lost rank's went to the two that held one.
         assert sizes[0] == 3 and at_3 == [[[0, 1], [4, 2], [5, 3]]]
@@ -125,8 +143,9 @@ def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_
         assert rejoined.admitted == (1,) and rejoined.kept == (0, None, 1, 2) and rejoined.preloaded == (True,)
         assert sizes[-1] == 4 and sorted(set(sizes)) == [3, 4] and sizes.index(4) > 0
         assert 4 not in sizes[:sizes.index(4)] and 3 not in sizes[sizes.index(4):]
-        # Every request of the recovery (none had finished) plus those in flight at the admission.
-        assert stats.requests_requeued > len(PROMPTS) + len(LATE_PROMPTS)
+        # The victim's requests at the recovery, then every request in flight at the admission (a rejoin
+        # rebuilds every runner).
+        assert stats.requests_requeued > on_victim
         assert ex.world_size == 4 and eng.world_size == 4 and len(eng.schedulers) == 4 and ex.bundles == [0, 1, 2, 3]
         assert eng.ep_plan.placement.ep_size == 4 and eng.config.parallel.expert_parallel_size == 4
         assert [[e for e, _ in held] for held in eng.experts_on_ranks()] == experts_at_4
@@ -135,6 +154,7 @@ def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_
         sample = metrics.registry.get_sample_value
         assert sample("moelink_ep_rank_losses_total") == 1 and sample("moelink_ep_recoveries_total") == 1
         assert sample("moelink_ep_requests_requeued_total") == stats.requests_requeued
+        assert sample("moelink_ep_recoveries_keeping_runners_total") == 1
         assert sample("moelink_ep_recovery_seconds_total") == pytest.approx(stats.recovery_seconds_total)
         assert sample("moelink_ep_rank_rejoins_total") == 1 and sample("moelink_ep_failed_rejoins_total") == 0
         assert stats.rejoin_seconds_total > 0
@@ -206,6 +226,9 @@ def test_rank_lost_while_idle_is_recovered_then_a_failed_rejoin_falls_back_and_r
         print(f"rejoin after a failed admission: recoveries {[round(h.seconds, 2) for h in stats.history]} s, "
               f"admission {stats.last_rejoin_seconds:.2f} s")
         assert killed and stats.failed_rejoins == 1 and stats.recoveries == 2 and stats.rejoins == 1
+        # The idle loss kept the survivors' runners; the recovery after the failed admission (whose re-form
+        # had rebuilt them) did not.
+        assert [h.kept_runners for h in stats.history] == [True, False]
         assert ex.world_size == 3 and eng.world_size == 3 and ex.bundles == [0, 1, 2]
         assert ex.rank_pids[2] not in (victim, killed[0])
         for i, p in enumerate(PROMPTS[6:12], start=6):
@@ -291,6 +314,8 @@ def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
               f"health sampled {len(health)} times, all SERVING: {all(health)}")
         assert health and all(health)
         assert stats.recoveries == 2 and stats.rank_losses == 2 and ex.world_size == 2
+        # Both recoveries kept the survivors' runners (the second grows runners the first grew already).
+        assert stats.recoveries_keeping_runners == 2 and stats.requests_requeued == stats.requests_on_lost_ranks
         for out in finals:
             assert out.finished and out.outputs[0].finish_reason == "length", out
             assert out.outputs[0].token_ids == want[out.request_id], out.request_id
@@ -303,7 +328,9 @@ def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
 
 def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_model):
     """SIGSTOP (a wedged process, not a dead one): the heartbeats lose it after --heartbeat-timeout, the step
-    waiting on it ends then (not at --step-timeout), it is killed, and the survivors go on at EP 2."""
+    waiting on it ends then (not at --step-timeout), it is killed, and the survivors go on at EP 2. Rank 0 is
+    made to refuse keeping its runner: every survivor then rebuilds its runner and every request is
+    recomputed (the fallback of engine/keep_runner.py), outputs unchanged."""
     path = tiny_model("qwen3_e6k3")
     want = _reference(path)
     eng = _engine(path, expert_parallel_size=3, elastic_ep=True, heartbeat_timeout=3.0)
@@ -314,13 +341,17 @@ def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_mode
             eng.add_request(f"r{i}", p, PARAMS)
         for _ in range(4):
             eng.step()
+        ex._get([ex.workers[0].elastic_test_refuse_keep.remote("refused by the test")])
         os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
         got = _drain(eng, {}, on_step=lambda: None if ex.dead_error is None else pytest.fail(str(ex.dead_error)))
         elapsed = time.monotonic() - t0
         print(f"frozen rank dropped; all requests done {elapsed:.1f} s after the freeze "
               f"(recovery {eng.elastic_stats.last_recovery_seconds:.2f} s)")
-        assert eng.elastic_stats.recoveries == 1 and ex.world_size == 2
+        stats = eng.elastic_stats
+        assert stats.recoveries == 1 and ex.world_size == 2
+        assert not stats.history[0].kept_runners and stats.recoveries_keeping_runners == 0
+        assert stats.requests_requeued == 9 and stats.requests_on_lost_ranks < 9  # all, not only rank 1's
         assert elapsed < 3.0 + 30.0  # one heartbeat timeout, the recovery and the rest of the requests
         assert got == {f"r{i}": want[f"r{i}"] for i in range(9)}
     finally:
@@ -373,9 +404,13 @@ def test_sigkill_during_chunked_prefill(local_ray, tiny_model):
         for i, p in enumerate(prompts):
             eng.add_request(f"p{i}", p, PARAMS)
         assert not eng.step()  # one 32-token chunk per rank: no prompt is done
+        on_lost = sum(1 for r in eng._rank_of.values() if r == 2)
         _kill(eng.executor.rank_pids[2])
         got = _drain(eng, {})
-        assert eng.elastic_stats.recoveries == 1 and eng.executor.world_size == 2
+        stats = eng.elastic_stats
+        assert stats.recoveries == 1 and eng.executor.world_size == 2
+        # The survivors' prompts went on from their computed chunks; only rank 2's started over.
+        assert stats.history[0].kept_runners and stats.requests_requeued == on_lost > 0
         assert got == want
         for s in eng.rank_stats():
             assert s.num_free_blocks == s.num_total_blocks, s
