@@ -24,6 +24,23 @@ def pick_splits(device: torch.device, programs: int, max_seq_len: int, block_n: 
     return max(1, min(want, max_seq_len // (2 * block_n), 32))
 
 
+def decode_programs(device: torch.device, num_seqs: int, lanes: int, block_n: int, window: int | None = None) -> int:
+    """P, the decode grid's work programs per lane (kv head, or MLA head block), for the device-side plan
+    (kernels/triton_split_plan.py). From the batch size, the lanes and the SM count only, never a length: a
+    CUDA graph captured at batch size b gets the plan an eager step of b sequences would.
+
+    num_seqs (no split, no merge) when the batch alone fills the SMs; else about two programs per SM, at
+    most 32 per sequence, and on a sliding layer at most window // (2 * block_n) per sequence (a split
+    shorter than 2 key tiles is not worth its partial)."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    if num_seqs * lanes >= sms:
+        return num_seqs
+    programs = min(triton.cdiv(2 * sms, max(1, lanes)), 32 * num_seqs)
+    if window is not None:
+        programs = min(programs, num_seqs * max(1, window // (2 * block_n)))
+    return max(num_seqs, programs)
+
+
 def prefill_splits(device: torch.device, programs: int, meta: AttentionMetadata, block_n: int,
                     window: int | None = None) -> int:
     """Split the keys only where it pays: some sequence has a long cached prefix (>= 16 key tiles) that
