@@ -154,3 +154,41 @@ def test_graph_plan_is_the_same_for_any_max_model_len(gen, kdev, monkeypatch):
     assert launches[0] == launches[1] and launches[0][0] > 3, launches  # split: more programs than sequences
     assert torch.equal(plans[0], plans[1]) and plans[0][0] > 3, plans  # the long context has several programs
     assert torch.equal(outs[0], outs[1])
+
+
+# -- MLA decode over the same plan --------------------------------------------------------------------------------------
+# (ctx, N, C, P, block size, programs per sequence on average, fp8 latent cache)
+MLA_DECODE_CASES = [
+    ([600, 3, 1, 40], 4, 32, 16, 16, 8, False),  # one long context (> 1 partial per merge step), a 1-token one
+    ([200, 1, 45], 20, 32, 16, 8, 4, True),  # 2 head blocks (20 heads), fp8 latent cache
+]
+
+
+@pytest.mark.parametrize("ctx,N,C,P,bs,per_seq,fp8", MLA_DECODE_CASES)
+def test_planned_mla_decode_matches_reference(ctx, N, C, P, bs, per_seq, fp8, gen, kdev, check, nan_buffer):
+    from moelink.kernels.mla import reference_mla_attention
+    from moelink.kernels.triton_mla import triton_mla_attention, triton_write_latent
+
+    from tests.kernels.test_mla import _build as build_latent, _to_fp8_cache
+
+    kv_scale = 0.5 if fp8 else 1.0
+    dtype = torch.bfloat16 if fp8 else torch.float32
+    cache, meta, ckv_new, kpe_new, slots = build_latent(gen, [(c, 1) for c in ctx], C, P, bs, torch.float32, "cpu")
+    cache = (_to_fp8_cache(cache, kv_scale) if fp8 else cache).to(kdev)
+    meta = _meta_to(meta, kdev)
+    triton_write_latent(ckv_new.to(kdev), kpe_new.to(kdev), cache, slots.to(kdev), kv_scale)
+    pad = 2
+    S = len(ctx) + pad
+    q_lat = torch.randn(S, N, C, generator=gen).to(dtype).to(kdev)
+    q_pe = torch.randn(S, N, P, generator=gen).to(dtype).to(kdev)
+    scale = 1 / math.sqrt(C + P)
+    want = reference_mla_attention(q_lat.double().cpu(), q_pe.double().cpu(), cache.cpu() if fp8 else cache.double().cpu(),
+                                   _meta_to(_with_padding(meta, pad, None), "cpu"), scale, kv_scale)
+    outs = []
+    for max_model_len in (1024, 65536):
+        out = nan_buffer((S, N, C), dtype, kdev)
+        triton_mla_attention(q_lat, q_pe, cache, _with_padding(meta, pad, max_model_len), scale, kv_scale, out=out,
+                             num_splits=per_seq)
+        check(out, want, dtype, f"planned MLA decode {ctx} N={N} fp8={fp8} P={per_seq}xS max_model_len={max_model_len}")
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]), "the host lists' max_model_len changed the result"
