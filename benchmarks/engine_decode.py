@@ -188,7 +188,7 @@ def time_engine_graph(model, cfg, caches, args_, batch, device, timer, steps) ->
     ids_T, pos_T, ctx = args_
     meta = ctx.attn
     backend = CudaGraphCapture(device) if device.type == "cuda" else EagerReplay()
-    graphs = DecodeGraphs(model, caches, (batch,), meta.block_tables_SM.shape[1], cfg.max_model_len, meta.null_block,
+    graphs = DecodeGraphs(model, caches, (batch,), meta.block_tables_SM.shape[1], meta.null_block,
                           device, backend)
     graphs.capture_all()
     if batch not in graphs.steps:
