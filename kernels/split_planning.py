@@ -1,6 +1,9 @@
-"""Split-K planning for the paged-attention and MLA kernels: how many partitions of a sequence's keys run
-as separate programs (merged by log-sum-exp afterwards). Host-side arithmetic on shapes and the metadata's host
-lists only: no device sync, and a split count never depends on anything a CUDA graph would freeze differently.
+"""Split planning for the paged-attention and MLA kernels, the host's part: how many programs share a batch's
+keys (their partials merged by log-sum-exp afterwards). Host-side arithmetic on shapes and the metadata's host
+lists only: no device sync. Decode (`decode_programs`) reads no length at all: its work-program count comes from
+the batch size, the lanes and the SM count, and the device divides the programs among the sequences
+(triton_split_plan.py), so a CUDA graph freezes nothing that a replay's lengths should change. Prefill splits
+(eager only: graphs are pure decode) and MLA's mixed-batch splits read the host lengths.
 """
 from __future__ import annotations
 

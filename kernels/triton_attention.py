@@ -1,8 +1,9 @@
-"""Attention over the paged KV cache in Triton: KV write, split-K decode, varlen causal prefill.
+"""Attention over the paged KV cache in Triton: KV write, page-balanced split decode, varlen causal prefill.
 
 Legend: T query tokens in the flat batch, S sequences, N query heads, K kv
 heads, G = N/K query heads per kv head, H head dim, L block size, M max blocks
-per sequence, Z split-K partitions. Cache layout as in attention.py:
+per sequence, P decode work programs per kv head, Z prefill split-K partitions.
+Cache layout as in attention.py:
 k_cache_BLKH / v_cache_BLKH = [num_blocks + 1, L, K, H].
 
 Same semantics as `reference_paged_attention`: the query at position
@@ -11,10 +12,17 @@ or past seq_len: those loads are masked, so nothing depends on what unused or
 null blocks hold (the reference routes such reads to the zeroed null block
 instead; both see only the first seq_len keys).
 
-- Decode (query_len == 1): grid (S, K, Z). Each program takes the G query
-  heads of one kv head (one K/V load serves them all) over a 1/Z slice of the
-  context, then a reduce kernel merges the Z partial softmaxes by their
-  log-sum-exp. Z grows when S·K alone would leave SMs idle (long contexts, small batches).
+- Decode (query_len == 1): grid (P, K). Each program takes the G query
+  heads of one kv head (one K/V load serves them all). When S·K fills the SMs,
+  P = S and program s is sequence s, whole (no partials). Else P (from S, K and
+  the SM count only: `split_planning.decode_programs`) work programs are shared
+  among the sequences in proportion to their key tiles, at least one each, by a
+  plan computed on the device from seq_lens (`triton_split_plan.py`: a prefix
+  sum, no host sync); a program finds its (sequence, split) by binary search
+  over the plan, walks its tile-aligned key range and stores a partial, and a
+  merge kernel combines each sequence's variable number of partials by their
+  log-sum-exp. One long context among short ones thus gets most programs, and
+  a captured graph's plan follows each replay's lengths.
 - Prefill (query_len > 1): grid (q blocks, K, Zp). A program takes BLOCK_Q query
   tokens × G heads as one [BLOCK_Q·G, H] tile and walks the sequence's block
   table over the cached prefix and the chunk itself, causal-masked. The
@@ -28,8 +36,8 @@ A mixed batch runs both: each kernel skips the other's sequences on the device
 gpt-oss's per-layer extras (attention.py's docstring has their semantics), both graph-safe:
 - sliding_window W (a runtime int; WINDOW, a constexpr, says whether there is one, so a model compiles two
   variants at most): the key loop starts at the window's first key of the program's first query (decode:
-  seq_len - W; split-K partitions [that, seq_len)), and each row masks keys <= its position - W. A split
-  then may hold no key a row sees: its lse is -inf and the merge weighs it 0 (every row sees itself).
+  seq_len - W; the plan counts the tiles of [that, seq_len) only), and each row masks keys <= its position - W.
+  A split then may hold no key a row sees: its lse is -inf and the merge weighs it 0 (every row sees itself).
 - sinks_N (SINKS): after the key loop the sink joins the denominator, l += e^(sink - m) with m raised to the
   sink where it is larger; split partials leave it out and the merge adds it once.
 """
@@ -351,9 +359,10 @@ def triton_paged_attention(
     """Same contract as `reference_paged_attention` (sinks_N, sliding_window, an fp8 cache's k_scale / v_scale
     included): [T, N, H] in q's dtype.
 
-    Reads only the metadata's host lists and device tensors (no device→host
-    sync). `num_splits` / `prefill_splits` force the decode / prefill split counts
-    (tests; a prefill split > 1 also takes the batch's decode sequences); `out` receives the result.
+    Reads only the metadata's host lists and device tensors (no device→host sync); the decode path reads no
+    host length (its plan is the device's). `num_splits` forces the decode plan to num_splits x S work
+    programs per kv head (1: no split), `prefill_splits` the prefill split count (tests; a prefill split > 1
+    also takes the batch's decode sequences); `out` receives the result.
     """
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
@@ -366,6 +375,8 @@ def triton_paged_attention(
     elif tuple(out.shape) != (T, N, H) or out.dtype != q_TNH.dtype or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [{T}, {N}, {H}] {q_TNH.dtype}.")
     _check_extras(q_TNH, sinks_N, sliding_window)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits={num_splits} is invalid: must be >= 1 (or None to plan).")
     if T == 0:
         return out
     q_TNH = q_TNH if q_TNH.stride(-1) == 1 else q_TNH.contiguous()

@@ -14,9 +14,13 @@ token's sequence is found by binary search over query_start_loc (grid from T alo
 A long prompt is better served expanded per head (fewer flops per score, see mla.py); this kernel is the
 absorbed path and correct for any mix.
 
-Split-K: when T * N / BLOCK_H programs alone would leave SMs idle (small decode batches, long contexts),
-Z > 1 programs per (token, head block) each take a 1/Z slice of the token's rows and store a partial
-output and its log-sum-exp; a merge kernel combines them per (token, head block).
+Splits, when the programs alone would leave SMs idle (small decode batches, long contexts):
+- a pure-decode batch (every decode graph's step) uses the page-balanced device plan of
+  triton_split_plan.py: grid (P, head blocks), P from S, the head blocks and the SM count only, shared among
+  the sequences by their row tiles; a program finds its (sequence, split) by binary search over the plan and
+  stores a partial; a merge kernel combines each sequence's variable number of partials;
+- a mixed batch (eager only) keeps Z > 1 equal slices of every token's rows (grid (T, head blocks, Z)) and a
+  per-(token, head block) merge.
 
 The kernel never reads a row at or past the token's causal bound: those loads are masked, so nothing
 depends on what unused or null blocks hold (the reference routes such reads to the zeroed null block).
@@ -268,8 +272,9 @@ def triton_mla_attention(
     Reads only the metadata's host lists and device tensors (no device→host sync). q_latent_TNC and q_pe_TNP
     may be strided views (e.g. a per-head bmm's transposed output) with contiguous last dims; `out` (any
     [T, N, C] strides with a contiguous last dim, e.g. a transposed [N, T, C] buffer for the W_UV bmm)
-    receives the result. `num_splits` forces the split-K count (tests); by default it grows only when the
-    programs alone would leave SMs idle.
+    receives the result. `num_splits` forces the split (tests): num_splits x S plan programs for a pure-decode
+    batch, Z = num_splits slices in a mixed one; by default splits happen only when the programs alone would
+    leave SMs idle.
     """
     common.check_dtype("q_latent_TNC", q_latent_TNC)
     check_mla_inputs(q_latent_TNC, q_pe_TNP, latent_cache_BLR)
