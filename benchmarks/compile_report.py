@@ -295,12 +295,17 @@ def merge_into(old: dict, new: dict, only: str) -> dict:
     # Owned: the family's named kernels, and any kernel name the old report did not have.
     own = set(FAMILY_KERNELS.get(only, ())) | ({k["name"] for k in new["kernels"]} - {k["name"] for k in old["kernels"]})
     kept = [k for k in old["kernels"] if k["name"] not in own]
+    # The family's records go where its old ones began (not at the end), so the committed report's diff is
+    # that family's rows only.
+    at = next((i for i, k in enumerate(old["kernels"]) if k["name"] in own), len(old["kernels"]))
     by_hash = {k["hash"]: k for k in kept}
+    added = []
     for k in new["kernels"]:
         if k["hash"] in by_hash:
             by_hash[k["hash"]]["cases"] += [c for c in k["cases"] if c not in by_hash[k["hash"]]["cases"]]
         else:
-            kept.append(k)
+            added.append(k)
+    kept[at:at] = added
     if (old.get("triton"), old.get("ptxas")) != (new["triton"], new["ptxas"]):
         raise SystemExit(f"--merge: this Triton/ptxas ({new['triton']}, {new['ptxas']}) is not the report's "
                          f"({old['triton']}, {old['ptxas']}): regenerate the whole report instead.")
