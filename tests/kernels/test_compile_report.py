@@ -166,3 +166,16 @@ def test_report_covers_every_fp8_config_as_it_is_now():
         g = cfg.up
         assert launched("_fp8_gemm_kernel", f"fp8_linear.json[{bucket}]") == (
             cfg.BLOCK_SIZE_M, g.BLOCK_SIZE_N, min(g.BLOCK_SIZE_K, 128), g.GROUP_SIZE_M, g.num_warps, g.num_stages), REGENERATE
+
+
+def test_merge_replaces_a_family_where_its_rows_were():
+    """`--only F --merge`: F's old rows go, its new ones take their place (not the end), the rest stay as they were;
+    a new kernel name counts as F's."""
+    row = lambda name, h: dict(name=name, hash=h, cases=[f"case {h}"])  # noqa: E731
+    old = dict(triton="3.6.0", ptxas="12.8", kernels=[row("_moe_up_kernel", 1), row("_decode_kernel", 2),
+                                                       row("_prefill_kernel", 3), row("_rms_norm_kernel", 4)])
+    new = dict(triton="3.6.0", ptxas="12.8", date="d", commit="c",
+               kernels=[row("_plan_kernel", 5), row("_decode_kernel", 6), row("_prefill_kernel", 7)])
+    merged = compile_report.merge_into(old, new, "attention")
+    assert [k["hash"] for k in merged["kernels"]] == [1, 5, 6, 7, 4]
+    assert merged["merged"][-1] == dict(only="attention", date="d", commit="c")
