@@ -190,7 +190,9 @@ def markdown(rep: dict) -> str:
                   f"(`--only {m['only']} --merge`; the other kernels' records, compile seconds included, are the "
                   "full run's" + (f"; {m['kept_compile_s']} of its records whose launch config was unchanged keep "
                                   "the previous report's compile seconds (`--keep-compile-s`), the rest were timed "
-                                  "in this run" if m.get("kept_compile_s") else "") + ")." for m in rep.get("merged", [])),
+                                  f"in this run and divided by {m['compile_load']}, how much slower this run "
+                                  "compiled the kept ones" if m.get("kept_compile_s") else "") + ")."
+                  for m in rep.get("merged", [])),
         "",
         f"- {s['kernels_compiled']} distinct compiled kernels ({', '.join(s['kernel_names'])}), "
         f"{s['compile_s_total']} s of cold compiles on this CPU machine.",
@@ -252,7 +254,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--keep-compile-s", action="store_true",
                     help="with --merge: records of the family whose launch config (kernel, constexprs, warps, stages) "
                     "the previous report has keep its compile seconds (a cold compile timed on a loaded machine is "
-                    "noise); new configs are timed in this run")
+                    "noise); new configs are timed in this run, scaled by the kept ones' slowdown")
     ap.add_argument("--cache-dir", default=None,
                     help="Triton cache (default: a fresh temporary one, so compile_s is a cold compile)")
     args = ap.parse_args(argv)
@@ -296,8 +298,10 @@ def main(argv=None) -> dict:
 
 
 def launch_key(k: dict) -> tuple:
-    """What a compiled record was compiled for: kernel, constexprs, warps and stages (not the source hash)."""
-    return k["name"], json.dumps(k["constexprs"], sort_keys=True), k["num_warps"], k["num_stages"]
+    """What a compiled record was compiled for: kernel, constexprs, warps and stages (not the source hash). A
+    constexpr switch that is False is left out: a switch added since, and off, compiles no code."""
+    switches = {n: v for n, v in k["constexprs"].items() if v is not False}
+    return k["name"], json.dumps(switches, sort_keys=True), k["num_warps"], k["num_stages"]
 
 
 def merge_into(old: dict, new: dict, only: str, keep_compile_s: bool = False) -> dict:
@@ -309,10 +313,19 @@ def merge_into(old: dict, new: dict, only: str, keep_compile_s: bool = False) ->
     own = set(FAMILY_KERNELS.get(only, ())) | ({k["name"] for k in new["kernels"]} - {k["name"] for k in old["kernels"]})
     kept = [k for k in old["kernels"] if k["name"] not in own]
     old_s = {launch_key(k): k["compile_s"] for k in old["kernels"] if k["name"] in own} if keep_compile_s else {}
-    reused = 0
+    reused, timed_now, timed_before = 0, 0.0, 0.0
+    fresh = []
     for k in new["kernels"] if old_s else ():
         if launch_key(k) in old_s:
+            timed_now, timed_before = timed_now + k["compile_s"], timed_before + old_s[launch_key(k)]
             k["compile_s"], reused = old_s[launch_key(k)], reused + 1
+        else:
+            fresh.append(k)
+    # New launch configs: their time this run, divided by how much slower this run compiled the kept ones (the
+    # machine's load then vs now), so every record is on the full run's scale.
+    load = timed_now / timed_before if reused and timed_before > 0 else 1.0
+    for k in fresh:
+        k["compile_s"] = round(k["compile_s"] / load, 3)
     # The family's records go where its old ones began (not at the end), so the committed report's diff is
     # that family's rows only.
     at = next((i for i, k in enumerate(old["kernels"]) if k["name"] in own), len(old["kernels"]))
@@ -329,7 +342,8 @@ def merge_into(old: dict, new: dict, only: str, keep_compile_s: bool = False) ->
                          f"({old['triton']}, {old['ptxas']}): regenerate the whole report instead.")
     merged = {**old, "kernels": kept}
     merged["merged"] = [m for m in old.get("merged", []) if m["only"] != only] + [
-        dict(only=only, date=new["date"], commit=new["commit"], **({"kept_compile_s": reused} if reused else {}))]
+        dict(only=only, date=new["date"], commit=new["commit"],
+             **({"kept_compile_s": reused, "compile_load": round(load, 2)} if reused else {}))]
     return merged
 
 

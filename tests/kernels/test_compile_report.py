@@ -183,14 +183,19 @@ def test_merge_replaces_a_family_where_its_rows_were():
 
 def test_merge_can_keep_compile_seconds_of_unchanged_launch_configs():
     """--keep-compile-s: a record whose (kernel, constexprs, warps, stages) the old report has keeps its compile
-    seconds; a new launch config keeps the ones timed now."""
+    seconds (a switch added since and False does not count); a new launch config keeps the ones timed now,
+    divided by how much slower the kept ones compiled now (here 2.0 / 0.5 = 4x)."""
     row = lambda name, h, s, bn: dict(name=name, hash=h, cases=[], compile_s=s, constexprs=dict(BLOCK_N=bn),  # noqa: E731
                                       num_warps=4, num_stages=1)
     old = dict(triton="3.6.0", ptxas="12.8", kernels=[row("_decode_kernel", 1, 0.5, 64), row("_rms_norm_kernel", 2, 0.1, 0)])
-    new = lambda: dict(triton="3.6.0", ptxas="12.8", date="d", commit="c",  # noqa: E731
-                       kernels=[row("_decode_kernel", 3, 2.0, 64), row("_decode_kernel", 4, 3.0, 32)])
+    def new():
+        added_switch = row("_decode_kernel", 3, 2.0, 64)
+        added_switch["constexprs"]["PLAN"] = False
+        return dict(triton="3.6.0", ptxas="12.8", date="d", commit="c",
+                    kernels=[added_switch, row("_decode_kernel", 4, 3.0, 32)])
+
     merged = compile_report.merge_into(old, new(), "attention", keep_compile_s=True)
-    assert [(k["hash"], k["compile_s"]) for k in merged["kernels"]] == [(3, 0.5), (4, 3.0), (2, 0.1)]
-    assert merged["merged"][-1]["kept_compile_s"] == 1
+    assert [(k["hash"], k["compile_s"]) for k in merged["kernels"]] == [(3, 0.5), (4, 0.75), (2, 0.1)]
+    assert merged["merged"][-1]["kept_compile_s"] == 1 and merged["merged"][-1]["compile_load"] == 4.0
     fresh = compile_report.merge_into(old, new(), "attention")
     assert [k["compile_s"] for k in fresh["kernels"]][:2] == [2.0, 3.0]
