@@ -171,7 +171,7 @@ def compile_attention(rec: Recorder, quick: bool) -> None:
                                   [1] * 7 + [33], [100] * 8, 33, 1000, 99)
         decode = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(S, dtype=torch.long, **meta),
                                    [1] * 8, [100] * 8, 1, 1000, 99)
-        with rec.labelled(f"{label} mixed batch, decode split 4"):
+        with rec.labelled(f"{label} mixed batch, decode plan P = 4 x S"):
             triton_paged_attention(q, cache, cache, mixed, 0.1, num_splits=4)
         with rec.labelled(f"{label} mixed batch, prefill split 4"):
             triton_paged_attention(q, cache, cache, mixed, 0.1, prefill_splits=4)
@@ -182,7 +182,7 @@ def compile_attention(rec: Recorder, quick: bool) -> None:
             triton_write_kv(kv, kv, cache, cache, torch.empty(T, dtype=torch.long, **meta))
         if dt == torch.bfloat16 and label.startswith("qwen3"):  # --kv-cache-dtype fp8: e4m3 K/V, bf16 queries
             c8 = torch.empty(100, L, Kh, H, dtype=torch.float8_e4m3fn, **meta)
-            with rec.labelled(f"{label} fp8 KV cache, mixed batch, decode split 4"):
+            with rec.labelled(f"{label} fp8 KV cache, mixed batch, decode plan P = 4 x S"):
                 triton_paged_attention(q, c8, c8, mixed, 0.1, num_splits=4, k_scale=0.5, v_scale=0.5)
             with rec.labelled(f"{label} fp8 KV cache, mixed batch, prefill split 4"):
                 triton_paged_attention(q, c8, c8, mixed, 0.1, prefill_splits=4, k_scale=0.5, v_scale=0.5)
@@ -203,7 +203,7 @@ def compile_attention(rec: Recorder, quick: bool) -> None:
                                    [1] * 8, [100] * 8, 1, 1000, 99)
         for layer, extra in (("sliding", dict(sinks_N=sinks, sliding_window=128)), ("full", dict(sinks_N=sinks))):
             label = f"gpt-oss 64/8 {layer} {str(dt)[6:]}"
-            with rec.labelled(f"{label} mixed batch, decode split 4"):
+            with rec.labelled(f"{label} mixed batch, decode plan P = 4 x S"):
                 triton_paged_attention(q, cache, cache, mixed, 0.1, num_splits=4, **extra)
             with rec.labelled(f"{label} mixed batch, prefill split 4"):
                 triton_paged_attention(q, cache, cache, mixed, 0.1, prefill_splits=4, **extra)
@@ -230,8 +230,9 @@ def compile_norm_rotary(rec: Recorder, quick: bool) -> None:
 
 
 def compile_mla(rec: Recorder, quick: bool) -> None:
-    """MLA at DeepSeek-V3 shapes (128 heads, latent 512, rope 64): a decode batch (split and not), a mixed batch
-    of decodes and a chunk over a cached prefix, the latent write; and 16 heads (DeepSeek-V2-Lite), where the
+    """MLA at DeepSeek-V3 shapes (128 heads, latent 512, rope 64): a decode batch (unsplit, and split by the device
+    plan with its merge), a mixed batch of decodes and a chunk over a cached prefix (unsplit, and Z-way split
+    with its merge), the latent write; and 16 heads (DeepSeek-V2-Lite), where the
     head block shrinks to 16."""
     from moelink.kernels.attention import AttentionMetadata
     from moelink.kernels.triton_mla import triton_mla_attention, triton_write_latent
@@ -243,8 +244,10 @@ def compile_mla(rec: Recorder, quick: bool) -> None:
     for N, dt in variants:
         name = f"{'deepseek-v3' if N == 128 else 'deepseek-v2-lite'} MLA {str(dt)[6:]}"
         cache = torch.empty(1000, L, C + P, dtype=dt, **meta)
-        for label, S, q_lens, splits in (("decode batch 64", 64, [1] * 64, 1), ("decode batch 4, split 8", 4, [1] * 4, 8),
-                                         ("mixed batch (31 decodes + a 97-token chunk)", 32, [1] * 31 + [97], None)):
+        for label, S, q_lens, splits in (("decode batch 64", 64, [1] * 64, 1),
+                                         ("decode batch 4, plan P = 8 x S", 4, [1] * 4, 8),
+                                         ("mixed batch (31 decodes + a 97-token chunk)", 32, [1] * 31 + [97], None),
+                                         ("mixed batch (31 decodes + a 97-token chunk), split 4", 32, [1] * 31 + [97], 4)):
             T = sum(q_lens)
             m = AttentionMetadata(i32(S + 1), i32(S), i32(S, 512), torch.empty(T, dtype=torch.long, **meta), q_lens,
                                   [4096] * S, max(q_lens), 4096, 999)
@@ -256,7 +259,7 @@ def compile_mla(rec: Recorder, quick: bool) -> None:
                                 torch.empty(40, dtype=torch.long, **meta))
         if N == 128 and dt == torch.bfloat16:  # --kv-cache-dtype fp8: an e4m3 latent cache, bf16 queries
             c8 = torch.empty(1000, L, C + P, dtype=torch.float8_e4m3fn, **meta)
-            for label, S, splits in (("decode batch 64", 64, 1), ("decode batch 4, split 8", 4, 8)):
+            for label, S, splits in (("decode batch 64", 64, 1), ("decode batch 4, plan P = 8 x S", 4, 8)):
                 m = AttentionMetadata(i32(S + 1), i32(S), i32(S, 512), torch.empty(S, dtype=torch.long, **meta),
                                       [1] * S, [4096] * S, 1, 4096, 999)
                 with rec.labelled(f"{name} fp8 latent cache, {label}"):

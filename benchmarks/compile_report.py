@@ -188,7 +188,11 @@ def markdown(rep: dict) -> str:
         "(`cuobjdump -res-usage`), spills from `ptxas -v`, tensor-core and TMA instructions from the SASS."
         + "".join(f" The {m['only']} kernels were recompiled and merged in on {m['date']} at commit {m['commit']} "
                   f"(`--only {m['only']} --merge`; the other kernels' records, compile seconds included, are the "
-                  "full run's)." for m in rep.get("merged", [])),
+                  "full run's" + (f"; {m['kept_compile_s']} of its records whose launch config was unchanged keep "
+                                  "the previous report's compile seconds (`--keep-compile-s`), the rest were timed "
+                                  f"in this run and divided by {m['compile_load']}, how much slower this run "
+                                  "compiled the kept ones" if m.get("kept_compile_s") else "") + ")."
+                  for m in rep.get("merged", [])),
         "",
         f"- {s['kernels_compiled']} distinct compiled kernels ({', '.join(s['kernel_names'])}), "
         f"{s['compile_s_total']} s of cold compiles on this CPU machine.",
@@ -247,11 +251,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--merge", action="store_true",
                     help="with --only: replace that family's kernels in the existing <out>.json and keep every other "
                     "kernel's record (compile seconds included) as it is")
+    ap.add_argument("--keep-compile-s", action="store_true",
+                    help="with --merge: records of the family whose launch config (kernel, constexprs, warps, stages) "
+                    "the previous report has keep its compile seconds (a cold compile timed on a loaded machine is "
+                    "noise); new configs are timed in this run, scaled by the kept ones' slowdown")
     ap.add_argument("--cache-dir", default=None,
                     help="Triton cache (default: a fresh temporary one, so compile_s is a cold compile)")
     args = ap.parse_args(argv)
     if args.merge and not args.only:
         ap.error("--merge needs --only FAMILY (the family whose kernels it replaces)")
+    if args.keep_compile_s and not args.merge:
+        ap.error("--keep-compile-s needs --merge (it keeps the existing report's compile seconds)")
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
@@ -271,7 +281,7 @@ def main(argv=None) -> dict:
         rep = collect(published=not args.no_published, quick=args.quick, only=args.only)
         rep.update(date=str(date.today()), commit=git_commit())
         if args.merge:
-            rep = merge_into(json.loads(Path(f"{args.out}.json").read_text()), rep, args.only)
+            rep = merge_into(json.loads(Path(f"{args.out}.json").read_text()), rep, args.only, args.keep_compile_s)
         rep["summary"] = summarize(rep)
         rep["notes"] = notes(rep)
     finally:
@@ -287,7 +297,14 @@ def main(argv=None) -> dict:
     return rep
 
 
-def merge_into(old: dict, new: dict, only: str) -> dict:
+def launch_key(k: dict) -> tuple:
+    """What a compiled record was compiled for: kernel, constexprs, warps and stages (not the source hash). A
+    constexpr switch that is False is left out: a switch added since, and off, compiles no code."""
+    switches = {n: v for n, v in k["constexprs"].items() if v is not False}
+    return k["name"], json.dumps(switches, sort_keys=True), k["num_warps"], k["num_stages"]
+
+
+def merge_into(old: dict, new: dict, only: str, keep_compile_s: bool = False) -> dict:
     """`old` with `new`'s kernels (one family, compiled now) in place of that family's: kernels only this family
     launches are replaced; kernels it shares with others (align, top-k sum: same hash, i.e. the same compiled
     specialisation) keep their record and gain the new cases. Compile seconds are a cold compile on whatever
@@ -295,27 +312,49 @@ def merge_into(old: dict, new: dict, only: str) -> dict:
     # Owned: the family's named kernels, and any kernel name the old report did not have.
     own = set(FAMILY_KERNELS.get(only, ())) | ({k["name"] for k in new["kernels"]} - {k["name"] for k in old["kernels"]})
     kept = [k for k in old["kernels"] if k["name"] not in own]
+    old_s = {launch_key(k): k["compile_s"] for k in old["kernels"] if k["name"] in own} if keep_compile_s else {}
+    reused, timed_now, timed_before = 0, 0.0, 0.0
+    fresh = []
+    for k in new["kernels"] if old_s else ():
+        if launch_key(k) in old_s:
+            timed_now, timed_before = timed_now + k["compile_s"], timed_before + old_s[launch_key(k)]
+            k["compile_s"], reused = old_s[launch_key(k)], reused + 1
+        else:
+            fresh.append(k)
+    # New launch configs: their time this run, divided by how much slower this run compiled the kept ones (the
+    # machine's load then vs now), so every record is on the full run's scale.
+    load = timed_now / timed_before if reused and timed_before > 0 else 1.0
+    for k in fresh:
+        k["compile_s"] = round(k["compile_s"] / load, 3)
+    # The family's records go where its old ones began (not at the end), so the committed report's diff is
+    # that family's rows only.
+    at = next((i for i, k in enumerate(old["kernels"]) if k["name"] in own), len(old["kernels"]))
     by_hash = {k["hash"]: k for k in kept}
+    added = []
     for k in new["kernels"]:
         if k["hash"] in by_hash:
             by_hash[k["hash"]]["cases"] += [c for c in k["cases"] if c not in by_hash[k["hash"]]["cases"]]
         else:
-            kept.append(k)
+            added.append(k)
+    kept[at:at] = added
     if (old.get("triton"), old.get("ptxas")) != (new["triton"], new["ptxas"]):
         raise SystemExit(f"--merge: this Triton/ptxas ({new['triton']}, {new['ptxas']}) is not the report's "
                          f"({old['triton']}, {old['ptxas']}): regenerate the whole report instead.")
     merged = {**old, "kernels": kept}
     merged["merged"] = [m for m in old.get("merged", []) if m["only"] != only] + [
-        dict(only=only, date=new["date"], commit=new["commit"])]
+        dict(only=only, date=new["date"], commit=new["commit"],
+             **({"kept_compile_s": reused, "compile_load": round(load, 2)} if reused else {}))]
     return merged
 
 
 # Kernels a family owns (replaced by --merge); kernels several families launch are shared.
 FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
-                  "mla": ("_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel"),
+                  "mla": ("_mla_kernel", "_mla_merge_kernel", "_mla_merge_plan_kernel", "_write_latent_kernel"),
                   "moe": ("_moe_up_kernel", "_moe_down_kernel"),
                   "mxfp4": ("_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"),
-                  "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_write_kv_kernel")}
+                  "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_merge_plan_kernel",
+                                "_write_kv_kernel")}
+# _plan_kernel (the decode split plan) is shared: attention and MLA both launch it.
 
 
 def notes(rep: dict) -> list[str]:

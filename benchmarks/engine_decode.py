@@ -177,7 +177,7 @@ def count_touched_experts(model, kernels, args) -> list[int]:
     return seen
 
 
-def time_engine_graph(model, cfg, caches, args_, batch, device, timer, steps) -> float | None:
+def time_engine_graph(model, caches, args_, batch, device, timer, steps) -> float | None:
     """Median step time through the engine's decode graph for this batch size: host copy-in of the step's
     inputs, replay, LM head, argmax. On CPU the capture is stood in by a re-run (smoke only)."""
     from moelink.engine.cuda_graph import CudaGraphCapture, DecodeGraphs, EagerReplay
@@ -188,7 +188,7 @@ def time_engine_graph(model, cfg, caches, args_, batch, device, timer, steps) ->
     ids_T, pos_T, ctx = args_
     meta = ctx.attn
     backend = CudaGraphCapture(device) if device.type == "cuda" else EagerReplay()
-    graphs = DecodeGraphs(model, caches, (batch,), meta.block_tables_SM.shape[1], cfg.max_model_len, meta.null_block,
+    graphs = DecodeGraphs(model, caches, (batch,), meta.block_tables_SM.shape[1], meta.null_block,
                           device, backend)
     graphs.capture_all()
     if batch not in graphs.steps:
@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
             step = lambda ids, pos, ctx: model.compute_logits(model(ids, pos, ctx)).argmax(-1)  # noqa: E731
             warm = 3 if device.type == "cuda" else 1  # the CPU smoke has nothing to warm up
             t = timer(step, [args_], iters=args.steps, warmup=warm)
-            t_graph = time_engine_graph(model, cfg, caches, args_, B, device, timer, args.steps) if args.graphs else None
+            t_graph = time_engine_graph(model, caches, args_, B, device, timer, args.steps) if args.graphs else None
             x = torch.randn(B, cfg.hidden_size, dtype=cfg.dtype, device=device)
             t_head = timer(lambda: model.compute_logits(model.norm(torch.nn.functional.embedding(args_[0], model.embed_tokens) + x)).argmax(-1),
                            [()], iters=args.steps, warmup=warm)

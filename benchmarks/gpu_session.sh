@@ -340,10 +340,11 @@ run_pytest_files() {  # LOG_NAME then (NAME GEMM SLOW OTHER RUN_S FILE)...: one 
 #      fp32 and fp16 up+down, EP map: 7) = 25; attention bf16, 2 head layouts x (decode split/no split,
 #      prefill plain/split/skip-decode) = 10; the int32-offset case 2.
 #    slow 10: the same attention cases in fp32 (2 layouts x (2 decode + 3 prefill)).
-#    other 55: align 2 per MoE case and 2 per align test (34), top-k sum 6, merge 4, KV write 4, norm and
-#      rotary 3 x 2 + 1.
+#    other 57: align 2 per MoE case and 2 per align test (34), top-k sum 6, merge 4, decode split plan 2
+#      (BLOCK_N 64 and fp32's 32), KV write 4, norm and rotary 3 x 2 + 1.
 #  test_mla.py -m gpu (3 tests, DeepSeek-V3 shapes, bf16): GEMM 2 (the MLA kernel unsplit and split; its
-#    dots are attention-class), other 2 (split merge, latent write); run: float64 references on the GPU.
+#    dots are attention-class), other 3 (decode split plan, its merge, latent write); run: float64 references
+#    on the GPU.
 #  test_sampler_seeds.py + test_all_to_all_local.py: 1 + 2 tests, no Triton kernels (torch sampling, NCCL).
 #  test_gpu_engine.py (11 tests): 4 tiny models x fp32/bf16, decode (BLOCK_M 16) and prefill (32) buckets ->
 #    GEMM 44 (MoE up/down 32, bf16 attention 12), slow 12 (fp32 attention), other 80 (align variants, sum,
@@ -351,8 +352,8 @@ run_pytest_files() {  # LOG_NAME then (NAME GEMM SLOW OTHER RUN_S FILE)...: one 
 #    runs transformers on CPU beside the engine.
 step_tests_kernels() {
   run_pytest_files "gpu_tests_kernels_${DEV}.txt" \
-    triton_gpu 37 10 55 90 tests/kernels/test_triton_gpu.py \
-    mla 2 0 2 30 tests/kernels/test_mla.py \
+    triton_gpu 37 10 57 90 tests/kernels/test_triton_gpu.py \
+    mla 2 0 3 30 tests/kernels/test_mla.py \
     sampler_seeds 0 0 0 20 tests/engine/test_sampler_seeds.py \
     comm 0 0 0 40 tests/comm/test_all_to_all_local.py
 }

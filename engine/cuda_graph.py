@@ -17,12 +17,15 @@ layers route them to no expert (id -1), so they add no expert weight reads
 and no expert load.
 
 Only the Triton kernels are captured: they read lengths from device tensors.
-The metadata's host lists are fixed at capture (query_lens = 1s; seq_lens =
-max_model_len, an upper bound that only picks the decode split count, since
-each split's range comes from the device's seq_lens). So a graph may split a
-short context more ways than an eager step would: the same result up to fp32
-summation order, not bit for bit. The reference kernels read the host lists,
-so they cannot be captured.
+The metadata's host lists are fixed at capture and describe the static buffers
+as captured (query_lens = 1s, seq_lens = 1s: every row padding); no captured
+kernel reads a host length. The decode split plan is the device's
+(kernels/triton_split_plan.py): how many work programs a graph launches comes
+from its batch size, the heads and the SM count only, and how they are shared
+among the sequences is computed on the device from each replay's seq_lens. So
+a replay of b sequences runs the plan an eager step of b decodes runs, bit for
+bit, whatever max_model_len is. The reference kernels read the host lists, so
+they cannot be captured.
 
 Memory: graphs are captured after the KV cache took its share of
 gpu_memory_utilization, so they (a shared pool of tens of MB for decode
@@ -108,8 +111,8 @@ class EagerReplay:
 class DecodeGraphs:
     """Static decode inputs, one captured forward per batch size, and the copy-in/replay of a step."""
 
-    def __init__(self, model, kv_caches, sizes: tuple[int, ...], max_blocks_per_seq: int, max_model_len: int,
-                 null_block: int, device: torch.device, backend, sliding_table: bool = False):
+    def __init__(self, model, kv_caches, sizes: tuple[int, ...], max_blocks_per_seq: int, null_block: int,
+                 device: torch.device, backend, sliding_table: bool = False):
         """`sliding_table`: the sliding-window layers have their own block table (a second static table and
         slot buffer, read by those layers through ForwardContext.attn_sliding)."""
         if not sizes:
@@ -117,7 +120,6 @@ class DecodeGraphs:
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
         self.sizes = tuple(sorted(sizes))
         self.max_batch = self.sizes[-1]
-        self.max_model_len = max_model_len
         self.null_block = null_block
         B, M = self.max_batch, max_blocks_per_seq
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.long, device=device)
@@ -153,9 +155,9 @@ class DecodeGraphs:
     def _forward(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(
             query_start_loc_S1=self.qsl_B1[: b + 1], seq_lens_S=self.seq_lens_B[:b], block_tables_SM=self.tables_BM[:b],
-            slot_mapping_T=self.slots_B[:b], query_lens=[1] * b, seq_lens=[self.max_model_len] * b,
-            max_query_len=1, max_seq_len=self.max_model_len, null_block=self.null_block,
-        )
+            slot_mapping_T=self.slots_B[:b], query_lens=[1] * b, seq_lens=[1] * b,
+            max_query_len=1, max_seq_len=1, null_block=self.null_block,
+        )  # host seq_lens: the static buffers' padding at capture; the kernels read the device's (module docstring)
         meta_sliding = None
         if self.sliding_table:
             meta_sliding = dataclasses.replace(meta, block_tables_SM=self.sliding_tables_BM[:b],

@@ -215,8 +215,8 @@ class ModelRunner:
             # executor), each forward in the low-latency mode, so their dispatches pair up.
             self.ep.all_to_all.begin_step(EPStepPlan(LOW_LATENCY, max(self.graph_sizes)))
         max_blocks = -(-self.cfg.max_model_len // self.block_size)
-        graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.cfg.max_model_len,
-                              self.null_block, self.device, backend, sliding_table=self.kv_pairs is not None)
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.null_block, self.device,
+                              backend, sliding_table=self.kv_pairs is not None)
         t0 = time.perf_counter()
         graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
         if graphs.steps:

@@ -1,8 +1,9 @@
-"""Attention over the paged KV cache in Triton: KV write, split-K decode, varlen causal prefill.
+"""Attention over the paged KV cache in Triton: KV write, page-balanced split decode, varlen causal prefill.
 
 Legend: T query tokens in the flat batch, S sequences, N query heads, K kv
 heads, G = N/K query heads per kv head, H head dim, L block size, M max blocks
-per sequence, Z split-K partitions. Cache layout as in attention.py:
+per sequence, P decode work programs per kv head, Z prefill split-K partitions.
+Cache layout as in attention.py:
 k_cache_BLKH / v_cache_BLKH = [num_blocks + 1, L, K, H].
 
 Same semantics as `reference_paged_attention`: the query at position
@@ -11,10 +12,17 @@ or past seq_len: those loads are masked, so nothing depends on what unused or
 null blocks hold (the reference routes such reads to the zeroed null block
 instead; both see only the first seq_len keys).
 
-- Decode (query_len == 1): grid (S, K, Z). Each program takes the G query
-  heads of one kv head (one K/V load serves them all) over a 1/Z slice of the
-  context, then a reduce kernel merges the Z partial softmaxes by their
-  log-sum-exp. Z grows when S·K alone would leave SMs idle (long contexts, small batches).
+- Decode (query_len == 1): grid (P, K). Each program takes the G query
+  heads of one kv head (one K/V load serves them all). When S·K fills the SMs,
+  P = S and program s is sequence s, whole (no partials). Else P (from S, K and
+  the SM count only: `split_planning.decode_programs`) work programs are shared
+  among the sequences in proportion to their key tiles, at least one each, by a
+  plan computed on the device from seq_lens (`triton_split_plan.py`: a prefix
+  sum, no host sync); a program finds its (sequence, split) by binary search
+  over the plan, walks its tile-aligned key range and stores a partial, and a
+  merge kernel combines each sequence's variable number of partials by their
+  log-sum-exp. One long context among short ones thus gets most programs, and
+  a captured graph's plan follows each replay's lengths.
 - Prefill (query_len > 1): grid (q blocks, K, Zp). A program takes BLOCK_Q query
   tokens × G heads as one [BLOCK_Q·G, H] tile and walks the sequence's block
   table over the cached prefix and the chunk itself, causal-masked. The
@@ -28,8 +36,8 @@ A mixed batch runs both: each kernel skips the other's sequences on the device
 gpt-oss's per-layer extras (attention.py's docstring has their semantics), both graph-safe:
 - sliding_window W (a runtime int; WINDOW, a constexpr, says whether there is one, so a model compiles two
   variants at most): the key loop starts at the window's first key of the program's first query (decode:
-  seq_len - W; split-K partitions [that, seq_len)), and each row masks keys <= its position - W. A split
-  then may hold no key a row sees: its lse is -inf and the merge weighs it 0 (every row sees itself).
+  seq_len - W; the plan counts the tiles of [that, seq_len) only), and each row masks keys <= its position - W.
+  A split then may hold no key a row sees: its lse is -inf and the merge weighs it 0 (every row sees itself).
 - sinks_N (SINKS): after the key loop the sink joins the denominator, l += e^(sink - m) with m raised to the
   sink where it is larger; split partials leave it out and the merge adds it once.
 """
@@ -42,6 +50,7 @@ import triton.language as tl
 
 from . import triton_common as common
 from . import split_planning as splits
+from . import triton_split_plan as plan
 from .attention import FP8_CACHE_DTYPES, AttentionMetadata, _check_extras
 from .triton_common import cast, dot
 
@@ -126,17 +135,23 @@ def _add_sink(m_i, l_i, acc, sinks_ptr, head, head_ok):
     return l_i * alpha + tl.exp(sink - m_new), acc * alpha[:, None]
 
 
-@triton.jit
-def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                   sinks_ptr, scale, window, v_scale, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_tb,
-                   stride_ot, stride_on, num_heads, head_dim, Z,
+@triton.jit(do_not_specialize=["num_seqs"])
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ends_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+                   sinks_ptr, scale, window, v_scale, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck,
+                   stride_tb, stride_ot, stride_on, num_heads, head_dim,
                    G: tl.constexpr, L: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
                    INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    # Z (splits) is a runtime value, so a new batch shape never means a new compile; SPLIT = Z > 1.
-    s_idx = tl.program_id(0)
+    # SPLIT: program 0 is a work program of the device plan (triton_split_plan.py), which names its sequence
+    # and split; else it is the sequence, whole. num_seqs is a runtime value: a new batch is no new compile.
+    p = tl.program_id(0)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    if SPLIT:
+        s_idx, split, share = plan.find_split(ends_ptr, num_seqs, p)
+        if s_idx >= num_seqs:
+            return  # past the plan's last program (it used fewer than the grid has)
+    else:
+        s_idx = p
     q_start = tl.load(qsl_ptr + s_idx)
     if tl.load(qsl_ptr + s_idx + 1) - q_start != 1:
         return  # a prefill chunk: the prefill kernel's
@@ -144,9 +159,11 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out
     kv_lo = seq_len * 0
     if WINDOW:
         kv_lo = tl.maximum(seq_len - window, 0)  # the query at seq_len - 1 sees keys > seq_len - 1 - window
-    per_split = tl.cdiv(tl.cdiv(seq_len - kv_lo, Z), BLOCK_N) * BLOCK_N
-    lo = kv_lo + split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
+    lo = kv_lo
+    hi = seq_len
+    if SPLIT:
+        first_tile, tiles = plan.seq_tiles(seq_len, 1, window, BLOCK_N, WINDOW)
+        lo, hi = plan.split_range(seq_len, kv_lo, first_tile, tiles, split, share, BLOCK_N)
     g = tl.arange(0, BLOCK_G)
     head = kv_head * G + g
     d = tl.arange(0, BLOCK_H)
@@ -168,12 +185,53 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out
         o_ptrs = out_ptr + q_start.to(tl.int64) * stride_ot + head[:, None] * stride_on + d[None, :]
         tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=q_ok)
     else:
-        # Partials [S, N, Z, H] and their log-sum-exp [S, N, Z]; an empty split stores lse = -inf.
-        row = (s_idx.to(tl.int64) * num_heads + head) * Z + split
+        # Partials [P, N, H] and their log-sum-exp [P, N], by work program; an empty split stores lse = -inf.
+        row = p.to(tl.int64) * num_heads + head
         has = l_i > 0
         o = acc * v_scale / tl.where(has, l_i, 1.0)[:, None]
         tl.store(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], o, mask=g[:, None] < G)
         tl.store(part_lse_ptr + row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=g < G)
+
+
+@triton.jit
+def _merge_plan_kernel(part_o_ptr, part_lse_ptr, ends_ptr, qsl_ptr, out_ptr, sinks_ptr, stride_ot, stride_on,
+                       num_heads, head_dim, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, SINKS: tl.constexpr,
+                       INTERPRET: tl.constexpr):
+    """Merge one decode sequence's partials (work programs [ends[s-1], ends[s]), a count that varies per
+    sequence) for one head by their log-sum-exp, BLOCK_Z at a time with a running max; with SINKS the head's
+    sink logit joins the denominator once, here. Prefill sequences are skipped."""
+    s_idx = tl.program_id(0)
+    head = tl.program_id(1)
+    tok = tl.load(qsl_ptr + s_idx).to(tl.int64)
+    if tl.load(qsl_ptr + s_idx + 1) - tok != 1:
+        return
+    start = tl.where(s_idx > 0, tl.load(ends_ptr + s_idx - 1, mask=s_idx > 0, other=0), 0)
+    end = tl.load(ends_ptr + s_idx)
+    d = tl.arange(0, BLOCK_H)
+    # Split 0 is never empty (it holds the window's first key, or key 0): a finite running max from the start.
+    m = tl.load(part_lse_ptr + start.to(tl.int64) * num_heads + head)
+    denom = m * 0
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for z0 in range(start, end, BLOCK_Z):
+        z = z0 + tl.arange(0, BLOCK_Z)
+        ok = z < end
+        row = z.to(tl.int64) * num_heads + head
+        lse = tl.load(part_lse_ptr + row, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        alpha = tl.exp(m - m_new)
+        w = tl.exp(lse - m_new)
+        o = tl.load(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
+        denom = denom * alpha + tl.sum(w, axis=0)
+        m = m_new
+    if SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32)
+        m_new = tl.maximum(m, sink)
+        alpha = tl.exp(m - m_new)
+        acc = acc * alpha
+        denom = denom * alpha + tl.exp(sink - m_new)
+    tl.store(out_ptr + tok * stride_ot + head * stride_on + d, cast(acc / denom, out_ptr.dtype.element_ty, INTERPRET),
+             mask=d < head_dim)
 
 
 @triton.jit
@@ -253,23 +311,15 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ou
 
 
 @triton.jit
-def _merge_splits_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, sinks_ptr, stride_ot, stride_on, num_heads,
-                         head_dim, Z, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, BY_SEQUENCE: tl.constexpr,
-                         SINKS: tl.constexpr, INTERPRET: tl.constexpr):
-    """Merge the Z partial softmaxes of one (row, head) by their log-sum-exp; with SINKS the head's sink
-    logit joins the denominator once, here.
-
-    BY_SEQUENCE (the decode kernel's partials, [S, N, Z]): program 0 is a sequence, written to its one
-    query token, and prefill sequences are skipped. Else (the split prefill kernel's, [T, N, Z]): program
-    0 is a token. Either way some split holds the row's own key, so the max below is finite."""
+def _merge_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_ot, stride_on, num_heads,
+                         head_dim, Z, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, SINKS: tl.constexpr,
+                         INTERPRET: tl.constexpr):
+    """Merge the split prefill kernel's Z partial softmaxes ([T, N, Z]) of one (token, head) by their
+    log-sum-exp; with SINKS the head's sink logit joins the denominator once, here. Some split holds the
+    row's own key, so the max below is finite."""
     idx = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    if BY_SEQUENCE:
-        tok = tl.load(qsl_ptr + idx).to(tl.int64)
-        if tl.load(qsl_ptr + idx + 1) - tok != 1:
-            return
-    else:
-        tok = idx
+    tok = idx
     z = tl.arange(0, BLOCK_Z)
     d = tl.arange(0, BLOCK_H)
     row = (idx * num_heads + head) * Z + z
@@ -309,9 +359,10 @@ def triton_paged_attention(
     """Same contract as `reference_paged_attention` (sinks_N, sliding_window, an fp8 cache's k_scale / v_scale
     included): [T, N, H] in q's dtype.
 
-    Reads only the metadata's host lists and device tensors (no device→host
-    sync). `num_splits` / `prefill_splits` force the decode / prefill split counts
-    (tests; a prefill split > 1 also takes the batch's decode sequences); `out` receives the result.
+    Reads only the metadata's host lists and device tensors (no device→host sync); the decode path reads no
+    host length (its plan is the device's). `num_splits` forces the decode plan to num_splits x S work
+    programs per kv head (1: no split), `prefill_splits` the prefill split count (tests; a prefill split > 1
+    also takes the batch's decode sequences); `out` receives the result.
     """
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
@@ -324,6 +375,8 @@ def triton_paged_attention(
     elif tuple(out.shape) != (T, N, H) or out.dtype != q_TNH.dtype or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [{T}, {N}, {H}] {q_TNH.dtype}.")
     _check_extras(q_TNH, sinks_N, sliding_window)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits={num_splits} is invalid: must be >= 1 (or None to plan).")
     if T == 0:
         return out
     q_TNH = q_TNH if q_TNH.stride(-1) == 1 else q_TNH.contiguous()
@@ -361,23 +414,27 @@ def triton_paged_attention(
         # step is a small one, so its decode sequences ride along in the same kernel (one reduce for all).
         Zp = prefill_splits or splits.prefill_splits(dev, q_blocks * K, meta, BLOCK_N, sliding_window)
     if has_decode and Zp == 1:
-        Z = num_splits or splits.pick_splits(dev, S * K, splits.keys_walked(meta.max_seq_len, sliding_window), BLOCK_N)
-        part_o = part_lse = out  # unused when Z == 1
-        if Z > 1:
-            part_o = common.workspace((S, N, Z, BLOCK_H), torch.float32, dev)
-            part_lse = common.workspace((S, N, Z), torch.float32, dev)
-        _decode_kernel[(S, K, Z)](
-            *common_args, out, part_o, part_lse, sinks, scale, window, v_scale, q_TNH.stride(0), q_TNH.stride(1), *cache_strides,
-            out.stride(0), out.stride(1), N, H, Z, G=G, L=L, BLOCK_G=max(16, triton.next_power_of_2(G)),
-            BLOCK_H=BLOCK_H, BLOCK_N=_FP32_DECODE[0] if fp32 and not flags["INTERPRET"] else BLOCK_N, SPLIT=Z > 1,
+        block_n = _FP32_DECODE[0] if fp32 and not flags["INTERPRET"] else BLOCK_N
+        # P work programs per kv head: S when the batch fills the SMs (no split); else the device plan shares
+        # them among the sequences by their key tiles. `num_splits` forces P = num_splits x S (tests).
+        P = S * num_splits if num_splits else splits.decode_programs(dev, S, K, block_n, sliding_window)
+        split = P > S
+        ends = part_o = part_lse = out  # unused without a split
+        if split:
+            ends = plan.plan_decode_splits(meta.seq_lens_S, meta.query_start_loc_S1, P, block_n, sliding_window)
+            part_o = common.workspace((P, N, BLOCK_H), torch.float32, dev)
+            part_lse = common.workspace((P, N), torch.float32, dev)
+        _decode_kernel[(P, K)](
+            *common_args, ends, out, part_o, part_lse, sinks, scale, window, v_scale, S, q_TNH.stride(0),
+            q_TNH.stride(1), *cache_strides, out.stride(0), out.stride(1), N, H, G=G, L=L,
+            BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_H=BLOCK_H, BLOCK_N=block_n, SPLIT=split,
             num_warps=_FP32_DECODE[1] if fp32 else _warps(max(16, triton.next_power_of_2(G)), BLOCK_H),
             **extras, **flags,
         )
-        if Z > 1:
-            _merge_splits_kernel[(S, N)](
-                part_o, part_lse, meta.query_start_loc_S1, out, sinks, out.stride(0), out.stride(1), N, H, Z,
-                BLOCK_Z=triton.next_power_of_2(Z), BLOCK_H=BLOCK_H, BY_SEQUENCE=True, SINKS=extras["SINKS"],
-                INTERPRET=flags["INTERPRET"], num_warps=4,
+        if split:
+            _merge_plan_kernel[(S, N)](
+                part_o, part_lse, ends, meta.query_start_loc_S1, out, sinks, out.stride(0), out.stride(1), N, H,
+                BLOCK_Z=16, BLOCK_H=BLOCK_H, SINKS=extras["SINKS"], INTERPRET=flags["INTERPRET"], num_warps=4,
             )
     if meta.max_query_len > 1:
         part_o = part_lse = out  # unused when Zp == 1
@@ -392,8 +449,8 @@ def triton_paged_attention(
         )
         if Zp > 1:  # every split of every token's row of every head is written (lse -inf where empty): merge all
             _merge_splits_kernel[(T, N)](
-                part_o, part_lse, meta.query_start_loc_S1, out, sinks, out.stride(0), out.stride(1), N, H, Zp,
-                BLOCK_Z=triton.next_power_of_2(Zp), BLOCK_H=BLOCK_H, BY_SEQUENCE=False, SINKS=extras["SINKS"],
+                part_o, part_lse, out, sinks, out.stride(0), out.stride(1), N, H, Zp,
+                BLOCK_Z=triton.next_power_of_2(Zp), BLOCK_H=BLOCK_H, SINKS=extras["SINKS"],
                 INTERPRET=flags["INTERPRET"], num_warps=4,
             )
     return out

@@ -14,9 +14,13 @@ token's sequence is found by binary search over query_start_loc (grid from T alo
 A long prompt is better served expanded per head (fewer flops per score, see mla.py); this kernel is the
 absorbed path and correct for any mix.
 
-Split-K: when T * N / BLOCK_H programs alone would leave SMs idle (small decode batches, long contexts),
-Z > 1 programs per (token, head block) each take a 1/Z slice of the token's rows and store a partial
-output and its log-sum-exp; a merge kernel combines them per (token, head block).
+Splits, when the programs alone would leave SMs idle (small decode batches, long contexts):
+- a pure-decode batch (every decode graph's step) uses the page-balanced device plan of
+  triton_split_plan.py: grid (P, head blocks), P from S, the head blocks and the SM count only, shared among
+  the sequences by their row tiles; a program finds its (sequence, split) by binary search over the plan and
+  stores a partial; a merge kernel combines each sequence's variable number of partials;
+- a mixed batch (eager only) keeps Z > 1 equal slices of every token's rows (grid (T, head blocks, Z)) and a
+  per-(token, head block) merge.
 
 The kernel never reads a row at or past the token's causal bound: those loads are masked, so nothing
 depends on what unused or null blocks hold (the reference routes such reads to the zeroed null block).
@@ -30,7 +34,8 @@ import triton.language as tl
 from . import triton_common as common
 from .attention import AttentionMetadata
 from .mla import FP8_CACHE_DTYPES, check_latent_cache, check_mla_inputs
-from .split_planning import pick_splits
+from . import triton_split_plan as plan
+from .split_planning import decode_programs, pick_splits
 from .triton_common import cast, dot
 
 _LOG2E = 1.4426950408889634
@@ -76,34 +81,51 @@ def triton_write_latent(ckv_TC, kpe_TP, latent_cache_BLR, slot_mapping_T, kv_sca
 
 
 @triton.jit(do_not_specialize=["num_seqs", "Z"])
-def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ends_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                 scale_log2, kv_scale, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn, stride_cb, stride_cl, stride_tb,
                 stride_ot, stride_on, num_heads, C, P, Z,
                 L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PLAN: tl.constexpr, INTERPRET: tl.constexpr,
+                PREC: tl.constexpr):
     # num_seqs and Z are runtime values (do_not_specialize): a new batch never means a new compile.
-    tok = tl.program_id(0)
+    # PLAN (a pure-decode batch, split): program 0 is a work program of the device plan (triton_split_plan.py),
+    # which names its sequence (= its one token) and its rows; partials are indexed by work program (Z = 1).
+    # Else program 0 is a token and program 2 one of Z equal slices of its rows (Z = 1: no split).
     hb = tl.program_id(1)
-    split = tl.program_id(2)
-    # The token's sequence: the first s whose queries end after it (binary search over query_start_loc).
-    lo = tok * 0  # int32 tensors from the start: loop-carried
-    hi = lo + num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(qsl_ptr + mid + 1) <= tok:
-            lo = mid + 1
-        else:
-            hi = mid
-    s_idx = lo
-    if s_idx >= num_seqs:
-        return  # past the batch's last token (never from the runner; kept so a stray row reads nothing)
-    q_start = tl.load(qsl_ptr + s_idx)
-    q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
-    seq_len = tl.load(seq_lens_ptr + s_idx)
-    kv_end = seq_len - q_len + (tok - q_start) + 1  # causal: the token sees rows [0, its position]
-    per_split = tl.cdiv(tl.cdiv(kv_end, Z), BLOCK_N) * BLOCK_N
-    start_row = split * per_split
-    end_row = tl.minimum(start_row + per_split, kv_end)
+    if PLAN:
+        pid = tl.program_id(0)
+        s_idx, split, share = plan.find_split(ends_ptr, num_seqs, pid)
+        if s_idx >= num_seqs:
+            return  # past the plan's last program
+        tok = tl.load(qsl_ptr + s_idx)
+        seq_len = tl.load(seq_lens_ptr + s_idx)
+        first_tile, tiles = plan.seq_tiles(seq_len, 1, 0, BLOCK_N, False)
+        start_row, end_row = plan.split_range(seq_len, 0, first_tile, tiles, split, share, BLOCK_N)
+        prow_id = pid
+        zsplit = 0
+    else:
+        tok = tl.program_id(0)
+        zsplit = tl.program_id(2)
+        # The token's sequence: the first s whose queries end after it (binary search over query_start_loc).
+        lo = tok * 0  # int32 tensors from the start: loop-carried
+        hi = lo + num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if tl.load(qsl_ptr + mid + 1) <= tok:
+                lo = mid + 1
+            else:
+                hi = mid
+        s_idx = lo
+        if s_idx >= num_seqs:
+            return  # past the batch's last token (never from the runner; kept so a stray row reads nothing)
+        q_start = tl.load(qsl_ptr + s_idx)
+        q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
+        seq_len = tl.load(seq_lens_ptr + s_idx)
+        kv_end = seq_len - q_len + (tok - q_start) + 1  # causal: the token sees rows [0, its position]
+        per_split = tl.cdiv(tl.cdiv(kv_end, Z), BLOCK_N) * BLOCK_N
+        start_row = zsplit * per_split
+        end_row = tl.minimum(start_row + per_split, kv_end)
+        prow_id = tok
 
     tok64 = tok.to(tl.int64)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # heads past num_heads are padding rows for tl.dot's 16-row minimum
@@ -133,7 +155,7 @@ def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, o
         s = dot(q_lat, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), INTERPRET, PREC)
         s = dot(q_pe, tl.trans(kpe), s, INTERPRET, PREC) * scale_log2
         s = tl.where(p_ok[None, :], s, float("-inf"))
-        # Every tile holds at least one visible row (start < end_row), so m_new is finite.
+        # Every tile walked holds at least one visible row (start < end_row), so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -146,9 +168,10 @@ def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, o
         o_ptrs = out_ptr + tok64 * stride_ot + h[:, None] * stride_on + c[None, :]
         tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=h_ok[:, None] & c_ok[None, :])
     else:
-        # Token-indexed partials [T, N, Z, BLOCK_C] and their log2-sum-exp2 [T, N, Z]. A split past the token's
-        # causal bound is empty and stores lse = -inf; split 0 holds row 0, which every token sees.
-        prow = (tok64 * num_heads + h) * Z + split
+        # Partials [T, N, Z, BLOCK_C] and their log2-sum-exp2 [T, N, Z] (PLAN: [work programs, N, 1, ...]). A
+        # split past the token's causal bound (or a plan's tail split) is empty and stores lse = -inf; split 0
+        # holds row 0, which every token sees.
+        prow = (prow_id.to(tl.int64) * num_heads + h) * Z + zsplit
         tl.store(part_o_ptr + prow[:, None] * BLOCK_C + c[None, :], o, mask=h_ok[:, None])
         tl.store(part_lse_ptr + prow, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=h_ok)
 
@@ -174,6 +197,33 @@ def _mla_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, n
         w = tl.exp2(tl.load(part_lse_ptr + base + zi, mask=h_ok, other=float("-inf")) - m)
         o = tl.load(part_o_ptr + (base + zi)[:, None] * BLOCK_C + c[None, :], mask=h_ok[:, None], other=0.0)
         acc += o * w[:, None]
+    o = acc / tl.where(h_ok, total, 1.0)[:, None]
+    tl.store(out_ptr + tok64 * stride_ot + h[:, None] * stride_on + c[None, :], cast(o, out_ptr.dtype.element_ty, INTERPRET),
+             mask=h_ok[:, None] & (c[None, :] < C))
+
+
+@triton.jit(do_not_specialize=["num_heads"])
+def _mla_merge_plan_kernel(part_o_ptr, part_lse_ptr, ends_ptr, qsl_ptr, out_ptr, stride_ot, stride_on, num_heads, C,
+                           BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
+    """Merge one decode sequence's partials (work programs [ends[s-1], ends[s]), a count that varies per
+    sequence) for BLOCK_H heads: a pass for the max log2-sum-exp2, a pass to sum the weighted partials."""
+    s_idx = tl.program_id(0)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < num_heads
+    c = tl.arange(0, BLOCK_C)
+    tok64 = tl.load(qsl_ptr + s_idx).to(tl.int64)
+    start = tl.where(s_idx > 0, tl.load(ends_ptr + s_idx - 1, mask=s_idx > 0, other=0), 0)
+    end = tl.load(ends_ptr + s_idx)
+    m = tl.load(part_lse_ptr + start.to(tl.int64) * num_heads + h, mask=h_ok, other=0.0)  # split 0: never empty
+    for zi in range(start + 1, end):
+        m = tl.maximum(m, tl.load(part_lse_ptr + (h + zi * num_heads).to(tl.int64), mask=h_ok, other=float("-inf")))
+    total = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    for zi in range(start, end):
+        row = (h + zi * num_heads).to(tl.int64)  # < 2^31: work programs x heads
+        w = tl.exp2(tl.load(part_lse_ptr + row, mask=h_ok, other=float("-inf")) - m)
+        acc += tl.load(part_o_ptr + row[:, None] * BLOCK_C + c[None, :], mask=h_ok[:, None], other=0.0) * w[:, None]
+        total += w
     o = acc / tl.where(h_ok, total, 1.0)[:, None]
     tl.store(out_ptr + tok64 * stride_ot + h[:, None] * stride_on + c[None, :], cast(o, out_ptr.dtype.element_ty, INTERPRET),
              mask=h_ok[:, None] & (c[None, :] < C))
@@ -222,8 +272,9 @@ def triton_mla_attention(
     Reads only the metadata's host lists and device tensors (no device→host sync). q_latent_TNC and q_pe_TNP
     may be strided views (e.g. a per-head bmm's transposed output) with contiguous last dims; `out` (any
     [T, N, C] strides with a contiguous last dim, e.g. a transposed [N, T, C] buffer for the W_UV bmm)
-    receives the result. `num_splits` forces the split-K count (tests); by default it grows only when the
-    programs alone would leave SMs idle.
+    receives the result. `num_splits` forces the split (tests): num_splits x S plan programs for a pure-decode
+    batch, Z = num_splits slices in a mixed one; by default splits happen only when the programs alone would
+    leave SMs idle.
     """
     common.check_dtype("q_latent_TNC", q_latent_TNC)
     check_mla_inputs(q_latent_TNC, q_pe_TNP, latent_cache_BLR)
@@ -247,23 +298,42 @@ def triton_mla_attention(
     BLOCK_C = max(16, triton.next_power_of_2(C))
     BLOCK_P = max(16, triton.next_power_of_2(P))
     head_blocks = triton.cdiv(N, BLOCK_H)
-    Z = num_splits or pick_splits(dev, T * head_blocks, meta.max_seq_len, BLOCK_N)
-    if Z > 1:
+    S = meta.num_seqs
+    tables = meta.block_tables_SM
+    if meta.max_query_len == 1:
+        # Pure decode (every step a decode graph replays): the device plan shares P work programs per head block
+        # among the sequences by their row tiles; P from S, the head blocks and the SMs only (S: no split).
+        split_cfg = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, split=True, fp8_cache=fp8_cache)
+        programs = S * num_splits if num_splits else decode_programs(dev, S, head_blocks, split_cfg[1])
+        plan_split, Z = programs > S, 1
+    else:  # a mixed batch (eager): Z equal slices of every token's rows when the tokens leave SMs idle
+        plan_split, programs = False, T
+        Z = num_splits or pick_splits(dev, T * head_blocks, meta.max_seq_len, BLOCK_N)
+    if Z > 1 or plan_split:
         BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, split=True,
                                                          fp8_cache=fp8_cache)
-    part_o = part_lse = out  # unused when Z == 1
-    if Z > 1:
+        head_blocks = triton.cdiv(N, BLOCK_H)
+    ends = part_o = part_lse = out  # unused without a split
+    if plan_split:
+        ends = plan.plan_decode_splits(meta.seq_lens_S, meta.query_start_loc_S1, programs, BLOCK_N)
+        part_o = common.workspace((programs, N, 1, BLOCK_C), torch.float32, dev)
+        part_lse = common.workspace((programs, N, 1), torch.float32, dev)
+    elif Z > 1:
         part_o = common.workspace((T, N, Z, BLOCK_C), torch.float32, dev)
         part_lse = common.workspace((T, N, Z), torch.float32, dev)
-    tables = meta.block_tables_SM
-    _mla_kernel[(T, head_blocks, Z)](
-        q_latent_TNC, q_pe_TNP, latent_cache_BLR, tables, meta.seq_lens_S, meta.query_start_loc_S1, out, part_o,
-        part_lse, scale * kv_scale * _LOG2E, kv_scale, meta.num_seqs, q_latent_TNC.stride(0), q_latent_TNC.stride(1), q_pe_TNP.stride(0),
+    _mla_kernel[(programs, head_blocks, Z)](
+        q_latent_TNC, q_pe_TNP, latent_cache_BLR, tables, meta.seq_lens_S, meta.query_start_loc_S1, ends, out, part_o,
+        part_lse, scale * kv_scale * _LOG2E, kv_scale, S, q_latent_TNC.stride(0), q_latent_TNC.stride(1), q_pe_TNP.stride(0),
         q_pe_TNP.stride(1), latent_cache_BLR.stride(0), latent_cache_BLR.stride(1), tables.stride(0), out.stride(0),
         out.stride(1), N, C, P, Z, L=latent_cache_BLR.shape[1], BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
-        BLOCK_N=BLOCK_N, SPLIT=Z > 1, num_warps=warps, num_stages=stages, **flags,
+        BLOCK_N=BLOCK_N, SPLIT=Z > 1 or plan_split, PLAN=plan_split, num_warps=warps, num_stages=stages, **flags,
     )
-    if Z > 1:  # every (token, head) has split 0 written: merge them all
+    if plan_split:
+        _mla_merge_plan_kernel[(S, head_blocks)](
+            part_o, part_lse, ends, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, C, BLOCK_H=BLOCK_H,
+            BLOCK_C=BLOCK_C, INTERPRET=flags["INTERPRET"], num_warps=8,
+        )
+    elif Z > 1:  # every (token, head) has split 0 written: merge them all
         _mla_merge_kernel[(T, head_blocks)](
             part_o, part_lse, out, out.stride(0), out.stride(1), N, C, Z, BLOCK_H=BLOCK_H,
             BLOCK_Z=triton.next_power_of_2(Z), BLOCK_C=BLOCK_C, INTERPRET=flags["INTERPRET"], num_warps=8,

@@ -23,6 +23,7 @@ REGENERATE = "regenerate it: python -m moelink.benchmarks.compile_report (see th
 ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel", "_moe_down_kernel", "_moe_sum_kernel",
                "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel", "_write_kv_kernel", "_rms_norm_kernel",
                "_rotary_kernel", "_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel",
+               "_plan_kernel", "_merge_plan_kernel", "_mla_merge_plan_kernel",
                "_group_quant_kernel", "_fp8_gemm_kernel", "_moe_fp8_up_kernel", "_moe_fp8_down_kernel",
                "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel", "_tiny_up_kernel", "_tiny_down_kernel"}
 
@@ -165,3 +166,36 @@ def test_report_covers_every_fp8_config_as_it_is_now():
         g = cfg.up
         assert launched("_fp8_gemm_kernel", f"fp8_linear.json[{bucket}]") == (
             cfg.BLOCK_SIZE_M, g.BLOCK_SIZE_N, min(g.BLOCK_SIZE_K, 128), g.GROUP_SIZE_M, g.num_warps, g.num_stages), REGENERATE
+
+
+def test_merge_replaces_a_family_where_its_rows_were():
+    """`--only F --merge`: F's old rows go, its new ones take their place (not the end), the rest stay as they were;
+    a new kernel name counts as F's."""
+    row = lambda name, h: dict(name=name, hash=h, cases=[f"case {h}"])  # noqa: E731
+    old = dict(triton="3.6.0", ptxas="12.8", kernels=[row("_moe_up_kernel", 1), row("_decode_kernel", 2),
+                                                       row("_prefill_kernel", 3), row("_rms_norm_kernel", 4)])
+    new = dict(triton="3.6.0", ptxas="12.8", date="d", commit="c",
+               kernels=[row("_plan_kernel", 5), row("_decode_kernel", 6), row("_prefill_kernel", 7)])
+    merged = compile_report.merge_into(old, new, "attention")
+    assert [k["hash"] for k in merged["kernels"]] == [1, 5, 6, 7, 4]
+    assert merged["merged"][-1] == dict(only="attention", date="d", commit="c")
+
+
+def test_merge_can_keep_compile_seconds_of_unchanged_launch_configs():
+    """--keep-compile-s: a record whose (kernel, constexprs, warps, stages) the old report has keeps its compile
+    seconds (a switch added since and False does not count); a new launch config keeps the ones timed now,
+    divided by how much slower the kept ones compiled now (here 2.0 / 0.5 = 4x)."""
+    row = lambda name, h, s, bn: dict(name=name, hash=h, cases=[], compile_s=s, constexprs=dict(BLOCK_N=bn),  # noqa: E731
+                                      num_warps=4, num_stages=1)
+    old = dict(triton="3.6.0", ptxas="12.8", kernels=[row("_decode_kernel", 1, 0.5, 64), row("_rms_norm_kernel", 2, 0.1, 0)])
+    def new():
+        added_switch = row("_decode_kernel", 3, 2.0, 64)
+        added_switch["constexprs"]["PLAN"] = False
+        return dict(triton="3.6.0", ptxas="12.8", date="d", commit="c",
+                    kernels=[added_switch, row("_decode_kernel", 4, 3.0, 32)])
+
+    merged = compile_report.merge_into(old, new(), "attention", keep_compile_s=True)
+    assert [(k["hash"], k["compile_s"]) for k in merged["kernels"]] == [(3, 0.5), (4, 0.75), (2, 0.1)]
+    assert merged["merged"][-1]["kept_compile_s"] == 1 and merged["merged"][-1]["compile_load"] == 4.0
+    fresh = compile_report.merge_into(old, new(), "attention")
+    assert [k["compile_s"] for k in fresh["kernels"]][:2] == [2.0, 3.0]

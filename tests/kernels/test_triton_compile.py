@@ -33,6 +33,7 @@ def test_all_kernels_compile_for_sm90():
     names = {c["name"] for c in compiled}
     assert names >= {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel", "_moe_down_kernel",
                      "_moe_sum_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel",
+                     "_plan_kernel", "_merge_plan_kernel",
                      "_write_kv_kernel", "_rms_norm_kernel", "_rotary_kernel"}, names
     too_big = [c for c in compiled if c["shared"] > H100_SMEM]
     assert not too_big, f"shared memory over the sm_90 limit: {too_big}"
@@ -85,7 +86,8 @@ def _compile_all() -> list[dict]:
                                  torch.empty(E, D, I, dtype=dt, **meta), torch.empty(T, K, **meta),
                                  torch.empty(T, K, dtype=torch.long, **meta), emap,
                                  combine="atomic" if (E, T) == (128, 4096) else "sum")
-    # Attention: Qwen3 and Mixtral heads, a mixed batch (decode split 4 ways + a chunk) and a pure decode batch.
+    # Attention: Qwen3 and Mixtral heads, a mixed batch (decode planned over 4 x S programs + a chunk) and a pure
+    # decode batch.
     for N, Kh, dt in [(32, 4, torch.bfloat16), (32, 8, torch.bfloat16), (32, 4, torch.float32), (16, 16, torch.float16)]:
         H, L, S, T = 128, 16, 8, 40
         i32 = lambda *s: torch.empty(*s, dtype=torch.int32, **meta)  # noqa: E731
