@@ -157,6 +157,9 @@ class MoEConfig:
         d = {"BLOCK_SIZE_M": self.BLOCK_SIZE_M, **self.up.to_dict()}
         if self.down != replace(self.up, FUSED_GATE_UP=False):
             d["down"] = self.down.to_dict()
+            for k in ("TMA",) + _COUNT_KEYS:  # (a default value dropped from down's dict would inherit the up GEMM's)
+                if getattr(self.down, k) != getattr(self.up, k):
+                    d["down"][k] = getattr(self.down, k)
         if self.tiny is not None:
             d["TINY"] = self.tiny.to_dict()
         return d
