@@ -23,9 +23,10 @@ SPACES = {
                  TMA=(False, True), passes=3),
     # CPU interpreter: one axis per GEMM (an empty axis is never moved), one confirmation round; blocks no
     # smaller than interpreter.json's, as the interpreter's cost grows with the number of programs.
-    # (PERSISTENT: the schedule axis runs in the smoke too; TMA's interpreter path is the kernel tests' job.)
+    # (The schedule axes stay empty here: each candidate is ~1 s interpreted and gpu_session's smoke tune step has
+    # 180 s on a shared 2-core machine; tests/kernels/test_moe_schedule.py runs both keys in the interpreter.)
     "smoke": dict(BLOCK_SIZE_M=(16,), BLOCK_SIZE_N=(32, 64), BLOCK_SIZE_K=(), GROUP_SIZE_M=(), num_warps=(),
-                  num_stages=(), PERSISTENT=(1,), TMA=(), passes=1, confirm_rounds=1),
+                  num_stages=(), PERSISTENT=(), TMA=(), passes=1, confirm_rounds=1),
 }
 # The tiny-batch path (kernels/triton_moe_tiny.py) as an axis: tried in buckets of at most this many pairs; a
 # bucket that keeps it turns it on for pair counts up to its own T*K (tune 1,2,4,8 to cover decode sizes).
