@@ -19,12 +19,16 @@ meta tensors, so nothing executes and no memory is allocated. For every distinct
 - cold compile seconds (a fresh Triton cache per run unless --cache-dir): an upper bound for the
   GPU machine's compile cost, which benchmarks/gpu_session.sh budgets from.
 
-Configs covered (MoE GEMMs): every bucket of kernels/configs/default.json at each model shape, every
+Configs covered (MoE GEMMs): every bucket of kernels/configs/default.json at each model shape (as it is, with the
+fused gate-up tile, and with the PERSISTENT / TMA keys alone and together: compile_cases.NEW_KEY_VARIANTS), every
 bucket of every tuned `E=..,N=..,device_name=...json` file at its own shape, and (unless --no-published)
 the published seed configs tune_moe.py starts from (benchmarks/tune_moe.py PUBLISHED). The other kernels
 (align, top-k sum, attention, KV write, RMSNorm, rotary) are compiled at the shapes the engine launches
 for the three models; the FP8 block-scaled kernels (fused MoE, dense GEMM, activation quantization) at the
-buckets of kernels/configs/fp8_moe_default.json and fp8_linear.json (compile_cases.compile_fp8). Output: <out>.json (every kernel) and <out>.md (tables and notes).
+buckets of kernels/configs/fp8_moe_default.json (also with PERSISTENT / TMA) and fp8_linear.json
+(compile_cases.compile_fp8). Launches that agree on kernel, launch config, dtypes and shape class (the
+divisibility specialisation) are one record (compile_report_text.record_key), also across --merge runs.
+Output: <out>.json (every kernel) and <out>.md (tables and notes).
 """
 from __future__ import annotations
 
