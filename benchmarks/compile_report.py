@@ -165,6 +165,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--merge", action="store_true",
                     help="with --only: replace that family's kernels in the existing <out>.json and keep every other "
                     "kernel's record (compile seconds included) as it is")
+    ap.add_argument("--retime", action="store_true",
+                    help="recompile every launch (cold cache) and replace only the compile seconds of the records in the "
+                    "existing <out>.json, matched by record key; the analysis (registers, spills, instructions) is kept")
     ap.add_argument("--cache-dir", default=None,
                     help="Triton cache (default: a fresh temporary one, so compile_s is a cold compile)")
     args = ap.parse_args(argv)
@@ -186,8 +189,11 @@ def main(argv=None) -> dict:
         from moelink.engine.provenance import git_commit
         from datetime import date
 
-        rep = collect(published=not args.no_published, quick=args.quick, only=args.only)
-        rep.update(date=str(date.today()), commit=git_commit())
+        if args.retime:
+            rep = retime(json.loads(Path(f"{args.out}.json").read_text()), published=not args.no_published)
+        else:
+            rep = collect(published=not args.no_published, quick=args.quick, only=args.only)
+            rep.update(date=str(date.today()), commit=git_commit())
         if args.merge:
             rep = merge_into(json.loads(Path(f"{args.out}.json").read_text()), rep, args.only)
         rep["summary"] = summarize(rep)
@@ -202,6 +208,32 @@ def main(argv=None) -> dict:
     md.write_text(markdown(rep))
     print(json.dumps(rep["summary"], indent=1))
     print(f"wrote {js} and {md}")
+    return rep
+
+
+def retime(rep: dict, published: bool = True) -> dict:
+    """`rep` with every record's compile_s re-measured now (CPU seconds of a cold compile, compile_cases.cpu_seconds),
+    matched by record key; a record this run does not compile keeps its value. For a report whose analysis is current
+    but whose compile seconds were taken as wall time on a loaded machine."""
+    import triton
+
+    if rep.get("triton") != triton.__version__:
+        raise SystemExit(f"--retime: this Triton ({triton.__version__}) is not the report's ({rep.get('triton')}).")
+    rec = Recorder()
+    rec.install(90)
+    for run in (lambda: compile_moe(rec, published, False), lambda: compile_moe_mxfp4(rec, False),
+                lambda: compile_attention(rec, False), lambda: compile_mla(rec, False),
+                lambda: compile_norm_rotary(rec, False), lambda: compile_fp8(rec, False)):
+        run()
+    seconds = {}
+    for r in rec.records:
+        k = r["kernel"]
+        key = record_key(dict(name=k.metadata.name, constexprs=r["constexprs"], num_warps=k.metadata.num_warps,
+                              num_stages=k.metadata.num_stages, dtypes=r["dtypes"], shape_class=r["shape_class"]))
+        seconds.setdefault(key, round(r["seconds"], 3))  # (the first launch compiles; later ones hit the cache)
+    for k in rep["kernels"]:
+        k["compile_s"] = seconds.get(record_key(k), k["compile_s"])
+    rep["compile_seconds"] = "CPU seconds (process + ptxas) of one cold compile, re-measured with --retime"
     return rep
 
 

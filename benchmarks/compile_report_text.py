@@ -202,6 +202,7 @@ def notes(rep: dict) -> list[str]:
     out.append(f"- Compiled with Triton {rep['triton']}. The script uses the Triton that is installed; the GPU image has "
                "Triton 3.6 (first session), which installs beside the CPU machines' one with `pip install --no-deps "
                "--target /tmp/triton36 triton==3.6.0` and runs with `PYTHONPATH=/tmp/triton36` first.")
-    out.append("- compile s is one cold compile on a 2-core CPU machine (TTIR to cubin, no launcher): the per-class "
+    out.append("- compile s is one cold compile (TTIR to cubin, no launcher) in CPU seconds (this process + ptxas; wall time on "
+               "a shared 2-core machine measures its load) on a 2-core CPU machine: the per-class "
                "maxima are what benchmarks/gpu_session.sh budgets each compile at.")
     return out
