@@ -60,7 +60,8 @@ def markdown(rep: dict) -> str:
         "(`cuobjdump -res-usage`), spills from `ptxas -v`, tensor-core and TMA instructions from the SASS."
         + "".join(f" The {m['only']} kernels were recompiled and merged in on {m['date']} at commit {m['commit']} "
                   f"(`--only {m['only']} --merge`; the other kernels' records, compile seconds included, are the "
-                  "full run's)." for m in rep.get("merged", [])),
+                  "full run's)." for m in rep.get("merged", []))
+        + (f" Compile seconds: {rep['compile_seconds']} (`--retime`)." if rep.get("compile_seconds") else ""),
         "",
         f"- {s['kernels_compiled']} distinct compiled kernels ({', '.join(s['kernel_names'])}), "
         f"{s['compile_s_total']} s of cold compiles on this CPU machine.",
