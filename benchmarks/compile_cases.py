@@ -65,10 +65,11 @@ class Recorder:
 
         def compile_instead_of_launch(self, grid):
             def launch(*args, **kwargs):
-                t0 = time.perf_counter()
+                t0 = cpu_seconds()
                 k = self.run(*args, grid=grid, warmup=True, **kwargs)
                 consts = {a: b for a, b in kwargs.items() if isinstance(b, (int, bool, str)) and a != "PREC"}
-                rec.records.append(dict(case=rec.case, kernel=k, seconds=time.perf_counter() - t0, constexprs=consts))
+                rec.records.append(dict(case=rec.case, kernel=k, seconds=cpu_seconds() - t0, constexprs=consts,
+                                        **specialisation(k)))
             return launch
 
         JITFunction.__getitem__ = compile_instead_of_launch
@@ -79,7 +80,37 @@ class Recorder:
         triton_moe_tiny._num_sms = lambda d: 132  # the H100's SMs: the tiny down GEMV narrows as it would there
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (ptxas): what a compile costs whatever else the
+    machine runs. Wall time on a shared 2-core machine measured the load, 3-4x the idle compile."""
+    import resource
+
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ch.ru_utime + ch.ru_stime
+
+
+def specialisation(kernel) -> dict:
+    """What besides the launch config makes a compiled kernel distinct: `dtypes`, the pointer arguments' element
+    types in order (the activation dtype, fp8 or not), and `shape_class`, the shape- and stride-dependent
+    specialisation Triton applied (arguments divisible by 16, and those equal to 1 folded into constants). Two
+    launches that agree on kernel, config, dtypes and shape class compile to the same code."""
+    src = getattr(kernel, "src", None)
+    sig = getattr(src, "signature", None) or {}
+    attrs = getattr(src, "attrs", None) or {}
+    names = list(sig)
+    div16 = sorted(names[i[0]] for i, v in attrs.items() if any(a[0] == "tt.divisibility" for a in v))
+    const1 = sorted(n for n, t in sig.items() if t == "constexpr" and not n.isupper())  # (specialised values, not meta)
+    return dict(dtypes=",".join(t for t in sig.values() if t.startswith("*")),
+                shape_class=f"div16[{','.join(div16)}] eq1[{','.join(const1)}]")
+
+
 # -- what gets compiled ----------------------------------------------------------------------------------------------------
+# Config keys of kernels/moe_schedule.py compiled beside every default.json bucket (label, GemmConfig fields).
+NEW_KEY_VARIANTS = (("persistent", dict(PERSISTENT=1)), ("tma", dict(TMA=True)),
+                    ("persistent tma", dict(PERSISTENT=1, TMA=True)),
+                    ("persistent tma fused gate-up", dict(PERSISTENT=1, TMA=True)))
+
+
 def moe_cases(published: bool, quick: bool):
     """(label, shape name, (E, K, D, I), T, MoEConfig, dtype, map?, combine) for every config moelink or the tuner uses."""
     from moelink.kernels.moe_config import CONFIG_DIR, DEFAULT_TINY, MoEConfig, TinyGemm, load_config_file
@@ -93,6 +124,11 @@ def moe_cases(published: bool, quick: bool):
             # The same config with the fused gate-up tile (FUSED_GATE_UP), which tune_moe tries as one axis.
             fused = MoEConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, FUSED_GATE_UP=True), cfg.down)
             yield f"default.json[{bucket}] fused gate-up", name, (E, K, D, I), T, fused, torch.bfloat16, False, "sum"
+            # The persistent tile loop and the TMA loads (tune_moe axes PERSISTENT, TMA), alone and together.
+            for label, keys in NEW_KEY_VARIANTS:
+                up = replace(cfg.up, FUSED_GATE_UP=label.endswith("fused gate-up"), **keys)
+                v = MoEConfig(cfg.BLOCK_SIZE_M, up, replace(cfg.down, **keys))
+                yield f"default.json[{bucket}] {label}", name, (E, K, D, I), T, v, torch.bfloat16, False, "sum"
             if quick:
                 break
     for path in sorted(CONFIG_DIR.glob("E=*,N=*,device_name=*.json")):
@@ -281,7 +317,7 @@ def compile_fp8(rec: Recorder, quick: bool) -> None:
     expert-map and one atomic variant; the dense GEMM at every fp8_linear.json bucket; the quantization kernel
     with them."""
     from moelink.kernels.fp8 import block_scale_shape
-    from moelink.kernels.moe_config import CONFIG_DIR, load_config_file
+    from moelink.kernels.moe_config import CONFIG_DIR, MoEConfig, load_config_file
     from moelink.kernels.triton_fp8 import _linear_buckets, triton_fp8_linear
     from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
 
@@ -292,6 +328,8 @@ def compile_fp8(rec: Recorder, quick: bool) -> None:
     moe = [(f"fp8_moe_default.json[{b}]", n, T, c, False, "sum") for n in ("deepseek-v3", "qwen3-30b-a3b")
            for b, c in (default[:1] if quick else default)
            for T in [max(1, -(-b * MODEL_SHAPES[n][0] // MODEL_SHAPES[n][1]))]]
+    moe += [(f"{label} {v}", n, T, MoEConfig(c.BLOCK_SIZE_M, replace(c.up, **keys), replace(c.down, **keys)), e, comb)
+            for label, n, T, c, e, comb in list(moe) for v, keys in NEW_KEY_VARIANTS[:3]]
     if not quick:
         moe += [("fp8 variant expert map", "deepseek-v3", 64, None, True, "sum"),
                 ("fp8 variant atomic", "deepseek-v3", 4096, None, False, "atomic")]

@@ -16,7 +16,8 @@
 #   moe-fp8 SHAPE [--quick] moe_kernels --dtype fp8 for ONE shape (deepseek-v3 | qwen3-30b-a3b): FP8 fused MoE vs bf16
 #   moe-mxfp4 [--quick]    moe_mxfp4: gpt-oss-120b/-20b experts, MXFP4 (dequantized in the K loop) vs bf16
 #   tune SHAPE [TOKENS]    tune_moe for ONE shape into .gpu_session/tuned, then
-#                          $OUT/tuned_configs_<GPU>_<SHAPE>.tar.gz (see "Tuned configs" below)
+#                          $OUT/tuned_configs_<GPU>_<SHAPE>.tar.gz (see "Tuned configs" below); its quick space
+#                          searches each GEMM's PERSISTENT (0/1/2 programs per SM) and TMA (off/on) axes too
 #   decode [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite]
 #                          engine_decode, eager and as CUDA-graph replays
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
@@ -429,7 +430,9 @@ step_moe_mxfp4() {
 }
 
 # tune SHAPE [TOKENS]: the tuner stops starting candidates at --budget-s; compile counts are what fits in it
-# (each candidate is at most 2 GEMM compiles): the estimate is the budget, not a count.
+# (each candidate is at most 2 GEMM compiles): the estimate is the budget, not a count. The search (tune_moe's
+# default quick space, benchmarks/tune_space.py) includes the persistent tile loop (PERSISTENT) and the TMA loads
+# (TMA) of each GEMM, which the shipped configs leave off until this step measures them.
 step_tune() {
   local shape=${1:-} tokens=${2:-}
   local stage="$STATE/tuned"

@@ -7,9 +7,10 @@ Per shape and token count (a "bucket"):
 1. Seeds: the config moelink uses now for this bucket (a tuned file's, if there is one), the one it would
    use with no tuned file (default.json), and published tuned configs for the same shape (PUBLISHED
    below, translated to this kernel). Each is timed; the fastest is "the seed".
-2. A coordinate search from the seed over a pruned space: one axis at a time (BLOCK_SIZE_M, then each
-   GEMM's BLOCK_N, BLOCK_K, GROUP_M, warps, stages, and the gate-up GEMM's FUSED_GATE_UP: one interleaved
-   gate|up tile and one dot of twice the width), and at <= TINY_TUNE_MAX_PAIRS pairs the tiny-batch path
+2. A coordinate search from the seed over a pruned space (benchmarks/tune_space.py): one axis at a time
+   (BLOCK_SIZE_M, then each GEMM's BLOCK_N, BLOCK_K, GROUP_M, warps, stages, its tile schedule PERSISTENT
+   (programs per SM of the persistent tile loop, 0 = one program per tile) and TMA (tensor-descriptor loads),
+   and the gate-up GEMM's FUSED_GATE_UP: one interleaved gate|up tile and one dot of twice the width), and at <= TINY_TUNE_MAX_PAIRS pairs the tiny-batch path
    (TINY: on with max_pairs = this bucket's T*K, then its GEMV blocks and warps), each other value of that axis tried, the first that
    is faster by more than NOISE kept; up to `passes` sweeps while anything improves. Candidates that cannot
    fit (shared memory of the pipeline, accumulator registers per thread, blocks wider than the matrix)
@@ -40,159 +41,23 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from .tune_space import (GEMM_AXES, MAX_ACC_REGS, MAX_TINY_DOWN_VALUES, MAX_TINY_UP_VALUES, PUBLISHED,  # noqa: F401
+                         SCHEDULE_AXES, SMEM_LIMIT, SPACES, TINY_AXES, TINY_TUNE_MAX_PAIRS, UP_AXES, block_m_candidates,
+                         feasible, from_vllm, neighbours, published_seeds, tiny_neighbours)
 from .moe_kernels import (SHAPES, SMOKE_SHAPES, SMOKE_TOKENS, TOKENS, Timer, make_inputs, per_expert_loop, require_cuda,
                           run_meta)
 
-GEMM_AXES = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
-UP_AXES = ("FUSED_GATE_UP",)  # the gate-up GEMM's alone (one interleaved tile and one dot: moe_config)
-# Values tried per axis. The search moves one axis at a time from the seed, so the cost is the sum of the
-# axes' lengths per sweep (about 2 x 14 + 3 candidates), not their product.
-SPACES = {
-    "quick": dict(BLOCK_SIZE_M=(16, 32, 64, 128), BLOCK_SIZE_N=(32, 64, 128, 256), BLOCK_SIZE_K=(32, 64, 128, 256),
-                  GROUP_SIZE_M=(1, 8, 16, 32), num_warps=(4, 8), num_stages=(2, 3, 4, 5), FUSED_GATE_UP=(False, True),
-                  passes=1),
-    "full": dict(BLOCK_SIZE_M=(16, 32, 64, 128, 256), BLOCK_SIZE_N=(16, 32, 64, 128, 256),
-                 BLOCK_SIZE_K=(32, 64, 128, 256), GROUP_SIZE_M=(1, 4, 8, 16, 32, 64), num_warps=(2, 4, 8),
-                 num_stages=(2, 3, 4, 5, 6), FUSED_GATE_UP=(False, True), passes=3),
-    # CPU interpreter: one axis per GEMM (an empty axis is never moved), one confirmation round; blocks no
-    # smaller than interpreter.json's, as the interpreter's cost grows with the number of programs.
-    "smoke": dict(BLOCK_SIZE_M=(16,), BLOCK_SIZE_N=(32, 64), BLOCK_SIZE_K=(), GROUP_SIZE_M=(), num_warps=(),
-                  num_stages=(), passes=1, confirm_rounds=1),
-}
-# The tiny-batch path (kernels/triton_moe_tiny.py) as an axis: tried in buckets of at most this many pairs; a
-# bucket that keeps it turns it on for pair counts up to its own T*K (tune 1,2,4,8 to cover decode sizes).
-TINY_TUNE_MAX_PAIRS = 64
-TINY_AXES = {"quick": dict(up_BLOCK_SIZE_N=(8, 16, 32), up_BLOCK_SIZE_K=(128, 256, 512), up_num_warps=(4, 8),
-                           down_BLOCK_SIZE_N=(8, 16, 32), down_BLOCK_SIZE_K=(64, 128, 256), down_num_warps=(4, 8)),
-             "smoke": dict(up_BLOCK_SIZE_K=(16, 32))}
-TINY_AXES["full"] = TINY_AXES["quick"]
 ITERS, SMOKE_ITERS = 10, 1
 NOISE = 0.01  # a candidate must beat the current best by more than this fraction to replace it
 CONFIRM_ROUNDS = 3
-SMEM_LIMIT = 200 * 1024  # of sm_90's 227 KB per block: headroom for the epilogue and barriers
-MAX_ACC_REGS = 128  # fp32 accumulator registers per thread above which the GEMM spills (255 in all)
-# The tiny path's GEMVs hold their tiles in registers: the gate-up GEMV two fp32 [BN, BK] accumulators, the down
-# GEMV a [top-k, BN, BK] tile of weights (widened to fp32) per step; values per thread above these spill on
-# sm_90 (compile report: a [8, 32, 512] down tile at 8 warps spilled 3.4 KB; [8, 8, 128] at 4 warps: 128 regs).
-MAX_TINY_UP_VALUES, MAX_TINY_DOWN_VALUES = 128, 64
-
-# Published tuned configs, as data: vLLM's fused_moe tuned configs for NVIDIA_H100_80GB_HBM3, bf16
-# (vllm/model_executor/layers/fused_moe/configs/, read 2026-11-22), token bucket ->
-# (BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, num_warps, num_stages); the buckets near TOKENS.
-# - "vllm E=128,N=768": Qwen3-30B-A3B's expert shape at TP 1 (this repository's qwen3-30b-a3b exactly).
-# - "vllm E=8,N=7168": Mixtral-8x7B at TP 2 (intermediate 7168): the nearest published bf16 H100 config for 8
-#   experts of hidden 4096 (vLLM publishes E=8,N=14336 for H100 in fp8 only).
-# No bf16 H100 config is published for DeepSeek-V3's E=256, I=2048: it is seeded from default.json and its
-# current tuned file.
-PUBLISHED = {
-    "vllm E=128,N=768": dict(E=128, I=768, D=2048, configs={
-        1: (16, 32, 64, 1, 4, 4), 16: (16, 32, 256, 64, 4, 2), 64: (16, 256, 128, 1, 8, 3),
-        256: (32, 256, 128, 1, 8, 3), 1024: (64, 256, 64, 1, 8, 5), 4096: (128, 256, 64, 1, 8, 4)}),
-    "vllm E=8,N=7168": dict(E=8, I=14336, D=4096, configs={
-        1: (16, 64, 128, 64, 4, 4), 16: (16, 128, 128, 1, 4, 4), 64: (32, 128, 128, 1, 4, 4),
-        256: (64, 128, 128, 64, 4, 4), 1024: (128, 256, 64, 16, 8, 4), 4096: (128, 256, 64, 16, 8, 4)}),
-}
 
 
 class CudaFault(RuntimeError):
     """A CUDA error that leaves the context unusable: nothing after it can be measured."""
-
-
-def from_vllm(bm, bn, bk, group, warps, stages):
-    """vLLM's one config for both GEMMs -> this kernel's. vLLM's first GEMM computes the [M, 2I] gate|up
-    product with BLOCK_N columns per program; ours keeps gate and up accumulators of BLOCK_N each (2*BLOCK_N
-    columns), so the same tile width is BLOCK_N/2 here. The down GEMM is the same GEMM as vLLM's."""
-    from moelink.kernels.moe_config import GemmConfig, MoEConfig
-
-    return MoEConfig(bm, GemmConfig(max(16, bn // 2), bk, group, warps, stages), GemmConfig(bn, bk, group, warps, stages))
-
-
-def published_seeds(E: int, I: int, D: int, tokens: int | None = None, all_buckets: bool = False):
-    """[(bucket, MoEConfig, source)] published for this expert shape: the bucket nearest `tokens`, or all of them."""
-    out = []
-    for src, p in PUBLISHED.items():
-        if (p["E"], p["I"], p["D"]) != (E, I, D):
-            continue
-        buckets = sorted(p["configs"])
-        if not all_buckets:
-            buckets = [min(buckets, key=lambda b: (abs(b - tokens), b))]
-        out += [(b, from_vllm(*p["configs"][b]), src) for b in buckets]
-    return out
-
-
-# -- pruning -----------------------------------------------------------------------------------------------------------
-def feasible(cfg, D: int, I: int, elem: int = 2, top_k: int = 1) -> str | None:
-    """Why `cfg` cannot be a good config for this shape (None: try it). Cheap, before any compile."""
-    if cfg.tiny is not None:
-        up, down = cfg.tiny.up, cfg.tiny.down
-        vals = 2 * up.BLOCK_SIZE_N * up.BLOCK_SIZE_K // (32 * up.num_warps)
-        if vals > MAX_TINY_UP_VALUES:
-            return f"tiny up: {vals} fp32 accumulator values per thread > {MAX_TINY_UP_VALUES}"
-        kp = 1 << max(0, top_k - 1).bit_length()
-        vals = kp * down.BLOCK_SIZE_N * down.BLOCK_SIZE_K // (32 * down.num_warps)
-        if vals > MAX_TINY_DOWN_VALUES:
-            return f"tiny down: a [{kp}, {down.BLOCK_SIZE_N}, {down.BLOCK_SIZE_K}] tile is {vals} values per thread > {MAX_TINY_DOWN_VALUES}"
-    bm = cfg.BLOCK_SIZE_M
-    for part, g, n, k in (("up", cfg.up, I, D), ("down", cfg.down, D, I)):
-        cols = 2 * g.BLOCK_SIZE_N if part == "up" else g.BLOCK_SIZE_N  # the up GEMM keeps two accumulators
-        smem = max(1, g.num_stages - 1) * (bm * g.BLOCK_SIZE_K + cols * g.BLOCK_SIZE_K) * elem
-        if smem > SMEM_LIMIT:
-            return f"{part}: {smem // 1024} KB of pipelined shared memory > {SMEM_LIMIT // 1024} KB"
-        acc = bm * cols // (32 * g.num_warps)
-        if acc > MAX_ACC_REGS:
-            return f"{part}: {acc} fp32 accumulator registers per thread > {MAX_ACC_REGS}"
-        if g.BLOCK_SIZE_N > max(16, 1 << (n - 1).bit_length()) or g.BLOCK_SIZE_K > max(16, 1 << (k - 1).bit_length()):
-            return f"{part}: block {g.BLOCK_SIZE_N}x{g.BLOCK_SIZE_K} wider than the {n}x{k} GEMM"
-    return None
-
-
-def block_m_candidates(tokens: int, top_k: int, num_experts: int, space=None) -> list[int]:
-    """M blocks worth trying: up to ~2x the average rows per expert (more is padding), at least the smallest."""
-    values = (space or SPACES["quick"])["BLOCK_SIZE_M"]
-    rows = tokens * top_k / num_experts
-    return [bm for bm in values if bm <= max(values[0], 2 * rows)]
-
-
-def tiny_neighbours(cfg, pairs: int, tiny_axes: dict):
-    """The tiny path's axis: off -> on (DEFAULT_TINY's blocks, max_pairs = `pairs`); on -> off, and each GEMV
-    block / warp count of tiny_axes moved one at a time."""
-    from moelink.kernels.moe_config import DEFAULT_TINY
-
-    if pairs > TINY_TUNE_MAX_PAIRS:
-        return
-    if cfg.tiny is None:
-        yield replace(cfg, tiny=replace(DEFAULT_TINY, max_pairs=pairs))
-        return
-    yield replace(cfg, tiny=None)
-    for key, values in tiny_axes.items():
-        part, axis = key.split("_", 1)
-        g = getattr(cfg.tiny, part)
-        for v in values:
-            if v != getattr(g, axis):
-                yield replace(cfg, tiny=replace(cfg.tiny, **{part: replace(g, **{axis: v})}))
-
-
-def neighbours(cfg, space, bms, pairs: int = 0, tiny_axes: dict | None = None):
-    """Every config one axis away from cfg (BLOCK_SIZE_M among `bms`, each GEMM axis among the space's values,
-    the tiny path's when the bucket has at most TINY_TUNE_MAX_PAIRS pairs)."""
-    if tiny_axes is not None and pairs:
-        yield from tiny_neighbours(cfg, pairs, tiny_axes)
-        if cfg.uses_tiny(pairs):  # the sorted path's blocks do not run in this bucket: moving them measures nothing
-            return
-    for bm in bms:
-        if bm != cfg.BLOCK_SIZE_M:
-            yield replace(cfg, BLOCK_SIZE_M=bm)
-    for part in ("up", "down"):
-        g = getattr(cfg, part)
-        for axis in GEMM_AXES + (UP_AXES if part == "up" else ()):
-            for v in space.get(axis, ()):
-                if v != getattr(g, axis):
-                    yield replace(cfg, **{part: replace(g, **{axis: v})})
 
 
 # -- timing ------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,12 @@ overriding all but BLOCK_SIZE_M for the down GEMM (the alignment fixes one M blo
 Optional "FUSED_GATE_UP": true makes the gate-up GEMM load one [BLOCK_K, 2*BLOCK_N]
 tile (gate and up rows of w13 interleaved) and issue one dot of N = 2*BLOCK_N
 instead of two of BLOCK_N (kernels/triton_moe.py); the down GEMM ignores it.
+Optional "PERSISTENT": k (an integer >= 0, default 0 = off) launches min(tiles, k x #SMs) programs that loop over
+the GEMM's tiles with a stride, reading the live row count from the device (the alignment's padded total), so
+blocks past it cost nothing; 0 launches one program per tile of the host-side bound, as before.
+Optional "TMA": true loads the weight tiles (and the down GEMM's sorted input rows) through Triton tensor
+descriptors (TMA on Hopper) instead of pointer tiles. PERSISTENT and TMA apply to both GEMMs (the "down" dict
+may override them). Shipped configs leave both off until a GPU measures them (benchmarks/tune_moe.py axes).
 Optional "TINY": {"max_pairs", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages", "down": {...}}
 turns on the tiny-batch path (kernels/triton_moe_tiny.py: no alignment, no sum pass, two launches) for
 batches of at most max_pairs (token, expert) pairs; larger batches of the same bucket take the sorted path.
@@ -30,7 +36,8 @@ import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _GEMM_KEYS = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
-_FLAG_KEYS = ("FUSED_GATE_UP",)
+_FLAG_KEYS = ("FUSED_GATE_UP", "TMA")
+_COUNT_KEYS = ("PERSISTENT",)  # non-negative integers, 0 = off
 
 
 @dataclass(frozen=True)
@@ -41,10 +48,12 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     FUSED_GATE_UP: bool = False  # gate-up GEMM only: one interleaved [BK, 2*BN] tile and one dot
+    PERSISTENT: int = 0  # programs per SM of the persistent tile loop; 0: one program per tile (no loop)
+    TMA: bool = False  # weight tiles (and the down GEMM's sorted rows) through tensor descriptors
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in _FLAG_KEYS:  # written only when set, so files without the flags stay as they were
+        for k in _FLAG_KEYS + _COUNT_KEYS:  # written only when set, so files without the keys stay as they were
             if not d[k]:
                 del d[k]
         return d
@@ -130,6 +139,11 @@ class MoEConfig:
                 if not isinstance(v, bool):
                     raise ValueError(f"{where}: {k}={v!r} is invalid: must be true or false.")
                 vals[k] = v
+            for k in _COUNT_KEYS:
+                v = src.get(k, fallback.get(k, 0))
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise ValueError(f"{where}: {k}={v!r} is invalid: must be an integer >= 0 (0 turns it off).")
+                vals[k] = v
             return GemmConfig(**vals)
 
         bm = d.get("BLOCK_SIZE_M")
@@ -143,6 +157,9 @@ class MoEConfig:
         d = {"BLOCK_SIZE_M": self.BLOCK_SIZE_M, **self.up.to_dict()}
         if self.down != replace(self.up, FUSED_GATE_UP=False):
             d["down"] = self.down.to_dict()
+            for k in ("TMA",) + _COUNT_KEYS:  # (a default value dropped from down's dict would inherit the up GEMM's)
+                if getattr(self.down, k) != getattr(self.up, k):
+                    d["down"][k] = getattr(self.down, k)
         if self.tiny is not None:
             d["TINY"] = self.tiny.to_dict()
         return d

@@ -45,147 +45,13 @@ from . import triton_moe_tiny
 from .moe import SILU, MoEActivation
 from .moe_align import _local_expert, moe_align_block_size
 from .moe_config import DEFAULT_TINY, MoEConfig, get_moe_config
-from .triton_common import activation_epilogue, cast, dot  # (activation_epilogue: shared with the tiny path)
+from .moe_schedule import _grouped_pids, gemm_grid, tma_ok  # noqa: F401 (_grouped_pids: the FP8/MXFP4 kernels' import)
+from .triton_common import activation_epilogue, cast  # noqa: F401 (activation_epilogue: shared with the tiny path)
+from .triton_moe_gemm import _add_bias, _moe_down_kernel, _moe_up_kernel  # noqa: F401 (_add_bias: MXFP4's import)
 
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1  # the ACT constexpr of the gate-up epilogue
 _ACT_CODES = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI}
 _PATHS = ("auto", "tiny", "sorted")
-
-
-@triton.jit
-def _grouped_pids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # GROUP_M consecutive M blocks sweep the N blocks together, so the expert
-    # weights they share stay in L2.
-    pid = tl.program_id(0)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-    return pid_m, pid_n
-
-
-@triton.jit
-def _add_bias(acc, b_ptr, offs_n, n_ok):
-    """acc [BM, BN] + the bias row's [BN] slice, in fp32."""
-    return acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-
-
-@triton.jit(do_not_specialize=["num_pairs"])
-def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, expert_ids_ptr, b13_ptr,
-                   num_pairs, num_rows, inter, hidden, top_k,
-                   stride_xt, stride_we, stride_wf, stride_wd, stride_hr, stride_be, alpha, limit,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   EVEN_K: tl.constexpr, FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                   INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    expert = tl.load(expert_ids_ptr + pid_m)
-    if expert < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair_m = tl.load(sorted_ptr + offs_m)
-    row_ok = pair_m < num_pairs
-    tok_m = (pair_m // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < inter
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tok_m[:, None] * stride_xt + offs_k[None, :]
-    w_ptr = w13_ptr + expert.to(tl.int64) * stride_we
-    if FUSED:
-        # One [BLOCK_K, 2*BLOCK_N] tile: column 2j is gate row n+j of w13, column 2j+1 up row I+n+j (each row
-        # contiguous along D, so the interleave costs nothing at load), and one dot of N = 2*BLOCK_N: a wider
-        # MMA (wgmma N up to 256) and one A operand in shared memory instead of two dots' worth.
-        offs_2n = tl.arange(0, 2 * BLOCK_N)
-        col_2n = pid_n * BLOCK_N + offs_2n // 2
-        col_ok = col_2n < inter
-        b_ptrs = w_ptr + (col_2n + (offs_2n % 2) * inter)[None, :].to(tl.int64) * stride_wf + offs_k[:, None] * stride_wd
-        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k < hidden - k0
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = dot(a, b, acc, INTERPRET, PREC)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K * stride_wd
-        acc_g, acc_u = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
-    else:
-        g_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wf + offs_k[:, None] * stride_wd
-        u_ptrs = g_ptrs + inter * stride_wf
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-                bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k < hidden - k0
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_g = dot(a, bg, acc_g, INTERPRET, PREC)
-            acc_u = dot(a, bu, acc_u, INTERPRET, PREC)
-            a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K * stride_wd
-            u_ptrs += BLOCK_K * stride_wd
-    if HAS_BIAS:
-        b_ptr = b13_ptr + expert.to(tl.int64) * stride_be
-        acc_g = _add_bias(acc_g, b_ptr, offs_n, n_ok)
-        acc_u = _add_bias(acc_u, b_ptr + inter, offs_n, n_ok)
-    h = activation_epilogue(acc_g, acc_u, alpha, limit, ACT)
-    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
-    tl.store(h_ptrs, cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=n_ok[None, :])
-
-
-@triton.jit(do_not_specialize=["num_pairs"])
-def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr, b2_ptr,
-                     num_pairs, num_rows, hidden, inter, top_k,
-                     stride_hr, stride_we, stride_wd, stride_wi, stride_yr, stride_be,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
-                     PREC: tl.constexpr):
-    pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    expert = tl.load(expert_ids_ptr + pid_m)
-    if expert < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair_m = tl.load(sorted_ptr + offs_m)
-    row_ok = pair_m < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < hidden
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
-    b_ptrs = (w2_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wd
-              + offs_k[:, None] * stride_wi)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < inter - k0
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = dot(a, b, acc, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wi
-    if HAS_BIAS:  # before the routed weight: it scales the bias too
-        acc = _add_bias(acc, b2_ptr + expert.to(tl.int64) * stride_be, offs_n, n_ok)
-    w_m = tl.load(weights_ptr + pair_m, mask=row_ok, other=0.0).to(tl.float32)
-    acc = acc * w_m[:, None]
-    mask = row_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tok_m = (pair_m // top_k).to(tl.int64)
-        # relaxed: nothing reads these sums before the kernel ends, so no ordering is needed
-        # (the default acq_rel atomic returns a value; relaxed lowers to a fire-and-forget red).
-        tl.atomic_add(y_ptr + tok_m[:, None] * stride_yr + offs_n[None, :], acc, mask=mask, sem="relaxed")
-    else:
-        y_ptrs = y_ptr + pair_m[:, None].to(tl.int64) * stride_yr + offs_n[None, :]
-        tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -285,7 +151,7 @@ def triton_fused_moe(
         return triton_moe_tiny.tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF, b2_ED, act,
                                               alpha, limit, out, cfg.tiny or DEFAULT_TINY, K)
     BM = cfg.BLOCK_SIZE_M
-    sorted_R, expert_ids_B, _ = moe_align_block_size(ids_P, BM, E, expert_map_G)
+    sorted_R, expert_ids_B, rows_1 = moe_align_block_size(ids_P, BM, E, expert_map_G)
     R = sorted_R.numel()
     P = ids_P.numel()
     interp = common.interpreting(x_TD)
@@ -293,13 +159,14 @@ def triton_fused_moe(
 
     up = cfg.up
     h_RI = common.workspace((R, I), dt, dev)
-    _moe_up_kernel[(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N),)](
-        x_TD, w13_EFD, h_RI, sorted_R, expert_ids_B, x_TD if b13_EF is None else b13_EF, P, R, I, D, K,
+    up_tma = up.TMA and tma_ok(w13_EFD)
+    _moe_up_kernel[(gemm_grid(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N), up.PERSISTENT, dev),)](
+        x_TD, w13_EFD, h_RI, sorted_R, expert_ids_B, rows_1, x_TD if b13_EF is None else b13_EF, P, R, E, I, D, K,
         x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), w13_EFD.stride(2), h_RI.stride(0),
         0 if b13_EF is None else b13_EF.stride(0), alpha, limit,
         BLOCK_M=BM, BLOCK_N=up.BLOCK_SIZE_N, BLOCK_K=up.BLOCK_SIZE_K, GROUP_M=up.GROUP_SIZE_M,
         EVEN_K=D % up.BLOCK_SIZE_K == 0, FUSED=up.FUSED_GATE_UP, HAS_BIAS=b13_EF is not None, ACT=act,
-        num_warps=up.num_warps, num_stages=up.num_stages, **flags,
+        PERSISTENT=up.PERSISTENT > 0, TMA=up_tma, num_warps=up.num_warps, num_stages=up.num_stages, **flags,
     )
 
     down = cfg.down
@@ -309,13 +176,14 @@ def triton_fused_moe(
         y.zero_()
     else:
         y = common.workspace((P, D), dt, dev)
-    _moe_down_kernel[(R // BM * triton.cdiv(D, down.BLOCK_SIZE_N),)](
-        h_RI, w2_EDI, y, sorted_R, expert_ids_B, weights_P, weights_P if b2_ED is None else b2_ED, P, R, D, I, K,
-        h_RI.stride(0), w2_EDI.stride(0), w2_EDI.stride(1), w2_EDI.stride(2), y.stride(0),
+    down_tma = down.TMA and tma_ok(w2_EDI, h_RI)
+    _moe_down_kernel[(gemm_grid(R // BM * triton.cdiv(D, down.BLOCK_SIZE_N), down.PERSISTENT, dev),)](
+        h_RI, w2_EDI, y, sorted_R, expert_ids_B, rows_1, weights_P, weights_P if b2_ED is None else b2_ED, P, R, E, D, I,
+        K, h_RI.stride(0), w2_EDI.stride(0), w2_EDI.stride(1), w2_EDI.stride(2), y.stride(0),
         0 if b2_ED is None else b2_ED.stride(0),
         BLOCK_M=BM, BLOCK_N=down.BLOCK_SIZE_N, BLOCK_K=down.BLOCK_SIZE_K, GROUP_M=down.GROUP_SIZE_M,
-        EVEN_K=I % down.BLOCK_SIZE_K == 0, ATOMIC=atomic, HAS_BIAS=b2_ED is not None, num_warps=down.num_warps,
-        num_stages=down.num_stages, **flags,
+        EVEN_K=I % down.BLOCK_SIZE_K == 0, ATOMIC=atomic, HAS_BIAS=b2_ED is not None, PERSISTENT=down.PERSISTENT > 0,
+        TMA=down_tma, num_warps=down.num_warps, num_stages=down.num_stages, **flags,
     )
     if atomic:
         if y is not out:

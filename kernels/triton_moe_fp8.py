@@ -16,6 +16,8 @@ Data flow (the bf16 fused MoE's, kernels/triton_moe.py, with scales):
    Out: hq_RI fp8 and hs_RGi, in sorted row order.
 4. Down GEMM: hq × w2qᵀ with hs and the w2 scales per K step, times the routed weight in the epilogue;
    one row per pair then the bf16 kernel's top-k sum (deterministic), or fp32 atomics ("atomic").
+The config's PERSISTENT and TMA keys work as in the bf16 kernels (kernels/moe_schedule.py): a persistent tile
+loop over the live blocks, and weight tiles (and the down GEMM's sorted hq rows) through tensor descriptors.
 No device→host sync: grids come from shapes only.
 """
 from __future__ import annotations
@@ -32,104 +34,166 @@ from .fp8 import DEFAULT_BLOCK
 from .moe_align import moe_align_block_size
 from .moe_config import CONFIG_DIR, MoEConfig, _pick, load_config_file
 from .triton_fp8 import check_fp8_weight, check_triton_block, quant_tile, triton_per_token_group_quant
-from .triton_moe import _grouped_pids, _moe_sum_kernel
+from .moe_schedule import _grouped_pids, _tile_pids, gemm_grid, tma_ok
+from .triton_moe import _moe_sum_kernel
+
+
+@triton.jit
+def _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr,
+                 num_pairs, inter, hidden, top_k,
+                 stride_xt, stride_xst, stride_we, stride_wf, stride_wse, stride_wsf, stride_hr, stride_hsr,
+                 SCALE_N: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
+    expert = tl.load(expert_ids_ptr + pid_m)
+    if expert >= 0:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair_m = tl.load(sorted_ptr + offs_m)
+        row_ok = pair_m < num_pairs
+        tok_m = (pair_m // top_k).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < inter
+        offs_k = tl.arange(0, BLOCK_K)
+        e64 = expert.to(tl.int64)
+        a_ptrs = x_ptr + tok_m[:, None] * stride_xt + offs_k[None, :]
+        as_ptrs = xs_ptr + tok_m * stride_xst
+        g_ptrs = w_ptr + e64 * stride_we + offs_n[None, :].to(tl.int64) * stride_wf + offs_k[:, None]
+        u_ptrs = g_ptrs + inter * stride_wf
+        # Gate row n and up row I+n have their own scale rows: (I + n) // Bn need not be n // Bn + const.
+        gs_ptrs = ws_ptr + e64 * stride_wse + (offs_n // SCALE_N) * stride_wsf
+        us_ptrs = ws_ptr + e64 * stride_wse + ((inter + offs_n) // SCALE_N) * stride_wsf
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_ok = offs_k < hidden - k0
+            kg = k0 // GROUP
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if TMA:  # w13 as [E, 2, I, D] (as the bf16 kernel): rows past I and columns past D read as zeros
+                bg = tl.trans(tl.reshape(w_desc.load([expert, 0, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
+                bu = tl.trans(tl.reshape(w_desc.load([expert, 1, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
+            else:
+                bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            a_s = tl.load(as_ptrs + kg, mask=row_ok, other=0.0)
+            g_s = tl.load(gs_ptrs + kg, mask=n_ok, other=0.0)
+            u_s = tl.load(us_ptrs + kg, mask=n_ok, other=0.0)
+            acc_g += tl.dot(a, bg, out_dtype=tl.float32) * a_s[:, None] * g_s[None, :]
+            acc_u += tl.dot(a, bu, out_dtype=tl.float32) * a_s[:, None] * u_s[None, :]
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        # Columns past I hold exact zeros (masked weights, zero scales), so they never raise a group's amax.
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        GROUPS: tl.constexpr = BLOCK_N // GROUP
+        hq, hs = quant_tile(h, GROUPS, GROUP, INTERPRET)
+        rows = offs_m.to(tl.int64)
+        tl.store(h_ptr + rows[:, None] * stride_hr + offs_n[None, :], hq, mask=n_ok[None, :])
+        offs_g = pid_n * GROUPS + tl.arange(0, GROUPS)
+        tl.store(hs_ptr + rows[:, None] * stride_hsr + offs_g[None, :], hs, mask=offs_g[None, :] * GROUP < inter)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_fp8_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr,
-                       num_pairs, num_rows, inter, hidden, top_k,
+def _moe_fp8_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr,
+                       num_pairs, num_rows, num_experts, inter, hidden, top_k,
                        stride_xt, stride_xst, stride_we, stride_wf, stride_wse, stride_wsf, stride_hr, stride_hsr,
                        SCALE_N: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                       INTERPRET: tl.constexpr):
-    pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, tl.cdiv(inter, BLOCK_N), GROUP_M)
+                       PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
+    if TMA:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts, 2, inter, hidden],
+                                           strides=[stride_we, inter * stride_wf, stride_wf, 1],
+                                           block_shape=[1, 1, BLOCK_N, BLOCK_K])
+    else:
+        w_desc = w_ptr  # (unused)
+    num_pid_n = tl.cdiv(inter, BLOCK_N)
+    if PERSISTENT:  # (kernels/moe_schedule.py: the live tiles only, strided over the programs)
+        live_m = tl.load(num_rows_ptr) // BLOCK_M
+        for tile in range(tl.program_id(0), live_m * num_pid_n, tl.num_programs(0)):
+            pid_m, pid_n = _tile_pids(tile, live_m, num_pid_n, GROUP_M)
+            _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr,
+                         num_pairs, inter, hidden, top_k, stride_xt, stride_xst, stride_we, stride_wf, stride_wse,
+                         stride_wsf, stride_hr, stride_hsr, SCALE_N, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, TMA, INTERPRET)
+    else:
+        pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, num_pid_n, GROUP_M)
+        _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr,
+                     num_pairs, inter, hidden, top_k, stride_xt, stride_xst, stride_we, stride_wf, stride_wse,
+                     stride_wsf, stride_hr, stride_hsr, SCALE_N, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, TMA, INTERPRET)
+
+
+@triton.jit
+def _fp8_down_tile(pid_m, pid_n, h_ptr, hs_ptr, w_ptr, h_desc, w_desc, ws_ptr, y_ptr, sorted_ptr, expert_ids_ptr,
+                   weights_ptr, num_pairs, hidden, inter, top_k,
+                   stride_hr, stride_hsr, stride_we, stride_wd, stride_wse, stride_wsd, stride_yr,
+                   SCALE_N: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
     expert = tl.load(expert_ids_ptr + pid_m)
-    if expert < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair_m = tl.load(sorted_ptr + offs_m)
-    row_ok = pair_m < num_pairs
-    tok_m = (pair_m // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < inter
-    offs_k = tl.arange(0, BLOCK_K)
-    e64 = expert.to(tl.int64)
-    a_ptrs = x_ptr + tok_m[:, None] * stride_xt + offs_k[None, :]
-    as_ptrs = xs_ptr + tok_m * stride_xst
-    g_ptrs = w_ptr + e64 * stride_we + offs_n[None, :].to(tl.int64) * stride_wf + offs_k[:, None]
-    u_ptrs = g_ptrs + inter * stride_wf
-    # Gate row n and up row I+n have their own scale rows: (I + n) // Bn need not be n // Bn + const.
-    gs_ptrs = ws_ptr + e64 * stride_wse + (offs_n // SCALE_N) * stride_wsf
-    us_ptrs = ws_ptr + e64 * stride_wse + ((inter + offs_n) // SCALE_N) * stride_wsf
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_ok = offs_k < hidden - k0
-        kg = k0 // GROUP
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kg, mask=row_ok, other=0.0)
-        g_s = tl.load(gs_ptrs + kg, mask=n_ok, other=0.0)
-        u_s = tl.load(us_ptrs + kg, mask=n_ok, other=0.0)
-        acc_g += tl.dot(a, bg, out_dtype=tl.float32) * a_s[:, None] * g_s[None, :]
-        acc_u += tl.dot(a, bu, out_dtype=tl.float32) * a_s[:, None] * u_s[None, :]
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-    # Columns past I hold exact zeros (masked weights), so they never raise a group's amax.
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    GROUPS: tl.constexpr = BLOCK_N // GROUP
-    hq, hs = quant_tile(h, GROUPS, GROUP, INTERPRET)
-    rows = offs_m.to(tl.int64)
-    tl.store(h_ptr + rows[:, None] * stride_hr + offs_n[None, :], hq, mask=n_ok[None, :])
-    offs_g = pid_n * GROUPS + tl.arange(0, GROUPS)
-    tl.store(hs_ptr + rows[:, None] * stride_hsr + offs_g[None, :], hs, mask=offs_g[None, :] * GROUP < inter)
+    if expert >= 0:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair_m = tl.load(sorted_ptr + offs_m)
+        row_ok = pair_m < num_pairs
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hidden
+        offs_k = tl.arange(0, BLOCK_K)
+        e64 = expert.to(tl.int64)
+        rows = offs_m.to(tl.int64)
+        # Padding rows of a block were written by the up kernel too (zeros), so A needs no row mask.
+        a_ptrs = h_ptr + rows[:, None] * stride_hr + offs_k[None, :]
+        as_ptrs = hs_ptr + rows * stride_hsr
+        b_ptrs = w_ptr + e64 * stride_we + offs_n[None, :].to(tl.int64) * stride_wd + offs_k[:, None]
+        bs_ptrs = ws_ptr + e64 * stride_wse + (offs_n // SCALE_N) * stride_wsd
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            if TMA:  # hq's sorted rows are contiguous: A is a TMA box too
+                a = h_desc.load([pid_m * BLOCK_M, k0])
+                b = tl.trans(tl.reshape(w_desc.load([expert, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
+            else:
+                k_ok = offs_k < inter - k0
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            a_s = tl.load(as_ptrs + k0 // GROUP)
+            b_s = tl.load(bs_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        w_m = tl.load(weights_ptr + pair_m, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * w_m[:, None]
+        mask = row_ok[:, None] & n_ok[None, :]
+        if ATOMIC:
+            tok_m = (pair_m // top_k).to(tl.int64)
+            tl.atomic_add(y_ptr + tok_m[:, None] * stride_yr + offs_n[None, :], acc, mask=mask, sem="relaxed")
+        else:
+            y_ptrs = y_ptr + pair_m[:, None].to(tl.int64) * stride_yr + offs_n[None, :]
+            tl.store(y_ptrs, common.cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_fp8_down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr,
-                         num_pairs, num_rows, hidden, inter, top_k,
+def _moe_fp8_down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr, weights_ptr,
+                         num_pairs, num_rows, num_experts, hidden, inter, top_k,
                          stride_hr, stride_hsr, stride_we, stride_wd, stride_wse, stride_wsd, stride_yr,
                          SCALE_N: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         ATOMIC: tl.constexpr, INTERPRET: tl.constexpr):
-    pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    expert = tl.load(expert_ids_ptr + pid_m)
-    if expert < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair_m = tl.load(sorted_ptr + offs_m)
-    row_ok = pair_m < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < hidden
-    offs_k = tl.arange(0, BLOCK_K)
-    e64 = expert.to(tl.int64)
-    rows = offs_m.to(tl.int64)
-    # Padding rows of a block were written by the up kernel too (zeros), so A needs no row mask.
-    a_ptrs = h_ptr + rows[:, None] * stride_hr + offs_k[None, :]
-    as_ptrs = hs_ptr + rows * stride_hsr
-    b_ptrs = w_ptr + e64 * stride_we + offs_n[None, :].to(tl.int64) * stride_wd + offs_k[:, None]
-    bs_ptrs = ws_ptr + e64 * stride_wse + (offs_n // SCALE_N) * stride_wsd
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        k_ok = offs_k < inter - k0
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + k0 // GROUP)
-        b_s = tl.load(bs_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
-        acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    w_m = tl.load(weights_ptr + pair_m, mask=row_ok, other=0.0).to(tl.float32)
-    acc = acc * w_m[:, None]
-    mask = row_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tok_m = (pair_m // top_k).to(tl.int64)
-        tl.atomic_add(y_ptr + tok_m[:, None] * stride_yr + offs_n[None, :], acc, mask=mask, sem="relaxed")
+                         ATOMIC: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
+    if TMA:
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[num_rows, inter], strides=[stride_hr, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts, hidden, inter], strides=[stride_we, stride_wd, 1],
+                                           block_shape=[1, BLOCK_N, BLOCK_K])
     else:
-        y_ptrs = y_ptr + pair_m[:, None].to(tl.int64) * stride_yr + offs_n[None, :]
-        tl.store(y_ptrs, common.cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        h_desc, w_desc = h_ptr, w_ptr  # (unused)
+    num_pid_n = tl.cdiv(hidden, BLOCK_N)
+    if PERSISTENT:
+        live_m = tl.load(num_rows_ptr) // BLOCK_M
+        for tile in range(tl.program_id(0), live_m * num_pid_n, tl.num_programs(0)):
+            pid_m, pid_n = _tile_pids(tile, live_m, num_pid_n, GROUP_M)
+            _fp8_down_tile(pid_m, pid_n, h_ptr, hs_ptr, w_ptr, h_desc, w_desc, ws_ptr, y_ptr, sorted_ptr,
+                           expert_ids_ptr, weights_ptr, num_pairs, hidden, inter, top_k, stride_hr, stride_hsr,
+                           stride_we, stride_wd, stride_wse, stride_wsd, stride_yr, SCALE_N, GROUP, BLOCK_M, BLOCK_N,
+                           BLOCK_K, ATOMIC, TMA, INTERPRET)
+    else:
+        pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, num_pid_n, GROUP_M)
+        _fp8_down_tile(pid_m, pid_n, h_ptr, hs_ptr, w_ptr, h_desc, w_desc, ws_ptr, y_ptr, sorted_ptr,
+                       expert_ids_ptr, weights_ptr, num_pairs, hidden, inter, top_k, stride_hr, stride_hsr,
+                       stride_we, stride_wd, stride_wse, stride_wsd, stride_yr, SCALE_N, GROUP, BLOCK_M, BLOCK_N,
+                       BLOCK_K, ATOMIC, TMA, INTERPRET)
 
 
 # -- launch configs ------------------------------------------------------------------------------------------------------
@@ -217,18 +281,20 @@ def triton_fused_moe_fp8(
     BM = cfg.BLOCK_SIZE_M
     up_bn, up_bk, down_bn, down_bk = _blocks(cfg, bk)
     xq_TD, xs_TG = triton_per_token_group_quant(x_TD, bk)
-    sorted_R, expert_ids_B, _ = moe_align_block_size(ids_P, BM, E, expert_map_G)
+    sorted_R, expert_ids_B, rows_1 = moe_align_block_size(ids_P, BM, E, expert_map_G)
     R, P = sorted_R.numel(), ids_P.numel()
     interp = common.interpreting(x_TD)
 
     hq_RI = common.workspace((R, I), xq_TD.dtype, dev)
     hs_RG = common.workspace((R, triton.cdiv(I, bk)), torch.float32, dev)
-    _moe_fp8_up_kernel[(R // BM * triton.cdiv(I, up_bn),)](
-        xq_TD, xs_TG, w13q_EFD, w13_scale_inv, hq_RI, hs_RG, sorted_R, expert_ids_B, P, R, I, D, K,
+    up, down = cfg.up, cfg.down
+    _moe_fp8_up_kernel[(gemm_grid(R // BM * triton.cdiv(I, up_bn), up.PERSISTENT, dev),)](
+        xq_TD, xs_TG, w13q_EFD, w13_scale_inv, hq_RI, hs_RG, sorted_R, expert_ids_B, rows_1, P, R, E, I, D, K,
         xq_TD.stride(0), xs_TG.stride(0), w13q_EFD.stride(0), w13q_EFD.stride(1), w13_scale_inv.stride(0),
         w13_scale_inv.stride(1), hq_RI.stride(0), hs_RG.stride(0),
         SCALE_N=bn, GROUP=bk, BLOCK_M=BM, BLOCK_N=up_bn, BLOCK_K=up_bk, GROUP_M=cfg.up.GROUP_SIZE_M,
-        INTERPRET=interp, num_warps=cfg.up.num_warps, num_stages=cfg.up.num_stages)
+        PERSISTENT=up.PERSISTENT > 0, TMA=up.TMA and tma_ok(w13q_EFD), INTERPRET=interp, num_warps=cfg.up.num_warps,
+        num_stages=cfg.up.num_stages)
 
     atomic = combine == "atomic"
     if atomic:
@@ -236,12 +302,13 @@ def triton_fused_moe_fp8(
         y.zero_()
     else:
         y = common.workspace((P, D), dt, dev)
-    _moe_fp8_down_kernel[(R // BM * triton.cdiv(D, down_bn),)](
-        hq_RI, hs_RG, w2q_EDI, w2_scale_inv, y, sorted_R, expert_ids_B, weights_P, P, R, D, I, K,
+    _moe_fp8_down_kernel[(gemm_grid(R // BM * triton.cdiv(D, down_bn), down.PERSISTENT, dev),)](
+        hq_RI, hs_RG, w2q_EDI, w2_scale_inv, y, sorted_R, expert_ids_B, rows_1, weights_P, P, R, E, D, I, K,
         hq_RI.stride(0), hs_RG.stride(0), w2q_EDI.stride(0), w2q_EDI.stride(1), w2_scale_inv.stride(0),
         w2_scale_inv.stride(1), y.stride(0),
         SCALE_N=bn, GROUP=bk, BLOCK_M=BM, BLOCK_N=down_bn, BLOCK_K=down_bk, GROUP_M=cfg.down.GROUP_SIZE_M,
-        ATOMIC=atomic, INTERPRET=interp, num_warps=cfg.down.num_warps, num_stages=cfg.down.num_stages)
+        ATOMIC=atomic, PERSISTENT=down.PERSISTENT > 0, TMA=down.TMA and tma_ok(w2q_EDI, hq_RI), INTERPRET=interp,
+        num_warps=cfg.down.num_warps, num_stages=cfg.down.num_stages)
     if atomic:
         if y is not out:
             out.copy_(y)

@@ -169,7 +169,7 @@ def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
             got = tuned[T]
             assert got.BLOCK_SIZE_M in {s.BLOCK_SIZE_M for s in seeds} | set(tune_moe.block_m_candidates(T, K, E, space))
             for part in ("up", "down"):
-                for axis in tune_moe.GEMM_AXES:
+                for axis in tune_moe.GEMM_AXES + tune_moe.SCHEDULE_AXES:
                     allowed = {getattr(getattr(s, part), axis) for s in seeds} | set(space[axis])
                     assert getattr(getattr(got, part), axis) in allowed, (name, T, part, axis)
             if got.tiny is not None:  # the tiny path's axis: on at this bucket's pair count, blocks from the space

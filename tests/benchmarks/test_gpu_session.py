@@ -396,3 +396,24 @@ def test_graph_timing_prefers_replays_and_falls_back_to_eager():
     assert tune_moe.GraphTiming(t)(None, [()], iters=7, warmup=1) == 0.5 and t.calls == [("graph", 7)]
     t = FakeTimer(None)  # capture failed (e.g. a host sync): eager
     assert tune_moe.GraphTiming(t)(None, [()], iters=7, warmup=1) == 9.0 and t.calls == [("graph", 7), ("eager", 7, 1)]
+
+
+def test_tune_schedule_axes_move_each_gemm_and_prune_misaligned_tma():
+    """PERSISTENT and TMA are searched per GEMM, one step from the current config, like the block axes; a TMA
+    candidate whose operand rows are not 16-byte multiples is pruned (the kernel would fall back to pointers)."""
+    from dataclasses import replace
+
+    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))
+    space = tune_moe.SPACES["quick"]
+    cands = list(tune_moe.neighbours(base, space, [16]))
+    for part in ("up", "down"):
+        g = getattr(base, part)
+        for p in space["PERSISTENT"][1:]:
+            assert replace(base, **{part: replace(g, PERSISTENT=p)}) in cands
+        assert replace(base, **{part: replace(g, TMA=True)}) in cands
+    assert all(c.up.PERSISTENT == 0 or c.down == base.down for c in cands)  # one axis of one GEMM at a time
+    tma = replace(base, up=replace(base.up, TMA=True))
+    assert tune_moe.feasible(tma, 2048, 768) is None
+    assert "TMA" in tune_moe.feasible(tma, 2884, 768)  # D = 2884: bf16 rows of 5768 bytes
+    assert tune_moe.feasible(replace(base, down=replace(base.down, TMA=True)), 2048, 772) is not None
+

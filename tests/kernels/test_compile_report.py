@@ -181,21 +181,46 @@ def test_merge_replaces_a_family_where_its_rows_were():
     assert merged["merged"][-1] == dict(only="attention", date="d", commit="c")
 
 
-def test_merge_can_keep_compile_seconds_of_unchanged_launch_configs():
-    """--keep-compile-s: a record whose (kernel, constexprs, warps, stages) the old report has keeps its compile
-    seconds (a switch added since and False does not count); a new launch config keeps the ones timed now,
-    divided by how much slower the kept ones compiled now (here 2.0 / 0.5 = 4x)."""
-    row = lambda name, h, s, bn: dict(name=name, hash=h, cases=[], compile_s=s, constexprs=dict(BLOCK_N=bn),  # noqa: E731
-                                      num_warps=4, num_stages=1)
-    old = dict(triton="3.6.0", ptxas="12.8", kernels=[row("_decode_kernel", 1, 0.5, 64), row("_rms_norm_kernel", 2, 0.1, 0)])
-    def new():
-        added_switch = row("_decode_kernel", 3, 2.0, 64)
-        added_switch["constexprs"]["PLAN"] = False
-        return dict(triton="3.6.0", ptxas="12.8", date="d", commit="c",
-                    kernels=[added_switch, row("_decode_kernel", 4, 3.0, 32)])
+def test_report_has_one_record_per_kernel_config_dtypes_and_shape_class():
+    kernels = report()["kernels"]
+    keys = [compile_report.record_key(k) for k in kernels]
+    assert None not in keys, f"records without dtypes / shape_class: {REGENERATE}"
+    assert len(keys) == len(set(keys)), f"duplicate records: {REGENERATE}"
 
-    merged = compile_report.merge_into(old, new(), "attention", keep_compile_s=True)
-    assert [(k["hash"], k["compile_s"]) for k in merged["kernels"]] == [(3, 0.5), (4, 0.75), (2, 0.1)]
-    assert merged["merged"][-1]["kept_compile_s"] == 1 and merged["merged"][-1]["compile_load"] == 4.0
-    fresh = compile_report.merge_into(old, new(), "attention")
-    assert [k["compile_s"] for k in fresh["kernels"]][:2] == [2.0, 3.0]
+
+def test_report_covers_the_schedule_keys_at_every_default_bucket():
+    """PERSISTENT and TMA (kernels/moe_schedule.py), alone and together, compiled for both GEMMs at every
+    default.json bucket and model shape (bf16) and every fp8_moe_default.json bucket (FP8); TMA kernels issue
+    UTMALDG and keep their tensor-core instructions."""
+    from moelink.benchmarks.compile_cases import NEW_KEY_VARIANTS
+
+    kernels = report()["kernels"]
+    _, default = load_config_file(str(CONFIG_DIR / "default.json"))
+    _, fp8_default = load_config_file(str(CONFIG_DIR / "fp8_moe_default.json"))
+    want = [(n, f"default.json[{b}]", ("_moe_up_kernel", "_moe_down_kernel"), NEW_KEY_VARIANTS)
+            for n in compile_report.MODEL_SHAPES for b, _ in default]
+    want += [(n, f"fp8_moe_default.json[{b}]", ("_moe_fp8_up_kernel", "_moe_fp8_down_kernel"), NEW_KEY_VARIANTS[:3])
+             for n in ("deepseek-v3", "qwen3-30b-a3b") for b, _ in fp8_default]
+    for shape, label, names, variants in want:
+        for variant, keys in variants:
+            for name in names:
+                hits = [k for k in kernels if k["name"] == name
+                        and any(c.startswith(f"{shape} ") and c.endswith(f" {label} {variant}") for c in k["cases"])]
+                assert hits, f"{name} {shape} {label} {variant} is not in the report: {REGENERATE}"
+                k = hits[0]
+                assert bool(k["constexprs"]["PERSISTENT"]) == bool(keys.get("PERSISTENT"))
+                assert k["constexprs"]["TMA"] == keys.get("TMA", False) == k["tma"], (name, shape, label, variant)
+                if k["tma"]:
+                    assert k.get("sass_utmaldg", 0) > 0 and k["tensor_cores"] != "none", (name, shape, label, variant)
+
+
+def test_merge_keeps_one_record_per_key():
+    """A shared kernel recompiled by `--only X --merge` at another commit (another source hash, same key) joins
+    the old record instead of adding a duplicate row."""
+    base = dict(name="_moe_sum_kernel", constexprs={"BLOCK_D": 1024}, num_warps=4, num_stages=3, dtypes="*bf16",
+                shape_class="div16[] eq1[]")
+    old = dict(triton="3.6.0", ptxas="12.8", kernels=[dict(base, hash="aaa", cases=["a"])])
+    new = dict(triton="3.6.0", ptxas="12.8", date="d", commit="c",
+               kernels=[dict(base, hash="bbb", cases=["a", "b"]), dict(base, hash="ccc", dtypes="*fp32", cases=["c"])])
+    merged = compile_report.merge_into(old, new, "moe")
+    assert [(k["hash"], k["cases"]) for k in merged["kernels"]] == [("aaa", ["a", "b"]), ("ccc", ["c"])]
