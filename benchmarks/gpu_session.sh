@@ -439,7 +439,10 @@ step_tune() {
   rm -rf "$stage"
   mkdir -p "$stage"
   if [[ $MODE == cpu-smoke ]]; then
-    cmd tune_moe 0 0 0 180 -- "$PY" -m moelink.benchmarks.tune_moe --cpu-smoke --out-dir "$stage"
+    # One smoke shape and bucket: this checks the step's plumbing (stage, tarball, unpack); the tuner's smoke run
+    # itself is tests/benchmarks/test_gpu_benchmark_smoke.py's.
+    cmd tune_moe 0 0 0 180 -- "$PY" -m moelink.benchmarks.tune_moe --cpu-smoke --shapes smoke-e8 --tokens 1 \
+      --out-dir "$stage"
     shape=smoke
   else
     check_shape "$shape"

@@ -186,8 +186,10 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
 def main(argv=None) -> dict[str, dict]:
     """Returns {config file path: {tokens: MoEConfig}}, the buckets tuned in this run."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
-    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list of token-count buckets")
+    ap.add_argument("--shapes", default=None,
+                    help=f"comma list of {', '.join(SHAPES)} (default: all; with --cpu-smoke: of {', '.join(SMOKE_SHAPES)})")
+    ap.add_argument("--tokens", default=None, help="comma list of token-count buckets (default: "
+                    f"{','.join(map(str, TOKENS))}; with --cpu-smoke {','.join(map(str, SMOKE_TOKENS))})")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--space", default="quick", choices=sorted(SPACES), help="values per axis and sweeps")
     ap.add_argument("--iters", type=int, default=None,
@@ -198,16 +200,24 @@ def main(argv=None) -> dict[str, dict]:
                     help="where an existing file to merge into is read when --out-dir has none (default: kernels/configs)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
     args = ap.parse_args(argv)
+    known = SMOKE_SHAPES if args.cpu_smoke else SHAPES
+    names = args.shapes.split(",") if args.shapes else list(known)
+    unknown = [s for s in names if s not in known]
+    if unknown:
+        ap.error(f"--shapes: {unknown[0]!r} is not one of {', '.join(known)}")
+    shapes = {s: known[s] for s in names}
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(SMOKE_TOKENS if args.cpu_smoke else TOKENS)
+    except ValueError:
+        ap.error(f"--tokens: {args.tokens!r} is not a comma list of positive integers")
+    if not tokens or min(tokens) < 1:
+        ap.error(f"--tokens: {args.tokens!r} is not a comma list of positive integers")
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        device, shapes, tokens, space = torch.device("cpu"), SMOKE_SHAPES, list(SMOKE_TOKENS), SPACES["smoke"]
+        device, space = torch.device("cpu"), SPACES["smoke"]
     else:
         device = require_cuda("tune_moe")
-        unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
-        if unknown:
-            ap.error(f"--shapes: {unknown[0]!r} is not one of {', '.join(SHAPES)}")
-        shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
-        tokens, space = [int(t) for t in args.tokens.split(",")], SPACES[args.space]
+        space = SPACES[args.space]
     from moelink.kernels.moe_config import CONFIG_DIR, config_file_name, device_name, load_config_file, write_config_file
 
     if args.out_dir:

@@ -178,16 +178,17 @@ def test_cpu_smoke_tune_step_tarball_unpacks_into_configs(tmp_path):
     assert tarball.name == "tuned_configs_cpu_smoke_smoke.tar.gz"
     with tarfile.open(tarball) as tf:
         names = sorted(tf.getnames())
-    want = sorted(moe_config.config_file_name(E, I, "cpu") for E, _, _, I in moe_kernels.SMOKE_SHAPES.values())
+    E, _, _, I = moe_kernels.SMOKE_SHAPES["smoke-e8"]  # the step tunes one smoke shape at one bucket
+    want = [moe_config.config_file_name(E, I, "cpu")]
     assert names == want
     proc = session("unpack", str(tarball), UNPACK_DEST=str(dest))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in dest.iterdir()) == want
     for p in dest.iterdir():
         key, buckets = moe_config.load_config_file(str(p))
-        assert key == "tokens" and [b for b, _ in buckets] == list(moe_kernels.SMOKE_TOKENS)
+        assert key == "tokens" and [b for b, _ in buckets] == [1]
         tuning = json.loads(p.read_text())["tuning"]
-        for b in moe_kernels.SMOKE_TOKENS:  # what was written is never slower than its seed
+        for b in [1]:  # what was written is never slower than its seed
             assert tuning[str(b)]["tuned_ms"] <= tuning[str(b)]["seed_ms"]
 
 

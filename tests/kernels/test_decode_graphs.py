@@ -42,18 +42,30 @@ def _generate(llm, prompts):
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 
+_EAGER: dict = {}
+
+
+def _eager_reference(path):
+    """(prompts, the eager engine, its outputs) for a checkpoint, run once per module: the graph tests of one
+    checkpoint compare against the same eager run (the interpreter makes each run cost tens of seconds).
+    Six sequences of different lengths and output budgets: decode batches shrink 6 → 5 → ... → 1 as they
+    finish, so steps land on sizes 1, 2 and 4 (padded) and on 5-6 (above the largest size: eager)."""
+    if path not in _EAGER:
+        rng = random.Random(1)
+        prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (1, 19, 7, 33, 2, 16)]
+        eager = _llm(path, "triton")
+        _EAGER[path] = (prompts, eager, _generate(eager, prompts))
+    return _EAGER[path]
+
+
 @pytest.mark.slow
+@pytest.mark.xdist_group("decode_graphs")  # one worker, so the eager reference is shared (_eager_reference)
 @pytest.mark.parametrize("name", ["qwen3_e6k3", "dsv3_neox"])  # GQA K/V cache; MLA latent cache
 def test_graph_decode_matches_eager_on_the_same_kernels(tiny_model, hf_tiny_model, kdev, name):
     if kdev.type != "cpu":
         pytest.skip("CPU stand-in for the capture; with a GPU, test_gpu_engine.py captures real graphs")
     path = tiny_model(name) if name.startswith("qwen3") else hf_tiny_model(name)
-    rng = random.Random(1)
-    # Six sequences of different lengths and output budgets: decode batches shrink 6 → 5 → ... → 1 as they
-    # finish, so steps land on sizes 1, 2 and 4 (padded) and on 5-6 (above the largest size: eager).
-    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (1, 19, 7, 33, 2, 16)]
-    eager = _llm(path, "triton")
-    want = _generate(eager, prompts)
+    prompts, eager, want = _eager_reference(path)
 
     llm = _llm(path, "triton")
     runner = _runner(llm)
@@ -156,6 +168,7 @@ def test_padding_rows_route_to_no_expert(tiny_model):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("decode_graphs")
 def test_graphs_under_ep_replay_the_size_the_driver_chose_in_low_latency(tiny_model, kdev):
     """Expert parallelism on the two-mode path (torch_padded at world size 1: real dispatch and combine, ids
     -1 for padding rows) with decode graphs. The driver's plan is widened as if a peer rank decoded 4
@@ -165,10 +178,7 @@ def test_graphs_under_ep_replay_the_size_the_driver_chose_in_low_latency(tiny_mo
     if kdev.type != "cpu":
         pytest.skip("CPU stand-in for the capture; with a GPU, tests/comm captures NCCL in a real graph")
     path = tiny_model("qwen3_e6k3")
-    rng = random.Random(2)
-    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (1, 19, 7, 33, 2, 16)]
-    eager = _llm(path, "triton")
-    want = _generate(eager, prompts)
+    prompts, eager, want = _eager_reference(path)
 
     llm = LLM(path, dtype="float32", device="cpu", kernels="triton", max_num_seqs=6, max_num_batched_tokens=64,
               num_kv_blocks=48, block_size=16, enable_prefix_caching=False, all_to_all="torch_padded",
