@@ -43,29 +43,32 @@ def seq_tiles(seq_len, q_len, window, BLOCK_N: tl.constexpr, WINDOW: tl.constexp
     return first, tiles
 
 
+@triton.jit
+def _chunk_tiles(seq_lens_ptr, qsl_ptr, c, num_seqs, window, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                 WINDOW: tl.constexpr):
+    """(sequence ids, in range, int64 key-tile counts with 0 out of range) of the BLOCK_S sequences from c."""
+    s = c + tl.arange(0, BLOCK_S)
+    ok = s < num_seqs
+    seq_len = tl.load(seq_lens_ptr + s, mask=ok, other=1)
+    q_len = tl.load(qsl_ptr + s + 1, mask=ok, other=1) - tl.load(qsl_ptr + s, mask=ok, other=0)
+    _, tiles = seq_tiles(seq_len, q_len, window, BLOCK_N, WINDOW)
+    return s, ok, tl.where(ok, tiles, 0).to(tl.int64)
+
+
 @triton.jit(do_not_specialize=["num_seqs", "programs", "window"])
 def _plan_kernel(seq_lens_ptr, qsl_ptr, ends_ptr, num_seqs, programs, window, BLOCK_N: tl.constexpr,
                  BLOCK_S: tl.constexpr, WINDOW: tl.constexpr):
     """One program: two passes over the sequences in BLOCK_S chunks (the tile total, then the prefix sum)."""
     total = num_seqs.to(tl.int64) * 0
     for c in range(0, num_seqs, BLOCK_S):
-        s = c + tl.arange(0, BLOCK_S)
-        ok = s < num_seqs
-        seq_len = tl.load(seq_lens_ptr + s, mask=ok, other=1)
-        q_len = tl.load(qsl_ptr + s + 1, mask=ok, other=1) - tl.load(qsl_ptr + s, mask=ok, other=0)
-        _, tiles = seq_tiles(seq_len, q_len, window, BLOCK_N, WINDOW)
-        total += tl.sum(tl.where(ok, tiles, 0).to(tl.int64), axis=0)
+        _, _, tiles = _chunk_tiles(seq_lens_ptr, qsl_ptr, c, num_seqs, window, BLOCK_N, BLOCK_S, WINDOW)
+        total += tl.sum(tiles, axis=0)
     used = tl.minimum(programs, tl.maximum(num_seqs, total // 2)).to(tl.int64)
     extra = used - num_seqs
     denom = tl.maximum(total, 1)
     carry = total * 0
     for c in range(0, num_seqs, BLOCK_S):
-        s = c + tl.arange(0, BLOCK_S)
-        ok = s < num_seqs
-        seq_len = tl.load(seq_lens_ptr + s, mask=ok, other=1)
-        q_len = tl.load(qsl_ptr + s + 1, mask=ok, other=1) - tl.load(qsl_ptr + s, mask=ok, other=0)
-        _, tiles = seq_tiles(seq_len, q_len, window, BLOCK_N, WINDOW)
-        tiles = tl.where(ok, tiles, 0).to(tl.int64)
+        s, ok, tiles = _chunk_tiles(seq_lens_ptr, qsl_ptr, c, num_seqs, window, BLOCK_N, BLOCK_S, WINDOW)
         cum = carry + tl.cumsum(tiles, axis=0)
         ends = s.to(tl.int64) + 1 + (extra * cum) // denom
         tl.store(ends_ptr + s, ends.to(tl.int32), mask=ok)

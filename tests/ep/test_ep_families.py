@@ -1,5 +1,5 @@
 """Expert parallelism on Ray (CPU, gloo) for DeepSeek-V3, DeepSeek-V2 and GLM-4-MoE: greedy outputs equal
-transformers' generate token for token in float64 at EP 2 and EP 3, shared experts on every rank, only routed
+transformers' generate token for token in float64 at EP 3 (and DeepSeek-V3 at EP 2), shared experts on every rank, only routed
 experts counted."""
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from tests.helpers.parity import MAX_NEW, assert_same, engine_greedy, hf_greedy,
 pytestmark = pytest.mark.slow
 
 # Routed experts over the ranks: DeepSeek-V3 12 (6/6, 4/4/4) and 6 with 2 shared experts and biases (2/2/2);
-# DeepSeek-V2-Lite 9 (5/4, 3/3/3); GLM 10 (5/5, 4/3/3).
-CASES = [("dsv3_lora", 2), ("dsv3_lora", 3), ("dsv3_yarn", 3), ("dsv2_lite", 2), ("dsv2_lite", 3),
-         ("glm_bias", 2), ("glm_bias", 3)]
+# DeepSeek-V2-Lite 9 (3/3/3); GLM 10 (4/3/3, uneven). Each family at EP 3 (the harder split: uneven shares where
+# the experts do not divide); EP 2 once, for DeepSeek-V3 (EP 2 of a family differs from EP 3 only in the split,
+# which the EP 3 runs cover harder), to keep the Ray tests inside the suite's time budget.
+CASES = [("dsv3_lora", 2), ("dsv3_lora", 3), ("dsv3_yarn", 3), ("dsv2_lite", 3), ("glm_bias", 3)]
 
 
 @pytest.mark.parametrize("name,ep", CASES)

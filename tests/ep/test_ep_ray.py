@@ -30,7 +30,8 @@ def _greedy(llm, prompts):
 ENGINE_KW = dict(dtype="float64", max_num_seqs=8, max_num_batched_tokens=48, num_kv_blocks=128, block_size=16)
 
 
-@pytest.mark.parametrize("name,ep", [("qwen3_e6k3", 2), ("qwen3_e6k3", 4), ("mixtral_e5k3", 2), ("mixtral_e5k3", 4)])
+# Mixtral at EP 4 only (5 experts over 4 ranks: an uneven split; its EP 2 adds nothing Qwen3's EP 2 does not check).
+@pytest.mark.parametrize("name,ep", [("qwen3_e6k3", 2), ("qwen3_e6k3", 4), ("mixtral_e5k3", 4)])
 def test_ep_matches_single_rank(local_ray, tiny_model, name, ep):
     path = tiny_model(name)
     prompts = _prompts(TINY_CONFIGS[name]["vocab_size"], seed=ep)
