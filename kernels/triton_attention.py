@@ -53,43 +53,8 @@ from . import split_planning as splits
 from . import triton_split_plan as plan
 from .attention import FP8_CACHE_DTYPES, AttentionMetadata, _check_extras
 from .triton_common import cast, dot
-
-
-@triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, row, k_scale, v_scale,
-                     BLOCK: tl.constexpr, INTERPRET: tl.constexpr, FP8: tl.constexpr):
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = (offs < row) & ((tl.zeros([BLOCK], dtype=tl.int64) + slot) >= 0)  # slot -1: padding token, skip
-    dt = kc_ptr.dtype.element_ty
-    k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs, mask=ok, other=0.0)
-    v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs, mask=ok, other=0.0)
-    if FP8:  # x / scale saturated to e4m3's range (a bare cast makes NaN of an out-of-range value)
-        k = tl.minimum(tl.maximum(tl.div_rn(k.to(tl.float32), tl.full(k.shape, k_scale, tl.float32)), -448.0), 448.0)
-        v = tl.minimum(tl.maximum(tl.div_rn(v.to(tl.float32), tl.full(v.shape, v_scale, tl.float32)), -448.0), 448.0)
-    tl.store(kc_ptr + slot * row + offs, cast(k, dt, INTERPRET), mask=ok)
-    tl.store(vc_ptr + slot * row + offs, cast(v, dt, INTERPRET), mask=ok)
-
-
-def triton_write_kv(k_TKH, v_TKH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T, k_scale: float = 1.0,
-                    v_scale: float = 1.0) -> None:
-    """Same contract as `reference_write_kv` (in place); slots < 0 are skipped (padding tokens)."""
-    T, K, H = k_TKH.shape
-    if T == 0:
-        return
-    for name, c in (("k_cache_BLKH", k_cache_BLKH), ("v_cache_BLKH", v_cache_BLKH)):
-        if not c.is_contiguous() or tuple(c.shape[2:]) != (K, H):
-            raise ValueError(f"{name} {tuple(c.shape)} is invalid: must be contiguous [blocks, L, {K}, {H}].")
-    k_TKH = k_TKH if k_TKH[0].is_contiguous() else k_TKH.contiguous()
-    v_TKH = v_TKH if v_TKH[0].is_contiguous() else v_TKH.contiguous()
-    row = K * H
-    BLOCK = min(1024, triton.next_power_of_2(row))
-    _write_kv_kernel[(T, triton.cdiv(row, BLOCK))](
-        k_TKH, v_TKH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T, k_TKH.stride(0), v_TKH.stride(0), row,
-        float(k_scale), float(v_scale), BLOCK=BLOCK, INTERPRET=common.interpreting(k_TKH),
-        FP8=k_cache_BLKH.dtype in FP8_CACHE_DTYPES, num_warps=4,
-    )
+from .triton_attention_merge import _merge_plan_kernel, _merge_splits_kernel
+from .triton_kv_write import triton_write_kv  # noqa: F401  (re-exported: the attention kernels' public pair)
 
 
 @triton.jit
@@ -194,47 +159,6 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, end
 
 
 @triton.jit
-def _merge_plan_kernel(part_o_ptr, part_lse_ptr, ends_ptr, qsl_ptr, out_ptr, sinks_ptr, stride_ot, stride_on,
-                       num_heads, head_dim, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, SINKS: tl.constexpr,
-                       INTERPRET: tl.constexpr):
-    """Merge one decode sequence's partials (work programs [ends[s-1], ends[s]), a count that varies per
-    sequence) for one head by their log-sum-exp, BLOCK_Z at a time with a running max; with SINKS the head's
-    sink logit joins the denominator once, here. Prefill sequences are skipped."""
-    s_idx = tl.program_id(0)
-    head = tl.program_id(1)
-    tok = tl.load(qsl_ptr + s_idx).to(tl.int64)
-    if tl.load(qsl_ptr + s_idx + 1) - tok != 1:
-        return
-    start = tl.where(s_idx > 0, tl.load(ends_ptr + s_idx - 1, mask=s_idx > 0, other=0), 0)
-    end = tl.load(ends_ptr + s_idx)
-    d = tl.arange(0, BLOCK_H)
-    # Split 0 is never empty (it holds the window's first key, or key 0): a finite running max from the start.
-    m = tl.load(part_lse_ptr + start.to(tl.int64) * num_heads + head)
-    denom = m * 0
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for z0 in range(start, end, BLOCK_Z):
-        z = z0 + tl.arange(0, BLOCK_Z)
-        ok = z < end
-        row = z.to(tl.int64) * num_heads + head
-        lse = tl.load(part_lse_ptr + row, mask=ok, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
-        alpha = tl.exp(m - m_new)
-        w = tl.exp(lse - m_new)
-        o = tl.load(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
-        denom = denom * alpha + tl.sum(w, axis=0)
-        m = m_new
-    if SINKS:
-        sink = tl.load(sinks_ptr + head).to(tl.float32)
-        m_new = tl.maximum(m, sink)
-        alpha = tl.exp(m - m_new)
-        acc = acc * alpha
-        denom = denom * alpha + tl.exp(sink - m_new)
-    tl.store(out_ptr + tok * stride_ot + head * stride_on + d, cast(acc / denom, out_ptr.dtype.element_ty, INTERPRET),
-             mask=d < head_dim)
-
-
-@triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                     sinks_ptr, scale, window, v_scale, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck,
                     stride_tb, stride_ot, stride_on, num_heads, head_dim, Z,
@@ -308,33 +232,6 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ou
         row = (tok * num_heads + head) * Z + split
         tl.store(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], o, mask=row_ok[:, None])
         tl.store(part_lse_ptr + row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=row_ok)
-
-
-@triton.jit
-def _merge_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_ot, stride_on, num_heads,
-                         head_dim, Z, BLOCK_Z: tl.constexpr, BLOCK_H: tl.constexpr, SINKS: tl.constexpr,
-                         INTERPRET: tl.constexpr):
-    """Merge the split prefill kernel's Z partial softmaxes ([T, N, Z]) of one (token, head) by their
-    log-sum-exp; with SINKS the head's sink logit joins the denominator once, here. Some split holds the
-    row's own key, so the max below is finite."""
-    idx = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    tok = idx
-    z = tl.arange(0, BLOCK_Z)
-    d = tl.arange(0, BLOCK_H)
-    row = (idx * num_heads + head) * Z + z
-    lse = tl.load(part_lse_ptr + row, mask=z < Z, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    if SINKS:
-        m = tl.maximum(m, tl.load(sinks_ptr + head).to(tl.float32))
-    w = tl.exp(lse - m)
-    o = tl.load(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], mask=(z[:, None] < Z), other=0.0)
-    denom = tl.sum(w, axis=0)
-    if SINKS:
-        denom += tl.exp(tl.load(sinks_ptr + head).to(tl.float32) - m)
-    o = tl.sum(o * w[:, None], axis=0) / denom
-    tl.store(out_ptr + tok * stride_ot + head * stride_on + d, cast(o, out_ptr.dtype.element_ty, INTERPRET),
-             mask=d < head_dim)
 
 
 # (BLOCK_N, num_warps) of the fp32 decode kernel (compiled only: the interpreter keeps its 16-key tiles). fp32

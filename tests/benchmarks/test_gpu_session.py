@@ -1,6 +1,6 @@
 """benchmarks/gpu_session.sh on CPU: preflight, every step's command list against its budget, the CPU smoke
-runs of the steps whose shell logic matters (pytest per file, tune's tarball and unpack), and tune_moe's
-guarantees (seeded search, any failure skipped, never slower than the seed) with fake timings.
+runs of the steps whose shell logic matters (pytest per file, tune's tarball and unpack), and the per-compile
+budgets against the compile report. tune_moe's search guarantees are test_tune_moe_search.py's.
 
 A GPU session is lent for minutes: what it runs is checked here so that it produces numbers, not tracebacks.
 About 45 s on 2 cores, most of it the tune smoke run.
@@ -15,16 +15,14 @@ import re
 import subprocess
 import sys
 import tarfile
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from moelink.benchmarks import moe_kernels, tune_moe
+from moelink.benchmarks import moe_kernels
 from moelink.benchmarks.moe_kernels_fp8 import FP8_SHAPES
 from moelink.kernels import moe_config
-from moelink.kernels.moe_config import GemmConfig, MoEConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
@@ -207,116 +205,6 @@ def test_unpack_refuses_what_is_not_a_tuned_config(tmp_path, member):
     assert not list(dest.iterdir()) and not (tmp_path / "evil.json").exists()
 
 
-# -- tune_moe's guarantees, with fake timings (no Triton) -------------------------------------------------------------------
-SHAPE = moe_kernels.SMOKE_SHAPES["smoke-e8"]
-
-
-def fake_times(monkeypatch, times):
-    """time_config returns times(cfg) (seconds) and records what it was asked; no kernel runs."""
-    asked = []
-
-    def fake(cfg, sets, timer, iters, want=None):
-        asked.append(cfg)
-        return times(cfg)
-
-    monkeypatch.setattr(tune_moe, "time_config", fake)
-    return asked
-
-
-def run_bucket(T=12, space="quick"):
-    return tune_moe.tune_bucket(SHAPE, T, torch.bfloat16, torch.device("cpu"), None, tune_moe.SPACES[space], 1,
-                                deadline=float("inf"), log=lambda *a: None)
-
-
-def test_tune_keeps_the_seed_when_nothing_beats_it(monkeypatch):
-    seeds = dict(tune_moe.seeds_for(SHAPE, 12, torch.device("cpu")))
-    best_seed = seeds["default.json"]
-    asked = fake_times(monkeypatch, lambda cfg: 1.0 if cfg == best_seed else 2.0)
-    cfg, t, info = run_bucket()
-    assert cfg == best_seed and t == 1.0 and info["kept_seed"] and info["seed"] == "default.json"
-    assert asked[: len(seeds)] == list(seeds.values())  # every seed is timed first
-    assert info["tried"] > len(seeds)  # and the search ran
-
-
-def test_tune_moves_one_axis_at_a_time_and_confirms(monkeypatch):
-    seeds = dict(tune_moe.seeds_for(SHAPE, 12, torch.device("cpu")))
-    base = next(iter(seeds.values()))  # all seeds tie: the first (the current config) is the seed
-    assert all(c.down.num_warps != 8 for c in seeds.values())
-    faster = lambda cfg: cfg.down.num_warps == 8  # noqa: E731
-    fake_times(monkeypatch, lambda cfg: 0.5 if faster(cfg) else 1.0)
-    cfg, t, info = run_bucket()
-    assert faster(cfg) and t == 0.5 and not info["kept_seed"] and info["seed"] == "current"
-    assert cfg == replace(base, down=replace(base.down, num_warps=8))  # the seed, one axis moved
-
-
-def test_tune_never_writes_a_config_slower_than_the_seed_on_re_timing(monkeypatch):
-    """A candidate that looked faster in the search but is slower head to head loses to the seed."""
-    seeds = dict(tune_moe.seeds_for(SHAPE, 12, torch.device("cpu")))
-    base = seeds["default.json"]
-    calls = {}
-
-    def times(cfg):
-        n = calls[cfg] = calls.get(cfg, 0) + 1
-        if cfg == base:
-            return 1.0
-        if cfg.down.num_warps == 8:
-            return 0.5 if n == 1 else 1.5  # lucky once, slower after
-        return 2.0
-
-    fake_times(monkeypatch, times)
-    cfg, t, info = run_bucket()
-    assert cfg == base and info["kept_seed"] and t == 1.0
-
-
-def test_tune_skips_candidates_that_fail_for_any_reason(monkeypatch, capsys):
-    from moelink.kernels import triton_moe
-
-    cfg = MoEConfig(16, GemmConfig(32, 32, 1, 4, 2), GemmConfig(32, 32, 1, 4, 2))
-    run_once = lambda fn, sets, iters, warmup: fn(*sets[0])  # noqa: E731  (a Timer that runs the call once)
-
-    class WeirdCompilerError(Exception):
-        pass
-
-    for exc in (WeirdCompilerError("unsupported layout\ndetails"), KeyError("BLOCK_K"), AssertionError("bad tile")):
-        def boom(*a, _e=exc, **k):
-            raise _e
-
-        monkeypatch.setattr(triton_moe, "triton_fused_moe", boom)
-        assert tune_moe.time_config(cfg, [(None,) * 5], run_once, 1) == float("inf")
-        printed = capsys.readouterr().out
-        assert f"skipped {json.dumps(cfg.to_dict())}: {type(exc).__name__}: " in printed
-    # A CUDA fault poisons the context: nothing after it could be timed, so it stops the run.
-    monkeypatch.setattr(triton_moe, "triton_fused_moe",
-                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access")))
-    with pytest.raises(tune_moe.CudaFault):
-        tune_moe.time_config(cfg, [(None,) * 5], run_once, 1)
-
-
-def test_tune_prunes_before_compiling():
-    D, I = 7168, 2048
-    ok = MoEConfig(64, GemmConfig(64, 64, 8, 4, 3), GemmConfig(128, 64, 8, 8, 3))
-    assert tune_moe.feasible(ok, D, I) is None
-    too_much_smem = MoEConfig(128, GemmConfig(256, 256, 1, 8, 5), ok.down)
-    assert "shared memory" in tune_moe.feasible(too_much_smem, D, I)
-    too_many_regs = MoEConfig(128, GemmConfig(128, 32, 1, 4, 2), ok.down)
-    assert "accumulator registers" in tune_moe.feasible(too_many_regs, D, I)
-    too_wide = MoEConfig(16, GemmConfig(64, 64, 1, 4, 2), ok.down)
-    assert "wider" in tune_moe.feasible(too_wide, 64, 32)
-
-
-def test_published_seeds_are_translated_for_this_kernel():
-    """vLLM's gate|up GEMM is one [M, 2I] product: the same tile width is BLOCK_N/2 per accumulator here."""
-    E, K, D, I = moe_kernels.SHAPES["qwen3-30b-a3b"]
-    ((bucket, cfg, src),) = tune_moe.published_seeds(E, I, D, 1000)
-    assert bucket == 1024 and src == "vllm E=128,N=768"
-    assert cfg.up.BLOCK_SIZE_N * 2 == cfg.down.BLOCK_SIZE_N == 256 and cfg.BLOCK_SIZE_M == 64
-    E, K, D, I = moe_kernels.SHAPES["deepseek-v3"]
-    assert tune_moe.published_seeds(E, I, D, 64) == []  # none published for it: default + current only
-    for src, p in tune_moe.PUBLISHED.items():  # each one loads as a valid config
-        for b, vals in p["configs"].items():
-            MoEConfig.from_dict(tune_moe.from_vllm(*vals).to_dict(), f"{src}[{b}]")
-
-
 def test_per_compile_costs_cover_the_compile_report():
     """Against the cold compiles of the committed sm_90 compile report (benchmarks/results/compile_report_sm90.json),
     per kernel class: the script's per-compile seconds less the launcher are at least twice the mean (a sum of many
@@ -340,81 +228,3 @@ def test_per_compile_costs_cover_the_compile_report():
         mean = sum(times[cls]) / len(times[cls])
         assert c[key] - c["LAUNCHER_S"] >= 2 * mean, (cls, mean)
         assert c[key] >= max(times[cls]), (cls, max(times[cls]))
-
-
-def test_tune_tiny_axis_moves_one_step_at_a_time():
-    """The tiny-batch path as a tune axis: off -> on at the bucket's pair count; on -> off or one GEMV field moved;
-    with it on, the sorted path's axes are not searched (they do not run); none of it above TINY_TUNE_MAX_PAIRS."""
-    from dataclasses import replace
-
-    from moelink.kernels.moe_config import DEFAULT_TINY
-
-    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))
-    space, axes = tune_moe.SPACES["quick"], tune_moe.TINY_AXES["quick"]
-    off = list(tune_moe.neighbours(base, space, [16], 8, axes))
-    assert off[0] == replace(base, tiny=replace(DEFAULT_TINY, max_pairs=8))
-    assert all(c.tiny is None for c in off[1:]) and len(off) > 1  # the sorted axes follow
-    on = off[0]
-    moved = list(tune_moe.neighbours(on, space, [16], 8, axes))
-    assert moved[0] == base  # tiny off again
-    assert all(c.tiny is not None and c.tiny.max_pairs == 8 and (c.BLOCK_SIZE_M, c.up, c.down) == (16, base.up, base.down)
-               for c in moved[1:])
-    assert len(moved) - 1 == sum(len([v for v in vals if v != getattr(getattr(on.tiny, k.split("_", 1)[0]), k.split("_", 1)[1])])
-                                 for k, vals in axes.items())
-    assert all(c.tiny is None for c in tune_moe.neighbours(base, space, [16], tune_moe.TINY_TUNE_MAX_PAIRS + 1, axes))
-
-
-def test_tune_prunes_tiny_tiles_that_would_spill():
-    """The tiny GEMVs hold their tiles in registers: the [8, 32, 512] down tile the compile report saw spill is
-    pruned at top-8 (fine at top-1), DEFAULT_TINY is not."""
-    from dataclasses import replace
-
-    from moelink.kernels.moe_config import DEFAULT_TINY, TinyGemm
-
-    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), DEFAULT_TINY)
-    assert tune_moe.feasible(base, 2048, 768, 2, 8) is None
-    wide = replace(base, tiny=replace(DEFAULT_TINY, down=TinyGemm(32, 512, 8, 2)))
-    assert "tiny down" in tune_moe.feasible(wide, 2048, 768, 2, 8)
-    assert tune_moe.feasible(wide, 2048, 768, 2, 1) is None
-    fat_up = replace(base, tiny=replace(DEFAULT_TINY, up=TinyGemm(32, 512, 4, 2)))
-    assert "tiny up" in tune_moe.feasible(fat_up, 2048, 768, 2, 8)
-
-
-def test_graph_timing_prefers_replays_and_falls_back_to_eager():
-    class FakeTimer:
-        def __init__(self, graph_s):
-            self.graph_s, self.calls = graph_s, []
-
-        def graph(self, fn, arg_sets, iters=30):
-            self.calls.append(("graph", iters))
-            return self.graph_s
-
-        def __call__(self, fn, arg_sets, iters=30, warmup=3):
-            self.calls.append(("eager", iters, warmup))
-            return 9.0
-
-    t = FakeTimer(0.5)
-    assert tune_moe.GraphTiming(t)(None, [()], iters=7, warmup=1) == 0.5 and t.calls == [("graph", 7)]
-    t = FakeTimer(None)  # capture failed (e.g. a host sync): eager
-    assert tune_moe.GraphTiming(t)(None, [()], iters=7, warmup=1) == 9.0 and t.calls == [("graph", 7), ("eager", 7, 1)]
-
-
-def test_tune_schedule_axes_move_each_gemm_and_prune_misaligned_tma():
-    """PERSISTENT and TMA are searched per GEMM, one step from the current config, like the block axes; a TMA
-    candidate whose operand rows are not 16-byte multiples is pruned (the kernel would fall back to pointers)."""
-    from dataclasses import replace
-
-    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))
-    space = tune_moe.SPACES["quick"]
-    cands = list(tune_moe.neighbours(base, space, [16]))
-    for part in ("up", "down"):
-        g = getattr(base, part)
-        for p in space["PERSISTENT"][1:]:
-            assert replace(base, **{part: replace(g, PERSISTENT=p)}) in cands
-        assert replace(base, **{part: replace(g, TMA=True)}) in cands
-    assert all(c.up.PERSISTENT == 0 or c.down == base.down for c in cands)  # one axis of one GEMM at a time
-    tma = replace(base, up=replace(base.up, TMA=True))
-    assert tune_moe.feasible(tma, 2048, 768) is None
-    assert "TMA" in tune_moe.feasible(tma, 2884, 768)  # D = 2884: bf16 rows of 5768 bytes
-    assert tune_moe.feasible(replace(base, down=replace(base.down, TMA=True)), 2048, 772) is not None
-
