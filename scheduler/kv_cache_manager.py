@@ -16,6 +16,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def known_written(req: Request, num_written: int | None) -> int:
+    """Tokens whose KV is written and whose ids are known (hashable)."""
+    written = req.num_computed_tokens if num_written is None else num_written
+    return min(written, req.num_tokens)
+
+
 class KVCacheManager:
     """Owns the `BlockPool` and the block table of every request holding blocks."""
 
@@ -83,11 +89,13 @@ class KVCacheManager:
         blocks.extend(new_blocks)
         return new_blocks
 
-    def cache_blocks(self, req: Request) -> None:
+    def cache_blocks(self, req: Request, num_written: int | None = None) -> None:
         """Register the request's blocks that are full of computed tokens.
 
-        Call only once the KV of `req.num_computed_tokens` tokens is really
-        written (after the step ran): a cached block may be read by anyone.
+        Call only once the KV of those tokens is really written (after the step ran): a cached block may be
+        read by anyone. `num_written`: the tokens whose KV is written (default `req.num_computed_tokens`; an
+        overlapped loop has scheduled the next step already, so it passes where the finished step ended).
+        Only tokens the request knows are hashed: a block holding a token still in flight is not full yet.
         """
         if not self.enable_prefix_caching:
             return
@@ -96,7 +104,7 @@ class KVCacheManager:
         if blocks is None:
             return
         start = self._num_cached_blocks[rid]
-        num_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+        num_full = min(known_written(req, num_written) // self.block_size, len(blocks))
         if num_full <= start:
             return
         extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full)

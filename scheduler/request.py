@@ -94,6 +94,10 @@ class Request:
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens sampled by steps still in flight (an overlapped loop schedules step N+1 before step N's token
+        # comes back): scheduled past, not yet appended. The next step computes the position after the last
+        # known token; the worker takes that token from the device. 0 whenever the loop is serial.
+        self.num_output_placeholders = 0
         self.stop_reason: int | None = None  # the stop token id; None for EOS / length
         self.num_cached_tokens = 0  # prefix-cache hit tokens at the first schedule
         self.num_preemptions = 0
