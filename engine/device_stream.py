@@ -31,9 +31,10 @@ class DeviceWork:
     def __init__(self, future: Future | None = None, value=None, event=None):
         self._future, self._value, self._event = future, value, event
 
-    def wait(self):
+    def wait(self, timeout: float | None = None):
         if self._future is not None:
-            self._value = self._future.result()  # host sync: the stream thread ran it (re-raises its error)
+            # host sync: the stream thread ran it (re-raises its error; TimeoutError after `timeout` seconds)
+            self._value = self._future.result(timeout)
             self._future = None
         if self._event is not None:
             self._event.synchronize()  # host sync: the GPU finished the step and its copies to pinned memory

@@ -227,6 +227,20 @@ class ModelRunner:
         layers' collectives when `run_forward` says a peer has tokens (expert parallelism)."""
         return self.launch(so, run_forward).collect()
 
+    def quiesce(self, timeout_s: float) -> None:
+        """Let the device work of every launched step end (errors dropped: elastic EP, the steps a lost rank
+        broke fail in their collectives), so nothing of an old process group runs once a new one forms. Bounded:
+        work still running after `timeout_s` is logged and left."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight:
+            handle = self._in_flight.popleft()
+            if handle.work is None:
+                continue
+            try:
+                handle.work.wait(max(deadline - time.monotonic(), 0.0))
+            except Exception as exc:  # noqa: BLE001  (a broken step's error: the engine already handled the loss)
+                logger.info("step %d's device work ended with %s (dropped)", handle.step_id, type(exc).__name__)
+
     def launch(self, so: SchedulerOutput, run_forward: bool = True) -> StepHandle:
         """Do the step's host work and submit its device work to the stream; returns without waiting for the
         device (engine/step_handle.py). Steps are collected in launch order."""

@@ -59,13 +59,20 @@ def build_step_inputs(states: list, query_lens: list[int], block_size: int, slid
     pending_src: dict[int, tuple[object, list[int]]] = {}
     sample_rows: list[int] = []
     num_pending: list[int] = []
-    if max(query_lens) == 1:  # pure decode: one token per sequence
+    if max(query_lens) == 1:  # pure decode: one token per sequence, one pass over the batch
         tokens = [0] * num_seqs
-        for s, (st, c) in enumerate(zip(states, starts)):
+        for s, st in enumerate(states):
             known = st.all_token_ids
+            c = starts[s]
+            in_flight = 0 if st.pending is None else 1
             if c < len(known):
                 tokens[s] = known[c]
-            # else: the token at position c is still on the device (below)
+            else:  # the token at position c is the one the previous step sampled, still on the device
+                _pending_source(st, c, pending_src)
+                pending_dst.append(s)
+            if c + 1 == len(known) + in_flight:  # reaches the last token (known or in flight): samples
+                sample_rows.append(s)
+                num_pending.append(in_flight)
         positions = np.asarray(starts, dtype=np.int64)
         seq_of_token = np.arange(num_seqs)
         last_T = seq_of_token
@@ -82,21 +89,16 @@ def build_step_inputs(states: list, query_lens: list[int], block_size: int, slid
         first_T = np.repeat(np.cumsum(q) - q, q)  # index of each token's sequence's first token
         positions = np.arange(len(tokens), dtype=np.int64) - first_T + np.repeat(np.asarray(starts, np.int64), q)
         last_T = np.cumsum(q) - 1
-    for s, (st, L) in enumerate(zip(states, seq_lens)):
-        known = len(st.all_token_ids)
-        in_flight = 1 if st.pending is not None else 0
-        if L > known:
-            # Only the one token the previous step sampled can be unknown (the scheduler schedules no further).
-            if not in_flight or L != known + 1:
-                raise RuntimeError(f"request {st.req_id}: step computes position {L - 1}, but only {known} tokens "
-                                   f"are known and {in_flight} is in flight")
-            handle, row = st.pending
-            pending_dst.append(int(last_T[s]))
-            pending_src.setdefault(id(handle), (handle, []))[1].append(row)
-        # A chunk samples only when it reaches the request's last token (known or in flight).
-        if L == known + in_flight:
-            sample_rows.append(s)
-            num_pending.append(in_flight)
+        for s, (st, L) in enumerate(zip(states, seq_lens)):
+            known = len(st.all_token_ids)
+            in_flight = 1 if st.pending is not None else 0
+            if L > known:
+                _pending_source(st, L - 1, pending_src)
+                pending_dst.append(int(last_T[s]))
+            # A chunk samples only when it reaches the request's last token (known or in flight).
+            if L == known + in_flight:
+                sample_rows.append(s)
+                num_pending.append(in_flight)
     tokens_T = np.asarray(tokens, dtype=np.int64)
     max_blocks = max(len(st.block_ids) for st in states)
     tables_SM = np.zeros((num_seqs, max_blocks), dtype=np.int32)
@@ -121,6 +123,18 @@ def build_step_inputs(states: list, query_lens: list[int], block_size: int, slid
     return StepInputs(tokens_T, positions, slots_T, tables_SM, seq_lens, list(query_lens), qsl, sliding,
                       sample_rows, num_pending, np.asarray(pending_dst, dtype=np.int64) if pending_dst else None,
                       src)
+
+
+def _pending_source(st, position: int, sources: dict) -> int:
+    """Record that `st`'s token at `position` is its in-flight token (returns 1); only the one token the
+    previous step sampled can be unknown: the scheduler schedules no further."""
+    known = len(st.all_token_ids)
+    if st.pending is None or position != known:
+        raise RuntimeError(f"request {st.req_id}: step computes position {position}, but only {known} tokens "
+                           f"are known and {0 if st.pending is None else 1} is in flight")
+    handle, row = st.pending
+    sources.setdefault(id(handle), (handle, []))[1].append(row)
+    return 1
 
 
 def _sliding_tables(states, starts, seq_of_token, positions, bs: int, window: int, null_block: int

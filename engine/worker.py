@@ -282,6 +282,11 @@ class Worker:
         return os.getpid()
 
     def shutdown(self) -> None:
+        # The overlapped loop: device work of launched steps may still run on the stream (a step a lost rank
+        # broke, blocked in a collective until it fails); it must end before the group goes.
+        self._launched.clear()
+        if self.runner is not None:
+            self.runner.quiesce(self.config.comm_timeout_s)
         if self.group is not None:
             from moelink.comm.process_group import destroy
 

@@ -31,8 +31,9 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self._blocks: dict[str, list[int]] = {}
         # How many leading blocks of a request are registered (or known to be
-        # registered) in the prefix cache; caching resumes from there.
-        self._num_cached_blocks: dict[str, int] = {}
+        # registered) in the prefix cache; caching resumes from there. Read-only outside: the scheduler reads it
+        # to skip `cache_blocks` for the (common) steps that fill no block.
+        self.num_cached_blocks: dict[str, int] = {}
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block table (shared list: do not mutate)."""
@@ -80,7 +81,7 @@ class KVCacheManager:
             return None
         if blocks is None:
             blocks = self._blocks[rid] = []
-            self._num_cached_blocks[rid] = len(computed_blocks)  # hits are cached already
+            self.num_cached_blocks[rid] = len(computed_blocks)  # hits are cached already
         if computed_blocks:
             self.pool.touch(computed_blocks)
             blocks.extend(computed_blocks)
@@ -103,18 +104,18 @@ class KVCacheManager:
         blocks = self._blocks.get(rid)
         if blocks is None:
             return
-        start = self._num_cached_blocks[rid]
+        start = self.num_cached_blocks[rid]
         num_full = min(known_written(req, num_written) // self.block_size, len(blocks))
         if num_full <= start:
             return
         extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full)
         self.pool.cache_full_blocks(blocks[start:num_full], req.block_hashes[start:num_full])
-        self._num_cached_blocks[rid] = num_full
+        self.num_cached_blocks[rid] = num_full
 
     def free(self, req: Request) -> None:
         """Release all blocks of a request (tail first; see BlockPool.free)."""
         blocks = self._blocks.pop(req.request_id, None)
-        self._num_cached_blocks.pop(req.request_id, None)
+        self.num_cached_blocks.pop(req.request_id, None)
         if blocks:
             self.pool.free(blocks)
 

@@ -86,6 +86,9 @@ class Request:
         self.ignore_eos = ignore_eos
         self.stop_token_ids: frozenset[int] = frozenset(stop_token_ids)
         self.min_tokens = min_tokens
+        # The output count at which a length rule may end the request (max_tokens), for the scheduler's fast
+        # check; EOS and stop ids are checked by value.
+        self.output_limit = max_tokens if max_tokens is not None else 1 << 62
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
 
         self.output_token_ids: list[int] = []

@@ -202,12 +202,18 @@ class Scheduler:
         budget = self.scheduler_config.max_num_batched_tokens
 
         scheduled = self._scheduled[out.step_id] = []
-        # 1) Running requests, oldest first.
+        cached_reqs, num_scheduled = out.scheduled_cached_reqs, out.num_scheduled_tokens
+        # 1) Running requests, oldest first (the hot loop of a decode step: locals, nothing but the request).
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget)
-            if n <= 0 or (req.num_output_placeholders and self._ends_with_placeholders(req)):
+        running = self.running
+        while i < len(running) and budget > 0:
+            req = running[i]
+            known = len(req.all_token_ids)
+            in_flight = req.num_output_placeholders
+            n = known + in_flight - req.num_computed_tokens
+            if n > budget:
+                n = budget
+            if n <= 0 or (in_flight and self._ends_with_placeholders(req)):
                 i += 1  # nothing left to compute yet, or the token in flight ends it anyway
                 continue
             new_blocks = self.kv.allocate_slots(req, n)
@@ -225,10 +231,12 @@ class Scheduler:
             cached = CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens)
             if self._sliding:
                 cached.new_sliding_block_ids = self.kv.last_new_sliding
-            out.scheduled_cached_reqs.append(cached)
-            out.num_scheduled_tokens[req.request_id] = n
-            req.num_computed_tokens += n
-            self._note_scheduled(scheduled, req)
+            cached_reqs.append(cached)
+            num_scheduled[req.request_id] = n
+            computed = req.num_computed_tokens = req.num_computed_tokens + n
+            scheduled.append((req, computed))  # as _note_scheduled, inlined
+            if computed == known + in_flight:
+                req.num_output_placeholders = in_flight + 1
             budget -= n
             i += 1
 
@@ -322,30 +330,42 @@ class Scheduler:
             raise ValueError(f"ModelRunnerOutput.step_id={runner_out.step_id} is invalid: "
                              f"it must answer SchedulerOutput.step_id={sched_out.step_id}.")
         outputs: list[EngineCoreOutput] = []
-        finished: list[Request] = []
+        finished: list = []
         sampled, all_logprobs = runner_out.sampled_token_ids, runner_out.logprobs
+        kv, bs = self.kv, self.block_size
+        cached_blocks = kv.num_cached_blocks if kv.enable_prefix_caching else None
+        running_status, preempted_status = RequestStatus.RUNNING, RequestStatus.PREEMPTED
+        max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
+        # The hot loop of a decode step (once per request per step): attribute reads kept local, the stop rules
+        # of _check_stop inlined for the common token that ends nothing.
         for req, written in self._scheduled.pop(sched_out.step_id, ()):
             status = req.status
-            if status is RequestStatus.RUNNING:
-                self.kv.cache_blocks(req, written)  # the step has written this KV: shareable now
-            elif status is not RequestStatus.PREEMPTED:
+            rid = req.request_id
+            if status is running_status:
+                # The step has written this KV: blocks it filled are shareable now (most steps fill none).
+                if cached_blocks is not None and min(written, len(req.all_token_ids)) // bs > cached_blocks.get(rid, 0):
+                    kv.cache_blocks(req, written)
+            elif status is not preempted_status:
                 continue  # finished (a stop, an abort) while the step ran: its row is discarded
-            token = sampled.get(req.request_id)
+            token = sampled.get(rid)
             # A chunk that did not reach past its last token sampled nothing (a token for it is discarded).
             if token is None or not req.num_output_placeholders:
                 continue
             req.num_output_placeholders -= 1
             req.append_output_token(token)
-            stop = self._check_stop(req, token)
-            logprobs = all_logprobs.get(req.request_id)
-            eco = EngineCoreOutput(req.request_id, [token], [logprobs] if logprobs is not None else [],
+            logprobs = all_logprobs.get(rid) if all_logprobs else None
+            eco = EngineCoreOutput(rid, [token], [logprobs] if logprobs is not None else [],
                                    num_cached_tokens=req.num_cached_tokens)
-            if stop is not None:
-                req.status = stop
-                eco.finish_reason = stop.finish_reason
-                eco.stop_reason = req.stop_reason
-                finished.append((req, status))
             outputs.append(eco)
+            n_out = len(req.output_token_ids)
+            if (token in req.eos_token_ids or token in req.stop_token_ids or n_out >= req.output_limit
+                    or len(req.all_token_ids) >= max_len or len(req.all_token_ids) > pool_tokens):
+                stop = self._check_stop(req, token)
+                if stop is not None:
+                    req.status = stop
+                    eco.finish_reason = stop.finish_reason
+                    eco.stop_reason = req.stop_reason
+                    finished.append((req, status))
         if finished:
             gone = {id(r) for r, was in finished if was is RequestStatus.RUNNING}
             if gone:

@@ -140,7 +140,7 @@ class SlidingKVCacheManager(KVCacheManager):
         if blocks is None:
             blocks = self._blocks[rid] = []
             self._sliding[rid] = []
-            self._num_cached_blocks[rid] = len(hit.full)  # hits are cached already
+            self.num_cached_blocks[rid] = len(hit.full)  # hits are cached already
             self._num_cached_sliding[rid] = len(hit.sliding)
             self._num_freed[rid] = hit.sliding.count(NULL_BLOCK)  # the leading entries no query sees
         if hit:
