@@ -95,8 +95,12 @@ class ThreadStream:
         self._queue.put((fn, fut))
         return DeviceWork(future=fut)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop the thread once the work already submitted has run (joined, bounded: a step stuck in a collective
+        with a lost peer is left to the process's exit)."""
         self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
 
 class CudaStream:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
+from moelink.engine.structured_output_params import StructuredOutputParams
 from moelink.scheduler.scheduler import Scheduler
 
 pytestmark = pytest.mark.slow  # two engines over 200 requests
@@ -47,6 +48,9 @@ def _mixed_requests(n: int, vocab: int, seed: int = 0):
             kw.update(temperature=0.7, seed=i, logprobs=2, min_tokens=min(3, kw["max_tokens"]))
         elif kind == 4:
             kw.update(temperature=0.0, stop_token_ids=[rng.randrange(3, vocab) for _ in range(3)])
+        elif i % 12 == 5:  # structured output: the loop drains for its masks, the outputs must not change
+            kw.update(temperature=1.0, seed=3 * i, max_tokens=12,
+                      structured_outputs=StructuredOutputParams(regex=r"[a-z]{1,4}( [a-z]{1,4}){0,3}"))
         else:
             kw.update(temperature=0.8, seed=7 * i, min_p=0.05, stop=["e", "a "], frequency_penalty=0.2)
         prompts.append(prompt)
