@@ -71,8 +71,6 @@ class ModelRunner:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
         self.stream = stream if stream is not None else InlineStream()
-        # Sampling metadata is built on the host while the device is busy, then moved in stream order.
-        self.meta_device = torch.device("cpu")
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
@@ -272,8 +270,8 @@ class ModelRunner:
             meta = SamplingMetadata.build(
                 [st.params for st in picked], [st.prompt_token_ids for st in picked],
                 [st.output_token_ids for st in picked], [st.generator for st in picked],
-                self.eos_token_ids, self.cfg.vocab_size, self.meta_device,
-                [bitmasks.get(st.req_id) for st in picked] if bitmasks else None, inp.num_pending, self.device)
+                self.eos_token_ids, self.cfg.vocab_size, self.device,
+                [bitmasks.get(st.req_id) for st in picked] if bitmasks else None, inp.num_pending)
             for r, st in enumerate(picked):
                 st.pending = (handle, r)  # the next step reads this token on the device
         graph_batch = self._graph_batch(so, query_lens, len(states))
@@ -373,7 +371,6 @@ class ModelRunner:
         dev = self.device
         last_R = to_device(inp.qsl_S1[1:][inp.sample_rows] - 1, torch.long, dev)
         logits_RV = self.model.compute_logits(h_TD.index_select(0, last_R))
-        meta = meta.to(dev, lambda t, d: to_device(t.numpy(), t.dtype, d)) if self.meta_device != dev else meta
         if pending_P is not None and not meta.no_penalties:
             # The penalties' counts lack the outputs still on the device: add them there (row of each).
             row_of_seq = np.full(len(inp.query_lens), -1, dtype=np.int64)

@@ -23,12 +23,13 @@ block (`SamplerOutput.logprobs_packed_LX`), which the runner copies to the host 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 
+from moelink.engine.device_stream import to_device
 from moelink.engine.sampling_params import SamplingParams
 from moelink.scheduler.outputs import TokenLogprobs
 
@@ -108,7 +109,6 @@ class SamplingMetadata:
         device: torch.device,
         grammar_bitmasks: Optional[list[Optional[bytes]]] = None,
         num_pending: Optional[list[int]] = None,
-        sampling_device: Optional[torch.device] = None,
     ) -> "SamplingMetadata":
         """Batch one step's per-request parameters into tensors on `device`.
 
@@ -119,8 +119,6 @@ class SamplingMetadata:
         `num_pending`: per row, output tokens sampled by a step still in flight (the overlapped loop), which
         `output_token_ids` does not hold yet: they count for min_tokens here, and `add_pending_outputs` adds
         them to the penalties' counts on the device.
-        `sampling_device`: where the sampler will run, when the tensors are built elsewhere (the runner builds
-        them on the host and moves them with `to`); default `device`.
         """
         B, V = len(params), vocab_size
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == B):
@@ -137,7 +135,7 @@ class SamplingMetadata:
         meta.num_logprobs = num_logprobs
         lp_rows = [i for i, n in enumerate(num_logprobs) if n is not None]
         if lp_rows:
-            meta.logprob_rows_L = torch.tensor(lp_rows, dtype=torch.long, device=device)
+            meta.logprob_rows_L = to_device(lp_rows, torch.long, device)
             meta.max_num_logprobs = min(V, max(num_logprobs[i] for i in lp_rows))
 
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
@@ -153,8 +151,8 @@ class SamplingMetadata:
         ]
         if blocked:
             rows, ids = zip(*blocked)
-            meta.min_tokens_rows_M = torch.tensor(rows, dtype=torch.long, device=device)
-            meta.min_tokens_ids_M = torch.tensor(ids, dtype=torch.long, device=device)
+            meta.min_tokens_rows_M = to_device(rows, torch.long, device)
+            meta.min_tokens_ids_M = to_device(ids, torch.long, device)
 
         if grammar_bitmasks is not None and any(m is not None for m in grammar_bitmasks):
             meta.grammar_allowed_BV = _unpack_bitmasks(grammar_bitmasks, V, device)
@@ -162,28 +160,27 @@ class SamplingMetadata:
         if meta.all_greedy:
             return meta
         if not meta.all_random:
-            meta.greedy_mask_B = torch.tensor(greedy, dtype=torch.bool, device=device)
+            meta.greedy_mask_B = to_device(greedy, torch.bool, device)
         # Greedy rows get neutral values so the batched random path is a no-op on them.
-        meta.temperature_B = torch.tensor(
-            [1.0 if g else p.temperature for p, g in zip(params, greedy)], dtype=torch.float32, device=device
-        )
+        meta.temperature_B = to_device([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32,
+                                       device)
         top_k = [V if g or p.top_k <= 0 or p.top_k >= V else p.top_k for p, g in zip(params, greedy)]
         if any(k < V for k in top_k):
-            meta.top_k_B = torch.tensor(top_k, dtype=torch.long, device=device)
+            meta.top_k_B = to_device(top_k, torch.long, device)
             meta.max_top_k = max(k for k in top_k if k < V)
         top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
         if any(p < 1.0 for p in top_p):
-            meta.top_p_B = torch.tensor(top_p, dtype=torch.float32, device=device)
+            meta.top_p_B = to_device(top_p, torch.float32, device)
         min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
         if any(p > 0.0 for p in min_p):
-            meta.min_p_B = torch.tensor(min_p, dtype=torch.float32, device=device)
+            meta.min_p_B = to_device(min_p, torch.float32, device)
         for i, (gen, g) in enumerate(zip(generators, greedy)):
             if gen is None or g:
                 continue
-            if gen.device.type != (sampling_device or device).type:
+            if gen.device.type != device.type:
                 raise ValueError(
                     f"SamplingMetadata.build: generators[{i}] is on {gen.device}, "
-                    f"but sampling runs on {sampling_device or device}; a generator must live on the sampling device."
+                    f"but sampling runs on {device}; a generator must live on the sampling device."
                 )
             meta.generators[i] = gen
         meta.any_unseeded_random = len(meta.generators) < B - sum(greedy)
@@ -199,18 +196,11 @@ class SamplingMetadata:
         if self.seen_mask_BV is not None:
             self.seen_mask_BV[rows_P, tokens_P] = True
 
-    def to(self, device: torch.device, move: Callable[[torch.Tensor, torch.device], torch.Tensor]) -> "SamplingMetadata":
-        """The same metadata with every tensor moved by `move(tensor, device)` (the runner builds it on the
-        host while the device is busy, then moves it without a wait, engine/device_stream.to_device)."""
-        moved = {f.name: move(v, device) for f in fields(self)
-                 if isinstance(v := getattr(self, f.name), torch.Tensor) and v.device != device}
-        return replace(self, **moved) if moved else self
-
     def _build_penalties(self, params, prompt_token_ids, output_token_ids, device) -> None:
         self.no_penalties = False
-        self.repetition_penalty_B = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)
-        self.frequency_penalty_B = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device)
-        self.presence_penalty_B = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device)
+        self.repetition_penalty_B = to_device([p.repetition_penalty for p in params], torch.float32, device)
+        self.frequency_penalty_B = to_device([p.frequency_penalty for p in params], torch.float32, device)
+        self.presence_penalty_B = to_device([p.presence_penalty for p in params], torch.float32, device)
         self.output_counts_BV = _token_counts(output_token_ids, self.vocab_size, device)
         if any(p.repetition_penalty != 1.0 for p in params):
             prompt_counts_BV = _token_counts(prompt_token_ids, self.vocab_size, device)
@@ -218,13 +208,16 @@ class SamplingMetadata:
 
 
 def _unpack_bitmasks(masks: list[Optional[bytes]], V: int, device: torch.device) -> torch.Tensor:
-    """bool [B, V] from per-row little-endian int32 bitmask bytes (None: every token allowed)."""
+    """bool [B, V] from per-row little-endian int32 bitmask bytes (None: every token allowed). The packed bytes
+    cross to the device (V / 8 per row) and are unpacked there."""
     words = -(-V // 32)
     full = b"\xff" * (4 * words)
     packed = np.frombuffer(b"".join(full if m is None else m for m in masks), dtype=np.uint8)
+    packed_BW = to_device(packed.reshape(len(masks), 4 * words), torch.uint8, device)
     # Little-endian words: byte k holds tokens 8k..8k+7, lowest bit first.
-    bits = np.unpackbits(packed.reshape(len(masks), 4 * words), axis=1, bitorder="little")[:, :V]
-    return torch.from_numpy(bits.astype(np.bool_)).to(device)
+    shifts_8 = torch.arange(8, dtype=torch.uint8, device=device)
+    bits = (packed_BW.unsqueeze(-1) >> shifts_8) & 1
+    return bits.reshape(len(masks), -1)[:, :V].bool()
 
 
 def _token_counts(token_ids: list[list[int]], V: int, device: torch.device) -> torch.Tensor:
@@ -236,7 +229,7 @@ def _token_counts(token_ids: list[list[int]], V: int, device: torch.device) -> t
     # Pad with V, a scratch column past the vocabulary that is sliced off below,
     # so the ragged rows scatter in one batched op.
     padded = [ids + [V] * (max_len - len(ids)) for ids in token_ids]
-    ids_BT = torch.tensor(padded, dtype=torch.long, device=device)
+    ids_BT = to_device(padded, torch.long, device)
     ids_BT = ids_BT.masked_fill((ids_BT < 0) | (ids_BT > V), V)
     counts = torch.zeros(B, V + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, ids_BT, torch.ones_like(ids_BT, dtype=torch.float32))
