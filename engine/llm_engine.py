@@ -347,8 +347,9 @@ class LLMEngine:
             counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
             self.eplb.record(counts_LG, pairs_LR)
         structured = self.structured
+        constrained = bool(structured)
         for co in core_outputs:
-            if structured and co.new_token_ids:
+            if constrained and co.new_token_ids:
                 structured.accept(co.request_id, co.new_token_ids)
             if co.finish_reason is not None:
                 self._rank_of.pop(co.request_id, None)

@@ -358,7 +358,8 @@ class Scheduler:
                                    num_cached_tokens=req.num_cached_tokens)
             outputs.append(eco)
             n_out = len(req.output_token_ids)
-            if (token in req.eos_token_ids or token in req.stop_token_ids or n_out >= req.output_limit
+            if ((token in req.eos_token_ids and not req.ignore_eos) or token in req.stop_token_ids
+                    or n_out >= req.output_limit
                     or len(req.all_token_ids) >= max_len or len(req.all_token_ids) > pool_tokens):
                 stop = self._check_stop(req, token)
                 if stop is not None:
