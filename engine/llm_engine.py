@@ -418,11 +418,13 @@ class LLMEngine:
     def check_health(self) -> None:
         """Raise the executor's error once a rank is lost (dead, hung, silent), even between steps; with
         elastic EP, recover from the loss instead when the survivors can go on (engine/elastic.py), and admit
-        replacement ranks that are ready (engine/rejoin.py)."""
-        if self.executor.lost_error is not None:
-            recover_engine(self)
-        elif self.executor.rejoin_ready:
-            admit_engine(self)
+        replacement ranks that are ready (engine/rejoin.py). With a step in flight both wait for `step`, which
+        undoes that step on a recovery (its tokens never come back) and drains it before an admission."""
+        if self._pending is None:
+            if self.executor.lost_error is not None:
+                recover_engine(self)
+            elif self.executor.rejoin_ready:
+                admit_engine(self)
         self.executor.check_health()
 
     def shutdown(self) -> None:
