@@ -21,7 +21,7 @@ The side-by-side fields (e2e/graph ratio, host ms per step and how much of it ov
 with 2 rounds of 128 out, a 480 s budget: one GPU command. --cpu-smoke: a one-layer toy on CPU, one small point
 of every part (serve included), for the test suite. Every point has a deadline (--point-timeout-s; the engine
 start its own); a point that fails or runs out is recorded with its error and the rest go on; points not
-started within --time-budget-s are recorded as skipped. The JSON is rewritten after every point, so a run cut
+started within --time-budget-s are recorded as skipped (one running then gets at most 60 s more). The JSON is rewritten after every point, so a run cut
 short keeps what it measured; a point hung past its deadline + grace ends the process, recorded as hung.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ from moelink.engine.provenance import write_result
 
 RESULTS = Path(__file__).parent / "results"
 GRACE_S = 60.0  # past a point's deadline: a step or request still stuck that much later is a hang
+TAIL_S = 60.0  # a point started just before the run's time budget ends runs at most this far past it
 MODES = {  # batches, workloads, serve levels, serve in/out, rounds, time budget, point timeout, engine start timeout
     "full": dict(batches=[1, 64, 256], workloads=setup.FULL, levels=[16, 64, 256], serve_io=(128, 256), rounds=4,
                  budget=None, point=300.0, start=600.0, graph_steps=20, models=list(setup.MODELS), dtypes=["bf16", "fp8"]),
@@ -96,6 +97,8 @@ def parse_args(argv):
     ns.mode = mode
     ns.time_budget_s = ns.time_budget_s if ns.time_budget_s is not None else mode["budget"]
     ns.point_timeout_s = ns.point_timeout_s or mode["point"]
+    if (ns.time_budget_s is not None and ns.time_budget_s < 0) or ns.point_timeout_s <= 0:
+        ap.error("--time-budget-s must be >= 0 and --point-timeout-s > 0")
     return ns
 
 
@@ -135,7 +138,7 @@ def describe(groups: list[dict], ns) -> str:
                 w = p["workload"]
                 lines.append(f"  LLM.generate {w.what}: {p['batch']} requests x ({w.input_len} in / {w.output_len} out)")
     lines.append(f"every point within {ns.point_timeout_s:.0f} s; run budget "
-                 + (f"{ns.time_budget_s:.0f} s" if ns.time_budget_s else "none"))
+                 + (f"{ns.time_budget_s:.0f} s" if ns.time_budget_s is not None else "none"))
     return "\n".join(lines)
 
 
@@ -147,6 +150,7 @@ class Recorder:
         self.doc, self.out, self.grace_s = doc, out, grace_s
         self._lock = threading.Lock()
         self._armed: tuple[float, dict] | None = None
+        self._closed = False
         threading.Thread(target=self._watch, name="engine-e2e-watchdog", daemon=True).start()
 
     def add(self, row: dict) -> dict:
@@ -165,8 +169,11 @@ class Recorder:
     def disarm(self) -> None:
         self._armed = None
 
+    def close(self) -> None:
+        self._closed = True
+
     def _watch(self) -> None:
-        while True:
+        while not self._closed:
             time.sleep(1.0)
             armed = self._armed
             if armed and time.monotonic() > armed[0]:
@@ -219,7 +226,7 @@ def run_engine_group(g: dict, ctx: dict, rec: Recorder, ns) -> None:
             if ctx["over_budget"]():
                 rec.add(_point_row(head, p, error="skipped: out of the run's time budget"))
                 continue
-            deadline = time.monotonic() + ns.point_timeout_s
+            deadline = ctx["point_deadline"]()
             row = _point_row(head, p)
             rec.arm(deadline, row)
             try:
@@ -274,7 +281,9 @@ def run_serve_group(g: dict, ctx: dict, rec: Recorder, ns) -> None:
     args = (f"--dtype {torch_dtype} --max-num-seqs {max(g['levels'])} --max-model-len {ctx['max_model_len']} "
             f"--device {ctx['device']}" + (" --load-format dummy" if ctx["dummy"] else "")
             + (f" --quantization {quant}" if quant else ""))
-    deadline = time.monotonic() + ns.mode["start"] + ns.point_timeout_s * len(g["levels"])
+    # The server's start, then one point's time per level; a time budget's end caps the levels, not the start.
+    now = time.monotonic()
+    deadline = now + ns.mode["start"] + min(ns.point_timeout_s * len(g["levels"]), ctx["budget_end"] + TAIL_S - now)
     rec.arm(deadline, dict(head, concurrency=None))
     try:
         res = run_serve(ctx["dir"], args, g["levels"], i, o, ns.mode["rounds"], deadline,
@@ -340,13 +349,27 @@ def main(argv=None) -> dict:
     for n in notes:
         print(f"note: {n}")
     rec = Recorder(doc, out, 20.0 if ns.cpu_smoke else GRACE_S)
+    try:
+        return _run(ns, fields, groups, device, doc, rec, out)
+    finally:
+        rec.close()
+
+
+def _run(ns, fields, groups, device, doc, rec, out) -> dict:
     t_start = time.monotonic()
-    over = (lambda: time.monotonic() - t_start > ns.time_budget_s) if ns.time_budget_s else (lambda: False)
+    end = t_start + ns.time_budget_s if ns.time_budget_s is not None else float("inf")
+
+    def over() -> bool:
+        return time.monotonic() > end
+
+    def point_deadline() -> float:
+        return min(time.monotonic() + ns.point_timeout_s, end + TAIL_S)
     with tempfile.TemporaryDirectory(prefix="moelink-e2e-") as tmp:
         ctxs = {}
         for g in groups:
             if g["model"] not in ctxs:
-                ctxs[g["model"]] = dict(model_context(g["model"], ns, fields, Path(tmp), device), over_budget=over)
+                ctxs[g["model"]] = dict(model_context(g["model"], ns, fields, Path(tmp), device), over_budget=over,
+                                        point_deadline=point_deadline, budget_end=end)
                 print(f"{g['model']}: {ctxs[g['model']]['layers']} layers built", flush=True)
             (run_engine_group if g["kind"] == "engine" else run_serve_group)(g, ctxs[g["model"]], rec, ns)
     doc["layers"] = {m: c["layers"] for m, c in ctxs.items()}
