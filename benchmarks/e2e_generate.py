@@ -115,15 +115,16 @@ def loop_stats(engine) -> dict | None:
     return {k: float(v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _per_step_ms(before: dict | None, after: dict | None) -> dict | None:
-    if before is None or after is None:
+def _per_step_ms(before: dict | None, after: dict | None, steps: int) -> dict | None:
+    """The engine's counters over one call, seconds turned into ms per engine.step() call (the clock's count:
+    the engine may count only the steps that launched device work)."""
+    if before is None or after is None or steps <= 0:
         return None
-    steps = after.get("steps", 0) - before.get("steps", 0)
-    if steps <= 0:
-        return None
-    return {f"{k[:-2]}_ms" if k.endswith("_s") else k: ((after[k] - before.get(k, 0.0)) * 1e3 / steps
-                                                         if k.endswith("_s") else after[k] - before.get(k, 0.0))
-            for k in after}
+    out = {}
+    for k, v in after.items():
+        d = v - before.get(k, 0.0)
+        out[f"{k[:-2]}_ms" if k.endswith("_s") else k] = d * 1e3 / steps if k.endswith("_s") else d
+    return out
 
 
 def prompts_for(n: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -161,4 +162,4 @@ def run_generate(llm, requests: int, input_len: int, output_len: int, deadline: 
                 total_tok_s=(produced + requests * input_len) / wall,
                 step_ms=statistics.median(full or clock.seconds) * 1e3,
                 step_ms_mean=sum(clock.seconds) / steps * 1e3, full_batch_steps=len(full),
-                loop_stats_per_step=_per_step_ms(before, loop_stats(llm.engine)))
+                loop_stats_per_step=_per_step_ms(before, loop_stats(llm.engine), steps))
