@@ -1,5 +1,6 @@
-"""`engine_e2e`'s rows side by side: end-to-end against graph-only, where the host's time per step went, and
-the tables it prints.
+"""`engine_e2e`'s result document: its rows side by side (end-to-end against graph-only, where the host's time
+per step went), the tables it prints, and its writer (`Recorder`: rewritten after every point, and ended by a
+watchdog, recorded as hung, when a point overstays its deadline by the grace).
 
 Per decode-heavy row, against the graph-only step of the same model, dtype and batch:
 - ratio = e2e output tok/s / graph-only tok/s (the whole LLM.generate call: prefill, decode, finishing);
@@ -12,6 +13,14 @@ Per decode-heavy row, against the graph-only step of the same model, dtype and b
   host = the serial loop's step ms - graph-only ms; overlapped = serial step ms - this row's step ms.
 """
 from __future__ import annotations
+
+import faulthandler
+import os
+import threading
+import time
+from pathlib import Path
+
+from moelink.engine.provenance import write_result
 
 HOST_FROM_ENGINE = ("engine: host ms/step = mean step wall - mean wait for the device (LLMEngine.loop_stats); "
                     "overlapped = graph-only ms - wait")
@@ -102,3 +111,52 @@ def serve_table(rows: list[dict]) -> str:
                      f"{_f(r['itl_ms']['p99'], '.2f')} | {_f(r.get('first_request_ttft_ms'))} | "
                      f"{_f(r.get('startup_s'))} |")
     return "\n".join(lines)
+
+
+# -- the document ------------------------------------------------------------------------------------------------------
+class Recorder:
+    """The result document, rewritten after every point; and the watchdog that ends a hung run."""
+
+    def __init__(self, doc: dict, out: Path, grace_s: float):
+        self.doc, self.out, self.grace_s = doc, out, grace_s
+        self._lock = threading.Lock()
+        self._armed: tuple[float, dict] | None = None
+        self._closed = False
+        threading.Thread(target=self._watch, name="engine-e2e-watchdog", daemon=True).start()
+
+    def add(self, row: dict) -> dict:
+        with self._lock:
+            self.doc["rows"].append(row)
+            self.save()
+        return row
+
+    def save(self) -> None:
+        self.doc["host_timing"] = derive(self.doc["rows"])
+        write_result(self.out, self.doc)
+
+    def arm(self, deadline: float, row: dict) -> None:
+        self._armed = (deadline + self.grace_s, row)
+
+    def disarm(self) -> None:
+        self._armed = None
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _watch(self) -> None:
+        while not self._closed:
+            time.sleep(1.0)
+            armed = self._armed
+            if armed and time.monotonic() > armed[0]:
+                row = dict(armed[1], error=f"hung: still running {self.grace_s:.0f} s past its deadline; the run "
+                                           "was ended here (points after it did not run)")
+                faulthandler.dump_traceback(all_threads=True)
+                with self._lock:
+                    self.doc["rows"].append(row)
+                    self.save()
+                print(f"engine_e2e: a point hung ({row}); wrote {self.out} and ended the run", flush=True)
+                os._exit(3)
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]

@@ -35,17 +35,19 @@ class Workload:
     output_len: int
     requests: int = 0  # 0: one run per --batches value
     what: str = ""
+    # Its requests must all hold their KV at once (a full decode batch); prefill-heavy work may queue.
+    resident: bool = True
 
 
 FULL = {"decode": Workload("decode", 128, 512, 0, "decode-heavy"),
         "balanced": Workload("balanced", 1024, 256, 64, "balanced"),
-        "prefill": Workload("prefill", 2048, 8, 128, "prefill-heavy")}
+        "prefill": Workload("prefill", 2048, 8, 128, "prefill-heavy", resident=False)}
 QUICK = {"decode": Workload("decode", 128, 256, 0, "decode-heavy"),
          "balanced": Workload("balanced", 1024, 256, 32, "balanced"),
-         "prefill": Workload("prefill", 2048, 8, 64, "prefill-heavy")}
+         "prefill": Workload("prefill", 2048, 8, 64, "prefill-heavy", resident=False)}
 SMOKE_WORKLOADS = {"decode": Workload("decode", 8, 6, 0, "decode-heavy"),
                    "balanced": Workload("balanced", 48, 6, 2, "balanced"),
-                   "prefill": Workload("prefill", 96, 2, 2, "prefill-heavy")}
+                   "prefill": Workload("prefill", 96, 2, 2, "prefill-heavy", resident=False)}
 
 
 def workload_requests(wl: Workload, batches: list[int]) -> list[int]:
@@ -101,11 +103,12 @@ def write_smoke_checkpoint(out: Path) -> Path:
 
 
 def layers_that_fit(hf: dict, workloads: list[Workload], batches: list[int], device) -> int:
-    """Decoder layers to build: all that fit beside the KV cache of the largest workload (engine_decode's rule,
-    bf16 weights: the FP8 run builds the same count so that the two compare)."""
+    """Decoder layers to build: all that fit beside the KV cache of the largest workload whose requests must be
+    resident together (engine_decode's rule, bf16 weights: the FP8 run builds the same count so that the two
+    compare; prefill-heavy requests queue for blocks as they would in serving)."""
     seqs, tokens = 1, 0
-    for wl in workloads:
+    for wl in (w for w in workloads if w.resident):
         for n in workload_requests(wl, batches):
             if n * (wl.input_len + wl.output_len) > tokens:
                 seqs, tokens = n, n * (wl.input_len + wl.output_len)
-    return pick_layers(hf, seqs, -(-tokens // seqs), device)
+    return pick_layers(hf, seqs, -(-max(tokens, 1) // seqs), device)

@@ -6,7 +6,7 @@
         [--quick] [--dry-run] [--cpu-smoke] [--out benchmarks/results/engine_e2e_<gpu>.json]
 
 Models: Qwen3-30B-A3B and DeepSeek-V2-Lite as their published config.json numbers (`e2e_setup`), random weights
-(`load_format="dummy"`), as many layers as fit beside the largest workload's KV cache. Per model and dtype
+(`load_format="dummy"`), as many layers as fit beside the KV cache of the largest decode batch. Per model and dtype
 (bf16; fp8 = `quantization="fp8"`), one LLM per step loop (async scheduling on, then off), each started, run
 and shut down in turn:
   (a) graph-only: the engine's decode graph for batch 1, 64, 256 on the LLM's own model and cache (first LLM);
@@ -27,12 +27,9 @@ short keeps what it measured; a point hung past its deadline + grace ends the pr
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import gc
-import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,8 +37,7 @@ import torch
 
 from . import e2e_setup as setup
 from .bench_timing import run_meta
-from .e2e_report import derive, engine_table, serve_table
-from moelink.engine.provenance import write_result
+from .e2e_report import Recorder, engine_table, error_text, serve_table
 
 RESULTS = Path(__file__).parent / "results"
 GRACE_S = 60.0  # past a point's deadline: a step or request still stuck that much later is a hang
@@ -142,55 +138,6 @@ def describe(groups: list[dict], ns) -> str:
     return "\n".join(lines)
 
 
-# -- recording ------------------------------------------------------------------------------------------------------
-class Recorder:
-    """The result document, rewritten after every point; and the watchdog that ends a hung run."""
-
-    def __init__(self, doc: dict, out: Path, grace_s: float):
-        self.doc, self.out, self.grace_s = doc, out, grace_s
-        self._lock = threading.Lock()
-        self._armed: tuple[float, dict] | None = None
-        self._closed = False
-        threading.Thread(target=self._watch, name="engine-e2e-watchdog", daemon=True).start()
-
-    def add(self, row: dict) -> dict:
-        with self._lock:
-            self.doc["rows"].append(row)
-            self.save()
-        return row
-
-    def save(self) -> None:
-        self.doc["host_timing"] = derive(self.doc["rows"])
-        write_result(self.out, self.doc)
-
-    def arm(self, deadline: float, row: dict) -> None:
-        self._armed = (deadline + self.grace_s, row)
-
-    def disarm(self) -> None:
-        self._armed = None
-
-    def close(self) -> None:
-        self._closed = True
-
-    def _watch(self) -> None:
-        while not self._closed:
-            time.sleep(1.0)
-            armed = self._armed
-            if armed and time.monotonic() > armed[0]:
-                row = dict(armed[1], error=f"hung: still running {self.grace_s:.0f} s past its deadline; the run "
-                                           "was ended here (points after it did not run)")
-                faulthandler.dump_traceback(all_threads=True)
-                with self._lock:
-                    self.doc["rows"].append(row)
-                    self.save()
-                print(f"engine_e2e: a point hung ({row}); wrote {self.out} and ended the run", flush=True)
-                os._exit(3)
-
-
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:500]
-
-
 # -- the parts ------------------------------------------------------------------------------------------------------
 def run_engine_group(g: dict, ctx: dict, rec: Recorder, ns) -> None:
     from .e2e_generate import build_llm, graph_step_s, run_generate
@@ -214,8 +161,8 @@ def run_engine_group(g: dict, ctx: dict, rec: Recorder, ns) -> None:
                         max_model_len=ctx["max_model_len"], device=ctx["device"], dummy=ctx["dummy"])
     except Exception as exc:  # recorded; the other groups go on
         rec.disarm()
-        rec.add(dict(row, error=_error(exc)))
-        return skip_all(f"the engine did not start: {_error(exc)}")
+        rec.add(dict(row, error=error_text(exc)))
+        return skip_all(f"the engine did not start: {error_text(exc)}")
     rec.disarm()
     rec.add(dict(row, startup_s=time.perf_counter() - t0, error=None))
     print(f"{g['model']} {g['dtype']} async_scheduling={g['async_scheduling']}: engine up in "
@@ -238,7 +185,7 @@ def run_engine_group(g: dict, ctx: dict, rec: Recorder, ns) -> None:
                     w = p["workload"]
                     row.update(run_generate(llm, p["batch"], w.input_len, w.output_len, deadline))
             except Exception as exc:
-                row["error"] = _error(exc)
+                row["error"] = error_text(exc)
             rec.disarm()
             rec.add(row)
             print("  " + _point_line(row), flush=True)
@@ -291,7 +238,7 @@ def run_serve_group(g: dict, ctx: dict, rec: Recorder, ns) -> None:
     except Exception as exc:
         rec.disarm()
         for c in g["levels"]:
-            rec.add(dict(head, concurrency=c, error=_error(exc)))
+            rec.add(dict(head, concurrency=c, error=error_text(exc)))
         return
     rec.disarm()
     first = res["first_request"]

@@ -181,3 +181,21 @@ def test_host_time_from_the_engines_own_counters():
     rows = _rows(loop_stats=dict(steps=1.0, wait_ms=3.0, launch_ms=4.0, collect_ms=5.0))
     assert derive(rows) == HOST_FROM_ENGINE
     assert (rows[1]["host_ms_per_step"], rows[1]["overlapped_ms"], rows[1]["host_source"]) == (9.0, 7.0, "engine")
+
+
+def test_layers_fit_beside_the_decode_batch_not_the_queued_prefills(monkeypatch):
+    """On an 80 GB GPU (faked): Qwen3-30B-A3B builds what engine_decode's rule fits beside 256 sequences of
+    128 + 512 tokens; the prefill-heavy workload (128 x 2k tokens, queued as needed) does not lower it; all of
+    DeepSeek-V2-Lite's 27 layers fit."""
+    import torch
+
+    from moelink.benchmarks.engine_decode import pick_layers
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 80 << 30))
+    gpu = torch.device("cuda", 0)
+    qwen, dsv2 = e2e_setup.MODELS["qwen3-30b-a3b"][0], e2e_setup.MODELS["deepseek-v2-lite"][0]
+    full = list(e2e_setup.FULL.values())
+    got = e2e_setup.layers_that_fit(qwen, full, [1, 64, 256], gpu)
+    assert got == pick_layers(qwen, 256, 640, gpu) == e2e_setup.layers_that_fit(qwen, full[:2], [1, 64, 256], gpu)
+    assert 30 <= got < qwen["num_hidden_layers"]
+    assert e2e_setup.layers_that_fit(dsv2, full, [1, 64, 256], gpu) == dsv2["num_hidden_layers"]
