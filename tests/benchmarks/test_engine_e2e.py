@@ -1,7 +1,8 @@
 """benchmarks/engine_e2e.py on CPU: its --cpu-smoke (a one-layer toy, one small point of every part: graph-only
 step, LLM.generate on the three workloads, the gRPC serving path) and the saved JSON's fields; what happens to a
 point that fails or finds the time budget spent; the side-by-side fields worked out by hand. No timed assertion:
-on CPU the numbers measure nothing. The smoke runs once per module, ~15 s on 2 cores (a server start included).
+on CPU the numbers measure nothing. The smoke runs once per module, ~15 s on 2 cores (a server start included:
+those tests are marked slow).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def smoke(tmp_path_factory):
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow  # the smoke starts a server subprocess (~15 s in all)
 def test_smoke_runs_every_part_and_saves_the_fields(smoke):
     res, stdout = smoke
     assert res["benchmark"] == "engine_e2e" and res["device"] == "cpu" and res["cpu_smoke"] is True
@@ -79,6 +81,7 @@ def test_smoke_runs_every_part_and_saves_the_fields(smoke):
     assert "moelink plan's fixed cost per step from this file" in stdout
 
 
+@pytest.mark.slow  # the smoke starts a server subprocess (~15 s in all)
 def test_smoke_ran_both_step_loops(smoke):
     if "async_scheduling" not in FIELDS:
         pytest.skip(e2e_setup.missing_reason("async_scheduling"))
@@ -88,6 +91,7 @@ def test_smoke_ran_both_step_loops(smoke):
     assert "async_scheduling" in res["config"]["engine_has"]
 
 
+@pytest.mark.slow  # the smoke starts a server subprocess (~15 s in all)
 def test_smoke_used_dummy_weights(smoke):
     if "load_format" not in FIELDS:
         pytest.skip(e2e_setup.missing_reason("load_format"))
@@ -111,6 +115,7 @@ def test_dry_run_lists_every_point(capsys):
     assert "deepseek" not in quick and "fp8" not in quick and "(128 in / 256 out)" in quick and "run budget 480 s" in quick
 
 
+@pytest.mark.slow  # builds two engines in process
 def test_a_failing_point_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
     real = e2e_generate.run_generate
 
