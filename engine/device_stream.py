@@ -9,6 +9,8 @@ out). The host prepares step N+1 while the device runs step N; a strategy decide
 * `ThreadStream`: CPU devices have no queue of their own, so one worker thread plays the stream: device work
   is submitted in order and runs there (torch ops release the GIL), while the host thread goes on.
 * `InlineStream`: device work runs at once, in the host thread (the serial loop, `async_scheduling=False`).
+* `SimulatedStream`: a test double of a GPU stream (benchmarks and tests on CPU): launched from the host
+  thread like `CudaStream`, then busy for a fixed time per step.
 
 Each `submit(fn)` returns a `DeviceWork` whose `wait()` returns fn's value once the device is done with it.
 Work submitted to one stream runs in submission order, so a step reads the previous step's sampled tokens
@@ -17,7 +19,9 @@ Work submitted to one stream runs in submission order, so a step reads the previ
 from __future__ import annotations
 
 import queue
+import sys
 import threading
+import time
 from concurrent.futures import Future
 from typing import Callable
 
@@ -25,11 +29,15 @@ import numpy as np
 import torch
 
 
+SWITCH_INTERVAL_S = 2e-4  # the GIL hand-over a CPU stream thread needs (ThreadStream)
+
+
 class DeviceWork:
     """A submitted piece of device work; `wait()` blocks until the device is done and returns its value."""
 
-    def __init__(self, future: Future | None = None, value=None, event=None):
+    def __init__(self, future: Future | None = None, value=None, event=None, ready_at: float | None = None):
         self._future, self._value, self._event = future, value, event
+        self._ready_at = ready_at  # SimulatedStream: when its simulated device finishes this work
 
     def wait(self, timeout: float | None = None):
         if self._future is not None:
@@ -39,10 +47,17 @@ class DeviceWork:
         if self._event is not None:
             self._event.synchronize()  # host sync: the GPU finished the step and its copies to pinned memory
             self._event = None
+        if self._ready_at is not None:
+            delay = self._ready_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)  # simulated device still busy with it
+            self._ready_at = None
         return self._value
 
     def done(self) -> bool:
         if self._future is not None and not self._future.done():
+            return False
+        if self._ready_at is not None and time.perf_counter() < self._ready_at:
             return False
         return self._event is None or self._event.query()
 
@@ -68,6 +83,12 @@ class ThreadStream:
 
     def __init__(self, name: str = "moelink-device"):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # The stream thread needs the GIL for its Python between torch ops; with the default 5 ms switch
+        # interval it waits up to 5 ms each time the host thread runs Python, longer than a whole small step:
+        # the two threads then take turns instead of overlapping. A short interval makes the hand-over prompt
+        # (process-wide, set once, never raised; CPU devices only: a CUDA stream needs no thread).
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         # torch's intra-op threads are per thread: the stream runs ops with what the host thread was given.
@@ -122,6 +143,30 @@ class CudaStream:
         pass
 
 
+class SimulatedStream:
+    """A test double of a GPU stream for CPU benchmarks and tests: work is launched from the host thread (as
+    `CudaStream` does: its Python is host time) and then occupies a simulated device for `step_time_s`, one
+    step after the other; `wait()` returns when the simulated device is done. So the serial loop's step takes
+    host + T, and an overlapped loop's max(host, T)."""
+
+    name = "simulated"
+    asynchronous = True
+
+    def __init__(self, step_time_s: float):
+        if not step_time_s >= 0:
+            raise ValueError(f"SimulatedStream step_time_s={step_time_s!r} is invalid: must be >= 0 seconds.")
+        self.step_time_s = step_time_s
+        self._free_at = 0.0
+
+    def submit(self, fn: Callable[[], object]) -> DeviceWork:
+        value = fn()  # the launch: host time
+        self._free_at = max(time.perf_counter(), self._free_at) + self.step_time_s
+        return DeviceWork(value=value, ready_at=self._free_at)
+
+    def shutdown(self) -> None:
+        pass
+
+
 def make_stream(device: torch.device, asynchronous: bool):
     """The stream strategy for a rank: serial loop -> inline; CUDA -> its stream; other devices -> a thread."""
     if not asynchronous:
@@ -150,4 +195,5 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["CudaStream", "DeviceWork", "InlineStream", "ThreadStream", "make_stream", "to_device", "to_host"]
+__all__ = ["CudaStream", "DeviceWork", "InlineStream", "SimulatedStream", "ThreadStream", "make_stream", "to_device",
+           "to_host"]

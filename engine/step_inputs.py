@@ -64,12 +64,18 @@ def build_step_inputs(states: list, query_lens: list[int], block_size: int, slid
         for s, st in enumerate(states):
             known = st.all_token_ids
             c = starts[s]
-            in_flight = 0 if st.pending is None else 1
+            pending = st.pending
+            in_flight = 0 if pending is None else 1
             if c < len(known):
                 tokens[s] = known[c]
-            else:  # the token at position c is the one the previous step sampled, still on the device
-                _pending_source(st, c, pending_src)
+            elif pending is not None and c == len(known):  # the token the previous step sampled, on the device
+                src = pending_src.get(id(pending[0]))
+                if src is None:
+                    src = pending_src[id(pending[0])] = (pending[0], [])
+                src[1].append(pending[1])
                 pending_dst.append(s)
+            else:
+                _pending_source(st, c, pending_src)  # raises: a position neither known nor in flight
             if c + 1 == len(known) + in_flight:  # reaches the last token (known or in flight): samples
                 sample_rows.append(s)
                 num_pending.append(in_flight)

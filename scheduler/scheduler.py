@@ -206,6 +206,7 @@ class Scheduler:
         # 1) Running requests, oldest first (the hot loop of a decode step: locals, nothing but the request).
         i = 0
         running = self.running
+        max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
         while i < len(running) and budget > 0:
             req = running[i]
             known = len(req.all_token_ids)
@@ -213,8 +214,11 @@ class Scheduler:
             n = known + in_flight - req.num_computed_tokens
             if n > budget:
                 n = budget
-            if n <= 0 or (in_flight and self._ends_with_placeholders(req)):
-                i += 1  # nothing left to compute yet, or the token in flight ends it anyway
+            # Nothing left to compute yet, or the tokens in flight end it whatever they are (its length limits, as
+            # in _check_stop; checked inline: this runs for every decoding request of an overlapped loop).
+            if n <= 0 or (in_flight and (len(req.output_token_ids) + in_flight >= req.output_limit
+                                         or known + in_flight >= max_len or known + in_flight > pool_tokens)):
+                i += 1
                 continue
             new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
@@ -253,12 +257,6 @@ class Scheduler:
         scheduled.append((req, req.num_computed_tokens))
         if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
             req.num_output_placeholders += 1
-
-    def _ends_with_placeholders(self, req: Request) -> bool:
-        """True when the tokens in flight finish `req` whatever they are (its length limits, as _check_stop)."""
-        n = req.num_tokens + req.num_output_placeholders
-        return ((req.max_tokens is not None and req.num_output_tokens + req.num_output_placeholders >= req.max_tokens)
-                or n >= self.scheduler_config.max_model_len or n > self._pool_tokens)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, scheduled: list) -> None:
         max_seqs = self.scheduler_config.max_num_seqs
