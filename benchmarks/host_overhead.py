@@ -16,12 +16,14 @@ Side by side in one run (median over repeats of the median ms per full-batch dec
    (detokenize=False, what the VllmEngine protocol / smg gateway path sets when there are no stop strings),
    on a 2-layer model with the engine's default loop;
 2. the step loop, async scheduling on and off (`EngineArgs.async_scheduling`): host microseconds per sequence
-   per decode step, 1-layer model, token ids;
-3. with --device-time-ms T, the stubbed forward takes T ms (a sleep, which releases the GIL as a GPU would
-   leave the host free) wherever the engine runs a step's device work: with async scheduling on a CPU that is
-   its device-stream thread (the stand-in for a CUDA stream), with it off the host thread itself. Reported per
-   loop: the step time against max(T, host) (host work fully hidden) and T + host (nothing hidden), with host
-   the same loop's step time at T = 0, and which thread ran the forward.
+   per decode step, 1-layer model, token ids (device work on the engine's `SimulatedStream` at 0 ms when it
+   has one: launched from the host thread, as on CUDA);
+3. with --device-time-ms T, each step's device work takes T ms on a stand-in for the GPU stream: the engine's
+   `SimulatedStream` (engine/device_stream.py: the work is launched from the host thread as on CUDA, then a
+   simulated device is busy T ms per step) put on the model runner of both loops; on an engine without it, the
+   stubbed forward sleeps T ms (releasing the GIL) wherever the engine runs device work (with async scheduling,
+   its CPU device-stream thread). Reported per loop: the step time against max(T, host) (host work fully
+   hidden) and T + host (nothing hidden), with host the same loop's step time at T = 0.
 """
 from __future__ import annotations
 
@@ -56,9 +58,20 @@ class StubForward:
         return torch.zeros(input_ids_T.shape[0], self.hidden)
 
 
+def simulated_stream():
+    """The engine's GPU-stream test double (a class), or None on an engine without it."""
+    try:
+        from moelink.engine.device_stream import SimulatedStream
+    except ImportError:
+        return None
+    return SimulatedStream
+
+
 def build_llm(seqs: int, tokens: int, model_dir: str, layers: int = 2, async_scheduling: bool | None = None,
-              device_ms: float = 0.0):
-    """A tiny CPU LLM whose forward is a StubForward (returned with it)."""
+              device_ms: float | None = None):
+    """A tiny CPU LLM whose forward is a StubForward (returned with it). device_ms (0 included): each step's
+    device work takes that long on a SimulatedStream, or, without one, in the stubbed forward; None: the
+    engine's own stream for the device."""
     from moelink.engine import LLM
     from moelink.engine.tiny_model import make_tiny_model
 
@@ -67,9 +80,12 @@ def build_llm(seqs: int, tokens: int, model_dir: str, layers: int = 2, async_sch
     kw = {} if async_scheduling is None else dict(async_scheduling=async_scheduling)
     llm = LLM(str(path), dtype="float32", device="cpu", max_num_seqs=seqs, max_num_batched_tokens=max(8192, seqs),
               num_kv_blocks=seqs * (-(-(64 + tokens) // 16) + 1), block_size=16, **kw)
-    model = llm.engine.executor.worker.runner.model
-    stub = StubForward(model.cfg.hidden_size, device_ms * 1e-3)
-    model.forward = stub
+    runner = llm.engine.executor.worker.runner
+    sim = simulated_stream() if device_ms is not None else None
+    if sim is not None:
+        runner.stream = sim(device_ms * 1e-3)
+    stub = StubForward(runner.model.cfg.hidden_size, device_ms * 1e-3 if device_ms and sim is None else 0.0)
+    runner.model.forward = stub
     return llm, stub
 
 
@@ -136,7 +152,9 @@ def main(argv=None) -> dict:
                 return llm, stub
 
             text_llm, _ = make("two-layer")
-            loop_llms = {m: make(f"loop-{_label(m)}", layers=1, async_scheduling=m) for m in modes}
+            # On the simulated stream at T = 0 when the engine has one: launched on the host as on CUDA, so the host
+            # time is not blurred by a CPU stream thread's hand-over.
+            loop_llms = {m: make(f"loop-{_label(m)}", layers=1, async_scheduling=m, device_ms=0.0) for m in modes}
             timed_llms = {m: make(f"timed-{_label(m)}", layers=1, async_scheduling=m, device_ms=T)
                           for m in modes} if T else {}
             runs = {True: [], False: []}
@@ -159,6 +177,8 @@ def main(argv=None) -> dict:
                   ms_per_decode_step=dict(detokenize=text_ms, token_ids_only=ids_ms),
                   runs=dict(detokenize=runs[True], token_ids_only=runs[False]), ratio=text_ms / ids_ms,
                   step_loop=dict(layers=1, seqs=args.seqs, detokenize=False,
+                                 stream="SimulatedStream(0): device work launched on the host thread, as on CUDA"
+                                 if simulated_stream() is not None else "the engine's own CPU stream",
                                  has_async_scheduling=modes != [None],
                                  ms_per_decode_step=loop_ms,
                                  us_per_seq_per_step={k: v * 1e3 / args.seqs for k, v in loop_ms.items()},
@@ -177,13 +197,17 @@ def main(argv=None) -> dict:
                              device_plus_host_ms=T + host, forward_thread=forward_threads[m], runs=v))
             print(f"device {T:g} ms, {_label(m)}: step {step:.2f} ms vs max(T, host) {max(T, host):.2f}, "
                   f"T + host {T + host:.2f} (host {host:.2f}; forward on {', '.join(forward_threads[m])})")
-        stand_in = any("another thread" in r["forward_thread"] for r in rows)
+        if simulated_stream() is not None:
+            stand_in = "SimulatedStream: launched on the host thread, then a simulated device busy T ms per step"
+        elif any("another thread" in r["forward_thread"] for r in rows):
+            stand_in = "the stubbed forward sleeps T ms on the engine's device-stream thread"
+        else:
+            stand_in = None
         result["device_time"] = dict(ms=T, rows=rows, stand_in=stand_in, note=(
-            "the forward ran on the engine's device-stream thread" if stand_in else
-            "missing: the engine ran every forward on the host thread (no device-stream stand-in on CPU yet), "
-            "so the device time cannot overlap the host's work here"))
-        if not stand_in:
-            print("note: " + result["device_time"]["note"])
+            f"device stand-in: {stand_in}" if stand_in else
+            "missing: the engine has no SimulatedStream and ran every forward on the host thread, so the device "
+            "time cannot overlap the host's work here"))
+        print("note: " + result["device_time"]["note"])
     print(f"wrote {write_result(args.out, result)}")
     return result
 
