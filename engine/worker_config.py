@@ -8,6 +8,13 @@ import torch
 
 from .config import ModelConfig
 
+# Where the weights come from (vLLM's names): "auto" / "safetensors" read the checkpoint's safetensors files,
+# "dummy" makes random weights on the device from config.json alone (engine/dummy_weights.py).
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# What start-up logs and banners say under load_format "dummy".
+DUMMY_WARNING = ("--load-format dummy: the weights are RANDOM (no checkpoint was read); outputs are meaningless: "
+                 "use it to measure speed and memory only.")
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -31,6 +38,7 @@ class WorkerConfig:
     # Run each step as two micro-batches overlapping each other's all-to-all (engine/step_plan.py); ranks at
     # world size 1 run one batch whatever this says.
     two_batch_overlap: bool = False
+    load_format: str = "auto"  # LOAD_FORMATS
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -55,3 +63,5 @@ class WorkerConfig:
             bad("comm_timeout_s", "must be a positive number of seconds")
         if not isinstance(self.two_batch_overlap, bool):
             bad("two_batch_overlap", "must be True or False")
+        if self.load_format not in LOAD_FORMATS:
+            bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")
