@@ -12,7 +12,10 @@ built again on the meta device, no memory), each shape read back through the pla
 (`checkpoint_shape`): no second description of any architecture.
 
 Values (by checkpoint name; the outputs are meaningless):
-- float weights, biases, sinks, embeddings: uniform in [-WEIGHT_RANGE, WEIGHT_RANGE]; norm weights: 1;
+- float weights and embeddings: uniform in [-WEIGHT_RANGE, WEIGHT_RANGE]; biases, attention sinks and router
+  correction biases in [-BIAS_RANGE, BIAS_RANGE] (the same for every token, they would otherwise drown what
+  differs between tokens in a narrow model: each token of a 32-wide gpt-oss would get the same logits);
+  norm weights: 1;
 - FP8 (float8_e4m3fn) weights: uniform over the e4m3 range, with float32 `*_scale_inv` in
   [0.5, 1] * WEIGHT_RANGE / 448, so the dequantized weights are in the float range;
 - MXFP4 `*_blocks`: uniform random bytes (every nibble is an e2m1 code), `*_scales`: E8M0 exponents putting the
@@ -46,6 +49,7 @@ from .config import ModelConfig
 from .models import MoEDecoderForCausalLM, arch_spec
 
 WEIGHT_RANGE = 0.02  # float weights uniform in [-0.02, 0.02] (module docstring: why not vLLM's 1e-3)
+BIAS_RANGE = 1e-3  # biases and sinks: vLLM's range
 # E8M0 exponents of the MXFP4 scales: FP4_MAX * 2^(s - 127) in [WEIGHT_RANGE / 2, 2 * WEIGHT_RANGE].
 _E8M0_LOW = SCALE_BIAS + math.floor(math.log2(WEIGHT_RANGE / FP4_MAX))
 _E8M0_HIGH = _E8M0_LOW + 1
@@ -111,7 +115,8 @@ def random_tensor(name: str, spec: TensorSpec, device: torch.device) -> torch.Te
         return x.mul_(WEIGHT_RANGE / FP8_MAX)
     if name.removesuffix(".weight").endswith("norm"):  # RMSNorm weights (layernorm, q_norm, kv_a_layernorm, ...)
         return torch.ones(shape, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device).uniform_(-WEIGHT_RANGE, WEIGHT_RANGE, generator=gen)
+    r = BIAS_RANGE if name.endswith(("bias", "sinks")) else WEIGHT_RANGE
+    return torch.empty(shape, dtype=dtype, device=device).uniform_(-r, r, generator=gen)
 
 
 class DummyCheckpoint:
@@ -148,5 +153,5 @@ class DummyCheckpoint:
         return self.get_tensor(name)
 
 
-__all__ = ["DummyCheckpoint", "TensorSpec", "WEIGHT_RANGE", "checkpoint_shape", "random_tensor",
+__all__ = ["BIAS_RANGE", "DummyCheckpoint", "TensorSpec", "WEIGHT_RANGE", "checkpoint_shape", "random_tensor",
            "tensor_seed"]
