@@ -288,3 +288,26 @@ def test_generate_cli_warns_and_refuses_text_without_a_tokenizer(config_dir, cap
     err = capsys.readouterr().err
     assert "moelink: WARNING: --load-format dummy: the weights are RANDOM" in err
     assert "moelink: error: a text prompt was given, but model=" in err and "has no tokenizer" in err
+
+
+def test_a_repo_id_fetches_config_and_tokenizer_only(monkeypatch, tmp_path, config_dir):
+    """Under dummy a Hugging Face id downloads no *.safetensors, and a snapshot with config.json alone will do."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    path, _ = config_dir("qwen3_moe")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    seen = []
+
+    def fake_snapshot_download(repo_id, *, local_files_only, allow_patterns, cache_dir, revision):
+        seen.append(allow_patterns)
+        if local_files_only:
+            raise errors.LocalEntryNotFoundError("not cached")
+        return path
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert EngineArgs(model="org/x", load_format="dummy").model_path() == path
+    assert len(seen) == 2 and all("config.json" in p and "tokenizer.json" in p for p in seen)
+    assert not any("safetensors" in pattern for p in seen for pattern in p)
