@@ -20,6 +20,10 @@
 #                          searches each GEMM's PERSISTENT (0/1/2 programs per SM) and TMA (off/on) axes too
 #   decode [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite]
 #                          engine_decode, eager and as CUDA-graph replays
+#   e2e [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite] [--dtype bf16|fp8] [--serve]
+#                          engine_e2e: LLM.generate end to end beside the CUDA-graph step, async scheduling on
+#                          and off (one model and dtype per command); --serve: the gRPC serving part alone;
+#                          --quick: Qwen3-30B-A3B bf16, every part (serving included) in one command
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   plan                   every device command of a full session, in order, with its budget
@@ -499,6 +503,48 @@ step_decode() {
     "${batches[@]}" --out "$OUT/engine_decode_${DEV}${suffix}.json"
 }
 
+# e2e [--quick] [--model M] [--dtype bf16|fp8] [--serve]: benchmarks/engine_e2e.py. Each command starts one LLM per
+# step loop (async scheduling on, off: dummy weights, KV cache, decode graphs), times the graph-only step at
+# batch 1/64/256 and LLM.generate on three workloads; the serving part starts `moelink serve` once. Compiles: the
+# decode graphs' buckets (attention, MoE up/down per bucket) and the prefill/mixed steps' MoE buckets, shared by
+# both loops through the Triton cache: ~36 GEMM + 48 other (the serving part alone ~24 + 36). Run: estimates
+# (not yet run on a GPU): engine start ~90 s each, generate ~90 s per loop (quick: ~45), serving ~200 s. The
+# benchmark stops starting points --time-budget-s into the command and saves its JSON after every point.
+E2E_MODELS=(qwen3-30b-a3b deepseek-v2-lite)
+step_e2e() {
+  local quick=0 serve=0 model=qwen3-30b-a3b dtype=bf16 prev="" a m ok=0
+  for a in "$@"; do
+    if [[ $prev == --model ]]; then model=$a; prev=""; continue; fi
+    if [[ $prev == --dtype ]]; then dtype=$a; prev=""; continue; fi
+    case "$a" in
+      --quick) quick=1 ;;
+      --serve) serve=1 ;;
+      --model|--dtype) prev=$a ;;
+      *) echo "e2e: unknown argument '$a' (--quick, --serve, --model M, --dtype bf16|fp8)" >&2; exit 2 ;;
+    esac
+  done
+  for m in "${E2E_MODELS[@]}"; do [[ $model == "$m" ]] && ok=1; done
+  [[ $ok == 1 ]] || { echo "e2e: --model must be one of ${E2E_MODELS[*]} (got '$model')" >&2; exit 2; }
+  [[ $dtype == bf16 || $dtype == fp8 ]] || { echo "e2e: --dtype must be bf16 or fp8 (got '$dtype')" >&2; exit 2; }
+  if [[ $MODE == cpu-smoke ]]; then
+    cmd engine_e2e 0 0 0 120 -- "$PY" -m moelink.benchmarks.engine_e2e --cpu-smoke --out "$OUT/engine_e2e_cpu_smoke.json"
+    return 0
+  fi
+  local name args=() out gemm=36 other=48 run
+  if [[ $quick == 1 ]]; then
+    name=engine_e2e_quick run=330 args=(--quick --models "$model") out="engine_e2e_${DEV}_quick.json"
+  elif [[ $serve == 1 ]]; then
+    name="engine_e2e_serve_$model" gemm=24 other=36 run=260 args=(--serve-only --models "$model" --dtypes "$dtype")
+    out="engine_e2e_${DEV}_${model}_${dtype}_serve.json"
+  else
+    name="engine_e2e_${model}_$dtype" run=340 args=(--no-serve --models "$model" --dtypes "$dtype")
+    out="engine_e2e_${DEV}_${model}_${dtype}.json"
+  fi
+  # The benchmark starts no point in the last 120 s of the command's budget (a point then runs out its own).
+  cmd "$name" "$gemm" 0 "$other" "$run" -- "$PY" -m moelink.benchmarks.engine_e2e "${args[@]}" \
+    --time-budget-s $(( $(budget "$gemm" 0 "$other" "$run") - 120 )) --out "$OUT/$out"
+}
+
 # compile-report: every kernel at every default/tuned/published config, compiled for sm_90 offline
 # (compile counts: ~150 GEMM + ~60 other, measured 2026-11-22; no GPU needed, so it runs anywhere).
 step_compile_report() {
@@ -549,6 +595,7 @@ step_plan() {  # the full session, one device command per line, with budgets (dr
   steps+=("decode" "tests-fp8")
   for s in "${FP8_SHAPES[@]}"; do steps+=("moe-fp8 $s"); done
   steps+=("moe-mxfp4")
+  for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -603,9 +650,9 @@ case "$STEP" in
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|decode|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, decode, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|decode|e2e|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,32p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, decode, e2e, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -624,6 +671,7 @@ case "$STEP" in
   moe-mxfp4) step_moe_mxfp4 "$@" ;;
   tune) step_tune "$@" ;;
   decode) step_decode "$@" ;;
+  e2e) step_e2e "$@" ;;
   compile-report) step_compile_report ;;
   all)
     step_tests_kernels; step_tests_engine
@@ -632,7 +680,8 @@ case "$STEP" in
     step_decode "$@"
     step_tests_fp8
     for s in "${FP8_SHAPES[@]}"; do step_moe_fp8 "$s" "$@"; done
-    step_moe_mxfp4 "$@" ;;
+    step_moe_mxfp4 "$@"
+    for s in "${E2E_MODELS[@]}"; do step_e2e --model "$s"; step_e2e --model "$s" --dtype fp8; step_e2e --serve --model "$s"; done ;;
 esac
 [[ $STEP != all && $STEP != tests ]] && finish_step
 exit "$STATUS"

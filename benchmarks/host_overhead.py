@@ -1,6 +1,7 @@
 """Host time per engine step with the model's forward stubbed out: what the GPU would wait on.
 
-    python -m moelink.benchmarks.host_overhead [--seqs 256] [--tokens 64] [--repeats 3]
+    python -m moelink.benchmarks.host_overhead [--seqs 256] [--tokens 64] [--repeats 3] [--device-time-ms T]
+        [--cpu-smoke] [--out benchmarks/results/host_overhead_cpu.json]
 
 On a GPU, a decode step of a small-active-parameter MoE (Qwen3-30B-A3B at batch
 256: ~10 ms with CUDA graphs) can be as short as the engine's own Python work
@@ -8,19 +9,30 @@ per step (scheduling, building the batch's metadata, sampling, detokenizing,
 outputs). This measures that host work alone: the tiny model's forward is
 replaced by a function returning zeros of the right shape, so everything
 else (scheduler, model runner input prep, LM head on the sampled rows,
-sampler, output processor) runs as in serving. CPU only; one thread.
+sampler, output processor) runs as in serving. CPU only; torch on one thread.
 
-Compared side by side in one run: requests that want text (detokenize=True,
-the native API and LLM.generate) and token ids only (detokenize=False, what
-the VllmEngine protocol / smg gateway path sets when there are no stop strings).
-Reported: median over repeats of ms per step in the decode phase, and the ratio.
+Side by side in one run (median over repeats of the median ms per full-batch decode step):
+1. requests that want text (detokenize=True, the native API and LLM.generate) and token ids only
+   (detokenize=False, what the VllmEngine protocol / smg gateway path sets when there are no stop strings),
+   on a 2-layer model with the engine's default loop;
+2. the step loop, async scheduling on and off (`EngineArgs.async_scheduling`): host microseconds per sequence
+   per decode step, 1-layer model, token ids (device work on the engine's `SimulatedStream` at 0 ms when it
+   has one: launched from the host thread, as on CUDA);
+3. with --device-time-ms T, each step's device work takes T ms on a stand-in for the GPU stream: the engine's
+   `SimulatedStream` (engine/device_stream.py: the work is launched from the host thread as on CUDA, then a
+   simulated device is busy T ms per step) put on the model runner of both loops; on an engine without it, the
+   stubbed forward sleeps T ms (releasing the GIL) wherever the engine runs device work (with async scheduling,
+   its CPU device-stream thread). Reported per loop: the step time against max(T, host) (host work fully
+   hidden) and T + host (nothing hidden), with host the same loop's step time at T = 0.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import tempfile
+import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -28,24 +40,53 @@ import torch
 from moelink.engine.provenance import git_commit, write_result
 
 RESULTS = Path(__file__).parent / "results"
+SMOKE = dict(seqs=8, tokens=6, repeats=1, device_time_ms=2.0)
 
 
-def build_llm(seqs: int, tokens: int, model_dir: str):
+class StubForward:
+    """The model's forward replaced: zeros of the right shape after `device_s` seconds (a sleep), and which
+    thread ran it."""
+
+    def __init__(self, hidden: int, device_s: float = 0.0):
+        self.hidden, self.device_s = hidden, device_s
+        self.threads: set[str] = set()
+
+    def __call__(self, input_ids_T, positions_T, ctx):
+        self.threads.add("host" if threading.current_thread() is threading.main_thread() else "another thread")
+        if self.device_s:
+            time.sleep(self.device_s)  # the device's share of a step: the host thread is free meanwhile
+        return torch.zeros(input_ids_T.shape[0], self.hidden)
+
+
+def simulated_stream():
+    """The engine's GPU-stream test double (a class), or None on an engine without it."""
+    try:
+        from moelink.engine.device_stream import SimulatedStream
+    except ImportError:
+        return None
+    return SimulatedStream
+
+
+def build_llm(seqs: int, tokens: int, model_dir: str, layers: int = 2, async_scheduling: bool | None = None,
+              device_ms: float | None = None):
+    """A tiny CPU LLM whose forward is a StubForward (returned with it). device_ms (0 included): each step's
+    device work takes that long on a SimulatedStream, or, without one, in the stubbed forward; None: the
+    engine's own stream for the device."""
     from moelink.engine import LLM
     from moelink.engine.tiny_model import make_tiny_model
 
-    path = make_tiny_model(model_dir, arch="qwen3_moe", num_layers=2, hidden_size=64, num_experts=8, top_k=2,
+    path = make_tiny_model(model_dir, arch="qwen3_moe", num_layers=layers, hidden_size=64, num_experts=8, top_k=2,
                            max_position_embeddings=4096)
+    kw = {} if async_scheduling is None else dict(async_scheduling=async_scheduling)
     llm = LLM(str(path), dtype="float32", device="cpu", max_num_seqs=seqs, max_num_batched_tokens=max(8192, seqs),
-              num_kv_blocks=seqs * (-(-(64 + tokens) // 16) + 1), block_size=16)
-    model = llm.engine.executor.worker.runner.model
-    hidden = model.cfg.hidden_size
-
-    def no_forward(input_ids_T, positions_T, ctx):  # the GPU's part, not measured here
-        return torch.zeros(input_ids_T.shape[0], hidden)
-
-    model.forward = no_forward
-    return llm
+              num_kv_blocks=seqs * (-(-(64 + tokens) // 16) + 1), block_size=16, **kw)
+    runner = llm.engine.executor.worker.runner
+    sim = simulated_stream() if device_ms is not None else None
+    if sim is not None:
+        runner.stream = sim(device_ms * 1e-3)
+    stub = StubForward(runner.model.cfg.hidden_size, device_ms * 1e-3 if device_ms and sim is None else 0.0)
+    runner.model.forward = stub
+    return llm, stub
 
 
 def decode_ms_per_step(llm, seqs: int, tokens: int, detokenize: bool) -> float:
@@ -57,7 +98,7 @@ def decode_ms_per_step(llm, seqs: int, tokens: int, detokenize: bool) -> float:
     for i in range(seqs):
         llm.engine.add_request(f"h{detokenize}-{i}-{time.monotonic_ns()}", [5 + i % 50] * 64, params)
     times = []
-    while engine.has_unfinished_requests():
+    while engine.has_requests():
         t0 = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t0
@@ -66,35 +107,107 @@ def decode_ms_per_step(llm, seqs: int, tokens: int, detokenize: bool) -> float:
     return statistics.median(times) * 1e3
 
 
+def _async_modes() -> list[bool | None]:
+    import dataclasses
+
+    from moelink.engine import EngineArgs
+
+    return [True, False] if "async_scheduling" in {f.name for f in dataclasses.fields(EngineArgs)} else [None]
+
+
+def _label(mode: bool | None) -> str:
+    return {True: "async_on", False: "async_off", None: "engine_default"}[mode]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, default=256, help="concurrent sequences (the decode batch)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per setting (median of medians)")
+    ap.add_argument("--device-time-ms", type=float, default=None,
+                    help="also run with the stubbed forward taking this many ms (see 3. above)")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help=f"a few sequences and tokens ({SMOKE}): checks the script, fast")
     ap.add_argument("--out", default=str(RESULTS / "host_overhead_cpu.json"))
     args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        for k, v in SMOKE.items():
+            if k != "device_time_ms" or getattr(args, k) is None:
+                setattr(args, k, v)
     for name in ("seqs", "tokens", "repeats"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be a positive integer")
+    if args.device_time_ms is not None and args.device_time_ms <= 0:
+        ap.error("--device-time-ms must be > 0")
+    modes = _async_modes()
+    T = args.device_time_ms
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # host work is single-threaded Python; keep torch's small ops from fanning out
     try:
-        # The tiny checkpoint lives only for this run (the folder used to be left in /tmp by every run).
-        with tempfile.TemporaryDirectory(prefix="moelink-host-") as model_dir, \
-                build_llm(args.seqs, args.tokens, model_dir) as llm:
+        # The tiny checkpoints live only for this run (the folder used to be left in /tmp by every run).
+        with tempfile.TemporaryDirectory(prefix="moelink-host-") as tmp, ExitStack() as stack:
+            def make(name, **kw):
+                llm, stub = build_llm(args.seqs, args.tokens, f"{tmp}/{name}", **kw)
+                stack.enter_context(llm)
+                return llm, stub
+
+            text_llm, _ = make("two-layer")
+            # On the simulated stream at T = 0 when the engine has one: launched on the host as on CUDA, so the host
+            # time is not blurred by a CPU stream thread's hand-over.
+            loop_llms = {m: make(f"loop-{_label(m)}", layers=1, async_scheduling=m, device_ms=0.0) for m in modes}
+            timed_llms = {m: make(f"timed-{_label(m)}", layers=1, async_scheduling=m, device_ms=T)
+                          for m in modes} if T else {}
             runs = {True: [], False: []}
-            for _ in range(args.repeats):
-                for detok in (True, False):  # alternate, so drift on a shared machine hits both
-                    runs[detok].append(decode_ms_per_step(llm, args.seqs, args.tokens, detok))
+            loop_runs = {m: [] for m in modes}
+            timed_runs = {m: [] for m in timed_llms}
+            for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every setting
+                for detok in (True, False):
+                    runs[detok].append(decode_ms_per_step(text_llm, args.seqs, args.tokens, detok))
+                for m in modes:
+                    loop_runs[m].append(decode_ms_per_step(loop_llms[m][0], args.seqs, args.tokens, False))
+                for m in timed_llms:
+                    timed_runs[m].append(decode_ms_per_step(timed_llms[m][0], args.seqs, args.tokens, False))
+            forward_threads = {m: sorted(stub.threads) for m, (_, stub) in timed_llms.items()}
     finally:
         torch.set_num_threads(threads)
     text_ms, ids_ms = statistics.median(runs[True]), statistics.median(runs[False])
+    loop_ms = {_label(m): statistics.median(v) for m, v in loop_runs.items()}
     result = dict(benchmark="host_overhead", device="cpu", date=time.strftime("%Y-%m-%d"), commit=git_commit(),
                   seqs=args.seqs, tokens=args.tokens, repeats=args.repeats,
                   ms_per_decode_step=dict(detokenize=text_ms, token_ids_only=ids_ms),
-                  runs=dict(detokenize=runs[True], token_ids_only=runs[False]), ratio=text_ms / ids_ms)
+                  runs=dict(detokenize=runs[True], token_ids_only=runs[False]), ratio=text_ms / ids_ms,
+                  step_loop=dict(layers=1, seqs=args.seqs, detokenize=False,
+                                 stream="SimulatedStream(0): device work launched on the host thread, as on CUDA"
+                                 if simulated_stream() is not None else "the engine's own CPU stream",
+                                 has_async_scheduling=modes != [None],
+                                 ms_per_decode_step=loop_ms,
+                                 us_per_seq_per_step={k: v * 1e3 / args.seqs for k, v in loop_ms.items()},
+                                 runs={_label(m): v for m, v in loop_runs.items()}),
+                  device_time=None)
     print(f"{args.seqs} sequences decoding, host ms per step (forward stubbed): "
           f"with text {text_ms:.2f} ms, token ids only {ids_ms:.2f} ms ({text_ms / ids_ms:.2f}x)")
+    print("step loop, 1 layer, token ids: " + ", ".join(
+        f"{k} {v:.2f} ms/step = {v * 1e3 / args.seqs:.1f} us per sequence" for k, v in loop_ms.items())
+        + ("" if modes != [None] else " (this engine has no async_scheduling switch yet: its one loop)"))
+    if T:
+        rows = []
+        for m, v in timed_runs.items():
+            step, host = statistics.median(v), loop_ms[_label(m)]
+            rows.append(dict(loop=_label(m), step_ms=step, host_ms=host, max_device_host_ms=max(T, host),
+                             device_plus_host_ms=T + host, forward_thread=forward_threads[m], runs=v))
+            print(f"device {T:g} ms, {_label(m)}: step {step:.2f} ms vs max(T, host) {max(T, host):.2f}, "
+                  f"T + host {T + host:.2f} (host {host:.2f}; forward on {', '.join(forward_threads[m])})")
+        if simulated_stream() is not None:
+            stand_in = "SimulatedStream: launched on the host thread, then a simulated device busy T ms per step"
+        elif any("another thread" in r["forward_thread"] for r in rows):
+            stand_in = "the stubbed forward sleeps T ms on the engine's device-stream thread"
+        else:
+            stand_in = None
+        result["device_time"] = dict(ms=T, rows=rows, stand_in=stand_in, note=(
+            f"device stand-in: {stand_in}" if stand_in else
+            "missing: the engine has no SimulatedStream and ran every forward on the host thread, so the device "
+            "time cannot overlap the host's work here"))
+        print("note: " + result["device_time"]["note"])
     print(f"wrote {write_result(args.out, result)}")
     return result
 

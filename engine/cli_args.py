@@ -60,6 +60,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per rank of a low-latency (decode-only) dispatch on the fixed-capacity all-to-alls "
                         "(torch_padded, nccl): fixed buffers, no counts exchange, CUDA-graph safe; larger or mixed "
                         "steps run high-throughput, sized from the step (default: --max-num-seqs)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="overlap the host's work for step N+1 (scheduling, inputs, sampling set-up, outputs) with "
+                        "the device's step N (default on; --no-async-scheduling: the serial loop)")
     p.add_argument("--enable-two-batch-overlap", action="store_true",
                    help="expert parallelism: run each step as two micro-batches whose attention and experts "
                         "overlap each other's all-to-all (no effect at --expert-parallel-size 1)")
@@ -105,5 +108,6 @@ def engine_args_from(ns: argparse.Namespace):
         revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,
         fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype,
         enable_two_batch_overlap=ns.enable_two_batch_overlap, elastic_ep=ns.elastic_ep,
+        async_scheduling=ns.async_scheduling,
         ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s, load_format=ns.load_format,
     )

@@ -135,22 +135,26 @@ class DecodeGraphs:
             self.sliding_slots_B = torch.full((B,), -1, **i64)
             self.sliding_tables_BM = torch.full((B, M), null_block, **i32)
         self.steps: dict[int, CapturedStep] = {}
-        # Host staging, pinned on CUDA so the copies are asynchronous. Reusing it each step is safe: every
-        # step ends with a host sync after its replay (ModelRunner reads the expert counters back in
-        # moe_stats.snapshot(), and the sampled ids), so the previous copies are done before the host
-        # writes here again.
+        # Host staging, pinned on CUDA so the copies are asynchronous; two sets, used in turn. The overlapped
+        # loop stages step N+1 while step N's copies may still be queued on the device; the runner keeps at
+        # most two steps in flight (it waits for the older one's device work before staging a third), so the
+        # set a step stages into was last read by a step the device has finished.
         pin = device.type == "cuda"
 
         def host(shape, dtype, fill):
             return torch.full(shape, fill, dtype=dtype, pin_memory=pin).numpy()
 
-        self._host = dict(ids=host((B,), torch.long, 0), pos=host((B,), torch.long, 0),
-                          slots=host((B,), torch.long, -1), lens=host((B,), torch.int32, 1),
-                          tables=host((B, M), torch.int32, null_block), valid=host((B,), torch.bool, False))
-        if sliding_table:
-            self._host.update(sliding_slots=host((B,), torch.long, -1),
-                              sliding_tables=host((B, M), torch.int32, null_block))
-        self._host_t = {k: torch.from_numpy(v) for k, v in self._host.items()}
+        def staging() -> dict:
+            h = dict(ids=host((B,), torch.long, 0), pos=host((B,), torch.long, 0),
+                     slots=host((B,), torch.long, -1), lens=host((B,), torch.int32, 1),
+                     tables=host((B, M), torch.int32, null_block), valid=host((B,), torch.bool, False))
+            if sliding_table:
+                h.update(sliding_slots=host((B,), torch.long, -1), sliding_tables=host((B, M), torch.int32, null_block))
+            return h
+
+        self._staging = [staging(), staging()]
+        self._staging_t = [{k: torch.from_numpy(v) for k, v in h.items()} for h in self._staging]
+        self._num_staged = 0
 
     def _forward(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(
@@ -206,18 +210,27 @@ class DecodeGraphs:
                 return b
         return None
 
-    def run(self, input_ids: list[int], positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
+    def run(self, input_ids, positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
             tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
             batch: int | None = None) -> torch.Tensor:
-        """One decode step of n = len(input_ids) sequences (n <= max_batch): hidden states [n, D].
+        """One decode step of n = len(input_ids) sequences (n <= max_batch): hidden states [n, D]. `stage`
+        then `replay` (the runner calls them apart: the host stages while the device runs the step before)."""
+        return self.replay(self.stage(input_ids, positions_T, slots_T, seq_lens, tables_SM, sliding, batch))
+
+    def stage(self, input_ids, positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
+              tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
+              batch: int | None = None) -> tuple:
+        """Host work of a decode step: its inputs written into the next pinned staging set (rows n..b padding).
         `sliding`: the sliding group's (tables [n, m'], slots [n]) when it has its own table. `batch`: the
-        captured size to replay (>= n; expert parallelism: the size the driver chose for every rank);
-        default the smallest holding n."""
+        captured size to replay (>= n; expert parallelism: the size the driver chose for every rank); default
+        the smallest holding n. Returns what `replay` needs."""
         n = len(input_ids)
         b = self.size_for(n) if batch is None else batch
         if b not in self.steps or b < n:
             raise ValueError(f"decode graph batch {b} is invalid for {n} sequences: captured sizes are {self.sizes}.")
-        h = self._host
+        k = self._num_staged % 2
+        self._num_staged += 1
+        h = self._staging[k]
         m = tables_SM.shape[1]
         h["ids"][:n], h["pos"][:n], h["slots"][:n], h["lens"][:n] = input_ids, positions_T, slots_T, seq_lens
         h["tables"][:n, :m] = tables_SM
@@ -225,19 +238,29 @@ class DecodeGraphs:
         # Rows n..b: padding again (an earlier, larger step may have left real values there).
         h["ids"][n:b], h["pos"][n:b], h["slots"][n:b], h["lens"][n:b], h["valid"][n:b] = 0, 0, -1, 1, False
         h["tables"][n:b, :m] = self.null_block
-        t = self._host_t
-        for dst, key in ((self.input_ids_B, "ids"), (self.positions_B, "pos"), (self.slots_B, "slots"),
-                         (self.seq_lens_B, "lens"), (self.valid_B, "valid")):
-            dst[:b].copy_(t[key][:b], non_blocking=True)
-        # Only the first m columns: a row reads columns < ceil(seq_len / block) <= m, and a padding row
-        # (seq_len 1) reads column 0. Older columns past m are never read.
-        self.tables_BM[:b, :m].copy_(t["tables"][:b, :m], non_blocking=True)
+        ms = 0
         if self.sliding_table:
             # Not append-only (freed entries turn null), but every column a row reads is rewritten here.
             s_tables, s_slots = sliding
             ms = s_tables.shape[1]
             h["sliding_tables"][:n, :ms], h["sliding_slots"][:n] = s_tables, s_slots
             h["sliding_tables"][n:b, :ms], h["sliding_slots"][n:b] = self.null_block, -1
+        return k, n, b, m, ms
+
+    def replay(self, staged: tuple, pending_P: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Device work of a decode step: the staged inputs copied in (non-blocking), the tokens still on the
+        device scattered in (`pending_P`: batch rows [P], token ids [P]), graph b replayed; hidden states [n, D]."""
+        k, n, b, m, ms = staged
+        t = self._staging_t[k]
+        for dst, key in ((self.input_ids_B, "ids"), (self.positions_B, "pos"), (self.slots_B, "slots"),
+                         (self.seq_lens_B, "lens"), (self.valid_B, "valid")):
+            dst[:b].copy_(t[key][:b], non_blocking=True)
+        if pending_P is not None:
+            self.input_ids_B.index_copy_(0, pending_P[0], pending_P[1])
+        # Only the first m columns: a row reads columns < ceil(seq_len / block) <= m, and a padding row
+        # (seq_len 1) reads column 0. Older columns past m are never read.
+        self.tables_BM[:b, :m].copy_(t["tables"][:b, :m], non_blocking=True)
+        if self.sliding_table:
             self.sliding_slots_B[:b].copy_(t["sliding_slots"][:b], non_blocking=True)
             self.sliding_tables_BM[:b, :ms].copy_(t["sliding_tables"][:b, :ms], non_blocking=True)
         return self.steps[b].replay()[:n]

@@ -45,7 +45,7 @@ class EngineConfig:
             gpu_memory_utilization=self.gpu_memory_utilization, world_size=self.parallel.world_size,
             comm_timeout_s=self.parallel.comm_timeout_s,
             two_batch_overlap=self.parallel.enable_two_batch_overlap and self.parallel.world_size > 1,
-            load_format=self.load_format)
+            async_scheduling=self.scheduler.async_scheduling, load_format=self.load_format)
 
 
 @dataclass
@@ -106,6 +106,10 @@ class EngineArgs:
     # while the other's all-to-all is in flight (engine/step_plan.py). Expert parallelism only: at
     # expert_parallel_size 1 there is no all-to-all, and steps run as one batch (logged once).
     enable_two_batch_overlap: bool = False
+    # The overlapped step loop (vLLM's async scheduling): the host schedules and prepares step N+1 while the
+    # device runs step N; sampled tokens stay on the device and feed the next step there, and the host learns
+    # them a step later (stop checks, streaming). False: the serial loop (schedule, run, wait, update).
+    async_scheduling: bool = True
     # Survive a lost EP rank at EP N-1 instead of failing (ParallelConfig.elastic_ep; EP >= 3).
     elastic_ep: bool = True
     # A replacement rank rejoins after a loss, back to EP N (ParallelConfig.ep_rejoin; None: with elastic_ep),
@@ -200,7 +204,7 @@ class EngineArgs:
         # but never below max_num_seqs so every running request can decode each step.
         budget = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
-                                max_model_len=model_cfg.max_model_len)
+                                max_model_len=model_cfg.max_model_len, async_scheduling=self.async_scheduling)
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device),
                             enable_prefix_caching=self.enable_prefix_caching,
                             sliding_window=kv_sliding_window(model_cfg))

@@ -70,6 +70,7 @@ class EPLBController:
         self.placements: tuple[ExpertPlacement, ...] = (placement,) * num_layers
         self.window = LoadWindow(interval, num_layers, placement.num_experts)
         self.steps = 0
+        self._due = False  # a rebalance is due at the next boundary where nothing is in flight (record/act)
         self.pending: EPLBResult | None = None  # a move under way
         self._chunks: list[int] = []  # the layers of each chunk still to move
         self._old: tuple[ExpertPlacement, ...] = ()
@@ -99,14 +100,30 @@ class EPLBController:
     def after_step(self, counts_LG, collective: Collective, pairs_LR=None) -> None:
         """Count one step's expert load (and, when given, the pairs each rank computed [L, R]); start, continue
         or finish a move. At a step boundary, on the driver."""
+        self.record(counts_LG, pairs_LR)
+        self.act(collective)
+
+    def record(self, counts_LG, pairs_LR=None) -> None:
+        """Count one step's expert load; no collective (the overlapped loop counts while a step is in flight)."""
         self.window.add(counts_LG)
         if pairs_LR is not None:
             self.pairs_window.add(pairs_LR)
             self.pairs_since_commit_LR += np.asarray(pairs_LR, dtype=np.int64)
         self.steps += 1
+        if self.steps % self.interval == 0:
+            self._due = True
+
+    def wants_to_act(self) -> bool:
+        """A move is under way or a rebalance is due: `act` needs every rank between steps (the overlapped loop
+        drains the step in flight first)."""
+        return self.pending is not None or self._due
+
+    def act(self, collective: Collective) -> None:
+        """Start, continue or finish a move (the ranks must be between steps, nothing in flight)."""
+        due, self._due = self._due, False
         if self.pending is not None:
             self._continue(collective)
-        elif self.steps % self.interval == 0 and self.window.total_LG.sum() > 0:
+        elif due and self.window.total_LG.sum() > 0:
             result = rebalance_experts(self.window.total_LG, self.placements, num_groups=self.num_groups,
                                        node_of_rank=self.node_of_rank)
             if (_layouts(result.placements) != _layouts(self.placements)

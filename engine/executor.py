@@ -27,6 +27,16 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]: ...
 
+    def launch(self, outputs_per_rank: list[SchedulerOutput]) -> object:
+        """The overlapped loop: start a step on every rank and return without waiting for it; `collect(token)`
+        (after the next step's launch) returns its outputs. Steps are collected in launch order. This default
+        runs the step at once (executors that cannot overlap)."""
+        return self.execute(outputs_per_rank)
+
+    def collect(self, launched: object) -> list[ModelRunnerOutput]:
+        """The outputs of a launched step, in rank order (waits for it)."""
+        return launched
+
     def shutdown(self) -> None:
         pass
 
@@ -89,9 +99,21 @@ class InProcessExecutor(Executor):
         return [getattr(self.worker, method)(*args)]
 
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
+        return self.collect(self.launch(outputs_per_rank))
+
+    def launch(self, outputs_per_rank: list[SchedulerOutput]) -> int:
         (so,) = outputs_per_rank
         self.plan_ep_step(outputs_per_rank)
         # No peers to join in an all-to-all: an empty step (e.g. one that only
         # carries finished ids) runs no model code.
-        return [self.worker.execute(so, run_forward=not so.is_empty)]
+        self.worker.launch(so, run_forward=not so.is_empty)
+        return so.step_id
+
+    def collect(self, launched: int) -> list[ModelRunnerOutput]:
+        return [self.worker.collect(launched)]
+
+    def shutdown(self) -> None:
+        runner = self.worker.runner
+        if runner is not None:
+            runner.stream.shutdown()
 

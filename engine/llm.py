@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 
 from .engine_args import EngineArgs
 from .llm_engine import LLMEngine, PromptType
-from .outputs import RequestOutput
+from .outputs import OutputKind, RequestOutput
 from .sampling_params import SamplingParams
 
 
@@ -70,7 +70,8 @@ class LLM:
             self.engine.process_inputs(str(next(self._counter)), p, sp) for p, sp in zip(prompts, params_list)
         ]
         for req in processed:
-            self.engine.add_processed(req)
+            # Only final outputs are read here: none is built per step (vLLM's LLM does the same).
+            self.engine.add_processed(req, OutputKind.FINAL_ONLY)
         finished: dict[str, RequestOutput] = {}
         bar = _bar(len(processed), use_tqdm)
         try:

@@ -7,10 +7,12 @@ request touches the scheduler, so a rejected request never holds a KV block.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Union
 
 from moelink.scheduler.engine_output import SchedulerStats
+from moelink.scheduler.outputs import ModelRunnerOutput
 from moelink.scheduler.request import Request, RequestStatus
 from moelink.scheduler.router import LeastLoadedRouter
 from moelink.scheduler.scheduler import Scheduler
@@ -57,6 +59,18 @@ def _first_bad_id(ids: list, vocab: int) -> int | None:
     if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab):
         return None
     return next(i for i, t in enumerate(ids) if type(t) is not int or not 0 <= t < vocab)
+
+
+@dataclass
+class LoopStats:
+    """Where the engine loop's time went, summed since start (seconds, host clock): `launch_s` in launching
+    steps (the ranks' host work when in process), `collect_s` in collecting them, of which `wait_s` the ranks
+    spent waiting for their device (the device time the host's work did not cover)."""
+
+    steps: int = 0
+    launch_s: float = 0.0
+    collect_s: float = 0.0
+    wait_s: float = 0.0
 
 
 @dataclass
@@ -117,7 +131,13 @@ class LLMEngine:
         self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
         self.structured = StructuredOutputManager(config.model.vocab_size)
         self.elastic_stats = ElasticStats()
-        self._inflight = None  # the SchedulerOutputs of the step now running (elastic EP: see step)
+        # Elastic EP: per old rank, the SchedulerOutputs of the steps a loss broke (engine/elastic.py rewinds them).
+        self._inflight = None
+        # The overlapped loop: (SchedulerOutputs, the executor's launch token) of the step launched and not yet
+        # collected; None when nothing is in flight.
+        self._pending = None
+        self.async_scheduling = config.scheduler.async_scheduling
+        self.loop_stats = LoopStats()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -247,58 +267,126 @@ class LLMEngine:
         return any(s.has_unfinished_requests() for s in self.schedulers)
 
     def has_requests(self) -> bool:
-        """Unfinished requests, or finished ones the workers have not been told about:
-        their ids only travel with the next step, so a loop that stops stepping when
-        the last request finishes would leave the workers holding its state."""
-        return any(s.has_unfinished_requests() or s.has_finished_requests() for s in self.schedulers)
+        """Unfinished requests, a step still in flight, or finished ones the workers have not been told about:
+        their ids only travel with the next step, so a loop that stops stepping when the last request finishes
+        would leave the workers holding its state."""
+        return self._pending is not None or any(
+            s.has_unfinished_requests() or s.has_finished_requests() for s in self.schedulers)
 
     def step(self) -> list[RequestOutput]:
-        """One lockstep step of every rank; returns the outputs it produced."""
+        """One lockstep step of every rank; returns the outputs it produced.
+
+        Overlapped (async scheduling, the default): schedule and launch step N+1, then collect step N, whose
+        device work ran while the host scheduled; step N's tokens are appended, checked for stops and streamed
+        now, one step after they were sampled. Serial: schedule, run, collect the same step. The loop drains
+        (collects the step in flight before scheduling) where the host needs its tokens first: a structured-
+        output row (its grammar mask), an online-EPLB move and a rejoin (every rank between steps)."""
+        outputs: list[RequestOutput] = []
         if self.executor.rejoin_ready:  # at the step boundary: replacement ranks join, back to EP N
+            outputs += self._drain()
             admit_engine(self)
+        if self.eplb is not None and self.eplb.wants_to_act():
+            outputs += self._drain()
+            if self._eplb_act():
+                return outputs
         sched_outs = [s.schedule() for s in self.schedulers]
         self._step_id += 1
+        if all(so.is_empty for so in sched_outs):
+            # Nothing to compute: what is in flight is all there is (its tokens may schedule more). A step that
+            # only carries ids for the workers (finished, preempted, a resync) runs at once; an empty one not at
+            # all, so a loop with nothing left in flight stops.
+            outputs += self._drain()
+            if not any(so.finished_req_ids or so.preempted_req_ids or so.resync is not None for so in sched_outs):
+                for sched, so in zip(self.schedulers, sched_outs):
+                    sched.update_from_output(so, ModelRunnerOutput(step_id=so.step_id))
+                return outputs
+            self._pending = (sched_outs, self.executor.launch(sched_outs))
+            return outputs + self._drain()
         if self.structured:
+            if self._pending is not None and self._needs_tokens_in_flight(sched_outs):
+                outputs += self._drain()  # the grammar masks need the matchers advanced by the tokens in flight
             for so in sched_outs:  # each rank gets the masks of its own rows only
                 so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens)
-        # Elastic EP: the step a loss breaks, undone on the survivors that keep their requests (Scheduler.rewind).
-        self._inflight = sched_outs
+        t0 = time.perf_counter()
         try:
-            runner_outs = self.executor.execute(sched_outs)
-        except WorkerDiedError:
-            if self.executor.lost_error is None:  # not elastic, or nothing to recover from: fail as before
-                raise
-            # Elastic EP: the step is dropped; every unfinished request is requeued on the survivors.
-            recover_engine(self)
-            return []
-        self._inflight = None
+            launched = self.executor.launch(sched_outs)
+        except WorkerDiedError as err:
+            return outputs + self._recover([p for p in (self._pending, (sched_outs, None)) if p is not None], err)
+        self.loop_stats.launch_s += time.perf_counter() - t0
+        done, self._pending = self._pending, (sched_outs, launched)
+        if done is not None:
+            outputs += self._collect(done)
+        if not self.async_scheduling:
+            outputs += self._drain()
+        self.loop_stats.steps += 1
+        return outputs
+
+    def _drain(self) -> list[RequestOutput]:
+        """Collect the step in flight, if any (nothing is in flight afterwards)."""
+        done, self._pending = self._pending, None
+        return self._collect(done) if done is not None else []
+
+    def _needs_tokens_in_flight(self, sched_outs) -> bool:
+        """A constrained request scheduled with its previous token still in flight (its mask needs it)."""
+        for sched, so in zip(self.schedulers, sched_outs):
+            for rid in so.num_scheduled_tokens:
+                if rid in self.structured:
+                    req = sched.requests.get(rid)
+                    if req is not None and req.num_output_placeholders > 1:
+                        return True
+        return False
+
+    def _collect(self, done) -> list[RequestOutput]:
+        """Take a launched step's outputs: scheduler updates, metrics, stops, then the request outputs."""
+        sched_outs, launched = done
+        t0 = time.perf_counter()
+        try:
+            runner_outs = self.executor.collect(launched)
+        except WorkerDiedError as err:
+            steps = [done] + ([self._pending] if self._pending is not None else [])
+            self._pending = None
+            return self._recover(steps, err)
+        self.loop_stats.collect_s += time.perf_counter() - t0
+        self.loop_stats.wait_s += max((ro.stats.wait_s for ro in runner_outs if ro.stats is not None), default=0.0)
         core_outputs = []
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))
         self.moe_metrics.add_step([ro.stats.moe if ro.stats is not None else None for ro in runner_outs])
-        lost_in_move = False
-        if self.eplb is not None:  # at the step boundary: every rank is between steps
+        if self.eplb is not None:
             counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
-            try:
-                self.eplb.after_step(counts_LG, self.executor._collective, pairs_LR)
-            except WorkerDiedError:
-                if self.executor.lost_error is None:
-                    raise
-                # Elastic EP, a rank lost during an expert move: this step's tokens are good (the step ended on
-                # every rank); they are streamed below, then the survivors re-form (engine/elastic.py).
-                lost_in_move = True
+            self.eplb.record(counts_LG, pairs_LR)
+        structured = self.structured
+        constrained = bool(structured)
         for co in core_outputs:
-            if self.structured and co.new_token_ids:
-                self.structured.accept(co.request_id, co.new_token_ids)
+            if constrained and co.new_token_ids:
+                structured.accept(co.request_id, co.new_token_ids)
             if co.finish_reason is not None:
                 self._rank_of.pop(co.request_id, None)
-                self.structured.remove(co.request_id)
+                structured.remove(co.request_id)
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self._finish(stopped, RequestStatus.FINISHED_STOPPED)
-        if lost_in_move:
-            recover_engine(self)
         return outputs
+
+    def _eplb_act(self) -> bool:
+        """Online EPLB's move at a step boundary (nothing in flight). True when a rank was lost during it and
+        the engine recovered (elastic EP: the steps before were all collected, so nothing is undone)."""
+        try:
+            self.eplb.act(self.executor._collective)
+        except WorkerDiedError:
+            if self.executor.lost_error is None:
+                raise
+            recover_engine(self)
+            return True
+        return False
+
+    def _recover(self, steps: list, err: WorkerDiedError) -> list[RequestOutput]:
+        """Elastic EP: the steps in flight (oldest first) are dropped; survivors undo them (Scheduler.rewind)."""
+        if self.executor.lost_error is None:  # not elastic, or nothing to recover from: fail as before
+            raise err
+        self._inflight = [[so_per_rank[r] for so_per_rank, _ in steps] for r in range(self.world_size)]
+        recover_engine(self)
+        return []
 
     def experts_on_ranks(self) -> list[list[tuple[int, int]]]:
         """Per rank: (logical expert, number of replicas of it) for each expert slot it holds."""
@@ -339,11 +427,13 @@ class LLMEngine:
     def check_health(self) -> None:
         """Raise the executor's error once a rank is lost (dead, hung, silent), even between steps; with
         elastic EP, recover from the loss instead when the survivors can go on (engine/elastic.py), and admit
-        replacement ranks that are ready (engine/rejoin.py)."""
-        if self.executor.lost_error is not None:
-            recover_engine(self)
-        elif self.executor.rejoin_ready:
-            admit_engine(self)
+        replacement ranks that are ready (engine/rejoin.py). With a step in flight both wait for `step`, which
+        undoes that step on a recovery (its tokens never come back) and drains it before an admission."""
+        if self._pending is None:
+            if self.executor.lost_error is not None:
+                recover_engine(self)
+            elif self.executor.rejoin_ready:
+                admit_engine(self)
         self.executor.check_health()
 
     def shutdown(self) -> None:

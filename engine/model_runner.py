@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections import deque
 
 import numpy as np
 import torch
@@ -17,77 +17,21 @@ import torch
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.ops import select_kernels
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput, StepStats
-from moelink.scheduler.sliding_kv import NULL_BLOCK, first_live_sliding_block
 
 from . import kv_sizing
 from .config import ModelConfig
 from .cuda_graph import CudaGraphCapture, DecodeGraphs
+from .device_stream import InlineStream, to_device, to_host
 from .ep_step import LOW_LATENCY, EPStepPlan
 from .loader import load_model
 from .weight_memory import describe_memory, weight_bytes_by_format
 from .models.layers import ForwardContext
 from .sampler import Sampler, SamplingMetadata
+from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
 from .sampling_params import SamplingParams
+from .step_handle import DeviceResult, StepHandle
+from .step_inputs import StepInputs, build_step_inputs
 from .step_plan import SingleBatch, TwoBatchOverlap
-
-
-@dataclass
-class CachedRequestState:
-    req_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    params: SamplingParams
-    block_ids: list[int]
-    num_computed_tokens: int
-    generator: torch.Generator | None
-    all_token_ids: list[int] = field(init=False)
-    # block_ids as an int32 array with spare capacity: each step copies it into the batch's table
-    # with one slice assignment instead of converting a Python list.
-    block_arr: np.ndarray = field(init=False)
-    # The sliding-window group's table when it has its own (scheduler/sliding_kv.py), the runner's null block
-    # where no query can see a block any more; None when one table serves every layer.
-    sliding: "SlidingTable | None" = None
-
-    def __post_init__(self) -> None:
-        self.all_token_ids = self.prompt_token_ids + self.output_token_ids
-        self.block_arr = np.empty(max(16, 2 * len(self.block_ids)), dtype=np.int32)
-        self.block_arr[: len(self.block_ids)] = self.block_ids
-
-    def add_blocks(self, new_block_ids: list[int]) -> None:
-        n, k = len(self.block_ids), len(new_block_ids)
-        if n + k > len(self.block_arr):
-            grown = np.empty(2 * (n + k), dtype=np.int32)
-            grown[:n] = self.block_arr[:n]
-            self.block_arr = grown
-        self.block_arr[n : n + k] = new_block_ids
-        self.block_ids.extend(new_block_ids)
-
-
-class SlidingTable:
-    """One request's sliding-group block table. Not append-only: entries that leave the window turn into the
-    null block, by the scheduler's rule (first_live_sliding_block), so a freed id (maybe another request's
-    block by now) is never even addressed."""
-
-    def __init__(self, block_ids: list[int], null_block: int) -> None:
-        self.arr = np.empty(max(16, 2 * len(block_ids)), dtype=np.int32)
-        self.n = len(block_ids)
-        self.arr[: self.n] = [null_block if b == NULL_BLOCK else b for b in block_ids]
-        self.num_nulled = 0
-
-    def add(self, new_block_ids: list[int]) -> None:
-        n, k = self.n, len(new_block_ids)
-        if n + k > len(self.arr):
-            grown = np.empty(2 * (n + k), dtype=np.int32)
-            grown[:n] = self.arr[:n]
-            self.arr = grown
-        self.arr[n : n + k] = new_block_ids
-        self.n = n + k
-
-    def drop_before(self, first_live: int, null_block: int) -> None:
-        stop = min(first_live, self.n)
-        if stop > self.num_nulled:
-            self.arr[self.num_nulled : stop] = null_block
-            self.num_nulled = stop
 
 
 logger = logging.getLogger(__name__)
@@ -98,7 +42,7 @@ class ModelRunner:
 
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
-                 graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None,
+                 graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
                  load_format: str = "auto"):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
@@ -106,6 +50,8 @@ class ModelRunner:
         `cuda_graph_sizes`: decode batch sizes to capture once the KV cache exists (empty: all
         eager). `graph_backend` replaces torch.cuda.CUDAGraph (tests: cuda_graph.EagerReplay).
         `step_plan`: how eager steps run the model (engine/step_plan.py; default one batch).
+        `stream`: where device work runs relative to the host (engine/device_stream.py; default inline, the
+        serial loop).
         `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random)."""
         self.cfg = model_cfg
         self.device = device
@@ -126,6 +72,8 @@ class ModelRunner:
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
+        self.stream = stream if stream is not None else InlineStream()
+        self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
         # Preempted requests keep their generator so a seeded request draws the
@@ -274,80 +222,124 @@ class ModelRunner:
         return gen
 
     # -- one step ---------------------------------------------------------------
-    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput, run_forward: bool = True) -> ModelRunnerOutput:
-        """Run one step. With no tokens of its own, a rank still runs the MoE layers'
-        collectives when `run_forward` says a peer has tokens (expert parallelism)."""
+        """Run one step and wait for it (the serial loop). With no tokens of its own, a rank still runs the MoE
+        layers' collectives when `run_forward` says a peer has tokens (expert parallelism)."""
+        return self.launch(so, run_forward).collect()
+
+    def quiesce(self, timeout_s: float) -> None:
+        """Let the device work of every launched step end (errors dropped: elastic EP, the steps a lost rank
+        broke fail in their collectives), so nothing of an old process group runs once a new one forms. Bounded:
+        work still running after `timeout_s` is logged and left."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight:
+            handle = self._in_flight.popleft()
+            if handle.work is None:
+                continue
+            try:
+                handle.work.wait(max(deadline - time.monotonic(), 0.0))
+            except Exception as exc:  # noqa: BLE001  (a broken step's error: the engine already handled the loss)
+                logger.info("step %d's device work ended with %s (dropped)", handle.step_id, type(exc).__name__)
+
+    def launch(self, so: SchedulerOutput, run_forward: bool = True) -> StepHandle:
+        """Do the step's host work and submit its device work to the stream; returns without waiting for the
+        device (engine/step_handle.py). Steps are collected in launch order."""
         t0 = time.perf_counter()
+        while len(self._in_flight) >= 2:  # at most two: pinned staging is double-buffered (cuda_graph.py)
+            self._in_flight.popleft().wait_device()
         self._update_states(so)
-        out = ModelRunnerOutput(step_id=so.step_id)
-        if self.ep is not None:
-            self.ep.all_to_all.begin_step(so.ep_step)  # the step's dispatch mode (engine/ep_step.py)
+        ep_step = so.ep_step
         if so.total_num_scheduled_tokens == 0:
+            handle = StepHandle(so.step_id, [], 0, 0, 0.0)
             if run_forward:
                 # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
                 # so this eager pass makes the same collective calls as its peers' replays.
-                self.step_plan.forward_moe_only(self.model)
-                out.stats = StepStats(0, 0, time.perf_counter() - t0, self._moe_snapshot())
-            return out
-        bs = self.block_size
+                handle.host_s = time.perf_counter() - t0
+                handle.work = self.stream.submit(lambda: self._device_moe_only(ep_step))
+                self._in_flight.append(handle)
+            return handle
         req_ids = list(so.num_scheduled_tokens)
         states = [self.requests[r] for r in req_ids]
         query_lens = [so.num_scheduled_tokens[r] for r in req_ids]
-        starts = [st.num_computed_tokens for st in states]
-        seq_lens = [c + n for c, n in zip(starts, query_lens)]
-        num_seqs = len(states)
-        # Vectorised over the batch: only the token gather and the block-table rows loop per sequence.
-        if max(query_lens) == 1:  # pure decode: one token per sequence
-            tokens = [st.all_token_ids[c] for st, c in zip(states, starts)]
-            positions = np.asarray(starts, dtype=np.int64)
-            seq_of_token = np.arange(num_seqs)
-        else:
-            tokens = []
-            for st, c, n in zip(states, starts, query_lens):
-                tokens.extend(st.all_token_ids[c : c + n])
-            q = np.asarray(query_lens)
-            seq_of_token = np.repeat(np.arange(num_seqs), q)
-            first_T = np.repeat(np.cumsum(q) - q, q)  # index of each token's sequence's first token
-            positions = np.arange(len(tokens), dtype=np.int64) - first_T + np.repeat(np.asarray(starts, np.int64), q)
-        max_blocks = max(len(st.block_ids) for st in states)
-        tables_SM = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        for s, st in enumerate(states):
-            n_blk = len(st.block_ids)
-            tables_SM[s, :n_blk] = st.block_arr[:n_blk]
-        slots = tables_SM[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        sliding = None if self.kv_pairs is None else self._sliding_tables(states, starts, seq_of_token, positions)
-        qsl = np.zeros(num_seqs + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=qsl[1:])
-        graph_batch = self._graph_batch(so, query_lens, num_seqs)
-        if graph_batch is not None:
-            h_TD = self.graphs.run(tokens, positions, slots, seq_lens, tables_SM, sliding, batch=graph_batch)
-        else:
-            dev = self.device
-            attn = AttentionMetadata(
-                query_start_loc_S1=torch.from_numpy(qsl).to(dev),
-                seq_lens_S=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-                block_tables_SM=torch.from_numpy(tables_SM).to(dev),
-                slot_mapping_T=torch.from_numpy(slots).to(dev),
-                query_lens=query_lens, seq_lens=seq_lens,
-                max_query_len=max(query_lens), max_seq_len=max(seq_lens), null_block=self.null_block,
-            )
-            input_ids_T = torch.tensor(tokens, dtype=torch.long, device=dev)
-            positions_T = torch.from_numpy(positions).to(dev)
-            attn_sliding = None
-            if sliding is not None:
-                attn_sliding = dataclasses.replace(attn, block_tables_SM=torch.from_numpy(sliding[0]).to(dev),
-                                                   slot_mapping_T=torch.from_numpy(sliding[1]).to(dev))
-            h_TD = self.step_plan.forward(self.model, input_ids_T, positions_T,
-                                          ForwardContext(attn, self.kv_caches, attn_sliding))
+        inp = build_step_inputs(states, query_lens, self.block_size, self.sliding_window, self.null_block)
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
-        # A chunk samples only when it reaches the request's last known token.
-        rows = [s for s, (st, L) in enumerate(zip(states, seq_lens)) if L == len(st.all_token_ids)]
-        if rows:
-            self._sample(rows, states, qsl, h_TD, out, so.grammar_bitmask)
-        out.stats = StepStats(len(tokens), len(states), time.perf_counter() - t0, self._moe_snapshot())
-        return out
+        picked = [states[s] for s in inp.sample_rows]
+        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0)
+        meta = None
+        if picked:
+            bitmasks = so.grammar_bitmask
+            meta = SamplingMetadata.build(
+                [st.params for st in picked], [st.prompt_token_ids for st in picked],
+                [st.output_token_ids for st in picked], [st.generator for st in picked],
+                self.eos_token_ids, self.cfg.vocab_size, self.device,
+                [bitmasks.get(st.req_id) for st in picked] if bitmasks else None, inp.num_pending)
+            for r, st in enumerate(picked):
+                st.pending = (handle, r)  # the next step reads this token on the device
+        graph_batch = self._graph_batch(so, query_lens, len(states))
+        staged = None
+        if graph_batch is not None:
+            staged = self.graphs.stage(inp.tokens_T, inp.positions_T, inp.slots_T, inp.seq_lens, inp.tables_SM,
+                                       inp.sliding, batch=graph_batch)
+        handle.host_s = time.perf_counter() - t0
+        handle.work = self.stream.submit(lambda: self._device_step(handle, inp, meta, staged, ep_step))
+        self._in_flight.append(handle)
+        return handle
+
+    def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | None, staged,
+                     ep_step) -> DeviceResult:
+        """The step's device work, in stream order: inputs in (tokens still on the device from the steps before
+        it), forward, sampling, results out to host memory. Waits for nothing on the host side."""
+        t0 = time.perf_counter()
+        dev = self.device
+        with torch.inference_mode():
+            if self.ep is not None:
+                self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/ep_step.py)
+            pending_P = self._pending_tokens(inp)
+            if staged is not None:
+                h_TD = self.graphs.replay(staged, pending_P)
+            else:
+                input_ids_T = to_device(inp.tokens_T, torch.long, dev)
+                if pending_P is not None:
+                    input_ids_T.index_copy_(0, pending_P[0], pending_P[1])
+                attn = AttentionMetadata(
+                    query_start_loc_S1=to_device(inp.qsl_S1, torch.int32, dev),
+                    seq_lens_S=to_device(inp.seq_lens, torch.int32, dev),
+                    block_tables_SM=to_device(inp.tables_SM, torch.int32, dev),
+                    slot_mapping_T=to_device(inp.slots_T, torch.long, dev),
+                    query_lens=inp.query_lens, seq_lens=inp.seq_lens,
+                    max_query_len=max(inp.query_lens), max_seq_len=max(inp.seq_lens), null_block=self.null_block,
+                )
+                attn_sliding = None
+                if inp.sliding is not None:
+                    attn_sliding = dataclasses.replace(
+                        attn, block_tables_SM=to_device(inp.sliding[0], torch.int32, dev),
+                        slot_mapping_T=to_device(inp.sliding[1], torch.long, dev))
+                h_TD = self.step_plan.forward(self.model, input_ids_T, to_device(inp.positions_T, torch.long, dev),
+                                              ForwardContext(attn, self.kv_caches, attn_sliding))
+            res = DeviceResult(read_moe=self._take_moe())
+            if meta is not None:
+                self._sample(handle, inp, meta, h_TD, pending_P, res)
+        res.device_s = time.perf_counter() - t0
+        return res
+
+    def _device_moe_only(self, ep_step) -> DeviceResult:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if self.ep is not None:
+                self.ep.all_to_all.begin_step(ep_step)
+            self.step_plan.forward_moe_only(self.model)
+            res = DeviceResult(read_moe=self._take_moe())
+        res.device_s = time.perf_counter() - t0
+        return res
+
+    def _pending_tokens(self, inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat indices [P], token ids [P]) of the batch's tokens that earlier steps sampled on the device."""
+        if inp.pending_dst_P is None:
+            return None
+        dev = self.device
+        src = [h.sampled_R.index_select(0, to_device(rows, torch.long, dev)) for h, rows in inp.pending_src]
+        return to_device(inp.pending_dst_P, torch.long, dev), src[0] if len(src) == 1 else torch.cat(src)
 
     def _graph_batch(self, so: SchedulerOutput, query_lens: list[int], num_seqs: int) -> int | None:
         """The captured size this step replays, or None (eager). Under EP the driver chose it for every rank
@@ -359,40 +351,41 @@ class ModelRunner:
         b = getattr(so.ep_step, "graph_batch", None)
         return b if b in self.graphs.steps and b >= num_seqs else None
 
-    def _moe_snapshot(self):
-        snap = self.model.moe_stats.snapshot()
+    def _take_moe(self):
+        take = self.model.moe_stats.take()
+        mode = None
         if self.ep is not None:
-            mode = getattr(self.ep.all_to_all, "mode", None)  # a TwoModeAllToAll's current mode object
-            snap.ep_mode = mode.name if mode is not None else "exact"
-        return snap
+            m = getattr(self.ep.all_to_all, "mode", None)  # a TwoModeAllToAll's current mode object
+            mode = m.name if m is not None else "exact"
 
-    def _sliding_tables(self, states, starts, seq_of_token, positions) -> tuple[np.ndarray, np.ndarray]:
-        """The sliding group's block tables [S, M] and KV slots [T]: entries no query of this step (or a later
-        one) can see are the null block first, as the scheduler freed them before this step."""
-        bs, w = self.block_size, self.sliding_window
-        for st, c in zip(states, starts):
-            st.sliding.drop_before(first_live_sliding_block(c, w, bs), self.null_block)
-        tables_SM = np.zeros((len(states), max(st.sliding.n for st in states)), dtype=np.int32)
-        for s, st in enumerate(states):
-            tables_SM[s, : st.sliding.n] = st.sliding.arr[: st.sliding.n]
-        slots = tables_SM[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        return tables_SM, slots
+        def read():
+            snap = take()
+            if mode is not None:
+                snap.ep_mode = mode
+            return snap
+        return read
 
-    def _sample(self, rows, states, qsl, h_TD, out: ModelRunnerOutput, bitmasks: dict[str, bytes]) -> None:
-        last_R = torch.tensor([int(qsl[s + 1]) - 1 for s in rows], dtype=torch.long, device=self.device)
+    def _moe_snapshot(self):
+        return self._take_moe()()
+
+    def _sample(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata, h_TD, pending_P,
+                res: DeviceResult) -> None:
+        dev = self.device
+        last_R = to_device(inp.qsl_S1[1:][inp.sample_rows] - 1, torch.long, dev)
         logits_RV = self.model.compute_logits(h_TD.index_select(0, last_R))
-        picked = [states[s] for s in rows]
-        meta = SamplingMetadata.build(
-            [st.params for st in picked], [st.prompt_token_ids for st in picked],
-            [st.output_token_ids for st in picked], [st.generator for st in picked],
-            self.eos_token_ids, self.cfg.vocab_size, self.device,
-            [bitmasks.get(st.req_id) for st in picked] if bitmasks else None,
-        )
+        if pending_P is not None and not meta.no_penalties:
+            # The penalties' counts lack the outputs still on the device: add them there (row of each).
+            row_of_seq = np.full(len(inp.query_lens), -1, dtype=np.int64)
+            row_of_seq[inp.sample_rows] = np.arange(len(inp.sample_rows))
+            seq_of_flat = np.searchsorted(inp.qsl_S1, inp.pending_dst_P, side="right") - 1
+            rows = row_of_seq[seq_of_flat]
+            keep = rows >= 0
+            if keep.any():
+                meta.add_pending_outputs(to_device(rows[keep], torch.long, dev),
+                                         pending_P[1][torch.from_numpy(np.flatnonzero(keep)).to(dev)])
         result = self.sampler(logits_RV, meta)
-        token_ids = result.token_ids_B.tolist()  # host sync: sampled ids go back to the scheduler
-        for st, tok, lp in zip(picked, token_ids, result.logprobs):
-            st.output_token_ids.append(tok)
-            st.all_token_ids.append(tok)
-            out.sampled_token_ids[st.req_id] = tok
-            if lp is not None:
-                out.logprobs[st.req_id] = lp
+        handle.sampled_R = result.token_ids_B  # stays on the device: the next step's inputs read it there
+        res.tokens_R = to_host(result.token_ids_B)
+        if result.logprobs_packed_LX is not None:
+            res.logprobs_LX = to_host(result.logprobs_packed_LX)
+            res.num_logprobs, res.max_num_logprobs = result.num_logprobs, result.max_num_logprobs

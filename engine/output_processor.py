@@ -53,15 +53,19 @@ class OutputProcessor:
         results: list[RequestOutput] = []
         stopped: list[str] = []
         now = time.monotonic()
+        final_only = OutputKind.FINAL_ONLY
         for co in core_outputs:
             st = self.states.get(co.request_id)
             if st is None:
                 continue
-            new_ids = list(co.new_token_ids)
+            new_ids = co.new_token_ids
             if new_ids and st.first_token_time is None:
                 st.first_token_time = now
             st.token_ids.extend(new_ids)
             st.num_cached_tokens = co.num_cached_tokens
+            if (st.detok is None and co.finish_reason is None and st.output_kind is final_only
+                    and st.logprobs is None):
+                continue  # nothing to deliver or check until it finishes (LLM.generate's token-id requests)
             for lp in co.new_logprobs or []:
                 self._add_logprobs(st, lp)
             finish_reason, stop_reason = co.finish_reason, co.stop_reason

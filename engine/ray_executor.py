@@ -204,6 +204,11 @@ class RayExecutor(Executor):
         return max(timeout, FIRST_STEP_TIMEOUT_S) if run_forward and self._model_steps == 0 else timeout
 
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
+        return self.collect(self.launch(outputs_per_rank))
+
+    def launch(self, outputs_per_rank: list[SchedulerOutput]) -> tuple:
+        """Send the step to every rank (each does its host work and queues its device work) without waiting:
+        the driver schedules the next step meanwhile. Returns what `collect` needs."""
         self.check_health()
         if self._state.lost is not None:  # elastic: lost while idle; the engine recovers before stepping
             raise self._state.lost
@@ -212,10 +217,18 @@ class RayExecutor(Executor):
         if run_forward:
             self.plan_ep_step(outputs_per_rank)
         timeout = self.step_timeout(run_forward)
-        refs = [w.execute.remote(so, run_forward) for w, so in zip(self.workers, outputs_per_rank)]
-        outs = self._get(refs, timeout=timeout, late=f"its step ran longer than {timeout:g} s (--step-timeout)")
+        refs = [w.launch.remote(so, run_forward) for w, so in zip(self.workers, outputs_per_rank)]
         self._model_steps += run_forward
-        return outs
+        return [so.step_id for so in outputs_per_rank], refs, timeout
+
+    def collect(self, launched: tuple) -> list[ModelRunnerOutput]:
+        """The step's outputs: one round trip (each actor answers after its next step's launch, which the driver
+        sent first, so the ranks' host work for that step overlaps this one's device work)."""
+        step_ids, launch_refs, timeout = launched
+        late = f"its step ran longer than {timeout:g} s (--step-timeout)"
+        collect_refs = [w.collect.remote(i) for w, i in zip(self.workers, step_ids)]
+        self._get(launch_refs, timeout=timeout, late=late)  # a launch that raised names its rank here
+        return self._get(collect_refs, timeout=timeout, late=late)
 
     def _get(self, refs, timeout: float = _PG_TIMEOUT_S, late: str | None = None) -> list:
         """ray.get over one ref per rank that names the first rank to fail, and never hangs."""

@@ -18,7 +18,8 @@ Order of a step:
 
 Everything runs in float32 whatever the model dtype, batched over rows; the
 only Python loop over rows is the per-generator draw of seeded rows. The
-sampler makes one device→host sync, and only when some row asked for logprobs.
+sampler makes no device→host sync: the tokens stay on the device and the logprob rows come back packed in one
+block (`SamplerOutput.logprobs_packed_LX`), which the runner copies to the host without a wait.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from moelink.engine.device_stream import to_device
 from moelink.engine.sampling_params import SamplingParams
 from moelink.scheduler.outputs import TokenLogprobs
 
@@ -106,6 +108,7 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device,
         grammar_bitmasks: Optional[list[Optional[bytes]]] = None,
+        num_pending: Optional[list[int]] = None,
     ) -> "SamplingMetadata":
         """Batch one step's per-request parameters into tensors on `device`.
 
@@ -113,6 +116,9 @@ class SamplingMetadata:
         outside [0, vocab_size) are ignored by penalties and min_tokens.
         `grammar_bitmasks`: per row None (unconstrained) or the row's allowed tokens as little-endian
         int32 words, bit t of word t // 32 for token t (xgrammar's layout).
+        `num_pending`: per row, output tokens sampled by a step still in flight (the overlapped loop), which
+        `output_token_ids` does not hold yet: they count for min_tokens here, and `add_pending_outputs` adds
+        them to the penalties' counts on the device.
         """
         B, V = len(params), vocab_size
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == B):
@@ -129,7 +135,7 @@ class SamplingMetadata:
         meta.num_logprobs = num_logprobs
         lp_rows = [i for i, n in enumerate(num_logprobs) if n is not None]
         if lp_rows:
-            meta.logprob_rows_L = torch.tensor(lp_rows, dtype=torch.long, device=device)
+            meta.logprob_rows_L = to_device(lp_rows, torch.long, device)
             meta.max_num_logprobs = min(V, max(num_logprobs[i] for i in lp_rows))
 
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
@@ -138,15 +144,15 @@ class SamplingMetadata:
         blocked = [
             (i, t)
             for i, p in enumerate(params)
-            if len(output_token_ids[i]) < p.min_tokens
+            if len(output_token_ids[i]) + (num_pending[i] if num_pending else 0) < p.min_tokens
             # vLLM: with ignore_eos, eos does not stop, so there is nothing to hold back.
             for t in sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids)))
             if 0 <= t < V
         ]
         if blocked:
             rows, ids = zip(*blocked)
-            meta.min_tokens_rows_M = torch.tensor(rows, dtype=torch.long, device=device)
-            meta.min_tokens_ids_M = torch.tensor(ids, dtype=torch.long, device=device)
+            meta.min_tokens_rows_M = to_device(rows, torch.long, device)
+            meta.min_tokens_ids_M = to_device(ids, torch.long, device)
 
         if grammar_bitmasks is not None and any(m is not None for m in grammar_bitmasks):
             meta.grammar_allowed_BV = _unpack_bitmasks(grammar_bitmasks, V, device)
@@ -154,21 +160,20 @@ class SamplingMetadata:
         if meta.all_greedy:
             return meta
         if not meta.all_random:
-            meta.greedy_mask_B = torch.tensor(greedy, dtype=torch.bool, device=device)
+            meta.greedy_mask_B = to_device(greedy, torch.bool, device)
         # Greedy rows get neutral values so the batched random path is a no-op on them.
-        meta.temperature_B = torch.tensor(
-            [1.0 if g else p.temperature for p, g in zip(params, greedy)], dtype=torch.float32, device=device
-        )
+        meta.temperature_B = to_device([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32,
+                                       device)
         top_k = [V if g or p.top_k <= 0 or p.top_k >= V else p.top_k for p, g in zip(params, greedy)]
         if any(k < V for k in top_k):
-            meta.top_k_B = torch.tensor(top_k, dtype=torch.long, device=device)
+            meta.top_k_B = to_device(top_k, torch.long, device)
             meta.max_top_k = max(k for k in top_k if k < V)
         top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
         if any(p < 1.0 for p in top_p):
-            meta.top_p_B = torch.tensor(top_p, dtype=torch.float32, device=device)
+            meta.top_p_B = to_device(top_p, torch.float32, device)
         min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
         if any(p > 0.0 for p in min_p):
-            meta.min_p_B = torch.tensor(min_p, dtype=torch.float32, device=device)
+            meta.min_p_B = to_device(min_p, torch.float32, device)
         for i, (gen, g) in enumerate(zip(generators, greedy)):
             if gen is None or g:
                 continue
@@ -181,11 +186,21 @@ class SamplingMetadata:
         meta.any_unseeded_random = len(meta.generators) < B - sum(greedy)
         return meta
 
+    def add_pending_outputs(self, rows_P: torch.Tensor, tokens_P: torch.Tensor) -> None:
+        """Count output tokens that were still on the device when `build` ran (long [P] rows and ids, on the
+        metadata's device): the penalties see every output token, in stream order, with no host sync."""
+        if self.no_penalties or rows_P.numel() == 0:
+            return
+        ones_P = torch.ones(rows_P.shape, dtype=self.output_counts_BV.dtype, device=rows_P.device)
+        self.output_counts_BV.index_put_((rows_P, tokens_P), ones_P, accumulate=True)
+        if self.seen_mask_BV is not None:
+            self.seen_mask_BV[rows_P, tokens_P] = True
+
     def _build_penalties(self, params, prompt_token_ids, output_token_ids, device) -> None:
         self.no_penalties = False
-        self.repetition_penalty_B = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)
-        self.frequency_penalty_B = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device)
-        self.presence_penalty_B = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device)
+        self.repetition_penalty_B = to_device([p.repetition_penalty for p in params], torch.float32, device)
+        self.frequency_penalty_B = to_device([p.frequency_penalty for p in params], torch.float32, device)
+        self.presence_penalty_B = to_device([p.presence_penalty for p in params], torch.float32, device)
         self.output_counts_BV = _token_counts(output_token_ids, self.vocab_size, device)
         if any(p.repetition_penalty != 1.0 for p in params):
             prompt_counts_BV = _token_counts(prompt_token_ids, self.vocab_size, device)
@@ -193,13 +208,16 @@ class SamplingMetadata:
 
 
 def _unpack_bitmasks(masks: list[Optional[bytes]], V: int, device: torch.device) -> torch.Tensor:
-    """bool [B, V] from per-row little-endian int32 bitmask bytes (None: every token allowed)."""
+    """bool [B, V] from per-row little-endian int32 bitmask bytes (None: every token allowed). The packed bytes
+    cross to the device (V / 8 per row) and are unpacked there."""
     words = -(-V // 32)
     full = b"\xff" * (4 * words)
     packed = np.frombuffer(b"".join(full if m is None else m for m in masks), dtype=np.uint8)
+    packed_BW = to_device(packed.reshape(len(masks), 4 * words), torch.uint8, device)
     # Little-endian words: byte k holds tokens 8k..8k+7, lowest bit first.
-    bits = np.unpackbits(packed.reshape(len(masks), 4 * words), axis=1, bitorder="little")[:, :V]
-    return torch.from_numpy(bits.astype(np.bool_)).to(device)
+    shifts_8 = torch.arange(8, dtype=torch.uint8, device=device)
+    bits = (packed_BW.unsqueeze(-1) >> shifts_8) & 1
+    return bits.reshape(len(masks), -1)[:, :V].bool()
 
 
 def _token_counts(token_ids: list[list[int]], V: int, device: torch.device) -> torch.Tensor:
@@ -211,7 +229,7 @@ def _token_counts(token_ids: list[list[int]], V: int, device: torch.device) -> t
     # Pad with V, a scratch column past the vocabulary that is sliced off below,
     # so the ragged rows scatter in one batched op.
     padded = [ids + [V] * (max_len - len(ids)) for ids in token_ids]
-    ids_BT = torch.tensor(padded, dtype=torch.long, device=device)
+    ids_BT = to_device(padded, torch.long, device)
     ids_BT = ids_BT.masked_fill((ids_BT < 0) | (ids_BT > V), V)
     counts = torch.zeros(B, V + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, ids_BT, torch.ones_like(ids_BT, dtype=torch.float32))
@@ -222,8 +240,21 @@ def _token_counts(token_ids: list[list[int]], V: int, device: torch.device) -> t
 class SamplerOutput:
     # long [B]: the chosen token per row (left on the logits' device).
     token_ids_B: torch.Tensor
-    # Per row: None unless the row asked for logprobs.
-    logprobs: list[Optional[TokenLogprobs]]
+    # float32 [L, 3 + 2N] on the device: the logprob rows packed for one transfer (`unpack_logprobs`); None
+    # when no row asked for logprobs.
+    logprobs_packed_LX: Optional[torch.Tensor] = None
+    # Per row: None (no logprobs) or n (top-n), and N, the largest n: how to unpack.
+    num_logprobs: list[Optional[int]] = field(default_factory=list)
+    max_num_logprobs: int = 0
+
+    @property
+    def logprobs(self) -> list[Optional[TokenLogprobs]]:
+        """Per row: None unless the row asked for logprobs. Reads the packed block (a device→host sync); the
+        runner instead copies it without a wait and unpacks it after the step (`unpack_logprobs`)."""
+        if self.logprobs_packed_LX is None:
+            return [None] * self.token_ids_B.shape[0]
+        packed = self.logprobs_packed_LX.tolist()  # device→host sync: the sampler's one logprobs transfer
+        return unpack_logprobs(packed, self.num_logprobs, self.max_num_logprobs)
 
 
 class Sampler:
@@ -244,7 +275,7 @@ class Sampler:
         if (meta.all_greedy and meta.no_penalties and meta.no_min_tokens and meta.no_logprobs
                 and meta.grammar_allowed_BV is None):
             # Casting to float32 is monotone and exact, so argmax needs no cast.
-            return SamplerOutput(logits_BV.argmax(dim=-1), [None] * B)
+            return SamplerOutput(logits_BV.argmax(dim=-1))
 
         # Our own float32 copy: every step below may then work in place.
         logits = logits_BV.to(dtype=torch.float32, copy=True)
@@ -255,7 +286,7 @@ class Sampler:
         if not meta.no_penalties:
             _apply_penalties(logits, meta)
         if not meta.no_min_tokens:
-            logits.index_put_((meta.min_tokens_rows_M, meta.min_tokens_ids_M), torch.tensor(_NEG_INF, device=logits.device))
+            logits.index_put_((meta.min_tokens_rows_M, meta.min_tokens_ids_M), logits.new_full((), _NEG_INF))
         if meta.grammar_allowed_BV is not None:
             logits.masked_fill_(~meta.grammar_allowed_BV, _NEG_INF)
 
@@ -267,8 +298,10 @@ class Sampler:
             if greedy_B is not None:
                 token_ids_B = torch.where(meta.greedy_mask_B, greedy_B, token_ids_B)
 
-        logprobs = [None] * B if logprobs_LV is None else _gather_logprobs(logprobs_LV, token_ids_B, meta)
-        return SamplerOutput(token_ids_B, logprobs)
+        if logprobs_LV is None:
+            return SamplerOutput(token_ids_B)
+        return SamplerOutput(token_ids_B, _pack_logprobs(logprobs_LV, token_ids_B, meta), meta.num_logprobs,
+                             meta.max_num_logprobs)
 
     @staticmethod
     def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -341,9 +374,9 @@ def _exponential_race(probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tens
     return probs.div_(q_BV).argmax(dim=-1)
 
 
-def _gather_logprobs(
-    logprobs_LV: torch.Tensor, token_ids_B: torch.Tensor, meta: SamplingMetadata
-) -> list[Optional[TokenLogprobs]]:
+def _pack_logprobs(logprobs_LV: torch.Tensor, token_ids_B: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """float32 [L, 3 + 2N]: per logprob row its sampled id, logprob and rank, then the top-N ids and logprobs
+    (ids and ranks < 2**24 are exact in float32), so they cross to the host in one transfer."""
     rows_L = meta.logprob_rows_L
     N = meta.max_num_logprobs
     tok_L1 = token_ids_B[rows_L].unsqueeze(1)
@@ -351,13 +384,16 @@ def _gather_logprobs(
     # Rank 1 = best; ties with the sampled token count in its favour.
     rank_L1 = (logprobs_LV > tok_lp_L1).sum(dim=-1, keepdim=True) + 1
     top_lp_LN, top_id_LN = logprobs_LV.topk(N, dim=-1)  # sorted, best first
-    # One float32 block for one transfer: ids and ranks < 2**24 are exact in float32.
-    packed_LX = torch.cat([tok_L1.float(), tok_lp_L1, rank_L1.float(), top_id_LN.float(), top_lp_LN], dim=1)
-    packed = packed_LX.tolist()  # device→host sync: the sampler's one logprobs transfer
-    out: list[Optional[TokenLogprobs]] = [None] * meta.num_rows
-    rows = [i for i, n in enumerate(meta.num_logprobs) if n is not None]
+    return torch.cat([tok_L1.float(), tok_lp_L1, rank_L1.float(), top_id_LN.float(), top_lp_LN], dim=1)
+
+
+def unpack_logprobs(packed: list[list[float]], num_logprobs: list[Optional[int]], N: int
+                    ) -> list[Optional[TokenLogprobs]]:
+    """The host side of `_pack_logprobs`: one TokenLogprobs per row that asked (None for the others)."""
+    out: list[Optional[TokenLogprobs]] = [None] * len(num_logprobs)
+    rows = [i for i, n in enumerate(num_logprobs) if n is not None]
     for row, vals in zip(rows, packed):
-        n = min(meta.num_logprobs[row], N)
+        n = min(num_logprobs[row], N)
         top = [(int(t), lp) for t, lp in zip(vals[3 : 3 + n], vals[3 + N : 3 + N + n])]
         out[row] = TokenLogprobs(token_id=int(vals[0]), logprob=vals[1], rank=int(vals[2]), top=top)
     return out

@@ -16,6 +16,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
+from .device_stream import make_stream
 from .step_plan import make_step_plan
 from .worker_config import WorkerConfig
 
@@ -37,6 +38,7 @@ class Worker:
         self._preloaded = False  # a replacement's runner built before its group (preload); all-to-all to attach
         self._keeping = False  # a survivor keeping its runner (reconfigure_keep); `load` grows it to the new share
         self._refuse_keep: str | None = None  # tests only (elastic_test_refuse_keep)
+        self._launched: dict[int, object] = {}  # step id -> StepHandle, launched and not yet collected
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -105,6 +107,7 @@ class Worker:
                                   kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
                                   cuda_graph_sizes=cfg.cuda_graph_sizes,
                                   step_plan=make_step_plan(cfg.two_batch_overlap, self.world_size),
+                                  stream=make_stream(self.device, cfg.async_scheduling),
                                   load_format=cfg.load_format)
 
     def preload(self) -> bool:
@@ -181,8 +184,28 @@ class Worker:
 
     # -- steps ----------------------------------------------------------------
     def execute(self, so: SchedulerOutput, run_forward: bool = True) -> ModelRunnerOutput:
+        """Run one step and wait for it (the serial loop)."""
         self._bind_device()
         return self.runner.execute_model(so, run_forward)
+
+    def launch(self, so: SchedulerOutput, run_forward: bool = True) -> None:
+        """The overlapped loop: do the step's host work and put its device work on the stream; `collect` (called
+        after the next step's launch) waits for it."""
+        self._bind_device()
+        self._launched[so.step_id] = self.runner.launch(so, run_forward)
+
+    def collect(self, step_id: int) -> ModelRunnerOutput:
+        """The output of a launched step (waits for the device; the only host sync of a step)."""
+        self._bind_device()
+        handle = self._launched.pop(step_id, None)
+        if handle is None:
+            raise ValueError(f"step_id={step_id} is invalid: no launched step of that id is waiting on rank "
+                             f"{self.rank} (launched: {sorted(self._launched)}).")
+        return handle.collect()
+
+    def drop_launched(self) -> None:
+        """Forget launched steps whose outputs will never be asked for (elastic EP: a step a loss broke)."""
+        self._launched.clear()
 
     def captured_graph_sizes(self) -> tuple[int, ...]:
         """The decode batch sizes this rank replays graphs for (empty: none)."""
@@ -260,6 +283,11 @@ class Worker:
         return os.getpid()
 
     def shutdown(self) -> None:
+        # The overlapped loop: device work of launched steps may still run on the stream (a step a lost rank
+        # broke, blocked in a collective until it fails); it must end before the group goes.
+        self._launched.clear()
+        if self.runner is not None:
+            self.runner.quiesce(self.config.comm_timeout_s)
         if self.group is not None:
             from moelink.comm.process_group import destroy
 

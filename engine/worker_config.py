@@ -38,6 +38,8 @@ class WorkerConfig:
     # Run each step as two micro-batches overlapping each other's all-to-all (engine/step_plan.py); ranks at
     # world size 1 run one batch whatever this says.
     two_batch_overlap: bool = False
+    # The overlapped loop: device work runs on a stream the host does not wait for (engine/device_stream.py).
+    async_scheduling: bool = False
     load_format: str = "auto"  # LOAD_FORMATS
 
     def __post_init__(self) -> None:
@@ -63,5 +65,7 @@ class WorkerConfig:
             bad("comm_timeout_s", "must be a positive number of seconds")
         if not isinstance(self.two_batch_overlap, bool):
             bad("two_batch_overlap", "must be True or False")
+        if not isinstance(self.async_scheduling, bool):
+            bad("async_scheduling", "must be True or False")
         if self.load_format not in LOAD_FORMATS:
             bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")

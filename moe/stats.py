@@ -101,18 +101,31 @@ class MoEStats:
 
     def snapshot(self) -> MoEStepStats:
         """Read this step's counters (host sync) and reset them."""
-        # host sync: one small read per step, expert counts and transfer counters together; an array, not
-        # nested lists, so summing it on the driver and shipping it through Ray stay cheap at L x G = 58 x 256.
-        both = torch.cat([self.counts_LG, self.xfer_LC], 1).cpu().numpy()
+        return self.take()()
+
+    def take(self):
+        """This step's counters, reset on the device, and a function that reads them: the copy to (pinned) host
+        memory is enqueued now, in stream order, and read when the function is called after the step's work
+        was waited for, so an overlapped loop never waits here for the step after."""
+        # One small copy per step, expert counts and transfer counters together; an array, not nested lists,
+        # so summing it on the driver and shipping it through Ray stay cheap at L x G = 58 x 256.
+        both = torch.cat([self.counts_LG, self.xfer_LC], 1)
+        if both.device.type != "cpu":
+            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            host.copy_(both, non_blocking=True)
+            both = host
+        times = list(self._times)
+        self.reset()
+        return lambda: self._read(both.numpy(), times)  # host sync where read: after the step's event
+
+    def _read(self, both: np.ndarray, times: list[float]) -> MoEStepStats:
         G = self.num_experts
         counts, xfer = both[:, :G].copy(), both[:, G:].sum(0)
-        out = MoEStepStats(counts, int(xfer[_SENT_BYTES]), int(xfer[_RECV_BYTES]), int(xfer[_SENT]), *self._times,
-                           [int(b) for b in both[:, G + _SENT_BYTES]], rows_received=int(xfer[_RECV]),
-                           wire_rows=int(xfer[_WIRE]), wire_bytes=int(xfer[_WIRE_BYTES]),
-                           inter_node_rows=int(xfer[_INTER]), bytes_inter_node=int(xfer[_INTER_BYTES]),
-                           pairs_computed_per_layer=[int(n) for n in both[:, G + _PAIRS]])
-        self.reset()
-        return out
+        return MoEStepStats(counts, int(xfer[_SENT_BYTES]), int(xfer[_RECV_BYTES]), int(xfer[_SENT]), *times,
+                            [int(b) for b in both[:, G + _SENT_BYTES]], rows_received=int(xfer[_RECV]),
+                            wire_rows=int(xfer[_WIRE]), wire_bytes=int(xfer[_WIRE_BYTES]),
+                            inter_node_rows=int(xfer[_INTER]), bytes_inter_node=int(xfer[_INTER_BYTES]),
+                            pairs_computed_per_layer=[int(n) for n in both[:, G + _PAIRS]])
 
 
 # Columns of MoEStats.xfer_LC: rows sent, rows received, their payload bytes, wire rows and wire bytes, and

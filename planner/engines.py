@@ -60,6 +60,8 @@ class EngineProfile:
     mtp: bool
     tp_attention: bool
     features: tuple[Feature, ...] = ()
+    # efficiency.step_overhead_s and where it came from, in words
+    step_cost_note: str = f"{DEFAULT_EFFICIENCY.step_overhead_s * 1e3:.1f} ms assumed (published engines' step traces)"
 
     def check(self, *, precision: str, pattern: str, mtp_draft: int, attn_tp: int) -> None:
         """One clear error when a plan asks this engine for a mode it does not have."""
@@ -117,22 +119,29 @@ PUBLISHED = EngineProfile(
 ENGINES = {e.name: e for e in (MOELINK, PUBLISHED)}
 
 
-def get_engine(name: str) -> EngineProfile:
+def get_engine(name: str, gpu: str | None = None) -> EngineProfile:
     """Engine profile by name; a ValueError lists the known names. moelink's comes with its per-layer fixed
-    cost fitted on its own measured decode steps when benchmarks/results has them (`engine_measured`)."""
+    cost fitted on its own measured decode steps when benchmarks/results has them (`engine_measured`), and, for
+    `gpu` (a hardware profile's GPU name), its fixed cost per step from the newest engine_e2e result measured
+    on that GPU (`step_cost`; the published constant otherwise, and the profile says which)."""
     if name not in ENGINES:
         raise ValueError(f"engine={name!r} is not known: choose from {', '.join(ENGINES)}.")
-    return _measured_moelink() if name == "moelink" else ENGINES[name]
+    return _measured_moelink(gpu) if name == "moelink" else ENGINES[name]
 
 
-@functools.lru_cache(maxsize=1)
-def _measured_moelink() -> EngineProfile:
+@functools.lru_cache(maxsize=16)
+def _measured_moelink(gpu: str | None = None) -> EngineProfile:
     from .engine_measured import load_engine_decode, with_measured_overhead
+    from .step_cost import step_cost_for_gpu
 
     eff = with_measured_overhead(MOELINK.efficiency)
-    if eff is MOELINK.efficiency:
-        return MOELINK
-    src = ", ".join(sorted({p.source for p in load_engine_decode()}))
-    feature = Feature(f"per-layer fixed cost {eff.layer_overhead_s * 1e6:.0f} us (small kernels in a CUDA graph)",
-                      BUILT_MEASURED, f"fitted on the batch-1 decode step of {src} (Qwen3-30B-A3B, one GPU)")
-    return replace(MOELINK, efficiency=eff, features=MOELINK.features + (feature,))
+    features = MOELINK.features
+    if eff is not MOELINK.efficiency:
+        src = ", ".join(sorted({p.source for p in load_engine_decode()}))
+        features += (Feature(f"per-layer fixed cost {eff.layer_overhead_s * 1e6:.0f} us (small kernels in a CUDA graph)",
+                             BUILT_MEASURED, f"fitted on the batch-1 decode step of {src} (Qwen3-30B-A3B, one GPU)"),)
+    cost = step_cost_for_gpu(gpu)
+    eff = replace(eff, step_overhead_s=cost.seconds)
+    features += (Feature(f"fixed cost per engine step {cost.seconds * 1e3:.2f} ms (host work the GPU does not hide)",
+                         BUILT_MEASURED if cost.measured else BUILT, cost.text),)
+    return replace(MOELINK, efficiency=eff, features=features, step_cost_note=cost.text)

@@ -84,7 +84,7 @@ class PlanInputs:
 
     @property
     def engine_profile(self) -> EngineProfile:
-        return get_engine(self.engine)
+        return get_engine(self.engine, self.hardware.gpu.name)
 
     @property
     def cached_prefix(self) -> int:
@@ -287,7 +287,7 @@ def assumptions(inp: PlanInputs, setup: Setup) -> list[str]:
            f"datasheet matmul, {hw.gpu.copy_fraction:.2f} of datasheet HBM)",
            f"two-batch overlap hides {eff.overlap_sm:.2f} of the shorter of compute/communication "
            f"({eff.overlap_rdma:.2f} with RDMA-only all-to-all)",
-           f"fixed costs: {eff.layer_overhead_s * 1e6:.0f} us per layer, {eff.step_overhead_s * 1e3:.1f} ms per step",
+           f"fixed costs: {eff.layer_overhead_s * 1e6:.0f} us per layer; per step {e.step_cost_note}",
            f"expert load: {balance_label(inp.balance)}; {setup.redundant_experts} redundant expert slots"
            + (f"; real traffic: per-sequence expert-share cv {imbalance.SEQUENCE_CV:g} (fitted on SGLang's EPLB "
               f"ablation), per-expert long-run cv {setup.balance.systematic_cv():g} left "

@@ -63,8 +63,13 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
+    # The engine schedules step N+1 while step N runs (the overlapped loop; scheduler.py's docstring): the
+    # scheduler supports it either way, the engine and workers read this.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, "SchedulerConfig", name, value, "must be a positive integer")
+        _check(isinstance(self.async_scheduling, bool), "SchedulerConfig", "async_scheduling", self.async_scheduling,
+               "must be True or False")

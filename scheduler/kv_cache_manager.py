@@ -16,6 +16,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def known_written(req: Request, num_written: int | None) -> int:
+    """Tokens whose KV is written and whose ids are known (hashable)."""
+    written = req.num_computed_tokens if num_written is None else num_written
+    return min(written, req.num_tokens)
+
+
 class KVCacheManager:
     """Owns the `BlockPool` and the block table of every request holding blocks."""
 
@@ -25,8 +31,9 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self._blocks: dict[str, list[int]] = {}
         # How many leading blocks of a request are registered (or known to be
-        # registered) in the prefix cache; caching resumes from there.
-        self._num_cached_blocks: dict[str, int] = {}
+        # registered) in the prefix cache; caching resumes from there. Read-only outside: the scheduler reads it
+        # to skip `cache_blocks` for the (common) steps that fill no block.
+        self.num_cached_blocks: dict[str, int] = {}
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block table (shared list: do not mutate)."""
@@ -74,7 +81,7 @@ class KVCacheManager:
             return None
         if blocks is None:
             blocks = self._blocks[rid] = []
-            self._num_cached_blocks[rid] = len(computed_blocks)  # hits are cached already
+            self.num_cached_blocks[rid] = len(computed_blocks)  # hits are cached already
         if computed_blocks:
             self.pool.touch(computed_blocks)
             blocks.extend(computed_blocks)
@@ -83,11 +90,13 @@ class KVCacheManager:
         blocks.extend(new_blocks)
         return new_blocks
 
-    def cache_blocks(self, req: Request) -> None:
+    def cache_blocks(self, req: Request, num_written: int | None = None) -> None:
         """Register the request's blocks that are full of computed tokens.
 
-        Call only once the KV of `req.num_computed_tokens` tokens is really
-        written (after the step ran): a cached block may be read by anyone.
+        Call only once the KV of those tokens is really written (after the step ran): a cached block may be
+        read by anyone. `num_written`: the tokens whose KV is written (default `req.num_computed_tokens`; an
+        overlapped loop has scheduled the next step already, so it passes where the finished step ended).
+        Only tokens the request knows are hashed: a block holding a token still in flight is not full yet.
         """
         if not self.enable_prefix_caching:
             return
@@ -95,18 +104,18 @@ class KVCacheManager:
         blocks = self._blocks.get(rid)
         if blocks is None:
             return
-        start = self._num_cached_blocks[rid]
-        num_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+        start = self.num_cached_blocks[rid]
+        num_full = min(known_written(req, num_written) // self.block_size, len(blocks))
         if num_full <= start:
             return
         extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full)
         self.pool.cache_full_blocks(blocks[start:num_full], req.block_hashes[start:num_full])
-        self._num_cached_blocks[rid] = num_full
+        self.num_cached_blocks[rid] = num_full
 
     def free(self, req: Request) -> None:
         """Release all blocks of a request (tail first; see BlockPool.free)."""
         blocks = self._blocks.pop(req.request_id, None)
-        self._num_cached_blocks.pop(req.request_id, None)
+        self.num_cached_blocks.pop(req.request_id, None)
         if blocks:
             self.pool.free(blocks)
 

@@ -135,6 +135,9 @@ class StepStats:
     # moe.stats.MoEStepStats (expert load, all-to-all bytes and times): opaque here, since the scheduler
     # imports neither torch nor the MoE layer.
     moe: object = None
+    # Host seconds the rank waited for the device when it collected the step (overlapped loop: the part of
+    # the device's time the host's own work did not cover).
+    wait_s: float = 0.0
 
 
 @dataclass

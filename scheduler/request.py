@@ -86,6 +86,9 @@ class Request:
         self.ignore_eos = ignore_eos
         self.stop_token_ids: frozenset[int] = frozenset(stop_token_ids)
         self.min_tokens = min_tokens
+        # The output count at which a length rule may end the request (max_tokens), for the scheduler's fast
+        # check; EOS and stop ids are checked by value.
+        self.output_limit = max_tokens if max_tokens is not None else 1 << 62
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
 
         self.output_token_ids: list[int] = []
@@ -94,6 +97,10 @@ class Request:
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens sampled by steps still in flight (an overlapped loop schedules step N+1 before step N's token
+        # comes back): scheduled past, not yet appended. The next step computes the position after the last
+        # known token; the worker takes that token from the device. 0 whenever the loop is serial.
+        self.num_output_placeholders = 0
         self.stop_reason: int | None = None  # the stop token id; None for EOS / length
         self.num_cached_tokens = 0  # prefix-cache hit tokens at the first schedule
         self.num_preemptions = 0

@@ -12,6 +12,17 @@ and goes back to the front of the waiting queue, keeping its output tokens.
 chunk reaches its last token is "fully computed" once the step has run, and
 `update_from_output` appends the sampled token. Per step the work is
 O(running requests + new blocks); no step rescans whole token lists.
+
+Overlapped loop (async scheduling): step N+1 may be scheduled before step N's
+output is taken. A request whose step N samples holds a placeholder
+(`Request.num_output_placeholders`) until its token comes back; step N+1 then
+computes the position after its last known token (the worker feeds it the
+token from the device). A request whose placeholder alone would end it
+(max_tokens, max_model_len, the pool) is not scheduled again; one that stops
+on a token (EOS, a stop id, a stop string) or is aborted wastes at most its
+row of the step in flight, which `update_from_output` discards. A request
+preempted while its token is in flight takes that token when it comes back,
+and is not readmitted before.
 """
 from __future__ import annotations
 
@@ -74,6 +85,9 @@ class Scheduler:
         self._step_id = 0
         self.num_preemptions_total = 0
         self._resync: RequestResync | None = None  # elastic EP: sent with the next step (rewind)
+        # Per step not yet taken by update_from_output: (request, tokens whose KV the step leaves written). The
+        # request objects, not ids: an id finished and reused while a step was in flight is another request.
+        self._scheduled: dict[int, list[tuple[Request, int]]] = {}
 
     # ---------------------------------------------------------------- requests
     def add_request(self, req: Request) -> None:
@@ -109,6 +123,7 @@ class Scheduler:
                              "requests can be requeued.")
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_output_placeholders = 0  # the lost rank's step in flight never answers
         req.num_requeues += 1
         self.requests[rid] = req
         self._priority[rid] = (req.arrival_time, self._num_added)
@@ -186,12 +201,23 @@ class Scheduler:
         self._finished_req_ids = set()
         budget = self.scheduler_config.max_num_batched_tokens
 
-        # 1) Running requests, oldest first.
+        scheduled = self._scheduled[out.step_id] = []
+        cached_reqs, num_scheduled = out.scheduled_cached_reqs, out.num_scheduled_tokens
+        # 1) Running requests, oldest first (the hot loop of a decode step: locals, nothing but the request).
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n <= 0:  # its sampled token has not come back yet
+        running = self.running
+        max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
+        while i < len(running) and budget > 0:
+            req = running[i]
+            known = len(req.all_token_ids)
+            in_flight = req.num_output_placeholders
+            n = known + in_flight - req.num_computed_tokens
+            if n > budget:
+                n = budget
+            # Nothing left to compute yet, or the tokens in flight end it whatever they are (its length limits, as
+            # in _check_stop; checked inline: this runs for every decoding request of an overlapped loop).
+            if n <= 0 or (in_flight and (len(req.output_token_ids) + in_flight >= req.output_limit
+                                         or known + in_flight >= max_len or known + in_flight > pool_tokens)):
                 i += 1
                 continue
             new_blocks = self.kv.allocate_slots(req, n)
@@ -209,24 +235,35 @@ class Scheduler:
             cached = CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens)
             if self._sliding:
                 cached.new_sliding_block_ids = self.kv.last_new_sliding
-            out.scheduled_cached_reqs.append(cached)
-            out.num_scheduled_tokens[req.request_id] = n
-            req.num_computed_tokens += n
+            cached_reqs.append(cached)
+            num_scheduled[req.request_id] = n
+            computed = req.num_computed_tokens = req.num_computed_tokens + n
+            scheduled.append((req, computed))  # as _note_scheduled, inlined
+            if computed == known + in_flight:
+                req.num_output_placeholders = in_flight + 1
             budget -= n
             i += 1
 
         # 2) Waiting requests, FCFS. Not after a preemption: blocks are short,
         # and re-admitting the request just preempted would only thrash.
         if not out.preempted_req_ids:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, scheduled)
 
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         return out
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _note_scheduled(self, scheduled: list, req: Request) -> None:
+        """Record what the step writes for `req`; a chunk that reaches past its last known token samples."""
+        scheduled.append((req, req.num_computed_tokens))
+        if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
+            req.num_output_placeholders += 1
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, scheduled: list) -> None:
         max_seqs = self.scheduler_config.max_num_seqs
         while self.waiting and budget > 0 and len(self.running) < max_seqs:
             req = self.waiting[0]
+            if req.num_output_placeholders:
+                break  # preempted with its token in flight: recomputed once the token is known (FCFS: all wait)
             hits, num_hit = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - num_hit, budget)
             if self.kv.allocate_slots(req, n, hits) is None:
@@ -240,6 +277,7 @@ class Scheduler:
             out.scheduled_new_reqs.append(self._new_request_data(req, num_hit))
             out.num_scheduled_tokens[rid] = n
             req.num_computed_tokens = num_hit + n
+            self._note_scheduled(scheduled, req)
             budget -= n
             insort(self.running, req, key=lambda r: self._priority[r.request_id])
 
@@ -255,18 +293,22 @@ class Scheduler:
             new.sliding_block_ids = list(self.kv.get_sliding_block_ids(rid))
         return new
 
-    def rewind(self, failed: SchedulerOutput | None) -> None:
+    def rewind(self, failed: SchedulerOutput | list[SchedulerOutput] | None) -> None:
         """Elastic EP, this rank survived a loss and kept its runner (engine/keep_runner.py): undo the step
         `failed` that never completed (None: the loss came between steps), so each running request is computed
         up to where it was before it, and send the worker every request state afresh with the next step
         (`SchedulerOutput.resync`): the broken step may have reached the worker or not, run there or not. The
         KV of what was computed before stays in the blocks; a request keeps blocks it got for the broken step
         (the next step needs them again). Nothing is recomputed but that one step."""
-        if failed is not None:
-            for rid, n in failed.num_scheduled_tokens.items():
+        steps = [] if failed is None else failed if isinstance(failed, list) else [failed]
+        for so in reversed(steps):  # an overlapped loop has two in flight: the newest is undone first
+            self._scheduled.pop(so.step_id, None)
+            for rid, n in so.num_scheduled_tokens.items():
                 req = self.requests.get(rid)
                 if req is not None and req.status is RequestStatus.RUNNING:
                     req.num_computed_tokens -= n
+        for req in self.requests.values():
+            req.num_output_placeholders = 0  # their tokens never come back: recomputed
         self._resync = RequestResync([self._new_request_data(r, r.num_computed_tokens) for r in self.running],
                                      frozenset(r.request_id for r in self.waiting))
 
@@ -286,31 +328,50 @@ class Scheduler:
             raise ValueError(f"ModelRunnerOutput.step_id={runner_out.step_id} is invalid: "
                              f"it must answer SchedulerOutput.step_id={sched_out.step_id}.")
         outputs: list[EngineCoreOutput] = []
-        finished: list[Request] = []
-        for rid in sched_out.num_scheduled_tokens:
-            req = self.requests.get(rid)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue  # aborted (or finished by a stop string) while the step ran
-            self.kv.cache_blocks(req)  # the step has written this KV: shareable now
-            token = runner_out.sampled_token_ids.get(rid)
-            # A token sampled mid-prompt (chunk not reaching the end) is discarded.
-            if token is None or req.num_computed_tokens < req.num_tokens:
+        finished: list = []
+        sampled, all_logprobs = runner_out.sampled_token_ids, runner_out.logprobs
+        kv, bs = self.kv, self.block_size
+        cached_blocks = kv.num_cached_blocks if kv.enable_prefix_caching else None
+        running_status, preempted_status = RequestStatus.RUNNING, RequestStatus.PREEMPTED
+        max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
+        # The hot loop of a decode step (once per request per step): attribute reads kept local, the stop rules
+        # of _check_stop inlined for the common token that ends nothing.
+        for req, written in self._scheduled.pop(sched_out.step_id, ()):
+            status = req.status
+            rid = req.request_id
+            if status is running_status:
+                # The step has written this KV: blocks it filled are shareable now (most steps fill none).
+                if cached_blocks is not None and min(written, len(req.all_token_ids)) // bs > cached_blocks.get(rid, 0):
+                    kv.cache_blocks(req, written)
+            elif status is not preempted_status:
+                continue  # finished (a stop, an abort) while the step ran: its row is discarded
+            token = sampled.get(rid)
+            # A chunk that did not reach past its last token sampled nothing (a token for it is discarded).
+            if token is None or not req.num_output_placeholders:
                 continue
+            req.num_output_placeholders -= 1
             req.append_output_token(token)
-            status = self._check_stop(req, token)
-            logprobs = runner_out.logprobs.get(rid)
+            logprobs = all_logprobs.get(rid) if all_logprobs else None
             eco = EngineCoreOutput(rid, [token], [logprobs] if logprobs is not None else [],
                                    num_cached_tokens=req.num_cached_tokens)
-            if status is not None:
-                req.status = status
-                eco.finish_reason = status.finish_reason
-                eco.stop_reason = req.stop_reason
-                finished.append(req)
             outputs.append(eco)
+            n_out = len(req.output_token_ids)
+            if ((token in req.eos_token_ids and not req.ignore_eos) or token in req.stop_token_ids
+                    or n_out >= req.output_limit
+                    or len(req.all_token_ids) >= max_len or len(req.all_token_ids) > pool_tokens):
+                stop = self._check_stop(req, token)
+                if stop is not None:
+                    req.status = stop
+                    eco.finish_reason = stop.finish_reason
+                    eco.stop_reason = req.stop_reason
+                    finished.append((req, status))
         if finished:
-            gone = {id(r) for r in finished}
-            self.running = [r for r in self.running if id(r) not in gone]
-            for r in finished:
+            gone = {id(r) for r, was in finished if was is RequestStatus.RUNNING}
+            if gone:
+                self.running = [r for r in self.running if id(r) not in gone]
+            if len(gone) < len(finished):  # preempted with a token in flight, and that token ended it
+                self.waiting = deque(r for r in self.waiting if not r.is_finished)
+            for r, _ in finished:
                 self._release(r)
         return outputs
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from .block_pool import BlockHash, extend_block_hashes
-from .kv_cache_manager import KVCacheManager, cdiv
+from .kv_cache_manager import KVCacheManager, known_written, cdiv
 from .request import Request
 
 # A sliding-table entry whose block was freed (or never needed): the runner maps it to its null block.
@@ -140,7 +140,7 @@ class SlidingKVCacheManager(KVCacheManager):
         if blocks is None:
             blocks = self._blocks[rid] = []
             self._sliding[rid] = []
-            self._num_cached_blocks[rid] = len(hit.full)  # hits are cached already
+            self.num_cached_blocks[rid] = len(hit.full)  # hits are cached already
             self._num_cached_sliding[rid] = len(hit.sliding)
             self._num_freed[rid] = hit.sliding.count(NULL_BLOCK)  # the leading entries no query sees
         if hit:
@@ -155,17 +155,17 @@ class SlidingKVCacheManager(KVCacheManager):
         self.last_new_sliding = new_sliding
         return new_blocks
 
-    def cache_blocks(self, req: Request) -> None:
+    def cache_blocks(self, req: Request, num_written: int | None = None) -> None:
         """Register both groups' full, computed blocks (freed sliding entries are skipped)."""
         if not self.enable_prefix_caching:
             return
-        super().cache_blocks(req)
+        super().cache_blocks(req, num_written)
         rid = req.request_id
         sliding = self._sliding.get(rid)
         if sliding is None:
             return
         start = self._num_cached_sliding[rid]
-        num_full = min(req.num_computed_tokens // self.block_size, len(sliding))
+        num_full = min(known_written(req, num_written) // self.block_size, len(sliding))
         if num_full <= start:
             return
         extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full)

@@ -38,7 +38,10 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + [f"moe {s}" for s in moe_kernels.SHAPES] + [f"moe {s} --quick" for s in moe_kernels.SHAPES]
          + [f"tune {s}" for s in moe_kernels.SHAPES] + ["tune deepseek-v3 1,64"]
          + ["tests-fp8"] + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"moe-fp8 {s} --quick" for s in FP8_SHAPES]
-         + ["moe-mxfp4", "moe-mxfp4 --quick"])
+         + ["moe-mxfp4", "moe-mxfp4 --quick"]
+         + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
+            "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"])
+E2E_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite")
 
 
 def session(*args: str, out: Path | None = None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
@@ -133,7 +136,9 @@ def test_plan_lists_one_device_command_per_step():
     rows = re.findall(r"^(.+?)\s+budget\s+(\d+) s\s+OUT=\$OUT bash benchmarks/gpu_session.sh (.+)$", proc.stdout, re.M)
     assert [r[2] for r in rows] == (["preflight", "tests-kernels", "tests-engine"] + [f"moe {s}" for s in moe_kernels.SHAPES]
                                     + [f"tune {s}" for s in moe_kernels.SHAPES] + ["decode", "tests-fp8"]
-                                    + [f"moe-fp8 {s}" for s in FP8_SHAPES] + ["moe-mxfp4"])
+                                    + [f"moe-fp8 {s}" for s in FP8_SHAPES] + ["moe-mxfp4"]
+                                    + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
+                                       for v in ("--model M", "--model M --dtype fp8", "--serve --model M")])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"total {sum(int(b) for _, b, _ in rows)} s" in proc.stdout
 
@@ -146,6 +151,29 @@ def test_unknown_step_and_shape_are_refused():
     assert "--model deepseek-v2-lite --graphs" in plan[7] and "_deepseek-v2-lite.json" in plan[7]
     proc = session("--dry-run", "moe", "qwen3")
     assert proc.returncode == 2 and "SHAPE must be one of" in proc.stderr
+    for bad, msg in ((("--model", "llama"), "--model must be one of"), (("--dtype", "fp4"), "--dtype must be"),
+                     (("--bogus",), "unknown argument")):
+        proc = session("--dry-run", "e2e", *bad)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args, name, flags, out", [
+    ("e2e", "engine_e2e_qwen3-30b-a3b_bf16", "--no-serve --models qwen3-30b-a3b --dtypes bf16",
+     "engine_e2e_cpu_qwen3-30b-a3b_bf16.json"),
+    ("e2e --model deepseek-v2-lite --dtype fp8", "engine_e2e_deepseek-v2-lite_fp8",
+     "--no-serve --models deepseek-v2-lite --dtypes fp8", "engine_e2e_cpu_deepseek-v2-lite_fp8.json"),
+    ("e2e --serve", "engine_e2e_serve_qwen3-30b-a3b", "--serve-only --models qwen3-30b-a3b --dtypes bf16",
+     "engine_e2e_cpu_qwen3-30b-a3b_bf16_serve.json"),
+    ("e2e --quick", "engine_e2e_quick", "--quick --models qwen3-30b-a3b", "engine_e2e_cpu_quick.json"),
+])
+def test_e2e_step_runs_one_part_per_command_and_stops_starting_points_in_time(args, name, flags, out):
+    """One device command per (model, dtype) or serving part, each a file of its own under $OUT; the benchmark
+    starts no point in the last 120 s of the command's budget, so its JSON is written before `timeout` stops it."""
+    (plan,) = PLAN.findall(session("--dry-run", *args.split()).stdout)
+    assert plan[1] == name and f"-m moelink.benchmarks.engine_e2e {flags} " in plan[7], plan
+    budget = int(re.search(r"--time-budget-s (\d+)", plan[7])[1])
+    assert budget == int(plan[6]) - 120
+    assert plan[7].endswith(f"--out benchmarks/results/{out}") and SAFE_NAME.match(out)
 
 
 def assert_device_safe(out: Path):

@@ -103,9 +103,12 @@ class FakeWorker:
 
 
 class Sim:
-    """Scheduler + fake worker + output collection, with checks every step."""
+    """Scheduler + fake worker + output collection, with checks every step.
 
-    def __init__(self, sched: Scheduler, model=toy_model) -> None:
+    `overlap`: the engine's overlapped loop (async scheduling). The fake worker is the device: it runs each
+    step when it is scheduled, but the scheduler takes a step's output only after scheduling the next one."""
+
+    def __init__(self, sched: Scheduler, model=toy_model, overlap: bool = False) -> None:
         self.sched = sched
         pool = sched.kv.pool
         self.worker = FakeWorker(pool.num_blocks, pool.block_size, model)
@@ -113,6 +116,8 @@ class Sim:
         self.finish: dict[str, tuple[str, int | None]] = {}
         self.cached: dict[str, int] = {}
         self.steps: list[SchedulerOutput] = []
+        self.overlap = overlap
+        self._in_flight: tuple[SchedulerOutput, ModelRunnerOutput] | None = None
 
     def step(self, in_flight=None) -> SchedulerOutput:
         """One engine step; `in_flight(so)` runs between schedule and execute
@@ -126,6 +131,15 @@ class Sim:
         if in_flight is not None:
             in_flight(so)
         ro = self.worker.execute(so)
+        if self.overlap:
+            done, self._in_flight = self._in_flight, (so, ro)
+            if done is not None:
+                self._take(*done)
+        else:
+            self._take(so, ro)
+        return so
+
+    def _take(self, so: SchedulerOutput, ro: ModelRunnerOutput) -> None:
         for out in self.sched.update_from_output(so, ro):
             assert out.request_id not in self.finish, "output after finish"
             self.tokens[out.request_id].extend(out.new_token_ids)
@@ -136,9 +150,20 @@ class Sim:
         self.sched.check_invariants()
         for rid, st in self.worker.reqs.items():  # both sides agree on the tokens
             req = self.sched.requests.get(rid)
-            if req is not None:
+            if req is None:
+                continue
+            if self.overlap:  # the worker is ahead by the tokens still in flight
+                n = req.num_tokens
+                assert st.tokens[:n] == req.all_token_ids and len(st.tokens) - n <= req.num_output_placeholders
+                assert st.num_computed <= req.num_computed_tokens
+            else:
                 assert st.tokens == req.all_token_ids and st.num_computed == req.num_computed_tokens
-        return so
+
+    def flush(self) -> None:
+        """Take the output of the step still in flight (overlap)."""
+        done, self._in_flight = self._in_flight, None
+        if done is not None:
+            self._take(*done)
 
     def run(self, max_steps: int = 10_000) -> None:
         for _ in range(max_steps):
@@ -146,7 +171,9 @@ class Sim:
                 break
             self.step()
         assert not self.sched.has_unfinished_requests(), "did not finish"
+        self.flush()
         self.step()  # flush finished ids to the worker
+        self.flush()
         assert not self.worker.reqs
         pool = self.sched.kv.pool
         assert pool.num_free_blocks == pool.num_blocks

@@ -29,8 +29,11 @@ def _random_request(rng, rid, prefixes, vocab):
     return make_request(rid, prompt, **kw)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("seed", range(40))
-def test_random_simulation(seed):
+def test_random_simulation(seed, overlap):
+    """`overlap`: the engine's overlapped loop (each step's output taken after the next step is scheduled) must
+    give every request the tokens and finish reason of the unbatched oracle too, and leak no block."""
     rng = random.Random(seed)
     vocab = 50
     block_size = rng.choice([1, 2, 3, 4, 8])
@@ -40,7 +43,7 @@ def test_random_simulation(seed):
                        max_num_batched_tokens=rng.randint(1, 40), max_model_len=max_model_len,
                        prefix_caching=rng.random() < 0.8)
     pool_tokens = num_blocks * block_size
-    sim = Sim(s)
+    sim = Sim(s, overlap=overlap)
     prefixes = [[rng.randrange(vocab) for _ in range(rng.randint(0, 24))] for _ in range(3)]
     added, aborted = {}, set()
 
@@ -85,11 +88,12 @@ def test_random_simulation(seed):
     s.kv.pool.check_invariants()
 
 
-def test_random_simulation_exercises_the_interesting_paths():
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_random_simulation_exercises_the_interesting_paths(overlap):
     """The seeds above really hit preemptions, prefix hits and chunking."""
     rng = random.Random(1234)
     s = make_scheduler(num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64)
-    sim = Sim(s)
+    sim = Sim(s, overlap=overlap)
     shared = [rng.randrange(50) for _ in range(16)]
     for i in range(12):
         s.add_request(make_request(f"r{i}", shared + [i, i + 1, i + 2], max_tokens=12))

@@ -1,0 +1,84 @@
+"""A model step launched on a rank's device stream and not yet collected (the overlapped loop's unit).
+
+Legend: R rows that sample this step, L rows that asked for logprobs.
+
+`ModelRunner.launch` does the host work of a step and submits its device work; it returns a `StepHandle` at
+once. The device work leaves the sampled ids on the device (`sampled_R`: the next step reads them there)
+and enqueues their copy to the host. `collect()` waits for the device (the only host sync of a step), appends
+the sampled tokens to the request states, and returns the step's `ModelRunnerOutput`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from moelink.scheduler.outputs import ModelRunnerOutput, StepStats
+
+from .device_stream import DeviceWork
+from .sampler import unpack_logprobs
+
+
+@dataclass
+class DeviceResult:
+    """What a step's device work hands back, in host memory once its DeviceWork is waited for."""
+
+    tokens_R: Optional[torch.Tensor] = None  # long [R], host copy of the sampled ids
+    logprobs_LX: Optional[torch.Tensor] = None  # float32 [L, 3 + 2N], host copy (sampler.unpack_logprobs)
+    num_logprobs: Optional[list] = None
+    max_num_logprobs: int = 0
+    read_moe: Optional[Callable[[], object]] = None  # MoEStats.take()'s reader
+    device_s: float = 0.0  # seconds the device work took to run (CPU) or to launch (CUDA), host clock
+
+
+class StepHandle:
+    """One launched step of one rank (see the module docstring)."""
+
+    def __init__(self, step_id: int, states: list, num_tokens: int, num_seqs: int, host_s: float):
+        self.step_id = step_id
+        self.states = states  # the request states of the rows that sample, in row order
+        self.num_tokens, self.num_seqs = num_tokens, num_seqs
+        self.host_s = host_s
+        # long [R] on the device, set by the device work (stream order: a later step's device work reads it).
+        self.sampled_R: Optional[torch.Tensor] = None
+        self.work: Optional[DeviceWork] = None
+        self._output: Optional[ModelRunnerOutput] = None
+
+    def wait_device(self) -> None:
+        """Block until the device finished this step (its results are then in host memory)."""
+        if self.work is not None:
+            self.work.wait()
+
+    def collect(self) -> ModelRunnerOutput:
+        """The step's output; the first call waits for the device and appends the tokens to the states."""
+        if self._output is not None:
+            return self._output
+        t0 = time.perf_counter()
+        out = ModelRunnerOutput(step_id=self.step_id)
+        res: DeviceResult | None = self.work.wait() if self.work is not None else None
+        wait_s = time.perf_counter() - t0
+        if res is None:  # the rank ran no model code
+            self._output = out
+            return out
+        if res.tokens_R is not None:
+            token_ids = res.tokens_R.tolist()  # host memory already (the wait above): no device sync here
+            logprobs = (unpack_logprobs(res.logprobs_LX.tolist(), res.num_logprobs, res.max_num_logprobs)
+                        if res.logprobs_LX is not None else None)
+            sampled = out.sampled_token_ids
+            for r, (st, tok) in enumerate(zip(self.states, token_ids)):
+                st.output_token_ids.append(tok)
+                st.all_token_ids.append(tok)
+                if st.pending is not None and st.pending[0] is self:
+                    st.pending = None
+                sampled[st.req_id] = tok
+                if logprobs is not None and logprobs[r] is not None:
+                    out.logprobs[st.req_id] = logprobs[r]
+        moe = res.read_moe() if res.read_moe is not None else None
+        out.stats = StepStats(self.num_tokens, self.num_seqs, self.host_s + res.device_s, moe, wait_s=wait_s)
+        self._output = out
+        return out
+
+
+__all__ = ["DeviceResult", "StepHandle"]
