@@ -83,8 +83,9 @@ def _dest(param) -> torch.Tensor:
 def load_added_experts(model, checkpoint: str, added: Sequence[int], device: torch.device,
                        load_format: str = "auto") -> list[dict[str, nn.Parameter]]:
     """The per-slot tensors of experts `added` for every MoE layer of `model` ([layer][name], `added` in that
-    order), read from `checkpoint` (random ones under load_format "dummy") by the model's own weight plan: each layer's per-slot parameters are swapped
-    for holders of len(added) slots while the plan is built, and only the entries that fill a holder are read."""
+    order), read from `checkpoint` (made at random under load_format "dummy") by the model's own weight plan:
+    each layer's per-slot parameters are swapped for holders of len(added) slots while the plan is built, and only
+    the entries that fill a holder are read."""
     layers = moe_layers(model)
     saved_ids, originals, holders = model.expert_ids, [], []
     try:

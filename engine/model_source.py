@@ -113,8 +113,9 @@ def _snapshot(model: str, revision: Optional[str], download_dir: Optional[str], 
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     where = f" (revision={revision!r})" if revision else ""
+    patterns = [p for p in ALLOW_PATTERNS if weights or "safetensors" not in p]
     try:
-        return snapshot_download(model, revision=revision, cache_dir=download_dir, allow_patterns=[p for p in ALLOW_PATTERNS if weights or "safetensors" not in p],
+        return snapshot_download(model, revision=revision, cache_dir=download_dir, allow_patterns=patterns,
                                  local_files_only=local_files_only)
     except LocalEntryNotFoundError as e:
         if local_files_only:

@@ -36,8 +36,8 @@ class NoTokenizer:
         self.name_or_path = str(model_dir)
         path = Path(model_dir)
         # The ids a real tokenizer would add to config.json's: generation_config.json's, when the file is there.
-        self.eos_token_ids: set[int] = set(_as_id_list(_read_json(path / "config.json").get("eos_token_id"))
-                                           + _as_id_list(_read_json(path / "generation_config.json").get("eos_token_id")))
+        self.eos_token_ids: set[int] = {*_as_id_list(_read_json(path / "config.json").get("eos_token_id")),
+                                        *_as_id_list(_read_json(path / "generation_config.json").get("eos_token_id"))}
         self.special_tokens_map: dict[str, str] = {}
         self.all_special_ids: list[int] = []
 

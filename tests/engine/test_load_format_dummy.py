@@ -180,7 +180,8 @@ def test_dummy_checkpoint_has_the_real_checkpoints_tensors(tiny_model, hf_tiny_m
                                                            which):
     path = {"qwen3": lambda: tiny_model("qwen3_e6k3"), "mixtral": lambda: tiny_model("mixtral_e5k3"),
             "dsv3": lambda: hf_tiny_model("dsv3_lora"), "dsv3_fp8": lambda: fp8_tiny("dsv3_fp8")[1],
-            "gpt_oss": lambda: gpt_oss_checkpoints["float"], "gpt_oss_mxfp4": lambda: gpt_oss_checkpoints["mxfp4"]}[which]()
+            "gpt_oss": lambda: gpt_oss_checkpoints["float"],
+            "gpt_oss_mxfp4": lambda: gpt_oss_checkpoints["mxfp4"]}[which]()
     real = _real_specs(path)
     dummy = DummyCheckpoint.for_model(ModelConfig.from_pretrained(path, "float32"), CPU).specs
     assert sorted(dummy) == sorted(real)
