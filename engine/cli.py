@@ -41,10 +41,11 @@ def sampling_params_from(ns: argparse.Namespace):
 def _check_prompts_fit(args, prompts: list[str], max_tokens: int) -> None:
     """Prompt + --max-tokens against the context, from config.json and the tokenizer alone: a request that
     cannot fit is refused before minutes of weight loading, not after."""
-    from .tokenizer import Tokenizer
+    from .no_tokenizer import load_tokenizer
 
     config = args.create_engine_config()  # config.json (an id resolved in the HF cache); no weights
-    max_len, tok = config.scheduler.max_model_len, Tokenizer.from_dir(config.model.model)
+    # Without a tokenizer (a dummy model's bare directory) the text prompts are refused here, in one sentence.
+    max_len, tok = config.scheduler.max_model_len, load_tokenizer(config.model.model, config.load_format)
     for i, prompt in enumerate(prompts):
         n = len(tok.encode(prompt))
         if n < max_len and n + max_tokens > max_len:
@@ -58,6 +59,10 @@ def _generate(ns: argparse.Namespace) -> int:
 
     params = sampling_params_from(ns)  # first: a bad flag costs nothing
     args = engine_args_from(ns)
+    if args.load_format == "dummy":
+        from .worker_config import DUMMY_WARNING
+
+        print(f"moelink: WARNING: {DUMMY_WARNING}", file=sys.stderr, flush=True)
     _check_prompts_fit(args, ns.prompt, params.max_tokens)
     with LLM(**{k: v for k, v in vars(args).items()}) as llm:  # gives Ray workers back at once
         outs = llm.generate(ns.prompt, params, use_tqdm=len(ns.prompt) > 1)

@@ -19,6 +19,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download-dir", default=None, metavar="DIR",
                    help="for a repo id: the Hugging Face cache to read and download into (default: HF_HUB_CACHE, "
                         "~/.cache/huggingface/hub)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="auto / safetensors: read the checkpoint's weights; dummy: random weights made on the device "
+                        "from config.json alone (nothing else needed, no tokenizer: token-id prompts), to benchmark a "
+                        "model without downloading it; outputs are meaningless")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or float64")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
@@ -105,5 +109,5 @@ def engine_args_from(ns: argparse.Namespace):
         fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype,
         enable_two_batch_overlap=ns.enable_two_batch_overlap, elastic_ep=ns.elastic_ep,
         async_scheduling=ns.async_scheduling,
-        ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s,
+        ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s, load_format=ns.load_format,
     )

@@ -17,7 +17,7 @@ from .kv_sizing import driver_num_kv_blocks, kv_sliding_window
 from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
-from .worker_config import WorkerConfig
+from .worker_config import LOAD_FORMATS, WorkerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class EngineConfig:
     # With cache.num_kv_blocks None, how full each rank's device may get once the KV cache is in.
     gpu_memory_utilization: float = 0.9
     cuda_graph: CudaGraphConfig = CudaGraphConfig()  # decode batch sizes captured as CUDA graphs (none: eager)
+    load_format: str = "auto"  # engine/worker_config.LOAD_FORMATS; "dummy": random weights, no tokenizer needed
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -44,7 +45,7 @@ class EngineConfig:
             gpu_memory_utilization=self.gpu_memory_utilization, world_size=self.parallel.world_size,
             comm_timeout_s=self.parallel.comm_timeout_s,
             two_batch_overlap=self.parallel.enable_two_batch_overlap and self.parallel.world_size > 1,
-            async_scheduling=self.scheduler.async_scheduling)
+            async_scheduling=self.scheduler.async_scheduling, load_format=self.load_format)
 
 
 @dataclass
@@ -115,6 +116,10 @@ class EngineArgs:
     # started ep_rejoin_delay_s after the loss.
     ep_rejoin: Optional[bool] = None
     ep_rejoin_delay_s: float = DEFAULT_REJOIN_DELAY_S
+    # Where the weights come from: "auto" / "safetensors" (the checkpoint's files), or "dummy": random weights
+    # made on the device from config.json alone (no safetensors read, no tokenizer needed), to benchmark a
+    # model without downloading it. Dummy outputs are meaningless.
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -147,6 +152,8 @@ class EngineArgs:
             bad("quantization", f"choose from {', '.join(ONLINE_METHODS)} or None")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             bad("kv_cache_dtype", f"choose from {', '.join(map(repr, KV_CACHE_DTYPES))}")
+        if self.load_format not in LOAD_FORMATS:
+            bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -175,7 +182,7 @@ class EngineArgs:
     def model_path(self) -> str:
         """The local directory of `model`: itself, or a repo id's snapshot from the Hugging Face cache
         (downloaded first unless the hub is offline). Done before anything reads config.json."""
-        return resolve_model_dir(self.model, self.revision, self.download_dir)
+        return resolve_model_dir(self.model, self.revision, self.download_dir, weights=self.load_format != "dummy")
 
     def create_engine_config(self) -> EngineConfig:
         parallel = self.parallel_config()
@@ -203,7 +210,7 @@ class EngineArgs:
                             sliding_window=kv_sliding_window(model_cfg))
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
-                            self.gpu_memory_utilization, graphs)
+                            self.gpu_memory_utilization, graphs, self.load_format)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
         return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,

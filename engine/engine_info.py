@@ -19,6 +19,7 @@ class EngineInfo:
     expert_parallel_size: int  # ranks (each runs attention for its own requests and holds 1/N of the experts)
     eos_token_ids: tuple[int, ...]  # sorted: config.json's and the tokenizer's, every id the engine stops on
     device: torch.device  # the device type every rank runs on
+    load_format: str = "auto"  # "dummy": random weights, meaningless outputs (front ends say so at start-up)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "block_size", "num_kv_blocks", "expert_parallel_size"):

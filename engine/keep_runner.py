@@ -29,7 +29,7 @@ from moelink.moe.expert_move import moe_layers, slot_bytes, slot_tensors
 from moelink.moe.expert_weights import QuantizeOnLoad
 from moelink.moe.layer import ExpertParallel, own_tables
 
-from .loader import checkpoint_index, load_plan
+from .loader import load_plan, open_checkpoint
 from .step_plan import make_step_plan
 
 logger = logging.getLogger(__name__)
@@ -80,11 +80,12 @@ def _dest(param) -> torch.Tensor:
     return param.weight if isinstance(param, QuantizeOnLoad) else param
 
 
-def load_added_experts(model, checkpoint: str, added: Sequence[int],
-                       device: torch.device) -> list[dict[str, nn.Parameter]]:
+def load_added_experts(model, checkpoint: str, added: Sequence[int], device: torch.device,
+                       load_format: str = "auto") -> list[dict[str, nn.Parameter]]:
     """The per-slot tensors of experts `added` for every MoE layer of `model` ([layer][name], `added` in that
-    order), read from `checkpoint` by the model's own weight plan: each layer's per-slot parameters are swapped
-    for holders of len(added) slots while the plan is built, and only the entries that fill a holder are read."""
+    order), read from `checkpoint` (made at random under load_format "dummy") by the model's own weight plan:
+    each layer's per-slot parameters are swapped for holders of len(added) slots while the plan is built, and only
+    the entries that fill a holder are read."""
     layers = moe_layers(model)
     saved_ids, originals, holders = model.expert_ids, [], []
     try:
@@ -97,14 +98,14 @@ def load_added_experts(model, checkpoint: str, added: Sequence[int],
             for n, p in held.items():
                 setattr(layer, n, p)
             holders.append(held)
-        index = checkpoint_index(checkpoint)
+        source = open_checkpoint(model.cfg, load_format, device, checkpoint)
         wanted = {id(p) for held in holders for p in held.values()}
-        plan = {name: e for name, e in model.weight_plan(index.keys()).items() if id(_dest(e[0])) in wanted}
+        plan = {name: e for name, e in model.weight_plan(source.keys()).items() if id(_dest(e[0])) in wanted}
         covered = {id(_dest(e[0])) for e in plan.values()} | {id(e[0].scale) for e in plan.values()
                                                                if isinstance(e[0], QuantizeOnLoad)}
         if wanted - covered:  # a holder no plan entry fills would serve garbage: refuse
             raise RuntimeError("elastic EP: the weight plan does not fill every new expert slot; rebuild instead")
-        load_plan(index, plan, device)
+        load_plan(source, plan, device)
     finally:
         model.expert_ids = saved_ids
         for layer, own in zip(layers, originals):
@@ -114,7 +115,7 @@ def load_added_experts(model, checkpoint: str, added: Sequence[int],
 
 
 def keep_runner(runner, ep: ExpertParallel, checkpoint: str, two_batch_overlap: bool,
-                cuda_graph_sizes: tuple[int, ...]) -> int:
+                cuda_graph_sizes: tuple[int, ...], load_format: str = "auto") -> int:
     """Make `runner` run `ep` (this rank's share at the new size; its local experts start with the ones the
     runner holds, `keep_blocker`): load the added experts, grow every MoE layer's slots, switch the layers'
     tables and the shared ExpertParallel, re-plan steps and graphs. The KV cache and request states stay.
@@ -125,7 +126,7 @@ def keep_runner(runner, ep: ExpertParallel, checkpoint: str, two_batch_overlap: 
     added = new_ids[n_old:]
     loaded = 0
     if added:
-        holders = load_added_experts(runner.model, checkpoint, added, runner.device)
+        holders = load_added_experts(runner.model, checkpoint, added, runner.device, load_format)
         with torch.no_grad():
             for layer, held in zip(layers, holders):
                 for n, w in slot_tensors(layer, n_old).items():

@@ -31,7 +31,9 @@ from .outputs import OutputKind, RequestOutput
 from .safe_text import shown
 from .sampling_params import SamplingParams
 from .structured_output import GrammarCompilerPool, StructuredOutputManager
+from .no_tokenizer import NoTokenizer, load_tokenizer
 from .tokenizer import Tokenizer
+from .worker_config import DUMMY_WARNING
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +85,12 @@ class ProcessedRequest:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, executor: Executor | None = None, tokenizer: Tokenizer | None = None):
-        self.tokenizer = tokenizer or Tokenizer.from_dir(config.model.model)
+    def __init__(self, config: EngineConfig, executor: Executor | None = None,
+                 tokenizer: Tokenizer | NoTokenizer | None = None):
+        if config.load_format == "dummy":
+            logger.warning(DUMMY_WARNING)
+        # A dummy model may come without one (engine/no_tokenizer.py): token ids in and out only.
+        self.tokenizer = tokenizer or load_tokenizer(config.model.model, config.load_format)
         self.eos_token_ids = set(config.model.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         # The workers' samplers hold EOS back under min_tokens: they must know every
         # EOS id the schedulers stop on (generation_config.json, tokenizer too).
@@ -143,7 +149,8 @@ class LLMEngine:
         return EngineInfo(model=cfg.model, max_model_len=cfg.scheduler.max_model_len,
                           max_num_seqs=cfg.scheduler.max_num_seqs, block_size=cfg.cache.block_size,
                           num_kv_blocks=cfg.cache.num_kv_blocks, expert_parallel_size=cfg.parallel.expert_parallel_size,
-                          eos_token_ids=tuple(sorted(self.eos_token_ids)), device=cfg.device)
+                          eos_token_ids=tuple(sorted(self.eos_token_ids)), device=cfg.device,
+                          load_format=cfg.load_format)
 
     # -- input validation -----------------------------------------------------
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
@@ -167,6 +174,8 @@ class LLMEngine:
             else:
                 raise ValueError("prompt dict is invalid: it needs a 'prompt' or 'prompt_token_ids' key.")
         field = field or ("prompt" if isinstance(prompt, str) else "prompt_token_ids")
+        if isinstance(self.tokenizer, NoTokenizer):
+            self.tokenizer.check_request(field, prompt, params)
         if isinstance(prompt, str):
             text = prompt
             if not prompt:

@@ -10,12 +10,17 @@ FP8 (engine/quantization.py): FP8 tensors are copied as they are and their
 as it is read. MXFP4 (gpt-oss's experts) is uint8 blocks and scales, copied as they are.
 `process_weights_after_loading` then lets modules convert what
 they loaded (MLA's kv_b_proj, dequantized for its absorption).
+
+Where tensors come from is a checkpoint object (`open_checkpoint`): the safetensors files
+(`SafetensorsCheckpoint`, load_format "auto" / "safetensors"), or random tensors made on the device
+(engine/dummy_weights.py, load_format "dummy"); both go through the same plan and copies.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -24,7 +29,9 @@ from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
 
 from .config import ModelConfig
+from .dummy_weights import DummyCheckpoint
 from .models import MoEDecoderForCausalLM, arch_spec
+from .worker_config import LOAD_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -47,43 +54,77 @@ def checkpoint_index(model_dir: str | Path) -> dict[str, Path]:
     return index
 
 
+class SafetensorsCheckpoint:
+    """A checkpoint directory's safetensors files: tensor name → file (`checkpoint_index`), opened one file at a
+    time by `open`."""
+
+    def __init__(self, model_dir: str | Path):
+        self.index = checkpoint_index(model_dir)
+
+    def keys(self) -> Iterable[str]:
+        return self.index.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def open(self, names: Iterable[str]) -> Iterator[tuple[object, list[str]]]:
+        """(safe_open handle, the names it holds) per file, each file open only while its names are read."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.index[name], []).append(name)
+        for fname, group in by_file.items():
+            with safe_open(str(fname), framework="pt") as st:
+                yield st, group
+
+
+Checkpoint = SafetensorsCheckpoint | DummyCheckpoint
+
+
+def open_checkpoint(cfg: ModelConfig, load_format: str, device: torch.device,
+                    model_dir: str | Path | None = None) -> Checkpoint:
+    """Where `cfg`'s weights come from: the safetensors files of `model_dir` (default cfg.model), or random
+    tensors made on `device` (load_format "dummy", engine/dummy_weights.py)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format={load_format!r} is invalid: choose from {', '.join(map(repr, LOAD_FORMATS))}.")
+    if load_format == "dummy":
+        return DummyCheckpoint.for_model(cfg, device)
+    return SafetensorsCheckpoint(cfg.model if model_dir is None else model_dir)
+
+
 def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
-               progress: bool = False) -> MoEDecoderForCausalLM:
-    """Build the model for `cfg.architecture` on `device` and fill every parameter from the checkpoint."""
+               progress: bool = False, load_format: str = "auto") -> MoEDecoderForCausalLM:
+    """Build the model for `cfg.architecture` on `device` and fill every parameter from the checkpoint (random
+    tensors for load_format "dummy")."""
     spec = arch_spec(cfg.architecture)
     model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep)
-    index = checkpoint_index(cfg.model)
-    plan = model.weight_plan(index.keys())  # the names pick the experts' on-disk layout
-    missing = [name for name in plan if name not in index]
+    checkpoint = open_checkpoint(cfg, load_format, device)
+    plan = model.weight_plan(checkpoint.keys())  # the names pick the experts' on-disk layout
+    missing = [name for name in plan if name not in checkpoint]
     if missing:
         raise ValueError(
             f"checkpoint {cfg.model!r} is missing tensor {missing[0]!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + f": every {cfg.architecture} weight must be present."
         )
-    load_plan(index, plan, device, progress)
+    load_plan(checkpoint, plan, device, progress)
     model.process_weights_after_loading()
     return model.eval()
 
 
-def load_plan(index: dict[str, Path], plan: dict[str, tuple], device: torch.device, progress: bool = False) -> None:
+def load_plan(checkpoint: Checkpoint, plan: dict[str, tuple], device: torch.device, progress: bool = False) -> None:
     """Fill every destination of `plan` (a weight plan or a part of one: elastic EP loads only the experts a
-    survivor newly holds, engine/keep_runner.py) from the checkpoint files of `index`, one tensor at a time."""
-    by_file: dict[Path, list[str]] = {}
-    for name in plan:
-        by_file.setdefault(index[name], []).append(name)
+    survivor newly holds, engine/keep_runner.py) from `checkpoint`, one tensor at a time."""
     bar = _progress(len(plan), progress)
     with torch.no_grad():
-        for fname, names in by_file.items():
-            with safe_open(str(fname), framework="pt") as st:
-                for name in names:
-                    param, idx, *src_idx = plan[name]
-                    src = _read(st, name, src_idx[0] if src_idx else ())
-                    if isinstance(param, QuantizeOnLoad):
-                        _quantize_into(name, src, param, idx, device)
-                    else:
-                        _copy_into(name, src, param[idx] if idx else param, device)
-                    bar.update(1)
+        for st, names in checkpoint.open(plan):
+            for name in names:
+                param, idx, *src_idx = plan[name]
+                src = _read(st, name, src_idx[0] if src_idx else ())
+                if isinstance(param, QuantizeOnLoad):
+                    _quantize_into(name, src, param, idx, device)
+                else:
+                    _copy_into(name, src, param[idx] if idx else param, device)
+                bar.update(1)
     bar.close()
 
 

@@ -42,7 +42,8 @@ class ModelRunner:
 
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
-                 graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None):
+                 graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
+                 load_format: str = "auto"):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 
@@ -50,13 +51,14 @@ class ModelRunner:
         eager). `graph_backend` replaces torch.cuda.CUDAGraph (tests: cuda_graph.EagerReplay).
         `step_plan`: how eager steps run the model (engine/step_plan.py; default one batch).
         `stream`: where device work runs relative to the host (engine/device_stream.py; default inline, the
-        serial loop)."""
+        serial loop).
+        `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random)."""
         self.cfg = model_cfg
         self.device = device
         self.step_plan = step_plan if step_plan is not None else SingleBatch()
         self.block_size = block_size
         self.kernels = select_kernels(device, kernels)
-        self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress)
+        self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress, load_format=load_format)
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
         # (full, sliding) layer pairs sharing cache tensors, with the sliding group's own block table; None: one
         # table and one tensor set per layer (layer_configs.GQAConfig.kv_layer_pairs).

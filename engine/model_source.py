@@ -53,20 +53,22 @@ def _what_to_do(model: str, offline: bool = True) -> str:
             f"{reach}, or pass a local checkpoint directory")
 
 
-def _has_checkpoint(path: str) -> bool:
+def _has_checkpoint(path: str, weights: bool = True) -> bool:
     """A snapshot can hold only some files (another tool fetched config.json alone): such a one is refetched."""
     p = Path(path)
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+    return (p / "config.json").is_file() and (not weights or any(p.glob("*.safetensors")))
 
 
-def resolve_model_dir(model: str, revision: Optional[str] = None, download_dir: Optional[str] = None) -> str:
+def resolve_model_dir(model: str, revision: Optional[str] = None, download_dir: Optional[str] = None,
+                      weights: bool = True) -> str:
     """The local directory holding `model`'s checkpoint.
 
     A directory is itself (`revision` is refused there: it would be ignored and serve other weights than
     asked). Otherwise `model` must be a Hugging Face repo id: its snapshot for `revision` (a branch, tag or
     commit hash; default the repo's default branch) from the cache under `download_dir` (default
     HF_HUB_CACHE), downloaded when missing unless the hub is offline. Raises ValueError naming `model=`
-    and saying what to do.
+    and saying what to do. `weights` False (load_format "dummy"): config.json and the tokenizer files only,
+    no *.safetensors fetched.
     """
     if Path(model).is_dir():
         if revision is not None:
@@ -77,8 +79,8 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, download_dir: 
         raise ValueError(f"model={model!r} is neither a local directory nor a Hugging Face repo id ('org/name'): "
                          f"pass a checkpoint directory (config.json, *.safetensors, tokenizer.json) or a repo id.")
     where = f" (revision={revision!r})" if revision else ""
-    cached = _snapshot(model, revision, download_dir, local_files_only=True)
-    if cached is not None and _has_checkpoint(cached):
+    cached = _snapshot(model, revision, download_dir, local_files_only=True, weights=weights)
+    if cached is not None and _has_checkpoint(cached, weights):
         return cached
     offline = hub_offline()
     if offline:
@@ -90,8 +92,8 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, download_dir: 
         raise ValueError(f"model={model!r}{where} is not a local directory and not in the Hugging Face cache "
                          f"({cache}), and the hub is offline (HF_HUB_OFFLINE=1): {_what_to_do(model)}.")
     logger.info("downloading %s%s from the Hugging Face hub", model, where)
-    path = _snapshot(model, revision, download_dir, local_files_only=False)
-    if path is None or not _has_checkpoint(path):
+    path = _snapshot(model, revision, download_dir, local_files_only=False, weights=weights)
+    if path is None or not _has_checkpoint(path, weights):
         raise ValueError(f"model={model!r}{where}: the Hugging Face repo has no config.json and *.safetensors "
                          f"weights; moelink loads safetensors checkpoints only.")
     return path
@@ -103,16 +105,17 @@ def _default_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _snapshot(model: str, revision: Optional[str], download_dir: Optional[str], *, local_files_only: bool
-              ) -> Optional[str]:
+def _snapshot(model: str, revision: Optional[str], download_dir: Optional[str], *, local_files_only: bool,
+              weights: bool = True) -> Optional[str]:
     """snapshot_download's path; None when not in the cache (local_files_only); hub errors → ValueError."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     where = f" (revision={revision!r})" if revision else ""
+    patterns = [p for p in ALLOW_PATTERNS if weights or "safetensors" not in p]
     try:
-        return snapshot_download(model, revision=revision, cache_dir=download_dir, allow_patterns=list(ALLOW_PATTERNS),
+        return snapshot_download(model, revision=revision, cache_dir=download_dir, allow_patterns=patterns,
                                  local_files_only=local_files_only)
     except LocalEntryNotFoundError as e:
         if local_files_only:

@@ -91,7 +91,7 @@ class Worker:
             self._keeping = False
             cfg = self.config
             keep_runner(self.runner, self._expert_parallel(), cfg.model.model, cfg.two_batch_overlap,
-                        cfg.cuda_graph_sizes)
+                        cfg.cuda_graph_sizes, load_format=cfg.load_format)
             return
         # World size 1 dispatches too when a fixed-capacity backend was named (the two-mode path on one rank,
         # needing no process group); otherwise one rank keeps its tokens local with no all-to-all at all.
@@ -107,7 +107,8 @@ class Worker:
                                   kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
                                   cuda_graph_sizes=cfg.cuda_graph_sizes,
                                   step_plan=make_step_plan(cfg.two_batch_overlap, self.world_size),
-                                  stream=make_stream(self.device, cfg.async_scheduling))
+                                  stream=make_stream(self.device, cfg.async_scheduling),
+                                  load_format=cfg.load_format)
 
     def preload(self) -> bool:
         """A replacement rank, before it joins (engine/rejoin.py): load its share of `plan` (weights, placement

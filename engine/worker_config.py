@@ -8,6 +8,13 @@ import torch
 
 from .config import ModelConfig
 
+# Where the weights come from (vLLM's names): "auto" / "safetensors" read the checkpoint's safetensors files,
+# "dummy" makes random weights on the device from config.json alone (engine/dummy_weights.py).
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# What start-up logs and banners say under load_format "dummy".
+DUMMY_WARNING = ("--load-format dummy: the weights are RANDOM (no checkpoint was read); outputs are meaningless: "
+                 "use it to measure speed and memory only.")
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -33,6 +40,7 @@ class WorkerConfig:
     two_batch_overlap: bool = False
     # The overlapped loop: device work runs on a stream the host does not wait for (engine/device_stream.py).
     async_scheduling: bool = False
+    load_format: str = "auto"  # LOAD_FORMATS
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -59,3 +67,5 @@ class WorkerConfig:
             bad("two_batch_overlap", "must be True or False")
         if not isinstance(self.async_scheduling, bool):
             bad("async_scheduling", "must be True or False")
+        if self.load_format not in LOAD_FORMATS:
+            bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import grpc
 
 from ..llm_engine import ProcessedRequest
+from ..no_tokenizer import NoTokenizer
 from ..outputs import CompletionOutput, RequestOutput
 from ..safe_text import shown
 from ..sampling_params import SamplingParams
@@ -67,6 +69,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             rid = self.s.request_id(request.request_id)
             # The cheap checks first: a refused request never costs a tokenization.
             params, n = sampling_params_from_proto(request.sampling_params, self.s.limits)
+            if isinstance(self.s.tokenizer, NoTokenizer) and not params.stop:
+                # No tokenizer (a bare dummy model): token ids out, empty text; this protocol cannot ask for that.
+                params = dataclasses.replace(params, detokenize=False)
             stream = self.s.run(rid, await self._prepare(rid, request, params), n=n)
             counts = [0] * n
             async with contextlib.aclosing(stream):

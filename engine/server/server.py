@@ -36,6 +36,8 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from ..async_engine import AsyncEngine
 from ..builtin_model import describe as describe_builtin_model
+from ..no_tokenizer import NoTokenizer
+from ..worker_config import DUMMY_WARNING
 from ..safe_text import MAX_LOG_LINE_CHARS, shown
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig
@@ -250,6 +252,8 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     if server.gateway_port is not None:
         print(f"moelink: gateway listener on {config.gateway_host}:{server.gateway_port} "
               f"(gRPC plaintext, no API key; services {VLLM_SERVICE}, health)", flush=True)
+    if server.serving.engine.info.load_format == "dummy":
+        print(f"moelink: WARNING: {DUMMY_WARNING}", flush=True)
     if tokenizer_path:
         # Benchmark clients (aiperf, guidellm) need a tokenizer they can load offline: this path is one.
         print(f"moelink: tokenizer: {tokenizer_path}", flush=True)
@@ -375,7 +379,8 @@ def serve(engine_args, config: ServerConfig) -> int:
 
         metrics = EngineMetrics()
     engine = AsyncEngine.from_engine_args(engine_args, metrics=metrics)
-    tokenizer_path = os.path.abspath(engine_args.model) if os.path.isdir(engine_args.model) else None
+    tokenizer_path = (os.path.abspath(engine_args.model) if os.path.isdir(engine_args.model)
+                      and not isinstance(engine.tokenizer, NoTokenizer) else None)
     try:
         asyncio.run(_serve(engine, config, tokenizer_path))
     finally:

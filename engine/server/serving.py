@@ -27,6 +27,7 @@ import grpc
 
 from ..async_engine import AsyncEngine, EngineDeadError
 from ..llm_engine import ProcessedRequest, too_long
+from ..no_tokenizer import NoTokenizer
 from ..outputs import OutputKind, RequestOutput
 from ..prompt_bound import NoBound, bytes_per_token
 from ..safe_text import MAX_MESSAGE_CHARS, shown
@@ -101,6 +102,8 @@ class Serving:
     # -- inputs ---------------------------------------------------------------
     def _prompt_byte_bound(self) -> tuple[Optional[float], Optional[int]]:
         """(most bytes one token stands for, most bytes a text prompt that fits can have); None: no bound."""
+        if isinstance(self.tokenizer, NoTokenizer):  # text prompts are refused whole (engine/no_tokenizer.py)
+            return None, None
         try:
             bpt = bytes_per_token(self.tokenizer.backend.to_str())
         except NoBound as exc:
