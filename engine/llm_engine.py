@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Union
 
 from moelink.scheduler.engine_output import SchedulerStats
 from moelink.scheduler.outputs import ModelRunnerOutput
@@ -27,6 +26,9 @@ from .expert_parallel import plan_expert_parallel
 from .eplb_controller import make_eplb_controller, step_expert_load
 from .moe_metrics import ExpertLoadReport, MoEMetrics
 from .output_processor import OutputProcessor
+from .input_processing import (  # noqa: F401  (re-exported: the server and callers import them from here)
+    ProcessedRequest, PromptType, max_tokens_too_large, process_inputs, too_long,
+)
 from .outputs import OutputKind, RequestOutput
 from .safe_text import shown
 from .sampling_params import SamplingParams
@@ -36,30 +38,6 @@ from .tokenizer import Tokenizer
 from .worker_config import DUMMY_WARNING
 
 logger = logging.getLogger(__name__)
-
-PromptType = Union[str, list[int], dict]
-
-
-def too_long(field: str, num_tokens: int, max_model_len: int) -> ValueError:
-    return ValueError(f"{field} has {num_tokens} tokens, too long: max_model_len={max_model_len} leaves room for "
-                      f"at most {max_model_len - 1} prompt tokens.")
-
-
-def max_tokens_too_large(field: str, max_tokens: int, num_prompt_tokens: int, max_model_len: int) -> ValueError:
-    """vLLM's wording (its OpenAI server's 400), with the numbers: what was asked, what the prompt took."""
-    return ValueError(
-        f"SamplingParams.max_tokens={max_tokens} is too large: this model's maximum context length is "
-        f"{max_model_len} tokens and the {field} has {num_prompt_tokens} tokens ({max_tokens} > {max_model_len} - "
-        f"{num_prompt_tokens}); ask for at most {max_model_len - num_prompt_tokens}, or leave max_tokens unset "
-        f"to generate up to the context.")
-
-
-def _first_bad_id(ids: list, vocab: int) -> int | None:
-    """Index of the first entry that is not an int in [0, vocab), or None; C-speed when all are fine."""
-    if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab):
-        return None
-    return next(i for i, t in enumerate(ids) if type(t) is not int or not 0 <= t < vocab)
-
 
 @dataclass
 class LoopStats:
@@ -71,17 +49,6 @@ class LoopStats:
     launch_s: float = 0.0
     collect_s: float = 0.0
     wait_s: float = 0.0
-
-
-@dataclass
-class ProcessedRequest:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    # xgrammar CompiledGrammar when params.structured_outputs is set (compiled in process_inputs).
-    grammar: object = None
 
 
 class LLMEngine:
@@ -158,69 +125,8 @@ class LLMEngine:
         """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
 
         `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
-        passes the name of the proto field it came from).
-        """
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id={shown(request_id)} is invalid: must be a non-empty string.")
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params={shown(params)} is invalid: must be a SamplingParams.")
-        text = None
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("prompt dict is invalid: it needs a 'prompt' or 'prompt_token_ids' key.")
-        field = field or ("prompt" if isinstance(prompt, str) else "prompt_token_ids")
-        if isinstance(self.tokenizer, NoTokenizer):
-            self.tokenizer.check_request(field, prompt, params)
-        if isinstance(prompt, str):
-            text = prompt
-            if not prompt:
-                raise ValueError(f"{field} is empty: give at least one character or token id.")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
-        else:
-            raise ValueError(f"{field} of type {type(prompt).__name__} is invalid: pass a string or a list of token ids.")
-        if not ids:
-            raise ValueError(f"{field} is empty: give at least one character or token id.")
-        max_len = self.config.scheduler.max_model_len
-        if len(ids) >= max_len:  # before looking at each id: a long list is refused at no cost
-            raise too_long(field, len(ids), max_len)
-        vocab = self.config.model.vocab_size
-        bad = _first_bad_id(ids, vocab)
-        if bad is not None:
-            name = f"{field}[{bad}]" if text is None else f"{field} token {bad}"
-            raise ValueError(f"{name}={shown(ids[bad])} is out of range: token ids must be integers in [0, {vocab}).")
-        bs, blocks = self.config.cache.block_size, self.config.cache.num_kv_blocks
-        # The prompt and its first sampled token must fit what one sequence may hold alone: the whole pool, or
-        # less when the sliding-window layers' blocks come from the same pool (Scheduler.pool_tokens).
-        if len(ids) + 1 > self.schedulers[0].pool_tokens:
-            alone = "" if self.config.cache.sliding_window is None else (
-                f", of which one sequence may use {self.schedulers[0].pool_tokens} tokens beside its "
-                "sliding-window layers' blocks")
-            raise ValueError(
-                f"{field} has {len(ids)} tokens, more than the KV cache holds ({blocks} blocks of {bs} tokens"
-                f"{alone}): raise num_kv_blocks / kv_cache_memory_bytes or shorten the prompt."
-            )
-        bad = _first_bad_id(params.stop_token_ids, vocab)
-        if bad is not None:
-            raise ValueError(f"SamplingParams.stop_token_ids contains {shown(params.stop_token_ids[bad])}: "
-                             f"token ids must be in [0, {vocab}).")
-        room = max_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            # Refused, not clamped (vLLM answers 400): a client that asked for N tokens and silently got fewer
-            # would read finish_reason="length" as its own limit.
-            raise max_tokens_too_large(field, params.max_tokens, len(ids), max_len)
-        max_tokens = room if params.max_tokens is None else params.max_tokens
-        grammar = None
-        if params.structured_outputs is not None:
-            # Compiled on the grammar pool; this caller waits, the engine loop does not.
-            grammar = self.grammars.compile(params.structured_outputs)
-        return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar)
+        passes the name of the proto field it came from). The rules: engine/input_processing.py."""
+        return process_inputs(self, request_id, prompt, params, field)
 
     # -- request lifecycle ----------------------------------------------------
     def add_processed(self, req: ProcessedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
