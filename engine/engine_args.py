@@ -34,6 +34,7 @@ class EngineConfig:
     # With cache.num_kv_blocks None, how full each rank's device may get once the KV cache is in.
     gpu_memory_utilization: float = 0.9
     cuda_graph: CudaGraphConfig = CudaGraphConfig()  # decode batch sizes captured as CUDA graphs (none: eager)
+    skip_warmup: bool = False  # start without compiling every kernel variant first (engine/warmup.py)
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -110,6 +111,9 @@ class EngineArgs:
     # started ep_rejoin_delay_s after the loss.
     ep_rejoin: Optional[bool] = None
     ep_rejoin_delay_s: float = DEFAULT_REJOIN_DELAY_S
+    # Start serving without first compiling and running every kernel variant a step can hit (engine/warmup.py):
+    # a faster restart, whose first requests pay the compiles (seconds each on a cold cache).
+    skip_warmup: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -142,6 +146,8 @@ class EngineArgs:
             bad("quantization", f"choose from {', '.join(ONLINE_METHODS)} or None")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             bad("kv_cache_dtype", f"choose from {', '.join(map(repr, KV_CACHE_DTYPES))}")
+        if not isinstance(self.skip_warmup, bool):
+            bad("skip_warmup", "must be True or False")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -198,7 +204,7 @@ class EngineArgs:
                             sliding_window=kv_sliding_window(model_cfg))
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
-                            self.gpu_memory_utilization, graphs)
+                            self.gpu_memory_utilization, graphs, skip_warmup=self.skip_warmup)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
         return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,

@@ -30,6 +30,7 @@ from .safe_text import shown
 from .sampling_params import SamplingParams
 from .structured_output import GrammarCompilerPool, StructuredOutputManager
 from .tokenizer import Tokenizer
+from .warmup import warm_up_engine
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,11 @@ class LLMEngine:
         self.structured = StructuredOutputManager(config.model.vocab_size)
         self.elastic_stats = ElasticStats()
         self._inflight = None  # the SchedulerOutputs of the step now running (elastic EP: see step)
+        try:
+            warm_up_engine(self.executor, config)  # KV cache in place: compile what steps hit, before serving
+        except BaseException:
+            self.executor.shutdown()  # no worker outlives a failed start
+            raise
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
