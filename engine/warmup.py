@@ -93,10 +93,11 @@ def warm_up_engine(executor, config) -> list[WarmupReport] | None:
 
 
 @torch.inference_mode()
-def warm_up(runner, cfg: WarmupConfig, *, rank: int = 0, progress: bool = False) -> WarmupReport:
+def warm_up(runner, cfg: WarmupConfig, *, rank: int = 0, progress: bool = False,
+            full: bool | None = None) -> WarmupReport:
     """Warm one rank's model runner (module docstring): the full plan on the Triton kernels, one small step on
-    the references. Logs each phase on rank 0; `progress` shows a bar."""
-    full = runner.kernels.name == "triton"
+    the references (`full` forces either: tests). Logs each phase on rank 0; `progress` shows a bar."""
+    full = runner.kernels.name == "triton" if full is None else full
     graphs = runner.graphs
     limits = StepLimits(cfg.max_num_batched_tokens, cfg.max_num_seqs, runner.cfg.max_model_len,
                         graph_max=max(graphs.sizes) if graphs is not None and graphs.sizes else 0)
