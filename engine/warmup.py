@@ -99,7 +99,7 @@ def warm_up(runner, cfg: WarmupConfig, *, rank: int = 0, progress: bool = False,
     the references (`full` forces either: tests). Logs each phase on rank 0; `progress` shows a bar."""
     full = runner.kernels.name == "triton" if full is None else full
     graphs = runner.graphs
-    limits = StepLimits(cfg.max_num_batched_tokens, cfg.max_num_seqs, runner.cfg.max_model_len,
+    limits = StepLimits(cfg.max_num_batched_tokens, cfg.max_num_seqs, runner.cfg.max_model_len, runner.block_size,
                         graph_max=max(graphs.sizes) if graphs is not None and graphs.sizes else 0)
     steps = plan_steps(limits) if full else minimal_plan(limits)
     world = runner.ep.world_size if runner.ep is not None else 1

@@ -7,6 +7,8 @@ every integer argument on `== 1` and `% 16 == 0`. What a step's kernels derive f
   through next_power_of_2(T), T == 1 and T % 16. The prefill sweep takes, in each power-of-two range
   (2^(j-1), 2^j] up to max_num_batched_tokens, its first token count (odd) and its multiple of 16;
 - the sequence count S of a prefill (paged attention's prefill kernel specialises on it): 1, 3 and 16;
+- the block-table width M (the step's widest sequence in blocks: the attention kernels specialise on the
+  table's row stride): 1, 3 and 16 blocks, on every attention path;
 - paged attention's paths: prefill, decode (split or not: a function of S and the SMs), a mixed batch (the
   prefill kernel skipping the decode rows), and chunked prefill over a long cached prefix (split-K with a
   merge whose block follows the split count: prefixes of 1024 * 2^j tokens);
@@ -16,7 +18,7 @@ Decode batches that replay a CUDA graph were compiled and run at capture (engine
 sizes the graphs do not cover are planned. The reference kernels compile nothing: `minimal_plan` is one
 small step (a prefill and a decode side by side) that exercises the warm-up path itself.
 
-Legend: T tokens of a step, S sequences, B max_num_batched_tokens, L max_model_len.
+Legend: T tokens of a step, S sequences, M block-table width, B max_num_batched_tokens, L max_model_len.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ PHASES = (PREFILL, CHUNKED, DECODE, MIXED)
 # one split per 128 keys, at most 32), so these reach each block size of the split merge.
 PREFIXES = (1024, 2048, 4096, 8192, 16384, 32768)
 CHUNKS = (16, 256)  # chunk sizes after such a prefix: a chunk's tail, and a chunk of many query blocks
-DECODE_CONTEXT = 64  # tokens a warm-up decode sequence has seen (lengths are runtime values: any will do)
+DECODE_CONTEXT = 64  # the minimal plan's decoding sequence: tokens it has seen
 
 
 @dataclass(frozen=True)
@@ -61,22 +63,27 @@ class WarmupStep:
 class StepLimits:
     """The shapes a real step can take on one rank, and what CUDA graphs already cover.
 
-    `graph_max`: the largest decode batch that replays a graph (0: every decode step runs eagerly).
-    `extra_token_counts`: token counts where some other choice changes (the dense FP8 GEMM's buckets)."""
+    `graph_max`: the largest decode batch that replays a graph (0: every decode step runs eagerly)."""
 
     max_num_batched_tokens: int
     max_num_seqs: int
     max_model_len: int
+    block_size: int = 16
     graph_max: int = 0
-    extra_token_counts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"StepLimits.{name}={v!r} is invalid: must be a positive integer.")
         if isinstance(self.graph_max, bool) or not isinstance(self.graph_max, int) or self.graph_max < 0:
             raise ValueError(f"StepLimits.graph_max={self.graph_max!r} is invalid: must be an integer >= 0.")
+
+    def table_lengths(self) -> list[int]:
+        """Sequence lengths whose block tables are 1, 3 and 16 blocks wide (those that fit): the attention
+        kernels specialise on the table's row stride, the step's widest table."""
+        bs, L = self.block_size, self.max_model_len
+        return sorted({n for n in (bs, 2 * bs + 1, 16 * bs) if n <= L} or {L})
 
 
 def token_sweep(max_tokens: int) -> list[int]:
@@ -101,35 +108,40 @@ def _prefill(total: int, lim: StepLimits) -> WarmupStep | None:
     return WarmupStep(PREFILL, tuple(SeqShape(0, q) for q in sizes))
 
 
-def _decode(num_seqs: int, lim: StepLimits) -> WarmupStep:
-    ctx = min(DECODE_CONTEXT, lim.max_model_len - 1)
-    return WarmupStep(DECODE, tuple(SeqShape(ctx, 1) for _ in range(num_seqs)))
-
-
 def plan_steps(lim: StepLimits) -> list[WarmupStep]:
     """The steps of a full warm-up (the Triton kernels), in phase order; each fits the limits."""
     B, S, L = lim.max_num_batched_tokens, lim.max_num_seqs, lim.max_model_len
+    lengths = lim.table_lengths()
     steps: list[WarmupStep] = []
-    for t in sorted(set(token_sweep(B)) | {t for t in lim.extra_token_counts if 2 <= t <= B}):
+    for t in token_sweep(B):
         step = _prefill(t, lim)
         if step is not None:
             steps.append(step)
-    for n in (3, 16):  # one prompt each: the prefill kernel's sequence count off 1 and at a multiple of 16
-        if n <= S and 2 * n <= B and L >= 2:
-            steps.append(WarmupStep(PREFILL, tuple(SeqShape(0, 2) for _ in range(n))))
+    # Short prompt chunks of 1, 3 and 16 sequences (the prefill kernel specialises on the count), each at every
+    # table width: two new tokens after a cached prefix.
+    for n in (1, 3, 16):
+        for length in lengths:
+            if n <= S and 2 * n <= B and length >= 2:
+                steps.append(WarmupStep(PREFILL, tuple(SeqShape(length - 2, 2) for _ in range(n))))
     for q in CHUNKS:
         for p in PREFIXES:
-            if q <= B and p + q <= L:
-                steps.append(WarmupStep(CHUNKED, (SeqShape(p, q),)))
-    # Decode sizes that run eagerly: all without graphs, else those above the largest graph.
+            # After the prefix and ending on a 16-block boundary: both row strides of these wide tables.
+            for prefix in {p, p - q} if p > PREFIXES[0] else {p}:
+                if q <= B and prefix + q <= L:
+                    steps.append(WarmupStep(CHUNKED, (SeqShape(prefix, q),)))
+    # Decode sizes that run eagerly (all without graphs, else those above the largest graph) at every width.
     sizes = {1, 3, 16, S} if lim.graph_max == 0 else {lim.graph_max + 1, S}
-    steps += [_decode(n, lim) for n in sorted(sizes) if lim.graph_max < n <= min(S, B)]
-    # A prompt chunk beside decoding sequences: two sequences, and sixteen (a new request among 15 streams).
-    ctx = min(DECODE_CONTEXT, L - 1)
+    for n in sorted(sizes):
+        if lim.graph_max < n <= min(S, B):
+            steps += [WarmupStep(DECODE, tuple(SeqShape(length - 1, 1) for _ in range(n))) for length in lengths]
+    # A prompt chunk beside decoding sequences (two sequences, and sixteen: a new request among 15 streams), at
+    # every width.
     for decodes, chunk in ((1, 16), (15, 17)):
-        q = min(chunk, L, B - decodes)
-        if decodes + 1 <= S and q >= 2 and L >= 2:
-            steps.append(WarmupStep(MIXED, tuple(SeqShape(ctx, 1) for _ in range(decodes)) + (SeqShape(0, q),)))
+        for length in lengths:
+            q = min(chunk, length, B - decodes)
+            if decodes + 1 <= S and q >= 2:
+                steps.append(WarmupStep(MIXED, tuple(SeqShape(length - 1, 1) for _ in range(decodes))
+                                        + (SeqShape(0, q),)))
     return steps
 
 

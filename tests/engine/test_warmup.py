@@ -178,7 +178,8 @@ def _pow2(n: int) -> int:
 @pytest.mark.parametrize("B, S, L, graph_max", [(8192, 256, 32768, 256), (8192, 512, 4096, 128), (100, 16, 64, 8),
                                                 (32, 4, 1024, 0), (16384, 1024, 131072, 0)])
 def test_the_steps_fit_the_limits_and_reach_every_class_of_shape(B, S, L, graph_max):
-    steps = plan_steps(StepLimits(B, S, L, graph_max=graph_max))
+    bs = 16
+    steps = plan_steps(StepLimits(B, S, L, bs, graph_max=graph_max))
     for step in steps:
         assert step.num_tokens <= B and step.num_seqs <= S
         assert all(s.cached + s.new <= L and s.new >= 1 for s in step.seqs)
@@ -195,6 +196,11 @@ def test_the_steps_fit_the_limits_and_reach_every_class_of_shape(B, S, L, graph_
     assert any(st.phase == CHUNKED for st in steps) == (L >= 1024 + 16)
     prefill_seqs = {st.num_seqs for st in steps if st.phase == PREFILL}
     assert {1, 3, 16} & set(range(1, S + 1)) <= prefill_seqs
+    # Every attention path meets block tables 1, 3 and 16 blocks wide (as many as the context allows).
+    widths = {w for w in (1, 3, 16) if (w - 1) * bs < L}
+    for phase in (PREFILL, DECODE, MIXED):
+        seen = {max(-(-(s.cached + s.new) // bs) for s in st.seqs) for st in steps if st.phase == phase}
+        assert not seen or widths <= seen, phase
 
 
 def test_the_minimal_plan_is_one_small_step_within_any_limits():
