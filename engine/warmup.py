@@ -48,18 +48,26 @@ MOE, SAMPLER = "moe", "sampler"
 _GREEDY = SamplingParams(temperature=0.0)
 
 
+PLANS = ("auto", "full", "minimal")
+
+
 @dataclass(frozen=True)
 class WarmupConfig:
-    """The scheduler's limits a rank's warm-up plans its shapes from (its Worker knows the rest)."""
+    """The scheduler's limits a rank's warm-up plans its shapes from (its Worker knows the rest), and which
+    plan: "full" (what the Triton kernels need), "minimal" (one small step), or "auto": full on the Triton
+    kernels, minimal on the references (which compile nothing)."""
 
     max_num_batched_tokens: int
     max_num_seqs: int
+    plan: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"WarmupConfig.{name}={v!r} is invalid: must be a positive integer.")
+        if self.plan not in PLANS:
+            raise ValueError(f"WarmupConfig.plan={self.plan!r} is invalid: choose from {', '.join(PLANS)}.")
 
 
 @dataclass
@@ -93,11 +101,10 @@ def warm_up_engine(executor, config) -> list[WarmupReport] | None:
 
 
 @torch.inference_mode()
-def warm_up(runner, cfg: WarmupConfig, *, rank: int = 0, progress: bool = False,
-            full: bool | None = None) -> WarmupReport:
-    """Warm one rank's model runner (module docstring): the full plan on the Triton kernels, one small step on
-    the references (`full` forces either: tests). Logs each phase on rank 0; `progress` shows a bar."""
-    full = runner.kernels.name == "triton" if full is None else full
+def warm_up(runner, cfg: WarmupConfig, *, rank: int = 0, progress: bool = False) -> WarmupReport:
+    """Warm one rank's model runner (module docstring) with the plan `cfg` names. Logs each phase on rank 0;
+    `progress` shows a bar."""
+    full = runner.kernels.name == "triton" if cfg.plan == "auto" else cfg.plan == "full"
     graphs = runner.graphs
     limits = StepLimits(cfg.max_num_batched_tokens, cfg.max_num_seqs, runner.cfg.max_model_len, runner.block_size,
                         graph_max=max(graphs.sizes) if graphs is not None and graphs.sizes else 0)
@@ -302,4 +309,4 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="Warming up", unit="variant", disable=None)  # None: off when not a tty
 
 
-__all__ = ["WarmupConfig", "WarmupReport", "warm_up", "warm_up_engine"]
+__all__ = ["PLANS", "WarmupConfig", "WarmupReport", "warm_up", "warm_up_engine"]

@@ -81,7 +81,7 @@ def test_the_full_warm_up_mid_generation_touches_no_kv_counter_request_or_genera
         states = {rid: (st.all_token_ids[:], st.num_computed_tokens, st.block_ids[:]) for rid, st in runner.requests.items()}
         assert states and any(b.any() for b in before), "the requests are running and hold KV"
         rng = torch.get_rng_state()
-        report = warm_up(runner, WarmupConfig(32, 4), full=True)
+        report = warm_up(runner, WarmupConfig(32, 4, plan="full"))
         chunked = {CHUNKED} if runner.cfg.max_model_len >= 1024 + 16 else set()
         assert {name for name, _, _ in report.phases} == {"moe", PREFILL, DECODE, MIXED, "sampler"} | chunked
         after = _cache_bytes(runner)
