@@ -134,13 +134,13 @@ def plan_steps(lim: StepLimits) -> list[WarmupStep]:
     for n in sorted(sizes):
         if lim.graph_max < n <= min(S, B):
             steps += [WarmupStep(DECODE, tuple(SeqShape(length - 1, 1) for _ in range(n))) for length in lengths]
-    # A prompt chunk beside decoding sequences (two sequences, and sixteen: a new request among 15 streams), at
-    # every width.
-    for decodes, chunk in ((1, 16), (15, 17)):
+    # A prompt chunk beside decoding sequences, at every width: two sequences, sixteen (a new request among 15
+    # streams), and the most a step holds (its decode rows then fill the SMs: the decode kernel does not split).
+    for total in sorted({2, 16, min(S, B - 1)}):
         for length in lengths:
-            q = min(chunk, length, B - decodes)
-            if decodes + 1 <= S and q >= 2:
-                steps.append(WarmupStep(MIXED, tuple(SeqShape(length - 1, 1) for _ in range(decodes))
+            q = min(17, length, B - (total - 1))
+            if 2 <= total <= S and q >= 2:
+                steps.append(WarmupStep(MIXED, tuple(SeqShape(length - 1, 1) for _ in range(total - 1))
                                         + (SeqShape(0, q),)))
     return steps
 
