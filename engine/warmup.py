@@ -22,7 +22,8 @@ block is read or written; the expert-load counters are reset after (as graph cap
 states are not touched; the default random generators are restored (an unseeded request after warm-up draws
 what it would have drawn without it).
 
-Legend: T tokens, S sequences, D hidden, V vocab, R sampled rows, K top-k, E local experts.
+Legend: T tokens, S sequences, D hidden, V vocab, R sampled rows, K top-k, E local experts, G the model's
+experts (the router's width).
 """
 from __future__ import annotations
 
@@ -187,9 +188,8 @@ def _moe_jobs(runner, max_tokens: int) -> list[tuple[object, list[int]]]:
     dev, cfg = runner.device, runner.cfg
     for layer in kinds.values():
         fmt = layer.expert_format
-        w13 = next(p for n, p in layer.named_parameters() if n.startswith("w13"))  # [E, 2I, ...] in every format
         block_k = {"fp8_block_k": fmt.block[1]} if fmt.name == "fp8" else {}
-        shape = MoEShape(fmt.name, layer.num_local_slots, w13.shape[1] // 2, cfg.hidden_size, cfg.top_k,
+        shape = MoEShape(fmt.name, layer.num_local_slots, cfg.moe_intermediate_size, cfg.hidden_size, cfg.top_k,
                          device_name(dev), _num_sms(dev), **block_k)
         jobs.append((layer, [t for t, _ in plan_moe_variants(shape, max_tokens)]))
     return jobs
