@@ -85,6 +85,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help=f"how long after a rank loss the replacement is started (default {DEFAULT_REJOIN_DELAY_S:g})")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
+    p.add_argument("--skip-warmup", action="store_true",
+                   help="serve without first compiling and running every kernel variant a request can hit (a "
+                        "faster restart; the first requests then pay the compiles)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
                    help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
                         "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
@@ -110,4 +113,5 @@ def engine_args_from(ns: argparse.Namespace):
         enable_two_batch_overlap=ns.enable_two_batch_overlap, elastic_ep=ns.elastic_ep,
         async_scheduling=ns.async_scheduling,
         ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s, load_format=ns.load_format,
+        skip_warmup=ns.skip_warmup,
     )

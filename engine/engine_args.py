@@ -35,6 +35,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cuda_graph: CudaGraphConfig = CudaGraphConfig()  # decode batch sizes captured as CUDA graphs (none: eager)
     load_format: str = "auto"  # engine/worker_config.LOAD_FORMATS; "dummy": random weights, no tokenizer needed
+    skip_warmup: bool = False  # start without compiling every kernel variant first (engine/warmup.py)
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -120,6 +121,9 @@ class EngineArgs:
     # made on the device from config.json alone (no safetensors read, no tokenizer needed), to benchmark a
     # model without downloading it. Dummy outputs are meaningless.
     load_format: str = "auto"
+    # Start serving without first compiling and running every kernel variant a step can hit (engine/warmup.py):
+    # a faster restart, whose first requests pay the compiles (seconds each on a cold cache).
+    skip_warmup: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -154,6 +158,8 @@ class EngineArgs:
             bad("kv_cache_dtype", f"choose from {', '.join(map(repr, KV_CACHE_DTYPES))}")
         if self.load_format not in LOAD_FORMATS:
             bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")
+        if not isinstance(self.skip_warmup, bool):
+            bad("skip_warmup", "must be True or False")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -210,7 +216,8 @@ class EngineArgs:
                             sliding_window=kv_sliding_window(model_cfg))
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
-                            self.gpu_memory_utilization, graphs, self.load_format)
+                            self.gpu_memory_utilization, graphs, self.load_format,
+                            skip_warmup=self.skip_warmup)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
         return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,

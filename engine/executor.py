@@ -50,6 +50,10 @@ class Executor(ABC):
 
     _ep_graph_sizes: tuple[int, ...] | None = None
 
+    def warm_up(self, cfg) -> list:
+        """Every rank's `Worker.warm_up(cfg)` (engine/warmup.py), together; their WarmupReports in rank order."""
+        return self._collective("warm_up", cfg)
+
     def plan_ep_step(self, outputs_per_rank: list[SchedulerOutput]) -> None:
         """Give every rank's output the step's EP plan (engine/ep_step.py) when the backend runs two modes.
 

@@ -35,6 +35,7 @@ from .sampling_params import SamplingParams
 from .structured_output import GrammarCompilerPool, StructuredOutputManager
 from .no_tokenizer import NoTokenizer, load_tokenizer
 from .tokenizer import Tokenizer
+from .warmup import warm_up_engine
 from .worker_config import DUMMY_WARNING
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,11 @@ class LLMEngine:
         self._pending = None
         self.async_scheduling = config.scheduler.async_scheduling
         self.loop_stats = LoopStats()
+        try:
+            warm_up_engine(self.executor, config)  # KV cache in place: compile what steps hit, before serving
+        except BaseException:
+            self.executor.shutdown()  # no worker outlives a failed start
+            raise
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

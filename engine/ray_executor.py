@@ -197,6 +197,13 @@ class RayExecutor(Executor):
     def _collective(self, method: str, *args) -> list:
         return self._get([getattr(w, method).remote(*args) for w in self.workers])
 
+    def warm_up(self, cfg) -> list:
+        """As Executor.warm_up, bounded like a first step (compiles with a cold cache take minutes), not like a
+        set-up call."""
+        timeout = max(self.config.parallel.step_timeout_s, FIRST_STEP_TIMEOUT_S)
+        return self._get([w.warm_up.remote(cfg) for w in self.workers], timeout=timeout,
+                         late=f"its warm-up ran longer than {timeout:g} s")
+
     # -- stepping ---------------------------------------------------------------
     def step_timeout(self, run_forward: bool) -> float:
         """The step watchdog's bound for the next step: the first model step compiles kernels."""

@@ -182,6 +182,15 @@ class Worker:
         self._bind_device()
         self.runner.allocate_kv_cache(num_kv_blocks)
 
+    def warm_up(self, cfg):
+        """Compile and run every kernel variant a step can hit (engine/warmup.py), before the engine serves; the
+        KV cache, the expert-load counters and the request states stay as they were. Every rank is called at
+        once: the forward steps' all-to-alls pair up. Returns this rank's WarmupReport."""
+        from .warmup import warm_up
+
+        self._bind_device()
+        return warm_up(self.runner, cfg, rank=self.rank, progress=self.config.load_progress and self.rank == 0)
+
     # -- steps ----------------------------------------------------------------
     def execute(self, so: SchedulerOutput, run_forward: bool = True) -> ModelRunnerOutput:
         """Run one step and wait for it (the serial loop)."""

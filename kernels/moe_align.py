@@ -164,6 +164,17 @@ _SINGLE_MAX_SUBTILES = 4
 _MAX_CHUNKS = 256
 
 
+def align_launch(num_pairs: int, num_experts: int) -> tuple[bool, int, int, int]:
+    """(SINGLE, CHUNK, SUB, X), the alignment kernels' compile-time sizes for `num_pairs` > 0 pairs: what a
+    new batch size may change (start-up warm-up compiles each: kernels/moe_variants.py). Host arithmetic."""
+    X = max(16, triton.next_power_of_2(num_experts))
+    # One-hot tiles are [SUB, X]: keep them near 8K elements whatever E is.
+    SUB = max(16, min(256, 8192 // X, triton.next_power_of_2(num_pairs)))
+    n_sub = triton.cdiv(num_pairs, SUB)
+    single = n_sub <= _SINGLE_MAX_SUBTILES
+    return single, SUB * (n_sub if single else triton.cdiv(n_sub, _MAX_CHUNKS)), SUB, X
+
+
 def moe_align_block_size(
     topk_ids_TK: torch.Tensor, block_m: int, num_experts: int, expert_map_G: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,12 +199,7 @@ def moe_align_block_size(
     ids_P = topk_ids_TK.reshape(-1)
     if not ids_P.is_contiguous():
         ids_P = ids_P.contiguous()
-    X = max(16, triton.next_power_of_2(num_experts))
-    # One-hot tiles are [SUB, X]: keep them near 8K elements whatever E is.
-    SUB = max(16, min(256, 8192 // X, triton.next_power_of_2(num_pairs)))
-    n_sub = triton.cdiv(num_pairs, SUB)
-    single = n_sub <= _SINGLE_MAX_SUBTILES
-    chunk = SUB * (n_sub if single else triton.cdiv(n_sub, _MAX_CHUNKS))
+    single, chunk, SUB, X = align_launch(num_pairs, num_experts)
     C = triton.cdiv(num_pairs, chunk)
     has_map = expert_map_G is not None
     map_G = expert_map_G if has_map else ids_P  # any pointer: unused without a map

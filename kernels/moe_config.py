@@ -216,16 +216,27 @@ def _pick(key: str, buckets, num_tokens: int, top_k: int, num_experts: int) -> M
 def get_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int, device: torch.device,
                    config_dir: str | Path | None = None) -> MoEConfig:
     """The launch config for this shape on this device: tuned file, else defaults."""
-    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
-    name = device_name(device)
-    if name == "cpu":
-        found = load_config_file(str(root / "interpreter.json")) or load_config_file(str(CONFIG_DIR / "interpreter.json"))
-    else:
-        found = load_config_file(str(root / config_file_name(num_experts, inter, name)))
-        if found is None:
-            found = load_config_file(str(root / "default.json")) or load_config_file(str(CONFIG_DIR / "default.json"))
-    key, buckets = found
+    return lookup_moe_config(num_experts, inter, num_tokens, top_k, device_name(device), config_dir)
+
+
+def lookup_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int, name: str,
+                      config_dir: str | Path | None = None) -> MoEConfig:
+    """`get_moe_config` for a GPU named by `device_name` ('cpu': the interpreter), no device needed: what
+    start-up warm-up plans with (kernels/moe_variants.py)."""
+    key, buckets = config_table(num_experts, inter, name, config_dir)
     return _pick(key, buckets, num_tokens, top_k, num_experts)
+
+
+def config_table(num_experts: int, inter: int, name: str,
+                 config_dir: str | Path | None = None) -> tuple[str, tuple[tuple[int, MoEConfig], ...]]:
+    """(key kind, sorted buckets) of the file a shape's launch configs come from on GPU `name`."""
+    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    if name == "cpu":
+        return load_config_file(str(root / "interpreter.json")) or load_config_file(str(CONFIG_DIR / "interpreter.json"))
+    found = load_config_file(str(root / config_file_name(num_experts, inter, name)))
+    if found is None:
+        found = load_config_file(str(root / "default.json")) or load_config_file(str(CONFIG_DIR / "default.json"))
+    return found
 
 
 def default_config(num_experts: int, inter: int, num_tokens: int, top_k: int) -> MoEConfig:

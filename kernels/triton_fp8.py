@@ -69,6 +69,13 @@ def _group_quant_kernel(x_ptr, q_ptr, s_ptr, K, num_groups, num_rows, stride_xt,
     tl.store(s_ptr + t * stride_st + g, scale, mask=r < num_rows)
 
 
+def quant_block_rows(rows: int, group: int, interpret: bool) -> int:
+    """BLOCK_R of the group quantization of `rows` (token, group) rows (a compile-time size: start-up warm-up
+    compiles each: kernels/moe_variants.py): ~4K elements a program on a GPU; the interpreter pays per
+    program, so it takes up to 32K."""
+    return max(1, min(triton.next_power_of_2(rows), (32768 if interpret else 4096) // triton.next_power_of_2(group)))
+
+
 def triton_per_token_group_quant(x_TK: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as fp8.per_token_group_quant: (xq float8_e4m3fn [T, K], scale float32 [T, ceil(K/group)])."""
     if group <= 0:
@@ -86,8 +93,7 @@ def triton_per_token_group_quant(x_TK: torch.Tensor, group: int = 128) -> tuple[
         x_TK = x_TK.contiguous()
     interp = common.interpreting(x_TK)
     p2 = triton.next_power_of_2(group)
-    # ~4K elements a program on a GPU; the interpreter pays per program, so it takes up to 32K.
-    block_r = max(1, min(triton.next_power_of_2(T * G), (32768 if interp else 4096) // p2))
+    block_r = quant_block_rows(T * G, group, interp)
     _group_quant_kernel[(triton.cdiv(T * G, block_r),)](
         x_TK, xq, scale, K, G, T * G, x_TK.stride(0), xq.stride(0), scale.stride(0),
         GROUP=group, GROUP_P2=p2, BLOCK_R=block_r, INTERPRET=interp, num_warps=4)

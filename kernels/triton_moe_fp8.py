@@ -206,16 +206,18 @@ def get_fp8_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int
                        config_dir: str | Path | None = None) -> MoEConfig:
     """As moe_config.get_moe_config, from the FP8 files: a tuned `fp8_w8a8,E=..,N=..,device_name=..json`, else
     `fp8_moe_default.json` (rows per expert); `fp8_moe_interpreter.json` on CPU."""
-    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
-    name = moe_config.device_name(device)
-    found = None
-    if name == "cpu":
-        found = load_config_file(str(CONFIG_DIR / "fp8_moe_interpreter.json"))
-    else:
-        found = load_config_file(str(root / fp8_config_file_name(num_experts, inter, name)))
-        found = found or load_config_file(str(CONFIG_DIR / "fp8_moe_default.json"))
-    key, buckets = found
+    key, buckets = fp8_config_table(num_experts, inter, moe_config.device_name(device), config_dir)
     return _pick(key, buckets, num_tokens, top_k, num_experts)
+
+
+def fp8_config_table(num_experts: int, inter: int, name: str, config_dir: str | Path | None = None):
+    """(key kind, sorted buckets) of the FP8 file a shape's launch configs come from on GPU `name` ('cpu': the
+    interpreter's); `get_fp8_moe_config` picks from it."""
+    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    if name == "cpu":
+        return load_config_file(str(CONFIG_DIR / "fp8_moe_interpreter.json"))
+    found = load_config_file(str(root / fp8_config_file_name(num_experts, inter, name)))
+    return found or load_config_file(str(CONFIG_DIR / "fp8_moe_default.json"))
 
 
 def _blocks(cfg: MoEConfig, bk: int) -> tuple[int, int, int, int]:

@@ -202,7 +202,8 @@ def test_engine_asks_slot_sizes_at_start_up_and_refuses_a_budget_no_expert_fits(
 
     def config(mb):
         return EngineArgs(model=tiny_model("qwen3_e6k3"), expert_parallel_size=2, eplb_interval=4, eplb_staging_mb=mb,
-                          dtype="float64", num_kv_blocks=16, executor="ray").create_engine_config()
+                          dtype="float64", num_kv_blocks=16, executor="ray",
+                          skip_warmup=True).create_engine_config()  # the stand-in has no worker to warm
 
     ranks = Ranks()
     eng = LLMEngine(config(None), executor=ranks)
