@@ -54,13 +54,6 @@ class DeviceWork:
             self._ready_at = None
         return self._value
 
-    def done(self) -> bool:
-        if self._future is not None and not self._future.done():
-            return False
-        if self._ready_at is not None and time.perf_counter() < self._ready_at:
-            return False
-        return self._event is None or self._event.query()
-
 
 class InlineStream:
     """Device work runs in the caller's thread, now (the serial loop; also any device whose ops block)."""

@@ -27,7 +27,7 @@ from .eplb_controller import make_eplb_controller, step_expert_load
 from .moe_metrics import ExpertLoadReport, MoEMetrics
 from .output_processor import OutputProcessor
 from .input_processing import (  # noqa: F401  (re-exported: the server and callers import them from here)
-    ProcessedRequest, PromptType, max_tokens_too_large, process_inputs, too_long,
+    ProcessedRequest, PromptType, process_inputs, too_long,
 )
 from .outputs import OutputKind, RequestOutput
 from .safe_text import shown

@@ -16,7 +16,7 @@ import torch
 
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.ops import select_kernels
-from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput, StepStats
+from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from . import kv_sizing
 from .config import ModelConfig
@@ -364,9 +364,6 @@ class ModelRunner:
                 snap.ep_mode = mode
             return snap
         return read
-
-    def _moe_snapshot(self):
-        return self._take_moe()()
 
     def _sample(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata, h_TD, pending_P,
                 res: DeviceResult) -> None:
