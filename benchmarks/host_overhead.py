@@ -11,7 +11,7 @@ replaced by a function returning zeros of the right shape, so everything
 else (scheduler, model runner input prep, LM head on the sampled rows,
 sampler, output processor) runs as in serving. CPU only; torch on one thread.
 
-Side by side in one run (median over repeats of the median ms per full-batch decode step):
+Side by side in one run (median over repeats of the mean ms per full-batch decode step):
 1. requests that want text (detokenize=True, the native API and LLM.generate) and token ids only
    (detokenize=False, what the VllmEngine protocol / smg gateway path sets when there are no stop strings),
    on a 2-layer model with the engine's default loop;
@@ -90,7 +90,9 @@ def build_llm(seqs: int, tokens: int, model_dir: str, layers: int = 2, async_sch
 
 
 def decode_ms_per_step(llm, seqs: int, tokens: int, detokenize: bool) -> float:
-    """Median host ms of the steps where every sequence decodes (prefill steps excluded)."""
+    """Mean host ms of the steps where every sequence decodes (prefill steps and the tail excluded). The mean,
+    not the median: throughput pays for every step, the garbage collector's occasional long pause included
+    (engine/gc_policy.py; a median hid a 100 ms pause every few dozen steps)."""
     from moelink.engine import SamplingParams
 
     engine = llm.engine
@@ -98,13 +100,17 @@ def decode_ms_per_step(llm, seqs: int, tokens: int, detokenize: bool) -> float:
     for i in range(seqs):
         llm.engine.add_request(f"h{detokenize}-{i}-{time.monotonic_ns()}", [5 + i % 50] * 64, params)
     times = []
+    started: set[str] = set()  # requests whose first token the host has seen
     while engine.has_requests():
+        decoding = len(started) == seqs  # every prompt done before this step: it decodes
         t0 = time.perf_counter()
-        engine.step()
+        outs = engine.step()
         dt = time.perf_counter() - t0
-        if engine.stats().num_running == seqs:  # a full decode batch, not the prefill or the tail
+        if decoding and engine.stats().num_running == seqs:  # a full decode batch, not the prefill or the tail
             times.append(dt)
-    return statistics.median(times) * 1e3
+        elif not decoding:
+            started.update(o.request_id for o in outs)
+    return statistics.fmean(times) * 1e3
 
 
 def _async_modes() -> list[bool | None]:

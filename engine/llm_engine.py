@@ -22,6 +22,7 @@ from .elastic import ElasticStats, recover_engine
 from .rejoin import admit_engine
 from .executor import Executor, WorkerDiedError
 from .executor_factory import make_executor
+from .gc_policy import freeze_heap, thaw_heap
 from .expert_parallel import plan_expert_parallel
 from .eplb_controller import make_eplb_controller, step_expert_load
 from .moe_metrics import ExpertLoadReport, MoEMetrics
@@ -111,6 +112,8 @@ class LLMEngine:
         except BaseException:
             self.executor.shutdown()  # no worker outlives a failed start
             raise
+        # Started: what exists now lives as long as the engine; the step loop's collections skip it.
+        freeze_heap(self)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -351,3 +354,4 @@ class LLMEngine:
     def shutdown(self) -> None:
         self.grammars.shutdown()
         self.executor.shutdown()
+        thaw_heap(self)

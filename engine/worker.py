@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 
 import torch
@@ -17,6 +18,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 from .expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
 from .device_stream import make_stream
+from .gc_policy import freeze_heap
 from .step_plan import make_step_plan
 from .worker_config import WorkerConfig
 
@@ -181,6 +183,7 @@ class Worker:
     def allocate_kv_cache(self, num_kv_blocks: int) -> None:
         self._bind_device()
         self.runner.allocate_kv_cache(num_kv_blocks)
+        self._freeze_if_own_process()
 
     def warm_up(self, cfg):
         """Compile and run every kernel variant a step can hit (engine/warmup.py), before the engine serves; the
@@ -189,7 +192,17 @@ class Worker:
         from .warmup import warm_up
 
         self._bind_device()
-        return warm_up(self.runner, cfg, rank=self.rank, progress=self.config.load_progress and self.rank == 0)
+        report = warm_up(self.runner, cfg, rank=self.rank, progress=self.config.load_progress and self.rank == 0)
+        self._freeze_if_own_process()
+        return report
+
+    @staticmethod
+    def _freeze_if_own_process() -> None:
+        """A Ray worker process is started once its cache (and warm-up) is in place: freeze its heap so the step
+        loop's collections skip it (engine/gc_policy.py). An in-process worker leaves that to its engine."""
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            freeze_heap()
 
     # -- steps ----------------------------------------------------------------
     def execute(self, so: SchedulerOutput, run_forward: bool = True) -> ModelRunnerOutput:

@@ -1,0 +1,50 @@
+"""The Python garbage collector and a serving process: freeze what start-up built, so collections skip it.
+
+An engine holds a few hundred thousand long-lived objects once it has started (modules, parameters, kernel
+caches, the tokenizer, gRPC and asyncio state). The step loop allocates short-lived objects by the thousand per
+step, and every so many of those the collector's oldest generation scans *all* tracked objects: measured on the
+host-overhead benchmark (256 sequences, 1 layer), a 100 ms pause every few dozen steps, which doubled the mean
+host time per step (16 us per sequence against 9 with the heap frozen). `gc.freeze()` after start-up moves
+everything alive then into the permanent generation (what vLLM and SGLang do once their engine is up), so a
+collection only walks what serving created since.
+
+Frozen objects are never collected while frozen: garbage cycles among them would stay until `gc.unfreeze()`.
+The engine thaws the heap when the last engine of the process shuts down (tests build hundreds of engines in one
+process), and freezes again after every start.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_holders: set[int] = set()
+
+
+def freeze_heap(holder: object | None = None) -> int:
+    """Collect, then freeze every object alive now. `holder` (an engine) keeps the heap frozen until it calls
+    `thaw_heap`; without one (a worker process's own start-up) the freeze lasts for the process. Returns how
+    many objects are frozen."""
+    with _lock:
+        gc.collect()
+        gc.freeze()
+        if holder is not None:
+            _holders.add(id(holder))
+        n = gc.get_freeze_count()
+    logger.debug("gc: %d start-up objects frozen", n)
+    return n
+
+
+def thaw_heap(holder: object) -> None:
+    """`holder` is gone: unfreeze once no engine of this process holds the heap frozen (its garbage is
+    collectable again)."""
+    with _lock:
+        _holders.discard(id(holder))
+        if not _holders:
+            gc.unfreeze()
+
+
+__all__ = ["freeze_heap", "thaw_heap"]
