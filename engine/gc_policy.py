@@ -10,10 +10,12 @@ collection only walks what serving created since.
 
 Frozen objects are never collected while frozen: garbage cycles among them would stay until `gc.unfreeze()`.
 The engine thaws the heap when the last engine of the process shuts down (tests build hundreds of engines in one
-process), and freezes again after every start.
+process), and freezes again after every start; a process that exits thaws it first, so interpreter shutdown
+frees everything as it would have (extension modules such as Triton's report objects still alive then as leaks).
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import threading
@@ -46,5 +48,7 @@ def thaw_heap(holder: object) -> None:
         if not _holders:
             gc.unfreeze()
 
+
+atexit.register(gc.unfreeze)
 
 __all__ = ["freeze_heap", "thaw_heap"]

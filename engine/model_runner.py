@@ -11,7 +11,6 @@ import os
 import time
 from collections import deque
 
-import numpy as np
 import torch
 
 from moelink.kernels.attention import AttentionMetadata
@@ -31,6 +30,7 @@ from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-e
 from .sampling_params import SamplingParams
 from .step_handle import DeviceResult, StepHandle
 from .step_inputs import StepInputs, build_step_inputs
+from .input_batch import PersistentBatch
 from .step_plan import SingleBatch, TwoBatchOverlap
 
 
@@ -76,6 +76,8 @@ class ModelRunner:
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
+        # Every held request's row: block table, sampling parameters, penalty counts (engine/input_batch.py).
+        self.batch = PersistentBatch(model_cfg.vocab_size, device)
         # Preempted requests keep their generator so a seeded request draws the
         # same tokens whether or not it was preempted.
         self._parked_generators: dict[str, torch.Generator | None] = {}
@@ -178,11 +180,14 @@ class ModelRunner:
         if so.resync is not None:
             self._resync(so.resync)
         for rid in so.finished_req_ids:
-            self.requests.pop(rid, None)
+            st = self.requests.pop(rid, None)
+            if st is not None:
+                self.batch.remove(st)
             self._parked_generators.pop(rid, None)
         for rid in so.preempted_req_ids:
             st = self.requests.pop(rid, None)
             if st is not None:
+                self.batch.remove(st)
                 self._parked_generators[rid] = st.generator
         for new in so.scheduled_new_reqs:
             if new.req_id in self._parked_generators:
@@ -203,12 +208,14 @@ class ModelRunner:
         )
         if self.kv_pairs is not None:
             st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
+        self.batch.add(st)
 
     def _resync(self, rs) -> None:
         """Elastic EP (scheduler.Scheduler.rewind): hold exactly the scheduler's requests, as it holds them. A
         request keeps its generator (a seeded one may have drawn once in the broken step)."""
         gens = {**self._parked_generators, **{rid: st.generator for rid, st in self.requests.items()}}
         self.requests = {}
+        self.batch.clear()
         self._parked_generators = {rid: gens[rid] for rid in rs.waiting_ids if rid in gens}
         for new in rs.running:
             self._add_request(new, gens[new.req_id] if new.req_id in gens else
@@ -249,19 +256,22 @@ class ModelRunner:
             self._in_flight.popleft().wait_device()
         self._update_states(so)
         ep_step = so.ep_step
+        ops = self.batch.take_device_ops()  # batch-state fills the step's device work applies first
         if so.total_num_scheduled_tokens == 0:
             handle = StepHandle(so.step_id, [], 0, 0, 0.0)
-            if run_forward:
+            if run_forward or ops:
                 # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
                 # so this eager pass makes the same collective calls as its peers' replays.
                 handle.host_s = time.perf_counter() - t0
-                handle.work = self.stream.submit(lambda: self._device_moe_only(ep_step))
+                handle.work = self.stream.submit(lambda: self._device_moe_only(ep_step, ops, run_forward))
                 self._in_flight.append(handle)
             return handle
-        req_ids = list(so.num_scheduled_tokens)
-        states = [self.requests[r] for r in req_ids]
-        query_lens = [so.num_scheduled_tokens[r] for r in req_ids]
-        inp = build_step_inputs(states, query_lens, self.block_size, self.sliding_window, self.null_block)
+        num_scheduled = so.num_scheduled_tokens
+        states = [self.requests[r] for r in num_scheduled]
+        query_lens = list(num_scheduled.values())
+        rows_S = self.batch.rows_of(states)
+        inp = build_step_inputs(states, query_lens, self.block_size, self.sliding_window, self.null_block,
+                                tables_SM=self.batch.tables(rows_S))
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
@@ -269,10 +279,8 @@ class ModelRunner:
         meta = None
         if picked:
             bitmasks = so.grammar_bitmask
-            meta = SamplingMetadata.build(
-                [st.params for st in picked], [st.prompt_token_ids for st in picked],
-                [st.output_token_ids for st in picked], [st.generator for st in picked],
-                self.eos_token_ids, self.cfg.vocab_size, self.device,
+            meta = SamplingMetadata.from_batch(
+                self.batch, rows_S[inp.sample_rows], picked, self.eos_token_ids, self.device,
                 [bitmasks.get(st.req_id) for st in picked] if bitmasks else None, inp.num_pending)
             for r, st in enumerate(picked):
                 st.pending = (handle, r)  # the next step reads this token on the device
@@ -282,17 +290,19 @@ class ModelRunner:
             staged = self.graphs.stage(inp.tokens_T, inp.positions_T, inp.slots_T, inp.seq_lens, inp.tables_SM,
                                        inp.sliding, batch=graph_batch)
         handle.host_s = time.perf_counter() - t0
-        handle.work = self.stream.submit(lambda: self._device_step(handle, inp, meta, staged, ep_step))
+        handle.work = self.stream.submit(lambda: self._device_step(handle, inp, meta, staged, ep_step, ops))
         self._in_flight.append(handle)
         return handle
 
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | None, staged,
-                     ep_step) -> DeviceResult:
-        """The step's device work, in stream order: inputs in (tokens still on the device from the steps before
-        it), forward, sampling, results out to host memory. Waits for nothing on the host side."""
+                     ep_step, ops: list) -> DeviceResult:
+        """The step's device work, in stream order: batch-state fills, inputs in (tokens still on the device
+        from the steps before it), forward, sampling, results out to host memory. Waits for nothing on the host
+        side."""
         t0 = time.perf_counter()
         dev = self.device
         with torch.inference_mode():
+            self.batch.apply_device_ops(ops)
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/ep_step.py)
             pending_P = self._pending_tokens(inp)
@@ -319,13 +329,16 @@ class ModelRunner:
                                               ForwardContext(attn, self.kv_caches, attn_sliding))
             res = DeviceResult(read_moe=self._take_moe())
             if meta is not None:
-                self._sample(handle, inp, meta, h_TD, pending_P, res)
+                self._sample(handle, inp, meta, h_TD, res)
         res.device_s = time.perf_counter() - t0
         return res
 
-    def _device_moe_only(self, ep_step) -> DeviceResult:
+    def _device_moe_only(self, ep_step, ops: list, run_forward: bool) -> DeviceResult:
         t0 = time.perf_counter()
         with torch.inference_mode():
+            self.batch.apply_device_ops(ops)
+            if not run_forward:
+                return DeviceResult()
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)
             self.step_plan.forward_moe_only(self.model)
@@ -365,22 +378,14 @@ class ModelRunner:
             return snap
         return read
 
-    def _sample(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata, h_TD, pending_P,
-                res: DeviceResult) -> None:
+    def _sample(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata, h_TD, res: DeviceResult) -> None:
         dev = self.device
         last_R = to_device(inp.qsl_S1[1:][inp.sample_rows] - 1, torch.long, dev)
         logits_RV = self.model.compute_logits(h_TD.index_select(0, last_R))
-        if pending_P is not None and not meta.no_penalties:
-            # The penalties' counts lack the outputs still on the device: add them there (row of each).
-            row_of_seq = np.full(len(inp.query_lens), -1, dtype=np.int64)
-            row_of_seq[inp.sample_rows] = np.arange(len(inp.sample_rows))
-            seq_of_flat = np.searchsorted(inp.qsl_S1, inp.pending_dst_P, side="right") - 1
-            rows = row_of_seq[seq_of_flat]
-            keep = rows >= 0
-            if keep.any():
-                meta.add_pending_outputs(to_device(rows[keep], torch.long, dev),
-                                         pending_P[1][torch.from_numpy(np.flatnonzero(keep)).to(dev)])
+        # Penalties read their counts on the device (input_batch.PenaltyCounts): the outputs still in flight
+        # are in them already, and this step's are counted right after it samples.
         result = self.sampler(logits_RV, meta)
+        meta.record_penalised(result.token_ids_B)
         handle.sampled_R = result.token_ids_B  # stays on the device: the next step's inputs read it there
         res.tokens_R = to_host(result.token_ids_B)
         if result.logprobs_packed_LX is not None:

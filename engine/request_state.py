@@ -6,6 +6,7 @@ Legend: M blocks per request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ import torch
 from moelink.scheduler.sliding_kv import NULL_BLOCK
 
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .input_batch import PersistentBatch
 
 
 @dataclass
@@ -34,6 +38,10 @@ class CachedRequestState:
     # Overlapped loop: (the step in flight that sampled this request's next token, its row there). The host
     # learns the token when that step is collected; a step launched before then reads it on the device.
     pending: "tuple[object, int] | None" = None
+    # The runner's persistent batch row (engine/input_batch.py) while it holds the request: block_arr is then a
+    # view of that row of the batch's block table.
+    row: int | None = None
+    batch: "PersistentBatch | None" = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids
@@ -41,6 +49,10 @@ class CachedRequestState:
         self.block_arr[: len(self.block_ids)] = self.block_ids
 
     def add_blocks(self, new_block_ids: list[int]) -> None:
+        if self.batch is not None:
+            self.batch.add_blocks(self, new_block_ids)
+            self.block_ids.extend(new_block_ids)
+            return
         n, k = len(self.block_ids), len(new_block_ids)
         if n + k > len(self.block_arr):
             grown = np.empty(2 * (n + k), dtype=np.int32)

@@ -24,7 +24,7 @@ block (`SamplerOutput.logprobs_packed_LX`), which the runner copies to the host 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ import torch
 from moelink.engine.device_stream import to_device
 from moelink.engine.sampling_params import SamplingParams
 from moelink.scheduler.outputs import TokenLogprobs
+
+if TYPE_CHECKING:
+    from moelink.engine.input_batch import PenaltyCounts, PersistentBatch
 
 _NEG_INF = float("-inf")
 
@@ -75,6 +78,15 @@ class SamplingMetadata:
     output_counts_BV: Optional[torch.Tensor] = None
     # bool [B, V]: token occurs in prompt or output; only with a repetition penalty.
     seen_mask_BV: Optional[torch.Tensor] = None
+    # The persistent batch's path (`from_batch`): the counts live on the device (input_batch.PenaltyCounts) and
+    # are gathered when the sampler runs, in stream order, so the tokens of steps still in flight count. long [B]
+    # slots (rows without penalties point at slot 0 with neutral penalties); whether a repetition penalty needs
+    # the seen mask; and the rows (long [Q]) and slots (long [Q]) whose sampled ids `record_penalised` counts.
+    penalty_counts: Optional["PenaltyCounts"] = None
+    penalty_slots_B: Optional[torch.Tensor] = None
+    penalty_needs_seen: bool = False
+    penalised_rows_Q: Optional[torch.Tensor] = None
+    penalised_slots_Q: Optional[torch.Tensor] = None
 
     # long [M] each: logits[row, token] = -inf while the row is below min_tokens.
     min_tokens_rows_M: Optional[torch.Tensor] = None
@@ -117,8 +129,8 @@ class SamplingMetadata:
         `grammar_bitmasks`: per row None (unconstrained) or the row's allowed tokens as little-endian
         int32 words, bit t of word t // 32 for token t (xgrammar's layout).
         `num_pending`: per row, output tokens sampled by a step still in flight (the overlapped loop), which
-        `output_token_ids` does not hold yet: they count for min_tokens here, and `add_pending_outputs` adds
-        them to the penalties' counts on the device.
+        `output_token_ids` does not hold yet: they count for min_tokens (the runner's penalties count them on the
+        device: `from_batch`).
         """
         B, V = len(params), vocab_size
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == B):
@@ -141,19 +153,7 @@ class SamplingMetadata:
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
             meta._build_penalties(params, prompt_token_ids, output_token_ids, device)
 
-        blocked = [
-            (i, t)
-            for i, p in enumerate(params)
-            if len(output_token_ids[i]) + (num_pending[i] if num_pending else 0) < p.min_tokens
-            # vLLM: with ignore_eos, eos does not stop, so there is nothing to hold back.
-            for t in sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids)))
-            if 0 <= t < V
-        ]
-        if blocked:
-            rows, ids = zip(*blocked)
-            meta.min_tokens_rows_M = to_device(rows, torch.long, device)
-            meta.min_tokens_ids_M = to_device(ids, torch.long, device)
-
+        meta._build_min_tokens(params, [len(ids) for ids in output_token_ids], num_pending, eos_token_ids, device)
         if grammar_bitmasks is not None and any(m is not None for m in grammar_bitmasks):
             meta.grammar_allowed_BV = _unpack_bitmasks(grammar_bitmasks, V, device)
 
@@ -174,6 +174,98 @@ class SamplingMetadata:
         min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
         if any(p > 0.0 for p in min_p):
             meta.min_p_B = to_device(min_p, torch.float32, device)
+        meta._take_generators(generators, greedy, device)
+        meta.any_unseeded_random = len(meta.generators) < B - sum(greedy)
+        return meta
+
+    @classmethod
+    def from_batch(
+        cls,
+        batch: "PersistentBatch",
+        rows_B: np.ndarray,
+        states: list,
+        eos_token_ids: set[int],
+        device: torch.device,
+        grammar_bitmasks: Optional[list[Optional[bytes]]] = None,
+        num_pending: Optional[list[int]] = None,
+    ) -> "SamplingMetadata":
+        """The same metadata as `build`, from the runner's persistent batch (engine/input_batch.py): `rows_B`
+        are the batch rows of the sampling rows, `states` their CachedRequestStates in the same order. The
+        parameters are gathered from the batch's arrays (nothing per row in Python unless a feature needs it:
+        seeds, min_tokens, logprobs), and the penalties' counts stay on the device (`penalty_counts`)."""
+        B, V = len(rows_B), batch.V
+        greedy_B = batch.greedy_R[rows_B] if batch.num_random else np.ones(B, dtype=bool)
+        num_greedy = int(greedy_B.sum())
+        meta = cls(num_rows=B, vocab_size=V, all_greedy=num_greedy == B, all_random=num_greedy == 0)
+        if batch.num_logprobs:
+            num_logprobs = meta.num_logprobs = [st.params.logprobs for st in states]
+            lp_rows = [i for i, n in enumerate(num_logprobs) if n is not None]
+            if lp_rows:
+                meta.logprob_rows_L = to_device(lp_rows, torch.long, device)
+                meta.max_num_logprobs = min(V, max(num_logprobs[i] for i in lp_rows))
+        else:
+            meta.num_logprobs = [None] * B
+        if batch.num_penalised:
+            slots_B = batch.penalty_slot_R[rows_B]
+            has_B = slots_B >= 0
+            if has_B.any():
+                meta.no_penalties = False
+                meta.repetition_penalty_B = to_device(batch.repetition_R[rows_B], torch.float32, device)
+                meta.frequency_penalty_B = to_device(batch.frequency_R[rows_B], torch.float32, device)
+                meta.presence_penalty_B = to_device(batch.presence_R[rows_B], torch.float32, device)
+                meta.penalty_counts = batch.penalties
+                meta.penalty_slots_B = to_device(np.where(has_B, slots_B, 0), torch.long, device)
+                meta.penalty_needs_seen = bool((batch.repetition_R[rows_B] != 1.0).any())
+                meta.penalised_rows_Q = to_device(np.flatnonzero(has_B), torch.long, device)
+                meta.penalised_slots_Q = to_device(slots_B[has_B], torch.long, device)
+        if batch.num_min_tokens:
+            meta._build_min_tokens([st.params for st in states], [len(st.output_token_ids) for st in states],
+                                   num_pending, eos_token_ids, device)
+        if grammar_bitmasks is not None and any(m is not None for m in grammar_bitmasks):
+            meta.grammar_allowed_BV = _unpack_bitmasks(grammar_bitmasks, V, device)
+
+        if meta.all_greedy:
+            return meta
+        if not meta.all_random:
+            meta.greedy_mask_B = to_device(greedy_B, torch.bool, device)
+        meta.temperature_B = to_device(batch.temperature_R[rows_B], torch.float32, device)
+        if batch.num_top_k:
+            top_k_B = batch.top_k_R[rows_B]
+            enabled = top_k_B < V
+            if enabled.any():
+                meta.top_k_B = to_device(top_k_B, torch.long, device)
+                meta.max_top_k = int(top_k_B[enabled].max())
+        if batch.num_top_p:
+            top_p_B = batch.top_p_R[rows_B]
+            if (top_p_B < 1.0).any():
+                meta.top_p_B = to_device(top_p_B, torch.float32, device)
+        if batch.num_min_p:
+            min_p_B = batch.min_p_R[rows_B]
+            if (min_p_B > 0.0).any():
+                meta.min_p_B = to_device(min_p_B, torch.float32, device)
+        if batch.num_seeded:
+            meta._take_generators([st.generator for st in states], greedy_B.tolist(), device)
+        meta.any_unseeded_random = len(meta.generators) < B - num_greedy
+        return meta
+
+    def _build_min_tokens(self, params, num_outputs: list[int], num_pending: Optional[list[int]],
+                          eos_token_ids: set[int], device: torch.device) -> None:
+        """Block a row's stop ids and EOS while it has fewer than min_tokens outputs (those still on the device
+        included: `num_pending`)."""
+        blocked = [
+            (i, t)
+            for i, p in enumerate(params)
+            if p.min_tokens and num_outputs[i] + (num_pending[i] if num_pending else 0) < p.min_tokens
+            # vLLM: with ignore_eos, eos does not stop, so there is nothing to hold back.
+            for t in sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids)))
+            if 0 <= t < self.vocab_size
+        ]
+        if blocked:
+            rows, ids = zip(*blocked)
+            self.min_tokens_rows_M = to_device(rows, torch.long, device)
+            self.min_tokens_ids_M = to_device(ids, torch.long, device)
+
+    def _take_generators(self, generators: list, greedy: list[bool], device: torch.device) -> None:
         for i, (gen, g) in enumerate(zip(generators, greedy)):
             if gen is None or g:
                 continue
@@ -182,19 +274,22 @@ class SamplingMetadata:
                     f"SamplingMetadata.build: generators[{i}] is on {gen.device}, "
                     f"but sampling runs on {device}; a generator must live on the sampling device."
                 )
-            meta.generators[i] = gen
-        meta.any_unseeded_random = len(meta.generators) < B - sum(greedy)
-        return meta
+            self.generators[i] = gen
 
-    def add_pending_outputs(self, rows_P: torch.Tensor, tokens_P: torch.Tensor) -> None:
-        """Count output tokens that were still on the device when `build` ran (long [P] rows and ids, on the
-        metadata's device): the penalties see every output token, in stream order, with no host sync."""
-        if self.no_penalties or rows_P.numel() == 0:
-            return
-        ones_P = torch.ones(rows_P.shape, dtype=self.output_counts_BV.dtype, device=rows_P.device)
-        self.output_counts_BV.index_put_((rows_P, tokens_P), ones_P, accumulate=True)
-        if self.seen_mask_BV is not None:
-            self.seen_mask_BV[rows_P, tokens_P] = True
+    def penalty_tensors(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(output counts float32 [B, V], seen mask bool [B, V] or None): built by `build`, or gathered now from
+        the device counts (`from_batch`; called by the sampler, in stream order)."""
+        if self.penalty_counts is None:
+            return self.output_counts_BV, self.seen_mask_BV
+        pc, slots_B = self.penalty_counts, self.penalty_slots_B
+        counts_BV = pc.output_counts_PV.index_select(0, slots_B)
+        seen_BV = pc.prompt_seen_PV.index_select(0, slots_B) | (counts_BV > 0) if self.penalty_needs_seen else None
+        return counts_BV, seen_BV
+
+    def record_penalised(self, token_ids_B: torch.Tensor) -> None:
+        """After sampling (`from_batch` metadata): count the penalised rows' new tokens on the device."""
+        if self.penalised_rows_Q is not None:
+            self.penalty_counts.record(self.penalised_slots_Q, token_ids_B.index_select(0, self.penalised_rows_Q))
 
     def _build_penalties(self, params, prompt_token_ids, output_token_ids, device) -> None:
         self.no_penalties = False
@@ -212,7 +307,8 @@ def _unpack_bitmasks(masks: list[Optional[bytes]], V: int, device: torch.device)
     cross to the device (V / 8 per row) and are unpacked there."""
     words = -(-V // 32)
     full = b"\xff" * (4 * words)
-    packed = np.frombuffer(b"".join(full if m is None else m for m in masks), dtype=np.uint8)
+    # A bytearray: torch refuses to share a read-only buffer (bytes) without a warning.
+    packed = np.frombuffer(bytearray(b"".join(full if m is None else m for m in masks)), dtype=np.uint8)
     packed_BW = to_device(packed.reshape(len(masks), 4 * words), torch.uint8, device)
     # Little-endian words: byte k holds tokens 8k..8k+7, lowest bit first.
     shifts_8 = torch.arange(8, dtype=torch.uint8, device=device)
@@ -319,11 +415,11 @@ class Sampler:
 
 
 def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
-    if meta.seen_mask_BV is not None:
+    counts_BV, seen_BV = meta.penalty_tensors()
+    if seen_BV is not None:
         # HF/vLLM: shrink positive logits, push negative ones further down.
-        pen_BV = torch.where(meta.seen_mask_BV, meta.repetition_penalty_B.unsqueeze(1), 1.0)
+        pen_BV = torch.where(seen_BV, meta.repetition_penalty_B.unsqueeze(1), 1.0)
         logits.copy_(torch.where(logits > 0, logits / pen_BV, logits * pen_BV))
-    counts_BV = meta.output_counts_BV
     logits.sub_(meta.frequency_penalty_B.unsqueeze(1) * counts_BV)
     logits.sub_(meta.presence_penalty_B.unsqueeze(1) * (counts_BV > 0))
 

@@ -47,10 +47,11 @@ class StepInputs:
 
 
 def build_step_inputs(states: list, query_lens: list[int], block_size: int, sliding_window: int | None = None,
-                      null_block: int = -1) -> StepInputs:
+                      null_block: int = -1, tables_SM: np.ndarray | None = None) -> StepInputs:
     """The flat batch of `states` (CachedRequestState, in batch order) computing `query_lens[s]` tokens each
-    from their `num_computed_tokens`. Vectorised over the batch: only the token gather and the block-table
-    rows loop per sequence."""
+    from their `num_computed_tokens`. Vectorised over the batch: only the token gather loops per sequence.
+    `tables_SM`: the sequences' block tables gathered from the runner's persistent batch (input_batch.py);
+    None: built here from each state's `block_arr`."""
     bs = block_size
     num_seqs = len(states)
     starts = [st.num_computed_tokens for st in states]
@@ -106,11 +107,11 @@ def build_step_inputs(states: list, query_lens: list[int], block_size: int, slid
                 sample_rows.append(s)
                 num_pending.append(in_flight)
     tokens_T = np.asarray(tokens, dtype=np.int64)
-    max_blocks = max(len(st.block_ids) for st in states)
-    tables_SM = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-    for s, st in enumerate(states):
-        n_blk = len(st.block_ids)
-        tables_SM[s, :n_blk] = st.block_arr[:n_blk]
+    if tables_SM is None:
+        tables_SM = np.zeros((num_seqs, max(len(st.block_ids) for st in states)), dtype=np.int32)
+        for s, st in enumerate(states):
+            n_blk = len(st.block_ids)
+            tables_SM[s, :n_blk] = st.block_arr[:n_blk]
     slots_T = tables_SM[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
     sliding = None
     if sliding_window is not None:
