@@ -50,6 +50,9 @@ class StubForward:
     def __init__(self, hidden: int, device_s: float = 0.0):
         self.hidden, self.device_s = hidden, device_s
         self.threads: set[str] = set()
+        # Seconds the engine's device work ran inline on the host thread (SimulatedStream at T = 0: on CUDA that
+        # work is kernel launches; here it is also the LM head's and the sampler's CPU compute).
+        self.device_work_s = 0.0
 
     def __call__(self, input_ids_T, positions_T, ctx):
         self.threads.add("host" if threading.current_thread() is threading.main_thread() else "another thread")
@@ -86,6 +89,15 @@ def build_llm(seqs: int, tokens: int, model_dir: str, layers: int = 2, async_sch
         runner.stream = sim(device_ms * 1e-3)
     stub = StubForward(runner.model.cfg.hidden_size, device_ms * 1e-3 if device_ms and sim is None else 0.0)
     runner.model.forward = stub
+    device_step = getattr(runner, "_device_step", None)
+    if device_step is not None:
+        def timed_device_step(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return device_step(*a, **kw)
+            finally:
+                stub.device_work_s += time.perf_counter() - t0
+        runner._device_step = timed_device_step
     return llm, stub
 
 
@@ -93,24 +105,32 @@ def decode_ms_per_step(llm, seqs: int, tokens: int, detokenize: bool) -> float:
     """Mean host ms of the steps where every sequence decodes (prefill steps and the tail excluded). The mean,
     not the median: throughput pays for every step, the garbage collector's occasional long pause included
     (engine/gc_policy.py; a median hid a 100 ms pause every few dozen steps)."""
+    return decode_step_ms(llm, seqs, tokens, detokenize)[0]
+
+
+def decode_step_ms(llm, seqs: int, tokens: int, detokenize: bool, stub: StubForward | None = None
+                   ) -> tuple[float, float]:
+    """(mean ms per full decode step, of which mean ms in the device work run inline: `stub.device_work_s`)."""
     from moelink.engine import SamplingParams
 
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=detokenize)
     for i in range(seqs):
         llm.engine.add_request(f"h{detokenize}-{i}-{time.monotonic_ns()}", [5 + i % 50] * 64, params)
-    times = []
+    times, device = [], []
     started: set[str] = set()  # requests whose first token the host has seen
     while engine.has_requests():
         decoding = len(started) == seqs  # every prompt done before this step: it decodes
+        d0 = stub.device_work_s if stub is not None else 0.0
         t0 = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t0
         if decoding and engine.stats().num_running == seqs:  # a full decode batch, not the prefill or the tail
             times.append(dt)
+            device.append((stub.device_work_s if stub is not None else 0.0) - d0)
         elif not decoding:
             started.update(o.request_id for o in outs)
-    return statistics.fmean(times) * 1e3
+    return statistics.fmean(times) * 1e3, statistics.fmean(device) * 1e3
 
 
 def _async_modes() -> list[bool | None]:
@@ -165,12 +185,15 @@ def main(argv=None) -> dict:
                           for m in modes} if T else {}
             runs = {True: [], False: []}
             loop_runs = {m: [] for m in modes}
+            loop_device = {m: [] for m in modes}
             timed_runs = {m: [] for m in timed_llms}
             for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every setting
                 for detok in (True, False):
                     runs[detok].append(decode_ms_per_step(text_llm, args.seqs, args.tokens, detok))
                 for m in modes:
-                    loop_runs[m].append(decode_ms_per_step(loop_llms[m][0], args.seqs, args.tokens, False))
+                    ms, device_ms = decode_step_ms(*loop_llms[m][:1], args.seqs, args.tokens, False, loop_llms[m][1])
+                    loop_runs[m].append(ms)
+                    loop_device[m].append(device_ms)
                 for m in timed_llms:
                     timed_runs[m].append(decode_ms_per_step(timed_llms[m][0], args.seqs, args.tokens, False))
             forward_threads = {m: sorted(stub.threads) for m, (_, stub) in timed_llms.items()}
@@ -178,6 +201,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)
     text_ms, ids_ms = statistics.median(runs[True]), statistics.median(runs[False])
     loop_ms = {_label(m): statistics.median(v) for m, v in loop_runs.items()}
+    device_ms = {_label(m): statistics.median(v) for m, v in loop_device.items()}
     result = dict(benchmark="host_overhead", device="cpu", date=time.strftime("%Y-%m-%d"), commit=git_commit(),
                   seqs=args.seqs, tokens=args.tokens, repeats=args.repeats,
                   ms_per_decode_step=dict(detokenize=text_ms, token_ids_only=ids_ms),
@@ -188,6 +212,11 @@ def main(argv=None) -> dict:
                                  has_async_scheduling=modes != [None],
                                  ms_per_decode_step=loop_ms,
                                  us_per_seq_per_step={k: v * 1e3 / args.seqs for k, v in loop_ms.items()},
+                                 # Of that, the device work run inline (on CUDA: kernel launches; on this CPU also
+                                 # the LM head's and the sampler's compute), and what is left: Python host work.
+                                 device_work_us_per_seq={k: v * 1e3 / args.seqs for k, v in device_ms.items()},
+                                 host_only_us_per_seq={k: (loop_ms[k] - v) * 1e3 / args.seqs
+                                                       for k, v in device_ms.items()},
                                  runs={_label(m): v for m, v in loop_runs.items()}),
                   device_time=None)
     print(f"{args.seqs} sequences decoding, host ms per step (forward stubbed): "
@@ -195,6 +224,10 @@ def main(argv=None) -> dict:
     print("step loop, 1 layer, token ids: " + ", ".join(
         f"{k} {v:.2f} ms/step = {v * 1e3 / args.seqs:.1f} us per sequence" for k, v in loop_ms.items())
         + ("" if modes != [None] else " (this engine has no async_scheduling switch yet: its one loop)"))
+    if any(device_ms.values()):
+        print("  of which device work run inline (LM head, sampling; on CUDA: launches): " + ", ".join(
+            f"{k} {v * 1e3 / args.seqs:.1f} us, host alone {(loop_ms[k] - v) * 1e3 / args.seqs:.1f} us"
+            for k, v in device_ms.items()))
     if T:
         rows = []
         for m, v in timed_runs.items():

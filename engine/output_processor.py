@@ -28,6 +28,16 @@ class RequestState:
     first_token_time: float | None = None
     # Text emitted so far (for cumulative outputs); deltas are tracked by the detokenizer.
     text: str = ""
+    # RequestOutput.metrics: one dict per request, made again only when first_token_time is set (every output
+    # of a request shares it; readers treat it as read-only).
+    metrics: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._make_metrics()
+
+    def _make_metrics(self) -> None:
+        self.metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
+                        "output_kind": self.output_kind.value}
 
 
 class OutputProcessor:
@@ -53,7 +63,7 @@ class OutputProcessor:
         results: list[RequestOutput] = []
         stopped: list[str] = []
         now = time.monotonic()
-        final_only = OutputKind.FINAL_ONLY
+        final_only, delta_kind = OutputKind.FINAL_ONLY, OutputKind.DELTA
         for co in core_outputs:
             st = self.states.get(co.request_id)
             if st is None:
@@ -61,11 +71,22 @@ class OutputProcessor:
             new_ids = co.new_token_ids
             if new_ids and st.first_token_time is None:
                 st.first_token_time = now
+                st._make_metrics()
             st.token_ids.extend(new_ids)
             st.num_cached_tokens = co.num_cached_tokens
-            if (st.detok is None and co.finish_reason is None and st.output_kind is final_only
-                    and st.logprobs is None):
-                continue  # nothing to deliver or check until it finishes (LLM.generate's token-id requests)
+            if st.detok is None and co.finish_reason is None and st.logprobs is None:
+                # Token ids only, not finished: nothing to detokenize or check (a stream's common step).
+                if st.output_kind is final_only:
+                    continue  # nothing to deliver until it finishes (LLM.generate's token-id requests)
+                if st.output_kind is delta_kind:
+                    if not new_ids:
+                        continue
+                    comp = CompletionOutput(0, "", new_ids, None, None)
+                else:
+                    comp = CompletionOutput(0, st.text, list(st.token_ids), None, None)
+                results.append(RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], False,
+                                             st.num_cached_tokens, st.metrics))
+                continue
             for lp in co.new_logprobs or []:
                 self._add_logprobs(st, lp)
             finish_reason, stop_reason = co.finish_reason, co.stop_reason
@@ -119,6 +140,5 @@ class OutputProcessor:
         else:
             text, ids, logprobs = st.text, list(st.token_ids), st.logprobs
         comp = CompletionOutput(0, text, ids, st.cumulative_logprob, logprobs, finish_reason, stop_reason)
-        metrics = {"arrival_time": st.arrival_time, "first_token_time": st.first_token_time,
-                   "output_kind": st.output_kind.value}
-        return RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], finished, st.num_cached_tokens, metrics)
+        return RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], finished, st.num_cached_tokens,
+                             st.metrics)

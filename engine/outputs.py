@@ -41,4 +41,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # arrival_time, first_token_time, output_kind; one dict shared by a request's outputs: read, do not modify.
     metrics: dict = field(default_factory=dict)
