@@ -21,15 +21,27 @@ it; the device-side counts are only touched in stream order (`PenaltyCounts.reco
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from .device_stream import to_device
+from .sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from .request_state import CachedRequestState
+
+class CachedRequestState(Protocol):
+    """What the batch reads and sets of a runner's request state (request_state.CachedRequestState; a Protocol
+    here, so the state may name its batch without an import cycle)."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    block_ids: list[int]
+    block_arr: np.ndarray
+    generator: torch.Generator | None
+    row: int | None
+    batch: PersistentBatch | None
 
 
 class PenaltyCounts:
