@@ -170,6 +170,47 @@ def test_hub_errors_online_are_mapped(error, expected, monkeypatch, tmp_path):
     assert calls == [True, False]  # the cache first, then the hub
 
 
+def test_a_missing_directory_is_named_before_the_hub_is_asked(monkeypatch, tmp_path, caplog):
+    """`make serve TINY_MODEL=no-such-dir` (issue 27, item 10): a bare name that is no directory reads as a
+    mistyped path: its absolute path is said before the hub is tried, and again in the error."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    said_first = []
+
+    def fake_snapshot_download(repo_id, *, local_files_only, **kw):
+        if local_files_only:  # the cache is read first, which costs no network
+            raise errors.LocalEntryNotFoundError("not cached")
+        said_first.append(f"no such directory ({tmp_path / repo_id})" in caplog.text)
+        raise _hub_error(errors.RepositoryNotFoundError, 404)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with caplog.at_level("WARNING", logger="moelink.engine.model_source"):
+        with pytest.raises(ValueError, match=rf"model='no-such-dir' is not a local directory \(no such directory: "
+                                             rf"{tmp_path / 'no-such-dir'}\) and no Hugging Face repo"):
+            resolve_model_dir("no-such-dir", download_dir=str(tmp_path / "hub"))
+    assert said_first == [True]
+    # An owner/name id whose owner is no folder here is just an id: nothing said about directories.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moelink.engine.model_source"):
+        with pytest.raises(ValueError, match=r"model='org/x' is not a local directory and no Hugging Face repo"):
+            resolve_model_dir("org/x", download_dir=str(tmp_path / "hub"))
+    assert "no such directory" not in caplog.text
+
+
+def test_a_missing_directory_is_named_offline(hub_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for model in ("no-such-dir", "models/qwen3"):  # a bare name; a path whose parent folder is here
+        with pytest.raises(ValueError, match=rf"no such directory: {tmp_path / model}\) and not in the Hugging "
+                                             rf"Face cache .* offline"):
+            resolve_model_dir(model)
+
+
 def test_download_uses_the_allow_patterns(monkeypatch, tmp_path, tiny_model):
     import huggingface_hub
     from huggingface_hub import constants, errors
