@@ -56,6 +56,11 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling_params={shown(params)} is invalid: must be a SamplingParams.")
+    if params.n != 1:
+        # Refused, not run as one sample: a caller asking for n must get n or an error.
+        raise ValueError(f"SamplingParams.n={params.n} is invalid for one engine request: an engine request is "
+                         f"one sample; run n requests with params.sample(i), i < n (as LLM.generate and the "
+                         f"servers do).")
     text = None
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:

@@ -51,6 +51,8 @@ class SamplingParams:
     Defaults match vLLM: temperature 1.0, no top-k/top-p/min-p, 16 new tokens.
     temperature 0 means greedy. A request with `seed` draws from its own
     generator, so its tokens do not depend on what else is in the batch.
+    `n` samples per prompt: `LLM.generate` (and the servers) run each as its own engine request
+    (`sample(i)`); an engine request itself is one sample.
     """
 
     n: int = 1
@@ -81,7 +83,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        _check(self.n == 1, "n", self.n, "only n=1 is supported")
+        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
         for name, allowed in FLOAT_RANGES.items():
             value = getattr(self, name)
             _check(value in allowed, name, value, f"must be a finite number in {allowed}")
@@ -101,11 +103,15 @@ class SamplingParams:
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs", self.logprobs,
                f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 
-    def with_seed(self, seed: int) -> "SamplingParams":
-        """A copy with another seed, not validated again (a seed is an int whatever its value).
-        The lists are shared, never copied: nothing changes them after validation."""
+    def sample(self, i: int) -> "SamplingParams":
+        """The parameters of sample i (0 <= i < n) as one engine request: n=1 and, when seeded, seed + i, so the
+        samples differ from each other and a seeded request is reproducible sample by sample (every entry point
+        derives them this way). A copy not validated again; the lists are shared, never copied: nothing changes
+        them after validation."""
         p = copy.copy(self)
-        p.seed = seed
+        p.n = 1
+        if self.seed is not None:
+            p.seed = self.seed + i
         return p
 
     @property
