@@ -10,8 +10,6 @@ so which snapshot was picked is visible in ModelConfig.max_position_embeddings.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import types
 from pathlib import Path
 
@@ -21,25 +19,11 @@ from moelink.engine import LLM, EngineArgs, SamplingParams
 from moelink.engine.cli_args import add_engine_args, engine_args_from
 from moelink.engine.model_source import is_repo_id, resolve_model_dir
 
+from tests.helpers.hf_cache import add_snapshot
+
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 REPO = "org/name"
-
-
-def _add_snapshot(cache: Path, repo: str, commit: str, src: str, refs=("main",), **config_overrides) -> Path:
-    from huggingface_hub.file_download import repo_folder_name
-
-    repo_dir = cache / repo_folder_name(repo_id=repo, repo_type="model")
-    snap = repo_dir / "snapshots" / commit
-    shutil.copytree(src, snap)
-    if config_overrides:
-        cfg = json.loads((snap / "config.json").read_text())
-        cfg.update(config_overrides)
-        (snap / "config.json").write_text(json.dumps(cfg))
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (repo_dir / "refs" / ref).write_text(commit)
-    return snap
 
 
 @pytest.fixture
@@ -49,8 +33,8 @@ def hub_cache(tmp_path, tiny_model, monkeypatch):
 
     cache = tmp_path / "hub"
     src = tiny_model("qwen3_e6k3")
-    _add_snapshot(cache, REPO, COMMIT_A, src)
-    _add_snapshot(cache, REPO, COMMIT_B, src, refs=("v1",), max_position_embeddings=256)
+    add_snapshot(cache, REPO, COMMIT_A, src)
+    add_snapshot(cache, REPO, COMMIT_B, src, refs=("v1",), max_position_embeddings=256)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -115,7 +99,7 @@ def test_download_dir_points_the_cache(hub_cache, tmp_path, monkeypatch, tiny_mo
     from huggingface_hub import constants
 
     other = tmp_path / "other"
-    _add_snapshot(other, "org/only-here", COMMIT_A, tiny_model("qwen3_e6k3"))
+    add_snapshot(other, "org/only-here", COMMIT_A, tiny_model("qwen3_e6k3"))
     with pytest.raises(ValueError, match="org/only-here"):
         resolve_model_dir("org/only-here")
     path = resolve_model_dir("org/only-here", download_dir=str(other))
