@@ -372,6 +372,7 @@ def serve(engine_args, config: ServerConfig) -> int:
 
         if gateway.smg_executable() is None:  # said before any weights load
             raise gateway.GatewayError(gateway.INSTALL_HINT)
+        gateway.check_http_port(config.http_host, config.http_port)  # so is a port another server holds
     configure_logging(config.log_format)
     metrics = None
     if config.metrics_port is not None:
