@@ -71,6 +71,8 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: Optional[int] = None  # top-n logprobs per generated token
+    # Keep only the prompt's last k tokens; -1: as many as fit beside max_tokens (vLLM's "the model's limit").
+    truncate_prompt_tokens: Optional[int] = None
     skip_special_tokens: bool = True
     # False: no text at all (token ids only, as a client that detokenizes itself wants, e.g. the smg
     # gateway); saves the per-token decode on the engine thread. Stop strings need text, so they need True.
@@ -100,6 +102,9 @@ class SamplingParams:
                "stop strings are matched on the output text, so they need detokenize=True")
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputParams),
                "structured_outputs", self.structured_outputs, "must be a StructuredOutputParams or None")
+        _check(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens) and
+               (self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1)), "truncate_prompt_tokens",
+               self.truncate_prompt_tokens, "must be None, -1 (the model's limit) or a positive integer")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs", self.logprobs,
                f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 
