@@ -88,9 +88,21 @@ def _register_plugins(sub) -> None:
         register(sub)
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser, which refuses arguments it does not know itself: argparse would hand them up to
+    the top-level parser, whose error shows `usage: moelink [-h] {generate,serve,...}` instead of the usage
+    of the subcommand that was mistyped."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moelink", description="Mixture-of-experts LLM serving.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     gen = sub.add_parser("generate", help="generate text for one or more prompts, offline")
     add_engine_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")

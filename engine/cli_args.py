@@ -10,6 +10,17 @@ from moelink.comm.backends import ALL_TO_ALL_NAMES
 from .timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
 
 
+# The expert-parallel size: one long flag, vLLM's name, and its short alias. `-ep` is no prefix of another flag;
+# `--ep` (how `moelink plan` and the benchmarks spell it) is accepted as well: argparse takes an exact match
+# before abbreviations, so it never reads as an ambiguous prefix of --ep-rejoin, --eplb-interval, ...
+EP_FLAGS = ("--expert-parallel-size", "-ep", "--ep")
+
+
+def add_ep_flag(p: argparse.ArgumentParser, default: int, help: str, dest: str = "expert_parallel_size") -> None:
+    """The expert-parallel size flag, spelled the same way by every subcommand that takes one."""
+    p.add_argument(*EP_FLAGS, dest=dest, type=int, default=default, metavar="N", help=help)
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them."""
     p.add_argument("model", help="a local Hugging Face checkpoint directory, or a Hugging Face repo id ('org/name'): "
@@ -41,8 +52,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--device", default="auto")
-    p.add_argument("--expert-parallel-size", "-ep", type=int, default=1,
-                   help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1)")
+    add_ep_flag(p, default=1, help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
     p.add_argument("--all-to-all", default="auto", choices=ALL_TO_ALL_NAMES)

@@ -26,6 +26,17 @@ def max_tokens_too_large(field: str, max_tokens: int, num_prompt_tokens: int, ma
         f"to generate up to the context.")
 
 
+def kept_prompt_tokens(params: SamplingParams, max_model_len: int) -> int | None:
+    """How many prompt tokens params.truncate_prompt_tokens keeps (the last ones); None: no truncation.
+
+    -1 keeps as many as fit beside max_tokens (unset: one), so "the model's limit" never turns a request that
+    truncation could save into a max_tokens refusal; a max_tokens that leaves no room is still refused."""
+    keep = params.truncate_prompt_tokens
+    if keep != -1:
+        return keep
+    return max(max_model_len - (params.max_tokens or 1), 1)
+
+
 def _first_bad_id(ids: list, vocab: int) -> int | None:
     """Index of the first entry that is not an int in [0, vocab), or None; C-speed when all are fine."""
     if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab):
@@ -56,6 +67,11 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling_params={shown(params)} is invalid: must be a SamplingParams.")
+    if params.n != 1:
+        # Refused, not run as one sample: a caller asking for n must get n or an error.
+        raise ValueError(f"SamplingParams.n={params.n} is invalid for one engine request: an engine request is "
+                         f"one sample; run n requests with params.sample(i), i < n (as LLM.generate and the "
+                         f"servers do).")
     text = None
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
@@ -79,6 +95,9 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     if not ids:
         raise ValueError(f"{field} is empty: give at least one character or token id.")
     max_len = engine.config.scheduler.max_model_len
+    keep = kept_prompt_tokens(params, max_len)
+    if keep is not None:
+        ids = ids[-keep:]
     if len(ids) >= max_len:  # before looking at each id: a long list is refused at no cost
         raise too_long(field, len(ids), max_len)
     vocab = engine.config.model.vocab_size

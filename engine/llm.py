@@ -1,12 +1,13 @@
 """`LLM`: the offline batch API (`from moelink.engine import LLM, SamplingParams`)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from typing import Optional, Sequence, Union
 
 from .engine_args import EngineArgs
-from .llm_engine import LLMEngine, PromptType
+from .llm_engine import LLMEngine, ProcessedRequest, PromptType
 from .outputs import OutputKind, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -49,7 +50,8 @@ class LLM:
         sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Returns one finished RequestOutput per prompt, in input order."""
+        """Returns one finished RequestOutput per prompt, in input order; with SamplingParams.n > 1 its
+        `outputs` are the n samples, CompletionOutput.index 0 to n-1 (as vLLM's LLM returns them)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -66,9 +68,8 @@ class LLM:
                     f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts: give one, or one per prompt."
                 )
         # Validate everything before adding anything, so a bad prompt leaves no request behind.
-        processed = [
-            self.engine.process_inputs(str(next(self._counter)), p, sp) for p, sp in zip(prompts, params_list)
-        ]
+        groups = [self._samples(p, sp) for p, sp in zip(prompts, params_list)]
+        processed = [req for group in groups for req in group]
         for req in processed:
             # Only final outputs are read here: none is built per step (vLLM's LLM does the same).
             self.engine.add_processed(req, OutputKind.FINAL_ONLY)
@@ -86,7 +87,32 @@ class LLM:
             raise
         finally:
             bar.close()
-        return [finished[r.request_id] for r in processed]
+        return [_gathered([finished[r.request_id] for r in group]) for group in groups]
+
+    def _samples(self, prompt: PromptType, params: Optional[SamplingParams]) -> list[ProcessedRequest]:
+        """One prompt's engine requests, validated and tokenized once: itself, or for n > 1 one per sample,
+        ids `<id>-<i>`, parameters `params.sample(i)` (seed + i when seeded), as the servers run n."""
+        request_id = str(next(self._counter))
+        n = params.n if isinstance(params, SamplingParams) else 1  # anything else: process_inputs says what
+        if n == 1:
+            return [self.engine.process_inputs(request_id, prompt, params)]
+        first = self.engine.process_inputs(f"{request_id}-0", prompt, params.sample(0))
+        return [first] + [dataclasses.replace(first, request_id=f"{request_id}-{i}", params=params.sample(i))
+                          for i in range(1, n)]
+
+
+def _gathered(samples: list[RequestOutput]) -> RequestOutput:
+    """A prompt's finished samples as one RequestOutput: CompletionOutput i is sample i; the id is the prompt's
+    (without the `-<i>`); its first token is the first of any sample's."""
+    if len(samples) == 1:
+        return samples[0]
+    first = samples[0]
+    times = [t for t in (s.metrics.get("first_token_time") for s in samples) if t is not None]
+    return RequestOutput(
+        request_id=first.request_id.rsplit("-", 1)[0], prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
+        outputs=[dataclasses.replace(s.outputs[0], index=i) for i, s in enumerate(samples)], finished=True,
+        num_cached_tokens=first.num_cached_tokens,
+        metrics={**first.metrics, "first_token_time": min(times, default=None)})
 
 
 class _NullBar:

@@ -53,6 +53,20 @@ def _what_to_do(model: str, offline: bool = True) -> str:
             f"{reach}, or pass a local checkpoint directory")
 
 
+def _not_a_directory(model: str) -> str:
+    """How messages say that `model` names no local directory: with the path it was looked for at, when it was
+    more likely meant as a directory than as a repo id (see _path_like)."""
+    return f"is not a local directory (no such directory: {os.path.abspath(model)})" if _path_like(model) \
+        else "is not a local directory"
+
+
+def _path_like(model: str) -> bool:
+    """Whether a `model` that names no directory reads more as a mistyped path than as a repo id: a bare name
+    (ids without an owner are rare; `make serve TINY_MODEL=tiny-modle` is not), or one whose parent directory
+    exists here (`models/qwen3` beside a `models/` folder)."""
+    return "/" not in model or Path(model).parent.is_dir()
+
+
 def _has_checkpoint(path: str, weights: bool = True) -> bool:
     """A snapshot can hold only some files (another tool fetched config.json alone): such a one is refetched."""
     p = Path(path)
@@ -89,8 +103,12 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, download_dir: 
                              f"config.json or *.safetensors, and the hub is offline (HF_HUB_OFFLINE=1): "
                              f"{_what_to_do(model)}.")
         cache = download_dir or _default_cache()
-        raise ValueError(f"model={model!r}{where} is not a local directory and not in the Hugging Face cache "
+        raise ValueError(f"model={model!r}{where} {_not_a_directory(model)} and not in the Hugging Face cache "
                          f"({cache}), and the hub is offline (HF_HUB_OFFLINE=1): {_what_to_do(model)}.")
+    if _path_like(model):
+        # Said before the hub is asked (which can take a while to fail): most likely a path was mistyped.
+        logger.warning("model=%r: no such directory (%s); looking it up as a Hugging Face repo id", model,
+                       os.path.abspath(model))
     logger.info("downloading %s%s from the Hugging Face hub", model, where)
     path = _snapshot(model, revision, download_dir, local_files_only=False, weights=weights)
     if path is None or not _has_checkpoint(path, weights):
@@ -121,14 +139,15 @@ def _snapshot(model: str, revision: Optional[str], download_dir: Optional[str], 
         if local_files_only:
             return None
         # Online but unreachable (no network, hub down): the hub's own reason is kept.
-        raise ValueError(f"model={model!r}{where} is not in the Hugging Face cache and could not be downloaded "
+        raise ValueError(f"model={model!r}{where} {_not_a_directory(model)}, not in the Hugging Face cache and "
+                         f"could not be downloaded "
                          f"({_first_line(e)}): {_what_to_do(model, offline=False)}.") from None
     except GatedRepoError:  # before RepositoryNotFoundError: it is one
         raise ValueError(f"model={model!r} is a gated Hugging Face repo: accept its terms on "
                          f"https://huggingface.co/{model} and log in (`hf auth login` or HF_TOKEN), or pass a "
                          f"local checkpoint directory.") from None
     except RepositoryNotFoundError:
-        raise ValueError(f"model={model!r} is not a local directory and no Hugging Face repo of that id was found "
+        raise ValueError(f"model={model!r} {_not_a_directory(model)} and no Hugging Face repo of that id was found "
                          f"(or it is private: log in with `hf auth login` or HF_TOKEN): "
                          f"{_what_to_do(model, offline=False)}.") from None
     except RevisionNotFoundError:

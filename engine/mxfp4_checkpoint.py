@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .file_modes import umask_mode
+
 # gpt-oss's own published list: everything but the experts stays in its float dtype.
 MODULES_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 _EXPERT_WEIGHTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
@@ -65,6 +67,7 @@ def quantize_mxfp4_checkpoint(src: str | Path, dst: str | Path) -> Path:
         tensors = _quantize_tensors(load_file(str(shard)))
         converted += sum(n.endswith("_blocks") for n in tensors)
         save_file(tensors, str(dst / shard.name), metadata={"format": "pt"})
+        umask_mode([dst / shard.name])
         weight_map.update({n: shard.name for n in tensors})
     if converted == 0:
         raise ValueError(f"SRC={str(src)!r} has no '*{_EXPERT_WEIGHTS[0]}' / '*{_EXPERT_WEIGHTS[1]}' weights to quantize.")

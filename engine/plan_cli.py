@@ -19,6 +19,8 @@ import json
 import sys
 from datetime import date
 from pathlib import Path
+
+from .cli_args import add_ep_flag
 from .provenance import git_commit as _commit
 
 README_HARDWARE = ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72", "b300-hgx", "gb300-nvl72")
@@ -33,7 +35,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", default="h100-hgx",
                    help=f"one of {', '.join(sorted(PROFILES))}, a comma-separated list, or 'all' "
                         f"({', '.join(README_HARDWARE)})")
-    p.add_argument("--ep", type=int, default=8, help="EP group size (GPUs)")
+    add_ep_flag(p, default=8, help="EP group size (GPUs)", dest="ep")
     p.add_argument("--batch-per-rank", type=int, default=128, help="decode sequences per GPU")
     p.add_argument("--input-len", type=int, default=2000)
     p.add_argument("--output-len", type=int, default=1000)

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from moelink.kernels.fp8 import DEFAULT_BLOCK, block_quantize
 
+from .file_modes import umask_mode
 from .quantization import Fp8Config, quantization_config_dict
 
 # The weights DeepSeek's FP8 release quantizes (the `mlp.gate.weight` router and `lm_head` are not matched).
@@ -74,6 +75,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, block: tuple[int, int]
                 else:
                     out[name] = t
         save_file({k: v.contiguous() for k, v in out.items()}, str(dst / f.name), metadata={"format": "pt"})
+        umask_mode([dst / f.name])
         weight_map.update({name: f.name for name in out})
     index = src / "model.safetensors.index.json"
     if index.is_file():

@@ -51,6 +51,8 @@ class SamplingParams:
     Defaults match vLLM: temperature 1.0, no top-k/top-p/min-p, 16 new tokens.
     temperature 0 means greedy. A request with `seed` draws from its own
     generator, so its tokens do not depend on what else is in the batch.
+    `n` samples per prompt: `LLM.generate` (and the servers) run each as its own engine request
+    (`sample(i)`); an engine request itself is one sample.
     """
 
     n: int = 1
@@ -69,6 +71,8 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: Optional[int] = None  # top-n logprobs per generated token
+    # Keep only the prompt's last k tokens; -1: as many as fit beside max_tokens (vLLM's "the model's limit").
+    truncate_prompt_tokens: Optional[int] = None
     skip_special_tokens: bool = True
     # False: no text at all (token ids only, as a client that detokenizes itself wants, e.g. the smg
     # gateway); saves the per-token decode on the engine thread. Stop strings need text, so they need True.
@@ -81,7 +85,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        _check(self.n == 1, "n", self.n, "only n=1 is supported")
+        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
         for name, allowed in FLOAT_RANGES.items():
             value = getattr(self, name)
             _check(value in allowed, name, value, f"must be a finite number in {allowed}")
@@ -98,14 +102,21 @@ class SamplingParams:
                "stop strings are matched on the output text, so they need detokenize=True")
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputParams),
                "structured_outputs", self.structured_outputs, "must be a StructuredOutputParams or None")
+        _check(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens) and
+               (self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1)), "truncate_prompt_tokens",
+               self.truncate_prompt_tokens, "must be None, -1 (the model's limit) or a positive integer")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs", self.logprobs,
                f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 
-    def with_seed(self, seed: int) -> "SamplingParams":
-        """A copy with another seed, not validated again (a seed is an int whatever its value).
-        The lists are shared, never copied: nothing changes them after validation."""
+    def sample(self, i: int) -> "SamplingParams":
+        """The parameters of sample i (0 <= i < n) as one engine request: n=1 and, when seeded, seed + i, so the
+        samples differ from each other and a seeded request is reproducible sample by sample (every entry point
+        derives them this way). A copy not validated again; the lists are shared, never copied: nothing changes
+        them after validation."""
         p = copy.copy(self)
-        p.seed = seed
+        p.n = 1
+        if self.seed is not None:
+            p.seed = self.seed + i
         return p
 
     @property

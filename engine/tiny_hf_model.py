@@ -18,6 +18,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from .file_modes import umask_mode
+
 HF_ARCHS = {
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
@@ -71,6 +73,7 @@ def write_hf_model(out: Path, arch: str, common: dict, extra: Optional[Mapping],
         if old.exists():  # stale shards from an earlier call would leave a mixed checkpoint behind
             old.unlink()
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    umask_mode(out.glob("*.safetensors"))
 
 
 def _draw(name: str, p: torch.Tensor, gen: torch.Generator, init_std: Optional[float]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from safetensors.torch import save_file
 
+from .file_modes import umask_mode
 from .tiny_corpus import (CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, SPECIAL_TOKENS,  # noqa: F401 (re-exported)
                           train_tiny_tokenizer, write_tokenizer_configs)
 from .tiny_hf_model import HF_ARCHS, build_hf_config, write_generation_config, write_hf_model
@@ -299,6 +300,7 @@ def _save_weights(out: Path, tensors: dict[str, torch.Tensor], max_shard_size: O
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_size is None or total <= max_shard_size:
         save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
+        umask_mode([out / "model.safetensors"])
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -316,6 +318,7 @@ def _save_weights(out: Path, tensors: dict[str, torch.Tensor], max_shard_size: O
     for k, shard in enumerate(shards, start=1):
         fname = f"model-{k:05d}-of-{n:05d}.safetensors"
         save_file(shard, str(out / fname), metadata=metadata)
+        umask_mode([out / fname])
         weight_map.update({name: fname for name in shard})
     _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 

@@ -27,6 +27,7 @@ from typing import Optional
 
 from .builtin_corpus import Doc, chat_text, corpus_words, prose_text, stdlib_docs
 from .builtin_model import DESCRIPTION, MARKER_FILE
+from .file_modes import umask_mode
 from .tiny_corpus import EOS_TOKEN, IM_END, train_bpe_tokenizer, write_tokenizer_configs
 
 HELD_OUT_EVERY = 50   # document i is held out when i % 50 == 0
@@ -231,6 +232,7 @@ def _save(out: Path, model, tokenizer, train_texts: list[str], cfg: TrainConfig,
     out.mkdir(parents=True, exist_ok=True)
     model.config.output_router_logits = False  # a training switch; inference has no use for it
     model.save_pretrained(out)
+    umask_mode(out.glob("*.safetensors"))
     tokenizer.save(str(out / "tokenizer.json"))
     write_tokenizer_configs(out, tokenizer, cfg.max_position_embeddings)
     words = corpus_words(train_texts)

@@ -67,3 +67,21 @@ def test_docs_name_no_path_outside_the_repository(doc):
 def test_link_pattern_reads_the_forms_the_docs_use():
     text = 'see [a](b.md), ![img](c/d.png "t"), [x](../README.md#bad-input) and [y](#z) but not [z] (w)'
     assert LINK.findall(text) == ["b.md", "c/d.png", "../README.md#bad-input", "#z"]
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    return text[start:text.find("\n## ", start + 1)]
+
+
+def test_the_command_line_section_names_the_grpc_client():
+    """The shell's way to try a gRPC server (engine/server/client.py), as `make serve` prints it (issue 27)."""
+    assert "python -m moelink.engine.server.client --target 127.0.0.1:50051" in _readme_section("Command line")
+
+
+def test_benchmark_clients_install_into_the_project_venv():
+    """aiperf and guidellm resolve beside moelink's pins (issue 27): no separate venvs to tell people to make."""
+    section = _readme_section("Benchmarks")
+    assert ".venv/bin/pip install aiperf guidellm" in section
+    assert "venv of its own" not in section and "aiperf-venv" not in section and "guidellm-venv" not in section

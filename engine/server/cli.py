@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 
 from ..cli_args import add_engine_args, engine_args_from
@@ -49,8 +48,6 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest gRPC message, in bytes, received or sent")
     add_limit_args(p)
-    if "--expert-parallel-size" not in p._option_string_actions:  # engine flags may already have it
-        p.add_argument("--expert-parallel-size", type=int, default=1, help="expert-parallel ranks")
 
 
 def server_config_from(ns: argparse.Namespace) -> ServerConfig:
@@ -65,23 +62,11 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
                         limits=limits_from(ns))
 
 
-def serve_engine_args_from(ns: argparse.Namespace):
-    """EngineArgs for `serve`, with --expert-parallel-size passed on when the engine knows the option."""
-    args = engine_args_from(ns)
-    ep = getattr(ns, "expert_parallel_size", 1)
-    if "expert_parallel_size" in {f.name for f in dataclasses.fields(args)}:
-        if getattr(args, "expert_parallel_size") != ep:
-            args = dataclasses.replace(args, expert_parallel_size=ep)
-    elif ep != 1:
-        raise ValueError(f"expert_parallel_size={ep} is invalid: this build of moelink runs one rank only.")
-    return args
-
-
 def _serve(ns: argparse.Namespace) -> int:
     from .server import serve
 
     config = server_config_from(ns)  # validate server flags before loading any weights
-    return serve(serve_engine_args_from(ns), config)
+    return serve(engine_args_from(ns), config)
 
 
 def _stats(ns: argparse.Namespace) -> int:

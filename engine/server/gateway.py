@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .ports import bind_error, listens_on
+
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0  # smg starts in about a second; it lists the model once its health probe passed
@@ -39,6 +41,16 @@ class GatewayError(ValueError):
     """The managed gateway could not be started (not installed, port taken, never ready).
 
     A ValueError so that the CLI prints it as its one-line error, like any other bad flag."""
+
+
+def check_http_port(host: str, port: int) -> None:
+    """GatewayError unless `host:port` can be bound now: another server on it (a second `moelink serve`) would
+    answer the new gateway's readiness probe, and the new gateway itself could never bind."""
+    reason = bind_error(host, port)
+    if reason is not None:
+        raise GatewayError(f"http_port={port} is invalid: could not bind {host}:{port} ({reason}): another server "
+                           f"(a second `moelink serve`?) holds it; stop it, pick another --http-port, or pass "
+                           f"--no-http to serve gRPC only.")
 
 
 def smg_executable() -> Optional[str]:
@@ -108,6 +120,7 @@ class GatewaySupervisor:
         self._watch = asyncio.create_task(self._supervise())
 
     async def _spawn_ready(self) -> None:
+        check_http_port(self.spec.http_host, self.spec.http_port)
         self.metrics_port = self.spec.metrics_port or free_loopback_port()
         cmd, env = _with_key(self.command(self.metrics_port), self.spec.api_key)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -120,10 +133,13 @@ class GatewaySupervisor:
             if log is not subprocess.DEVNULL:
                 log.close()
         deadline = time.monotonic() + self.ready_timeout
-        while not await asyncio.to_thread(self._lists_model):
+        while not await asyncio.to_thread(self._ready):
             if self.proc.poll() is not None:
+                taken = bind_error(self.spec.http_host, self.spec.http_port)  # smg is gone: anyone there is not it
+                why = f"--http-port {self.spec.http_port} is taken ({taken})" if taken else \
+                    f"--http-port {self.spec.http_port} in use?"
                 raise GatewayError(f"the smg gateway exited with {self.proc.returncode} before it was ready "
-                                   f"(--http-port {self.spec.http_port} in use?){self._log_hint()}")
+                                   f"({why}){self._log_hint()}")
             if time.monotonic() >= deadline:
                 await self._terminate()
                 raise GatewayError(f"the smg gateway did not serve the model on --http-port {self.spec.http_port} "
@@ -132,6 +148,11 @@ class GatewaySupervisor:
 
     def _log_hint(self) -> str:
         return f"; its log: {self.log_path}" if self.log_path else "; MOELINK_GATEWAY_LOG=FILE keeps its log"
+
+    def _ready(self) -> bool:
+        """The gateway this supervisor started listens on the HTTP port, and lists the model there. Checked by
+        its PID first: a server that already held the port (or took it since) answers /v1/models just as well."""
+        return listens_on(self.proc.pid, self.spec.http_port) is not False and self._lists_model()
 
     def _lists_model(self) -> bool:
         """smg lists a real model id once it has probed the worker (it says 'unknown' before)."""

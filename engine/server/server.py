@@ -372,6 +372,7 @@ def serve(engine_args, config: ServerConfig) -> int:
 
         if gateway.smg_executable() is None:  # said before any weights load
             raise gateway.GatewayError(gateway.INSTALL_HINT)
+        gateway.check_http_port(config.http_host, config.http_port)  # so is a port another server holds
     configure_logging(config.log_format)
     metrics = None
     if config.metrics_port is not None:
@@ -379,8 +380,9 @@ def serve(engine_args, config: ServerConfig) -> int:
 
         metrics = EngineMetrics()
     engine = AsyncEngine.from_engine_args(engine_args, metrics=metrics)
-    tokenizer_path = (os.path.abspath(engine_args.model) if os.path.isdir(engine_args.model)
-                      and not isinstance(engine.tokenizer, NoTokenizer) else None)
+    # The directory the engine read: the one given, or a Hugging Face id's snapshot in the cache.
+    tokenizer_path = (None if isinstance(engine.tokenizer, NoTokenizer)
+                      else os.path.abspath(engine.info.model.model))
     try:
         asyncio.run(_serve(engine, config, tokenizer_path))
     finally:

@@ -189,9 +189,7 @@ class Serving:
         base = f"{request_id}|{next(self._admissions)}"
         # One validated request, n engine requests: only the id (and a seed) differ.
         samples = [replace(processed, request_id=base)] if n == 1 else [
-            replace(processed, request_id=f"{base}#{i}",
-                    params=params if params.seed is None else params.with_seed(params.seed + i))
-            for i in range(n)]
+            replace(processed, request_id=f"{base}#{i}", params=params.sample(i)) for i in range(n)]
         if not self.engine.is_healthy:
             raise Draining(f"the engine is not running ({self.engine.dead_error}); retry on another replica.")
         entry = self.registry.admit(request_id, [p.request_id for p in samples], len(prompt_ids) * n)

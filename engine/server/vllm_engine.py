@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
+from ..input_processing import kept_prompt_tokens
 from ..llm_engine import ProcessedRequest
 from ..safe_text import shown
 from ..sampling_params import SamplingParams
@@ -51,9 +52,6 @@ def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = Re
         raise ValueError("sampling_params.logit_bias is not supported yet.")
     if sp.HasField("prompt_logprobs"):
         raise ValueError("sampling_params.prompt_logprobs is not supported yet: ask for output logprobs only.")
-    if sp.HasField("truncate_prompt_tokens") and sp.truncate_prompt_tokens != -1 and sp.truncate_prompt_tokens < 1:
-        raise ValueError(f"sampling_params.truncate_prompt_tokens={sp.truncate_prompt_tokens} is invalid: "
-                         f"must be -1 (the model's limit) or a positive integer.")
     try:
         params = SamplingParams(
             temperature=optional(sp, "temperature", 1.0),
@@ -70,6 +68,7 @@ def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = Re
             ignore_eos=sp.ignore_eos,
             include_stop_str_in_output=sp.include_stop_str_in_output,
             logprobs=optional(sp, "logprobs"),
+            truncate_prompt_tokens=optional(sp, "truncate_prompt_tokens"),
             seed=optional(sp, "seed"),
             skip_special_tokens=sp.skip_special_tokens,
             # This protocol carries token ids only (the gateway detokenizes): text is needed
@@ -80,19 +79,6 @@ def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = Re
     except ValueError as exc:
         raise ValueError(wire_message(str(exc))) from None
     return params, sp.n or 1
-
-
-def kept_tokens(sp: pb.SamplingParams, max_model_len: int) -> int | None:
-    """How many prompt tokens truncate_prompt_tokens keeps (the last ones); None: no truncation.
-
-    -1 keeps as many as fit beside max_tokens (unset: one), so "the model's limit" never turns a request that
-    truncation could save into a max_tokens refusal; a max_tokens that leaves no room is still refused."""
-    if not sp.HasField("truncate_prompt_tokens"):
-        return None
-    if sp.truncate_prompt_tokens != -1:
-        return sp.truncate_prompt_tokens
-    room = max_model_len - (sp.max_tokens if sp.HasField("max_tokens") and sp.max_tokens > 0 else 1)
-    return max(room, 1)
 
 
 def output_logprobs(token_ids, logprobs, num_top) -> pb.OutputLogProbs | None:
@@ -132,7 +118,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         if request.HasField("kv_transfer_params_json") or request.HasField("kv_transfer_params"):
             raise ValueError("kv_transfer_params is not supported: moelink does not do prefill/decode disaggregation.")
         which = request.WhichOneof("input")
-        keep = kept_tokens(request.sampling_params, self.s.max_model_len)
+        # Only the kept tail is tokenized (a long text costs no more than it); process_inputs keeps the same.
+        keep = kept_prompt_tokens(params, self.s.max_model_len)
         if which == "tokenized":
             return await self.s.prepare(rid, request.tokenized.input_ids, params, "tokenized.input_ids", keep)
         if which == "text":

@@ -10,8 +10,6 @@ so which snapshot was picked is visible in ModelConfig.max_position_embeddings.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import types
 from pathlib import Path
 
@@ -21,25 +19,11 @@ from moelink.engine import LLM, EngineArgs, SamplingParams
 from moelink.engine.cli_args import add_engine_args, engine_args_from
 from moelink.engine.model_source import is_repo_id, resolve_model_dir
 
+from tests.helpers.hf_cache import add_snapshot
+
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 REPO = "org/name"
-
-
-def _add_snapshot(cache: Path, repo: str, commit: str, src: str, refs=("main",), **config_overrides) -> Path:
-    from huggingface_hub.file_download import repo_folder_name
-
-    repo_dir = cache / repo_folder_name(repo_id=repo, repo_type="model")
-    snap = repo_dir / "snapshots" / commit
-    shutil.copytree(src, snap)
-    if config_overrides:
-        cfg = json.loads((snap / "config.json").read_text())
-        cfg.update(config_overrides)
-        (snap / "config.json").write_text(json.dumps(cfg))
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (repo_dir / "refs" / ref).write_text(commit)
-    return snap
 
 
 @pytest.fixture
@@ -49,8 +33,8 @@ def hub_cache(tmp_path, tiny_model, monkeypatch):
 
     cache = tmp_path / "hub"
     src = tiny_model("qwen3_e6k3")
-    _add_snapshot(cache, REPO, COMMIT_A, src)
-    _add_snapshot(cache, REPO, COMMIT_B, src, refs=("v1",), max_position_embeddings=256)
+    add_snapshot(cache, REPO, COMMIT_A, src)
+    add_snapshot(cache, REPO, COMMIT_B, src, refs=("v1",), max_position_embeddings=256)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -115,7 +99,7 @@ def test_download_dir_points_the_cache(hub_cache, tmp_path, monkeypatch, tiny_mo
     from huggingface_hub import constants
 
     other = tmp_path / "other"
-    _add_snapshot(other, "org/only-here", COMMIT_A, tiny_model("qwen3_e6k3"))
+    add_snapshot(other, "org/only-here", COMMIT_A, tiny_model("qwen3_e6k3"))
     with pytest.raises(ValueError, match="org/only-here"):
         resolve_model_dir("org/only-here")
     path = resolve_model_dir("org/only-here", download_dir=str(other))
@@ -168,6 +152,47 @@ def test_hub_errors_online_are_mapped(error, expected, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=expected):
         resolve_model_dir("org/x", revision="dev", download_dir=str(tmp_path))
     assert calls == [True, False]  # the cache first, then the hub
+
+
+def test_a_missing_directory_is_named_before_the_hub_is_asked(monkeypatch, tmp_path, caplog):
+    """`make serve TINY_MODEL=no-such-dir` (issue 27, item 10): a bare name that is no directory reads as a
+    mistyped path: its absolute path is said before the hub is tried, and again in the error."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    said_first = []
+
+    def fake_snapshot_download(repo_id, *, local_files_only, **kw):
+        if local_files_only:  # the cache is read first, which costs no network
+            raise errors.LocalEntryNotFoundError("not cached")
+        said_first.append(f"no such directory ({tmp_path / repo_id})" in caplog.text)
+        raise _hub_error(errors.RepositoryNotFoundError, 404)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with caplog.at_level("WARNING", logger="moelink.engine.model_source"):
+        with pytest.raises(ValueError, match=rf"model='no-such-dir' is not a local directory \(no such directory: "
+                                             rf"{tmp_path / 'no-such-dir'}\) and no Hugging Face repo"):
+            resolve_model_dir("no-such-dir", download_dir=str(tmp_path / "hub"))
+    assert said_first == [True]
+    # An owner/name id whose owner is no folder here is just an id: nothing said about directories.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moelink.engine.model_source"):
+        with pytest.raises(ValueError, match=r"model='org/x' is not a local directory and no Hugging Face repo"):
+            resolve_model_dir("org/x", download_dir=str(tmp_path / "hub"))
+    assert "no such directory" not in caplog.text
+
+
+def test_a_missing_directory_is_named_offline(hub_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for model in ("no-such-dir", "models/qwen3"):  # a bare name; a path whose parent folder is here
+        with pytest.raises(ValueError, match=rf"no such directory: {tmp_path / model}\) and not in the Hugging "
+                                             rf"Face cache .* offline"):
+            resolve_model_dir(model)
 
 
 def test_download_uses_the_allow_patterns(monkeypatch, tmp_path, tiny_model):

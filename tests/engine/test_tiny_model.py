@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -186,6 +188,22 @@ def test_cli(tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["num_hidden_layers"], cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["vocab_size"]) == (1, 4, 1, 400)
     assert (out / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("arch,shard", [("qwen3_moe", None), ("mixtral", 50_000), ("deepseek_v3", None)])
+def test_weights_get_the_mode_of_every_other_file(tmp_path, arch, shard):
+    """safetensors writes weights 0600 whatever the umask (issue 27, item 11): they must read like config.json,
+    0666 minus the umask, whether moelink (one file or shards) or transformers (save_pretrained) wrote them."""
+    for umask, want in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            out = make_tiny_model(tmp_path / f"{arch}-{umask:o}", arch, num_layers=1, num_experts=4, top_k=1,
+                                  vocab_size=400, max_shard_size=shard)
+        finally:
+            os.umask(old)
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+        assert any(name.endswith(".safetensors") for name in modes)
+        assert modes == dict.fromkeys(modes, want), modes
 
 
 # -- DeepSeek-V3, DeepSeek-V2, GLM-4-MoE: built and saved by transformers (engine/tiny_hf_model.py) -------------

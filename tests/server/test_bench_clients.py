@@ -1,7 +1,7 @@
 """aiperf against the managed gateway, offline, with the absolute tokenizer path `moelink serve` prints.
 
-aiperf pins huggingface_hub < 2, which the project's transformers does not accept, so it lives in a venv
-of its own (README: Benchmark clients); the test finds it through $AIPERF or PATH and is skipped without it.
+aiperf installs into the project's venv (README: Benchmark clients); the test finds it through $AIPERF, beside
+this Python (a venv that was not activated) or on PATH, and is skipped without it.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -22,7 +23,8 @@ REQUESTS, OUTPUT_LEN = 8, 16
 
 
 def _aiperf():
-    exe = os.environ.get("AIPERF") or shutil.which("aiperf")
+    beside = os.path.join(os.path.dirname(sys.executable), "aiperf")
+    exe = os.environ.get("AIPERF") or (beside if os.access(beside, os.X_OK) else shutil.which("aiperf"))
     return exe if exe and os.path.exists(exe) else None
 
 

@@ -6,9 +6,12 @@ The real smg is exercised by tests/server/test_managed_gateway.py; this stand-in
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
 import os
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -52,9 +55,33 @@ def fake(tmp_path):
     return script, mode
 
 
-def _supervisor(script, **kw) -> gw.GatewaySupervisor:
-    spec = gw.GatewaySpec(http_host="127.0.0.1", http_port=free_port(), worker_url="grpc://127.0.0.1:1")
+def _supervisor(script, port=None, **kw) -> gw.GatewaySupervisor:
+    spec = gw.GatewaySpec(http_host="127.0.0.1", http_port=port or free_port(), worker_url="grpc://127.0.0.1:1")
     return gw.GatewaySupervisor(spec, str(script), **kw)
+
+
+@pytest.fixture
+def other_gateway():
+    """Another OpenAI API already serving a model on a loopback port (the gateway of a first `moelink serve`),
+    in this test process: its port, stopped at teardown."""
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "builtin-model"}]}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+    thread.join(10)
 
 
 def _alive(pid: int) -> bool:
@@ -132,3 +159,35 @@ def test_the_key_goes_through_the_environment_not_the_command_line(fake, tmp_pat
     binary.write_bytes(b"\x7fELF...")
     cmd, env = gw._with_key([str(binary), "launch"], "s3cret")  # not a script: only the command line is left
     assert cmd[-2:] == ["--api-key", "s3cret"] and gw._KEY_ENV not in env
+
+
+def test_a_port_another_gateway_serves_is_refused_not_reported_as_ours(fake, other_gateway):
+    """Issue 27, item 7: with a first server's gateway on the port, the second gateway's readiness probe got the
+    first one's answer, so `moelink serve` said it served the OpenAI API while its own smg could not bind."""
+    script, _ = fake
+    sup = _supervisor(script, port=other_gateway)
+    with pytest.raises(gw.GatewayError, match=rf"http_port={other_gateway} is invalid: could not bind "
+                                              rf"127\.0\.0\.1:{other_gateway} \(Address already in use\).*--no-http"):
+        asyncio.run(sup.start())
+    assert sup.proc is None  # refused before anything was started
+
+
+def test_ready_means_the_gateway_it_started_answers(fake, other_gateway, monkeypatch):
+    """The port taken between the check and smg's bind: the answer on it comes from another process, so the
+    gateway is not ready; it exits (it cannot bind) and that is the error, naming the port."""
+    script, _ = fake
+    monkeypatch.setattr(gw, "check_http_port", lambda host, port: None)
+    sup = _supervisor(script, port=other_gateway, ready_timeout=30)
+    with pytest.raises(gw.GatewayError, match=rf"exited with 1 before it was ready \(--http-port {other_gateway} is "
+                                              rf"taken \(Address already in use\)\)"):
+        asyncio.run(sup.start())
+    assert not _alive(sup.pid)
+
+
+def test_the_listener_is_told_by_pid(other_gateway):
+    from moelink.engine.server import ports
+
+    assert ports.listens_on(os.getpid(), other_gateway) is True
+    assert ports.listens_on(os.getpid(), free_port()) is False
+    assert ports.bind_error("127.0.0.1", other_gateway) == "Address already in use"
+    assert ports.bind_error("127.0.0.1", free_port()) is None

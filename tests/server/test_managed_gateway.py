@@ -177,6 +177,26 @@ def test_missing_smg_is_one_clear_error_before_weights_load(monkeypatch, capsys,
     assert err.count("\n") == 1, err
 
 
+def test_an_http_port_another_server_holds_is_one_clear_error_before_weights_load(capsys, tmp_path):
+    """A second `moelink serve` on the first one's --http-port (issue 27, item 7) exits 2 with one line naming
+    the flag, not after the weights load and not by saying it serves an API another process answers."""
+    import socket
+
+    from moelink.engine.cli import main
+
+    if smg_executable() is None:
+        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
+    with socket.socket() as first:
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+        # An empty model directory: the port check comes first, before anything loads.
+        assert main(["serve", str(tmp_path), "--port", "0", "--http-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"http_port={port} is invalid: could not bind 127.0.0.1:{port} (Address already in use)" in err, err
+    assert "--no-http" in err and err.count("\n") == 1, err
+
+
 def test_worker_url_dials_wildcard_binds_on_loopback():
     assert gateway_mod.worker_url("0.0.0.0", 5) == "grpc://127.0.0.1:5"
     assert gateway_mod.worker_url("::", 5) == "grpc://[::1]:5"
