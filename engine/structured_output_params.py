@@ -65,7 +65,8 @@ class StructuredOutputParams:
         """(kind, spec text): equal keys compile to the same grammar (the compile cache's key)."""
         kind = self.kind
         if kind == "json":
-            spec = self.json if isinstance(self.json, str) else json.dumps(self.json, sort_keys=True)
+            # Insertion order, not sorted: a schema's property order is the order the output is written in.
+            spec = self.json if isinstance(self.json, str) else json.dumps(self.json)
         elif kind == "choice":
             spec = json.dumps(list(self.choice))
         elif kind == "json_object":
