@@ -27,7 +27,7 @@ import numpy as np
 
 from .json_schema_grammar import schema_ebnf
 from .safe_text import shown
-from .structured_output_params import PREFIX, StructuredOutputParams
+from .structured_output_params import PREFIX, StructuredOutputParams, choice_ebnf
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +85,7 @@ class GrammarCompilerPool:
             return compiler.compile_regex(spec)
         if kind == "grammar":
             return compiler.compile_grammar(spec)
-        alts = " | ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in params.choice)
-        return compiler.compile_grammar(f"root ::= {alts}")
+        return compiler.compile_grammar(choice_ebnf(params.choice))
 
     def submit(self, params: StructuredOutputParams) -> Future:
         key = params.key

@@ -76,6 +76,13 @@ class StructuredOutputParams:
         return kind, spec
 
 
+def choice_ebnf(choices) -> str:
+    """The EBNF grammar whose output is exactly one of `choices` (the choice kind's grammar, also what the
+    managed HTTP gateway sends smg for a `choice`, which smg cannot carry itself)."""
+    alts = " | ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in choices)
+    return f"root ::= {alts}"
+
+
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{PREFIX}{name}={shown(value)} is invalid: {allowed}.")
