@@ -38,7 +38,8 @@ XGRAMMAR_FORMATS = frozenset({"duration", "ipv6", "hostname", "uuid", "uri", "ur
 # February 31st, its time and date-time any number of decimals, its ipv4 leading zeros (which RFC 3986 and
 # Python's ipaddress refuse). Each pattern is a subset of its format: email is RFC 5322's dot-atom form (no
 # quoted local part), dates skip February 29th and years before 1000, times leap seconds and decimals past 6.
-_DATE = r"[1-9][0-9]{3}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))"
+_DATE = (r"[1-9][0-9]{3}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+         r"|02-(0[1-9]|1[0-9]|2[0-8]))")
 _TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _EMAIL = (r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
           r"@[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")

@@ -61,11 +61,6 @@ def json_string_regex(pattern: str) -> str:
     return _Translator(pattern).seq(list(parsed), at_start=True, at_end=True)
 
 
-def json_chars_regex(min_chars: int, max_chars: int) -> str:
-    """Any string of min_chars to max_chars characters (code points), as JSON text."""
-    return f"({chars_regex(_complement([]))}){{{min_chars},{max_chars}}}"
-
-
 def chars_regex(chars: Ranges) -> str:
     """One character of `chars`, as JSON text: the class of those written as themselves, or the escape of
     those JSON must escape. Surrogates are left out (they are not characters)."""

@@ -4,7 +4,9 @@ vLLM's `serve` gives HTTP in one command; moelink speaks gRPC, and the smg gatew
 that into the OpenAI API. Rather than have the user learn and run a second program, the server starts
 smg in front of its own gRPC port, restarts it (bounded, with backoff) when it dies, and stops it by
 PID when the server stops. smg runs in its own process group so a Ctrl-C in the terminal reaches the
-server, which drains first and then stops smg: the gateway must outlive no request and no server.
+server, which drains first and then stops smg: the gateway must outlive no request and no server. smg
+listens on loopback; the HTTP port is the server's own front (http_front.py), which hands smg the request
+fields it would drop.
 """
 from __future__ import annotations
 

@@ -61,7 +61,8 @@ def test_choice_over_http_is_enforced(http_port, path, field):
 def test_regex_grammar_and_json_through_structured_outputs(http_port):
     status, text = _post(http_port, "/v1/completions", seed=1, structured_outputs={"regex": "[a-c]{3}-[0-9]"})
     assert status == 200 and len(text) == 5 and text[3] == "-", text
-    status, text = _post(http_port, "/v1/chat/completions", seed=2, structured_outputs={"grammar": 'root ::= "y" | "n"'})
+    grammar = {"grammar": 'root ::= "y" | "n"'}
+    status, text = _post(http_port, "/v1/chat/completions", seed=2, structured_outputs=grammar)
     assert status == 200 and text in ("y", "n"), text
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
     for path in ("/v1/chat/completions", "/v1/completions"):

@@ -64,19 +64,18 @@ def test_second_ctrl_c_ends_every_stream_as_aborted_or_failed(model_path):
         ch = grpc.insecure_channel(srv.addr)
         s = make_stubs(ch)
         pb, vpb = s.pb, s.vpb
-        calls = {
-            "native": s.native.Generate(pb.GenerateRequest(request_id="native", prompt="a long story", sampling_params=
-                                                           pb.SamplingParams(max_tokens=LONG, ignore_eos=True)), timeout=90),
-            "vllm": s.vllm.Generate(vpb.GenerateRequest(request_id="vllm", tokenized=vpb.TokenizedInput(
-                input_ids=[1, 2, 3, 4]), stream=True, sampling_params=vpb.SamplingParams(
-                max_tokens=LONG, ignore_eos=True)), timeout=90),
-        }
+        native_req = pb.GenerateRequest(request_id="native", prompt="a long story",
+                                        sampling_params=pb.SamplingParams(max_tokens=LONG, ignore_eos=True))
+        vllm_req = vpb.GenerateRequest(request_id="vllm", tokenized=vpb.TokenizedInput(input_ids=[1, 2, 3, 4]),
+                                       stream=True, sampling_params=vpb.SamplingParams(max_tokens=LONG, ignore_eos=True))
+        calls = {"native": s.native.Generate(native_req, timeout=90), "vllm": s.vllm.Generate(vllm_req, timeout=90)}
         body = dict(model=SERVED, stream=True, max_tokens=LONG, ignore_eos=True, temperature=0)
         http_paths = {"http completions": ("/v1/completions", dict(body, prompt="a long story")),
                       "http chat": ("/v1/chat/completions", dict(body, messages=[{"role": "user", "content": "hi"}]))}
         results = {name: [] for name in [*calls, *http_paths]}
         started = {name: threading.Event() for name in results}
-        threads = [threading.Thread(target=_grpc_stream, args=(call, started[n], results[n])) for n, call in calls.items()]
+        threads = [threading.Thread(target=_grpc_stream, args=(call, started[n], results[n]))
+                   for n, call in calls.items()]
         threads += [threading.Thread(target=_http_stream, args=(port, path, b, started[n], results[n]))
                     for n, (path, b) in http_paths.items()]
         for t in threads:
