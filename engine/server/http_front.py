@@ -69,7 +69,7 @@ class HttpFront:
                 except HttpFieldError as e:
                     await _answer(conn, writer, 400, _error(str(e), e.field))
                     return
-                await self._relay(request, body, reader, writer)
+                await self._relay(conn, request, body, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, h11.RemoteProtocolError):
             pass  # the client went away or spoke no HTTP: nothing to answer
         finally:
@@ -121,8 +121,13 @@ class HttpFront:
         given = dict(request.headers).get(b"authorization", b"")
         return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
 
-    async def _relay(self, request: h11.Request, body: bytes, reader, writer) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=MAX_HEAD_BYTES)
+    async def _relay(self, conn, request: h11.Request, body: bytes, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=MAX_HEAD_BYTES)
+        except OSError:  # smg is down: its supervisor is restarting it
+            await _answer(conn, writer, 503, _error("the OpenAI gateway (smg) is restarting: retry in a few seconds.",
+                                                    None))
+            return
         try:
             head = [request.method + b" " + request.target + b" HTTP/1.1"]
             head += [name + b": " + value for name, value in request.headers if name not in _DROPPED]

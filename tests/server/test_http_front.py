@@ -115,3 +115,21 @@ def test_rewrite_carries_each_kind_in_a_field_smg_forwards():
     with pytest.raises(HttpFieldError, match="guided_regex and ebnf are both set") as e:
         rewrite(chat, {"guided_regex": "a", "ebnf": 'root ::= "a"'})
     assert e.value.field == "guided_regex"
+
+
+def test_the_front_answers_503_while_smg_is_down():
+    """Between smg's death and its restart by the supervisor, a request gets a 503 it can retry, not a reset."""
+    import asyncio
+
+    from moelink.engine.server.http_front import HttpFront
+
+    async def scenario():
+        front = HttpFront("127.0.0.1", free_port(), free_port())  # nothing listens upstream
+        await front.start()
+        try:
+            return await asyncio.to_thread(http_request, front.port, "GET", "/v1/models")
+        finally:
+            await front.stop()
+
+    status, raw = asyncio.run(scenario())
+    assert status == 503 and b"restarting" in raw, raw
