@@ -58,11 +58,13 @@ NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
 # What xgrammar 0.2.8 enforces of an integer's multipleOf (beyond it, it drops multipleOf with a warning).
 MAX_MULTIPLE_OF = 1024
 MAX_MULTIPLE_OF_RANGE = 10_000
+# Keywords xgrammar 0.2.8 accepts and does not enforce (an answer could break them): refused.
+UNENFORCED = ("uniqueItems", "contains", "minContains", "maxContains", "not", "if", "then", "else",
+              "dependentRequired", "dependentSchemas", "dependencies")
 # Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
-_ONE = ("additionalProperties", "unevaluatedProperties", "propertyNames", "additionalItems", "unevaluatedItems",
-        "contains", "not", "if", "then", "else")
+_ONE = ("additionalProperties", "unevaluatedProperties", "propertyNames", "additionalItems", "unevaluatedItems")
 _LIST = ("prefixItems", "anyOf", "oneOf", "allOf")
-_MAP = ("properties", "$defs", "definitions", "dependentSchemas")
+_MAP = ("properties", "$defs", "definitions")
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class _Rewriter:
     - string or number keywords on a schema with no type (which xgrammar ignores) → that type; both → refused.
     - an integer or number range open on one side → closed (JsonBounds).
     - multipleOf xgrammar drops (on a number; on an integer above 1024, or with a range of more than 10000
-      integers, or open on one side) → refused.
+      integers, or open on one side) → refused, and so is every keyword in UNENFORCED.
     """
 
     def __init__(self, bounds: JsonBounds):
@@ -163,6 +165,10 @@ class _Rewriter:
     def schema(self, s, path: str):
         if not isinstance(s, dict):
             return s
+        dropped = [k for k in UNENFORCED if k in s and not (k == "uniqueItems" and s[k] is False)]
+        if dropped:
+            raise self.fail(path, f"{dropped[0]} is not enforced (xgrammar drops it): leave it out and check "
+                                  "the answer yourself")
         s = dict(s)
         for key in _ONE:
             if key in s:

@@ -147,6 +147,8 @@ def test_pattern_text_is_json_that_matches(pattern):
     ({"type": "number", "multipleOf": 0.5}, "/", "multipleOf on a number"),
     ({"type": "integer", "multipleOf": 3, "minimum": 0}, "/", "multipleOf=3 is enforced only"),
     ({"minLength": 1, "minimum": 0}, "/", "set type"),
+    ({"properties": {"a": {"type": "array", "uniqueItems": True}}}, "/properties/a", "uniqueItems is not enforced"),
+    ({"anyOf": [{"not": {"type": "integer"}}]}, "/anyOf/0", "not is not enforced"),
 ])
 def test_what_a_grammar_cannot_hold_is_refused_where_it_is(pool, schema, where, what):
     with pytest.raises(ValueError, match=r"SamplingParams\.structured_outputs\.json=") as e:
