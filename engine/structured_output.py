@@ -25,8 +25,9 @@ from typing import Iterable
 
 import numpy as np
 
+from .json_schema_grammar import schema_ebnf
 from .safe_text import shown
-from .structured_output_params import PREFIX, StructuredOutputParams
+from .structured_output_params import PREFIX, StructuredOutputParams, choice_ebnf
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +74,18 @@ class GrammarCompilerPool:
     def _compile(self, params: StructuredOutputParams):
         compiler = self._get_compiler()
         kind, spec = params.key
-        # Compact JSON (no free whitespace between tokens): a weak model otherwise may emit whitespace
-        # until max_tokens, a known vLLM failure mode (its --disable-any-whitespace).
+        # JSON goes through engine/json_schema_grammar.py, which corrects what xgrammar's converter gets wrong
+        # (invalid JSON in some strings, unbounded numbers) and prints compact JSON (no free whitespace between
+        # tokens: a weak model otherwise may emit whitespace until max_tokens, vLLM's --disable-any-whitespace).
         if kind == "json":
-            return compiler.compile_json_schema(spec, any_whitespace=False)
+            return compiler.compile_grammar(schema_ebnf(json.loads(spec)))
         if kind == "json_object":
-            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            return compiler.compile_grammar(schema_ebnf({"type": "object"}))
         if kind == "regex":
             return compiler.compile_regex(spec)
         if kind == "grammar":
             return compiler.compile_grammar(spec)
-        alts = " | ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in params.choice)
-        return compiler.compile_grammar(f"root ::= {alts}")
+        return compiler.compile_grammar(choice_ebnf(params.choice))
 
     def submit(self, params: StructuredOutputParams) -> Future:
         key = params.key

@@ -65,7 +65,8 @@ class StructuredOutputParams:
         """(kind, spec text): equal keys compile to the same grammar (the compile cache's key)."""
         kind = self.kind
         if kind == "json":
-            spec = self.json if isinstance(self.json, str) else json.dumps(self.json, sort_keys=True)
+            # Insertion order, not sorted: a schema's property order is the order the output is written in.
+            spec = self.json if isinstance(self.json, str) else json.dumps(self.json)
         elif kind == "choice":
             spec = json.dumps(list(self.choice))
         elif kind == "json_object":
@@ -73,6 +74,13 @@ class StructuredOutputParams:
         else:
             spec = getattr(self, kind)
         return kind, spec
+
+
+def choice_ebnf(choices) -> str:
+    """The EBNF grammar whose output is exactly one of `choices` (the choice kind's grammar, also what the
+    managed HTTP gateway sends smg for a `choice`, which smg cannot carry itself)."""
+    alts = " | ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in choices)
+    return f"root ::= {alts}"
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:

@@ -4,7 +4,9 @@ vLLM's `serve` gives HTTP in one command; moelink speaks gRPC, and the smg gatew
 that into the OpenAI API. Rather than have the user learn and run a second program, the server starts
 smg in front of its own gRPC port, restarts it (bounded, with backoff) when it dies, and stops it by
 PID when the server stops. smg runs in its own process group so a Ctrl-C in the terminal reaches the
-server, which drains first and then stops smg: the gateway must outlive no request and no server.
+server, which drains first and then stops smg: the gateway must outlive no request and no server. smg
+listens on loopback; the HTTP port is the server's own front (http_front.py), which hands smg the request
+fields it would drop.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .http_front import HttpFront
 from .ports import bind_error, listens_on
 
 logger = logging.getLogger(__name__)
@@ -87,8 +90,9 @@ class GatewaySupervisor:
     """Start, watch, restart and stop one smg process. `start()`/`stop()` on the server's event loop."""
 
     def __init__(self, spec: GatewaySpec, exe: Optional[str] = None, *, ready_timeout: float = READY_TIMEOUT_S,
-                 log_path: Optional[str] = None):
+                 log_path: Optional[str] = None, front: Optional[HttpFront] = None):
         self.spec = spec
+        self.front = front  # stopped with smg
         self.exe = exe or smg_executable()
         if self.exe is None:
             raise GatewayError(INSTALL_HINT)
@@ -136,13 +140,13 @@ class GatewaySupervisor:
         while not await asyncio.to_thread(self._ready):
             if self.proc.poll() is not None:
                 taken = bind_error(self.spec.http_host, self.spec.http_port)  # smg is gone: anyone there is not it
-                why = f"--http-port {self.spec.http_port} is taken ({taken})" if taken else \
-                    f"--http-port {self.spec.http_port} in use?"
+                why = f"port {self.spec.http_port} is taken ({taken})" if taken else \
+                    f"port {self.spec.http_port} in use?"
                 raise GatewayError(f"the smg gateway exited with {self.proc.returncode} before it was ready "
                                    f"({why}){self._log_hint()}")
             if time.monotonic() >= deadline:
                 await self._terminate()
-                raise GatewayError(f"the smg gateway did not serve the model on --http-port {self.spec.http_port} "
+                raise GatewayError(f"the smg gateway did not serve the model on port {self.spec.http_port} "
                                    f"within {self.ready_timeout:g} s{self._log_hint()}")
             await asyncio.sleep(0.2)
 
@@ -207,6 +211,8 @@ class GatewaySupervisor:
             self._watch.cancel()
             self._watch = None
         await self._terminate()
+        if self.front is not None:
+            await self.front.stop()
 
     async def _terminate(self) -> None:
         proc = self.proc
@@ -296,15 +302,23 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     listener when there is one (smg sends workers no key and no TLS), else of the main port."""
     target = worker_url(config.gateway_host, gateway_listener_port) if gateway_listener_port is not None \
         else worker_url(config.host, grpc_port)
-    spec = GatewaySpec(http_host=config.http_host, http_port=config.http_port, worker_url=target,
+    # smg listens on a loopback port of its own; --http-port is the front's (http_front.py), which carries the
+    # request fields smg would drop.
+    spec = GatewaySpec(http_host="127.0.0.1", http_port=free_loopback_port(), worker_url=target,
                        metrics_host=config.http_metrics_host, metrics_port=config.http_metrics_port,
                        api_key=config.api_key)
     if not config.api_key and not is_loopback(config.http_host):
         logger.warning("--http-host %s: the OpenAI API on port %d takes requests from anyone who reaches it "
                        "(no --api-key)", config.http_host, config.http_port)
+    front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key)
+    try:
+        await front.start()
+    except OSError as e:
+        raise GatewayError(f"--http-port {config.http_port}: cannot listen on {config.http_host} ({e.strerror or e})"
+                           ) from None
     # smg's own log goes where MOELINK_GATEWAY_LOG says (a file), else nowhere: its startup chatter is noise
     # next to the server's; readiness failures are reported by the supervisor either way.
-    gateway = GatewaySupervisor(spec, log_path=os.environ.get("MOELINK_GATEWAY_LOG"))
+    gateway = GatewaySupervisor(spec, log_path=os.environ.get("MOELINK_GATEWAY_LOG"), front=front)
     try:
         await gateway.start()
     except BaseException:

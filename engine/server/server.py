@@ -15,7 +15,8 @@ gateway beside it (smg sends gRPC workers neither); it shares everything else.
 Drain (SIGTERM/SIGINT, or `drain()`): readiness goes NOT_SERVING, new
 requests get UNAVAILABLE, in-flight requests have `shutdown_grace` seconds to
 finish; whatever is still running then ends with finish_reason "abort" (a
-normal last message, not a broken stream), and the server stops. That holds
+normal last message, not a broken stream; a streamed VllmEngine request ends
+with UNAVAILABLE instead, vllm_engine.py says why), and the server stops. That holds
 whatever the ranks do: if the engine is stuck in a step (a frozen rank the
 watchdogs have not failed yet) the streams are ended here, not by the engine.
 """

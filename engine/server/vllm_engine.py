@@ -149,6 +149,15 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                             token_ids=comp.token_ids, prompt_tokens=len(ids), completion_tokens=len(comp.token_ids),
                             cached_tokens=out.num_cached_tokens, index=index,
                             output_logprobs=output_logprobs(comp.token_ids, comp.logprobs, params.logprobs))))
+                    if comp.finish_reason == "abort" and request.stream and self.s.registry.draining:
+                        # Cut short by the shutdown: an error, not a last message. smg (1.13) turns a streamed
+                        # completion's finish_reason it does not know ("abort") into "stop", so the HTTP client
+                        # would read a truncated answer as a finished one; an error status reaches it as an
+                        # error event. (An Abort RPC's request still ends with finish_reason "abort": its
+                        # caller asked for it. Unstreamed, smg passes "abort" on.)
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, (
+                            f"request {shown(request.request_id)} was cut short after {len(all_ids[index])} tokens: "
+                            f"the server is shutting down; retry on another replica."))
                     if comp.finish_reason is not None:
                         # Streaming: output_ids repeat only this last delta (vLLM's convention: the
                         # gateway has the rest from the chunks); otherwise they are the whole output.

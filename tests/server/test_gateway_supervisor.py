@@ -119,11 +119,11 @@ def test_restarts_with_backoff_then_gives_up_and_stop_leaves_nothing(fake, monke
     assert "giving up" in caplog.text
 
 
-def test_exit_before_ready_names_the_http_port(fake):
+def test_exit_before_ready_names_the_port(fake):
     script, mode = fake
     mode.write_text("exit")
     sup = _supervisor(script)
-    with pytest.raises(gw.GatewayError, match=rf"exited with 3 before it was ready \(--http-port {sup.spec.http_port}"):
+    with pytest.raises(gw.GatewayError, match=rf"exited with 3 before it was ready \(port {sup.spec.http_port} in use\?\)"):
         asyncio.run(sup.start())
 
 
@@ -131,7 +131,7 @@ def test_never_ready_is_bounded_and_killed(fake):
     script, mode = fake
     mode.write_text("hang")
     sup = _supervisor(script, ready_timeout=1.0)
-    with pytest.raises(gw.GatewayError, match=r"did not serve the model on --http-port \d+ within 1 s"):
+    with pytest.raises(gw.GatewayError, match=r"did not serve the model on port \d+ within 1 s"):
         asyncio.run(sup.start())
     assert not _alive(sup.pid)
 
@@ -178,7 +178,7 @@ def test_ready_means_the_gateway_it_started_answers(fake, other_gateway, monkeyp
     script, _ = fake
     monkeypatch.setattr(gw, "check_http_port", lambda host, port: None)
     sup = _supervisor(script, port=other_gateway, ready_timeout=30)
-    with pytest.raises(gw.GatewayError, match=rf"exited with 1 before it was ready \(--http-port {other_gateway} is "
+    with pytest.raises(gw.GatewayError, match=rf"exited with 1 before it was ready \(port {other_gateway} is "
                                               rf"taken \(Address already in use\)\)"):
         asyncio.run(sup.start())
     assert not _alive(sup.pid)

@@ -81,10 +81,12 @@ def test_one_command_gives_the_openai_api_and_supervises_smg(http_server):
     # The key reaches smg without going on a command line (local users can read those).
     with open(f"/proc/{smg_pid}/cmdline", "rb") as f:
         assert KEY.encode() not in f.read()
-    # Everything smg listens on is loopback: its HTTP port and its Prometheus port (smg's own default is 0.0.0.0).
+    # Everything smg listens on is loopback: its own HTTP port and its Prometheus port (smg's own default is
+    # 0.0.0.0); the OpenAI port is the server's front (engine/server/http_front.py), on --http-host.
     socks = listening(pids=[smg_pid])
-    assert {p for _, p in socks} >= {port, metrics_port}, socks
+    assert metrics_port in {p for _, p in socks} and port not in {p for _, p in socks}, socks
     assert {a for a, _ in socks} == {"127.0.0.1"}, socks
+    assert ("127.0.0.1", port) in listening(pids=[srv.pid])
 
     # smg dies → the supervisor starts a new one on the same port, and requests work again.
     os.kill(smg_pid, signal.SIGKILL)

@@ -165,8 +165,8 @@ def test_chat_response_format_json_schema_validates(gateway):
 
 
 def test_completions_regex_ebnf_and_chat_json_object(gateway):
-    # smg's OpenAI API takes SGLang's top-level `regex` and `ebnf` (it has no `choice`: that one is served
-    # through gRPC, tests/server/test_structured_output_grpc.py).
+    # smg's OpenAI API takes SGLang's top-level `regex` and `ebnf` (it drops vLLM's `choice`; the managed gateway's
+    # front carries it: tests/server/test_http_front.py; over gRPC: tests/server/test_structured_output_grpc.py).
     for seed in range(4):
         for extra, pattern in [(dict(regex=r"[a-z]{3}-[0-9]{2}"), r"[a-z]{3}-[0-9]{2}"),
                                (dict(ebnf='root ::= ("yes" | "no") "!"'), r"(yes|no)!")]:

@@ -1,0 +1,184 @@
+"""The managed gateway's front: the OpenAI HTTP port itself, a thin HTTP/1.1 relay in front of smg.
+
+Why it exists: smg (1.13) drops request fields it does not know before it calls the worker, vLLM's
+structured-output fields among them, so `"guided_choice": ["left", "right"]` came back unconstrained with
+HTTP 200. The front reads each chat or completions request, lets openai_fields.rewrite carry those fields in
+the ones smg forwards (or answers 400 naming the field), and relays everything else byte for byte.
+
+How: one request per connection. The request is read whole (h11: Content-Length or chunked, bounded by
+MAX_BODY_BYTES), sent to smg on loopback with `connection: close`, and smg's answer is copied back as it comes
+(streams included) until smg closes; the response head gets `connection: close` too, so the client knows to
+open a new connection for its next request. A client that goes away closes the connection to smg, which
+aborts the request in the worker, as if it had talked to smg itself. Authentication stays smg's: a request
+whose key does not match is relayed untouched, so it gets smg's 401, not a 400 from here.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from typing import Optional
+
+import h11
+
+from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, rewrite
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 << 20
+MAX_HEAD_BYTES = 64 << 10
+READ_CHUNK = 64 << 10
+# Hop-by-hop headers the front sets itself (RFC 9110 section 7.6.1), and the framing it recomputes.
+_DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade", b"content-length",
+            b"transfer-encoding"}
+
+
+class HttpFront:
+    """Listens on (host, port); relays to smg on 127.0.0.1:upstream_port. start() / stop() on the server's loop."""
+
+    def __init__(self, host: str, port: int, upstream_port: int, api_key: Optional[str] = None):
+        self.host, self.port, self.upstream_port = host, port, upstream_port
+        self.api_key = api_key
+        self._server: Optional[asyncio.base_events.Server] = None
+        self._connections: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host.strip("[]"), self.port, limit=MAX_HEAD_BYTES)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+            got = await self._read_request(conn, reader, writer)
+            if got is not None:
+                request, body = got
+                try:
+                    body = self._inspect(request, body)
+                except HttpFieldError as e:
+                    await _answer(conn, writer, 400, _error(str(e), e.field))
+                    return
+                await self._relay(conn, request, body, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, h11.RemoteProtocolError):
+            pass  # the client went away or spoke no HTTP: nothing to answer
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read_request(self, conn, reader, writer) -> Optional[tuple[h11.Request, bytes]]:
+        request, body = None, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                data = await reader.read(READ_CHUNK)
+                conn.receive_data(data)
+                if not data and request is None:
+                    return None
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY_BYTES:
+                    await _answer(conn, writer, 413, _error(f"the request body is over {MAX_BODY_BYTES} bytes.", None))
+                    return None
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            else:  # ConnectionClosed before a whole request
+                return None
+
+    def _inspect(self, request: h11.Request, body: bytes) -> bytes:
+        """The body to relay: rewritten when a chat or completions request carries vLLM's structured-output fields."""
+        path = request.target.split(b"?", 1)[0].decode("latin-1")
+        if request.method != b"POST" or path not in (CHAT_PATH, COMPLETIONS_PATH) or not self._authorized(request):
+            return body
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return body  # smg answers malformed JSON itself
+        if not isinstance(data, dict):
+            return body
+        new = rewrite(path, data)
+        return body if new is None else json.dumps(new).encode()
+
+    def _authorized(self, request: h11.Request) -> bool:
+        if not self.api_key:
+            return True
+        given = dict(request.headers).get(b"authorization", b"")
+        return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
+
+    async def _relay(self, conn, request: h11.Request, body: bytes, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=MAX_HEAD_BYTES)
+        except OSError:  # smg is down: its supervisor is restarting it
+            await _answer(conn, writer, 503, _error("the OpenAI gateway (smg) is restarting: retry in a few seconds.",
+                                                    None))
+            return
+        try:
+            head = [request.method + b" " + request.target + b" HTTP/1.1"]
+            head += [name + b": " + value for name, value in request.headers if name not in _DROPPED]
+            head += [b"content-length: " + str(len(body)).encode(), b"connection: close"]
+            up_writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            await up_writer.drain()
+            response_head = await up_reader.readuntil(b"\r\n\r\n")
+            writer.write(_closing(response_head))
+            # Copy smg's answer as it comes; a client that closes its side ends the copy (and so the request).
+            copy = asyncio.ensure_future(_copy(up_reader, writer))
+            gone = asyncio.ensure_future(_until_eof(reader))
+            await asyncio.wait({copy, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not copy.done():
+                copy.cancel()
+            await asyncio.gather(copy, gone, return_exceptions=True)
+        finally:
+            up_writer.close()
+            with contextlib.suppress(Exception):
+                await up_writer.wait_closed()
+
+
+async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    while data := await src.read(READ_CHUNK):
+        dst.write(data)
+        await dst.drain()
+
+
+async def _until_eof(reader: asyncio.StreamReader) -> None:
+    """Returns when the client closes; bytes it sends meanwhile (a pipelined request) are dropped: this
+    connection closes after one answer, which says so."""
+    while await reader.read(READ_CHUNK):
+        pass
+
+
+def _closing(head: bytes) -> bytes:
+    """A response head with its Connection header replaced by `connection: close`."""
+    lines = head[:-4].split(b"\r\n")
+    kept = [lines[0]] + [line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() != b"connection"]
+    return b"\r\n".join(kept + [b"connection: close"]) + b"\r\n\r\n"
+
+
+def _error(message: str, param: Optional[str]) -> bytes:
+    """An OpenAI-style error body (the shape smg answers with)."""
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                 "code": None}}).encode()
+
+
+async def _answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    writer.write(conn.send(h11.Response(status_code=status, headers=headers)) + conn.send(h11.Data(data=body))
+                 + conn.send(h11.EndOfMessage()))
+    await writer.drain()

@@ -1,0 +1,87 @@
+"""vLLM's structured-output fields of an OpenAI request, which the smg gateway (1.13) drops without a word
+before it calls a worker (it builds the worker's constraint from `response_format`, completions'
+`json_schema`, and SGLang's `regex` / `ebnf` only): `structured_outputs` (`choice`, `regex`, `grammar`, `json`,
+`json_object`, as vLLM's OpenAI server takes them) and the older `guided_choice`, `guided_regex`,
+`guided_grammar`, `guided_json`.
+
+`rewrite` turns them into the fields smg does carry, so the managed gateway's front (http_front.py) hands smg
+a request it enforces as vLLM would; one it cannot carry, or a value the engine would refuse, is an
+`HttpFieldError` (HTTP 400 naming the field). A constraint is never dropped in silence.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from ..safe_text import shown
+from ..structured_output_params import PREFIX, StructuredOutputParams, choice_ebnf
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+GUIDED = {"guided_choice": "choice", "guided_regex": "regex", "guided_grammar": "grammar", "guided_json": "json"}
+KINDS = ("choice", "regex", "grammar", "json", "json_object")
+# The fields smg forwards as the worker's constraint (a second constraint beside one of them is ambiguous).
+SMG_CONSTRAINTS = ("regex", "ebnf", "json_schema", "response_format")
+
+
+class HttpFieldError(ValueError):
+    """A request field the gateway cannot pass on: `field` names it (the OpenAI error's `param`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def rewrite(path: str, body: dict) -> Optional[dict]:
+    """The body to send smg in place of `body` (a chat or completions request), or None when it carries none of
+    vLLM's structured-output fields. Raises HttpFieldError."""
+    found = []  # (field as the client named it, kind, value)
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise HttpFieldError("structured_outputs", f"structured_outputs={shown(so)} is invalid: must be an object "
+                                                       f"with one of {', '.join(KINDS)}.")
+        for key, value in so.items():
+            if key not in KINDS:
+                raise HttpFieldError(f"structured_outputs.{key}", f"structured_outputs.{key} is not supported: "
+                                     f"moelink takes {', '.join(KINDS)} (one of them).")
+            if value is not None and value is not False:
+                found.append((f"structured_outputs.{key}", key, value))
+    found += [(name, kind, body[name]) for name, kind in GUIDED.items() if body.get(name) is not None]
+    if not found:
+        return None
+    also = [name for name, _, _ in found[1:]] + [f for f in SMG_CONSTRAINTS if _constrains(f, body.get(f))]
+    name, kind, value = found[0]
+    if also:
+        raise HttpFieldError(name, f"{name} and {also[0]} are both set: a request takes one output constraint.")
+    params = _params(name, kind, value)
+    out = {k: v for k, v in body.items() if k != "structured_outputs" and k not in GUIDED}
+    if kind == "choice":
+        out["ebnf"] = choice_ebnf(params.choice)
+    elif kind in ("regex", "grammar"):
+        out["regex" if kind == "regex" else "ebnf"] = value
+    elif path == CHAT_PATH:
+        out["response_format"] = ({"type": "json_object"} if kind == "json_object" else
+                                  {"type": "json_schema", "json_schema": {"name": "structured_outputs",
+                                                                          "schema": _schema(params.json)}})
+    else:
+        out["json_schema"] = '{"type": "object"}' if kind == "json_object" else json.dumps(_schema(params.json))
+    return out
+
+
+def _params(name: str, kind: str, value) -> StructuredOutputParams:
+    """The value checked as the engine checks it; its messages say `name` where the engine says its field."""
+    try:
+        return StructuredOutputParams(**{kind: value})
+    except (TypeError, ValueError) as e:
+        raise HttpFieldError(name, str(e).replace(f"{PREFIX}{kind}", name)) from None
+
+
+def _schema(spec):
+    return json.loads(spec) if isinstance(spec, str) else spec
+
+
+def _constrains(field: str, value) -> bool:
+    if field == "response_format":
+        return isinstance(value, dict) and value.get("type") not in (None, "text")
+    return value is not None

@@ -1,0 +1,135 @@
+"""vLLM's structured-output request fields over HTTP (issue 27, item 3).
+
+smg 1.13 drops `guided_choice` and `structured_outputs` before it calls the worker (it forwards
+`response_format`, completions' `json_schema`, `regex` and `ebnf` only), so a choice came back as free text
+with HTTP 200. `moelink serve --http-port` puts its front (engine/server/http_front.py) before smg, which
+carries them in the fields smg forwards, or answers 400 naming the field. Against the real smg here; the
+rewrite itself is unit-tested without a server.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+
+from moelink.engine.server.openai_fields import HttpFieldError, rewrite
+
+from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess
+from tests.helpers.net import free_port
+from tests.helpers.smg_gateway import http_request, smg_executable
+
+SERVED = "tiny-moe"
+CHOICES = ["left", "right", 'up "north"']
+MESSAGES = [{"role": "user", "content": "Which way?"}]
+
+
+@pytest.fixture(scope="module")
+def http_port(model_path):
+    if smg_executable() is None:
+        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
+    port = free_port()
+    srv = ServerProcess(model_path, ENGINE_FLAGS + ["--served-model-name", SERVED, "--http-port", str(port)])
+    try:
+        srv.wait_for_line(r".*OpenAI API on http://127\.0\.0\.1:(\d+)/v1", 60, "the OpenAI API line")
+        yield port
+    finally:
+        srv.stop()
+        srv.close()
+
+
+def _post(port, path, **body):
+    base = dict(messages=MESSAGES) if path == "/v1/chat/completions" else dict(prompt="Which way?")
+    request = dict(model=SERVED, max_tokens=16, temperature=1.0, **base)
+    status, raw = http_request(port, "POST", path, {**request, **body})
+    out = json.loads(raw)
+    if status != 200:
+        return status, out
+    choice = out["choices"][0]
+    return status, choice["message"]["content"] if "message" in choice else choice["text"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("field", ["guided_choice", "structured_outputs"])
+def test_choice_over_http_is_enforced(http_port, path, field):
+    value = CHOICES if field == "guided_choice" else {"choice": CHOICES}
+    for seed in range(4):
+        status, text = _post(http_port, path, seed=seed, **{field: value})
+        assert status == 200 and text in CHOICES, (status, text)
+
+
+def test_regex_grammar_and_json_through_structured_outputs(http_port):
+    status, text = _post(http_port, "/v1/completions", seed=1, structured_outputs={"regex": "[a-c]{3}-[0-9]"})
+    assert status == 200 and len(text) == 5 and text[3] == "-", text
+    grammar = {"grammar": 'root ::= "y" | "n"'}
+    status, text = _post(http_port, "/v1/chat/completions", seed=2, structured_outputs=grammar)
+    assert status == 200 and text in ("y", "n"), text
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        status, text = _post(http_port, path, seed=3, max_tokens=24, guided_json=schema)
+        assert status == 200 and 0 <= json.loads(text)["n"] <= 9, text
+
+
+@pytest.mark.parametrize("body, field", [
+    (dict(structured_outputs={"structural_tag": "{}"}), "structured_outputs.structural_tag"),
+    (dict(guided_choice=[]), "guided_choice"),
+    (dict(structured_outputs={"choice": ["a"]}, regex="b"), "structured_outputs.choice"),
+    (dict(structured_outputs="choice"), "structured_outputs"),
+])
+def test_a_field_that_cannot_be_carried_is_http_400_naming_it(http_port, body, field):
+    status, out = _post(http_port, "/v1/chat/completions", **body)
+    assert status == 400 and out["error"]["param"] == field and field in out["error"]["message"], out
+
+
+def test_the_front_relays_streams_and_other_paths(http_port):
+    status, raw = http_request(http_port, "GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in json.loads(raw)["data"]] == [SERVED]
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(dict(
+            model=SERVED, prompt="Which way?", stream=True, max_tokens=8, guided_choice=CHOICES)),
+            headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("connection") == "close"
+        events = [json.loads(line[5:]) for line in resp.read().decode().splitlines()
+                  if line.startswith("data:") and line != "data: [DONE]"]
+    finally:
+        conn.close()
+    assert "".join(c["text"] for e in events for c in e["choices"]) in CHOICES
+
+
+# -- the rewrite (no server) --
+def test_rewrite_carries_each_kind_in_a_field_smg_forwards():
+    chat, completions = "/v1/chat/completions", "/v1/completions"
+    assert rewrite(chat, {"messages": []}) is None
+    assert rewrite(chat, {"guided_choice": ["a", 'b"']})["ebnf"] == 'root ::= "a" | "b\\""'
+    assert rewrite(completions, {"structured_outputs": {"regex": "x+"}}) == {"regex": "x+"}
+    assert rewrite(chat, {"guided_grammar": 'root ::= "a"'}) == {"ebnf": 'root ::= "a"'}
+    schema = {"type": "object"}
+    assert rewrite(chat, {"structured_outputs": {"json": schema}})["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "structured_outputs", "schema": schema}}
+    assert rewrite(completions, {"guided_json": json.dumps(schema)}) == {"json_schema": json.dumps(schema)}
+    assert rewrite(chat, {"structured_outputs": {"json_object": True}}) == {"response_format": {"type": "json_object"}}
+    # A text response_format constrains nothing, so it may stand beside a choice.
+    assert "ebnf" in rewrite(chat, {"guided_choice": ["a"], "response_format": {"type": "text"}})
+    with pytest.raises(HttpFieldError, match="guided_regex and ebnf are both set") as e:
+        rewrite(chat, {"guided_regex": "a", "ebnf": 'root ::= "a"'})
+    assert e.value.field == "guided_regex"
+
+
+def test_the_front_answers_503_while_smg_is_down():
+    """Between smg's death and its restart by the supervisor, a request gets a 503 it can retry, not a reset."""
+    import asyncio
+
+    from moelink.engine.server.http_front import HttpFront
+
+    async def scenario():
+        front = HttpFront("127.0.0.1", free_port(), free_port())  # nothing listens upstream
+        await front.start()
+        try:
+            return await asyncio.to_thread(http_request, front.port, "GET", "/v1/models")
+        finally:
+            await front.stop()
+
+    status, raw = asyncio.run(scenario())
+    assert status == 503 and b"restarting" in raw, raw
