@@ -5,18 +5,21 @@
         ...
     await engine.abort("req-1")
 
-The engine thread owns the LLMEngine: callers only enqueue commands (`AddCommand`,
-`AbortCommand`), so the scheduler is never touched from two threads. A front end reads what
-it needs through this class (`info`, `process_inputs`, `stats`, `expert_load`), never the
-LLMEngine. Outputs go to a per-request asyncio.Queue on the caller's loop. When the consumer
-stops iterating (break, cancellation, client disconnect) the request is aborted and its KV
-blocks freed within one step.
+The engine thread owns the LLMEngine's core (scheduler, executor): callers only enqueue
+commands (`AddCommand`, `AbortCommand`), so the scheduler is never touched from two threads.
+It only applies commands and steps; each step's outputs go through a bounded FIFO to the output
+thread ("moelink-output", engine/output_thread.py), which detokenizes, checks stop strings,
+reports to the metrics sink and delivers, beside the next device step rather than between two.
+A front end reads what it needs through this class (`info`, `process_inputs`, `stats`,
+`expert_load`), never the LLMEngine. Outputs go to a per-request asyncio.Queue on the caller's
+loop. When the consumer stops iterating (break, cancellation, client disconnect) the request is
+aborted and its KV blocks freed within one step.
 
 Step watchdog: a step that runs longer than the step timeout (`--step-timeout`; the first
 step, which compiles kernels, gets at least FIRST_STEP_TIMEOUT_S) kills the engine: health
-goes NOT_SERVING and every stream ends with EngineDeadError naming the reason. A multi-rank
-executor enforces the same bound itself (and stops its ranks); this one also covers a single
-rank, whose hung step nothing else can see. `end_streams` ends streams at once, from the
+goes NOT_SERVING and every stream ends with EngineDeadError naming the reason (as when the
+output thread fails). A multi-rank executor enforces the same bound itself (and stops its
+ranks); this one also covers a single rank, whose hung step nothing else can see. `end_streams` ends streams at once, from the
 caller's side, when the engine thread cannot (a drain whose grace ran out during a hung step).
 """
 from __future__ import annotations
@@ -30,13 +33,14 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
-from moelink.scheduler.engine_output import SchedulerStats
+from moelink.scheduler.engine_output import EngineCoreOutput, SchedulerStats
 
 from .engine_args import EngineArgs
 from .engine_info import EngineInfo
 from .llm_engine import LLMEngine, ProcessedRequest, PromptType
 from .moe_metrics import ExpertLoadReport
-from .outputs import CompletionOutput, OutputKind, RequestOutput
+from .output_thread import AddOutputs, FinishOutputs, OutputQueue, OutputThread, StepOutputs, Stream
+from .outputs import OutputKind, RequestOutput
 from .safe_text import shown
 from .sampling_params import SamplingParams
 from .timeouts import FIRST_STEP_TIMEOUT_S
@@ -47,6 +51,9 @@ logger = logging.getLogger(__name__)
 # waits that much longer (at most half the budget).
 _WATCHDOG_MARGIN_S = 5.0
 _WATCHDOG_POLL_S = 0.25
+# As it ends, the engine thread waits this long for the output thread to deliver what is queued (shutdown's
+# aborts): a consumer that blocks the output thread must not hold the engine thread forever.
+_OUTPUT_DRAIN_TIMEOUT_S = 10.0
 
 
 class EngineDeadError(RuntimeError):
@@ -54,34 +61,13 @@ class EngineDeadError(RuntimeError):
 
 
 class MetricsSink(Protocol):
-    """Where the engine thread reports outputs (moelink.engine.metrics.EngineMetrics)."""
+    """Where the output thread reports outputs (moelink.engine.metrics.EngineMetrics)."""
 
     def attach(self, engine: LLMEngine) -> None:
         """Called once, by the AsyncEngine that takes this sink: the engine whose counters it reads."""
 
     def on_outputs(self, outputs: list[RequestOutput]) -> None:
-        """Outputs the engine just produced (steps and aborts alike), on the engine thread."""
-
-
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    prompt_token_ids: list
-    output_kind: OutputKind
-    # Set by the engine thread once this stream's request is in the engine. A caller may
-    # reuse an id the moment its previous stream ended, while that request's abort is
-    # still queued: until then, outputs under the id are the old request's, not ours.
-    live: bool = False
-    last: RequestOutput | None = None  # the last output handed to the consumer
-
-    def put(self, item) -> bool:
-        """False if the consumer's event loop is closed (nobody will ever read)."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:
-            return False
-        return True
+        """Outputs the engine just produced (steps and aborts alike), on the output thread."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +76,7 @@ class AddCommand:
 
     processed: ProcessedRequest
     output_kind: OutputKind
-    stream: _Stream
+    stream: Stream
 
 
 @dataclass(frozen=True)
@@ -98,6 +84,15 @@ class AbortCommand:
     """End a request (finish_reason "abort") and free its KV blocks."""
 
     request_id: str
+
+
+@dataclass(frozen=True)
+class StopCommand:
+    """The output thread found a stop string in the request whose outputs go to `stream` (and made its final
+    output): finish it in the scheduler (KV freed), unless it ended otherwise meanwhile."""
+
+    request_id: str
+    stream: Stream
 
 
 class AsyncEngine:
@@ -110,12 +105,20 @@ class AsyncEngine:
             metrics.attach(engine)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
         self._stopping = False
         self._dead_error: BaseException | None = None
         self._step_started: float | None = None  # monotonic time the running step began
         self._steps_done = 0
+        # Engine thread only: the stream of each request the core holds. A stop string is reported for a
+        # stream: one reported for a request that ended meanwhile (aborted, its id reused) finishes nothing.
+        self._in_core: dict[str, Stream] = {}
+        self._outputs = OutputQueue()
+        engine.hand_off_outputs(self._hand_off)
+        self._output = OutputThread(engine.output_processor, self._outputs,
+                                    metrics.on_outputs if metrics is not None else None,
+                                    on_stop=self._stopped, on_lost=self._stream_lost, on_error=self._output_failed)
         self._thread = threading.Thread(target=self._run, name="moelink-engine", daemon=True)
         self._thread.start()
         # Set by shutdown: the watchdog wakes at once and ends, and shutdown joins it. A watchdog left sleeping
@@ -150,8 +153,9 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
-        """False once the engine loop died, a rank was lost (even between steps) or a step hung."""
-        return self.dead_error is None and self._thread.is_alive()
+        """False once the engine loop or the output thread died, a rank was lost (even between steps) or a
+        step hung."""
+        return self.dead_error is None and self._thread.is_alive() and self._output.is_alive()
 
     # -- public API -------------------------------------------------------------
     async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
@@ -176,7 +180,7 @@ class AsyncEngine:
         request_id = processed.request_id
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), processed.prompt_token_ids, output_kind)
+        stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), processed.prompt_token_ids, output_kind)
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id={shown(request_id)} is already in use by a running request.")
@@ -199,8 +203,7 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
+            self._forget(request_id, stream)
             if not finished:
                 self._send(AbortCommand(request_id))
 
@@ -222,10 +225,11 @@ class AsyncEngine:
         ended = 0
         for rid in request_ids:
             with self._lock:
-                stream = self._streams.pop(rid, None)  # later outputs under this id are dropped
+                stream = self._streams.pop(rid, None)
             if stream is None:
                 continue
-            stream.put(_final_output(rid, stream, reason))
+            stream.listening = False  # later outputs of its request are dropped
+            stream.put(stream.final_output(rid, reason))
             self._send(AbortCommand(rid))
             ended += 1
         return ended
@@ -245,41 +249,33 @@ class AsyncEngine:
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._wakeup.set()
+        self._outputs.wake()
         self._thread.join(timeout)
         # Also with the loop still inside a step (a hung rank): stopping the ranks is what ends that step.
         self.engine.shutdown()
         self._thread.join(timeout)
+        # The engine thread closes the FIFO as it ends; one still stuck in a step must not keep the output
+        # thread waiting for more.
+        self._outputs.close()
+        self._output.join(timeout)
         self._closed.set()
         if self._watchdog is not threading.current_thread():
             self._watchdog.join(timeout)
 
     # -- engine thread ----------------------------------------------------------
-    def _send(self, cmd: AddCommand | AbortCommand) -> None:
+    def _send(self, cmd: AddCommand | AbortCommand | StopCommand) -> None:
         self._commands.put(cmd)
         self._wakeup.set()
 
-    def _observe(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        if self._metrics is not None:
-            self._metrics.on_outputs(outputs)
-        return outputs
+    def _forget(self, request_id: str, stream: Stream) -> None:
+        """The consumer of `stream` stopped reading: its id is free for another stream (any thread)."""
+        stream.listening = False
+        with self._lock:
+            if self._streams.get(request_id) is stream:  # not a newer stream that reuses the id
+                del self._streams[request_id]
 
-    def _abort(self, request_ids, reason: str = "abort") -> list[RequestOutput]:
-        return self._observe(self.engine.abort_requests(request_ids, reason))
-
-    def _deliver(self, outputs) -> None:
-        for out in outputs:
-            with self._lock:
-                stream = self._streams.get(out.request_id)
-            if stream is None or not stream.live:
-                continue
-            stream.last = out
-            if not stream.put(out):
-                # Its consumer's loop closed without closing the generator: free
-                # the request here rather than let one client kill the engine thread.
-                with self._lock:
-                    self._streams.pop(out.request_id, None)
-                if not out.finished:
-                    self._send(AbortCommand(out.request_id))
+    def _interrupted(self) -> bool:
+        return self._stopping or self._dead_error is not None
 
     def _apply_commands(self) -> None:
         while True:
@@ -289,28 +285,55 @@ class AsyncEngine:
                 return
             if isinstance(cmd, AddCommand):
                 try:
-                    self.engine.add_processed(cmd.processed, cmd.output_kind)
+                    self.engine.add_core(cmd.processed)
                 except Exception as exc:  # e.g. a duplicate id: fail this request only
                     cmd.stream.put(exc)
                     continue
-                with self._lock:
-                    # Only the stream that sent this add, and only if still listening.
-                    cmd.stream.live = self._streams.get(cmd.processed.request_id) is cmd.stream
+                self._in_core[cmd.processed.request_id] = cmd.stream
+                self._outputs.put(AddOutputs(cmd.processed, cmd.output_kind, cmd.stream))
+            elif isinstance(cmd, StopCommand):
+                if self._in_core.get(cmd.request_id) is cmd.stream:
+                    del self._in_core[cmd.request_id]
+                    self.engine.finish_stopped([cmd.request_id])
             else:
-                self._deliver(self._abort([cmd.request_id]))
+                self._end([cmd.request_id], "abort")
+
+    def _end(self, request_ids, reason: str, deliver: bool = True) -> None:
+        """End requests in the core (KV freed); their final outputs come from the output thread, after the
+        tokens queued before them."""
+        ended = self.engine.abort_core(request_ids, reason)
+        for rid in ended:
+            self._in_core.pop(rid, None)
+        if ended:
+            self._outputs.put(FinishOutputs(ended, reason, deliver))
+
+    def _hand_off(self, core_outputs: list[EngineCoreOutput]) -> None:
+        """The LLMEngine's output sink (engine thread, inside a step): the step's core outputs to the output
+        thread. Never waits: `_run` waited for room in the FIFO before the step."""
+        if not core_outputs:
+            return
+        for co in core_outputs:
+            if co.finish_reason is not None:
+                self._in_core.pop(co.request_id, None)
+        self._outputs.put(StepOutputs(core_outputs))
 
     def _run(self) -> None:
         try:
             while not self._stopping:
+                if self._dead_error is not None:  # the output thread failed, or the watchdog gave up
+                    raise self._dead_error
                 self._apply_commands()
                 if self.engine.has_requests():
+                    # Back-pressure: outside the step (and its watchdog), so a slow consumer is no hung step.
+                    self._outputs.wait_for_room(self._interrupted)
+                    if self._interrupted():
+                        continue
                     self._step_started = time.monotonic()
-                    outputs = self._observe(self.engine.step())
+                    self.engine.step()  # its outputs go to the output thread (_hand_off)
                     self._step_started = None
                     self._steps_done += 1
                     if self._dead_error is not None:  # the watchdog gave up on this step while it ran
                         raise self._dead_error
-                    self._deliver(outputs)
                 else:
                     self.engine.check_health()  # a rank lost while idle kills the engine now, not at the next request
                     self._wakeup.wait(0.05)
@@ -320,7 +343,7 @@ class AsyncEngine:
             with self._lock:
                 self._dead_error = EngineDeadError("engine is shut down")
             self._apply_commands()
-            self._deliver(self._abort(list(self.engine.output_processor.states)))
+            self._end(self.engine.request_ids(), "abort")
         except BaseException as exc:  # the engine is dead: fail everyone, hang no one
             self._step_started = None
             if self._dead_error is None:
@@ -330,9 +353,29 @@ class AsyncEngine:
                     logger.exception("engine loop failed")
             self._die(exc)
             try:
-                self._abort(list(self.engine.output_processor.states), reason="error")
+                self._end(self.engine.request_ids(), "error", deliver=False)  # the streams have the error
             except Exception:
                 logger.exception("could not free requests after the engine failed")
+        finally:
+            # The output thread ends once it has delivered what is queued (shutdown's aborts included).
+            self._outputs.close()
+            self._output.join(_OUTPUT_DRAIN_TIMEOUT_S)
+
+    # -- output thread's reports (engine/output_thread.py) ----------------------
+    def _stopped(self, request_id: str, stream: Stream) -> None:
+        self._send(StopCommand(request_id, stream))
+
+    def _stream_lost(self, request_id: str, stream: Stream, finished: bool) -> None:
+        # Its consumer's loop closed without closing the generator: free the request
+        # here rather than let one client kill the output thread.
+        self._forget(request_id, stream)
+        if not finished:
+            self._send(AbortCommand(request_id))
+
+    def _output_failed(self, exc: BaseException) -> None:
+        err = EngineDeadError(f"output thread failed: {exc}")
+        err.__cause__ = exc
+        self._die(err)
 
     def _die(self, exc: BaseException) -> None:
         """Record the first fatal error and fail every stream with it (from any thread)."""
@@ -341,6 +384,9 @@ class AsyncEngine:
                 self._dead_error = exc
             exc = self._dead_error
             streams = list(self._streams.values())
+        # The engine thread may be waiting for room in the FIFO, or idle: it ends at once.
+        self._outputs.wake()
+        self._wakeup.set()
         err = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine loop failed: {exc}")
         for stream in streams:
             stream.put(err)
@@ -363,14 +409,3 @@ class AsyncEngine:
             self._die(err)
             return
 
-
-def _final_output(request_id: str, stream: _Stream, reason: str) -> RequestOutput:
-    """A last output for a stream ended from outside the engine: nothing new, finish_reason `reason`."""
-    last = stream.last
-    cumulative = stream.output_kind is not OutputKind.DELTA and last is not None
-    prev = last.outputs[0] if cumulative else None
-    comp = CompletionOutput(index=0, text=prev.text if prev else "", token_ids=list(prev.token_ids) if prev else [],
-                            cumulative_logprob=prev.cumulative_logprob if prev else None,
-                            logprobs=prev.logprobs if prev else None, finish_reason=reason)
-    return RequestOutput(request_id, last.prompt if last else None, stream.prompt_token_ids, [comp], finished=True,
-                         num_cached_tokens=last.num_cached_tokens if last else 0)

@@ -3,14 +3,21 @@
 Not thread-safe: `LLM` steps it in the caller's thread, `AsyncEngine` in its
 engine thread. All input validation happens in `process_inputs`, before a
 request touches the scheduler, so a rejected request never holds a KV block.
+
+Two halves: the core (scheduler, executor, structured output: `add_core`, `abort_core`, `finish_stopped`,
+`step_core`) and the output side (`output_processor`: detokenization, stop strings, logprobs, RequestOutputs).
+`add_processed`, `abort_requests` and `step` do both on the calling thread (LLM.generate). An AsyncEngine calls
+`hand_off_outputs` once and then only the core half from its engine thread: its output thread owns
+`output_processor` from then on.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
-from moelink.scheduler.engine_output import SchedulerStats
+from moelink.scheduler.engine_output import EngineCoreOutput, SchedulerStats
 from moelink.scheduler.outputs import ModelRunnerOutput
 from moelink.scheduler.request import Request, RequestStatus
 from moelink.scheduler.router import LeastLoadedRouter
@@ -82,8 +89,12 @@ class LLMEngine:
         self.world_size = config.parallel.world_size
         self.schedulers = [Scheduler(config.scheduler, config.cache) for _ in range(self.world_size)]
         self.router = LeastLoadedRouter(self.schedulers)
+        # The requests the core holds (added, not yet finished), by rank: the engine thread's own record, so
+        # that duplicate ids and aborts are decided without reading the output side's states.
         self._rank_of: dict[str, int] = {}
         self.output_processor = OutputProcessor(self.tokenizer)
+        # Set by hand_off_outputs: where `step` sends each step's core outputs instead of processing them.
+        self._output_sink: Callable[[list[EngineCoreOutput]], None] | None = None
         self.moe_metrics = MoEMetrics(len(config.model.sparse_layers), config.model.num_experts, self.world_size)
         self._step_id = 0
         # Online EPLB (--eplb-interval): None when off.
@@ -139,8 +150,14 @@ class LLMEngine:
 
     # -- request lifecycle ----------------------------------------------------
     def add_processed(self, req: ProcessedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        """Add a validated request to the core and the output side (single-thread use: LLM, tests)."""
+        self.add_core(req)
+        self.output_processor.add_request(req.request_id, req.prompt, req.prompt_token_ids, req.params, output_kind)
+
+    def add_core(self, req: ProcessedRequest) -> None:
+        """Add a validated request to a rank's scheduler, not to the output side (the stepping thread)."""
         # Checked here, not per rank: the router may place a duplicate on another rank's scheduler.
-        if req.request_id in self.output_processor.states:
+        if req.request_id in self._rank_of:
             raise ValueError(f"request_id={shown(req.request_id)} is already in use by a running request.")
         p = req.params
         sched_req = Request(
@@ -156,20 +173,36 @@ class LLMEngine:
         rank = self.router.route(req.prompt_token_ids)
         self.schedulers[rank].add_request(sched_req)
         self._rank_of[req.request_id] = rank
-        self.output_processor.add_request(req.request_id, req.prompt, req.prompt_token_ids, p, output_kind)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
-        if request_id in self.output_processor.states:
+        if request_id in self._rank_of:
             raise ValueError(f"request_id={shown(request_id)} is already in use by a running request.")
         self.add_processed(self.process_inputs(request_id, prompt, params), output_kind)
 
     def abort_requests(self, request_ids, reason: str = "abort") -> list[RequestOutput]:
-        """Finish requests now (blocks freed); returns their final outputs."""
-        ids = [r for r in request_ids if r in self.output_processor.states]
+        """Finish requests now (blocks freed); returns their final outputs (single-thread use: LLM, tests)."""
+        request_ids = list(request_ids)
+        self.abort_core(request_ids, reason)
+        # Every id the output side holds, also one whose core half ended inside a step that raised.
+        return [o for o in (self.output_processor.finish(r, reason) for r in request_ids) if o is not None]
+
+    def abort_core(self, request_ids, reason: str = "abort") -> list[str]:
+        """End the requests the core holds (blocks freed; finish_reason `reason`: "abort" or "error"), without
+        their final outputs (the stepping thread). Returns the ids it ended."""
+        ids = [r for r in request_ids if r in self._rank_of]
         status = RequestStatus.FINISHED_ABORTED if reason == "abort" else RequestStatus.FINISHED_ERROR
         self._finish(ids, status)
-        return [o for o in (self.output_processor.finish(r, reason) for r in ids) if o is not None]
+        return ids
+
+    def finish_stopped(self, request_ids) -> None:
+        """End requests the output side found a stop string in (FINISHED_STOPPED, blocks freed; the output side
+        made their final outputs). Ids the core no longer holds are ignored. The stepping thread."""
+        self._finish(request_ids, RequestStatus.FINISHED_STOPPED)
+
+    def request_ids(self) -> list[str]:
+        """The requests the core holds (added, not finished)."""
+        return list(self._rank_of)
 
     def _finish(self, request_ids, status: RequestStatus) -> None:
         for rid in request_ids:
@@ -188,20 +221,44 @@ class LLMEngine:
         return self._pending is not None or any(
             s.has_unfinished_requests() or s.has_finished_requests() for s in self.schedulers)
 
+    def hand_off_outputs(self, sink: Callable[[list[EngineCoreOutput]], None]) -> None:
+        """From now on `step` gives each step's core outputs to `sink` (on the stepping thread, inside the step)
+        and returns []; whoever `sink` passes them to owns `output_processor` and finishes stop-string requests
+        through `finish_stopped`. AsyncEngine does this once, before its first step: it still steps through
+        `step`, so what wraps a step (a test's hook, a benchmark's timer) sees its engine thread's steps."""
+        self._output_sink = sink
+
     def step(self) -> list[RequestOutput]:
-        """One lockstep step of every rank; returns the outputs it produced.
+        """One lockstep step of every rank (`step_core`) and its output work; returns the outputs it produced
+        (none once the outputs are handed off: `hand_off_outputs`)."""
+        core_outputs = self.step_core()
+        if self._output_sink is not None:
+            self._output_sink(core_outputs)
+            return []
+        return self._process(core_outputs)
+
+    def _process(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
+        """The output work of single-thread use: RequestOutputs, and the requests a stop string ended finished."""
+        outputs, stopped = self.output_processor.process(core_outputs)
+        if stopped:
+            self.finish_stopped(stopped)
+        return outputs
+
+    def step_core(self) -> list[EngineCoreOutput]:
+        """One lockstep step of every rank without its output work; returns the core outputs it collected
+        (tokens, finishes) for the output side. The stepping thread.
 
         Overlapped (async scheduling, the default): schedule and launch step N+1, then collect step N, whose
-        device work ran while the host scheduled; step N's tokens are appended, checked for stops and streamed
-        now, one step after they were sampled. Serial: schedule, run, collect the same step. The loop drains
+        device work ran while the host scheduled; step N's tokens are appended and checked for stop tokens now,
+        one step after they were sampled. Serial: schedule, run, collect the same step. The loop drains
         (collects the step in flight before scheduling) where the host needs its tokens first: a structured-
         output row (its grammar mask), an online-EPLB move and a rejoin (every rank between steps)."""
-        outputs: list[RequestOutput] = []
+        outputs: list[EngineCoreOutput] = []
         if self.executor.rejoin_ready:  # at the step boundary: replacement ranks join, back to EP N
-            outputs += self._drain()
+            outputs += self._drain_core()
             admit_engine(self)
         if self.eplb is not None and self.eplb.wants_to_act():
-            outputs += self._drain()
+            outputs += self._drain_core()
             if self._eplb_act():
                 return outputs
         sched_outs = [s.schedule() for s in self.schedulers]
@@ -210,16 +267,16 @@ class LLMEngine:
             # Nothing to compute: what is in flight is all there is (its tokens may schedule more). A step that
             # only carries ids for the workers (finished, preempted, a resync) runs at once; an empty one not at
             # all, so a loop with nothing left in flight stops.
-            outputs += self._drain()
+            outputs += self._drain_core()
             if not any(so.finished_req_ids or so.preempted_req_ids or so.resync is not None for so in sched_outs):
                 for sched, so in zip(self.schedulers, sched_outs):
                     sched.update_from_output(so, ModelRunnerOutput(step_id=so.step_id))
                 return outputs
             self._pending = (sched_outs, self.executor.launch(sched_outs))
-            return outputs + self._drain()
+            return outputs + self._drain_core()
         if self.structured:
             if self._pending is not None and self._needs_tokens_in_flight(sched_outs):
-                outputs += self._drain()  # the grammar masks need the matchers advanced by the tokens in flight
+                outputs += self._drain_core()  # the grammar masks need the matchers advanced by the tokens in flight
             for so in sched_outs:  # each rank gets the masks of its own rows only
                 so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens)
         t0 = time.perf_counter()
@@ -232,11 +289,16 @@ class LLMEngine:
         if done is not None:
             outputs += self._collect(done)
         if not self.async_scheduling:
-            outputs += self._drain()
+            outputs += self._drain_core()
         self.loop_stats.steps += 1
         return outputs
 
     def _drain(self) -> list[RequestOutput]:
+        """Collect the step in flight, if any, and process its outputs (single-thread use: a caller that needs
+        nothing in flight between two steps)."""
+        return self._process(self._drain_core())
+
+    def _drain_core(self) -> list[EngineCoreOutput]:
         """Collect the step in flight, if any (nothing is in flight afterwards)."""
         done, self._pending = self._pending, None
         return self._collect(done) if done is not None else []
@@ -251,8 +313,8 @@ class LLMEngine:
                         return True
         return False
 
-    def _collect(self, done) -> list[RequestOutput]:
-        """Take a launched step's outputs: scheduler updates, metrics, stops, then the request outputs."""
+    def _collect(self, done) -> list[EngineCoreOutput]:
+        """Take a launched step's outputs: scheduler updates, metrics, structured-output matchers."""
         sched_outs, launched = done
         t0 = time.perf_counter()
         try:
@@ -278,10 +340,7 @@ class LLMEngine:
             if co.finish_reason is not None:
                 self._rank_of.pop(co.request_id, None)
                 structured.remove(co.request_id)
-        outputs, stopped = self.output_processor.process(core_outputs)
-        if stopped:
-            self._finish(stopped, RequestStatus.FINISHED_STOPPED)
-        return outputs
+        return core_outputs
 
     def _eplb_act(self) -> bool:
         """Online EPLB's move at a step boundary (nothing in flight). True when a rank was lost during it and
@@ -295,7 +354,7 @@ class LLMEngine:
             return True
         return False
 
-    def _recover(self, steps: list, err: WorkerDiedError) -> list[RequestOutput]:
+    def _recover(self, steps: list, err: WorkerDiedError) -> list[EngineCoreOutput]:
         """Elastic EP: the steps in flight (oldest first) are dropped; survivors undo them (Scheduler.rewind)."""
         if self.executor.lost_error is None:  # not elastic, or nothing to recover from: fail as before
             raise err

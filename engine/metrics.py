@@ -1,7 +1,7 @@
 """Prometheus metrics of one engine (`moelink serve --metrics-port`).
 
 Request-level series (outcomes, TTFT / inter-token / end-to-end histograms,
-token counters) are observed by the engine thread as outputs are produced.
+token counters) are observed by the AsyncEngine's output thread as outputs are produced.
 Engine-level series (queue, KV use, prefix cache, preemptions, all-to-all,
 expert-load balance) are read from the engine when Prometheus scrapes, by a
 custom collector, so no per-step work is spent on them.
@@ -33,7 +33,7 @@ METRICS_CONNECTION_TIMEOUT_S = 10.0
 
 class EngineMetrics:
     """Owns a registry; the AsyncEngine that takes it (`AsyncEngine(..., metrics=EngineMetrics())`) attaches
-    its LLMEngine and calls `on_outputs` from its thread; Prometheus scrapes `registry`."""
+    its LLMEngine and calls `on_outputs` from its output thread; Prometheus scrapes `registry`."""
 
     def __init__(self):
         self.engine = None  # set once by `attach`; engine-level series are empty until then
