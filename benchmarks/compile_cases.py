@@ -268,8 +268,9 @@ def compile_norm_rotary(rec: Recorder, quick: bool) -> None:
 def compile_mla(rec: Recorder, quick: bool) -> None:
     """MLA at DeepSeek-V3 shapes (128 heads, latent 512, rope 64): a decode batch (unsplit, and split by the device
     plan with its merge), a mixed batch of decodes and a chunk over a cached prefix (unsplit, and Z-way split
-    with its merge), the latent write; and 16 heads (DeepSeek-V2-Lite), where the
-    head block shrinks to 16."""
+    with its merge), the latent write, the same over an fp8 latent cache (mixed batches: the chunk's context
+    widened once, kernels/triton_mla_wide.py); and 16 heads (DeepSeek-V2-Lite), where the head block shrinks
+    to 16."""
     from moelink.kernels.attention import AttentionMetadata
     from moelink.kernels.triton_mla import triton_mla_attention, triton_write_latent
 
@@ -293,13 +294,20 @@ def compile_mla(rec: Recorder, quick: bool) -> None:
         with rec.labelled(f"{name} latent write"):
             triton_write_latent(torch.empty(40, C, dtype=dt, **meta), torch.empty(40, P, dtype=dt, **meta), cache,
                                 torch.empty(40, dtype=torch.long, **meta))
-        if N == 128 and dt == torch.bfloat16:  # --kv-cache-dtype fp8: an e4m3 latent cache, bf16 queries
+        if dt == torch.bfloat16 and (N == 128 or not quick):  # --kv-cache-dtype fp8: e4m3 latents, bf16 queries
             c8 = torch.empty(1000, L, C + P, dtype=torch.float8_e4m3fn, **meta)
-            for label, S, splits in (("decode batch 64", 64, 1), ("decode batch 4, plan P = 8 x S", 4, 8)):
-                m = AttentionMetadata(i32(S + 1), i32(S), i32(S, 512), torch.empty(S, dtype=torch.long, **meta),
-                                      [1] * S, [4096] * S, 1, 4096, 999)
+            # The mixed batches: the decodes over the fp8 cache (SELECT), the chunk's context widened
+            # (triton_mla_wide._widen_kernel) and read by the bf16 launch config over the workspace.
+            for label, S, q_lens, splits in (("decode batch 64", 64, [1] * 64, 1),
+                                             ("decode batch 4, plan P = 8 x S", 4, [1] * 4, 8),
+                                             ("mixed batch (31 decodes + a 97-token chunk)", 32, [1] * 31 + [97], None),
+                                             ("mixed batch (31 decodes + a 97-token chunk), split 4", 32,
+                                              [1] * 31 + [97], 4)):
+                T = sum(q_lens)
+                m = AttentionMetadata(i32(S + 1), i32(S), i32(S, 512), torch.empty(T, dtype=torch.long, **meta),
+                                      q_lens, [4096] * S, max(q_lens), 4096, 999)
                 with rec.labelled(f"{name} fp8 latent cache, {label}"):
-                    triton_mla_attention(torch.empty(S, N, C, dtype=dt, **meta), torch.empty(S, N, P, dtype=dt, **meta),
+                    triton_mla_attention(torch.empty(T, N, C, dtype=dt, **meta), torch.empty(T, N, P, dtype=dt, **meta),
                                          c8, m, 0.1, 0.5, num_splits=splits)
             with rec.labelled(f"{name} fp8 latent write"):
                 triton_write_latent(torch.empty(40, C, dtype=dt, **meta), torch.empty(40, P, dtype=dt, **meta), c8,

@@ -270,7 +270,8 @@ def merge_into(old: dict, new: dict, only: str) -> dict:
 
 # Kernels a family owns (replaced by --merge); kernels several families launch are shared.
 FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
-                  "mla": ("_mla_kernel", "_mla_merge_kernel", "_mla_merge_plan_kernel", "_write_latent_kernel"),
+                  "mla": ("_mla_kernel", "_mla_merge_kernel", "_mla_merge_plan_kernel", "_write_latent_kernel",
+                          "_widen_kernel"),
                   "moe": ("_moe_up_kernel", "_moe_down_kernel"),
                   "mxfp4": ("_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"),
                   "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_merge_plan_kernel",

@@ -11,7 +11,7 @@
 #   tests-kernels          pytest -m gpu: Triton kernels at model shapes, sampler seeds, comm (NCCL + graphs)
 #   tests-engine           pytest -m gpu: the engine on the Triton kernels, fp32/bf16, graphs vs eager
 #   tests-fp8              pytest -m gpu: the FP8 block-scaled kernels at DeepSeek-V3 and Qwen3-30B-A3B shapes,
-#                          the MXFP4 fused MoE at gpt-oss-120b's
+#                          the MXFP4 fused MoE at gpt-oss-120b's, MLA over an fp8 latent cache (mixed batch)
 #   moe SHAPE [--quick]    moe_kernels for ONE shape (qwen3-30b-a3b | mixtral-8x7b | deepseek-v3)
 #   moe-fp8 SHAPE [--quick] moe_kernels --dtype fp8 for ONE shape (deepseek-v3 | qwen3-30b-a3b): FP8 fused MoE vs bf16
 #   moe-mxfp4 [--quick]    moe_mxfp4: gpt-oss-120b/-20b experts, MXFP4 (dequantized in the K loop) vs bf16
@@ -24,6 +24,9 @@
 #                          engine_e2e: LLM.generate end to end beside the CUDA-graph step, async scheduling on
 #                          and off (one model and dtype per command); --serve: the gRPC serving part alone;
 #                          --quick: Qwen3-30B-A3B bf16, every part (serving included) in one command
+#   mla-fp8-kv [--quick]   mla_fp8_kv: fp8 vs bf16 MLA latent KV cache on long prompts (DeepSeek-V2-Lite shape),
+#                          the MLA kernel then LLM.generate (64 x 7,680 prompt x 256 out; --quick 16 x 64 out),
+#                          each printed as `RATIO ... = fp8/bf16` (issue 27: 1.88 end to end before the fix)
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   plan                   every device command of a full session, in order, with its budget
@@ -367,10 +370,14 @@ step_tests_kernels() {
 #    top-k sum, group quant per shape); run: float32 references on the GPU, DeepSeek's 32 local experts.
 #  test_triton_moe_mxfp4_gpu.py (5 tests, 1 skipped below sm_100): gpt-oss-120b experts at 4 T x variant ->
 #    GEMM 8 (up + down per case), other 8 (align, sum); run: float32 references on the GPU (measured 12 s).
+#  test_mla_fp8_prefill.py -m gpu (1 test, DeepSeek-V3 shapes over an fp8 latent cache): GEMM 2 (the MLA kernel
+#    over the fp8 cache for the decodes, over the widened workspace for the chunks), other 2 (the fp8 latent
+#    write, the widen kernel); run: a float64 reference on the GPU (estimate).
 step_tests_fp8() {
   run_pytest_files "gpu_tests_fp8_${DEV}.txt" \
     triton_fp8_gpu 18 0 20 60 tests/kernels/test_triton_fp8_gpu.py \
-    triton_mxfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_mxfp4_gpu.py
+    triton_mxfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_mxfp4_gpu.py \
+    mla_fp8_gpu 2 0 2 30 tests/kernels/test_mla_fp8_prefill.py
 }
 step_tests_engine() {
   run_pytest_files "gpu_tests_engine_${DEV}.txt" \
@@ -545,6 +552,35 @@ step_e2e() {
     --time-budget-s $(( $(budget "$gemm" 0 "$other" "$run") - 120 )) --out "$OUT/$out"
 }
 
+# mla-fp8-kv [--quick]: benchmarks/mla_fp8_kv.py, two commands (GPU only: the benchmark refuses a machine without
+# CUDA; --cpu-smoke runs its toy shapes). Kernel part: V2-Lite's MLA over a bf16 and an fp8 cache; compiles: the
+# bf16 kernel unsplit and as a planned decode split, the fp8 launches over the cache (decodes, SELECT) and over
+# the widened workspace (SELECT), the fp8 planned decode split -> 5 GEMM (attention-class); the decode plan, its
+# merge and the widen kernel -> 3 other; run: 4 cases x 2 caches x 23 calls, the 7,680-token prompt the longest
+# (estimate, not yet run on a GPU). End-to-end part: two engines (bf16 KV, then fp8 KV) on V2-Lite's config at 12
+# layers with random weights: its decode graphs and prefill/mixed buckets as the e2e step's (~36 GEMM + 48
+# other, shared through the Triton cache; the fp8 attention launches add a few); run: engine start ~90 s each
+# (estimate), generate 15.6 s (bf16) and 29.4 s (fp8, before the fix) measured for the full workload.
+step_mla_fp8_kv() {
+  local quick=() a
+  for a in "$@"; do
+    case "$a" in
+      --quick) quick=(--quick) ;;
+      *) echo "mla-fp8-kv: unknown argument '$a' (--quick)" >&2; exit 2 ;;
+    esac
+  done
+  if [[ $MODE == cpu-smoke ]]; then
+    cmd mla_fp8_kv 0 0 0 150 -- "$PY" -m moelink.benchmarks.mla_fp8_kv --cpu-smoke --out "$OUT/mla_fp8_kv_cpu_smoke.json"
+    return 0
+  fi
+  local run=250 tag=""
+  if [[ ${#quick[@]} -gt 0 ]]; then run=190; tag=_quick; fi
+  cmd mla_fp8_kv_kernel 5 0 3 40 -- "$PY" -m moelink.benchmarks.mla_fp8_kv --parts kernel \
+    --out "$OUT/mla_fp8_kv_${DEV}_kernel.json"
+  cmd mla_fp8_kv_e2e 36 0 48 "$run" -- "$PY" -m moelink.benchmarks.mla_fp8_kv --parts e2e "${quick[@]}" \
+    --out "$OUT/mla_fp8_kv_${DEV}_e2e${tag}.json"
+}
+
 # compile-report: every kernel at every default/tuned/published config, compiled for sm_90 offline
 # (compile counts: ~150 GEMM + ~60 other, measured 2026-11-22; no GPU needed, so it runs anywhere).
 step_compile_report() {
@@ -596,6 +632,7 @@ step_plan() {  # the full session, one device command per line, with budgets (dr
   for s in "${FP8_SHAPES[@]}"; do steps+=("moe-fp8 $s"); done
   steps+=("moe-mxfp4")
   for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
+  steps+=("mla-fp8-kv")
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -650,9 +687,9 @@ case "$STEP" in
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|decode|e2e|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,32p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, decode, e2e, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|decode|e2e|mla-fp8-kv|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,35p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, decode, e2e, mla-fp8-kv, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -672,6 +709,7 @@ case "$STEP" in
   tune) step_tune "$@" ;;
   decode) step_decode "$@" ;;
   e2e) step_e2e "$@" ;;
+  mla-fp8-kv) step_mla_fp8_kv "$@" ;;
   compile-report) step_compile_report ;;
   all)
     step_tests_kernels; step_tests_engine
@@ -681,7 +719,8 @@ case "$STEP" in
     step_tests_fp8
     for s in "${FP8_SHAPES[@]}"; do step_moe_fp8 "$s" "$@"; done
     step_moe_mxfp4 "$@"
-    for s in "${E2E_MODELS[@]}"; do step_e2e --model "$s"; step_e2e --model "$s" --dtype fp8; step_e2e --serve --model "$s"; done ;;
+    for s in "${E2E_MODELS[@]}"; do step_e2e --model "$s"; step_e2e --model "$s" --dtype fp8; step_e2e --serve --model "$s"; done
+    step_mla_fp8_kv ;;
 esac
 [[ $STEP != all && $STEP != tests ]] && finish_step
 exit "$STATUS"

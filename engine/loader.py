@@ -96,9 +96,10 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     """Build the model for `cfg.architecture` on `device` and fill every parameter from the checkpoint (random
     tensors for load_format "dummy")."""
     spec = arch_spec(cfg.architecture)
-    model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep)
     checkpoint = open_checkpoint(cfg, load_format, device)
-    plan = model.weight_plan(checkpoint.keys())  # the names pick the experts' on-disk layout
+    names = frozenset(checkpoint.keys())  # they pick the experts' on-disk layout, which FP8 experts are built for
+    model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep, names)
+    plan = model.weight_plan(names)
     missing = [name for name in plan if name not in checkpoint]
     if missing:
         raise ValueError(
@@ -148,7 +149,7 @@ def _copy_into(name: str, src: torch.Tensor, dest: torch.Tensor, device) -> None
 def _quantize_into(name: str, src: torch.Tensor, target: QuantizeOnLoad, idx: tuple, device) -> None:
     """Online FP8 (`quantization="fp8"` on a float checkpoint): block-quantize the tensor as it is read, so
     only one float tensor is ever held beside the FP8 model. A stacked piece starts on a block boundary
-    (expert_weights.scale_index), so quantizing it alone gives the blocks of the stacked weight."""
+    (expert_weights.scale_index), so quantizing it alone gives its own blocks in the stacked weight."""
     if src.dtype == FP8_DTYPE:
         raise ValueError(f"checkpoint tensor {name!r} is already float8_e4m3fn: quantization='fp8' quantizes a "
                          f"float checkpoint; this one needs its quantization_config in config.json.")

@@ -2,8 +2,9 @@
 it): the plain-torch reference, which is also the CPU path and the oracle of the Triton kernels.
 
 Legend: T tokens, K input channels (the GEMM's reduction dim), N output channels, E local experts, D hidden,
-I expert intermediate size, F = 2I, G = ceil(K / group) activation groups per token, Bn / Bk the weight block
-(128 x 128 in every published checkpoint).
+I expert intermediate size, F = U + I rows of gate and up (U: the first up row, see reference_fused_moe_fp8),
+G = ceil(K / group) activation groups per token, Bn / Bk the weight block (128 x 128 in every published
+checkpoint).
 
 Published layout (`quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
 "weight_block_size": [128, 128]}`): a linear's `weight` is float8_e4m3fn [N, K] and `weight_scale_inv` is
@@ -123,6 +124,15 @@ def reference_fp8_linear(x_TK: torch.Tensor, wq_NK: torch.Tensor, w_scale_inv: t
     return out.to(x_TK.dtype)
 
 
+def up_row(w13q_EFD: torch.Tensor, w2q_EDI: torch.Tensor) -> int:
+    """The first up row U of FP8 experts w13q [E, U + I, D] beside w2q [E, D, I] (reference_fused_moe_fp8)."""
+    rows, inter = w13q_EFD.shape[-2], w2q_EDI.shape[-1]
+    if rows < 2 * inter:
+        raise ValueError(f"w13q_EFD {tuple(w13q_EFD.shape)} is invalid beside w2q_EDI {tuple(w2q_EDI.shape)}: it must "
+                         f"hold gate rows [0, I) and up rows [U, U + I) with U >= I = {inter}.")
+    return rows - inter
+
+
 def reference_fused_moe_fp8(
     x_TD: torch.Tensor,
     w13q_EFD: torch.Tensor,
@@ -135,10 +145,16 @@ def reference_fused_moe_fp8(
     block: tuple[int, int] = DEFAULT_BLOCK,
 ) -> torch.Tensor:
     """The fused MoE of moelink.kernels.moe.reference_fused_moe with FP8 block-scaled expert weights
-    (w13q [E, 2I, D] with scales [E, ceil(2I/Bn), ceil(D/Bk)], w2q [E, D, I] with [E, ceil(D/Bn), ceil(I/Bk)])
+    (w13q [E, F, D] with scales [E, ceil(F/Bn), ceil(D/Bk)], w2q [E, D, I] with [E, ceil(D/Bn), ceil(I/Bk)])
     and W8A8 activations: the token's hidden state is group-quantized before gate/up and silu(gate) * up before
-    down. Same routing semantics (ids -1 and remote experts contribute nothing); [T, D] in x's dtype."""
+    down. Same routing semantics (ids -1 and remote experts contribute nothing); [T, D] in x's dtype.
+
+    w13q's rows are gate [0, I), then up [U, U + I) with U = F - I >= I (`up_row`): U = I stacks them as one
+    tensor quantized whole (F = 2I); U = ceil(I / Bn) * Bn gives each piece its own blocks when I is not a
+    multiple of Bn (rows I..U-1 are unused padding)."""
     bn, bk = _check_block(block)
+    up = up_row(w13q_EFD, w2q_EDI)
+    inter = w2q_EDI.shape[-1]
     acc = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
     num_tokens, top_k = topk_ids_TK.shape
     out_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
@@ -152,7 +168,8 @@ def reference_fused_moe_fp8(
         tok_n = pairs_n // top_k
         w13 = block_dequantize(w13q_EFD[e], w13_scale_inv[e], (bn, bk), acc)
         w2 = block_dequantize(w2q_EDI[e], w2_scale_inv[e], (bn, bk), acc)
-        gate_nI, up_nI = (xa_TD.index_select(0, tok_n) @ w13.t()).chunk(2, dim=-1)
+        h_nF = xa_TD.index_select(0, tok_n) @ w13.t()
+        gate_nI, up_nI = h_nF[:, :inter], h_nF[:, up : up + inter]
         h_nI = fake_quant_activation(F.silu(gate_nI) * up_nI, bk).to(acc)
         y_nD = (h_nI @ w2.t()) * weights_P.index_select(0, pairs_n)[:, None].to(acc)
         out_TD.index_add_(0, tok_n, y_nD)

@@ -22,6 +22,13 @@ Splits, when the programs alone would leave SMs idle (small decode batches, long
 - a mixed batch (eager only) keeps Z > 1 equal slices of every token's rows (grid (T, head blocks, Z)) and a
   per-(token, head block) merge.
 
+An fp8 cache (--kv-cache-dtype fp8): decode tokens read it as it is (each e4m3 row widened to the query's
+dtype in registers, the per-layer scale folded into the softmax scale and the output); in a mixed batch the
+sequences with a multi-token chunk read their context widened once per chunk into a workspace cache of the
+query's dtype (triton_mla_wide.py: per query token, as before, it cost a chunk about Q x its rows'
+conversions), so the launch over the fp8 cache and the one over the workspace each serve their own
+sequences (SELECT).
+
 The kernel never reads a row at or past the token's causal bound: those loads are masked, so nothing
 depends on what unused or null blocks hold (the reference routes such reads to the zeroed null block).
 """
@@ -34,6 +41,7 @@ import triton.language as tl
 from . import triton_common as common
 from .attention import AttentionMetadata
 from .mla import FP8_CACHE_DTYPES, check_latent_cache, check_mla_inputs
+from . import triton_mla_wide as wide
 from . import triton_split_plan as plan
 from .split_planning import decode_programs, pick_splits
 from .triton_common import cast, dot
@@ -81,16 +89,18 @@ def triton_write_latent(ckv_TC, kpe_TP, latent_cache_BLR, slot_mapping_T, kv_sca
 
 
 @triton.jit(do_not_specialize=["num_seqs", "Z"])
-def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ends_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                scale_log2, kv_scale, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn, stride_cb, stride_cl, stride_tb,
-                stride_ot, stride_on, num_heads, C, P, Z,
+def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ends_ptr, sel_ptr, out_ptr, part_o_ptr,
+                part_lse_ptr, scale_log2, kv_scale, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn, stride_cb,
+                stride_cl, stride_tb, stride_ot, stride_on, num_heads, C, P, Z,
                 L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PLAN: tl.constexpr, INTERPRET: tl.constexpr,
-                PREC: tl.constexpr):
+                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PLAN: tl.constexpr, SELECT: tl.constexpr,
+                INTERPRET: tl.constexpr, PREC: tl.constexpr):
     # num_seqs and Z are runtime values (do_not_specialize): a new batch never means a new compile.
     # PLAN (a pure-decode batch, split): program 0 is a work program of the device plan (triton_split_plan.py),
     # which names its sequence (= its one token) and its rows; partials are indexed by work program (Z = 1).
     # Else program 0 is a token and program 2 one of Z equal slices of its rows (Z = 1: no split).
+    # SELECT (a mixed batch over an fp8 cache, triton_mla_wide.py): this launch serves only the sequences whose
+    # sel entry is >= 0 (the others are another launch's, over another cache); its other programs return.
     hb = tl.program_id(1)
     if PLAN:
         pid = tl.program_id(0)
@@ -118,6 +128,9 @@ def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, e
         s_idx = lo
         if s_idx >= num_seqs:
             return  # past the batch's last token (never from the runner; kept so a stray row reads nothing)
+        if SELECT:
+            if tl.load(sel_ptr + s_idx) < 0:
+                return
         q_start = tl.load(qsl_ptr + s_idx)
         q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
         seq_len = tl.load(seq_lens_ptr + s_idx)
@@ -291,51 +304,60 @@ def triton_mla_attention(
         return out
     q_latent_TNC = q_latent_TNC if q_latent_TNC.stride(-1) == 1 else q_latent_TNC.contiguous()
     q_pe_TNP = q_pe_TNP if q_pe_TNP.stride(-1) == 1 else q_pe_TNP.contiguous()
-    dev = q_latent_TNC.device
-    flags = dict(INTERPRET=common.interpreting(q_latent_TNC), PREC=common.dot_precision(q_latent_TNC.dtype))
+    dev, dt = q_latent_TNC.device, q_latent_TNC.dtype
+    interp = common.interpreting(q_latent_TNC)
     fp8_cache = latent_cache_BLR.dtype in FP8_CACHE_DTYPES
-    BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, fp8_cache=fp8_cache)
     BLOCK_C = max(16, triton.next_power_of_2(C))
-    BLOCK_P = max(16, triton.next_power_of_2(P))
-    head_blocks = triton.cdiv(N, BLOCK_H)
     S = meta.num_seqs
-    tables = meta.block_tables_SM
+
+    def launch(grid, cache, tables, ends, sel, part_o, part_lse, cfg, split: bool, plan_split: bool) -> None:
+        block_h, block_n, warps, stages = cfg
+        _mla_kernel[grid](
+            q_latent_TNC, q_pe_TNP, cache, tables, meta.seq_lens_S, meta.query_start_loc_S1, ends,
+            sel if sel is not None else ends, out, part_o, part_lse, scale * kv_scale * _LOG2E, kv_scale, S,
+            q_latent_TNC.stride(0), q_latent_TNC.stride(1), q_pe_TNP.stride(0), q_pe_TNP.stride(1), cache.stride(0),
+            cache.stride(1), tables.stride(0), out.stride(0), out.stride(1), N, C, P, grid[2], L=cache.shape[1],
+            BLOCK_H=block_h, BLOCK_C=BLOCK_C, BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=block_n,
+            SPLIT=split, PLAN=plan_split, SELECT=sel is not None, INTERPRET=interp, PREC=common.dot_precision(dt),
+            num_warps=warps, num_stages=stages)
+
     if meta.max_query_len == 1:
         # Pure decode (every step a decode graph replays): the device plan shares P work programs per head block
         # among the sequences by their row tiles; P from S, the head blocks and the SMs only (S: no split).
-        split_cfg = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, split=True, fp8_cache=fp8_cache)
-        programs = S * num_splits if num_splits else decode_programs(dev, S, head_blocks, split_cfg[1])
-        plan_split, Z = programs > S, 1
-    else:  # a mixed batch (eager): Z equal slices of every token's rows when the tokens leave SMs idle
-        plan_split, programs = False, T
-        Z = num_splits or pick_splits(dev, T * head_blocks, meta.max_seq_len, BLOCK_N)
-    if Z > 1 or plan_split:
-        BLOCK_H, BLOCK_N, warps, stages = _launch_config(q_latent_TNC.dtype, flags["INTERPRET"], N, split=True,
-                                                         fp8_cache=fp8_cache)
-        head_blocks = triton.cdiv(N, BLOCK_H)
-    ends = part_o = part_lse = out  # unused without a split
-    if plan_split:
-        ends = plan.plan_decode_splits(meta.seq_lens_S, meta.query_start_loc_S1, programs, BLOCK_N)
+        cfg = _launch_config(dt, interp, N, fp8_cache=fp8_cache)
+        split_cfg = _launch_config(dt, interp, N, split=True, fp8_cache=fp8_cache)
+        programs = S * num_splits if num_splits else decode_programs(dev, S, triton.cdiv(N, cfg[0]), split_cfg[1])
+        if programs == S:
+            launch((S, triton.cdiv(N, cfg[0]), 1), latent_cache_BLR, meta.block_tables_SM, out, None, out, out, cfg,
+                   False, False)
+            return out
+        head_blocks = triton.cdiv(N, split_cfg[0])
+        ends = plan.plan_decode_splits(meta.seq_lens_S, meta.query_start_loc_S1, programs, split_cfg[1])
         part_o = common.workspace((programs, N, 1, BLOCK_C), torch.float32, dev)
         part_lse = common.workspace((programs, N, 1), torch.float32, dev)
-    elif Z > 1:
+        launch((programs, head_blocks, 1), latent_cache_BLR, meta.block_tables_SM, ends, None, part_o, part_lse,
+               split_cfg, True, True)
+        _mla_merge_plan_kernel[(S, head_blocks)](
+            part_o, part_lse, ends, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, C,
+            BLOCK_H=split_cfg[0], BLOCK_C=BLOCK_C, INTERPRET=interp, num_warps=8)
+        return out
+    # A mixed batch (eager): Z equal slices of every token's rows when the tokens leave SMs idle. Over an fp8
+    # cache, the sequences with a chunk of several tokens read their context widened once
+    # (triton_mla_wide.py), one launch per workspace pass beside the launch over the fp8 cache for the decodes;
+    # every launch writes its own tokens (or their partials: the merge runs once, after all of them).
+    cfg = _launch_config(dt, interp, N, fp8_cache=fp8_cache)
+    Z = num_splits or pick_splits(dev, T * triton.cdiv(N, cfg[0]), meta.max_seq_len, cfg[1])
+    part_o = part_lse = out  # unused without a split
+    if Z > 1:
         part_o = common.workspace((T, N, Z, BLOCK_C), torch.float32, dev)
         part_lse = common.workspace((T, N, Z), torch.float32, dev)
-    _mla_kernel[(programs, head_blocks, Z)](
-        q_latent_TNC, q_pe_TNP, latent_cache_BLR, tables, meta.seq_lens_S, meta.query_start_loc_S1, ends, out, part_o,
-        part_lse, scale * kv_scale * _LOG2E, kv_scale, S, q_latent_TNC.stride(0), q_latent_TNC.stride(1), q_pe_TNP.stride(0),
-        q_pe_TNP.stride(1), latent_cache_BLR.stride(0), latent_cache_BLR.stride(1), tables.stride(0), out.stride(0),
-        out.stride(1), N, C, P, Z, L=latent_cache_BLR.shape[1], BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
-        BLOCK_N=BLOCK_N, SPLIT=Z > 1 or plan_split, PLAN=plan_split, num_warps=warps, num_stages=stages, **flags,
-    )
-    if plan_split:
-        _mla_merge_plan_kernel[(S, head_blocks)](
-            part_o, part_lse, ends, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, C, BLOCK_H=BLOCK_H,
-            BLOCK_C=BLOCK_C, INTERPRET=flags["INTERPRET"], num_warps=8,
-        )
-    elif Z > 1:  # every (token, head) has split 0 written: merge them all
-        _mla_merge_kernel[(T, head_blocks)](
-            part_o, part_lse, out, out.stride(0), out.stride(1), N, C, Z, BLOCK_H=BLOCK_H,
-            BLOCK_Z=triton.next_power_of_2(Z), BLOCK_C=BLOCK_C, INTERPRET=flags["INTERPRET"], num_warps=8,
-        )
+    srcs = wide.sources(latent_cache_BLR, meta, dt) if fp8_cache else [(latent_cache_BLR, meta.block_tables_SM, None)]
+    for cache, tables, sel in srcs:
+        c = _launch_config(dt, interp, N, split=Z > 1, fp8_cache=cache.dtype in FP8_CACHE_DTYPES)
+        launch((T, triton.cdiv(N, c[0]), Z), cache, tables, out, sel, part_o, part_lse, c, Z > 1, False)
+    if Z > 1:  # every (token, head) has split 0 written: merge them all
+        block_h = _launch_config(dt, interp, N, split=True)[0]
+        _mla_merge_kernel[(T, triton.cdiv(N, block_h))](
+            part_o, part_lse, out, out.stride(0), out.stride(1), N, C, Z, BLOCK_H=block_h,
+            BLOCK_Z=triton.next_power_of_2(Z), BLOCK_C=BLOCK_C, INTERPRET=interp, num_warps=8)
     return out

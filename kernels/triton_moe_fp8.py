@@ -1,6 +1,7 @@
 """Fused MoE experts with FP8 block-scaled weights and W8A8 activations, in Triton.
 
-Legend: T tokens, D hidden, E local experts, G global experts, I expert intermediate size, F = 2I, K top-k,
+Legend: T tokens, D hidden, E local experts, G global experts, I expert intermediate size, F = U + I rows of
+gate [0, I) and up [U, U + I) (U = I stacked, or I rounded up to Bn: fp8.reference_fused_moe_fp8), K top-k,
 P = T*K pairs, R padded rows (moe_align), Gd = ceil(D / Bk), Gi = ceil(I / Bk) activation groups per row,
 Bn x Bk the weight block (128 x 128 published). Same contract as fp8.reference_fused_moe_fp8.
 
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from . import moe_config
 from . import triton_common as common
-from .fp8 import DEFAULT_BLOCK
+from .fp8 import DEFAULT_BLOCK, up_row
 from .moe_align import moe_align_block_size
 from .moe_config import CONFIG_DIR, MoEConfig, _pick, load_config_file
 from .triton_fp8 import check_fp8_weight, check_triton_block, quant_tile, triton_per_token_group_quant
@@ -40,7 +41,7 @@ from .triton_moe import _moe_sum_kernel
 
 @triton.jit
 def _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr,
-                 num_pairs, inter, hidden, top_k,
+                 num_pairs, inter, up_row, hidden, top_k,
                  stride_xt, stride_xst, stride_we, stride_wf, stride_wse, stride_wsf, stride_hr, stride_hsr,
                  SCALE_N: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
@@ -57,17 +58,17 @@ def _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_p
         a_ptrs = x_ptr + tok_m[:, None] * stride_xt + offs_k[None, :]
         as_ptrs = xs_ptr + tok_m * stride_xst
         g_ptrs = w_ptr + e64 * stride_we + offs_n[None, :].to(tl.int64) * stride_wf + offs_k[:, None]
-        u_ptrs = g_ptrs + inter * stride_wf
-        # Gate row n and up row I+n have their own scale rows: (I + n) // Bn need not be n // Bn + const.
+        u_ptrs = g_ptrs + up_row * stride_wf
+        # Gate row n and up row U+n have their own scale rows: (U + n) // Bn need not be n // Bn + const.
         gs_ptrs = ws_ptr + e64 * stride_wse + (offs_n // SCALE_N) * stride_wsf
-        us_ptrs = ws_ptr + e64 * stride_wse + ((inter + offs_n) // SCALE_N) * stride_wsf
+        us_ptrs = ws_ptr + e64 * stride_wse + ((up_row + offs_n) // SCALE_N) * stride_wsf
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             k_ok = offs_k < hidden - k0
             kg = k0 // GROUP
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if TMA:  # w13 as [E, 2, I, D] (as the bf16 kernel): rows past I and columns past D read as zeros
+            if TMA:  # w13 as [E, 2, I, D], up at row U (as the bf16 kernel): rows past I, columns past D read as 0
                 bg = tl.trans(tl.reshape(w_desc.load([expert, 0, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
                 bu = tl.trans(tl.reshape(w_desc.load([expert, 1, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
             else:
@@ -93,14 +94,14 @@ def _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_p
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_fp8_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr,
-                       num_pairs, num_rows, num_experts, inter, hidden, top_k,
+                       num_pairs, num_rows, num_experts, inter, up_row, hidden, top_k,
                        stride_xt, stride_xst, stride_we, stride_wf, stride_wse, stride_wsf, stride_hr, stride_hsr,
                        SCALE_N: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                        PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
     if TMA:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts, 2, inter, hidden],
-                                           strides=[stride_we, inter * stride_wf, stride_wf, 1],
+                                           strides=[stride_we, up_row * stride_wf, stride_wf, 1],
                                            block_shape=[1, 1, BLOCK_N, BLOCK_K])
     else:
         w_desc = w_ptr  # (unused)
@@ -110,13 +111,15 @@ def _moe_fp8_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, 
         for tile in range(tl.program_id(0), live_m * num_pid_n, tl.num_programs(0)):
             pid_m, pid_n = _tile_pids(tile, live_m, num_pid_n, GROUP_M)
             _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr,
-                         num_pairs, inter, hidden, top_k, stride_xt, stride_xst, stride_we, stride_wf, stride_wse,
-                         stride_wsf, stride_hr, stride_hsr, SCALE_N, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, TMA, INTERPRET)
+                         num_pairs, inter, up_row, hidden, top_k, stride_xt, stride_xst, stride_we, stride_wf,
+                         stride_wse, stride_wsf, stride_hr, stride_hsr, SCALE_N, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
+                         INTERPRET)
     else:
         pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, num_pid_n, GROUP_M)
         _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr,
-                     num_pairs, inter, hidden, top_k, stride_xt, stride_xst, stride_we, stride_wf, stride_wse,
-                     stride_wsf, stride_hr, stride_hsr, SCALE_N, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, TMA, INTERPRET)
+                     num_pairs, inter, up_row, hidden, top_k, stride_xt, stride_xst, stride_we, stride_wf,
+                     stride_wse, stride_wsf, stride_hr, stride_hsr, SCALE_N, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
+                     INTERPRET)
 
 
 @triton.jit
@@ -233,9 +236,10 @@ def _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK
     check_fp8_weight("w13q_EFD", w13q_EFD, w13_scale_inv, block)
     check_fp8_weight("w2q_EDI", w2q_EDI, w2_scale_inv, block)
     E, F, D = w13q_EFD.shape
-    if F % 2 or x_TD.shape[1] != D or tuple(w2q_EDI.shape) != (E, D, F // 2):
+    if x_TD.shape[1] != D or w2q_EDI.dim() != 3 or tuple(w2q_EDI.shape[:2]) != (E, D) or F < 2 * w2q_EDI.shape[2]:
         raise ValueError(f"shapes x_TD={tuple(x_TD.shape)}, w13q_EFD={tuple(w13q_EFD.shape)}, "
-                         f"w2q_EDI={tuple(w2q_EDI.shape)} do not fit: need w13q [E, 2I, D] and w2q [E, D, I].")
+                         f"w2q_EDI={tuple(w2q_EDI.shape)} do not fit: need w13q [E, U + I, D] (U >= I) and "
+                         "w2q [E, D, I].")
     if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != x_TD.shape[0]:
         raise ValueError(f"topk_ids_TK {tuple(topk_ids_TK.shape)} and topk_weights_TK {tuple(topk_weights_TK.shape)} "
                          f"must both be [T, K] with T={x_TD.shape[0]}.")
@@ -266,8 +270,9 @@ def triton_fused_moe_fp8(
     if combine not in ("sum", "atomic"):
         raise ValueError(f"combine={combine!r} is invalid: must be 'sum' or 'atomic'.")
     T, D = x_TD.shape
-    E, F, _ = w13q_EFD.shape
-    I, K = F // 2, topk_ids_TK.shape[1]
+    E = w13q_EFD.shape[0]
+    I, K = w2q_EDI.shape[2], topk_ids_TK.shape[1]
+    U = up_row(w13q_EFD, w2q_EDI)
     dev, dt = x_TD.device, x_TD.dtype
     if out is None:
         out = common.workspace((T, D), dt, dev)
@@ -291,12 +296,12 @@ def triton_fused_moe_fp8(
     hs_RG = common.workspace((R, triton.cdiv(I, bk)), torch.float32, dev)
     up, down = cfg.up, cfg.down
     _moe_fp8_up_kernel[(gemm_grid(R // BM * triton.cdiv(I, up_bn), up.PERSISTENT, dev),)](
-        xq_TD, xs_TG, w13q_EFD, w13_scale_inv, hq_RI, hs_RG, sorted_R, expert_ids_B, rows_1, P, R, E, I, D, K,
+        xq_TD, xs_TG, w13q_EFD, w13_scale_inv, hq_RI, hs_RG, sorted_R, expert_ids_B, rows_1, P, R, E, I, U, D, K,
         xq_TD.stride(0), xs_TG.stride(0), w13q_EFD.stride(0), w13q_EFD.stride(1), w13_scale_inv.stride(0),
         w13_scale_inv.stride(1), hq_RI.stride(0), hs_RG.stride(0),
         SCALE_N=bn, GROUP=bk, BLOCK_M=BM, BLOCK_N=up_bn, BLOCK_K=up_bk, GROUP_M=cfg.up.GROUP_SIZE_M,
-        PERSISTENT=up.PERSISTENT > 0, TMA=up.TMA and tma_ok(w13q_EFD), INTERPRET=interp, num_warps=cfg.up.num_warps,
-        num_stages=cfg.up.num_stages)
+        PERSISTENT=up.PERSISTENT > 0, TMA=up.TMA and tma_ok(w13q_EFD) and U * w13q_EFD.stride(1) % 16 == 0,
+        INTERPRET=interp, num_warps=cfg.up.num_warps, num_stages=cfg.up.num_stages)
 
     atomic = combine == "atomic"
     if atomic:

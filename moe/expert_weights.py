@@ -1,7 +1,8 @@
 """Expert weight formats: how a MoE layer's stacked expert weights are held, loaded and multiplied.
 
-Legend: E local experts, D hidden, I expert intermediate size, F = 2I, N tokens (received), K top-k,
-Fb / Db / Ib block counts ceil(F / Bn), ceil(D / Bk) ... of an FP8 block-scaled weight (kernels/fp8.py);
+Legend: E local experts, D hidden, I expert intermediate size, F = 2I (FP8: U + I, see Fp8BlockExperts), N tokens
+(received), K top-k, Fb / Db / Ib block counts ceil(F / Bn), ceil(D / Bk) ... of an FP8 block-scaled weight
+(kernels/fp8.py);
 MXFP4 (kernels/mxfp4.py): S = (reduction dim) / 32 scale groups, Q = 16 packed bytes per group.
 
 One strategy object per format (DESIGN.md 6), each owning its parameters (set on the MoE layer, beside the
@@ -44,7 +45,8 @@ class QuantizeOnLoad:
 def scale_index(index: tuple, bn: int, what: str) -> tuple:
     """The index into a [..., Nb, Kb] scale tensor that matches `index` into its [..., N, K] weight: a slice
     of rows (the last entry, as stacked pieces are indexed) becomes the slice of block rows. A stacked piece
-    must start on a block boundary, or its blocks would share scales with its neighbour."""
+    must start on a block boundary, or its blocks would share scales with its neighbour (the holders place
+    each piece so: models/linear.Linear's pieces, Fp8BlockExperts' up rows)."""
     if not index or not isinstance(index[-1], slice):
         return index
     rows = index[-1]
@@ -106,24 +108,34 @@ class FloatExperts:
 
 class Fp8BlockExperts:
     """FP8 e4m3 expert weights with float32 block scales (W8A8: the kernel quantizes activations per token
-    per Bk channels). Gate and up rows are stacked, so moe_intermediate_size must be a multiple of Bn (it is
-    in every published checkpoint: 2048 for DeepSeek-V3, 768 / 1536 for Qwen3) or a block would mix the two."""
+    per Bk channels). w13_EFD holds gate rows [0, I) and up rows [U, U + I), each piece with the blocks the
+    checkpoint gave it (kernels/fp8.reference_fused_moe_fp8 reads U from the shapes):
+    - `stacked` (the fused `experts.gate_up_proj` [E, 2I, D], quantized as one tensor by transformers'
+      FP8Experts and `moelink quantize-fp8`; and every I that is a multiple of Bn, as in every published
+      checkpoint: 2048 for DeepSeek-V3, 1408 for V2-Lite, 768 / 1536 for Qwen3): U = I, F = 2I.
+    - else (per-expert gate_proj / up_proj, quantized apart, with an I that is not a multiple of Bn, e.g. 160
+      or 96 at 128): U = I rounded up to Bn, so up starts on a block boundary with its own scale rows; rows
+      I..U-1 are zeros the kernel never reads (it takes gate rows below I and up rows from U only)."""
 
     name = "fp8"
     supports_extras = False  # no published FP8 checkpoint has expert biases or a clamped SwiGLU
 
-    def __init__(self, block: tuple[int, int], online: bool = False):
-        self.block, self.online = (int(block[0]), int(block[1])), online
+    def __init__(self, block: tuple[int, int], online: bool = False, stacked: bool = False):
+        self.block, self.online, self.stacked = (int(block[0]), int(block[1])), online, stacked
+
+    def up_row(self, inter: int) -> int:
+        """U: the first up row of w13 for an intermediate size `inter`."""
+        bn = self.block[0]
+        return inter if self.stacked else -(-inter // bn) * bn
 
     def create(self, layer: nn.Module, num_local: int, hidden: int, inter: int, dtype, device) -> None:
-        bn = self.block[0]
-        if inter % bn:
-            raise ValueError(f"moe_intermediate_size={inter} is not supported with FP8 weight_block_size="
-                             f"{list(self.block)}: gate and up are stacked, so it must be a multiple of {bn}.")
-        layer.w13_EFD = _param(num_local, 2 * inter, hidden, dtype=FP8_DTYPE, device=device)
+        rows = self.up_row(inter) + inter
+        # Padding rows (U > I) start as zeros: never read by the kernel, but copied as they are by EPLB moves.
+        make = torch.zeros if rows > 2 * inter else torch.empty
+        layer.w13_EFD = nn.Parameter(make(num_local, rows, hidden, dtype=FP8_DTYPE, device=device), requires_grad=False)
         layer.w2_EDI = _param(num_local, hidden, inter, dtype=FP8_DTYPE, device=device)
-        layer.w13_scale_inv_EFD = _param(num_local, *block_scale_shape(2 * inter, hidden, self.block),
-                                         dtype=torch.float32, device=device)
+        layer.w13_scale_inv_EFD = nn.Parameter(make(num_local, *block_scale_shape(rows, hidden, self.block),
+                                                    dtype=torch.float32, device=device), requires_grad=False)
         layer.w2_scale_inv_EDI = _param(num_local, *block_scale_shape(hidden, inter, self.block),
                                         dtype=torch.float32, device=device)
 
@@ -131,16 +143,20 @@ class Fp8BlockExperts:
                     names: tuple[str, str, str]) -> dict[str, tuple]:
         """FloatExperts' names, each with its scales (same expert rows) or quantized as it loads."""
         inter, b, on = layer.w2_EDI.shape[-1], self.block, self.online
+        up = self.up_row(inter)
         w13, w2, s13, s2 = layer.w13_EFD, layer.w2_EDI, layer.w13_scale_inv_EFD, layer.w2_scale_inv_EDI
         if fused:
+            if up != inter:
+                raise ValueError(f"{m}experts.gate_up_proj: the layer was built for per-expert gate/up tensors "
+                                 f"(up rows from {up}, moe_intermediate_size={inter}), not the fused layout.")
             return {**fp8_plan(m + "experts.gate_up_proj", w13, s13, (), b, on, rows),
                     **fp8_plan(m + "experts.down_proj", w2, s2, (), b, on, rows)}
-        gate, up, down = names
+        gate, up_name, down = names
         plan: dict[str, tuple] = {}
         for local, e in enumerate(expert_ids):
             p = f"{m}experts.{e}."
             plan.update(fp8_plan(f"{p}{gate}.weight", w13, s13, (local, slice(0, inter)), b, on))
-            plan.update(fp8_plan(f"{p}{up}.weight", w13, s13, (local, slice(inter, 2 * inter)), b, on))
+            plan.update(fp8_plan(f"{p}{up_name}.weight", w13, s13, (local, slice(up, up + inter)), b, on))
             plan.update(fp8_plan(f"{p}{down}.weight", w2, s2, (local,), b, on))
         return plan
 
@@ -215,12 +231,13 @@ class Mxfp4Experts:
 ExpertFormat = FloatExperts | Fp8BlockExperts | Mxfp4Experts
 
 
-def make_expert_format(quant) -> ExpertFormat:
-    """The expert format of a model's quantization (engine/quantization.py's config; None = float)."""
+def make_expert_format(quant, fused: bool = False) -> ExpertFormat:
+    """The expert format of a model's quantization (engine/quantization.py's config; None = float); `fused`: the
+    checkpoint holds this layer's experts fused (`experts.gate_up_proj`), which FP8 keeps stacked."""
     if quant is None:
         return FloatExperts()
     if quant.method == "fp8":
-        return Fp8BlockExperts(quant.block, quant.online)
+        return Fp8BlockExperts(quant.block, quant.online, stacked=fused)
     if quant.method == "mxfp4":
         return Mxfp4Experts()
     raise ValueError(f"quantization {quant.method!r} has no expert weight format (moelink runs fp8 and mxfp4).")

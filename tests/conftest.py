@@ -79,20 +79,21 @@ def hf_tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fp8_tiny(tmp_path_factory):
-    """fp8_tiny(name, fused=False) → (float checkpoint saved by transformers, its `moelink quantize-fp8` copy in
-    16 x 16 blocks, that copy dequantized to float64) for tests.helpers.fp8_checkpoints.FP8_TINY[name]."""
+    """fp8_tiny(name, fused=False, block=BLOCK) → (float checkpoint saved by transformers, its `moelink
+    quantize-fp8` copy in `block` blocks (16 x 16 by default), that copy dequantized to float64) for
+    tests.helpers.fp8_checkpoints.FP8_TINY[name]."""
     from moelink.engine.quantize_fp8 import quantize_checkpoint
     from tests.helpers.fp8_checkpoints import BLOCK, dequantized_copy, save_fp8_tiny
 
     built: dict = {}
 
-    def get(name: str, fused: bool = False):
-        if (name, fused) not in built:
-            root = tmp_path_factory.mktemp(name + ("_fused" if fused else ""))
+    def get(name: str, fused: bool = False, block: tuple[int, int] = BLOCK):
+        if (name, fused, block) not in built:
+            root = tmp_path_factory.mktemp(name + ("_fused" if fused else "") + f"_{block[0]}x{block[1]}")
             src = save_fp8_tiny(root / "float", name, fused=fused)
-            dst = str(quantize_checkpoint(src, root / "fp8", BLOCK))
-            built[name, fused] = (src, dst, dequantized_copy(dst, root / "dequantized"))
-        return built[name, fused]
+            dst = str(quantize_checkpoint(src, root / "fp8", block))
+            built[name, fused, block] = (src, dst, dequantized_copy(dst, root / "dequantized"))
+        return built[name, fused, block]
 
     return get
 

@@ -31,12 +31,14 @@ class GQAAttention(nn.Module):
         self.scale = attn.softmax_scale
         self.kernels = kernels
         self.rope = rope
-        qkv_rows = self.q_size + 2 * self.kv_size
         # quant: engine/quantization.py's config (None = float); the method is chosen by checkpoint name.
         p = f"model.layers.{layer_idx}.self_attn."
         qkv_method = linear_method(quant, p + "q_proj", p + "k_proj", p + "v_proj")
-        self.qkv_proj = Linear(hidden_size, qkv_rows, qkv_method, kernels, dtype, device)
-        self.qkv_bias = param(qkv_rows, dtype=dtype, device=device) if attn.qkv_bias else None
+        self.qkv_proj = Linear(hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_method, kernels, dtype,
+                               device)
+        # Zeros: FP8 gaps between the pieces (linear.py) get no bias from the checkpoint.
+        self.qkv_bias = (nn.Parameter(torch.zeros(self.qkv_proj.rows, dtype=dtype, device=device), requires_grad=False)
+                         if attn.qkv_bias else None)
         self.o_proj = Linear(self.q_size, hidden_size, linear_method(quant, p + "o_proj"), kernels, dtype, device)
         self.o_bias = param(hidden_size, dtype=dtype, device=device) if attn.o_bias else None
         self.sinks_N = param(attn.num_heads, dtype=dtype, device=device) if attn.sinks else None
@@ -49,10 +51,10 @@ class GQAAttention(nn.Module):
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x_TD.shape[0]
-        qkv = self.qkv_proj(x_TD, self.qkv_bias)
-        q_TNH = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
-        k_TKH = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
-        v_TKH = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
+        q_TQ, k_TK, v_TK = self.qkv_proj.split(self.qkv_proj(x_TD, self.qkv_bias))
+        q_TNH = q_TQ.view(T, self.num_heads, self.head_dim)
+        k_TKH = k_TK.view(T, self.num_kv_heads, self.head_dim)
+        v_TKH = v_TK.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)
         q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
@@ -78,13 +80,11 @@ class GQAAttention(nn.Module):
 
     def weight_plan(self, p: str) -> dict[str, tuple]:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index)."""
-        q, kv = self.q_size, self.kv_size
-        rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
         plan = {}
-        for name, r in rows.items():
-            plan.update(self.qkv_proj.weight_plan(f"{p}{name}.weight", (r,)))
-        if self.qkv_bias is not None:
-            plan.update({f"{p}{name}.bias": (self.qkv_bias, (r,)) for name, r in rows.items()})
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            plan.update(self.qkv_proj.weight_plan(f"{p}{name}.weight", i))
+            if self.qkv_bias is not None:
+                plan[f"{p}{name}.bias"] = (self.qkv_bias, (self.qkv_proj.piece_rows(i),))
         plan.update(self.o_proj.weight_plan(p + "o_proj.weight"))
         if self.o_bias is not None:
             plan[p + "o_proj.bias"] = (self.o_bias, ())

@@ -56,7 +56,7 @@ class RMSNorm(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """SiLU-gated MLP with gate and up stacked (gate_up_proj = [gate; up]): the dense layers, and the shared
+    """SiLU-gated MLP with gate and up stacked (gate_up_proj's two pieces): the dense layers, and the shared
     experts of DeepSeek / GLM MoE layers (one MLP of n_shared_experts * moe_intermediate_size)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None, *, kernels=None, quant=None,
@@ -66,17 +66,16 @@ class DenseMLP(nn.Module):
         super().__init__()
         self.intermediate_size = intermediate_size
         gate_up = linear_method(quant, prefix + "gate_proj", prefix + "up_proj")
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, gate_up, kernels, dtype, device)
+        self.gate_up_proj = Linear(hidden_size, (intermediate_size, intermediate_size), gate_up, kernels, dtype, device)
         self.down_proj = Linear(intermediate_size, hidden_size, linear_method(quant, prefix + "down_proj"), kernels,
                                 dtype, device)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate_TI, up_TI = self.gate_up_proj(x_TD).chunk(2, dim=-1)
+        gate_TI, up_TI = self.gate_up_proj.split(self.gate_up_proj(x_TD))
         return self.down_proj(F.silu(gate_TI) * up_TI)
 
     def weight_plan(self, p: str) -> dict[str, tuple]:
         """Checkpoint names under `p` ("model.layers.{i}.mlp." or "...mlp.shared_experts.") → (parameter, index)."""
-        inter = self.intermediate_size
-        return {**self.gate_up_proj.weight_plan(p + "gate_proj.weight", (slice(0, inter),)),
-                **self.gate_up_proj.weight_plan(p + "up_proj.weight", (slice(inter, 2 * inter),)),
+        return {**self.gate_up_proj.weight_plan(p + "gate_proj.weight", 0),
+                **self.gate_up_proj.weight_plan(p + "up_proj.weight", 1),
                 **self.down_proj.weight_plan(p + "down_proj.weight")}

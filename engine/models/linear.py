@@ -7,13 +7,18 @@ Which linears: attention projections (GQA's stacked qkv and o; MLA's fused q_a /
 MLPs and shared experts. The router gate, norms, embeddings and lm_head stay float, as DeepSeek and Qwen
 publish them, and are plain parameters elsewhere.
 
-Stacking (qkv_proj, gate_up_proj, MLA's q_a + kv_a): FP8 pieces stack with their scale rows, so each piece
-must start on a block boundary (row offset a multiple of Bn); the last may end ragged. That holds in every
-published checkpoint (DeepSeek-V3: q_a 1536 rows then kv_a 576; Qwen3: q 4096, k 512, v 512), so a
-stacking that breaks it is refused naming the piece (`expert_weights.scale_index`) rather than kept unstacked:
-one layout to test, and no model moelink runs needs the other.
+Stacking (qkv_proj, gate_up_proj, MLA's q_a + kv_a): a Linear made of `pieces` holds them in one weight,
+one matmul. FP8 pieces stack with their scale rows, so each piece starts on a block boundary: the method
+places a piece that follows a ragged one at the next multiple of Bn (`piece_starts`), the rows between held
+as zeros, computed and never read (`split` returns each piece's columns). Most published checkpoints need no
+gap (DeepSeek-V3: q_a 1536 rows then kv_a 576; Qwen3: q 4096, k 512, v 512); DeepSeek-V2-Lite's dense MLP
+does (intermediate_size 10944 = 85.5 blocks: up starts at 11008, 64 zero rows, +0.3 % of its matmul).
+Quantized apart (as the checkpoint ships them, or as online quantization reads them), each piece keeps
+exactly its own blocks and scales.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -29,6 +34,10 @@ class FloatLinear:
     """The weight in the model dtype; F.linear."""
 
     name = "float"
+
+    def piece_starts(self, pieces: tuple[int, ...]) -> tuple[int, ...]:
+        """First row of each stacked piece: one after the other."""
+        return tuple(itertools.accumulate(pieces[:-1], initial=0))
 
     def create(self, layer: "Linear", n: int, k: int, dtype, device) -> None:
         layer.weight = nn.Parameter(torch.empty(n, k, dtype=dtype, device=device), requires_grad=False)
@@ -51,10 +60,20 @@ class Fp8Linear:
     def __init__(self, block: tuple[int, int], online: bool = False):
         self.block, self.online = (int(block[0]), int(block[1])), online
 
+    def piece_starts(self, pieces: tuple[int, ...]) -> tuple[int, ...]:
+        """First row of each stacked piece: each on a block boundary (the module docstring: why)."""
+        bn, starts, row = self.block[0], [], 0
+        for n in pieces:
+            starts.append(row)
+            row += -(-n // bn) * bn
+        return tuple(starts)
+
     def create(self, layer: "Linear", n: int, k: int, dtype, device) -> None:
-        layer.weight = nn.Parameter(torch.empty(n, k, dtype=FP8_DTYPE, device=device), requires_grad=False)
-        layer.weight_scale_inv = nn.Parameter(torch.empty(*block_scale_shape(n, k, self.block), dtype=torch.float32,
-                                                          device=device), requires_grad=False)
+        # Gap rows between pieces start as zeros (finite, never read) rather than whatever memory held.
+        make = torch.zeros if n > sum(layer.pieces) else torch.empty
+        layer.weight = nn.Parameter(make(n, k, dtype=FP8_DTYPE, device=device), requires_grad=False)
+        layer.weight_scale_inv = nn.Parameter(make(*block_scale_shape(n, k, self.block), dtype=torch.float32,
+                                                   device=device), requires_grad=False)
 
     def apply(self, layer: "Linear", x_TK: torch.Tensor, bias_N: torch.Tensor | None) -> torch.Tensor:
         lead = x_TK.shape[:-1]
@@ -96,26 +115,44 @@ def linear_method(quant: QuantConfig | None, *modules: str) -> LinearMethod:
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ bias, held by the caller: stacked biases load by their own names). `weight` (and
-    `weight_scale_inv` for FP8) as `method` creates them. dequantize_after_load: hold the weight float after
-    loading (MLA's kv_b_proj, which is absorbed into other matmuls rather than applied to activations)."""
+    """y = x W^T (+ bias, held by the caller: stacked biases load by their own names, at `piece_rows`).
+    `out_features`: the output width, or the widths of the stacked pieces (q, k, v); the weight holds
+    `rows` = each piece at its `starts` row (gaps between FP8 pieces: the module docstring), and `split`
+    cuts an output into the pieces. `weight` (and `weight_scale_inv` for FP8) as `method` creates them.
+    dequantize_after_load: hold the weight float after loading (MLA's kv_b_proj, which is absorbed into other
+    matmuls rather than applied to activations)."""
 
-    def __init__(self, in_features: int, out_features: int, method: LinearMethod, kernels, dtype, device=None,
-                 dequantize_after_load: bool = False):
+    def __init__(self, in_features: int, out_features: int | tuple[int, ...], method: LinearMethod, kernels, dtype,
+                 device=None, dequantize_after_load: bool = False):
         super().__init__()
-        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.pieces = tuple(out_features) if isinstance(out_features, (tuple, list)) else (out_features,)
+        self.in_features, self.out_features, self.dtype = in_features, sum(self.pieces), dtype
         self.method = method
+        self.starts = method.piece_starts(self.pieces)
+        self.rows = self.starts[-1] + self.pieces[-1]
+        if dequantize_after_load and len(self.pieces) > 1:
+            raise ValueError("dequantize_after_load takes one piece: a float weight has no gaps to close.")
         self.dequantize_after_load = dequantize_after_load
         # A TritonKernels without the FP8 GEMM yet runs the reference (correct, slower).
         self.fp8_linear = getattr(kernels, "fp8_linear", reference_fp8_linear)
-        method.create(self, out_features, in_features, dtype, device)
+        method.create(self, self.rows, in_features, dtype, device)
 
     def forward(self, x_TK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., rows]: every piece's columns (and any gap's, which `split` drops)."""
         return self.method.apply(self, x_TK, bias_N)
 
-    def weight_plan(self, name: str, index: tuple = (), rows: tuple = ()) -> dict[str, tuple]:
-        """Checkpoint `name` ("...q_proj.weight") → this weight (rows `index` of it, for a stacked piece),
-        plus its scales for FP8; `rows`: a checkpoint row order to read it in (MLA's rope de-interleave)."""
+    def piece_rows(self, i: int) -> slice:
+        """Rows of piece `i` in the weight (and in a stacked bias, and columns in the output)."""
+        return slice(self.starts[i], self.starts[i] + self.pieces[i])
+
+    def split(self, y_TN: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The pieces of an output [..., rows], as views [..., piece] (no gaps)."""
+        return tuple(y_TN[..., self.piece_rows(i)] for i in range(len(self.pieces)))
+
+    def weight_plan(self, name: str, piece: int = 0, rows: tuple = ()) -> dict[str, tuple]:
+        """Checkpoint `name` ("...q_proj.weight") → this weight (the rows of piece `piece`, for a stack), plus its
+        scales for FP8; `rows`: a checkpoint row order to read it in (MLA's rope de-interleave)."""
+        index = (self.piece_rows(piece),) if len(self.pieces) > 1 else ()
         return self.method.weight_plan(self, name, index, rows)
 
     def process_weights_after_loading(self) -> None:

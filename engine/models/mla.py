@@ -1,7 +1,7 @@
 """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2) over the paged latent cache, absorbed for every token.
 
 Legend: T tokens in the flat batch, D hidden, N heads, Q q_lora_rank, C kv_lora_rank, P qk_rope_head_dim,
-Dn qk_nope_head_dim, Dv v_head_dim, A rows of the fused first projection.
+Dn qk_nope_head_dim, Dv v_head_dim, R = C + P (kv_a_proj_with_mqa's rows).
 
 Per token (as transformers' DeepseekV3Attention): q = q_b_proj(q_a_layernorm(q_a_proj(x))), or q_proj(x)
 when q_lora_rank is null, split per head into q_nope [Dn] and q_pe [P]; kv_a_proj_with_mqa(x) = [c_kv (C) |
@@ -40,14 +40,15 @@ class MLAAttention(nn.Module):
         self.q_rows = attn.q_lora_rank if attn.q_lora_rank is not None else N * attn.qk_head_dim
         f = dict(dtype=dtype, device=device)
         # x feeds two projections, q's first (q_a_proj, or q_proj) and kv_a_proj_with_mqa: one matmul over
-        # their stacked rows [q rows | c_kv (C) | k_pe (P)].
-        A = self.q_rows + C + P
+        # their stacked rows [q rows | c_kv (C) | k_pe (P)] (an FP8 gap before c_kv when q's rows end mid-block).
         # quant: engine/quantization.py's config (None = float); each linear's method by its checkpoint name.
         p = f"model.layers.{layer_idx}.self_attn."
         q_first = p + ("q_a_proj" if attn.q_lora_rank is not None else "q_proj")
-        self.fused_a_proj = Linear(hidden_size, A, linear_method(quant, q_first, p + "kv_a_proj_with_mqa"), kernels, **f)
+        self.fused_a_proj = Linear(hidden_size, (self.q_rows, C + P),
+                                   linear_method(quant, q_first, p + "kv_a_proj_with_mqa"), kernels, **f)
         # attention_bias puts biases on q_a_proj and kv_a_proj_with_mqa (never q_proj): zeros where none loads.
-        self.fused_a_bias = nn.Parameter(torch.zeros(A, **f), requires_grad=False) if attn.attention_bias else None
+        self.fused_a_bias = (nn.Parameter(torch.zeros(self.fused_a_proj.rows, **f), requires_grad=False)
+                             if attn.attention_bias else None)
         if attn.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(attn.q_lora_rank, _LATENT_NORM_EPS, kernels, dtype, device)
             self.q_b_proj = Linear(attn.q_lora_rank, N * attn.qk_head_dim, linear_method(quant, p + "q_b_proj"),
@@ -64,13 +65,12 @@ class MLAAttention(nn.Module):
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         a = self.attn
         T, N, C, Dn = x_TD.shape[0], a.num_heads, a.kv_lora_rank, a.qk_nope_head_dim
-        a_TA = self.fused_a_proj(x_TD, self.fused_a_bias)
-        q_TX = a_TA[:, : self.q_rows]
+        q_TX, kv_TR = self.fused_a_proj.split(self.fused_a_proj(x_TD, self.fused_a_bias))
         if a.q_lora_rank is not None:
             q_TX = self.q_b_proj(self.q_a_layernorm(q_TX))
         q_TNX = q_TX.view(T, N, a.qk_head_dim)
-        ckv_TC = self.kv_a_layernorm(a_TA[:, self.q_rows : self.q_rows + C])
-        q_pe_TNP, k_pe_T1P = self.rope(q_TNX[..., Dn:], a_TA[:, None, self.q_rows + C :], positions_T)
+        ckv_TC = self.kv_a_layernorm(kv_TR[:, :C])
+        q_pe_TNP, k_pe_T1P = self.rope(q_TNX[..., Dn:], kv_TR[:, None, C:], positions_T)
         w_NXC = self.kv_b_proj.weight.view(N, Dn + a.v_head_dim, C)
         # q_latent[n] = q_nope[n] @ W_UK[n]: [N, T, Dn] @ [N, Dn, C] -> [N, T, C]
         q_latent_NTC = torch.bmm(q_TNX[..., :Dn].transpose(0, 1), w_NXC[:, :Dn])
@@ -87,24 +87,23 @@ class MLAAttention(nn.Module):
     def weight_plan(self, p: str) -> dict[str, tuple]:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index[, checkpoint rows])."""
         a = self.attn
-        C, P, q_rows = a.kv_lora_rank, a.qk_rope_head_dim, self.q_rows
         q_order, kv_order = self._row_orders()
-        kv_rows = (slice(q_rows, q_rows + C + P),)
-        plan = {**self.fused_a_proj.weight_plan(p + "kv_a_proj_with_mqa.weight", kv_rows, *kv_order),
+        q_rows, kv_rows = (self.fused_a_proj.piece_rows(0),), (self.fused_a_proj.piece_rows(1),)
+        plan = {**self.fused_a_proj.weight_plan(p + "kv_a_proj_with_mqa.weight", 1, *kv_order),
                 p + "kv_a_layernorm.weight": (self.kv_a_layernorm.weight, ()),
                 **self.kv_b_proj.weight_plan(p + "kv_b_proj.weight"),
                 **self.o_proj.weight_plan(p + "o_proj.weight")}
         if a.q_lora_rank is not None:
-            plan.update(self.fused_a_proj.weight_plan(p + "q_a_proj.weight", (slice(0, q_rows),)))
+            plan.update(self.fused_a_proj.weight_plan(p + "q_a_proj.weight", 0))
             plan[p + "q_a_layernorm.weight"] = (self.q_a_layernorm.weight, ())
-            plan.update(self.q_b_proj.weight_plan(p + "q_b_proj.weight", (), *q_order))
+            plan.update(self.q_b_proj.weight_plan(p + "q_b_proj.weight", 0, *q_order))
         else:
-            plan.update(self.fused_a_proj.weight_plan(p + "q_proj.weight", (slice(0, q_rows),), *q_order))
+            plan.update(self.fused_a_proj.weight_plan(p + "q_proj.weight", 0, *q_order))
         if a.attention_bias:
             plan[p + "kv_a_proj_with_mqa.bias"] = (self.fused_a_bias, kv_rows, *kv_order)
             plan[p + "o_proj.bias"] = (self.o_bias, ())
             if a.q_lora_rank is not None:
-                plan[p + "q_a_proj.bias"] = (self.fused_a_bias, (slice(0, q_rows),))
+                plan[p + "q_a_proj.bias"] = (self.fused_a_bias, q_rows)
         return plan
 
     def _row_orders(self) -> tuple[tuple, tuple]:

@@ -74,7 +74,9 @@ class SharedExpertsMoE(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, kernels, device,
-                 ep: ExpertParallel | None, stats: MoEStats, spec: ArchSpec | None = None):
+                 ep: ExpertParallel | None, stats: MoEStats, spec: ArchSpec | None = None, fused_experts: bool = False):
+        """fused_experts: the checkpoint holds this layer's experts fused (experts.gate_up_proj), which decides
+        how FP8 experts lay out their gate and up blocks (moe/expert_weights.Fp8BlockExperts)."""
         super().__init__()
         dt, quant = cfg.dtype, cfg.quantization
         p = f"model.layers.{layer_idx}."
@@ -91,7 +93,7 @@ class DecoderLayer(nn.Module):
         self.moe: MoELayer | None = None
         if self.is_sparse:
             experts = f"{p}{moe_prefix}.experts"
-            fmt = make_expert_format(quant if quant is None or quant.is_quantized(experts) else None)
+            fmt = make_expert_format(quant if quant is None or quant.is_quantized(experts) else None, fused_experts)
             m = cfg.moe
             self.moe = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, make_router(m.router),
                                 kernels, dt, device, ep=ep, moe_index=cfg.sparse_layers.index(layer_idx), stats=stats,
@@ -126,7 +128,9 @@ class MoEDecoderForCausalLM(nn.Module):
     """Embedding → decoder layers → final norm; `compute_logits` applies the LM head to chosen rows."""
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, kernels, device: torch.device,
-                 ep: ExpertParallel | None = None):
+                 ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None):
+        """checkpoint_names: the tensors the checkpoint holds (None = per-expert layout), read for the experts'
+        on-disk layout per layer, as `weight_plan` reads it."""
         super().__init__()
         if spec.attention != cfg.attention.kind:
             raise ValueError(f"architecture {cfg.architecture} runs {spec.attention} attention, but its ModelConfig "
@@ -139,8 +143,10 @@ class MoEDecoderForCausalLM(nn.Module):
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
         # One table for every layer (the layers hold the same module).
         rope = RotaryEmbedding(cfg.attention.rope, cfg.hf_config, cfg.max_model_len, kernels, device)
+        names = frozenset(checkpoint_names) if checkpoint_names is not None else frozenset()
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, rope, kernels, device, ep, self.moe_stats, spec) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, rope, kernels, device, ep, self.moe_stats, spec,
+                         fused_experts=_fused_name(i) in names) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         self.lm_head = (
@@ -231,7 +237,7 @@ class MoEDecoderForCausalLM(nn.Module):
             if spec.expert_layout == "gpt_oss":
                 plan.update(self._gpt_oss_plan(layer.moe, f"{p}{spec.moe_prefix}."))
                 continue
-            fused = p + "mlp.experts.gate_up_proj" in names
+            fused = _fused_name(i) in names
             prefix = p + ("mlp." if fused else spec.moe_prefix + ".")
             plan.update(self._expert_plan(layer.moe, prefix, fused))
             if isinstance(layer.mlp, SharedExpertsMoE):  # every rank holds the shared experts whole
@@ -277,6 +283,11 @@ class MoEDecoderForCausalLM(nn.Module):
                                                           torch.arange(D)[None, :, None]))
         plan[m + "experts.down_proj_bias"] = (mlp.b2_ED, (), (e,))
         return plan
+
+
+def _fused_name(layer_idx: int) -> str:
+    """The checkpoint tensor whose presence says layer `layer_idx` holds its experts fused."""
+    return f"model.layers.{layer_idx}.mlp.experts.gate_up_proj"
 
 
 def _expert_rows(expert_ids: list[int], num_experts: int) -> tuple:

@@ -40,7 +40,8 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + ["tests-fp8"] + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"moe-fp8 {s} --quick" for s in FP8_SHAPES]
          + ["moe-mxfp4", "moe-mxfp4 --quick"]
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
-            "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"])
+            "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
+         + ["mla-fp8-kv", "mla-fp8-kv --quick"])
 E2E_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite")
 
 
@@ -138,7 +139,8 @@ def test_plan_lists_one_device_command_per_step():
                                     + [f"tune {s}" for s in moe_kernels.SHAPES] + ["decode", "tests-fp8"]
                                     + [f"moe-fp8 {s}" for s in FP8_SHAPES] + ["moe-mxfp4"]
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
-                                       for v in ("--model M", "--model M --dtype fp8", "--serve --model M")])
+                                       for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
+                                    + ["mla-fp8-kv"])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"total {sum(int(b) for _, b, _ in rows)} s" in proc.stdout
 
@@ -155,6 +157,8 @@ def test_unknown_step_and_shape_are_refused():
                      (("--bogus",), "unknown argument")):
         proc = session("--dry-run", "e2e", *bad)
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
+    proc = session("--dry-run", "mla-fp8-kv", "--model", "llama")
+    assert proc.returncode == 2 and "unknown argument" in proc.stderr
 
 
 @pytest.mark.parametrize("args, name, flags, out", [
@@ -216,6 +220,33 @@ def test_cpu_smoke_tune_step_tarball_unpacks_into_configs(tmp_path):
         tuning = json.loads(p.read_text())["tuning"]
         for b in [1]:  # what was written is never slower than its seed
             assert tuning[str(b)]["tuned_ms"] <= tuning[str(b)]["seed_ms"]
+
+
+def test_mla_fp8_kv_step_compares_the_caches_in_two_commands():
+    """The fp8-vs-bf16 MLA KV step (issue 27): the kernel part and the end-to-end part, one command each, each
+    writing its own file under $OUT (the end-to-end one within its budget even on the full workload)."""
+    plans = PLAN.findall(session("--dry-run", "mla-fp8-kv").stdout)
+    assert [p[1] for p in plans] == ["mla_fp8_kv_kernel", "mla_fp8_kv_e2e"]
+    assert "-m moelink.benchmarks.mla_fp8_kv --parts kernel " in plans[0][7]
+    assert "-m moelink.benchmarks.mla_fp8_kv --parts e2e " in plans[1][7] and "--quick" not in plans[1][7]
+    for p, out in zip(plans, ("mla_fp8_kv_cpu_kernel.json", "mla_fp8_kv_cpu_e2e.json")):
+        assert p[7].endswith(f"--out benchmarks/results/{out}") and SAFE_NAME.match(out)
+    (quick,) = [p for p in PLAN.findall(session("--dry-run", "mla-fp8-kv", "--quick").stdout) if "e2e" in p[1]]
+    assert "--parts e2e --quick " in quick[7] and quick[7].endswith("mla_fp8_kv_cpu_e2e_quick.json")
+
+
+@pytest.mark.slow
+def test_cpu_smoke_mla_fp8_kv_step_prints_the_ratios(tmp_path):
+    """Its CPU smoke (toy shapes: the kernel in the interpreter, the engine on the reference kernels) prints one
+    `RATIO` line per kernel case and one end to end, and writes one device-safe JSON."""
+    proc = session("--cpu-smoke", "mla-fp8-kv", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    ratios = re.findall(r"^RATIO (kernel|e2e) (.+): fp8 \S+ s / bf16 \S+ s = (\d+\.\d+)$", proc.stdout, re.M)
+    assert [r[0] for r in ratios] == ["kernel"] * 4 + ["e2e"], proc.stdout
+    (f,) = tmp_path.iterdir()
+    doc = json.loads(f.read_text())
+    assert f.name == "mla_fp8_kv_cpu_smoke.json" and len(doc["results"]) == 5 and doc["cpu_smoke"]
 
 
 @pytest.mark.parametrize("member", ["../evil.json", "notes.txt", "E=8,N=32,device_name=a/b.json"])

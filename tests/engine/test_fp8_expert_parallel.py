@@ -1,5 +1,6 @@
 """FP8 experts under expert parallelism: a rank reads only its experts' weights AND scales (per-expert and
-fused layouts, redundant replicas included, online quantization too), holding exactly the single-rank rows.
+fused layouts, redundant replicas included, online quantization too, widths that are not a multiple of the
+block), holding exactly the single-rank rows.
 tests/ep/test_ep_fp8.py runs an EP 2 engine on Ray against one rank."""
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
 
 
+# The *_ragged checkpoints' experts are not a multiple of the block wide (up rows padded to a block boundary
+# per expert, or stacked as the fused tensor's scales say): a rank's rows are still the single rank's.
 @pytest.mark.parametrize("name,fused,online", [("dsv3_fp8", False, False), ("qwen3_fp8", True, False),
-                                               ("qwen3_fp8", False, True)])
+                                               ("qwen3_fp8", False, True), ("dsv3_fp8_ragged", False, False),
+                                               ("qwen3_fp8_ragged", True, False), ("qwen3_fp8_ragged", False, True)])
 def test_rank_reads_its_experts_weights_and_scales(fp8_tiny, name, fused, online):
     src, dst, _ = fp8_tiny(name, fused)
     cfg = (ModelConfig.from_pretrained(src, "float32", quantization="fp8", fp8_block_size=BLOCK) if online

@@ -1,10 +1,15 @@
 """Tiny Qwen3-MoE and DeepSeek-V3 checkpoints for the FP8 tests, built and saved (float64) by transformers.
 
-Shapes are chosen for FP8 blocks of 16 x 16 (BLOCK): every stacked piece starts on a block boundary (q 64 /
-k 32 / v 32; MLA's q_a 32 then kv_a 40; gate / up 16, 48), as in the published checkpoints, while ragged
-blocks occur too: hidden 40 (= 2.5 blocks: every K of a hidden-input linear and every N of an output one),
-MLA's kv_a 40 rows (24 without q LoRA), and 6 experts. DeepSeek-V3's interleaved rope keeps
+Shapes are chosen for FP8 blocks of 16 x 16 (BLOCK): in the first three every stacked piece starts on a block
+boundary (q 64 / k 32 / v 32; MLA's q_a 32 then kv_a 40; gate / up 16, 48), as in most published checkpoints,
+while ragged blocks occur too: hidden 40 (= 2.5 blocks: every K of a hidden-input linear and every N of an
+output one), MLA's kv_a 40 rows (24 without q LoRA), and 6 experts. DeepSeek-V3's interleaved rope keeps
 each head's de-interleaved rope rows (8 of its 16) inside one block, as 64-row rope parts do in 128 blocks.
+
+The `*_ragged` ones break that on purpose (issue 27): pieces that end mid-block, so the next piece of the
+stack would start inside a block, as DeepSeek-V2-Lite's dense MLP (intermediate_size 10944 = 85.5 blocks of
+128) and experts of width 160 or 96 do: expert widths 20 (1.25 blocks, like 160), 12 (0.75, like 96) and 20,
+dense widths 24, 40 and 56 (like 10944), GQA k / v of 24 rows, MLA's q_a of 24 rows before kv_a.
 """
 from __future__ import annotations
 
@@ -31,6 +36,35 @@ FP8_TINY: dict[str, tuple[str, str, dict]] = {
         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=16,
         n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
         n_shared_experts=2, routed_scaling_factor=2.5, attention_bias=True)),
+    # k and v of 24 rows (v starts at 72), experts 20 wide, the dense layer 24 wide.
+    "qwen3_fp8_ragged": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        hidden_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+        moe_intermediate_size=20, intermediate_size=24, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
+        norm_topk_prob=True)),
+    # q_a 24 rows then kv_a (with biases on both), experts and the shared expert 12 wide, the dense layer 40.
+    "dsv3_fp8_ragged": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        hidden_size=40, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=24,
+        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=12,
+        n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_shared_experts=1, routed_scaling_factor=2.5, attention_bias=True)),
+    # DeepSeek-V2-Lite's layout (no q LoRA, group-limited greedy over 9 experts, 2 shared experts, a dense first
+    # layer): the dense layer 56 wide, experts 20, the shared MLP 40.
+    "dsv2_fp8_ragged": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=None,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=20,
+        n_routed_experts=9, topk_method="group_limited_greedy", n_group=3, topk_group=1, num_experts_per_tok=3,
+        first_k_dense_replace=1, n_shared_experts=2, routed_scaling_factor=16.0)),
+    # The widths of the issue itself, for 128 x 128 blocks: the dense layer 200 wide (1.56 blocks, as 10944 is
+    # 85.5), experts 160 (V2-Lite-like, 2 shared: 320) and, in the Qwen3 one, 96 with a dense layer of 200.
+    "dsv2_fp8_128": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        hidden_size=40, intermediate_size=200, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=None,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=160,
+        n_routed_experts=9, topk_method="group_limited_greedy", n_group=3, topk_group=1, num_experts_per_tok=3,
+        first_k_dense_replace=1, n_shared_experts=2, routed_scaling_factor=16.0)),
+    "qwen3_fp8_128": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        hidden_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        moe_intermediate_size=96, intermediate_size=200, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
+        norm_topk_prob=True)),
 }
 
 

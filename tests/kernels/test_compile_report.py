@@ -22,7 +22,7 @@ REPORT = compile_report.RESULTS / "compile_report_sm90.json"
 REGENERATE = "regenerate it: python -m moelink.benchmarks.compile_report (see this test's docstring)"
 ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel", "_moe_down_kernel", "_moe_sum_kernel",
                "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel", "_write_kv_kernel", "_rms_norm_kernel",
-               "_rotary_kernel", "_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel",
+               "_rotary_kernel", "_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel", "_widen_kernel",
                "_plan_kernel", "_merge_plan_kernel", "_mla_merge_plan_kernel",
                "_group_quant_kernel", "_fp8_gemm_kernel", "_moe_fp8_up_kernel", "_moe_fp8_down_kernel",
                "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel", "_tiny_up_kernel", "_tiny_down_kernel"}

@@ -286,7 +286,8 @@ def test_selectors_offer_mla():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test compiles and runs these for the real device")
 def test_mla_compiles_for_sm90_without_spills(tmp_path):
     """The DeepSeek-V3 bf16 cases of benchmarks/compile_cases.py (decode, planned split decode + plan + merge,
-    mixed batch unsplit and split + merge, latent write) compile for sm_90 with no spills, <= 255 registers, shared memory under the limit and
+    mixed batch unsplit and split + merge, latent write; the same over an fp8 latent cache, the mixed batches'
+    widen kernel included) compile for sm_90 with no spills, <= 255 registers, shared memory under the limit and
     tensor-core MMAs in the attention kernel (tests/kernels/test_triton_compile.py does the rest)."""
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
@@ -299,7 +300,7 @@ def test_mla_compiles_for_sm90_without_spills(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(out.with_suffix(".json").read_text())["kernels"]
     assert {k["name"] for k in kernels} == {"_mla_kernel", "_mla_merge_kernel", "_mla_merge_plan_kernel", "_plan_kernel",
-                                            "_write_latent_kernel"}
+                                            "_write_latent_kernel", "_widen_kernel"}
     for k in kernels:
         what = f"{k['name']} {k['constexprs']}"
         assert k["spill_stores"] == k["spill_loads"] == k["local"] == 0, f"spills: {what}"

@@ -19,8 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.kernels.fp8 import (FP8_DTYPE, block_quantize, per_token_group_quant, reference_fp8_linear,
-                                 reference_fused_moe_fp8)
+from moelink.kernels.fp8 import (FP8_DTYPE, block_dequantize, block_quantize, fake_quant_activation,
+                                 per_token_group_quant, reference_fp8_linear, reference_fused_moe_fp8)
 from moelink.kernels.moe_config import MoEConfig
 from moelink.kernels.triton_fp8 import triton_fp8_linear, triton_per_token_group_quant
 from moelink.kernels.triton_moe_fp8 import _blocks, get_fp8_moe_config, triton_fused_moe_fp8
@@ -182,6 +182,45 @@ def test_fused_moe_fp8_matches_reference(T, E, G, K, D, I, mode, cfg, combine, d
         assert (got.cpu()[remote] == 0).all()
 
 
+# (T, E, K, D, I, dtype, block): experts whose width is not a multiple of Bn, gate and up quantized apart (as
+# per-expert checkpoints ship them) and up placed at U = I rounded up to Bn (moe/expert_weights.Fp8BlockExperts).
+PADDED_CASES = [
+    (5, 4, 2, 200, 160, torch.bfloat16, (128, 128)),  # 160 = 1.25 blocks: up at 256, 96 gap rows
+    (9, 3, 3, 130, 96, torch.float32, (128, 128)),  # 96 < one block: up at 128
+    (7, 3, 2, 96, 40, torch.float32, (64, 64)),  # Bk 64: up at 64
+]
+
+
+@pytest.mark.parametrize("T,E,K,D,I,dtype,block", PADDED_CASES)
+def test_fused_moe_fp8_up_rows_on_a_block_boundary(T, E, K, D, I, dtype, block, gen, kdev, seed):
+    """w13q [E, U + I, D]: gate [0, I), gap, up [U, U + I), each piece with its own block scales. The gap rows
+    hold NaN codes: neither the kernel nor the reference may read them."""
+    bn = block[0]
+    U = -(-I // bn) * bn
+    (gq, gs), (uq, us) = _weight(gen, E, I, D, block=block), _weight(gen, E, I, D, block=block)
+    w13q = torch.full((E, U + I, D), 0x7F, dtype=torch.uint8).view(FP8_DTYPE)  # 0x7F: e4m3fn's NaN
+    w13q[:, :I], w13q[:, U:] = gq, uq
+    w13s = torch.cat([gs, us], dim=1)
+    w2q, w2s = _weight(gen, E, D, I, block=block)
+    x = _x(gen, T, D, dtype)
+    ids = _routing(gen, T, E, K, "rand")
+    weights = torch.rand(T, K, generator=gen)
+    want = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, None, block)
+    # The oracle of the reference itself: gate and up as two float64 matmuls on the pieces alone.
+    xa = fake_quant_activation(x.double(), block[1]).double()
+    oracle = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            e = int(ids[t, k])
+            g = xa[t] @ block_dequantize(gq[e], gs[e], block, torch.float64).t()
+            u = xa[t] @ block_dequantize(uq[e], us[e], block, torch.float64).t()
+            h = fake_quant_activation((torch.nn.functional.silu(g) * u)[None], block[1]).double()[0]
+            oracle[t] += weights[t, k].double() * (h @ block_dequantize(w2q[e], w2s[e], block, torch.float64).t())
+    assert torch.allclose(want, oracle, rtol=1e-12, atol=1e-12)
+    got = triton_fused_moe_fp8(*_to(kdev, x, w13q, w13s, w2q, w2s, weights, ids), None, block)
+    _check_rows(got, want, dtype, f"fused_moe_fp8 padded up rows I={I} U={U}", seed, flips=2)
+
+
 def _check_rows(got, want, dtype, what, seed, flips):
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     got64 = got.double().cpu()
@@ -213,6 +252,8 @@ def test_fused_moe_fp8_edges(kdev):
         triton_fused_moe_fp8(x, ws[0].float(), *ws[1:], w, ids)
     with pytest.raises(ValueError, match="do not fit"):
         triton_fused_moe_fp8(torch.zeros(3, D + 1, device=kdev), *ws, w, ids)
+    with pytest.raises(ValueError, match="do not fit"):  # fewer than 2I rows: no room for gate and up
+        triton_fused_moe_fp8(x, ws[0][:, : 2 * I - 16], ws[1][:, :1], *ws[2:], w, ids)
 
 
 def test_fp8_launch_configs():
