@@ -148,7 +148,8 @@ def test_frozen_rank_turns_health_not_serving_and_ends_requests(local_ray, tiny_
 
 
 def test_drain_keeps_its_grace_with_a_frozen_rank(local_ray, tiny_model):
-    """The rank froze and no watchdog has fired yet: drain still ends every stream with 'abort' in time."""
+    """The rank froze and no watchdog has fired yet: drain still ends every stream in time, cut short for all to
+    see (native: 'abort'; VllmEngine: UNAVAILABLE, issue 27 item 4)."""
     srv = _server(tiny_model("qwen3_e6k3"), grace=1.0, heartbeat_timeout=60.0)
     channel = grpc.insecure_channel(srv.addr)
     pid = srv.engine.engine.executor.rank_pids[1]
@@ -168,9 +169,13 @@ def test_drain_keeps_its_grace_with_a_frozen_rank(local_ray, tiny_model):
             print(f"drain with a frozen rank took {drained:.2f} s for a 1 s grace")
             for rid, msgs in streams.results.items():
                 last = msgs[-1]
-                assert not isinstance(last, grpc.RpcError), (rid, last.code(), last.details())
-                reason = last.finish_reason if rid.startswith("n") else last.complete.finish_reason
-                assert reason == "abort", (rid, last)
+                if rid.startswith("n"):  # native: a final message with finish_reason "abort"
+                    assert not isinstance(last, grpc.RpcError), (rid, last.code(), last.details())
+                    assert last.finish_reason == "abort", (rid, last)
+                else:  # VllmEngine: UNAVAILABLE naming the cut (smg would show a final "abort" as "stop")
+                    assert isinstance(last, grpc.RpcError), (rid, last)
+                    assert last.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in last.details(), \
+                        (rid, last.code(), last.details())
             # Shutdown is bounded too: it stops the ranks, which ends the step that waits for rank 1.
             t1 = time.monotonic()
             srv.engine.shutdown(timeout=3)

@@ -29,7 +29,8 @@ from tests.helpers.graph_replays import count_replays
 # -- the padded static-buffer path -------------------------------------------------------------------------
 def _llm(path, kernels):
     return LLM(path, dtype="float32", device="cpu", kernels=kernels, max_num_seqs=6, max_num_batched_tokens=64,
-               num_kv_blocks=48, block_size=16, enable_prefix_caching=False)
+               num_kv_blocks=48, block_size=16, enable_prefix_caching=False,
+               skip_warmup=True)  # warm-up: test_triton_warmup.py
 
 
 def _runner(llm):
@@ -182,7 +183,7 @@ def test_graphs_under_ep_replay_the_size_the_driver_chose_in_low_latency(tiny_mo
 
     llm = LLM(path, dtype="float32", device="cpu", kernels="triton", max_num_seqs=6, max_num_batched_tokens=64,
               num_kv_blocks=48, block_size=16, enable_prefix_caching=False, all_to_all="torch_padded",
-              ep_decode_capacity=4)
+              ep_decode_capacity=4, skip_warmup=True)  # warm-up: test_triton_warmup.py
     runner = _runner(llm)
     runner.graph_sizes, runner.graph_backend = (1, 2, 4), EagerReplay()
     runner._capture_graphs()

@@ -16,7 +16,7 @@ from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
 
 def _llm(path):
     return LLM(path, dtype="float32", device="cpu", kernels="triton", max_num_seqs=3, max_num_batched_tokens=32,
-               num_kv_blocks=40, block_size=4, enable_prefix_caching=False)
+               num_kv_blocks=40, block_size=4, enable_prefix_caching=False, skip_warmup=True)  # warm-up: test_triton_warmup.py
 
 
 def _generate(llm, prompts):

@@ -10,7 +10,7 @@ from moelink.engine import LLM, SamplingParams
 
 def _run(path, kernels, prompts, kv_cache_dtype="auto"):
     llm = LLM(path, dtype="float32", device="cpu", kernels=kernels, max_num_seqs=4, max_num_batched_tokens=32,
-              num_kv_blocks=32, block_size=16, kv_cache_dtype=kv_cache_dtype)
+              num_kv_blocks=32, block_size=16, kv_cache_dtype=kv_cache_dtype, skip_warmup=True)  # warm-up: test_triton_warmup.py
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=5)
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params, use_tqdm=False)]
 

@@ -14,7 +14,7 @@ from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
 
 def _run(path, kernels, prompts):
     llm = LLM(path, dtype="float32", device="cpu", kernels=kernels, max_num_seqs=4, max_num_batched_tokens=10,
-              num_kv_blocks=32, block_size=4)
+              num_kv_blocks=32, block_size=4, skip_warmup=True)  # warm-up: test_triton_warmup.py
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=5)
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params, use_tqdm=False)]
 
