@@ -143,12 +143,7 @@ class SamplingMetadata:
         greedy = [p.greedy for p in params]
         meta = cls(num_rows=B, vocab_size=V, all_greedy=all(greedy), all_random=not any(greedy))
 
-        num_logprobs = [p.logprobs for p in params]
-        meta.num_logprobs = num_logprobs
-        lp_rows = [i for i, n in enumerate(num_logprobs) if n is not None]
-        if lp_rows:
-            meta.logprob_rows_L = to_device(lp_rows, torch.long, device)
-            meta.max_num_logprobs = min(V, max(num_logprobs[i] for i in lp_rows))
+        meta._build_logprobs([p.logprobs for p in params], device)
 
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
             meta._build_penalties(params, prompt_token_ids, output_token_ids, device)
@@ -198,11 +193,7 @@ class SamplingMetadata:
         num_greedy = int(greedy_B.sum())
         meta = cls(num_rows=B, vocab_size=V, all_greedy=num_greedy == B, all_random=num_greedy == 0)
         if batch.num_logprobs:
-            num_logprobs = meta.num_logprobs = [st.params.logprobs for st in states]
-            lp_rows = [i for i, n in enumerate(num_logprobs) if n is not None]
-            if lp_rows:
-                meta.logprob_rows_L = to_device(lp_rows, torch.long, device)
-                meta.max_num_logprobs = min(V, max(num_logprobs[i] for i in lp_rows))
+            meta._build_logprobs([st.params.logprobs for st in states], device)
         else:
             meta.num_logprobs = [None] * B
         if batch.num_penalised:
@@ -247,6 +238,14 @@ class SamplingMetadata:
             meta._take_generators([st.generator for st in states], greedy_B.tolist(), device)
         meta.any_unseeded_random = len(meta.generators) < B - num_greedy
         return meta
+
+    def _build_logprobs(self, num_logprobs: list[Optional[int]], device: torch.device) -> None:
+        """Per row None or top-n; the rows that asked, and the largest n (capped at the vocabulary)."""
+        self.num_logprobs = num_logprobs
+        lp_rows = [i for i, n in enumerate(num_logprobs) if n is not None]
+        if lp_rows:
+            self.logprob_rows_L = to_device(lp_rows, torch.long, device)
+            self.max_num_logprobs = min(self.vocab_size, max(num_logprobs[i] for i in lp_rows))
 
     def _build_min_tokens(self, params, num_outputs: list[int], num_pending: Optional[list[int]],
                           eos_token_ids: set[int], device: torch.device) -> None:
