@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from .outputs import TokenLogprobs
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineCoreOutput:
     """New tokens (usually one) and, at the end, the finish reason of one request.
 

@@ -35,6 +35,12 @@ class KVCacheManager:
         # to skip `cache_blocks` for the (common) steps that fill no block.
         self.num_cached_blocks: dict[str, int] = {}
 
+    @property
+    def block_tables(self) -> dict[str, list[int]]:
+        """Every holding request's block table, by id (shared: do not mutate). The scheduler's decode loop
+        reads it to skip `allocate_slots` when the last block still has room."""
+        return self._blocks
+
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block table (shared list: do not mutate)."""
         return self._blocks.get(request_id, [])

@@ -59,7 +59,7 @@ class NewRequestData:
     sliding_block_ids: list[int] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class CachedRequestData:
     """A request the worker already holds: only its new blocks and progress."""
 

@@ -89,12 +89,16 @@ class Request:
         # The output count at which a length rule may end the request (max_tokens), for the scheduler's fast
         # check; EOS and stop ids are checked by value.
         self.output_limit = max_tokens if max_tokens is not None else 1 << 62
+        # Token ids that may end the request by value (EOS unless ignored, stop ids), as one set: the
+        # scheduler's decode loop tests each sampled token once; `_check_stop` applies the full rules.
+        self.stop_check_ids: frozenset[int] = self.stop_token_ids | (frozenset() if ignore_eos else self.eos_token_ids)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
 
         self.output_token_ids: list[int] = []
-        # prompt + output kept as one list and appended to, so that reading it
-        # every step costs nothing (a `prompt + output` property would copy).
-        self._all_token_ids: list[int] = list(self.prompt_token_ids)
+        # Prompt followed by output tokens, kept as one list and appended to, so that reading it every step
+        # costs nothing (a `prompt + output` property would copy). A plain attribute, not a property: the
+        # scheduler's per-request decode loops read it several times a step. Shared list: do not mutate.
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         # Tokens sampled by steps still in flight (an overlapped loop schedules step N+1 before step N's token
@@ -133,13 +137,8 @@ class Request:
         )
 
     @property
-    def all_token_ids(self) -> list[int]:
-        """Prompt followed by output tokens. Shared list: do not mutate."""
-        return self._all_token_ids
-
-    @property
     def num_tokens(self) -> int:
-        return len(self._all_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -155,7 +154,7 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
-        self._all_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "

@@ -207,6 +207,9 @@ class Scheduler:
         i = 0
         running = self.running
         max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
+        # allocate_slots' no-new-block case, checked here first (most decode steps): the sliding group's manager
+        # has a second table to extend, so it always goes through allocate_slots.
+        tables, bs = (None if self._sliding else self.kv.block_tables), self.block_size
         while i < len(running) and budget > 0:
             req = running[i]
             known = len(req.all_token_ids)
@@ -220,7 +223,11 @@ class Scheduler:
                                          or known + in_flight >= max_len or known + in_flight > pool_tokens)):
                 i += 1
                 continue
-            new_blocks = self.kv.allocate_slots(req, n)
+            held = tables.get(req.request_id) if tables is not None else None
+            if held and req.num_computed_tokens + n <= len(held) * bs:
+                new_blocks = []
+            else:
+                new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
                 # The victim is the latest arrival, always at index >= i (the
                 # list is sorted), so nothing already scheduled is undone.
@@ -341,7 +348,8 @@ class Scheduler:
             rid = req.request_id
             if status is running_status:
                 # The step has written this KV: blocks it filled are shareable now (most steps fill none).
-                if cached_blocks is not None and min(written, len(req.all_token_ids)) // bs > cached_blocks.get(rid, 0):
+                if cached_blocks is not None and written // bs > cached_blocks.get(rid, 0) \
+                        and min(written, len(req.all_token_ids)) // bs > cached_blocks.get(rid, 0):
                     kv.cache_blocks(req, written)
             elif status is not preempted_status:
                 continue  # finished (a stop, an abort) while the step ran: its row is discarded
@@ -350,15 +358,17 @@ class Scheduler:
             if token is None or not req.num_output_placeholders:
                 continue
             req.num_output_placeholders -= 1
-            req.append_output_token(token)
+            out_ids, all_ids = req.output_token_ids, req.all_token_ids
+            out_ids.append(token)  # as req.append_output_token, inlined
+            all_ids.append(token)
             logprobs = all_logprobs.get(rid) if all_logprobs else None
-            eco = EngineCoreOutput(rid, [token], [logprobs] if logprobs is not None else [],
-                                   num_cached_tokens=req.num_cached_tokens)
+            # Every field passed: a dataclass's default factories would run per output otherwise.
+            eco = EngineCoreOutput(rid, [token], [logprobs] if logprobs is not None else [], None, None,
+                                   req.num_cached_tokens)
             outputs.append(eco)
-            n_out = len(req.output_token_ids)
-            if ((token in req.eos_token_ids and not req.ignore_eos) or token in req.stop_token_ids
-                    or n_out >= req.output_limit
-                    or len(req.all_token_ids) >= max_len or len(req.all_token_ids) > pool_tokens):
+            n_all = len(all_ids)
+            if (token in req.stop_check_ids or len(out_ids) >= req.output_limit
+                    or n_all >= max_len or n_all > pool_tokens):
                 stop = self._check_stop(req, token)
                 if stop is not None:
                     req.status = stop

@@ -43,6 +43,12 @@ def test_host_us_per_sequence_per_step_for_each_loop(smoke):
     assert set(loop["ms_per_decode_step"]) == set(loop["us_per_seq_per_step"]) == set(loop["runs"]) == want
     for k, ms in loop["ms_per_decode_step"].items():
         assert positive(ms) and loop["us_per_seq_per_step"][k] == pytest.approx(ms * 1e3 / smoke["seqs"])
+    assert set(loop["cpu_us_per_seq_per_step"]) == set(loop["cpu_host_only_us_per_seq"]) == set(loop["cpu_runs"]) == want
+    for k, us in loop["cpu_us_per_seq_per_step"].items():
+        # The thread's CPU time: a share of the step's wall time (the clocks' granularity allowed for), and of it
+        # the device work run inline is a part.
+        assert positive(us) and us <= loop["us_per_seq_per_step"][k] * 1.05 + 50.0
+        assert loop["cpu_host_only_us_per_seq"][k] == pytest.approx(us - loop["device_work_us_per_seq"][k])
 
 
 def test_device_time_mode_against_max_and_sum(smoke):
