@@ -93,15 +93,19 @@ def build_llm(seqs: int, tokens: int, model_dir: str, layers: int = 2, async_sch
         runner.stream = sim(device_ms * 1e-3)
     stub = StubForward(runner.model.cfg.hidden_size, device_ms * 1e-3 if device_ms and sim is None else 0.0)
     runner.model.forward = stub
-    device_step = getattr(runner, "_device_step", None)
-    if device_step is not None:
-        def timed_device_step(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return device_step(*a, **kw)
-            finally:
-                stub.device_work_s += time.perf_counter() - t0
-        runner._device_step = timed_device_step
+    stream = getattr(runner, "stream", None)  # the runner's device-stream strategy (engine/device_stream.py)
+    if stream is not None:
+        submit = stream.submit
+
+        def timed_submit(fn):  # the step's device work, timed where the stream runs it
+            def timed():
+                t0 = time.perf_counter()
+                try:
+                    return fn()
+                finally:
+                    stub.device_work_s += time.perf_counter() - t0
+            return submit(timed)
+        stream.submit = timed_submit
     return llm, stub
 
 

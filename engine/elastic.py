@@ -24,7 +24,7 @@
                       request states are re-sent with the next step. With rebuilt runners every unfinished
                       request is requeued.
 
-The re-form steps (`reform_group`, `commit_group`, `regroup_engine`) are shared with the rejoin of a replacement
+The re-form steps (`reform_group`, the executor's `commit` of the next `EPGroup`, `regroup_engine`) are shared with the rejoin of a replacement
 rank (engine/rejoin.py), which returns the group to EP N.
 
 Stated: seeded sampling of a requeued request restarts its generator (greedy outputs are unchanged), and a
@@ -208,22 +208,6 @@ def reform_group(workers: list, plan, config, keep: bool = False) -> tuple[str, 
     return addr, port, blocks, kept
 
 
-def commit_group(ex, workers: list, config, plan, rank_pids: list, node_ids: list, bundles: list, addr: str,
-                 port: int) -> None:
-    """Make the group `reform_group` formed the executor's: its ranks, config, plan and rendezvous; clear the
-    loss and start the next heartbeat generation."""
-    state = ex._state
-    state.workers = workers
-    ex.world_size, ex.config, ex.plan = len(workers), config, plan
-    ex.rank_pids, ex.node_ids, ex.bundles = list(rank_pids), list(node_ids), list(bundles)
-    ex.master_addr, ex.master_port = addr, port
-    ex._ep_graph_sizes = None
-    with state.lock:
-        state.lost = None
-        state.generation += 1
-    ex.start_heartbeats()
-
-
 def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = (), keep: bool = True) -> RecoveryResult:
     """Re-form `ex` (a RayExecutor with `lost_error` set) from its survivors at EP N-1; see the module doc.
     `drop_if_all_alive`: the ranks to drop when every rank still answers (a rejoin that failed). `keep`: the
@@ -234,8 +218,7 @@ def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = (), keep: bool = True
 
     from moelink.comm.two_level import node_numbers
 
-    state = ex._state
-    lost = state.lost
+    lost = ex.lost_error
     if lost is None:
         raise RuntimeError("recover_ranks: no rank is lost")
     t0 = time.monotonic()
@@ -268,16 +251,9 @@ def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = (), keep: bool = True
         addr, port, blocks, kept = reform_group(workers, plan, config, keep=keep)
     except _Unrecoverable as exc:
         err = WorkerDiedError(lost.rank, f"{lost.reason}; elastic EP cannot go on without it: {exc}", lost.what)
-        with state.lock:
-            state.lost = None
-            if state.dead_error is None:
-                state.dead_error = err
-        logger.error("%s; stopping the other ranks", err)
-        state.kill_workers()
-        raise state.dead_error from exc
+        raise ex.give_up(err) from exc
     m = len(workers)
-    commit_group(ex, workers, config, plan, [ex.rank_pids[r] for r in survivors], node_ids,
-                 [ex.bundles[r] for r in survivors], addr, port)
+    ex.commit(ex.group.survivors(survivors, config, plan, addr, port, node_ids))
     result = RecoveryResult(tuple(sorted(dead)), tuple(survivors), m, blocks, time.monotonic() - t0, kept)
     logger.warning("elastic EP: lost rank(s) %s; serving on at EP %d (old ranks %s, runners %s) after %.2f s",
                    list(result.dead_ranks), m, survivors, "kept" if kept else "rebuilt", result.seconds)
@@ -302,7 +278,7 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: 
                             parallel=replace(cfg.parallel, expert_parallel_size=world_size,
                                              ep_node_ids=engine.executor.config.parallel.ep_node_ids))
     old = engine.schedulers
-    inflight, engine._inflight = engine._inflight, None  # indexed by the old ranks: never for a later regroup
+    inflight = engine.take_inflight()  # indexed by the old ranks: never for a later regroup
     if keep_runners:
         gone = [s for r, s in enumerate(old) if r not in kept]
         engine.schedulers = [old[r] for r in kept]
@@ -316,7 +292,7 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: 
     engine.router = LeastLoadedRouter(engine.schedulers)
     for req in reqs:
         engine.schedulers[engine.router.route(req.all_token_ids)].requeue(req)
-    engine._rank_of = {rid: rank for rank, s in enumerate(engine.schedulers) for rid in s.requests}
+    engine.index_requests()
     engine.ep_plan = engine.executor.plan
     if getattr(engine, "eplb", None) is not None:
         # The ranks' layers run the new plan (rebuilt from it, or kept and switched to it: any per-layer EPLB
@@ -330,9 +306,7 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: 
         except ValueError as err:
             logger.warning("online EPLB off after the regroup: %s", err)
             engine.eplb = None
-    mm = engine.moe_metrics
-    mm.world_size = world_size
-    mm.bytes_dispatched_per_rank = [0 if r is None else mm.bytes_dispatched_per_rank[r] for r in kept]
+    engine.moe_metrics.regroup(kept)
     return reqs
 
 
@@ -363,5 +337,5 @@ def recover_engine(engine) -> RecoveryResult:
     return result
 
 
-__all__ = ["ElasticStats", "RecoveryResult", "commit_group", "recover_engine", "recover_ranks", "reform_group",
+__all__ = ["ElasticStats", "RecoveryResult", "recover_engine", "recover_ranks", "reform_group",
            "regroup_engine"]

@@ -362,6 +362,16 @@ class LLMEngine:
         recover_engine(self)
         return []
 
+    def take_inflight(self) -> list | None:
+        """Elastic EP, once per regroup: per old rank, the SchedulerOutputs of the steps the loss broke (set by
+        `_recover`; None when the loss came between steps). Cleared: a later regroup has other ranks."""
+        inflight, self._inflight = self._inflight, None
+        return inflight
+
+    def index_requests(self) -> None:
+        """Re-learn which rank holds each request from the schedulers (after a regroup moved them)."""
+        self._rank_of = {rid: rank for rank, s in enumerate(self.schedulers) for rid in s.requests}
+
     def experts_on_ranks(self) -> list[list[tuple[int, int]]]:
         """Per rank: (logical expert, number of replicas of it) for each expert slot it holds."""
         p = self.ep_plan.placement  # at one rank: every expert once

@@ -44,6 +44,11 @@ class MoEMetrics:
         self.tokens_per_expert = np.zeros((self.num_moe_layers, self.num_experts), dtype=np.int64)
         self.bytes_dispatched_per_rank = [0] * self.world_size
 
+    def regroup(self, kept: list) -> None:
+        """The group changed (elastic EP): new rank i was old rank `kept[i]` (None: a replacement, from 0)."""
+        self.world_size = len(kept)
+        self.bytes_dispatched_per_rank = [0 if r is None else self.bytes_dispatched_per_rank[r] for r in kept]
+
     def add_step(self, per_rank) -> None:
         """`per_rank[r]` is that rank's MoEStepStats, or None when it ran no forward."""
         if all(s is None for s in per_rank):

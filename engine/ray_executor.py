@@ -38,6 +38,7 @@ from moelink.comm.two_level import node_numbers
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from .engine_args import EngineConfig
+from .ep_group import EPGroup
 from .executor import Executor, WorkerDiedError
 from .expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from .ray_runtime import (  # noqa: F401  (re-exported: tests and callers import them from here)
@@ -74,69 +75,115 @@ class RayExecutor(Executor):
         import ray
         from ray.util.placement_group import placement_group
 
-        self.config = config
-        self.world_size = config.parallel.world_size
+        n = config.parallel.world_size
         # The engine's plan (built here from config if None), shipped to every rank: before Ray starts, so a
         # placement or backend that cannot work fails on the driver.
-        self.plan = plan if plan is not None else plan_expert_parallel(config)
+        plan = plan if plan is not None else plan_expert_parallel(config)
+        # The membership (engine/ep_group.py): rank r starts in bundle r; filled in as the ranks start.
+        self.group = EPGroup(0, config, plan, tuple(range(n)))
         self._state = state = _RayState()
         state.elastic = config.parallel.elastic_ep
         # Releases the actors, the placement group and a Ray we started when this executor is collected
         # (or at exit), if shutdown() was not called; calling it is shutdown().
         self._finalizer = weakref.finalize(self, state.release)
         self._model_steps = 0
-        self.rank_pids: list[int] = []
-        self.master_addr: str | None = None
-        self.master_port: int | None = None
-        self.node_ids: list[str] = []  # the Ray node id of each rank's bundle
-        # Elastic EP: the placement-group bundle of each rank (rank r starts in bundle r; a recovery keeps the
-        # survivors'), and the original EP-N config and plan a rejoin returns to (engine/rejoin.py).
-        self.bundles = list(range(self.world_size))
         self.rejoiner = None
+        # Elastic EP: ranks the next recovery drops even when they answer (a rejoin that failed midway).
         self._rejoin_drop: tuple[int, ...] = ()
         try:
             if not ray.is_initialized():
                 address = config.parallel.ray_address
                 if address is None:
                     # Enough CPU slots for one bundle per rank even on a small machine.
-                    state.local = LocalRay(num_cpus=max(self.world_size, os.cpu_count() or 1))
+                    state.local = LocalRay(num_cpus=max(n, os.cpu_count() or 1))
                 else:
                     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
                     state.connected = True
             gpu = config.device.type == "cuda"
             bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
-            state.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+            state.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
             try:
                 ray.get(state.pg.ready(), timeout=_PG_TIMEOUT_S)
             except Exception as exc:
                 resources = ray.cluster_resources()
                 raise RuntimeError(
-                    f"Ray cannot place {self.world_size} workers of {bundle} each within {_PG_TIMEOUT_S:.0f} s "
+                    f"Ray cannot place {n} workers of {bundle} each within {_PG_TIMEOUT_S:.0f} s "
                     f"(cluster resources: {resources}): add nodes or lower expert_parallel_size."
                 ) from exc
-            self.node_ids = bundle_node_ids(state.pg, self.world_size)
-            if self.plan.backend.needs_node_map and self.plan.node_of_rank is None:
+            node_ids = bundle_node_ids(state.pg, n)
+            if plan.backend.needs_node_map and plan.node_of_rank is None:
                 # The node-aware all-to-all's default node map: ranks on one Ray node share an NVLink domain.
-                self.plan = replace(self.plan, node_of_rank=node_numbers(self.node_ids))
-            start = functools.partial(start_worker, state, gpu, config.worker_config(), self.plan)  # pickled per rank
-            state.workers = [start(r) for r in range(self.world_size)]
-            self.rank_pids = self._get([w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote()
-                                        for w in state.workers])
-            self.master_addr, self.master_port = self._get([state.workers[0].pick_master.remote()])[0]
+                plan = replace(plan, node_of_rank=node_numbers(node_ids))
+            start = functools.partial(start_worker, state, gpu, config.worker_config(), plan)  # pickled per rank
+            state.workers = workers = [start(r) for r in range(n)]
+            pids = self._get([w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote() for w in workers])
+            addr, port = self._get([workers[0].pick_master.remote()])[0]
             # Every rank must enter the rendezvous together, so these run concurrently.
-            self._get([w.init_distributed.remote(self.master_addr, self.master_port) for w in state.workers])
-            self._get([w.load.remote() for w in state.workers])
+            self._get([w.init_distributed.remote(addr, port) for w in workers])
+            self._get([w.load.remote() for w in workers])
         except BaseException:
             self.shutdown()  # a retry must not find our half-used instance
             raise
-        self.full_config, self.full_plan, self.full_node_ids = config, self.plan, list(self.node_ids)
+        # Formed: the start's membership is complete (still epoch 0).
+        self.group = replace(self.group, plan=plan, workers=tuple(workers), rank_pids=tuple(pids),
+                             node_ids=tuple(node_ids), master_addr=addr, master_port=port)
+        # The original EP-N config, plan and nodes a rejoin returns to (engine/rejoin.py).
+        self.full_config, self.full_plan, self.full_node_ids = config, plan, list(node_ids)
         if config.parallel.elastic_ep and config.parallel.rejoin_enabled:
             from .rejoin import Rejoiner
 
             self.rejoiner = Rejoiner(start, state, config.parallel.ep_rejoin_delay_s)
         self.start_heartbeats()
-        logger.info("RayExecutor: %d ranks ready (pids %s, rendezvous %s:%d)", self.world_size, self.rank_pids,
-                    self.master_addr, self.master_port)
+        logger.info("RayExecutor: %d ranks ready (pids %s, rendezvous %s:%d)", n, list(pids), addr, port)
+
+    # -- membership (engine/ep_group.py): read from the group, changed only by adopt / commit -----------------
+    world_size = property(lambda self: self.group.world_size)
+    config = property(lambda self: self.group.config)
+    plan = property(lambda self: self.group.plan)
+    rank_pids = property(lambda self: list(self.group.rank_pids))
+    node_ids = property(lambda self: list(self.group.node_ids))
+    bundles = property(lambda self: list(self.group.bundles))
+    master_addr = property(lambda self: self.group.master_addr)
+    master_port = property(lambda self: self.group.master_port)
+
+    def adopt(self, group: EPGroup, drop_on_recovery: tuple[int, ...] = ()) -> None:
+        """Make `group` the executor's membership: its ranks are the ones stepped, watched and killed from now on.
+        `drop_on_recovery`: ranks the next recovery drops even if they answer (a rejoin that failed midway)."""
+        if group.epoch <= self.group.epoch and group is not self.group:
+            raise ValueError(f"EPGroup.epoch={group.epoch} is invalid: the executor's group is at epoch "
+                             f"{self.group.epoch}; a transition builds the next one (EPGroup.next).")
+        self.group = group
+        self._state.workers = list(group.workers)
+        self._rejoin_drop = tuple(drop_on_recovery)
+        self._ep_graph_sizes = None  # the new ranks' captured graphs are asked again
+
+    def commit(self, group: EPGroup) -> None:
+        """Adopt a group that formed (its ranks rendezvoused and loaded): clear the loss it answered and start
+        the heartbeats of its generation."""
+        self.adopt(group)
+        state = self._state
+        with state.lock:
+            state.lost = None
+            state.generation += 1
+        self.start_heartbeats()
+
+    def mark_lost(self, err: WorkerDiedError) -> None:
+        """Record a loss the engine recovers from at its next step (kept if one is already recorded)."""
+        with self._state.lock:
+            if self._state.lost is None:
+                self._state.lost = err
+
+    def give_up(self, err: WorkerDiedError) -> Exception:
+        """A loss elastic EP cannot go on from: it becomes the executor's dead_error (the first one recorded
+        stays), every rank is stopped; returns the error to raise."""
+        state = self._state
+        with state.lock:
+            state.lost = None
+            if state.dead_error is None:
+                state.dead_error = err
+        logger.error("%s; stopping the other ranks", err)
+        state.kill_workers()
+        return state.dead_error
 
     def start_heartbeats(self) -> None:
         """The heartbeat thread of the current generation (the ranks of now)."""

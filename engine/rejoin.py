@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from .elastic import _LOAD_TIMEOUT_S, _PROBE_TIMEOUT_S, _Unrecoverable, commit_group, reform_group, regroup_engine
+from .elastic import _LOAD_TIMEOUT_S, _PROBE_TIMEOUT_S, _Unrecoverable, reform_group, regroup_engine
 from .executor import WorkerDiedError
 from .ray_runtime import _HEARTBEAT_GROUP, bundle_node_ids
 
@@ -284,7 +284,7 @@ def admit_ranks(ex) -> RejoinResult | None:
     if not handles:
         return None
     t0 = time.monotonic()
-    n, state = ex.full_plan.placement.ep_size, ex._state
+    n = ex.full_plan.placement.ep_size
     kept, workers, pids = [], [], []
     for b in range(n):
         if b in ex.bundles:
@@ -304,19 +304,17 @@ def admit_ranks(ex) -> RejoinResult | None:
     try:
         addr, port, blocks, _ = reform_group(workers, plan, config)  # a rejoin rebuilds every runner
     except _Unrecoverable as exc:
-        # The recovery path takes it from here, at the N ranks (whichever are alive): adopt them all.
-        state.workers = workers
-        ex.world_size, ex.config, ex.plan = n, config, plan
-        ex.rank_pids, ex.node_ids, ex.bundles = pids, node_ids, list(range(n))
+        # The recovery path takes it from here, at the N ranks (whichever are alive): adopt them all, the
+        # replacements to be dropped by it even if they answer.
         new = [b for b in range(n) if kept[b] is None]
-        ex._rejoin_drop = tuple(new)
-        with state.lock:
-            if state.lost is None:
-                state.lost = WorkerDiedError(new[0], f"admitting replacement rank(s) {new} failed: {exc}",
-                                             "failed to rejoin")
+        ex.adopt(ex.group.next(config=config, plan=plan, bundles=tuple(range(n)), workers=tuple(workers),
+                               rank_pids=tuple(pids), node_ids=tuple(node_ids)), drop_on_recovery=tuple(new))
+        ex.mark_lost(WorkerDiedError(new[0], f"admitting replacement rank(s) {new} failed: {exc}",
+                                     "failed to rejoin"))
         logger.error("rejoin failed midway (%s); recovering at the ranks that are alive", exc)
         raise RejoinFailed(tuple(kept), str(exc)) from exc
-    commit_group(ex, workers, config, plan, pids, node_ids, list(range(n)), addr, port)
+    ex.commit(ex.group.next(config=config, plan=plan, bundles=tuple(range(n)), workers=tuple(workers),
+                            rank_pids=tuple(pids), node_ids=tuple(node_ids), master_addr=addr, master_port=port))
     result = RejoinResult(tuple(sorted(handles)), tuple(kept), n, blocks, time.monotonic() - t0,
                           tuple(handles[b][2] for b in sorted(handles)))
     logger.warning("elastic EP: replacement rank(s) %s rejoined; back to EP %d after %.2f s", list(result.admitted),

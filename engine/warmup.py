@@ -175,7 +175,7 @@ def _moe_jobs(runner, max_tokens: int) -> list[tuple[object, list[int]]]:
     each distinct kind (format, shapes, dtypes, activation)."""
     from moelink.kernels.moe_config import device_name
     from moelink.kernels.moe_variants import MoEShape, plan_moe_variants
-    from moelink.kernels.triton_moe_tiny import _num_sms
+    from moelink.kernels.triton_moe_tiny import num_sms
     from moelink.moe.layer import MoELayer
 
     kinds: dict[tuple, MoELayer] = {}
@@ -190,7 +190,7 @@ def _moe_jobs(runner, max_tokens: int) -> list[tuple[object, list[int]]]:
         fmt = layer.expert_format
         block_k = {"fp8_block_k": fmt.block[1]} if fmt.name == "fp8" else {}
         shape = MoEShape(fmt.name, layer.num_local_slots, cfg.moe_intermediate_size, cfg.hidden_size, cfg.top_k,
-                         device_name(dev), _num_sms(dev), **block_k)
+                         device_name(dev), num_sms(dev), **block_k)
         jobs.append((layer, [t for t, _ in plan_moe_variants(shape, max_tokens)]))
     return jobs
 

@@ -45,9 +45,9 @@ def _grouped_pids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of `device`; 4 for CPU tensors (the interpreter), so a small test batch already
     has programs that loop over several tiles."""
-    from . import triton_moe_tiny  # (its _num_sms is what the offline compile report patches to the H100's 132)
+    from . import triton_moe_tiny  # (its num_sms is what the offline compile report patches to the H100's 132)
 
-    return triton_moe_tiny._num_sms(torch.device(device))
+    return triton_moe_tiny.num_sms(torch.device(device))
 
 
 def gemm_grid(num_tiles: int, persistent: int, device: torch.device) -> int:

@@ -127,10 +127,10 @@ def down_block_n(widest: int, num_tokens: int, hidden: int, num_sms: int) -> int
     return bn
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: small grids, still exercises the narrowing
-    from .split_planning import _num_sms as sms
+    from .split_planning import num_sms as sms
 
     return sms(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -157,7 +157,7 @@ def tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF
         HAS_BIAS=b13_EF is not None, ACT=act, INTERPRET=interp, num_warps=up.num_warps, num_stages=up.num_stages,
     )
     down = tiny.down
-    bn = down_block_n(down.BLOCK_SIZE_N, T, D, _num_sms(dev))
+    bn = down_block_n(down.BLOCK_SIZE_N, T, D, num_sms(dev))
     _tiny_down_kernel[(T, triton.cdiv(D, bn))](
         h_PI, w2_EDI, out, ids_P, map_G, weights_P, weights_P if b2_ED is None else b2_ED, P, num_ids, D, I,
         h_PI.stride(0), w2_EDI.stride(0), w2_EDI.stride(1), out.stride(0), 0 if b2_ED is None else b2_ED.stride(0),
