@@ -42,9 +42,12 @@ from moelink.moe.eplb import EPLBResult, LoadWindow, imbalance, rank_load, rebal
 from moelink.moe.expert_move import chunk_staging_bytes, plan_moves
 from moelink.moe.placement import ExpertPlacement
 
+from .worker_api import RankCall
+
 logger = logging.getLogger(__name__)
 
-# Calls a Worker method on every rank together; results in rank order (Executor._collective).
+# Runs a Worker call (a RankCall, engine/worker_api.py) on every rank together; results in rank order
+# (Executor.collective).
 Collective = Callable[..., list]
 
 
@@ -131,7 +134,7 @@ class EPLBController:
                 chunks = self._plan_chunks(result.placements, collective)
                 if chunks is None:
                     return
-                collective("eplb_begin", list(result.placements))
+                collective(RankCall.EPLB_BEGIN, list(result.placements))
                 self.pending, self._chunks, self._old, self._moved = result, chunks, self.placements, 0
                 self._continue(collective)
 
@@ -156,7 +159,7 @@ class EPLBController:
         """The layers of each chunk: up to chunk_layers whole layers, each chunk within the staging budget on
         every rank; None (refused, logged) when one layer alone stages more than the budget on some rank."""
         if self.slot_bytes_L is None:  # a controller built after a recovery: ask the ranks (the same on each)
-            self.set_slot_bytes(collective("eplb_slot_bytes")[0])
+            self.set_slot_bytes(collective(RankCall.EPLB_SLOT_BYTES)[0])
         budget = self.staging_budget()
         transfers = plan_moves(self.placements, new)
         R, L = new[0].ep_size, len(new)
@@ -185,7 +188,7 @@ class EPLBController:
         t0 = time.perf_counter()
         self.chunk_in_flight = True
         try:
-            done = all(collective("eplb_move", n))
+            done = all(collective(RankCall.EPLB_MOVE, n))
         finally:
             self.chunk_in_flight = False
         self.move_chunk_s.append(time.perf_counter() - t0)
@@ -197,7 +200,7 @@ class EPLBController:
                                f"{self._moved} layers, the driver's chunks disagree")
         if done:
             t0 = time.perf_counter()
-            ends = collective("eplb_commit")
+            ends = collective(RankCall.EPLB_COMMIT)
             self.bytes_moved += sum(int(sent) for sent, _ in ends)
             self.peak_staged_bytes = max(self.peak_staged_bytes, max(int(peak) for _, peak in ends))
             self.commit_s = max(self.commit_s, time.perf_counter() - t0)

@@ -10,6 +10,7 @@ from .engine_args import EngineConfig
 from .ep_step import attach_ep_step
 from .expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from .kv_sizing import common_num_kv_blocks
+from .worker_api import RankCall, rank_call
 
 
 class Executor(ABC):
@@ -43,8 +44,8 @@ class Executor(ABC):
     def initialize_kv_cache(self) -> int:
         """Size the KV cache from what every rank has left after loading its weights:
         each rank gets the same number of blocks, the smallest any rank can hold."""
-        blocks = common_num_kv_blocks(self._collective("available_kv_blocks"))
-        self._collective("allocate_kv_cache", blocks)
+        blocks = common_num_kv_blocks(self.collective(RankCall.AVAILABLE_KV_BLOCKS))
+        self.collective(RankCall.ALLOCATE_KV_CACHE, blocks)
         self._ep_graph_sizes = None  # new cache, new graphs
         return blocks
 
@@ -52,7 +53,7 @@ class Executor(ABC):
 
     def warm_up(self, cfg) -> list:
         """Every rank's `Worker.warm_up(cfg)` (engine/warmup.py), together; their WarmupReports in rank order."""
-        return self._collective("warm_up", cfg)
+        return self.collective(RankCall.WARM_UP, cfg)
 
     def plan_ep_step(self, outputs_per_rank: list[SchedulerOutput]) -> None:
         """Give every rank's output the step's EP plan (engine/ep_step.py) when the backend runs two modes.
@@ -63,13 +64,20 @@ class Executor(ABC):
         if decode_capacity is None:
             return
         if self._ep_graph_sizes is None:
-            captured = [set(s) for s in self._collective("captured_graph_sizes")]
+            captured = [set(s) for s in self.collective(RankCall.CAPTURED_GRAPH_SIZES)]
             self._ep_graph_sizes = tuple(sorted(set.intersection(*captured))) if captured else ()
         attach_ep_step(outputs_per_rank, decode_capacity, self._ep_graph_sizes)
 
+    def collective(self, method: RankCall, *args) -> list:
+        """Run a Worker call (engine/worker_api.py) on every rank together; results in rank order."""
+        return self._call_ranks(rank_call(method).value, *args)
+
+    # The name the EP tests call it by.
+    _collective = collective
+
     @abstractmethod
-    def _collective(self, method: str, *args) -> list:
-        """Call a Worker method on every rank; results in rank order."""
+    def _call_ranks(self, name: str, *args) -> list:
+        """The transport: the Worker method `name` on every rank; results in rank order."""
 
     def check_health(self) -> None:
         """Raise if a worker is gone."""
@@ -99,8 +107,8 @@ class InProcessExecutor(Executor):
     def runner(self):
         return self.worker.runner
 
-    def _collective(self, method: str, *args) -> list:
-        return [getattr(self.worker, method)(*args)]
+    def _call_ranks(self, name: str, *args) -> list:
+        return [getattr(self.worker, name)(*args)]
 
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         return self.collect(self.launch(outputs_per_rank))

@@ -45,6 +45,7 @@ from .no_tokenizer import NoTokenizer, load_tokenizer
 from .tokenizer import Tokenizer
 from .warmup import warm_up_engine
 from .worker_config import DUMMY_WARNING
+from .worker_api import RankCall
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class LLMEngine:
             # holding a tensor a move could not carry refuses EPLB here (moe/expert_move.py slot_bytes), as
             # does a staging budget no expert fits in.
             try:
-                self.eplb.set_slot_bytes(self.executor._collective("eplb_slot_bytes")[0])
+                self.eplb.set_slot_bytes(self.executor.collective(RankCall.EPLB_SLOT_BYTES)[0])
             except BaseException:
                 self.executor.shutdown()  # no worker outlives a failed start
                 raise
@@ -346,7 +347,7 @@ class LLMEngine:
         """Online EPLB's move at a step boundary (nothing in flight). True when a rank was lost during it and
         the engine recovered (elastic EP: the steps before were all collected, so nothing is undone)."""
         try:
-            self.eplb.act(self.executor._collective)
+            self.eplb.act(self.executor.collective)
         except WorkerDiedError:
             if self.executor.lost_error is None:
                 raise

@@ -241,8 +241,8 @@ class RayExecutor(Executor):
         """The temp dir of the Ray instance this executor started (None when it joined one)."""
         return self._state.local.temp_dir if self._state.local is not None else None
 
-    def _collective(self, method: str, *args) -> list:
-        return self._get([getattr(w, method).remote(*args) for w in self.workers])
+    def _call_ranks(self, name: str, *args) -> list:
+        return self._get([getattr(w, name).remote(*args) for w in self.workers])
 
     def warm_up(self, cfg) -> list:
         """As Executor.warm_up, bounded like a first step (compiles with a cold cache take minutes), not like a
