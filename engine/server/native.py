@@ -15,39 +15,35 @@ from ..sampling_params import SamplingParams
 from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
 from .limits import RequestLimits
-from .serving import Serving, abort_rpc, optional, structured_from_proto, top_logprobs, wire_message
+from .proto_params import ProtoReading, listed, plain, present
+from .proto_params import sampling_params_from_proto as params_from_proto
+from .serving import Serving, abort_rpc, optional, top_logprobs
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 _DEFAULTS = SamplingParams()  # unset optional fields read these
+_d = _DEFAULTS
+# moelink.v1: proto3 presence marks what the client set; unset reads the engine's defaults.
+NATIVE_READING = ProtoReading(
+    fields=dict(
+        temperature=present("temperature", _d.temperature), top_p=present("top_p", _d.top_p),
+        top_k=present("top_k", _d.top_k), min_p=present("min_p", _d.min_p),
+        repetition_penalty=present("repetition_penalty", _d.repetition_penalty),
+        presence_penalty=present("presence_penalty", _d.presence_penalty),
+        frequency_penalty=present("frequency_penalty", _d.frequency_penalty),
+        seed=present("seed"),
+        max_tokens=lambda sp: None if sp.unlimited_tokens else optional(sp, "max_tokens", _d.max_tokens),
+        min_tokens=plain("min_tokens"), stop=listed("stop"), stop_token_ids=listed("stop_token_ids"),
+        ignore_eos=plain("ignore_eos"), include_stop_str_in_output=plain("include_stop_str_in_output"),
+        logprobs=present("logprobs"), skip_special_tokens=present("skip_special_tokens", True),
+    ),
+    n=present("n", 1),
+)
 
 
 def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = RequestLimits()
                                ) -> tuple[SamplingParams, int]:
     """(engine SamplingParams, n); ValueError naming the field on bad values (lists checked by length first)."""
-    limits.check_sampling(sp)
-    d = _DEFAULTS
-    kwargs = dict(
-        temperature=optional(sp, "temperature", d.temperature),
-        top_p=optional(sp, "top_p", d.top_p),
-        top_k=optional(sp, "top_k", d.top_k),
-        min_p=optional(sp, "min_p", d.min_p),
-        repetition_penalty=optional(sp, "repetition_penalty", d.repetition_penalty),
-        presence_penalty=optional(sp, "presence_penalty", d.presence_penalty),
-        frequency_penalty=optional(sp, "frequency_penalty", d.frequency_penalty),
-        seed=optional(sp, "seed"),
-        max_tokens=None if sp.unlimited_tokens else optional(sp, "max_tokens", d.max_tokens),
-        min_tokens=sp.min_tokens,
-        stop=list(sp.stop),
-        stop_token_ids=list(sp.stop_token_ids),
-        ignore_eos=sp.ignore_eos,
-        include_stop_str_in_output=sp.include_stop_str_in_output,
-        logprobs=optional(sp, "logprobs"),
-        skip_special_tokens=optional(sp, "skip_special_tokens", True),
-    )
-    try:
-        return SamplingParams(**kwargs, structured_outputs=structured_from_proto(sp)), optional(sp, "n", 1)
-    except ValueError as exc:
-        raise ValueError(wire_message(str(exc))) from None
+    return params_from_proto(sp, NATIVE_READING, limits)
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):

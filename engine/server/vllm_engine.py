@@ -28,7 +28,9 @@ from ..llm_engine import ProcessedRequest
 from ..safe_text import shown
 from ..sampling_params import SamplingParams
 from .limits import RequestLimits
-from .serving import Serving, abort_rpc, optional, structured_from_proto, top_logprobs, wire_message
+from .proto_params import ProtoReading, listed, plain, present, zero_means
+from .proto_params import sampling_params_from_proto as params_from_proto
+from .serving import Serving, abort_rpc, top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -44,41 +46,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "added_tokens.json")
 
 
+# vLLM's proto: no presence on most fields, 0 read as the default where 0 means nothing (top_p, top_k,
+# repetition_penalty), as vLLM reads them.
+VLLM_READING = ProtoReading(
+    fields=dict(
+        temperature=present("temperature", 1.0), top_p=zero_means("top_p", 1.0), top_k=zero_means("top_k", -1),
+        min_p=plain("min_p"), frequency_penalty=plain("frequency_penalty"), presence_penalty=plain("presence_penalty"),
+        repetition_penalty=zero_means("repetition_penalty", 1.0),
+        max_tokens=present("max_tokens"),  # unset: until the context is full, as in vLLM
+        min_tokens=plain("min_tokens"), stop=listed("stop"), stop_token_ids=listed("stop_token_ids"),
+        ignore_eos=plain("ignore_eos"), include_stop_str_in_output=plain("include_stop_str_in_output"),
+        logprobs=present("logprobs"), truncate_prompt_tokens=present("truncate_prompt_tokens"),
+        seed=present("seed"), skip_special_tokens=plain("skip_special_tokens"),
+        # This protocol carries token ids only (the gateway detokenizes): text is needed here just to match
+        # stop strings.
+        detokenize=lambda sp: bool(sp.stop),
+    ),
+    n=zero_means("n", 1),
+    refuse=((lambda sp: bool(sp.logit_bias), "sampling_params.logit_bias is not supported yet."),
+            (lambda sp: sp.HasField("prompt_logprobs"),
+             "sampling_params.prompt_logprobs is not supported yet: ask for output logprobs only.")),
+)
+
+
 def sampling_params_from_proto(sp: pb.SamplingParams, limits: RequestLimits = RequestLimits()
                                ) -> tuple[SamplingParams, int]:
     """(engine SamplingParams, n) with vLLM's reading of unset proto3 fields; ValueError names the field."""
-    limits.check_sampling(sp)
-    if sp.logit_bias:
-        raise ValueError("sampling_params.logit_bias is not supported yet.")
-    if sp.HasField("prompt_logprobs"):
-        raise ValueError("sampling_params.prompt_logprobs is not supported yet: ask for output logprobs only.")
-    try:
-        params = SamplingParams(
-            temperature=optional(sp, "temperature", 1.0),
-            top_p=sp.top_p if sp.top_p != 0.0 else 1.0,
-            top_k=sp.top_k if sp.top_k else -1,
-            min_p=sp.min_p,
-            frequency_penalty=sp.frequency_penalty,
-            presence_penalty=sp.presence_penalty,
-            repetition_penalty=sp.repetition_penalty if sp.repetition_penalty != 0.0 else 1.0,
-            max_tokens=optional(sp, "max_tokens"),  # unset: until the context is full, as in vLLM
-            min_tokens=sp.min_tokens,
-            stop=list(sp.stop),
-            stop_token_ids=list(sp.stop_token_ids),
-            ignore_eos=sp.ignore_eos,
-            include_stop_str_in_output=sp.include_stop_str_in_output,
-            logprobs=optional(sp, "logprobs"),
-            truncate_prompt_tokens=optional(sp, "truncate_prompt_tokens"),
-            seed=optional(sp, "seed"),
-            skip_special_tokens=sp.skip_special_tokens,
-            # This protocol carries token ids only (the gateway detokenizes): text is needed
-            # here just to match stop strings.
-            detokenize=bool(sp.stop),
-            structured_outputs=structured_from_proto(sp),
-        )
-    except ValueError as exc:
-        raise ValueError(wire_message(str(exc))) from None
-    return params, sp.n or 1
+    return params_from_proto(sp, VLLM_READING, limits)
 
 
 def output_logprobs(token_ids, logprobs, num_top) -> pb.OutputLogProbs | None:
