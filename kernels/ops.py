@@ -11,6 +11,8 @@ importing the engine would freeze that choice too early.
 """
 from __future__ import annotations
 
+from typing import Callable, ClassVar, Protocol
+
 import torch
 
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
@@ -20,6 +22,34 @@ from .moe import reference_fused_moe
 from .mxfp4 import reference_fused_moe_mxfp4
 from .norm import reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rotary
+
+
+class Kernels(Protocol):
+    """What a kernel backend gives the model: each op takes the arguments of its plain-torch reference
+    (`reference_<op>` in this package: the contract and the oracle) and returns what it returns; a backend may
+    take more keywords. tests/kernels/test_kernels_protocol.py checks every backend against it."""
+
+    name: ClassVar[str]
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rotary: Callable
+    write_kv: Callable
+    paged_attention: Callable
+    write_latent: Callable
+    mla_attention: Callable
+    fused_moe: Callable
+    fp8_linear: Callable
+    fused_moe_fp8: Callable
+    fused_moe_mxfp4: Callable
+
+
+# Each op of `Kernels` and the reference that defines its arguments.
+REFERENCES: dict[str, Callable] = dict(
+    rms_norm=reference_rms_norm, add_rms_norm=reference_add_rms_norm, rotary=reference_rotary,
+    write_kv=reference_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
+    mla_attention=reference_mla_attention, fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
+    fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
+)
 
 
 class ReferenceKernels:
@@ -86,7 +116,7 @@ def _triton_available() -> bool:
 _BACKENDS = {"reference": ReferenceKernels, "triton": TritonKernels}
 
 
-def select_kernels(device: torch.device, name: str = "auto"):
+def select_kernels(device: torch.device, name: str = "auto") -> Kernels:
     """Pick the kernel backend: `auto` is Triton on CUDA, references elsewhere; a name forces one (tests)."""
     device = torch.device(device)
     if name == "auto":
@@ -98,4 +128,4 @@ def select_kernels(device: torch.device, name: str = "auto"):
     return _BACKENDS[name]()
 
 
-__all__ = ["AttentionMetadata", "ReferenceKernels", "TritonKernels", "select_kernels"]
+__all__ = ["AttentionMetadata", "Kernels", "REFERENCES", "ReferenceKernels", "TritonKernels", "select_kernels"]
