@@ -3,11 +3,14 @@ bad input gets one error naming its field, the value and what is allowed; a reje
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from .no_tokenizer import NoTokenizer
 from .safe_text import shown
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # xgrammar is imported where grammars are compiled (engine/structured_output.py)
+    from xgrammar import CompiledGrammar
 
 PromptType = Union[str, list[int], dict]
 
@@ -51,8 +54,8 @@ class ProcessedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
-    # xgrammar CompiledGrammar when params.structured_outputs is set (compiled in process_inputs).
-    grammar: object = None
+    # Set when params.structured_outputs is (compiled in process_inputs).
+    grammar: CompiledGrammar | None = None
 
 
 def process_inputs(engine, request_id: str, prompt: PromptType, params: SamplingParams | None,

@@ -40,6 +40,21 @@ class SamplingOptions(Protocol):
     logprobs: Optional[int]
 
 
+class EPStep(Protocol):
+    """The driver's per-step expert-parallel plan as a worker reads it (engine/ep_step.py's `EPStepPlan` is
+    one): the step's dispatch mode, its largest tokens per rank, and the decode graph size every rank replays
+    (None: eager). Named here as a shape, since the scheduler imports neither the engine nor comm."""
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def max_tokens_per_rank(self) -> int: ...
+
+    @property
+    def graph_batch(self) -> Optional[int]: ...
+
+
 @dataclass
 class NewRequestData:
     """A request the worker has not seen (or has dropped after a preemption)."""
@@ -104,9 +119,9 @@ class SchedulerOutput:
     # Structured output: per constrained request scheduled this step, its allowed next tokens as
     # little-endian int32 bitmask words (bytes; filled by the engine, engine/structured_output.py).
     grammar_bitmask: dict[str, bytes] = field(default_factory=dict)
-    # Expert parallelism: the step's dispatch plan (engine.ep_step.EPStepPlan: mode, largest tokens per rank,
-    # decode graph size), the same object on every rank, set by the driver's executor. Opaque here.
-    ep_step: object = None
+    # Expert parallelism: the step's dispatch plan (an EPStep: engine.ep_step.EPStepPlan), the same object on
+    # every rank, set by the driver's executor; None without EP.
+    ep_step: Optional[EPStep] = None
     # Elastic EP: set on the first step after a recovery that kept this rank's runner (Scheduler.rewind).
     resync: Optional[RequestResync] = None
 

@@ -141,3 +141,14 @@ def test_metrics_export_bytes_per_mode(tiny_model):
     for mode in (LOW_LATENCY, HIGH_THROUGHPUT):
         assert samples[(mode, "payload")] == per_mode[mode]["bytes"] > 0
         assert samples[(mode, "wire")] == per_mode[mode]["wire_bytes"] >= per_mode[mode]["bytes"]
+
+
+def test_the_plan_is_what_the_scheduler_output_names():
+    """SchedulerOutput.ep_step is typed by the scheduler's EPStep shape: EPStepPlan has each of its fields."""
+    import dataclasses
+
+    from moelink.scheduler.outputs import EPStep
+
+    shape = {n for n, v in vars(EPStep).items() if isinstance(v, property)}
+    assert shape == {"mode", "max_tokens_per_rank", "graph_batch"}
+    assert shape <= {f.name for f in dataclasses.fields(EPStepPlan)}
