@@ -21,6 +21,7 @@ from moelink.scheduler.engine_output import EngineCoreOutput, SchedulerStats
 from moelink.scheduler.outputs import ModelRunnerOutput
 from moelink.scheduler.request import Request, RequestStatus
 from moelink.scheduler.router import LeastLoadedRouter
+from moelink.scheduler.interface import SchedulerInterface
 from moelink.scheduler.scheduler import Scheduler
 
 from .engine_args import EngineArgs, EngineConfig
@@ -88,7 +89,8 @@ class LLMEngine:
         self.config = config
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
-        self.schedulers = [Scheduler(config.scheduler, config.cache) for _ in range(self.world_size)]
+        self.schedulers: list[SchedulerInterface] = [Scheduler(config.scheduler, config.cache)
+                                                     for _ in range(self.world_size)]
         self.router = LeastLoadedRouter(self.schedulers)
         # The requests the core holds (added, not yet finished), by rank: the engine thread's own record, so
         # that duplicate ids and aborts are decided without reading the output side's states.

@@ -35,11 +35,35 @@ class KVCacheManager:
         # to skip `cache_blocks` for the (common) steps that fill no block.
         self.num_cached_blocks: dict[str, int] = {}
 
+    # -- what the scheduler asks of its KV policy (scheduler/sliding_kv.py's manager answers differently) -----
     @property
-    def block_tables(self) -> dict[str, list[int]]:
-        """Every holding request's block table, by id (shared: do not mutate). The scheduler's decode loop
-        reads it to skip `allocate_slots` when the last block still has room."""
+    def decode_tables(self) -> dict[str, list[int]] | None:
+        """Every holding request's block table, by id (shared: do not mutate): a decode step whose tokens fit
+        the last block needs no `allocate_slots` call (the scheduler's hot loop checks it first). None when
+        every step must go through `allocate_slots`."""
         return self._blocks
+
+    # Fills the worker-bound record of a scheduled request with what this policy adds to a step (None:
+    # nothing; `new_step_extras` is the per-step form, called only when set).
+    new_step_extras = None
+
+    def max_tokens_alone(self) -> int:
+        """The longest sequence whose KV fits the pool with no other request running."""
+        return self.pool.num_blocks * self.block_size
+
+    def blocks_alone(self, num_tokens: int) -> int:
+        """Blocks a request of `num_tokens` tokens may hold at once."""
+        return self.num_blocks_needed(num_tokens)
+
+    def fill_new_request(self, new) -> None:
+        """Add this policy's tables to a NewRequestData (the full table is already in it)."""
+
+    def check_request_blocks(self, req: Request) -> list[int]:
+        """AssertionError if a running request lacks blocks for what it computed; returns every block id it holds
+        a reference on (for the pool's ref-count check)."""
+        blocks = self.get_block_ids(req.request_id)
+        assert len(blocks) >= self.num_blocks_needed(req.num_computed_tokens), f"{req} lacks blocks"
+        return blocks
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block table (shared list: do not mutate)."""

@@ -58,9 +58,9 @@ class Scheduler:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
-        # The sliding-window group has its own table only when the engine set a window (scheduler/sliding_kv.py).
-        self._sliding = cache_config.sliding_window is not None
-        if self._sliding:
+        # The KV policy: with a sliding window set, that group keeps its own table (scheduler/sliding_kv.py); the
+        # scheduler asks the manager (decode_tables, new_step_extras, blocks_alone, ...) and never which it is.
+        if cache_config.sliding_window is not None:
             self.kv = SlidingKVCacheManager(cache_config.num_kv_blocks, cache_config.block_size,
                                             cache_config.enable_prefix_caching, cache_config.sliding_window,
                                             scheduler_config.max_num_batched_tokens)
@@ -70,8 +70,7 @@ class Scheduler:
         # The longest sequence whose KV fits the whole pool: a request is
         # finished ("length") before it outgrows it, else it could never be
         # scheduled again, even alone.
-        self._pool_tokens = (self.kv.max_tokens_alone() if self._sliding
-                             else cache_config.num_kv_blocks * cache_config.block_size)
+        self._pool_tokens = self.kv.max_tokens_alone()
 
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()
@@ -132,8 +131,7 @@ class Scheduler:
 
     def _blocks_alone(self, n: int) -> int:
         """Blocks a request of n tokens may hold at once (both tables' when the sliding group has its own)."""
-        blocks = self.kv.num_blocks_needed(n)
-        return blocks + self.kv.max_live_sliding_blocks(n) if self._sliding else blocks
+        return self.kv.blocks_alone(n)
 
     def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
         """End requests from outside the step loop (abort, stop string found by
@@ -207,9 +205,8 @@ class Scheduler:
         i = 0
         running = self.running
         max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
-        # allocate_slots' no-new-block case, checked here first (most decode steps): the sliding group's manager
-        # has a second table to extend, so it always goes through allocate_slots.
-        tables, bs = (None if self._sliding else self.kv.block_tables), self.block_size
+        # allocate_slots' no-new-block case, checked here first (most decode steps) where the policy allows it.
+        tables, bs, extras = self.kv.decode_tables, self.block_size, self.kv.new_step_extras
         while i < len(running) and budget > 0:
             req = running[i]
             known = len(req.all_token_ids)
@@ -240,8 +237,8 @@ class Scheduler:
             if new_blocks is None:
                 break  # req preempted itself; it was the last running request
             cached = CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens)
-            if self._sliding:
-                cached.new_sliding_block_ids = self.kv.last_new_sliding
+            if extras is not None:
+                extras(cached)
             cached_reqs.append(cached)
             num_scheduled[req.request_id] = n
             computed = req.num_computed_tokens = req.num_computed_tokens + n
@@ -296,8 +293,7 @@ class Scheduler:
             req_id=rid, prompt_token_ids=list(req.prompt_token_ids),
             output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
             block_ids=list(self.kv.get_block_ids(rid)), num_computed_tokens=num_computed)
-        if self._sliding:
-            new.sliding_block_ids = list(self.kv.get_sliding_block_ids(rid))
+        self.kv.fill_new_request(new)
         return new
 
     def rewind(self, failed: SchedulerOutput | list[SchedulerOutput] | None) -> None:
@@ -433,13 +429,7 @@ class Scheduler:
         refs = [0] * pool.num_blocks
         for r in self.running:
             assert r.status is RequestStatus.RUNNING
-            blocks = self.kv.get_block_ids(r.request_id)
-            assert len(blocks) >= self.kv.num_blocks_needed(r.num_computed_tokens), f"{r} lacks blocks"
-            if self._sliding:
-                sliding = self.kv.get_sliding_block_ids(r.request_id)
-                assert len(sliding) >= self.kv.num_blocks_needed(r.num_computed_tokens), f"{r} lacks sliding blocks"
-                blocks = self.kv.held_block_ids(r.request_id)
-            for b in blocks:
+            for b in self.kv.check_request_blocks(r):
                 refs[b] += 1
         for r in self.waiting:
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)

@@ -62,6 +62,25 @@ class SlidingKVCacheManager(KVCacheManager):
         # Sliding ids the last allocate_slots appended (the scheduler sends them to the worker).
         self.last_new_sliding: list[int] = []
 
+    # ------------------------------------------------- the scheduler's questions (KVCacheManager's)
+    decode_tables = None  # every step frees out-of-window blocks first: always through allocate_slots
+
+    def new_step_extras(self, cached) -> None:
+        """The sliding ids the last allocate_slots appended ride with the step's CachedRequestData."""
+        cached.new_sliding_block_ids = self.last_new_sliding
+
+    def blocks_alone(self, num_tokens: int) -> int:
+        return self.num_blocks_needed(num_tokens) + self.max_live_sliding_blocks(num_tokens)
+
+    def fill_new_request(self, new) -> None:
+        new.sliding_block_ids = list(self.get_sliding_block_ids(new.req_id))
+
+    def check_request_blocks(self, req: Request) -> list[int]:
+        super().check_request_blocks(req)
+        sliding = self.get_sliding_block_ids(req.request_id)
+        assert len(sliding) >= self.num_blocks_needed(req.num_computed_tokens), f"{req} lacks sliding blocks"
+        return self.held_block_ids(req.request_id)
+
     # ----------------------------------------------------------------- queries
     def get_sliding_block_ids(self, request_id: str) -> list[int]:
         """The request's sliding table, NULL_BLOCK where freed (shared list: do not mutate)."""
