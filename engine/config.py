@@ -16,6 +16,7 @@ from moelink.comm.backends import resolve_backend
 from moelink.comm.two_level import check_node_of_rank
 from moelink.moe.router import RouterConfig
 
+from .architectures import CONFIG_ONLY_ARCHITECTURES, SUPPORTED_ARCHITECTURES  # noqa: F401 (re-exported)
 from .hf_readers import read_fields
 from .quantization import QuantConfig, resolve_quantization
 from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
@@ -29,12 +30,8 @@ _DTYPES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
 
-# Architectures moelink can run, by the `architectures` name in config.json (engine/models registers an
-# ArchSpec for each one; a test checks the two lists agree).
-SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM",
-                           "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM")
-# Architectures whose config.json moelink reads (routing included) but whose model it cannot build yet.
-CONFIG_ONLY_ARCHITECTURES: tuple[str, ...] = ()
+# Architectures moelink can run, and those whose config.json it reads (routing included) but whose model it
+# cannot build yet: views of the one registry (engine/architectures.py), read here at call time.
 KNOWN_ARCHITECTURES = SUPPORTED_ARCHITECTURES + CONFIG_ONLY_ARCHITECTURES
 
 

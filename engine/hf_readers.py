@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moelink.moe.router import RouterConfig
 
+from .architectures import MLA_ARCHITECTURES  # multi-head latent attention (ArchSpec.latent_attention)
 from .quantization import check_architecture, read_quantization
 from .layer_configs import ROPE_TYPES, GQAConfig, MLAConfig, MoEConfig, RopeConfig, unsupported
 
@@ -19,9 +20,6 @@ _DEEPSEEK_ROUTING = {
     "Glm4MoeForCausalLM": ("sigmoid", ("noaux_tc",)),
     "DeepseekV2ForCausalLM": ("softmax", ("greedy", "group_limited_greedy")),
 }
-# Multi-head latent attention: every query head attends to keys and values of its own, decompressed from
-# one latent, so there are as many kv heads as query heads whatever num_key_value_heads says.
-MLA_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 _ROPE_FIELD = "rope_parameters.rope_type (rope_scaling.rope_type or rope_scaling.type in older files)"
 
 

@@ -16,13 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .architectures import MXFP4_ARCHITECTURES  # experts in MXFP4 as published (gpt-oss's layout)
 from .layer_configs import unsupported
 
 # Every quant_method a reader exists for (_READERS).
 SUPPORTED_METHODS = ("fp8", "mxfp4")
-# The architectures whose experts moelink runs in MXFP4: the layout (gate/up interleaved rows, expert biases)
-# is gpt-oss's, and no other family publishes it.
-MXFP4_ARCHITECTURES = ("GptOssForCausalLM",)
 _ACTIVATION_SCHEMES = ("dynamic",)
 _FP8_FORMATS = ("e4m3", "float8_e4m3fn")
 # `quantization=` (EngineArgs, --quantization) values that quantize a float checkpoint at load.

@@ -6,22 +6,11 @@ holds them, so Qwen3-MoE's norm_topk_prob, GLM's use_qk_norm and DeepSeek's q_lo
 """
 from __future__ import annotations
 
-from ..config import SUPPORTED_ARCHITECTURES
-from .moe_decoder import ArchSpec, MoEDecoderForCausalLM
+from ..architectures import REGISTRY, SUPPORTED_ARCHITECTURES, ArchSpec
+from .moe_decoder import MoEDecoderForCausalLM
 
-_PROJ = ("gate_proj", "up_proj", "down_proj")
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "Qwen3MoeForCausalLM": ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ),
-    "MixtralForCausalLM": ArchSpec("gqa", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2")),
-    # DeepSeek-V3/R1, Kimi K2, Mistral Large 3 (DeepSeek-V3 format); DeepSeek-V2 / V2-Lite.
-    "DeepseekV3ForCausalLM": ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ),
-    "DeepseekV2ForCausalLM": ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ),
-    # GLM-4.5 / 4.6: GQA with partial rotary and the DeepSeek-V3 MoE block.
-    "Glm4MoeForCausalLM": ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ),
-    # gpt-oss-20b / 120b in bf16 or float: GQA with sinks and sliding windows, fused experts with biases.
-    "GptOssForCausalLM": ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ, router="router", expert_layout="gpt_oss"),
-}
+# The runnable architectures' specs, from the one registry (engine/architectures.py).
+ARCHITECTURES: dict[str, ArchSpec] = {n: a.spec for n, a in REGISTRY.items() if a.runnable}
 
 
 def arch_spec(architecture: str) -> ArchSpec:

@@ -12,7 +12,6 @@ its checkpoint's weight names; ModelConfig holds every shape and routing fact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Collection
 
 import torch
@@ -25,25 +24,12 @@ from moelink.moe.layer import ExpertParallel, MoELayer, Stages, run_stages
 from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
 
+from ..architectures import ArchSpec
 from ..config import ModelConfig
 from .gqa import GQAAttention
 from .layers import DenseMLP, ForwardContext, RMSNorm
 from .mla import MLAAttention
 from .rope import RotaryEmbedding
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What an architecture chooses beyond its config.json: the attention kind it runs (its config must say
-    the same) and its checkpoint's names (routing and shapes are ModelConfig's business)."""
-
-    attention: str  # "gqa" or "mla"
-    moe_prefix: str  # "mlp" (Qwen3, DeepSeek, GLM) or "block_sparse_moe" (Mixtral) in the per-expert layout
-    expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
-    shared_experts: str = "shared_experts"  # under moe_prefix: mlp.shared_experts.{gate,up,down}_proj
-    router: str = "gate"  # the router linear under moe_prefix ("router" for gpt-oss, with a bias)
-    # "gpt_oss": the only expert layout is fused, transposed and interleaved (see MoEDecoderForCausalLM._gpt_oss_plan).
-    expert_layout: str = "auto"
 
 
 class SharedExpertsMoE(nn.Module):

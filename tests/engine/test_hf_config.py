@@ -294,3 +294,17 @@ def test_kimi_k2_model_type_reads_as_deepseek_v3_without_running_its_code(hf_tin
     assert cfg.architecture == "DeepseekV3ForCausalLM" and cfg.hf_config["model_type"] == "deepseek_v3"
     ps = _prompts(VOCAB, seed=7, n=3, hi=40)
     assert engine_greedy(LLM(str(kimi), dtype="float64"), ps) == engine_greedy(LLM(str(src), dtype="float64"), ps)
+
+
+def test_one_registry_answers_every_architecture_question():
+    """engine/architectures.py is the only list: the runnable names, the model specs, latent attention and MXFP4
+    experts are all views of it."""
+    from moelink.engine import architectures as reg
+    from moelink.engine.hf_readers import MLA_ARCHITECTURES
+    from moelink.engine.quantization import MXFP4_ARCHITECTURES
+
+    assert SUPPORTED_ARCHITECTURES == reg.SUPPORTED_ARCHITECTURES == tuple(ARCHITECTURES)
+    assert all(ARCHITECTURES[n] is reg.REGISTRY[n].spec for n in ARCHITECTURES)
+    assert set(MLA_ARCHITECTURES) == {"DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"}
+    assert all((n in MLA_ARCHITECTURES) == (s.attention == "mla") for n, s in ARCHITECTURES.items())
+    assert MXFP4_ARCHITECTURES == ("GptOssForCausalLM",)
