@@ -112,8 +112,8 @@ NEW_KEY_VARIANTS = (("persistent", dict(PERSISTENT=1)), ("tma", dict(TMA=True)),
 
 
 def moe_cases(published: bool, quick: bool):
-    """(label, shape name, (E, K, D, I), T, MoEConfig, dtype, map?, combine) for every config moelink or the tuner uses."""
-    from moelink.kernels.moe_config import CONFIG_DIR, DEFAULT_TINY, MoEConfig, TinyGemm, load_config_file
+    """(label, shape name, (E, K, D, I), T, MoELaunchConfig, dtype, map?, combine) for every config moelink or the tuner uses."""
+    from moelink.kernels.moe_config import CONFIG_DIR, DEFAULT_TINY, MoELaunchConfig, TinyGemm, load_config_file
 
     key, default = load_config_file(str(CONFIG_DIR / "default.json"))
     assert key == "rows_per_expert"
@@ -122,12 +122,12 @@ def moe_cases(published: bool, quick: bool):
             T = max(1, -(-bucket * E // K))  # the fewest tokens that reach this rows-per-expert bucket
             yield f"default.json[{bucket}]", name, (E, K, D, I), T, cfg, torch.bfloat16, False, "sum"
             # The same config with the fused gate-up tile (FUSED_GATE_UP), which tune_moe tries as one axis.
-            fused = MoEConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, FUSED_GATE_UP=True), cfg.down)
+            fused = MoELaunchConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, FUSED_GATE_UP=True), cfg.down)
             yield f"default.json[{bucket}] fused gate-up", name, (E, K, D, I), T, fused, torch.bfloat16, False, "sum"
             # The persistent tile loop and the TMA loads (tune_moe axes PERSISTENT, TMA), alone and together.
             for label, keys in NEW_KEY_VARIANTS:
                 up = replace(cfg.up, FUSED_GATE_UP=label.endswith("fused gate-up"), **keys)
-                v = MoEConfig(cfg.BLOCK_SIZE_M, up, replace(cfg.down, **keys))
+                v = MoELaunchConfig(cfg.BLOCK_SIZE_M, up, replace(cfg.down, **keys))
                 yield f"default.json[{bucket}] {label}", name, (E, K, D, I), T, v, torch.bfloat16, False, "sum"
             if quick:
                 break
@@ -156,7 +156,7 @@ def moe_cases(published: bool, quick: bool):
     # token (the down GEMV narrowed to fill 132 SMs where D / BN is too few programs) and eight; fp32 activations
     # and an expert map; and the widest GEMV tiles tune_moe's tiny axis keeps (its register rule, 8 warps).
     base = load_config_file(str(CONFIG_DIR / "default.json"))[1][0][1]
-    tiny = MoEConfig(base.BLOCK_SIZE_M, base.up, base.down, DEFAULT_TINY)
+    tiny = MoELaunchConfig(base.BLOCK_SIZE_M, base.up, base.down, DEFAULT_TINY)
     for name, shape in MODEL_SHAPES.items():
         for T in (1, 8):
             yield "tiny DEFAULT_TINY", name, shape, T, tiny, torch.bfloat16, False, "sum"
@@ -325,7 +325,7 @@ def compile_fp8(rec: Recorder, quick: bool) -> None:
     expert-map and one atomic variant; the dense GEMM at every fp8_linear.json bucket; the quantization kernel
     with them."""
     from moelink.kernels.fp8 import block_scale_shape
-    from moelink.kernels.moe_config import CONFIG_DIR, MoEConfig, load_config_file
+    from moelink.kernels.moe_config import CONFIG_DIR, MoELaunchConfig, load_config_file
     from moelink.kernels.triton_fp8 import _linear_buckets, triton_fp8_linear
     from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
 
@@ -336,7 +336,7 @@ def compile_fp8(rec: Recorder, quick: bool) -> None:
     moe = [(f"fp8_moe_default.json[{b}]", n, T, c, False, "sum") for n in ("deepseek-v3", "qwen3-30b-a3b")
            for b, c in (default[:1] if quick else default)
            for T in [max(1, -(-b * MODEL_SHAPES[n][0] // MODEL_SHAPES[n][1]))]]
-    moe += [(f"{label} {v}", n, T, MoEConfig(c.BLOCK_SIZE_M, replace(c.up, **keys), replace(c.down, **keys)), e, comb)
+    moe += [(f"{label} {v}", n, T, MoELaunchConfig(c.BLOCK_SIZE_M, replace(c.up, **keys), replace(c.down, **keys)), e, comb)
             for label, n, T, c, e, comb in list(moe) for v, keys in NEW_KEY_VARIANTS[:3]]
     if not quick:
         moe += [("fp8 variant expert map", "deepseek-v3", 64, None, True, "sum"),

@@ -113,7 +113,7 @@ def confirm(best, best_t, seed, seed_t, sets, timer, iters, rounds=CONFIRM_ROUND
 
 
 def seeds_for(shape, T, device):
-    """[(label, MoEConfig)], duplicates removed, in order: current, default.json, published."""
+    """[(label, MoELaunchConfig)], duplicates removed, in order: current, default.json, published."""
     from moelink.kernels.moe_config import default_config, get_moe_config
 
     E, K, D, I = shape
@@ -128,7 +128,7 @@ def seeds_for(shape, T, device):
 
 
 def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=print, tiny_axes=None):
-    """(best MoEConfig, its seconds, info dict) or (None, inf, info) when nothing could be timed in time."""
+    """(best MoELaunchConfig, its seconds, info dict) or (None, inf, info) when nothing could be timed in time."""
     E, K, D, I = shape
     gen = torch.Generator(device=device).manual_seed(T)
     # Rotating inputs keeps them out of a GPU's L2; the CPU interpreter has no cache to defeat (and a call costs ~0.2 s).
@@ -184,7 +184,7 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
 
 
 def main(argv=None) -> dict[str, dict]:
-    """Returns {config file path: {tokens: MoEConfig}}, the buckets tuned in this run."""
+    """Returns {config file path: {tokens: MoELaunchConfig}}, the buckets tuned in this run."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None,
                     help=f"comma list of {', '.join(SHAPES)} (default: all; with --cpu-smoke: of {', '.join(SMOKE_SHAPES)})")

@@ -65,13 +65,13 @@ def from_vllm(bm, bn, bk, group, warps, stages):
     """vLLM's one config for both GEMMs -> this kernel's. vLLM's first GEMM computes the [M, 2I] gate|up
     product with BLOCK_N columns per program; ours keeps gate and up accumulators of BLOCK_N each (2*BLOCK_N
     columns), so the same tile width is BLOCK_N/2 here. The down GEMM is the same GEMM as vLLM's."""
-    from moelink.kernels.moe_config import GemmConfig, MoEConfig
+    from moelink.kernels.moe_config import GemmConfig, MoELaunchConfig
 
-    return MoEConfig(bm, GemmConfig(max(16, bn // 2), bk, group, warps, stages), GemmConfig(bn, bk, group, warps, stages))
+    return MoELaunchConfig(bm, GemmConfig(max(16, bn // 2), bk, group, warps, stages), GemmConfig(bn, bk, group, warps, stages))
 
 
 def published_seeds(E: int, I: int, D: int, tokens: int | None = None, all_buckets: bool = False):
-    """[(bucket, MoEConfig, source)] published for this expert shape: the bucket nearest `tokens`, or all of them."""
+    """[(bucket, MoELaunchConfig, source)] published for this expert shape: the bucket nearest `tokens`, or all of them."""
     out = []
     for src, p in PUBLISHED.items():
         if (p["E"], p["I"], p["D"]) != (E, I, D):

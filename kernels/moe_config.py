@@ -116,8 +116,10 @@ DEFAULT_TINY = TinyConfig(64, TinyGemm(16, 256, 4, 2), TinyGemm(8, 128, 4, 2))
 
 
 @dataclass(frozen=True)
-class MoEConfig:
-    """BLOCK_SIZE_M is shared: the token alignment pads every expert's rows to it."""
+class MoELaunchConfig:
+    """One fused-MoE launch: the up and down GEMMs' tiles (and the tiny-batch path's). Named apart from the model's
+    MoE layer config (engine/layer_configs.MoEConfig). BLOCK_SIZE_M is shared: the token alignment pads every
+    expert's rows to it."""
 
     BLOCK_SIZE_M: int
     up: GemmConfig
@@ -125,7 +127,7 @@ class MoEConfig:
     tiny: TinyConfig | None = None  # the tiny-batch path, for pair counts up to tiny.max_pairs
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "MoEConfig":
+    def from_dict(cls, d: dict, where: str = "config") -> "MoELaunchConfig":
         def gemm(src: dict, fallback: dict) -> GemmConfig:
             vals = {k: src.get(k, fallback.get(k)) for k in _GEMM_KEYS}
             for k, v in vals.items():
@@ -187,7 +189,7 @@ def config_file_name(num_experts: int, inter: int, name: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def load_config_file(path: str) -> tuple[str, tuple[tuple[int, MoEConfig], ...]] | None:
+def load_config_file(path: str) -> tuple[str, tuple[tuple[int, MoELaunchConfig], ...]] | None:
     """(key kind, sorted ((bucket, config), ...)) or None when the file does not exist."""
     p = Path(path)
     if not p.is_file():
@@ -196,13 +198,13 @@ def load_config_file(path: str) -> tuple[str, tuple[tuple[int, MoEConfig], ...]]
     key = data.get("key", "tokens")
     if key not in ("tokens", "rows_per_expert"):
         raise ValueError(f"{p.name}: key={key!r} is invalid: must be 'tokens' or 'rows_per_expert'.")
-    buckets = tuple(sorted((int(b), MoEConfig.from_dict(c, f"{p.name}[{b}]")) for b, c in data["configs"].items()))
+    buckets = tuple(sorted((int(b), MoELaunchConfig.from_dict(c, f"{p.name}[{b}]")) for b, c in data["configs"].items()))
     if not buckets:
         raise ValueError(f"{p.name}: configs is empty: give at least one bucket.")
     return key, buckets
 
 
-def _pick(key: str, buckets, num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
+def _pick(key: str, buckets, num_tokens: int, top_k: int, num_experts: int) -> MoELaunchConfig:
     if key == "tokens":
         return min(buckets, key=lambda bc: (abs(bc[0] - num_tokens), bc[0]))[1]
     rows = num_tokens * top_k / max(1, num_experts)
@@ -214,13 +216,13 @@ def _pick(key: str, buckets, num_tokens: int, top_k: int, num_experts: int) -> M
 
 
 def get_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int, device: torch.device,
-                   config_dir: str | Path | None = None) -> MoEConfig:
+                   config_dir: str | Path | None = None) -> MoELaunchConfig:
     """The launch config for this shape on this device: tuned file, else defaults."""
     return lookup_moe_config(num_experts, inter, num_tokens, top_k, device_name(device), config_dir)
 
 
 def lookup_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int, name: str,
-                      config_dir: str | Path | None = None) -> MoEConfig:
+                      config_dir: str | Path | None = None) -> MoELaunchConfig:
     """`get_moe_config` for a GPU named by `device_name` ('cpu': the interpreter), no device needed: what
     start-up warm-up plans with (kernels/moe_variants.py)."""
     key, buckets = config_table(num_experts, inter, name, config_dir)
@@ -228,7 +230,7 @@ def lookup_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int,
 
 
 def config_table(num_experts: int, inter: int, name: str,
-                 config_dir: str | Path | None = None) -> tuple[str, tuple[tuple[int, MoEConfig], ...]]:
+                 config_dir: str | Path | None = None) -> tuple[str, tuple[tuple[int, MoELaunchConfig], ...]]:
     """(key kind, sorted buckets) of the file a shape's launch configs come from on GPU `name`."""
     root = Path(config_dir) if config_dir is not None else CONFIG_DIR
     if name == "cpu":
@@ -239,7 +241,7 @@ def config_table(num_experts: int, inter: int, name: str,
     return found
 
 
-def default_config(num_experts: int, inter: int, num_tokens: int, top_k: int) -> MoEConfig:
+def default_config(num_experts: int, inter: int, num_tokens: int, top_k: int) -> MoELaunchConfig:
     """The config a GPU with no tuned file for this shape gets (default.json): tune_moe's first seed."""
     key, buckets = load_config_file(str(CONFIG_DIR / "default.json"))
     return _pick(key, buckets, num_tokens, top_k, num_experts)
@@ -252,7 +254,7 @@ def tuned_file_name_ok(name: str) -> bool:
     return re.fullmatch(r"E=\d+,N=\d+,device_name=[A-Za-z0-9._-]+\.json", name) is not None
 
 
-def write_config_file(path: str | Path, configs: dict[int, MoEConfig], meta: dict | None = None) -> None:
+def write_config_file(path: str | Path, configs: dict[int, MoELaunchConfig], meta: dict | None = None) -> None:
     """Token-keyed file as tune_moe.py writes it: one bucket per line, so diffs stay readable."""
     lines = [f'    "{b}": {json.dumps(c.to_dict())}' for b, c in sorted(configs.items())]
     head = {"key": "tokens", **(meta or {})}

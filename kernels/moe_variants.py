@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .moe_config import MoEConfig, TinyConfig, config_table, lookup_moe_config
+from .moe_config import MoELaunchConfig, TinyConfig, config_table, lookup_moe_config
 
 FORMATS = ("float", "fp8", "mxfp4")  # moe/expert_weights.py names
 
@@ -57,7 +57,7 @@ class MoEVariant:
     """One compiled set of fused-MoE kernels: equal variants share every compiled kernel."""
 
     path: str  # "sorted" (align, gate-up GEMM, down GEMM, sum) or "tiny" (two GEMVs)
-    config: MoEConfig | TinyConfig  # the GEMMs' blocks as launched (FP8: adapted to the weight block)
+    config: MoELaunchConfig | TinyConfig  # the GEMMs' blocks as launched (FP8: adapted to the weight block)
     align: tuple[bool, int, int] | None = None  # sorted: moe_align's (SINGLE, CHUNK, SUB)
     down_block_n: int | None = None  # tiny: the down GEMV's BLOCK_N after narrowing
     quant_block_rows: int | None = None  # FP8: the activation quantization's BLOCK_R
@@ -87,7 +87,7 @@ def moe_variant(shape: MoEShape, num_tokens: int) -> MoEVariant:
         cfg = _pick(*_table(shape), T, K, E)
         bk = shape.fp8_block_k
         up_bn, up_bk, down_bn, down_bk = _blocks(cfg, bk)
-        launched = MoEConfig(cfg.BLOCK_SIZE_M,
+        launched = MoELaunchConfig(cfg.BLOCK_SIZE_M,
                              replace(cfg.up, BLOCK_SIZE_N=up_bn, BLOCK_SIZE_K=up_bk, FUSED_GATE_UP=False),
                              replace(cfg.down, BLOCK_SIZE_N=down_bn, BLOCK_SIZE_K=down_bk))
         groups = -(-D // bk)
@@ -154,7 +154,7 @@ def _change_points(shape: MoEShape, max_tokens: int) -> set[int]:
     return points
 
 
-def launch_configs(plan: list[tuple[int, MoEVariant]]) -> list[MoEConfig | TinyConfig]:
+def launch_configs(plan: list[tuple[int, MoEVariant]]) -> list[MoELaunchConfig | TinyConfig]:
     """The distinct GEMM launch configs of a plan, in plan order (a sorted-path config and a tiny one count
     apart)."""
     out: list = []

@@ -31,7 +31,7 @@ from . import moe_config
 from . import triton_common as common
 from .triton_common import to_fp8
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPE, _check_block, block_scale_shape
-from .moe_config import MoEConfig
+from .moe_config import MoELaunchConfig
 
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12  # = fp8._MIN_SCALE: a zero group still gets a finite scale
@@ -157,7 +157,7 @@ def check_fp8_weight(name: str, wq: torch.Tensor, scale: torch.Tensor, block: tu
                          f"{tuple(wq.shape)} weight in {block[0]}x{block[1]} blocks.")
 
 
-def fp8_linear_config(num_tokens: int, device: torch.device) -> MoEConfig:
+def fp8_linear_config(num_tokens: int, device: torch.device) -> MoELaunchConfig:
     """The dense GEMM's launch config: fp8_linear.json (GPUs) or its "interpreter" bucket list (CPU), keyed by T
     (the largest bucket not above wins). Only BLOCK_SIZE_M and the gate-up fields are read."""
     section = "interpreter" if moe_config.device_name(device) == "cpu" else "gpu"
@@ -170,15 +170,15 @@ def fp8_linear_config(num_tokens: int, device: torch.device) -> MoEConfig:
 
 
 @functools.lru_cache(maxsize=2)
-def _linear_buckets(section: str) -> tuple[tuple[int, MoEConfig], ...]:
-    """((T bucket, config), ...) of one section of fp8_linear.json, sorted, each checked by MoEConfig.from_dict."""
+def _linear_buckets(section: str) -> tuple[tuple[int, MoELaunchConfig], ...]:
+    """((T bucket, config), ...) of one section of fp8_linear.json, sorted, each checked by MoELaunchConfig.from_dict."""
     data = json.loads(LINEAR_CONFIG.read_text())[section]
-    return tuple(sorted((int(b), MoEConfig.from_dict(c, f"{LINEAR_CONFIG.name}[{section}][{b}]")) for b, c in data.items()))
+    return tuple(sorted((int(b), MoELaunchConfig.from_dict(c, f"{LINEAR_CONFIG.name}[{section}][{b}]")) for b, c in data.items()))
 
 
 def triton_fp8_linear(x_TK: torch.Tensor, wq_NK: torch.Tensor, w_scale_inv: torch.Tensor,
                       block: tuple[int, int] = DEFAULT_BLOCK, bias_N: torch.Tensor | None = None, *,
-                      config: MoEConfig | None = None) -> torch.Tensor:
+                      config: MoELaunchConfig | None = None) -> torch.Tensor:
     """Same contract as fp8.reference_fp8_linear: x [T, K] (float32/bfloat16/float16), wq float8_e4m3fn [N, K],
     w_scale_inv float32 [ceil(N/Bn), ceil(K/Bk)], optional bias [N]; returns [T, N] in x's dtype. No host sync.
     `config` overrides the launch config (BLOCK_SIZE_K is capped at Bk)."""

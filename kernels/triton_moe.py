@@ -44,7 +44,7 @@ from . import triton_common as common
 from . import triton_moe_tiny
 from .moe import SILU, MoEActivation
 from .moe_align import _local_expert, moe_align_block_size
-from .moe_config import DEFAULT_TINY, MoEConfig, get_moe_config
+from .moe_config import DEFAULT_TINY, MoELaunchConfig, get_moe_config
 from .moe_schedule import _grouped_pids, gemm_grid, tma_ok  # noqa: F401 (_grouped_pids: the FP8/MXFP4 kernels' import)
 from .triton_common import activation_epilogue, cast  # noqa: F401 (activation_epilogue: shared with the tiny path)
 from .triton_moe_gemm import _add_bias, _moe_down_kernel, _moe_up_kernel  # noqa: F401 (_add_bias: MXFP4's import)
@@ -113,7 +113,7 @@ def triton_fused_moe(
     b2_ED: torch.Tensor | None = None,
     activation: MoEActivation = SILU,
     out: torch.Tensor | None = None,
-    config: MoEConfig | None = None,
+    config: MoELaunchConfig | None = None,
     combine: str = "sum",
     path: str = "auto",
 ) -> torch.Tensor:

@@ -33,7 +33,7 @@ from . import moe_config
 from . import triton_common as common
 from .fp8 import DEFAULT_BLOCK, up_row
 from .moe_align import moe_align_block_size
-from .moe_config import CONFIG_DIR, MoEConfig, _pick, load_config_file
+from .moe_config import CONFIG_DIR, MoELaunchConfig, _pick, load_config_file
 from .triton_fp8 import check_fp8_weight, check_triton_block, quant_tile, triton_per_token_group_quant
 from .moe_schedule import _grouped_pids, _tile_pids, gemm_grid, tma_ok
 from .triton_moe import _moe_sum_kernel
@@ -206,7 +206,7 @@ def fp8_config_file_name(num_experts: int, inter: int, name: str) -> str:
 
 
 def get_fp8_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int, device: torch.device,
-                       config_dir: str | Path | None = None) -> MoEConfig:
+                       config_dir: str | Path | None = None) -> MoELaunchConfig:
     """As moe_config.get_moe_config, from the FP8 files: a tuned `fp8_w8a8,E=..,N=..,device_name=..json`, else
     `fp8_moe_default.json` (rows per expert); `fp8_moe_interpreter.json` on CPU."""
     key, buckets = fp8_config_table(num_experts, inter, moe_config.device_name(device), config_dir)
@@ -223,7 +223,7 @@ def fp8_config_table(num_experts: int, inter: int, name: str, config_dir: str | 
     return found or load_config_file(str(CONFIG_DIR / "fp8_moe_default.json"))
 
 
-def _blocks(cfg: MoEConfig, bk: int) -> tuple[int, int, int, int]:
+def _blocks(cfg: MoELaunchConfig, bk: int) -> tuple[int, int, int, int]:
     """(up BN, up BK, down BN, down BK) for weight blocks of Bk input channels: BK capped at Bk (a K step stays
     in one scale group; both powers of two, so Bk is a multiple), the up BN raised to a multiple of Bk (the
     epilogue quantizes whole groups of h)."""
@@ -257,7 +257,7 @@ def triton_fused_moe_fp8(
     block: tuple[int, int] = DEFAULT_BLOCK,
     *,
     out: torch.Tensor | None = None,
-    config: MoEConfig | None = None,
+    config: MoELaunchConfig | None = None,
     combine: str = "sum",
 ) -> torch.Tensor:
     """Same contract as fp8.reference_fused_moe_fp8: x [T, D] (float32/bfloat16/float16), FP8 expert weights with

@@ -35,7 +35,7 @@ import triton.language as tl
 from . import triton_common as common
 from .moe import SILU, MoEActivation
 from .moe_align import moe_align_block_size
-from .moe_config import MoEConfig, get_moe_config
+from .moe_config import MoELaunchConfig, get_moe_config
 from .mxfp4 import GROUP, _check_packed
 from .triton_common import cast, dot
 from .triton_moe import _add_bias, _grouped_pids, _moe_sum_kernel, activation_args, activation_epilogue, check_bias
@@ -192,10 +192,10 @@ def _bytes_view(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.view(E, N, S * Q) if blocks.stride(1) == S * Q else blocks.reshape(E, N, S * Q)
 
 
-def mxfp4_config(cfg: MoEConfig) -> MoEConfig:
+def mxfp4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
     """The float kernel's launch config with BLOCK_SIZE_K at least one scale group (32); FUSED_GATE_UP is
     ignored here (two dots, one per half)."""
-    return MoEConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, BLOCK_SIZE_K=max(GROUP, cfg.up.BLOCK_SIZE_K), FUSED_GATE_UP=False),
+    return MoELaunchConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, BLOCK_SIZE_K=max(GROUP, cfg.up.BLOCK_SIZE_K), FUSED_GATE_UP=False),
                      replace(cfg.down, BLOCK_SIZE_K=max(GROUP, cfg.down.BLOCK_SIZE_K)))
 
 
@@ -232,7 +232,7 @@ def triton_fused_moe_mxfp4(
     b2_ED: torch.Tensor | None = None,
     activation: MoEActivation = SILU,
     out: torch.Tensor | None = None,
-    config: MoEConfig | None = None,
+    config: MoELaunchConfig | None = None,
     combine: str = "sum",
     native: bool = False,
 ) -> torch.Tensor:

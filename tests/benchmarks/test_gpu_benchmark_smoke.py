@@ -25,7 +25,7 @@ import torch
 
 from moelink.benchmarks import engine_decode, moe_kernels, tune_moe
 from moelink.kernels import moe_config
-from moelink.kernels.moe_config import GemmConfig, MoEConfig
+from moelink.kernels.moe_config import GemmConfig, MoELaunchConfig
 
 CPU = torch.device("cpu")
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -123,7 +123,7 @@ def test_moe_kernels_check_catches_a_wrong_system(monkeypatch, wrong):
 # -- tune_moe --------------------------------------------------------------------------------------------------------------
 TUNED_LINE = re.compile(r"^(\S+) T=(\d+): ([0-9.]+) ms with (\{.*\})$", re.M)
 OLD_BUCKET = 4096  # seeded before the run: tune_moe must merge into the file, not replace it
-OLD_CONFIG = MoEConfig(64, GemmConfig(128, 64, 8, 8, 3), GemmConfig(64, 128, 1, 4, 4))
+OLD_CONFIG = MoELaunchConfig(64, GemmConfig(128, 64, 8, 8, 3), GemmConfig(64, 128, 1, 4, 4))
 
 
 def seed_config_file(out_dir: Path) -> Path:

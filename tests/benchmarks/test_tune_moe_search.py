@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moelink.benchmarks import moe_kernels, tune_moe
-from moelink.kernels.moe_config import GemmConfig, MoEConfig
+from moelink.kernels.moe_config import GemmConfig, MoELaunchConfig
 
 # -- tune_moe's guarantees, with fake timings (no Triton) -------------------------------------------------------------------
 SHAPE = moe_kernels.SMOKE_SHAPES["smoke-e8"]
@@ -76,7 +76,7 @@ def test_tune_never_writes_a_config_slower_than_the_seed_on_re_timing(monkeypatc
 def test_tune_skips_candidates_that_fail_for_any_reason(monkeypatch, capsys):
     from moelink.kernels import triton_moe
 
-    cfg = MoEConfig(16, GemmConfig(32, 32, 1, 4, 2), GemmConfig(32, 32, 1, 4, 2))
+    cfg = MoELaunchConfig(16, GemmConfig(32, 32, 1, 4, 2), GemmConfig(32, 32, 1, 4, 2))
     run_once = lambda fn, sets, iters, warmup: fn(*sets[0])  # noqa: E731  (a Timer that runs the call once)
 
     class WeirdCompilerError(Exception):
@@ -99,13 +99,13 @@ def test_tune_skips_candidates_that_fail_for_any_reason(monkeypatch, capsys):
 
 def test_tune_prunes_before_compiling():
     D, I = 7168, 2048
-    ok = MoEConfig(64, GemmConfig(64, 64, 8, 4, 3), GemmConfig(128, 64, 8, 8, 3))
+    ok = MoELaunchConfig(64, GemmConfig(64, 64, 8, 4, 3), GemmConfig(128, 64, 8, 8, 3))
     assert tune_moe.feasible(ok, D, I) is None
-    too_much_smem = MoEConfig(128, GemmConfig(256, 256, 1, 8, 5), ok.down)
+    too_much_smem = MoELaunchConfig(128, GemmConfig(256, 256, 1, 8, 5), ok.down)
     assert "shared memory" in tune_moe.feasible(too_much_smem, D, I)
-    too_many_regs = MoEConfig(128, GemmConfig(128, 32, 1, 4, 2), ok.down)
+    too_many_regs = MoELaunchConfig(128, GemmConfig(128, 32, 1, 4, 2), ok.down)
     assert "accumulator registers" in tune_moe.feasible(too_many_regs, D, I)
-    too_wide = MoEConfig(16, GemmConfig(64, 64, 1, 4, 2), ok.down)
+    too_wide = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 2), ok.down)
     assert "wider" in tune_moe.feasible(too_wide, 64, 32)
 
 
@@ -119,7 +119,7 @@ def test_published_seeds_are_translated_for_this_kernel():
     assert tune_moe.published_seeds(E, I, D, 64) == []  # none published for it: default + current only
     for src, p in tune_moe.PUBLISHED.items():  # each one loads as a valid config
         for b, vals in p["configs"].items():
-            MoEConfig.from_dict(tune_moe.from_vllm(*vals).to_dict(), f"{src}[{b}]")
+            MoELaunchConfig.from_dict(tune_moe.from_vllm(*vals).to_dict(), f"{src}[{b}]")
 
 
 def test_tune_tiny_axis_moves_one_step_at_a_time():
@@ -129,7 +129,7 @@ def test_tune_tiny_axis_moves_one_step_at_a_time():
 
     from moelink.kernels.moe_config import DEFAULT_TINY
 
-    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))
+    base = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))
     space, axes = tune_moe.SPACES["quick"], tune_moe.TINY_AXES["quick"]
     off = list(tune_moe.neighbours(base, space, [16], 8, axes))
     assert off[0] == replace(base, tiny=replace(DEFAULT_TINY, max_pairs=8))
@@ -151,7 +151,7 @@ def test_tune_prunes_tiny_tiles_that_would_spill():
 
     from moelink.kernels.moe_config import DEFAULT_TINY, TinyGemm
 
-    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), DEFAULT_TINY)
+    base = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), DEFAULT_TINY)
     assert tune_moe.feasible(base, 2048, 768, 2, 8) is None
     wide = replace(base, tiny=replace(DEFAULT_TINY, down=TinyGemm(32, 512, 8, 2)))
     assert "tiny down" in tune_moe.feasible(wide, 2048, 768, 2, 8)
@@ -184,7 +184,7 @@ def test_tune_schedule_axes_move_each_gemm_and_prune_misaligned_tma():
     candidate whose operand rows are not 16-byte multiples is pruned (the kernel would fall back to pointers)."""
     from dataclasses import replace
 
-    base = MoEConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))
+    base = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))
     space = tune_moe.SPACES["quick"]
     cands = list(tune_moe.neighbours(base, space, [16]))
     for part in ("up", "down"):

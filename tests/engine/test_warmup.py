@@ -159,15 +159,15 @@ def test_the_moe_plan_is_every_variant_the_selector_picks(fmt, E, I, D, K, name,
 def test_the_moe_plan_follows_the_tiny_path_and_its_narrowed_down_gemv(tmp_path):
     """A tuned file with TINY entries (none ships yet): tiny batches take the two-GEMV path (its down BLOCK_N
     narrowed by the token count), larger ones the sorted path of the same bucket."""
-    from moelink.kernels.moe_config import MoEConfig, TinyConfig, write_config_file
+    from moelink.kernels.moe_config import MoELaunchConfig, TinyConfig, write_config_file
     from moelink.kernels.moe_variants import MoEShape
 
     base = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4, num_stages=3)
     tiny = dict(max_pairs=64, BLOCK_SIZE_N=16, BLOCK_SIZE_K=256, num_warps=4, num_stages=2,
                 down=dict(BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, num_warps=4, num_stages=2))
     write_config_file(tmp_path / f"E=128,N=768,device_name={H100}.json", {
-        1: MoEConfig.from_dict(dict(base, TINY=tiny)), 64: MoEConfig.from_dict(dict(base, TINY=dict(tiny, max_pairs=128))),
-        1024: MoEConfig.from_dict(dict(base, BLOCK_SIZE_M=64))})
+        1: MoELaunchConfig.from_dict(dict(base, TINY=tiny)), 64: MoELaunchConfig.from_dict(dict(base, TINY=dict(tiny, max_pairs=128))),
+        1024: MoELaunchConfig.from_dict(dict(base, BLOCK_SIZE_M=64))})
     plan = _check_against_selector(MoEShape("float", 128, 768, 2048, 8, H100, 132, config_dir=str(tmp_path)), 4096)
     assert {v.path for _, v in plan} == {"tiny", "sorted"}
     assert len({v.down_block_n for _, v in plan if v.path == "tiny"}) > 1

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from moelink.kernels.moe_config import MoEConfig
+from moelink.kernels.moe_config import MoELaunchConfig
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-SMALL = MoEConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2,
+SMALL = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2,
                              "num_warps": 4, "num_stages": 2})
-WIDE = MoEConfig.from_dict({"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1,
+WIDE = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1,
                             "num_warps": 4, "num_stages": 2,
                             "down": {"BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 4, "num_warps": 4,
                                      "num_stages": 2}})
-FUSED = MoEConfig.from_dict({**SMALL.to_dict(), "FUSED_GATE_UP": True})  # one interleaved gate|up tile, one dot
+FUSED = MoELaunchConfig.from_dict({**SMALL.to_dict(), "FUSED_GATE_UP": True})  # one interleaved gate|up tile, one dot
 
 
 def routing(gen: torch.Generator, T: int, G: int, K: int, mode: str = "rand") -> torch.Tensor:

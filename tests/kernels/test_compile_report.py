@@ -49,7 +49,7 @@ def test_report_covers_every_kernel():
 
 
 def configs_in_repo():
-    """(label, shape, MoEConfig) for every default.json bucket at each model shape and every tuned file's bucket."""
+    """(label, shape, MoELaunchConfig) for every default.json bucket at each model shape and every tuned file's bucket."""
     _, default = load_config_file(str(CONFIG_DIR / "default.json"))
     for shape in compile_report.MODEL_SHAPES:
         for bucket, cfg in default:

@@ -11,7 +11,7 @@ import torch
 from moelink.kernels import moe_schedule, triton_moe
 from moelink.kernels.fp8 import reference_fused_moe_fp8
 from moelink.kernels.moe import reference_fused_moe
-from moelink.kernels.moe_config import MoEConfig
+from moelink.kernels.moe_config import MoELaunchConfig
 from moelink.kernels.triton_moe import triton_fused_moe
 from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
 
@@ -21,8 +21,8 @@ from tests.kernels.test_triton_moe import _expert_map, _routing
 BASE = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2, "num_warps": 4, "num_stages": 2}
 
 
-def _cfg(persistent=0, tma=False, fused=False, **extra) -> MoEConfig:
-    return MoEConfig.from_dict({**BASE, "PERSISTENT": persistent, "TMA": tma, "FUSED_GATE_UP": fused, **extra})
+def _cfg(persistent=0, tma=False, fused=False, **extra) -> MoELaunchConfig:
+    return MoELaunchConfig.from_dict({**BASE, "PERSISTENT": persistent, "TMA": tma, "FUSED_GATE_UP": fused, **extra})
 
 
 # The key combinations (PERSISTENT, TMA, FUSED_GATE_UP) besides the plain path's: each new key alone, with the fused
@@ -113,12 +113,12 @@ def test_fp8_new_keys_match_reference_and_plain_path(case, persistent, tma, gen,
     weights = torch.rand(T, K, generator=gen)
     emap = _expert_map(gen, G, E) if mode == "map" else None
     args = [None if t is None else t.to(kdev) for t in (x, w13q, w13s, w2q, w2s, weights, ids, emap)]
-    cfg = MoEConfig.from_dict({**BASE, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "num_stages": 1,
+    cfg = MoELaunchConfig.from_dict({**BASE, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "num_stages": 1,
                                "PERSISTENT": persistent, "TMA": tma})
     got = triton_fused_moe_fp8(*args, out=nan_buffer((T, D), dtype, kdev), config=cfg, combine=combine)
     want = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, emap)
     _check_rows(got, want, dtype, f"fused_moe_fp8 P={persistent} TMA={tma} {mode}", seed, flips=2)
-    plain = triton_fused_moe_fp8(*args, config=MoEConfig.from_dict({**cfg.to_dict(), "PERSISTENT": 0, "TMA": False}),
+    plain = triton_fused_moe_fp8(*args, config=MoELaunchConfig.from_dict({**cfg.to_dict(), "PERSISTENT": 0, "TMA": False}),
                                  combine=combine)
     if combine == "sum":
         assert torch.equal(got, plain)
@@ -145,13 +145,13 @@ def test_tma_ok_falls_back_for_misaligned_tensors():
 
 
 def test_config_keys_validate_round_trip_and_override():
-    cfg = MoEConfig.from_dict({**BASE, "PERSISTENT": 2, "TMA": True, "down": {**BASE, "PERSISTENT": 0}})
+    cfg = MoELaunchConfig.from_dict({**BASE, "PERSISTENT": 2, "TMA": True, "down": {**BASE, "PERSISTENT": 0}})
     assert (cfg.up.PERSISTENT, cfg.up.TMA, cfg.down.PERSISTENT, cfg.down.TMA) == (2, True, 0, True)
-    assert MoEConfig.from_dict(cfg.to_dict()) == cfg
-    plain = MoEConfig.from_dict(BASE)
+    assert MoELaunchConfig.from_dict(cfg.to_dict()) == cfg
+    plain = MoELaunchConfig.from_dict(BASE)
     assert "PERSISTENT" not in plain.to_dict() and "TMA" not in plain.to_dict()  # files without the keys stay as they were
     for bad in ({"PERSISTENT": -1}, {"PERSISTENT": True}, {"PERSISTENT": 1.5}):
         with pytest.raises(ValueError, match="PERSISTENT"):
-            MoEConfig.from_dict({**BASE, **bad})
+            MoELaunchConfig.from_dict({**BASE, **bad})
     with pytest.raises(ValueError, match="TMA"):
-        MoEConfig.from_dict({**BASE, "TMA": 1})
+        MoELaunchConfig.from_dict({**BASE, "TMA": 1})

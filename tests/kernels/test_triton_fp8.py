@@ -21,7 +21,7 @@ import torch
 
 from moelink.kernels.fp8 import (FP8_DTYPE, block_dequantize, block_quantize, fake_quant_activation,
                                  per_token_group_quant, reference_fp8_linear, reference_fused_moe_fp8)
-from moelink.kernels.moe_config import MoEConfig
+from moelink.kernels.moe_config import MoELaunchConfig
 from moelink.kernels.triton_fp8 import triton_fp8_linear, triton_per_token_group_quant
 from moelink.kernels.triton_moe_fp8 import _blocks, get_fp8_moe_config, triton_fused_moe_fp8
 
@@ -35,7 +35,7 @@ def _cfg(bm=16, bn=128, bk=128, group=2, down=None):
     if down:
         d["down"] = {**d, **down}
         del d["down"]["BLOCK_SIZE_M"]
-    return MoEConfig.from_dict(d)
+    return MoELaunchConfig.from_dict(d)
 
 
 K32 = _cfg(bk=32)  # four K steps inside each 128-channel scale group

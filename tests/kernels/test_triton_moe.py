@@ -9,7 +9,7 @@ import torch
 
 from moelink.kernels.moe import reference_fused_moe
 from moelink.kernels.moe_align import max_padded_rows, moe_align_block_size, reference_moe_align_block_size
-from moelink.kernels.moe_config import MoEConfig
+from moelink.kernels.moe_config import MoELaunchConfig
 from moelink.kernels.triton_moe import triton_fused_moe
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -59,14 +59,14 @@ def test_align_matches_reference(T, E, G, K, bm, mode, gen, kdev, seed):
     assert torch.equal(sorted_R[:n].cpu(), want_sorted[:n].cpu()), f"sorted ids differ (seed={seed})"
 
 
-SMALL = MoEConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2,
+SMALL = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2,
                              "num_warps": 4, "num_stages": 2})
-WIDE = MoEConfig.from_dict({"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1,
+WIDE = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1,
                             "num_warps": 4, "num_stages": 2,
                             "down": {"BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 4, "num_warps": 4,
                                      "num_stages": 2}})
 
-FUSED = MoEConfig.from_dict({**SMALL.to_dict(), "FUSED_GATE_UP": True})  # one interleaved gate|up tile, one dot
+FUSED = MoELaunchConfig.from_dict({**SMALL.to_dict(), "FUSED_GATE_UP": True})  # one interleaved gate|up tile, one dot
 
 # (T, E local, G global, K, D, I, routing, config, combine)
 MOE_CASES = [
@@ -167,9 +167,9 @@ def test_moe_config_files(tmp_path):
     """Tuned files: nearest token bucket; default.json: largest rows-per-expert key not above; bad values named."""
     from moelink.kernels import moe_config
 
-    a = MoEConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
+    a = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
                              "num_warps": 4, "num_stages": 4})
-    b = MoEConfig.from_dict({**a.to_dict(), "BLOCK_SIZE_M": 128, "down": {**a.to_dict(), "BLOCK_SIZE_N": 256}})
+    b = MoELaunchConfig.from_dict({**a.to_dict(), "BLOCK_SIZE_M": 128, "down": {**a.to_dict(), "BLOCK_SIZE_N": 256}})
     path = tmp_path / moe_config.config_file_name(128, 768, "FAKE_GPU")
     moe_config.write_config_file(path, {1: a, 4096: b}, meta={"tuned_on": "FAKE GPU"})
     key, buckets = moe_config.load_config_file(str(path))
@@ -182,10 +182,10 @@ def test_moe_config_files(tmp_path):
     for bad, field in (({"BLOCK_SIZE_M": 24}, "BLOCK_SIZE_M"), ({"BLOCK_SIZE_N": 8}, "BLOCK_SIZE_N"),
                        ({"num_warps": 0}, "num_warps"), ({"FUSED_GATE_UP": 1}, "FUSED_GATE_UP")):
         with pytest.raises(ValueError, match=field):
-            MoEConfig.from_dict({**a.to_dict(), **bad})
+            MoELaunchConfig.from_dict({**a.to_dict(), **bad})
     # FUSED_GATE_UP: the gate-up GEMM's only; written only when set; round-trips with or without a down dict.
-    f = MoEConfig.from_dict({**a.to_dict(), "FUSED_GATE_UP": True})
+    f = MoELaunchConfig.from_dict({**a.to_dict(), "FUSED_GATE_UP": True})
     assert f.up.FUSED_GATE_UP and not f.down.FUSED_GATE_UP and f.to_dict() == {**a.to_dict(), "FUSED_GATE_UP": True}
-    assert "FUSED_GATE_UP" not in a.to_dict() and MoEConfig.from_dict(f.to_dict()) == f
-    g = MoEConfig.from_dict({**b.to_dict(), "FUSED_GATE_UP": True})
-    assert g.up.FUSED_GATE_UP and not g.down.FUSED_GATE_UP and MoEConfig.from_dict(g.to_dict()) == g
+    assert "FUSED_GATE_UP" not in a.to_dict() and MoELaunchConfig.from_dict(f.to_dict()) == f
+    g = MoELaunchConfig.from_dict({**b.to_dict(), "FUSED_GATE_UP": True})
+    assert g.up.FUSED_GATE_UP and not g.down.FUSED_GATE_UP and MoELaunchConfig.from_dict(g.to_dict()) == g

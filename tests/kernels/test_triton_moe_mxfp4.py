@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from moelink.kernels.moe import SILU, MoEActivation
-from moelink.kernels.moe_config import MoEConfig
+from moelink.kernels.moe_config import MoELaunchConfig
 from moelink.kernels.mxfp4 import mxfp4_quantize, reference_fused_moe_mxfp4
 from moelink.kernels.triton_moe_mxfp4 import dequant_tile, triton_fused_moe_mxfp4  # noqa: F401
 from tests.helpers.moe_cases import DTYPES, SMALL, WIDE, expert_map, routing
 
 OAI = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
-BK64 = MoEConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
+BK64 = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
                             "num_warps": 4, "num_stages": 2,
                             "down": {"BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 2, "num_warps": 4,
                                      "num_stages": 2}})

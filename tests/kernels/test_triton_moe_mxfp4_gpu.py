@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moelink.kernels.moe import MoEActivation
-from moelink.kernels.moe_config import MoEConfig
+from moelink.kernels.moe_config import MoELaunchConfig
 from moelink.kernels.mxfp4 import mxfp4_dequantize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -66,7 +66,7 @@ def oracle(x, L, weights, ids, emap=None):
     return out
 
 
-BK128 = MoEConfig.from_dict({"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 8,
+BK128 = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 8,
                              "num_warps": 8, "num_stages": 3})
 
 

@@ -8,7 +8,7 @@ import torch
 
 from moelink.kernels import moe_align, triton_moe_tiny
 from moelink.kernels.moe import SILU, MoEActivation, reference_fused_moe
-from moelink.kernels.moe_config import DEFAULT_TINY, MoEConfig, TinyConfig
+from moelink.kernels.moe_config import DEFAULT_TINY, MoELaunchConfig, TinyConfig
 from moelink.kernels.triton_moe import triton_fused_moe
 
 from tests.helpers.moe_cases import DTYPES, SMALL, expert_map as _expert_map, routing as _routing
@@ -16,7 +16,7 @@ from tests.helpers.moe_cases import DTYPES, SMALL, expert_map as _expert_map, ro
 # Interpreter-sized GEMV blocks: BLOCK_K below D and I so the K loop runs several times and its tail is masked.
 TINY = TinyConfig.from_dict({"max_pairs": 12, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "num_warps": 4, "num_stages": 2,
                              "down": {"BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32}})
-WITH_TINY = MoEConfig(SMALL.BLOCK_SIZE_M, SMALL.up, SMALL.down, TINY)
+WITH_TINY = MoELaunchConfig(SMALL.BLOCK_SIZE_M, SMALL.up, SMALL.down, TINY)
 OAI = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
 
 # (T, E local, G global, K, D, I, routing, activation, biases): ragged on purpose.
@@ -119,16 +119,16 @@ def test_down_block_n_narrows_to_fill_the_sms():
 def test_tiny_config_round_trip_and_errors():
     assert TinyConfig.from_dict(TINY.to_dict()) == TINY and TINY.down.BLOCK_SIZE_N == 32 and TINY.up.BLOCK_SIZE_N == 16
     assert TINY.down.num_warps == 4  # down inherits what it does not override
-    cfg = MoEConfig.from_dict({**SMALL.to_dict(), "TINY": TINY.to_dict()})
-    assert cfg.tiny == TINY and MoEConfig.from_dict(cfg.to_dict()) == cfg and "TINY" not in SMALL.to_dict()
+    cfg = MoELaunchConfig.from_dict({**SMALL.to_dict(), "TINY": TINY.to_dict()})
+    assert cfg.tiny == TINY and MoELaunchConfig.from_dict(cfg.to_dict()) == cfg and "TINY" not in SMALL.to_dict()
     assert cfg.uses_tiny(12) and not cfg.uses_tiny(13) and not cfg.uses_tiny(0) and not SMALL.uses_tiny(1)
     for bad, field in (({"max_pairs": -1}, "max_pairs"), ({"max_pairs": True}, "max_pairs"),
                        ({"BLOCK_SIZE_N": 12}, "BLOCK_SIZE_N"), ({"BLOCK_SIZE_K": 4}, "BLOCK_SIZE_K"),
                        ({"num_warps": 0}, "num_warps")):
         with pytest.raises(ValueError, match=field):
-            MoEConfig.from_dict({**SMALL.to_dict(), "TINY": {**TINY.to_dict(), **bad}})
+            MoELaunchConfig.from_dict({**SMALL.to_dict(), "TINY": {**TINY.to_dict(), **bad}})
     with pytest.raises(ValueError, match="TINY"):
-        MoEConfig.from_dict({**SMALL.to_dict(), "TINY": 16})
+        MoELaunchConfig.from_dict({**SMALL.to_dict(), "TINY": 16})
     assert DEFAULT_TINY.max_pairs > 0
 
 
