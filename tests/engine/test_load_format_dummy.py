@@ -91,6 +91,10 @@ def config_dir(tiny_model, tmp_path):
 def no_safetensors(monkeypatch):
     """Any safetensors file opened fails the test."""
     import safetensors
+    # Imported before the patch: these bind `safe_open` at their own import, and a first import under the patch
+    # would keep the refusing stand-in for every later test of this process (transformers' from_pretrained).
+    import safetensors.torch  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
 
     import moelink.engine.loader as loader
 
