@@ -44,6 +44,7 @@ from moelink.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from moelink.kernels.mxfp4 import FP4_MAX, SCALE_BIAS
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.expert_weights import QuantizeOnLoad
+from moelink.moe.weight_plan import PlanEntry
 
 from .config import ModelConfig
 from .models import MoEDecoderForCausalLM, arch_spec
@@ -89,14 +90,14 @@ def checkpoint_shape(read_shape: tuple[int, ...], src_idx: tuple) -> tuple[int, 
     return tuple(shape)
 
 
-def _spec(entry: tuple, cfg: ModelConfig) -> TensorSpec:
-    param, idx, *src_idx = entry
+def _spec(entry: PlanEntry, cfg: ModelConfig) -> TensorSpec:
+    param, idx, source = entry
     if isinstance(param, QuantizeOnLoad):  # online FP8: the checkpoint is float, quantized as it loads
         dest, dtype = param.weight, cfg.dtype
     else:
         dest, dtype = param, param.dtype
     read = dest[idx] if idx else dest
-    return TensorSpec(checkpoint_shape(tuple(read.shape), src_idx[0] if src_idx else ()), dtype)
+    return TensorSpec(checkpoint_shape(tuple(read.shape), source), dtype)
 
 
 def random_tensor(name: str, spec: TensorSpec, device: torch.device) -> torch.Tensor:

@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
+from moelink.moe.weight_plan import WeightPlan
 
 from .config import ModelConfig
 from .dummy_weights import DummyCheckpoint
@@ -112,15 +113,15 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     return model.eval()
 
 
-def load_plan(checkpoint: Checkpoint, plan: dict[str, tuple], device: torch.device, progress: bool = False) -> None:
+def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, progress: bool = False) -> None:
     """Fill every destination of `plan` (a weight plan or a part of one: elastic EP loads only the experts a
     survivor newly holds, engine/keep_runner.py) from `checkpoint`, one tensor at a time."""
     bar = _progress(len(plan), progress)
     with torch.no_grad():
         for st, names in checkpoint.open(plan):
             for name in names:
-                param, idx, *src_idx = plan[name]
-                src = _read(st, name, src_idx[0] if src_idx else ())
+                param, idx, source = plan[name]
+                src = _read(st, name, source)
                 if isinstance(param, QuantizeOnLoad):
                     _quantize_into(name, src, param, idx, device)
                 else:

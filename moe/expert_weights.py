@@ -17,7 +17,7 @@ kernel call, so the layer has no format branches:
   `w2_blocks_EDSQ` [E, D, I/32, 16] with uint8 E8M0 scales `w13_scales_EFS` / `w2_scales_EDS` beside them, and
   the layer's float expert biases → kernels.fused_moe_mxfp4 (W4A16: activations stay in the model dtype).
 
-Plan entries are `name -> (destination, index[, checkpoint rows])` (engine/loader.py); `QuantizeOnLoad` as
+Plan entries are `name -> PlanEntry(dest, index, source rows)` (moe/weight_plan.py, engine/loader.py); `QuantizeOnLoad` as
 the destination asks the loader to block-quantize a float checkpoint tensor into an FP8 weight and its scales.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import nn
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_scale_shape, reference_fused_moe_fp8
 from moelink.kernels.mxfp4 import GROUP as MXFP4_GROUP
+from .weight_plan import PlanEntry, WeightPlan
 
 
 @dataclass(frozen=True)
@@ -58,18 +59,18 @@ def scale_index(index: tuple, bn: int, what: str) -> tuple:
 
 
 def fp8_plan(name: str, weight: torch.Tensor, scale: torch.Tensor, index: tuple, block: tuple[int, int],
-             online: bool, rows: tuple = (), scale_rows: tuple | None = None) -> dict[str, tuple]:
+             online: bool, rows: tuple = (), scale_rows: tuple | None = None) -> WeightPlan:
     """The plan entries of one FP8 weight (or a stacked piece of one) named `name` ("...q_proj.weight" or
     "...experts.gate_up_proj"): the weight and its `_scale_inv` tensor, or one QuantizeOnLoad entry when the
     checkpoint is float. `rows`: the checkpoint rows to read (experts of this rank, MLA's rope order);
     scale_rows: those of the scale tensor (default `rows`)."""
     s_index = scale_index(index, block[0], name)
     if online:
-        return {name: (QuantizeOnLoad(weight, scale, s_index, block), index, *((rows,) if rows else ()))}
+        return {name: PlanEntry(QuantizeOnLoad(weight, scale, s_index, block), index, rows)}
     scale_name = name[: -len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
     s_rows = rows if scale_rows is None else scale_rows
-    return {name: (weight, index, *((rows,) if rows else ())),
-            scale_name: (scale, s_index, *((s_rows,) if s_rows else ()))}
+    return {name: PlanEntry(weight, index, rows),
+            scale_name: PlanEntry(scale, s_index, s_rows)}
 
 
 def _param(*shape, dtype, device) -> nn.Parameter:
@@ -87,19 +88,19 @@ class FloatExperts:
         layer.w2_EDI = _param(num_local, hidden, inter, dtype=dtype, device=device)
 
     def weight_plan(self, layer: nn.Module, m: str, fused: bool, expert_ids: list[int], rows: tuple,
-                    names: tuple[str, str, str]) -> dict[str, tuple]:
+                    names: tuple[str, str, str]) -> WeightPlan:
         """This rank's experts under `m` ("model.layers.{i}.mlp."): fused `experts.gate_up_proj` [E, 2I, D] /
         `experts.down_proj` [E, D, I] (rows = this rank's experts), or `experts.{e}.{gate,up,down}.weight`."""
         inter = layer.w2_EDI.shape[-1]
         if fused:
-            return {m + "experts.gate_up_proj": (layer.w13_EFD, (), rows),
-                    m + "experts.down_proj": (layer.w2_EDI, (), rows)}
+            return {m + "experts.gate_up_proj": PlanEntry(layer.w13_EFD, (), rows),
+                    m + "experts.down_proj": PlanEntry(layer.w2_EDI, (), rows)}
         gate, up, down = names
-        plan: dict[str, tuple] = {}
+        plan: WeightPlan = {}
         for local, e in enumerate(expert_ids):
-            plan[f"{m}experts.{e}.{gate}.weight"] = (layer.w13_EFD, (local, slice(0, inter)))
-            plan[f"{m}experts.{e}.{up}.weight"] = (layer.w13_EFD, (local, slice(inter, 2 * inter)))
-            plan[f"{m}experts.{e}.{down}.weight"] = (layer.w2_EDI, (local,))
+            plan[f"{m}experts.{e}.{gate}.weight"] = PlanEntry(layer.w13_EFD, (local, slice(0, inter)))
+            plan[f"{m}experts.{e}.{up}.weight"] = PlanEntry(layer.w13_EFD, (local, slice(inter, 2 * inter)))
+            plan[f"{m}experts.{e}.{down}.weight"] = PlanEntry(layer.w2_EDI, (local,))
         return plan
 
     def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
@@ -140,7 +141,7 @@ class Fp8BlockExperts:
                                         dtype=torch.float32, device=device)
 
     def weight_plan(self, layer: nn.Module, m: str, fused: bool, expert_ids: list[int], rows: tuple,
-                    names: tuple[str, str, str]) -> dict[str, tuple]:
+                    names: tuple[str, str, str]) -> WeightPlan:
         """FloatExperts' names, each with its scales (same expert rows) or quantized as it loads."""
         inter, b, on = layer.w2_EDI.shape[-1], self.block, self.online
         up = self.up_row(inter)
@@ -152,7 +153,7 @@ class Fp8BlockExperts:
             return {**fp8_plan(m + "experts.gate_up_proj", w13, s13, (), b, on, rows),
                     **fp8_plan(m + "experts.down_proj", w2, s2, (), b, on, rows)}
         gate, up_name, down = names
-        plan: dict[str, tuple] = {}
+        plan: WeightPlan = {}
         for local, e in enumerate(expert_ids):
             p = f"{m}experts.{e}."
             plan.update(fp8_plan(f"{p}{gate}.weight", w13, s13, (local, slice(0, inter)), b, on))
@@ -194,7 +195,7 @@ class Mxfp4Experts:
         layer.w2_scales_EDS = _param(num_local, hidden, inter // g, dtype=torch.uint8, device=device)
 
     def weight_plan(self, layer: nn.Module, m: str, fused: bool, expert_ids: list[int], rows: tuple,
-                    names: tuple[str, str, str]) -> dict[str, tuple]:
+                    names: tuple[str, str, str]) -> WeightPlan:
         """This rank's experts (and their biases, when the layer has them) under `m` ("model.layers.{i}.mlp.").
 
         Each gate_up tensor is read through one advanced index (the loader's checkpoint-index element): with e
@@ -213,14 +214,14 @@ class Mxfp4Experts:
         else:
             gu, dn = (rows[0] if rows else slice(None), f), rows
         x = m + "experts."
-        plan: dict[str, tuple] = {x + "gate_up_proj_blocks": (layer.w13_blocks_EFSQ, (), gu),
-                                  x + "gate_up_proj_scales": (layer.w13_scales_EFS, (), gu),
-                                  x + "down_proj_blocks": (layer.w2_blocks_EDSQ, (), *((dn,) if dn else ())),
-                                  x + "down_proj_scales": (layer.w2_scales_EDS, (), *((dn,) if dn else ()))}
+        plan: WeightPlan = {x + "gate_up_proj_blocks": PlanEntry(layer.w13_blocks_EFSQ, (), gu),
+                                  x + "gate_up_proj_scales": PlanEntry(layer.w13_scales_EFS, (), gu),
+                                  x + "down_proj_blocks": PlanEntry(layer.w2_blocks_EDSQ, (), dn),
+                                  x + "down_proj_scales": PlanEntry(layer.w2_scales_EDS, (), dn)}
         if getattr(layer, "b13_EF", None) is not None:
-            plan[x + "gate_up_proj_bias"] = (layer.b13_EF, (), gu)
+            plan[x + "gate_up_proj_bias"] = PlanEntry(layer.b13_EF, (), gu)
         if getattr(layer, "b2_ED", None) is not None:
-            plan[x + "down_proj_bias"] = (layer.b2_ED, (), *((dn,) if dn else ()))
+            plan[x + "down_proj_bias"] = PlanEntry(layer.b2_ED, (), dn)
         return plan
 
     def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:

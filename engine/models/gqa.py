@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.attention import FP8_CACHE_DTYPES
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..layer_configs import GQAConfig
 from .layers import ForwardContext, RMSNorm, param
@@ -78,19 +79,19 @@ class GQAAttention(nn.Module):
             extras["sliding_window"] = self.sliding_window
         return extras
 
-    def weight_plan(self, p: str) -> dict[str, tuple]:
+    def weight_plan(self, p: str) -> WeightPlan:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index)."""
         plan = {}
         for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
             plan.update(self.qkv_proj.weight_plan(f"{p}{name}.weight", i))
             if self.qkv_bias is not None:
-                plan[f"{p}{name}.bias"] = (self.qkv_bias, (self.qkv_proj.piece_rows(i),))
+                plan[f"{p}{name}.bias"] = PlanEntry(self.qkv_bias, (self.qkv_proj.piece_rows(i),))
         plan.update(self.o_proj.weight_plan(p + "o_proj.weight"))
         if self.o_bias is not None:
-            plan[p + "o_proj.bias"] = (self.o_bias, ())
+            plan[p + "o_proj.bias"] = PlanEntry(self.o_bias, ())
         if self.sinks_N is not None:
-            plan[p + "sinks"] = (self.sinks_N, ())
+            plan[p + "sinks"] = PlanEntry(self.sinks_N, ())
         if self.q_norm is not None:
-            plan[p + "q_norm.weight"] = (self.q_norm.weight, ())
-            plan[p + "k_norm.weight"] = (self.k_norm.weight, ())
+            plan[p + "q_norm.weight"] = PlanEntry(self.q_norm.weight, ())
+            plan[p + "k_norm.weight"] = PlanEntry(self.k_norm.weight, ())
         return plan

@@ -11,6 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from moelink.kernels.attention import AttentionMetadata
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from .linear import Linear, linear_method
 
@@ -51,8 +52,8 @@ class RMSNorm(nn.Module):
     def add_forward(self, x_TD: torch.Tensor, residual_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.add_rms_norm(x_TD, residual_TD, self.weight, self.eps)
 
-    def weight_plan(self, name: str) -> dict[str, tuple]:
-        return {name: (self.weight, ())}
+    def weight_plan(self, name: str) -> WeightPlan:
+        return {name: PlanEntry(self.weight, ())}
 
 
 class DenseMLP(nn.Module):
@@ -74,7 +75,7 @@ class DenseMLP(nn.Module):
         gate_TI, up_TI = self.gate_up_proj.split(self.gate_up_proj(x_TD))
         return self.down_proj(F.silu(gate_TI) * up_TI)
 
-    def weight_plan(self, p: str) -> dict[str, tuple]:
+    def weight_plan(self, p: str) -> WeightPlan:
         """Checkpoint names under `p` ("model.layers.{i}.mlp." or "...mlp.shared_experts.") → (parameter, index)."""
         return {**self.gate_up_proj.weight_plan(p + "gate_proj.weight", 0),
                 **self.gate_up_proj.weight_plan(p + "up_proj.weight", 1),

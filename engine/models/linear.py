@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize, block_scale_shape, reference_fp8_linear
 from moelink.moe.expert_weights import fp8_plan
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..quantization import QuantConfig
 
@@ -46,8 +47,8 @@ class FloatLinear:
     def apply(self, layer: "Linear", x_TK: torch.Tensor, bias_N: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x_TK, layer.weight, bias_N)
 
-    def weight_plan(self, layer: "Linear", name: str, index: tuple, rows: tuple) -> dict[str, tuple]:
-        return {name: (layer.weight, index, *((rows,) if rows else ()))}
+    def weight_plan(self, layer: "Linear", name: str, index: tuple, rows: tuple) -> WeightPlan:
+        return {name: PlanEntry(layer.weight, index, rows)}
 
 
 class Fp8Linear:
@@ -81,7 +82,7 @@ class Fp8Linear:
                                 block=self.block, bias_N=bias_N)
         return y_TN.view(*lead, y_TN.shape[-1])
 
-    def weight_plan(self, layer: "Linear", name: str, index: tuple, rows: tuple) -> dict[str, tuple]:
+    def weight_plan(self, layer: "Linear", name: str, index: tuple, rows: tuple) -> WeightPlan:
         if rows and not self.online:
             _check_block_preserving(name, rows[0], self.block[0])
         # A row order that keeps every row in its block leaves the block scales where they are.
@@ -149,7 +150,7 @@ class Linear(nn.Module):
         """The pieces of an output [..., rows], as views [..., piece] (no gaps)."""
         return tuple(y_TN[..., self.piece_rows(i)] for i in range(len(self.pieces)))
 
-    def weight_plan(self, name: str, piece: int = 0, rows: tuple = ()) -> dict[str, tuple]:
+    def weight_plan(self, name: str, piece: int = 0, rows: tuple = ()) -> WeightPlan:
         """Checkpoint `name` ("...q_proj.weight") → this weight (the rows of piece `piece`, for a stack), plus its
         scales for FP8; `rows`: a checkpoint row order to read it in (MLA's rope de-interleave)."""
         index = (self.piece_rows(piece),) if len(self.pieces) > 1 else ()

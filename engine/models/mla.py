@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.attention import FP8_CACHE_DTYPES
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..layer_configs import MLAConfig
 from .layers import ForwardContext, RMSNorm, param
@@ -84,26 +85,26 @@ class MLAAttention(nn.Module):
         o_NTV = torch.bmm(out_TNC.transpose(0, 1), w_NXC[:, Dn:].transpose(1, 2))
         return self.o_proj(o_NTV.transpose(0, 1).reshape(T, N * a.v_head_dim), self.o_bias)
 
-    def weight_plan(self, p: str) -> dict[str, tuple]:
+    def weight_plan(self, p: str) -> WeightPlan:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index[, checkpoint rows])."""
         a = self.attn
         q_order, kv_order = self._row_orders()
         q_rows, kv_rows = (self.fused_a_proj.piece_rows(0),), (self.fused_a_proj.piece_rows(1),)
         plan = {**self.fused_a_proj.weight_plan(p + "kv_a_proj_with_mqa.weight", 1, *kv_order),
-                p + "kv_a_layernorm.weight": (self.kv_a_layernorm.weight, ()),
+                p + "kv_a_layernorm.weight": PlanEntry(self.kv_a_layernorm.weight, ()),
                 **self.kv_b_proj.weight_plan(p + "kv_b_proj.weight"),
                 **self.o_proj.weight_plan(p + "o_proj.weight")}
         if a.q_lora_rank is not None:
             plan.update(self.fused_a_proj.weight_plan(p + "q_a_proj.weight", 0))
-            plan[p + "q_a_layernorm.weight"] = (self.q_a_layernorm.weight, ())
+            plan[p + "q_a_layernorm.weight"] = PlanEntry(self.q_a_layernorm.weight, ())
             plan.update(self.q_b_proj.weight_plan(p + "q_b_proj.weight", 0, *q_order))
         else:
             plan.update(self.fused_a_proj.weight_plan(p + "q_proj.weight", 0, *q_order))
         if a.attention_bias:
-            plan[p + "kv_a_proj_with_mqa.bias"] = (self.fused_a_bias, kv_rows, *kv_order)
-            plan[p + "o_proj.bias"] = (self.o_bias, ())
+            plan[p + "kv_a_proj_with_mqa.bias"] = PlanEntry(self.fused_a_bias, kv_rows, *kv_order)
+            plan[p + "o_proj.bias"] = PlanEntry(self.o_bias, ())
             if a.q_lora_rank is not None:
-                plan[p + "q_a_proj.bias"] = (self.fused_a_bias, q_rows)
+                plan[p + "q_a_proj.bias"] = PlanEntry(self.fused_a_bias, q_rows)
         return plan
 
     def _row_orders(self) -> tuple[tuple, tuple]:

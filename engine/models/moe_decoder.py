@@ -23,6 +23,7 @@ from moelink.moe.expert_weights import gate_up_order, make_expert_format
 from moelink.moe.layer import ExpertParallel, MoELayer, Stages, run_stages
 from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..architectures import ArchSpec
 from ..config import ModelConfig
@@ -192,7 +193,7 @@ class MoEDecoderForCausalLM(nn.Module):
         return F.linear(h_SD, self.lm_head)
 
     # -- checkpoint mapping ---------------------------------------------------
-    def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> dict[str, tuple]:
+    def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:
         """Checkpoint tensor name → (destination parameter, index into it[, index into the tensor]).
 
         Only tensors this rank needs are listed, so a loader that follows the
@@ -208,9 +209,9 @@ class MoEDecoderForCausalLM(nn.Module):
         """
         cfg, spec = self.cfg, self.spec
         names = frozenset(checkpoint_names) if checkpoint_names is not None else frozenset()
-        plan: dict[str, tuple] = {"model.embed_tokens.weight": (self.embed_tokens, ())}
+        plan: WeightPlan = {"model.embed_tokens.weight": PlanEntry(self.embed_tokens, ())}
         if not cfg.tie_word_embeddings:
-            plan["lm_head.weight"] = (self.lm_head, ())
+            plan["lm_head.weight"] = PlanEntry(self.lm_head, ())
         plan.update(self.norm.weight_plan("model.norm.weight"))
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
@@ -230,17 +231,17 @@ class MoEDecoderForCausalLM(nn.Module):
                 plan.update(layer.mlp.shared.weight_plan(f"{p}{spec.moe_prefix}.{spec.shared_experts}."))
         return plan
 
-    def _expert_plan(self, mlp: MoELayer, m: str, fused: bool) -> dict[str, tuple]:
+    def _expert_plan(self, mlp: MoELayer, m: str, fused: bool) -> WeightPlan:
         """The router and this rank's experts of one MoE layer whose checkpoint names start with `m`."""
-        plan: dict[str, tuple] = {m + "gate.weight": (mlp.gate_GD, ())}
+        plan: WeightPlan = {m + "gate.weight": PlanEntry(mlp.gate_GD, ())}
         if mlp.e_score_correction_bias_G is not None:
-            plan[m + "gate.e_score_correction_bias"] = (mlp.e_score_correction_bias_G, ())
+            plan[m + "gate.e_score_correction_bias"] = PlanEntry(mlp.e_score_correction_bias_G, ())
         # The expert format lists its weights (and scales) for this rank's experts, in either layout.
         rows = _expert_rows(self.expert_ids, self.cfg.num_experts) if fused else ()
         plan.update(mlp.expert_format.weight_plan(mlp, m, fused, self.expert_ids, rows, self.spec.expert_names))
         return plan
 
-    def _gpt_oss_plan(self, mlp: MoELayer, m: str) -> dict[str, tuple]:
+    def _gpt_oss_plan(self, mlp: MoELayer, m: str) -> WeightPlan:
         """gpt-oss's MoE block: `router.weight` / `router.bias`, and the experts fused, with their biases:
         `experts.gate_up_proj` [E, D, 2I] (x @ W, not a linear's [out, in]) whose columns interleave gate and
         up (gate = [..., ::2], up = [..., 1::2]), `gate_up_proj_bias` [E, 2I] interleaved the same way,
@@ -253,8 +254,8 @@ class MoEDecoderForCausalLM(nn.Module):
 
         Quantized experts (MXFP4, as OpenAI publishes gpt-oss: `experts.*_blocks` / `*_scales`, already output-
         channel major) are their format's plan, the same de-interleaving included (moe/expert_weights.py)."""
-        plan: dict[str, tuple] = {m + f"{self.spec.router}.weight": (mlp.gate_GD, ()),
-                                  m + f"{self.spec.router}.bias": (mlp.gate_bias_G, ())}
+        plan: WeightPlan = {m + f"{self.spec.router}.weight": PlanEntry(mlp.gate_GD, ()),
+                                  m + f"{self.spec.router}.bias": PlanEntry(mlp.gate_bias_G, ())}
         if mlp.expert_format.name != "float":
             rows = _expert_rows(self.expert_ids, self.cfg.num_experts)
             plan.update(mlp.expert_format.weight_plan(mlp, m, True, self.expert_ids, rows, self.spec.expert_names))
@@ -262,12 +263,12 @@ class MoEDecoderForCausalLM(nn.Module):
         D, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
         e = torch.tensor(self.expert_ids, dtype=torch.long)
         f = gate_up_order(inter)
-        plan[m + "experts.gate_up_proj"] = (mlp.w13_EFD, (), (e[:, None, None], torch.arange(D)[None, None, :],
+        plan[m + "experts.gate_up_proj"] = PlanEntry(mlp.w13_EFD, (), (e[:, None, None], torch.arange(D)[None, None, :],
                                                               f[None, :, None]))
-        plan[m + "experts.gate_up_proj_bias"] = (mlp.b13_EF, (), (e[:, None], f[None, :]))
-        plan[m + "experts.down_proj"] = (mlp.w2_EDI, (), (e[:, None, None], torch.arange(inter)[None, None, :],
+        plan[m + "experts.gate_up_proj_bias"] = PlanEntry(mlp.b13_EF, (), (e[:, None], f[None, :]))
+        plan[m + "experts.down_proj"] = PlanEntry(mlp.w2_EDI, (), (e[:, None, None], torch.arange(inter)[None, None, :],
                                                           torch.arange(D)[None, :, None]))
-        plan[m + "experts.down_proj_bias"] = (mlp.b2_ED, (), (e,))
+        plan[m + "experts.down_proj_bias"] = PlanEntry(mlp.b2_ED, (), (e,))
         return plan
 
 

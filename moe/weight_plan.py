@@ -1,0 +1,21 @@
+"""A weight plan's entry: where one checkpoint tensor goes (the contract of every module's `weight_plan`).
+
+`weight_plan(...)` returns `{checkpoint name: PlanEntry}`; engine/loader.py fills each destination from the
+checkpoint (engine/dummy_weights.py with random values, engine/keep_runner.py a part of a plan).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class PlanEntry(NamedTuple):
+    """One checkpoint tensor's destination."""
+
+    dest: Any  # the parameter or tensor to fill, or a QuantizeOnLoad (moe/expert_weights.py) for a float->FP8 load
+    index: tuple = ()  # where in `dest` (basic/advanced index; () = all of it)
+    source: tuple = ()  # which part of the checkpoint tensor to read, in what row order (() = all, as stored)
+
+
+WeightPlan = dict[str, PlanEntry]
+
+__all__ = ["PlanEntry", "WeightPlan"]
