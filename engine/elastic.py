@@ -294,7 +294,7 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: 
         engine.schedulers[engine.router.route(req.all_token_ids)].requeue(req)
     engine.index_requests()
     engine.ep_plan = engine.executor.plan
-    if getattr(engine, "eplb", None) is not None:
+    if engine.eplb is not None:
         # The ranks' layers run the new plan (rebuilt from it, or kept and switched to it: any per-layer EPLB
         # placement, which keeping refuses, and a move under way are gone): online EPLB starts over from it,
         # its window and tables being for the old group. A placement EPLB cannot re-place (uneven slots) turns

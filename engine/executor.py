@@ -17,6 +17,7 @@ class Executor(ABC):
     """`execute(outputs_per_rank) -> results_per_rank`; all ranks step together."""
 
     world_size: int = 1
+    plan: ExpertParallelPlan  # what every rank runs (engine/expert_parallel.py)
     # Set once a rank is lost (or the executor is shut down): the engine cannot step any more.
     dead_error: Exception | None = None
     # Elastic EP (engine/elastic.py): a rank lost that the engine may still recover from (`recover()`); None
@@ -60,7 +61,7 @@ class Executor(ABC):
 
         The decode graph sizes every rank captured are asked once (and again after the KV cache is re-made):
         the plan only names a size all ranks hold."""
-        decode_capacity = getattr(getattr(self, "plan", None), "decode_capacity", None)
+        decode_capacity = self.plan.decode_capacity
         if decode_capacity is None:
             return
         if self._ep_graph_sizes is None:

@@ -361,7 +361,7 @@ class ModelRunner:
             return None
         if self.ep is None:
             return self.graphs.size_for(num_seqs)
-        b = getattr(so.ep_step, "graph_batch", None)
+        b = so.ep_step.graph_batch if so.ep_step is not None else None
         return b if b in self.graphs.steps and b >= num_seqs else None
 
     def _take_moe(self):
