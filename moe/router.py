@@ -1,7 +1,7 @@
 """Routers: from router logits to (top-k weights, top-k expert ids), one strategy per scheme.
 
 Every strategy is a frozen dataclass with one call signature,
-`router(router_logits_TE, bias_E=None) -> (weights_TK float32, ids_TK int64)` (TopKSoftmaxRouter keeps
+`router(router_logits_TG, bias_G=None) -> (weights_TK float32, ids_TK int64)` (TopKSoftmaxRouter keeps
 float64 weights for float64 logits), and two facts the MoE
 layer reads: `float32_logits` (compute the gate matmul in float32, as the DeepSeek family does) and
 `needs_bias` (the scheme selects with a per-expert `e_score_correction_bias` checkpoint tensor).
@@ -9,7 +9,8 @@ layer reads: `float32_logits` (compute the gate matmul in float32, as the DeepSe
 Each strategy repeats its reference implementation in transformers op for op (the float32 casts, the
 group score, `topk(sorted=False)`, the epsilon of the renormalisation), so that float64 parity holds.
 
-Legend: T tokens, E experts, K top-k, G expert groups, S experts per group (E = G * S).
+Legend: T tokens, G (logical) experts, K top-k, P expert groups, S experts per group (G = P * S); the
+letters of moe/layer.py and moe/placement.py, where E is a rank's local experts.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class Router(Protocol):
     float32_logits: bool
     needs_bias: ClassVar[bool]
 
-    def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
+    def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -67,11 +68,11 @@ class RouterConfig:
     float32_logits: bool = False
 
     def __post_init__(self) -> None:
-        E, K = self.num_experts, self.top_k
-        if not _is_int(E) or E < 1:
-            raise _bad("num_experts", E, "the number of routed experts must be a positive integer")
-        if not _is_int(K) or not 1 <= K <= E:
-            raise _bad("num_experts_per_tok", K, f"must be an integer in [1, {E}] (the number of routed experts)")
+        G, K = self.num_experts, self.top_k
+        if not _is_int(G) or G < 1:
+            raise _bad("num_experts", G, "the number of routed experts must be a positive integer")
+        if not _is_int(K) or not 1 <= K <= G:
+            raise _bad("num_experts_per_tok", K, f"must be an integer in [1, {G}] (the number of routed experts)")
         if self.scoring_func not in SCORING_FUNCS:
             raise _bad("scoring_func", self.scoring_func, f"choose from {', '.join(SCORING_FUNCS)}")
         methods = TOPK_METHODS[self.scoring_func]
@@ -92,18 +93,18 @@ class RouterConfig:
                              "norm_topk_prob=True and routed_scaling_factor=1.0.")
 
     def _check_groups(self) -> None:
-        E, K, G, TG = self.num_experts, self.top_k, self.n_group, self.topk_group
-        if not _is_int(G) or G < 1 or E % G:
-            raise _bad("n_group", G, f"must be a positive integer that divides the {E} routed experts (n_routed_experts)")
-        if not _is_int(TG) or not 1 <= TG <= G:
-            raise _bad("topk_group", TG, f"must be an integer in [1, n_group={G}]")
-        S = E // G
+        G, K, P, TP = self.num_experts, self.top_k, self.n_group, self.topk_group
+        if not _is_int(P) or P < 1 or G % P:
+            raise _bad("n_group", P, f"must be a positive integer that divides the {G} routed experts (n_routed_experts)")
+        if not _is_int(TP) or not 1 <= TP <= P:
+            raise _bad("topk_group", TP, f"must be an integer in [1, n_group={P}]")
+        S = G // P
         if self.topk_method == "noaux_tc" and S < 2:
-            raise _bad("n_group", G, f"noaux_tc ranks a group by its top-2 experts, so each of the n_group groups "
-                                     f"needs >= 2 of the {E} routed experts (n_group <= {E // 2})")
-        if K > TG * S:
-            raise _bad("num_experts_per_tok", K, f"must be <= the {TG * S} experts of the topk_group={TG} chosen "
-                                                 f"groups ({S} experts in each of n_group={G})")
+            raise _bad("n_group", P, f"noaux_tc ranks a group by its top-2 experts, so each of the n_group groups "
+                                     f"needs >= 2 of the {G} routed experts (n_group <= {G // 2})")
+        if K > TP * S:
+            raise _bad("num_experts_per_tok", K, f"must be <= the {TP * S} experts of the topk_group={TP} chosen "
+                                                 f"groups ({S} experts in each of n_group={P})")
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,12 @@ class SoftmaxTopKRouter:
     float32_logits: bool = False
     needs_bias: ClassVar[bool] = False
 
-    def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
+    def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights_TK float32, ids_TK int64)."""
-        _no_bias(self, bias_E)
-        probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
-        weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        _no_bias(self, bias_G)
+        probs_TG = torch.softmax(router_logits_TG.float(), dim=-1)
+        weights_TK, ids_TK = torch.topk(probs_TG, self.top_k, dim=-1)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         if self.routed_scaling_factor != 1.0:
@@ -147,17 +148,17 @@ class SoftmaxGroupLimitedRouter:
     float32_logits: bool = True
     needs_bias: ClassVar[bool] = False
 
-    def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
+    def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights_TK float32, ids_TK int64)."""
-        _no_bias(self, bias_E)
-        scores_TE = torch.softmax(router_logits_TE.float(), dim=-1)
-        T, E = scores_TE.shape
-        group_TG = scores_TE.view(T, self.n_group, E // self.n_group).amax(dim=-1)
-        keep_TE = _group_mask(group_TG, self.topk_group, E)
-        if keep_TE is not None:
-            scores_TE = scores_TE.masked_fill(~keep_TE, 0.0)
-        weights_TK, ids_TK = torch.topk(scores_TE, self.top_k, dim=-1, sorted=False)
+        _no_bias(self, bias_G)
+        scores_TG = torch.softmax(router_logits_TG.float(), dim=-1)
+        T, G = scores_TG.shape
+        group_TP = scores_TG.view(T, self.n_group, G // self.n_group).amax(dim=-1)
+        keep_TG = _group_mask(group_TP, self.topk_group, G)
+        if keep_TG is not None:
+            scores_TG = scores_TG.masked_fill(~keep_TG, 0.0)
+        weights_TK, ids_TK = torch.topk(scores_TG, self.top_k, dim=-1, sorted=False)
         if self.renormalize:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return weights_TK * self.routed_scaling_factor, ids_TK
@@ -165,7 +166,7 @@ class SoftmaxGroupLimitedRouter:
 
 @dataclass(frozen=True)
 class SigmoidGroupLimitedRouter:
-    """DeepSeek-V3 / GLM-4-MoE "noaux_tc": sigmoid scores; selection on scores + bias_E (the checkpoint's
+    """DeepSeek-V3 / GLM-4-MoE "noaux_tc": sigmoid scores; selection on scores + bias_G (the checkpoint's
     e_score_correction_bias, float32), groups ranked by the sum of their top-2 biased scores; the weights
     are the unbiased scores of the chosen experts, renormalised (denominator + 1e-20), then scaled."""
 
@@ -177,20 +178,20 @@ class SigmoidGroupLimitedRouter:
     float32_logits: bool = True
     needs_bias: ClassVar[bool] = True
 
-    def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
+    def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weights_TK float32, ids_TK int64). bias_E None = no correction bias."""
-        scores_TE = torch.sigmoid(router_logits_TE.float())
-        choice_TE = scores_TE + bias_E if bias_E is not None else scores_TE
-        T, E = choice_TE.shape
-        keep_TE = None
+        """Returns (weights_TK float32, ids_TK int64). bias_G None = no correction bias."""
+        scores_TG = torch.sigmoid(router_logits_TG.float())
+        choice_TG = scores_TG + bias_G if bias_G is not None else scores_TG
+        T, G = choice_TG.shape
+        keep_TG = None
         if self.topk_group < self.n_group:  # otherwise every group is kept: skip the group ranking
-            group_TG = choice_TE.view(T, self.n_group, E // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)
-            keep_TE = _group_mask(group_TG, self.topk_group, E)
-        if keep_TE is not None:
-            choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
-        ids_TK = torch.topk(choice_TE, self.top_k, dim=-1, sorted=False)[1]
-        weights_TK = scores_TE.gather(1, ids_TK)
+            group_TP = choice_TG.view(T, self.n_group, G // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)
+            keep_TG = _group_mask(group_TP, self.topk_group, G)
+        if keep_TG is not None:
+            choice_TG = choice_TG.masked_fill(~keep_TG, float("-inf"))
+        ids_TK = torch.topk(choice_TG, self.top_k, dim=-1, sorted=False)[1]
+        weights_TK = scores_TG.gather(1, ids_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return weights_TK * self.routed_scaling_factor, ids_TK
@@ -208,27 +209,27 @@ class TopKSoftmaxRouter:
     float32_logits: bool = False
     needs_bias: ClassVar[bool] = False
 
-    def __call__(self, router_logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
+    def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights_TK float32, or float64 for float64 logits; ids_TK int64)."""
-        _no_bias(self, bias_E)
-        top_TK, ids_TK = torch.topk(router_logits_TE, self.top_k, dim=-1)
+        _no_bias(self, bias_G)
+        top_TK, ids_TK = torch.topk(router_logits_TG, self.top_k, dim=-1)
         weights_TK = torch.softmax(top_TK, dim=-1, dtype=top_TK.dtype)
         return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), ids_TK
 
 
-def _group_mask(group_TG: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor | None:
-    """bool [T, E]: experts of the `topk_group` best groups; None when every group is kept."""
-    T, G = group_TG.shape
-    if topk_group == G:
+def _group_mask(group_TP: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor | None:
+    """bool [T, G]: experts of the `topk_group` best groups; None when every group is kept."""
+    T, P = group_TP.shape
+    if topk_group == P:
         return None
-    group_idx_TK = torch.topk(group_TG, k=topk_group, dim=-1, sorted=False)[1]
-    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, group_idx_TK, True)
-    return keep_TG.unsqueeze(-1).expand(T, G, num_experts // G).reshape(T, num_experts)
+    group_idx_TK = torch.topk(group_TP, k=topk_group, dim=-1, sorted=False)[1]
+    keep_TP = torch.zeros_like(group_TP, dtype=torch.bool).scatter_(1, group_idx_TK, True)
+    return keep_TP.unsqueeze(-1).expand(T, P, num_experts // P).reshape(T, num_experts)
 
 
-def _no_bias(router, bias_E) -> None:
-    if bias_E is not None:
+def _no_bias(router, bias_G) -> None:
+    if bias_G is not None:
         raise ValueError(f"{type(router).__name__} takes no e_score_correction_bias: only scoring_func='sigmoid' "
                          "(topk_method='noaux_tc') selects with one.")
 
