@@ -33,6 +33,18 @@ RAY_DIRS = ("tests/ep/", "tests/deploy/")
 RAY_FIXTURES = {"local_ray", "ray_tmpdir"}
 
 
+# A module whose tests share a fixture set up once per module (or class: EP rank processes launched once for
+# all the module's cases, a server, an engine) runs on one worker as well: spread over both, each worker
+# would set that fixture up again (10-20 s each for the launches of tests/comm).
+SHARED_SCOPES = ("module", "class", "package")
+
+
+def _uses_shared_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    return any(d[-1].scope in SHARED_SCOPES for d in defs if d)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -41,6 +53,8 @@ def pytest_collection_modifyitems(items):
         path = str(item.path).replace(os.sep, "/")
         if RAY_FIXTURES & fixtures or any(d in path for d in RAY_DIRS):
             item.add_marker(pytest.mark.xdist_group("ray"))
+        elif item.get_closest_marker("xdist_group") is None and _uses_shared_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(os.path.relpath(item.path, item.config.rootpath)))
 
 
 @pytest.fixture(scope="session")
