@@ -45,7 +45,8 @@ def _uses_shared_fixture(item) -> bool:
     return any(d[-1].scope in SHARED_SCOPES for d in defs if d)
 
 
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if SLOW_FIXTURES & fixtures:
@@ -55,6 +56,23 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group("ray"))
         elif item.get_closest_marker("xdist_group") is None and _uses_shared_fixture(item):
             item.add_marker(pytest.mark.xdist_group(os.path.relpath(item.path, item.config.rootpath)))
+    if getattr(config.option, "loadgroup", False):  # a pytest-xdist worker under --dist loadgroup
+        _name_groups(items)
+
+
+def _name_groups(items) -> None:
+    """What pytest-xdist does on a worker for --dist loadgroup, for pytest versions where its own hook has no
+    effect: a test's xdist_group names become the "@name" suffix of its node id, which is what the scheduler
+    groups by. pytest-xdist sets `item._nodeid`; pytest 9 reads the node id from `item._id` instead, so the
+    marks were ignored and every group (the Ray tests, the decode graphs, the modules above) was spread over
+    both workers. Runs first (tryfirst), so pytest-xdist's hook sees the suffix already there."""
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        node_id = getattr(item, "_id", None)
+        if not names or node_id is None or "@" in item.nodeid.rpartition("]")[2]:
+            continue
+        item._id = type(node_id).parse(f"{item.nodeid}@{'_'.join(names)}")
 
 
 @pytest.fixture(scope="session")
