@@ -33,7 +33,20 @@ RAY_DIRS = ("tests/ep/", "tests/deploy/")
 RAY_FIXTURES = {"local_ray", "ray_tmpdir"}
 
 
-def pytest_collection_modifyitems(items):
+# A module whose tests share a fixture set up once per module (or class: EP rank processes launched once for
+# all the module's cases, a server, an engine) runs on one worker as well: spread over both, each worker
+# would set that fixture up again (10-20 s each for the launches of tests/comm).
+SHARED_SCOPES = ("module", "class", "package")
+
+
+def _uses_shared_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    return any(d[-1].scope in SHARED_SCOPES for d in defs if d)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if SLOW_FIXTURES & fixtures:
@@ -41,6 +54,25 @@ def pytest_collection_modifyitems(items):
         path = str(item.path).replace(os.sep, "/")
         if RAY_FIXTURES & fixtures or any(d in path for d in RAY_DIRS):
             item.add_marker(pytest.mark.xdist_group("ray"))
+        elif item.get_closest_marker("xdist_group") is None and _uses_shared_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(os.path.relpath(item.path, item.config.rootpath)))
+    if getattr(config.option, "loadgroup", False):  # a pytest-xdist worker under --dist loadgroup
+        _name_groups(items)
+
+
+def _name_groups(items) -> None:
+    """What pytest-xdist does on a worker for --dist loadgroup, for pytest versions where its own hook has no
+    effect: a test's xdist_group names become the "@name" suffix of its node id, which is what the scheduler
+    groups by. pytest-xdist sets `item._nodeid`; pytest 9 reads the node id from `item._id` instead, so the
+    marks were ignored and every group (the Ray tests, the decode graphs, the modules above) was spread over
+    both workers. Runs first (tryfirst), so pytest-xdist's hook sees the suffix already there."""
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        node_id = getattr(item, "_id", None)
+        if not names or node_id is None or "@" in item.nodeid.rpartition("]")[2]:
+            continue
+        item._id = type(node_id).parse(f"{item.nodeid}@{'_'.join(names)}")
 
 
 @pytest.fixture(scope="session")

@@ -146,7 +146,8 @@ def test_serve_ep2_across_two_ray_nodes(tiny_model, tmp_path):
                   [tmp_path / "serve.log", tmp_path / "head.log", tmp_path / "worker.log"])
         assert want[0].outputs[0].text in result["out"]
         # Both nodes gave one CPU: the 2-rank placement group had to span them.
-        assert "moelink_head" in status().stdout and "moelink_worker" in status().stdout
+        nodes = status().stdout
+        assert "moelink_head" in nodes and "moelink_worker" in nodes
     finally:
         _stop(server)
         _stop(worker)

@@ -25,7 +25,18 @@ def engine(path: str, **kw):
     return LLMEngine(EngineArgs(model=path, **{**KW, **kw}).create_engine_config())
 
 
+_REFERENCES: dict[tuple[str, bool], dict[str, list[int]]] = {}
+
+
 def reference(path: str, stream: bool = False) -> dict[str, list[int]]:
+    """The one-rank outputs of PROMPTS + LATE_PROMPTS (+ STREAM): computed once per checkpoint and session (the
+    same deterministic float64 greedy run each test would repeat); callers only read it."""
+    if (path, stream) not in _REFERENCES:
+        _REFERENCES[path, stream] = _reference(path, stream)
+    return dict(_REFERENCES[path, stream])
+
+
+def _reference(path: str, stream: bool) -> dict[str, list[int]]:
     eng = engine(path, expert_parallel_size=1)
     try:
         for i, p in enumerate(PROMPTS + LATE_PROMPTS):
