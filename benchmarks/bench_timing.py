@@ -9,7 +9,7 @@ import time
 from datetime import date
 
 import torch
-from moelink.engine.provenance import git_commit as commit
+from moelink.engine.api.provenance import git_commit as commit
 
 
 def device_label(device: torch.device) -> str:

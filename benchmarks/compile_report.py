@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
         tmp_cache = tempfile.mkdtemp(prefix="moelink-triton-cache-")
         os.environ["TRITON_CACHE_DIR"] = tmp_cache
     try:
-        from moelink.engine.provenance import git_commit
+        from moelink.engine.api.provenance import git_commit
         from datetime import date
 
         if args.retime:

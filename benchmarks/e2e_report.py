@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from moelink.engine.provenance import write_result
+from moelink.engine.api.provenance import write_result
 
 HOST_FROM_ENGINE = ("engine: host ms/step = mean step wall - mean wait for the device (LLMEngine.loop_stats); "
                     "overlapped = graph-only ms - wait")

@@ -79,7 +79,7 @@ def async_modes(fields: set[str]) -> list[bool | None]:
 # -- model directories --------------------------------------------------------------------------------------------
 def write_model_dir(out: Path, hf: dict, layers: int, max_len: int = 4096) -> Path:
     """config.json (the published numbers, `layers` decoder layers) and a small tokenizer; no weights."""
-    from moelink.engine.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
+    from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dict(hf, num_hidden_layers=layers), indent=1) + "\n")
@@ -91,7 +91,7 @@ def write_model_dir(out: Path, hf: dict, layers: int, max_len: int = 4096) -> Pa
 
 def write_smoke_checkpoint(out: Path) -> Path:
     """The smoke model with weights on disk: only for a checkout whose engine has no load_format="dummy" yet."""
-    from moelink.engine.tiny_model import make_tiny_model
+    from moelink.engine.tools.tiny_model import make_tiny_model
 
     h = SMOKE_HF
     return make_tiny_model(out, arch="qwen3_moe", num_layers=h["num_hidden_layers"], hidden_size=h["hidden_size"],

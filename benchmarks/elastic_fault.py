@@ -9,7 +9,7 @@ step's time and tokens are recorded; "during" is the step that lost the rank plu
 recompute of every requeued request (until the tokens/s of a window of steps is back to the after-phase's),
 so read it as the pause clients see. The JSON holds the per-step series; `--plot` draws tokens/s over time.
 
-`--rejoin`: a replacement rank rejoins (engine/rejoin.py, `--ep-rejoin-delay-s`): the stream stays steady (a
+`--rejoin`: a replacement rank rejoins (engine/cluster/rejoin.py, `--ep-rejoin-delay-s`): the stream stays steady (a
 finished request is replaced by a new one) until the group is back to EP N and `--after-rejoin-s` more, then
 drains; tokens/s are printed before the loss, during it, after it (EP N-1), during the admission and after it.
 On a 2-core machine the ranks share the cores: the after-phase at EP N-1 is not slower for the lost rank's
@@ -26,7 +26,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from moelink.engine.provenance import git_commit as _commit
+from moelink.engine.api.provenance import git_commit as _commit
 
 MODEL_KW = dict(arch="qwen3_moe", num_layers=2, hidden_size=128, num_experts=16, top_k=4, num_heads=4,
                 num_kv_heads=2, head_dim=32, moe_intermediate_size=128, vocab_size=512)
@@ -35,8 +35,8 @@ MODEL_KW = dict(arch="qwen3_moe", num_layers=2, hidden_size=128, num_experts=16,
 def run(ep: int, num_requests: int, max_tokens: int, rejoin: bool = False, rejoin_delay_s: float = 1.0,
         after_rejoin_s: float = 3.0, timeout_s: float = 300.0) -> dict:
     from moelink.engine import EngineArgs, SamplingParams
-    from moelink.engine.llm_engine import LLMEngine
-    from moelink.engine.tiny_model import make_tiny_model
+    from moelink.engine.core.llm_engine import LLMEngine
+    from moelink.engine.tools.tiny_model import make_tiny_model
 
     path = make_tiny_model(Path(tempfile.mkdtemp(prefix="elastic-bench-")) / "m", **MODEL_KW)
     eng = LLMEngine(EngineArgs(model=str(path), dtype="float32", expert_parallel_size=ep, elastic_ep=True,

@@ -16,7 +16,7 @@ kernels via the same selector the engine uses) → final norm → LM head on the
 batch's rows → greedy argmax. Host-side scheduling and metadata building are
 not included (they are the same for every kernel backend). With --graphs the
 step is also timed as the engine decodes on a GPU: the batch's CUDA graph
-(engine/cuda_graph.py) replayed after the step's inputs are copied in.
+(engine/rank/cuda_graph.py) replayed after the step's inputs are copied in.
 
 Memory floor: the bytes one step must read at least (attention and router
 weights, the experts the batch actually routed to, counted per layer in an
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .moe_kernels import RESULTS, Timer, measure_ceilings, require_cuda, run_meta
-from moelink.engine.provenance import write_result
+from moelink.engine.api.provenance import write_result
 
 QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48,
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
@@ -76,7 +76,7 @@ BLOCK = 16
 
 def build_model(hf: dict, num_layers: int, device, kernels_name: str, max_len: int):
     """The engine's model class, random weights; config read the engine's way (from a config.json)."""
-    from moelink.engine.config import ModelConfig
+    from moelink.engine.config.model import ModelConfig
     from moelink.engine.models import ARCHITECTURES, MoEDecoderForCausalLM
     from moelink.kernels.ops import select_kernels
 
@@ -180,7 +180,7 @@ def count_touched_experts(model, kernels, args) -> list[int]:
 def time_engine_graph(model, caches, args_, batch, device, timer, steps) -> float | None:
     """Median step time through the engine's decode graph for this batch size: host copy-in of the step's
     inputs, replay, LM head, argmax. On CPU the capture is stood in by a re-run (smoke only)."""
-    from moelink.engine.cuda_graph import CudaGraphCapture, DecodeGraphs, EagerReplay
+    from moelink.engine.rank.cuda_graph import CudaGraphCapture, DecodeGraphs, EagerReplay
 
     if model.layers[0].self_attn.kernels.name != "triton":
         print("  (--graphs needs the Triton kernels: not timed)")
@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per batch size (median reported)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time the step as the engine runs decode on CUDA: its captured graph for the batch "
-                         "(engine/cuda_graph.py), inputs copied in each step (needs the Triton kernels)")
+                         "(engine/rank/cuda_graph.py), inputs copied in each step (needs the Triton kernels)")
     ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"], help="kernel backend")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_decode_<gpu>.json)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU: checks the script only")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from moelink.engine.provenance import git_commit as _commit
+from moelink.engine.api.provenance import git_commit as _commit
 
 MODEL_KW = dict(arch="qwen3_moe", num_layers=4, hidden_size=256, num_experts=16, top_k=4, num_heads=8,
                 num_kv_heads=2, head_dim=32, moe_intermediate_size=256, vocab_size=1024,
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-hf-continuous", action="store_true")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_throughput_<device>.json)")
     args = ap.parse_args(argv)
-    from moelink.engine.tiny_model import make_tiny_model
+    from moelink.engine.tools.tiny_model import make_tiny_model
 
     prompts, outs = workload(args.num_requests, args.seed, MODEL_KW["vocab_size"])
     rows = []

@@ -24,7 +24,7 @@ distinct destination rank) with what a naive dispatch sends (once per
 the ranks share the cores and gloo copies through loopback — so read the
 throughput column as overhead, and the bytes columns as the design's saving
 (each rank, EP 1 included, runs one intra-op thread);
-GPU/NVLink speed is the cluster model's job (`moelink plan`, engine/plan_cli.py).
+GPU/NVLink speed is the cluster model's job (`moelink plan`, engine/api/plan_cli.py).
 `--overlap-ep N` (default 2) then runs EP N with two-batch overlap off and on (two engines, alternating rounds)
 and prints the median step time of each and their ratio: on CPU ranks sharing two cores the overlap has little idle time to fill, so read it as
 the cost or gain of the schedule itself, not as a GPU prediction.
@@ -41,7 +41,7 @@ from datetime import date
 from pathlib import Path
 
 from tqdm import tqdm
-from moelink.engine.provenance import git_commit as _commit
+from moelink.engine.api.provenance import git_commit as _commit
 
 MODEL_KW = dict(arch="qwen3_moe", num_layers=2, hidden_size=128, num_experts=16, top_k=4, num_heads=4,
                 num_kv_heads=2, head_dim=32, moe_intermediate_size=128, vocab_size=512)
@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from moelink.engine.tiny_model import make_tiny_model
+    from moelink.engine.tools.tiny_model import make_tiny_model
 
     # One intra-op thread per rank, as every Ray rank on CPU uses: EP 1 gets one core like
     # each EP rank does, and no rank's OpenMP threads spin against another rank's.

@@ -23,7 +23,7 @@ host with a core of its own (a GPU server) pays. Both are saved; the CPU figure 
    per decode step, 1-layer model, token ids (device work on the engine's `SimulatedStream` at 0 ms when it
    has one: launched from the host thread, as on CUDA);
 3. with --device-time-ms T, each step's device work takes T ms on a stand-in for the GPU stream: the engine's
-   `SimulatedStream` (engine/device_stream.py: the work is launched from the host thread as on CUDA, then a
+   `SimulatedStream` (engine/rank/device_stream.py: the work is launched from the host thread as on CUDA, then a
    simulated device is busy T ms per step) put on the model runner of both loops; on an engine without it, the
    stubbed forward sleeps T ms (releasing the GIL) wherever the engine runs device work (with async scheduling,
    its CPU device-stream thread). Reported per loop: the step time against max(T, host) (host work fully
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from moelink.engine.provenance import git_commit, write_result
+from moelink.engine.api.provenance import git_commit, write_result
 
 RESULTS = Path(__file__).parent / "results"
 SMOKE = dict(seqs=8, tokens=6, repeats=1, device_time_ms=2.0)
@@ -68,7 +68,7 @@ class StubForward:
 def simulated_stream():
     """The engine's GPU-stream test double (a class), or None on an engine without it."""
     try:
-        from moelink.engine.device_stream import SimulatedStream
+        from moelink.engine.rank.device_stream import SimulatedStream
     except ImportError:
         return None
     return SimulatedStream
@@ -80,7 +80,7 @@ def build_llm(seqs: int, tokens: int, model_dir: str, layers: int = 2, async_sch
     device work takes that long on a SimulatedStream, or, without one, in the stubbed forward; None: the
     engine's own stream for the device."""
     from moelink.engine import LLM
-    from moelink.engine.tiny_model import make_tiny_model
+    from moelink.engine.tools.tiny_model import make_tiny_model
 
     path = make_tiny_model(model_dir, arch="qwen3_moe", num_layers=layers, hidden_size=64, num_experts=8, top_k=2,
                            max_position_embeddings=4096)
@@ -93,7 +93,7 @@ def build_llm(seqs: int, tokens: int, model_dir: str, layers: int = 2, async_sch
         runner.stream = sim(device_ms * 1e-3)
     stub = StubForward(runner.model.cfg.hidden_size, device_ms * 1e-3 if device_ms and sim is None else 0.0)
     runner.model.forward = stub
-    stream = getattr(runner, "stream", None)  # the runner's device-stream strategy (engine/device_stream.py)
+    stream = getattr(runner, "stream", None)  # the runner's device-stream strategy (engine/rank/device_stream.py)
     if stream is not None:
         submit = stream.submit
 
@@ -112,7 +112,7 @@ def build_llm(seqs: int, tokens: int, model_dir: str, layers: int = 2, async_sch
 def decode_ms_per_step(llm, seqs: int, tokens: int, detokenize: bool) -> float:
     """Mean host ms of the steps where every sequence decodes (prefill steps and the tail excluded). The mean,
     not the median: throughput pays for every step, the garbage collector's occasional long pause included
-    (engine/gc_policy.py; a median hid a 100 ms pause every few dozen steps)."""
+    (engine/contract/gc_policy.py; a median hid a 100 ms pause every few dozen steps)."""
     return decode_step_ms(llm, seqs, tokens, detokenize)[0]
 
 

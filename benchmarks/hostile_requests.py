@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from moelink.engine.provenance import git_commit, write_result
+from moelink.engine.api.provenance import git_commit, write_result
 from moelink.benchmarks.serve_load import RESULTS_DIR, _Client, _pct
 from moelink.benchmarks.server_process import start_server, stop_server
 
@@ -165,7 +165,7 @@ def run(ns) -> dict:
     if target is None:
         model = ns.model
         if model is None:
-            from moelink.engine.tiny_model import make_tiny_model
+            from moelink.engine.tools.tiny_model import make_tiny_model
 
             tmp = tempfile.TemporaryDirectory(prefix="moelink-hostile-")
             model = str(make_tiny_model(Path(tmp.name) / "tiny-model", arch="qwen3_moe"))

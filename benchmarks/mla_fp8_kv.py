@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from moelink.engine.provenance import write_result
+from moelink.engine.api.provenance import write_result
 
 from .bench_timing import Timer, require_cuda, run_meta
 from .engine_decode import DEEPSEEK_V2_LITE, SMOKE_DSV2

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from moelink.engine.provenance import write_result
+from moelink.engine.api.provenance import write_result
 
 # Run metadata and measurement helpers live in bench_timing.py; tune_moe.py, engine_decode.py and moe_mxfp4.py
 # import them from here.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moelink.engine.provenance import write_result
+from moelink.engine.api.provenance import write_result
 
 from .moe_kernels import RESULTS, Timer, require_cuda, run_meta
 

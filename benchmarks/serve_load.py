@@ -38,7 +38,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
-from moelink.engine.provenance import git_commit as _git_commit
+from moelink.engine.api.provenance import git_commit as _git_commit
 
 from .server_process import start_server, stop_server
 

@@ -13,7 +13,7 @@ import time
 def start_server(model: str, extra: str = "", timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Start `moelink serve MODEL --port 0`; returns (process, 'host:port') once it serves."""
     # --no-http: this benchmark speaks gRPC; a managed HTTP gateway would only take port 8000 and a core.
-    cmd = [sys.executable, "-m", "moelink.engine.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
+    cmd = [sys.executable, "-m", "moelink.engine.api.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
            "--no-http", *shlex.split(extra)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + timeout_s

@@ -10,7 +10,7 @@ a2a_base.py. The fixed-capacity backends run two dispatch modes picked per step
 formula). The NCCL backend is imported lazily (GPU only). `link_model` holds
 the bandwidth/latency models of links. comm moves rows of tensors; which expert a
 row is for is the caller's (moe/) business, asked through `ExpertRoute`.
-Must not import: benchmarks, engine, engine.server, planner, scheduler, moe.
+Must not import: benchmarks, engine (every sub-package), planner, scheduler, moe.
 """
 from .a2a_base import AllToAll, DispatchMeta, ExpertRoute
 from .backends import ALL_TO_ALL_NAMES, AllToAllSpec, make_all_to_all, resolve_backend

@@ -261,7 +261,7 @@ class AllToAll(ABC):
         return self._issued(DoneHandle(self.combine(y_ND, meta)))
 
     def begin_step(self, step) -> None:
-        """Called by the runner before each step with the driver's `EPStepPlan` (engine/ep_step.py: the step's
+        """Called by the runner before each step with the driver's `EPStepPlan` (engine/contract/ep_step.py: the step's
         mode and its largest tokens-per-rank). Backends that size every call from exchanged counts ignore it;
         `TwoModeAllToAll` (comm/ep_modes.py) picks its dispatch mode here."""
 

@@ -5,7 +5,7 @@ Legend as in a2a_base.py; C the per-(source, destination) block of a dispatch, i
 A fixed-capacity transport (comm/nccl_all_to_all.py: "torch_padded", "nccl")
 moves R blocks of C rows each way and never asks the host how many rows are
 real. What C should be depends on the step, and only the driver sees every
-rank's step, so the driver decides once per step (engine/ep_step.py) and each
+rank's step, so the driver decides once per step (engine/contract/ep_step.py) and each
 rank's `TwoModeAllToAll.begin_step` picks the matching strategy object:
 
 * `LowLatencyMode` (decode-only steps): C = the decode capacity
@@ -57,7 +57,7 @@ class DispatchMode(AllToAll):
     def _check(self, x_TD) -> None:
         if x_TD.shape[0] > self.capacity:  # a host-known shape: no sync
             raise ValueError(f"{self.name} dispatch got {x_TD.shape[0]} tokens, above this step's per-rank "
-                             f"capacity {self.capacity}: the step plan must size the step (engine/ep_step.py).")
+                             f"capacity {self.capacity}: the step plan must size the step (engine/contract/ep_step.py).")
 
     def _named(self, result):
         recv_x_ND, meta = result

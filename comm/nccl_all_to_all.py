@@ -102,7 +102,7 @@ class PaddedAllToAll(AllToAll):
             # Host-known shapes: no sync. Dropping rows would lose tokens, so this is an error, never a cut.
             what = "max_tokens_per_rank" if capacity is None else "this call's capacity"
             raise ValueError(f"dispatch got {num_tokens} tokens but {what} is {C}: raise it (the step plan sizes "
-                             f"it, engine/ep_step.py) or schedule fewer tokens per step.")
+                             f"it, engine/contract/ep_step.py) or schedule fewer tokens per step.")
         R, dev = self.world_size, x_TD.device
         rows = R * C
         valid_TK = topk_ids_TK >= 0

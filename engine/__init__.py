@@ -1,26 +1,28 @@
 """moelink.engine: the user-facing engine: `LLM` (offline), `AsyncEngine` (serving), the `moelink` CLI.
 
-Owns: engine arguments and configs, the engine loop (tokenizer, scheduler, executor, output processing),
-executors (in-process, Ray), the worker and its model runner, model definitions (`models/`), checkpoint
-loading, sampling, CUDA graphs, metrics. Scheduling policy belongs to scheduler/, the MoE layer to moe/.
-The gRPC front (`server/`) sits on top of this folder; only `cli.py`, the composition root of the `moelink`
-command, reaches up into it to register `serve` and `stats`.
-Must not import: benchmarks, engine.server (except cli.py, the composition root).
+The engine floor, one sub-package per role, top to bottom (tests/test_layering.py holds the table):
+`server/` the gRPC front; `api/` LLM, AsyncEngine and the `moelink` command (its cli.py, the composition
+root, alone reaches up into server/ to register `serve` and `stats`); `core/` the step loop, request intake
+and outputs; `cluster/` executors, Ray, the EP group and its transitions; `rank/` one rank's worker, model
+runner, sampler, CUDA graphs and loader; `models/` the decoder; `tools/` offline checkpoint tools;
+`contract/` what driver and ranks exchange; `config/` configuration. Scheduling policy belongs to
+scheduler/, the MoE layer to moe/. This root only re-exports the public names.
+Must not import: benchmarks, engine.cluster, engine.models, engine.rank, engine.server, engine.tools.
 """
-from .outputs import CompletionOutput, Logprob, OutputKind, RequestOutput
-from .sampling_params import SamplingParams
+from .core.outputs import CompletionOutput, Logprob, OutputKind, RequestOutput
+from .contract.sampling_params import SamplingParams
 
 
 def __getattr__(name):
     # Lazy: `import moelink.engine` for SamplingParams should not load torch models.
     if name == "LLM":
-        from .llm import LLM
+        from .api.llm import LLM
         return LLM
     if name == "AsyncEngine":
-        from .async_engine import AsyncEngine
+        from .api.async_engine import AsyncEngine
         return AsyncEngine
     if name == "EngineArgs":
-        from .engine_args import EngineArgs
+        from .config.engine_args import EngineArgs
         return EngineArgs
     raise AttributeError(name)
 

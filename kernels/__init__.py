@@ -3,5 +3,5 @@ fused MoE grouped GEMM (token sort/align, SiLU·mul, routed-weight combine), pag
 `ops.py` picks per device; tuned launch configs are JSON data in `configs/`.
 
 The bottom layer: it depends on torch and Triton only.
-Must not import: benchmarks, engine, engine.server, planner, scheduler, moe, comm.
+Must not import: benchmarks, engine (every sub-package), planner, scheduler, moe, comm.
 """

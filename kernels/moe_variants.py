@@ -10,7 +10,7 @@ decisions for one T: it is the selector. `plan_moe_variants` lists each variant 
 once, with the first T that reaches it, from the points where some decision can change (bucket midpoints,
 rows-per-expert thresholds, the tiny bound, power-of-two and sub-tile edges) rather than from every T;
 tests/engine/test_warmup.py checks it against the selector at every T. Start-up warm-up
-(engine/warmup.py) runs one expert call per planned variant.
+(engine/rank/warmup.py) runs one expert call per planned variant.
 
 Host arithmetic only, no device. The Triton wrappers are imported when a function runs, not with this module
 (kernels/ops.py: importing them defines the kernels, which fixes the interpreter choice).

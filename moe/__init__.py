@@ -3,5 +3,5 @@ redundant experts), dispatch → local experts → combine, and expert-load stat
 
 It runs whichever all-to-all backend it is handed (comm/) and the expert kernels of kernels/; it never
 chooses a backend itself and knows nothing of engines, schedulers or models.
-Must not import: benchmarks, engine, engine.server, planner, scheduler.
+Must not import: benchmarks, engine (every sub-package), planner, scheduler.
 """

@@ -18,7 +18,7 @@ tables, and frees the staging. Every rank does so inside the same gap between
 two steps (the driver's collective), so a layer switches weights and tables on
 every rank at one step boundary: no step ever sees a half-moved layer, and the
 staging holds one chunk at most (`chunk_staging_bytes`, bounded by the
-driver: engine/eplb_controller.py).
+driver: engine/cluster/eplb_controller.py).
 
 What moves: every per-slot tensor of the layer (`slot_tensors`: every parameter
 whose first dimension is the local slot count), so a format's scales and
@@ -26,7 +26,7 @@ biases travel with its weights (FP8 block scales, MXFP4 blocks + scales, the
 expert biases). Sent as raw bytes (a uint8 view): any dtype crosses any
 backend bit-exactly.
 
-A rank lost mid-chunk (engine/elastic.py): the survivors' `move` raises; their
+A rank lost mid-chunk (engine/cluster/elastic.py): the survivors' `move` raises; their
 layers of the chunk were not switched (the switch comes after every transfer),
 and `abort()` (Worker.reconfigure) frees the staging with the mover.
 """

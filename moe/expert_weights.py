@@ -17,7 +17,7 @@ kernel call, so the layer has no format branches:
   `w2_blocks_EDSQ` [E, D, I/32, 16] with uint8 E8M0 scales `w13_scales_EFS` / `w2_scales_EDS` beside them, and
   the layer's float expert biases → kernels.fused_moe_mxfp4 (W4A16: activations stay in the model dtype).
 
-Plan entries are `name -> PlanEntry(dest, index, source rows)` (moe/weight_plan.py, engine/loader.py); `QuantizeOnLoad` as
+Plan entries are `name -> PlanEntry(dest, index, source rows)` (moe/weight_plan.py, engine/rank/loader.py); `QuantizeOnLoad` as
 the destination asks the loader to block-quantize a float checkpoint tensor into an FP8 weight and its scales.
 """
 from __future__ import annotations
@@ -233,7 +233,7 @@ ExpertFormat = FloatExperts | Fp8BlockExperts | Mxfp4Experts
 
 
 def make_expert_format(quant, fused: bool = False) -> ExpertFormat:
-    """The expert format of a model's quantization (engine/quantization.py's config; None = float); `fused`: the
+    """The expert format of a model's quantization (engine/config/quantization.py's config; None = float); `fused`: the
     checkpoint holds this layer's experts fused (`experts.gate_up_proj`), which FP8 keeps stacked."""
     if quant is None:
         return FloatExperts()

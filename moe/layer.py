@@ -57,7 +57,7 @@ class ExpertParallel:
 def own_tables(ep: ExpertParallel | None) -> PlacementTables | None:
     """A layer's own copy of `ep`'s placement tables (G x X int32, small), as wide as any placement of these
     slots can need (a rank holds one copy of an expert at most): online EPLB rewrites them in place, and a
-    survivor that keeps its layers through an elastic-EP recovery takes new ones (engine/keep_runner.py)."""
+    survivor that keeps its layers through an elastic-EP recovery takes new ones (engine/rank/keep_runner.py)."""
     if ep is None or ep.tables is None:
         return None
     return ep.tables.padded(max(ep.tables.max_replicas, min(ep.world_size, 1 + ep.placement.num_redundant)))
@@ -126,7 +126,7 @@ class MoELayer(nn.Module):
         self.activation = activation
         # Only the arguments this layer has: the plain SiLU layer calls every kernel strategy as before.
         self._plain_experts = not expert_bias and activation == SILU
-        # bool [T], set only while a padded decode graph runs (engine/cuda_graph.py): padding rows route to
+        # bool [T], set only while a padded decode graph runs (engine/rank/cuda_graph.py): padding rows route to
         # no expert (id -1), so they cost no expert weight reads and count in no expert's load.
         self.valid_rows_T: torch.Tensor | None = None
 
@@ -136,7 +136,7 @@ class MoELayer(nn.Module):
     def stages(self, x_TD: torch.Tensor) -> Stages:
         """This layer as stages: a generator that yields each time an all-to-all is in flight (after
         dispatch_async, after combine_async; never without `ep`) and returns out_TD [T, D]. Whoever drives it
-        runs other work at the yields: the shared experts, the other micro-batch (engine/step_plan.py)."""
+        runs other work at the yields: the shared experts, the other micro-batch (engine/rank/step_plan.py)."""
         # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
         logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
         weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)

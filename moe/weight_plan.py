@@ -1,7 +1,7 @@
 """A weight plan's entry: where one checkpoint tensor goes (the contract of every module's `weight_plan`).
 
-`weight_plan(...)` returns `{checkpoint name: PlanEntry}`; engine/loader.py fills each destination from the
-checkpoint (engine/dummy_weights.py with random values, engine/keep_runner.py a part of a plan).
+`weight_plan(...)` returns `{checkpoint name: PlanEntry}`; engine/rank/loader.py fills each destination from the
+checkpoint (engine/rank/dummy_weights.py with random values, engine/rank/keep_runner.py a part of a plan).
 """
 from __future__ import annotations
 

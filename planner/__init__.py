@@ -1,5 +1,5 @@
 """moelink.planner: the cluster model of MoE serving throughput per GPU (DP attention + EP), calibrated on
-published results; `moelink plan` (engine/plan_cli.py) is its command.
+published results; `moelink plan` (engine/api/plan_cli.py) is its command.
 
 Modules: `hardware` (GPU and fabric profiles, assumed GPU-hour prices), `models` (shapes from config.json),
 `efficiency` (the one set of constants), `kernels` (roofline and measured MoE timings), `imbalance` (expert
@@ -8,5 +8,5 @@ engines: modes, measured kernels, feature status), `calibration` (published rows
 validation), `plan` (best EP and batch under an ITL target), `costs` ($/M tokens), `report`, `plots`,
 `cost_report` (`--report`). Links and all-to-all volumes come from `comm.link_model`.
 A product feature, not a benchmark: it predicts, it never runs a model.
-Must not import: benchmarks, engine, engine.server, scheduler, moe, kernels.
+Must not import: benchmarks, engine (every sub-package), scheduler, moe, kernels.
 """

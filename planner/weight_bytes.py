@@ -1,5 +1,5 @@
 """Bytes of one weight matrix in each storage format: the one count the planner (`moelink plan --precision`)
-and the engine's start-up report (engine/weight_memory.py) both use.
+and the engine's start-up report (engine/rank/weight_memory.py) both use.
 
 FP8 block-scaled (kernels/fp8.py's published layout): 1 byte per weight plus one float32 scale per
 Bn x Bk block, ragged edges included (ceil). MXFP4 (gpt-oss's experts, kernels/mxfp4.py): two e2m1 values per

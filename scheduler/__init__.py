@@ -3,7 +3,7 @@ token-budget scheduler (chunked prefill, preemption) and the data-parallel reque
 
 Pure Python: the standard library only, no torch or numpy (DESIGN.md), so it is tested on plain lists.
 `SchedulerOutput` / `ModelRunnerOutput` (outputs.py) are the only things that cross to the worker and back.
-Must not import: benchmarks, engine, engine.server, planner, moe, comm, kernels.
+Must not import: benchmarks, engine (every sub-package), planner, moe, comm, kernels.
 """
 from .block_pool import BlockPool, extend_block_hashes, hash_block_tokens
 from .config import CacheConfig, SchedulerConfig

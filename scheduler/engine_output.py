@@ -42,6 +42,21 @@ class SchedulerStats:
     prefix_cache_hits: int  # tokens found, cumulative
     num_preemptions_total: int
 
+    @classmethod
+    def combine(cls, per_rank: "list[SchedulerStats]") -> "SchedulerStats":
+        """Several ranks' schedulers as one: sums, and kv_usage over the pooled blocks."""
+        if len(per_rank) == 1:
+            return per_rank[0]
+        total = sum(s.num_total_blocks for s in per_rank)
+        return cls(
+            num_running=sum(s.num_running for s in per_rank), num_waiting=sum(s.num_waiting for s in per_rank),
+            kv_usage=sum(s.kv_usage * s.num_total_blocks for s in per_rank) / total,
+            num_free_blocks=sum(s.num_free_blocks for s in per_rank), num_total_blocks=total,
+            prefix_cache_queries=sum(s.prefix_cache_queries for s in per_rank),
+            prefix_cache_hits=sum(s.prefix_cache_hits for s in per_rank),
+            num_preemptions_total=sum(s.num_preemptions_total for s in per_rank),
+        )
+
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

@@ -1,7 +1,7 @@
 """What the engine core drives a rank's scheduler through: the `SchedulerInterface` protocol.
 
 `scheduler.Scheduler` (token budget, FCFS, preemption by recompute) is the one implementation today; the engine
-(engine/llm_engine.py, elastic.py, rejoin.py) and the data-parallel router use nothing beyond this, so another
+(engine/core/llm_engine.py, elastic.py, rejoin.py) and the data-parallel router use nothing beyond this, so another
 policy (priority, a disaggregated prefill/decode pool) plugs in by implementing it.
 tests/scheduler/test_interface.py checks that Scheduler does, with these signatures.
 """

@@ -41,7 +41,7 @@ class SamplingOptions(Protocol):
 
 
 class EPStep(Protocol):
-    """The driver's per-step expert-parallel plan as a worker reads it (engine/ep_step.py's `EPStepPlan` is
+    """The driver's per-step expert-parallel plan as a worker reads it (engine/contract/ep_step.py's `EPStepPlan` is
     one): the step's dispatch mode, its largest tokens per rank, and the decode graph size every rank replays
     (None: eager). Named here as a shape, since the scheduler imports neither the engine nor comm."""
 
@@ -88,7 +88,7 @@ class CachedRequestData:
 
 @dataclass
 class RequestResync:
-    """Elastic EP, a survivor that kept its model runner (engine/keep_runner.py): the worker replaces its request
+    """Elastic EP, a survivor that kept its model runner (engine/rank/keep_runner.py): the worker replaces its request
     states by these before its next step, because the step the lost rank broke may have changed them on one side
     only (scheduled but never run, or run but never answered). `running`: every running request as the scheduler
     holds it now (its blocks, its tokens, what is computed); `waiting_ids`: the preempted ones waiting to resume
@@ -117,7 +117,7 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
     # Structured output: per constrained request scheduled this step, its allowed next tokens as
-    # little-endian int32 bitmask words (bytes; filled by the engine, engine/structured_output.py).
+    # little-endian int32 bitmask words (bytes; filled by the engine, engine/core/structured_output.py).
     grammar_bitmask: dict[str, bytes] = field(default_factory=dict)
     # Expert parallelism: the step's dispatch plan (an EPStep: engine.ep_step.EPStepPlan), the same object on
     # every rank, set by the driver's executor; None without EP.

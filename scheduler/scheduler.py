@@ -297,7 +297,7 @@ class Scheduler:
         return new
 
     def rewind(self, failed: SchedulerOutput | list[SchedulerOutput] | None) -> None:
-        """Elastic EP, this rank survived a loss and kept its runner (engine/keep_runner.py): undo the step
+        """Elastic EP, this rank survived a loss and kept its runner (engine/rank/keep_runner.py): undo the step
         `failed` that never completed (None: the loss came between steps), so each running request is computed
         up to where it was before it, and send the worker every request state afresh with the next step
         (`SchedulerOutput.resync`): the broken step may have reached the worker or not, run there or not. The

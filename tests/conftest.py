@@ -78,7 +78,7 @@ def _name_groups(items) -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(name) → path of that tiny checkpoint (built on first use)."""
-    from moelink.engine.tiny_model import make_tiny_model
+    from moelink.engine.tools.tiny_model import make_tiny_model
 
     built: dict[str, str] = {}
 
@@ -114,7 +114,7 @@ def fp8_tiny(tmp_path_factory):
     """fp8_tiny(name, fused=False, block=BLOCK) → (float checkpoint saved by transformers, its `moelink
     quantize-fp8` copy in `block` blocks (16 x 16 by default), that copy dequantized to float64) for
     tests.helpers.fp8_checkpoints.FP8_TINY[name]."""
-    from moelink.engine.quantize_fp8 import quantize_checkpoint
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
     from tests.helpers.fp8_checkpoints import BLOCK, dequantized_copy, save_fp8_tiny
 
     built: dict = {}

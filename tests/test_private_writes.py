@@ -3,7 +3,7 @@
 A write `obj._field = ...` (or `+=`, a tuple target, `setattr(obj, "_field", ...)`) outside `self`/`cls` is
 allowed only in the module whose own classes keep that field (some method there assigns `self._field`): a
 class may number its own handles, a module may not reach into an executor's or an engine's state. Changes of
-state go through the owner's methods (the EP group: `RayExecutor.adopt` / `commit`, engine/ep_group.py).
+state go through the owner's methods (the EP group: `RayExecutor.adopt` / `commit`, engine/cluster/ep_group.py).
 """
 from __future__ import annotations
 

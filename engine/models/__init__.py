@@ -1,15 +1,16 @@
 """Model registry: `architectures` name in config.json → ArchSpec of the one decoder (moe_decoder.py).
 
 A spec names the attention kind and the checkpoint's weight names. Routing, shapes, rope, q/k norm, biases,
-dense and shared-expert layers are not part of it: ModelConfig (read from config.json by engine/hf_readers.py)
+dense and shared-expert layers are not part of it: ModelConfig (read from config.json by engine/config/hf_readers.py)
 holds them, so Qwen3-MoE's norm_topk_prob, GLM's use_qk_norm and DeepSeek's q_lora_rank are config facts.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.rank, engine.server, engine.tools.
 """
 from __future__ import annotations
 
-from ..architectures import REGISTRY, SUPPORTED_ARCHITECTURES, ArchSpec
+from ..config.architectures import REGISTRY, SUPPORTED_ARCHITECTURES, ArchSpec
 from .moe_decoder import MoEDecoderForCausalLM
 
-# The runnable architectures' specs, from the one registry (engine/architectures.py).
+# The runnable architectures' specs, from the one registry (engine/config/architectures.py).
 ARCHITECTURES: dict[str, ArchSpec] = {n: a.spec for n, a in REGISTRY.items() if a.runnable}
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..layer_configs import GQAConfig
+from ..config.layer_configs import GQAConfig
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
 from .rope import RotaryEmbedding
@@ -32,7 +32,7 @@ class GQAAttention(nn.Module):
         self.scale = attn.softmax_scale
         self.kernels = kernels
         self.rope = rope
-        # quant: engine/quantization.py's config (None = float); the method is chosen by checkpoint name.
+        # quant: engine/config/quantization.py's config (None = float); the method is chosen by checkpoint name.
         p = f"model.layers.{layer_idx}.self_attn."
         qkv_method = linear_method(quant, p + "q_proj", p + "k_proj", p + "v_proj")
         self.qkv_proj = Linear(hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_method, kernels, dtype,

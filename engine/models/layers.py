@@ -62,7 +62,7 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None, *, kernels=None, quant=None,
                  prefix: str = ""):
-        """quant: engine/quantization.py's config (None = float); prefix: the checkpoint names' prefix
+        """quant: engine/config/quantization.py's config (None = float); prefix: the checkpoint names' prefix
         ("model.layers.{i}.mlp."), which modules_to_not_convert is matched against."""
         super().__init__()
         self.intermediate_size = intermediate_size

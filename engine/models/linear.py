@@ -28,7 +28,7 @@ from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize, block_scale_shape, 
 from moelink.moe.expert_weights import fp8_plan
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..quantization import QuantConfig
+from ..config.quantization import QuantConfig
 
 
 class FloatLinear:

@@ -23,7 +23,7 @@ from torch import nn
 from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..layer_configs import MLAConfig
+from ..config.layer_configs import MLAConfig
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
@@ -42,7 +42,7 @@ class MLAAttention(nn.Module):
         f = dict(dtype=dtype, device=device)
         # x feeds two projections, q's first (q_a_proj, or q_proj) and kv_a_proj_with_mqa: one matmul over
         # their stacked rows [q rows | c_kv (C) | k_pe (P)] (an FP8 gap before c_kv when q's rows end mid-block).
-        # quant: engine/quantization.py's config (None = float); each linear's method by its checkpoint name.
+        # quant: engine/config/quantization.py's config (None = float); each linear's method by its checkpoint name.
         p = f"model.layers.{layer_idx}.self_attn."
         q_first = p + ("q_a_proj" if attn.q_lora_rank is not None else "q_proj")
         self.fused_a_proj = Linear(hidden_size, (self.q_rows, C + P),

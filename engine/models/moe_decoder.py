@@ -25,8 +25,8 @@ from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..architectures import ArchSpec
-from ..config import ModelConfig
+from ..config.architectures import ArchSpec
+from ..config.model import ModelConfig
 from .gqa import GQAAttention
 from .layers import DenseMLP, ForwardContext, RMSNorm
 from .mla import MLAAttention
@@ -147,7 +147,7 @@ class MoEDecoderForCausalLM(nn.Module):
 
     def stages(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> Stages:
         """`forward` as stages: yields twice per MoE layer under expert parallelism (dispatch in flight, combine
-        in flight), never otherwise; returns the final-normed hidden states [T, D]. engine/step_plan.py drives
+        in flight), never otherwise; returns the final-normed hidden states [T, D]. engine/rank/step_plan.py drives
         it, alone or interleaved with another micro-batch's."""
         x_TD = F.embedding(input_ids_T, self.embed_tokens)
         residual_TD = None

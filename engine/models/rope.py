@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layer_configs import RopeConfig
+from ..config.layer_configs import RopeConfig
 
 
 def rope_inv_freq(rope: RopeConfig, hf_config: dict) -> tuple[torch.Tensor, float]:

@@ -2,5 +2,6 @@
 `AsyncEngine`, with health, reflection, auth, TLS, request limits, admission and drain.
 
 It talks to the engine through `AsyncEngine` only. Benchmarks that load it (bench-serve) live above it.
-Must not import: benchmarks.
+It reaches the engine through `AsyncEngine` (api/) and the core's request and output types.
+Must not import: benchmarks, engine.cluster, engine.models, engine.rank.
 """

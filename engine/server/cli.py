@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli_args import add_engine_args, engine_args_from
+from ..api.cli_args import add_engine_args, engine_args_from
 from .config import DEFAULT_MAX_MESSAGE_SIZE, ServerConfig
 from .limits import add_limit_args, limits_from
 

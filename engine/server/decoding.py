@@ -28,7 +28,7 @@ import threading
 
 import grpc
 
-from ..safe_text import shown
+from ..contract.safe_text import shown
 from .limits import RequestLimits
 
 logger = logging.getLogger(__name__)

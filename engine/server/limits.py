@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
-from ..safe_text import MAX_SHOWN_CHARS
+from ..contract.safe_text import MAX_SHOWN_CHARS
 
 # Whole-message cap of both listeners (ServerConfig.max_message_size): 64 MiB, so a 1M-token prompt of uint32
 # ids fits with room. Here, not in config.py, because the README table below renders it and config imports us.
@@ -81,7 +81,7 @@ def limits_from(ns: argparse.Namespace) -> RequestLimits:
 # -- README's table -------------------------------------------------------------
 def bad_input_table(limits: RequestLimits | None = None) -> str:
     """Markdown: field -> limit -> status, from the limits the servers enforce."""
-    from ..sampling_params import FLOAT_RANGES, MAX_LOGPROBS
+    from ..contract.sampling_params import FLOAT_RANGES, MAX_LOGPROBS
 
     lim = limits or RequestLimits()
 

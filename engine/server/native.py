@@ -7,11 +7,11 @@ import time
 
 import grpc
 
-from ..llm_engine import ProcessedRequest
-from ..no_tokenizer import NoTokenizer
-from ..outputs import CompletionOutput, RequestOutput
-from ..safe_text import shown
-from ..sampling_params import SamplingParams
+from ..core.llm_engine import ProcessedRequest
+from ..core.no_tokenizer import NoTokenizer
+from ..core.outputs import CompletionOutput, RequestOutput
+from ..contract.safe_text import shown
+from ..contract.sampling_params import SamplingParams
 from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
 from .limits import RequestLimits
@@ -144,7 +144,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
 
 def _eplb_fields(load) -> dict:
-    """The ExpertLoadResponse fields of online EPLB (engine/eplb_controller.py); none when it is off."""
+    """The ExpertLoadResponse fields of online EPLB (engine/cluster/eplb_controller.py); none when it is off."""
     if load.eplb is None:
         return {}
     m = load.eplb

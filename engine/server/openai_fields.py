@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from ..safe_text import shown
-from ..structured_output_params import PREFIX, StructuredOutputParams, choice_ebnf
+from ..contract.safe_text import shown
+from ..contract.structured_output_params import PREFIX, StructuredOutputParams, choice_ebnf
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"

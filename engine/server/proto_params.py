@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from ..sampling_params import SamplingParams
+from ..contract.sampling_params import SamplingParams
 from .limits import RequestLimits
 from .serving import optional, structured_from_proto, wire_message
 

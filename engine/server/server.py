@@ -35,11 +35,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
-from ..async_engine import AsyncEngine
-from ..builtin_model import describe as describe_builtin_model
-from ..no_tokenizer import NoTokenizer
-from ..worker_config import DUMMY_WARNING
-from ..safe_text import MAX_LOG_LINE_CHARS, shown
+from ..api.async_engine import AsyncEngine
+from ..tools.builtin_model import describe as describe_builtin_model
+from ..core.no_tokenizer import NoTokenizer
+from ..config.worker_config import DUMMY_WARNING
+from ..contract.safe_text import MAX_LOG_LINE_CHARS, shown
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig
 from .decoding import DecodingInterceptor
@@ -162,7 +162,7 @@ class MoelinkServer:
             logger.warning("--gateway-port %d %s", port, warning)
 
     def _start_metrics(self) -> None:
-        from ..metrics import start_metrics_server
+        from ..core.metrics import start_metrics_server
 
         metrics = self.engine.metrics
         # Bounded: a capped number of connections, each with a deadline (half-open ones cost no thread for long).
@@ -377,7 +377,7 @@ def serve(engine_args, config: ServerConfig) -> int:
     configure_logging(config.log_format)
     metrics = None
     if config.metrics_port is not None:
-        from ..metrics import EngineMetrics
+        from ..core.metrics import EngineMetrics
 
         metrics = EngineMetrics()
     engine = AsyncEngine.from_engine_args(engine_args, metrics=metrics)

@@ -25,14 +25,14 @@ from typing import AsyncIterator, Optional
 
 import grpc
 
-from ..async_engine import AsyncEngine, EngineDeadError
-from ..llm_engine import ProcessedRequest, too_long
-from ..no_tokenizer import NoTokenizer
-from ..outputs import OutputKind, RequestOutput
-from ..prompt_bound import NoBound, bytes_per_token
-from ..safe_text import MAX_MESSAGE_CHARS, shown
-from ..sampling_params import SamplingParams
-from ..structured_output_params import StructuredOutputParams
+from ..api.async_engine import AsyncEngine, EngineDeadError
+from ..core.llm_engine import ProcessedRequest, too_long
+from ..core.no_tokenizer import NoTokenizer
+from ..core.outputs import OutputKind, RequestOutput
+from ..core.prompt_bound import NoBound, bytes_per_token
+from ..contract.safe_text import MAX_MESSAGE_CHARS, shown
+from ..contract.sampling_params import SamplingParams
+from ..contract.structured_output_params import StructuredOutputParams
 from .config import ServerConfig
 from .registry import Draining, DuplicateRequest, Overloaded, RequestRegistry
 
@@ -102,7 +102,7 @@ class Serving:
     # -- inputs ---------------------------------------------------------------
     def _prompt_byte_bound(self) -> tuple[Optional[float], Optional[int]]:
         """(most bytes one token stands for, most bytes a text prompt that fits can have); None: no bound."""
-        if isinstance(self.tokenizer, NoTokenizer):  # text prompts are refused whole (engine/no_tokenizer.py)
+        if isinstance(self.tokenizer, NoTokenizer):  # text prompts are refused whole (engine/core/no_tokenizer.py)
             return None, None
         try:
             bpt = bytes_per_token(self.tokenizer.backend.to_str())

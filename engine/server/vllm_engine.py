@@ -23,10 +23,10 @@ from pathlib import Path
 import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
 
-from ..input_processing import kept_prompt_tokens
-from ..llm_engine import ProcessedRequest
-from ..safe_text import shown
-from ..sampling_params import SamplingParams
+from ..core.input_processing import kept_prompt_tokens
+from ..core.llm_engine import ProcessedRequest
+from ..contract.safe_text import shown
+from ..contract.sampling_params import SamplingParams
 from .limits import RequestLimits
 from .proto_params import ProtoReading, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto

@@ -269,7 +269,7 @@ def test_engine_decode_smoke_deepseek_v2_lite(tmp_path):
 
 @pytest.mark.slow
 def test_engine_decode_smoke_times_the_engine_graph_path(tmp_path):
-    """--graphs with the Triton kernels (interpreter): the step through engine/cuda_graph.py's DecodeGraphs
+    """--graphs with the Triton kernels (interpreter): the step through engine/rank/cuda_graph.py's DecodeGraphs
     (capture stood in by a re-run on CPU), reported beside the eager step. One batch, one step, one of the smoke
     model's two layers (the rest extrapolated, as on a GPU that cannot hold them all): the interpreter's time."""
     out = tmp_path / "engine_decode_graphs.json"

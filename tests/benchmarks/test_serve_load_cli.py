@@ -15,7 +15,7 @@ from moelink.benchmarks import serve_load
 
 
 def _bench_parser() -> argparse.ArgumentParser:
-    from moelink.engine.cli import build_parser
+    from moelink.engine.api.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices["bench-serve"]

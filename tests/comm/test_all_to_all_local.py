@@ -183,7 +183,7 @@ def test_nccl_low_latency_mode_in_a_cuda_graph():
     rows, padding rows are 0, and the counters read after the replay say 4 rows sent, 8 on the wire. A
     high-throughput step after it (other block size, eager) still runs."""
     from moelink.comm.ep_modes import HIGH_THROUGHPUT, LOW_LATENCY, TwoModeAllToAll
-    from moelink.engine.ep_step import EPStepPlan
+    from moelink.engine.contract.ep_step import EPStepPlan
     from moelink.moe.stats import MoEStats
 
     dev = torch.device("cuda", 0)

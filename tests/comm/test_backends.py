@@ -6,7 +6,7 @@ import pytest
 from moelink.comm.a2a_base import AllToAll
 from moelink.comm.all_to_all import NoAllToAll, TorchAllToAll
 from moelink.comm.backends import ALL_TO_ALL_NAMES, BACKENDS, AllToAllSpec, resolve_backend
-from moelink.engine.config import ParallelConfig
+from moelink.engine.config.model import ParallelConfig
 
 
 def test_names_and_auto():
@@ -51,7 +51,7 @@ def test_cli_offers_the_registry_names():
     # The CLI keeps its own literal list (building the parser must not import torch): it must not drift.
     import argparse
 
-    from moelink.engine.cli import add_engine_args
+    from moelink.engine.api.cli import add_engine_args
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)

@@ -20,7 +20,7 @@ import torch
 from moelink.comm import make_all_to_all
 from moelink.comm.ep_modes import (EXACT, HIGH_THROUGHPUT, LOW_LATENCY, HighThroughputMode, LowLatencyMode,
                                    TwoModeAllToAll, dispatch_wire_bytes)
-from moelink.engine.ep_step import EPStepPlan
+from moelink.engine.contract.ep_step import EPStepPlan
 from moelink.kernels.moe import reference_fused_moe
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.layer import MoELayer

@@ -70,7 +70,7 @@ def test_start_worker_refuses_a_loopback_node_address():
 @pytest.mark.slow
 @pytest.mark.skipif(RAY is None, reason="the `ray` command is not installed")
 def test_start_head_on_loopback_listens_on_loopback_only(listening):
-    from moelink.engine.ray_guard import processes_using
+    from moelink.engine.cluster.ray_guard import processes_using
 
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="mlhead-", dir="/tmp")  # short: Ray's socket paths

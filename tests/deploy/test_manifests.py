@@ -11,7 +11,7 @@ variable set in the Kubernetes container's env its value, anything else a
 dummy of the type the flag wants (`$PORT` after `--port` becomes an int), so a
 literal value is always checked as written. Usage placeholders (MODEL,
 HEAD_IP:PORT, N), `[optional --flags]` and `...` are read the same way.
-The parser is `moelink.engine.cli.build_parser()`, so the test follows the code.
+The parser is `moelink.engine.api.cli.build_parser()`, so the test follows the code.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from tests.helpers.deploy_commands import (  # noqa: E402
 # --------------------------------------------------------------------------- the parser
 @pytest.fixture(scope="module")
 def serve_parser() -> argparse.ArgumentParser:
-    from moelink.engine.cli import build_parser
+    from moelink.engine.api.cli import build_parser
 
     parser = build_parser()
     for action in parser._actions:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.structured_output_params import StructuredOutputParams
+from moelink.engine.contract.structured_output_params import StructuredOutputParams
 from moelink.scheduler.scheduler import Scheduler
 
 pytestmark = pytest.mark.slow  # two engines over 200 requests
@@ -127,7 +127,7 @@ def test_stop_string_while_a_step_is_in_flight_matches_serial(tiny_model):
         p = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop])
         streamed: list[str] = []
         eng = overlapped.engine
-        from moelink.engine.outputs import OutputKind
+        from moelink.engine.core.outputs import OutputKind
 
         eng.add_request("s", [5, 6, 7, 8], p, output_kind=OutputKind.DELTA)
         while eng.has_requests():

@@ -14,8 +14,8 @@ import re
 import pytest
 
 from moelink.engine import LLM
-from moelink.engine.builtin_model import BUILTIN_MODEL_DIR, MARKER_FILE, describe, read_record
-from moelink.engine.sampling_params import SamplingParams
+from moelink.engine.tools.builtin_model import BUILTIN_MODEL_DIR, MARKER_FILE, describe, read_record
+from moelink.engine.contract.sampling_params import SamplingParams
 
 from tests.helpers.parity import hf_greedy
 
@@ -103,7 +103,7 @@ def test_served_dtype_float32_gives_the_same_greedy_tokens(greedy):
 def test_json_schema_request_returns_valid_json():
     pytest.importorskip("xgrammar")
     jsonschema = pytest.importorskip("jsonschema")
-    from moelink.engine.structured_output_params import StructuredOutputParams
+    from moelink.engine.contract.structured_output_params import StructuredOutputParams
 
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                                "size": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -141,7 +141,7 @@ _SMOKE = ["--max-files", "12", "--steps", "4", "--warmup-steps", "1", "--eval-ev
 
 
 def test_training_script_smoke(tmp_path, capsys):
-    from moelink.engine.cli import main
+    from moelink.engine.api.cli import main
 
     out = tmp_path / "m"
     assert main(["train-builtin-model", str(out), *_SMOKE]) == 0
@@ -156,7 +156,7 @@ def test_training_script_smoke(tmp_path, capsys):
 
 
 def test_training_is_deterministic_given_the_seed(tmp_path):
-    from moelink.engine.cli import main
+    from moelink.engine.api.cli import main
 
     for name in ("a", "b"):
         assert main(["train-builtin-model", str(tmp_path / name), *_SMOKE, "--steps", "2", "--eval-every", "2"]) == 0
@@ -167,7 +167,7 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
 @pytest.mark.parametrize("flag,value,field", [("--top-k", "9", "top_k"), ("--seq-len", "2048", "seq_len"),
                                               ("--warmup-steps", "4", "warmup_steps")])
 def test_bad_training_flags_name_the_field(tmp_path, capsys, flag, value, field):
-    from moelink.engine.cli import main
+    from moelink.engine.api.cli import main
 
     assert main(["train-builtin-model", str(tmp_path), *_SMOKE, flag, value]) == 2
     err = capsys.readouterr().err
@@ -175,7 +175,7 @@ def test_bad_training_flags_name_the_field(tmp_path, capsys, flag, value, field)
 
 
 def test_docstring_cleaning_keeps_prose_and_drops_code():
-    from moelink.engine.builtin_corpus import chat_text, clean_docstring, Doc
+    from moelink.engine.tools.builtin_corpus import chat_text, clean_docstring, Doc
 
     doc = '''Return the :func:`len` of ``x``, counted
     the usual way.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moelink.engine.cli import build_parser, main
+from moelink.engine.api.cli import build_parser, main
 
 # Every subcommand that takes an expert-parallel size, with what else it needs to parse, and where it lands.
 EP_SUBCOMMANDS = [(["generate", "m", "--prompt", "x"], "expert_parallel_size"),

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from moelink.engine.cli import main
+from moelink.engine.api.cli import main
 
 BAD_FLAGS = [
     (["--temperature", "-1"], "--temperature=-1.0 is invalid: must be a finite number in [0, 100]"),
@@ -31,8 +31,8 @@ def config_only(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS)
 def test_bad_sampling_flags_are_refused_before_anything_loads(config_only, capsys, monkeypatch, flags, message):
-    import moelink.engine.engine_args as engine_args
-    import moelink.engine.llm as llm
+    import moelink.engine.config.engine_args as engine_args
+    import moelink.engine.api.llm as llm
 
     def must_not_run(*a, **k):
         raise AssertionError("the model was read before the flags were checked")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 
-from moelink.engine import cli
+from moelink.engine.api import cli
 
 
 def test_bench_serve_is_registered_by_its_entry_point():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moelink.engine import EngineArgs
-from moelink.engine import kv_sizing
-from moelink.engine.worker_config import WorkerConfig
+from moelink.engine.config import kv_sizing
+from moelink.engine.config.worker_config import WorkerConfig
 
 from tests.helpers.import_graph import build_graph, reachable
 
@@ -17,18 +17,18 @@ def graph():
 
 
 def test_engine_args_do_not_load_the_model_runner(graph):
-    reached = reachable(graph, "engine.engine_args")
-    for runtime in ("engine.model_runner", "engine.loader", "engine.cuda_graph", "engine.sampler"):
+    reached = reachable(graph, "engine.config.engine_args")
+    for runtime in ("engine.rank.model_runner", "engine.rank.loader", "engine.rank.cuda_graph", "engine.rank.sampler"):
         assert runtime not in reached, f"engine_args reaches {runtime}"
     assert not any(m.startswith("kernels") for m in reached), sorted(reached)
 
 
 def test_executors_form_no_cycle(graph):
-    executor, ray_executor = graph.edges["engine.executor"], graph.edges["engine.ray_executor"]
-    assert "engine.ray_executor" not in executor
-    assert "engine.executor" in ray_executor
+    executor, ray_executor = graph.edges["engine.cluster.executor"], graph.edges["engine.cluster.ray_executor"]
+    assert "engine.cluster.ray_executor" not in executor
+    assert "engine.cluster.executor" in ray_executor
     for imported in (executor, ray_executor):
-        assert "engine.executor_factory" not in imported
+        assert "engine.cluster.executor_factory" not in imported
 
 
 def test_scheduler_imports_nothing_above_it(graph):

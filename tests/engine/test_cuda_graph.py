@@ -1,4 +1,4 @@
-"""Decode CUDA graphs (engine/cuda_graph.py): which sizes are captured, and bad input.
+"""Decode CUDA graphs (engine/rank/cuda_graph.py): which sizes are captured, and bad input.
 
 The padded static-buffer path itself runs in tests/kernels/test_decode_graphs.py
 (it needs the Triton interpreter, which that folder's conftest switches on).
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelink.engine import EngineArgs
-from moelink.engine.graph_config import CudaGraphConfig, default_graph_sizes
+from moelink.engine.config.graph_config import CudaGraphConfig, default_graph_sizes
 
 
 # -- configuration ---------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def test_engine_args_refuse_a_non_list(tiny_model):
 
 
 def test_cli_flags_reach_engine_args():
-    from moelink.engine.cli import build_parser, engine_args_from
+    from moelink.engine.api.cli import build_parser, engine_args_from
 
     ns = build_parser().parse_args(["generate", "m", "--prompt", "x", "--cuda-graph-sizes", "1", "2", "8"])
     assert engine_args_from(ns).cuda_graph_sizes == [1, 2, 8] and not engine_args_from(ns).enforce_eager

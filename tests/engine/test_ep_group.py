@@ -1,9 +1,9 @@
-"""The EP group's membership value (engine/ep_group.py): validated, changed only into a new epoch."""
+"""The EP group's membership value (engine/cluster/ep_group.py): validated, changed only into a new epoch."""
 from __future__ import annotations
 
 import pytest
 
-from moelink.engine.ep_group import EPGroup
+from moelink.engine.cluster.ep_group import EPGroup
 
 
 def group(n=4, **kw):

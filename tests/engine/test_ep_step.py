@@ -1,4 +1,4 @@
-"""The driver's per-step EP plan (engine/ep_step.py), --ep-decode-capacity, and the two modes in one engine.
+"""The driver's per-step EP plan (engine/contract/ep_step.py), --ep-decode-capacity, and the two modes in one engine.
 
 The engine runs here at world size 1 with the fixed-capacity "torch_padded" backend: the real two-mode path
 (step plan → begin_step → padded dispatch → combine, device counters) in one process; multi-rank runs are in
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from moelink.engine import LLM, EngineArgs, SamplingParams
-from moelink.engine.ep_step import HIGH_THROUGHPUT, LOW_LATENCY, EPStepPlan, plan_ep_step
-from moelink.engine.expert_parallel import plan_expert_parallel
+from moelink.engine.contract.ep_step import HIGH_THROUGHPUT, LOW_LATENCY, EPStepPlan, plan_ep_step
+from moelink.engine.contract.expert_parallel import plan_expert_parallel
 from moelink.scheduler.outputs import SchedulerOutput
 
 from tests.helpers.host_syncs import HostSyncCounter, count_moe_layer_syncs
@@ -75,7 +75,7 @@ def test_decode_capacity_defaults_to_max_num_seqs_and_is_validated(tiny_model):
 
 
 def test_cli_flag_reaches_engine_args():
-    from moelink.engine.cli import build_parser, engine_args_from
+    from moelink.engine.api.cli import build_parser, engine_args_from
 
     ns = build_parser().parse_args(["generate", "m", "--prompt", "x", "--ep-decode-capacity", "32"])
     assert engine_args_from(ns).ep_decode_capacity == 32
@@ -130,7 +130,7 @@ def test_a_low_latency_step_makes_no_host_sync_in_its_moe_layers(tiny_model):
 
 
 def test_metrics_export_bytes_per_mode(tiny_model):
-    from moelink.engine.metrics import _EngineCollector
+    from moelink.engine.core.metrics import _EngineCollector
 
     llm = LLM(tiny_model("qwen3_e6k3"), all_to_all="torch_padded", **KW)
     llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)

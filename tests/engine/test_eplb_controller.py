@@ -1,11 +1,11 @@
-"""The driver's online-EPLB controller (engine/eplb_controller.py) against fake ranks, and its config flag."""
+"""The driver's online-EPLB controller (engine/cluster/eplb_controller.py) against fake ranks, and its config flag."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from moelink.engine.config import ParallelConfig
-from moelink.engine.eplb_controller import EPLBController
+from moelink.engine.config.model import ParallelConfig
+from moelink.engine.cluster.eplb_controller import EPLBController
 from moelink.moe.placement import ExpertPlacement
 
 L, G, R = 3, 8, 4
@@ -68,7 +68,7 @@ def test_rebalances_every_interval_moving_one_layer_per_step():
     assert ctl.measured_imbalance() == pytest.approx(snap["predicted_imbalance_after"])
     assert len(ctl.experts_on_ranks_per_layer()) == L
     # The Prometheus families carry the same numbers.
-    from moelink.engine.metrics import eplb_families
+    from moelink.engine.core.metrics import eplb_families
 
     fams = {f.name: f for f in eplb_families(ctl.snapshot())}
     assert fams["moelink_eplb_expert_bytes_moved"].samples[0].value == 10 * R
@@ -108,7 +108,7 @@ def test_no_load_no_move_and_validation():
 def test_cli_flag_reaches_the_config():
     import argparse
 
-    from moelink.engine.cli_args import add_engine_args, engine_args_from
+    from moelink.engine.api.cli_args import add_engine_args, engine_args_from
 
     p = argparse.ArgumentParser()
     add_engine_args(p)
@@ -128,7 +128,7 @@ def _rebalance_once(ctl, ranks):
 def test_staging_budget_cuts_chunks_and_refuses_a_layer_over_it():
     """The driver cuts a move into chunks that each stage at most the budget on every rank (whole layers),
     and refuses (counted, the placement unchanged) a plan whose single layer needs more."""
-    from moelink.engine.metrics import eplb_families
+    from moelink.engine.core.metrics import eplb_families
     from moelink.moe.expert_move import chunk_staging_bytes, plan_moves
 
     placement = ExpertPlacement(num_experts=G, ep_size=R, num_redundant=4)
@@ -170,7 +170,7 @@ def test_staging_budget_cuts_chunks_and_refuses_a_layer_over_it():
 def test_engine_builds_the_controller_from_its_config():
     from types import SimpleNamespace as NS
 
-    from moelink.engine.eplb_controller import make_eplb_controller
+    from moelink.engine.cluster.eplb_controller import make_eplb_controller
 
     def config(interval):
         return NS(parallel=NS(eplb_interval=interval, eplb_staging_mb=None),
@@ -186,7 +186,7 @@ def test_engine_asks_slot_sizes_at_start_up_and_refuses_a_budget_no_expert_fits(
     """LLMEngine asks the ranks their expert slot sizes as it starts (a stand-in executor here): the default
     budget follows from them, and a --eplb-staging-mb below one slot fails the start, the ranks shut down."""
     from moelink.engine import EngineArgs
-    from moelink.engine.llm_engine import LLMEngine
+    from moelink.engine.core.llm_engine import LLMEngine
 
     class Ranks:
         def __init__(self):

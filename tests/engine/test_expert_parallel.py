@@ -10,7 +10,7 @@ import torch
 from moelink.comm.all_to_all import NoAllToAll
 from moelink.comm.backends import BACKENDS
 from moelink.engine import EngineArgs
-from moelink.engine.expert_parallel import ExpertParallelPlan, plan_expert_parallel
+from moelink.engine.contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from moelink.moe.placement import ExpertPlacement
 
 

@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.config import ModelConfig
-from moelink.engine.loader import checkpoint_index, load_model
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.rank.loader import checkpoint_index, load_model
 from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
 from moelink.kernels.ops import ReferenceKernels
 

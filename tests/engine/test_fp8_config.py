@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moelink.engine import LLM, EngineArgs
-from moelink.engine.cli import main
-from moelink.engine.config import ModelConfig
-from moelink.engine.loader import load_model
+from moelink.engine.api.cli import main
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.rank.loader import load_model
 from moelink.engine.models.linear import linear_method
-from moelink.engine.quantization import Fp8Config, read_quantization, resolve_quantization
+from moelink.engine.config.quantization import Fp8Config, read_quantization, resolve_quantization
 from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.expert_weights import scale_index
@@ -95,7 +95,7 @@ def test_requested_quantization_is_checked():
 
 
 def test_the_tool_quantizes_what_deepseek_quantizes():
-    from moelink.engine.quantize_fp8 import is_quantized_name
+    from moelink.engine.tools.quantize_fp8 import is_quantized_name
 
     yes = ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.kv_a_proj_with_mqa.weight",
            "model.layers.3.self_attn.q_b_proj.weight", "model.layers.3.self_attn.kv_b_proj.weight",
@@ -143,7 +143,7 @@ def test_modules_to_not_convert_stay_float(fp8_tiny, tmp_path, caplog):
     attn = model.layers[1].self_attn
     assert attn.o_proj.weight.dtype == torch.float64 and attn.o_proj.weight_scale_inv is None
     assert attn.q_b_proj.weight.dtype == FP8_DTYPE and model.layers[1].moe.w13_EFD.dtype == FP8_DTYPE
-    with caplog.at_level("INFO", logger="moelink.engine.model_runner"):
+    with caplog.at_level("INFO", logger="moelink.engine.rank.model_runner"):
         llm = LLM(path, dtype="float64", num_kv_blocks=16, block_size=8)
     assert len(llm.generate([[1, 2, 3]], use_tqdm=False)[0].outputs[0].token_ids) > 0
     line = next(r.getMessage() for r in caplog.records if "rank memory" in r.getMessage())

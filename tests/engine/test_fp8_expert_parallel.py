@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moelink.comm.backends import make_all_to_all
-from moelink.engine.config import ModelConfig
-from moelink.engine.loader import load_model
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.rank.loader import load_model
 from moelink.kernels.fp8 import FP8_DTYPE
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.layer import ExpertParallel
@@ -59,7 +59,7 @@ def test_rank_reads_its_experts_weights_and_scales(fp8_tiny, name, fused, online
 def test_weight_bytes_per_format_match_the_tensors_and_the_planner(fp8_tiny):
     """The start-up report counts with planner.weight_bytes (what `moelink plan --precision fp8` prices): its
     total equals the bytes the rank's tensors really take, FP8 or float."""
-    from moelink.engine.weight_memory import describe_memory, weight_bytes_by_format
+    from moelink.engine.rank.weight_memory import describe_memory, weight_bytes_by_format
     from moelink.planner.kernels import WEIGHT_BYTES
 
     src, dst, _ = fp8_tiny("dsv3_fp8")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.engine import kv_sizing
-from moelink.engine.engine_args import EngineArgs
-from moelink.engine.llm import LLM
-from moelink.engine.sampling_params import SamplingParams
+from moelink.engine.config import kv_sizing
+from moelink.engine.config.engine_args import EngineArgs
+from moelink.engine.api.llm import LLM
+from moelink.engine.contract.sampling_params import SamplingParams
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):", "Mixture-of-experts models route",
            "User: What is the capital of France?", "1, 2, 3, 4,"]

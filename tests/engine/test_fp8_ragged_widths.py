@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.config import ModelConfig
-from moelink.engine.loader import load_model
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.rank.loader import load_model
 from moelink.kernels.fp8 import FP8_DTYPE
 from moelink.kernels.ops import ReferenceKernels
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moelink.engine import LLM
-from moelink.engine.config import ModelConfig
+from moelink.engine.config.model import ModelConfig
 
 from tests.helpers.gpt_oss_checkpoints import VOCAB, WINDOW, gpt_oss_config, save_gpt_oss
 from tests.helpers.parity import (assert_pool_free, assert_same, check_prefix_cache_parity, engine_greedy,
@@ -95,7 +95,7 @@ def test_moe_block_matches_transformers(gpt_oss_path):
     transformers' GptOssMLP of the same checkpoint, in float64, on activations large enough to clamp."""
     from transformers import AutoModelForCausalLM
 
-    from moelink.engine.loader import load_model
+    from moelink.engine.rank.loader import load_model
     from moelink.kernels.ops import ReferenceKernels
 
     cfg = ModelConfig.from_pretrained(gpt_oss_path, dtype="float64")

@@ -19,8 +19,8 @@ import torch
 
 from moelink.comm.backends import make_all_to_all
 from moelink.engine import LLM
-from moelink.engine.config import ModelConfig
-from moelink.engine.loader import load_model
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.rank.loader import load_model
 from moelink.kernels.mxfp4 import deinterleave_gate_up
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.layer import ExpertParallel
@@ -36,7 +36,7 @@ _MXFP4_PARAMS = ("w13_blocks_EFSQ", "w13_scales_EFS", "w2_blocks_EDSQ", "w2_scal
 
 @pytest.fixture(scope="module")
 def mxfp4_path(tmp_path_factory):
-    from moelink.engine.mxfp4_checkpoint import quantize_mxfp4_checkpoint
+    from moelink.engine.tools.mxfp4_checkpoint import quantize_mxfp4_checkpoint
 
     root = tmp_path_factory.mktemp("gpt_oss_mxfp4")
     src = save_gpt_oss(root / "float", intermediate_size=I)
@@ -87,7 +87,7 @@ def test_config_reads_mxfp4_experts_only(mxfp4_path):
     # everything but the experts stays float, whatever the list says (linears never take MXFP4)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.router", "lm_head", "model.embed_tokens"):
         assert not q.is_quantized(name)
-    from moelink.engine.quantization import Mxfp4Config
+    from moelink.engine.config.quantization import Mxfp4Config
 
     skip = Mxfp4Config(("model.layers.*.mlp.experts",))
     assert not skip.is_quantized("model.layers.7.mlp.experts")
@@ -189,7 +189,7 @@ def test_rank_reads_its_experts_blocks_scales_and_biases(mxfp4_path, replicas):
 def test_weight_memory_reports_mxfp4(mxfp4_path):
     """The start-up report counts the experts as mxfp4 (half a byte a weight + one scale byte per 32) and the
     rest as float; the total is what the tensors really take."""
-    from moelink.engine.weight_memory import describe_memory, weight_bytes_by_format
+    from moelink.engine.rank.weight_memory import describe_memory, weight_bytes_by_format
     from moelink.planner.weight_bytes import weight_bytes
 
     model = load_model(ModelConfig.from_pretrained(mxfp4_path, dtype="bfloat16"), ReferenceKernels(), CPU)
@@ -248,7 +248,7 @@ def test_mxfp4_experts_need_whole_scale_groups():
 def test_bf16_checkpoint_as_published(tmp_path):
     """Biases and the float weights in bf16, as OpenAI publishes gpt-oss: the model runs in bf16 by default
     (the MXFP4 weights dequantize exactly to bf16), and in float64 it still matches transformers on the file."""
-    from moelink.engine.mxfp4_checkpoint import quantize_mxfp4_checkpoint
+    from moelink.engine.tools.mxfp4_checkpoint import quantize_mxfp4_checkpoint
 
     path = str(quantize_mxfp4_checkpoint(save_gpt_oss(tmp_path / "float", torch.bfloat16, intermediate_size=I),
                                          tmp_path / "mxfp4"))

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from moelink.engine import LLM
-from moelink.engine.config import CONFIG_ONLY_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelConfig
-from moelink.engine.layer_configs import GQAConfig, MLAConfig, RopeConfig
-from moelink.engine.loader import checkpoint_index, load_model
+from moelink.engine.config.model import CONFIG_ONLY_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelConfig
+from moelink.engine.config.layer_configs import GQAConfig, MLAConfig, RopeConfig
+from moelink.engine.rank.loader import checkpoint_index, load_model
 from moelink.engine.models import ARCHITECTURES
-from moelink.engine.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
+from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.layer import ExpertParallel
 from moelink.moe.placement import ExpertPlacement
@@ -207,7 +207,7 @@ def test_deepseek_v2_and_glm4_moe_configs(tmp_path):
 def test_config_only_architectures_refuse_to_run(tmp_path, monkeypatch):
     # Every known architecture runs today; a config-only one (read, not built) is simulated by taking GLM-4-MoE
     # out of the runnable lists.
-    from moelink.engine import config as config_module
+    from moelink.engine.config import model as config_module
     from moelink.engine import models as models_module
 
     monkeypatch.setattr(config_module, "SUPPORTED_ARCHITECTURES",
@@ -297,11 +297,11 @@ def test_kimi_k2_model_type_reads_as_deepseek_v3_without_running_its_code(hf_tin
 
 
 def test_one_registry_answers_every_architecture_question():
-    """engine/architectures.py is the only list: the runnable names, the model specs, latent attention and MXFP4
+    """engine/config/architectures.py is the only list: the runnable names, the model specs, latent attention and MXFP4
     experts are all views of it."""
-    from moelink.engine import architectures as reg
-    from moelink.engine.hf_readers import MLA_ARCHITECTURES
-    from moelink.engine.quantization import MXFP4_ARCHITECTURES
+    from moelink.engine.config import architectures as reg
+    from moelink.engine.config.hf_readers import MLA_ARCHITECTURES
+    from moelink.engine.config.quantization import MXFP4_ARCHITECTURES
 
     assert SUPPORTED_ARCHITECTURES == reg.SUPPORTED_ARCHITECTURES == tuple(ARCHITECTURES)
     assert all(ARCHITECTURES[n] is reg.REGISTRY[n].spec for n in ARCHITECTURES)

@@ -1,4 +1,4 @@
-"""The runner's persistent batch (engine/input_batch.py): rows kept across steps, the same sampling metadata as
+"""The runner's persistent batch (engine/rank/input_batch.py): rows kept across steps, the same sampling metadata as
 building it from the request lists, and penalty counts kept on the device that stay right while slots are
 reused under a step in flight."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.input_batch import PersistentBatch
-from moelink.engine.request_state import CachedRequestState
-from moelink.engine.sampler import Sampler, SamplingMetadata
+from moelink.engine.rank.input_batch import PersistentBatch
+from moelink.engine.rank.request_state import CachedRequestState
+from moelink.engine.rank.sampler import Sampler, SamplingMetadata
 
 CPU = torch.device("cpu")
 

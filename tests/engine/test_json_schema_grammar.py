@@ -1,4 +1,4 @@
-"""JSON-schema grammars (engine/json_schema_grammar.py, engine/json_string_regex.py) hold what a client reads:
+"""JSON-schema grammars (engine/core/json_schema_grammar.py, engine/core/json_string_regex.py) hold what a client reads:
 every output the grammar lets end is strict JSON (`json.loads`, strict) that validates against the schema
 (formats too, where jsonschema's draft 2020-12 checker knows them), and no value can run on forever.
 
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from moelink.engine.json_schema_grammar import JsonBounds, schema_ebnf
-from moelink.engine.json_string_regex import json_string_regex
-from moelink.engine.structured_output import GrammarCompilerPool
-from moelink.engine.structured_output_params import StructuredOutputParams
-from moelink.engine.tokenizer import Tokenizer
+from moelink.engine.core.json_schema_grammar import JsonBounds, schema_ebnf
+from moelink.engine.core.json_string_regex import json_string_regex
+from moelink.engine.core.structured_output import GrammarCompilerPool
+from moelink.engine.contract.structured_output_params import StructuredOutputParams
+from moelink.engine.core.tokenizer import Tokenizer
 
 from tests.helpers.json_schemas import random_schema, random_walk
 

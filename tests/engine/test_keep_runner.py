@@ -1,4 +1,4 @@
-"""Elastic EP without Ray: a survivor keeps its model runner (engine/keep_runner.py), and a survivor's scheduler
+"""Elastic EP without Ray: a survivor keeps its model runner (engine/rank/keep_runner.py), and a survivor's scheduler
 undoes the step a loss broke (Scheduler.rewind) so that its worker and it agree again (ModelRunner resync).
 
 The runners are built on one process with no all-to-all (as Worker.preload builds them): what is checked is
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from moelink.engine import EngineArgs, SamplingParams
-from moelink.engine.elastic import survivor_placement
-from moelink.engine.expert_parallel import plan_expert_parallel
-from moelink.engine.keep_runner import growth_bytes, keep_blocker, keep_runner
-from moelink.engine.config import ModelConfig
-from moelink.engine.model_runner import ModelRunner
+from moelink.engine.cluster.elastic import survivor_placement
+from moelink.engine.contract.expert_parallel import plan_expert_parallel
+from moelink.engine.rank.keep_runner import growth_bytes, keep_blocker, keep_runner
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.rank.model_runner import ModelRunner
 from moelink.moe.expert_move import moe_layers, slot_bytes, slot_tensors
 from moelink.moe.layer import ExpertParallel
 from moelink.moe.placement import ExpertPlacement
@@ -49,7 +49,7 @@ def _model(kind: str, tiny_model, fp8_tiny, tmp_path_factory):
 
     path = save_gpt_oss(tmp_path_factory.mktemp("keep_gpt_oss") / "float", intermediate_size=32)
     if kind == "gpt_oss_mxfp4":
-        from moelink.engine.mxfp4_checkpoint import quantize_mxfp4_checkpoint
+        from moelink.engine.tools.mxfp4_checkpoint import quantize_mxfp4_checkpoint
 
         path = str(quantize_mxfp4_checkpoint(path, tmp_path_factory.mktemp("keep_mxfp4") / "mxfp4"))
     return ModelConfig.from_pretrained(path, "float32"), path
@@ -118,7 +118,7 @@ _WANT: dict[str, dict[str, list[int]]] = {}
 
 
 def _engine(path: str):
-    from moelink.engine.llm_engine import LLMEngine
+    from moelink.engine.core.llm_engine import LLMEngine
 
     # A small token budget: the broken step holds prompt chunks and new requests, not only decodes.
     return LLMEngine(EngineArgs(model=path, expert_parallel_size=1, max_num_batched_tokens=24, max_num_seqs=4,
@@ -202,8 +202,8 @@ def test_a_rewound_step_is_recomputed_alone_and_outputs_are_unchanged(tiny_model
 def test_worker_keeps_only_when_it_can_and_otherwise_changes_nothing(tiny_model, monkeypatch):
     from dataclasses import replace
 
-    from moelink.engine import keep_runner as kr
-    from moelink.engine.worker import Worker
+    from moelink.engine.rank import keep_runner as kr
+    from moelink.engine.rank.worker import Worker
 
     path = tiny_model("qwen3_e6k3")
     config = EngineArgs(model=path, expert_parallel_size=3, **KW).create_engine_config()
@@ -247,14 +247,14 @@ class _FakeWorker:
 
 @pytest.mark.parametrize("refusing", [(), (1,)])
 def test_reform_group_keeps_all_runners_or_rebuilds_all_logging_once(refusing, monkeypatch, caplog):
-    """The driver's side (engine/elastic.py reform_group with keep): every survivor keeps, and then no rank
+    """The driver's side (engine/cluster/elastic.py reform_group with keep): every survivor keeps, and then no rank
     rebuilds or re-sizes its KV cache; or one cannot, and every rank rebuilds (and the caches are sized)."""
-    from moelink.engine import elastic
+    from moelink.engine.cluster import elastic
 
     monkeypatch.setattr(elastic, "_gather", lambda refs, timeout, what: list(refs))
     workers = [_FakeWorker(f"rank {r}: no room" if r in refusing else None) for r in range(3)]
     config = SimpleNamespace(cache=SimpleNamespace(num_kv_blocks=None))  # the KV cache sized by the ranks
-    with caplog.at_level("WARNING", logger="moelink.engine.elastic"):
+    with caplog.at_level("WARNING", logger="moelink.engine.cluster.elastic"):
         addr, port, blocks, kept = elastic.reform_group(workers, "plan", config, keep=True)
     assert kept == (not refusing) and (addr, port) == ("127.0.0.1", 1)
     for w in workers:

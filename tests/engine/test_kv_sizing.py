@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from moelink.engine import EngineArgs, SamplingParams
-from moelink.engine.llm_engine import LLMEngine
+from moelink.engine.core.llm_engine import LLMEngine
 
 
 def _deferred_config(path, **kw):
@@ -33,7 +33,7 @@ def test_mla_cache_holds_the_latent_per_token(hf_tiny_model):
     import json
     from pathlib import Path
 
-    from moelink.engine import kv_sizing
+    from moelink.engine.config import kv_sizing
 
     path = hf_tiny_model("dsv3_lora")
     raw = json.loads((Path(path) / "config.json").read_text())

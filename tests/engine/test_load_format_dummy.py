@@ -17,12 +17,12 @@ import torch
 
 from moelink.comm.backends import make_all_to_all
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cli_args import engine_args_from
-from moelink.engine.config import ModelConfig
-from moelink.engine.dummy_weights import DummyCheckpoint, WEIGHT_RANGE, checkpoint_shape
-from moelink.engine.engine_args import EngineArgs
-from moelink.engine.loader import checkpoint_index, load_model
-from moelink.engine.mxfp4_checkpoint import MODULES_NOT_CONVERTED
+from moelink.engine.api.cli_args import engine_args_from
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.rank.dummy_weights import DummyCheckpoint, WEIGHT_RANGE, checkpoint_shape
+from moelink.engine.config.engine_args import EngineArgs
+from moelink.engine.rank.loader import checkpoint_index, load_model
+from moelink.engine.tools.mxfp4_checkpoint import MODULES_NOT_CONVERTED
 from moelink.kernels.fp8 import FP8_DTYPE
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.layer import ExpertParallel
@@ -96,7 +96,7 @@ def no_safetensors(monkeypatch):
     import safetensors.torch  # noqa: F401
     import transformers.modeling_utils  # noqa: F401
 
-    import moelink.engine.loader as loader
+    import moelink.engine.rank.loader as loader
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"a safetensors file was opened under load_format='dummy': {args}")
@@ -171,7 +171,7 @@ def _real_specs(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 
 @pytest.fixture(scope="module")
 def gpt_oss_checkpoints(tmp_path_factory):
-    from moelink.engine.mxfp4_checkpoint import quantize_mxfp4_checkpoint
+    from moelink.engine.tools.mxfp4_checkpoint import quantize_mxfp4_checkpoint
     from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
 
     root = tmp_path_factory.mktemp("gpt_oss_dummy")
@@ -260,7 +260,7 @@ def test_bad_load_format_is_refused(tiny_model):
 
 
 def test_cli_flag_on_generate_and_serve():
-    from moelink.engine.cli import build_parser
+    from moelink.engine.api.cli import build_parser
 
     for cmd in ("generate", "serve"):
         extra = ["--prompt", "x"] if cmd == "generate" else []
@@ -286,7 +286,7 @@ def test_without_a_tokenizer_only_token_ids_run(config_dir):
 
 
 def test_generate_cli_warns_and_refuses_text_without_a_tokenizer(config_dir, capsys):
-    from moelink.engine.cli import main
+    from moelink.engine.api.cli import main
 
     path, _ = config_dir("qwen3_moe")
     assert main(["generate", path, "--load-format", "dummy", "--device", "cpu", "--prompt", "hi"]) == 2

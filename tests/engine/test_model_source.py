@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from moelink.engine import LLM, EngineArgs, SamplingParams
-from moelink.engine.cli_args import add_engine_args, engine_args_from
-from moelink.engine.model_source import is_repo_id, resolve_model_dir
+from moelink.engine.api.cli_args import add_engine_args, engine_args_from
+from moelink.engine.config.model_source import is_repo_id, resolve_model_dir
 
 from tests.helpers.hf_cache import add_snapshot
 
@@ -173,14 +173,14 @@ def test_a_missing_directory_is_named_before_the_hub_is_asked(monkeypatch, tmp_p
         raise _hub_error(errors.RepositoryNotFoundError, 404)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    with caplog.at_level("WARNING", logger="moelink.engine.model_source"):
+    with caplog.at_level("WARNING", logger="moelink.engine.config.model_source"):
         with pytest.raises(ValueError, match=rf"model='no-such-dir' is not a local directory \(no such directory: "
                                              rf"{tmp_path / 'no-such-dir'}\) and no Hugging Face repo"):
             resolve_model_dir("no-such-dir", download_dir=str(tmp_path / "hub"))
     assert said_first == [True]
     # An owner/name id whose owner is no folder here is just an id: nothing said about directories.
     caplog.clear()
-    with caplog.at_level("WARNING", logger="moelink.engine.model_source"):
+    with caplog.at_level("WARNING", logger="moelink.engine.config.model_source"):
         with pytest.raises(ValueError, match=r"model='org/x' is not a local directory and no Hugging Face repo"):
             resolve_model_dir("org/x", download_dir=str(tmp_path / "hub"))
     assert "no such directory" not in caplog.text
@@ -231,7 +231,7 @@ def test_cli_flags_and_validation():
 
 
 def test_moelink_generate_with_an_id(hub_cache, capsys):
-    from moelink.engine.cli import main
+    from moelink.engine.api.cli import main
 
     flags = ["--prompt", "Hello", "--max-tokens", "3", "--dtype", "float32", "--num-kv-blocks", "32",
              "--max-model-len", "128", "--device", "cpu"]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from moelink.engine.cli import main
+from moelink.engine.api.cli import main
 from moelink.kernels.mxfp4 import mxfp4_dequantize
 
 E, D, I, L = 4, 64, 96, 2
@@ -79,7 +79,7 @@ def test_quantize_mxfp4_round_trips_through_transformers(tmp_path, capsys):
 
 
 def test_quantize_mxfp4_refuses_bad_input(tmp_path):
-    from moelink.engine.mxfp4_checkpoint import quantize_mxfp4_checkpoint
+    from moelink.engine.tools.mxfp4_checkpoint import quantize_mxfp4_checkpoint
 
     with pytest.raises(ValueError, match="config.json"):
         quantize_mxfp4_checkpoint(tmp_path, tmp_path / "out")

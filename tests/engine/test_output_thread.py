@@ -1,4 +1,4 @@
-"""AsyncEngine's output thread (engine/output_thread.py): the output work runs on "moelink-output", beside the
+"""AsyncEngine's output thread (engine/api/output_thread.py): the output work runs on "moelink-output", beside the
 engine thread's steps; a stop string it finds ends the request in the scheduler too; an abort's final output
 comes after the tokens queued before it; its failure kills the engine; a consumer that blocks it stops the
 engine thread after MAX_QUEUED_STEPS step batches instead of letting the queue grow."""
@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from moelink.engine import AsyncEngine, EngineArgs, SamplingParams
-from moelink.engine.async_engine import EngineDeadError
-from moelink.engine.output_thread import MAX_QUEUED_STEPS
-from moelink.engine.outputs import OutputKind
+from moelink.engine.api.async_engine import EngineDeadError
+from moelink.engine.api.output_thread import MAX_QUEUED_STEPS
+from moelink.engine.core.outputs import OutputKind
 
 from tests.helpers.engine_steps import EngineSteps
 from tests.helpers.waits import WaitTimeout, join_threads, wait_event, wait_until

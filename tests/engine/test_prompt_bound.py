@@ -1,4 +1,4 @@
-"""The byte bound a server refuses long text with must never refuse text that fits (engine/prompt_bound.py).
+"""The byte bound a server refuses long text with must never refuse text that fits (engine/core/prompt_bound.py).
 
 For each tokenizer: either no bound (it may drop or absorb text), or B such
 that every text of b bytes encodes to at least b / B tokens, checked on
@@ -13,7 +13,7 @@ import random
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from moelink.engine.prompt_bound import NoBound, bytes_per_token
+from moelink.engine.core.prompt_bound import NoBound, bytes_per_token
 
 KELVIN, Q_4BYTES, HANGUL_LVT = "\u212a", "\U0001d42a", "\u1100\u1161\u11a8"
 
@@ -50,7 +50,7 @@ def _byte_level_bpe(normalizer=None, corpus=("q" * 64 + " hello world") * 50) ->
 
 
 def test_tiny_models_tokenizer_is_bounded_by_its_longest_token(tiny_model):
-    from moelink.engine.tokenizer import Tokenizer as Ours
+    from moelink.engine.core.tokenizer import Tokenizer as Ours
 
     tok = Ours.from_dir(tiny_model("qwen3_e6k3")).backend
     assert _assert_sound(tok) == 13  # "<|endoftext|>"

@@ -1,11 +1,11 @@
-"""engine/rejoin.py without Ray: the replacements' state machine, the backoff, the flags; and Worker.preload
+"""engine/cluster/rejoin.py without Ray: the replacements' state machine, the backoff, the flags; and Worker.preload
 (the replacement's share loaded before it has a process group) on one process, gloo with one peer."""
 from __future__ import annotations
 
 import pytest
 
-from moelink.engine.config import ParallelConfig
-from moelink.engine.rejoin import Backoff, Phase, RejoinTracker
+from moelink.engine.config.model import ParallelConfig
+from moelink.engine.cluster.rejoin import Backoff, Phase, RejoinTracker
 
 
 def test_backoff_doubles_up_to_its_cap_and_is_validated():
@@ -52,8 +52,8 @@ def test_tracker_retries_with_backoff_then_gives_up_until_the_next_loss():
 
 def test_rejoin_flags_are_validated_and_reach_the_config(tiny_model):
     from moelink.engine import EngineArgs
-    from moelink.engine.cli import build_parser
-    from moelink.engine.cli_args import engine_args_from
+    from moelink.engine.api.cli import build_parser
+    from moelink.engine.api.cli_args import engine_args_from
 
     assert ParallelConfig().rejoin_enabled and not ParallelConfig(elastic_ep=False).rejoin_enabled
     assert not ParallelConfig(ep_rejoin=False).rejoin_enabled
@@ -85,7 +85,7 @@ def test_rejoiner_thread_retries_a_failing_start_with_backoff_then_gives_up():
     from types import SimpleNamespace
 
     pytest.importorskip("ray")
-    from moelink.engine.rejoin import Rejoiner
+    from moelink.engine.cluster.rejoin import Rejoiner
 
     calls: list[float] = []
 

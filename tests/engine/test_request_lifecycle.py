@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from moelink.engine import LLM, AsyncEngine, EngineArgs, SamplingParams
-from moelink.engine.async_engine import EngineDeadError
+from moelink.engine.api.async_engine import EngineDeadError
 
 from tests.helpers.engine_steps import EngineSteps
 
@@ -85,7 +85,7 @@ def test_consumer_loop_closed_does_not_kill_engine(tiny_model):
 def test_abort_output_carries_text_held_back_for_a_stop_string(tiny_model):
     """An aborted request's last output includes text the detokenizer was holding back."""
     from moelink.engine import LLM, SamplingParams
-    from moelink.engine.outputs import OutputKind
+    from moelink.engine.core.outputs import OutputKind
 
     llm = LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=64, max_model_len=256)
     eng = llm.engine
@@ -151,8 +151,8 @@ def test_reusing_an_id_right_after_cancel_gets_only_its_own_outputs(tiny_model):
 def test_request_state_block_array_grows_with_the_block_list():
     """The runner copies each request's block table from an int32 array with spare room; appending past
     its capacity must keep every id (a 1-block request growing to 40 blocks, in uneven steps)."""
-    from moelink.engine.model_runner import CachedRequestState
-    from moelink.engine.sampling_params import SamplingParams
+    from moelink.engine.rank.model_runner import CachedRequestState
+    from moelink.engine.contract.sampling_params import SamplingParams
 
     st = CachedRequestState("r", [1, 2, 3], [], SamplingParams(), [7], 0, None)
     want = [7]

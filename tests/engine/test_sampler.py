@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.engine.sampler import Sampler, _apply_penalties
-from moelink.engine.sampling_params import SamplingParams
+from moelink.engine.rank.sampler import Sampler, _apply_penalties
+from moelink.engine.contract.sampling_params import SamplingParams
 
 from tests.helpers.sampler import LOGITS6, PROBS6, build, chi_square, draw_counts, sample
 

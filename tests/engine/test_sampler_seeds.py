@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.engine.sampler import Sampler, SamplingMetadata
-from moelink.engine.sampling_params import SamplingParams
+from moelink.engine.rank.sampler import Sampler, SamplingMetadata
+from moelink.engine.contract.sampling_params import SamplingParams
 
 from tests.helpers.sampler import CPU, build, sample
 

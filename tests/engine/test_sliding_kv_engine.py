@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from moelink.engine import LLM
-from moelink.engine.config import ModelConfig
-from moelink.engine.kv_sizing import driver_num_kv_blocks, kv_cache_bytes_per_block, kv_sliding_window
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.config.kv_sizing import driver_num_kv_blocks, kv_cache_bytes_per_block, kv_sliding_window
 from moelink.scheduler.sliding_kv import NULL_BLOCK
 
 from tests.helpers.gpt_oss_checkpoints import VOCAB, WINDOW, gpt_oss_config, save_gpt_oss

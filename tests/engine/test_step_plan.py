@@ -1,4 +1,4 @@
-"""Step plans (engine/step_plan.py): the micro-batch split, the interleaving order, and two-batch overlap giving
+"""Step plans (engine/rank/step_plan.py): the micro-batch split, the interleaving order, and two-batch overlap giving
 the same hidden states, KV cache and greedy tokens as one batch (one rank, in-process: every stage runs, the
 all-to-all is the only thing absent; EP 2 on Ray is tests/ep/test_ep_overlap.py)."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from moelink.engine import LLM, EngineArgs, SamplingParams
-from moelink.engine.config import ParallelConfig
-from moelink.engine.step_plan import (SingleBatch, TwoBatchOverlap, make_step_plan, run_interleaved,
+from moelink.engine.config.model import ParallelConfig
+from moelink.engine.rank.step_plan import (SingleBatch, TwoBatchOverlap, make_step_plan, run_interleaved,
                                       split_sequences)
 from moelink.kernels.attention import AttentionMetadata
 
@@ -75,7 +75,7 @@ def test_flag_reaches_the_workers_only_with_expert_parallelism(tiny_model):
 def test_cli_flag():
     import argparse
 
-    from moelink.engine.cli_args import add_engine_args, engine_args_from
+    from moelink.engine.api.cli_args import add_engine_args, engine_args_from
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
@@ -164,8 +164,8 @@ def test_two_batch_overlap_same_as_one_batch_in_process(tiny_model, hf_tiny_mode
 
 
 def test_elastic_ep_flag_is_validated_and_reaches_the_config(tiny_model):
-    from moelink.engine.cli_args import engine_args_from
-    from moelink.engine.cli import build_parser
+    from moelink.engine.api.cli_args import engine_args_from
+    from moelink.engine.api.cli import build_parser
 
     with pytest.raises(ValueError, match=r"elastic_ep='yes' is invalid: must be True or False"):
         ParallelConfig(elastic_ep="yes")

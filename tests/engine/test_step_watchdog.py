@@ -8,14 +8,14 @@ import time
 import pytest
 
 from moelink.engine import AsyncEngine, EngineArgs, SamplingParams
-from moelink.engine.async_engine import EngineDeadError
+from moelink.engine.api.async_engine import EngineDeadError
 
 _ARGS = dict(dtype="float32", max_num_seqs=4, num_kv_blocks=64, max_model_len=256)
 
 
 def test_step_timeout_flags_reach_the_parallel_config(tiny_model):
-    from moelink.engine.cli import build_parser, engine_args_from
-    from moelink.engine.timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S
+    from moelink.engine.api.cli import build_parser, engine_args_from
+    from moelink.engine.config.timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S
 
     ns = build_parser().parse_args(["serve", tiny_model("qwen3_e6k3"), "--step-timeout", "7.5",
                                     "--heartbeat-timeout", "3"])

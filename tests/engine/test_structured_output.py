@@ -1,4 +1,4 @@
-"""Structured output (engine/structured_output.py): every sampled output matches its grammar.
+"""Structured output (engine/core/structured_output.py): every sampled output matches its grammar.
 
 On the built-in model `make serve` serves (builtin-model/, trained on docstrings: left alone it writes
 English-like prose, never JSON), so a valid output for 20 seeded temperature-1 samples is the grammar's
@@ -13,8 +13,8 @@ import re
 import pytest
 
 from moelink.engine import LLM
-from moelink.engine.sampling_params import SamplingParams
-from moelink.engine.structured_output_params import StructuredOutputParams
+from moelink.engine.contract.sampling_params import SamplingParams
+from moelink.engine.contract.structured_output_params import StructuredOutputParams
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
@@ -125,7 +125,7 @@ def test_bitmask_unpacking_matches_xgrammar():
     import torch
     import xgrammar as xgr
 
-    from moelink.engine.sampler import _unpack_bitmasks
+    from moelink.engine.rank.sampler import _unpack_bitmasks
 
     V = 77
     rng = np.random.default_rng(0)
@@ -142,7 +142,7 @@ def test_a_compiling_grammar_never_blocks_the_engine_loop(llm):
     # server handler does) while this thread, the engine loop, keeps stepping.
     import threading
 
-    from moelink.engine.structured_output import GrammarCompilerPool
+    from moelink.engine.core.structured_output import GrammarCompilerPool
 
     engine = llm.engine
     release = threading.Event()

@@ -1,7 +1,7 @@
 """engine/elastic.survivor_placement: the EP N-1 placement after a loss moves the least."""
 import pytest
 
-from moelink.engine.elastic import SurvivorPlacement, survivor_placement
+from moelink.engine.cluster.elastic import SurvivorPlacement, survivor_placement
 from moelink.moe.placement import ExpertPlacement
 
 

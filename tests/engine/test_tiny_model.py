@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moelink.engine.tiny_model import make_tiny_model, register_cli
-from moelink.engine.tokenizer import Tokenizer
+from moelink.engine.tools.tiny_model import make_tiny_model, register_cli
+from moelink.engine.core.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,7 +144,7 @@ def test_deterministic(tmp_path):
     assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
     # Another process (fresh hash seeds, fresh tokenizers thread pool) writes the same bytes.
-    code = ("import sys; from moelink.engine.tiny_model import make_tiny_model; "
+    code = ("import sys; from moelink.engine.tools.tiny_model import make_tiny_model; "
             "make_tiny_model(sys.argv[1], 'mixtral', seed=3)")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], check=True,
                    env={"PYTHONHASHSEED": "123", "PATH": ""})
@@ -206,7 +206,7 @@ def test_weights_get_the_mode_of_every_other_file(tmp_path, arch, shard):
         assert modes == dict.fromkeys(modes, want), modes
 
 
-# -- DeepSeek-V3, DeepSeek-V2, GLM-4-MoE: built and saved by transformers (engine/tiny_hf_model.py) -------------
+# -- DeepSeek-V3, DeepSeek-V2, GLM-4-MoE: built and saved by transformers (engine/tools/tiny_hf_model.py) -------------
 FAMILIES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
             "glm4_moe": "Glm4MoeForCausalLM"}
 

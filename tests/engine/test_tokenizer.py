@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from moelink.engine.detokenizer import IncrementalDetokenizer
-from moelink.engine.tiny_model import make_tiny_model
-from moelink.engine.tokenizer import Tokenizer
+from moelink.engine.core.detokenizer import IncrementalDetokenizer
+from moelink.engine.tools.tiny_model import make_tiny_model
+from moelink.engine.core.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,9 +12,9 @@ import torch
 
 from moelink.comm.backends import BACKENDS
 from moelink.comm.two_level import TwoLevelAllToAll, node_numbers
-from moelink.engine.config import ParallelConfig
-from moelink.engine.expert_parallel import ExpertParallelPlan, plan_expert_parallel
-from moelink.engine.moe_metrics import MoEMetrics
+from moelink.engine.config.model import ParallelConfig
+from moelink.engine.contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
+from moelink.engine.core.moe_metrics import MoEMetrics
 from moelink.moe.placement import ExpertPlacement
 from moelink.moe.stats import MoEStats, MoEStepStats
 
@@ -51,7 +51,7 @@ def test_bad_node_map_input(kw, match):
 
 
 def test_cli_flag_reaches_the_config():
-    from moelink.engine.cli_args import add_engine_args, engine_args_from
+    from moelink.engine.api.cli_args import add_engine_args, engine_args_from
 
     p = argparse.ArgumentParser()
     add_engine_args(p)

@@ -1,4 +1,4 @@
-"""Start-up warm-up (engine/warmup.py, engine/warmup_plan.py, kernels/moe_variants.py).
+"""Start-up warm-up (engine/rank/warmup.py, engine/rank/warmup_plan.py, kernels/moe_variants.py).
 
 What it must leave as it found it, on CPU: the KV caches bit for bit (it writes slot -1 only and reads the null
 block), the expert-load counters (zero), the request states, and the default random generators, so that an
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cli_args import add_engine_args, engine_args_from
-from moelink.engine.warmup import WarmupConfig, warm_up
-from moelink.engine.warmup_plan import (CHUNKED, DECODE, MIXED, PREFILL, StepLimits, minimal_plan, plan_steps,
+from moelink.engine.api.cli_args import add_engine_args, engine_args_from
+from moelink.engine.rank.warmup import WarmupConfig, warm_up
+from moelink.engine.rank.warmup_plan import (CHUNKED, DECODE, MIXED, PREFILL, StepLimits, minimal_plan, plan_steps,
                                         token_sweep)
 
 from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
@@ -53,7 +53,7 @@ def _generate(path: str, **kw) -> list[list[int]]:
 
 @pytest.mark.parametrize("name", ["qwen3", "dsv3"])
 def test_an_engine_that_warmed_up_generates_what_one_that_skipped_it_does(models, name, caplog):
-    with caplog.at_level(logging.INFO, logger="moelink.engine.warmup"):
+    with caplog.at_level(logging.INFO, logger="moelink.engine"):
         warmed = _generate(models[name])
     assert any(r.getMessage().startswith("warm-up: 1 kernel variants in") for r in caplog.records)
     assert warmed == _generate(models[name], skip_warmup=True)

@@ -1,4 +1,4 @@
-"""The driver's calls on every rank (engine/worker_api.py): each RankCall is a Worker method with RankAPI's
+"""The driver's calls on every rank (engine/contract/worker_api.py): each RankCall is a Worker method with RankAPI's
 signature, and nothing else is called that way."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import inspect
 
 import pytest
 
-from moelink.engine.executor import InProcessExecutor
-from moelink.engine.worker import Worker
-from moelink.engine.worker_api import RankAPI, RankCall, rank_call
+from moelink.engine.cluster.executor import InProcessExecutor
+from moelink.engine.rank.worker import Worker
+from moelink.engine.contract.worker_api import RankAPI, RankCall, rank_call
 
 
 @pytest.mark.parametrize("call", list(RankCall), ids=lambda c: c.value)

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.mxfp4_checkpoint import MODULES_NOT_CONVERTED
+from moelink.engine.tools.mxfp4_checkpoint import MODULES_NOT_CONVERTED
 
 from tests.helpers.gpt_oss_checkpoints import VOCAB, gpt_oss_config
 

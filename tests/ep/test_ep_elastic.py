@@ -1,4 +1,4 @@
-"""Elastic EP (engine/elastic.py): SIGKILL one rank's process mid-stream and the engine serves on at EP N-1.
+"""Elastic EP (engine/cluster/elastic.py): SIGKILL one rank's process mid-stream and the engine serves on at EP N-1.
 
 Real Ray actor processes on gloo (127.0.0.1), the tiny float64 Qwen3-MoE. The reference is the same
 requests on one in-process rank: float64 greedy outputs do not depend on the EP size or on a recompute.
@@ -13,7 +13,7 @@ import time
 import pytest
 
 from moelink.engine import EngineArgs
-from moelink.engine.executor import WorkerDiedError
+from moelink.engine.cluster.executor import WorkerDiedError
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_
     in flight: EP 4 again, every request complete and as undisturbed, no KV block leaked, never NOT_SERVING."""
     path = tiny_model("qwen3_e6k3")
     want = _reference(path, stream=True)
-    from moelink.engine.metrics import EngineMetrics
+    from moelink.engine.core.metrics import EngineMetrics
 
     eng = _engine(path, expert_parallel_size=4, elastic_ep=True, ep_rejoin=True, ep_rejoin_delay_s=0.5)
     metrics = EngineMetrics()
@@ -148,7 +148,7 @@ def test_rank_lost_while_idle_is_recovered_then_a_failed_rejoin_falls_back_and_r
     admitted, also by the idle health check: EP 3 again, same outputs."""
     import ray
 
-    from moelink.engine import rejoin
+    from moelink.engine.cluster import rejoin
 
     path = tiny_model("qwen3_e6k3")
     want = _reference(path)
@@ -230,7 +230,7 @@ def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
     import asyncio
     import threading
 
-    from moelink.engine.async_engine import AsyncEngine
+    from moelink.engine.api.async_engine import AsyncEngine
 
     path = tiny_model("qwen3_e6k3")
     want = _reference(path)
@@ -295,7 +295,7 @@ def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_mode
     """SIGSTOP (a wedged process, not a dead one): the heartbeats lose it after --heartbeat-timeout, the step
     waiting on it ends then (not at --step-timeout), it is killed, and the survivors go on at EP 2. Rank 0 is
     made to refuse keeping its runner: every survivor then rebuilds its runner and every request is
-    recomputed (the fallback of engine/keep_runner.py), outputs unchanged."""
+    recomputed (the fallback of engine/rank/keep_runner.py), outputs unchanged."""
     path = tiny_model("qwen3_e6k3")
     want = _reference(path)
     eng = _engine(path, expert_parallel_size=3, elastic_ep=True, heartbeat_timeout=3.0)

@@ -22,7 +22,7 @@ def skewed_model(tmp_path_factory):
     """A tiny DeepSeek-V3 (2 MoE layers, 8 experts, top-4) whose router bias always selects experts 4 and 5."""
     from safetensors.torch import load_file, save_file
 
-    from moelink.engine.tiny_model import make_tiny_model
+    from moelink.engine.tools.tiny_model import make_tiny_model
 
     path = make_tiny_model(tmp_path_factory.mktemp("dsv3_skew"), "deepseek_v3", num_layers=3, num_experts=8,
                            top_k=4, max_position_embeddings=512, extra=dict(n_group=1, topk_group=1))
@@ -90,7 +90,7 @@ def test_rank_killed_during_an_expert_move_every_request_completes(local_ray, sk
     import time
 
     from moelink.engine import EngineArgs
-    from moelink.engine.llm_engine import LLMEngine
+    from moelink.engine.core.llm_engine import LLMEngine
 
     kw = dict(ENGINE_KW, heartbeat_timeout=10.0)
     rng = random.Random(18)

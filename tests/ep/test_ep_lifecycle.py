@@ -8,7 +8,7 @@ import time
 import pytest
 
 from moelink.engine import LLM, EngineArgs, SamplingParams
-from moelink.engine.ray_guard import processes_using
+from moelink.engine.cluster.ray_guard import processes_using
 
 from tests.helpers import local_ray as ray_helpers
 from tests.helpers.grpc_server import ServerProcess
@@ -101,8 +101,8 @@ def test_placement_failure_shuts_down_the_ray_it_started(tiny_model, monkeypatch
 
     pg_mod = importlib.import_module("ray.util.placement_group")  # ray.util re-exports a function of that name
 
-    from moelink.engine import ray_executor
-    from moelink.engine.ray_executor import RayExecutor
+    from moelink.engine.cluster import ray_executor
+    from moelink.engine.cluster.ray_executor import RayExecutor
 
     if ray.is_initialized():
         pytest.skip("needs to start its own Ray instance")

@@ -5,8 +5,8 @@ import torch
 from safetensors import safe_open
 
 from moelink.comm.backends import make_all_to_all
-from moelink.engine.config import ModelConfig
-from moelink.engine.loader import checkpoint_index, load_model
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.rank.loader import checkpoint_index, load_model
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.layer import ExpertParallel
 from moelink.moe.placement import ExpertPlacement

@@ -1,7 +1,7 @@
 """The two dispatch modes on Ray (CPU ranks, gloo): EP 2/3/4 equal one rank token for token in float64.
 
 The fixed-capacity backend ("torch_padded") runs as the two-mode all-to-all: the driver plans every step
-(engine/ep_step.py), prefill and mixed steps run high-throughput at the step's largest tokens-per-rank, decode
+(engine/contract/ep_step.py), prefill and mixed steps run high-throughput at the step's largest tokens-per-rank, decode
 steps low-latency at a decode capacity of 3, so decode steps where a rank holds more than 3 sequences fall back
 to high-throughput (exact either way). Qwen3-MoE, Mixtral and DeepSeek-V3 (MLA, shared experts, sigmoid
 group-limited router). Three cases, to keep Ray time bounded.

@@ -109,7 +109,7 @@ def test_ep_ranks_size_the_kv_cache_together(local_ray, tiny_model):
     """Deferred KV sizing (the GPU default): every rank measures, all get the smallest count."""
     import dataclasses
 
-    from moelink.engine.llm_engine import LLMEngine
+    from moelink.engine.core.llm_engine import LLMEngine
 
     path = tiny_model("qwen3_e6k3")
     cfg = EngineArgs(model=path, dtype="float64", max_model_len=256, expert_parallel_size=2).create_engine_config()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.structured_output_params import StructuredOutputParams
+from moelink.engine.contract.structured_output_params import StructuredOutputParams
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("xgrammar")

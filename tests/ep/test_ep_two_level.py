@@ -59,7 +59,7 @@ def reference(local_ray, tiny_model):
 @pytest.mark.parametrize("node_map,nodes", [(dict(ep_nvlink_domain_size=2), (0, 0, 1, 1)),
                                             (dict(ep_node_ids=[0, 1, 0, 1]), (0, 1, 0, 1))])
 def test_two_simulated_nodes_match_one_rank_and_count_the_network(reference, node_map, nodes):
-    from moelink.engine.metrics import EngineMetrics
+    from moelink.engine.core.metrics import EngineMetrics
 
     cfg = TINY_CONFIGS[NAME]
     path, prompts, want, torch_bytes = reference

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.warmup import WarmupConfig
+from moelink.engine.rank.warmup import WarmupConfig
 
 pytestmark = pytest.mark.slow
 

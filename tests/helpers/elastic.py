@@ -20,7 +20,7 @@ PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
 def engine(path: str, **kw):
-    from moelink.engine.llm_engine import LLMEngine
+    from moelink.engine.core.llm_engine import LLMEngine
 
     return LLMEngine(EngineArgs(model=path, **{**KW, **kw}).create_engine_config())
 

@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 
 from moelink.comm import destroy, init_process_group, make_all_to_all  # noqa: E402
 from moelink.comm.ep_modes import TwoModeAllToAll  # noqa: E402
-from moelink.engine.ep_step import EPStepPlan  # noqa: E402
+from moelink.engine.contract.ep_step import EPStepPlan  # noqa: E402
 from moelink.kernels.moe import reference_fused_moe  # noqa: E402
 from moelink.kernels.ops import ReferenceKernels  # noqa: E402
 from moelink.moe.layer import ExpertParallel, MoELayer  # noqa: E402

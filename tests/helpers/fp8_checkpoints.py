@@ -73,7 +73,7 @@ def save_fp8_tiny(out: Path, name: str, seed: int = 0, fused: bool = False) -> s
     the tiny tokenizer; `fused`: experts as transformers 5 holds them (experts.gate_up_proj / down_proj)."""
     import transformers
 
-    from moelink.engine.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
+    from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
 
     config_cls, model_cls, fields = FP8_TINY[name]
     cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, max_position_embeddings=MAX_POS, initializer_range=0.1,
@@ -148,7 +148,7 @@ def fake_quant_hf_model(path: str, block: tuple[int, int]):
 
     from transformers import AutoModelForCausalLM
 
-    from moelink.engine.quantize_fp8 import is_quantized_name
+    from moelink.engine.tools.quantize_fp8 import is_quantized_name
     from moelink.kernels.fp8 import fake_quant_activation
 
     bk = block[1]

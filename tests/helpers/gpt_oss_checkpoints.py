@@ -57,7 +57,7 @@ def save_gpt_oss(out: Path, dtype: torch.dtype = torch.float64, seed: int = 0, *
     """Build the tiny GptOssForCausalLM, draw its weights, save it in `dtype` with the tiny tokenizer."""
     import transformers
 
-    from moelink.engine.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
+    from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
 
     cfg = gpt_oss_config(**overrides)
     torch.manual_seed(seed)

@@ -48,7 +48,7 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="moelink-serve-", suffix=".log", delete=False)
         # gRPC only unless a test asks for the managed HTTP gateway (its default port 8000 is shared).
         http = [] if "--http-port" in args or "--no-http" in args else ["--no-http"]
-        cmd = [sys.executable, "-m", "moelink.engine.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "moelink.engine.api.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
                *http, *args]
         # One intra-op thread: the tiny model gains nothing from more, and on a 2-core machine the
         # server, the test process (the offline oracle) and smg would otherwise fight over cores.
@@ -151,7 +151,7 @@ class ThreadServer:
         self.engine_shutdown_timeout = engine_shutdown_timeout
         metrics = None
         if config_kw.get("metrics_port") is not None:  # the engine takes its metrics sink when it is made
-            from moelink.engine.metrics import EngineMetrics
+            from moelink.engine.core.metrics import EngineMetrics
 
             metrics = EngineMetrics()
         self.engine = AsyncEngine.from_engine_args(EngineArgs(model=model, **engine_kw), metrics=metrics)

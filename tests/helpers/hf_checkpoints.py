@@ -91,7 +91,7 @@ def save_hf_checkpoint(out: Path, name: str, seed: int = 0) -> str:
     """Build HF_TINY[name] with transformers, randomise what it initialises to constants, save it + tokenizer."""
     import transformers
 
-    from moelink.engine.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
+    from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
 
     cfg = hf_config(name)
     torch.manual_seed(seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 # LOOPBACK_ENV: Ray replaces a node address of 127.0.0.1 by this host's routable one and binds every interface,
 # unless this is "0" (a one-node cluster); ray_on_loopback sets it (and Ray's constant) while a Ray starts.
-from moelink.engine.ray_executor import RAY_LOOPBACK_ENV as LOOPBACK_ENV, ray_on_loopback
+from moelink.engine.cluster.ray_executor import RAY_LOOPBACK_ENV as LOOPBACK_ENV, ray_on_loopback
 
 from .net import free_port
 from .waits import wait_until
@@ -28,7 +28,7 @@ RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which(
 
 def remove_ray_dir(path: str) -> None:
     """Kill (by PID) whatever still uses `path`, then remove it."""
-    from moelink.engine.ray_guard import processes_using
+    from moelink.engine.cluster.ray_guard import processes_using
 
     for pid in processes_using(path):
         with contextlib.suppress(OSError):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from moelink.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
-from moelink.engine.sampling_params import SamplingParams
+from moelink.engine.rank.sampler import Sampler, SamplerOutput, SamplingMetadata
+from moelink.engine.contract.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 

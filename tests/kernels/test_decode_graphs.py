@@ -1,4 +1,4 @@
-"""Decode CUDA graphs (engine/cuda_graph.py): the padded static-buffer path, on CPU.
+"""Decode CUDA graphs (engine/rank/cuda_graph.py): the padded static-buffer path, on CPU.
 
 No GPU here, so the capture itself is replaced by `EagerReplay` (the forward
 re-run on the same static buffers); everything else the GPU path does runs:
@@ -19,8 +19,8 @@ from types import SimpleNamespace
 from moelink.comm import make_all_to_all
 from moelink.comm.ep_modes import LOW_LATENCY, TwoModeAllToAll
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cuda_graph import EagerReplay
-from moelink.engine.ep_step import EPStepPlan
+from moelink.engine.rank.cuda_graph import EagerReplay
+from moelink.engine.contract.ep_step import EPStepPlan
 
 from tests.helpers.fakes import KernelsName
 from tests.helpers.graph_replays import count_replays
@@ -90,7 +90,7 @@ def test_graph_decode_matches_eager_on_the_same_kernels(tiny_model, hf_tiny_mode
 
 
 def test_graphs_stay_off_where_they_cannot_be_right(tiny_model, caplog):
-    caplog.set_level(logging.INFO, logger="moelink.engine.model_runner")
+    caplog.set_level(logging.INFO, logger="moelink.engine.rank.model_runner")
     llm = _llm(tiny_model("qwen3_e6k3"), "reference")
     runner = _runner(llm)
     assert runner.graphs is None

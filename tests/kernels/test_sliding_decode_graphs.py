@@ -1,4 +1,4 @@
-"""Decode graphs (engine/cuda_graph.py, EagerReplay on CPU) when gpt-oss's sliding layers have their own block
+"""Decode graphs (engine/rank/cuda_graph.py, EagerReplay on CPU) when gpt-oss's sliding layers have their own block
 table: the second static table and slot buffer are copied in, re-padded and read by the sliding layers, and a
 decode that runs past the window (sliding entries turning null between replays) equals the eager engine on the
 same Triton kernels. A 2-layer checkpoint: layer 0 slides (window 6) and shares its cache tensors with layer 1.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cuda_graph import EagerReplay
+from moelink.engine.rank.cuda_graph import EagerReplay
 
 from tests.helpers.graph_replays import count_replays
 from tests.helpers.gpt_oss_checkpoints import save_gpt_oss

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from moelink.engine import plan_cli
+from moelink.engine.api import plan_cli
 from dataclasses import replace
 
 import pytest

@@ -1,10 +1,10 @@
-"""Smoke tests of `moelink plan` and `python -m moelink.engine.plan_cli`."""
+"""Smoke tests of `moelink plan` and `python -m moelink.engine.api.plan_cli`."""
 from __future__ import annotations
 
 import json
 
-from moelink.engine import plan_cli
-from moelink.engine import cli
+from moelink.engine.api import plan_cli
+from moelink.engine.api import cli
 
 
 def test_moelink_plan_prints_throughput_breakdown_and_best(tmp_path, capsys):

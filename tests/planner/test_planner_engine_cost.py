@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from moelink.engine import plan_cli
+from moelink.engine.api import plan_cli
 from moelink.planner.costs import request_gpu_seconds, usd_per_million
 from moelink.planner.engines import MOELINK, PUBLISHED, get_engine
 from moelink.planner.hardware import get_profile
@@ -272,7 +272,7 @@ def test_report_for_all_hardware_without_a_path_within_a_minute(tmp_path, monkey
     # The acceptance command, as typed: `moelink plan --model deepseek-v3 --hardware all --report`.
     import time
 
-    from moelink.engine import cli
+    from moelink.engine.api import cli
 
     monkeypatch.chdir(tmp_path)
     start = time.perf_counter()

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from moelink.benchmarks.e2e_report import derive
-from moelink.engine.provenance import write_result
+from moelink.engine.api.provenance import write_result
 from moelink.planner import engines, step_cost
 from moelink.planner.efficiency import DEFAULT_EFFICIENCY
 from moelink.planner.hardware import get_profile

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.engine import kv_sizing
-from moelink.engine.config import ModelConfig
+from moelink.engine.config import kv_sizing
+from moelink.engine.config.model import ModelConfig
 from moelink.engine.models import arch_spec
 from moelink.engine.models.moe_decoder import MoEDecoderForCausalLM
 from moelink.kernels.ops import ReferenceKernels
@@ -72,7 +72,7 @@ def test_planner_shapes_match_the_engine_model(name, tmp_path):
 def test_planner_weight_bytes_per_rank_equal_the_engine(name, precision, tmp_path):
     """`moelink plan --precision` prices a rank's weights as the engine holds them (EP 8, two redundant
     experts): both count with planner.weight_bytes, matrix by matrix; the planner leaves out only vectors."""
-    from moelink.engine.weight_memory import weight_bytes_by_format
+    from moelink.engine.rank.weight_memory import weight_bytes_by_format
     from moelink.moe.layer import ExpertParallel
     from moelink.moe.placement import ExpertPlacement
     from moelink.planner.plan import PRECISIONS

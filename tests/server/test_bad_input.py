@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from moelink.engine.sampling_params import SamplingParams
+from moelink.engine.contract.sampling_params import SamplingParams
 from moelink.engine.server.limits import RequestLimits, bad_input_table
 
 from tests.helpers.grpc_server import CallDetails

@@ -7,8 +7,8 @@ from importlib import resources
 
 import pytest
 
-from moelink.engine.cli import build_parser
-from moelink.engine.cli_args import engine_args_from
+from moelink.engine.api.cli import build_parser
+from moelink.engine.api.cli_args import engine_args_from
 
 
 def test_generated_stubs_are_current():
@@ -65,14 +65,14 @@ def test_server_config_validation(kwargs, field):
 
 
 def test_serve_cli_reports_bad_flags_before_loading(capsys):
-    from moelink.engine.cli import main
+    from moelink.engine.api.cli import main
 
     assert main(["serve", "/no/such/model", "--port", "0", "--max-queued-requests", "0"]) == 2
     assert "max_queued_requests=0" in capsys.readouterr().err
 
 
 def test_bench_serve_against_the_server(server, tmp_path, capsys):
-    from moelink.engine.cli import main
+    from moelink.engine.api.cli import main
 
     out = tmp_path / "bench.json"
     assert main(["bench-serve", "--target", server.addr, "--concurrency", "1,3", "--rates", "40",

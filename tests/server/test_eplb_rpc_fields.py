@@ -1,7 +1,7 @@
 """The ExpertLoad RPC's online-EPLB fields: the current per-layer placement and the EPLB counters."""
 from __future__ import annotations
 
-from moelink.engine.moe_metrics import ExpertLoadReport
+from moelink.engine.core.moe_metrics import ExpertLoadReport
 from moelink.engine.server.gen import moelink_v1_pb2 as pb
 from moelink.engine.server.native import _eplb_fields
 

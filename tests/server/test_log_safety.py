@@ -9,8 +9,8 @@ import sys
 import grpc
 import pytest
 
-from moelink.engine.safe_text import MAX_SHOWN_CHARS, shown
-from moelink.engine.sampling_params import SamplingParams
+from moelink.engine.contract.safe_text import MAX_SHOWN_CHARS, shown
+from moelink.engine.contract.sampling_params import SamplingParams
 
 from tests.helpers.grpc_calls import native, refused
 

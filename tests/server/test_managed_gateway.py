@@ -158,7 +158,7 @@ def test_http_flags_are_validated_naming_the_flag():
 
 
 def test_cli_defaults_to_http_8000_like_vllm_and_no_http_turns_it_off():
-    from moelink.engine.cli import build_parser
+    from moelink.engine.api.cli import build_parser
     from moelink.engine.server.cli import server_config_from
 
     parse = build_parser().parse_args
@@ -169,7 +169,7 @@ def test_cli_defaults_to_http_8000_like_vllm_and_no_http_turns_it_off():
 
 
 def test_missing_smg_is_one_clear_error_before_weights_load(monkeypatch, capsys, tmp_path):
-    from moelink.engine.cli import main
+    from moelink.engine.api.cli import main
 
     monkeypatch.setattr(gateway_mod, "smg_executable", lambda: None)
     # An empty model directory: the gateway check comes first, before anything loads.
@@ -184,7 +184,7 @@ def test_an_http_port_another_server_holds_is_one_clear_error_before_weights_loa
     the flag, not after the weights load and not by saying it serves an API another process answers."""
     import socket
 
-    from moelink.engine.cli import main
+    from moelink.engine.api.cli import main
 
     if smg_executable() is None:
         pytest.skip("the smg gateway (PyPI `smg`) is not installed")

@@ -67,7 +67,7 @@ def test_metrics_move_with_the_workload(spawn_server, tmp_path, model_path):
         assert m[f"moelink_expert_load_max_over_mean{{layer={layer}}}"] >= 1.0
     # The raw counts behind it, through the RPC and `moelink stats`.
     out = tmp_path / "load.json"
-    proc = subprocess.run([sys.executable, "-m", "moelink.engine.cli", "stats", "--target", srv.addr, "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "moelink.engine.api.cli", "stats", "--target", srv.addr, "--out", str(out)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     load = json.loads(out.read_text())
@@ -107,7 +107,7 @@ def test_half_open_connections_are_bounded_and_time_out(thread_server, monkeypat
     """200 clients that connect and never finish a request: a capped number of threads, each gone after the timeout."""
     import socket
 
-    from moelink.engine import metrics
+    from moelink.engine.core import metrics
 
     monkeypatch.setattr(metrics, "METRICS_CONNECTION_TIMEOUT_S", 1.0)
     srv = thread_server(metrics_port=0)

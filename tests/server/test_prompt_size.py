@@ -7,7 +7,7 @@ import threading
 import grpc
 import pytest
 
-from moelink.engine.sampling_params import SamplingParams
+from moelink.engine.contract.sampling_params import SamplingParams
 
 from tests.helpers.grpc_calls import native, refused, vllm
 from tests.helpers.grpc_server import make_stubs

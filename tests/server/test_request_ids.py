@@ -10,8 +10,8 @@ import asyncio
 import contextlib
 import threading
 
-from moelink.engine.async_engine import AddCommand
-from moelink.engine.sampling_params import SamplingParams
+from moelink.engine.api.async_engine import AddCommand
+from moelink.engine.contract.sampling_params import SamplingParams
 
 from tests.helpers.engine_steps import EngineSteps
 from tests.helpers.waits import wait_event

@@ -20,7 +20,7 @@ def test_dummy_server_warns_and_serves_token_ids(tiny_model, tmp_path):
     try:
         srv.wait_for_line(r"moelink: WARNING: --load-format dummy: the weights are RANDOM", 5, "the banner")
         assert not any(line.startswith("moelink: tokenizer:") for line in srv.stdout_lines)
-        assert "WARNING moelink.engine.llm_engine: --load-format dummy: the weights are RANDOM" in srv.logs()
+        assert "WARNING moelink.engine.core.llm_engine: --load-format dummy: the weights are RANDOM" in srv.logs()
         with grpc.insecure_channel(srv.addr) as ch:
             s = make_stubs(ch)
             sp = s.pb.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.tiny_model import make_tiny_model
+from moelink.engine.tools.tiny_model import make_tiny_model
 
 from tests.helpers.grpc_server import ServerProcess
 from tests.helpers.smg_gateway import http_request, launch_smg, wait_models

@@ -6,7 +6,7 @@ import re
 import grpc
 import pytest
 
-from moelink.engine.tokenizer import Tokenizer
+from moelink.engine.core.tokenizer import Tokenizer
 from tests.helpers.grpc_server import make_stubs
 
 pytest.importorskip("xgrammar")

@@ -1,0 +1,411 @@
+"""AsyncEngine: an LLMEngine stepped by a background thread, driven from asyncio.
+
+    engine = AsyncEngine.from_engine_args(EngineArgs(model=path))
+    async for out in engine.generate("req-1", "Hello", SamplingParams(max_tokens=8)):
+        ...
+    await engine.abort("req-1")
+
+The engine thread owns the LLMEngine's core (scheduler, executor): callers only enqueue
+commands (`AddCommand`, `AbortCommand`), so the scheduler is never touched from two threads.
+It only applies commands and steps; each step's outputs go through a bounded FIFO to the output
+thread ("moelink-output", engine/api/output_thread.py), which detokenizes, checks stop strings,
+reports to the metrics sink and delivers, beside the next device step rather than between two.
+A front end reads what it needs through this class (`info`, `process_inputs`, `stats`,
+`expert_load`), never the LLMEngine. Outputs go to a per-request asyncio.Queue on the caller's
+loop. When the consumer stops iterating (break, cancellation, client disconnect) the request is
+aborted and its KV blocks freed within one step.
+
+Step watchdog: a step that runs longer than the step timeout (`--step-timeout`; the first
+step, which compiles kernels, gets at least FIRST_STEP_TIMEOUT_S) kills the engine: health
+goes NOT_SERVING and every stream ends with EngineDeadError naming the reason (as when the
+output thread fails). A multi-rank executor enforces the same bound itself (and stops its
+ranks); this one also covers a single rank, whose hung step nothing else can see. `end_streams` ends streams at once, from the
+caller's side, when the engine thread cannot (a drain whose grace ran out during a hung step).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from moelink.scheduler.engine_output import EngineCoreOutput, SchedulerStats
+
+from ..config.engine_args import EngineArgs
+from ..contract.engine_info import EngineInfo
+from ..core.llm_engine import LLMEngine, ProcessedRequest, PromptType
+from ..core.moe_metrics import ExpertLoadReport
+from .output_thread import AddOutputs, FinishOutputs, OutputQueue, OutputThread, StepOutputs, Stream
+from ..core.outputs import OutputKind, RequestOutput
+from ..contract.safe_text import shown
+from ..contract.sampling_params import SamplingParams
+from ..config.timeouts import FIRST_STEP_TIMEOUT_S
+
+logger = logging.getLogger(__name__)
+
+# The executor's own step watchdog fires first when it has one (its error names the rank): this one
+# waits that much longer (at most half the budget).
+_WATCHDOG_MARGIN_S = 5.0
+_WATCHDOG_POLL_S = 0.25
+# As it ends, the engine thread waits this long for the output thread to deliver what is queued (shutdown's
+# aborts): a consumer that blocks the output thread must not hold the engine thread forever.
+_OUTPUT_DRAIN_TIMEOUT_S = 10.0
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; every in-flight request ends with this error."""
+
+
+class MetricsSink(Protocol):
+    """Where the output thread reports outputs (moelink.engine.core.metrics.EngineMetrics)."""
+
+    def attach(self, engine: LLMEngine) -> None:
+        """Called once, by the AsyncEngine that takes this sink: the engine whose counters it reads."""
+
+    def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Outputs the engine just produced (steps and aborts alike), on the output thread."""
+
+
+@dataclass(frozen=True)
+class AddCommand:
+    """Put a validated request into the engine; its outputs go to `stream`."""
+
+    processed: ProcessedRequest
+    output_kind: OutputKind
+    stream: Stream
+
+
+@dataclass(frozen=True)
+class AbortCommand:
+    """End a request (finish_reason "abort") and free its KV blocks."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class StopCommand:
+    """The output thread found a stop string in the request whose outputs go to `stream` (and made its final
+    output): finish it in the scheduler (KV freed), unless it ended otherwise meanwhile."""
+
+    request_id: str
+    stream: Stream
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: MetricsSink | None = None):
+        """`metrics`: a sink for every output the engine produces (None: no metrics)."""
+        self.engine = engine
+        self._info = engine.info()
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.attach(engine)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, Stream] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._dead_error: BaseException | None = None
+        self._step_started: float | None = None  # monotonic time the running step began
+        self._steps_done = 0
+        # Engine thread only: the stream of each request the core holds. A stop string is reported for a
+        # stream: one reported for a request that ended meanwhile (aborted, its id reused) finishes nothing.
+        self._in_core: dict[str, Stream] = {}
+        self._outputs = OutputQueue()
+        engine.hand_off_outputs(self._hand_off)
+        self._output = OutputThread(engine.output_processor, self._outputs,
+                                    metrics.on_outputs if metrics is not None else None,
+                                    on_stop=self._stopped, on_lost=self._stream_lost, on_error=self._output_failed)
+        self._thread = threading.Thread(target=self._run, name="moelink-engine", daemon=True)
+        self._thread.start()
+        # Set by shutdown: the watchdog wakes at once and ends, and shutdown joins it. A watchdog left sleeping
+        # would hold the last reference to this engine until interpreter exit and free its tensors there, on a
+        # daemon thread (torch aborts: "terminate called without an active exception").
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch_steps, name="moelink-step-watchdog", daemon=True)
+        self._watchdog.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, metrics: MetricsSink | None = None) -> "AsyncEngine":
+        return cls(LLMEngine.from_engine_args(args), metrics)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def info(self) -> EngineInfo:
+        """Model, limits, KV block shape, ranks, EOS ids and device: fixed once the engine has started."""
+        return self._info
+
+    @property
+    def metrics(self) -> MetricsSink | None:
+        return self._metrics
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        """Why the engine cannot run requests any more (None while it can). A lost rank counts at
+        once, before the engine thread has noticed."""
+        return self._dead_error or getattr(self.engine.executor, "dead_error", None)
+
+    @property
+    def is_healthy(self) -> bool:
+        """False once the engine loop or the output thread died, a rank was lost (even between steps) or a
+        step hung."""
+        return self.dead_error is None and self._thread.is_alive() and self._output.is_alive()
+
+    # -- public API -------------------------------------------------------------
+    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                       output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request. Raises ValueError for bad input before anything is queued."""
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine is not running: {self.dead_error}")
+        if params is not None and params.structured_outputs is not None:
+            # Its grammar compiles on the engine's grammar pool; wait for it off this event loop.
+            processed = await asyncio.to_thread(self.process_inputs, request_id, prompt, params)
+        else:
+            processed = self.process_inputs(request_id, prompt, params)
+        gen = self.generate_processed(processed, output_kind)
+        async with contextlib.aclosing(gen):  # closing this closes (and so aborts) the request at once
+            async for out in gen:
+                yield out
+
+    async def generate_processed(self, processed: ProcessedRequest,
+                                 output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+        """`generate` for a request `process_inputs` already validated (the server validates once per
+        request, whatever its number of samples)."""
+        request_id = processed.request_id
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine is not running: {self.dead_error}")
+        stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), processed.prompt_token_ids, output_kind)
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id={shown(request_id)} is already in use by a running request.")
+            self._streams[request_id] = stream
+            if self.dead_error is not None:
+                self._streams.pop(request_id, None)
+                raise EngineDeadError(f"engine is not running: {self.dead_error}")
+            # Under the lock: the engine thread's last command drain (shutdown)
+            # then either sees this add or this call sees dead_error.
+            self._send(AddCommand(processed, output_kind, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._forget(request_id, stream)
+            if not finished:
+                self._send(AbortCommand(request_id))
+
+    def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
+                       field: str | None = None) -> ProcessedRequest:
+        """Tokenize and validate a request (`LLMEngine.process_inputs`); raises ValueError naming the bad
+        field. Thread-safe: it only reads, so a server may call it from a worker thread."""
+        return self.engine.process_inputs(request_id, prompt, params, field)
+
+    async def abort(self, request_id: str) -> None:
+        """End a request with finish_reason 'abort'; its stream gets a final output."""
+        self._send(AbortCommand(request_id))
+
+    def end_streams(self, request_ids, reason: str = "abort") -> int:
+        """End these requests' streams now with a final output (finish_reason `reason`), without
+        waiting for the engine thread, which may be inside a step that does not end (a hung rank).
+        Thread-safe. The engine still aborts the requests, and frees their KV blocks, as soon as it
+        can (or when it dies or shuts down). Returns how many streams were ended."""
+        ended = 0
+        for rid in request_ids:
+            with self._lock:
+                stream = self._streams.pop(rid, None)
+            if stream is None:
+                continue
+            stream.listening = False  # later outputs of its request are dropped
+            stream.put(stream.final_output(rid, reason))
+            self._send(AbortCommand(rid))
+            ended += 1
+        return ended
+
+    def stats(self) -> SchedulerStats:
+        """All ranks together. Read from any thread: a snapshot of plain counters."""
+        return self.engine.stats()
+
+    def rank_stats(self) -> list[SchedulerStats]:
+        """One entry per rank."""
+        return self.engine.rank_stats()
+
+    def expert_load(self) -> ExpertLoadReport:
+        """Expert load and all-to-all volume since start."""
+        return self.engine.expert_load()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._outputs.wake()
+        self._thread.join(timeout)
+        # Also with the loop still inside a step (a hung rank): stopping the ranks is what ends that step.
+        self.engine.shutdown()
+        self._thread.join(timeout)
+        # The engine thread closes the FIFO as it ends; one still stuck in a step must not keep the output
+        # thread waiting for more.
+        self._outputs.close()
+        self._output.join(timeout)
+        self._closed.set()
+        if self._watchdog is not threading.current_thread():
+            self._watchdog.join(timeout)
+
+    # -- engine thread ----------------------------------------------------------
+    def _send(self, cmd: AddCommand | AbortCommand | StopCommand) -> None:
+        self._commands.put(cmd)
+        self._wakeup.set()
+
+    def _forget(self, request_id: str, stream: Stream) -> None:
+        """The consumer of `stream` stopped reading: its id is free for another stream (any thread)."""
+        stream.listening = False
+        with self._lock:
+            if self._streams.get(request_id) is stream:  # not a newer stream that reuses the id
+                del self._streams[request_id]
+
+    def _interrupted(self) -> bool:
+        return self._stopping or self._dead_error is not None
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, AddCommand):
+                try:
+                    self.engine.add_core(cmd.processed)
+                except Exception as exc:  # e.g. a duplicate id: fail this request only
+                    cmd.stream.put(exc)
+                    continue
+                self._in_core[cmd.processed.request_id] = cmd.stream
+                self._outputs.put(AddOutputs(cmd.processed, cmd.output_kind, cmd.stream))
+            elif isinstance(cmd, StopCommand):
+                if self._in_core.get(cmd.request_id) is cmd.stream:
+                    del self._in_core[cmd.request_id]
+                    self.engine.finish_stopped([cmd.request_id])
+            else:
+                self._end([cmd.request_id], "abort")
+
+    def _end(self, request_ids, reason: str, deliver: bool = True) -> None:
+        """End requests in the core (KV freed); their final outputs come from the output thread, after the
+        tokens queued before them."""
+        ended = self.engine.abort_core(request_ids, reason)
+        for rid in ended:
+            self._in_core.pop(rid, None)
+        if ended:
+            self._outputs.put(FinishOutputs(ended, reason, deliver))
+
+    def _hand_off(self, core_outputs: list[EngineCoreOutput]) -> None:
+        """The LLMEngine's output sink (engine thread, inside a step): the step's core outputs to the output
+        thread. Never waits: `_run` waited for room in the FIFO before the step."""
+        if not core_outputs:
+            return
+        for co in core_outputs:
+            if co.finish_reason is not None:
+                self._in_core.pop(co.request_id, None)
+        self._outputs.put(StepOutputs(core_outputs))
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                if self._dead_error is not None:  # the output thread failed, or the watchdog gave up
+                    raise self._dead_error
+                self._apply_commands()
+                if self.engine.has_requests():
+                    # Back-pressure: outside the step (and its watchdog), so a slow consumer is no hung step.
+                    self._outputs.wait_for_room(self._interrupted)
+                    if self._interrupted():
+                        continue
+                    self._step_started = time.monotonic()
+                    self.engine.step()  # its outputs go to the output thread (_hand_off)
+                    self._step_started = None
+                    self._steps_done += 1
+                    if self._dead_error is not None:  # the watchdog gave up on this step while it ran
+                        raise self._dead_error
+                else:
+                    self.engine.check_health()  # a rank lost while idle kills the engine now, not at the next request
+                    self._wakeup.wait(0.05)
+                    self._wakeup.clear()
+            # Shutdown: refuse new requests (generate checks dead_error under the
+            # lock), then whatever is still running ends with reason "abort".
+            with self._lock:
+                self._dead_error = EngineDeadError("engine is shut down")
+            self._apply_commands()
+            self._end(self.engine.request_ids(), "abort")
+        except BaseException as exc:  # the engine is dead: fail everyone, hang no one
+            self._step_started = None
+            if self._dead_error is None:
+                if self._stopping:  # shutdown stopped the ranks under a step that had not ended
+                    logger.warning("engine loop stopped inside a step at shutdown: %s", exc)
+                else:
+                    logger.exception("engine loop failed")
+            self._die(exc)
+            try:
+                self._end(self.engine.request_ids(), "error", deliver=False)  # the streams have the error
+            except Exception:
+                logger.exception("could not free requests after the engine failed")
+        finally:
+            # The output thread ends once it has delivered what is queued (shutdown's aborts included).
+            self._outputs.close()
+            self._output.join(_OUTPUT_DRAIN_TIMEOUT_S)
+
+    # -- output thread's reports (engine/api/output_thread.py) ----------------------
+    def _stopped(self, request_id: str, stream: Stream) -> None:
+        self._send(StopCommand(request_id, stream))
+
+    def _stream_lost(self, request_id: str, stream: Stream, finished: bool) -> None:
+        # Its consumer's loop closed without closing the generator: free the request
+        # here rather than let one client kill the output thread.
+        self._forget(request_id, stream)
+        if not finished:
+            self._send(AbortCommand(request_id))
+
+    def _output_failed(self, exc: BaseException) -> None:
+        err = EngineDeadError(f"output thread failed: {exc}")
+        err.__cause__ = exc
+        self._die(err)
+
+    def _die(self, exc: BaseException) -> None:
+        """Record the first fatal error and fail every stream with it (from any thread)."""
+        with self._lock:
+            if self._dead_error is None:
+                self._dead_error = exc
+            exc = self._dead_error
+            streams = list(self._streams.values())
+        # The engine thread may be waiting for room in the FIFO, or idle: it ends at once.
+        self._outputs.wake()
+        self._wakeup.set()
+        err = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine loop failed: {exc}")
+        for stream in streams:
+            stream.put(err)
+
+    def _step_budget(self) -> float:
+        timeout = self.engine.config.parallel.step_timeout_s
+        return max(timeout, FIRST_STEP_TIMEOUT_S) if self._steps_done == 0 else timeout
+
+    def _watch_steps(self) -> None:
+        """The step watchdog: a step running past its budget kills the engine (health, streams)."""
+        while self._thread.is_alive() and self._dead_error is None:
+            if self._closed.wait(_WATCHDOG_POLL_S):
+                return
+            started = self._step_started
+            budget = self._step_budget()
+            if started is None or time.monotonic() - started <= budget + min(_WATCHDOG_MARGIN_S, budget / 2):
+                continue
+            err = EngineDeadError(f"the engine is hung: a step has run for more than {budget:g} s (--step-timeout)")
+            logger.error("%s; failing every request", err)
+            self._die(err)
+            return
+

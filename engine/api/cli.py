@@ -1,0 +1,138 @@
+"""`moelink` command line: generate, serve, stats, plan, make-tiny-model, train-builtin-model, quantize-fp8,
+quantize-mxfp4, and plug-in subcommands.
+
+engine/ is the top of the layering, so the CLI may import every module below it; subcommands that live
+above it (benchmarks/: `bench-serve`) register themselves through the `moelink.cli` entry-point group
+(pyproject.toml), the way pytest and vLLM find plugins, so engine/ never imports benchmarks/.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import sys
+
+from .cli_args import add_engine_args, engine_args_from
+
+logger = logging.getLogger(__name__)
+
+# Entry-point group of subcommands registered from outside engine/ (`name = "module:register_cli"`).
+ENTRY_POINT_GROUP = "moelink.cli"
+
+
+# `generate`'s sampling flags: SamplingParams field -> flag (what an error names).
+SAMPLING_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
+                  "top_k": "--top-k", "seed": "--seed", "stop": "--stop"}
+
+
+def sampling_params_from(ns: argparse.Namespace):
+    """`generate`'s SamplingParams, checked before anything is read from disk; ValueError names the flag."""
+    from ..contract.sampling_params import SamplingParams
+
+    try:
+        return SamplingParams(**{field: getattr(ns, field) for field in SAMPLING_FLAGS} | {"stop": ns.stop or []})
+    except ValueError as exc:
+        msg = str(exc)
+        for field, flag in SAMPLING_FLAGS.items():
+            msg = msg.replace(f"SamplingParams.{field}=", f"{flag}=")
+        raise ValueError(msg) from None
+
+
+def _check_prompts_fit(args, prompts: list[str], max_tokens: int) -> None:
+    """Prompt + --max-tokens against the context, from config.json and the tokenizer alone: a request that
+    cannot fit is refused before minutes of weight loading, not after."""
+    from ..core.no_tokenizer import load_tokenizer
+
+    config = args.create_engine_config()  # config.json (an id resolved in the HF cache); no weights
+    # Without a tokenizer (a dummy model's bare directory) the text prompts are refused here, in one sentence.
+    max_len, tok = config.scheduler.max_model_len, load_tokenizer(config.model.model, config.load_format)
+    for i, prompt in enumerate(prompts):
+        n = len(tok.encode(prompt))
+        if n < max_len and n + max_tokens > max_len:
+            raise ValueError(f"--max-tokens={max_tokens} is too large: this model's maximum context length is "
+                             f"{max_len} tokens and --prompt #{i + 1} has {n} tokens ({max_tokens} > {max_len} - "
+                             f"{n}); ask for at most {max_len - n}.")
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from .llm import LLM
+
+    params = sampling_params_from(ns)  # first: a bad flag costs nothing
+    args = engine_args_from(ns)
+    if args.load_format == "dummy":
+        from ..config.worker_config import DUMMY_WARNING
+
+        print(f"moelink: WARNING: {DUMMY_WARNING}", file=sys.stderr, flush=True)
+    _check_prompts_fit(args, ns.prompt, params.max_tokens)
+    with LLM(**{k: v for k, v in vars(args).items()}) as llm:  # gives Ray workers back at once
+        outs = llm.generate(ns.prompt, params, use_tqdm=len(ns.prompt) > 1)
+    for out in outs:
+        comp = out.outputs[0]
+        print(f"--- prompt: {out.prompt!r}")
+        print(comp.text)
+        print(f"--- {len(comp.token_ids)} tokens, finish_reason={comp.finish_reason}")
+    return 0
+
+
+def _register_plugins(sub) -> None:
+    """Subcommands from the `moelink.cli` entry points. One that fails to import is left out with a
+    warning: an optional extra with a missing dependency must not take `moelink serve` down with it."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in sub.choices:
+            continue  # an older install's metadata may name a command the package now provides itself
+        try:
+            register = ep.load()
+        except ImportError as exc:
+            logger.warning("moelink: subcommand %r unavailable (%s: %s)", ep.name, ep.value, exc)
+            continue
+        register(sub)
+
+
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser, which refuses arguments it does not know itself: argparse would hand them up to
+    the top-level parser, whose error shows `usage: moelink [-h] {generate,serve,...}` instead of the usage
+    of the subcommand that was mistyped."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moelink", description="Mixture-of-experts LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
+    gen = sub.add_parser("generate", help="generate text for one or more prompts, offline")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    gen.add_argument("--max-tokens", type=int, default=32, help="new tokens per prompt (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=-1, help="-1 disables (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=None, help="per-request seed (default: none)")
+    gen.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
+    gen.set_defaults(func=_generate)
+    # Modules of this package that add their own subcommands with `register_cli(subparsers)`.
+    from . import plan_cli  # plan
+    from ..tools import mxfp4_checkpoint, quantize_fp8, tiny_model, train_builtin  # quantize-fp8/-mxfp4;
+    # make-tiny-model; train-builtin-model
+    from ..server import cli as server_cli  # serve, stats (the gRPC front)
+
+    for module in (tiny_model, train_builtin, server_cli, plan_cli, quantize_fp8, mxfp4_checkpoint):
+        module.register_cli(sub)
+    _register_plugins(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns) or 0
+    except ValueError as exc:
+        print(f"moelink: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

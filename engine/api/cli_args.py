@@ -1,0 +1,127 @@
+"""Engine flags of the `moelink` subcommands that build an engine (`generate`, `serve`), named as vLLM names
+them, and the `EngineArgs` they make. Its own module so that the gRPC front's CLI and the top-level CLI share
+it without importing each other."""
+from __future__ import annotations
+
+import argparse
+
+from moelink.comm.backends import ALL_TO_ALL_NAMES
+
+from ..config.timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
+
+
+# The expert-parallel size: one long flag, vLLM's name, and its short alias. `-ep` is no prefix of another flag;
+# `--ep` (how `moelink plan` and the benchmarks spell it) is accepted as well: argparse takes an exact match
+# before abbreviations, so it never reads as an ambiguous prefix of --ep-rejoin, --eplb-interval, ...
+EP_FLAGS = ("--expert-parallel-size", "-ep", "--ep")
+
+
+def add_ep_flag(p: argparse.ArgumentParser, default: int, help: str, dest: str = "expert_parallel_size") -> None:
+    """The expert-parallel size flag, spelled the same way by every subcommand that takes one."""
+    p.add_argument(*EP_FLAGS, dest=dest, type=int, default=default, metavar="N", help=help)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags, named as vLLM names them."""
+    p.add_argument("model", help="a local Hugging Face checkpoint directory, or a Hugging Face repo id ('org/name'): "
+                                 "read from the Hugging Face cache, downloaded when missing unless HF_HUB_OFFLINE=1")
+    p.add_argument("--revision", default=None,
+                   help="for a repo id: the branch, tag or commit hash to serve (default: the repo's default branch)")
+    p.add_argument("--download-dir", default=None, metavar="DIR",
+                   help="for a repo id: the Hugging Face cache to read and download into (default: HF_HUB_CACHE, "
+                        "~/.cache/huggingface/hub)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="auto / safetensors: read the checkpoint's weights; dummy: random weights made on the device "
+                        "from config.json alone (nothing else needed, no tokenizer: token-id prompts), to benchmark a "
+                        "model without downloading it; outputs are meaningless")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or float64")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+                   help="fp8: block-quantize a float checkpoint's weights at load (W8A8, 128x128 blocks); "
+                        "default: run the checkpoint as published (FP8 checkpoints run FP8)")
+    p.add_argument("--fp8-block-size", type=int, nargs=2, default=None, metavar=("BN", "BK"),
+                   help="with --quantization fp8: the weight block (default 128 128)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="fp8 (= fp8_e4m3): the KV cache in one byte per value with a per-layer scale, twice the "
+                        "tokens of a bf16 cache in the same memory; auto: the model's dtype")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--device", default="auto")
+    add_ep_flag(p, default=1, help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
+    p.add_argument("--all-to-all", default="auto", choices=ALL_TO_ALL_NAMES)
+    p.add_argument("--num-redundant-experts", type=int, default=0)
+    p.add_argument("--eplb-interval", type=int, default=0, metavar="STEPS",
+                   help="online expert load balancing: every STEPS engine steps, re-place the experts (and the "
+                        "redundant copies) from the last STEPS steps' expert load and move weights to match; 0: off")
+    p.add_argument("--eplb-staging-mb", type=float, default=None, metavar="MIB",
+                   help="online EPLB: the most expert weight one rank stages in one move chunk (MiB); a plan "
+                        "with a layer over it is refused; default: the largest expert x its slots per rank")
+    p.add_argument("--ep-nvlink-domain-size", type=int, default=None, metavar="N",
+                   help="with --all-to-all two_level: N consecutive ranks share an NVLink domain (8: HGX node, 72: "
+                        "GB200 NVL72); default: one domain per Ray node, read from the placement group")
+    p.add_argument("--ep-decode-capacity", type=int, default=None, metavar="TOKENS",
+                   help="tokens per rank of a low-latency (decode-only) dispatch on the fixed-capacity all-to-alls "
+                        "(torch_padded, nccl): fixed buffers, no counts exchange, CUDA-graph safe; larger or mixed "
+                        "steps run high-throughput, sized from the step (default: --max-num-seqs)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="overlap the host's work for step N+1 (scheduling, inputs, sampling set-up, outputs) with "
+                        "the device's step N (default on; --no-async-scheduling: the serial loop)")
+    p.add_argument("--enable-two-batch-overlap", action="store_true",
+                   help="expert parallelism: run each step as two micro-batches whose attention and experts "
+                        "overlap each other's all-to-all (no effect at --expert-parallel-size 1)")
+    p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="SECONDS",
+                   help="a model step running longer than this is a hang: the engine fails (health NOT_SERVING, "
+                        "requests end with the reason); the first step, which compiles kernels, gets at least "
+                        f"{FIRST_STEP_TIMEOUT_S:.0f} s (default {DEFAULT_STEP_TIMEOUT_S:.0f})")
+    p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="SECONDS",
+                   help="an expert-parallel rank that answers no heartbeat for this long (frozen, wedged, "
+                        f"unreachable) fails the engine, busy or idle (default {DEFAULT_HEARTBEAT_TIMEOUT_S:.0f})")
+    p.add_argument("--elastic-ep", action=argparse.BooleanOptionalAction, default=True,
+                   help="survive a lost expert-parallel rank: drop it, re-place the experts on the survivors "
+                        "(reloaded from the checkpoint), recompute the requests and go on at EP N-1 when >= 2 "
+                        "ranks survive (default); --no-elastic-ep, or EP 2, fails the engine on a lost rank")
+    p.add_argument("--ep-rejoin", action=argparse.BooleanOptionalAction, default=None,
+                   help="after a lost rank, start a replacement in its place, pre-load its experts in the background "
+                        "and admit it at a step boundary: back to EP N, unfinished requests recomputed (default: on "
+                        "with --elastic-ep)")
+    p.add_argument("--ep-rejoin-delay-s", type=float, default=DEFAULT_REJOIN_DELAY_S, metavar="SECONDS",
+                   help=f"how long after a rank loss the replacement is started (default {DEFAULT_REJOIN_DELAY_S:g})")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
+    p.add_argument("--skip-warmup", action="store_true",
+                   help="serve without first compiling and running every kernel variant a request can hit (a "
+                        "faster restart; the first requests then pay the compiles)")
+    p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
+                        "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
+
+
+def engine_args_from(ns: argparse.Namespace):
+    from ..config.engine_args import EngineArgs
+
+    return EngineArgs(
+        model=ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size, num_kv_blocks=ns.num_kv_blocks,
+        kv_cache_memory_bytes=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
+        enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
+        expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
+        num_redundant_experts=ns.num_redundant_experts, eplb_interval=ns.eplb_interval,
+        eplb_staging_mb=ns.eplb_staging_mb,
+        ep_nvlink_domain_size=ns.ep_nvlink_domain_size,
+        ep_decode_capacity=ns.ep_decode_capacity,
+        enforce_eager=ns.enforce_eager,
+        cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
+        revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,
+        fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype,
+        enable_two_batch_overlap=ns.enable_two_batch_overlap, elastic_ep=ns.elastic_ep,
+        async_scheduling=ns.async_scheduling,
+        ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s, load_format=ns.load_format,
+        skip_warmup=ns.skip_warmup,
+    )

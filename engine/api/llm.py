@@ -1,0 +1,131 @@
+"""`LLM`: the offline batch API (`from moelink.engine import LLM, SamplingParams`)."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import weakref
+from typing import Optional, Sequence, Union
+
+from ..config.engine_args import EngineArgs
+from ..core.llm_engine import LLMEngine, ProcessedRequest, PromptType
+from ..core.outputs import OutputKind, RequestOutput
+from ..contract.sampling_params import SamplingParams
+
+
+class LLM:
+    """Generate for a list of prompts with continuous batching, as vLLM's `LLM` does.
+
+    >>> llm = LLM(model="tiny-model", dtype="float32")
+    >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
+    >>> out[0].outputs[0].text
+
+    With expert_parallel_size > 1 an LLM holds Ray workers (and a Ray instance it started):
+    `shutdown()` or `with LLM(...) as llm:` gives them back, as does dropping the last
+    reference to it (garbage collection) or the interpreter's exit. Idempotent.
+    """
+
+    def __init__(self, model: str, **kwargs):
+        self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
+        self._counter = itertools.count()
+        # Holds the engine, not the LLM: `del llm` still frees the LLM, and this then frees the workers.
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)
+
+    def shutdown(self) -> None:
+        """Release the engine's workers (Ray actors, placement group, a Ray it started). Idempotent;
+        the LLM cannot generate afterwards."""
+        self._finalizer()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Returns one finished RequestOutput per prompt, in input order; with SamplingParams.n > 1 its
+        `outputs` are the n samples, CompletionOutput.index 0 to n-1 (as vLLM's LLM returns them)."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not self._finalizer.alive:
+            raise RuntimeError("this LLM is shut down: create a new one.")
+        if not prompts:
+            raise ValueError("prompts is empty: pass at least one prompt.")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts: give one, or one per prompt."
+                )
+        # Validate everything before adding anything, so a bad prompt leaves no request behind.
+        groups = [self._samples(p, sp) for p, sp in zip(prompts, params_list)]
+        processed = [req for group in groups for req in group]
+        for req in processed:
+            # Only final outputs are read here: none is built per step (vLLM's LLM does the same).
+            self.engine.add_processed(req, OutputKind.FINAL_ONLY)
+        finished: dict[str, RequestOutput] = {}
+        bar = _bar(len(processed), use_tqdm)
+        try:
+            while self.engine.has_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            # Ctrl-C or an engine error: free every block we still hold.
+            self.engine.abort_requests([r.request_id for r in processed if r.request_id not in finished])
+            raise
+        finally:
+            bar.close()
+        return [_gathered([finished[r.request_id] for r in group]) for group in groups]
+
+    def _samples(self, prompt: PromptType, params: Optional[SamplingParams]) -> list[ProcessedRequest]:
+        """One prompt's engine requests, validated and tokenized once: itself, or for n > 1 one per sample,
+        ids `<id>-<i>`, parameters `params.sample(i)` (seed + i when seeded), as the servers run n."""
+        request_id = str(next(self._counter))
+        n = params.n if isinstance(params, SamplingParams) else 1  # anything else: process_inputs says what
+        if n == 1:
+            return [self.engine.process_inputs(request_id, prompt, params)]
+        first = self.engine.process_inputs(f"{request_id}-0", prompt, params.sample(0))
+        return [first] + [dataclasses.replace(first, request_id=f"{request_id}-{i}", params=params.sample(i))
+                          for i in range(1, n)]
+
+
+def _gathered(samples: list[RequestOutput]) -> RequestOutput:
+    """A prompt's finished samples as one RequestOutput: CompletionOutput i is sample i; the id is the prompt's
+    (without the `-<i>`); its first token is the first of any sample's."""
+    if len(samples) == 1:
+        return samples[0]
+    first = samples[0]
+    times = [t for t in (s.metrics.get("first_token_time") for s in samples) if t is not None]
+    return RequestOutput(
+        request_id=first.request_id.rsplit("-", 1)[0], prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
+        outputs=[dataclasses.replace(s.outputs[0], index=i) for i, s in enumerate(samples)], finished=True,
+        num_cached_tokens=first.num_cached_tokens,
+        metrics={**first.metrics, "first_token_time": min(times, default=None)})
+
+
+class _NullBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)

@@ -1,0 +1,328 @@
+"""RayExecutor: one worker actor per rank, placed by a Ray placement group, stepped in lockstep.
+
+    driver (LLMEngine) ──execute([so_0 … so_N-1])──▶ actor 0 … actor N-1 (one per GPU or CPU bundle)
+                                                       └── all-to-all among themselves (gloo / NCCL)
+
+Ray is started locally when `ray_address` is None (on 127.0.0.1, in a temp dir of its own that
+is removed at shutdown, watched by a guard process that cleans up after a SIGKILLed server: see
+`LocalRay`), joined with "auto" (a cluster started by `ray start`) or an explicit address.
+
+Watchdogs. A rank that is lost must fail the engine, not leave it silently stuck:
+- a worker that dies fails the step within seconds with an error naming its rank;
+- heartbeats: every second the driver pings every rank on a thread of the rank's own (a Ray
+  concurrency group), so a rank answers in the middle of a step, a collective or a compile; a
+  rank silent for `heartbeat_timeout_s` (SIGSTOP, D state, a wedged or unreachable host) fails
+  the engine, whether a step is running or the engine is idle;
+- the step watchdog: a step that runs longer than `step_timeout_s` (the first model step, which
+  compiles kernels: at least FIRST_STEP_TIMEOUT_S) fails the engine.
+On any of these the survivors, possibly blocked in a collective with the lost rank, are killed
+rather than left to hang, and the engine reports the first failure. With elastic EP (the default, when
+at least 2 ranks would survive) the loss is recorded in `lost_error` instead, the survivors live on,
+and the engine recovers at EP N-1 (engine/cluster/elastic.py, `recover`); with rejoin on, a replacement rank is then
+started in the freed bundle and admitted at a step boundary, back to EP N (engine/cluster/rejoin.py, `admit`).
+
+Everything the executor holds in Ray (actors, placement group, a Ray it started) is released by
+`shutdown()`, and also when the executor is garbage-collected or the interpreter exits.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import replace
+
+from moelink.comm.two_level import node_numbers
+from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
+
+from ..config.engine_args import EngineConfig
+from .ep_group import EPGroup
+from .executor import Executor, WorkerDiedError
+from ..contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
+from .ray_runtime import (  # noqa: F401  (re-exported: tests and callers import them from here)
+    _HEARTBEAT_GROUP, _HEARTBEAT_INTERVAL_S, _LOST_POLL_S, _PG_TIMEOUT_S, RAY_LOOPBACK_ENV, ExecutorShutDown,
+    LocalRay, _heartbeats, _RayState, bundle_node_ids, ray_on_loopback,
+)
+from ..config.timeouts import FIRST_STEP_TIMEOUT_S
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _worker_actor_class():
+    import ray
+
+    from ..rank.worker import Worker
+
+    # One extra thread per actor answers heartbeats; steps keep the default group's single thread.
+    return ray.remote(concurrency_groups={_HEARTBEAT_GROUP: 1})(Worker)
+
+
+def start_worker(state, gpu: bool, worker_config, plan: ExpertParallelPlan, bundle: int):
+    """A Worker actor for rank `bundle` in that bundle of the placement group (at start, and a replacement)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return _worker_actor_class().options(
+        num_cpus=1, num_gpus=1 if gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(state.pg, placement_group_bundle_index=bundle),
+    ).remote(worker_config, bundle, plan)
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig, plan: ExpertParallelPlan | None = None):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        n = config.parallel.world_size
+        # The engine's plan (built here from config if None), shipped to every rank: before Ray starts, so a
+        # placement or backend that cannot work fails on the driver.
+        plan = plan if plan is not None else plan_expert_parallel(config)
+        # The membership (engine/cluster/ep_group.py): rank r starts in bundle r; filled in as the ranks start.
+        self.group = EPGroup(0, config, plan, tuple(range(n)))
+        self._state = state = _RayState()
+        state.elastic = config.parallel.elastic_ep
+        # Releases the actors, the placement group and a Ray we started when this executor is collected
+        # (or at exit), if shutdown() was not called; calling it is shutdown().
+        self._finalizer = weakref.finalize(self, state.release)
+        self._model_steps = 0
+        self.rejoiner = None
+        # Elastic EP: ranks the next recovery drops even when they answer (a rejoin that failed midway).
+        self._rejoin_drop: tuple[int, ...] = ()
+        try:
+            if not ray.is_initialized():
+                address = config.parallel.ray_address
+                if address is None:
+                    # Enough CPU slots for one bundle per rank even on a small machine.
+                    state.local = LocalRay(num_cpus=max(n, os.cpu_count() or 1))
+                else:
+                    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
+                    state.connected = True
+            gpu = config.device.type == "cuda"
+            bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
+            state.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+            try:
+                ray.get(state.pg.ready(), timeout=_PG_TIMEOUT_S)
+            except Exception as exc:
+                resources = ray.cluster_resources()
+                raise RuntimeError(
+                    f"Ray cannot place {n} workers of {bundle} each within {_PG_TIMEOUT_S:.0f} s "
+                    f"(cluster resources: {resources}): add nodes or lower expert_parallel_size."
+                ) from exc
+            node_ids = bundle_node_ids(state.pg, n)
+            if plan.backend.needs_node_map and plan.node_of_rank is None:
+                # The node-aware all-to-all's default node map: ranks on one Ray node share an NVLink domain.
+                plan = replace(plan, node_of_rank=node_numbers(node_ids))
+            start = functools.partial(start_worker, state, gpu, config.worker_config(), plan)  # pickled per rank
+            state.workers = workers = [start(r) for r in range(n)]
+            pids = self._get([w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote() for w in workers])
+            addr, port = self._get([workers[0].pick_master.remote()])[0]
+            # Every rank must enter the rendezvous together, so these run concurrently.
+            self._get([w.init_distributed.remote(addr, port) for w in workers])
+            self._get([w.load.remote() for w in workers])
+        except BaseException:
+            self.shutdown()  # a retry must not find our half-used instance
+            raise
+        # Formed: the start's membership is complete (still epoch 0).
+        self.group = replace(self.group, plan=plan, workers=tuple(workers), rank_pids=tuple(pids),
+                             node_ids=tuple(node_ids), master_addr=addr, master_port=port)
+        # The original EP-N config, plan and nodes a rejoin returns to (engine/cluster/rejoin.py).
+        self.full_config, self.full_plan, self.full_node_ids = config, plan, list(node_ids)
+        if config.parallel.elastic_ep and config.parallel.rejoin_enabled:
+            from .rejoin import Rejoiner
+
+            self.rejoiner = Rejoiner(start, state, config.parallel.ep_rejoin_delay_s)
+        self.start_heartbeats()
+        logger.info("RayExecutor: %d ranks ready (pids %s, rendezvous %s:%d)", n, list(pids), addr, port)
+
+    # -- membership (engine/cluster/ep_group.py): read from the group, changed only by adopt / commit -----------------
+    world_size = property(lambda self: self.group.world_size)
+    config = property(lambda self: self.group.config)
+    plan = property(lambda self: self.group.plan)
+    rank_pids = property(lambda self: list(self.group.rank_pids))
+    node_ids = property(lambda self: list(self.group.node_ids))
+    bundles = property(lambda self: list(self.group.bundles))
+    master_addr = property(lambda self: self.group.master_addr)
+    master_port = property(lambda self: self.group.master_port)
+
+    def adopt(self, group: EPGroup, drop_on_recovery: tuple[int, ...] = ()) -> None:
+        """Make `group` the executor's membership: its ranks are the ones stepped, watched and killed from now on.
+        `drop_on_recovery`: ranks the next recovery drops even if they answer (a rejoin that failed midway)."""
+        if group.epoch <= self.group.epoch and group is not self.group:
+            raise ValueError(f"EPGroup.epoch={group.epoch} is invalid: the executor's group is at epoch "
+                             f"{self.group.epoch}; a transition builds the next one (EPGroup.next).")
+        self.group = group
+        self._state.workers = list(group.workers)
+        self._rejoin_drop = tuple(drop_on_recovery)
+        self._ep_graph_sizes = None  # the new ranks' captured graphs are asked again
+
+    def commit(self, group: EPGroup) -> None:
+        """Adopt a group that formed (its ranks rendezvoused and loaded): clear the loss it answered and start
+        the heartbeats of its generation."""
+        self.adopt(group)
+        state = self._state
+        with state.lock:
+            state.lost = None
+            state.generation += 1
+        self.start_heartbeats()
+
+    def mark_lost(self, err: WorkerDiedError) -> None:
+        """Record a loss the engine recovers from at its next step (kept if one is already recorded)."""
+        with self._state.lock:
+            if self._state.lost is None:
+                self._state.lost = err
+
+    def give_up(self, err: WorkerDiedError) -> Exception:
+        """A loss elastic EP cannot go on from: it becomes the executor's dead_error (the first one recorded
+        stays), every rank is stopped; returns the error to raise."""
+        state = self._state
+        with state.lock:
+            state.lost = None
+            if state.dead_error is None:
+                state.dead_error = err
+        logger.error("%s; stopping the other ranks", err)
+        state.kill_workers()
+        return state.dead_error
+
+    def start_heartbeats(self) -> None:
+        """The heartbeat thread of the current generation (the ranks of now)."""
+        par, state = self.config.parallel, self._state
+        threading.Thread(target=_heartbeats, name="moelink-heartbeat", daemon=True,
+                         args=(state, min(_HEARTBEAT_INTERVAL_S, par.heartbeat_timeout_s / 4),
+                               par.heartbeat_timeout_s, state.generation)).start()
+
+    def heartbeat_refs(self) -> list:
+        """One heartbeat per rank, answered on the rank's heartbeat thread (also mid-step)."""
+        return [w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote() for w in self.workers]
+
+    @property
+    def lost_error(self) -> Exception | None:
+        return self._state.lost
+
+    def recover(self):
+        """Go on without the lost rank(s) at EP N-1 (engine/cluster/elastic.py); raises the loss when it cannot. With
+        rejoin on, the freed bundles then get replacements in the background (engine/cluster/rejoin.py)."""
+        from .elastic import recover_ranks
+
+        drop, self._rejoin_drop = self._rejoin_drop, ()
+        # After a failed rejoin (`drop` is its replacements) the survivors' runners may have been rebuilt by it,
+        # their request states and KV gone: they cannot be kept, every request is recomputed.
+        result = recover_ranks(self, drop_if_all_alive=drop, keep=not drop)
+        if self.rejoiner is not None:
+            self.rejoiner.lost(sorted(set(range(self.full_plan.placement.ep_size)) - set(self.bundles)))
+        return result
+
+    @property
+    def rejoin_ready(self) -> bool:
+        """Every freed bundle has a pre-loaded replacement: the engine admits them at its next step boundary."""
+        return self.rejoiner is not None and self.rejoiner.ready and self._state.lost is None
+
+    def admit(self):
+        """Admit the replacements: back to EP N (engine/cluster/rejoin.py). None when none was ready after all."""
+        from .rejoin import admit_ranks
+
+        return admit_ranks(self)
+
+    @property
+    def workers(self) -> list:
+        return self._state.workers
+
+    @property
+    def pg(self):
+        return self._state.pg
+
+    @property
+    def dead_error(self) -> Exception | None:
+        return self._state.dead_error
+
+    @property
+    def ray_temp_dir(self) -> str | None:
+        """The temp dir of the Ray instance this executor started (None when it joined one)."""
+        return self._state.local.temp_dir if self._state.local is not None else None
+
+    def _call_ranks(self, name: str, *args) -> list:
+        return self._get([getattr(w, name).remote(*args) for w in self.workers])
+
+    def warm_up(self, cfg) -> list:
+        """As Executor.warm_up, bounded like a first step (compiles with a cold cache take minutes), not like a
+        set-up call."""
+        timeout = max(self.config.parallel.step_timeout_s, FIRST_STEP_TIMEOUT_S)
+        return self._get([w.warm_up.remote(cfg) for w in self.workers], timeout=timeout,
+                         late=f"its warm-up ran longer than {timeout:g} s")
+
+    # -- stepping ---------------------------------------------------------------
+    def step_timeout(self, run_forward: bool) -> float:
+        """The step watchdog's bound for the next step: the first model step compiles kernels."""
+        timeout = self.config.parallel.step_timeout_s
+        return max(timeout, FIRST_STEP_TIMEOUT_S) if run_forward and self._model_steps == 0 else timeout
+
+    def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
+        return self.collect(self.launch(outputs_per_rank))
+
+    def launch(self, outputs_per_rank: list[SchedulerOutput]) -> tuple:
+        """Send the step to every rank (each does its host work and queues its device work) without waiting:
+        the driver schedules the next step meanwhile. Returns what `collect` needs."""
+        self.check_health()
+        if self._state.lost is not None:  # elastic: lost while idle; the engine recovers before stepping
+            raise self._state.lost
+        # Ranks with nothing scheduled still join every all-to-all while any rank has tokens.
+        run_forward = any(not so.is_empty for so in outputs_per_rank)
+        if run_forward:
+            self.plan_ep_step(outputs_per_rank)
+        timeout = self.step_timeout(run_forward)
+        refs = [w.launch.remote(so, run_forward) for w, so in zip(self.workers, outputs_per_rank)]
+        self._model_steps += run_forward
+        return [so.step_id for so in outputs_per_rank], refs, timeout
+
+    def collect(self, launched: tuple) -> list[ModelRunnerOutput]:
+        """The step's outputs: one round trip (each actor answers after its next step's launch, which the driver
+        sent first, so the ranks' host work for that step overlaps this one's device work)."""
+        step_ids, launch_refs, timeout = launched
+        late = f"its step ran longer than {timeout:g} s (--step-timeout)"
+        collect_refs = [w.collect.remote(i) for w, i in zip(self.workers, step_ids)]
+        self._get(launch_refs, timeout=timeout, late=late)  # a launch that raised names its rank here
+        return self._get(collect_refs, timeout=timeout, late=late)
+
+    def _get(self, refs, timeout: float = _PG_TIMEOUT_S, late: str | None = None) -> list:
+        """ray.get over one ref per rank that names the first rank to fail, and never hangs."""
+        import ray
+
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
+        pending = list(refs)
+        deadline = time.monotonic() + timeout
+        while pending:
+            # Elastic: a rank the heartbeats lost ends the wait now (its peers may sit in a collective with it).
+            wait_s = max(deadline - time.monotonic(), 0.0)
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=min(wait_s, _LOST_POLL_S) if self._state.elastic else wait_s)
+            if not ready and self._state.lost is not None:
+                raise self._state.lost
+            if not ready and time.monotonic() < deadline:
+                continue
+            if not ready:
+                late_ranks = sorted(rank_of[ref] for ref in pending)
+                self._fail(late_ranks[0], (late or f"no answer within {timeout:.0f} s")
+                           + (f" (ranks {late_ranks} had not answered)" if len(late_ranks) > 1 else ""), "is stuck")
+            ref = ready[0]
+            try:
+                results[rank_of[ref]] = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                self._fail(rank_of[ref], f"its actor died ({type(exc).__name__})")
+            except ray.exceptions.RayTaskError as exc:
+                self._fail(rank_of[ref], f"its step raised {exc.cause!r}" if hasattr(exc, "cause") else str(exc))
+        return results
+
+    def _fail(self, rank: int, reason: str, what: str = "died"):
+        # A rank the heartbeats found silent is reported as such, not as the survivor we killed after it.
+        raise self._state.fail(WorkerDiedError(rank, reason, what))
+
+    def check_health(self) -> None:
+        if self._state.dead_error is not None:
+            raise self._state.dead_error
+
+    # -- teardown -------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Kill the actors, remove the placement group, shut down a Ray we started (idempotent)."""
+        self._finalizer()

@@ -1,0 +1,7 @@
+"""moelink.engine.config: configuration: what a checkpoint is (config.json read through transformers, the one architecture registry,
+quantization), every user-facing engine option (`EngineArgs` -> `EngineConfig`), and the per-concern configs made
+from them (worker, CUDA graphs, timeouts, KV sizing).
+
+Pure values and validation: nothing here starts a process, touches a device or imports the model.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.contract, engine.core, engine.models, engine.rank, engine.server, engine.tools.
+"""

@@ -1,0 +1,69 @@
+"""The one architecture registry: each `architectures` name of config.json moelink knows, and what it is.
+
+Everything that depends on the architecture reads it from here: which names run (engine/config/model.py), the
+checkpoint's weight names and the attention kind (engine/models: `ArchSpec`), multi-head latent attention
+(engine/config/hf_readers.py), MXFP4 experts as published (engine/config/quantization.py). No torch: config reading imports
+it. Routing and shapes are config.json facts, read by engine/config/hf_readers.py, not registry entries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What an architecture chooses beyond its config.json: the attention kind it runs (its config must say
+    the same) and its checkpoint's names (routing and shapes are ModelConfig's business)."""
+
+    attention: str  # "gqa" or "mla"
+    moe_prefix: str  # "mlp" (Qwen3, DeepSeek, GLM) or "block_sparse_moe" (Mixtral) in the per-expert layout
+    expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
+    shared_experts: str = "shared_experts"  # under moe_prefix: mlp.shared_experts.{gate,up,down}_proj
+    router: str = "gate"  # the router linear under moe_prefix ("router" for gpt-oss, with a bias)
+    # "gpt_oss": the only expert layout is fused, transposed and interleaved (see MoEDecoderForCausalLM._gpt_oss_plan).
+    expert_layout: str = "auto"
+
+    @property
+    def latent_attention(self) -> bool:
+        """Multi-head latent attention: every query head attends to keys and values of its own, decompressed
+        from one latent, so there are as many kv heads as query heads whatever num_key_value_heads says."""
+        return self.attention == "mla"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One config.json `architectures` name moelink knows."""
+
+    name: str
+    spec: ArchSpec | None  # None: moelink reads its config but cannot build the model yet
+    # Its experts run in MXFP4 as published (gpt-oss's layout: gate/up interleaved rows, expert biases).
+    mxfp4_experts: bool = False
+
+    @property
+    def runnable(self) -> bool:
+        return self.spec is not None
+
+
+_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+REGISTRY: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("Qwen3MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ)),
+    Architecture("MixtralForCausalLM", ArchSpec("gqa", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2"))),
+    # DeepSeek-V3/R1, Kimi K2, Mistral Large 3 (DeepSeek-V3 format); DeepSeek-V2 / V2-Lite.
+    Architecture("DeepseekV3ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ)),
+    Architecture("DeepseekV2ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ)),
+    # GLM-4.5 / 4.6: GQA with partial rotary and the DeepSeek-V3 MoE block.
+    Architecture("Glm4MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ)),
+    # gpt-oss-20b / 120b: GQA with sinks and sliding windows, fused experts with biases, MXFP4 as published.
+    Architecture("GptOssForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ, router="router",
+                                               expert_layout="gpt_oss"), mxfp4_experts=True),
+)}
+
+# Views of the registry, by what callers ask.
+SUPPORTED_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.runnable)
+CONFIG_ONLY_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if not a.runnable)
+MLA_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.runnable and a.spec.latent_attention)
+MXFP4_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mxfp4_experts)
+
+__all__ = ["ArchSpec", "Architecture", "CONFIG_ONLY_ARCHITECTURES", "MLA_ARCHITECTURES", "MXFP4_ARCHITECTURES",
+           "REGISTRY", "SUPPORTED_ARCHITECTURES"]

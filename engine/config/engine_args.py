@@ -1,0 +1,224 @@
+"""EngineArgs: every user-facing engine option in one validated place, turned into per-concern configs."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moelink.scheduler.config import CacheConfig, SchedulerConfig
+
+from .model import KV_CACHE_DTYPES, ModelConfig, ParallelConfig
+from .quantization import ONLINE_METHODS
+from .graph_config import CudaGraphConfig
+from .kv_sizing import driver_num_kv_blocks, kv_sliding_window
+from .model_source import resolve_model_dir
+from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
+                       check_seconds)
+from .worker_config import LOAD_FORMATS, WorkerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig  # per rank: each rank has its own KV pool
+    scheduler: SchedulerConfig  # per rank
+    parallel: ParallelConfig
+    device: torch.device  # the device type every rank uses (a rank's own index is set by its worker)
+    kernels: str
+    load_progress: bool
+    # With cache.num_kv_blocks None, how full each rank's device may get once the KV cache is in.
+    gpu_memory_utilization: float = 0.9
+    cuda_graph: CudaGraphConfig = CudaGraphConfig()  # decode batch sizes captured as CUDA graphs (none: eager)
+    load_format: str = "auto"  # engine/worker_config.LOAD_FORMATS; "dummy": random weights, no tokenizer needed
+    skip_warmup: bool = False  # start without compiling every kernel variant first (engine/rank/warmup.py)
+
+    def worker_config(self) -> WorkerConfig:
+        """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
+        return WorkerConfig(
+            model=self.model, device=self.device, block_size=self.cache.block_size,
+            num_kv_blocks=self.cache.num_kv_blocks, kernels=self.kernels,
+            cuda_graph_sizes=self.cuda_graph.batch_sizes, load_progress=self.load_progress,
+            gpu_memory_utilization=self.gpu_memory_utilization, world_size=self.parallel.world_size,
+            comm_timeout_s=self.parallel.comm_timeout_s,
+            two_batch_overlap=self.parallel.enable_two_batch_overlap and self.parallel.world_size > 1,
+            async_scheduling=self.scheduler.async_scheduling, load_format=self.load_format)
+
+
+@dataclass
+class EngineArgs:
+    """Options named as in vLLM where the concept is the same."""
+
+    # A local checkpoint directory or a Hugging Face repo id ('org/name'), kept as the user gave it: the
+    # served model name defaults to it. `model_path()` is the local directory everything reads.
+    model: str
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None
+    kv_cache_memory_bytes: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+    kernels: str = "auto"
+    load_progress: bool = False
+    expert_parallel_size: int = 1
+    executor: str = "auto"
+    ray_address: Optional[str] = None
+    all_to_all: str = "auto"
+    num_redundant_experts: int = 0
+    eplb_interval: int = 0
+    eplb_staging_mb: Optional[float] = None
+    # all_to_all="two_level" only: ranks per NVLink domain (consecutive ranks; 72 on a GB200 NVL72), overriding
+    # the node map read from the Ray placement group; ep_node_ids gives each rank's node number outright (for
+    # tests and simulation: several "nodes" on one machine).
+    ep_nvlink_domain_size: Optional[int] = None
+    ep_node_ids: Optional[list[int]] = None
+    # Per-rank block of a low-latency (decode) dispatch on torch_padded / nccl; None: max_num_seqs.
+    ep_decode_capacity: Optional[int] = None
+    # Watchdogs of a multi-rank engine, in seconds: a model step that runs longer than step_timeout
+    # (the first one, which compiles kernels: at least 600 s), or a rank silent for heartbeat_timeout,
+    # fails the engine (health NOT_SERVING, in-flight requests end with the reason).
+    step_timeout: float = DEFAULT_STEP_TIMEOUT_S
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    # Decode steps replay CUDA graphs (on CUDA with the Triton kernels) unless enforce_eager;
+    # cuda_graph_sizes: the padded batch sizes captured (default: 1, 2, 4, 8, 16, ... max_num_seqs).
+    enforce_eager: bool = False
+    cuda_graph_sizes: Optional[list[int]] = None
+    # For a repo id: the branch, tag or commit hash to serve (default: the repo's default branch), and the
+    # Hugging Face cache directory to read and download into (default: HF_HUB_CACHE, ~/.cache/huggingface/hub).
+    revision: Optional[str] = None
+    download_dir: Optional[str] = None
+    # "fp8": block-quantize a float checkpoint's linears and experts at load (128x128 blocks, halving weight
+    # memory against bf16); None runs the checkpoint as published (an FP8 checkpoint runs FP8 either way).
+    quantization: Optional[str] = None
+    # The [rows, columns] block of weights quantized at load (default [128, 128], as every FP8 release).
+    fp8_block_size: Optional[list[int]] = None
+    # "fp8" (= "fp8_e4m3"): the KV cache in one byte per value with a per-layer scale (twice the tokens of a
+    # bf16 cache in the same memory); "auto": the model's dtype.
+    kv_cache_dtype: str = "auto"
+    # Each step as two micro-batches (split by sequences, balanced by tokens) whose attention and experts run
+    # while the other's all-to-all is in flight (engine/rank/step_plan.py). Expert parallelism only: at
+    # expert_parallel_size 1 there is no all-to-all, and steps run as one batch (logged once).
+    enable_two_batch_overlap: bool = False
+    # The overlapped step loop (vLLM's async scheduling): the host schedules and prepares step N+1 while the
+    # device runs step N; sampled tokens stay on the device and feed the next step there, and the host learns
+    # them a step later (stop checks, streaming). False: the serial loop (schedule, run, wait, update).
+    async_scheduling: bool = True
+    # Survive a lost EP rank at EP N-1 instead of failing (ParallelConfig.elastic_ep; EP >= 3).
+    elastic_ep: bool = True
+    # A replacement rank rejoins after a loss, back to EP N (ParallelConfig.ep_rejoin; None: with elastic_ep),
+    # started ep_rejoin_delay_s after the loss.
+    ep_rejoin: Optional[bool] = None
+    ep_rejoin_delay_s: float = DEFAULT_REJOIN_DELAY_S
+    # Where the weights come from: "auto" / "safetensors" (the checkpoint's files), or "dummy": random weights
+    # made on the device from config.json alone (no safetensors read, no tokenizer needed), to benchmark a
+    # model without downloading it. Dummy outputs are meaningless.
+    load_format: str = "auto"
+    # Start serving without first compiling and running every kernel variant a step can hit (engine/rank/warmup.py):
+    # a faster restart, whose first requests pay the compiles (seconds each on a cold cache).
+    skip_warmup: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(field: str, allowed: str):
+            raise ValueError(f"{field}={getattr(self, field)!r} is invalid: {allowed}.")
+
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_num_batched_tokens", "max_model_len"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                bad(name, "must be a positive integer or None")
+        if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
+            bad("kv_cache_memory_bytes", "give either num_kv_blocks or kv_cache_memory_bytes, not both")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.cuda_graph_sizes is not None and not isinstance(self.cuda_graph_sizes, (list, tuple)):
+            bad("cuda_graph_sizes", "must be a list of positive batch sizes or None")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if not isinstance(self.model, str) or not self.model:
+            bad("model", "must be a local checkpoint directory or a Hugging Face repo id ('org/name')")
+        for name in ("revision", "download_dir"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                bad(name, "must be a non-empty string or None")
+        if self.download_dir is not None and os.path.exists(self.download_dir) and not os.path.isdir(self.download_dir):
+            bad("download_dir", "must be a directory (it is created when missing)")
+        check_seconds("step_timeout", self.step_timeout)
+        check_seconds("heartbeat_timeout", self.heartbeat_timeout)
+        check_rejoin(self.ep_rejoin, self.ep_rejoin_delay_s, self.elastic_ep)
+        if self.quantization is not None and self.quantization not in ONLINE_METHODS:
+            bad("quantization", f"choose from {', '.join(ONLINE_METHODS)} or None")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad("kv_cache_dtype", f"choose from {', '.join(map(repr, KV_CACHE_DTYPES))}")
+        if self.load_format not in LOAD_FORMATS:
+            bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")
+        if not isinstance(self.skip_warmup, bool):
+            bad("skip_warmup", "must be True or False")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            if not torch.cuda.is_available() and self.expert_parallel_size > 1:
+                # The driver decides the ranks' device; a CPU-only driver in front of a GPU
+                # cluster would otherwise ask Ray for CPU bundles without a word.
+                logger.warning("device='auto' resolved to CPU because this process sees no GPU: the %d ranks "
+                               "will run on CPUs. Pass --device cuda to use the cluster's GPUs.",
+                               self.expert_parallel_size)
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} is invalid: CUDA is not available on this machine.")
+        return dev
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(expert_parallel_size=self.expert_parallel_size, executor=self.executor,
+                              ray_address=self.ray_address, all_to_all=self.all_to_all,
+                              num_redundant_experts=self.num_redundant_experts, eplb_interval=self.eplb_interval,
+                              eplb_staging_mb=self.eplb_staging_mb, step_timeout_s=self.step_timeout,
+                              heartbeat_timeout_s=self.heartbeat_timeout, ep_decode_capacity=self.ep_decode_capacity,
+                              ep_nvlink_domain_size=self.ep_nvlink_domain_size, ep_node_ids=self.ep_node_ids,
+                              enable_two_batch_overlap=self.enable_two_batch_overlap, elastic_ep=self.elastic_ep,
+                              ep_rejoin=self.ep_rejoin, ep_rejoin_delay_s=self.ep_rejoin_delay_s)
+
+    def model_path(self) -> str:
+        """The local directory of `model`: itself, or a repo id's snapshot from the Hugging Face cache
+        (downloaded first unless the hub is offline). Done before anything reads config.json."""
+        return resolve_model_dir(self.model, self.revision, self.download_dir, weights=self.load_format != "dummy")
+
+    def create_engine_config(self) -> EngineConfig:
+        parallel = self.parallel_config()
+        if parallel.enable_two_batch_overlap and parallel.world_size == 1:
+            logger.info("enable_two_batch_overlap has no effect at expert_parallel_size=1 (no all-to-all to "
+                        "overlap): steps run as one batch.")
+        path = self.model_path()
+        model_cfg = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len, quantization=self.quantization,
+                                                kv_cache_dtype=self.kv_cache_dtype, fp8_block_size=self.fp8_block_size)
+        if path != self.model:
+            model_cfg.model_id = self.model
+        if parallel.expert_parallel_size > model_cfg.num_experts + parallel.num_redundant_experts:
+            raise ValueError(
+                f"expert_parallel_size={parallel.expert_parallel_size} is invalid: the model has "
+                f"{model_cfg.num_experts} experts (+{parallel.num_redundant_experts} redundant), fewer than ranks."
+            )
+        device = self.resolve_device()
+        # The budget must hold at least one whole sequence's worth of chunks: vLLM's default of 8192,
+        # but never below max_num_seqs so every running request can decode each step.
+        budget = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
+                                max_model_len=model_cfg.max_model_len, async_scheduling=self.async_scheduling)
+        cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device),
+                            enable_prefix_caching=self.enable_prefix_caching,
+                            sliding_window=kv_sliding_window(model_cfg))
+        graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
+        return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
+                            self.gpu_memory_utilization, graphs, self.load_format,
+                            skip_warmup=self.skip_warmup)
+
+    def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
+        return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,
+                                    device.type, self.max_num_seqs)

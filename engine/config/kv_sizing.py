@@ -1,0 +1,103 @@
+"""KV-cache sizing: how many blocks of the paged KV cache a rank gets. Pure functions (of the model's
+shape and numbers: no device, no allocation).
+
+The cache is sized in one of three places, all through this module:
+- the driver, before any weights load (`EngineArgs`): a given `num_kv_blocks` or `kv_cache_memory_bytes`,
+  or on CPU a default that holds every sequence at full length;
+- each rank, once its weights are in memory (`ModelRunner.available_kv_blocks`): what its device has left,
+  measured there and turned into blocks here;
+- the executor (`Executor.initialize_kv_cache`): every rank gets the same number of blocks, the smallest any
+  rank can hold (the schedulers are identical, and one KV pool per rank).
+
+Nothing here touches a device: measured byte counts come in as arguments, so the rules are testable alone.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing only: a ModelConfig is read by attribute
+    from .model import ModelConfig
+
+CPU_KV_CAP_BYTES = 1 << 30  # 1 GiB: ample for tiny CPU models; the machine needs the rest
+
+
+def kv_cache_bytes_per_token_per_layer(cfg: "ModelConfig") -> int:
+    """What one token stores in one layer's cache, as its attention kind lays the cache out: a K and a V per kv
+    head (GQA), or one latent + rope key (MLA: (kv_lora_rank + qk_rope_head_dim) values), in the cache's dtype
+    (one byte per value with --kv-cache-dtype fp8)."""
+    return cfg.attention.kv_bytes_per_token(cfg.cache_dtype)
+
+
+def kv_cache_layers(cfg: "ModelConfig") -> int:
+    """Layers' worth of cache tensors one block id indexes: every layer, or, when sliding and full layers are
+    paired on shared tensors (layer_configs.GQAConfig.kv_layer_pairs), one per pair."""
+    pairs = cfg.attention.kv_layer_pairs(cfg.num_layers)
+    return cfg.num_layers if pairs is None else len(pairs)
+
+
+def kv_sliding_window(cfg: "ModelConfig") -> int | None:
+    """The window of the sliding group when it has its own block table (CacheConfig.sliding_window), else None."""
+    return None if cfg.attention.kv_layer_pairs(cfg.num_layers) is None else cfg.attention.sliding_window
+
+
+def kv_cache_bytes_per_block(cfg: "ModelConfig", block_size: int) -> int:
+    """The cache of every layer for one block of `block_size` tokens, in bytes."""
+    return kv_cache_layers(cfg) * block_size * kv_cache_bytes_per_token_per_layer(cfg)
+
+
+def blocks_per_sequence(max_model_len: int, block_size: int) -> int:
+    """Blocks one sequence of `max_model_len` tokens needs (the last one partly filled)."""
+    return -(-max_model_len // block_size)
+
+
+def driver_num_kv_blocks(cfg: "ModelConfig", block_size: int, num_kv_blocks: int | None,
+                         kv_cache_memory_bytes: int | None, device_type: str, max_num_seqs: int) -> int | None:
+    """The driver's choice before any weights load; None: each rank sizes its own cache once loaded (CUDA).
+
+    A given `num_kv_blocks` wins; else a given byte budget; else on CPU enough for every sequence at full
+    length, capped at CPU_KV_CAP_BYTES. Raises ValueError when the budget holds not even one block."""
+    if num_kv_blocks is not None:
+        return num_kv_blocks
+    per_block = kv_cache_bytes_per_block(cfg, block_size)
+    if kv_cache_memory_bytes is not None:
+        budget = kv_cache_memory_bytes
+    elif device_type == "cuda":
+        # Sized by the workers once their weights are loaded (each measures its own
+        # GPU; the engine takes the smallest), not guessed here on the driver's GPU.
+        return None
+    else:
+        want = max_num_seqs * blocks_per_sequence(cfg.max_model_len, block_size) * per_block
+        budget = min(want, CPU_KV_CAP_BYTES)
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(
+            f"kv_cache_memory_bytes={budget} leaves no room for one KV block of {per_block} bytes: "
+            "give more memory (kv_cache_memory_bytes or gpu_memory_utilization) or num_kv_blocks."
+        )
+    return int(blocks)
+
+
+def gpu_kv_budget_bytes(total_bytes: int, free_bytes: int, memory_utilization: float) -> int:
+    """What the KV cache may take on a GPU of `total_bytes` with `free_bytes` free now (weights loaded),
+    keeping the whole device at most `memory_utilization` full. Negative when it is fuller already."""
+    return int(total_bytes * memory_utilization) - (total_bytes - free_bytes)
+
+
+def cpu_kv_budget_bytes(available_bytes: int, memory_utilization: float) -> int:
+    """What the KV cache may take of the host memory the OS reports available, capped like the driver's
+    CPU default (other processes share the machine's memory)."""
+    return min(int(available_bytes * memory_utilization), CPU_KV_CAP_BYTES)
+
+
+def blocks_in_budget(budget_bytes: int, bytes_per_block: int) -> int:
+    """Whole blocks in `budget_bytes`, one kept back for the attention null block; never negative."""
+    return max(budget_bytes // bytes_per_block - 1, 0)
+
+
+def common_num_kv_blocks(blocks_per_rank: list[int]) -> int:
+    """The blocks every rank gets: the smallest any rank can hold. Raises ValueError when that is none."""
+    blocks = min(blocks_per_rank)
+    if blocks < 1:
+        raise ValueError("gpu_memory_utilization leaves no memory for the KV cache once the weights are "
+                         "loaded: raise it, or pass kv_cache_memory_bytes / num_kv_blocks.")
+    return blocks

@@ -1,0 +1,218 @@
+"""The layer kinds of a model, as config: its attention kind (and what its KV cache holds per token), its MoE
+layout. Read from config.json by engine/config/hf_readers.py; pure data, no model code, no device.
+
+Attention kinds
+(DESIGN.md: model families as compositions; KV cache layouts per attention kind):
+- GQAConfig: grouped-query attention (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss). The cache holds a K and a V per kv
+  head per token: two tensors [blocks + 1, block_size, K, H] per layer. gpt-oss adds per-head attention sinks and a
+  sliding window on every other layer. When its sliding and full layers are equally many (`kv_layer_pairs`), sliding
+  layer j and full layer j share one set of cache tensors: a block id is handed to one group at a time (the
+  scheduler keeps a second block table for the sliding group, whose blocks are freed once they leave the window),
+  so a block costs half the layers' bytes.
+- MLAConfig: multi-head latent attention (DeepSeek-V2/V3, Kimi K2). The cache holds one row per token, the
+  normalised latent c_kv and the roped key k_pe: one tensor [blocks + 1, block_size, kv_lora_rank +
+  qk_rope_head_dim] per layer (576 values for DeepSeek-V3 instead of 2 * 128 heads * 128).
+The KV sizer and the runner's allocation ask the kind (`kv_bytes_per_token`, `cache_shapes`); nothing else
+in the engine knows the layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from moelink.moe.router import RouterConfig
+
+# rope_parameters.rope_type values moelink implements: "default" (plain RoPE) and "yarn" (inverse frequencies
+# and the attention factor from transformers' own ROPE_INIT_FUNCTIONS, so they are the library's numbers).
+ROPE_TYPES = ("default", "yarn")
+# How the rotated dimensions pair up: "neox" rotates (x[i], x[i + R/2]) (Hugging Face rotate_half);
+# "interleaved" rotates (x[2i], x[2i + 1]) and returns the halves de-interleaved (DeepSeek-V3 rope_interleave:
+# the checkpoint's rope rows are de-interleaved at load, after which it runs as neox); "complex" rotates
+# (x[2i], x[2i + 1]) as complex numbers in float32 (DeepSeek-V2, as transformers computes it).
+ROPE_STYLES = ("neox", "interleaved", "complex")
+# The experts' gated activations (kernels.moe.MoEActivation's kinds).
+MOE_ACTIVATIONS = ("silu", "swiglu_oai")
+
+
+def unsupported(field_name: str, value, allowed, why: str = "") -> ValueError:
+    """The one-sentence error for a config.json value moelink cannot run: the field, the value, what is allowed."""
+    allowed = ", ".join(repr(a) for a in allowed) if isinstance(allowed, tuple) else allowed
+    return ValueError(f"config.json {field_name}={value!r} is not supported{why}: allowed: {allowed}.")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of one attention kind: the first `rotary_dim` dims of each head (GQA; GLM rotates a
+    `partial_rotary_factor` prefix) or the rope part of each head (MLA's qk_rope_head_dim)."""
+
+    rotary_dim: int
+    theta: float = 10000.0
+    rope_type: str = "default"
+    style: str = "neox"
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r} is not supported: allowed: {', '.join(ROPE_TYPES)}.")
+        if self.style not in ROPE_STYLES:
+            raise ValueError(f"rope style={self.style!r} is invalid: allowed: {', '.join(ROPE_STYLES)}.")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim={self.rotary_dim} is invalid: must be an even number >= 2.")
+
+
+@dataclass(frozen=True)
+class GQAConfig:
+    """Grouped-query attention: N query heads share K kv heads of H dims; q/k/v stacked in one matmul."""
+
+    kind: ClassVar[str] = "gqa"
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: RopeConfig
+    qk_norm: bool = False  # per-head RMSNorm of q and k before rotary (Qwen3-MoE; GLM's use_qk_norm)
+    qkv_bias: bool = False  # biases on q/k/v (GLM's attention_bias, gpt-oss's)
+    o_bias: bool = False  # a bias on o_proj too (gpt-oss's attention_bias; GLM has none there)
+    sinks: bool = False  # a learned logit per query head in every softmax's denominator, with no value (gpt-oss)
+    # Layers whose queries see only the last `sliding_window` keys, themselves included (gpt-oss's
+    # "sliding_attention" layer_types: transformers masks key positions <= query position - sliding_window).
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"config.json num_attention_heads={self.num_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_kv_heads}.")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise unsupported("sliding_window", w, "null or a positive integer")
+        if self.sliding_layers and w is None:
+            raise unsupported("sliding_window", w, "a positive integer: layer_types names sliding_attention layers")
+        if self.rope.rotary_dim > self.head_dim:
+            raise ValueError(f"config.json partial_rotary_factor gives rotary_dim={self.rope.rotary_dim}, more than "
+                             f"head_dim={self.head_dim}.")
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.head_dim**-0.5
+
+    def window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer `layer_idx` (None: it attends to the whole context)."""
+        return self.sliding_window if layer_idx in self.sliding_layers else None
+
+    def kv_layer_pairs(self, num_layers: int) -> tuple[tuple[int, int], ...] | None:
+        """(full layer, sliding layer) pairs that share one set of cache tensors, or None: every layer has its
+        own and one block table serves them all (no sliding layers, or unequal counts, e.g. 2 sliding + 1 full,
+        where pairing would leave layers unpaired; those keep today's shared table)."""
+        if self.sliding_window is None or not self.sliding_layers:
+            return None
+        sliding = [i for i in range(num_layers) if i in self.sliding_layers]
+        full = [i for i in range(num_layers) if i not in self.sliding_layers]
+        if len(sliding) != len(full):
+            return None
+        return tuple(zip(full, sliding))
+
+    def kv_values_per_token(self) -> int:
+        """Values one token stores in one layer's cache: a K and a V per kv head."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    def cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
+        """One layer's cache tensors (k_cache_BLKH, v_cache_BLKH), the null block included."""
+        shape = (num_blocks + 1, block_size, self.num_kv_heads, self.head_dim)
+        return shape, shape
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.kv_values_per_token() * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (kernels/mla.py has the algebra). q_lora_rank None: q comes from one q_proj
+    (DeepSeek-V2-Lite); else q_a_proj → q_a_layernorm → q_b_proj. softmax_scale is transformers':
+    (qk_nope_head_dim + qk_rope_head_dim)^-0.5, times yarn's mscale(factor, mscale_all_dim)^2."""
+
+    kind: ClassVar[str] = "mla"
+    num_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope: RopeConfig
+    softmax_scale: float
+    attention_bias: bool = False  # biases on q_a_proj, kv_a_proj_with_mqa and o_proj (transformers' attention_bias)
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"config.json {name}={v!r} is invalid: must be a positive integer.")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
+            raise ValueError(f"config.json q_lora_rank={self.q_lora_rank!r} is invalid: must be null or a positive integer.")
+        if self.rope.rotary_dim != self.qk_rope_head_dim:
+            raise ValueError(f"MLAConfig rope.rotary_dim={self.rope.rotary_dim} must equal qk_rope_head_dim="
+                             f"{self.qk_rope_head_dim}.")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def kv_layer_pairs(self, num_layers: int) -> None:
+        """MLA has no sliding layers: every layer has its own cache tensors (see GQAConfig.kv_layer_pairs)."""
+        return None
+
+    def kv_values_per_token(self) -> int:
+        """Values one token stores in one layer's cache: its latent and its roped key, shared by every head."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
+        """One layer's cache tensor (latent_cache_BLR,), the null block included."""
+        return ((num_blocks + 1, block_size, self.kv_values_per_token()),)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.kv_values_per_token() * dtype.itemsize
+
+
+AttentionConfig = GQAConfig | MLAConfig
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """How the MoE layers are laid out and routed, beyond ModelConfig's num_experts and top_k.
+
+    router: the routing scheme (moe.router.RouterConfig; `make_router(router)` builds it).
+    n_shared_experts: always-on experts beside the routed ones in every MoE layer (DeepSeek, GLM), one dense
+    MLP of n_shared_experts * moe_intermediate_size. first_k_dense_replace: the first k layers have a dense
+    MLP. moe_layer_freq: every n-th layer after them is sparse; transformers implements 1 only, so that is all
+    that is accepted.
+    """
+
+    router: RouterConfig
+    n_shared_experts: int = 0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    # gpt-oss: the router linear has a bias (router.bias), each expert has gate/up and down biases, and the
+    # experts' gated activation is the clamped SwiGLU: "swiglu_oai" with swiglu_alpha / swiglu_limit (plain
+    # data here, so reading a config loads no kernel module; the decoder builds kernels.moe.MoEActivation).
+    router_bias: bool = False
+    expert_bias: bool = False
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.router, RouterConfig):
+            raise ValueError(f"MoEConfig router={self.router!r} must be a moelink.moe.router.RouterConfig.")
+        if self.activation not in MOE_ACTIVATIONS:
+            raise ValueError(f"MoEConfig activation={self.activation!r} is invalid: allowed: {', '.join(MOE_ACTIVATIONS)}.")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise unsupported(name, v, "a number > 0")
+        for name in ("n_shared_experts", "first_k_dense_replace"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise unsupported(name, v, "an integer >= 0")
+        if self.moe_layer_freq != 1:
+            raise unsupported("moe_layer_freq", self.moe_layer_freq, (1,),
+                              " (transformers puts experts in every layer from first_k_dense_replace on)")

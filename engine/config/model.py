@@ -1,0 +1,342 @@
+"""ModelConfig: what the engine needs to know about a checkpoint, read from config.json and validated.
+
+config.json is read by transformers' own config classes (the library that writes these files owns their
+aliases and defaults); this module maps that object onto moelink's fields and refuses, with one sentence
+naming the field, any value moelink cannot run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moelink.comm.backends import resolve_backend
+from moelink.comm.two_level import check_node_of_rank
+from moelink.moe.router import RouterConfig
+
+from .architectures import CONFIG_ONLY_ARCHITECTURES, SUPPORTED_ARCHITECTURES  # noqa: F401 (re-exported)
+from .hf_readers import read_fields
+from .quantization import QuantConfig, resolve_quantization
+from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
+from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
+                       check_seconds)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+# Architectures moelink can run, and those whose config.json it reads (routing included) but whose model it
+# cannot build yet: views of the one registry (engine/config/architectures.py), read here at call time.
+KNOWN_ARCHITECTURES = SUPPORTED_ARCHITECTURES + CONFIG_ONLY_ARCHITECTURES
+
+
+def parse_dtype(value, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """'auto' → the checkpoint's dtype (float32 when it says nothing); names or torch dtypes otherwise."""
+    if isinstance(value, torch.dtype):
+        if value in _DTYPES.values():
+            return value
+        raise ValueError(f"dtype={value} is not supported: choose from float32, bfloat16, float16, float64 or 'auto'.")
+    if value == "auto":
+        return _DTYPES.get(str(checkpoint_dtype or "float32"), torch.float32)
+    if value not in _DTYPES:
+        raise ValueError(f"dtype={value!r} is not supported: choose from float32, bfloat16, float16, float64 or 'auto'.")
+    return _DTYPES[value]
+
+
+# --kv-cache-dtype values, as vLLM names them. e5m2 is not offered: e4m3 with a scale is what every peer
+# defaults to for fp8 KV, and one format keeps one set of kernels.
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def parse_kv_cache_dtype(value: str) -> torch.dtype | None:
+    """'auto' → None (the model's dtype); 'fp8' / 'fp8_e4m3' → float8_e4m3fn."""
+    if value not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={value!r} is invalid: choose from {', '.join(map(repr, KV_CACHE_DTYPES))}.")
+    return KV_CACHE_DTYPES[value]
+
+
+@dataclass
+class ModelConfig:
+    """Shape and routing of a MoE decoder, from a local Hugging Face directory.
+
+    `moe` holds the routing scheme and the MoE layout; a ModelConfig built by hand without one gets
+    softmax top-k routing over num_experts (renormalised when norm_topk_prob). `attention` is the attention
+    kind (layer_configs.GQAConfig or MLAConfig: the layers' shape, rope, and what the KV cache holds per
+    token); built by hand without one it is GQA over num_heads / num_kv_heads / head_dim with plain RoPE.
+    num_kv_heads and head_dim are GQA's; an MLA model reads its shape from `attention` alone. `hf_config`
+    is the config as transformers reads it (`PretrainedConfig.to_dict()`: aliases resolved, defaults filled).
+    """
+
+    model: str
+    dtype: torch.dtype
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    max_model_len: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    intermediate_size: int  # dense MLP layers (Qwen3 `mlp_only_layers`, DeepSeek `first_k_dense_replace`)
+    norm_topk_prob: bool
+    sparse_layers: tuple[int, ...]
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]
+    hf_config: dict = field(repr=False, default_factory=dict)
+    moe: MoEConfig | None = None
+    attention: AttentionConfig | None = None
+    # The Hugging Face repo id `model` (then a cache snapshot directory) was resolved from; None for a
+    # directory the user gave. What the user knows the model by: see `name`.
+    model_id: str | None = None
+    # FP8 block-scaled weights or MXFP4 experts (engine/config/quantization.py): the checkpoint's quantization_config,
+    # or FP8 made at load from a float checkpoint (`online`); None runs float weights in `dtype`.
+    quantization: QuantConfig | None = None
+    # The KV cache's element type (`--kv-cache-dtype`): None = `dtype`; float8_e4m3fn stores K/V (or MLA's
+    # latent rows) in one byte with a per-layer scale (kernels/attention.py), half a bf16 cache's bytes.
+    kv_cache_dtype: torch.dtype | None = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_cache_dtype if self.kv_cache_dtype is not None else self.dtype
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"config.json num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}.")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"config.json num_experts_per_tok={self.top_k} must be in [1, num_experts={self.num_experts}].")
+        if not 1 <= self.max_model_len <= self.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} is invalid: must be in [1, max_position_embeddings={self.max_position_embeddings}]."
+            )
+        if self.attention is None:
+            self.attention = GQAConfig(self.num_heads, self.num_kv_heads, self.head_dim,
+                                       RopeConfig(self.head_dim, self.rope_theta))
+        if self.moe is None:
+            self.moe = MoEConfig(RouterConfig(self.num_experts, self.top_k, norm_topk_prob=bool(self.norm_topk_prob)))
+        r = self.moe.router
+        if (r.num_experts, r.top_k, r.norm_topk_prob) != (self.num_experts, self.top_k, self.norm_topk_prob):
+            raise ValueError(f"ModelConfig moe.router (num_experts={r.num_experts}, top_k={r.top_k}, norm_topk_prob="
+                             f"{r.norm_topk_prob}) disagrees with num_experts={self.num_experts}, top_k={self.top_k}, "
+                             f"norm_topk_prob={self.norm_topk_prob}.")
+
+    @property
+    def name(self) -> str:
+        """The model as the user named it: its repo id, else the directory's name (a snapshot's is a hash)."""
+        return self.model_id or Path(self.model).name
+
+    @classmethod
+    def from_pretrained(cls, model: str, dtype="auto", max_model_len: int | None = None, *,
+                        require_runnable: bool = True, quantization: str | None = None,
+                        fp8_block_size: tuple[int, int] | None = None, kv_cache_dtype: str = "auto") -> "ModelConfig":
+        """Read `model`/config.json through transformers' own config class (so every alias and default
+        transformers knows applies) and validate it. Architectures in CONFIG_ONLY_ARCHITECTURES are read
+        only with require_runnable=False; otherwise they are refused here, before any engine work."""
+        path = Path(model)
+        if not path.is_dir():
+            raise ValueError(f"model={model!r} is not a directory: pass a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json); EngineArgs resolves a Hugging Face repo id to one.")
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ValueError(f"model={model!r} has no config.json: a Hugging Face checkpoint directory is required.")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"model={model!r}: config.json is not valid JSON ({e}).") from None
+        # The architecture is checked on the file first: transformers would fail on an unknown model_type
+        # with a message about its own registry rather than about what moelink runs.
+        archs = raw.get("architectures") or []
+        arch = next((a for a in archs if a in KNOWN_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(f"config.json architectures={archs!r} is not supported: moelink runs {', '.join(SUPPORTED_ARCHITECTURES)}.")
+        if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)):
+            raise ValueError(f"max_model_len={max_model_len!r} is invalid: must be a positive integer.")
+        hf = _auto_config(path, raw, arch)
+        fields = read_fields(arch, hf)
+        fields["quantization"] = resolve_quantization(fields.get("quantization"), quantization, fp8_block_size)
+        checkpoint_dtype = str(hf.dtype).removeprefix("torch.") if getattr(hf, "dtype", None) else raw.get("torch_dtype")
+        cfg = cls(
+            model=str(path), dtype=parse_dtype(dtype, checkpoint_dtype), architecture=arch,
+            max_model_len=max_model_len if max_model_len is not None else fields["max_position_embeddings"],
+            hf_config=hf.to_dict(), kv_cache_dtype=parse_kv_cache_dtype(kv_cache_dtype), **fields,
+        )
+        if require_runnable and arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"architecture {arch}: config read, model definition not available in this build "
+                             f"(moelink runs {', '.join(SUPPORTED_ARCHITECTURES)}).")
+        return cfg
+
+
+def _auto_config(path: Path, raw: dict, arch: str):
+    """transformers' config object for `path`; it owns config.json's aliases (Qwen3-MoE's num_experts is
+    written num_local_experts by transformers 5), defaults and the rope_scaling → rope_parameters rewrite.
+
+    A checkpoint's own Python code is never run (trust_remote_code=False, and transformers is never left to
+    ask on stdin). A `model_type` transformers does not know, on an architecture moelink runs (Kimi K2 ships
+    `model_type: kimi_k2` with an `auto_map` to its own DeepSeek-V3 code), is read through the config class
+    transformers registers for that architecture."""
+    from transformers import AutoConfig  # ~1 s to import: paid when a model is read, not by every CLI start
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        if raw.get("model_type") in CONFIG_MAPPING_NAMES:
+            return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        model_type = {cls: t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}.get(arch)
+        if model_type is None:
+            raise ValueError(f"model_type={raw.get('model_type')!r} is unknown to transformers")
+        fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as e:  # noqa: BLE001  (transformers raises ValueError, OSError and strict-dataclass errors)
+        raise ValueError(f"model={str(path)!r}: transformers could not read config.json: {e}") from None
+
+
+_EXECUTORS = ("auto", "inprocess", "ray")
+
+
+@dataclass
+class ParallelConfig:
+    """Data-parallel attention + expert-parallel MoE over the same `expert_parallel_size` ranks.
+
+    Every rank runs attention for its own requests and holds 1/N of the experts.
+    `executor` "auto" is in-process for one rank and Ray beyond; `ray_address`
+    None starts a local Ray instance, "auto" joins the running cluster, or give
+    an address. `all_to_all` names a backend of moelink.comm.backends: "auto"
+    picks "none" for one rank and "torch" otherwise (gloo on CPU, NCCL on GPU).
+
+    The node-aware backend ("two_level") needs the node (NVLink domain) of each
+    rank. By default the Ray executor reads it from its placement group (the
+    Ray node of each rank's bundle). `ep_nvlink_domain_size` N overrides it:
+    consecutive groups of N ranks share a domain (GB200 NVL72: 72); N >= the
+    rank count is one domain. `ep_node_ids` (for tests and simulation: several
+    "nodes" on one machine) gives the node number of each rank outright.
+    picks "none" for one rank and "torch" otherwise (gloo on CPU, NCCL on GPU);
+    the fixed-capacity ones ("torch_padded", "nccl") run two dispatch modes
+    picked per step (comm/ep_modes.py), low-latency at `ep_decode_capacity`.
+    """
+
+    expert_parallel_size: int = 1
+    executor: str = "auto"
+    ray_address: str | None = None
+    all_to_all: str = "auto"
+    num_redundant_experts: int = 0
+    # Online EPLB (moe/eplb.py, engine/cluster/eplb_controller.py): every eplb_interval steps the driver re-places the
+    # experts from the expert load of the last eplb_interval steps and the ranks move weights to match; 0: off.
+    eplb_interval: int = 0
+    # Bytes (MiB) one rank may stage in one move chunk of online EPLB (engine/cluster/eplb_controller.py); None: the
+    # largest expert slot x the most slots a rank holds x the chunk's layers (what a chunk can need at most).
+    eplb_staging_mb: float | None = None
+    # Rows per (source, destination) block of a low-latency (decode-only) dispatch on the fixed-capacity
+    # backends (torch_padded, nccl): the most tokens one rank may have in a step that runs low-latency;
+    # None: max_num_seqs (every decode batch fits). Larger decode steps run high-throughput (engine/contract/ep_step.py).
+    ep_decode_capacity: int | None = None
+    # Watchdogs of a multi-rank engine (see RayExecutor): a model step that takes longer than
+    # step_timeout_s fails the engine (the first model step, which JIT-compiles kernels, gets at least
+    # timeouts.FIRST_STEP_TIMEOUT_S); a rank that answers no heartbeat for heartbeat_timeout_s (frozen, wedged
+    # or unreachable) fails it too, whether or not a step is running. One collective may wait
+    # comm_timeout_s for its peers, so step_timeout_s is longer: a lost peer is reported by its rank.
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    comm_timeout_s: float = 60.0
+    ep_nvlink_domain_size: int | None = None
+    ep_node_ids: tuple[int, ...] | None = None
+    # Two micro-batches per step, each one's compute overlapping the other's all-to-all (engine/rank/step_plan.py).
+    # Only EP > 1 has an all-to-all to overlap: at one rank steps run as one batch.
+    enable_two_batch_overlap: bool = False
+    # Elastic EP (engine/cluster/elastic.py): a lost rank (killed, actor lost, silent) is dropped and the engine goes on
+    # at EP N-1, its requests recomputed, instead of failing, when at least 2 ranks survive (EP >= 3). Off, or
+    # at EP 2: the fail-fast watchdogs, as before.
+    elastic_ep: bool = True
+    # Rejoin (engine/cluster/rejoin.py): after a loss, a replacement rank is started in the lost rank's placement-group
+    # bundle ep_rejoin_delay_s later, pre-loads its share in the background and is admitted at a step boundary:
+    # the group returns to EP N. None: on exactly when elastic_ep is.
+    ep_rejoin: bool | None = None
+    ep_rejoin_delay_s: float = DEFAULT_REJOIN_DELAY_S
+
+    def __post_init__(self) -> None:
+        n = self.expert_parallel_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"expert_parallel_size={n!r} is invalid: must be a positive integer.")
+        if self.executor not in _EXECUTORS:
+            raise ValueError(f"executor={self.executor!r} is invalid: choose from {', '.join(_EXECUTORS)}.")
+        if self.executor == "inprocess" and n > 1:
+            raise ValueError(f"executor='inprocess' runs one rank; expert_parallel_size={n} needs executor='ray' or 'auto'.")
+        # The registry owns the names and "auto"; it also refuses a backend that cannot run at n ranks.
+        resolve_backend(self.all_to_all, n)
+        cap = self.ep_decode_capacity
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ValueError(f"ep_decode_capacity={cap!r} is invalid: must be a positive integer (tokens per rank "
+                             "of a low-latency decode dispatch) or None (max_num_seqs).")
+        if not isinstance(self.num_redundant_experts, int) or self.num_redundant_experts < 0:
+            raise ValueError(f"num_redundant_experts={self.num_redundant_experts!r} is invalid: must be an integer >= 0.")
+        if isinstance(self.eplb_interval, bool) or not isinstance(self.eplb_interval, int) or self.eplb_interval < 0:
+            raise ValueError(f"eplb_interval={self.eplb_interval!r} is invalid: must be an integer >= 0 (steps "
+                             "between expert re-placements; 0 = off).")
+        if self.eplb_interval and n == 1:
+            raise ValueError(f"eplb_interval={self.eplb_interval} needs expert_parallel_size > 1: one rank holds "
+                             "every expert, there is nothing to re-place.")
+        mb = self.eplb_staging_mb
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0
+                               or mb * 2**20 < 1):
+            raise ValueError(f"eplb_staging_mb={mb!r} is invalid (--eplb-staging-mb): must be a number of MiB > 0 "
+                             "(a rank's staging for one online-EPLB move chunk), or None for the default.")
+        for name in ("step_timeout_s", "heartbeat_timeout_s", "comm_timeout_s"):
+            check_seconds(name, getattr(self, name))
+        if not isinstance(self.enable_two_batch_overlap, bool):
+            raise ValueError(f"enable_two_batch_overlap={self.enable_two_batch_overlap!r} is invalid: must be True "
+                             "or False.")
+        if not isinstance(self.elastic_ep, bool):
+            raise ValueError(f"elastic_ep={self.elastic_ep!r} is invalid: must be True or False.")
+        check_rejoin(self.ep_rejoin, self.ep_rejoin_delay_s, self.elastic_ep)
+        self._check_node_map()
+
+    def _check_node_map(self) -> None:
+        n, size = self.expert_parallel_size, self.ep_nvlink_domain_size
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"ep_nvlink_domain_size={size!r} is invalid: must be a positive integer (ranks "
+                                 "per NVLink domain, e.g. 8 for an HGX node, 72 for a GB200 NVL72).")
+            if size < n and n % size:
+                raise ValueError(f"ep_nvlink_domain_size={size} is invalid for expert_parallel_size={n}: domains are "
+                                 f"groups of consecutive ranks, so the size must divide {n} (or be >= {n}: one "
+                                 "domain).")
+        if self.ep_node_ids is not None:
+            if size is not None:
+                raise ValueError("ep_node_ids and ep_nvlink_domain_size both set: give one node map, not two.")
+            self.ep_node_ids = check_node_of_rank(self.ep_node_ids, n, "ep_node_ids")
+        if (size is not None or self.ep_node_ids is not None) and self.all_to_all != "two_level":
+            which = "ep_nvlink_domain_size" if size is not None else "ep_node_ids"
+            raise ValueError(f"{which} is set but all_to_all={self.all_to_all!r}: the node map is only used by "
+                             "the node-aware backend, all_to_all='two_level'.")
+
+    def node_of_rank(self) -> tuple[int, ...] | None:
+        """The node number of each rank from the flags (ep_node_ids, else ep_nvlink_domain_size); None: read
+        it from the Ray placement group."""
+        if self.ep_node_ids is not None:
+            return tuple(self.ep_node_ids)
+        if self.ep_nvlink_domain_size is not None:
+            return tuple(r // self.ep_nvlink_domain_size for r in range(self.expert_parallel_size))
+        return None
+
+    @property
+    def world_size(self) -> int:
+        return self.expert_parallel_size
+
+    @property
+    def rejoin_enabled(self) -> bool:
+        """Whether a lost rank is replaced (ep_rejoin, by default elastic_ep)."""
+        return self.elastic_ep if self.ep_rejoin is None else self.ep_rejoin
+
+    @property
+    def resolved_executor(self) -> str:
+        if self.executor != "auto":
+            return self.executor
+        return "inprocess" if self.expert_parallel_size == 1 else "ray"

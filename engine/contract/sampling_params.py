@@ -1,0 +1,137 @@
+"""Sampling parameters, validated where they are made (vLLM-compatible names)."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .safe_text import shown
+from .structured_output_params import StructuredOutputParams
+
+_GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A closed (or half-open) range of finite numbers; str() is how messages and README's table write it."""
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        return (_is_num(v) and math.isfinite(v) and (self.low < v if self.low_open else self.low <= v)
+                and v <= self.high)
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# What each float parameter may be. Non-finite values are never allowed (temperature=inf would sample
+# uniformly, NaN poisons the whole batch's softmax). Bounds beyond vLLM's own:
+# - temperature <= 100: above it every token is about equally likely, whatever the model says;
+# - repetition_penalty in [0.01, 100]: a seen token's logit is divided or multiplied by it, so 1e-45
+#   overflows float32 to inf (then NaN); beyond 100x either way the output only degenerates.
+FLOAT_RANGES: dict[str, Interval] = {
+    "temperature": Interval(0.0, 100.0),
+    "top_p": Interval(0.0, 1.0, low_open=True),
+    "min_p": Interval(0.0, 1.0),
+    "repetition_penalty": Interval(0.01, 100.0),
+    "presence_penalty": Interval(-2.0, 2.0),
+    "frequency_penalty": Interval(-2.0, 2.0),
+}
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    Defaults match vLLM: temperature 1.0, no top-k/top-p/min-p, 16 new tokens.
+    temperature 0 means greedy. A request with `seed` draws from its own
+    generator, so its tokens do not depend on what else is in the batch.
+    `n` samples per prompt: `LLM.generate` (and the servers) run each as its own engine request
+    (`sample(i)`); an engine request itself is one sample.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0) disables
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+    max_tokens: Optional[int] = 16  # None: until the context is full
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: Optional[int] = None  # top-n logprobs per generated token
+    # Keep only the prompt's last k tokens; -1: as many as fit beside max_tokens (vLLM's "the model's limit").
+    truncate_prompt_tokens: Optional[int] = None
+    skip_special_tokens: bool = True
+    # False: no text at all (token ids only, as a client that detokenizes itself wants, e.g. the smg
+    # gateway); saves the per-token decode on the engine thread. Stop strings need text, so they need True.
+    detokenize: bool = True
+    # Constrain the output to a JSON schema, regex, grammar or choice (engine/core/structured_output.py).
+    structured_outputs: Optional[StructuredOutputParams] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
+        for name, allowed in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            _check(value in allowed, name, value, f"must be a finite number in {allowed}")
+        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k, "must be -1 (disabled), 0 (disabled) or a positive integer")
+        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "must be an integer or None")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens", self.max_tokens, "must be an integer >= 1 or None")
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be an integer >= 0")
+        if self.max_tokens is not None:
+            _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids, "must be non-negative integers")
+        _check(isinstance(self.detokenize, bool), "detokenize", self.detokenize, "must be True or False")
+        _check(self.detokenize or not self.stop, "detokenize", self.detokenize,
+               "stop strings are matched on the output text, so they need detokenize=True")
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputParams),
+               "structured_outputs", self.structured_outputs, "must be a StructuredOutputParams or None")
+        _check(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens) and
+               (self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1)), "truncate_prompt_tokens",
+               self.truncate_prompt_tokens, "must be None, -1 (the model's limit) or a positive integer")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs", self.logprobs,
+               f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+
+    def sample(self, i: int) -> "SamplingParams":
+        """The parameters of sample i (0 <= i < n) as one engine request: n=1 and, when seeded, seed + i, so the
+        samples differ from each other and a seeded request is reproducible sample by sample (every entry point
+        derives them this way). A copy not validated again; the lists are shared, never copied: nothing changes
+        them after validation."""
+        p = copy.copy(self)
+        p.n = 1
+        if self.seed is not None:
+            p.seed = self.seed + i
+        return p
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{name}={shown(value)} is invalid: {allowed}.")

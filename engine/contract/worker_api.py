@@ -1,0 +1,112 @@
+"""The calls the driver makes on every rank together: named by `RankCall`, typed by `RankAPI`.
+
+`Executor.collective(RankCall.X, *args)` runs the Worker method of that name on every rank at once (in process,
+or as Ray actor calls) and returns the results in rank order. The names are an enum, not free strings, so a
+misspelt or removed call fails where it is written, and `RankAPI` states each call's arguments and result;
+tests/engine/test_worker_api.py checks that the Worker implements every call with RankAPI's signature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+
+class RankCall(str, Enum):
+    """A Worker method every rank runs together (its value is the method's name)."""
+
+    AVAILABLE_KV_BLOCKS = "available_kv_blocks"
+    ALLOCATE_KV_CACHE = "allocate_kv_cache"
+    WARM_UP = "warm_up"
+    CAPTURED_GRAPH_SIZES = "captured_graph_sizes"
+    EPLB_BEGIN = "eplb_begin"
+    EPLB_SLOT_BYTES = "eplb_slot_bytes"
+    EPLB_MOVE = "eplb_move"
+    EPLB_COMMIT = "eplb_commit"
+    EPLB_STATE = "eplb_state"
+    # Tests only (not a user flag): later move chunks pause, so a test can kill a rank mid-move.
+    EPLB_TEST_SLOW_MOVES = "eplb_test_slow_moves"
+
+
+PLANS = ("auto", "full", "minimal")
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """The scheduler's limits a rank's warm-up plans its shapes from (its Worker knows the rest), and which
+    plan: "full" (what the Triton kernels need), "minimal" (one small step), or "auto": full on the Triton
+    kernels, minimal on the references (which compile nothing)."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    plan: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"WarmupConfig.{name}={v!r} is invalid: must be a positive integer.")
+        if self.plan not in PLANS:
+            raise ValueError(f"WarmupConfig.plan={self.plan!r} is invalid: choose from {', '.join(PLANS)}.")
+
+
+@dataclass
+class WarmupReport:
+    """What one rank warmed: per phase, (name, variants run, seconds)."""
+
+    rank: int
+    phases: list[tuple[str, int, float]] = field(default_factory=list)
+
+    @property
+    def num_variants(self) -> int:
+        return sum(n for _, n, _ in self.phases)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s for _, _, s in self.phases)
+
+
+class RankAPI(Protocol):
+    """What each `RankCall` takes and returns on one rank (engine/rank/worker.py implements it)."""
+
+    def available_kv_blocks(self) -> int:
+        """KV blocks this rank can hold after its weights."""
+
+    def allocate_kv_cache(self, num_kv_blocks: int) -> None:
+        """Allocate the KV cache (every rank the same number of blocks)."""
+
+    def warm_up(self, cfg: WarmupConfig) -> WarmupReport:
+        """Compile and run every kernel variant a step can hit (engine/rank/warmup.py)."""
+
+    def captured_graph_sizes(self) -> tuple[int, ...]:
+        """The decode batch sizes this rank replays graphs for."""
+
+    def eplb_begin(self, placements) -> None:
+        """Plan an expert move to `placements` (one per MoE layer)."""
+
+    def eplb_slot_bytes(self) -> list[int]:
+        """Bytes of one expert slot of each MoE layer."""
+
+    def eplb_move(self, num_layers: int) -> bool:
+        """Move and switch the next `num_layers` layers; True once every layer has switched."""
+
+    def eplb_commit(self) -> tuple[int, int]:
+        """End the move: bytes sent to other ranks, the most staged in one chunk."""
+
+    def eplb_state(self) -> dict:
+        """This rank's placement state."""
+
+    def eplb_test_slow_moves(self, chunk_delay_s: float) -> None:
+        """Tests only: later move chunks pause `chunk_delay_s`."""
+
+
+def rank_call(method) -> RankCall:
+    """`method` as a RankCall (a RankCall, or its name), or ValueError naming what is allowed."""
+    try:
+        return RankCall(method)
+    except ValueError:
+        allowed = ", ".join(c.value for c in RankCall)
+        raise ValueError(f"collective method={method!r} is invalid: it must be a RankCall ({allowed}).") from None
+
+
+__all__ = ["RankAPI", "RankCall", "WarmupConfig", "WarmupReport", "rank_call"]

@@ -1,0 +1,8 @@
+"""moelink.engine.core: the engine core: `LLMEngine`'s step loop driving the scheduler and an executor, request intake
+(validation, tokenization, structured-output grammars) and output processing (detokenization, stop strings,
+logprobs), engine metrics.
+
+It drives ranks only through an `Executor` (cluster/) and the typed calls of contract/worker_api.py; it never
+imports the rank side (worker, model runner, models).
+Must not import: benchmarks, engine, engine.api, engine.models, engine.rank, engine.server, engine.tools.
+"""

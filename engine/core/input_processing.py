@@ -1,0 +1,136 @@
+"""Request validation and tokenization, before a request touches a scheduler (LLMEngine.process_inputs): every
+bad input gets one error naming its field, the value and what is allowed; a rejected request holds nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+from .no_tokenizer import NoTokenizer
+from ..contract.safe_text import shown
+from ..contract.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # xgrammar is imported where grammars are compiled (engine/core/structured_output.py)
+    from xgrammar import CompiledGrammar
+
+PromptType = Union[str, list[int], dict]
+
+
+def too_long(field: str, num_tokens: int, max_model_len: int) -> ValueError:
+    return ValueError(f"{field} has {num_tokens} tokens, too long: max_model_len={max_model_len} leaves room for "
+                      f"at most {max_model_len - 1} prompt tokens.")
+
+
+def max_tokens_too_large(field: str, max_tokens: int, num_prompt_tokens: int, max_model_len: int) -> ValueError:
+    """vLLM's wording (its OpenAI server's 400), with the numbers: what was asked, what the prompt took."""
+    return ValueError(
+        f"SamplingParams.max_tokens={max_tokens} is too large: this model's maximum context length is "
+        f"{max_model_len} tokens and the {field} has {num_prompt_tokens} tokens ({max_tokens} > {max_model_len} - "
+        f"{num_prompt_tokens}); ask for at most {max_model_len - num_prompt_tokens}, or leave max_tokens unset "
+        f"to generate up to the context.")
+
+
+def kept_prompt_tokens(params: SamplingParams, max_model_len: int) -> int | None:
+    """How many prompt tokens params.truncate_prompt_tokens keeps (the last ones); None: no truncation.
+
+    -1 keeps as many as fit beside max_tokens (unset: one), so "the model's limit" never turns a request that
+    truncation could save into a max_tokens refusal; a max_tokens that leaves no room is still refused."""
+    keep = params.truncate_prompt_tokens
+    if keep != -1:
+        return keep
+    return max(max_model_len - (params.max_tokens or 1), 1)
+
+
+def _first_bad_id(ids: list, vocab: int) -> int | None:
+    """Index of the first entry that is not an int in [0, vocab), or None; C-speed when all are fine."""
+    if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab):
+        return None
+    return next(i for i, t in enumerate(ids) if type(t) is not int or not 0 <= t < vocab)
+
+
+@dataclass
+class ProcessedRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    # Set when params.structured_outputs is (compiled in process_inputs).
+    grammar: CompiledGrammar | None = None
+
+
+def process_inputs(engine, request_id: str, prompt: PromptType, params: SamplingParams | None,
+               field: str | None = None) -> ProcessedRequest:
+    """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
+
+    `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
+    passes the name of the proto field it came from).
+    """
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError(f"request_id={shown(request_id)} is invalid: must be a non-empty string.")
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params={shown(params)} is invalid: must be a SamplingParams.")
+    if params.n != 1:
+        # Refused, not run as one sample: a caller asking for n must get n or an error.
+        raise ValueError(f"SamplingParams.n={params.n} is invalid for one engine request: an engine request is "
+                         f"one sample; run n requests with params.sample(i), i < n (as LLM.generate and the "
+                         f"servers do).")
+    text = None
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            prompt = prompt["prompt_token_ids"]
+        elif "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError("prompt dict is invalid: it needs a 'prompt' or 'prompt_token_ids' key.")
+    field = field or ("prompt" if isinstance(prompt, str) else "prompt_token_ids")
+    if isinstance(engine.tokenizer, NoTokenizer):
+        engine.tokenizer.check_request(field, prompt, params)
+    if isinstance(prompt, str):
+        text = prompt
+        if not prompt:
+            raise ValueError(f"{field} is empty: give at least one character or token id.")
+        ids = engine.tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+    else:
+        raise ValueError(f"{field} of type {type(prompt).__name__} is invalid: pass a string or a list of token ids.")
+    if not ids:
+        raise ValueError(f"{field} is empty: give at least one character or token id.")
+    max_len = engine.config.scheduler.max_model_len
+    keep = kept_prompt_tokens(params, max_len)
+    if keep is not None:
+        ids = ids[-keep:]
+    if len(ids) >= max_len:  # before looking at each id: a long list is refused at no cost
+        raise too_long(field, len(ids), max_len)
+    vocab = engine.config.model.vocab_size
+    bad = _first_bad_id(ids, vocab)
+    if bad is not None:
+        name = f"{field}[{bad}]" if text is None else f"{field} token {bad}"
+        raise ValueError(f"{name}={shown(ids[bad])} is out of range: token ids must be integers in [0, {vocab}).")
+    bs, blocks = engine.config.cache.block_size, engine.config.cache.num_kv_blocks
+    # The prompt and its first sampled token must fit what one sequence may hold alone: the whole pool, or
+    # less when the sliding-window layers' blocks come from the same pool (Scheduler.pool_tokens).
+    if len(ids) + 1 > engine.schedulers[0].pool_tokens:
+        alone = "" if engine.config.cache.sliding_window is None else (
+            f", of which one sequence may use {engine.schedulers[0].pool_tokens} tokens beside its "
+            "sliding-window layers' blocks")
+        raise ValueError(
+            f"{field} has {len(ids)} tokens, more than the KV cache holds ({blocks} blocks of {bs} tokens"
+            f"{alone}): raise num_kv_blocks / kv_cache_memory_bytes or shorten the prompt."
+        )
+    bad = _first_bad_id(params.stop_token_ids, vocab)
+    if bad is not None:
+        raise ValueError(f"SamplingParams.stop_token_ids contains {shown(params.stop_token_ids[bad])}: "
+                         f"token ids must be in [0, {vocab}).")
+    room = max_len - len(ids)
+    if params.max_tokens is not None and params.max_tokens > room:
+        # Refused, not clamped (vLLM answers 400): a client that asked for N tokens and silently got fewer
+        # would read finish_reason="length" as its own limit.
+        raise max_tokens_too_large(field, params.max_tokens, len(ids), max_len)
+    max_tokens = room if params.max_tokens is None else params.max_tokens
+    grammar = None
+    if params.structured_outputs is not None:
+        # Compiled on the grammar pool; this caller waits, the engine loop does not.
+        grammar = engine.grammars.compile(params.structured_outputs)
+    return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar)

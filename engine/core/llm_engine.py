@@ -1,0 +1,398 @@
+"""LLMEngine: tokenizer + scheduler + executor + output processing, stepped by its owner.
+
+Not thread-safe: `LLM` steps it in the caller's thread, `AsyncEngine` in its
+engine thread. All input validation happens in `process_inputs`, before a
+request touches the scheduler, so a rejected request never holds a KV block.
+
+Two halves: the core (scheduler, executor, structured output: `add_core`, `abort_core`, `finish_stopped`,
+`step_core`) and the output side (`output_processor`: detokenization, stop strings, logprobs, RequestOutputs).
+`add_processed`, `abort_requests` and `step` do both on the calling thread (LLM.generate). An AsyncEngine calls
+`hand_off_outputs` once and then only the core half from its engine thread: its output thread owns
+`output_processor` from then on.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from moelink.scheduler.engine_output import EngineCoreOutput, SchedulerStats
+from moelink.scheduler.outputs import ModelRunnerOutput
+from moelink.scheduler.request import Request, RequestStatus
+from moelink.scheduler.router import LeastLoadedRouter
+from moelink.scheduler.interface import SchedulerInterface
+from moelink.scheduler.scheduler import Scheduler
+
+from ..config.engine_args import EngineArgs, EngineConfig
+from ..contract.engine_info import EngineInfo
+from ..cluster.elastic import ElasticStats, recover_engine
+from ..cluster.rejoin import admit_engine
+from ..cluster.executor import Executor, WorkerDiedError
+from ..cluster.executor_factory import make_executor
+from ..contract.gc_policy import freeze_heap, thaw_heap
+from ..contract.expert_parallel import plan_expert_parallel
+from ..cluster.eplb_controller import make_eplb_controller, step_expert_load
+from .moe_metrics import ExpertLoadReport, MoEMetrics
+from .output_processor import OutputProcessor
+from .input_processing import (  # noqa: F401  (re-exported: the server and callers import them from here)
+    ProcessedRequest, PromptType, process_inputs, too_long,
+)
+from .outputs import OutputKind, RequestOutput
+from ..contract.safe_text import shown
+from ..contract.sampling_params import SamplingParams
+from .startup import set_eplb_slot_bytes, size_kv_cache, warm_up_ranks
+from .structured_output import GrammarCompilerPool, StructuredOutputManager
+from .no_tokenizer import NoTokenizer, load_tokenizer
+from .tokenizer import Tokenizer
+from ..config.worker_config import DUMMY_WARNING
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class LoopStats:
+    """Where the engine loop's time went, summed since start (seconds, host clock): `launch_s` in launching
+    steps (the ranks' host work when in process), `collect_s` in collecting them, of which `wait_s` the ranks
+    spent waiting for their device (the device time the host's work did not cover)."""
+
+    steps: int = 0
+    launch_s: float = 0.0
+    collect_s: float = 0.0
+    wait_s: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None,
+                 tokenizer: Tokenizer | NoTokenizer | None = None):
+        if config.load_format == "dummy":
+            logger.warning(DUMMY_WARNING)
+        # A dummy model may come without one (engine/core/no_tokenizer.py): token ids in and out only.
+        self.tokenizer = tokenizer or load_tokenizer(config.model.model, config.load_format)
+        self.eos_token_ids = set(config.model.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        # The workers' samplers hold EOS back under min_tokens: they must know every
+        # EOS id the schedulers stop on (generation_config.json, tokenizer too).
+        config = replace(config, model=replace(config.model, eos_token_ids=tuple(sorted(self.eos_token_ids))))
+        # Built once, here: the workers receive it and expert_load reports the same placement.
+        self.ep_plan = plan_expert_parallel(config)
+        self.executor = executor or make_executor(config, self.ep_plan)
+        # The executor may complete the plan (the Ray placement group's node map): keep the one the ranks got.
+        self.ep_plan = getattr(self.executor, "plan", self.ep_plan)
+        config = size_kv_cache(self.executor, config)  # sized by the ranks, now that their weights are in
+        self.config = config
+        # Data-parallel attention: one scheduler (and KV pool) per rank.
+        self.world_size = config.parallel.world_size
+        self.schedulers: list[SchedulerInterface] = [Scheduler(config.scheduler, config.cache)
+                                                     for _ in range(self.world_size)]
+        self.router = LeastLoadedRouter(self.schedulers)
+        # The requests the core holds (added, not yet finished), by rank: the engine thread's own record, so
+        # that duplicate ids and aborts are decided without reading the output side's states.
+        self._rank_of: dict[str, int] = {}
+        self.output_processor = OutputProcessor(self.tokenizer)
+        # Set by hand_off_outputs: where `step` sends each step's core outputs instead of processing them.
+        self._output_sink: Callable[[list[EngineCoreOutput]], None] | None = None
+        self.moe_metrics = MoEMetrics(len(config.model.sparse_layers), config.model.num_experts, self.world_size)
+        self._step_id = 0
+        # Online EPLB (--eplb-interval): None when off.
+        self.eplb = make_eplb_controller(config, self.ep_plan)
+        set_eplb_slot_bytes(self.executor, self.eplb)
+        self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
+        self.structured = StructuredOutputManager(config.model.vocab_size)
+        self.elastic_stats = ElasticStats()
+        # Elastic EP: per old rank, the SchedulerOutputs of the steps a loss broke (engine/cluster/elastic.py rewinds them).
+        self._inflight = None
+        # The overlapped loop: (SchedulerOutputs, the executor's launch token) of the step launched and not yet
+        # collected; None when nothing is in flight.
+        self._pending = None
+        self.async_scheduling = config.scheduler.async_scheduling
+        self.loop_stats = LoopStats()
+        warm_up_ranks(self.executor, config)  # KV cache in place: compile what steps hit, before serving
+        # Started: what exists now lives as long as the engine; the step loop's collections skip it.
+        freeze_heap(self)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args.create_engine_config())
+
+    def info(self) -> EngineInfo:
+        """What a front end reports about this engine (fixed once it has started)."""
+        cfg = self.config
+        return EngineInfo(model=cfg.model, max_model_len=cfg.scheduler.max_model_len,
+                          max_num_seqs=cfg.scheduler.max_num_seqs, block_size=cfg.cache.block_size,
+                          num_kv_blocks=cfg.cache.num_kv_blocks, expert_parallel_size=cfg.parallel.expert_parallel_size,
+                          eos_token_ids=tuple(sorted(self.eos_token_ids)), device=cfg.device,
+                          load_format=cfg.load_format)
+
+    # -- input validation -----------------------------------------------------
+    def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
+                       field: str | None = None) -> ProcessedRequest:
+        """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
+
+        `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
+        passes the name of the proto field it came from). The rules: engine/core/input_processing.py."""
+        return process_inputs(self, request_id, prompt, params, field)
+
+    # -- request lifecycle ----------------------------------------------------
+    def add_processed(self, req: ProcessedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        """Add a validated request to the core and the output side (single-thread use: LLM, tests)."""
+        self.add_core(req)
+        self.output_processor.add_request(req.request_id, req.prompt, req.prompt_token_ids, req.params, output_kind)
+
+    def add_core(self, req: ProcessedRequest) -> None:
+        """Add a validated request to a rank's scheduler, not to the output side (the stepping thread)."""
+        # Checked here, not per rank: the router may place a duplicate on another rank's scheduler.
+        if req.request_id in self._rank_of:
+            raise ValueError(f"request_id={shown(req.request_id)} is already in use by a running request.")
+        p = req.params
+        sched_req = Request(
+            req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,
+            eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
+            stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens,
+        )
+        if p.structured_outputs is not None:
+            if req.grammar is None:
+                raise ValueError("SamplingParams.structured_outputs is set but the request was not processed "
+                                 "by process_inputs (no compiled grammar).")
+            self.structured.add(req.request_id, req.grammar)
+        rank = self.router.route(req.prompt_token_ids)
+        self.schedulers[rank].add_request(sched_req)
+        self._rank_of[req.request_id] = rank
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        if request_id in self._rank_of:
+            raise ValueError(f"request_id={shown(request_id)} is already in use by a running request.")
+        self.add_processed(self.process_inputs(request_id, prompt, params), output_kind)
+
+    def abort_requests(self, request_ids, reason: str = "abort") -> list[RequestOutput]:
+        """Finish requests now (blocks freed); returns their final outputs (single-thread use: LLM, tests)."""
+        request_ids = list(request_ids)
+        self.abort_core(request_ids, reason)
+        # Every id the output side holds, also one whose core half ended inside a step that raised.
+        return [o for o in (self.output_processor.finish(r, reason) for r in request_ids) if o is not None]
+
+    def abort_core(self, request_ids, reason: str = "abort") -> list[str]:
+        """End the requests the core holds (blocks freed; finish_reason `reason`: "abort" or "error"), without
+        their final outputs (the stepping thread). Returns the ids it ended."""
+        ids = [r for r in request_ids if r in self._rank_of]
+        status = RequestStatus.FINISHED_ABORTED if reason == "abort" else RequestStatus.FINISHED_ERROR
+        self._finish(ids, status)
+        return ids
+
+    def finish_stopped(self, request_ids) -> None:
+        """End requests the output side found a stop string in (FINISHED_STOPPED, blocks freed; the output side
+        made their final outputs). Ids the core no longer holds are ignored. The stepping thread."""
+        self._finish(request_ids, RequestStatus.FINISHED_STOPPED)
+
+    def request_ids(self) -> list[str]:
+        """The requests the core holds (added, not finished)."""
+        return list(self._rank_of)
+
+    def _finish(self, request_ids, status: RequestStatus) -> None:
+        for rid in request_ids:
+            self.structured.remove(rid)
+            rank = self._rank_of.pop(rid, None)
+            if rank is not None:
+                self.schedulers[rank].finish_requests([rid], status)
+
+    def has_unfinished_requests(self) -> bool:
+        return any(s.has_unfinished_requests() for s in self.schedulers)
+
+    def has_requests(self) -> bool:
+        """Unfinished requests, a step still in flight, or finished ones the workers have not been told about:
+        their ids only travel with the next step, so a loop that stops stepping when the last request finishes
+        would leave the workers holding its state."""
+        return self._pending is not None or any(
+            s.has_unfinished_requests() or s.has_finished_requests() for s in self.schedulers)
+
+    def hand_off_outputs(self, sink: Callable[[list[EngineCoreOutput]], None]) -> None:
+        """From now on `step` gives each step's core outputs to `sink` (on the stepping thread, inside the step)
+        and returns []; whoever `sink` passes them to owns `output_processor` and finishes stop-string requests
+        through `finish_stopped`. AsyncEngine does this once, before its first step: it still steps through
+        `step`, so what wraps a step (a test's hook, a benchmark's timer) sees its engine thread's steps."""
+        self._output_sink = sink
+
+    def step(self) -> list[RequestOutput]:
+        """One lockstep step of every rank (`step_core`) and its output work; returns the outputs it produced
+        (none once the outputs are handed off: `hand_off_outputs`)."""
+        core_outputs = self.step_core()
+        if self._output_sink is not None:
+            self._output_sink(core_outputs)
+            return []
+        return self._process(core_outputs)
+
+    def _process(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
+        """The output work of single-thread use: RequestOutputs, and the requests a stop string ended finished."""
+        outputs, stopped = self.output_processor.process(core_outputs)
+        if stopped:
+            self.finish_stopped(stopped)
+        return outputs
+
+    def step_core(self) -> list[EngineCoreOutput]:
+        """One lockstep step of every rank without its output work; returns the core outputs it collected
+        (tokens, finishes) for the output side. The stepping thread.
+
+        Overlapped (async scheduling, the default): schedule and launch step N+1, then collect step N, whose
+        device work ran while the host scheduled; step N's tokens are appended and checked for stop tokens now,
+        one step after they were sampled. Serial: schedule, run, collect the same step. The loop drains
+        (collects the step in flight before scheduling) where the host needs its tokens first: a structured-
+        output row (its grammar mask), an online-EPLB move and a rejoin (every rank between steps)."""
+        outputs: list[EngineCoreOutput] = []
+        if self.executor.rejoin_ready:  # at the step boundary: replacement ranks join, back to EP N
+            outputs += self._drain_core()
+            admit_engine(self)
+        if self.eplb is not None and self.eplb.wants_to_act():
+            outputs += self._drain_core()
+            if self._eplb_act():
+                return outputs
+        sched_outs = [s.schedule() for s in self.schedulers]
+        self._step_id += 1
+        if all(so.is_empty for so in sched_outs):
+            # Nothing to compute: what is in flight is all there is (its tokens may schedule more). A step that
+            # only carries ids for the workers (finished, preempted, a resync) runs at once; an empty one not at
+            # all, so a loop with nothing left in flight stops.
+            outputs += self._drain_core()
+            if not any(so.finished_req_ids or so.preempted_req_ids or so.resync is not None for so in sched_outs):
+                for sched, so in zip(self.schedulers, sched_outs):
+                    sched.update_from_output(so, ModelRunnerOutput(step_id=so.step_id))
+                return outputs
+            self._pending = (sched_outs, self.executor.launch(sched_outs))
+            return outputs + self._drain_core()
+        if self.structured:
+            if self._pending is not None and self._needs_tokens_in_flight(sched_outs):
+                outputs += self._drain_core()  # the grammar masks need the matchers advanced by the tokens in flight
+            for so in sched_outs:  # each rank gets the masks of its own rows only
+                so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens)
+        t0 = time.perf_counter()
+        try:
+            launched = self.executor.launch(sched_outs)
+        except WorkerDiedError as err:
+            return outputs + self._recover([p for p in (self._pending, (sched_outs, None)) if p is not None], err)
+        self.loop_stats.launch_s += time.perf_counter() - t0
+        done, self._pending = self._pending, (sched_outs, launched)
+        if done is not None:
+            outputs += self._collect(done)
+        if not self.async_scheduling:
+            outputs += self._drain_core()
+        self.loop_stats.steps += 1
+        return outputs
+
+    def _drain(self) -> list[RequestOutput]:
+        """Collect the step in flight, if any, and process its outputs (single-thread use: a caller that needs
+        nothing in flight between two steps)."""
+        return self._process(self._drain_core())
+
+    def _drain_core(self) -> list[EngineCoreOutput]:
+        """Collect the step in flight, if any (nothing is in flight afterwards)."""
+        done, self._pending = self._pending, None
+        return self._collect(done) if done is not None else []
+
+    def _needs_tokens_in_flight(self, sched_outs) -> bool:
+        """A constrained request scheduled with its previous token still in flight (its mask needs it)."""
+        for sched, so in zip(self.schedulers, sched_outs):
+            for rid in so.num_scheduled_tokens:
+                if rid in self.structured:
+                    req = sched.requests.get(rid)
+                    if req is not None and req.num_output_placeholders > 1:
+                        return True
+        return False
+
+    def _collect(self, done) -> list[EngineCoreOutput]:
+        """Take a launched step's outputs: scheduler updates, metrics, structured-output matchers."""
+        sched_outs, launched = done
+        t0 = time.perf_counter()
+        try:
+            runner_outs = self.executor.collect(launched)
+        except WorkerDiedError as err:
+            steps = [done] + ([self._pending] if self._pending is not None else [])
+            self._pending = None
+            return self._recover(steps, err)
+        self.loop_stats.collect_s += time.perf_counter() - t0
+        self.loop_stats.wait_s += max((ro.stats.wait_s for ro in runner_outs if ro.stats is not None), default=0.0)
+        core_outputs = []
+        for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
+            core_outputs.extend(sched.update_from_output(so, ro))
+        self.moe_metrics.add_step([ro.stats.moe if ro.stats is not None else None for ro in runner_outs])
+        if self.eplb is not None:
+            counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
+            self.eplb.record(counts_LG, pairs_LR)
+        structured = self.structured
+        constrained = bool(structured)
+        for co in core_outputs:
+            if constrained and co.new_token_ids:
+                structured.accept(co.request_id, co.new_token_ids)
+            if co.finish_reason is not None:
+                self._rank_of.pop(co.request_id, None)
+                structured.remove(co.request_id)
+        return core_outputs
+
+    def _eplb_act(self) -> bool:
+        """Online EPLB's move at a step boundary (nothing in flight). True when a rank was lost during it and
+        the engine recovered (elastic EP: the steps before were all collected, so nothing is undone)."""
+        try:
+            self.eplb.act(self.executor.collective)
+        except WorkerDiedError:
+            if self.executor.lost_error is None:
+                raise
+            recover_engine(self)
+            return True
+        return False
+
+    def _recover(self, steps: list, err: WorkerDiedError) -> list[EngineCoreOutput]:
+        """Elastic EP: the steps in flight (oldest first) are dropped; survivors undo them (Scheduler.rewind)."""
+        if self.executor.lost_error is None:  # not elastic, or nothing to recover from: fail as before
+            raise err
+        self._inflight = [[so_per_rank[r] for so_per_rank, _ in steps] for r in range(self.world_size)]
+        recover_engine(self)
+        return []
+
+    def take_inflight(self) -> list | None:
+        """Elastic EP, once per regroup: per old rank, the SchedulerOutputs of the steps the loss broke (set by
+        `_recover`; None when the loss came between steps). Cleared: a later regroup has other ranks."""
+        inflight, self._inflight = self._inflight, None
+        return inflight
+
+    def index_requests(self) -> None:
+        """Re-learn which rank holds each request from the schedulers (after a regroup moved them)."""
+        self._rank_of = {rid: rank for rank, s in enumerate(self.schedulers) for rid in s.requests}
+
+    def experts_on_ranks(self) -> list[list[tuple[int, int]]]:
+        """Per rank: (logical expert, number of replicas of it) for each expert slot it holds."""
+        p = self.ep_plan.placement  # at one rank: every expert once
+        copies = [len(r) for r in p.log2phy]
+        return [[(e, copies[e]) for e in p.experts_on_rank(r)] for r in range(self.world_size)]
+
+    def expert_load(self) -> ExpertLoadReport:
+        """Raw expert-load counts since start: [MoE layer][expert] routed (token, expert) pairs."""
+        m = self.moe_metrics
+        return ExpertLoadReport(
+            moe_layers=tuple(self.config.model.sparse_layers), num_experts=m.num_experts,
+            top_k=self.config.model.top_k, world_size=self.world_size,
+            experts_on_ranks=tuple(tuple(e for e, _ in held) for held in self.experts_on_ranks()),
+            tokens_per_expert_LG=tuple(map(tuple, m.tokens_per_expert.tolist())),
+            bytes_dispatched=m.bytes_dispatched, bytes_combined=m.bytes_combined, steps=m.steps,
+            experts_on_ranks_per_layer=self.eplb.experts_on_ranks_per_layer() if self.eplb else (),
+            eplb=self.eplb.snapshot() if self.eplb else None)
+
+    def rank_stats(self) -> list[SchedulerStats]:
+        return [s.stats() for s in self.schedulers]
+
+    def stats(self) -> SchedulerStats:
+        """All ranks together (sums; kv_usage over the pooled blocks)."""
+        return SchedulerStats.combine(self.rank_stats())
+
+    def check_health(self) -> None:
+        """Raise the executor's error once a rank is lost (dead, hung, silent), even between steps; with
+        elastic EP, recover from the loss instead when the survivors can go on (engine/cluster/elastic.py), and admit
+        replacement ranks that are ready (engine/cluster/rejoin.py). With a step in flight both wait for `step`, which
+        undoes that step on a recovery (its tokens never come back) and drains it before an admission."""
+        if self._pending is None:
+            if self.executor.lost_error is not None:
+                recover_engine(self)
+            elif self.executor.rejoin_ready:
+                admit_engine(self)
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        self.grammars.shutdown()
+        self.executor.shutdown()
+        thaw_heap(self)

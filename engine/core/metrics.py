@@ -1,0 +1,333 @@
+"""Prometheus metrics of one engine (`moelink serve --metrics-port`).
+
+Request-level series (outcomes, TTFT / inter-token / end-to-end histograms,
+token counters) are observed by the AsyncEngine's output thread as outputs are produced.
+Engine-level series (queue, KV use, prefix cache, preemptions, all-to-all,
+expert-load balance) are read from the engine when Prometheus scrapes, by a
+custom collector, so no per-step work is spent on them.
+
+Cardinality stays bounded: labels are outcomes, phases and MoE layer indices,
+never request ids and, by default, never expert ids (per-expert counts are in
+the `ExpertLoad` RPC / `moelink stats`).
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import deque
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_THROUGHPUT_WINDOW_S = 10.0
+# The /metrics HTTP server: at most this many connections at once (one thread each; more are closed at
+# once), and each one at most this long, however slowly its client sends (a scrape takes milliseconds).
+METRICS_MAX_CONNECTIONS = 16
+METRICS_CONNECTION_TIMEOUT_S = 10.0
+
+
+class EngineMetrics:
+    """Owns a registry; the AsyncEngine that takes it (`AsyncEngine(..., metrics=EngineMetrics())`) attaches
+    its LLMEngine and calls `on_outputs` from its output thread; Prometheus scrapes `registry`."""
+
+    def __init__(self):
+        self.engine = None  # set once by `attach`; engine-level series are empty until then
+        self.registry = CollectorRegistry()
+        self.requests = Counter("moelink_requests", "Finished requests by outcome (finish reason).",
+                                ["outcome"], registry=self.registry)
+        self.prompt_tokens = Counter("moelink_prompt_tokens", "Prompt tokens of finished requests.", registry=self.registry)
+        self.generation_tokens = Counter("moelink_generation_tokens", "Generated tokens.", registry=self.registry)
+        self.ttft = Histogram("moelink_time_to_first_token_seconds", "Arrival to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("moelink_inter_token_latency_seconds", "Time between a request's tokens.",
+                             buckets=_ITL_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("moelink_e2e_request_latency_seconds", "Arrival to last output.",
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self._last_token: dict[str, tuple[float, int]] = {}  # request id → (time, tokens so far)
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for the tokens/s gauge
+        self._lock = threading.Lock()
+        self.registry.register(_EngineCollector(self))
+
+    def attach(self, engine) -> None:
+        """The engine (an LLMEngine) whose counters the scrape reads; called once by the AsyncEngine."""
+        if self.engine is not None and self.engine is not engine:
+            raise ValueError("EngineMetrics is already attached to another engine: make one per engine.")
+        self.engine = engine
+
+    def on_outputs(self, outputs) -> None:
+        """Observe RequestOutputs just produced (cumulative or delta kind)."""
+        now = time.monotonic()
+        new_total = 0
+        for out in outputs:
+            comp = out.outputs[0]
+            arrival = out.metrics.get("arrival_time") or now
+            prev_t, prev_n = self._last_token.get(out.request_id, (None, 0))
+            delta = out.metrics.get("output_kind") == "delta"
+            n_now = prev_n + len(comp.token_ids) if delta else len(comp.token_ids)
+            gained = n_now - prev_n
+            if gained > 0:
+                new_total += gained
+                if prev_t is None:
+                    self.ttft.observe(max(now - arrival, 0.0))
+                else:
+                    gap = (now - prev_t) / gained
+                    for _ in range(gained):
+                        self.itl.observe(gap)
+                self._last_token[out.request_id] = (now, n_now)
+            if out.finished:
+                self._last_token.pop(out.request_id, None)
+                self.requests.labels(comp.finish_reason or "unknown").inc()
+                self.prompt_tokens.inc(len(out.prompt_token_ids))
+                self.e2e.observe(max(now - arrival, 0.0))
+        if new_total:
+            self.generation_tokens.inc(new_total)
+            with self._lock:
+                self._recent.append((now, new_total))
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and now - self._recent[0][0] > _THROUGHPUT_WINDOW_S:
+                self._recent.popleft()
+            return sum(n for _, n in self._recent) / _THROUGHPUT_WINDOW_S
+
+
+class _EngineCollector:
+    """Reads the engine's counters at scrape time (read-only; values are plain ints and floats)."""
+
+    def __init__(self, metrics: EngineMetrics):
+        self.m = metrics
+
+    def collect(self):
+        eng = self.m.engine
+        if eng is None:
+            return
+        st = eng.stats()
+        yield _gauge("moelink_num_requests_running", "Requests scheduled on the ranks.", st.num_running)
+        yield _gauge("moelink_num_requests_waiting", "Requests waiting for KV blocks or budget.", st.num_waiting)
+        yield _gauge("moelink_kv_cache_usage_ratio", "Fraction of KV blocks held by requests.", st.kv_usage)
+        yield _gauge("moelink_kv_cache_free_blocks", "KV blocks not held by any request.", st.num_free_blocks)
+        yield _gauge("moelink_kv_cache_total_blocks", "KV blocks in all ranks' pools.", st.num_total_blocks)
+        yield _gauge("moelink_prefix_cache_hit_rate", "Prefix-cache hit tokens over looked-up tokens.",
+                     st.prefix_cache_hit_rate)
+        yield _counter("moelink_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                       st.prefix_cache_queries)
+        yield _counter("moelink_prefix_cache_hits", "Prompt tokens found in the prefix cache.", st.prefix_cache_hits)
+        yield _counter("moelink_num_preemptions", "Requests preempted (recomputed) for lack of KV blocks.",
+                       st.num_preemptions_total)
+        yield _gauge("moelink_generation_tokens_per_second", f"Generated tokens/s over the last {_THROUGHPUT_WINDOW_S:.0f} s.",
+                     self.m.tokens_per_second())
+        yield from self._elastic(eng.elastic_stats)
+        yield from self._moe(eng)
+
+    @staticmethod
+    def _elastic(es):
+        """Elastic EP (engine/cluster/elastic.py): ranks lost, recoveries and their time, requests recomputed."""
+        yield _counter("moelink_ep_rank_losses", "Expert-parallel ranks lost (killed, actor lost, silent).",
+                       es.rank_losses)
+        yield _counter("moelink_ep_recoveries", "Rank losses the engine recovered from (serving on at EP N-1).",
+                       es.recoveries)
+        yield _counter("moelink_ep_failed_recoveries", "Rank losses the engine could not recover from (it failed).",
+                       es.failed_recoveries)
+        yield _counter("moelink_ep_recovery_seconds", "Time spent recovering from lost ranks (the step paused).",
+                       es.recovery_seconds_total)
+        yield _counter("moelink_ep_requests_requeued", "Unfinished requests requeued and recomputed by recoveries "
+                       "and rejoins.", es.requests_requeued)
+        yield _counter("moelink_ep_recoveries_keeping_runners", "Recoveries whose survivors kept their model runners "
+                       "and KV caches (only the lost ranks' requests recomputed).", es.recoveries_keeping_runners)
+        yield _counter("moelink_ep_rank_rejoins", "Replacement ranks admitted (the group back to EP N).",
+                       es.rank_rejoins)
+        yield _counter("moelink_ep_rejoin_seconds", "Time spent admitting replacement ranks (the step paused).",
+                       es.rejoin_seconds_total)
+        yield _counter("moelink_ep_failed_rejoins", "Admissions that failed midway (the engine fell back to a "
+                       "recovery).", es.failed_rejoins)
+
+    def _moe(self, eng):
+        moe = eng.moe_metrics
+        b = CounterMetricFamily("moelink_all_to_all_bytes", "All-to-all payload bytes sent.", labels=["direction"])
+        b.add_metric(["dispatch"], moe.bytes_dispatched)
+        b.add_metric(["combine"], moe.bytes_combined)
+        yield b
+        yield _counter("moelink_all_to_all_inter_node_bytes",
+                       "Dispatch payload bytes that crossed between nodes (two_level all-to-all; combine returns as "
+                       "many); included in moelink_all_to_all_bytes.", moe.bytes_inter_node)
+        yield _counter("moelink_all_to_all_inter_node_rows",
+                       "Dispatch rows that crossed between nodes: one per (token, destination node other than the "
+                       "sender's).", moe.inter_node_rows)
+        if moe.per_mode:
+            # Per dispatch mode (comm/ep_modes.py): payload vs wire (padding included) bytes of dispatch.
+            mb = CounterMetricFamily("moelink_all_to_all_mode_bytes", "Dispatch bytes per mode: payload rows, and "
+                                     "the wire's fixed blocks (padding included).", labels=["mode", "kind"])
+            ms = CounterMetricFamily("moelink_all_to_all_mode_steps", "Engine steps per dispatch mode.", labels=["mode"])
+            for mode, c in sorted(moe.per_mode.items()):
+                mb.add_metric([mode, "payload"], c["bytes"])
+                mb.add_metric([mode, "wire"], c["wire_bytes"])
+                ms.add_metric([mode], c["steps"])
+            yield mb
+            yield ms
+        t = CounterMetricFamily("moelink_moe_seconds", "Host time of the MoE phases (CPU ranks; slowest rank per step).",
+                                labels=["phase"])
+        t.add_metric(["dispatch"], moe.dispatch_s)
+        t.add_metric(["compute"], moe.compute_s)
+        t.add_metric(["combine"], moe.combine_s)
+        yield t
+        counts = moe.tokens_per_expert.tolist()
+        yield _counter("moelink_expert_tokens", "Routed (token, expert) pairs, all layers and ranks.",
+                       sum(map(sum, counts)))
+        expert = GaugeMetricFamily("moelink_expert_load_max_over_mean",
+                                   "Per MoE layer: busiest expert's tokens over the mean (1 = even).", labels=["layer"])
+        rank = GaugeMetricFamily("moelink_rank_load_max_over_mean",
+                                 "Per MoE layer: busiest rank's tokens over the mean (1 = even).", labels=["layer"])
+        experts_of_rank = eng.experts_on_ranks()
+        for layer, row in enumerate(counts):
+            total = sum(row)
+            expert.add_metric([str(layer)], (max(row) * len(row) / total) if total else 0.0)
+            per_rank = [sum(row[e] / n for e, n in held) for held in experts_of_rank]
+            rank.add_metric([str(layer)], (max(per_rank) * len(per_rank) / total) if total else 0.0)
+        yield expert
+        yield rank
+        eplb = getattr(eng, "eplb", None)
+        if eplb is not None:  # online EPLB (--eplb-interval)
+            yield from eplb_families(eplb.snapshot())
+
+
+def eplb_families(m: dict):
+    """Online EPLB's metric families from its controller's snapshot (engine/cluster/eplb_controller.py)."""
+    yield _counter("moelink_eplb_rebalances", "Online EPLB re-placements applied.", m["rebalances"])
+    yield _counter("moelink_eplb_expert_bytes_moved", "Expert weight bytes sent between ranks by online "
+                   "EPLB.", m["bytes_moved"])
+    g = GaugeMetricFamily("moelink_eplb_rank_imbalance", "Max over mean expert load per rank (layers "
+                          "averaged) around the last re-placement: predicted by EPLB, and measured (pairs "
+                          "each rank's experts computed) over the window before and since the switch.",
+                          labels=["kind", "when"])
+    for kind in ("predicted", "measured"):
+        for when in ("before", "after"):
+            value = m[f"{kind}_imbalance_{when}"]
+            if value is not None:
+                g.add_metric([kind, when], value)
+    yield g
+    yield _counter("moelink_eplb_expert_bytes_staged", "Expert weight bytes staged by online EPLB's move "
+                   "chunks (all ranks).", m["bytes_staged"])
+    yield _gauge("moelink_eplb_staging_peak_bytes", "The most expert weight bytes one rank staged in one move "
+                 "chunk.", m["peak_staged_bytes"])
+    if m["staging_budget_bytes"] is not None:
+        yield _gauge("moelink_eplb_staging_budget_bytes", "Staging bound of one move chunk per rank "
+                     "(--eplb-staging-mb).", m["staging_budget_bytes"])
+    yield _counter("moelink_eplb_plans_refused", "Online EPLB placements not applied: a layer would stage more "
+                   "than --eplb-staging-mb.", m["plans_refused"])
+    yield _gauge("moelink_eplb_longest_move_chunk_seconds", "Longest pause between two steps spent "
+                 "moving expert weights.", m["longest_move_chunk_s"])
+
+
+def _gauge(name, doc, value):
+    g = GaugeMetricFamily(name, doc)
+    g.add_metric([], value)
+    return g
+
+
+def _counter(name, doc, value):
+    c = CounterMetricFamily(name, doc)
+    c.add_metric([], value)
+    return c
+
+
+# -- the /metrics endpoint ------------------------------------------------------
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        pass
+
+
+class BoundedMetricsServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's thread-per-connection WSGI server, bounded.
+
+    prometheus_client.start_http_server keeps one thread per connection for as long as the client
+    keeps it open: a few hundred half-open connections are a few hundred threads, forever. Here a
+    connection beyond `max_connections` is closed as soon as it is accepted, every read and write
+    times out after `timeout` seconds, and a connection still open `timeout` seconds after it was
+    accepted (a client trickling bytes) is shut down by the accept loop.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address, handler, max_connections: int, timeout: float):
+        self.max_connections = max_connections
+        self.connection_timeout = timeout
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, float] = {}  # connection → its deadline
+        self.refused_total = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            full = len(self._open) >= self.max_connections
+            if full:
+                self.refused_total += 1
+            else:
+                self._open[request] = time.monotonic() + self.connection_timeout
+        if full:
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.connection_timeout)
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            with self._lock:
+                self._open.pop(request, None)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._open.pop(request, None)
+
+    def service_actions(self):
+        """Called by serve_forever about twice a second: end connections past their deadline."""
+        self._end_connections(time.monotonic())
+
+    def _end_connections(self, now: float) -> None:
+        with self._lock:
+            late = [conn for conn, deadline in self._open.items() if deadline < now]
+        for conn in late:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # its thread's blocked read returns at once
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        pass  # a client that timed out or went away is not worth a traceback on stderr
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def close(self) -> None:
+        """Stop accepting, close the listening socket and end the connections still open."""
+        self.shutdown()
+        self.server_close()
+        self._end_connections(float("inf"))
+
+
+def start_metrics_server(registry, host: str, port: int, max_connections: int | None = None,
+                         timeout: float | None = None) -> BoundedMetricsServer:
+    """Serve `registry` at http://host:port/metrics from a daemon thread; `.server_port` is the bound port."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class _Server(BoundedMetricsServer):
+        address_family = family
+
+    httpd = _Server((host, port), _QuietHandler,
+                    METRICS_MAX_CONNECTIONS if max_connections is None else max_connections,
+                    METRICS_CONNECTION_TIMEOUT_S if timeout is None else timeout)
+    httpd.set_app(make_wsgi_app(registry))
+    threading.Thread(target=httpd.serve_forever, name="moelink-metrics", daemon=True).start()
+    return httpd

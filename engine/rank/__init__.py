@@ -1,0 +1,6 @@
+"""moelink.engine.rank: one rank: the `Worker` (device, process group, experts), its model runner and persistent batch, the step
+inputs, sampler, CUDA graphs, device streams, start-up warm-up, and checkpoint loading (real or dummy weights).
+
+Imports without Ray (the GPU image has none): tests/engine/test_rank_without_ray.py checks it.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.server, engine.tools.
+"""

@@ -1,0 +1,158 @@
+"""`--load-format dummy`: a checkpoint of random tensors made on the device from config.json alone (vLLM's
+`load_format="dummy"`), so a full-size model can be benchmarked without downloading its weights.
+
+`DummyCheckpoint` stands where the safetensors files stand: it answers the loader's questions (`keys`, and a
+handle with `get_tensor` / `get_slice`) with tensors generated on request, so engine/rank/loader.py fills the model
+by its own weight plan exactly as from files: stacking, rope row orders, MXFP4's gate/up de-interleave, online
+FP8 quantization (`--quantization fp8` quantizes the random float tensors) and `process_weights_after_loading`
+(MLA's absorbed kv_b_proj) all run on the random tensors, and the runtime path is the one real weights take.
+
+Which tensors, in which shapes: the names and shapes of the model's own weight plan at one rank (the model
+built again on the meta device, no memory), each shape read back through the plan entry's checkpoint index
+(`checkpoint_shape`): no second description of any architecture.
+
+Values (by checkpoint name; the outputs are meaningless):
+- float weights and embeddings: uniform in [-WEIGHT_RANGE, WEIGHT_RANGE]; biases, attention sinks and router
+  correction biases in [-BIAS_RANGE, BIAS_RANGE] (the same for every token, they would otherwise drown what
+  differs between tokens in a narrow model: each token of a 32-wide gpt-oss would get the same logits);
+  norm weights: 1;
+- FP8 (float8_e4m3fn) weights: uniform over the e4m3 range, with float32 `*_scale_inv` in
+  [0.5, 1] * WEIGHT_RANGE / 448, so the dequantized weights are in the float range;
+- MXFP4 `*_blocks`: uniform random bytes (every nibble is an e2m1 code), `*_scales`: E8M0 exponents putting the
+  largest value (6 x 2^(s - 127)) between WEIGHT_RANGE / 2 and 2 x WEIGHT_RANGE.
+Why 0.02 and not vLLM's 1e-3: at 1e-3 every layer adds ~1e-6 to a residual of ~1e-3 (the embedding), so the
+tokens are embedding x lm_head alone, every architecture of one width emits the same ones, and a check of the
+experts (EP against one rank) sees nothing. 0.02 (these models' initializer_range) keeps each linear's gain at
+most ~1 for fan-ins up to ~8k, behind pre-norms: on a 48-layer, hidden-2048 Qwen3-MoE shape the residual grows
+from 0.01 to 0.15 in bf16, every layer counts, and nothing nears a float16 / bfloat16 limit.
+
+Determinism: every tensor has its own generator, seeded by a stable hash of its checkpoint name, and is made
+whole before the plan indexes it (as a rank reads its rows of a file): a rank under expert parallelism gets the
+same expert weights the single rank gets, so an EP run gives the tokens of the one-rank run. The same device
+type always makes the same values (CPU and CUDA generators differ from each other).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from moelink.kernels.fp8 import FP8_DTYPE, FP8_MAX
+from moelink.kernels.mxfp4 import FP4_MAX, SCALE_BIAS
+from moelink.kernels.ops import ReferenceKernels
+from moelink.moe.expert_weights import QuantizeOnLoad
+from moelink.moe.weight_plan import PlanEntry
+
+from ..config.model import ModelConfig
+from ..models import MoEDecoderForCausalLM, arch_spec
+
+WEIGHT_RANGE = 0.02  # float weights uniform in [-0.02, 0.02] (module docstring: why not vLLM's 1e-3)
+BIAS_RANGE = 1e-3  # biases and sinks: vLLM's range
+# E8M0 exponents of the MXFP4 scales: FP4_MAX * 2^(s - 127) in [WEIGHT_RANGE / 2, 2 * WEIGHT_RANGE].
+_E8M0_LOW = SCALE_BIAS + math.floor(math.log2(WEIGHT_RANGE / FP4_MAX))
+_E8M0_HIGH = _E8M0_LOW + 1
+
+
+def tensor_seed(name: str) -> int:
+    """A stable 63-bit seed for the checkpoint tensor `name` (the same in every process, unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A checkpoint tensor's shape and dtype, as the files would hold it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def checkpoint_shape(read_shape: tuple[int, ...], src_idx: tuple) -> tuple[int, ...]:
+    """The shape of the checkpoint tensor that the plan's checkpoint index `src_idx` turns into `read_shape`, for
+    the indices a one-rank plan makes: full slices, and integer tensors covering their dimension (a row order:
+    MLA's rope de-interleave, gpt-oss's experts read transposed with gate/up de-interleaved). A tensor's dim is
+    its largest entry + 1; the other dims are those of `read_shape` that the tensors' broadcast does not make
+    (numpy's rule: it stands where the tensors stand when they are adjacent, else first)."""
+    if not src_idx:
+        return tuple(read_shape)
+    tensors = [j for j, i in enumerate(src_idx) if isinstance(i, torch.Tensor)]
+    if not tensors:
+        return tuple(read_shape)
+    bcast = torch.broadcast_shapes(*(src_idx[j].shape for j in tensors))
+    at = tensors[0] if tensors == list(range(tensors[0], tensors[-1] + 1)) else 0
+    rest = iter(list(read_shape[:at]) + list(read_shape[at + len(bcast):]))
+    shape = [int(i.max()) + 1 if isinstance(i, torch.Tensor) else next(rest) for i in src_idx] + list(rest)
+    if tuple(torch.empty(shape, device="meta")[src_idx].shape) != tuple(read_shape):
+        raise ValueError(f"load_format='dummy': cannot tell the checkpoint shape of a tensor read as "
+                         f"{tuple(read_shape)} through its weight plan's index")
+    return tuple(shape)
+
+
+def _spec(entry: PlanEntry, cfg: ModelConfig) -> TensorSpec:
+    param, idx, source = entry
+    if isinstance(param, QuantizeOnLoad):  # online FP8: the checkpoint is float, quantized as it loads
+        dest, dtype = param.weight, cfg.dtype
+    else:
+        dest, dtype = param, param.dtype
+    read = dest[idx] if idx else dest
+    return TensorSpec(checkpoint_shape(tuple(read.shape), source), dtype)
+
+
+def random_tensor(name: str, spec: TensorSpec, device: torch.device) -> torch.Tensor:
+    """The dummy value of checkpoint tensor `name` (module docstring), made on `device` from its own seed."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(tensor_seed(name))
+    shape, dtype = spec.shape, spec.dtype
+    if dtype == torch.uint8:  # MXFP4: E8M0 scales, or e2m1 pairs (any byte is two valid codes)
+        low, high = (_E8M0_LOW, _E8M0_HIGH + 1) if name.endswith("_scales") else (0, 256)
+        return torch.randint(low, high, shape, dtype=dtype, device=device, generator=gen)
+    if dtype == FP8_DTYPE:
+        x = torch.empty(shape, dtype=torch.float32, device=device).uniform_(-FP8_MAX, FP8_MAX, generator=gen)
+        return x.to(FP8_DTYPE)
+    if name.endswith("_scale_inv"):  # FP8 block scales: positive, finite, dequantizing into the float range
+        x = torch.empty(shape, dtype=dtype, device=device).uniform_(0.5, 1.0, generator=gen)
+        return x.mul_(WEIGHT_RANGE / FP8_MAX)
+    if name.removesuffix(".weight").endswith("norm"):  # RMSNorm weights (layernorm, q_norm, kv_a_layernorm, ...)
+        return torch.ones(shape, dtype=dtype, device=device)
+    r = BIAS_RANGE if name.endswith(("bias", "sinks")) else WEIGHT_RANGE
+    return torch.empty(shape, dtype=dtype, device=device).uniform_(-r, r, generator=gen)
+
+
+class DummyCheckpoint:
+    """Random tensors under the names and shapes of the model's one-rank weight plan, behind the interface the
+    loader reads a checkpoint through (engine/rank/loader.py: `keys`, `in`, `open`; the handle's `get_tensor` /
+    `get_slice`). Nothing is held: each tensor is made when the loader asks for it."""
+
+    def __init__(self, specs: dict[str, TensorSpec], device: torch.device):
+        self.specs, self.device = specs, torch.device(device)
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, device: torch.device) -> "DummyCheckpoint":
+        """Every tensor a checkpoint of `cfg` holds (per-expert layout where the architecture has one), from the
+        plan of the model built at one rank on the meta device."""
+        shapes_only = MoEDecoderForCausalLM(cfg, arch_spec(cfg.architecture), ReferenceKernels(), torch.device("meta"))
+        specs = {name: _spec(entry, cfg) for name, entry in shapes_only.weight_plan(None).items()}
+        return cls(specs, device)
+
+    def keys(self) -> Iterable[str]:
+        return self.specs.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.specs
+
+    def open(self, names: Iterable[str]) -> Iterator[tuple["DummyCheckpoint", list[str]]]:
+        """One group: every tensor comes from this object (the files' loader opens one handle per file)."""
+        yield self, list(names)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return random_tensor(name, self.specs[name], self.device)
+
+    def get_slice(self, name: str) -> torch.Tensor:
+        # Made whole, then indexed by the caller: a rank's rows are the rows a single rank would read.
+        return self.get_tensor(name)
+
+
+__all__ = ["BIAS_RANGE", "DummyCheckpoint", "TensorSpec", "WEIGHT_RANGE", "checkpoint_shape", "random_tensor",
+           "tensor_seed"]

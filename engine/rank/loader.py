@@ -1,0 +1,193 @@
+"""Load a Hugging Face safetensors checkpoint into a model by its weight plan.
+
+Tensors are read one at a time with `safe_open`, so memory holds at most one
+checkpoint tensor beyond the model itself, and a rank reads only the tensors
+its plan lists (its own experts under expert parallelism).
+
+FP8 (engine/config/quantization.py): FP8 tensors are copied as they are and their
+`weight_scale_inv` as float32, both by the plan; a plan destination
+`QuantizeOnLoad` (online FP8 from a float checkpoint) block-quantizes the tensor
+as it is read. MXFP4 (gpt-oss's experts) is uint8 blocks and scales, copied as they are.
+`process_weights_after_loading` then lets modules convert what
+they loaded (MLA's kv_b_proj, dequantized for its absorption).
+
+Where tensors come from is a checkpoint object (`open_checkpoint`): the safetensors files
+(`SafetensorsCheckpoint`, load_format "auto" / "safetensors"), or random tensors made on the device
+(engine/rank/dummy_weights.py, load_format "dummy"); both go through the same plan and copies.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
+from moelink.moe.expert_weights import QuantizeOnLoad
+from moelink.moe.weight_plan import WeightPlan
+
+from ..config.model import ModelConfig
+from .dummy_weights import DummyCheckpoint
+from ..models import MoEDecoderForCausalLM, arch_spec
+from ..config.worker_config import LOAD_FORMATS
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_index(model_dir: str | Path) -> dict[str, Path]:
+    """Tensor name → safetensors file, from model.safetensors.index.json or the files themselves."""
+    path = Path(model_dir)
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+        return {name: path / fname for name, fname in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model={str(path)!r} has no *.safetensors files: moelink loads safetensors checkpoints only.")
+    index: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                index[name] = f
+    return index
+
+
+class SafetensorsCheckpoint:
+    """A checkpoint directory's safetensors files: tensor name → file (`checkpoint_index`), opened one file at a
+    time by `open`."""
+
+    def __init__(self, model_dir: str | Path):
+        self.index = checkpoint_index(model_dir)
+
+    def keys(self) -> Iterable[str]:
+        return self.index.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def open(self, names: Iterable[str]) -> Iterator[tuple[object, list[str]]]:
+        """(safe_open handle, the names it holds) per file, each file open only while its names are read."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.index[name], []).append(name)
+        for fname, group in by_file.items():
+            with safe_open(str(fname), framework="pt") as st:
+                yield st, group
+
+
+Checkpoint = SafetensorsCheckpoint | DummyCheckpoint
+
+
+def open_checkpoint(cfg: ModelConfig, load_format: str, device: torch.device,
+                    model_dir: str | Path | None = None) -> Checkpoint:
+    """Where `cfg`'s weights come from: the safetensors files of `model_dir` (default cfg.model), or random
+    tensors made on `device` (load_format "dummy", engine/rank/dummy_weights.py)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format={load_format!r} is invalid: choose from {', '.join(map(repr, LOAD_FORMATS))}.")
+    if load_format == "dummy":
+        return DummyCheckpoint.for_model(cfg, device)
+    return SafetensorsCheckpoint(cfg.model if model_dir is None else model_dir)
+
+
+def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
+               progress: bool = False, load_format: str = "auto") -> MoEDecoderForCausalLM:
+    """Build the model for `cfg.architecture` on `device` and fill every parameter from the checkpoint (random
+    tensors for load_format "dummy")."""
+    spec = arch_spec(cfg.architecture)
+    checkpoint = open_checkpoint(cfg, load_format, device)
+    names = frozenset(checkpoint.keys())  # they pick the experts' on-disk layout, which FP8 experts are built for
+    model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep, names)
+    plan = model.weight_plan(names)
+    missing = [name for name in plan if name not in checkpoint]
+    if missing:
+        raise ValueError(
+            f"checkpoint {cfg.model!r} is missing tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f": every {cfg.architecture} weight must be present."
+        )
+    load_plan(checkpoint, plan, device, progress)
+    model.process_weights_after_loading()
+    return model.eval()
+
+
+def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, progress: bool = False) -> None:
+    """Fill every destination of `plan` (a weight plan or a part of one: elastic EP loads only the experts a
+    survivor newly holds, engine/rank/keep_runner.py) from `checkpoint`, one tensor at a time."""
+    bar = _progress(len(plan), progress)
+    with torch.no_grad():
+        for st, names in checkpoint.open(plan):
+            for name in names:
+                param, idx, source = plan[name]
+                src = _read(st, name, source)
+                if isinstance(param, QuantizeOnLoad):
+                    _quantize_into(name, src, param, idx, device)
+                else:
+                    _copy_into(name, src, param[idx] if idx else param, device)
+                bar.update(1)
+    bar.close()
+
+
+def _check_shape(name: str, src: torch.Tensor, dest: torch.Tensor) -> None:
+    if tuple(src.shape) != tuple(dest.shape):
+        raise ValueError(
+            f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)} from config.json."
+        )
+
+
+def _copy_into(name: str, src: torch.Tensor, dest: torch.Tensor, device) -> None:
+    """FP8 values are copied as they are (a cast would turn them into wrong numbers, their scales apart);
+    float tensors, scales included (float32), take the destination's dtype."""
+    _check_shape(name, src, dest)
+    if (src.dtype == FP8_DTYPE) != (dest.dtype == FP8_DTYPE):
+        raise ValueError(f"checkpoint tensor {name!r} is {src.dtype}, but the model holds it as {dest.dtype}: "
+                         f"FP8 weights need config.json's quantization_config (and float weights none for this module).")
+    dest.copy_(src.to(device=device, dtype=dest.dtype))
+
+
+def _quantize_into(name: str, src: torch.Tensor, target: QuantizeOnLoad, idx: tuple, device) -> None:
+    """Online FP8 (`quantization="fp8"` on a float checkpoint): block-quantize the tensor as it is read, so
+    only one float tensor is ever held beside the FP8 model. A stacked piece starts on a block boundary
+    (expert_weights.scale_index), so quantizing it alone gives its own blocks in the stacked weight."""
+    if src.dtype == FP8_DTYPE:
+        raise ValueError(f"checkpoint tensor {name!r} is already float8_e4m3fn: quantization='fp8' quantizes a "
+                         f"float checkpoint; this one needs its quantization_config in config.json.")
+    dest = target.weight[idx] if idx else target.weight
+    _check_shape(name, src, dest)
+    wq, scale = block_quantize(src.to(device=device, dtype=torch.float32), target.block)
+    s_dest = target.scale[target.scale_index] if target.scale_index else target.scale
+    _check_shape(name + " (its block scales)", scale, s_dest)
+    dest.copy_(wq)
+    s_dest.copy_(scale)
+
+
+def _read(st, name: str, src_idx: tuple) -> torch.Tensor:
+    """The checkpoint tensor, or the rows `src_idx` picks (slices are read alone, without the rest). Leading
+    slices before an advanced index (a rank's contiguous experts, then MXFP4's gate/up row order) are read
+    alone too, and the rest of the index applied to what they read: the same tensor as `full[src_idx]`."""
+    if not src_idx:
+        return st.get_tensor(name)
+    if all(isinstance(i, slice) for i in src_idx):
+        return st.get_slice(name)[src_idx]
+    n = next(k for k, i in enumerate(src_idx) if not isinstance(i, slice))
+    if n:
+        return st.get_slice(name)[src_idx[:n]][(slice(None),) * n + tuple(src_idx[n:])]
+    return st.get_tensor(name)[src_idx]
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Loading weights", unit="tensor")

@@ -1,0 +1,393 @@
+"""The worker's model runner: keeps per-request state, builds one flat batch per step, runs the model, samples.
+
+Legend: T scheduled tokens in the flat batch, S sequences, M max blocks per
+sequence, D hidden, V vocab, R rows that sample this step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections import deque
+
+import torch
+
+from moelink.kernels.attention import AttentionMetadata
+from moelink.kernels.ops import select_kernels
+from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
+
+from ..config import kv_sizing
+from ..config.model import ModelConfig
+from .cuda_graph import CudaGraphCapture, DecodeGraphs
+from .device_stream import InlineStream, to_device, to_host
+from ..contract.ep_step import LOW_LATENCY, EPStepPlan
+from .loader import load_model
+from .weight_memory import describe_memory, weight_bytes_by_format
+from ..models.layers import ForwardContext
+from .sampler import Sampler, SamplingMetadata
+from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
+from ..contract.sampling_params import SamplingParams
+from .step_handle import DeviceResult, StepHandle
+from .step_inputs import StepInputs, build_step_inputs
+from .input_batch import PersistentBatch
+from .step_plan import SingleBatch, TwoBatchOverlap
+
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the request states of one rank."""
+
+    def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
+                 kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
+                 graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
+                 load_format: str = "auto"):
+        """`num_kv_blocks` None: the cache is sized later, from the memory left once the
+        weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
+
+        `cuda_graph_sizes`: decode batch sizes to capture once the KV cache exists (empty: all
+        eager). `graph_backend` replaces torch.cuda.CUDAGraph (tests: cuda_graph.EagerReplay).
+        `step_plan`: how eager steps run the model (engine/rank/step_plan.py; default one batch).
+        `stream`: where device work runs relative to the host (engine/rank/device_stream.py; default inline, the
+        serial loop).
+        `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random)."""
+        self.cfg = model_cfg
+        self.device = device
+        self.step_plan = step_plan if step_plan is not None else SingleBatch()
+        self.block_size = block_size
+        self.kernels = select_kernels(device, kernels)
+        self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress, load_format=load_format)
+        self.kv_caches: list[tuple[torch.Tensor, ...]] = []
+        # (full, sliding) layer pairs sharing cache tensors, with the sliding group's own block table; None: one
+        # table and one tensor set per layer (layer_configs.GQAConfig.kv_layer_pairs).
+        self.kv_pairs = model_cfg.attention.kv_layer_pairs(model_cfg.num_layers)
+        self.sliding_window = model_cfg.attention.sliding_window if self.kv_pairs is not None else None
+        self.null_block = -1
+        self.ep = ep
+        self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
+        self.graph_backend = graph_backend
+        self.graphs: DecodeGraphs | None = None
+        if num_kv_blocks is not None:
+            self.allocate_kv_cache(num_kv_blocks)
+        self.sampler = Sampler()
+        self.stream = stream if stream is not None else InlineStream()
+        self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
+        self.eos_token_ids = set(model_cfg.eos_token_ids)
+        self.requests: dict[str, CachedRequestState] = {}
+        # Every held request's row: block table, sampling parameters, penalty counts (engine/rank/input_batch.py).
+        self.batch = PersistentBatch(model_cfg.vocab_size, device)
+        # Preempted requests keep their generator so a seeded request draws the
+        # same tokens whether or not it was preempted.
+        self._parked_generators: dict[str, torch.Generator | None] = {}
+
+    # -- KV cache -------------------------------------------------------------------
+    def available_kv_blocks(self, memory_utilization: float) -> int:
+        """KV blocks that fit in this rank's device now, weights loaded, keeping the device
+        at most `memory_utilization` full (one block is kept back for the null block). Measured here,
+        sized by `kv_sizing`."""
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = kv_sizing.gpu_kv_budget_bytes(total, free, memory_utilization)
+        else:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            budget = kv_sizing.cpu_kv_budget_bytes(avail, memory_utilization)
+        return kv_sizing.blocks_in_budget(budget, kv_sizing.kv_cache_bytes_per_block(self.cfg, self.block_size))
+
+    def allocate_kv_cache(self, num_kv_blocks: int) -> None:
+        if num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks={num_kv_blocks} is invalid: the KV cache needs at least one block.")
+        # Graphs captured on an older cache would replay into it: drop them (and the old cache) first.
+        self.graphs = None
+        self.kv_caches = []
+        # One extra, never-allocated block at the end: the attention null block.
+        self.null_block = num_kv_blocks
+        # Each layer's tensors as its attention kind lays them out: (k_cache, v_cache) for GQA, (latent_cache,)
+        # for MLA (engine/config/layer_configs.py).
+        shapes = self.cfg.attention.cache_shapes(num_kv_blocks, self.block_size)
+        if self.kv_pairs is None:
+            self.kv_caches = [
+                tuple(torch.zeros(shape, dtype=self.cfg.cache_dtype, device=self.device) for shape in shapes)
+                for _ in range(self.cfg.num_layers)
+            ]
+            kv_bytes = sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
+        else:
+            # A full layer and its sliding partner index one tensor set: a block id belongs to one group at a
+            # time (the scheduler's two tables share one pool), so their KV never meets.
+            caches: list = [None] * self.cfg.num_layers
+            for full, sliding in self.kv_pairs:
+                caches[full] = caches[sliding] = tuple(
+                    torch.zeros(shape, dtype=self.cfg.cache_dtype, device=self.device) for shape in shapes)
+            self.kv_caches = caches
+            kv_bytes = sum(t.numel() * t.element_size() for full, _ in self.kv_pairs for t in caches[full])
+        logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(self.model), num_kv_blocks,
+                                                       self.block_size, kv_bytes))
+        if self.graph_sizes:
+            self._capture_graphs()
+
+    # -- CUDA graphs (engine/rank/cuda_graph.py) ---------------------------------------
+    def _graph_sizes(self, sizes: tuple[int, ...], ep, backend) -> tuple[int, ...]:
+        if not sizes:
+            return ()
+        why_not = None
+        if self.kernels.name != "triton":
+            why_not = f"the {self.kernels.name} kernels read host-side lengths, which a graph would freeze"
+        elif ep is not None and isinstance(self.step_plan, TwoBatchOverlap):
+            why_not = ("two-batch overlap runs every step as two micro-batches (two dispatches per MoE layer) and a "
+                       "decode graph captures one: all ranks must make the same collective calls")
+        elif ep is not None and getattr(ep.all_to_all, "low_latency", None) is None:
+            why_not = (f"the {ep.all_to_all.name} all-to-all sizes its buffers from counts on the host; decode graphs "
+                       "under expert parallelism need a fixed-capacity backend's low-latency mode (nccl)")
+        elif ep is not None and backend is None and ep.all_to_all.name != "nccl":
+            # A capture that fails on one rank mid-collective would leave its peers waiting: only the transport
+            # captured in tests (direct NCCL) is captured under EP (the CPU stand-in replays any).
+            why_not = f"under expert parallelism only the nccl all-to-all is captured, not {ep.all_to_all.name}"
+        elif backend is None and self.device.type != "cuda":
+            why_not = f"device {self.device} is not a CUDA device"
+        elif self.cfg.quantization is not None and not all(
+                hasattr(self.kernels, op) for op in ("fp8_linear", "fused_moe_fp8")):
+            # Until its Triton kernels exist, FP8 runs the references, whose MoE loops over experts on the host.
+            why_not = f"the {self.kernels.name} kernels have no FP8 GEMMs yet (the references run, with host syncs)"
+        if why_not:
+            logger.info("CUDA graphs off: %s.", why_not)
+            return ()
+        if ep is not None:
+            # A graph replays the low-latency dispatch, whose blocks hold at most the decode capacity.
+            cap = ep.all_to_all.decode_capacity
+            if any(s > cap for s in sizes):
+                logger.info("decode graphs above the EP decode capacity %d dropped (those steps run eagerly).", cap)
+            sizes = tuple(s for s in sizes if s <= cap)
+        return tuple(sizes)
+
+    def _capture_graphs(self) -> None:
+        backend = self.graph_backend or CudaGraphCapture(self.device)
+        if self.ep is not None:
+            # Every rank captures the same sizes at the same time (allocate_kv_cache is a collective of the
+            # executor), each forward in the low-latency mode, so their dispatches pair up.
+            self.ep.all_to_all.begin_step(EPStepPlan(LOW_LATENCY, max(self.graph_sizes)))
+        max_blocks = -(-self.cfg.max_model_len // self.block_size)
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.null_block, self.device,
+                              backend, sliding_table=self.kv_pairs is not None)
+        t0 = time.perf_counter()
+        graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
+        if graphs.steps:
+            self.graphs = graphs
+            logger.info("decode graphs ready in %.1f s", time.perf_counter() - t0)
+
+    # -- state updates --------------------------------------------------------
+    def _update_states(self, so: SchedulerOutput) -> None:
+        if so.resync is not None:
+            self._resync(so.resync)
+        for rid in so.finished_req_ids:
+            st = self.requests.pop(rid, None)
+            if st is not None:
+                self.batch.remove(st)
+            self._parked_generators.pop(rid, None)
+        for rid in so.preempted_req_ids:
+            st = self.requests.pop(rid, None)
+            if st is not None:
+                self.batch.remove(st)
+                self._parked_generators[rid] = st.generator
+        for new in so.scheduled_new_reqs:
+            if new.req_id in self._parked_generators:
+                gen = self._parked_generators.pop(new.req_id)
+            else:
+                gen = self._make_generator(new.sampling_params)
+            self._add_request(new, gen)
+        for cached in so.scheduled_cached_reqs:
+            if cached.new_block_ids:
+                self.requests[cached.req_id].add_blocks(cached.new_block_ids)
+            if cached.new_sliding_block_ids:
+                self.requests[cached.req_id].sliding.add(cached.new_sliding_block_ids)
+
+    def _add_request(self, new, gen: torch.Generator | None) -> None:
+        st = self.requests[new.req_id] = CachedRequestState(
+            new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
+            list(new.block_ids), new.num_computed_tokens, gen,
+        )
+        if self.kv_pairs is not None:
+            st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
+        self.batch.add(st)
+
+    def _resync(self, rs) -> None:
+        """Elastic EP (scheduler.Scheduler.rewind): hold exactly the scheduler's requests, as it holds them. A
+        request keeps its generator (a seeded one may have drawn once in the broken step)."""
+        gens = {**self._parked_generators, **{rid: st.generator for rid, st in self.requests.items()}}
+        self.requests = {}
+        self.batch.clear()
+        self._parked_generators = {rid: gens[rid] for rid in rs.waiting_ids if rid in gens}
+        for new in rs.running:
+            self._add_request(new, gens[new.req_id] if new.req_id in gens else
+                              self._make_generator(new.sampling_params))
+
+    def _make_generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed)
+        return gen
+
+    # -- one step ---------------------------------------------------------------
+    def execute_model(self, so: SchedulerOutput, run_forward: bool = True) -> ModelRunnerOutput:
+        """Run one step and wait for it (the serial loop). With no tokens of its own, a rank still runs the MoE
+        layers' collectives when `run_forward` says a peer has tokens (expert parallelism)."""
+        return self.launch(so, run_forward).collect()
+
+    def quiesce(self, timeout_s: float) -> None:
+        """Let the device work of every launched step end (errors dropped: elastic EP, the steps a lost rank
+        broke fail in their collectives), so nothing of an old process group runs once a new one forms. Bounded:
+        work still running after `timeout_s` is logged and left."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight:
+            handle = self._in_flight.popleft()
+            if handle.work is None:
+                continue
+            try:
+                handle.work.wait(max(deadline - time.monotonic(), 0.0))
+            except Exception as exc:  # noqa: BLE001  (a broken step's error: the engine already handled the loss)
+                logger.info("step %d's device work ended with %s (dropped)", handle.step_id, type(exc).__name__)
+
+    def launch(self, so: SchedulerOutput, run_forward: bool = True) -> StepHandle:
+        """Do the step's host work and submit its device work to the stream; returns without waiting for the
+        device (engine/rank/step_handle.py). Steps are collected in launch order."""
+        t0 = time.perf_counter()
+        while len(self._in_flight) >= 2:  # at most two: pinned staging is double-buffered (cuda_graph.py)
+            self._in_flight.popleft().wait_device()
+        self._update_states(so)
+        ep_step = so.ep_step
+        ops = self.batch.take_device_ops()  # batch-state fills the step's device work applies first
+        if so.total_num_scheduled_tokens == 0:
+            handle = StepHandle(so.step_id, [], 0, 0, 0.0)
+            if run_forward or ops:
+                # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
+                # so this eager pass makes the same collective calls as its peers' replays.
+                handle.host_s = time.perf_counter() - t0
+                handle.work = self.stream.submit(lambda: self._device_moe_only(ep_step, ops, run_forward))
+                self._in_flight.append(handle)
+            return handle
+        num_scheduled = so.num_scheduled_tokens
+        states = [self.requests[r] for r in num_scheduled]
+        query_lens = list(num_scheduled.values())
+        rows_S = self.batch.rows_of(states)
+        inp = build_step_inputs(states, query_lens, self.block_size, self.sliding_window, self.null_block,
+                                tables_SM=self.batch.tables(rows_S))
+        for st, n in zip(states, query_lens):
+            st.num_computed_tokens += n
+        picked = [states[s] for s in inp.sample_rows]
+        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0)
+        meta = None
+        if picked:
+            bitmasks = so.grammar_bitmask
+            meta = SamplingMetadata.from_batch(
+                self.batch, rows_S[inp.sample_rows], picked, self.eos_token_ids, self.device,
+                [bitmasks.get(st.req_id) for st in picked] if bitmasks else None, inp.num_pending)
+            for r, st in enumerate(picked):
+                st.pending = (handle, r)  # the next step reads this token on the device
+        graph_batch = self._graph_batch(so, query_lens, len(states))
+        staged = None
+        if graph_batch is not None:
+            staged = self.graphs.stage(inp.tokens_T, inp.positions_T, inp.slots_T, inp.seq_lens, inp.tables_SM,
+                                       inp.sliding, batch=graph_batch)
+        handle.host_s = time.perf_counter() - t0
+        handle.work = self.stream.submit(lambda: self._device_step(handle, inp, meta, staged, ep_step, ops))
+        self._in_flight.append(handle)
+        return handle
+
+    def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | None, staged,
+                     ep_step, ops: list) -> DeviceResult:
+        """The step's device work, in stream order: batch-state fills, inputs in (tokens still on the device
+        from the steps before it), forward, sampling, results out to host memory. Waits for nothing on the host
+        side."""
+        t0 = time.perf_counter()
+        dev = self.device
+        with torch.inference_mode():
+            self.batch.apply_device_ops(ops)
+            if self.ep is not None:
+                self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/contract/ep_step.py)
+            pending_P = self._pending_tokens(inp)
+            if staged is not None:
+                h_TD = self.graphs.replay(staged, pending_P)
+            else:
+                input_ids_T = to_device(inp.tokens_T, torch.long, dev)
+                if pending_P is not None:
+                    input_ids_T.index_copy_(0, pending_P[0], pending_P[1])
+                attn = AttentionMetadata(
+                    query_start_loc_S1=to_device(inp.qsl_S1, torch.int32, dev),
+                    seq_lens_S=to_device(inp.seq_lens, torch.int32, dev),
+                    block_tables_SM=to_device(inp.tables_SM, torch.int32, dev),
+                    slot_mapping_T=to_device(inp.slots_T, torch.long, dev),
+                    query_lens=inp.query_lens, seq_lens=inp.seq_lens,
+                    max_query_len=max(inp.query_lens), max_seq_len=max(inp.seq_lens), null_block=self.null_block,
+                )
+                attn_sliding = None
+                if inp.sliding is not None:
+                    attn_sliding = dataclasses.replace(
+                        attn, block_tables_SM=to_device(inp.sliding[0], torch.int32, dev),
+                        slot_mapping_T=to_device(inp.sliding[1], torch.long, dev))
+                h_TD = self.step_plan.forward(self.model, input_ids_T, to_device(inp.positions_T, torch.long, dev),
+                                              ForwardContext(attn, self.kv_caches, attn_sliding))
+            res = DeviceResult(read_moe=self._take_moe())
+            if meta is not None:
+                self._sample(handle, inp, meta, h_TD, res)
+        res.device_s = time.perf_counter() - t0
+        return res
+
+    def _device_moe_only(self, ep_step, ops: list, run_forward: bool) -> DeviceResult:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.batch.apply_device_ops(ops)
+            if not run_forward:
+                return DeviceResult()
+            if self.ep is not None:
+                self.ep.all_to_all.begin_step(ep_step)
+            self.step_plan.forward_moe_only(self.model)
+            res = DeviceResult(read_moe=self._take_moe())
+        res.device_s = time.perf_counter() - t0
+        return res
+
+    def _pending_tokens(self, inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat indices [P], token ids [P]) of the batch's tokens that earlier steps sampled on the device."""
+        if inp.pending_dst_P is None:
+            return None
+        dev = self.device
+        src = [h.sampled_R.index_select(0, to_device(rows, torch.long, dev)) for h, rows in inp.pending_src]
+        return to_device(inp.pending_dst_P, torch.long, dev), src[0] if len(src) == 1 else torch.cat(src)
+
+    def _graph_batch(self, so: SchedulerOutput, query_lens: list[int], num_seqs: int) -> int | None:
+        """The captured size this step replays, or None (eager). Under EP the driver chose it for every rank
+        (the largest decode batch over ranks, `EPStepPlan.graph_batch`), so all ranks replay one size."""
+        if self.graphs is None or max(query_lens) != 1:
+            return None
+        if self.ep is None:
+            return self.graphs.size_for(num_seqs)
+        b = so.ep_step.graph_batch if so.ep_step is not None else None
+        return b if b in self.graphs.steps and b >= num_seqs else None
+
+    def _take_moe(self):
+        take = self.model.moe_stats.take()
+        mode = None
+        if self.ep is not None:
+            m = getattr(self.ep.all_to_all, "mode", None)  # a TwoModeAllToAll's current mode object
+            mode = m.name if m is not None else "exact"
+
+        def read():
+            snap = take()
+            if mode is not None:
+                snap.ep_mode = mode
+            return snap
+        return read
+
+    def _sample(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata, h_TD, res: DeviceResult) -> None:
+        dev = self.device
+        last_R = to_device(inp.qsl_S1[1:][inp.sample_rows] - 1, torch.long, dev)
+        logits_RV = self.model.compute_logits(h_TD.index_select(0, last_R))
+        # Penalties read their counts on the device (input_batch.PenaltyCounts): the outputs still in flight
+        # are in them already, and this step's are counted right after it samples.
+        result = self.sampler(logits_RV, meta)
+        meta.record_penalised(result.token_ids_B)
+        handle.sampled_R = result.token_ids_B  # stays on the device: the next step's inputs read it there
+        res.tokens_R = to_host(result.token_ids_B)
+        if result.logprobs_packed_LX is not None:
+            res.logprobs_LX = to_host(result.logprobs_packed_LX)
+            res.num_logprobs, res.max_num_logprobs = result.num_logprobs, result.max_num_logprobs

@@ -1,0 +1,6 @@
+"""moelink.engine.tools: offline checkpoint tools of the `moelink` command: tiny random checkpoints in the Hugging Face layout, the
+built-in model and its training, the FP8 and MXFP4 quantizers.
+
+They write checkpoints the engine loads; the engine core never imports them.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.contract, engine.core, engine.models, engine.rank, engine.server.
+"""
