@@ -96,10 +96,8 @@ class MoEStats:
         self.xfer_LC[layer, _WIRE] += meta.wire_rows
         self.xfer_LC[layer, _WIRE_BYTES] += meta.wire_rows * rb
         # The pairs this rank's experts compute: its measured expert load (what online EPLB balances).
-        ids_NK = getattr(meta, "recv_topk_ids_NK", None)
-        if ids_NK is not None:
-            self.xfer_LC[layer, _PAIRS] += (ids_NK >= 0).sum().to(self.xfer_LC.dtype)
-        if getattr(meta, "inter_node_rows", None) is not None:  # the node-aware backend ("two_level") only
+        self.xfer_LC[layer, _PAIRS] += (meta.recv_topk_ids_NK >= 0).sum().to(self.xfer_LC.dtype)
+        if meta.inter_node_rows is not None:  # the node-aware backend ("two_level") only
             self.record_inter_node(meta.inter_node_rows, rb, layer)
 
     def record_inter_node(self, rows_R: torch.Tensor, row_bytes: int, layer: int = 0) -> None:
