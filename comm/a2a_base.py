@@ -219,6 +219,10 @@ class AllToAll(ABC):
     name: str = ""
     # Whether dispatch takes ids < 0 (padding rows of a decode graph) and sends them nowhere.
     accepts_padding_rows: bool = False
+    # A two-mode backend (comm/ep_modes.py TwoModeAllToAll) only: its low-latency mode (what decode graphs and
+    # the per-step plan need) and the mode the step runs in. None on every single-mode backend.
+    low_latency: "AllToAll | None" = None
+    mode: "AllToAll | None" = None
 
     def __init__(self, group, rank: int, world_size: int, device: torch.device | str):
         if not 0 <= rank < world_size:

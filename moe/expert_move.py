@@ -101,7 +101,7 @@ def slot_bytes(layer: nn.Module) -> int:
     fixed = [n for n, _ in layer.named_parameters(recurse=False) if n not in _NOT_PER_SLOT and n not in per_slot]
     fixed += [n for n, _ in layer.named_buffers(recurse=False)]
     if fixed:
-        fmt = getattr(getattr(layer, "expert_format", None), "name", "?")
+        fmt = layer.expert_format.name
         raise ValueError(f"online EPLB (--eplb-interval) cannot move the experts of MoE layer {layer.moe_index} "
                          f"({fmt} experts): {fixed} are not stacked per expert slot, so a move would leave them "
                          "behind; run without --eplb-interval.")

@@ -11,33 +11,57 @@ too. Times are host wall-clock seconds (CPU only).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
 
+# How a counter combines across ranks in one step: summed, or the slowest rank's (times: ranks step together).
+SUM, SLOWEST, PER_STEP = "sum", "slowest", "per_step"
+
+
+def _counter(kind: str, default=0):
+    if callable(default):
+        return field(default_factory=default, metadata={"combine": kind})
+    return field(default=default, metadata={"combine": kind})
+
+
 @dataclass
-class MoEStepStats:
-    """What one rank measured in one step; plain Python, summed by the engine."""
+class MoECounters:
+    """The MoE counters, one schema for every place that holds them: one rank's step (read back by
+    `MoEStats.take`, reported in StepStats.moe) and the engine's totals since start (engine/core/moe_metrics.py
+    `MoEMetrics`, a subclass). A new counter is one field here; its `combine` says how ranks' values add up:
+    SUM (counts, bytes), SLOWEST (host times) or PER_STEP (kept per step, not totalled)."""
 
     tokens_per_expert: np.ndarray  # int64 [L, G]: (token, expert) pairs routed from this rank's tokens
-    bytes_dispatched: int = 0
-    bytes_combined: int = 0
-    tokens_dispatched: int = 0  # rows sent (one per token and destination rank)
-    dispatch_s: float = 0.0
-    compute_s: float = 0.0
-    combine_s: float = 0.0
-    per_layer_bytes: list[int] = field(default_factory=list)
+    bytes_dispatched: int = _counter(SUM)
+    bytes_combined: int = _counter(SUM)
+    tokens_dispatched: int = _counter(SUM)  # rows sent (one per token and destination rank)
+    dispatch_s: float = _counter(SLOWEST, 0.0)
+    compute_s: float = _counter(SLOWEST, 0.0)
+    combine_s: float = _counter(SLOWEST, 0.0)
     # Node-aware all-to-all only ("two_level"): rows and payload bytes this rank sent across nodes.
-    inter_node_rows: int = 0
-    bytes_inter_node: int = 0
-    rows_received: int = 0  # valid rows received (and sent back by combine)
-    wire_rows: int = 0  # x rows put on the wire by dispatch, padding included (combine moves as many back)
-    wire_bytes: int = 0  # those rows' bytes
-    ep_mode: str = ""  # the step's dispatch mode (comm/ep_modes.py), set by the runner; "" without EP
+    inter_node_rows: int = _counter(SUM)
+    bytes_inter_node: int = _counter(SUM)
+    rows_received: int = _counter(SUM)  # valid rows received (and sent back by combine)
+    wire_rows: int = _counter(SUM)  # x rows put on the wire by dispatch, padding included (combine moves as many back)
+    wire_bytes: int = _counter(SUM)  # those rows' bytes
+    per_layer_bytes: list[int] = _counter(PER_STEP, list)
+    ep_mode: str = _counter(PER_STEP, "")  # the step's dispatch mode (comm/ep_modes.py), set by the runner; "" without EP
     # Per MoE layer: (token, expert) pairs this rank's experts computed (received, valid); empty without EP.
-    pairs_computed_per_layer: list[int] = field(default_factory=list)
+    pairs_computed_per_layer: list[int] = _counter(PER_STEP, list)
+
+    def add_ranks(self, per_rank: "list[MoECounters]") -> None:
+        """Add one step of several ranks: SUM counters and the expert counts summed, SLOWEST ones the maximum."""
+        for f in fields(MoECounters):
+            kind = f.metadata.get("combine")
+            if kind == SUM:
+                setattr(self, f.name, getattr(self, f.name) + sum(getattr(s, f.name) for s in per_rank))
+            elif kind == SLOWEST:
+                setattr(self, f.name, getattr(self, f.name) + max(getattr(s, f.name) for s in per_rank))
+        for s in per_rank:
+            self.tokens_per_expert += s.tokens_per_expert
 
 
 class MoEStats:
@@ -72,10 +96,8 @@ class MoEStats:
         self.xfer_LC[layer, _WIRE] += meta.wire_rows
         self.xfer_LC[layer, _WIRE_BYTES] += meta.wire_rows * rb
         # The pairs this rank's experts compute: its measured expert load (what online EPLB balances).
-        ids_NK = getattr(meta, "recv_topk_ids_NK", None)
-        if ids_NK is not None:
-            self.xfer_LC[layer, _PAIRS] += (ids_NK >= 0).sum().to(self.xfer_LC.dtype)
-        if getattr(meta, "inter_node_rows", None) is not None:  # the node-aware backend ("two_level") only
+        self.xfer_LC[layer, _PAIRS] += (meta.recv_topk_ids_NK >= 0).sum().to(self.xfer_LC.dtype)
+        if meta.inter_node_rows is not None:  # the node-aware backend ("two_level") only
             self.record_inter_node(meta.inter_node_rows, rb, layer)
 
     def record_inter_node(self, rows_R: torch.Tensor, row_bytes: int, layer: int = 0) -> None:
@@ -99,7 +121,7 @@ class MoEStats:
         self.xfer_LC.zero_()
         self._times = [0.0, 0.0, 0.0]
 
-    def snapshot(self) -> MoEStepStats:
+    def snapshot(self) -> MoECounters:
         """Read this step's counters (host sync) and reset them."""
         return self.take()()
 
@@ -118,14 +140,17 @@ class MoEStats:
         self.reset()
         return lambda: self._read(both.numpy(), times)  # host sync where read: after the step's event
 
-    def _read(self, both: np.ndarray, times: list[float]) -> MoEStepStats:
+    def _read(self, both: np.ndarray, times: list[float]) -> MoECounters:
         G = self.num_experts
         counts, xfer = both[:, :G].copy(), both[:, G:].sum(0)
-        return MoEStepStats(counts, int(xfer[_SENT_BYTES]), int(xfer[_RECV_BYTES]), int(xfer[_SENT]), *times,
-                            [int(b) for b in both[:, G + _SENT_BYTES]], rows_received=int(xfer[_RECV]),
-                            wire_rows=int(xfer[_WIRE]), wire_bytes=int(xfer[_WIRE_BYTES]),
-                            inter_node_rows=int(xfer[_INTER]), bytes_inter_node=int(xfer[_INTER_BYTES]),
-                            pairs_computed_per_layer=[int(n) for n in both[:, G + _PAIRS]])
+        dispatch_s, compute_s, combine_s = times
+        return MoECounters(counts, bytes_dispatched=int(xfer[_SENT_BYTES]), bytes_combined=int(xfer[_RECV_BYTES]),
+                           tokens_dispatched=int(xfer[_SENT]), dispatch_s=dispatch_s, compute_s=compute_s,
+                           combine_s=combine_s, per_layer_bytes=[int(b) for b in both[:, G + _SENT_BYTES]],
+                           rows_received=int(xfer[_RECV]), wire_rows=int(xfer[_WIRE]),
+                           wire_bytes=int(xfer[_WIRE_BYTES]), inter_node_rows=int(xfer[_INTER]),
+                           bytes_inter_node=int(xfer[_INTER_BYTES]),
+                           pairs_computed_per_layer=[int(n) for n in both[:, G + _PAIRS]])
 
 
 # Columns of MoEStats.xfer_LC: rows sent, rows received, their payload bytes, wire rows and wire bytes, and

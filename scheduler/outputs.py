@@ -12,7 +12,7 @@ sides agree on `all_token_ids` without shipping them every step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 
 class SamplingOptions(Protocol):
@@ -38,6 +38,20 @@ class SamplingOptions(Protocol):
     presence_penalty: float
     frequency_penalty: float
     logprobs: Optional[int]
+
+
+class MoEStepCounters(Protocol):
+    """A rank's MoE counters of one step as the engine reads them (moe/stats.py's `MoECounters` is one: expert
+    load, all-to-all rows, bytes and times). Named here as a shape, since the scheduler imports neither torch nor
+    the MoE layer."""
+
+    tokens_per_expert: Any  # int64 [L, G] array
+    bytes_dispatched: int
+    tokens_dispatched: int
+    wire_rows: int
+    wire_bytes: int
+    ep_mode: str
+    pairs_computed_per_layer: list[int]
 
 
 class EPStep(Protocol):
@@ -147,9 +161,8 @@ class StepStats:
     num_tokens: int  # tokens in the rank's flat batch (0: an empty rank that joined its peers' MoE layers)
     num_seqs: int
     step_s: float  # host wall-clock seconds of the step on this rank
-    # moe.stats.MoEStepStats (expert load, all-to-all bytes and times): opaque here, since the scheduler
-    # imports neither torch nor the MoE layer.
-    moe: object = None
+    # The MoE layers' counters of the step (moe/stats.py MoECounters); None in a model without MoE layers.
+    moe: Optional[MoEStepCounters] = None
     # Host seconds the rank waited for the device when it collected the step (overlapped loop: the part of
     # the device's time the host's own work did not cover).
     wait_s: float = 0.0

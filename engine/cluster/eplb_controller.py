@@ -253,7 +253,7 @@ def make_eplb_controller(config, plan) -> EPLBController | None:
     if not interval:
         return None
     # The router's expert groups (DeepSeek's n_group): EPLB keeps a group on one node when groups divide nodes.
-    moe = getattr(config.model, "moe", None)
+    moe = config.model.moe
     groups = moe.router.n_group if moe is not None else 1
     mb = config.parallel.eplb_staging_mb
     return EPLBController(interval, plan.placement, len(config.model.sparse_layers), num_groups=groups,

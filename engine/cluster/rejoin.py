@@ -337,10 +337,10 @@ def admit_engine(engine) -> RejoinResult | None:
         stats.failed_rejoins += 1
         # The engine's view follows the executor's N ranks (empty schedulers for the replacements), so that the
         # recovery's old-rank numbering is one.
-        old, mm = engine.schedulers, engine.moe_metrics
+        old = engine.schedulers
         engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache) if k is None else old[k]
                              for k in exc.kept]
-        mm.bytes_dispatched_per_rank = [0 if k is None else mm.bytes_dispatched_per_rank[k] for k in exc.kept]
+        engine.moe_metrics.regroup(list(exc.kept))
         engine.world_size = len(exc.kept)
         recover_engine(engine)
         return None

@@ -136,7 +136,7 @@ class ModelRunner:
         elif ep is not None and isinstance(self.step_plan, TwoBatchOverlap):
             why_not = ("two-batch overlap runs every step as two micro-batches (two dispatches per MoE layer) and a "
                        "decode graph captures one: all ranks must make the same collective calls")
-        elif ep is not None and getattr(ep.all_to_all, "low_latency", None) is None:
+        elif ep is not None and ep.all_to_all.low_latency is None:
             why_not = (f"the {ep.all_to_all.name} all-to-all sizes its buffers from counts on the host; decode graphs "
                        "under expert parallelism need a fixed-capacity backend's low-latency mode (nccl)")
         elif ep is not None and backend is None and ep.all_to_all.name != "nccl":
@@ -368,7 +368,7 @@ class ModelRunner:
         take = self.model.moe_stats.take()
         mode = None
         if self.ep is not None:
-            m = getattr(self.ep.all_to_all, "mode", None)  # a TwoModeAllToAll's current mode object
+            m = self.ep.all_to_all.mode  # a TwoModeAllToAll's current mode; None on a single-mode backend
             mode = m.name if m is not None else "exact"
 
         def read():

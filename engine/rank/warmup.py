@@ -202,7 +202,7 @@ def _begin_ep_step(runner, step: WarmupStep) -> None:
     if ep is None:
         return
     plan = None
-    if getattr(ep.all_to_all, "low_latency", None) is not None:  # a two-mode backend (comm/ep_modes.py)
+    if ep.all_to_all.low_latency is not None:  # a two-mode backend (comm/ep_modes.py)
         so = SchedulerOutput(step_id=-1, num_scheduled_tokens={str(i): s.new for i, s in enumerate(step.seqs)},
                              total_num_scheduled_tokens=step.num_tokens)
         plan = plan_ep_step([so] * ep.world_size, ep.all_to_all.decode_capacity)

@@ -16,7 +16,7 @@ from moelink.engine.config.model import ParallelConfig
 from moelink.engine.contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from moelink.engine.core.moe_metrics import MoEMetrics
 from moelink.moe.placement import ExpertPlacement
-from moelink.moe.stats import MoEStats, MoEStepStats
+from moelink.moe.stats import MoECounters, MoEStats
 
 
 def _par(**kw) -> ParallelConfig:
@@ -90,7 +90,7 @@ def test_network_counters_add_up_from_layer_to_engine():
     assert (snap.inter_node_rows, snap.bytes_inter_node) == (6, 6 * 64)
     assert stats.snapshot().inter_node_rows == 0  # reset by the snapshot
     metrics = MoEMetrics(2, 4, world_size=2)
-    other = MoEStepStats(np.zeros((2, 4), dtype=np.int64), inter_node_rows=1, bytes_inter_node=64)
+    other = MoECounters(np.zeros((2, 4), dtype=np.int64), inter_node_rows=1, bytes_inter_node=64)
     metrics.add_step([snap, other])
     metrics.add_step([None, other])
     assert (metrics.inter_node_rows, metrics.bytes_inter_node, metrics.last_step_bytes_inter_node) == (8, 8 * 64, 64)

@@ -34,7 +34,7 @@ def _meta(sent, recv, row_bytes, wire_rows):
     from types import SimpleNamespace
 
     return SimpleNamespace(send_counts_R=torch.tensor(sent), recv_counts_R=torch.tensor(recv), row_bytes=row_bytes,
-                           wire_rows=wire_rows)
+                           wire_rows=wire_rows, recv_topk_ids_NK=torch.full((0, 1), -1), inter_node_rows=None)
 
 
 def test_transfer_counters_stay_on_the_device_until_the_snapshot():
