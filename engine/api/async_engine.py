@@ -15,11 +15,9 @@ A front end reads what it needs through this class (`info`, `process_inputs`, `s
 loop. When the consumer stops iterating (break, cancellation, client disconnect) the request is
 aborted and its KV blocks freed within one step.
 
-Step watchdog: a step that runs longer than the step timeout (`--step-timeout`; the first
-step, which compiles kernels, gets at least FIRST_STEP_TIMEOUT_S) kills the engine: health
-goes NOT_SERVING and every stream ends with EngineDeadError naming the reason (as when the
-output thread fails). A multi-rank executor enforces the same bound itself (and stops its
-ranks); this one also covers a single rank, whose hung step nothing else can see. `end_streams` ends streams at once, from the
+Step watchdog (engine/api/step_watchdog.py): a step that runs longer than the step timeout
+(`--step-timeout`) kills the engine: health goes NOT_SERVING and every stream ends with
+EngineDeadError naming the reason (as when the output thread fails). `end_streams` ends streams at once, from the
 caller's side, when the engine thread cannot (a drain whose grace ran out during a hung step).
 """
 from __future__ import annotations
@@ -29,7 +27,6 @@ import contextlib
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
@@ -43,14 +40,10 @@ from .output_thread import AddOutputs, FinishOutputs, OutputQueue, OutputThread,
 from ..core.outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
 from ..contract.sampling_params import SamplingParams
-from ..config.timeouts import FIRST_STEP_TIMEOUT_S
+from .step_watchdog import StepWatchdog
 
 logger = logging.getLogger(__name__)
 
-# The executor's own step watchdog fires first when it has one (its error names the rank): this one
-# waits that much longer (at most half the budget).
-_WATCHDOG_MARGIN_S = 5.0
-_WATCHDOG_POLL_S = 0.25
 # As it ends, the engine thread waits this long for the output thread to deliver what is queued (shutdown's
 # aborts): a consumer that blocks the output thread must not hold the engine thread forever.
 _OUTPUT_DRAIN_TIMEOUT_S = 10.0
@@ -70,13 +63,9 @@ class MetricsSink(Protocol):
         """Outputs the engine just produced (steps and aborts alike), on the output thread."""
 
 
-@dataclass(frozen=True)
-class AddCommand:
-    """Put a validated request into the engine; its outputs go to `stream`."""
-
-    processed: ProcessedRequest
-    output_kind: OutputKind
-    stream: Stream
+# Put a validated request into the engine; its outputs go to `stream`. Once the core holds it, the engine thread
+# passes the same record on to the output thread, which makes the request's output state from it.
+AddCommand = AddOutputs
 
 
 @dataclass(frozen=True)
@@ -109,8 +98,6 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stopping = False
         self._dead_error: BaseException | None = None
-        self._step_started: float | None = None  # monotonic time the running step began
-        self._steps_done = 0
         # Engine thread only: the stream of each request the core holds. A stop string is reported for a
         # stream: one reported for a request that ended meanwhile (aborted, its id reused) finishes nothing.
         self._in_core: dict[str, Stream] = {}
@@ -120,13 +107,10 @@ class AsyncEngine:
                                     metrics.on_outputs if metrics is not None else None,
                                     on_stop=self._stopped, on_lost=self._stream_lost, on_error=self._output_failed)
         self._thread = threading.Thread(target=self._run, name="moelink-engine", daemon=True)
+        self._watchdog = StepWatchdog(lambda: engine.config.parallel.step_timeout_s,
+                                      lambda: self._thread.is_alive() and self._dead_error is None, self._step_hung)
         self._thread.start()
-        # Set by shutdown: the watchdog wakes at once and ends, and shutdown joins it. A watchdog left sleeping
-        # would hold the last reference to this engine until interpreter exit and free its tensors there, on a
-        # daemon thread (torch aborts: "terminate called without an active exception").
-        self._closed = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch_steps, name="moelink-step-watchdog", daemon=True)
-        self._watchdog.start()
+        self._watchdog.start()  # after the engine thread: it watches while that thread is alive
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, metrics: MetricsSink | None = None) -> "AsyncEngine":
@@ -258,9 +242,7 @@ class AsyncEngine:
         # thread waiting for more.
         self._outputs.close()
         self._output.join(timeout)
-        self._closed.set()
-        if self._watchdog is not threading.current_thread():
-            self._watchdog.join(timeout)
+        self._watchdog.close(timeout)
 
     # -- engine thread ----------------------------------------------------------
     def _send(self, cmd: AddCommand | AbortCommand | StopCommand) -> None:
@@ -290,7 +272,7 @@ class AsyncEngine:
                     cmd.stream.put(exc)
                     continue
                 self._in_core[cmd.processed.request_id] = cmd.stream
-                self._outputs.put(AddOutputs(cmd.processed, cmd.output_kind, cmd.stream))
+                self._outputs.put(cmd)
             elif isinstance(cmd, StopCommand):
                 if self._in_core.get(cmd.request_id) is cmd.stream:
                     del self._in_core[cmd.request_id]
@@ -328,10 +310,9 @@ class AsyncEngine:
                     self._outputs.wait_for_room(self._interrupted)
                     if self._interrupted():
                         continue
-                    self._step_started = time.monotonic()
+                    self._watchdog.step_began()
                     self.engine.step()  # its outputs go to the output thread (_hand_off)
-                    self._step_started = None
-                    self._steps_done += 1
+                    self._watchdog.step_done()
                     if self._dead_error is not None:  # the watchdog gave up on this step while it ran
                         raise self._dead_error
                 else:
@@ -345,7 +326,7 @@ class AsyncEngine:
             self._apply_commands()
             self._end(self.engine.request_ids(), "abort")
         except BaseException as exc:  # the engine is dead: fail everyone, hang no one
-            self._step_started = None
+            self._watchdog.step_failed()
             if self._dead_error is None:
                 if self._stopping:  # shutdown stopped the ranks under a step that had not ended
                     logger.warning("engine loop stopped inside a step at shutdown: %s", exc)
@@ -391,21 +372,9 @@ class AsyncEngine:
         for stream in streams:
             stream.put(err)
 
-    def _step_budget(self) -> float:
-        timeout = self.engine.config.parallel.step_timeout_s
-        return max(timeout, FIRST_STEP_TIMEOUT_S) if self._steps_done == 0 else timeout
-
-    def _watch_steps(self) -> None:
-        """The step watchdog: a step running past its budget kills the engine (health, streams)."""
-        while self._thread.is_alive() and self._dead_error is None:
-            if self._closed.wait(_WATCHDOG_POLL_S):
-                return
-            started = self._step_started
-            budget = self._step_budget()
-            if started is None or time.monotonic() - started <= budget + min(_WATCHDOG_MARGIN_S, budget / 2):
-                continue
-            err = EngineDeadError(f"the engine is hung: a step has run for more than {budget:g} s (--step-timeout)")
-            logger.error("%s; failing every request", err)
-            self._die(err)
-            return
+    # -- the step watchdog's report (engine/api/step_watchdog.py) ---------------
+    def _step_hung(self, message: str) -> None:
+        err = EngineDeadError(message)
+        logger.error("%s; failing every request", err)
+        self._die(err)
 

@@ -69,7 +69,8 @@ class Stream:
 
 @dataclass(frozen=True)
 class AddOutputs:
-    """A request the engine thread added: its output state, its outputs going to `stream`."""
+    """A request to add, one record all the way: the AsyncEngine's command (`AddCommand`), which the engine
+    thread passes on as is once the core holds the request: its output state, its outputs going to `stream`."""
 
     processed: ProcessedRequest
     output_kind: OutputKind

@@ -128,24 +128,8 @@ class _EngineCollector:
     @staticmethod
     def _elastic(es):
         """Elastic EP (engine/cluster/elastic.py): ranks lost, recoveries and their time, requests recomputed."""
-        yield _counter("moelink_ep_rank_losses", "Expert-parallel ranks lost (killed, actor lost, silent).",
-                       es.rank_losses)
-        yield _counter("moelink_ep_recoveries", "Rank losses the engine recovered from (serving on at EP N-1).",
-                       es.recoveries)
-        yield _counter("moelink_ep_failed_recoveries", "Rank losses the engine could not recover from (it failed).",
-                       es.failed_recoveries)
-        yield _counter("moelink_ep_recovery_seconds", "Time spent recovering from lost ranks (the step paused).",
-                       es.recovery_seconds_total)
-        yield _counter("moelink_ep_requests_requeued", "Unfinished requests requeued and recomputed by recoveries "
-                       "and rejoins.", es.requests_requeued)
-        yield _counter("moelink_ep_recoveries_keeping_runners", "Recoveries whose survivors kept their model runners "
-                       "and KV caches (only the lost ranks' requests recomputed).", es.recoveries_keeping_runners)
-        yield _counter("moelink_ep_rank_rejoins", "Replacement ranks admitted (the group back to EP N).",
-                       es.rank_rejoins)
-        yield _counter("moelink_ep_rejoin_seconds", "Time spent admitting replacement ranks (the step paused).",
-                       es.rejoin_seconds_total)
-        yield _counter("moelink_ep_failed_rejoins", "Admissions that failed midway (the engine fell back to a "
-                       "recovery).", es.failed_rejoins)
+        for field, doc in _ELASTIC_COUNTERS.items():
+            yield _counter("moelink_ep_" + field.removesuffix("_total"), doc, getattr(es, field))
 
     def _moe(self, eng):
         moe = eng.moe_metrics
@@ -222,6 +206,21 @@ def eplb_families(m: dict):
                    "than --eplb-staging-mb.", m["plans_refused"])
     yield _gauge("moelink_eplb_longest_move_chunk_seconds", "Longest pause between two steps spent "
                  "moving expert weights.", m["longest_move_chunk_s"])
+
+
+# The ElasticStats counters exported, each as moelink_ep_<field> (a `_total` suffix dropped), with its help.
+_ELASTIC_COUNTERS = {
+    "rank_losses": "Expert-parallel ranks lost (killed, actor lost, silent).",
+    "recoveries": "Rank losses the engine recovered from (serving on at EP N-1).",
+    "failed_recoveries": "Rank losses the engine could not recover from (it failed).",
+    "recovery_seconds_total": "Time spent recovering from lost ranks (the step paused).",
+    "requests_requeued": "Unfinished requests requeued and recomputed by recoveries and rejoins.",
+    "recoveries_keeping_runners": "Recoveries whose survivors kept their model runners and KV caches (only the "
+                                  "lost ranks' requests recomputed).",
+    "rank_rejoins": "Replacement ranks admitted (the group back to EP N).",
+    "rejoin_seconds_total": "Time spent admitting replacement ranks (the step paused).",
+    "failed_rejoins": "Admissions that failed midway (the engine fell back to a recovery).",
+}
 
 
 def _gauge(name, doc, value):

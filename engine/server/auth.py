@@ -12,6 +12,8 @@ from typing import Iterable
 
 import grpc
 
+from .method_handler import handler_like
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 VLLM_HEALTH_CHECK = "/vllm.grpc.engine.VllmEngine/HealthCheck"
 
@@ -28,22 +30,12 @@ def _presented_key(metadata: Iterable[tuple[str, str]]) -> str | None:
 
 
 def _deny(handler, message: str):
-    async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def streaming(request_or_iterator, context):
+    async def deny(request_or_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     # No deserializer: the request stays raw bytes, never parsed. A caller without the key must not make the
     # server parse 30 M token ids on its event loop just to be told UNAUTHENTICATED.
-    kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(streaming, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    return handler_like(handler, deny, request_deserializer=None)
 
 
 def _health_only(handler):
@@ -54,8 +46,7 @@ def _health_only(handler):
         resp = await inner(request, context)
         return type(resp)(healthy=resp.healthy, message="healthy" if resp.healthy else "not serving")
 
-    return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
-                                               response_serializer=handler.response_serializer)
+    return handler_like(handler, unary, handler.request_deserializer)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

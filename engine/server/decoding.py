@@ -30,6 +30,7 @@ import grpc
 
 from ..contract.safe_text import shown
 from .limits import RequestLimits
+from .method_handler import handler_like
 
 logger = logging.getLogger(__name__)
 
@@ -244,15 +245,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, trimmer: _Trimmer, preche
                 await refuse(context, request)
             return await behaviour(request, context)
 
-    kwargs = dict(request_deserializer=_safe(handler.request_deserializer, method, trimmer, precheck),
-                  response_serializer=handler.response_serializer)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(wrapped, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(wrapped, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(wrapped, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(wrapped, **kwargs)
+    return handler_like(handler, wrapped, _safe(handler.request_deserializer, method, trimmer, precheck))
 
 
 class DecodingInterceptor(grpc.aio.ServerInterceptor):

@@ -112,11 +112,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         resp = pb.ModelInfoResponse(
             served_model_name=s.served_model_name, model_path=s.model_path, architecture=m.architecture,
             model_type=str(m.hf_config.get("model_type", "")), dtype=str(m.dtype).replace("torch.", ""),
-            max_model_len=s.max_model_len, vocab_size=m.vocab_size, eos_token_ids=s.eos_token_ids,
+            max_model_len=s.info.max_model_len, vocab_size=m.vocab_size, eos_token_ids=list(s.info.eos_token_ids),
             num_layers=m.num_layers, hidden_size=m.hidden_size, num_experts=m.num_experts,
-            num_experts_per_tok=m.top_k, block_size=s.block_size, num_kv_blocks=s.stats().num_total_blocks,
-            max_num_seqs=s.max_num_seqs, expert_parallel_size=s.expert_parallel_size,
-            has_chat_template=bool(s.tokenizer.chat_template), device=s.device_name)
+            num_experts_per_tok=m.top_k, block_size=s.info.block_size, num_kv_blocks=s.stats().num_total_blocks,
+            max_num_seqs=s.info.max_num_seqs, expert_parallel_size=s.info.expert_parallel_size,
+            has_chat_template=bool(s.tokenizer.chat_template), device=s.info.device_name)
         if s.tokenizer.bos_token_id is not None:
             resp.bos_token_id = s.tokenizer.bos_token_id
         return resp

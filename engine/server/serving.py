@@ -50,7 +50,9 @@ class Serving:
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
         self.engine = engine
         self.config = config
-        self.model = engine.info.model
+        # Model, limits, KV block shape, ranks, EOS ids, device: fixed once the engine has started.
+        self.info = engine.info
+        self.model = self.info.model
         self.tokenizer = engine.tokenizer
         self.limits = config.limits
         self.registry = RequestRegistry(config.max_queued_requests, config.max_queued_tokens)
@@ -64,31 +66,7 @@ class Serving:
         self._admissions = itertools.count()
         self.bytes_per_token, self.max_prompt_bytes = self._prompt_byte_bound()
 
-    # -- facts ----------------------------------------------------------------
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.info.max_model_len
-
-    @property
-    def max_num_seqs(self) -> int:
-        return self.engine.info.max_num_seqs
-
-    @property
-    def block_size(self) -> int:
-        return self.engine.info.block_size
-
-    @property
-    def expert_parallel_size(self) -> int:
-        return self.engine.info.expert_parallel_size
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        return list(self.engine.info.eos_token_ids)
-
-    @property
-    def device_name(self) -> str:
-        return self.engine.info.device_name
-
+    # -- facts (`self.info`) and live numbers ----------------------------------
     def stats(self):
         return self.engine.stats()
 
@@ -109,7 +87,7 @@ class Serving:
         except NoBound as exc:
             logger.warning("text prompts are not refused by size before tokenizing: %s", exc)
             return None, None
-        return bpt, int((self.max_model_len - 1) * bpt)
+        return bpt, int((self.info.max_model_len - 1) * bpt)
 
     def text_refusal(self, field: str, num_bytes: int) -> Optional[str]:
         """Why a text prompt of (at least) `num_bytes` bytes cannot fit max_model_len, or None if it may."""
@@ -118,14 +96,14 @@ class Serving:
             return None
         return (f"{field} is too long: it has more than {bound} bytes, and one token of this model's tokenizer "
                 f"stands for at most {self.bytes_per_token:g} bytes, so it cannot fit in the "
-                f"{self.max_model_len - 1} prompt tokens max_model_len={self.max_model_len} leaves.")
+                f"{self.info.max_model_len - 1} prompt tokens max_model_len={self.info.max_model_len} leaves.")
 
     def ids_refusal(self, field: str, num_ids: int) -> Optional[str]:
         """Why a prompt of at least `num_ids` token ids cannot fit max_model_len, or None if it may."""
-        if num_ids < self.max_model_len:
+        if num_ids < self.info.max_model_len:
             return None
-        return (f"{field} has at least {num_ids} tokens, too long: max_model_len={self.max_model_len} leaves room "
-                f"for at most {self.max_model_len - 1} prompt tokens.")
+        return (f"{field} has at least {num_ids} tokens, too long: max_model_len={self.info.max_model_len} leaves room "
+                f"for at most {self.info.max_model_len - 1} prompt tokens.")
 
     def request_id(self, given: str) -> str:
         if not given:
@@ -144,10 +122,10 @@ class Serving:
             ids = await self._tokenize(prompt, field, keep)
         else:
             kept = len(prompt) if keep is None else min(len(prompt), keep)
-            if kept >= self.max_model_len:
+            if kept >= self.info.max_model_len:
                 # Refused on its length alone (truncated or not): not one of a 5M-id list's entries is looked at
                 # or copied.
-                raise too_long(field, kept, self.max_model_len)
+                raise too_long(field, kept, self.info.max_model_len)
             ids = list(prompt if keep is None else prompt[-keep:])
         process = self.engine.process_inputs
         # A grammar compiles on the engine's grammar pool while process_inputs waits: never on this loop.

@@ -113,7 +113,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             raise ValueError("kv_transfer_params is not supported: moelink does not do prefill/decode disaggregation.")
         which = request.WhichOneof("input")
         # Only the kept tail is tokenized (a long text costs no more than it); process_inputs keeps the same.
-        keep = kept_prompt_tokens(params, self.s.max_model_len)
+        keep = kept_prompt_tokens(params, self.s.info.max_model_len)
         if which == "tokenized":
             return await self.s.prepare(rid, request.tokenized.input_ids, params, "tokenized.input_ids", keep)
         if which == "text":
@@ -196,18 +196,18 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         pad = m.hf_config.get("pad_token_id")
         return pb.GetModelInfoResponse(
             model_path=s.model_path, tokenizer_path=s.model_path, served_model_name=s.served_model_name,
-            is_generation=True, max_context_length=s.max_model_len, vocab_size=m.vocab_size, supports_vision=False,
+            is_generation=True, max_context_length=s.info.max_model_len, vocab_size=m.vocab_size, supports_vision=False,
             model_type=str(m.hf_config.get("model_type", "")), architectures=[m.architecture],
-            eos_token_ids=s.eos_token_ids, pad_token_id=pad if isinstance(pad, int) else 0,
-            bos_token_id=tok.bos_token_id or 0, max_req_input_len=s.max_model_len - 1)
+            eos_token_ids=list(s.info.eos_token_ids), pad_token_id=pad if isinstance(pad, int) else 0,
+            bos_token_id=tok.bos_token_id or 0, max_req_input_len=s.info.max_model_len - 1)
 
     async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
         s = self.s
         return pb.GetServerInfoResponse(
             active_requests=len(s.registry.active), is_paused=False,
             last_receive_timestamp=s.registry.last_receive_time, uptime_seconds=time.time() - s.start_time,
-            server_type=SERVER_TYPE, data_parallel_size=s.expert_parallel_size, kv_cache_dtype="auto",
-            block_size=s.block_size, model_dtype=str(s.model.dtype), max_num_seqs=s.max_num_seqs)
+            server_type=SERVER_TYPE, data_parallel_size=s.info.expert_parallel_size, kv_cache_dtype="auto",
+            block_size=s.info.block_size, model_dtype=str(s.model.dtype), max_num_seqs=s.info.max_num_seqs)
 
     async def GetLoads(self, request: pb.GetLoadsRequest, context) -> pb.GetLoadsResponse:
         s, reg = self.s, self.s.registry
@@ -216,13 +216,13 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         for rank, st in enumerate(per_rank):
             if request.HasField("dp_rank") and request.dp_rank != rank:
                 continue
-            used = (st.num_total_blocks - st.num_free_blocks) * s.block_size
+            used = (st.num_total_blocks - st.num_free_blocks) * s.info.block_size
             loads.append(pb.SchedulerLoad(
                 dp_rank=rank, num_running_reqs=st.num_running, num_waiting_reqs=st.num_waiting,
                 num_total_reqs=st.num_running + st.num_waiting, num_used_tokens=used,
-                max_total_num_tokens=st.num_total_blocks * s.block_size, token_usage=st.kv_usage,
+                max_total_num_tokens=st.num_total_blocks * s.info.block_size, token_usage=st.kv_usage,
                 gen_throughput=reg.generation_throughput() / len(per_rank), cache_hit_rate=st.prefix_cache_hit_rate,
-                utilization=st.num_running / s.max_num_seqs, max_running_requests=s.max_num_seqs,
+                utilization=st.num_running / s.info.max_num_seqs, max_running_requests=s.info.max_num_seqs,
                 # Not yet in the engine: what this server admitted that has no token yet, split evenly.
                 num_waiting_uncached_tokens=reg.queued_tokens // len(per_rank)))
         return pb.GetLoadsResponse(

@@ -248,26 +248,31 @@ def _weight_shapes(cfg: dict, arch: str, mlp_only_layers, sparse_step) -> Iterat
             yield f"{p}.self_attn.k_norm.weight", (Dh,), "norm"
         yield f"{p}.post_attention_layernorm.weight", (D,), "norm"
         if arch == "mixtral":
-            E, I = cfg["num_local_experts"], cfg["intermediate_size"]
-            yield f"{p}.block_sparse_moe.gate.weight", (E, D), "router"
-            for j in range(E):
-                yield f"{p}.block_sparse_moe.experts.{j}.w1.weight", (I, D), "linear"
-                yield f"{p}.block_sparse_moe.experts.{j}.w2.weight", (D, I), "linear"
-                yield f"{p}.block_sparse_moe.experts.{j}.w3.weight", (I, D), "linear"
+            yield from _moe_shapes(f"{p}.block_sparse_moe", _MIXTRAL_MLP, cfg["num_local_experts"],
+                                   cfg["intermediate_size"], D)
         elif is_moe_layer(i, mlp_only_layers, sparse_step):
-            E, I = cfg["num_experts"], cfg["moe_intermediate_size"]
-            yield f"{p}.mlp.gate.weight", (E, D), "router"
-            for j in range(E):
-                yield f"{p}.mlp.experts.{j}.gate_proj.weight", (I, D), "linear"
-                yield f"{p}.mlp.experts.{j}.up_proj.weight", (I, D), "linear"
-                yield f"{p}.mlp.experts.{j}.down_proj.weight", (D, I), "linear"
+            yield from _moe_shapes(f"{p}.mlp", _QWEN_MLP, cfg["num_experts"], cfg["moe_intermediate_size"], D)
         else:
-            I = cfg["intermediate_size"]
-            yield f"{p}.mlp.gate_proj.weight", (I, D), "linear"
-            yield f"{p}.mlp.up_proj.weight", (I, D), "linear"
-            yield f"{p}.mlp.down_proj.weight", (D, I), "linear"
+            yield from _mlp_shapes(f"{p}.mlp", _QWEN_MLP, cfg["intermediate_size"], D)
     yield "model.norm.weight", (D,), "norm"
     yield "lm_head.weight", (V, D), "head"
+
+
+# A gated MLP's projections in checkpoint order, each "in" (I, D: gate and up) or "out" (D, I: down).
+_QWEN_MLP = (("gate_proj", "in"), ("up_proj", "in"), ("down_proj", "out"))
+_MIXTRAL_MLP = (("w1", "in"), ("w2", "out"), ("w3", "in"))
+
+
+def _mlp_shapes(prefix: str, projs, I: int, D: int) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    for name, io in projs:
+        yield f"{prefix}.{name}.weight", (I, D) if io == "in" else (D, I), "linear"
+
+
+def _moe_shapes(prefix: str, projs, E: int, I: int, D: int) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """The router (`gate`), then each expert's gated MLP (both architectures name them `experts.{j}`)."""
+    yield f"{prefix}.gate.weight", (E, D), "router"
+    for j in range(E):
+        yield from _mlp_shapes(f"{prefix}.experts.{j}", projs, I, D)
 
 
 def _random_weights(shapes, *, seed: int, init_std: Optional[float], dtype: torch.dtype) -> dict[str, torch.Tensor]:
