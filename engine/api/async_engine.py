@@ -133,7 +133,7 @@ class AsyncEngine:
     def dead_error(self) -> BaseException | None:
         """Why the engine cannot run requests any more (None while it can). A lost rank counts at
         once, before the engine thread has noticed."""
-        return self._dead_error or getattr(self.engine.executor, "dead_error", None)
+        return self._dead_error or self.engine.executor.dead_error
 
     @property
     def is_healthy(self) -> bool:

@@ -175,7 +175,7 @@ class _EngineCollector:
             rank.add_metric([str(layer)], (max(per_rank) * len(per_rank) / total) if total else 0.0)
         yield expert
         yield rank
-        eplb = getattr(eng, "eplb", None)
+        eplb = eng.eplb
         if eplb is not None:  # online EPLB (--eplb-interval)
             yield from eplb_families(eplb.snapshot())
 
