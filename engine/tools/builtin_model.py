@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 # The repository root is the `moelink` package, so the committed model sits one level above engine/.
-BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "builtin-model"
+BUILTIN_MODEL_DIR = Path(__file__).resolve().parents[2] / "builtin-model"  # the repository root
 MARKER_FILE = "moelink_builtin.json"
 RETRAIN_COMMAND = "moelink train-builtin-model builtin-model"
 DESCRIPTION = ("a tiny MoE trained on the Python standard library's docstrings, for trying the API: "
