@@ -20,7 +20,7 @@ class ArchSpec:
     expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
     shared_experts: str = "shared_experts"  # under moe_prefix: mlp.shared_experts.{gate,up,down}_proj
     router: str = "gate"  # the router linear under moe_prefix ("router" for gpt-oss, with a bias)
-    # "gpt_oss": the only expert layout is fused, transposed and interleaved (see MoEDecoderForCausalLM._gpt_oss_plan).
+    # "gpt_oss": the only expert layout is fused, transposed and interleaved (see engine/models/moe_decoder._gpt_oss_plan).
     expert_layout: str = "auto"
 
     @property

@@ -105,6 +105,10 @@ class ModelConfig:
     # The KV cache's element type (`--kv-cache-dtype`): None = `dtype`; float8_e4m3fn stores K/V (or MLA's
     # latent rows) in one byte with a per-layer scale (kernels/attention.py), half a bf16 cache's bytes.
     kv_cache_dtype: torch.dtype | None = None
+    # Next-n prediction (MTP) layers stored after the main ones, as `model.layers.{num_layers + i}.*`
+    # (DeepSeek-V3/R1, Kimi K2, GLM-4.5: config.json's num_nextn_predict_layers). The main model never runs
+    # them; a speculative drafter builds them (engine/models/mtp.py). 0: none.
+    num_nextn_predict_layers: int = 0
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -119,6 +123,10 @@ class ModelConfig:
             raise ValueError(
                 f"max_model_len={self.max_model_len} is invalid: must be in [1, max_position_embeddings={self.max_position_embeddings}]."
             )
+        n = self.num_nextn_predict_layers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"config.json num_nextn_predict_layers={n!r} is invalid: must be an integer >= 0 (the "
+                             "checkpoint's MTP layers; 0 = none).")
         if self.attention is None:
             self.attention = GQAConfig(self.num_heads, self.num_kv_heads, self.head_dim,
                                        RopeConfig(self.head_dim, self.rope_theta))
