@@ -123,8 +123,7 @@ def _deepseek(arch: str, hf, c: dict, rope: dict) -> dict:
                     getattr(hf, "moe_layer_freq", None) or 1)
     fields = dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size),
                   intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm,
-                  sparse_layers=tuple(range(first_dense, c["num_layers"])), moe=moe,
-                  num_nextn_predict_layers=_nextn_layers(hf))
+                  sparse_layers=tuple(range(first_dense, c["num_layers"])), moe=moe)
     if arch in MLA_ARCHITECTURES:
         fields["num_kv_heads"] = c["num_heads"]
         fields["attention"] = _mla(arch, hf, c, rope)
@@ -139,13 +138,6 @@ def _deepseek(arch: str, hf, c: dict, rope: dict) -> dict:
         fields["attention"] = _gqa(c, _rope(rope, c, rotary_dim), qk_norm=bool(getattr(hf, "use_qk_norm", False)),
                                    qkv_bias=bool(getattr(hf, "attention_bias", False)))
     return fields
-
-
-def _nextn_layers(hf):
-    """num_nextn_predict_layers (DeepSeek-V3/R1, Kimi K2, GLM-4.5: the MTP layers after the main ones), 0 when
-    the file has none (DeepSeek-V2); ModelConfig checks the value. A JSON null counts as 0."""
-    n = getattr(hf, "num_nextn_predict_layers", 0)
-    return 0 if n is None else n
 
 
 def _mla(arch: str, hf, c: dict, rope: dict) -> MLAConfig:

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..config.architectures import MTP_ARCHITECTURES
 from .file_modes import umask_mode
 
 HF_ARCHS = {
@@ -38,10 +39,12 @@ HF_ARCHS = {
 _DEEPSEEK = dict(q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
                  n_shared_experts=1, first_k_dense_replace=1)
 _FAMILY_DEFAULTS = {
-    "deepseek_v3": dict(_DEEPSEEK, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    # No MTP layers unless asked for (extra num_nextn_predict_layers): transformers' default of 1 would make
+    # config.json promise layers that transformers never writes.
+    "deepseek_v3": dict(_DEEPSEEK, n_group=2, topk_group=1, routed_scaling_factor=2.5, num_nextn_predict_layers=0),
     "deepseek_v2": dict(_DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", n_group=2, topk_group=1),
     "glm4_moe": dict(n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
-                     routed_scaling_factor=2.5),
+                     routed_scaling_factor=2.5, num_nextn_predict_layers=0),
 }
 _ROUTER_GAIN, _LM_HEAD_GAIN, _NORM_NOISE, _BIAS_STD, _CORRECTION_STD = 2.0, 4.0, 0.1, 0.1, 0.05
 
@@ -86,7 +89,6 @@ def write_hf_model(out: Path, arch: str, common: dict, extra: Optional[Mapping],
 
 
 _MTP_FILE = "mtp.safetensors"
-_MTP_ARCHS = ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM")
 
 
 def add_mtp_layers(out: Path, num_layers: int = 1, *, seed: int = 0, init_std: Optional[float] = None,
@@ -101,8 +103,9 @@ def add_mtp_layers(out: Path, num_layers: int = 1, *, seed: int = 0, init_std: O
     out = Path(out)
     config = json.loads((out / "config.json").read_text())
     arch = (config.get("architectures") or [None])[0]
-    if arch not in _MTP_ARCHS:
-        raise ValueError(f"add_mtp_layers: architecture {arch!r} has no MTP layers (only {', '.join(_MTP_ARCHS)}).")
+    if arch not in MTP_ARCHITECTURES:
+        raise ValueError(f"add_mtp_layers: architecture {arch!r} has no MTP layers (only "
+                         f"{', '.join(MTP_ARCHITECTURES)}).")
     L, first_dense = int(config["num_hidden_layers"]), int(config.get("first_k_dense_replace") or 0)
     if not isinstance(num_layers, int) or num_layers < 1 or L - 1 < first_dense:
         raise ValueError(f"add_mtp_layers: num_layers={num_layers!r} must be >= 1, and the last main layer a MoE "
