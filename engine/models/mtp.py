@@ -55,7 +55,7 @@ def mtp_checkpoint_names(cfg: ModelConfig, names: Collection[str]) -> list[str]:
     """The tensors of `names` that belong to the MTP layers (`model.layers.{num_layers + i}.`): read by a drafter
     only; the main model's loader leaves them unread."""
     prefixes = tuple(f"model.layers.{cfg.num_layers + i}." for i in range(cfg.num_nextn_predict_layers))
-    return sorted(n for n in names if prefixes and n.startswith(prefixes))
+    return sorted(n for n in names if n.startswith(prefixes))
 
 
 class MTPLayer(nn.Module):

@@ -211,6 +211,9 @@ def test_num_nextn_predict_layers_is_read_and_checked(mtp_checkpoint, tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"num_nextn_predict_layers=-1 is invalid"):
         ModelConfig.from_pretrained(str(bad))
+    del config["num_nextn_predict_layers"]  # transformers' config class would say 1: the file says none
+    (bad / "config.json").write_text(json.dumps(config))
+    assert ModelConfig.from_pretrained(str(bad)).num_nextn_predict_layers == 0
     cfg = ModelConfig.from_pretrained(path)
     with pytest.raises(ValueError, match=r"MTP layer 1 does not exist"):
         MTPLayer(cfg, arch_spec(cfg.architecture), 1, ReferenceKernels(), CPU)
@@ -272,7 +275,8 @@ def test_fp8_mtp_layer_as_published_and_as_online_quantization(tmp_path):
     index = checkpoint_index(dst)
     p = "model.layers.2."
     with safe_open(str(index[p + "eh_proj.weight"]), "pt") as st:
-        for name in ("self_attn.q_a_proj", "self_attn.kv_b_proj", "mlp.experts.3.gate_proj", "mlp.shared_experts.down_proj"):
+        for name in ("self_attn.q_a_proj", "self_attn.kv_b_proj", "mlp.experts.3.gate_proj",
+                     "mlp.shared_experts.down_proj"):
             assert st.get_tensor(f"{p}{name}.weight").dtype == FP8_DTYPE and f"{p}{name}.weight_scale_inv" in index
         for name in ("eh_proj", "enorm", "hnorm", "shared_head.norm", "shared_head.head", "embed_tokens"):
             assert st.get_tensor(f"{p}{name}.weight").dtype == torch.float64
