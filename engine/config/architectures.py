@@ -20,7 +20,7 @@ class ArchSpec:
     expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
     shared_experts: str = "shared_experts"  # under moe_prefix: mlp.shared_experts.{gate,up,down}_proj
     router: str = "gate"  # the router linear under moe_prefix ("router" for gpt-oss, with a bias)
-    # "gpt_oss": the only expert layout is fused, transposed and interleaved (see MoEDecoderForCausalLM._gpt_oss_plan).
+    # "gpt_oss": the only expert layout is fused, transposed and interleaved (see engine/models/moe_decoder._gpt_oss_plan).
     expert_layout: str = "auto"
 
     @property
@@ -38,6 +38,9 @@ class Architecture:
     spec: ArchSpec | None  # None: moelink reads its config but cannot build the model yet
     # Its experts run in MXFP4 as published (gpt-oss's layout: gate/up interleaved rows, expert biases).
     mxfp4_experts: bool = False
+    # Its checkpoints may carry DeepSeek-V3's next-n prediction (MTP) layers (config.json's
+    # num_nextn_predict_layers; engine/models/mtp.py).
+    mtp_layers: bool = False
 
     @property
     def runnable(self) -> bool:
@@ -50,10 +53,10 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     Architecture("Qwen3MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ)),
     Architecture("MixtralForCausalLM", ArchSpec("gqa", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2"))),
     # DeepSeek-V3/R1, Kimi K2, Mistral Large 3 (DeepSeek-V3 format); DeepSeek-V2 / V2-Lite.
-    Architecture("DeepseekV3ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ)),
+    Architecture("DeepseekV3ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ), mtp_layers=True),
     Architecture("DeepseekV2ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ)),
     # GLM-4.5 / 4.6: GQA with partial rotary and the DeepSeek-V3 MoE block.
-    Architecture("Glm4MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ)),
+    Architecture("Glm4MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ), mtp_layers=True),
     # gpt-oss-20b / 120b: GQA with sinks and sliding windows, fused experts with biases, MXFP4 as published.
     Architecture("GptOssForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ, router="router",
                                                expert_layout="gpt_oss"), mxfp4_experts=True),
@@ -64,6 +67,7 @@ SUPPORTED_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.runnable)
 CONFIG_ONLY_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if not a.runnable)
 MLA_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.runnable and a.spec.latent_attention)
 MXFP4_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mxfp4_experts)
+MTP_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mtp_layers)
 
-__all__ = ["ArchSpec", "Architecture", "CONFIG_ONLY_ARCHITECTURES", "MLA_ARCHITECTURES", "MXFP4_ARCHITECTURES",
-           "REGISTRY", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["ArchSpec", "Architecture", "CONFIG_ONLY_ARCHITECTURES", "MLA_ARCHITECTURES", "MTP_ARCHITECTURES",
+           "MXFP4_ARCHITECTURES", "REGISTRY", "SUPPORTED_ARCHITECTURES"]

@@ -16,7 +16,7 @@ from moelink.comm.backends import resolve_backend
 from moelink.comm.two_level import check_node_of_rank
 from moelink.moe.router import RouterConfig
 
-from .architectures import CONFIG_ONLY_ARCHITECTURES, SUPPORTED_ARCHITECTURES  # noqa: F401 (re-exported)
+from .architectures import CONFIG_ONLY_ARCHITECTURES, MTP_ARCHITECTURES, SUPPORTED_ARCHITECTURES  # noqa: F401
 from .hf_readers import read_fields
 from .quantization import QuantConfig, resolve_quantization
 from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
@@ -105,6 +105,10 @@ class ModelConfig:
     # The KV cache's element type (`--kv-cache-dtype`): None = `dtype`; float8_e4m3fn stores K/V (or MLA's
     # latent rows) in one byte with a per-layer scale (kernels/attention.py), half a bf16 cache's bytes.
     kv_cache_dtype: torch.dtype | None = None
+    # Next-n prediction (MTP) layers stored after the main ones, as `model.layers.{num_layers + i}.*`
+    # (DeepSeek-V3/R1, Kimi K2, GLM-4.5: config.json's num_nextn_predict_layers, read for MTP_ARCHITECTURES).
+    # The main model never runs them; a speculative drafter builds them (engine/models/mtp.py). 0: none.
+    num_nextn_predict_layers: int = 0
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -119,6 +123,10 @@ class ModelConfig:
             raise ValueError(
                 f"max_model_len={self.max_model_len} is invalid: must be in [1, max_position_embeddings={self.max_position_embeddings}]."
             )
+        n = self.num_nextn_predict_layers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"config.json num_nextn_predict_layers={n!r} is invalid: must be an integer >= 0 (the "
+                             "checkpoint's MTP layers; 0 = none).")
         if self.attention is None:
             self.attention = GQAConfig(self.num_heads, self.num_kv_heads, self.head_dim,
                                        RopeConfig(self.head_dim, self.rope_theta))
@@ -162,6 +170,10 @@ class ModelConfig:
             raise ValueError(f"max_model_len={max_model_len!r} is invalid: must be a positive integer.")
         hf = _auto_config(path, raw, arch)
         fields = read_fields(arch, hf)
+        # transformers' DeepSeek-V3 / GLM-4-MoE configs default num_nextn_predict_layers to 1 (the full models'
+        # value) whether or not the file has the field: what the checkpoint holds is what its file says.
+        if arch in MTP_ARCHITECTURES:
+            fields["num_nextn_predict_layers"] = raw.get("num_nextn_predict_layers") or 0
         fields["quantization"] = resolve_quantization(fields.get("quantization"), quantization, fp8_block_size)
         checkpoint_dtype = str(hf.dtype).removeprefix("torch.") if getattr(hf, "dtype", None) else raw.get("torch_dtype")
         cfg = cls(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..config.architectures import REGISTRY, SUPPORTED_ARCHITECTURES, ArchSpec
 from .moe_decoder import MoEDecoderForCausalLM
+from .mtp import MTPLayer, mtp_checkpoint_names
 
 # The runnable architectures' specs, from the one registry (engine/config/architectures.py).
 ARCHITECTURES: dict[str, ArchSpec] = {n: a.spec for n, a in REGISTRY.items() if a.runnable}
@@ -23,4 +24,4 @@ def arch_spec(architecture: str) -> ArchSpec:
     return spec
 
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "MoEDecoderForCausalLM", "arch_spec"]
+__all__ = ["ARCHITECTURES", "ArchSpec", "MTPLayer", "MoEDecoderForCausalLM", "arch_spec", "mtp_checkpoint_names"]

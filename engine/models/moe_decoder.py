@@ -133,7 +133,7 @@ class MoEDecoderForCausalLM(nn.Module):
         names = frozenset(checkpoint_names) if checkpoint_names is not None else frozenset()
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, rope, kernels, device, ep, self.moe_stats, spec,
-                         fused_experts=_fused_name(i) in names) for i in range(cfg.num_layers)
+                         fused_experts=fused_experts_name(i) in names) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         self.lm_head = (
@@ -207,72 +207,85 @@ class MoEDecoderForCausalLM(nn.Module):
           [E, 2I, D] (gate rows, then up rows: our w13 order) and
           `mlp.experts.down_proj` [E, D, I], with the router at `mlp.gate`.
         """
-        cfg, spec = self.cfg, self.spec
+        cfg = self.cfg
         names = frozenset(checkpoint_names) if checkpoint_names is not None else frozenset()
         plan: WeightPlan = {"model.embed_tokens.weight": PlanEntry(self.embed_tokens, ())}
         if not cfg.tie_word_embeddings:
             plan["lm_head.weight"] = PlanEntry(self.lm_head, ())
         plan.update(self.norm.weight_plan("model.norm.weight"))
         for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            plan.update(layer.input_layernorm.weight_plan(p + "input_layernorm.weight"))
-            plan.update(layer.post_attention_layernorm.weight_plan(p + "post_attention_layernorm.weight"))
-            plan.update(layer.self_attn.weight_plan(p + "self_attn."))
-            if layer.moe is None:
-                plan.update(layer.mlp.weight_plan(p + "mlp."))
-                continue
-            if spec.expert_layout == "gpt_oss":
-                plan.update(self._gpt_oss_plan(layer.moe, f"{p}{spec.moe_prefix}."))
-                continue
-            fused = _fused_name(i) in names
-            prefix = p + ("mlp." if fused else spec.moe_prefix + ".")
-            plan.update(self._expert_plan(layer.moe, prefix, fused))
-            if isinstance(layer.mlp, SharedExpertsMoE):  # every rank holds the shared experts whole
-                plan.update(layer.mlp.shared.weight_plan(f"{p}{spec.moe_prefix}.{spec.shared_experts}."))
-        return plan
-
-    def _expert_plan(self, mlp: MoELayer, m: str, fused: bool) -> WeightPlan:
-        """The router and this rank's experts of one MoE layer whose checkpoint names start with `m`."""
-        plan: WeightPlan = {m + "gate.weight": PlanEntry(mlp.gate_GD, ())}
-        if mlp.e_score_correction_bias_G is not None:
-            plan[m + "gate.e_score_correction_bias"] = PlanEntry(mlp.e_score_correction_bias_G, ())
-        # The expert format lists its weights (and scales) for this rank's experts, in either layout.
-        rows = _expert_rows(self.expert_ids, self.cfg.num_experts) if fused else ()
-        plan.update(mlp.expert_format.weight_plan(mlp, m, fused, self.expert_ids, rows, self.spec.expert_names))
-        return plan
-
-    def _gpt_oss_plan(self, mlp: MoELayer, m: str) -> WeightPlan:
-        """gpt-oss's MoE block: `router.weight` / `router.bias`, and the experts fused, with their biases:
-        `experts.gate_up_proj` [E, D, 2I] (x @ W, not a linear's [out, in]) whose columns interleave gate and
-        up (gate = [..., ::2], up = [..., 1::2]), `gate_up_proj_bias` [E, 2I] interleaved the same way,
-        `down_proj` [E, I, D] and `down_proj_bias` [E, D].
-
-        Read as moelink's layout by one advanced index each (the loader's checkpoint-index element): with
-        e [E', 1, 1] this rank's experts, f [1, 2I, 1] the de-interleaving column order [0, 2, ..., 1, 3, ...]
-        and d [1, 1, D], gate_up_proj[e, d, f] is w13 [E', 2I, D] = [gate; up] rows, transposed; down_proj[e,
-        i, d] with i [1, 1, I], d [1, D, 1] is w2 [E', D, I].
-
-        Quantized experts (MXFP4, as OpenAI publishes gpt-oss: `experts.*_blocks` / `*_scales`, already output-
-        channel major) are their format's plan, the same de-interleaving included (moe/expert_weights.py)."""
-        plan: WeightPlan = {m + f"{self.spec.router}.weight": PlanEntry(mlp.gate_GD, ()),
-                                  m + f"{self.spec.router}.bias": PlanEntry(mlp.gate_bias_G, ())}
-        if mlp.expert_format.name != "float":
-            rows = _expert_rows(self.expert_ids, self.cfg.num_experts)
-            plan.update(mlp.expert_format.weight_plan(mlp, m, True, self.expert_ids, rows, self.spec.expert_names))
-            return plan
-        D, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
-        e = torch.tensor(self.expert_ids, dtype=torch.long)
-        f = gate_up_order(inter)
-        plan[m + "experts.gate_up_proj"] = PlanEntry(mlp.w13_EFD, (), (e[:, None, None], torch.arange(D)[None, None, :],
-                                                              f[None, :, None]))
-        plan[m + "experts.gate_up_proj_bias"] = PlanEntry(mlp.b13_EF, (), (e[:, None], f[None, :]))
-        plan[m + "experts.down_proj"] = PlanEntry(mlp.w2_EDI, (), (e[:, None, None], torch.arange(inter)[None, None, :],
-                                                          torch.arange(D)[None, :, None]))
-        plan[m + "experts.down_proj_bias"] = PlanEntry(mlp.b2_ED, (), (e,))
+            plan.update(layer_weight_plan(layer, i, cfg, self.spec, self.expert_ids, names))
         return plan
 
 
-def _fused_name(layer_idx: int) -> str:
+def layer_weight_plan(layer: DecoderLayer, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
+                      names: frozenset[str]) -> WeightPlan:
+    """The plan of one decoder layer, whose checkpoint names start with `model.layers.{layer_idx}.`: norms,
+    attention, and its dense MLP or its router, this rank's experts (`expert_ids`, in the layer's layout per
+    `names`: MoEDecoderForCausalLM.weight_plan) and shared experts. Also the MTP layer's inner layer (mtp.py)."""
+    p = f"model.layers.{layer_idx}."
+    plan: WeightPlan = {}
+    plan.update(layer.input_layernorm.weight_plan(p + "input_layernorm.weight"))
+    plan.update(layer.post_attention_layernorm.weight_plan(p + "post_attention_layernorm.weight"))
+    plan.update(layer.self_attn.weight_plan(p + "self_attn."))
+    if layer.moe is None:
+        plan.update(layer.mlp.weight_plan(p + "mlp."))
+        return plan
+    if spec.expert_layout == "gpt_oss":
+        plan.update(_gpt_oss_plan(layer.moe, f"{p}{spec.moe_prefix}.", cfg, spec, expert_ids))
+        return plan
+    fused = fused_experts_name(layer_idx) in names
+    prefix = p + ("mlp." if fused else spec.moe_prefix + ".")
+    plan.update(_expert_plan(layer.moe, prefix, fused, cfg, spec, expert_ids))
+    if isinstance(layer.mlp, SharedExpertsMoE):  # every rank holds the shared experts whole
+        plan.update(layer.mlp.shared.weight_plan(f"{p}{spec.moe_prefix}.{spec.shared_experts}."))
+    return plan
+
+
+def _expert_plan(mlp: MoELayer, m: str, fused: bool, cfg: ModelConfig, spec: ArchSpec,
+                 expert_ids: list[int]) -> WeightPlan:
+    """The router and this rank's experts of one MoE layer whose checkpoint names start with `m`."""
+    plan: WeightPlan = {m + "gate.weight": PlanEntry(mlp.gate_GD, ())}
+    if mlp.e_score_correction_bias_G is not None:
+        plan[m + "gate.e_score_correction_bias"] = PlanEntry(mlp.e_score_correction_bias_G, ())
+    # The expert format lists its weights (and scales) for this rank's experts, in either layout.
+    rows = _expert_rows(expert_ids, cfg.num_experts) if fused else ()
+    plan.update(mlp.expert_format.weight_plan(mlp, m, fused, expert_ids, rows, spec.expert_names))
+    return plan
+
+
+def _gpt_oss_plan(mlp: MoELayer, m: str, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int]) -> WeightPlan:
+    """gpt-oss's MoE block: `router.weight` / `router.bias`, and the experts fused, with their biases:
+    `experts.gate_up_proj` [E, D, 2I] (x @ W, not a linear's [out, in]) whose columns interleave gate and
+    up (gate = [..., ::2], up = [..., 1::2]), `gate_up_proj_bias` [E, 2I] interleaved the same way,
+    `down_proj` [E, I, D] and `down_proj_bias` [E, D].
+
+    Read as moelink's layout by one advanced index each (the loader's checkpoint-index element): with
+    e [E', 1, 1] this rank's experts, f [1, 2I, 1] the de-interleaving column order [0, 2, ..., 1, 3, ...]
+    and d [1, 1, D], gate_up_proj[e, d, f] is w13 [E', 2I, D] = [gate; up] rows, transposed; down_proj[e,
+    i, d] with i [1, 1, I], d [1, D, 1] is w2 [E', D, I].
+
+    Quantized experts (MXFP4, as OpenAI publishes gpt-oss: `experts.*_blocks` / `*_scales`, already output-
+    channel major) are their format's plan, the same de-interleaving included (moe/expert_weights.py)."""
+    plan: WeightPlan = {m + f"{spec.router}.weight": PlanEntry(mlp.gate_GD, ()),
+                        m + f"{spec.router}.bias": PlanEntry(mlp.gate_bias_G, ())}
+    if mlp.expert_format.name != "float":
+        rows = _expert_rows(expert_ids, cfg.num_experts)
+        plan.update(mlp.expert_format.weight_plan(mlp, m, True, expert_ids, rows, spec.expert_names))
+        return plan
+    D, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    e = torch.tensor(expert_ids, dtype=torch.long)
+    f = gate_up_order(inter)
+    plan[m + "experts.gate_up_proj"] = PlanEntry(mlp.w13_EFD, (), (e[:, None, None], torch.arange(D)[None, None, :],
+                                                                   f[None, :, None]))
+    plan[m + "experts.gate_up_proj_bias"] = PlanEntry(mlp.b13_EF, (), (e[:, None], f[None, :]))
+    plan[m + "experts.down_proj"] = PlanEntry(mlp.w2_EDI, (), (e[:, None, None], torch.arange(inter)[None, None, :],
+                                                               torch.arange(D)[None, :, None]))
+    plan[m + "experts.down_proj_bias"] = PlanEntry(mlp.b2_ED, (), (e,))
+    return plan
+
+
+def fused_experts_name(layer_idx: int) -> str:
     """The checkpoint tensor whose presence says layer `layer_idx` holds its experts fused."""
     return f"model.layers.{layer_idx}.mlp.experts.gate_up_proj"
 

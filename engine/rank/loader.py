@@ -31,7 +31,7 @@ from moelink.moe.weight_plan import WeightPlan
 
 from ..config.model import ModelConfig
 from .dummy_weights import DummyCheckpoint
-from ..models import MoEDecoderForCausalLM, arch_spec
+from ..models import MoEDecoderForCausalLM, arch_spec, mtp_checkpoint_names
 from ..config.worker_config import LOAD_FORMATS
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,12 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + f": every {cfg.architecture} weight must be present."
         )
+    # The MTP layers (num_nextn_predict_layers) are expected and left unread: only a speculative drafter
+    # (models/mtp.py) runs them. Any other tensor the plan does not list is not read either.
+    unread = mtp_checkpoint_names(cfg, names)
+    if unread:
+        logger.info("checkpoint %s: %d tensors of %d MTP layer(s) left unread (speculative decoding is off).",
+                    cfg.model, len(unread), cfg.num_nextn_predict_layers)
     load_plan(checkpoint, plan, device, progress)
     model.process_weights_after_loading()
     return model.eval()

@@ -8,6 +8,11 @@ saves it with `save_pretrained`: the layout and config.json are exactly what tra
 Defaults (hidden 64, 2 layers, 4 heads, 8 routed experts, top-2) are overridden by make_tiny_model's common
 arguments and by `extra`, any further config field as transformers names it (`q_lora_rank=None`,
 `n_group=4`, `rope_parameters={...}`).
+
+MTP layers: transformers' DeepSeek-V3 and GLM-4-MoE classes neither build nor save the next-n prediction layers
+that DeepSeek-V3/R1, Kimi K2 and GLM-4.5 publish. `extra={"num_nextn_predict_layers": n}` (or `add_mtp_layers` on
+a written checkpoint) appends random ones in the published names and layout (`add_mtp_layers`); an FP8 copy
+follows from quantize_fp8.py, which quantizes their decoder layer as a main layer's and leaves eh_proj float.
 """
 from __future__ import annotations
 
@@ -17,7 +22,10 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ..config.architectures import MTP_ARCHITECTURES
 from .file_modes import umask_mode
 
 HF_ARCHS = {
@@ -31,10 +39,12 @@ HF_ARCHS = {
 _DEEPSEEK = dict(q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
                  n_shared_experts=1, first_k_dense_replace=1)
 _FAMILY_DEFAULTS = {
-    "deepseek_v3": dict(_DEEPSEEK, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    # No MTP layers unless asked for (extra num_nextn_predict_layers): transformers' default of 1 would make
+    # config.json promise layers that transformers never writes.
+    "deepseek_v3": dict(_DEEPSEEK, n_group=2, topk_group=1, routed_scaling_factor=2.5, num_nextn_predict_layers=0),
     "deepseek_v2": dict(_DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", n_group=2, topk_group=1),
     "glm4_moe": dict(n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
-                     routed_scaling_factor=2.5),
+                     routed_scaling_factor=2.5, num_nextn_predict_layers=0),
 }
 _ROUTER_GAIN, _LM_HEAD_GAIN, _NORM_NOISE, _BIAS_STD, _CORRECTION_STD = 2.0, 4.0, 0.1, 0.1, 0.05
 
@@ -69,11 +79,83 @@ def write_hf_model(out: Path, arch: str, common: dict, extra: Optional[Mapping],
             if name.endswith("e_score_correction_bias"):  # selection-only bias, kept float32 by transformers
                 b.copy_(_CORRECTION_STD * torch.randn(b.shape, generator=gen))
     model = model.to(dtype)
-    for old in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
+    for old in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json", out / _MTP_FILE]:
         if old.exists():  # stale shards from an earlier call would leave a mixed checkpoint behind
             old.unlink()
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     umask_mode(out.glob("*.safetensors"))
+    if getattr(cfg, "num_nextn_predict_layers", 0):
+        add_mtp_layers(out, cfg.num_nextn_predict_layers, seed=seed, init_std=init_std)
+
+
+_MTP_FILE = "mtp.safetensors"
+
+
+def add_mtp_layers(out: Path, num_layers: int = 1, *, seed: int = 0, init_std: Optional[float] = None,
+                   embeddings: bool = True) -> None:
+    """Append `num_layers` random MTP layers to the DeepSeek-V3 / GLM-4-MoE checkpoint in `out`, as DeepSeek-V3
+    publishes them (engine/models/mtp.py lists the names): `model.layers.{num_hidden_layers + i}.` enorm, hnorm,
+    eh_proj [D, 2D], shared_head.norm, a decoder layer laid out as the last main layer (which must be a MoE
+    layer: its experts per expert or fused, as that layer is), and with `embeddings` MTP copies of the main
+    embedding and head (`embed_tokens`, `shared_head.head`; DeepSeek-V3 ships them), else none (the drafter
+    shares the main model's). Written to mtp.safetensors, listed in model.safetensors.index.json (made if the
+    checkpoint had one file); config.json gets num_nextn_predict_layers."""
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text())
+    arch = (config.get("architectures") or [None])[0]
+    if arch not in MTP_ARCHITECTURES:
+        raise ValueError(f"add_mtp_layers: architecture {arch!r} has no MTP layers (only "
+                         f"{', '.join(MTP_ARCHITECTURES)}).")
+    L, first_dense = int(config["num_hidden_layers"]), int(config.get("first_k_dense_replace") or 0)
+    if not isinstance(num_layers, int) or num_layers < 1 or L - 1 < first_dense:
+        raise ValueError(f"add_mtp_layers: num_layers={num_layers!r} must be >= 1, and the last main layer a MoE "
+                         f"layer to copy the layout of (num_hidden_layers={L} > first_k_dense_replace={first_dense}).")
+    index_file = out / "model.safetensors.index.json"
+    files = sorted(p.name for p in out.glob("*.safetensors") if p.name != _MTP_FILE)
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {"metadata": {}, "weight_map": {}}
+    if not index_file.is_file():
+        for fname in files:
+            with safe_open(str(out / fname), framework="pt") as st:
+                index["weight_map"].update({n: fname for n in st.keys()})
+    weight_map: dict[str, str] = index["weight_map"]
+    if any(n.startswith(f"model.layers.{L}.") for n in weight_map):
+        raise ValueError(f"add_mtp_layers: {out} already holds model.layers.{L}.* tensors.")
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(out / weight_map[name]), framework="pt") as st:
+            return st.get_tensor(name)
+
+    src = f"model.layers.{L - 1}."
+    layer_names = sorted(n for n in weight_map if n.startswith(src))
+    norm = read("model.norm.weight")
+    D, dt = norm.shape[0], norm.dtype
+    gen = torch.Generator().manual_seed(seed + 7919)  # its own stream: the main weights stay as they were
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(num_layers):
+        p = f"model.layers.{L + i}."
+        for name in layer_names:  # a fixed order: same seed, same bytes
+            t = read(name)
+            new = p + name[len(src):]
+            fresh = (_CORRECTION_STD * torch.randn(t.shape, generator=gen) if name.endswith("e_score_correction_bias")
+                     else _draw(new, t, gen, init_std))
+            tensors[new] = fresh.to(t.dtype)
+        for name, shape in (("enorm.weight", (D,)), ("hnorm.weight", (D,)), ("eh_proj.weight", (D, 2 * D)),
+                            ("shared_head.norm.weight", (D,))):
+            tensors[p + name] = _draw(p + name, torch.empty(shape), gen, init_std).to(dt)
+        if embeddings:  # DeepSeek-V3's MTP layer holds copies of the main embedding and head
+            embed = read("model.embed_tokens.weight")
+            tensors[p + "embed_tokens.weight"] = embed.clone()
+            tensors[p + "shared_head.head.weight"] = (embed if config.get("tie_word_embeddings")
+                                                      else read("lm_head.weight")).clone()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / _MTP_FILE), metadata={"format": "pt"})
+    umask_mode([out / _MTP_FILE])
+    weight_map.update({n: _MTP_FILE for n in tensors})
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    if "total_size" in index.get("metadata", {}):
+        index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in tensors.values())
+    index_file.write_text(json.dumps(index, indent=2) + "\n")
+    config["num_nextn_predict_layers"] = num_layers
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _draw(name: str, p: torch.Tensor, gen: torch.Generator, init_std: Optional[float]) -> torch.Tensor:

@@ -149,7 +149,8 @@ def make_tiny_model(
     intermediate_size: dense-layer MLP width (qwen3_moe: layers in mlp_only_layers or off
         decoder_sparse_step; DeepSeek / GLM: the first_k_dense_replace layers); default 2 * moe_intermediate_size.
     extra: DeepSeek / GLM only: further config fields as transformers names them (q_lora_rank,
-        kv_lora_rank, n_group, topk_group, n_shared_experts, first_k_dense_replace, rope_parameters, ...).
+        kv_lora_rank, n_group, topk_group, n_shared_experts, first_k_dense_replace, rope_parameters, ...);
+        num_nextn_predict_layers=n appends n MTP layers (deepseek_v3, glm4_moe: tiny_hf_model.add_mtp_layers).
     init_std: None scales each matrix by 1/sqrt(fan_in); a number uses that std everywhere.
     max_shard_size: bytes; above it the weights go to model-0000x-of-0000N.safetensors
         plus model.safetensors.index.json.
