@@ -67,14 +67,17 @@ class StepHandle:
             logprobs = (unpack_logprobs(res.logprobs_LX.tolist(), res.num_logprobs, res.max_num_logprobs)
                         if res.logprobs_LX is not None else None)
             sampled = out.sampled_token_ids
+            # One token per row (ModelRunnerOutput takes a list: a runner that emits several for a request, e.g.
+            # verified draft tokens, must keep only the first while a later step of it is in flight, as the
+            # scheduler does: scheduler/step_output.py).
             for r, (st, tok) in enumerate(zip(self.states, token_ids)):
                 st.output_token_ids.append(tok)
                 st.all_token_ids.append(tok)
                 if st.pending is not None and st.pending[0] is self:
                     st.pending = None
-                sampled[st.req_id] = tok
+                sampled[st.req_id] = [tok]
                 if logprobs is not None and logprobs[r] is not None:
-                    out.logprobs[st.req_id] = logprobs[r]
+                    out.logprobs[st.req_id] = [logprobs[r]]
         moe = res.read_moe() if res.read_moe is not None else None
         out.stats = StepStats(self.num_tokens, self.num_seqs, self.host_s + res.device_s, moe, wait_s=wait_s)
         self._output = out

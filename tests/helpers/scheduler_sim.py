@@ -49,13 +49,30 @@ class _WorkerReq:
 
 
 class FakeWorker:
-    """Keeps per-request state across steps like a real worker, checks KV."""
+    """Keeps per-request state across steps like a real worker, checks KV.
 
-    def __init__(self, num_blocks: int, block_size: int, model=toy_model) -> None:
+    `extra_tokens(req_id)`: how many tokens a sampling row emits after its first (a speculative step's accepted
+    drafts; the model's own next tokens, whose KV the next step computes); None: one token per row. A later step
+    of the request launched before that output is collected keeps only the first, as a real worker must
+    (scheduler/step_output.py)."""
+
+    def __init__(self, num_blocks: int, block_size: int, model=toy_model, extra_tokens=None) -> None:
         self.bs = block_size
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.reqs: dict[str, _WorkerReq] = {}
         self.model = model
+        self.extra_tokens = extra_tokens
+        # Request -> (step, extra tokens it emitted) for the last sampling step of each, until it is collected.
+        self.uncollected: dict[str, tuple[int, int]] = {}
+
+    def collected(self, so: SchedulerOutput) -> None:
+        for rid in so.num_scheduled_tokens:
+            if self.uncollected.get(rid, (None,))[0] == so.step_id:
+                del self.uncollected[rid]
+
+    def ahead(self, rid: str) -> int:
+        """Extra tokens emitted for `rid` by a step not collected yet."""
+        return self.uncollected.get(rid, (0, 0))[1]
 
     def _check_prefix(self, rid: str, st: _WorkerReq, upto: int) -> None:
         for p in range(upto):
@@ -65,6 +82,7 @@ class FakeWorker:
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         for rid in so.finished_req_ids | so.preempted_req_ids:
             self.reqs.pop(rid, None)
+            self.uncollected.pop(rid, None)
         for nr in so.scheduled_new_reqs:
             assert nr.req_id not in self.reqs, f"{nr.req_id} sent as new twice"
             st = _WorkerReq(list(nr.prompt_token_ids) + list(nr.output_token_ids), list(nr.block_ids),
@@ -78,10 +96,14 @@ class FakeWorker:
         assert set(so.num_scheduled_tokens) == (
             {r.req_id for r in so.scheduled_new_reqs} | {r.req_id for r in so.scheduled_cached_reqs})
         assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, TokenLogprobs] = {}
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, list[TokenLogprobs]] = {}
         for rid, n in so.num_scheduled_tokens.items():
             st = self.reqs[rid]
+            extra = self.uncollected.pop(rid, (0, 0))[1]
+            if extra:  # launched before the output with the extra tokens was collected: only its first is kept
+                del st.tokens[-extra:]
+                del st.fps[-extra:]
             start = st.num_computed
             assert n >= 1 and start + n <= len(st.tokens), f"{rid}: scheduled past its tokens"
             assert len(st.block_ids) * self.bs >= start + n, f"{rid}: not enough blocks"
@@ -91,11 +113,15 @@ class FakeWorker:
                 self.kv[st.block_ids[p // self.bs]][p % self.bs] = st.fps[p]
             st.num_computed = start + n
             if st.num_computed == len(st.tokens):
-                tok = self.model(st.tokens)
-                sampled[rid] = tok
-                logprobs[rid] = TokenLogprobs(tok, -0.25, 1, [(tok, -0.25)])
-                st.tokens.append(tok)
+                toks = [self.model(st.tokens)]
+                for _ in range(self.extra_tokens(rid) if self.extra_tokens is not None else 0):
+                    toks.append(self.model(st.tokens + toks))
+                sampled[rid] = toks
+                logprobs[rid] = [TokenLogprobs(t, -0.25, 1, [(t, -0.25)]) for t in toks]
+                st.tokens.extend(toks)
                 st.extend_fps()
+                if len(toks) > 1:
+                    self.uncollected[rid] = (so.step_id, len(toks) - 1)
         # Nobody's writes in this step clobbered another request's KV.
         for rid, st in self.reqs.items():
             self._check_prefix(rid, st, st.num_computed)
@@ -108,10 +134,10 @@ class Sim:
     `overlap`: the engine's overlapped loop (async scheduling). The fake worker is the device: it runs each
     step when it is scheduled, but the scheduler takes a step's output only after scheduling the next one."""
 
-    def __init__(self, sched: Scheduler, model=toy_model, overlap: bool = False) -> None:
+    def __init__(self, sched: Scheduler, model=toy_model, overlap: bool = False, extra_tokens=None) -> None:
         self.sched = sched
         pool = sched.kv.pool
-        self.worker = FakeWorker(pool.num_blocks, pool.block_size, model)
+        self.worker = FakeWorker(pool.num_blocks, pool.block_size, model, extra_tokens)
         self.tokens: dict[str, list[int]] = defaultdict(list)
         self.finish: dict[str, tuple[str, int | None]] = {}
         self.cached: dict[str, int] = {}
@@ -140,6 +166,7 @@ class Sim:
         return so
 
     def _take(self, so: SchedulerOutput, ro: ModelRunnerOutput) -> None:
+        self.worker.collected(so)
         for out in self.sched.update_from_output(so, ro):
             assert out.request_id not in self.finish, "output after finish"
             self.tokens[out.request_id].extend(out.new_token_ids)
@@ -154,7 +181,8 @@ class Sim:
                 continue
             if self.overlap:  # the worker is ahead by the tokens still in flight
                 n = req.num_tokens
-                assert st.tokens[:n] == req.all_token_ids and len(st.tokens) - n <= req.num_output_placeholders
+                ahead = req.num_output_placeholders + self.worker.ahead(rid)
+                assert st.tokens[:n] == req.all_token_ids and len(st.tokens) - n <= ahead
                 assert st.num_computed <= req.num_computed_tokens
             else:
                 assert st.tokens == req.all_token_ids and st.num_computed == req.num_computed_tokens
