@@ -54,9 +54,14 @@ class FakeWorker:
     `extra_tokens(req_id)`: how many tokens a sampling row emits after its first (a speculative step's accepted
     drafts; the model's own next tokens, whose KV the next step computes); None: one token per row. A later step
     of the request launched before that output is collected keeps only the first, as a real worker must
-    (scheduler/step_output.py)."""
+    (scheduler/step_output.py).
 
-    def __init__(self, num_blocks: int, block_size: int, model=toy_model, extra_tokens=None) -> None:
+    `kv_store`: a KV connector's store (request id -> the KV fingerprints of its saved positions): the worker
+    runs the step's loads before its compute and its saves after, and reports each `report_delay()` steps later
+    (default at once); `load_fails()` True makes a load fail (default never)."""
+
+    def __init__(self, num_blocks: int, block_size: int, model=toy_model, extra_tokens=None, kv_store=None,
+                 report_delay=None, load_fails=None) -> None:
         self.bs = block_size
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.reqs: dict[str, _WorkerReq] = {}
@@ -64,6 +69,10 @@ class FakeWorker:
         self.extra_tokens = extra_tokens
         # Request -> (step, extra tokens it emitted) for the last sampling step of each, until it is collected.
         self.uncollected: dict[str, tuple[int, int]] = {}
+        self.kv_store = kv_store
+        self.report_delay = report_delay or (lambda: 0)
+        self.load_fails = load_fails or (lambda: False)
+        self._reports: list[list] = []  # [steps to wait, transfer id, ok]
 
     def collected(self, so: SchedulerOutput) -> None:
         for rid in so.num_scheduled_tokens:
@@ -79,7 +88,36 @@ class FakeWorker:
             got = self.kv[st.block_ids[p // self.bs]][p % self.bs]
             assert got == st.fps[p], f"{rid}: KV at position {p} is not this request's prefix"
 
+    def _load(self, t) -> bool:
+        saved = self.kv_store.get(t.req_id)
+        if saved is None or len(saved) < t.num_tokens or self.load_fails():
+            return False
+        for p in range(t.first_block * self.bs, t.num_tokens):
+            self.kv[t.block_ids[p // self.bs]][p % self.bs] = saved[p]
+        return True
+
+    def _save(self, t) -> None:
+        self.kv_store[t.req_id] = [self.kv[t.block_ids[p // self.bs]][p % self.bs] for p in range(t.num_tokens)]
+
+    def _transfers(self, transfers, run) -> None:
+        for t in transfers:
+            self._reports.append([self.report_delay(), t.transfer_id, run(t) is not False])
+
+    def _due_reports(self) -> dict[int, bool] | None:
+        done = {}
+        for r in list(self._reports):
+            if r[0] <= 0:
+                done[r[1]] = r[2]
+                self._reports.remove(r)
+            else:
+                r[0] -= 1
+        return done or None
+
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        plan = so.kv_transfers
+        if plan is not None:
+            assert self.kv_store is not None, "KV transfers planned without a connector"
+            self._transfers(plan.loads, self._load)
         for rid in so.finished_req_ids | so.preempted_req_ids:
             self.reqs.pop(rid, None)
             self.uncollected.pop(rid, None)
@@ -125,7 +163,10 @@ class FakeWorker:
         # Nobody's writes in this step clobbered another request's KV.
         for rid, st in self.reqs.items():
             self._check_prefix(rid, st, st.num_computed)
-        return ModelRunnerOutput(so.step_id, sampled, logprobs)
+        if plan is not None:
+            self._transfers(plan.saves, self._save)
+        return ModelRunnerOutput(so.step_id, sampled, logprobs,
+                                 kv_transfers_done=self._due_reports() if self.kv_store is not None else None)
 
 
 class Sim:
@@ -134,10 +175,11 @@ class Sim:
     `overlap`: the engine's overlapped loop (async scheduling). The fake worker is the device: it runs each
     step when it is scheduled, but the scheduler takes a step's output only after scheduling the next one."""
 
-    def __init__(self, sched: Scheduler, model=toy_model, overlap: bool = False, extra_tokens=None) -> None:
+    def __init__(self, sched: Scheduler, model=toy_model, overlap: bool = False, extra_tokens=None,
+                 **worker_kw) -> None:
         self.sched = sched
         pool = sched.kv.pool
-        self.worker = FakeWorker(pool.num_blocks, pool.block_size, model, extra_tokens)
+        self.worker = FakeWorker(pool.num_blocks, pool.block_size, model, extra_tokens, **worker_kw)
         self.tokens: dict[str, list[int]] = defaultdict(list)
         self.finish: dict[str, tuple[str, int | None]] = {}
         self.cached: dict[str, int] = {}
@@ -194,9 +236,10 @@ class Sim:
             self._take(*done)
 
     def run(self, max_steps: int = 10_000) -> None:
+        kvt = self.sched.kv_transfers
         for _ in range(max_steps):
-            if not self.sched.has_unfinished_requests():
-                break
+            if not self.sched.has_unfinished_requests() and not (kvt is not None and kvt.busy):
+                break  # nothing left to run, and no KV transfer still to report
             self.step()
         assert not self.sched.has_unfinished_requests(), "did not finish"
         self.flush()
