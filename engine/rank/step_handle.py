@@ -36,8 +36,10 @@ class DeviceResult:
 class StepHandle:
     """One launched step of one rank (see the module docstring)."""
 
-    def __init__(self, step_id: int, states: list, num_tokens: int, num_seqs: int, host_s: float):
+    def __init__(self, step_id: int, states: list, num_tokens: int, num_seqs: int, host_s: float,
+                 kv_poll: Optional[Callable[[], Optional[dict]]] = None):
         self.step_id = step_id
+        self.kv_poll = kv_poll  # the KV connector's poll (engine/rank/kv_transfer.py); None without one
         self.states = states  # the request states of the rows that sample, in row order
         self.num_tokens, self.num_seqs = num_tokens, num_seqs
         self.host_s = host_s
@@ -59,6 +61,8 @@ class StepHandle:
         out = ModelRunnerOutput(step_id=self.step_id)
         res: DeviceResult | None = self.work.wait() if self.work is not None else None
         wait_s = time.perf_counter() - t0
+        if self.kv_poll is not None:
+            out.kv_transfers_done = self.kv_poll()
         if res is None:  # the rank ran no model code
             self._output = out
             return out
