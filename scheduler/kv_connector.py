@@ -121,14 +121,20 @@ class KVTransfers:
         self.loading[req.request_id] = req
         self._new_loads.append(t)
 
-    def plan(self) -> KVTransferPlan | None:
+    def plan(self, scheduled: dict[str, int]) -> KVTransferPlan | None:
         """This step's transfers: the loads started while scheduling it, and a save for each watched request
-        whose last prompt token this step computes. None when nothing is started or awaited."""
+        whose last prompt token this step computes (`scheduled`: the step's requests). None when nothing is
+        started or awaited."""
         saves = []
-        if self._watched:
-            for rid, req in list(self._watched.items()):
+        watched = self._watched
+        if watched:
+            # Whichever is smaller of the watched requests (not prefilled yet) and the step's.
+            rids = [r for r in watched if r in scheduled] if len(watched) <= len(scheduled) else \
+                [r for r in scheduled if r in watched]
+            for rid in rids:
+                req = watched[rid]
                 if req.status is RequestStatus.RUNNING and req.num_computed_tokens >= req.num_prompt_tokens:
-                    del self._watched[rid]
+                    del watched[rid]
                     n = req.num_prompt_tokens
                     t = self._transfer(req, n, 0, tuple(req.prompt_token_ids))
                     self._hold(t, None)

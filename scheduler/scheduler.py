@@ -249,7 +249,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
 
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         if self.kv_transfers is not None:
-            out.kv_transfers = self.kv_transfers.plan()
+            out.kv_transfers = self.kv_transfers.plan(out.num_scheduled_tokens)
         return out
 
     def _note_scheduled(self, scheduled: list, req: Request) -> None:
@@ -348,9 +348,11 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
 
     # ------------------------------------------------------------------- stats
     def stats(self) -> SchedulerStats:
+        """A snapshot; requests a KV connector is loading count as waiting."""
         pool = self.kv.pool
+        holding = self.kv_transfers.num_holding if self.kv_transfers is not None else 0
         return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self.waiting), kv_usage=pool.usage,
+            num_running=len(self.running), num_waiting=len(self.waiting) + holding, kv_usage=pool.usage,
             num_free_blocks=pool.num_free_blocks, num_total_blocks=pool.num_blocks,
             prefix_cache_queries=pool.prefix_cache_queries, prefix_cache_hits=pool.prefix_cache_hits,
             num_preemptions_total=self.num_preemptions_total)

@@ -219,6 +219,8 @@ def test_random_prefill_then_decode_elsewhere(seed, overlap):
         if not b.has_unfinished_requests() and not b.kv_transfers.busy:
             break
         sim_b.step(in_flight=abort_some)
+        st = b.stats()
+        assert st.num_running + st.num_waiting == b.get_num_unfinished_requests()
     sim_b.run()
     assert any(kind == "load" and ok for _, kind, ok in conn_b.done), "nothing was loaded"
     assert set(sim_b.finish) | aborted == set(prompts)
