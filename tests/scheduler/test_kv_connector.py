@@ -92,6 +92,19 @@ def test_load_waits_holding_its_blocks_then_computes_only_the_last_prompt_token(
     s.check_invariants()
 
 
+def test_load_of_a_saved_prefix_computes_the_rest():
+    conn = FakeConnector({"a": [1, 2, 3, 4, 5, 6, 7, 8]}, prompts={"a": [1, 2, 3, 4, 5, 6, 7, 8]})
+    s = _scheduler(conn)
+    s.add_request(make_request("a", list(range(1, 13))))  # 12 tokens, 8 of them saved
+    so = s.schedule()
+    (t,) = so.kv_transfers.loads
+    assert t.num_tokens == 8 and len(t.block_ids) == 2
+    _report(s, so, {t.transfer_id: True})
+    so = s.schedule()
+    assert so.scheduled_new_reqs[0].num_computed_tokens == 8 and so.num_scheduled_tokens == {"a": 4}
+    s.check_invariants()
+
+
 def test_load_skips_the_prefix_cache_hit():
     prompt = list(range(12))
     conn = FakeConnector({"b": prompt}, prompts={"b": prompt})

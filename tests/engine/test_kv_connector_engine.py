@@ -67,6 +67,34 @@ def test_prefill_on_one_engine_decode_on_another(kind, tiny_model, hf_tiny_model
     assert computed == len(ps) * MAX_NEW
 
 
+def test_load_after_a_prefix_cache_hit_copies_only_the_blocks_past_it(tiny_model, monkeypatch):
+    from moelink.engine.rank.kv_transfer import PagedKVBlocks
+
+    path = tiny_model("qwen3_e6k3")
+    shared = prompts(200, seed=6, n=2, lo=8, hi=8)[0]  # two blocks of 4
+    ps = [shared + tail for tail in prompts(200, seed=7, n=3, lo=3, hi=9)]
+    want, _ = _generate(path, ps, "gqa")
+    store = InHostKVStore()
+    _generate(path, ps, "gqa", InHostKVConnector(store, load=False), max_tokens=1)
+    first_blocks = []
+    real_write = PagedKVBlocks.write
+    monkeypatch.setattr(PagedKVBlocks, "write", lambda self, t, saved: (first_blocks.append(t.first_block),
+                                                                        real_write(self, t, saved))[1])
+    with LLM(path, dtype="float64", num_kv_blocks=96, block_size=4, skip_warmup=True,
+             kv_connector=InHostKVConnector(store, save=False)) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+        llm.engine.add_request("warm", shared + [1], SamplingParams(temperature=0.0, max_tokens=1))
+        while llm.engine.has_requests():
+            llm.engine.step()
+        for i, p in enumerate(ps):  # the ids engine A's LLM.generate gave them
+            llm.engine.add_request(str(i), p, params)
+        got = {}
+        while llm.engine.has_requests():
+            got.update({o.request_id: o.outputs[0].token_ids for o in llm.engine.step() if o.finished})
+    assert [got[str(i)] for i in range(len(ps))] == want
+    assert first_blocks == [2] * len(ps) and store.num_loaded == len(ps)
+
+
 def test_a_load_into_another_layout_is_recomputed(tiny_model):
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=4, n=3, lo=6, hi=14)
