@@ -81,10 +81,9 @@ class LLMEngine:
         self.config = config
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
-        # A KV connector's scheduler half per rank (engine/contract/kv_connector.py); None without one.
+        kvc = config.kv_connector  # a KV connector's scheduler half per rank (engine/contract/kv_connector.py)
         self.schedulers: list[SchedulerInterface] = [
-            Scheduler(config.scheduler, config.cache,
-                      config.kv_connector.scheduler_side(r) if config.kv_connector is not None else None)
+            Scheduler(config.scheduler, config.cache, None if kvc is None else kvc.scheduler_side(r))
             for r in range(self.world_size)]
         self.router = LeastLoadedRouter(self.schedulers)
         # The requests the core holds (added, not yet finished), by rank: the engine thread's own record, so
@@ -251,9 +250,8 @@ class LLMEngine:
         self._step_id += 1
         if all(so.is_empty for so in sched_outs):
             # Nothing to compute: what is in flight is all there is (its tokens may schedule more). A step that
-            # only carries ids for the workers (finished, preempted, a resync) or KV transfers (to start, or
-            # awaited: the workers report them when a step is collected) runs at once; an empty one not at all, so
-            # a loop with nothing left in flight stops.
+            # only carries ids for the workers (finished, preempted, a resync) or KV transfers (started or awaited)
+            # runs at once; an empty one not at all, so a loop with nothing left in flight stops.
             outputs += self._drain_core()
             if not any(so.finished_req_ids or so.preempted_req_ids or so.resync is not None
                        or so.kv_transfers is not None for so in sched_outs):
