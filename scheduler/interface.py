@@ -41,7 +41,7 @@ class SchedulerInterface(Protocol):
     def has_unfinished_requests(self) -> bool: ...
 
     def has_finished_requests(self) -> bool:
-        """Finished ids still to be sent to the worker with a step."""
+        """Finished ids still to be sent to the worker with a step, or KV transfers still to be reported."""
 
     def stats(self) -> SchedulerStats: ...
 

@@ -58,6 +58,11 @@ class KVCacheManager:
     def fill_new_request(self, new) -> None:
         """Add this policy's tables to a NewRequestData (the full table is already in it)."""
 
+    def transfer_tables(self, request_id: str, num_blocks: int) -> tuple[list[int], list[int]]:
+        """Copies of the request's first `num_blocks` table entries for a KV transfer (scheduler/kv_connector.py):
+        (full group, sliding group; empty when one table serves every layer)."""
+        return self.get_block_ids(request_id)[:num_blocks], []
+
     def check_request_blocks(self, req: Request) -> list[int]:
         """AssertionError if a running request lacks blocks for what it computed; returns every block id it holds
         a reference on (for the pool's ref-count check)."""

@@ -138,10 +138,42 @@ class SchedulerOutput:
     ep_step: Optional[EPStep] = None
     # Elastic EP: set on the first step after a recovery that kept this rank's runner (Scheduler.rewind).
     resync: Optional[RequestResync] = None
+    # KV connector (scheduler/kv_connector.py): the transfers this step starts and whether any are awaited; None
+    # without a connector, or when none is under way (then the worker does no transfer work at all).
+    kv_transfers: Optional[KVTransferPlan] = None
 
     @property
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
+
+
+@dataclass(frozen=True)
+class KVTransfer:
+    """One request's KV blocks to copy out of (save) or into (load) a rank's paged KV cache
+    (scheduler/kv_connector.py). Both tables are the request's, from its first block: `block_ids` the
+    full-attention group's, `sliding_block_ids` the sliding-window group's when it has its own (NULL_BLOCK, -1,
+    where a block left the window and holds nothing a later query reads; empty otherwise). Blocks before
+    `first_block` are not copied (a load: the rank's prefix cache holds them already). The KV covers positions
+    [0, num_tokens); `token_ids` (saves) are those tokens, what a store checks a later load against."""
+
+    transfer_id: int  # unique per scheduler; the worker reports it back (ModelRunnerOutput.kv_transfers_done)
+    req_id: str
+    block_ids: list[int]
+    num_tokens: int
+    first_block: int = 0
+    sliding_block_ids: list[int] = field(default_factory=list)
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class KVTransferPlan:
+    """A step's KV-connector work for its rank: loads run before the step's forward, saves after it (the KV the
+    step writes is saved), both in the rank's stream order. `num_awaited`: transfers started by earlier steps and
+    not reported yet (the engine keeps stepping, so the worker can report them)."""
+
+    loads: list[KVTransfer] = field(default_factory=list)
+    saves: list[KVTransfer] = field(default_factory=list)
+    num_awaited: int = 0
 
 
 @dataclass
@@ -170,11 +202,23 @@ class StepStats:
 
 @dataclass
 class ModelRunnerOutput:
-    """What the worker sends back after a step."""
+    """What the worker sends back after a step.
+
+    `sampled_token_ids[req_id]`: the request's new tokens in order, at least one. A step's sampling row emits one
+    today; a step that verifies draft tokens (speculative decoding) emits the accepted ones and the token after
+    them. The scheduler appends them one by one, checks the stop rules on each and drops those after the first
+    that ends the request. Overlapped loop: a request whose later step is already in flight keeps only the first
+    (that step was scheduled after one token and sampled its successor); the worker trims the same way, so both
+    hold the same tokens (scheduler/step_output.py). `logprobs[req_id]`: one entry per token, for the requests
+    that asked.
+    """
 
     step_id: int
     # Only requests whose scheduled chunk reached their last token sample.
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # None when the rank ran no model code this step.
     stats: Optional[StepStats] = None
+    # KV connector: transfer id -> True (done) / False (failed), for the transfers that ended since the rank's
+    # last report; None without a connector or when none ended.
+    kv_transfers_done: Optional[dict[int, bool]] = None

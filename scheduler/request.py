@@ -15,6 +15,7 @@ class RequestStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()  # lost its KV blocks; waits to be recomputed
+    WAITING_FOR_KV = enum.auto()  # holds its blocks while a KV connector loads them (scheduler/kv_connector.py)
     FINISHED_STOPPED = enum.auto()  # EOS, a stop token, or a stop string (engine)
     FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len reached
     FINISHED_ABORTED = enum.auto()  # the client went away or cancelled

@@ -10,7 +10,7 @@ and goes back to the front of the waiting queue, keeping its output tokens.
 
 `num_computed_tokens` is advanced when a step is scheduled, so a request whose
 chunk reaches its last token is "fully computed" once the step has run, and
-`update_from_output` appends the sampled token. Per step the work is
+`update_from_output` (scheduler/step_output.py) appends the sampled tokens. Per step the work is
 O(running requests + new blocks); no step rescans whole token lists.
 
 Overlapped loop (async scheduling): step N+1 may be scheduled before step N's
@@ -23,6 +23,10 @@ on a token (EOS, a stop id, a stop string) or is aborted wastes at most its
 row of the step in flight, which `update_from_output` discards. A request
 preempted while its token is in flight takes that token when it comes back,
 and is not readmitted before.
+
+KV connector (optional, scheduler/kv_connector.py): requests whose KV another engine saved are loaded instead of
+computed (they wait in WAITING_FOR_KV holding their blocks, then are admitted ahead of the waiting queue), and
+prompt KV is saved after the step that computes it. Without one (`kv_connector=None`) nothing of it runs.
 """
 from __future__ import annotations
 
@@ -31,14 +35,17 @@ from collections import deque
 from collections.abc import Iterable
 
 from .config import CacheConfig, SchedulerConfig
-from .engine_output import EngineCoreOutput, SchedulerStats
+from .engine_output import SchedulerStats
 from .kv_cache_manager import KVCacheManager
+from .kv_connector import KVConnector, KVTransfers
 from .sliding_kv import SlidingKVCacheManager
-from .outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, RequestResync, SchedulerOutput
+from .outputs import CachedRequestData, NewRequestData, SchedulerOutput
+from .recovery import RecoveryMixin
 from .request import Request, RequestStatus
+from .step_output import StepOutputMixin
 
 
-class Scheduler:
+class Scheduler(StepOutputMixin, RecoveryMixin):
     """Decides, each step, which requests compute how many tokens on one rank.
 
     Typical loop (the engine's)::
@@ -51,7 +58,8 @@ class Scheduler:
     Not thread-safe: one engine thread owns it.
     """
 
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 kv_connector: KVConnector | None = None) -> None:
         if cache_config.num_kv_blocks is None:
             raise ValueError("CacheConfig.num_kv_blocks=None is invalid for the Scheduler: "
                              "set it (the engine measures free memory) before building one.")
@@ -87,6 +95,8 @@ class Scheduler:
         # Per step not yet taken by update_from_output: (request, tokens whose KV the step leaves written). The
         # request objects, not ids: an id finished and reused while a step was in flight is another request.
         self._scheduled: dict[int, list[tuple[Request, int]]] = {}
+        # KV loads and saves through a connector (scheduler/kv_connector.py); None: no connector, no cost.
+        self.kv_transfers = KVTransfers(kv_connector, self.kv) if kv_connector is not None else None
 
     # ---------------------------------------------------------------- requests
     def add_request(self, req: Request) -> None:
@@ -109,25 +119,8 @@ class Scheduler:
         self._priority[rid] = (req.arrival_time, self._num_added)
         self._num_added += 1
         self.waiting.append(req)
-
-    def requeue(self, req: Request) -> None:
-        """Queue a request taken over from a scheduler that is gone (elastic EP: its rank was lost). It keeps
-        its prompt and output tokens and is recomputed like a preempted request: no KV blocks, nothing
-        computed, waiting in arrival order behind the requests already here."""
-        rid = req.request_id
-        if rid in self.requests:
-            raise ValueError(f"Request.request_id={rid!r} is invalid: an unfinished request already uses it.")
-        if req.is_finished:
-            raise ValueError(f"Request {rid!r} is invalid: it is finished ({req.status.name}); only unfinished "
-                             "requests can be requeued.")
-        req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
-        req.num_output_placeholders = 0  # the lost rank's step in flight never answers
-        req.num_requeues += 1
-        self.requests[rid] = req
-        self._priority[rid] = (req.arrival_time, self._num_added)
-        self._num_added += 1
-        self.waiting.append(req)
+        if self.kv_transfers is not None:
+            self.kv_transfers.added(req)
 
     def _blocks_alone(self, n: int) -> int:
         """Blocks a request of n tokens may hold at once (both tables' when the sliding group has its own)."""
@@ -187,8 +180,9 @@ class Scheduler:
         return len(self.kv.pool.find_cached_prefix(token_ids)) * self.block_size
 
     def has_finished_requests(self) -> bool:
-        """True if finished ids still wait to be sent to the worker by a schedule()."""
-        return bool(self._finished_req_ids)
+        """True if finished ids still wait to be sent to the worker by a schedule(), or KV transfers to be
+        started or reported (a connector's: the engine steps until the worker reports them)."""
+        return bool(self._finished_req_ids) or (self.kv_transfers is not None and self.kv_transfers.busy)
 
     # -------------------------------------------------------------------- step
     def schedule(self) -> SchedulerOutput:
@@ -254,6 +248,8 @@ class Scheduler:
             self._schedule_waiting(out, budget, scheduled)
 
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        if self.kv_transfers is not None:
+            out.kv_transfers = self.kv_transfers.plan(out.num_scheduled_tokens)
         return out
 
     def _note_scheduled(self, scheduled: list, req: Request) -> None:
@@ -264,26 +260,54 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, scheduled: list) -> None:
         max_seqs = self.scheduler_config.max_num_seqs
+        kvt = self.kv_transfers
+        if kvt is not None:
+            # Loaded by the connector: admitted first (they hold their blocks, and were counted against
+            # max_num_seqs while loading).
+            while kvt.ready and budget > 0:
+                req = kvt.ready[0]
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if self.kv.allocate_slots(req, n) is None:
+                    break
+                kvt.ready.popleft()
+                budget -= self._start_running(req, out, n, req.num_computed_tokens, scheduled)
+            max_seqs -= kvt.num_holding
         while self.waiting and budget > 0 and len(self.running) < max_seqs:
             req = self.waiting[0]
             if req.num_output_placeholders:
                 break  # preempted with its token in flight: recomputed once the token is known (FCFS: all wait)
             hits, num_hit = self.kv.get_computed_blocks(req)
+            if kvt is not None and req.status is RequestStatus.WAITING:
+                k = kvt.loadable(req)
+                if k > num_hit:  # the connector has more of its KV than the prefix cache: load it
+                    if self.kv.allocate_slots(req, k - num_hit, hits) is None:
+                        break
+                    self.waiting.popleft()
+                    self.kv.pool.record_prefix_query(req.num_tokens, num_hit)
+                    req.num_cached_tokens = num_hit
+                    kvt.start_load(req, num_hit, k)
+                    max_seqs -= 1
+                    continue
             n = min(req.num_tokens - num_hit, budget)
             if self.kv.allocate_slots(req, n, hits) is None:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
-            rid = req.request_id
             self.kv.pool.record_prefix_query(req.num_tokens, num_hit)
             if req.status is RequestStatus.WAITING:  # not for a resumed preemption
                 req.num_cached_tokens = num_hit
-            req.status = RequestStatus.RUNNING
-            out.scheduled_new_reqs.append(self._new_request_data(req, num_hit))
-            out.num_scheduled_tokens[rid] = n
-            req.num_computed_tokens = num_hit + n
-            self._note_scheduled(scheduled, req)
-            budget -= n
-            insort(self.running, req, key=lambda r: self._priority[r.request_id])
+            budget -= self._start_running(req, out, n, num_hit, scheduled)
+
+    def _start_running(self, req: Request, out: SchedulerOutput, n: int, num_computed: int, scheduled: list) -> int:
+        """Admit `req` (its blocks allocated, `num_computed` tokens of KV in them) computing `n` tokens this step;
+        returns n."""
+        rid = req.request_id
+        req.status = RequestStatus.RUNNING
+        out.scheduled_new_reqs.append(self._new_request_data(req, num_computed))
+        out.num_scheduled_tokens[rid] = n
+        req.num_computed_tokens = num_computed + n
+        self._note_scheduled(scheduled, req)
+        insort(self.running, req, key=lambda r: self._priority[r.request_id])
+        return n
 
     def _new_request_data(self, req: Request, num_computed: int) -> NewRequestData:
         """What the worker needs to hold `req` (copies: with an in-process worker these lists must not alias
@@ -296,24 +320,12 @@ class Scheduler:
         self.kv.fill_new_request(new)
         return new
 
-    def rewind(self, failed: SchedulerOutput | list[SchedulerOutput] | None) -> None:
-        """Elastic EP, this rank survived a loss and kept its runner (engine/rank/keep_runner.py): undo the step
-        `failed` that never completed (None: the loss came between steps), so each running request is computed
-        up to where it was before it, and send the worker every request state afresh with the next step
-        (`SchedulerOutput.resync`): the broken step may have reached the worker or not, run there or not. The
-        KV of what was computed before stays in the blocks; a request keeps blocks it got for the broken step
-        (the next step needs them again). Nothing is recomputed but that one step."""
-        steps = [] if failed is None else failed if isinstance(failed, list) else [failed]
-        for so in reversed(steps):  # an overlapped loop has two in flight: the newest is undone first
-            self._scheduled.pop(so.step_id, None)
-            for rid, n in so.num_scheduled_tokens.items():
-                req = self.requests.get(rid)
-                if req is not None and req.status is RequestStatus.RUNNING:
-                    req.num_computed_tokens -= n
-        for req in self.requests.values():
-            req.num_output_placeholders = 0  # their tokens never come back: recomputed
-        self._resync = RequestResync([self._new_request_data(r, r.num_computed_tokens) for r in self.running],
-                                     frozenset(r.request_id for r in self.waiting))
+    def _recompute(self, req: Request) -> None:
+        """A request whose KV load failed: its blocks freed, recomputed like a preempted request (at the front)."""
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        self.waiting.appendleft(req)
 
     def _preempt(self, req: Request) -> None:
         """Preempt by recompute: drop its KV, keep its tokens, requeue at the front."""
@@ -324,76 +336,6 @@ class Scheduler:
         self.num_preemptions_total += 1
         self.waiting.appendleft(req)
 
-    def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Take the sampled tokens of a step: append, check stops, cache full
-        blocks, free finished requests. One output per request that got a token."""
-        if runner_out.step_id != sched_out.step_id:
-            raise ValueError(f"ModelRunnerOutput.step_id={runner_out.step_id} is invalid: "
-                             f"it must answer SchedulerOutput.step_id={sched_out.step_id}.")
-        outputs: list[EngineCoreOutput] = []
-        finished: list = []
-        sampled, all_logprobs = runner_out.sampled_token_ids, runner_out.logprobs
-        kv, bs = self.kv, self.block_size
-        cached_blocks = kv.num_cached_blocks if kv.enable_prefix_caching else None
-        running_status, preempted_status = RequestStatus.RUNNING, RequestStatus.PREEMPTED
-        max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
-        # The hot loop of a decode step (once per request per step): attribute reads kept local, the stop rules
-        # of _check_stop inlined for the common token that ends nothing.
-        for req, written in self._scheduled.pop(sched_out.step_id, ()):
-            status = req.status
-            rid = req.request_id
-            if status is running_status:
-                # The step has written this KV: blocks it filled are shareable now (most steps fill none).
-                if cached_blocks is not None and written // bs > cached_blocks.get(rid, 0) \
-                        and min(written, len(req.all_token_ids)) // bs > cached_blocks.get(rid, 0):
-                    kv.cache_blocks(req, written)
-            elif status is not preempted_status:
-                continue  # finished (a stop, an abort) while the step ran: its row is discarded
-            token = sampled.get(rid)
-            # A chunk that did not reach past its last token sampled nothing (a token for it is discarded).
-            if token is None or not req.num_output_placeholders:
-                continue
-            req.num_output_placeholders -= 1
-            out_ids, all_ids = req.output_token_ids, req.all_token_ids
-            out_ids.append(token)  # as req.append_output_token, inlined
-            all_ids.append(token)
-            logprobs = all_logprobs.get(rid) if all_logprobs else None
-            # Every field passed: a dataclass's default factories would run per output otherwise.
-            eco = EngineCoreOutput(rid, [token], [logprobs] if logprobs is not None else [], None, None,
-                                   req.num_cached_tokens)
-            outputs.append(eco)
-            n_all = len(all_ids)
-            if (token in req.stop_check_ids or len(out_ids) >= req.output_limit
-                    or n_all >= max_len or n_all > pool_tokens):
-                stop = self._check_stop(req, token)
-                if stop is not None:
-                    req.status = stop
-                    eco.finish_reason = stop.finish_reason
-                    eco.stop_reason = req.stop_reason
-                    finished.append((req, status))
-        if finished:
-            gone = {id(r) for r, was in finished if was is RequestStatus.RUNNING}
-            if gone:
-                self.running = [r for r in self.running if id(r) not in gone]
-            if len(gone) < len(finished):  # preempted with a token in flight, and that token ended it
-                self.waiting = deque(r for r in self.waiting if not r.is_finished)
-            for r, _ in finished:
-                self._release(r)
-        return outputs
-
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
-        n_out = req.num_output_tokens
-        if token in req.eos_token_ids and not req.ignore_eos and n_out >= req.min_tokens:
-            return RequestStatus.FINISHED_STOPPED
-        if token in req.stop_token_ids and n_out >= req.min_tokens:
-            req.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        if req.max_tokens is not None and n_out >= req.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.scheduler_config.max_model_len or req.num_tokens > self._pool_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
     def _release(self, req: Request) -> None:
         """Forget a finished request (already out of running/waiting)."""
         self.kv.free(req)
@@ -401,12 +343,16 @@ class Scheduler:
         del self.requests[rid]
         del self._priority[rid]
         self._finished_req_ids.add(rid)
+        if self.kv_transfers is not None:
+            self.kv_transfers.forget(req)
 
     # ------------------------------------------------------------------- stats
     def stats(self) -> SchedulerStats:
+        """A snapshot; requests a KV connector is loading count as waiting."""
         pool = self.kv.pool
+        holding = self.kv_transfers.num_holding if self.kv_transfers is not None else 0
         return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self.waiting), kv_usage=pool.usage,
+            num_running=len(self.running), num_waiting=len(self.waiting) + holding, kv_usage=pool.usage,
             num_free_blocks=pool.num_free_blocks, num_total_blocks=pool.num_blocks,
             prefix_cache_queries=pool.prefix_cache_queries, prefix_cache_hits=pool.prefix_cache_hits,
             num_preemptions_total=self.num_preemptions_total)
@@ -420,10 +366,13 @@ class Scheduler:
         pool = self.kv.pool
         pool.check_invariants()
         assert len(self.running) <= self.scheduler_config.max_num_seqs
+        kvt = self.kv_transfers
+        holding = kvt.holding() if kvt is not None else []  # loading or loaded through the KV connector
         running_ids = [r.request_id for r in self.running]
-        waiting_ids = [r.request_id for r in self.waiting]
+        waiting_ids = [r.request_id for r in self.waiting] + [r.request_id for r in holding]
         assert len(set(running_ids) | set(waiting_ids)) == len(running_ids) + len(waiting_ids), "request queued twice"
         assert set(running_ids) | set(waiting_ids) == set(self.requests), "queues and request map disagree"
+        assert len(self.running) + len(holding) <= self.scheduler_config.max_num_seqs
         keys = [self._priority[r] for r in running_ids]
         assert keys == sorted(keys), "running list out of priority order"
         refs = [0] * pool.num_blocks
@@ -431,8 +380,14 @@ class Scheduler:
             assert r.status is RequestStatus.RUNNING
             for b in self.kv.check_request_blocks(r):
                 refs[b] += 1
+        for r in holding:
+            assert r.status is RequestStatus.WAITING_FOR_KV
+            for b in self.kv.check_request_blocks(r):
+                refs[b] += 1
+        for b in kvt.transfer_refs() if kvt is not None else ():
+            refs[b] += 1
         for r in self.waiting:
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert not self.kv.get_block_ids(r.request_id) and r.num_computed_tokens == 0
-        assert self.kv.num_requests_holding_blocks == len(self.running)
+        assert self.kv.num_requests_holding_blocks == len(self.running) + len(holding)
         assert refs == [pool.ref_count(b) for b in range(pool.num_blocks)], "ref counts != block tables"

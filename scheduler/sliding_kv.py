@@ -75,6 +75,9 @@ class SlidingKVCacheManager(KVCacheManager):
     def fill_new_request(self, new) -> None:
         new.sliding_block_ids = list(self.get_sliding_block_ids(new.req_id))
 
+    def transfer_tables(self, request_id: str, num_blocks: int) -> tuple[list[int], list[int]]:
+        return (self.get_block_ids(request_id)[:num_blocks], self.get_sliding_block_ids(request_id)[:num_blocks])
+
     def check_request_blocks(self, req: Request) -> list[int]:
         super().check_request_blocks(req)
         sliding = self.get_sliding_block_ids(req.request_id)

@@ -36,6 +36,8 @@ class EngineConfig:
     cuda_graph: CudaGraphConfig = CudaGraphConfig()  # decode batch sizes captured as CUDA graphs (none: eager)
     load_format: str = "auto"  # engine/worker_config.LOAD_FORMATS; "dummy": random weights, no tokenizer needed
     skip_warmup: bool = False  # start without compiling every kernel variant first (engine/rank/warmup.py)
+    # Moves KV between engines (prefill/decode disaggregation): engine/contract/kv_connector.py. None: none.
+    kv_connector: object = None
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -46,7 +48,8 @@ class EngineConfig:
             gpu_memory_utilization=self.gpu_memory_utilization, world_size=self.parallel.world_size,
             comm_timeout_s=self.parallel.comm_timeout_s,
             two_batch_overlap=self.parallel.enable_two_batch_overlap and self.parallel.world_size > 1,
-            async_scheduling=self.scheduler.async_scheduling, load_format=self.load_format)
+            async_scheduling=self.scheduler.async_scheduling, load_format=self.load_format,
+            kv_connector=self.kv_connector)
 
 
 @dataclass
@@ -124,6 +127,10 @@ class EngineArgs:
     # Start serving without first compiling and running every kernel variant a step can hit (engine/rank/warmup.py):
     # a faster restart, whose first requests pay the compiles (seconds each on a cold cache).
     skip_warmup: bool = False
+    # A KV connector (engine/contract/kv_connector.py's `KVConnectorFactory`): each rank's scheduler loads a
+    # request's prompt KV through it instead of computing it, and saves the prompt KV it computes. An object, not a
+    # command-line flag: the in-host reference is engine/cluster/kv_inhost.py. None: no connector.
+    kv_connector: Optional[object] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -160,6 +167,9 @@ class EngineArgs:
             bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")
         if not isinstance(self.skip_warmup, bool):
             bad("skip_warmup", "must be True or False")
+        if self.kv_connector is not None and not all(
+                callable(getattr(self.kv_connector, m, None)) for m in ("scheduler_side", "worker_side")):
+            bad("kv_connector", "must be None or a KV connector factory (scheduler_side(rank), worker_side(rank))")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -217,7 +227,7 @@ class EngineArgs:
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,
-                            skip_warmup=self.skip_warmup)
+                            skip_warmup=self.skip_warmup, kv_connector=self.kv_connector)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
         return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,

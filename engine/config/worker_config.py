@@ -41,6 +41,8 @@ class WorkerConfig:
     # The overlapped loop: device work runs on a stream the host does not wait for (engine/rank/device_stream.py).
     async_scheduling: bool = False
     load_format: str = "auto"  # LOAD_FORMATS
+    # A KV connector (engine/contract/kv_connector.py): the worker builds its rank's worker half from it. None: none.
+    kv_connector: object = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -69,3 +71,5 @@ class WorkerConfig:
             bad("async_scheduling", "must be True or False")
         if self.load_format not in LOAD_FORMATS:
             bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")
+        if self.kv_connector is not None and not callable(getattr(self.kv_connector, "worker_side", None)):
+            bad("kv_connector", "must be None or a KV connector (a worker_side(rank) method)")

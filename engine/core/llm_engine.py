@@ -81,8 +81,10 @@ class LLMEngine:
         self.config = config
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
-        self.schedulers: list[SchedulerInterface] = [Scheduler(config.scheduler, config.cache)
-                                                     for _ in range(self.world_size)]
+        kvc = config.kv_connector  # a KV connector's scheduler half per rank (engine/contract/kv_connector.py)
+        self.schedulers: list[SchedulerInterface] = [
+            Scheduler(config.scheduler, config.cache, None if kvc is None else kvc.scheduler_side(r))
+            for r in range(self.world_size)]
         self.router = LeastLoadedRouter(self.schedulers)
         # The requests the core holds (added, not yet finished), by rank: the engine thread's own record, so
         # that duplicate ids and aborts are decided without reading the output side's states.
@@ -248,10 +250,11 @@ class LLMEngine:
         self._step_id += 1
         if all(so.is_empty for so in sched_outs):
             # Nothing to compute: what is in flight is all there is (its tokens may schedule more). A step that
-            # only carries ids for the workers (finished, preempted, a resync) runs at once; an empty one not at
-            # all, so a loop with nothing left in flight stops.
+            # only carries ids for the workers (finished, preempted, a resync) or KV transfers (started or awaited)
+            # runs at once; an empty one not at all, so a loop with nothing left in flight stops.
             outputs += self._drain_core()
-            if not any(so.finished_req_ids or so.preempted_req_ids or so.resync is not None for so in sched_outs):
+            if not any(so.finished_req_ids or so.preempted_req_ids or so.resync is not None
+                       or so.kv_transfers is not None for so in sched_outs):
                 for sched, so in zip(self.schedulers, sched_outs):
                     sched.update_from_output(so, ModelRunnerOutput(step_id=so.step_id))
                 return outputs

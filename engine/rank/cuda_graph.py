@@ -53,6 +53,44 @@ logger = logging.getLogger(__name__)
 
 
 # -- capture backends: one strategy object per way of "replaying" ----------------------------------------------
+
+def graph_sizes_to_capture(sizes: tuple[int, ...], kernels, ep, two_batch_overlap: bool, backend,
+                           device: torch.device, quantized: bool, log: logging.Logger = logger) -> tuple[int, ...]:
+    """The decode batch sizes a runner captures of the `sizes` asked: none when its kernels, step plan,
+    all-to-all, device or quantization rule graphs out (logged on `log`, with why); under EP only those within
+    the low-latency decode capacity."""
+    if not sizes:
+        return ()
+    why_not = None
+    if kernels.name != "triton":
+        why_not = f"the {kernels.name} kernels read host-side lengths, which a graph would freeze"
+    elif ep is not None and two_batch_overlap:
+        why_not = ("two-batch overlap runs every step as two micro-batches (two dispatches per MoE layer) and a "
+                   "decode graph captures one: all ranks must make the same collective calls")
+    elif ep is not None and ep.all_to_all.low_latency is None:
+        why_not = (f"the {ep.all_to_all.name} all-to-all sizes its buffers from counts on the host; decode graphs "
+                   "under expert parallelism need a fixed-capacity backend's low-latency mode (nccl)")
+    elif ep is not None and backend is None and ep.all_to_all.name != "nccl":
+        # A capture that fails on one rank mid-collective would leave its peers waiting: only the transport
+        # captured in tests (direct NCCL) is captured under EP (the CPU stand-in replays any).
+        why_not = f"under expert parallelism only the nccl all-to-all is captured, not {ep.all_to_all.name}"
+    elif backend is None and device.type != "cuda":
+        why_not = f"device {device} is not a CUDA device"
+    elif quantized and not all(hasattr(kernels, op) for op in ("fp8_linear", "fused_moe_fp8")):
+        # Until its Triton kernels exist, FP8 runs the references, whose MoE loops over experts on the host.
+        why_not = f"the {kernels.name} kernels have no FP8 GEMMs yet (the references run, with host syncs)"
+    if why_not:
+        log.info("CUDA graphs off: %s.", why_not)
+        return ()
+    if ep is not None:
+        # A graph replays the low-latency dispatch, whose blocks hold at most the decode capacity.
+        cap = ep.all_to_all.decode_capacity
+        if any(s > cap for s in sizes):
+            log.info("decode graphs above the EP decode capacity %d dropped (those steps run eagerly).", cap)
+        sizes = tuple(s for s in sizes if s <= cap)
+    return tuple(sizes)
+
+
 class CapturedStep:
     """A captured forward: `replay()` runs it on the current static inputs and returns its output."""
 

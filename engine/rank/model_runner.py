@@ -19,7 +19,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config import kv_sizing
 from ..config.model import ModelConfig
-from .cuda_graph import CudaGraphCapture, DecodeGraphs
+from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture
 from .device_stream import InlineStream, to_device, to_host
 from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from .loader import load_model
@@ -29,6 +29,7 @@ from .sampler import Sampler, SamplingMetadata
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
 from ..contract.sampling_params import SamplingParams
 from .step_handle import DeviceResult, StepHandle
+from .kv_transfer import PagedKVBlocks, WorkerKVConnector
 from .step_inputs import StepInputs, build_step_inputs
 from .input_batch import PersistentBatch
 from .step_plan import SingleBatch, TwoBatchOverlap
@@ -43,7 +44,7 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
                  graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", kv_connector: WorkerKVConnector | None = None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 
@@ -52,7 +53,9 @@ class ModelRunner:
         `step_plan`: how eager steps run the model (engine/rank/step_plan.py; default one batch).
         `stream`: where device work runs relative to the host (engine/rank/device_stream.py; default inline, the
         serial loop).
-        `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random)."""
+        `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random).
+        `kv_connector`: the worker half of a KV connector (engine/rank/kv_transfer.py), which runs the KV loads
+        and saves a step plans (`SchedulerOutput.kv_transfers`); None: no connector."""
         self.cfg = model_cfg
         self.device = device
         self.step_plan = step_plan if step_plan is not None else SingleBatch()
@@ -65,6 +68,8 @@ class ModelRunner:
         self.kv_pairs = model_cfg.attention.kv_layer_pairs(model_cfg.num_layers)
         self.sliding_window = model_cfg.attention.sliding_window if self.kv_pairs is not None else None
         self.null_block = -1
+        self.kv_connector = kv_connector
+        self.kv_blocks: PagedKVBlocks | None = None  # the cache as the connector copies it (set with the cache)
         self.ep = ep
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
         self.graph_backend = graph_backend
@@ -123,42 +128,15 @@ class ModelRunner:
             kv_bytes = sum(t.numel() * t.element_size() for full, _ in self.kv_pairs for t in caches[full])
         logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(self.model), num_kv_blocks,
                                                        self.block_size, kv_bytes))
+        if self.kv_connector is not None:
+            self.kv_blocks = PagedKVBlocks(self.kv_caches, self.kv_pairs, self.block_size)
         if self.graph_sizes:
             self._capture_graphs()
 
     # -- CUDA graphs (engine/rank/cuda_graph.py) ---------------------------------------
     def _graph_sizes(self, sizes: tuple[int, ...], ep, backend) -> tuple[int, ...]:
-        if not sizes:
-            return ()
-        why_not = None
-        if self.kernels.name != "triton":
-            why_not = f"the {self.kernels.name} kernels read host-side lengths, which a graph would freeze"
-        elif ep is not None and isinstance(self.step_plan, TwoBatchOverlap):
-            why_not = ("two-batch overlap runs every step as two micro-batches (two dispatches per MoE layer) and a "
-                       "decode graph captures one: all ranks must make the same collective calls")
-        elif ep is not None and ep.all_to_all.low_latency is None:
-            why_not = (f"the {ep.all_to_all.name} all-to-all sizes its buffers from counts on the host; decode graphs "
-                       "under expert parallelism need a fixed-capacity backend's low-latency mode (nccl)")
-        elif ep is not None and backend is None and ep.all_to_all.name != "nccl":
-            # A capture that fails on one rank mid-collective would leave its peers waiting: only the transport
-            # captured in tests (direct NCCL) is captured under EP (the CPU stand-in replays any).
-            why_not = f"under expert parallelism only the nccl all-to-all is captured, not {ep.all_to_all.name}"
-        elif backend is None and self.device.type != "cuda":
-            why_not = f"device {self.device} is not a CUDA device"
-        elif self.cfg.quantization is not None and not all(
-                hasattr(self.kernels, op) for op in ("fp8_linear", "fused_moe_fp8")):
-            # Until its Triton kernels exist, FP8 runs the references, whose MoE loops over experts on the host.
-            why_not = f"the {self.kernels.name} kernels have no FP8 GEMMs yet (the references run, with host syncs)"
-        if why_not:
-            logger.info("CUDA graphs off: %s.", why_not)
-            return ()
-        if ep is not None:
-            # A graph replays the low-latency dispatch, whose blocks hold at most the decode capacity.
-            cap = ep.all_to_all.decode_capacity
-            if any(s > cap for s in sizes):
-                logger.info("decode graphs above the EP decode capacity %d dropped (those steps run eagerly).", cap)
-            sizes = tuple(s for s in sizes if s <= cap)
-        return tuple(sizes)
+        return graph_sizes_to_capture(sizes, self.kernels, ep, isinstance(self.step_plan, TwoBatchOverlap),
+                                      backend, self.device, self.cfg.quantization is not None, logger)
 
     def _capture_graphs(self) -> None:
         backend = self.graph_backend or CudaGraphCapture(self.device)
@@ -257,13 +235,18 @@ class ModelRunner:
         self._update_states(so)
         ep_step = so.ep_step
         ops = self.batch.take_device_ops()  # batch-state fills the step's device work applies first
+        transfers = so.kv_transfers
+        if transfers is not None and self.kv_connector is None:
+            raise RuntimeError(f"step {so.step_id} plans KV transfers, but this rank has no KV connector: give the "
+                               "engine's kv_connector to every rank (WorkerConfig.kv_connector).")
         if so.total_num_scheduled_tokens == 0:
-            handle = StepHandle(so.step_id, [], 0, 0, 0.0)
-            if run_forward or ops:
+            handle = StepHandle(so.step_id, [], 0, 0, 0.0, self._kv_poll())
+            if run_forward or ops or transfers is not None:
                 # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
                 # so this eager pass makes the same collective calls as its peers' replays.
                 handle.host_s = time.perf_counter() - t0
-                handle.work = self.stream.submit(lambda: self._device_moe_only(ep_step, ops, run_forward))
+                handle.work = self.stream.submit(
+                    lambda: self._device_moe_only(ep_step, ops, run_forward, transfers))
                 self._in_flight.append(handle)
             return handle
         num_scheduled = so.num_scheduled_tokens
@@ -275,7 +258,7 @@ class ModelRunner:
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
-        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0)
+        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, self._kv_poll())
         meta = None
         if picked:
             bitmasks = so.grammar_bitmask
@@ -290,19 +273,34 @@ class ModelRunner:
             staged = self.graphs.stage(inp.tokens_T, inp.positions_T, inp.slots_T, inp.seq_lens, inp.tables_SM,
                                        inp.sliding, batch=graph_batch)
         handle.host_s = time.perf_counter() - t0
-        handle.work = self.stream.submit(lambda: self._device_step(handle, inp, meta, staged, ep_step, ops))
+        handle.work = self.stream.submit(
+            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers))
         self._in_flight.append(handle)
         return handle
 
+    def _kv_poll(self):
+        return self.kv_connector.poll if self.kv_connector is not None else None
+
+    def _kv_loads(self, transfers) -> None:
+        if transfers is not None:
+            for t in transfers.loads:
+                self.kv_connector.start_load(t, self.kv_blocks)
+
+    def _kv_saves(self, transfers) -> None:
+        if transfers is not None:
+            for t in transfers.saves:
+                self.kv_connector.start_save(t, self.kv_blocks)
+
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | None, staged,
-                     ep_step, ops: list) -> DeviceResult:
-        """The step's device work, in stream order: batch-state fills, inputs in (tokens still on the device
-        from the steps before it), forward, sampling, results out to host memory. Waits for nothing on the host
-        side."""
+                     ep_step, ops: list, transfers=None) -> DeviceResult:
+        """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
+        device from the steps before it), forward, sampling, KV saves, results out to host memory. Waits for
+        nothing on the host side."""
         t0 = time.perf_counter()
         dev = self.device
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
+            self._kv_loads(transfers)
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/contract/ep_step.py)
             pending_P = self._pending_tokens(inp)
@@ -330,19 +328,23 @@ class ModelRunner:
             res = DeviceResult(read_moe=self._take_moe())
             if meta is not None:
                 self._sample(handle, inp, meta, h_TD, res)
+            self._kv_saves(transfers)
         res.device_s = time.perf_counter() - t0
         return res
 
-    def _device_moe_only(self, ep_step, ops: list, run_forward: bool) -> DeviceResult:
+    def _device_moe_only(self, ep_step, ops: list, run_forward: bool, transfers=None) -> DeviceResult:
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
+            self._kv_loads(transfers)
             if not run_forward:
+                self._kv_saves(transfers)
                 return DeviceResult()
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)
             self.step_plan.forward_moe_only(self.model)
             res = DeviceResult(read_moe=self._take_moe())
+            self._kv_saves(transfers)
         res.device_s = time.perf_counter() - t0
         return res
 

@@ -36,8 +36,10 @@ class DeviceResult:
 class StepHandle:
     """One launched step of one rank (see the module docstring)."""
 
-    def __init__(self, step_id: int, states: list, num_tokens: int, num_seqs: int, host_s: float):
+    def __init__(self, step_id: int, states: list, num_tokens: int, num_seqs: int, host_s: float,
+                 kv_poll: Optional[Callable[[], Optional[dict]]] = None):
         self.step_id = step_id
+        self.kv_poll = kv_poll  # the KV connector's poll (engine/rank/kv_transfer.py); None without one
         self.states = states  # the request states of the rows that sample, in row order
         self.num_tokens, self.num_seqs = num_tokens, num_seqs
         self.host_s = host_s
@@ -59,6 +61,8 @@ class StepHandle:
         out = ModelRunnerOutput(step_id=self.step_id)
         res: DeviceResult | None = self.work.wait() if self.work is not None else None
         wait_s = time.perf_counter() - t0
+        if self.kv_poll is not None:
+            out.kv_transfers_done = self.kv_poll()
         if res is None:  # the rank ran no model code
             self._output = out
             return out
@@ -67,14 +71,17 @@ class StepHandle:
             logprobs = (unpack_logprobs(res.logprobs_LX.tolist(), res.num_logprobs, res.max_num_logprobs)
                         if res.logprobs_LX is not None else None)
             sampled = out.sampled_token_ids
+            # One token per row (ModelRunnerOutput takes a list: a runner that emits several for a request, e.g.
+            # verified draft tokens, must keep only the first while a later step of it is in flight, as the
+            # scheduler does: scheduler/step_output.py).
             for r, (st, tok) in enumerate(zip(self.states, token_ids)):
                 st.output_token_ids.append(tok)
                 st.all_token_ids.append(tok)
                 if st.pending is not None and st.pending[0] is self:
                     st.pending = None
-                sampled[st.req_id] = tok
+                sampled[st.req_id] = [tok]
                 if logprobs is not None and logprobs[r] is not None:
-                    out.logprobs[st.req_id] = logprobs[r]
+                    out.logprobs[st.req_id] = [logprobs[r]]
         moe = res.read_moe() if res.read_moe is not None else None
         out.stats = StepStats(self.num_tokens, self.num_seqs, self.host_s + res.device_s, moe, wait_s=wait_s)
         self._output = out

@@ -31,7 +31,7 @@ def test_the_engine_uses_nothing_beyond_it():
 
     root = Path(__file__).resolve().parents[2] / "engine"
     used = set()
-    for f in ("llm_engine.py", "elastic.py", "rejoin.py", "input_processing.py"):
+    for f in ("core/llm_engine.py", "cluster/elastic.py", "cluster/rejoin.py", "core/input_processing.py"):
         used |= set(re.findall(r"\b(?:sched|schedulers\[[^\]]+\]|s)\.([a-z_]+)\b", (root / f).read_text()))
     known = set(members(SchedulerInterface))
     scheduler_like = used & set(dir(Scheduler)) | used & known

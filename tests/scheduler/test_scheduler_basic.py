@@ -15,17 +15,17 @@ def test_single_request_step_structure():
     assert (nr.req_id, nr.prompt_token_ids, nr.output_token_ids, nr.num_computed_tokens) == ("a", [1, 2, 3, 4, 5, 6, 7], [], 0)
     assert len(nr.block_ids) == 2 and so.num_scheduled_tokens == {"a": 7} and so.total_num_scheduled_tokens == 7
     assert s.get_request("a").num_computed_tokens == 7  # advanced at schedule time
-    outs = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 40}))
+    outs = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": [40]}))
     assert [(o.request_id, o.new_token_ids, o.finish_reason) for o in outs] == [("a", [40], None)]
     # Second step: a decode of the sampled token at position 7, the last slot of block 2.
     so = s.schedule()
     assert not so.scheduled_new_reqs
     (cr,) = so.scheduled_cached_reqs
     assert (cr.req_id, cr.new_block_ids, cr.num_computed_tokens) == ("a", [], 7) and so.num_scheduled_tokens == {"a": 1}
-    s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 41}))
+    s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": [41]}))
     so = s.schedule()  # position 8 needs a third block
     assert len(so.scheduled_cached_reqs[0].new_block_ids) == 1
-    outs = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 42}))
+    outs = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": [42]}))
     assert outs[0].finish_reason == "length" and not s.has_unfinished_requests()
     assert s.has_finished_requests()
     so = s.schedule()
@@ -158,9 +158,9 @@ def test_step_id_mismatch_and_logprobs():
     s.add_request(make_request("a", [1, 2]))
     so = s.schedule()
     with pytest.raises(ValueError, match="ModelRunnerOutput.step_id"):
-        s.update_from_output(so, ModelRunnerOutput(so.step_id + 1, {"a": 3}))
+        s.update_from_output(so, ModelRunnerOutput(so.step_id + 1, {"a": [3]}))
     lp = TokenLogprobs(3, -0.1, 1, [(3, -0.1), (4, -2.5)])
-    (out,) = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 3}, {"a": lp}))
+    (out,) = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": [3]}, {"a": [lp]}))
     assert out.new_logprobs == [lp] and out.new_token_ids == [3]
     assert s.get_request("a").status is RequestStatus.RUNNING
 
@@ -170,7 +170,7 @@ def test_token_sampled_mid_prompt_is_ignored():
     s.add_request(make_request("a", list(range(10))))
     so = s.schedule()
     assert so.num_scheduled_tokens == {"a": 4}
-    assert s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 99})) == []
+    assert s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": [99]})) == []
     assert s.get_request("a").output_token_ids == []
 
 

@@ -12,7 +12,7 @@ def _drive(s, req, tokens):
     outs = []
     for t in tokens:
         so = s.schedule()
-        outs += s.update_from_output(so, ModelRunnerOutput(so.step_id, {req.request_id: t}))
+        outs += s.update_from_output(so, ModelRunnerOutput(so.step_id, {req.request_id: [t]}))
         if outs and outs[-1].finish_reason:
             break
     return outs
@@ -111,7 +111,7 @@ def test_abort_while_scheduled_ignores_its_token():
     s.add_request(make_request("b", [4, 5, 6], max_tokens=5))
     so = s.schedule()
     s.finish_requests("a", RequestStatus.FINISHED_ABORTED)  # the step is in flight
-    outs = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 9, "b": 8}))
+    outs = s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": [9], "b": [8]}))
     assert [o.request_id for o in outs] == ["b"]
     # Re-using the id right away is allowed and starts a fresh request.
     s.add_request(make_request("a", [7, 7], max_tokens=1))
@@ -139,6 +139,6 @@ def test_abort_and_readd_of_the_same_id_while_in_flight():
     so = s.schedule()
     s.finish_requests("a", RequestStatus.FINISHED_ABORTED)
     s.add_request(make_request("a", [7, 7], max_tokens=5))  # a new request, not yet scheduled
-    assert s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": 9})) == []
+    assert s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": [9]})) == []
     assert s.get_request("a").output_token_ids == [] and s.get_request("a").status is RequestStatus.WAITING
     s.check_invariants()

@@ -1,0 +1,27 @@
+"""What the engine is given to move KV between engines (prefill/decode disaggregation): a `KVConnectorFactory`.
+
+The driver asks it for each rank's scheduler half (`scheduler_side(rank)`: a scheduler/kv_connector.py
+`KVConnector`, pure Python) and each rank's worker builds its worker half from it (`worker_side(rank)`: an
+engine/rank/kv_transfer.py `WorkerKVConnector`, which copies blocks through the runner's `PagedKVBlocks`). The
+factory travels to the ranks in the `WorkerConfig` (pickled to a Ray actor), so a connector whose halves share
+memory must refuse to be pickled, as the in-host reference (engine/cluster/kv_inhost.py) does; a network
+transport ships addresses instead. `EngineArgs(kv_connector=...)` / `LLM(..., kv_connector=...)` set it.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from moelink.scheduler.kv_connector import KVConnector
+
+
+class KVConnectorFactory(Protocol):
+    """A KV connector's two halves, per rank (module docstring)."""
+
+    def scheduler_side(self, rank: int) -> KVConnector:
+        """The rank's scheduler half (called on the driver when the engine builds its schedulers)."""
+
+    def worker_side(self, rank: int) -> object:
+        """The rank's worker half, a `WorkerKVConnector` (called by the rank's worker when it builds its runner)."""
+
+
+__all__ = ["KVConnectorFactory"]

@@ -1,0 +1,184 @@
+"""The KV connector seam: moving a request's KV blocks between engines (prefill/decode disaggregation).
+
+Two halves, as in vLLM v1. The scheduler side (`KVConnector`, here, pure Python) decides *which* blocks of which
+request move: a request whose prompt KV another engine saved is loaded instead of computed, and a request's prompt
+KV is saved once its prefill step has run. The worker side (engine/rank/kv_transfer.py: `WorkerKVConnector`, and
+`PagedKVBlocks`, which copies a request's blocks out of / into the rank's paged cache for every KV kind) moves the
+bytes. Between them travel `KVTransfer` records: planned in `SchedulerOutput.kv_transfers` (loads run before the
+step's forward, saves after it, in the rank's stream order) and reported back by id in
+`ModelRunnerOutput.kv_transfers_done` when they end, maybe several steps later (the transfers are asynchronous:
+start, then poll; per request).
+
+`KVTransfers` is the scheduler's bookkeeping, built only when a connector is given (`Scheduler(...,
+kv_connector=...)`; None, the default, costs the step loop nothing):
+
+- load: a fresh request at the head of the waiting queue for which the connector has more leading tokens than
+  the prefix cache gets blocks for them and waits in `RequestStatus.WAITING_FOR_KV` (no model step, its blocks
+  held, counted against max_num_seqs). Loaded, it is admitted before the waiting queue with every loaded token
+  computed but the last prompt token (whose logits it needs); failed, its blocks are freed and it is recomputed
+  (back at the front of the queue as a preempted request).
+- save: a request the connector wants saved is watched until the step that computes its last prompt token is
+  scheduled; that step saves blocks [0, ceil(prompt / block_size)) after its forward.
+- every transfer holds its own reference on its blocks until it is reported, so a request aborted, preempted or
+  finished meanwhile (a prefill-only request ends with its first token) gives its own references back at once,
+  while no block a transfer still reads or writes can go to another request.
+
+What a network transport (issue 30) adds beyond this seam: a key other than the request id (the prefill and
+decode instances name requests differently; vLLM carries `kv_transfer_params`), the remote engine's address and
+block ids, transfers that end steps later (the engine keeps stepping while `KVTransferPlan.num_awaited` > 0),
+per-layer pipelining (save each layer as its attention writes it, load each before its attention reads it; the
+worker side gets the layers separately already), a layout check between engines (block size, KV kind and dtype,
+tensor parallel shards), timeouts that report a transfer failed, and, under elastic EP, dropping the transfers a
+recovery undoes (`Scheduler.rewind` counts them failed).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple, Protocol
+
+from .outputs import KVTransfer, KVTransferPlan
+from .request import Request, RequestStatus
+
+
+class KVConnector(Protocol):
+    """The scheduler side of a KV connector (module docstring). Called on the engine thread, between steps."""
+
+    def num_loadable_tokens(self, req: Request) -> int:
+        """Leading tokens of a fresh request (its prompt) whose KV this connector can load; 0: none. Asked when
+        the request reaches the head of the waiting queue, again on later steps while the pool has no room."""
+
+    def wants_save(self, req: Request) -> bool:
+        """Whether to save this request's prompt KV once it is computed. Asked once, when the request is added."""
+
+    def transfer_done(self, transfer: KVTransfer, ok: bool) -> None:
+        """A load or save ended (ok) or failed. The scheduler has acted on it: a loaded request runs next, a
+        failed load is recomputed, a saved request's blocks are released."""
+
+
+class _InFlight(NamedTuple):
+    transfer: KVTransfer
+    request: Request | None  # a load's request; None for a save
+    refs: list[int]  # the block ids the transfer holds a reference on
+
+
+class KVTransfers:
+    """The scheduler's KV-connector bookkeeping (module docstring). `kv`: the scheduler's KV cache manager."""
+
+    def __init__(self, connector: KVConnector, kv) -> None:
+        self.connector = connector
+        self.kv = kv
+        self._next_id = 0
+        self._in_flight: dict[int, _InFlight] = {}  # by transfer id, until reported
+        self.loading: dict[str, Request] = {}  # loads under way, by request id
+        self.ready: deque[Request] = deque()  # loaded, to be admitted (they hold their blocks)
+        self._watched: dict[str, Request] = {}  # saved once their prompt is computed
+        self._new_loads: list[KVTransfer] = []  # for the next SchedulerOutput
+
+    @property
+    def num_holding(self) -> int:
+        """Requests that hold blocks without running (loading, or loaded and not admitted yet)."""
+        return len(self.loading) + len(self.ready)
+
+    @property
+    def busy(self) -> bool:
+        """Transfers started and not reported yet."""
+        return bool(self._in_flight)
+
+    def holding(self) -> list[Request]:
+        return list(self.loading.values()) + list(self.ready)
+
+    def transfer_refs(self) -> list[int]:
+        """Every block reference the transfers in flight hold (for the scheduler's invariant check)."""
+        return [b for f in self._in_flight.values() for b in f.refs]
+
+    # ------------------------------------------------------------------ requests
+    def added(self, req: Request) -> None:
+        if self.connector.wants_save(req):
+            self._watched[req.request_id] = req
+
+    def forget(self, req: Request) -> None:
+        """A request finished (abort, stop, length): it is no longer watched, loading or ready. Its transfers in
+        flight keep their block references until reported."""
+        rid = req.request_id
+        if self._watched.get(rid) is req:
+            del self._watched[rid]
+        if self.loading.get(rid) is req:
+            del self.loading[rid]
+        elif self.ready and any(r is req for r in self.ready):
+            self.ready = deque(r for r in self.ready if r is not req)
+
+    def loadable(self, req: Request) -> int:
+        return min(max(self.connector.num_loadable_tokens(req), 0), req.num_tokens)
+
+    def start_load(self, req: Request, num_hit: int, num_tokens: int) -> None:
+        """`req` (fresh, its blocks for `num_tokens` just allocated, `num_hit` of them prefix hits) waits for
+        the connector to load the rest."""
+        bs = self.kv.block_size
+        first = num_hit // bs
+        t = self._transfer(req, num_tokens, first, ())
+        self._hold(t, req)
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.loading[req.request_id] = req
+        self._new_loads.append(t)
+
+    def plan(self, scheduled: dict[str, int]) -> KVTransferPlan | None:
+        """This step's transfers: the loads started while scheduling it, and a save for each watched request
+        whose last prompt token this step computes (`scheduled`: the step's requests). None when nothing is
+        started or awaited."""
+        saves = []
+        watched = self._watched
+        if watched:
+            # Whichever is smaller of the watched requests (not prefilled yet) and the step's.
+            rids = [r for r in watched if r in scheduled] if len(watched) <= len(scheduled) else \
+                [r for r in scheduled if r in watched]
+            for rid in rids:
+                req = watched[rid]
+                if req.status is RequestStatus.RUNNING and req.num_computed_tokens >= req.num_prompt_tokens:
+                    del watched[rid]
+                    n = req.num_prompt_tokens
+                    t = self._transfer(req, n, 0, tuple(req.prompt_token_ids))
+                    self._hold(t, None)
+                    saves.append(t)
+        loads, self._new_loads = self._new_loads, []
+        awaited = len(self._in_flight) - len(loads) - len(saves)
+        if not (loads or saves or awaited):
+            return None
+        return KVTransferPlan(loads, saves, awaited)
+
+    def take_report(self, done: dict[int, bool]) -> list[Request]:
+        """Act on the transfers a worker reports ended; returns the requests whose load failed, which the
+        scheduler recomputes (their own blocks are still held: it frees them)."""
+        failed: list[Request] = []
+        for tid, ok in done.items():
+            f = self._in_flight.pop(tid, None)
+            if f is None:
+                continue  # undone by a rewind already
+            self.kv.pool.free(f.refs)
+            req = f.request
+            if req is not None and self.loading.get(req.request_id) is req:
+                del self.loading[req.request_id]
+                if ok:
+                    req.num_computed_tokens = min(f.transfer.num_tokens, req.num_tokens - 1)
+                    self.ready.append(req)
+                else:
+                    failed.append(req)
+            self.connector.transfer_done(f.transfer, ok)
+        return failed
+
+    def fail_all(self) -> list[Request]:
+        """Elastic EP rewind: every transfer in flight counts as failed (its worker state was reset)."""
+        return self.take_report({tid: False for tid in list(self._in_flight)})
+
+    # ------------------------------------------------------------------ helpers
+    def _transfer(self, req: Request, num_tokens: int, first_block: int, token_ids: tuple) -> KVTransfer:
+        self._next_id += 1
+        full, sliding = self.kv.transfer_tables(req.request_id, -(-num_tokens // self.kv.block_size))
+        return KVTransfer(self._next_id, req.request_id, full, num_tokens, first_block, sliding, token_ids)
+
+    def _hold(self, t: KVTransfer, req: Request | None) -> None:
+        refs = t.block_ids[t.first_block:] + [b for b in t.sliding_block_ids[t.first_block:] if b >= 0]
+        self.kv.pool.touch(refs)
+        self._in_flight[t.transfer_id] = _InFlight(t, req, refs)
+
+
+__all__ = ["KVConnector", "KVTransfers"]

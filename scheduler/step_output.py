@@ -1,0 +1,139 @@
+"""Taking a step's output into the scheduler: append each sampled token, check the stop rules on each, cache the
+blocks the step filled, free the requests that finished.
+
+A `ModelRunnerOutput` carries a list of tokens per request that sampled (scheduler/outputs.py): one per step
+today, several once a step verifies draft tokens (speculative decoding). Each token is appended in order and
+checked (EOS unless ignored, a stop id, both only once `min_tokens` are out; max_tokens; max_model_len; the pool);
+the first that ends the request ends it, and the tokens after it are dropped (the worker drops the request's
+state with the next step's `finished_req_ids`, its blocks are freed now). The list holding one token is the hot
+path (once per decoding request per step): it allocates nothing beyond the `EngineCoreOutput`, whose
+`new_token_ids` is the runner's list itself.
+
+In-flight placeholders (the overlapped loop): each step that samples for a request adds one
+`Request.num_output_placeholders` when it is scheduled and takes it back when its output is taken, whatever the
+number of tokens it returns, so a placeholder means "at least one token". A later step of the same request
+already in flight was scheduled after that first token and sampled its successor, so only the first token of a
+longer list is kept then; the worker trims by the same rule (a later step of the request was launched) and both
+sides keep the same tokens. A request preempted with its token in flight takes the tokens when they come back.
+
+`StepOutputMixin` is one half of `scheduler.Scheduler` (the other plans steps); it uses the scheduler's fields.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from .engine_output import EngineCoreOutput
+from .outputs import ModelRunnerOutput, SchedulerOutput
+from .request import Request, RequestStatus
+
+
+class StepOutputMixin:
+    """`update_from_output` and the stop rules of `scheduler.Scheduler` (module docstring)."""
+
+    def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Take the sampled tokens of a step: append, check stops, cache full
+        blocks, free finished requests. One output per request that got a token."""
+        if runner_out.step_id != sched_out.step_id:
+            raise ValueError(f"ModelRunnerOutput.step_id={runner_out.step_id} is invalid: "
+                             f"it must answer SchedulerOutput.step_id={sched_out.step_id}.")
+        if runner_out.kv_transfers_done and self.kv_transfers is not None:
+            for req in self.kv_transfers.take_report(runner_out.kv_transfers_done):
+                self._recompute(req)  # its KV load failed
+        outputs: list[EngineCoreOutput] = []
+        finished: list = []
+        sampled, all_logprobs = runner_out.sampled_token_ids, runner_out.logprobs
+        kv, bs = self.kv, self.block_size
+        cached_blocks = kv.num_cached_blocks if kv.enable_prefix_caching else None
+        running_status, preempted_status = RequestStatus.RUNNING, RequestStatus.PREEMPTED
+        max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
+        # The hot loop of a decode step (once per request per step): attribute reads kept local, the stop rules
+        # of _check_stop inlined for the common token that ends nothing.
+        for req, written in self._scheduled.pop(sched_out.step_id, ()):
+            status = req.status
+            rid = req.request_id
+            if status is running_status:
+                # The step has written this KV: blocks it filled are shareable now (most steps fill none).
+                if cached_blocks is not None and written // bs > cached_blocks.get(rid, 0) \
+                        and min(written, len(req.all_token_ids)) // bs > cached_blocks.get(rid, 0):
+                    kv.cache_blocks(req, written)
+            elif status is not preempted_status:
+                continue  # finished (a stop, an abort) while the step ran: its row is discarded
+            tokens = sampled.get(rid)
+            # A chunk that did not reach past its last token sampled nothing (a token for it is discarded).
+            if tokens is None or not req.num_output_placeholders:
+                continue
+            req.num_output_placeholders -= 1
+            logprobs = all_logprobs.get(rid) if all_logprobs else None
+            if len(tokens) != 1:
+                eco = self._take_tokens(req, tokens, logprobs, status, finished)
+                outputs.append(eco)
+                continue
+            token = tokens[0]
+            out_ids, all_ids = req.output_token_ids, req.all_token_ids
+            out_ids.append(token)  # as req.append_output_token, inlined
+            all_ids.append(token)
+            # Every field passed: a dataclass's default factories would run per output otherwise.
+            eco = EngineCoreOutput(rid, tokens, logprobs if logprobs is not None else [], None, None,
+                                   req.num_cached_tokens)
+            outputs.append(eco)
+            n_all = len(all_ids)
+            if (token in req.stop_check_ids or len(out_ids) >= req.output_limit
+                    or n_all >= max_len or n_all > pool_tokens):
+                stop = self._check_stop(req, token)
+                if stop is not None:
+                    req.status = stop
+                    eco.finish_reason = stop.finish_reason
+                    eco.stop_reason = req.stop_reason
+                    finished.append((req, status))
+        if finished:
+            gone = {id(r) for r, was in finished if was is RequestStatus.RUNNING}
+            if gone:
+                self.running = [r for r in self.running if id(r) not in gone]
+            if len(gone) < len(finished):  # preempted with a token in flight, and that token ended it
+                self.waiting = deque(r for r in self.waiting if not r.is_finished)
+            for r, _ in finished:
+                self._release(r)
+        return outputs
+
+    def _take_tokens(self, req: Request, tokens: list[int], logprobs: list | None, status: RequestStatus,
+                     finished: list) -> EngineCoreOutput:
+        """The several-token case of update_from_output (its placeholder already taken back): append up to the
+        first token that ends the request; only the first while a later step of the request is in flight."""
+        if not tokens:
+            raise ValueError(f"ModelRunnerOutput.sampled_token_ids[{req.request_id!r}]=[] is invalid: a request "
+                             "that sampled has at least one new token.")
+        if logprobs is not None and len(logprobs) != len(tokens):
+            raise ValueError(f"ModelRunnerOutput.logprobs[{req.request_id!r}] has {len(logprobs)} entries for "
+                             f"{len(tokens)} tokens: give one per token.")
+        keep = 1 if req.num_output_placeholders else len(tokens)
+        stop = None
+        for i in range(keep):
+            token = tokens[i]
+            req.append_output_token(token)
+            stop = self._check_stop(req, token)
+            if stop is not None:
+                keep = i + 1
+                break
+        kept = tokens if keep == len(tokens) else tokens[:keep]
+        eco = EngineCoreOutput(req.request_id, kept, [] if logprobs is None else logprobs[:keep], None, None,
+                               req.num_cached_tokens)
+        if stop is not None:
+            req.status = stop
+            eco.finish_reason = stop.finish_reason
+            eco.stop_reason = req.stop_reason
+            finished.append((req, status))
+        return eco
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        """The stop rules for `token`, just appended to `req` (None: it goes on)."""
+        n_out = req.num_output_tokens
+        if token in req.eos_token_ids and not req.ignore_eos and n_out >= req.min_tokens:
+            return RequestStatus.FINISHED_STOPPED
+        if token in req.stop_token_ids and n_out >= req.min_tokens:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if req.max_tokens is not None and n_out >= req.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.scheduler_config.max_model_len or req.num_tokens > self._pool_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
