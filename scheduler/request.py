@@ -124,16 +124,16 @@ class Request:
         eos_token_ids: Iterable[int] = frozenset(),
         arrival_time: float | None = None,
     ) -> "Request":
-        """Build from an engine `SamplingParams` (read by attribute name, so the
-        scheduler does not import the engine)."""
+        """Build from an engine `SamplingParams` (typed by the SamplingOptions Protocol, so the scheduler does not
+        import the engine)."""
         sp = sampling_params
         return cls(
             request_id, prompt_token_ids, sp,
-            max_tokens=getattr(sp, "max_tokens", None),
+            max_tokens=sp.max_tokens,
             eos_token_ids=eos_token_ids,
-            ignore_eos=getattr(sp, "ignore_eos", False),
-            stop_token_ids=getattr(sp, "stop_token_ids", ()) or (),
-            min_tokens=getattr(sp, "min_tokens", 0),
+            ignore_eos=sp.ignore_eos,
+            stop_token_ids=sp.stop_token_ids or (),
+            min_tokens=sp.min_tokens,
             arrival_time=arrival_time,
         )
 
