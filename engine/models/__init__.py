@@ -8,6 +8,7 @@ Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, en
 from __future__ import annotations
 
 from ..config.architectures import REGISTRY, SUPPORTED_ARCHITECTURES, ArchSpec
+from .eagle3 import Eagle3Head
 from .moe_decoder import MoEDecoderForCausalLM
 from .mtp import MTPLayer, mtp_checkpoint_names
 
@@ -24,4 +25,4 @@ def arch_spec(architecture: str) -> ArchSpec:
     return spec
 
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "MTPLayer", "MoEDecoderForCausalLM", "arch_spec", "mtp_checkpoint_names"]
+__all__ = ["ARCHITECTURES", "ArchSpec", "Eagle3Head", "MTPLayer", "MoEDecoderForCausalLM", "arch_spec", "mtp_checkpoint_names"]

@@ -24,7 +24,9 @@ class GQAAttention(nn.Module):
     per-layer arguments (a Python int and a parameter: nothing per step, so decode graphs capture them)."""
 
     def __init__(self, layer_idx: int, hidden_size: int, attn: GQAConfig, rms_norm_eps: float, rope: RotaryEmbedding,
-                 kernels, dtype, device=None, quant=None):
+                 kernels, dtype, device=None, quant=None, *, in_features: int | None = None):
+        """in_features: the width q/k/v are projected from, when it is not hidden_size (an EAGLE-3 head's
+        [embedding | hidden] concatenation, 2 * hidden_size, engine/models/eagle3.py); o_proj returns hidden_size."""
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -35,8 +37,8 @@ class GQAAttention(nn.Module):
         # quant: engine/config/quantization.py's config (None = float); the method is chosen by checkpoint name.
         p = f"model.layers.{layer_idx}.self_attn."
         qkv_method = linear_method(quant, p + "q_proj", p + "k_proj", p + "v_proj")
-        self.qkv_proj = Linear(hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_method, kernels, dtype,
-                               device)
+        self.qkv_proj = Linear(in_features or hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_method,
+                               kernels, dtype, device)
         # Zeros: FP8 gaps between the pieces (linear.py) get no bias from the checkpoint.
         self.qkv_bias = (nn.Parameter(torch.zeros(self.qkv_proj.rows, dtype=dtype, device=device), requires_grad=False)
                          if attn.qkv_bias else None)
