@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 METHODS = ("ngram", "mtp", "eagle3")
 _ALIASES = {"deepseek_mtp": "mtp"}
@@ -30,6 +30,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     # eagle3: the head's checkpoint directory (or a Hugging Face repo id).
     model: Optional[str] = None
+    # The Python API only (tests, benchmarks): a callable returning a Drafter (engine/rank/drafter.py) used instead
+    # of the method's own; picklable when the ranks are Ray workers.
+    drafter_factory: Optional[Callable[[], Any]] = None
 
     def __post_init__(self) -> None:
         method = _ALIASES.get(self.method, self.method)
@@ -40,6 +43,9 @@ class SpeculativeConfig:
         _int_in("num_speculative_tokens", self.num_speculative_tokens, 1, MAX_SPECULATIVE_TOKENS)
         _int_in("prompt_lookup_max", self.prompt_lookup_max, 1, 64)
         _int_in("prompt_lookup_min", self.prompt_lookup_min, 1, self.prompt_lookup_max)
+        if self.drafter_factory is not None and not callable(self.drafter_factory):
+            raise ValueError(f"speculative_config.drafter_factory={self.drafter_factory!r} is invalid: must be a "
+                             "callable returning a drafter (Python API only).")
         if method == "eagle3":
             if not isinstance(self.model, str) or not self.model:
                 raise ValueError("speculative_config.model is required for method 'eagle3': the EAGLE-3 head's "
@@ -53,7 +59,8 @@ class SpeculativeConfig:
         """From the flag's JSON text, a dict (the Python API), a config, or None (off)."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value
-        if isinstance(value, str):
+        from_json = isinstance(value, str)
+        if from_json:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
@@ -62,7 +69,7 @@ class SpeculativeConfig:
                                  ) from None
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}.")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - ({"drafter_factory"} if from_json else set())
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"speculative_config has unknown key(s) {', '.join(unknown)}: allowed are "

@@ -25,7 +25,9 @@ from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from .loader import load_model
 from .weight_memory import describe_memory, weight_bytes_by_format
 from ..models.layers import ForwardContext
+from .drafter import make_drafter
 from .sampler import Sampler, SamplingMetadata
+from .spec_verify import SpecStep
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
 from ..contract.sampling_params import SamplingParams
 from .step_handle import DeviceResult, StepHandle
@@ -44,7 +46,7 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
                  graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
-                 load_format: str = "auto", kv_connector: WorkerKVConnector | None = None):
+                 load_format: str = "auto", kv_connector: WorkerKVConnector | None = None, speculative=None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 
@@ -55,7 +57,8 @@ class ModelRunner:
         serial loop).
         `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random).
         `kv_connector`: the worker half of a KV connector (engine/rank/kv_transfer.py), which runs the KV loads
-        and saves a step plans (`SchedulerOutput.kv_transfers`); None: no connector."""
+        and saves a step plans (`SchedulerOutput.kv_transfers`); None: no connector.
+        `speculative`: a SpeculativeConfig (engine/config/speculative.py): its drafter proposes after each step."""
         self.cfg = model_cfg
         self.device = device
         self.step_plan = step_plan if step_plan is not None else SingleBatch()
@@ -77,6 +80,8 @@ class ModelRunner:
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
+        self.drafter = make_drafter(speculative)  # None: no speculative decoding (engine/rank/drafter.py)
+        self.num_speculative_tokens = speculative.num_speculative_tokens if speculative is not None else 0
         self.stream = stream if stream is not None else InlineStream()
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
@@ -253,14 +258,22 @@ class ModelRunner:
         states = [self.requests[r] for r in num_scheduled]
         query_lens = list(num_scheduled.values())
         rows_S = self.batch.rows_of(states)
+        spec = so.scheduled_spec_tokens
         inp = build_step_inputs(states, query_lens, self.block_size, self.sliding_window, self.null_block,
-                                tables_SM=self.batch.tables(rows_S))
+                                tables_SM=self.batch.tables(rows_S),
+                                spec_tokens=[spec.get(st.req_id) for st in states] if spec else None)
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
-        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, self._kv_poll())
+        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, self._kv_poll(), self.drafter,
+                            spec, self.num_speculative_tokens)
         meta = None
-        if picked:
+        if picked and spec:  # a verify step (speculative decoding: engine/rank/spec_verify.py)
+            meta = SpecStep(self.batch, rows_S, inp.sample_rows, inp.qsl_S1, picked, spec, self.eos_token_ids,
+                            self.device, so.grammar_bitmask, inp.num_pending)
+            for r, st in enumerate(picked):
+                st.pending = (handle, r)
+        elif picked:
             bitmasks = so.grammar_bitmask
             meta = SamplingMetadata.from_batch(
                 self.batch, rows_S[inp.sample_rows], picked, self.eos_token_ids, self.device,
@@ -326,7 +339,10 @@ class ModelRunner:
                 h_TD = self.step_plan.forward(self.model, input_ids_T, to_device(inp.positions_T, torch.long, dev),
                                               ForwardContext(attn, self.kv_caches, attn_sliding))
             res = DeviceResult(read_moe=self._take_moe())
-            if meta is not None:
+            if isinstance(meta, SpecStep):
+                res.spec = meta.run(self.model, self.sampler, h_TD)
+                handle.sampled_R = res.spec.sampled_R
+            elif meta is not None:
                 self._sample(handle, inp, meta, h_TD, res)
             self._kv_saves(transfers)
         res.device_s = time.perf_counter() - t0
