@@ -39,7 +39,7 @@ from .engine_output import SchedulerStats
 from .kv_cache_manager import KVCacheManager
 from .kv_connector import KVConnector, KVTransfers
 from .sliding_kv import SlidingKVCacheManager
-from .spec_decode import SpecDecodeCounters, num_verifiable
+from .spec_decode import SpecDecodeCounters, take_drafts
 from .outputs import CachedRequestData, NewRequestData, SchedulerOutput
 from .recovery import RecoveryMixin
 from .request import Request, RequestStatus
@@ -216,13 +216,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                                          or known + in_flight >= max_len or known + in_flight > pool_tokens)):
                 i += 1
                 continue
-            spec = req.spec_token_ids
-            if spec:  # drafts to verify (scheduler/spec_decode.py): a decode with nothing in flight only
-                k = num_verifiable(req, budget - n, max_len, pool_tokens) if n == 1 and not in_flight else 0
-                req.spec_token_ids = []
-                if k:
-                    out.scheduled_spec_tokens[req.request_id] = spec[:k]
-                    n += k
+            if req.spec_token_ids:  # drafts to verify (scheduler/spec_decode.py)
+                n += take_drafts(req, out, n, in_flight, budget, max_len, pool_tokens)
             held = tables.get(req.request_id) if tables is not None else None
             if held and req.num_computed_tokens + n <= len(held) * bs:
                 new_blocks = []

@@ -19,10 +19,20 @@ from dataclasses import dataclass, field
 from .request import Request
 
 
-def num_verifiable(req: Request, budget_left: int, max_len: int, pool_tokens: int) -> int:
-    """How many of `req.spec_token_ids` a decode step of `req` verifies besides its one token (0 .. k)."""
+def take_drafts(req: Request, out, n: int, in_flight: int, budget: int, max_len: int, pool_tokens: int) -> int:
+    """Move `req`'s drafts into the step `out` when it computes one token with nothing in flight (a decode of the
+    serial loop): as many as `num_verifiable` allows. Returns how many (the step computes them too)."""
+    spec, req.spec_token_ids = req.spec_token_ids, []
+    k = num_verifiable(req, spec, budget - n, max_len, pool_tokens) if n == 1 and not in_flight else 0
+    if k:
+        out.scheduled_spec_tokens[req.request_id] = spec[:k]
+    return k
+
+
+def num_verifiable(req: Request, spec: list[int], budget_left: int, max_len: int, pool_tokens: int) -> int:
+    """How many of the drafts `spec` a decode step of `req` verifies besides its one token (0 .. k)."""
     known = len(req.all_token_ids)
-    room = min(len(req.spec_token_ids), budget_left,
+    room = min(len(spec), budget_left,
                req.output_limit - len(req.output_token_ids) - 1,  # every accepted draft is an output token
                max_len - known - 1, pool_tokens - known - 1)
     return room if room > 0 else 0

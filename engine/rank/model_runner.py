@@ -31,7 +31,7 @@ from .spec_verify import SpecStep
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
 from ..contract.sampling_params import SamplingParams
 from .step_handle import DeviceResult, StepHandle
-from .kv_transfer import PagedKVBlocks, WorkerKVConnector
+from .kv_transfer import PagedKVBlocks, WorkerKVConnector, start_transfers
 from .step_inputs import StepInputs, build_step_inputs
 from .input_batch import PersistentBatch
 from .step_plan import SingleBatch, TwoBatchOverlap
@@ -245,7 +245,7 @@ class ModelRunner:
             raise RuntimeError(f"step {so.step_id} plans KV transfers, but this rank has no KV connector: give the "
                                "engine's kv_connector to every rank (WorkerConfig.kv_connector).")
         if so.total_num_scheduled_tokens == 0:
-            handle = StepHandle(so.step_id, [], 0, 0, 0.0, self._kv_poll())
+            handle = StepHandle(so.step_id, [], 0, 0, 0.0, (self.kv_connector.poll if self.kv_connector is not None else None))
             if run_forward or ops or transfers is not None:
                 # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
                 # so this eager pass makes the same collective calls as its peers' replays.
@@ -265,7 +265,7 @@ class ModelRunner:
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
-        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, self._kv_poll(), self.drafter,
+        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, (self.kv_connector.poll if self.kv_connector is not None else None), self.drafter,
                             spec, self.num_speculative_tokens)
         meta = None
         if picked and spec:  # a verify step (speculative decoding: engine/rank/spec_verify.py)
@@ -291,19 +291,6 @@ class ModelRunner:
         self._in_flight.append(handle)
         return handle
 
-    def _kv_poll(self):
-        return self.kv_connector.poll if self.kv_connector is not None else None
-
-    def _kv_loads(self, transfers) -> None:
-        if transfers is not None:
-            for t in transfers.loads:
-                self.kv_connector.start_load(t, self.kv_blocks)
-
-    def _kv_saves(self, transfers) -> None:
-        if transfers is not None:
-            for t in transfers.saves:
-                self.kv_connector.start_save(t, self.kv_blocks)
-
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | None, staged,
                      ep_step, ops: list, transfers=None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
@@ -313,7 +300,7 @@ class ModelRunner:
         dev = self.device
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
-            self._kv_loads(transfers)
+            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=False)
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/contract/ep_step.py)
             pending_P = self._pending_tokens(inp)
@@ -344,7 +331,7 @@ class ModelRunner:
                 handle.sampled_R = res.spec.sampled_R
             elif meta is not None:
                 self._sample(handle, inp, meta, h_TD, res)
-            self._kv_saves(transfers)
+            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
         res.device_s = time.perf_counter() - t0
         return res
 
@@ -352,15 +339,15 @@ class ModelRunner:
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
-            self._kv_loads(transfers)
+            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=False)
             if not run_forward:
-                self._kv_saves(transfers)
+                start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
                 return DeviceResult()
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)
             self.step_plan.forward_moe_only(self.model)
             res = DeviceResult(read_moe=self._take_moe())
-            self._kv_saves(transfers)
+            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
         res.device_s = time.perf_counter() - t0
         return res
 
