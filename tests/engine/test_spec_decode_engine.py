@@ -8,9 +8,12 @@ import random
 
 import pytest
 
-from moelink.engine import LLM, SamplingParams
+from prometheus_client import generate_latest
 
-from tests.engine.spec_drafters import OracleDrafter
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.core.metrics import EngineMetrics
+
+from moelink.benchmarks.spec_decode import OracleDrafter
 
 
 def _prompts(vocab: int, n: int = 24, seed: int = 0) -> list[list[int]]:
@@ -58,8 +61,13 @@ def test_greedy_output_with_a_drafter_equals_plain_decoding(reference, drafter):
     with _llm(path, spec, blocks=40) as llm:  # a small pool: preemptions happen
         got = _tokens(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
         stats = llm.engine.stats()
+        metrics = EngineMetrics()
+        metrics.attach(llm.engine)
+        scrape = generate_latest(metrics.registry).decode()
     assert got == want
     sd = stats.spec_decode
+    assert f"moelink_spec_decode_num_accepted_tokens_total {float(sd.num_accepted_tokens)}" in scrape
+    assert 'moelink_spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in scrape
     assert sd is not None and sd.num_accepted_tokens > 0 and sd.mean_accepted_length > 1.0
     if drafter == "oracle":
         assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0
