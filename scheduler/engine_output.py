@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .outputs import TokenLogprobs
+from .spec_decode import SpecDecodeCounters
 
 
 @dataclass(slots=True)
@@ -41,6 +43,8 @@ class SchedulerStats:
     prefix_cache_queries: int  # tokens looked up, cumulative
     prefix_cache_hits: int  # tokens found, cumulative
     num_preemptions_total: int
+    # Speculative decoding's counters (scheduler/spec_decode.py); None until a step verified drafts.
+    spec_decode: Optional[SpecDecodeCounters] = None
 
     @classmethod
     def combine(cls, per_rank: "list[SchedulerStats]") -> "SchedulerStats":
@@ -55,8 +59,19 @@ class SchedulerStats:
             prefix_cache_queries=sum(s.prefix_cache_queries for s in per_rank),
             prefix_cache_hits=sum(s.prefix_cache_hits for s in per_rank),
             num_preemptions_total=sum(s.num_preemptions_total for s in per_rank),
+            spec_decode=_combined_spec([s.spec_decode for s in per_rank]),
         )
 
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+def _combined_spec(per_rank: "list[SpecDecodeCounters | None]") -> "SpecDecodeCounters | None":
+    ranks = [c for c in per_rank if c is not None]
+    if not ranks:
+        return None
+    total = SpecDecodeCounters()
+    for c in ranks:
+        total.add(c)
+    return total

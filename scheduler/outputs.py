@@ -141,6 +141,9 @@ class SchedulerOutput:
     # KV connector (scheduler/kv_connector.py): the transfers this step starts and whether any are awaited; None
     # without a connector, or when none is under way (then the worker does no transfer work at all).
     kv_transfers: Optional[KVTransferPlan] = None
+    # Speculative decoding: per request, the draft tokens this step verifies (scheduled after the request's last
+    # known token: num_scheduled_tokens counts them). Empty without a drafter.
+    scheduled_spec_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -222,3 +225,6 @@ class ModelRunnerOutput:
     # KV connector: transfer id -> True (done) / False (failed), for the transfers that ended since the rank's
     # last report; None without a connector or when none ended.
     kv_transfers_done: Optional[dict[int, bool]] = None
+    # Speculative decoding: per request, the draft tokens the worker proposes for its next step (it verifies them
+    # then); None without a drafter.
+    draft_token_ids: Optional[dict[str, list[int]]] = None

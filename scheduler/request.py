@@ -110,6 +110,9 @@ class Request:
         self.num_cached_tokens = 0  # prefix-cache hit tokens at the first schedule
         self.num_preemptions = 0
         self.num_requeues = 0  # taken over from a lost rank and recomputed (elastic EP: Scheduler.requeue)
+        # Speculative decoding: the draft tokens the worker proposed after the last step, verified by the next
+        # step that schedules this request (scheduler/spec_decode.py); empty without a drafter.
+        self.spec_token_ids: list[int] = []
         # Chain hashes of the full blocks of all_token_ids, extended lazily by
         # the KV cache manager. Tokens are only ever appended, so a hash once
         # computed stays valid, preemptions included.

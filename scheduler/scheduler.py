@@ -39,6 +39,7 @@ from .engine_output import SchedulerStats
 from .kv_cache_manager import KVCacheManager
 from .kv_connector import KVConnector, KVTransfers
 from .sliding_kv import SlidingKVCacheManager
+from .spec_decode import SpecDecodeCounters, take_drafts
 from .outputs import CachedRequestData, NewRequestData, SchedulerOutput
 from .recovery import RecoveryMixin
 from .request import Request, RequestStatus
@@ -97,6 +98,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         self._scheduled: dict[int, list[tuple[Request, int]]] = {}
         # KV loads and saves through a connector (scheduler/kv_connector.py); None: no connector, no cost.
         self.kv_transfers = KVTransfers(kv_connector, self.kv) if kv_connector is not None else None
+        self.spec_counters = SpecDecodeCounters()  # speculative decoding (scheduler/spec_decode.py)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, req: Request) -> None:
@@ -214,6 +216,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                                          or known + in_flight >= max_len or known + in_flight > pool_tokens)):
                 i += 1
                 continue
+            if req.spec_token_ids:  # drafts to verify (scheduler/spec_decode.py)
+                n += take_drafts(req, out, n, in_flight, budget, max_len, pool_tokens)
             held = tables.get(req.request_id) if tables is not None else None
             if held and req.num_computed_tokens + n <= len(held) * bs:
                 new_blocks = []
@@ -229,6 +233,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                     break
                 new_blocks = self.kv.allocate_slots(req, n)
             if new_blocks is None:
+                out.scheduled_spec_tokens.pop(req.request_id, None)
                 break  # req preempted itself; it was the last running request
             cached = CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens)
             if extras is not None:
@@ -237,7 +242,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             num_scheduled[req.request_id] = n
             computed = req.num_computed_tokens = req.num_computed_tokens + n
             scheduled.append((req, computed))  # as _note_scheduled, inlined
-            if computed == known + in_flight:
+            if computed >= known + in_flight:  # reaches its last token (past it: verified drafts)
                 req.num_output_placeholders = in_flight + 1
             budget -= n
             i += 1
@@ -332,6 +337,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(req)
@@ -355,7 +361,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             num_running=len(self.running), num_waiting=len(self.waiting) + holding, kv_usage=pool.usage,
             num_free_blocks=pool.num_free_blocks, num_total_blocks=pool.num_blocks,
             prefix_cache_queries=pool.prefix_cache_queries, prefix_cache_hits=pool.prefix_cache_hits,
-            num_preemptions_total=self.num_preemptions_total)
+            num_preemptions_total=self.num_preemptions_total,
+            spec_decode=self.spec_counters.copy() if self.spec_counters.num_verify_rows else None)
 
     def reset_prefix_cache(self) -> int:
         """Forget all cached prefixes (e.g. after a weight update)."""

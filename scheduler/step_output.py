@@ -48,9 +48,12 @@ class StepOutputMixin:
         max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
         # The hot loop of a decode step (once per request per step): attribute reads kept local, the stop rules
         # of _check_stop inlined for the common token that ends nothing.
+        spec = sched_out.scheduled_spec_tokens
         for req, written in self._scheduled.pop(sched_out.step_id, ()):
             status = req.status
             rid = req.request_id
+            if spec and rid in spec:
+                written = self._take_verified(req, written, len(spec[rid]), sampled.get(rid))
             if status is running_status:
                 # The step has written this KV: blocks it filled are shareable now (most steps fill none).
                 if cached_blocks is not None and written // bs > cached_blocks.get(rid, 0) \
@@ -93,7 +96,28 @@ class StepOutputMixin:
                 self.waiting = deque(r for r in self.waiting if not r.is_finished)
             for r, _ in finished:
                 self._release(r)
+        drafts = runner_out.draft_token_ids
+        if drafts:
+            requests = self.requests
+            for rid, draft in drafts.items():
+                req = requests.get(rid)
+                if req is not None and req.status is running_status:
+                    req.spec_token_ids = draft
         return outputs
+
+    def _take_verified(self, req: Request, written: int, num_drafts: int, tokens: list[int] | None) -> int:
+        """A request that verified `num_drafts` drafts this step and got `tokens` (the accepted drafts and one
+        more): its computed tokens go back past the first rejected draft (scheduler/spec_decode.py). Returns the
+        KV end the step leaves valid."""
+        accepted = len(tokens) - 1 if tokens else 0
+        if not 0 <= accepted <= num_drafts:
+            raise ValueError(f"ModelRunnerOutput.sampled_token_ids[{req.request_id!r}] has {len(tokens or ())} "
+                             f"tokens for {num_drafts} verified drafts: give the accepted drafts and one more.")
+        rejected = num_drafts - accepted
+        if req.status is RequestStatus.RUNNING:  # preempted or finished meanwhile: nothing computed is kept
+            req.num_computed_tokens -= rejected
+        self.spec_counters.record(num_drafts, accepted)
+        return written - rejected
 
     def _take_tokens(self, req: Request, tokens: list[int], logprobs: list | None, status: RequestStatus,
                      finished: list) -> EngineCoreOutput:

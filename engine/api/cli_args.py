@@ -98,6 +98,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-warmup", action="store_true",
                    help="serve without first compiling and running every kernel variant a request can hit (a "
                         "faster restart; the first requests then pay the compiles)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding, as vLLM spells it: '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 3}' (prompt lookup; prompt_lookup_max / prompt_lookup_min "
+                        "too). Runs the serial step loop (default: off)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
                    help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
                         "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
@@ -123,5 +127,5 @@ def engine_args_from(ns: argparse.Namespace):
         enable_two_batch_overlap=ns.enable_two_batch_overlap, elastic_ep=ns.elastic_ep,
         async_scheduling=ns.async_scheduling,
         ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s, load_format=ns.load_format,
-        skip_warmup=ns.skip_warmup,
+        skip_warmup=ns.skip_warmup, speculative_config=ns.speculative_config,
     )

@@ -17,6 +17,7 @@ from .kv_sizing import driver_num_kv_blocks, kv_sliding_window
 from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
+from .speculative import SpeculativeConfig
 from .worker_config import LOAD_FORMATS, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class EngineConfig:
     skip_warmup: bool = False  # start without compiling every kernel variant first (engine/rank/warmup.py)
     # Moves KV between engines (prefill/decode disaggregation): engine/contract/kv_connector.py. None: none.
     kv_connector: object = None
+    # Speculative decoding (engine/config/speculative.py); None: off.
+    speculative: Optional[SpeculativeConfig] = None
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -49,7 +52,7 @@ class EngineConfig:
             comm_timeout_s=self.parallel.comm_timeout_s,
             two_batch_overlap=self.parallel.enable_two_batch_overlap and self.parallel.world_size > 1,
             async_scheduling=self.scheduler.async_scheduling, load_format=self.load_format,
-            kv_connector=self.kv_connector)
+            kv_connector=self.kv_connector, speculative=self.speculative)
 
 
 @dataclass
@@ -131,6 +134,10 @@ class EngineArgs:
     # request's prompt KV through it instead of computing it, and saves the prompt KV it computes. An object, not a
     # command-line flag: the in-host reference is engine/cluster/kv_inhost.py. None: no connector.
     kv_connector: Optional[object] = None
+    # Speculative decoding, as vLLM's --speculative-config: JSON text, a dict or a SpeculativeConfig
+    # (engine/config/speculative.py), e.g. '{"method": "ngram", "num_speculative_tokens": 3}'. None: off. It runs
+    # the serial step loop (drafts need the tokens just emitted): async_scheduling is turned off, logged once.
+    speculative_config: Optional[object] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -170,6 +177,12 @@ class EngineArgs:
         if self.kv_connector is not None and not all(
                 callable(getattr(self.kv_connector, m, None)) for m in ("scheduler_side", "worker_side")):
             bad("kv_connector", "must be None or a KV connector factory (scheduler_side(rank), worker_side(rank))")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        spec = self.speculative_config
+        if spec is not None and spec.method != "ngram" and spec.drafter_factory is None:
+            raise ValueError(f"speculative_config.method={spec.method!r} is not available yet: its draft model "
+                             "(engine/models/mtp.py, engine/models/eagle3.py) is not wired into the verify step; "
+                             "use 'ngram'.")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -219,15 +232,20 @@ class EngineArgs:
         # The budget must hold at least one whole sequence's worth of chunks: vLLM's default of 8192,
         # but never below max_num_seqs so every running request can decode each step.
         budget = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        async_scheduling = self.async_scheduling
+        if self.speculative_config is not None and async_scheduling:
+            logger.info("speculative decoding runs the serial step loop: async scheduling is off.")
+            async_scheduling = False
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
-                                max_model_len=model_cfg.max_model_len, async_scheduling=self.async_scheduling)
+                                max_model_len=model_cfg.max_model_len, async_scheduling=async_scheduling)
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device),
                             enable_prefix_caching=self.enable_prefix_caching,
                             sliding_window=kv_sliding_window(model_cfg))
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,
-                            skip_warmup=self.skip_warmup, kv_connector=self.kv_connector)
+                            skip_warmup=self.skip_warmup, kv_connector=self.kv_connector,
+                            speculative=self.speculative_config)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
         return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,

@@ -43,6 +43,8 @@ class WorkerConfig:
     load_format: str = "auto"  # LOAD_FORMATS
     # A KV connector (engine/contract/kv_connector.py): the worker builds its rank's worker half from it. None: none.
     kv_connector: object = None
+    # Speculative decoding (engine/config/speculative.py): the runner's drafter; None: off.
+    speculative: object = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):

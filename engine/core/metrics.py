@@ -123,6 +123,8 @@ class _EngineCollector:
         yield _gauge("moelink_generation_tokens_per_second", f"Generated tokens/s over the last {_THROUGHPUT_WINDOW_S:.0f} s.",
                      self.m.tokens_per_second())
         yield from self._elastic(eng.elastic_stats)
+        if st.spec_decode is not None:
+            yield from spec_decode_families(st.spec_decode)
         yield from self._moe(eng)
 
     @staticmethod
@@ -178,6 +180,25 @@ class _EngineCollector:
         eplb = eng.eplb
         if eplb is not None:  # online EPLB (--eplb-interval)
             yield from eplb_families(eplb.snapshot())
+
+
+def spec_decode_families(sd):
+    """Speculative decoding (scheduler/spec_decode.py), named as vLLM names them: verify rows, drafts verified,
+    drafts accepted (in all and per draft position), and the acceptance rate and mean accepted length."""
+    yield _counter("moelink_spec_decode_num_drafts", "Request-steps that verified at least one draft token.",
+                   sd.num_verify_rows)
+    yield _counter("moelink_spec_decode_num_draft_tokens", "Draft tokens verified.", sd.num_draft_tokens)
+    yield _counter("moelink_spec_decode_num_accepted_tokens", "Draft tokens accepted.", sd.num_accepted_tokens)
+    per_pos = CounterMetricFamily("moelink_spec_decode_num_accepted_tokens_per_pos",
+                                  "Draft tokens accepted at each draft position (0: the first draft).",
+                                  labels=["position"])
+    for i, n in enumerate(sd.accepted_per_position):
+        per_pos.add_metric([str(i)], n)
+    yield per_pos
+    yield _gauge("moelink_spec_decode_acceptance_rate", "Accepted over verified draft tokens, since start.",
+                 sd.acceptance_rate)
+    yield _gauge("moelink_spec_decode_mean_accepted_length", "Tokens a verifying request emits per step (its "
+                 "accepted drafts and one more), since start.", sd.mean_accepted_length)
 
 
 def eplb_families(m: dict):

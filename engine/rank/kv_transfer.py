@@ -118,4 +118,15 @@ class WorkerKVConnector(Protocol):
         """Transfer id -> True (done) / False (failed) for the transfers that ended since the last poll."""
 
 
-__all__ = ["FULL", "SLIDING", "PagedKVBlocks", "SavedKV", "WorkerKVConnector"]
+
+
+def start_transfers(connector: "WorkerKVConnector | None", transfers, blocks: "PagedKVBlocks", *, saves: bool) -> None:
+    """Start a step's planned KV loads (before its forward) or saves (after it) on `connector`; nothing when the
+    step plans none (`transfers` None)."""
+    if transfers is None:
+        return
+    for t in transfers.saves if saves else transfers.loads:
+        (connector.start_save if saves else connector.start_load)(t, blocks)
+
+
+__all__ = ["FULL", "SLIDING", "PagedKVBlocks", "SavedKV", "WorkerKVConnector", "start_transfers"]

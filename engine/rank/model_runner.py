@@ -25,11 +25,13 @@ from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from .loader import load_model
 from .weight_memory import describe_memory, weight_bytes_by_format
 from ..models.layers import ForwardContext
+from .drafter import make_drafter
 from .sampler import Sampler, SamplingMetadata
+from .spec_verify import SpecStep
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
 from ..contract.sampling_params import SamplingParams
 from .step_handle import DeviceResult, StepHandle
-from .kv_transfer import PagedKVBlocks, WorkerKVConnector
+from .kv_transfer import PagedKVBlocks, WorkerKVConnector, start_transfers
 from .step_inputs import StepInputs, build_step_inputs
 from .input_batch import PersistentBatch
 from .step_plan import SingleBatch, TwoBatchOverlap
@@ -44,7 +46,7 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
                  graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
-                 load_format: str = "auto", kv_connector: WorkerKVConnector | None = None):
+                 load_format: str = "auto", kv_connector: WorkerKVConnector | None = None, speculative=None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 
@@ -55,7 +57,8 @@ class ModelRunner:
         serial loop).
         `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random).
         `kv_connector`: the worker half of a KV connector (engine/rank/kv_transfer.py), which runs the KV loads
-        and saves a step plans (`SchedulerOutput.kv_transfers`); None: no connector."""
+        and saves a step plans (`SchedulerOutput.kv_transfers`); None: no connector.
+        `speculative`: a SpeculativeConfig (engine/config/speculative.py): its drafter proposes after each step."""
         self.cfg = model_cfg
         self.device = device
         self.step_plan = step_plan if step_plan is not None else SingleBatch()
@@ -77,6 +80,8 @@ class ModelRunner:
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
+        self.drafter = make_drafter(speculative)  # None: no speculative decoding (engine/rank/drafter.py)
+        self.num_speculative_tokens = speculative.num_speculative_tokens if speculative is not None else 0
         self.stream = stream if stream is not None else InlineStream()
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
@@ -240,7 +245,7 @@ class ModelRunner:
             raise RuntimeError(f"step {so.step_id} plans KV transfers, but this rank has no KV connector: give the "
                                "engine's kv_connector to every rank (WorkerConfig.kv_connector).")
         if so.total_num_scheduled_tokens == 0:
-            handle = StepHandle(so.step_id, [], 0, 0, 0.0, self._kv_poll())
+            handle = StepHandle(so.step_id, [], 0, 0, 0.0, (self.kv_connector.poll if self.kv_connector is not None else None))
             if run_forward or ops or transfers is not None:
                 # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
                 # so this eager pass makes the same collective calls as its peers' replays.
@@ -253,14 +258,22 @@ class ModelRunner:
         states = [self.requests[r] for r in num_scheduled]
         query_lens = list(num_scheduled.values())
         rows_S = self.batch.rows_of(states)
+        spec = so.scheduled_spec_tokens
         inp = build_step_inputs(states, query_lens, self.block_size, self.sliding_window, self.null_block,
-                                tables_SM=self.batch.tables(rows_S))
+                                tables_SM=self.batch.tables(rows_S),
+                                spec_tokens=[spec.get(st.req_id) for st in states] if spec else None)
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
-        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, self._kv_poll())
+        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, (self.kv_connector.poll if self.kv_connector is not None else None), self.drafter,
+                            spec, self.num_speculative_tokens)
         meta = None
-        if picked:
+        if picked and spec:  # a verify step (speculative decoding: engine/rank/spec_verify.py)
+            meta = SpecStep(self.batch, rows_S, inp.sample_rows, inp.qsl_S1, picked, spec, self.eos_token_ids,
+                            self.device, so.grammar_bitmask, inp.num_pending)
+            for r, st in enumerate(picked):
+                st.pending = (handle, r)
+        elif picked:
             bitmasks = so.grammar_bitmask
             meta = SamplingMetadata.from_batch(
                 self.batch, rows_S[inp.sample_rows], picked, self.eos_token_ids, self.device,
@@ -278,19 +291,6 @@ class ModelRunner:
         self._in_flight.append(handle)
         return handle
 
-    def _kv_poll(self):
-        return self.kv_connector.poll if self.kv_connector is not None else None
-
-    def _kv_loads(self, transfers) -> None:
-        if transfers is not None:
-            for t in transfers.loads:
-                self.kv_connector.start_load(t, self.kv_blocks)
-
-    def _kv_saves(self, transfers) -> None:
-        if transfers is not None:
-            for t in transfers.saves:
-                self.kv_connector.start_save(t, self.kv_blocks)
-
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | None, staged,
                      ep_step, ops: list, transfers=None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
@@ -300,7 +300,7 @@ class ModelRunner:
         dev = self.device
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
-            self._kv_loads(transfers)
+            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=False)
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/contract/ep_step.py)
             pending_P = self._pending_tokens(inp)
@@ -326,9 +326,12 @@ class ModelRunner:
                 h_TD = self.step_plan.forward(self.model, input_ids_T, to_device(inp.positions_T, torch.long, dev),
                                               ForwardContext(attn, self.kv_caches, attn_sliding))
             res = DeviceResult(read_moe=self._take_moe())
-            if meta is not None:
+            if isinstance(meta, SpecStep):
+                res.spec = meta.run(self.model, self.sampler, h_TD)
+                handle.sampled_R = res.spec.sampled_R
+            elif meta is not None:
                 self._sample(handle, inp, meta, h_TD, res)
-            self._kv_saves(transfers)
+            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
         res.device_s = time.perf_counter() - t0
         return res
 
@@ -336,15 +339,15 @@ class ModelRunner:
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
-            self._kv_loads(transfers)
+            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=False)
             if not run_forward:
-                self._kv_saves(transfers)
+                start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
                 return DeviceResult()
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)
             self.step_plan.forward_moe_only(self.model)
             res = DeviceResult(read_moe=self._take_moe())
-            self._kv_saves(transfers)
+            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
         res.device_s = time.perf_counter() - t0
         return res
 

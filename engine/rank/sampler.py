@@ -109,17 +109,23 @@ class Sampler:
 
     @staticmethod
     def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        logits.div_(meta.temperature_B.unsqueeze(1))
-        if meta.min_p_B is not None:
-            probs = logits.softmax(dim=-1)
-            threshold_B1 = probs.amax(dim=-1, keepdim=True) * meta.min_p_B.unsqueeze(1)
-            logits.masked_fill_(probs < threshold_B1, _NEG_INF)
-        if meta.top_p_B is not None:
-            logits = _apply_top_k_top_p_sorted(logits, meta.top_k_B, meta.top_p_B)
-        elif meta.top_k_B is not None:
-            _apply_top_k_only(logits, meta.top_k_B, meta.max_top_k)
+        return _exponential_race(processed_probs(logits, meta), meta)
+
+
+def processed_probs(logits: torch.Tensor, meta) -> torch.Tensor:
+    """The distribution a random row samples from: temperature, min-p, top-k, top-p applied to float32 `logits`
+    (in place), then softmax. `meta` needs temperature_B, min_p_B, top_k_B, top_p_B, max_top_k (a
+    SamplingMetadata, or speculative decoding's per-position expansion of one: engine/rank/spec_verify.py)."""
+    logits.div_(meta.temperature_B.unsqueeze(1))
+    if meta.min_p_B is not None:
         probs = logits.softmax(dim=-1)
-        return _exponential_race(probs, meta)
+        threshold_B1 = probs.amax(dim=-1, keepdim=True) * meta.min_p_B.unsqueeze(1)
+        logits.masked_fill_(probs < threshold_B1, _NEG_INF)
+    if meta.top_p_B is not None:
+        logits = _apply_top_k_top_p_sorted(logits, meta.top_k_B, meta.top_p_B)
+    elif meta.top_k_B is not None:
+        _apply_top_k_only(logits, meta.top_k_B, meta.max_top_k)
+    return logits.softmax(dim=-1)
 
 
 def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:

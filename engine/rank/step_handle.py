@@ -18,6 +18,7 @@ import torch
 from moelink.scheduler.outputs import ModelRunnerOutput, StepStats
 
 from .device_stream import DeviceWork
+from .drafter import may_draft
 from .sampler import unpack_logprobs
 
 
@@ -31,14 +32,19 @@ class DeviceResult:
     max_num_logprobs: int = 0
     read_moe: Optional[Callable[[], object]] = None  # MoEStats.take()'s reader
     device_s: float = 0.0  # seconds the device work took to run (CPU) or to launch (CUDA), host clock
+    spec: Optional[object] = None  # a verify step's sampling (engine/rank/spec_verify.py SpecResult)
 
 
 class StepHandle:
     """One launched step of one rank (see the module docstring)."""
 
     def __init__(self, step_id: int, states: list, num_tokens: int, num_seqs: int, host_s: float,
-                 kv_poll: Optional[Callable[[], Optional[dict]]] = None):
+                 kv_poll: Optional[Callable[[], Optional[dict]]] = None, drafter=None,
+                 spec_tokens: Optional[dict[str, list[int]]] = None, num_speculative_tokens: int = 0):
         self.step_id = step_id
+        # Speculative decoding: the rank's drafter (engine/rank/drafter.py), asked once the tokens are in; and the
+        # drafts this step verifies per request (their rejected tail is rolled back at collect).
+        self.drafter, self.spec_tokens, self.drafter_k = drafter, spec_tokens, num_speculative_tokens
         self.kv_poll = kv_poll  # the KV connector's poll (engine/rank/kv_transfer.py); None without one
         self.states = states  # the request states of the rows that sample, in row order
         self.num_tokens, self.num_seqs = num_tokens, num_seqs
@@ -66,7 +72,9 @@ class StepHandle:
         if res is None:  # the rank ran no model code
             self._output = out
             return out
-        if res.tokens_R is not None:
+        if res.spec is not None:
+            self._collect_verified(res.spec, out)
+        elif res.tokens_R is not None:
             token_ids = res.tokens_R.tolist()  # host memory already (the wait above): no device sync here
             logprobs = (unpack_logprobs(res.logprobs_LX.tolist(), res.num_logprobs, res.max_num_logprobs)
                         if res.logprobs_LX is not None else None)
@@ -82,10 +90,37 @@ class StepHandle:
                 sampled[st.req_id] = [tok]
                 if logprobs is not None and logprobs[r] is not None:
                     out.logprobs[st.req_id] = [logprobs[r]]
+        if self.drafter is not None and self.states:
+            self._draft(out)
         moe = res.read_moe() if res.read_moe is not None else None
         out.stats = StepStats(self.num_tokens, self.num_seqs, self.host_s + res.device_s, moe, wait_s=wait_s)
         self._output = out
         return out
+
+    def _collect_verified(self, spec, out: ModelRunnerOutput) -> None:
+        """A verify step: each row's emitted tokens (accepted drafts and one more) appended; the rejected drafts'
+        positions are no longer computed (their KV slots are overwritten by the next tokens)."""
+        drafts = self.spec_tokens or {}
+        logprobs = None
+        if spec.plain_logprobs is not None:
+            packed, num, top = spec.plain_logprobs
+            logprobs = dict(zip(spec.plain_rows, unpack_logprobs(packed.tolist(), num, top)))
+        for r, (st, tokens) in enumerate(zip(self.states, spec.token_lists())):
+            st.output_token_ids.extend(tokens)
+            st.all_token_ids.extend(tokens)
+            st.num_computed_tokens -= len(drafts.get(st.req_id, ())) - (len(tokens) - 1)
+            if st.pending is not None and st.pending[0] is self:
+                st.pending = None
+            out.sampled_token_ids[st.req_id] = tokens
+            if logprobs is not None and logprobs.get(r) is not None:
+                out.logprobs[st.req_id] = [logprobs[r]]
+
+    def _draft(self, out: ModelRunnerOutput) -> None:
+        """Drafts for the next step of each request that sampled here and may draft (engine/rank/drafter.py)."""
+        states = [st for st in self.states if may_draft(st)]
+        if states:
+            proposed = self.drafter.propose(states, self.drafter_k)
+            out.draft_token_ids = {st.req_id: d for st, d in zip(states, proposed) if d}
 
 
 __all__ = ["DeviceResult", "StepHandle"]

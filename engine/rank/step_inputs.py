@@ -47,11 +47,13 @@ class StepInputs:
 
 
 def build_step_inputs(states: list, query_lens: list[int], block_size: int, sliding_window: int | None = None,
-                      null_block: int = -1, tables_SM: np.ndarray | None = None) -> StepInputs:
+                      null_block: int = -1, tables_SM: np.ndarray | None = None,
+                      spec_tokens: list[list[int] | None] | None = None) -> StepInputs:
     """The flat batch of `states` (CachedRequestState, in batch order) computing `query_lens[s]` tokens each
     from their `num_computed_tokens`. Vectorised over the batch: only the token gather loops per sequence.
     `tables_SM`: the sequences' block tables gathered from the runner's persistent batch (input_batch.py);
-    None: built here from each state's `block_arr`."""
+    None: built here from each state's `block_arr`. `spec_tokens[s]`: the draft tokens sequence s verifies
+    after its last known token (speculative decoding; counted in its query length), or None."""
     bs = block_size
     num_seqs = len(states)
     starts = [st.num_computed_tokens for st in states]
@@ -85,11 +87,16 @@ def build_step_inputs(states: list, query_lens: list[int], block_size: int, slid
         last_T = seq_of_token
     else:
         tokens = []
-        for st, c, n in zip(states, starts, query_lens):
+        num_spec = [0] * num_seqs
+        for s, (st, c, n) in enumerate(zip(states, starts, query_lens)):
             known = st.all_token_ids
             chunk = known[c : c + n]
             tokens.extend(chunk)
-            if len(chunk) < n:
+            drafts = spec_tokens[s] if spec_tokens is not None else None
+            if drafts:  # the last known token, then the drafts it verifies
+                num_spec[s] = len(drafts)
+                tokens.extend(drafts)
+            elif len(chunk) < n:
                 tokens.extend([0] * (n - len(chunk)))
         q = np.asarray(query_lens)
         seq_of_token = np.repeat(np.arange(num_seqs), q)
@@ -99,6 +106,7 @@ def build_step_inputs(states: list, query_lens: list[int], block_size: int, slid
         for s, (st, L) in enumerate(zip(states, seq_lens)):
             known = len(st.all_token_ids)
             in_flight = 1 if st.pending is not None else 0
+            L -= num_spec[s]  # verified drafts sit past the request's last token; they are no pending token
             if L > known:
                 _pending_source(st, L - 1, pending_src)
                 pending_dst.append(int(last_T[s]))

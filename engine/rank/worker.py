@@ -111,7 +111,8 @@ class Worker:
                                   step_plan=make_step_plan(cfg.two_batch_overlap, self.world_size),
                                   stream=make_stream(self.device, cfg.async_scheduling),
                                   load_format=cfg.load_format,
-                                  kv_connector=cfg.kv_connector.worker_side(self.rank) if cfg.kv_connector else None)
+                                  kv_connector=cfg.kv_connector.worker_side(self.rank) if cfg.kv_connector else None,
+                                  speculative=cfg.speculative)
 
     def preload(self) -> bool:
         """A replacement rank, before it joins (engine/cluster/rejoin.py): load its share of `plan` (weights, placement

@@ -1,0 +1,145 @@
+"""Speculative decoding's speed against its acceptance: tokens per step, step time and decode tokens/s vs p.
+
+    python -m moelink.benchmarks.spec_decode [--model DIR [--load-format dummy]] [--batch 1 4 16]
+        [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--out benchmarks/results/spec_decode_<device>.json]
+
+A drafter of chosen acceptance (`OracleDrafter`: it proposes each request's known continuation, each draft right
+with probability p and wrong otherwise) isolates the engine's verify path from any real drafter's quality: at
+p the expected tokens per verify row are (1 - p^(k+1)) / (1 - p). Per batch size, side by side in one run:
+1. plain decoding, the default loop (async scheduling) and the serial loop (what speculative steps run on);
+   the greedy outputs of the first are the drafter's reference continuations;
+2. per p: the same requests with k drafts per step (greedy; outputs checked token-identical to 1).
+Reported: decode tokens/s, engine steps, tokens per request-step, mean accepted length, acceptance rate, ms per
+step, and the speed-up over both plain loops. Without --model a tiny Qwen3-MoE checkpoint is made (CPU);
+on a GPU give a full-size model directory with --load-format dummy (config.json alone).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from moelink.engine.api.provenance import git_commit, write_result
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class OracleDrafter:
+    """Proposes a request's known continuation (`reference[prompt]`: its greedy output without speculation), each
+    draft right with probability `p`, otherwise a wrong token: a drafter of chosen acceptance (tests, this
+    benchmark). Requests without a reference draft nothing. Module-level, so a functools.partial pickles to Ray
+    ranks."""
+
+    def __init__(self, reference: dict[tuple, list[int]], p: float, vocab: int, seed: int = 0):
+        self.reference, self.p, self.vocab = reference, p, vocab
+        self.rng = random.Random(seed)
+
+    def propose(self, states, k: int) -> list[list[int]]:
+        out = []
+        for st in states:
+            ref = self.reference.get(tuple(st.prompt_token_ids))
+            pos = len(st.output_token_ids)
+            drafts = []
+            if ref is not None:
+                for t in ref[pos: pos + k]:
+                    drafts.append(t if self.rng.random() < self.p else (t + 1) % self.vocab)
+            out.append(drafts)
+        return out
+
+
+def _run(llm, prompts, params, repeats: int = 1) -> tuple[list[list[int]], float, int]:
+    """Outputs, median seconds over `repeats` runs (a shared machine's noise), and the steps of one run."""
+    eng = llm.engine
+    times = []
+    for _ in range(repeats):
+        steps0 = eng.loop_stats.steps
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+        steps = eng.loop_stats.steps - steps0
+    return [o.outputs[0].token_ids for o in outs], statistics.median(times), steps
+
+
+def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine_kw: dict, repeats: int = 3) -> dict:
+    from moelink.engine import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    rows = {}
+    ref = None
+    for name, async_sched in (("plain", True), ("plain_serial", False)):
+        with LLM(model, async_scheduling=async_sched, **engine_kw) as llm:
+            vocab = llm.engine.config.model.vocab_size
+            rng = random.Random(batch)
+            prompts = [[rng.randrange(3, vocab) for _ in range(16)] for _ in range(batch)]
+            _run(llm, prompts, params)  # warm
+            out, seconds, steps = _run(llm, prompts, params, repeats)
+        if ref is None:
+            ref = {tuple(p): o for p, o in zip(prompts, out)}
+        rows[name] = dict(tokens_per_s=batch * tokens / seconds, steps=steps, ms_per_step=1e3 * seconds / steps)
+    for p in ps:
+        spec = {"method": "ngram", "num_speculative_tokens": k,
+                "drafter_factory": functools.partial(OracleDrafter, ref, p, vocab, 0)}
+        with LLM(model, speculative_config=spec, **engine_kw) as llm:
+            _run(llm, prompts, params)
+            before = llm.engine.stats().spec_decode
+            out, seconds, steps = _run(llm, prompts, params, repeats)
+            sd = llm.engine.stats().spec_decode
+        same = out == [ref[tuple(q)] for q in prompts]
+        rows_v = sd.num_verify_rows - (before.num_verify_rows if before else 0)
+        acc = sd.num_accepted_tokens - (before.num_accepted_tokens if before else 0)
+        drafts = sd.num_draft_tokens - (before.num_draft_tokens if before else 0)
+        tps = batch * tokens / seconds
+        rows[f"p={p:g}"] = dict(
+            tokens_per_s=tps, steps=steps, ms_per_step=1e3 * seconds / steps, identical_to_plain=same,
+            tokens_per_request_step=batch * tokens / (steps * batch), mean_accepted_length=1 + acc / rows_v if rows_v else 1.0,
+            acceptance_rate=acc / drafts if drafts else 0.0, expected_length=(1 - p ** (k + 1)) / (1 - p) if p < 1 else k + 1,
+            speedup_vs_plain=tps / rows["plain"]["tokens_per_s"],
+            speedup_vs_serial=tps / rows["plain_serial"]["tokens_per_s"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m moelink.benchmarks.spec_decode", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: a tiny Qwen3-MoE made here)")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--p", type=float, nargs="+", default=[0.0, 0.5, 0.8, 1.0])
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if any(not 0.0 <= p <= 1.0 for p in args.p):
+        ap.error(f"--p {args.p} is invalid: each must be in [0, 1].")
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            from moelink.engine.tools.tiny_model import make_tiny_model
+            model = str(make_tiny_model(Path(tmp) / "tiny", arch="qwen3_moe"))
+        kw = dict(dtype=args.dtype, max_model_len=16 + args.tokens + 8, load_format=args.load_format,
+                  max_num_seqs=max(args.batch))
+        result = dict(commit=git_commit(), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                      model=args.model or "tiny qwen3_moe", k=args.k, tokens=args.tokens, batches={})
+        for b in args.batch:
+            rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats)
+            result["batches"][str(b)] = rows
+            print(f"batch {b}: plain {rows['plain']['tokens_per_s']:.0f} tok/s ({rows['plain']['ms_per_step']:.2f} "
+                  f"ms/step), serial {rows['plain_serial']['tokens_per_s']:.0f} tok/s")
+            for name, r in rows.items():
+                if name.startswith("p="):
+                    print(f"  {name}: {r['tokens_per_s']:.0f} tok/s, {r['mean_accepted_length']:.2f} tokens/row "
+                          f"(expected {r['expected_length']:.2f}), {r['ms_per_step']:.2f} ms/step, x{r['speedup_vs_plain']:.2f} "
+                          f"vs plain, x{r['speedup_vs_serial']:.2f} vs serial, identical={r['identical_to_plain']}")
+    tag = "cpu" if result["device"] == "cpu" else result["device"].replace(" ", "_").lower()
+    print(f"wrote {write_result(args.out or RESULTS / f'spec_decode_{tag}.json', result)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""SpeculativeConfig: which drafter proposes tokens and how many, as vLLM's `--speculative-config` names them.
+
+    --speculative-config '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}'
+    --speculative-config '{"method": "mtp", "num_speculative_tokens": 2}'
+    --speculative-config '{"method": "eagle3", "model": "/path/to/eagle3-head", "num_speculative_tokens": 3}'
+
+Methods: "ngram" (prompt lookup: no weights), "mtp" (the checkpoint's own next-n layers, DeepSeek-V3/R1, GLM-4.5,
+Kimi K2; "deepseek_mtp" is accepted as vLLM's older name), "eagle3" (a separate EAGLE-3 head checkpoint). Every
+key is checked here, where the config is made: an unknown key, a wrong type or a value out of range is one
+ValueError naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional
+
+METHODS = ("ngram", "mtp", "eagle3")
+_ALIASES = {"deepseek_mtp": "mtp"}
+# The most tokens one step may draft per request: each costs a verified query row and a KV slot.
+MAX_SPECULATIVE_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    # ngram: the longest and shortest suffix n-gram looked up in the request's own tokens.
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    # eagle3: the head's checkpoint directory (or a Hugging Face repo id).
+    model: Optional[str] = None
+    # The Python API only (tests, benchmarks): a callable returning a Drafter (engine/rank/drafter.py) used instead
+    # of the method's own; picklable when the ranks are Ray workers.
+    drafter_factory: Optional[Callable[[], Any]] = None
+
+    def __post_init__(self) -> None:
+        method = _ALIASES.get(self.method, self.method)
+        if method not in METHODS:
+            raise ValueError(f"speculative_config.method={self.method!r} is invalid: choose from "
+                             f"{', '.join(METHODS)}.")
+        object.__setattr__(self, "method", method)
+        _int_in("num_speculative_tokens", self.num_speculative_tokens, 1, MAX_SPECULATIVE_TOKENS)
+        _int_in("prompt_lookup_max", self.prompt_lookup_max, 1, 64)
+        _int_in("prompt_lookup_min", self.prompt_lookup_min, 1, self.prompt_lookup_max)
+        if self.drafter_factory is not None and not callable(self.drafter_factory):
+            raise ValueError(f"speculative_config.drafter_factory={self.drafter_factory!r} is invalid: must be a "
+                             "callable returning a drafter (Python API only).")
+        if method == "eagle3":
+            if not isinstance(self.model, str) or not self.model:
+                raise ValueError("speculative_config.model is required for method 'eagle3': the EAGLE-3 head's "
+                                 "checkpoint directory or Hugging Face repo id.")
+        elif self.model is not None:
+            raise ValueError(f"speculative_config.model is only for method 'eagle3' (method is {method!r}): "
+                             "'ngram' needs no weights and 'mtp' reads the served checkpoint's own layers.")
+
+    @classmethod
+    def parse(cls, value: "str | dict[str, Any] | SpeculativeConfig | None") -> "SpeculativeConfig | None":
+        """From the flag's JSON text, a dict (the Python API), a config, or None (off)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        from_json = isinstance(value, str)
+        if from_json:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON ({exc.msg} at character {exc.pos}): "
+                                 "give an object such as '{\"method\": \"ngram\", \"num_speculative_tokens\": 3}'."
+                                 ) from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}.")
+        known = {f.name for f in fields(cls)} - ({"drafter_factory"} if from_json else set())
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown key(s) {', '.join(unknown)}: allowed are "
+                             f"{', '.join(sorted(known))}.")
+        for key in ("method", "num_speculative_tokens"):
+            if key not in value:
+                raise ValueError(f"speculative_config.{key} is required.")
+        if not isinstance(value["method"], str):
+            raise ValueError(f"speculative_config.method={value['method']!r} is invalid: choose from "
+                             f"{', '.join(METHODS)}.")
+        return cls(**value)
+
+
+def _int_in(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"speculative_config.{name}={value!r} is invalid: must be an integer in [{low}, {high}].")

@@ -1,0 +1,59 @@
+"""Drafters: what proposes a rank's draft tokens for speculative decoding, one strategy per method.
+
+After a step is collected, the runner asks its drafter for each request that sampled in it: up to k tokens the
+request is likely to emit next. They go back with the step's output (`ModelRunnerOutput.draft_token_ids`), the
+scheduler keeps them on the request, and the request's next decode step verifies them
+(engine/rank/spec_verify.py; scheduler/spec_decode.py). Under expert parallelism each rank drafts for its own
+requests.
+
+Which requests draft: those whose next token is drawn by the processors the verify step applies to every
+position (temperature, min-p, top-k, top-p, greedy, seeds). A request with penalties, logprobs, a grammar, or
+EOS still held back by min_tokens decodes without drafts for now (its output is exactly as without
+speculation, only not faster).
+
+Methods: "ngram" (prompt lookup, engine/rank/ngram_proposer.py). A `drafter_factory` given through the Python
+API (tests, benchmarks: e.g. a drafter of known acceptance) takes precedence. "mtp" and "eagle3" run draft
+models (engine/models/mtp.py, engine/models/eagle3.py) and are not wired into the step yet: asking for them is
+refused where the config is made.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .ngram_proposer import NgramProposer
+
+
+class Drafter(Protocol):
+    """Proposes up to `k` draft tokens for each of `states` (CachedRequestStates that just got their tokens)."""
+
+    def propose(self, states: Sequence, k: int) -> list[list[int]]: ...
+
+
+class NgramDrafter:
+    def __init__(self, k: int, prompt_lookup_max: int, prompt_lookup_min: int):
+        self.proposer = NgramProposer(k, prompt_lookup_max, prompt_lookup_min)
+
+    def propose(self, states: Sequence, k: int) -> list[list[int]]:
+        return [self.proposer.propose(np.asarray(st.all_token_ids, dtype=np.int64), k) for st in states]
+
+
+def may_draft(st) -> bool:
+    """Whether the verify step's processors are all that shape this request's next token (module docstring)."""
+    p = st.params
+    return (p.logprobs is None and p.structured_outputs is None and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            and len(st.output_token_ids) >= p.min_tokens)
+
+
+def make_drafter(spec) -> Drafter | None:
+    """The drafter a SpeculativeConfig names (engine/config/speculative.py); None when speculation is off."""
+    if spec is None:
+        return None
+    if spec.drafter_factory is not None:
+        return spec.drafter_factory()
+    if spec.method == "ngram":
+        return NgramDrafter(spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min)
+    raise ValueError(f"speculative_config.method={spec.method!r} is not available yet: its draft model is not "
+                     "wired into the verify step; use 'ngram'.")

@@ -1,0 +1,111 @@
+"""Speculative decoding end to end (one rank): greedy outputs with a drafter are token-identical to decoding
+without one, with chunked prefill, preemption and prefix caching in play; seeded sampling is reproducible;
+requests the drafter leaves alone (penalties, logprobs) decode exactly as without speculation."""
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+
+from prometheus_client import generate_latest
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.core.metrics import EngineMetrics
+
+from moelink.benchmarks.spec_decode import OracleDrafter
+
+
+def _prompts(vocab: int, n: int = 24, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i % 3 == 0:  # repetitive: the n-gram drafter finds its matches here
+            unit = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 5))]
+            out.append((unit * 12)[: rng.randint(8, 40)])
+        else:
+            out.append([rng.randrange(3, vocab) for _ in range(rng.randint(3, 60))])
+    return out
+
+
+def _llm(path: str, spec=None, **kw) -> LLM:
+    args = dict(dtype="float32", max_model_len=256, max_num_batched_tokens=48, num_kv_blocks=kw.pop("blocks", 96),
+                block_size=4, enable_prefix_caching=True, speculative_config=spec)
+    args.update(kw)
+    return LLM(path, **args)
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    path = tiny_model("qwen3_e6k3")
+    with _llm(path) as llm:
+        prompts = _prompts(llm.engine.config.model.vocab_size)
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        want = _tokens(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
+    return path, prompts, params, want
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "oracle"])
+def test_greedy_output_with_a_drafter_equals_plain_decoding(reference, drafter):
+    path, prompts, params, want = reference
+    if drafter == "ngram":
+        spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}'
+    else:  # right with probability 0.7, wrong otherwise: acceptance and rejection both in play
+        ref = {tuple(p): w for p, w in zip(prompts, want)}
+        spec = {"method": "ngram", "num_speculative_tokens": 3,
+                "drafter_factory": functools.partial(OracleDrafter, ref, 0.7, vocab=64, seed=1)}
+    with _llm(path, spec, blocks=40) as llm:  # a small pool: preemptions happen
+        got = _tokens(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
+        stats = llm.engine.stats()
+        metrics = EngineMetrics()
+        metrics.attach(llm.engine)
+        scrape = generate_latest(metrics.registry).decode()
+    assert got == want
+    sd = stats.spec_decode
+    assert f"moelink_spec_decode_num_accepted_tokens_total {float(sd.num_accepted_tokens)}" in scrape
+    assert 'moelink_spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in scrape
+    assert sd is not None and sd.num_accepted_tokens > 0 and sd.mean_accepted_length > 1.0
+    if drafter == "oracle":
+        assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0
+        assert 0.5 < sd.acceptance_rate < 0.9
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(reference):
+    path, prompts, _, want = reference
+    ref = {tuple(p): w for p, w in zip(prompts, want)}
+    spec = {"method": "ngram", "num_speculative_tokens": 2,
+            "drafter_factory": functools.partial(OracleDrafter, ref, 0.8, vocab=64, seed=2)}
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=100 + i, max_tokens=16, ignore_eos=True)
+              for i in range(len(prompts))]
+    runs = []
+    for _ in range(2):
+        with _llm(path, spec) as llm:
+            runs.append(_tokens(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)))
+    assert runs[0] == runs[1]
+
+
+def test_requests_the_drafter_leaves_alone_decode_as_without_speculation(reference):
+    path, prompts, _, _ = reference
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)]
+    batch = [{"prompt_token_ids": prompts[i]} for i in range(3)]
+    with _llm(path) as plain:
+        want = plain.generate(batch, params, use_tqdm=False)
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    with _llm(path, spec) as llm:
+        got = llm.generate(batch, params, use_tqdm=False)
+    assert _tokens(got) == _tokens(want)
+    assert got[1].outputs[0].logprobs == want[1].outputs[0].logprobs and len(want[1].outputs[0].logprobs) == 12
+
+
+def test_bad_speculative_configs_are_refused(reference):
+    path = reference[0]
+    with pytest.raises(ValueError, match="num_speculative_tokens=9 is invalid"):
+        _llm(path, '{"method": "ngram", "num_speculative_tokens": 9}')
+    with pytest.raises(ValueError, match="method='mtp' is not available yet"):
+        _llm(path, {"method": "mtp", "num_speculative_tokens": 1})
