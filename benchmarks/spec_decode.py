@@ -31,12 +31,12 @@ RESULTS = Path(__file__).parent / "results"
 class OracleDrafter:
     """Proposes a request's known continuation (`reference[prompt]`: its greedy output without speculation), each
     draft right with probability `p`, otherwise a wrong token: a drafter of chosen acceptance (tests, this
-    benchmark). Requests without a reference draft nothing. Module-level, so a functools.partial pickles to Ray
-    ranks."""
+    benchmark). Whether the draft for output position i of a request is right is drawn from (seed, prompt, i)
+    alone, so it does not depend on the batch or the rank. Requests without a reference draft nothing.
+    Module-level, so a functools.partial pickles to Ray ranks."""
 
     def __init__(self, reference: dict[tuple, list[int]], p: float, vocab: int, seed: int = 0):
-        self.reference, self.p, self.vocab = reference, p, vocab
-        self.rng = random.Random(seed)
+        self.reference, self.p, self.vocab, self.seed = reference, p, vocab, seed
 
     def propose(self, states, k: int) -> list[list[int]]:
         out = []
@@ -45,8 +45,10 @@ class OracleDrafter:
             pos = len(st.output_token_ids)
             drafts = []
             if ref is not None:
-                for t in ref[pos: pos + k]:
-                    drafts.append(t if self.rng.random() < self.p else (t + 1) % self.vocab)
+                key = hash(tuple(st.prompt_token_ids))
+                for i, t in enumerate(ref[pos: pos + k], start=pos):
+                    right = random.Random(f"{self.seed}:{key}:{i}").random() < self.p
+                    drafts.append(t if right else (t + 1) % self.vocab)
             out.append(drafts)
         return out
 
