@@ -25,9 +25,9 @@ Data flow (same math as `reference_fused_moe`):
      runs (last-bit differences). benchmarks/moe_kernels.py measures both.
 All accumulation is fp32 whatever the input dtype (fp32, bf16, fp16).
 
-Weight formats plug into this pipeline (`sorted_fused_moe`) as a strategy object (`WeightFormat`): its two GEMM
-kernels, built on the one GEMM scaffold (kernels/triton_moe_gemm.py) with the format's K loops, and what they
-are launched with. Float weights: kernels/triton_moe_float.py (this module's `triton_fused_moe`); FP8 block-scaled
+Weight formats plug into this pipeline (`sorted_fused_moe`) as a strategy object (triton_moe_gemm.WeightFormat):
+its two GEMM kernels, built on the one GEMM scaffold (kernels/triton_moe_gemm.py) with the format's K loops, and
+what they are launched with. Float weights: kernels/triton_moe_float.py (this module's `triton_fused_moe`); FP8 block-scaled
 W8A8: kernels/triton_moe_fp8.py; MXFP4: kernels/triton_moe_mxfp4.py.
 Expert biases (gpt-oss: b13 [E, F] on the gate-up GEMM, b2 [E, D] on the down GEMM, scaled by the routed
 weight like the rest of the expert's output) and the activation (`MoEActivation`: SiLU·up, or gpt-oss's
@@ -42,8 +42,6 @@ No device→host sync anywhere: grids come from shapes only.
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import triton
 import triton.language as tl
@@ -56,6 +54,7 @@ from .moe_config import DEFAULT_TINY, GemmConfig, MoELaunchConfig, get_moe_confi
 from .moe_schedule import gemm_grid
 from .triton_common import cast
 from .triton_moe_float import FloatFormat
+from .triton_moe_gemm import WeightFormat
 
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1  # the ACT constexpr of the gate-up epilogue
 _ACT_CODES = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI}
@@ -78,37 +77,6 @@ def _moe_sum_kernel(y_ptr, ids_ptr, map_ptr, out_ptr, num_pairs, num_ids, hidden
         y = tl.load(y_ptr + pair.to(tl.int64) * stride_yr + offs_d, mask=ok, other=0.0)
         acc += y.to(tl.float32)
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_d, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=d_ok)
-
-
-class WeightFormat(Protocol):
-    """One weight format's side of `sorted_fused_moe`: the kernels, and the tensors and constexprs they take.
-
-    The kernels take the pipeline's arguments first (the alignment, the sizes, the epilogue's bias and activation
-    or routed weights and output), then the format's operands (`up_operands` / `down_operands`: its tensors and
-    their strides), then the scaffold's constexprs and the format's own (the dict those methods return, which
-    also says whether TMA runs and may override the scaffold's, e.g. EVEN_K)."""
-
-    up_kernel: triton.JITFunction
-    down_kernel: triton.JITFunction
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(E, I): local experts and the intermediate size."""
-
-    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
-        """The gate-up and down GEMMs' configs as launched (blocks fitted to the format)."""
-
-    def activations(self, x_TD: torch.Tensor) -> tuple:
-        """The gate-up GEMM's A operand tensors, made from x (x itself, or FP8's quantized x and its scales)."""
-
-    def hidden(self, rows: int, x_TD: torch.Tensor) -> tuple:
-        """The buffers of h [rows, I] (sorted row order) in the format the down GEMM reads."""
-
-    def up_operands(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[list, dict]:
-        """The gate-up kernel's format arguments and constexprs."""
-
-    def down_operands(self, g: GemmConfig, h: tuple) -> tuple[list, dict]:
-        """The down kernel's format arguments and constexprs."""
 
 
 def check_bias(name: str, b: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor | None:
@@ -161,7 +129,7 @@ def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Ten
     weights_P / ids_P [T*K], checked biases and `activation_args`; writes and returns out [T, D] (x's dtype).
     Module docstring."""
     T, D = x_TD.shape
-    E, I = fmt.shape
+    E, I = fmt.num_experts, fmt.inter
     dev, dt = x_TD.device, x_TD.dtype
     act, alpha, limit = act_args
     up, down = fmt.gemms(cfg)
@@ -174,8 +142,8 @@ def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Ten
     align = (sorted_R, expert_ids_B, rows_1, P, R, E, top_k)
 
     h = fmt.hidden(R, x_TD)
-    args, consts = fmt.up_operands(up, a, h)
-    fmt.up_kernel[(gemm_grid(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N), up.PERSISTENT, dev),)](
+    kernel, args, consts = fmt.up_launch(up, a, h)
+    kernel[(gemm_grid(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N), up.PERSISTENT, dev),)](
         *align, I, D, x_TD if b13_EF is None else b13_EF, 0 if b13_EF is None else b13_EF.stride(0), alpha, limit,
         *args, **{**_gemm_constexprs(BM, up, D), "HAS_BIAS": b13_EF is not None, "ACT": act, **flags, **consts})
 
@@ -185,8 +153,8 @@ def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Ten
         y.zero_()
     else:
         y = common.workspace((P, D), dt, dev)
-    args, consts = fmt.down_operands(down, h)
-    fmt.down_kernel[(gemm_grid(R // BM * triton.cdiv(D, down.BLOCK_SIZE_N), down.PERSISTENT, dev),)](
+    kernel, args, consts = fmt.down_launch(down, h)
+    kernel[(gemm_grid(R // BM * triton.cdiv(D, down.BLOCK_SIZE_N), down.PERSISTENT, dev),)](
         *align, D, I, weights_P if b2_ED is None else b2_ED, 0 if b2_ED is None else b2_ED.stride(0), weights_P, y,
         y.stride(0), *args,
         **{**_gemm_constexprs(BM, down, I), "ATOMIC": atomic, "HAS_BIAS": b2_ED is not None, **flags, **consts})
@@ -258,5 +226,5 @@ def triton_fused_moe(
     if path == "tiny" or (path == "auto" and cfg.uses_tiny(T * K)):
         return triton_moe_tiny.tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF, b2_ED,
                                               *act_args, out, cfg.tiny or DEFAULT_TINY, K)
-    return sorted_fused_moe(FloatFormat(w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out, combine,
+    return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out, combine,
                             b13_EF, b2_ED, act_args)

@@ -14,11 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_common as common
-from .moe_config import GemmConfig, MoELaunchConfig
+from .moe_config import GemmConfig
 from .moe_schedule import tma_ok
 from .triton_common import dot
-from .triton_moe_gemm import down_descs, gate_up_desc, load_rows, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_gemm import (down_descs, gate_up_desc, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm,
+                              WeightFormat, store_h)
 
 
 @triton.jit
@@ -63,10 +63,7 @@ def float_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid
         acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
-            if EVEN_K:
-                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                b = tl.load(b_ptrs, mask=(offs_k < hidden - k0)[:, None] & col_ok[None, :], other=0.0)
+            b = load_weights(b_ptrs, col_ok, offs_k < hidden - k0, EVEN_K, False)
             acc = dot(a, b, acc, INTERPRET, PREC)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_wd
@@ -78,13 +75,9 @@ def float_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
-            if EVEN_K:
-                bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-                bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k < hidden - k0
-                bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            k_ok = offs_k < hidden - k0
+            bg = load_weights(g_ptrs, n_ok, k_ok, EVEN_K, False)
+            bu = load_weights(u_ptrs, n_ok, k_ok, EVEN_K, False)
             acc_g = dot(a, bg, acc_g, INTERPRET, PREC)
             acc_u = dot(a, bu, acc_u, INTERPRET, PREC)
             a_ptrs += BLOCK_K
@@ -115,13 +108,9 @@ def float_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, in
         b_ptrs = (w2_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wd
                   + offs_k[:, None] * stride_wi)
         for k0 in range(0, inter, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k < inter - k0
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            k_ok = offs_k < inter - k0
+            a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = load_weights(b_ptrs, n_ok, k_ok, EVEN_K, False)
             acc = dot(a, b, acc, INTERPRET, PREC)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_wi
@@ -158,37 +147,18 @@ def _moe_down_kernel(sorted_ptr, expert_ids_ptr, num_rows_ptr, num_pairs, num_ro
 
 
 @dataclass(frozen=True)
-class FloatFormat:
+class FloatFormat(WeightFormat):
     """Float experts w13 [E, 2I, D] ([gate; up] rows) and w2 [E, D, I], in the activations' dtype."""
 
     w13_EFD: torch.Tensor
     w2_EDI: torch.Tensor
-    up_kernel = _moe_up_kernel
-    down_kernel = _moe_down_kernel
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(E, I)."""
-        return self.w13_EFD.shape[0], self.w2_EDI.shape[2]
-
-    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
-        """The gate-up and down GEMMs as launched: the config's."""
-        return cfg.up, cfg.down
-
-    def activations(self, x_TD: torch.Tensor) -> tuple:
-        """The gate-up GEMM's A operand: x itself (x_ops' tensors)."""
-        return (x_TD,)
-
-    def hidden(self, rows: int, x_TD: torch.Tensor) -> tuple:
-        """h_RI in x's dtype (h_ops' tensors)."""
-        return (common.workspace((rows, self.shape[1]), x_TD.dtype, x_TD.device),)
-
-    def up_operands(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[list, dict]:
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, list, dict]:
         (x_TD,), (h_RI,), w = a, h, self.w13_EFD
-        return ([x_TD, w, h_RI, x_TD.stride(0), w.stride(0), w.stride(1), w.stride(2), h_RI.stride(0)],
-                dict(TMA=g.TMA and tma_ok(w), FUSED=g.FUSED_GATE_UP))
+        return _moe_up_kernel, [x_TD, w, h_RI, x_TD.stride(0), w.stride(0), w.stride(1), w.stride(2), h_RI.stride(0)], \
+            dict(TMA=g.TMA and tma_ok(w), FUSED=g.FUSED_GATE_UP)
 
-    def down_operands(self, g: GemmConfig, h: tuple) -> tuple[list, dict]:
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, list, dict]:
         (h_RI,), w = h, self.w2_EDI
-        return ([h_RI, w, h_RI.stride(0), w.stride(0), w.stride(1), w.stride(2)], dict(TMA=g.TMA and tma_ok(w, h_RI)))
-
+        return _moe_down_kernel, [h_RI, w, h_RI.stride(0), w.stride(0), w.stride(1), w.stride(2)], \
+            dict(TMA=g.TMA and tma_ok(w, h_RI))

@@ -38,7 +38,8 @@ from .moe_config import CONFIG_DIR, GemmConfig, MoELaunchConfig, _pick, load_con
 from .moe_schedule import tma_ok
 from .triton_fp8 import check_fp8_weight, check_triton_block, quant_tile, triton_per_token_group_quant
 from .triton_moe import check_routing, output, sorted_fused_moe
-from .triton_moe_gemm import down_descs, gate_up_desc, load_rows, sorted_down_gemm, sorted_up_gemm
+from .triton_moe_gemm import (WeightFormat, down_descs, gate_up_desc, load_rows, load_weights, sorted_down_gemm,
+                              sorted_up_gemm)
 
 
 @triton.jit
@@ -70,8 +71,8 @@ def fp8_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n
             bg = tl.trans(tl.reshape(w_desc.load([expert, 0, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
             bu = tl.trans(tl.reshape(w_desc.load([expert, 1, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
         else:
-            bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            bg = load_weights(g_ptrs, n_ok, k_ok, False, False)
+            bu = load_weights(u_ptrs, n_ok, k_ok, False, False)
         a_s = tl.load(as_ptrs + kg, mask=row_ok, other=0.0)
         g_s = tl.load(gs_ptrs + kg, mask=n_ok, other=0.0)
         u_s = tl.load(us_ptrs + kg, mask=n_ok, other=0.0)
@@ -125,7 +126,7 @@ def fp8_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inte
         else:
             k_ok = offs_k < inter - k0
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            b = load_weights(b_ptrs, n_ok, k_ok, False, False)
         a_s = tl.load(as_ptrs + k0 // GROUP)
         b_s = tl.load(bs_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
         acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
@@ -200,23 +201,18 @@ def _blocks(cfg: MoELaunchConfig, bk: int) -> tuple[int, int, int, int]:
 
 
 @dataclass(frozen=True)
-class Fp8Format:
+class Fp8Format(WeightFormat):
     """FP8 block-scaled experts (checked): w13q [E, U + I, D] and w2q [E, D, I] with their scales, Bn x Bk blocks;
-    activations quantized per token per Bk channels."""
+    activations quantized per token per Bk channels, h quantized by the gate-up epilogue."""
 
     w13q_EFD: torch.Tensor
     w13_scale_inv: torch.Tensor
     w2q_EDI: torch.Tensor
     w2_scale_inv: torch.Tensor
     block: tuple[int, int]
-    up_kernel = _moe_fp8_up_kernel
-    down_kernel = _moe_fp8_down_kernel
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.w13q_EFD.shape[0], self.w2q_EDI.shape[2]
 
     def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
+        """The config's, BLOCK_N / BLOCK_K fitted to the weight block (`_blocks`)."""
         up_bn, up_bk, down_bn, down_bk = _blocks(cfg, self.block[1])
         return (replace(cfg.up, BLOCK_SIZE_N=up_bn, BLOCK_SIZE_K=up_bk),
                 replace(cfg.down, BLOCK_SIZE_N=down_bn, BLOCK_SIZE_K=down_bk))
@@ -227,25 +223,24 @@ class Fp8Format:
 
     def hidden(self, rows: int, x_TD: torch.Tensor) -> tuple:
         """hq_RI fp8 and its scales hs_RGi."""
-        I = self.shape[1]
-        return (common.workspace((rows, I), FP8_DTYPE, x_TD.device),
-                common.workspace((rows, triton.cdiv(I, self.block[1])), torch.float32, x_TD.device))
+        return (common.workspace((rows, self.inter), FP8_DTYPE, x_TD.device),
+                common.workspace((rows, triton.cdiv(self.inter, self.block[1])), torch.float32, x_TD.device))
 
     def _constexprs(self, tma: bool) -> dict:
         # EVEN_K False: the FP8 loops mask the K tail always, so one compiled kernel serves either remainder.
         return dict(TMA=tma, SCALE_N=self.block[0], GROUP=self.block[1], EVEN_K=False)
 
-    def up_operands(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[list, dict]:
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, list, dict]:
         (xq_TD, xs_TG), (hq_RI, hs_RG), w, ws = a, h, self.w13q_EFD, self.w13_scale_inv
         U = up_row(w, self.w2q_EDI)
-        return ([xq_TD, xs_TG, w, ws, hq_RI, hs_RG, U, xq_TD.stride(0), xs_TG.stride(0), w.stride(0), w.stride(1),
-                 ws.stride(0), ws.stride(1), hq_RI.stride(0), hs_RG.stride(0)],
-                self._constexprs(g.TMA and tma_ok(w) and U * w.stride(1) % 16 == 0))
+        return _moe_fp8_up_kernel, [xq_TD, xs_TG, w, ws, hq_RI, hs_RG, U, xq_TD.stride(0), xs_TG.stride(0), w.stride(0),
+                                    w.stride(1), ws.stride(0), ws.stride(1), hq_RI.stride(0), hs_RG.stride(0)], \
+            self._constexprs(g.TMA and tma_ok(w) and U * w.stride(1) % 16 == 0)
 
-    def down_operands(self, g: GemmConfig, h: tuple) -> tuple[list, dict]:
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, list, dict]:
         (hq_RI, hs_RG), w, ws = h, self.w2q_EDI, self.w2_scale_inv
-        return ([hq_RI, hs_RG, w, ws, hq_RI.stride(0), hs_RG.stride(0), w.stride(0), w.stride(1), ws.stride(0),
-                 ws.stride(1)], self._constexprs(g.TMA and tma_ok(w, hq_RI)))
+        return _moe_fp8_down_kernel, [hq_RI, hs_RG, w, ws, hq_RI.stride(0), hs_RG.stride(0), w.stride(0), w.stride(1),
+                                      ws.stride(0), ws.stride(1)], self._constexprs(g.TMA and tma_ok(w, hq_RI))
 
 
 def _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK, topk_ids_TK, block) -> None:
@@ -286,9 +281,9 @@ def triton_fused_moe_fp8(
     T, K = x_TD.shape[0], topk_ids_TK.shape[1]
     if T == 0:
         return out
-    fmt = Fp8Format(*(t if t.is_contiguous() else t.contiguous()
-                      for t in (w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv)), (bn, bk))
-    E, I = fmt.shape
+    E, I = w13q_EFD.shape[0], w2q_EDI.shape[2]
+    fmt = Fp8Format(E, I, *(t if t.is_contiguous() else t.contiguous()
+                            for t in (w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv)), (bn, bk))
     cfg = config or get_fp8_moe_config(E, I, T, K, x_TD.device)
     return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
                             expert_map_G, K, cfg, out, combine)

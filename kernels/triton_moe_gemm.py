@@ -24,9 +24,14 @@ Runtime tuples never carry a constexpr that the code needs as one: Triton passes
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
+from . import triton_common as common
+from .moe_config import GemmConfig, MoELaunchConfig
 from .moe_schedule import _grouped_pids, _tile_pids
 from .triton_common import activation_epilogue, cast
 
@@ -42,8 +47,27 @@ def load_rows(a_ptrs, row_ok, offs_k, k_left, EVEN_K: tl.constexpr):
     """The [BLOCK_M, BLOCK_K] A tile of a K step: padding rows (pair id P) and columns past the reduction dim
     (`k_left` of them remain) read as zeros."""
     if EVEN_K:
-        return tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-    return tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < k_left)[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < k_left)[None, :], other=0.0)
+    return a
+
+
+@triton.jit
+def load_weights(w_ptrs, n_ok, k_ok, EVEN_K: tl.constexpr, N_MAJOR: tl.constexpr):
+    """A weight tile of a K step: output channels past N and (unless EVEN_K) reduction steps past the end read as
+    zeros. N_MAJOR: [BLOCK_N, k] (MXFP4's bytes and scales), else [k, BLOCK_N] (the B operand as loaded)."""
+    # (one return per helper: Triton traces the statements after a return inside a constexpr `if`)
+    if N_MAJOR:
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
+        else:
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
+    elif EVEN_K:
+        w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+    else:
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    return w
 
 
 @triton.jit
@@ -63,10 +87,12 @@ def gate_up_desc(w_ptr, num_experts, inter, up_row, hidden, stride_we, stride_wf
     D read as zeros (the descriptor's bounds, not a mask). Made once per program (a persistent program reuses it
     for every tile). Without TMA, w_ptr itself (unused)."""
     if TMA:
-        return tl.make_tensor_descriptor(w_ptr, shape=[num_experts, 2, inter, hidden],
-                                         strides=[stride_we, up_row * stride_wf, stride_wf, 1],
-                                         block_shape=[1, HALVES, BLOCK_N, BLOCK_K])
-    return w_ptr
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts, 2, inter, hidden],
+                                           strides=[stride_we, up_row * stride_wf, stride_wf, 1],
+                                           block_shape=[1, HALVES, BLOCK_N, BLOCK_K])
+    else:
+        w_desc = w_ptr
+    return w_desc
 
 
 @triton.jit
@@ -79,8 +105,9 @@ def down_descs(h_ptr, w_ptr, num_rows, num_experts, hidden, inter, stride_hr, st
                                            block_shape=[BLOCK_M, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts, hidden, inter], strides=[stride_we, stride_wd, 1],
                                            block_shape=[1, BLOCK_N, BLOCK_K])
-        return h_desc, w_desc
-    return h_ptr, w_ptr
+    else:
+        h_desc, w_desc = h_ptr, w_ptr
+    return h_desc, w_desc
 
 
 @triton.jit
@@ -188,3 +215,38 @@ def sorted_down_gemm(rows, num_rows_ptr, num_rows, epi, h_ops, w_ops, DOWN_LOOP:
         pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, num_pid_n, GROUP_M)
         _down_tile(pid_m, pid_n, rows, epi, h_ops, w_ops, DOWN_LOOP, FMT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                    ATOMIC, HAS_BIAS, TMA, INTERPRET, PREC)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """A weight format's host side: what the pipeline (triton_moe.sorted_fused_moe) launches its two kernels (built
+    on this scaffold) with. E local experts, I the intermediate size; a subclass adds its weight tensors.
+
+    The kernels take the pipeline's arguments first (the alignment, the sizes, the epilogue's bias and activation,
+    or its bias, routed weights and output), then the format's (`up_launch` / `down_launch`: the kernel, its
+    tensors and strides, and its constexprs, which say whether TMA runs and may override the scaffold's). The
+    defaults here are those of formats whose GEMMs take the activations in their float dtype (W16A16, W4A16): A
+    is x itself and h is [R, I] in x's dtype."""
+
+    num_experts: int
+    inter: int
+
+    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
+        """The gate-up and down GEMMs' configs as launched (blocks fitted to the format): the config's."""
+        return cfg.up, cfg.down
+
+    def activations(self, x_TD: torch.Tensor) -> tuple:
+        """The gate-up GEMM's A operand tensors, made from x (the x_ops tensors)."""
+        return (x_TD,)
+
+    def hidden(self, rows: int, x_TD: torch.Tensor) -> tuple:
+        """The buffers of h [rows, I] in sorted row order, as the down GEMM reads them (the h_ops tensors)."""
+        return (common.workspace((rows, self.inter), x_TD.dtype, x_TD.device),)
+
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, list, dict]:
+        """(gate-up kernel, its format arguments, its format constexprs)."""
+        raise NotImplementedError
+
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, list, dict]:
+        """(down kernel, its format arguments, its format constexprs)."""
+        raise NotImplementedError

@@ -40,7 +40,7 @@ from .moe_config import GemmConfig, MoELaunchConfig, get_moe_config
 from .mxfp4 import GROUP, _check_packed
 from .triton_common import dot
 from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
-from .triton_moe_gemm import load_rows, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
 
 _NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -95,18 +95,13 @@ def mxfp4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
-        if EVEN_K:
-            qg = tl.load(gq_ptrs, mask=n_ok[:, None], other=0)
-            sg = tl.load(gs_ptrs, mask=n_ok[:, None], other=0)
-            qu = tl.load(uq_ptrs, mask=n_ok[:, None], other=0)
-            su = tl.load(us_ptrs, mask=n_ok[:, None], other=0)
-        else:  # the reduction dim is a multiple of 32 (one scale group), not of BLOCK_K
-            kq_ok = offs_kq < (hidden - k0) // 2
-            ks_ok = offs_ks < (hidden - k0) // 32
-            qg = tl.load(gq_ptrs, mask=n_ok[:, None] & kq_ok[None, :], other=0)
-            sg = tl.load(gs_ptrs, mask=n_ok[:, None] & ks_ok[None, :], other=0)
-            qu = tl.load(uq_ptrs, mask=n_ok[:, None] & kq_ok[None, :], other=0)
-            su = tl.load(us_ptrs, mask=n_ok[:, None] & ks_ok[None, :], other=0)
+        # (the reduction dim is a multiple of 32, one scale group, not of BLOCK_K: whole bytes and groups)
+        kq_ok = offs_kq < (hidden - k0) // 2
+        ks_ok = offs_ks < (hidden - k0) // 32
+        qg = load_weights(gq_ptrs, n_ok, kq_ok, EVEN_K, True)
+        sg = load_weights(gs_ptrs, n_ok, ks_ok, EVEN_K, True)
+        qu = load_weights(uq_ptrs, n_ok, kq_ok, EVEN_K, True)
+        su = load_weights(us_ptrs, n_ok, ks_ok, EVEN_K, True)
         acc_g = _mxfp4_dot(a, qg, sg, acc_g, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
         acc_u = _mxfp4_dot(a, qu, su, acc_u, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
         a_ptrs += BLOCK_K
@@ -135,15 +130,9 @@ def mxfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, in
     s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sd + offs_ks[None, :] * stride_ss
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            q = tl.load(q_ptrs, mask=n_ok[:, None], other=0)
-            s = tl.load(s_ptrs, mask=n_ok[:, None], other=0)
-        else:
-            k_ok = offs_k < inter - k0
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            q = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_kq < (inter - k0) // 2)[None, :], other=0)
-            s = tl.load(s_ptrs, mask=n_ok[:, None] & (offs_ks < (inter - k0) // 32)[None, :], other=0)
+        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
+        q = load_weights(q_ptrs, n_ok, offs_kq < (inter - k0) // 2, EVEN_K, True)
+        s = load_weights(s_ptrs, n_ok, offs_ks < (inter - k0) // 32, EVEN_K, True)
         acc = _mxfp4_dot(a, q, s, acc, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
         a_ptrs += BLOCK_K
         q_ptrs += BLOCK_K // 2
@@ -197,7 +186,7 @@ def mxfp4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
 
 
 @dataclass(frozen=True)
-class Mxfp4Format:
+class Mxfp4Format(WeightFormat):
     """MXFP4 experts as byte views (`_bytes_view`): w13 [E, 2I, D/2] + scales [E, 2I, D/32], w2 [E, D, I/2] +
     scales [E, D, I/32]; `native` picks tl.dot_scaled for activations of dtype `a_format` (module docstring)."""
 
@@ -207,33 +196,24 @@ class Mxfp4Format:
     w2s: torch.Tensor
     native: bool
     a_format: str
-    up_kernel = _moe_mxfp4_up_kernel
-    down_kernel = _moe_mxfp4_down_kernel
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.w13q.shape[0], self.w13q.shape[1] // 2
 
     def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
         """`mxfp4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
         cfg = mxfp4_config(cfg)
         return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
 
-    def activations(self, x_TD: torch.Tensor) -> tuple:
-        return (x_TD,)
-
-    def hidden(self, rows: int, x_TD: torch.Tensor) -> tuple:
-        return (common.workspace((rows, self.shape[1]), x_TD.dtype, x_TD.device),)
-
-    def up_operands(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[list, dict]:
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, list, dict]:
         (x_TD,), (h_RI,), q, s = a, h, self.w13q, self.w13s
-        return ([x_TD, q, s, h_RI, x_TD.stride(0), q.stride(0), q.stride(1), s.stride(0), s.stride(1), s.stride(2),
-                 h_RI.stride(0)], dict(TMA=False, NATIVE=self.native, A_FORMAT=self.a_format))
+        return _moe_mxfp4_up_kernel, [x_TD, q, s, h_RI, x_TD.stride(0), q.stride(0), q.stride(1), s.stride(0),
+                                      s.stride(1), s.stride(2), h_RI.stride(0)], self._constexprs()
 
-    def down_operands(self, g: GemmConfig, h: tuple) -> tuple[list, dict]:
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, list, dict]:
         (h_RI,), q, s = h, self.w2q, self.w2s
-        return ([h_RI, q, s, h_RI.stride(0), q.stride(0), q.stride(1), s.stride(0), s.stride(1), s.stride(2)],
-                dict(TMA=False, NATIVE=self.native, A_FORMAT=self.a_format))
+        return _moe_mxfp4_down_kernel, [h_RI, q, s, h_RI.stride(0), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+                                        s.stride(2)], self._constexprs()
+
+    def _constexprs(self) -> dict:
+        return dict(TMA=False, NATIVE=self.native, A_FORMAT=self.a_format)
 
 
 def _check(x_TD, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int]:
@@ -287,7 +267,7 @@ def triton_fused_moe_mxfp4(
     if T == 0:
         return out
     x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
-    fmt = Mxfp4Format(_bytes_view(w13_blocks_EFSQ), w13_scales_EFS, _bytes_view(w2_blocks_EDSQ), w2_scales_EDS,
+    fmt = Mxfp4Format(E, I, _bytes_view(w13_blocks_EFSQ), w13_scales_EFS, _bytes_view(w2_blocks_EDSQ), w2_scales_EDS,
                       bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
     cfg = config or get_moe_config(E, I, T, K, x_TD.device)
     return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
