@@ -19,8 +19,15 @@ each format compiles to its own straight-line code, no runtime dispatch):
 - `STORE_H(h, offs_m, offs_n, n_ok, pid_n, h_ops, inter, BLOCK_N, FMT, INTERPRET)`: writes the activation tile
   in the format the down GEMM reads (`store_h`: the activation dtype; FP8 quantizes it).
 `x_ops`, `w_ops`, `h_ops` are tuples of the format's own pointers, strides and tensor descriptors (x_ops and h_ops
-start with the row pointer and its stride); FMT is a constexpr tuple (or value) of its compile-time switches.
-Runtime tuples never carry a constexpr that the code needs as one: Triton passes tuple elements as values.
+start with the row pointer and its stride); FMT is a constexpr tuple (or value) of its compile-time switches, read
+by index (`SCALE_N: tl.constexpr = FMT[0]`): a compiled kernel passes the elements of a runtime tuple as values,
+so no constexpr the code needs as one (a block size, a switch) travels in x_ops, w_ops or h_ops. The host side of
+a format is a `WeightFormat`. A new format (NVFP4: e2m1 bytes with fp8 scales per 16 values and a global scale)
+is its two loops, two kernels that call `sorted_up_gemm` / `sorted_down_gemm`, and a `WeightFormat`.
+
+Two Triton rules these helpers follow, which the interpreter does not check: a helper returns once (statements
+after a `return` inside a constexpr `if` are traced too), and it returns one type (a tensor descriptor or, without
+TMA, the pointer it would have described: the choice is made by a constexpr `if` with an `else`).
 """
 from __future__ import annotations
 
