@@ -139,13 +139,15 @@ def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Ten
     R, P = sorted_R.numel(), ids_P.numel()
     interp = common.interpreting(x_TD)
     flags = dict(INTERPRET=interp, PREC=common.dot_precision(dt))
-    align = (sorted_R, expert_ids_B, rows_1, P, R, E, top_k)
+    align = dict(sorted_ptr=sorted_R, expert_ids_ptr=expert_ids_B, num_rows_ptr=rows_1, num_pairs=P, num_rows=R,
+                 num_experts=E, top_k=top_k)
 
     h = fmt.hidden(R, x_TD)
-    kernel, args, consts = fmt.up_launch(up, a, h)
+    kernel, operands = fmt.up_launch(up, a, h)
     kernel[(gemm_grid(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N), up.PERSISTENT, dev),)](
-        *align, I, D, x_TD if b13_EF is None else b13_EF, 0 if b13_EF is None else b13_EF.stride(0), alpha, limit,
-        *args, **{**_gemm_constexprs(BM, up, D), "HAS_BIAS": b13_EF is not None, "ACT": act, **flags, **consts})
+        **align, inter=I, hidden=D, b13_ptr=x_TD if b13_EF is None else b13_EF,
+        stride_be=0 if b13_EF is None else b13_EF.stride(0), alpha=alpha, limit=limit,
+        **{**_gemm_constexprs(BM, up, D), "HAS_BIAS": b13_EF is not None, "ACT": act, **flags, **operands})
 
     atomic = combine == "atomic"
     if atomic:
@@ -153,11 +155,11 @@ def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Ten
         y.zero_()
     else:
         y = common.workspace((P, D), dt, dev)
-    kernel, args, consts = fmt.down_launch(down, h)
+    kernel, operands = fmt.down_launch(down, h)
     kernel[(gemm_grid(R // BM * triton.cdiv(D, down.BLOCK_SIZE_N), down.PERSISTENT, dev),)](
-        *align, D, I, weights_P if b2_ED is None else b2_ED, 0 if b2_ED is None else b2_ED.stride(0), weights_P, y,
-        y.stride(0), *args,
-        **{**_gemm_constexprs(BM, down, I), "ATOMIC": atomic, "HAS_BIAS": b2_ED is not None, **flags, **consts})
+        **align, hidden=D, inter=I, b2_ptr=weights_P if b2_ED is None else b2_ED,
+        stride_be=0 if b2_ED is None else b2_ED.stride(0), weights_ptr=weights_P, y_ptr=y, stride_yr=y.stride(0),
+        **{**_gemm_constexprs(BM, down, I), "ATOMIC": atomic, "HAS_BIAS": b2_ED is not None, **flags, **operands})
     if atomic:
         if y is not out:
             out.copy_(y)

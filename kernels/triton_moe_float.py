@@ -118,12 +118,12 @@ def float_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, in
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_up_kernel(sorted_ptr, expert_ids_ptr, num_rows_ptr, num_pairs, num_rows, num_experts, top_k, inter, hidden,
-                   b13_ptr, stride_be, alpha, limit, x_ptr, w13_ptr, h_ptr, stride_xt, stride_we, stride_wf, stride_wd,
-                   stride_hr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
-                   FUSED: tl.constexpr):
+def _moe_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr, b13_ptr, num_pairs, num_rows,
+                   num_experts, inter, hidden, top_k, stride_xt, stride_we, stride_wf, stride_wd, stride_hr, stride_be,
+                   alpha, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FUSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ACT: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr,
+                   PREC: tl.constexpr):
     w_desc = gate_up_desc(w13_ptr, num_experts, inter, inter, hidden, stride_we, stride_wf, BLOCK_N, BLOCK_K,
                           2 if FUSED else 1, TMA)
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
@@ -133,9 +133,9 @@ def _moe_up_kernel(sorted_ptr, expert_ids_ptr, num_rows_ptr, num_pairs, num_rows
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_down_kernel(sorted_ptr, expert_ids_ptr, num_rows_ptr, num_pairs, num_rows, num_experts, top_k, hidden, inter,
-                     b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr, h_ptr, w2_ptr, stride_hr, stride_we, stride_wd,
-                     stride_wi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr, weights_ptr, b2_ptr, num_pairs,
+                     num_rows, num_experts, hidden, inter, top_k, stride_hr, stride_we, stride_wd, stride_wi, stride_yr,
+                     stride_be, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
                      PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
     h_desc, w_desc = down_descs(h_ptr, w2_ptr, num_rows, num_experts, hidden, inter, stride_hr, stride_we, stride_wd,
@@ -153,12 +153,13 @@ class FloatFormat(WeightFormat):
     w13_EFD: torch.Tensor
     w2_EDI: torch.Tensor
 
-    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, list, dict]:
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
         (x_TD,), (h_RI,), w = a, h, self.w13_EFD
-        return _moe_up_kernel, [x_TD, w, h_RI, x_TD.stride(0), w.stride(0), w.stride(1), w.stride(2), h_RI.stride(0)], \
-            dict(TMA=g.TMA and tma_ok(w), FUSED=g.FUSED_GATE_UP)
+        return _moe_up_kernel, dict(x_ptr=x_TD, w13_ptr=w, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_we=w.stride(0),
+                                    stride_wf=w.stride(1), stride_wd=w.stride(2), stride_hr=h_RI.stride(0),
+                                    TMA=g.TMA and tma_ok(w), FUSED=g.FUSED_GATE_UP)
 
-    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, list, dict]:
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
         (h_RI,), w = h, self.w2_EDI
-        return _moe_down_kernel, [h_RI, w, h_RI.stride(0), w.stride(0), w.stride(1), w.stride(2)], \
-            dict(TMA=g.TMA and tma_ok(w, h_RI))
+        return _moe_down_kernel, dict(h_ptr=h_RI, w2_ptr=w, stride_hr=h_RI.stride(0), stride_we=w.stride(0),
+                                      stride_wd=w.stride(1), stride_wi=w.stride(2), TMA=g.TMA and tma_ok(w, h_RI))

@@ -38,8 +38,7 @@ from .moe_config import CONFIG_DIR, GemmConfig, MoELaunchConfig, _pick, load_con
 from .moe_schedule import tma_ok
 from .triton_fp8 import check_fp8_weight, check_triton_block, quant_tile, triton_per_token_group_quant
 from .triton_moe import check_routing, output, sorted_fused_moe
-from .triton_moe_gemm import (WeightFormat, down_descs, gate_up_desc, load_rows, load_weights, sorted_down_gemm,
-                              sorted_up_gemm)
+from .triton_moe_gemm import (WeightFormat, down_descs, gate_up_desc, load_weights, sorted_down_gemm, sorted_up_gemm)
 
 
 @triton.jit
@@ -48,7 +47,7 @@ def fp8_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n
                 TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
     """UP_LOOP of FP8 weights, FMT = (SCALE_N, GROUP) = (Bn, Bk). x_ops = (xq_ptr, stride_xt, xs_ptr, stride_xst),
     w_ops = (w_ptr, w_desc, ws_ptr, up_row, stride_we, stride_wf, stride_wse, stride_wsf). The K tail is always
-    masked (EVEN_K unused)."""
+    masked (EVEN_K unused), with one k mask for A and B."""
     xs_ptr, stride_xst = x_ops[2], x_ops[3]
     w_ptr, w_desc, ws_ptr, up_row, stride_we, stride_wf, stride_wse, stride_wsf = w_ops
     SCALE_N: tl.constexpr = FMT[0]
@@ -66,7 +65,7 @@ def fp8_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n
     for k0 in range(0, hidden, BLOCK_K):
         k_ok = offs_k < hidden - k0
         kg = k0 // GROUP
-        a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, False)
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if TMA:  # w13 as [E, 2, I, D], up at row U (as the bf16 kernel): rows past I, columns past D read as 0
             bg = tl.trans(tl.reshape(w_desc.load([expert, 0, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
             bu = tl.trans(tl.reshape(w_desc.load([expert, 1, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
@@ -136,13 +135,15 @@ def fp8_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inte
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_fp8_up_kernel(sorted_ptr, expert_ids_ptr, num_rows_ptr, num_pairs, num_rows, num_experts, top_k, inter,
-                       hidden, b13_ptr, stride_be, alpha, limit, x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, up_row,
+def _moe_fp8_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr,
+                       num_pairs, num_rows, num_experts, inter, up_row, hidden, top_k,
                        stride_xt, stride_xst, stride_we, stride_wf, stride_wse, stride_wsf, stride_hr, stride_hsr,
+                       b13_ptr, stride_be, alpha, limit,
+                       SCALE_N: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                        EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PERSISTENT: tl.constexpr,
-                       TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, SCALE_N: tl.constexpr,
-                       GROUP: tl.constexpr):
+                       TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    # (b13_ptr .. limit, HAS_BIAS, ACT: the pipeline's epilogue arguments; FP8 experts take no bias and run SiLU)
     w_desc = gate_up_desc(w_ptr, num_experts, inter, up_row, hidden, stride_we, stride_wf, BLOCK_N, BLOCK_K, 1, TMA)
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
                    (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt, xs_ptr, stride_xst),
@@ -152,13 +153,13 @@ def _moe_fp8_up_kernel(sorted_ptr, expert_ids_ptr, num_rows_ptr, num_pairs, num_
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_fp8_down_kernel(sorted_ptr, expert_ids_ptr, num_rows_ptr, num_pairs, num_rows, num_experts, top_k, hidden,
-                         inter, b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr, h_ptr, hs_ptr, w_ptr, ws_ptr,
-                         stride_hr, stride_hsr, stride_we, stride_wd, stride_wse, stride_wsd,
+def _moe_fp8_down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr, weights_ptr,
+                         num_pairs, num_rows, num_experts, hidden, inter, top_k,
+                         stride_hr, stride_hsr, stride_we, stride_wd, stride_wse, stride_wsd, stride_yr, b2_ptr,
+                         stride_be, SCALE_N: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, PERSISTENT: tl.constexpr,
-                         TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, SCALE_N: tl.constexpr,
-                         GROUP: tl.constexpr):
+                         TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
     h_desc, w_desc = down_descs(h_ptr, w_ptr, num_rows, num_experts, hidden, inter, stride_hr, stride_we, stride_wd,
                                 BLOCK_M, BLOCK_N, BLOCK_K, TMA)
     sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
@@ -230,17 +231,21 @@ class Fp8Format(WeightFormat):
         # EVEN_K False: the FP8 loops mask the K tail always, so one compiled kernel serves either remainder.
         return dict(TMA=tma, SCALE_N=self.block[0], GROUP=self.block[1], EVEN_K=False)
 
-    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, list, dict]:
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
         (xq_TD, xs_TG), (hq_RI, hs_RG), w, ws = a, h, self.w13q_EFD, self.w13_scale_inv
         U = up_row(w, self.w2q_EDI)
-        return _moe_fp8_up_kernel, [xq_TD, xs_TG, w, ws, hq_RI, hs_RG, U, xq_TD.stride(0), xs_TG.stride(0), w.stride(0),
-                                    w.stride(1), ws.stride(0), ws.stride(1), hq_RI.stride(0), hs_RG.stride(0)], \
-            self._constexprs(g.TMA and tma_ok(w) and U * w.stride(1) % 16 == 0)
+        return _moe_fp8_up_kernel, dict(
+            x_ptr=xq_TD, xs_ptr=xs_TG, w_ptr=w, ws_ptr=ws, h_ptr=hq_RI, hs_ptr=hs_RG, up_row=U,
+            stride_xt=xq_TD.stride(0), stride_xst=xs_TG.stride(0), stride_we=w.stride(0), stride_wf=w.stride(1),
+            stride_wse=ws.stride(0), stride_wsf=ws.stride(1), stride_hr=hq_RI.stride(0), stride_hsr=hs_RG.stride(0),
+            **self._constexprs(g.TMA and tma_ok(w) and U * w.stride(1) % 16 == 0))
 
-    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, list, dict]:
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
         (hq_RI, hs_RG), w, ws = h, self.w2q_EDI, self.w2_scale_inv
-        return _moe_fp8_down_kernel, [hq_RI, hs_RG, w, ws, hq_RI.stride(0), hs_RG.stride(0), w.stride(0), w.stride(1),
-                                      ws.stride(0), ws.stride(1)], self._constexprs(g.TMA and tma_ok(w, hq_RI))
+        return _moe_fp8_down_kernel, dict(
+            h_ptr=hq_RI, hs_ptr=hs_RG, w_ptr=w, ws_ptr=ws, stride_hr=hq_RI.stride(0), stride_hsr=hs_RG.stride(0),
+            stride_we=w.stride(0), stride_wd=w.stride(1), stride_wse=ws.stride(0), stride_wsd=ws.stride(1),
+            **self._constexprs(g.TMA and tma_ok(w, hq_RI)))
 
 
 def _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK, topk_ids_TK, block) -> None:

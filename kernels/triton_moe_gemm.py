@@ -229,11 +229,14 @@ class WeightFormat:
     """A weight format's host side: what the pipeline (triton_moe.sorted_fused_moe) launches its two kernels (built
     on this scaffold) with. E local experts, I the intermediate size; a subclass adds its weight tensors.
 
-    The kernels take the pipeline's arguments first (the alignment, the sizes, the epilogue's bias and activation,
-    or its bias, routed weights and output), then the format's (`up_launch` / `down_launch`: the kernel, its
-    tensors and strides, and its constexprs, which say whether TMA runs and may override the scaffold's). The
-    defaults here are those of formats whose GEMMs take the activations in their float dtype (W16A16, W4A16): A
-    is x itself and h is [R, I] in x's dtype."""
+    The pipeline launches a kernel with keyword arguments: its own (the alignment: sorted_ptr, expert_ids_ptr,
+    num_rows_ptr, num_pairs, num_rows; the sizes: num_experts, top_k, inter, hidden; the epilogue's: b13_ptr,
+    stride_be, alpha, limit for the gate-up GEMM, b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr for the down
+    GEMM; the scaffold's constexprs) and the format's (`up_launch` / `down_launch`: its tensors, strides and
+    constexprs, which say whether TMA runs and may override the scaffold's), so each kernel orders its parameters
+    as it likes. (Their order is not cosmetic: ptxas allocated 14 more registers to a persistent TMA gate-up
+    kernel whose parameters came in another order, for the same PTX.) The defaults here are those of formats whose
+    GEMMs take the activations in their float dtype (W16A16, W4A16): A is x itself and h is [R, I] in x's dtype."""
 
     num_experts: int
     inter: int
@@ -250,10 +253,10 @@ class WeightFormat:
         """The buffers of h [rows, I] in sorted row order, as the down GEMM reads them (the h_ops tensors)."""
         return (common.workspace((rows, self.inter), x_TD.dtype, x_TD.device),)
 
-    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, list, dict]:
-        """(gate-up kernel, its format arguments, its format constexprs)."""
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
+        """(gate-up kernel, its format keyword arguments and constexprs)."""
         raise NotImplementedError
 
-    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, list, dict]:
-        """(down kernel, its format arguments, its format constexprs)."""
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
+        """(down kernel, its format keyword arguments and constexprs)."""
         raise NotImplementedError

@@ -2,7 +2,8 @@
 are dequantized in the K loop.
 
 Legend: T tokens, D hidden, E local experts, G global experts, I expert intermediate size, F = 2I, K top-k,
-P = T*K pairs, R padded rows (moe_align), S = reduction dim / 32 scale groups, Q = 16 packed bytes per group.
+P = T*K pairs, R padded rows (moe_align), S = reduction dim / 32 scale groups, Q = 16 packed bytes per group,
+B = S*Q bytes of a row.
 
 Weights (kernels/mxfp4.py, the published layout with gate/up rows de-interleaved at load): w13 blocks
 [E, F, D/32, 16] uint8 + scales [E, F, D/32] uint8; w2 blocks [E, D, I/32, 16] + scales [E, D, I/32]. A row's
@@ -78,19 +79,19 @@ def _mxfp4_dot(a, q, s, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIV
 def mxfp4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                   TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """UP_LOOP of MXFP4 weights, FMT = (NATIVE, A_FORMAT). w_ops = (wq_ptr, ws_ptr, stride_qe, stride_qf, stride_se,
-    stride_sf, stride_ss): [BLOCK_N, BLOCK_K/2] byte tiles and their [BLOCK_N, BLOCK_K/32] scales."""
-    wq_ptr, ws_ptr, stride_qe, stride_qf, stride_se, stride_sf, stride_ss = w_ops
+    """UP_LOOP of MXFP4 weights, FMT = (NATIVE, A_FORMAT). w_ops = (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se,
+    stride_sn, stride_ss): [BLOCK_N, BLOCK_K/2] byte tiles and their [BLOCK_N, BLOCK_K/32] scales."""
+    wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss = w_ops
     NATIVE: tl.constexpr = FMT[0]
     A_FORMAT: tl.constexpr = FMT[1]
     offs_k = tl.arange(0, BLOCK_K)
     offs_kq = tl.arange(0, BLOCK_K // 2)  # bytes
     offs_ks = tl.arange(0, BLOCK_K // 32)  # scale groups
     rows_n = offs_n.to(tl.int64)
-    gq_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qf + offs_kq[None, :]
-    gs_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sf + offs_ks[None, :] * stride_ss
-    uq_ptrs = gq_ptrs + inter * stride_qf
-    us_ptrs = gs_ptrs + inter * stride_sf
+    gq_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
+    gs_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
+    uq_ptrs = gq_ptrs + inter * stride_qn
+    us_ptrs = gs_ptrs + inter * stride_sn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
@@ -118,7 +119,7 @@ def mxfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, in
                     TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
     """DOWN_LOOP of MXFP4 weights. h_ops = (h_ptr, stride_hr), w_ops as `mxfp4_up_loop`'s (rows of w2)."""
     h_ptr, stride_hr = h_ops
-    wq_ptr, ws_ptr, stride_qe, stride_qd, stride_se, stride_sd, stride_ss = w_ops
+    wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss = w_ops
     NATIVE: tl.constexpr = FMT[0]
     A_FORMAT: tl.constexpr = FMT[1]
     offs_k = tl.arange(0, BLOCK_K)
@@ -126,8 +127,8 @@ def mxfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, in
     offs_ks = tl.arange(0, BLOCK_K // 32)
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
     rows_n = offs_n.to(tl.int64)
-    q_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qd + offs_kq[None, :]
-    s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sd + offs_ks[None, :] * stride_ss
+    q_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
+    s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
         a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
@@ -141,31 +142,31 @@ def mxfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, in
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_mxfp4_up_kernel(sorted_ptr, expert_ids_ptr, num_rows_ptr, num_pairs, num_rows, num_experts, top_k, inter,
-                         hidden, b13_ptr, stride_be, alpha, limit, x_ptr, wq_ptr, ws_ptr, h_ptr, stride_xt, stride_qe,
-                         stride_qf, stride_se, stride_sf, stride_ss, stride_hr,
+def _moe_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, sorted_ptr, expert_ids_ptr, b13_ptr, num_pairs, num_rows,
+                         inter, hidden, top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ss,
+                         stride_hr, stride_be, alpha, limit, num_rows_ptr, num_experts,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PERSISTENT: tl.constexpr,
                          TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr,
                          A_FORMAT: tl.constexpr):
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
                    (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
-                   (wq_ptr, ws_ptr, stride_qe, stride_qf, stride_se, stride_sf, stride_ss), (h_ptr, stride_hr),
+                   (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss), (h_ptr, stride_hr),
                    mxfp4_up_loop, store_h, (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS,
                    ACT, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_mxfp4_down_kernel(sorted_ptr, expert_ids_ptr, num_rows_ptr, num_pairs, num_rows, num_experts, top_k, hidden,
-                           inter, b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr, h_ptr, wq_ptr, ws_ptr, stride_hr,
-                           stride_qe, stride_qd, stride_se, stride_sd, stride_ss,
+def _moe_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr, b2_ptr, num_pairs,
+                           num_rows, hidden, inter, top_k, stride_hr, stride_qe, stride_qn, stride_se, stride_sn,
+                           stride_ss, stride_yr, stride_be, num_rows_ptr, num_experts,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                            EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
                            PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
                            NATIVE: tl.constexpr, A_FORMAT: tl.constexpr):
     sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
                      (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr),
-                     (wq_ptr, ws_ptr, stride_qe, stride_qd, stride_se, stride_sd, stride_ss), mxfp4_down_loop,
+                     (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss), mxfp4_down_loop,
                      (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA,
                      INTERPRET, PREC)
 
@@ -187,13 +188,13 @@ def mxfp4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
 
 @dataclass(frozen=True)
 class Mxfp4Format(WeightFormat):
-    """MXFP4 experts as byte views (`_bytes_view`): w13 [E, 2I, D/2] + scales [E, 2I, D/32], w2 [E, D, I/2] +
-    scales [E, D, I/32]; `native` picks tl.dot_scaled for activations of dtype `a_format` (module docstring)."""
+    """MXFP4 experts with their blocks as byte views (`_bytes_view`: B = D/2 for w13, I/2 for w2); `native` picks
+    tl.dot_scaled for activations of dtype `a_format` (module docstring)."""
 
-    w13q: torch.Tensor
-    w13s: torch.Tensor
-    w2q: torch.Tensor
-    w2s: torch.Tensor
+    w13q_EFB: torch.Tensor
+    w13s_EFS: torch.Tensor
+    w2q_EDB: torch.Tensor
+    w2s_EDS: torch.Tensor
     native: bool
     a_format: str
 
@@ -202,18 +203,19 @@ class Mxfp4Format(WeightFormat):
         cfg = mxfp4_config(cfg)
         return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
 
-    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, list, dict]:
-        (x_TD,), (h_RI,), q, s = a, h, self.w13q, self.w13s
-        return _moe_mxfp4_up_kernel, [x_TD, q, s, h_RI, x_TD.stride(0), q.stride(0), q.stride(1), s.stride(0),
-                                      s.stride(1), s.stride(2), h_RI.stride(0)], self._constexprs()
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (x_TD,), (h_RI,) = a, h
+        return _moe_mxfp4_up_kernel, dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
+                                          **self._weight(self.w13q_EFB, self.w13s_EFS))
 
-    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, list, dict]:
-        (h_RI,), q, s = h, self.w2q, self.w2s
-        return _moe_mxfp4_down_kernel, [h_RI, q, s, h_RI.stride(0), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-                                        s.stride(2)], self._constexprs()
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (h_RI,) = h
+        return _moe_mxfp4_down_kernel, dict(h_ptr=h_RI, stride_hr=h_RI.stride(0), **self._weight(self.w2q_EDB, self.w2s_EDS))
 
-    def _constexprs(self) -> dict:
-        return dict(TMA=False, NATIVE=self.native, A_FORMAT=self.a_format)
+    def _weight(self, q: torch.Tensor, s: torch.Tensor) -> dict:
+        """A GEMM's weight operands (bytes, scales and their strides) and this format's constexprs."""
+        return dict(wq_ptr=q, ws_ptr=s, stride_qe=q.stride(0), stride_qn=q.stride(1), stride_se=s.stride(0),
+                    stride_sn=s.stride(1), stride_ss=s.stride(2), TMA=False, NATIVE=self.native, A_FORMAT=self.a_format)
 
 
 def _check(x_TD, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int]:
