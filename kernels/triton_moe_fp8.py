@@ -143,7 +143,8 @@ def _moe_fp8_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, 
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                        EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PERSISTENT: tl.constexpr,
                        TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    # (b13_ptr .. limit, HAS_BIAS, ACT: the pipeline's epilogue arguments; FP8 experts take no bias and run SiLU)
+    # (b13_ptr .. limit, HAS_BIAS, ACT: the pipeline's epilogue arguments, after the FP8 kernel's own so those keep
+    # their order, see WeightFormat; FP8 experts take no bias and run SiLU)
     w_desc = gate_up_desc(w_ptr, num_experts, inter, up_row, hidden, stride_we, stride_wf, BLOCK_N, BLOCK_K, 1, TMA)
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
                    (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt, xs_ptr, stride_xst),

@@ -149,6 +149,8 @@ def _moe_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, sorted_ptr, expert_ids_pt
                          EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PERSISTENT: tl.constexpr,
                          TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr,
                          A_FORMAT: tl.constexpr):
+    # (num_rows_ptr, num_experts: the pipeline's, for PERSISTENT and TMA, which MXFP4 runs without; taken last, as
+    # FP8 takes the bias arguments, so the parameters before them keep their order: see WeightFormat)
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
                    (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
                    (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss), (h_ptr, stride_hr),
