@@ -67,7 +67,11 @@ class Recorder:
             def launch(*args, **kwargs):
                 t0 = cpu_seconds()
                 k = self.run(*args, grid=grid, warmup=True, **kwargs)
-                consts = {a: b for a, b in kwargs.items() if isinstance(b, (int, bool, str)) and a != "PREC"}
+                # (launch keywords that are constexprs or options: the MoE pipeline passes runtime arguments by
+                # keyword too, and a size or a stride is not part of what a launch config compiles)
+                runtime = {p.name for p in self.params if not p.is_constexpr}
+                consts = {a: b for a, b in kwargs.items()
+                          if isinstance(b, (int, bool, str)) and a != "PREC" and a not in runtime}
                 rec.records.append(dict(case=rec.case, kernel=k, seconds=cpu_seconds() - t0, constexprs=consts,
                                         **specialisation(k)))
             return launch

@@ -40,6 +40,19 @@ _FLAG_KEYS = ("FUSED_GATE_UP", "TMA")
 _COUNT_KEYS = ("PERSISTENT",)  # non-negative integers, 0 = off
 
 
+def _tile_ints(src: dict, fallback: dict, keys: tuple[str, ...], min_block: int, why: str, where: str) -> dict:
+    """`keys` from src (else fallback), each a positive integer, with BLOCK_SIZE_N and BLOCK_SIZE_K powers of two
+    >= min_block (`why` says what sets it): the checks a GEMM's and a tiny GEMV's blocks share."""
+    vals = {k: src.get(k, fallback.get(k)) for k in keys}
+    for k, v in vals.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{where}: {k}={v!r} is invalid: must be a positive integer.")
+    for k in ("BLOCK_SIZE_N", "BLOCK_SIZE_K"):
+        if vals[k] < min_block or vals[k] & (vals[k] - 1):
+            raise ValueError(f"{where}: {k}={vals[k]} is invalid: must be a power of two >= {min_block}{why}.")
+    return vals
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     BLOCK_SIZE_N: int
@@ -89,14 +102,7 @@ class TinyConfig:
             raise ValueError(f"{where}: max_pairs={mp!r} is invalid: must be an integer >= 0 (0 turns the path off).")
 
         def gemv(src: dict, fallback: dict) -> TinyGemm:
-            vals = {k: src.get(k, fallback.get(k)) for k in _TINY_KEYS}
-            for k, v in vals.items():
-                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                    raise ValueError(f"{where}: {k}={v!r} is invalid: must be a positive integer.")
-            for k in ("BLOCK_SIZE_N", "BLOCK_SIZE_K"):
-                if vals[k] < 8 or vals[k] & (vals[k] - 1):
-                    raise ValueError(f"{where}: {k}={vals[k]} is invalid: must be a power of two >= 8.")
-            return TinyGemm(**vals)
+            return TinyGemm(**_tile_ints(src, fallback, _TINY_KEYS, 8, "", where))
 
         up = gemv(d, {})
         return cls(mp, up, gemv(d.get("down", {}), asdict(up)))
@@ -129,13 +135,7 @@ class MoELaunchConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "MoELaunchConfig":
         def gemm(src: dict, fallback: dict) -> GemmConfig:
-            vals = {k: src.get(k, fallback.get(k)) for k in _GEMM_KEYS}
-            for k, v in vals.items():
-                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                    raise ValueError(f"{where}: {k}={v!r} is invalid: must be a positive integer.")
-            for k in ("BLOCK_SIZE_N", "BLOCK_SIZE_K"):
-                if vals[k] < 16 or vals[k] & (vals[k] - 1):
-                    raise ValueError(f"{where}: {k}={vals[k]} is invalid: must be a power of two >= 16 (tl.dot tiles).")
+            vals = _tile_ints(src, fallback, _GEMM_KEYS, 16, " (tl.dot tiles)", where)
             for k in _FLAG_KEYS:
                 v = src.get(k, fallback.get(k, False))
                 if not isinstance(v, bool):

@@ -1,4 +1,4 @@
-"""How the sorted MoE GEMMs (bf16 kernels/triton_moe_gemm.py, FP8 kernels/triton_moe_fp8.py) map programs to tiles.
+"""How the sorted MoE GEMMs (the scaffold of kernels/triton_moe_gemm.py, for every weight format) map programs to tiles.
 
 Tiles: the GEMM over R padded rows (moe_align) is (R / BLOCK_M) x ceil(N / BLOCK_N) tiles of [BLOCK_M, BLOCK_N];
 GROUP_M consecutive M blocks sweep the N blocks together, so the expert weights they share stay in L2

@@ -1,4 +1,5 @@
-"""Fused MoE experts in Triton: align → gate-up GEMM with the gated activation → down GEMM × routed weight → top-k sum.
+"""Fused MoE experts in Triton: align → gate-up GEMM with the gated activation → down GEMM × routed weight → top-k sum,
+written once for every weight format (the pipeline), and its entry point for float weights.
 
 Legend: T tokens, D hidden, E local experts, G global experts, I expert
 intermediate size, F = 2I, K top-k, P = T*K pairs, R padded rows (moe_align).
@@ -23,16 +24,21 @@ Data flow (same math as `reference_fused_moe`):
      after the GEMM (bf16/fp16 pay one cast). Summation order varies between
      runs (last-bit differences). benchmarks/moe_kernels.py measures both.
 All accumulation is fp32 whatever the input dtype (fp32, bf16, fp16).
+
+Weight formats plug into this pipeline (`sorted_fused_moe`) as a strategy object (triton_moe_gemm.WeightFormat):
+its two GEMM kernels, built on the one GEMM scaffold (kernels/triton_moe_gemm.py) with the format's K loops, and
+what they are launched with. Float weights: kernels/triton_moe_float.py (this module's `triton_fused_moe`); FP8 block-scaled
+W8A8: kernels/triton_moe_fp8.py; MXFP4: kernels/triton_moe_mxfp4.py.
 Expert biases (gpt-oss: b13 [E, F] on the gate-up GEMM, b2 [E, D] on the down GEMM, scaled by the routed
 weight like the rest of the expert's output) and the activation (`MoEActivation`: SiLU·up, or gpt-oss's
-clamped swiglu_oai) are constexpr switches of the epilogues: without biases the kernels load nothing more,
-and the SiLU path compiles to the code it always did. `activation_epilogue` (in triton_common, shared with the
-tiny path) and `_add_bias` are shared with the MXFP4 kernels (kernels/triton_moe_mxfp4.py).
+clamped swiglu_oai) are constexpr switches of the scaffold's epilogues: without biases the kernels load nothing
+more, and the SiLU path compiles to the code it always did.
 Tiny batches (decode) skip all of the above when the launch config says so (`TINY`, kernels/moe_config.py):
 kernels/triton_moe_tiny.py runs the layer in two launches (gate-up GEMV per pair, down GEMV with the top-k sum
 per token), chosen from T*K alone, so CUDA graphs stay valid. `path` forces either path (benchmarks, tests).
 The pair count is not specialised on (`do_not_specialize`): decode batches of odd and even sizes share
 one compiled kernel per config (T*K % 16 would otherwise split them), so a new batch size never compiles.
+No device→host sync anywhere: grids come from shapes only.
 """
 from __future__ import annotations
 
@@ -44,10 +50,11 @@ from . import triton_common as common
 from . import triton_moe_tiny
 from .moe import SILU, MoEActivation
 from .moe_align import _local_expert, moe_align_block_size
-from .moe_config import DEFAULT_TINY, MoELaunchConfig, get_moe_config
-from .moe_schedule import _grouped_pids, gemm_grid, tma_ok  # noqa: F401 (_grouped_pids: the FP8/MXFP4 kernels' import)
-from .triton_common import activation_epilogue, cast  # noqa: F401 (activation_epilogue: shared with the tiny path)
-from .triton_moe_gemm import _add_bias, _moe_down_kernel, _moe_up_kernel  # noqa: F401 (_add_bias: MXFP4's import)
+from .moe_config import DEFAULT_TINY, GemmConfig, MoELaunchConfig, get_moe_config
+from .moe_schedule import gemm_grid
+from .triton_common import cast
+from .triton_moe_float import FloatFormat
+from .triton_moe_gemm import WeightFormat
 
 ACT_SILU, ACT_SWIGLU_OAI = 0, 1  # the ACT constexpr of the gate-up epilogue
 _ACT_CODES = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI}
@@ -88,6 +95,85 @@ def activation_args(activation: MoEActivation) -> tuple[int, float, float]:
     return _ACT_CODES[activation.kind], float(activation.alpha), float(activation.limit)
 
 
+def check_routing(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor) -> None:
+    """Routing of every format's entry point: ids and weights both [T, K]."""
+    if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != x_TD.shape[0]:
+        raise ValueError(f"topk_ids_TK {tuple(topk_ids_TK.shape)} and topk_weights_TK {tuple(topk_weights_TK.shape)} "
+                         f"must both be [T, K] with T={x_TD.shape[0]}.")
+
+
+def output(x_TD: torch.Tensor, out: torch.Tensor | None, combine: str) -> torch.Tensor:
+    """The [T, D] result buffer in x's dtype: `out` checked, else a new one; `combine` checked too."""
+    if combine not in ("sum", "atomic"):
+        raise ValueError(f"combine={combine!r} is invalid: must be 'sum' or 'atomic'.")
+    dt = x_TD.dtype
+    if out is None:
+        return common.workspace(tuple(x_TD.shape), dt, x_TD.device)
+    if out.shape != x_TD.shape or out.dtype != dt or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [T, D] = {tuple(x_TD.shape)}, {dt}, rows contiguous.")
+    return out
+
+
+def _gemm_constexprs(bm: int, g: GemmConfig, k_dim: int) -> dict:
+    """The scaffold's launch keywords every format's kernels take for one GEMM of reduction dim `k_dim`."""
+    return dict(BLOCK_M=bm, BLOCK_N=g.BLOCK_SIZE_N, BLOCK_K=g.BLOCK_SIZE_K, GROUP_M=g.GROUP_SIZE_M,
+                EVEN_K=k_dim % g.BLOCK_SIZE_K == 0, PERSISTENT=g.PERSISTENT > 0, num_warps=g.num_warps,
+                num_stages=g.num_stages)
+
+
+def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Tensor, ids_P: torch.Tensor,
+                     expert_map_G: torch.Tensor | None, top_k: int, cfg: MoELaunchConfig, out: torch.Tensor,
+                     combine: str, b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+                     act_args: tuple[int, float, float] = (ACT_SILU, SILU.alpha, SILU.limit)) -> torch.Tensor:
+    """The sorted path for weights in format `fmt`: x_TD [T, D] (T >= 1, rows contiguous), the flat routing
+    weights_P / ids_P [T*K], checked biases and `activation_args`; writes and returns out [T, D] (x's dtype).
+    Module docstring."""
+    T, D = x_TD.shape
+    E, I = fmt.num_experts, fmt.inter
+    dev, dt = x_TD.device, x_TD.dtype
+    act, alpha, limit = act_args
+    up, down = fmt.gemms(cfg)
+    BM = cfg.BLOCK_SIZE_M
+    a = fmt.activations(x_TD)
+    sorted_R, expert_ids_B, rows_1 = moe_align_block_size(ids_P, BM, E, expert_map_G)
+    R, P = sorted_R.numel(), ids_P.numel()
+    interp = common.interpreting(x_TD)
+    flags = dict(INTERPRET=interp, PREC=common.dot_precision(dt))
+    align = dict(sorted_ptr=sorted_R, expert_ids_ptr=expert_ids_B, num_rows_ptr=rows_1, num_pairs=P, num_rows=R,
+                 num_experts=E, top_k=top_k)
+
+    h = fmt.hidden(R, x_TD)
+    kernel, operands = fmt.up_launch(up, a, h)
+    kernel[(gemm_grid(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N), up.PERSISTENT, dev),)](
+        **align, inter=I, hidden=D, b13_ptr=x_TD if b13_EF is None else b13_EF,
+        stride_be=0 if b13_EF is None else b13_EF.stride(0), alpha=alpha, limit=limit,
+        **{**_gemm_constexprs(BM, up, D), "HAS_BIAS": b13_EF is not None, "ACT": act, **flags, **operands})
+
+    atomic = combine == "atomic"
+    if atomic:
+        y = out if (dt == torch.float32 and out.is_contiguous()) else common.workspace((T, D), torch.float32, dev)
+        y.zero_()
+    else:
+        y = common.workspace((P, D), dt, dev)
+    kernel, operands = fmt.down_launch(down, h)
+    kernel[(gemm_grid(R // BM * triton.cdiv(D, down.BLOCK_SIZE_N), down.PERSISTENT, dev),)](
+        **align, hidden=D, inter=I, b2_ptr=weights_P if b2_ED is None else b2_ED,
+        stride_be=0 if b2_ED is None else b2_ED.stride(0), weights_ptr=weights_P, y_ptr=y, stride_yr=y.stride(0),
+        **{**_gemm_constexprs(BM, down, I), "ATOMIC": atomic, "HAS_BIAS": b2_ED is not None, **flags, **operands})
+    if atomic:
+        if y is not out:
+            out.copy_(y)
+        return out
+    has_map = expert_map_G is not None
+    BLOCK_D = min(1024, triton.next_power_of_2(D))
+    _moe_sum_kernel[(T, triton.cdiv(D, BLOCK_D))](
+        y, ids_P, expert_map_G if has_map else ids_P, out, P, expert_map_G.numel() if has_map else E, D, top_k,
+        y.stride(0), out.stride(0),
+        BLOCK_D=BLOCK_D, HAS_MAP=has_map, INTERPRET=interp, num_warps=4,
+    )
+    return out
+
+
 def _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK) -> None:
     common.check_dtype("x_TD", x_TD)
     if w13_EFD.dtype != x_TD.dtype or w2_EDI.dtype != x_TD.dtype:
@@ -96,9 +182,7 @@ def _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK) -> None:
     if F % 2 or x_TD.shape[1] != D or tuple(w2_EDI.shape) != (E, D, F // 2):
         raise ValueError(f"shapes x_TD={tuple(x_TD.shape)}, w13_EFD={tuple(w13_EFD.shape)}, w2_EDI={tuple(w2_EDI.shape)} "
                          "do not fit: need w13 [E, 2I, D] and w2 [E, D, I].")
-    if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != x_TD.shape[0]:
-        raise ValueError(f"topk_ids_TK {tuple(topk_ids_TK.shape)} and topk_weights_TK {tuple(topk_weights_TK.shape)} "
-                         f"must both be [T, K] with T={x_TD.shape[0]}.")
+    check_routing(x_TD, topk_weights_TK, topk_ids_TK)
 
 
 def triton_fused_moe(
@@ -127,73 +211,22 @@ def triton_fused_moe(
     No device→host sync: grids come from shapes only.
     """
     _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK)
-    if combine not in ("sum", "atomic"):
-        raise ValueError(f"combine={combine!r} is invalid: must be 'sum' or 'atomic'.")
     if path not in _PATHS:
         raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(_PATHS)}.")
     T, D = x_TD.shape
     E, F, _ = w13_EFD.shape
     I, K = F // 2, topk_ids_TK.shape[1]
     b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, F), check_bias("b2_ED", b2_ED, E, D)
-    act, alpha, limit = activation_args(activation)
-    dev, dt = x_TD.device, x_TD.dtype
-    if out is None:
-        out = common.workspace((T, D), dt, dev)
-    elif out.shape != x_TD.shape or out.dtype != dt or out.stride(-1) != 1:
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [T, D] = {tuple(x_TD.shape)}, {dt}, rows contiguous.")
+    act_args = activation_args(activation)
+    out = output(x_TD, out, combine)
     if T == 0:
         return out
     x_TD, w13_EFD, w2_EDI = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_TD, w13_EFD, w2_EDI))
     weights_P = topk_weights_TK.reshape(-1).contiguous()
     ids_P = topk_ids_TK.reshape(-1).contiguous()
-    cfg = config or get_moe_config(E, I, T, K, dev)
+    cfg = config or get_moe_config(E, I, T, K, x_TD.device)
     if path == "tiny" or (path == "auto" and cfg.uses_tiny(T * K)):
-        return triton_moe_tiny.tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF, b2_ED, act,
-                                              alpha, limit, out, cfg.tiny or DEFAULT_TINY, K)
-    BM = cfg.BLOCK_SIZE_M
-    sorted_R, expert_ids_B, rows_1 = moe_align_block_size(ids_P, BM, E, expert_map_G)
-    R = sorted_R.numel()
-    P = ids_P.numel()
-    interp = common.interpreting(x_TD)
-    flags = dict(INTERPRET=interp, PREC=common.dot_precision(dt))
-
-    up = cfg.up
-    h_RI = common.workspace((R, I), dt, dev)
-    up_tma = up.TMA and tma_ok(w13_EFD)
-    _moe_up_kernel[(gemm_grid(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N), up.PERSISTENT, dev),)](
-        x_TD, w13_EFD, h_RI, sorted_R, expert_ids_B, rows_1, x_TD if b13_EF is None else b13_EF, P, R, E, I, D, K,
-        x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), w13_EFD.stride(2), h_RI.stride(0),
-        0 if b13_EF is None else b13_EF.stride(0), alpha, limit,
-        BLOCK_M=BM, BLOCK_N=up.BLOCK_SIZE_N, BLOCK_K=up.BLOCK_SIZE_K, GROUP_M=up.GROUP_SIZE_M,
-        EVEN_K=D % up.BLOCK_SIZE_K == 0, FUSED=up.FUSED_GATE_UP, HAS_BIAS=b13_EF is not None, ACT=act,
-        PERSISTENT=up.PERSISTENT > 0, TMA=up_tma, num_warps=up.num_warps, num_stages=up.num_stages, **flags,
-    )
-
-    down = cfg.down
-    atomic = combine == "atomic"
-    if atomic:
-        y = out if (dt == torch.float32 and out.is_contiguous()) else common.workspace((T, D), torch.float32, dev)
-        y.zero_()
-    else:
-        y = common.workspace((P, D), dt, dev)
-    down_tma = down.TMA and tma_ok(w2_EDI, h_RI)
-    _moe_down_kernel[(gemm_grid(R // BM * triton.cdiv(D, down.BLOCK_SIZE_N), down.PERSISTENT, dev),)](
-        h_RI, w2_EDI, y, sorted_R, expert_ids_B, rows_1, weights_P, weights_P if b2_ED is None else b2_ED, P, R, E, D, I,
-        K, h_RI.stride(0), w2_EDI.stride(0), w2_EDI.stride(1), w2_EDI.stride(2), y.stride(0),
-        0 if b2_ED is None else b2_ED.stride(0),
-        BLOCK_M=BM, BLOCK_N=down.BLOCK_SIZE_N, BLOCK_K=down.BLOCK_SIZE_K, GROUP_M=down.GROUP_SIZE_M,
-        EVEN_K=I % down.BLOCK_SIZE_K == 0, ATOMIC=atomic, HAS_BIAS=b2_ED is not None, PERSISTENT=down.PERSISTENT > 0,
-        TMA=down_tma, num_warps=down.num_warps, num_stages=down.num_stages, **flags,
-    )
-    if atomic:
-        if y is not out:
-            out.copy_(y)
-        return out
-    has_map = expert_map_G is not None
-    BLOCK_D = min(1024, triton.next_power_of_2(D))
-    _moe_sum_kernel[(T, triton.cdiv(D, BLOCK_D))](
-        y, ids_P, expert_map_G if has_map else ids_P, out, P, expert_map_G.numel() if has_map else E, D, K,
-        y.stride(0), out.stride(0),
-        BLOCK_D=BLOCK_D, HAS_MAP=has_map, INTERPRET=interp, num_warps=4,
-    )
-    return out
+        return triton_moe_tiny.tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF, b2_ED,
+                                              *act_args, out, cfg.tiny or DEFAULT_TINY, K)
+    return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out, combine,
+                            b13_EF, b2_ED, act_args)

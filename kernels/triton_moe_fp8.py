@@ -5,7 +5,8 @@ gate [0, I) and up [U, U + I) (U = I stacked, or I rounded up to Bn: fp8.referen
 P = T*K pairs, R padded rows (moe_align), Gd = ceil(D / Bk), Gi = ceil(I / Bk) activation groups per row,
 Bn x Bk the weight block (128 x 128 published). Same contract as fp8.reference_fused_moe_fp8.
 
-Data flow (the bf16 fused MoE's, kernels/triton_moe.py, with scales):
+A weight format of the fused-MoE pipeline (kernels/triton_moe.py; the GEMM scaffold of kernels/triton_moe_gemm.py
+runs the K loops and the epilogue store below). Data flow (the bf16 fused MoE's, with scales):
 1. x is quantized once per token (triton_fp8.triton_per_token_group_quant): xq [T, D] fp8, xs [T, Gd].
 2. `moe_align_block_size`: pairs sorted by expert, each expert's run padded to BLOCK_M (shared with bf16).
 3. Gate-up GEMM over blocks of sorted rows, A rows gathered from xq by `pair // K`. Each K step (BLOCK_K ≤ Bk,
@@ -23,6 +24,7 @@ No device→host sync: grids come from shapes only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,172 +33,141 @@ import triton.language as tl
 
 from . import moe_config
 from . import triton_common as common
-from .fp8 import DEFAULT_BLOCK, up_row
-from .moe_align import moe_align_block_size
-from .moe_config import CONFIG_DIR, MoELaunchConfig, _pick, load_config_file
+from .fp8 import DEFAULT_BLOCK, FP8_DTYPE, up_row
+from .moe_config import CONFIG_DIR, GemmConfig, MoELaunchConfig, _pick, load_config_file
+from .moe_schedule import tma_ok
 from .triton_fp8 import check_fp8_weight, check_triton_block, quant_tile, triton_per_token_group_quant
-from .moe_schedule import _grouped_pids, _tile_pids, gemm_grid, tma_ok
-from .triton_moe import _moe_sum_kernel
+from .triton_moe import check_routing, output, sorted_fused_moe
+from .triton_moe_gemm import (WeightFormat, down_descs, gate_up_desc, load_weights, sorted_down_gemm, sorted_up_gemm)
 
 
 @triton.jit
-def _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr,
-                 num_pairs, inter, up_row, hidden, top_k,
-                 stride_xt, stride_xst, stride_we, stride_wf, stride_wse, stride_wsf, stride_hr, stride_hsr,
-                 SCALE_N: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
-    expert = tl.load(expert_ids_ptr + pid_m)
-    if expert >= 0:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair_m = tl.load(sorted_ptr + offs_m)
-        row_ok = pair_m < num_pairs
-        tok_m = (pair_m // top_k).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < inter
-        offs_k = tl.arange(0, BLOCK_K)
-        e64 = expert.to(tl.int64)
-        a_ptrs = x_ptr + tok_m[:, None] * stride_xt + offs_k[None, :]
-        as_ptrs = xs_ptr + tok_m * stride_xst
-        g_ptrs = w_ptr + e64 * stride_we + offs_n[None, :].to(tl.int64) * stride_wf + offs_k[:, None]
-        u_ptrs = g_ptrs + up_row * stride_wf
-        # Gate row n and up row U+n have their own scale rows: (U + n) // Bn need not be n // Bn + const.
-        gs_ptrs = ws_ptr + e64 * stride_wse + (offs_n // SCALE_N) * stride_wsf
-        us_ptrs = ws_ptr + e64 * stride_wse + ((up_row + offs_n) // SCALE_N) * stride_wsf
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            k_ok = offs_k < hidden - k0
-            kg = k0 // GROUP
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if TMA:  # w13 as [E, 2, I, D], up at row U (as the bf16 kernel): rows past I, columns past D read as 0
-                bg = tl.trans(tl.reshape(w_desc.load([expert, 0, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
-                bu = tl.trans(tl.reshape(w_desc.load([expert, 1, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
-            else:
-                bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            a_s = tl.load(as_ptrs + kg, mask=row_ok, other=0.0)
-            g_s = tl.load(gs_ptrs + kg, mask=n_ok, other=0.0)
-            u_s = tl.load(us_ptrs + kg, mask=n_ok, other=0.0)
-            acc_g += tl.dot(a, bg, out_dtype=tl.float32) * a_s[:, None] * g_s[None, :]
-            acc_u += tl.dot(a, bu, out_dtype=tl.float32) * a_s[:, None] * u_s[None, :]
-            a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
-            u_ptrs += BLOCK_K
-        # Columns past I hold exact zeros (masked weights, zero scales), so they never raise a group's amax.
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        GROUPS: tl.constexpr = BLOCK_N // GROUP
-        hq, hs = quant_tile(h, GROUPS, GROUP, INTERPRET)
-        rows = offs_m.to(tl.int64)
-        tl.store(h_ptr + rows[:, None] * stride_hr + offs_n[None, :], hq, mask=n_ok[None, :])
-        offs_g = pid_n * GROUPS + tl.arange(0, GROUPS)
-        tl.store(hs_ptr + rows[:, None] * stride_hsr + offs_g[None, :], hs, mask=offs_g[None, :] * GROUP < inter)
+def fp8_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """UP_LOOP of FP8 weights, FMT = (SCALE_N, GROUP) = (Bn, Bk). x_ops = (xq_ptr, stride_xt, xs_ptr, stride_xst),
+    w_ops = (w_ptr, w_desc, ws_ptr, up_row, stride_we, stride_wf, stride_wse, stride_wsf). The K tail is always
+    masked (EVEN_K unused), with one k mask for A and B."""
+    xs_ptr, stride_xst = x_ops[2], x_ops[3]
+    w_ptr, w_desc, ws_ptr, up_row, stride_we, stride_wf, stride_wse, stride_wsf = w_ops
+    SCALE_N: tl.constexpr = FMT[0]
+    GROUP: tl.constexpr = FMT[1]
+    offs_k = tl.arange(0, BLOCK_K)
+    e64 = expert.to(tl.int64)
+    as_ptrs = xs_ptr + tok_m * stride_xst
+    g_ptrs = w_ptr + e64 * stride_we + offs_n[None, :].to(tl.int64) * stride_wf + offs_k[:, None]
+    u_ptrs = g_ptrs + up_row * stride_wf
+    # Gate row n and up row U+n have their own scale rows: (U + n) // Bn need not be n // Bn + const.
+    gs_ptrs = ws_ptr + e64 * stride_wse + (offs_n // SCALE_N) * stride_wsf
+    us_ptrs = ws_ptr + e64 * stride_wse + ((up_row + offs_n) // SCALE_N) * stride_wsf
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = offs_k < hidden - k0
+        kg = k0 // GROUP
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if TMA:  # w13 as [E, 2, I, D], up at row U (as the bf16 kernel): rows past I, columns past D read as 0
+            bg = tl.trans(tl.reshape(w_desc.load([expert, 0, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
+            bu = tl.trans(tl.reshape(w_desc.load([expert, 1, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
+        else:
+            bg = load_weights(g_ptrs, n_ok, k_ok, False, False)
+            bu = load_weights(u_ptrs, n_ok, k_ok, False, False)
+        a_s = tl.load(as_ptrs + kg, mask=row_ok, other=0.0)
+        g_s = tl.load(gs_ptrs + kg, mask=n_ok, other=0.0)
+        u_s = tl.load(us_ptrs + kg, mask=n_ok, other=0.0)
+        acc_g += tl.dot(a, bg, out_dtype=tl.float32) * a_s[:, None] * g_s[None, :]
+        acc_u += tl.dot(a, bu, out_dtype=tl.float32) * a_s[:, None] * u_s[None, :]
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    return acc_g, acc_u
+
+
+@triton.jit
+def fp8_store_h(h, offs_m, offs_n, n_ok, pid_n, h_ops, inter, BLOCK_N: tl.constexpr, FMT: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """STORE_H of FP8: h quantized per row per Bk columns (BLOCK_N is a multiple of Bk: whole groups) into hq and
+    hs. h_ops = (hq_ptr, stride_hr, hs_ptr, stride_hsr)."""
+    h_ptr, stride_hr, hs_ptr, stride_hsr = h_ops
+    GROUP: tl.constexpr = FMT[1]
+    # Columns past I hold exact zeros (masked weights, zero scales), so they never raise a group's amax.
+    GROUPS: tl.constexpr = BLOCK_N // GROUP
+    hq, hs = quant_tile(h, GROUPS, GROUP, INTERPRET)
+    rows = offs_m.to(tl.int64)
+    tl.store(h_ptr + rows[:, None] * stride_hr + offs_n[None, :], hq, mask=n_ok[None, :])
+    offs_g = pid_n * GROUPS + tl.arange(0, GROUPS)
+    tl.store(hs_ptr + rows[:, None] * stride_hsr + offs_g[None, :], hs, mask=offs_g[None, :] * GROUP < inter)
+
+
+@triton.jit
+def fp8_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inter,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """DOWN_LOOP of FP8 weights: hq × w2qᵀ with hs and the w2 scales per K step. h_ops = (hq_ptr, stride_hr,
+    hs_ptr, stride_hsr, h_desc), w_ops = (w_ptr, w_desc, ws_ptr, stride_we, stride_wd, stride_wse, stride_wsd)."""
+    h_ptr, stride_hr, hs_ptr, stride_hsr, h_desc = h_ops
+    w_ptr, w_desc, ws_ptr, stride_we, stride_wd, stride_wse, stride_wsd = w_ops
+    SCALE_N: tl.constexpr = FMT[0]
+    GROUP: tl.constexpr = FMT[1]
+    offs_k = tl.arange(0, BLOCK_K)
+    e64 = expert.to(tl.int64)
+    rows = offs_m.to(tl.int64)
+    # Padding rows of a block were written by the up kernel too (zeros), so A needs no row mask.
+    a_ptrs = h_ptr + rows[:, None] * stride_hr + offs_k[None, :]
+    as_ptrs = hs_ptr + rows * stride_hsr
+    b_ptrs = w_ptr + e64 * stride_we + offs_n[None, :].to(tl.int64) * stride_wd + offs_k[:, None]
+    bs_ptrs = ws_ptr + e64 * stride_wse + (offs_n // SCALE_N) * stride_wsd
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        if TMA:  # hq's sorted rows are contiguous: A is a TMA box too
+            a = h_desc.load([pid_m * BLOCK_M, k0])
+            b = tl.trans(tl.reshape(w_desc.load([expert, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
+        else:
+            k_ok = offs_k < inter - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = load_weights(b_ptrs, n_ok, k_ok, False, False)
+        a_s = tl.load(as_ptrs + k0 // GROUP)
+        b_s = tl.load(bs_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
+        acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_fp8_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr,
                        num_pairs, num_rows, num_experts, inter, up_row, hidden, top_k,
                        stride_xt, stride_xst, stride_we, stride_wf, stride_wse, stride_wsf, stride_hr, stride_hsr,
+                       b13_ptr, stride_be, alpha, limit,
                        SCALE_N: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                       PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
-    if TMA:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts, 2, inter, hidden],
-                                           strides=[stride_we, up_row * stride_wf, stride_wf, 1],
-                                           block_shape=[1, 1, BLOCK_N, BLOCK_K])
-    else:
-        w_desc = w_ptr  # (unused)
-    num_pid_n = tl.cdiv(inter, BLOCK_N)
-    if PERSISTENT:  # (kernels/moe_schedule.py: the live tiles only, strided over the programs)
-        live_m = tl.load(num_rows_ptr) // BLOCK_M
-        for tile in range(tl.program_id(0), live_m * num_pid_n, tl.num_programs(0)):
-            pid_m, pid_n = _tile_pids(tile, live_m, num_pid_n, GROUP_M)
-            _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr,
-                         num_pairs, inter, up_row, hidden, top_k, stride_xt, stride_xst, stride_we, stride_wf,
-                         stride_wse, stride_wsf, stride_hr, stride_hsr, SCALE_N, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
-                         INTERPRET)
-    else:
-        pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, num_pid_n, GROUP_M)
-        _fp8_up_tile(pid_m, pid_n, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ids_ptr,
-                     num_pairs, inter, up_row, hidden, top_k, stride_xt, stride_xst, stride_we, stride_wf,
-                     stride_wse, stride_wsf, stride_hr, stride_hsr, SCALE_N, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, TMA,
-                     INTERPRET)
-
-
-@triton.jit
-def _fp8_down_tile(pid_m, pid_n, h_ptr, hs_ptr, w_ptr, h_desc, w_desc, ws_ptr, y_ptr, sorted_ptr, expert_ids_ptr,
-                   weights_ptr, num_pairs, hidden, inter, top_k,
-                   stride_hr, stride_hsr, stride_we, stride_wd, stride_wse, stride_wsd, stride_yr,
-                   SCALE_N: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
-    expert = tl.load(expert_ids_ptr + pid_m)
-    if expert >= 0:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair_m = tl.load(sorted_ptr + offs_m)
-        row_ok = pair_m < num_pairs
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hidden
-        offs_k = tl.arange(0, BLOCK_K)
-        e64 = expert.to(tl.int64)
-        rows = offs_m.to(tl.int64)
-        # Padding rows of a block were written by the up kernel too (zeros), so A needs no row mask.
-        a_ptrs = h_ptr + rows[:, None] * stride_hr + offs_k[None, :]
-        as_ptrs = hs_ptr + rows * stride_hsr
-        b_ptrs = w_ptr + e64 * stride_we + offs_n[None, :].to(tl.int64) * stride_wd + offs_k[:, None]
-        bs_ptrs = ws_ptr + e64 * stride_wse + (offs_n // SCALE_N) * stride_wsd
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            if TMA:  # hq's sorted rows are contiguous: A is a TMA box too
-                a = h_desc.load([pid_m * BLOCK_M, k0])
-                b = tl.trans(tl.reshape(w_desc.load([expert, pid_n * BLOCK_N, k0]), [BLOCK_N, BLOCK_K]))
-            else:
-                k_ok = offs_k < inter - k0
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            a_s = tl.load(as_ptrs + k0 // GROUP)
-            b_s = tl.load(bs_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
-            acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-        w_m = tl.load(weights_ptr + pair_m, mask=row_ok, other=0.0).to(tl.float32)
-        acc = acc * w_m[:, None]
-        mask = row_ok[:, None] & n_ok[None, :]
-        if ATOMIC:
-            tok_m = (pair_m // top_k).to(tl.int64)
-            tl.atomic_add(y_ptr + tok_m[:, None] * stride_yr + offs_n[None, :], acc, mask=mask, sem="relaxed")
-        else:
-            y_ptrs = y_ptr + pair_m[:, None].to(tl.int64) * stride_yr + offs_n[None, :]
-            tl.store(y_ptrs, common.cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+                       EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PERSISTENT: tl.constexpr,
+                       TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    # (b13_ptr .. limit, HAS_BIAS, ACT: the pipeline's epilogue arguments, after the FP8 kernel's own so those keep
+    # their order, see WeightFormat; FP8 experts take no bias and run SiLU)
+    w_desc = gate_up_desc(w_ptr, num_experts, inter, up_row, hidden, stride_we, stride_wf, BLOCK_N, BLOCK_K, 1, TMA)
+    sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
+                   (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt, xs_ptr, stride_xst),
+                   (w_ptr, w_desc, ws_ptr, up_row, stride_we, stride_wf, stride_wse, stride_wsf),
+                   (h_ptr, stride_hr, hs_ptr, stride_hsr), fp8_up_loop, fp8_store_h, (SCALE_N, GROUP), BLOCK_M,
+                   BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS, ACT, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_fp8_down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ids_ptr, num_rows_ptr, weights_ptr,
                          num_pairs, num_rows, num_experts, hidden, inter, top_k,
-                         stride_hr, stride_hsr, stride_we, stride_wd, stride_wse, stride_wsd, stride_yr,
-                         SCALE_N: tl.constexpr, GROUP: tl.constexpr,
+                         stride_hr, stride_hsr, stride_we, stride_wd, stride_wse, stride_wsd, stride_yr, b2_ptr,
+                         stride_be, SCALE_N: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         ATOMIC: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
-    if TMA:
-        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[num_rows, inter], strides=[stride_hr, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts, hidden, inter], strides=[stride_we, stride_wd, 1],
-                                           block_shape=[1, BLOCK_N, BLOCK_K])
-    else:
-        h_desc, w_desc = h_ptr, w_ptr  # (unused)
-    num_pid_n = tl.cdiv(hidden, BLOCK_N)
-    if PERSISTENT:
-        live_m = tl.load(num_rows_ptr) // BLOCK_M
-        for tile in range(tl.program_id(0), live_m * num_pid_n, tl.num_programs(0)):
-            pid_m, pid_n = _tile_pids(tile, live_m, num_pid_n, GROUP_M)
-            _fp8_down_tile(pid_m, pid_n, h_ptr, hs_ptr, w_ptr, h_desc, w_desc, ws_ptr, y_ptr, sorted_ptr,
-                           expert_ids_ptr, weights_ptr, num_pairs, hidden, inter, top_k, stride_hr, stride_hsr,
-                           stride_we, stride_wd, stride_wse, stride_wsd, stride_yr, SCALE_N, GROUP, BLOCK_M, BLOCK_N,
-                           BLOCK_K, ATOMIC, TMA, INTERPRET)
-    else:
-        pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, num_pid_n, GROUP_M)
-        _fp8_down_tile(pid_m, pid_n, h_ptr, hs_ptr, w_ptr, h_desc, w_desc, ws_ptr, y_ptr, sorted_ptr,
-                       expert_ids_ptr, weights_ptr, num_pairs, hidden, inter, top_k, stride_hr, stride_hsr,
-                       stride_we, stride_wd, stride_wse, stride_wsd, stride_yr, SCALE_N, GROUP, BLOCK_M, BLOCK_N,
-                       BLOCK_K, ATOMIC, TMA, INTERPRET)
+                         EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, PERSISTENT: tl.constexpr,
+                         TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    h_desc, w_desc = down_descs(h_ptr, w_ptr, num_rows, num_experts, hidden, inter, stride_hr, stride_we, stride_wd,
+                                BLOCK_M, BLOCK_N, BLOCK_K, TMA)
+    sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
+                     (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr, hs_ptr, stride_hsr, h_desc),
+                     (w_ptr, w_desc, ws_ptr, stride_we, stride_wd, stride_wse, stride_wsd), fp8_down_loop,
+                     (SCALE_N, GROUP), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA,
+                     INTERPRET, PREC)
 
 
 # -- launch configs ------------------------------------------------------------------------------------------------------
@@ -231,6 +202,53 @@ def _blocks(cfg: MoELaunchConfig, bk: int) -> tuple[int, int, int, int]:
             min(cfg.down.BLOCK_SIZE_K, bk))
 
 
+@dataclass(frozen=True)
+class Fp8Format(WeightFormat):
+    """FP8 block-scaled experts (checked): w13q [E, U + I, D] and w2q [E, D, I] with their scales, Bn x Bk blocks;
+    activations quantized per token per Bk channels, h quantized by the gate-up epilogue."""
+
+    w13q_EFD: torch.Tensor
+    w13_scale_inv: torch.Tensor
+    w2q_EDI: torch.Tensor
+    w2_scale_inv: torch.Tensor
+    block: tuple[int, int]
+
+    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
+        """The config's, BLOCK_N / BLOCK_K fitted to the weight block (`_blocks`)."""
+        up_bn, up_bk, down_bn, down_bk = _blocks(cfg, self.block[1])
+        return (replace(cfg.up, BLOCK_SIZE_N=up_bn, BLOCK_SIZE_K=up_bk),
+                replace(cfg.down, BLOCK_SIZE_N=down_bn, BLOCK_SIZE_K=down_bk))
+
+    def activations(self, x_TD: torch.Tensor) -> tuple:
+        """x quantized once per token: xq [T, D] fp8 and xs [T, Gd]."""
+        return triton_per_token_group_quant(x_TD, self.block[1])
+
+    def hidden(self, rows: int, x_TD: torch.Tensor) -> tuple:
+        """hq_RI fp8 and its scales hs_RGi."""
+        return (common.workspace((rows, self.inter), FP8_DTYPE, x_TD.device),
+                common.workspace((rows, triton.cdiv(self.inter, self.block[1])), torch.float32, x_TD.device))
+
+    def _constexprs(self, tma: bool) -> dict:
+        # EVEN_K False: the FP8 loops mask the K tail always, so one compiled kernel serves either remainder.
+        return dict(TMA=tma, SCALE_N=self.block[0], GROUP=self.block[1], EVEN_K=False)
+
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (xq_TD, xs_TG), (hq_RI, hs_RG), w, ws = a, h, self.w13q_EFD, self.w13_scale_inv
+        U = up_row(w, self.w2q_EDI)
+        return _moe_fp8_up_kernel, dict(
+            x_ptr=xq_TD, xs_ptr=xs_TG, w_ptr=w, ws_ptr=ws, h_ptr=hq_RI, hs_ptr=hs_RG, up_row=U,
+            stride_xt=xq_TD.stride(0), stride_xst=xs_TG.stride(0), stride_we=w.stride(0), stride_wf=w.stride(1),
+            stride_wse=ws.stride(0), stride_wsf=ws.stride(1), stride_hr=hq_RI.stride(0), stride_hsr=hs_RG.stride(0),
+            **self._constexprs(g.TMA and tma_ok(w) and U * w.stride(1) % 16 == 0))
+
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (hq_RI, hs_RG), w, ws = h, self.w2q_EDI, self.w2_scale_inv
+        return _moe_fp8_down_kernel, dict(
+            h_ptr=hq_RI, hs_ptr=hs_RG, w_ptr=w, ws_ptr=ws, stride_hr=hq_RI.stride(0), stride_hsr=hs_RG.stride(0),
+            stride_we=w.stride(0), stride_wd=w.stride(1), stride_wse=ws.stride(0), stride_wsd=ws.stride(1),
+            **self._constexprs(g.TMA and tma_ok(w, hq_RI)))
+
+
 def _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK, topk_ids_TK, block) -> None:
     common.check_dtype("x_TD", x_TD)
     check_fp8_weight("w13q_EFD", w13q_EFD, w13_scale_inv, block)
@@ -240,9 +258,7 @@ def _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK
         raise ValueError(f"shapes x_TD={tuple(x_TD.shape)}, w13q_EFD={tuple(w13q_EFD.shape)}, "
                          f"w2q_EDI={tuple(w2q_EDI.shape)} do not fit: need w13q [E, U + I, D] (U >= I) and "
                          "w2q [E, D, I].")
-    if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != x_TD.shape[0]:
-        raise ValueError(f"topk_ids_TK {tuple(topk_ids_TK.shape)} and topk_weights_TK {tuple(topk_weights_TK.shape)} "
-                         f"must both be [T, K] with T={x_TD.shape[0]}.")
+    check_routing(x_TD, topk_weights_TK, topk_ids_TK)
 
 
 def triton_fused_moe_fp8(
@@ -267,62 +283,13 @@ def triton_fused_moe_fp8(
     bf16-style blocks and is adapted to the weight block (`_blocks`). No device→host sync."""
     bn, bk = check_triton_block(block)
     _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK, topk_ids_TK, (bn, bk))
-    if combine not in ("sum", "atomic"):
-        raise ValueError(f"combine={combine!r} is invalid: must be 'sum' or 'atomic'.")
-    T, D = x_TD.shape
-    E = w13q_EFD.shape[0]
-    I, K = w2q_EDI.shape[2], topk_ids_TK.shape[1]
-    U = up_row(w13q_EFD, w2q_EDI)
-    dev, dt = x_TD.device, x_TD.dtype
-    if out is None:
-        out = common.workspace((T, D), dt, dev)
-    elif out.shape != x_TD.shape or out.dtype != dt or out.stride(-1) != 1:
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [T, D] = {tuple(x_TD.shape)}, {dt}, rows contiguous.")
+    out = output(x_TD, out, combine)
+    T, K = x_TD.shape[0], topk_ids_TK.shape[1]
     if T == 0:
         return out
-    w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv = (
-        t if t.is_contiguous() else t.contiguous() for t in (w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv))
-    weights_P = topk_weights_TK.reshape(-1).contiguous()
-    ids_P = topk_ids_TK.reshape(-1).contiguous()
-    cfg = config or get_fp8_moe_config(E, I, T, K, dev)
-    BM = cfg.BLOCK_SIZE_M
-    up_bn, up_bk, down_bn, down_bk = _blocks(cfg, bk)
-    xq_TD, xs_TG = triton_per_token_group_quant(x_TD, bk)
-    sorted_R, expert_ids_B, rows_1 = moe_align_block_size(ids_P, BM, E, expert_map_G)
-    R, P = sorted_R.numel(), ids_P.numel()
-    interp = common.interpreting(x_TD)
-
-    hq_RI = common.workspace((R, I), xq_TD.dtype, dev)
-    hs_RG = common.workspace((R, triton.cdiv(I, bk)), torch.float32, dev)
-    up, down = cfg.up, cfg.down
-    _moe_fp8_up_kernel[(gemm_grid(R // BM * triton.cdiv(I, up_bn), up.PERSISTENT, dev),)](
-        xq_TD, xs_TG, w13q_EFD, w13_scale_inv, hq_RI, hs_RG, sorted_R, expert_ids_B, rows_1, P, R, E, I, U, D, K,
-        xq_TD.stride(0), xs_TG.stride(0), w13q_EFD.stride(0), w13q_EFD.stride(1), w13_scale_inv.stride(0),
-        w13_scale_inv.stride(1), hq_RI.stride(0), hs_RG.stride(0),
-        SCALE_N=bn, GROUP=bk, BLOCK_M=BM, BLOCK_N=up_bn, BLOCK_K=up_bk, GROUP_M=cfg.up.GROUP_SIZE_M,
-        PERSISTENT=up.PERSISTENT > 0, TMA=up.TMA and tma_ok(w13q_EFD) and U * w13q_EFD.stride(1) % 16 == 0,
-        INTERPRET=interp, num_warps=cfg.up.num_warps, num_stages=cfg.up.num_stages)
-
-    atomic = combine == "atomic"
-    if atomic:
-        y = out if (dt == torch.float32 and out.is_contiguous()) else common.workspace((T, D), torch.float32, dev)
-        y.zero_()
-    else:
-        y = common.workspace((P, D), dt, dev)
-    _moe_fp8_down_kernel[(gemm_grid(R // BM * triton.cdiv(D, down_bn), down.PERSISTENT, dev),)](
-        hq_RI, hs_RG, w2q_EDI, w2_scale_inv, y, sorted_R, expert_ids_B, rows_1, weights_P, P, R, E, D, I, K,
-        hq_RI.stride(0), hs_RG.stride(0), w2q_EDI.stride(0), w2q_EDI.stride(1), w2_scale_inv.stride(0),
-        w2_scale_inv.stride(1), y.stride(0),
-        SCALE_N=bn, GROUP=bk, BLOCK_M=BM, BLOCK_N=down_bn, BLOCK_K=down_bk, GROUP_M=cfg.down.GROUP_SIZE_M,
-        ATOMIC=atomic, PERSISTENT=down.PERSISTENT > 0, TMA=down.TMA and tma_ok(w2q_EDI, hq_RI), INTERPRET=interp,
-        num_warps=cfg.down.num_warps, num_stages=cfg.down.num_stages)
-    if atomic:
-        if y is not out:
-            out.copy_(y)
-        return out
-    has_map = expert_map_G is not None
-    BLOCK_D = min(1024, triton.next_power_of_2(D))
-    _moe_sum_kernel[(T, triton.cdiv(D, BLOCK_D))](
-        y, ids_P, expert_map_G if has_map else ids_P, out, P, expert_map_G.numel() if has_map else E, D, K,
-        y.stride(0), out.stride(0), BLOCK_D=BLOCK_D, HAS_MAP=has_map, INTERPRET=interp, num_warps=4)
-    return out
+    E, I = w13q_EFD.shape[0], w2q_EDI.shape[2]
+    fmt = Fp8Format(E, I, *(t if t.is_contiguous() else t.contiguous()
+                            for t in (w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv)), (bn, bk))
+    cfg = config or get_fp8_moe_config(E, I, T, K, x_TD.device)
+    return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
+                            expert_map_G, K, cfg, out, combine)

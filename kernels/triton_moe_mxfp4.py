@@ -2,7 +2,8 @@
 are dequantized in the K loop.
 
 Legend: T tokens, D hidden, E local experts, G global experts, I expert intermediate size, F = 2I, K top-k,
-P = T*K pairs, R padded rows (moe_align), S = reduction dim / 32 scale groups, Q = 16 packed bytes per group.
+P = T*K pairs, R padded rows (moe_align), S = reduction dim / 32 scale groups, Q = 16 packed bytes per group,
+B = S*Q bytes of a row.
 
 Weights (kernels/mxfp4.py, the published layout with gate/up rows de-interleaved at load): w13 blocks
 [E, F, D/32, 16] uint8 + scales [E, F, D/32] uint8; w2 blocks [E, D, I/32, 16] + scales [E, D, I/32]. A row's
@@ -20,13 +21,15 @@ operand layouts: bytes packed along K, scales [N, K/32]), and compiles for sm_10
 not the block-scaled `kind::mxf8f6f4` / `kind::mxf4` MMA, which needs both operands microscaled (activations
 quantized to MXFP8/MXFP4, a numerics change not made here). Not run on Blackwell hardware, hence opt-in.
 
-The rest is the float kernel's: moe_align, gather of x rows by pair // K, [gate; up] accumulators with biases
-and the activation (`activation_epilogue`) in the epilogue, h_RI in sorted order, the down GEMM times the
-routed weight, and the deterministic top-k sum (`_moe_sum_kernel`) or fp32 atomics.
+The rest is the pipeline's (kernels/triton_moe.py) and the GEMM scaffold's (kernels/triton_moe_gemm.py), as for
+float weights: moe_align, gather of x rows by pair // K, [gate; up] accumulators with biases and the activation
+in the epilogue, h_RI in sorted order, the down GEMM times the routed weight, and the deterministic top-k sum
+or fp32 atomics. This format plugs in its K loops (`mxfp4_up_loop`, `mxfp4_down_loop`) and `Mxfp4Format`; it
+runs one program per tile without TMA (the config's PERSISTENT and TMA keys are not applied to it).
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -34,11 +37,11 @@ import triton.language as tl
 
 from . import triton_common as common
 from .moe import SILU, MoEActivation
-from .moe_align import moe_align_block_size
-from .moe_config import MoELaunchConfig, get_moe_config
+from .moe_config import GemmConfig, MoELaunchConfig, get_moe_config
 from .mxfp4 import GROUP, _check_packed
-from .triton_common import cast, dot
-from .triton_moe import _add_bias, _grouped_pids, _moe_sum_kernel, activation_args, activation_epilogue, check_bias
+from .triton_common import dot
+from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
+from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
 
 _NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -72,51 +75,34 @@ def _mxfp4_dot(a, q, s, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIV
     return dot(a, dequant_tile(q, s, BLOCK_N, BLOCK_K, a.dtype), acc, INTERPRET, PREC)
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
-def _moe_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, sorted_ptr, expert_ids_ptr, b13_ptr,
-                         num_pairs, num_rows, inter, hidden, top_k,
-                         stride_xt, stride_qe, stride_qf, stride_se, stride_sf, stride_ss, stride_hr, stride_be,
-                         alpha, limit,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NATIVE: tl.constexpr,
-                         A_FORMAT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    expert = tl.load(expert_ids_ptr + pid_m)
-    if expert < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair_m = tl.load(sorted_ptr + offs_m)
-    row_ok = pair_m < num_pairs
-    tok_m = (pair_m // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < inter
+@triton.jit
+def mxfp4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """UP_LOOP of MXFP4 weights, FMT = (NATIVE, A_FORMAT). w_ops = (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se,
+    stride_sn, stride_ss): [BLOCK_N, BLOCK_K/2] byte tiles and their [BLOCK_N, BLOCK_K/32] scales."""
+    wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss = w_ops
+    NATIVE: tl.constexpr = FMT[0]
+    A_FORMAT: tl.constexpr = FMT[1]
     offs_k = tl.arange(0, BLOCK_K)
     offs_kq = tl.arange(0, BLOCK_K // 2)  # bytes
     offs_ks = tl.arange(0, BLOCK_K // 32)  # scale groups
-    a_ptrs = x_ptr + tok_m[:, None] * stride_xt + offs_k[None, :]
     rows_n = offs_n.to(tl.int64)
-    gq_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qf + offs_kq[None, :]
-    gs_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sf + offs_ks[None, :] * stride_ss
-    uq_ptrs = gq_ptrs + inter * stride_qf
-    us_ptrs = gs_ptrs + inter * stride_sf
+    gq_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
+    gs_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
+    uq_ptrs = gq_ptrs + inter * stride_qn
+    us_ptrs = gs_ptrs + inter * stride_sn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            qg = tl.load(gq_ptrs, mask=n_ok[:, None], other=0)
-            sg = tl.load(gs_ptrs, mask=n_ok[:, None], other=0)
-            qu = tl.load(uq_ptrs, mask=n_ok[:, None], other=0)
-            su = tl.load(us_ptrs, mask=n_ok[:, None], other=0)
-        else:  # the reduction dim is a multiple of 32 (one scale group), not of BLOCK_K
-            k_ok = offs_k < hidden - k0
-            kq_ok = offs_kq < (hidden - k0) // 2
-            ks_ok = offs_ks < (hidden - k0) // 32
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            qg = tl.load(gq_ptrs, mask=n_ok[:, None] & kq_ok[None, :], other=0)
-            sg = tl.load(gs_ptrs, mask=n_ok[:, None] & ks_ok[None, :], other=0)
-            qu = tl.load(uq_ptrs, mask=n_ok[:, None] & kq_ok[None, :], other=0)
-            su = tl.load(us_ptrs, mask=n_ok[:, None] & ks_ok[None, :], other=0)
+        a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
+        # (the reduction dim is a multiple of 32, one scale group, not of BLOCK_K: whole bytes and groups)
+        kq_ok = offs_kq < (hidden - k0) // 2
+        ks_ok = offs_ks < (hidden - k0) // 32
+        qg = load_weights(gq_ptrs, n_ok, kq_ok, EVEN_K, True)
+        sg = load_weights(gs_ptrs, n_ok, ks_ok, EVEN_K, True)
+        qu = load_weights(uq_ptrs, n_ok, kq_ok, EVEN_K, True)
+        su = load_weights(us_ptrs, n_ok, ks_ok, EVEN_K, True)
         acc_g = _mxfp4_dot(a, qg, sg, acc_g, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
         acc_u = _mxfp4_dot(a, qu, su, acc_u, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
         a_ptrs += BLOCK_K
@@ -124,64 +110,67 @@ def _moe_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, sorted_ptr, expert_ids_pt
         uq_ptrs += BLOCK_K // 2
         gs_ptrs += (BLOCK_K // 32) * stride_ss
         us_ptrs += (BLOCK_K // 32) * stride_ss
-    if HAS_BIAS:
-        b_ptr = b13_ptr + expert.to(tl.int64) * stride_be
-        acc_g = _add_bias(acc_g, b_ptr, offs_n, n_ok)
-        acc_u = _add_bias(acc_u, b_ptr + inter, offs_n, n_ok)
-    h = activation_epilogue(acc_g, acc_u, alpha, limit, ACT)
-    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_n[None, :]
-    tl.store(h_ptrs, cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=n_ok[None, :])
+    return acc_g, acc_u
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
-def _moe_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr, b2_ptr,
-                           num_pairs, num_rows, hidden, inter, top_k,
-                           stride_hr, stride_qe, stride_qd, stride_se, stride_sd, stride_ss, stride_yr, stride_be,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                           EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE: tl.constexpr,
-                           A_FORMAT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    pid_m, pid_n = _grouped_pids(num_rows // BLOCK_M, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    expert = tl.load(expert_ids_ptr + pid_m)
-    if expert < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair_m = tl.load(sorted_ptr + offs_m)
-    row_ok = pair_m < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < hidden
+@triton.jit
+def mxfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inter,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """DOWN_LOOP of MXFP4 weights. h_ops = (h_ptr, stride_hr), w_ops as `mxfp4_up_loop`'s (rows of w2)."""
+    h_ptr, stride_hr = h_ops
+    wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss = w_ops
+    NATIVE: tl.constexpr = FMT[0]
+    A_FORMAT: tl.constexpr = FMT[1]
     offs_k = tl.arange(0, BLOCK_K)
     offs_kq = tl.arange(0, BLOCK_K // 2)
     offs_ks = tl.arange(0, BLOCK_K // 32)
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
     rows_n = offs_n.to(tl.int64)
-    q_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qd + offs_kq[None, :]
-    s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sd + offs_ks[None, :] * stride_ss
+    q_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
+    s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            q = tl.load(q_ptrs, mask=n_ok[:, None], other=0)
-            s = tl.load(s_ptrs, mask=n_ok[:, None], other=0)
-        else:
-            k_ok = offs_k < inter - k0
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            q = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_kq < (inter - k0) // 2)[None, :], other=0)
-            s = tl.load(s_ptrs, mask=n_ok[:, None] & (offs_ks < (inter - k0) // 32)[None, :], other=0)
+        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
+        q = load_weights(q_ptrs, n_ok, offs_kq < (inter - k0) // 2, EVEN_K, True)
+        s = load_weights(s_ptrs, n_ok, offs_ks < (inter - k0) // 32, EVEN_K, True)
         acc = _mxfp4_dot(a, q, s, acc, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
         a_ptrs += BLOCK_K
         q_ptrs += BLOCK_K // 2
         s_ptrs += (BLOCK_K // 32) * stride_ss
-    if HAS_BIAS:  # before the routed weight: it scales the bias too
-        acc = _add_bias(acc, b2_ptr + expert.to(tl.int64) * stride_be, offs_n, n_ok)
-    w_m = tl.load(weights_ptr + pair_m, mask=row_ok, other=0.0).to(tl.float32)
-    acc = acc * w_m[:, None]
-    mask = row_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tok_m = (pair_m // top_k).to(tl.int64)
-        tl.atomic_add(y_ptr + tok_m[:, None] * stride_yr + offs_n[None, :], acc, mask=mask, sem="relaxed")
-    else:
-        y_ptrs = y_ptr + pair_m[:, None].to(tl.int64) * stride_yr + offs_n[None, :]
-        tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    return acc
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _moe_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, sorted_ptr, expert_ids_ptr, b13_ptr, num_pairs, num_rows,
+                         inter, hidden, top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ss,
+                         stride_hr, stride_be, alpha, limit, num_rows_ptr, num_experts,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PERSISTENT: tl.constexpr,
+                         TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr,
+                         A_FORMAT: tl.constexpr):
+    # (num_rows_ptr, num_experts: the pipeline's, for PERSISTENT and TMA, which MXFP4 runs without; taken last, as
+    # FP8 takes the bias arguments, so the parameters before them keep their order: see WeightFormat)
+    sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
+                   (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
+                   (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss), (h_ptr, stride_hr),
+                   mxfp4_up_loop, store_h, (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS,
+                   ACT, PERSISTENT, TMA, INTERPRET, PREC)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _moe_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr, b2_ptr, num_pairs,
+                           num_rows, hidden, inter, top_k, stride_hr, stride_qe, stride_qn, stride_se, stride_sn,
+                           stride_ss, stride_yr, stride_be, num_rows_ptr, num_experts,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                           EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
+                           NATIVE: tl.constexpr, A_FORMAT: tl.constexpr):
+    sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
+                     (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr),
+                     (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss), mxfp4_down_loop,
+                     (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA,
+                     INTERPRET, PREC)
 
 
 def _bytes_view(blocks: torch.Tensor) -> torch.Tensor:
@@ -199,6 +188,38 @@ def mxfp4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
                      replace(cfg.down, BLOCK_SIZE_K=max(GROUP, cfg.down.BLOCK_SIZE_K)))
 
 
+@dataclass(frozen=True)
+class Mxfp4Format(WeightFormat):
+    """MXFP4 experts with their blocks as byte views (`_bytes_view`: B = D/2 for w13, I/2 for w2); `native` picks
+    tl.dot_scaled for activations of dtype `a_format` (module docstring)."""
+
+    w13q_EFB: torch.Tensor
+    w13s_EFS: torch.Tensor
+    w2q_EDB: torch.Tensor
+    w2s_EDS: torch.Tensor
+    native: bool
+    a_format: str
+
+    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
+        """`mxfp4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
+        cfg = mxfp4_config(cfg)
+        return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
+
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (x_TD,), (h_RI,) = a, h
+        return _moe_mxfp4_up_kernel, dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
+                                          **self._weight(self.w13q_EFB, self.w13s_EFS))
+
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (h_RI,) = h
+        return _moe_mxfp4_down_kernel, dict(h_ptr=h_RI, stride_hr=h_RI.stride(0), **self._weight(self.w2q_EDB, self.w2s_EDS))
+
+    def _weight(self, q: torch.Tensor, s: torch.Tensor) -> dict:
+        """A GEMM's weight operands (bytes, scales and their strides) and this format's constexprs."""
+        return dict(wq_ptr=q, ws_ptr=s, stride_qe=q.stride(0), stride_qn=q.stride(1), stride_se=s.stride(0),
+                    stride_sn=s.stride(1), stride_ss=s.stride(2), TMA=False, NATIVE=self.native, A_FORMAT=self.a_format)
+
+
 def _check(x_TD, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int]:
     common.check_dtype("x_TD", x_TD)
     _check_packed(w13_blocks, w13_scales, "w13")
@@ -212,9 +233,7 @@ def _check(x_TD, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights_TK, 
         raise ValueError(f"shapes x_TD={tuple(x_TD.shape)}, w13 blocks={tuple(w13_blocks.shape)}, w2 blocks="
                          f"{tuple(w2_blocks.shape)} do not fit: need w13 [E, 2I, D/32, 16] and w2 [E, D, I/32, 16] "
                          "with D and I multiples of 32.")
-    if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != x_TD.shape[0]:
-        raise ValueError(f"topk_ids_TK {tuple(topk_ids_TK.shape)} and topk_weights_TK {tuple(topk_weights_TK.shape)} "
-                         f"must both be [T, K] with T={x_TD.shape[0]}.")
+    check_routing(x_TD, topk_weights_TK, topk_ids_TK)
     return E, F // 2, D
 
 
@@ -242,69 +261,18 @@ def triton_fused_moe_mxfp4(
     """
     E, I, D = _check(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, topk_weights_TK,
                      topk_ids_TK)
-    if combine not in ("sum", "atomic"):
-        raise ValueError(f"combine={combine!r} is invalid: must be 'sum' or 'atomic'.")
-    F = 2 * I
-    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, F), check_bias("b2_ED", b2_ED, E, D)
-    act, alpha, limit = activation_args(activation)
+    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
+    act_args = activation_args(activation)
     T, K = x_TD.shape[0], topk_ids_TK.shape[1]
-    dev, dt = x_TD.device, x_TD.dtype
+    dt = x_TD.dtype
     if native and dt not in _NATIVE_DTYPES:
         raise ValueError(f"native=True is invalid with x_TD.dtype={dt}: tl.dot_scaled takes bf16 or fp16 activations.")
-    if out is None:
-        out = common.workspace((T, D), dt, dev)
-    elif out.shape != x_TD.shape or out.dtype != dt or out.stride(-1) != 1:
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [T, D] = {tuple(x_TD.shape)}, {dt}, rows contiguous.")
+    out = output(x_TD, out, combine)
     if T == 0:
         return out
     x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
-    w13q, w2q = _bytes_view(w13_blocks_EFSQ), _bytes_view(w2_blocks_EDSQ)
-    w13s, w2s = w13_scales_EFS, w2_scales_EDS
-    weights_P = topk_weights_TK.reshape(-1).contiguous()
-    ids_P = topk_ids_TK.reshape(-1).contiguous()
-    cfg = mxfp4_config(config or get_moe_config(E, I, T, K, dev))
-    BM = cfg.BLOCK_SIZE_M
-    sorted_R, expert_ids_B, _ = moe_align_block_size(ids_P, BM, E, expert_map_G)
-    R, P = sorted_R.numel(), ids_P.numel()
-    interp = common.interpreting(x_TD)
-    flags = dict(NATIVE=bool(native), A_FORMAT=_NATIVE_DTYPES.get(dt, "bf16"), INTERPRET=interp,
-                 PREC=common.dot_precision(dt))
-
-    up = cfg.up
-    h_RI = common.workspace((R, I), dt, dev)
-    _moe_mxfp4_up_kernel[(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N),)](
-        x_TD, w13q, w13s, h_RI, sorted_R, expert_ids_B, x_TD if b13_EF is None else b13_EF, P, R, I, D, K,
-        x_TD.stride(0), w13q.stride(0), w13q.stride(1), w13s.stride(0), w13s.stride(1), w13s.stride(2), h_RI.stride(0),
-        0 if b13_EF is None else b13_EF.stride(0), alpha, limit,
-        BLOCK_M=BM, BLOCK_N=up.BLOCK_SIZE_N, BLOCK_K=up.BLOCK_SIZE_K, GROUP_M=up.GROUP_SIZE_M,
-        EVEN_K=D % up.BLOCK_SIZE_K == 0, HAS_BIAS=b13_EF is not None, ACT=act,
-        num_warps=up.num_warps, num_stages=up.num_stages, **flags,
-    )
-
-    down = cfg.down
-    atomic = combine == "atomic"
-    if atomic:
-        y = out if (dt == torch.float32 and out.is_contiguous()) else common.workspace((T, D), torch.float32, dev)
-        y.zero_()
-    else:
-        y = common.workspace((P, D), dt, dev)
-    _moe_mxfp4_down_kernel[(R // BM * triton.cdiv(D, down.BLOCK_SIZE_N),)](
-        h_RI, w2q, w2s, y, sorted_R, expert_ids_B, weights_P, weights_P if b2_ED is None else b2_ED, P, R, D, I, K,
-        h_RI.stride(0), w2q.stride(0), w2q.stride(1), w2s.stride(0), w2s.stride(1), w2s.stride(2), y.stride(0),
-        0 if b2_ED is None else b2_ED.stride(0),
-        BLOCK_M=BM, BLOCK_N=down.BLOCK_SIZE_N, BLOCK_K=down.BLOCK_SIZE_K, GROUP_M=down.GROUP_SIZE_M,
-        EVEN_K=I % down.BLOCK_SIZE_K == 0, ATOMIC=atomic, HAS_BIAS=b2_ED is not None,
-        num_warps=down.num_warps, num_stages=down.num_stages, **flags,
-    )
-    if atomic:
-        if y is not out:
-            out.copy_(y)
-        return out
-    has_map = expert_map_G is not None
-    BLOCK_D = min(1024, triton.next_power_of_2(D))
-    _moe_sum_kernel[(T, triton.cdiv(D, BLOCK_D))](
-        y, ids_P, expert_map_G if has_map else ids_P, out, P, expert_map_G.numel() if has_map else E, D, K,
-        y.stride(0), out.stride(0),
-        BLOCK_D=BLOCK_D, HAS_MAP=has_map, INTERPRET=interp, num_warps=4,
-    )
-    return out
+    fmt = Mxfp4Format(E, I, _bytes_view(w13_blocks_EFSQ), w13_scales_EFS, _bytes_view(w2_blocks_EDSQ), w2_scales_EDS,
+                      bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
+    cfg = config or get_moe_config(E, I, T, K, x_TD.device)
+    return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
+                            expert_map_G, K, cfg, out, combine, b13_EF, b2_ED, act_args)
