@@ -53,7 +53,9 @@ class AttentionMetadata:
 
     Device tensors feed the kernels; the host lists are kept because the
     runner builds them on the host anyway, so the CPU path reads them without
-    a device→host sync.
+    a device→host sync. For decode rows (query length 1) the host `seq_lens` may be upper bounds: every kernel
+    reads such a row's length from `seq_lens_S` (the decode graphs, and the MTP drafter's chained steps, whose
+    lengths depend on the tokens the step accepted on the device: engine/rank/mtp_drafter.py).
     """
 
     query_start_loc_S1: torch.Tensor  # int32 [S + 1], cumulative query lengths
@@ -219,11 +221,12 @@ def decode_group_slots(meta: AttentionMetadata, seqs: list[int], starts: list[in
     """For a group of decode sequences sorted by length (reference paths of GQA and MLA attention):
     (tok_idx_S: each sequence's query row, slots_SC: the flat cache slot of every context position up to the
     longest, valid_SC: which positions are inside their sequence). Positions past a sequence's end point
-    at the null block, which is all zeros, so stale or NaN data is never read."""
+    at the null block, which is all zeros, so stale or NaN data is never read. The lengths are the device's
+    (`seq_lens_S`); the host's bound the gathered width only (they may be upper bounds: AttentionMetadata)."""
     max_ctx = meta.seq_lens[seqs[-1]]
     seq_idx_S = torch.tensor(seqs, device=device, dtype=torch.long)
     tok_idx_S = torch.tensor([starts[s] for s in seqs], device=device, dtype=torch.long)
-    lens_S = torch.tensor([meta.seq_lens[s] for s in seqs], device=device)
+    lens_S = meta.seq_lens_S.index_select(0, seq_idx_S).long()
     pos_C = torch.arange(max_ctx, device=device)
     tables_SM = meta.block_tables_SM.index_select(0, seq_idx_S).long()
     blocks_SC = tables_SM.index_select(1, pos_C // block_size)
@@ -238,7 +241,7 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
     S = len(seqs)
     tok_idx_S, slots_SC, valid_SC = decode_group_slots(meta, seqs, starts, block_size, q_TNH.device)
     if window is not None:  # the decode query sits at seq_len - 1: it sees keys > seq_len - 1 - window
-        lens_S1 = torch.tensor([meta.seq_lens[s] for s in seqs], device=q_TNH.device)[:, None]
+        lens_S1 = meta.seq_lens_S.index_select(0, torch.tensor(seqs, device=q_TNH.device)).long()[:, None]
         valid_SC = valid_SC & (torch.arange(slots_SC.shape[1], device=q_TNH.device)[None, :] >= lens_S1 - window)
     max_ctx = slots_SC.shape[1]
     flat = slots_SC.reshape(-1)

@@ -179,10 +179,9 @@ class EngineArgs:
             bad("kv_connector", "must be None or a KV connector factory (scheduler_side(rank), worker_side(rank))")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         spec = self.speculative_config
-        if spec is not None and spec.method != "ngram" and spec.drafter_factory is None:
-            raise ValueError(f"speculative_config.method={spec.method!r} is not available yet: its draft model "
-                             "(engine/models/mtp.py, engine/models/eagle3.py) is not wired into the verify step; "
-                             "use 'ngram'.")
+        if spec is not None and spec.method == "eagle3" and spec.drafter_factory is None:
+            raise ValueError("speculative_config.method='eagle3' is not available yet: its draft head "
+                             "(engine/models/eagle3.py) is not wired into the verify step; use 'mtp' or 'ngram'.")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -223,6 +222,8 @@ class EngineArgs:
                                                 kv_cache_dtype=self.kv_cache_dtype, fp8_block_size=self.fp8_block_size)
         if path != self.model:
             model_cfg.model_id = self.model
+        if self.speculative_config is not None:
+            self.speculative_config.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture)
         if parallel.expert_parallel_size > model_cfg.num_experts + parallel.num_redundant_experts:
             raise ValueError(
                 f"expert_parallel_size={parallel.expert_parallel_size} is invalid: the model has "
@@ -248,5 +249,6 @@ class EngineArgs:
                             speculative=self.speculative_config)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
+        spec = self.speculative_config
         return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,
-                                    device.type, self.max_num_seqs)
+                                    device.type, self.max_num_seqs, spec.draft_cache_layers if spec else 0)

@@ -54,6 +54,25 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config.model is only for method 'eagle3' (method is {method!r}): "
                              "'ngram' needs no weights and 'mtp' reads the served checkpoint's own layers.")
 
+    @property
+    def runs_mtp(self) -> bool:
+        """Whether the ranks run the checkpoint's MTP layer (engine/rank/mtp_drafter.py): method "mtp" without a
+        drafter_factory in its place."""
+        return self.method == "mtp" and self.drafter_factory is None
+
+    @property
+    def draft_cache_layers(self) -> int:
+        """KV cache layers the drafter keeps beside the model's, on the same blocks (KV sizing counts them): the
+        MTP drafter's one, none otherwise."""
+        return 1 if self.runs_mtp else 0
+
+    def check_model(self, num_nextn_predict_layers: int, architecture: str) -> None:
+        """Refuse method "mtp" for a checkpoint without MTP layers (config.json's num_nextn_predict_layers)."""
+        if self.runs_mtp and num_nextn_predict_layers < 1:
+            raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its config.json has "
+                             f"num_nextn_predict_layers={num_nextn_predict_layers} ({architecture}: no MTP layers to "
+                             "draft with); use 'ngram', or a checkpoint that ships them (DeepSeek-V3/R1, GLM-4.5).")
+
     @classmethod
     def parse(cls, value: "str | dict[str, Any] | SpeculativeConfig | None") -> "SpeculativeConfig | None":
         """From the flag's JSON text, a dict (the Python API), a config, or None (off)."""

@@ -11,10 +11,14 @@ position (temperature, min-p, top-k, top-p, greedy, seeds). A request with penal
 EOS still held back by min_tokens decodes without drafts for now (its output is exactly as without
 speculation, only not faster).
 
-Methods: "ngram" (prompt lookup, engine/rank/ngram_proposer.py). A `drafter_factory` given through the Python
-API (tests, benchmarks: e.g. a drafter of known acceptance) takes precedence. "mtp" and "eagle3" run draft
-models (engine/models/mtp.py, engine/models/eagle3.py) and are not wired into the step yet: asking for them is
-refused where the config is made.
+Two kinds. A host drafter (`Drafter`) proposes at collect, from the request states: "ngram" (prompt lookup,
+engine/rank/ngram_proposer.py), or a `drafter_factory` given through the Python API (tests, benchmarks: e.g. a
+drafter of known acceptance), which takes precedence over the method. A device drafter (`DeviceDrafter`) drafts
+inside the step's device work, after the acceptance rule, and its drafts come back with the step's tokens by the
+same non-blocking copies: "mtp", the checkpoint's next-n prediction layer (engine/rank/mtp_drafter.py), built by
+the model runner because it needs the model. Either way the drafts reach the scheduler as
+`ModelRunnerOutput.draft_token_ids` (engine/rank/step_handle.py). "eagle3" (engine/models/eagle3.py) is not wired
+into the step yet: asking for it is refused where the config is made.
 """
 from __future__ import annotations
 
@@ -29,6 +33,21 @@ class Drafter(Protocol):
     """Proposes up to `k` draft tokens for each of `states` (CachedRequestStates that just got their tokens)."""
 
     def propose(self, states: Sequence, k: int) -> list[list[int]]: ...
+
+
+class DeviceDrafter(Protocol):
+    """Drafts in the step's device work (engine/rank/model_runner.py calls it): `plan` on the host at launch, then
+    `draft` on the device after the step's sampling, returning int64 [R, k] drafts (one row per sampled row, in
+    the step's order) or None; a rank whose peers run a forward while it has no tokens runs `draft_moe_only`, so
+    expert parallelism's collectives pair up."""
+
+    on_device: bool  # True: StepHandle reads the drafts from the step's DeviceResult instead of calling propose
+
+    def plan(self, inp, states: Sequence, picked: Sequence, spec_tokens) -> object: ...
+
+    def draft(self, plan, h_TD, input_ids_T, positions_T, attn, sampled_R, accepted) -> object: ...
+
+    def draft_moe_only(self) -> None: ...
 
 
 class NgramDrafter:
@@ -48,12 +67,13 @@ def may_draft(st) -> bool:
 
 
 def make_drafter(spec) -> Drafter | None:
-    """The drafter a SpeculativeConfig names (engine/config/speculative.py); None when speculation is off."""
-    if spec is None:
+    """The host drafter a SpeculativeConfig names (engine/config/speculative.py); None when speculation is off or
+    the method drafts on the device (mtp: the runner builds engine/rank/mtp_drafter.MTPDrafter)."""
+    if spec is None or spec.runs_mtp:
         return None
     if spec.drafter_factory is not None:
         return spec.drafter_factory()
     if spec.method == "ngram":
         return NgramDrafter(spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min)
     raise ValueError(f"speculative_config.method={spec.method!r} is not available yet: its draft model is not "
-                     "wired into the verify step; use 'ngram'.")
+                     "wired into the verify step; use 'mtp' or 'ngram'.")

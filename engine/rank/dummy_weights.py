@@ -47,7 +47,7 @@ from moelink.moe.expert_weights import QuantizeOnLoad
 from moelink.moe.weight_plan import PlanEntry
 
 from ..config.model import ModelConfig
-from ..models import MoEDecoderForCausalLM, arch_spec
+from ..models import MoEDecoderForCausalLM, MTPLayer, arch_spec
 
 WEIGHT_RANGE = 0.02  # float weights uniform in [-0.02, 0.02] (module docstring: why not vLLM's 1e-3)
 BIAS_RANGE = 1e-3  # biases and sinks: vLLM's range
@@ -129,11 +129,17 @@ class DummyCheckpoint:
         self.specs, self.device = specs, torch.device(device)
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, device: torch.device) -> "DummyCheckpoint":
+    def for_model(cls, cfg: ModelConfig, device: torch.device, mtp_layers: int = 0) -> "DummyCheckpoint":
         """Every tensor a checkpoint of `cfg` holds (per-expert layout where the architecture has one), from the
-        plan of the model built at one rank on the meta device."""
-        shapes_only = MoEDecoderForCausalLM(cfg, arch_spec(cfg.architecture), ReferenceKernels(), torch.device("meta"))
-        specs = {name: _spec(entry, cfg) for name, entry in shapes_only.weight_plan(None).items()}
+        plan of the model built at one rank on the meta device; with `mtp_layers`, the first MTP modules' too
+        (engine/models/mtp.py; sharing the main embedding and head, as a checkpoint without copies does)."""
+        meta, spec = torch.device("meta"), arch_spec(cfg.architecture)
+        shapes_only = MoEDecoderForCausalLM(cfg, spec, ReferenceKernels(), meta)
+        plan = shapes_only.weight_plan(None)
+        for i in range(mtp_layers):
+            plan.update(MTPLayer(cfg, spec, i, ReferenceKernels(), meta, embed_tokens=shapes_only.embed_tokens,
+                                 lm_head=shapes_only.lm_head).weight_plan(None))
+        specs = {name: _spec(entry, cfg) for name, entry in plan.items()}
         return cls(specs, device)
 
     def keys(self) -> Iterable[str]:

@@ -59,6 +59,8 @@ def keep_blocker(runner, old_rank: int, new_experts: Sequence[int], free_bytes: 
     `free_bytes`: what it may still allocate (`free_device_bytes`)."""
     if runner is None or runner.ep is None:
         return "the rank has no expert-parallel model runner to keep"
+    if getattr(runner, "mtp", None) is not None:
+        return "its MTP drafter's MoE layer (speculative method 'mtp') is not grown in place: the runner is rebuilt"
     layers = moe_layers(runner.model)
     for layer in layers:
         held = layer.placement.experts_on_rank(old_rank)

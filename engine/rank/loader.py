@@ -82,13 +82,14 @@ Checkpoint = SafetensorsCheckpoint | DummyCheckpoint
 
 
 def open_checkpoint(cfg: ModelConfig, load_format: str, device: torch.device,
-                    model_dir: str | Path | None = None) -> Checkpoint:
+                    model_dir: str | Path | None = None, mtp_layers: int = 0) -> Checkpoint:
     """Where `cfg`'s weights come from: the safetensors files of `model_dir` (default cfg.model), or random
-    tensors made on `device` (load_format "dummy", engine/rank/dummy_weights.py)."""
+    tensors made on `device` (load_format "dummy", engine/rank/dummy_weights.py; with `mtp_layers` MTP modules'
+    tensors too)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is invalid: choose from {', '.join(map(repr, LOAD_FORMATS))}.")
     if load_format == "dummy":
-        return DummyCheckpoint.for_model(cfg, device)
+        return DummyCheckpoint.for_model(cfg, device, mtp_layers)
     return SafetensorsCheckpoint(cfg.model if model_dir is None else model_dir)
 
 
@@ -108,12 +109,12 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + f": every {cfg.architecture} weight must be present."
         )
-    # The MTP layers (num_nextn_predict_layers) are expected and left unread: only a speculative drafter
-    # (models/mtp.py) runs them. Any other tensor the plan does not list is not read either.
+    # The MTP layers (num_nextn_predict_layers) are expected and left unread here: only the speculative drafter
+    # reads them (engine/rank/mtp_drafter.py, method "mtp"). Any other tensor the plan does not list is not read.
     unread = mtp_checkpoint_names(cfg, names)
     if unread:
-        logger.info("checkpoint %s: %d tensors of %d MTP layer(s) left unread (speculative decoding is off).",
-                    cfg.model, len(unread), cfg.num_nextn_predict_layers)
+        logger.info("checkpoint %s: %d tensors of %d MTP layer(s) not part of the main model (read only by "
+                    "speculative method 'mtp').", cfg.model, len(unread), cfg.num_nextn_predict_layers)
     load_plan(checkpoint, plan, device, progress)
     model.process_weights_after_loading()
     return model.eval()

@@ -5,7 +5,6 @@ sequence, D hidden, V vocab, R rows that sample this step.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -13,7 +12,6 @@ from collections import deque
 
 import torch
 
-from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.ops import select_kernels
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
@@ -26,6 +24,9 @@ from .loader import load_model
 from .weight_memory import describe_memory, weight_bytes_by_format
 from ..models.layers import ForwardContext
 from .drafter import make_drafter
+from .device_inputs import device_inputs
+from .kv_cache import make_kv_caches
+from .mtp_drafter import MTPDrafter
 from .sampler import Sampler, SamplingMetadata
 from .spec_verify import SpecStep
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
@@ -74,13 +75,17 @@ class ModelRunner:
         self.kv_connector = kv_connector
         self.kv_blocks: PagedKVBlocks | None = None  # the cache as the connector copies it (set with the cache)
         self.ep = ep
+        # Speculative decoding's drafter: a host one (engine/rank/drafter.py), or the MTP layer drafting in the
+        # device work (built here, before the KV cache: its weights count and it keeps a cache layer); None: off.
+        self.mtp = (MTPDrafter(model_cfg, self.model, self.kernels, device, ep, speculative.num_speculative_tokens,
+                               block_size, load_format) if speculative is not None and speculative.runs_mtp else None)
+        self.drafter = self.mtp or make_drafter(speculative)
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
         self.graph_backend = graph_backend
         self.graphs: DecodeGraphs | None = None
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
-        self.drafter = make_drafter(speculative)  # None: no speculative decoding (engine/rank/drafter.py)
         self.num_speculative_tokens = speculative.num_speculative_tokens if speculative is not None else 0
         self.stream = stream if stream is not None else InlineStream()
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
@@ -103,7 +108,9 @@ class ModelRunner:
         else:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             budget = kv_sizing.cpu_kv_budget_bytes(avail, memory_utilization)
-        return kv_sizing.blocks_in_budget(budget, kv_sizing.kv_cache_bytes_per_block(self.cfg, self.block_size))
+        draft_layers = self.mtp.num_cache_layers if self.mtp is not None else 0
+        return kv_sizing.blocks_in_budget(budget, kv_sizing.kv_cache_bytes_per_block(self.cfg, self.block_size,
+                                                                                     draft_layers))
 
     def allocate_kv_cache(self, num_kv_blocks: int) -> None:
         if num_kv_blocks < 1:
@@ -113,24 +120,9 @@ class ModelRunner:
         self.kv_caches = []
         # One extra, never-allocated block at the end: the attention null block.
         self.null_block = num_kv_blocks
-        # Each layer's tensors as its attention kind lays them out: (k_cache, v_cache) for GQA, (latent_cache,)
-        # for MLA (engine/config/layer_configs.py).
-        shapes = self.cfg.attention.cache_shapes(num_kv_blocks, self.block_size)
-        if self.kv_pairs is None:
-            self.kv_caches = [
-                tuple(torch.zeros(shape, dtype=self.cfg.cache_dtype, device=self.device) for shape in shapes)
-                for _ in range(self.cfg.num_layers)
-            ]
-            kv_bytes = sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
-        else:
-            # A full layer and its sliding partner index one tensor set: a block id belongs to one group at a
-            # time (the scheduler's two tables share one pool), so their KV never meets.
-            caches: list = [None] * self.cfg.num_layers
-            for full, sliding in self.kv_pairs:
-                caches[full] = caches[sliding] = tuple(
-                    torch.zeros(shape, dtype=self.cfg.cache_dtype, device=self.device) for shape in shapes)
-            self.kv_caches = caches
-            kv_bytes = sum(t.numel() * t.element_size() for full, _ in self.kv_pairs for t in caches[full])
+        self.kv_caches, kv_bytes = make_kv_caches(self.cfg, self.kv_pairs, num_kv_blocks, self.block_size, self.device)
+        if self.mtp is not None:  # the MTP drafter's layer, on the same block ids (engine/rank/mtp_drafter.py)
+            kv_bytes += self.mtp.allocate(num_kv_blocks)
         logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(self.model), num_kv_blocks,
                                                        self.block_size, kv_bytes))
         if self.kv_connector is not None:
@@ -265,6 +257,7 @@ class ModelRunner:
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
+        mtp_plan = self.mtp.plan(inp, states, picked, spec) if self.mtp is not None else None
         handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, (self.kv_connector.poll if self.kv_connector is not None else None), self.drafter,
                             spec, self.num_speculative_tokens)
         meta = None
@@ -287,15 +280,15 @@ class ModelRunner:
                                        inp.sliding, batch=graph_batch)
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(
-            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers))
+            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, mtp_plan))
         self._in_flight.append(handle)
         return handle
 
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | None, staged,
-                     ep_step, ops: list, transfers=None) -> DeviceResult:
+                     ep_step, ops: list, transfers=None, mtp_plan=None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
-        device from the steps before it), forward, sampling, KV saves, results out to host memory. Waits for
-        nothing on the host side."""
+        device from the steps before it), forward, sampling, the MTP drafter's drafts, KV saves, results out to
+        host memory. Waits for nothing on the host side."""
         t0 = time.perf_counter()
         dev = self.device
         with torch.inference_mode():
@@ -304,33 +297,21 @@ class ModelRunner:
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/contract/ep_step.py)
             pending_P = self._pending_tokens(inp)
+            x = device_inputs(inp, pending_P, dev, self.null_block) if staged is None or mtp_plan else None
             if staged is not None:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:
-                input_ids_T = to_device(inp.tokens_T, torch.long, dev)
-                if pending_P is not None:
-                    input_ids_T.index_copy_(0, pending_P[0], pending_P[1])
-                attn = AttentionMetadata(
-                    query_start_loc_S1=to_device(inp.qsl_S1, torch.int32, dev),
-                    seq_lens_S=to_device(inp.seq_lens, torch.int32, dev),
-                    block_tables_SM=to_device(inp.tables_SM, torch.int32, dev),
-                    slot_mapping_T=to_device(inp.slots_T, torch.long, dev),
-                    query_lens=inp.query_lens, seq_lens=inp.seq_lens,
-                    max_query_len=max(inp.query_lens), max_seq_len=max(inp.seq_lens), null_block=self.null_block,
-                )
-                attn_sliding = None
-                if inp.sliding is not None:
-                    attn_sliding = dataclasses.replace(
-                        attn, block_tables_SM=to_device(inp.sliding[0], torch.int32, dev),
-                        slot_mapping_T=to_device(inp.sliding[1], torch.long, dev))
-                h_TD = self.step_plan.forward(self.model, input_ids_T, to_device(inp.positions_T, torch.long, dev),
-                                              ForwardContext(attn, self.kv_caches, attn_sliding))
+                h_TD = self.step_plan.forward(self.model, x.input_ids_T, x.positions_T,
+                                              ForwardContext(x.attn, self.kv_caches, x.attn_sliding))
             res = DeviceResult(read_moe=self._take_moe())
             if isinstance(meta, SpecStep):
                 res.spec = meta.run(self.model, self.sampler, h_TD)
                 handle.sampled_R = res.spec.sampled_R
             elif meta is not None:
                 self._sample(handle, inp, meta, h_TD, res)
+            if mtp_plan is not None:  # after the acceptance rule: it drafts from the last accepted position
+                res.drafts_RK = self.mtp.draft(mtp_plan, h_TD, x.input_ids_T, x.positions_T, x.attn, handle.sampled_R,
+                                               res.spec.emitted_R if res.spec is not None else None)
             start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
         res.device_s = time.perf_counter() - t0
         return res
@@ -346,6 +327,8 @@ class ModelRunner:
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)
             self.step_plan.forward_moe_only(self.model)
+            if self.mtp is not None:  # the MTP drafter's forwards, as its peers run them
+                self.mtp.draft_moe_only()
             res = DeviceResult(read_moe=self._take_moe())
             start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
         res.device_s = time.perf_counter() - t0

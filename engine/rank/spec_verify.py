@@ -86,6 +86,7 @@ class SpecStep:
                                meta.generators)
         res.verify_ids_RK1 = to_host(out.token_ids_RK1)
         res.verify_counts_R = to_host(out.num_tokens_R)
+        res.emitted_R = out.num_tokens_R
         last_V = out.token_ids_RK1.gather(1, (out.num_tokens_R - 1).unsqueeze(1)).squeeze(1)
         sampled_R = torch.empty(self.num_rows, dtype=torch.long, device=dev)
         sampled_R[to_device(np.asarray(self.verify_rows), torch.long, dev)] = last_V
@@ -115,6 +116,7 @@ class SpecResult:
     plain_ids: Optional[torch.Tensor] = None  # long [R_plain]
     plain_logprobs: Optional[tuple] = None  # (packed [L, X], num_logprobs, max) of the plain rows
     sampled_R: Optional[torch.Tensor] = None  # device: each row's last emitted token
+    emitted_R: Optional[torch.Tensor] = None  # device, long [R_verify]: tokens each verifying row emits (a device drafter reads it)
 
     def token_lists(self) -> list[list[int]]:
         """Per sampling row (the step's order), the tokens it emits (host memory: no device sync)."""

@@ -33,6 +33,7 @@ class DeviceResult:
     read_moe: Optional[Callable[[], object]] = None  # MoEStats.take()'s reader
     device_s: float = 0.0  # seconds the device work took to run (CPU) or to launch (CUDA), host clock
     spec: Optional[object] = None  # a verify step's sampling (engine/rank/spec_verify.py SpecResult)
+    drafts_RK: Optional[torch.Tensor] = None  # long [R, k], host copy: a device drafter's drafts per sampled row
 
 
 class StepHandle:
@@ -91,7 +92,7 @@ class StepHandle:
                 if logprobs is not None and logprobs[r] is not None:
                     out.logprobs[st.req_id] = [logprobs[r]]
         if self.drafter is not None and self.states:
-            self._draft(out)
+            self._draft(out, res.drafts_RK)
         moe = res.read_moe() if res.read_moe is not None else None
         out.stats = StepStats(self.num_tokens, self.num_seqs, self.host_s + res.device_s, moe, wait_s=wait_s)
         self._output = out
@@ -115,8 +116,14 @@ class StepHandle:
             if logprobs is not None and logprobs.get(r) is not None:
                 out.logprobs[st.req_id] = [logprobs[r]]
 
-    def _draft(self, out: ModelRunnerOutput) -> None:
-        """Drafts for the next step of each request that sampled here and may draft (engine/rank/drafter.py)."""
+    def _draft(self, out: ModelRunnerOutput, drafts_RK: Optional[torch.Tensor]) -> None:
+        """Drafts for the next step of each request that sampled here and may draft (engine/rank/drafter.py): a
+        host drafter proposes now; a device drafter's are in `drafts_RK` (host memory already: no sync)."""
+        if getattr(self.drafter, "on_device", False):
+            if drafts_RK is not None:
+                rows = drafts_RK.tolist()
+                out.draft_token_ids = {st.req_id: rows[r] for r, st in enumerate(self.states) if may_draft(st)}
+            return
         states = [st for st in self.states if may_draft(st)]
         if states:
             proposed = self.drafter.propose(states, self.drafter_k)

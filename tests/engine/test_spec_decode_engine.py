@@ -107,5 +107,8 @@ def test_bad_speculative_configs_are_refused(reference):
     path = reference[0]
     with pytest.raises(ValueError, match="num_speculative_tokens=9 is invalid"):
         _llm(path, '{"method": "ngram", "num_speculative_tokens": 9}')
-    with pytest.raises(ValueError, match="method='mtp' is not available yet"):
+    with pytest.raises(ValueError, match="method='mtp' is invalid for this checkpoint: its config.json has "
+                                         "num_nextn_predict_layers=0"):  # Qwen3-MoE ships no MTP layers
         _llm(path, {"method": "mtp", "num_speculative_tokens": 1})
+    with pytest.raises(ValueError, match="method='eagle3' is not available yet"):
+        _llm(path, {"method": "eagle3", "model": "/nowhere", "num_speculative_tokens": 1})
