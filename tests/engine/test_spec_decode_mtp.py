@@ -1,0 +1,176 @@
+"""Speculative decoding with the checkpoint's MTP layer (method "mtp", engine/rank/mtp_drafter.py), one rank.
+
+- Greedy outputs with MTP drafts are token-identical to decoding without speculation (DeepSeek-V3: MLA; GLM-4-MoE:
+  GQA), k = 1 and 2, with chunked prefill and preemption in play, on checkpoints whose MTP layer guesses the main
+  model's next token (tests.helpers.mtp_checkpoints.bigram_mtp), so drafts are accepted often and rejected too.
+- Every draft the engine produced equals an independent recomputation: the main model and the MTP layer run from
+  scratch over the request's whole sequence (fresh caches, one prefill each; no chunks, no verify steps, no scratch
+  blocks), then chained as the drafter chains (its own output state and its last draft, one position on), in
+  float64, on random weights (k = 3: two chained steps).
+- load_format "dummy" runs the MTP layer too; KV sizing counts its cache layer.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.config.engine_args import EngineArgs
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.models.layers import ForwardContext
+from moelink.engine.rank.loader import load_model
+from moelink.engine.rank.mtp_drafter import load_mtp_layer
+from moelink.engine.rank.step_handle import StepHandle
+from moelink.kernels.attention import AttentionMetadata
+from moelink.kernels.ops import ReferenceKernels
+
+from tests.helpers.mtp_checkpoints import VOCAB, bigram_mtp, make_mtp_model
+
+pytestmark = pytest.mark.slow
+CPU = torch.device("cpu")
+ARCHS = ("deepseek_v3", "glm4_moe")
+
+
+# bigram_mtp's MTP-layer scale per variant: "random" is make_mtp_model's checkpoint itself.
+VARIANTS = {"bigram": 0.0, "bigram_kv": 0.1}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """checkpoints(arch, variant) → path: the random MTP checkpoint ("random"), or a bigram_mtp copy of it
+    ("bigram": the MTP layer is the main model's bigram; "bigram_kv": with its own computation kept at 0.1)."""
+    built: dict = {}
+
+    def get(arch: str, variant: str) -> str:
+        if (arch, "random") not in built:
+            built[arch, "random"] = str(make_mtp_model(tmp_path_factory.mktemp(arch) / "ckpt", arch))
+        if (arch, variant) not in built:
+            built[arch, variant] = str(bigram_mtp(built[arch, "random"], tmp_path_factory.mktemp(arch) / variant,
+                                                  mtp_scale=VARIANTS[variant]))
+        return built[arch, variant]
+
+    return get
+
+
+def _prompts(n: int = 10, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 40))] for _ in range(n)]
+
+
+def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16, **kw) -> tuple[list, object]:
+    # A 32-token budget chunks the longer prompts; 40 blocks of 4 tokens cannot hold all ten requests: preemptions.
+    args = dict(dtype=dtype, max_model_len=256, max_num_batched_tokens=32, num_kv_blocks=40, block_size=4,
+                speculative_config=spec)
+    args.update(kw)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    with LLM(path, **args) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
+
+
+@pytest.fixture(scope="module")
+def plain(checkpoints):
+    cache: dict = {}
+
+    def get(arch: str, variant: str, dtype: str = "float32") -> list:
+        if (arch, variant, dtype) not in cache:
+            cache[arch, variant, dtype] = _generate(checkpoints(arch, variant), dtype=dtype)[0]
+        return cache[arch, variant, dtype]
+
+    return get
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_with_mtp_drafts_equals_plain_decoding(checkpoints, plain, arch, k):
+    got, stats = _generate(checkpoints(arch, "bigram"), {"method": "mtp", "num_speculative_tokens": k})
+    assert got == plain(arch, "bigram")
+    sd = stats.spec_decode
+    assert stats.num_preemptions_total > 0
+    # Accepted often (the bigram MTP layer), rejected too; the counters agree with each other.
+    assert 0.4 < sd.acceptance_rate < 1.0, sd
+    assert sum(sd.accepted_per_position) == sd.num_accepted_tokens
+    assert sd.num_verify_rows <= sd.num_draft_tokens <= k * sd.num_verify_rows
+    assert all(a >= b for a, b in zip(sd.accepted_per_position, sd.accepted_per_position[1:]))
+
+
+class _Oracle:
+    """The main model and MTP layer of a checkpoint (float64, reference kernels), run from scratch per question."""
+
+    def __init__(self, path: str):
+        self.cfg = ModelConfig.from_pretrained(path, "float64")
+        self.model = load_model(self.cfg, ReferenceKernels(), CPU)
+        self.mtp = load_mtp_layer(self.cfg, self.model, ReferenceKernels(), CPU)
+
+    def _ctx(self, n: int) -> ForwardContext:
+        """One sequence of n tokens from position 0 over fresh caches (blocks 0.., the null block after)."""
+        bs = 4
+        blocks = -(-n // bs)
+        caches = [tuple(torch.zeros(s, dtype=torch.float64) for s in self.cfg.attention.cache_shapes(blocks, bs))
+                  for _ in range(self.cfg.num_layers + 1)]
+        meta = AttentionMetadata(torch.tensor([0, n], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
+                                 torch.arange(blocks, dtype=torch.int32)[None], torch.arange(n), [n], [n], n, n,
+                                 null_block=blocks)
+        return ForwardContext(meta, caches)
+
+    @torch.no_grad()
+    def drafts(self, tokens: list[int], k: int) -> list[int]:
+        """What the drafter must propose after `tokens` (x_0 .. x_m, x_m just emitted): rows t = 0 .. m-1 read
+        (h_t, x_{t+1}) at position t; each chained step adds a row (the last row's output, the last draft)."""
+        m = len(tokens) - 1
+        ids = torch.tensor(tokens)
+        h_TD = self.model(ids[:m], torch.arange(m), self._ctx(m))
+        rows_h, rows_tok, out = h_TD, ids[1:], []
+        for _ in range(k):
+            n = len(rows_tok)
+            y_TD = self.mtp(torch.arange(n), rows_tok, rows_h, self._ctx(n))
+            d = int(self.mtp.compute_logits(y_TD[-1:]).argmax(dim=-1))
+            out.append(d)
+            rows_h, rows_tok = torch.cat([rows_h, y_TD[-1:]]), torch.cat([rows_tok, torch.tensor([d])])
+        return out
+
+
+@pytest.mark.parametrize("variant", ["random", "bigram_kv"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mtp_drafts_equal_the_layer_run_over_the_whole_sequence(checkpoints, plain, arch, variant, monkeypatch):
+    """Random weights: drafts depend on every part of the MTP layer (its KV cache included) but are seldom
+    accepted; "bigram_kv": accepted often, so the accepted lengths (which position drafts) are in play too."""
+    path, k = checkpoints(arch, variant), 3
+    seen: list[tuple[list[int], list[int]]] = []
+    collect = StepHandle._draft
+
+    def spy(self, out, drafts_RK):
+        collect(self, out, drafts_RK)
+        seen.extend((list(st.all_token_ids), out.draft_token_ids[st.req_id]) for st in self.states
+                    if st.req_id in out.draft_token_ids)
+
+    monkeypatch.setattr(StepHandle, "_draft", spy)
+    got, stats = _generate(path, {"method": "mtp", "num_speculative_tokens": k}, dtype="float64")
+    assert got == plain(arch, variant, "float64")
+    assert stats.num_preemptions_total > 0 and len(seen) > 50
+    oracle = _Oracle(path)
+    wrong = [(tokens, drafts, want) for tokens, drafts in seen if drafts != (want := oracle.drafts(tokens, k))]
+    assert not wrong, f"{len(wrong)} of {len(seen)} drafts differ, e.g. {wrong[0]}"
+
+
+def test_dummy_weights_run_the_mtp_layer(checkpoints):
+    path = checkpoints("deepseek_v3", "random")
+    want, _ = _generate(path, load_format="dummy", max_tokens=6)
+    got, stats = _generate(path, {"method": "mtp", "num_speculative_tokens": 2}, load_format="dummy", max_tokens=6)
+    assert got == want and stats.spec_decode.num_draft_tokens > 0
+
+
+def test_kv_sizing_counts_the_mtp_cache_layer(checkpoints):
+    path = checkpoints("glm4_moe", "random")
+    per_layer = ModelConfig.from_pretrained(path).attention.kv_bytes_per_token(torch.float32) * 4
+    budget = 1000 * per_layer
+
+    def blocks(spec) -> int:
+        args = EngineArgs(path, dtype="float32", block_size=4, kv_cache_memory_bytes=budget, speculative_config=spec)
+        return args.create_engine_config().cache.num_kv_blocks
+
+    # Two main layers, then a third (the MTP layer's) on the same blocks.
+    assert blocks(None) == 500 and blocks({"method": "mtp", "num_speculative_tokens": 1}) == 333
+    assert blocks({"method": "ngram", "num_speculative_tokens": 1}) == 500
