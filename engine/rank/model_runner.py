@@ -123,7 +123,8 @@ class ModelRunner:
         self.kv_caches, kv_bytes = make_kv_caches(self.cfg, self.kv_pairs, num_kv_blocks, self.block_size, self.device)
         if self.mtp is not None:  # the MTP drafter's layer, on the same block ids (engine/rank/mtp_drafter.py)
             kv_bytes += self.mtp.allocate(num_kv_blocks)
-        logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(self.model), num_kv_blocks,
+        weights = self.model if self.mtp is None else torch.nn.ModuleList([self.model, self.mtp.layer])
+        logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(weights), num_kv_blocks,
                                                        self.block_size, kv_bytes))
         if self.kv_connector is not None:
             self.kv_blocks = PagedKVBlocks(self.kv_caches, self.kv_pairs, self.block_size)

@@ -28,7 +28,6 @@ from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.mtp_checkpoints import VOCAB, bigram_mtp, make_mtp_model
 
-pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
 ARCHS = ("deepseek_v3", "glm4_moe")
 
@@ -94,6 +93,32 @@ def test_greedy_with_mtp_drafts_equals_plain_decoding(checkpoints, plain, arch, 
     assert sum(sd.accepted_per_position) == sd.num_accepted_tokens
     assert sd.num_verify_rows <= sd.num_draft_tokens <= k * sd.num_verify_rows
     assert all(a >= b for a, b in zip(sd.accepted_per_position, sd.accepted_per_position[1:]))
+
+
+def test_requests_the_drafter_leaves_alone_and_seeded_sampling(checkpoints):
+    """Penalties and logprobs draft nothing and decode exactly as without speculation (their rows still run the
+    MTP layer's catch-up); sampled requests verify greedy drafts (q one-hot) and reproduce under a seed."""
+    path = checkpoints("deepseek_v3", "bigram")
+    prompts = [{"prompt_token_ids": p} for p in _prompts(4, seed=1)]
+    params = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)]
+    kw = dict(dtype="float32", max_model_len=256, block_size=4, num_kv_blocks=64)
+    with LLM(path, **kw) as llm:
+        want = llm.generate(prompts, params, use_tqdm=False)
+    runs = []
+    for _ in range(2):
+        with LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 2}, **kw) as llm:
+            runs.append(llm.generate(prompts, params, use_tqdm=False))
+            assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+    got = runs[0]
+    for i in (0, 1, 3):
+        assert got[i].outputs[0].token_ids == want[i].outputs[0].token_ids
+    # Other rows verify drafts in the same steps: the matmuls' shapes differ, so float32 logprobs by rounding only.
+    for g, w in zip(got[1].outputs[0].logprobs, want[1].outputs[0].logprobs, strict=True):
+        assert g.keys() == w.keys() and all(abs(g[t].logprob - w[t].logprob) < 1e-4 for t in g)
+    assert [o.outputs[0].token_ids for o in runs[0]] == [o.outputs[0].token_ids for o in runs[1]]
 
 
 class _Oracle:

@@ -35,3 +35,26 @@ def test_ep3_greedy_with_drafts_equals_one_rank_without(local_ray, tiny_model, h
     # Every rank verified drafts, and their accepted lengths differed between ranks in some step.
     assert all(sd is not None and sd.num_accepted_tokens > 0 for sd in per_rank)
     assert len({sd.num_accepted_tokens for sd in per_rank}) > 1
+
+
+def test_ep3_mtp_drafts_greedy_equals_one_rank_without(local_ray, tmp_path):
+    """Method "mtp" (engine/rank/mtp_drafter.py) under EP 3: every rank runs the MTP layer's k forwards per step
+    (its MoE dispatching like a main layer's; `moe_only_stages` on a rank without rows or tokens), so the ranks
+    stay in lockstep whatever each accepted; the greedy outputs equal one rank's without speculation."""
+    from tests.helpers.mtp_checkpoints import bigram_mtp, make_mtp_model
+
+    path = str(bigram_mtp(make_mtp_model(tmp_path / "ckpt", "deepseek_v3"), tmp_path / "bigram"))
+    kw = dict(dtype="float64", max_num_seqs=8, max_num_batched_tokens=40, num_kv_blocks=96, block_size=8)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, detokenize=False)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 320) for _ in range(rng.randint(2, 30))] for _ in range(9)]
+    with LLM(path, **kw) as one:
+        want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    spec = {"method": "mtp", "num_speculative_tokens": 2}
+    with LLM(path, expert_parallel_size=3, speculative_config=spec, **kw) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        per_rank = [s.spec_decode for s in llm.engine.rank_stats()]
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    assert got == want
+    assert all(sd is not None and sd.num_accepted_tokens > 0 for sd in per_rank)
+    assert len({sd.num_accepted_tokens for sd in per_rank}) > 1
