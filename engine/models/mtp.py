@@ -20,7 +20,8 @@ follow from that index; it counts its routed experts in a MoEStats of its own (o
 
 What the caller decides (none of it is fixed by the weights): which h_t (the report's figure feeds the main
 model's last-layer output before its final norm; vLLM and SGLang feed the final-normed one) and which positions
-(vLLM's drafter reuses the main model's position t of h_t, with the token ids shifted by one).
+(vLLM's drafter reuses the main model's position t of h_t, with the token ids shifted by one). The engine's
+drafter (engine/rank/mtp_drafter.py) takes the final-normed state and vLLM's positions.
 """
 from __future__ import annotations
 
