@@ -121,6 +121,35 @@ def test_requests_the_drafter_leaves_alone_and_seeded_sampling(checkpoints):
     assert [o.outputs[0].token_ids for o in runs[0]] == [o.outputs[0].token_ids for o in runs[1]]
 
 
+def test_mtp_drafting_reads_nothing_back_from_the_device(checkpoints, monkeypatch):
+    """The drafter's device work (catch-up, accepted offsets, chain) makes no device→host sync: counted on CPU by
+    tests.helpers.host_syncs, with the CPU reference expert kernel's own per-expert loop left out."""
+    from moelink.engine.rank.mtp_drafter import MTPDrafter
+    from moelink.moe.layer import MoELayer
+
+    from tests.helpers.host_syncs import HostSyncCounter
+
+    draft = MTPDrafter.draft
+    with HostSyncCounter() as counter:
+        def counted(self, *args, **kwargs):
+            for m in self.layer.modules():
+                if isinstance(m, MoELayer) and not hasattr(m.expert_format, "_paused"):
+                    run = m.expert_format.run
+
+                    def paused(*a, _run=run, **k):
+                        with counter.paused():
+                            return _run(*a, **k)
+                    m.expert_format.run, m.expert_format._paused = paused, True
+            with counter.counting():
+                return draft(self, *args, **kwargs)
+
+        monkeypatch.setattr(MTPDrafter, "draft", counted)
+        _, stats = _generate(checkpoints("deepseek_v3", "bigram"), {"method": "mtp", "num_speculative_tokens": 3},
+                             max_tokens=8)
+    assert stats.spec_decode.num_accepted_tokens > 0
+    assert counter.count == 0, counter.where
+
+
 class _Oracle:
     """The main model and MTP layer of a checkpoint (float64, reference kernels), run from scratch per question."""
 
