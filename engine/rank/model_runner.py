@@ -298,7 +298,7 @@ class ModelRunner:
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/contract/ep_step.py)
             pending_P = self._pending_tokens(inp)
-            x = device_inputs(inp, pending_P, dev, self.null_block) if staged is None or mtp_plan else None
+            x = device_inputs(inp, pending_P, dev, self.null_block) if staged is None or mtp_plan is not None else None
             if staged is not None:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:

@@ -193,7 +193,8 @@ class MTPDrafter:
         ids_T[:-1] = input_ids_T[1:]
         ids_T[-1:] = 0
         if len(plan.fill_idx_F):
-            ids_T.index_copy_(0, to_device(plan.fill_idx_F, torch.long, dev), to_device(plan.fill_tok_F, torch.long, dev))
+            fill_F = to_device(plan.fill_idx_F, torch.long, dev)
+            ids_T.index_copy_(0, fill_F, to_device(plan.fill_tok_F, torch.long, dev))
         a_R = idx_R = None
         if R:
             a_R = torch.zeros(R, dtype=torch.long, device=dev)
@@ -201,7 +202,8 @@ class MTPDrafter:
                 a_R[to_device(plan.verify_rows, torch.long, dev)] = accepted - 1
             idx_R = to_device(plan.base_R, torch.long, dev) + a_R
             ids_T.index_copy_(0, idx_R, sampled_R)
-        y_TD = self.layer(positions_T, ids_T, h_TD, self._context(dataclasses.replace(attn, null_block=self.null_block)))
+        catch_up = dataclasses.replace(attn, null_block=self.null_block)  # the main step's tables and slots
+        y_TD = self.layer(positions_T, ids_T, h_TD, self._context(catch_up))
         if not R:
             self._chain_moe_only()
             return None
