@@ -7,7 +7,10 @@
   scratch over the request's whole sequence (fresh caches, one prefill each; no chunks, no verify steps, no scratch
   blocks), then chained as the drafter chains (its own output state and its last draft, one position on), in
   float64, on random weights (k = 3: two chained steps).
-- load_format "dummy" runs the MTP layer too; KV sizing counts its cache layer.
+- Requests the drafter leaves alone (penalties, logprobs) decode as without speculation; seeded sampling repeats.
+- The drafter's device work makes no device→host sync (counted on CPU).
+- FP8 (online weights, fp8 KV cache) and load_format "dummy" run the MTP layer too; KV sizing counts its cache
+  layer.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from moelink.engine.config.engine_args import EngineArgs
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import load_model
+from moelink.engine.rank import mtp_drafter
 from moelink.engine.rank.mtp_drafter import load_mtp_layer
 from moelink.engine.rank.step_handle import StepHandle
 from moelink.kernels.attention import AttentionMetadata
@@ -201,12 +205,24 @@ def test_mtp_drafts_equal_the_layer_run_over_the_whole_sequence(checkpoints, pla
                     if st.req_id in out.draft_token_ids)
 
     monkeypatch.setattr(StepHandle, "_draft", spy)
+    # Scratch for one row at first: steps with more rows grow the MTP cache (its real blocks kept) mid-run.
+    monkeypatch.setattr(mtp_drafter, "_SCRATCH_ROWS", 1)
     got, stats = _generate(path, {"method": "mtp", "num_speculative_tokens": k}, dtype="float64")
     assert got == plain(arch, variant, "float64")
     assert stats.num_preemptions_total > 0 and len(seen) > 50
     oracle = _Oracle(path)
     wrong = [(tokens, drafts, want) for tokens, drafts in seen if drafts != (want := oracle.drafts(tokens, k))]
     assert not wrong, f"{len(wrong)} of {len(seen)} drafts differ, e.g. {wrong[0]}"
+
+
+@pytest.mark.parametrize("extra", [dict(quantization="fp8", fp8_block_size=[16, 16]), dict(kv_cache_dtype="fp8")],
+                         ids=["fp8_weights", "fp8_kv_cache"])
+def test_fp8_weights_and_kv_cache(checkpoints, extra):
+    """The MTP layer quantized at load like a main layer (eh_proj float), or its cache layer in fp8 as the model's."""
+    path = checkpoints("deepseek_v3", "bigram")
+    want, _ = _generate(path, max_tokens=8, **extra)
+    got, stats = _generate(path, {"method": "mtp", "num_speculative_tokens": 2}, max_tokens=8, **extra)
+    assert got == want and stats.spec_decode.num_accepted_tokens > 0
 
 
 def test_dummy_weights_run_the_mtp_layer(checkpoints):
