@@ -1,14 +1,17 @@
 """Speculative decoding's speed against its acceptance: tokens per step, step time and decode tokens/s vs p.
 
     python -m moelink.benchmarks.spec_decode [--model DIR [--load-format dummy]] [--batch 1 4 16]
-        [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--out benchmarks/results/spec_decode_<device>.json]
+        [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--mtp] [--out benchmarks/results/spec_decode_<device>.json]
 
 A drafter of chosen acceptance (`OracleDrafter`: it proposes each request's known continuation, each draft right
 with probability p and wrong otherwise) isolates the engine's verify path from any real drafter's quality: at
 p the expected tokens per verify row are (1 - p^(k+1)) / (1 - p). Per batch size, side by side in one run:
 1. plain decoding, the default loop (async scheduling) and the serial loop (what speculative steps run on);
    the greedy outputs of the first are the drafter's reference continuations;
-2. per p: the same requests with k drafts per step (greedy; outputs checked token-identical to 1).
+2. per p: the same requests with k drafts per step (greedy; outputs checked token-identical to 1);
+3. with --mtp (a checkpoint with MTP layers: DeepSeek-V3, GLM-4.5), the checkpoint's own drafter (method "mtp",
+   engine/rank/mtp_drafter.py): its acceptance is the weights' (random under --load-format dummy: ~0, so the row
+   then prices the drafter's cost).
 Reported: decode tokens/s, engine steps, tokens per request-step, mean accepted length, acceptance rate, ms per
 step, and the speed-up over both plain loops. Without --model a tiny Qwen3-MoE checkpoint is made (CPU);
 on a GPU give a full-size model directory with --load-format dummy (config.json alone).
@@ -66,7 +69,8 @@ def _run(llm, prompts, params, repeats: int = 1) -> tuple[list[list[int]], float
     return [o.outputs[0].token_ids for o in outs], statistics.median(times), steps
 
 
-def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine_kw: dict, repeats: int = 3) -> dict:
+def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine_kw: dict, repeats: int = 3,
+            mtp: bool = False) -> dict:
     from moelink.engine import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
@@ -82,9 +86,11 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
         if ref is None:
             ref = {tuple(p): o for p, o in zip(prompts, out)}
         rows[name] = dict(tokens_per_s=batch * tokens / seconds, steps=steps, ms_per_step=1e3 * seconds / steps)
-    for p in ps:
-        spec = {"method": "ngram", "num_speculative_tokens": k,
-                "drafter_factory": functools.partial(OracleDrafter, ref, p, vocab, 0)}
+    runs = [(f"p={p:g}", p, {"method": "ngram", "num_speculative_tokens": k,
+                             "drafter_factory": functools.partial(OracleDrafter, ref, p, vocab, 0)}) for p in ps]
+    if mtp:
+        runs.append(("mtp", None, {"method": "mtp", "num_speculative_tokens": k}))
+    for name, p, spec in runs:
         with LLM(model, speculative_config=spec, **engine_kw) as llm:
             _run(llm, prompts, params)
             before = llm.engine.stats().spec_decode
@@ -95,10 +101,11 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
         acc = sd.num_accepted_tokens - (before.num_accepted_tokens if before else 0)
         drafts = sd.num_draft_tokens - (before.num_draft_tokens if before else 0)
         tps = batch * tokens / seconds
-        rows[f"p={p:g}"] = dict(
+        rows[name] = dict(
             tokens_per_s=tps, steps=steps, ms_per_step=1e3 * seconds / steps, identical_to_plain=same,
             tokens_per_request_step=batch * tokens / (steps * batch), mean_accepted_length=1 + acc / rows_v if rows_v else 1.0,
-            acceptance_rate=acc / drafts if drafts else 0.0, expected_length=(1 - p ** (k + 1)) / (1 - p) if p < 1 else k + 1,
+            acceptance_rate=acc / drafts if drafts else 0.0,
+            expected_length=None if p is None else (1 - p ** (k + 1)) / (1 - p) if p < 1 else k + 1,
             speedup_vs_plain=tps / rows["plain"]["tokens_per_s"],
             speedup_vs_serial=tps / rows["plain_serial"]["tokens_per_s"])
     return rows
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    ap.add_argument("--mtp", action="store_true", help="also the checkpoint's MTP drafter (method mtp)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if any(not 0.0 <= p <= 1.0 for p in args.p):
@@ -128,16 +136,17 @@ def main(argv: list[str] | None = None) -> None:
         kw = dict(dtype=args.dtype, max_model_len=16 + args.tokens + 8, load_format=args.load_format,
                   max_num_seqs=max(args.batch))
         result = dict(commit=git_commit(), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                      model=args.model or "tiny qwen3_moe", k=args.k, tokens=args.tokens, batches={})
+                      model=args.model or "tiny qwen3_moe", k=args.k, tokens=args.tokens, mtp=args.mtp, batches={})
         for b in args.batch:
-            rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats)
+            rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats, args.mtp)
             result["batches"][str(b)] = rows
             print(f"batch {b}: plain {rows['plain']['tokens_per_s']:.0f} tok/s ({rows['plain']['ms_per_step']:.2f} "
                   f"ms/step), serial {rows['plain_serial']['tokens_per_s']:.0f} tok/s")
             for name, r in rows.items():
-                if name.startswith("p="):
+                if name.startswith("p=") or name == "mtp":
+                    expected = f"{r['expected_length']:.2f}" if r["expected_length"] is not None else "-"
                     print(f"  {name}: {r['tokens_per_s']:.0f} tok/s, {r['mean_accepted_length']:.2f} tokens/row "
-                          f"(expected {r['expected_length']:.2f}), {r['ms_per_step']:.2f} ms/step, x{r['speedup_vs_plain']:.2f} "
+                          f"(expected {expected}), {r['ms_per_step']:.2f} ms/step, x{r['speedup_vs_plain']:.2f} "
                           f"vs plain, x{r['speedup_vs_serial']:.2f} vs serial, identical={r['identical_to_plain']}")
     tag = "cpu" if result["device"] == "cpu" else result["device"].replace(" ", "_").lower()
     print(f"wrote {write_result(args.out or RESULTS / f'spec_decode_{tag}.json', result)}")
