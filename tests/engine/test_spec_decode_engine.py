@@ -88,19 +88,33 @@ def test_seeded_sampling_with_speculation_is_reproducible(reference):
     assert runs[0] == runs[1]
 
 
-def test_requests_the_drafter_leaves_alone_decode_as_without_speculation(reference):
+def test_penalties_and_logprobs_apply_at_every_verified_position(reference):
+    """Greedy with repetition / frequency / presence penalties (each position's counts include the drafts before
+    it) and logprobs (of each emitted token): the same tokens and logprobs as without speculation."""
     path, prompts, _, _ = reference
-    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3),
-              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2),
-              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)]
-    batch = [{"prompt_token_ids": prompts[i]} for i in range(3)]
+    params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, presence_penalty=2.0, frequency_penalty=2.0),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, frequency_penalty=0.6,
+                             presence_penalty=0.4, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=False, min_tokens=10)]
+    batch = [{"prompt_token_ids": prompts[i]} for i in range(len(params))]
     with _llm(path) as plain:
         want = plain.generate(batch, params, use_tqdm=False)
-    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    ref = {tuple(prompts[i]): want[i].outputs[0].token_ids for i in range(len(params))}
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, ref, 0.7, vocab=64, seed=3)}
     with _llm(path, spec) as llm:
         got = llm.generate(batch, params, use_tqdm=False)
+        sd = llm.engine.stats().spec_decode
     assert _tokens(got) == _tokens(want)
-    assert got[1].outputs[0].logprobs == want[1].outputs[0].logprobs and len(want[1].outputs[0].logprobs) == 12
+    assert sd.num_accepted_tokens > 0 and sd.num_draft_tokens > sd.num_accepted_tokens
+    for g, w in zip(got[2:4], want[2:4]):
+        assert len(g.outputs[0].logprobs) == 16
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert lg.keys() == lw.keys()
+            for t in lw:
+                assert abs(lg[t].logprob - lw[t].logprob) < 1e-4 and lg[t].rank == lw[t].rank
 
 
 def test_bad_speculative_configs_are_refused(reference):
