@@ -8,8 +8,8 @@ requests.
 
 Which requests draft: those whose next token is drawn by the processors the verify step applies at every
 verified position (temperature, min-p, top-k, top-p, greedy, seeds; penalties counting the drafts before each
-position; logprobs of each emitted token). A request with a grammar, or with EOS still held back by
-min_tokens, decodes without drafts for now (its output is exactly as without speculation, only not faster).
+position; the grammar's mask at each position; logprobs of each emitted token). A request with EOS still held
+back by min_tokens decodes without drafts until it has its min_tokens (exactly as without speculation).
 
 Methods: "ngram" (prompt lookup, engine/rank/ngram_proposer.py). A `drafter_factory` given through the Python
 API (tests, benchmarks: e.g. a drafter of known acceptance) takes precedence. "mtp" and "eagle3" run draft
@@ -41,9 +41,8 @@ class NgramDrafter:
 
 def may_draft(st) -> bool:
     """Whether the verify step applies every processor of this request at each verified position (module
-    docstring): not yet a grammar, nor EOS held back by min_tokens."""
-    p = st.params
-    return p.structured_outputs is None and len(st.output_token_ids) >= p.min_tokens
+    docstring): all but EOS held back by min_tokens."""
+    return len(st.output_token_ids) >= st.params.min_tokens
 
 
 def make_drafter(spec) -> Drafter | None:

@@ -23,7 +23,7 @@ import torch
 from .device_stream import to_device, to_host
 from .rejection_sampler import DraftRows, rejection_sample
 from .sampler import apply_penalties, processed_probs
-from .sampling_metadata import SamplingMetadata
+from .sampling_metadata import SamplingMetadata, unpack_bitmasks
 
 
 @dataclass
@@ -59,6 +59,11 @@ class SpecStep:
         self.meta_verify = SamplingMetadata.from_batch(
             batch, rows_R[self.verify_rows], [picked[r] for r in self.verify_rows], eos_token_ids, device,
             None, [num_pending[r] for r in self.verify_rows])
+        # Grammar masks, one per verified position (engine/core/structured_output.py: k + 1 back to back).
+        self.position_masks = None
+        if bitmasks and any(picked[r].req_id in bitmasks for r in self.verify_rows):
+            self.position_masks = _position_masks(
+                [bitmasks.get(picked[r].req_id) for r in self.verify_rows], self.num_draft)
         # Penalties at position j of a verifying row count its drafts before j too: (position row, draft) pairs.
         self.prefix_pairs = None
         if not self.meta_verify.no_penalties:
@@ -84,6 +89,9 @@ class SpecStep:
         if not meta.no_penalties:
             logits_BV = logits_BV.to(torch.float32, copy=True)
             apply_penalties(logits_BV, PositionPenalties(meta, reps, self.prefix_pairs, dev))
+        if self.position_masks is not None:  # after the penalties, as the sampler orders them
+            allowed_BV = unpack_bitmasks(self.position_masks, logits_BV.shape[1], dev)
+            logits_BV = logits_BV.to(torch.float32).masked_fill(~allowed_BV, float("-inf"))
         if meta.all_greedy:
             probs_BV = logits_BV.float()  # only the argmax is read on greedy rows
             greedy_R = torch.ones(rows.num_requests, dtype=torch.bool, device=dev)
@@ -143,6 +151,19 @@ class SpecResult:
             for r, t in zip(self.plain_rows, self.plain_ids.tolist()):
                 out[r] = [t]
         return out
+
+
+def _position_masks(masks: list[Optional[bytes]], num_draft: list[int]) -> list[Optional[bytes]]:
+    """Each verifying row's k + 1 masks (back to back in one bytes object, or None: unconstrained) as one entry
+    per verified position."""
+    out: list[Optional[bytes]] = []
+    for m, k in zip(masks, num_draft):
+        if m is None:
+            out.extend([None] * (k + 1))
+            continue
+        size = len(m) // (k + 1)
+        out.extend(m[i * size: (i + 1) * size] for i in range(k + 1))
+    return out
 
 
 def prefix_draft_pairs(drafts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

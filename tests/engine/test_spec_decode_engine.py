@@ -123,3 +123,36 @@ def test_bad_speculative_configs_are_refused(reference):
         _llm(path, '{"method": "ngram", "num_speculative_tokens": 9}')
     with pytest.raises(ValueError, match="method='mtp' is not available yet"):
         _llm(path, {"method": "mtp", "num_speculative_tokens": 1})
+
+
+def test_grammar_masks_apply_at_every_verified_position():
+    """Structured output with drafts: each verified position gets the grammar's mask after the drafts before it
+    (a draft the grammar refuses is rejected), so greedy outputs equal decoding without speculation and match."""
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("xgrammar")
+    from moelink.engine.contract.structured_output_params import StructuredOutputParams
+
+    builtin = str(Path(__file__).resolve().parents[2] / "builtin-model")
+    schema = {"type": "object", "properties": {"color": {"type": "string", "enum": ["red", "green", "blue"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["color", "n"], "additionalProperties": False}
+    kinds = [StructuredOutputParams(json=schema), StructuredOutputParams(regex=r"[a-c]{3}-[0-9]{2}"),
+             StructuredOutputParams(choice=["alpha beta", "gamma delta"])]
+    prompts = ["The answer is", "def main():", "x = 1"]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so) for so in kinds]
+    kw = dict(dtype="float32", max_model_len=256, num_kv_blocks=64)
+    with LLM(builtin, **kw) as plain:
+        want = plain.generate(prompts, params, use_tqdm=False)
+        ids = [plain.engine.tokenizer.encode(p) for p in prompts]
+        vocab = plain.engine.config.model.vocab_size
+    ref = {tuple(i): w.outputs[0].token_ids for i, w in zip(ids, want)}
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, ref, 0.6, vocab=vocab, seed=4)}
+    with LLM(builtin, speculative_config=spec, **kw) as llm:
+        got = llm.generate(prompts, params, use_tqdm=False)
+        sd = llm.engine.stats().spec_decode
+    assert _tokens(got) == _tokens(want)
+    assert sd.num_accepted_tokens > 0 and sd.num_draft_tokens > sd.num_accepted_tokens
+    assert set(json.loads(got[0].outputs[0].text)) == {"color", "n"}
