@@ -156,3 +156,34 @@ def test_grammar_masks_apply_at_every_verified_position():
     assert _tokens(got) == _tokens(want)
     assert sd.num_accepted_tokens > 0 and sd.num_draft_tokens > sd.num_accepted_tokens
     assert set(json.loads(got[0].outputs[0].text)) == {"color", "n"}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "dsv3", "glm", "gpt_oss"])
+def test_greedy_with_drafts_equals_plain_decoding_across_families(tiny_model, hf_tiny_model, tmp_path, family):
+    """Mixtral, DeepSeek-V3 (MLA), GLM-4-MoE and gpt-oss (sliding-window layers, sinks): greedy outputs with a
+    drafter that is right 60 % of the time equal decoding without one, chunked prefill and preemption in play."""
+    if family == "gpt_oss":
+        from tests.helpers.gpt_oss_checkpoints import gpt_oss_config
+
+        gpt_oss_config().save_pretrained(tmp_path)
+        # save_pretrained writes the config only: a dummy load makes the weights from it.
+        path, extra = str(tmp_path), dict(load_format="dummy")
+    else:
+        path = {"mixtral": lambda: tiny_model("mixtral_e5k3"), "dsv3": lambda: hf_tiny_model("dsv3_lora"),
+                "glm": lambda: hf_tiny_model("glm_bias")}[family]()
+        extra = {}
+    kw = dict(dtype="float64", max_model_len=128, max_num_batched_tokens=24, num_kv_blocks=16, block_size=4, **extra)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, detokenize=False)
+    with LLM(path, **kw) as plain:
+        vocab = plain.engine.config.model.vocab_size
+        rng = random.Random(11)
+        prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 28))] for _ in range(8)]
+        want = _tokens(plain.generate(prompts, params, use_tqdm=False))
+    ref = {tuple(p): w for p, w in zip(prompts, want)}
+    spec = {"method": "ngram", "num_speculative_tokens": 2,
+            "drafter_factory": functools.partial(OracleDrafter, ref, 0.6, vocab=vocab, seed=6)}
+    with LLM(path, speculative_config=spec, **kw) as llm:
+        got = _tokens(llm.generate(prompts, params, use_tqdm=False))
+        stats = llm.engine.stats()
+    assert got == want
+    assert stats.spec_decode.num_accepted_tokens > 0 and stats.num_preemptions_total > 0
