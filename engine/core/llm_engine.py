@@ -264,7 +264,7 @@ class LLMEngine:
             if self._pending is not None and self._needs_tokens_in_flight(sched_outs):
                 outputs += self._drain_core()  # the grammar masks need the matchers advanced by the tokens in flight
             for so in sched_outs:  # each rank gets the masks of its own rows only
-                so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens)
+                so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens, so.scheduled_spec_tokens)
         t0 = time.perf_counter()
         try:
             launched = self.executor.launch(sched_outs)

@@ -150,18 +150,30 @@ class StructuredOutputManager:
     def remove(self, req_id: str) -> None:
         self._matchers.pop(req_id, None)
 
-    def bitmasks(self, req_ids: Iterable[str]) -> dict[str, bytes]:
+    def bitmasks(self, req_ids: Iterable[str], spec_tokens: dict[str, list[int]] | None = None) -> dict[str, bytes]:
         """For each constrained request among `req_ids`: its next-token bitmask as little-endian int32
-        words (`bitmask_words(vocab_size)` of them), the plain bytes a SchedulerOutput can carry."""
+        words (`bitmask_words(vocab_size)` of them), the plain bytes a SchedulerOutput can carry. A request
+        verifying k drafts (`spec_tokens`, speculative decoding) gets k + 1 masks back to back: the mask at each
+        verified position, the matcher advanced through the drafts before it and rolled back after (a draft the
+        grammar refuses is rejected by its own position's mask; the masks after it allow everything)."""
         out = {}
         words = bitmask_words(self.vocab_size)
         for rid in req_ids:
             m = self._matchers.get(rid)
             if m is None:
                 continue
-            mask = np.full((1, words), -1, dtype=np.int32)
-            if not m.is_terminated():
-                m.fill_next_token_bitmask(mask)
+            drafts = spec_tokens.get(rid, ()) if spec_tokens else ()
+            mask = np.full((1 + len(drafts), words), -1, dtype=np.int32)
+            accepted = 0
+            for j in range(len(drafts) + 1):
+                if m.is_terminated():
+                    break
+                m.fill_next_token_bitmask(mask, j)
+                if j == len(drafts) or not m.accept_token(drafts[j]):
+                    break
+                accepted += 1
+            if accepted:
+                m.rollback(accepted)
             out[rid] = mask.tobytes()
         return out
 

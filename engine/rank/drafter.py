@@ -6,10 +6,10 @@ scheduler keeps them on the request, and the request's next decode step verifies
 (engine/rank/spec_verify.py; scheduler/spec_decode.py). Under expert parallelism each rank drafts for its own
 requests.
 
-Which requests draft: those whose next token is drawn by the processors the verify step applies to every
-position (temperature, min-p, top-k, top-p, greedy, seeds). A request with penalties, logprobs, a grammar, or
-EOS still held back by min_tokens decodes without drafts for now (its output is exactly as without
-speculation, only not faster).
+Which requests draft: those whose next token is drawn by the processors the verify step applies at every
+verified position (temperature, min-p, top-k, top-p, greedy, seeds; penalties counting the drafts before each
+position; the grammar's mask at each position; logprobs of each emitted token). A request with EOS still held
+back by min_tokens decodes without drafts until it has its min_tokens (exactly as without speculation).
 
 Two kinds. A host drafter (`Drafter`) proposes at collect, from the request states: "ngram" (prompt lookup,
 engine/rank/ngram_proposer.py), or a `drafter_factory` given through the Python API (tests, benchmarks: e.g. a
@@ -59,11 +59,9 @@ class NgramDrafter:
 
 
 def may_draft(st) -> bool:
-    """Whether the verify step's processors are all that shape this request's next token (module docstring)."""
-    p = st.params
-    return (p.logprobs is None and p.structured_outputs is None and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-            and len(st.output_token_ids) >= p.min_tokens)
+    """Whether the verify step applies every processor of this request at each verified position (module
+    docstring): all but EOS held back by min_tokens."""
+    return len(st.output_token_ids) >= st.params.min_tokens
 
 
 def make_drafter(spec) -> Drafter | None:

@@ -88,7 +88,7 @@ class Sampler:
             logprobs_LV = torch.log_softmax(logits[meta.logprob_rows_L], dim=-1)
 
         if not meta.no_penalties:
-            _apply_penalties(logits, meta)
+            apply_penalties(logits, meta)
         if not meta.no_min_tokens:
             logits.index_put_((meta.min_tokens_rows_M, meta.min_tokens_ids_M), logits.new_full((), _NEG_INF))
         if meta.grammar_allowed_BV is not None:
@@ -128,7 +128,7 @@ def processed_probs(logits: torch.Tensor, meta) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
-def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
     counts_BV, seen_BV = meta.penalty_tensors()
     if seen_BV is not None:
         # HF/vLLM: shrink positive logits, push negative ones further down.

@@ -225,7 +225,7 @@ class SamplingMetadata:
 
     def _build_grammar(self, grammar_bitmasks: Optional[list[Optional[bytes]]], device: torch.device) -> None:
         if grammar_bitmasks is not None and any(m is not None for m in grammar_bitmasks):
-            self.grammar_allowed_BV = _unpack_bitmasks(grammar_bitmasks, self.vocab_size, device)
+            self.grammar_allowed_BV = unpack_bitmasks(grammar_bitmasks, self.vocab_size, device)
 
     def _build_random(self, greedy_B: np.ndarray, temperature_B: np.ndarray, top_k_B: Optional[np.ndarray],
                       top_p_B: Optional[np.ndarray], min_p_B: Optional[np.ndarray], generators: Optional[list],
@@ -287,7 +287,7 @@ class SamplingMetadata:
             self.seen_mask_BV = (prompt_counts_BV > 0) | (self.output_counts_BV > 0)
 
 
-def _unpack_bitmasks(masks: list[Optional[bytes]], V: int, device: torch.device) -> torch.Tensor:
+def unpack_bitmasks(masks: list[Optional[bytes]], V: int, device: torch.device) -> torch.Tensor:
     """bool [B, V] from per-row little-endian int32 bitmask bytes (None: every token allowed). The packed bytes
     cross to the device (V / 8 per row) and are unpacked there."""
     words = -(-V // 32)

@@ -22,8 +22,8 @@ import torch
 
 from .device_stream import to_device, to_host
 from .rejection_sampler import DraftRows, rejection_sample
-from .sampler import processed_probs
-from .sampling_metadata import SamplingMetadata
+from .sampler import apply_penalties, processed_probs
+from .sampling_metadata import SamplingMetadata, unpack_bitmasks
 
 
 @dataclass
@@ -59,6 +59,15 @@ class SpecStep:
         self.meta_verify = SamplingMetadata.from_batch(
             batch, rows_R[self.verify_rows], [picked[r] for r in self.verify_rows], eos_token_ids, device,
             None, [num_pending[r] for r in self.verify_rows])
+        # Grammar masks, one per verified position (engine/core/structured_output.py: k + 1 back to back).
+        self.position_masks = None
+        if bitmasks and any(picked[r].req_id in bitmasks for r in self.verify_rows):
+            self.position_masks = _position_masks(
+                [bitmasks.get(picked[r].req_id) for r in self.verify_rows], self.num_draft)
+        # Penalties at position j of a verifying row count its drafts before j too: (position row, draft) pairs.
+        self.prefix_pairs = None
+        if not self.meta_verify.no_penalties:
+            self.prefix_pairs = prefix_draft_pairs([drafts[r] for r in self.verify_rows])
         self.meta_plain = None
         if self.plain_rows:
             plain = [picked[r] for r in self.plain_rows]
@@ -70,15 +79,23 @@ class SpecStep:
     def run(self, model, sampler, h_TD: torch.Tensor) -> "SpecResult":
         """The device half: logits of the verified positions, the acceptance rule, the plain rows' sampling."""
         dev = self.device
-        res = SpecResult(self.num_rows, self.verify_rows, self.plain_rows)
+        res = SpecResult(self.num_rows, self.verify_rows, self.plain_rows, self.num_draft)
         logits_BV = model.compute_logits(h_TD.index_select(0, to_device(self.verify_logit_rows, torch.long, dev)))
         meta = self.meta_verify
         rows = DraftRows(tuple(self.num_draft))
+        reps = torch.tensor([k + 1 for k in self.num_draft], device=dev)
+        # Logprobs are of the raw model distribution, as for plain rows (sampler.py's order).
+        logprobs_BV = None if meta.no_logprobs else torch.log_softmax(logits_BV.float(), dim=-1)
+        if not meta.no_penalties:
+            logits_BV = logits_BV.to(torch.float32, copy=True)
+            apply_penalties(logits_BV, PositionPenalties(meta, reps, self.prefix_pairs, dev))
+        if self.position_masks is not None:  # after the penalties, as the sampler orders them
+            allowed_BV = unpack_bitmasks(self.position_masks, logits_BV.shape[1], dev)
+            logits_BV = logits_BV.to(torch.float32).masked_fill(~allowed_BV, float("-inf"))
         if meta.all_greedy:
             probs_BV = logits_BV.float()  # only the argmax is read on greedy rows
             greedy_R = torch.ones(rows.num_requests, dtype=torch.bool, device=dev)
         else:
-            reps = torch.tensor([k + 1 for k in self.num_draft], device=dev)
             probs_BV = processed_probs(logits_BV.to(torch.float32, copy=True), _expand(meta, reps))
             greedy_R = (meta.greedy_mask_B if meta.greedy_mask_B is not None
                         else torch.zeros(rows.num_requests, dtype=torch.bool, device=dev))
@@ -87,6 +104,11 @@ class SpecStep:
         res.verify_ids_RK1 = to_host(out.token_ids_RK1)
         res.verify_counts_R = to_host(out.num_tokens_R)
         res.emitted_R = out.num_tokens_R
+        if meta.penalised_rows_Q is not None:
+            _record_emitted(meta, out.token_ids_RK1)
+        if logprobs_BV is not None:
+            res.verify_logprobs = (to_host(_pack_position_logprobs(logprobs_BV, out.token_ids_RK1, self.num_draft,
+                                                                   meta)), meta.max_num_logprobs)
         last_V = out.token_ids_RK1.gather(1, (out.num_tokens_R - 1).unsqueeze(1)).squeeze(1)
         sampled_R = torch.empty(self.num_rows, dtype=torch.long, device=dev)
         sampled_R[to_device(np.asarray(self.verify_rows), torch.long, dev)] = last_V
@@ -111,8 +133,11 @@ class SpecResult:
     num_rows: int
     verify_rows: list[int]
     plain_rows: list[int]
+    num_draft: list[int]  # per verifying row
     verify_ids_RK1: Optional[torch.Tensor] = None  # long [R_verify, K + 1], -1 past each row's tokens
     verify_counts_R: Optional[torch.Tensor] = None  # long [R_verify]
+    # (packed [B, 3 + 2N] per verified position, N) for the verifying rows that asked for logprobs; None if none.
+    verify_logprobs: Optional[tuple] = None
     plain_ids: Optional[torch.Tensor] = None  # long [R_plain]
     plain_logprobs: Optional[tuple] = None  # (packed [L, X], num_logprobs, max) of the plain rows
     sampled_R: Optional[torch.Tensor] = None  # device: each row's last emitted token
@@ -128,6 +153,85 @@ class SpecResult:
             for r, t in zip(self.plain_rows, self.plain_ids.tolist()):
                 out[r] = [t]
         return out
+
+
+def _position_masks(masks: list[Optional[bytes]], num_draft: list[int]) -> list[Optional[bytes]]:
+    """Each verifying row's k + 1 masks (back to back in one bytes object, or None: unconstrained) as one entry
+    per verified position."""
+    out: list[Optional[bytes]] = []
+    for m, k in zip(masks, num_draft):
+        if m is None:
+            out.extend([None] * (k + 1))
+            continue
+        size = len(m) // (k + 1)
+        out.extend(m[i * size: (i + 1) * size] for i in range(k + 1))
+    return out
+
+
+def prefix_draft_pairs(drafts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(position row, token) for each draft before each verified position: rows are the verified positions of
+    the verifying rows in order (k + 1 each), and position j of a row counts its drafts 0 .. j-1."""
+    pos_rows: list[int] = []
+    toks: list[int] = []
+    base = 0
+    for d in drafts:
+        for j in range(1, len(d) + 1):
+            pos_rows.extend([base + j] * j)
+            toks.extend(d[:j])
+        base += len(d) + 1
+    return np.asarray(pos_rows, dtype=np.int64), np.asarray(toks, dtype=np.int64)
+
+
+class PositionPenalties:
+    """A verifying rows' SamplingMetadata's penalties at every verified position (sampler.apply_penalties reads
+    it): each position's output counts are its row's plus the drafts before it."""
+
+    def __init__(self, meta: SamplingMetadata, reps: torch.Tensor, prefix_pairs, device: torch.device):
+        self.meta, self.reps, self.prefix_pairs, self.device = meta, reps, prefix_pairs, device
+        self.repetition_penalty_B = meta.repetition_penalty_B.repeat_interleave(reps)
+        self.frequency_penalty_B = meta.frequency_penalty_B.repeat_interleave(reps)
+        self.presence_penalty_B = meta.presence_penalty_B.repeat_interleave(reps)
+
+    def penalty_tensors(self):
+        counts_RV, seen_RV = self.meta.penalty_tensors()
+        counts_BV = counts_RV.repeat_interleave(self.reps, dim=0)
+        rows_P, toks_P = self.prefix_pairs
+        if len(rows_P):
+            rows_t, toks_t = to_device(rows_P, torch.long, self.device), to_device(toks_P, torch.long, self.device)
+            counts_BV.index_put_((rows_t, toks_t), torch.ones(len(rows_P), device=self.device), accumulate=True)
+        seen_BV = None
+        if seen_RV is not None:
+            seen_BV = seen_RV.repeat_interleave(self.reps, dim=0) | (counts_BV > 0)
+        return counts_BV, seen_BV
+
+
+def _record_emitted(meta: SamplingMetadata, token_ids_RK1: torch.Tensor) -> None:
+    """Count every token a penalised verifying row emitted (the accepted drafts and the one after) in the
+    persistent batch's device counts: padding (-1) and unpenalised rows add 0. No host sync."""
+    R, K1 = token_ids_RK1.shape
+    slots_RK = meta.penalty_slots_B.unsqueeze(1).expand(R, K1)
+    penalised_R = torch.zeros(R, dtype=torch.bool, device=token_ids_RK1.device)
+    penalised_R[meta.penalised_rows_Q] = True
+    weight_RK = ((token_ids_RK1 >= 0) & penalised_R.unsqueeze(1)).float()
+    meta.penalty_counts.output_counts_PV.index_put_((slots_RK, token_ids_RK1.clamp(min=0)), weight_RK,
+                                                     accumulate=True)
+
+
+def _pack_position_logprobs(logprobs_BV: torch.Tensor, token_ids_RK1: torch.Tensor, num_draft: list[int],
+                            meta: SamplingMetadata) -> torch.Tensor:
+    """Per verified position, the logprob of the token emitted there (past a row's last token: of its padding,
+    never read), its rank and the top N, packed as sampler._pack_logprobs packs a plain row's."""
+    dev = logprobs_BV.device
+    row_B = torch.repeat_interleave(torch.arange(len(num_draft), device=dev),
+                                    torch.tensor([k + 1 for k in num_draft], device=dev))
+    first_B = torch.repeat_interleave(torch.tensor(np.cumsum([0] + [k + 1 for k in num_draft[:-1]]), device=dev),
+                                      torch.tensor([k + 1 for k in num_draft], device=dev))
+    col_B = torch.arange(logprobs_BV.shape[0], device=dev) - first_B
+    tok_B = token_ids_RK1[row_B, col_B].clamp(min=0)
+    tok_lp_B1 = logprobs_BV.gather(1, tok_B.unsqueeze(1))
+    rank_B1 = (logprobs_BV > tok_lp_B1).sum(dim=-1, keepdim=True) + 1
+    top_lp, top_id = logprobs_BV.topk(max(meta.max_num_logprobs, 1), dim=-1)
+    return torch.cat([tok_B.unsqueeze(1).float(), tok_lp_B1, rank_B1.float(), top_id.float(), top_lp], dim=1)
 
 
 def _expand(meta: SamplingMetadata, reps: torch.Tensor) -> _Expanded:

@@ -106,6 +106,15 @@ class StepHandle:
         if spec.plain_logprobs is not None:
             packed, num, top = spec.plain_logprobs
             logprobs = dict(zip(spec.plain_rows, unpack_logprobs(packed.tolist(), num, top)))
+        verify_lp = {}
+        if spec.verify_logprobs is not None:
+            packed, N = spec.verify_logprobs
+            rows, base = packed.tolist(), 0
+            for r, k in zip(spec.verify_rows, spec.num_draft):
+                n = self.states[r].params.logprobs
+                if n is not None:
+                    verify_lp[r] = unpack_logprobs(rows[base: base + k + 1], [n] * (k + 1), N)
+                base += k + 1
         for r, (st, tokens) in enumerate(zip(self.states, spec.token_lists())):
             st.output_token_ids.extend(tokens)
             st.all_token_ids.extend(tokens)
@@ -113,7 +122,9 @@ class StepHandle:
             if st.pending is not None and st.pending[0] is self:
                 st.pending = None
             out.sampled_token_ids[st.req_id] = tokens
-            if logprobs is not None and logprobs.get(r) is not None:
+            if r in verify_lp:
+                out.logprobs[st.req_id] = verify_lp[r][: len(tokens)]
+            elif logprobs is not None and logprobs.get(r) is not None:
                 out.logprobs[st.req_id] = [logprobs[r]]
 
     def _draft(self, out: ModelRunnerOutput, drafts_RK: Optional[torch.Tensor]) -> None:

@@ -98,3 +98,37 @@ def test_rows_that_do_not_match_the_layout_are_refused():
         rejection_sample(torch.full((3, V), 0.2), DraftRows((1,)), torch.tensor([0]), None, torch.tensor([False]))
     with pytest.raises(ValueError, match="num_draft"):
         DraftRows((1, -1))
+
+
+def test_penalties_at_each_verified_position_count_the_drafts_before_it():
+    """engine/rank/spec_verify.py: position j of a verifying row is penalised as if its drafts 0 .. j-1 were
+    already output tokens (what plain decoding would have counted there)."""
+    from types import SimpleNamespace
+
+    from moelink.engine.rank.sampler import apply_penalties
+    from moelink.engine.rank.spec_verify import PositionPenalties, prefix_draft_pairs
+
+    counts_RV = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 2.0, 0, 0]])
+    prompt_seen_RV = torch.tensor([[False, False, False, False, True], [False] * 5])
+    meta = SimpleNamespace(
+        repetition_penalty_B=torch.tensor([1.5, 1.0]), frequency_penalty_B=torch.tensor([0.5, 0.25]),
+        presence_penalty_B=torch.tensor([0.1, 1.0]),
+        penalty_tensors=lambda: (counts_RV, prompt_seen_RV | (counts_RV > 0)))
+    drafts = [[3, 3], [1]]  # row 0: 2 drafts (3 positions), row 1: 1 draft (2 positions)
+    reps = torch.tensor([3, 2])
+    pen = PositionPenalties(meta, reps, prefix_draft_pairs(drafts), torch.device("cpu"))
+    counts_BV, seen_BV = pen.penalty_tensors()
+    want = torch.tensor([[1.0, 0, 0, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 2, 0], [0, 0, 2, 0, 0], [0, 1, 2, 0, 0]])
+    assert torch.equal(counts_BV, want)
+    assert seen_BV[:, 4].tolist() == [True, True, True, False, False] and seen_BV[2, 3] and not seen_BV[0, 3]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, V, generator=g)
+    got = logits.clone()
+    apply_penalties(got, pen)
+    for b, r in enumerate([0, 0, 0, 1, 1]):  # each position as a one-row plain step with its own counts
+        one = logits[b:b + 1].clone()
+        apply_penalties(one, SimpleNamespace(
+            repetition_penalty_B=meta.repetition_penalty_B[r:r + 1], frequency_penalty_B=meta.frequency_penalty_B[r:r + 1],
+            presence_penalty_B=meta.presence_penalty_B[r:r + 1],
+            penalty_tensors=lambda b=b: (want[b:b + 1], seen_BV[b:b + 1])))
+        assert torch.allclose(got[b], one[0])

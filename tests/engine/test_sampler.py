@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.engine.rank.sampler import Sampler, _apply_penalties
+from moelink.engine.rank.sampler import Sampler, apply_penalties as _apply_penalties
 from moelink.engine.contract.sampling_params import SamplingParams
 
 from tests.helpers.sampler import LOGITS6, PROBS6, build, chi_square, draw_counts, sample

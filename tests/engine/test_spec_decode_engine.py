@@ -88,19 +88,33 @@ def test_seeded_sampling_with_speculation_is_reproducible(reference):
     assert runs[0] == runs[1]
 
 
-def test_requests_the_drafter_leaves_alone_decode_as_without_speculation(reference):
+def test_penalties_and_logprobs_apply_at_every_verified_position(reference):
+    """Greedy with repetition / frequency / presence penalties (each position's counts include the drafts before
+    it) and logprobs (of each emitted token): the same tokens and logprobs as without speculation."""
     path, prompts, _, _ = reference
-    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3),
-              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2),
-              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)]
-    batch = [{"prompt_token_ids": prompts[i]} for i in range(3)]
+    params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, presence_penalty=2.0, frequency_penalty=2.0),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, frequency_penalty=0.6,
+                             presence_penalty=0.4, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=False, min_tokens=10)]
+    batch = [{"prompt_token_ids": prompts[i]} for i in range(len(params))]
     with _llm(path) as plain:
         want = plain.generate(batch, params, use_tqdm=False)
-    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    ref = {tuple(prompts[i]): want[i].outputs[0].token_ids for i in range(len(params))}
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, ref, 0.7, vocab=64, seed=3)}
     with _llm(path, spec) as llm:
         got = llm.generate(batch, params, use_tqdm=False)
+        sd = llm.engine.stats().spec_decode
     assert _tokens(got) == _tokens(want)
-    assert got[1].outputs[0].logprobs == want[1].outputs[0].logprobs and len(want[1].outputs[0].logprobs) == 12
+    assert sd.num_accepted_tokens > 0 and sd.num_draft_tokens > sd.num_accepted_tokens
+    for g, w in zip(got[2:4], want[2:4]):
+        assert len(g.outputs[0].logprobs) == 16
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert lg.keys() == lw.keys()
+            for t in lw:
+                assert abs(lg[t].logprob - lw[t].logprob) < 1e-4 and lg[t].rank == lw[t].rank
 
 
 def test_bad_speculative_configs_are_refused(reference):
@@ -112,3 +126,67 @@ def test_bad_speculative_configs_are_refused(reference):
         _llm(path, {"method": "mtp", "num_speculative_tokens": 1})
     with pytest.raises(ValueError, match="method='eagle3' is not available yet"):
         _llm(path, {"method": "eagle3", "model": "/nowhere", "num_speculative_tokens": 1})
+
+
+def test_grammar_masks_apply_at_every_verified_position():
+    """Structured output with drafts: each verified position gets the grammar's mask after the drafts before it
+    (a draft the grammar refuses is rejected), so greedy outputs equal decoding without speculation and match."""
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("xgrammar")
+    from moelink.engine.contract.structured_output_params import StructuredOutputParams
+
+    builtin = str(Path(__file__).resolve().parents[2] / "builtin-model")
+    schema = {"type": "object", "properties": {"color": {"type": "string", "enum": ["red", "green", "blue"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["color", "n"], "additionalProperties": False}
+    kinds = [StructuredOutputParams(json=schema), StructuredOutputParams(regex=r"[a-c]{3}-[0-9]{2}"),
+             StructuredOutputParams(choice=["alpha beta", "gamma delta"])]
+    prompts = ["The answer is", "def main():", "x = 1"]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so) for so in kinds]
+    kw = dict(dtype="float32", max_model_len=256, num_kv_blocks=64)
+    with LLM(builtin, **kw) as plain:
+        want = plain.generate(prompts, params, use_tqdm=False)
+        ids = [plain.engine.tokenizer.encode(p) for p in prompts]
+        vocab = plain.engine.config.model.vocab_size
+    ref = {tuple(i): w.outputs[0].token_ids for i, w in zip(ids, want)}
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, ref, 0.6, vocab=vocab, seed=4)}
+    with LLM(builtin, speculative_config=spec, **kw) as llm:
+        got = llm.generate(prompts, params, use_tqdm=False)
+        sd = llm.engine.stats().spec_decode
+    assert _tokens(got) == _tokens(want)
+    assert sd.num_accepted_tokens > 0 and sd.num_draft_tokens > sd.num_accepted_tokens
+    assert set(json.loads(got[0].outputs[0].text)) == {"color", "n"}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "dsv3", "glm", "gpt_oss"])
+def test_greedy_with_drafts_equals_plain_decoding_across_families(tiny_model, hf_tiny_model, tmp_path, family):
+    """Mixtral, DeepSeek-V3 (MLA), GLM-4-MoE and gpt-oss (sliding-window layers, sinks): greedy outputs with a
+    drafter that is right 60 % of the time equal decoding without one, chunked prefill and preemption in play."""
+    if family == "gpt_oss":
+        from tests.helpers.gpt_oss_checkpoints import gpt_oss_config
+
+        gpt_oss_config().save_pretrained(tmp_path)
+        # save_pretrained writes the config only: a dummy load makes the weights from it.
+        path, extra = str(tmp_path), dict(load_format="dummy")
+    else:
+        path = {"mixtral": lambda: tiny_model("mixtral_e5k3"), "dsv3": lambda: hf_tiny_model("dsv3_lora"),
+                "glm": lambda: hf_tiny_model("glm_bias")}[family]()
+        extra = {}
+    kw = dict(dtype="float64", max_model_len=128, max_num_batched_tokens=24, num_kv_blocks=16, block_size=4, **extra)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, detokenize=False)
+    with LLM(path, **kw) as plain:
+        vocab = plain.engine.config.model.vocab_size
+        rng = random.Random(11)
+        prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 28))] for _ in range(8)]
+        want = _tokens(plain.generate(prompts, params, use_tqdm=False))
+    ref = {tuple(p): w for p, w in zip(prompts, want)}
+    spec = {"method": "ngram", "num_speculative_tokens": 2,
+            "drafter_factory": functools.partial(OracleDrafter, ref, 0.6, vocab=vocab, seed=6)}
+    with LLM(path, speculative_config=spec, **kw) as llm:
+        got = _tokens(llm.generate(prompts, params, use_tqdm=False))
+        stats = llm.engine.stats()
+    assert got == want
+    assert stats.spec_decode.num_accepted_tokens > 0 and stats.num_preemptions_total > 0

@@ -7,7 +7,7 @@
   scratch over the request's whole sequence (fresh caches, one prefill each; no chunks, no verify steps, no scratch
   blocks), then chained as the drafter chains (its own output state and its last draft, one position on), in
   float64, on random weights (k = 3: two chained steps).
-- Requests the drafter leaves alone (penalties, logprobs) decode as without speculation; seeded sampling repeats.
+- Requests with penalties or logprobs decode as without speculation; seeded sampling repeats.
 - The drafter's device work makes no device→host sync (counted on CPU).
 - FP8 (online weights, fp8 KV cache) and load_format "dummy" run the MTP layer too; KV sizing counts its cache
   layer.
@@ -99,9 +99,9 @@ def test_greedy_with_mtp_drafts_equals_plain_decoding(checkpoints, plain, arch, 
     assert all(a >= b for a, b in zip(sd.accepted_per_position, sd.accepted_per_position[1:]))
 
 
-def test_requests_the_drafter_leaves_alone_and_seeded_sampling(checkpoints):
-    """Penalties and logprobs draft nothing and decode exactly as without speculation (their rows still run the
-    MTP layer's catch-up); sampled requests verify greedy drafts (q one-hot) and reproduce under a seed."""
+def test_penalties_logprobs_and_seeded_sampling(checkpoints):
+    """Requests with penalties or logprobs verify MTP drafts with those processors at every position and decode as
+    without speculation; sampled requests verify greedy drafts (q one-hot) and reproduce under a seed."""
     path = checkpoints("deepseek_v3", "bigram")
     prompts = [{"prompt_token_ids": p} for p in _prompts(4, seed=1)]
     params = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3),

@@ -125,7 +125,7 @@ def test_bitmask_unpacking_matches_xgrammar():
     import torch
     import xgrammar as xgr
 
-    from moelink.engine.rank.sampling_metadata import _unpack_bitmasks
+    from moelink.engine.rank.sampling_metadata import unpack_bitmasks as _unpack_bitmasks
 
     V = 77
     rng = np.random.default_rng(0)
