@@ -26,8 +26,8 @@ from moelink.engine.models.eagle3 import Eagle3Head
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.eagle3_loader import load_eagle3_head
 from moelink.engine.tools.eagle3_checkpoint import write_eagle3_checkpoint
-from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.ops import ReferenceKernels
+from tests.helpers.paged_meta import paged_meta
 
 CPU = torch.device("cpu")
 BLOCK = 4
@@ -92,16 +92,7 @@ def _reference(t: dict, cfg: dict, ids, g):
 
 
 def _meta(starts, lens, tables, num_blocks):
-    """Sequences whose tokens [start, start + len) run in this step, each over its block table."""
-    slots = [tables[s][q // BLOCK] * BLOCK + q % BLOCK for s, (a, n) in enumerate(zip(starts, lens))
-             for q in range(a, a + n)]
-    seq_lens = [a + n for a, n in zip(starts, lens)]
-    M = max(map(len, tables))
-    qsl = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
-    return AttentionMetadata(qsl, torch.tensor(seq_lens, dtype=torch.int32),
-                             torch.tensor([tb + [0] * (M - len(tb)) for tb in tables], dtype=torch.int32),
-                             torch.tensor(slots, dtype=torch.long), list(lens), seq_lens, max(lens), max(seq_lens),
-                             null_block=num_blocks)
+    return paged_meta(starts, lens, tables, num_blocks, BLOCK)
 
 
 def _target_tables(V: int, D: int):

@@ -26,11 +26,11 @@ from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import SafetensorsCheckpoint, load_plan
 from moelink.engine.tools.tiny_hf_model import add_mtp_layers
 from moelink.engine.tools.tiny_model import make_tiny_model
-from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.hf_checkpoints import VOCAB, hf_config
 from tests.helpers.parity import engine_greedy, prompts
+from tests.helpers.paged_meta import paged_meta
 
 CPU = torch.device("cpu")
 BLOCK = 4
@@ -143,16 +143,7 @@ def _reference(name: str, path: str, ids, hidden, L: int):
 
 
 def _meta(starts, lens, tables, num_blocks):
-    """Sequences whose tokens [start, start + len) run in this step, each over its block table."""
-    slots = [tables[s][q // BLOCK] * BLOCK + q % BLOCK for s, (a, n) in enumerate(zip(starts, lens))
-             for q in range(a, a + n)]
-    seq_lens = [a + n for a, n in zip(starts, lens)]
-    M = max(map(len, tables))
-    qsl = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
-    return AttentionMetadata(qsl, torch.tensor(seq_lens, dtype=torch.int32),
-                             torch.tensor([tb + [0] * (M - len(tb)) for tb in tables], dtype=torch.int32),
-                             torch.tensor(slots, dtype=torch.long), list(lens), seq_lens, max(lens), max(seq_lens),
-                             null_block=num_blocks)
+    return paged_meta(starts, lens, tables, num_blocks, BLOCK)
 
 
 @pytest.mark.parametrize("name", list(CASES))
