@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Optional
 from moelink.engine.api.provenance import git_commit as _git_commit
 
-from .server_process import start_server, stop_server
+from .server_process import free_port, start_server, stop_server
+from .spec_metrics import level_delta, scrape
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed: written only when --out names it
 RUNS_DIR = Path(__file__).resolve().parent / "runs"  # git-ignored: where runs go by default
@@ -79,6 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "the committed benchmarks/results/ files change only when --out "
                                                "names them)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--metrics-url", default=None,
+                   help="a running server's Prometheus endpoint (http://HOST:PORT/metrics), scraped around each "
+                        "level for speculative decoding's acceptance (default: none; with --model, the started "
+                        "server's own)")
 
 
 def output_path(out: Optional[str], device: str, now: Optional[datetime] = None) -> Path:
@@ -242,20 +247,40 @@ async def _run_all(ns, target: str) -> dict:
         await _closed_loop(client, prompts(4), ns.output_len, 4, "warmup")
         slo = dict(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2e_ms=ns.slo_e2e_ms)
         levels = []
+        spec = _SpecScrapes(ns.metrics_url)
         for c in _levels(ns.concurrency, int):
             t = time.perf_counter()
+            spec.begin()
             res = await _closed_loop(client, prompts(max(ns.num_requests, 4 * c)), ns.output_len, c, f"c{c}")
-            levels.append(dict(mode="closed_loop", concurrency=c, **summarize(res, ns.input_len, slo)))
+            levels.append(dict(mode="closed_loop", concurrency=c, **summarize(res, ns.input_len, slo), **spec.end()))
             print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
         for r in _levels(ns.rates, float):
             t = time.perf_counter()
+            spec.begin()
             res = await _poisson(client, prompts(max(ns.num_requests, int(2 * r))), ns.output_len, r, rng, f"r{r:g}")
-            levels.append(dict(mode="poisson", rate=r, **summarize(res, ns.input_len, slo)))
+            levels.append(dict(mode="poisson", rate=r, **summarize(res, ns.input_len, slo), **spec.end()))
             print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
         return dict(model=dict(name=info.served_model_name, architecture=info.architecture, dtype=info.dtype,
                                layers=info.num_layers, hidden=info.hidden_size, experts=info.num_experts,
                                top_k=info.num_experts_per_tok), device=info.device or "unknown", levels=levels,
                     slo=slo)
+
+
+class _SpecScrapes:
+    """Speculative decoding's counters around one level (benchmarks/spec_metrics.py); nothing without a URL."""
+
+    def __init__(self, url: Optional[str]):
+        self.url, self.before = url, None
+
+    def begin(self) -> None:
+        if self.url is not None:
+            self.before = scrape(self.url)
+
+    def end(self) -> dict:
+        if self.url is None:
+            return {}
+        delta = level_delta(self.before, scrape(self.url))
+        return {} if delta is None else dict(speculative=delta)
 
 
 def _row(lv: dict) -> str:
@@ -265,7 +290,9 @@ def _row(lv: dict) -> str:
             f"ITL p50/p99 {lv['itl_ms']['p50']:6.2f}/{lv['itl_ms']['p99']:6.2f} ms  "
             f"E2E p50/p99 {lv['e2e_ms']['p50']:7.1f}/{lv['e2e_ms']['p99']:7.1f} ms  "
             f"goodput {lv['goodput']:6.1f} req/s ({lv['goodput_fraction']:.0%})"
-            + (f"  errors {lv['errors']}" if lv["errors"] else ""))
+            + (f"  errors {lv['errors']}" if lv["errors"] else "")
+            + (f"  spec: {lv['speculative']['mean_accepted_length']:.2f} tok/step, "
+               f"{lv['speculative']['acceptance_rate']:.0%} accepted" if "speculative" in lv else ""))
 
 
 def markdown_table(result: dict) -> str:
@@ -324,7 +351,12 @@ def run_from_args(ns: argparse.Namespace) -> int:
     proc = None
     target = ns.target
     if ns.model is not None:
-        proc, target = start_server(ns.model, ns.serve_args)
+        serve_args = ns.serve_args
+        if ns.metrics_url is None and "--metrics-port" not in serve_args:
+            port = free_port()
+            serve_args = f"{serve_args} --metrics-port {port}".strip()
+            ns.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        proc, target = start_server(ns.model, serve_args)
         print(f"started moelink serve on {target} (pid {proc.pid})", flush=True)
     try:
         result = asyncio.run(_run_all(ns, target))

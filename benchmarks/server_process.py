@@ -5,6 +5,7 @@ from __future__ import annotations
 import selectors
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,14 @@ def start_server(model: str, extra: str = "", timeout_s: float = 120.0) -> tuple
                 return proc, addr
     stop_server(proc)
     raise RuntimeError(f"`moelink serve` did not start within {timeout_s:.0f} s")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server's --metrics-port; another process could take it before the
+    server binds, then the server refuses to start with a message naming the port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:

@@ -190,3 +190,38 @@ def test_greedy_with_drafts_equals_plain_decoding_across_families(tiny_model, hf
         stats = llm.engine.stats()
     assert got == want
     assert stats.spec_decode.num_accepted_tokens > 0 and stats.num_preemptions_total > 0
+
+
+def test_bench_serve_reads_each_levels_acceptance_from_the_metrics_endpoint(reference):
+    """`moelink bench-serve --metrics-url` (benchmarks/spec_metrics.py): two scrapes of a live /metrics endpoint
+    around some work give exactly the engine's own counters for that work."""
+    from moelink.benchmarks.spec_metrics import level_delta, scrape
+    from moelink.engine.core.metrics import start_metrics_server
+
+    path, prompts, params, want = reference
+    ref = {tuple(p): w for p, w in zip(prompts, want)}
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, ref, 0.7, vocab=64, seed=8)}
+    with _llm(path, spec) as llm:
+        metrics = EngineMetrics()
+        metrics.attach(llm.engine)
+        httpd = start_metrics_server(metrics.registry, "127.0.0.1", 0)
+        try:
+            url = f"http://127.0.0.1:{httpd.server_port}/metrics"
+            assert scrape(url) is None  # nothing verified yet: no spec-decode series
+            llm.generate([{"prompt_token_ids": p} for p in prompts[:6]], params, use_tqdm=False)
+            before = scrape(url)
+            first = llm.engine.stats().spec_decode.copy()
+            llm.generate([{"prompt_token_ids": p} for p in prompts[6:]], params, use_tqdm=False)
+            after = scrape(url)
+            total = llm.engine.stats().spec_decode
+        finally:
+            httpd.close()
+    assert (after["drafts"], after["draft_tokens"], after["accepted_tokens"]) == (
+        total.num_verify_rows, total.num_draft_tokens, total.num_accepted_tokens)
+    d = level_delta(before, after)
+    rows = total.num_verify_rows - first.num_verify_rows
+    accepted = total.num_accepted_tokens - first.num_accepted_tokens
+    assert d["verify_rows"] == rows and d["accepted_tokens"] == accepted
+    assert abs(d["mean_accepted_length"] - (1 + accepted / rows)) < 1e-12
+    assert len(d["acceptance_per_position"]) == 3 and d["acceptance_per_position"][0] >= d["acceptance_per_position"][2]
