@@ -224,6 +224,15 @@ def test_fused_moe_fp8_up_rows_on_a_block_boundary(T, E, K, D, I, dtype, block, 
 def _check_rows(got, want, dtype, what, seed, flips):
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     got64 = got.double().cpu()
+    # A float64 result beyond the output dtype's range (float16: 65504; random inputs reach it now and then) is
+    # rounded to +-inf or +-max by the kernel's store, as it must be: those rows are checked for that, not compared.
+    over = want.abs() > torch.finfo(dtype).max
+    if over.any():
+        limit = torch.finfo(dtype).max
+        assert ((got64[over].abs() >= limit) & (torch.sign(got64[over]) == torch.sign(want[over]))).all(), \
+            f"{what}: out-of-range values not rounded to +-inf (seed={seed})"
+        keep = ~over.any(1)
+        got64, want = got64[keep], want[keep]
     assert torch.isfinite(got64).all(), f"{what}: non-finite output (seed={seed})"
     if got64.numel() == 0:
         return
