@@ -31,6 +31,7 @@ TMA, the pointer it would have described: the choice is made by a constexpr `if`
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -225,7 +226,7 @@ def sorted_down_gemm(rows, num_rows_ptr, num_rows, epi, h_ops, w_ops, DOWN_LOOP:
 
 
 @dataclass(frozen=True)
-class WeightFormat:
+class WeightFormat(ABC):
     """A weight format's host side: what the pipeline (triton_moe.sorted_fused_moe) launches its two kernels (built
     on this scaffold) with. E local experts, I the intermediate size; a subclass adds its weight tensors.
 
@@ -253,10 +254,10 @@ class WeightFormat:
         """The buffers of h [rows, I] in sorted row order, as the down GEMM reads them (the h_ops tensors)."""
         return (common.workspace((rows, self.inter), x_TD.dtype, x_TD.device),)
 
+    @abstractmethod
     def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
         """(gate-up kernel, its format keyword arguments and constexprs)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
         """(down kernel, its format keyword arguments and constexprs)."""
-        raise NotImplementedError

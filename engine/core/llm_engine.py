@@ -366,15 +366,8 @@ class LLMEngine:
 
     def expert_load(self) -> ExpertLoadReport:
         """Raw expert-load counts since start: [MoE layer][expert] routed (token, expert) pairs."""
-        m = self.moe_metrics
-        return ExpertLoadReport(
-            moe_layers=tuple(self.config.model.sparse_layers), num_experts=m.num_experts,
-            top_k=self.config.model.top_k, world_size=self.world_size,
-            experts_on_ranks=tuple(tuple(e for e, _ in held) for held in self.experts_on_ranks()),
-            tokens_per_expert_LG=tuple(map(tuple, m.tokens_per_expert.tolist())),
-            bytes_dispatched=m.bytes_dispatched, bytes_combined=m.bytes_combined, steps=m.steps,
-            experts_on_ranks_per_layer=self.eplb.experts_on_ranks_per_layer() if self.eplb else (),
-            eplb=self.eplb.snapshot() if self.eplb else None)
+        return self.moe_metrics.report(self.config.model.sparse_layers, self.config.model.top_k,
+                                       self.experts_on_ranks(), self.eplb)
 
     def rank_stats(self) -> list[SchedulerStats]:
         return [s.stats() for s in self.schedulers]

@@ -57,6 +57,17 @@ class MoEMetrics(MoECounters):
             m["bytes"] += sum(s.bytes_dispatched for s in in_mode)
             m["wire_bytes"] += sum(s.wire_bytes for s in in_mode)
 
+    def report(self, moe_layers, top_k: int, experts_on_ranks: list, eplb) -> "ExpertLoadReport":
+        """These totals as the ExpertLoad RPC reports them: `experts_on_ranks[r]` is (expert, copies) per slot of
+        rank r; `eplb` the online-EPLB controller or None."""
+        return ExpertLoadReport(
+            moe_layers=tuple(moe_layers), num_experts=self.num_experts, top_k=top_k, world_size=self.world_size,
+            experts_on_ranks=tuple(tuple(e for e, _ in held) for held in experts_on_ranks),
+            tokens_per_expert_LG=tuple(map(tuple, self.tokens_per_expert.tolist())),
+            bytes_dispatched=self.bytes_dispatched, bytes_combined=self.bytes_combined, steps=self.steps,
+            experts_on_ranks_per_layer=eplb.experts_on_ranks_per_layer() if eplb else (),
+            eplb=eplb.snapshot() if eplb else None)
+
     def total_routed(self) -> int:
         """(token, expert) pairs routed so far: tokens × top-k × MoE layers."""
         return int(self.tokens_per_expert.sum())
