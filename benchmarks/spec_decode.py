@@ -1,6 +1,6 @@
 """Speculative decoding's speed against its acceptance: tokens per step, step time and decode tokens/s vs p.
 
-    python -m moelink.benchmarks.spec_decode [--model DIR [--load-format dummy]] [--batch 1 4 16]
+    python -m moelink.benchmarks.spec_decode [--model DIR [--load-format dummy] | --shape NAME] [--batch 1 4 16]
         [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--mtp] [--out benchmarks/results/spec_decode_<device>.json]
 
 A drafter of chosen acceptance (`OracleDrafter`: it proposes each request's known continuation, each draft right
@@ -14,7 +14,9 @@ p the expected tokens per verify row are (1 - p^(k+1)) / (1 - p). Per batch size
    then prices the drafter's cost).
 Reported: decode tokens/s, engine steps, tokens per request-step, mean accepted length, acceptance rate, ms per
 step, and the speed-up over both plain loops. Without --model a tiny Qwen3-MoE checkpoint is made (CPU);
-on a GPU give a full-size model directory with --load-format dummy (config.json alone).
+on a GPU give a full-size model directory with --load-format dummy (config.json alone), or `--shape
+qwen3-30b-a3b|deepseek-v2-lite`: their published config.json numbers (benchmarks/e2e_setup.py), random weights,
+as many layers as fit beside the largest batch's KV cache (engine_decode's rule), bf16.
 """
 from __future__ import annotations
 
@@ -111,10 +113,26 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
     return rows
 
 
+def _shape_dir(shape: str, tmp: Path, max_batch: int, max_len: int) -> str:
+    """A config.json directory of `shape` (benchmarks/e2e_setup.MODELS) with the layers that fit (engine_decode)."""
+    import torch
+
+    from .e2e_setup import MODELS, write_model_dir
+    from .engine_decode import pick_layers
+
+    hf = MODELS[shape][0]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layers = pick_layers(hf, max_batch, max_len, device) if device.type == "cuda" else 2
+    print(f"{shape}: {layers} of {hf['num_hidden_layers']} layers, random weights")
+    return str(write_model_dir(tmp / shape, hf, layers, max_len))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moelink.benchmarks.spec_decode", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: a tiny Qwen3-MoE made here)")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--shape", default=None, choices=["qwen3-30b-a3b", "deepseek-v2-lite"],
+                    help="a full-size model shape with random weights (instead of --model)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--p", type=float, nargs="+", default=[0.0, 0.5, 0.8, 1.0])
     ap.add_argument("--k", type=int, default=2)
@@ -130,13 +148,18 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
+        if args.shape is not None:
+            if args.model is not None:
+                ap.error("--shape and --model are exclusive: give one.")
+            model = _shape_dir(args.shape, Path(tmp), max(args.batch), 16 + args.tokens + 8)
+            args.load_format, args.dtype = "dummy", "bfloat16" if args.dtype == "float32" else args.dtype
+        elif model is None:
             from moelink.engine.tools.tiny_model import make_tiny_model
             model = str(make_tiny_model(Path(tmp) / "tiny", arch="qwen3_moe"))
         kw = dict(dtype=args.dtype, max_model_len=16 + args.tokens + 8, load_format=args.load_format,
                   max_num_seqs=max(args.batch))
         result = dict(commit=git_commit(), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                      model=args.model or "tiny qwen3_moe", k=args.k, tokens=args.tokens, mtp=args.mtp, batches={})
+                      model=args.model or (f"{args.shape} shape, random weights" if args.shape else "tiny qwen3_moe"), k=args.k, tokens=args.tokens, mtp=args.mtp, batches={})
         for b in args.batch:
             rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats, args.mtp)
             result["batches"][str(b)] = rows

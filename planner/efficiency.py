@@ -8,6 +8,10 @@ run — never fitted per calibration row. Link efficiency lives with the links
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .spec_cost import SpecCost
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class Efficiency:
         inside a CUDA graph -> 120 us.
     step_overhead_s: per forward step: sampling, scheduler hand-off and graph launch not hidden
         by CPU/GPU overlap, ~2 ms (SGLang/vLLM step traces at large batch).
+    spec: how an engine runs speculative (MTP) steps beyond the step model's device work
+        (planner/spec_cost.SpecCost: eager draft forwards, eager verify steps under EP, the serial loop's host
+        work); None: as the published engines do (graphed and overlapped), nothing beyond it.
     activation_passes: reads+writes of a token's hidden vector (bf16) per layer by the small
         kernels above, beyond the GEMMs' own traffic.
     tile_m: row tile of grouped GEMMs (Hopper wgmma / DeepGEMM BLOCK_M = 64): each expert's
@@ -53,6 +60,7 @@ class Efficiency:
     step_overhead_s: float = 2e-3
     activation_passes: int = 20
     tile_m: int = 64
+    spec: "SpecCost | None" = None
 
     def __post_init__(self) -> None:
         for name in ("gemm", "attention", "memory", "overlap_sm", "overlap_rdma"):

@@ -17,7 +17,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config import kv_sizing
 from ..config.model import ModelConfig
-from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture
+from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len
 from .device_stream import InlineStream, to_device, to_host
 from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from .loader import load_model
@@ -144,7 +144,10 @@ class ModelRunner:
             self.ep.all_to_all.begin_step(EPStepPlan(LOW_LATENCY, max(self.graph_sizes)))
         max_blocks = -(-self.cfg.max_model_len // self.block_size)
         graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.null_block, self.device,
-                              backend, sliding_table=self.kv_pairs is not None)
+                              backend, sliding_table=self.kv_pairs is not None,
+                              verify_len=verify_graph_len(self.cfg, self.num_speculative_tokens, self.block_size,
+                                                          self.ep, logger),
+                              max_context=self.cfg.max_model_len)
         t0 = time.perf_counter()
         graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
         if graphs.steps:
@@ -346,7 +349,12 @@ class ModelRunner:
     def _graph_batch(self, so: SchedulerOutput, query_lens: list[int], num_seqs: int) -> int | None:
         """The captured size this step replays, or None (eager). Under EP the driver chose it for every rank
         (the largest decode batch over ranks, `EPStepPlan.graph_batch`), so all ranks replay one size."""
-        if self.graphs is None or max(query_lens) != 1:
+        if self.graphs is None:
+            return None
+        q = query_lens[0]
+        if q > 1:  # a verify graph: every row the same 1 + k tokens (engine/rank/cuda_graph.py), one rank only
+            return self.graphs.size_for(num_seqs, q) if all(n == q for n in query_lens) else None
+        if max(query_lens) != 1:
             return None
         if self.ep is None:
             return self.graphs.size_for(num_seqs)
