@@ -106,8 +106,8 @@ MOELINK = EngineProfile(
                 tag="redundant"),
         Feature("NVFP4 experts / FP4 dispatch", NOT_BUILT, "precision fp4 refused", tag="fp4"),
         Feature("multi-token prediction (MTP) drafts, verified in one step", BUILT,
-                "issue 29: MTP drafter + verify step, greedy-exact and distribution-exact on CPU; drafts eager, "
-                "verify graphs on one rank, eager under EP, serial loop (planner/spec_cost.py prices those)",
+                "issue 29: MTP drafter + verify step, greedy-exact and distribution-exact on CPU; verify graphs "
+                "(low-latency under EP), drafts eager, serial loop (planner/spec_cost.py prices those)",
                 tag="mtp"),
         Feature("tensor-parallel attention", NOT_BUILT, "--attn-tp refused", tag="attn_tp"),
     ),

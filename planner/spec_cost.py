@@ -4,8 +4,8 @@ The step model prices a speculative decode step's device work the same for every
 sequence through every layer, plus k draft forwards (one decoder layer and the LM head each). What moelink adds
 on top is how it runs them (engine/rank/spec_verify.py, mtp_drafter.py, cuda_graph.py):
 - the drafter's k forwards run eagerly (kernel by kernel from the host), on every rank;
-- a verify step replays a CUDA graph on one rank (every row 1 + k tokens), and runs eagerly under expert
-  parallelism (each rank verifies its own draft counts);
+- a verify step replays a CUDA graph (every row 1 + k tokens; under expert parallelism in the low-latency mode,
+  whose default capacity holds max_num_seqs x (1 + k) tokens), priced as the step model prices any graph step;
 - speculative steps run the serial step loop, so the host's work per sequence is not hidden behind the device.
 
 Two measured numbers price those (`spec_cost`):
@@ -48,12 +48,9 @@ class SpecCost:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"SpecCost {name}={v!r} must be a finite number >= 0.")
 
-    def extra(self, layers: int, mtp_draft: int, batch_per_rank: int, ep: int) -> dict[str, float]:
+    def extra(self, mtp_draft: int, batch_per_rank: int) -> dict[str, float]:
         """Seconds a speculative decode step of `batch_per_rank` sequences adds, by cause (module docstring)."""
-        out = {"spec_host": self.host_s_per_seq * batch_per_rank, "spec_eager_drafts": self.eager_layer_s * mtp_draft}
-        if ep > 1:
-            out["spec_eager_verify"] = self.eager_layer_s * layers
-        return out
+        return {"spec_host": self.host_s_per_seq * batch_per_rank, "spec_eager_drafts": self.eager_layer_s * mtp_draft}
 
 
 def _json_files(results_dir: Path, pattern: str) -> list[tuple[Path, dict]]:

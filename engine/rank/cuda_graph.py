@@ -100,19 +100,16 @@ def graph_sizes_to_capture(sizes: tuple[int, ...], kernels, ep, two_batch_overla
     return tuple(sizes)
 
 
-def verify_graph_len(cfg, num_speculative_tokens: int, block_size: int, ep,
-                     log: logging.Logger = logger) -> int:
+def verify_graph_len(cfg, num_speculative_tokens: int, block_size: int, log: logging.Logger = logger) -> int:
     """Query tokens per row of the verify graphs a runner captures beside its decode graphs (1 + k), or 1 for
-    none (logged, with why): no speculation, expert parallelism (the driver picks one decode size for every rank;
-    ranks verify different draft counts), an fp8 MLA cache (its multi-token path widens with host lengths), or
-    1 + k past a block (a padding row must read only its first, null, table column)."""
+    none (logged, with why): no speculation, an fp8 MLA cache (its multi-token path widens with host lengths), or
+    1 + k past a block (a padding row must read only its first, null, table column). Under expert parallelism
+    the sizes are those whose b x (1 + k) tokens fit the low-latency capacity (`verify_sizes`)."""
     k = num_speculative_tokens
     if k < 1:
         return 1
     why_not = None
-    if ep is not None:
-        why_not = "under expert parallelism verify steps run eagerly (each rank verifies its own draft counts)"
-    elif cfg.attention.kind == "mla" and cfg.cache_dtype in FP8_CACHE_DTYPES:
+    if cfg.attention.kind == "mla" and cfg.cache_dtype in FP8_CACHE_DTYPES:
         why_not = "an fp8 MLA cache widens a multi-token step's context with host lengths"
     elif 1 + k > block_size:
         why_not = f"1 + k = {1 + k} tokens per row exceed a KV block ({block_size})"
@@ -120,6 +117,20 @@ def verify_graph_len(cfg, num_speculative_tokens: int, block_size: int, ep,
         log.info("verify graphs off: %s.", why_not)
         return 1
     return 1 + k
+
+
+def verify_sizes(sizes: tuple[int, ...], verify_len: int, ep, log: logging.Logger = logger) -> tuple[int, ...]:
+    """The decode sizes b whose verify graph (b x verify_len tokens) a runner captures: all of them on one rank;
+    under expert parallelism those within the low-latency capacity (a graph replays that mode's dispatch)."""
+    if verify_len < 2:
+        return ()
+    if ep is None:
+        return tuple(sizes)
+    cap = ep.all_to_all.decode_capacity
+    kept = tuple(b for b in sizes if b * verify_len <= cap)
+    if len(kept) < len(sizes):
+        log.info("verify graphs above the EP decode capacity %d tokens dropped (those steps run eagerly).", cap)
+    return kept
 
 
 class CapturedStep:
@@ -183,12 +194,12 @@ class DecodeGraphs:
 
     def __init__(self, model, kv_caches, sizes: tuple[int, ...], max_blocks_per_seq: int, null_block: int,
                  device: torch.device, backend, sliding_table: bool = False, verify_len: int = 1,
-                 max_context: int = 1):
+                 max_context: int = 1, verify_batch_sizes: tuple[int, ...] | None = None):
         """`sliding_table`: the sliding-window layers have their own block table (a second static table and
         slot buffer, read by those layers through ForwardContext.attn_sliding). `verify_len`: query tokens per
         row of a speculative verify step (1 + k) to capture beside the decode graphs (1: none); `max_context`:
         the longest context a row can have (max_model_len), the host bound the verify graphs are captured with
-        (module docstring)."""
+        (module docstring); `verify_batch_sizes`: the batch sizes of those (default: every decode size)."""
         if not sizes:
             raise ValueError("DecodeGraphs needs at least one batch size.")
         if verify_len < 1:
@@ -198,6 +209,9 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         self.null_block = null_block
         self.verify_len, self.max_context = verify_len, max(max_context, verify_len)
+        self.verify_sizes = tuple(sorted(self.sizes if verify_batch_sizes is None else verify_batch_sizes))
+        if not set(self.verify_sizes) <= set(self.sizes):
+            raise ValueError(f"verify_batch_sizes={self.verify_sizes} must be among the decode sizes {self.sizes}.")
         B, M, Q = self.max_batch, max_blocks_per_seq, verify_len
         TB = B * Q  # token rows of the largest graph
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.long, device=device)
@@ -270,9 +284,10 @@ class DecodeGraphs:
         a verify graph failed: decode graphs are the ones every step without drafts replays)."""
         before = self.backend.memory_in_use()
         with self.backend.device_guard():
-            self._capture_kind(self.steps, 1, "decode")
+            self._capture_kind(self.steps, 1, "decode", self.sizes)
             if self.verify_len > 1 and self.steps:
-                self._capture_kind(self.verify_steps, self.verify_len, "verify")
+                self._capture_kind(self.verify_steps, self.verify_len, "verify",
+                                   tuple(b for b in self.verify_sizes if b in self.steps))
             used = self.backend.memory_in_use() - before
         self.model.moe_stats.reset()
         self.sizes = tuple(sorted(self.steps))
@@ -283,8 +298,8 @@ class DecodeGraphs:
                     f"{', '.join(map(str, sorted(self.verify_steps))) or 'none'}" if self.verify_len > 1 else "",
                     used / 2**20)
 
-    def _capture_kind(self, steps: dict[int, CapturedStep], q: int, kind: str) -> None:
-        for b in reversed(self.sizes):
+    def _capture_kind(self, steps: dict[int, CapturedStep], q: int, kind: str, sizes: tuple[int, ...]) -> None:
+        for b in reversed(sizes):
             try:
                 self._forward(b, q)  # warm-up outside capture: Triton compiles, the allocator settles
                 step = self.backend.capture(lambda b=b, q=q: self._forward(b, q))

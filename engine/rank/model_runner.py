@@ -17,7 +17,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config import kv_sizing
 from ..config.model import ModelConfig
-from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len
+from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len, verify_sizes
 from .device_stream import InlineStream, to_device, to_host
 from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from .loader import load_model
@@ -143,11 +143,11 @@ class ModelRunner:
             # executor), each forward in the low-latency mode, so their dispatches pair up.
             self.ep.all_to_all.begin_step(EPStepPlan(LOW_LATENCY, max(self.graph_sizes)))
         max_blocks = -(-self.cfg.max_model_len // self.block_size)
+        verify_len = verify_graph_len(self.cfg, self.num_speculative_tokens, self.block_size, logger)
         graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.null_block, self.device,
                               backend, sliding_table=self.kv_pairs is not None,
-                              verify_len=verify_graph_len(self.cfg, self.num_speculative_tokens, self.block_size,
-                                                          self.ep, logger),
-                              max_context=self.cfg.max_model_len)
+                              verify_len=verify_len, max_context=self.cfg.max_model_len,
+                              verify_batch_sizes=verify_sizes(self.graph_sizes, verify_len, self.ep, logger))
         t0 = time.perf_counter()
         graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
         if graphs.steps:
@@ -352,8 +352,12 @@ class ModelRunner:
         if self.graphs is None:
             return None
         q = query_lens[0]
-        if q > 1:  # a verify graph: every row the same 1 + k tokens (engine/rank/cuda_graph.py), one rank only
-            return self.graphs.size_for(num_seqs, q) if all(n == q for n in query_lens) else None
+        if q > 1:  # a verify graph: every row the same 1 + k tokens (engine/rank/cuda_graph.py); under EP only
+            # in a low-latency step, each rank its own size (engine/contract/ep_step.py says why that is sound)
+            if not all(n == q for n in query_lens) or (self.ep is not None and not (
+                    so.ep_step is not None and so.ep_step.mode == LOW_LATENCY)):
+                return None
+            return self.graphs.size_for(num_seqs, q)
         if max(query_lens) != 1:
             return None
         if self.ep is None:

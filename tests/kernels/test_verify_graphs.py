@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.rank.cuda_graph import EagerReplay, verify_graph_len
+from moelink.engine.rank.cuda_graph import EagerReplay, verify_graph_len, verify_sizes
 
 from moelink.benchmarks.spec_decode import OracleDrafter
 
@@ -90,14 +90,58 @@ def test_verify_steps_replay_graphs_and_match_eager(tiny_model, kdev):
 def test_verify_graphs_stay_off_where_they_cannot_be_right(caplog):
     caplog.set_level(logging.INFO)
     gqa = SimpleNamespace(attention=SimpleNamespace(kind="gqa"), cache_dtype=None)
-    assert verify_graph_len(gqa, 0, 16, None) == 1  # no speculation: decode graphs only
-    assert verify_graph_len(gqa, 3, 16, None) == 4
-    assert verify_graph_len(gqa, 3, 16, object()) == 1
-    assert "under expert parallelism verify steps run eagerly" in caplog.text
-    assert verify_graph_len(gqa, 16, 16, None) == 1
+    assert verify_graph_len(gqa, 0, 16) == 1  # no speculation: decode graphs only
+    assert verify_graph_len(gqa, 3, 16) == 4
+    assert verify_graph_len(gqa, 16, 16) == 1
     assert "exceed a KV block (16)" in caplog.text
     mla_fp8 = SimpleNamespace(attention=SimpleNamespace(kind="mla"), cache_dtype=torch.float8_e4m3fn)
-    assert verify_graph_len(mla_fp8, 2, 16, None) == 1
+    assert verify_graph_len(mla_fp8, 2, 16) == 1
     assert "fp8 MLA cache" in caplog.text
     mla = SimpleNamespace(attention=SimpleNamespace(kind="mla"), cache_dtype=torch.bfloat16)
-    assert verify_graph_len(mla, 2, 16, None) == 3
+    assert verify_graph_len(mla, 2, 16) == 3
+    # Under expert parallelism: the sizes whose b x (1 + k) tokens fit the low-latency capacity.
+    ep = SimpleNamespace(all_to_all=SimpleNamespace(decode_capacity=8))
+    assert verify_sizes((1, 2, 4), 3, None) == (1, 2, 4)
+    assert verify_sizes((1, 2, 4), 3, ep) == (1, 2)
+    assert "verify graphs above the EP decode capacity 8 tokens dropped" in caplog.text
+    assert verify_sizes((1, 2, 4), 1, ep) == ()
+
+
+@pytest.mark.slow
+def test_verify_graphs_under_ep_replay_in_low_latency(tiny_model, kdev):
+    """Expert parallelism on the two-mode path (torch_padded at world size 1: real dispatch and combine) with
+    speculation: verify steps within the decode capacity run low-latency and replay verify graphs (sizes whose
+    b x 3 tokens fit the capacity 12: all three here); outputs equal plain decoding."""
+    if kdev.type != "cpu":
+        pytest.skip("CPU stand-in for the capture")
+    path = tiny_model("qwen3_e6k3")
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (4, 21, 11, 7)]
+    params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+
+    def tokens(llm):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs]
+
+    with _llm(path) as plain:
+        want = tokens(plain)
+    spec = {"method": "ngram", "num_speculative_tokens": K,
+            "drafter_factory": functools.partial(OracleDrafter, dict(zip(map(tuple, prompts), want)), 0.8,
+                                                 vocab=400, seed=2)}
+    with LLM(path, dtype="float32", device="cpu", kernels="triton", max_num_seqs=6, max_num_batched_tokens=64,
+             num_kv_blocks=64, block_size=8, max_model_len=128, enable_prefix_caching=False, skip_warmup=True,
+             all_to_all="torch_padded", ep_decode_capacity=12, speculative_config=spec) as llm:
+        runner = llm.engine.executor.worker.runner
+        runner.graph_sizes, runner.graph_backend = (1, 2, 4), EagerReplay()
+        runner._capture_graphs()
+        assert set(runner.graphs.steps) == set(runner.graphs.verify_steps) == {1, 2, 4}
+        modes = []
+        for b, step in runner.graphs.verify_steps.items():
+            def counting(inner=step.replay, b=b):
+                modes.append((b, runner.ep.all_to_all.mode.name))
+                return inner()
+
+            step.replay = counting
+        got = tokens(llm)
+    assert modes and {m for _, m in modes} == {"low_latency"}, modes
+    assert got == want
