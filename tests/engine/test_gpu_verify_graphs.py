@@ -14,6 +14,8 @@ from moelink.engine import LLM, SamplingParams
 
 from moelink.benchmarks.spec_decode import OracleDrafter
 
+from tests.helpers.graph_replays import count_replays
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiled kernels only")]
 
@@ -29,16 +31,8 @@ def test_verify_graphs_replay_and_match_eager(tiny_model, hf_tiny_model, name):
 
     def run(**kw):
         with LLM(path, **engine, **kw) as llm:
-            verify = {}
             graphs = llm.engine.executor.worker.runner.graphs
-            for b, step in (graphs.verify_steps.items() if graphs is not None else ()):
-                verify[b] = 0
-
-                def counting(inner=step.replay, b=b):
-                    verify[b] += 1
-                    return inner()
-
-                step.replay = counting
+            verify = count_replays(graphs, verify=True) if graphs is not None else {}
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             return [o.outputs[0].token_ids for o in outs], verify
 

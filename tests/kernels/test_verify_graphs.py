@@ -22,6 +22,8 @@ from moelink.engine.rank.cuda_graph import EagerReplay, verify_graph_len, verify
 
 from moelink.benchmarks.spec_decode import OracleDrafter
 
+from tests.helpers.graph_replays import count_replays
+
 K = 2  # drafts per step: verify rows of 3 tokens
 
 
@@ -29,20 +31,6 @@ def _llm(path, spec=None):
     return LLM(path, dtype="float32", device="cpu", kernels="triton", max_num_seqs=6, max_num_batched_tokens=64,
                num_kv_blocks=64, block_size=8, max_model_len=128, enable_prefix_caching=False, skip_warmup=True,
                speculative_config=spec)
-
-
-def _count(steps: dict) -> dict[int, int]:
-    """Wrap each captured step of `steps` ({batch: CapturedStep}) so its replays are counted."""
-    replays = {b: 0 for b in steps}
-    for b, step in steps.items():
-        inner = step.replay
-
-        def counting(inner=inner, b=b):
-            replays[b] += 1
-            return inner()
-
-        step.replay = counting
-    return replays
 
 
 @pytest.mark.slow
@@ -73,7 +61,7 @@ def test_verify_steps_replay_graphs_and_match_eager(tiny_model, kdev):
         assert graphs is not None and graphs.verify_len == 1 + K
         assert set(graphs.steps) == {1, 2, 4} and set(graphs.verify_steps) == {1, 2, 4}
         assert not runner.model.moe_stats.counts_LG.any(), "capture runs must not count as traffic"
-        decode, verify = _count(graphs.steps), _count(graphs.verify_steps)
+        decode, verify = count_replays(graphs), count_replays(graphs, verify=True)
         got = run(llm)
         # Padding wrote no KV: the null block (last) is still zero in every cache tensor.
         for layer in runner.kv_caches:
