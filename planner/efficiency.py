@@ -7,11 +7,29 @@ run — never fitted per calibration row. Link efficiency lives with the links
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .spec_cost import SpecCost
+
+@dataclass(frozen=True)
+class SpecCost:
+    """What an engine's speculative (MTP) steps cost beyond the step model's device work: the drafts' forwards
+    run eagerly (`eager_layer_s` per draft: one layer launched from the host, over its graph replay) and the
+    serial loop's host work (`host_s_per_seq` per sequence and step). planner/spec_cost.py measures moelink's."""
+
+    eager_layer_s: float
+    host_s_per_seq: float
+    text: str  # where both came from, one sentence for `moelink plan`
+
+    def __post_init__(self) -> None:
+        for name in ("eager_layer_s", "host_s_per_seq"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"SpecCost {name}={v!r} must be a finite number >= 0.")
+
+    def extra(self, mtp_draft: int, batch_per_rank: int) -> dict[str, float]:
+        """Seconds a speculative decode step of `batch_per_rank` sequences adds, by cause."""
+        return {"spec_host": self.host_s_per_seq * batch_per_rank, "spec_eager_drafts": self.eager_layer_s * mtp_draft}
 
 
 @dataclass(frozen=True)
@@ -60,7 +78,7 @@ class Efficiency:
     step_overhead_s: float = 2e-3
     activation_passes: int = 20
     tile_m: int = 64
-    spec: "SpecCost | None" = None
+    spec: SpecCost | None = None
 
     def __post_init__(self) -> None:
         for name in ("gemm", "attention", "memory", "overlap_sm", "overlap_rdma"):

@@ -23,34 +23,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
+from .efficiency import SpecCost
 from .kernels import RESULTS_DIR
 
 # Fallbacks: the H100 measurement of 2026-11-22 (engine_decode, Qwen3-30B-A3B shape, 40 layers: 0.85 ms per
 # layer eager over graph) and the CPU host-time measurement of 2026-11-23 (4.9 us per sequence, serial loop).
 FALLBACK_EAGER_LAYER_S = 0.85e-3
 FALLBACK_HOST_S_PER_SEQ = 4.9e-6
-
-
-@dataclass(frozen=True)
-class SpecCost:
-    """What moelink's speculative steps cost beyond the step model's device work (module docstring)."""
-
-    eager_layer_s: float  # one decoder layer run eagerly, over its graph replay
-    host_s_per_seq: float  # the serial loop's host work per sequence and step
-    text: str  # where both came from, one sentence for `moelink plan`
-
-    def __post_init__(self) -> None:
-        for name in ("eager_layer_s", "host_s_per_seq"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"SpecCost {name}={v!r} must be a finite number >= 0.")
-
-    def extra(self, mtp_draft: int, batch_per_rank: int) -> dict[str, float]:
-        """Seconds a speculative decode step of `batch_per_rank` sequences adds, by cause (module docstring)."""
-        return {"spec_host": self.host_s_per_seq * batch_per_rank, "spec_eager_drafts": self.eager_layer_s * mtp_draft}
 
 
 def _json_files(results_dir: Path, pattern: str) -> list[tuple[Path, dict]]:
