@@ -25,9 +25,13 @@ def known_written(req: Request, num_written: int | None) -> int:
 class KVCacheManager:
     """Owns the `BlockPool` and the block table of every request holding blocks."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 drop_last_hit_block: bool = False) -> None:
+        """drop_last_hit_block: prefix hits leave out their last block (CacheConfig.drop_last_hit_block: a
+        drafter's cache layer is written from the next token)."""
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.drop_last_hit_block = drop_last_hit_block
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self._blocks: dict[str, list[int]] = {}
         # How many leading blocks of a request are registered (or known to be
@@ -84,8 +88,12 @@ class KVCacheManager:
             return [], 0
         max_blocks = (req.num_tokens - 1) // self.block_size
         extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, max_blocks)
-        hits = self.pool.find_cached_blocks(req.block_hashes, max_blocks)
+        hits = self.usable_hits(self.pool.find_cached_blocks(req.block_hashes, max_blocks))
         return hits, len(hits) * self.block_size
+
+    def usable_hits(self, hits: list[int]) -> list[int]:
+        """The hit blocks a request reuses: all, or all but the last (`drop_last_hit_block`)."""
+        return hits[:-1] if self.drop_last_hit_block and hits else hits
 
     def num_blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)

@@ -52,8 +52,8 @@ class SlidingKVCacheManager(KVCacheManager):
     """`KVCacheManager` with a second, sliding-window block table per request (module docstring)."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, window: int,
-                 max_chunk_tokens: int) -> None:
-        super().__init__(num_blocks, block_size, enable_prefix_caching)
+                 max_chunk_tokens: int, drop_last_hit_block: bool = False) -> None:
+        super().__init__(num_blocks, block_size, enable_prefix_caching, drop_last_hit_block)
         self.window = window
         self.max_chunk_tokens = max_chunk_tokens
         self._sliding: dict[str, list[int]] = {}
@@ -111,7 +111,7 @@ class SlidingKVCacheManager(KVCacheManager):
         bs = self.block_size
         max_blocks = (req.num_tokens - 1) // bs
         extend_block_hashes(req.block_hashes, req.all_token_ids, bs, max_blocks)
-        full = self.pool.find_cached_blocks(req.block_hashes, max_blocks)
+        full = self.usable_hits(self.pool.find_cached_blocks(req.block_hashes, max_blocks))
         for k in range(len(full), 0, -1):  # shorten the hit until the sliding group has its window
             s0 = first_live_sliding_block(k * bs, self.window, bs)
             tagged = [sliding_block_hash(h) for h in req.block_hashes[s0:k]]
