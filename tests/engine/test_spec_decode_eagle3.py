@@ -27,6 +27,7 @@ from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank import chain_drafter
 from moelink.engine.rank.eagle3_loader import load_eagle3_head
 from moelink.engine.rank.step_handle import StepHandle
+from moelink.engine.rank.step_plan import TwoBatchOverlap
 from moelink.engine.tools.eagle3_checkpoint import write_eagle3_checkpoint
 from moelink.kernels.ops import ReferenceKernels
 
@@ -76,13 +77,15 @@ def _prompts(vocab: int, n: int = 10, seed: int = 0, shared: bool = True) -> lis
 
 
 def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16, shared: bool = True,
-              **kw) -> tuple[list, object]:
+              step_plan=None, **kw) -> tuple[list, object]:
     # A 32-token budget chunks the longer prompts; 40 blocks of 4 tokens cannot hold all ten requests: preemptions.
     args = dict(dtype=dtype, max_model_len=256, max_num_batched_tokens=32, num_kv_blocks=40, block_size=4,
                 enable_prefix_caching=True, speculative_config=spec)
     args.update(kw)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
     with LLM(path, **args) as llm:
+        if step_plan is not None:  # one rank in-process: the plan runs every stage, no all-to-all
+            llm.engine.executor.worker.runner.step_plan = step_plan
         prompts = _prompts(llm.engine.config.model.vocab_size, shared=shared)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
@@ -170,14 +173,17 @@ class _Oracle:
         return out
 
 
-@pytest.mark.parametrize("target,head", [("qwen3", "random"), ("mixtral", "random"), ("mixtral", "bigram")])
-def test_eagle3_drafts_equal_the_head_run_over_the_whole_sequence(checkpoints, plain, target, head, monkeypatch):
+@pytest.mark.parametrize("target,head,plan", [("qwen3", "random", "single"), ("mixtral", "random", "single"),
+                                              ("mixtral", "bigram", "single"), ("qwen3", "random", "two_batch")])
+def test_eagle3_drafts_equal_the_head_run_over_the_whole_sequence(checkpoints, plain, target, head, plan,
+                                                                  monkeypatch):
     """Random heads: drafts depend on every part of the head (its KV cache, the three captured states through fc)
     but are seldom accepted; the bigram head: accepted often, so the accepted lengths (which position drafts) are
     in play too. Prefix caching is on (preempted requests hit their own blocks) but no two prompts share a
     prefix: a block another request cached holds, at its last slot, the head's state for THAT request's next
     token (the block's hash does not cover it), so drafts after such a hit may differ from a from-scratch run
-    (the outputs stay exact: test_greedy_with_eagle3_drafts_equals_plain_decoding)."""
+    (the outputs stay exact: test_greedy_with_eagle3_drafts_equals_plain_decoding). "two_batch": the forward runs
+    as two micro-batches (engine/rank/step_plan.TwoBatchOverlap), each capturing its own states, joined back."""
     path, head_path = checkpoints(target, head)
     k = 3
     seen: list[tuple[list[int], list[int]]] = []
@@ -191,7 +197,8 @@ def test_eagle3_drafts_equal_the_head_run_over_the_whole_sequence(checkpoints, p
     monkeypatch.setattr(StepHandle, "_draft", spy)
     # Scratch for one row at first: steps with more rows grow the head's cache (its real blocks kept) mid-run.
     monkeypatch.setattr(chain_drafter, "SCRATCH_ROWS", 1)
-    got, stats = _generate(path, _spec(head_path, k), dtype="float64", shared=False)
+    got, stats = _generate(path, _spec(head_path, k), dtype="float64", shared=False,
+                           step_plan=TwoBatchOverlap() if plan == "two_batch" else None)
     assert got == plain(target, "float64", shared=False)
     assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0 and len(seen) > 50
     if head == "bigram":
