@@ -65,6 +65,8 @@ class DraftLayer(Protocol):
     cache_dtype: torch.dtype
     # Main-model layer counts after which the residual stream is captured for `condition` (empty: none).
     aux_layers: tuple[int, ...]
+    # Whether it holds routed experts (MTP): under EP it then joins its peers' collectives every step.
+    has_experts: bool
 
     def condition(self, h_TD: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
         """The catch-up's conditioning states [T, D] from the main model's final-normed `h_TD` and its captured
@@ -75,8 +77,8 @@ class DraftLayer(Protocol):
     def greedy(self, y_RD: torch.Tensor) -> torch.Tensor:
         """int64 [R]: the target-vocabulary ids of the greedy drafts from the layer's output rows."""
 
-    def moe_only_stages(self) -> Stages | None:
-        """The layer's collectives alone (a rank with no rows), or None: the layer has none."""
+    def moe_only_stages(self) -> Stages:
+        """The layer's collectives alone (a rank with no rows); asked only when `has_experts`."""
 
 
 @dataclass
@@ -249,13 +251,10 @@ class ChainDrafter:
         self._moe_only(self.k - 1)
 
     def _moe_only(self, n: int) -> None:
-        if self.ep is None:
+        if self.ep is None or not self.draft_layer.has_experts:  # a dense layer pairs nothing up
             return
         for _ in range(n):
-            stages = self.draft_layer.moe_only_stages()
-            if stages is None:
-                return
-            run_stages(stages)
+            run_stages(self.draft_layer.moe_only_stages())
 
 
 __all__ = ["ChainDrafter", "ChainPlan", "DraftLayer", "SCRATCH_ROWS"]

@@ -31,6 +31,8 @@ from .eagle3_loader import dummy_eagle3_head, load_eagle3_head
 class Eagle3DraftLayer:
     """An Eagle3Head as a chain drafter's DraftLayer (module docstring)."""
 
+    has_experts = False  # one dense Llama layer: no collective under expert parallelism
+
     def __init__(self, head: Eagle3Head, aux_layers: tuple[int, int, int], cache_dtype: torch.dtype):
         self.module = head
         self.kv_cache_index = head.self_attn.layer_idx
@@ -46,8 +48,8 @@ class Eagle3DraftLayer:
     def greedy(self, y_RD: torch.Tensor) -> torch.Tensor:
         return self.module.to_target_ids(self.module.compute_logits(y_RD).argmax(dim=-1))
 
-    def moe_only_stages(self) -> None:
-        return None  # dense: nothing to pair up with peers
+    def moe_only_stages(self):
+        raise AssertionError("an EAGLE-3 head is dense: it has no collectives to run (has_experts is False)")
 
 
 def load_draft_head(path: str, cfg: ModelConfig, model, kernels, device: torch.device, load_format: str = "auto",

@@ -69,6 +69,7 @@ class MTPDraftLayer:
     """The MTP layer as a chain drafter's DraftLayer (module docstring)."""
 
     aux_layers: tuple[int, ...] = ()
+    has_experts = True  # its MoE dispatches like a main layer's (module docstring)
 
     def __init__(self, cfg: ModelConfig, layer: MTPLayer):
         self.module = layer

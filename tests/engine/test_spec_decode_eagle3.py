@@ -228,11 +228,35 @@ def test_eagle3_drafting_reads_nothing_back_from_the_device(checkpoints, monkeyp
     assert counter.count == 0, counter.where
 
 
+@pytest.mark.parametrize("extra", [dict(quantization="fp8", fp8_block_size=[16, 16]), dict(kv_cache_dtype="fp8")],
+                         ids=["fp8_weights", "fp8_kv_cache"])
+def test_fp8_target_and_kv_cache(checkpoints, extra):
+    """An FP8 target (the head stays float: its linears are FloatLinear), or every cache layer in fp8, the head's
+    included."""
+    path, head = checkpoints("qwen3", "bigram")
+    want, _ = _generate(path, max_tokens=8, **extra)
+    got, stats = _generate(path, _spec(head, 2), max_tokens=8, **extra)
+    assert got == want and stats.spec_decode.num_accepted_tokens > 0
+
+
 def test_dummy_weights_run_the_head(checkpoints):
     path, head = checkpoints("mixtral", "random")
     want, _ = _generate(path, load_format="dummy", max_tokens=6)
     got, stats = _generate(path, _spec(head, 2), load_format="dummy", max_tokens=6)
     assert got == want and stats.spec_decode.num_draft_tokens > 0
+
+
+def test_head_rope_covers_the_targets_max_model_len(checkpoints):
+    """The head was trained at 64 positions (its max_position_embeddings); the target runs 300: so does its rope."""
+    path, head = checkpoints("qwen3", "random")
+    with LLM(path, dtype="float32", max_model_len=300, num_kv_blocks=64, block_size=4,
+             speculative_config=_spec(head, 2)) as llm:
+        drafter = llm.engine.executor.worker.runner.device_drafter
+        assert drafter.layer.self_attn.rope.table_PR.shape[0] == 300 and drafter.aux_layers == (2, 2, 1)
+        prompt = list(range(3, 103))  # positions past 64
+        out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=4),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
 
 
 def test_kv_sizing_counts_the_head_cache_layer(checkpoints):
