@@ -241,7 +241,7 @@ class EngineArgs:
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device, spec),
                             enable_prefix_caching=self.enable_prefix_caching,
                             sliding_window=kv_sliding_window(model_cfg),
-                            drop_last_hit_block=spec is not None and spec.runs_on_device)
+                            block_hash_lookahead=1 if spec is not None and spec.runs_on_device else 0)
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,

@@ -65,19 +65,19 @@ def checkpoints(tiny_model, tmp_path_factory):
     return get
 
 
-def _prompts(vocab: int, n: int = 10, seed: int = 0, shared: bool = True) -> list[list[int]]:
-    """Random prompts; with `shared`, every third starts with the one before's first 12 tokens (prefix-cache hits
-    across requests)."""
+def _prompts(vocab: int, n: int = 10, seed: int = 0) -> list[list[int]]:
+    """Random prompts; every third starts with the one before's first 12 tokens (prefix-cache hits across
+    requests)."""
     rng = random.Random(seed)
     out: list[list[int]] = []
     for i in range(n):
         p = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 40))]
-        out.append(out[-1][:12] + p if shared and i % 3 == 2 and len(out[-1]) >= 12 else p)
+        out.append(out[-1][:12] + p if i % 3 == 2 and len(out[-1]) >= 12 else p)
     return out
 
 
-def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16, shared: bool = True,
-              step_plan=None, **kw) -> tuple[list, object]:
+def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16, step_plan=None,
+              **kw) -> tuple[list, object]:
     # A 32-token budget chunks the longer prompts; 40 blocks of 4 tokens cannot hold all ten requests: preemptions.
     args = dict(dtype=dtype, max_model_len=256, max_num_batched_tokens=32, num_kv_blocks=40, block_size=4,
                 enable_prefix_caching=True, speculative_config=spec)
@@ -86,7 +86,7 @@ def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16
     with LLM(path, **args) as llm:
         if step_plan is not None:  # one rank in-process: the plan runs every stage, no all-to-all
             llm.engine.executor.worker.runner.step_plan = step_plan
-        prompts = _prompts(llm.engine.config.model.vocab_size, shared=shared)
+        prompts = _prompts(llm.engine.config.model.vocab_size)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
 
@@ -99,10 +99,10 @@ def _spec(head: str, k: int) -> dict:
 def plain(checkpoints):
     cache: dict = {}
 
-    def get(target: str, dtype: str = "float32", shared: bool = True) -> list:
-        if (target, dtype, shared) not in cache:
-            cache[target, dtype, shared] = _generate(checkpoints(target, "bigram")[0], dtype=dtype, shared=shared)[0]
-        return cache[target, dtype, shared]
+    def get(target: str, dtype: str = "float32") -> list:
+        if (target, dtype) not in cache:
+            cache[target, dtype] = _generate(checkpoints(target, "bigram")[0], dtype=dtype)[0]
+        return cache[target, dtype]
 
     return get
 
@@ -179,11 +179,10 @@ def test_eagle3_drafts_equal_the_head_run_over_the_whole_sequence(checkpoints, p
                                                                   monkeypatch):
     """Random heads: drafts depend on every part of the head (its KV cache, the three captured states through fc)
     but are seldom accepted; the bigram head: accepted often, so the accepted lengths (which position drafts) are
-    in play too. Prefix caching is on (preempted requests hit their own blocks) but no two prompts share a
-    prefix: a block another request cached holds, at its last slot, the head's state for THAT request's next
-    token (the block's hash does not cover it), so drafts after such a hit may differ from a from-scratch run
-    (the outputs stay exact: test_greedy_with_eagle3_drafts_equals_plain_decoding). "two_batch": the forward runs
-    as two micro-batches (engine/rank/step_plan.TwoBatchOverlap), each capturing its own states, joined back."""
+    in play too. Prefix caching is on, prompts share prefixes and preempted requests hit their own blocks: a hit
+    block's last slot holds the head's state for the token after it, which its hash covers (block_hash_lookahead),
+    so a from-scratch run must give the same drafts. "two_batch": the forward runs as two micro-batches
+    (engine/rank/step_plan.TwoBatchOverlap), each capturing its own states, joined back."""
     path, head_path = checkpoints(target, head)
     k = 3
     seen: list[tuple[list[int], list[int]]] = []
@@ -197,9 +196,9 @@ def test_eagle3_drafts_equal_the_head_run_over_the_whole_sequence(checkpoints, p
     monkeypatch.setattr(StepHandle, "_draft", spy)
     # Scratch for one row at first: steps with more rows grow the head's cache (its real blocks kept) mid-run.
     monkeypatch.setattr(chain_drafter, "SCRATCH_ROWS", 1)
-    got, stats = _generate(path, _spec(head_path, k), dtype="float64", shared=False,
+    got, stats = _generate(path, _spec(head_path, k), dtype="float64",
                            step_plan=TwoBatchOverlap() if plan == "two_batch" else None)
-    assert got == plain(target, "float64", shared=False)
+    assert got == plain(target, "float64")
     assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0 and len(seen) > 50
     if head == "bigram":
         assert stats.spec_decode.acceptance_rate > 0.3
