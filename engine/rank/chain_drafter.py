@@ -104,7 +104,6 @@ class ChainDrafter:
     (positions are capped below it); `ep`: the rank's expert parallelism, or None."""
 
     on_device = True
-    num_cache_layers = 1
 
     def __init__(self, draft_layer: DraftLayer, max_model_len: int, device: torch.device, ep, k: int,
                  block_size: int):

@@ -1,7 +1,7 @@
 """Speculative decoding with an EAGLE-3 head (method "eagle3", engine/rank/eagle3_drafter.py), one rank.
 
-- Greedy outputs with EAGLE-3 drafts are token-identical to decoding without speculation (Qwen3-MoE and Mixtral
-  tiny targets of 4 layers), k = 1 and 3, with chunked prefill, preemption and prefix caching in play, with a head
+- Greedy outputs with EAGLE-3 drafts are token-identical to decoding without speculation (Qwen3-MoE, Mixtral and
+  DeepSeek-V3 tiny targets), k = 1 and 3, with chunked prefill, preemption and prefix caching in play, with a head
   built to guess the target's next token (tests.helpers.eagle3_heads.bigram_head), so drafts are accepted often
   and rejected too.
 - Every draft the engine produced equals an independent recomputation: the target run from scratch by
@@ -33,13 +33,13 @@ from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.eagle3_heads import bigram_head, scaled_target
 from tests.helpers.paged_meta import paged_meta
-from tests.helpers.tiny_configs import TINY_CONFIGS
+from tests.helpers.mtp_checkpoints import make_mtp_model
 
 CPU = torch.device("cpu")
-# The targets (4 layers: the default aux layers 2, 2, 1 exist) and the aux layer ids their heads name: Qwen3's
-# head takes the default rule; Mixtral's names layer outputs 0, 1, 3 (states after 1, 2 and all 4 layers: the
-# last before the final norm).
-TARGETS = {"qwen3": ("qwen3_e6k3", None), "mixtral": ("mixtral_e5k3", [0, 1, 3])}
+# The targets and the aux layer ids their heads name: Qwen3 (4 layers) takes the default rule (the inputs of
+# layers 2, 2, 1); Mixtral (4 layers) names layer outputs 0, 1, 3 (states after 1, 2 and all 4 layers: the last
+# before the final norm); DeepSeek-V3 (2 layers, MLA, with an MTP layer the head leaves alone) 0, 0, 1.
+TARGETS = {"qwen3": ("qwen3_e6k3", None), "mixtral": ("mixtral_e5k3", [0, 1, 3]), "dsv3": ("deepseek_v3", [0, 0, 1])}
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,15 @@ def checkpoints(tiny_model, tmp_path_factory):
     def get(target: str, head: str) -> tuple[str, str]:
         name, aux = TARGETS[target]
         if target not in built:
-            built[target] = scaled_target(tiny_model(name, num_layers=4), tmp_path_factory.mktemp(target) / "t")
+            src = (make_mtp_model(tmp_path_factory.mktemp(target) / "src", name) if target == "dsv3"
+                   else tiny_model(name, num_layers=4))
+            built[target] = scaled_target(src, tmp_path_factory.mktemp(target) / "t")
         if (target, head) not in built:
             out = tmp_path_factory.mktemp(f"{target}_{head}") / "head"
-            cfg = TINY_CONFIGS[name]
+            cfg = ModelConfig.from_pretrained(built[target])
             built[target, head] = (bigram_head(built[target], out, aux_layer_ids=aux) if head == "bigram" else
-                                   write_eagle3_checkpoint(out, vocab_size=cfg["vocab_size"], draft_vocab_size=200,
-                                                           target_hidden_size=cfg["hidden_size"], seed=3,
+                                   write_eagle3_checkpoint(out, vocab_size=cfg.vocab_size, draft_vocab_size=200,
+                                                           target_hidden_size=cfg.hidden_size, seed=3,
                                                            aux_layer_ids=aux, max_position_embeddings=64))
         return str(built[target]), str(built[target, head])
 
@@ -174,7 +176,8 @@ class _Oracle:
 
 
 @pytest.mark.parametrize("target,head,plan", [("qwen3", "random", "single"), ("mixtral", "random", "single"),
-                                              ("mixtral", "bigram", "single"), ("qwen3", "random", "two_batch")])
+                                              ("mixtral", "bigram", "single"), ("dsv3", "random", "single"),
+                                              ("qwen3", "random", "two_batch")])
 def test_eagle3_drafts_equal_the_head_run_over_the_whole_sequence(checkpoints, plain, target, head, plan,
                                                                   monkeypatch):
     """Random heads: drafts depend on every part of the head (its KV cache, the three captured states through fc)
