@@ -81,12 +81,19 @@ class ModelRunner:
                                                   block_size, load_format)
         self.drafter = self.device_drafter or make_drafter(speculative)
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
+        if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:
+            # A captured forward keeps no residual-stream states for an EAGLE-3 head (ForwardContext.aux is
+            # eager-only today): every step runs eagerly, so nothing is captured.
+            logger.info("CUDA graphs off: speculative method 'eagle3' reads residual-stream states that captured "
+                        "forwards do not keep.")
+            self.graph_sizes = ()
         self.graph_backend = graph_backend
         self.graphs: DecodeGraphs | None = None
+        # Before the cache: capturing graphs there sizes the verify graphs by it (cuda_graph.verify_graph_len).
+        self.num_speculative_tokens = speculative.num_speculative_tokens if speculative is not None else 0
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
-        self.num_speculative_tokens = speculative.num_speculative_tokens if speculative is not None else 0
         self.stream = stream if stream is not None else InlineStream()
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
@@ -363,8 +370,6 @@ class ModelRunner:
             return self.graphs.size_for(num_seqs, q)
         if max(query_lens) != 1:
             return None
-        if self.device_drafter is not None and self.device_drafter.aux_layers:
-            return None  # the captured graphs keep no residual-stream states for an EAGLE-3 head: eager
         if self.ep is None:
             return self.graphs.size_for(num_seqs)
         b = so.ep_step.graph_batch if so.ep_step is not None else None

@@ -261,6 +261,21 @@ def test_head_rope_covers_the_targets_max_model_len(checkpoints):
         assert len(out[0].outputs[0].token_ids) == 4
 
 
+def test_graphs_are_not_captured_for_a_head(checkpoints):
+    """A captured forward keeps no aux states (ForwardContext.aux is eager-only): with eagle3 the runner captures
+    no decode or verify graph, and every step runs eagerly (the others stay as they were)."""
+    from moelink.engine.config.speculative import SpeculativeConfig
+    from moelink.engine.rank.cuda_graph import EagerReplay
+    from moelink.engine.rank.model_runner import ModelRunner
+
+    path, head = checkpoints("qwen3", "random")
+    cfg = ModelConfig.from_pretrained(path, "float32")
+    for spec, sizes in ((None, (1, 2)), (_spec(head, 2), ())):
+        runner = ModelRunner(cfg, 4, None, CPU, kernels="triton", cuda_graph_sizes=(1, 2), graph_backend=EagerReplay(),
+                             speculative=SpeculativeConfig.parse(spec))
+        assert runner.graph_sizes == sizes
+
+
 def test_kv_sizing_counts_the_head_cache_layer(checkpoints):
     """The head's cache is its own GQA shape (2 kv heads x 8 dims: 32 values a token), not a target layer's."""
     path, head = checkpoints("qwen3", "random")
