@@ -12,6 +12,7 @@ ValueError naming the key and what is allowed.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Optional
 
@@ -108,7 +109,7 @@ class SpeculativeConfig:
         except ValueError as exc:
             raise ValueError(f"speculative_config.model={self.model!r}: {exc}") from None
         check_eagle3_target(head, model_cfg.vocab_size, model_cfg.hidden_size, model_cfg.num_layers)
-        return replace(self, model=path)
+        return replace(self, model=os.path.abspath(path))  # workers (Ray actors) may run in another directory
 
     @classmethod
     def parse(cls, value: "str | dict[str, Any] | SpeculativeConfig | None") -> "SpeculativeConfig | None":
