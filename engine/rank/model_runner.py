@@ -81,11 +81,8 @@ class ModelRunner:
                                                   block_size, load_format)
         self.drafter = self.device_drafter or make_drafter(speculative)
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
-        if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:
-            # A captured forward keeps no residual-stream states for an EAGLE-3 head (ForwardContext.aux is
-            # eager-only today): every step runs eagerly, so nothing is captured.
-            logger.info("CUDA graphs off: speculative method 'eagle3' reads residual-stream states that captured "
-                        "forwards do not keep.")
+        if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:  # EAGLE-3
+            logger.info("CUDA graphs off: an EAGLE-3 head reads states that a captured forward does not keep.")
             self.graph_sizes = ()
         self.graph_backend = graph_backend
         self.graphs: DecodeGraphs | None = None
@@ -308,7 +305,8 @@ class ModelRunner:
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/contract/ep_step.py)
             pending_P = self._pending_tokens(inp)
-            x = device_inputs(inp, pending_P, dev, self.null_block) if staged is None or draft_plan is not None else None
+            eager_inputs = staged is None or draft_plan is not None  # a drafter reads them after a replay too
+            x = device_inputs(inp, pending_P, dev, self.null_block) if eager_inputs else None
             # The states an EAGLE-3 head reads, kept by the forward itself (None: nothing kept, the normal path).
             aux = self.device_drafter.capture() if draft_plan is not None else None
             if staged is not None:

@@ -79,7 +79,8 @@ def bigram_head(target: str | Path, out: str | Path, *, leak: float = 0.05, draf
     p, a = "midlayer.self_attn.", 14.0
     eye = torch.eye(D)
     t.update({
-        "embed_tokens.weight": embed.clone(), "lm_head.weight": lm_head[target_ids].clone(), "norm.weight": norm.clone(),
+        "embed_tokens.weight": embed.clone(), "lm_head.weight": lm_head[target_ids].clone(),
+        "norm.weight": norm.clone(),
         "d2t": target_ids - torch.arange(len(target_ids)), "t2d": torch.zeros(V, dtype=torch.bool).index_fill_(
             0, target_ids, True),
         "midlayer.input_layernorm.weight": torch.ones(D), "midlayer.hidden_norm.weight": torch.full((D,), 0.05),
