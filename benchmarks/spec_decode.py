@@ -1,7 +1,8 @@
 """Speculative decoding's speed against its acceptance: tokens per step, step time and decode tokens/s vs p.
 
     python -m moelink.benchmarks.spec_decode [--model DIR [--load-format dummy] | --shape NAME] [--batch 1 4 16]
-        [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--mtp] [--out benchmarks/results/spec_decode_<device>.json]
+        [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--mtp] [--eagle3 HEAD_DIR]
+        [--out benchmarks/results/spec_decode_<device>.json]
 
 A drafter of chosen acceptance (`OracleDrafter`: it proposes each request's known continuation, each draft right
 with probability p and wrong otherwise) isolates the engine's verify path from any real drafter's quality: at
@@ -11,7 +12,8 @@ p the expected tokens per verify row are (1 - p^(k+1)) / (1 - p). Per batch size
 2. per p: the same requests with k drafts per step (greedy; outputs checked token-identical to 1);
 3. with --mtp (a checkpoint with MTP layers: DeepSeek-V3, GLM-4.5), the checkpoint's own drafter (method "mtp",
    engine/rank/mtp_drafter.py): its acceptance is the weights' (random under --load-format dummy: ~0, so the row
-   then prices the drafter's cost).
+   then prices the drafter's cost); with --eagle3 HEAD_DIR, an EAGLE-3 head for the model (method "eagle3",
+   engine/rank/eagle3_drafter.py; random under --load-format dummy, so the row prices the head's cost).
 Reported: decode tokens/s, engine steps, tokens per request-step, mean accepted length, acceptance rate, ms per
 step, and the speed-up over both plain loops. Without --model a tiny Qwen3-MoE checkpoint is made (CPU);
 on a GPU give a full-size model directory with --load-format dummy (config.json alone), or `--shape
@@ -72,7 +74,7 @@ def _run(llm, prompts, params, repeats: int = 1) -> tuple[list[list[int]], float
 
 
 def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine_kw: dict, repeats: int = 3,
-            mtp: bool = False) -> dict:
+            mtp: bool = False, eagle3: str | None = None) -> dict:
     from moelink.engine import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
@@ -92,6 +94,8 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
                              "drafter_factory": functools.partial(OracleDrafter, ref, p, vocab, 0)}) for p in ps]
     if mtp:
         runs.append(("mtp", None, {"method": "mtp", "num_speculative_tokens": k}))
+    if eagle3 is not None:
+        runs.append(("eagle3", None, {"method": "eagle3", "model": eagle3, "num_speculative_tokens": k}))
     for name, p, spec in runs:
         with LLM(model, speculative_config=spec, **engine_kw) as llm:
             _run(llm, prompts, params)
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     ap.add_argument("--mtp", action="store_true", help="also the checkpoint's MTP drafter (method mtp)")
+    ap.add_argument("--eagle3", default=None, metavar="HEAD_DIR",
+                    help="also an EAGLE-3 head for --model (method eagle3): its checkpoint directory")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if any(not 0.0 <= p <= 1.0 for p in args.p):
@@ -159,14 +165,15 @@ def main(argv: list[str] | None = None) -> None:
         kw = dict(dtype=args.dtype, max_model_len=16 + args.tokens + 8, load_format=args.load_format,
                   max_num_seqs=max(args.batch))
         result = dict(commit=git_commit(), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                      model=args.model or (f"{args.shape} shape, random weights" if args.shape else "tiny qwen3_moe"), k=args.k, tokens=args.tokens, mtp=args.mtp, batches={})
+                      model=args.model or (f"{args.shape} shape, random weights" if args.shape else "tiny qwen3_moe"),
+                      k=args.k, tokens=args.tokens, mtp=args.mtp, eagle3=args.eagle3, batches={})
         for b in args.batch:
-            rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats, args.mtp)
+            rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats, args.mtp, args.eagle3)
             result["batches"][str(b)] = rows
             print(f"batch {b}: plain {rows['plain']['tokens_per_s']:.0f} tok/s ({rows['plain']['ms_per_step']:.2f} "
                   f"ms/step), serial {rows['plain_serial']['tokens_per_s']:.0f} tok/s")
             for name, r in rows.items():
-                if name.startswith("p=") or name == "mtp":
+                if name.startswith("p=") or name in ("mtp", "eagle3"):
                     expected = f"{r['expected_length']:.2f}" if r["expected_length"] is not None else "-"
                     print(f"  {name}: {r['tokens_per_s']:.0f} tok/s, {r['mean_accepted_length']:.2f} tokens/row "
                           f"(expected {expected}), {r['ms_per_step']:.2f} ms/step, x{r['speedup_vs_plain']:.2f} "
