@@ -232,11 +232,16 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     server = MoelinkServer(engine, config)
     port = await server.start()
     gateway = None
+    gateway_watch = None
     try:
         if config.http_port is not None:
             from .gateway import start_managed_gateway
+            from .gateway_health import GatewayCollector, watch_gateway
 
             gateway = await start_managed_gateway(config, port, server.gateway_port)
+            gateway_watch = asyncio.create_task(watch_gateway(gateway, server.health))  # the HTTP face's health
+            if server.engine.metrics is not None:
+                server.engine.metrics.registry.register(GatewayCollector(gateway))
     except BaseException:
         await server.stop()
         raise
@@ -270,6 +275,7 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
         await server.wait_closed()
     finally:
         if gateway is not None:
+            gateway_watch.cancel()
             # After the drain: in-flight HTTP requests finished through the gateway before it goes.
             await gateway.stop()
     print("moelink: server stopped", flush=True)
