@@ -136,7 +136,9 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
          f"at most {SMALL_REQUEST_MAX_BYTES >> 10} KiB, refused before parsing", invalid),
         ("VllmEngine: `logit_bias`, `prompt_logprobs`, multimodal inputs", "not supported",
          invalid),
-        ("requests waiting for their first token", "`--max-queued-requests`, `--max-queued-tokens` (default: no limit)",
+        ("requests waiting for their first token", "`--max-queued-requests` (counts sequences: a request with n "
+                                                   "samples counts n), `--max-queued-tokens` (default: no limit); "
+                                                   "an empty queue admits one request of any size",
          "RESOURCE_EXHAUSTED"),
     ]
     lines = ["| field | limit | refused with |", "|---|---|---|"]
