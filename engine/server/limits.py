@@ -17,6 +17,14 @@ from ..contract.safe_text import MAX_SHOWN_CHARS
 # Whole-message cap of both listeners (ServerConfig.max_message_size): 64 MiB, so a 1M-token prompt of uint32
 # ids fits with room. Here, not in config.py, because the README table below renders it and config imports us.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+# The wire bounds of engine/server/wire_bounds.py (which says why each is what it is).
+OTHER_FIELD_MAX_BYTES = 64 << 10  # a Generate field that is not the prompt, the id or the sampling parameters
+SMALL_REQUEST_MAX_BYTES = 64 << 10  # a request of any method but Generate and Abort
+MAX_METADATA_BYTES = 16 << 10  # every header of a call together: gRPC refuses more before a handler runs
+# A text sent with VllmEngine's truncate_prompt_tokens may be longer than can fit (its tail is used), and a
+# text that cannot fit gets the precise INVALID_ARGUMENT of the pre-parse check: up to this much is received
+# whatever the model's bound (half the default --max-message-size).
+RECEIVE_FLOOR_BYTES = 32 << 20
 
 
 def _limit(default: int, proto_field: str, unit: str, help: str):
@@ -87,8 +95,6 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
 
     def flag(name):
         return f"`--{name.replace('_', '-')}`"
-
-    from .wire_bounds import MAX_METADATA_BYTES, OTHER_FIELD_MAX_BYTES, RECEIVE_FLOOR_BYTES, SMALL_REQUEST_MAX_BYTES
 
     invalid = "INVALID_ARGUMENT"
     rows = [

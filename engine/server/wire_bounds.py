@@ -27,17 +27,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .limits import RequestLimits
+from .limits import (  # noqa: F401 (re-exported: the limits live beside README's table, which renders them)
+    MAX_METADATA_BYTES, OTHER_FIELD_MAX_BYTES, RECEIVE_FLOOR_BYTES, SMALL_REQUEST_MAX_BYTES, RequestLimits,
+)
 
-OTHER_FIELD_MAX_BYTES = 64 << 10
-SMALL_REQUEST_MAX_BYTES = 64 << 10
-# Every header of a call together (the API key, smg's routing headers): gRPC refuses more before a handler runs.
-MAX_METADATA_BYTES = 16 << 10
 _UTF8_MAX = 4  # bytes per character
-# A text sent with VllmEngine's truncate_prompt_tokens may be longer than can fit (its tail is used), and a
-# text that cannot fit gets the precise INVALID_ARGUMENT of the pre-parse check: up to this much is received
-# whatever the model's bound (half the default --max-message-size).
-RECEIVE_FLOOR_BYTES = 32 << 20
 
 Scan = Callable[..., tuple[list[tuple[int, int, int, int]], bool]]
 
