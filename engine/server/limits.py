@@ -23,8 +23,9 @@ SMALL_REQUEST_MAX_BYTES = 64 << 10  # a request of any method but Generate and A
 MAX_METADATA_BYTES = 16 << 10  # every header of a call together: gRPC refuses more before a handler runs
 # A text sent with VllmEngine's truncate_prompt_tokens may be longer than can fit (its tail is used), and a
 # text that cannot fit gets the precise INVALID_ARGUMENT of the pre-parse check: up to this much is received
-# whatever the model's bound (half the default --max-message-size).
-RECEIVE_FLOOR_BYTES = 32 << 20
+# whatever the model's bound. Every message under it is received whole, so it is not larger than that needs:
+# room for a 16 MB text with its other fields.
+RECEIVE_FLOOR_BYTES = 20 << 20
 
 
 def _limit(default: int, proto_field: str, unit: str, help: str):
