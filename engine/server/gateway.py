@@ -4,12 +4,12 @@ vLLM's `serve` gives HTTP in one command; moelink speaks gRPC, and the smg gatew
 that into the OpenAI API. Rather than have the user learn and run a second program, the server starts
 smg in front of its own gRPC port, restarts it with backoff when it dies (quickly a few times, then
 slower, never giving up while the server runs: `not_serving()` says why the OpenAI API is down meanwhile,
-for health and metrics), and stops it by PID when the server stops. smg runs in its own process group so a Ctrl-C in the terminal reaches the
-server, which drains first and then stops smg: the gateway must outlive no request and no server. smg
-listens on loopback; the HTTP port is the server's own front (http_front.py), which hands smg the request
-fields it would drop and relays no control-plane route. smg's control plane takes an admin key made at start
-(gateway_admin.py); with it the supervisor checks that smg still lists moelink's worker, and registers it
-again when not.
+for health and metrics), and stops it by PID when the server stops. smg runs in its own process group so
+a Ctrl-C in the terminal reaches the server, which drains first and then stops smg: the gateway must
+outlive no request and no server. smg listens on loopback; the HTTP port is the server's own front
+(http_front.py), which hands smg the request fields it would drop and relays no control-plane route.
+smg's control plane takes an admin key made at start (gateway_admin.py); with it the supervisor checks
+that smg still lists moelink's worker, and registers it again when not.
 """
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ class GatewaySupervisor:
         """Why the OpenAI API cannot serve now (smg is down, or lists no worker of ours), or None."""
         if self._stopping:
             return "the OpenAI gateway is stopping."
-        if self.proc is None or self.proc.poll() is not None or (self._recover is not None and not self._recover.done()):
+        recovering = self._recover is not None and not self._recover.done()
+        if self.proc is None or self.proc.poll() is not None or recovering:
             return (f"the OpenAI gateway (smg) is not running; it is being restarted ({self.crashes} crashes so "
                     "far); gRPC still serves.")
         if self.worker_missing:

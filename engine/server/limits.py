@@ -101,7 +101,8 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
     rows = [
         ("any request", f"at most {DEFAULT_MAX_MESSAGE_SIZE >> 20} MiB (`--max-message-size`), and at most what the "
                         f"largest request within these limits needs (at least {RECEIVE_FLOOR_BYTES >> 20} MiB): "
-                        "refused by gRPC from the message's length prefix, before it is received", "RESOURCE_EXHAUSTED"),
+                        "refused by gRPC from the message's length prefix, before it is received",
+         "RESOURCE_EXHAUSTED"),
         ("any request's metadata (headers)", f"at most {MAX_METADATA_BYTES >> 10} KiB in all, refused by gRPC before "
                                              "any handler or key check", "RESOURCE_EXHAUSTED"),
         ("any request", "decodes as its protobuf message, every string valid UTF-8", invalid),
@@ -109,8 +110,8 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
                                        "top-level field occurrences (padding) is refused before parsing", invalid),
         ("`request_id`", f"at most {lim.max_request_id_chars} characters ({flag('max_request_id_chars')}); over "
                          f"{4 * lim.max_request_id_chars} bytes refused before parsing", invalid),
-        ("other `Generate` fields (multimodal inputs, KV transfer parameters)", f"at most {OTHER_FIELD_MAX_BYTES >> 10} "
-                                                                              "KiB each, refused before parsing", invalid),
+        ("other `Generate` fields (multimodal inputs, KV transfer parameters)",
+         f"at most {OTHER_FIELD_MAX_BYTES >> 10} KiB each, refused before parsing", invalid),
         ("`prompt` / `text`", "not empty; at most (max_model_len − 1) × B bytes, where B is the most bytes one "
                               "token of the model's tokenizer can stand for (refused before tokenizing, and before "
                               "parsing); with VllmEngine's `truncate_prompt_tokens` only the text's last "
@@ -154,7 +155,8 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
     lines.append("Every list is checked by its length before any of its entries is looked at, and every field of "
                  "every RPC is measured on the wire before the request is parsed (`engine/server/wire_bounds.py`). "
                  "The same checks hold on `--port` and on `--gateway-port`, with or without `--api-key`; a request "
-                 "without a valid `--api-key` is refused unparsed. Client values quoted in error messages and logs are cut to "
+                 "without a valid `--api-key` is refused unparsed. Client values quoted in error messages and logs are "
+                 "cut to "
                  f"{MAX_SHOWN_CHARS} characters, with control characters escaped (text logs quote fields "
                  "logfmt-style).")
     lines.append("")
