@@ -152,9 +152,12 @@ def test_huge_request_ids_do_not_stall_another_stream(spawn_server):
             for a in attackers:
                 a.kill()
                 a.wait(10)
+    with open(f"/proc/{srv.pid}/status") as f:
+        peak_mb = int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
     base = min(g for g, _ in alone)
     worst = max(g for g, _ in attacked)
     print(f"\nworst token gap alone {[round(g * 1000, 1) for g, _ in alone]} ms "
           f"({[round(r) for _, r in alone]} tok/s); with two 60 MB request_id and two 4 M-id Abort clients "
-          f"{[round(g * 1000, 1) for g, _ in attacked]} ms ({[round(r) for _, r in attacked]} tok/s)")
+          f"{[round(g * 1000, 1) for g, _ in attacked]} ms ({[round(r) for _, r in attacked]} tok/s); "
+          f"server peak RSS {peak_mb:.0f} MB")
     assert worst <= max(2 * base + 0.05, 0.25), (alone, attacked)
