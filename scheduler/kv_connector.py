@@ -54,6 +54,10 @@ class KVConnector(Protocol):
         """A load or save ended (ok) or failed. The scheduler has acted on it: a loaded request runs next, a
         failed load is recomputed, a saved request's blocks are released."""
 
+    # Optional: `load_params(req) -> object`, what the worker half needs to load `req`'s KV (a network transport:
+    # where it is saved and under which key), plain data carried in `KVTransfer.params`. A connector without it
+    # loads with params None (the in-host reference finds the KV by request id).
+
 
 class _InFlight(NamedTuple):
     transfer: KVTransfer
@@ -115,7 +119,8 @@ class KVTransfers:
         the connector to load the rest."""
         bs = self.kv.block_size
         first = num_hit // bs
-        t = self._transfer(req, num_tokens, first, ())
+        params = getattr(self.connector, "load_params", None)
+        t = self._transfer(req, num_tokens, first, (), None if params is None else params(req))
         self._hold(t, req)
         req.status = RequestStatus.WAITING_FOR_KV
         self.loading[req.request_id] = req
@@ -170,10 +175,11 @@ class KVTransfers:
         return self.take_report({tid: False for tid in list(self._in_flight)})
 
     # ------------------------------------------------------------------ helpers
-    def _transfer(self, req: Request, num_tokens: int, first_block: int, token_ids: tuple) -> KVTransfer:
+    def _transfer(self, req: Request, num_tokens: int, first_block: int, token_ids: tuple,
+                  params=None) -> KVTransfer:
         self._next_id += 1
         full, sliding = self.kv.transfer_tables(req.request_id, -(-num_tokens // self.kv.block_size))
-        return KVTransfer(self._next_id, req.request_id, full, num_tokens, first_block, sliding, token_ids)
+        return KVTransfer(self._next_id, req.request_id, full, num_tokens, first_block, sliding, token_ids, params)
 
     def _hold(self, t: KVTransfer, req: Request | None) -> None:
         refs = t.block_ids[t.first_block:] + [b for b in t.sliding_block_ids[t.first_block:] if b >= 0]

@@ -135,5 +135,8 @@ class _WorkerSide:
             done, self._done = self._done, {}
         return done or None
 
+    def close(self) -> None:
+        pass  # the store belongs to whoever made it
+
 
 __all__ = ["InHostKVConnector", "InHostKVStore"]
