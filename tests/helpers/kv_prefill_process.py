@@ -50,12 +50,11 @@ def main(spec: dict) -> None:
         if ep > 1:
             from tests.helpers.local_ray import local_ray
 
-            stack.enter_context(local_ray(num_cpus=2))
-            kw.update(expert_parallel_size=ep, executor="ray")
+            stack.enter_context(local_ray(num_cpus=4))
+            kw.update(expert_parallel_size=ep)  # on the Ray just started: the Ray executor
         llm = stack.enter_context(LLM(spec["model"], kv_connector=conn, **kw))
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
                                 kv_transfer_params=KVTransferParams(do_remote_decode=True))
-        first = []
         for i, p in enumerate(spec["prompts"]):
             llm.engine.add_request(f"p{i}", p, params)
         got = {}
