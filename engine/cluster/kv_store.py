@@ -44,13 +44,13 @@ class SavedKVStore:
             if old is not None:
                 self._bytes -= old[1].nbytes
                 self.counters.num_replaced += 1
+            if saved.nbytes > self.max_bytes:  # alone past the bound: never held (and nothing else dropped for it)
+                self.counters.num_evicted += 1
+                return
             while self._saved and self._bytes + saved.nbytes > self.max_bytes:
                 _, (_, evicted) = self._saved.popitem(last=False)
                 self._bytes -= evicted.nbytes
                 self.counters.num_evicted += 1
-            if saved.nbytes > self.max_bytes:  # alone past the bound: never held
-                self.counters.num_evicted += 1
-                return
             self._saved[key] = (self._clock(), saved)
             self._bytes += saved.nbytes
             self.counters.num_saved += 1
