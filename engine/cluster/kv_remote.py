@@ -157,6 +157,7 @@ class WorkerKVStats:
     num_failed: int = 0
     bytes_loaded: int = 0
     fetch_s: float = 0.0  # summed wall seconds of the successful fetches
+    loaded_from: dict = field(default_factory=dict)  # "host:port" -> loads it served (which prefill rank)
     failures: deque = field(default_factory=lambda: deque(maxlen=32))  # (request id, reason), the latest
 
 
@@ -207,6 +208,8 @@ class RemoteWorkerSide:
                     continue
                 with self._lock:
                     self.stats.fetch_s += time.monotonic() - t0
+                    where = f"{src.host}:{port}"
+                    self.stats.loaded_from[where] = self.stats.loaded_from.get(where, 0) + 1
                     self._arrived.append((t, kv, saved))
                 return
             self._fail(t, "; ".join(reasons))
