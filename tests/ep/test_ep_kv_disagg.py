@@ -15,8 +15,7 @@ import pytest
 from moelink.engine import LLM
 from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
 
-from tests.engine.test_kv_disagg_processes import (KW, MAX_NEW, READY_S, Decoder, PrefillProcess, _decode_params,
-                                                   _one_engine)
+from tests.helpers.kv_disagg import KW, MAX_NEW, READY_S, Decoder, PrefillProcess, decode_params, one_engine
 from tests.helpers.net import free_port
 from tests.helpers.parity import prompts
 
@@ -26,7 +25,7 @@ pytestmark = pytest.mark.slow
 def test_prefill_at_ep2_in_another_process_decode_on_one_rank(tiny_model):
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=21, n=4, lo=5, hi=19)
-    want = _one_engine(path, ps)
+    want = one_engine(path, ps)
     port = free_port()
     pre = PrefillProcess({"model": path, "port": port, "prompts": ps, "llm": KW, "ep": 2})
     try:
@@ -35,7 +34,7 @@ def test_prefill_at_ep2_in_another_process_decode_on_one_rank(tiny_model):
         assert all(p["remote_ranks"] == 2 for p in ready["params"])
         dec = Decoder(path)
         try:
-            dec.add(ps, _decode_params(ready["params"]))
+            dec.add(ps, decode_params(ready["params"]))
             assert dec.run(len(ps)) == want
             stats = dec.worker.stats
             assert stats.num_loaded == len(ps) and stats.num_failed == 0 and dec.computed == len(ps) * MAX_NEW
@@ -51,7 +50,7 @@ def test_prefill_at_ep2_in_another_process_decode_on_one_rank(tiny_model):
 def test_prefill_on_one_rank_in_another_process_decode_at_ep2(local_ray, tiny_model):
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=22, n=4, lo=5, hi=19)
-    want = _one_engine(path, ps)
+    want = one_engine(path, ps)
     pre = PrefillProcess({"model": path, "port": free_port(), "prompts": ps, "llm": KW})
     try:
         ready = pre.expect("ready", READY_S)
@@ -61,7 +60,7 @@ def test_prefill_on_one_rank_in_another_process_decode_at_ep2(local_ray, tiny_mo
             real = llm.engine.executor.launch
             llm.engine.executor.launch = lambda sos: (computed.append(sum(so.total_num_scheduled_tokens
                                                                           for so in sos)), real(sos))[1]
-            outs = llm.generate(ps, _decode_params(ready["params"]), use_tqdm=False)
+            outs = llm.generate(ps, decode_params(ready["params"]), use_tqdm=False)
             assert [o.outputs[0].token_ids for o in outs] == want
             assert sum(computed) == len(ps) * MAX_NEW  # every prompt's KV loaded, on whichever rank it went to
             assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
