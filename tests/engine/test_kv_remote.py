@@ -225,3 +225,10 @@ def test_a_save_request_on_an_engine_that_serves_nothing_is_not_saved(tiny_model
         llm.generate(prompts(200, seed=13, n=1, lo=5, hi=5), SAVE, use_tqdm=False)
         assert len(llm.engine.executor.runner.kv_connector.store) == 0
     assert "RemoteKVConfig.port is None" in caplog.text
+
+
+def test_kv_transfer_params_on_an_engine_without_a_connector_are_refused(tiny_model):
+    with LLM(tiny_model("qwen3_e6k3"), **KW) as llm:
+        with pytest.raises(ValueError, match="kv_transfer_params is set, but this engine has no KV connector"):
+            llm.engine.add_request("a", [1, 2, 3], SAVE)
+        assert not llm.engine.has_requests()
