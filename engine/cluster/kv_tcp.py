@@ -19,34 +19,29 @@ from moelink.engine.contract.safe_text import shown
 
 from ..rank.kv_transfer import SavedKV, layout_difference
 from .kv_store import SavedKVStore
-from .kv_wire import (VERSION, Deadline, KVFetchError, layout_from_json, layout_to_json, recv_header, recv_saved,
-                      send_header, send_saved)
+from .kv_wire import (VERSION, Deadline, KVFetchError, layout_from_json, layout_to_json, recv_exact_into,
+                      recv_header, recv_saved, send_header, send_saved)
 
 logger = logging.getLogger(__name__)
 
 _ACCEPT_POLL_S = 0.2  # how soon the accept loop sees close()
 
 
-class TCPKVServer:
-    """Serves `store` on (host, port) until `close()` (module docstring). `io_timeout_s`: the most a connection
-    may stay silent mid-message."""
+class KVSocketServer:
+    """Serves `store` on a bound, listening socket until `close()` (module docstring); `reply(conn, saved)`
+    sends an ok reply (the TCP transport: header and bytes on the stream; shared memory: header and a memfd).
+    `io_timeout_s`: the most a connection may stay silent mid-message."""
 
-    def __init__(self, store: SavedKVStore, host: str, port: int, io_timeout_s: float = 30.0) -> None:
-        self.store, self.io_timeout_s = store, io_timeout_s
-        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._sock.bind((host, port))
-        except OSError as exc:
-            self._sock.close()
-            raise OSError(f"the KV server cannot listen on {host}:{port}: {exc}") from None
+    def __init__(self, store: SavedKVStore, sock: socket.socket, reply=None, io_timeout_s: float = 30.0) -> None:
+        self.store, self.io_timeout_s, self._reply = store, io_timeout_s, reply or send_saved
+        self._sock = sock
         self._sock.listen(64)
         self._sock.settimeout(_ACCEPT_POLL_S)
-        self.address = self._sock.getsockname()[:2]
+        self.address = self._sock.getsockname()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._conns: dict[threading.Thread, socket.socket] = {}
-        self._accepter = threading.Thread(target=self._accept_loop, name=f"kv-tcp-{self.address[1]}", daemon=True)
+        self._accepter = threading.Thread(target=self._accept_loop, name="kv-server", daemon=True)
         self._accepter.start()
 
     def _accept_loop(self) -> None:
@@ -74,7 +69,7 @@ class TCPKVServer:
                 if saved is None:
                     send_header(conn, {"ok": False, "error": refusal})
                     return
-                send_saved(conn, saved)
+                self._reply(conn, saved)
                 self.store.take(query["key"], saved)
         except (OSError, KVFetchError) as exc:  # the client went away, or sent nonsense: its fetch fails there
             logger.info("KV server: a connection ended early: %s", exc)
@@ -114,6 +109,18 @@ class TCPKVServer:
             t.join(5.0)
 
 
+def TCPKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float = 30.0) -> KVSocketServer:
+    """A server of `store` on exactly (host, port)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"the KV server cannot listen on {host}:{port}: {exc}") from None
+    return KVSocketServer(store, sock, send_saved, io_timeout_s)
+
+
 def tcp_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
               connect_timeout_s: float, timeout_s: float) -> SavedKV:
     """The KV saved under `key` on (host, port), for this rank's cache `layout`; KVFetchError (with the reason)
@@ -127,11 +134,11 @@ def tcp_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int
             reply = recv_header(sock, deadline)
             if reply.get("ok") is not True:
                 raise KVFetchError(f"{host}:{port} refused: {reply.get('error', 'no reason given')}")
-            return recv_saved(sock, reply, layout, max_blocks, deadline)
+            return recv_saved(lambda view: recv_exact_into(sock, view, deadline), reply, layout, max_blocks)
     except TimeoutError:
         raise KVFetchError(f"fetching KV {shown(key)} from {host}:{port}: timed out") from None
     except OSError as exc:
         raise KVFetchError(f"fetching KV {shown(key)} from {host}:{port}: {exc}") from None
 
 
-__all__ = ["TCPKVServer", "tcp_fetch"]
+__all__ = ["KVSocketServer", "TCPKVServer", "tcp_fetch"]

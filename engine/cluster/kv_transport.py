@@ -7,8 +7,10 @@ save and load, the store's bounds, the background fetch and its deadline, writin
 
 - "tcp" (engine/cluster/kv_tcp.py): one connection per fetch, JSON header and raw bytes; any two hosts, CPU
   tests. Binds only the host it is given.
+- "shm" (engine/cluster/kv_shm.py): engines on one host; the same exchange over a Unix socket (mode 0600), the
+  KV bytes in an anonymous shared-memory file whose descriptor travels with the reply.
 
-What another transport needs to be added here (shared memory between engines on one host, NCCL or CUDA IPC
+What another transport needs to be added here (NCCL or CUDA IPC
 between GPU ranks, NIXL/UCX for RDMA): `serve` returns an object with `close()` that makes the store's entries
 readable by key (a NIXL agent registers the host buffers, or the device blocks themselves, and publishes its
 metadata; the key then names remote descriptors), and `fetch` returns a `SavedKV` in this rank's layout or
@@ -22,6 +24,7 @@ from typing import Protocol
 
 from ..rank.kv_transfer import SavedKV
 from .kv_store import SavedKVStore
+from .kv_shm import ShmKVServer, shm_fetch
 from .kv_tcp import TCPKVServer, tcp_fetch
 
 
@@ -56,7 +59,18 @@ class TCPTransport:
         return tcp_fetch(host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s, timeout_s)
 
 
-KV_TRANSPORTS = {"tcp": TCPTransport}
+class ShmTransport(TCPTransport):
+    name = "shm"
+
+    def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
+        return ShmKVServer(store, host, port, self.io_timeout_s)
+
+    def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
+              timeout_s: float) -> SavedKV:
+        return shm_fetch(host, port, key, layout, token_ids, max_blocks, timeout_s)
+
+
+KV_TRANSPORTS = {"tcp": TCPTransport, "shm": ShmTransport}
 
 
 def make_transport(name: str, connect_timeout_s: float, io_timeout_s: float) -> KVTransport:
@@ -64,4 +78,4 @@ def make_transport(name: str, connect_timeout_s: float, io_timeout_s: float) -> 
     return KV_TRANSPORTS[name](connect_timeout_s, io_timeout_s)
 
 
-__all__ = ["KVServer", "KVTransport", "KV_TRANSPORTS", "TCPTransport", "make_transport"]
+__all__ = ["KVServer", "KVTransport", "KV_TRANSPORTS", "ShmTransport", "TCPTransport", "make_transport"]

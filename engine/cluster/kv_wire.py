@@ -92,18 +92,24 @@ def recv_header(sock: socket.socket, deadline: Deadline | None = None) -> dict:
     return header
 
 
-def send_saved(sock: socket.socket, saved: SavedKV) -> None:
-    """The ok reply: the header describing `saved`, then each group's tensors' bytes."""
+def saved_header(saved: SavedKV) -> dict:
+    """The ok reply's header: what `saved` holds, the shape of every tensor whose bytes follow."""
     groups = [[idx, [list(t.shape) for t in rows]] for idx, rows in saved.groups]
-    send_header(sock, {"ok": True, "num_tokens": saved.num_tokens, "token_ids": list(saved.token_ids),
-                       "layout": layout_to_json(saved.layout), "groups": groups})
+    return {"ok": True, "num_tokens": saved.num_tokens, "token_ids": list(saved.token_ids),
+            "layout": layout_to_json(saved.layout), "groups": groups}
+
+
+def send_saved(sock: socket.socket, saved: SavedKV) -> None:
+    """The ok reply over a stream socket: the header, then each group's tensors' bytes."""
+    send_header(sock, saved_header(saved))
     for _, rows in saved.groups:
         for t in rows:
             sock.sendall(memoryview(t.contiguous().numpy()).cast("B"))
 
 
-def recv_saved(sock: socket.socket, header: dict, layout: tuple, max_blocks: int, deadline: Deadline) -> SavedKV:
-    """The tensors an ok `header` announces, read into host memory; each shape checked against `layout` (this
+def recv_saved(fill, header: dict, layout: tuple, max_blocks: int) -> SavedKV:
+    """The tensors an ok `header` announces, read into host memory by `fill(view)` (which fills a memoryview
+    with the next bytes: from the socket, or from shared memory); each shape checked against `layout` (this
     rank's) and `max_blocks` (the blocks asked for) first."""
     try:
         num_tokens, token_ids = int(header["num_tokens"]), tuple(int(x) for x in header["token_ids"])
@@ -126,7 +132,7 @@ def recv_saved(sock: socket.socket, header: dict, layout: tuple, max_blocks: int
                 raise KVFetchError(f"a reply tensor of shape {shape} for rows of {row_shape}")
             buf_NX = torch.empty(shape, dtype=torch.uint8)
             if math.prod(shape):
-                recv_exact_into(sock, memoryview(buf_NX.numpy()).cast("B"), deadline)
+                fill(memoryview(buf_NX.numpy()).cast("B"))
             rows.append(buf_NX)
         groups.append((idx, tuple(rows)))
     return SavedKV(num_tokens, token_ids, their_layout, groups)
@@ -140,4 +146,4 @@ def _itemsize(dtype: str) -> int:
 
 
 __all__ = ["Deadline", "KVFetchError", "layout_from_json", "layout_to_json", "recv_header", "recv_saved",
-           "send_header", "send_saved"]
+           "saved_header", "send_header", "send_saved"]

@@ -8,6 +8,8 @@ back in the pool. float64, as in test_kv_connector_engine.py (the decode engine 
 alone)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from moelink.engine.cluster.kv_remote import RemoteKVConfig
@@ -58,6 +60,32 @@ def test_prefill_in_another_process_decode_here(kind, tiny_model, hf_tiny_model,
         # Fetched once each, then dropped: the prefill side holds nothing.
         assert closed["store"]["num_saved"] == len(ps) and closed["store"]["num_served"] == len(ps)
         assert closed["store"]["held"] == 0
+    finally:
+        pre.close()
+
+
+def test_prefill_in_another_process_over_shared_memory(tiny_model):
+    from moelink.engine.cluster.kv_shm import unix_socket_path
+
+    path = tiny_model("qwen3_e6k3")
+    ps = prompts(200, seed=14, n=4, lo=5, hi=23)
+    want = one_engine(path, ps)
+    port = free_port()
+    pre = PrefillProcess({"model": path, "port": port, "prompts": ps, "llm": KW, "transport": "shm"})
+    try:
+        ready = pre.expect("ready", READY_S)
+        assert not listening(pids=[pre.pid])  # no TCP port at all: a Unix socket of this user's
+        dec = Decoder(path, RemoteKVConfig(transport="shm"))
+        try:
+            dec.add(ps, decode_params(ready["params"]))
+            assert dec.run(len(ps)) == want
+            assert dec.worker.stats.num_loaded == len(ps) and dec.computed == len(ps) * MAX_NEW
+            assert dec.free_blocks()[0] == dec.free_blocks()[1]
+        finally:
+            dec.close()
+        closed = pre.close()
+        assert closed["store"]["num_served"] == len(ps) and closed["store"]["held"] == 0
+        assert not os.path.exists(unix_socket_path("127.0.0.1", port))  # removed at shutdown
     finally:
         pre.close()
 

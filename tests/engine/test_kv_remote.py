@@ -5,8 +5,10 @@ layout mismatch named in words, the store bounded by TTL and by bytes). The sepa
 are in test_kv_disagg_processes.py."""
 from __future__ import annotations
 
+import os
 import pickle
 import socket
+import stat
 import threading
 
 import pytest
@@ -232,3 +234,33 @@ def test_kv_transfer_params_on_an_engine_without_a_connector_are_refused(tiny_mo
         with pytest.raises(ValueError, match="kv_transfer_params is set, but this engine has no KV connector"):
             llm.engine.add_request("a", [1, 2, 3], SAVE)
         assert not llm.engine.has_requests()
+
+
+def test_shared_memory_transport_serves_once_refuses_by_name_and_leaves_nothing():
+    from moelink.engine.cluster.kv_shm import ShmKVServer, shm_fetch, unix_socket_path
+
+    port = free_port()
+    path = unix_socket_path("127.0.0.1", port)
+    before = {t.ident for t in threading.enumerate()}
+    fds_before = len(os.listdir("/proc/self/fd"))
+    store = SavedKVStore(60.0, 1 << 20)
+    server = ShmKVServer(store, "127.0.0.1", port)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # this user only
+        store.put("k", _saved())
+        with pytest.raises(KVFetchError, match="block size 4 vs 8"):
+            shm_fetch("127.0.0.1", port, "k", (("full", (("torch.float32", (8, 2, 8)),) * 2),), [1], 1, 5.0)
+        got = shm_fetch("127.0.0.1", port, "k", LAYOUT, [1, 2, 3, 4, 5], 2, 5.0)
+        want = _saved()
+        assert got.token_ids == want.token_ids and got.groups[0][0] == want.groups[0][0]
+        assert all(torch.equal(a, b) for a, b in zip(got.groups[0][1], want.groups[0][1]))
+        assert len(store) == 0 and store.counters.num_served == 1
+        with pytest.raises(KVFetchError, match="nothing saved under 'k'"):
+            shm_fetch("127.0.0.1", port, "k", LAYOUT, [1], 1, 5.0)
+    finally:
+        server.close()
+    assert not os.path.exists(path)
+    with pytest.raises(KVFetchError, match="No such file"):
+        shm_fetch("127.0.0.1", port, "k", LAYOUT, [1], 1, 5.0)
+    assert {t.ident for t in threading.enumerate()} <= before
+    assert len(os.listdir("/proc/self/fd")) <= fds_before  # every memfd and socket closed

@@ -2,7 +2,7 @@
 
     python -m tests.helpers.kv_prefill_process SPEC_JSON
 
-SPEC_JSON: {"model", "port", "prompts", "llm": {LLM kwargs}, "ep": 1|2, "stall": bool}. The process prefills
+SPEC_JSON: {"model", "port", "prompts", "llm": {LLM kwargs}, "ep": 1|2, "stall": bool, "transport": "tcp"|"shm"}. The process prefills
 each prompt (max_tokens=1, do_remote_decode) under request ids "p0", "p1", ..., prints one JSON line
 {"ready": true, "pid", "params": [KVTransferParams fields per prompt], "first": [the first token per prompt]},
 and serves the saved KV until its stdin closes (then it shuts the engine down and prints {"closed": true,
@@ -44,7 +44,7 @@ def main(spec: dict) -> None:
     if spec.get("stall"):
         _stall_the_server()
     ep = spec.get("ep", 1)
-    conn = RemoteKVConnector(RemoteKVConfig(port=spec["port"], num_ranks=ep))
+    conn = RemoteKVConnector(RemoteKVConfig(port=spec["port"], num_ranks=ep, transport=spec.get("transport", "tcp")))
     kw = dict(spec.get("llm", {}))
     with contextlib.ExitStack() as stack:
         if ep > 1:
