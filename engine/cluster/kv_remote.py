@@ -174,6 +174,8 @@ class RemoteWorkerSide:
         self._done: dict[int, bool] = {}
         self._arrived: list[tuple[KVTransfer, PagedKVBlocks, SavedKV]] = []
         self._fetches: set[threading.Thread] = set()
+        # Bumped by drop_pending: a fetch started under an older generation is discarded when it arrives.
+        self._generation = 0
 
     # saves: copied to host memory now (the blocks are the scheduler's again after this step), served later
     def start_save(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
@@ -186,12 +188,13 @@ class RemoteWorkerSide:
         if not isinstance(t.params, RemoteSource):
             self._fail(t, "the load names no remote source (a request without kv_transfer_params)")
             return
-        th = threading.Thread(target=self._fetch, args=(t, kv), name=f"kv-fetch-{t.transfer_id}", daemon=True)
+        th = threading.Thread(target=self._fetch, args=(t, kv, self._generation), name=f"kv-fetch-{t.transfer_id}",
+                              daemon=True)
         with self._lock:
             self._fetches.add(th)
         th.start()
 
-    def _fetch(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
+    def _fetch(self, t: KVTransfer, kv: PagedKVBlocks, generation: int) -> None:
         src: RemoteSource = t.params
         t0 = time.monotonic()
         want = list(src.token_ids[:t.num_tokens])
@@ -207,21 +210,25 @@ class RemoteWorkerSide:
                     reasons.append(str(exc))
                     continue
                 with self._lock:
+                    if generation != self._generation:
+                        return  # dropped (an elastic rewind): its blocks may be another request's by now
                     self.stats.fetch_s += time.monotonic() - t0
                     where = f"{src.host}:{port}"
                     self.stats.loaded_from[where] = self.stats.loaded_from.get(where, 0) + 1
                     self._arrived.append((t, kv, saved))
                 return
-            self._fail(t, "; ".join(reasons))
+            self._fail(t, "; ".join(reasons), generation)
         except Exception as exc:  # a load must be reported whatever happens, or its request would wait for ever
-            self._fail(t, f"unexpected error: {exc!r}")
+            self._fail(t, f"unexpected error: {exc!r}", generation)
         finally:
             with self._lock:
                 self._fetches.discard(threading.current_thread())
 
-    def _fail(self, t: KVTransfer, reason: str) -> None:
+    def _fail(self, t: KVTransfer, reason: str, generation: int | None = None) -> None:
         logger.warning("KV load of request %s failed (it is recomputed): %s", shown(t.req_id), reason)
         with self._lock:
+            if generation is not None and generation != self._generation:
+                return  # dropped: the scheduler awaits no report of it
             self.stats.num_failed += 1
             self.stats.failures.append((t.req_id, reason))
             self._done[t.transfer_id] = False
@@ -246,6 +253,13 @@ class RemoteWorkerSide:
         with self._lock:
             done, self._done = self._done, {}
         return done or None
+
+    def drop_pending(self) -> None:
+        """Forget every load in flight and every report not polled yet: the scheduler counted them failed (an
+        elastic rewind), so a fetch that arrives later must not write blocks that may have gone to another request."""
+        with self._lock:
+            self._generation += 1
+            self._arrived, self._done = [], {}
 
     def close(self) -> None:
         if self.server is not None:

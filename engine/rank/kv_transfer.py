@@ -141,6 +141,10 @@ class WorkerKVConnector(Protocol):
     def poll(self) -> dict[int, bool] | None:
         """Transfer id -> True (done) / False (failed) for the transfers that ended since the last poll."""
 
+    def drop_pending(self) -> None:
+        """Forget the transfers in flight and the reports not polled yet, and never write for them (an elastic
+        rewind: the scheduler counted them failed and its blocks may go to other requests)."""
+
     def close(self) -> None:
         """Release what the worker half holds (a server's socket and threads); called when the rank shuts down."""
 

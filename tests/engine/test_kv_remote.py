@@ -264,3 +264,37 @@ def test_shared_memory_transport_serves_once_refuses_by_name_and_leaves_nothing(
         shm_fetch("127.0.0.1", port, "k", LAYOUT, [1], 1, 5.0)
     assert {t.ident for t in threading.enumerate()} <= before
     assert len(os.listdir("/proc/self/fd")) <= fds_before  # every memfd and socket closed
+
+
+def test_a_rewind_drops_loads_in_flight_without_writing_them():
+    """Elastic EP's rewind counts the transfers in flight failed (scheduler/recovery.py) and the runner calls
+    drop_pending: a fetch that arrives afterwards writes nothing (its blocks may be another request's) and is
+    never reported."""
+    from moelink.engine.cluster.kv_remote import RemoteWorkerSide
+    from moelink.engine.rank.kv_transfer import PagedKVBlocks
+    from moelink.scheduler.outputs import KVTransfer
+
+    port = free_port()
+    prefill = RemoteWorkerSide(RemoteKVConfig(port=port), 0)
+    decode = RemoteWorkerSide(RemoteKVConfig(fetch_timeout_s=10.0), 0)
+    try:
+        cache = [tuple(torch.zeros(5, 4, 2, 8) for _ in range(2))]  # 4 blocks and the null block
+        blocks = PagedKVBlocks(cache, None, 4)
+        assert blocks.layout == LAYOUT
+        src = RemoteSource("127.0.0.1", port, 1, "k", (1, 2, 3, 4, 5))
+        for drop in (False, True):
+            prefill.store.put("k", _saved())
+            t = KVTransfer(1, "r", [0, 1], 5, params=src)
+            decode.start_load(t, blocks)
+            if drop:
+                decode.drop_pending()
+            for th in list(decode._fetches):
+                th.join(10)
+            done = decode.poll()
+            written = bool(cache[0][0].count_nonzero())
+            assert (done, written) == ((None, False) if drop else ({1: True}, True))
+            for x in cache[0]:
+                x.zero_()
+    finally:
+        prefill.close()
+        decode.close()
