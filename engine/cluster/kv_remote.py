@@ -1,5 +1,5 @@
 """The remote KV connector: a prefill engine and a decode engine, in separate processes or hosts, move a
-request's prompt KV over a named transport (engine/cluster/kv_transport.py; "tcp").
+request's prompt KV over a named transport (engine/cluster/kv_transport.py: "tcp", or "shm" on one host).
 
     # prefill process: rank r serves the KV it saved on port + r of 127.0.0.1
     conn = RemoteKVConnector(RemoteKVConfig(port=5600))
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 class RemoteKVConfig:
     """The remote KV connector's settings (module docstring)."""
 
-    transport: str = "tcp"  # a name in kv_transport.KV_TRANSPORTS
+    transport: str = "tcp"  # a name in kv_transport.KV_TRANSPORTS: "tcp", "shm" (one host); both engines the same
     host: str = "127.0.0.1"  # where this engine's ranks serve their saved KV (bound exactly: never wider)
     port: Optional[int] = None  # rank r serves on port + r; None: this engine serves nothing (decode only)
     num_ranks: int = 1  # this engine's ranks (expert_parallel_size): ports port + [0, num_ranks)

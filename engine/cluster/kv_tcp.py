@@ -6,7 +6,7 @@ that key: never saved, already fetched, expired; another layout; other tokens). 
 the store (engine/cluster/kv_store.py); a refused one stays until its TTL, for a decode engine that fits.
 
 The server binds exactly the host it is given (127.0.0.1 unless asked otherwise) and owns one accept thread and
-one thread per open connection; `close()` stops them all and closes every socket. Every blocking call on both
+one thread per open connection (at most MAX_CONNECTIONS); `close()` stops them all and closes every socket. Every blocking call on both
 sides has a timeout, so a peer that stops answering ends a fetch with an error, never a hang.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .kv_wire import (VERSION, Deadline, KVFetchError, layout_from_json, layout_
 logger = logging.getLogger(__name__)
 
 _ACCEPT_POLL_S = 0.2  # how soon the accept loop sees close()
+MAX_CONNECTIONS = 64  # open at once; one past it is closed unanswered (its fetch fails, the request recomputes)
 
 
 class KVSocketServer:
@@ -58,6 +59,10 @@ class KVSocketServer:
                 if self._stop.is_set():
                     conn.close()
                     return
+                if len(self._conns) >= MAX_CONNECTIONS:  # a thread per connection: never without bound
+                    logger.warning("KV server: %d connections open, one more refused", len(self._conns))
+                    conn.close()
+                    continue
                 self._conns[t] = conn
             t.start()
 
