@@ -61,15 +61,18 @@ class SavedKVStore:
             entry = self._saved.get(key)
             return None if entry is None else entry[1]
 
-    def take(self, key: str, saved: SavedKV) -> None:
-        """Drop `saved` (what `peek` returned) once it has been served; a newer entry under the key stays."""
+    def take(self, key: str, saved: SavedKV) -> bool:
+        """Claim `saved` (what `peek` returned) for one decode engine: dropped from the store, counted served.
+        False when another fetch claimed it first (or a newer entry replaced it): a saved KV is served once."""
         with self._lock:
             entry = self._saved.get(key)
-            if entry is not None and entry[1] is saved:
-                del self._saved[key]
-                self._bytes -= saved.nbytes
+            if entry is None or entry[1] is not saved:
+                return False
+            del self._saved[key]
+            self._bytes -= saved.nbytes
             self.counters.num_served += 1
             self.counters.bytes_served += saved.nbytes
+            return True
 
     def expire(self) -> None:
         with self._lock:

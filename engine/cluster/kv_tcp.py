@@ -2,8 +2,9 @@
 
 One fetch is one connection: the decode side sends a header (the key, its cache layout, the tokens it wants
 KV for), the server answers with the KV (engine/cluster/kv_wire.py) or a refusal that says why (nothing under
-that key: never saved, already fetched, expired; another layout; other tokens). A served entry is dropped from
-the store (engine/cluster/kv_store.py); a refused one stays until its TTL, for a decode engine that fits.
+that key: never saved, already fetched, expired; another layout; other tokens). An entry is claimed (dropped
+from the store, engine/cluster/kv_store.py) as its reply starts, so it is served once; a refused one stays until
+its TTL, for a decode engine that fits.
 
 The server binds exactly the host it is given (127.0.0.1 unless asked otherwise) and owns one accept thread and
 one thread per open connection (at most MAX_CONNECTIONS); `close()` stops them all and closes every socket. Every blocking call on both
@@ -71,11 +72,13 @@ class KVSocketServer:
             with conn:
                 query = recv_header(conn)
                 saved, refusal = self._lookup(query)
+                if saved is not None and not self.store.take(query["key"], saved):
+                    saved, refusal = None, f"the KV saved under {shown(query['key'])} went to another fetch"
                 if saved is None:
                     send_header(conn, {"ok": False, "error": refusal})
                     return
+                # Claimed before it is sent: if the send fails, the one decode request that wanted it recomputes.
                 self._reply(conn, saved)
-                self.store.take(query["key"], saved)
         except (OSError, KVFetchError) as exc:  # the client went away, or sent nonsense: its fetch fails there
             logger.info("KV server: a connection ended early: %s", exc)
         finally:

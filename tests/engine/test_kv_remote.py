@@ -99,7 +99,7 @@ def test_store_drops_on_fetch_after_ttl_and_past_its_bytes():
     assert len(store) == 2 and store.nbytes == 2 * one and store.counters.num_evicted == 1
     assert store.peek("r0") is None
     s1 = store.peek("r1")
-    store.take("r1", s1)
+    assert store.take("r1", s1) and not store.take("r1", s1)  # served once
     assert len(store) == 1 and store.counters.num_served == 1 and store.counters.bytes_served == one
     now[0] += 10.0  # r2 was saved at t=2: past its TTL at t=13
     store.expire()
