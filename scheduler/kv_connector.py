@@ -54,6 +54,8 @@ class KVConnector(Protocol):
         """A load or save ended (ok) or failed. The scheduler has acted on it: a loaded request runs next, a
         failed load is recomputed, a saved request's blocks are released."""
 
+    # Optional: `request_finished(req) -> object | None`, what the request's output carries for the engine that
+    # continues it (`EngineCoreOutput.kv_transfer_params`: a prefill engine says where its saved KV is).
     # Optional: `load_params(req) -> object`, what the worker half needs to load `req`'s KV (a network transport:
     # where it is saved and under which key), plain data carried in `KVTransfer.params`. A connector without it
     # loads with params None (the in-host reference finds the KV by request id).
@@ -110,6 +112,11 @@ class KVTransfers:
             del self.loading[rid]
         elif self.ready and any(r is req for r in self.ready):
             self.ready = deque(r for r in self.ready if r is not req)
+
+    def finished_params(self, req: Request):
+        """The connector's parameters for a request that just finished (its final output carries them), or None."""
+        f = getattr(self.connector, "request_finished", None)
+        return None if f is None else f(req)
 
     def loadable(self, req: Request) -> int:
         return min(max(self.connector.num_loadable_tokens(req), 0), req.num_tokens)

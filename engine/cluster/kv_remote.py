@@ -5,7 +5,7 @@ request's prompt KV over a named transport (engine/cluster/kv_transport.py: "tcp
     conn = RemoteKVConnector(RemoteKVConfig(port=5600))
     llm = LLM(model, kv_connector=conn)
     llm.generate(prompts, SamplingParams(max_tokens=1, kv_transfer_params=KVTransferParams(do_remote_decode=True)))
-    params = [conn.decode_params(o.request_id) for o in outputs]        # where each prompt's KV is, and its key
+    params = [o.kv_transfer_params for o in outputs]                  # where each prompt's KV is, and its key
 
     # decode process: fetches it instead of prefilling
     llm = LLM(model, kv_connector=RemoteKVConnector(RemoteKVConfig()))  # no port: serves nothing
@@ -100,14 +100,15 @@ class RemoteKVConnector:
 
     def scheduler_side(self, rank: int) -> "_SchedulerSide":
         self._check_rank(rank)
-        return _SchedulerSide(self.config.port is not None)
+        return _SchedulerSide(self.config, rank)
 
     def worker_side(self, rank: int) -> "RemoteWorkerSide":
         self._check_rank(rank)
         return RemoteWorkerSide(self.config, rank)
 
     def decode_params(self, request_id: str) -> KVTransferParams:
-        """What a decode engine's request needs to load the KV this engine saved for `request_id`."""
+        """What a decode engine's request needs to load the KV this engine saved for `request_id`, when its output's
+        `kv_transfer_params` (which names the rank's own port) is not at hand: every rank's ports, asked in turn."""
         c = self.config
         if c.port is None:
             raise ValueError("RemoteKVConfig.port=None: this engine serves no saved KV, so no decode engine can "
@@ -126,8 +127,8 @@ def _params(req: Request) -> KVTransferParams | None:
 
 
 class _SchedulerSide:
-    def __init__(self, serves: bool) -> None:
-        self.serves = serves
+    def __init__(self, config: RemoteKVConfig, rank: int) -> None:
+        self.config, self.rank, self.serves = config, rank, config.port is not None
 
     def num_loadable_tokens(self, req: Request) -> int:
         p = _params(req)
@@ -146,6 +147,15 @@ class _SchedulerSide:
             logger.warning("request %s asks do_remote_decode, but this engine's RemoteKVConfig.port is None: its KV "
                            "is not saved (a decode engine will recompute it).", shown(req.request_id))
         return self.serves
+
+    def request_finished(self, req: Request) -> KVTransferParams | None:
+        """A saved request's output says where its KV is: this rank's own port (no other rank to ask)."""
+        p = _params(req)
+        if p is None or not p.do_remote_decode or not self.serves or req.num_computed_tokens < req.num_prompt_tokens:
+            return None  # not saved: not asked to, nowhere to serve it, or ended before its prompt was computed
+        return KVTransferParams(do_remote_prefill=True, remote_host=self.config.host,
+                                remote_port=self.config.port + self.rank, remote_ranks=1,
+                                remote_request_id=req.request_id)
 
     def transfer_done(self, transfer: KVTransfer, ok: bool) -> None:
         pass  # the worker half counts and logs; the scheduler recomputes a failed load
@@ -242,7 +252,7 @@ class RemoteWorkerSide:
                 # report). A host-to-device copy on a GPU rank.
                 with torch.inference_mode():
                     kv.write(t, saved)
-            except ValueError as exc:
+            except (ValueError, RuntimeError) as exc:  # refused, or a copy that does not fit: failed, not raised
                 self._fail(t, str(exc))
                 continue
             with self._lock:

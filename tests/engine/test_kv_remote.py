@@ -193,9 +193,11 @@ def test_another_block_size_is_refused_by_name_and_recomputed(tiny_model):
             ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)]
     conn = RemoteKVConnector(RemoteKVConfig(port=free_port()))
     with LLM(path, kv_connector=conn, **KW) as pre:
-        ids = [o.request_id for o in pre.generate(ps, SAVE, use_tqdm=False)]
+        outs = pre.generate(ps, SAVE, use_tqdm=False)
+        params = [o.kv_transfer_params for o in outs]
+        assert params == [conn.decode_params(o.request_id) for o in outs]  # one rank: the same
         store = pre.engine.executor.runner.kv_connector.store
-        got, stats = _decode(path, ps, [conn.decode_params(i) for i in ids], block_size=8)
+        got, stats = _decode(path, ps, params, block_size=8)
         assert got == want and stats.num_failed == len(ps) and stats.num_loaded == 0
         assert all("block size 4 vs 8" in reason for _, reason in stats.failures)
         assert len(store) == len(ps)  # refused, not served: kept for a decode engine that fits, until its TTL
@@ -224,8 +226,8 @@ def test_the_prefill_store_stays_bounded_by_ttl_and_bytes(tiny_model):
 def test_a_save_request_on_an_engine_that_serves_nothing_is_not_saved(tiny_model, caplog):
     path = tiny_model("qwen3_e6k3")
     with LLM(path, kv_connector=RemoteKVConnector(), **KW) as llm:
-        llm.generate(prompts(200, seed=13, n=1, lo=5, hi=5), SAVE, use_tqdm=False)
-        assert len(llm.engine.executor.runner.kv_connector.store) == 0
+        out = llm.generate(prompts(200, seed=13, n=1, lo=5, hi=5), SAVE, use_tqdm=False)[0]
+        assert len(llm.engine.executor.runner.kv_connector.store) == 0 and out.kv_transfer_params is None
     assert "RemoteKVConfig.port is None" in caplog.text
 
 

@@ -31,10 +31,12 @@ def test_prefill_at_ep2_in_another_process_decode_on_one_rank(tiny_model):
     try:
         ready = pre.expect("ready", READY_S)
         assert ready["first"] == [w[:1] for w in want]
-        assert all(p["remote_ranks"] == 2 for p in ready["params"])
+        # Each output names the rank that saved its KV; decode_params names both ranks' ports, asked in turn.
+        assert {p["remote_port"] for p in ready["params"]} == {port, port + 1}
+        assert all(p["remote_ranks"] == 2 and p["remote_port"] == port for p in ready["scan_params"])
         dec = Decoder(path)
         try:
-            dec.add(ps, decode_params(ready["params"]))
+            dec.add(ps, decode_params(ready["scan_params"]))
             assert dec.run(len(ps)) == want
             stats = dec.worker.stats
             assert stats.num_loaded == len(ps) and stats.num_failed == 0 and dec.computed == len(ps) * MAX_NEW

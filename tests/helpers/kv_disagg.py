@@ -46,8 +46,12 @@ class PrefillProcess:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            if line.startswith("{"):
-                self.lines.put(json.loads(line))
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue  # not one of its messages (a library printing to stdout)
+            if isinstance(msg, dict):
+                self.lines.put(msg)
         self.lines.put(None)  # EOF
 
     def expect(self, key: str, timeout: float) -> dict:

@@ -4,7 +4,8 @@
 
 SPEC_JSON: {"model", "port", "prompts", "llm": {LLM kwargs}, "ep": 1|2, "stall": bool, "transport": "tcp"|"shm"}. The process prefills
 each prompt (max_tokens=1, do_remote_decode) under request ids "p0", "p1", ..., prints one JSON line
-{"ready": true, "pid", "params": [KVTransferParams fields per prompt], "first": [the first token per prompt]},
+{"ready": true, "first": [the first token per prompt], "params": [each output's kv_transfer_params, as a dict],
+"scan_params": [the connector's decode_params per prompt: every rank's ports]},
 and serves the saved KV until its stdin closes (then it shuts the engine down and prints {"closed": true,
 "store": counters}). "stall": the server sends a reply's header and half of its first tensor, prints
 {"stalled": true} and stops there (the test then kills the process mid-fetch). "ep": 2 runs the engine on the
@@ -22,6 +23,8 @@ import threading
 def _stall_the_server() -> None:
     from moelink.engine.cluster import kv_tcp
 
+    printing = threading.Lock()  # one line per stalled connection, never two interleaved
+
     def send_saved(sock, saved):
         from moelink.engine.cluster.kv_wire import layout_to_json, send_header
 
@@ -30,7 +33,8 @@ def _stall_the_server() -> None:
                            "layout": layout_to_json(saved.layout), "groups": groups})
         first = saved.groups[0][1][0].contiguous().numpy().tobytes()
         sock.sendall(first[:len(first) // 2])
-        print(json.dumps({"stalled": True}), flush=True)
+        with printing:
+            print(json.dumps({"stalled": True}), flush=True)
         threading.Event().wait()  # until the process is killed
 
     kv_tcp.send_saved = send_saved
@@ -59,10 +63,12 @@ def main(spec: dict) -> None:
             llm.engine.add_request(f"p{i}", p, params)
         got = {}
         while llm.engine.has_requests():
-            got.update({o.request_id: o.outputs[0].token_ids for o in llm.engine.step() if o.finished})
-        first = [got[f"p{i}"] for i in range(len(spec["prompts"]))]
-        out = [dataclasses.asdict(conn.decode_params(f"p{i}")) for i in range(len(spec["prompts"]))]
-        print(json.dumps({"ready": True, "params": out, "first": first}), flush=True)
+            got.update({o.request_id: o for o in llm.engine.step() if o.finished})
+        outs = [got[f"p{i}"] for i in range(len(spec["prompts"]))]
+        print(json.dumps({"ready": True, "first": [o.outputs[0].token_ids for o in outs],
+                          "params": [dataclasses.asdict(o.kv_transfer_params) for o in outs],
+                          "scan_params": [dataclasses.asdict(conn.decode_params(o.request_id)) for o in outs]}),
+              flush=True)
         sys.stdin.read()  # serve until the test closes our stdin
         runner = getattr(llm.engine.executor, "runner", None)
         store = runner.kv_connector.store if runner is not None else None
