@@ -300,3 +300,28 @@ def test_a_rewind_drops_loads_in_flight_without_writing_them():
     finally:
         prefill.close()
         decode.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_an_fp8_cache_over_each_transport(transport, hf_tiny_model):
+    """fp8 KV (GLM-4.5 tiny, kv_cache_dtype="fp8") crosses as bytes: the wire sizes rows by the dtype's itemsize.
+    Both engines here; the separate-process runs cover the other KV kinds."""
+    path = hf_tiny_model("glm_bias")
+    kw = dict(KW, kv_cache_dtype="fp8")
+    ps = prompts(200, seed=15, n=3, lo=5, hi=14)
+    with LLM(path, **kw) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(
+            ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)]
+    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport=transport))
+    with LLM(path, kv_connector=conn, **kw) as pre:
+        outs = pre.generate(ps, SAVE, use_tqdm=False)
+        assert "float8" in str(pre.engine.executor.runner.kv_connector.store.peek(outs[0].request_id).layout)
+        with LLM(path, kv_connector=RemoteKVConnector(RemoteKVConfig(transport=transport)), **kw) as dec:
+            sps = [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, kv_transfer_params=o.kv_transfer_params)
+                   for o in outs]
+            got = [o.outputs[0].token_ids for o in dec.generate(ps, sps, use_tqdm=False)]
+            stats = dec.engine.executor.runner.kv_connector.stats
+    assert got == want and stats.num_loaded == len(ps) and stats.num_failed == 0
+    # Both engines shut down: their servers' and fetches' threads are gone, the port or socket file closed.
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("kv-server", "kv-tcp", "kv-fetch"))]
+    assert not listening(conn.config.port)
