@@ -23,13 +23,14 @@ kv_connector=...)`; None, the default, costs the step loop nothing):
   finished meanwhile (a prefill-only request ends with its first token) gives its own references back at once,
   while no block a transfer still reads or writes can go to another request.
 
-What a network transport (issue 30) adds beyond this seam: a key other than the request id (the prefill and
-decode instances name requests differently; vLLM carries `kv_transfer_params`), the remote engine's address and
-block ids, transfers that end steps later (the engine keeps stepping while `KVTransferPlan.num_awaited` > 0),
-per-layer pipelining (save each layer as its attention writes it, load each before its attention reads it; the
-worker side gets the layers separately already), a layout check between engines (block size, KV kind and dtype,
-tensor parallel shards), timeouts that report a transfer failed, and, under elastic EP, dropping the transfers a
-recovery undoes (`Scheduler.rewind` counts them failed).
+Across processes (engine/cluster/kv_remote.py, issue 30) the connector adds, beside this seam: a key other than
+the request id and the remote engine's address, carried per request (`SamplingParams.kv_transfer_params`, vLLM's
+shape) and handed to the worker half in `KVTransfer.params` (`load_params`); the prefill output's parameters
+(`request_finished`); a layout check between engines; fetch deadlines that report a load failed; and, under
+elastic EP, dropping the loads a rewind undoes (`Scheduler.rewind` counts them failed; the runner's resync calls
+the worker half's `drop_pending`). Still to come: per-layer pipelining (save each layer as its attention writes
+it, load each before its attention reads it; the worker side gets the layers separately already), and loading a
+saved prefix shorter than the prompt from another engine (the remote side's token count is not known up front).
 """
 from __future__ import annotations
 
