@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .outputs import TokenLogprobs
 from .spec_decode import SpecDecodeCounters
@@ -25,6 +25,9 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | None = None
     num_cached_tokens: int = 0
+    # A finished request's KV-connector parameters for the engine that continues it (a prefill engine's: where a
+    # decode engine loads its saved KV; scheduler/kv_connector.py `request_finished`); None without.
+    kv_transfer_params: Any = None
 
     @property
     def finished(self) -> bool:

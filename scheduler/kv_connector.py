@@ -23,13 +23,14 @@ kv_connector=...)`; None, the default, costs the step loop nothing):
   finished meanwhile (a prefill-only request ends with its first token) gives its own references back at once,
   while no block a transfer still reads or writes can go to another request.
 
-What a network transport (issue 30) adds beyond this seam: a key other than the request id (the prefill and
-decode instances name requests differently; vLLM carries `kv_transfer_params`), the remote engine's address and
-block ids, transfers that end steps later (the engine keeps stepping while `KVTransferPlan.num_awaited` > 0),
-per-layer pipelining (save each layer as its attention writes it, load each before its attention reads it; the
-worker side gets the layers separately already), a layout check between engines (block size, KV kind and dtype,
-tensor parallel shards), timeouts that report a transfer failed, and, under elastic EP, dropping the transfers a
-recovery undoes (`Scheduler.rewind` counts them failed).
+Across processes (engine/cluster/kv_remote.py, issue 30) the connector adds, beside this seam: a key other than
+the request id and the remote engine's address, carried per request (`SamplingParams.kv_transfer_params`, vLLM's
+shape) and handed to the worker half in `KVTransfer.params` (`load_params`); the prefill output's parameters
+(`request_finished`); a layout check between engines; fetch deadlines that report a load failed; and, under
+elastic EP, dropping the loads a rewind undoes (`Scheduler.rewind` counts them failed; the runner's resync calls
+the worker half's `drop_pending`). Still to come: per-layer pipelining (save each layer as its attention writes
+it, load each before its attention reads it; the worker side gets the layers separately already), and loading a
+saved prefix shorter than the prompt from another engine (the remote side's token count is not known up front).
 """
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ class KVConnector(Protocol):
     def transfer_done(self, transfer: KVTransfer, ok: bool) -> None:
         """A load or save ended (ok) or failed. The scheduler has acted on it: a loaded request runs next, a
         failed load is recomputed, a saved request's blocks are released."""
+
+    # Optional: `request_finished(req) -> object | None`, what the request's output carries for the engine that
+    # continues it (`EngineCoreOutput.kv_transfer_params`: a prefill engine says where its saved KV is).
+    # Optional: `load_params(req) -> object`, what the worker half needs to load `req`'s KV (a network transport:
+    # where it is saved and under which key), plain data carried in `KVTransfer.params`. A connector without it
+    # loads with params None (the in-host reference finds the KV by request id).
 
 
 class _InFlight(NamedTuple):
@@ -107,6 +114,11 @@ class KVTransfers:
         elif self.ready and any(r is req for r in self.ready):
             self.ready = deque(r for r in self.ready if r is not req)
 
+    def finished_params(self, req: Request):
+        """The connector's parameters for a request that just finished (its final output carries them), or None."""
+        f = getattr(self.connector, "request_finished", None)
+        return None if f is None else f(req)
+
     def loadable(self, req: Request) -> int:
         return min(max(self.connector.num_loadable_tokens(req), 0), req.num_tokens)
 
@@ -115,7 +127,8 @@ class KVTransfers:
         the connector to load the rest."""
         bs = self.kv.block_size
         first = num_hit // bs
-        t = self._transfer(req, num_tokens, first, ())
+        params = getattr(self.connector, "load_params", None)
+        t = self._transfer(req, num_tokens, first, (), None if params is None else params(req))
         self._hold(t, req)
         req.status = RequestStatus.WAITING_FOR_KV
         self.loading[req.request_id] = req
@@ -170,10 +183,11 @@ class KVTransfers:
         return self.take_report({tid: False for tid in list(self._in_flight)})
 
     # ------------------------------------------------------------------ helpers
-    def _transfer(self, req: Request, num_tokens: int, first_block: int, token_ids: tuple) -> KVTransfer:
+    def _transfer(self, req: Request, num_tokens: int, first_block: int, token_ids: tuple,
+                  params=None) -> KVTransfer:
         self._next_id += 1
         full, sliding = self.kv.transfer_tables(req.request_id, -(-num_tokens // self.kv.block_size))
-        return KVTransfer(self._next_id, req.request_id, full, num_tokens, first_block, sliding, token_ids)
+        return KVTransfer(self._next_id, req.request_id, full, num_tokens, first_block, sliding, token_ids, params)
 
     def _hold(self, t: KVTransfer, req: Request | None) -> None:
         refs = t.block_ids[t.first_block:] + [b for b in t.sliding_block_ids[t.first_block:] if b >= 0]

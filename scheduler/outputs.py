@@ -166,6 +166,9 @@ class KVTransfer:
     first_block: int = 0
     sliding_block_ids: list[int] = field(default_factory=list)
     token_ids: tuple[int, ...] = ()
+    # A load's source, as the connector's scheduler half describes it to its worker half (`KVConnector.load_params`:
+    # a network transport's address and key); plain data, pickled to the ranks. None: the connector needs none.
+    params: Any = None
 
 
 @dataclass

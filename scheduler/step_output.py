@@ -96,6 +96,10 @@ class StepOutputMixin:
                 self.waiting = deque(r for r in self.waiting if not r.is_finished)
             for r, _ in finished:
                 self._release(r)
+            if self.kv_transfers is not None:  # a prefill engine's outputs say where their saved KV is
+                ecos = {o.request_id: o for o in outputs}
+                for r, _ in finished:
+                    ecos[r.request_id].kv_transfer_params = self.kv_transfers.finished_params(r)
         drafts = runner_out.draft_token_ids
         if drafts:
             requests = self.requests

@@ -135,5 +135,12 @@ class _WorkerSide:
             done, self._done = self._done, {}
         return done or None
 
+    def drop_pending(self) -> None:
+        with self._lock:
+            self._done = {}  # every transfer ran while it started: only unreported results to forget
+
+    def close(self) -> None:
+        pass  # the store belongs to whoever made it
+
 
 __all__ = ["InHostKVConnector", "InHostKVStore"]

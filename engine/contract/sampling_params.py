@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .kv_transfer_params import KVTransferParams
 from .safe_text import shown
 from .structured_output_params import StructuredOutputParams
 
@@ -79,6 +80,9 @@ class SamplingParams:
     detokenize: bool = True
     # Constrain the output to a JSON schema, regex, grammar or choice (engine/core/structured_output.py).
     structured_outputs: Optional[StructuredOutputParams] = None
+    # Prefill/decode disaggregation (engine/contract/kv_transfer_params.py): save this request's prompt KV for a
+    # decode engine, or load it from the prefill engine that saved it. A dict in vLLM's shape is converted.
+    kv_transfer_params: Optional[KVTransferParams] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -105,6 +109,12 @@ class SamplingParams:
         _check(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens) and
                (self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1)), "truncate_prompt_tokens",
                self.truncate_prompt_tokens, "must be None, -1 (the model's limit) or a positive integer")
+        if isinstance(self.kv_transfer_params, dict):
+            self.kv_transfer_params = KVTransferParams.from_dict(self.kv_transfer_params)
+        _check(self.kv_transfer_params is None or isinstance(self.kv_transfer_params, KVTransferParams),
+               "kv_transfer_params", self.kv_transfer_params, "must be a KVTransferParams, a dict of its fields or None")
+        # Each of n samples is its own engine request, and a saved KV is served once.
+        _check(self.kv_transfer_params is None or self.n == 1, "n", self.n, "must be 1 with kv_transfer_params")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs", self.logprobs,
                f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 

@@ -75,6 +75,10 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
         raise ValueError(f"SamplingParams.n={params.n} is invalid for one engine request: an engine request is "
                          f"one sample; run n requests with params.sample(i), i < n (as LLM.generate and the "
                          f"servers do).")
+    if params.kv_transfer_params is not None and engine.config.kv_connector is None:
+        # Refused, not ignored: a decode request would silently recompute its prompt, a prefill one save nothing.
+        raise ValueError("SamplingParams.kv_transfer_params is set, but this engine has no KV connector: start it "
+                         "with kv_connector=RemoteKVConnector(...) (engine/cluster/kv_remote.py).")
     text = None
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:

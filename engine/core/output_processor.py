@@ -102,6 +102,8 @@ class OutputProcessor:
             st.text += delta
             out = self._make_output(st, new_ids, delta, finish_reason, stop_reason)
             if out is not None:
+                if co.kv_transfer_params is not None:
+                    out.kv_transfer_params = co.kv_transfer_params
                 results.append(out)
             if finish_reason is not None:
                 del self.states[co.request_id]

@@ -96,14 +96,38 @@ class PagedKVBlocks:
 
     def write(self, t: KVTransfer, saved: SavedKV) -> None:
         """Copy `saved` into this cache at `t`'s blocks; ValueError when it cannot hold it."""
-        if saved.layout != self.layout:
-            raise ValueError(f"request {t.req_id!r}: the saved KV has another layout (block size, KV kind, dtype or "
-                             f"layers) than this rank's cache: {saved.layout[:1]} vs {self.layout[:1]} "
-                             f"({len(saved.layout)} vs {len(self.layout)} groups).")
+        diff = layout_difference(saved.layout, self.layout)
+        if diff is not None:
+            raise ValueError(f"request {t.req_id!r}: the saved KV has another layout than this rank's cache: {diff}.")
         if saved.num_tokens < t.num_tokens:
             raise ValueError(f"request {t.req_id!r}: {saved.num_tokens} tokens saved, {t.num_tokens} to load.")
         for g in range(len(self.groups)):
             self.write_group(g, t, saved)
+
+
+def layout_difference(theirs: tuple, ours: tuple) -> str | None:
+    """What differs between two `PagedKVBlocks.layout`s, in words ("block size 4 vs 8", ...); None: the same.
+    `theirs` first (the saved KV, or the remote engine's), `ours` second."""
+    if theirs == ours:
+        return None
+    if len(theirs) != len(ours):
+        return (f"{len(theirs)} vs {len(ours)} cache groups (the number of attention layers, counted twice for a "
+                f"model whose sliding and full layers share tensors)")
+    for g, ((kind_a, ts_a), (kind_b, ts_b)) in enumerate(zip(theirs, ours)):
+        if kind_a != kind_b:
+            return f"group {g} is read with the {kind_a!r} table vs the {kind_b!r} table (another KV kind)"
+        if len(ts_a) != len(ts_b):
+            return (f"{len(ts_a)} vs {len(ts_b)} cache tensors per layer (another KV kind: GQA has k and v, "
+                    f"MLA one latent)")
+        for (dt_a, sh_a), (dt_b, sh_b) in zip(ts_a, ts_b):
+            if dt_a != dt_b:
+                return f"KV cache dtype {dt_a} vs {dt_b}"
+            if sh_a[:1] != sh_b[:1]:
+                return f"block size {sh_a[0]} vs {sh_b[0]}"
+            if tuple(sh_a) != tuple(sh_b):
+                return (f"a block's row per token is {tuple(sh_a[1:])} vs {tuple(sh_b[1:])} (KV heads x head dim, "
+                        f"or the MLA latent width)")
+    return "the layouts differ"  # not reached for layouts PagedKVBlocks builds
 
 
 class WorkerKVConnector(Protocol):
@@ -117,6 +141,13 @@ class WorkerKVConnector(Protocol):
     def poll(self) -> dict[int, bool] | None:
         """Transfer id -> True (done) / False (failed) for the transfers that ended since the last poll."""
 
+    def drop_pending(self) -> None:
+        """Forget the transfers in flight and the reports not polled yet, and never write for them (an elastic
+        rewind: the scheduler counted them failed and its blocks may go to other requests)."""
+
+    def close(self) -> None:
+        """Release what the worker half holds (a server's socket and threads); called when the rank shuts down."""
+
 
 
 
@@ -129,4 +160,4 @@ def start_transfers(connector: "WorkerKVConnector | None", transfers, blocks: "P
         (connector.start_save if saves else connector.start_load)(t, blocks)
 
 
-__all__ = ["FULL", "SLIDING", "PagedKVBlocks", "SavedKV", "WorkerKVConnector", "start_transfers"]
+__all__ = ["FULL", "SLIDING", "PagedKVBlocks", "SavedKV", "WorkerKVConnector", "layout_difference", "start_transfers"]

@@ -197,6 +197,8 @@ class ModelRunner:
         """Elastic EP (scheduler.Scheduler.rewind): hold exactly the scheduler's requests, as it holds them. A
         request keeps its generator (a seeded one may have drawn once in the broken step)."""
         gens = {**self._parked_generators, **{rid: st.generator for rid, st in self.requests.items()}}
+        if self.kv_connector is not None:  # the rewind counted its transfers in flight failed
+            self.kv_connector.drop_pending()
         self.requests = {}
         self.batch.clear()
         self._parked_generators = {rid: gens[rid] for rid in rs.waiting_ids if rid in gens}

@@ -312,6 +312,8 @@ class Worker:
         self._launched.clear()
         if self.runner is not None:
             self.runner.quiesce(self.config.comm_timeout_s)
+            if self.runner.kv_connector is not None:  # its server socket and threads (engine/cluster/kv_remote.py)
+                self.runner.kv_connector.close()
         if self.group is not None:
             from moelink.comm.process_group import destroy
 

@@ -1,0 +1,293 @@
+"""The remote KV connector: a prefill engine and a decode engine, in separate processes or hosts, move a
+request's prompt KV over a named transport (engine/cluster/kv_transport.py: "tcp", or "shm" on one host).
+
+    # prefill process: rank r serves the KV it saved on port + r of 127.0.0.1
+    conn = RemoteKVConnector(RemoteKVConfig(port=5600))
+    llm = LLM(model, kv_connector=conn)
+    llm.generate(prompts, SamplingParams(max_tokens=1, kv_transfer_params=KVTransferParams(do_remote_decode=True)))
+    params = [o.kv_transfer_params for o in outputs]                  # where each prompt's KV is, and its key
+
+    # decode process: fetches it instead of prefilling
+    llm = LLM(model, kv_connector=RemoteKVConnector(RemoteKVConfig()))  # no port: serves nothing
+    llm.generate(prompts, [SamplingParams(max_tokens=64, kv_transfer_params=p) for p in params])
+
+Scheduler half (driver): a request whose `SamplingParams.kv_transfer_params` says `do_remote_decode` is saved once
+its prompt is computed; one that says `do_remote_prefill` loads its whole prompt's KV (the scheduler then
+computes only the last prompt token, for its logits), and the load carries where from (`RemoteSource`, in
+`KVTransfer.params`). Worker half (each rank): a save copies the blocks to host memory into the rank's bounded
+store (engine/cluster/kv_store.py: dropped once fetched, after `ttl_s`, or oldest first past
+`max_saved_bytes`), which the transport serves; a load fetches on a thread of its own (the step loop goes on),
+and the rank's next `poll` writes what arrived into the request's blocks, reserved by the scheduler since the
+load began, and reports it. Anything short of that (the prefill engine gone, mid-fetch or before; nothing under
+the key; another layout or other tokens; `fetch_timeout_s` passed) reports the load failed: the scheduler frees
+the blocks and recomputes the request. The reason is logged and kept (`WorkerKVStats.failures`).
+
+The factory holds only this config, so it pickles to Ray ranks: each builds its own server and store there.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from moelink.engine.contract.kv_transfer_params import KVTransferParams
+from moelink.engine.contract.safe_text import shown
+from moelink.scheduler.outputs import KVTransfer
+from moelink.scheduler.request import Request
+
+from ..rank.kv_transfer import PagedKVBlocks, SavedKV
+from .kv_store import SavedKVStore
+from .kv_transport import KV_TRANSPORTS, make_transport
+from .kv_wire import KVFetchError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteKVConfig:
+    """The remote KV connector's settings (module docstring)."""
+
+    transport: str = "tcp"  # a name in kv_transport.KV_TRANSPORTS: "tcp", "shm" (one host); both engines the same
+    host: str = "127.0.0.1"  # where this engine's ranks serve their saved KV (bound exactly: never wider)
+    port: Optional[int] = None  # rank r serves on port + r; None: this engine serves nothing (decode only)
+    num_ranks: int = 1  # this engine's ranks (expert_parallel_size): ports port + [0, num_ranks)
+    ttl_s: float = 120.0  # saved KV not fetched within this is dropped
+    max_saved_bytes: int = 4 << 30  # per rank; past it the oldest saved KV is dropped
+    connect_timeout_s: float = 5.0
+    fetch_timeout_s: float = 60.0  # a whole fetch, connection to last byte; also a server's silent-peer limit
+
+    def __post_init__(self) -> None:
+        _check(self.transport in KV_TRANSPORTS, "transport", self.transport,
+               f"must be one of {', '.join(sorted(KV_TRANSPORTS))}")
+        _check(isinstance(self.host, str) and 0 < len(self.host) <= 255, "host", self.host,
+               "must be a host name or IP address to bind, e.g. 127.0.0.1")
+        _check(_is_int(self.num_ranks) and 1 <= self.num_ranks <= 1024, "num_ranks", self.num_ranks,
+               "must be an integer in [1, 1024]")
+        _check(self.port is None or (_is_int(self.port) and 1 <= self.port <= 65536 - self.num_ranks), "port",
+               self.port, f"must be None (serve nothing) or an integer in [1, {65536 - self.num_ranks}] "
+               f"(num_ranks={self.num_ranks} ports from it)")
+        for name in ("ttl_s", "connect_timeout_s", "fetch_timeout_s"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, name, v,
+                   "must be a finite number of seconds > 0")
+        _check(_is_int(self.max_saved_bytes) and self.max_saved_bytes >= 1, "max_saved_bytes", self.max_saved_bytes,
+               "must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class RemoteSource:
+    """A load's source (`KVTransfer.params`): the prefill engine's ranks' addresses and the key."""
+
+    host: str
+    port: int
+    num_ranks: int
+    key: str
+    token_ids: tuple[int, ...]  # the decode request's prompt: the saved KV must be of its tokens
+
+
+class RemoteKVConnector:
+    """The factory (engine/contract/kv_connector.py) for both roles; which requests save or load is per request
+    (`SamplingParams.kv_transfer_params`)."""
+
+    def __init__(self, config: RemoteKVConfig | None = None) -> None:
+        self.config = config or RemoteKVConfig()
+
+    def scheduler_side(self, rank: int) -> "_SchedulerSide":
+        self._check_rank(rank)
+        return _SchedulerSide(self.config, rank)
+
+    def worker_side(self, rank: int) -> "RemoteWorkerSide":
+        self._check_rank(rank)
+        return RemoteWorkerSide(self.config, rank)
+
+    def decode_params(self, request_id: str) -> KVTransferParams:
+        """What a decode engine's request needs to load the KV this engine saved for `request_id`, when its output's
+        `kv_transfer_params` (which names the rank's own port) is not at hand: every rank's ports, asked in turn."""
+        c = self.config
+        if c.port is None:
+            raise ValueError("RemoteKVConfig.port=None: this engine serves no saved KV, so no decode engine can "
+                             "load from it; give it a port.")
+        return KVTransferParams(do_remote_prefill=True, remote_host=c.host, remote_port=c.port,
+                                remote_ranks=c.num_ranks, remote_request_id=request_id)
+
+    def _check_rank(self, rank: int) -> None:
+        if self.config.port is not None and rank >= self.config.num_ranks:
+            raise ValueError(f"RemoteKVConfig.num_ranks={self.config.num_ranks} is too small: rank {rank} serves on "
+                             f"port + {rank}; set it to the engine's expert_parallel_size.")
+
+
+def _params(req: Request) -> KVTransferParams | None:
+    return getattr(req.sampling_params, "kv_transfer_params", None)
+
+
+class _SchedulerSide:
+    def __init__(self, config: RemoteKVConfig, rank: int) -> None:
+        self.config, self.rank, self.serves = config, rank, config.port is not None
+
+    def num_loadable_tokens(self, req: Request) -> int:
+        p = _params(req)
+        return req.num_prompt_tokens if p is not None and p.do_remote_prefill else 0
+
+    def load_params(self, req: Request) -> RemoteSource:
+        p = _params(req)
+        return RemoteSource(p.remote_host, p.remote_port, p.remote_ranks, p.remote_request_id,
+                            tuple(req.prompt_token_ids))
+
+    def wants_save(self, req: Request) -> bool:
+        p = _params(req)
+        if p is None or not p.do_remote_decode:
+            return False
+        if not self.serves:
+            logger.warning("request %s asks do_remote_decode, but this engine's RemoteKVConfig.port is None: its KV "
+                           "is not saved (a decode engine will recompute it).", shown(req.request_id))
+        return self.serves
+
+    def request_finished(self, req: Request) -> KVTransferParams | None:
+        """A saved request's output says where its KV is: this rank's own port (no other rank to ask)."""
+        p = _params(req)
+        if p is None or not p.do_remote_decode or not self.serves or req.num_computed_tokens < req.num_prompt_tokens:
+            return None  # not saved: not asked to, nowhere to serve it, or ended before its prompt was computed
+        return KVTransferParams(do_remote_prefill=True, remote_host=self.config.host,
+                                remote_port=self.config.port + self.rank, remote_ranks=1,
+                                remote_request_id=req.request_id)
+
+    def transfer_done(self, transfer: KVTransfer, ok: bool) -> None:
+        pass  # the worker half counts and logs; the scheduler recomputes a failed load
+
+
+@dataclass
+class WorkerKVStats:
+    num_loaded: int = 0
+    num_failed: int = 0
+    bytes_loaded: int = 0
+    fetch_s: float = 0.0  # summed wall seconds of the successful fetches
+    loaded_from: dict = field(default_factory=dict)  # "host:port" -> loads it served (which prefill rank)
+    failures: deque = field(default_factory=lambda: deque(maxlen=32))  # (request id, reason), the latest
+
+
+class RemoteWorkerSide:
+    """A rank's worker half (module docstring): its saved-KV store and server, and its fetches."""
+
+    def __init__(self, config: RemoteKVConfig, rank: int) -> None:
+        self.config = config
+        self.transport = make_transport(config.transport, config.connect_timeout_s, config.fetch_timeout_s)
+        self.store = SavedKVStore(config.ttl_s, config.max_saved_bytes)
+        self.server = None if config.port is None else self.transport.serve(self.store, config.host, config.port + rank)
+        self.stats = WorkerKVStats()
+        self._lock = threading.Lock()
+        self._done: dict[int, bool] = {}
+        self._arrived: list[tuple[KVTransfer, PagedKVBlocks, SavedKV]] = []
+        self._fetches: set[threading.Thread] = set()
+        # Bumped by drop_pending: a fetch started under an older generation is discarded when it arrives.
+        self._generation = 0
+
+    # saves: copied to host memory now (the blocks are the scheduler's again after this step), served later
+    def start_save(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
+        self.store.put(t.req_id, kv.read(t))
+        with self._lock:
+            self._done[t.transfer_id] = True
+
+    # loads: fetched on a thread; written into the blocks by the next poll after they arrive
+    def start_load(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
+        if not isinstance(t.params, RemoteSource):
+            self._fail(t, "the load names no remote source (a request without kv_transfer_params)")
+            return
+        th = threading.Thread(target=self._fetch, args=(t, kv, self._generation), name=f"kv-fetch-{t.transfer_id}",
+                              daemon=True)
+        with self._lock:
+            self._fetches.add(th)
+        th.start()
+
+    def _fetch(self, t: KVTransfer, kv: PagedKVBlocks, generation: int) -> None:
+        src: RemoteSource = t.params
+        t0 = time.monotonic()
+        want = list(src.token_ids[:t.num_tokens])
+        max_blocks = -(-t.num_tokens // kv.block_size)
+        reasons = []
+        try:
+            # Data-parallel attention: the KV is on the one prefill rank that computed it; ask each in turn.
+            for port in range(src.port, src.port + src.num_ranks):
+                left = self.config.fetch_timeout_s - (time.monotonic() - t0)
+                try:
+                    saved = self.transport.fetch(src.host, port, src.key, kv.layout, want, max_blocks, left)
+                except KVFetchError as exc:
+                    reasons.append(str(exc))
+                    continue
+                with self._lock:
+                    if generation != self._generation:
+                        return  # dropped (an elastic rewind): its blocks may be another request's by now
+                    self.stats.fetch_s += time.monotonic() - t0
+                    where = f"{src.host}:{port}"
+                    self.stats.loaded_from[where] = self.stats.loaded_from.get(where, 0) + 1
+                    self._arrived.append((t, kv, saved))
+                return
+            self._fail(t, "; ".join(reasons), generation)
+        except Exception as exc:  # a load must be reported whatever happens, or its request would wait for ever
+            self._fail(t, f"unexpected error: {exc!r}", generation)
+        finally:
+            with self._lock:
+                self._fetches.discard(threading.current_thread())
+
+    def _fail(self, t: KVTransfer, reason: str, generation: int | None = None) -> None:
+        logger.warning("KV load of request %s failed (it is recomputed): %s", shown(t.req_id), reason)
+        with self._lock:
+            if generation is not None and generation != self._generation:
+                return  # dropped: the scheduler awaits no report of it
+            self.stats.num_failed += 1
+            self.stats.failures.append((t.req_id, reason))
+            self._done[t.transfer_id] = False
+
+    def poll(self) -> dict[int, bool] | None:
+        with self._lock:
+            arrived, self._arrived = self._arrived, []
+        for t, kv, saved in arrived:
+            try:
+                # The blocks are the transfer's alone (the scheduler holds them; no step reads them before this
+                # report). A host-to-device copy on a GPU rank.
+                with torch.inference_mode():
+                    kv.write(t, saved)
+            except (ValueError, RuntimeError) as exc:  # refused, or a copy that does not fit: failed, not raised
+                self._fail(t, str(exc))
+                continue
+            with self._lock:
+                self.stats.num_loaded += 1
+                self.stats.bytes_loaded += saved.nbytes
+                self._done[t.transfer_id] = True
+        self.store.expire()
+        with self._lock:
+            done, self._done = self._done, {}
+        return done or None
+
+    def drop_pending(self) -> None:
+        """Forget every load in flight and every report not polled yet: the scheduler counted them failed (an
+        elastic rewind), so a fetch that arrives later must not write blocks that may have gone to another request."""
+        with self._lock:
+            self._generation += 1
+            self._arrived, self._done = [], {}
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        with self._lock:
+            fetches = list(self._fetches)
+        for th in fetches:  # each ends within fetch_timeout_s of its start
+            th.join(self.config.fetch_timeout_s + self.config.connect_timeout_s)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"RemoteKVConfig.{name}={shown(value)} is invalid: {allowed}.")
+
+
+__all__ = ["RemoteKVConfig", "RemoteKVConnector", "RemoteSource", "RemoteWorkerSide", "WorkerKVStats"]

@@ -1,0 +1,81 @@
+"""KV transports between engines, one strategy object per choice, chosen by name (`RemoteKVConfig.transport`).
+
+A transport does two things for the remote KV connector (engine/cluster/kv_remote.py): on a prefill rank it
+serves that rank's saved-KV store (engine/cluster/kv_store.py) at an address, and on a decode rank it fetches
+the KV saved under a key from such an address. The connector around it owns everything else: which requests
+save and load, the store's bounds, the background fetch and its deadline, writing the blocks, reporting.
+
+- "tcp" (engine/cluster/kv_tcp.py): one connection per fetch, JSON header and raw bytes; any two hosts, CPU
+  tests. Binds only the host it is given.
+- "shm" (engine/cluster/kv_shm.py): engines on one host; the same exchange over a Unix socket (mode 0600), the
+  KV bytes in an anonymous shared-memory file whose descriptor travels with the reply.
+
+What another transport needs to be added here (NCCL or CUDA IPC
+between GPU ranks, NIXL/UCX for RDMA): `serve` returns an object with `close()` that makes the store's entries
+readable by key (a NIXL agent registers the host buffers, or the device blocks themselves, and publishes its
+metadata; the key then names remote descriptors), and `fetch` returns a `SavedKV` in this rank's layout or
+raises `KVFetchError` with the reason within the timeout. A transport that writes straight into the decode
+rank's blocks (RDMA) would take the rank's `PagedKVBlocks` and the transfer's block ids instead of returning
+host copies: that is the one change to this interface it needs.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..rank.kv_transfer import SavedKV
+from .kv_store import SavedKVStore
+from .kv_shm import ShmKVServer, shm_fetch
+from .kv_tcp import TCPKVServer, tcp_fetch
+
+
+class KVServer(Protocol):
+    address: tuple  # where it serves (host, port)
+
+    def close(self) -> None: ...
+
+
+class KVTransport(Protocol):
+    """Serves saved KV on a prefill rank and fetches it on a decode rank (module docstring)."""
+
+    def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer: ...
+
+    def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
+              timeout_s: float) -> SavedKV:
+        """The KV saved under `key` for this rank's `layout` and `token_ids` (at most `max_blocks` blocks per
+        group); raises KVFetchError with the reason, always within `timeout_s`."""
+
+
+class TCPTransport:
+    name = "tcp"
+
+    def __init__(self, connect_timeout_s: float, io_timeout_s: float) -> None:
+        self.connect_timeout_s, self.io_timeout_s = connect_timeout_s, io_timeout_s
+
+    def serve(self, store: SavedKVStore, host: str, port: int) -> TCPKVServer:
+        return TCPKVServer(store, host, port, self.io_timeout_s)
+
+    def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
+              timeout_s: float) -> SavedKV:
+        return tcp_fetch(host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s, timeout_s)
+
+
+class ShmTransport(TCPTransport):
+    name = "shm"
+
+    def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
+        return ShmKVServer(store, host, port, self.io_timeout_s)
+
+    def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
+              timeout_s: float) -> SavedKV:
+        return shm_fetch(host, port, key, layout, token_ids, max_blocks, timeout_s)
+
+
+KV_TRANSPORTS = {"tcp": TCPTransport, "shm": ShmTransport}
+
+
+def make_transport(name: str, connect_timeout_s: float, io_timeout_s: float) -> KVTransport:
+    """The transport named `name` (RemoteKVConfig validated it)."""
+    return KV_TRANSPORTS[name](connect_timeout_s, io_timeout_s)
+
+
+__all__ = ["KVServer", "KVTransport", "KV_TRANSPORTS", "ShmTransport", "TCPTransport", "make_transport"]

@@ -1,0 +1,71 @@
+"""Per-request prefill/decode disaggregation parameters (vLLM's `kv_transfer_params`), validated where made.
+
+A request to the prefill engine says `do_remote_decode=True`: its prompt KV is saved once computed and served to
+a decode engine (it usually runs with max_tokens=1). The request to the decode engine says
+`do_remote_prefill=True` and where that KV is: the prefill engine's host, its KV port (`remote_port`; rank r of an
+engine with `remote_ranks` ranks serves on remote_port + r, since data-parallel attention keeps a request's KV on
+the one rank that computed it) and the prefill request's id (`remote_request_id`, the key the KV was saved under).
+The prefill engine's connector writes these for a request (engine/cluster/kv_remote.py
+`RemoteKVConnector.decode_params`). vLLM's NixlConnector names the same things remote_host, remote_port and
+remote_request_id; block ids are not carried, because the prefill side copies the blocks to host memory when it
+saves them and frees its own at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from .safe_text import shown
+
+
+@dataclass(frozen=True)
+class KVTransferParams:
+    """Where a request's prompt KV goes or comes from (module docstring)."""
+
+    do_remote_decode: bool = False  # prefill side: save this request's prompt KV for a decode engine
+    do_remote_prefill: bool = False  # decode side: load the prompt KV another engine saved
+    remote_host: Optional[str] = None
+    remote_port: Optional[int] = None
+    remote_ranks: int = 1  # the prefill engine's ranks (its expert_parallel_size): ports remote_port + [0, ranks)
+    remote_request_id: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.do_remote_decode, bool), "do_remote_decode", self.do_remote_decode, "must be True or False")
+        _check(isinstance(self.do_remote_prefill, bool), "do_remote_prefill", self.do_remote_prefill,
+               "must be True or False")
+        _check(not (self.do_remote_decode and self.do_remote_prefill), "do_remote_prefill", self.do_remote_prefill,
+               "cannot be set with do_remote_decode (one engine prefills, the other decodes)")
+        _check(_is_int(self.remote_ranks) and 1 <= self.remote_ranks <= 1024, "remote_ranks", self.remote_ranks,
+               "must be an integer in [1, 1024]")
+        if not self.do_remote_prefill:
+            return
+        _check(isinstance(self.remote_host, str) and 0 < len(self.remote_host) <= 255, "remote_host",
+               self.remote_host, "must be the prefill engine's host name or IP address with do_remote_prefill")
+        _check(_is_int(self.remote_port) and 1 <= self.remote_port <= 65536 - self.remote_ranks, "remote_port",
+               self.remote_port, f"must be an integer in [1, {65536 - self.remote_ranks}] with do_remote_prefill "
+               f"(remote_ranks={self.remote_ranks} ports from it)")
+        _check(isinstance(self.remote_request_id, str) and self.remote_request_id != "", "remote_request_id",
+               self.remote_request_id, "must be the prefill request's id (a non-empty string) with do_remote_prefill")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVTransferParams":
+        """From vLLM's JSON shape ({"do_remote_prefill": true, "remote_host": ..., ...}); unknown keys refused."""
+        if not isinstance(d, dict):
+            raise ValueError(f"kv_transfer_params={shown(d)} is invalid: must be an object (a dict).")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"kv_transfer_params has unknown keys {shown(unknown)}: allowed are {', '.join(names)}.")
+        return cls(**d)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"KVTransferParams.{name}={shown(value)} is invalid: {allowed}.")
+
+
+__all__ = ["KVTransferParams"]
