@@ -13,6 +13,8 @@ from moelink.scheduler.config import CacheConfig, SchedulerConfig
 from .model import KV_CACHE_DTYPES, ModelConfig, ParallelConfig
 from .quantization import ONLINE_METHODS
 from .graph_config import CudaGraphConfig
+from .grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS, DEFAULT_MAX_GRAMMAR_CHARS,
+                             DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES, GrammarConfig)
 from .kv_sizing import driver_num_kv_blocks, kv_sliding_window
 from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
@@ -41,6 +43,8 @@ class EngineConfig:
     kv_connector: object = None
     # Speculative decoding (engine/config/speculative.py); None: off.
     speculative: Optional[SpeculativeConfig] = None
+    # Bounds on structured-output grammar compiles (engine/config/grammar_config.py).
+    grammar: GrammarConfig = GrammarConfig()
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -138,6 +142,13 @@ class EngineArgs:
     # (engine/config/speculative.py), e.g. '{"method": "ngram", "num_speculative_tokens": 3}'. None: off. It runs
     # the serial step loop (drafts need the tokens just emitted): async_scheduling is turned off, logged once.
     speculative_config: Optional[object] = None
+    # Structured output's grammar compiles (engine/core/grammar_compile.py): a compile running longer than
+    # grammar_compile_timeout seconds fails naming the field; a spec longer than max_grammar_chars, or one
+    # arriving while max_queued_grammar_compiles wait, is refused; grammar_compile_workers processes compile.
+    grammar_compile_timeout: float = DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S
+    max_grammar_chars: int = DEFAULT_MAX_GRAMMAR_CHARS
+    max_queued_grammar_compiles: int = DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES
+    grammar_compile_workers: int = DEFAULT_GRAMMAR_COMPILE_WORKERS
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -177,6 +188,7 @@ class EngineArgs:
         if self.kv_connector is not None and not all(
                 callable(getattr(self.kv_connector, m, None)) for m in ("scheduler_side", "worker_side")):
             bad("kv_connector", "must be None or a KV connector factory (scheduler_side(rank), worker_side(rank))")
+        self.grammar_config()  # validated here, where the user set it
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         spec = self.speculative_config
         if spec is not None and spec.method == "eagle3" and spec.drafter_factory is None:
@@ -246,7 +258,11 @@ class EngineArgs:
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,
                             skip_warmup=self.skip_warmup, kv_connector=self.kv_connector,
-                            speculative=self.speculative_config)
+                            speculative=self.speculative_config, grammar=self.grammar_config())
+
+    def grammar_config(self) -> GrammarConfig:
+        return GrammarConfig(workers=self.grammar_compile_workers, max_queued=self.max_queued_grammar_compiles,
+                             timeout_s=self.grammar_compile_timeout, max_spec_chars=self.max_grammar_chars)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
         spec = self.speculative_config

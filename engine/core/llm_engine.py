@@ -97,7 +97,7 @@ class LLMEngine:
         # Online EPLB (--eplb-interval): None when off.
         self.eplb = make_eplb_controller(config, self.ep_plan)
         set_eplb_slot_bytes(self.executor, self.eplb)
-        self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids, config.grammar)
         self.structured = StructuredOutputManager(config.model.vocab_size)
         self.elastic_stats = ElasticStats()
         # Elastic EP: per old rank, the SchedulerOutputs of the steps a loss broke (engine/cluster/elastic.py rewinds them).
@@ -126,12 +126,12 @@ class LLMEngine:
 
     # -- input validation -----------------------------------------------------
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
-                       field: str | None = None) -> ProcessedRequest:
+                       field: str | None = None, compile_grammar: bool = True) -> ProcessedRequest:
         """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
 
         `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
         passes the name of the proto field it came from). The rules: engine/core/input_processing.py."""
-        return process_inputs(self, request_id, prompt, params, field)
+        return process_inputs(self, request_id, prompt, params, field, compile_grammar)
 
     # -- request lifecycle ----------------------------------------------------
     def add_processed(self, req: ProcessedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:

@@ -1,11 +1,12 @@
 """Structured output on xgrammar: grammars compiled off the engine thread, one matcher per request.
 
 Where the work happens, and why:
-- Compiling (`GrammarCompilerPool.compile`) runs on this module's thread pool. `process_inputs` calls
-  it, and that runs on the caller's thread (a server handler's `asyncio.to_thread`, or `LLM`'s caller),
-  never on the engine loop: a request whose grammar is compiling waits there, before it reaches the
-  scheduler, while the loop steps everything else. Equal specs share one compile (and xgrammar's cache).
-  A spec that does not compile is a ValueError naming its field, as any other bad input.
+- Compiling (`GrammarCompilerPool`, engine/core/grammar_compile.py) runs in child processes with their own
+  bounded queue, a size and a time limit, and cancellation when every client of a compile has left. A
+  request whose grammar is compiling waits before it reaches the scheduler (`LLM`'s caller in
+  `process_inputs`; a server handler awaits it on its event loop), while the loop steps everything else.
+  Equal specs share one compile. A spec that does not compile is a ValueError naming its field, as any
+  other bad input.
 - The token bitmask is computed on the engine thread (`StructuredOutputManager.bitmasks`), per request
   scheduled this step, from the request's `GrammarMatcher`, and travels to each rank in its own
   `SchedulerOutput.grammar_bitmask` (as vLLM v1 does): the engine is the one place that sees every
@@ -16,117 +17,19 @@ Where the work happens, and why:
 """
 from __future__ import annotations
 
-import json
 import logging
-import re
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable
 
 import numpy as np
 
-from .json_schema_grammar import schema_ebnf
-from ..contract.safe_text import shown
-from ..contract.structured_output_params import PREFIX, StructuredOutputParams, choice_ebnf
+from .grammar_compile import GrammarCompilerPool, GrammarQueueFull  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
-
-
-CACHE_LIMIT_BYTES = 256 << 20  # xgrammar's compiled-grammar cache
-MAX_SHARED_COMPILES = 256
 
 
 def bitmask_words(vocab_size: int) -> int:
     """int32 words per row of a token bitmask (bit t of word t // 32: token t allowed)."""
     return -(-vocab_size // 32)
-
-
-class GrammarCompilerPool:
-    """Compiles specs on a small thread pool; the xgrammar tokenizer info is built once, lazily."""
-
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Iterable[int], max_workers: int = 2):
-        self._tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.stop_token_ids = sorted(stop_token_ids)
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
-        self._lock = threading.Lock()  # the shared-compile table
-        # Building the tokenizer info reads the whole vocabulary (seconds for 150k tokens): its own lock, so
-        # submit() is never held up behind it.
-        self._compiler_lock = threading.Lock()
-        self._compiler = None
-        self._futures: dict[tuple[str, str], Future] = {}
-
-    def _get_compiler(self):
-        with self._compiler_lock:
-            if self._compiler is None:
-                import xgrammar as xgr
-                from transformers import PreTrainedTokenizerFast
-
-                # moelink's Tokenizer wraps a `tokenizers` object; xgrammar reads the vocabulary kind
-                # (byte-level BPE for the built-in tokenizer) from a transformers fast tokenizer over it.
-                hf = PreTrainedTokenizerFast(tokenizer_object=self._tokenizer._tok)
-                info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
-                                                          stop_token_ids=self.stop_token_ids)
-                # Bounded: every distinct schema a client sends is cached, so an unbounded cache is a memory leak.
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_LIMIT_BYTES)
-            return self._compiler
-
-    def _compile(self, params: StructuredOutputParams):
-        compiler = self._get_compiler()
-        kind, spec = params.key
-        # JSON goes through engine/core/json_schema_grammar.py, which corrects what xgrammar's converter gets wrong
-        # (invalid JSON in some strings, unbounded numbers) and prints compact JSON (no free whitespace between
-        # tokens: a weak model otherwise may emit whitespace until max_tokens, vLLM's --disable-any-whitespace).
-        if kind == "json":
-            return compiler.compile_grammar(schema_ebnf(json.loads(spec)))
-        if kind == "json_object":
-            return compiler.compile_grammar(schema_ebnf({"type": "object"}))
-        if kind == "regex":
-            return compiler.compile_regex(spec)
-        if kind == "grammar":
-            return compiler.compile_grammar(spec)
-        return compiler.compile_grammar(choice_ebnf(params.choice))
-
-    def submit(self, params: StructuredOutputParams) -> Future:
-        key = params.key
-        with self._lock:
-            fut = self._futures.get(key)
-            if fut is None:
-                if len(self._futures) >= MAX_SHARED_COMPILES:
-                    # Only in-flight compiles need sharing (xgrammar caches the results): forget finished ones.
-                    self._futures = {k: f for k, f in self._futures.items() if not f.done()}
-                fut = self._futures[key] = self._pool.submit(self._compile, params)
-        return fut
-
-    def compile(self, params: StructuredOutputParams):
-        """The compiled grammar; waits on the pool (call it off the engine loop). Raises ValueError
-        naming the field when the spec does not compile."""
-        fut = self.submit(params)
-        try:
-            return fut.result()
-        except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
-            with self._lock:
-                if self._futures.get(params.key) is fut:
-                    del self._futures[params.key]  # a bad spec is not cached
-            kind = params.kind
-            raise ValueError(f"{PREFIX}{kind}={shown(getattr(params, kind))} is invalid: {_reason(e)}.") from None
-
-    def shutdown(self) -> None:
-        # Waits for a running compile (milliseconds for sane specs), then frees the compiler here rather than
-        # at interpreter exit, where destroying xgrammar's native thread pool can abort the process.
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        with self._compiler_lock:
-            self._compiler = None
-        with self._lock:
-            self._futures.clear()
-
-
-def _reason(exc: Exception) -> str:
-    """xgrammar's message without its "[time] /path/file.cc:line: " prefix or final period."""
-    lines = str(exc).strip().splitlines()
-    if not lines:
-        return type(exc).__name__
-    return re.sub(r"^(\[[^\]]*\]\s*)?\S+\.cc:\d+:\s*", "", lines[0]).rstrip(".")
 
 
 class StructuredOutputManager:
