@@ -55,7 +55,7 @@ def main(fd: int) -> None:
     while True:
         try:
             kind, spec = json.loads(conn.recv_bytes())
-        except EOFError:
+        except (EOFError, OSError):
             return  # the parent closed the socket or exited
         try:
             answer = ["ok", compile_spec(compiler, kind, spec).serialize_json()]
