@@ -12,6 +12,7 @@ from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
 from .model import KV_CACHE_DTYPES, ModelConfig, ParallelConfig
 from .quantization import ONLINE_METHODS
+from .checkpoint_headers import check_checkpoint
 from .graph_config import CudaGraphConfig
 from .grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS, DEFAULT_MAX_GRAMMAR_CHARS,
                              DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES, GrammarConfig)
@@ -234,6 +235,8 @@ class EngineArgs:
                                                 kv_cache_dtype=self.kv_cache_dtype, fp8_block_size=self.fp8_block_size)
         if path != self.model:
             model_cfg.model_id = self.model
+        if self.load_format != "dummy":
+            check_checkpoint(model_cfg)  # headers against config.json, before any rank sizes a tensor from either
         if self.speculative_config is not None:
             self.speculative_config.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture)
         if parallel.expert_parallel_size > model_cfg.num_experts + parallel.num_redundant_experts:
