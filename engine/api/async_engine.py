@@ -36,6 +36,7 @@ from ..config.engine_args import EngineArgs
 from ..contract.engine_info import EngineInfo
 from ..core.llm_engine import LLMEngine, ProcessedRequest, PromptType
 from ..core.moe_metrics import ExpertLoadReport
+from ..core.no_tokenizer import NoTokenizer
 from .output_thread import AddOutputs, FinishOutputs, OutputQueue, OutputThread, StepOutputs, Stream
 from ..core.outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
@@ -111,6 +112,8 @@ class AsyncEngine:
                                       lambda: self._thread.is_alive() and self._dead_error is None, self._step_hung)
         self._thread.start()
         self._watchdog.start()  # after the engine thread: it watches while that thread is alive
+        if not isinstance(engine.tokenizer, NoTokenizer):
+            engine.grammars.prestart()  # serving: the first constrained request finds its compile process up
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, metrics: MetricsSink | None = None) -> "AsyncEngine":

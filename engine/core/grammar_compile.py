@@ -78,8 +78,7 @@ class _Worker:
         if self.spare is None:
             self.spare = self._spawn()
         (self.proc, self.conn), self.spare = self.spare, None
-        self.warm = False
-        self.spare = self._spawn()
+        self.warm = False  # the next spare is started once this one is ready: two starts at once slow both
 
     def _spawn(self) -> tuple[subprocess.Popen, Connection]:
         parent_sock, child_sock = socket.socketpair()
@@ -92,6 +91,7 @@ class _Worker:
         finally:
             child_sock.close()
         conn = Connection(parent_sock.detach())
+        # After the start: building the info here (importing xgrammar, the first time) overlaps the child's imports.
         conn.send_bytes(self.pool._tokenizer_info_json().encode())
         return proc, conn
 
@@ -113,6 +113,8 @@ class _Worker:
                 raise RuntimeError(f"the grammar compile process did not start within {CHILD_START_TIMEOUT_S:g} s "
                                    "(its log is the server's stderr)")
             self.warm = True
+            if self.spare is None:
+                self.spare = self._spawn()
         try:
             self.conn.send_bytes(json.dumps([kind, spec]).encode())
             answered = self.conn.poll(timeout_s)
@@ -226,12 +228,26 @@ class GrammarCompilerPool:
                                        f"{cfg.max_queued}, max_queued_grammar_compiles): retry later.")
             job = self._jobs[key] = _Job(key, params, Future())
             self._queue.append(job)
-            while len(self._workers) < min(cfg.workers, len(self._queue) + self._running()):
-                w = _Worker(self, len(self._workers))
-                self._workers.append(w)
-                w.thread.start()
+            self._add_workers(min(cfg.workers, len(self._queue) + self._running()))
             self._lock.notify()
         return job
+
+    def prestart(self) -> None:
+        """Start every compile process now, in the background (a server does, so that its first constrained
+        request does not wait seconds for one to start); without xgrammar, nothing."""
+        import importlib.util
+
+        if importlib.util.find_spec("xgrammar") is None:
+            return
+        with self._lock:
+            if not self._closed:
+                self._add_workers(self.config.workers)
+
+    def _add_workers(self, n: int) -> None:
+        while len(self._workers) < n:  # holding the lock
+            w = _Worker(self, len(self._workers))
+            self._workers.append(w)
+            w.thread.start()
 
     def compile(self, params: StructuredOutputParams):
         """The compiled grammar; waits (call it off the engine loop). Raises ValueError naming the field when the
