@@ -267,7 +267,7 @@ class GrammarCompilerPool:
         try:
             # Shielded: one caller's cancellation must not cancel a compile that others share.
             result = await asyncio.shield(asyncio.wrap_future(job.future))
-        except CancelledError:
+        except asyncio.CancelledError:  # this caller was cancelled, or the compile was (shutdown)
             if job.future.cancelled():
                 raise ValueError(self._error(job.params, "its compile was cancelled")) from None
             raise
