@@ -27,6 +27,9 @@
 #   mla-fp8-kv [--quick]   mla_fp8_kv: fp8 vs bf16 MLA latent KV cache on long prompts (DeepSeek-V2-Lite shape),
 #                          the MLA kernel then LLM.generate (64 x 7,680 prompt x 256 out; --quick 16 x 64 out),
 #                          each printed as `RATIO ... = fp8/bf16` (issue 27: 1.88 end to end before the fix)
+#   spec [--model qwen3-30b-a3b|deepseek-v2-lite]
+#                          spec_decode: the oracle drafter (p 0, 0.8; k 2) vs plain decoding at batch 1/4/16
+#                          on a full-size shape with random weights (verify graphs beside decode graphs)
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   plan                   every device command of a full session, in order, with its budget
@@ -552,6 +555,31 @@ step_e2e() {
     --time-budget-s $(( $(budget "$gemm" 0 "$other" "$run") - 120 )) --out "$OUT/$out"
 }
 
+# spec [--model M]: benchmarks/spec_decode.py on a full-size shape with random weights (issue 29's goal: >= 1.8x
+# decode tokens/s at batch 1-16, p = 0.8, k = 2). Per batch (1, 4, 16): plain decoding in both loops, then the
+# oracle drafter at p = 0 and 0.8 (verify steps of 3 tokens per row: the verify graphs beside the decode graphs).
+# Compiles: the decode and verify graphs' buckets (attention, MoE up/down) ~24 GEMM + 36 other; run: four engine
+# starts per batch ~60 s each with graphs (estimate, not yet run on a GPU).
+step_spec() {
+  local model=qwen3-30b-a3b prev="" a
+  for a in "$@"; do
+    if [[ $prev == --model ]]; then model=$a; prev=""; continue; fi
+    case "$a" in
+      --model) prev=--model ;;
+      *) echo "spec: unknown argument '$a' (--model qwen3-30b-a3b|deepseek-v2-lite)" >&2; exit 2 ;;
+    esac
+  done
+  [[ $model == qwen3-30b-a3b || $model == deepseek-v2-lite ]] \
+    || { echo "spec: --model must be qwen3-30b-a3b or deepseek-v2-lite (got '$model')" >&2; exit 2; }
+  if [[ $MODE == cpu-smoke ]]; then
+    cmd spec_decode 0 0 0 180 -- "$PY" -m moelink.benchmarks.spec_decode --batch 1 --p 0.8 --tokens 8 \
+      --repeats 1 --out "$OUT/spec_decode_cpu_smoke.json"
+    return 0
+  fi
+  cmd "spec_decode_$model" 24 0 36 400 -- "$PY" -m moelink.benchmarks.spec_decode --shape "$model" \
+    --batch 1 4 16 --p 0 0.8 --k 2 --tokens 64 --repeats 2 --out "$OUT/spec_decode_${DEV}_${model}.json"
+}
+
 # mla-fp8-kv [--quick]: benchmarks/mla_fp8_kv.py, two commands (GPU only: the benchmark refuses a machine without
 # CUDA; --cpu-smoke runs its toy shapes). Kernel part: V2-Lite's MLA over a bf16 and an fp8 cache; compiles: the
 # bf16 kernel unsplit and as a planned decode split, the fp8 launches over the cache (decodes, SELECT) and over
@@ -633,6 +661,7 @@ step_plan() {  # the full session, one device command per line, with budgets (dr
   steps+=("moe-mxfp4")
   for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
   steps+=("mla-fp8-kv")
+  for s in "${E2E_MODELS[@]}"; do steps+=("spec --model $s"); done
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -687,9 +716,9 @@ case "$STEP" in
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|decode|e2e|mla-fp8-kv|compile-report|all) ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|decode|e2e|mla-fp8-kv|spec|compile-report|all) ;;
   ""|-h|--help) sed -n '2,35p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, decode, e2e, mla-fp8-kv, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, decode, e2e, mla-fp8-kv, spec, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -710,6 +739,7 @@ case "$STEP" in
   decode) step_decode "$@" ;;
   e2e) step_e2e "$@" ;;
   mla-fp8-kv) step_mla_fp8_kv "$@" ;;
+  spec) step_spec "$@" ;;
   compile-report) step_compile_report ;;
   all)
     step_tests_kernels; step_tests_engine
@@ -720,7 +750,8 @@ case "$STEP" in
     for s in "${FP8_SHAPES[@]}"; do step_moe_fp8 "$s" "$@"; done
     step_moe_mxfp4 "$@"
     for s in "${E2E_MODELS[@]}"; do step_e2e --model "$s"; step_e2e --model "$s" --dtype fp8; step_e2e --serve --model "$s"; done
-    step_mla_fp8_kv ;;
+    step_mla_fp8_kv
+    for s in "${E2E_MODELS[@]}"; do step_spec --model "$s"; done ;;
 esac
 [[ $STEP != all && $STEP != tests ]] && finish_step
 exit "$STATUS"

@@ -1,7 +1,8 @@
 """Speculative decoding's speed against its acceptance: tokens per step, step time and decode tokens/s vs p.
 
-    python -m moelink.benchmarks.spec_decode [--model DIR [--load-format dummy]] [--batch 1 4 16]
-        [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--mtp] [--out benchmarks/results/spec_decode_<device>.json]
+    python -m moelink.benchmarks.spec_decode [--model DIR [--load-format dummy] | --shape NAME] [--batch 1 4 16]
+        [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--mtp] [--eagle3 HEAD_DIR]
+        [--out benchmarks/results/spec_decode_<device>.json]
 
 A drafter of chosen acceptance (`OracleDrafter`: it proposes each request's known continuation, each draft right
 with probability p and wrong otherwise) isolates the engine's verify path from any real drafter's quality: at
@@ -11,10 +12,13 @@ p the expected tokens per verify row are (1 - p^(k+1)) / (1 - p). Per batch size
 2. per p: the same requests with k drafts per step (greedy; outputs checked token-identical to 1);
 3. with --mtp (a checkpoint with MTP layers: DeepSeek-V3, GLM-4.5), the checkpoint's own drafter (method "mtp",
    engine/rank/mtp_drafter.py): its acceptance is the weights' (random under --load-format dummy: ~0, so the row
-   then prices the drafter's cost).
+   then prices the drafter's cost); with --eagle3 HEAD_DIR, an EAGLE-3 head for the model (method "eagle3",
+   engine/rank/eagle3_drafter.py; random under --load-format dummy, so the row prices the head's cost).
 Reported: decode tokens/s, engine steps, tokens per request-step, mean accepted length, acceptance rate, ms per
 step, and the speed-up over both plain loops. Without --model a tiny Qwen3-MoE checkpoint is made (CPU);
-on a GPU give a full-size model directory with --load-format dummy (config.json alone).
+on a GPU give a full-size model directory with --load-format dummy (config.json alone), or `--shape
+qwen3-30b-a3b|deepseek-v2-lite`: their published config.json numbers (benchmarks/e2e_setup.py), random weights,
+as many layers as fit beside the largest batch's KV cache (engine_decode's rule), bf16.
 """
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ def _run(llm, prompts, params, repeats: int = 1) -> tuple[list[list[int]], float
 
 
 def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine_kw: dict, repeats: int = 3,
-            mtp: bool = False) -> dict:
+            mtp: bool = False, eagle3: str | None = None) -> dict:
     from moelink.engine import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
@@ -90,6 +94,8 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
                              "drafter_factory": functools.partial(OracleDrafter, ref, p, vocab, 0)}) for p in ps]
     if mtp:
         runs.append(("mtp", None, {"method": "mtp", "num_speculative_tokens": k}))
+    if eagle3 is not None:
+        runs.append(("eagle3", None, {"method": "eagle3", "model": eagle3, "num_speculative_tokens": k}))
     for name, p, spec in runs:
         with LLM(model, speculative_config=spec, **engine_kw) as llm:
             _run(llm, prompts, params)
@@ -111,10 +117,26 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
     return rows
 
 
+def _shape_dir(shape: str, tmp: Path, max_batch: int, max_len: int) -> str:
+    """A config.json directory of `shape` (benchmarks/e2e_setup.MODELS) with the layers that fit (engine_decode)."""
+    import torch
+
+    from .e2e_setup import MODELS, write_model_dir
+    from .engine_decode import pick_layers
+
+    hf = MODELS[shape][0]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layers = pick_layers(hf, max_batch, max_len, device) if device.type == "cuda" else 2
+    print(f"{shape}: {layers} of {hf['num_hidden_layers']} layers, random weights")
+    return str(write_model_dir(tmp / shape, hf, layers, max_len))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moelink.benchmarks.spec_decode", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: a tiny Qwen3-MoE made here)")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--shape", default=None, choices=["qwen3-30b-a3b", "deepseek-v2-lite"],
+                    help="a full-size model shape with random weights (instead of --model)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--p", type=float, nargs="+", default=[0.0, 0.5, 0.8, 1.0])
     ap.add_argument("--k", type=int, default=2)
@@ -122,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     ap.add_argument("--mtp", action="store_true", help="also the checkpoint's MTP drafter (method mtp)")
+    ap.add_argument("--eagle3", default=None, metavar="HEAD_DIR",
+                    help="also an EAGLE-3 head for --model (method eagle3): its checkpoint directory")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if any(not 0.0 <= p <= 1.0 for p in args.p):
@@ -130,20 +154,26 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
+        if args.shape is not None:
+            if args.model is not None:
+                ap.error("--shape and --model are exclusive: give one.")
+            model = _shape_dir(args.shape, Path(tmp), max(args.batch), 16 + args.tokens + 8)
+            args.load_format, args.dtype = "dummy", "bfloat16" if args.dtype == "float32" else args.dtype
+        elif model is None:
             from moelink.engine.tools.tiny_model import make_tiny_model
             model = str(make_tiny_model(Path(tmp) / "tiny", arch="qwen3_moe"))
         kw = dict(dtype=args.dtype, max_model_len=16 + args.tokens + 8, load_format=args.load_format,
                   max_num_seqs=max(args.batch))
         result = dict(commit=git_commit(), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                      model=args.model or "tiny qwen3_moe", k=args.k, tokens=args.tokens, mtp=args.mtp, batches={})
+                      model=args.model or (f"{args.shape} shape, random weights" if args.shape else "tiny qwen3_moe"),
+                      k=args.k, tokens=args.tokens, mtp=args.mtp, eagle3=args.eagle3, batches={})
         for b in args.batch:
-            rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats, args.mtp)
+            rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats, args.mtp, args.eagle3)
             result["batches"][str(b)] = rows
             print(f"batch {b}: plain {rows['plain']['tokens_per_s']:.0f} tok/s ({rows['plain']['ms_per_step']:.2f} "
                   f"ms/step), serial {rows['plain_serial']['tokens_per_s']:.0f} tok/s")
             for name, r in rows.items():
-                if name.startswith("p=") or name == "mtp":
+                if name.startswith("p=") or name in ("mtp", "eagle3"):
                     expected = f"{r['expected_length']:.2f}" if r["expected_length"] is not None else "-"
                     print(f"  {name}: {r['tokens_per_s']:.0f} tok/s, {r['mean_accepted_length']:.2f} tokens/row "
                           f"(expected {expected}), {r['ms_per_step']:.2f} ms/step, x{r['speedup_vs_plain']:.2f} "

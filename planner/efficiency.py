@@ -7,7 +7,29 @@ run — never fitted per calibration row. Link efficiency lives with the links
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SpecCost:
+    """What an engine's speculative (MTP) steps cost beyond the step model's device work: the drafts' forwards
+    run eagerly (`eager_layer_s` per draft: one layer launched from the host, over its graph replay) and the
+    serial loop's host work (`host_s_per_seq` per sequence and step). planner/spec_cost.py measures moelink's."""
+
+    eager_layer_s: float
+    host_s_per_seq: float
+    text: str  # where both came from, one sentence for `moelink plan`
+
+    def __post_init__(self) -> None:
+        for name in ("eager_layer_s", "host_s_per_seq"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"SpecCost {name}={v!r} must be a finite number >= 0.")
+
+    def extra(self, mtp_draft: int, batch_per_rank: int) -> dict[str, float]:
+        """Seconds a speculative decode step of `batch_per_rank` sequences adds, by cause."""
+        return {"spec_host": self.host_s_per_seq * batch_per_rank, "spec_eager_drafts": self.eager_layer_s * mtp_draft}
 
 
 @dataclass(frozen=True)
@@ -38,6 +60,9 @@ class Efficiency:
         inside a CUDA graph -> 120 us.
     step_overhead_s: per forward step: sampling, scheduler hand-off and graph launch not hidden
         by CPU/GPU overlap, ~2 ms (SGLang/vLLM step traces at large batch).
+    spec: how an engine runs speculative (MTP) steps beyond the step model's device work
+        (planner/spec_cost.SpecCost: eager draft forwards, eager verify steps under EP, the serial loop's host
+        work); None: as the published engines do (graphed and overlapped), nothing beyond it.
     activation_passes: reads+writes of a token's hidden vector (bf16) per layer by the small
         kernels above, beyond the GEMMs' own traffic.
     tile_m: row tile of grouped GEMMs (Hopper wgmma / DeepGEMM BLOCK_M = 64): each expert's
@@ -53,6 +78,7 @@ class Efficiency:
     step_overhead_s: float = 2e-3
     activation_passes: int = 20
     tile_m: int = 64
+    spec: SpecCost | None = None
 
     def __post_init__(self) -> None:
         for name in ("gemm", "attention", "memory", "overlap_sm", "overlap_rdma"):

@@ -23,6 +23,7 @@ import functools
 from dataclasses import dataclass, replace
 
 from .efficiency import DEFAULT_EFFICIENCY, Efficiency
+from .spec_cost import FALLBACK_EAGER_LAYER_S, FALLBACK_HOST_S_PER_SEQ, SpecCost, spec_cost
 
 BUILT_MEASURED = "built, GPU-measured"
 BUILT = "built, not GPU-measured"
@@ -83,8 +84,9 @@ class EngineProfile:
 MOELINK = EngineProfile(
     "moelink", "this repository's engine: DP attention + EP, NCCL-style all-to-all, Triton MoE kernels",
     # SM-occupying all-to-all kernels: two-batch overlap hides what NCCL/DeepEP-normal overlap hides.
-    replace(DEFAULT_EFFICIENCY, overlap_rdma=DEFAULT_EFFICIENCY.overlap_sm),
-    patterns=("rank", "node"), precisions=("bf16", "fp8"), measured_kernels=True, mtp=False,
+    replace(DEFAULT_EFFICIENCY, overlap_rdma=DEFAULT_EFFICIENCY.overlap_sm,
+            spec=SpecCost(FALLBACK_EAGER_LAYER_S, FALLBACK_HOST_S_PER_SEQ, "assumed (planner/spec_cost.py)")),
+    patterns=("rank", "node"), precisions=("bf16", "fp8"), measured_kernels=True, mtp=True,
     tp_attention=False,
     features=(
         Feature("Triton grouped-GEMM MoE kernels (BF16, FP8 block-scaled)", BUILT_MEASURED,
@@ -103,7 +105,10 @@ MOELINK = EngineProfile(
         Feature("redundant experts (replicas of hot experts)", BUILT, "moe/placement.py, CPU ranks",
                 tag="redundant"),
         Feature("NVFP4 experts / FP4 dispatch", NOT_BUILT, "precision fp4 refused", tag="fp4"),
-        Feature("multi-token prediction (MTP) drafts", NOT_BUILT, "--mtp-draft refused", tag="mtp"),
+        Feature("multi-token prediction (MTP) drafts, verified in one step", BUILT,
+                "issue 29: MTP drafter + verify step, greedy-exact and distribution-exact on CPU; verify graphs "
+                "(low-latency under EP), drafts eager, serial loop (planner/spec_cost.py prices those)",
+                tag="mtp"),
         Feature("tensor-parallel attention", NOT_BUILT, "--attn-tp refused", tag="attn_tp"),
     ),
 )
@@ -141,7 +146,9 @@ def _measured_moelink(gpu: str | None = None) -> EngineProfile:
         features += (Feature(f"per-layer fixed cost {eff.layer_overhead_s * 1e6:.0f} us (small kernels in a CUDA graph)",
                              BUILT_MEASURED, f"fitted on the batch-1 decode step of {src} (Qwen3-30B-A3B, one GPU)"),)
     cost = step_cost_for_gpu(gpu)
-    eff = replace(eff, step_overhead_s=cost.seconds)
+    spec = spec_cost(gpu)
+    eff = replace(eff, step_overhead_s=cost.seconds, spec=spec)
+    features += (Feature("speculative steps beyond their device work", BUILT_MEASURED, spec.text, tag="mtp"),)
     features += (Feature(f"fixed cost per engine step {cost.seconds * 1e3:.2f} ms (host work the GPU does not hide)",
                          BUILT_MEASURED if cost.measured else BUILT, cost.text),)
     return replace(MOELINK, efficiency=eff, features=features, step_cost_note=cost.text)

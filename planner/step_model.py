@@ -281,6 +281,10 @@ def decode_step(model: ModelShape, hw: HardwareProfile, setup: Setup,
                                              setup.precision.lm_head, eff)) * setup.mtp_draft
         bd["mtp_draft"] = mtp
         total += mtp
+        if eff.spec is not None:  # how the engine runs them: eager drafts, the serial loop's host work
+            extra = eff.spec.extra(setup.mtp_draft, b)
+            bd.update(extra)
+            total += sum(extra.values())
     per_seq = sum(setup.mtp_accept ** i for i in range(setup.mtp_draft + 1))
     return StepResult("decode", total, b * per_seq, bd, imb, tokens_per_seq=per_seq)
 

@@ -42,18 +42,20 @@ def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int]) -
 
 
 def extend_block_hashes(hashes: list[BlockHash], token_ids: Sequence[int], block_size: int,
-                        num_blocks: int | None = None) -> list[BlockHash]:
+                        num_blocks: int | None = None, lookahead: int = 0) -> list[BlockHash]:
     """Append hashes of the full blocks of `token_ids` not yet in `hashes`.
 
     Incremental: only blocks `len(hashes) .. num_blocks-1` are hashed (all full
     blocks when `num_blocks` is None), so calling this every step after a token
     is appended costs O(new blocks), not O(sequence). Returns `hashes`.
+    `lookahead`: tokens after each block its hash covers too (CacheConfig.block_hash_lookahead); a block is
+    hashed only once they are known.
     """
-    full = len(token_ids) // block_size
+    full = max(len(token_ids) - lookahead, 0) // block_size
     stop = full if num_blocks is None else min(num_blocks, full)
     for i in range(len(hashes), stop):
         parent = hashes[i - 1] if i > 0 else None
-        hashes.append(hash_block_tokens(parent, token_ids[i * block_size:(i + 1) * block_size]))
+        hashes.append(hash_block_tokens(parent, token_ids[i * block_size:(i + 1) * block_size + lookahead]))
     return hashes
 
 

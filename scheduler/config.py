@@ -33,6 +33,11 @@ class CacheConfig:
     # Set by the engine when the model's sliding-window layers keep their own block table (paired with the full
     # layers on shared cache tensors): blocks that leave this window are freed. None: one table for every layer.
     sliding_window: int | None = None
+    # Tokens after a block that its prefix-cache hash covers too. The engine sets 1 when a speculative drafter
+    # keeps a KV cache layer whose entry at position t is computed from token t + 1 (an MTP layer, an EAGLE-3
+    # head): a block's last slot then depends on the next block's first token, so a hit must match it as well, or
+    # the drafter would read a state made for another request's next token.
+    block_hash_lookahead: int = 0
 
     def __post_init__(self) -> None:
         _check(_is_int(self.block_size) and self.block_size > 0,
@@ -42,6 +47,8 @@ class CacheConfig:
                "must be None (filled in by the engine) or an integer >= 1")
         _check(isinstance(self.enable_prefix_caching, bool),
                "CacheConfig", "enable_prefix_caching", self.enable_prefix_caching, "must be True or False")
+        _check(_is_int(self.block_hash_lookahead) and 0 <= self.block_hash_lookahead <= 1,
+               "CacheConfig", "block_hash_lookahead", self.block_hash_lookahead, "must be 0 or 1")
         _check(self.sliding_window is None or (_is_int(self.sliding_window) and self.sliding_window >= 1),
                "CacheConfig", "sliding_window", self.sliding_window, "must be None or a positive integer")
 

@@ -25,9 +25,12 @@ def known_written(req: Request, num_written: int | None) -> int:
 class KVCacheManager:
     """Owns the `BlockPool` and the block table of every request holding blocks."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 block_hash_lookahead: int = 0) -> None:
+        """block_hash_lookahead: tokens after a block its hash covers (CacheConfig.block_hash_lookahead)."""
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.lookahead = block_hash_lookahead
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self._blocks: dict[str, list[int]] = {}
         # How many leading blocks of a request are registered (or known to be
@@ -83,7 +86,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         max_blocks = (req.num_tokens - 1) // self.block_size
-        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, max_blocks)
+        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, max_blocks, self.lookahead)
         hits = self.pool.find_cached_blocks(req.block_hashes, max_blocks)
         return hits, len(hits) * self.block_size
 
@@ -143,7 +146,10 @@ class KVCacheManager:
         num_full = min(known_written(req, num_written) // self.block_size, len(blocks))
         if num_full <= start:
             return
-        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full)
+        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full, self.lookahead)
+        num_full = min(num_full, len(req.block_hashes))  # with a lookahead, the next tokens must be known too
+        if num_full <= start:
+            return
         self.pool.cache_full_blocks(blocks[start:num_full], req.block_hashes[start:num_full])
         self.num_cached_blocks[rid] = num_full
 

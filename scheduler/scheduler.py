@@ -72,10 +72,11 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         if cache_config.sliding_window is not None:
             self.kv = SlidingKVCacheManager(cache_config.num_kv_blocks, cache_config.block_size,
                                             cache_config.enable_prefix_caching, cache_config.sliding_window,
-                                            scheduler_config.max_num_batched_tokens)
+                                            scheduler_config.max_num_batched_tokens,
+                                            cache_config.block_hash_lookahead)
         else:
             self.kv = KVCacheManager(cache_config.num_kv_blocks, cache_config.block_size,
-                                     cache_config.enable_prefix_caching)
+                                     cache_config.enable_prefix_caching, cache_config.block_hash_lookahead)
         # The longest sequence whose KV fits the whole pool: a request is
         # finished ("length") before it outgrows it, else it could never be
         # scheduled again, even alone.

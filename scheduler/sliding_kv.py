@@ -52,8 +52,8 @@ class SlidingKVCacheManager(KVCacheManager):
     """`KVCacheManager` with a second, sliding-window block table per request (module docstring)."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, window: int,
-                 max_chunk_tokens: int) -> None:
-        super().__init__(num_blocks, block_size, enable_prefix_caching)
+                 max_chunk_tokens: int, block_hash_lookahead: int = 0) -> None:
+        super().__init__(num_blocks, block_size, enable_prefix_caching, block_hash_lookahead)
         self.window = window
         self.max_chunk_tokens = max_chunk_tokens
         self._sliding: dict[str, list[int]] = {}
@@ -110,7 +110,7 @@ class SlidingKVCacheManager(KVCacheManager):
             return SlidingHit([], []), 0
         bs = self.block_size
         max_blocks = (req.num_tokens - 1) // bs
-        extend_block_hashes(req.block_hashes, req.all_token_ids, bs, max_blocks)
+        extend_block_hashes(req.block_hashes, req.all_token_ids, bs, max_blocks, self.lookahead)
         full = self.pool.find_cached_blocks(req.block_hashes, max_blocks)
         for k in range(len(full), 0, -1):  # shorten the hit until the sliding group has its window
             s0 = first_live_sliding_block(k * bs, self.window, bs)
@@ -190,7 +190,10 @@ class SlidingKVCacheManager(KVCacheManager):
         num_full = min(known_written(req, num_written) // self.block_size, len(sliding))
         if num_full <= start:
             return
-        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full)
+        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full, self.lookahead)
+        num_full = min(num_full, len(req.block_hashes))  # with a lookahead, the next tokens must be known too
+        if num_full <= start:
+            return
         pairs = [(b, sliding_block_hash(h)) for b, h in zip(sliding[start:num_full], req.block_hashes[start:num_full])
                  if b != NULL_BLOCK]
         if pairs:

@@ -69,9 +69,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --all-to-all two_level: N consecutive ranks share an NVLink domain (8: HGX node, 72: "
                         "GB200 NVL72); default: one domain per Ray node, read from the placement group")
     p.add_argument("--ep-decode-capacity", type=int, default=None, metavar="TOKENS",
-                   help="tokens per rank of a low-latency (decode-only) dispatch on the fixed-capacity all-to-alls "
-                        "(torch_padded, nccl): fixed buffers, no counts exchange, CUDA-graph safe; larger or mixed "
-                        "steps run high-throughput, sized from the step (default: --max-num-seqs)")
+                   help="tokens per rank of a low-latency (decode or speculative verify) dispatch on the "
+                        "fixed-capacity all-to-alls (torch_padded, nccl): fixed buffers, no counts exchange, CUDA-graph "
+                        "safe; larger or mixed steps run high-throughput, sized from the step (default: --max-num-seqs, "
+                        "times 1 + k with k speculative tokens)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="overlap the host's work for step N+1 (scheduling, inputs, sampling set-up, outputs) with "
                         "the device's step N (default on; --no-async-scheduling: the serial loop)")

@@ -15,6 +15,12 @@ names it on its command line (the processes of this Ray instance, and no others:
 process keeps its logs there) and removes TEMP_DIR. On a clean exit the server shuts Ray down
 itself, then closes the pipe, and the guard only checks for stragglers and removes the folder.
 
+While it waits it also watches the instance's raylet. A raylet that dies (killed, OOM) while the server
+lives leaves the instance useless (the server's health turns NOT_SERVING), but its ray::Worker processes,
+a model's weights each (1.1 GB each under EP 3), lived on until the server stopped. So once the raylet it
+saw is gone, the guard stops every process of the instance but the server at once, and removes the folder
+when the server goes, as before.
+
 No imports beyond the standard library: it must start in milliseconds and outlive anything.
 """
 from __future__ import annotations
@@ -64,17 +70,7 @@ def processes_using(temp_dir: str, exclude: tuple[int, ...] = ()) -> list[int]:
 def clean(temp_dir: str, exclude: tuple[int, ...] = (), grace_s: float = _TERM_GRACE_S) -> int:
     """Stop the processes of the Ray instance in `temp_dir` (SIGTERM, then SIGKILL) and remove it;
     returns how many there were. `exclude`: PIDs to leave alone (the server, on a clean exit)."""
-    pids = processes_using(temp_dir, exclude)
-    for pid in pids:
-        _signal(pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    left = pids
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = [p for p in processes_using(temp_dir, exclude) if p in pids]
-    for pid in processes_using(temp_dir, exclude):  # stragglers, and anything started meanwhile
-        _signal(pid, signal.SIGKILL)
+    pids = stop_processes(temp_dir, exclude, grace_s)
     shutil.rmtree(temp_dir, ignore_errors=True)
     return len(pids)
 
@@ -86,9 +82,35 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def wait_for_parent(parent_pid: int) -> None:
-    """Return once the parent is gone: EOF on stdin (or stdin closed), or a new parent process."""
+def raylet_of(temp_dir: str, exclude: tuple[int, ...] = ()) -> int | None:
+    """The PID of the raylet of the Ray instance in `temp_dir` (its program is named `raylet`), or None."""
+    for pid in processes_using(temp_dir, exclude):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if os.path.basename(argv0) == b"raylet":
+            return pid
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+_RAYLET_LOOKUP_S = 2.0  # between /proc scans for the raylet (a scan reads every process's fds)
+
+
+def wait_for_parent(parent_pid: int, temp_dir: str | None = None) -> None:
+    """Return once the parent is gone: EOF on stdin (or stdin closed), or a new parent process. With
+    `temp_dir`, meanwhile stop the instance's processes (but the parent) when its raylet dies."""
     stdin = sys.stdin.fileno()
+    raylet, next_lookup, swept = None, 0.0, False
     while os.getppid() == parent_pid:
         try:
             ready, _, _ = select.select([stdin], [], [], 0.5)
@@ -96,13 +118,38 @@ def wait_for_parent(parent_pid: int) -> None:
                 return
         except OSError:
             return
+        if temp_dir is None or swept:
+            continue
+        if raylet is None:
+            if time.monotonic() >= next_lookup:
+                raylet = raylet_of(temp_dir, (parent_pid,))
+                next_lookup = time.monotonic() + _RAYLET_LOOKUP_S
+        elif not _alive(raylet):
+            stop_processes(temp_dir, exclude=(parent_pid,))
+            swept = True  # the instance is gone; what is left is the parent's to end
+
+
+def stop_processes(temp_dir: str, exclude: tuple[int, ...] = (), grace_s: float = _TERM_GRACE_S) -> list[int]:
+    """SIGTERM the processes of the Ray instance in `temp_dir`, then SIGKILL those still there; their PIDs."""
+    pids = processes_using(temp_dir, exclude)
+    for pid in pids:
+        _signal(pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    left = pids
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in processes_using(temp_dir, exclude) if p in pids]
+    for pid in processes_using(temp_dir, exclude):  # stragglers, and anything started meanwhile
+        _signal(pid, signal.SIGKILL)
+    return pids
 
 
 def main(argv: list[str]) -> int:
     temp_dir, parent_pid = argv[0], int(argv[1])
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # only the parent's exit ends the watch
-    wait_for_parent(parent_pid)
+    wait_for_parent(parent_pid, temp_dir)
     clean(temp_dir, exclude=(parent_pid,))
     return 0
 

@@ -80,7 +80,11 @@ class LocalRay:
         import ray
 
         base = os.environ.get("RAY_TMPDIR") or "/tmp"
-        self.temp_dir = tempfile.mkdtemp(prefix="moelink-ray-", dir=base)
+        # Ray makes its temp dir and everything in it 0777 (no sticky bit): another local user could plant
+        # files and symlinks in its sockets/ and logs/. So it lives one level down in a dir of our own, 0700
+        # (mkdtemp), which nobody else can enter whatever Ray does inside; made 0700 itself once Ray is up.
+        self.private_dir = tempfile.mkdtemp(prefix="moelink-ray-", dir=base)
+        self.temp_dir = os.path.join(self.private_dir, "r")
         self.guard: subprocess.Popen | None = None
         self._closed = False
         try:
@@ -88,11 +92,12 @@ class LocalRay:
 
             # Started before Ray, so a kill during ray.init is cleaned up too. Its stdin is a pipe only this
             # process holds (close-on-exec: Ray's processes do not inherit it).
-            self.guard = subprocess.Popen([sys.executable, ray_guard.__file__, self.temp_dir, str(os.getpid())],
+            self.guard = subprocess.Popen([sys.executable, ray_guard.__file__, self.private_dir, str(os.getpid())],
                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
             with ray_on_loopback():
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                          _node_ip_address="127.0.0.1", _temp_dir=self.temp_dir)
+            os.chmod(self.temp_dir, 0o700)
         except BaseException:
             self.close()
             raise
@@ -118,7 +123,7 @@ class LocalRay:
                 logger.warning("Ray clean-up guard (pid %d) did not finish; stopping it", self.guard.pid)
                 self.guard.kill()
                 self.guard.wait(5)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
 class _RayState:

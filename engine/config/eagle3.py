@@ -121,6 +121,21 @@ def eagle3_aux_layers(cfg: Eagle3Config, num_target_layers: int) -> tuple[int, i
     return after  # type: ignore[return-value]
 
 
+def check_eagle3_target(cfg: Eagle3Config, vocab_size: int, hidden_size: int, num_layers: int
+                        ) -> tuple[int, int, int]:
+    """Refuse a head that cannot draft for a target of this vocabulary, hidden width and depth (one sentence
+    naming the field); returns its `eagle3_aux_layers` for the target."""
+    if cfg.vocab_size != vocab_size:
+        raise ValueError(f"speculative_config.model: the EAGLE-3 head's config.json vocab_size={cfg.vocab_size} "
+                         f"differs from the served model's vocab_size={vocab_size}: the head drafts target ids, "
+                         "so it must be trained for this model.")
+    if cfg.target_hidden_size != hidden_size:
+        raise ValueError(f"speculative_config.model: the EAGLE-3 head's config.json target_hidden_size="
+                         f"{cfg.target_hidden_size} differs from the served model's hidden_size={hidden_size}: its "
+                         "fc reads three of the served model's hidden states.")
+    return eagle3_aux_layers(cfg, num_layers)
+
+
 def _aux_layer_ids(raw: dict) -> tuple[int, ...] | None:
     eagle = raw.get("eagle_config") or {}
     if not isinstance(eagle, dict):

@@ -191,10 +191,6 @@ class EngineArgs:
             bad("kv_connector", "must be None or a KV connector factory (scheduler_side(rank), worker_side(rank))")
         self.grammar_config()  # validated here, where the user set it
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
-        spec = self.speculative_config
-        if spec is not None and spec.method == "eagle3" and spec.drafter_factory is None:
-            raise ValueError("speculative_config.method='eagle3' is not available yet: its draft head "
-                             "(engine/models/eagle3.py) is not wired into the verify step; use 'mtp' or 'ngram'.")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -237,8 +233,11 @@ class EngineArgs:
             model_cfg.model_id = self.model
         if self.load_format != "dummy":
             check_checkpoint(model_cfg)  # headers against config.json, before any rank sizes a tensor from either
-        if self.speculative_config is not None:
-            self.speculative_config.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture)
+        spec = self.speculative_config
+        if spec is not None:
+            spec.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture)
+            # An EAGLE-3 head's directory, fetched and checked against this model before anything is sized.
+            spec = spec.resolve_draft_model(model_cfg, self.download_dir, weights=self.load_format != "dummy")
         if parallel.expert_parallel_size > model_cfg.num_experts + parallel.num_redundant_experts:
             raise ValueError(
                 f"expert_parallel_size={parallel.expert_parallel_size} is invalid: the model has "
@@ -254,20 +253,21 @@ class EngineArgs:
             async_scheduling = False
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=model_cfg.max_model_len, async_scheduling=async_scheduling)
-        cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device),
+        cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device, spec),
                             enable_prefix_caching=self.enable_prefix_caching,
-                            sliding_window=kv_sliding_window(model_cfg))
+                            sliding_window=kv_sliding_window(model_cfg),
+                            block_hash_lookahead=1 if spec is not None and spec.runs_on_device else 0)
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,
                             skip_warmup=self.skip_warmup, kv_connector=self.kv_connector,
-                            speculative=self.speculative_config, grammar=self.grammar_config())
+                            speculative=spec, grammar=self.grammar_config())
 
     def grammar_config(self) -> GrammarConfig:
         return GrammarConfig(workers=self.grammar_compile_workers, max_queued=self.max_queued_grammar_compiles,
                              timeout_s=self.grammar_compile_timeout, max_spec_chars=self.max_grammar_chars)
 
-    def _num_blocks(self, model_cfg: ModelConfig, device: torch.device) -> int | None:
-        spec = self.speculative_config
+    def _num_blocks(self, model_cfg: ModelConfig, device: torch.device, spec) -> int | None:
         return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,
-                                    device.type, self.max_num_seqs, spec.draft_cache_layers if spec else 0)
+                                    device.type, self.max_num_seqs,
+                                    spec.draft_kv_bytes_per_token(model_cfg) if spec else 0)

@@ -40,11 +40,12 @@ def kv_sliding_window(cfg: "ModelConfig") -> int | None:
     return None if cfg.attention.kv_layer_pairs(cfg.num_layers) is None else cfg.attention.sliding_window
 
 
-def kv_cache_bytes_per_block(cfg: "ModelConfig", block_size: int, draft_layers: int = 0) -> int:
-    """The cache of every layer for one block of `block_size` tokens, in bytes. `draft_layers`: layers of a
-    speculative drafter that keep a cache beside the model's, on the same block ids (the MTP drafter's one layer,
-    engine/rank/mtp_drafter.py): a block holds their tokens too."""
-    return (kv_cache_layers(cfg) + draft_layers) * block_size * kv_cache_bytes_per_token_per_layer(cfg)
+def kv_cache_bytes_per_block(cfg: "ModelConfig", block_size: int, draft_bytes_per_token: int = 0) -> int:
+    """The cache of every layer for one block of `block_size` tokens, in bytes. `draft_bytes_per_token`: what a
+    speculative drafter's cache layer stores per token beside the model's, on the same block ids (the MTP layer's,
+    a main layer's size; an EAGLE-3 head's, its own GQA shape: SpeculativeConfig.draft_kv_bytes_per_token): a
+    block holds its tokens too."""
+    return (kv_cache_layers(cfg) * kv_cache_bytes_per_token_per_layer(cfg) + draft_bytes_per_token) * block_size
 
 
 def blocks_per_sequence(max_model_len: int, block_size: int) -> int:
@@ -54,15 +55,15 @@ def blocks_per_sequence(max_model_len: int, block_size: int) -> int:
 
 def driver_num_kv_blocks(cfg: "ModelConfig", block_size: int, num_kv_blocks: int | None,
                          kv_cache_memory_bytes: int | None, device_type: str, max_num_seqs: int,
-                         draft_layers: int = 0) -> int | None:
+                         draft_bytes_per_token: int = 0) -> int | None:
     """The driver's choice before any weights load; None: each rank sizes its own cache once loaded (CUDA).
 
     A given `num_kv_blocks` wins; else a given byte budget; else on CPU enough for every sequence at full
-    length, capped at CPU_KV_CAP_BYTES. Raises ValueError when the budget holds not even one block. `draft_layers`:
-    as kv_cache_bytes_per_block."""
+    length, capped at CPU_KV_CAP_BYTES. Raises ValueError when the budget holds not even one block.
+    `draft_bytes_per_token`: as kv_cache_bytes_per_block."""
     if num_kv_blocks is not None:
         return num_kv_blocks
-    per_block = kv_cache_bytes_per_block(cfg, block_size, draft_layers)
+    per_block = kv_cache_bytes_per_block(cfg, block_size, draft_bytes_per_token)
     if kv_cache_memory_bytes is not None:
         budget = kv_cache_memory_bytes
     elif device_type == "cuda":

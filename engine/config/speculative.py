@@ -12,8 +12,12 @@ ValueError naming the key and what is allowed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Optional
+
+from .eagle3 import check_eagle3_target, read_eagle3_config
+from .model_source import resolve_model_dir
 
 METHODS = ("ngram", "mtp", "eagle3")
 _ALIASES = {"deepseek_mtp": "mtp"}
@@ -61,10 +65,26 @@ class SpeculativeConfig:
         return self.method == "mtp" and self.drafter_factory is None
 
     @property
-    def draft_cache_layers(self) -> int:
-        """KV cache layers the drafter keeps beside the model's, on the same blocks (KV sizing counts them): the
-        MTP drafter's one, none otherwise."""
-        return 1 if self.runs_mtp else 0
+    def runs_eagle3(self) -> bool:
+        """Whether the ranks run an EAGLE-3 head (engine/rank/eagle3_drafter.py): method "eagle3" without a
+        drafter_factory in its place."""
+        return self.method == "eagle3" and self.drafter_factory is None
+
+    @property
+    def runs_on_device(self) -> bool:
+        """Whether the drafter drafts in the step's device work (a layer of weights: MTP or an EAGLE-3 head)."""
+        return self.runs_mtp or self.runs_eagle3
+
+    def draft_kv_bytes_per_token(self, model_cfg) -> int:
+        """What one token stores in the drafter's KV cache layer beside the model's, on the same block ids (KV
+        sizing counts it): the MTP layer's is a main layer's; an EAGLE-3 head's is its own GQA shape (its
+        config.json) in the main cache's dtype; host drafters keep none. `model` must be resolved already
+        (`resolve_draft_model`)."""
+        if self.runs_mtp:
+            return model_cfg.attention.kv_bytes_per_token(model_cfg.cache_dtype)
+        if self.runs_eagle3:
+            return read_eagle3_config(self.model).attention.kv_bytes_per_token(model_cfg.cache_dtype)
+        return 0
 
     def check_model(self, num_nextn_predict_layers: int, architecture: str) -> None:
         """Refuse method "mtp" for a checkpoint without MTP layers (config.json's num_nextn_predict_layers)."""
@@ -72,6 +92,24 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its config.json has "
                              f"num_nextn_predict_layers={num_nextn_predict_layers} ({architecture}: no MTP layers to "
                              "draft with); use 'ngram', or a checkpoint that ships them (DeepSeek-V3/R1, GLM-4.5).")
+
+    def resolve_draft_model(self, model_cfg, download_dir: str | None = None,
+                            weights: bool = True) -> "SpeculativeConfig":
+        """Method "eagle3": this config with `model` the head's local directory (a Hugging Face repo id is fetched
+        like the served model), its config.json read and checked against the served model (vocabulary, hidden
+        width, the layers its states come from); any error names speculative_config.model. Others: unchanged."""
+        if not self.runs_eagle3:
+            return self
+        try:
+            path = resolve_model_dir(self.model, None, download_dir, weights=weights)
+        except ValueError as exc:
+            raise ValueError(f"speculative_config.{exc}") from None
+        try:
+            head = read_eagle3_config(path)
+        except ValueError as exc:
+            raise ValueError(f"speculative_config.model={self.model!r}: {exc}") from None
+        check_eagle3_target(head, model_cfg.vocab_size, model_cfg.hidden_size, model_cfg.num_layers)
+        return replace(self, model=os.path.abspath(path))  # workers (Ray actors) may run in another directory
 
     @classmethod
     def parse(cls, value: "str | dict[str, Any] | SpeculativeConfig | None") -> "SpeculativeConfig | None":

@@ -8,16 +8,22 @@ size its buffers. Each rank's runner hands the plan to its all-to-all
 (`AllToAll.begin_step`; comm/ep_modes.py picks the mode object from it).
 
 The rule (`plan_ep_step`): a step in which every scheduled request on every
-rank has exactly one token (decode) and no rank has more tokens than the decode
-capacity runs low-latency; every other step (a prompt chunk anywhere, or a
+rank is a decode (one token) or a speculative verify (its last token and its
+drafts: 1 + len(drafts) tokens), and no rank has more tokens than the decode
+capacity, runs low-latency; every other step (a prompt chunk anywhere, or a
 decode batch past the capacity) runs high-throughput with blocks of the step's
 largest tokens-per-rank. A decode step past the capacity is never cut: it falls
 back to high-throughput for that step.
 
 With decode CUDA graphs under EP (direct NCCL, low-latency only), the plan also
-carries the one graph size every rank replays (`graph_batch`): the smallest
-captured size holding the largest decode batch over ranks, so the ranks pad to
-the same size and make the same collective calls; None: the step runs eagerly.
+carries the one graph size every rank replays in a pure-decode step
+(`graph_batch`): the smallest captured size holding the largest decode batch
+over ranks, so the ranks pad to the same size; None: the step runs eagerly. A
+step with verify rows carries none: a rank whose every row verifies 1 + k
+tokens replays its own verify graph (engine/rank/cuda_graph.py), the others
+run eagerly. Mixing replays and eager passes is sound because a low-latency
+dispatch moves R blocks of the decode capacity whatever a rank's T is (the
+eager pass of a rank with no tokens already relies on it).
 """
 from __future__ import annotations
 
@@ -51,6 +57,12 @@ def is_decode_only(so: SchedulerOutput) -> bool:
     return all(n == 1 for n in so.num_scheduled_tokens.values())
 
 
+def is_decode_or_verify(so: SchedulerOutput) -> bool:
+    """Every scheduled request decodes one token or verifies its drafts (1 + len(drafts) tokens)."""
+    spec = so.scheduled_spec_tokens
+    return all(n == 1 + len(spec.get(r, ())) for r, n in so.num_scheduled_tokens.items())
+
+
 def plan_ep_step(outputs_per_rank: list[SchedulerOutput], decode_capacity: int,
                  graph_sizes: tuple[int, ...] = ()) -> EPStepPlan:
     """The plan of one step from every rank's SchedulerOutput (the rule is in the module docstring).
@@ -58,8 +70,10 @@ def plan_ep_step(outputs_per_rank: list[SchedulerOutput], decode_capacity: int,
     graph_sizes: the decode batch sizes every rank captured (sorted; empty: no graphs under EP).
     """
     max_tokens = max((so.total_num_scheduled_tokens for so in outputs_per_rank), default=0)
-    if max_tokens <= decode_capacity and all(is_decode_only(so) for so in outputs_per_rank):
-        graph = next((b for b in graph_sizes if b >= max(1, max_tokens)), None) if max_tokens else None
+    if max_tokens <= decode_capacity and all(is_decode_or_verify(so) for so in outputs_per_rank):
+        graph = None
+        if max_tokens and all(is_decode_only(so) for so in outputs_per_rank):
+            graph = next((b for b in graph_sizes if b >= max_tokens), None)
         return EPStepPlan(LOW_LATENCY, max_tokens, graph)
     return EPStepPlan(HIGH_THROUGHPUT, max_tokens)
 
@@ -75,4 +89,5 @@ def attach_ep_step(outputs_per_rank: list[SchedulerOutput], decode_capacity: int
     return plan
 
 
-__all__ = ["EPStepPlan", "HIGH_THROUGHPUT", "LOW_LATENCY", "attach_ep_step", "is_decode_only", "plan_ep_step"]
+__all__ = ["EPStepPlan", "HIGH_THROUGHPUT", "LOW_LATENCY", "attach_ep_step", "is_decode_only",
+           "is_decode_or_verify", "plan_ep_step"]

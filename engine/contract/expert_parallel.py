@@ -106,7 +106,10 @@ def plan_expert_parallel(config: EngineConfig) -> ExpertParallelPlan:
     capacity = decode = None
     if backend.needs_capacity:
         capacity = config.scheduler.max_num_batched_tokens
-        decode = par.ep_decode_capacity if par.ep_decode_capacity is not None else config.scheduler.max_num_seqs
+        # Default: every sequence's decode, or its verify of k drafts with speculation (1 + k tokens each).
+        per_seq = 1 + (config.speculative.num_speculative_tokens if config.speculative is not None else 0)
+        decode = (par.ep_decode_capacity if par.ep_decode_capacity is not None
+                  else config.scheduler.max_num_seqs * per_seq)
         if decode > capacity:
             if par.ep_decode_capacity is not None:
                 raise ValueError(f"ep_decode_capacity={decode} is invalid: above max_num_batched_tokens={capacity}, "

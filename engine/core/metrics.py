@@ -12,21 +12,21 @@ the `ExpertLoad` RPC / `moelink stats`).
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import deque
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .metrics_server import BoundedMetricsServer, start_metrics_server as _start
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _THROUGHPUT_WINDOW_S = 10.0
-# The /metrics HTTP server: at most this many connections at once (one thread each; more are closed at
-# once), and each one at most this long, however slowly its client sends (a scrape takes milliseconds).
+# The /metrics HTTP server: at most this many requests served at once (one thread each; more are closed at
+# once), and each connection at most this long, however slowly its client sends (a scrape takes
+# milliseconds). Connections still sending their request hold no thread (metrics_server.py).
 METRICS_MAX_CONNECTIONS = 16
 METRICS_CONNECTION_TIMEOUT_S = 10.0
 
@@ -257,97 +257,10 @@ def _counter(name, doc, value):
 
 
 # -- the /metrics endpoint ------------------------------------------------------
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
-        pass
-
-
-class BoundedMetricsServer(ThreadingMixIn, WSGIServer):
-    """prometheus_client's thread-per-connection WSGI server, bounded.
-
-    prometheus_client.start_http_server keeps one thread per connection for as long as the client
-    keeps it open: a few hundred half-open connections are a few hundred threads, forever. Here a
-    connection beyond `max_connections` is closed as soon as it is accepted, every read and write
-    times out after `timeout` seconds, and a connection still open `timeout` seconds after it was
-    accepted (a client trickling bytes) is shut down by the accept loop.
-    """
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, address, handler, max_connections: int, timeout: float):
-        self.max_connections = max_connections
-        self.connection_timeout = timeout
-        self._lock = threading.Lock()
-        self._open: dict[socket.socket, float] = {}  # connection → its deadline
-        self.refused_total = 0
-        super().__init__(address, handler)
-
-    def process_request(self, request, client_address):
-        with self._lock:
-            full = len(self._open) >= self.max_connections
-            if full:
-                self.refused_total += 1
-            else:
-                self._open[request] = time.monotonic() + self.connection_timeout
-        if full:
-            self.shutdown_request(request)
-            return
-        request.settimeout(self.connection_timeout)
-        try:
-            super().process_request(request, client_address)  # starts the connection's thread
-        except BaseException:
-            with self._lock:
-                self._open.pop(request, None)
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._lock:
-                self._open.pop(request, None)
-
-    def service_actions(self):
-        """Called by serve_forever about twice a second: end connections past their deadline."""
-        self._end_connections(time.monotonic())
-
-    def _end_connections(self, now: float) -> None:
-        with self._lock:
-            late = [conn for conn, deadline in self._open.items() if deadline < now]
-        for conn in late:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)  # its thread's blocked read returns at once
-            except OSError:
-                pass
-
-    def handle_error(self, request, client_address):
-        pass  # a client that timed out or went away is not worth a traceback on stderr
-
-    @property
-    def open_connections(self) -> int:
-        with self._lock:
-            return len(self._open)
-
-    def close(self) -> None:
-        """Stop accepting, close the listening socket and end the connections still open."""
-        self.shutdown()
-        self.server_close()
-        self._end_connections(float("inf"))
-
-
 def start_metrics_server(registry, host: str, port: int, max_connections: int | None = None,
                          timeout: float | None = None) -> BoundedMetricsServer:
-    """Serve `registry` at http://host:port/metrics from a daemon thread; `.server_port` is the bound port."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-
-    class _Server(BoundedMetricsServer):
-        address_family = family
-
-    httpd = _Server((host, port), _QuietHandler,
-                    METRICS_MAX_CONNECTIONS if max_connections is None else max_connections,
-                    METRICS_CONNECTION_TIMEOUT_S if timeout is None else timeout)
-    httpd.set_app(make_wsgi_app(registry))
-    threading.Thread(target=httpd.serve_forever, name="moelink-metrics", daemon=True).start()
-    return httpd
+    """Serve `registry` at http://host:port/metrics from a daemon thread; `.server_port` is the bound port.
+    Idle and slow connections hold no thread and cannot crowd out scrapes (metrics_server.py)."""
+    return _start(make_wsgi_app(registry), host, port,
+                  METRICS_MAX_CONNECTIONS if max_connections is None else max_connections,
+                  METRICS_CONNECTION_TIMEOUT_S if timeout is None else timeout)

@@ -1,6 +1,6 @@
 """An EAGLE-3 draft head (Li et al. 2025, "EAGLE-3"), as the public heads for Llama and Qwen3 publish it: a separate
-checkpoint (engine/config/eagle3.py reads its config.json; engine/rank/eagle3_loader.py loads it), not wired into a
-step yet.
+checkpoint (engine/config/eagle3.py reads its config.json; engine/rank/eagle3_loader.py loads it), drafting in the
+step's device work as speculative method "eagle3" (engine/rank/eagle3_drafter.py).
 
 Legend: T tokens in the flat batch, D the head's hidden size, Dt the target's, V the target's vocabulary, Vd the
 head's (draft) vocabulary, N / K query / kv heads, H head dim, I intermediate size.

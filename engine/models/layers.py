@@ -27,11 +27,46 @@ class ForwardContext:
     # The sliding-window layers' metadata when their group has its own block table (its block tables and KV
     # slots; the rest as `attn`); None: every layer reads `attn`.
     attn_sliding: AttentionMetadata | None = None
+    # Residual-stream states the main model's forward keeps for a drafter (EAGLE-3), or None: keep nothing.
+    aux: "AuxCapture | None" = None
 
     def select(self, s0: int, s1: int) -> "ForwardContext":
-        """The context of sequences [s0, s1) only (a micro-batch): same caches, their metadata."""
+        """The context of sequences [s0, s1) only (a micro-batch): same caches, their metadata, a capture of its
+        own (engine/rank/step_plan.py joins the micro-batches' captures back)."""
         sliding = self.attn_sliding.select(s0, s1) if self.attn_sliding is not None else None
-        return ForwardContext(self.attn.select(s0, s1), self.kv_caches, sliding)
+        aux = AuxCapture(self.aux.layers) if self.aux is not None else None
+        return ForwardContext(self.attn.select(s0, s1), self.kv_caches, sliding, aux)
+
+
+class AuxCapture:
+    """What a main-model forward keeps for an EAGLE-3 drafter: the residual stream (hidden + residual, the input
+    of the next layer before its input_layernorm) after each of `layers` main layers, [T, D] each; 0 is the
+    embedding, L the last layer's output before the final norm. Filled by the forward on the device (no sync;
+    MoEDecoderForCausalLM.stages), read by the drafter in the same step. `layers` may repeat a count (a tiny
+    target's default low and mid can coincide): `states` gives one tensor per entry, in order."""
+
+    def __init__(self, layers: tuple[int, ...]):
+        self.layers = tuple(layers)
+        self.wanted = frozenset(layers)
+        self.by_layer: dict[int, torch.Tensor] = {}
+
+    def take(self, n: int, x_TD: torch.Tensor, residual_TD: torch.Tensor | None) -> None:
+        """The stream after `n` layers, from the layer loop's (x, residual) pair (residual None: x alone)."""
+        if n in self.wanted:
+            self.by_layer[n] = x_TD if residual_TD is None else x_TD + residual_TD
+
+    def states(self) -> list[torch.Tensor]:
+        """[T, D] per entry of `layers`, in order."""
+        missing = [n for n in self.layers if n not in self.by_layer]
+        if missing:
+            raise RuntimeError(f"the forward captured no state after layer(s) {missing}: run the model with this "
+                               "capture in its ForwardContext.")
+        return [self.by_layer[n] for n in self.layers]
+
+    def join(self, parts: list["AuxCapture"]) -> None:
+        """Keep the micro-batches' captures, concatenated in the flat batch's order (parts in that order)."""
+        for n in self.wanted:
+            self.by_layer[n] = torch.cat([p.by_layer[n] for p in parts])
 
 
 def param(*shape, dtype, device) -> nn.Parameter:

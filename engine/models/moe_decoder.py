@@ -148,11 +148,17 @@ class MoEDecoderForCausalLM(nn.Module):
     def stages(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> Stages:
         """`forward` as stages: yields twice per MoE layer under expert parallelism (dispatch in flight, combine
         in flight), never otherwise; returns the final-normed hidden states [T, D]. engine/rank/step_plan.py drives
-        it, alone or interleaved with another micro-batch's."""
+        it, alone or interleaved with another micro-batch's. With `ctx.aux` it also keeps the residual stream
+        after the layers the capture names (an EAGLE-3 drafter's states: one add each, no sync)."""
         x_TD = F.embedding(input_ids_T, self.embed_tokens)
         residual_TD = None
-        for layer in self.layers:
+        aux = ctx.aux  # an EAGLE-3 drafter's capture (models/layers.AuxCapture); None: the normal path, untouched
+        for i, layer in enumerate(self.layers):
+            if aux is not None:
+                aux.take(i, x_TD, residual_TD)
             x_TD, residual_TD = yield from layer.stages(positions_T, x_TD, residual_TD, ctx)
+        if aux is not None:
+            aux.take(len(self.layers), x_TD, residual_TD)
         h_TD, _ = self.norm.add_forward(x_TD, residual_TD)
         return h_TD
 

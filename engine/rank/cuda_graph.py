@@ -27,13 +27,22 @@ a replay of b sequences runs the plan an eager step of b decodes runs, bit for
 bit, whatever max_model_len is. The reference kernels read the host lists, so
 they cannot be captured.
 
+Speculative verify steps (`verify_len` = 1 + k tokens per row): beside each decode graph b, a verify graph b of
+b x (1 + k) tokens, replayed when every row of a step has exactly 1 + k query tokens (each request verifies k
+drafts: the MTP drafter always proposes k; a step where some request has fewer runs eagerly). The same padding
+(rows n..b: 1 + k padding tokens each, seq_len 1 + k over the null block), and the same rule: the kernels read
+every length from the device. Their multi-token path (the prefill kernels) plans its key splits from the host
+lengths at capture, so the verify graphs are captured with the host lengths at their bound, max_model_len: a
+replay over a short context leaves most splits empty, never walks a long one with too few programs. An fp8 MLA
+cache widens a multi-token step's context with host lengths (kernels/triton_mla_wide.py): no verify graphs there.
+
 Memory: graphs are captured after the KV cache took its share of
 gpu_memory_utilization, so they (a shared pool of tens of MB for decode
 activations plus the graphs themselves; logged after capture) live in the
 remaining headroom, like eager prefill activations.
 
-Legend: B largest captured batch, b captured batch, n sequences this step,
-M max blocks per sequence, D hidden.
+Legend: B largest captured batch, b captured batch, n sequences this step, q query tokens per row (1, or
+verify_len), T = b x q tokens, M max blocks per sequence, D hidden.
 """
 from __future__ import annotations
 
@@ -45,7 +54,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from moelink.kernels.attention import AttentionMetadata
+from moelink.kernels.attention import FP8_CACHE_DTYPES, AttentionMetadata
 
 from ..models.layers import ForwardContext
 
@@ -89,6 +98,39 @@ def graph_sizes_to_capture(sizes: tuple[int, ...], kernels, ep, two_batch_overla
             log.info("decode graphs above the EP decode capacity %d dropped (those steps run eagerly).", cap)
         sizes = tuple(s for s in sizes if s <= cap)
     return tuple(sizes)
+
+
+def verify_graph_len(cfg, num_speculative_tokens: int, block_size: int, log: logging.Logger = logger) -> int:
+    """Query tokens per row of the verify graphs a runner captures beside its decode graphs (1 + k), or 1 for
+    none (logged, with why): no speculation, an fp8 MLA cache (its multi-token path widens with host lengths), or
+    1 + k past a block (a padding row must read only its first, null, table column). Under expert parallelism
+    the sizes are those whose b x (1 + k) tokens fit the low-latency capacity (`verify_sizes`)."""
+    k = num_speculative_tokens
+    if k < 1:
+        return 1
+    why_not = None
+    if cfg.attention.kind == "mla" and cfg.cache_dtype in FP8_CACHE_DTYPES:
+        why_not = "an fp8 MLA cache widens a multi-token step's context with host lengths"
+    elif 1 + k > block_size:
+        why_not = f"1 + k = {1 + k} tokens per row exceed a KV block ({block_size})"
+    if why_not:
+        log.info("verify graphs off: %s.", why_not)
+        return 1
+    return 1 + k
+
+
+def verify_sizes(sizes: tuple[int, ...], verify_len: int, ep, log: logging.Logger = logger) -> tuple[int, ...]:
+    """The decode sizes b whose verify graph (b x verify_len tokens) a runner captures: all of them on one rank;
+    under expert parallelism those within the low-latency capacity (a graph replays that mode's dispatch)."""
+    if verify_len < 2:
+        return ()
+    if ep is None:
+        return tuple(sizes)
+    cap = ep.all_to_all.decode_capacity
+    kept = tuple(b for b in sizes if b * verify_len <= cap)
+    if len(kept) < len(sizes):
+        log.info("verify graphs above the EP decode capacity %d tokens dropped (those steps run eagerly).", cap)
+    return kept
 
 
 class CapturedStep:
@@ -147,32 +189,48 @@ class EagerReplay:
 
 
 class DecodeGraphs:
-    """Static decode inputs, one captured forward per batch size, and the copy-in/replay of a step."""
+    """Static step inputs, one captured forward per batch size (and per verify size, with `verify_len` > 1), and
+    the copy-in/replay of a step."""
 
     def __init__(self, model, kv_caches, sizes: tuple[int, ...], max_blocks_per_seq: int, null_block: int,
-                 device: torch.device, backend, sliding_table: bool = False):
+                 device: torch.device, backend, sliding_table: bool = False, verify_len: int = 1,
+                 max_context: int = 1, verify_batch_sizes: tuple[int, ...] | None = None):
         """`sliding_table`: the sliding-window layers have their own block table (a second static table and
-        slot buffer, read by those layers through ForwardContext.attn_sliding)."""
+        slot buffer, read by those layers through ForwardContext.attn_sliding). `verify_len`: query tokens per
+        row of a speculative verify step (1 + k) to capture beside the decode graphs (1: none); `max_context`:
+        the longest context a row can have (max_model_len), the host bound the verify graphs are captured with
+        (module docstring); `verify_batch_sizes`: the batch sizes of those (default: every decode size)."""
         if not sizes:
             raise ValueError("DecodeGraphs needs at least one batch size.")
+        if verify_len < 1:
+            raise ValueError(f"verify_len={verify_len} is invalid: must be >= 1 (1: no verify graphs).")
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
         self.sizes = tuple(sorted(sizes))
         self.max_batch = self.sizes[-1]
         self.null_block = null_block
-        B, M = self.max_batch, max_blocks_per_seq
+        self.verify_len, self.max_context = verify_len, max(max_context, verify_len)
+        self.verify_sizes = tuple(sorted(self.sizes if verify_batch_sizes is None else verify_batch_sizes))
+        if not set(self.verify_sizes) <= set(self.sizes):
+            raise ValueError(f"verify_batch_sizes={self.verify_sizes} must be among the decode sizes {self.sizes}.")
+        B, M, Q = self.max_batch, max_blocks_per_seq, verify_len
+        TB = B * Q  # token rows of the largest graph
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.long, device=device)
-        self.input_ids_B = torch.zeros(B, **i64)
-        self.positions_B = torch.zeros(B, **i64)
-        self.slots_B = torch.full((B,), -1, **i64)
+        self.input_ids_T = torch.zeros(TB, **i64)
+        self.positions_T = torch.zeros(TB, **i64)
+        self.slots_T = torch.full((TB,), -1, **i64)
+        self.valid_T = torch.zeros(TB, dtype=torch.bool, device=device)  # real rows; padding routes to no expert
         self.seq_lens_B = torch.ones(B, **i32)
         self.tables_BM = torch.full((B, M), null_block, **i32)
-        self.qsl_B1 = torch.arange(B + 1, **i32)  # one query token per sequence, always
-        self.valid_B = torch.zeros(B, dtype=torch.bool, device=device)  # real rows; padding routes to no expert
+        # Query starts: one token per sequence (decode), Q per sequence (verify); fixed, so never copied.
+        self.qsl_B1 = {1: torch.arange(B + 1, **i32)}
+        if Q > 1:
+            self.qsl_B1[Q] = torch.arange(B + 1, **i32) * Q
         self.sliding_table = sliding_table
         if sliding_table:
-            self.sliding_slots_B = torch.full((B,), -1, **i64)
+            self.sliding_slots_T = torch.full((TB,), -1, **i64)
             self.sliding_tables_BM = torch.full((B, M), null_block, **i32)
-        self.steps: dict[int, CapturedStep] = {}
+        self.steps: dict[int, CapturedStep] = {}  # decode graphs, by batch size
+        self.verify_steps: dict[int, CapturedStep] = {}  # verify graphs (Q tokens per row), by batch size
         # Host staging, pinned on CUDA so the copies are asynchronous; two sets, used in turn. The overlapped
         # loop stages step N+1 while step N's copies may still be queued on the device; the runner keeps at
         # most two steps in flight (it waits for the older one's device work before staging a third), so the
@@ -183,30 +241,35 @@ class DecodeGraphs:
             return torch.full(shape, fill, dtype=dtype, pin_memory=pin).numpy()
 
         def staging() -> dict:
-            h = dict(ids=host((B,), torch.long, 0), pos=host((B,), torch.long, 0),
-                     slots=host((B,), torch.long, -1), lens=host((B,), torch.int32, 1),
-                     tables=host((B, M), torch.int32, null_block), valid=host((B,), torch.bool, False))
+            h = dict(ids=host((TB,), torch.long, 0), pos=host((TB,), torch.long, 0),
+                     slots=host((TB,), torch.long, -1), lens=host((B,), torch.int32, 1),
+                     tables=host((B, M), torch.int32, null_block), valid=host((TB,), torch.bool, False))
             if sliding_table:
-                h.update(sliding_slots=host((B,), torch.long, -1), sliding_tables=host((B, M), torch.int32, null_block))
+                h.update(sliding_slots=host((TB,), torch.long, -1),
+                         sliding_tables=host((B, M), torch.int32, null_block))
             return h
 
         self._staging = [staging(), staging()]
         self._staging_t = [{k: torch.from_numpy(v) for k, v in h.items()} for h in self._staging]
         self._num_staged = 0
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, q: int = 1) -> torch.Tensor:
+        T = b * q
+        # Host lengths as captured (module docstring): decode's are the static padding (its kernels read the
+        # device's); a verify graph's are their bound, so the multi-token kernels plan their splits for it.
+        host_len = 1 if q == 1 else self.max_context
         meta = AttentionMetadata(
-            query_start_loc_S1=self.qsl_B1[: b + 1], seq_lens_S=self.seq_lens_B[:b], block_tables_SM=self.tables_BM[:b],
-            slot_mapping_T=self.slots_B[:b], query_lens=[1] * b, seq_lens=[1] * b,
-            max_query_len=1, max_seq_len=1, null_block=self.null_block,
-        )  # host seq_lens: the static buffers' padding at capture; the kernels read the device's (module docstring)
+            query_start_loc_S1=self.qsl_B1[q][: b + 1], seq_lens_S=self.seq_lens_B[:b],
+            block_tables_SM=self.tables_BM[:b], slot_mapping_T=self.slots_T[:T], query_lens=[q] * b,
+            seq_lens=[host_len] * b, max_query_len=q, max_seq_len=host_len, null_block=self.null_block,
+        )
         meta_sliding = None
         if self.sliding_table:
             meta_sliding = dataclasses.replace(meta, block_tables_SM=self.sliding_tables_BM[:b],
-                                               slot_mapping_T=self.sliding_slots_B[:b])
-        self.model.set_valid_rows(self.valid_B[:b])
+                                               slot_mapping_T=self.sliding_slots_T[:T])
+        self.model.set_valid_rows(self.valid_T[:T])
         try:
-            return self.model(self.input_ids_B[:b], self.positions_B[:b],
+            return self.model(self.input_ids_T[:T], self.positions_T[:T],
                               ForwardContext(meta, self.kv_caches, meta_sliding))
         finally:
             self.model.set_valid_rows(None)
@@ -217,33 +280,44 @@ class DecodeGraphs:
         each once, so a graph that cannot run fails here (and is dropped) rather than in a user's step.
         The static inputs hold padding throughout: warm-ups and test replays write no KV and count no
         experts. A size that fails is skipped; a failure that is not out-of-memory (a host sync in the
-        forward, say) would fail every size, so it stops the capture."""
+        forward, say) would fail every size, so it stops the capture (of the verify graphs alone, when only
+        a verify graph failed: decode graphs are the ones every step without drafts replays)."""
         before = self.backend.memory_in_use()
         with self.backend.device_guard():
-            for b in reversed(self.sizes):
-                try:
-                    self._forward(b)  # warm-up outside capture: Triton compiles, the allocator settles
-                    step = self.backend.capture(lambda b=b: self._forward(b))
-                    step.replay()
-                except RuntimeError as e:
-                    oom = "out of memory" in str(e).lower()
-                    logger.warning("CUDA graph for decode batch %d not captured (%s)%s", b, str(e).splitlines()[0][:300],
-                                   "" if oom else "; decoding eagerly at every size")
-                    if not oom:
-                        self.steps.clear()
-                        break
-                    continue
-                self.steps[b] = step
+            self._capture_kind(self.steps, 1, "decode", self.sizes)
+            if self.verify_len > 1 and self.steps:
+                self._capture_kind(self.verify_steps, self.verify_len, "verify",
+                                   tuple(b for b in self.verify_sizes if b in self.steps))
             used = self.backend.memory_in_use() - before
         self.model.moe_stats.reset()
         self.sizes = tuple(sorted(self.steps))
         self.max_batch = self.sizes[-1] if self.sizes else 0
-        logger.info("captured %d decode graphs (%s) for batch sizes %s; %.0f MiB of device memory", len(self.sizes),
-                    self.backend.name, ", ".join(map(str, self.sizes)) or "none", used / 2**20)
+        logger.info("captured %d decode graphs (%s) for batch sizes %s%s; %.0f MiB of device memory", len(self.sizes),
+                    self.backend.name, ", ".join(map(str, self.sizes)) or "none",
+                    f", {len(self.verify_steps)} verify graphs of {self.verify_len} tokens per row for "
+                    f"{', '.join(map(str, sorted(self.verify_steps))) or 'none'}" if self.verify_len > 1 else "",
+                    used / 2**20)
 
-    def size_for(self, n: int) -> int | None:
-        """The smallest captured size holding n sequences; None if n is above the largest."""
-        for b in self.sizes:
+    def _capture_kind(self, steps: dict[int, CapturedStep], q: int, kind: str, sizes: tuple[int, ...]) -> None:
+        for b in reversed(sizes):
+            try:
+                self._forward(b, q)  # warm-up outside capture: Triton compiles, the allocator settles
+                step = self.backend.capture(lambda b=b, q=q: self._forward(b, q))
+                step.replay()
+            except RuntimeError as e:
+                oom = "out of memory" in str(e).lower()
+                logger.warning("CUDA graph for %s batch %d not captured (%s)%s", kind, b, str(e).splitlines()[0][:300],
+                               "" if oom else f"; {kind} steps run eagerly at every size")
+                if not oom:
+                    steps.clear()
+                    return
+                continue
+            steps[b] = step
+
+    def size_for(self, n: int, q: int = 1) -> int | None:
+        """The smallest captured size holding n sequences of q query tokens each; None if there is none."""
+        steps = self.steps if q == 1 else self.verify_steps if q == self.verify_len else {}
+        for b in sorted(steps):
             if b >= n:
                 return b
         return None
@@ -251,54 +325,67 @@ class DecodeGraphs:
     def run(self, input_ids, positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
             tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
             batch: int | None = None) -> torch.Tensor:
-        """One decode step of n = len(input_ids) sequences (n <= max_batch): hidden states [n, D]. `stage`
-        then `replay` (the runner calls them apart: the host stages while the device runs the step before)."""
+        """One step of n = len(seq_lens) sequences (n <= max_batch) of q = len(input_ids) / n tokens each (1 or
+        verify_len): hidden states [n q, D]. `stage` then `replay` (the runner calls them apart: the host stages
+        while the device runs the step before)."""
         return self.replay(self.stage(input_ids, positions_T, slots_T, seq_lens, tables_SM, sliding, batch))
 
     def stage(self, input_ids, positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
               tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
               batch: int | None = None) -> tuple:
-        """Host work of a decode step: its inputs written into the next pinned staging set (rows n..b padding).
-        `sliding`: the sliding group's (tables [n, m'], slots [n]) when it has its own table. `batch`: the
-        captured size to replay (>= n; expert parallelism: the size the driver chose for every rank); default
-        the smallest holding n. Returns what `replay` needs."""
-        n = len(input_ids)
-        b = self.size_for(n) if batch is None else batch
-        if b not in self.steps or b < n:
-            raise ValueError(f"decode graph batch {b} is invalid for {n} sequences: captured sizes are {self.sizes}.")
+        """Host work of a step: its inputs written into the next pinned staging set (rows n..b padding). The
+        flat token inputs hold q per sequence, in order. `sliding`: the sliding group's (tables [n, m'], slots
+        [n q]) when it has its own table. `batch`: the captured size to replay (>= n; expert parallelism: the
+        size the driver chose for every rank); default the smallest holding n. Returns what `replay` needs."""
+        n = len(seq_lens)
+        q = len(input_ids) // n if n else 0
+        if q < 1 or q * n != len(input_ids) or q not in self.qsl_B1:
+            raise ValueError(f"a graph step of {n} sequences and {len(input_ids)} tokens is invalid: each sequence "
+                             f"must have 1 or {self.verify_len} query tokens.")
+        b = self.size_for(n, q) if batch is None else batch
+        steps = self.steps if q == 1 else self.verify_steps
+        if b not in steps or b < n:
+            raise ValueError(f"graph batch {b} is invalid for {n} sequences of {q} tokens: captured sizes are "
+                             f"{tuple(sorted(steps))}.")
         k = self._num_staged % 2
         self._num_staged += 1
         h = self._staging[k]
         m = tables_SM.shape[1]
-        h["ids"][:n], h["pos"][:n], h["slots"][:n], h["lens"][:n] = input_ids, positions_T, slots_T, seq_lens
+        t, T = n * q, b * q
+        h["ids"][:t], h["pos"][:t], h["slots"][:t], h["lens"][:n] = input_ids, positions_T, slots_T, seq_lens
         h["tables"][:n, :m] = tables_SM
-        h["valid"][:n] = True
-        # Rows n..b: padding again (an earlier, larger step may have left real values there).
-        h["ids"][n:b], h["pos"][n:b], h["slots"][n:b], h["lens"][n:b], h["valid"][n:b] = 0, 0, -1, 1, False
+        h["valid"][:t] = True
+        # Rows n..b: padding again (an earlier, larger step may have left real values there): q tokens at
+        # positions 0..q-1 of a row whose q keys all sit in the null block.
+        h["ids"][t:T], h["slots"][t:T], h["lens"][n:b], h["valid"][t:T] = 0, -1, q, False
+        h["pos"][t:T] = np.tile(np.arange(q), b - n)
         h["tables"][n:b, :m] = self.null_block
         ms = 0
         if self.sliding_table:
             # Not append-only (freed entries turn null), but every column a row reads is rewritten here.
             s_tables, s_slots = sliding
             ms = s_tables.shape[1]
-            h["sliding_tables"][:n, :ms], h["sliding_slots"][:n] = s_tables, s_slots
-            h["sliding_tables"][n:b, :ms], h["sliding_slots"][n:b] = self.null_block, -1
-        return k, n, b, m, ms
+            h["sliding_tables"][:n, :ms], h["sliding_slots"][:t] = s_tables, s_slots
+            h["sliding_tables"][n:b, :ms], h["sliding_slots"][t:T] = self.null_block, -1
+        return k, n, b, q, m, ms
 
     def replay(self, staged: tuple, pending_P: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Device work of a decode step: the staged inputs copied in (non-blocking), the tokens still on the
-        device scattered in (`pending_P`: batch rows [P], token ids [P]), graph b replayed; hidden states [n, D]."""
-        k, n, b, m, ms = staged
+        """Device work of a step: the staged inputs copied in (non-blocking), the tokens still on the device
+        scattered in (`pending_P`: flat token rows [P], token ids [P]), graph b (of q tokens per row)
+        replayed; hidden states [n q, D]."""
+        k, n, b, q, m, ms = staged
         t = self._staging_t[k]
-        for dst, key in ((self.input_ids_B, "ids"), (self.positions_B, "pos"), (self.slots_B, "slots"),
-                         (self.seq_lens_B, "lens"), (self.valid_B, "valid")):
-            dst[:b].copy_(t[key][:b], non_blocking=True)
+        T = b * q
+        for dst, key, rows in ((self.input_ids_T, "ids", T), (self.positions_T, "pos", T), (self.slots_T, "slots", T),
+                               (self.seq_lens_B, "lens", b), (self.valid_T, "valid", T)):
+            dst[:rows].copy_(t[key][:rows], non_blocking=True)
         if pending_P is not None:
-            self.input_ids_B.index_copy_(0, pending_P[0], pending_P[1])
+            self.input_ids_T.index_copy_(0, pending_P[0], pending_P[1])
         # Only the first m columns: a row reads columns < ceil(seq_len / block) <= m, and a padding row
-        # (seq_len 1) reads column 0. Older columns past m are never read.
+        # (seq_len q <= block) reads column 0. Older columns past m are never read.
         self.tables_BM[:b, :m].copy_(t["tables"][:b, :m], non_blocking=True)
         if self.sliding_table:
-            self.sliding_slots_B[:b].copy_(t["sliding_slots"][:b], non_blocking=True)
+            self.sliding_slots_T[:T].copy_(t["sliding_slots"][:T], non_blocking=True)
             self.sliding_tables_BM[:b, :ms].copy_(t["sliding_tables"][:b, :ms], non_blocking=True)
-        return self.steps[b].replay()[:n]
+        steps = self.steps if q == 1 else self.verify_steps
+        return steps[b].replay()[: n * q]

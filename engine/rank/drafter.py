@@ -15,10 +15,10 @@ Two kinds. A host drafter (`Drafter`) proposes at collect, from the request stat
 engine/rank/ngram_proposer.py), or a `drafter_factory` given through the Python API (tests, benchmarks: e.g. a
 drafter of known acceptance), which takes precedence over the method. A device drafter (`DeviceDrafter`) drafts
 inside the step's device work, after the acceptance rule, and its drafts come back with the step's tokens by the
-same non-blocking copies: "mtp", the checkpoint's next-n prediction layer (engine/rank/mtp_drafter.py), built by
-the model runner because it needs the model. Either way the drafts reach the scheduler as
-`ModelRunnerOutput.draft_token_ids` (engine/rank/step_handle.py). "eagle3" (engine/models/eagle3.py) is not wired
-into the step yet: asking for it is refused where the config is made.
+same non-blocking copies: a ChainDrafter (engine/rank/chain_drafter.py) over one draft layer, "mtp" the
+checkpoint's next-n prediction layer (engine/rank/mtp_drafter.py) or "eagle3" a head from its own checkpoint
+(engine/rank/eagle3_drafter.py), built by the model runner (`make_device_drafter`) because it needs the model.
+Either way the drafts reach the scheduler as `ModelRunnerOutput.draft_token_ids` (engine/rank/step_handle.py).
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .eagle3_drafter import Eagle3Drafter
+from .mtp_drafter import MTPDrafter
 from .ngram_proposer import NgramProposer
 
 
@@ -38,14 +40,19 @@ class Drafter(Protocol):
 class DeviceDrafter(Protocol):
     """Drafts in the step's device work (engine/rank/model_runner.py calls it): `plan` on the host at launch, then
     `draft` on the device after the step's sampling, returning int64 [R, k] drafts (one row per sampled row, in
-    the step's order) or None; a rank whose peers run a forward while it has no tokens runs `draft_moe_only`, so
-    expert parallelism's collectives pair up."""
+    the step's order) or None, reading the main model's states (`aux`: what its forward kept for `capture()`); a
+    rank whose peers run a forward while it has no tokens runs `draft_moe_only`, so expert parallelism's
+    collectives pair up."""
 
     on_device: bool  # True: StepHandle reads the drafts from the step's DeviceResult instead of calling propose
 
     def plan(self, inp, states: Sequence, picked: Sequence, spec_tokens) -> object: ...
 
-    def draft(self, plan, h_TD, input_ids_T, positions_T, attn, sampled_R, accepted) -> object: ...
+    def draft(self, plan, h_TD, input_ids_T, positions_T, attn, sampled_R, accepted, aux=None) -> object: ...
+
+    def capture(self) -> object: ...
+
+    def kv_bytes_per_token(self) -> int: ...
 
     def draft_moe_only(self) -> None: ...
 
@@ -66,12 +73,23 @@ def may_draft(st) -> bool:
 
 def make_drafter(spec) -> Drafter | None:
     """The host drafter a SpeculativeConfig names (engine/config/speculative.py); None when speculation is off or
-    the method drafts on the device (mtp: the runner builds engine/rank/mtp_drafter.MTPDrafter)."""
-    if spec is None or spec.runs_mtp:
+    the method drafts on the device (mtp, eagle3: `make_device_drafter`)."""
+    if spec is None or spec.runs_on_device:
         return None
     if spec.drafter_factory is not None:
         return spec.drafter_factory()
     if spec.method == "ngram":
         return NgramDrafter(spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min)
-    raise ValueError(f"speculative_config.method={spec.method!r} is not available yet: its draft model is not "
-                     "wired into the verify step; use 'mtp' or 'ngram'.")
+    raise ValueError(f"speculative_config.method={spec.method!r} has no host drafter: use 'ngram', or give a "
+                     "drafter_factory.")
+
+
+def make_device_drafter(spec, cfg, model, kernels, device, ep, block_size: int, load_format: str = "auto"):
+    """The device drafter a SpeculativeConfig names, loaded for `model` (its weights, its cache layer), or None
+    (speculation off, or a host drafter)."""
+    if spec is None or not spec.runs_on_device:
+        return None
+    k = spec.num_speculative_tokens
+    if spec.runs_mtp:
+        return MTPDrafter(cfg, model, kernels, device, ep, k, block_size, load_format)
+    return Eagle3Drafter(spec.model, cfg, model, kernels, device, ep, k, block_size, load_format)

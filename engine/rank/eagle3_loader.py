@@ -14,6 +14,7 @@ import torch
 
 from ..config.eagle3 import Eagle3Config, read_eagle3_config
 from ..models.eagle3 import Eagle3Head
+from .dummy_weights import DummyCheckpoint, TensorSpec
 from .loader import SafetensorsCheckpoint, load_plan
 
 # safetensors dtype names by kind (safe_open's get_slice(name).get_dtype()).
@@ -64,5 +65,27 @@ def load_eagle3_head(path: str | Path, kernels, device: torch.device, *, dtype: 
                       max_positions=max_positions)
     check_inventory(path, ckpt, head)
     load_plan(ckpt, head.weight_plan(), device)
+    head.process_weights_after_loading()
+    return head.eval()
+
+
+def dummy_eagle3_head(cfg: Eagle3Config, kernels, device: torch.device, *, dtype: torch.dtype, kv_cache_index: int,
+                      embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None,
+                      max_positions: int | None = None) -> Eagle3Head:
+    """A random head of config.json `cfg` (load_format "dummy", engine/rank/dummy_weights.py's values): its own
+    embedding only when the target's is not its width, its own LM head and d2t only with a draft vocabulary; d2t
+    stays zero, the identity onto the first draft_vocab_size target ids (a valid map, meaningless drafts)."""
+    names = set()
+    if cfg.target_hidden_size != cfg.hidden_size or embed_tokens is None:
+        names.add("embed_tokens.weight")
+    if cfg.draft_vocab_size != cfg.vocab_size or lm_head is None:
+        names.add("lm_head.weight")
+    if cfg.draft_vocab_size != cfg.vocab_size:
+        names.add("d2t")
+    head = Eagle3Head(cfg, kernels, device, dtype=dtype, kv_cache_index=kv_cache_index, checkpoint_names=names,
+                      embed_tokens=embed_tokens, lm_head=lm_head, max_positions=max_positions)
+    plan = {n: e for n, e in head.weight_plan().items() if n != "d2t"}
+    specs = {n: TensorSpec(shape, dtype) for n, (shape, _, _) in _expected(head).items() if n in plan}
+    load_plan(DummyCheckpoint(specs, device), plan, device)
     head.process_weights_after_loading()
     return head.eval()

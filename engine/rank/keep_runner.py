@@ -59,7 +59,8 @@ def keep_blocker(runner, old_rank: int, new_experts: Sequence[int], free_bytes: 
     `free_bytes`: what it may still allocate (`free_device_bytes`)."""
     if runner is None or runner.ep is None:
         return "the rank has no expert-parallel model runner to keep"
-    if getattr(runner, "mtp", None) is not None:
+    drafter = getattr(runner, "device_drafter", None)
+    if drafter is not None and drafter.draft_layer.has_experts:
         return "its MTP drafter's MoE layer (speculative method 'mtp') is not grown in place: the runner is rebuilt"
     layers = moe_layers(runner.model)
     for layer in layers:

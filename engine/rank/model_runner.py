@@ -17,16 +17,15 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config import kv_sizing
 from ..config.model import ModelConfig
-from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture
+from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len, verify_sizes
 from .device_stream import InlineStream, to_device, to_host
 from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from .loader import load_model
 from .weight_memory import describe_memory, weight_bytes_by_format
 from ..models.layers import ForwardContext
-from .drafter import make_drafter
+from .drafter import make_device_drafter, make_drafter
 from .device_inputs import device_inputs
 from .kv_cache import make_kv_caches
-from .mtp_drafter import MTPDrafter
 from .sampler import Sampler, SamplingMetadata
 from .spec_verify import SpecStep
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
@@ -75,18 +74,23 @@ class ModelRunner:
         self.kv_connector = kv_connector
         self.kv_blocks: PagedKVBlocks | None = None  # the cache as the connector copies it (set with the cache)
         self.ep = ep
-        # Speculative decoding's drafter: a host one (engine/rank/drafter.py), or the MTP layer drafting in the
-        # device work (built here, before the KV cache: its weights count and it keeps a cache layer); None: off.
-        self.mtp = (MTPDrafter(model_cfg, self.model, self.kernels, device, ep, speculative.num_speculative_tokens,
-                               block_size, load_format) if speculative is not None and speculative.runs_mtp else None)
-        self.drafter = self.mtp or make_drafter(speculative)
+        # Speculative decoding's drafter: a host one (engine/rank/drafter.py), or a draft layer (MTP, EAGLE-3)
+        # drafting in the device work (built here, before the KV cache: its weights count and it keeps a cache
+        # layer); None: off.
+        self.device_drafter = make_device_drafter(speculative, model_cfg, self.model, self.kernels, device, ep,
+                                                  block_size, load_format)
+        self.drafter = self.device_drafter or make_drafter(speculative)
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
+        if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:  # EAGLE-3
+            logger.info("CUDA graphs off: an EAGLE-3 head reads states that a captured forward does not keep.")
+            self.graph_sizes = ()
         self.graph_backend = graph_backend
         self.graphs: DecodeGraphs | None = None
+        # Before the cache: capturing graphs there sizes the verify graphs by it (cuda_graph.verify_graph_len).
+        self.num_speculative_tokens = speculative.num_speculative_tokens if speculative is not None else 0
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
-        self.num_speculative_tokens = speculative.num_speculative_tokens if speculative is not None else 0
         self.stream = stream if stream is not None else InlineStream()
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
@@ -108,9 +112,8 @@ class ModelRunner:
         else:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             budget = kv_sizing.cpu_kv_budget_bytes(avail, memory_utilization)
-        draft_layers = self.mtp.num_cache_layers if self.mtp is not None else 0
-        return kv_sizing.blocks_in_budget(budget, kv_sizing.kv_cache_bytes_per_block(self.cfg, self.block_size,
-                                                                                     draft_layers))
+        draft = self.device_drafter.kv_bytes_per_token() if self.device_drafter is not None else 0
+        return kv_sizing.blocks_in_budget(budget, kv_sizing.kv_cache_bytes_per_block(self.cfg, self.block_size, draft))
 
     def allocate_kv_cache(self, num_kv_blocks: int) -> None:
         if num_kv_blocks < 1:
@@ -121,9 +124,10 @@ class ModelRunner:
         # One extra, never-allocated block at the end: the attention null block.
         self.null_block = num_kv_blocks
         self.kv_caches, kv_bytes = make_kv_caches(self.cfg, self.kv_pairs, num_kv_blocks, self.block_size, self.device)
-        if self.mtp is not None:  # the MTP drafter's layer, on the same block ids (engine/rank/mtp_drafter.py)
-            kv_bytes += self.mtp.allocate(num_kv_blocks)
-        weights = self.model if self.mtp is None else torch.nn.ModuleList([self.model, self.mtp.layer])
+        if self.device_drafter is not None:  # its draft layer's cache, on the same block ids (chain_drafter.py)
+            kv_bytes += self.device_drafter.allocate(num_kv_blocks)
+        weights = (self.model if self.device_drafter is None
+                   else torch.nn.ModuleList([self.model, self.device_drafter.layer]))
         logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(weights), num_kv_blocks,
                                                        self.block_size, kv_bytes))
         if self.kv_connector is not None:
@@ -143,8 +147,11 @@ class ModelRunner:
             # executor), each forward in the low-latency mode, so their dispatches pair up.
             self.ep.all_to_all.begin_step(EPStepPlan(LOW_LATENCY, max(self.graph_sizes)))
         max_blocks = -(-self.cfg.max_model_len // self.block_size)
+        verify_len = verify_graph_len(self.cfg, self.num_speculative_tokens, self.block_size, logger)
         graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.null_block, self.device,
-                              backend, sliding_table=self.kv_pairs is not None)
+                              backend, sliding_table=self.kv_pairs is not None,
+                              verify_len=verify_len, max_context=self.cfg.max_model_len,
+                              verify_batch_sizes=verify_sizes(self.graph_sizes, verify_len, self.ep, logger))
         t0 = time.perf_counter()
         graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
         if graphs.steps:
@@ -258,7 +265,7 @@ class ModelRunner:
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
-        mtp_plan = self.mtp.plan(inp, states, picked, spec) if self.mtp is not None else None
+        draft_plan = self.device_drafter.plan(inp, states, picked, spec) if self.device_drafter is not None else None
         handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, (self.kv_connector.poll if self.kv_connector is not None else None), self.drafter,
                             spec, self.num_speculative_tokens)
         meta = None
@@ -281,15 +288,15 @@ class ModelRunner:
                                        inp.sliding, batch=graph_batch)
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(
-            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, mtp_plan))
+            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan))
         self._in_flight.append(handle)
         return handle
 
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | None, staged,
-                     ep_step, ops: list, transfers=None, mtp_plan=None) -> DeviceResult:
+                     ep_step, ops: list, transfers=None, draft_plan=None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
-        device from the steps before it), forward, sampling, the MTP drafter's drafts, KV saves, results out to
-        host memory. Waits for nothing on the host side."""
+        device from the steps before it), forward, sampling, the device drafter's drafts, KV saves, results out
+        to host memory. Waits for nothing on the host side."""
         t0 = time.perf_counter()
         dev = self.device
         with torch.inference_mode():
@@ -298,21 +305,25 @@ class ModelRunner:
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/contract/ep_step.py)
             pending_P = self._pending_tokens(inp)
-            x = device_inputs(inp, pending_P, dev, self.null_block) if staged is None or mtp_plan is not None else None
+            eager_inputs = staged is None or draft_plan is not None  # a drafter reads them after a replay too
+            x = device_inputs(inp, pending_P, dev, self.null_block) if eager_inputs else None
+            # The states an EAGLE-3 head reads, kept by the forward itself (None: nothing kept, the normal path).
+            aux = self.device_drafter.capture() if draft_plan is not None else None
             if staged is not None:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:
                 h_TD = self.step_plan.forward(self.model, x.input_ids_T, x.positions_T,
-                                              ForwardContext(x.attn, self.kv_caches, x.attn_sliding))
+                                              ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux))
             res = DeviceResult(read_moe=self._take_moe())
             if isinstance(meta, SpecStep):
                 res.spec = meta.run(self.model, self.sampler, h_TD)
                 handle.sampled_R = res.spec.sampled_R
             elif meta is not None:
                 self._sample(handle, inp, meta, h_TD, res)
-            if mtp_plan is not None:  # after the acceptance rule: it drafts from the last accepted position
-                res.drafts_RK = self.mtp.draft(mtp_plan, h_TD, x.input_ids_T, x.positions_T, x.attn, handle.sampled_R,
-                                               res.spec.emitted_R if res.spec is not None else None)
+            if draft_plan is not None:  # after the acceptance rule: it drafts from the last accepted position
+                res.drafts_RK = self.device_drafter.draft(draft_plan, h_TD, x.input_ids_T, x.positions_T, x.attn,
+                                                          handle.sampled_R,
+                                                          res.spec.emitted_R if res.spec is not None else None, aux)
             start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
         res.device_s = time.perf_counter() - t0
         return res
@@ -328,8 +339,8 @@ class ModelRunner:
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)
             self.step_plan.forward_moe_only(self.model)
-            if self.mtp is not None:  # the MTP drafter's forwards, as its peers run them
-                self.mtp.draft_moe_only()
+            if self.device_drafter is not None:  # the draft layer's collectives, as its peers run them
+                self.device_drafter.draft_moe_only()
             res = DeviceResult(read_moe=self._take_moe())
             start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
         res.device_s = time.perf_counter() - t0
@@ -346,7 +357,16 @@ class ModelRunner:
     def _graph_batch(self, so: SchedulerOutput, query_lens: list[int], num_seqs: int) -> int | None:
         """The captured size this step replays, or None (eager). Under EP the driver chose it for every rank
         (the largest decode batch over ranks, `EPStepPlan.graph_batch`), so all ranks replay one size."""
-        if self.graphs is None or max(query_lens) != 1:
+        if self.graphs is None:
+            return None
+        q = query_lens[0]
+        if q > 1:  # a verify graph: every row the same 1 + k tokens (engine/rank/cuda_graph.py); under EP only
+            # in a low-latency step, each rank its own size (engine/contract/ep_step.py says why that is sound)
+            if not all(n == q for n in query_lens) or (self.ep is not None and not (
+                    so.ep_step is not None and so.ep_step.mode == LOW_LATENCY)):
+                return None
+            return self.graphs.size_for(num_seqs, q)
+        if max(query_lens) != 1:
             return None
         if self.ep is None:
             return self.graphs.size_for(num_seqs)

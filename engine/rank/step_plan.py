@@ -67,9 +67,12 @@ class TwoBatchOverlap:
         S, s = len(query_lens), split_sequences(query_lens)
         t = sum(query_lens[:s])
         parts = [(0, s, slice(0, t)), (s, S, slice(t, None))]
-        gens = [model.stages(input_ids_T[tok], positions_T[tok], ctx.select(s0, s1)) if s1 > s0
-                else model.moe_only_stages() for s0, s1, tok in parts]
+        ctxs = [ctx.select(s0, s1) if s1 > s0 else None for s0, s1, _ in parts]
+        gens = [model.stages(input_ids_T[tok], positions_T[tok], sub) if sub is not None
+                else model.moe_only_stages() for (_, _, tok), sub in zip(parts, ctxs)]
         outs = [h_TD for h_TD in run_interleaved(gens) if h_TD is not None]
+        if ctx.aux is not None:  # a drafter's captured states, back in the flat batch's order
+            ctx.aux.join([sub.aux for sub in ctxs if sub is not None])
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def forward_moe_only(self, model: StepModel) -> None:

@@ -14,7 +14,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (printed at start)")
     p.add_argument("--served-model-name", default=None, help="model name clients see (default: the Hugging Face id given, or the directory name)")
     p.add_argument("--max-queued-requests", type=int, default=None,
-                   help="refuse (RESOURCE_EXHAUSTED) beyond this many requests waiting for their first token")
+                   help="refuse (RESOURCE_EXHAUSTED) beyond this many sequences waiting for their first token "
+                        "(a request with n samples counts n; an empty queue admits one request of any n)")
     p.add_argument("--max-queued-tokens", type=int, default=None,
                    help="refuse (RESOURCE_EXHAUSTED) beyond this many prompt tokens waiting for their first token")
     p.add_argument("--shutdown-grace", type=float, default=30.0,

@@ -8,9 +8,11 @@ so a parse failure becomes a marker object, and the method's behaviour answers
 INVALID_ARGUMENT for it, on every service.
 
 A Generate request that its wire form alone proves too large (sampling_params
-beyond anything the limits allow, a prompt longer than can fit) is
-refused the same way, before it is parsed: parsing 5 M stop_token_ids takes
-40 ms of the event loop, a 16 MB prompt's parse and str 6 to 35 ms.
+beyond anything the limits allow, a prompt longer than can fit, a request_id
+longer than allowed) is refused the same way, before it is parsed: parsing 5 M
+stop_token_ids takes 40 ms of the event loop, a 16 MB prompt's parse and str 6
+to 35 ms. So is an Abort with too many or too long ids, and any other method's
+message over a small bound (wire_bounds.py holds those budgets).
 
 The deserializer also sees each request's size. A large one (a 16 MB prompt)
 passes through several 16 MB buffers on several threads; glibc keeps such
@@ -31,6 +33,7 @@ import grpc
 from ..contract.safe_text import shown
 from .limits import RequestLimits
 from .method_handler import handler_like
+from .wire_bounds import AbortCheck, SmallCheck, generate_field_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +98,13 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def scan(data: bytes | memoryview) -> tuple[list[tuple[int, int, int, int]], bool]:
+def scan(data: bytes | memoryview, limit: int = _SCAN_FIELDS) -> tuple[list[tuple[int, int, int, int]], bool]:
     """The fields of a serialized message, read from the wire without parsing it: (number, wire type, offset,
-    size) of each among the first _SCAN_FIELDS (size 0 unless length-delimited), and whether that was all of
+    size) of each among the first `limit` (size 0 unless length-delimited), and whether that was all of
     them. O(fields scanned), whatever the message's size."""
     fields, pos = [], 0
     try:
-        for _ in range(_SCAN_FIELDS):
+        for _ in range(limit):
             if pos >= len(data):
                 return fields, True
             key, pos = _varint(data, pos)
@@ -157,6 +160,9 @@ class _GenerateCheck:
         self.ids_entry = fields[ids_msg].message_type.fields_by_name[ids_list].number
         self.ids_refusal = ids_refusal
         self.inputs = {f.number for f in fields[text_field].containing_oneof.fields}
+        self.request_id = fields["request_id"].number
+        self.names = {f.number: f.name for f in pb.GenerateRequest.DESCRIPTOR.fields}
+        self.bounded = self.inputs | {self.sp}  # checked below
         self.truncate = None if truncate_field is None else \
             pb.SamplingParams.DESCRIPTOR.fields_by_name[truncate_field].number
         self.limits, self.sp_limit, self.text_refusal = limits, limits.max_sampling_params_bytes(), text_refusal
@@ -166,6 +172,9 @@ class _GenerateCheck:
         if not complete and len(fields) == _SCAN_FIELDS:
             return (f"the request has more than {_SCAN_FIELDS - 1} top-level field occurrences: a GenerateRequest "
                     "has a dozen fields at most, each written once.")
+        refusal = generate_field_refusal(fields, self.names, self.bounded, self.request_id, self.limits)
+        if refusal is not None:
+            return refusal
         sp = [(start, size) for n, _, start, size in fields if n == self.sp]
         sp_bytes = sum(size for _, size in sp)
         if sp_bytes > self.sp_limit:
@@ -266,6 +275,8 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
             for pb, service, text, ids, truncate in (
                 (moelink_v1_pb2, "Generation", "prompt", "prompt_token_ids.ids", None),
                 (vllm_engine_pb2, "VllmEngine", "text", "tokenized.input_ids", "truncate_prompt_tokens"))}
+        for pb, service in ((moelink_v1_pb2, "Generation"), (vllm_engine_pb2, "VllmEngine")):
+            self._prechecks[f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/Abort"] = AbortCheck(limits, scan)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # per method, made once
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -279,6 +290,7 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
         behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
         if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
             return handler  # a synchronous handler (none of ours): left as grpc runs it
-        wrapped = _wrap(handler, method, self._trimmer, self._prechecks.get(method))
+        # Every other method's messages are small (wire_bounds.SmallCheck): bounded before parsing too.
+        wrapped = _wrap(handler, method, self._trimmer, self._prechecks.get(method) or SmallCheck(method))
         self._wrapped[method] = (handler, wrapped)
         return wrapped

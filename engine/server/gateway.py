@@ -2,11 +2,14 @@
 
 vLLM's `serve` gives HTTP in one command; moelink speaks gRPC, and the smg gateway (PyPI `smg`) turns
 that into the OpenAI API. Rather than have the user learn and run a second program, the server starts
-smg in front of its own gRPC port, restarts it (bounded, with backoff) when it dies, and stops it by
-PID when the server stops. smg runs in its own process group so a Ctrl-C in the terminal reaches the
-server, which drains first and then stops smg: the gateway must outlive no request and no server. smg
-listens on loopback; the HTTP port is the server's own front (http_front.py), which hands smg the request
-fields it would drop.
+smg in front of its own gRPC port, restarts it with backoff when it dies (quickly a few times, then
+slower, never giving up while the server runs: `not_serving()` says why the OpenAI API is down meanwhile,
+for health and metrics), and stops it by PID when the server stops. smg runs in its own process group so
+a Ctrl-C in the terminal reaches the server, which drains first and then stops smg: the gateway must
+outlive no request and no server. smg listens on loopback; the HTTP port is the server's own front
+(http_front.py), which hands smg the request fields it would drop and relays no control-plane route.
+smg's control plane takes an admin key made at start (gateway_admin.py); with it the supervisor checks
+that smg still lists moelink's worker, and registers it again when not.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .gateway_admin import _KEY_ENV, WorkerCheck, new_admin_key, with_secrets  # noqa: F401 (_KEY_ENV: tests)
 from .http_front import HttpFront
 from .ports import bind_error, listens_on
 
@@ -32,9 +36,14 @@ logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0  # smg starts in about a second; it lists the model once its health probe passed
 STOP_TIMEOUT_S = 10.0  # after SIGTERM, before SIGKILL
-MAX_RESTARTS = 5  # within RESTART_WINDOW_S: a gateway that keeps dying is a fault to report, not to hide
+MAX_RESTARTS = 5  # quick restarts within RESTART_WINDOW_S; then slower ones (SLOW_BACKOFF_S), reported
 RESTART_WINDOW_S = 300.0
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+# After MAX_RESTARTS quick ones: a gateway that keeps dying is a fault to report (health, metrics, log), but
+# not a reason to leave the OpenAI API down for good while the server runs (a full disk, a port held for a
+# while): keep trying, slower.
+SLOW_BACKOFF_S = (15.0, 30.0, 60.0)
+WORKER_CHECK_S = 2.0  # how often smg is asked whether it still lists moelink's worker
 INSTALL_HINT = ("`moelink serve --http-port` runs the smg gateway for the OpenAI API, and smg is not installed: "
                 "`pip install smg` in this environment (or `pip install -e '.[test]'`), or pass --no-http to "
                 "serve gRPC only.")
@@ -101,9 +110,15 @@ class GatewaySupervisor:
         self.proc: Optional[subprocess.Popen] = None
         self.metrics_port: Optional[int] = None
         self.restarts = 0
+        self.crashes = 0  # exits it did not ask for, over the server's life
         self._restart_times: list[float] = []
         self._watch: Optional[asyncio.Task] = None
+        self._recover: Optional[asyncio.Task] = None  # the slow retries after MAX_RESTARTS quick ones
+        self._worker_watch: Optional[asyncio.Task] = None
         self._stopping = False
+        self.admin_key = new_admin_key()  # smg's control plane: only this process knows it
+        self.worker_missing = False
+        self.worker_registrations = 0  # times moelink's worker was registered again
 
     @property
     def pid(self) -> Optional[int]:
@@ -119,14 +134,27 @@ class GatewaySupervisor:
         return cmd + list(s.extra_args)
 
     async def start(self) -> None:
-        """Spawn smg and wait (bounded) until it serves the model; then watch it."""
+        """Spawn smg and wait (bounded) until it serves the model; then watch it, and its worker list."""
         await self._spawn_ready()
         self._watch = asyncio.create_task(self._supervise())
+        self._worker_watch = asyncio.create_task(self._watch_worker())
+
+    def not_serving(self) -> Optional[str]:
+        """Why the OpenAI API cannot serve now (smg is down, or lists no worker of ours), or None."""
+        if self._stopping:
+            return "the OpenAI gateway is stopping."
+        recovering = self._recover is not None and not self._recover.done()
+        if self.proc is None or self.proc.poll() is not None or recovering:
+            return (f"the OpenAI gateway (smg) is not running; it is being restarted ({self.crashes} crashes so "
+                    "far); gRPC still serves.")
+        if self.worker_missing:
+            return "the OpenAI gateway (smg) lists no moelink worker; it is being registered again."
+        return None
 
     async def _spawn_ready(self) -> None:
         check_http_port(self.spec.http_host, self.spec.http_port)
         self.metrics_port = self.spec.metrics_port or free_loopback_port()
-        cmd, env = _with_key(self.command(self.metrics_port), self.spec.api_key)
+        cmd, env = with_secrets(self.command(self.metrics_port), self.spec.api_key, self.admin_key)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             # Own session and process group: the terminal's Ctrl-C goes to the server alone, which drains
@@ -177,17 +205,21 @@ class GatewaySupervisor:
             conn.close()
 
     async def _supervise(self) -> None:
-        """Restart smg when it exits on its own, with backoff, at most MAX_RESTARTS in RESTART_WINDOW_S."""
+        """Restart smg when it exits on its own, with backoff: MAX_RESTARTS quick tries in RESTART_WINDOW_S,
+        then hand over to the slow retries (_recover_slowly)."""
         while not self._stopping:
             code = await asyncio.to_thread(self.proc.wait)
             if self._stopping:
                 return
+            self.crashes += 1
             now = time.monotonic()
             self._restart_times = [t for t in self._restart_times if now - t < RESTART_WINDOW_S]
             if len(self._restart_times) >= MAX_RESTARTS:
-                logger.error("the smg gateway (pid %d) exited with %s; %d restarts in %.0f s already: giving up, "
-                             "the OpenAI API on port %d is down (gRPC still serves)", self.proc.pid, code,
-                             MAX_RESTARTS, RESTART_WINDOW_S, self.spec.http_port)
+                logger.error("the smg gateway (pid %d) exited with %s; %d restarts in %.0f s already: giving up "
+                             "quick restarts, the OpenAI API on port %d is down (gRPC still serves); retrying every "
+                             "%g to %g s", self.proc.pid, code, MAX_RESTARTS, RESTART_WINDOW_S,
+                             self.spec.http_port, SLOW_BACKOFF_S[0], SLOW_BACKOFF_S[-1])
+                self._recover = asyncio.create_task(self._recover_slowly())
                 return
             delay = BACKOFF_S[min(len(self._restart_times), len(BACKOFF_S) - 1)]
             self._restart_times.append(now)
@@ -200,16 +232,63 @@ class GatewaySupervisor:
             except GatewayError as exc:
                 logger.error("restarting the smg gateway failed: %s", exc)
                 continue  # the wait above returns at once for an exited process: counts as the next attempt
-            self.restarts += 1
-            logger.info("the smg gateway is back (pid %d) on %s:%d", self.proc.pid, self.spec.http_host,
-                        self.spec.http_port)
+            self._back()
+
+    async def _recover_slowly(self) -> None:
+        """After the quick restarts: try again every SLOW_BACKOFF_S (growing to its last value) until smg
+        serves, then watch it as at first, with a fresh quick-restart budget."""
+        attempt = 0
+        while not self._stopping:
+            await asyncio.sleep(SLOW_BACKOFF_S[min(attempt, len(SLOW_BACKOFF_S) - 1)])
+            attempt += 1
+            if self._stopping:
+                return
+            try:
+                await self._spawn_ready()
+            except GatewayError as exc:
+                logger.error("restarting the smg gateway failed (try %d of the slow retries): %s", attempt, exc)
+                continue
+            self._restart_times = []
+            self._back()
+            self._watch = asyncio.create_task(self._supervise())
+            return
+
+    def _back(self) -> None:
+        self.restarts += 1
+        logger.info("the smg gateway is back (pid %d) on %s:%d", self.proc.pid, self.spec.http_host,
+                    self.spec.http_port)
+
+    async def _watch_worker(self) -> None:
+        """Every WORKER_CHECK_S: does smg still list moelink's worker? If not (smg dropped it, or it was
+        removed through the control plane), say so (not_serving) and register it again."""
+        while not self._stopping:
+            await asyncio.sleep(WORKER_CHECK_S)
+            proc = self.proc
+            if self._stopping or proc is None or proc.poll() is not None:
+                continue  # smg is down: the supervisor restarts it, with the worker on its command line
+            check = WorkerCheck(self.spec.http_port, self.spec.worker_url, self.admin_key)
+            listed = await asyncio.to_thread(check.registered)
+            if listed is None or proc is not self.proc:
+                continue
+            if listed:
+                if self.worker_missing:
+                    logger.info("the smg gateway lists moelink's worker %s again", self.spec.worker_url)
+                self.worker_missing = False
+                continue
+            if not self.worker_missing:
+                logger.error("the smg gateway (pid %d) no longer lists moelink's worker %s: the OpenAI API cannot "
+                             "serve; registering it again", proc.pid, self.spec.worker_url)
+            self.worker_missing = True
+            if await asyncio.to_thread(check.register):
+                self.worker_registrations += 1
 
     async def stop(self) -> None:
         """Stop watching, then SIGTERM smg by PID and SIGKILL it after STOP_TIMEOUT_S. Idempotent."""
         self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+        for task in (self._watch, self._recover, self._worker_watch):
+            if task is not None and not task.done():
+                task.cancel()
+        self._watch = self._recover = self._worker_watch = None
         await self._terminate()
         if self.front is not None:
             await self.front.stop()
@@ -234,45 +313,9 @@ class GatewaySupervisor:
             self.proc.wait(STOP_TIMEOUT_S)
 
 
-_KEY_ENV = "MOELINK_GATEWAY_API_KEY"
-# Runs smg's entry-point script with the key appended to its argv in memory only: smg (1.13) reads the key
-# from --api-key alone, and a command line is readable by every local user (/proc/PID/cmdline, ps).
-_KEY_BOOTSTRAP = ("import os, runpy, sys; key = os.environ.pop(%r); "
-                  "sys.argv = sys.argv[1:] + ['--api-key', key]; runpy.run_path(sys.argv[0], run_name='__main__')"
-                  % _KEY_ENV)
-
-
 def _with_key(cmd: list[str], api_key: Optional[str]) -> tuple[list[str], dict]:
-    """(command, environment) that give smg `api_key` without putting it on a command line when smg is a
-    Python entry-point script (as pip installs it); otherwise on the command line, with a warning."""
-    env = dict(os.environ)
-    if not api_key:
-        return cmd, env
-    interpreter = _python_shebang(cmd[0])
-    if interpreter is None:
-        logger.warning("%s is not a Python script: the API key goes to it on its command line, which local "
-                       "users can read", cmd[0])
-        return cmd + ["--api-key", api_key], env
-    env[_KEY_ENV] = api_key
-    return [interpreter, "-c", _KEY_BOOTSTRAP, *cmd], env
-
-
-def _python_shebang(path: str) -> Optional[str]:
-    try:
-        with open(path, "rb") as f:
-            first = f.readline(512).decode("utf-8", "replace").strip()
-    except OSError:
-        return None
-    if not first.startswith("#!"):
-        return None
-    words = first[2:].split()
-    if not words:
-        return None
-    # "#!/venv/bin/python" or "#!/usr/bin/env python3"
-    exe = words[1] if os.path.basename(words[0]) == "env" and len(words) > 1 else words[0]
-    if "python" not in os.path.basename(exe):
-        return None
-    return exe if os.path.isabs(exe) else shutil.which(exe)
+    """(command, environment) that give smg `api_key` off its command line (gateway_admin.with_secrets)."""
+    return with_secrets(cmd, api_key)
 
 
 def _die_with_parent() -> None:
@@ -310,7 +353,9 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     if not config.api_key and not is_loopback(config.http_host):
         logger.warning("--http-host %s: the OpenAI API on port %d takes requests from anyone who reaches it "
                        "(no --api-key)", config.http_host, config.http_port)
-    front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key)
+    gateway = None
+    front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
+                      not_serving=lambda: gateway.not_serving() if gateway is not None else None)
     try:
         await front.start()
     except OSError as e:

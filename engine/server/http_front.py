@@ -11,6 +11,12 @@ MAX_BODY_BYTES), sent to smg on loopback with `connection: close`, and smg's ans
 open a new connection for its next request. A client that goes away closes the connection to smg, which
 aborts the request in the worker, as if it had talked to smg itself. Authentication stays smg's: a request
 whose key does not match is relayed untouched, so it gets smg's 401, not a 400 from here.
+
+Only the OpenAI API and the health probes are relayed (PUBLIC_ROUTES); every other path is 404 here. smg
+serves its control plane on the same port (`POST /workers` adds a worker that then receives users' prompts,
+`DELETE /workers/ID` removes moelink's own), so a client must never reach it; smg also asks those routes
+for an admin key only moelink knows (gateway_admin.py), which guards its loopback port. The health probes
+answer 503 here while the gateway reports it cannot serve (its worker is not registered).
 """
 from __future__ import annotations
 
@@ -19,10 +25,11 @@ import contextlib
 import hmac
 import json
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import h11
 
+from ..contract.safe_text import shown
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, rewrite
 
 logger = logging.getLogger(__name__)
@@ -31,6 +38,13 @@ MAX_BODY_BYTES = 64 << 20
 MAX_HEAD_BYTES = 64 << 10
 READ_CHUNK = 64 << 10
 # Hop-by-hop headers the front sets itself (RFC 9110 section 7.6.1), and the framing it recomputes.
+# What clients reach through the front: the OpenAI API (each route and what lies under it, e.g.
+# /v1/models/ID) and the probes. smg's control plane (/workers, /flush_cache, /get_loads, profiling, /wasm,
+# /parse, /v1/rl) is not among them.
+PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations",
+                 "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/classify", "/v1/tokenize", "/v1/detokenize",
+                 "/v1beta/interactions", "/health", "/health_generate", "/liveness", "/readiness")
+PROBES = ("/health", "/health_generate", "/readiness")
 _DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade", b"content-length",
             b"transfer-encoding"}
 
@@ -38,9 +52,12 @@ _DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer"
 class HttpFront:
     """Listens on (host, port); relays to smg on 127.0.0.1:upstream_port. start() / stop() on the server's loop."""
 
-    def __init__(self, host: str, port: int, upstream_port: int, api_key: Optional[str] = None):
+    def __init__(self, host: str, port: int, upstream_port: int, api_key: Optional[str] = None,
+                 not_serving: Optional[Callable[[], Optional[str]]] = None):
+        """`not_serving()`: why the gateway cannot serve now (the probes answer 503 with it), or None."""
         self.host, self.port, self.upstream_port = host, port, upstream_port
         self.api_key = api_key
+        self.not_serving = not_serving
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
 
@@ -64,6 +81,15 @@ class HttpFront:
             got = await self._read_request(conn, reader, writer)
             if got is not None:
                 request, body = got
+                path = public_path(request.target)
+                if path is None:
+                    await _answer(conn, writer, 404, _error(
+                        f"{shown(request.target.decode('latin-1'))} is not a route of this OpenAI API.", None))
+                    return
+                reason = self.not_serving() if self.not_serving is not None and path in PROBES else None
+                if reason is not None:
+                    await _answer(conn, writer, 503, _error(reason, None))
+                    return
                 try:
                     body = self._inspect(request, body)
                 except HttpFieldError as e:
@@ -148,6 +174,21 @@ class HttpFront:
             up_writer.close()
             with contextlib.suppress(Exception):
                 await up_writer.wait_closed()
+
+
+def public_path(target: bytes) -> Optional[str]:
+    """The path of a request target the front relays (origin form, a PUBLIC_ROUTES route or under one), else
+    None. Dot segments, empty segments, backslashes and percent-encoding are refused: no route of the
+    OpenAI API needs them, and a router that resolved them could land on a control-plane route."""
+    path = target.split(b"?", 1)[0].decode("latin-1")
+    if not path.startswith("/") or "%" in path or "\\" in path:
+        return None
+    if any(seg in ("", ".", "..") for seg in path.split("/")[1:]):
+        return None
+    for route in PUBLIC_ROUTES:
+        if path == route or path.startswith(route + "/"):
+            return path
+    return None
 
 
 async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

@@ -17,6 +17,15 @@ from ..contract.safe_text import MAX_SHOWN_CHARS
 # Whole-message cap of both listeners (ServerConfig.max_message_size): 64 MiB, so a 1M-token prompt of uint32
 # ids fits with room. Here, not in config.py, because the README table below renders it and config imports us.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+# The wire bounds of engine/server/wire_bounds.py (which says why each is what it is).
+OTHER_FIELD_MAX_BYTES = 64 << 10  # a Generate field that is not the prompt, the id or the sampling parameters
+SMALL_REQUEST_MAX_BYTES = 64 << 10  # a request of any method but Generate and Abort
+MAX_METADATA_BYTES = 16 << 10  # every header of a call together: gRPC refuses more before a handler runs
+# A text sent with VllmEngine's truncate_prompt_tokens may be longer than can fit (its tail is used), and a
+# text that cannot fit gets the precise INVALID_ARGUMENT of the pre-parse check: up to this much is received
+# whatever the model's bound. Every message under it is received whole, so it is not larger than that needs:
+# room for a 16 MB text with its other fields.
+RECEIVE_FLOOR_BYTES = 20 << 20
 
 
 def _limit(default: int, proto_field: str, unit: str, help: str):
@@ -92,11 +101,19 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
 
     invalid = "INVALID_ARGUMENT"
     rows = [
-        ("any request", f"at most {DEFAULT_MAX_MESSAGE_SIZE >> 20} MiB (`--max-message-size`)", "RESOURCE_EXHAUSTED"),
+        ("any request", f"at most {DEFAULT_MAX_MESSAGE_SIZE >> 20} MiB (`--max-message-size`), and at most what the "
+                        f"largest request within these limits needs (at least {RECEIVE_FLOOR_BYTES >> 20} MiB): "
+                        "refused by gRPC from the message's length prefix, before it is received",
+         "RESOURCE_EXHAUSTED"),
+        ("any request's metadata (headers)", f"at most {MAX_METADATA_BYTES >> 10} KiB in all, refused by gRPC before "
+                                             "any handler or key check", "RESOURCE_EXHAUSTED"),
         ("any request", "decodes as its protobuf message, every string valid UTF-8", invalid),
         ("`Generate` (both services)", "each top-level field written once: a request over 4 KiB with 64 or more "
                                        "top-level field occurrences (padding) is refused before parsing", invalid),
-        ("`request_id`", f"at most {lim.max_request_id_chars} characters ({flag('max_request_id_chars')})", invalid),
+        ("`request_id`", f"at most {lim.max_request_id_chars} characters ({flag('max_request_id_chars')}); over "
+                         f"{4 * lim.max_request_id_chars} bytes refused before parsing", invalid),
+        ("other `Generate` fields (multimodal inputs, KV transfer parameters)",
+         f"at most {OTHER_FIELD_MAX_BYTES >> 10} KiB each, refused before parsing", invalid),
         ("`prompt` / `text`", "not empty; at most (max_model_len − 1) × B bytes, where B is the most bytes one "
                               "token of the model's tokenizer can stand for (refused before tokenizing, and before "
                               "parsing); with VllmEngine's `truncate_prompt_tokens` only the text's last "
@@ -122,7 +139,11 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
              for name, allowed in FLOAT_RANGES.items()]
     rows += [
         ("`sampling_params.logprobs`", f"0 to {MAX_LOGPROBS}", invalid),
-        ("`AbortRequest.request_ids`", f"at most {lim.max_abort_ids} ids ({flag('max_abort_ids')})", invalid),
+        ("`AbortRequest.request_ids`", f"at most {lim.max_abort_ids} ids ({flag('max_abort_ids')}), each at most "
+                                       f"{4 * lim.max_request_id_chars} bytes: counted and measured before parsing",
+         invalid),
+        ("every other method's request (health, model and server info, loads, reflection, ...)",
+         f"at most {SMALL_REQUEST_MAX_BYTES >> 10} KiB, refused before parsing", invalid),
         ("VllmEngine: `logit_bias`, `prompt_logprobs`, multimodal inputs", "not supported",
          invalid),
         ("HTTP `logit_bias`", "not supported: a non-empty bias is refused, never ignored (smg would drop it)",
@@ -134,15 +155,19 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
          f"({flag('grammar_compile_timeout')}), killed once every client waiting for it has left", invalid),
         ("grammars waiting to compile", f"at most {DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES} "
                                         f"({flag('max_queued_grammar_compiles')})", "RESOURCE_EXHAUSTED"),
-        ("requests waiting for their first token", "`--max-queued-requests`, `--max-queued-tokens` (default: no limit)",
+        ("requests waiting for their first token", "`--max-queued-requests` (counts sequences: a request with n "
+                                                   "samples counts n), `--max-queued-tokens` (default: no limit); "
+                                                   "an empty queue admits one request of any size",
          "RESOURCE_EXHAUSTED"),
     ]
     lines = ["| field | limit | refused with |", "|---|---|---|"]
     lines += [f"| {f} | {limit} | {status} |" for f, limit, status in rows]
     lines.append("")
-    lines.append("Every list is checked by its length before any of its entries is looked at. The same checks "
-                 "hold on `--port` and on `--gateway-port`; a request without a valid `--api-key` is refused "
-                 "unparsed. Client values quoted in error messages and logs are cut to "
+    lines.append("Every list is checked by its length before any of its entries is looked at, and every field of "
+                 "every RPC is measured on the wire before the request is parsed (`engine/server/wire_bounds.py`). "
+                 "The same checks hold on `--port` and on `--gateway-port`, with or without `--api-key`; a request "
+                 "without a valid `--api-key` is refused unparsed. Client values quoted in error messages and logs are "
+                 "cut to "
                  f"{MAX_SHOWN_CHARS} characters, with control characters escaped (text logs quote fields "
                  "logfmt-style).")
     lines.append("")

@@ -7,10 +7,12 @@ ValueError naming the field for a bad value.
 """
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from ..contract.sampling_params import SamplingParams
+from ..contract.sampling_params import FLOAT_RANGES, SamplingParams
 from .limits import RequestLimits
 from .serving import optional, structured_from_proto, wire_message
 
@@ -47,6 +49,23 @@ class ProtoReading:
     refuse: tuple[tuple[Callable[[object], bool], str], ...] = ()
 
 
+def as_sent(value):
+    """A proto `float` field (float32) as the decimal its sender wrote: the shortest one that rounds to the same
+    float32. Read as it arrives, repetition_penalty=0.01 is 0.009999999776 and fell below its documented
+    minimum; 0.7 would be 0.699999988. Anything else (None, an int, a value no decimal round-trips) is
+    returned as it is."""
+    if not isinstance(value, float) or not math.isfinite(value):
+        return value
+    try:
+        for digits in range(1, 10):  # 9 significant digits round-trip every float32
+            text = float(f"{value:.{digits}g}")
+            if struct.unpack("<f", struct.pack("<f", text))[0] == value:
+                return text
+    except OverflowError:  # not a float32 at all
+        pass
+    return value
+
+
 def sampling_params_from_proto(sp, reading: ProtoReading, limits: RequestLimits = RequestLimits()
                                ) -> tuple[SamplingParams, int]:
     """(engine SamplingParams, n); ValueError naming the field on a bad value (lists checked by length first)."""
@@ -55,8 +74,10 @@ def sampling_params_from_proto(sp, reading: ProtoReading, limits: RequestLimits 
         if refused(sp):
             raise ValueError(message)
     try:
-        params = SamplingParams(**{name: read(sp) for name, read in reading.fields.items()},
-                                structured_outputs=structured_from_proto(sp))
+        values = {name: read(sp) for name, read in reading.fields.items()}
+        for name in FLOAT_RANGES.keys() & values.keys():
+            values[name] = as_sent(values[name])
+        params = SamplingParams(**values, structured_outputs=structured_from_proto(sp))
     except ValueError as exc:
         raise ValueError(wire_message(str(exc))) from None
     return params, reading.n(sp)

@@ -33,6 +33,7 @@ class Entry:
     engine_ids: list[str]
     queued_tokens: int
     queued: bool = True
+    sequences: int = 1  # n: what --max-queued-requests counts
     aborted: bool = False  # an Abort asked for it (samples not yet in the engine are aborted on arrival)
     admitted_at: float = field(default_factory=time.monotonic)
 
@@ -43,6 +44,7 @@ class RequestRegistry:
         self.max_queued_tokens = max_queued_tokens
         self.active: dict[str, Entry] = {}
         self.queued_requests = 0
+        self.queued_sequences = 0  # requests x their n: what --max-queued-requests bounds
         self.queued_tokens = 0
         self.draining = False
         self.unavailable_reason: Optional[str] = None  # set when the engine died
@@ -63,11 +65,17 @@ class RequestRegistry:
             raise Draining(self.unavailable_reason)
         if request_id in self.active:
             raise DuplicateRequest(f"request_id={request_id!r} is already running: give each request its own id.")
-        if self.max_queued_requests is not None and self.queued_requests + 1 > self.max_queued_requests:
+        # Sequences, not requests: n=64 is 64 sequences for the scheduler and the KV cache, so counting it as
+        # one let `--max-queued-requests 4` hold 240 waiting sequences. An empty queue admits one request of
+        # any n (as below for tokens), or an n over the limit would be refused forever.
+        sequences = len(engine_ids)
+        if (self.max_queued_requests is not None and self.queued_sequences > 0
+                and self.queued_sequences + sequences > self.max_queued_requests):
             self.rejected_total += 1
             raise Overloaded(
-                f"server overloaded: {self.queued_requests} requests are already queued, the limit "
-                f"(--max-queued-requests) is {self.max_queued_requests}; retry later.")
+                f"server overloaded: {self.queued_sequences} sequences (requests x n) are already queued and this "
+                f"request adds {sequences}, over the limit (--max-queued-requests, which counts sequences) of "
+                f"{self.max_queued_requests}; retry later.")
         # An empty queue admits one request of any size: RESOURCE_EXHAUSTED means "retry later", and a
         # prompt longer than the limit would otherwise be refused forever on an idle server.
         if (self.max_queued_tokens is not None and self.queued_requests > 0
@@ -76,9 +84,10 @@ class RequestRegistry:
             raise Overloaded(
                 f"server overloaded: {self.queued_tokens} prompt tokens are queued and this request adds "
                 f"{queued_tokens}, over the limit (--max-queued-tokens) of {self.max_queued_tokens}; retry later.")
-        entry = Entry(request_id, list(engine_ids), queued_tokens)
+        entry = Entry(request_id, list(engine_ids), queued_tokens, sequences=sequences)
         self.active[request_id] = entry
         self.queued_requests += 1
+        self.queued_sequences += sequences
         self.queued_tokens += queued_tokens
         self.requests_total += 1
         self._idle.clear()
@@ -88,6 +97,7 @@ class RequestRegistry:
         if entry.queued:
             entry.queued = False
             self.queued_requests -= 1
+            self.queued_sequences -= entry.sequences
             self.queued_tokens -= entry.queued_tokens
 
     def release(self, entry: Entry) -> None:

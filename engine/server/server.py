@@ -49,6 +49,7 @@ from .native import SERVICE_NAME as NATIVE_SERVICE, GenerationServicer
 from .serving import Serving
 from .tls import check_server_tls
 from .vllm_engine import SERVICE_NAME as VLLM_SERVICE, VllmEngineServicer
+from .wire_bounds import channel_options
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,7 @@ class MoelinkServer:
         """Bind and start serving; returns the bound port (useful with port 0)."""
         cfg = self.config
         self._stopped = asyncio.Event()
-        options = [
-            ("grpc.max_receive_message_length", cfg.max_message_size),
-            ("grpc.max_send_message_length", cfg.max_message_size),
-            # Linux gRPC binds with SO_REUSEPORT by default: two servers could share a port unnoticed.
-            ("grpc.so_reuseport", 0),
-        ]
+        options = channel_options(cfg, self.serving.max_prompt_bytes, self.serving.info.max_model_len)
         interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
         interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
@@ -232,11 +228,16 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     server = MoelinkServer(engine, config)
     port = await server.start()
     gateway = None
+    gateway_watch = None
     try:
         if config.http_port is not None:
             from .gateway import start_managed_gateway
+            from .gateway_health import GatewayCollector, watch_gateway
 
             gateway = await start_managed_gateway(config, port, server.gateway_port)
+            gateway_watch = asyncio.create_task(watch_gateway(gateway, server.health))  # the HTTP face's health
+            if server.engine.metrics is not None:
+                server.engine.metrics.registry.register(GatewayCollector(gateway))
     except BaseException:
         await server.stop()
         raise
@@ -270,6 +271,7 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
         await server.wait_closed()
     finally:
         if gateway is not None:
+            gateway_watch.cancel()
             # After the drain: in-flight HTTP requests finished through the gateway before it goes.
             await gateway.stop()
     print("moelink: server stopped", flush=True)

@@ -140,7 +140,7 @@ def test_plan_lists_one_device_command_per_step():
                                     + [f"moe-fp8 {s}" for s in FP8_SHAPES] + ["moe-mxfp4"]
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
-                                    + ["mla-fp8-kv"])
+                                    + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"total {sum(int(b) for _, b, _ in rows)} s" in proc.stdout
 
@@ -247,6 +247,22 @@ def test_cpu_smoke_mla_fp8_kv_step_prints_the_ratios(tmp_path):
     (f,) = tmp_path.iterdir()
     doc = json.loads(f.read_text())
     assert f.name == "mla_fp8_kv_cpu_smoke.json" and len(doc["results"]) == 5 and doc["cpu_smoke"]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_spec_step_compares_drafts_with_plain_decoding(tmp_path):
+    """The spec step's CPU smoke (a tiny Qwen3-MoE): plain decoding in both loops and the oracle drafter at
+    p = 0.8, outputs identical, one device-safe JSON; a GPU run takes a full-size shape."""
+    proc = session("--cpu-smoke", "spec", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    (f,) = tmp_path.iterdir()
+    rows = json.loads(f.read_text())["batches"]["1"]
+    assert f.name == "spec_decode_cpu_smoke.json" and set(rows) == {"plain", "plain_serial", "p=0.8"}
+    assert rows["p=0.8"]["identical_to_plain"] and rows["p=0.8"]["tokens_per_request_step"] > 1
+    (plan,) = PLAN.findall(session("--dry-run", "spec", "--model", "deepseek-v2-lite").stdout)
+    assert "--shape deepseek-v2-lite" in plan[7] and "spec_decode_" in plan[7]
+    assert session("--dry-run", "spec", "--model", "llama").returncode == 2
 
 
 @pytest.mark.parametrize("member", ["../evil.json", "notes.txt", "E=8,N=32,device_name=a/b.json"])

@@ -152,3 +152,18 @@ def test_the_plan_is_what_the_scheduler_output_names():
     shape = {n for n, v in vars(EPStep).items() if isinstance(v, property)}
     assert shape == {"mode", "max_tokens_per_rank", "graph_batch"}
     assert shape <= {f.name for f in dataclasses.fields(EPStepPlan)}
+
+
+def test_verify_steps_run_low_latency_without_a_shared_graph_size():
+    """A request verifying its drafts schedules its last token and the drafts (1 + k tokens): such steps run
+    low-latency within the capacity, each rank replaying its own verify graph (no shared decode graph size)."""
+    def verify(*drafts: int) -> SchedulerOutput:
+        so = _so(*(1 + k for k in drafts))
+        so.scheduled_spec_tokens = {f"r{i}": [7] * k for i, k in enumerate(drafts) if k}
+        return so
+
+    assert plan_ep_step([verify(2, 2), _so(1)], 8, graph_sizes=(1, 2, 4)) == EPStepPlan(LOW_LATENCY, 6, None)
+    assert plan_ep_step([verify(2, 0), _so()], 8, graph_sizes=(1, 2)) == EPStepPlan(LOW_LATENCY, 4, None)
+    assert plan_ep_step([verify(2, 2, 2), _so(1)], 8) == EPStepPlan(HIGH_THROUGHPUT, 9)  # past the capacity
+    assert plan_ep_step([_so(3), _so(1)], 8) == EPStepPlan(HIGH_THROUGHPUT, 3)  # a 3-token chunk is no verify
+    assert plan_ep_step([_so(1, 1), _so(1)], 8, graph_sizes=(1, 2)) == EPStepPlan(LOW_LATENCY, 2, 2)

@@ -57,3 +57,22 @@ def test_ep3_mtp_drafts_greedy_equals_one_rank_without(local_ray, tmp_path):
         want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
     spec = {"method": "mtp", "num_speculative_tokens": 2}
     _assert_ep3_equals(path, prompts, params, spec, kw, want)
+
+
+def test_ep3_eagle3_drafts_greedy_equals_one_rank_without(local_ray, tiny_model, tmp_path):
+    """Method "eagle3" (engine/rank/eagle3_drafter.py) under EP 3 with two-batch overlap: each rank's forward keeps
+    the head's residual-stream states (each micro-batch its own, joined back in order) and the dense head drafts for
+    that rank's requests with no collective, so ranks with no rows run nothing for it and the verify steps stay in
+    lockstep whatever each accepted; the greedy outputs equal one rank's without speculation."""
+    from tests.helpers.eagle3_heads import bigram_head, scaled_target
+
+    path = str(scaled_target(tiny_model("qwen3_e6k3", num_layers=4), tmp_path / "target"))
+    head = str(bigram_head(path, tmp_path / "head", aux_layer_ids=[0, 1, 3]))
+    kw = dict(dtype="float64", max_num_seqs=8, max_num_batched_tokens=40, num_kv_blocks=96, block_size=8)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, detokenize=False)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(2, 30))] for _ in range(9)]
+    with LLM(path, **kw) as one:
+        want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 2}
+    _assert_ep3_equals(path, prompts, params, spec, dict(kw, enable_two_batch_overlap=True), want)

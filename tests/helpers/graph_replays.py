@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 
-def count_replays(graphs) -> dict[int, int]:
-    """Wrap every captured step of `graphs` (engine.cuda_graph.DecodeGraphs) so its replays are counted; returns
-    the live {batch size: replays} dict, all zero now."""
-    replays = {b: 0 for b in graphs.steps}
-    for b, step in graphs.steps.items():
+def count_replays(graphs, verify: bool = False) -> dict[int, int]:
+    """Wrap every captured step of `graphs` (engine.cuda_graph.DecodeGraphs; its verify graphs with `verify`) so
+    its replays are counted; returns the live {batch size: replays} dict, all zero now."""
+    steps = graphs.verify_steps if verify else graphs.steps
+    replays = {b: 0 for b in steps}
+    for b, step in steps.items():
         inner = step.replay
 
         def counting(inner=inner, b=b):

@@ -93,8 +93,7 @@ def test_engine_profiles_refuse_modes_they_do_not_have():
         _inp(precision="fp4")
     with pytest.raises(ValueError, match="pattern='expert' is not available in engine 'moelink'"):
         _inp(pattern="expert")
-    with pytest.raises(ValueError, match="mtp_draft=2 needs multi-token prediction"):
-        _inp(mtp_draft=2, mtp_accept=0.8)
+    _inp(mtp_draft=2, mtp_accept=0.8)  # moelink runs MTP since issue 29 (priced: test_planner_spec_cost.py)
     with pytest.raises(ValueError, match="attn_tp=8 needs tensor-parallel attention"):
         _inp(attn_tp=8)
     with pytest.raises(ValueError, match="engine='vllm' is not known"):
@@ -110,7 +109,7 @@ def test_plan_prints_features_with_status_and_every_assumption(capsys):
     assert "features (engine moelink; [x] = this prediction assumes it):" in out
     assert "two-batch overlap of all-to-all with compute (overlap tbo): built, not GPU-measured" in out
     assert "[x] Triton grouped-GEMM MoE kernels (BF16, FP8 block-scaled): built, GPU-measured" in out
-    assert "[ ] multi-token prediction (MTP) drafts: not built" in out
+    assert "[ ] multi-token prediction (MTP) drafts, verified in one step: built, not GPU-measured" in out
     assert "[ ] node-aware two-level all-to-all (pattern node)" in out  # default pattern: once per rank
     assert "[x] all-to-all once per destination rank (pattern rank)" in out
     assert plan_cli.main(["--hardware", "h200-hgx", "--ep", "16", "--batch-per-rank", "32", "--pattern", "node"]) == 0

@@ -186,3 +186,28 @@ def test_waiting_queue_is_fcfs_even_when_a_later_request_would_fit():
     sim.run()
     first = {rid: next(i for i, so in enumerate(sim.steps) if rid in so.num_scheduled_tokens) for rid in sim.finish}
     assert first["big"] <= first["small"]
+
+
+def test_block_hash_lookahead_makes_a_hit_match_the_next_token_too():
+    """CacheConfig.block_hash_lookahead = 1 (a drafter's cache layer written from the next token, MTP or
+    EAGLE-3): a block hits only when the token after it matches too, since its last slot's draft state was
+    computed from that token."""
+    from moelink.scheduler import CacheConfig, Scheduler, SchedulerConfig
+
+    shared = [(7 * i) % 50 for i in range(64)]  # 4 blocks of 16
+    # (lookahead, the second prompt's tail, its hit): with the lookahead, block 3 hits only if token 64 matches.
+    for lookahead, tail, hit in ((0, [4, 5, 6, 7, 8], 64), (1, [4, 5, 6, 7, 8], 48), (1, [1, 9, 9, 9, 9], 64)):
+        s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512),
+                      CacheConfig(block_size=16, num_kv_blocks=64, block_hash_lookahead=lookahead))
+        sim = Sim(s)
+        s.add_request(make_request("a", shared + [1, 2, 3], max_tokens=4))
+        sim.step()
+        s.add_request(make_request("b", shared + tail, max_tokens=4))
+        so = sim.step()
+        (nr,) = so.scheduled_new_reqs
+        assert nr.num_computed_tokens == hit and so.num_scheduled_tokens["b"] == 69 - hit
+        assert nr.block_ids[: hit // 16] == s.kv.get_block_ids("a")[: hit // 16]
+        sim.run()
+        assert sim.tokens["b"] == reference_generate(shared + tail, max_tokens=4)[0]
+    with pytest.raises(ValueError, match="block_hash_lookahead=2 is invalid"):
+        CacheConfig(block_hash_lookahead=2)

@@ -165,3 +165,32 @@ def test_stopping_the_metrics_server_does_not_block_the_event_loop(thread_server
     metrics_server.close = close
     srv.call(srv.server.stop(0.5))
     assert closed_on and closed_on[0] != srv.thread.name, closed_on
+
+
+def test_idle_connections_do_not_block_scrapes(thread_server):
+    """Issue 32, item 9: 40 connections that never send a byte filled the 16 connection threads, and every
+    scrape was refused (0 of 14). Now they hold no thread: every scrape is answered, promptly."""
+    import socket
+
+    from moelink.engine.core import metrics
+
+    srv = thread_server(metrics_port=0)
+    port = srv.server.metrics_port
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+    try:
+        time.sleep(0.3)  # all accepted
+        answered, slowest = 0, 0.0
+        for _ in range(14):
+            t0 = time.monotonic()
+            try:
+                if "moelink_num_requests_running" in _scrape(port):
+                    answered += 1
+            except OSError:
+                pass
+            slowest = max(slowest, time.monotonic() - t0)
+        print(f"\nscrapes answered next to 40 idle connections: {answered} of 14, slowest {slowest * 1000:.0f} ms")
+        assert answered == 14 and slowest < 2.0, (answered, slowest)
+        assert metrics.METRICS_MAX_CONNECTIONS < 40  # the idle ones would have filled every slot
+    finally:
+        for s in idle:
+            s.close()

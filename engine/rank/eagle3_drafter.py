@@ -1,0 +1,81 @@
+"""The EAGLE-3 drafter (speculative method "eagle3"): a head from its own checkpoint (engine/models/eagle3.py)
+drafting inside the step's device work, as a ChainDrafter (engine/rank/chain_drafter.py: catch-up over the step's
+tokens shifted by one, then k - 1 chained greedy drafts, scratch blocks, no host sync) over `Eagle3DraftLayer`.
+
+Legend: T tokens of the step's flat batch, D the head's hidden, Dt the main model's, R rows that sample.
+
+The conditioning state (vLLM's and SGLang's EAGLE-3 drafters): the catch-up row at position t reads
+g_t = fc([s_low | s_mid | s_high]_t), the residual stream of the main model at t after the three layer counts
+`eagle3_aux_layers` names (captured by the main model's own forward: models/layers.AuxCapture), with tok_{t+1};
+a chained step reads the head's own previous output (its state before `norm`) and its last draft. Drafts are
+the greedy ids of the head's draft vocabulary, mapped to target ids through d2t.
+
+The head is dense (one Llama layer): under expert parallelism a rank drafts for its own requests and runs nothing
+when it has no rows; no collective, so the ranks' accepted lengths never need to agree. Its KV cache is one
+extra layer at index num_hidden_layers (vLLM's), in the head's own GQA shape and the main cache's dtype, on the
+main model's block ids (KV sizing counts it: ChainDrafter.kv_bytes_per_token). Its rope table covers the main
+model's max_model_len, whatever the head's max_position_embeddings.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config.eagle3 import Eagle3Config, check_eagle3_target, read_eagle3_config
+from ..config.model import ModelConfig
+from ..models.eagle3 import Eagle3Head
+from ..models.layers import ForwardContext
+from .chain_drafter import ChainDrafter
+from .eagle3_loader import dummy_eagle3_head, load_eagle3_head
+
+
+class Eagle3DraftLayer:
+    """An Eagle3Head as a chain drafter's DraftLayer (module docstring)."""
+
+    has_experts = False  # one dense Llama layer: no collective under expert parallelism
+
+    def __init__(self, head: Eagle3Head, aux_layers: tuple[int, int, int], cache_dtype: torch.dtype):
+        self.module = head
+        self.kv_cache_index = head.self_attn.layer_idx
+        self.attention, self.cache_dtype = head.cfg.attention, cache_dtype
+        self.aux_layers = tuple(aux_layers)
+
+    def condition(self, h_TD: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
+        return self.module.combine_hidden(*aux)  # the residual-stream states, not the final-normed h_TD
+
+    def __call__(self, positions_T, input_ids_T, hidden_TD, ctx: ForwardContext) -> torch.Tensor:
+        return self.module(positions_T, input_ids_T, hidden_TD, ctx)
+
+    def greedy(self, y_RD: torch.Tensor) -> torch.Tensor:
+        return self.module.to_target_ids(self.module.compute_logits(y_RD).argmax(dim=-1))
+
+    def moe_only_stages(self):
+        raise AssertionError("an EAGLE-3 head is dense: it has no collectives to run (has_experts is False)")
+
+
+def load_draft_head(path: str, cfg: ModelConfig, model, kernels, device: torch.device, load_format: str = "auto",
+                    head_cfg: Eagle3Config | None = None) -> Eagle3Head:
+    """The head in directory `path` for main model `cfg` / `model` (its embedding and LM head stand in where the
+    head has none), or a random one of that config.json (load_format "dummy")."""
+    head_cfg = head_cfg if head_cfg is not None else read_eagle3_config(path)
+    check_eagle3_target(head_cfg, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
+    kw = dict(dtype=cfg.dtype, kv_cache_index=cfg.num_layers, embed_tokens=model.embed_tokens,
+              lm_head=model.lm_head, max_positions=cfg.max_model_len)
+    if load_format == "dummy":
+        return dummy_eagle3_head(head_cfg, kernels, device, **kw)
+    return load_eagle3_head(path, kernels, device, config=head_cfg, **kw)
+
+
+class Eagle3Drafter(ChainDrafter):
+    """The runner's device drafter for method "eagle3" (module docstring). `path`: the head's local checkpoint
+    directory (EngineArgs resolved a repo id)."""
+
+    def __init__(self, path: str, cfg: ModelConfig, model, kernels, device: torch.device, ep, k: int,
+                 block_size: int, load_format: str = "auto"):
+        head_cfg = read_eagle3_config(path)
+        aux_layers = check_eagle3_target(head_cfg, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
+        head = load_draft_head(path, cfg, model, kernels, device, load_format, head_cfg)
+        super().__init__(Eagle3DraftLayer(head, aux_layers, cfg.cache_dtype), cfg.max_model_len, device, ep, k,
+                         block_size)
+
+
+__all__ = ["Eagle3DraftLayer", "Eagle3Drafter", "load_draft_head"]

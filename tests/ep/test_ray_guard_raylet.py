@@ -1,0 +1,95 @@
+"""A dead raylet's workers do not outlive it (issue 32, item 13).
+
+Under EP 3 a killed raylet turned health NOT_SERVING, correctly, but the three ray::Worker processes (1.1 GB
+each) lived on until the server was stopped. The guard (engine/cluster/ray_guard.py) now watches the raylet
+while the server lives and stops the instance's other processes once it is gone. First with stand-in
+processes (named like Ray's, each naming the temp dir on its command line as Ray's do), then with a real
+local Ray and an actor.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from moelink.engine.cluster import ray_guard
+
+from tests.helpers.waits import wait_until
+
+_SLEEP = "import sys, time; time.sleep(600)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_guard_stops_the_workers_when_the_raylet_dies():
+    temp_dir = tempfile.mkdtemp(prefix="mlguard-", dir="/tmp")
+    # argv[0] is what Ray's processes are called; the temp dir on the command line ties them to this instance.
+    procs = {name: subprocess.Popen([name, "-c", _SLEEP, temp_dir], executable=sys.executable)
+             for name in ("raylet", "ray::Worker-1", "ray::Worker-2", "gcs_server")}
+    other = subprocess.Popen(["ray::Worker-other", "-c", _SLEEP], executable=sys.executable)  # not this instance
+    guard = subprocess.Popen([sys.executable, ray_guard.__file__, temp_dir, str(os.getpid())],
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: ray_guard.raylet_of(temp_dir) == procs["raylet"].pid, 10, "the raylet to be found")
+        time.sleep(ray_guard._RAYLET_LOOKUP_S + 1.0)  # the guard has found it too
+        assert all(_alive(p.pid) for p in procs.values())
+        procs["raylet"].kill()
+        procs["raylet"].wait(10)
+        wait_until(lambda: not any(_alive(p.pid) for p in procs.values()), 15,
+                   "the instance's other processes to be stopped")
+        assert _alive(other.pid) and guard.poll() is None and os.path.isdir(temp_dir)  # the server still runs
+        guard.stdin.close()  # the server exits: the guard removes the dir and ends
+        assert guard.wait(15) == 0
+        assert not os.path.exists(temp_dir)
+    finally:
+        for p in [*procs.values(), other]:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+        if guard.poll() is None:
+            guard.kill()
+            guard.wait(10)
+
+
+def _raylet(temp_dir: str):
+    """Found here without the guard's helper, so that this test also runs against code without it."""
+    for pid in ray_guard.processes_using(temp_dir, (os.getpid(),)):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if os.path.basename(f.read().split(b"\0", 1)[0]) == b"raylet":
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_real_raylet_killed_takes_its_workers_with_it():
+    ray = pytest.importorskip("ray")
+    from moelink.engine.cluster.ray_runtime import LocalRay
+
+    local = LocalRay(num_cpus=2)
+    try:
+        @ray.remote
+        class Holder:
+            def pid(self):
+                return os.getpid()
+
+        holders = [Holder.remote() for _ in range(2)]
+        workers = ray.get([h.pid.remote() for h in holders], timeout=60)
+        raylet = wait_until(lambda: _raylet(local.temp_dir), 20, "the raylet")
+        os.kill(raylet, signal.SIGKILL)
+        wait_until(lambda: not any(_alive(pid) for pid in workers), 30, "the actors' worker processes to end")
+    finally:
+        local.close()
