@@ -150,6 +150,8 @@ class EngineArgs:
     max_grammar_chars: int = DEFAULT_MAX_GRAMMAR_CHARS
     max_queued_grammar_compiles: int = DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES
     grammar_compile_workers: int = DEFAULT_GRAMMAR_COMPILE_WORKERS
+    # Start the compile processes with the engine rather than at the first grammar (`moelink serve` does).
+    grammar_prestart: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -265,7 +267,8 @@ class EngineArgs:
 
     def grammar_config(self) -> GrammarConfig:
         return GrammarConfig(workers=self.grammar_compile_workers, max_queued=self.max_queued_grammar_compiles,
-                             timeout_s=self.grammar_compile_timeout, max_spec_chars=self.max_grammar_chars)
+                             timeout_s=self.grammar_compile_timeout, max_spec_chars=self.max_grammar_chars,
+                             prestart=self.grammar_prestart)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device, spec) -> int | None:
         return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,

@@ -72,6 +72,9 @@ class LLMEngine:
         # The workers' samplers hold EOS back under min_tokens: they must know every
         # EOS id the schedulers stop on (generation_config.json, tokenizer too).
         config = replace(config, model=replace(config.model, eos_token_ids=tuple(sorted(self.eos_token_ids))))
+        self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids, config.grammar)
+        if config.grammar.prestart and not isinstance(self.tokenizer, NoTokenizer):
+            self.grammars.prestart()  # its process starts while the weights load, not at the first constrained request
         # Built once, here: the workers receive it and expert_load reports the same placement.
         self.ep_plan = plan_expert_parallel(config)
         self.executor = executor or make_executor(config, self.ep_plan)
@@ -97,7 +100,6 @@ class LLMEngine:
         # Online EPLB (--eplb-interval): None when off.
         self.eplb = make_eplb_controller(config, self.ep_plan)
         set_eplb_slot_bytes(self.executor, self.eplb)
-        self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids, config.grammar)
         self.structured = StructuredOutputManager(config.model.vocab_size)
         self.elastic_stats = ElasticStats()
         # Elastic EP: per old rank, the SchedulerOutputs of the steps a loss broke (engine/cluster/elastic.py rewinds them).
