@@ -87,6 +87,9 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         # Sorted by priority (arrival time, then add order), so the running
         # loop serves the oldest first and the preemption victim is running[-1].
         self.running: list[Request] = []
+        # Requests the engine holds back from scheduling for now (their next grammar mask is still being filled,
+        # engine/core/structured_output.py); the engine adds and removes ids, the scheduler only reads them.
+        self.held: set[str] = set()
         self._priority: dict[str, tuple[float, int]] = {}
         self._num_added = 0
         # Finished or aborted since the last schedule(); the worker drops them.
@@ -201,6 +204,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         # 1) Running requests, oldest first (the hot loop of a decode step: locals, nothing but the request).
         i = 0
         running = self.running
+        held_ids = self.held
         max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
         # allocate_slots' no-new-block case, checked here first (most decode steps) where the policy allows it.
         tables, bs, extras = self.kv.decode_tables, self.block_size, self.kv.new_step_extras
@@ -214,7 +218,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             # Nothing left to compute yet, or the tokens in flight end it whatever they are (its length limits, as
             # in _check_stop; checked inline: this runs for every decoding request of an overlapped loop).
             if n <= 0 or (in_flight and (len(req.output_token_ids) + in_flight >= req.output_limit
-                                         or known + in_flight >= max_len or known + in_flight > pool_tokens)):
+                                         or known + in_flight >= max_len or known + in_flight > pool_tokens)) or (
+                    held_ids and req.request_id in held_ids):
                 i += 1
                 continue
             if req.spec_token_ids:  # drafts to verify (scheduler/spec_decode.py)
@@ -280,8 +285,10 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             max_seqs -= kvt.num_holding
         while self.waiting and budget > 0 and len(self.running) < max_seqs:
             req = self.waiting[0]
-            if req.num_output_placeholders:
-                break  # preempted with its token in flight: recomputed once the token is known (FCFS: all wait)
+            if req.num_output_placeholders or (self.held and req.request_id in self.held):
+                # Preempted with its token in flight: recomputed once the token is known; or held by the engine
+                # (its grammar mask is being filled: milliseconds). FCFS: all wait.
+                break
             hits, num_hit = self.kv.get_computed_blocks(req)
             if kvt is not None and req.status is RequestStatus.WAITING:
                 k = kvt.loadable(req)

@@ -36,6 +36,7 @@ from ..config.engine_args import EngineArgs
 from ..contract.engine_info import EngineInfo
 from ..core.llm_engine import LLMEngine, ProcessedRequest, PromptType
 from ..core.moe_metrics import ExpertLoadReport
+from ..core.no_tokenizer import NoTokenizer
 from .output_thread import AddOutputs, FinishOutputs, OutputQueue, OutputThread, StepOutputs, Stream
 from ..core.outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
@@ -111,6 +112,8 @@ class AsyncEngine:
                                       lambda: self._thread.is_alive() and self._dead_error is None, self._step_hung)
         self._thread.start()
         self._watchdog.start()  # after the engine thread: it watches while that thread is alive
+        if not isinstance(engine.tokenizer, NoTokenizer):
+            engine.grammars.prestart()  # serving: the first constrained request finds its compile process up
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, metrics: MetricsSink | None = None) -> "AsyncEngine":
@@ -147,11 +150,7 @@ class AsyncEngine:
         """Stream outputs of one request. Raises ValueError for bad input before anything is queued."""
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
-        if params is not None and params.structured_outputs is not None:
-            # Its grammar compiles on the engine's grammar pool; wait for it off this event loop.
-            processed = await asyncio.to_thread(self.process_inputs, request_id, prompt, params)
-        else:
-            processed = self.process_inputs(request_id, prompt, params)
+        processed = await self.with_grammar(self.process_inputs(request_id, prompt, params, compile_grammar=False))
         gen = self.generate_processed(processed, output_kind)
         async with contextlib.aclosing(gen):  # closing this closes (and so aborts) the request at once
             async for out in gen:
@@ -192,10 +191,23 @@ class AsyncEngine:
                 self._send(AbortCommand(request_id))
 
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
-                       field: str | None = None) -> ProcessedRequest:
+                       field: str | None = None, compile_grammar: bool = True) -> ProcessedRequest:
         """Tokenize and validate a request (`LLMEngine.process_inputs`); raises ValueError naming the bad
-        field. Thread-safe: it only reads, so a server may call it from a worker thread."""
-        return self.engine.process_inputs(request_id, prompt, params, field)
+        field. Thread-safe: it only reads, so a server may call it from a worker thread. On an event loop pass
+        `compile_grammar=False` and then await `with_grammar`: the compile then holds no thread."""
+        return self.engine.process_inputs(request_id, prompt, params, field, compile_grammar)
+
+    async def with_grammar(self, processed: ProcessedRequest) -> ProcessedRequest:
+        """`processed` with its structured-output grammar compiled (engine/core/grammar_compile.py: own processes,
+        bounded queue, time limit). Awaited, not run on a thread: a caller cancelled here (its client left)
+        releases the compile, which is killed once no caller waits for it. Raises ValueError naming the field,
+        or GrammarQueueFull (retry later)."""
+        so = processed.params.structured_outputs
+        if so is None or processed.grammar is not None:
+            return processed
+        pool = self.engine.grammars
+        processed.grammar = await pool.wait_async(pool.submit(so))
+        return processed
 
     async def abort(self, request_id: str) -> None:
         """End a request with finish_reason 'abort'; its stream gets a final output."""

@@ -7,6 +7,8 @@ import argparse
 
 from moelink.comm.backends import ALL_TO_ALL_NAMES
 
+from ..config.grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS,
+                                     DEFAULT_MAX_GRAMMAR_CHARS, DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES)
 from ..config.timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
 
 
@@ -103,6 +105,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding, as vLLM spells it: '{\"method\": \"ngram\", "
                         "\"num_speculative_tokens\": 3}' (prompt lookup; prompt_lookup_max / prompt_lookup_min "
                         "too). Runs the serial step loop (default: off)")
+    p.add_argument("--grammar-compile-timeout", type=float, default=DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S,
+                   metavar="SECONDS", help="a structured-output grammar (JSON schema, regex, EBNF, choice) that takes "
+                   "longer to compile is refused naming its field (default %(default)g)")
+    p.add_argument("--max-grammar-chars", type=int, default=DEFAULT_MAX_GRAMMAR_CHARS, metavar="N",
+                   help="refuse a longer schema, regex, grammar or choice list before compiling it (default %(default)d)")
+    p.add_argument("--max-queued-grammar-compiles", type=int, default=DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES,
+                   metavar="N", help="refuse (RESOURCE_EXHAUSTED) a new grammar while this many wait to compile "
+                   "(default %(default)d)")
+    p.add_argument("--grammar-compile-workers", type=int, default=DEFAULT_GRAMMAR_COMPILE_WORKERS, metavar="N",
+                   help="processes that compile grammars, one compile each at a time (default %(default)d)")
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
                    help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
                         "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
@@ -129,4 +141,6 @@ def engine_args_from(ns: argparse.Namespace):
         async_scheduling=ns.async_scheduling,
         ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s, load_format=ns.load_format,
         skip_warmup=ns.skip_warmup, speculative_config=ns.speculative_config,
+        grammar_compile_timeout=ns.grammar_compile_timeout, max_grammar_chars=ns.max_grammar_chars,
+        max_queued_grammar_compiles=ns.max_queued_grammar_compiles, grammar_compile_workers=ns.grammar_compile_workers,
     )

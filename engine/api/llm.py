@@ -44,6 +44,17 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True,
+             special_tokens_in_content: str = "tokens", **template_kwargs) -> list[RequestOutput]:
+        """Generate for one conversation (a list of {"role", "content"} messages, as vLLM's LLM.chat) rendered with
+        the model's chat template. `special_tokens_in_content="text"` encodes special-token text inside the
+        messages as plain text, so a user cannot forge a turn (Tokenizer.apply_chat_template); "tokens" (the
+        default, as vLLM) encodes it as the control tokens it spells."""
+        ids = self.engine.tokenizer.apply_chat_template(messages, tokenize=True,
+                                                        special_tokens_in_content=special_tokens_in_content,
+                                                        **template_kwargs)
+        return self.generate([ids], sampling_params, use_tqdm=use_tqdm)
+
     def generate(
         self,
         prompts: Union[PromptType, Sequence[PromptType]],

@@ -12,7 +12,10 @@ from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
 from .model import KV_CACHE_DTYPES, ModelConfig, ParallelConfig
 from .quantization import ONLINE_METHODS
+from .checkpoint_headers import check_checkpoint
 from .graph_config import CudaGraphConfig
+from .grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS, DEFAULT_MAX_GRAMMAR_CHARS,
+                             DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES, GrammarConfig)
 from .kv_sizing import driver_num_kv_blocks, kv_sliding_window
 from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
@@ -41,6 +44,8 @@ class EngineConfig:
     kv_connector: object = None
     # Speculative decoding (engine/config/speculative.py); None: off.
     speculative: Optional[SpeculativeConfig] = None
+    # Bounds on structured-output grammar compiles (engine/config/grammar_config.py).
+    grammar: GrammarConfig = GrammarConfig()
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -138,6 +143,15 @@ class EngineArgs:
     # (engine/config/speculative.py), e.g. '{"method": "ngram", "num_speculative_tokens": 3}'. None: off. It runs
     # the serial step loop (drafts need the tokens just emitted): async_scheduling is turned off, logged once.
     speculative_config: Optional[object] = None
+    # Structured output's grammar compiles (engine/core/grammar_compile.py): a compile running longer than
+    # grammar_compile_timeout seconds fails naming the field; a spec longer than max_grammar_chars, or one
+    # arriving while max_queued_grammar_compiles wait, is refused; grammar_compile_workers processes compile.
+    grammar_compile_timeout: float = DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S
+    max_grammar_chars: int = DEFAULT_MAX_GRAMMAR_CHARS
+    max_queued_grammar_compiles: int = DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES
+    grammar_compile_workers: int = DEFAULT_GRAMMAR_COMPILE_WORKERS
+    # Start the compile processes with the engine rather than at the first grammar (`moelink serve` does).
+    grammar_prestart: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -177,6 +191,7 @@ class EngineArgs:
         if self.kv_connector is not None and not all(
                 callable(getattr(self.kv_connector, m, None)) for m in ("scheduler_side", "worker_side")):
             bad("kv_connector", "must be None or a KV connector factory (scheduler_side(rank), worker_side(rank))")
+        self.grammar_config()  # validated here, where the user set it
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     def resolve_device(self) -> torch.device:
@@ -218,6 +233,8 @@ class EngineArgs:
                                                 kv_cache_dtype=self.kv_cache_dtype, fp8_block_size=self.fp8_block_size)
         if path != self.model:
             model_cfg.model_id = self.model
+        if self.load_format != "dummy":
+            check_checkpoint(model_cfg)  # headers against config.json, before any rank sizes a tensor from either
         spec = self.speculative_config
         if spec is not None:
             spec.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture)
@@ -246,7 +263,12 @@ class EngineArgs:
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,
                             skip_warmup=self.skip_warmup, kv_connector=self.kv_connector,
-                            speculative=spec)
+                            speculative=spec, grammar=self.grammar_config())
+
+    def grammar_config(self) -> GrammarConfig:
+        return GrammarConfig(workers=self.grammar_compile_workers, max_queued=self.max_queued_grammar_compiles,
+                             timeout_s=self.grammar_compile_timeout, max_spec_chars=self.max_grammar_chars,
+                             prestart=self.grammar_prestart)
 
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device, spec) -> int | None:
         return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,

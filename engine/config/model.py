@@ -115,6 +115,7 @@ class ModelConfig:
         return self.kv_cache_dtype if self.kv_cache_dtype is not None else self.dtype
 
     def __post_init__(self) -> None:
+        _check_dims(self)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"config.json num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}.")
         if not 1 <= self.top_k <= self.num_experts:
@@ -185,6 +186,31 @@ class ModelConfig:
             raise ValueError(f"architecture {arch}: config read, model definition not available in this build "
                              f"(moelink runs {', '.join(SUPPORTED_ARCHITECTURES)}).")
         return cfg
+
+
+# What config.json may say before anything is allocated from it. The bounds are far above any released model
+# (vocabularies to 262k, hidden sizes to 18k, 128 layers, 384 experts, 10M positions) and far below what a typo
+# or a hostile file asks for (a 16 TB embedding, a 4 TB rope table).
+_DIMS = (  # (field, what config.json calls it, least, most)
+    ("vocab_size", "vocab_size", 1, 1 << 22),
+    ("hidden_size", "hidden_size", 1, 1 << 17),
+    ("num_layers", "num_hidden_layers", 1, 1 << 12),
+    ("num_heads", "num_attention_heads", 1, 1 << 12),
+    ("num_kv_heads", "num_key_value_heads", 1, 1 << 12),
+    ("head_dim", "head_dim", 1, 1 << 12),
+    ("num_experts", "num_experts (n_routed_experts, num_local_experts)", 0, 1 << 14),
+    ("moe_intermediate_size", "moe_intermediate_size", 0, 1 << 18),
+    ("intermediate_size", "intermediate_size", 0, 1 << 18),
+    ("max_position_embeddings", "max_position_embeddings", 1, 1 << 24),
+)
+
+
+def _check_dims(cfg: "ModelConfig") -> None:
+    """One error naming the config.json field when a dimension is not an integer in its range."""
+    for attr, name, least, most in _DIMS:
+        v = getattr(cfg, attr)
+        if isinstance(v, bool) or not isinstance(v, int) or not least <= v <= most:
+            raise ValueError(f"config.json {name}={v!r} is invalid: must be an integer in [{least}, {most}].")
 
 
 def _auto_config(path: Path, raw: dict, arch: str):

@@ -59,11 +59,12 @@ class ProcessedRequest:
 
 
 def process_inputs(engine, request_id: str, prompt: PromptType, params: SamplingParams | None,
-               field: str | None = None) -> ProcessedRequest:
+               field: str | None = None, compile_grammar: bool = True) -> ProcessedRequest:
     """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
 
     `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
-    passes the name of the proto field it came from).
+    passes the name of the proto field it came from). `compile_grammar=False`: leave `grammar` unset for a
+    caller that awaits the compile itself (AsyncEngine.compile_grammar), holding no thread while it runs.
     """
     if not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id={shown(request_id)} is invalid: must be a non-empty string.")
@@ -134,7 +135,7 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
         raise max_tokens_too_large(field, params.max_tokens, len(ids), max_len)
     max_tokens = room if params.max_tokens is None else params.max_tokens
     grammar = None
-    if params.structured_outputs is not None:
+    if params.structured_outputs is not None and compile_grammar:
         # Compiled on the grammar pool; this caller waits, the engine loop does not.
         grammar = engine.grammars.compile(params.structured_outputs)
     return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar)

@@ -72,6 +72,9 @@ class LLMEngine:
         # The workers' samplers hold EOS back under min_tokens: they must know every
         # EOS id the schedulers stop on (generation_config.json, tokenizer too).
         config = replace(config, model=replace(config.model, eos_token_ids=tuple(sorted(self.eos_token_ids))))
+        self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids, config.grammar)
+        if config.grammar.prestart and not isinstance(self.tokenizer, NoTokenizer):
+            self.grammars.prestart()  # its process starts while the weights load, not at the first constrained request
         # Built once, here: the workers receive it and expert_load reports the same placement.
         self.ep_plan = plan_expert_parallel(config)
         self.executor = executor or make_executor(config, self.ep_plan)
@@ -97,7 +100,6 @@ class LLMEngine:
         # Online EPLB (--eplb-interval): None when off.
         self.eplb = make_eplb_controller(config, self.ep_plan)
         set_eplb_slot_bytes(self.executor, self.eplb)
-        self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids)
         self.structured = StructuredOutputManager(config.model.vocab_size)
         self.elastic_stats = ElasticStats()
         # Elastic EP: per old rank, the SchedulerOutputs of the steps a loss broke (engine/cluster/elastic.py rewinds them).
@@ -126,12 +128,12 @@ class LLMEngine:
 
     # -- input validation -----------------------------------------------------
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
-                       field: str | None = None) -> ProcessedRequest:
+                       field: str | None = None, compile_grammar: bool = True) -> ProcessedRequest:
         """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
 
         `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
         passes the name of the proto field it came from). The rules: engine/core/input_processing.py."""
-        return process_inputs(self, request_id, prompt, params, field)
+        return process_inputs(self, request_id, prompt, params, field, compile_grammar)
 
     # -- request lifecycle ----------------------------------------------------
     def add_processed(self, req: ProcessedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
@@ -158,6 +160,8 @@ class LLMEngine:
         rank = self.router.route(req.prompt_token_ids)
         self.schedulers[rank].add_request(sched_req)
         self._rank_of[req.request_id] = rank
+        if p.structured_outputs is not None and not self.structured.ready(req.request_id):
+            self.schedulers[rank].held.add(req.request_id)  # until its first mask is filled
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
@@ -194,6 +198,7 @@ class LLMEngine:
             self.structured.remove(rid)
             rank = self._rank_of.pop(rid, None)
             if rank is not None:
+                self.schedulers[rank].held.discard(rid)
                 self.schedulers[rank].finish_requests([rid], status)
 
     def has_unfinished_requests(self) -> bool:
@@ -236,8 +241,9 @@ class LLMEngine:
         Overlapped (async scheduling, the default): schedule and launch step N+1, then collect step N, whose
         device work ran while the host scheduled; step N's tokens are appended and checked for stop tokens now,
         one step after they were sampled. Serial: schedule, run, collect the same step. The loop drains
-        (collects the step in flight before scheduling) where the host needs its tokens first: a structured-
-        output row (its grammar mask), an online-EPLB move and a rejoin (every rank between steps)."""
+        (collects the step in flight before scheduling) where the host needs its tokens first: an online-EPLB
+        move and a rejoin (every rank between steps). A structured-output row is held back instead until its
+        tokens are in and its next mask is filled (off this thread): the others step on."""
         outputs: list[EngineCoreOutput] = []
         if self.executor.rejoin_ready:  # at the step boundary: replacement ranks join, back to EP N
             outputs += self._drain_core()
@@ -246,6 +252,8 @@ class LLMEngine:
             outputs += self._drain_core()
             if self._eplb_act():
                 return outputs
+        if self.structured:
+            self._release_held(self.structured.poll())
         sched_outs = [s.schedule() for s in self.schedulers]
         self._step_id += 1
         if all(so.is_empty for so in sched_outs):
@@ -257,14 +265,18 @@ class LLMEngine:
                        or so.kv_transfers is not None for so in sched_outs):
                 for sched, so in zip(self.schedulers, sched_outs):
                     sched.update_from_output(so, ModelRunnerOutput(step_id=so.step_id))
+                if not outputs and self.structured.filling():
+                    # Only held requests are left: wait (briefly) for a mask rather than spin on empty steps.
+                    self._release_held(self.structured.poll(timeout=0.05))
                 return outputs
             self._pending = (sched_outs, self.executor.launch(sched_outs))
             return outputs + self._drain_core()
         if self.structured:
-            if self._pending is not None and self._needs_tokens_in_flight(sched_outs):
-                outputs += self._drain_core()  # the grammar masks need the matchers advanced by the tokens in flight
-            for so in sched_outs:  # each rank gets the masks of its own rows only
+            # A constrained request is scheduled only with its mask ready (filled off this thread, after its tokens
+            # in flight were collected): it is held again until the tokens of this step are in and its next mask is.
+            for sched, so in zip(self.schedulers, sched_outs):  # each rank gets the masks of its own rows only
                 so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens, so.scheduled_spec_tokens)
+                sched.held.update(so.grammar_bitmask)
         t0 = time.perf_counter()
         try:
             launched = self.executor.launch(sched_outs)
@@ -289,16 +301,6 @@ class LLMEngine:
         done, self._pending = self._pending, None
         return self._collect(done) if done is not None else []
 
-    def _needs_tokens_in_flight(self, sched_outs) -> bool:
-        """A constrained request scheduled with its previous token still in flight (its mask needs it)."""
-        for sched, so in zip(self.schedulers, sched_outs):
-            for rid in so.num_scheduled_tokens:
-                if rid in self.structured:
-                    req = sched.requests.get(rid)
-                    if req is not None and req.num_output_placeholders > 1:
-                        return True
-        return False
-
     def _collect(self, done) -> list[EngineCoreOutput]:
         """Take a launched step's outputs: scheduler updates, metrics, structured-output matchers."""
         sched_outs, launched = done
@@ -322,11 +324,24 @@ class LLMEngine:
         constrained = bool(structured)
         for co in core_outputs:
             if constrained and co.new_token_ids:
-                structured.accept(co.request_id, co.new_token_ids)
+                structured.accept(co.request_id, co.new_token_ids)  # starts its next mask's fill
             if co.finish_reason is not None:
                 self._rank_of.pop(co.request_id, None)
                 structured.remove(co.request_id)
+        if constrained:
+            # Held since this step: free again unless a fill is running (a prefill chunk that sampled nothing,
+            # a grammar that ended, a request that finished).
+            for sched, so in zip(self.schedulers, sched_outs):
+                if sched.held:
+                    sched.held.difference_update([rid for rid in so.num_scheduled_tokens if structured.ready(rid)])
         return core_outputs
+
+    def _release_held(self, request_ids) -> None:
+        """Requests whose grammar mask is ready may be scheduled again."""
+        for rid in request_ids:
+            rank = self._rank_of.get(rid)
+            if rank is not None:
+                self.schedulers[rank].held.discard(rid)
 
     def _eplb_act(self) -> bool:
         """Online EPLB's move at a step boundary (nothing in flight). True when a rank was lost during it and
@@ -390,5 +405,6 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.grammars.shutdown()
+        self.structured.shutdown()
         self.executor.shutdown()
         thaw_heap(self)

@@ -1,13 +1,17 @@
 """Structured output on xgrammar: grammars compiled off the engine thread, one matcher per request.
 
 Where the work happens, and why:
-- Compiling (`GrammarCompilerPool.compile`) runs on this module's thread pool. `process_inputs` calls
-  it, and that runs on the caller's thread (a server handler's `asyncio.to_thread`, or `LLM`'s caller),
-  never on the engine loop: a request whose grammar is compiling waits there, before it reaches the
-  scheduler, while the loop steps everything else. Equal specs share one compile (and xgrammar's cache).
-  A spec that does not compile is a ValueError naming its field, as any other bad input.
-- The token bitmask is computed on the engine thread (`StructuredOutputManager.bitmasks`), per request
-  scheduled this step, from the request's `GrammarMatcher`, and travels to each rank in its own
+- Compiling (`GrammarCompilerPool`, engine/core/grammar_compile.py) runs in child processes with their own
+  bounded queue, a size and a time limit, and cancellation when every client of a compile has left. A
+  request whose grammar is compiling waits before it reaches the scheduler (`LLM`'s caller in
+  `process_inputs`; a server handler awaits it on its event loop), while the loop steps everything else.
+  Equal specs share one compile. A spec that does not compile is a ValueError naming its field, as any
+  other bad input.
+- The token bitmask of a request's next position is filled on the manager's own thread as soon as its matcher
+  has advanced (`StructuredOutputManager`), and the engine holds the request back from scheduling until it is
+  ready (`Scheduler.held`): a slow mask (a 400-way regex) delays its own request, not every stream's step.
+  `bitmasks` hands the ready masks of the requests scheduled this step (with speculative drafts, the masks
+  at each draft position are filled there, on the engine thread). Each rank's masks travel in its own
   `SchedulerOutput.grammar_bitmask` (as vLLM v1 does): the engine is the one place that sees every
   sampled token in order, and under expert parallelism each rank only needs its own rows. The worker's
   sampler turns it into a mask on the logits before sampling (engine/rank/sampler.py).
@@ -16,24 +20,16 @@ Where the work happens, and why:
 """
 from __future__ import annotations
 
-import json
 import logging
-import re
-import threading
+import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable
 
 import numpy as np
 
-from .json_schema_grammar import schema_ebnf
-from ..contract.safe_text import shown
-from ..contract.structured_output_params import PREFIX, StructuredOutputParams, choice_ebnf
+from .grammar_compile import GrammarCompilerPool, GrammarQueueFull  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
-
-
-CACHE_LIMIT_BYTES = 256 << 20  # xgrammar's compiled-grammar cache
-MAX_SHARED_COMPILES = 256
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -41,100 +37,22 @@ def bitmask_words(vocab_size: int) -> int:
     return -(-vocab_size // 32)
 
 
-class GrammarCompilerPool:
-    """Compiles specs on a small thread pool; the xgrammar tokenizer info is built once, lazily."""
-
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Iterable[int], max_workers: int = 2):
-        self._tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.stop_token_ids = sorted(stop_token_ids)
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
-        self._lock = threading.Lock()  # the shared-compile table
-        # Building the tokenizer info reads the whole vocabulary (seconds for 150k tokens): its own lock, so
-        # submit() is never held up behind it.
-        self._compiler_lock = threading.Lock()
-        self._compiler = None
-        self._futures: dict[tuple[str, str], Future] = {}
-
-    def _get_compiler(self):
-        with self._compiler_lock:
-            if self._compiler is None:
-                import xgrammar as xgr
-                from transformers import PreTrainedTokenizerFast
-
-                # moelink's Tokenizer wraps a `tokenizers` object; xgrammar reads the vocabulary kind
-                # (byte-level BPE for the built-in tokenizer) from a transformers fast tokenizer over it.
-                hf = PreTrainedTokenizerFast(tokenizer_object=self._tokenizer._tok)
-                info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
-                                                          stop_token_ids=self.stop_token_ids)
-                # Bounded: every distinct schema a client sends is cached, so an unbounded cache is a memory leak.
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_LIMIT_BYTES)
-            return self._compiler
-
-    def _compile(self, params: StructuredOutputParams):
-        compiler = self._get_compiler()
-        kind, spec = params.key
-        # JSON goes through engine/core/json_schema_grammar.py, which corrects what xgrammar's converter gets wrong
-        # (invalid JSON in some strings, unbounded numbers) and prints compact JSON (no free whitespace between
-        # tokens: a weak model otherwise may emit whitespace until max_tokens, vLLM's --disable-any-whitespace).
-        if kind == "json":
-            return compiler.compile_grammar(schema_ebnf(json.loads(spec)))
-        if kind == "json_object":
-            return compiler.compile_grammar(schema_ebnf({"type": "object"}))
-        if kind == "regex":
-            return compiler.compile_regex(spec)
-        if kind == "grammar":
-            return compiler.compile_grammar(spec)
-        return compiler.compile_grammar(choice_ebnf(params.choice))
-
-    def submit(self, params: StructuredOutputParams) -> Future:
-        key = params.key
-        with self._lock:
-            fut = self._futures.get(key)
-            if fut is None:
-                if len(self._futures) >= MAX_SHARED_COMPILES:
-                    # Only in-flight compiles need sharing (xgrammar caches the results): forget finished ones.
-                    self._futures = {k: f for k, f in self._futures.items() if not f.done()}
-                fut = self._futures[key] = self._pool.submit(self._compile, params)
-        return fut
-
-    def compile(self, params: StructuredOutputParams):
-        """The compiled grammar; waits on the pool (call it off the engine loop). Raises ValueError
-        naming the field when the spec does not compile."""
-        fut = self.submit(params)
-        try:
-            return fut.result()
-        except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
-            with self._lock:
-                if self._futures.get(params.key) is fut:
-                    del self._futures[params.key]  # a bad spec is not cached
-            kind = params.kind
-            raise ValueError(f"{PREFIX}{kind}={shown(getattr(params, kind))} is invalid: {_reason(e)}.") from None
-
-    def shutdown(self) -> None:
-        # Waits for a running compile (milliseconds for sane specs), then frees the compiler here rather than
-        # at interpreter exit, where destroying xgrammar's native thread pool can abort the process.
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        with self._compiler_lock:
-            self._compiler = None
-        with self._lock:
-            self._futures.clear()
-
-
-def _reason(exc: Exception) -> str:
-    """xgrammar's message without its "[time] /path/file.cc:line: " prefix or final period."""
-    lines = str(exc).strip().splitlines()
-    if not lines:
-        return type(exc).__name__
-    return re.sub(r"^(\[[^\]]*\]\s*)?\S+\.cc:\d+:\s*", "", lines[0]).rstrip(".")
-
-
 class StructuredOutputManager:
-    """One xgrammar GrammarMatcher per live constrained request; used on the engine thread only."""
+    """One xgrammar GrammarMatcher per live constrained request, and its next mask, filled off the engine thread.
+
+    The engine thread owns the matchers except while a fill runs: the mask of a request's current state is filled
+    on this manager's thread ("grammar-mask"; xgrammar releases the GIL while it fills), started when the request
+    is added and each time its matcher advances (`accept`). The engine holds the request back from scheduling
+    until its mask is ready (`poll`), so a slow mask delays that request alone, never the step of the others; and
+    a held request is never scheduled, so its matcher is never used by two threads at once."""
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self._matchers: dict[str, object] = {}
+        self._masks: dict[str, np.ndarray] = {}  # the mask of each matcher's current state, once filled
+        self._filling: dict[str, Future] = {}
+        self._finished: queue.SimpleQueue = queue.SimpleQueue()  # ids whose fill ended (the fill thread puts them)
+        self._pool: ThreadPoolExecutor | None = None
 
     def __contains__(self, req_id: str) -> bool:
         return req_id in self._matchers
@@ -146,9 +64,62 @@ class StructuredOutputManager:
         import xgrammar as xgr
 
         self._matchers[req_id] = xgr.GrammarMatcher(compiled)
+        self._refill(req_id)
 
     def remove(self, req_id: str) -> None:
         self._matchers.pop(req_id, None)
+        self._masks.pop(req_id, None)
+        self._filling.pop(req_id, None)  # a fill still running finishes into nothing
+
+    def ready(self, req_id: str) -> bool:
+        """The request's next mask is filled (it may be scheduled)."""
+        return req_id not in self._filling
+
+    def poll(self, timeout: float | None = None) -> list[str]:
+        """Ids whose mask became ready since the last call (waits up to `timeout` for one when none has)."""
+        out = []
+        while True:
+            try:
+                rid = self._finished.get(block=timeout is not None and not out, timeout=timeout)
+            except queue.Empty:
+                return out
+            fut = self._filling.get(rid)
+            if fut is not None and fut.done():
+                del self._filling[rid]
+                self._take(rid, fut)
+                out.append(rid)
+
+    def filling(self) -> bool:
+        return bool(self._filling)
+
+    def _refill(self, req_id: str) -> None:
+        m = self._matchers[req_id]
+        self._masks.pop(req_id, None)
+        if m.is_terminated():
+            return  # nothing more to sample under the grammar (its stop token was accepted)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+        words = bitmask_words(self.vocab_size)
+
+        def fill():
+            mask = np.full((1, words), -1, dtype=np.int32)
+            m.fill_next_token_bitmask(mask, 0)
+            return mask
+
+        fut = self._filling[req_id] = self._pool.submit(fill)
+        fut.add_done_callback(lambda _f: self._finished.put(req_id))
+
+    def _take(self, req_id: str, fut: Future) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            logger.warning("request %s: grammar mask failed (%s); unconstrained from here", req_id, exc)
+            self.remove(req_id)
+        elif req_id in self._matchers:
+            self._masks[req_id] = fut.result()
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def bitmasks(self, req_ids: Iterable[str], spec_tokens: dict[str, list[int]] | None = None) -> dict[str, bytes]:
         """For each constrained request among `req_ids`: its next-token bitmask as little-endian int32
@@ -163,6 +134,14 @@ class StructuredOutputManager:
             if m is None:
                 continue
             drafts = spec_tokens.get(rid, ()) if spec_tokens else ()
+            fut = self._filling.pop(rid, None)
+            if fut is not None:  # scheduled before its fill ended (only if the engine did not hold it): wait for it
+                self._take(rid, fut)
+            if not drafts and rid in self._masks:
+                out[rid] = self._masks[rid].tobytes()
+                continue
+            if rid not in self._matchers:
+                continue
             mask = np.full((1 + len(drafts), words), -1, dtype=np.int32)
             accepted = 0
             for j in range(len(drafts) + 1):
@@ -182,11 +161,15 @@ class StructuredOutputManager:
         m = self._matchers.get(req_id)
         if m is None:
             return True
+        fut = self._filling.pop(req_id, None)
+        if fut is not None:  # not expected (a filling request is held back): never two threads on one matcher
+            fut.result()
         for t in token_ids:
             if m.is_terminated():
-                return True  # tokens after the stop token (none expected) are not the grammar's business
+                break  # tokens after the stop token (none expected) are not the grammar's business
             if not m.accept_token(t):
                 logger.warning("request %s: grammar refused token %d; unconstrained from here", req_id, t)
                 self.remove(req_id)
                 return False
+        self._refill(req_id)
         return True

@@ -11,6 +11,8 @@ check on the tiny model.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -107,6 +109,7 @@ class Tokenizer:
                 special.add(tid)
         self.all_special_ids: list[int] = sorted(special)
         self._chat_env: Optional[jinja2.Template] = None
+        self._text_tok: Optional[_HFTokenizer] = None  # special_tokens_in_content="text" (built on first use)
 
     # ---- loading ---------------------------------------------------------
 
@@ -211,6 +214,7 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        special_tokens_in_content: str = "tokens",
         **template_kwargs: Any,
     ) -> Union[str, list[int]]:
         """Render `messages` with the model's Jinja chat template.
@@ -219,7 +223,20 @@ class Tokenizer:
         template as variables, as in transformers. With tokenize=True the
         rendered text is encoded without adding special tokens again: the
         template already wrote them.
+
+        `special_tokens_in_content`: "tokens" (as transformers and vLLM) encodes a special token's text inside a
+        message's content as that token, so `<|im_end|><|im_start|>system` in a user's message forges a system
+        turn; "text" (tokenize=True only) encodes the contents' special-token text as plain text, and only the
+        template's own writing yields control tokens.
         """
+        if special_tokens_in_content not in SPECIAL_TOKENS_IN_CONTENT:
+            raise ValueError(f"special_tokens_in_content={special_tokens_in_content!r} is invalid: choose from "
+                             f"{', '.join(map(repr, SPECIAL_TOKENS_IN_CONTENT))}.")
+        if special_tokens_in_content == "text":
+            if not tokenize:
+                raise ValueError("special_tokens_in_content='text' needs tokenize=True: a rendered string cannot tell "
+                                 "the template's control tokens from the same text inside a message.")
+            return self._chat_ids_content_as_text(messages, add_generation_prompt, template_kwargs)
         if not self.chat_template:
             raise ValueError(
                 f"The tokenizer in {self.name_or_path!r} has no chat_template "
@@ -235,6 +252,50 @@ class Tokenizer:
         if tokenize:
             return self.encode(text, add_special_tokens=False)
         return text
+
+
+    def _chat_ids_content_as_text(self, messages, add_generation_prompt: bool, template_kwargs: dict) -> list[int]:
+        """The template rendered with a placeholder for each string content, then encoded piece by piece: the
+        template's text with its special tokens, each content with special-token text as plain text."""
+        marks: dict[str, str] = {}
+        nonce = secrets.token_hex(8)  # a content cannot spell a placeholder it does not know
+
+        def mark(content):
+            if not isinstance(content, str) or not content:
+                return content
+            key = f"\ue000{nonce}{len(marks)}\ue001"
+            marks[key] = content
+            return key
+
+        masked = []
+        for m in messages:
+            m = dict(m)
+            if isinstance(m.get("content"), list):  # OpenAI content parts
+                m["content"] = [dict(p, text=mark(p.get("text"))) if isinstance(p, dict) and "text" in p else p
+                                for p in m["content"]]
+            else:
+                m["content"] = mark(m.get("content"))
+            masked.append(m)
+        text = self.apply_chat_template(masked, add_generation_prompt, tokenize=False, **template_kwargs)
+        ids: list[int] = []
+        for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, marks)) + ")", text) if marks else [text]):
+            if i % 2 and piece in marks:
+                ids += self._encode_as_text(marks[piece])
+            elif piece:
+                ids += self.encode(piece, add_special_tokens=False)
+        return ids
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        if self._text_tok is None:
+            # A copy of the backend that reads special-token text as text: the flag is the backend's own state,
+            # and flipping it on the shared one would change what other threads' encodes see meanwhile.
+            tok = _HFTokenizer.from_str(self._tok.to_str())
+            tok.encode_special_tokens = True
+            self._text_tok = tok
+        return self._text_tok.encode(text, add_special_tokens=False).ids
+
+
+SPECIAL_TOKENS_IN_CONTENT = ("tokens", "text")
 
 
 class _TemplateRaise(jinja2.TemplateError):

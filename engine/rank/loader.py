@@ -144,10 +144,19 @@ def _check_shape(name: str, src: torch.Tensor, dest: torch.Tensor) -> None:
         )
 
 
+def _check_values(name: str, src: torch.Tensor) -> None:
+    """A float weight holding NaN would load and then answer garbage (or NaN logits) for every request."""
+    if src.is_floating_point() and src.dtype != FP8_DTYPE and torch.isnan(src).any():  # host sync: a load-time check
+        n = int(torch.isnan(src).sum())
+        raise ValueError(f"checkpoint tensor {name!r} holds {n} NaN value(s) of {src.numel()}: the checkpoint is "
+                         f"corrupt.")
+
+
 def _copy_into(name: str, src: torch.Tensor, dest: torch.Tensor, device) -> None:
     """FP8 values are copied as they are (a cast would turn them into wrong numbers, their scales apart);
     float tensors, scales included (float32), take the destination's dtype."""
     _check_shape(name, src, dest)
+    _check_values(name, src)
     if (src.dtype == FP8_DTYPE) != (dest.dtype == FP8_DTYPE):
         raise ValueError(f"checkpoint tensor {name!r} is {src.dtype}, but the model holds it as {dest.dtype}: "
                          f"FP8 weights need config.json's quantization_config (and float weights none for this module).")
@@ -163,6 +172,7 @@ def _quantize_into(name: str, src: torch.Tensor, target: QuantizeOnLoad, idx: tu
                          f"float checkpoint; this one needs its quantization_config in config.json.")
     dest = target.weight[idx] if idx else target.weight
     _check_shape(name, src, dest)
+    _check_values(name, src)
     wq, scale = block_quantize(src.to(device=device, dtype=torch.float32), target.block)
     s_dest = target.scale[target.scale_index] if target.scale_index else target.scale
     _check_shape(name + " (its block scales)", scale, s_dest)

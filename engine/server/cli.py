@@ -67,7 +67,9 @@ def _serve(ns: argparse.Namespace) -> int:
     from .server import serve
 
     config = server_config_from(ns)  # validate server flags before loading any weights
-    return serve(engine_args_from(ns), config)
+    args = engine_args_from(ns)
+    args.grammar_prestart = True  # a server's first constrained request must not wait for a compile process start
+    return serve(args, config)
 
 
 def _stats(ns: argparse.Namespace) -> int:

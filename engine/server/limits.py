@@ -90,6 +90,8 @@ def limits_from(ns: argparse.Namespace) -> RequestLimits:
 # -- README's table -------------------------------------------------------------
 def bad_input_table(limits: RequestLimits | None = None) -> str:
     """Markdown: field -> limit -> status, from the limits the servers enforce."""
+    from ..config.grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS,
+                                         DEFAULT_MAX_GRAMMAR_CHARS, DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES)
     from ..contract.sampling_params import FLOAT_RANGES, MAX_LOGPROBS
 
     lim = limits or RequestLimits()
@@ -144,6 +146,15 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
          f"at most {SMALL_REQUEST_MAX_BYTES >> 10} KiB, refused before parsing", invalid),
         ("VllmEngine: `logit_bias`, `prompt_logprobs`, multimodal inputs", "not supported",
          invalid),
+        ("HTTP `logit_bias`", "not supported: a non-empty bias is refused, never ignored (smg would drop it)",
+         "HTTP 400, `param` logit_bias"),
+        ("`sampling_params.json_schema` / `regex` / `grammar` / `choice` (HTTP: `response_format`, "
+         "`structured_outputs`, `guided_*`)", f"at most {DEFAULT_MAX_GRAMMAR_CHARS} characters "
+         f"({flag('max_grammar_chars')}); compiled in {DEFAULT_GRAMMAR_COMPILE_WORKERS} child process of its own "
+         f"({flag('grammar_compile_workers')}) within {DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S:g} s "
+         f"({flag('grammar_compile_timeout')}), killed once every client waiting for it has left", invalid),
+        ("grammars waiting to compile", f"at most {DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES} "
+                                        f"({flag('max_queued_grammar_compiles')})", "RESOURCE_EXHAUSTED"),
         ("requests waiting for their first token", "`--max-queued-requests` (counts sequences: a request with n "
                                                    "samples counts n), `--max-queued-tokens` (default: no limit); "
                                                    "an empty queue admits one request of any size",

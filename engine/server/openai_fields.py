@@ -7,6 +7,9 @@ before it calls a worker (it builds the worker's constraint from `response_forma
 `rewrite` turns them into the fields smg does carry, so the managed gateway's front (http_front.py) hands smg
 a request it enforces as vLLM would; one it cannot carry, or a value the engine would refuse, is an
 `HttpFieldError` (HTTP 400 naming the field). A constraint is never dropped in silence.
+
+`logit_bias` too: smg drops it, and the engine does not apply it (the gRPC services refuse it), so a request
+that sets a bias is HTTP 400 naming the field rather than answered as if it had none.
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ class HttpFieldError(ValueError):
 def rewrite(path: str, body: dict) -> Optional[dict]:
     """The body to send smg in place of `body` (a chat or completions request), or None when it carries none of
     vLLM's structured-output fields. Raises HttpFieldError."""
+    bias = body.get("logit_bias")
+    if bias is not None and bias != {}:
+        raise HttpFieldError("logit_bias", f"logit_bias={shown(bias)} is not supported: moelink does not apply "
+                                           "logit biases; leave it out (null or {} is accepted).")
     found = []  # (field as the client named it, kind, value)
     so = body.get("structured_outputs")
     if so is not None:

@@ -26,6 +26,7 @@ from typing import AsyncIterator, Optional
 import grpc
 
 from ..api.async_engine import AsyncEngine, EngineDeadError
+from ..core.grammar_compile import GrammarQueueFull
 from ..core.llm_engine import ProcessedRequest, too_long
 from ..core.no_tokenizer import NoTokenizer
 from ..core.outputs import OutputKind, RequestOutput
@@ -128,10 +129,13 @@ class Serving:
                 raise too_long(field, kept, self.info.max_model_len)
             ids = list(prompt if keep is None else prompt[-keep:])
         process = self.engine.process_inputs
-        # A grammar compiles on the engine's grammar pool while process_inputs waits: never on this loop.
-        if len(ids) <= INLINE_MAX_IDS and params.structured_outputs is None:
-            return process(request_id, ids, params, field)
-        return await asyncio.to_thread(process, request_id, ids, params, field)
+        if len(ids) <= INLINE_MAX_IDS:
+            processed = process(request_id, ids, params, field, compile_grammar=False)
+        else:
+            processed = await asyncio.to_thread(process, request_id, ids, params, field, compile_grammar=False)
+        # The grammar compiles in the engine's compile processes; awaited here, so it holds no thread (tokenizing
+        # never waits behind a compile), and a client that leaves cancels this and with it the compile.
+        return await self.engine.with_grammar(processed)
 
     async def _tokenize(self, text: str, field: str, keep: Optional[int]) -> list[int]:
         if not text:
@@ -300,7 +304,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a request failure maps to (one sentence for the user)."""
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, wire_message(str(exc))
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, (Overloaded, GrammarQueueFull)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, DuplicateRequest):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)

@@ -133,3 +133,20 @@ def test_the_front_answers_503_while_smg_is_down():
 
     status, raw = asyncio.run(scenario())
     assert status == 503 and b"restarting" in raw, raw
+
+
+# -- issue 32 item 8: smg drops logit_bias, and it was answered as if unset ----------------------------------------
+def test_logit_bias_is_refused_naming_the_field_not_ignored():
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        with pytest.raises(HttpFieldError, match=r"^logit_bias=.* is not supported") as e:
+            rewrite(path, {"model": SERVED, "logit_bias": {"50256": -100}})
+        assert e.value.field == "logit_bias"
+        assert rewrite(path, {"model": SERVED, "logit_bias": {}}) is None  # nothing to apply: passed on
+        assert rewrite(path, {"model": SERVED, "logit_bias": None}) is None
+
+
+def test_logit_bias_over_http_is_400(http_port):
+    status, out = _post(http_port, "/v1/chat/completions", logit_bias={"7": 100})
+    assert status == 400 and out["error"]["param"] == "logit_bias", out
+    status, _ = _post(http_port, "/v1/completions", logit_bias={})
+    assert status == 200
