@@ -77,6 +77,26 @@ def _one_product_gate(out) -> None:
     save_file(tensors, f, metadata={"format": "pt"})
 
 
+def _sigmoid_from_float64(monkeypatch) -> None:
+    """Both sides' routers (transformers' DeepseekV3/Glm4Moe TopkRouter, moelink's SigmoidGroupLimitedRouter) take
+    sigmoid(float32 logits) in float32. On CPU torch computes a float32 sigmoid over the flat tensor in blocks of
+    two vector widths (Sleef's exp) and the remainder element by element (std::exp); the two round differently
+    (1 ulp in a few % of inputs), so a token's routing weight depends on its flat index in the [T, G] scores,
+    that is on the batch around it. The oracle routes a whole sequence (8 rows), the layer one step (12 rows,
+    then 4): with 6 experts (dsv3_yarn, glm_yarn) 4 * 6 = 24 = 16 + 8 and with 10 (glm_bias) 4 * 10 = 32 + 8 put
+    the decode row in the remainder while 8 * G = 48 or 80 has none, so that row's weights could differ by 1 ulp
+    and its output by ~1e-7. Here that one step is therefore computed in float64 and rounded to float32, on both
+    sides: the same bits for a token wherever it sits. The float32 sigmoid itself is pinned bitwise against
+    transformers' router, over one shared tensor, in tests/moe/test_router_strategies.py."""
+    fn = torch.sigmoid
+
+    def sigmoid(x):
+        return fn(x.to(torch.float64)).to(torch.float32) if x.dtype == torch.float32 else fn(x)
+
+    monkeypatch.setattr(torch, "sigmoid", sigmoid)  # moelink's router
+    monkeypatch.setattr(torch.Tensor, "sigmoid", sigmoid)  # transformers' (router_logits.sigmoid())
+
+
 def _tensors(path: str) -> dict[str, torch.Tensor]:
     ckpt = SafetensorsCheckpoint(path)
     out = {}
@@ -147,8 +167,9 @@ def _meta(starts, lens, tables, num_blocks):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_mtp_layer_matches_published_forward_in_float64(mtp_checkpoint, name):
+def test_mtp_layer_matches_published_forward_in_float64(mtp_checkpoint, name, monkeypatch):
     path = mtp_checkpoint(name)
+    _sigmoid_from_float64(monkeypatch)  # the routers' float32 sigmoid, batch-independent (see there)
     cfg = ModelConfig.from_pretrained(path, "float64")
     assert cfg.num_nextn_predict_layers == 1
     L = cfg.num_layers
