@@ -15,7 +15,10 @@ from moelink.engine.contract.worker_api import RankAPI, RankCall, rank_call
 def test_the_worker_implements_each_call_with_its_signature(call):
     declared = inspect.signature(getattr(RankAPI, call.value))
     implemented = inspect.signature(getattr(Worker, call.value))
-    assert list(implemented.parameters) == list(declared.parameters), call
+    # `ray.remote(Worker)` (a Ray test earlier in this process) adds Ray's own `_ray_trace_ctx` keyword to the
+    # class's methods in place: Ray's, not the worker API's.
+    params = [p for p in implemented.parameters if p != "_ray_trace_ctx"]
+    assert params == list(declared.parameters), call
     assert call == call.value  # a str enum: a stand-in executor may compare it with the name
 
 

@@ -33,21 +33,34 @@ def _llm(path, spec=None):
                speculative_config=spec)
 
 
-@pytest.mark.slow
-def test_verify_steps_replay_graphs_and_match_eager(tiny_model, kdev):
-    if kdev.type != "cpu":
-        pytest.skip("CPU stand-in for the capture; a GPU captures real graphs (tests/engine/test_gpu_engine.py)")
+PARAMS = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=2)
+
+
+def _run(llm, prompts):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """(checkpoint, prompts, plain decoding's outputs): one eager run shared by the tests here (the interpreter
+    makes each engine run cost tens of seconds)."""
     path = tiny_model("qwen3_e6k3")
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (5, 17, 9, 30)]
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
+    with _llm(path) as plain:
+        return path, prompts, _run(plain, prompts)
+
+
+@pytest.mark.slow
+def test_verify_steps_replay_graphs_and_match_eager(reference, kdev):
+    if kdev.type != "cpu":
+        pytest.skip("CPU stand-in for the capture; a GPU captures real graphs (tests/engine/test_gpu_engine.py)")
+    path, prompts, want = reference
 
     def run(llm):
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+        return _run(llm, prompts)
 
-    with _llm(path) as plain:
-        want = run(plain)
     ref = {tuple(p): w for p, w in zip(prompts, [t for t, _ in want])}
     spec = {"method": "ngram", "num_speculative_tokens": K,
             "drafter_factory": functools.partial(OracleDrafter, ref, 0.7, vocab=400, seed=5)}
@@ -96,23 +109,18 @@ def test_verify_graphs_stay_off_where_they_cannot_be_right(caplog):
 
 
 @pytest.mark.slow
-def test_verify_graphs_under_ep_replay_in_low_latency(tiny_model, kdev):
+def test_verify_graphs_under_ep_replay_in_low_latency(reference, kdev):
     """Expert parallelism on the two-mode path (torch_padded at world size 1: real dispatch and combine) with
     speculation: verify steps within the decode capacity run low-latency and replay verify graphs (sizes whose
     b x 3 tokens fit the capacity 12: all three here); outputs equal plain decoding."""
     if kdev.type != "cpu":
         pytest.skip("CPU stand-in for the capture")
-    path = tiny_model("qwen3_e6k3")
-    rng = random.Random(4)
-    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (4, 21, 11, 7)]
-    params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    path, prompts, plain = reference
+    want = [t for t, _ in plain]
 
     def tokens(llm):
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs]
+        return [t for t, _ in _run(llm, prompts)]
 
-    with _llm(path) as plain:
-        want = tokens(plain)
     spec = {"method": "ngram", "num_speculative_tokens": K,
             "drafter_factory": functools.partial(OracleDrafter, dict(zip(map(tuple, prompts), want)), 0.8,
                                                  vocab=400, seed=2)}
