@@ -22,7 +22,11 @@ import threading
 
 logger = logging.getLogger(__name__)
 
-_lock = threading.Lock()
+# Re-entrant: a collection can run any object's finalizer in the thread that holds the lock (gc.collect() below,
+# or any allocation inside the `with`), and an engine dropped without `shutdown()` thaws the heap from its
+# weakref finalizer. With a plain Lock that thread waited on itself forever (seen in CI: a test hung 600 s
+# in `thaw_heap` called from `freeze_heap`'s collection).
+_lock = threading.RLock()
 _holders: set[int] = set()
 
 
@@ -30,8 +34,9 @@ def freeze_heap(holder: object | None = None) -> int:
     """Collect, then freeze every object alive now. `holder` (an engine) keeps the heap frozen until it calls
     `thaw_heap`; without one (a worker process's own start-up) the freeze lasts for the process. Returns how
     many objects are frozen."""
+    # Collect outside the lock: finalizers of dead engines run here and take the lock themselves.
+    gc.collect()
     with _lock:
-        gc.collect()
         gc.freeze()
         if holder is not None:
             _holders.add(id(holder))
