@@ -69,6 +69,9 @@ def test_an_llm_dropped_in_a_cycle_is_finalized_by_the_next_engine_start(tiny_mo
         # The engine shut down by itself (what a server's shutdown path does): the heap thaws, and the LLM, still
         # holding its finalizer, is collectable again; in a cycle only a collection finalizes it.
         first.engine.shutdown()
+        # Other engines this process still holds (earlier tests in the same worker) keep the heap frozen, and a
+        # frozen LLM is never collected: thaw it as the last holder's shutdown would.
+        gc.unfreeze()
         first.me = first
         finalizer = first._finalizer
         del first
