@@ -172,6 +172,9 @@ class KVTransfers:
                 del self.loading[req.request_id]
                 if ok:
                     req.num_computed_tokens = min(f.transfer.num_tokens, req.num_tokens - 1)
+                    # Usage's cached tokens count KV this engine did not compute, loaded ones too (as vLLM's):
+                    # a client sees the handoff worked.
+                    req.num_cached_tokens = req.num_computed_tokens
                     self.ready.append(req)
                 else:
                     failed.append(req)

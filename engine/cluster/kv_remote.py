@@ -55,6 +55,9 @@ class RemoteKVConfig:
 
     transport: str = "tcp"  # a name in kv_transport.KV_TRANSPORTS: "tcp", "shm" (one host); both engines the same
     host: str = "127.0.0.1"  # where this engine's ranks serve their saved KV (bound exactly: never wider)
+    # The address decode engines are told to fetch from (outputs' remote_host); None: `host`. Needed when `host`
+    # is a wildcard (0.0.0.0, ::), which binds every interface but names none a peer can dial.
+    advertise_host: Optional[str] = None
     port: Optional[int] = None  # rank r serves on port + r; None: this engine serves nothing (decode only)
     num_ranks: int = 1  # this engine's ranks (expert_parallel_size): ports port + [0, num_ranks)
     ttl_s: float = 120.0  # saved KV not fetched within this is dropped
@@ -67,6 +70,11 @@ class RemoteKVConfig:
                f"must be one of {', '.join(sorted(KV_TRANSPORTS))}")
         _check(isinstance(self.host, str) and 0 < len(self.host) <= 255, "host", self.host,
                "must be a host name or IP address to bind, e.g. 127.0.0.1")
+        _check(self.advertise_host is None or (isinstance(self.advertise_host, str) and 0 < len(self.advertise_host)
+               <= 255 and self.advertise_host not in WILDCARD_HOSTS), "advertise_host", self.advertise_host,
+               "must be None or the host name or IP address decode engines reach this engine at (not a wildcard)")
+        _check(self.port is None or self.host not in WILDCARD_HOSTS or self.advertise_host is not None, "advertise_host",
+               self.advertise_host, f"must be set when host={self.host!r} (a wildcard): the address decode engines dial")
         _check(_is_int(self.num_ranks) and 1 <= self.num_ranks <= 1024, "num_ranks", self.num_ranks,
                "must be an integer in [1, 1024]")
         _check(self.port is None or (_is_int(self.port) and 1 <= self.port <= 65536 - self.num_ranks), "port",
@@ -78,6 +86,15 @@ class RemoteKVConfig:
                    "must be a finite number of seconds > 0")
         _check(_is_int(self.max_saved_bytes) and self.max_saved_bytes >= 1, "max_saved_bytes", self.max_saved_bytes,
                "must be an integer >= 1")
+
+
+    @property
+    def reachable_host(self) -> str:
+        """The host a decode engine is told to fetch from."""
+        return self.advertise_host or self.host
+
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 
 @dataclass(frozen=True)
@@ -95,8 +112,15 @@ class RemoteKVConnector:
     """The factory (engine/contract/kv_connector.py) for both roles; which requests save or load is per request
     (`SamplingParams.kv_transfer_params`)."""
 
-    def __init__(self, config: RemoteKVConfig | None = None) -> None:
+    name = "MoelinkRemoteKVConnector"  # what GetServerInfo reports as kv_connector
+
+    def __init__(self, config: RemoteKVConfig | None = None, kv_role: str | None = None) -> None:
         self.config = config or RemoteKVConfig()
+        # vLLM's kv_role, reported to routers: by default an engine with a port serves saved KV ("kv_producer"),
+        # one without only loads ("kv_consumer"); a server that does both says "kv_both".
+        self.kv_role = kv_role or ("kv_producer" if self.config.port is not None else "kv_consumer")
+        _check(self.kv_role in ("kv_producer", "kv_consumer", "kv_both"), "kv_role", self.kv_role,
+               "must be kv_producer, kv_consumer or kv_both")
 
     def scheduler_side(self, rank: int) -> "_SchedulerSide":
         self._check_rank(rank)
@@ -113,7 +137,7 @@ class RemoteKVConnector:
         if c.port is None:
             raise ValueError("RemoteKVConfig.port=None: this engine serves no saved KV, so no decode engine can "
                              "load from it; give it a port.")
-        return KVTransferParams(do_remote_prefill=True, remote_host=c.host, remote_port=c.port,
+        return KVTransferParams(do_remote_prefill=True, remote_host=c.reachable_host, remote_port=c.port,
                                 remote_ranks=c.num_ranks, remote_request_id=request_id)
 
     def _check_rank(self, rank: int) -> None:
@@ -153,7 +177,7 @@ class _SchedulerSide:
         p = _params(req)
         if p is None or not p.do_remote_decode or not self.serves or req.num_computed_tokens < req.num_prompt_tokens:
             return None  # not saved: not asked to, nowhere to serve it, or ended before its prompt was computed
-        return KVTransferParams(do_remote_prefill=True, remote_host=self.config.host,
+        return KVTransferParams(do_remote_prefill=True, remote_host=self.config.reachable_host,
                                 remote_port=self.config.port + self.rank, remote_ranks=1,
                                 remote_request_id=req.request_id)
 

@@ -20,6 +20,11 @@ class EngineInfo:
     eos_token_ids: tuple[int, ...]  # sorted: config.json's and the tokenizer's, every id the engine stops on
     device: torch.device  # the device type every rank runs on
     load_format: str = "auto"  # "dummy": random weights, meaningless outputs (front ends say so at start-up)
+    # Prefill/decode disaggregation (a router pairs compatible servers by these): the KV connector's name and
+    # vLLM's kv_role ("kv_producer", "kv_consumer", "kv_both"; "" without a connector), the KV cache dtype.
+    kv_connector: str = ""
+    kv_role: str = ""
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "block_size", "num_kv_blocks", "expert_parallel_size"):

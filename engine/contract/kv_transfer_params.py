@@ -49,14 +49,35 @@ class KVTransferParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVTransferParams":
-        """From vLLM's JSON shape ({"do_remote_prefill": true, "remote_host": ..., ...}); unknown keys refused."""
+        """From vLLM's JSON shape ({"do_remote_prefill": true, "remote_host": ..., ...}). vLLM's NixlConnector keys
+        moelink has no use for (`VLLM_IGNORED_KEYS`: block ids, the engine id, the tensor-parallel size) are
+        accepted and ignored, so a router written for vLLM can send its usual object (e.g. {"do_remote_decode":
+        true, "remote_block_ids": null, ...}); any other key is refused. A null value means the default."""
         if not isinstance(d, dict):
             raise ValueError(f"kv_transfer_params={shown(d)} is invalid: must be an object (a dict).")
         names = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(names))
+        unknown = sorted(set(d) - set(names) - VLLM_IGNORED_KEYS)
         if unknown:
-            raise ValueError(f"kv_transfer_params has unknown keys {shown(unknown)}: allowed are {', '.join(names)}.")
-        return cls(**d)
+            raise ValueError(f"kv_transfer_params has unknown keys {shown(unknown)}: allowed are {', '.join(names)} "
+                             f"(and vLLM's {', '.join(sorted(VLLM_IGNORED_KEYS))}, ignored).")
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    def to_dict(self) -> dict:
+        """vLLM's JSON shape, the fields that are set (what a prefill engine's output hands the router)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None and v != f.default:
+                out[f.name] = v
+        if self.do_remote_prefill:
+            out["remote_ranks"] = self.remote_ranks  # always said: the decode side asks ports port + [0, ranks)
+        return out
+
+
+# vLLM NixlConnector keys a vLLM-style router may send that moelink does not need: the prefill side copies the saved
+# blocks to host memory (no block ids to read remotely), engines are paired by address, and both sides' layouts
+# are checked against each other before any byte moves (engine/cluster/kv_wire.py) instead of by a TP size.
+VLLM_IGNORED_KEYS = frozenset({"remote_engine_id", "remote_block_ids", "tp_size", "remote_num_tokens"})
 
 
 def _is_int(v) -> bool:
@@ -68,4 +89,4 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"KVTransferParams.{name}={shown(value)} is invalid: {allowed}.")
 
 
-__all__ = ["KVTransferParams"]
+__all__ = ["KVTransferParams", "VLLM_IGNORED_KEYS"]

@@ -124,7 +124,8 @@ class LLMEngine:
                           max_num_seqs=cfg.scheduler.max_num_seqs, block_size=cfg.cache.block_size,
                           num_kv_blocks=cfg.cache.num_kv_blocks, expert_parallel_size=cfg.parallel.expert_parallel_size,
                           eos_token_ids=tuple(sorted(self.eos_token_ids)), device=cfg.device,
-                          load_format=cfg.load_format)
+                          load_format=cfg.load_format, kv_cache_dtype="auto" if cfg.model.kv_cache_dtype is None else "fp8_e4m3",
+                          kv_connector=getattr(cfg.kv_connector, "name", ""), kv_role=getattr(cfg.kv_connector, "kv_role", ""))
 
     # -- input validation -----------------------------------------------------
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,

@@ -7,6 +7,7 @@ import os
 from ..api.cli_args import add_engine_args, engine_args_from
 from .config import DEFAULT_MAX_MESSAGE_SIZE, ServerConfig
 from .limits import add_limit_args, limits_from
+from ..api.kv_args import add_role_args, role_from_args
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +50,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest gRPC message, in bytes, received or sent")
     add_limit_args(p)
+    add_role_args(p)
 
 
 def server_config_from(ns: argparse.Namespace) -> ServerConfig:
@@ -68,6 +70,9 @@ def _serve(ns: argparse.Namespace) -> int:
 
     config = server_config_from(ns)  # validate server flags before loading any weights
     args = engine_args_from(ns)
+    role = role_from_args(ns, num_ranks=args.expert_parallel_size)
+    if role.kv is not None:
+        args.kv_connector = role.connector()
     args.grammar_prestart = True  # a server's first constrained request must not wait for a compile process start
     return serve(args, config)
 

@@ -16,6 +16,7 @@ from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
 from .limits import RequestLimits
 from .proto_params import ProtoReading, listed, plain, present
+from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import sampling_params_from_proto as params_from_proto
 from .serving import Serving, abort_rpc, optional, top_logprobs
 
@@ -65,6 +66,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             rid = self.s.request_id(request.request_id)
             # The cheap checks first: a refused request never costs a tokenization.
             params, n = sampling_params_from_proto(request.sampling_params, self.s.limits)
+            if request.HasField("kv_transfer_params_json"):  # prefill/decode disaggregation (server/pd_role.py)
+                params = dataclasses.replace(params, kv_transfer_params=kv_params_from_json(
+                    request.kv_transfer_params_json))
+            params = with_role_default(params, self.s.info.kv_role, n)
             if isinstance(self.s.tokenizer, NoTokenizer) and not params.stop:
                 # No tokenizer (a bare dummy model): token ids out, empty text; this protocol cannot ask for that.
                 params = dataclasses.replace(params, detokenize=False)
@@ -99,6 +104,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             prompt = len(out.prompt_token_ids)
             msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt, completion_tokens=num_generated,
                                         cached_tokens=out.num_cached_tokens, total_tokens=prompt + num_generated))
+            if out.kv_transfer_params is not None:
+                msg.kv_transfer_params_json = kv_params_to_json(out.kv_transfer_params)
         return msg
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:

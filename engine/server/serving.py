@@ -175,7 +175,7 @@ class Serving:
         if not self.engine.is_healthy:
             raise Draining(f"the engine is not running ({self.engine.dead_error}); retry on another replica.")
         entry = self.registry.admit(request_id, [p.request_id for p in samples], len(prompt_ids) * n)
-        t0, generated, reasons = time.monotonic(), 0, []
+        t0, generated, reasons, cached = time.monotonic(), 0, [], 0
         logger.info("request admitted", extra={"request_id": request_id, "prompt_tokens": len(prompt_ids), "n": n})
         try:
             if n == 1:
@@ -187,6 +187,7 @@ class Serving:
                     self.registry.mark_started(entry)
                     self.registry.record_tokens(len(out.outputs[0].token_ids))
                     generated += len(out.outputs[0].token_ids)
+                    cached = max(cached, out.num_cached_tokens)
                     if out.finished:
                         reasons.append(out.outputs[0].finish_reason)
                     yield index, out
@@ -195,6 +196,8 @@ class Serving:
             # One structured line per request (with --log-format json, one JSON object).
             logger.info("request finished", extra={
                 "request_id": request_id, "prompt_tokens": len(prompt_ids), "completion_tokens": generated,
+                # prefix-cache hits and KV loaded from a prefill server (prefill/decode disaggregation)
+                "cached_tokens": cached,
                 "finish_reason": ",".join(r or "" for r in reasons) or "cancelled",
                 "latency_s": round(time.monotonic() - t0, 4)})
 

@@ -11,6 +11,7 @@ UNIMPLEMENTED, which gateways accept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -28,6 +29,7 @@ from ..core.llm_engine import ProcessedRequest
 from ..contract.safe_text import shown
 from ..contract.sampling_params import SamplingParams
 from .limits import RequestLimits
+from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import ProtoReading, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto
 from .serving import Serving, abort_rpc, top_logprobs
@@ -109,8 +111,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                 raise ValueError(f"{field} is not supported: this model takes text only.")
         if request.extra_mm_inputs:
             raise ValueError("extra_mm_inputs is not supported: this model takes text only.")
-        if request.HasField("kv_transfer_params_json") or request.HasField("kv_transfer_params"):
-            raise ValueError("kv_transfer_params is not supported: moelink does not do prefill/decode disaggregation.")
+        if request.HasField("kv_transfer_params"):
+            raise ValueError("kv_transfer_params (the typed Mooncake message) is not supported: it cannot name the "
+                             "saved KV; send kv_transfer_params_json (vLLM's JSON object) instead.")
         which = request.WhichOneof("input")
         # Only the kept tail is tokenized (a long text costs no more than it); process_inputs keeps the same.
         keep = kept_prompt_tokens(params, self.s.info.max_model_len)
@@ -125,6 +128,11 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             rid = self.s.request_id(request.request_id)
             # The cheap checks first: a refused request never costs a tokenization.
             params, n = sampling_params_from_proto(request.sampling_params, self.s.limits)
+            if request.HasField("kv_transfer_params_json"):
+                # Prefill/decode disaggregation (engine/server/pd_role.py): validated with the rest of the params.
+                params = dataclasses.replace(params, kv_transfer_params=kv_params_from_json(
+                    request.kv_transfer_params_json))
+            params = with_role_default(params, self.s.info.kv_role, n)
             processed = await self._prepare(rid, request, params)
             ids = processed.prompt_token_ids
             stream = self.s.run(rid, processed, n=n)
@@ -171,6 +179,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         complete = pb.GenerateComplete(
             output_ids=out_ids, finish_reason=comp.finish_reason, prompt_tokens=num_prompt,
             completion_tokens=num_generated, cached_tokens=out.num_cached_tokens, index=index, output_logprobs=lps)
+        if out.kv_transfer_params is not None:  # a prefill server: where the decode server fetches this prompt's KV
+            complete.kv_transfer_params_json = kv_params_to_json(out.kv_transfer_params)
         if isinstance(comp.stop_reason, str):
             complete.matched_stop_str = comp.stop_reason
         elif isinstance(comp.stop_reason, int):
@@ -206,8 +216,10 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         return pb.GetServerInfoResponse(
             active_requests=len(s.registry.active), is_paused=False,
             last_receive_timestamp=s.registry.last_receive_time, uptime_seconds=time.time() - s.start_time,
-            server_type=SERVER_TYPE, data_parallel_size=s.info.expert_parallel_size, kv_cache_dtype="auto",
-            block_size=s.info.block_size, model_dtype=str(s.model.dtype), max_num_seqs=s.info.max_num_seqs)
+            server_type=SERVER_TYPE, data_parallel_size=s.info.expert_parallel_size,
+            kv_connector=s.info.kv_connector, kv_role=s.info.kv_role,
+            kv_cache_dtype=s.info.kv_cache_dtype, block_size=s.info.block_size, model_dtype=str(s.model.dtype),
+            max_num_seqs=s.info.max_num_seqs)
 
     async def GetLoads(self, request: pb.GetLoadsRequest, context) -> pb.GetLoadsResponse:
         s, reg = self.s, self.s.registry

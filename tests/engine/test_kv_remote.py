@@ -57,8 +57,12 @@ def test_kv_transfer_params_name_the_bad_field(kw, field):
 def test_sampling_params_take_kv_transfer_params_typed_or_as_vllm_dicts():
     d = dict(do_remote_prefill=True, remote_host="127.0.0.1", remote_port=5000, remote_request_id="p0")
     assert SamplingParams(kv_transfer_params=d).kv_transfer_params == KVTransferParams(**d)
-    with pytest.raises(ValueError, match="unknown keys.*remote_block_ids"):
-        SamplingParams(kv_transfer_params=dict(d, remote_block_ids=[1]))
+    # vLLM's NixlConnector keys moelink has no use for are accepted and ignored (a vLLM router's object); others
+    # are refused.
+    vllm_style = dict(d, remote_block_ids=[1], remote_engine_id="e", tp_size=1, remote_num_tokens=None)
+    assert SamplingParams(kv_transfer_params=vllm_style).kv_transfer_params == KVTransferParams(**d)
+    with pytest.raises(ValueError, match="unknown keys.*bootstrap_room"):
+        SamplingParams(kv_transfer_params=dict(d, bootstrap_room=7))
     with pytest.raises(ValueError, match=r"SamplingParams\.kv_transfer_params="):
         SamplingParams(kv_transfer_params="p0")
     with pytest.raises(ValueError, match=r"SamplingParams\.n=2 .*kv_transfer_params"):

@@ -1,0 +1,85 @@
+"""`--role prefill|decode` and the KV connector flags (prefill/decode disaggregation), validated before any
+weights load; the server side of the handoff is engine/server/pd_role.py.
+
+Roles (vLLM's kv_role names in GetServerInfo, what smg's PD mode and other routers read):
+
+* `both` (default): one engine prefills and decodes; no connector unless `--kv-port` is given ("kv_both").
+* `prefill` ("kv_producer"): serves saved prompt KV on `--kv-port` (+ rank). A request whose kv_transfer_params
+  say `do_remote_decode` (a prefill server's default) has its prompt KV saved, and its final response carries the
+  decode side's parameters.
+* `decode` ("kv_consumer"): loads a request's prompt KV from the prefill engine its `do_remote_prefill` params
+  name, instead of prefilling it (a failed or late transfer is recomputed here, never lost).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+from ..cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
+from ..cluster.kv_transport import KV_TRANSPORTS
+from ..contract.safe_text import shown
+
+ROLES = ("both", "prefill", "decode")
+KV_ROLE_NAMES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
+
+
+@dataclass(frozen=True)
+class ServerRole:
+    """`--role` and the KV connector settings."""
+
+    role: str = "both"
+    kv: Optional[RemoteKVConfig] = None  # None: no connector (role both without --kv-port)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role={shown(self.role)} is invalid: must be one of {', '.join(ROLES)}.")
+        if self.role == "prefill" and (self.kv is None or self.kv.port is None):
+            raise ValueError("kv_port=None is invalid with role=prefill: a prefill server serves the KV it saved "
+                             "to decode servers on --kv-port (rank r on kv_port + r).")
+        if self.role == "decode" and (self.kv is None or self.kv.port is not None):
+            raise ValueError("role=decode needs a KV connector that serves nothing (kv port None).")
+
+    @property
+    def kv_role(self) -> str:
+        """vLLM's name of this role ("" when the server moves no KV)."""
+        return "" if self.kv is None else KV_ROLE_NAMES[self.role]
+
+    def connector(self) -> RemoteKVConnector | None:
+        return None if self.kv is None else RemoteKVConnector(self.kv, KV_ROLE_NAMES[self.role])
+
+
+def add_role_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prefill/decode disaggregation (README: Prefill/decode disaggregation)")
+    g.add_argument("--role", default="both", choices=ROLES,
+                   help="prefill: compute prompts and serve their KV on --kv-port; decode: load prompt KV from the "
+                        "prefill server a request names; both (default): one server does both")
+    g.add_argument("--kv-transport", default="tcp", choices=sorted(KV_TRANSPORTS),
+                   help="how KV moves between the two servers (both must use the same; shm: one host only)")
+    g.add_argument("--kv-host", default="127.0.0.1",
+                   help="address a prefill server's KV listener binds (default loopback; rank r on --kv-port + r)")
+    g.add_argument("--kv-port", type=int, default=None, help="first KV port of a prefill server")
+    g.add_argument("--kv-advertise-host", default=None,
+                   help="the address decode servers fetch from (default --kv-host; required when that is 0.0.0.0)")
+    g.add_argument("--kv-ttl", type=float, default=120.0,
+                   help="seconds saved KV waits for its decode server before it is dropped")
+    g.add_argument("--kv-max-saved-bytes", type=int, default=4 << 30,
+                   help="per rank: saved KV past this is dropped oldest first")
+    g.add_argument("--kv-fetch-timeout", type=float, default=60.0,
+                   help="seconds a decode server waits for one request's KV before it computes the prompt itself")
+
+
+def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
+    """The role the flags ask for; ValueError names the flag."""
+    if ns.role == "both" and ns.kv_port is None:
+        return ServerRole("both")
+    if ns.role == "decode" and ns.kv_port is not None:
+        raise ValueError(f"--kv-port={ns.kv_port} is invalid with --role decode: a decode server serves no KV "
+                         f"(give it to the prefill servers).")
+    kv = RemoteKVConfig(transport=ns.kv_transport, host=ns.kv_host, port=ns.kv_port, num_ranks=num_ranks,
+                        advertise_host=ns.kv_advertise_host, ttl_s=ns.kv_ttl, max_saved_bytes=ns.kv_max_saved_bytes,
+                        fetch_timeout_s=ns.kv_fetch_timeout)
+    return ServerRole(ns.role, kv)
+
+
+__all__ = ["ServerRole", "ROLES", "KV_ROLE_NAMES", "add_role_args", "role_from_args"]

@@ -1,0 +1,47 @@
+"""Prefill/decode disaggregation at the gRPC boundary: the KV transfer parameters as they cross both services,
+and a prefill server's default. The roles and their flags: engine/api/kv_args.py.
+
+On the wire the parameters are vLLM's JSON object (GenerateRequest / GenerateComplete kv_transfer_params_json,
+and the same field in moelink.v1), bounded; the deprecated typed `KvTransferParams` message (Mooncake's host and
+port only) cannot name the saved KV and is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from ..contract.kv_transfer_params import KVTransferParams
+from ..contract.safe_text import shown
+
+PRODUCER = "kv_producer"  # a prefill server's kv_role
+MAX_KV_PARAMS_JSON = 16 * 1024  # characters of kv_transfer_params_json: a few hundred in practice
+
+
+def with_role_default(params, kv_role: str, n: int):
+    """A prefill server ("kv_producer") saves the prompt KV of every request that does not say otherwise: routers
+    that do not know moelink's connector (smg's vLLM PD mode treats an unknown one as "passthrough": it sends the
+    prefill leg no kv_transfer_params and relays whatever the engine returns) still get a decode handoff. n > 1
+    cannot be handed off (a saved KV is served once): such a request is only computed here."""
+    if params.kv_transfer_params is None and kv_role == PRODUCER and n == 1:
+        return dataclasses.replace(params, kv_transfer_params=KVTransferParams(do_remote_decode=True))
+    return params
+
+
+def kv_params_from_json(text: str) -> KVTransferParams:
+    """kv_transfer_params_json -> KVTransferParams; ValueError names the field."""
+    if len(text) > MAX_KV_PARAMS_JSON:
+        raise ValueError(f"kv_transfer_params_json is {len(text)} characters: at most {MAX_KV_PARAMS_JSON} allowed.")
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"kv_transfer_params_json is not valid JSON: {exc}.") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"kv_transfer_params_json={shown(text)} is invalid: must be a JSON object.")
+    return KVTransferParams.from_dict(obj)
+
+
+def kv_params_to_json(params: KVTransferParams) -> str:
+    return json.dumps(params.to_dict(), separators=(",", ":"))
+
+
+__all__ = ["with_role_default", "kv_params_from_json", "kv_params_to_json", "MAX_KV_PARAMS_JSON"]

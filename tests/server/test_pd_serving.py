@@ -1,0 +1,288 @@
+"""Prefill/decode disaggregation served: `moelink serve --role prefill` and `--role decode` processes (by PID, on
+127.0.0.1), the KV handed off through both gRPC services and through the real smg gateway's PD mode.
+
+What is checked: the handoff itself (the prefill's last response says where the KV is; the decode server loads it:
+its usage counts the loaded tokens as cached, so no prompt is recomputed), outputs token-identical to one engine
+(the offline oracle), GetServerInfo's kv fields a router pairs workers by, the bad-input answers, and faults: the
+prefill server gone before the decode fetches (recomputed, same tokens), the decode server killed with a stream
+open through smg (the client gets an error, not a hang).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import subprocess
+
+import grpc
+import pytest
+
+from moelink.engine import SamplingParams
+from moelink.engine.api.kv_args import ServerRole, add_role_args, role_from_args
+from moelink.engine.server.pd_role import kv_params_from_json
+
+from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess, make_stubs
+from tests.helpers.net import free_port
+from tests.helpers.smg_gateway import http_request, smg_executable, wait_models
+
+PROMPT_IDS = list(range(5, 70))  # 65 tokens: four full blocks of 16 and a partial one
+GREEDY = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def _start(model_path, *flags) -> ServerProcess:
+    return ServerProcess(model_path, ENGINE_FLAGS + ["--served-model-name", "tiny-moe", *flags])
+
+
+@pytest.fixture(scope="module")
+def pd(model_path):
+    """(prefill server, decode server, prefill stubs, decode stubs)."""
+    pre = _start(model_path, "--role", "prefill", "--kv-port", str(free_port()))
+    dec = _start(model_path, "--role", "decode")
+    chans = [grpc.insecure_channel(s.addr) for s in (pre, dec)]
+    try:
+        yield pre, dec, make_stubs(chans[0]), make_stubs(chans[1])
+    finally:
+        for ch in chans:
+            ch.close()
+        for srv in (pre, dec):
+            rc = srv.stop()
+            srv.close()
+            assert rc == 0, f"server exited with {rc}"
+
+
+def _vllm_generate(stubs, ids, kv_json=None, stream=False, **params):
+    vpb = stubs.vpb
+    req = vpb.GenerateRequest(request_id="pd-req", tokenized=vpb.TokenizedInput(input_ids=ids), stream=stream,
+                              sampling_params=vpb.SamplingParams(**params))
+    if kv_json is not None:
+        req.kv_transfer_params_json = kv_json
+    return list(stubs.vllm.Generate(req, timeout=60))
+
+
+def test_cli_roles_are_validated_before_any_weights_load():
+    p = argparse.ArgumentParser()
+    add_role_args(p)
+    assert role_from_args(p.parse_args([]), 1) == ServerRole("both")
+    with pytest.raises(ValueError, match="kv_port=None is invalid with role=prefill"):
+        role_from_args(p.parse_args(["--role", "prefill"]), 1)
+    with pytest.raises(ValueError, match="--kv-port=5600 is invalid with --role decode"):
+        role_from_args(p.parse_args(["--role", "decode", "--kv-port", "5600"]), 1)
+    with pytest.raises(ValueError, match="advertise_host"):
+        role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600", "--kv-host", "0.0.0.0"]), 1)
+    role = role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600", "--kv-host", "0.0.0.0",
+                                        "--kv-advertise-host", "10.0.0.7"]), 4)
+    assert role.kv_role == "kv_producer" and role.kv.num_ranks == 4 and role.kv.reachable_host == "10.0.0.7"
+    assert role_from_args(p.parse_args(["--role", "decode"]), 1).connector().kv_role == "kv_consumer"
+
+
+def test_kv_params_json_accepts_vllms_shape_and_names_bad_input():
+    p = kv_params_from_json('{"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null, '
+                            '"remote_block_ids": null, "remote_host": null, "remote_port": null}')
+    assert p.do_remote_decode and not p.do_remote_prefill
+    for text, match in [("{", "kv_transfer_params_json is not valid JSON"),
+                        ("[1]", "must be a JSON object"),
+                        ('{"bootstrap_room": 3}', "unknown keys"),
+                        ('{"do_remote_prefill": true}', "remote_host"),
+                        ("{" + " " * 20000 + "}", "at most 16384")]:
+        with pytest.raises(ValueError, match=match):
+            kv_params_from_json(text)
+
+
+def test_server_info_reports_the_kv_role_a_router_pairs_by(pd, stubs):
+    _, _, pre, dec = pd
+    infos = [s.vllm.GetServerInfo(s.vpb.GetServerInfoRequest(), timeout=10) for s in (pre, dec, stubs)]
+    assert [(i.kv_connector, i.kv_role) for i in infos] == [
+        ("MoelinkRemoteKVConnector", "kv_producer"), ("MoelinkRemoteKVConnector", "kv_consumer"), ("", "")]
+    assert infos[0].kv_cache_dtype == infos[1].kv_cache_dtype == "auto"
+    assert infos[0].block_size == infos[1].block_size == 16
+
+
+def test_vllm_grpc_handoff_loads_the_prompt_and_matches_one_engine(pd, offline):
+    _, _, pre, dec = pd
+    want = offline.generate([{"prompt_token_ids": PROMPT_IDS}], SamplingParams(**GREEDY), use_tqdm=False)[0]
+    # The prefill leg as a router sends it: max_tokens=1, no kv params (a prefill server saves by default).
+    first = _vllm_generate(pre, PROMPT_IDS, max_tokens=1, temperature=0.0)[-1].complete
+    handoff = json.loads(first.kv_transfer_params_json)
+    assert handoff["do_remote_prefill"] is True and handoff["remote_host"] == "127.0.0.1"
+    assert list(first.output_ids) == want.outputs[0].token_ids[:1]
+    msgs = _vllm_generate(dec, PROMPT_IDS, first.kv_transfer_params_json, stream=True, **GREEDY)
+    got = [t for m in msgs if m.HasField("chunk") for t in m.chunk.token_ids]
+    done = msgs[-1].complete
+    assert got == want.outputs[0].token_ids
+    # Every prompt token but the last was loaded, not computed (the last is computed for its logits).
+    assert done.cached_tokens == len(PROMPT_IDS) - 1
+    assert not done.kv_transfer_params_json  # a decode server hands nothing on
+
+
+def test_native_grpc_handoff_streams_from_the_decode_server(pd, offline):
+    _, _, pre, dec = pd
+    ids = PROMPT_IDS[::-1]
+    want = offline.generate([{"prompt_token_ids": ids}], SamplingParams(**GREEDY), use_tqdm=False)[0]
+    pb = pre.pb
+    first = list(pre.native.Generate(pb.GenerateRequest(
+        prompt_token_ids=pb.TokenIds(ids=ids), sampling_params=pb.SamplingParams(max_tokens=1, temperature=0.0)),
+        timeout=60))[-1]
+    assert first.kv_transfer_params_json and first.usage.cached_tokens == 0
+    msgs = list(dec.native.Generate(pb.GenerateRequest(
+        prompt_token_ids=pb.TokenIds(ids=ids), kv_transfer_params_json=first.kv_transfer_params_json,
+        sampling_params=pb.SamplingParams(**GREEDY)), timeout=60))
+    assert [t for m in msgs for t in m.token_ids] == want.outputs[0].token_ids
+    assert len(msgs) > 1 and msgs[-1].usage.cached_tokens == len(ids) - 1
+
+
+@pytest.mark.parametrize("kv_json, code, match", [
+    ("not json", grpc.StatusCode.INVALID_ARGUMENT, "kv_transfer_params_json is not valid JSON"),
+    ('{"do_remote_prefill": true, "remote_host": "127.0.0.1", "remote_port": 1, "remote_request_id": "x", '
+     '"surprise": 1}', grpc.StatusCode.INVALID_ARGUMENT, "unknown keys"),
+])
+def test_bad_kv_params_get_one_clear_error(pd, kv_json, code, match):
+    _, _, _, dec = pd
+    with pytest.raises(grpc.RpcError) as err:
+        _vllm_generate(dec, PROMPT_IDS, kv_json, max_tokens=2)
+    assert err.value.code() == code and re.search(match, err.value.details()), err.value.details()
+
+
+def test_the_typed_mooncake_message_and_servers_without_a_connector_refuse(pd, stubs):
+    _, _, _, dec = pd
+    vpb = dec.vpb
+    req = vpb.GenerateRequest(request_id="typed", tokenized=vpb.TokenizedInput(input_ids=PROMPT_IDS),
+                              sampling_params=vpb.SamplingParams(max_tokens=2),
+                              kv_transfer_params=vpb.KvTransferParams(remote_host="127.0.0.1", remote_port=5))
+    with pytest.raises(grpc.RpcError) as err:
+        list(dec.vllm.Generate(req, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "kv_transfer_params_json" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # the plain server (role both, no connector)
+        _vllm_generate(stubs, PROMPT_IDS, '{"do_remote_decode": true}', max_tokens=2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no KV connector" in err.value.details()
+
+
+def test_prefill_server_gone_before_the_fetch_is_recomputed_exactly(model_path, pd, offline):
+    _, _, _, dec = pd
+    ids = [i * 3 % 400 + 3 for i in PROMPT_IDS]  # a prompt no other test sends (the decode server's prefix cache)
+    pre = _start(model_path, "--role", "prefill", "--kv-port", str(free_port()))
+    try:
+        with grpc.insecure_channel(pre.addr) as ch:
+            first = _vllm_generate(make_stubs(ch), ids, max_tokens=1, temperature=0.0)[-1].complete
+    finally:
+        pre.kill()
+        pre.close()
+    want = offline.generate([{"prompt_token_ids": ids}], SamplingParams(**GREEDY), use_tqdm=False)[0]
+    done = _vllm_generate(dec, ids, first.kv_transfer_params_json, **GREEDY)[-1].complete
+    assert list(done.output_ids) == want.outputs[0].token_ids and done.cached_tokens == 0
+
+
+# -- through the smg gateway's PD mode -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pd_gateway(pd, model_path, tmp_path_factory):
+    pre, dec, _, _ = pd
+    exe = smg_executable()
+    if exe is None:
+        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
+    port, metrics_port = free_port(), free_port()
+    log_name = str(tmp_path_factory.mktemp("smg-pd") / "smg.log")
+    with open(log_name, "w") as log:
+        proc = subprocess.Popen(
+            [exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
+             "--prometheus-port", str(metrics_port), "--pd-disaggregation", "--prefill", f"grpc://{pre.addr}",
+             "--decode", f"grpc://{dec.addr}", "--model-path", model_path, "--log-level", "warn",
+             "--shutdown-grace-period-secs", "1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_models(port, proc, log_name)
+        yield port
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _sse_text(port: int, body: dict) -> tuple[str, list[dict]]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        events = []
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                events.append(json.loads(line[5:].strip()))
+        return "".join(c["text"] for e in events for c in e["choices"]), events
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_smg_pd_mode_completions_match_one_engine_and_load_the_kv(pd, pd_gateway, offline, stream):
+    _, dec, _, _ = pd
+    prompt = "Once upon a time, in a land of many experts, " * 4
+    want = offline.generate(prompt, SamplingParams(**GREEDY), use_tqdm=False)[0]
+    body = dict(model="tiny-moe", prompt=prompt, stream=stream, **GREEDY)
+    if stream:
+        text, events = _sse_text(pd_gateway, body)
+        assert len(events) > 1
+    else:
+        status, raw = http_request(pd_gateway, "POST", "/v1/completions", body, timeout=60)
+        assert status == 200, raw
+        text = json.loads(raw)["choices"][0]["text"]
+    assert text == want.outputs[0].text or text == want.outputs[0].text.rstrip("\ufffd")
+    # smg (1.13) reports the prefill leg's usage; the decode server's own request line says what it loaded.
+    n = len(want.prompt_token_ids)
+    lines = [ln for ln in dec.logs().splitlines() if "request finished" in ln and f"prompt_tokens={n} " in ln]
+    assert lines and f"cached_tokens={n - 1}" in lines[-1], lines[-3:]
+
+
+def test_decode_server_killed_mid_stream_ends_the_client_stream_with_an_error(model_path, pd):
+    pre, _, _, _ = pd
+    dec = _start(model_path, "--role", "decode")
+    exe = smg_executable()
+    if exe is None:
+        dec.kill()
+        dec.close()
+        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
+         "--prometheus-port", str(metrics_port), "--pd-disaggregation", "--prefill", f"grpc://{pre.addr}",
+         "--decode", f"grpc://{dec.addr}", "--model-path", model_path, "--log-level", "warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import http.client
+
+    try:
+        wait_models(port, proc, "/dev/null")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        body = dict(model="tiny-moe", prompt="a long story " * 8, stream=True, max_tokens=400, ignore_eos=True,
+                    temperature=0.0)
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        seen, text_events, error = 0, 0, None
+        for raw in resp:  # bounded by the socket timeout: a hang fails the test
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                error = event["error"]
+                break
+            text_events += 1
+            seen += 1
+            if seen == 3:
+                dec.kill()  # SIGKILL with the stream open
+        conn.close()
+        assert text_events >= 3
+        assert error is not None, "the stream ended without saying why"
+    finally:
+        dec.kill()
+        dec.close()
+        proc.kill()
+        proc.wait(10)
