@@ -286,3 +286,62 @@ def test_decode_server_killed_mid_stream_ends_the_client_stream_with_an_error(mo
         dec.close()
         proc.kill()
         proc.wait(10)
+
+
+def _idle(stubs) -> bool:
+    loads = stubs.vllm.GetLoads(stubs.vpb.GetLoadsRequest(), timeout=10).loads
+    return all(x.num_running_reqs == 0 and x.num_waiting_reqs == 0 and x.num_used_tokens == 0 for x in loads)
+
+
+def test_200_concurrent_handoffs_with_cancels_lose_nothing_and_free_both_pools(pd):
+    """A router's two legs for 200 requests at once; every fourth decode stream is cancelled after its first
+    chunk and every tenth prefill leg before its answer. The rest complete with all their tokens; afterwards both
+    servers are idle with every KV block free (GetLoads: no request held, no token of KV in use)."""
+    import asyncio
+
+    pre, dec, pre_stubs, dec_stubs = pd
+    vpb = pre_stubs.vpb
+    max_tokens = 6
+
+    async def one(i: int, pch, dch) -> str:
+        ids = [(i * 7 + j) % 397 + 3 for j in range(20 + i % 23)]
+        sp = vpb.SamplingParams(max_tokens=1, temperature=0.0)
+        call = pre_stubs.vllm.__class__(pch).Generate(
+            vpb.GenerateRequest(request_id=f"p{i}", tokenized=vpb.TokenizedInput(input_ids=ids), sampling_params=sp))
+        if i % 10 == 3:
+            call.cancel()
+            return "prefill-cancelled"
+        handoff = None
+        async for msg in call:
+            if msg.HasField("complete"):
+                handoff = msg.complete.kv_transfer_params_json
+        assert handoff, f"request {i}: the prefill leg returned no handoff"
+        req = vpb.GenerateRequest(request_id=f"d{i}", tokenized=vpb.TokenizedInput(input_ids=ids), stream=True,
+                                  kv_transfer_params_json=handoff, sampling_params=vpb.SamplingParams(
+                                      max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        stream = dec_stubs.vllm.__class__(dch).Generate(req)
+        got = 0
+        async for msg in stream:
+            if msg.HasField("chunk"):
+                got += len(msg.chunk.token_ids)
+                if i % 4 == 1:
+                    stream.cancel()
+                    return "decode-cancelled"
+            elif msg.HasField("complete"):
+                assert msg.complete.finish_reason == "length" and got == max_tokens, (i, got, msg.complete)
+        return "done"
+
+    async def main():
+        async with grpc.aio.insecure_channel(pre.addr) as pch, grpc.aio.insecure_channel(dec.addr) as dch:
+            return await asyncio.wait_for(asyncio.gather(*(one(i, pch, dch) for i in range(200)),
+                                                         return_exceptions=True), timeout=240)
+
+    results = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+    assert not errors, errors[:3]
+    outcomes = {k: sum(1 for r in results if r == k) for k in ("done", "decode-cancelled", "prefill-cancelled")}
+    assert outcomes["done"] >= 120 and sum(outcomes.values()) == 200, outcomes
+    from tests.helpers.waits import wait_until
+
+    wait_until(lambda: _idle(pre_stubs) and _idle(dec_stubs), 30.0, "both servers idle with every KV block free",
+               interval=0.2)
