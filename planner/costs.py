@@ -37,9 +37,10 @@ def request_gpu_seconds(input_len: int, output_len: int, prefill_tps: float, dec
     return input_len * (1.0 - prefix_hit) / prefill_tps, output_len / decode_tps
 
 
-def cost_summary(inp, best_decode: dict | None, prefill_tps: float | None) -> dict | None:
+def cost_summary(inp, best_decode: dict | None, prefill_tps: float | None, handoff=None) -> dict | None:
     """The cost block of a plan: at the best decode point under the ITL target and the best prefill EP.
-    `inp` is a plan.PlanInputs. None when no decode layout meets the target or no prefill fits."""
+    `inp` is a plan.PlanInputs. None when no decode layout meets the target or no prefill fits. `handoff`
+    (planner/kv_handoff.py, disaggregated serving): its device-host copies hold the prefill and decode GPUs."""
     price = inp.gpu_hour_usd if inp.gpu_hour_usd is not None else inp.hardware.gpu_hour_usd
     out = {"gpu_hour_usd": price, "price_source": "--gpu-hour-usd" if inp.gpu_hour_usd is not None
            else f"assumed for {inp.hardware.gpu.name} (planner/hardware.py GPU_HOUR_USD)",
@@ -54,6 +55,8 @@ def cost_summary(inp, best_decode: dict | None, prefill_tps: float | None) -> di
                 "usd_per_m_output_all_gpus": usd, "prefill_to_decode_gpus": 0.0,
                 "note": "mixed serving: prompts are processed on the same GPUs, priced into output tokens"}
     pre_s, dec_s = request_gpu_seconds(inp.input_len, inp.output_len, prefill_tps, dec_tps, inp.prefix_hit)
+    if handoff is not None:
+        pre_s, dec_s = pre_s + handoff.save_s, dec_s + handoff.load_s
     per_request = (pre_s + dec_s) / inp.utilization * price / 3600.0
     return {**out,
             "usd_per_m_output": usd_per_million(dec_tps, price, inp.utilization),

@@ -17,8 +17,9 @@ from . import imbalance
 from .imbalance import Balance
 from .kernels import load_moe_measurements, measured_efficiency
 from .models import ModelShape
-from .step_model import (Precision, Setup, StepResult, decode_step, max_batch_per_rank, mixed_iteration,
-                         prefill_chunk, weights_per_rank_bytes)
+from .kv_handoff import handoff_cost
+from .step_model import (Precision, Setup, StepResult, decode_step, kv_bytes_per_token_layer, max_batch_per_rank,
+                         mixed_iteration, prefill_chunk, weights_per_rank_bytes)
 
 PRECISIONS = {
     "bf16": Precision(experts="bf16", dense="bf16", attention="bf16", dispatch="bf16"),
@@ -234,6 +235,9 @@ def plan(inp: PlanInputs, eff: Efficiency | None = None) -> dict:
     best_dec = max(feasible, key=lambda r: r["decode"]["tokens_per_s_per_gpu"])["decode"] if feasible else None
     pre_rows = [r for r in rows if r["prefill_tokens_per_s_per_gpu"]]
     best_pre = max(pre_rows, key=lambda r: r["prefill_tokens_per_s_per_gpu"]) if pre_rows else None
+    handoff = None
+    if inp.serving == "disaggregated":
+        handoff = handoff_cost(model.num_layers * kv_bytes_per_token_layer(model, setup.precision), inp.input_len, hw)
     return {
         "model": model.name, "hardware": hw.name, "hardware_description": hw.description,
         "inputs": {"ep": inp.ep, "batch_per_rank": inp.batch_per_rank, "input_len": inp.input_len,
@@ -255,9 +259,22 @@ def plan(inp: PlanInputs, eff: Efficiency | None = None) -> dict:
         "best_decode_under_slo": best_dec,
         "best_prefill": {"ep": best_pre["ep"], "tokens_per_s_per_gpu": best_pre["prefill_tokens_per_s_per_gpu"]}
         if best_pre else None,
-        "cost": cost_summary(inp, best_dec, best_pre["prefill_tokens_per_s_per_gpu"] if best_pre else None),
+        "kv_handoff": handoff_summary(inp, setup, pre, dec, handoff),
+        "cost": cost_summary(inp, best_dec, best_pre["prefill_tokens_per_s_per_gpu"] if best_pre else None, handoff),
         "sweep": rows,
     }
+
+
+def handoff_summary(inp: PlanInputs, setup: Setup, pre, dec, handoff) -> dict | None:
+    """Disaggregated serving: the KV handoff (planner/kv_handoff.py) and time-to-first-token split into the
+    prompt's prefill on one rank, the handoff, and the first decode step."""
+    if handoff is None:
+        return None
+    computed = inp.input_len - inp.cached_prefix
+    prefill_s = -(-computed // inp.prefill_chunk) * pre.seconds
+    return {**handoff.to_dict(), "ttft_prefill_ms": prefill_s * 1e3, "ttft_first_decode_ms": dec.itl_s * 1e3,
+            "ttft_ms": (prefill_s + handoff.ttft_s + dec.itl_s) * 1e3,
+            "handoff_share_of_ttft": handoff.ttft_s / (prefill_s + handoff.ttft_s + dec.itl_s)}
 
 
 def features_used(inp: PlanInputs, setup: Setup, overlaps: tuple[str, ...]) -> dict[str, bool]:

@@ -40,6 +40,7 @@ def format_plan(res: dict) -> str:
         lines.append(f"best decode with ITL <= {i['itl_slo_ms']:g} ms: no EP size/batch meets it")
     if bp:
         lines.append(f"best prefill: EP {bp['ep']}, {bp['tokens_per_s_per_gpu']:,.0f} tok/s/GPU")
+    lines += format_handoff(res)
     lines += format_cost(res)
     lines += format_assumptions(res)
     lines.append("EP sweep:  EP | decode batch | decode tok/s/GPU | ITL ms | prefill tok/s/GPU")
@@ -84,6 +85,20 @@ def format_calibration(results: list[Result]) -> str:
     notes = [f"- {r.row.id} [{r.row.split}]: {r.row.source}" + (f"; assumed: {r.row.assumed}" if r.row.assumed else "")
              + (f"; note: {r.row.note}" if r.row.note else "") for r in results]
     return "\n".join([format_table(results), "", summary_line] + per_split + ["", "Sources and assumptions:"] + notes)
+
+
+def format_handoff(res: dict) -> list[str]:
+    """Disaggregated serving: the KV handoff per request and the time-to-first-token it is part of."""
+    h = res.get("kv_handoff")
+    if not h:
+        return []
+    return [f"KV handoff: {h['bytes_per_request'] / 2**20:,.1f} MiB per request; save {h['save_ms']:.1f} ms + wire "
+            f"{h['wire_ms']:.1f} ms ({h['transport_gbps']:.2f} GB/s: {h['transport_source']}) + load "
+            f"{h['load_ms']:.1f} ms; a device-to-device transport over {h['link']} would take "
+            f"{h['device_to_device_at_link_ms']:.1f} ms",
+            f"  TTFT ~ {h['ttft_ms']:,.0f} ms = prefill chunk {h['ttft_prefill_ms']:,.0f} + handoff "
+            f"{h['ttft_added_ms']:.0f} + first decode {h['ttft_first_decode_ms']:.0f} "
+            f"(handoff {h['handoff_share_of_ttft']:.1%})"]
 
 
 def format_cost(res: dict) -> list[str]:

@@ -260,6 +260,9 @@ def _kv_bytes_per_token_layer(model: ModelShape, precision: Precision) -> float:
     return model.kv_elems_per_token() * KV_BYTES[precision.attention]
 
 
+kv_bytes_per_token_layer = _kv_bytes_per_token_layer  # public: the KV handoff (planner/kv_handoff.py) sizes with it
+
+
 def decode_step(model: ModelShape, hw: HardwareProfile, setup: Setup,
                 eff: Efficiency = DEFAULT_EFFICIENCY) -> StepResult:
     """One decode step on one rank: batch_per_rank sequences, (1 + mtp_draft) query tokens each."""

@@ -1,0 +1,127 @@
+"""KV transfer between a prefill and a decode engine: one fetch of model-shaped prompt KV over each named
+transport (engine/cluster/kv_transport.py), beside a plain copy of the same bytes on the same machine.
+
+    python -m moelink.benchmarks.kv_transfer [--shape deepseek-v3|qwen3-30b-a3b] [--tokens 1024,4096]
+        [--transports tcp,shm] [--repeats 3] [--json PATH]
+
+Each row: the bytes of one request's prompt KV (every layer, bf16, in 16-token blocks: MLA's 576-wide latent
+for DeepSeek-V3, 4 KV heads x 128 x K and V for Qwen3-30B-A3B), the fetch time (connect, header and layout check,
+bytes, into fresh host tensors: what a decode rank's fetch thread does before the blocks are written), GB/s, and
+the ratio to a host memcpy of the same bytes measured in the same run. The planner's disaggregated serving
+reads `transport_gbps` from this JSON (planner/kv_handoff.py): moelink's transports today stage KV in host
+memory, so that is what a handoff costs until a device-to-device transport exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from moelink.engine.cluster.kv_store import SavedKVStore
+from moelink.engine.cluster.kv_transport import KV_TRANSPORTS, make_transport
+from moelink.engine.rank.kv_transfer import SavedKV
+
+BLOCK = 16
+# layers, then per layer the tensors' row width in bytes per token (bf16)
+SHAPES = {
+    "deepseek-v3": (61, (576 * 2,)),  # MLA: one latent+rope row per token
+    "qwen3-30b-a3b": (48, (4 * 128 * 2, 4 * 128 * 2)),  # GQA: K and V, 4 KV heads x 128
+}
+
+
+def saved_kv(shape: str, num_tokens: int) -> SavedKV:
+    layers, widths = SHAPES[shape]
+    nblocks = -(-num_tokens // BLOCK)
+    layout = tuple(("full", tuple(("torch.bfloat16", (BLOCK, 1, w // 2)) for w in widths)) for _ in range(layers))
+    groups = [(list(range(nblocks)), tuple(torch.randint(0, 255, (nblocks, BLOCK, 1, w), dtype=torch.uint8)
+                                           for w in widths)) for _ in range(layers)]
+    return SavedKV(num_tokens, tuple(range(num_tokens)), layout, groups)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def time_fetch(transport_name: str, saved: SavedKV, repeats: int) -> float:
+    """Best of `repeats` fetches (seconds), each of a fresh store entry."""
+    transport = make_transport(transport_name, 10.0, 600.0)
+    store = SavedKVStore(600.0, 1 << 40)
+    port = _free_port()
+    server = transport.serve(store, "127.0.0.1", port)
+    best = float("inf")
+    try:
+        nblocks = len(saved.groups[0][0])
+        for i in range(repeats):
+            store.put(f"k{i}", saved)
+            t0 = time.perf_counter()
+            got = transport.fetch("127.0.0.1", port, f"k{i}", saved.layout, list(saved.token_ids), nblocks, 600.0)
+            best = min(best, time.perf_counter() - t0)
+            assert got.nbytes == saved.nbytes
+    finally:
+        server.close()
+    return best
+
+
+def time_memcpy(saved: SavedKV, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _, ts in saved.groups:
+            for t in ts:
+                t.clone()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(shapes, tokens, transports, repeats) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        for n in tokens:
+            saved = saved_kv(shape, n)
+            copy_s = time_memcpy(saved, repeats)
+            for name in transports:
+                s = time_fetch(name, saved, repeats)
+                gb = saved.nbytes / 1e9
+                rows.append({"shape": shape, "tokens": n, "transport": name, "bytes": saved.nbytes, "fetch_s": s,
+                             "transport_gbps": gb / s, "memcpy_gbps": gb / copy_s, "ratio_to_memcpy": copy_s / s})
+                print(f"{shape:>14} {n:>6} tok {saved.nbytes / 2**20:8.1f} MiB  {name:>4}: {s * 1e3:8.1f} ms "
+                      f"{gb / s:6.2f} GB/s  memcpy {gb / copy_s:6.2f} GB/s  ratio {copy_s / s:.3f}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="deepseek-v3,qwen3-30b-a3b")
+    p.add_argument("--tokens", default="1024,4096")
+    p.add_argument("--transports", default=",".join(sorted(KV_TRANSPORTS)))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="write the rows and the machine here")
+    ns = p.parse_args(argv)
+    shapes = ns.shape.split(",")
+    for s in shapes:
+        if s not in SHAPES:
+            p.error(f"--shape {s!r}: choose from {', '.join(SHAPES)}")
+    transports = ns.transports.split(",")
+    for t in transports:
+        if t not in KV_TRANSPORTS:
+            p.error(f"--transports {t!r}: choose from {', '.join(sorted(KV_TRANSPORTS))}")
+    rows = run(shapes, [int(x) for x in ns.tokens.split(",")], transports, ns.repeats)
+    if ns.json:
+        out = {"benchmark": "kv_transfer", "machine": platform.platform(), "cpus": torch.get_num_threads(),
+               "device": "cpu (loopback)", "date": time.strftime("%Y-%m-%d"), "rows": rows}
+        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {ns.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
