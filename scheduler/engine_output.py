@@ -48,6 +48,8 @@ class SchedulerStats:
     num_preemptions_total: int
     # Speculative decoding's counters (scheduler/spec_decode.py); None until a step verified drafts.
     spec_decode: Optional[SpecDecodeCounters] = None
+    # A KV connector's (scheduler/kv_connector.py: prefill/decode disaggregation); None without one.
+    kv_transfer: Optional["KVTransferCounters"] = None
 
     @classmethod
     def combine(cls, per_rank: "list[SchedulerStats]") -> "SchedulerStats":
@@ -63,11 +65,31 @@ class SchedulerStats:
             prefix_cache_hits=sum(s.prefix_cache_hits for s in per_rank),
             num_preemptions_total=sum(s.num_preemptions_total for s in per_rank),
             spec_decode=_combined_spec([s.spec_decode for s in per_rank]),
+            kv_transfer=KVTransferCounters.combine([s.kv_transfer for s in per_rank]),
         )
 
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+@dataclass
+class KVTransferCounters:
+    """A KV connector's handoffs as the scheduler sees them, cumulative (metrics: moelink_kv_transfer_*)."""
+
+    loads_ok: int = 0  # requests whose prompt KV was loaded
+    loads_failed: int = 0  # loads that failed or timed out (the request was recomputed)
+    tokens_loaded: int = 0  # prompt tokens of the successful loads
+    load_wait_s: float = 0.0  # summed seconds from a load's start (blocks reserved) to its report, ok or failed
+    saves: int = 0  # requests whose finished output said where their saved KV is (a prefill engine's handoffs)
+
+    @classmethod
+    def combine(cls, per_rank: "list[KVTransferCounters | None]") -> "KVTransferCounters | None":
+        ranks = [c for c in per_rank if c is not None]
+        if not ranks:
+            return None
+        return cls(**{f: sum(getattr(c, f) for c in ranks) for f in
+                      ("loads_ok", "loads_failed", "tokens_loaded", "load_wait_s", "saves")})
 
 
 def _combined_spec(per_rank: "list[SpecDecodeCounters | None]") -> "SpecDecodeCounters | None":

@@ -34,9 +34,11 @@ saved prefix shorter than the prompt from another engine (the remote side's toke
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import NamedTuple, Protocol
 
+from .engine_output import KVTransferCounters
 from .outputs import KVTransfer, KVTransferPlan
 from .request import Request, RequestStatus
 
@@ -80,6 +82,8 @@ class KVTransfers:
         self.ready: deque[Request] = deque()  # loaded, to be admitted (they hold their blocks)
         self._watched: dict[str, Request] = {}  # saved once their prompt is computed
         self._new_loads: list[KVTransfer] = []  # for the next SchedulerOutput
+        self.counters = KVTransferCounters()
+        self._load_started: dict[int, float] = {}  # transfer id -> time.monotonic() at start_load
 
     @property
     def num_holding(self) -> int:
@@ -117,7 +121,10 @@ class KVTransfers:
     def finished_params(self, req: Request):
         """The connector's parameters for a request that just finished (its final output carries them), or None."""
         f = getattr(self.connector, "request_finished", None)
-        return None if f is None else f(req)
+        params = None if f is None else f(req)
+        if params is not None:
+            self.counters.saves += 1
+        return params
 
     def loadable(self, req: Request) -> int:
         return min(max(self.connector.num_loadable_tokens(req), 0), req.num_tokens)
@@ -129,6 +136,7 @@ class KVTransfers:
         first = num_hit // bs
         params = getattr(self.connector, "load_params", None)
         t = self._transfer(req, num_tokens, first, (), None if params is None else params(req))
+        self._load_started[t.transfer_id] = time.monotonic()
         self._hold(t, req)
         req.status = RequestStatus.WAITING_FOR_KV
         self.loading[req.request_id] = req
@@ -164,19 +172,25 @@ class KVTransfers:
         failed: list[Request] = []
         for tid, ok in done.items():
             f = self._in_flight.pop(tid, None)
+            started = self._load_started.pop(tid, None)
             if f is None:
                 continue  # undone by a rewind already
+            if started is not None:
+                self.counters.load_wait_s += time.monotonic() - started
             self.kv.pool.free(f.refs)
             req = f.request
             if req is not None and self.loading.get(req.request_id) is req:
                 del self.loading[req.request_id]
                 if ok:
                     req.num_computed_tokens = min(f.transfer.num_tokens, req.num_tokens - 1)
+                    self.counters.loads_ok += 1
+                    self.counters.tokens_loaded += req.num_computed_tokens
                     # Usage's cached tokens count KV this engine did not compute, loaded ones too (as vLLM's):
                     # a client sees the handoff worked.
                     req.num_cached_tokens = req.num_computed_tokens
                     self.ready.append(req)
                 else:
+                    self.counters.loads_failed += 1
                     failed.append(req)
             self.connector.transfer_done(f.transfer, ok)
         return failed

@@ -30,6 +30,8 @@ prompt KV is saved after the step that computes it. Without one (`kv_connector=N
 """
 from __future__ import annotations
 
+import dataclasses
+
 from bisect import insort
 from collections import deque
 from collections.abc import Iterable
@@ -370,7 +372,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             num_free_blocks=pool.num_free_blocks, num_total_blocks=pool.num_blocks,
             prefix_cache_queries=pool.prefix_cache_queries, prefix_cache_hits=pool.prefix_cache_hits,
             num_preemptions_total=self.num_preemptions_total,
-            spec_decode=self.spec_counters.copy() if self.spec_counters.num_verify_rows else None)
+            spec_decode=self.spec_counters.copy() if self.spec_counters.num_verify_rows else None,
+            kv_transfer=None if self.kv_transfers is None else dataclasses.replace(self.kv_transfers.counters))
 
     def reset_prefix_cache(self) -> int:
         """Forget all cached prefixes (e.g. after a weight update)."""

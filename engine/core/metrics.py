@@ -123,6 +123,8 @@ class _EngineCollector:
         yield _gauge("moelink_generation_tokens_per_second", f"Generated tokens/s over the last {_THROUGHPUT_WINDOW_S:.0f} s.",
                      self.m.tokens_per_second())
         yield from self._elastic(eng.elastic_stats)
+        if st.kv_transfer is not None:
+            yield from kv_transfer_families(st.kv_transfer, eng.config)
         if st.spec_decode is not None:
             yield from spec_decode_families(st.spec_decode)
         yield from self._moe(eng)
@@ -242,6 +244,34 @@ _ELASTIC_COUNTERS = {
     "rejoin_seconds_total": "Time spent admitting replacement ranks (the step paused).",
     "failed_rejoins": "Admissions that failed midway (the engine fell back to a recovery).",
 }
+
+
+def kv_transfer_families(c, config):
+    """Prefill/decode disaggregation's handoffs (scheduler/kv_connector.py counters), labelled with this
+    engine's kv_role so the prefill and decode pools' series stay apart on one dashboard."""
+    from ..config.kv_sizing import kv_cache_bytes_per_token_per_layer
+
+    role = getattr(config.kv_connector, "kv_role", "")
+    bytes_per_token = kv_cache_bytes_per_token_per_layer(config.model) * config.model.num_layers
+
+    def counter(name, doc, value, labels=(), values=()):
+        fam = CounterMetricFamily(name, doc, labels=["role", *labels])
+        fam.add_metric([role, *values], value)
+        return fam
+
+    loads = CounterMetricFamily("moelink_kv_transfer_loads", "Requests whose prompt KV a load was started for, by "
+                                "result (failed: recomputed here).", labels=["role", "result"])
+    loads.add_metric([role, "ok"], c.loads_ok)
+    loads.add_metric([role, "failed"], c.loads_failed)
+    yield loads
+    yield counter("moelink_kv_transfer_tokens_loaded", "Prompt tokens whose KV was loaded, not computed.",
+                  c.tokens_loaded)
+    yield counter("moelink_kv_transfer_bytes_loaded", "Bytes of prompt KV loaded (tokens x the cache's bytes per "
+                  "token over all layers).", c.tokens_loaded * bytes_per_token)
+    yield counter("moelink_kv_transfer_load_seconds", "Seconds loads spent from the blocks' reservation to the "
+                  "report (queue, fetch and write; / loads = the mean time a request waits for its KV).",
+                  c.load_wait_s)
+    yield counter("moelink_kv_transfer_saves", "Requests whose prompt KV this engine saved and handed off.", c.saves)
 
 
 def _gauge(name, doc, value):

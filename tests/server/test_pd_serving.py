@@ -37,8 +37,8 @@ def _start(model_path, *flags) -> ServerProcess:
 @pytest.fixture(scope="module")
 def pd(model_path):
     """(prefill server, decode server, prefill stubs, decode stubs)."""
-    pre = _start(model_path, "--role", "prefill", "--kv-port", str(free_port()))
-    dec = _start(model_path, "--role", "decode")
+    pre = _start(model_path, "--role", "prefill", "--kv-port", str(free_port()), "--metrics-port", str(free_port()))
+    dec = _start(model_path, "--role", "decode", "--metrics-port", str(free_port()))
     chans = [grpc.insecure_channel(s.addr) for s in (pre, dec)]
     try:
         yield pre, dec, make_stubs(chans[0]), make_stubs(chans[1])
@@ -113,6 +113,34 @@ def test_vllm_grpc_handoff_loads_the_prompt_and_matches_one_engine(pd, offline):
     # Every prompt token but the last was loaded, not computed (the last is computed for its logits).
     assert done.cached_tokens == len(PROMPT_IDS) - 1
     assert not done.kv_transfer_params_json  # a decode server hands nothing on
+
+
+def _metrics(srv: ServerProcess) -> dict[str, float]:
+    """moelink_kv_transfer_* samples of a server's Prometheus endpoint, by name and labels."""
+    import urllib.request
+
+    port = int(re.search(r"--metrics-port (\d+)", " ".join(srv.proc.args)).group(1))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+            if ln.startswith("moelink_kv_transfer_")}
+
+
+def test_transfer_metrics_per_pool_count_the_handoffs(pd):
+    pre, dec, pre_stubs, dec_stubs = pd
+    before_p, before_d = _metrics(pre), _metrics(dec)
+    ids = [(7 * i) % 300 + 11 for i in range(40)]
+    first = _vllm_generate(pre_stubs, ids, max_tokens=1, temperature=0.0)[-1].complete
+    _vllm_generate(dec_stubs, ids, first.kv_transfer_params_json, max_tokens=2, temperature=0.0)
+    after_p, after_d = _metrics(pre), _metrics(dec)
+
+    def delta(after, before, key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta(after_p, before_p, 'moelink_kv_transfer_saves_total{role="kv_producer"}') == 1
+    assert delta(after_d, before_d, 'moelink_kv_transfer_loads_total{result="ok",role="kv_consumer"}') == 1
+    assert delta(after_d, before_d, 'moelink_kv_transfer_tokens_loaded_total{role="kv_consumer"}') == 39
+    assert delta(after_d, before_d, 'moelink_kv_transfer_load_seconds_total{role="kv_consumer"}') > 0
+    assert after_d['moelink_kv_transfer_bytes_loaded_total{role="kv_consumer"}'] > 0
 
 
 def test_native_grpc_handoff_streams_from_the_decode_server(pd, offline):
