@@ -41,6 +41,7 @@ from typing import Optional
 from moelink.engine.api.provenance import git_commit as _git_commit
 
 from .server_process import free_port, start_server, stop_server
+from .serve_pd import PDLevels, split_text
 from .spec_metrics import level_delta, scrape
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed: written only when --out names it
@@ -80,6 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "the committed benchmarks/results/ files change only when --out "
                                                "names them)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--prefill-target", default=None,
+                   help="HOST:PORT of a `moelink serve --role prefill`: --target is then its decode server, each "
+                        "request runs as a router runs it (prefill leg, then decode leg with the handoff), and TTFT "
+                        "is split into prefill, transfer (from --metrics-url: the decode server's) and first decode")
     p.add_argument("--metrics-url", default=None,
                    help="a running server's Prometheus endpoint (http://HOST:PORT/metrics), scraped around each "
                         "level for speculative decoding's acceptance (default: none; with --model, the started "
@@ -116,26 +121,30 @@ class _Client:
 
             self.pb, self.stub = pb, pb_grpc.VllmEngineStub(channel)
 
-    def _request(self, rid: str, prompt: list[int], output_len: int):
+    def _request(self, rid: str, prompt: list[int], output_len: int, kv_transfer_params_json: Optional[str] = None):
         pb = self.pb
+        kv = {} if kv_transfer_params_json is None else dict(kv_transfer_params_json=kv_transfer_params_json)
         if self.protocol == "native":
             return pb.GenerateRequest(request_id=rid, prompt_token_ids=pb.TokenIds(ids=prompt), sampling_params=pb.SamplingParams(
-                temperature=0.0, max_tokens=output_len, ignore_eos=True))
+                temperature=0.0, max_tokens=output_len, ignore_eos=True), **kv)
         return pb.GenerateRequest(request_id=rid, tokenized=pb.TokenizedInput(input_ids=prompt), stream=True,
-                                  sampling_params=pb.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True))
+                                  sampling_params=pb.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True),
+                                  **kv)
 
     def _tokens(self, msg) -> int:
         if self.protocol == "native":
             return len(msg.token_ids)
         return len(msg.chunk.token_ids) if msg.HasField("chunk") else 0
 
-    async def run(self, rid: str, prompt: list[int], output_len: int) -> dict:
+    async def run(self, rid: str, prompt: list[int], output_len: int, kv_transfer_params_json: Optional[str] = None
+                  ) -> dict:
         import grpc
 
         t0 = time.perf_counter()
         ttft, itls, n, last = None, [], 0, t0
         try:
-            call = self.stub.Generate(self._request(rid, prompt, output_len), timeout=self.timeout_s, metadata=self.metadata)
+            call = self.stub.Generate(self._request(rid, prompt, output_len, kv_transfer_params_json),
+                                      timeout=self.timeout_s, metadata=self.metadata)
             async for msg in call:
                 k = self._tokens(msg)
                 if not k:
@@ -244,22 +253,29 @@ async def _run_all(ns, target: str) -> dict:
                     for _ in range(n)]
 
         client = _Client(channel, ns.protocol, ns.api_key, ns.timeout_s)
+        pd = PDLevels(ns, options)  # --prefill-target: two legs per request, TTFT split (benchmarks/serve_pd.py)
+        client = await pd.open(client)
         await _closed_loop(client, prompts(4), ns.output_len, 4, "warmup")
         slo = dict(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2e_ms=ns.slo_e2e_ms)
         levels = []
-        spec = _SpecScrapes(ns.metrics_url)
-        for c in _levels(ns.concurrency, int):
-            t = time.perf_counter()
-            spec.begin()
-            res = await _closed_loop(client, prompts(max(ns.num_requests, 4 * c)), ns.output_len, c, f"c{c}")
-            levels.append(dict(mode="closed_loop", concurrency=c, **summarize(res, ns.input_len, slo), **spec.end()))
-            print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
-        for r in _levels(ns.rates, float):
-            t = time.perf_counter()
-            spec.begin()
-            res = await _poisson(client, prompts(max(ns.num_requests, int(2 * r))), ns.output_len, r, rng, f"r{r:g}")
-            levels.append(dict(mode="poisson", rate=r, **summarize(res, ns.input_len, slo), **spec.end()))
-            print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
+        spec = _SpecScrapes(None if pd.on else ns.metrics_url)
+        try:
+            for c in _levels(ns.concurrency, int):
+                t = time.perf_counter()
+                spec.begin(), pd.begin()
+                res = await _closed_loop(client, prompts(max(ns.num_requests, 4 * c)), ns.output_len, c, f"c{c}")
+                levels.append(dict(mode="closed_loop", concurrency=c, **summarize(res, ns.input_len, slo),
+                                   **spec.end(), **pd.end(res)))
+                print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
+            for r in _levels(ns.rates, float):
+                t = time.perf_counter()
+                spec.begin(), pd.begin()
+                res = await _poisson(client, prompts(max(ns.num_requests, int(2 * r))), ns.output_len, r, rng, f"r{r:g}")
+                levels.append(dict(mode="poisson", rate=r, **summarize(res, ns.input_len, slo), **spec.end(),
+                                   **pd.end(res)))
+                print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
+        finally:
+            await pd.close()
         return dict(model=dict(name=info.served_model_name, architecture=info.architecture, dtype=info.dtype,
                                layers=info.num_layers, hidden=info.hidden_size, experts=info.num_experts,
                                top_k=info.num_experts_per_tok), device=info.device or "unknown", levels=levels,
@@ -292,7 +308,8 @@ def _row(lv: dict) -> str:
             f"goodput {lv['goodput']:6.1f} req/s ({lv['goodput_fraction']:.0%})"
             + (f"  errors {lv['errors']}" if lv["errors"] else "")
             + (f"  spec: {lv['speculative']['mean_accepted_length']:.2f} tok/step, "
-               f"{lv['speculative']['acceptance_rate']:.0%} accepted" if "speculative" in lv else ""))
+               f"{lv['speculative']['acceptance_rate']:.0%} accepted" if "speculative" in lv else "")
+            + split_text(lv))
 
 
 def markdown_table(result: dict) -> str:

@@ -373,3 +373,22 @@ def test_200_concurrent_handoffs_with_cancels_lose_nothing_and_free_both_pools(p
 
     wait_until(lambda: _idle(pre_stubs) and _idle(dec_stubs), 30.0, "both servers idle with every KV block free",
                interval=0.2)
+
+
+@pytest.mark.parametrize("protocol", ["native", "vllm"])
+def test_bench_serve_drives_both_legs_and_splits_ttft(pd, tmp_path, protocol, capsys):
+    from moelink.benchmarks.serve_load import main
+
+    pre, dec, _, _ = pd
+    port = int(re.search(r"--metrics-port (\d+)", " ".join(dec.proc.args)).group(1))
+    out = tmp_path / "pd.json"
+    assert main(["--target", dec.addr, "--prefill-target", pre.addr, "--protocol", protocol,
+                 "--metrics-url", f"http://127.0.0.1:{port}/metrics", "--concurrency", "2", "--rates", "",
+                 "--num-requests", "6", "--input-len", "40", "--output-len", "4", "--out", str(out), "--no-plot"]) == 0
+    level = json.loads(out.read_text())["levels"][0]
+    split = level["ttft_split"]
+    assert level["completed"] == level["num_requests"] == 8 and split["handoffs"] == 8
+    assert split["loads"] == 8 and split["failed_loads"] == 0  # every decode leg loaded its prompt's KV
+    assert split["ttft_ms"] == pytest.approx(split["prefill_ms"] + split["transfer_ms"] + split["first_decode_ms"],
+                                             abs=0.01)
+    assert "= prefill" in capsys.readouterr().out
