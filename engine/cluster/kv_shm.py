@@ -31,7 +31,7 @@ def unix_socket_path(host: str, port: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"moelink-kv-{host}-{port}.sock")
 
 
-def _send_in_memfd(conn: socket.socket, saved: SavedKV) -> None:
+def _send_in_memfd(conn: socket.socket, saved: SavedKV, query: dict | None = None) -> None:
     rows = [t.contiguous() for _, ts in saved.groups for t in ts]
     size = sum(t.numel() for t in rows)
     fd = os.memfd_create("moelink-kv", os.MFD_CLOEXEC)

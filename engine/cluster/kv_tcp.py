@@ -30,7 +30,7 @@ MAX_CONNECTIONS = 64  # open at once; one past it is closed unanswered (its fetc
 
 
 class KVSocketServer:
-    """Serves `store` on a bound, listening socket until `close()` (module docstring); `reply(conn, saved)`
+    """Serves `store` on a bound, listening socket until `close()` (module docstring); `reply(conn, saved, query)`
     sends an ok reply (the TCP transport: header and bytes on the stream; shared memory: header and a memfd).
     `io_timeout_s`: the most a connection may stay silent mid-message."""
 
@@ -78,8 +78,9 @@ class KVSocketServer:
                     send_header(conn, {"ok": False, "error": refusal})
                     return
                 # Claimed before it is sent: if the send fails, the one decode request that wanted it recomputes.
-                self._reply(conn, saved)
-        except (OSError, KVFetchError) as exc:  # the client went away, or sent nonsense: its fetch fails there
+                self._reply(conn, saved, query)
+        except (OSError, RuntimeError, KVFetchError) as exc:  # the client went away (a collective transport's group
+        # reports that as RuntimeError), or sent nonsense: its fetch fails there
             logger.info("KV server: a connection ended early: %s", exc)
         finally:
             with self._lock:
@@ -117,8 +118,8 @@ class KVSocketServer:
             t.join(5.0)
 
 
-def TCPKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float = 30.0) -> KVSocketServer:
-    """A server of `store` on exactly (host, port)."""
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A stream socket bound to exactly (host, port) (not listening yet)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -126,7 +127,12 @@ def TCPKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float =
     except OSError as exc:
         sock.close()
         raise OSError(f"the KV server cannot listen on {host}:{port}: {exc}") from None
-    return KVSocketServer(store, sock, send_saved, io_timeout_s)
+    return sock
+
+
+def TCPKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float = 30.0) -> KVSocketServer:
+    """A server of `store` on exactly (host, port)."""
+    return KVSocketServer(store, bound_socket(host, port), send_saved, io_timeout_s)
 
 
 def tcp_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
@@ -149,4 +155,4 @@ def tcp_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int
         raise KVFetchError(f"fetching KV {shown(key)} from {host}:{port}: {exc}") from None
 
 
-__all__ = ["KVSocketServer", "TCPKVServer", "tcp_fetch"]
+__all__ = ["KVSocketServer", "TCPKVServer", "bound_socket", "tcp_fetch"]

@@ -10,8 +10,11 @@ save and load, the store's bounds, the background fetch and its deadline, writin
 - "shm" (engine/cluster/kv_shm.py): engines on one host; the same exchange over a Unix socket (mode 0600), the
   KV bytes in an anonymous shared-memory file whose descriptor travels with the reply.
 
-What another transport needs to be added here (NCCL or CUDA IPC
-between GPU ranks, NIXL/UCX for RDMA): `serve` returns an object with `close()` that makes the store's entries
+- "collective" (engine/cluster/kv_collective.py): the tcp exchange on its socket, the bytes over a
+  torch.distributed group of the two ranks: NCCL between GPU ranks, gloo on CPU.
+
+What another transport needs to be added here (CUDA IPC
+between GPU ranks on one node, NIXL/UCX for RDMA): `serve` returns an object with `close()` that makes the store's entries
 readable by key (a NIXL agent registers the host buffers, or the device blocks themselves, and publishes its
 metadata; the key then names remote descriptors), and `fetch` returns a `SavedKV` in this rank's layout or
 raises `KVFetchError` with the reason within the timeout. A transport that writes straight into the decode
@@ -70,7 +73,32 @@ class ShmTransport(TCPTransport):
         return shm_fetch(host, port, key, layout, token_ids, max_blocks, timeout_s)
 
 
-KV_TRANSPORTS = {"tcp": TCPTransport, "shm": ShmTransport}
+class CollectiveTransport(TCPTransport):
+    """The TCP exchange, the bytes over a torch.distributed pair group: NCCL on a CUDA rank, gloo on CPU
+    (engine/cluster/kv_collective.py). The device is the rank's: its current CUDA device when it has one."""
+
+    name = "collective"
+
+    @staticmethod
+    def _device():
+        import torch
+
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
+        from .kv_collective import CollectiveKVServer
+
+        return CollectiveKVServer(store, host, port, self.io_timeout_s, self._device())
+
+    def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
+              timeout_s: float) -> SavedKV:
+        from .kv_collective import collective_fetch
+
+        return collective_fetch(host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s, timeout_s,
+                                self._device())
+
+
+KV_TRANSPORTS = {"tcp": TCPTransport, "shm": ShmTransport, "collective": CollectiveTransport}
 
 
 def make_transport(name: str, connect_timeout_s: float, io_timeout_s: float) -> KVTransport:
@@ -78,4 +106,5 @@ def make_transport(name: str, connect_timeout_s: float, io_timeout_s: float) -> 
     return KV_TRANSPORTS[name](connect_timeout_s, io_timeout_s)
 
 
-__all__ = ["KVServer", "KVTransport", "KV_TRANSPORTS", "ShmTransport", "TCPTransport", "make_transport"]
+__all__ = ["CollectiveTransport", "KVServer", "KVTransport", "KV_TRANSPORTS", "ShmTransport", "TCPTransport",
+           "make_transport"]

@@ -99,7 +99,7 @@ def saved_header(saved: SavedKV) -> dict:
             "layout": layout_to_json(saved.layout), "groups": groups}
 
 
-def send_saved(sock: socket.socket, saved: SavedKV) -> None:
+def send_saved(sock: socket.socket, saved: SavedKV, query: dict | None = None) -> None:
     """The ok reply over a stream socket: the header, then each group's tensors' bytes."""
     send_header(sock, saved_header(saved))
     for _, rows in saved.groups:

@@ -148,3 +148,52 @@ def test_fetch_cut_off_midway_frees_the_blocks_and_recomputes(fault, tiny_model)
     finally:
         pre.kill() if pre.proc.poll() is None else None
         pre.close()
+
+
+def test_prefill_in_another_process_over_a_collective_group(tiny_model):
+    """The "collective" transport: the exchange on the TCP socket, the bytes over a gloo pair group (NCCL on GPU
+    ranks); the group is made by the first fetch and reused by the rest."""
+    from moelink.engine.cluster import kv_collective
+
+    path = tiny_model("qwen3_e6k3")
+    ps = prompts(200, seed=15, n=4, lo=5, hi=23)
+    want = one_engine(path, ps)
+    pre = PrefillProcess({"model": path, "port": free_port(), "prompts": ps, "llm": KW, "transport": "collective"})
+    try:
+        ready = pre.expect("ready", READY_S)
+        dec = Decoder(path, RemoteKVConfig(transport="collective"))
+        try:
+            dec.add(ps, decode_params(ready["params"]))
+            assert dec.run(len(ps)) == want
+            assert dec.worker.stats.num_loaded == len(ps) and dec.computed == len(ps) * MAX_NEW
+            assert dec.free_blocks()[0] == dec.free_blocks()[1]
+            assert len(kv_collective._client_pairs) == 1  # one pair group with that prefill rank, reused
+        finally:
+            dec.close()
+        closed = pre.close()
+        assert closed["store"]["num_served"] == len(ps) and closed["store"]["held"] == 0
+    finally:
+        pre.close()
+
+
+def test_collective_fetch_from_a_killed_prefill_process_recomputes(tiny_model):
+    from moelink.engine.cluster import kv_collective
+
+    path = tiny_model("qwen3_e6k3")
+    ps = prompts(200, seed=16, n=2, lo=6, hi=14)
+    want = one_engine(path, ps)
+    pre = PrefillProcess({"model": path, "port": free_port(), "prompts": ps, "llm": KW, "transport": "collective"})
+    try:
+        params = decode_params(pre.expect("ready", READY_S)["params"])
+        pre.kill()
+        dec = Decoder(path, RemoteKVConfig(transport="collective", fetch_timeout_s=20.0))
+        try:
+            dec.add(ps, params)
+            assert dec.run(len(ps)) == want
+            assert dec.worker.stats.num_failed == len(ps) and dec.worker.stats.num_loaded == 0
+            assert dec.free_blocks()[0] == dec.free_blocks()[1]
+            assert kv_collective._client_pairs.get(("127.0.0.1", params[0].kv_transfer_params.remote_port)) is None
+        finally:
+            dec.close()
+    finally:
+        pre.close()
