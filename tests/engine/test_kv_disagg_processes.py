@@ -158,7 +158,8 @@ def test_prefill_in_another_process_over_a_collective_group(tiny_model):
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=15, n=4, lo=5, hi=23)
     want = one_engine(path, ps)
-    pre = PrefillProcess({"model": path, "port": free_port(), "prompts": ps, "llm": KW, "transport": "collective"})
+    port = free_port()
+    pre = PrefillProcess({"model": path, "port": port, "prompts": ps, "llm": KW, "transport": "collective"})
     try:
         ready = pre.expect("ready", READY_S)
         dec = Decoder(path, RemoteKVConfig(transport="collective"))
@@ -167,7 +168,8 @@ def test_prefill_in_another_process_over_a_collective_group(tiny_model):
             assert dec.run(len(ps)) == want
             assert dec.worker.stats.num_loaded == len(ps) and dec.computed == len(ps) * MAX_NEW
             assert dec.free_blocks()[0] == dec.free_blocks()[1]
-            assert len(kv_collective._client_pairs) == 1  # one pair group with that prefill rank, reused
+            pair = kv_collective._client_pairs.get(("127.0.0.1", port))  # one group with that prefill rank, reused
+            assert pair is not None and pair.group is not None
         finally:
             dec.close()
         closed = pre.close()

@@ -25,7 +25,7 @@ def _stall_the_server() -> None:
 
     printing = threading.Lock()  # one line per stalled connection, never two interleaved
 
-    def send_saved(sock, saved):
+    def send_saved(sock, saved, query=None):
         from moelink.engine.cluster.kv_wire import layout_to_json, send_header
 
         groups = [[idx, [list(t.shape) for t in rows]] for idx, rows in saved.groups]
