@@ -5,11 +5,12 @@ transport (engine/cluster/kv_transport.py), beside a plain copy of the same byte
         [--transports tcp,shm] [--repeats 3] [--json PATH]
 
 Each row: the bytes of one request's prompt KV (every layer, bf16, in 16-token blocks: MLA's 576-wide latent
-for DeepSeek-V3, 4 KV heads x 128 x K and V for Qwen3-30B-A3B), the fetch time (connect, header and layout check,
-bytes, into fresh host tensors: what a decode rank's fetch thread does before the blocks are written), GB/s, and
-the ratio to a host memcpy of the same bytes measured in the same run. The planner's disaggregated serving
-reads `transport_gbps` from this JSON (planner/kv_handoff.py): moelink's transports today stage KV in host
-memory, so that is what a handoff costs until a device-to-device transport exists.
+for DeepSeek-V3, 4 KV heads x 128 x K and V for Qwen3-30B-A3B), the load time (what a decode rank's fetch thread
+does: connect, header and layout check, and the bytes, each layer written into the cache blocks as it arrives,
+engine/cluster/kv_arrival.py), GB/s of the load, and the ratio to a host memcpy of the same bytes measured in the
+same run (a clone: the memcpy into fresh memory, page faults included, as a transport's buffers are). The planner's
+disaggregated serving reads `transport_gbps` from this JSON (planner/kv_handoff.py): moelink's transports stage
+KV in host memory on the prefill side, so that is what a handoff costs until a device-to-device transport exists.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch
 
 from moelink.engine.cluster.kv_store import SavedKVStore
 from moelink.engine.cluster.kv_transport import KV_TRANSPORTS, make_transport
-from moelink.engine.rank.kv_transfer import SavedKV
+from moelink.engine.rank.kv_transfer import PagedKVBlocks, SavedKV
+from moelink.scheduler.outputs import KVTransfer
 
 BLOCK = 16
 # layers, then per layer the tensors' row width in bytes per token (bf16)
@@ -50,21 +52,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def time_fetch(transport_name: str, saved: SavedKV, repeats: int) -> float:
-    """Best of `repeats` fetches (seconds), each of a fresh store entry."""
+def cache_like(saved: SavedKV) -> tuple[PagedKVBlocks, KVTransfer]:
+    """A decode rank's cache for `saved`'s layout (twice the blocks; the request's at odd ids) and its load."""
+    nblocks = len(saved.groups[0][0])
+    caches = [tuple(torch.zeros((2 * nblocks,) + tuple(shape), dtype=getattr(torch, dt.removeprefix("torch.")))
+                    for dt, shape in tensors) for _, tensors in saved.layout]
+    kv = PagedKVBlocks(caches, None, BLOCK)
+    return kv, KVTransfer(0, "bench", [2 * i + 1 for i in range(nblocks)], saved.num_tokens)
+
+
+def time_load(transport_name: str, saved: SavedKV, repeats: int) -> float:
+    """Best of `repeats` loads (seconds), each of a fresh store entry: the fetch with every group written into
+    the cache blocks as it arrives, as a decode rank's fetch thread does (engine/cluster/kv_arrival.py)."""
     transport = make_transport(transport_name, 10.0, 600.0)
     store = SavedKVStore(600.0, 1 << 40)
     port = _free_port()
     server = transport.serve(store, "127.0.0.1", port)
+    kv, t = cache_like(saved)
     best = float("inf")
     try:
         nblocks = len(saved.groups[0][0])
         for i in range(repeats):
             store.put(f"k{i}", saved)
+            nbytes = [0]
+
+            def write(g, idx, rows):
+                kv.write_group(g, t, idx, rows)
+                nbytes[0] += sum(r.numel() for r in rows)
+
             t0 = time.perf_counter()
-            got = transport.fetch("127.0.0.1", port, f"k{i}", saved.layout, list(saved.token_ids), nblocks, 600.0)
+            transport.fetch("127.0.0.1", port, f"k{i}", saved.layout, list(saved.token_ids), nblocks, 600.0,
+                            torch.device("cpu"), on_group=write)
             best = min(best, time.perf_counter() - t0)
-            assert got.nbytes == saved.nbytes
+            assert nbytes[0] == saved.nbytes
     finally:
         server.close()
     return best
@@ -88,11 +108,11 @@ def run(shapes, tokens, transports, repeats) -> list[dict]:
             saved = saved_kv(shape, n)
             copy_s = time_memcpy(saved, repeats)
             for name in transports:
-                s = time_fetch(name, saved, repeats)
+                s = time_load(name, saved, repeats)
                 gb = saved.nbytes / 1e9
-                rows.append({"shape": shape, "tokens": n, "transport": name, "bytes": saved.nbytes, "fetch_s": s,
+                rows.append({"shape": shape, "tokens": n, "transport": name, "bytes": saved.nbytes, "load_s": s,
                              "transport_gbps": gb / s, "memcpy_gbps": gb / copy_s, "ratio_to_memcpy": copy_s / s})
-                print(f"{shape:>14} {n:>6} tok {saved.nbytes / 2**20:8.1f} MiB  {name:>4}: {s * 1e3:8.1f} ms "
+                print(f"{shape:>14} {n:>6} tok {saved.nbytes / 2**20:8.1f} MiB  {name:>10}: load {s * 1e3:7.1f} ms "
                       f"{gb / s:6.2f} GB/s  memcpy {gb / copy_s:6.2f} GB/s  ratio {copy_s / s:.3f}", flush=True)
     return rows
 

@@ -9,10 +9,10 @@ group operation with the fetch's deadline, and a group that failed once is dropp
 builds a new one), so a peer that dies mid-transfer costs that fetch (recomputed by the decode engine) and nothing
 else. At most MAX_PAIRS groups are kept per process, the least recently used dropped first.
 
-Where the bytes are: saved KV is in host memory today (the save copies the blocks out, engine/rank/kv_transfer.py),
-so with NCCL each tensor goes host -> device on the prefill rank, NCCL to the decode rank's device, and to the
-host buffer the connector writes from. Keeping saved KV on the device (no copy out, no copy back) is the next
-step for this transport; the exchange and the group lifetime stay as they are.
+Where the bytes are: saved KV is in host memory on the prefill rank (the save copies the blocks out, on a side
+stream, engine/rank/kv_transfer.py: its blocks are free for other requests at once), so with NCCL each tensor goes
+host -> device on the prefill rank and NCCL to the decode rank's device, where it is received and then copied
+into the request's blocks on the device: no host round trip on the decode side.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from moelink.engine.contract.safe_text import shown
 from ..rank.kv_transfer import SavedKV
 from .kv_store import SavedKVStore
 from .kv_tcp import KVSocketServer
-from .kv_wire import (VERSION, Deadline, KVFetchError, layout_to_json, recv_header, recv_saved, saved_header,
+from .kv_wire import (VERSION, Deadline, KVFetchError, Staging, layout_to_json, recv_header, recv_saved, saved_header,
                       send_header)
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,8 @@ def CollectiveKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: 
 
 
 def collective_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
-                     connect_timeout_s: float, timeout_s: float, device: torch.device | None = None) -> SavedKV:
+                     connect_timeout_s: float, timeout_s: float, device: torch.device | None = None,
+                     on_group=None) -> SavedKV:
     """The KV saved under `key` at (host, port), its bytes over this rank's pair group with that server;
     KVFetchError with the reason within `timeout_s`."""
     device = device or torch.device("cpu")
@@ -169,14 +170,23 @@ def collective_fetch(host: str, port: int, key: str, layout: tuple, token_ids: l
                     if pair.group is None:
                         pair.group = _make_group(dist.PrefixStore(pair.name, pair.store), 0, device, deadline.left())
 
-                    def fill(view: memoryview) -> None:
-                        host_buf = torch.frombuffer(view, dtype=torch.uint8)
-                        buf = host_buf if device.type == "cpu" else torch.empty_like(host_buf, device=device)
-                        _wait(pair.group.recv([buf], 1, 0), deadline, where)
-                        if buf is not host_buf:
-                            host_buf.copy_(buf)  # host sync: the connector writes the blocks from host memory
+                    staging = Staging(False, reuse=on_group is not None)
 
-                    return recv_saved(fill, reply, layout, max_blocks)
+                    def take(shape: tuple) -> torch.Tensor:
+                        # Received where the rows go next: on a GPU rank straight into device memory, which the
+                        # connector's write copies into the blocks on the device (no host round trip); on CPU
+                        # into host memory reused group after group (kv_wire.Staging).
+                        buf = (torch.empty(shape, dtype=torch.uint8, device=device) if device.type != "cpu"
+                               else staging(shape))
+                        if buf.numel():
+                            _wait(pair.group.recv([buf], 1, 0), deadline, where)
+                        return buf
+
+                    take.next_group = staging.next_group
+                    try:
+                        return recv_saved(take, reply, layout, max_blocks, len(token_ids), on_group)
+                    finally:
+                        staging.release()
                 except Exception:
                     _client_pairs.drop(peer)  # a group that failed once is rebuilt by the next fetch
                     raise

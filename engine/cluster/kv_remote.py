@@ -16,9 +16,11 @@ its prompt is computed; one that says `do_remote_prefill` loads its whole prompt
 computes only the last prompt token, for its logits), and the load carries where from (`RemoteSource`, in
 `KVTransfer.params`). Worker half (each rank): a save copies the blocks to host memory into the rank's bounded
 store (engine/cluster/kv_store.py: dropped once fetched, after `ttl_s`, or oldest first past
-`max_saved_bytes`), which the transport serves; a load fetches on a thread of its own (the step loop goes on),
-and the rank's next `poll` writes what arrived into the request's blocks, reserved by the scheduler since the
-load began, and reports it. Anything short of that (the prefill engine gone, mid-fetch or before; nothing under
+`max_saved_bytes`), which the transport serves; a load fetches on a thread of its own (the step loop goes on)
+that writes each layer's blocks as they arrive (engine/cluster/kv_arrival.py) into the request's blocks,
+reserved by the scheduler since the load began, and the rank's first `poll` after the last has landed reports it.
+A save's copy to host memory is asynchronous on a GPU (`PagedKVBlocks.read_async`, a side stream): the store
+announces its key at once and serves it when the poll that finds the copy done puts it there. Anything short of that (the prefill engine gone, mid-fetch or before; nothing under
 the key; another layout or other tokens; `fetch_timeout_s` passed) reports the load failed: the scheduler frees
 the blocks and recomputes the request. The reason is logged and kept (`WorkerKVStats.failures`).
 
@@ -34,14 +36,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
 from moelink.engine.contract.safe_text import shown
 from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
 
-from ..rank.kv_transfer import PagedKVBlocks, SavedKV
+from ..rank.kv_transfer import PagedKVBlocks, PendingRead
+from .kv_arrival import ArrivalWriter, LoadDropped, LoadWriteFailed
 from .kv_store import SavedKVStore
 from .kv_transport import KV_TRANSPORTS, make_transport
 from .kv_wire import KVFetchError
@@ -206,16 +207,28 @@ class RemoteWorkerSide:
         self.stats = WorkerKVStats()
         self._lock = threading.Lock()
         self._done: dict[int, bool] = {}
-        self._arrived: list[tuple[KVTransfer, PagedKVBlocks, SavedKV]] = []
+        self._written: list[tuple[KVTransfer, ArrivalWriter]] = []  # loads fully arrived, written or landing
+        self._writers: set[ArrivalWriter] = set()  # loads arriving now
+        self._write_lock = threading.Lock()  # held by a group's write and by drop_pending
+        self._saving: list[tuple[KVTransfer, PendingRead]] = []  # saves whose bytes are not in host memory yet
         self._fetches: set[threading.Thread] = set()
         # Bumped by drop_pending: a fetch started under an older generation is discarded when it arrives.
         self._generation = 0
 
-    # saves: copied to host memory now (the blocks are the scheduler's again after this step), served later
+    # saves: on their way to host memory from now (read_async: a side-stream copy on a GPU); stored and reported
+    # by the first poll that finds them there, so the blocks stay the scheduler's until the bytes are out.
     def start_save(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
-        self.store.put(t.req_id, kv.read(t))
+        self.store.expect(t.req_id)  # before the request's output can name the key to a decode engine
+        try:
+            pending = kv.read_async(t)
+        except (RuntimeError, ValueError) as exc:  # a copy that could not start (device memory): not saved
+            self.store.abandon(t.req_id)
+            logger.warning("KV save of request %s failed (a decode engine recomputes it): %s", shown(t.req_id), exc)
+            with self._lock:
+                self._done[t.transfer_id] = False
+            return
         with self._lock:
-            self._done[t.transfer_id] = True
+            self._saving.append((t, pending))
 
     # loads: fetched on a thread; written into the blocks by the next poll after they arrive
     def start_load(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
@@ -238,20 +251,32 @@ class RemoteWorkerSide:
             # Data-parallel attention: the KV is on the one prefill rank that computed it; ask each in turn.
             for port in range(src.port, src.port + src.num_ranks):
                 left = self.config.fetch_timeout_s - (time.monotonic() - t0)
+                writer = ArrivalWriter(t, kv, generation, lambda: self._generation, self._write_lock)
+                with self._lock:
+                    self._writers.add(writer)
                 try:
-                    saved = self.transport.fetch(src.host, port, src.key, kv.layout, want, max_blocks, left)
+                    # Each group is written into the blocks as it arrives (kv_arrival.py).
+                    self.transport.fetch(src.host, port, src.key, kv.layout, want, max_blocks, left, kv.device,
+                                         on_group=writer)
                 except KVFetchError as exc:
                     reasons.append(str(exc))
                     continue
+                finally:
+                    with self._lock:
+                        self._writers.discard(writer)
                 with self._lock:
                     if generation != self._generation:
                         return  # dropped (an elastic rewind): its blocks may be another request's by now
                     self.stats.fetch_s += time.monotonic() - t0
                     where = f"{src.host}:{port}"
                     self.stats.loaded_from[where] = self.stats.loaded_from.get(where, 0) + 1
-                    self._arrived.append((t, kv, saved))
+                    self._written.append((t, writer))
                 return
             self._fail(t, "; ".join(reasons), generation)
+        except LoadDropped:
+            return  # the scheduler awaits no report of it
+        except LoadWriteFailed as exc:
+            self._fail(t, str(exc), generation)
         except Exception as exc:  # a load must be reported whatever happens, or its request would wait for ever
             self._fail(t, f"unexpected error: {exc!r}", generation)
         finally:
@@ -269,19 +294,25 @@ class RemoteWorkerSide:
 
     def poll(self) -> dict[int, bool] | None:
         with self._lock:
-            arrived, self._arrived = self._arrived, []
-        for t, kv, saved in arrived:
-            try:
-                # The blocks are the transfer's alone (the scheduler holds them; no step reads them before this
-                # report). A host-to-device copy on a GPU rank.
-                with torch.inference_mode():
-                    kv.write(t, saved)
-            except (ValueError, RuntimeError) as exc:  # refused, or a copy that does not fit: failed, not raised
-                self._fail(t, str(exc))
-                continue
+            saving, self._saving = self._saving, []
+        ready = [(t, p) for t, p in saving if p.done()]  # event queries: no host sync
+        if len(ready) < len(saving):
+            with self._lock:
+                self._saving = [(t, p) for t, p in saving if not p.done()] + self._saving
+        for t, p in ready:
+            self.store.put(t.req_id, p.saved)
+            with self._lock:
+                self._done[t.transfer_id] = True
+        with self._lock:
+            written, self._written = self._written, []
+        landed = [(t, w) for t, w in written if w.done()]  # event queries on a GPU: no host sync
+        if len(landed) < len(written):
+            with self._lock:
+                self._written = [(t, w) for t, w in written if not w.done()] + self._written
+        for t, w in landed:
             with self._lock:
                 self.stats.num_loaded += 1
-                self.stats.bytes_loaded += saved.nbytes
+                self.stats.bytes_loaded += w.nbytes
                 self._done[t.transfer_id] = True
         self.store.expire()
         with self._lock:
@@ -290,12 +321,24 @@ class RemoteWorkerSide:
 
     def drop_pending(self) -> None:
         """Forget every load in flight and every report not polled yet: the scheduler counted them failed (an
-        elastic rewind), so a fetch that arrives later must not write blocks that may have gone to another request."""
-        with self._lock:
+        elastic rewind), so a fetch that arrives later must not write blocks that may have gone to another request,
+        and a save still copying may read blocks already rewritten: it is never stored."""
+        with self._write_lock, self._lock:  # no group is being written while the generation moves
             self._generation += 1
-            self._arrived, self._done = [], {}
+            writers = [w for _, w in self._written] + list(self._writers)
+            self._written, self._done = [], {}
+        for w in writers:  # the rank's next steps may reuse these blocks: after the copies already enqueued
+            w.fence()
+        self._abandon_saves()
+
+    def _abandon_saves(self) -> None:
+        with self._lock:
+            saving, self._saving = self._saving, []
+        for t, _ in saving:  # never put: a fetch waiting for it is answered at once
+            self.store.abandon(t.req_id)
 
     def close(self) -> None:
+        self._abandon_saves()
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -5,6 +5,11 @@ its own blocks at once, so what it holds for decode engines is this store, one p
 for ever: an entry goes when a decode engine fetches it (`take`), when it is older than `ttl_s` (a decode engine
 that never came), or, oldest first, when a new entry would put the store past `max_bytes`. Every way out is
 counted (`counters`), so a test or a metrics scrape sees where the entries went.
+
+A save's bytes may still be on their way from the device when its request's output (which names the key) reaches
+a decode engine (`PagedKVBlocks.read_async`: the copy overlaps the next steps). The rank announces the key
+first (`expect`, in the step that computes the prompt's last token, before the output exists), and a fetch of an
+announced key waits for its `put` (or `abandon`) within the fetch's own deadline (`peek(key, wait_s)`).
 """
 from __future__ import annotations
 
@@ -33,12 +38,31 @@ class SavedKVStore:
     def __init__(self, ttl_s: float, max_bytes: int, clock=time.monotonic) -> None:
         self.ttl_s, self.max_bytes, self._clock = ttl_s, max_bytes, clock
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._expected: dict[str, int] = {}  # key -> saves announced and not put or abandoned yet
         self._saved: OrderedDict[str, tuple[float, SavedKV]] = OrderedDict()  # oldest first
         self._bytes = 0
         self.counters = StoreCounters()
 
+    def expect(self, key: str) -> None:
+        """A save of `key` has begun: a fetch of it waits for its `put` or `abandon`."""
+        with self._lock:
+            self._expected[key] = self._expected.get(key, 0) + 1
+
+    def abandon(self, key: str) -> None:
+        """An announced save of `key` will not be put (it failed, or the rank is closing)."""
+        with self._lock:
+            self._settle(key)
+
+    def _settle(self, key: str) -> None:
+        n = self._expected.pop(key, 0) - 1
+        if n > 0:
+            self._expected[key] = n
+        self._arrived.notify_all()
+
     def put(self, key: str, saved: SavedKV) -> None:
         with self._lock:
+            self._settle(key)
             self._expire()
             old = self._saved.pop(key, None)
             if old is not None:
@@ -55,8 +79,11 @@ class SavedKVStore:
             self._bytes += saved.nbytes
             self.counters.num_saved += 1
 
-    def peek(self, key: str) -> SavedKV | None:
+    def peek(self, key: str, wait_s: float = 0.0) -> SavedKV | None:
+        """The entry under `key`, waiting up to `wait_s` for a save of it that has begun (`expect`)."""
         with self._lock:
+            if key in self._expected:
+                self._arrived.wait_for(lambda: key not in self._expected, wait_s)
             self._expire()
             entry = self._saved.get(key)
             return None if entry is None else entry[1]

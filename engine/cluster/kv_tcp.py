@@ -20,8 +20,8 @@ from moelink.engine.contract.safe_text import shown
 
 from ..rank.kv_transfer import SavedKV, layout_difference
 from .kv_store import SavedKVStore
-from .kv_wire import (VERSION, Deadline, KVFetchError, layout_from_json, layout_to_json, recv_exact_into,
-                      recv_header, recv_saved, send_header, send_saved)
+from .kv_wire import (VERSION, Deadline, KVFetchError, Staging, layout_from_json, layout_to_json, recv_header,
+                      recv_saved, send_header, send_saved, socket_take)
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class KVSocketServer:
         key = query.get("key")
         if query.get("v") != VERSION or not isinstance(key, str):
             return None, f"a fetch of protocol version {shown(query.get('v'))} (this server speaks {VERSION})"
-        saved = self.store.peek(key)
+        # A save still on its way from the device is waited for, as long as a silent peer would be.
+        saved = self.store.peek(key, self.io_timeout_s)
         if saved is None:
             return None, f"nothing saved under {shown(key)} (never saved here, fetched already, or expired)"
         diff = layout_difference(saved.layout, layout_from_json(query.get("layout", [])))
@@ -136,9 +137,11 @@ def TCPKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float =
 
 
 def tcp_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
-              connect_timeout_s: float, timeout_s: float) -> SavedKV:
-    """The KV saved under `key` on (host, port), for this rank's cache `layout`; KVFetchError (with the reason)
-    on anything short of all of it within `timeout_s`."""
+              connect_timeout_s: float, timeout_s: float, pin: bool = False, on_group=None) -> SavedKV:
+    """The KV saved under `key` on (host, port), for this rank's cache `layout`, received into host memory
+    (pinned when `pin`: it goes on to a GPU), each group handed to `on_group` as it arrives when one is given
+    (kv_wire.recv_saved); KVFetchError (with the reason) on anything short of all of it
+    within `timeout_s`."""
     deadline = Deadline(timeout_s, f"fetching KV {shown(key)} from {host}:{port}")
     try:
         with socket.create_connection((host, port), timeout=min(connect_timeout_s, deadline.left())) as sock:
@@ -148,7 +151,12 @@ def tcp_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int
             reply = recv_header(sock, deadline)
             if reply.get("ok") is not True:
                 raise KVFetchError(f"{host}:{port} refused: {reply.get('error', 'no reason given')}")
-            return recv_saved(lambda view: recv_exact_into(sock, view, deadline), reply, layout, max_blocks)
+            staging = Staging(pin, reuse=on_group is not None)
+            try:
+                return recv_saved(socket_take(sock, deadline, staging), reply, layout, max_blocks, len(token_ids),
+                                  on_group)
+            finally:
+                staging.release()
     except TimeoutError:
         raise KVFetchError(f"fetching KV {shown(key)} from {host}:{port}: timed out") from None
     except OSError as exc:

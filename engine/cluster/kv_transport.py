@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+
 from ..rank.kv_transfer import SavedKV
 from .kv_store import SavedKVStore
 from .kv_shm import ShmKVServer, shm_fetch
@@ -43,9 +45,11 @@ class KVTransport(Protocol):
     def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer: ...
 
     def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
-              timeout_s: float) -> SavedKV:
+              timeout_s: float, device: torch.device, on_group=None) -> SavedKV:
         """The KV saved under `key` for this rank's `layout` and `token_ids` (at most `max_blocks` blocks per
-        group); raises KVFetchError with the reason, always within `timeout_s`."""
+        group), its rows where they are best written from into a cache on `device` (pinned host memory, a shared
+        mapping, or `device` itself); with `on_group(g, idx, rows)` each group is handed over as it arrives and not
+        kept (kv_wire.recv_saved). Raises KVFetchError with the reason, always within `timeout_s`."""
 
 
 class TCPTransport:
@@ -58,8 +62,9 @@ class TCPTransport:
         return TCPKVServer(store, host, port, self.io_timeout_s)
 
     def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
-              timeout_s: float) -> SavedKV:
-        return tcp_fetch(host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s, timeout_s)
+              timeout_s: float, device: torch.device, on_group=None) -> SavedKV:
+        return tcp_fetch(host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s, timeout_s,
+                         pin=device.type == "cuda", on_group=on_group)
 
 
 class ShmTransport(TCPTransport):
@@ -69,20 +74,19 @@ class ShmTransport(TCPTransport):
         return ShmKVServer(store, host, port, self.io_timeout_s)
 
     def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
-              timeout_s: float) -> SavedKV:
-        return shm_fetch(host, port, key, layout, token_ids, max_blocks, timeout_s)
+              timeout_s: float, device: torch.device, on_group=None) -> SavedKV:
+        return shm_fetch(host, port, key, layout, token_ids, max_blocks, timeout_s, on_group)
 
 
 class CollectiveTransport(TCPTransport):
     """The TCP exchange, the bytes over a torch.distributed pair group: NCCL on a CUDA rank, gloo on CPU
-    (engine/cluster/kv_collective.py). The device is the rank's: its current CUDA device when it has one."""
+    (engine/cluster/kv_collective.py). A server's device is the rank's current CUDA device when it has one; a
+    fetch receives on the device of the cache it writes."""
 
     name = "collective"
 
     @staticmethod
     def _device():
-        import torch
-
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
@@ -91,11 +95,11 @@ class CollectiveTransport(TCPTransport):
         return CollectiveKVServer(store, host, port, self.io_timeout_s, self._device())
 
     def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
-              timeout_s: float) -> SavedKV:
+              timeout_s: float, device: torch.device, on_group=None) -> SavedKV:
         from .kv_collective import collective_fetch
 
         return collective_fetch(host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s, timeout_s,
-                                self._device())
+                                device, on_group)
 
 
 KV_TRANSPORTS = {"tcp": TCPTransport, "shm": ShmTransport, "collective": CollectiveTransport}

@@ -14,6 +14,7 @@ import json
 import math
 import socket
 import struct
+import threading
 import time
 
 import torch
@@ -107,10 +108,15 @@ def send_saved(sock: socket.socket, saved: SavedKV, query: dict | None = None) -
             sock.sendall(memoryview(t.contiguous().numpy()).cast("B"))
 
 
-def recv_saved(fill, header: dict, layout: tuple, max_blocks: int) -> SavedKV:
-    """The tensors an ok `header` announces, read into host memory by `fill(view)` (which fills a memoryview
-    with the next bytes: from the socket, or from shared memory); each shape checked against `layout` (this
-    rank's) and `max_blocks` (the blocks asked for) first."""
+def recv_saved(take, header: dict, layout: tuple, max_blocks: int, want_tokens: int = 0,
+               on_group=None) -> SavedKV:
+    """The tensors an ok `header` announces, each checked against `layout` (this rank's) and `max_blocks` (the
+    blocks asked for) before `take(shape)` is asked for it: `take` returns a uint8 tensor of that shape holding
+    the next bytes (`socket_take`: read from a socket into host memory; the shared-memory transport: a view of the
+    mapping, no copy; the collective transport: received on the rank's device). A reply of fewer than
+    `want_tokens` tokens is refused before any byte is read. With `on_group(g, idx, rows)`, each group is handed
+    over as soon as its bytes are in (the decode rank writes it into its blocks while the next group arrives) and
+    not kept: the SavedKV returned then holds no rows."""
     try:
         num_tokens, token_ids = int(header["num_tokens"]), tuple(int(x) for x in header["token_ids"])
         their_layout = layout_from_json(header["layout"])
@@ -120,6 +126,8 @@ def recv_saved(fill, header: dict, layout: tuple, max_blocks: int) -> SavedKV:
         raise KVFetchError(f"a malformed reply header: {exc!r}") from None
     if their_layout != layout or len(announced) != len(layout):
         raise KVFetchError("the reply's KV layout is not this rank's")
+    if num_tokens < want_tokens:
+        raise KVFetchError(f"a reply of {num_tokens} tokens' KV for {want_tokens} asked")
     groups = []
     for (idx, shapes), (_, tensors) in zip(announced, layout):
         if len(idx) > max_blocks or len(shapes) != len(tensors):
@@ -130,12 +138,92 @@ def recv_saved(fill, header: dict, layout: tuple, max_blocks: int) -> SavedKV:
             want = (len(idx),) + row_shape[:-1] + (row_shape[-1] * _itemsize(dtype),)
             if tuple(shape) != want:
                 raise KVFetchError(f"a reply tensor of shape {shape} for rows of {row_shape}")
-            buf_NX = torch.empty(shape, dtype=torch.uint8)
-            if math.prod(shape):
-                fill(memoryview(buf_NX.numpy()).cast("B"))
-            rows.append(buf_NX)
+            rows.append(take(want))
+        if on_group is not None:
+            on_group(len(groups), idx, tuple(rows))
+            rows = []
+            if hasattr(take, "next_group"):
+                take.next_group()  # written: the staging memory is free for the next group
         groups.append((idx, tuple(rows)))
     return SavedKV(num_tokens, token_ids, their_layout, groups)
+
+
+class Staging:
+    """Host memory that one fetch receives each group into, reused group after group: with the rows written into
+    the cache blocks as each group arrives (`recv_saved`'s `on_group`), a decode rank needs one layer's bytes at a
+    time, not the prompt's, and memory it has touched before (fresh pages fault on first touch: a fresh buffer per
+    fetch cost more than the copy on our CPU machines). Pinned when the rows go on to a GPU (`pin`): the write's
+    host-to-device copy then needs no staging of its own. Without `on_group` every row gets fresh memory (the
+    caller keeps them). Buffers come from, and go back to, a small per-process pool (`_POOL`)."""
+
+    def __init__(self, pin: bool, reuse: bool) -> None:
+        self.pin, self.reuse = pin, reuse
+        self._buf: torch.Tensor | None = None
+        self._used = 0
+
+    def __call__(self, shape: tuple) -> torch.Tensor:
+        n = math.prod(shape)
+        if not self.reuse:
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin)
+        if self._buf is None or self._used + n > self._buf.numel():
+            # Rows of one group must not move while the group is taken: a new buffer keeps the old one's rows
+            # alive through their views; it goes back to the pool when this fetch ends.
+            self.release()
+            self._buf = _POOL.get(max(n, 1 << 20), self.pin)
+        view = self._buf[self._used:self._used + n].view(shape)
+        self._used += n
+        return view
+
+    def next_group(self) -> None:
+        """The previous group's rows are written: their bytes may be reused."""
+        self._used = 0
+
+    def release(self) -> None:
+        if self._buf is not None:
+            _POOL.put(self._buf, self.pin)
+            self._buf = None
+        self._used = 0
+
+
+class _StagingPool:
+    """Free host buffers by pinnedness, at most `keep` of each kind kept (the largest); a cache, not state:
+    a buffer in use is never here."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._free: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+
+    def get(self, nbytes: int, pin: bool) -> torch.Tensor:
+        with self._lock:
+            free = self._free[pin]
+            fits = [i for i, b in enumerate(free) if b.numel() >= nbytes]
+            if fits:
+                return free.pop(min(fits, key=lambda i: free[i].numel()))
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+    def put(self, buf: torch.Tensor, pin: bool) -> None:
+        with self._lock:
+            free = self._free[pin]
+            free.append(buf)
+            free.sort(key=lambda b: -b.numel())
+            del free[self.keep:]
+
+
+_POOL = _StagingPool()
+
+
+def socket_take(sock: socket.socket, deadline: Deadline, staging: Staging):
+    """`recv_saved`'s `take` for a stream socket: each tensor read into `staging`."""
+
+    def take(shape: tuple) -> torch.Tensor:
+        buf = staging(shape)
+        if buf.numel():
+            recv_exact_into(sock, memoryview(buf.numpy()).cast("B"), deadline)
+        return buf
+
+    take.next_group = staging.next_group
+    return take
 
 
 def _itemsize(dtype: str) -> int:
@@ -146,4 +234,4 @@ def _itemsize(dtype: str) -> int:
 
 
 __all__ = ["Deadline", "KVFetchError", "layout_from_json", "layout_to_json", "recv_header", "recv_saved",
-           "saved_header", "send_header", "send_saved"]
+           "saved_header", "send_header", "send_saved", "socket_take", "Staging"]

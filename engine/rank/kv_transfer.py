@@ -45,6 +45,40 @@ class SavedKV:
         return sum(t.numel() for _, ts in self.groups for t in ts)
 
 
+_WIDE = (torch.int64, torch.int32, torch.int16)
+
+
+def _wide_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The widest integer type every uint8 tensor of `xs` can be viewed as (its last dim and storage offset
+    divisible): index_select / index_copy_ move elements one at a time, so moving 8-byte elements instead of bytes
+    is ~10x faster on a CPU (measured: 2.5 -> 25 GB/s for MLA block rows) and needs 8x fewer accesses on a GPU."""
+    for dt in _WIDE:
+        if all(x.shape[-1] % dt.itemsize == 0 and x.storage_offset() % dt.itemsize == 0 and x.stride(-1) == 1
+               for x in xs):
+            return dt
+    return torch.uint8
+
+
+def _gather(x: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
+    """Rows `ids_N` of cache tensor `x` as uint8 [N, B, ..., X bytes] (the saved form), gathered wide."""
+    u8 = x.view(torch.uint8)
+    return u8.view(_wide_dtype(u8)).index_select(0, ids_N).view(torch.uint8)
+
+
+class PendingRead:
+    """A `PagedKVBlocks.read_async` in flight: `saved` holds its bytes once `done()` (a CUDA event query, no
+    sync); `keep` holds the device tensors the copy reads until then."""
+
+    def __init__(self, saved: SavedKV, event=None, keep=()) -> None:
+        self.saved, self._event, self._keep = saved, event, keep
+
+    def done(self) -> bool:
+        if self._event is not None and not self._event.query():
+            return False
+        self._event, self._keep = None, ()
+        return True
+
+
 class PagedKVBlocks:
     """A rank's paged KV cache as block rows to copy (module docstring). `kv_caches`: the runner's per-layer
     tensor tuples; `kv_pairs`: its (full, sliding) layer pairs sharing tensors, or None."""
@@ -56,6 +90,8 @@ class PagedKVBlocks:
             self.groups = [g for full, sliding in kv_pairs for g in ((kv_caches[full], FULL),
                                                                      (kv_caches[sliding], SLIDING))]
         self.block_size = block_size
+        self.device = kv_caches[0][0].device if kv_caches else torch.device("cpu")
+        self._copy_stream = None  # CUDA: the side stream of read_async, made on first use
         # What a saved copy must match to be written here: per group its table kind, and per tensor its dtype
         # and the shape of one block row.
         self.layout = tuple((kind, tuple((str(t.dtype), tuple(t.shape[1:])) for t in tensors))
@@ -65,44 +101,87 @@ class PagedKVBlocks:
     def _table(t: KVTransfer, kind: str) -> list[int]:
         return t.block_ids if kind == FULL else t.sliding_block_ids
 
-    def read_group(self, g: int, t: KVTransfer) -> tuple[list[int], tuple[torch.Tensor, ...]]:
-        """Group g's blocks of `t` (entries from `first_block` on, NULL ones skipped) copied to host memory."""
-        tensors, kind = self.groups[g]
-        table = self._table(t, kind)
-        idx = [i for i in range(t.first_block, len(table)) if table[i] >= 0]
-        ids = torch.tensor([table[i] for i in idx], dtype=torch.long, device=tensors[0].device)
-        # Device-to-host sync on CUDA (a blocking copy): a network transport would copy into pinned buffers
-        # without blocking and report the transfer done once an event says so.
-        rows = tuple(x.view(torch.uint8).index_select(0, ids).to("cpu") for x in tensors)
-        return idx, rows
+    def _block_ids(self, t: KVTransfer, device: torch.device) -> dict[str, tuple[list[int], torch.Tensor]]:
+        """Per table kind, the entries of `t`'s table to copy (from `first_block` on, NULL ones skipped) and their
+        block ids as a device tensor: built once per kind, shared by every group that reads that table."""
+        out = {}
+        for _, kind in self.groups:
+            if kind not in out:
+                table = self._table(t, kind)
+                idx = [i for i in range(t.first_block, len(table)) if table[i] >= 0]
+                out[kind] = idx, torch.tensor([table[i] for i in idx], dtype=torch.long, device=device)
+        return out
 
     def read(self, t: KVTransfer) -> SavedKV:
-        return SavedKV(t.num_tokens, t.token_ids, self.layout, [self.read_group(g, t) for g in range(len(self.groups))])
+        """`t`'s blocks copied to host memory now. Device-to-host sync on CUDA (a blocking copy); `read_async`
+        is the non-blocking form."""
+        ids = self._block_ids(t, self.device)
+        groups = [(ids[kind][0], tuple(_gather(x, ids[kind][1]).to("cpu") for x in tensors))
+                  for tensors, kind in self.groups]
+        return SavedKV(t.num_tokens, t.token_ids, self.layout, groups)
 
-    def write_group(self, g: int, t: KVTransfer, saved: SavedKV) -> None:
-        """Group g's saved rows into the blocks `t` names (entries from `first_block` on; a saved entry whose
-        block here is NULL is skipped: no query reads it)."""
+    def read_async(self, t: KVTransfer) -> "PendingRead":
+        """`t`'s blocks on their way to host memory: on CUDA the rows are gathered on the device and copied into
+        pinned buffers on a side stream that first waits for the work enqueued so far (the step that wrote this
+        KV), so the copy overlaps the next steps' compute and the host never waits; `PendingRead.done()` says
+        when the bytes are there. The caller keeps the blocks until then (the scheduler holds them until the
+        save is reported). On CPU it is `read`, done at once."""
+        if self.device.type != "cuda":
+            return PendingRead(self.read(t))
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        stream = self._copy_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        keep, groups = [], []
+        with torch.cuda.stream(stream):
+            ids = self._block_ids(t, self.device)
+            for tensors, kind in self.groups:
+                idx, ids_N = ids[kind]
+                rows = []
+                for x in tensors:
+                    dev_rows = _gather(x, ids_N)
+                    host_rows = torch.empty(dev_rows.shape, dtype=torch.uint8, pin_memory=True)
+                    host_rows.copy_(dev_rows, non_blocking=True)
+                    keep.append(dev_rows)  # freed once the copy is done (PendingRead.done)
+                    rows.append(host_rows)
+                groups.append((idx, tuple(rows)))
+            keep.extend(i for _, i in ids.values())
+            event = torch.cuda.Event()
+            event.record(stream)
+        return PendingRead(SavedKV(t.num_tokens, t.token_ids, self.layout, groups), event, keep)
+
+    def write_group(self, g: int, t: KVTransfer, idx: list[int], rows: tuple[torch.Tensor, ...]) -> None:
+        """Group g's rows (`idx`: the entries of the request's table they are of) into the blocks `t` names
+        (entries from `first_block` on; an entry whose block here is NULL is skipped: no query reads it). The rows
+        may be in host memory (pinned where the transport pinned them: the copy does not block the host), a
+        shared mapping, or on this device (a collective transport received them there); the copy is enqueued on
+        the current stream."""
         tensors, kind = self.groups[g]
         table = self._table(t, kind)
-        idx, rows = saved.groups[g]
         keep = [j for j, i in enumerate(idx) if t.first_block <= i < len(table) and table[i] >= 0]
         if not keep:
             return
         dev = tensors[0].device
         ids = torch.tensor([table[idx[j]] for j in keep], dtype=torch.long, device=dev)
-        sel = torch.tensor(keep, dtype=torch.long)
+        sel = None if len(keep) == len(idx) else torch.tensor(keep, dtype=torch.long, device=rows[0].device)
         for x, r in zip(tensors, rows):
-            x.view(torch.uint8).index_copy_(0, ids, r.index_select(0, sel).to(dev))
+            r = (r if sel is None else r.index_select(0, sel)).to(dev, non_blocking=True)
+            dt = _wide_dtype(x.view(torch.uint8), r)
+            x.view(torch.uint8).view(dt).index_copy_(0, ids, r.view(dt))
+
+    def check_fits(self, t: KVTransfer, layout: tuple, num_tokens: int) -> None:
+        """ValueError unless KV of `layout` for `num_tokens` tokens can be written at `t`'s blocks."""
+        diff = layout_difference(layout, self.layout)
+        if diff is not None:
+            raise ValueError(f"request {t.req_id!r}: the saved KV has another layout than this rank's cache: {diff}.")
+        if num_tokens < t.num_tokens:
+            raise ValueError(f"request {t.req_id!r}: {num_tokens} tokens saved, {t.num_tokens} to load.")
 
     def write(self, t: KVTransfer, saved: SavedKV) -> None:
         """Copy `saved` into this cache at `t`'s blocks; ValueError when it cannot hold it."""
-        diff = layout_difference(saved.layout, self.layout)
-        if diff is not None:
-            raise ValueError(f"request {t.req_id!r}: the saved KV has another layout than this rank's cache: {diff}.")
-        if saved.num_tokens < t.num_tokens:
-            raise ValueError(f"request {t.req_id!r}: {saved.num_tokens} tokens saved, {t.num_tokens} to load.")
-        for g in range(len(self.groups)):
-            self.write_group(g, t, saved)
+        self.check_fits(t, saved.layout, saved.num_tokens)
+        for g, (idx, rows) in enumerate(saved.groups):
+            self.write_group(g, t, idx, rows)
 
 
 def layout_difference(theirs: tuple, ours: tuple) -> str | None:
@@ -160,4 +239,4 @@ def start_transfers(connector: "WorkerKVConnector | None", transfers, blocks: "P
         (connector.start_save if saves else connector.start_load)(t, blocks)
 
 
-__all__ = ["FULL", "SLIDING", "PagedKVBlocks", "SavedKV", "WorkerKVConnector", "layout_difference", "start_transfers"]
+__all__ = ["FULL", "SLIDING", "PagedKVBlocks", "PendingRead", "SavedKV", "WorkerKVConnector", "layout_difference", "start_transfers"]

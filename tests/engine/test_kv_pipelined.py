@@ -1,0 +1,174 @@
+"""The remote connector's asynchronous save and its layer-pipelined load (engine/cluster/kv_arrival.py,
+engine/rank/kv_transfer.py's read_async and wide copies, kv_wire.Staging): a save whose bytes are still on their
+way is announced and served once they are there; a load writes each group into the blocks as it arrives, from
+memory reused group after group; a rewind while a load arrives writes nothing more."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from moelink.engine.cluster.kv_arrival import ArrivalWriter, LoadDropped
+from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteSource, RemoteWorkerSide
+from moelink.engine.cluster.kv_store import SavedKVStore
+from moelink.engine.cluster.kv_transport import make_transport
+from moelink.engine.cluster.kv_wire import KVFetchError
+from moelink.engine.rank.kv_transfer import PagedKVBlocks, PendingRead, SavedKV
+from moelink.scheduler.outputs import KVTransfer
+
+from tests.helpers.net import free_port
+
+
+def _cache(num_layers: int, width: int, dtype=torch.float32, blocks: int = 6):
+    """Per layer (k, v) [blocks, B=4, 2 heads, width], random."""
+    g = torch.Generator().manual_seed(width)
+    return [tuple(torch.randn(blocks, 4, 2, width, generator=g).to(dtype) for _ in range(2)) for _ in range(num_layers)]
+
+
+@pytest.mark.parametrize("width,dtype", [(8, torch.float32), (3, torch.float16), (5, torch.uint8),
+                                         (6, torch.bfloat16)])
+def test_block_rows_round_trip_at_every_element_width(width, dtype):
+    """Rows are gathered and written as the widest integers their byte width allows (8, 4, 2 or 1 bytes):
+    the bytes land exactly, at any row width and dtype, only in the blocks named."""
+    src = _cache(2, width, dtype)
+    if dtype == torch.uint8:
+        src = [tuple((x * 40).to(torch.uint8) for x in layer) for layer in _cache(2, width)]
+    dst = [tuple(torch.zeros_like(x) for x in layer) for layer in src]
+    read_t = KVTransfer(1, "r", [4, 1, 2], 12, token_ids=tuple(range(12)))
+    saved = PagedKVBlocks(src, None, 4).read_async(read_t)
+    assert saved.done()
+    write_t = KVTransfer(2, "r", [0, 5, 3], 12)
+    PagedKVBlocks(dst, None, 4).write(write_t, saved.saved)
+    for s_layer, d_layer in zip(src, dst):
+        for s, d in zip(s_layer, d_layer):
+            assert torch.equal(d[[0, 5, 3]].view(torch.uint8), s[[4, 1, 2]].view(torch.uint8))
+            assert not d[[1, 2, 4]].view(torch.uint8).any()
+
+
+def test_a_fetch_waits_for_a_save_that_has_begun_and_not_for_one_abandoned():
+    """A request's output can name its key before the async save's bytes are in the store: the server waits for
+    the announced save (within its own silence limit), and answers at once when the save is abandoned."""
+    port = free_port()
+    store = SavedKVStore(60.0, 1 << 30)
+    transport = make_transport("tcp", 2.0, 10.0)
+    server = transport.serve(store, "127.0.0.1", port)
+    src = _cache(1, 8)
+    saved = PagedKVBlocks(src, None, 4).read(KVTransfer(1, "k", [0, 1], 6, token_ids=tuple(range(6))))
+    try:
+        store.expect("k")
+        threading.Timer(0.5, store.put, ("k", saved)).start()
+        t0 = time.monotonic()
+        got = transport.fetch("127.0.0.1", port, "k", saved.layout, list(range(6)), 2, 10.0, torch.device("cpu"))
+        assert time.monotonic() - t0 >= 0.4 and got.nbytes == saved.nbytes
+        store.expect("gone")
+        threading.Timer(0.3, store.abandon, ("gone",)).start()
+        t0 = time.monotonic()
+        with pytest.raises(KVFetchError, match="nothing saved under 'gone'"):
+            transport.fetch("127.0.0.1", port, "gone", saved.layout, list(range(6)), 2, 10.0, torch.device("cpu"))
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        server.close()
+
+
+class _SlowRead:
+    """A PagedKVBlocks whose read_async finishes when the test says (a GPU copy still in flight)."""
+
+    def __init__(self, blocks: PagedKVBlocks) -> None:
+        self.blocks, self.finished = blocks, False
+
+    def read_async(self, t):
+        pending = PendingRead(self.blocks.read(t))
+        outer = self
+        pending.done = lambda: outer.finished
+        return pending
+
+
+def test_an_async_save_is_stored_and_reported_by_the_poll_that_finds_it_done():
+    side = RemoteWorkerSide(RemoteKVConfig(port=free_port()), 0)
+    try:
+        slow = _SlowRead(PagedKVBlocks(_cache(2, 8), None, 4))
+        t = KVTransfer(7, "req", [0, 1], 6, token_ids=tuple(range(6)))
+        side.start_save(t, slow)
+        assert side.poll() is None and len(side.store) == 0  # bytes not there yet: the blocks stay held
+        slow.finished = True
+        assert side.poll() == {7: True} and side.store.peek("req").nbytes == 2 * 2 * 2 * 4 * 2 * 8 * 4
+    finally:
+        side.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm", "collective"])
+def test_a_load_writes_each_group_as_it_arrives_from_reused_memory(transport):
+    """Every transport hands the groups over in order; tcp and shm receive each into the same host memory
+    (one layer's bytes held at a time), and the blocks end up exactly the prefill rank's."""
+    port = free_port()
+    tr = make_transport(transport, 5.0, 20.0)
+    store = SavedKVStore(60.0, 1 << 30)
+    server = tr.serve(store, "127.0.0.1", port)
+    src = _cache(3, 8)
+    saved = PagedKVBlocks(src, None, 4).read(KVTransfer(1, "k", [2, 3, 4], 10, token_ids=tuple(range(10))))
+    dst = [tuple(torch.zeros_like(x) for x in layer) for layer in src]
+    blocks = PagedKVBlocks(dst, None, 4)
+    load = KVTransfer(2, "k", [1, 0, 5], 10)
+    seen = []
+
+    def on_group(g, idx, rows):
+        seen.append((g, rows[0].data_ptr()))
+        blocks.write_group(g, load, idx, rows)
+
+    try:
+        store.put("k", saved)
+        got = tr.fetch("127.0.0.1", port, "k", blocks.layout, list(range(10)), 3, 20.0, torch.device("cpu"),
+                       on_group=on_group)
+        assert [g for g, _ in seen] == [0, 1, 2] and got.nbytes == 0  # handed over, not kept
+        if transport != "collective":
+            assert len({p for _, p in seen}) == 1  # the same staging memory each group
+        for s_layer, d_layer in zip(src, dst):
+            for s, d in zip(s_layer, d_layer):
+                assert torch.equal(d[[1, 0, 5]], s[[2, 3, 4]])
+    finally:
+        server.close()
+
+
+def test_a_rewind_while_a_load_arrives_stops_its_writes():
+    """drop_pending moves the generation under the write lock: a group arriving after it raises LoadDropped
+    and writes nothing."""
+    dst = _cache(2, 8)
+    before = [tuple(x.clone() for x in layer) for layer in dst]
+    blocks = PagedKVBlocks(dst, None, 4)
+    generation = [0]
+    lock = threading.Lock()
+    writer = ArrivalWriter(KVTransfer(1, "r", [0], 4), blocks, 0, lambda: generation[0], lock)
+    rows = tuple(torch.ones(1, 4, 2, 32, dtype=torch.uint8) for _ in range(2))
+    writer(0, [0], rows)
+    assert writer.nbytes == 512 and writer.done()
+    with lock:
+        generation[0] += 1
+    with pytest.raises(LoadDropped):
+        writer(1, [0], rows)
+    assert torch.equal(dst[1][0], before[1][0]) and not torch.equal(dst[0][0], before[0][0])
+
+
+def test_the_remote_side_loads_from_a_prefill_rank_end_to_end():
+    """The worker halves of both roles over tcp: save (async form, done at once on CPU), then a load written on
+    arrival and reported by the next poll, bytes exact."""
+    port = free_port()
+    prefill = RemoteWorkerSide(RemoteKVConfig(port=port), 0)
+    decode = RemoteWorkerSide(RemoteKVConfig(fetch_timeout_s=10.0), 0)
+    try:
+        src = _cache(2, 8)
+        prefill.start_save(KVTransfer(1, "req", [3, 1], 8, token_ids=tuple(range(8))), PagedKVBlocks(src, None, 4))
+        assert prefill.poll() == {1: True}
+        dst = [tuple(torch.zeros_like(x) for x in layer) for layer in src]
+        t = KVTransfer(5, "req", [2, 4], 8, params=RemoteSource("127.0.0.1", port, 1, "req", tuple(range(8))))
+        decode.start_load(t, PagedKVBlocks(dst, None, 4))
+        for th in list(decode._fetches):
+            th.join(10)
+        assert decode.poll() == {5: True} and decode.stats.bytes_loaded == 2 * 2 * 2 * 4 * 2 * 8 * 4
+        for s_layer, d_layer in zip(src, dst):
+            for s, d in zip(s_layer, d_layer):
+                assert torch.equal(d[[2, 4]], s[[3, 1]])
+    finally:
+        prefill.close()
+        decode.close()
