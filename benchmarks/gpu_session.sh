@@ -30,6 +30,9 @@
 #   spec [--model qwen3-30b-a3b|deepseek-v2-lite]
 #                          spec_decode: the oracle drafter (p 0, 0.8; k 2) vs plain decoding at batch 1/4/16
 #                          on a full-size shape with random weights (verify graphs beside decode graphs)
+#   kv-transfer [--quick]  kv_transfer_engines: a prefill process saves a prompt's KV (side-stream copy out), this
+#                          one loads it (each layer written as it arrives) over tcp, shm and collective (NCCL),
+#                          beside a device copy of the same bytes (issue 30; DeepSeek-V3 MLA and Qwen3 GQA KV)
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   plan                   every device command of a full session, in order, with its budget
@@ -609,6 +612,25 @@ step_mla_fp8_kv() {
     --out "$OUT/mla_fp8_kv_${DEV}_e2e${tag}.json"
 }
 
+# kv-transfer: no Triton kernel; each handoff starts a spawned prefill process (CUDA context ~15 s) per transport
+# and shape x tokens (3 x 2 x 2 full, 3 x 2 x 1 quick).
+step_kv_transfer() {
+  local args=() run=480 a
+  for a in "$@"; do
+    case "$a" in
+      --quick) args=(--tokens 1024 --repeats 2); run=240 ;;
+      *) echo "kv-transfer: unknown argument '$a' (--quick)" >&2; exit 2 ;;
+    esac
+  done
+  if [[ $MODE == cpu-smoke ]]; then
+    cmd kv_transfer 0 0 0 120 -- "$PY" -m moelink.benchmarks.kv_transfer_engines --device cpu --shape deepseek-v3 \
+      --tokens 64 --repeats 1 --json "$OUT/kv_transfer_engines_cpu_smoke.json"
+    return 0
+  fi
+  cmd kv_transfer 0 0 0 "$run" -- "$PY" -m moelink.benchmarks.kv_transfer_engines --device cuda "${args[@]}" \
+    --json "$OUT/kv_transfer_engines_${DEV}.json"
+}
+
 # compile-report: every kernel at every default/tuned/published config, compiled for sm_90 offline
 # (compile counts: ~150 GEMM + ~60 other, measured 2026-11-22; no GPU needed, so it runs anywhere).
 step_compile_report() {
@@ -662,6 +684,7 @@ step_plan() {  # the full session, one device command per line, with budgets (dr
   for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
   steps+=("mla-fp8-kv")
   for s in "${E2E_MODELS[@]}"; do steps+=("spec --model $s"); done
+  steps+=("kv-transfer")
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -716,9 +739,9 @@ case "$STEP" in
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|decode|e2e|mla-fp8-kv|spec|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,35p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, decode, e2e, mla-fp8-kv, spec, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|decode|e2e|mla-fp8-kv|spec|kv-transfer|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,38p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -740,6 +763,7 @@ case "$STEP" in
   e2e) step_e2e "$@" ;;
   mla-fp8-kv) step_mla_fp8_kv "$@" ;;
   spec) step_spec "$@" ;;
+  kv-transfer) step_kv_transfer "$@" ;;
   compile-report) step_compile_report ;;
   all)
     step_tests_kernels; step_tests_engine
@@ -751,7 +775,8 @@ case "$STEP" in
     step_moe_mxfp4 "$@"
     for s in "${E2E_MODELS[@]}"; do step_e2e --model "$s"; step_e2e --model "$s" --dtype fp8; step_e2e --serve --model "$s"; done
     step_mla_fp8_kv
-    for s in "${E2E_MODELS[@]}"; do step_spec --model "$s"; done ;;
+    for s in "${E2E_MODELS[@]}"; do step_spec --model "$s"; done
+    step_kv_transfer ;;
 esac
 [[ $STEP != all && $STEP != tests ]] && finish_step
 exit "$STATUS"

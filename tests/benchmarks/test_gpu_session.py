@@ -41,7 +41,7 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + ["moe-mxfp4", "moe-mxfp4 --quick"]
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
-         + ["mla-fp8-kv", "mla-fp8-kv --quick"])
+         + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick"])
 E2E_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite")
 
 
@@ -71,6 +71,17 @@ def module_help(module: str) -> str:
 
 def test_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
+
+
+def test_cpu_smoke_kv_transfer_step_hands_kv_between_two_processes(tmp_path):
+    """A spawned prefill process saves, this one loads over every transport: one row each, one JSON."""
+    proc = session("--cpu-smoke", "kv-transfer", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    (f,) = tmp_path.iterdir()
+    rows = json.loads(f.read_text())["rows"]
+    assert sorted(r["transport"] for r in rows) == ["collective", "shm", "tcp"]
+    assert all(r["bytes"] == 61 * 4 * 16 * 576 * 2 and r["load_gbps"] > 0 and r["save_s"] > 0 for r in rows)
 
 
 @pytest.mark.slow
@@ -140,7 +151,7 @@ def test_plan_lists_one_device_command_per_step():
                                     + [f"moe-fp8 {s}" for s in FP8_SHAPES] + ["moe-mxfp4"]
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
-                                    + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS])
+                                    + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"total {sum(int(b) for _, b, _ in rows)} s" in proc.stdout
 

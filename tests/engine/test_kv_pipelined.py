@@ -172,3 +172,31 @@ def test_the_remote_side_loads_from_a_prefill_rank_end_to_end():
     finally:
         prefill.close()
         decode.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_save_copies_on_a_side_stream_and_the_load_lands_exactly():
+    """read_async gathers and copies to pinned memory on its own stream, after the work already enqueued on the
+    rank's stream (a kernel that writes the cache just before); the arrival writer copies back on its stream."""
+    src = [tuple(torch.zeros(64, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)) for _ in range(4)]
+    for layer in src:
+        for x in layer:
+            x.normal_()  # enqueued on the current stream: the side stream must wait for it
+    t = KVTransfer(1, "r", list(range(5, 37)), 512, token_ids=tuple(range(512)))
+    pending = PagedKVBlocks(src, None, 16).read_async(t)
+    while not pending.done():
+        time.sleep(0.0005)
+    saved = pending.saved
+    assert all(r.is_pinned() for _, rows in saved.groups for r in rows)
+    dst = [tuple(torch.zeros_like(x) for x in layer) for layer in src]
+    blocks = PagedKVBlocks(dst, None, 16)
+    load = KVTransfer(2, "r", list(range(32, 64)), 512)
+    writer = ArrivalWriter(load, blocks, 0, lambda: 0, threading.Lock())
+    for g, (idx, rows) in enumerate(saved.groups):
+        writer(g, idx, rows)
+    while not writer.done():
+        time.sleep(0.0005)
+    for s_layer, d_layer in zip(src, dst):
+        for s, d in zip(s_layer, d_layer):
+            assert torch.equal(d[32:64], s[5:37])
