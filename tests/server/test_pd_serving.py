@@ -14,6 +14,7 @@ import json
 import re
 import signal
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -312,6 +313,42 @@ def test_decode_server_killed_mid_stream_ends_the_client_stream_with_an_error(mo
     finally:
         dec.kill()
         dec.close()
+        proc.kill()
+        proc.wait(10)
+
+
+def test_prefill_server_gone_ends_the_request_through_smg_with_a_reason_and_leaves_decode_idle(model_path, pd):
+    """The prefill pool's only server dies: a client's request through smg's PD mode ends with an error it can
+    read, within the client's deadline (never a hang), and the decode server holds nothing for it."""
+    _, dec, _, dec_stubs = pd
+    pre = _start(model_path, "--role", "prefill", "--kv-port", str(free_port()))
+    exe = smg_executable()
+    if exe is None:
+        pre.kill()
+        pre.close()
+        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
+         "--prometheus-port", str(metrics_port), "--pd-disaggregation", "--prefill", f"grpc://{pre.addr}",
+         "--decode", f"grpc://{dec.addr}", "--model-path", model_path, "--log-level", "warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_models(port, proc, "/dev/null")
+        pre.kill()  # SIGKILL: the prefill leg's connection is refused from now on
+        t0 = time.monotonic()
+        status, raw = http_request(port, "POST", "/v1/completions",
+                                   dict(model="tiny-moe", prompt="a story " * 8, max_tokens=16, temperature=0.0),
+                                   timeout=60)
+        assert time.monotonic() - t0 < 60
+        assert status >= 400 and raw, (status, raw)  # an error the client can read, not an empty 200
+        deadline = time.monotonic() + 10
+        while not _idle(dec_stubs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _idle(dec_stubs)
+    finally:
+        pre.kill()
+        pre.close()
         proc.kill()
         proc.wait(10)
 
