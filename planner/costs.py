@@ -56,7 +56,7 @@ def cost_summary(inp, best_decode: dict | None, prefill_tps: float | None, hando
                 "note": "mixed serving: prompts are processed on the same GPUs, priced into output tokens"}
     pre_s, dec_s = request_gpu_seconds(inp.input_len, inp.output_len, prefill_tps, dec_tps, inp.prefix_hit)
     if handoff is not None:
-        pre_s, dec_s = pre_s + handoff.save_s, dec_s + handoff.load_s
+        pre_s, dec_s = pre_s + handoff.gather_s, dec_s + handoff.gather_s  # the copies run beside the steps
     per_request = (pre_s + dec_s) / inp.utilization * price / 3600.0
     return {**out,
             "usd_per_m_output": usd_per_million(dec_tps, price, inp.utilization),

@@ -237,7 +237,8 @@ def plan(inp: PlanInputs, eff: Efficiency | None = None) -> dict:
     best_pre = max(pre_rows, key=lambda r: r["prefill_tokens_per_s_per_gpu"]) if pre_rows else None
     handoff = None
     if inp.serving == "disaggregated":
-        handoff = handoff_cost(model.num_layers * kv_bytes_per_token_layer(model, setup.precision), inp.input_len, hw)
+        handoff = handoff_cost(model.num_layers * kv_bytes_per_token_layer(model, setup.precision), inp.input_len, hw,
+                               num_layers=model.num_layers)
     return {
         "model": model.name, "hardware": hw.name, "hardware_description": hw.description,
         "inputs": {"ep": inp.ep, "batch_per_rank": inp.batch_per_rank, "input_len": inp.input_len,

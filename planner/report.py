@@ -92,10 +92,11 @@ def format_handoff(res: dict) -> list[str]:
     h = res.get("kv_handoff")
     if not h:
         return []
-    return [f"KV handoff: {h['bytes_per_request'] / 2**20:,.1f} MiB per request; save {h['save_ms']:.1f} ms + wire "
-            f"{h['wire_ms']:.1f} ms ({h['transport_gbps']:.2f} GB/s: {h['transport_source']}) + load "
-            f"{h['load_ms']:.1f} ms; a device-to-device transport over {h['link']} would take "
-            f"{h['device_to_device_at_link_ms']:.1f} ms",
+    return [f"KV handoff: {h['bytes_per_request'] / 2**20:,.1f} MiB per request; save {h['save_ms']:.1f} ms, wire "
+            f"{h['wire_ms']:.1f} ms ({h['transport_gbps']:.2f} GB/s: {h['transport_source']}) with the load "
+            f"({h['load_ms']:.1f} ms) pipelined behind it layer by layer: {h['ttft_added_ms']:.1f} ms; "
+            f"{h['gpu_gather_ms']:.2f} ms of GPU time per side (the copies run beside the steps); a "
+            f"device-to-device transport over {h['link']} would take {h['device_to_device_at_link_ms']:.1f} ms",
             f"  TTFT ~ {h['ttft_ms']:,.0f} ms = prefill chunk {h['ttft_prefill_ms']:,.0f} + handoff "
             f"{h['ttft_added_ms']:.0f} + first decode {h['ttft_first_decode_ms']:.0f} "
             f"(handoff {h['handoff_share_of_ttft']:.1%})"]

@@ -151,10 +151,11 @@ def test_cost_block_price_utilization_and_prefix_hits():
     assert c["gpu_hour_usd"] == 2.3 and "assumed" in c["price_source"]
     assert c["usd_per_m_output"] == pytest.approx(2.3 / 3600 / dec * 1e6)
     assert c["usd_per_m_input"] == pytest.approx(2.3 / 3600 / pre * 1e6)
-    # the KV handoff's device-host copies hold each side's GPU (planner/kv_handoff.py)
+    # the KV handoff's gather and scatter of block rows hold each side's SMs; its copies run beside the steps
+    # (planner/kv_handoff.py)
     h = base["kv_handoff"]
-    assert c["prefill_to_decode_gpus"] == pytest.approx((2000 / pre + h["save_ms"] / 1e3) /
-                                                        (1000 / dec + h["load_ms"] / 1e3))
+    assert c["prefill_to_decode_gpus"] == pytest.approx((2000 / pre + h["gpu_gather_ms"] / 1e3) /
+                                                        (1000 / dec + h["gpu_gather_ms"] / 1e3))
     # Price and utilization scale the dollars, not the throughput.
     dear = plan(_inp("h200-hgx", batch_per_rank=32, gpu_hour_usd=4.6, utilization=0.5))["cost"]
     assert dear["usd_per_m_output"] == pytest.approx(4 * c["usd_per_m_output"])

@@ -27,6 +27,11 @@ def test_deepseek_v3_handoff_bytes_by_hand_and_the_measured_rate():
     assert h["wire_ms"] == pytest.approx(1.0 + h["bytes_per_request"] / min(gbps * 1e9, 50e9 * 0.8) * 1e3, rel=0.05)
     assert h["link"] == "ib-ndr-400"  # HGX pools are on different nodes
     assert h["ttft_ms"] == pytest.approx(h["ttft_prefill_ms"] + h["ttft_added_ms"] + h["ttft_first_decode_ms"])
+    # the save, then the wire with each layer's load behind it: the last of 61 layers lands after the wire
+    assert h["ttft_added_ms"] == pytest.approx(h["save_ms"] + max(h["wire_ms"], h["load_ms"]) + h["load_ms"] / 61)
+    # GPU time per side: a read and a write of the bytes in HBM (H100: 3.35 TB/s at its copy fraction)
+    hbm = get_profile("h100-hgx").gpu.ceiling_hbm_bytes_per_s
+    assert h["gpu_gather_ms"] == pytest.approx(2 * h["bytes_per_request"] / hbm * 1e3)
 
 
 def test_the_handoff_grows_with_the_prompt_and_only_disaggregated_serving_has_one():
