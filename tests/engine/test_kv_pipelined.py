@@ -15,7 +15,7 @@ from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteSource, Remot
 from moelink.engine.cluster.kv_store import SavedKVStore
 from moelink.engine.cluster.kv_transport import make_transport
 from moelink.engine.cluster.kv_wire import KVFetchError
-from moelink.engine.rank.kv_transfer import PagedKVBlocks, PendingRead, SavedKV
+from moelink.engine.rank.kv_transfer import PagedKVBlocks, PendingRead
 from moelink.scheduler.outputs import KVTransfer
 
 from tests.helpers.net import free_port

@@ -37,29 +37,54 @@ def http_request(port: int, method: str, path: str, body=None, headers=None, tim
 
 
 @contextlib.contextmanager
-def launch_smg(worker_url: str, *extra: str):
-    """`smg launch` on 127.0.0.1 in front of one worker; yields its HTTP port once it lists a model."""
+def launch_smg_with(*args: str):
+    """`smg launch` on 127.0.0.1 with `args` (the workers), in a session of its own: `smg launch` is a launcher
+    whose router runs as a child process, so it is stopped as a process group (SIGTERM, then SIGKILL), or a
+    killed launcher would leave its router listening. Yields (HTTP port, process, log path)."""
     exe = smg_executable()
     if exe is None:
         pytest.skip("the smg gateway (PyPI `smg`) is not installed")
     port, metrics_port = free_port(), free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="smg-", suffix=".log", delete=False)
     proc = subprocess.Popen([exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
-                             "--prometheus-port", str(metrics_port), "--worker-urls", worker_url,
-                             "--log-level", "warn", "--shutdown-grace-period-secs", "1", *extra],
-                            stdout=log, stderr=subprocess.STDOUT)
+                             "--prometheus-port", str(metrics_port), "--log-level", "warn",
+                             "--shutdown-grace-period-secs", "1", *args],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield port, proc, log.name
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_group(proc)
         log.close()
         os.unlink(log.name)
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """Stop `proc` and every process of its session (started with start_new_session=True)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (a router whose launcher is gone)
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(10)
+
+
+def launch_smg(worker_url: str, *extra: str):
+    """`smg launch` on 127.0.0.1 in front of one worker; yields its HTTP port once it lists a model."""
+    return launch_smg_with("--worker-urls", worker_url, *extra)
+
+
+def launch_smg_pd(prefill_addr: str, decode_addr: str, model_path: str, *extra: str):
+    """`smg launch` in its prefill/decode mode in front of one gRPC prefill and one gRPC decode server."""
+    return launch_smg_with("--pd-disaggregation", "--prefill", f"grpc://{prefill_addr}", "--decode",
+                           f"grpc://{decode_addr}", "--model-path", model_path, *extra)
 
 
 def wait_models(port: int, proc, log_name: str, headers=None) -> list[str]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
-import subprocess
 import time
 
 import grpc
@@ -25,7 +23,7 @@ from moelink.engine.server.pd_role import kv_params_from_json
 
 from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess, make_stubs
 from tests.helpers.net import free_port
-from tests.helpers.smg_gateway import http_request, smg_executable, wait_models
+from tests.helpers.smg_gateway import http_request, launch_smg_pd, smg_executable, wait_models
 
 PROMPT_IDS = list(range(5, 70))  # 65 tokens: four full blocks of 16 and a partial one
 GREEDY = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -203,30 +201,11 @@ def test_prefill_server_gone_before_the_fetch_is_recomputed_exactly(model_path, 
 
 # -- through the smg gateway's PD mode -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pd_gateway(pd, model_path, tmp_path_factory):
+def pd_gateway(pd, model_path):
     pre, dec, _, _ = pd
-    exe = smg_executable()
-    if exe is None:
-        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
-    port, metrics_port = free_port(), free_port()
-    log_name = str(tmp_path_factory.mktemp("smg-pd") / "smg.log")
-    with open(log_name, "w") as log:
-        proc = subprocess.Popen(
-            [exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
-             "--prometheus-port", str(metrics_port), "--pd-disaggregation", "--prefill", f"grpc://{pre.addr}",
-             "--decode", f"grpc://{dec.addr}", "--model-path", model_path, "--log-level", "warn",
-             "--shutdown-grace-period-secs", "1"], stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with launch_smg_pd(pre.addr, dec.addr, model_path) as (port, proc, log_name):
         wait_models(port, proc, log_name)
         yield port
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 def _sse_text(port: int, body: dict) -> tuple[str, list[dict]]:
@@ -269,88 +248,68 @@ def test_smg_pd_mode_completions_match_one_engine_and_load_the_kv(pd, pd_gateway
 
 def test_decode_server_killed_mid_stream_ends_the_client_stream_with_an_error(model_path, pd):
     pre, _, _, _ = pd
-    dec = _start(model_path, "--role", "decode")
-    exe = smg_executable()
-    if exe is None:
-        dec.kill()
-        dec.close()
+    if smg_executable() is None:
         pytest.skip("the smg gateway (PyPI `smg`) is not installed")
-    port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
-         "--prometheus-port", str(metrics_port), "--pd-disaggregation", "--prefill", f"grpc://{pre.addr}",
-         "--decode", f"grpc://{dec.addr}", "--model-path", model_path, "--log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dec = _start(model_path, "--role", "decode")
     import http.client
 
     try:
-        wait_models(port, proc, "/dev/null")
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        body = dict(model="tiny-moe", prompt="a long story " * 8, stream=True, max_tokens=400, ignore_eos=True,
-                    temperature=0.0)
-        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200
-        seen, text_events, error = 0, 0, None
-        for raw in resp:  # bounded by the socket timeout: a hang fails the test
-            line = raw.decode().strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event:
-                error = event["error"]
-                break
-            text_events += 1
-            seen += 1
-            if seen == 3:
-                dec.kill()  # SIGKILL with the stream open
-        conn.close()
-        assert text_events >= 3
-        assert error is not None, "the stream ended without saying why"
+        with launch_smg_pd(pre.addr, dec.addr, model_path) as (port, proc, log_name):
+            wait_models(port, proc, log_name)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            body = dict(model="tiny-moe", prompt="a long story " * 8, stream=True, max_tokens=400, ignore_eos=True,
+                        temperature=0.0)
+            conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200
+            seen, text_events, error = 0, 0, None
+            for raw in resp:  # bounded by the socket timeout: a hang fails the test
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    error = event["error"]
+                    break
+                text_events += 1
+                seen += 1
+                if seen == 3:
+                    dec.kill()  # SIGKILL with the stream open
+            conn.close()
+            assert text_events >= 3
+            assert error is not None, "the stream ended without saying why"
     finally:
         dec.kill()
         dec.close()
-        proc.kill()
-        proc.wait(10)
 
 
 def test_prefill_server_gone_ends_the_request_through_smg_with_a_reason_and_leaves_decode_idle(model_path, pd):
     """The prefill pool's only server dies: a client's request through smg's PD mode ends with an error it can
     read, within the client's deadline (never a hang), and the decode server holds nothing for it."""
     _, dec, _, dec_stubs = pd
-    pre = _start(model_path, "--role", "prefill", "--kv-port", str(free_port()))
-    exe = smg_executable()
-    if exe is None:
-        pre.kill()
-        pre.close()
+    if smg_executable() is None:
         pytest.skip("the smg gateway (PyPI `smg`) is not installed")
-    port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
-         "--prometheus-port", str(metrics_port), "--pd-disaggregation", "--prefill", f"grpc://{pre.addr}",
-         "--decode", f"grpc://{dec.addr}", "--model-path", model_path, "--log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pre = _start(model_path, "--role", "prefill", "--kv-port", str(free_port()))
     try:
-        wait_models(port, proc, "/dev/null")
-        pre.kill()  # SIGKILL: the prefill leg's connection is refused from now on
-        t0 = time.monotonic()
-        status, raw = http_request(port, "POST", "/v1/completions",
-                                   dict(model="tiny-moe", prompt="a story " * 8, max_tokens=16, temperature=0.0),
-                                   timeout=60)
-        assert time.monotonic() - t0 < 60
-        assert status >= 400 and raw, (status, raw)  # an error the client can read, not an empty 200
-        deadline = time.monotonic() + 10
-        while not _idle(dec_stubs) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _idle(dec_stubs)
+        with launch_smg_pd(pre.addr, dec.addr, model_path) as (port, proc, log_name):
+            wait_models(port, proc, log_name)
+            pre.kill()  # SIGKILL: the prefill leg's connection is refused from now on
+            t0 = time.monotonic()
+            status, raw = http_request(port, "POST", "/v1/completions",
+                                       dict(model="tiny-moe", prompt="a story " * 8, max_tokens=16, temperature=0.0),
+                                       timeout=60)
+            assert time.monotonic() - t0 < 60
+            assert status >= 400 and raw, (status, raw)  # an error the client can read, not an empty 200
+            deadline = time.monotonic() + 10
+            while not _idle(dec_stubs) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _idle(dec_stubs)
     finally:
         pre.kill()
         pre.close()
-        proc.kill()
-        proc.wait(10)
 
 
 def _idle(stubs) -> bool:
