@@ -145,7 +145,8 @@ def main(argv=None) -> int:
                 r |= {"shape": shape, "tokens": n, "transport": name, "load_gbps": gb / r["load_s"],
                       "device_copy_gbps": gb / copy_s, "ratio_to_device_copy": copy_s / r["load_s"]}
                 rows.append(r)
-                print(f"{shape:>14} {n:>6} tok {r['bytes'] / 2**20:8.1f} MiB {name:>10}: save {r['save_s'] * 1e3:7.1f} ms"
+                print(f"{shape:>14} {n:>6} tok {r['bytes'] / 2**20:8.1f} MiB {name:>10}: "
+                      f"save {r['save_s'] * 1e3:7.1f} ms"
                       f"  load {r['load_s'] * 1e3:7.1f} ms {gb / r['load_s']:6.2f} GB/s  device copy "
                       f"{gb / copy_s:7.1f} GB/s  ratio {copy_s / r['load_s']:.3f}", flush=True)
     if ns.json:

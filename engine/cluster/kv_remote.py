@@ -20,9 +20,9 @@ store (engine/cluster/kv_store.py: dropped once fetched, after `ttl_s`, or oldes
 that writes each layer's blocks as they arrive (engine/cluster/kv_arrival.py) into the request's blocks,
 reserved by the scheduler since the load began, and the rank's first `poll` after the last has landed reports it.
 A save's copy to host memory is asynchronous on a GPU (`PagedKVBlocks.read_async`, a side stream): the store
-announces its key at once and serves it when the poll that finds the copy done puts it there. Anything short of that (the prefill engine gone, mid-fetch or before; nothing under
-the key; another layout or other tokens; `fetch_timeout_s` passed) reports the load failed: the scheduler frees
-the blocks and recomputes the request. The reason is logged and kept (`WorkerKVStats.failures`).
+announces its key at once and serves it when the poll that finds the copy done puts it there. Anything short of
+a load (the prefill engine gone, mid-fetch or before; nothing under the key; another layout or other tokens;
+`fetch_timeout_s` passed) reports the load failed: the scheduler frees the blocks and recomputes the request. The reason is logged and kept (`WorkerKVStats.failures`).
 
 The factory holds only this config, so it pickles to Ray ranks: each builds its own server and store there.
 """

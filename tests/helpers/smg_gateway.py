@@ -46,9 +46,9 @@ def launch_smg_with(*args: str):
         pytest.skip("the smg gateway (PyPI `smg`) is not installed")
     port, metrics_port = free_port(), free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="smg-", suffix=".log", delete=False)
-    proc = subprocess.Popen([exe, "launch", "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
-                             "--prometheus-port", str(metrics_port), "--log-level", "warn",
-                             "--shutdown-grace-period-secs", "1", *args],
+    proc = subprocess.Popen([exe, "launch", "--host", "127.0.0.1", "--port", str(port),
+                             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
+                             "--log-level", "warn", "--shutdown-grace-period-secs", "1", *args],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield port, proc, log.name
