@@ -22,7 +22,8 @@ reserved by the scheduler since the load began, and the rank's first `poll` afte
 A save's copy to host memory is asynchronous on a GPU (`PagedKVBlocks.read_async`, a side stream): the store
 announces its key at once and serves it when the poll that finds the copy done puts it there. Anything short of
 a load (the prefill engine gone, mid-fetch or before; nothing under the key; another layout or other tokens;
-`fetch_timeout_s` passed) reports the load failed: the scheduler frees the blocks and recomputes the request. The reason is logged and kept (`WorkerKVStats.failures`).
+`fetch_timeout_s` passed) reports the load failed: the scheduler frees the blocks and recomputes the request.
+The reason is logged and kept (`WorkerKVStats.failures`).
 
 The factory holds only this config, so it pickles to Ray ranks: each builds its own server and store there.
 """
