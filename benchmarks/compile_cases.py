@@ -112,7 +112,9 @@ def specialisation(kernel) -> dict:
 # Config keys of kernels/moe_schedule.py compiled beside every default.json bucket (label, GemmConfig fields).
 NEW_KEY_VARIANTS = (("persistent", dict(PERSISTENT=1)), ("tma", dict(TMA=True)),
                     ("persistent tma", dict(PERSISTENT=1, TMA=True)),
-                    ("persistent tma fused gate-up", dict(PERSISTENT=1, TMA=True)))
+                    ("persistent tma fused gate-up", dict(PERSISTENT=1, TMA=True)),
+                    ("tma ws", dict(TMA=True, WARP_SPECIALIZE=True)),
+                    ("persistent tma ws", dict(PERSISTENT=1, TMA=True, WARP_SPECIALIZE=True)))
 
 
 def moe_cases(published: bool, quick: bool):
@@ -341,7 +343,7 @@ def compile_fp8(rec: Recorder, quick: bool) -> None:
            for b, c in (default[:1] if quick else default)
            for T in [max(1, -(-b * MODEL_SHAPES[n][0] // MODEL_SHAPES[n][1]))]]
     moe += [(f"{label} {v}", n, T, MoELaunchConfig(c.BLOCK_SIZE_M, replace(c.up, **keys), replace(c.down, **keys)), e, comb)
-            for label, n, T, c, e, comb in list(moe) for v, keys in NEW_KEY_VARIANTS[:3]]
+            for label, n, T, c, e, comb in list(moe) for v, keys in NEW_KEY_VARIANTS if "fused" not in v]
     if not quick:
         moe += [("fp8 variant expert map", "deepseek-v3", 64, None, True, "sum"),
                 ("fp8 variant atomic", "deepseek-v3", 4096, None, False, "atomic")]

@@ -21,6 +21,12 @@ blocks past it cost nothing; 0 launches one program per tile of the host-side bo
 Optional "TMA": true loads the weight tiles (and the down GEMM's sorted input rows) through Triton tensor
 descriptors (TMA on Hopper) instead of pointer tiles. PERSISTENT and TMA apply to both GEMMs (the "down" dict
 may override them). Shipped configs leave both off until a GPU measures them (benchmarks/tune_moe.py axes).
+Optional "WARP_SPECIALIZE": true (with "TMA" only) compiles the bf16/fp16 down GEMM's K loop with Triton's
+automatic warp specialization (`tl.range(..., warp_specialize=True)`, Triton >= 3.6, sm_90 and sm_100): a producer
+warp group issues the TMA loads of h and w2 into a ring of shared-memory stages while the consumer warp groups run
+the wgmmas, so loads and math overlap without the software pipeliner's register cost (num_warps + 8 warps). The
+gate-up GEMM (A rows gathered by pointer) and the FP8 loops (scales loaded by pointer) keep plain TMA: Triton 3.6's
+pass asserts on a producer with pointer loads (checked offline for sm_90).
 Optional "TINY": {"max_pairs", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages", "down": {...}}
 turns on the tiny-batch path (kernels/triton_moe_tiny.py: no alignment, no sum pass, two launches) for
 batches of at most max_pairs (token, expert) pairs; larger batches of the same bucket take the sorted path.
@@ -36,7 +42,7 @@ import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _GEMM_KEYS = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
-_FLAG_KEYS = ("FUSED_GATE_UP", "TMA")
+_FLAG_KEYS = ("FUSED_GATE_UP", "TMA", "WARP_SPECIALIZE")
 _COUNT_KEYS = ("PERSISTENT",)  # non-negative integers, 0 = off
 
 
@@ -63,6 +69,7 @@ class GemmConfig:
     FUSED_GATE_UP: bool = False  # gate-up GEMM only: one interleaved [BK, 2*BN] tile and one dot
     PERSISTENT: int = 0  # programs per SM of the persistent tile loop; 0: one program per tile (no loop)
     TMA: bool = False  # weight tiles (and the down GEMM's sorted rows) through tensor descriptors
+    WARP_SPECIALIZE: bool = False  # with TMA: the K loop split into producer (TMA) and consumer (MMA) warp groups
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -146,6 +153,9 @@ class MoELaunchConfig:
                 if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                     raise ValueError(f"{where}: {k}={v!r} is invalid: must be an integer >= 0 (0 turns it off).")
                 vals[k] = v
+            if vals["WARP_SPECIALIZE"] and not vals["TMA"]:
+                raise ValueError(f"{where}: WARP_SPECIALIZE=true is invalid without TMA=true: the producer warp group "
+                                 "issues tensor-descriptor (TMA) loads.")
             return GemmConfig(**vals)
 
         bm = d.get("BLOCK_SIZE_M")
@@ -159,7 +169,7 @@ class MoELaunchConfig:
         d = {"BLOCK_SIZE_M": self.BLOCK_SIZE_M, **self.up.to_dict()}
         if self.down != replace(self.up, FUSED_GATE_UP=False):
             d["down"] = self.down.to_dict()
-            for k in ("TMA",) + _COUNT_KEYS:  # (a default value dropped from down's dict would inherit the up GEMM's)
+            for k in ("TMA", "WARP_SPECIALIZE") + _COUNT_KEYS:  # (a default dropped from down's dict would inherit up's)
                 if getattr(self.down, k) != getattr(self.up, k):
                     d["down"][k] = getattr(self.down, k)
         if self.tiny is not None:

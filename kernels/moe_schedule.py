@@ -60,6 +60,17 @@ def gemm_grid(num_tiles: int, persistent: int, device: torch.device) -> int:
     return max(1, min(num_tiles, persistent * num_sms(device)))
 
 
+TMA_OFF, TMA_ON, WS_TMA = 0, 1, 2  # the kernels' TMA constexpr: pointer tiles, TMA loads, TMA + warp specialization
+
+
+def tma_mode(g, *tensors: torch.Tensor) -> int:
+    """The kernels' TMA constexpr for GemmConfig `g` over `tensors`: TMA only where every tensor fits a descriptor
+    (`tma_ok`), warp-specialized K loops where the config also asks for them (WARP_SPECIALIZE)."""
+    if not (g.TMA and tma_ok(*tensors)):
+        return TMA_OFF
+    return WS_TMA if g.WARP_SPECIALIZE else TMA_ON
+
+
 def tma_ok(*tensors: torch.Tensor) -> bool:
     """Whether every tensor fits a TMA descriptor: unit last stride, 16-byte aligned base and other strides."""
     for t in tensors:

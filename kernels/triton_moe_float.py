@@ -4,7 +4,11 @@ the GEMM scaffold (kernels/triton_moe_gemm.py) runs, the two kernels, and `Float
 
 Gate-up (`float_up_loop`): two accumulators, gate columns [n, n+BN) and up columns [I+n, I+n+BN), or with
 FUSED_GATE_UP one [BLOCK_K, 2*BLOCK_N] tile and one dot of N = 2*BLOCK_N. The TMA constexpr swaps the pointer
-tiles of the weights (and of the down GEMM's sorted, contiguous h rows) for tensor-descriptor loads.
+tiles of the weights (and of the down GEMM's sorted, contiguous h rows) for tensor-descriptor loads; at its value
+WS_TMA (the config's WARP_SPECIALIZE, kernels/moe_schedule.tma_mode) the down GEMM's K loop, whose A and B are both
+TMA boxes, is warp-specialized (a producer warp group issues the loads, consumers the wgmmas). The gate-up GEMM
+gathers its A rows by pointer, which Triton 3.6's Hopper warp specialization cannot put in a producer (its pass
+asserts), so it runs with TMA alone.
 """
 from __future__ import annotations
 
@@ -15,10 +19,12 @@ import triton
 import triton.language as tl
 
 from .moe_config import GemmConfig
-from .moe_schedule import tma_ok
+from .moe_schedule import TMA_ON, WS_TMA, tma_mode
 from .triton_common import dot
 from .triton_moe_gemm import (down_descs, gate_up_desc, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm,
                               WeightFormat, store_h)
+
+WS: tl.constexpr = tl.constexpr(WS_TMA)  # the TMA constexpr's value that warp-specializes the K loops
 
 
 @triton.jit
@@ -97,7 +103,7 @@ def float_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, in
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if TMA:
         m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
-        for k0 in range(0, inter, BLOCK_K):
+        for k0 in tl.range(0, inter, BLOCK_K, warp_specialize=TMA == WS):
             a = h_desc.load([m0, k0])
             b = tl.reshape(w_desc.load([expert, n0, k0]), [BLOCK_N, BLOCK_K])
             acc = dot(a, tl.trans(b), acc, INTERPRET, PREC)
@@ -157,9 +163,9 @@ class FloatFormat(WeightFormat):
         (x_TD,), (h_RI,), w = a, h, self.w13_EFD
         return _moe_up_kernel, dict(x_ptr=x_TD, w13_ptr=w, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_we=w.stride(0),
                                     stride_wf=w.stride(1), stride_wd=w.stride(2), stride_hr=h_RI.stride(0),
-                                    TMA=g.TMA and tma_ok(w), FUSED=g.FUSED_GATE_UP)
+                                    TMA=min(tma_mode(g, w), TMA_ON), FUSED=g.FUSED_GATE_UP)
 
     def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
         (h_RI,), w = h, self.w2_EDI
         return _moe_down_kernel, dict(h_ptr=h_RI, w2_ptr=w, stride_hr=h_RI.stride(0), stride_we=w.stride(0),
-                                      stride_wd=w.stride(1), stride_wi=w.stride(2), TMA=g.TMA and tma_ok(w, h_RI))
+                                      stride_wd=w.stride(1), stride_wi=w.stride(2), TMA=tma_mode(g, w, h_RI))

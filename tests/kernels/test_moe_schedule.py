@@ -21,13 +21,17 @@ from tests.kernels.test_triton_moe import _expert_map, _routing
 BASE = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2, "num_warps": 4, "num_stages": 2}
 
 
-def _cfg(persistent=0, tma=False, fused=False, **extra) -> MoELaunchConfig:
-    return MoELaunchConfig.from_dict({**BASE, "PERSISTENT": persistent, "TMA": tma, "FUSED_GATE_UP": fused, **extra})
+def _cfg(persistent=0, tma=False, fused=False, ws=False, **extra) -> MoELaunchConfig:
+    return MoELaunchConfig.from_dict({**BASE, "PERSISTENT": persistent, "TMA": tma, "FUSED_GATE_UP": fused,
+                                      "WARP_SPECIALIZE": ws, **extra})
 
 
-# The key combinations (PERSISTENT, TMA, FUSED_GATE_UP) besides the plain path's: each new key alone, with the fused
-# gate-up tile, both keys together, and more than one program per SM.
-COMBOS = [(1, False, False), (1, False, True), (0, True, False), (0, True, True), (1, True, False), (2, True, True)]
+# The key combinations (PERSISTENT, TMA, FUSED_GATE_UP, WARP_SPECIALIZE) besides the plain path's: each new key
+# alone, with the fused gate-up tile, the keys together, and more than one program per SM. (The interpreter runs a
+# warp-specialized loop as a plain one: these check that the key reaches the kernels and changes no result; what
+# the compiler makes of it is in the sm_90 compile report.)
+COMBOS = [(1, False, False, False), (1, False, True, False), (0, True, False, False), (0, True, True, False),
+          (1, True, False, False), (2, True, True, False), (0, True, False, True), (1, True, True, True)]
 # (T, E local, G global, K, D, I, routing, combine, dtype): D and I are multiples of 8, so bf16 rows are 16-byte
 # multiples and TMA really runs (tma_ok), but not of the blocks (masked and zero-padded tails).
 CASES = [
@@ -58,9 +62,9 @@ def test_new_keys_match_reference_and_plain_path(case, gen, kdev, check, nan_buf
     assert moe_schedule.tma_ok(args[1]) and moe_schedule.tma_ok(args[2])  # the descriptor path, not the fallback
     want = reference_fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids, emap)
     plain = {f: triton_fused_moe(*args, config=_cfg(0, False, f), combine=combine) for f in (False, True)}
-    for persistent, tma, fused in COMBOS:
-        what = f"fused_moe PERSISTENT={persistent} TMA={tma} FUSED={fused} {mode} {combine}"
-        got = triton_fused_moe(*args, out=nan_buffer((T, D), dtype, kdev), config=_cfg(persistent, tma, fused),
+    for persistent, tma, fused, ws in COMBOS:
+        what = f"fused_moe PERSISTENT={persistent} TMA={tma} FUSED={fused} WS={ws} {mode} {combine}"
+        got = triton_fused_moe(*args, out=nan_buffer((T, D), dtype, kdev), config=_cfg(persistent, tma, fused, ws),
                                combine=combine)
         check(got, want, dtype, what)
         if combine == "sum":  # (atomics add in any order) the keys change the schedule and the loads, not the math
@@ -101,9 +105,9 @@ FP8_CASES = [  # (T, E, G, K, D, I, routing, combine, dtype): D, I multiples of 
 ]
 
 
-@pytest.mark.parametrize("persistent,tma", [(1, False), (0, True), (2, True)])
+@pytest.mark.parametrize("persistent,tma,ws", [(1, False, False), (0, True, False), (2, True, False), (1, True, True)])
 @pytest.mark.parametrize("case", range(len(FP8_CASES)))
-def test_fp8_new_keys_match_reference_and_plain_path(case, persistent, tma, gen, kdev, seed, nan_buffer):
+def test_fp8_new_keys_match_reference_and_plain_path(case, persistent, tma, ws, gen, kdev, seed, nan_buffer):
     """(fp8 rows are 16-byte multiples at these D and I: TMA really runs.)"""
     T, E, G, K, D, I, mode, combine, dtype = FP8_CASES[case]
     x = _x(gen, T, D, dtype)
@@ -114,12 +118,12 @@ def test_fp8_new_keys_match_reference_and_plain_path(case, persistent, tma, gen,
     emap = _expert_map(gen, G, E) if mode == "map" else None
     args = [None if t is None else t.to(kdev) for t in (x, w13q, w13s, w2q, w2s, weights, ids, emap)]
     cfg = MoELaunchConfig.from_dict({**BASE, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "num_stages": 1,
-                               "PERSISTENT": persistent, "TMA": tma})
+                               "PERSISTENT": persistent, "TMA": tma, "WARP_SPECIALIZE": ws})
     got = triton_fused_moe_fp8(*args, out=nan_buffer((T, D), dtype, kdev), config=cfg, combine=combine)
     want = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, emap)
     _check_rows(got, want, dtype, f"fused_moe_fp8 P={persistent} TMA={tma} {mode}", seed, flips=2)
-    plain = triton_fused_moe_fp8(*args, config=MoELaunchConfig.from_dict({**cfg.to_dict(), "PERSISTENT": 0, "TMA": False}),
-                                 combine=combine)
+    plain_cfg = MoELaunchConfig.from_dict({**cfg.to_dict(), "PERSISTENT": 0, "TMA": False, "WARP_SPECIALIZE": False})
+    plain = triton_fused_moe_fp8(*args, config=plain_cfg, combine=combine)
     if combine == "sum":
         assert torch.equal(got, plain)
 
@@ -155,3 +159,12 @@ def test_config_keys_validate_round_trip_and_override():
             MoELaunchConfig.from_dict({**BASE, **bad})
     with pytest.raises(ValueError, match="TMA"):
         MoELaunchConfig.from_dict({**BASE, "TMA": 1})
+    ws = MoELaunchConfig.from_dict({**BASE, "TMA": True, "WARP_SPECIALIZE": True, "down": {**BASE, "TMA": True}})
+    assert ws.up.WARP_SPECIALIZE and ws.down.WARP_SPECIALIZE and MoELaunchConfig.from_dict(ws.to_dict()) == ws
+    off = MoELaunchConfig.from_dict({**BASE, "TMA": True, "WARP_SPECIALIZE": True,
+                                     "down": {**BASE, "TMA": True, "WARP_SPECIALIZE": False}})
+    assert not off.down.WARP_SPECIALIZE and MoELaunchConfig.from_dict(off.to_dict()) == off
+    with pytest.raises(ValueError, match="WARP_SPECIALIZE=true is invalid without TMA=true"):
+        MoELaunchConfig.from_dict({**BASE, "WARP_SPECIALIZE": True})
+    with pytest.raises(ValueError, match="WARP_SPECIALIZE"):
+        MoELaunchConfig.from_dict({**BASE, "TMA": True, "WARP_SPECIALIZE": "yes"})
