@@ -155,6 +155,8 @@ def _check_values(name: str, src: torch.Tensor) -> None:
 def _copy_into(name: str, src: torch.Tensor, dest: torch.Tensor, device) -> None:
     """FP8 values are copied as they are (a cast would turn them into wrong numbers, their scales apart);
     float tensors, scales included (float32), take the destination's dtype."""
+    if src.dim() != dest.dim() and src.numel() == 1 and dest.numel() == 1:
+        src = src.reshape(dest.shape)  # a per-tensor scale, stored as [] or [1] (NVFP4's weight_scale_2)
     _check_shape(name, src, dest)
     _check_values(name, src)
     if (src.dtype == FP8_DTYPE) != (dest.dtype == FP8_DTYPE):
