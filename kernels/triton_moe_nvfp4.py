@@ -23,9 +23,13 @@ scales_e4m3, "e2m1")`. Triton 3.6 and 3.9 accept e4m3 scales there and read thei
 dtype (16 for float8e4nv, 32 for uint8 E8M0: `semantic.verify_scaled_shape` / `deduce_scale_factor`), so this is
 NVFP4's native operand form. With bf16 activations Triton cannot use Blackwell's block-scaled MMA
 (`tcgen05.mma kind::mxf4nvf4` needs both operands FP4 with scales, i.e. activations quantized by input_scale:
-the W4A4 numerics change not made here); it upcasts the e2m1 operand with its scales and runs the bf16 MMA
-(benchmarks/compile_report.py shows which instruction it compiled to). Unlike MXFP4's native path this one is
-not checked in the interpreter: Triton 3.9's interpreter reads every dot_scaled scale as an E8M0 exponent
+the W4A4 numerics change not made here); it upcasts the e2m1 operand with its scales and runs the bf16 MMA.
+Compiled offline for sm_100 (2026-11-24): Triton 3.9 lowers it to `tcgen05.mma ... kind::f16` at every
+default.json bucket; Triton 3.6 (the GPU machines' version) aborts in TritonGPUAccelerateMatmul (an MLIR
+assertion building the missing lhs scale in the rhs scale's fp8 type), so `native=True` is refused below Triton
+3.9. The dequantizing path compiles with 3.6 for sm_90 (wgmma from BLOCK_M 64, mma.sync below) and sm_100
+(tcgen05 kind::f16 from BLOCK_M 64), without spills. Unlike MXFP4's native path this one is not checked in the
+interpreter: Triton 3.9's interpreter reads every dot_scaled scale as an E8M0 exponent
 (`_dot_scaled_scale_to_f32`), so it would compute wrong numbers there; tests/kernels/test_triton_moe_nvfp4.py
 runs it against the reference only on a GPU of compute capability >= 10, hence opt-in.
 
@@ -187,6 +191,11 @@ def _moe_nvfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, wg_ptr, y_ptr, sorted_ptr, exp
                      PERSISTENT, TMA, INTERPRET, PREC)
 
 
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def nvfp4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
     """The float kernel's launch config with BLOCK_SIZE_K at least 32 (two scale groups: the byte tile is
     BLOCK_K/2 wide and tl.dot wants K >= 16 on both sides); FUSED_GATE_UP is ignored here (two dots)."""
@@ -281,6 +290,9 @@ def triton_fused_moe_nvfp4(
     dt = x_TD.dtype
     if native and dt not in _NATIVE_DTYPES:
         raise ValueError(f"native=True is invalid with x_TD.dtype={dt}: tl.dot_scaled takes bf16 or fp16 activations.")
+    if native and _triton_version() < (3, 9):
+        raise ValueError(f"native=True is invalid with Triton {triton.__version__}: its compiler fails on tl.dot_scaled "
+                         "with e4m3 scales (module docstring); it needs Triton >= 3.9, or use native=False.")
     out = output(x_TD, out, combine)
     if T == 0:
         return out
