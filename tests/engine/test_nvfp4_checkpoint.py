@@ -191,3 +191,24 @@ def test_triton_engine_run_matches_reference(tiny):
     ref = LLM(dst, dtype="float32", kernels="reference", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=16,
               block_size=4)
     assert_same(got, engine_greedy(ref, ps, max_new=3), ps)
+
+
+def test_dummy_weights_and_weight_memory(tiny):
+    """load_format="dummy" fills NVFP4 experts with valid encodings (positive finite e4m3 scales, the global scale
+    putting weights in the float range) and the start-up report counts them as nvfp4 bytes."""
+    from moelink.engine.rank.weight_memory import weight_bytes_by_format
+    from moelink.kernels.nvfp4 import nvfp4_dequantize
+    from moelink.planner.weight_bytes import weight_bytes
+
+    dst, _ = tiny("qwen3")
+    cfg = ModelConfig.from_pretrained(dst, dtype="float32")
+    model = load_model(cfg, ReferenceKernels(), CPU, load_format="dummy")
+    layer = next(m for m in model.modules() if hasattr(m, "w13_q_EFB"))
+    s = layer.w13_scale_EFS.float()
+    assert (s >= 224).all() and (s <= 448).all()
+    w = nvfp4_dequantize(layer.w2_q_EDB, layer.w2_scale_EDS, layer.w2_scale2_E, torch.float64)
+    assert 0.01 <= w.abs().max() <= 0.02 and (layer.w2_input_scale_E == 1).all()
+    E, F, B = layer.w13_q_EFB.shape
+    D, I = 2 * B, F // 2
+    assert weight_bytes_by_format(model)["nvfp4"] == E * (weight_bytes("nvfp4", 2 * I, D) + weight_bytes("nvfp4", D, I))
+    assert weight_bytes("nvfp4", 2 * I, D) == 2 * I * D // 2 + 2 * I * D // 16
