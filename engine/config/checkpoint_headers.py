@@ -20,7 +20,7 @@ from pathlib import Path
 MAX_HEADER_BYTES = 100_000_000
 # Element types a model weight may have: floats and FP8 (scales are float too). MXFP4 experts are U8, but their
 # tensors are `*_blocks` / `*_scales`, not `*.weight`; NVFP4 weights are U8 `*.weight` with a `*.weight_scale_2`
-# beside them, allowed where the checkpoint's quantization runs them (`_check_nvfp4_module`).
+# beside them, allowed when the checkpoint's quantization is NVFP4.
 WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -67,15 +67,6 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, dict]:
     return tensors
 
 
-def _check_nvfp4_module(name: str, quant) -> None:
-    """A packed NVFP4 weight must belong to a routed expert (experts.{e}.{proj}), which moelink runs NVFP4."""
-    m = _EXPERT.search(name)
-    if m is None or not quant.is_quantized(name[: m.start()] + ".experts"):
-        raise ValueError(f"checkpoint tensor {name!r} is NVFP4 (uint8 with a weight_scale_2), but moelink runs NVFP4 "
-                         f"for routed experts only: this module must be float (listed in quantization_config.ignore, "
-                         f"as ModelOpt's FP4 releases list attention, routers and lm_head).")
-
-
 def check_checkpoint(cfg) -> None:
     """Refuse, in one sentence naming the field or the tensor, a checkpoint whose headers disagree with `cfg`
     (a ModelConfig read from its config.json) where the model would be sized from config.json alone."""
@@ -87,8 +78,7 @@ def check_checkpoint(cfg) -> None:
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
         if name.endswith(".weight") and dtype == "U8" and name + "_scale_2" in tensors and quant is not None \
                 and quant.method == "nvfp4":
-            _check_nvfp4_module(name, quant)
-            continue
+            continue  # NVFP4: the experts' format, dequantized at load elsewhere (engine/rank/nvfp4_linears.py)
         if name.endswith(".weight") and dtype not in WEIGHT_DTYPES:
             raise ValueError(f"checkpoint tensor {name!r} has dtype {dtype!r} in its header: a weight must be one of "
                              f"{', '.join(WEIGHT_DTYPES)}.")

@@ -140,9 +140,10 @@ class Nvfp4Config:
         return False
 
     def is_quantized(self, module: str) -> bool:
-        """Whether `module` ("model.layers.3.mlp.experts") holds NVFP4 weights: a routed-experts module not
-        ignored. Every other module runs float (engine/models/linear.py); a checkpoint that stores one of them in
-        NVFP4 is refused at load, naming the tensor (engine/rank/loader.py)."""
+        """Whether `module` ("model.layers.3.mlp.experts") runs NVFP4: a routed-experts module not ignored. Every
+        other module runs float (engine/models/linear.py); where the checkpoint holds one in NVFP4 anyway (ModelOpt
+        quantizes shared experts, dense MLPs and often attention unless told not to), it is dequantized at load
+        (engine/rank/nvfp4_linears.py)."""
         return module.rsplit(".", 1)[-1] == "experts" and not self._ignored(module)
 
 

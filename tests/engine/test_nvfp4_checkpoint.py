@@ -32,16 +32,17 @@ ENGINE_KW = dict(max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=64, bl
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """tiny(name, hf_quant_file=False) -> (NVFP4 checkpoint, its dequantized float64 copy)."""
+    """tiny(name, hf_quant_file=False, scope="experts") -> (NVFP4 checkpoint, its dequantized float64 copy)."""
     built: dict = {}
 
-    def get(name: str, hf_quant_file: bool = False):
-        if (name, hf_quant_file) not in built:
-            root = tmp_path_factory.mktemp(f"{name}_nvfp4")
+    def get(name: str, hf_quant_file: bool = False, scope: str = "experts"):
+        key = (name, hf_quant_file, scope)
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"{name}_nvfp4_{scope}")
             src = save_tiny(root / "float", name)
-            dst = nvfp4_checkpoint(src, root / "nvfp4", hf_quant_file)
-            built[name, hf_quant_file] = (dst, dequantized_copy(dst, root / "dequantized"))
-        return built[name, hf_quant_file]
+            dst = nvfp4_checkpoint(src, root / "nvfp4", hf_quant_file, scope)
+            built[key] = (dst, dequantized_copy(dst, root / "dequantized"))
+        return built[key]
 
     return get
 
@@ -51,11 +52,20 @@ def _prompts(seed: int, n: int = 4) -> list[list[int]]:
     return [[rng.randrange(VOCAB) for _ in range(L)] for L in [1, 29] + [rng.randint(2, 20) for _ in range(n - 2)]]
 
 
-@pytest.mark.parametrize("name,hf_quant_file", [("qwen3", False), ("qwen3", True), ("dsv3", False)])
-def test_greedy_equals_transformers_on_dequantized_weights(tiny, name, hf_quant_file):
+@pytest.mark.parametrize("name,hf_quant_file,scope", [("qwen3", False, "experts"), ("qwen3", True, "experts"),
+                                                      ("dsv3", False, "experts"), ("qwen3", False, "all"),
+                                                      ("dsv3", True, "all")])
+def test_greedy_equals_transformers_on_dequantized_weights(tiny, name, hf_quant_file, scope):
+    """scope "all": attention, dense and shared MLPs in NVFP4 too (ModelOpt's default recipe), which moelink
+    dequantizes at load (engine/rank/nvfp4_linears.py) while the routed experts stay NVFP4."""
     from transformers import AutoModelForCausalLM
 
-    dst, deq = tiny(name, hf_quant_file)
+    dst, deq = tiny(name, hf_quant_file, scope)
+    if scope == "all":  # the attention really is NVFP4 in the file (MLA's q_b_proj is read in its rope row order)
+        from moelink.engine.rank.loader import checkpoint_index
+
+        attn = "model.layers.0.self_attn." + ("q_proj" if name == "qwen3" else "q_b_proj")
+        assert attn + ".weight_scale_2" in checkpoint_index(dst)
     cfg = ModelConfig.from_pretrained(dst, dtype="float64")
     assert isinstance(cfg.quantization, Nvfp4Config)
     prompts = _prompts(len(name) + hf_quant_file)
@@ -126,7 +136,7 @@ def test_config_readers():
 
 
 def test_nvfp4_refusals(tiny, tmp_path):
-    """Sizes off the 16-value group, a fused expert layout, an NVFP4 tensor outside the routed experts and an
+    """Sizes off the 16-value group, a fused expert layout, packed weights without an NVFP4 quantization and an
     hf_quant_config.json without its section are refused naming the field or the tensor."""
     from moelink.engine.config.checkpoint_headers import check_checkpoint
     from moelink.engine.config.quantization import read_hf_quant_config
@@ -137,17 +147,16 @@ def test_nvfp4_refusals(tiny, tmp_path):
     with pytest.raises(ValueError, match="per expert"):
         Nvfp4Experts().weight_plan(None, "model.layers.0.mlp.", True, [0], (), ("gate_proj", "up_proj", "down_proj"))
     dst, _ = tiny("qwen3")
-    check_checkpoint(ModelConfig.from_pretrained(dst))  # its U8 expert weights pass the header check
+    check_checkpoint(ModelConfig.from_pretrained(dst))  # its U8 expert weights pass the header check ...
     cfg = json.loads(open(f"{dst}/config.json").read())
-    cfg["quantization_config"]["ignore"].append("model.layers.0.mlp.experts")  # say they are float: refused
+    cfg.pop("quantization_config")
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in __import__("pathlib").Path(dst).iterdir():
-        (bad / f.name).symlink_to(f)
-    (bad / "config.json").unlink()
+        if f.name != "config.json":
+            (bad / f.name).symlink_to(f)
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.experts.\d+.\w+_proj.weight' is NVFP4 .*routed experts "
-                                         r"only"):
+    with pytest.raises(ValueError, match=r"experts.\d+.\w+_proj.weight' has dtype 'U8'"):  # ... only when NVFP4
         check_checkpoint(ModelConfig.from_pretrained(str(bad)))
     (tmp_path / "hf_quant_config.json").write_text(json.dumps({"producer": {}}))
     with pytest.raises(ValueError, match="no 'quantization' section"):

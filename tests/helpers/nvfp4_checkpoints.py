@@ -33,6 +33,8 @@ NVFP4_TINY: dict[str, tuple[str, str, dict]] = {
 # ModelOpt's exclusions as its FP4 releases write them: the attention, the router and lm_head stay bf16.
 IGNORE = ["lm_head", "model.layers.*.self_attn*", "model.layers.*.mlp.gate"]
 _EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+# scope "all": every projection ModelOpt's default NVFP4 recipe quantizes (not the router, embeddings or lm_head)
+_LINEAR = re.compile(r"\.(q|k|v|o|q_a|q_b|kv_b|gate|up|down)_proj\.weight$|\.kv_a_proj_with_mqa\.weight$")
 
 
 def save_tiny(out: Path, name: str, seed: int = 0) -> str:
@@ -84,16 +86,19 @@ def _rewrite(src: Path, out: Path, tensors_fn, config_fn) -> str:
     return str(out)
 
 
-def nvfp4_checkpoint(src: str, out: Path, hf_quant_file: bool = False) -> str:
-    """`src` with its routed experts in ModelOpt's NVFP4 layout; the quantization in config.json's
-    quantization_config (`ignore`), or with `hf_quant_file` in hf_quant_config.json (`exclude_modules`), as
-    ModelOpt's older exports have it."""
+def nvfp4_checkpoint(src: str, out: Path, hf_quant_file: bool = False, scope: str = "experts") -> str:
+    """`src` with its routed experts (scope "experts"), or every projection (scope "all": attention, dense and
+    shared MLPs too, as ModelOpt's default recipe does), in ModelOpt's NVFP4 layout; the quantization in
+    config.json's quantization_config (`ignore`), or with `hf_quant_file` in hf_quant_config.json
+    (`exclude_modules`), as ModelOpt's older exports have it."""
+    pattern = _EXPERT if scope == "experts" else _LINEAR
+    ignore = IGNORE if scope == "experts" else ["lm_head", "model.layers.*.mlp.gate"]
     from moelink.kernels.nvfp4 import nvfp4_quantize
 
     def tensors(ts: dict) -> dict:
         new = {}
         for name, t in ts.items():
-            if not _EXPERT.search(name):
+            if not pattern.search(name):
                 new[name] = t
                 continue
             q, s, g = nvfp4_quantize(t)
@@ -105,7 +110,7 @@ def nvfp4_checkpoint(src: str, out: Path, hf_quant_file: bool = False) -> str:
     def config(c: dict) -> dict:
         if not hf_quant_file:
             c["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
-                                        "kv_cache_quant_algo": None, "ignore": IGNORE}
+                                        "kv_cache_quant_algo": None, "ignore": ignore}
         return c
 
     path = _rewrite(Path(src), Path(out), tensors, config)
@@ -113,12 +118,12 @@ def nvfp4_checkpoint(src: str, out: Path, hf_quant_file: bool = False) -> str:
         (Path(out) / "hf_quant_config.json").write_text(json.dumps({
             "producer": {"name": "modelopt", "version": "0.29.0"},
             "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
-                             "exclude_modules": IGNORE}}))
+                             "exclude_modules": ignore}}))
     return path
 
 
 def dequantized_copy(nvfp4_dir: str, out: Path) -> str:
-    """The NVFP4 checkpoint with each expert weight dequantized to float64 (e2m1 x weight_scale x weight_scale_2)
+    """The NVFP4 checkpoint with each NVFP4 weight dequantized to float64 (e2m1 x weight_scale x weight_scale_2)
     and its scales dropped; no quantization. transformers loads it as a float model holding exactly the NVFP4
     model's weights."""
     from moelink.kernels.nvfp4 import nvfp4_dequantize
@@ -128,8 +133,8 @@ def dequantized_copy(nvfp4_dir: str, out: Path) -> str:
         for name, t in ts.items():
             if name.endswith(("weight_scale", "weight_scale_2", "input_scale")):
                 continue
-            if _EXPERT.search(name):
-                base = name[: -len("weight")]
+            base = name[: -len("weight")]
+            if base + "weight_scale_2" in ts:
                 t = nvfp4_dequantize(t, ts[base + "weight_scale"], ts[base + "weight_scale_2"], torch.float64)
             new[name] = t
         return new
