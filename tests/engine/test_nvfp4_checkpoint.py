@@ -221,3 +221,43 @@ def test_dummy_weights_and_weight_memory(tiny):
     D, I = 2 * B, F // 2
     assert weight_bytes_by_format(model)["nvfp4"] == E * (weight_bytes("nvfp4", 2 * I, D) + weight_bytes("nvfp4", D, I))
     assert weight_bytes("nvfp4", 2 * I, D) == 2 * I * D // 2 + 2 * I * D // 16
+
+
+_NVFP4_PARAMS = ("w13_q_EFB", "w13_scale_EFS", "w13_scale2_E2", "w13_input_scale_E2", "w2_q_EDB", "w2_scale_EDS",
+                 "w2_scale2_E", "w2_input_scale_E")
+
+
+@pytest.mark.parametrize("replicas", [[0, 4], []])
+def test_rank_reads_its_experts(tiny, replicas):
+    """Under EP each rank holds exactly the single-rank rows of its experts (redundant replicas included) in its
+    local slot order, every NVFP4 tensor alike (all per slot: EPLB can move them), and reads no other expert's
+    tensors; an EP rank with no tokens runs its experts on an empty batch."""
+    from moelink.comm.backends import make_all_to_all
+    from moelink.moe.layer import ExpertParallel
+    from moelink.moe.placement import ExpertPlacement
+
+    dst, _ = tiny("qwen3")
+    cfg = ModelConfig.from_pretrained(dst, dtype="float32")
+    whole = load_model(cfg, ReferenceKernels(), CPU)
+    placement = ExpertPlacement(num_experts=cfg.num_experts, ep_size=2, replicas=replicas)
+    for rank in range(2):
+        local = placement.experts_on_rank(rank)
+        ep = ExpertParallel(rank, 2, placement, make_all_to_all("none", None, 0, 1, "cpu"), placement.to_tensors("cpu"))
+        model = load_model(cfg, ReferenceKernels(), CPU, ep)
+        plan = model.weight_plan(None)
+        others = set(range(cfg.num_experts)) - set(local)
+        assert not any(f".experts.{e}." in n for n in plan for e in others)
+        mine, full = model.layers[0].moe, whole.layers[0].moe
+        for name in _NVFP4_PARAMS:
+            a, b = getattr(mine, name), getattr(full, name)[local]
+            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), (rank, name)
+        # every NVFP4 tensor is stacked per slot, so online EPLB moves an expert whole (moe/expert_move.py)
+        from moelink.moe.expert_move import slot_bytes
+
+        assert slot_bytes(mine) == sum(getattr(mine, n)[0].numel() * getattr(mine, n).element_size()
+                                       for n in _NVFP4_PARAMS)
+    moe = whole.layers[0].moe
+    y = moe.expert_format.run(moe.kernels, moe, torch.zeros(0, cfg.hidden_size), torch.zeros(0, 2),
+                              torch.zeros(0, 2, dtype=torch.long))
+    assert y.shape == (0, cfg.hidden_size)
