@@ -47,7 +47,8 @@ import torch
 from .compile_report_text import (ATTN_DOT_KERNELS, FP8_GEMM_KERNELS, GEMM_KERNELS, H100_SMEM,  # noqa: F401
                                   markdown, notes, record_key, summarize)
 from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_fp8,  # noqa: F401
-                            compile_mla, compile_moe, compile_moe_mxfp4, compile_moe_nvfp4, compile_norm_rotary)
+                            compile_mla, compile_moe, compile_moe_mxfp4, compile_norm_rotary)
+from .compile_cases_nvfp4 import compile_moe_nvfp4
 
 RESULTS = Path(__file__).parent / "results"
 
