@@ -25,7 +25,7 @@ from .architectures import MXFP4_ARCHITECTURES  # experts in MXFP4 as published 
 from .layer_configs import unsupported
 
 # Every quant_method a reader exists for (_READERS).
-SUPPORTED_METHODS = ("fp8", "mxfp4", "modelopt")
+SUPPORTED_METHODS = ("fp8", "mxfp4", "modelopt", "modelopt_fp4")
 _ACTIVATION_SCHEMES = ("dynamic",)
 _FP8_FORMATS = ("e4m3", "float8_e4m3fn")
 # `quantization=` (EngineArgs, --quantization) values that quantize a float checkpoint at load.
@@ -242,7 +242,8 @@ def read_hf_quant_config(model_dir: str | Path) -> dict | None:
     return {"quant_method": "modelopt", "quantization": dict(raw["quantization"])}
 
 
-_READERS = {"fp8": _read_fp8, "mxfp4": _read_mxfp4, "modelopt": _read_modelopt}
+# ("modelopt_fp4": vLLM's name for the same format, which some exports write as their quant_method)
+_READERS = {"fp8": _read_fp8, "mxfp4": _read_mxfp4, "modelopt": _read_modelopt, "modelopt_fp4": _read_modelopt}
 
 
 def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None,

@@ -122,6 +122,7 @@ def test_config_readers():
     q = read_quantization({"quant_method": "modelopt", "quant_algo": "nvfp4",
                            "config_groups": {"group_0": {"weights": {"group_size": 16}}}})
     assert q.group_size == 16
+    assert read_quantization({**flat, "quant_method": "modelopt_fp4"}) == read_quantization(flat)  # vLLM's name
     nested = {"quant_method": "modelopt", "quantization": {"quant_algo": "NVFP4", "group_size": 16,
                                                            "exclude_modules": ["model.layers.*.mlp.experts*"]}}
     assert not read_quantization(nested).is_quantized("model.layers.5.mlp.experts")
