@@ -2,7 +2,7 @@
 compiled for Hopper on a machine without a GPU, with what the compiler made of it.
 
     python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
-        [--no-published] [--only moe|attention|mla|norm|fp8|mxfp4] [--quick]
+        [--no-published] [--only moe|attention|mla|norm|fp8|mxfp4|nvfp4] [--quick]
 
 How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
 size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
@@ -48,6 +48,7 @@ from .compile_report_text import (ATTN_DOT_KERNELS, FP8_GEMM_KERNELS, GEMM_KERNE
                                   markdown, notes, record_key, summarize)
 from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_fp8,  # noqa: F401
                             compile_mla, compile_moe, compile_moe_mxfp4, compile_norm_rotary)
+from .compile_cases_nvfp4 import compile_moe_nvfp4
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -129,6 +130,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
         compile_moe(rec, published, quick)
     if only in (None, "mxfp4"):
         compile_moe_mxfp4(rec, quick)
+    if only in (None, "nvfp4"):
+        compile_moe_nvfp4(rec, quick)
     if only in (None, "attention"):
         compile_attention(rec, quick)
     if only in (None, "mla"):
@@ -160,7 +163,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
-    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "fp8", "mxfp4"], default=None, help="one kernel family")
+    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "fp8", "mxfp4", "nvfp4"], default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
     ap.add_argument("--merge", action="store_true",
                     help="with --only: replace that family's kernels in the existing <out>.json and keep every other "
@@ -222,6 +225,7 @@ def retime(rep: dict, published: bool = True) -> dict:
     rec = Recorder()
     rec.install(90)
     for run in (lambda: compile_moe(rec, published, False), lambda: compile_moe_mxfp4(rec, False),
+                lambda: compile_moe_nvfp4(rec, False),
                 lambda: compile_attention(rec, False), lambda: compile_mla(rec, False),
                 lambda: compile_norm_rotary(rec, False), lambda: compile_fp8(rec, False)):
         run()
@@ -274,6 +278,7 @@ FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
                           "_widen_kernel"),
                   "moe": ("_moe_up_kernel", "_moe_down_kernel"),
                   "mxfp4": ("_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"),
+                  "nvfp4": ("_moe_nvfp4_up_kernel", "_moe_nvfp4_down_kernel"),
                   "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_merge_plan_kernel",
                                 "_write_kv_kernel")}
 # _plan_kernel (the decode split plan) is shared: attention and MLA both launch it.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
-GEMM_KERNELS = ("_moe_up_kernel", "_moe_down_kernel", "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel")
+GEMM_KERNELS = ("_moe_up_kernel", "_moe_down_kernel", "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel",
+                "_moe_nvfp4_up_kernel", "_moe_nvfp4_down_kernel")
 FP8_GEMM_KERNELS = ("_moe_fp8_up_kernel", "_moe_fp8_down_kernel", "_fp8_gemm_kernel")
 ATTN_DOT_KERNELS = ("_decode_kernel", "_prefill_kernel", "_mla_kernel")
 

@@ -11,10 +11,12 @@
 #   tests-kernels          pytest -m gpu: Triton kernels at model shapes, sampler seeds, comm (NCCL + graphs)
 #   tests-engine           pytest -m gpu: the engine on the Triton kernels, fp32/bf16, graphs vs eager
 #   tests-fp8              pytest -m gpu: the FP8 block-scaled kernels at DeepSeek-V3 and Qwen3-30B-A3B shapes,
-#                          the MXFP4 fused MoE at gpt-oss-120b's, MLA over an fp8 latent cache (mixed batch)
+#                          the MXFP4 fused MoE at gpt-oss-120b's, the NVFP4 one at Qwen3-30B-A3B's, MLA over an
+#                          fp8 latent cache (mixed batch)
 #   moe SHAPE [--quick]    moe_kernels for ONE shape (qwen3-30b-a3b | mixtral-8x7b | deepseek-v3)
 #   moe-fp8 SHAPE [--quick] moe_kernels --dtype fp8 for ONE shape (deepseek-v3 | qwen3-30b-a3b): FP8 fused MoE vs bf16
 #   moe-mxfp4 [--quick]    moe_mxfp4: gpt-oss-120b/-20b experts, MXFP4 (dequantized in the K loop) vs bf16
+#   moe-nvfp4 [--quick]    moe_nvfp4: Qwen3-30B-A3B / DeepSeek-V3 experts, NVFP4 (ModelOpt's, dequantized) vs bf16
 #   tune SHAPE [TOKENS]    tune_moe for ONE shape into .gpu_session/tuned, then
 #                          $OUT/tuned_configs_<GPU>_<SHAPE>.tar.gz (see "Tuned configs" below); its quick space
 #                          searches each GEMM's PERSISTENT (0/1/2 programs per SM) and TMA (off/on) axes too
@@ -376,6 +378,8 @@ step_tests_kernels() {
 #    top-k sum, group quant per shape); run: float32 references on the GPU, DeepSeek's 32 local experts.
 #  test_triton_moe_mxfp4_gpu.py (5 tests, 1 skipped below sm_100): gpt-oss-120b experts at 4 T x variant ->
 #    GEMM 8 (up + down per case), other 8 (align, sum); run: float32 references on the GPU (measured 12 s).
+#  test_triton_moe_nvfp4_gpu.py (4 tests): Qwen3-30B-A3B experts at 4 T x variant -> GEMM 8 (up + down per case),
+#    other 8 (align, sum); run: float32 references on the GPU (estimate, as the MXFP4 file's).
 #  test_mla_fp8_prefill.py -m gpu (1 test, DeepSeek-V3 shapes over an fp8 latent cache): GEMM 2 (the MLA kernel
 #    over the fp8 cache for the decodes, over the widened workspace for the chunks), other 2 (the fp8 latent
 #    write, the widen kernel); run: a float64 reference on the GPU (estimate).
@@ -383,6 +387,7 @@ step_tests_fp8() {
   run_pytest_files "gpu_tests_fp8_${DEV}.txt" \
     triton_fp8_gpu 18 0 20 60 tests/kernels/test_triton_fp8_gpu.py \
     triton_mxfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_mxfp4_gpu.py \
+    triton_nvfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_nvfp4_gpu.py \
     mla_fp8_gpu 2 0 2 30 tests/kernels/test_mla_fp8_prefill.py
 }
 step_tests_engine() {
@@ -435,6 +440,20 @@ step_moe_fp8() {
 # moe-mxfp4 [--quick]: gpt-oss-120b and -20b experts, MXFP4 vs bf16 (moe_mxfp4.py): per shape and token count
 # 2 systems x (up + down) = 4 GEMM and 3 other (2 align + sum); 6 token counts x 2 shapes -> 48 GEMM + 36 other
 # (--quick: 1,64,1024 -> 24 + 18). Run: measured 40 s on an H100 (2026-11-22, warm cache), doubled.
+# moe-nvfp4 [--quick]: Qwen3-30B-A3B and DeepSeek-V3 experts, NVFP4 vs bf16 (moe_nvfp4.py): per shape and token
+# count 2 systems x (up + down) = 4 GEMM and 3 other (2 align + sum); 6 token counts x 2 shapes -> 48 GEMM + 36
+# other (--quick: 1,64,1024 -> 24 + 18). Run: estimate (DeepSeek-V3's 256 experts: 6.3 GB NVFP4 + 22 GB bf16).
+step_moe_nvfp4() {
+  if [[ $MODE == cpu-smoke ]]; then
+    cmd moe_nvfp4 0 0 0 120 -- "$PY" -m moelink.benchmarks.moe_nvfp4 --cpu-smoke --out "$OUT/moe_nvfp4_cpu_smoke.json"
+    return 0
+  fi
+  local toks=() n=6
+  if [[ "${1:-}" == "--quick" ]]; then toks=(--tokens 1,64,1024); n=3; fi
+  cmd moe_nvfp4 $((8 * n)) 0 $((6 * n)) 150 -- \
+    "$PY" -m moelink.benchmarks.moe_nvfp4 "${toks[@]}" --out "$OUT/moe_nvfp4_${DEV}.json"
+}
+
 step_moe_mxfp4() {
   if [[ $MODE == cpu-smoke ]]; then
     cmd moe_mxfp4 0 0 0 120 -- "$PY" -m moelink.benchmarks.moe_mxfp4 --cpu-smoke --out "$OUT/moe_mxfp4_cpu_smoke.json"
@@ -680,7 +699,7 @@ step_plan() {  # the full session, one device command per line, with budgets (dr
   for s in "${SHAPES[@]}"; do steps+=("tune $s"); done
   steps+=("decode" "tests-fp8")
   for s in "${FP8_SHAPES[@]}"; do steps+=("moe-fp8 $s"); done
-  steps+=("moe-mxfp4")
+  steps+=("moe-mxfp4" "moe-nvfp4")
   for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
   steps+=("mla-fp8-kv")
   for s in "${E2E_MODELS[@]}"; do steps+=("spec --model $s"); done
@@ -739,9 +758,9 @@ case "$STEP" in
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|decode|e2e|mla-fp8-kv|spec|kv-transfer|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,38p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|decode|e2e|mla-fp8-kv|spec|kv-transfer|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,41p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -758,6 +777,7 @@ case "$STEP" in
   moe) step_moe "$@" ;;
   moe-fp8) step_moe_fp8 "$@" ;;
   moe-mxfp4) step_moe_mxfp4 "$@" ;;
+  moe-nvfp4) step_moe_nvfp4 "$@" ;;
   tune) step_tune "$@" ;;
   decode) step_decode "$@" ;;
   e2e) step_e2e "$@" ;;
@@ -773,6 +793,7 @@ case "$STEP" in
     step_tests_fp8
     for s in "${FP8_SHAPES[@]}"; do step_moe_fp8 "$s" "$@"; done
     step_moe_mxfp4 "$@"
+    step_moe_nvfp4 "$@"
     for s in "${E2E_MODELS[@]}"; do step_e2e --model "$s"; step_e2e --model "$s" --dtype fp8; step_e2e --serve --model "$s"; done
     step_mla_fp8_kv
     for s in "${E2E_MODELS[@]}"; do step_spec --model "$s"; done

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .moe_config import MoELaunchConfig, TinyConfig, config_table, lookup_moe_config
 
-FORMATS = ("float", "fp8", "mxfp4")  # moe/expert_weights.py names
+FORMATS = ("float", "fp8", "mxfp4", "nvfp4")  # moe/expert_weights.py names
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,10 @@ def moe_variant(shape: MoEShape, num_tokens: int) -> MoEVariant:
         from .triton_moe_mxfp4 import mxfp4_config
 
         return MoEVariant("sorted", mxfp4_config(cfg), align)  # (no tiny path)
+    if shape.fmt == "nvfp4":
+        from .triton_moe_nvfp4 import nvfp4_config
+
+        return MoEVariant("sorted", nvfp4_config(cfg), align)  # (no tiny path)
     if cfg.uses_tiny(P):
         from .triton_moe_tiny import down_block_n
 

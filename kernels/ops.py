@@ -20,6 +20,7 @@ from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .mla import reference_mla_attention, reference_write_latent
 from .moe import reference_fused_moe
 from .mxfp4 import reference_fused_moe_mxfp4
+from .nvfp4 import reference_fused_moe_nvfp4
 from .norm import reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rotary
 
@@ -41,6 +42,7 @@ class Kernels(Protocol):
     fp8_linear: Callable
     fused_moe_fp8: Callable
     fused_moe_mxfp4: Callable
+    fused_moe_nvfp4: Callable
 
 
 # Each op of `Kernels` and the reference that defines its arguments.
@@ -49,6 +51,7 @@ REFERENCES: dict[str, Callable] = dict(
     write_kv=reference_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
     mla_attention=reference_mla_attention, fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
+    fused_moe_nvfp4=reference_fused_moe_nvfp4,
 )
 
 
@@ -68,6 +71,7 @@ class ReferenceKernels:
     fp8_linear = staticmethod(reference_fp8_linear)
     fused_moe_fp8 = staticmethod(reference_fused_moe_fp8)
     fused_moe_mxfp4 = staticmethod(reference_fused_moe_mxfp4)
+    fused_moe_nvfp4 = staticmethod(reference_fused_moe_nvfp4)
 
 
 class TritonKernels:
@@ -85,6 +89,7 @@ class TritonKernels:
         from .triton_mla import triton_mla_attention, triton_write_latent
         from .triton_moe import triton_fused_moe
         from .triton_moe_mxfp4 import triton_fused_moe_mxfp4
+        from .triton_moe_nvfp4 import triton_fused_moe_nvfp4
         from .triton_norm import triton_add_rms_norm, triton_rms_norm
         from .triton_rotary import triton_rotary
 
@@ -97,6 +102,7 @@ class TritonKernels:
         self.mla_attention = triton_mla_attention
         self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too
         self.fused_moe_mxfp4 = triton_fused_moe_mxfp4
+        self.fused_moe_nvfp4 = triton_fused_moe_nvfp4  # W4A16: dequantizing K loops (kernels/nvfp4.py)
         # FP8 block-scaled W8A8 (kernels/fp8.py is the contract): same signatures as the references.
         from .triton_fp8 import triton_fp8_linear
         from .triton_moe_fp8 import triton_fused_moe_fp8

@@ -3,7 +3,8 @@
 Legend: E local experts, D hidden, I expert intermediate size, F = 2I (FP8: U + I, see Fp8BlockExperts), N tokens
 (received), K top-k, Fb / Db / Ib block counts ceil(F / Bn), ceil(D / Bk) ... of an FP8 block-scaled weight
 (kernels/fp8.py);
-MXFP4 (kernels/mxfp4.py): S = (reduction dim) / 32 scale groups, Q = 16 packed bytes per group.
+MXFP4 (kernels/mxfp4.py): S = (reduction dim) / 32 scale groups, Q = 16 packed bytes per group;
+NVFP4 (kernels/nvfp4.py): B = (reduction dim) / 2 packed bytes, S = (reduction dim) / 16 scale groups.
 
 One strategy object per format (DESIGN.md 6), each owning its parameters (set on the MoE layer, beside the
 router), its rows of the weight plan (per-expert and fused on-disk layouts, this rank's experts only) and its
@@ -16,6 +17,10 @@ kernel call, so the layer has no format branches:
 - `Mxfp4Experts`: gpt-oss's published MXFP4 experts: uint8 e2m1 blocks `w13_blocks_EFSQ` [E, F, D/32, 16] /
   `w2_blocks_EDSQ` [E, D, I/32, 16] with uint8 E8M0 scales `w13_scales_EFS` / `w2_scales_EDS` beside them, and
   the layer's float expert biases → kernels.fused_moe_mxfp4 (W4A16: activations stay in the model dtype).
+- `Nvfp4Experts`: ModelOpt's NVFP4 experts (NVIDIA's FP4 DeepSeek-R1 / Qwen3): uint8 e2m1 pairs `w13_q_EFB`
+  [E, 2I, D/2] / `w2_q_EDB` [E, D, I/2], float8_e4m3fn block scales `w13_scale_EFS` / `w2_scale_EDS` per 16
+  values, float32 global scales `w13_scale2_E2` [E, 2] (gate's, up's) / `w2_scale2_E` [E], and the recorded
+  (unused, W4A16) activation scales → kernels.fused_moe_nvfp4.
 
 Plan entries are `name -> PlanEntry(dest, index, source rows)` (moe/weight_plan.py, engine/rank/loader.py); `QuantizeOnLoad` as
 the destination asks the loader to block-quantize a float checkpoint tensor into an FP8 weight and its scales.
@@ -29,6 +34,7 @@ from torch import nn
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_scale_shape, reference_fused_moe_fp8
 from moelink.kernels.mxfp4 import GROUP as MXFP4_GROUP
+from moelink.kernels.nvfp4 import GROUP as NVFP4_GROUP, SCALE_DTYPE as NVFP4_SCALE_DTYPE
 from .weight_plan import PlanEntry, WeightPlan
 
 
@@ -229,7 +235,62 @@ class Mxfp4Experts:
                                        layer.w2_scales_EDS, weights_NK, ids_NK, **layer._extras())
 
 
-ExpertFormat = FloatExperts | Fp8BlockExperts | Mxfp4Experts
+class Nvfp4Experts:
+    """NVFP4 expert weights as ModelOpt exports them (kernels/nvfp4.py): per expert, each of gate_proj / up_proj /
+    down_proj holds `weight` (uint8 [N, K/2]), `weight_scale` (float8_e4m3fn [N, K/16]), `weight_scale_2` and
+    `input_scale` (float32 scalars). The loader copies each expert's gate and up rows into w13's two halves and
+    their global scales into column 0 / 1 of `w13_scale2_E2`, so unequal gate and up globals stay exact (the
+    kernels scale each half's accumulator by its own). `input_scale` is loaded into `w13_input_scale_E2` /
+    `w2_input_scale_E` and not applied: moelink runs W4A16 (activations stay in the model dtype)."""
+
+    name = "nvfp4"
+    supports_extras = False  # no published NVFP4 MoE checkpoint has expert biases or a clamped SwiGLU
+
+    def create(self, layer: nn.Module, num_local: int, hidden: int, inter: int, dtype, device) -> None:
+        for field, n in (("hidden_size", hidden), ("moe_intermediate_size", inter)):
+            if n % NVFP4_GROUP:
+                raise ValueError(f"config.json {field}={n} is not supported with NVFP4 experts: it must be a "
+                                 f"multiple of {NVFP4_GROUP} (one e4m3 scale per {NVFP4_GROUP} values).")
+        g, f32 = NVFP4_GROUP, torch.float32
+        layer.w13_q_EFB = _param(num_local, 2 * inter, hidden // 2, dtype=torch.uint8, device=device)
+        layer.w13_scale_EFS = _param(num_local, 2 * inter, hidden // g, dtype=NVFP4_SCALE_DTYPE, device=device)
+        layer.w13_scale2_E2 = _param(num_local, 2, dtype=f32, device=device)
+        layer.w13_input_scale_E2 = _param(num_local, 2, dtype=f32, device=device)
+        layer.w2_q_EDB = _param(num_local, hidden, inter // 2, dtype=torch.uint8, device=device)
+        layer.w2_scale_EDS = _param(num_local, hidden, inter // g, dtype=NVFP4_SCALE_DTYPE, device=device)
+        layer.w2_scale2_E = _param(num_local, dtype=f32, device=device)
+        layer.w2_input_scale_E = _param(num_local, dtype=f32, device=device)
+
+    def weight_plan(self, layer: nn.Module, m: str, fused: bool, expert_ids: list[int], rows: tuple,
+                    names: tuple[str, str, str]) -> WeightPlan:
+        """This rank's experts under `m` ("model.layers.{i}.mlp."): `experts.{e}.{gate,up,down}.{weight,
+        weight_scale, weight_scale_2, input_scale}`, ModelOpt's per-expert names (the only layout it exports)."""
+        if fused:
+            raise ValueError(f"NVFP4 experts under {m!r} must be stored per expert (experts.{{e}}.gate_proj.weight "
+                             "...), as ModelOpt exports them: fused NVFP4 expert tensors are not a published layout.")
+        inter = layer.w13_q_EFB.shape[1] // 2
+        gate, up, down = names
+        plan: WeightPlan = {}
+        for local, e in enumerate(expert_ids):
+            for name, rows_, half in ((gate, slice(0, inter), 0), (up, slice(inter, 2 * inter), 1)):
+                p = f"{m}experts.{e}.{name}."
+                plan[p + "weight"] = PlanEntry(layer.w13_q_EFB, (local, rows_))
+                plan[p + "weight_scale"] = PlanEntry(layer.w13_scale_EFS, (local, rows_))
+                plan[p + "weight_scale_2"] = PlanEntry(layer.w13_scale2_E2, (local, half))
+                plan[p + "input_scale"] = PlanEntry(layer.w13_input_scale_E2, (local, half))
+            p = f"{m}experts.{e}.{down}."
+            plan[p + "weight"] = PlanEntry(layer.w2_q_EDB, (local,))
+            plan[p + "weight_scale"] = PlanEntry(layer.w2_scale_EDS, (local,))
+            plan[p + "weight_scale_2"] = PlanEntry(layer.w2_scale2_E, (local,))
+            plan[p + "input_scale"] = PlanEntry(layer.w2_input_scale_E, (local,))
+        return plan
+
+    def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+        return kernels.fused_moe_nvfp4(x_ND, layer.w13_q_EFB, layer.w13_scale_EFS, layer.w13_scale2_E2,
+                                       layer.w2_q_EDB, layer.w2_scale_EDS, layer.w2_scale2_E, weights_NK, ids_NK)
+
+
+ExpertFormat = FloatExperts | Fp8BlockExperts | Mxfp4Experts | Nvfp4Experts
 
 
 def make_expert_format(quant, fused: bool = False) -> ExpertFormat:
@@ -241,4 +302,6 @@ def make_expert_format(quant, fused: bool = False) -> ExpertFormat:
         return Fp8BlockExperts(quant.block, quant.online, stacked=fused)
     if quant.method == "mxfp4":
         return Mxfp4Experts()
-    raise ValueError(f"quantization {quant.method!r} has no expert weight format (moelink runs fp8 and mxfp4).")
+    if quant.method == "nvfp4":
+        return Nvfp4Experts()
+    raise ValueError(f"quantization {quant.method!r} has no expert weight format (moelink runs fp8, mxfp4 and nvfp4).")

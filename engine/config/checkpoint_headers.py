@@ -19,7 +19,8 @@ from pathlib import Path
 # safetensors' own reader refuses headers above 100 MB.
 MAX_HEADER_BYTES = 100_000_000
 # Element types a model weight may have: floats and FP8 (scales are float too). MXFP4 experts are U8, but their
-# tensors are `*_blocks` / `*_scales`, not `*.weight`.
+# tensors are `*_blocks` / `*_scales`, not `*.weight`; NVFP4 weights are U8 `*.weight` with a `*.weight_scale_2`
+# beside them, allowed when the checkpoint's quantization is NVFP4.
 WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -72,8 +73,12 @@ def check_checkpoint(cfg) -> None:
     tensors = checkpoint_tensors(cfg.model)
     if not tensors:
         return  # no safetensors files: the loader says so
+    quant = getattr(cfg, "quantization", None)
     for name, entry in tensors.items():
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if name.endswith(".weight") and dtype == "U8" and name + "_scale_2" in tensors and quant is not None \
+                and quant.method == "nvfp4":
+            continue  # NVFP4: the experts' format, dequantized at load elsewhere (engine/rank/nvfp4_linears.py)
         if name.endswith(".weight") and dtype not in WEIGHT_DTYPES:
             raise ValueError(f"checkpoint tensor {name!r} has dtype {dtype!r} in its header: a weight must be one of "
                              f"{', '.join(WEIGHT_DTYPES)}.")

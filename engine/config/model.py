@@ -18,7 +18,8 @@ from moelink.moe.router import RouterConfig
 
 from .architectures import CONFIG_ONLY_ARCHITECTURES, MTP_ARCHITECTURES, SUPPORTED_ARCHITECTURES  # noqa: F401
 from .hf_readers import read_fields
-from .quantization import QuantConfig, resolve_quantization
+from .quantization import (QuantConfig, check_architecture, read_hf_quant_config, read_quantization,
+                           resolve_quantization)
 from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
@@ -171,6 +172,11 @@ class ModelConfig:
             raise ValueError(f"max_model_len={max_model_len!r} is invalid: must be a positive integer.")
         hf = _auto_config(path, raw, arch)
         fields = read_fields(arch, hf)
+        if fields.get("quantization") is None:  # ModelOpt's older exports: the quantization in a file of its own
+            hf_quant = read_hf_quant_config(path)
+            if hf_quant is not None:
+                fields["quantization"] = read_quantization(hf_quant)
+                check_architecture(fields["quantization"], arch)
         # transformers' DeepSeek-V3 / GLM-4-MoE configs default num_nextn_predict_layers to 1 (the full models'
         # value) whether or not the file has the field: what the checkpoint holds is what its file says.
         if arch in MTP_ARCHITECTURES:

@@ -3,24 +3,29 @@
 moelink runs FP8 block-scaled weights (`quant_method: fp8`, as DeepSeek-V3/R1, Kimi K2 and Qwen3-FP8 publish
 them; kernels/fp8.py has the layout) from a checkpoint that says so, or made at load from a float checkpoint
 (`--quantization fp8`, "online": the same weights the `moelink quantize-fp8` tool would write), and MXFP4
-routed experts (`quant_method: mxfp4`, as OpenAI publishes gpt-oss; kernels/mxfp4.py has the layout). Each
-reader of a `quant_method` lives in `_READERS`; a method without one is refused naming the field, the value and
-what runs.
+routed experts (`quant_method: mxfp4`, as OpenAI publishes gpt-oss; kernels/mxfp4.py has the layout), and NVFP4
+routed experts (`quant_method: modelopt` with `quant_algo: NVFP4`, as NVIDIA's ModelOpt exports its FP4
+DeepSeek-R1 / Qwen3 releases, in config.json or in the older `hf_quant_config.json` beside it; kernels/nvfp4.py
+has the layout). Each reader of a `quant_method` lives in `_READERS`; a method without one is refused naming the
+field, the value and what runs.
 
 Which modules stay float: the router gate, norms, embeddings and lm_head always (as published); any module
 that `modules_to_not_convert` (transformers' name) or `ignored_layers` (vLLM / compressed-tensors' name) lists.
 """
 from __future__ import annotations
 
+import fnmatch
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from .architectures import MXFP4_ARCHITECTURES  # experts in MXFP4 as published (gpt-oss's layout)
 from .layer_configs import unsupported
 
 # Every quant_method a reader exists for (_READERS).
-SUPPORTED_METHODS = ("fp8", "mxfp4")
+SUPPORTED_METHODS = ("fp8", "mxfp4", "modelopt", "modelopt_fp4")
 _ACTIVATION_SCHEMES = ("dynamic",)
 _FP8_FORMATS = ("e4m3", "float8_e4m3fn")
 # `quantization=` (EngineArgs, --quantization) values that quantize a float checkpoint at load.
@@ -99,7 +104,50 @@ class Mxfp4Config:
         return not any(_skip_pattern(m).search(module) for m in self.modules_to_not_convert)
 
 
-QuantConfig = Fp8Config | Mxfp4Config  # the formats moelink reads
+@dataclass(frozen=True)
+class Nvfp4Config:
+    """NVFP4 routed experts as ModelOpt exports them (e2m1 values, one e4m3 scale per `group_size` = 16 along the
+    reduction dim, a float32 per-tensor weight_scale_2; kernels/nvfp4.py), run W4A16: activations stay in the model
+    dtype and the checkpoint's input_scale (for W4A4) is loaded but not applied.
+
+    ignore: module name patterns that stay float (config.json's `ignore`, hf_quant_config.json's
+    `exclude_modules`): `*` matches any run of characters, dots included ("model.layers.*.self_attn*"), and a
+    pattern without one matches a module's name or a dotted prefix of it ("lm_head", "model.layers.3").
+    kv_cache_quant_algo: recorded only (the KV cache dtype is the engine's --kv-cache-dtype).
+    """
+
+    group_size: int = 16
+    ignore: tuple[str, ...] = ()
+    kv_cache_quant_algo: str | None = None
+
+    method = "nvfp4"
+    online = False  # read as published; nothing quantizes to NVFP4 at load
+
+    def __post_init__(self) -> None:
+        if self.group_size != 16:
+            raise unsupported("quantization_config.group_size", self.group_size, (16,),
+                              " (NVFP4 has one e4m3 scale per 16 values)")
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+
+    def _ignored(self, module: str) -> bool:
+        for pat in self.ignore:
+            p = pat.strip(".")
+            if "*" in p or "?" in p:
+                if fnmatch.fnmatchcase(module, p):
+                    return True
+            elif module == p or module.startswith(p + "."):
+                return True
+        return False
+
+    def is_quantized(self, module: str) -> bool:
+        """Whether `module` ("model.layers.3.mlp.experts") runs NVFP4: a routed-experts module not ignored. Every
+        other module runs float (engine/models/linear.py); where the checkpoint holds one in NVFP4 anyway (ModelOpt
+        quantizes shared experts, dense MLPs and often attention unless told not to), it is dequantized at load
+        (engine/rank/nvfp4_linears.py)."""
+        return module.rsplit(".", 1)[-1] == "experts" and not self._ignored(module)
+
+
+QuantConfig = Fp8Config | Mxfp4Config | Nvfp4Config  # the formats moelink reads
 
 
 def read_quantization(quant: Any) -> QuantConfig | None:
@@ -114,7 +162,8 @@ def read_quantization(quant: Any) -> QuantConfig | None:
     if reader is None:
         raise unsupported("quantization_config.quant_method", method, SUPPORTED_METHODS,
                           " (fp8: block-scaled e4m3 weights as DeepSeek-V3 / Qwen3-FP8 publish them; mxfp4: "
-                          "gpt-oss's experts; other formats: convert the checkpoint to bf16 first)")
+                          "gpt-oss's experts; modelopt: NVFP4 experts; other formats: convert the checkpoint to "
+                          "bf16 first)")
     return reader(quant)
 
 
@@ -152,7 +201,49 @@ def check_architecture(quant: QuantConfig | None, arch: str) -> None:
                          f"layout); use a bf16 or fp8 checkpoint of this model.")
 
 
-_READERS = {"fp8": _read_fp8, "mxfp4": _read_mxfp4}
+def _read_modelopt(quant: Mapping) -> Nvfp4Config:
+    """ModelOpt's two spellings: config.json's flat `{"quant_method": "modelopt", "quant_algo", "group_size",
+    "ignore", "kv_cache_quant_algo"}` (group_size possibly under config_groups.*.weights), and the
+    hf_quant_config.json section `{"quantization": {"quant_algo", "group_size", "exclude_modules"}}`."""
+    nested = quant.get("quantization")
+    q = nested if isinstance(nested, Mapping) and "quant_algo" not in quant else quant
+    where = "hf_quant_config.json quantization" if q is nested else "config.json quantization_config"
+    algo = q.get("quant_algo")
+    if not isinstance(algo, str) or algo.upper() != "NVFP4":
+        raise ValueError(f"{where}.quant_algo={algo!r} is not supported (moelink runs ModelOpt's NVFP4 experts; its "
+                         f"FP8, W4A8 and mixed-precision exports are not): allowed: 'NVFP4'.")
+    group = q.get("group_size")
+    if group is None:
+        groups = [g.get("weights", {}).get("group_size") for g in (q.get("config_groups") or {}).values()
+                  if isinstance(g, Mapping) and isinstance(g.get("weights"), Mapping)]
+        group = next((g for g in groups if g is not None), 16)
+    if isinstance(group, bool) or str(group) != "16":
+        raise ValueError(f"{where}.group_size={group!r} is not supported (NVFP4 has one e4m3 scale per 16 values): "
+                         f"allowed: 16.")
+    skip = tuple(q.get("ignore") or ()) + tuple(q.get("exclude_modules") or ())
+    if any(not isinstance(m, str) for m in skip):
+        raise ValueError(f"{where}.ignore={list(skip)!r} is invalid: a list of module name patterns.")
+    return Nvfp4Config(int(group), skip, q.get("kv_cache_quant_algo"))
+
+
+def read_hf_quant_config(model_dir: str | Path) -> dict | None:
+    """The `hf_quant_config.json` ModelOpt writes beside an older checkpoint's config.json (which then has no
+    quantization_config), as a quantization_config dict for `read_quantization`; None without the file."""
+    path = Path(model_dir) / "hf_quant_config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"model={str(model_dir)!r}: hf_quant_config.json is not valid JSON ({e}).") from None
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("quantization"), Mapping):
+        raise ValueError(f"model={str(model_dir)!r}: hf_quant_config.json has no 'quantization' section (ModelOpt "
+                         f"writes {{'quantization': {{'quant_algo': 'NVFP4', ...}}}}).")
+    return {"quant_method": "modelopt", "quantization": dict(raw["quantization"])}
+
+
+# ("modelopt_fp4": vLLM's name for the same format, which some exports write as their quant_method)
+_READERS = {"fp8": _read_fp8, "mxfp4": _read_mxfp4, "modelopt": _read_modelopt, "modelopt_fp4": _read_modelopt}
 
 
 def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None,

@@ -19,7 +19,9 @@ Values (by checkpoint name; the outputs are meaningless):
 - FP8 (float8_e4m3fn) weights: uniform over the e4m3 range, with float32 `*_scale_inv` in
   [0.5, 1] * WEIGHT_RANGE / 448, so the dequantized weights are in the float range;
 - MXFP4 `*_blocks`: uniform random bytes (every nibble is an e2m1 code), `*_scales`: E8M0 exponents putting the
-  largest value (6 x 2^(s - 127)) between WEIGHT_RANGE / 2 and 2 x WEIGHT_RANGE.
+  largest value (6 x 2^(s - 127)) between WEIGHT_RANGE / 2 and 2 x WEIGHT_RANGE;
+- NVFP4 (ModelOpt's experts): `weight` uniform random bytes, `weight_scale` e4m3 in [224, 448], `weight_scale_2`
+  WEIGHT_RANGE / (6 x 448), so the largest value is between WEIGHT_RANGE / 2 and WEIGHT_RANGE; `input_scale` 1.
 Why 0.02 and not vLLM's 1e-3: at 1e-3 every layer adds ~1e-6 to a residual of ~1e-3 (the embedding), so the
 tokens are embedding x lm_head alone, every architecture of one width emits the same ones, and a check of the
 experts (EP against one rank) sees nothing. 0.02 (these models' initializer_range) keeps each linear's gain at
@@ -108,9 +110,16 @@ def random_tensor(name: str, spec: TensorSpec, device: torch.device) -> torch.Te
     if dtype == torch.uint8:  # MXFP4: E8M0 scales, or e2m1 pairs (any byte is two valid codes)
         low, high = (_E8M0_LOW, _E8M0_HIGH + 1) if name.endswith("_scales") else (0, 256)
         return torch.randint(low, high, shape, dtype=dtype, device=device, generator=gen)
+    if dtype == FP8_DTYPE and name.endswith(".weight_scale"):  # NVFP4 block scales: positive, in e4m3's top octave
+        x = torch.empty(shape, dtype=torch.float32, device=device).uniform_(FP8_MAX / 2, FP8_MAX, generator=gen)
+        return x.to(FP8_DTYPE)
     if dtype == FP8_DTYPE:
         x = torch.empty(shape, dtype=torch.float32, device=device).uniform_(-FP8_MAX, FP8_MAX, generator=gen)
         return x.to(FP8_DTYPE)
+    if name.endswith(".weight_scale_2"):  # NVFP4 global scale: 6 x 448 x it = WEIGHT_RANGE
+        return torch.full(shape, WEIGHT_RANGE / (FP4_MAX * FP8_MAX), dtype=dtype, device=device)
+    if name.endswith(".input_scale"):
+        return torch.ones(shape, dtype=dtype, device=device)
     if name.endswith("_scale_inv"):  # FP8 block scales: positive, finite, dequantizing into the float range
         x = torch.empty(shape, dtype=dtype, device=device).uniform_(0.5, 1.0, generator=gen)
         return x.mul_(WEIGHT_RANGE / FP8_MAX)

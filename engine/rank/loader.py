@@ -7,7 +7,9 @@ its plan lists (its own experts under expert parallelism).
 FP8 (engine/config/quantization.py): FP8 tensors are copied as they are and their
 `weight_scale_inv` as float32, both by the plan; a plan destination
 `QuantizeOnLoad` (online FP8 from a float checkpoint) block-quantizes the tensor
-as it is read. MXFP4 (gpt-oss's experts) is uint8 blocks and scales, copied as they are.
+as it is read. MXFP4 (gpt-oss's experts) is uint8 blocks and scales, copied as they are; so are NVFP4 experts
+(uint8 values, e4m3 scales, float32 global scales), while NVFP4 weights elsewhere are dequantized to the
+model dtype as they load (engine/rank/nvfp4_linears.py).
 `process_weights_after_loading` then lets modules convert what
 they loaded (MLA's kv_b_proj, dequantized for its absorption).
 
@@ -31,6 +33,7 @@ from moelink.moe.weight_plan import WeightPlan
 
 from ..config.model import ModelConfig
 from .dummy_weights import DummyCheckpoint
+from .nvfp4_linears import Nvfp4Piece, nvfp4_linear_plan
 from ..models import MoEDecoderForCausalLM, arch_spec, mtp_checkpoint_names
 from ..config.worker_config import LOAD_FORMATS
 
@@ -102,6 +105,8 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     names = frozenset(checkpoint.keys())  # they pick the experts' on-disk layout, which FP8 experts are built for
     model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep, names)
     plan = model.weight_plan(names)
+    if getattr(cfg.quantization, "method", None) == "nvfp4":  # NVFP4 linears outside the experts: float at load
+        plan = nvfp4_linear_plan(plan, names)
     missing = [name for name in plan if name not in checkpoint]
     if missing:
         raise ValueError(
@@ -131,6 +136,8 @@ def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, pr
                 src = _read(st, name, source)
                 if isinstance(param, QuantizeOnLoad):
                     _quantize_into(name, src, param, idx, device)
+                elif isinstance(param, Nvfp4Piece):
+                    param.put(src, device)
                 else:
                     _copy_into(name, src, param[idx] if idx else param, device)
                 bar.update(1)
@@ -155,6 +162,8 @@ def _check_values(name: str, src: torch.Tensor) -> None:
 def _copy_into(name: str, src: torch.Tensor, dest: torch.Tensor, device) -> None:
     """FP8 values are copied as they are (a cast would turn them into wrong numbers, their scales apart);
     float tensors, scales included (float32), take the destination's dtype."""
+    if src.dim() != dest.dim() and src.numel() == 1 and dest.numel() == 1:
+        src = src.reshape(dest.shape)  # a per-tensor scale, stored as [] or [1] (NVFP4's weight_scale_2)
     _check_shape(name, src, dest)
     _check_values(name, src)
     if (src.dtype == FP8_DTYPE) != (dest.dtype == FP8_DTYPE):

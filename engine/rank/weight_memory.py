@@ -13,8 +13,9 @@ from ..models.linear import Linear
 
 def weight_bytes_by_format(model: nn.Module) -> dict[str, int]:
     """{format: bytes} of every weight `model` holds: "fp8" (values + block scales: dense linears and experts
-    in FP8), "mxfp4" (packed values + E8M0 scales: gpt-oss's experts) and "float" (everything else, in its own
-    dtype). Each parameter is counted once (tied embeddings share one)."""
+    in FP8), "mxfp4" (packed values + E8M0 scales: gpt-oss's experts), "nvfp4" (packed values + e4m3 scales:
+    ModelOpt's experts; their per-expert float32 global and input scales count as float) and "float" (everything
+    else, in its own dtype). Each parameter is counted once (tied embeddings share one)."""
     out: dict[str, int] = {}
     counted: set[int] = set()
 
@@ -34,6 +35,12 @@ def weight_bytes_by_format(model: nn.Module) -> dict[str, int]:
                 add("mxfp4", e * weight_bytes("mxfp4", n, s * 2 * q))
             counted.update(id(p) for p in (module.w13_blocks_EFSQ, module.w13_scales_EFS, module.w2_blocks_EDSQ,
                                            module.w2_scales_EDS))
+        elif hasattr(module, "expert_format") and hasattr(module, "w13_q_EFB"):
+            # NVFP4 [E, N, K/2] bytes + [E, N, K/16] e4m3 scales.
+            for q in (module.w13_q_EFB, module.w2_q_EDB):
+                e, n, b = q.shape
+                add("nvfp4", e * weight_bytes("nvfp4", n, 2 * b))
+            counted.update(id(p) for p in (module.w13_q_EFB, module.w13_scale_EFS, module.w2_q_EDB, module.w2_scale_EDS))
         elif hasattr(module, "expert_format") and hasattr(module, "w13_EFD"):
             block = getattr(module.expert_format, "block", (1, 1))
             for w in (module.w13_EFD, module.w2_EDI):

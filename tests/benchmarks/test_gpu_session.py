@@ -38,7 +38,7 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + [f"moe {s}" for s in moe_kernels.SHAPES] + [f"moe {s} --quick" for s in moe_kernels.SHAPES]
          + [f"tune {s}" for s in moe_kernels.SHAPES] + ["tune deepseek-v3 1,64"]
          + ["tests-fp8"] + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"moe-fp8 {s} --quick" for s in FP8_SHAPES]
-         + ["moe-mxfp4", "moe-mxfp4 --quick"]
+         + ["moe-mxfp4", "moe-mxfp4 --quick", "moe-nvfp4", "moe-nvfp4 --quick"]
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
          + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick"])
@@ -148,7 +148,7 @@ def test_plan_lists_one_device_command_per_step():
     rows = re.findall(r"^(.+?)\s+budget\s+(\d+) s\s+OUT=\$OUT bash benchmarks/gpu_session.sh (.+)$", proc.stdout, re.M)
     assert [r[2] for r in rows] == (["preflight", "tests-kernels", "tests-engine"] + [f"moe {s}" for s in moe_kernels.SHAPES]
                                     + [f"tune {s}" for s in moe_kernels.SHAPES] + ["decode", "tests-fp8"]
-                                    + [f"moe-fp8 {s}" for s in FP8_SHAPES] + ["moe-mxfp4"]
+                                    + [f"moe-fp8 {s}" for s in FP8_SHAPES] + ["moe-mxfp4", "moe-nvfp4"]
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
                                     + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"])

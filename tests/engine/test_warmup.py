@@ -147,6 +147,8 @@ def test_qwen3_30b_a3b_plans_the_tuned_json_buckets_up_to_8192_tokens():
     ("float", 32, 2048, 7168, 8, H100, 16384),    # DeepSeek-V3, one rank's share at EP 8: default.json, rows/expert
     ("fp8", 256, 2048, 7168, 8, H100, 8192),      # the FP8 defaults, adapted to 128 x 128 weight blocks
     ("mxfp4", 32, 2880, 2880, 4, H100, 4096),     # gpt-oss
+    ("nvfp4", 128, 768, 2048, 8, H100, 8192),     # Qwen3-30B-A3B-FP4 (ModelOpt's NVFP4 experts)
+    ("nvfp4", 6, 32, 48, 2, "cpu", 64),           # the interpreter's configs (BLOCK_K raised to 32)
     ("fp8", 6, 32, 64, 3, "cpu", 64),             # the interpreter's configs
 ])
 def test_the_moe_plan_is_every_variant_the_selector_picks(fmt, E, I, D, K, name, max_tokens):

@@ -1,0 +1,82 @@
+"""NVFP4 weights outside the routed experts, dequantized as they load.
+
+ModelOpt's NVFP4 exports quantize more than the routed experts unless its `ignore` list says otherwise (shared
+experts, dense MLPs, often the attention projections). moelink runs NVFP4 for the routed experts only (the
+fused MoE, moe/expert_weights.Nvfp4Experts, where nearly all the bytes are); every other linear holds its weight
+in the model dtype, so such a tensor is dequantized once at load: e2m1 x weight_scale x weight_scale_2
+(kernels/nvfp4.nvfp4_dequantize: exact in float64, one rounding from float32 otherwise). Its input_scale (W4A4's
+activation scale) is not read.
+
+How: `nvfp4_linear_plan` rewrites a weight plan so that each float destination whose checkpoint tensor
+`X.weight` has an `X.weight_scale_2` beside it reads three tensors (`X.weight`, `X.weight_scale`,
+`X.weight_scale_2`) into one `Nvfp4Dequant`, which writes the destination when it has all three (the loader reads
+tensors one at a time, file by file). A row order the plan reads the weight in (MLA's rope de-interleave) reads
+the packed bytes and the block scales alike: each row carries its own bytes and scales, so permuting rows is
+exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple
+
+import torch
+
+from moelink.kernels.nvfp4 import nvfp4_dequantize
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
+
+_PARTS = ("weight", "weight_scale", "weight_scale_2")
+
+
+@dataclass
+class Nvfp4Dequant:
+    """The float destination of one NVFP4 checkpoint weight and the parts read so far."""
+
+    dest: torch.Tensor
+    name: str
+    parts: dict = field(default_factory=dict)
+
+    def put(self, role: str, src: torch.Tensor, device) -> None:
+        """Keep one part; with all three, dequantize into the destination (and drop them)."""
+        self.parts[role] = src.to(device)
+        if len(self.parts) < len(_PARTS):
+            return
+        q, s, g = (self.parts.pop(p) for p in _PARTS)
+        if q.dtype != torch.uint8 or g.numel() != 1:
+            raise ValueError(f"checkpoint tensor {self.name!r} is not NVFP4 as ModelOpt writes it: weight is {q.dtype} "
+                             f"(uint8 e2m1 pairs expected) and weight_scale_2 has {g.numel()} values (one expected).")
+        w = nvfp4_dequantize(q, s, g.reshape(()), self.dest.dtype)  # ValueError naming the shapes if they disagree
+        if tuple(w.shape) != tuple(self.dest.shape):
+            raise ValueError(f"checkpoint tensor {self.name!r} dequantizes to shape {tuple(w.shape)}, expected "
+                             f"{tuple(self.dest.shape)} from config.json.")
+        self.dest.copy_(w)
+
+
+class Nvfp4Piece(NamedTuple):
+    """A plan destination: part `role` of `target`."""
+
+    target: Nvfp4Dequant
+    role: str
+
+    def put(self, src: torch.Tensor, device) -> None:
+        self.target.put(self.role, src, device)
+
+
+def nvfp4_linear_plan(plan: WeightPlan, names: Iterable[str]) -> WeightPlan:
+    """`plan` with every float destination whose checkpoint weight is NVFP4 (an `X.weight_scale_2` in `names`)
+    read through an Nvfp4Dequant (module docstring); the routed experts' uint8 destinations stay as they are."""
+    names = set(names)
+    out = dict(plan)
+    for name, (dest, idx, source) in plan.items():
+        base = name[: -len("weight")]
+        if not name.endswith(".weight") or base + "weight_scale_2" not in names:
+            continue
+        if not isinstance(dest, torch.Tensor) or not dest.is_floating_point():
+            continue  # NVFP4 experts (uint8), or a destination of another kind
+        if len(source) > 1:
+            raise ValueError(f"checkpoint tensor {name!r} is NVFP4 and read through a {len(source)}-dim index; only a "
+                             f"row order can be applied to its packed bytes and scales.")
+        target = Nvfp4Dequant(dest[idx] if idx else dest, name)
+        out[name] = PlanEntry(Nvfp4Piece(target, "weight"), (), source)
+        out[base + "weight_scale"] = PlanEntry(Nvfp4Piece(target, "weight_scale"), (), source)
+        out[base + "weight_scale_2"] = PlanEntry(Nvfp4Piece(target, "weight_scale_2"), (), ())
+    return out

@@ -1,0 +1,306 @@
+"""Fused MoE with NVFP4 expert weights (ModelOpt's FP4 DeepSeek-R1 / Qwen3) in Triton: the float fused MoE
+(kernels/triton_moe.py) whose B tiles are dequantized in the K loop, as kernels/triton_moe_mxfp4.py does for MXFP4.
+
+Legend: T tokens, D hidden, E local experts, G global experts, I expert intermediate size, F = 2I, K top-k,
+P = T*K pairs, R padded rows (moe_align), B = (reduction dim) / 2 packed bytes of a row, S = (reduction dim) / 16
+scale groups.
+
+Weights (kernels/nvfp4.py has the layout): w13 [E, F, D/2] uint8 ([gate; up] rows) + scales [E, F, D/16]
+float8_e4m3fn + global scales [E, 2] float32 (gate's, up's); w2 [E, D, I/2] + [E, D, I/16] + [E]. A row's bytes
+are contiguous along the reduction dim, so a [BLOCK_N, BLOCK_K/2] byte tile and its [BLOCK_N, BLOCK_K/16] scales
+are plain strided loads: a quarter of a bf16 tile's bytes plus 1/16 for the scales.
+
+In the K loop (`NATIVE=False`, every GPU): bytes -> two nibbles (low nibble = even element) -> the e2m1 value
+built in fp32 bits -> times the e4m3 block scale (its bits read as uint8 and decoded exactly) -> the activation
+dtype, exact: e2m1 x e4m3 has at most 6 significant bits and lies in [2**-10, 2688], inside bf16's and fp16's
+normal range -> tl.dot with fp32 accumulation, as the float kernel. The per-tensor global scale (weight_scale_2)
+is constant along K, so it multiplies the fp32 accumulator once after the loop: gate's and up's each on their
+own accumulator, so checkpoints whose gate and up were calibrated apart are computed exactly. Activations stay
+in their dtype (W4A16); the checkpoint's input_scale (W4A4) is not used.
+
+`NATIVE=True` (opt-in, `native=True`; bf16/fp16 activations): `tl.dot_scaled(x, None, "bf16", packed,
+scales_e4m3, "e2m1")`. Triton 3.6 and 3.9 accept e4m3 scales there and read their group size from the scale's
+dtype (16 for float8e4nv, 32 for uint8 E8M0: `semantic.verify_scaled_shape` / `deduce_scale_factor`), so this is
+NVFP4's native operand form. With bf16 activations Triton cannot use Blackwell's block-scaled MMA
+(`tcgen05.mma kind::mxf4nvf4` needs both operands FP4 with scales, i.e. activations quantized by input_scale:
+the W4A4 numerics change not made here); it upcasts the e2m1 operand with its scales and runs the bf16 MMA.
+Compiled offline for sm_100 (2026-11-24): Triton 3.9 lowers it to `tcgen05.mma ... kind::f16` at every
+default.json bucket; Triton 3.6 (the GPU machines' version) aborts in TritonGPUAccelerateMatmul (an MLIR
+assertion building the missing lhs scale in the rhs scale's fp8 type), so `native=True` is refused below Triton
+3.9. The dequantizing path compiles with 3.6 for sm_90 (wgmma from BLOCK_M 64, mma.sync below) and sm_100
+(tcgen05 kind::f16 from BLOCK_M 64), without spills. Unlike MXFP4's native path this one is not checked in the
+interpreter: Triton 3.9's interpreter reads every dot_scaled scale as an E8M0 exponent
+(`_dot_scaled_scale_to_f32`), so it would compute wrong numbers there; tests/kernels/test_triton_moe_nvfp4.py
+runs it against the reference only on a GPU of compute capability >= 10, hence opt-in.
+
+The rest is the pipeline's and the GEMM scaffold's (kernels/triton_moe_gemm.py), as for MXFP4: this format
+plugs in its K loops (`nvfp4_up_loop`, `nvfp4_down_loop`) and `Nvfp4Format`; one program per tile without TMA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as common
+from .moe import SILU, MoEActivation
+from .moe_config import GemmConfig, MoELaunchConfig, get_moe_config
+from .nvfp4 import GROUP, _check_globals, check_nvfp4
+from .triton_common import dot
+from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
+from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+
+_NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@triton.jit
+def _e4m3_to_fp32(s):
+    # e4m3 bits (uint8) -> fp16 bits with the same exponent field and mantissa (sign to bit 15, exponent and
+    # mantissa to bits 7-13): fp16's bias is 8 more than e4m3's, so its value is the scale / 2**8, subnormals
+    # included (e4m3's 2**-6 * m/8 is fp16's 2**-14 * m/8). Exact; no fp8 type is needed, so masked loads fill
+    # with an integer 0 and the interpreter runs it.
+    s = s.to(tl.int16)
+    h = ((s & 0x80) << 8) | ((s & 0x7F) << 7)
+    return h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
+def nvfp4_dequant_tile(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """Packed e2m1 bytes q [BN, BK/2] (uint8) + e4m3 scales s [BN, BK/16] (their bytes, uint8) -> the [BK, BN] B
+    tile in dtype (without the global scale)."""
+    q = q.to(tl.int32)
+    c = tl.reshape(tl.join(q & 0xF, q >> 4), [BLOCK_N, BLOCK_K])  # low nibble = even element
+    mag = c & 7
+    # e2m1 -> fp32 bits: codes 2-7 are 2**(e-1) * (1 + m/2) = exponent (mag >> 1) + 126, mantissa bit at 22;
+    # code 1 is 0.5 (0x3F000000), code 0 is 0; the sign bit 3 goes to bit 31.
+    bits = tl.where(mag >= 2, (mag << 22) + 0x3F000000, tl.where(mag == 1, 0x3F000000, 0)) | ((c & 8) << 28)
+    v = tl.reshape(bits.to(tl.float32, bitcast=True), [BLOCK_N, BLOCK_K // 16, 16])
+    w = tl.reshape(v * _e4m3_to_fp32(s)[:, :, None], [BLOCK_N, BLOCK_K])
+    return tl.trans(w.to(dtype))
+
+
+@triton.jit
+def _nvfp4_dot(a, q, s, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
+               A_FORMAT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    if NATIVE:
+        return tl.dot_scaled(a, None, A_FORMAT, tl.trans(q), s.to(tl.float8e4nv, bitcast=True), "e2m1", acc)
+    return dot(a, nvfp4_dequant_tile(q, s, BLOCK_N, BLOCK_K, a.dtype), acc, INTERPRET, PREC)
+
+
+@triton.jit
+def nvfp4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """UP_LOOP of NVFP4 weights, FMT = (NATIVE, A_FORMAT). w_ops = (wq_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn,
+    stride_se, stride_sn, stride_ss, stride_ge): [BLOCK_N, BLOCK_K/2] byte tiles, their [BLOCK_N, BLOCK_K/16]
+    scales, and the expert's (gate, up) global scales at wg_ptr + expert * stride_ge + (0, 1)."""
+    wq_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge = w_ops
+    NATIVE: tl.constexpr = FMT[0]
+    A_FORMAT: tl.constexpr = FMT[1]
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kq = tl.arange(0, BLOCK_K // 2)  # bytes
+    offs_ks = tl.arange(0, BLOCK_K // 16)  # scale groups
+    rows_n = offs_n.to(tl.int64)
+    e64 = expert.to(tl.int64)
+    gq_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
+    gs_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
+    uq_ptrs = gq_ptrs + inter * stride_qn
+    us_ptrs = gs_ptrs + inter * stride_sn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
+        # (the reduction dim is a multiple of 16, one scale group, not of BLOCK_K: whole bytes and groups)
+        kq_ok = offs_kq < (hidden - k0) // 2
+        ks_ok = offs_ks < (hidden - k0) // 16
+        qg = load_weights(gq_ptrs, n_ok, kq_ok, EVEN_K, True)
+        sg = load_weights(gs_ptrs, n_ok, ks_ok, EVEN_K, True)
+        qu = load_weights(uq_ptrs, n_ok, kq_ok, EVEN_K, True)
+        su = load_weights(us_ptrs, n_ok, ks_ok, EVEN_K, True)
+        acc_g = _nvfp4_dot(a, qg, sg, acc_g, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
+        acc_u = _nvfp4_dot(a, qu, su, acc_u, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
+        a_ptrs += BLOCK_K
+        gq_ptrs += BLOCK_K // 2
+        uq_ptrs += BLOCK_K // 2
+        gs_ptrs += (BLOCK_K // 16) * stride_ss
+        us_ptrs += (BLOCK_K // 16) * stride_ss
+    g_ptr = wg_ptr + e64 * stride_ge
+    return acc_g * tl.load(g_ptr), acc_u * tl.load(g_ptr + 1)
+
+
+@triton.jit
+def nvfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inter,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """DOWN_LOOP of NVFP4 weights. h_ops = (h_ptr, stride_hr), w_ops as `nvfp4_up_loop`'s (rows of w2; the global
+    scale at wg_ptr + expert * stride_ge)."""
+    h_ptr, stride_hr = h_ops
+    wq_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge = w_ops
+    NATIVE: tl.constexpr = FMT[0]
+    A_FORMAT: tl.constexpr = FMT[1]
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kq = tl.arange(0, BLOCK_K // 2)
+    offs_ks = tl.arange(0, BLOCK_K // 16)
+    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
+    rows_n = offs_n.to(tl.int64)
+    e64 = expert.to(tl.int64)
+    q_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
+    s_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
+        q = load_weights(q_ptrs, n_ok, offs_kq < (inter - k0) // 2, EVEN_K, True)
+        s = load_weights(s_ptrs, n_ok, offs_ks < (inter - k0) // 16, EVEN_K, True)
+        acc = _nvfp4_dot(a, q, s, acc, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
+        a_ptrs += BLOCK_K
+        q_ptrs += BLOCK_K // 2
+        s_ptrs += (BLOCK_K // 16) * stride_ss
+    return acc * tl.load(wg_ptr + e64 * stride_ge)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _moe_nvfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, wg_ptr, h_ptr, sorted_ptr, expert_ids_ptr, b13_ptr, num_pairs,
+                         num_rows, inter, hidden, top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn,
+                         stride_ss, stride_ge, stride_hr, stride_be, alpha, limit, num_rows_ptr, num_experts,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PERSISTENT: tl.constexpr,
+                         TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr,
+                         A_FORMAT: tl.constexpr):
+    # (num_rows_ptr, num_experts: the pipeline's, for PERSISTENT and TMA, which NVFP4 runs without; last, as MXFP4)
+    sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
+                   (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
+                   (wq_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge),
+                   (h_ptr, stride_hr), nvfp4_up_loop, store_h, (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                   EVEN_K, HAS_BIAS, ACT, PERSISTENT, TMA, INTERPRET, PREC)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _moe_nvfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, wg_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr, b2_ptr,
+                           num_pairs, num_rows, hidden, inter, top_k, stride_hr, stride_qe, stride_qn, stride_se,
+                           stride_sn, stride_ss, stride_ge, stride_yr, stride_be, num_rows_ptr, num_experts,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                           EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
+                           NATIVE: tl.constexpr, A_FORMAT: tl.constexpr):
+    sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
+                     (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr),
+                     (wq_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge),
+                     nvfp4_down_loop, (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS,
+                     PERSISTENT, TMA, INTERPRET, PREC)
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def nvfp4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
+    """The float kernel's launch config with BLOCK_SIZE_K at least 32 (two scale groups: the byte tile is
+    BLOCK_K/2 wide and tl.dot wants K >= 16 on both sides); FUSED_GATE_UP is ignored here (two dots)."""
+    bk = lambda g: max(2 * GROUP, g.BLOCK_SIZE_K)  # noqa: E731
+    return MoELaunchConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, BLOCK_SIZE_K=bk(cfg.up), FUSED_GATE_UP=False),
+                           replace(cfg.down, BLOCK_SIZE_K=bk(cfg.down)))
+
+
+@dataclass(frozen=True)
+class Nvfp4Format(WeightFormat):
+    """NVFP4 experts: packed bytes, e4m3 block scales, per-expert global scales; `native` picks tl.dot_scaled for
+    activations of dtype `a_format` (module docstring)."""
+
+    w13q_EFB: torch.Tensor
+    w13s_EFS: torch.Tensor
+    w13g_E2: torch.Tensor
+    w2q_EDB: torch.Tensor
+    w2s_EDS: torch.Tensor
+    w2g_E: torch.Tensor
+    native: bool
+    a_format: str
+
+    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
+        """`nvfp4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
+        cfg = nvfp4_config(cfg)
+        return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
+
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (x_TD,), (h_RI,) = a, h
+        return _moe_nvfp4_up_kernel, dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
+                                          **self._weight(self.w13q_EFB, self.w13s_EFS, self.w13g_E2))
+
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (h_RI,) = h
+        return _moe_nvfp4_down_kernel, dict(h_ptr=h_RI, stride_hr=h_RI.stride(0),
+                                            **self._weight(self.w2q_EDB, self.w2s_EDS, self.w2g_E))
+
+    def _weight(self, q: torch.Tensor, s: torch.Tensor, g: torch.Tensor) -> dict:
+        """A GEMM's weight operands (bytes, scales, global scales and their strides) and this format's constexprs."""
+        return dict(wq_ptr=q, ws_ptr=s, wg_ptr=g, stride_qe=q.stride(0), stride_qn=q.stride(1), stride_se=s.stride(0),
+                    stride_sn=s.stride(1), stride_ss=s.stride(2), stride_ge=g.stride(0), TMA=False,
+                    NATIVE=self.native, A_FORMAT=self.a_format)
+
+
+def _check(x_TD, w13_q, w13_s, w13_g, w2_q, w2_s, w2_g, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int]:
+    common.check_dtype("x_TD", x_TD)
+    check_nvfp4(w13_q, w13_s, "w13")
+    check_nvfp4(w2_q, w2_s, "w2")
+    if w13_q.dim() != 3 or w2_q.dim() != 3:
+        raise ValueError(f"w13 {tuple(w13_q.shape)} / w2 {tuple(w2_q.shape)} are invalid: need [E, 2I, D/2] and "
+                         "[E, D, I/2].")
+    E, F, B13 = w13_q.shape
+    D = x_TD.shape[1]
+    if F % 2 or B13 * 2 != D or tuple(w2_q.shape) != (E, D, F // 4) or (F // 2) % GROUP or D % GROUP:
+        raise ValueError(f"shapes x_TD={tuple(x_TD.shape)}, w13={tuple(w13_q.shape)}, w2={tuple(w2_q.shape)} do not "
+                         f"fit: need w13 [E, 2I, D/2] and w2 [E, D, I/2] with D and I multiples of {GROUP}.")
+    _check_globals(w13_g, w2_g, E)
+    if w13_g.dtype != torch.float32 or w2_g.dtype != torch.float32:
+        raise ValueError(f"global scales of dtype {w13_g.dtype}/{w2_g.dtype} are invalid: weight_scale_2 is float32.")
+    check_routing(x_TD, topk_weights_TK, topk_ids_TK)
+    return E, F // 2, D
+
+
+def triton_fused_moe_nvfp4(
+    x_TD: torch.Tensor,
+    w13_q_EFB: torch.Tensor,
+    w13_scale_EFS: torch.Tensor,
+    w13_scale2_E2: torch.Tensor,
+    w2_q_EDB: torch.Tensor,
+    w2_scale_EDS: torch.Tensor,
+    w2_scale2_E: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    expert_map_G: torch.Tensor | None = None,
+    *,
+    b13_EF: torch.Tensor | None = None,
+    b2_ED: torch.Tensor | None = None,
+    activation: MoEActivation = SILU,
+    out: torch.Tensor | None = None,
+    config: MoELaunchConfig | None = None,
+    combine: str = "sum",
+    native: bool = False,
+) -> torch.Tensor:
+    """Same contract as `reference_fused_moe_nvfp4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose experts
+    are all remote are 0. `out`, `config` and `combine` as `triton_fused_moe`; `native=True` takes the
+    tl.dot_scaled path (module docstring; bf16/fp16 activations only). No device→host sync."""
+    E, I, D = _check(x_TD, w13_q_EFB, w13_scale_EFS, w13_scale2_E2, w2_q_EDB, w2_scale_EDS, w2_scale2_E,
+                     topk_weights_TK, topk_ids_TK)
+    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
+    act_args = activation_args(activation)
+    T, K = x_TD.shape[0], topk_ids_TK.shape[1]
+    dt = x_TD.dtype
+    if native and dt not in _NATIVE_DTYPES:
+        raise ValueError(f"native=True is invalid with x_TD.dtype={dt}: tl.dot_scaled takes bf16 or fp16 activations.")
+    if native and _triton_version() < (3, 9):
+        raise ValueError(f"native=True is invalid with Triton {triton.__version__}: its compiler fails on tl.dot_scaled "
+                         "with e4m3 scales (module docstring); it needs Triton >= 3.9, or use native=False.")
+    out = output(x_TD, out, combine)
+    if T == 0:
+        return out
+    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+    rows = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731  (K-contiguous bytes and scales)
+    u8 = lambda t: rows(t).view(torch.uint8)  # noqa: E731  (the kernels decode e4m3 from its bits)
+    fmt = Nvfp4Format(E, I, rows(w13_q_EFB), u8(w13_scale_EFS), w13_scale2_E2.contiguous(), rows(w2_q_EDB),
+                      u8(w2_scale_EDS), w2_scale2_E.contiguous(), bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
+    cfg = config or get_moe_config(E, I, T, K, x_TD.device)
+    return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
+                            expert_map_G, K, cfg, out, combine, b13_EF, b2_ED, act_args)
