@@ -20,7 +20,9 @@
 #                          searches each GEMM's PERSISTENT (0/1/2 programs per SM) and TMA (off/on) axes too
 #   tune-fp8 SHAPE [TOKENS] tune_moe --dtype fp8 for ONE FP8 shape (deepseek-v3 | qwen3-30b-a3b) into
 #                          .gpu_session/tuned_fp8, then $OUT/tuned_configs_fp8_<GPU>_<SHAPE>.tar.gz; prints a RATIO
-#                          line (fp8 / bf16 ms) per bucket; after `unpack`, moe-fp8 measures with the tuned file
+#                          line (fp8 / bf16 ms) per bucket; after `unpack`, moe-fp8 measures with the tuned file.
+#                          TOKENS 4096,16384 gives the goal's buckets the whole budget (a new file keeps the other
+#                          buckets at the configs used until then)
 #   decode [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite]
 #                          engine_decode, eager and as CUDA-graph replays
 #   e2e [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite] [--dtype bf16|fp8] [--serve]
@@ -786,7 +788,7 @@ case "$STEP" in
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
   tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,44p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  ""|-h|--help) sed -n '2,46p' "${BASH_SOURCE[0]}"; exit 0 ;;
   *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
