@@ -14,9 +14,10 @@ tune_moe's search, budget per bucket, confirmation and merge run unchanged with 
   TMA, which the FP8 kernels take as the bf16 ones do). The wrapper caps BLOCK_K at the weight's Bk (128) and
   raises the gate-up BLOCK_N to a multiple of it, and has no fused gate-up tile or tiny path: a candidate is
   mapped to what launches, and one that launches the same as a config already timed is not timed again
-  ("same_launch" in the record). Pruned before compiling (`feasible_fp8`): pipelined tiles of 1-byte operands,
-  num_stages of them (sm_90's wgmma pipeline: the compile report's 120 KB for a 64x256x128 gate-up tile at 3
-  stages), and at most FP8_MAX_ACC fp32 accumulator values per thread.
+  ("same_launch" in the record). Pruned before compiling (`feasible_fp8`): pipelined tiles of 1-byte operands
+  (num_stages of them at BLOCK_M >= 64, where sm_90 takes wgmma: the compile report's 200 KB for a 64x256x128
+  gate-up tile at 5 stages; num_stages - 1 below, on mma.sync), and the fp32 accumulator values per thread that
+  compile without spills (FP8_MAX_ACC, FP8_MAX_ACC_MMA_SYNC).
 - Correctness: against fp8.reference_fused_moe_fp8 in float32 (a per-expert loop on the dequantized weights that
   quantizes the activations as the kernel does, x per token per 128 channels and SiLU(gate)*up per row per 128),
   within FP8_TOL.
@@ -39,10 +40,13 @@ from .moe_kernels import SHAPES, make_inputs, make_weights
 from .tune_moe import SPACES, time_call, time_config
 from .tune_space import gemm_fits
 
-# The FP8 kernels hold a fresh fp32 dot tile per K step and its scaled product beside the accumulators: the sm_90
-# compile report has 242-246 registers (of 255, no spill) at 64 accumulator values per thread (gate-up 64x128 at
-# 8 warps, down 64x128 at 4) and 126-138 at 16-32; 128 values (bf16's MAX_ACC_REGS) would spill.
-FP8_MAX_ACC = 64
+# The FP8 kernels hold a fresh fp32 dot tile per K step and its scaled product beside the accumulators, so fewer
+# accumulator values per thread fit than bf16's MAX_ACC_REGS (128). sm_90 compile reports (Triton 3.6, 2026-11-24):
+# BLOCK_M >= 64 (wgmma): 64 values 230-246 registers, no spill (gate-up 64x128 at 8 warps, down 64x128 at 4 and
+# 64x256 / 128x128 at 8); 128 values spill 92-800 stores (gate-up 64x128 at 4 warps, 64x256 and 128x128 at 8).
+# BLOCK_M < 64 (mma.sync, more registers per value): 32 values 178-218 registers, no spill; 64 values spill (down
+# 32x256 at 4 warps: 144 stores; gate-up 32x256 at 8: 28).
+FP8_MAX_ACC, FP8_MAX_ACC_MMA_SYNC = 64, 32
 # The reference quantizes the activations with the kernel's groups: what is left is accumulation order and the
 # FP8 rounding flips it causes (moe_kernels_fp8 checks the same kernels against it at 1e-2); a wrong scale group
 # or tile is off by far more.
@@ -64,11 +68,13 @@ def launched(cfg, block=(128, 128)):
 
 def feasible_fp8(cfg, D: int, I: int, block=(128, 128)) -> str | None:
     """Why `cfg`, as the FP8 wrapper launches it, cannot fit (None: try it): tune_space.feasible's rules for
-    1-byte operands, num_stages pipelined tiles and FP8_MAX_ACC; the gate-up BLOCK_N the wrapper forces (Bk) never
-    counts as wider than the GEMM."""
+    1-byte operands with the FP8 kernels' pipeline buffers and accumulator limits (module docstring); the gate-up
+    BLOCK_N the wrapper forces (Bk) never counts as wider than the GEMM."""
     cfg = launched(cfg, block)
+    wgmma = cfg.BLOCK_SIZE_M >= 64
+    buffers = (lambda stages: stages) if wgmma else (lambda stages: max(1, stages - 1))
     for part, g, n, k in (("up", cfg.up, I, D), ("down", cfg.down, D, I)):
-        why = gemm_fits(part, g, cfg.BLOCK_SIZE_M, n, k, 1, FP8_MAX_ACC, lambda stages: stages,
+        why = gemm_fits(part, g, cfg.BLOCK_SIZE_M, n, k, 1, FP8_MAX_ACC if wgmma else FP8_MAX_ACC_MMA_SYNC, buffers,
                         block[1] if part == "up" else 16)
         if why:
             return why
@@ -77,12 +83,13 @@ def feasible_fp8(cfg, D: int, I: int, block=(128, 128)) -> str | None:
 
 def adapt_bf16(cfg, block=(128, 128)):
     """A bf16 config as an FP8 seed: as launched, each GEMM's warps doubled (up to 8) while its accumulators break
-    FP8_MAX_ACC (BLOCK_M and the blocks stay what the bf16 search found)."""
+    the FP8 limit (BLOCK_M and the blocks stay what the bf16 search found)."""
     cfg = launched(cfg, block)
+    limit = FP8_MAX_ACC if cfg.BLOCK_SIZE_M >= 64 else FP8_MAX_ACC_MMA_SYNC
     for part in ("up", "down"):
         g = getattr(cfg, part)
         cols, warps = (2 if part == "up" else 1) * g.BLOCK_SIZE_N, g.num_warps
-        while cfg.BLOCK_SIZE_M * cols // (32 * warps) > FP8_MAX_ACC and warps < 8:
+        while cfg.BLOCK_SIZE_M * cols // (32 * warps) > limit and warps < 8:
             warps *= 2
         cfg = replace(cfg, **{part: replace(g, num_warps=warps)})
     return cfg

@@ -84,6 +84,13 @@ def test_fp8_pruning_rules():
     # num_stages buffers of 1-byte tiles: 5 x (64 + 256) x 128 B = 200 KB fits, 6 do not
     assert tune_moe_fp8.feasible_fp8(replace(ok, up=replace(ok.up, num_stages=5)), D, I) is None
     assert "shared memory" in tune_moe_fp8.feasible_fp8(replace(ok, up=replace(ok.up, num_stages=6)), D, I)
+    # BLOCK_M < 64 compiles to mma.sync: 32 accumulator values a thread (down 32x256 at 4 warps spilled 144 stores),
+    # and num_stages - 1 pipelined tiles (6 x 36 KB of a 32x256x128 gate-up tile at 7 stages do not fit, 5 at 6 do)
+    m32 = MoELaunchConfig(32, GemmConfig(128, 128, 1, 8, 3), GemmConfig(256, 128, 1, 8, 3))
+    assert tune_moe_fp8.feasible_fp8(m32, D, I) is None
+    assert "accumulator registers" in tune_moe_fp8.feasible_fp8(replace(m32, down=replace(m32.down, num_warps=4)), D, I)
+    assert tune_moe_fp8.feasible_fp8(replace(m32, up=replace(m32.up, num_stages=6)), D, I) is None
+    assert "shared memory" in tune_moe_fp8.feasible_fp8(replace(m32, up=replace(m32.up, num_stages=7)), D, I)
     # judged as launched: BLOCK_K 256 is 128
     assert tune_moe_fp8.feasible_fp8(replace(ok, up=replace(ok.up, BLOCK_SIZE_K=256, num_stages=5)), D, I) is None
     # the gate-up BLOCK_N the wrapper forces is never "wider than the GEMM" (a 32-wide I); the down one is
@@ -165,3 +172,39 @@ def test_fp8_cpu_smoke_writes_files_get_fp8_moe_config_reads(tmp_path, monkeypat
         assert get_fp8_moe_config(E, I, 2, K, CPU, config_dir=out).to_dict() == printed[(name, 1)]
     assert get_fp8_moe_config(E8, I8, 3000, 2, CPU, config_dir=out) == OLD
     assert get_fp8_moe_config(E8, I8, 3000, 2, CPU, config_dir=tmp_path) != OLD  # (no file there: the defaults)
+
+
+def test_tuned_fp8_files_are_compile_report_cases(tmp_path, monkeypatch):
+    """compile_cases.compile_fp8 launches every bucket of a tuned fp8_w8a8 file at its shape, so the sm_90 report
+    (zero spills) covers what tune_moe --dtype fp8 writes; a file of another shape is skipped."""
+    import shutil
+    from contextlib import contextmanager
+
+    from moelink.benchmarks import compile_cases
+    from moelink.kernels import triton_fp8, triton_moe_fp8
+
+    E, K, D, I = DSV3
+    shutil.copy(CONFIG_DIR / "fp8_moe_default.json", tmp_path)
+    tuned = {4096: OLD, 16384: replace(OLD, up=replace(OLD.up, num_stages=4))}
+    moe_config.write_config_file(tmp_path / fp8_config_file_name(E, I, "Some_GPU"), tuned)
+    moe_config.write_config_file(tmp_path / fp8_config_file_name(8, 32, "Some_GPU"), {1: OLD})
+    monkeypatch.setattr(moe_config, "CONFIG_DIR", tmp_path)
+    launched_with = []
+
+    class Rec:
+        case = None
+
+        @contextmanager
+        def labelled(self, case):
+            self.case = case
+            yield
+
+    rec = Rec()
+    monkeypatch.setattr(triton_moe_fp8, "triton_fused_moe_fp8",
+                        lambda x, *a, config=None, **k: launched_with.append((rec.case, x.shape[0], config)))
+    monkeypatch.setattr(triton_fp8, "triton_fp8_linear", lambda *a, **k: None)
+    compile_cases.compile_fp8(rec, quick=True)
+    name = fp8_config_file_name(E, I, "Some_GPU")
+    got = {T: cfg for case, T, cfg in launched_with if name in case}
+    assert got == tuned and all(case.startswith("deepseek-v3 ") for case, _, _ in launched_with if name in case)
+    assert not [case for case, _, _ in launched_with if "E=8," in case]
