@@ -9,7 +9,8 @@ tune_moe's search, budget per bucket, confirmation and merge run unchanged with 
   token group by the kernel (W8A8).
 - Seeds: the FP8 config moelink uses now for the bucket (a tuned fp8 file's, else fp8_moe_default.json's),
   fp8_moe_default.json's, and the bf16 tuned config of the same shape where there is one, each as the FP8 wrapper
-  launches it (triton_moe_fp8.fp8_launch_config; the bf16 one's warps raised where the FP8 register rule needs it).
+  launches it (triton_moe_fp8.fp8_launch_config; the bf16 one with warps raised, then BLOCK_M halved, until it fits
+  the FP8 register rule).
 - Candidates: the bf16 space's axes (BLOCK_SIZE_M, each GEMM's blocks, GROUP_M, warps, stages, PERSISTENT and
   TMA, which the FP8 kernels take as the bf16 ones do). The wrapper caps BLOCK_K at the weight's Bk (128) and
   raises the gate-up BLOCK_N to a multiple of it, and has no fused gate-up tile or tiny path: a candidate is
@@ -81,17 +82,24 @@ def feasible_fp8(cfg, D: int, I: int, block=(128, 128)) -> str | None:
     return None
 
 
-def adapt_bf16(cfg, block=(128, 128)):
-    """A bf16 config as an FP8 seed: as launched, each GEMM's warps doubled (up to 8) while its accumulators break
-    the FP8 limit (BLOCK_M and the blocks stay what the bf16 search found)."""
-    cfg = launched(cfg, block)
+def _over(cfg, part: str) -> bool:
+    """Whether a GEMM of `cfg` holds more fp32 accumulator values per thread than the FP8 kernels compile unspilled."""
+    g = getattr(cfg, part)
     limit = FP8_MAX_ACC if cfg.BLOCK_SIZE_M >= 64 else FP8_MAX_ACC_MMA_SYNC
+    return cfg.BLOCK_SIZE_M * (2 if part == "up" else 1) * g.BLOCK_SIZE_N // (32 * g.num_warps) > limit
+
+
+def adapt_bf16(cfg, block=(128, 128)):
+    """A bf16 config as an FP8 seed: as launched, each GEMM's warps doubled (up to 8) while its accumulators break the
+    FP8 limit, then BLOCK_M halved while one still does (bf16's 128-row tiles spill here: 800 spill stores for the
+    gate-up 128x128 at 8 warps); the blocks and the rest stay what the bf16 search found."""
+    cfg = launched(cfg, block)
     for part in ("up", "down"):
-        g = getattr(cfg, part)
-        cols, warps = (2 if part == "up" else 1) * g.BLOCK_SIZE_N, g.num_warps
-        while cfg.BLOCK_SIZE_M * cols // (32 * warps) > limit and warps < 8:
-            warps *= 2
-        cfg = replace(cfg, **{part: replace(g, num_warps=warps)})
+        while _over(cfg, part) and getattr(cfg, part).num_warps < 8:
+            g = getattr(cfg, part)
+            cfg = replace(cfg, **{part: replace(g, num_warps=g.num_warps * 2)})
+    while (_over(cfg, "up") or _over(cfg, "down")) and cfg.BLOCK_SIZE_M > 16:
+        cfg = replace(cfg, BLOCK_SIZE_M=cfg.BLOCK_SIZE_M // 2)
     return cfg
 
 

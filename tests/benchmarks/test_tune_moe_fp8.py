@@ -116,6 +116,10 @@ def test_fp8_seeds_are_current_default_and_the_bf16_tuned_config_adapted(tmp_pat
     assert got == MoELaunchConfig(64, GemmConfig(128, 128, 8, 8, 3), GemmConfig(256, 128, 1, 8, 4, TMA=True))
     assert all(launches_as_fp8(c) for _, c in seeds) and len({c for _, c in seeds}) == len(seeds)
     assert [label for label, _ in tune_moe_fp8.fp8_seeds(SHAPE, 12, CPU, bf16_dir=tmp_path / "none")] == labels[:-1]
+    # bf16's 128-row tiles: at 8 warps still 128 values a thread in the gate-up GEMM -> BLOCK_M 64
+    big = MoELaunchConfig(128, GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 4, 3))
+    assert tune_moe_fp8.adapt_bf16(big) == MoELaunchConfig(64, big.up, replace(big.down, num_warps=8))
+    assert tune_moe_fp8.feasible_fp8(tune_moe_fp8.adapt_bf16(big), *DSV3[2:]) is None
 
 
 # -- the --cpu-smoke run ---------------------------------------------------------------------------------------------------
