@@ -143,7 +143,6 @@ class Bf16Kind:
     """What tune_bucket tunes and how (tune_moe_fp8.Fp8Kind is the FP8 one): the bf16/fp16 fused MoE of
     kernels/triton_moe.py, checked against the per-expert loop, its configs as they are written."""
 
-    dtype_name = None  # (the activations' dtype: --dtype's)
     tiny = True  # the tiny-batch path is an axis
 
     def inputs(self, shape, T, dtype, device, gen, n_sets):
@@ -304,6 +303,7 @@ def main(argv=None) -> dict[str, dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if args.dtype == "fp8" else getattr(torch, args.dtype)  # (fp8: the activations' dtype)
     iters = args.iters or (SMOKE_ITERS if args.cpu_smoke else ITERS)
+    tiny_axes = TINY_AXES["smoke" if args.cpu_smoke else args.space] if kind.tiny else None
     timer = Timer(device)
     end = time.monotonic() + args.budget_s
     meta = run_meta(device)
@@ -330,8 +330,7 @@ def main(argv=None) -> dict[str, dict]:
                 print(f"{name} T={T}: out of time budget, not tuned")
                 continue
             best, t, info = tune_bucket((E, K, D, I), T, dtype, device, timer, space, iters, deadline,
-                                        tiny_axes=TINY_AXES["smoke" if args.cpu_smoke else args.space] if kind.tiny else None,
-                                        kind=kind)
+                                        tiny_axes=tiny_axes, kind=kind)
             if best is None:
                 why = ("out of time budget" if time.monotonic() > deadline
                        else "no candidate config compiled and gave correct results")
