@@ -327,8 +327,9 @@ FP8_LINEAR_SHAPES = {"deepseek-v3 q_b_proj": (24576, 1536), "deepseek-v3 o_proj"
 
 def compile_fp8(rec: Recorder, quick: bool) -> None:
     """FP8 block-scaled W8A8 (kernels/triton_fp8.py, triton_moe_fp8.py): the fused MoE at every bucket of
-    fp8_moe_default.json at the DeepSeek-V3 and Qwen3-30B-A3B shapes (the published FP8 checkpoints), one
-    expert-map and one atomic variant; the dense GEMM at every fp8_linear.json bucket; the quantization kernel
+    fp8_moe_default.json at the DeepSeek-V3 and Qwen3-30B-A3B shapes (the published FP8 checkpoints) and of every
+    tuned `fp8_w8a8,E=..,N=..,device_name=..json` file at its shape (tune_moe --dtype fp8), one expert-map and one
+    atomic variant; the dense GEMM at every fp8_linear.json bucket; the quantization kernel
     with them."""
     from moelink.kernels.fp8 import block_scale_shape
     from moelink.kernels.moe_config import CONFIG_DIR, MoELaunchConfig, load_config_file
@@ -344,6 +345,11 @@ def compile_fp8(rec: Recorder, quick: bool) -> None:
            for T in [max(1, -(-b * MODEL_SHAPES[n][0] // MODEL_SHAPES[n][1]))]]
     moe += [(f"{label} {v}", n, T, MoELaunchConfig(c.BLOCK_SIZE_M, replace(c.up, **keys), replace(c.down, **keys)), e, comb)
             for label, n, T, c, e, comb in list(moe) for v, keys in NEW_KEY_VARIANTS if "fused" not in v]
+    for path in sorted(CONFIG_DIR.glob("fp8_w8a8,E=*,N=*,device_name=*.json")):  # tune_moe --dtype fp8's files
+        m = re.match(r"fp8_w8a8,E=(\d+),N=(\d+),", path.name)
+        names = [n for n in ("deepseek-v3", "qwen3-30b-a3b") if (MODEL_SHAPES[n][0], MODEL_SHAPES[n][3]) == (int(m[1]), int(m[2]))]
+        if names:
+            moe += [(f"{path.name}[{b}]", names[0], b, c, False, "sum") for b, c in load_config_file(str(path))[1]]
     if not quick:
         moe += [("fp8 variant expert map", "deepseek-v3", 64, None, True, "sum"),
                 ("fp8 variant atomic", "deepseek-v3", 4096, None, False, "atomic")]

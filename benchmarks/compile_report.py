@@ -25,7 +25,7 @@ bucket of every tuned `E=..,N=..,device_name=...json` file at its own shape, and
 the published seed configs tune_moe.py starts from (benchmarks/tune_moe.py PUBLISHED). The other kernels
 (align, top-k sum, attention, KV write, RMSNorm, rotary) are compiled at the shapes the engine launches
 for the three models; the FP8 block-scaled kernels (fused MoE, dense GEMM, activation quantization) at the
-buckets of kernels/configs/fp8_moe_default.json (also with PERSISTENT / TMA) and fp8_linear.json
+buckets of kernels/configs/fp8_moe_default.json (also with PERSISTENT / TMA), of tuned fp8_w8a8 files, and fp8_linear.json
 (compile_cases.compile_fp8). Launches that agree on kernel, launch config, dtypes and shape class (the
 divisibility specialisation) are one record (compile_report_text.record_key), also across --merge runs.
 Output: <out>.json (every kernel) and <out>.md (tables and notes).

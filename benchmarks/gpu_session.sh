@@ -20,6 +20,11 @@
 #   tune SHAPE [TOKENS]    tune_moe for ONE shape into .gpu_session/tuned, then
 #                          $OUT/tuned_configs_<GPU>_<SHAPE>.tar.gz (see "Tuned configs" below); its quick space
 #                          searches each GEMM's PERSISTENT (0/1/2 programs per SM) and TMA (off/on) axes too
+#   tune-fp8 SHAPE [TOKENS] tune_moe --dtype fp8 for ONE FP8 shape (deepseek-v3 | qwen3-30b-a3b) into
+#                          .gpu_session/tuned_fp8, then $OUT/tuned_configs_fp8_<GPU>_<SHAPE>.tar.gz; prints a RATIO
+#                          line (fp8 / bf16 ms) per bucket; after `unpack`, moe-fp8 measures with the tuned file.
+#                          TOKENS 4096,16384 gives the goal's buckets the whole budget (a new file keeps the other
+#                          buckets at the configs used until then)
 #   decode [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite]
 #                          engine_decode, eager and as CUDA-graph replays
 #   e2e [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite] [--dtype bf16|fp8] [--serve]
@@ -56,12 +61,15 @@
 #   faulthandler_timeout dumps the stacks and `timeout` ends the file. Plugins that are absent are not
 #   asked for (-p no:cacheprovider only).
 # - Files under $OUT: names of letters, digits, '.', '_' and '-' only (the device tool drops others), no
-#   folders, at most 8 per step. Tuned configs, named `E=..,N=..,device_name=...json`, travel in a tarball.
+#   folders, at most 8 per step. Tuned configs, named `E=..,N=..,device_name=...json` (FP8:
+#   `fp8_w8a8,E=..,N=..,device_name=...json`), travel in a tarball.
 #
-# Tuned configs: after `tune SHAPE` on the device, the tarball comes back under the tool's files folder;
+# Tuned configs: after `tune SHAPE` (or `tune-fp8 SHAPE`) on the device, the tarball comes back under the tool's
+# files folder;
 #   bash benchmarks/gpu_session.sh unpack path/to/tuned_configs_<GPU>_<SHAPE>.tar.gz
 # (or: tar -xzf FILE -C kernels/configs) puts E=..,N=..,device_name=<GPU>.json in kernels/configs, where
-# kernels/moe_config.py looks them up by device name; commit them.
+# kernels/moe_config.py looks them up by device name (triton_moe_fp8.get_fp8_moe_config the fp8_w8a8 ones);
+# commit them.
 #
 # Budgets (cold Triton cache; the device tool stops a command at 600 s, a lease holds 1800 s in all).
 # A command's budget = START_S + GEMM compiles x S_PER_GEMM_COMPILE + slow compiles x S_PER_SLOW_COMPILE
@@ -420,16 +428,21 @@ step_moe() {
 
 # moe-fp8 SHAPE: per token count the bf16 config (up + down) and the FP8 one (up + down): 4 GEMM; 2 align per
 # config, the top-k sum twice and the group quantization: 7 other (7 token counts -> 28 + 49; --quick: 4 -> 16 + 28).
+check_fp8_shape() {
+  local s
+  for s in "${FP8_SHAPES[@]}"; do [[ $1 == "$s" ]] && return 0; done
+  echo "SHAPE must be one of ${FP8_SHAPES[*]} (got '${1:-}')" >&2
+  exit 2
+}
 step_moe_fp8() {
-  local shape="" quick=0 a s ok=0
+  local shape="" quick=0 a
   for a in "$@"; do case "$a" in --quick) quick=1 ;; *) shape=$a ;; esac; done
   if [[ $MODE == cpu-smoke ]]; then
     cmd moe_kernels_fp8 0 0 0 240 -- "$PY" -m moelink.benchmarks.moe_kernels --cpu-smoke --dtype fp8 \
       --out "$OUT/moe_kernels_cpu_smoke_fp8.json"
     return 0
   fi
-  for s in "${FP8_SHAPES[@]}"; do [[ $shape == "$s" ]] && ok=1; done
-  [[ $ok == 1 ]] || { echo "SHAPE must be one of ${FP8_SHAPES[*]} (got '${shape}')" >&2; exit 2; }
+  check_fp8_shape "$shape"
   local toks=() n=7 run=${MOE_FP8_RUN_S[$shape]}
   if [[ $quick == 1 ]]; then toks=(--tokens 1,64,1024,16384); n=4; run=${MOE_FP8_QUICK_RUN_S[$shape]}; fi
   cmd "moe_kernels_fp8_$shape" $((4 * n)) 0 $((7 * n)) "$run" -- \
@@ -501,6 +514,40 @@ step_tune() {
     say "tuned configs in $tarball ($(tar -tzf "$tarball" | tr '\n' ' ')): bash benchmarks/gpu_session.sh unpack $(basename "$tarball")"
   else
     say "tune $shape wrote no config"
+    STATUS=1
+  fi
+}
+
+# tune-fp8 SHAPE [TOKENS]: tune_moe --dtype fp8 (benchmarks/tune_moe_fp8.py), budgeted as tune: the tuner's --budget-s
+# holds all it does in a bucket (the weights quantized once per shape, the float reference, the bf16 fused MoE timed
+# first for the RATIO line, the search), TUNE_TAIL_S the candidate started just before it and the confirmation.
+step_tune_fp8() {
+  local shape=${1:-} tokens=${2:-}
+  local stage="$STATE/tuned_fp8"
+  rm -rf "$stage"
+  mkdir -p "$stage"
+  if [[ $MODE == cpu-smoke ]]; then  # one smoke shape and bucket: the step's plumbing (stage, tarball, unpack)
+    cmd tune_moe_fp8 0 0 0 180 -- "$PY" -m moelink.benchmarks.tune_moe --cpu-smoke --dtype fp8 --shapes smoke-fp8-e8 \
+      --tokens 1 --out-dir "$stage"
+    shape=smoke
+  else
+    check_fp8_shape "$shape"
+    local args=(-m moelink.benchmarks.tune_moe --dtype fp8 --shapes "$shape" ${tokens:+--tokens "$tokens"}
+                --budget-s "$TUNE_BUDGET_S" --out-dir "$stage")
+    if [[ $MODE == dry-run ]]; then
+      cmd "tune_moe_fp8_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- "$PY" "${args[@]}"
+    else  # its log is also a file: the device tool returns only the tail of a command's output
+      cmd "tune_moe_fp8_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- \
+        bash -c 'set -o pipefail; "$@" 2>&1 | tee "'"$OUT/tune_moe_fp8_${DEV}_${shape}.txt"'"' _ "$PY" "${args[@]}"
+    fi
+  fi
+  [[ $MODE == dry-run ]] && return 0
+  local tarball="$OUT/tuned_configs_fp8_${DEV}_${shape}.tar.gz"
+  if compgen -G "$stage/fp8_w8a8,E=*.json" >/dev/null; then
+    tar -czf "$tarball" -C "$stage" $(cd "$stage" && ls fp8_w8a8,E=*.json)
+    say "tuned configs in $tarball ($(tar -tzf "$tarball" | tr '\n' ' ')): bash benchmarks/gpu_session.sh unpack $(basename "$tarball")"
+  else
+    say "tune-fp8 $shape wrote no config"
     STATUS=1
   fi
 }
@@ -668,7 +715,7 @@ step_unpack() {  # FILE...: tuned tarballs (or single JSON files) -> kernels/con
       *.tar.gz|*.tgz)
         local m
         for m in $(tar -tzf "$f"); do  # (the pattern of moelink.kernels.moe_config.tuned_file_name_ok)
-          [[ $m =~ ^E=[0-9]+,N=[0-9]+,device_name=[A-Za-z0-9._-]+\.json$ ]] \
+          [[ $m =~ ^(fp8_w8a8,)?E=[0-9]+,N=[0-9]+,device_name=[A-Za-z0-9._-]+\.json$ ]] \
             || { echo "unpack: $f holds '$m', not a tuned config file name: refused" >&2; exit 2; }
         done
         tar -xzf "$f" -C "$tmp" ;;
@@ -683,7 +730,7 @@ from moelink.kernels.moe_config import load_config_file, tuned_file_name_ok
 src, dest = Path(sys.argv[1]), Path(sys.argv[2])
 for p in sorted(src.iterdir()):
     if not tuned_file_name_ok(p.name):
-        sys.exit(f"unpack: {p.name} is not a tuned config file name (E=..,N=..,device_name=...json)")
+        sys.exit(f"unpack: {p.name} is not a tuned config file name ([fp8_w8a8,]E=..,N=..,device_name=...json)")
     key, buckets = load_config_file(str(p))  # raises on a malformed file
     shutil.copyfile(p, dest / p.name)
     print(f"unpacked {dest / p.name}: {len(buckets)} buckets ({', '.join(str(b) for b, _ in buckets)})")
@@ -699,6 +746,7 @@ step_plan() {  # the full session, one device command per line, with budgets (dr
   for s in "${SHAPES[@]}"; do steps+=("tune $s"); done
   steps+=("decode" "tests-fp8")
   for s in "${FP8_SHAPES[@]}"; do steps+=("moe-fp8 $s"); done
+  for s in "${FP8_SHAPES[@]}"; do steps+=("tune-fp8 $s"); done
   steps+=("moe-mxfp4" "moe-nvfp4")
   for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
   steps+=("mla-fp8-kv")
@@ -758,9 +806,9 @@ case "$STEP" in
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|decode|e2e|mla-fp8-kv|spec|kv-transfer|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,41p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,46p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -779,6 +827,7 @@ case "$STEP" in
   moe-mxfp4) step_moe_mxfp4 "$@" ;;
   moe-nvfp4) step_moe_nvfp4 "$@" ;;
   tune) step_tune "$@" ;;
+  tune-fp8) step_tune_fp8 "$@" ;;
   decode) step_decode "$@" ;;
   e2e) step_e2e "$@" ;;
   mla-fp8-kv) step_mla_fp8_kv "$@" ;;
@@ -792,6 +841,7 @@ case "$STEP" in
     step_decode "$@"
     step_tests_fp8
     for s in "${FP8_SHAPES[@]}"; do step_moe_fp8 "$s" "$@"; done
+    for s in "${FP8_SHAPES[@]}"; do step_tune_fp8 "$s"; done
     step_moe_mxfp4 "$@"
     step_moe_nvfp4 "$@"
     for s in "${E2E_MODELS[@]}"; do step_e2e --model "$s"; step_e2e --model "$s" --dtype fp8; step_e2e --serve --model "$s"; done

@@ -1,6 +1,6 @@
 """Tune the Triton MoE launch configs on this GPU and write them as JSON (kernels/configs/).
 
-    python -m moelink.benchmarks.tune_moe [--shapes qwen3-30b-a3b,...] [--tokens 1,16,...]
+    python -m moelink.benchmarks.tune_moe [--shapes qwen3-30b-a3b,...] [--tokens 1,16,...] [--dtype bfloat16|fp8]
         [--space quick|full] [--budget-s 480] [--out-dir kernels/configs] [--merge-from DIR]
 
 Per shape and token count (a "bucket"):
@@ -30,6 +30,10 @@ there, or, when --out-dir has none, into the same-named file in --merge-from (de
 a staging directory (benchmarks/gpu_session.sh tune) still keeps the buckets it did not re-tune. The file
 records per bucket the seed, its time and the tuned time ("tuning"). moelink.kernels.moe_config reads it.
 
+`--dtype fp8` tunes the FP8 block-scaled fused MoE the same way (benchmarks/tune_moe_fp8.py: its inputs, seeds,
+pruning, reference and `fp8_w8a8,E=..,N=..,device_name=..json` files, a RATIO line against bf16 per bucket); the
+parts that differ are a "kind" (Bf16Kind here, tune_moe_fp8.Fp8Kind) that tune_bucket and main call.
+
 `--cpu-smoke` tunes the tiny shapes of moe_kernels.py on CPU (Triton interpreter) over a tiny space, one
 timed iteration each, into `--out-dir` (default: a new temporary directory, never kernels/configs): it
 checks this script only.
@@ -47,7 +51,7 @@ import torch
 
 from .tune_space import (GEMM_AXES, MAX_ACC_REGS, MAX_TINY_DOWN_VALUES, MAX_TINY_UP_VALUES, PUBLISHED,  # noqa: F401
                          SCHEDULE_AXES, SMEM_LIMIT, SPACES, TINY_AXES, TINY_TUNE_MAX_PAIRS, UP_AXES, block_m_candidates,
-                         feasible, from_vllm, neighbours, published_seeds, tiny_neighbours)
+                         feasible, from_vllm, gemm_fits, neighbours, published_seeds, tiny_neighbours)
 from .moe_kernels import (SHAPES, SMOKE_SHAPES, SMOKE_TOKENS, TOKENS, Timer, make_inputs, per_expert_loop, require_cuda,
                           run_meta)
 
@@ -72,10 +76,16 @@ def time_config(cfg, sets, timer, iters, want=None) -> float:
     from moelink.kernels.triton_moe import triton_fused_moe
 
     fn = lambda x, w13, w2, tw, ti: triton_fused_moe(x, w13, w2, tw, ti, config=cfg)  # noqa: E731
+    return time_call(fn, cfg, sets, timer, iters, want)
+
+
+def time_call(fn, cfg, sets, timer, iters, want=None, tol: float = 2e-2) -> float:
+    """time_config's body for any fused MoE `fn` launched with `cfg` (tune_moe_fp8 times the FP8 one through it):
+    median seconds, inf on any failure or a relative error above `tol` against `want`."""
     try:
         if want is not None:
             err = float((fn(*sets[0]).float() - want).norm() / want.norm())
-            if not err <= 2e-2:  # a NaN fails too
+            if not err <= tol:  # a NaN fails too
                 print(f"  skipped {json.dumps(cfg.to_dict())}: relative error {err:.3g} against the per-expert loop")
                 return float("inf")
         return timer(fn, sets, iters=iters, warmup=1)
@@ -99,15 +109,17 @@ class GraphTiming:
         return t if t is not None else self.timer(fn, arg_sets, iters=iters, warmup=warmup)
 
 
-def confirm(best, best_t, seed, seed_t, sets, timer, iters, rounds=CONFIRM_ROUNDS):
+def confirm(best, best_t, seed, seed_t, sets, timer, iters, rounds=CONFIRM_ROUNDS, time_fn=None):
     """Head-to-head re-timing of the search's best against the seed, interleaved; returns (config, seconds, seconds
-    of the seed): the seed unless the best is faster in the median of `rounds` rounds."""
+    of the seed): the seed unless the best is faster in the median of `rounds` rounds. `time_fn`: time_config's
+    signature (default time_config)."""
     if best == seed:
         return seed, seed_t, seed_t
+    time_fn = time_fn or time_config
     tb, ts = [], []
     for _ in range(rounds):
-        ts.append(time_config(seed, sets, timer, iters))
-        tb.append(time_config(best, sets, timer, iters))
+        ts.append(time_fn(seed, sets, timer, iters))
+        tb.append(time_fn(best, sets, timer, iters))
     mb, ms = sorted(tb)[len(tb) // 2], sorted(ts)[len(ts) // 2]
     return (best, mb, ms) if mb < ms else (seed, ms, ms)
 
@@ -127,27 +139,77 @@ def seeds_for(shape, T, device):
     return uniq
 
 
-def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=print, tiny_axes=None):
+class Bf16Kind:
+    """What tune_bucket tunes and how (tune_moe_fp8.Fp8Kind is the FP8 one): the bf16/fp16 fused MoE of
+    kernels/triton_moe.py, checked against the per-expert loop, its configs as they are written."""
+
+    tiny = True  # the tiny-batch path is an axis
+
+    def inputs(self, shape, T, dtype, device, gen, n_sets):
+        E, K, D, I = shape
+        sets = make_inputs(E, K, D, I, T, dtype, device, gen, n_sets=n_sets)
+        return sets, per_expert_loop(*sets[0]).float()
+
+    def time(self, cfg, sets, timer, iters, want=None) -> float:
+        return time_config(cfg, sets, timer, iters, want)
+
+    def seeds(self, shape, T, device):
+        return seeds_for(shape, T, device)
+
+    def launched(self, cfg):
+        """The config as the wrapper launches it (candidates that launch the same are timed once)."""
+        return cfg
+
+    def feasible(self, cfg, shape, dtype):
+        E, K, D, I = shape
+        return feasible(cfg, D, I, dtype.itemsize, K)
+
+    def compare(self, shape, T, sets, timer, iters) -> dict:
+        """Extra numbers for the bucket's record, timed on the same inputs (the FP8 kind: bf16's time)."""
+        return {}
+
+    # -- what main needs besides tune_bucket
+    def shapes(self, smoke: bool) -> dict:
+        return SMOKE_SHAPES if smoke else SHAPES
+
+    def space(self, name: str) -> dict:
+        return SPACES[name]
+
+    def file_name(self, E: int, I: int, device) -> str:
+        from moelink.kernels.moe_config import config_file_name, device_name
+
+        return config_file_name(E, I, device_name(device))
+
+    def meta(self, args) -> dict:
+        return dict(dtype=args.dtype)
+
+    def fallback(self, shape, device, tokens) -> dict:
+        """{bucket: config} a new file starts with (buckets this run does not tune keep them): none for bf16."""
+        return {}
+
+
+def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=print, tiny_axes=None, kind=None):
     """(best MoELaunchConfig, its seconds, info dict) or (None, inf, info) when nothing could be timed in time."""
+    kind = kind or Bf16Kind()
     E, K, D, I = shape
     gen = torch.Generator(device=device).manual_seed(T)
     # Rotating inputs keeps them out of a GPU's L2; the CPU interpreter has no cache to defeat (and a call costs ~0.2 s).
-    sets = make_inputs(E, K, D, I, T, dtype, device, gen, n_sets=2 if device.type == "cuda" else 1)
-    want = per_expert_loop(*sets[0]).float()
+    sets, want = kind.inputs(shape, T, dtype, device, gen, 2 if device.type == "cuda" else 1)
     if device.type == "cuda" and T * K <= TINY_TUNE_MAX_PAIRS:  # decode-sized: what a decode graph replays
         timer = GraphTiming(timer)
-    info = dict(tried=0, pruned=0, failed=0)
+    info = dict(tried=0, pruned=0, failed=0, same=0)
+    info.update(kind.compare(shape, T, sets, timer, iters))
     seen: dict = {}
 
     def measure(cfg) -> float:
         if cfg not in seen:
-            seen[cfg] = time_config(cfg, sets, timer, iters, want)
+            seen[cfg] = kind.time(cfg, sets, timer, iters, want)
             info["tried"] += 1
             info["failed"] += seen[cfg] == float("inf")
         return seen[cfg]
 
     seed, seed_t, seed_label = None, float("inf"), None
-    for label, cfg in seeds_for(shape, T, device):
+    for label, cfg in kind.seeds(shape, T, device):
         if time.monotonic() > deadline:
             break
         t = measure(cfg)
@@ -163,12 +225,15 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
         for cand in neighbours(cur, space, bms, T * K, tiny_axes):
             if time.monotonic() > deadline:
                 break
-            if cand in seen:
+            launched = kind.launched(cand)
+            if launched in seen:
+                info["same"] += launched != cand  # a value the wrapper overrides: the same launch as one timed
                 continue
+            cand = launched
             # (a seed can break a rule, e.g. default.json's 64-wide blocks on a 32-wide smoke GEMM: then its
             # neighbours are not held to the rules it breaks)
-            why = feasible(cand, D, I, dtype.itemsize, K)
-            if why and feasible(cur, D, I, dtype.itemsize, K) is None:
+            why = kind.feasible(cand, shape, dtype)
+            if why and kind.feasible(cur, shape, dtype) is None:
                 info["pruned"] += 1
                 continue
             t = measure(cand)
@@ -177,7 +242,7 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
         if not improved or time.monotonic() > deadline:
             break
     best, best_t, seed_t2 = confirm(cur, cur_t, seed, seed_t, sets, timer, iters,
-                                    space.get("confirm_rounds", CONFIRM_ROUNDS))
+                                    space.get("confirm_rounds", CONFIRM_ROUNDS), kind.time)
     info.update(seed=seed_label, seed_config=seed.to_dict(), seed_ms=round(seed_t2 * 1e3, 4),
                 tuned_ms=round(best_t * 1e3, 4), kept_seed=best == seed)
     return best, best_t, info
@@ -190,7 +255,9 @@ def main(argv=None) -> dict[str, dict]:
                     help=f"comma list of {', '.join(SHAPES)} (default: all; with --cpu-smoke: of {', '.join(SMOKE_SHAPES)})")
     ap.add_argument("--tokens", default=None, help="comma list of token-count buckets (default: "
                     f"{','.join(map(str, TOKENS))}; with --cpu-smoke {','.join(map(str, SMOKE_TOKENS))})")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8"],
+                    help="fp8: the FP8 block-scaled fused MoE (W8A8, 128x128 weight blocks; tune_moe_fp8.py) against "
+                    "the bf16 one, into fp8_w8a8,E=..,N=..,device_name=..json")
     ap.add_argument("--space", default="quick", choices=sorted(SPACES), help="values per axis and sweeps")
     ap.add_argument("--iters", type=int, default=None,
                     help=f"timed iterations per candidate (default {ITERS}, {SMOKE_ITERS} with --cpu-smoke)")
@@ -200,7 +267,13 @@ def main(argv=None) -> dict[str, dict]:
                     help="where an existing file to merge into is read when --out-dir has none (default: kernels/configs)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
     args = ap.parse_args(argv)
-    known = SMOKE_SHAPES if args.cpu_smoke else SHAPES
+    if args.dtype == "fp8":
+        from .tune_moe_fp8 import Fp8Kind
+
+        kind = Fp8Kind()
+    else:
+        kind = Bf16Kind()
+    known = kind.shapes(args.cpu_smoke)
     names = args.shapes.split(",") if args.shapes else list(known)
     unknown = [s for s in names if s not in known]
     if unknown:
@@ -214,11 +287,11 @@ def main(argv=None) -> dict[str, dict]:
         ap.error(f"--tokens: {args.tokens!r} is not a comma list of positive integers")
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        device, space = torch.device("cpu"), SPACES["smoke"]
+        device, space = torch.device("cpu"), kind.space("smoke")
     else:
         device = require_cuda("tune_moe")
-        space = SPACES[args.space]
-    from moelink.kernels.moe_config import CONFIG_DIR, config_file_name, device_name, load_config_file, write_config_file
+        space = kind.space(args.space)
+    from moelink.kernels.moe_config import CONFIG_DIR, load_config_file, write_config_file
 
     if args.out_dir:
         out_dir = Path(args.out_dir)
@@ -228,21 +301,27 @@ def main(argv=None) -> dict[str, dict]:
         out_dir = CONFIG_DIR
     merge_dir = Path(args.merge_from) if args.merge_from else CONFIG_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(torch, args.dtype)
+    dtype = torch.bfloat16 if args.dtype == "fp8" else getattr(torch, args.dtype)  # (fp8: the activations' dtype)
     iters = args.iters or (SMOKE_ITERS if args.cpu_smoke else ITERS)
+    tiny_axes = TINY_AXES["smoke" if args.cpu_smoke else args.space] if kind.tiny else None
     timer = Timer(device)
     end = time.monotonic() + args.budget_s
     meta = run_meta(device)
     tuned: dict[str, dict] = {}
     n_left = len(shapes) * len(tokens)
     for name, (E, K, D, I) in shapes.items():
-        path = out_dir / config_file_name(E, I, device_name(device))
+        path = out_dir / kind.file_name(E, I, device)
         src = path if path.is_file() else merge_dir / path.name
         found = load_config_file(str(src))
         configs = dict(found[1]) if found and found[0] == "tokens" else {}
         tuning = json.loads(src.read_text()).get("tuning", {}) if found else {}
         if found and src != path:
             print(f"{name}: merging into {src}'s {len(configs)} buckets")
+        # A new file stands for every token count: buckets this run leaves untuned keep what was used until now.
+        fallback = {} if found else kind.fallback((E, K, D, I), device, SMOKE_TOKENS if args.cpu_smoke else TOKENS)
+        if set(fallback) - set(tokens):
+            print(f"{name}: buckets {sorted(set(fallback) - set(tokens))} are not tuned in this run: they keep the "
+                  "config used until now")
         for T in tokens:
             now = time.monotonic()
             deadline = now + max(0.0, end - now) / n_left  # an equal share of what is left
@@ -251,7 +330,7 @@ def main(argv=None) -> dict[str, dict]:
                 print(f"{name} T={T}: out of time budget, not tuned")
                 continue
             best, t, info = tune_bucket((E, K, D, I), T, dtype, device, timer, space, iters, deadline,
-                                        tiny_axes=TINY_AXES["smoke" if args.cpu_smoke else args.space])
+                                        tiny_axes=tiny_axes, kind=kind)
             if best is None:
                 why = ("out of time budget" if time.monotonic() > deadline
                        else "no candidate config compiled and gave correct results")
@@ -260,16 +339,23 @@ def main(argv=None) -> dict[str, dict]:
             configs[T] = best
             tuning[str(T)] = dict(seed=info["seed"], seed_ms=info["seed_ms"], tuned_ms=info["tuned_ms"],
                                   tried=info["tried"], failed=info["failed"], pruned=info["pruned"])
-            write_config_file(path, configs, meta=dict(shape=dict(model=name, E=E, top_k=K, D=D, I=I), dtype=args.dtype,
-                                                       tuned_on=meta["device"], date=meta["date"], commit=meta["commit"],
-                                                       triton=meta["triton"],
-                                                       tuning={k: tuning[k] for k in sorted(tuning, key=int)}))
+            if info["same"]:  # (FP8: candidates the wrapper launches as one already timed)
+                tuning[str(T)]["same_launch"] = info["same"]
+            if "bf16_ms" in info:
+                tuning[str(T)]["bf16_ms"] = info["bf16_ms"]
+            write_config_file(path, {**fallback, **configs},
+                              meta=dict(shape=dict(model=name, E=E, top_k=K, D=D, I=I), **kind.meta(args),
+                                        tuned_on=meta["device"], date=meta["date"], commit=meta["commit"],
+                                        triton=meta["triton"], tuning={k: tuning[k] for k in sorted(tuning, key=int)}))
             tuned.setdefault(str(path), {})[T] = best
             cut = " (search cut short by its share of --budget-s: best found so far)" if time.monotonic() > deadline else ""
             kept = "the seed, nothing beat it" if info["kept_seed"] else f"{info['seed_ms'] / info['tuned_ms']:.3f}x the seed"
             print(f"  {name} T={T}: seed {info['seed']} {info['seed_ms']:.3f} ms; {info['tried']} timed, "
                   f"{info['failed']} failed, {info['pruned']} pruned; kept {kept}{cut}")
             print(f"{name} T={T}: {t * 1e3:.3f} ms with {json.dumps(best.to_dict())}", flush=True)
+            if "bf16_ms" in info:  # the goal is this ratio (issue 31: bf16/fp8 >= 1.5 at 4096-16384 tokens)
+                print(f"RATIO {name} T={T}: fp8 {t * 1e3:.4f} ms / bf16 {info['bf16_ms']:.4f} ms = "
+                      f"{t * 1e3 / info['bf16_ms']:.3f} (bf16/fp8 {info['bf16_ms'] / (t * 1e3):.2f}x)", flush=True)
         print(f"wrote {path}" if str(path) in tuned else f"{name}: nothing tuned, {path} left as it was")
     return tuned
 

@@ -95,19 +95,29 @@ def feasible(cfg, D: int, I: int, elem: int = 2, top_k: int = 1) -> str | None:
         vals = kp * down.BLOCK_SIZE_N * down.BLOCK_SIZE_K // (32 * down.num_warps)
         if vals > MAX_TINY_DOWN_VALUES:
             return f"tiny down: a [{kp}, {down.BLOCK_SIZE_N}, {down.BLOCK_SIZE_K}] tile is {vals} values per thread > {MAX_TINY_DOWN_VALUES}"
-    bm = cfg.BLOCK_SIZE_M
     for part, g, n, k in (("up", cfg.up, I, D), ("down", cfg.down, D, I)):
-        cols = 2 * g.BLOCK_SIZE_N if part == "up" else g.BLOCK_SIZE_N  # the up GEMM keeps two accumulators
-        smem = max(1, g.num_stages - 1) * (bm * g.BLOCK_SIZE_K + cols * g.BLOCK_SIZE_K) * elem
-        if smem > SMEM_LIMIT:
-            return f"{part}: {smem // 1024} KB of pipelined shared memory > {SMEM_LIMIT // 1024} KB"
-        acc = bm * cols // (32 * g.num_warps)
-        if acc > MAX_ACC_REGS:
-            return f"{part}: {acc} fp32 accumulator registers per thread > {MAX_ACC_REGS}"
-        if g.BLOCK_SIZE_N > max(16, 1 << (n - 1).bit_length()) or g.BLOCK_SIZE_K > max(16, 1 << (k - 1).bit_length()):
-            return f"{part}: block {g.BLOCK_SIZE_N}x{g.BLOCK_SIZE_K} wider than the {n}x{k} GEMM"
-        if g.TMA and (k * elem) % 16:  # (the wrapper would fall back to pointers: the same kernel timed twice)
-            return f"{part}: TMA needs 16-byte rows, the {k}-wide operand rows are {k * elem} bytes"
+        why = gemm_fits(part, g, cfg.BLOCK_SIZE_M, n, k, elem)
+        if why:
+            return why
+    return None
+
+
+def gemm_fits(part: str, g, bm: int, n: int, k: int, elem: int = 2, max_acc: int = MAX_ACC_REGS,
+              buffers=lambda stages: max(1, stages - 1), min_bn: int = 16) -> str | None:
+    """Why one GEMM of `feasible`'s rules cannot fit (None: it can): `part` "up" keeps two accumulators; `buffers`
+    maps num_stages to the pipelined tiles in shared memory, `max_acc` caps the fp32 accumulator values per thread,
+    `min_bn` is the narrowest BLOCK_N the wrapper launches (a block that wide is never "wider than the GEMM")."""
+    cols = 2 * g.BLOCK_SIZE_N if part == "up" else g.BLOCK_SIZE_N  # the up GEMM keeps two accumulators
+    smem = buffers(g.num_stages) * (bm * g.BLOCK_SIZE_K + cols * g.BLOCK_SIZE_K) * elem
+    if smem > SMEM_LIMIT:
+        return f"{part}: {smem // 1024} KB of pipelined shared memory > {SMEM_LIMIT // 1024} KB"
+    acc = bm * cols // (32 * g.num_warps)
+    if acc > max_acc:
+        return f"{part}: {acc} fp32 accumulator registers per thread > {max_acc}"
+    if g.BLOCK_SIZE_N > max(min_bn, 1 << (n - 1).bit_length()) or g.BLOCK_SIZE_K > max(16, 1 << (k - 1).bit_length()):
+        return f"{part}: block {g.BLOCK_SIZE_N}x{g.BLOCK_SIZE_K} wider than the {n}x{k} GEMM"
+    if g.TMA and (k * elem) % 16:  # (the wrapper would fall back to pointers: the same kernel timed twice)
+        return f"{part}: TMA needs 16-byte rows, the {k}-wide operand rows are {k * elem} bytes"
     return None
 
 

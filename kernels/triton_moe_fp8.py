@@ -202,6 +202,15 @@ def _blocks(cfg: MoELaunchConfig, bk: int) -> tuple[int, int, int, int]:
             min(cfg.down.BLOCK_SIZE_K, bk))
 
 
+def fp8_launch_config(cfg: MoELaunchConfig, bk: int = DEFAULT_BLOCK[1]) -> MoELaunchConfig:
+    """`cfg` as this wrapper launches it for weight blocks of Bk input channels: `_blocks`' BLOCK_N / BLOCK_K, no
+    fused gate-up tile and no tiny path (the FP8 kernels have neither). Configs that map to the same one launch the
+    same kernels: benchmarks/tune_moe_fp8.py times them once and writes this form."""
+    up_bn, up_bk, down_bn, down_bk = _blocks(cfg, bk)
+    return MoELaunchConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, BLOCK_SIZE_N=up_bn, BLOCK_SIZE_K=up_bk, FUSED_GATE_UP=False),
+                           replace(cfg.down, BLOCK_SIZE_N=down_bn, BLOCK_SIZE_K=down_bk, FUSED_GATE_UP=False), None)
+
+
 @dataclass(frozen=True)
 class Fp8Format(WeightFormat):
     """FP8 block-scaled experts (checked): w13q [E, U + I, D] and w2q [E, D, I] with their scales, Bn x Bk blocks;

@@ -38,6 +38,7 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + [f"moe {s}" for s in moe_kernels.SHAPES] + [f"moe {s} --quick" for s in moe_kernels.SHAPES]
          + [f"tune {s}" for s in moe_kernels.SHAPES] + ["tune deepseek-v3 1,64"]
          + ["tests-fp8"] + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"moe-fp8 {s} --quick" for s in FP8_SHAPES]
+         + [f"tune-fp8 {s}" for s in FP8_SHAPES] + ["tune-fp8 deepseek-v3 4096,16384"]
          + ["moe-mxfp4", "moe-mxfp4 --quick", "moe-nvfp4", "moe-nvfp4 --quick"]
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
@@ -148,7 +149,8 @@ def test_plan_lists_one_device_command_per_step():
     rows = re.findall(r"^(.+?)\s+budget\s+(\d+) s\s+OUT=\$OUT bash benchmarks/gpu_session.sh (.+)$", proc.stdout, re.M)
     assert [r[2] for r in rows] == (["preflight", "tests-kernels", "tests-engine"] + [f"moe {s}" for s in moe_kernels.SHAPES]
                                     + [f"tune {s}" for s in moe_kernels.SHAPES] + ["decode", "tests-fp8"]
-                                    + [f"moe-fp8 {s}" for s in FP8_SHAPES] + ["moe-mxfp4", "moe-nvfp4"]
+                                    + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"tune-fp8 {s}" for s in FP8_SHAPES]
+                                    + ["moe-mxfp4", "moe-nvfp4"]
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
                                     + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"])
@@ -233,6 +235,62 @@ def test_cpu_smoke_tune_step_tarball_unpacks_into_configs(tmp_path):
             assert tuning[str(b)]["tuned_ms"] <= tuning[str(b)]["seed_ms"]
 
 
+def test_tune_fp8_step_is_budgeted_as_tune_and_tunes_one_fp8_shape():
+    """tune-fp8 runs tune_moe --dtype fp8 for one FP8 shape under the same budget as tune (the tuner's --budget-s
+    plus its tail): the reference, the bf16 comparison and the weights' quantization are inside --budget-s."""
+    (tune,) = PLAN.findall(session("--dry-run", "tune", "deepseek-v3").stdout)
+    for shape in FP8_SHAPES:
+        (plan,) = PLAN.findall(session("--dry-run", "tune-fp8", shape, "4096,16384").stdout)
+        assert plan[1] == f"tune_moe_fp8_{shape}" and plan[2:7] == tune[2:7]
+        assert f"-m moelink.benchmarks.tune_moe --dtype fp8 --shapes {shape} --tokens 4096,16384 " in plan[7]
+        budget = re.search(r"--budget-s (\d+)", tune[7])[1]
+        assert f"--budget-s {budget} " in plan[7]
+        assert plan[7].endswith("/.gpu_session/tuned_fp8")
+    (plan,) = PLAN.findall(session("--dry-run", "tune-fp8", "qwen3-30b-a3b").stdout)
+    assert "--tokens" not in plan[7]  # every bucket by default: a tuned file replaces the defaults at every size
+    for bad in ("mixtral-8x7b", ""):
+        proc = session("--dry-run", "tune-fp8", *([bad] if bad else []))
+        assert proc.returncode == 2 and "SHAPE must be one of deepseek-v3 qwen3-30b-a3b" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cpu_smoke_tune_fp8_step_tarball_unpacks_into_configs(tmp_path):
+    """The FP8 step's tarball holds the fp8_w8a8 file, which unpack accepts and get_fp8_moe_config would read."""
+    from moelink.benchmarks.tune_moe_fp8 import FP8_SMOKE_SHAPES
+    from moelink.kernels.triton_moe_fp8 import fp8_config_file_name
+
+    out, dest = tmp_path / "out", tmp_path / "configs"
+    out.mkdir(), dest.mkdir()
+    proc = session("--cpu-smoke", "tune-fp8", out=out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(out)
+    (tarball,) = out.iterdir()
+    assert tarball.name == "tuned_configs_fp8_cpu_smoke_smoke.tar.gz"
+    E, _, _, I = FP8_SMOKE_SHAPES["smoke-fp8-e8"]  # one smoke shape at one bucket
+    want = [fp8_config_file_name(E, I, "cpu")]
+    with tarfile.open(tarball) as tf:
+        assert sorted(tf.getnames()) == want
+    assert re.search(r"^RATIO smoke-fp8-e8 T=1: fp8 ", proc.stdout, re.M), proc.stdout[-3000:]
+    proc = session("unpack", str(tarball), UNPACK_DEST=str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == want
+    (p,) = dest.iterdir()
+    key, buckets = moe_config.load_config_file(str(p))
+    tuning = json.loads(p.read_text())["tuning"]
+    # bucket 1 tuned, 12 (the other smoke bucket) the config used until now
+    assert key == "tokens" and [b for b, _ in buckets] == [1, 12] and set(tuning) == {"1"}
+    assert tuning["1"]["tuned_ms"] <= tuning["1"]["seed_ms"] and tuning["1"]["bf16_ms"] > 0
+
+
+def test_tuned_file_names_bf16_and_fp8():
+    ok = moe_config.tuned_file_name_ok
+    assert ok("E=256,N=2048,device_name=NVIDIA_H100_80GB_HBM3.json")
+    assert ok("fp8_w8a8,E=256,N=2048,device_name=NVIDIA_H100_80GB_HBM3.json")
+    for bad in ("fp8_E=8,N=32,device_name=x.json", "fp8_w8a8,E=8,N=32,device_name=a/b.json", "int8_w8a8,E=8,N=32,"
+                "device_name=x.json", "fp8_w8a8,fp8_w8a8,E=8,N=32,device_name=x.json", "default.json"):
+        assert not ok(bad), bad
+
+
 def test_mla_fp8_kv_step_compares_the_caches_in_two_commands():
     """The fp8-vs-bf16 MLA KV step (issue 27): the kernel part and the end-to-end part, one command each, each
     writing its own file under $OUT (the end-to-end one within its budget even on the full workload)."""
@@ -276,7 +334,8 @@ def test_cpu_smoke_spec_step_compares_drafts_with_plain_decoding(tmp_path):
     assert session("--dry-run", "spec", "--model", "llama").returncode == 2
 
 
-@pytest.mark.parametrize("member", ["../evil.json", "notes.txt", "E=8,N=32,device_name=a/b.json"])
+@pytest.mark.parametrize("member", ["../evil.json", "notes.txt", "E=8,N=32,device_name=a/b.json",
+                                    "fp8_w8a8,E=8,N=32,device_name=a/b.json", "../fp8_w8a8,E=8,N=32,device_name=x.json"])
 def test_unpack_refuses_what_is_not_a_tuned_config(tmp_path, member):
     bad = tmp_path / "bad.tar.gz"
     with tarfile.open(bad, "w:gz") as tf:
