@@ -49,9 +49,10 @@ from pathlib import Path
 
 import torch
 
-from .tune_space import (GEMM_AXES, MAX_ACC_REGS, MAX_TINY_DOWN_VALUES, MAX_TINY_UP_VALUES, PUBLISHED,  # noqa: F401
-                         SCHEDULE_AXES, SMEM_LIMIT, SPACES, TINY_AXES, TINY_TUNE_MAX_PAIRS, UP_AXES, block_m_candidates,
-                         feasible, from_vllm, gemm_fits, neighbours, published_seeds, tiny_neighbours)
+from .tune_space import (DOWN_AXES, GEMM_AXES, MAX_ACC_REGS, MAX_TINY_DOWN_VALUES, MAX_TINY_UP_VALUES,  # noqa: F401
+                         PUBLISHED, SCHEDULE_AXES, SMEM_LIMIT, SPACES, TINY_AXES, TINY_TUNE_MAX_PAIRS, UP_AXES,
+                         block_m_candidates, feasible, from_vllm, gemm_fits, neighbours, published_seeds,
+                         tiny_neighbours)
 from .moe_kernels import (SHAPES, SMOKE_SHAPES, SMOKE_TOKENS, TOKENS, Timer, make_inputs, per_expert_loop, require_cuda,
                           run_meta)
 

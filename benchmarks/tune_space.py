@@ -11,22 +11,25 @@ UP_AXES = ("FUSED_GATE_UP",)  # the gate-up GEMM's alone (one interleaved tile a
 # and the TMA tensor-descriptor loads. Shipped configs leave both off; the tuner keeps them only where they measure
 # faster.
 SCHEDULE_AXES = ("PERSISTENT", "TMA")
+# The down GEMM's alone: its TMA K loop warp-specialized (moe_config WARP_SPECIALIZE; the gate-up GEMM and the FP8
+# loops ignore the key, so it is not moved there).
+DOWN_AXES = ("WARP_SPECIALIZE",)
 # Values tried per axis. The search moves one axis at a time from the seed, so the cost is the sum of the
 # axes' lengths per sweep (about 2 x 17 + 3 candidates), not their product.
 SPACES = {
     "quick": dict(BLOCK_SIZE_M=(16, 32, 64, 128), BLOCK_SIZE_N=(32, 64, 128, 256), BLOCK_SIZE_K=(32, 64, 128, 256),
                   GROUP_SIZE_M=(1, 8, 16, 32), num_warps=(4, 8), num_stages=(2, 3, 4, 5), FUSED_GATE_UP=(False, True),
-                  PERSISTENT=(0, 1, 2), TMA=(False, True), passes=1),
+                  PERSISTENT=(0, 1, 2), TMA=(False, True), WARP_SPECIALIZE=(False, True), passes=1),
     "full": dict(BLOCK_SIZE_M=(16, 32, 64, 128, 256), BLOCK_SIZE_N=(16, 32, 64, 128, 256),
                  BLOCK_SIZE_K=(32, 64, 128, 256), GROUP_SIZE_M=(1, 4, 8, 16, 32, 64), num_warps=(2, 4, 8),
                  num_stages=(2, 3, 4, 5, 6), FUSED_GATE_UP=(False, True), PERSISTENT=(0, 1, 2, 4),
-                 TMA=(False, True), passes=3),
+                 TMA=(False, True), WARP_SPECIALIZE=(False, True), passes=3),
     # CPU interpreter: one axis per GEMM (an empty axis is never moved), one confirmation round; blocks no
     # smaller than interpreter.json's, as the interpreter's cost grows with the number of programs.
     # (The schedule axes stay empty here: each candidate is ~1 s interpreted and gpu_session's smoke tune step has
     # 180 s on a shared 2-core machine; tests/kernels/test_moe_schedule.py runs both keys in the interpreter.)
     "smoke": dict(BLOCK_SIZE_M=(16,), BLOCK_SIZE_N=(32, 64), BLOCK_SIZE_K=(), GROUP_SIZE_M=(), num_warps=(),
-                  num_stages=(), PERSISTENT=(), TMA=(), passes=1, confirm_rounds=1),
+                  num_stages=(), PERSISTENT=(), TMA=(), WARP_SPECIALIZE=(), passes=1, confirm_rounds=1),
 }
 # The tiny-batch path (kernels/triton_moe_tiny.py) as an axis: tried in buckets of at most this many pairs; a
 # bucket that keeps it turns it on for pair counts up to its own T*K (tune 1,2,4,8 to cover decode sizes).
@@ -118,6 +121,8 @@ def gemm_fits(part: str, g, bm: int, n: int, k: int, elem: int = 2, max_acc: int
         return f"{part}: block {g.BLOCK_SIZE_N}x{g.BLOCK_SIZE_K} wider than the {n}x{k} GEMM"
     if g.TMA and (k * elem) % 16:  # (the wrapper would fall back to pointers: the same kernel timed twice)
         return f"{part}: TMA needs 16-byte rows, the {k}-wide operand rows are {k * elem} bytes"
+    if g.WARP_SPECIALIZE and not g.TMA:  # (moe_config refuses it: the producer warp group issues TMA loads)
+        return f"{part}: WARP_SPECIALIZE needs TMA"
     return None
 
 
@@ -159,7 +164,7 @@ def neighbours(cfg, space, bms, pairs: int = 0, tiny_axes: dict | None = None):
             yield replace(cfg, BLOCK_SIZE_M=bm)
     for part in ("up", "down"):
         g = getattr(cfg, part)
-        for axis in GEMM_AXES + SCHEDULE_AXES + (UP_AXES if part == "up" else ()):
+        for axis in GEMM_AXES + SCHEDULE_AXES + (UP_AXES if part == "up" else DOWN_AXES):
             for v in space.get(axis, ()):
                 if v != getattr(g, axis):
                     yield replace(cfg, **{part: replace(g, **{axis: v})})

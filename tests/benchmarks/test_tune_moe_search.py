@@ -197,3 +197,17 @@ def test_tune_schedule_axes_move_each_gemm_and_prune_misaligned_tma():
     assert tune_moe.feasible(tma, 2048, 768) is None
     assert "TMA" in tune_moe.feasible(tma, 2884, 768)  # D = 2884: bf16 rows of 5768 bytes
     assert tune_moe.feasible(replace(base, down=replace(base.down, TMA=True)), 2048, 772) is not None
+
+
+def test_tune_warp_specialize_axis_moves_the_down_gemm_only_and_needs_tma():
+    """WARP_SPECIALIZE is the down GEMM's axis (the gate-up GEMM ignores the key); without TMA it is pruned, so
+    the same kernel is never timed twice."""
+    from dataclasses import replace
+
+    base = MoELaunchConfig(64, GemmConfig(64, 64, 1, 4, 3, TMA=True), GemmConfig(64, 64, 1, 4, 3, TMA=True))
+    cands = list(tune_moe.neighbours(base, tune_moe.SPACES["quick"], [64]))
+    ws = replace(base, down=replace(base.down, WARP_SPECIALIZE=True))
+    assert ws in cands and not any(c.up.WARP_SPECIALIZE for c in cands)
+    assert tune_moe.feasible(ws, 2048, 768) is None
+    no_tma = replace(ws, down=replace(ws.down, TMA=False))
+    assert "WARP_SPECIALIZE needs TMA" in tune_moe.feasible(no_tma, 2048, 768)
