@@ -21,6 +21,7 @@ from .mla import reference_mla_attention, reference_write_latent
 from .moe import reference_fused_moe
 from .mxfp4 import reference_fused_moe_mxfp4
 from .norm import reference_add_rms_norm, reference_rms_norm
+from .rope_kv import reference_rope_write_kv
 from .rotary import reference_rotary
 
 
@@ -34,6 +35,7 @@ class Kernels(Protocol):
     add_rms_norm: Callable
     rotary: Callable
     write_kv: Callable
+    rope_write_kv: Callable
     paged_attention: Callable
     write_latent: Callable
     mla_attention: Callable
@@ -46,7 +48,7 @@ class Kernels(Protocol):
 # Each op of `Kernels` and the reference that defines its arguments.
 REFERENCES: dict[str, Callable] = dict(
     rms_norm=reference_rms_norm, add_rms_norm=reference_add_rms_norm, rotary=reference_rotary,
-    write_kv=reference_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
+    write_kv=reference_write_kv, rope_write_kv=reference_rope_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
     mla_attention=reference_mla_attention, fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
 )
@@ -61,6 +63,7 @@ class ReferenceKernels:
     add_rms_norm = staticmethod(reference_add_rms_norm)
     rotary = staticmethod(reference_rotary)
     write_kv = staticmethod(reference_write_kv)
+    rope_write_kv = staticmethod(reference_rope_write_kv)
     paged_attention = staticmethod(reference_paged_attention)
     write_latent = staticmethod(reference_write_latent)
     mla_attention = staticmethod(reference_mla_attention)
@@ -86,12 +89,14 @@ class TritonKernels:
         from .triton_moe import triton_fused_moe
         from .triton_moe_mxfp4 import triton_fused_moe_mxfp4
         from .triton_norm import triton_add_rms_norm, triton_rms_norm
+        from .triton_rope_kv import triton_rope_write_kv
         from .triton_rotary import triton_rotary
 
         self.rms_norm = triton_rms_norm
         self.add_rms_norm = triton_add_rms_norm
         self.rotary = triton_rotary
         self.write_kv = triton_write_kv
+        self.rope_write_kv = triton_rope_write_kv  # q/k norm + rotary + KV write, one launch (decode's attention input)
         self.paged_attention = triton_paged_attention
         self.write_latent = triton_write_latent
         self.mla_attention = triton_mla_attention
