@@ -23,6 +23,7 @@ from .mxfp4 import reference_fused_moe_mxfp4
 from .norm import reference_add_rms_norm, reference_rms_norm
 from .rope_kv import reference_rope_write_kv
 from .rotary import reference_rotary
+from .router_topk import reference_route_topk
 
 
 class Kernels(Protocol):
@@ -39,6 +40,7 @@ class Kernels(Protocol):
     paged_attention: Callable
     write_latent: Callable
     mla_attention: Callable
+    route_topk: Callable
     fused_moe: Callable
     fp8_linear: Callable
     fused_moe_fp8: Callable
@@ -49,7 +51,7 @@ class Kernels(Protocol):
 REFERENCES: dict[str, Callable] = dict(
     rms_norm=reference_rms_norm, add_rms_norm=reference_add_rms_norm, rotary=reference_rotary,
     write_kv=reference_write_kv, rope_write_kv=reference_rope_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
-    mla_attention=reference_mla_attention, fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
+    mla_attention=reference_mla_attention, route_topk=reference_route_topk, fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
 )
 
@@ -67,6 +69,7 @@ class ReferenceKernels:
     paged_attention = staticmethod(reference_paged_attention)
     write_latent = staticmethod(reference_write_latent)
     mla_attention = staticmethod(reference_mla_attention)
+    route_topk = staticmethod(reference_route_topk)
     fused_moe = staticmethod(reference_fused_moe)
     fp8_linear = staticmethod(reference_fp8_linear)
     fused_moe_fp8 = staticmethod(reference_fused_moe_fp8)
@@ -91,6 +94,7 @@ class TritonKernels:
         from .triton_norm import triton_add_rms_norm, triton_rms_norm
         from .triton_rope_kv import triton_rope_write_kv
         from .triton_rotary import triton_rotary
+        from .triton_router_topk import triton_route_topk
 
         self.rms_norm = triton_rms_norm
         self.add_rms_norm = triton_add_rms_norm
@@ -100,6 +104,7 @@ class TritonKernels:
         self.paged_attention = triton_paged_attention
         self.write_latent = triton_write_latent
         self.mla_attention = triton_mla_attention
+        self.route_topk = triton_route_topk  # scores, top-k, padding mask, expert-load count: one launch
         self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too
         self.fused_moe_mxfp4 = triton_fused_moe_mxfp4
         # FP8 block-scaled W8A8 (kernels/fp8.py is the contract): same signatures as the references.
