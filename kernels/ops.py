@@ -18,6 +18,7 @@ import torch
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .mla import reference_mla_attention, reference_write_latent
+from .mla_input import reference_mla_rope_write_latent
 from .moe import reference_fused_moe
 from .mxfp4 import reference_fused_moe_mxfp4
 from .norm import reference_add_rms_norm, reference_rms_norm
@@ -39,6 +40,7 @@ class Kernels(Protocol):
     rope_write_kv: Callable
     paged_attention: Callable
     write_latent: Callable
+    mla_rope_write_latent: Callable
     mla_attention: Callable
     route_topk: Callable
     fused_moe: Callable
@@ -51,6 +53,7 @@ class Kernels(Protocol):
 REFERENCES: dict[str, Callable] = dict(
     rms_norm=reference_rms_norm, add_rms_norm=reference_add_rms_norm, rotary=reference_rotary,
     write_kv=reference_write_kv, rope_write_kv=reference_rope_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
+    mla_rope_write_latent=reference_mla_rope_write_latent,
     mla_attention=reference_mla_attention, route_topk=reference_route_topk, fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
 )
@@ -68,6 +71,7 @@ class ReferenceKernels:
     rope_write_kv = staticmethod(reference_rope_write_kv)
     paged_attention = staticmethod(reference_paged_attention)
     write_latent = staticmethod(reference_write_latent)
+    mla_rope_write_latent = staticmethod(reference_mla_rope_write_latent)
     mla_attention = staticmethod(reference_mla_attention)
     route_topk = staticmethod(reference_route_topk)
     fused_moe = staticmethod(reference_fused_moe)
@@ -89,6 +93,7 @@ class TritonKernels:
     def __init__(self):
         from .triton_attention import triton_paged_attention, triton_write_kv
         from .triton_mla import triton_mla_attention, triton_write_latent
+        from .triton_mla_input import triton_mla_rope_write_latent
         from .triton_moe import triton_fused_moe
         from .triton_moe_mxfp4 import triton_fused_moe_mxfp4
         from .triton_norm import triton_add_rms_norm, triton_rms_norm
@@ -103,6 +108,7 @@ class TritonKernels:
         self.rope_write_kv = triton_rope_write_kv  # q/k norm + rotary + KV write, one launch (decode's attention input)
         self.paged_attention = triton_paged_attention
         self.write_latent = triton_write_latent
+        self.mla_rope_write_latent = triton_mla_rope_write_latent  # latent norm + rotary + latent write: one launch
         self.mla_attention = triton_mla_attention
         self.route_topk = triton_route_topk  # scores, top-k, padding mask, expert-load count: one launch
         self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too
