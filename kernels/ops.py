@@ -24,6 +24,7 @@ from .mxfp4 import reference_fused_moe_mxfp4
 from .norm import reference_add_rms_norm, reference_rms_norm
 from .rope_kv import reference_rope_write_kv
 from .rotary import reference_rotary
+from .silu_mul import reference_silu_mul
 from .router_topk import reference_route_topk
 
 
@@ -43,6 +44,7 @@ class Kernels(Protocol):
     mla_rope_write_latent: Callable
     mla_attention: Callable
     route_topk: Callable
+    silu_mul: Callable
     fused_moe: Callable
     fp8_linear: Callable
     fused_moe_fp8: Callable
@@ -54,7 +56,8 @@ REFERENCES: dict[str, Callable] = dict(
     rms_norm=reference_rms_norm, add_rms_norm=reference_add_rms_norm, rotary=reference_rotary,
     write_kv=reference_write_kv, rope_write_kv=reference_rope_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
     mla_rope_write_latent=reference_mla_rope_write_latent,
-    mla_attention=reference_mla_attention, route_topk=reference_route_topk, fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
+    mla_attention=reference_mla_attention, route_topk=reference_route_topk, silu_mul=reference_silu_mul,
+    fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
 )
 
@@ -74,6 +77,7 @@ class ReferenceKernels:
     mla_rope_write_latent = staticmethod(reference_mla_rope_write_latent)
     mla_attention = staticmethod(reference_mla_attention)
     route_topk = staticmethod(reference_route_topk)
+    silu_mul = staticmethod(reference_silu_mul)
     fused_moe = staticmethod(reference_fused_moe)
     fp8_linear = staticmethod(reference_fp8_linear)
     fused_moe_fp8 = staticmethod(reference_fused_moe_fp8)
@@ -100,6 +104,7 @@ class TritonKernels:
         from .triton_rope_kv import triton_rope_write_kv
         from .triton_rotary import triton_rotary
         from .triton_router_topk import triton_route_topk
+        from .triton_silu_mul import triton_silu_mul
 
         self.rms_norm = triton_rms_norm
         self.add_rms_norm = triton_add_rms_norm
@@ -111,6 +116,7 @@ class TritonKernels:
         self.mla_rope_write_latent = triton_mla_rope_write_latent  # latent norm + rotary + latent write: one launch
         self.mla_attention = triton_mla_attention
         self.route_topk = triton_route_topk  # scores, top-k, padding mask, expert-load count: one launch
+        self.silu_mul = triton_silu_mul  # dense MLPs' and shared experts' SiLU(gate)·up: one launch
         self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too
         self.fused_moe_mxfp4 = triton_fused_moe_mxfp4
         # FP8 block-scaled W8A8 (kernels/fp8.py is the contract): same signatures as the references.
