@@ -273,7 +273,7 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
     """The fused decode-step kernels: the GQA attention input (q/k norm + rotary + KV write) at Qwen3-30B-A3B
     (32/4 heads of 128, q/k norm), gpt-oss (64/8 heads of 64, no norm) and GLM-4.5-Air (96/8 heads of 128, rotary
     over 64) shapes, bf16 and fp8 caches; the MLA attention input at DeepSeek-V2-Lite (16 heads, complex rope) and
-    V3 (128 heads, neox); router top-k at Qwen3 (128 experts, top-8, bf16 logits), V2-Lite (64, top-6), V2 (160
+    V3 (128 heads, neox); the shared experts' SiLU(gate)·up; router top-k at Qwen3 (128 experts, top-8, bf16 logits), V2-Lite (64, top-6), V2 (160
     in 8 groups, 3 kept) and V3 (256 in 8 groups, 4 kept, sigmoid + bias), with the padding mask and counts."""
     from moelink.kernels.triton_mla_input import triton_mla_rope_write_latent
     from moelink.kernels.triton_rope_kv import triton_rope_write_kv
@@ -309,6 +309,12 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
                ("deepseek-v2", 160, 6, torch.float32, dict(method="group_limited_greedy", n_group=8, topk_group=3)),
                ("deepseek-v3", 256, 8, torch.float32, dict(method="noaux_tc", renormalize=True, scale=2.5, n_group=8,
                                                            topk_group=4))]
+    from moelink.kernels.triton_silu_mul import triton_silu_mul
+
+    for name, I in [("deepseek-v2-lite shared experts", 2816)] + ([] if quick else [("deepseek-v3 shared expert", 2048)]):
+        gu = torch.empty(T, 2 * I, dtype=dt, **meta)
+        with rec.labelled(f"{name} SiLU(gate)·up, I={I}"):
+            triton_silu_mul(gu[:, :I], gu[:, I:])
     for name, G, K, logit_dt, args in routers[:1] if quick else routers:
         bias = torch.empty(G, **meta) if args.get("method") == "noaux_tc" else None
         with rec.labelled(f"{name} router top-k ({G} experts, top-{K}), padding mask + expert counts"):
