@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -308,8 +309,11 @@ def main(argv=None) -> dict:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("decode_launches runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1.")
     models = sorted(MODELS) if args.model == "all" else [args.model]
+    from moelink.engine.api.provenance import git_commit
+
     result = dict(benchmark="decode_launches", command="TRITON_INTERPRET=1 python -m moelink.benchmarks.decode_launches "
-                  + " ".join(argv if argv is not None else sys.argv[1:]), results=[])
+                  + " ".join(argv if argv is not None else sys.argv[1:]), commit=git_commit(),
+                  date=time.strftime("%Y-%m-%d"), results=[])
     for m in models:
         res = count(m, args.context, args.small, args.gpu)
         _print(res)
