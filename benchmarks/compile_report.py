@@ -2,7 +2,7 @@
 compiled for Hopper on a machine without a GPU, with what the compiler made of it.
 
     python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
-        [--no-published] [--only moe|attention|mla|norm|fp8|mxfp4|nvfp4] [--quick]
+        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4] [--quick]
 
 How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
 size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
@@ -23,7 +23,7 @@ Configs covered (MoE GEMMs): every bucket of kernels/configs/default.json at eac
 fused gate-up tile, and with the PERSISTENT / TMA keys alone and together: compile_cases.NEW_KEY_VARIANTS), every
 bucket of every tuned `E=..,N=..,device_name=...json` file at its own shape, and (unless --no-published)
 the published seed configs tune_moe.py starts from (benchmarks/tune_moe.py PUBLISHED). The other kernels
-(align, top-k sum, attention, KV write, RMSNorm, rotary) are compiled at the shapes the engine launches
+(align, top-k sum, attention, KV write, RMSNorm, rotary, the fused decode inputs and router top-k) are compiled at the shapes the engine launches
 for the three models; the FP8 block-scaled kernels (fused MoE, dense GEMM, activation quantization) at the
 buckets of kernels/configs/fp8_moe_default.json (also with PERSISTENT / TMA), of tuned fp8_w8a8 files, and fp8_linear.json
 (compile_cases.compile_fp8). Launches that agree on kernel, launch config, dtypes and shape class (the
@@ -46,8 +46,8 @@ import torch
 
 from .compile_report_text import (ATTN_DOT_KERNELS, FP8_GEMM_KERNELS, GEMM_KERNELS, H100_SMEM,  # noqa: F401
                                   markdown, notes, record_key, summarize)
-from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_fp8,  # noqa: F401
-                            compile_mla, compile_moe, compile_moe_mxfp4, compile_norm_rotary)
+from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_decode_inputs,  # noqa: F401
+                            compile_fp8, compile_mla, compile_moe, compile_moe_mxfp4, compile_norm_rotary)
 from .compile_cases_nvfp4 import compile_moe_nvfp4
 
 RESULTS = Path(__file__).parent / "results"
@@ -138,6 +138,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
         compile_mla(rec, quick)
     if only in (None, "norm"):
         compile_norm_rotary(rec, quick)
+    if only in (None, "decode"):
+        compile_decode_inputs(rec, quick)
     if only in (None, "fp8"):
         compile_fp8(rec, quick)
     ptxas, cuobjdump = triton_ptxas(), nvidia_bin("cuobjdump")
@@ -163,7 +165,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
-    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "fp8", "mxfp4", "nvfp4"], default=None, help="one kernel family")
+    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "decode", "fp8", "mxfp4", "nvfp4"],
+                    default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
     ap.add_argument("--merge", action="store_true",
                     help="with --only: replace that family's kernels in the existing <out>.json and keep every other "
@@ -227,7 +230,8 @@ def retime(rep: dict, published: bool = True) -> dict:
     for run in (lambda: compile_moe(rec, published, False), lambda: compile_moe_mxfp4(rec, False),
                 lambda: compile_moe_nvfp4(rec, False),
                 lambda: compile_attention(rec, False), lambda: compile_mla(rec, False),
-                lambda: compile_norm_rotary(rec, False), lambda: compile_fp8(rec, False)):
+                lambda: compile_norm_rotary(rec, False), lambda: compile_decode_inputs(rec, False),
+                lambda: compile_fp8(rec, False)):
         run()
     seconds = {}
     for r in rec.records:

@@ -18,11 +18,15 @@ import torch
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .mla import reference_mla_attention, reference_write_latent
+from .mla_input import reference_mla_rope_write_latent
 from .moe import reference_fused_moe
 from .mxfp4 import reference_fused_moe_mxfp4
 from .nvfp4 import reference_fused_moe_nvfp4
 from .norm import reference_add_rms_norm, reference_rms_norm
+from .rope_kv import reference_rope_write_kv
 from .rotary import reference_rotary
+from .silu_mul import reference_silu_mul
+from .router_topk import reference_route_topk
 
 
 class Kernels(Protocol):
@@ -35,9 +39,13 @@ class Kernels(Protocol):
     add_rms_norm: Callable
     rotary: Callable
     write_kv: Callable
+    rope_write_kv: Callable
     paged_attention: Callable
     write_latent: Callable
+    mla_rope_write_latent: Callable
     mla_attention: Callable
+    route_topk: Callable
+    silu_mul: Callable
     fused_moe: Callable
     fp8_linear: Callable
     fused_moe_fp8: Callable
@@ -48,8 +56,10 @@ class Kernels(Protocol):
 # Each op of `Kernels` and the reference that defines its arguments.
 REFERENCES: dict[str, Callable] = dict(
     rms_norm=reference_rms_norm, add_rms_norm=reference_add_rms_norm, rotary=reference_rotary,
-    write_kv=reference_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
-    mla_attention=reference_mla_attention, fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
+    write_kv=reference_write_kv, rope_write_kv=reference_rope_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
+    mla_rope_write_latent=reference_mla_rope_write_latent,
+    mla_attention=reference_mla_attention, route_topk=reference_route_topk, silu_mul=reference_silu_mul,
+    fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
     fused_moe_nvfp4=reference_fused_moe_nvfp4,
 )
@@ -64,9 +74,13 @@ class ReferenceKernels:
     add_rms_norm = staticmethod(reference_add_rms_norm)
     rotary = staticmethod(reference_rotary)
     write_kv = staticmethod(reference_write_kv)
+    rope_write_kv = staticmethod(reference_rope_write_kv)
     paged_attention = staticmethod(reference_paged_attention)
     write_latent = staticmethod(reference_write_latent)
+    mla_rope_write_latent = staticmethod(reference_mla_rope_write_latent)
     mla_attention = staticmethod(reference_mla_attention)
+    route_topk = staticmethod(reference_route_topk)
+    silu_mul = staticmethod(reference_silu_mul)
     fused_moe = staticmethod(reference_fused_moe)
     fp8_linear = staticmethod(reference_fp8_linear)
     fused_moe_fp8 = staticmethod(reference_fused_moe_fp8)
@@ -87,19 +101,27 @@ class TritonKernels:
     def __init__(self):
         from .triton_attention import triton_paged_attention, triton_write_kv
         from .triton_mla import triton_mla_attention, triton_write_latent
+        from .triton_mla_input import triton_mla_rope_write_latent
         from .triton_moe import triton_fused_moe
         from .triton_moe_mxfp4 import triton_fused_moe_mxfp4
         from .triton_moe_nvfp4 import triton_fused_moe_nvfp4
         from .triton_norm import triton_add_rms_norm, triton_rms_norm
+        from .triton_rope_kv import triton_rope_write_kv
         from .triton_rotary import triton_rotary
+        from .triton_router_topk import triton_route_topk
+        from .triton_silu_mul import triton_silu_mul
 
         self.rms_norm = triton_rms_norm
         self.add_rms_norm = triton_add_rms_norm
         self.rotary = triton_rotary
         self.write_kv = triton_write_kv
+        self.rope_write_kv = triton_rope_write_kv  # q/k norm + rotary + KV write, one launch (decode's attention input)
         self.paged_attention = triton_paged_attention
         self.write_latent = triton_write_latent
+        self.mla_rope_write_latent = triton_mla_rope_write_latent  # latent norm + rotary + latent write: one launch
         self.mla_attention = triton_mla_attention
+        self.route_topk = triton_route_topk  # scores, top-k, padding mask, expert-load count: one launch
+        self.silu_mul = triton_silu_mul  # dense MLPs' and shared experts' SiLU(gate)·up: one launch
         self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too
         self.fused_moe_mxfp4 = triton_fused_moe_mxfp4
         self.fused_moe_nvfp4 = triton_fused_moe_nvfp4  # W4A16: dequantizing K loops (kernels/nvfp4.py)

@@ -34,3 +34,19 @@ def _rotate(x_TXH: torch.Tensor, cos_T1H: torch.Tensor, sin_T1H: torch.Tensor) -
     half = x_TXH.shape[-1] // 2
     rot_TXH = torch.cat([-x_TXH[..., half:], x_TXH[..., :half]], dim=-1)
     return x_TXH * cos_T1H + rot_TXH * sin_T1H
+
+
+def reference_rotary_complex(
+    q_TNR: torch.Tensor, k_TKR: torch.Tensor, positions_T: torch.Tensor, table_Ph: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' DeepSeek-V2 apply_rotary_emb: pairs (2i, 2i+1) as complex64, times the token's row of the
+    complex64 table [P, R/2] (polar(1, angle) x the rope type's factor), back to the input dtype (float32
+    arithmetic even for float64 activations, as there). New tensors; the inputs are not modified."""
+    table_T1h = table_Ph.index_select(0, positions_T)[:, None, :]
+    return _rotate_complex(q_TNR, table_T1h), _rotate_complex(k_TKR, table_T1h)
+
+
+def _rotate_complex(x_TXR: torch.Tensor, table_T1h: torch.Tensor) -> torch.Tensor:
+    x_TXh2 = x_TXR.float().reshape(*x_TXR.shape[:-1], -1, 2).contiguous()
+    out_TXh = torch.view_as_complex(x_TXh2) * table_T1h
+    return torch.view_as_real(out_TXh).flatten(-2).to(x_TXR.dtype)

@@ -139,11 +139,20 @@ class MoELayer(nn.Module):
         runs other work at the yields: the shared experts, the other micro-batch (engine/rank/step_plan.py)."""
         # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
         logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
-        weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
-        if self.valid_rows_T is not None:
-            ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)
-        if self.stats is not None:
-            self.stats.record_routing(self.moe_index, ids_TK)
+        route = self.router.route_args()
+        if route is not None:
+            # Scores, top-k, the padding rows' ids (-1) and the expert-load count in one op: one launch with the
+            # Triton kernels, where the ops one by one were ~11 at decode (kernels/router_topk.py).
+            counts_G = self.stats.routing_counts(self.moe_index) if self.stats is not None else None
+            weights_TK, ids_TK = self.kernels.route_topk(logits_TG, self.router.top_k, **route,
+                                                         bias_G=self.e_score_correction_bias_G,
+                                                         valid_T=self.valid_rows_T, counts_G=counts_G)
+        else:  # a router with no fused form (gpt-oss's top-k-then-softmax)
+            weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
+            if self.valid_rows_T is not None:
+                ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)
+            if self.stats is not None:
+                self.stats.record_routing(self.moe_index, ids_TK)
         if self.ep is None:
             return self.expert_format.run(self.kernels, self, x_TD, weights_TK, ids_TK)
         return (yield from self._forward_ep(x_TD, weights_TK, ids_TK))

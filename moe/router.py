@@ -20,6 +20,8 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from moelink.kernels.router_topk import reference_route_topk
+
 SCORING_FUNCS = ("softmax", "sigmoid")
 # Which `topk_method`s go with each `scoring_func` (DeepSeek-V2: softmax; DeepSeek-V3 / GLM-4-MoE: sigmoid).
 # "topk_softmax" is no config.json value: the gpt-oss reader names it for its top-k-then-softmax router.
@@ -34,6 +36,11 @@ class Router(Protocol):
 
     def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def route_args(self) -> dict | None:
+        """The arguments of the kernels' fused `route_topk` op that compute this router (kernels/router_topk.py),
+        or None when it has no fused form (the layer then calls the router)."""
+        ...
 
 
 def _bad(field: str, value, allowed: str) -> ValueError:
@@ -122,17 +129,15 @@ class SoftmaxTopKRouter:
     float32_logits: bool = False
     needs_bias: ClassVar[bool] = False
 
+    def route_args(self) -> dict:
+        """The fused router op's arguments for this scheme (kernels/router_topk.py)."""
+        return dict(method="greedy", renormalize=self.renormalize, scale=self.routed_scaling_factor)
+
     def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights_TK float32, ids_TK int64)."""
         _no_bias(self, bias_G)
-        probs_TG = torch.softmax(router_logits_TG.float(), dim=-1)
-        weights_TK, ids_TK = torch.topk(probs_TG, self.top_k, dim=-1)
-        if self.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        if self.routed_scaling_factor != 1.0:
-            weights_TK = weights_TK * self.routed_scaling_factor
-        return weights_TK, ids_TK
+        return reference_route_topk(router_logits_TG, self.top_k, **self.route_args())
 
 
 @dataclass(frozen=True)
@@ -148,20 +153,16 @@ class SoftmaxGroupLimitedRouter:
     float32_logits: bool = True
     needs_bias: ClassVar[bool] = False
 
+    def route_args(self) -> dict:
+        """The fused router op's arguments for this scheme (kernels/router_topk.py)."""
+        return dict(method="group_limited_greedy", renormalize=self.renormalize, scale=self.routed_scaling_factor,
+                    n_group=self.n_group, topk_group=self.topk_group)
+
     def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights_TK float32, ids_TK int64)."""
         _no_bias(self, bias_G)
-        scores_TG = torch.softmax(router_logits_TG.float(), dim=-1)
-        T, G = scores_TG.shape
-        group_TP = scores_TG.view(T, self.n_group, G // self.n_group).amax(dim=-1)
-        keep_TG = _group_mask(group_TP, self.topk_group, G)
-        if keep_TG is not None:
-            scores_TG = scores_TG.masked_fill(~keep_TG, 0.0)
-        weights_TK, ids_TK = torch.topk(scores_TG, self.top_k, dim=-1, sorted=False)
-        if self.renormalize:
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights_TK * self.routed_scaling_factor, ids_TK
+        return reference_route_topk(router_logits_TG, self.top_k, **self.route_args())
 
 
 @dataclass(frozen=True)
@@ -178,23 +179,15 @@ class SigmoidGroupLimitedRouter:
     float32_logits: bool = True
     needs_bias: ClassVar[bool] = True
 
+    def route_args(self) -> dict:
+        """The fused router op's arguments for this scheme (kernels/router_topk.py)."""
+        return dict(method="noaux_tc", renormalize=self.norm_topk_prob, scale=self.routed_scaling_factor,
+                    n_group=self.n_group, topk_group=self.topk_group)
+
     def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights_TK float32, ids_TK int64). bias_G None = no correction bias."""
-        scores_TG = torch.sigmoid(router_logits_TG.float())
-        choice_TG = scores_TG + bias_G if bias_G is not None else scores_TG
-        T, G = choice_TG.shape
-        keep_TG = None
-        if self.topk_group < self.n_group:  # otherwise every group is kept: skip the group ranking
-            group_TP = choice_TG.view(T, self.n_group, G // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)
-            keep_TG = _group_mask(group_TP, self.topk_group, G)
-        if keep_TG is not None:
-            choice_TG = choice_TG.masked_fill(~keep_TG, float("-inf"))
-        ids_TK = torch.topk(choice_TG, self.top_k, dim=-1, sorted=False)[1]
-        weights_TK = scores_TG.gather(1, ids_TK)
-        if self.norm_topk_prob:
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights_TK * self.routed_scaling_factor, ids_TK
+        return reference_route_topk(router_logits_TG, self.top_k, **self.route_args(), bias_G=bias_G)
 
 
 @dataclass(frozen=True)
@@ -209,6 +202,10 @@ class TopKSoftmaxRouter:
     float32_logits: bool = False
     needs_bias: ClassVar[bool] = False
 
+    def route_args(self) -> None:
+        """None: the fused router op has no top-k-then-softmax method (the layer calls this router)."""
+        return None
+
     def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights_TK float32, or float64 for float64 logits; ids_TK int64)."""
@@ -216,16 +213,6 @@ class TopKSoftmaxRouter:
         top_TK, ids_TK = torch.topk(router_logits_TG, self.top_k, dim=-1)
         weights_TK = torch.softmax(top_TK, dim=-1, dtype=top_TK.dtype)
         return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), ids_TK
-
-
-def _group_mask(group_TP: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor | None:
-    """bool [T, G]: experts of the `topk_group` best groups; None when every group is kept."""
-    T, P = group_TP.shape
-    if topk_group == P:
-        return None
-    group_idx_TK = torch.topk(group_TP, k=topk_group, dim=-1, sorted=False)[1]
-    keep_TP = torch.zeros_like(group_TP, dtype=torch.bool).scatter_(1, group_idx_TK, True)
-    return keep_TP.unsqueeze(-1).expand(T, P, num_experts // P).reshape(T, num_experts)
 
 
 def _no_bias(router, bias_G) -> None:

@@ -77,6 +77,11 @@ class MoEStats:
         # they would time kernel launches, so they stay off there.
         self.time_phases = device.type == "cpu"
 
+    def routing_counts(self, layer: int) -> torch.Tensor:
+        """The expert-load counts of MoE layer `layer` (int64 [G], a view): the fused router op adds each
+        (token, expert) pair it routes here, as `record_routing` does (kernels/router_topk.py)."""
+        return self.counts_LG[layer]
+
     def record_routing(self, layer: int, topk_ids_TK: torch.Tensor) -> None:
         if topk_ids_TK.numel():
             # index_add_, not bincount: bincount sizes its output from the data, a host sync on

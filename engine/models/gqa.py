@@ -58,16 +58,22 @@ class GQAAttention(nn.Module):
         q_TNH = q_TQ.view(T, self.num_heads, self.head_dim)
         k_TKH = k_TK.view(T, self.num_kv_heads, self.head_dim)
         v_TKH = v_TK.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)
-        q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         # A sliding layer reads its group's own table when it has one (its tensors are shared with a full layer).
         attn = ctx.attn_sliding if self.sliding_window is not None and ctx.attn_sliding is not None else ctx.attn
         fp8 = k_cache.dtype in FP8_CACHE_DTYPES
         kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if fp8 else {}
-        self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
-                              **kv_scales)
+        if self.rope.style == "neox":
+            # q/k norms, rotary and the KV write in one op (one launch with the Triton kernels: kernels/rope_kv.py).
+            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else ()
+            q_TNH = self.kernels.rope_write_kv(q_TNH, k_TKH, v_TKH, positions_T, self.rope.table_PR, k_cache, v_cache,
+                                               attn.slot_mapping_T, *norm, **kv_scales)
+        else:  # a rope style the fused op does not rotate: the ops one by one
+            if self.q_norm is not None:
+                q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)
+            q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
+            self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
+                                  **kv_scales)
         o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, attn, self.scale,
                                              **self._extras(), **kv_scales)
         return self.o_proj(o_TNH.reshape(T, self.q_size), self.o_bias)

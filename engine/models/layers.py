@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from moelink.kernels.attention import AttentionMetadata
+from moelink.kernels.silu_mul import reference_silu_mul
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from .linear import Linear, linear_method
@@ -105,10 +105,12 @@ class DenseMLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, (intermediate_size, intermediate_size), gate_up, kernels, dtype, device)
         self.down_proj = Linear(intermediate_size, hidden_size, linear_method(quant, prefix + "down_proj"), kernels,
                                 dtype, device)
+        # SiLU(gate)·up: one launch with the Triton kernels (kernels/silu_mul.py); torch's two ops without kernels.
+        self.silu_mul = getattr(kernels, "silu_mul", reference_silu_mul)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         gate_TI, up_TI = self.gate_up_proj.split(self.gate_up_proj(x_TD))
-        return self.down_proj(F.silu(gate_TI) * up_TI)
+        return self.down_proj(self.silu_mul(gate_TI, up_TI))
 
     def weight_plan(self, p: str) -> WeightPlan:
         """Checkpoint names under `p` ("model.layers.{i}.mlp." or "...mlp.shared_experts.") → (parameter, index)."""

@@ -70,15 +70,18 @@ class MLAAttention(nn.Module):
         if a.q_lora_rank is not None:
             q_TX = self.q_b_proj(self.q_a_layernorm(q_TX))
         q_TNX = q_TX.view(T, N, a.qk_head_dim)
-        ckv_TC = self.kv_a_layernorm(kv_TR[:, :C])
-        q_pe_TNP, k_pe_T1P = self.rope(q_TNX[..., Dn:], kv_TR[:, None, C:], positions_T)
-        w_NXC = self.kv_b_proj.weight.view(N, Dn + a.v_head_dim, C)
-        # q_latent[n] = q_nope[n] @ W_UK[n]: [N, T, Dn] @ [N, Dn, C] -> [N, T, C]
-        q_latent_NTC = torch.bmm(q_TNX[..., :Dn].transpose(0, 1), w_NXC[:, :Dn])
         (cache_BLR,) = ctx.kv_caches[self.layer_idx]
         # An fp8 latent cache (--kv-cache-dtype fp8) with this layer's scale; the plain call otherwise.
         kv_scale = (self.kv_scale,) if cache_BLR.dtype in FP8_CACHE_DTYPES else ()
-        self.kernels.write_latent(ckv_TC, k_pe_T1P[:, 0], cache_BLR, ctx.attn.slot_mapping_T, *kv_scale)
+        # kv_a_layernorm, the rotary of q_pe and k_pe, and the latent write in one op (one launch with the Triton
+        # kernels, where the ops one by one were nine at decode: kernels/mla_input.py).
+        norm = self.kv_a_layernorm
+        q_pe_TNP = self.kernels.mla_rope_write_latent(
+            q_TNX[..., Dn:], kv_TR[:, :C], kv_TR[:, C:], positions_T, self.rope.table_PR, self.rope.style,
+            norm.weight, norm.eps, cache_BLR, ctx.attn.slot_mapping_T, *kv_scale)
+        w_NXC = self.kv_b_proj.weight.view(N, Dn + a.v_head_dim, C)
+        # q_latent[n] = q_nope[n] @ W_UK[n]: [N, T, Dn] @ [N, Dn, C] -> [N, T, C]
+        q_latent_NTC = torch.bmm(q_TNX[..., :Dn].transpose(0, 1), w_NXC[:, :Dn])
         out_TNC = self.kernels.mla_attention(q_latent_NTC.transpose(0, 1), q_pe_TNP, cache_BLR, ctx.attn,
                                              a.softmax_scale, *kv_scale)
         # o[n] = out_latent[n] @ W_UV[n]^T: [N, T, C] @ [N, C, Dv] -> [N, T, Dv]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moelink.kernels.rotary import reference_rotary_complex
+
 from ..config.layer_configs import RopeConfig
 
 
@@ -65,18 +67,10 @@ class RotaryEmbedding(nn.Module):
         R = self.rotary_dim
         q_rot, k_rot = q_TNH[..., :R], k_TKH[..., :R]
         if self.style == "complex":
-            table_T1h = self.table_PR.index_select(0, positions_T)[:, None, :]
-            q_rot, k_rot = _rotate_complex(q_rot, table_T1h), _rotate_complex(k_rot, table_T1h)
+            q_rot, k_rot = reference_rotary_complex(q_rot, k_rot, positions_T, self.table_PR)
         else:  # "neox", and "interleaved" whose rows were de-interleaved at load (deinterleave_rows)
             q_rot, k_rot = self.kernels.rotary(q_rot, k_rot, positions_T, self.table_PR)
         if R == q_TNH.shape[-1]:
             return q_rot, k_rot
         return torch.cat([q_rot, q_TNH[..., R:]], dim=-1), torch.cat([k_rot, k_TKH[..., R:]], dim=-1)
 
-
-def _rotate_complex(x_TXR: torch.Tensor, table_T1h: torch.Tensor) -> torch.Tensor:
-    """transformers' DeepSeek-V2 apply_rotary_emb: pairs (2i, 2i+1) as complex64, times the table, back to
-    the input dtype (float32 arithmetic even for float64 activations, as there)."""
-    x_TXh2 = x_TXR.float().reshape(*x_TXR.shape[:-1], -1, 2).contiguous()
-    out_TXh = torch.view_as_complex(x_TXh2) * table_T1h
-    return torch.view_as_real(out_TXh).flatten(-2).to(x_TXR.dtype)

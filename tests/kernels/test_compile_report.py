@@ -26,7 +26,8 @@ ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel",
                "_plan_kernel", "_merge_plan_kernel", "_mla_merge_plan_kernel",
                "_group_quant_kernel", "_fp8_gemm_kernel", "_moe_fp8_up_kernel", "_moe_fp8_down_kernel",
                "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel", "_moe_nvfp4_up_kernel", "_moe_nvfp4_down_kernel",
-               "_tiny_up_kernel", "_tiny_down_kernel"}
+               "_tiny_up_kernel", "_tiny_down_kernel",
+               "_rope_kv_kernel", "_mla_input_kernel", "_router_topk_kernel", "_silu_mul_kernel"}
 
 
 def report() -> dict:

@@ -1,0 +1,53 @@
+"""benchmarks/decode_launches.py --small (a subprocess: the Triton interpreter must be on before the kernels are
+defined; seconds): the launch list of one batch-1 decode layer, and the fusions it must show (issue 31)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def counts(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("launches") / "l.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.decode_launches", "--small", "--context", "40",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["command"].endswith("--small --context 40 --out " + str(out))
+    return {r["model_key"]: r for r in res["results"]}
+
+
+def names(res: dict) -> list[str]:
+    return [r["name"] for r in res["per_launch"]]
+
+
+def test_every_launch_is_listed_with_its_bytes_and_the_floor(counts):
+    assert set(counts) == {"qwen3-30b-a3b", "deepseek-v2-lite"}
+    for res in counts.values():
+        assert res["launches"] == res["triton_launches"] + res["torch_launches"] == len(res["per_launch"])
+        assert res["host_syncs"] == 0  # a decode graph captures this layer: no sync may sit in it
+        f = res["floor_bytes"]
+        assert f["total"] == f["weights_but_experts"] + f["routed_experts"] + f["kv"] > 0
+        # The launches read every floor byte (the weights, the K/V) and move little more at batch 1.
+        assert 1.0 <= res["launch_bytes_over_floor"] < 1.2
+        assert all(r["read"] >= 0 and r["write"] >= 0 and r["site"] != "?" for r in res["per_launch"])
+
+
+def test_decode_fusions_show_in_the_count(counts):
+    qwen, dsv2 = names(counts["qwen3-30b-a3b"]), names(counts["deepseek-v2-lite"])
+    # GQA: q/k norm + rotary + KV write in one launch; MLA: latent norm + rotary + latent write in one.
+    assert qwen.count("_rope_kv_kernel") == 1 and "_rotary_kernel" not in qwen and "_write_kv_kernel" not in qwen
+    assert dsv2.count("_mla_input_kernel") == 1 and "_write_latent_kernel" not in dsv2
+    # The router (scores, top-k, renormalisation, padding mask, expert counts) in one launch.
+    for launched in (qwen, dsv2):
+        assert launched.count("_router_topk_kernel") == 1
+        assert not {"softmax.int", "topk.default", "masked_fill.Scalar", "index_add_.default"} & set(launched)
+    # The shared experts' SiLU·up in one.
+    assert dsv2.count("_silu_mul_kernel") == 1 and "silu.default" not in dsv2
+    # Norms: the layer's two add + RMSNorm launches only (Qwen3's q/k norms are inside the attention input).
+    assert qwen.count("_rms_norm_kernel") == 2 and dsv2.count("_rms_norm_kernel") == 2
