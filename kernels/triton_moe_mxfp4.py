@@ -30,6 +30,7 @@ runs one program per tile without TMA (the config's PERSISTENT and TMA keys are 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import triton
@@ -37,20 +38,18 @@ import triton.language as tl
 
 from . import triton_common as common
 from .moe import SILU, MoEActivation
-from .moe_config import GemmConfig, MoELaunchConfig, get_moe_config
+from .moe_config import (CONFIG_DIR, DEFAULT_TINY, GemmConfig, MoELaunchConfig, _pick, device_name, get_moe_config,
+                         load_config_file)
 from .mxfp4 import GROUP, _check_packed
 from .triton_common import dot
 from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
+from .triton_moe_float import FloatFormat
 from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_mxfp4_tiny import tiny_fused_moe_mxfp4
+from .triton_mxfp4_dequant import dequantize_experts, e8m0_to_fp32
 
 _NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@triton.jit
-def _e8m0_to_fp32(s):
-    # 2**(s - 127) from its bits; s = 0 is 2**-127, a float32 subnormal (mantissa bit 22), not 0.
-    s = s.to(tl.int32)
-    return tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)
+PATHS = ("auto", "tiny", "sorted", "dequant")
 
 
 @triton.jit
@@ -63,7 +62,7 @@ def dequant_tile(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.c
     # the subnormal code 1 is 0.5 = 126 << 23, code 0 is 0.
     bits = tl.where(mag >= 2, (mag << 22) + 0x3F000000, tl.where(mag == 1, 0x3F000000, 0)) | ((c & 8) << 28)
     v = tl.reshape(bits.to(tl.float32, bitcast=True), [BLOCK_N, BLOCK_K // 32, 32])
-    w = tl.reshape(v * _e8m0_to_fp32(s)[:, :, None], [BLOCK_N, BLOCK_K])
+    w = tl.reshape(v * e8m0_to_fp32(s)[:, :, None], [BLOCK_N, BLOCK_K])
     return tl.trans(w.to(dtype))
 
 
@@ -220,6 +219,32 @@ class Mxfp4Format(WeightFormat):
                     stride_sn=s.stride(1), stride_ss=s.stride(2), TMA=False, NATIVE=self.native, A_FORMAT=self.a_format)
 
 
+def mxfp4_config_file_name(num_experts: int, inter: int, name: str) -> str:
+    """Tuned MXFP4 files: a prefix of their own (as FP8's), so the bf16 tools' `E=*,N=*,...` globs skip them."""
+    return f"mxfp4,E={num_experts},N={inter},device_name={name}.json"
+
+
+def mxfp4_config_table(num_experts: int, inter: int, name: str, config_dir: str | Path | None = None):
+    """(key kind, sorted buckets) of the MXFP4 file for a shape on GPU `name`: a tuned `mxfp4,E=..,N=..,..json`,
+    else `mxfp4_moe_default.json` (rows per expert); `mxfp4_moe_interpreter.json` on CPU ('cpu')."""
+    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    if name == "cpu":
+        return load_config_file(str(CONFIG_DIR / "mxfp4_moe_interpreter.json"))
+    found = load_config_file(str(root / mxfp4_config_file_name(num_experts, inter, name)))
+    return found or load_config_file(str(CONFIG_DIR / "mxfp4_moe_default.json"))
+
+
+def mxfp4_path(cfg: MoELaunchConfig, num_tokens: int, top_k: int, path: str = "auto") -> str:
+    """Which MXFP4 path a batch takes under `cfg` (the selector; kernels/moe_variants.py composes it): "tiny" when
+    T*K <= TINY.max_pairs, else "dequant" where the bucket says DEQUANT, else "sorted" (per-tile dequantization).
+    A function of the token count alone (graph-safe); `path` other than "auto" forces one."""
+    if path != "auto":
+        return path
+    if cfg.uses_tiny(num_tokens * top_k):
+        return "tiny"
+    return "dequant" if cfg.dequant else "sorted"
+
+
 def _check(x_TD, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int]:
     common.check_dtype("x_TD", x_TD)
     _check_packed(w13_blocks, w13_scales, "w13")
@@ -254,11 +279,19 @@ def triton_fused_moe_mxfp4(
     config: MoELaunchConfig | None = None,
     combine: str = "sum",
     native: bool = False,
+    path: str = "auto",
 ) -> torch.Tensor:
     """Same contract as `reference_fused_moe_mxfp4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose
-    experts are all remote are 0. `out`, `config` and `combine` as `triton_fused_moe`; `native=True` takes the
-    tl.dot_scaled path (module docstring; bf16/fp16 activations only). No device→host sync.
+    experts are all remote are 0. `out` and `combine` as `triton_fused_moe`; `config` overrides the MXFP4 launch
+    config (`mxfp4_config_table`); `native=True` takes the tl.dot_scaled path (module docstring; bf16/fp16
+    activations only; the per-tile path). `path`: "auto" (`mxfp4_path`), "tiny" (the two GEMVs,
+    kernels/triton_moe_mxfp4_tiny.py; the config's TINY blocks, else DEFAULT_TINY's; sums deterministically
+    whatever `combine` says), "sorted" (per-tile dequantization) or "dequant" (every local expert dequantized
+    once into a scratch of x's dtype, then the float sorted path with the float launch config). No device→host
+    sync.
     """
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
     E, I, D = _check(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, topk_weights_TK,
                      topk_ids_TK)
     b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
@@ -271,8 +304,24 @@ def triton_fused_moe_mxfp4(
     if T == 0:
         return out
     x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+    weights_P, ids_P = topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous()
+    given = config is not None
+    if not given:
+        config = _pick(*mxfp4_config_table(E, I, device_name(x_TD.device)), T, K, E)
+    chosen = "sorted" if native else mxfp4_path(config, T, K, path)
+    if chosen == "tiny":
+        return tiny_fused_moe_mxfp4(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, weights_P,
+                                    ids_P, expert_map_G, b13_EF, b2_ED, act_args, out, config.tiny or DEFAULT_TINY, K)
+    if chosen == "dequant":
+        # Every local expert, not only those with tokens: this path runs from ~128 rows per expert, where an
+        # expert without a token is (1 - K/E)**T ~ e**-(rows per expert) unlikely, and a shape-only grid needs
+        # no count of used experts (one launch fewer, graph-safe). The scratch is allocated per call: the
+        # caching allocator hands the same blocks to the next layer (one layer's worth at a time).
+        w13_EFD = dequantize_experts(w13_blocks_EFSQ, w13_scales_EFS, dt)
+        w2_EDI = dequantize_experts(w2_blocks_EDSQ, w2_scales_EDS, dt)
+        cfg = replace(config if given else get_moe_config(E, I, T, K, x_TD.device), tiny=None, dequant=False)
+        return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out,
+                                combine, b13_EF, b2_ED, act_args)
     fmt = Mxfp4Format(E, I, _bytes_view(w13_blocks_EFSQ), w13_scales_EFS, _bytes_view(w2_blocks_EDSQ), w2_scales_EDS,
                       bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
-    cfg = config or get_moe_config(E, I, T, K, x_TD.device)
-    return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
-                            expert_map_G, K, cfg, out, combine, b13_EF, b2_ED, act_args)
+    return sorted_fused_moe(fmt, x_TD, weights_P, ids_P, expert_map_G, K, config, out, combine, b13_EF, b2_ED, act_args)
