@@ -38,7 +38,8 @@ import triton.language as tl
 
 from . import triton_common as common
 from .moe import SILU, MoEActivation
-from .moe_config import (CONFIG_DIR, DEFAULT_TINY, GemmConfig, MoELaunchConfig, _pick, device_name, get_moe_config,
+from . import moe_config
+from .moe_config import (CONFIG_DIR, DEFAULT_TINY, GemmConfig, MoELaunchConfig, _pick, get_moe_config,
                          load_config_file)
 from .mxfp4 import GROUP, _check_packed
 from .triton_common import dot
@@ -307,7 +308,7 @@ def triton_fused_moe_mxfp4(
     weights_P, ids_P = topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous()
     given = config is not None
     if not given:
-        config = _pick(*mxfp4_config_table(E, I, device_name(x_TD.device)), T, K, E)
+        config = _pick(*mxfp4_config_table(E, I, moe_config.device_name(x_TD.device)), T, K, E)
     chosen = "sorted" if native else mxfp4_path(config, T, K, path)
     if chosen == "tiny":
         return tiny_fused_moe_mxfp4(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, weights_P,

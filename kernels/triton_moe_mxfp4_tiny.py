@@ -36,24 +36,33 @@ from .triton_mxfp4_dequant import e2m1_slots, e8m0_to_fp32, half_f32, word_view
 
 @triton.jit
 def _word_dots(q, xs):
-    """Σ over each int32 word's 8 values of value × x: q [..., W] words, xs the 8 slot tensors x[8w + j]
-    (broadcastable to q). Returns fp32 [..., W] in units of 2**-14 (the slots' fp16 scale)."""
+    """Σ over each int32 word's 8 values of value × x: q [..., 4] words, xs the 8 slot tensors x[8w + j]
+    (broadcastable to q). Returns fp32 [..., 4] in units of 2**-14 (the slots' fp16 scale). One FMA chain: a
+    product and seven fused multiply-adds a word."""
     x0, x1, x2, x3, x4, x5, x6, x7 = xs
     s0, s1, s2, s3 = e2m1_slots(q)
-    t = half_f32(s0, False) * x0 + half_f32(s0, True) * x4
-    t += half_f32(s1, False) * x1 + half_f32(s1, True) * x5
-    t += half_f32(s2, False) * x2 + half_f32(s2, True) * x6
-    t += half_f32(s3, False) * x3 + half_f32(s3, True) * x7
+    t = half_f32(s0, False) * x0
+    t += half_f32(s0, True) * x4
+    t += half_f32(s1, False) * x1
+    t += half_f32(s1, True) * x5
+    t += half_f32(s2, False) * x2
+    t += half_f32(s2, True) * x6
+    t += half_f32(s3, False) * x3
+    t += half_f32(s3, True) * x7
     return t
 
 
 @triton.jit
-def _slots(ptrs, mask):
-    """The 8 slot vectors x[8w + j] (fp32) of the word offsets in `ptrs` (which point at x[8w])."""
-    return (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), tl.load(ptrs + 1, mask=mask, other=0.0).to(tl.float32),
-            tl.load(ptrs + 2, mask=mask, other=0.0).to(tl.float32), tl.load(ptrs + 3, mask=mask, other=0.0).to(tl.float32),
-            tl.load(ptrs + 4, mask=mask, other=0.0).to(tl.float32), tl.load(ptrs + 5, mask=mask, other=0.0).to(tl.float32),
-            tl.load(ptrs + 6, mask=mask, other=0.0).to(tl.float32), tl.load(ptrs + 7, mask=mask, other=0.0).to(tl.float32))
+def _split8(x):
+    """x [..., 2, 2, 2] (a word's 8 values, element 4a + 2b + c at [a, b, c]) -> the 8 elements, in order."""
+    c0, c1 = tl.split(x)
+    e0_4, e2_6 = tl.split(c0)
+    e1_5, e3_7 = tl.split(c1)
+    e0, e4 = tl.split(e0_4)
+    e2, e6 = tl.split(e2_6)
+    e1, e5 = tl.split(e1_5)
+    e3, e7 = tl.split(e3_7)
+    return e0, e1, e2, e3, e4, e5, e6, e7
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -61,39 +70,47 @@ def _tiny_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, ids_ptr, map_ptr, b13_pt
                           top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_hp, stride_be, alpha,
                           limit, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                           HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
+    # Weight tiles are [BN, G, 4] words (G scale groups of 4 words each, one 16-byte vector per group), so a
+    # group's scale is one load and one product per word; K steps hold whole groups (BLOCK_K % 32 == 0).
     pair = tl.program_id(0)
     expert = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
     if expert < 0:
         return
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xt + offs_w * 8
-    rows = offs_n[:, None].to(tl.int64)
-    gq_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows * stride_qn + offs_w[None, :]  # [BN, BW] words
-    gs_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows * stride_sn + (offs_w // 4)[None, :]  # each word's scale
+    offs_g = tl.arange(0, BLOCK_K // 32)
+    words = offs_g[:, None] * 4 + tl.arange(0, 4)[None, :]  # [G, 4]
+    x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xt + words[:, :, None] * 8 + tl.arange(0, 8)  # [G, 4, 8]
+    rows = offs_n.to(tl.int64)
+    gq_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows[:, None, None] * stride_qn + words[None, :, :]
+    gs_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows[:, None] * stride_sn + offs_g[None, :]  # [BN, G]
     uq_ptrs = gq_ptrs + inter * stride_qn
     us_ptrs = gs_ptrs + inter * stride_sn
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K // 32, 4], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K // 32, 4], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         if EVEN_K:
-            w_ok = offs_w >= 0
+            g_ok = offs_g >= 0
         else:
-            w_ok = offs_w < (hidden - k0) // 8  # (hidden is a multiple of 32: whole words and groups)
-        ok = n_ok[:, None] & w_ok[None, :]
-        xs = _slots(x_ptrs, w_ok)
-        qg = tl.load(gq_ptrs, mask=ok, other=0)
-        qu = tl.load(uq_ptrs, mask=ok, other=0)
-        acc_g += _word_dots(qg, xs) * e8m0_to_fp32(tl.load(gs_ptrs, mask=ok, other=127))
-        acc_u += _word_dots(qu, xs) * e8m0_to_fp32(tl.load(us_ptrs, mask=ok, other=127))
+            g_ok = offs_g < (hidden - k0) // 32  # (hidden is a multiple of 32: whole groups)
+        ok = n_ok[:, None] & g_ok[None, :]
+        # one 8-value vector a word, split in registers into the 8 slot tensors x[8w + j]
+        x = tl.load(x_ptrs, mask=g_ok[:, None, None], other=0.0).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.reshape(x, [BLOCK_K // 32, 4, 2, 2, 2]))
+        xs = (x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None], x7[None])
+        qg = tl.load(gq_ptrs, mask=ok[:, :, None], other=0)
+        qu = tl.load(uq_ptrs, mask=ok[:, :, None], other=0)
+        acc_g += _word_dots(qg, xs) * e8m0_to_fp32(tl.load(gs_ptrs, mask=ok, other=127))[:, :, None]
+        acc_u += _word_dots(qu, xs) * e8m0_to_fp32(tl.load(us_ptrs, mask=ok, other=127))[:, :, None]
         x_ptrs += BLOCK_K
         gq_ptrs += BLOCK_K // 8
         uq_ptrs += BLOCK_K // 8
-        gs_ptrs += BLOCK_K // GROUP
-        us_ptrs += BLOCK_K // GROUP
-    tiny_up_epilogue(tl.sum(acc_g, axis=1) * 16384.0, tl.sum(acc_u, axis=1) * 16384.0, pair, expert, offs_n, n_ok,
-                     h_ptr, stride_hp, b13_ptr, stride_be, inter, alpha, limit, HAS_BIAS, ACT, INTERPRET)
+        gs_ptrs += BLOCK_K // 32
+        us_ptrs += BLOCK_K // 32
+    gate = tl.sum(tl.sum(acc_g, axis=2), axis=1) * 16384.0
+    up = tl.sum(tl.sum(acc_u, axis=2), axis=1) * 16384.0
+    tiny_up_epilogue(gate, up, pair, expert, offs_n, n_ok, h_ptr, stride_hp, b13_ptr, stride_be, inter, alpha, limit,
+                     HAS_BIAS, ACT, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -102,39 +119,44 @@ def _tiny_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, we
                             TOP_K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
                             INTERPRET: tl.constexpr):
+    # [KP, BN, G, 4] word tiles: the token's K experts side by side; the pair axis is reduced after the K loop
+    # (no cross-thread reduction per step).
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
-    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_g = tl.arange(0, BLOCK_K // 32)
+    words = offs_g[:, None] * 4 + tl.arange(0, 4)[None, :]  # [G, 4]
     pair_p, expert_p, live_p, w_p = tiny_token_pairs(t, ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, TOP_K, KP,
                                                      HAS_MAP)
-    h_ptrs = h_ptr + pair_p[:, None].to(tl.int64) * stride_hp + offs_w[None, :] * 8  # [KP, BW]: x[8w] of each pair
-    e3 = tl.maximum(expert_p, 0).to(tl.int64)[:, None, None]
-    rows = offs_n[None, :, None].to(tl.int64)
-    q_ptrs = wq_ptr + e3 * stride_qe + rows * stride_qn + offs_w[None, None, :]  # [KP, BN, BW] words
-    s_ptrs = ws_ptr + e3 * stride_se + rows * stride_sn + (offs_w // 4)[None, None, :]
-    row_ok = live_p[:, None, None] & n_ok[None, :, None]
-    acc = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+    h_ptrs = (h_ptr + pair_p[:, None, None, None].to(tl.int64) * stride_hp + words[None, :, :, None] * 8
+              + tl.arange(0, 8))  # [KP, G, 4, 8]
+    e = tl.maximum(expert_p, 0).to(tl.int64)
+    rows = offs_n.to(tl.int64)
+    q_ptrs = (wq_ptr + e[:, None, None, None] * stride_qe + rows[None, :, None, None] * stride_qn
+              + words[None, None, :, :])  # [KP, BN, G, 4]
+    s_ptrs = ws_ptr + e[:, None, None] * stride_se + rows[None, :, None] * stride_sn + offs_g[None, None, :]
+    row_ok = live_p[:, None] & n_ok[None, :]  # [KP, BN]
+    w4 = w_p[:, None, None, None]
+    acc = tl.zeros([KP, BLOCK_N, BLOCK_K // 32, 4], dtype=tl.float32)  # per pair: summed after the loop
     for i0 in range(0, inter, BLOCK_K):
         if EVEN_K:
-            w_ok = offs_w >= 0
+            g_ok = offs_g >= 0
         else:
-            w_ok = offs_w < (inter - i0) // 8
-        a_ok = live_p[:, None] & w_ok[None, :]
-        x0, x1, x2, x3, x4, x5, x6, x7 = _slots(h_ptrs, a_ok)
-        # the routed weight scales h (linear, so the same sum); [KP, 1, BW] against [KP, BN, BW] words
-        w3 = w_p[:, None, None]
-        xs = (x0[:, None, :] * w3, x1[:, None, :] * w3, x2[:, None, :] * w3, x3[:, None, :] * w3,
-              x4[:, None, :] * w3, x5[:, None, :] * w3, x6[:, None, :] * w3, x7[:, None, :] * w3)
-        ok = row_ok & w_ok[None, None, :]
-        q = tl.load(q_ptrs, mask=ok, other=0)
+            g_ok = offs_g < (inter - i0) // 32
+        hx = tl.load(h_ptrs, mask=(live_p[:, None] & g_ok[None, :])[:, :, None, None], other=0.0).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.reshape(hx, [KP, BLOCK_K // 32, 4, 2, 2, 2]))
+        xs = (x0[:, None], x1[:, None], x2[:, None], x3[:, None], x4[:, None], x5[:, None], x6[:, None], x7[:, None])
+        ok = row_ok[:, :, None] & g_ok[None, None, :]  # [KP, BN, G]
+        q = tl.load(q_ptrs, mask=ok[:, :, :, None], other=0)
         sc = e8m0_to_fp32(tl.load(s_ptrs, mask=ok, other=127))
-        acc += tl.sum(_word_dots(q, xs) * sc, axis=0)
+        acc += _word_dots(q, xs) * sc[:, :, :, None]
         h_ptrs += BLOCK_K
         q_ptrs += BLOCK_K // 8
-        s_ptrs += BLOCK_K // GROUP
-    tiny_down_epilogue(tl.sum(acc, axis=1) * 16384.0, t, expert_p, live_p, w_p, offs_n, n_ok, b2_ptr, stride_be,
-                       out_ptr, stride_ot, HAS_BIAS, INTERPRET)
+        s_ptrs += BLOCK_K // 32
+    # the routed weights and the pair sum once at the end (linear: the same sum), in a fixed order
+    y = tl.sum(tl.sum(tl.sum(acc * w4, axis=3), axis=2), axis=0) * 16384.0
+    tiny_down_epilogue(y, t, expert_p, live_p, w_p, offs_n, n_ok, b2_ptr, stride_be, out_ptr, stride_ot, HAS_BIAS,
+                       INTERPRET)
 
 
 def _weight(q_ENB: torch.Tensor, s_ENS: torch.Tensor) -> dict:

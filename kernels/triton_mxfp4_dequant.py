@@ -14,7 +14,7 @@ The scale 2**(s - 127) (`e8m0_to_fp32`, built from its bits) and the 2**14 are a
 
 The pre-pass (`dequantize_experts`): grid (E, N / BLOCK_N, K / BLOCK_K), one [BLOCK_N, BLOCK_K] tile a program,
 written in natural element order (the four slots are joined back: slot j's halves are elements j and j + 4, so
-the three-level join of `_dequant_kernel` flattened row-major is elements 0..7). Value × 2**14 × 2**(s - 127) in
+the three-level join of `_mxfp4_dequant_kernel` flattened row-major is elements 0..7). Value × 2**14 × 2**(s - 127) in
 fp32 is exact (at most 2 significant bits) unless it leaves fp32's range, then one rounding to the output
 dtype: the same arithmetic as `mxfp4_dequantize` (ldexp in fp32, then cast), bit for bit (tests check it).
 Memory-bound: 17/32 byte read and 2 bytes (bf16) written per value.
@@ -60,7 +60,7 @@ def half_f32(u, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, s_ptr, w_ptr, rows, words, stride_qe, stride_qn, stride_se, stride_sn, stride_we,
+def _mxfp4_dequant_kernel(q_ptr, s_ptr, w_ptr, rows, words, stride_qe, stride_qn, stride_se, stride_sn, stride_we,
                     stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,7 +100,7 @@ def dequantize_experts(blocks_ENSQ: torch.Tensor, scales_ENS: torch.Tensor, dtyp
     words = word_view(blocks_ENSQ)
     scales_ENS = scales_ENS if scales_ENS.stride(-1) == 1 else scales_ENS.contiguous()
     grid = (E, triton.cdiv(N, PREPASS_BLOCK_N), triton.cdiv(K, PREPASS_BLOCK_K))
-    _dequant_kernel[grid](words, scales_ENS, out, N, S * Q // 4, words.stride(0), words.stride(1), scales_ENS.stride(0),
+    _mxfp4_dequant_kernel[grid](words, scales_ENS, out, N, S * Q // 4, words.stride(0), words.stride(1), scales_ENS.stride(0),
                           scales_ENS.stride(1), out.stride(0), out.stride(1), BLOCK_N=PREPASS_BLOCK_N,
                           BLOCK_K=PREPASS_BLOCK_K, INTERPRET=common.interpreting(out), num_warps=4)
     return out

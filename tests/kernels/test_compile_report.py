@@ -25,7 +25,8 @@ ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel",
                "_rotary_kernel", "_mla_kernel", "_mla_merge_kernel", "_write_latent_kernel", "_widen_kernel",
                "_plan_kernel", "_merge_plan_kernel", "_mla_merge_plan_kernel",
                "_group_quant_kernel", "_fp8_gemm_kernel", "_moe_fp8_up_kernel", "_moe_fp8_down_kernel",
-               "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel", "_tiny_up_kernel", "_tiny_down_kernel"}
+               "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel", "_tiny_up_kernel", "_tiny_down_kernel",
+               "_tiny_mxfp4_up_kernel", "_tiny_mxfp4_down_kernel", "_mxfp4_dequant_kernel"}
 
 
 def report() -> dict:
