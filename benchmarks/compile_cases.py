@@ -371,7 +371,7 @@ def compile_moe_mxfp4(rec: Recorder, quick: bool) -> None:
     bucket of kernels/configs/mxfp4_moe_default.json at the fewest tokens that reach it (bucket 0 at 1 token: the
     two GEMVs of kernels/triton_moe_mxfp4_tiny.py; the DEQUANT buckets: the pre-pass of
     kernels/triton_mxfp4_dequant.py and the float kernels at the float config), the tiny path at its largest
-    batch (128 pairs), the per-tile path at every bucket (path="sorted", what the benchmark's old-path rows run),
+    batch, the per-tile path at every bucket (path="sorted", what the benchmark's old-path rows run),
     an expert map, the atomic combine, fp16 activations; and the bf16 fused MoE with gpt-oss's biases and
     swiglu_oai (the float checkpoint path)."""
     from moelink.kernels.moe import MoEActivation
@@ -392,8 +392,8 @@ def compile_moe_mxfp4(rec: Recorder, quick: bool) -> None:
         variants = [(f"mxfp4_moe_default.json[{b}]", max(1, -(-b * E // K)), bf, False, "sum", "auto") for b, _ in table]
         variants += [(f"mxfp4_moe_default.json[{b}] per-tile", max(1, -(-b * E // K)), bf, False, "sum", "sorted")
                      for b, cfg in table if cfg.tiny is not None or cfg.dequant]
-        tiny_max = table[0][1].tiny.max_pairs // K
-        variants.append((f"mxfp4_moe_default.json[0] tiny at {tiny_max * K} pairs", tiny_max, bf, False, "sum", "auto"))
+        tiny_max = min(table[0][1].tiny.max_pairs // K, -(-table[1][0] * E // K) - 1)  # the bucket's last T
+        variants.append((f"mxfp4_moe_default.json[0] tiny at {tiny_max} tokens", tiny_max, bf, False, "sum", "auto"))
         if name == "gpt-oss-120b" and not quick:
             variants += [("expert map", 64, bf, True, "sum", "auto"), ("tiny expert map", 1, bf, True, "sum", "auto"),
                          ("atomic", 4096, bf, False, "atomic", "auto"), ("fp16", 64, torch.float16, False, "sum", "auto"),

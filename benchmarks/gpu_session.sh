@@ -429,17 +429,20 @@ step_moe_fp8() {
     --out "$OUT/moe_kernels_${DEV}_${shape}_fp8.json"
 }
 
-# moe-mxfp4 [--quick]: gpt-oss-120b and -20b experts, MXFP4 vs bf16 (moe_mxfp4.py): per shape and token count
-# 2 systems x (up + down) = 4 GEMM and 3 other (2 align + sum); 6 token counts x 2 shapes -> 48 GEMM + 36 other
-# (--quick: 1,64,1024 -> 24 + 18). Run: measured 40 s on an H100 (2026-11-22, warm cache), doubled.
+# moe-mxfp4 [--quick]: gpt-oss-120b and -20b experts, MXFP4 paths vs bf16 (moe_mxfp4.py): per token count the
+# per-tile and bf16 GEMMs (4; the dequant path reuses bf16's float GEMMs, and both shapes have D = I = 2880, so
+# the second shape compiles nothing new but the E-dependent align), and others: align + sum, the two tiny GEMVs,
+# the pre-pass; 7 token counts -> 4*7 + 2 (auto path) = 30 GEMM, 30 other, doubled for margin: 60 + 60 (--quick:
+# 1,64,1024 -> 28 + 28). Run: 40 s measured for 2 systems x 6 counts (2026-11-22); now ~5 systems and 16384
+# tokens: 160 s.
 step_moe_mxfp4() {
   if [[ $MODE == cpu-smoke ]]; then
     cmd moe_mxfp4 0 0 0 120 -- "$PY" -m moelink.benchmarks.moe_mxfp4 --cpu-smoke --out "$OUT/moe_mxfp4_cpu_smoke.json"
     return 0
   fi
-  local toks=() n=6
+  local toks=() n=7
   if [[ "${1:-}" == "--quick" ]]; then toks=(--tokens 1,64,1024); n=3; fi
-  cmd moe_mxfp4 $((8 * n)) 0 $((6 * n)) 80 -- \
+  cmd moe_mxfp4 $((60 * n / 7)) 0 $((60 * n / 7)) 160 -- \
     "$PY" -m moelink.benchmarks.moe_mxfp4 "${toks[@]}" --out "$OUT/moe_mxfp4_${DEV}.json"
 }
 
