@@ -367,13 +367,10 @@ GPT_OSS_SHAPES = {"gpt-oss-120b": (128, 4, 2880, 2880), "gpt-oss-20b": (32, 4, 2
 
 
 def compile_moe_mxfp4(rec: Recorder, quick: bool) -> None:
-    """The MXFP4 fused MoE (kernels/triton_moe_mxfp4.py) at gpt-oss shapes with its published layout: every
-    bucket of kernels/configs/mxfp4_moe_default.json at the fewest tokens that reach it (bucket 0 at 1 token: the
-    two GEMVs of kernels/triton_moe_mxfp4_tiny.py; the DEQUANT buckets: the pre-pass of
-    kernels/triton_mxfp4_dequant.py and the float kernels at the float config), the tiny path at its largest
-    batch, the per-tile path at every bucket (path="sorted", what the benchmark's old-path rows run),
-    an expert map, the atomic combine, fp16 activations; and the bf16 fused MoE with gpt-oss's biases and
-    swiglu_oai (the float checkpoint path)."""
+    """The MXFP4 fused MoE at gpt-oss shapes, published layout: every bucket of mxfp4_moe_default.json at its
+    fewest tokens (bucket 0: the two GEMVs; DEQUANT buckets: the pre-pass and the float kernels), the GEMVs at
+    their largest batch, the per-tile path where another path is the default (the benchmark's per-tile rows), an
+    expert map, the atomic combine, fp16; and the bf16 fused MoE with biases and swiglu_oai (float checkpoints)."""
     from moelink.kernels.moe import MoEActivation
     from moelink.kernels.moe_config import CONFIG_DIR, load_config_file
     from moelink.kernels.triton_moe import triton_fused_moe
@@ -385,13 +382,11 @@ def compile_moe_mxfp4(rec: Recorder, quick: bool) -> None:
     _, table = load_config_file(str(CONFIG_DIR / "mxfp4_moe_default.json"))
     for name, (E, K, D, I) in GPT_OSS_SHAPES.items():
         w = (u8(E, 2 * I, D // 32, 16), u8(E, 2 * I, D // 32), u8(E, D, I // 32, 16), u8(E, D, I // 32))
-        bias = dict(b13_EF=torch.empty(E, 2 * I, dtype=torch.bfloat16, **meta),
-                    b2_ED=torch.empty(E, D, dtype=torch.bfloat16, **meta))
         bf = torch.bfloat16
+        bias = dict(b13_EF=torch.empty(E, 2 * I, dtype=bf, **meta), b2_ED=torch.empty(E, D, dtype=bf, **meta))
         # (label, T, dtype, expert map?, combine, path)
         variants = [(f"mxfp4_moe_default.json[{b}]", max(1, -(-b * E // K)), bf, False, "sum", "auto") for b, _ in table]
-        variants += [(f"mxfp4_moe_default.json[{b}] per-tile", max(1, -(-b * E // K)), bf, False, "sum", "sorted")
-                     for b, cfg in table if cfg.tiny is not None or cfg.dequant]
+        variants += [(f"{v[0]} per-tile", *v[1:5], "sorted") for v, (_, c) in zip(variants, table) if c.tiny or c.dequant]
         tiny_max = min(table[0][1].tiny.max_pairs // K, -(-table[1][0] * E // K) - 1)  # the bucket's last T
         variants.append((f"mxfp4_moe_default.json[0] tiny at {tiny_max} tokens", tiny_max, bf, False, "sum", "auto"))
         if name == "gpt-oss-120b" and not quick:
@@ -409,7 +404,6 @@ def compile_moe_mxfp4(rec: Recorder, quick: bool) -> None:
             break
         for T in (1, 4096):
             with rec.labelled(f"{name} bf16 weights + biases + swiglu_oai T={T}"):
-                triton_fused_moe(torch.empty(T, D, dtype=torch.bfloat16, **meta),
-                                 torch.empty(E, 2 * I, D, dtype=torch.bfloat16, **meta),
-                                 torch.empty(E, D, I, dtype=torch.bfloat16, **meta), torch.empty(T, K, **meta),
+                triton_fused_moe(torch.empty(T, D, dtype=bf, **meta), torch.empty(E, 2 * I, D, dtype=bf, **meta),
+                                 torch.empty(E, D, I, dtype=bf, **meta), torch.empty(T, K, **meta),
                                  torch.empty(T, K, dtype=torch.long, **meta), activation=act, **bias)

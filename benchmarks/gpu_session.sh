@@ -371,15 +371,17 @@ step_tests_kernels() {
 #  test_triton_fp8_gpu.py (15 tests): fused MoE at 2 shapes x 3 T x sum/atomic -> the FP8 default buckets hit
 #    (5 shape x bucket pairs: up + down + atomic down = 15) + the dense GEMM 3 = GEMM 18; other 20 (align,
 #    top-k sum, group quant per shape); run: float32 references on the GPU, DeepSeek's 32 local experts.
-#  test_triton_moe_mxfp4_gpu.py (5 tests, 1 skipped below sm_100): gpt-oss-120b experts at 4 T x variant ->
-#    GEMM 8 (up + down per case), other 8 (align, sum); run: float32 references on the GPU (measured 12 s).
+#  test_triton_moe_mxfp4_gpu.py (9 tests, 1 skipped below sm_100): gpt-oss-120b experts at 4 T x variant ->
+#    GEMM 8 (up + down per case), other 8 (align, sum); the decode/prefill paths (4 tests): GEMM 4 (the dequant
+#    path's float up + down at 2 buckets), other 10 (2 x 2 tiny GEMVs, the pre-pass, align, sum); run: float32
+#    references on the GPU (measured 12 s for the first 5; the 4096-token oracle and pre-pass: +20 s estimated).
 #  test_mla_fp8_prefill.py -m gpu (1 test, DeepSeek-V3 shapes over an fp8 latent cache): GEMM 2 (the MLA kernel
 #    over the fp8 cache for the decodes, over the widened workspace for the chunks), other 2 (the fp8 latent
 #    write, the widen kernel); run: a float64 reference on the GPU (estimate).
 step_tests_fp8() {
   run_pytest_files "gpu_tests_fp8_${DEV}.txt" \
     triton_fp8_gpu 18 0 20 60 tests/kernels/test_triton_fp8_gpu.py \
-    triton_mxfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_mxfp4_gpu.py \
+    triton_mxfp4_gpu 12 0 18 60 tests/kernels/test_triton_moe_mxfp4_gpu.py \
     mla_fp8_gpu 2 0 2 30 tests/kernels/test_mla_fp8_prefill.py
 }
 step_tests_engine() {
