@@ -8,13 +8,14 @@ element 2j in its low nibble (kernels/mxfp4.py). Four shift-and-mask steps turn 
 two fp16 bit patterns: slot j holds elements j (low half) and j + 4 (high half). A code (sign s, exponent e,
 mantissa m) placed at fp16 bits 15 / 11-10 / 9 is the fp16 number e2m1 × 2**-14 exactly, subnormal codes
 included (code 1: fp16 subnormal 2**-15 = 0.5 × 2**-14), so no compare or select is needed; the fp16 → fp32
-convert is exact (on sm_80+ it issues on the FMA pipe). That is ~2 integer ops per value (the existing
-`dequant_tile` spends ~10): decode work, not bytes, is what an MXFP4 GEMV on CUDA cores is bound by.
+convert is exact (on sm_80+ it issues on the FMA pipe). That is ~2 integer ops per value (a per-code
+compare-and-select decode spends ~10): decode work, not bytes, bounds an MXFP4 GEMV on CUDA cores and the
+per-tile MMA path (`dequant_words` serves both that and the pre-pass).
 The scale 2**(s - 127) (`e8m0_to_fp32`, built from its bits) and the 2**14 are applied afterwards, in fp32.
 
 The pre-pass (`dequantize_experts`): grid (E, N / BLOCK_N, K / BLOCK_K), one [BLOCK_N, BLOCK_K] tile a program,
 written in natural element order (the four slots are joined back: slot j's halves are elements j and j + 4, so
-the three-level join of `_mxfp4_dequant_kernel` flattened row-major is elements 0..7). Value × 2**14 × 2**(s - 127) in
+the three-level join of `dequant_words` flattened row-major is elements 0..7). Value × 2**14 × 2**(s - 127) in
 fp32 is exact (at most 2 significant bits) unless it leaves fp32's range, then one rounding to the output
 dtype: the same arithmetic as `mxfp4_dequantize` (ldexp in fp32, then cast), bit for bit (tests check it).
 Memory-bound: 17/32 byte read and 2 bytes (bf16) written per value.
@@ -60,25 +61,37 @@ def half_f32(u, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _mxfp4_dequant_kernel(q_ptr, s_ptr, w_ptr, rows, words, stride_qe, stride_qn, stride_se, stride_sn, stride_we,
-                    stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.program_id(2) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-    ok = (offs_n < rows)[:, None] & (offs_w < words)[None, :]
-    rows_n = offs_n.to(tl.int64)[:, None]
-    q = tl.load(q_ptr + e * stride_qe + rows_n * stride_qn + offs_w[None, :], mask=ok, other=0)
-    sc = e8m0_to_fp32(tl.load(s_ptr + e * stride_se + rows_n * stride_sn + (offs_w // 4)[None, :], mask=ok, other=0))
+def dequant_words(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 words q [BN, BK/8] (8 e2m1 codes each) + E8M0 scales s [BN, BK/32] -> the [BN, BK] tile in fp32,
+    natural element order, exact (module docstring): what the pre-pass stores and the per-tile K loops feed to
+    tl.dot, at ~2 integer ops a value."""
     s0, s1, s2, s3 = e2m1_slots(q)
     # [BN, BW, 2, 2, 2]: the last join makes the fastest axis, so element 4a + 2b + c of a word sits at [a, b, c]
-    # when slot 2b + c supplies (a = 0: low half, a = 1: high half) -- join(join(s0, s2), join(s1, s3)) by halves
+    # when slot 2b + c supplies (a = 0: low half, a = 1: high half)
     v = tl.join(tl.join(tl.join(half_f32(s0, False), half_f32(s0, True)), tl.join(half_f32(s2, False), half_f32(s2, True))),
                 tl.join(tl.join(half_f32(s1, False), half_f32(s1, True)), tl.join(half_f32(s3, False), half_f32(s3, True))))
+    v = tl.reshape(v, [BLOCK_N, BLOCK_K // 32, 32])
     # times 2**14 (exact), then the scale: two products, as 2**(s - 113) would overflow fp32 for s > 240
-    vals = tl.reshape((v * 16384.0) * sc[:, :, None, None, None], [BLOCK_N, BLOCK_K])
+    return tl.reshape((v * 16384.0) * e8m0_to_fp32(s)[:, :, None], [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _mxfp4_dequant_kernel(q_ptr, s_ptr, w_ptr, rows, groups, stride_qe, stride_qn, stride_se, stride_sn, stride_we,
+                          stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.program_id(2) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    offs_w = tl.program_id(2) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    n_ok = (offs_n < rows)[:, None]
+    rows_n = offs_n.to(tl.int64)[:, None]
+    q = tl.load(q_ptr + e * stride_qe + rows_n * stride_qn + offs_w[None, :], mask=n_ok & (offs_w < groups * 4)[None, :],
+                other=0)
+    sc = tl.load(s_ptr + e * stride_se + rows_n * stride_sn + offs_g[None, :], mask=n_ok & (offs_g < groups)[None, :],
+                 other=0)
+    vals = dequant_words(q, sc, BLOCK_N, BLOCK_K)
     offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     out = w_ptr + e * stride_we + rows_n * stride_wn + offs_k[None, :]
-    tl.store(out, cast(vals, w_ptr.dtype.element_ty, INTERPRET), mask=(offs_n < rows)[:, None] & (offs_k < words * 8)[None, :])
+    tl.store(out, cast(vals, w_ptr.dtype.element_ty, INTERPRET), mask=n_ok & (offs_k < groups * 32)[None, :])
 
 
 def dequantize_experts(blocks_ENSQ: torch.Tensor, scales_ENS: torch.Tensor, dtype: torch.dtype,
@@ -100,7 +113,7 @@ def dequantize_experts(blocks_ENSQ: torch.Tensor, scales_ENS: torch.Tensor, dtyp
     words = word_view(blocks_ENSQ)
     scales_ENS = scales_ENS if scales_ENS.stride(-1) == 1 else scales_ENS.contiguous()
     grid = (E, triton.cdiv(N, PREPASS_BLOCK_N), triton.cdiv(K, PREPASS_BLOCK_K))
-    _mxfp4_dequant_kernel[grid](words, scales_ENS, out, N, S * Q // 4, words.stride(0), words.stride(1), scales_ENS.stride(0),
+    _mxfp4_dequant_kernel[grid](words, scales_ENS, out, N, S, words.stride(0), words.stride(1), scales_ENS.stride(0),
                           scales_ENS.stride(1), out.stride(0), out.stride(1), BLOCK_N=PREPASS_BLOCK_N,
                           BLOCK_K=PREPASS_BLOCK_K, INTERPRET=common.interpreting(out), num_warps=4)
     return out

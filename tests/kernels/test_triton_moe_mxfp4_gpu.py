@@ -111,12 +111,12 @@ def test_mxfp4_moe_native_dot_scaled(layer):
     assert err < 1e-2, f"relative error {err:.3g} (native)"
 
 
-@pytest.mark.parametrize("T,path,variant", [(1, "tiny", "sum"), (48, "tiny", "map"), (300, "dequant", "map"),
-                                            (4096, "auto", "sum")])
+@pytest.mark.parametrize("T,path,variant", [(1, "auto", "sum"), (48, "tiny", "map"), (300, "dequant", "map"),
+                                            (4096, "dequant", "sum")])
 def test_mxfp4_decode_and_prefill_paths_gpt_oss_120b(layer, T, path, variant):
-    """The two GEMVs (kernels/triton_moe_mxfp4_tiny.py) and the dequantize-once path at gpt-oss-120b's shape,
-    forced and (4096 tokens, 128 rows per expert: a DEQUANT bucket of mxfp4_moe_default.json) picked by the
-    config; no host sync; bit-identical run to run (the tiny path's fixed summation order)."""
+    """The two GEMVs (kernels/triton_moe_mxfp4_tiny.py; 1 token: picked by mxfp4_moe_default.json) and the
+    dequantize-once path at gpt-oss-120b's shape; no host sync; bit-identical run to run (fixed summation
+    orders)."""
     from moelink.kernels.triton_moe_mxfp4 import triton_fused_moe_mxfp4
 
     g = torch.Generator(device="cuda").manual_seed(100 + T)
