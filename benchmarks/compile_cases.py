@@ -393,7 +393,7 @@ def compile_moe_mxfp4(rec: Recorder, quick: bool) -> None:
             variants += [("expert map", 64, bf, True, "sum", "auto"), ("tiny expert map", 1, bf, True, "sum", "auto"),
                          ("atomic", 4096, bf, False, "atomic", "auto"), ("fp16", 64, torch.float16, False, "sum", "auto"),
                          ("tiny fp16", 1, torch.float16, False, "sum", "auto"),
-                         ("dequant fp16", 4096, torch.float16, False, "sum", "auto")]
+                         ("dequant fp16", 16384, torch.float16, False, "sum", "auto")]
         for label, T, dt, emap, combine, path in variants[:1] if quick else variants:
             with rec.labelled(f"{name} MXFP4 T={T} {label}"):
                 triton_fused_moe_mxfp4(torch.empty(T, D, dtype=dt, **meta), *w, torch.empty(T, K, **meta),
