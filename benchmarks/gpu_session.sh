@@ -14,7 +14,7 @@
 #                          the MXFP4 fused MoE at gpt-oss-120b's, MLA over an fp8 latent cache (mixed batch)
 #   moe SHAPE [--quick]    moe_kernels for ONE shape (qwen3-30b-a3b | mixtral-8x7b | deepseek-v3)
 #   moe-fp8 SHAPE [--quick] moe_kernels --dtype fp8 for ONE shape (deepseek-v3 | qwen3-30b-a3b): FP8 fused MoE vs bf16
-#   moe-mxfp4 [--quick]    moe_mxfp4: gpt-oss-120b/-20b experts, MXFP4 (dequantized in the K loop) vs bf16
+#   moe-mxfp4 [--quick]    moe_mxfp4: gpt-oss-120b/-20b experts, MXFP4 paths (GEMVs, per-tile, dequant-once) vs bf16
 #   tune SHAPE [TOKENS]    tune_moe for ONE shape into .gpu_session/tuned, then
 #                          $OUT/tuned_configs_<GPU>_<SHAPE>.tar.gz (see "Tuned configs" below); its quick space
 #                          searches each GEMM's PERSISTENT (0/1/2 programs per SM) and TMA (off/on) axes too
