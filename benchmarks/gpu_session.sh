@@ -15,7 +15,7 @@
 #                          fp8 latent cache (mixed batch)
 #   moe SHAPE [--quick]    moe_kernels for ONE shape (qwen3-30b-a3b | mixtral-8x7b | deepseek-v3)
 #   moe-fp8 SHAPE [--quick] moe_kernels --dtype fp8 for ONE shape (deepseek-v3 | qwen3-30b-a3b): FP8 fused MoE vs bf16
-#   moe-mxfp4 [--quick]    moe_mxfp4: gpt-oss-120b/-20b experts, MXFP4 (dequantized in the K loop) vs bf16
+#   moe-mxfp4 [--quick]    moe_mxfp4: gpt-oss-120b/-20b experts, MXFP4 paths (GEMVs, per-tile, dequant-once) vs bf16
 #   moe-nvfp4 [--quick]    moe_nvfp4: Qwen3-30B-A3B / DeepSeek-V3 experts, NVFP4 (ModelOpt's, dequantized) vs bf16
 #   tune SHAPE [TOKENS]    tune_moe for ONE shape into .gpu_session/tuned, then
 #                          $OUT/tuned_configs_<GPU>_<SHAPE>.tar.gz (see "Tuned configs" below); its quick space
@@ -384,8 +384,10 @@ step_tests_kernels() {
 #  test_triton_fp8_gpu.py (15 tests): fused MoE at 2 shapes x 3 T x sum/atomic -> the FP8 default buckets hit
 #    (5 shape x bucket pairs: up + down + atomic down = 15) + the dense GEMM 3 = GEMM 18; other 20 (align,
 #    top-k sum, group quant per shape); run: float32 references on the GPU, DeepSeek's 32 local experts.
-#  test_triton_moe_mxfp4_gpu.py (5 tests, 1 skipped below sm_100): gpt-oss-120b experts at 4 T x variant ->
-#    GEMM 8 (up + down per case), other 8 (align, sum); run: float32 references on the GPU (measured 12 s).
+#  test_triton_moe_mxfp4_gpu.py (9 tests, 1 skipped below sm_100): gpt-oss-120b experts at 4 T x variant ->
+#    GEMM 8 (up + down per case), other 8 (align, sum); the decode/prefill paths (4 tests): GEMM 4 (the dequant
+#    path's float up + down at 2 buckets), other 10 (2 x 2 tiny GEMVs, the pre-pass, align, sum); run: float32
+#    references on the GPU (measured 12 s for the first 5; the 4096-token oracle and pre-pass: +20 s estimated).
 #  test_triton_moe_nvfp4_gpu.py (4 tests): Qwen3-30B-A3B experts at 4 T x variant -> GEMM 8 (up + down per case),
 #    other 8 (align, sum); run: float32 references on the GPU (estimate, as the MXFP4 file's).
 #  test_mla_fp8_prefill.py -m gpu (1 test, DeepSeek-V3 shapes over an fp8 latent cache): GEMM 2 (the MLA kernel
@@ -394,7 +396,7 @@ step_tests_kernels() {
 step_tests_fp8() {
   run_pytest_files "gpu_tests_fp8_${DEV}.txt" \
     triton_fp8_gpu 18 0 20 60 tests/kernels/test_triton_fp8_gpu.py \
-    triton_mxfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_mxfp4_gpu.py \
+    triton_mxfp4_gpu 12 0 18 60 tests/kernels/test_triton_moe_mxfp4_gpu.py \
     triton_nvfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_nvfp4_gpu.py \
     mla_fp8_gpu 2 0 2 30 tests/kernels/test_mla_fp8_prefill.py
 }
@@ -450,9 +452,6 @@ step_moe_fp8() {
     --out "$OUT/moe_kernels_${DEV}_${shape}_fp8.json"
 }
 
-# moe-mxfp4 [--quick]: gpt-oss-120b and -20b experts, MXFP4 vs bf16 (moe_mxfp4.py): per shape and token count
-# 2 systems x (up + down) = 4 GEMM and 3 other (2 align + sum); 6 token counts x 2 shapes -> 48 GEMM + 36 other
-# (--quick: 1,64,1024 -> 24 + 18). Run: measured 40 s on an H100 (2026-11-22, warm cache), doubled.
 # moe-nvfp4 [--quick]: Qwen3-30B-A3B and DeepSeek-V3 experts, NVFP4 vs bf16 (moe_nvfp4.py): per shape and token
 # count 2 systems x (up + down) = 4 GEMM and 3 other (2 align + sum); 6 token counts x 2 shapes -> 48 GEMM + 36
 # other (--quick: 1,64,1024 -> 24 + 18). Run: estimate (DeepSeek-V3's 256 experts: 6.3 GB NVFP4 + 22 GB bf16).
@@ -467,14 +466,20 @@ step_moe_nvfp4() {
     "$PY" -m moelink.benchmarks.moe_nvfp4 "${toks[@]}" --out "$OUT/moe_nvfp4_${DEV}.json"
 }
 
+# moe-mxfp4 [--quick]: gpt-oss-120b and -20b experts, MXFP4 paths vs bf16 (moe_mxfp4.py): per token count the
+# per-tile and bf16 GEMMs (4; the dequant path reuses bf16's float GEMMs, and both shapes have D = I = 2880, so
+# the second shape compiles nothing new but the E-dependent align), and others: align + sum, the two tiny GEMVs,
+# the pre-pass; 7 token counts -> 4*7 + 2 (auto path) = 30 GEMM, 30 other, doubled for margin: 60 + 60 (--quick:
+# 1,64,1024 -> 28 + 28). Run: 40 s measured for 2 systems x 6 counts (2026-11-22); now ~5 systems and 16384
+# tokens: 160 s.
 step_moe_mxfp4() {
   if [[ $MODE == cpu-smoke ]]; then
     cmd moe_mxfp4 0 0 0 120 -- "$PY" -m moelink.benchmarks.moe_mxfp4 --cpu-smoke --out "$OUT/moe_mxfp4_cpu_smoke.json"
     return 0
   fi
-  local toks=() n=6
+  local toks=() n=7
   if [[ "${1:-}" == "--quick" ]]; then toks=(--tokens 1,64,1024); n=3; fi
-  cmd moe_mxfp4 $((8 * n)) 0 $((6 * n)) 80 -- \
+  cmd moe_mxfp4 $((60 * n / 7)) 0 $((60 * n / 7)) 160 -- \
     "$PY" -m moelink.benchmarks.moe_mxfp4 "${toks[@]}" --out "$OUT/moe_mxfp4_${DEV}.json"
 }
 

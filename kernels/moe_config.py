@@ -30,6 +30,9 @@ pass asserts on a producer with pointer loads (checked offline for sm_90).
 Optional "TINY": {"max_pairs", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages", "down": {...}}
 turns on the tiny-batch path (kernels/triton_moe_tiny.py: no alignment, no sum pass, two launches) for
 batches of at most max_pairs (token, expert) pairs; larger batches of the same bucket take the sorted path.
+Optional "DEQUANT": true (MXFP4 files only, kernels/triton_moe_mxfp4.py): batches of this bucket that do not take
+the tiny path dequantize every local expert once into a scratch of the activation dtype and run the float
+sorted path on it (the bucket's blocks are then the float GEMMs'), instead of dequantizing per M tile.
 """
 from __future__ import annotations
 
@@ -138,6 +141,7 @@ class MoELaunchConfig:
     up: GemmConfig
     down: GemmConfig
     tiny: TinyConfig | None = None  # the tiny-batch path, for pair counts up to tiny.max_pairs
+    dequant: bool = False  # MXFP4: dequantize the experts once per call, then the float sorted path
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "MoELaunchConfig":
@@ -163,7 +167,11 @@ class MoELaunchConfig:
             raise ValueError(f"{where}: BLOCK_SIZE_M={bm!r} is invalid: must be a power of two >= 16.")
         up = gemm(d, {})
         tiny = TinyConfig.from_dict(d["TINY"], f"{where}: TINY") if "TINY" in d else None
-        return cls(bm, up, replace(gemm(d.get("down", {}), asdict(up)), FUSED_GATE_UP=False), tiny)  # (up GEMM only)
+        dequant = d.get("DEQUANT", False)
+        if not isinstance(dequant, bool):
+            raise ValueError(f"{where}: DEQUANT={dequant!r} is invalid: must be true or false.")
+        return cls(bm, up, replace(gemm(d.get("down", {}), asdict(up)), FUSED_GATE_UP=False), tiny,  # (up GEMM only)
+                   dequant)
 
     def to_dict(self) -> dict:
         d = {"BLOCK_SIZE_M": self.BLOCK_SIZE_M, **self.up.to_dict()}
@@ -174,6 +182,8 @@ class MoELaunchConfig:
                     d["down"][k] = getattr(self.down, k)
         if self.tiny is not None:
             d["TINY"] = self.tiny.to_dict()
+        if self.dequant:
+            d["DEQUANT"] = True
         return d
 
     def uses_tiny(self, num_pairs: int) -> bool:

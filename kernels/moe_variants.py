@@ -2,7 +2,8 @@
 
 A Triton kernel compiles once per set of compile-time values. The fused MoE's depend on the token count T
 (the rows the expert call gets) through its launch config (the JSON bucket T selects, kernels/moe_config.py),
-the tiny-batch path (T*K <= TINY.max_pairs) and its narrowed down GEMV, the alignment kernels' sizes
+the tiny-batch path (T*K <= TINY.max_pairs) and its narrowed down GEMV, MXFP4's dequantize-once buckets (its
+own table picks the path, the float table the GEMMs' blocks), the alignment kernels' sizes
 (moe_align.align_launch) and, for FP8, the activation quantization's block (triton_fp8.quant_block_rows).
 Everything else a launch specialises on is fixed by the layer (shapes, dtype, biases, activation) or not
 specialised at all (the pair count is `do_not_specialize`). `moe_variant` composes the wrappers' own
@@ -56,7 +57,8 @@ class MoEShape:
 class MoEVariant:
     """One compiled set of fused-MoE kernels: equal variants share every compiled kernel."""
 
-    path: str  # "sorted" (align, gate-up GEMM, down GEMM, sum) or "tiny" (two GEMVs)
+    path: str  # "sorted" (align, gate-up GEMM, down GEMM, sum), "tiny" (two GEMVs) or "dequant" (MXFP4: the
+    # experts dequantized once, then the float sorted kernels with `config`)
     config: MoELaunchConfig | TinyConfig  # the GEMMs' blocks as launched (FP8: adapted to the weight block)
     align: tuple[bool, int, int] | None = None  # sorted: moe_align's (SINGLE, CHUNK, SUB)
     down_block_n: int | None = None  # tiny: the down GEMV's BLOCK_N after narrowing
@@ -68,7 +70,27 @@ def _table(shape: MoEShape):
         from .triton_moe_fp8 import fp8_config_table
 
         return fp8_config_table(shape.num_experts, shape.inter, shape.device_name, shape.config_dir)
+    if shape.fmt == "mxfp4":
+        from .triton_moe_mxfp4 import mxfp4_config_table
+
+        return mxfp4_config_table(shape.num_experts, shape.inter, shape.device_name, shape.config_dir)
     return config_table(shape.num_experts, shape.inter, shape.device_name, shape.config_dir)
+
+
+def _tables(shape: MoEShape) -> list:
+    """Every config table a variant of `shape` is picked from: MXFP4's DEQUANT buckets run the float kernels with
+    the float table's config, so its buckets count too."""
+    tables = [_table(shape)]
+    if shape.fmt == "mxfp4" and any(cfg.dequant for _, cfg in tables[0][1]):
+        tables.append(config_table(shape.num_experts, shape.inter, shape.device_name, shape.config_dir))
+    return tables
+
+
+def _tiny_variant(tiny: TinyConfig, shape: MoEShape, num_tokens: int) -> MoEVariant:
+    from .triton_moe_tiny import down_block_n
+
+    return MoEVariant("tiny", tiny, down_block_n=down_block_n(tiny.down.BLOCK_SIZE_N, num_tokens, shape.hidden,
+                                                              shape.num_sms))
 
 
 def moe_variant(shape: MoEShape, num_tokens: int) -> MoEVariant:
@@ -93,19 +115,25 @@ def moe_variant(shape: MoEShape, num_tokens: int) -> MoEVariant:
         groups = -(-D // bk)
         return MoEVariant("sorted", launched, align, quant_block_rows=quant_block_rows(T * groups, bk,
                                                                                        shape.device_name == "cpu"))
-    cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
     if shape.fmt == "mxfp4":
-        from .triton_moe_mxfp4 import mxfp4_config
+        from .moe_config import _pick
+        from .triton_moe_mxfp4 import mxfp4_config, mxfp4_path
 
-        return MoEVariant("sorted", mxfp4_config(cfg), align)  # (no tiny path)
+        cfg = _pick(*_table(shape), T, K, E)
+        path = mxfp4_path(cfg, T, K)
+        if path == "tiny":
+            return _tiny_variant(cfg.tiny, shape, T)
+        if path == "dequant":  # the float kernels with the float config (and the pre-pass, one compiled kernel)
+            float_cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
+            return MoEVariant("dequant", replace(float_cfg, tiny=None, dequant=False), align)
+        return MoEVariant("sorted", mxfp4_config(cfg), align)
+    cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
     if shape.fmt == "nvfp4":
         from .triton_moe_nvfp4 import nvfp4_config
 
         return MoEVariant("sorted", nvfp4_config(cfg), align)  # (no tiny path)
     if cfg.uses_tiny(P):
-        from .triton_moe_tiny import down_block_n
-
-        return MoEVariant("tiny", cfg.tiny, down_block_n=down_block_n(cfg.tiny.down.BLOCK_SIZE_N, T, D, shape.num_sms))
+        return _tiny_variant(cfg.tiny, shape, T)
     return MoEVariant("sorted", replace(cfg, tiny=None), align)
 
 
@@ -129,21 +157,21 @@ def _change_points(shape: MoEShape, max_tokens: int) -> set[int]:
     def tokens_for_pairs(p: int) -> int:  # the first T with T*K >= p
         return -(-p // K)
 
-    key, buckets = _table(shape)
-    keys = [b for b, _ in buckets]
-    if key == "tokens":  # nearest bucket, ties to the smaller: the choice moves past each midpoint
-        for a, b in zip(keys, keys[1:]):
-            points |= {(a + b) // 2, (a + b) // 2 + 1}
-    else:  # the largest bucket not above T*K/E
-        points |= {tokens_for_pairs(b * E) for b in keys}
+    for key, buckets in _tables(shape):
+        keys = [b for b, _ in buckets]
+        if key == "tokens":  # nearest bucket, ties to the smaller: the choice moves past each midpoint
+            for a, b in zip(keys, keys[1:]):
+                points |= {(a + b) // 2, (a + b) // 2 + 1}
+        else:  # the largest bucket not above T*K/E
+            points |= {tokens_for_pairs(b * E) for b in keys}
+        for _, cfg in buckets:
+            if cfg.tiny is not None:
+                points.add(cfg.tiny.max_pairs // K + 1)
+                bn = cfg.tiny.down.BLOCK_SIZE_N  # the down GEMV halves BLOCK_N while T * cdiv(D, BN) < 2 * SMs
+                while bn >= 8:
+                    points.add(-(-2 * shape.num_sms // -(-D // bn)))
+                    bn //= 2
     max_pairs = max_tokens * K
-    for _, cfg in buckets:
-        if cfg.tiny is not None:
-            points.add(cfg.tiny.max_pairs // K + 1)
-            bn = cfg.tiny.down.BLOCK_SIZE_N  # the down GEMV halves BLOCK_N while T * cdiv(D, BN) < 2 * SMs
-            while bn >= 8:
-                points.add(-(-2 * shape.num_sms // -(-D // bn)))
-                bn //= 2
     # Alignment (moe_align.align_launch): SUB is next_power_of_2(P) clamped to [16, 256] (and to 8192 / X),
     # CHUNK is SUB times the sub-tile count (1..4: one program) or times cdiv(sub-tiles, 256): its edges sit
     # one pair past a power of two, past 1..4 SUBs, and past each 256 SUBs.

@@ -9,11 +9,17 @@ Weights (kernels/mxfp4.py, the published layout with gate/up rows de-interleaved
 [E, F, D/32, 16] uint8 + scales [E, F, D/32] uint8; w2 blocks [E, D, I/32, 16] + scales [E, D, I/32]. A row's
 bytes are contiguous along the reduction dim, so a [BLOCK_N, BLOCK_K/2] byte tile and its [BLOCK_N, BLOCK_K/32]
 E8M0 scales are plain strided loads: a quarter of the bytes a bf16 tile costs (plus 1/32 for the scales).
+Two more paths for the batch sizes where this one is slow (`mxfp4_path`, chosen from T by the MXFP4 config
+files): the decode GEMVs (kernels/triton_moe_mxfp4_tiny.py) and the dequantize-once prefill path (`DEQUANT`).
 
-In the K loop (Hopper and older, `NATIVE=False`): bytes → two nibbles (low nibble = even element) → e2m1 value
-built in fp32 bits → times 2**(scale - 127) (also built from bits) → the activation dtype, exact (an e2m1 value
-times a power of two needs 2 significant bits) unless it over/underflows that dtype → tl.dot with fp32
-accumulation, as the float kernel. The activations stay in their dtype (W4A16); x is never quantized.
+In the K loop (Hopper and older, `NATIVE=False`): the blocks are read as int32 words ([BLOCK_N, BLOCK_K/8] a
+step) and decoded by `triton_mxfp4_dequant.dequant_words`: shifts and masks place each e2m1 code in an fp16 bit
+pattern (e2m1 x 2**-14, exact), widened to fp32, times 2**14 and the group's 2**(s - 127), then the activation
+dtype, exact (an e2m1 value times a power of two needs 2 significant bits) unless it over/underflows that
+dtype → tl.dot with fp32 accumulation, as the float kernel. ~2 integer ops a value where the former per-byte
+decode (compare-and-select on the code) spent ~10: the sm_90 K loop issues 20-25 % fewer instructions and 2.3-2.9x
+fewer on the integer pipe (the per-tile path's bound). The activations stay in their dtype (W4A16); x is never
+quantized.
 `NATIVE=True` (opt-in, `native=True`; bf16/fp16 activations): `tl.dot_scaled(x, None, "bf16", packed, scales,
 "e2m1")` instead, Triton's own microscaling path. Verified: it matches the reference in the interpreter (same
 operand layouts: bytes packed along K, scales [N, K/32]), and compiles for sm_100 (Triton 3.6 and 3.9, offline) to
@@ -30,6 +36,7 @@ runs one program per tile without TMA (the config's PERSISTENT and TMA keys are 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import triton
@@ -37,42 +44,28 @@ import triton.language as tl
 
 from . import triton_common as common
 from .moe import SILU, MoEActivation
-from .moe_config import GemmConfig, MoELaunchConfig, get_moe_config
+from . import moe_config
+from .moe_config import (CONFIG_DIR, DEFAULT_TINY, GemmConfig, MoELaunchConfig, _pick, get_moe_config,
+                         load_config_file)
 from .mxfp4 import GROUP, _check_packed
 from .triton_common import dot
 from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
+from .triton_moe_float import FloatFormat
 from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_mxfp4_tiny import tiny_fused_moe_mxfp4
+from .triton_mxfp4_dequant import dequant_words, dequantize_experts, e8m0_to_fp32, word_view
 
 _NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@triton.jit
-def _e8m0_to_fp32(s):
-    # 2**(s - 127) from its bits; s = 0 is 2**-127, a float32 subnormal (mantissa bit 22), not 0.
-    s = s.to(tl.int32)
-    return tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def dequant_tile(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
-    """Packed e2m1 bytes q [BN, BK/2] (uint8) + E8M0 scales s [BN, BK/32] (uint8) -> the [BK, BN] B tile in dtype."""
-    q = q.to(tl.int32)
-    c = tl.reshape(tl.join(q & 0xF, q >> 4), [BLOCK_N, BLOCK_K])  # low nibble = even element
-    mag = c & 7  # exponent bits 2-1, mantissa bit 0
-    # e2m1 -> fp32 bits: exponent e + 126, mantissa bit m at bit 22 (so mag << 22 + 126 << 23) for e > 0;
-    # the subnormal code 1 is 0.5 = 126 << 23, code 0 is 0.
-    bits = tl.where(mag >= 2, (mag << 22) + 0x3F000000, tl.where(mag == 1, 0x3F000000, 0)) | ((c & 8) << 28)
-    v = tl.reshape(bits.to(tl.float32, bitcast=True), [BLOCK_N, BLOCK_K // 32, 32])
-    w = tl.reshape(v * _e8m0_to_fp32(s)[:, :, None], [BLOCK_N, BLOCK_K])
-    return tl.trans(w.to(dtype))
+PATHS = ("auto", "tiny", "sorted", "dequant")
 
 
 @triton.jit
 def _mxfp4_dot(a, q, s, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
                A_FORMAT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    # q: [BN, BK/2] bytes when NATIVE, else [BN, BK/8] int32 words (`dequant_words`: ~2 integer ops a value)
     if NATIVE:
         return tl.dot_scaled(a, None, A_FORMAT, tl.trans(q), s, "e2m1", acc)
-    return dot(a, dequant_tile(q, s, BLOCK_N, BLOCK_K, a.dtype), acc, INTERPRET, PREC)
+    return dot(a, tl.trans(dequant_words(q, s, BLOCK_N, BLOCK_K).to(a.dtype)), acc, INTERPRET, PREC)
 
 
 @triton.jit
@@ -84,8 +77,9 @@ def mxfp4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid
     wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss = w_ops
     NATIVE: tl.constexpr = FMT[0]
     A_FORMAT: tl.constexpr = FMT[1]
+    KQ: tl.constexpr = BLOCK_K // 2 if NATIVE else BLOCK_K // 8  # bytes (NATIVE) or int32 words of a K step
     offs_k = tl.arange(0, BLOCK_K)
-    offs_kq = tl.arange(0, BLOCK_K // 2)  # bytes
+    offs_kq = tl.arange(0, KQ)
     offs_ks = tl.arange(0, BLOCK_K // 32)  # scale groups
     rows_n = offs_n.to(tl.int64)
     gq_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
@@ -97,7 +91,7 @@ def mxfp4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid
     for k0 in range(0, hidden, BLOCK_K):
         a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
         # (the reduction dim is a multiple of 32, one scale group, not of BLOCK_K: whole bytes and groups)
-        kq_ok = offs_kq < (hidden - k0) // 2
+        kq_ok = offs_kq < (hidden - k0) * KQ // BLOCK_K
         ks_ok = offs_ks < (hidden - k0) // 32
         qg = load_weights(gq_ptrs, n_ok, kq_ok, EVEN_K, True)
         sg = load_weights(gs_ptrs, n_ok, ks_ok, EVEN_K, True)
@@ -106,8 +100,8 @@ def mxfp4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid
         acc_g = _mxfp4_dot(a, qg, sg, acc_g, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
         acc_u = _mxfp4_dot(a, qu, su, acc_u, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
         a_ptrs += BLOCK_K
-        gq_ptrs += BLOCK_K // 2
-        uq_ptrs += BLOCK_K // 2
+        gq_ptrs += KQ
+        uq_ptrs += KQ
         gs_ptrs += (BLOCK_K // 32) * stride_ss
         us_ptrs += (BLOCK_K // 32) * stride_ss
     return acc_g, acc_u
@@ -122,8 +116,9 @@ def mxfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, in
     wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss = w_ops
     NATIVE: tl.constexpr = FMT[0]
     A_FORMAT: tl.constexpr = FMT[1]
+    KQ: tl.constexpr = BLOCK_K // 2 if NATIVE else BLOCK_K // 8
     offs_k = tl.arange(0, BLOCK_K)
-    offs_kq = tl.arange(0, BLOCK_K // 2)
+    offs_kq = tl.arange(0, KQ)
     offs_ks = tl.arange(0, BLOCK_K // 32)
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
     rows_n = offs_n.to(tl.int64)
@@ -132,11 +127,11 @@ def mxfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, in
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
         a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
-        q = load_weights(q_ptrs, n_ok, offs_kq < (inter - k0) // 2, EVEN_K, True)
+        q = load_weights(q_ptrs, n_ok, offs_kq < (inter - k0) * KQ // BLOCK_K, EVEN_K, True)
         s = load_weights(s_ptrs, n_ok, offs_ks < (inter - k0) // 32, EVEN_K, True)
         acc = _mxfp4_dot(a, q, s, acc, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
         a_ptrs += BLOCK_K
-        q_ptrs += BLOCK_K // 2
+        q_ptrs += KQ
         s_ptrs += (BLOCK_K // 32) * stride_ss
     return acc
 
@@ -190,7 +185,8 @@ def mxfp4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
 
 @dataclass(frozen=True)
 class Mxfp4Format(WeightFormat):
-    """MXFP4 experts with their blocks as byte views (`_bytes_view`: B = D/2 for w13, I/2 for w2); `native` picks
+    """MXFP4 experts with their blocks as int32 word views (`word_view`: B = D/8 for w13, I/8 for w2), or byte views
+    with `native` (`_bytes_view`: B = D/2, I/2, what tl.dot_scaled takes); `native` picks
     tl.dot_scaled for activations of dtype `a_format` (module docstring)."""
 
     w13q_EFB: torch.Tensor
@@ -218,6 +214,32 @@ class Mxfp4Format(WeightFormat):
         """A GEMM's weight operands (bytes, scales and their strides) and this format's constexprs."""
         return dict(wq_ptr=q, ws_ptr=s, stride_qe=q.stride(0), stride_qn=q.stride(1), stride_se=s.stride(0),
                     stride_sn=s.stride(1), stride_ss=s.stride(2), TMA=False, NATIVE=self.native, A_FORMAT=self.a_format)
+
+
+def mxfp4_config_file_name(num_experts: int, inter: int, name: str) -> str:
+    """Tuned MXFP4 files: a prefix of their own (as FP8's), so the bf16 tools' `E=*,N=*,...` globs skip them."""
+    return f"mxfp4,E={num_experts},N={inter},device_name={name}.json"
+
+
+def mxfp4_config_table(num_experts: int, inter: int, name: str, config_dir: str | Path | None = None):
+    """(key kind, sorted buckets) of the MXFP4 file for a shape on GPU `name`: a tuned `mxfp4,E=..,N=..,..json`,
+    else `mxfp4_moe_default.json` (rows per expert); `mxfp4_moe_interpreter.json` on CPU ('cpu')."""
+    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    if name == "cpu":
+        return load_config_file(str(CONFIG_DIR / "mxfp4_moe_interpreter.json"))
+    found = load_config_file(str(root / mxfp4_config_file_name(num_experts, inter, name)))
+    return found or load_config_file(str(CONFIG_DIR / "mxfp4_moe_default.json"))
+
+
+def mxfp4_path(cfg: MoELaunchConfig, num_tokens: int, top_k: int, path: str = "auto") -> str:
+    """Which MXFP4 path a batch takes under `cfg` (the selector; kernels/moe_variants.py composes it): "tiny" when
+    T*K <= TINY.max_pairs, else "dequant" where the bucket says DEQUANT, else "sorted" (per-tile dequantization).
+    A function of the token count alone (graph-safe); `path` other than "auto" forces one."""
+    if path != "auto":
+        return path
+    if cfg.uses_tiny(num_tokens * top_k):
+        return "tiny"
+    return "dequant" if cfg.dequant else "sorted"
 
 
 def _check(x_TD, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int]:
@@ -254,11 +276,19 @@ def triton_fused_moe_mxfp4(
     config: MoELaunchConfig | None = None,
     combine: str = "sum",
     native: bool = False,
+    path: str = "auto",
 ) -> torch.Tensor:
     """Same contract as `reference_fused_moe_mxfp4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose
-    experts are all remote are 0. `out`, `config` and `combine` as `triton_fused_moe`; `native=True` takes the
-    tl.dot_scaled path (module docstring; bf16/fp16 activations only). No device→host sync.
+    experts are all remote are 0. `out` and `combine` as `triton_fused_moe`; `config` overrides the MXFP4 launch
+    config (`mxfp4_config_table`); `native=True` takes the tl.dot_scaled path (module docstring; bf16/fp16
+    activations only; the per-tile path). `path`: "auto" (`mxfp4_path`), "tiny" (the two GEMVs,
+    kernels/triton_moe_mxfp4_tiny.py; the config's TINY blocks, else DEFAULT_TINY's; sums deterministically
+    whatever `combine` says), "sorted" (per-tile dequantization) or "dequant" (every local expert dequantized
+    once into a scratch of x's dtype, then the float sorted path with the float launch config). No device→host
+    sync.
     """
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
     E, I, D = _check(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, topk_weights_TK,
                      topk_ids_TK)
     b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
@@ -271,8 +301,25 @@ def triton_fused_moe_mxfp4(
     if T == 0:
         return out
     x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
-    fmt = Mxfp4Format(E, I, _bytes_view(w13_blocks_EFSQ), w13_scales_EFS, _bytes_view(w2_blocks_EDSQ), w2_scales_EDS,
+    weights_P, ids_P = topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous()
+    given = config is not None
+    if not given:
+        config = _pick(*mxfp4_config_table(E, I, moe_config.device_name(x_TD.device)), T, K, E)
+    chosen = "sorted" if native else mxfp4_path(config, T, K, path)
+    if chosen == "tiny":
+        return tiny_fused_moe_mxfp4(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, weights_P,
+                                    ids_P, expert_map_G, b13_EF, b2_ED, act_args, out, config.tiny or DEFAULT_TINY, K)
+    if chosen == "dequant":
+        # Every local expert, not only those with tokens: the shipped DEQUANT bucket starts at 512 rows per expert,
+        # where an expert without a token is (1 - K/E)**T ~ e**-512 unlikely, so a count of used experts would
+        # cost a launch and save nothing; a shape-only grid stays graph-safe. The scratch is allocated per call:
+        # the caching allocator hands the same blocks to the next layer (one layer's worth at a time).
+        w13_EFD = dequantize_experts(w13_blocks_EFSQ, w13_scales_EFS, dt)
+        w2_EDI = dequantize_experts(w2_blocks_EDSQ, w2_scales_EDS, dt)
+        cfg = replace(config if given else get_moe_config(E, I, T, K, x_TD.device), tiny=None, dequant=False)
+        return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out,
+                                combine, b13_EF, b2_ED, act_args)
+    view = _bytes_view if native else word_view  # (the K loops' operand: bytes for tl.dot_scaled, else words)
+    fmt = Mxfp4Format(E, I, view(w13_blocks_EFSQ), w13_scales_EFS, view(w2_blocks_EDSQ), w2_scales_EDS,
                       bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
-    cfg = config or get_moe_config(E, I, T, K, x_TD.device)
-    return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
-                            expert_map_G, K, cfg, out, combine, b13_EF, b2_ED, act_args)
+    return sorted_fused_moe(fmt, x_TD, weights_P, ids_P, expert_map_G, K, config, out, combine, b13_EF, b2_ED, act_args)

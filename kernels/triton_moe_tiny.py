@@ -66,8 +66,15 @@ def _tiny_up_kernel(x_ptr, w13_ptr, h_ptr, ids_ptr, map_ptr, b13_ptr, num_pairs,
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    gate = tl.sum(acc_g, axis=1)
-    up = tl.sum(acc_u, axis=1)
+    tiny_up_epilogue(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), pair, expert, offs_n, n_ok, h_ptr, stride_hp,
+                     b13_ptr, stride_be, inter, alpha, limit, HAS_BIAS, ACT, INTERPRET)
+
+
+@triton.jit
+def tiny_up_epilogue(gate, up, pair, expert, offs_n, n_ok, h_ptr, stride_hp, b13_ptr, stride_be, inter, alpha, limit,
+                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Every format's gate-up GEMV ends here: fp32 gate and up [BN] (+ the expert's biases), the activation, and the
+    pair's h row in h's dtype (as the sorted path rounds h)."""
     if HAS_BIAS:
         b_ptr = b13_ptr + expert.to(tl.int64) * stride_be
         gate += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -88,11 +95,8 @@ def _tiny_down_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, b2_
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
-    lanes = tl.arange(0, KP)
-    pair_p = t * TOP_K + lanes
-    expert_p = _local_expert(ids_ptr, map_ptr, pair_p, num_pairs, num_ids, HAS_MAP)
-    live_p = (lanes < TOP_K) & (expert_p >= 0)
-    w_p = tl.load(weights_ptr + pair_p, mask=live_p, other=0.0).to(tl.float32)
+    pair_p, expert_p, live_p, w_p = tiny_token_pairs(t, ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, TOP_K, KP,
+                                                     HAS_MAP)
     h_ptrs = h_ptr + pair_p[:, None].to(tl.int64) * stride_hp + offs_k[None, :]  # [KP, BK]
     b_ptrs = (w2_ptr + tl.maximum(expert_p, 0).to(tl.int64)[:, None, None] * stride_we
               + offs_n[None, :, None].to(tl.int64) * stride_wd + offs_k[None, None, :])  # [KP, BN, BK]
@@ -110,7 +114,27 @@ def _tiny_down_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, b2_
         acc += tl.sum(b.to(tl.float32) * a[:, None, :], axis=0)
         h_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=1)
+    tiny_down_epilogue(tl.sum(acc, axis=1), t, expert_p, live_p, w_p, offs_n, n_ok, b2_ptr, stride_be, out_ptr,
+                       stride_ot, HAS_BIAS, INTERPRET)
+
+
+@triton.jit
+def tiny_token_pairs(t, ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, TOP_K: tl.constexpr, KP: tl.constexpr,
+                     HAS_MAP: tl.constexpr):
+    """Token t's KP pair lanes for a down GEMV: (pair [KP], local expert (-1: none), live mask, routed weight; 0 on
+    dead lanes, whose memory is never read)."""
+    lanes = tl.arange(0, KP)
+    pair_p = t * TOP_K + lanes
+    expert_p = _local_expert(ids_ptr, map_ptr, pair_p, num_pairs, num_ids, HAS_MAP)
+    live_p = (lanes < TOP_K) & (expert_p >= 0)
+    w_p = tl.load(weights_ptr + pair_p, mask=live_p, other=0.0).to(tl.float32)
+    return pair_p, expert_p, live_p, w_p
+
+
+@triton.jit
+def tiny_down_epilogue(y, t, expert_p, live_p, w_p, offs_n, n_ok, b2_ptr, stride_be, out_ptr, stride_ot,
+                       HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Every format's down GEMV ends here: the token's fp32 sum y [BN] (+ Σ_k w_k · b2[e_k]) stored once."""
     if HAS_BIAS:  # scaled by the routed weight, as the reference applies it
         b2_ptrs = b2_ptr + tl.maximum(expert_p, 0).to(tl.int64)[:, None] * stride_be + offs_n[None, :]
         b2 = tl.load(b2_ptrs, mask=live_p[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
@@ -139,29 +163,44 @@ def tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF
                    limit: float, out: torch.Tensor, tiny: TinyConfig, top_k: int) -> torch.Tensor:
     """The two launches above into `out` [T, D]. Called by `triton_fused_moe` with its inputs checked and
     made row-contiguous (weights_P / ids_P are the flat [T*K] routing); no host sync."""
+    E, F, D = w13_EFD.shape
+    return run_tiny(_tiny_up_kernel, dict(w13_ptr=w13_EFD, stride_we=w13_EFD.stride(0), stride_wf=w13_EFD.stride(1)),
+                    _tiny_down_kernel, dict(w2_ptr=w2_EDI, stride_we=w2_EDI.stride(0), stride_wd=w2_EDI.stride(1)),
+                    x_TD, weights_P, ids_P, expert_map_G, b13_EF, b2_ED, (act, alpha, limit), out, tiny, top_k, E, F // 2)
+
+
+def run_tiny(up_kernel, up_weight: dict, down_kernel, down_weight: dict, x_TD, weights_P, ids_P, expert_map_G, b13_EF,
+             b2_ED, act_args: tuple[int, float, float], out: torch.Tensor, tiny: TinyConfig, top_k: int, num_experts: int,
+             inter: int) -> torch.Tensor:
+    """Launch a format's gate-up GEMV (grid (P, I / BLOCK_N)) and down GEMV (grid (T, D / BLOCK_N), narrowed by
+    `down_block_n`) with the arguments every format's tiny kernels share; `up_weight` / `down_weight` are the
+    format's weight operands by parameter name. Returns `out`."""
     T, D = x_TD.shape
-    E, F, _ = w13_EFD.shape
-    I, P = F // 2, ids_P.numel()
+    I, P = inter, ids_P.numel()
     dev, dt = x_TD.device, x_TD.dtype
+    act, alpha, limit = act_args
     interp = common.interpreting(x_TD)
     has_map = expert_map_G is not None
     map_G = expert_map_G if has_map else ids_P  # any pointer: unused without a map
-    num_ids = expert_map_G.numel() if has_map else E
+    num_ids = expert_map_G.numel() if has_map else num_experts
     up = tiny.up
     h_PI = common.workspace((P, I), dt, dev)
-    _tiny_up_kernel[(P, triton.cdiv(I, up.BLOCK_SIZE_N))](
-        x_TD, w13_EFD, h_PI, ids_P, map_G, x_TD if b13_EF is None else b13_EF, P, num_ids, I, D, top_k,
-        x_TD.stride(0), w13_EFD.stride(0), w13_EFD.stride(1), h_PI.stride(0),
-        0 if b13_EF is None else b13_EF.stride(0), alpha, limit,
+    up_kernel[(P, triton.cdiv(I, up.BLOCK_SIZE_N))](
+        x_ptr=x_TD, h_ptr=h_PI, ids_ptr=ids_P, map_ptr=map_G, b13_ptr=x_TD if b13_EF is None else b13_EF,
+        num_pairs=P, num_ids=num_ids, inter=I, hidden=D, top_k=top_k, stride_xt=x_TD.stride(0),
+        stride_hp=h_PI.stride(0), stride_be=0 if b13_EF is None else b13_EF.stride(0), alpha=alpha, limit=limit,
         BLOCK_N=up.BLOCK_SIZE_N, BLOCK_K=up.BLOCK_SIZE_K, EVEN_K=D % up.BLOCK_SIZE_K == 0, HAS_MAP=has_map,
         HAS_BIAS=b13_EF is not None, ACT=act, INTERPRET=interp, num_warps=up.num_warps, num_stages=up.num_stages,
+        **up_weight,
     )
     down = tiny.down
     bn = down_block_n(down.BLOCK_SIZE_N, T, D, num_sms(dev))
-    _tiny_down_kernel[(T, triton.cdiv(D, bn))](
-        h_PI, w2_EDI, out, ids_P, map_G, weights_P, weights_P if b2_ED is None else b2_ED, P, num_ids, D, I,
-        h_PI.stride(0), w2_EDI.stride(0), w2_EDI.stride(1), out.stride(0), 0 if b2_ED is None else b2_ED.stride(0),
-        TOP_K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_N=bn, BLOCK_K=down.BLOCK_SIZE_K, EVEN_K=I % down.BLOCK_SIZE_K == 0, HAS_MAP=has_map,
-        HAS_BIAS=b2_ED is not None, INTERPRET=interp, num_warps=down.num_warps, num_stages=down.num_stages,
+    down_kernel[(T, triton.cdiv(D, bn))](
+        h_ptr=h_PI, out_ptr=out, ids_ptr=ids_P, map_ptr=map_G, weights_ptr=weights_P,
+        b2_ptr=weights_P if b2_ED is None else b2_ED, num_pairs=P, num_ids=num_ids, hidden=D, inter=I,
+        stride_hp=h_PI.stride(0), stride_ot=out.stride(0), stride_be=0 if b2_ED is None else b2_ED.stride(0),
+        TOP_K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_N=bn, BLOCK_K=down.BLOCK_SIZE_K,
+        EVEN_K=I % down.BLOCK_SIZE_K == 0, HAS_MAP=has_map, HAS_BIAS=b2_ED is not None, INTERPRET=interp,
+        num_warps=down.num_warps, num_stages=down.num_stages, **down_weight,
     )
     return out

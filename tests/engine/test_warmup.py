@@ -176,6 +176,24 @@ def test_the_moe_plan_follows_the_tiny_path_and_its_narrowed_down_gemv(tmp_path)
     assert any(isinstance(v.config, TinyConfig) for _, v in plan)
 
 
+def test_the_mxfp4_plan_holds_its_three_paths():
+    """gpt-oss-120b (E 128, top-4) on an H100 from mxfp4_moe_default.json: the two GEMVs below 2 rows per
+    expert (63 tokens; the down GEMV's BLOCK_N narrowed at 1 token), the per-tile sorted path, and from 512 rows per expert
+    (16384 tokens) the dequantize-once path, whose GEMMs take the float table's config (default.json here)."""
+    from moelink.kernels.moe_config import lookup_moe_config
+    from moelink.kernels.moe_variants import MoEShape
+
+    plan = _check_against_selector(MoEShape("mxfp4", 128, 2880, 2880, 4, H100, 132), 16384)
+    first = {}
+    for t, v in plan:
+        first.setdefault(v.path, t)
+    assert first == {"tiny": 1, "sorted": 64, "dequant": 16384}
+    assert {v.down_block_n for _, v in plan if v.path == "tiny"} == {8, 16}
+    for t, v in plan:
+        if v.path == "dequant":
+            assert v.config == lookup_moe_config(128, 2880, t, 4, H100)
+
+
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 

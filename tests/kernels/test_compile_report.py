@@ -26,8 +26,9 @@ ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel",
                "_plan_kernel", "_merge_plan_kernel", "_mla_merge_plan_kernel",
                "_group_quant_kernel", "_fp8_gemm_kernel", "_moe_fp8_up_kernel", "_moe_fp8_down_kernel",
                "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel", "_moe_nvfp4_up_kernel", "_moe_nvfp4_down_kernel",
-               "_tiny_up_kernel", "_tiny_down_kernel",
-               "_rope_kv_kernel", "_mla_input_kernel", "_router_topk_kernel", "_silu_mul_kernel"}
+               "_tiny_up_kernel", "_tiny_down_kernel", "_tiny_mxfp4_up_kernel", "_tiny_mxfp4_down_kernel",
+               "_mxfp4_dequant_kernel", "_rope_kv_kernel", "_mla_input_kernel", "_router_topk_kernel",
+               "_silu_mul_kernel"}
 
 
 def report() -> dict:
@@ -100,6 +101,27 @@ def test_report_covers_the_tiny_path():
             c = down["constexprs"]
             assert c["BLOCK_N"] == down_block_n(DEFAULT_TINY.down.BLOCK_SIZE_N, T, D, 132), REGENERATE
             assert (c["BLOCK_K"], c["TOP_K"], c["KP"]) == (DEFAULT_TINY.down.BLOCK_SIZE_K, K, 1 << (K - 1).bit_length())
+
+
+def test_report_covers_the_mxfp4_paths():
+    """Every bucket of mxfp4_moe_default.json at gpt-oss-120b's shape as its path launches it: the two MXFP4 GEMVs
+    (with the config's TINY blocks), the pre-pass and the float GEMMs (DEQUANT), or the per-tile kernels."""
+    kernels = report()["kernels"]
+    _, table = load_config_file(str(CONFIG_DIR / "mxfp4_moe_default.json"))
+    E, K = 128, 4
+    for bucket, cfg in table:
+        case = f"gpt-oss-120b MXFP4 T={max(1, -(-bucket * E // K))} mxfp4_moe_default.json[{bucket}]"
+        names = (["_tiny_mxfp4_up_kernel", "_tiny_mxfp4_down_kernel"] if cfg.tiny is not None else
+                 ["_mxfp4_dequant_kernel", "_moe_up_kernel", "_moe_down_kernel"] if cfg.dequant else
+                 ["_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"])
+        for name in names:
+            hits = [k for k in kernels if k["name"] == name and case in k["cases"]]
+            assert hits, f"{name} for {case!r} is not in the report: {REGENERATE}"
+            if name == "_tiny_mxfp4_up_kernel":
+                c = hits[0]["constexprs"]
+                assert (c["BLOCK_N"], c["BLOCK_K"]) == (cfg.tiny.up.BLOCK_SIZE_N, cfg.tiny.up.BLOCK_SIZE_K), REGENERATE
+            if name == "_moe_mxfp4_up_kernel":
+                assert hits[0]["constexprs"]["BLOCK_M"] == cfg.BLOCK_SIZE_M, REGENERATE
 
 
 def test_report_zero_spills_tensor_cores_in_gemms_and_shared_memory_fits():

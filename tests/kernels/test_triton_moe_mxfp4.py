@@ -11,8 +11,9 @@ import torch
 
 from moelink.kernels.moe import SILU, MoEActivation
 from moelink.kernels.moe_config import MoELaunchConfig
-from moelink.kernels.mxfp4 import mxfp4_quantize, reference_fused_moe_mxfp4
-from moelink.kernels.triton_moe_mxfp4 import dequant_tile, triton_fused_moe_mxfp4  # noqa: F401
+from moelink.kernels.mxfp4 import mxfp4_dequantize, mxfp4_quantize, reference_fused_moe_mxfp4
+from moelink.kernels.triton_moe_mxfp4 import triton_fused_moe_mxfp4
+from moelink.kernels.triton_mxfp4_dequant import dequant_words
 from tests.helpers.moe_cases import DTYPES, SMALL, WIDE, expert_map, routing
 
 OAI = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
@@ -88,29 +89,28 @@ def test_native_dot_scaled_branch(case, dtype, gen, kdev, check, nan_buffer):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # 2**127 * 6 is inf in fp32: both sides, on purpose
-def test_dequant_tile_is_the_reference(gen, kdev):
-    """The in-register dequantization alone, at every byte value and extreme exponents, equals mxfp4_dequantize."""
+def test_dequant_words_is_the_reference(gen, kdev):
+    """The per-tile K loop's in-register dequantization alone (int32 words), at every byte value and extreme
+    exponents (2**-127 a subnormal scale, 2**127 * 6 inf), equals mxfp4_dequantize bit for bit in fp32."""
     import triton
     import triton.language as tl
-
-    from moelink.kernels.mxfp4 import mxfp4_dequantize
 
     @triton.jit
     def kern(q_ptr, s_ptr, w_ptr, N: tl.constexpr, K: tl.constexpr):
         n = tl.arange(0, N)
-        q = tl.load(q_ptr + n[:, None] * (K // 2) + tl.arange(0, K // 2)[None, :])
+        q = tl.load(q_ptr + n[:, None] * (K // 8) + tl.arange(0, K // 8)[None, :])
         s = tl.load(s_ptr + n[:, None] * (K // 32) + tl.arange(0, K // 32)[None, :])
-        w = dequant_tile(q, s, N, K, tl.float32)  # [K, N]
-        tl.store(w_ptr + tl.arange(0, K)[:, None] * N + n[None, :], w)
+        w = dequant_words(q, s, N, K)  # [N, K]
+        tl.store(w_ptr + n[:, None] * K + tl.arange(0, K)[None, :], w)
 
     N, K = 16, 512
     q = torch.arange(N * K // 2, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(N, K // 32, 16)
     s = torch.randint(0, 255, (N, K // 32), dtype=torch.uint8, generator=gen)
     s[0, :4] = torch.tensor([0, 1, 127, 254], dtype=torch.uint8)
-    w = torch.full((K, N), float("nan"), device=kdev)
-    kern[(1,)](q.to(kdev), s.to(kdev), w, N, K)
+    w = torch.full((N, K), float("nan"), device=kdev)
+    kern[(1,)](q.view(torch.int32).to(kdev), s.to(kdev), w, N, K)
     want = mxfp4_dequantize(q, s, torch.float32)
-    assert torch.equal(w.cpu().T.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(w.cpu().view(torch.int32), want.view(torch.int32))
 
 
 def test_fused_moe_mxfp4_empty_batch_and_bad_input(kdev):

@@ -109,3 +109,32 @@ def test_mxfp4_moe_native_dot_scaled(layer):
                                  b13_EF=layer["b13"], b2_ED=layer["b2"], activation=ACT, native=True)
     err = float((got.float() - want).norm() / want.norm())
     assert err < 1e-2, f"relative error {err:.3g} (native)"
+
+
+@pytest.mark.parametrize("T,path,variant", [(1, "auto", "sum"), (48, "tiny", "map"), (300, "dequant", "map"),
+                                            (4096, "dequant", "sum")])
+def test_mxfp4_decode_and_prefill_paths_gpt_oss_120b(layer, T, path, variant):
+    """The two GEMVs (kernels/triton_moe_mxfp4_tiny.py; 1 token: picked by mxfp4_moe_default.json) and the
+    dequantize-once path at gpt-oss-120b's shape; no host sync; bit-identical run to run (fixed summation
+    orders)."""
+    from moelink.kernels.triton_moe_mxfp4 import triton_fused_moe_mxfp4
+
+    g = torch.Generator(device="cuda").manual_seed(100 + T)
+    x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+    weights, ids = torch.topk(torch.randn(T, E, device="cuda", generator=g).softmax(-1), K)
+    emap = None
+    if variant == "map":  # EP: the even global experts are local (e = g // 2), and a receive-buffer hole
+        ids = ids * 2 + (torch.rand(T, K, device="cuda", generator=g) < 0.5)
+        ids[0, -1] = -1
+        emap = torch.where(torch.arange(2 * E, device="cuda") % 2 == 0, torch.arange(2 * E, device="cuda") // 2,
+                           -1).int()
+    want = oracle(x, layer, weights, ids, emap)
+    args = (x, layer["w13q"], layer["w13s"], layer["w2q"], layer["w2s"], weights, ids, emap)
+    kw = dict(b13_EF=layer["b13"], b2_ED=layer["b2"], activation=ACT, path=path)
+    first = triton_fused_moe_mxfp4(*args, **kw).clone()  # compile outside the sync check
+    with no_host_sync():
+        got = triton_fused_moe_mxfp4(*args, **kw)
+    torch.cuda.synchronize()
+    assert torch.isfinite(got).all() and torch.equal(got, first)
+    err = float((got.float() - want).norm() / want.norm())
+    assert err < 1e-2, f"relative error {err:.3g} (T={T} {path} {variant})"

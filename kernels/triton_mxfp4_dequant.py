@@ -1,0 +1,129 @@
+"""MXFP4 → float in Triton: the word-wise e2m1 decoding the MXFP4 GEMVs share (kernels/triton_moe_mxfp4_tiny.py),
+and the prefill pre-pass that dequantizes every local expert once per call (kernels/triton_moe_mxfp4.py, `DEQUANT`).
+
+Legend: E local experts, N output channels (rows), K reduction dim, S = K / 32 scale groups, W = K / 8 int32 words.
+
+Decoding by words (`e2m1_slots`): the packed bytes are read as int32 words, 4 bytes = 8 e2m1 codes; byte j holds
+element 2j in its low nibble (kernels/mxfp4.py). Four shift-and-mask steps turn a word into four uint32s, each
+two fp16 bit patterns: slot j holds elements j (low half) and j + 4 (high half). A code (sign s, exponent e,
+mantissa m) placed at fp16 bits 15 / 11-10 / 9 is the fp16 number e2m1 × 2**-14 exactly, subnormal codes
+included (code 1: fp16 subnormal 2**-15 = 0.5 × 2**-14), so no compare or select is needed; the fp16 → fp32
+convert is exact (on sm_80+ it issues on the FMA pipe). That is ~2 integer ops per value (a per-code
+compare-and-select decode spends ~10): decode work, not bytes, bounds an MXFP4 GEMV on CUDA cores and the
+per-tile MMA path (`dequant_words` serves both that and the pre-pass).
+The scale 2**(s - 127) (`e8m0_to_fp32`, built from its bits) and the 2**14 are applied afterwards, in fp32.
+
+The pre-pass (`dequantize_experts`): grid (E, N / BLOCK_N, K / BLOCK_K), one [BLOCK_N, BLOCK_K] tile a program,
+written in natural element order (the four slots are joined back: slot j's halves are elements j and j + 4, so
+the three-level join of `dequant_words` flattened row-major is elements 0..7). Value × 2**14 × 2**(s - 127) in
+fp32 is exact (at most 2 significant bits) unless it leaves fp32's range, then one rounding to the output
+dtype: the same arithmetic as `mxfp4_dequantize` (ldexp in fp32, then cast), bit for bit (tests check it).
+Memory-bound: 17/32 byte read and 2 bytes (bf16) written per value.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as common
+from .mxfp4 import GROUP, _check_packed
+from .triton_common import cast
+
+PREPASS_BLOCK_N, PREPASS_BLOCK_K = 16, 512  # 4 KB of bytes a program; K is padded by masks (2880 = 5.6 x 512)
+
+
+@triton.jit
+def e8m0_to_fp32(s):
+    """2**(s - 127) from its bits; s = 0 is 2**-127, a float32 subnormal (mantissa bit 22), not 0."""
+    s = s.to(tl.int32)
+    return tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e2m1_slots(w):
+    """int32 words of 8 packed e2m1 codes -> 4 uint32 words of two fp16 patterns (e2m1 × 2**-14): slot j holds
+    elements (j, j + 4) of the word in its (low, high) half (module docstring)."""
+    u = w.to(tl.uint32, bitcast=True)
+    m, s = 0x0E000E00, 0x80008000  # fp16 exponent-and-mantissa bits 11-9 and the sign bit 15, in both halves
+    s0 = ((u << 9) & m) | ((u << 12) & s)  # low nibbles of bytes 0 and 2: elements 0 and 4
+    s1 = ((u << 5) & m) | ((u << 8) & s)  # high nibbles of bytes 0 and 2: elements 1 and 5
+    s2 = ((u << 1) & m) | ((u << 4) & s)  # low nibbles of bytes 1 and 3: elements 2 and 6
+    s3 = ((u >> 3) & m) | (u & s)  # high nibbles of bytes 1 and 3: elements 3 and 7
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def half_f32(u, HIGH: tl.constexpr):
+    """One fp16 half of a uint32 slot word as fp32 (exact)."""
+    b = (u >> 16) if HIGH else (u & 0xFFFF)
+    return b.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def dequant_words(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 words q [BN, BK/8] (8 e2m1 codes each) + E8M0 scales s [BN, BK/32] -> the [BN, BK] tile in fp32,
+    natural element order, exact (module docstring): what the pre-pass stores and the per-tile K loops feed to
+    tl.dot, at ~2 integer ops a value."""
+    s0, s1, s2, s3 = e2m1_slots(q)
+    # [BN, BW, 2, 2, 2]: the last join makes the fastest axis, so element 4a + 2b + c of a word sits at [a, b, c]
+    # when slot 2b + c supplies (a = 0: low half, a = 1: high half)
+    v = tl.join(tl.join(tl.join(half_f32(s0, False), half_f32(s0, True)), tl.join(half_f32(s2, False), half_f32(s2, True))),
+                tl.join(tl.join(half_f32(s1, False), half_f32(s1, True)), tl.join(half_f32(s3, False), half_f32(s3, True))))
+    v = tl.reshape(v, [BLOCK_N, BLOCK_K // 32, 32])
+    # times 2**14 (exact), then the scale: two products, as 2**(s - 113) would overflow fp32 for s > 240
+    return tl.reshape((v * 16384.0) * e8m0_to_fp32(s)[:, :, None], [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _mxfp4_dequant_kernel(q_ptr, s_ptr, w_ptr, rows, groups, stride_qe, stride_qn, stride_se, stride_sn, stride_we,
+                          stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.program_id(2) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    offs_w = tl.program_id(2) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    n_ok = (offs_n < rows)[:, None]
+    rows_n = offs_n.to(tl.int64)[:, None]
+    q = tl.load(q_ptr + e * stride_qe + rows_n * stride_qn + offs_w[None, :], mask=n_ok & (offs_w < groups * 4)[None, :],
+                other=0)
+    sc = tl.load(s_ptr + e * stride_se + rows_n * stride_sn + offs_g[None, :], mask=n_ok & (offs_g < groups)[None, :],
+                 other=0)
+    vals = dequant_words(q, sc, BLOCK_N, BLOCK_K)
+    offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    out = w_ptr + e * stride_we + rows_n * stride_wn + offs_k[None, :]
+    tl.store(out, cast(vals, w_ptr.dtype.element_ty, INTERPRET), mask=n_ok & (offs_k < groups * 32)[None, :])
+
+
+def dequantize_experts(blocks_ENSQ: torch.Tensor, scales_ENS: torch.Tensor, dtype: torch.dtype,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """blocks uint8 [E, N, S, 16] + scales uint8 [E, N, S] -> [E, N, K = 32 S] in `dtype` (fp32, bf16, fp16),
+    equal to `mxfp4_dequantize(blocks, scales, dtype)`. `out` ([E, N, K], `dtype`, rows contiguous) is written
+    when given. One launch, no host sync."""
+    _check_packed(blocks_ENSQ, scales_ENS)
+    if blocks_ENSQ.dim() != 4:
+        raise ValueError(f"blocks {tuple(blocks_ENSQ.shape)} is invalid: need [E, N, K/32, 16].")
+    E, N, S, Q = blocks_ENSQ.shape
+    K = S * GROUP
+    if out is None:
+        out = common.workspace((E, N, K), dtype, blocks_ENSQ.device)
+    elif tuple(out.shape) != (E, N, K) or out.dtype != dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [{E}, {N}, {K}], {dtype}, rows contiguous.")
+    if out.numel() == 0:
+        return out
+    words = word_view(blocks_ENSQ)
+    scales_ENS = scales_ENS if scales_ENS.stride(-1) == 1 else scales_ENS.contiguous()
+    grid = (E, triton.cdiv(N, PREPASS_BLOCK_N), triton.cdiv(K, PREPASS_BLOCK_K))
+    _mxfp4_dequant_kernel[grid](words, scales_ENS, out, N, S, words.stride(0), words.stride(1), scales_ENS.stride(0),
+                          scales_ENS.stride(1), out.stride(0), out.stride(1), BLOCK_N=PREPASS_BLOCK_N,
+                          BLOCK_K=PREPASS_BLOCK_K, INTERPRET=common.interpreting(out), num_warps=4)
+    return out
+
+
+def word_view(blocks_ENSQ: torch.Tensor) -> torch.Tensor:
+    """[E, N, S, 16] uint8 -> [E, N, 4 S] int32 words (a view when the 16 bytes of a group are contiguous), the
+    scale groups' stride 1 scale byte per 4 words."""
+    E, N, S, Q = blocks_ENSQ.shape
+    b = blocks_ENSQ
+    if b.stride(-1) != 1 or b.stride(-2) != Q or b.storage_offset() % 4 or any(st % 4 for st in b.stride()[:2]):
+        b = b.contiguous()
+    return b.view(torch.int32).reshape(E, N, S * Q // 4)
