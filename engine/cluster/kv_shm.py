@@ -5,8 +5,9 @@ A fetch is the TCP transport's exchange (engine/cluster/kv_tcp.py: the same serv
 Unix-domain socket, except that an ok reply carries the KV in an anonymous shared-memory file (memfd) whose
 descriptor travels with the header (SCM_RIGHTS): the server copies the saved rows into it once (pwrite), the
 client reads them out once (pread, into memory it reuses group after group, kv_wire.Staging) and writes each
-group into its cache blocks as it is read. The memfd has no name anywhere, so nothing is left behind when either side
-dies: the kernel frees it when the last descriptor closes.
+group into its cache blocks as it is read. The server reuses its files (`_MemfdPool`: one goes back once its
+client has hung up), so their pages are allocated once, not per fetch. A memfd has no name anywhere, so nothing
+is left behind when either side dies: the kernel frees it when the last descriptor closes.
 
 The socket is a file, `unix_socket_path(host, port)` in the temp dir, made by the server with mode 0600 (only the
 same user can connect: narrower than a loopback port) and removed by `close()`. `host` and `port` only name it
@@ -19,6 +20,7 @@ import math
 import os
 import socket
 import tempfile
+import threading
 
 import torch
 
@@ -35,25 +37,78 @@ def unix_socket_path(host: str, port: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"moelink-kv-{host}-{port}.sock")
 
 
-def _send_in_memfd(conn: socket.socket, saved: SavedKV, query: dict | None = None) -> None:
-    rows = [t.contiguous() for _, ts in saved.groups for t in ts]
-    size = sum(t.numel() for t in rows)
-    fd = os.memfd_create("moelink-kv", os.MFD_CLOEXEC)
-    try:
-        # Written with pwrite, not through a mapping: the kernel allocates the pages as it copies, where a fresh
-        # mapping faults once per page (measured on our machines: ~0.6 GB/s through a mapping).
-        off = 0
-        for t in rows:
-            view = memoryview(t.numpy()).cast("B")
-            while view:
-                n = os.pwrite(fd, view, off)
-                view, off = view[n:], off + n
-        header = saved_header(saved) | {"bytes": size}
-        send_header(conn, {"fd": True})  # the next message carries the descriptor
-        socket.send_fds(conn, [b"F"], [fd])
-        send_header(conn, header)
-    finally:
-        os.close(fd)  # the client holds its own descriptor now
+class _MemfdPool:
+    """The shared-memory files one server replies in, reused reply after reply: a fresh file's pages are allocated
+    as the server writes them, which cost more than the copy itself on our machines (a fetch of DeepSeek-V3's KV
+    ran at 1.5 GB/s with a new file per reply). A file goes back to the pool only once the client that was handed
+    it has hung up, i.e. read all it wanted; at most `keep` are kept. A reused file may be larger than the reply:
+    the client reads the reply's `bytes` only (the rest is older KV of this same user's engine, whom the 0600
+    socket already limits the readers to)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._free: list[tuple[int, int]] = []  # (fd, size)
+        self._closed = False
+
+    def get(self, size: int) -> tuple[int, int]:
+        with self._lock:
+            fits = [i for i, (_, cap) in enumerate(self._free) if cap >= size]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i][1]))
+        fd = os.memfd_create("moelink-kv", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        return fd, size
+
+    def put(self, fd: int, cap: int) -> None:
+        with self._lock:
+            if not self._closed:
+                self._free.append((fd, cap))
+                self._free.sort(key=lambda e: -e[1])
+                fd, cap = self._free.pop() if len(self._free) > self.keep else (None, 0)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed, free, self._free = True, self._free, []
+        for fd, _ in free:
+            os.close(fd)
+
+
+def _memfd_reply(pool: _MemfdPool, io_timeout_s: float):
+    """The shared-memory server's ok reply: the rows written into a pooled file, its descriptor sent, and the file
+    back to the pool once the client hangs up (a client that stays silent past `io_timeout_s`, or says anything,
+    keeps it: the file is closed instead)."""
+
+    def reply(conn: socket.socket, saved: SavedKV, query: dict | None = None) -> None:
+        rows = [t.contiguous() for _, ts in saved.groups for t in ts]
+        size = sum(t.numel() for t in rows)
+        fd, cap = pool.get(size)
+        done = False
+        try:
+            # pwrite, not a mapping: a fresh mapping faults once per page (~0.6 GB/s measured).
+            off = 0
+            for t in rows:
+                view = memoryview(t.numpy()).cast("B")
+                while view:
+                    n = os.pwrite(fd, view, off)
+                    view, off = view[n:], off + n
+            header = saved_header(saved) | {"bytes": size}
+            send_header(conn, {"fd": True})  # the next message carries the descriptor
+            socket.send_fds(conn, [b"F"], [fd])
+            send_header(conn, header)
+            conn.settimeout(io_timeout_s)
+            done = conn.recv(1) == b""  # the client hung up: it has read every byte it will read
+        except OSError:
+            done = False
+        finally:
+            if done:
+                pool.put(fd, cap)
+            else:
+                os.close(fd)  # (the client holds its own descriptor)
+
+    return reply
 
 
 def ShmKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float = 30.0) -> KVSocketServer:
@@ -70,11 +125,13 @@ def ShmKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float =
         raise OSError(f"the KV server cannot listen on {path}: {exc}") from None
     finally:
         os.umask(old)
-    server = KVSocketServer(store, sock, _send_in_memfd, io_timeout_s)
+    pool = _MemfdPool()
+    server = KVSocketServer(store, sock, _memfd_reply(pool, io_timeout_s), io_timeout_s)
     close = server.close
 
     def close_and_unlink() -> None:
         close()
+        pool.close()
         if os.path.exists(path):
             os.unlink(path)
 

@@ -200,3 +200,33 @@ def test_on_a_gpu_the_save_copies_on_a_side_stream_and_the_load_lands_exactly():
     for s_layer, d_layer in zip(src, dst):
         for s, d in zip(s_layer, d_layer):
             assert torch.equal(d[32:64], s[5:37])
+
+
+def test_the_shared_memory_server_reuses_its_files_once_each_client_has_hung_up(monkeypatch):
+    """A file is handed to the next reply only after its client closed the connection (all its reads done), so a
+    second fetch writes into pages allocated once; the pool's files are closed with the server."""
+    import os
+
+    made = []
+    real = os.memfd_create
+    monkeypatch.setattr(os, "memfd_create", lambda *a: made.append(real(*a)) or made[-1])
+    port = free_port()
+    tr = make_transport("shm", 5.0, 20.0)
+    store = SavedKVStore(60.0, 1 << 30)
+    server = tr.serve(store, "127.0.0.1", port)
+    src = _cache(2, 8)
+    saved = PagedKVBlocks(src, None, 4).read(KVTransfer(1, "k", [0, 1], 6, token_ids=tuple(range(6))))
+    try:
+        for i in range(3):
+            store.put(f"k{i}", saved)
+            got = tr.fetch("127.0.0.1", port, f"k{i}", saved.layout, list(range(6)), 2, 20.0, torch.device("cpu"))
+            assert all(torch.equal(a, b) for (_, ra), (_, rb) in zip(got.groups, saved.groups) for a, b in zip(ra, rb))
+            deadline = time.monotonic() + 5  # the server's thread sees the hang-up and returns the file to the pool
+            while server._conns and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert len(made) == 1  # one file, reused by the second and third replies
+    finally:
+        server.close()
+    for fd in made:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
