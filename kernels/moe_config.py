@@ -24,7 +24,8 @@ may override them). Shipped configs leave both off until a GPU measures them (be
 Optional "WARP_SPECIALIZE": true (with "TMA" only) compiles the bf16/fp16 down GEMM's K loop with Triton's
 automatic warp specialization (`tl.range(..., warp_specialize=True)`, Triton >= 3.6, sm_90 and sm_100): a producer
 warp group issues the TMA loads of h and w2 into a ring of shared-memory stages while the consumer warp groups run
-the wgmmas, so loads and math overlap without the software pipeliner's register cost (num_warps + 8 warps). The
+the wgmmas, so loads and math overlap without the software pipeliner's register cost (with num_warps 4: 12
+warps, a producer and two consumer groups; the sm_90 compile report shows 8-warp configs left as they are). The
 gate-up GEMM (A rows gathered by pointer) and the FP8 loops (scales loaded by pointer) keep plain TMA: Triton 3.6's
 pass asserts on a producer with pointer loads (checked offline for sm_90).
 Optional "TINY": {"max_pairs", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages", "down": {...}}

@@ -213,8 +213,8 @@ def test_report_has_one_record_per_kernel_config_dtypes_and_shape_class():
 
 
 def test_report_covers_the_schedule_keys_at_every_default_bucket():
-    """PERSISTENT and TMA (kernels/moe_schedule.py), alone and together, compiled for both GEMMs at every
-    default.json bucket and model shape (bf16) and every fp8_moe_default.json bucket (FP8); TMA kernels issue
+    """PERSISTENT, TMA and WARP_SPECIALIZE (kernels/moe_schedule.py), alone and together, compiled for both GEMMs at
+    every default.json bucket and model shape (bf16) and every fp8_moe_default.json bucket (FP8); TMA kernels issue
     UTMALDG and keep their tensor-core instructions."""
     from moelink.benchmarks.compile_cases import NEW_KEY_VARIANTS
 
@@ -233,9 +233,16 @@ def test_report_covers_the_schedule_keys_at_every_default_bucket():
                 assert hits, f"{name} {shape} {label} {variant} is not in the report: {REGENERATE}"
                 k = hits[0]
                 assert bool(k["constexprs"]["PERSISTENT"]) == bool(keys.get("PERSISTENT"))
-                assert k["constexprs"]["TMA"] == keys.get("TMA", False) == k["tma"], (name, shape, label, variant)
+                # the TMA constexpr: 0 pointers, 1 TMA, 2 TMA + warp-specialized K loop (the bf16 down GEMM only)
+                ws = keys.get("WARP_SPECIALIZE") and name == "_moe_down_kernel"
+                mode = (2 if ws else 1) if keys.get("TMA") else 0
+                assert k["constexprs"]["TMA"] == mode and bool(k["tma"]) == bool(mode), (name, shape, label, variant)
                 if k["tma"]:
                     assert k.get("sass_utmaldg", 0) > 0 and k["tensor_cores"] != "none", (name, shape, label, variant)
+    # Warp specialization takes where the down GEMM runs wgmma with 4 warps: a producer warp group joins two
+    # consumer groups (12 warps), with no spills.
+    ws = [k for k in kernels if k["name"] == "_moe_down_kernel" and k["constexprs"].get("TMA") == 2]
+    assert any(k["num_warps"] == 12 and k["sass_hgmma"] > 0 for k in ws) and all(k["spill_stores"] == 0 for k in ws)
 
 
 def test_merge_keeps_one_record_per_key():
