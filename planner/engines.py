@@ -104,7 +104,9 @@ MOELINK = EngineProfile(
         Feature("FP8 KV cache (precision attention fp8)", BUILT, "--kv-cache-dtype fp8", tag="fp8_kv"),
         Feature("redundant experts (replicas of hot experts)", BUILT, "moe/placement.py, CPU ranks",
                 tag="redundant"),
-        Feature("NVFP4 experts / FP4 dispatch", NOT_BUILT, "precision fp4 refused", tag="fp4"),
+        Feature("FP4 tensor-core experts / FP4 dispatch", NOT_BUILT,
+                "precision fp4 refused; NVFP4 checkpoints load and run W4A16 (dequantized to bf16 MMAs, issue 31)",
+                tag="fp4"),
         Feature("multi-token prediction (MTP) drafts, verified in one step", BUILT,
                 "issue 29: MTP drafter + verify step, greedy-exact and distribution-exact on CPU; verify graphs "
                 "(low-latency under EP), drafts eager, serial loop (planner/spec_cost.py prices those)",
