@@ -53,49 +53,13 @@ from .tune_space import (DOWN_AXES, GEMM_AXES, MAX_ACC_REGS, MAX_TINY_DOWN_VALUE
                          PUBLISHED, SCHEDULE_AXES, SMEM_LIMIT, SPACES, TINY_AXES, TINY_TUNE_MAX_PAIRS, UP_AXES,
                          block_m_candidates, feasible, from_vllm, gemm_fits, neighbours, published_seeds,
                          tiny_neighbours)
+from .tune_timing import CudaFault, _is_cuda_fault, time_call, time_config  # noqa: F401
 from .moe_kernels import (SHAPES, SMOKE_SHAPES, SMOKE_TOKENS, TOKENS, Timer, make_inputs, per_expert_loop, require_cuda,
                           run_meta)
 
 ITERS, SMOKE_ITERS = 10, 1
 NOISE = 0.01  # a candidate must beat the current best by more than this fraction to replace it
 CONFIRM_ROUNDS = 3
-
-
-class CudaFault(RuntimeError):
-    """A CUDA error that leaves the context unusable: nothing after it can be measured."""
-
-
-# -- timing ------------------------------------------------------------------------------------------------------------
-def _is_cuda_fault(e: BaseException) -> bool:
-    msg = str(e)
-    return type(e).__name__ == "AcceleratorError" or "CUDA error" in msg or "illegal memory access" in msg
-
-
-def time_config(cfg, sets, timer, iters, want=None) -> float:
-    """Median seconds of `cfg`; inf if it fails for any reason or (with `want`, the per-expert loop's output on
-    sets[0]) computes something else: a fast wrong config must never be written. The reason is printed."""
-    from moelink.kernels.triton_moe import triton_fused_moe
-
-    fn = lambda x, w13, w2, tw, ti: triton_fused_moe(x, w13, w2, tw, ti, config=cfg)  # noqa: E731
-    return time_call(fn, cfg, sets, timer, iters, want)
-
-
-def time_call(fn, cfg, sets, timer, iters, want=None, tol: float = 2e-2) -> float:
-    """time_config's body for any fused MoE `fn` launched with `cfg` (tune_moe_fp8 times the FP8 one through it):
-    median seconds, inf on any failure or a relative error above `tol` against `want`."""
-    try:
-        if want is not None:
-            err = float((fn(*sets[0]).float() - want).norm() / want.norm())
-            if not err <= tol:  # a NaN fails too
-                print(f"  skipped {json.dumps(cfg.to_dict())}: relative error {err:.3g} against the per-expert loop")
-                return float("inf")
-        return timer(fn, sets, iters=iters, warmup=1)
-    except Exception as e:  # noqa: BLE001 - any failure skips the candidate (compile errors come in many types)
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        if _is_cuda_fault(e):
-            raise CudaFault(f"{type(e).__name__}: {first} (config {json.dumps(cfg.to_dict())})") from e
-        print(f"  skipped {json.dumps(cfg.to_dict())}: {type(e).__name__}: {first}")
-        return float("inf")
 
 
 class GraphTiming:

@@ -38,8 +38,8 @@ from dataclasses import replace
 import torch
 
 from .moe_kernels import SHAPES, make_inputs, make_weights
-from .tune_moe import SPACES, time_call, time_config
-from .tune_space import gemm_fits
+from .tune_space import SPACES, gemm_fits
+from .tune_timing import time_call, time_config
 
 # The FP8 kernels hold a fresh fp32 dot tile per K step and its scaled product beside the accumulators, so fewer
 # accumulator values per thread fit than bf16's MAX_ACC_REGS (128). sm_90 compile reports (Triton 3.6, 2026-11-24):

@@ -5,7 +5,8 @@ Every strategy is a frozen dataclass with one call signature,
 float64 weights for float64 logits), and two facts the MoE
 layer reads: `float32_logits` (compute the gate matmul in float32, as the DeepSeek family does) and
 `needs_bias` (the scheme selects with a per-expert `e_score_correction_bias` checkpoint tensor).
-`RouterConfig` holds the config.json routing fields, validated; `make_router` turns it into a strategy.
+`RouterConfig` (moe/router_config.py) holds the config.json routing fields, validated; `make_router` turns it
+into a strategy.
 Each strategy repeats its reference implementation in transformers op for op (the float32 casts, the
 group score, `topk(sorted=False)`, the epsilon of the renormalisation), so that float64 parity holds.
 
@@ -14,7 +15,6 @@ letters of moe/layer.py and moe/placement.py, where E is a rank's local experts.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -22,11 +22,7 @@ import torch
 
 from moelink.kernels.router_topk import reference_route_topk
 
-SCORING_FUNCS = ("softmax", "sigmoid")
-# Which `topk_method`s go with each `scoring_func` (DeepSeek-V2: softmax; DeepSeek-V3 / GLM-4-MoE: sigmoid).
-# "topk_softmax" is no config.json value: the gpt-oss reader names it for its top-k-then-softmax router.
-TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy", "topk_softmax"), "sigmoid": ("noaux_tc",)}
-_GROUPED = ("group_limited_greedy", "noaux_tc")
+from .router_config import SCORING_FUNCS, TOPK_METHODS, RouterConfig  # noqa: F401 (re-exported)
 
 
 class Router(Protocol):
@@ -41,77 +37,6 @@ class Router(Protocol):
         """The arguments of the kernels' fused `route_topk` op that compute this router (kernels/router_topk.py),
         or None when it has no fused form (the layer then calls the router)."""
         ...
-
-
-def _bad(field: str, value, allowed: str) -> ValueError:
-    return ValueError(f"config.json {field}={value!r} is not supported: {allowed}.")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """The routing fields of config.json, checked together.
-
-    scoring_func / topk_method: "softmax" with "greedy" (top-k over all experts), "group_limited_greedy"
-    (DeepSeek-V2: top-k within the `topk_group` groups of highest max score) or "topk_softmax" (gpt-oss: top-k
-    of the logits, then a softmax over those k alone; norm_topk_prob must be true); "sigmoid" with "noaux_tc"
-    (DeepSeek-V3, GLM-4-MoE: selection on scores + e_score_correction_bias, groups ranked by the sum of
-    their top-2). n_group / topk_group apply to the grouped methods only. norm_topk_prob renormalises the
-    k weights to sum to 1; routed_scaling_factor multiplies them after that. float32_logits: the gate
-    matmul runs in float32 whatever the model dtype (transformers' DeepSeek-V2/V3 and GLM-4-MoE).
-    """
-
-    num_experts: int
-    top_k: int
-    scoring_func: str = "softmax"
-    topk_method: str = "greedy"
-    n_group: int = 1
-    topk_group: int = 1
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
-    float32_logits: bool = False
-
-    def __post_init__(self) -> None:
-        G, K = self.num_experts, self.top_k
-        if not _is_int(G) or G < 1:
-            raise _bad("num_experts", G, "the number of routed experts must be a positive integer")
-        if not _is_int(K) or not 1 <= K <= G:
-            raise _bad("num_experts_per_tok", K, f"must be an integer in [1, {G}] (the number of routed experts)")
-        if self.scoring_func not in SCORING_FUNCS:
-            raise _bad("scoring_func", self.scoring_func, f"choose from {', '.join(SCORING_FUNCS)}")
-        methods = TOPK_METHODS[self.scoring_func]
-        if self.topk_method not in methods:
-            raise _bad("topk_method", self.topk_method,
-                       f"with scoring_func={self.scoring_func!r} choose from {', '.join(methods)}")
-        if not isinstance(self.norm_topk_prob, bool):
-            raise _bad("norm_topk_prob", self.norm_topk_prob, "must be true or false")
-        s = self.routed_scaling_factor
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
-            raise _bad("routed_scaling_factor", s, "must be a finite number > 0")
-        if not isinstance(self.float32_logits, bool):
-            raise ValueError(f"RouterConfig float32_logits={self.float32_logits!r} must be a bool.")
-        if self.topk_method in _GROUPED:
-            self._check_groups()
-        if self.topk_method == "topk_softmax" and (not self.norm_topk_prob or self.routed_scaling_factor != 1.0):
-            raise ValueError("RouterConfig topk_method='topk_softmax' is a softmax over the k chosen logits: it needs "
-                             "norm_topk_prob=True and routed_scaling_factor=1.0.")
-
-    def _check_groups(self) -> None:
-        G, K, P, TP = self.num_experts, self.top_k, self.n_group, self.topk_group
-        if not _is_int(P) or P < 1 or G % P:
-            raise _bad("n_group", P, f"must be a positive integer that divides the {G} routed experts (n_routed_experts)")
-        if not _is_int(TP) or not 1 <= TP <= P:
-            raise _bad("topk_group", TP, f"must be an integer in [1, n_group={P}]")
-        S = G // P
-        if self.topk_method == "noaux_tc" and S < 2:
-            raise _bad("n_group", P, f"noaux_tc ranks a group by its top-2 experts, so each of the n_group groups "
-                                     f"needs >= 2 of the {G} routed experts (n_group <= {G // 2})")
-        if K > TP * S:
-            raise _bad("num_experts_per_tok", K, f"must be <= the {TP * S} experts of the topk_group={TP} chosen "
-                                                 f"groups ({S} experts in each of n_group={P})")
 
 
 @dataclass(frozen=True)

@@ -109,3 +109,22 @@ def test_folder_docstring_states_what_it_must_not_import(unit):
     if engine_units <= forbidden:  # a folder below the whole engine floor says just "engine"
         forbidden = (forbidden - engine_units) | {"engine"}
     assert stated == forbidden, f"{path.relative_to(ROOT)} says {sorted(stated)}, the layering says {sorted(forbidden)}"
+
+
+def test_no_test_module_outside_kernels_imports_a_triton_kernel_module_at_collection():
+    """Triton reads TRITON_INTERPRET when a kernel is defined, and tests/kernels/conftest.py sets it when the
+    kernel tests are collected: a test module collected before it (another directory) that imports
+    moelink.kernels.triton_* at its top level defines every kernel compiled-for-CUDA, and every interpreted
+    kernel test in that xdist worker then fails. Such imports belong inside the tests."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    bad = []
+    for path in sorted(root.rglob("test_*.py")):
+        if path.parent.name == "kernels" or "helpers" in path.parts:
+            continue
+        for node in ast.parse(path.read_text()).body:  # top-level statements only
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith("moelink.kernels.triton")]
+    assert not bad, bad

@@ -6,7 +6,7 @@ with one sentence naming the field, any value moelink cannot run.
 """
 from __future__ import annotations
 
-from moelink.moe.router import RouterConfig
+from moelink.moe.router_config import RouterConfig
 
 from .architectures import MLA_ARCHITECTURES  # multi-head latent attention (ArchSpec.latent_attention)
 from .quantization import check_architecture, read_quantization

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from moelink.moe.router import RouterConfig
+from moelink.moe.router_config import RouterConfig
 
 # rope_parameters.rope_type values moelink implements: "default" (plain RoPE) and "yarn" (inverse frequencies
 # and the attention factor from transformers' own ROPE_INIT_FUNCTIONS, so they are the library's numbers).

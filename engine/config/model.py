@@ -14,7 +14,7 @@ import torch
 
 from moelink.comm.backends import resolve_backend
 from moelink.comm.two_level import check_node_of_rank
-from moelink.moe.router import RouterConfig
+from moelink.moe.router_config import RouterConfig
 
 from .architectures import CONFIG_ONLY_ARCHITECTURES, MTP_ARCHITECTURES, SUPPORTED_ARCHITECTURES  # noqa: F401
 from .hf_readers import read_fields

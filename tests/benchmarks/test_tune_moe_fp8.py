@@ -18,7 +18,19 @@ import torch
 from moelink.benchmarks import moe_kernels, tune_moe, tune_moe_fp8
 from moelink.kernels import moe_config
 from moelink.kernels.moe_config import CONFIG_DIR, GemmConfig, MoELaunchConfig, load_config_file
-from moelink.kernels.triton_moe_fp8 import fp8_config_file_name, get_fp8_moe_config
+
+def fp8_config_file_name(*args):
+    # (moelink.kernels.triton_* imported when a test runs, not when this module is collected: Triton reads
+    # TRITON_INTERPRET when a kernel is defined, and tests/kernels/conftest.py sets it after this directory)
+    from moelink.kernels.triton_moe_fp8 import fp8_config_file_name
+
+    return fp8_config_file_name(*args)
+
+
+def get_fp8_moe_config(*args, **kwargs):
+    from moelink.kernels.triton_moe_fp8 import get_fp8_moe_config
+
+    return get_fp8_moe_config(*args, **kwargs)
 
 CPU = torch.device("cpu")
 SHAPE = tune_moe_fp8.FP8_SMOKE_SHAPES["smoke-fp8-e8"]
