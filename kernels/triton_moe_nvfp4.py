@@ -196,12 +196,23 @@ def _triton_version() -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-def nvfp4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
+# tl.dot_scaled's upcast operand beside an fp32 accumulator: past this many accumulator values per thread the
+# native down GEMM spilled (sm_100, Triton 3.9: 128 x 256 at 8 warps, 255 registers and 112 bytes of spill).
+NATIVE_MAX_ACC = 64
+
+
+def nvfp4_config(cfg: MoELaunchConfig, native: bool = False) -> MoELaunchConfig:
     """The float kernel's launch config with BLOCK_SIZE_K at least 32 (two scale groups: the byte tile is
-    BLOCK_K/2 wide and tl.dot wants K >= 16 on both sides); FUSED_GATE_UP is ignored here (two dots)."""
+    BLOCK_K/2 wide and tl.dot wants K >= 16 on both sides); FUSED_GATE_UP is ignored here (two dots). `native`:
+    the down GEMM's BLOCK_SIZE_N halved until its accumulator holds at most NATIVE_MAX_ACC values a thread (the
+    gate-up GEMM compiled without spills at every default bucket, its two accumulators included)."""
+    bm = cfg.BLOCK_SIZE_M
     bk = lambda g: max(2 * GROUP, g.BLOCK_SIZE_K)  # noqa: E731
-    return MoELaunchConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, BLOCK_SIZE_K=bk(cfg.up), FUSED_GATE_UP=False),
-                           replace(cfg.down, BLOCK_SIZE_K=bk(cfg.down)))
+    bn = cfg.down.BLOCK_SIZE_N
+    while native and bn > 16 and bm * bn > NATIVE_MAX_ACC * 32 * cfg.down.num_warps:
+        bn //= 2
+    return MoELaunchConfig(bm, replace(cfg.up, BLOCK_SIZE_K=bk(cfg.up), FUSED_GATE_UP=False),
+                           replace(cfg.down, BLOCK_SIZE_K=bk(cfg.down), BLOCK_SIZE_N=bn))
 
 
 @dataclass(frozen=True)
@@ -220,7 +231,7 @@ class Nvfp4Format(WeightFormat):
 
     def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
         """`nvfp4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
-        cfg = nvfp4_config(cfg)
+        cfg = nvfp4_config(cfg, self.native)
         return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
 
     def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:

@@ -162,3 +162,18 @@ def test_both_kernel_strategies_take_the_reference_signature():
     want = inspect.signature(ReferenceKernels().fused_moe_nvfp4).parameters
     got = inspect.signature(TritonKernels().fused_moe_nvfp4).parameters
     assert list(want) == list(got)[: len(want)]
+
+
+def test_the_native_path_narrows_a_down_tile_that_would_spill():
+    """tl.dot_scaled's down GEMM spilled at 128 x 256 with 8 warps (sm_100, Triton 3.9): the native launch halves
+    its BLOCK_N to 64 accumulator values a thread; the dequantizing path keeps the config's tiles."""
+    from moelink.kernels.moe_config import MoELaunchConfig
+    from moelink.kernels.triton_moe_nvfp4 import NATIVE_MAX_ACC, nvfp4_config
+
+    cfg = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8,
+                                     "num_warps": 8, "num_stages": 4,
+                                     "down": {"BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8,
+                                              "num_warps": 8, "num_stages": 4}})
+    native, plain = nvfp4_config(cfg, native=True), nvfp4_config(cfg)
+    assert plain.down.BLOCK_SIZE_N == 256 and native.down.BLOCK_SIZE_N == 128
+    assert 128 * native.down.BLOCK_SIZE_N <= NATIVE_MAX_ACC * 32 * 8 and native.up == plain.up
