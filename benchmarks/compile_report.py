@@ -46,8 +46,10 @@ import torch
 
 from .compile_report_text import (ATTN_DOT_KERNELS, FP8_GEMM_KERNELS, GEMM_KERNELS, H100_SMEM,  # noqa: F401
                                   markdown, notes, record_key, summarize)
-from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_decode_inputs,  # noqa: F401
-                            compile_fp8, compile_mla, compile_moe, compile_moe_mxfp4, compile_norm_rotary)
+from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_fp8,  # noqa: F401
+                            compile_mla, compile_moe, compile_norm_rotary)
+from .compile_cases_decode import compile_decode_inputs
+from .compile_cases_mxfp4 import compile_moe_mxfp4
 from .compile_cases_nvfp4 import compile_moe_nvfp4
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,0 +1,62 @@
+"""Compile cases of the fused decode kernels (benchmarks/compile_report.py's `decode` family): the GQA and MLA
+attention inputs (norms, rotary, paged-KV / latent write) and router top-k at the engine's model shapes, bf16 and
+fp8 caches, and SiLU·mul; the shared machinery (Recorder, shapes) is benchmarks/compile_cases.py's."""
+from __future__ import annotations
+
+import torch
+
+from .compile_cases import Recorder
+
+
+def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
+    """The fused decode-step kernels: the GQA attention input (q/k norm + rotary + KV write) at Qwen3-30B-A3B
+    (32/4 heads of 128, q/k norm), gpt-oss (64/8 heads of 64, no norm) and GLM-4.5-Air (96/8 heads of 128, rotary
+    over 64) shapes, bf16 and fp8 caches; the MLA attention input at DeepSeek-V2-Lite (16 heads, complex rope) and
+    V3 (128 heads, neox); the shared experts' SiLU(gate)·up; router top-k at Qwen3 (128 experts, top-8, bf16 logits), V2-Lite (64, top-6), V2 (160
+    in 8 groups, 3 kept) and V3 (256 in 8 groups, 4 kept, sigmoid + bias), with the padding mask and counts."""
+    from moelink.kernels.triton_mla_input import triton_mla_rope_write_latent
+    from moelink.kernels.triton_rope_kv import triton_rope_write_kv
+    from moelink.kernels.triton_router_topk import triton_route_topk
+
+    meta = dict(device="meta")
+    T, L = 33, 16
+    pos, slots = torch.empty(T, dtype=torch.long, **meta), torch.empty(T, dtype=torch.long, **meta)
+    dt = torch.bfloat16
+    gqa = [("qwen3-30b-a3b", 32, 4, 128, 128, True), ("gpt-oss", 64, 8, 64, 64, False),
+           ("glm-4.5-air", 96, 8, 128, 64, True)]
+    for name, N, K, H, R, norm in gqa[:1] if quick else gqa:
+        for cache_dt in (dt,) if quick or name != "qwen3-30b-a3b" else (dt, torch.float8_e4m3fn):
+            qkv = torch.empty(T, (N + 2 * K) * H, dtype=dt, **meta)
+            q, k, v = qkv[:, :N * H].view(T, N, H), qkv[:, N * H:(N + K) * H].view(T, K, H), qkv[:, (N + K) * H:].view(T, K, H)
+            cache = torch.empty(1000, L, K, H, dtype=cache_dt, **meta)
+            w = [torch.empty(H, dtype=dt, **meta) for _ in range(2)] if norm else [None, None]
+            with rec.labelled(f"{name} attention input (norm + rotary + KV write), {str(cache_dt)[6:]} cache"):
+                triton_rope_write_kv(q, k, v, pos, torch.empty(4096, R, **meta), cache, cache, slots, *w, 1e-6)
+    C, P = 512, 64
+    for name, N, style in [("deepseek-v2-lite", 16, "complex")] + ([] if quick else [("deepseek-v3", 128, "neox")]):
+        q = torch.empty(T, N, 192, dtype=dt, **meta)
+        kv = torch.empty(T, C + P, dtype=dt, **meta)
+        table = (torch.empty(4096, P // 2, dtype=torch.complex64, **meta) if style == "complex"
+                 else torch.empty(4096, P, **meta))
+        for cache_dt in (dt,) if quick else (dt, torch.float8_e4m3fn):
+            cache = torch.empty(1000, L, C + P, dtype=cache_dt, **meta)
+            with rec.labelled(f"{name} MLA input (latent norm + {style} rotary + latent write), {str(cache_dt)[6:]} cache"):
+                triton_mla_rope_write_latent(q[..., 128:], kv[:, :C], kv[:, C:], pos, table, style,
+                                             torch.empty(C, dtype=dt, **meta), 1e-6, cache, slots)
+    routers = [("qwen3-30b-a3b", 128, 8, dt, dict(renormalize=True)),
+               ("deepseek-v2-lite", 64, 6, torch.float32, {}),
+               ("deepseek-v2", 160, 6, torch.float32, dict(method="group_limited_greedy", n_group=8, topk_group=3)),
+               ("deepseek-v3", 256, 8, torch.float32, dict(method="noaux_tc", renormalize=True, scale=2.5, n_group=8,
+                                                           topk_group=4))]
+    from moelink.kernels.triton_silu_mul import triton_silu_mul
+
+    for name, I in [("deepseek-v2-lite shared experts", 2816)] + ([] if quick else [("deepseek-v3 shared expert", 2048)]):
+        gu = torch.empty(T, 2 * I, dtype=dt, **meta)
+        with rec.labelled(f"{name} SiLU(gate)·up, I={I}"):
+            triton_silu_mul(gu[:, :I], gu[:, I:])
+    for name, G, K, logit_dt, args in routers[:1] if quick else routers:
+        bias = torch.empty(G, **meta) if args.get("method") == "noaux_tc" else None
+        with rec.labelled(f"{name} router top-k ({G} experts, top-{K}), padding mask + expert counts"):
+            triton_route_topk(torch.empty(T, G, dtype=logit_dt, **meta), K, **args, bias_G=bias,
+                              valid_T=torch.empty(T, dtype=torch.bool, **meta),
+                              counts_G=torch.empty(G, dtype=torch.int64, **meta))
