@@ -19,7 +19,9 @@ While it waits it also watches the instance's raylet. A raylet that dies (killed
 lives leaves the instance useless (the server's health turns NOT_SERVING), but its ray::Worker processes,
 a model's weights each (1.1 GB each under EP 3), lived on until the server stopped. So once the raylet it
 saw is gone, the guard stops every process of the instance but the server at once, and removes the folder
-when the server goes, as before.
+when the server goes, as before. The server names the raylet on the guard's stdin (`raylet PID`) once Ray is
+up, so a raylet that dies a moment after start is not missed; a worker still alive after SIGTERM's grace is
+SIGKILLed by identity (PID and start time) even once it has closed its files in the folder.
 
 No imports beyond the standard library: it must start in milliseconds and outlive anything.
 """
@@ -95,54 +97,100 @@ def raylet_of(temp_dir: str, exclude: tuple[int, ...] = ()) -> int | None:
     return None
 
 
-def _alive(pid: int) -> bool:
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), or None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except OSError:
-        return False
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
-_RAYLET_LOOKUP_S = 2.0  # between /proc scans for the raylet (a scan reads every process's fds)
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has exited
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (stat field 22): with the PID, an identity that a
+    recycled PID does not share."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields is not None else None
+
+
+_RAYLET_LOOKUP_S = 2.0  # between /proc scans for the raylet when the parent has not named it (a scan reads every fd)
+_RESWEEP_S = 2.0  # after a sweep, between checks for processes of the dead instance still there
 
 
 def wait_for_parent(parent_pid: int, temp_dir: str | None = None) -> None:
     """Return once the parent is gone: EOF on stdin (or stdin closed), or a new parent process. With
-    `temp_dir`, meanwhile stop the instance's processes (but the parent) when its raylet dies."""
+    `temp_dir`, meanwhile stop the instance's processes (but the parent) when its raylet dies.
+
+    The parent names the raylet on stdin (a line `raylet PID`) as soon as Ray is up, so a raylet killed a
+    moment after start is still seen to die; until then the guard looks for it in /proc itself."""
     stdin = sys.stdin.fileno()
-    raylet, next_lookup, swept = None, 0.0, False
+    raylet, next_lookup, swept_at, pending = None, 0.0, None, b""
     while os.getppid() == parent_pid:
         try:
             ready, _, _ = select.select([stdin], [], [], 0.5)
-            if ready and not os.read(stdin, 4096):
-                return
+            if ready:
+                chunk = os.read(stdin, 4096)
+                if not chunk:
+                    return
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    named = _named_raylet(line)
+                    if named is not None and swept_at is None:
+                        raylet = named
         except OSError:
             return
-        if temp_dir is None or swept:
+        if temp_dir is None:
+            continue
+        if swept_at is not None:
+            # A worker busy in its own shutdown can outlive one sweep: sweep what is left, now and then.
+            if time.monotonic() - swept_at >= _RESWEEP_S:
+                stop_processes(temp_dir, exclude=(parent_pid,))
+                swept_at = time.monotonic()
             continue
         if raylet is None:
             if time.monotonic() >= next_lookup:
-                raylet = raylet_of(temp_dir, (parent_pid,))
+                found = raylet_of(temp_dir, (parent_pid,))
+                raylet = (found, _start_time(found)) if found is not None else None
                 next_lookup = time.monotonic() + _RAYLET_LOOKUP_S
-        elif not _alive(raylet):
+        elif not _alive(raylet[0]) or _start_time(raylet[0]) != raylet[1]:
             stop_processes(temp_dir, exclude=(parent_pid,))
-            swept = True  # the instance is gone; what is left is the parent's to end
+            swept_at = time.monotonic()  # the instance is gone; what is left is the parent's to end
+
+
+def _named_raylet(line: bytes) -> tuple[int, str | None] | None:
+    """`raylet PID` from the parent -> (PID, its start time), or None for anything else."""
+    parts = line.split()
+    if len(parts) == 2 and parts[0] == b"raylet" and parts[1].isdigit():
+        pid = int(parts[1])
+        return pid, _start_time(pid)
+    return None
 
 
 def stop_processes(temp_dir: str, exclude: tuple[int, ...] = (), grace_s: float = _TERM_GRACE_S) -> list[int]:
-    """SIGTERM the processes of the Ray instance in `temp_dir`, then SIGKILL those still there; their PIDs."""
-    pids = processes_using(temp_dir, exclude)
-    for pid in pids:
+    """SIGTERM the processes of the Ray instance in `temp_dir`, then SIGKILL those still there; their PIDs.
+
+    "Still there" is by identity (PID and start time), not by what the process still has open: a Ray worker
+    whose raylet is gone closes its log files on SIGTERM and then waits on the dead raylet (a loaded 2-core
+    machine, seconds), so a second scan of the folder no longer finds it although it lives on."""
+    found = {pid: _start_time(pid) for pid in processes_using(temp_dir, exclude)}
+    for pid in found:
         _signal(pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    left = pids
+    left = dict(found)
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = [p for p in processes_using(temp_dir, exclude) if p in pids]
-    for pid in processes_using(temp_dir, exclude):  # stragglers, and anything started meanwhile
+        left = {pid: t for pid, t in left.items() if _alive(pid) and _start_time(pid) == t}
+    stragglers = set(left) | set(processes_using(temp_dir, exclude))  # and anything started meanwhile
+    for pid in stragglers:
         _signal(pid, signal.SIGKILL)
-    return pids
+    return list(found)
 
 
 def main(argv: list[str]) -> int:

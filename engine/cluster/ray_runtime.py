@@ -98,10 +98,24 @@ class LocalRay:
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                          _node_ip_address="127.0.0.1", _temp_dir=self.temp_dir)
             os.chmod(self.temp_dir, 0o700)
+            self._name_raylet(ray_guard)
         except BaseException:
             self.close()
             raise
         logger.info("started a local Ray instance in %s (guard pid %d)", self.temp_dir, self.guard.pid)
+
+    def _name_raylet(self, ray_guard) -> None:
+        """Tell the guard which process is this instance's raylet, now that Ray is up: it then watches that
+        process from this moment, instead of finding it on its own next /proc scan (a raylet killed before that
+        scan would never be seen to die, and its workers would live on)."""
+        raylet = ray_guard.raylet_of(self.temp_dir, (os.getpid(),))
+        if raylet is None or self.guard is None or self.guard.stdin is None:
+            return  # the guard keeps looking for it itself
+        try:
+            self.guard.stdin.write(f"raylet {raylet}\n".encode())
+            self.guard.stdin.flush()
+        except OSError:
+            logger.warning("could not name the raylet (pid %d) to the Ray clean-up guard", raylet)
 
     def close(self) -> None:
         """Shut Ray down, let the guard sweep up stragglers, remove the temp dir (idempotent)."""

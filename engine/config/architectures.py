@@ -36,6 +36,11 @@ class Architecture:
 
     name: str
     spec: ArchSpec | None  # None: moelink reads its config but cannot build the model yet
+    # transformers' model_type whose config class reads this architecture's config.json when the file's own
+    # model_type is not transformers' (Kimi K2's `kimi_k2`): named here, never looked up by inverting
+    # transformers' architecture table, where several model_types share one class (transformers 5.24 maps
+    # DeepseekV3ForCausalLM to both deepseek_v3 and sarvam_mla, and the last one listed won).
+    model_type: str = ""
     # Its experts run in MXFP4 as published (gpt-oss's layout: gate/up interleaved rows, expert biases).
     mxfp4_experts: bool = False
     # Its checkpoints may carry DeepSeek-V3's next-n prediction (MTP) layers (config.json's
@@ -50,17 +55,30 @@ class Architecture:
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in (
-    Architecture("Qwen3MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ)),
-    Architecture("MixtralForCausalLM", ArchSpec("gqa", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2"))),
+    Architecture("Qwen3MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ), model_type="qwen3_moe"),
+    Architecture("MixtralForCausalLM", ArchSpec("gqa", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2")),
+                 model_type="mixtral"),
     # DeepSeek-V3/R1, Kimi K2, Mistral Large 3 (DeepSeek-V3 format); DeepSeek-V2 / V2-Lite.
-    Architecture("DeepseekV3ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ), mtp_layers=True),
-    Architecture("DeepseekV2ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ)),
+    Architecture("DeepseekV3ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ), model_type="deepseek_v3",
+                 mtp_layers=True),
+    Architecture("DeepseekV2ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ), model_type="deepseek_v2"),
     # GLM-4.5 / 4.6: GQA with partial rotary and the DeepSeek-V3 MoE block.
-    Architecture("Glm4MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ), mtp_layers=True),
+    Architecture("Glm4MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ), model_type="glm4_moe",
+                 mtp_layers=True),
     # gpt-oss-20b / 120b: GQA with sinks and sliding windows, fused experts with biases, MXFP4 as published.
     Architecture("GptOssForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ, router="router",
-                                               expert_layout="gpt_oss"), mxfp4_experts=True),
+                                               expert_layout="gpt_oss"), model_type="gpt_oss", mxfp4_experts=True),
 )}
+
+# model_types that published checkpoints carry for an architecture above, and the transformers model_type that
+# reads them. Applied whatever the installed transformers registers under the alias (the checkpoint's own
+# code, which such files name in auto_map, is never run): Kimi K2 / K2 Thinking, and the text model of
+# Kimi K2.5 (`kimi_k25`'s text_config), are DeepSeek-V3.
+MODEL_TYPE_ALIASES: dict[str, str] = {"kimi_k2": "deepseek_v3"}
+
+# Multimodal checkpoints whose text model is an architecture above: config.json's `text_config` is that model's
+# config (Kimi K2.5: DeepSeek-V3 with `model_type: kimi_k2`). Read by ModelConfig.text_model_config.
+TEXT_MODEL_OF: dict[str, str] = {"KimiK25ForConditionalGeneration": "DeepseekV3ForCausalLM"}
 
 # Views of the registry, by what callers ask.
 SUPPORTED_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.runnable)
@@ -69,5 +87,5 @@ MLA_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.runnable and a.spe
 MXFP4_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mxfp4_experts)
 MTP_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mtp_layers)
 
-__all__ = ["ArchSpec", "Architecture", "CONFIG_ONLY_ARCHITECTURES", "MLA_ARCHITECTURES", "MTP_ARCHITECTURES",
-           "MXFP4_ARCHITECTURES", "REGISTRY", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["ArchSpec", "Architecture", "CONFIG_ONLY_ARCHITECTURES", "MLA_ARCHITECTURES", "MODEL_TYPE_ALIASES",
+           "MTP_ARCHITECTURES", "MXFP4_ARCHITECTURES", "REGISTRY", "SUPPORTED_ARCHITECTURES", "TEXT_MODEL_OF"]

@@ -16,7 +16,8 @@ from moelink.comm.backends import resolve_backend
 from moelink.comm.two_level import check_node_of_rank
 from moelink.moe.router_config import RouterConfig
 
-from .architectures import CONFIG_ONLY_ARCHITECTURES, MTP_ARCHITECTURES, SUPPORTED_ARCHITECTURES  # noqa: F401
+from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, REGISTRY,  # noqa: F401
+                            SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF)
 from .hf_readers import read_fields
 from .quantization import (QuantConfig, check_architecture, read_hf_quant_config, read_quantization,
                            resolve_quantization)
@@ -166,11 +167,18 @@ class ModelConfig:
         # with a message about its own registry rather than about what moelink runs.
         archs = raw.get("architectures") or []
         arch = next((a for a in archs if a in KNOWN_ARCHITECTURES), None)
+        whole_file = True
+        if arch is None and any(a in TEXT_MODEL_OF for a in archs):
+            raw, arch = _text_model_raw(raw, next(a for a in archs if a in TEXT_MODEL_OF))
+            whole_file = False
+            if require_runnable:
+                raise ValueError(f"config.json architectures={archs!r} is a multimodal checkpoint: its text model "
+                                 f"({arch}) is read, but serving it from this checkpoint is not in this build.")
         if arch is None:
             raise ValueError(f"config.json architectures={archs!r} is not supported: moelink runs {', '.join(SUPPORTED_ARCHITECTURES)}.")
         if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)):
             raise ValueError(f"max_model_len={max_model_len!r} is invalid: must be a positive integer.")
-        hf = _auto_config(path, raw, arch)
+        hf = _auto_config(path, raw, arch, whole_file=whole_file)
         fields = read_fields(arch, hf)
         if fields.get("quantization") is None:  # ModelOpt's older exports: the quantization in a file of its own
             hf_quant = read_hf_quant_config(path)
@@ -219,24 +227,43 @@ def _check_dims(cfg: "ModelConfig") -> None:
             raise ValueError(f"config.json {name}={v!r} is invalid: must be an integer in [{least}, {most}].")
 
 
-def _auto_config(path: Path, raw: dict, arch: str):
+def _text_model_raw(raw: dict, wrapper: str) -> tuple[dict, str]:
+    """The text model's config.json fields of a multimodal checkpoint (architectures.TEXT_MODEL_OF), and its
+    architecture. The top level's quantization applies to the text model when its own config has none."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"config.json architectures=[{wrapper!r}] needs a text_config object (the text model's "
+                         f"config); got {type(text).__name__}.")
+    arch = TEXT_MODEL_OF[wrapper]
+    text = {**text, "architectures": [arch]}
+    if "quantization_config" in raw and "quantization_config" not in text:
+        text["quantization_config"] = raw["quantization_config"]
+    return text, arch
+
+
+def _auto_config(path: Path, raw: dict, arch: str, *, whole_file: bool = True):
     """transformers' config object for `path`; it owns config.json's aliases (Qwen3-MoE's num_experts is
     written num_local_experts by transformers 5), defaults and the rope_scaling → rope_parameters rewrite.
 
     A checkpoint's own Python code is never run (trust_remote_code=False, and transformers is never left to
-    ask on stdin). A `model_type` transformers does not know, on an architecture moelink runs (Kimi K2 ships
-    `model_type: kimi_k2` with an `auto_map` to its own DeepSeek-V3 code), is read through the config class
-    transformers registers for that architecture."""
+    ask on stdin). Which config class reads the file never depends on which transformers is installed: a
+    published alias (architectures.MODEL_TYPE_ALIASES: Kimi K2's `kimi_k2`) and a `model_type` transformers does
+    not know, on an architecture moelink runs, are read through the model_type the registry names for it.
+    `whole_file` False: `raw` is part of config.json (a multimodal checkpoint's text_config), read from the dict."""
     from transformers import AutoConfig  # ~1 s to import: paid when a model is read, not by every CLI start
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    file_type = raw.get("model_type")
+    model_type = MODEL_TYPE_ALIASES.get(file_type) if isinstance(file_type, str) else None
     try:
-        if raw.get("model_type") in CONFIG_MAPPING_NAMES:
-            return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        model_type = {cls: t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}.get(arch)
+        if model_type is None and file_type in CONFIG_MAPPING_NAMES:
+            if whole_file:
+                return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            model_type = file_type
         if model_type is None:
-            raise ValueError(f"model_type={raw.get('model_type')!r} is unknown to transformers")
+            model_type = REGISTRY[arch].model_type if arch in REGISTRY else ""
+            if not model_type:
+                raise ValueError(f"model_type={file_type!r} is unknown to transformers")
         fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
         return AutoConfig.for_model(model_type, **fields)
     except Exception as e:  # noqa: BLE001  (transformers raises ValueError, OSError and strict-dataclass errors)

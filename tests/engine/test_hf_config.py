@@ -296,6 +296,61 @@ def test_kimi_k2_model_type_reads_as_deepseek_v3_without_running_its_code(hf_tin
     assert engine_greedy(LLM(str(kimi), dtype="float64"), ps) == engine_greedy(LLM(str(src), dtype="float64"), ps)
 
 
+def test_kimi_k2_reads_as_deepseek_v3_whatever_transformers_registers(hf_tiny_model, tmp_path, monkeypatch):
+    """Which config class reads `kimi_k2` is moelink's choice, not the order of transformers' tables: a
+    transformers that maps DeepseekV3ForCausalLM to another model_type last (5.24's sarvam_mla did), or that
+    registers `kimi_k2` itself under another class, still reads it as DeepSeek-V3."""
+    import shutil
+
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    kimi = tmp_path / "kimi"
+    shutil.copytree(Path(hf_tiny_model("dsv3_lora")), kimi)
+    raw = json.loads((kimi / "config.json").read_text())
+    (kimi / "config.json").write_text(json.dumps({**raw, "model_type": "kimi_k2"}))
+    causal = {**modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "zz_decoy_mla": "DeepseekV3ForCausalLM"}
+    monkeypatch.setattr(modeling_auto, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", causal)
+    names = {**configuration_auto.CONFIG_MAPPING_NAMES, "kimi_k2": "Qwen3MoeConfig"}
+    monkeypatch.setattr(configuration_auto, "CONFIG_MAPPING_NAMES", names)
+    cfg = ModelConfig.from_pretrained(str(kimi), dtype="float64")
+    assert cfg.hf_config["model_type"] == "deepseek_v3" and cfg.attention.kind == "mla"
+
+
+def test_the_registry_names_transformers_model_type_of_each_architecture():
+    """Each architecture's model_type is one transformers reads into that architecture (the alias targets too)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from moelink.engine.config.architectures import MODEL_TYPE_ALIASES, REGISTRY
+
+    for name, a in REGISTRY.items():
+        assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(a.model_type) == name, (name, a.model_type)
+    assert set(MODEL_TYPE_ALIASES.values()) <= {a.model_type for a in REGISTRY.values()}
+
+
+def test_kimi_k25_text_model_reads_as_deepseek_v3(hf_tiny_model, tmp_path):
+    """Kimi K2.5 is multimodal (`kimi_k25`): its text_config (model_type kimi_k2) is the DeepSeek-V3 text model,
+    read with the same fields as the plain checkpoint; serving it from that checkpoint is refused by name."""
+    src = Path(hf_tiny_model("dsv3_lora"))
+    raw = json.loads((src / "config.json").read_text())
+    k25 = tmp_path / "k25"
+    k25.mkdir()
+    text = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map")}
+    (k25 / "config.json").write_text(json.dumps({
+        "architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+        "text_config": {**text, "model_type": "kimi_k2"}, "vision_config": {}}))
+    cfg = ModelConfig.from_pretrained(str(k25), dtype="float64", require_runnable=False)
+    plain = ModelConfig.from_pretrained(str(src), dtype="float64")
+    assert cfg.architecture == "DeepseekV3ForCausalLM" and cfg.hf_config["model_type"] == "deepseek_v3"
+    for f in ("num_layers", "hidden_size", "num_experts", "top_k", "num_heads", "vocab_size", "attention", "moe"):
+        assert getattr(cfg, f) == getattr(plain, f), f
+    with pytest.raises(ValueError, match="multimodal checkpoint: its text model \\(DeepseekV3ForCausalLM\\)"):
+        ModelConfig.from_pretrained(str(k25), dtype="float64")
+    (k25 / "config.json").write_text(json.dumps({"architectures": ["KimiK25ForConditionalGeneration"],
+                                                 "model_type": "kimi_k25", "text_config": "x"}))
+    with pytest.raises(ValueError, match="needs a text_config object"):
+        ModelConfig.from_pretrained(str(k25), dtype="float64", require_runnable=False)
+
+
 def test_one_registry_answers_every_architecture_question():
     """engine/config/architectures.py is the only list: the runnable names, the model specs, latent attention and MXFP4
     experts are all views of it."""

@@ -62,6 +62,68 @@ def test_the_guard_stops_the_workers_when_the_raylet_dies():
             guard.wait(10)
 
 
+# A Ray worker whose raylet is gone, as seen on a loaded 2-core machine: SIGTERM makes it close its log file
+# (the only thing tying it to the instance's folder) and then wait on the dead raylet instead of exiting.
+_WORKER_CLOSING_ITS_LOG = """
+import os, signal, time
+log = open(os.environ["GUARD_TEST_DIR"] + "/worker.log", "w")  # not on the command line: the file is the only tie
+def on_term(*_):
+    log.close()
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def _guard(temp_dir: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, ray_guard.__file__, temp_dir, str(os.getpid())],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def test_a_worker_that_closes_its_files_on_sigterm_is_still_killed():
+    """The sweep SIGKILLs what it SIGTERMed by identity, not only what still has files in the folder."""
+    temp_dir = tempfile.mkdtemp(prefix="mlguard-", dir="/tmp")
+    worker = subprocess.Popen(["ray::Worker-1", "-c", _WORKER_CLOSING_ITS_LOG], executable=sys.executable,
+                              stdout=subprocess.PIPE, env={**os.environ, "GUARD_TEST_DIR": temp_dir})
+    try:
+        assert worker.stdout.readline().strip() == b"ready"
+        assert ray_guard.processes_using(temp_dir) == [worker.pid]
+        ray_guard.stop_processes(temp_dir, grace_s=0.3)
+        wait_until(lambda: not _alive(worker.pid), 10, "the worker to be killed")
+    finally:
+        _stop([worker])
+
+
+def test_a_raylet_named_by_the_server_is_watched_from_that_moment():
+    """LocalRay names the raylet on the guard's stdin once Ray is up: a raylet the guard's own /proc scan cannot
+    see (here: nothing ties the stand-in to the folder) and that dies at once is still seen to die."""
+    temp_dir = tempfile.mkdtemp(prefix="mlguard-", dir="/tmp")
+    raylet = subprocess.Popen(["raylet", "-c", _SLEEP], executable=sys.executable)
+    workers = [subprocess.Popen([f"ray::Worker-{i}", "-c", _SLEEP, temp_dir], executable=sys.executable)
+               for i in range(2)]
+    guard = _guard(temp_dir)
+    try:
+        guard.stdin.write(f"raylet {raylet.pid}\n".encode())
+        guard.stdin.flush()
+        time.sleep(1.0)  # the guard has read the line (it polls its stdin every 0.5 s)
+        raylet.kill()
+        raylet.wait(10)
+        wait_until(lambda: not any(_alive(w.pid) for w in workers), 15, "the workers to be stopped")
+        assert guard.poll() is None
+        guard.stdin.close()
+        assert guard.wait(15) == 0 and not os.path.exists(temp_dir)
+    finally:
+        _stop([raylet, *workers, guard])
+
+
 def _raylet(temp_dir: str):
     """Found here without the guard's helper, so that this test also runs against code without it."""
     for pid in ray_guard.processes_using(temp_dir, (os.getpid(),)):
