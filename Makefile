@@ -14,15 +14,26 @@ PORT ?= 50051
 HTTP_PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: setup serve test test-gpu bench clean
+# The tested dependency set (docs/dependencies.md): every package pinned, installed as pip constraints (PIP_CONSTRAINT
+# reaches pip's build environment too). `make setup LOCK=` installs the newest releases pyproject.toml allows instead;
+# `make setup LOCK=requirements/lock-gpu.txt TORCH_SPEC=torch==2.13.0 EXTRAS=test,gpu` is the GPU set.
+LOCK ?= requirements/lock-cpu.txt
+EXTRAS ?= test
+
+.PHONY: setup serve test test-gpu bench clean lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[test]"
+	PIP_CONSTRAINT="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pip install "$(TORCH_SPEC)"
+	PIP_CONSTRAINT="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pip install -e ".[$(EXTRAS)]"
 	touch $@
+
+# Re-resolve the lock to the newest releases pyproject.toml allows (a fresh .lock-venv/), then run `make test` on it
+# before committing requirements/.
+lock:
+	$(PYTHON) requirements/lock.py --torch-spec "$(TORCH_SPEC)"
 
 # The random-weight model of the tests and benchmarks (`make tiny-model`), for `make serve TINY_MODEL=tiny-model`.
 tiny-model/config.json: | setup
@@ -46,7 +57,7 @@ serve: setup
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 # GPU tests live where the code needs nothing beyond torch/triton/transformers (the GPU image has no
 # smg-grpc-proto or Ray); benchmarks/gpu_session.sh runs these plus the GPU benchmarks.
@@ -57,4 +68,4 @@ bench: setup
 	$(PY) -m moelink.benchmarks.engine_throughput
 
 clean:
-	rm -rf $(VENV) tiny-model .pytest_cache  # never builtin-model/: it is committed
+	rm -rf $(VENV) .lock-venv tiny-model .pytest_cache  # never builtin-model/: it is committed

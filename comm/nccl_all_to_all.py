@@ -24,7 +24,7 @@ Transports: `PaddedAllToAll` ("torch_padded") moves the blocks with
 all_to_all_single (equal splits; runs on gloo, so the layout is tested on CPU);
 `NcclAllToAll` ("nccl") moves them with grouped ncclSend/ncclRecv on the
 current CUDA stream through the NCCL library torch already loads (the
-`nvidia-nccl-cu12` wheel), via ctypes. Nothing GPU-side is imported until an
+`nvidia-nccl-cu13`/`-cu12` wheel), via ctypes. Nothing GPU-side is imported until an
 NcclAllToAll is built.
 """
 from __future__ import annotations
@@ -172,14 +172,16 @@ class _NcclUniqueId(ctypes.Structure):
 
 
 def _find_libnccl() -> str:
-    """The NCCL library torch's CUDA wheels depend on (nvidia-nccl-cu12), else the system one."""
+    """The NCCL library of the wheel torch's CUDA build depends on (nvidia-nccl-cu12 or -cu13: the `nvidia`
+    namespace package, lib/ under nccl/ or the CUDA-major folder), else the system one."""
     try:
-        import nvidia.nccl  # namespace package of the nvidia-nccl-cu12 wheel
+        import nvidia  # namespace package of NVIDIA's CUDA wheels
 
-        for base in list(getattr(nvidia.nccl, "__path__", [])):
-            path = os.path.join(base, "lib", "libnccl.so.2")
-            if os.path.exists(path):
-                return path
+        for base in list(getattr(nvidia, "__path__", [])):
+            for sub in ("nccl", "cu13", "cu12"):
+                path = os.path.join(base, sub, "lib", "libnccl.so.2")
+                if os.path.exists(path):
+                    return path
     except ImportError:
         pass
     return ctypes.util.find_library("nccl") or "libnccl.so.2"
@@ -194,7 +196,8 @@ class NcclLibrary:
             self.lib = ctypes.CDLL(path)
         except OSError as e:
             raise RuntimeError(f"all-to-all backend 'nccl' could not load the NCCL library {path!r} ({e}); "
-                               f"install nvidia-nccl-cu12 or pass library_path.") from e
+                               f"install the NCCL wheel of torch's CUDA build (nvidia-nccl-cu13 for CUDA 13, nvidia-nccl-cu12 for "
+                               f"CUDA 12; `pip install .[gpu]` installs the former) or pass library_path.") from e
         lib, vp, res = self.lib, ctypes.c_void_p, ctypes.c_int
         lib.ncclGetErrorString.restype, lib.ncclGetErrorString.argtypes = ctypes.c_char_p, [res]
         lib.ncclGetVersion.restype, lib.ncclGetVersion.argtypes = res, [ctypes.POINTER(ctypes.c_int)]

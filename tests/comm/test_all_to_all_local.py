@@ -94,7 +94,7 @@ def test_nccl_backend_on_cpu_is_a_clear_error():
 def test_nccl_library_missing_is_a_clear_error():
     from moelink.comm.nccl_all_to_all import NcclLibrary
 
-    with pytest.raises(RuntimeError, match="nvidia-nccl-cu12"):
+    with pytest.raises(RuntimeError, match="nvidia-nccl-cu13"):
         NcclLibrary("/nonexistent/libnccl.so.2")
 
 
