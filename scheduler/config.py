@@ -38,6 +38,11 @@ class CacheConfig:
     # head): a block's last slot then depends on the next block's first token, so a hit must match it as well, or
     # the drafter would read a state made for another request's next token.
     block_hash_lookahead: int = 0
+    # Set by the engine for a model with per-sequence state (linear attention; scheduler/hybrid_cache.py): the
+    # state slots (one per request holding state: at least max_num_seqs) and the checkpoint slots kept for
+    # prefix caching, both allocated by the worker beside the KV blocks. 0: the model keeps no such state.
+    num_state_slots: int = 0
+    num_state_checkpoints: int = 0
 
     def __post_init__(self) -> None:
         _check(_is_int(self.block_size) and self.block_size > 0,
@@ -51,6 +56,14 @@ class CacheConfig:
                "CacheConfig", "block_hash_lookahead", self.block_hash_lookahead, "must be 0 or 1")
         _check(self.sliding_window is None or (_is_int(self.sliding_window) and self.sliding_window >= 1),
                "CacheConfig", "sliding_window", self.sliding_window, "must be None or a positive integer")
+        for name in ("num_state_slots", "num_state_checkpoints"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 0, "CacheConfig", name, v, "must be an integer >= 0")
+        _check(self.num_state_slots > 0 or self.num_state_checkpoints == 0, "CacheConfig", "num_state_checkpoints",
+               self.num_state_checkpoints, "must be 0 when num_state_slots is 0 (no per-sequence state)")
+        _check(self.num_state_slots == 0 or self.sliding_window is None, "CacheConfig", "sliding_window",
+               self.sliding_window, "must be None with num_state_slots > 0 (linear attention beside a sliding-window "
+               "group is not built)")
 
     @property
     def num_kv_tokens(self) -> int | None:

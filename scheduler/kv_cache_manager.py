@@ -163,3 +163,16 @@ class KVCacheManager:
     @property
     def num_requests_holding_blocks(self) -> int:
         return len(self._blocks)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget all cached prefixes; returns how many blocks were cached."""
+        return self.pool.reset_prefix_cache()
+
+    def check_invariants(self) -> None:
+        """What this policy keeps beside the pool (the pool's own invariants are checked by the scheduler)."""
+
+    # A policy whose chunks must end at certain positions (hybrid_cache.py) sets these; None: no such rule.
+    chunk_limit = None
+    plan_step = None
+    step_taken = None
+    steps_dropped = None

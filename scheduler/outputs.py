@@ -86,6 +86,11 @@ class NewRequestData:
     # The sliding-window group's table when it has its own (CacheConfig.sliding_window), -1 where no query can
     # see a block (scheduler/sliding_kv.py); empty otherwise.
     sliding_block_ids: list[int] = field(default_factory=list)
+    # A model with per-sequence state (linear attention, scheduler/hybrid_cache.py): the request's state slot, and
+    # the checkpoint slot its state starts as a copy of (a prefix hit); -1: none (from zeros when nothing is
+    # computed, else the slot's own state).
+    state_slot: int = -1
+    state_copy_from: int = -1
 
 
 @dataclass(slots=True)
@@ -144,6 +149,9 @@ class SchedulerOutput:
     # Speculative decoding: per request, the draft tokens this step verifies (scheduled after the request's last
     # known token: num_scheduled_tokens counts them). Empty without a drafter.
     scheduled_spec_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Per-sequence state (scheduler/hybrid_cache.py): per request, the checkpoint slot its state is copied into
+    # after this step (its chunk ends at the prompt's last whole block). Empty for models without such state.
+    state_saves: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

@@ -52,5 +52,12 @@ class RecoveryMixin:
         if self.kv_transfers is not None:  # whether the broken steps' transfers ran is unknown: failed
             for req in self.kv_transfers.fail_all():
                 self._recompute(req)
+        if self.kv.steps_dropped is not None:
+            # Per-sequence state (linear attention) is updated in place: whether the broken step ran is unknown, so
+            # its state cannot be trusted the way rewritten KV can. Every running request is recomputed.
+            self.kv.steps_dropped()
+            for req in reversed(self.running):
+                self._preempt(req)
+            self.running = []
         self._resync = RequestResync([self._new_request_data(r, r.num_computed_tokens) for r in self.running],
                                      frozenset(r.request_id for r in self.waiting))

@@ -40,6 +40,7 @@ from .config import CacheConfig, SchedulerConfig
 from .engine_output import SchedulerStats
 from .kv_cache_manager import KVCacheManager
 from .kv_connector import KVConnector, KVTransfers
+from .hybrid_cache import HybridCacheManager
 from .sliding_kv import SlidingKVCacheManager
 from .spec_decode import SpecDecodeCounters, take_drafts
 from .outputs import CachedRequestData, NewRequestData, SchedulerOutput
@@ -79,6 +80,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         else:
             self.kv = KVCacheManager(cache_config.num_kv_blocks, cache_config.block_size,
                                      cache_config.enable_prefix_caching, cache_config.block_hash_lookahead)
+        if cache_config.num_state_slots:  # linear-attention layers: a state slot per request beside its blocks
+            self.kv = HybridCacheManager(self.kv, cache_config.num_state_slots, cache_config.num_state_checkpoints)
         # The longest sequence whose KV fits the whole pool: a request is
         # finished ("length") before it outgrows it, else it could never be
         # scheduled again, even alone.
@@ -210,6 +213,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
         # allocate_slots' no-new-block case, checked here first (most decode steps) where the policy allows it.
         tables, bs, extras = self.kv.decode_tables, self.block_size, self.kv.new_step_extras
+        clip = self.kv.chunk_limit  # None unless prompt chunks must end at state checkpoints (hybrid_cache.py)
         while i < len(running) and budget > 0:
             req = running[i]
             known = len(req.all_token_ids)
@@ -217,6 +221,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             n = known + in_flight - req.num_computed_tokens
             if n > budget:
                 n = budget
+            if clip is not None and req.num_computed_tokens < req.num_prompt_tokens:
+                n = clip(req, req.num_computed_tokens, n)
             # Nothing left to compute yet, or the tokens in flight end it whatever they are (its length limits, as
             # in _check_stop; checked inline: this runs for every decoding request of an overlapped loop).
             if n <= 0 or (in_flight and (len(req.output_token_ids) + in_flight >= req.output_limit
@@ -260,6 +266,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         if not out.preempted_req_ids:
             self._schedule_waiting(out, budget, scheduled)
 
+        if self.kv.plan_step is not None:  # state checkpoints saved after this step (hybrid_cache.py)
+            out.state_saves = self.kv.plan_step(out.step_id, scheduled)
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         if self.kv_transfers is not None:
             out.kv_transfers = self.kv_transfers.plan(out.num_scheduled_tokens)
@@ -304,6 +312,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                     max_seqs -= 1
                     continue
             n = min(req.num_tokens - num_hit, budget)
+            if self.kv.chunk_limit is not None:
+                n = self.kv.chunk_limit(req, num_hit, n)
             if self.kv.allocate_slots(req, n, hits) is None:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
@@ -377,12 +387,13 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
 
     def reset_prefix_cache(self) -> int:
         """Forget all cached prefixes (e.g. after a weight update)."""
-        return self.kv.pool.reset_prefix_cache()
+        return self.kv.reset_prefix_cache()
 
     def check_invariants(self) -> None:
         """AssertionError on inconsistent state (for tests; O(all blocks))."""
         pool = self.kv.pool
         pool.check_invariants()
+        self.kv.check_invariants()
         assert len(self.running) <= self.scheduler_config.max_num_seqs
         kvt = self.kv_transfers
         holding = kvt.holding() if kvt is not None else []  # loading or loaded through the KV connector

@@ -36,6 +36,8 @@ class StepOutputMixin:
         if runner_out.step_id != sched_out.step_id:
             raise ValueError(f"ModelRunnerOutput.step_id={runner_out.step_id} is invalid: "
                              f"it must answer SchedulerOutput.step_id={sched_out.step_id}.")
+        if self.kv.step_taken is not None:  # the step ran: its state checkpoints are written (hybrid_cache.py)
+            self.kv.step_taken(sched_out.step_id)
         if runner_out.kv_transfers_done and self.kv_transfers is not None:
             for req in self.kv_transfers.take_report(runner_out.kv_transfers_done):
                 self._recompute(req)  # its KV load failed
