@@ -7,7 +7,7 @@ Units: bytes, seconds, GB/s = 1e9 bytes/s. "Per GPU per direction" everywhere:
 NVLink 4 is sold as 900 GB/s *bidirectional*, i.e. 450 GB/s each way.
 
 Dispatch volume. moelink sends each token once per *distinct destination
-rank* (DESIGN.md), so the volume per token is (expected distinct ranks) x
+rank* (ARCHITECTURE.md: Design rules 14), so the volume per token is (expected distinct ranks) x
 payload, not top-k x payload. Other systems we calibrate against send
 differently; `Pattern` names each:
 

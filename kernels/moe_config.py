@@ -1,4 +1,5 @@
-"""Launch configs of the expert GEMMs, as JSON data keyed by GPU name and shape (DESIGN.md convention 9).
+"""Launch configs of the expert GEMMs, as JSON data keyed by GPU name and shape (ARCHITECTURE.md: Design
+rules 9).
 
 Files in kernels/configs/:
 - `E={E},N={N},device_name={GPU}.json` (written by benchmarks/tune_moe.py):

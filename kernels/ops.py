@@ -1,4 +1,4 @@
-"""One selector for the kernel implementations a device runs (DESIGN.md: Interfaces).
+"""One selector for the kernel implementations a device runs (ARCHITECTURE.md: Design rules 12).
 
 `Kernels` is a strategy object: the model calls `kernels.rms_norm(...)` and
 never asks which implementation it got. `ReferenceKernels` is plain torch (the

@@ -6,9 +6,9 @@ Legend: E local experts, D hidden, I expert intermediate size, F = 2I (FP8: U + 
 MXFP4 (kernels/mxfp4.py): S = (reduction dim) / 32 scale groups, Q = 16 packed bytes per group;
 NVFP4 (kernels/nvfp4.py): B = (reduction dim) / 2 packed bytes, S = (reduction dim) / 16 scale groups.
 
-One strategy object per format (DESIGN.md 6), each owning its parameters (set on the MoE layer, beside the
-router), its rows of the weight plan (per-expert and fused on-disk layouts, this rank's experts only) and its
-kernel call, so the layer has no format branches:
+One strategy object per format (ARCHITECTURE.md: Design rules 6), each owning its parameters (set on the MoE
+layer, beside the router), its rows of the weight plan (per-expert and fused on-disk layouts, this rank's
+experts only) and its kernel call, so the layer has no format branches:
 - `FloatExperts`: w13_EFD = [gate; up], w2_EDI in the model dtype → kernels.fused_moe.
 - `Fp8BlockExperts`: the same two weights in float8_e4m3fn with float32 `w13_scale_inv_EFD` [E, Fb, Db] and
   `w2_scale_inv_EDI` [E, Db, Ib] beside them → kernels.fused_moe_fp8. From an FP8 checkpoint each weight's

@@ -1,7 +1,8 @@
 """moelink.scheduler: requests and their states, the paged KV block pool with prefix caching, the
 token-budget scheduler (chunked prefill, preemption) and the data-parallel request router.
 
-Pure Python: the standard library only, no torch or numpy (DESIGN.md), so it is tested on plain lists.
+Pure Python: the standard library only, no torch or numpy (ARCHITECTURE.md: Design rules 13), so it is tested
+on plain lists.
 `SchedulerOutput` / `ModelRunnerOutput` (outputs.py) are the only things that cross to the worker and back
 (a KV connector's transfers too: kv_connector.py is that seam's scheduler side).
 Must not import: benchmarks, engine (every sub-package), planner, moe, comm, kernels.

@@ -1,4 +1,4 @@
-"""Configs of the scheduler and of the paged KV cache (DESIGN.md: Conventions 2).
+"""Configs of the scheduler and of the paged KV cache (ARCHITECTURE.md: Design rules 2).
 
 Each is a plain dataclass checked in `__post_init__`; a bad value raises a
 ValueError with one sentence naming the field, the value and what is allowed.

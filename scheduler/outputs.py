@@ -1,4 +1,4 @@
-"""Plain dataclasses that cross the scheduler ↔ worker boundary (DESIGN.md: Interfaces).
+"""Plain dataclasses that cross the scheduler ↔ worker boundary (ARCHITECTURE.md: Design rules 12).
 
 Nothing here imports torch: these objects are pickled to Ray workers and back,
 so they hold only Python ints, strings, lists and dicts.

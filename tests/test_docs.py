@@ -1,38 +1,99 @@
-"""README and ARCHITECTURE.md as a newcomer meets them (issue 14): the Python snippets marked runnable run as
-pasted against a tiny random model, and every relative link resolves to a file inside the repository."""
+"""README, ARCHITECTURE.md, deploy/README.md and the pages of docs/ as a newcomer meets them (issues 14 and 40):
+the blocks marked runnable run as pasted from the repository root (Python against the committed built-in model,
+shell with .venv/bin first on PATH), every relative link resolves to a file or folder inside the repository,
+and every `page.md#anchor` to a heading of that page."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "ARCHITECTURE.md", "deploy/README.md"]
-RUNNABLE = re.compile(r"<!-- runnable -->\n```python\n(.*?)\n```", re.DOTALL)
+DOCS = ["README.md", "ARCHITECTURE.md", "deploy/README.md",
+        *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+MARKER = "<!-- runnable -->"
+RUNNABLE = re.compile(r"<!-- runnable -->\n```(python|sh)\n(.*?)\n```", re.DOTALL)
+# How many blocks each page marks runnable, by language: a marker that no longer matches (a block renamed
+# ```bash, a page split) shows here rather than as a block that silently stopped being run.
+RUNNABLE_BLOCKS = {
+    "README.md": {"python": 1},
+    "docs/serving.md": {"python": 2, "sh": 1},  # the LLM API, AsyncEngine streaming
+    "docs/structured-output.md": {"python": 1},
+    "docs/models.md": {"sh": 1},
+    "docs/quantization.md": {"sh": 1},
+    "docs/speculative-decoding.md": {"sh": 1},
+    "docs/disaggregation.md": {"sh": 1},
+    "docs/security.md": {"sh": 1},
+    "docs/metrics.md": {"sh": 1},
+    "docs/expert-parallelism.md": {"sh": 1},
+    "docs/planner.md": {"sh": 1},
+    "docs/kernels.md": {"sh": 1},
+    "docs/benchmarks.md": {"sh": 1},
+    "docs/testing.md": {"sh": 1},
+    "docs/gpu-session-steps.md": {"sh": 1},
+    "docs/dependencies.md": {"sh": 1},
+}
+SH_TIMEOUT_S = 120  # each block is a --help, a cluster-model run or a small offline command: 0.1-4 s
 # [text](target) and ![alt](target); the target ends at whitespace or ")" (a title may follow).
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 
 
-def runnable_snippets() -> list[str]:
-    return RUNNABLE.findall((ROOT / "README.md").read_text())
+def runnable_blocks(doc: str) -> list[tuple[str, str]]:
+    """(language, code) of each block the page marks runnable, in page order."""
+    return RUNNABLE.findall((ROOT / doc).read_text())
 
 
-def test_readme_marks_its_python_snippets_runnable():
-    snippets = runnable_snippets()
-    assert len(snippets) == 3, "README's runnable snippets: the LLM API, AsyncEngine streaming, structured output"
+def _all_blocks(language: str) -> list[tuple[str, int]]:
+    return [(doc, i) for doc in DOCS for i, (lang, _) in enumerate(runnable_blocks(doc)) if lang == language]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_each_runnable_marker_opens_a_python_or_sh_block(doc):
+    markers = re.findall(rf"^{re.escape(MARKER)}$", (ROOT / doc).read_text(), flags=re.M)  # prose may quote one
+    assert len(markers) == len(runnable_blocks(doc)), \
+        f"{doc}: a {MARKER} marker is not followed by a ```python or ```sh block"
+
+
+def test_pages_mark_their_runnable_blocks():
+    for doc, want in RUNNABLE_BLOCKS.items():
+        langs = [lang for lang, _ in runnable_blocks(doc)]
+        got = {lang: langs.count(lang) for lang in set(langs)}
+        assert got == want, f"{doc}: runnable blocks {got}, expected {want}"
+    snippets = [code for lang, code in runnable_blocks("docs/serving.md") if lang == "python"]
     assert any("asyncio.run(main())" in s for s in snippets), "the AsyncEngine snippet must run as pasted"
 
 
 @pytest.mark.slow  # each builds and runs an engine: 4 to 18 s on a loaded 2-core machine
-@pytest.mark.parametrize("index", range(3))
-def test_readme_snippet_runs_as_pasted(index, monkeypatch, capsys):
-    """Each from the repository root (where the committed `builtin-model/` is), as README says, in a fresh
+@pytest.mark.parametrize("doc,index", _all_blocks("python"), ids=lambda v: str(v))
+def test_python_block_runs_as_pasted(doc, index, monkeypatch, capsys):
+    """Each from the repository root (where the committed `builtin-model/` is), as the pages say, in a fresh
     namespace, as a script."""
-    code = runnable_snippets()[index]
+    code = runnable_blocks(doc)[index][1]
     monkeypatch.chdir(ROOT)
-    exec(compile(code, f"README.md runnable snippet {index + 1}", "exec"), {"__name__": "__main__"})
+    exec(compile(code, f"{doc} runnable block {index + 1}", "exec"), {"__name__": "__main__"})
     assert capsys.readouterr().out.strip(), "the snippet printed nothing"
+
+
+def _venv_bin() -> Path:
+    venv = ROOT / ".venv" / "bin"
+    return venv if (venv / "python").exists() else Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("doc,index", _all_blocks("sh"), ids=lambda v: str(v))
+def test_sh_block_runs_as_pasted(doc, index):
+    """With bash from the repository root, .venv/bin first on PATH (what `source .venv/bin/activate` gives),
+    stopping at the first failing command (pipefail too), offline."""
+    code = runnable_blocks(doc)[index][1]
+    env = {**os.environ, "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([shutil.which("bash") or "bash", "-euo", "pipefail", "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=SH_TIMEOUT_S)
+    assert proc.returncode == 0, f"{doc} runnable block {index + 1} exited {proc.returncode}:\n{code}\n" \
+                                 f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}"
 
 
 def _links(doc: str) -> list[str]:
@@ -41,20 +102,47 @@ def _links(doc: str) -> list[str]:
     return LINK.findall(text)
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation (backticks, colons, parentheses) dropped,
+    spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)
+    seen: dict[str, int] = {}
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", text, flags=re.M):
+        slug = _slug(heading)
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
 @pytest.mark.parametrize("doc", DOCS)
 def test_relative_links_resolve_to_files_in_the_repository(doc):
     links = _links(doc)
     bad = []
     for target in links:
-        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # a URL, or an anchor on the same page
-        path = (ROOT / doc).parent / target.split("#", 1)[0]
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL
+        file_part, _, anchor = target.partition("#")
+        path = (ROOT / doc).parent / file_part if file_part else ROOT / doc
         resolved = path.resolve()
-        if ROOT not in resolved.parents or not resolved.is_file():
+        if ROOT not in resolved.parents or not (resolved.is_file() or resolved.is_dir()):
             bad.append(target)
-    assert not bad, f"{doc} links outside the repository or to missing files: {bad}"
+        elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+            bad.append(f"{target} (no such heading)")
+    assert not bad, f"{doc} links outside the repository or to missing files or headings: {bad}"
     if doc == "README.md":
         assert "ARCHITECTURE.md" in links, "README must link its architecture page"
+        assert "docs/README.md" in links, "README must link the docs index"
+
+
+def test_the_docs_index_lists_every_page():
+    listed = set(_links("docs/README.md"))
+    missing = [p.name for p in (ROOT / "docs").glob("*.md") if p.name != "README.md" and p.name not in listed]
+    assert not missing, f"docs/README.md does not list {missing}"
 
 
 @pytest.mark.parametrize("doc", DOCS)
@@ -64,24 +152,46 @@ def test_docs_name_no_path_outside_the_repository(doc):
         assert outside not in text, f"{doc} refers to {outside!r}, which is not in the repository"
 
 
+def test_no_tracked_file_cites_a_design_document_outside_the_repository():
+    """Code comments cite ARCHITECTURE.md's sections (Design rules N, Layers, ...), not a DESIGN.md that the
+    repository does not have."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    citing = [name for name in files.decode().split("\0")
+              if name and name != "tests/test_docs.py" and (ROOT / name).is_file()
+              and b"DESIGN.md" in (ROOT / name).read_bytes()]
+    assert not citing, f"these files cite DESIGN.md, which is not in the repository: {citing}"
+
+
 def test_link_pattern_reads_the_forms_the_docs_use():
     text = 'see [a](b.md), ![img](c/d.png "t"), [x](../README.md#bad-input) and [y](#z) but not [z] (w)'
     assert LINK.findall(text) == ["b.md", "c/d.png", "../README.md#bad-input", "#z"]
 
 
-def _readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def test_slug_is_githubs_anchor():
+    assert _slug("The overlapped step loop (`async_scheduling`, on by default)") == \
+        "the-overlapped-step-loop-async_scheduling-on-by-default"
+    assert _slug("When to disaggregate (the cluster model's numbers)") == \
+        "when-to-disaggregate-the-cluster-models-numbers"
+
+
+def _section(doc: str, title: str) -> str:
+    text = (ROOT / doc).read_text()
     start = text.index(f"\n## {title}\n")
-    return text[start:text.find("\n## ", start + 1)]
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
 
 
 def test_the_command_line_section_names_the_grpc_client():
     """The shell's way to try a gRPC server (engine/server/client.py), as `make serve` prints it (issue 27)."""
-    assert "python -m moelink.engine.server.client --target 127.0.0.1:50051" in _readme_section("Command line")
+    client = "python -m moelink.engine.server.client --target 127.0.0.1:50051"
+    assert client in _section("docs/serving.md", "Command line")
+    assert client in (ROOT / "README.md").read_text()
 
 
 def test_benchmark_clients_install_into_the_project_venv():
     """aiperf and guidellm resolve beside moelink's pins (issue 27): no separate venvs to tell people to make."""
-    section = _readme_section("Benchmarks")
+    section = _section("docs/benchmarks.md", "Benchmark clients, offline (moelink bench-serve, aiperf, guidellm)")
     assert ".venv/bin/pip install aiperf guidellm" in section
     assert "venv of its own" not in section and "aiperf-venv" not in section and "guidellm-venv" not in section

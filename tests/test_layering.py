@@ -46,7 +46,8 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 # The `moelink` command is the composition root: it alone in engine/ may register the server's subcommands.
 COMPOSITION_ROOTS: dict[str, frozenset[str]] = {"engine.api.cli": frozenset({"engine.server"})}
-# scheduler/ is pure Python (DESIGN.md): standard library only, so it is unit-tested on plain lists.
+# scheduler/ is pure Python (ARCHITECTURE.md: Design rules 13): standard library only, so it is unit-tested on
+# plain lists.
 STDLIB_ONLY = ("scheduler",)
 
 

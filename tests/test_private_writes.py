@@ -1,4 +1,4 @@
-"""No module writes another module's private fields (DESIGN.md: typed boundaries; issue 28 item 1).
+"""No module writes another module's private fields (ARCHITECTURE.md: Design rules 12; issue 28 item 1).
 
 A write `obj._field = ...` (or `+=`, a tuple target, `setattr(obj, "_field", ...)`) outside `self`/`cls` is
 allowed only in the module whose own classes keep that field (some method there assigns `self._field`): a

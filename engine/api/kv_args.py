@@ -50,7 +50,7 @@ class ServerRole:
 
 
 def add_role_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("prefill/decode disaggregation (README: Prefill/decode disaggregation)")
+    g = p.add_argument_group("prefill/decode disaggregation (docs/disaggregation.md)")
     g.add_argument("--role", default="both", choices=ROLES,
                    help="prefill: compute prompts and serve their KV on --kv-port; decode: load prompt KV from the "
                         "prefill server a request names; both (default): one server does both")

@@ -2,7 +2,7 @@
 layout. Read from config.json by engine/config/hf_readers.py; pure data, no model code, no device.
 
 Attention kinds
-(DESIGN.md: model families as compositions; KV cache layouts per attention kind):
+(ARCHITECTURE.md: Design rules 11, model families as compositions; KV cache layouts per attention kind):
 - GQAConfig: grouped-query attention (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss). The cache holds a K and a V per kv
   head per token: two tensors [blocks + 1, block_size, K, H] per layer. gpt-oss adds per-head attention sinks and a
   sliding window on every other layer. When its sliding and full layers are equally many (`kv_layer_pairs`), sliding

@@ -16,7 +16,7 @@ MAX_LOGPROBS = 20
 
 @dataclass(frozen=True)
 class Interval:
-    """A closed (or half-open) range of finite numbers; str() is how messages and README's table write it."""
+    """A closed (or half-open) range of finite numbers; str() is how messages and the bad-input table write it."""
 
     low: float
     high: float

@@ -39,7 +39,7 @@ class ServerConfig:
     http_metrics_port: Optional[int] = None  # smg's Prometheus port; None = a free loopback port
     http_metrics_host: str = "127.0.0.1"
     log_format: str = "text"  # "text" or "json" (one JSON object per line, with request ids)
-    limits: RequestLimits = field(default_factory=RequestLimits)  # per-request caps (README: bad input)
+    limits: RequestLimits = field(default_factory=RequestLimits)  # per-request caps (docs/serving.md: bad input)
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .limits import (  # noqa: F401 (re-exported: the limits live beside README's table, which renders them)
+from .limits import (  # noqa: F401 (re-exported: the limits live beside the docs' table, which renders them)
     MAX_METADATA_BYTES, OTHER_FIELD_MAX_BYTES, RECEIVE_FLOOR_BYTES, SMALL_REQUEST_MAX_BYTES, RequestLimits,
 )
 

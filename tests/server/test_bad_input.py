@@ -319,10 +319,10 @@ def test_max_tokens_beyond_the_context_is_invalid_argument_on_both_services(thre
         assert wait_until(lambda: pool_is_free(s.native, pb), 10, "the KV pool to be free")
 
 
-# -- README -----------------------------------------------------------------------------------
-def test_readme_bad_input_table_is_rendered_from_the_enforced_limits():
-    from moelink.engine.server.limits import readme_table
+# -- docs/serving.md ---------------------------------------------------------------------------
+def test_docs_bad_input_table_is_rendered_from_the_enforced_limits():
+    from moelink.engine.server.limits import DOC_PAGE, doc_table
 
-    table = readme_table((Path(__file__).resolve().parents[2] / "README.md").read_text())
-    assert table is not None, "README has no bad-input table between its markers"
-    assert table == bad_input_table(), "README's table is stale: python -m moelink.engine.server.limits --readme README.md"
+    table = doc_table((Path(__file__).resolve().parents[2] / DOC_PAGE).read_text())
+    assert table is not None, f"{DOC_PAGE} has no bad-input table between its markers"
+    assert table == bad_input_table(), f"{DOC_PAGE}'s table is stale: python -m moelink.engine.server.limits --doc"

@@ -1,6 +1,6 @@
 """aiperf against the managed gateway, offline, with the absolute tokenizer path `moelink serve` prints.
 
-aiperf installs into the project's venv (README: Benchmark clients); the test finds it through $AIPERF, beside
+aiperf installs into the project's venv (docs/benchmarks.md: Benchmark clients); the test finds it through $AIPERF, beside
 this Python (a venv that was not activated) or on PATH, and is skipped without it.
 """
 from __future__ import annotations

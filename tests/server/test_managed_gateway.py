@@ -107,8 +107,8 @@ def test_completions_logprobs_leave_moelink_and_smg_drops_them(http_server, offl
     """Issue 14: completions `logprobs` vanish through the gateway. They leave moelink: the VllmEngine answer to
     the request smg sends (smg's token ids, `logprobs: 2`) carries them, equal to the offline engine's. smg
     (1.13) drops them itself: its /v1/completions builds every choice, streamed or not, with `logprobs: None`
-    (its source marks it a TODO), while /v1/chat/completions passes the same fields on. So README says so
-    (OpenAI API); tests/server/test_smg_gateway.py holds the strict xfail that fails the day smg passes them."""
+    (its source marks it a TODO), while /v1/chat/completions passes the same fields on. So docs/serving.md says
+    so (OpenAI API); tests/server/test_smg_gateway.py holds the strict xfail that fails the day smg passes them."""
     from moelink.engine import SamplingParams
     import grpc
     from smg_grpc_proto.generated import vllm_engine_pb2 as vpb, vllm_engine_pb2_grpc as vpb_grpc
@@ -132,7 +132,7 @@ def test_completions_logprobs_leave_moelink_and_smg_drops_them(http_server, offl
     out = client.completions.create(model=SERVED, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
                                     extra_body={"ignore_eos": True})
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 4
-    assert out.choices[0].logprobs is None, "smg now passes completions logprobs on: drop README's note and " \
+    assert out.choices[0].logprobs is None, "smg now passes completions logprobs on: drop docs/serving.md's note, " \
                                             "the xfail in tests/server/test_smg_gateway.py"
     chunks = list(client.completions.create(model=SERVED, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
                                             stream=True, extra_body={"ignore_eos": True}))

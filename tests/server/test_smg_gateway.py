@@ -214,7 +214,7 @@ def test_max_tokens_beyond_the_context_is_http_400_with_the_numbers(gateway):
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "smg 1.13's /v1/completions builds each choice with logprobs None (streamed or not; its source marks it TODO) "
     "although moelink's VllmEngine answer carries them (tests/server/test_managed_gateway.py proves both sides). "
-    "An XPASS means smg passes them on now: drop this marker and README's note."))
+    "An XPASS means smg passes them on now: drop this marker and docs/serving.md's note."))
 def test_completions_logprobs_through_smg(gateway, offline):
     prompt = "Once upon a time"
     ref = offline.generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2),
