@@ -1,10 +1,11 @@
 """Attention over the paged KV cache: metadata, KV write, and the plain-torch reference.
 
 Legend: T query tokens in the flattened batch, S sequences, N query heads,
-K kv heads, H head dim, B cache blocks, L block size (tokens per block),
+K kv heads, H head dim, Hv value head dim, B cache blocks, L block size (tokens per block),
 M max blocks per sequence, C context length.
 
-Cache layout per layer: k_cache_BLKH / v_cache_BLKH = [num_blocks + 1, block_size, K, H];
+Cache layout per layer: k_cache_BLKH = [num_blocks + 1, block_size, K, H], v_cache_BLKH the same with Hv
+(= H, except MiMo-V2-Flash's narrower values: the output is [T, N, Hv]);
 the extra last block is the null block (see AttentionMetadata.null_block).
 Token p of a sequence lives in block `block_table[p // L]` at offset `p % L`;
 its flat slot is `block * L + offset`.
@@ -100,7 +101,7 @@ def reference_write_kv(
     """Scatter this step's keys and values into their cache slots (in place); slots < 0 are
     padding tokens whose K/V go nowhere, as in the Triton kernel. An fp8 cache stores k / k_scale and
     v / v_scale (module docstring)."""
-    num_kv_heads, head_dim = k_TKH.shape[1], k_TKH.shape[2]
+    num_kv_heads, head_dim, v_head_dim = k_TKH.shape[1], k_TKH.shape[2], v_TKH.shape[2]
     # No host sync: padding rows write zeros into the null block (the cache's last block), which
     # stays all zeros as every reader expects.
     keep_T = slot_mapping_T >= 0
@@ -114,7 +115,7 @@ def reference_write_kv(
         k_cache_BLKH, k_TKH = k_cache_BLKH.view(torch.uint8), k_TKH.view(torch.uint8)
         v_cache_BLKH, v_TKH = v_cache_BLKH.view(torch.uint8), v_TKH.view(torch.uint8)
     k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, k_TKH)
-    v_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, v_TKH)
+    v_cache_BLKH.view(-1, num_kv_heads, v_head_dim).index_copy_(0, slot_mapping_T, v_TKH)
 
 
 def reference_paged_attention(
@@ -136,10 +137,10 @@ def reference_paged_attention(
     fp8 cache's values count as stored * k_scale / v_scale.
     Single-token (decode) sequences are batched into one padded call; each
     multi-token chunk runs on its own, so no padding is wasted on long chunks.
-    Returns [T, N, H] in q's dtype.
+    Returns [T, N, Hv] in q's dtype (Hv: the V cache's head dim, H but for narrower values).
     """
     _check_extras(q_TNH, sinks_N, sliding_window)
-    out_TNH = torch.empty_like(q_TNH)
+    out_TNH = q_TNH.new_empty(*q_TNH.shape[:2], v_cache_BLKH.shape[-1])
     starts = list(itertools.accumulate(meta.query_lens, initial=0))
     decode_seqs = [s for s, n in enumerate(meta.query_lens) if n == 1]
     if decode_seqs:
@@ -238,6 +239,7 @@ def decode_group_slots(meta: AttentionMetadata, seqs: list[int], starts: list[in
 def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH, sinks_N=None,
                   window=None, kv_scales=(1.0, 1.0)) -> None:
     block_size, num_kv_heads, head_dim = k_cache_BLKH.shape[1:]
+    v_head_dim = v_cache_BLKH.shape[-1]
     S = len(seqs)
     tok_idx_S, slots_SC, valid_SC = decode_group_slots(meta, seqs, starts, block_size, q_TNH.device)
     if window is not None:  # the decode query sits at seq_len - 1: it sees keys > seq_len - 1 - window
@@ -246,7 +248,8 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
     max_ctx = slots_SC.shape[1]
     flat = slots_SC.reshape(-1)
     k_SCKH = k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
-    v_SCKH = v_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
+    v_SCKH = v_cache_BLKH.view(-1, num_kv_heads, v_head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads,
+                                                                                      v_head_dim)
     k_SCKH = dequantize_from_cache(k_SCKH, q_TNH.dtype, kv_scales[0])
     v_SCKH = dequantize_from_cache(v_SCKH, q_TNH.dtype, kv_scales[1])
     # GQA without copying K/V per query head: one batched matmul per kv head, over
@@ -254,7 +257,7 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
     rep = q_TNH.shape[1] // num_kv_heads
     q_SKRH = q_TNH.index_select(0, tok_idx_S).view(S, num_kv_heads, rep, head_dim)
     mask_S1C = ~valid_SC[:, None, :]
-    out_SKRH = q_SKRH.new_empty(S, num_kv_heads, rep, head_dim)
+    out_SKRH = q_SKRH.new_empty(S, num_kv_heads, rep, v_head_dim)
     sinks_KR = None if sinks_N is None else sinks_N.view(num_kv_heads, rep)
     for h in range(num_kv_heads):
         scores_SRC = torch.bmm(q_SKRH[:, h], k_SCKH[:, :, h].transpose(1, 2)) * scale
@@ -264,7 +267,7 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
         else:
             probs_SRC = _with_sinks_softmax(scores_SRC, sinks_KR[h][None, :, None]).to(v_SCKH.dtype)
         out_SKRH[:, h] = torch.bmm(probs_SRC, v_SCKH[:, :, h])
-    out_TNH.index_copy_(0, tok_idx_S, out_SKRH.view(S, -1, head_dim))
+    out_TNH.index_copy_(0, tok_idx_S, out_SKRH.view(S, -1, v_head_dim))
 
 
 def _gather_context(k_cache_BLKH, v_cache_BLKH, block_table_M, ctx: int, lo: int = 0):

@@ -25,7 +25,8 @@ def reference_rope_write_kv(
     q_norm_H: torch.Tensor | None = None, k_norm_H: torch.Tensor | None = None, eps: float = 1e-6,
     k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """q, k, v [T, *, H] (strided views of the qkv projection are fine); q_norm_H / k_norm_H: the per-head RMSNorm
+    """q, k [T, *, H], v [T, K, Hv] (Hv = H but for narrower values; strided views of the qkv projection are
+    fine); q_norm_H / k_norm_H: the per-head RMSNorm
     weights (both or neither), applied before the rotation; cos_sin_PR: the float32 rotary table (cos in the
     first R/2 columns, sin in the last; rotary.rotary_cos_sin_cache, or models' RotaryEmbedding.table_PR), which
     rotates the first R dims of each head (the rest pass through). Writes the normed, roped k and v into their

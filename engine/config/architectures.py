@@ -20,6 +20,13 @@ class ArchSpec:
     expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
     shared_experts: str = "shared_experts"  # under moe_prefix: mlp.shared_experts.{gate,up,down}_proj
     router: str = "gate"  # the router linear under moe_prefix ("router" for gpt-oss, with a bias)
+    # The noaux_tc correction bias under moe_prefix: beside the router's weight (DeepSeek-V3, GLM, MiMo) or beside
+    # the router itself (MiniMax-M2: block_sparse_moe.e_score_correction_bias).
+    correction_bias: str = "gate.e_score_correction_bias"
+    sinks: str = "sinks"  # GQA's per-head attention sinks under self_attn (MiMo-V2-Flash: attention_sink_bias)
+    # Checkpoint tensors under these prefixes belong to no layer the engine builds (MiMo-V2-Flash's own MTP
+    # layers, `model.mtp.*`): never read, counted in one log line at load.
+    unread_prefixes: tuple[str, ...] = ()
     # "gpt_oss": the only expert layout is fused, transposed and interleaved (see engine/models/moe_decoder._gpt_oss_plan).
     expert_layout: str = "auto"
 
@@ -68,6 +75,16 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     # gpt-oss-20b / 120b: GQA with sinks and sliding windows, fused experts with biases, MXFP4 as published.
     Architecture("GptOssForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ, router="router",
                                                expert_layout="gpt_oss"), model_type="gpt_oss", mxfp4_experts=True),
+    # MiniMax-M2 / M2.1: GQA with q/k RMSNorm over all heads and partial rotary; sigmoid routing with a correction
+    # bias beside the router, experts named as Mixtral's.
+    Architecture("MiniMaxM2ForCausalLM", ArchSpec("gqa", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2"),
+                                                  correction_bias="e_score_correction_bias"), model_type="minimax_m2"),
+    # MiMo-V2-Flash: full and sliding-window GQA layers with kv heads, sinks and rope of their own (per-layer
+    # attention configs), values narrower than q/k; DeepSeek-V3 routing without shared experts; its MTP layers
+    # (model.mtp.*, a layout of their own) are not read.
+    Architecture("MiMoV2FlashForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ,
+                                                    sinks="attention_sink_bias", unread_prefixes=("model.mtp.",)),
+                 model_type="mimo_v2_flash"),
 )}
 
 # model_types that published checkpoints carry for an architecture above, and the transformers model_type that

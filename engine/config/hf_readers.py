@@ -35,13 +35,14 @@ def read_fields(arch: str, hf) -> dict:
         raise unsupported("hidden_act", hidden_act, ("silu",), " (moelink's MLPs are SiLU-gated)")
     rope = _rope_parameters(hf)
     num_layers, num_heads = int(hf.num_hidden_layers), int(hf.num_attention_heads)
+    theta = rope.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0)
     eos = getattr(hf, "eos_token_id", None)
     common = dict(
         vocab_size=int(hf.vocab_size), hidden_size=int(hf.hidden_size), num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or num_heads),
         head_dim=int(getattr(hf, "head_dim", None) or hf.hidden_size // num_heads),
         rms_norm_eps=float(getattr(hf, "rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+        rope_theta=float(theta) if isinstance(theta, (int, float)) else 10000.0,  # a reader sets a by-kind model's
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 4096)),
         top_k=int(hf.num_experts_per_tok),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
@@ -49,16 +50,33 @@ def read_fields(arch: str, hf) -> dict:
         quantization=quantization,
     )
     family = _READERS.get(arch, _deepseek)
-    return dict(common, **family(arch, hf, common, rope))
+    return {**common, **family(arch, hf, common, rope)}
 
 
 def _rope_parameters(hf) -> dict:
-    """transformers' rope_parameters (it rewrites the older rope_scaling / rope_theta into them), checked."""
+    """transformers' rope_parameters (it rewrites the older rope_scaling / rope_theta into them), checked. A
+    model with one rope per layer kind keeps them by kind ({"full_attention": {...}, "sliding_attention": {...}},
+    MiMo-V2-Flash): each is checked, and the dict is returned by kind."""
     rope = dict(getattr(hf, "rope_parameters", None) or {})
+    if rope and all(k in _LAYER_TYPES and isinstance(v, dict) for k, v in rope.items()):
+        return {kind: _checked_rope(dict(v), f"rope_parameters.{kind}.rope_type") for kind, v in rope.items()}
+    return _checked_rope(rope, _ROPE_FIELD)
+
+
+def _checked_rope(rope: dict, field_name: str) -> dict:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise unsupported(_ROPE_FIELD, rope_type, ROPE_TYPES)
+        raise unsupported(field_name, rope_type, ROPE_TYPES)
     return dict(rope, rope_type=rope_type)
+
+
+def _rotary_dim(head_dim: int, factor, field_name: str = "partial_rotary_factor") -> int:
+    """The rotated prefix of a head, as transformers computes it: int(head_dim * factor), even and >= 2."""
+    rotary_dim = int(head_dim * float(factor))
+    if not 0 < float(factor) <= 1 or rotary_dim < 2 or rotary_dim % 2:
+        raise unsupported(field_name, factor, f"a factor in (0, 1] giving an even rotary width of head_dim={head_dim} "
+                                              f">= 2")
+    return rotary_dim
 
 
 def _rope(rope: dict, c: dict, rotary_dim: int, style: str = "neox") -> RopeConfig:
@@ -131,10 +149,7 @@ def _deepseek(arch: str, hf, c: dict, rope: dict) -> dict:
         # GLM-4-MoE rotates the first partial_rotary_factor of each head (transformers keeps the factor in
         # rope_parameters), normalises q/k when use_qk_norm, and has q/k/v biases when attention_bias.
         factor = float(rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0))
-        rotary_dim = int(c["head_dim"] * factor)
-        if not 0 < factor <= 1 or rotary_dim < 2 or rotary_dim % 2:
-            raise unsupported("partial_rotary_factor", factor, f"a factor in (0, 1] giving an even rotary width of "
-                                                               f"head_dim={c['head_dim']} >= 2")
+        rotary_dim = _rotary_dim(c["head_dim"], factor)
         fields["attention"] = _gqa(c, _rope(rope, c, rotary_dim), qk_norm=bool(getattr(hf, "use_qk_norm", False)),
                                    qkv_bias=bool(getattr(hf, "attention_bias", False)))
     return fields
@@ -186,4 +201,110 @@ def _gpt_oss(arch: str, hf, c: dict, rope: dict) -> dict:
                                sliding_window=window if sliding else None, sliding_layers=sliding))
 
 
-_READERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "MixtralForCausalLM": _mixtral, "GptOssForCausalLM": _gpt_oss}
+def _minimax_m2(arch: str, hf, c: dict, rope: dict) -> dict:
+    """MiniMax-M2: every layer full GQA (attn_type_list all 1: M2 has none of MiniMax-01's lightning attention)
+    with q and k RMS-normed across all heads at once (one [N * H] and one [K * H] weight, applied to the
+    projections before they split into heads: qk_norm_type "per_layer"), rotary over the first rotary_dim dims of
+    each head (transformers turns rotary_dim into partial_rotary_factor); every layer routed over
+    num_local_experts: sigmoid scores, the top-k of scores + e_score_correction_bias, weighted by the unbiased
+    scores renormalised to sum to 1 (DeepSeek-V3's noaux_tc with one group), the gate in the model dtype; no
+    shared experts. transformers' model reads none of the flags below: a file that sets one otherwise describes
+    a model it does not build, and is refused."""
+    kinds = getattr(hf, "attn_type_list", None)
+    if kinds is not None and (not isinstance(kinds, (list, tuple)) or len(kinds) != c["num_layers"]
+                              or any(k != 1 for k in kinds)):
+        raise unsupported("attn_type_list", kinds, f"1 (full attention) for each of the num_hidden_layers="
+                                                   f"{c['num_layers']} layers (MiniMax-M2 has no lightning-attention "
+                                                   f"layers, 0)")
+    for name, want in (("use_qk_norm", True), ("qk_norm_type", "per_layer"), ("scoring_func", "sigmoid"),
+                       ("use_routing_bias", True), ("shared_intermediate_size", 0)):
+        value = getattr(hf, name, want)
+        if value != want:
+            raise unsupported(name, value, (want,), f" for {arch} (transformers' model runs {name}={want!r})")
+    E = int(hf.num_local_experts)
+    router = RouterConfig(E, c["top_k"], "sigmoid", "noaux_tc", 1, 1, norm_topk_prob=True)
+    factor = rope.get("partial_rotary_factor", 1.0)
+    return dict(num_experts=E, moe_intermediate_size=int(hf.intermediate_size),
+                intermediate_size=int(hf.intermediate_size), norm_topk_prob=True,
+                sparse_layers=tuple(range(c["num_layers"])), moe=MoEConfig(router),
+                attention=_gqa(c, _rope(rope, c, _rotary_dim(c["head_dim"], factor, "rotary_dim / head_dim")),
+                               qk_norm="all_heads"))
+
+
+_MLP_TYPES = ("dense", "sparse")
+
+
+def _mimo_v2_flash(arch: str, hf, c: dict, rope: dict) -> dict:
+    """MiMo-V2-Flash: layer_types mixes full and sliding-window GQA layers, which differ as transformers builds
+    them: a sliding layer has 2 * num_key_value_heads kv heads, a learned sink per query head and the
+    sliding_attention rope (its own theta); a full layer num_key_value_heads and no sink. Both: q/k head_dim,
+    values of v_head_dim scaled by attention_value_scale before they are cached, q/k/v biases when
+    attention_bias (o_proj never), softmax scale head_dim^-0.5, rotary over int(head_dim * partial_rotary_factor)
+    dims. mlp_layer_types: a dense MLP or routed experts (DeepSeek-V3's noaux_tc: sigmoid, groups, correction
+    bias, float32 gate; no shared experts). Its MTP layers (`model.mtp.*`) are not read (transformers ignores
+    them too)."""
+    layer_types = tuple(getattr(hf, "layer_types", None) or ())
+    if len(layer_types) != c["num_layers"] or any(t not in _LAYER_TYPES for t in layer_types):
+        raise unsupported("layer_types", list(layer_types), f"one of {', '.join(map(repr, _LAYER_TYPES))} for each "
+                                                            f"of the num_hidden_layers={c['num_layers']} layers")
+    mlp_types = tuple(getattr(hf, "mlp_layer_types", None) or ())
+    if len(mlp_types) != c["num_layers"] or any(t not in _MLP_TYPES for t in mlp_types):
+        raise unsupported("mlp_layer_types", list(mlp_types), f"one of {', '.join(map(repr, _MLP_TYPES))} for each "
+                                                              f"of the num_hidden_layers={c['num_layers']} layers")
+    # The original file's spellings, which transformers 5.24 does not read: where one is present it must say
+    # what transformers builds, or the checkpoint would be run as another model.
+    _agree(hf, "hybrid_layer_pattern", [int(t == "sliding_attention") for t in layer_types],
+           "layer_types (0 = full_attention, 1 = sliding_attention)")
+    _agree(hf, "moe_layer_freq", [int(t == "sparse") for t in mlp_types], "mlp_layer_types (0 = dense, 1 = sparse)",
+           scalar_ok=True)
+    H, K, N = c["head_dim"], c["num_kv_heads"], c["num_heads"]
+    Hv = int(getattr(hf, "v_head_dim", None) or H)
+    for name, want in (("swa_num_key_value_heads", 2 * K), ("swa_num_attention_heads", N), ("swa_head_dim", H),
+                       ("swa_v_head_dim", Hv), ("add_swa_attention_sink_bias", True),
+                       ("add_full_attention_sink_bias", False), ("scoring_func", "sigmoid"),
+                       ("topk_method", "noaux_tc")):
+        value = getattr(hf, name, want)
+        if value != want:
+            raise unsupported(name, value, (want,), f" for {arch} (transformers' model runs {name}={want!r})")
+    sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    window = getattr(hf, "sliding_window", None)
+    if sliding and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise unsupported("sliding_window", window, "a positive integer (layer_types has sliding_attention layers)")
+    if not set(layer_types) <= set(rope):
+        raise unsupported("rope_parameters", sorted(rope), f"one rope per layer type ({', '.join(sorted(set(layer_types)))})")
+    scale = getattr(hf, "attention_value_scale", None)
+    bias = bool(getattr(hf, "attention_bias", False))
+
+    def attention(kind: str) -> GQAConfig:
+        params = rope[kind]
+        rotary = _rotary_dim(H, params.get("partial_rotary_factor", 0.334),  # transformers' default for MiMo
+                             f"rope_parameters.{kind}.partial_rotary_factor")
+        r = RopeConfig(rotary, float(params["rope_theta"]), params["rope_type"], "neox", kind)
+        swa = kind == "sliding_attention"
+        return GQAConfig(N, 2 * K if swa else K, H, r, qkv_bias=bias, sinks=swa,
+                         sliding_window=window if sliding else None, sliding_layers=sliding,
+                         v_head_dim=Hv if Hv != H else None, value_scale=1.0 if scale is None else float(scale))
+
+    kinds = {kind: attention(kind) for kind in sorted(set(layer_types))}
+    full = kinds.get("full_attention", kinds["sliding_attention"])
+    sparse = tuple(i for i, t in enumerate(mlp_types) if t == "sparse")
+    E = int(hf.n_routed_experts)
+    norm = bool(hf.norm_topk_prob)
+    router = RouterConfig(E, c["top_k"], "sigmoid", "noaux_tc", int(hf.n_group), int(hf.topk_group), norm,
+                          float(hf.routed_scaling_factor or 1.0), float32_logits=True)
+    return dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size),
+                intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm, sparse_layers=sparse,
+                moe=MoEConfig(router), rope_theta=full.rope.theta, attention=full,
+                layer_attention=tuple(kinds[t] for t in layer_types))
+
+
+def _agree(hf, name: str, want: list, what: str, scalar_ok: bool = False) -> None:
+    value = getattr(hf, name, None)
+    if value is None or (scalar_ok and not isinstance(value, (list, tuple))):
+        return
+    if not isinstance(value, (list, tuple)) or [int(v) for v in value] != want:
+        raise unsupported(name, value, f"{want} (what {what} says; transformers builds the model from those)")
+
+
+_READERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "MixtralForCausalLM": _mixtral, "GptOssForCausalLM": _gpt_oss,
+            "MiniMaxM2ForCausalLM": _minimax_m2, "MiMoV2FlashForCausalLM": _mimo_v2_flash}

@@ -24,28 +24,37 @@ CPU_KV_CAP_BYTES = 1 << 30  # 1 GiB: ample for tiny CPU models; the machine need
 def kv_cache_bytes_per_token_per_layer(cfg: "ModelConfig") -> int:
     """What one token stores in one layer's cache, as its attention kind lays the cache out: a K and a V per kv
     head (GQA), or one latent + rope key (MLA: (kv_lora_rank + qk_rope_head_dim) values), in the cache's dtype
-    (one byte per value with --kv-cache-dtype fp8)."""
+    (one byte per value with --kv-cache-dtype fp8). The model-wide attention's: where layers differ
+    (ModelConfig.layer_attention) each layer's is `cfg.attention_for(i)`'s and the sums below add them."""
     return cfg.attention.kv_bytes_per_token(cfg.cache_dtype)
+
+
+def kv_cache_bytes_per_token(cfg: "ModelConfig") -> int:
+    """What one token stores in the caches of all the layers together (what a KV transfer of it moves)."""
+    return sum(cfg.attention_for(i).kv_bytes_per_token(cfg.cache_dtype) for i in range(cfg.num_layers))
 
 
 def kv_cache_layers(cfg: "ModelConfig") -> int:
     """Layers' worth of cache tensors one block id indexes: every layer, or, when sliding and full layers are
-    paired on shared tensors (layer_configs.GQAConfig.kv_layer_pairs), one per pair."""
-    pairs = cfg.attention.kv_layer_pairs(cfg.num_layers)
+    paired on shared tensors (ModelConfig.kv_layer_pairs), one per pair."""
+    pairs = cfg.kv_layer_pairs()
     return cfg.num_layers if pairs is None else len(pairs)
 
 
 def kv_sliding_window(cfg: "ModelConfig") -> int | None:
     """The window of the sliding group when it has its own block table (CacheConfig.sliding_window), else None."""
-    return None if cfg.attention.kv_layer_pairs(cfg.num_layers) is None else cfg.attention.sliding_window
+    return None if cfg.kv_layer_pairs() is None else cfg.attention.sliding_window
 
 
 def kv_cache_bytes_per_block(cfg: "ModelConfig", block_size: int, draft_bytes_per_token: int = 0) -> int:
-    """The cache of every layer for one block of `block_size` tokens, in bytes. `draft_bytes_per_token`: what a
-    speculative drafter's cache layer stores per token beside the model's, on the same block ids (the MTP layer's,
-    a main layer's size; an EAGLE-3 head's, its own GQA shape: SpeculativeConfig.draft_kv_bytes_per_token): a
-    block holds its tokens too."""
-    return (kv_cache_layers(cfg) * kv_cache_bytes_per_token_per_layer(cfg) + draft_bytes_per_token) * block_size
+    """The cache of every layer for one block of `block_size` tokens, in bytes (each tensor set once: a pair's
+    shared set counts one layer). `draft_bytes_per_token`: what a speculative drafter's cache layer stores per
+    token beside the model's, on the same block ids (the MTP layer's, a main layer's size; an EAGLE-3 head's, its
+    own GQA shape: SpeculativeConfig.draft_kv_bytes_per_token): a block holds its tokens too."""
+    pairs = cfg.kv_layer_pairs()
+    owners = range(cfg.num_layers) if pairs is None else [full for full, _ in pairs]
+    per_token = sum(cfg.attention_for(i).kv_bytes_per_token(cfg.cache_dtype) for i in owners)
+    return (per_token + draft_bytes_per_token) * block_size
 
 
 def blocks_per_sequence(max_model_len: int, block_size: int) -> int:

@@ -3,20 +3,25 @@ layout. Read from config.json by engine/config/hf_readers.py; pure data, no mode
 
 Attention kinds
 (ARCHITECTURE.md: Design rules 11, model families as compositions; KV cache layouts per attention kind):
-- GQAConfig: grouped-query attention (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss). The cache holds a K and a V per kv
-  head per token: two tensors [blocks + 1, block_size, K, H] per layer. gpt-oss adds per-head attention sinks and a
-  sliding window on every other layer. When its sliding and full layers are equally many (`kv_layer_pairs`), sliding
+- GQAConfig: grouped-query attention (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss, MiniMax-M2, MiMo-V2-Flash). The cache
+  holds a K and a V per kv head per token: two tensors [blocks + 1, block_size, K, H] and [..., K, Hv] per layer (Hv =
+  v_head_dim, H unless the model says otherwise: MiMo-V2-Flash's 192 / 128). gpt-oss adds per-head attention sinks
+  and a sliding window on every other layer. When its sliding and full layers are equally many (`kv_layer_pairs`), sliding
   layer j and full layer j share one set of cache tensors: a block id is handed to one group at a time (the
   scheduler keeps a second block table for the sliding group, whose blocks are freed once they leave the window),
   so a block costs half the layers' bytes.
 - MLAConfig: multi-head latent attention (DeepSeek-V2/V3, Kimi K2). The cache holds one row per token, the
   normalised latent c_kv and the roped key k_pe: one tensor [blocks + 1, block_size, kv_lora_rank +
   qk_rope_head_dim] per layer (576 values for DeepSeek-V3 instead of 2 * 128 heads * 128).
+Layers of one model may differ within their kind (MiMo-V2-Flash: its sliding layers have twice the kv heads, sinks
+and a rope of their own): ModelConfig.layer_attention then holds each layer's config, and every per-layer question
+(the layer's shapes, its cache, its rope) is asked of `ModelConfig.attention_for(layer)`.
 The KV sizer and the runner's allocation ask the kind (`kv_bytes_per_token`, `cache_shapes`); nothing else
 in the engine knows the layout.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,6 +39,10 @@ ROPE_TYPES = ("default", "yarn")
 ROPE_STYLES = ("neox", "interleaved", "complex")
 # The experts' gated activations (kernels.moe.MoEActivation's kinds).
 MOE_ACTIVATIONS = ("silu", "swiglu_oai")
+# GQA's q/k RMSNorm (GQAConfig.qk_norm): "per_head" normalises each head's H dims with one [H] weight shared by the
+# heads (Qwen3-MoE, GLM's use_qk_norm); "all_heads" normalises a token's whole q (N * H dims) and k (K * H) before
+# they are split into heads, with [N * H] / [K * H] weights (MiniMax-M2's qk_norm_type "per_layer").
+QK_NORMS = ("per_head", "all_heads")
 
 
 def unsupported(field_name: str, value, allowed, why: str = "") -> ValueError:
@@ -51,6 +60,10 @@ class RopeConfig:
     theta: float = 10000.0
     rope_type: str = "default"
     style: str = "neox"
+    # Where transformers keeps this rope's parameters when a model has one rope per layer kind: the key of
+    # config.json's rope_parameters ({"full_attention": {...}, "sliding_attention": {...}}, MiMo-V2-Flash), passed
+    # as `layer_type` to transformers' rope init for the scaled types. None: rope_parameters is one rope.
+    layer_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -70,7 +83,9 @@ class GQAConfig:
     num_kv_heads: int
     head_dim: int
     rope: RopeConfig
-    qk_norm: bool = False  # per-head RMSNorm of q and k before rotary (Qwen3-MoE; GLM's use_qk_norm)
+    # RMSNorm of q and k before rotary: None, or a QK_NORMS mode ("per_head": Qwen3-MoE, GLM's use_qk_norm;
+    # "all_heads": MiniMax-M2). True reads as "per_head", False as None.
+    qk_norm: str | None = None
     qkv_bias: bool = False  # biases on q/k/v (GLM's attention_bias, gpt-oss's)
     o_bias: bool = False  # a bias on o_proj too (gpt-oss's attention_bias; GLM has none there)
     sinks: bool = False  # a learned logit per query head in every softmax's denominator, with no value (gpt-oss)
@@ -78,8 +93,24 @@ class GQAConfig:
     # "sliding_attention" layer_types: transformers masks key positions <= query position - sliding_window).
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()
+    # The width of a value head when it differs from q/k's head_dim (MiMo-V2-Flash: 128 vs 192); None: head_dim.
+    # The V cache, the attention output and o_proj's input are this wide.
+    v_head_dim: int | None = None
+    # A constant every value is multiplied by before it is cached (MiMo-V2-Flash's attention_value_scale).
+    value_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.qk_norm is True or self.qk_norm is False:
+            object.__setattr__(self, "qk_norm", "per_head" if self.qk_norm else None)
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise ValueError(f"GQAConfig qk_norm={self.qk_norm!r} is invalid: allowed: None, "
+                             f"{', '.join(map(repr, QK_NORMS))}.")
+        hv = self.v_head_dim
+        if hv is not None and (not isinstance(hv, int) or isinstance(hv, bool) or hv < 1):
+            raise unsupported("v_head_dim", hv, "null or a positive integer")
+        s = self.value_scale
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
+            raise unsupported("attention_value_scale", s, "a finite number > 0")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"config.json num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}.")
@@ -95,6 +126,11 @@ class GQAConfig:
     @property
     def softmax_scale(self) -> float:
         return self.head_dim**-0.5
+
+    @property
+    def value_head_dim(self) -> int:
+        """Hv: a value head's width (v_head_dim, else head_dim)."""
+        return self.v_head_dim if self.v_head_dim is not None else self.head_dim
 
     def window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx` (None: it attends to the whole context)."""
@@ -113,13 +149,13 @@ class GQAConfig:
         return tuple(zip(full, sliding))
 
     def kv_values_per_token(self) -> int:
-        """Values one token stores in one layer's cache: a K and a V per kv head."""
-        return 2 * self.num_kv_heads * self.head_dim
+        """Values one token stores in one layer's cache: a K (H values) and a V (Hv) per kv head."""
+        return self.num_kv_heads * (self.head_dim + self.value_head_dim)
 
     def cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
-        """One layer's cache tensors (k_cache_BLKH, v_cache_BLKH), the null block included."""
-        shape = (num_blocks + 1, block_size, self.num_kv_heads, self.head_dim)
-        return shape, shape
+        """One layer's cache tensors (k_cache_BLKH, v_cache_BLKHv), the null block included."""
+        lead = (num_blocks + 1, block_size, self.num_kv_heads)
+        return (*lead, self.head_dim), (*lead, self.value_head_dim)
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.kv_values_per_token() * dtype.itemsize

@@ -111,6 +111,10 @@ class ModelConfig:
     # (DeepSeek-V3/R1, Kimi K2, GLM-4.5: config.json's num_nextn_predict_layers, read for MTP_ARCHITECTURES).
     # The main model never runs them; a speculative drafter builds them (engine/models/mtp.py). 0: none.
     num_nextn_predict_layers: int = 0
+    # Each layer's attention config when the layers differ within their kind (MiMo-V2-Flash's sliding layers: kv
+    # heads, sinks, rope of their own), one per layer; () = every layer runs `attention`. Per-layer questions go
+    # through `attention_for`; `attention` stays the model's kind and its model-wide facts (the sliding layers).
+    layer_attention: tuple = ()
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -133,6 +137,15 @@ class ModelConfig:
         if self.attention is None:
             self.attention = GQAConfig(self.num_heads, self.num_kv_heads, self.head_dim,
                                        RopeConfig(self.head_dim, self.rope_theta))
+        self.layer_attention = tuple(self.layer_attention)
+        if self.layer_attention:
+            if len(self.layer_attention) != self.num_layers:
+                raise ValueError(f"ModelConfig layer_attention has {len(self.layer_attention)} configs for "
+                                 f"num_hidden_layers={self.num_layers} layers.")
+            kinds = {a.kind for a in self.layer_attention}
+            if kinds != {self.attention.kind}:
+                raise ValueError(f"ModelConfig layer_attention holds {sorted(kinds)} attention, but the model's is "
+                                 f"{self.attention.kind!r}.")
         if self.moe is None:
             self.moe = MoEConfig(RouterConfig(self.num_experts, self.top_k, norm_topk_prob=bool(self.norm_topk_prob)))
         r = self.moe.router
@@ -140,6 +153,24 @@ class ModelConfig:
             raise ValueError(f"ModelConfig moe.router (num_experts={r.num_experts}, top_k={r.top_k}, norm_topk_prob="
                              f"{r.norm_topk_prob}) disagrees with num_experts={self.num_experts}, top_k={self.top_k}, "
                              f"norm_topk_prob={self.norm_topk_prob}.")
+
+    def attention_for(self, layer_idx: int) -> AttentionConfig:
+        """Layer `layer_idx`'s attention config: its own from `layer_attention`, else the model's (MTP layers,
+        stored after the main ones, run the model's)."""
+        if self.layer_attention and layer_idx < len(self.layer_attention):
+            return self.layer_attention[layer_idx]
+        return self.attention
+
+    def kv_layer_pairs(self) -> tuple[tuple[int, int], ...] | None:
+        """(full, sliding) layer pairs that share one set of cache tensors (layer_configs.GQAConfig.kv_layer_pairs),
+        or None. Layers pair only when their caches have one shape: a pair whose layers differ (MiMo-V2-Flash's
+        sliding layers hold twice the kv heads) keeps a tensor set per layer and the one shared block table."""
+        pairs = self.attention.kv_layer_pairs(self.num_layers)
+        if pairs is None or not self.layer_attention:
+            return pairs
+        if any(self.attention_for(f).cache_shapes(1, 1) != self.attention_for(s).cache_shapes(1, 1) for f, s in pairs):
+            return None
+        return pairs
 
     @property
     def name(self) -> str:

@@ -249,10 +249,10 @@ _ELASTIC_COUNTERS = {
 def kv_transfer_families(c, config):
     """Prefill/decode disaggregation's handoffs (scheduler/kv_connector.py counters), labelled with this
     engine's kv_role so the prefill and decode pools' series stay apart on one dashboard."""
-    from ..config.kv_sizing import kv_cache_bytes_per_token_per_layer
+    from ..config.kv_sizing import kv_cache_bytes_per_token
 
     role = getattr(config.kv_connector, "kv_role", "")
-    bytes_per_token = kv_cache_bytes_per_token_per_layer(config.model) * config.model.num_layers
+    bytes_per_token = kv_cache_bytes_per_token(config.model)
 
     def counter(name, doc, value, labels=(), values=()):
         fam = CounterMetricFamily(name, doc, labels=["role", *labels])

@@ -1,6 +1,8 @@
-"""Grouped-query attention over the paged K/V cache (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss).
+"""Grouped-query attention over the paged K/V cache (Qwen3-MoE, Mixtral, GLM-4-MoE, gpt-oss, MiniMax-M2,
+MiMo-V2-Flash).
 
-Legend: T tokens in the flat batch, D hidden, N query heads, K kv heads, H head dim.
+Legend: T tokens in the flat batch, D hidden, N query heads, K kv heads, H q/k head dim, Hv value head dim (H
+unless GQAConfig.v_head_dim says otherwise), Q = N * H, KH = K * H.
 """
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ from .rope import RotaryEmbedding
 
 class GQAAttention(nn.Module):
     """q, k, v projections stacked into one matmul (qkv_proj, and qkv_bias when the checkpoint has biases);
-    optional per-head q/k RMSNorm before rotary (Qwen3; GLM's use_qk_norm); rotary over the first
-    rope.rotary_dim dims of each head (all of them, or GLM's partial_rotary_factor). gpt-oss adds an o_proj
-    bias, per-head attention sinks and, on its sliding layers, a window: both go to the attention kernel as
-    per-layer arguments (a Python int and a parameter: nothing per step, so decode graphs capture them)."""
+    optional q/k RMSNorm before rotary, per head (Qwen3; GLM's use_qk_norm: fused into the rotary + KV-write op)
+    or over all heads at once (MiniMax-M2: the [T, N * H] and [T, K * H] projections normed before they split
+    into heads); rotary over the first rope.rotary_dim dims of each head (all of them, or a partial prefix).
+    gpt-oss adds an o_proj bias, per-head attention sinks and, on its sliding layers, a window: both go to the
+    attention kernel as per-layer arguments (a Python int and a parameter: nothing per step, so decode graphs
+    capture them). MiMo-V2-Flash's values are v_head_dim wide (the V cache, the output and o_proj's input too)
+    and scaled by value_scale before they are cached, as transformers scales them."""
 
     def __init__(self, layer_idx: int, hidden_size: int, attn: GQAConfig, rms_norm_eps: float, rope: RotaryEmbedding,
                  kernels, dtype, device=None, quant=None, *, in_features: int | None = None):
@@ -30,34 +35,46 @@ class GQAAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.v_head_dim = attn.value_head_dim
         self.q_size, self.kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        self.v_size, self.o_size = attn.num_kv_heads * self.v_head_dim, attn.num_heads * self.v_head_dim
+        self.value_scale = float(attn.value_scale)
         self.scale = attn.softmax_scale
         self.kernels = kernels
         self.rope = rope
         # quant: engine/config/quantization.py's config (None = float); the method is chosen by checkpoint name.
         p = f"model.layers.{layer_idx}.self_attn."
         qkv_method = linear_method(quant, p + "q_proj", p + "k_proj", p + "v_proj")
-        self.qkv_proj = Linear(in_features or hidden_size, (self.q_size, self.kv_size, self.kv_size), qkv_method,
+        self.qkv_proj = Linear(in_features or hidden_size, (self.q_size, self.kv_size, self.v_size), qkv_method,
                                kernels, dtype, device)
         # Zeros: FP8 gaps between the pieces (linear.py) get no bias from the checkpoint.
         self.qkv_bias = (nn.Parameter(torch.zeros(self.qkv_proj.rows, dtype=dtype, device=device), requires_grad=False)
                          if attn.qkv_bias else None)
-        self.o_proj = Linear(self.q_size, hidden_size, linear_method(quant, p + "o_proj"), kernels, dtype, device)
+        self.o_proj = Linear(self.o_size, hidden_size, linear_method(quant, p + "o_proj"), kernels, dtype, device)
         self.o_bias = param(hidden_size, dtype=dtype, device=device) if attn.o_bias else None
         self.sinks_N = param(attn.num_heads, dtype=dtype, device=device) if attn.sinks else None
         self.sliding_window = attn.window(layer_idx)
         # The fp8 KV cache's per-layer scales (stored = k / k_scale): 1.0, as vLLM runs a checkpoint that ships
         # none; e4m3 covers ±448 with steps of 2^-9 near zero, ample for normed, roped keys and values.
         self.k_scale = self.v_scale = 1.0
-        self.q_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
-        self.k_norm = RMSNorm(attn.head_dim, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
+        # "per_head": one [H] weight each, in the fused op; "all_heads": [N * H] / [K * H] weights, before the split.
+        self.all_heads_norm = attn.qk_norm == "all_heads"
+        q_norm, k_norm = (self.q_size, self.kv_size) if self.all_heads_norm else (attn.head_dim, attn.head_dim)
+        self.q_norm = RMSNorm(q_norm, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
+        self.k_norm = RMSNorm(k_norm, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
+        self.sinks_name = "sinks"  # under self_attn.; the architecture may name it otherwise (ArchSpec.sinks)
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x_TD.shape[0]
         q_TQ, k_TK, v_TK = self.qkv_proj.split(self.qkv_proj(x_TD, self.qkv_bias))
+        if self.all_heads_norm:  # the whole projection's mean square, as transformers norms before the reshape
+            q_TQ, k_TK = self.q_norm(q_TQ), self.k_norm(k_TK)
+        if self.value_scale != 1.0:
+            v_TK = v_TK * self.value_scale
         q_TNH = q_TQ.view(T, self.num_heads, self.head_dim)
         k_TKH = k_TK.view(T, self.num_kv_heads, self.head_dim)
-        v_TKH = v_TK.view(T, self.num_kv_heads, self.head_dim)
+        v_TKH = v_TK.view(T, self.num_kv_heads, self.v_head_dim)
+        head_norm = self.q_norm is not None and not self.all_heads_norm
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         # A sliding layer reads its group's own table when it has one (its tensors are shared with a full layer).
         attn = ctx.attn_sliding if self.sliding_window is not None and ctx.attn_sliding is not None else ctx.attn
@@ -65,18 +82,18 @@ class GQAAttention(nn.Module):
         kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if fp8 else {}
         if self.rope.style == "neox":
             # q/k norms, rotary and the KV write in one op (one launch with the Triton kernels: kernels/rope_kv.py).
-            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else ()
+            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if head_norm else ()
             q_TNH = self.kernels.rope_write_kv(q_TNH, k_TKH, v_TKH, positions_T, self.rope.table_PR, k_cache, v_cache,
                                                attn.slot_mapping_T, *norm, **kv_scales)
         else:  # a rope style the fused op does not rotate: the ops one by one
-            if self.q_norm is not None:
+            if head_norm:
                 q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)
             q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
             self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
                                   **kv_scales)
         o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, attn, self.scale,
                                              **self._extras(), **kv_scales)
-        return self.o_proj(o_TNH.reshape(T, self.q_size), self.o_bias)
+        return self.o_proj(o_TNH.reshape(T, self.o_size), self.o_bias)
 
     def _extras(self) -> dict:
         """Only the attention arguments this layer has, so kernel strategies without them keep their signature."""
@@ -98,7 +115,7 @@ class GQAAttention(nn.Module):
         if self.o_bias is not None:
             plan[p + "o_proj.bias"] = PlanEntry(self.o_bias, ())
         if self.sinks_N is not None:
-            plan[p + "sinks"] = PlanEntry(self.sinks_N, ())
+            plan[p + self.sinks_name] = PlanEntry(self.sinks_N, ())
         if self.q_norm is not None:
             plan[p + "q_norm.weight"] = PlanEntry(self.q_norm.weight, ())
             plan[p + "k_norm.weight"] = PlanEntry(self.k_norm.weight, ())

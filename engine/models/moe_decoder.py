@@ -5,7 +5,8 @@ Legend: T tokens in the flat batch, D hidden, V vocab.
 Layer structure (pre-norm, as in every supported family):
     h = x + attn(norm1(x));  out = h + mlp(norm2(h))
 with the residual add fused into the next norm. Attention kinds (ModelConfig.attention): GQA (gqa.py) or
-MLA (mla.py). MLP kinds, per layer: dense (the layers outside `sparse_layers`: Qwen3's mlp_only_layers,
+MLA (mla.py); a layer runs its own config of the kind, `ModelConfig.attention_for(layer)` (MiMo-V2-Flash's full
+and sliding layers differ in kv heads, sinks and rope), with one rotary table per distinct rope. MLP kinds, per layer: dense (the layers outside `sparse_layers`: Qwen3's mlp_only_layers,
 DeepSeek / GLM's first_k_dense_replace), routed experts (moe.MoELayer), or routed + shared experts
 (SharedExpertsMoE, when n_shared_experts > 0). The ArchSpec of an architecture names its attention kind and
 its checkpoint's weight names; ModelConfig holds every shape and routing fact.
@@ -70,11 +71,14 @@ class DecoderLayer(nn.Module):
         moe_prefix, shared_name = (spec.moe_prefix, spec.shared_experts) if spec else ("mlp", "shared_experts")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
-        if cfg.attention.kind == "mla":
-            self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, cfg.attention, rope, kernels, dt, device, quant)
+        attn = cfg.attention_for(layer_idx)  # this layer's own config where the layers differ (MiMo-V2-Flash)
+        if attn.kind == "mla":
+            self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, attn, rope, kernels, dt, device, quant)
         else:
-            self.self_attn = GQAAttention(layer_idx, cfg.hidden_size, cfg.attention, cfg.rms_norm_eps, rope, kernels, dt,
+            self.self_attn = GQAAttention(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, rope, kernels, dt,
                                           device, quant)
+            if spec is not None:
+                self.self_attn.sinks_name = spec.sinks
         self.is_sparse = layer_idx in cfg.sparse_layers
         # The routed experts of this layer (None in a dense layer): EP, valid rows and the counters act on them.
         self.moe: MoELayer | None = None
@@ -119,7 +123,7 @@ class MoEDecoderForCausalLM(nn.Module):
         """checkpoint_names: the tensors the checkpoint holds (None = per-expert layout), read for the experts'
         on-disk layout per layer, as `weight_plan` reads it."""
         super().__init__()
-        if spec.attention != cfg.attention.kind:
+        if spec.attention != cfg.attention.kind:  # ModelConfig checks that every layer's is the model's kind
             raise ValueError(f"architecture {cfg.architecture} runs {spec.attention} attention, but its ModelConfig "
                              f"holds {cfg.attention.kind}.")
         self.cfg, self.spec = cfg, spec
@@ -128,11 +132,19 @@ class MoEDecoderForCausalLM(nn.Module):
         self.moe_stats = MoEStats(len(cfg.sparse_layers), cfg.num_experts, device)
         dt = cfg.dtype
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
-        # One table for every layer (the layers hold the same module).
-        rope = RotaryEmbedding(cfg.attention.rope, cfg.hf_config, cfg.max_model_len, kernels, device)
+        # One table per distinct rope (the layers that share one hold the same module): one for most models, one
+        # per layer kind where the kinds rotate differently (MiMo-V2-Flash's full and sliding layers).
+        ropes: dict = {}
+
+        def rope_of(i: int) -> RotaryEmbedding:
+            r = cfg.attention_for(i).rope
+            if r not in ropes:
+                ropes[r] = RotaryEmbedding(r, cfg.hf_config, cfg.max_model_len, kernels, device)
+            return ropes[r]
+
         names = frozenset(checkpoint_names) if checkpoint_names is not None else frozenset()
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, rope, kernels, device, ep, self.moe_stats, spec,
+            DecoderLayer(cfg, i, rope_of(i), kernels, device, ep, self.moe_stats, spec,
                          fused_experts=fused_experts_name(i) in names) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
@@ -253,7 +265,7 @@ def _expert_plan(mlp: MoELayer, m: str, fused: bool, cfg: ModelConfig, spec: Arc
     """The router and this rank's experts of one MoE layer whose checkpoint names start with `m`."""
     plan: WeightPlan = {m + "gate.weight": PlanEntry(mlp.gate_GD, ())}
     if mlp.e_score_correction_bias_G is not None:
-        plan[m + "gate.e_score_correction_bias"] = PlanEntry(mlp.e_score_correction_bias_G, ())
+        plan[m + spec.correction_bias] = PlanEntry(mlp.e_score_correction_bias_G, ())
     # The expert format lists its weights (and scales) for this rank's experts, in either layout.
     rows = _expert_rows(expert_ids, cfg.num_experts) if fused else ()
     plan.update(mlp.expert_format.weight_plan(mlp, m, fused, expert_ids, rows, spec.expert_names))

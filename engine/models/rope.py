@@ -30,7 +30,8 @@ def rope_inv_freq(rope: RopeConfig, hf_config: dict) -> tuple[torch.Tensor, floa
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope.rope_type](AutoConfig.for_model(**hf_config))
+    kw = {"layer_type": rope.layer_type} if rope.layer_type is not None else {}  # a per-layer-kind rope (MiMo)
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope.rope_type](AutoConfig.for_model(**hf_config), **kw)
     if inv_freq.numel() * 2 != R:
         raise ValueError(f"transformers' {rope.rope_type} rope gives {inv_freq.numel()} frequencies for "
                          f"rotary_dim={R}: the config's head_dim / partial_rotary_factor disagree.")

@@ -11,21 +11,22 @@ from ..config.model import ModelConfig
 
 def make_kv_caches(cfg: ModelConfig, kv_pairs, num_kv_blocks: int, block_size: int,
                    device: torch.device) -> tuple[list[tuple[torch.Tensor, ...]], int]:
-    """Per main layer its cache tensors, zeroed: (k_cache, v_cache) for GQA, (latent_cache,) for MLA, each
-    [num_kv_blocks + 1, L, ...] (the null block last); and their bytes. `kv_pairs`: (full, sliding) layer pairs
-    that share one tensor set (a block id belongs to one group at a time, so their KV never meets), or None."""
-    shapes = cfg.attention.cache_shapes(num_kv_blocks, block_size)
+    """Per main layer its cache tensors, zeroed, in the layer's own shapes (`cfg.attention_for(layer)`):
+    (k_cache, v_cache) for GQA, (latent_cache,) for MLA, each [num_kv_blocks + 1, L, ...] (the null block last);
+    and their bytes. `kv_pairs`: (full, sliding) layer pairs that share one tensor set (a block id belongs to one
+    group at a time, so their KV never meets; ModelConfig.kv_layer_pairs pairs only layers of one shape), or None."""
 
-    def tensors() -> tuple[torch.Tensor, ...]:
+    def tensors(layer: int) -> tuple[torch.Tensor, ...]:
+        shapes = cfg.attention_for(layer).cache_shapes(num_kv_blocks, block_size)
         return tuple(torch.zeros(shape, dtype=cfg.cache_dtype, device=device) for shape in shapes)
 
     if kv_pairs is None:
-        caches = [tensors() for _ in range(cfg.num_layers)]
+        caches = [tensors(i) for i in range(cfg.num_layers)]
         owners = caches
     else:
         caches: list = [None] * cfg.num_layers
         for full, sliding in kv_pairs:
-            caches[full] = caches[sliding] = tensors()
+            caches[full] = caches[sliding] = tensors(full)
         owners = [caches[full] for full, _ in kv_pairs]
     return caches, sum(t.numel() * t.element_size() for layer in owners for t in layer)
 

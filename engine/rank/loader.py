@@ -120,6 +120,10 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     if unread:
         logger.info("checkpoint %s: %d tensors of %d MTP layer(s) not part of the main model (read only by "
                     "speculative method 'mtp').", cfg.model, len(unread), cfg.num_nextn_predict_layers)
+    ignored = [n for n in names if spec.unread_prefixes and n.startswith(spec.unread_prefixes)]
+    if ignored:  # MiMo-V2-Flash's own MTP layers (model.mtp.*): a layout the engine does not build
+        logger.info("checkpoint %s: %d tensors under %s not read (layers %s does not run; transformers ignores "
+                    "them too).", cfg.model, len(ignored), ", ".join(spec.unread_prefixes), cfg.architecture)
     load_plan(checkpoint, plan, device, progress)
     model.process_weights_after_loading()
     return model.eval()

@@ -67,8 +67,8 @@ class ModelRunner:
         self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress, load_format=load_format)
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
         # (full, sliding) layer pairs sharing cache tensors, with the sliding group's own block table; None: one
-        # table and one tensor set per layer (layer_configs.GQAConfig.kv_layer_pairs).
-        self.kv_pairs = model_cfg.attention.kv_layer_pairs(model_cfg.num_layers)
+        # table and one tensor set per layer (ModelConfig.kv_layer_pairs).
+        self.kv_pairs = model_cfg.kv_layer_pairs()
         self.sliding_window = model_cfg.attention.sliding_window if self.kv_pairs is not None else None
         self.null_block = -1
         self.kv_connector = kv_connector
