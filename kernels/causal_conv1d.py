@@ -56,6 +56,8 @@ def check_conv_args(x_TC, weight_CW, bias_C, conv_state_pool_PRC, query_start_lo
 def _conv(x_LC, init_RC, weight_CW, bias_C, activation, cdt):
     """One sequence: (y_LC in cdt, the inputs with their R rows of history [R + L, C] in cdt)."""
     xx = torch.cat([init_RC.to(cdt), x_LC.to(cdt)])
+    if x_LC.shape[0] == 0:
+        return xx[:0], xx
     y = F.conv1d(xx.t()[None], weight_CW.to(cdt)[:, None, :], None if bias_C is None else bias_C.to(cdt),
                  groups=xx.shape[1])[0].t()
     return (F.silu(y) if activation == "silu" else y), xx
