@@ -13,6 +13,10 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN is not a number here
+
+
 def _check(ok: bool, cls: str, name: str, value: object, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{cls}.{name}={value!r} is invalid: {allowed}.")
@@ -86,10 +90,35 @@ class SchedulerConfig:
     # The engine schedules step N+1 while step N runs (the overlapped loop; scheduler.py's docstring): the
     # scheduler supports it either way, the engine and workers read this.
     async_scheduling: bool = False
+    # Speculative decoding's verify work (scheduler/draft_control.py). A request verifies its i-th draft only while
+    # its estimated per-draft acceptance p (a moving average) has p**i >= spec_min_draft_acceptance, so a request
+    # whose drafts keep failing decodes plainly instead of making every step verify useless rows; 0 verifies every
+    # draft the worker proposes.
+    spec_min_draft_acceptance: float = 0.3
+    # At most this fraction of a step's token budget goes to draft tokens (and never the tokens the running requests
+    # need themselves), so a step's extra verify work stays bounded whatever the drafts.
+    spec_max_verify_fraction: float = 0.5
+    # Decode steps a request below spec_min_draft_acceptance waits before one draft is tried again (doubled after
+    # each failed try, up to 8 times this).
+    spec_probe_interval: int = 8
+    # Per-client fairness (scheduler/fairness.py): while requests of several clients (Request.client) are held, each
+    # client's share of max_num_seqs and of the step's token budget bounds what it takes when others wait; one
+    # client alone may use everything. False: first come, first served across clients.
+    client_fairness: bool = True
+    # With client_fairness, a client below its share of max_num_seqs whose request waits for a slot takes one from
+    # the client furthest above its share, by preemption (recompute), instead of waiting for one to finish.
+    client_fair_preemption: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "spec_probe_interval"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, "SchedulerConfig", name, value, "must be a positive integer")
-        _check(isinstance(self.async_scheduling, bool), "SchedulerConfig", "async_scheduling", self.async_scheduling,
-               "must be True or False")
+        for name in ("async_scheduling", "client_fairness", "client_fair_preemption"):
+            value = getattr(self, name)
+            _check(isinstance(value, bool), "SchedulerConfig", name, value, "must be True or False")
+        _check(_is_real(self.spec_min_draft_acceptance) and 0 <= self.spec_min_draft_acceptance < 1,
+               "SchedulerConfig", "spec_min_draft_acceptance", self.spec_min_draft_acceptance,
+               "must be a number in [0, 1) (0: verify every draft)")
+        _check(_is_real(self.spec_max_verify_fraction) and 0 < self.spec_max_verify_fraction <= 1,
+               "SchedulerConfig", "spec_max_verify_fraction", self.spec_max_verify_fraction,
+               "must be a number in (0, 1]")

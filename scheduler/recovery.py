@@ -32,6 +32,7 @@ class RecoveryMixin:
         self._priority[rid] = (req.arrival_time, self._num_added)
         self._num_added += 1
         self.waiting.append(req)
+        self.fairness.added(req)
 
     def rewind(self, failed: SchedulerOutput | list[SchedulerOutput] | None) -> None:
         """Elastic EP, this rank survived a loss and kept its runner (engine/rank/keep_runner.py): undo the step

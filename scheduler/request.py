@@ -70,6 +70,7 @@ class Request:
         stop_token_ids: Iterable[int] = (),
         min_tokens: int = 0,
         arrival_time: float | None = None,
+        client: tuple[str, ...] = (),
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"Request.request_id={request_id!r} is invalid: must be a non-empty string.")
@@ -79,6 +80,8 @@ class Request:
             raise ValueError(f"Request.max_tokens={max_tokens!r} is invalid: must be an integer >= 1 or None.")
         if not (isinstance(min_tokens, int) and min_tokens >= 0):
             raise ValueError(f"Request.min_tokens={min_tokens!r} is invalid: must be an integer >= 0.")
+        if not (isinstance(client, tuple) and all(isinstance(c, str) for c in client)):
+            raise ValueError(f"Request.client={client!r} is invalid: must be a tuple of strings (() for anonymous).")
         self.request_id = request_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -94,6 +97,10 @@ class Request:
         # scheduler's decode loop tests each sampled token once; `_check_stop` applies the full rules.
         self.stop_check_ids: frozenset[int] = self.stop_token_ids | (frozenset() if ignore_eos else self.eos_token_ids)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        # Who sent it, widest name first (e.g. ("host:10.0.0.5", "conn:51234"); the server sets it,
+        # engine/server/client_identity.py): the scheduler shares slots and tokens fairly among clients
+        # (scheduler/fairness.py). The n samples of one request share their parent's. (): anonymous (offline use).
+        self.client = client
 
         self.output_token_ids: list[int] = []
         # Prompt followed by output tokens, kept as one list and appended to, so that reading it every step
@@ -113,6 +120,13 @@ class Request:
         # Speculative decoding: the draft tokens the worker proposed after the last step, verified by the next
         # step that schedules this request (scheduler/spec_decode.py); empty without a drafter.
         self.spec_token_ids: list[int] = []
+        # Its drafts' record (scheduler/draft_control.py): moving averages of drafts accepted and drafts tried per
+        # verify step (their ratio estimates one draft's acceptance; 1/1: a new request drafts in full), and, while
+        # that is too low to draft, the steps to wait before one draft is tried again and the current wait.
+        self.draft_accepted = 1.0
+        self.draft_tried = 1.0
+        self.draft_probe_wait = 0
+        self.draft_probe_interval = 0
         # Chain hashes of the full blocks of all_token_ids, extended lazily by
         # the KV cache manager. Tokens are only ever appended, so a hash once
         # computed stays valid, preemptions included.
@@ -126,6 +140,7 @@ class Request:
         sampling_params: SamplingOptions,
         eos_token_ids: Iterable[int] = frozenset(),
         arrival_time: float | None = None,
+        client: tuple[str, ...] = (),
     ) -> "Request":
         """Build from an engine `SamplingParams` (typed by the SamplingOptions Protocol, so the scheduler does not
         import the engine)."""
@@ -138,6 +153,7 @@ class Request:
             stop_token_ids=sp.stop_token_ids or (),
             min_tokens=sp.min_tokens,
             arrival_time=arrival_time,
+            client=client,
         )
 
     @property

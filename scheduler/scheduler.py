@@ -37,7 +37,9 @@ from collections import deque
 from collections.abc import Iterable
 
 from .config import CacheConfig, SchedulerConfig
+from .draft_control import DraftControl
 from .engine_output import SchedulerStats
+from .fairness import ClientFairness
 from .kv_cache_manager import KVCacheManager
 from .kv_connector import KVConnector, KVTransfers
 from .hybrid_cache import HybridCacheManager
@@ -108,6 +110,9 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         # KV loads and saves through a connector (scheduler/kv_connector.py); None: no connector, no cost.
         self.kv_transfers = KVTransfers(kv_connector, self.kv) if kv_connector is not None else None
         self.spec_counters = SpecDecodeCounters()  # speculative decoding (scheduler/spec_decode.py)
+        self.draft_control = DraftControl(scheduler_config)  # how many drafts each step verifies (draft_control.py)
+        self.fairness = ClientFairness(scheduler_config)  # per-client shares of slots and tokens (fairness.py)
+        self._fair_step = None  # this step's shares while schedule() runs; None: one client (or fairness off)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, req: Request) -> None:
@@ -130,6 +135,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         self._priority[rid] = (req.arrival_time, self._num_added)
         self._num_added += 1
         self.waiting.append(req)
+        self.fairness.added(req)
         if self.kv_transfers is not None:
             self.kv_transfers.added(req)
 
@@ -203,6 +209,10 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         self._resync = None
         self._finished_req_ids = set()
         budget = self.scheduler_config.max_num_batched_tokens
+        # Several clients: their shares, and the slots owed to waiting ones taken by preemption (scheduler/fairness.py).
+        fair = self._fair_step = self.fairness.begin_step(self, out, budget)
+        # Speculative decoding: how many drafts each request verifies this step (scheduler/draft_control.py).
+        grants = self.draft_control.plan(self.running, budget) if self.draft_control.seen else None
 
         scheduled = self._scheduled[out.step_id] = []
         cached_reqs, num_scheduled = out.scheduled_cached_reqs, out.num_scheduled_tokens
@@ -221,6 +231,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             n = known + in_flight - req.num_computed_tokens
             if n > budget:
                 n = budget
+            if n > 1 and fair is not None:  # a prompt chunk: within its client's token share (fairness.py)
+                n = fair.cap(req, n)
             if clip is not None and req.num_computed_tokens < req.num_prompt_tokens:
                 n = clip(req, req.num_computed_tokens, n)
             # Nothing left to compute yet, or the tokens in flight end it whatever they are (its length limits, as
@@ -231,7 +243,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                 i += 1
                 continue
             if req.spec_token_ids:  # drafts to verify (scheduler/spec_decode.py)
-                n += take_drafts(req, out, n, in_flight, budget, max_len, pool_tokens)
+                n += take_drafts(req, out, n, in_flight, budget, max_len, pool_tokens, grants)
             held = tables.get(req.request_id) if tables is not None else None
             if held and req.num_computed_tokens + n <= len(held) * bs:
                 new_blocks = []
@@ -262,9 +274,13 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             i += 1
 
         # 2) Waiting requests, FCFS. Not after a preemption: blocks are short,
-        # and re-admitting the request just preempted would only thrash.
-        if not out.preempted_req_ids:
+        # and re-admitting the request just preempted would only thrash. (A fair-share preemption made a slot for
+        # a waiting client: that one comes first.)
+        if len(out.preempted_req_ids) == (fair.num_preempted if fair is not None else 0):
+            if fair is not None:
+                fair.order_waiting()
             self._schedule_waiting(out, budget, scheduled)
+        self._fair_step = None
 
         if self.kv.plan_step is not None:  # state checkpoints saved after this step (hybrid_cache.py)
             out.state_saves = self.kv.plan_step(out.step_id, scheduled)
@@ -312,6 +328,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                     max_seqs -= 1
                     continue
             n = min(req.num_tokens - num_hit, budget)
+            if self._fair_step is not None:  # within its client's token share (scheduler/fairness.py)
+                n = self._fair_step.cap(req, n)
             if self.kv.chunk_limit is not None:
                 n = self.kv.chunk_limit(req, num_hit, n)
             if self.kv.allocate_slots(req, n, hits) is None:
@@ -368,6 +386,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         rid = req.request_id
         del self.requests[rid]
         del self._priority[rid]
+        self.fairness.removed(req)
         self._finished_req_ids.add(rid)
         if self.kv_transfers is not None:
             self.kv_transfers.forget(req)
@@ -420,3 +439,4 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             assert not self.kv.get_block_ids(r.request_id) and r.num_computed_tokens == 0
         assert self.kv.num_requests_holding_blocks == len(self.running) + len(holding)
         assert refs == [pool.ref_count(b) for b in range(pool.num_blocks)], "ref counts != block tables"
+        self.fairness.check(self.requests.values())

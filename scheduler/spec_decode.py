@@ -8,7 +8,8 @@ drafts and one more token (engine/rank/rejection_sampler.py). The request then h
 for `a + 1` of the `k + 1` positions: `num_computed_tokens` goes back by the `k - a` rejected drafts, whose KV
 slots the next tokens overwrite (their blocks stay allocated).
 
-Drafts are verified only by a decode step of a request with nothing in flight (the serial loop: speculative
+How many of the drafts a step verifies is scheduler/draft_control.py's: fewer for a request whose drafts keep
+failing, and a bounded number per step. Drafts are verified only by a decode step of a request with nothing in flight (the serial loop: speculative
 decoding turns async scheduling off), and only as many as the token budget, max_tokens, max_model_len and the
 pool leave room for: a verified draft that is accepted becomes an output token.
 """
@@ -19,11 +20,15 @@ from dataclasses import dataclass, field
 from .request import Request
 
 
-def take_drafts(req: Request, out, n: int, in_flight: int, budget: int, max_len: int, pool_tokens: int) -> int:
+def take_drafts(req: Request, out, n: int, in_flight: int, budget: int, max_len: int, pool_tokens: int,
+                grants: dict[str, int] | None = None) -> int:
     """Move `req`'s drafts into the step `out` when it computes one token with nothing in flight (a decode of the
-    serial loop): as many as `num_verifiable` allows. Returns how many (the step computes them too)."""
+    serial loop): as many as `num_verifiable` allows, and no more than the step's `grants` give it
+    (scheduler/draft_control.py; None: no limit). Returns how many (the step computes them too)."""
     spec, req.spec_token_ids = req.spec_token_ids, []
-    k = num_verifiable(req, spec, budget - n, max_len, pool_tokens) if n == 1 and not in_flight else 0
+    if grants is not None:
+        spec = spec[:grants.get(req.request_id, 0)]
+    k = num_verifiable(req, spec, budget - n, max_len, pool_tokens) if spec and n == 1 and not in_flight else 0
     if k:
         out.scheduled_spec_tokens[req.request_id] = spec[:k]
     return k

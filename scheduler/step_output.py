@@ -104,6 +104,7 @@ class StepOutputMixin:
                     ecos[r.request_id].kv_transfer_params = self.kv_transfers.finished_params(r)
         drafts = runner_out.draft_token_ids
         if drafts:
+            self.draft_control.seen = True
             requests = self.requests
             for rid, draft in drafts.items():
                 req = requests.get(rid)
@@ -123,6 +124,7 @@ class StepOutputMixin:
         if req.status is RequestStatus.RUNNING:  # preempted or finished meanwhile: nothing computed is kept
             req.num_computed_tokens -= rejected
         self.spec_counters.record(num_drafts, accepted)
+        self.draft_control.observe(req, num_drafts, accepted)
         return written - rejected
 
     def _take_tokens(self, req: Request, tokens: list[int], logprobs: list | None, status: RequestStatus,

@@ -267,9 +267,10 @@ def reference_generate(prompt: list[int], *, max_tokens=None, eos=frozenset(), s
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-                   max_model_len=512, prefix_caching=True) -> Scheduler:
+                   max_model_len=512, prefix_caching=True, **config) -> Scheduler:
+    """`config`: more SchedulerConfig fields (e.g. the speculative or fairness knobs)."""
     return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                     max_model_len=max_model_len),
+                                     max_model_len=max_model_len, **config),
                      CacheConfig(block_size=block_size, num_kv_blocks=num_blocks,
                                  enable_prefix_caching=prefix_caching))
 

@@ -56,7 +56,8 @@ def test_verified_drafts_stay_within_max_tokens_max_model_len_and_the_budget():
     assert so.scheduled_spec_tokens == {"a": [7]} and so.num_scheduled_tokens == {"a": 2}
     (out,) = _step(s, so, {"a": [7, 2]})
     assert out.finish_reason == "length" and req.output_token_ids == [5, 7, 2]
-    s = make_scheduler(num_blocks=16, block_size=4, max_num_batched_tokens=3)
+    # The whole token budget open to drafts (by default only half of it: scheduler/draft_control.py).
+    s = make_scheduler(num_blocks=16, block_size=4, max_num_batched_tokens=3, spec_max_verify_fraction=1.0)
     _running(s, rid="b", drafts=(7, 8, 9, 10))
     assert s.schedule().scheduled_spec_tokens == {"b": [7, 8]}  # 1 + 2 drafts = the budget of 3
 
