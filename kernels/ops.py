@@ -16,7 +16,10 @@ from typing import Callable, ClassVar, Protocol
 import torch
 
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
+from .causal_conv1d import reference_causal_conv1d, reference_causal_conv1d_update
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
+from .gated_delta import (reference_commit_states, reference_gated_delta_rule, reference_gated_delta_rule_decode,
+                          reference_gdn_gating)
 from .mla import reference_mla_attention, reference_write_latent
 from .mla_input import reference_mla_rope_write_latent
 from .moe import reference_fused_moe
@@ -51,6 +54,13 @@ class Kernels(Protocol):
     fused_moe_fp8: Callable
     fused_moe_mxfp4: Callable
     fused_moe_nvfp4: Callable
+    # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5-MoE): kernels/causal_conv1d.py, kernels/gated_delta.py.
+    causal_conv1d: Callable
+    causal_conv1d_update: Callable
+    gdn_gating: Callable
+    gated_delta_rule: Callable
+    gated_delta_rule_decode: Callable
+    commit_states: Callable
 
 
 # Each op of `Kernels` and the reference that defines its arguments.
@@ -62,6 +72,9 @@ REFERENCES: dict[str, Callable] = dict(
     fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
     fused_moe_nvfp4=reference_fused_moe_nvfp4,
+    causal_conv1d=reference_causal_conv1d, causal_conv1d_update=reference_causal_conv1d_update,
+    gdn_gating=reference_gdn_gating, gated_delta_rule=reference_gated_delta_rule,
+    gated_delta_rule_decode=reference_gated_delta_rule_decode, commit_states=reference_commit_states,
 )
 
 
@@ -86,6 +99,12 @@ class ReferenceKernels:
     fused_moe_fp8 = staticmethod(reference_fused_moe_fp8)
     fused_moe_mxfp4 = staticmethod(reference_fused_moe_mxfp4)
     fused_moe_nvfp4 = staticmethod(reference_fused_moe_nvfp4)
+    causal_conv1d = staticmethod(reference_causal_conv1d)
+    causal_conv1d_update = staticmethod(reference_causal_conv1d_update)
+    gdn_gating = staticmethod(reference_gdn_gating)
+    gated_delta_rule = staticmethod(reference_gated_delta_rule)  # chunked per long sequence, batched recurrence else
+    gated_delta_rule_decode = staticmethod(reference_gated_delta_rule_decode)
+    commit_states = staticmethod(reference_commit_states)
 
 
 class TritonKernels:
@@ -131,6 +150,20 @@ class TritonKernels:
 
         self.fp8_linear = triton_fp8_linear
         self.fused_moe_fp8 = triton_fused_moe_fp8
+        # Gated DeltaNet: states fp32 in slot-indexed pools, activations bf16 / fp16 / fp32 (kernels/gated_delta.py).
+        from .fla_gated_delta import FlaGatedDeltaRule, fla_available
+        from .triton_causal_conv1d import triton_causal_conv1d, triton_causal_conv1d_update
+        from .triton_gated_delta import (triton_commit_states, triton_gated_delta_rule,
+                                         triton_gated_delta_rule_decode, triton_gdn_gating)
+
+        self.causal_conv1d = triton_causal_conv1d
+        self.causal_conv1d_update = triton_causal_conv1d_update
+        self.gdn_gating = triton_gdn_gating
+        # Prefill: fla's chunked kernels where fla-core is installed (the `gpu` extra; CUDA only), else the recurrence.
+        self.gated_delta_rule = (FlaGatedDeltaRule(fallback_fn=triton_gated_delta_rule) if fla_available()
+                                 else triton_gated_delta_rule)
+        self.gated_delta_rule_decode = triton_gated_delta_rule_decode  # decode, verify (intermediate states)
+        self.commit_states = triton_commit_states
 
 
 def _triton_available() -> bool:
