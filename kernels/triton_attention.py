@@ -1,10 +1,12 @@
 """Attention over the paged KV cache in Triton: KV write, page-balanced split decode, varlen causal prefill.
 
 Legend: T query tokens in the flat batch, S sequences, N query heads, K kv
-heads, G = N/K query heads per kv head, H head dim, L block size, M max blocks
-per sequence, P decode work programs per kv head, Z prefill split-K partitions.
+heads, G = N/K query heads per kv head, H head dim, Hv value head dim (H but for
+MiMo-V2-Flash's narrower values), L block size, M max blocks per sequence, P
+decode work programs per kv head, Z prefill split-K partitions.
 Cache layout as in attention.py:
-k_cache_BLKH / v_cache_BLKH = [num_blocks + 1, L, K, H].
+k_cache_BLKH = [num_blocks + 1, L, K, H], v_cache_BLKH = [num_blocks + 1, L, K, Hv];
+the output, the accumulators and the split partials are Hv wide.
 
 Same semantics as `reference_paged_attention`: the query at position
 p = seq_len - query_len + i sees keys [0, p]. The kernels never read a key at
@@ -59,9 +61,10 @@ from .triton_kv_write import triton_write_kv  # noqa: F401  (re-exported: the at
 
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv_end, q_pos, scale, window,
-                 stride_cb, stride_cl, stride_ck, head_dim, ROWS: tl.constexpr,
-                 L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, CAUSAL: tl.constexpr,
-                 WINDOW: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                 stride_cb, stride_cl, stride_ck, stride_vb, stride_vl, stride_vk, head_dim, v_head_dim,
+                 ROWS: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_HV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, INTERPRET: tl.constexpr,
+                 PREC: tl.constexpr):
     """One step of the online softmax over keys [start, start + BLOCK_N) ∩ [0, kv_end); with WINDOW, a row at
     q_pos sees only keys > q_pos - window (decode passes its one position as q_pos for every row)."""
     pos = start + tl.arange(0, BLOCK_N)
@@ -85,7 +88,10 @@ def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, kv
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
+    dv = tl.arange(0, BLOCK_HV)
+    v_off = blk * stride_vb + (pos % L) * stride_vl + kv_head * stride_vk
+    v = tl.load(vc_ptr + v_off[:, None] + dv[None, :], mask=p_ok[:, None] & (dv < v_head_dim)[None, :],
+                other=0.0).to(q.dtype)
     acc = dot(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], INTERPRET, PREC)
     return m_new, l_i, acc
 
@@ -103,10 +109,10 @@ def _add_sink(m_i, l_i, acc, sinks_ptr, head, head_ok):
 @triton.jit(do_not_specialize=["num_seqs"])
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ends_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                    sinks_ptr, scale, window, v_scale, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck,
-                   stride_tb, stride_ot, stride_on, num_heads, head_dim,
+                   stride_vb, stride_vl, stride_vk, stride_tb, stride_ot, stride_on, num_heads, head_dim, v_head_dim,
                    G: tl.constexpr, L: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
-                   INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_HV: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr,
+                   SINKS: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
     # SPLIT: program 0 is a work program of the device plan (triton_split_plan.py), which names its sequence
     # and split; else it is the sequence, whole. num_seqs is a runtime value: a new batch is no new compile.
     p = tl.program_id(0)
@@ -136,35 +142,38 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, end
     q = tl.load(q_ptr + q_start.to(tl.int64) * stride_qt + head[:, None] * stride_qn + d[None, :], mask=q_ok, other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_HV], dtype=tl.float32)
     table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
     q_pos = g * 0 + seq_len - 1
     for start in range(lo, hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, hi, q_pos, scale,
-                                     window, stride_cb, stride_cl, stride_ck, head_dim, BLOCK_G, L, BLOCK_N, BLOCK_H,
-                                     False, WINDOW, INTERPRET, PREC)
+                                     window, stride_cb, stride_cl, stride_ck, stride_vb, stride_vl, stride_vk,
+                                     head_dim, v_head_dim, BLOCK_G, L, BLOCK_N, BLOCK_H, BLOCK_HV, False, WINDOW,
+                                     INTERPRET, PREC)
+    dv = tl.arange(0, BLOCK_HV)
     if not SPLIT:
         if SINKS:
             l_i, acc = _add_sink(m_i, l_i, acc, sinks_ptr, head, g < G)
         o = acc * v_scale / l_i[:, None]
-        o_ptrs = out_ptr + q_start.to(tl.int64) * stride_ot + head[:, None] * stride_on + d[None, :]
-        tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=q_ok)
+        o_ptrs = out_ptr + q_start.to(tl.int64) * stride_ot + head[:, None] * stride_on + dv[None, :]
+        tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=(g[:, None] < G) & (dv[None, :] < v_head_dim))
     else:
-        # Partials [P, N, H] and their log-sum-exp [P, N], by work program; an empty split stores lse = -inf.
+        # Partials [P, N, Hv] and their log-sum-exp [P, N], by work program; an empty split stores lse = -inf.
         row = p.to(tl.int64) * num_heads + head
         has = l_i > 0
         o = acc * v_scale / tl.where(has, l_i, 1.0)[:, None]
-        tl.store(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], o, mask=g[:, None] < G)
+        tl.store(part_o_ptr + row[:, None] * BLOCK_HV + dv[None, :], o, mask=g[:, None] < G)
         tl.store(part_lse_ptr + row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=g < G)
 
 
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                     sinks_ptr, scale, window, v_scale, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck,
-                    stride_tb, stride_ot, stride_on, num_heads, head_dim, Z,
+                    stride_vb, stride_vl, stride_vk, stride_tb, stride_ot, stride_on, num_heads, head_dim, v_head_dim, Z,
                     G: tl.constexpr, L: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_DECODE: tl.constexpr, SPLIT: tl.constexpr,
-                    WINDOW: tl.constexpr, SINKS: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                    BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_DECODE: tl.constexpr,
+                    SPLIT: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr, INTERPRET: tl.constexpr,
+                    PREC: tl.constexpr):
     qb = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -202,7 +211,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ou
     kv_end = tl.minimum(seq_len, prefix + (local_qb + 1) * BLOCK_Q)
     m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_HV], dtype=tl.float32)
     table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
     # With a window the block's first query sees keys from prefix + local_qb * BLOCK_Q - window + 1 on.
     kv_lo = kv_end * 0
@@ -214,23 +223,24 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ou
     hi = tl.minimum(lo + per_split, kv_end)
     for start in range(lo, hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, start, hi, q_pos,
-                                     scale, window, stride_cb, stride_cl, stride_ck, head_dim, BLOCK_Q * BLOCK_G, L,
-                                     BLOCK_N, BLOCK_H, True, WINDOW,
-                                     INTERPRET, PREC)
+                                     scale, window, stride_cb, stride_cl, stride_ck, stride_vb, stride_vl, stride_vk,
+                                     head_dim, v_head_dim, BLOCK_Q * BLOCK_G, L, BLOCK_N, BLOCK_H, BLOCK_HV, True,
+                                     WINDOW, INTERPRET, PREC)
     if SINKS:
         if not SPLIT:
             l_i, acc = _add_sink(m_i, l_i, acc, sinks_ptr, head, g < G)
     has = l_i > 0
     o = acc * v_scale / tl.where(has, l_i, 1.0)[:, None]
+    dv = tl.arange(0, BLOCK_HV)
     if not SPLIT:
-        o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_on + d[None, :]
-        tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=io_ok)
+        o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_on + dv[None, :]
+        tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=row_ok[:, None] & (dv[None, :] < v_head_dim))
     else:
-        # Token-indexed partials [T, N, Z, H] and lse [T, N, Z]. A row that sees no key of this slice
+        # Token-indexed partials [T, N, Z, Hv] and lse [T, N, Z]. A row that sees no key of this slice
         # (causal: the slice starts after it; a window: it ends before) stores lse = -inf; some split holds
         # the row's own key, so the merge never sees -inf everywhere.
         row = (tok * num_heads + head) * Z + split
-        tl.store(part_o_ptr + row[:, None] * BLOCK_H + d[None, :], o, mask=row_ok[:, None])
+        tl.store(part_o_ptr + row[:, None] * BLOCK_HV + dv[None, :], o, mask=row_ok[:, None])
         tl.store(part_lse_ptr + row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=row_ok)
 
 
@@ -254,7 +264,7 @@ def triton_paged_attention(
     prefill_splits: int | None = None,
 ) -> torch.Tensor:
     """Same contract as `reference_paged_attention` (sinks_N, sliding_window, an fp8 cache's k_scale / v_scale
-    included): [T, N, H] in q's dtype.
+    included): [T, N, Hv] in q's dtype (Hv: the V cache's head dim).
 
     Reads only the metadata's host lists and device tensors (no device→host sync); the decode path reads no
     host length (its plan is the device's). `num_splits` forces the decode plan to num_splits x S work
@@ -264,13 +274,16 @@ def triton_paged_attention(
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
     _, L, K, _ = k_cache_BLKH.shape
-    if N % K or k_cache_BLKH.shape[3] != H or not k_cache_BLKH.is_contiguous() or not v_cache_BLKH.is_contiguous():
-        raise ValueError(f"q_TNH {tuple(q_TNH.shape)} and cache {tuple(k_cache_BLKH.shape)} do not fit: need a contiguous "
-                         f"[blocks, L, K, {H}] cache with N a multiple of K.")
+    Hv = v_cache_BLKH.shape[3]
+    if (N % K or k_cache_BLKH.shape[3] != H or v_cache_BLKH.shape[:3] != k_cache_BLKH.shape[:3]
+            or not k_cache_BLKH.is_contiguous() or not v_cache_BLKH.is_contiguous()):
+        raise ValueError(f"q_TNH {tuple(q_TNH.shape)} and caches {tuple(k_cache_BLKH.shape)} / "
+                         f"{tuple(v_cache_BLKH.shape)} do not fit: need contiguous [blocks, L, K, {H}] and "
+                         f"[blocks, L, K, Hv] caches with N a multiple of K.")
     if out is None:
-        out = common.workspace((T, N, H), q_TNH.dtype, q_TNH.device)
-    elif tuple(out.shape) != (T, N, H) or out.dtype != q_TNH.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [{T}, {N}, {H}] {q_TNH.dtype}.")
+        out = common.workspace((T, N, Hv), q_TNH.dtype, q_TNH.device)
+    elif tuple(out.shape) != (T, N, Hv) or out.dtype != q_TNH.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [{T}, {N}, {Hv}] {q_TNH.dtype}.")
     _check_extras(q_TNH, sinks_N, sliding_window)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits={num_splits} is invalid: must be >= 1 (or None to plan).")
@@ -290,11 +303,13 @@ def triton_paged_attention(
     dev = q_TNH.device
     flags = dict(INTERPRET=common.interpreting(q_TNH), PREC=common.dot_precision(q_TNH.dtype))
     BLOCK_H = max(16, triton.next_power_of_2(H))
+    BLOCK_HV = max(16, triton.next_power_of_2(Hv))
     BLOCK_N = 16 if flags["INTERPRET"] else 64
     fp32 = q_TNH.dtype == torch.float32  # fp32 dots are FMA loops (no tensor cores): see _FP32_DECODE
     tables = meta.block_tables_SM
     common_args = (q_TNH, k_cache_BLKH, v_cache_BLKH, tables, meta.seq_lens_S, meta.query_start_loc_S1)
-    cache_strides = (k_cache_BLKH.stride(0), k_cache_BLKH.stride(1), k_cache_BLKH.stride(2), tables.stride(0))
+    cache_strides = (k_cache_BLKH.stride(0), k_cache_BLKH.stride(1), k_cache_BLKH.stride(2), v_cache_BLKH.stride(0),
+                     v_cache_BLKH.stride(1), v_cache_BLKH.stride(2), tables.stride(0))
     has_decode = min(meta.query_lens) == 1
     Zp = 1
     if meta.max_query_len > 1:
@@ -319,35 +334,36 @@ def triton_paged_attention(
         ends = part_o = part_lse = out  # unused without a split
         if split:
             ends = plan.plan_decode_splits(meta.seq_lens_S, meta.query_start_loc_S1, P, block_n, sliding_window)
-            part_o = common.workspace((P, N, BLOCK_H), torch.float32, dev)
+            part_o = common.workspace((P, N, BLOCK_HV), torch.float32, dev)
             part_lse = common.workspace((P, N), torch.float32, dev)
         _decode_kernel[(P, K)](
             *common_args, ends, out, part_o, part_lse, sinks, scale, window, v_scale, S, q_TNH.stride(0),
-            q_TNH.stride(1), *cache_strides, out.stride(0), out.stride(1), N, H, G=G, L=L,
-            BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_H=BLOCK_H, BLOCK_N=block_n, SPLIT=split,
-            num_warps=_FP32_DECODE[1] if fp32 else _warps(max(16, triton.next_power_of_2(G)), BLOCK_H),
+            q_TNH.stride(1), *cache_strides, out.stride(0), out.stride(1), N, H, Hv, G=G, L=L,
+            BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_H=BLOCK_H, BLOCK_HV=BLOCK_HV, BLOCK_N=block_n,
+            SPLIT=split,
+            num_warps=_FP32_DECODE[1] if fp32 else _warps(max(16, triton.next_power_of_2(G)), max(BLOCK_H, BLOCK_HV)),
             **extras, **flags,
         )
         if split:
             _merge_plan_kernel[(S, N)](
-                part_o, part_lse, ends, meta.query_start_loc_S1, out, sinks, out.stride(0), out.stride(1), N, H,
-                BLOCK_Z=16, BLOCK_H=BLOCK_H, SINKS=extras["SINKS"], INTERPRET=flags["INTERPRET"], num_warps=4,
+                part_o, part_lse, ends, meta.query_start_loc_S1, out, sinks, out.stride(0), out.stride(1), N, Hv,
+                BLOCK_Z=16, BLOCK_H=BLOCK_HV, SINKS=extras["SINKS"], INTERPRET=flags["INTERPRET"], num_warps=4,
             )
     if meta.max_query_len > 1:
         part_o = part_lse = out  # unused when Zp == 1
         if Zp > 1:
-            part_o = common.workspace((T, N, Zp, BLOCK_H), torch.float32, dev)
+            part_o = common.workspace((T, N, Zp, BLOCK_HV), torch.float32, dev)
             part_lse = common.workspace((T, N, Zp), torch.float32, dev)
         _prefill_kernel[(q_blocks, K, Zp)](
             *common_args, out, part_o, part_lse, sinks, scale, window, v_scale, S, q_TNH.stride(0), q_TNH.stride(1),
-            *cache_strides, out.stride(0), out.stride(1), N, H, Zp, G=G, L=L, BLOCK_Q=BLOCK_Q, BLOCK_G=BLOCK_G,
-            BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode and Zp == 1, SPLIT=Zp > 1,
-            num_warps=8 if fp32 else _warps(BLOCK_Q * BLOCK_G, BLOCK_H), **extras, **flags,
+            *cache_strides, out.stride(0), out.stride(1), N, H, Hv, Zp, G=G, L=L, BLOCK_Q=BLOCK_Q, BLOCK_G=BLOCK_G,
+            BLOCK_H=BLOCK_H, BLOCK_HV=BLOCK_HV, BLOCK_N=BLOCK_N, SKIP_DECODE=has_decode and Zp == 1, SPLIT=Zp > 1,
+            num_warps=8 if fp32 else _warps(BLOCK_Q * BLOCK_G, max(BLOCK_H, BLOCK_HV)), **extras, **flags,
         )
         if Zp > 1:  # every split of every token's row of every head is written (lse -inf where empty): merge all
             _merge_splits_kernel[(T, N)](
-                part_o, part_lse, out, sinks, out.stride(0), out.stride(1), N, H, Zp,
-                BLOCK_Z=triton.next_power_of_2(Zp), BLOCK_H=BLOCK_H, SINKS=extras["SINKS"],
+                part_o, part_lse, out, sinks, out.stride(0), out.stride(1), N, Hv, Zp,
+                BLOCK_Z=triton.next_power_of_2(Zp), BLOCK_H=BLOCK_HV, SINKS=extras["SINKS"],
                 INTERPRET=flags["INTERPRET"], num_warps=4,
             )
     return out

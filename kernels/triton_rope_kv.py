@@ -2,7 +2,8 @@
 paged-KV write of k and v. Grid (T, N + K): program (t, h < N) makes q head h of token t; program (t, N + j)
 makes kv head j, k normed and roped and v as it is, written to the token's cache slot.
 
-Legend: T tokens, N query heads, K kv heads, H head dim, R rotary dims, h = R/2, Hp = H - R (passed through).
+Legend: T tokens, N query heads, K kv heads, H head dim, Hv value head dim (H but for narrower values), R rotary
+dims, h = R/2, Hp = H - R (passed through).
 
 Numerics: the unfused path's roundings, step by step (kernels/triton_norm.py, triton_rotary.py,
 triton_kv_write.py): the norm's mean square and scaling in fp32, cast to the activation dtype, times the
@@ -46,8 +47,8 @@ def _to_cache(x, scale, FP8: tl.constexpr):
 @triton.jit
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
                     stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_cs,
-                    num_q_heads, num_kv_heads, head_dim, half, eps, k_scale, v_scale,
-                    HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                    num_q_heads, num_kv_heads, head_dim, v_head_dim, half, eps, k_scale, v_scale,
+                    HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_HALF: tl.constexpr,
                     BLOCK_PASS: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     head = tl.program_id(1)
@@ -95,11 +96,12 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr
         tl.store(kdst + j, cast(_to_cache(o1, k_scale, FP8), cdt, INTERPRET), mask=j_ok)
         tl.store(kdst + half + j, cast(_to_cache(o2, k_scale, FP8), cdt, INTERPRET), mask=j_ok)
         tl.store(kdst + p, cast(_to_cache(xp, k_scale, FP8), cdt, INTERPRET), mask=p_ok)
-        offs_v = tl.arange(0, BLOCK_H)
-        v_ok = offs_v < head_dim
+        offs_v = tl.arange(0, BLOCK_HV)
+        v_ok = offs_v < v_head_dim
         v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kv * stride_vn + offs_v, mask=v_ok, other=0.0)
         v = _to_cache(v.to(tl.float32), v_scale, FP8)
-        tl.store(vc_ptr + slot * row + kv * head_dim + offs_v, cast(v, cdt, INTERPRET), mask=v_ok)
+        tl.store(vc_ptr + slot * (num_kv_heads * v_head_dim) + kv * v_head_dim + offs_v, cast(v, cdt, INTERPRET),
+                 mask=v_ok)
 
 
 def triton_rope_write_kv(
@@ -112,11 +114,12 @@ def triton_rope_write_kv(
     stride (slices of the qkv projection). Norm weights, when given, must have q's dtype (the model's)."""
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
-    K = k_TKH.shape[1]
+    K, Hv = k_TKH.shape[1], v_TKH.shape[-1]
     if k_TKH.dtype != q_TNH.dtype or v_TKH.dtype != q_TNH.dtype:
         raise ValueError(f"k_TKH.dtype={k_TKH.dtype} and v_TKH.dtype={v_TKH.dtype} must match q_TNH.dtype={q_TNH.dtype}.")
-    if tuple(k_TKH.shape) != (T, K, H) or tuple(v_TKH.shape) != (T, K, H):
-        raise ValueError(f"k_TKH {tuple(k_TKH.shape)} and v_TKH {tuple(v_TKH.shape)} must both be [{T}, K, {H}].")
+    if tuple(k_TKH.shape) != (T, K, H) or tuple(v_TKH.shape) != (T, K, Hv):
+        raise ValueError(f"k_TKH {tuple(k_TKH.shape)} and v_TKH {tuple(v_TKH.shape)} must be [{T}, K, {H}] and "
+                         f"[{T}, K, Hv].")
     R = cos_sin_PR.shape[-1]
     if R % 2 or R > H:
         raise ValueError(f"cos_sin_PR has {R} columns: the rotary dims must be even and at most head_dim={H}.")
@@ -125,9 +128,9 @@ def triton_rope_write_kv(
     for name, w in (("q_norm_H", q_norm_H), ("k_norm_H", k_norm_H)):
         if w is not None and (tuple(w.shape) != (H,) or w.dtype != q_TNH.dtype):
             raise ValueError(f"{name} {tuple(w.shape)} {w.dtype} is invalid: must be [{H}] {q_TNH.dtype}.")
-    for name, c in (("k_cache_BLKH", k_cache_BLKH), ("v_cache_BLKH", v_cache_BLKH)):
-        if not c.is_contiguous() or tuple(c.shape[2:]) != (K, H):
-            raise ValueError(f"{name} {tuple(c.shape)} is invalid: must be contiguous [blocks, L, {K}, {H}].")
+    for name, c, h in (("k_cache_BLKH", k_cache_BLKH, H), ("v_cache_BLKH", v_cache_BLKH, Hv)):
+        if not c.is_contiguous() or tuple(c.shape[2:]) != (K, h):
+            raise ValueError(f"{name} {tuple(c.shape)} is invalid: must be contiguous [blocks, L, {K}, {h}].")
     q_TNH, k_TKH, v_TKH, cos_sin_PR = (t if t.stride(-1) == 1 else t.contiguous()
                                        for t in (q_TNH, k_TKH, v_TKH, cos_sin_PR))
     q_out = q_out if q_out is not None else common.workspace((T, N, H), q_TNH.dtype, q_TNH.device)
@@ -141,8 +144,8 @@ def triton_rope_write_kv(
         q_TNH, k_TKH, v_TKH, positions_T, cos_sin_PR, q_norm_H if has_norm else q_TNH,
         k_norm_H if has_norm else q_TNH, q_out, k_cache_BLKH, v_cache_BLKH, slot_mapping_T,
         q_TNH.stride(0), q_TNH.stride(1), k_TKH.stride(0), k_TKH.stride(1), v_TKH.stride(0), v_TKH.stride(1),
-        cos_sin_PR.stride(0), N, K, H, R // 2, float(eps), float(k_scale), float(v_scale),
-        HAS_NORM=has_norm, BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(max(R // 2, 1)),
+        cos_sin_PR.stride(0), N, K, H, Hv, R // 2, float(eps), float(k_scale), float(v_scale),
+        HAS_NORM=has_norm, BLOCK_H=triton.next_power_of_2(H), BLOCK_HV=triton.next_power_of_2(Hv), BLOCK_HALF=triton.next_power_of_2(max(R // 2, 1)),
         BLOCK_PASS=triton.next_power_of_2(max(H - R, 1)), FP8=k_cache_BLKH.dtype in FP8_CACHE_DTYPES,
         INTERPRET=common.interpreting(q_TNH), num_warps=1,
         enable_fp_fusion=False,  # no FMA: torch rounds x·cos before adding, and so must we
