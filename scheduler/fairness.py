@@ -116,25 +116,36 @@ class FairStep:
     def __init__(self, fair: ClientFairness, sched, budget: int) -> None:
         self.fair, self.sched = fair, sched
         self.parts = fair.parts()
+        # Requests a KV connector loads (scheduler/kv_connector.py) hold their blocks but are not waiting; those
+        # loaded (`ready`) hold a sequence slot as the running ones do, those still loading none.
         kvt = sched.kv_transfers
-        self.holding = kvt.holding() if kvt is not None else []  # loading KV: they hold their blocks (and a slot)
-        usage = dict.fromkeys(fair.counts, 0)
+        self.ready = list(kvt.ready) if kvt is not None else []
+        loading = list(kvt.loading.values()) if kvt is not None else []
+        usage = dict.fromkeys(fair.counts, 0)  # sequence slots held
         for r in sched.running:
             usage[r.client] = usage.get(r.client, 0) + 1
-        for r in self.holding:
+        for r in self.ready:
             usage[r.client] = usage.get(r.client, 0) + 1
         self.usage = usage
+        self.loading: dict[Client, int] = {}
+        for r in loading:
+            self.loading[r.client] = self.loading.get(r.client, 0) + 1
         # One token of the share kept for each running sequence (its decode); chunks get the rest.
         self.tokens_left = {c: int(budget * part) - usage.get(c, 0) for c, part in self.parts.items()}
         self.num_preempted = 0
 
     def _free_slots(self) -> int:
-        return self.fair.max_seqs - len(self.sched.running) - len(self.holding)
+        return self.fair.max_seqs - len(self.sched.running) - len(self.ready)
 
     def _waiting(self) -> dict[Client, int]:
-        """Requests each client has waiting (neither running nor loading), for those with some."""
-        usage = self.usage
-        return {c: n - usage.get(c, 0) for c, n in self.fair.counts.items() if n > usage.get(c, 0)}
+        """Requests each client has in the waiting queue, for those with some."""
+        usage, loading = self.usage, self.loading
+        waiting = {}
+        for c, n in self.fair.counts.items():
+            w = n - usage.get(c, 0) - loading.get(c, 0)
+            if w > 0:
+                waiting[c] = w
+        return waiting
 
     # ---------------------------------------------------------------- slots
     def preempt(self, out) -> None:
@@ -159,7 +170,7 @@ class FairStep:
                             key=lambda d: seats[d] - share[d], default=None)
                 victim = self._latest_running(donor) if donor is not None else None
                 if victim is None:
-                    break  # nobody above its share (or only through loading requests): wait
+                    break  # nobody above its share (or only through loaded requests): wait
                 self._preempt(victim, out)
                 seats[donor] -= 1
             seats[c] = seats.get(c, 0) + 1

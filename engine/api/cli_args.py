@@ -104,7 +104,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="speculative decoding, as vLLM spells it: '{\"method\": \"ngram\", "
                         "\"num_speculative_tokens\": 3}' (prompt lookup; prompt_lookup_max / prompt_lookup_min "
-                        "too). Runs the serial step loop (default: off)")
+                        "too; min_draft_acceptance, max_verify_fraction, draft_probe_interval bound the verify "
+                        "work). Runs the serial step loop (default: off)")
+    p.add_argument("--client-fairness", action=argparse.BooleanOptionalAction, default=True,
+                   help="share sequence slots and each step's tokens fairly among clients (the peer's host, then its "
+                        "connection; with --api-key, the x-client-id metadata a caller sends), preempting a client "
+                        "above its share for one below it that waits (default: on; off: first come, first served)")
     p.add_argument("--grammar-compile-timeout", type=float, default=DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S,
                    metavar="SECONDS", help="a structured-output grammar (JSON schema, regex, EBNF, choice) that takes "
                    "longer to compile is refused naming its field (default %(default)g)")
@@ -140,7 +145,7 @@ def engine_args_from(ns: argparse.Namespace):
         enable_two_batch_overlap=ns.enable_two_batch_overlap, elastic_ep=ns.elastic_ep,
         async_scheduling=ns.async_scheduling,
         ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s, load_format=ns.load_format,
-        skip_warmup=ns.skip_warmup, speculative_config=ns.speculative_config,
+        skip_warmup=ns.skip_warmup, speculative_config=ns.speculative_config, client_fairness=ns.client_fairness,
         grammar_compile_timeout=ns.grammar_compile_timeout, max_grammar_chars=ns.max_grammar_chars,
         max_queued_grammar_compiles=ns.max_queued_grammar_compiles, grammar_compile_workers=ns.grammar_compile_workers,
     )

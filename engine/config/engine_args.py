@@ -143,6 +143,10 @@ class EngineArgs:
     # (engine/config/speculative.py), e.g. '{"method": "ngram", "num_speculative_tokens": 3}'. None: off. It runs
     # the serial step loop (drafts need the tokens just emitted): async_scheduling is turned off, logged once.
     speculative_config: Optional[object] = None
+    # Share sequence slots and each step's tokens fairly among clients (scheduler/fairness.py; who a client is:
+    # engine/server/client_identity.py), preempting a client above its share for one below it that waits. False:
+    # first come, first served.
+    client_fairness: bool = True
     # Structured output's grammar compiles (engine/core/grammar_compile.py): a compile running longer than
     # grammar_compile_timeout seconds fails naming the field; a spec longer than max_grammar_chars, or one
     # arriving while max_queued_grammar_compiles wait, is refused; grammar_compile_workers processes compile.
@@ -188,6 +192,8 @@ class EngineArgs:
             bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")
         if not isinstance(self.skip_warmup, bool):
             bad("skip_warmup", "must be True or False")
+        if not isinstance(self.client_fairness, bool):
+            bad("client_fairness", "must be True or False")
         if self.kv_connector is not None and not all(
                 callable(getattr(self.kv_connector, m, None)) for m in ("scheduler_side", "worker_side")):
             bad("kv_connector", "must be None or a KV connector factory (scheduler_side(rank), worker_side(rank))")
@@ -253,8 +259,12 @@ class EngineArgs:
         if self.speculative_config is not None and async_scheduling:
             logger.info("speculative decoding runs the serial step loop: async scheduling is off.")
             async_scheduling = False
+        drafts = {} if spec is None else dict(  # the verify work drafts may cost (scheduler/draft_control.py)
+            spec_min_draft_acceptance=spec.min_draft_acceptance, spec_max_verify_fraction=spec.max_verify_fraction,
+            spec_probe_interval=spec.draft_probe_interval)
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
-                                max_model_len=model_cfg.max_model_len, async_scheduling=async_scheduling)
+                                max_model_len=model_cfg.max_model_len, async_scheduling=async_scheduling,
+                                client_fairness=self.client_fairness, **drafts)
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device, spec),
                             enable_prefix_caching=self.enable_prefix_caching,
                             sliding_window=kv_sliding_window(model_cfg),

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Optional
 
+from moelink.scheduler.config import SchedulerConfig
+
 from .eagle3 import check_eagle3_target, read_eagle3_config
 from .model_source import resolve_model_dir
 
@@ -37,6 +39,14 @@ class SpeculativeConfig:
     # The Python API only (tests, benchmarks): a callable returning a Drafter (engine/rank/drafter.py) used instead
     # of the method's own; picklable when the ranks are Ray workers.
     drafter_factory: Optional[Callable[[], Any]] = None
+    # How much verify work drafts may cost (the scheduler's, scheduler/draft_control.py; SchedulerConfig.spec_*):
+    # a request verifies its i-th draft only while its estimated per-draft acceptance p has p**i >=
+    # min_draft_acceptance (0: every draft), so drafts that keep failing stop costing everyone a verify row each;
+    # a step's drafts take at most max_verify_fraction of its token budget; a request at draft length 0 tries one
+    # draft again after draft_probe_interval steps (doubling while it fails).
+    min_draft_acceptance: float = SchedulerConfig.spec_min_draft_acceptance
+    max_verify_fraction: float = SchedulerConfig.spec_max_verify_fraction
+    draft_probe_interval: int = SchedulerConfig.spec_probe_interval
 
     def __post_init__(self) -> None:
         method = _ALIASES.get(self.method, self.method)
@@ -47,6 +57,10 @@ class SpeculativeConfig:
         _int_in("num_speculative_tokens", self.num_speculative_tokens, 1, MAX_SPECULATIVE_TOKENS)
         _int_in("prompt_lookup_max", self.prompt_lookup_max, 1, 64)
         _int_in("prompt_lookup_min", self.prompt_lookup_min, 1, self.prompt_lookup_max)
+        _int_in("draft_probe_interval", self.draft_probe_interval, 1, 1 << 20)
+        _number_in("min_draft_acceptance", self.min_draft_acceptance, "[0, 1) (0: verify every draft)",
+                   lambda v: 0 <= v < 1)
+        _number_in("max_verify_fraction", self.max_verify_fraction, "(0, 1]", lambda v: 0 < v <= 1)
         if self.drafter_factory is not None and not callable(self.drafter_factory):
             raise ValueError(f"speculative_config.drafter_factory={self.drafter_factory!r} is invalid: must be a "
                              "callable returning a drafter (Python API only).")
@@ -138,6 +152,11 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config.method={value['method']!r} is invalid: choose from "
                              f"{', '.join(METHODS)}.")
         return cls(**value)
+
+
+def _number_in(name: str, value, allowed: str, ok: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not ok(value):
+        raise ValueError(f"speculative_config.{name}={value!r} is invalid: must be a number in {allowed}.")
 
 
 def _int_in(name: str, value, low: int, high: int) -> None:

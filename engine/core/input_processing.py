@@ -56,6 +56,9 @@ class ProcessedRequest:
     max_tokens: int
     # Set when params.structured_outputs is (compiled in process_inputs).
     grammar: CompiledGrammar | None = None
+    # Who sent it (engine/server/client_identity.py): the scheduler shares slots and tokens fairly among clients
+    # (scheduler/fairness.py). (): anonymous, as offline use.
+    client: tuple[str, ...] = ()
 
 
 def process_inputs(engine, request_id: str, prompt: PromptType, params: SamplingParams | None,

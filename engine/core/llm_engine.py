@@ -151,7 +151,7 @@ class LLMEngine:
         sched_req = Request(
             req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,
             eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
-            stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens,
+            stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens, client=req.client,
         )
         if p.structured_outputs is not None:
             if req.grammar is None:

@@ -73,7 +73,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if isinstance(self.s.tokenizer, NoTokenizer) and not params.stop:
                 # No tokenizer (a bare dummy model): token ids out, empty text; this protocol cannot ask for that.
                 params = dataclasses.replace(params, detokenize=False)
-            stream = self.s.run(rid, await self._prepare(rid, request, params), n=n)
+            stream = self.s.run(rid, await self._prepare(rid, request, params), n=n, client=self.s.client_of(context))
             counts = [0] * n
             async with contextlib.aclosing(stream):
                 async for index, out in stream:

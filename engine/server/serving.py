@@ -34,6 +34,7 @@ from ..core.prompt_bound import NoBound, bytes_per_token
 from ..contract.safe_text import MAX_MESSAGE_CHARS, shown
 from ..contract.sampling_params import SamplingParams
 from ..contract.structured_output_params import StructuredOutputParams
+from .client_identity import client_of
 from .config import ServerConfig
 from .registry import Draining, DuplicateRequest, Overloaded, RequestRegistry
 
@@ -106,6 +107,11 @@ class Serving:
         return (f"{field} has at least {num_ids} tokens, too long: max_model_len={self.info.max_model_len} leaves room "
                 f"for at most {self.info.max_model_len - 1} prompt tokens.")
 
+    def client_of(self, context) -> tuple[str, ...]:
+        """Who sent the call `context` (engine/server/client_identity.py): a name the caller gives is trusted only
+        when the server requires an API key."""
+        return client_of(context, authenticated=bool(self.config.api_key))
+
     def request_id(self, given: str) -> str:
         if not given:
             return f"req-{uuid.uuid4().hex}"
@@ -156,10 +162,11 @@ class Serving:
 
     # -- running --------------------------------------------------------------
     async def run(self, request_id: str, prompt: ProcessedRequest | list[int], params: SamplingParams | None = None,
-                  n: int = 1) -> AsyncIterator[tuple[int, RequestOutput]]:
+                  n: int = 1, client: tuple[str, ...] = ()) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Admit and stream one request's `n` samples as deltas; raises before yielding anything if refused.
 
         `prompt`: what `prepare` returned (then `params` is already in it), or token ids to validate here.
+        `client`: who sent it (`client_of`), which every sample carries to the scheduler's fair shares.
         Always OutputKind.DELTA, even for a caller that answers once at the end:
         the first delta is what ends a request's time in the queue.
         """
@@ -170,8 +177,8 @@ class Serving:
         params, prompt_ids = processed.params, processed.prompt_token_ids
         base = f"{request_id}|{next(self._admissions)}"
         # One validated request, n engine requests: only the id (and a seed) differ.
-        samples = [replace(processed, request_id=base)] if n == 1 else [
-            replace(processed, request_id=f"{base}#{i}", params=params.sample(i)) for i in range(n)]
+        samples = [replace(processed, request_id=base, client=client)] if n == 1 else [
+            replace(processed, request_id=f"{base}#{i}", params=params.sample(i), client=client) for i in range(n)]
         if not self.engine.is_healthy:
             raise Draining(f"the engine is not running ({self.engine.dead_error}); retry on another replica.")
         entry = self.registry.admit(request_id, [p.request_id for p in samples], len(prompt_ids) * n)

@@ -135,7 +135,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             params = with_role_default(params, self.s.info.kv_role, n)
             processed = await self._prepare(rid, request, params)
             ids = processed.prompt_token_ids
-            stream = self.s.run(rid, processed, n=n)
+            stream = self.s.run(rid, processed, n=n, client=self.s.client_of(context))
             # Non-streaming: everything per index, sent once in the GenerateComplete.
             all_ids: list[list[int]] = [[] for _ in range(n)]
             all_lps: list[list] = [[] for _ in range(n)]

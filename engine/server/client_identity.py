@@ -1,0 +1,50 @@
+"""Who sent a request: the client path the scheduler shares sequence slots and tokens by (scheduler/fairness.py).
+
+What a client is, widest name first:
+- ("user:NAME",) when the server requires an API key (`--api-key`: the caller proved it holds it) and the call
+  carries `x-client-id: NAME` metadata: a trusted front (a gateway, a company proxy) names the end user it serves,
+  so its users share fairly among themselves and with everyone else. Without an API key the header is ignored:
+  any caller could claim a thousand names.
+- otherwise the gRPC peer: ("host:H", "conn:P"), its host then its connection (TCP port). Shares are split per
+  host first, so opening more connections does not win a host more than its part; two programs on one machine
+  (loopback) are still two clients. A Unix-socket or unparsed peer is one client by its peer string.
+The n samples of a request are sequences of the same client. The OpenAI `user` field reaches a gRPC server only if
+the gateway forwards it as `x-client-id`; the vLLM protocol has no field for it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+CLIENT_ID_HEADER = "x-client-id"
+# Longer names are cut: a name is a dictionary key per step, not something to store megabytes of.
+MAX_CLIENT_ID_CHARS = 128
+
+
+def peer_client(peer: str | None) -> tuple[str, ...]:
+    """("host:H", "conn:P") for 'ipv4:H:P' / 'ipv6:[H]:P' (grpc's `context.peer()`), else ("peer:...",)."""
+    peer = peer or ""
+    scheme, _, addr = peer.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        host, sep, port = addr.rpartition(":")
+        if sep and host and port.isdigit():
+            return (f"host:{host}", f"conn:{port}")
+    return (f"peer:{peer[:MAX_CLIENT_ID_CHARS]}",)
+
+
+def claimed_client(metadata: Iterable[tuple[str, object]] | None) -> str | None:
+    """The `x-client-id` metadata value (stripped, cut to MAX_CLIENT_ID_CHARS), or None when absent or empty."""
+    for key, value in metadata or ():
+        if key == CLIENT_ID_HEADER and isinstance(value, str):
+            value = value.strip()[:MAX_CLIENT_ID_CHARS]
+            return value or None
+    return None
+
+
+def client_of(context, authenticated: bool) -> tuple[str, ...]:
+    """The client path of the call `context` (a grpc.aio.ServicerContext). `authenticated`: the server requires an
+    API key, so this caller holds it and may name the user it serves."""
+    if authenticated:
+        name = claimed_client(context.invocation_metadata())
+        if name is not None:
+            return (f"user:{name}",)
+    return peer_client(context.peer())
