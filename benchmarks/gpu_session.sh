@@ -3,6 +3,14 @@
 #
 #   bash benchmarks/gpu_session.sh [--dry-run|--cpu-smoke] STEP [ARGS]
 #
+# A lease of 45 minutes runs the first plan first (benchmarks/gpu_session/first.sh, docs/gpu-sessions.md):
+#   prepare [--no-wheels]  (here, before the lease) the commit stamp and the serving wheels into .gpu_session/carry,
+#                          which every device call then carries (benchmarks/gpu_session/carry.sh)
+#   first N                the first plan's command N (1-6): e2e --quick, the GPU engine tests, spec --quick,
+#                          decode --quick, kv-transfer --quick, one smoke per kernel family; each leaves its log
+#                          first<N>_<what>_<device>_<commit>.log and results named by device and commit
+#   plan                   the first plan with its budgets and total, then every device command of a full session
+#
 # Steps (run from anywhere; OUT is where result files go, default benchmarks/results; on the device tool,
 # OUT=$OUT so they come back):
 #   preflight              python, torch (+CUDA), triton (+NVIDIA backend, ptxas), a C compiler and Python.h
@@ -34,21 +42,23 @@
 #   mla-fp8-kv [--quick]   mla_fp8_kv: fp8 vs bf16 MLA latent KV cache on long prompts (DeepSeek-V2-Lite shape),
 #                          the MLA kernel then LLM.generate (64 x 7,680 prompt x 256 out; --quick 16 x 64 out),
 #                          each printed as `RATIO ... = fp8/bf16` (issue 27: 1.88 end to end before the fix)
-#   spec [--model qwen3-30b-a3b|deepseek-v2-lite]
+#   spec [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite]
 #                          spec_decode: the oracle drafter (p 0, 0.8; k 2) vs plain decoding at batch 1/4/16
-#                          on a full-size shape with random weights (verify graphs beside decode graphs)
+#                          on a full-size shape with random weights (verify graphs beside decode graphs);
+#                          --quick: p 0.8 at batch 4, one timed run
 #   kv-transfer [--quick]  kv_transfer_engines: a prefill process saves a prompt's KV (side-stream copy out), this
 #                          one loads it (each layer written as it arrives) over tcp, shm and collective (NCCL),
 #                          beside a device copy of the same bytes (issue 30; DeepSeek-V3 MLA and Qwen3 GQA KV)
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
-#   plan                   every device command of a full session, in order, with its budget
 #   all                    every step in a row (a machine without the 10-minute command limit)
-# --dry-run prints the commands a step would run, each with its budget, and runs nothing.
+# --dry-run prints the commands a step would run, each with its budget, and runs nothing (GPU_CC=9.0 shows `first 6`
+# as on an H100).
 # --cpu-smoke runs the step on CPU with the benchmarks' --cpu-smoke flags (tests/benchmarks runs it).
 #
 # What cannot fail on set-up (the first GPU session lost a 270 s command to a hang and two files to names):
-# - Import: if `moelink` already imports from this checkout, nothing is installed; else, with pip and
+# - Import: if `moelink` already imports from this checkout, nothing is installed; in the first plan, else the
+#   shim below (no pip at all, as in the CPU smoke runs); in the other steps, else, with pip and
 #   setuptools >= 64 (PEP 660), `pip install --no-deps --no-build-isolation -e .`; if that is impossible
 #   or fails, a shim package .gpu_session/pyshim/moelink (its __path__ is the repository root, which is
 #   the layout pyproject maps: moelink.engine -> engine/, moelink.kernels -> kernels/, ...) is put first on
@@ -111,7 +121,7 @@ TUNE_TAIL_S=40
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
-STATE="$REPO/.gpu_session"
+STATE=${GPU_SESSION_STATE:-$REPO/.gpu_session}  # (the tests point it elsewhere)
 OUT_GIVEN=${OUT:+1}
 OUT=${OUT:-benchmarks/results}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$STATE/triton_cache}
@@ -312,11 +322,13 @@ preflight() {  # prints the checks; returns 0 always (it reports, the steps fall
   return 0
 }
 
-setup() {  # what every step but preflight/plan/unpack needs: the import working, the cache in place
+setup() {  # [first]: what every step but preflight/plan/unpack needs: the import working, the cache in place
   mkdir -p "$OUT" "$STATE" "$TRITON_CACHE_DIR"
   if [[ $MODE == cpu-smoke ]]; then
     use_shim  # never install into this machine's environment from a smoke run
     IMPORT_MODE=shim
+  elif [[ $MODE == run && ${1:-} == first ]]; then  # no pip in the first plan: what the CPU smoke runs test
+    if moelink_here; then IMPORT_MODE=installed; else use_shim; IMPORT_MODE=shim; fi
   elif [[ $MODE == run ]]; then
     decide_import 1 >"$STATE/import.txt" 2>&1  # (the full checks are the preflight step's: ~12 Python starts)
   fi
@@ -338,21 +350,23 @@ pytest_args() {
   fi
   printf '%s\n' "${a[@]}"
 }
-run_pytest_files() {  # LOG_NAME then (NAME GEMM SLOW OTHER RUN_S FILE)...: one pytest process per file
+run_pytest_files() {  # LOG_NAME then (NAME GEMM SLOW OTHER RUN_S FILE)...: one pytest process per file (FILE: a
+  # file, or several node ids of one file separated by whitespace)
   local log=$1
   shift
   local args
   mapfile -t args < <(pytest_args)
   [[ $MODE != dry-run ]] && : >"$OUT/$log"
   while [[ $# -gt 0 ]]; do
-    local name=$1 gemm=$2 slow=$3 other=$4 run_s=$5 file=$6
+    local name=$1 gemm=$2 slow=$3 other=$4 run_s=$5 file=$6 targets=()
     shift 6
+    IFS=$' \t\n' read -r -d '' -a targets <<<"$file" || true
     if [[ $MODE == dry-run ]]; then
-      cmd "$name" "$gemm" "$slow" "$other" "$run_s" -- "$PY" -m pytest "${args[@]}" -m gpu "$file"
+      cmd "$name" "$gemm" "$slow" "$other" "$run_s" -- "$PY" -m pytest "${args[@]}" -m gpu "${targets[@]}"
     else
-      echo "=== $file" >>"$OUT/$log"
+      echo "=== ${targets[*]}" >>"$OUT/$log"
       cmd "$name" "$gemm" "$slow" "$other" "$run_s" -- \
-        bash -c '"$@" >>"'"$OUT/$log"'" 2>&1' _ "$PY" -m pytest "${args[@]}" -m gpu "$file"
+        bash -c '"$@" >>"'"$OUT/$log"'" 2>&1' _ "$PY" -m pytest "${args[@]}" -m gpu "${targets[@]}"
     fi
   done
   [[ $MODE != dry-run ]] && tail -n 3 "$OUT/$log"
@@ -578,7 +592,7 @@ step_decode() {
   esac
   if [[ $MODE == cpu-smoke ]]; then
     cmd engine_decode 0 0 0 180 -- "$PY" -m moelink.benchmarks.engine_decode --cpu-smoke --model "$model" \
-      --out "$OUT/engine_decode_cpu_smoke${suffix}.json"
+      --out "$OUT/engine_decode_${DEV}${suffix}.json"
     return 0
   fi
   local batches=() run=300
@@ -594,6 +608,9 @@ step_decode() {
 # both loops through the Triton cache: ~36 GEMM + 48 other (the serving part alone ~24 + 36). Run: estimates
 # (not yet run on a GPU): engine start ~90 s each, generate ~90 s per loop (quick: ~45), serving ~200 s. The
 # benchmark stops starting points --time-budget-s into the command and saves its JSON after every point.
+# The serving part (--quick, --serve, the CPU smoke) first checks what `moelink serve` imports (carry.sh: the
+# GPU image lacks smg-grpc-proto, grpcio-health-checking and -reflection; the carried wheels are installed then):
+# without them --quick runs without serving and says SKIPPED, --serve runs nothing and fails.
 E2E_MODELS=(qwen3-30b-a3b deepseek-v2-lite)
 step_e2e() {
   local quick=0 serve=0 model=qwen3-30b-a3b dtype=bf16 prev="" a m ok=0
@@ -610,13 +627,26 @@ step_e2e() {
   for m in "${E2E_MODELS[@]}"; do [[ $model == "$m" ]] && ok=1; done
   [[ $ok == 1 ]] || { echo "e2e: --model must be one of ${E2E_MODELS[*]} (got '$model')" >&2; exit 2; }
   [[ $dtype == bf16 || $dtype == fp8 ]] || { echo "e2e: --dtype must be bf16 or fp8 (got '$dtype')" >&2; exit 2; }
+  local no_serve=()
+  if [[ $quick == 1 || $serve == 1 || $MODE == cpu-smoke ]]; then
+    serve_deps
+    if [[ $SERVE_OK == 0 ]]; then
+      if [[ $serve == 1 && $MODE != cpu-smoke ]]; then
+        echo "SKIPPED e2e --serve: \`moelink serve\` cannot import here: $SERVE_WHY"
+        STATUS=1
+        return 0
+      fi
+      echo "SKIPPED the gRPC serving part: \`moelink serve\` cannot import here: $SERVE_WHY"
+      no_serve=(--no-serve)
+    fi
+  fi
   if [[ $MODE == cpu-smoke ]]; then
-    cmd engine_e2e 0 0 0 120 -- "$PY" -m moelink.benchmarks.engine_e2e --cpu-smoke --out "$OUT/engine_e2e_cpu_smoke.json"
+    cmd engine_e2e 0 0 0 120 -- "$PY" -m moelink.benchmarks.engine_e2e --cpu-smoke "${no_serve[@]}" --out "$OUT/engine_e2e_${DEV}.json"
     return 0
   fi
   local name args=() out gemm=36 other=48 run
-  if [[ $quick == 1 ]]; then
-    name=engine_e2e_quick run=330 args=(--quick --models "$model") out="engine_e2e_${DEV}_quick.json"
+  if [[ $quick == 1 ]]; then  # (run 300 s: with the serving check's 30 s, 554 s as before it)
+    name=engine_e2e_quick run=300 args=(--quick "${no_serve[@]}" --models "$model") out="engine_e2e_${DEV}_quick.json"
   elif [[ $serve == 1 ]]; then
     name="engine_e2e_serve_$model" gemm=24 other=36 run=260 args=(--serve-only --models "$model" --dtypes "$dtype")
     out="engine_e2e_${DEV}_${model}_${dtype}_serve.json"
@@ -633,21 +663,30 @@ step_e2e() {
 # decode tokens/s at batch 1-16, p = 0.8, k = 2). Per batch (1, 4, 16): plain decoding in both loops, then the
 # oracle drafter at p = 0 and 0.8 (verify steps of 3 tokens per row: the verify graphs beside the decode graphs).
 # Compiles: the decode and verify graphs' buckets (attention, MoE up/down) ~24 GEMM + 36 other; run: four engine
-# starts per batch ~60 s each with graphs (estimate, not yet run on a GPU).
+# starts per batch ~60 s each with graphs (estimate, not yet run on a GPU). --quick: batch 4, p 0.8, one timed run:
+# three engine starts (plain in both loops, then the drafter), 240 s; the same compile counts (the decode and
+# verify buckets up to 4 x 3 tokens are fewer, counted as the full step's). spec_decode writes its JSON after
+# every batch.
 step_spec() {
-  local model=qwen3-30b-a3b prev="" a
+  local model=qwen3-30b-a3b prev="" a quick=0
   for a in "$@"; do
     if [[ $prev == --model ]]; then model=$a; prev=""; continue; fi
     case "$a" in
       --model) prev=--model ;;
-      *) echo "spec: unknown argument '$a' (--model qwen3-30b-a3b|deepseek-v2-lite)" >&2; exit 2 ;;
+      --quick) quick=1 ;;
+      *) echo "spec: unknown argument '$a' (--quick, --model qwen3-30b-a3b|deepseek-v2-lite)" >&2; exit 2 ;;
     esac
   done
   [[ $model == qwen3-30b-a3b || $model == deepseek-v2-lite ]] \
     || { echo "spec: --model must be qwen3-30b-a3b or deepseek-v2-lite (got '$model')" >&2; exit 2; }
   if [[ $MODE == cpu-smoke ]]; then
     cmd spec_decode 0 0 0 180 -- "$PY" -m moelink.benchmarks.spec_decode --batch 1 --p 0.8 --tokens 8 \
-      --repeats 1 --out "$OUT/spec_decode_cpu_smoke.json"
+      --repeats 1 --out "$OUT/spec_decode_${DEV}.json"
+    return 0
+  fi
+  if [[ $quick == 1 ]]; then
+    cmd "spec_decode_${model}_quick" 24 0 36 240 -- "$PY" -m moelink.benchmarks.spec_decode --shape "$model" \
+      --batch 4 --p 0.8 --k 2 --tokens 64 --repeats 1 --out "$OUT/spec_decode_${DEV}_${model}_quick.json"
     return 0
   fi
   cmd "spec_decode_$model" 24 0 36 400 -- "$PY" -m moelink.benchmarks.spec_decode --shape "$model" \
@@ -695,7 +734,7 @@ step_kv_transfer() {
   done
   if [[ $MODE == cpu-smoke ]]; then
     cmd kv_transfer 0 0 0 120 -- "$PY" -m moelink.benchmarks.kv_transfer_engines --device cpu --shape deepseek-v3 \
-      --tokens 64 --repeats 1 --json "$OUT/kv_transfer_engines_cpu_smoke.json"
+      --tokens 64 --repeats 1 --json "$OUT/kv_transfer_engines_${DEV}.json"
     return 0
   fi
   cmd kv_transfer 0 0 0 "$run" -- "$PY" -m moelink.benchmarks.kv_transfer_engines --device cuda "${args[@]}" \
@@ -743,7 +782,10 @@ EOF
   rm -rf "$tmp"
 }
 
-step_plan() {  # the full session, one device command per line, with budgets (dry-run of every step)
+step_plan() {  # the first plan, then the full session, one device command per line, with budgets (dry-runs)
+  first_plan_print
+  echo
+  echo "full plan (every device command of a full session, in order, each with its budget)"
   local total=0 line b
   local steps=("preflight" "tests-kernels" "tests-engine")
   local s
@@ -803,17 +845,23 @@ EOF
   return 0
 }
 
+# The first plan (first N) and what travels with a device command (prepare, the commit, the serving wheels).
+source "$REPO/benchmarks/gpu_session/carry.sh"
+source "$REPO/benchmarks/gpu_session/first.sh"
+
 # -- main ---------------------------------------------------------------------------------------------------------------
 case "$STEP" in
   preflight) step_preflight; finish_step; exit 0 ;;
   plan) step_plan; exit 0 ;;
+  prepare) [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }; step_prepare "$@"; exit 0 ;;
+  first) first_main "$@" ;;
   unpack)
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
   tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,46p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  ""|-h|--help) sed -n '2,57p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -16,20 +17,31 @@ def start_server(model: str, extra: str = "", timeout_s: float = 120.0) -> tuple
     # --no-http: this benchmark speaks gRPC; a managed HTTP gateway would only take port 8000 and a core.
     cmd = [sys.executable, "-m", "moelink.engine.api.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
            "--no-http", *shlex.split(extra)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + timeout_s
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`moelink serve` exited with {proc.returncode} before serving")
-        if sel.select(timeout=0.5):
-            line = proc.stdout.readline()
-            if line.startswith("moelink: serving"):
-                addr = line.split(" on ", 1)[1].split(" ", 1)[0]
-                return proc, addr
-    stop_server(proc)
-    raise RuntimeError(f"`moelink serve` did not start within {timeout_s:.0f} s")
+    # Its stderr goes to an unnamed file, so that a server that dies before serving says why (an import missing
+    # on the machine, the memory taken): the error carries the file's last lines.
+    with tempfile.TemporaryFile() as err:  # (the child keeps its own descriptor of it)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        deadline = time.monotonic() + timeout_s
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`moelink serve` exited with {proc.returncode} before serving{_tail(err)}")
+            if sel.select(timeout=0.5):
+                line = proc.stdout.readline()
+                if line.startswith("moelink: serving"):
+                    addr = line.split(" on ", 1)[1].split(" ", 1)[0]
+                    return proc, addr
+        stop_server(proc)
+        raise RuntimeError(f"`moelink serve` did not start within {timeout_s:.0f} s{_tail(err)}")
+
+
+def _tail(err, lines: int = 6, max_bytes: int = 4000) -> str:
+    """': ' and the last lines of the server's stderr file (its traceback's end), or ''."""
+    err.seek(0, 2)
+    err.seek(max(0, err.tell() - max_bytes))
+    text = err.read().decode(errors="replace").strip().splitlines()[-lines:]
+    return (": " + " | ".join(text)) if text else ""
 
 
 def free_port() -> int:

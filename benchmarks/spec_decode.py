@@ -167,9 +167,12 @@ def main(argv: list[str] | None = None) -> None:
         result = dict(commit=git_commit(), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                       model=args.model or (f"{args.shape} shape, random weights" if args.shape else "tiny qwen3_moe"),
                       k=args.k, tokens=args.tokens, mtp=args.mtp, eagle3=args.eagle3, batches={})
+        tag = "cpu" if result["device"] == "cpu" else result["device"].replace(" ", "_").lower()
+        out = args.out or RESULTS / f"spec_decode_{tag}.json"
         for b in args.batch:
             rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats, args.mtp, args.eagle3)
             result["batches"][str(b)] = rows
+            write_result(out, result)  # after every batch: a run stopped at its time limit keeps what it measured
             print(f"batch {b}: plain {rows['plain']['tokens_per_s']:.0f} tok/s ({rows['plain']['ms_per_step']:.2f} "
                   f"ms/step), serial {rows['plain_serial']['tokens_per_s']:.0f} tok/s")
             for name, r in rows.items():
@@ -178,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  {name}: {r['tokens_per_s']:.0f} tok/s, {r['mean_accepted_length']:.2f} tokens/row "
                           f"(expected {expected}), {r['ms_per_step']:.2f} ms/step, x{r['speedup_vs_plain']:.2f} "
                           f"vs plain, x{r['speedup_vs_serial']:.2f} vs serial, identical={r['identical_to_plain']}")
-    tag = "cpu" if result["device"] == "cpu" else result["device"].replace(" ", "_").lower()
-    print(f"wrote {write_result(args.out or RESULTS / f'spec_decode_{tag}.json', result)}")
+    print(f"wrote {write_result(out, result)}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + ["moe-mxfp4", "moe-mxfp4 --quick", "moe-nvfp4", "moe-nvfp4 --quick"]
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
-         + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick"])
+         + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick", "spec --quick"]
+         + [f"first {n}" for n in range(1, 7)])  # the first plan (test_gpu_session_first.py)
 E2E_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite")
 
 
@@ -146,7 +147,8 @@ def test_moe_step_counts_every_config_it_compiles(shape, monkeypatch):
 def test_plan_lists_one_device_command_per_step():
     proc = session("plan")
     assert proc.returncode == 0, proc.stderr
-    rows = re.findall(r"^(.+?)\s+budget\s+(\d+) s\s+OUT=\$OUT bash benchmarks/gpu_session.sh (.+)$", proc.stdout, re.M)
+    full = proc.stdout.split("\nfull plan (", 1)[1]  # (the first plan before it: test_gpu_session_first.py)
+    rows = re.findall(r"^(.+?)\s+budget\s+(\d+) s\s+OUT=\$OUT bash benchmarks/gpu_session.sh (.+)$", full, re.M)
     assert [r[2] for r in rows] == (["preflight", "tests-kernels", "tests-engine"] + [f"moe {s}" for s in moe_kernels.SHAPES]
                                     + [f"tune {s}" for s in moe_kernels.SHAPES] + ["decode", "tests-fp8"]
                                     + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"tune-fp8 {s}" for s in FP8_SHAPES]
@@ -155,7 +157,7 @@ def test_plan_lists_one_device_command_per_step():
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
                                     + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
-    assert f"total {sum(int(b) for _, b, _ in rows)} s" in proc.stdout
+    assert f"\ntotal {sum(int(b) for _, b, _ in rows)} s" in full
 
 
 def test_unknown_step_and_shape_are_refused():
@@ -185,8 +187,11 @@ def test_unknown_step_and_shape_are_refused():
 ])
 def test_e2e_step_runs_one_part_per_command_and_stops_starting_points_in_time(args, name, flags, out):
     """One device command per (model, dtype) or serving part, each a file of its own under $OUT; the benchmark
-    starts no point in the last 120 s of the command's budget, so its JSON is written before `timeout` stops it."""
-    (plan,) = PLAN.findall(session("--dry-run", *args.split()).stdout)
+    starts no point in the last 120 s of the command's budget, so its JSON is written before `timeout` stops it.
+    A serving part first checks what `moelink serve` imports (its own budget line)."""
+    plans = PLAN.findall(session("--dry-run", *args.split()).stdout)
+    assert [p[1] for p in plans[:-1]] == (["serve_deps"] if "--quick" in args or "--serve" in args else [])
+    plan = plans[-1]
     assert plan[1] == name and f"-m moelink.benchmarks.engine_e2e {flags} " in plan[7], plan
     budget = int(re.search(r"--time-budget-s (\d+)", plan[7])[1])
     assert budget == int(plan[6]) - 120
