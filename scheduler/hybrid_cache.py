@@ -68,6 +68,9 @@ class HybridCacheManager:
     def num_cached_blocks(self) -> dict[str, int]:
         return self.kv.num_cached_blocks
 
+    def exclude_from_prefix_cache(self, req) -> None:
+        self.kv.exclude_from_prefix_cache(req)
+
     @property
     def decode_tables(self):
         # A request in the tables holds its slot since admission: the decode fast path needs nothing else.

@@ -12,6 +12,9 @@ from .block_pool import BlockPool, extend_block_hashes
 from .request import Request
 
 
+NEVER_CACHED = 1 << 62  # a request's num_cached_blocks past any table: its blocks are never registered
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -152,6 +155,12 @@ class KVCacheManager:
             return
         self.pool.cache_full_blocks(blocks[start:num_full], req.block_hashes[start:num_full])
         self.num_cached_blocks[rid] = num_full
+
+    def exclude_from_prefix_cache(self, req: Request) -> None:
+        """Never register `req`'s blocks for prefix reuse from now on (its KV came from where nothing vouches for
+        it: a KV load from an unauthenticated source, scheduler/kv_connector.py); they are its own alone."""
+        if req.request_id in self.num_cached_blocks:
+            self.num_cached_blocks[req.request_id] = NEVER_CACHED
 
     def free(self, req: Request) -> None:
         """Release all blocks of a request (tail first; see BlockPool.free)."""

@@ -14,11 +14,17 @@ kv_connector=...)`; None, the default, costs the step loop nothing):
 
 - load: a fresh request at the head of the waiting queue for which the connector has more leading tokens than
   the prefix cache gets blocks for them and waits in `RequestStatus.WAITING_FOR_KV` (no model step, its blocks
-  held, counted against max_num_seqs). Loaded, it is admitted before the waiting queue with every loaded token
-  computed but the last prompt token (whose logits it needs); failed, its blocks are freed and it is recomputed
-  (back at the front of the queue as a preempted request).
+  held). A load still on the network holds no sequence slot (a source that accepts and stays silent must not
+  fill max_num_seqs): the loads in flight are bounded instead (`LoadLimits`, from the connector's `load_limits`:
+  in all, per source, per client, and the share of the KV blocks they hold), and a request that would pass a
+  bound is computed here instead of loaded. Loaded, it waits for a slot and is admitted before the waiting queue
+  with every loaded token computed but the last prompt token (whose logits it needs); failed, its blocks are
+  freed and it is recomputed (back at the front of the queue as a preempted request). A connector whose loads
+  nothing authenticated (`trusted_loads` False) has them kept out of the prefix cache: such KV serves only the
+  request that named its source.
 - save: a request the connector wants saved is watched until the step that computes its last prompt token is
-  scheduled; that step saves blocks [0, ceil(prompt / block_size)) after its forward.
+  scheduled; that step saves blocks [0, ceil(prompt / block_size)) after its forward, under the key the
+  connector's optional `save_params(req)` gives (a capability; carried in the save's `KVTransfer.params`).
 - every transfer holds its own reference on its blocks until it is reported, so a request aborted, preempted or
   finished meanwhile (a prefill-only request ends with its first token) gives its own references back at once,
   while no block a transfer still reads or writes can go to another request.
@@ -35,7 +41,8 @@ saved prefix shorter than the prompt from another engine (the remote side's toke
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from .engine_output import KVTransferCounters
@@ -62,6 +69,21 @@ class KVConnector(Protocol):
     # Optional: `load_params(req) -> object`, what the worker half needs to load `req`'s KV (a network transport:
     # where it is saved and under which key), plain data carried in `KVTransfer.params`. A connector without it
     # loads with params None (the in-host reference finds the KV by request id).
+    # Optional: `save_params(req) -> object`, the same for a save (the key it is saved under).
+    # Optional: `load_source(req) -> hashable` (where a load comes from) and `load_limits` (a LoadLimits): the
+    # bounds on loads in flight (module docstring); without them, loads are unbounded (the in-host reference's
+    # finish as they start).
+    # Optional: `trusted_loads: bool` (default True): False keeps loaded KV out of the prefix cache.
+
+
+@dataclass(frozen=True)
+class LoadLimits:
+    """Bounds on a scheduler's loads in flight (module docstring)."""
+
+    max_loads: int = 128
+    max_per_source: int = 64
+    max_block_fraction: float = 0.5  # of the pool's blocks
+    max_per_client: int = 64  # by `Request.client` (who sent it, when the server says); anonymous: uncapped
 
 
 class _InFlight(NamedTuple):
@@ -84,6 +106,15 @@ class KVTransfers:
         self._new_loads: list[KVTransfer] = []  # for the next SchedulerOutput
         self.counters = KVTransferCounters()
         self._load_started: dict[int, float] = {}  # transfer id -> time.monotonic() at start_load
+        self.limits: LoadLimits | None = getattr(connector, "load_limits", None)
+        self._source_of = getattr(connector, "load_source", None)
+        self._save_params = getattr(connector, "save_params", None)
+        self.trusted_loads = getattr(connector, "trusted_loads", True)
+        self._load_keys: dict[int, tuple] = {}  # transfer id -> (source, client, blocks held) of a load in flight
+        self._by_source: Counter = Counter()
+        self._by_client: Counter = Counter()
+        self._load_blocks = 0
+        self.loads_over_limit = 0  # requests computed here because a load would have passed a bound
 
     @property
     def num_holding(self) -> int:
@@ -127,7 +158,24 @@ class KVTransfers:
         return params
 
     def loadable(self, req: Request) -> int:
-        return min(max(self.connector.num_loadable_tokens(req), 0), req.num_tokens)
+        k = min(max(self.connector.num_loadable_tokens(req), 0), req.num_tokens)
+        if k and self.limits is not None and not self._within_limits(req, k):
+            self.loads_over_limit += 1
+            return 0  # computed here: a load past a bound would hold blocks another request needs
+        return k
+
+    def _within_limits(self, req: Request, num_tokens: int) -> bool:
+        lim = self.limits
+        client = getattr(req, "client", ())
+        blocks = self.kv.blocks_alone(num_tokens)
+        return (len(self._load_keys) < lim.max_loads
+                and self._by_source[self._source_of(req) if self._source_of else None] < lim.max_per_source
+                and (not client or self._by_client[client] < lim.max_per_client)
+                and self._load_blocks + blocks <= lim.max_block_fraction * self.kv.pool.num_blocks)
+
+    def within_limits(self) -> bool:
+        """The loads in flight are within their bounds (the scheduler's invariant check)."""
+        return self.limits is None or len(self._load_keys) <= self.limits.max_loads
 
     def start_load(self, req: Request, num_hit: int, num_tokens: int) -> None:
         """`req` (fresh, its blocks for `num_tokens` just allocated, `num_hit` of them prefix hits) waits for
@@ -138,6 +186,13 @@ class KVTransfers:
         t = self._transfer(req, num_tokens, first, (), None if params is None else params(req))
         self._load_started[t.transfer_id] = time.monotonic()
         self._hold(t, req)
+        if self.limits is not None:
+            key = (self._source_of(req) if self._source_of else None, getattr(req, "client", ()),
+                   len(self._in_flight[t.transfer_id].refs))
+            self._load_keys[t.transfer_id] = key
+            self._by_source[key[0]] += 1
+            self._by_client[key[1]] += 1
+            self._load_blocks += key[2]
         req.status = RequestStatus.WAITING_FOR_KV
         self.loading[req.request_id] = req
         self._new_loads.append(t)
@@ -157,7 +212,8 @@ class KVTransfers:
                 if req.status is RequestStatus.RUNNING and req.num_computed_tokens >= req.num_prompt_tokens:
                     del watched[rid]
                     n = req.num_prompt_tokens
-                    t = self._transfer(req, n, 0, tuple(req.prompt_token_ids))
+                    t = self._transfer(req, n, 0, tuple(req.prompt_token_ids),
+                                       None if self._save_params is None else self._save_params(req))
                     self._hold(t, None)
                     saves.append(t)
         loads, self._new_loads = self._new_loads, []
@@ -173,6 +229,7 @@ class KVTransfers:
         for tid, ok in done.items():
             f = self._in_flight.pop(tid, None)
             started = self._load_started.pop(tid, None)
+            self._load_ended(tid)
             if f is None:
                 continue  # undone by a rewind already
             if started is not None:
@@ -188,6 +245,8 @@ class KVTransfers:
                     # Usage's cached tokens count KV this engine did not compute, loaded ones too (as vLLM's):
                     # a client sees the handoff worked.
                     req.num_cached_tokens = req.num_computed_tokens
+                    if not self.trusted_loads:  # nothing proved where this KV came from: its request's alone
+                        self.kv.exclude_from_prefix_cache(req)
                     self.ready.append(req)
                 else:
                     self.counters.loads_failed += 1
@@ -200,6 +259,16 @@ class KVTransfers:
         return self.take_report({tid: False for tid in list(self._in_flight)})
 
     # ------------------------------------------------------------------ helpers
+    def _load_ended(self, tid: int) -> None:
+        key = self._load_keys.pop(tid, None)
+        if key is not None:
+            source, client, blocks = key
+            for counts, k in ((self._by_source, source), (self._by_client, client)):
+                counts[k] -= 1
+                if counts[k] <= 0:
+                    del counts[k]
+            self._load_blocks -= blocks
+
     def _transfer(self, req: Request, num_tokens: int, first_block: int, token_ids: tuple,
                   params=None) -> KVTransfer:
         self._next_id += 1
@@ -212,4 +281,4 @@ class KVTransfers:
         self._in_flight[t.transfer_id] = _InFlight(t, req, refs)
 
 
-__all__ = ["KVConnector", "KVTransfers"]
+__all__ = ["KVConnector", "KVTransfers", "LoadLimits"]

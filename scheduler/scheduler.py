@@ -299,16 +299,16 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         max_seqs = self.scheduler_config.max_num_seqs
         kvt = self.kv_transfers
         if kvt is not None:
-            # Loaded by the connector: admitted first (they hold their blocks, and were counted against
-            # max_num_seqs while loading).
-            while kvt.ready and budget > 0:
+            # Loaded by the connector: admitted first (they hold their blocks). Loads still on the network hold no
+            # sequence slot: the connector bounds them (scheduler/kv_connector.py LoadLimits).
+            while kvt.ready and budget > 0 and len(self.running) < max_seqs:
                 req = kvt.ready[0]
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
                 if self.kv.allocate_slots(req, n) is None:
                     break
                 kvt.ready.popleft()
                 budget -= self._start_running(req, out, n, req.num_computed_tokens, scheduled)
-            max_seqs -= kvt.num_holding
+            max_seqs -= len(kvt.ready)
         while self.waiting and budget > 0 and len(self.running) < max_seqs:
             req = self.waiting[0]
             if req.num_output_placeholders or (self.held and req.request_id in self.held):
@@ -325,7 +325,6 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                     self.kv.pool.record_prefix_query(req.num_tokens, num_hit)
                     req.num_cached_tokens = num_hit
                     kvt.start_load(req, num_hit, k)
-                    max_seqs -= 1
                     continue
             n = min(req.num_tokens - num_hit, budget)
             if self._fair_step is not None:  # within its client's token share (scheduler/fairness.py)
@@ -420,7 +419,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         waiting_ids = [r.request_id for r in self.waiting] + [r.request_id for r in holding]
         assert len(set(running_ids) | set(waiting_ids)) == len(running_ids) + len(waiting_ids), "request queued twice"
         assert set(running_ids) | set(waiting_ids) == set(self.requests), "queues and request map disagree"
-        assert len(self.running) + len(holding) <= self.scheduler_config.max_num_seqs
+        assert kvt is None or kvt.within_limits()
         keys = [self._priority[r] for r in running_ids]
         assert keys == sorted(keys), "running list out of priority order"
         refs = [0] * pool.num_blocks

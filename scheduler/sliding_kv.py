@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from .block_pool import BlockHash, extend_block_hashes
-from .kv_cache_manager import KVCacheManager, known_written, cdiv
+from .kv_cache_manager import NEVER_CACHED, KVCacheManager, known_written, cdiv
 from .request import Request
 
 # A sliding-table entry whose block was freed (or never needed): the runner maps it to its null block.
@@ -199,6 +199,12 @@ class SlidingKVCacheManager(KVCacheManager):
         if pairs:
             self.pool.cache_full_blocks([b for b, _ in pairs], [h for _, h in pairs])
         self._num_cached_sliding[rid] = num_full
+
+    def exclude_from_prefix_cache(self, req: Request) -> None:
+        """As KVCacheManager's, for both groups."""
+        super().exclude_from_prefix_cache(req)
+        if req.request_id in self._num_cached_sliding:
+            self._num_cached_sliding[req.request_id] = NEVER_CACHED
 
     def free(self, req: Request) -> None:
         """Release both tables' blocks (each tail first; see BlockPool.free)."""

@@ -8,7 +8,12 @@ Roles (vLLM's kv_role names in GetServerInfo, what smg's PD mode and other route
   say `do_remote_decode` (a prefill server's default) has its prompt KV saved, and its final response carries the
   decode side's parameters.
 * `decode` ("kv_consumer"): loads a request's prompt KV from the prefill engine its `do_remote_prefill` params
-  name, instead of prefilling it (a failed or late transfer is recomputed here, never lost).
+  name, instead of prefilling it (a failed or late transfer is recomputed here, never lost), if that engine is
+  one of `--kv-peers` (default: loopback only); any other source is refused when the request arrives.
+
+Security (docs/security-kv.md): `--kv-secret-file` (or MOELINK_KV_SECRET), the same on every prefill and decode
+server, authenticates both ends of every KV connection; it is required once a KV listener (`--kv-host`) or a peer
+(`--kv-peers`) is not loopback.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Optional
 
+from ..cluster.kv_auth import SECRET_ENV, load_secret
+from ..cluster.kv_peers import parse_peers
 from ..cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
 from ..cluster.kv_transport import KV_TRANSPORTS
 from ..contract.safe_text import shown
@@ -67,6 +74,21 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
                    help="per rank: saved KV past this is dropped oldest first")
     g.add_argument("--kv-fetch-timeout", type=float, default=60.0,
                    help="seconds a decode server waits for one request's KV before it computes the prompt itself")
+    g.add_argument("--kv-secret-file", default=None, metavar="PATH",
+                   help=f"the deployment's KV secret (at least 16 bytes; a file no other user may read), the same on "
+                        f"every prefill and decode server: both ends of a KV connection prove it (or set {SECRET_ENV}); "
+                        f"required when --kv-host or a --kv-peers host is not loopback")
+    g.add_argument("--kv-peers", default=None, metavar="HOST[:PORT[-PORT]],...",
+                   help="the prefill servers a decode server may load KV from (their --kv-advertise-host or --kv-host "
+                        "and KV ports); a request naming any other source is refused (default: loopback only)")
+    g.add_argument("--kv-connect-timeout", type=float, default=5.0,
+                   help="seconds a decode server waits to connect to a prefill server's KV port")
+    g.add_argument("--kv-first-byte-timeout", type=float, default=5.0,
+                   help="seconds for a KV handshake and for the first byte of a reply (both servers: use the same)")
+    g.add_argument("--kv-max-loads", type=int, default=128,
+                   help="per rank: KV loads in flight at once (past it a request's prompt is computed here)")
+    g.add_argument("--kv-max-loads-per-source", type=int, default=64,
+                   help="per rank: KV loads in flight from one prefill server's port")
 
 
 def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
@@ -76,9 +98,18 @@ def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
     if ns.role == "decode" and ns.kv_port is not None:
         raise ValueError(f"--kv-port={ns.kv_port} is invalid with --role decode: a decode server serves no KV "
                          f"(give it to the prefill servers).")
+    peers = None
+    if ns.kv_peers is not None:
+        try:
+            peers = parse_peers(ns.kv_peers)
+        except ValueError as exc:
+            raise ValueError(f"--kv-peers={shown(ns.kv_peers)} is invalid: {exc}") from None
+    extra = {} if getattr(ns, "max_model_len", None) is None else {"max_prompt_tokens": ns.max_model_len}
     kv = RemoteKVConfig(transport=ns.kv_transport, host=ns.kv_host, port=ns.kv_port, num_ranks=num_ranks,
                         advertise_host=ns.kv_advertise_host, ttl_s=ns.kv_ttl, max_saved_bytes=ns.kv_max_saved_bytes,
-                        fetch_timeout_s=ns.kv_fetch_timeout)
+                        fetch_timeout_s=ns.kv_fetch_timeout, secret=load_secret(ns.kv_secret_file), peers=peers,
+                        connect_timeout_s=ns.kv_connect_timeout, first_byte_timeout_s=ns.kv_first_byte_timeout,
+                        max_loads=ns.kv_max_loads, max_loads_per_source=ns.kv_max_loads_per_source, **extra)
     return ServerRole(ns.role, kv)
 
 

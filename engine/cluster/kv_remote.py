@@ -4,8 +4,9 @@ request's prompt KV over a named transport (engine/cluster/kv_transport.py: "tcp
     # prefill process: rank r serves the KV it saved on port + r of 127.0.0.1
     conn = RemoteKVConnector(RemoteKVConfig(port=5600))
     llm = LLM(model, kv_connector=conn)
-    llm.generate(prompts, SamplingParams(max_tokens=1, kv_transfer_params=KVTransferParams(do_remote_decode=True)))
-    params = [o.kv_transfer_params for o in outputs]                  # where each prompt's KV is, and its key
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=1,
+                                                   kv_transfer_params=KVTransferParams(do_remote_decode=True)))
+    params = [o.kv_transfer_params for o in outputs]            # where each prompt's KV is, and its capability
 
     # decode process: fetches it instead of prefilling
     llm = LLM(model, kv_connector=RemoteKVConnector(RemoteKVConfig()))  # no port: serves nothing
@@ -25,89 +26,41 @@ a load (the prefill engine gone, mid-fetch or before; nothing under the key; ano
 `fetch_timeout_s` passed) reports the load failed: the scheduler frees the blocks and recomputes the request.
 The reason is logged and kept (`WorkerKVStats.failures`).
 
-The factory holds only this config, so it pickles to Ray ranks: each builds its own server and store there.
+Security (docs/security-kv.md): each save is keyed by a fresh capability the scheduler half issues
+(`save_params`) and only that request's output carries (`remote_kv_token`); a fetch needs it and the exact
+prompt. Requests naming a source outside `RemoteKVConfig.peers` are refused when added (`check_params`), before
+any connection; loads are capped per source and in all (scheduler/kv_connector.py) and never hold a sequence
+slot; a decode engine without the deployment secret does not register loaded KV for prefix reuse
+(`trusted_loads`: nothing proved where it came from).
+
+The factory holds only this config, so it pickles to Ray ranks: each builds its own server and store there (the
+config carries the secret to them: Ray's own transport must be as trusted as the hosts).
 """
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Optional
 
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
 from moelink.engine.contract.safe_text import shown
+from moelink.scheduler.kv_connector import LoadLimits
 from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
 
 from ..rank.kv_transfer import PagedKVBlocks, PendingRead
 from .kv_arrival import ArrivalWriter, LoadDropped, LoadWriteFailed
+from .kv_auth import SecretAuth, is_capability, new_capability
+from .kv_config import WILDCARD_HOSTS, RemoteKVConfig, RemoteSource
+from .kv_peers import describe_peers, peer_allowed
+from .kv_server import ServerLimits
 from .kv_store import SavedKVStore
-from .kv_transport import KV_TRANSPORTS, make_transport
+from .kv_transport import make_transport
 from .kv_wire import KVFetchError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RemoteKVConfig:
-    """The remote KV connector's settings (module docstring)."""
-
-    transport: str = "tcp"  # a name in kv_transport.KV_TRANSPORTS: "tcp", "shm" (one host); both engines the same
-    host: str = "127.0.0.1"  # where this engine's ranks serve their saved KV (bound exactly: never wider)
-    # The address decode engines are told to fetch from (outputs' remote_host); None: `host`. Needed when `host`
-    # is a wildcard (0.0.0.0, ::), which binds every interface but names none a peer can dial.
-    advertise_host: Optional[str] = None
-    port: Optional[int] = None  # rank r serves on port + r; None: this engine serves nothing (decode only)
-    num_ranks: int = 1  # this engine's ranks (expert_parallel_size): ports port + [0, num_ranks)
-    ttl_s: float = 120.0  # saved KV not fetched within this is dropped
-    max_saved_bytes: int = 4 << 30  # per rank; past it the oldest saved KV is dropped
-    connect_timeout_s: float = 5.0
-    fetch_timeout_s: float = 60.0  # a whole fetch, connection to last byte; also a server's silent-peer limit
-
-    def __post_init__(self) -> None:
-        _check(self.transport in KV_TRANSPORTS, "transport", self.transport,
-               f"must be one of {', '.join(sorted(KV_TRANSPORTS))}")
-        _check(isinstance(self.host, str) and 0 < len(self.host) <= 255, "host", self.host,
-               "must be a host name or IP address to bind, e.g. 127.0.0.1")
-        _check(self.advertise_host is None or (isinstance(self.advertise_host, str) and 0 < len(self.advertise_host)
-               <= 255 and self.advertise_host not in WILDCARD_HOSTS), "advertise_host", self.advertise_host,
-               "must be None or the host name or IP address decode engines reach this engine at (not a wildcard)")
-        _check(self.port is None or self.host not in WILDCARD_HOSTS or self.advertise_host is not None, "advertise_host",
-               self.advertise_host, f"must be set when host={self.host!r} (a wildcard): the address decode engines dial")
-        _check(_is_int(self.num_ranks) and 1 <= self.num_ranks <= 1024, "num_ranks", self.num_ranks,
-               "must be an integer in [1, 1024]")
-        _check(self.port is None or (_is_int(self.port) and 1 <= self.port <= 65536 - self.num_ranks), "port",
-               self.port, f"must be None (serve nothing) or an integer in [1, {65536 - self.num_ranks}] "
-               f"(num_ranks={self.num_ranks} ports from it)")
-        for name in ("ttl_s", "connect_timeout_s", "fetch_timeout_s"):
-            v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, name, v,
-                   "must be a finite number of seconds > 0")
-        _check(_is_int(self.max_saved_bytes) and self.max_saved_bytes >= 1, "max_saved_bytes", self.max_saved_bytes,
-               "must be an integer >= 1")
-
-
-    @property
-    def reachable_host(self) -> str:
-        """The host a decode engine is told to fetch from."""
-        return self.advertise_host or self.host
-
-
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
-
-
-@dataclass(frozen=True)
-class RemoteSource:
-    """A load's source (`KVTransfer.params`): the prefill engine's ranks' addresses and the key."""
-
-    host: str
-    port: int
-    num_ranks: int
-    key: str
-    token_ids: tuple[int, ...]  # the decode request's prompt: the saved KV must be of its tokens
 
 
 class RemoteKVConnector:
@@ -132,15 +85,39 @@ class RemoteKVConnector:
         self._check_rank(rank)
         return RemoteWorkerSide(self.config, rank)
 
-    def decode_params(self, request_id: str) -> KVTransferParams:
-        """What a decode engine's request needs to load the KV this engine saved for `request_id`, when its output's
-        `kv_transfer_params` (which names the rank's own port) is not at hand: every rank's ports, asked in turn."""
+    def decode_params(self, saved: KVTransferParams) -> KVTransferParams:
+        """What a decode engine's request needs to load the KV of `saved` (a request's output kv_transfer_params,
+        which names only the rank that saved it) when that rank is not known: every rank's ports, asked in turn,
+        and the same capability."""
         c = self.config
         if c.port is None:
             raise ValueError("RemoteKVConfig.port=None: this engine serves no saved KV, so no decode engine can "
                              "load from it; give it a port.")
         return KVTransferParams(do_remote_prefill=True, remote_host=c.reachable_host, remote_port=c.port,
-                                remote_ranks=c.num_ranks, remote_request_id=request_id)
+                                remote_ranks=c.num_ranks, remote_request_id=saved.remote_request_id,
+                                remote_kv_token=saved.remote_kv_token)
+
+    def check_params(self, params: KVTransferParams | None) -> None:
+        """ValueError (naming the field) for a request whose KV source is not one of this engine's peers: refused
+        when the request is added (engine/core/input_processing.py), before any connection is made."""
+        if params is None or not params.do_remote_prefill:
+            return
+        peers = self.config.peers
+        if not peer_allowed(peers, params.remote_host, params.remote_port, params.remote_ranks):
+            ports = (f"{params.remote_port}" if params.remote_ranks == 1
+                     else f"{params.remote_port}-{params.remote_port + params.remote_ranks - 1}")
+            raise ValueError(f"KVTransferParams.remote_host={shown(params.remote_host)} (ports {ports}) is invalid: "
+                             f"this decode engine loads KV only from its configured peers (--kv-peers): "
+                             f"{describe_peers(peers)}.")
+
+    def describe(self) -> str:
+        """One line on what this connector listens on and whom it trusts (a server's startup)."""
+        c = self.config
+        auth = "authenticated by the deployment's KV secret" if c.secret else "no KV secret (loopback only)"
+        serves = ("serves no KV" if c.port is None else
+                  f"serves saved KV on {c.host}:{c.port}" + (f"-{c.port + c.num_ranks - 1}" if c.num_ranks > 1 else ""))
+        return (f"KV {c.transport}: {serves}; loads from peers: {describe_peers(c.peers)}; {auth}"
+                + ("" if c.secret else "; loaded KV is not shared through the prefix cache") + ".")
 
     def _check_rank(self, rank: int) -> None:
         if self.config.port is not None and rank >= self.config.num_ranks:
@@ -153,8 +130,14 @@ def _params(req: Request) -> KVTransferParams | None:
 
 
 class _SchedulerSide:
+    MAX_PENDING_CAPS = 1 << 16  # saves whose request has not finished yet (an abort may never finish one)
+
     def __init__(self, config: RemoteKVConfig, rank: int) -> None:
         self.config, self.rank, self.serves = config, rank, config.port is not None
+        self.load_limits = LoadLimits(config.max_loads, config.max_loads_per_source, config.max_load_block_fraction,
+                                      config.max_loads_per_client)
+        self.trusted_loads = config.secret is not None  # a handshake proved the source holds the secret
+        self._caps: OrderedDict[str, str] = OrderedDict()  # request id -> the capability its save is under
 
     def num_loadable_tokens(self, req: Request) -> int:
         p = _params(req)
@@ -162,8 +145,13 @@ class _SchedulerSide:
 
     def load_params(self, req: Request) -> RemoteSource:
         p = _params(req)
-        return RemoteSource(p.remote_host, p.remote_port, p.remote_ranks, p.remote_request_id,
+        return RemoteSource(p.remote_host, p.remote_port, p.remote_ranks, p.remote_kv_token,
                             tuple(req.prompt_token_ids))
+
+    def load_source(self, req: Request) -> tuple:
+        """Which prefill engine a load comes from (scheduler/kv_connector.py's per-source cap)."""
+        p = _params(req)
+        return p.remote_host, p.remote_port
 
     def wants_save(self, req: Request) -> bool:
         p = _params(req)
@@ -174,14 +162,24 @@ class _SchedulerSide:
                            "is not saved (a decode engine will recompute it).", shown(req.request_id))
         return self.serves
 
+    def save_params(self, req: Request) -> str:
+        """A fresh capability for the save of `req` (the worker half stores it under that key)."""
+        cap = self._caps[req.request_id] = new_capability()
+        while len(self._caps) > self.MAX_PENDING_CAPS:
+            self._caps.popitem(last=False)
+        return cap
+
     def request_finished(self, req: Request) -> KVTransferParams | None:
-        """A saved request's output says where its KV is: this rank's own port (no other rank to ask)."""
+        """A saved request's output says where its KV is: this rank's own port (no other rank to ask), and the
+        capability it is saved under."""
+        cap = self._caps.pop(req.request_id, None)
         p = _params(req)
-        if p is None or not p.do_remote_decode or not self.serves or req.num_computed_tokens < req.num_prompt_tokens:
+        if cap is None or p is None or not p.do_remote_decode or not self.serves \
+                or req.num_computed_tokens < req.num_prompt_tokens:
             return None  # not saved: not asked to, nowhere to serve it, or ended before its prompt was computed
         return KVTransferParams(do_remote_prefill=True, remote_host=self.config.reachable_host,
                                 remote_port=self.config.port + self.rank, remote_ranks=1,
-                                remote_request_id=req.request_id)
+                                remote_request_id=req.request_id, remote_kv_token=cap)
 
     def transfer_done(self, transfer: KVTransfer, ok: bool) -> None:
         pass  # the worker half counts and logs; the scheduler recomputes a failed load
@@ -202,7 +200,10 @@ class RemoteWorkerSide:
 
     def __init__(self, config: RemoteKVConfig, rank: int) -> None:
         self.config = config
-        self.transport = make_transport(config.transport, config.connect_timeout_s, config.fetch_timeout_s)
+        limits = ServerLimits(handshake_timeout_s=config.first_byte_timeout_s, io_timeout_s=config.fetch_timeout_s,
+                              max_prompt_tokens=config.max_prompt_tokens)
+        self.transport = make_transport(config.transport, config.connect_timeout_s, config.fetch_timeout_s,
+                                        SecretAuth(config.secret), config.first_byte_timeout_s, limits)
         self.store = SavedKVStore(config.ttl_s, config.max_saved_bytes)
         self.server = None if config.port is None else self.transport.serve(self.store, config.host, config.port + rank)
         self.stats = WorkerKVStats()
@@ -219,11 +220,16 @@ class RemoteWorkerSide:
     # saves: on their way to host memory from now (read_async: a side-stream copy on a GPU); stored and reported
     # by the first poll that finds them there, so the blocks stay the scheduler's until the bytes are out.
     def start_save(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
-        self.store.expect(t.req_id)  # before the request's output can name the key to a decode engine
+        if not is_capability(t.params):  # the scheduler half names the key (save_params): never a request id
+            logger.warning("KV save of request %s has no capability to be saved under: not saved", shown(t.req_id))
+            with self._lock:
+                self._done[t.transfer_id] = False
+            return
+        self.store.expect(t.params)  # before the request's output can name the key to a decode engine
         try:
             pending = kv.read_async(t)
         except (RuntimeError, ValueError) as exc:  # a copy that could not start (device memory): not saved
-            self.store.abandon(t.req_id)
+            self.store.abandon(t.params)
             logger.warning("KV save of request %s failed (a decode engine recomputes it): %s", shown(t.req_id), exc)
             with self._lock:
                 self._done[t.transfer_id] = False
@@ -235,6 +241,10 @@ class RemoteWorkerSide:
     def start_load(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
         if not isinstance(t.params, RemoteSource):
             self._fail(t, "the load names no remote source (a request without kv_transfer_params)")
+            return
+        src = t.params
+        if not peer_allowed(self.config.peers, src.host, src.port, src.num_ranks):  # checked when added, too
+            self._fail(t, f"{src.host}:{src.port} is not one of this engine's KV peers ({describe_peers(self.config.peers)})")
             return
         th = threading.Thread(target=self._fetch, args=(t, kv, self._generation), name=f"kv-fetch-{t.transfer_id}",
                               daemon=True)
@@ -301,7 +311,7 @@ class RemoteWorkerSide:
             with self._lock:
                 self._saving = [(t, p) for t, p in saving if not p.done()] + self._saving
         for t, p in ready:
-            self.store.put(t.req_id, p.saved)
+            self.store.put(t.params, p.saved)
             with self._lock:
                 self._done[t.transfer_id] = True
         with self._lock:
@@ -336,21 +346,18 @@ class RemoteWorkerSide:
         with self._lock:
             saving, self._saving = self._saving, []
         for t, _ in saving:  # never put: a fetch waiting for it is answered at once
-            self.store.abandon(t.req_id)
+            self.store.abandon(t.params)
 
     def close(self) -> None:
         self._abandon_saves()
         if self.server is not None:
             self.server.close()
             self.server = None
+        self.store.clear()  # nothing saved outlives the rank
         with self._lock:
             fetches = list(self._fetches)
         for th in fetches:  # each ends within fetch_timeout_s of its start
             th.join(self.config.fetch_timeout_s + self.config.connect_timeout_s)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -358,4 +365,5 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"RemoteKVConfig.{name}={shown(value)} is invalid: {allowed}.")
 
 
-__all__ = ["RemoteKVConfig", "RemoteKVConnector", "RemoteSource", "RemoteWorkerSide", "WorkerKVStats"]
+__all__ = ["RemoteKVConfig", "RemoteKVConnector", "RemoteSource", "RemoteWorkerSide", "WILDCARD_HOSTS",
+           "WorkerKVStats"]

@@ -11,8 +11,13 @@ is left behind when either side dies: the kernel frees it when the last descript
 
 The socket is a file, `unix_socket_path(host, port)` in the temp dir, made by the server with mode 0600 (only the
 same user can connect: narrower than a loopback port) and removed by `close()`. `host` and `port` only name it
-(the decode side computes the same path from the prefill engine's kv_transfer_params); both engines must share
-the host and its temp dir.
+(the decode side computes the same path from the prefill engine's kv_transfer_params), and only a validated host
+name or IP address and a port number can (engine/cluster/kv_peers.py: no '/', no '..'); both engines must share
+the host and its temp dir. The handshake, request and refusals are the TCP transport's (kv_server.py), per-peer
+bounds counting the peer process.
+
+A reused reply file is cut to the reply's length before it is written (ftruncate: the kernel drops, and zeroes,
+what was past it), so a reply never carries bytes of an earlier one.
 """
 from __future__ import annotations
 
@@ -24,16 +29,20 @@ import threading
 
 import torch
 
-from moelink.engine.contract.safe_text import shown
-
 from ..rank.kv_transfer import SavedKV
+from .kv_auth import PeerAuth
+from .kv_client import FetchTimeouts, request_kv
+from .kv_peers import is_host
+from .kv_server import KVSocketServer, ServerLimits
 from .kv_store import SavedKVStore
-from .kv_tcp import KVSocketServer
-from .kv_wire import (VERSION, Deadline, KVFetchError, Staging, layout_to_json, recv_header, recv_saved, saved_header,
-                      send_header)
+from .kv_wire import Deadline, KVFetchError, Staging, recv_header, recv_saved, saved_header, send_header
 
 
 def unix_socket_path(host: str, port: int) -> str:
+    """The socket file of (host, port): ValueError unless `host` is a host name or IP address and `port` a port."""
+    if not is_host(host) or not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"remote_host={host!r}, remote_port={port!r} is invalid for the shm KV transport: allowed "
+                         f"are a host name or IP address and a port in [1, 65535].")
     return os.path.join(tempfile.gettempdir(), f"moelink-kv-{host}-{port}.sock")
 
 
@@ -41,9 +50,8 @@ class _MemfdPool:
     """The shared-memory files one server replies in, reused reply after reply: a fresh file's pages are allocated
     as the server writes them, which cost more than the copy itself on our machines (a fetch of DeepSeek-V3's KV
     ran at 1.5 GB/s with a new file per reply). A file goes back to the pool only once the client that was handed
-    it has hung up, i.e. read all it wanted; at most `keep` are kept. A reused file may be larger than the reply:
-    the client reads the reply's `bytes` only (the rest is older KV of this same user's engine, whom the 0600
-    socket already limits the readers to)."""
+    it has hung up, i.e. read all it wanted; at most `keep` are kept. A reused file is cut to the reply's size
+    first (`get`): a reply never carries bytes of an earlier one past its end."""
 
     def __init__(self, keep: int = 4) -> None:
         self.keep = keep
@@ -54,8 +62,11 @@ class _MemfdPool:
     def get(self, size: int) -> tuple[int, int]:
         with self._lock:
             fits = [i for i, (_, cap) in enumerate(self._free) if cap >= size]
-            if fits:
-                return self._free.pop(min(fits, key=lambda i: self._free[i][1]))
+            fd, cap = self._free.pop(min(fits, key=lambda i: self._free[i][1])) if fits else (None, 0)
+        if fd is not None:
+            if cap != size:
+                os.ftruncate(fd, size)  # the bytes past `size` are gone: never an earlier reply's
+            return fd, size
         fd = os.memfd_create("moelink-kv", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         return fd, size
@@ -76,12 +87,12 @@ class _MemfdPool:
             os.close(fd)
 
 
-def _memfd_reply(pool: _MemfdPool, io_timeout_s: float):
+def _memfd_reply(pool: _MemfdPool):
     """The shared-memory server's ok reply: the rows written into a pooled file, its descriptor sent, and the file
-    back to the pool once the client hangs up (a client that stays silent past `io_timeout_s`, or says anything,
-    keeps it: the file is closed instead)."""
+    back to the pool once the client hangs up (a client that stays silent past the reply's deadline, or says
+    anything, keeps it: the file is closed instead)."""
 
-    def reply(conn: socket.socket, saved: SavedKV, query: dict | None = None) -> None:
+    def reply(conn: socket.socket, saved: SavedKV, query: dict, deadline: Deadline) -> None:
         rows = [t.contiguous() for _, ts in saved.groups for t in ts]
         size = sum(t.numel() for t in rows)
         fd, cap = pool.get(size)
@@ -95,12 +106,13 @@ def _memfd_reply(pool: _MemfdPool, io_timeout_s: float):
                     n = os.pwrite(fd, view, off)
                     view, off = view[n:], off + n
             header = saved_header(saved) | {"bytes": size}
-            send_header(conn, {"fd": True})  # the next message carries the descriptor
+            send_header(conn, {"fd": True}, deadline)  # the next message carries the descriptor
+            deadline.left(conn)
             socket.send_fds(conn, [b"F"], [fd])
-            send_header(conn, header)
-            conn.settimeout(io_timeout_s)
+            send_header(conn, header, deadline)
+            deadline.left(conn)
             done = conn.recv(1) == b""  # the client hung up: it has read every byte it will read
-        except OSError:
+        except (OSError, KVFetchError):
             done = False
         finally:
             if done:
@@ -111,7 +123,8 @@ def _memfd_reply(pool: _MemfdPool, io_timeout_s: float):
     return reply
 
 
-def ShmKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float = 30.0) -> KVSocketServer:
+def ShmKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float = 30.0,
+                limits: ServerLimits | None = None, auth: PeerAuth | None = None) -> KVSocketServer:
     """A server of `store` on the Unix socket `unix_socket_path(host, port)` (module docstring)."""
     path = unix_socket_path(host, port)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -126,7 +139,7 @@ def ShmKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float =
     finally:
         os.umask(old)
     pool = _MemfdPool()
-    server = KVSocketServer(store, sock, _memfd_reply(pool, io_timeout_s), io_timeout_s)
+    server = KVSocketServer(store, sock, _memfd_reply(pool), limits or ServerLimits(io_timeout_s=io_timeout_s), auth)
     close = server.close
 
     def close_and_unlink() -> None:
@@ -140,17 +153,20 @@ def ShmKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: float =
 
 
 def shm_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
-              timeout_s: float, on_group=None) -> SavedKV:
+              timeout_s: float, on_group=None, auth: PeerAuth | None = None,
+              first_byte_s: float = FetchTimeouts.first_byte_s) -> SavedKV:
     """As tcp_fetch, over the Unix socket of (host, port), the KV read from the shared memory the reply names."""
-    path = unix_socket_path(host, port)
-    deadline = Deadline(timeout_s, f"fetching KV {shown(key)} from {path}")
+    try:
+        path = unix_socket_path(host, port)
+    except ValueError as exc:
+        raise KVFetchError(str(exc)) from None
+    where = f"fetching KV from {path}"
+    deadline = Deadline(timeout_s, where)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             deadline.left(sock)
             sock.connect(path)
-            send_header(sock, {"v": VERSION, "key": key, "layout": layout_to_json(layout),
-                               "num_tokens": len(token_ids), "token_ids": list(token_ids)})
-            reply = recv_header(sock, deadline)
+            reply = request_kv(sock, where, key, layout, token_ids, deadline, first_byte_s, auth)
             if reply.get("fd") is not True:
                 raise KVFetchError(f"{path} refused: {reply.get('error', 'no reason given')}")
             deadline.left(sock)
@@ -182,14 +198,14 @@ def shm_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int
                     return buf
 
                 take.next_group = staging.next_group
-                return recv_saved(take, reply, layout, max_blocks, len(token_ids), on_group)
+                return recv_saved(take, reply, layout, max_blocks, token_ids, on_group)
             finally:
                 staging.release()
                 os.close(fd)
     except TimeoutError:
-        raise KVFetchError(f"fetching KV {shown(key)} from {path}: timed out") from None
+        raise KVFetchError(f"{where}: timed out") from None
     except OSError as exc:
-        raise KVFetchError(f"fetching KV {shown(key)} from {path}: {exc}") from None
+        raise KVFetchError(f"{where}: {exc}") from None
 
 
 __all__ = ["ShmKVServer", "shm_fetch", "unix_socket_path"]

@@ -32,8 +32,8 @@ class StoreCounters:
 
 
 class SavedKVStore:
-    """Saved KV by key (the prefill request's id), thread-safe: the rank's device work puts, the server's
-    connection threads take. `clock`: seconds, monotonic (tests pass their own)."""
+    """Saved KV by key (a random capability per save, never a request id), thread-safe: the rank's device work
+    puts, the server's connection threads take. `clock`: seconds, monotonic (tests pass their own)."""
 
     def __init__(self, ttl_s: float, max_bytes: int, clock=time.monotonic) -> None:
         self.ttl_s, self.max_bytes, self._clock = ttl_s, max_bytes, clock
@@ -43,6 +43,9 @@ class SavedKVStore:
         self._saved: OrderedDict[str, tuple[float, SavedKV]] = OrderedDict()  # oldest first
         self._bytes = 0
         self.counters = StoreCounters()
+        # The layout of what this rank saves (its cache's, engine/rank/kv_transfer.py), known from the first save:
+        # a server refuses a decode engine of another layout by name, whatever key it asks for.
+        self.layout: tuple | None = None
 
     def expect(self, key: str) -> None:
         """A save of `key` has begun: a fetch of it waits for its `put` or `abandon`."""
@@ -61,6 +64,7 @@ class SavedKVStore:
         self._arrived.notify_all()
 
     def put(self, key: str, saved: SavedKV) -> None:
+        """Hold `saved` under `key` (a capability, engine/cluster/kv_auth.py) until fetched, expired or evicted."""
         with self._lock:
             self._settle(key)
             self._expire()
@@ -78,6 +82,7 @@ class SavedKVStore:
             self._saved[key] = (self._clock(), saved)
             self._bytes += saved.nbytes
             self.counters.num_saved += 1
+            self.layout = saved.layout
 
     def peek(self, key: str, wait_s: float = 0.0) -> SavedKV | None:
         """The entry under `key`, waiting up to `wait_s` for a save of it that has begun (`expect`)."""
@@ -102,8 +107,17 @@ class SavedKVStore:
             return True
 
     def expire(self) -> None:
+        """Drop what is past its TTL (a store op does it too; a server's sweeper calls this while no step runs)."""
         with self._lock:
             self._expire()
+
+    def clear(self) -> None:
+        """Drop everything (the rank is closing); a fetch waiting for an announced save is answered at once."""
+        with self._lock:
+            self._saved.clear()
+            self._expected.clear()
+            self._bytes = 0
+            self._arrived.notify_all()
 
     def _expire(self) -> None:
         cutoff = self._clock() - self.ttl_s

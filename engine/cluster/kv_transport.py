@@ -3,7 +3,9 @@
 A transport does two things for the remote KV connector (engine/cluster/kv_remote.py): on a prefill rank it
 serves that rank's saved-KV store (engine/cluster/kv_store.py) at an address, and on a decode rank it fetches
 the KV saved under a key from such an address. The connector around it owns everything else: which requests
-save and load, the store's bounds, the background fetch and its deadline, writing the blocks, reporting.
+save and load, the store's bounds, the background fetch and its deadline, writing the blocks, reporting. Every
+transport runs the same handshake (engine/cluster/kv_auth.py: `auth`, the deployment secret) and the same
+request checks and bounds (engine/cluster/kv_server.py: `limits`; engine/cluster/kv_client.py: `first_byte_s`).
 
 - "tcp" (engine/cluster/kv_tcp.py): one connection per fetch, JSON header and raw bytes; any two hosts, CPU
   tests. Binds only the host it is given.
@@ -28,6 +30,9 @@ from typing import Protocol
 import torch
 
 from ..rank.kv_transfer import SavedKV
+from .kv_auth import NO_SECRET, PeerAuth
+from .kv_client import FetchTimeouts
+from .kv_server import ServerLimits
 from .kv_store import SavedKVStore
 from .kv_shm import ShmKVServer, shm_fetch
 from .kv_tcp import TCPKVServer, tcp_fetch
@@ -53,29 +58,37 @@ class KVTransport(Protocol):
 
 
 class TCPTransport:
+    """`auth`: the handshake (both roles); `first_byte_s`: a fetch's handshake and reply header deadlines, and a
+    server's deadline for a peer's handshake and request; `limits`: a server's bounds (default: ServerLimits with
+    these deadlines)."""
+
     name = "tcp"
 
-    def __init__(self, connect_timeout_s: float, io_timeout_s: float) -> None:
+    def __init__(self, connect_timeout_s: float, io_timeout_s: float, auth: PeerAuth | None = None,
+                 first_byte_s: float = FetchTimeouts.first_byte_s, limits: ServerLimits | None = None) -> None:
         self.connect_timeout_s, self.io_timeout_s = connect_timeout_s, io_timeout_s
+        self.auth, self.first_byte_s = auth or NO_SECRET, first_byte_s
+        self.limits = limits or ServerLimits(handshake_timeout_s=first_byte_s, io_timeout_s=io_timeout_s)
 
     def serve(self, store: SavedKVStore, host: str, port: int) -> TCPKVServer:
-        return TCPKVServer(store, host, port, self.io_timeout_s)
+        return TCPKVServer(store, host, port, limits=self.limits, auth=self.auth)
 
     def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
               timeout_s: float, device: torch.device, on_group=None) -> SavedKV:
         return tcp_fetch(host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s, timeout_s,
-                         pin=device.type == "cuda", on_group=on_group)
+                         pin=device.type == "cuda", on_group=on_group, auth=self.auth, first_byte_s=self.first_byte_s)
 
 
 class ShmTransport(TCPTransport):
     name = "shm"
 
     def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
-        return ShmKVServer(store, host, port, self.io_timeout_s)
+        return ShmKVServer(store, host, port, limits=self.limits, auth=self.auth)
 
     def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
               timeout_s: float, device: torch.device, on_group=None) -> SavedKV:
-        return shm_fetch(host, port, key, layout, token_ids, max_blocks, timeout_s, on_group)
+        return shm_fetch(host, port, key, layout, token_ids, max_blocks, timeout_s, on_group, self.auth,
+                         self.first_byte_s)
 
 
 class CollectiveTransport(TCPTransport):
@@ -92,22 +105,23 @@ class CollectiveTransport(TCPTransport):
     def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
         from .kv_collective import CollectiveKVServer
 
-        return CollectiveKVServer(store, host, port, self.io_timeout_s, self._device())
+        return CollectiveKVServer(store, host, port, device=self._device(), limits=self.limits, auth=self.auth)
 
     def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
               timeout_s: float, device: torch.device, on_group=None) -> SavedKV:
         from .kv_collective import collective_fetch
 
         return collective_fetch(host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s, timeout_s,
-                                device, on_group)
+                                device, on_group, self.auth, self.first_byte_s)
 
 
 KV_TRANSPORTS = {"tcp": TCPTransport, "shm": ShmTransport, "collective": CollectiveTransport}
 
 
-def make_transport(name: str, connect_timeout_s: float, io_timeout_s: float) -> KVTransport:
-    """The transport named `name` (RemoteKVConfig validated it)."""
-    return KV_TRANSPORTS[name](connect_timeout_s, io_timeout_s)
+def make_transport(name: str, connect_timeout_s: float, io_timeout_s: float, auth: PeerAuth | None = None,
+                   first_byte_s: float = FetchTimeouts.first_byte_s, limits: ServerLimits | None = None) -> KVTransport:
+    """The transport named `name` (RemoteKVConfig validated it); the rest as TCPTransport's."""
+    return KV_TRANSPORTS[name](connect_timeout_s, io_timeout_s, auth, first_byte_s, limits)
 
 
 __all__ = ["CollectiveTransport", "KVServer", "KVTransport", "KV_TRANSPORTS", "ShmTransport", "TCPTransport",

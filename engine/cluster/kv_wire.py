@@ -1,10 +1,17 @@
 """What crosses the wire when a decode engine fetches saved KV from a prefill engine: framing and the KV itself.
 
-A message is a JSON header (4-byte magic, 4-byte big-endian length, UTF-8 JSON) and, after a reply that says
-ok, the raw bytes of every saved tensor in order. JSON and raw bytes, never pickle: a pickle from the network
-runs code, and the bytes of a tensor need no encoding. The fetching side checks every shape the reply declares
-against its own cache layout before it reads a byte of it, so a wrong or hostile reply cannot make it allocate
-more than the blocks it asked for.
+A message is a JSON header (4-byte magic, 4-byte big-endian length, UTF-8 JSON) and, after it, raw bytes the
+header declares: a request's prompt token ids (little-endian int32, `num_tokens` of them), an ok reply's saved
+tensors in order. JSON and raw bytes, never pickle: a pickle from the network runs code, and neither token ids
+nor a tensor need an encoding. Every size is bounded before anything is allocated for it: a header at most
+MAX_HEADER_BYTES (MAX_HELLO_BYTES before a peer has authenticated, engine/cluster/kv_auth.py), token ids at most
+the server's `max_prompt_tokens` and received as they arrive, and every shape an ok reply declares is checked
+against the fetching rank's own cache layout before it reads a byte of it, so a wrong or hostile reply cannot
+make it allocate more than the blocks it asked for. Every receive runs against a whole-message `Deadline` (not a
+per-read timeout: a peer trickling a byte at a time cannot hold a connection past it).
+
+An ok reply's header carries no token ids: the decode engine proved it has the prompt (the server compares it
+with the saved one), so nothing of it is echoed back.
 
 Legend: N blocks, X the bytes of one block row of a cache tensor (engine/rank/kv_transfer.py).
 """
@@ -17,13 +24,16 @@ import struct
 import threading
 import time
 
+import numpy as np
 import torch
 
 from ..rank.kv_transfer import SavedKV
 
 MAGIC = b"MLKV"
-VERSION = 1
-MAX_HEADER_BYTES = 64 << 20  # a header holds token ids and block indices, never KV: 64 MiB is far past a prompt's
+VERSION = 2  # 2: authenticated handshake, capabilities, token ids as raw int32 after the header, no ids echoed
+MAX_HEADER_BYTES = 64 << 10  # a header holds a key, a layout and block shapes, never token ids or KV
+MAX_HELLO_BYTES = 1 << 10  # a message before the peer has authenticated (hello, proof, a refusal)
+TOKEN_DTYPE = np.dtype("<i4")
 
 
 class KVFetchError(Exception):
@@ -58,8 +68,10 @@ class Deadline:
         return left
 
 
-def send_header(sock: socket.socket, header: dict) -> None:
+def send_header(sock: socket.socket, header: dict, deadline: "Deadline | None" = None) -> None:
     body = json.dumps(header, separators=(",", ":")).encode()
+    if deadline is not None:
+        deadline.left(sock)  # sendall's timeout bounds the whole send (not each chunk of it)
     sock.sendall(MAGIC + struct.pack(">I", len(body)) + body)
 
 
@@ -68,20 +80,25 @@ def recv_exact_into(sock: socket.socket, view: memoryview, deadline: Deadline | 
     while got < len(view):
         if deadline is not None:
             deadline.left(sock)
-        n = sock.recv_into(view[got:])
+        try:
+            n = sock.recv_into(view[got:])
+        except TimeoutError:
+            raise KVFetchError(f"{deadline.what if deadline else 'a KV message'}: timed out") from None
         if n == 0:
             raise KVFetchError("the connection closed mid-message (the other engine went away)")
         got += n
 
 
-def recv_header(sock: socket.socket, deadline: Deadline | None = None) -> dict:
+def recv_header(sock: socket.socket, deadline: Deadline | None = None, max_bytes: int = MAX_HEADER_BYTES) -> dict:
+    """One header, refused by its declared length before any of its body is read or allocated."""
     head = bytearray(8)
     recv_exact_into(sock, memoryview(head), deadline)
     if bytes(head[:4]) != MAGIC:
         raise KVFetchError("not a moelink KV message (bad magic)")
     (size,) = struct.unpack(">I", head[4:])
-    if size > MAX_HEADER_BYTES:
-        raise KVFetchError(f"a header of {size} bytes (at most {MAX_HEADER_BYTES})")
+    if size > max_bytes:
+        raise KVFetchError(f"a KV message header of {size} bytes (at most {max_bytes} allowed at this point of "
+                           f"protocol version {VERSION})")
     body = bytearray(size)
     recv_exact_into(sock, memoryview(body), deadline)
     try:
@@ -93,32 +110,57 @@ def recv_header(sock: socket.socket, deadline: Deadline | None = None) -> dict:
     return header
 
 
+def tokens_to_bytes(token_ids) -> bytes:
+    """Token ids as the wire carries them (little-endian int32)."""
+    arr = np.asarray(token_ids, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= 1 << 31):
+        raise KVFetchError("a token id outside [0, 2**31)")
+    return arr.astype(TOKEN_DTYPE).tobytes()
+
+
+def recv_tokens(sock: socket.socket, num_tokens: int, deadline: Deadline) -> bytes:
+    """`num_tokens` token ids' bytes (the caller bounded the count), received in chunks as they arrive: memory
+    grows with what the peer really sent, not with what it declared."""
+    want, buf = num_tokens * TOKEN_DTYPE.itemsize, bytearray()
+    while len(buf) < want:
+        deadline.left(sock)
+        try:
+            chunk = sock.recv(min(want - len(buf), 1 << 16))
+        except TimeoutError:
+            raise KVFetchError(f"{deadline.what}: timed out") from None
+        if not chunk:
+            raise KVFetchError("the connection closed mid-message (the other engine went away)")
+        buf += chunk
+    return bytes(buf)
+
+
 def saved_header(saved: SavedKV) -> dict:
-    """The ok reply's header: what `saved` holds, the shape of every tensor whose bytes follow."""
+    """The ok reply's header: what `saved` holds, the shape of every tensor whose bytes follow; no token ids."""
     groups = [[idx, [list(t.shape) for t in rows]] for idx, rows in saved.groups]
-    return {"ok": True, "num_tokens": saved.num_tokens, "token_ids": list(saved.token_ids),
-            "layout": layout_to_json(saved.layout), "groups": groups}
+    return {"ok": True, "num_tokens": saved.num_tokens, "layout": layout_to_json(saved.layout), "groups": groups}
 
 
-def send_saved(sock: socket.socket, saved: SavedKV, query: dict | None = None) -> None:
-    """The ok reply over a stream socket: the header, then each group's tensors' bytes."""
-    send_header(sock, saved_header(saved))
+def send_saved(sock: socket.socket, saved: SavedKV, query: dict | None = None, deadline: Deadline | None = None) -> None:
+    """The ok reply over a stream socket: the header, then each group's tensors' bytes, all within `deadline`."""
+    send_header(sock, saved_header(saved), deadline)
     for _, rows in saved.groups:
         for t in rows:
+            if deadline is not None:
+                deadline.left(sock)
             sock.sendall(memoryview(t.contiguous().numpy()).cast("B"))
 
 
-def recv_saved(take, header: dict, layout: tuple, max_blocks: int, want_tokens: int = 0,
-               on_group=None) -> SavedKV:
+def recv_saved(take, header: dict, layout: tuple, max_blocks: int, token_ids, on_group=None) -> SavedKV:
     """The tensors an ok `header` announces, each checked against `layout` (this rank's) and `max_blocks` (the
     blocks asked for) before `take(shape)` is asked for it: `take` returns a uint8 tensor of that shape holding
     the next bytes (`socket_take`: read from a socket into host memory; the shared-memory transport: a view of the
-    mapping, no copy; the collective transport: received on the rank's device). A reply of fewer than
-    `want_tokens` tokens is refused before any byte is read. With `on_group(g, idx, rows)`, each group is handed
-    over as soon as its bytes are in (the decode rank writes it into its blocks while the next group arrives) and
-    not kept: the SavedKV returned then holds no rows."""
+    mapping, no copy; the collective transport: received on the rank's device). A reply for another number of
+    tokens than `token_ids` (the prompt asked for) is refused before any byte is read. With `on_group(g, idx,
+    rows)`, each group is handed over as soon as its bytes are in (the decode rank writes it into its blocks while
+    the next group arrives) and not kept: the SavedKV returned then holds no rows."""
+    token_ids = tuple(token_ids)
     try:
-        num_tokens, token_ids = int(header["num_tokens"]), tuple(int(x) for x in header["token_ids"])
+        num_tokens = int(header["num_tokens"])
         their_layout = layout_from_json(header["layout"])
         announced = [([int(i) for i in idx], [tuple(int(x) for x in s) for s in shapes])
                      for idx, shapes in header["groups"]]
@@ -126,8 +168,8 @@ def recv_saved(take, header: dict, layout: tuple, max_blocks: int, want_tokens: 
         raise KVFetchError(f"a malformed reply header: {exc!r}") from None
     if their_layout != layout or len(announced) != len(layout):
         raise KVFetchError("the reply's KV layout is not this rank's")
-    if num_tokens < want_tokens:
-        raise KVFetchError(f"a reply of {num_tokens} tokens' KV for {want_tokens} asked")
+    if num_tokens != len(token_ids):
+        raise KVFetchError(f"a reply of {num_tokens} tokens' KV for {len(token_ids)} asked")
     groups = []
     for (idx, shapes), (_, tensors) in zip(announced, layout):
         if len(idx) > max_blocks or len(shapes) != len(tensors):
@@ -233,5 +275,6 @@ def _itemsize(dtype: str) -> int:
     return dt.itemsize
 
 
-__all__ = ["Deadline", "KVFetchError", "layout_from_json", "layout_to_json", "recv_header", "recv_saved",
-           "saved_header", "send_header", "send_saved", "socket_take", "Staging"]
+__all__ = ["Deadline", "KVFetchError", "MAX_HEADER_BYTES", "MAX_HELLO_BYTES", "VERSION", "layout_from_json",
+           "layout_to_json", "recv_header", "recv_saved", "recv_tokens", "saved_header", "send_header", "send_saved",
+           "socket_take", "Staging", "tokens_to_bytes"]

@@ -4,18 +4,44 @@ A request to the prefill engine says `do_remote_decode=True`: its prompt KV is s
 a decode engine (it usually runs with max_tokens=1). The request to the decode engine says
 `do_remote_prefill=True` and where that KV is: the prefill engine's host, its KV port (`remote_port`; rank r of an
 engine with `remote_ranks` ranks serves on remote_port + r, since data-parallel attention keeps a request's KV on
-the one rank that computed it) and the prefill request's id (`remote_request_id`, the key the KV was saved under).
-The prefill engine's connector writes these for a request (engine/cluster/kv_remote.py
-`RemoteKVConnector.decode_params`). vLLM's NixlConnector names the same things remote_host, remote_port and
-remote_request_id; block ids are not carried, because the prefill side copies the blocks to host memory when it
-saves them and frees its own at once.
+the one rank that computed it) and the capability the KV was saved under (`remote_kv_token`: 128 random bits the
+prefill engine issued for this one save, engine/cluster/kv_auth.py; whoever holds it may fetch that KV once, for
+exactly that prompt). The prefill engine's connector writes these into the request's output
+(engine/cluster/kv_remote.py); a router passes them on unchanged. vLLM's NixlConnector names the same things
+remote_host, remote_port and remote_request_id (kept, for routers that read it; not the key); block ids are not
+carried, because the prefill side copies the blocks to host memory when it saves them and frees its own at once.
+
+`remote_host` is a host name (RFC 1123) or an IP address, nothing else; which hosts and ports a decode engine
+accepts is its own configuration (engine/cluster/kv_peers.py), checked when a request is added.
 """
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass, fields
 from typing import Optional
 
 from .safe_text import shown
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_KV_TOKEN = re.compile(r"[A-Za-z0-9_-]{22,128}\Z")
+
+
+def is_host(host) -> bool:
+    """A host name per RFC 1123 (dot-separated labels of letters, digits and inner hyphens, 1-63 characters each,
+    253 in all) or an IP address literal: never a path, a URL or anything with '/' or '..'."""
+    if not isinstance(host, str) or not 0 < len(host) <= 253:
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return all(_LABEL.match(label) for label in host.split("."))
+
+
+def is_kv_token(value) -> bool:
+    """A capability's shape: 22 to 128 URL-safe base64 characters (a prefill engine issues 22: 128 bits)."""
+    return isinstance(value, str) and _KV_TOKEN.match(value) is not None
 
 
 @dataclass(frozen=True)
@@ -27,7 +53,8 @@ class KVTransferParams:
     remote_host: Optional[str] = None
     remote_port: Optional[int] = None
     remote_ranks: int = 1  # the prefill engine's ranks (its expert_parallel_size): ports remote_port + [0, ranks)
-    remote_request_id: Optional[str] = None
+    remote_request_id: Optional[str] = None  # the prefill request's id: informational (vLLM's key), not the key
+    remote_kv_token: Optional[str] = None  # the capability the KV was saved under (module docstring)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.do_remote_decode, bool), "do_remote_decode", self.do_remote_decode, "must be True or False")
@@ -39,13 +66,17 @@ class KVTransferParams:
                "must be an integer in [1, 1024]")
         if not self.do_remote_prefill:
             return
-        _check(isinstance(self.remote_host, str) and 0 < len(self.remote_host) <= 255, "remote_host",
-               self.remote_host, "must be the prefill engine's host name or IP address with do_remote_prefill")
+        _check(is_host(self.remote_host), "remote_host", self.remote_host,
+               "must be the prefill engine's host name (RFC 1123) or IP address with do_remote_prefill")
         _check(_is_int(self.remote_port) and 1 <= self.remote_port <= 65536 - self.remote_ranks, "remote_port",
                self.remote_port, f"must be an integer in [1, {65536 - self.remote_ranks}] with do_remote_prefill "
                f"(remote_ranks={self.remote_ranks} ports from it)")
-        _check(isinstance(self.remote_request_id, str) and self.remote_request_id != "", "remote_request_id",
-               self.remote_request_id, "must be the prefill request's id (a non-empty string) with do_remote_prefill")
+        _check(self.remote_request_id is None or (isinstance(self.remote_request_id, str) and
+               0 < len(self.remote_request_id) <= 1024), "remote_request_id", self.remote_request_id,
+               "must be None or the prefill request's id (a non-empty string of at most 1024 characters)")
+        _check(is_kv_token(self.remote_kv_token), "remote_kv_token", self.remote_kv_token,
+               "must be the capability the prefill engine returned in its kv_transfer_params (22 to 128 URL-safe "
+               "characters) with do_remote_prefill")
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVTransferParams":
@@ -89,4 +120,4 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"KVTransferParams.{name}={shown(value)} is invalid: {allowed}.")
 
 
-__all__ = ["KVTransferParams", "VLLM_IGNORED_KEYS"]
+__all__ = ["KVTransferParams", "VLLM_IGNORED_KEYS", "is_host", "is_kv_token"]

@@ -83,6 +83,9 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
         # Refused, not ignored: a decode request would silently recompute its prompt, a prefill one save nothing.
         raise ValueError("SamplingParams.kv_transfer_params is set, but this engine has no KV connector: start it "
                          "with kv_connector=RemoteKVConnector(...) (engine/cluster/kv_remote.py).")
+    if params.kv_transfer_params is not None and hasattr(engine.config.kv_connector, "check_params"):
+        # A KV source outside the engine's peers is refused here, before any connection (engine/cluster/kv_peers.py).
+        engine.config.kv_connector.check_params(params.kv_transfer_params)
     text = None
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:

@@ -73,6 +73,7 @@ def _serve(ns: argparse.Namespace) -> int:
     role = role_from_args(ns, num_ranks=args.expert_parallel_size)
     if role.kv is not None:
         args.kv_connector = role.connector()
+        print(f"moelink: {args.kv_connector.describe()}", flush=True)  # what the KV plane listens on, whom it trusts
     args.grammar_prestart = True  # a server's first constrained request must not wait for a compile process start
     return serve(args, config)
 

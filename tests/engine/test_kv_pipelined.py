@@ -18,6 +18,7 @@ from moelink.engine.cluster.kv_wire import KVFetchError
 from moelink.engine.rank.kv_transfer import PagedKVBlocks, PendingRead
 from moelink.scheduler.outputs import KVTransfer
 
+from tests.helpers.kv_params import CAP, NO_KV
 from tests.helpers.net import free_port
 
 
@@ -65,7 +66,7 @@ def test_a_fetch_waits_for_a_save_that_has_begun_and_not_for_one_abandoned():
         store.expect("gone")
         threading.Timer(0.3, store.abandon, ("gone",)).start()
         t0 = time.monotonic()
-        with pytest.raises(KVFetchError, match="nothing saved under 'gone'"):
+        with pytest.raises(KVFetchError, match=NO_KV):
             transport.fetch("127.0.0.1", port, "gone", saved.layout, list(range(6)), 2, 10.0, torch.device("cpu"))
         assert time.monotonic() - t0 < 5.0
     finally:
@@ -89,11 +90,11 @@ def test_an_async_save_is_stored_and_reported_by_the_poll_that_finds_it_done():
     side = RemoteWorkerSide(RemoteKVConfig(port=free_port()), 0)
     try:
         slow = _SlowRead(PagedKVBlocks(_cache(2, 8), None, 4))
-        t = KVTransfer(7, "req", [0, 1], 6, token_ids=tuple(range(6)))
+        t = KVTransfer(7, "req", [0, 1], 6, token_ids=tuple(range(6)), params=CAP)  # saved under its capability
         side.start_save(t, slow)
         assert side.poll() is None and len(side.store) == 0  # bytes not there yet: the blocks stay held
         slow.finished = True
-        assert side.poll() == {7: True} and side.store.peek("req").nbytes == 2 * 2 * 2 * 4 * 2 * 8 * 4
+        assert side.poll() == {7: True} and side.store.peek(CAP).nbytes == 2 * 2 * 2 * 4 * 2 * 8 * 4
     finally:
         side.close()
 
@@ -158,10 +159,11 @@ def test_the_remote_side_loads_from_a_prefill_rank_end_to_end():
     decode = RemoteWorkerSide(RemoteKVConfig(fetch_timeout_s=10.0), 0)
     try:
         src = _cache(2, 8)
-        prefill.start_save(KVTransfer(1, "req", [3, 1], 8, token_ids=tuple(range(8))), PagedKVBlocks(src, None, 4))
+        prefill.start_save(KVTransfer(1, "req", [3, 1], 8, token_ids=tuple(range(8)), params=CAP),
+                           PagedKVBlocks(src, None, 4))
         assert prefill.poll() == {1: True}
         dst = [tuple(torch.zeros_like(x) for x in layer) for layer in src]
-        t = KVTransfer(5, "req", [2, 4], 8, params=RemoteSource("127.0.0.1", port, 1, "req", tuple(range(8))))
+        t = KVTransfer(5, "req", [2, 4], 8, params=RemoteSource("127.0.0.1", port, 1, CAP, tuple(range(8))))
         decode.start_load(t, PagedKVBlocks(dst, None, 4))
         for th in list(decode._fetches):
             th.join(10)

@@ -22,6 +22,7 @@ from moelink.engine.cluster.kv_wire import KVFetchError, layout_to_json, send_he
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
 from moelink.engine.rank.kv_transfer import SavedKV, layout_difference
 
+from tests.helpers.kv_params import CAP, NO_KV, decode_kv
 from tests.helpers.net import free_port, listening
 from tests.helpers.parity import prompts
 
@@ -40,11 +41,12 @@ def _saved(num_blocks=2, tokens=(1, 2, 3, 4, 5)) -> SavedKV:
 
 # ------------------------------------------------------------------------------------------- parameters
 @pytest.mark.parametrize("kw,field", [
-    (dict(do_remote_prefill=True, remote_port=5000, remote_request_id="a"), "remote_host"),
-    (dict(do_remote_prefill=True, remote_host="h", remote_port=0, remote_request_id="a"), "remote_port"),
-    (dict(do_remote_prefill=True, remote_host="h", remote_port=65535, remote_ranks=2, remote_request_id="a"),
-     "remote_port"),
-    (dict(do_remote_prefill=True, remote_host="h", remote_port=5000), "remote_request_id"),
+    (dict(do_remote_prefill=True, remote_port=5000, remote_kv_token=CAP), "remote_host"),
+    (decode_kv(host="../tmp/x"), "remote_host"),
+    (decode_kv(port=0), "remote_port"),
+    (decode_kv(port=65535, ranks=2), "remote_port"),
+    (dict(do_remote_prefill=True, remote_host="h", remote_port=5000), "remote_kv_token"),
+    (decode_kv(token="p0"), "remote_kv_token"),
     (dict(do_remote_prefill=True, do_remote_decode=True), "do_remote_prefill"),
     (dict(do_remote_decode=1), "do_remote_decode"),
     (dict(remote_ranks=0), "remote_ranks"),
@@ -55,7 +57,7 @@ def test_kv_transfer_params_name_the_bad_field(kw, field):
 
 
 def test_sampling_params_take_kv_transfer_params_typed_or_as_vllm_dicts():
-    d = dict(do_remote_prefill=True, remote_host="127.0.0.1", remote_port=5000, remote_request_id="p0")
+    d = decode_kv(remote_request_id="p0")
     assert SamplingParams(kv_transfer_params=d).kv_transfer_params == KVTransferParams(**d)
     # vLLM's NixlConnector keys moelink has no use for are accepted and ignored (a vLLM router's object); others
     # are refused.
@@ -86,10 +88,10 @@ def test_the_factory_pickles_as_its_config_and_checks_ranks():
     assert pickle.loads(pickle.dumps(src)) == src
     with pytest.raises(ValueError, match=r"num_ranks=2 is too small: rank 2"):
         conn.worker_side(2)
+    saved = KVTransferParams(**decode_kv(port=5001, remote_request_id="p0"))  # what rank 1's output says
     with pytest.raises(ValueError, match=r"RemoteKVConfig.port=None"):
-        RemoteKVConnector().decode_params("p0")
-    assert conn.decode_params("p0") == KVTransferParams(do_remote_prefill=True, remote_host="127.0.0.1",
-                                                        remote_port=5000, remote_ranks=2, remote_request_id="p0")
+        RemoteKVConnector().decode_params(saved)
+    assert conn.decode_params(saved) == KVTransferParams(**decode_kv(port=5000, ranks=2, remote_request_id="p0"))
 
 
 # ------------------------------------------------------------------------------------------- the store
@@ -134,7 +136,7 @@ def test_server_binds_only_where_asked_serves_once_and_closes_clean():
     try:
         assert listening(port) == {("127.0.0.1", port)}
         store.put("k", _saved())
-        with pytest.raises(KVFetchError, match="other tokens"):
+        with pytest.raises(KVFetchError, match=NO_KV):
             tcp_fetch("127.0.0.1", port, "k", LAYOUT, [1, 2, 9], 2, 2.0, 5.0)
         with pytest.raises(KVFetchError, match="block size 4 vs 8"):
             tcp_fetch("127.0.0.1", port, "k", (("full", (("torch.float32", (8, 2, 8)),) * 2),), [1], 1, 2.0, 5.0)
@@ -143,11 +145,11 @@ def test_server_binds_only_where_asked_serves_once_and_closes_clean():
         assert got.token_ids == want.token_ids and got.groups[0][0] == want.groups[0][0]
         assert all(torch.equal(a, b) for a, b in zip(got.groups[0][1], want.groups[0][1]))
         assert len(store) == 0 and store.counters.num_served == 1  # dropped once fetched
-        with pytest.raises(KVFetchError, match="nothing saved under 'k'"):
-            tcp_fetch("127.0.0.1", port, "k", LAYOUT, [1], 1, 2.0, 5.0)
+        with pytest.raises(KVFetchError, match=NO_KV):
+            tcp_fetch("127.0.0.1", port, "k", LAYOUT, [1, 2, 3, 4, 5], 2, 2.0, 5.0)
         store.put("k", _saved(num_blocks=2))
         with pytest.raises(KVFetchError, match="a reply of 2 blocks"):  # more than asked for: not read
-            tcp_fetch("127.0.0.1", port, "k", LAYOUT, [1], 1, 2.0, 5.0)
+            tcp_fetch("127.0.0.1", port, "k", LAYOUT, [1, 2, 3, 4, 5], 1, 2.0, 5.0)
     finally:
         server.close()
     assert not listening(port)
@@ -155,6 +157,8 @@ def test_server_binds_only_where_asked_serves_once_and_closes_clean():
 
 
 def test_a_peer_that_is_not_a_kv_server_fails_the_fetch_in_time():
+    from moelink.engine.cluster.kv_wire import recv_header
+
     with socket.socket() as lsock:
         lsock.bind(("127.0.0.1", 0))
         lsock.listen(4)
@@ -167,9 +171,12 @@ def test_a_peer_that_is_not_a_kv_server_fails_the_fetch_in_time():
                 if garbage is not None:
                     conn.sendall(garbage)
                     return
-                send_header(conn, {"ok": True, "num_tokens": 1, "token_ids": [1], "layout": layout_to_json(LAYOUT),
+                send_header(conn, {"ok": True, "v": 2, "nonce": "00" * 32})  # a handshake (no secret)
+                recv_header(conn)  # the request
+                send_header(conn, {"ok": True, "num_tokens": 1, "layout": layout_to_json(LAYOUT),
                                    "groups": [[[0], [[1, 4, 2, 32], [1, 4, 2, 32]]]]})
-                conn.recv(1)  # a reply that stops before its bytes: the client's deadline ends it
+                conn.recv(1 << 16)  # a reply that stops before its bytes: the client's deadline ends it
+                conn.recv(1)
 
         for garbage, match in ((b"HTTP/1.1 400 Bad Request\r\n\r\n", "bad magic"), (None, "timed out")):
             t = threading.Thread(target=answer, args=(garbage,))
@@ -199,7 +206,7 @@ def test_another_block_size_is_refused_by_name_and_recomputed(tiny_model):
     with LLM(path, kv_connector=conn, **KW) as pre:
         outs = pre.generate(ps, SAVE, use_tqdm=False)
         params = [o.kv_transfer_params for o in outs]
-        assert params == [conn.decode_params(o.request_id) for o in outs]  # one rank: the same
+        assert params == [conn.decode_params(p) for p in params]  # one rank: the same
         store = pre.engine.executor.runner.kv_connector.store
         got, stats = _decode(path, ps, params, block_size=8)
         assert got == want and stats.num_failed == len(ps) and stats.num_loaded == 0
@@ -261,8 +268,8 @@ def test_shared_memory_transport_serves_once_refuses_by_name_and_leaves_nothing(
         assert got.token_ids == want.token_ids and got.groups[0][0] == want.groups[0][0]
         assert all(torch.equal(a, b) for a, b in zip(got.groups[0][1], want.groups[0][1]))
         assert len(store) == 0 and store.counters.num_served == 1
-        with pytest.raises(KVFetchError, match="nothing saved under 'k'"):
-            shm_fetch("127.0.0.1", port, "k", LAYOUT, [1], 1, 5.0)
+        with pytest.raises(KVFetchError, match=NO_KV):
+            shm_fetch("127.0.0.1", port, "k", LAYOUT, [1, 2, 3, 4, 5], 2, 5.0)
     finally:
         server.close()
     assert not os.path.exists(path)
@@ -319,7 +326,8 @@ def test_an_fp8_cache_over_each_transport(transport, hf_tiny_model):
     conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport=transport))
     with LLM(path, kv_connector=conn, **kw) as pre:
         outs = pre.generate(ps, SAVE, use_tqdm=False)
-        assert "float8" in str(pre.engine.executor.runner.kv_connector.store.peek(outs[0].request_id).layout)
+        assert "float8" in str(pre.engine.executor.runner.kv_connector.store.peek(
+            outs[0].kv_transfer_params.remote_kv_token).layout)
         with LLM(path, kv_connector=RemoteKVConnector(RemoteKVConfig(transport=transport)), **kw) as dec:
             sps = [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, kv_transfer_params=o.kv_transfer_params)
                    for o in outs]

@@ -25,12 +25,10 @@ def _stall_the_server() -> None:
 
     printing = threading.Lock()  # one line per stalled connection, never two interleaved
 
-    def send_saved(sock, saved, query=None):
-        from moelink.engine.cluster.kv_wire import layout_to_json, send_header
+    def send_saved(sock, saved, query=None, deadline=None):
+        from moelink.engine.cluster.kv_wire import saved_header, send_header
 
-        groups = [[idx, [list(t.shape) for t in rows]] for idx, rows in saved.groups]
-        send_header(sock, {"ok": True, "num_tokens": saved.num_tokens, "token_ids": list(saved.token_ids),
-                           "layout": layout_to_json(saved.layout), "groups": groups})
+        send_header(sock, saved_header(saved))
         first = saved.groups[0][1][0].contiguous().numpy().tobytes()
         sock.sendall(first[:len(first) // 2])
         with printing:
@@ -67,7 +65,7 @@ def main(spec: dict) -> None:
         outs = [got[f"p{i}"] for i in range(len(spec["prompts"]))]
         print(json.dumps({"ready": True, "first": [o.outputs[0].token_ids for o in outs],
                           "params": [dataclasses.asdict(o.kv_transfer_params) for o in outs],
-                          "scan_params": [dataclasses.asdict(conn.decode_params(o.request_id)) for o in outs]}),
+                          "scan_params": [dataclasses.asdict(conn.decode_params(o.kv_transfer_params)) for o in outs]}),
               flush=True)
         sys.stdin.read()  # serve until the test closes our stdin
         runner = getattr(llm.engine.executor, "runner", None)

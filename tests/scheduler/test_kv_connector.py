@@ -173,14 +173,17 @@ def test_save_after_the_step_that_computes_the_last_prompt_token_and_hold_past_t
     s.check_invariants()
 
 
-def test_loading_requests_count_against_max_num_seqs():
+def test_loading_requests_hold_no_sequence_slot():
+    """A load still on the network holds its blocks, not a slot (a KV source that accepts and stays silent must not
+    fill max_num_seqs); loaded, it waits for a slot like anyone and is admitted first."""
     conn = FakeConnector({"a": [1, 2, 3, 4]}, prompts={"a": [1, 2, 3, 4]})
     s = _scheduler(conn, max_num_seqs=1)
     s.add_request(make_request("a", [1, 2, 3, 4]))
-    s.add_request(make_request("b", [5, 6]))
+    s.add_request(make_request("b", [5, 6], max_tokens=1))
     so = s.schedule()
-    assert so.num_scheduled_tokens == {} and len(so.kv_transfers.loads) == 1  # b waits for the slot
-    _report(s, so, {so.kv_transfers.loads[0].transfer_id: True})
+    assert so.num_scheduled_tokens == {"b": 2} and len(so.kv_transfers.loads) == 1  # b runs while a loads
+    s.check_invariants()
+    _report(s, so, {so.kv_transfers.loads[0].transfer_id: True}, {"b": [9]})  # a loaded; b ends (max_tokens 1)
     so = s.schedule()
     assert so.num_scheduled_tokens == {"a": 1}
     s.check_invariants()

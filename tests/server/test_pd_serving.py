@@ -59,7 +59,7 @@ def _vllm_generate(stubs, ids, kv_json=None, stream=False, **params):
     return list(stubs.vllm.Generate(req, timeout=60))
 
 
-def test_cli_roles_are_validated_before_any_weights_load():
+def test_cli_roles_are_validated_before_any_weights_load(tmp_path):
     p = argparse.ArgumentParser()
     add_role_args(p)
     assert role_from_args(p.parse_args([]), 1) == ServerRole("both")
@@ -69,8 +69,14 @@ def test_cli_roles_are_validated_before_any_weights_load():
         role_from_args(p.parse_args(["--role", "decode", "--kv-port", "5600"]), 1)
     with pytest.raises(ValueError, match="advertise_host"):
         role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600", "--kv-host", "0.0.0.0"]), 1)
+    with pytest.raises(ValueError, match="a KV listener off loopback needs the deployment's KV secret"):
+        role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600", "--kv-host", "0.0.0.0",
+                                     "--kv-advertise-host", "10.0.0.7"]), 4)
+    secret = tmp_path / "kv.secret"
+    secret.write_text("a-deployment-secret-of-32-chars!")
+    secret.chmod(0o600)
     role = role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600", "--kv-host", "0.0.0.0",
-                                        "--kv-advertise-host", "10.0.0.7"]), 4)
+                                        "--kv-advertise-host", "10.0.0.7", "--kv-secret-file", str(secret)]), 4)
     assert role.kv_role == "kv_producer" and role.kv.num_ranks == 4 and role.kv.reachable_host == "10.0.0.7"
     assert role_from_args(p.parse_args(["--role", "decode"]), 1).connector().kv_role == "kv_consumer"
 

@@ -1,0 +1,252 @@
+"""A prefill rank's KV server: serves its saved-KV store (engine/cluster/kv_store.py) to decode engines, one fetch
+per connection, on a listening socket a transport gives it (TCP, engine/cluster/kv_tcp.py; a Unix socket,
+kv_shm.py; the collective transport's TCP side, kv_collective.py).
+
+A connection, in order, each step within ServerLimits.handshake_timeout_s of accept (a whole-message deadline,
+not a per-read one: a peer trickling bytes is cut off at it):
+  1. the handshake (engine/cluster/kv_auth.py): versions, and with a deployment secret both sides' proofs;
+  2. the request: a header (at most 64 KiB: the key, the decode rank's layout, `num_tokens`), then the prompt's
+     token ids as raw int32, at most `max_prompt_tokens` of them, received as they arrive;
+  3. the answer: an ok reply with the KV (within `io_timeout_s`), or a refusal.
+Refusals never tell whether a key exists: a wrong key, an entry already fetched or expired, and a prompt that is
+not exactly the saved one (other tokens, another count) all get NO_KV. An entry is claimed (dropped from the store)
+only by a fetch that matches it exactly, as its reply starts, so it is served once and a failed fetch consumes
+nothing. A decode rank of another cache layout is refused by name, whatever key it asked for (the rank's own layout
+is compared, not the entry's). The ok reply carries no token ids.
+
+Bounds. At most `max_connections` connections at once and `max_per_peer` from one peer address (Unix sockets: one
+peer process), each with a thread; when either is full, the oldest connection that has not finished its request
+is closed to make room (idle or slow connections cannot hold the slots a real fetch needs; one that is being
+served is never closed for that), and a connection that finds no such room is closed unanswered. Saved KV past its
+TTL is swept every `sweep_s` by the accept thread, so an idle engine frees it too. `close()` stops every thread
+and closes every socket.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from ..rank.kv_transfer import SavedKV, layout_difference
+from .kv_auth import NO_SECRET, KVRefused, PeerAuth
+from .kv_store import SavedKVStore
+from .kv_wire import (MAX_HELLO_BYTES, VERSION, Deadline, KVFetchError, layout_from_json, recv_header, recv_tokens,
+                      send_header, send_saved, tokens_to_bytes)
+
+logger = logging.getLogger(__name__)
+
+_ACCEPT_POLL_S = 0.2  # how soon the accept loop sees close()
+NO_KV = "no KV for this key and these tokens"
+MAX_KEY_CHARS = 256
+_DRAIN_S, _DRAIN_BYTES = 0.2, 4 << 20  # after a refusal: at most this long, this much
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one KV server allows (module docstring)."""
+
+    handshake_timeout_s: float = 5.0  # handshake and the whole request, from accept
+    io_timeout_s: float = 30.0  # a whole reply; the shared-memory transport's wait for its client to hang up
+    max_prompt_tokens: int = 1 << 18  # token ids one request may send
+    max_connections: int = 128
+    max_per_peer: int = 64  # below max_connections: one address cannot take every slot
+    sweep_s: float = 1.0  # how often saved KV past its TTL is dropped while nothing else touches the store
+
+    @property
+    def save_wait_s(self) -> float:
+        """How long a request waits for a save that has begun (its bytes still on their way from the device):
+        half the client's first-byte deadline (the same setting on both sides), so the refusal still reaches it."""
+        return self.handshake_timeout_s / 2
+
+
+class _Conn:
+    __slots__ = ("sock", "peer", "since", "serving", "thread")
+
+    def __init__(self, sock: socket.socket, peer) -> None:
+        self.sock, self.peer, self.since, self.serving, self.thread = sock, peer, time.monotonic(), False, None
+
+
+def _peer_of(sock: socket.socket, addr):
+    if sock.family == socket.AF_UNIX:  # the peer process (credentials: pid, uid, gid)
+        try:
+            return "pid", struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        except OSError:
+            return "unix", None
+    return addr[0] if isinstance(addr, tuple) else addr
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv or send
+    except OSError:
+        pass
+
+
+class KVSocketServer:
+    """Serves `store` on a bound, not yet listening socket until `close()` (module docstring). `reply(conn, saved,
+    query, deadline)` sends an ok reply (TCP: header and bytes on the stream; shared memory: header and a memfd;
+    collective: header here, bytes over a pair group)."""
+
+    def __init__(self, store: SavedKVStore, sock: socket.socket, reply=None, limits: ServerLimits | None = None,
+                 auth: PeerAuth | None = None) -> None:
+        self.store, self.limits, self.auth = store, limits or ServerLimits(), auth or NO_SECRET
+        self._reply = reply or send_saved
+        self._sock = sock
+        self._sock.listen(64)
+        self._sock.settimeout(_ACCEPT_POLL_S)
+        self.address = self._sock.getsockname()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: list[_Conn] = []  # open and counted against the caps
+        self._threads: set[threading.Thread] = set()  # every connection thread still running (evicted ones too)
+        self.num_evicted = self.num_refused = 0
+        self._accepter = threading.Thread(target=self._accept_loop, name="kv-server", daemon=True)
+        self._accepter.start()
+
+    # ------------------------------------------------------------------ connections
+    def _accept_loop(self) -> None:
+        swept = time.monotonic()
+        while not self._stop.is_set():
+            if time.monotonic() - swept >= self.limits.sweep_s:
+                self.store.expire()  # TTLs pass while the engine is idle too
+                swept = time.monotonic()
+            try:
+                sock, addr = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            c = _Conn(sock, _peer_of(sock, addr))
+            c.thread = threading.Thread(target=self._serve, args=(c,), name="kv-conn", daemon=True)
+            with self._lock:
+                if self._stop.is_set():
+                    sock.close()
+                    return
+                room = self._make_room(c.peer)
+                if room:
+                    self._conns.append(c)
+                    self._threads.add(c.thread)
+            if not room:
+                self.num_refused += 1
+                logger.warning("KV server: %d connections open, all being served; one more closed", len(self._conns))
+                sock.close()
+                continue
+            c.thread.start()
+
+    def _make_room(self, peer) -> bool:
+        """Under the lock: whether a connection from `peer` may open, closing the oldest one not yet served from
+        the peer at its cap (or from the busiest peer, when all slots are full) if that is what it takes."""
+        lim = self.limits
+        mine = [c for c in self._conns if c.peer == peer]
+        if len(mine) < lim.max_per_peer and len(self._conns) < lim.max_connections:
+            return True
+        if len(mine) >= lim.max_per_peer:
+            pool = mine
+        else:
+            counts: dict = {}
+            for c in self._conns:
+                counts[c.peer] = counts.get(c.peer, 0) + 1
+            busiest = max(counts, key=counts.get)
+            pool = [c for c in self._conns if c.peer == busiest and not c.serving] or self._conns
+        waiting = [c for c in pool if not c.serving]
+        if not waiting:
+            return False
+        victim = min(waiting, key=lambda c: c.since)
+        self._conns.remove(victim)
+        self.num_evicted += 1
+        _shut(victim.sock)
+        return True
+
+    def _serve(self, c: _Conn) -> None:
+        conn = c.sock
+        try:
+            with conn:
+                deadline = Deadline(self.limits.handshake_timeout_s, "a KV handshake and request")
+                try:
+                    try:
+                        self.auth.server(conn, deadline)
+                    except KVFetchError as exc:  # not our handshake (another version, a stranger), or too slow
+                        raise KVRefused(f"not a KV handshake of protocol version {VERSION} in time: {exc}") from None
+                    query, key, layout, token_bytes = self._request(conn, deadline)
+                    saved = self._lookup(key, layout, token_bytes)
+                    if saved is None or not self.store.take(key, saved):  # claimed before it is sent
+                        raise KVRefused(NO_KV)
+                except KVRefused as exc:
+                    _refuse(conn, str(exc))
+                    return
+                with self._lock:
+                    c.serving = True
+                # Claimed: if the send fails, the one decode request that wanted it recomputes.
+                self._reply(conn, saved, query, Deadline(self.limits.io_timeout_s, "a KV reply"))
+        except (OSError, RuntimeError, KVFetchError) as exc:  # the client went away (a collective transport's group
+            # reports that as RuntimeError), was cut off, or sent nonsense: its fetch fails there
+            logger.info("KV server: a connection ended early: %s", exc)
+        finally:
+            with self._lock:
+                if c in self._conns:
+                    self._conns.remove(c)
+                self._threads.discard(c.thread)
+
+    def _request(self, conn: socket.socket, deadline: Deadline) -> tuple[dict, str, tuple, bytes]:
+        """The request's header and token ids, checked field by field; KVRefused says which field is wrong."""
+        try:
+            query = recv_header(conn, deadline)
+        except KVFetchError as exc:
+            raise KVRefused(f"a malformed KV request: {exc}") from None
+        key, n = query.get("key"), query.get("num_tokens")
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS:
+            raise KVRefused(f"a KV request whose key is not a string of 1 to {MAX_KEY_CHARS} characters")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= self.limits.max_prompt_tokens:
+            raise KVRefused(f"a KV request whose num_tokens is not an integer in [1, {self.limits.max_prompt_tokens}]")
+        try:
+            layout = layout_from_json(query.get("layout"))
+        except KVFetchError:
+            raise KVRefused("a KV request whose layout is not one") from None
+        return query, key, layout, recv_tokens(conn, n, deadline)
+
+    def _lookup(self, key: str, layout: tuple, token_bytes: bytes) -> SavedKV | None:
+        """The entry a request names, if it matches exactly (module docstring); KVRefused for another layout."""
+        mine = self.store.layout
+        diff = None if mine is None else layout_difference(mine, layout)
+        if diff is not None:  # the rank's layout, not the entry's: says nothing about the key
+            raise KVRefused(f"this prefill rank's KV layout is not the decode engine's: {diff}")
+        saved = self.store.peek(key, self.limits.save_wait_s)
+        want = token_bytes if saved is None else tokens_to_bytes(saved.token_ids)
+        same = hmac.compare_digest(want, token_bytes)  # constant time, and done whether or not the key exists
+        if saved is None or not same or saved.layout != layout:
+            return None
+        return saved
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._accepter.join(2 * _ACCEPT_POLL_S + 1.0)
+        with self._lock:
+            conns, threads = list(self._conns), list(self._threads)
+        for c in conns:
+            _shut(c.sock)
+        for t in threads:
+            t.join(5.0)
+
+
+def _refuse(sock: socket.socket, message: str) -> None:
+    """A refusal, best effort and brief (the peer may be gone, or the one not reading). What the peer sent and we
+    did not read is drained for a moment after it (bounded): closing on unread bytes resets the connection, and a
+    reset can drop the refusal before the peer reads it."""
+    try:
+        sock.settimeout(1.0)
+        send_header(sock, {"ok": False, "error": message[:MAX_HELLO_BYTES // 2]})
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(_DRAIN_S)
+        drained = 0
+        while drained < _DRAIN_BYTES and (chunk := sock.recv(1 << 16)):
+            drained += len(chunk)
+    except OSError:
+        pass
+
+
+__all__ = ["KVSocketServer", "MAX_KEY_CHARS", "NO_KV", "ServerLimits"]
