@@ -2,7 +2,7 @@
 compiled for Hopper on a machine without a GPU, with what the compiler made of it.
 
     python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
-        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4] [--quick]
+        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4|gdn] [--quick]
 
 How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
 size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
@@ -49,6 +49,7 @@ from .compile_report_text import (ATTN_DOT_KERNELS, FP8_GEMM_KERNELS, GEMM_KERNE
 from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_fp8,  # noqa: F401
                             compile_mla, compile_moe, compile_norm_rotary)
 from .compile_cases_decode import compile_decode_inputs
+from .compile_cases_gdn import compile_gdn
 from .compile_cases_mxfp4 import compile_moe_mxfp4
 from .compile_cases_nvfp4 import compile_moe_nvfp4
 
@@ -144,6 +145,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
         compile_decode_inputs(rec, quick)
     if only in (None, "fp8"):
         compile_fp8(rec, quick)
+    if only in (None, "gdn"):
+        compile_gdn(rec, quick)
     ptxas, cuobjdump = triton_ptxas(), nvidia_bin("cuobjdump")
     kernels: dict[tuple, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,7 +170,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
-    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "decode", "fp8", "mxfp4", "nvfp4"],
+    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "decode", "fp8", "mxfp4", "nvfp4", "gdn"],
                     default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
     ap.add_argument("--merge", action="store_true",
@@ -233,7 +236,7 @@ def retime(rep: dict, published: bool = True) -> dict:
                 lambda: compile_moe_nvfp4(rec, False),
                 lambda: compile_attention(rec, False), lambda: compile_mla(rec, False),
                 lambda: compile_norm_rotary(rec, False), lambda: compile_decode_inputs(rec, False),
-                lambda: compile_fp8(rec, False)):
+                lambda: compile_fp8(rec, False), lambda: compile_gdn(rec, False)):
         run()
     seconds = {}
     for r in rec.records:
@@ -285,6 +288,8 @@ FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
                   "moe": ("_moe_up_kernel", "_moe_down_kernel"),
                   "mxfp4": ("_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"),
                   "nvfp4": ("_moe_nvfp4_up_kernel", "_moe_nvfp4_down_kernel"),
+                  "gdn": ("_gdn_recurrent_kernel", "_commit_kernel", "_gating_kernel", "_conv_varlen_kernel",
+                          "_conv_state_kernel", "_conv_update_kernel"),
                   "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_merge_plan_kernel",
                                 "_write_kv_kernel")}
 # _plan_kernel (the decode split plan) is shared: attention and MLA both launch it.

@@ -172,7 +172,7 @@ def triton_causal_conv1d(
     x_TC, weight_CW, out = _prepare(x_TC, weight_CW, bias_C, conv_state_pool_PRC, out)
     if S == 0:
         return out
-    cfg = launch_config("conv", x_TC.device)
+    cfg = launch_config("conv", x_TC)
     BT, BC = cfg["BLOCK_T"], min(cfg["BLOCK_C"], triton.next_power_of_2(C))
     interp = common.interpreting(x_TC)
     init = has_initial_state_S if has_initial_state_S is not None else slot_ids_S
@@ -202,7 +202,7 @@ def triton_causal_conv1d_update(
         raise ValueError("intermediate_states_SQRC must be contiguous.")
     if S == 0:
         return out
-    cfg = launch_config("conv_update", x_TC.device)
+    cfg = launch_config("conv_update", x_TC)
     BC = min(cfg["BLOCK_C"], triton.next_power_of_2(C))
     keep = intermediate_states_SQRC.shape[1] if intermediate_states_SQRC is not None else 0
     _conv_update_kernel[(S, triton.cdiv(C, BC))](

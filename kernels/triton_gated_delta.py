@@ -38,10 +38,10 @@ def _configs(section: str) -> dict:
     return json.loads(CONFIG_FILE.read_text())[section]
 
 
-def launch_config(kind: str, device: torch.device) -> dict:
-    """The launch config of one kernel kind ('recurrent', 'conv', 'conv_update', 'commit', 'gating') for a device
-    (gated_delta.json's 'gpu' section, or 'interpreter' for CPU tensors)."""
-    return dict(_configs("interpreter" if torch.device(device).type != "cuda" else "gpu")[kind])
+def launch_config(kind: str, t: torch.Tensor) -> dict:
+    """The launch config of one kernel kind ('recurrent', 'conv', 'conv_update', 'commit', 'gating') for kernels on
+    t's device: gated_delta.json's 'interpreter' section for CPU tensors (the interpreter), else its 'gpu' section."""
+    return dict(_configs("interpreter" if common.interpreting(t) else "gpu")[kind])
 
 
 @triton.jit
@@ -114,7 +114,7 @@ def _launch_recurrent(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be contiguous {(T, N, V)} {q_TGK.dtype}.")
     if S == 0:
         return out
-    cfg = launch_config("recurrent", q_TGK.device)
+    cfg = launch_config("recurrent", q_TGK)
     BV = min(cfg["BLOCK_V"], triton.next_power_of_2(V))
     keep = intermediate_states_SQNKV.shape[1] if intermediate_states_SQNKV is not None else 0
     _gdn_recurrent_kernel[(S, N, triton.cdiv(V, BV))](
@@ -179,9 +179,8 @@ def triton_commit_states(pool_PX: torch.Tensor, slot_ids_S: torch.Tensor, interm
     numel = pool_PX[0].numel() if pool_PX.shape[0] else intermediate_states_SQX[0, 0].numel() if S and Q else 0
     if S == 0 or Q == 0 or numel == 0:
         return
-    cfg = launch_config("commit", pool_PX.device)
+    cfg = launch_config("commit", pool_PX)
     BLOCK = min(cfg["BLOCK"], triton.next_power_of_2(numel))
-    common.interpreting(pool_PX)
     _commit_kernel[(S, triton.cdiv(numel, BLOCK))](pool_PX, intermediate_states_SQX, slot_ids_S, num_accepted_S, numel,
                                                    Q, BLOCK=BLOCK, num_warps=cfg["num_warps"])
 
@@ -218,7 +217,7 @@ def triton_gdn_gating(a_TN: torch.Tensor, b_TN: torch.Tensor, A_log_N: torch.Ten
     beta_TN = common.workspace((T, N), b_TN.dtype, b_TN.device)
     if T == 0:
         return g_TN, beta_TN
-    cfg = launch_config("gating", a_TN.device)
+    cfg = launch_config("gating", a_TN)
     BLOCK = min(cfg["BLOCK"], triton.next_power_of_2(T * N))
     _gating_kernel[(triton.cdiv(T * N, BLOCK),)](
         a_TN, b_TN, A_log_N.contiguous(), dt_bias_N.contiguous(), g_TN, beta_TN, T * N, N, a_TN.stride(0),

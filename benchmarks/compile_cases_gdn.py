@@ -1,0 +1,110 @@
+"""Compile cases of the gated DeltaNet kernels (benchmarks/compile_report.py's `gdn` family) at Qwen3-Next-80B-A3B's
+linear-attention shapes: 16 q/k heads and 32 value heads of 128, conv kernel 4 over 2 * 16 * 128 + 32 * 128 = 8192
+channels (one rank; a tensor-parallel shard divides the heads and channels, the same code): the recurrence for decode,
+verify (intermediate states) and prefill, the commit of accepted states (recurrent and conv pools), the gates, the
+causal conv's prefill (outputs and state write) and its decode / verify update. Bf16 activations, fp32 states.
+
+Standalone, any target Triton supports (sm_100 with Triton >= 3.9), no GPU needed:
+    python -m moelink.benchmarks.compile_cases_gdn [ARCH]        # prints registers / spills per kernel
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .compile_cases import Recorder
+
+G, N, K, V, W = 16, 32, 128, 128, 4  # Qwen3-Next-80B-A3B: linear_num_key_heads, _value_heads, head dims, conv kernel
+C = 2 * G * K + N * V
+
+
+def compile_gdn(rec: Recorder, quick: bool) -> None:
+    from moelink.kernels.triton_causal_conv1d import triton_causal_conv1d, triton_causal_conv1d_update
+    from moelink.kernels.triton_gated_delta import (triton_commit_states, triton_gated_delta_rule,
+                                                    triton_gated_delta_rule_decode, triton_gdn_gating)
+
+    meta = dict(device="meta")
+    dt, i32 = torch.bfloat16, torch.int32
+    S, Q, P = 64, 4, 256
+
+    def qkv(T):  # q, k, v as the models split the conv output [T, C] (strided views)
+        x = torch.empty(T, C, dtype=dt, **meta)
+        return x, x[:, : G * K].view(T, G, K), x[:, G * K: 2 * G * K].view(T, G, K), x[:, 2 * G * K:].view(T, N, V)
+
+    pool = torch.empty(P, N, K, V, **meta)
+    conv_pool = torch.empty(P, W - 1, C, dtype=dt, **meta)
+    slots = torch.empty(S, dtype=i32, **meta)
+    gate = [torch.empty(S * Q, N, **meta), torch.empty(S * Q, N, dtype=dt, **meta)]
+    for T, label, keep in [(S, "decode (1 token per sequence)", None), (S * Q, f"verify ({Q} tokens, intermediate states)",
+                                                                       torch.empty(S, Q, N, K, V, **meta))]:
+        _, q, k, v = qkv(T)
+        with rec.labelled(f"qwen3-next-80b-a3b gated delta rule {label}"):
+            triton_gated_delta_rule_decode(q, k, v, gate[0][:T], gate[1][:T], pool, torch.empty(S + 1, dtype=i32, **meta),
+                                           slots, keep)
+    if not quick:
+        _, q, k, v = qkv(4096)
+        with rec.labelled("qwen3-next-80b-a3b gated delta rule prefill (recurrence, 4096 tokens)"):
+            triton_gated_delta_rule(q, k, v, torch.empty(4096, N, **meta), torch.empty(4096, N, dtype=dt, **meta), pool,
+                                    torch.empty(4, dtype=i32, **meta), slots[:3], torch.empty(3, dtype=torch.bool, **meta))
+    acc = torch.empty(S, dtype=i32, **meta)
+    with rec.labelled(f"qwen3-next-80b-a3b commit of accepted states (recurrent [{N}, {K}, {V}] fp32)"):
+        triton_commit_states(pool, slots, torch.empty(S, Q, N, K, V, **meta), acc)
+    with rec.labelled(f"qwen3-next-80b-a3b commit of accepted states (conv [{W - 1}, {C}] bf16)"):
+        triton_commit_states(conv_pool, slots, torch.empty(S, Q, W - 1, C, dtype=dt, **meta), acc)
+    ba = torch.empty(S, 2 * N, dtype=dt, **meta)
+    with rec.labelled("qwen3-next-80b-a3b gates (g, beta)"):
+        triton_gdn_gating(ba[:, :N], ba[:, N:], torch.empty(N, **meta), torch.empty(N, **meta))
+    w = torch.empty(C, W, dtype=dt, **meta)
+    T = 4096
+    x = torch.empty(T, 2 * C, dtype=dt, **meta)[:, :C]  # the conv input: the q/k/v part of the projection
+    with rec.labelled(f"qwen3-next-80b-a3b causal conv1d prefill ({T} tokens, states by slot)"):
+        triton_causal_conv1d(x, w, None, conv_pool, torch.empty(4, dtype=i32, **meta), slots[:3],
+                             torch.empty(3, dtype=torch.bool, **meta))
+    for T, label, keep in [(S, "decode", None), (S * Q, f"verify ({Q} tokens, intermediate states)",
+                                                 torch.empty(S, Q, W - 1, C, dtype=dt, **meta))]:
+        with rec.labelled(f"qwen3-next-80b-a3b causal conv1d update, {label}"):
+            triton_causal_conv1d_update(x[:T], w, None, conv_pool, torch.empty(S + 1, dtype=i32, **meta), slots,
+                                        "silu", keep)
+
+
+def main(argv=None) -> int:
+    """Compile the gdn cases for one target (default 90) and print registers, spills and shared memory per kernel."""
+    argv = sys.argv[1:] if argv is None else argv
+    arch = int(argv[0]) if argv else 90
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gdn-compile-")
+    import triton
+
+    rec = Recorder()
+    rec.install(arch)
+    compile_gdn(rec, quick=False)
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path  # the ptxas Triton itself runs for this target
+    tmp = Path(tempfile.mkdtemp())
+    print(f"triton {triton.__version__}, sm_{arch}, {Path(ptxas).name}")
+    for r in rec.records:
+        k = r["kernel"]
+        ptx = k.asm["ptx"]
+        tgt = re.search(r"\.target (\S+)", ptx)[1]
+        p = tmp / f"{k.hash}.ptx"
+        p.write_text(ptx)
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={tgt}", str(p), "-o", str(tmp / "x.cubin")],
+                             capture_output=True, text=True)
+        log = log.stdout + log.stderr
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        regs = re.search(r"Used (\d+) registers", log)
+        print(f"{k.metadata.name:24s} {tgt:8s} warps {k.metadata.num_warps} regs {regs[1] if regs else '?':>3s} "
+              f"stack {m[1] if m else '?'} spill st/ld {m[2] if m else '?'}/{m[3] if m else '?'} "
+              f"smem {k.metadata.shared}  {r['constexprs']}  <- {r['case']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
