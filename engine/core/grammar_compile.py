@@ -12,7 +12,9 @@ takes tens of seconds), and nothing else may wait on it. So:
   the field and the limit.
 - Equal specs share one compile. Every caller holds its compile through `wait`/`wait_async`; when the last
   one leaves (a client that disconnected cancels its handler), a queued compile is dropped and a running
-  one is killed: nothing runs for a client that is gone.
+  one is killed: nothing runs for a client that is gone. A compile whose worker still waits for its process
+  to start is dropped without killing that process (a start takes seconds: a flood of hang-ups must not keep
+  every start from finishing). `counts` says what became of each spec (the server's metrics show it).
 - `shutdown` kills the processes and waits for nothing (SIGTERM's grace is for requests, not compiles).
 """
 from __future__ import annotations
@@ -51,13 +53,17 @@ class _Killed(Exception):
     """The job's child process was killed (its callers left, or shutdown)."""
 
 
+class _TimedOut(ValueError):
+    """A compile ran past the time limit (a ValueError naming the field, counted apart)."""
+
+
 @dataclass(eq=False)
 class _Job:
     key: tuple[str, str]
     params: StructuredOutputParams
     future: Future
     waiters: int = 1
-    worker: Optional["_Worker"] = None  # set while it runs
+    worker: Optional["_Worker"] = None  # set while it runs (its worker may still wait for its process to start)
 
 
 class _Worker:
@@ -69,16 +75,23 @@ class _Worker:
         self.conn: Optional[Connection] = None
         self.job: Optional[_Job] = None
         self.warm = False  # the child has answered once (its start-up is behind it)
+        self.compiling = False  # the current job was sent to the child (under the pool's lock): killing it ends it
         self.spare: Optional[tuple[subprocess.Popen, Connection]] = None  # started, idle until the current one dies
         self.thread = threading.Thread(target=pool._run_worker, args=(self,), name=f"grammar-{index}", daemon=True)
 
     def start_child(self) -> None:
         """Make the spare process the current one and start a new spare: a killed compile's successor starts
         at once instead of after the seconds a new process takes to import xgrammar."""
-        if self.spare is None:
+        promoted = self.spare is not None
+        if not promoted:
             self.spare = self._spawn()
         (self.proc, self.conn), self.spare = self.spare, None
-        self.warm = False  # the next spare is started once this one is ready: two starts at once slow both
+        self.warm = False
+        if promoted:
+            # The promoted spare has been starting for a while: its successor starts now, so that the next kill
+            # (the next client that hangs up) finds one started too.
+            self.spare = self._spawn()
+        # Else the next spare is started once this one is ready: two starts at once slow both.
 
     def _spawn(self) -> tuple[subprocess.Popen, Connection]:
         parent_sock, child_sock = socket.socketpair()
@@ -95,9 +108,11 @@ class _Worker:
         conn.send_bytes(self.pool._tokenizer_info_json().encode())
         return proc, conn
 
-    def run(self, kind: str, spec: str, timeout_s: float) -> str:
+    def run(self, job: _Job, timeout_s: float) -> str:
         """The compiled grammar's JSON (this worker's thread only); ValueError(reason) when it does not compile,
-        TimeoutError past the limit, _Killed when the process was killed meanwhile (`kill`)."""
+        TimeoutError past the limit, _Killed when the process was killed meanwhile (`kill`), or the job was
+        dropped while the process started."""
+        kind, spec = job.key
         if self.proc is not None and self.proc.poll() is not None:
             self.close()  # killed between two jobs (its last job's clients left as it finished)
         if self.proc is None:
@@ -110,11 +125,17 @@ class _Worker:
                 ready = False
             if not ready:
                 self.close()
+                if self.pool._closed:  # killed by shutdown
+                    raise _Killed
                 raise RuntimeError(f"the grammar compile process did not start within {CHILD_START_TIMEOUT_S:g} s "
                                    "(its log is the server's stderr)")
             self.warm = True
             if self.spare is None:
                 self.spare = self._spawn()
+        with self.pool._lock:
+            if job.future.cancelled():  # its clients left while the process started (`release`)
+                raise _Killed
+            self.compiling = True  # from here `release` kills the process to end the compile
         try:
             self.conn.send_bytes(json.dumps([kind, spec]).encode())
             answered = self.conn.poll(timeout_s)
@@ -178,6 +199,9 @@ class GrammarCompilerPool:
         self._info = None
         self._info_json: Optional[str] = None
         self._local = threading.local()  # the worker a compile thread owns
+        # What became of the specs submitted: compiled, failed (did not compile), timed_out, abandoned_queued /
+        # abandoned_starting / abandoned_running (every client left), refused_full, refused_too_long.
+        self.counts: collections.Counter[str] = collections.Counter()
 
     # -- the tokenizer info, shared with every child ---------------------------------------------------------
     def tokenizer_info(self):
@@ -208,6 +232,7 @@ class GrammarCompilerPool:
         key = params.key
         cfg = self.config
         if len(key[1]) > cfg.max_spec_chars:
+            self.counts["refused_too_long"] += 1
             raise ValueError(f"{PREFIX}{params.kind}={shown(key[1])} is too long: {len(key[1])} characters, at most "
                              f"{cfg.max_spec_chars} (max_grammar_chars).")
         with self._lock:
@@ -224,6 +249,7 @@ class GrammarCompilerPool:
                 job.waiters += 1
                 return job
             if len(self._queue) >= cfg.max_queued:
+                self.counts["refused_full"] += 1
                 raise GrammarQueueFull(f"{len(self._queue)} grammar compiles are waiting already (at most "
                                        f"{cfg.max_queued}, max_queued_grammar_compiles): retry later.")
             job = self._jobs[key] = _Job(key, params, Future())
@@ -264,12 +290,15 @@ class GrammarCompilerPool:
 
     async def wait_async(self, job: _Job):
         """`wait` for an event loop: a caller cancelled here (its client left) releases the job at once."""
+        done = asyncio.wrap_future(job.future)
         try:
             # Shielded: one caller's cancellation must not cancel a compile that others share.
-            result = await asyncio.shield(asyncio.wrap_future(job.future))
+            result = await asyncio.shield(done)
         except asyncio.CancelledError:  # this caller was cancelled, or the compile was (shutdown)
             if job.future.cancelled():
                 raise ValueError(self._error(job.params, "its compile was cancelled")) from None
+            # No one reads what the compile ends with now (a timeout as the client left): not an unread error.
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
         finally:
             self.release(job)
@@ -288,15 +317,25 @@ class GrammarCompilerPool:
                 except ValueError:
                     pass
                 job.future.cancel()
+                self.counts["abandoned_queued"] += 1
                 return
             # Under the lock: the worker cannot have moved on to another job, whose process this would kill.
-            if job.worker.job is job:
-                job.worker.kill()
+            if job.worker.job is not job:
+                return
+            if not job.worker.compiling:  # its process still starts: dropped, the start is kept for the next job
+                job.future.cancel()
+                self.counts["abandoned_starting"] += 1
+                return
+            job.worker.kill()
+            self.counts["abandoned_running"] += 1
         logger.info("grammar compile abandoned by its clients: killed (%s=%s)", job.params.kind, shown(job.key[1]))
 
     # -- workers ---------------------------------------------------------------------------------------------
     def _running(self) -> int:
         return sum(w.job is not None for w in self._workers)
+
+    def queued(self) -> int:
+        return len(self._queue)
 
     def _run_worker(self, worker: _Worker) -> None:
         self._local.worker = worker
@@ -316,36 +355,38 @@ class GrammarCompilerPool:
                 job = self._queue.popleft()
                 job.worker, worker.job = worker, job
             try:
-                result = self._compile(job.params)
+                result = self._compile(job)
             except _Killed:
                 job.future.cancel()  # its callers left, or shutdown
             except BaseException as e:
+                self.counts["timed_out" if isinstance(e, _TimedOut) else "failed"] += 1
                 if not job.future.done():
                     job.future.set_exception(e)
             else:
                 with self._lock:
                     self._remember(job.key, result)
+                self.counts["compiled"] += 1
                 if not job.future.done():
                     job.future.set_result(result)
             finally:
                 with self._lock:
                     worker.job = None
+                    worker.compiling = False
                     if self._jobs.get(job.key) is job:
                         del self._jobs[job.key]
         worker.close(spare=True)  # shut down: this thread owns its sockets, so it closes them
 
-    def _compile(self, params: StructuredOutputParams):
+    def _compile(self, job: _Job):
         """Compile on this thread's child process (the compile threads call it); ValueError naming the field."""
         import xgrammar as xgr
 
-        kind, spec = params.key
-        worker = self._local.worker
+        params, kind = job.params, job.key[0]
         t0 = time.monotonic()
         try:
-            compiled_json = worker.run(kind, spec, self.config.timeout_s)
+            compiled_json = self._local.worker.run(job, self.config.timeout_s)
         except TimeoutError:
-            raise ValueError(self._error(params, f"it did not compile within {self.config.timeout_s:g} s (the "
-                                                 f"grammar_compile_timeout limit): simplify it")) from None
+            raise _TimedOut(self._error(params, f"it did not compile within {self.config.timeout_s:g} s (the "
+                                                f"grammar_compile_timeout limit): simplify it")) from None
         except ValueError as e:
             raise ValueError(self._error(params, _reason(e))) from None
         logger.debug("grammar compiled in %.3f s (%s)", time.monotonic() - t0, kind)

@@ -123,6 +123,9 @@ class _EngineCollector:
         yield _gauge("moelink_generation_tokens_per_second", f"Generated tokens/s over the last {_THROUGHPUT_WINDOW_S:.0f} s.",
                      self.m.tokens_per_second())
         yield from self._elastic(eng.elastic_stats)
+        grammars = getattr(eng, "grammars", None)
+        if grammars is not None:
+            yield from grammar_families(grammars)
         if st.kv_transfer is not None:
             yield from kv_transfer_families(st.kv_transfer, eng.config)
         if st.spec_decode is not None:
@@ -182,6 +185,25 @@ class _EngineCollector:
         eplb = eng.eplb
         if eplb is not None:  # online EPLB (--eplb-interval)
             yield from eplb_families(eplb.snapshot())
+
+
+# What became of structured-output grammar compiles (engine/core/grammar_compile.py: GrammarCompilerPool.counts).
+GRAMMAR_OUTCOMES = ("compiled", "failed", "timed_out", "abandoned_queued", "abandoned_starting", "abandoned_running",
+                    "refused_full", "refused_too_long")
+
+
+def grammar_families(pool):
+    """Grammar compiles by outcome (abandoned_*: every client left, so it was dropped or killed), and how many
+    wait for a compile process now."""
+    c = CounterMetricFamily("moelink_grammar_compiles", "Grammar compiles by outcome: compiled, failed (did not "
+                            "compile), timed_out, abandoned_queued / abandoned_starting / abandoned_running (every "
+                            "client left: dropped, or its process killed), refused_full, refused_too_long.",
+                            labels=["outcome"])
+    counts = dict(pool.counts)
+    for outcome in GRAMMAR_OUTCOMES:
+        c.add_metric([outcome], counts.get(outcome, 0))
+    yield c
+    yield _gauge("moelink_grammar_compiles_queued", "Grammar compiles waiting for a compile process.", pool.queued())
 
 
 def spec_decode_families(sd):

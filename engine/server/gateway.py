@@ -26,9 +26,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 from .gateway_admin import _KEY_ENV, WorkerCheck, new_admin_key, with_secrets  # noqa: F401 (_KEY_ENV: tests)
+from .hangups import RELAY_HEADER
 from .http_front import HttpFront
 from .ports import bind_error, listens_on
 
@@ -128,7 +129,10 @@ class GatewaySupervisor:
         s = self.spec
         cmd = [self.exe, "launch", "--host", s.http_host, "--port", str(s.http_port),
                "--prometheus-host", s.metrics_host, "--prometheus-port", str(metrics_port),
-               "--worker-urls", s.worker_url, "--log-level", "warn", "--shutdown-grace-period-secs", "1"]
+               "--worker-urls", s.worker_url, "--log-level", "warn", "--shutdown-grace-period-secs", "1",
+               # The request id is the front's relay id (hangups.py), and only it: the server ends the request
+               # of an HTTP client that hung up by that id, which smg does not do itself.
+               "--request-id-headers", RELAY_HEADER]
         if s.tokenizer_path:
             cmd += ["--tokenizer-path", s.tokenizer_path]
         return cmd + list(s.extra_args)
@@ -340,9 +344,11 @@ def worker_url(host: str, port: int) -> str:
     return f"grpc://{host}:{port}"
 
 
-async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: Optional[int]) -> GatewaySupervisor:
+async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: Optional[int],
+                                on_hangup: Optional[Callable[[str], Awaitable[object]]] = None) -> GatewaySupervisor:
     """The supervised smg for a bound server (ServerConfig `config`): in front of the keyless gateway
-    listener when there is one (smg sends workers no key and no TLS), else of the main port."""
+    listener when there is one (smg sends workers no key and no TLS), else of the main port. `on_hangup(relay_id)`:
+    the front lost an HTTP client before its answer ended (Serving.hung_up)."""
     target = worker_url(config.gateway_host, gateway_listener_port) if gateway_listener_port is not None \
         else worker_url(config.host, grpc_port)
     # smg listens on a loopback port of its own; --http-port is the front's (http_front.py), which carries the
@@ -355,7 +361,8 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
                        "(no --api-key)", config.http_host, config.http_port)
     gateway = None
     front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
-                      not_serving=lambda: gateway.not_serving() if gateway is not None else None)
+                      not_serving=lambda: gateway.not_serving() if gateway is not None else None,
+                      on_hangup=on_hangup)
     try:
         await front.start()
     except OSError as e:

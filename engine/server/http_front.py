@@ -8,9 +8,13 @@ the ones smg forwards (or answers 400 naming the field), and relays everything e
 How: one request per connection. The request is read whole (h11: Content-Length or chunked, bounded by
 MAX_BODY_BYTES), sent to smg on loopback with `connection: close`, and smg's answer is copied back as it comes
 (streams included) until smg closes; the response head gets `connection: close` too, so the client knows to
-open a new connection for its next request. A client that goes away closes the connection to smg, which
-aborts the request in the worker, as if it had talked to smg itself. Authentication stays smg's: a request
-whose key does not match is relayed untouched, so it gets smg's 401, not a 400 from here.
+open a new connection for its next request. Authentication stays smg's: a request whose key does not match is
+relayed untouched, so it gets smg's 401, not a 400 from here.
+
+A client that goes away (its connection reads EOF) before smg's answer has ended is reported to the server
+(`on_hangup`), which ends the request itself: smg would not (hangups.py), and a request whose grammar still
+compiled, or a non-streamed one, ran to its end. Each relayed request carries a relay id of the front's own in
+hangups.RELAY_HEADER (smg makes it the gRPC request id's prefix); a client's own copy of that header is dropped.
 
 Only the OpenAI API and the health probes are relayed (PUBLIC_ROUTES); every other path is 404 here. smg
 serves its control plane on the same port (`POST /workers` adds a worker that then receives users' prompts,
@@ -25,11 +29,12 @@ import contextlib
 import hmac
 import json
 import logging
-from typing import Callable, Optional
+from typing import Awaitable, Callable, Optional
 
 import h11
 
 from ..contract.safe_text import shown
+from .hangups import RELAY_HEADER, new_relay_id
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, rewrite
 
 logger = logging.getLogger(__name__)
@@ -46,18 +51,23 @@ PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/r
                  "/v1beta/interactions", "/health", "/health_generate", "/liveness", "/readiness")
 PROBES = ("/health", "/health_generate", "/readiness")
 _DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade", b"content-length",
-            b"transfer-encoding"}
+            b"transfer-encoding", RELAY_HEADER.encode()}
+# The start of a relay id without the client's X-Request-Id: the id OpenAI (and smg) give each kind of answer.
+_ID_KINDS = {CHAT_PATH: "chatcmpl", COMPLETIONS_PATH: "cmpl"}
 
 
 class HttpFront:
     """Listens on (host, port); relays to smg on 127.0.0.1:upstream_port. start() / stop() on the server's loop."""
 
     def __init__(self, host: str, port: int, upstream_port: int, api_key: Optional[str] = None,
-                 not_serving: Optional[Callable[[], Optional[str]]] = None):
-        """`not_serving()`: why the gateway cannot serve now (the probes answer 503 with it), or None."""
+                 not_serving: Optional[Callable[[], Optional[str]]] = None,
+                 on_hangup: Optional[Callable[[str], Awaitable[object]]] = None):
+        """`not_serving()`: why the gateway cannot serve now (the probes answer 503 with it), or None.
+        `on_hangup(relay_id)`: the client of the request relayed under `relay_id` left before its answer ended."""
         self.host, self.port, self.upstream_port = host, port, upstream_port
         self.api_key = api_key
         self.not_serving = not_serving
+        self.on_hangup = on_hangup
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
 
@@ -154,26 +164,40 @@ class HttpFront:
             await _answer(conn, writer, 503, _error("the OpenAI gateway (smg) is restarting: retry in a few seconds.",
                                                     None))
             return
+        path = request.target.split(b"?", 1)[0].decode("latin-1")
+        relay_id = new_relay_id(_ID_KINDS.get(path, "req"), _header(request, b"x-request-id"))
+        # Watched from the start, not from smg's first byte: before it, a grammar may compile for many seconds.
+        gone = asyncio.ensure_future(_until_eof(reader))
+        answer = None
         try:
             head = [request.method + b" " + request.target + b" HTTP/1.1"]
             head += [name + b": " + value for name, value in request.headers if name not in _DROPPED]
-            head += [b"content-length: " + str(len(body)).encode(), b"connection: close"]
+            head += [RELAY_HEADER.encode() + b": " + relay_id.encode(), b"content-length: " + str(len(body)).encode(),
+                     b"connection: close"]
             up_writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-            await up_writer.drain()
-            response_head = await up_reader.readuntil(b"\r\n\r\n")
-            writer.write(_closing(response_head))
-            # Copy smg's answer as it comes; a client that closes its side ends the copy (and so the request).
-            copy = asyncio.ensure_future(_copy(up_reader, writer))
-            gone = asyncio.ensure_future(_until_eof(reader))
-            await asyncio.wait({copy, gone}, return_when=asyncio.FIRST_COMPLETED)
-            gone.cancel()
-            if not copy.done():
-                copy.cancel()
-            await asyncio.gather(copy, gone, return_exceptions=True)
+            answer = asyncio.ensure_future(_answer_from(up_reader, up_writer, writer))
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            gone.cancel()
+            if answer is not None and not answer.done():
+                answer.cancel()
+            await asyncio.gather(*(t for t in (answer, gone) if t is not None), return_exceptions=True)
             up_writer.close()
             with contextlib.suppress(Exception):
                 await up_writer.wait_closed()
+            # Unless smg's whole answer reached the client, no one reads the rest: the server ends the request.
+            if answer is None or answer.cancelled() or answer.exception() is not None:
+                await self._hung_up(relay_id)
+        if not answer.cancelled():
+            answer.result()  # smg's own failure (it closed early, a head over the limit): the caller's to handle
+
+    async def _hung_up(self, relay_id: str) -> None:
+        if self.on_hangup is None:
+            return
+        try:
+            await self.on_hangup(relay_id)
+        except Exception:  # a bug there must not turn into a connection error here
+            logger.exception("ending the request of an HTTP client that hung up failed (relay id %s)", relay_id)
 
 
 def public_path(target: bytes) -> Optional[str]:
@@ -188,6 +212,23 @@ def public_path(target: bytes) -> Optional[str]:
     for route in PUBLIC_ROUTES:
         if path == route or path.startswith(route + "/"):
             return path
+    return None
+
+
+async def _answer_from(up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
+                       writer: asyncio.StreamWriter) -> None:
+    """The request sent on (`up_writer` holds it), then smg's answer copied to the client as it comes until smg
+    closes; its head with `connection: close`."""
+    await up_writer.drain()
+    writer.write(_closing(await up_reader.readuntil(b"\r\n\r\n")))
+    await _copy(up_reader, writer)
+
+
+def _header(request: h11.Request, name: bytes) -> Optional[str]:
+    """A request header's value (h11 lowercases names), or None."""
+    for key, value in request.headers:
+        if key == name:
+            return value.decode("latin-1")
     return None
 
 

@@ -234,7 +234,7 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
             from .gateway import start_managed_gateway
             from .gateway_health import GatewayCollector, watch_gateway
 
-            gateway = await start_managed_gateway(config, port, server.gateway_port)
+            gateway = await start_managed_gateway(config, port, server.gateway_port, server.serving.hung_up)
             gateway_watch = asyncio.create_task(watch_gateway(gateway, server.health))  # the HTTP face's health
             if server.engine.metrics is not None:
                 server.engine.metrics.registry.register(GatewayCollector(gateway))

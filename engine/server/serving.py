@@ -36,6 +36,7 @@ from ..contract.sampling_params import SamplingParams
 from ..contract.structured_output_params import StructuredOutputParams
 from .client_identity import client_of
 from .config import ServerConfig
+from .hangups import Abandoned, Hangups, relay_of
 from .registry import Draining, DuplicateRequest, Overloaded, RequestRegistry
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Serving:
         # must not receive that request's late outputs, and client ids like "x#0" must not collide
         # with the sample ids of a request "x" with n > 1.
         self._admissions = itertools.count()
+        # Requests being prepared (their grammar may be compiling), and HTTP clients that hung up (hangups.py).
+        self.hangups = Hangups()
         self.bytes_per_token, self.max_prompt_bytes = self._prompt_byte_bound()
 
     # -- facts (`self.info`) and live numbers ----------------------------------
@@ -123,8 +126,21 @@ class Serving:
         """Tokenize (text) and validate a request, once; ValueError names `field` (the proto field).
 
         `prompt`: text, or token ids (a list or a proto repeated field). `keep`: keep only the last
-        `keep` tokens (the VllmEngine protocol's truncate_prompt_tokens).
+        `keep` tokens (the VllmEngine protocol's truncate_prompt_tokens). Raises Abandoned when the client hung
+        up (through the managed gateway) or an Abort named the request meanwhile.
         """
+        with self.hangups.watch(request_id) as watch:
+            processed = await self._prepare(request_id, prompt, params, field, keep)
+            watch.check()  # it may have left while a long prompt was tokenized on a thread
+            if processed.params.structured_outputs is None or processed.grammar is not None:
+                return processed
+            # The grammar compiles in the engine's compile processes; awaited here, so it holds no thread
+            # (tokenizing never waits behind a compile), and a client that leaves (a cancelled RPC, an HTTP
+            # hang-up, an Abort) ends this wait and releases the compile: dropped from the queue, or killed.
+            return await watch.unless_left(self.engine.with_grammar(processed))
+
+    async def _prepare(self, request_id: str, prompt, params: SamplingParams, field: str,
+                       keep: Optional[int]) -> ProcessedRequest:
         if isinstance(prompt, str):
             ids = await self._tokenize(prompt, field, keep)
         else:
@@ -139,9 +155,7 @@ class Serving:
             processed = process(request_id, ids, params, field, compile_grammar=False)
         else:
             processed = await asyncio.to_thread(process, request_id, ids, params, field, compile_grammar=False)
-        # The grammar compiles in the engine's compile processes; awaited here, so it holds no thread (tokenizing
-        # never waits behind a compile), and a client that leaves cancels this and with it the compile.
-        return await self.engine.with_grammar(processed)
+        return processed
 
     async def _tokenize(self, text: str, field: str, keep: Optional[int]) -> list[int]:
         if not text:
@@ -259,12 +273,24 @@ class Serving:
         Uncapped: --max-abort-ids bounds what one Abort RPC may ask (`abort_requested`), not the server's
         own drain, which aborts everything running, however many that is."""
         ids = list(request_ids)
+        preparing = self.hangups.abort(ids)  # not admitted yet: a grammar compile may be all they wait for
         running = [rid for rid in ids if rid in self.registry.active]
         for rid in running:
             self.registry.active[rid].aborted = True
         for eid in self.registry.engine_ids(running):
             await self.engine.abort(eid)
-        return len(running)
+        return len(running) + preparing
+
+    async def hung_up(self, relay_id: str) -> int:
+        """The managed gateway's front lost the HTTP client of `relay_id` before its answer ended (hangups.py):
+        end every request under it, those being prepared and those generating. Returns how many."""
+        preparing = self.hangups.hung_up(relay_id)
+        running = [rid for rid in self.registry.active if relay_of(rid) == relay_id]
+        aborted = await self.abort(running) if running else 0
+        if preparing or aborted:
+            logger.info("HTTP client hung up: %d request(s) of relay id %s ended (%d being prepared, %d generating)",
+                        preparing + aborted, relay_id, preparing, aborted)
+        return preparing + aborted
 
     async def abort_requested(self, request_ids) -> int:
         """An Abort RPC's ids: refused by their count before any is looked at, then `abort`."""
@@ -314,6 +340,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a request failure maps to (one sentence for the user)."""
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, wire_message(str(exc))
+    if isinstance(exc, Abandoned):
+        return grpc.StatusCode.CANCELLED, f"{exc}."
     if isinstance(exc, (Overloaded, GrammarQueueFull)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, DuplicateRequest):
