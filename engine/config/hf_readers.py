@@ -217,9 +217,9 @@ def _minimax_m2(arch: str, hf, c: dict, rope: dict) -> dict:
                                                    f"{c['num_layers']} layers (MiniMax-M2 has no lightning-attention "
                                                    f"layers, 0)")
     for name, want in (("use_qk_norm", True), ("qk_norm_type", "per_layer"), ("scoring_func", "sigmoid"),
-                       ("use_routing_bias", True), ("shared_intermediate_size", 0)):
-        value = getattr(hf, name, want)
-        if value != want:
+                       ("use_routing_bias", True), ("shared_intermediate_size", 0), ("routed_scaling_factor", 1.0)):
+        value = getattr(hf, name, None)
+        if value is not None and value != want:
             raise unsupported(name, value, (want,), f" for {arch} (transformers' model runs {name}={want!r})")
     E = int(hf.num_local_experts)
     router = RouterConfig(E, c["top_k"], "sigmoid", "noaux_tc", 1, 1, norm_topk_prob=True)
@@ -263,8 +263,8 @@ def _mimo_v2_flash(arch: str, hf, c: dict, rope: dict) -> dict:
                        ("swa_v_head_dim", Hv), ("add_swa_attention_sink_bias", True),
                        ("add_full_attention_sink_bias", False), ("scoring_func", "sigmoid"),
                        ("topk_method", "noaux_tc")):
-        value = getattr(hf, name, want)
-        if value != want:
+        value = getattr(hf, name, None)
+        if value is not None and value != want:
             raise unsupported(name, value, (want,), f" for {arch} (transformers' model runs {name}={want!r})")
     sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
     window = getattr(hf, "sliding_window", None)
@@ -272,6 +272,19 @@ def _mimo_v2_flash(arch: str, hf, c: dict, rope: dict) -> dict:
         raise unsupported("sliding_window", window, "a positive integer (layer_types has sliding_attention layers)")
     if not set(layer_types) <= set(rope):
         raise unsupported("rope_parameters", sorted(rope), f"one rope per layer type ({', '.join(sorted(set(layer_types)))})")
+    # The original file's rope fields, which transformers 5.24 does not read either (its rope_parameters hold them).
+    for name, kinds, key in (("rope_theta", ("full_attention",), "rope_theta"),
+                             ("swa_rope_theta", ("sliding_attention",), "rope_theta"),
+                             ("partial_rotary_factor", tuple(rope), "partial_rotary_factor")):
+        value = getattr(hf, name, None)
+        for kind in kinds:
+            want = rope.get(kind, {}).get(key, 0.334 if key == "partial_rotary_factor" else None)
+            if value is not None and kind in rope and float(value) != float(want):
+                raise unsupported(name, value, (want,), f" (rope_parameters.{kind}.{key}, which transformers runs)")
+    n_shared = getattr(hf, "n_shared_experts", None)
+    if n_shared:
+        raise unsupported("n_shared_experts", n_shared, (0, None), f" for {arch} (transformers' model has no shared "
+                                                                   f"experts)")
     scale = getattr(hf, "attention_value_scale", None)
     bias = bool(getattr(hf, "attention_bias", False))
 
