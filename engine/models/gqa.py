@@ -29,9 +29,10 @@ class GQAAttention(nn.Module):
     and scaled by value_scale before they are cached, as transformers scales them."""
 
     def __init__(self, layer_idx: int, hidden_size: int, attn: GQAConfig, rms_norm_eps: float, rope: RotaryEmbedding,
-                 kernels, dtype, device=None, quant=None, *, in_features: int | None = None):
+                 kernels, dtype, device=None, quant=None, *, in_features: int | None = None, sinks_name: str = "sinks"):
         """in_features: the width q/k/v are projected from, when it is not hidden_size (an EAGLE-3 head's
-        [embedding | hidden] concatenation, 2 * hidden_size, engine/models/eagle3.py); o_proj returns hidden_size."""
+        [embedding | hidden] concatenation, 2 * hidden_size, engine/models/eagle3.py); o_proj returns hidden_size.
+        sinks_name: the sinks' checkpoint name under self_attn. (ArchSpec.sinks)."""
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -62,7 +63,7 @@ class GQAAttention(nn.Module):
         q_norm, k_norm = (self.q_size, self.kv_size) if self.all_heads_norm else (attn.head_dim, attn.head_dim)
         self.q_norm = RMSNorm(q_norm, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
         self.k_norm = RMSNorm(k_norm, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
-        self.sinks_name = "sinks"  # under self_attn.; the architecture may name it otherwise (ArchSpec.sinks)
+        self.sinks_name = sinks_name
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x_TD.shape[0]

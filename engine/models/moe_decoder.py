@@ -76,9 +76,7 @@ class DecoderLayer(nn.Module):
             self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, attn, rope, kernels, dt, device, quant)
         else:
             self.self_attn = GQAAttention(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, rope, kernels, dt,
-                                          device, quant)
-            if spec is not None:
-                self.self_attn.sinks_name = spec.sinks
+                                          device, quant, sinks_name=spec.sinks if spec else "sinks")
         self.is_sparse = layer_idx in cfg.sparse_layers
         # The routed experts of this layer (None in a dense layer): EP, valid rows and the counters act on them.
         self.moe: MoELayer | None = None
