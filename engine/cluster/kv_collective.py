@@ -49,16 +49,13 @@ def _backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def _make_group(store, rank: int, device: torch.device, timeout_s: float, bind_host: str):
-    """A pair group; gloo's own listener on `bind_host` (the address of the KV connection's own end), never the
-    host name's address or a wildcard. (NCCL picks its interfaces itself: NCCL_SOCKET_IFNAME narrows them.)"""
+def _make_group(store, rank: int, device: torch.device, timeout_s: float):
+    """A pair group. Its own sockets are the backend's: gloo listens on the address the host name resolves to
+    (GLOO_SOCKET_IFNAME narrows it), NCCL on the interfaces it picks (NCCL_SOCKET_IFNAME); never a wildcard."""
     timeout = datetime.timedelta(seconds=max(timeout_s, 1.0))
     if _backend(device) == "nccl":
         return dist.ProcessGroupNCCL(store, rank, 2, dist.ProcessGroupNCCL.Options())
-    opts = dist.ProcessGroupGloo._Options()
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
-    opts._timeout = timeout
-    return dist.ProcessGroupGloo(store, rank, 2, opts)
+    return dist.ProcessGroupGloo(store, rank, 2, timeout)
 
 
 class _Pairs:
@@ -157,8 +154,7 @@ def _send_over_group(device: torch.device):
             if group is None:
                 store = dist.TCPStore(pg_info["host"], pg_info["port"], 2, False,
                                       timeout=datetime.timedelta(seconds=max(deadline.left(), 1.0)))
-                group = _make_group(dist.PrefixStore(pg_info["pair"], store), 1, device, deadline.left(),
-                                    conn.getsockname()[0])
+                group = _make_group(dist.PrefixStore(pg_info["pair"], store), 1, device, deadline.left())
                 _server_pairs.put(key, group)
             for _, rows in saved.groups:
                 for t in rows:
@@ -207,7 +203,7 @@ def collective_fetch(host: str, port: int, key: str, layout: tuple, token_ids: l
                 refused = True
                 raise KVFetchError(f"{host}:{port} refused: {reply.get('error', 'no reason given')}")
             if pair.group is None:
-                pair.group = _make_group(dist.PrefixStore(pair.name, pair.store), 0, device, deadline.left(), pair.host)
+                pair.group = _make_group(dist.PrefixStore(pair.name, pair.store), 0, device, deadline.left())
             staging = Staging(False, reuse=on_group is not None)
 
             def take(shape: tuple) -> torch.Tensor:
