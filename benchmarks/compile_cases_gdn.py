@@ -1,8 +1,9 @@
 """Compile cases of the gated DeltaNet kernels (benchmarks/compile_report.py's `gdn` family) at Qwen3-Next-80B-A3B's
 linear-attention shapes: 16 q/k heads and 32 value heads of 128, conv kernel 4 over 2 * 16 * 128 + 32 * 128 = 8192
 channels (one rank; a tensor-parallel shard divides the heads and channels, the same code): the recurrence for decode,
-verify (intermediate states) and prefill, the commit of accepted states (recurrent and conv pools), the gates, the
-causal conv's prefill (outputs and state write) and its decode / verify update. Bf16 activations, fp32 states.
+verify (intermediate states), prefill and the replay of accepted tokens, the commit of accepted states (recurrent and
+conv pools), the gates, the causal conv's prefill (outputs and state write), its decode / verify update and its
+replay. Bf16 activations, fp32 states.
 
 Standalone, any target Triton supports (sm_100 with Triton >= 3.9), no GPU needed:
     python -m moelink.benchmarks.compile_cases_gdn [ARCH]        # prints registers / spills per kernel
@@ -25,9 +26,11 @@ C = 2 * G * K + N * V
 
 
 def compile_gdn(rec: Recorder, quick: bool) -> None:
-    from moelink.kernels.triton_causal_conv1d import triton_causal_conv1d, triton_causal_conv1d_update
+    from moelink.kernels.triton_causal_conv1d import (triton_causal_conv1d, triton_causal_conv1d_update,
+                                                      triton_replay_conv_state)
     from moelink.kernels.triton_gated_delta import (triton_commit_states, triton_gated_delta_rule,
-                                                    triton_gated_delta_rule_decode, triton_gdn_gating)
+                                                    triton_gated_delta_rule_decode, triton_gdn_gating,
+                                                    triton_replay_gated_delta_state)
 
     meta = dict(device="meta")
     dt, i32 = torch.bfloat16, torch.int32
@@ -53,6 +56,9 @@ def compile_gdn(rec: Recorder, quick: bool) -> None:
             triton_gated_delta_rule(q, k, v, torch.empty(4096, N, **meta), torch.empty(4096, N, dtype=dt, **meta), pool,
                                     torch.empty(4, dtype=i32, **meta), slots[:3], torch.empty(3, dtype=torch.bool, **meta))
     acc = torch.empty(S, dtype=i32, **meta)
+    _, q, k, v = qkv(S * Q)
+    with rec.labelled(f"qwen3-next-80b-a3b gated delta rule replay of accepted tokens (of {Q})"):
+        triton_replay_gated_delta_state(k, v, gate[0], gate[1], pool, torch.empty(S + 1, dtype=i32, **meta), slots, acc)
     with rec.labelled(f"qwen3-next-80b-a3b commit of accepted states (recurrent [{N}, {K}, {V}] fp32)"):
         triton_commit_states(pool, slots, torch.empty(S, Q, N, K, V, **meta), acc)
     with rec.labelled(f"qwen3-next-80b-a3b commit of accepted states (conv [{W - 1}, {C}] bf16)"):
@@ -71,6 +77,8 @@ def compile_gdn(rec: Recorder, quick: bool) -> None:
         with rec.labelled(f"qwen3-next-80b-a3b causal conv1d update, {label}"):
             triton_causal_conv1d_update(x[:T], w, None, conv_pool, torch.empty(S + 1, dtype=i32, **meta), slots,
                                         "silu", keep)
+    with rec.labelled(f"qwen3-next-80b-a3b causal conv1d replay of accepted tokens (of {Q})"):
+        triton_replay_conv_state(x[: S * Q], conv_pool, torch.empty(S + 1, dtype=i32, **meta), slots, acc)
 
 
 def main(argv=None) -> int:

@@ -118,3 +118,23 @@ def reference_causal_conv1d_update(
                     intermediate_states_SQRC)
     return _apply(x_TC, weight_CW, bias_C, conv_state_pool_PRC, query_start_loc_S1, slot_ids_S, None, activation,
                   intermediate_states_SQRC)
+
+
+def reference_replay_conv_state(x_TC: torch.Tensor, conv_state_pool_PRC: torch.Tensor, query_start_loc_S1: torch.Tensor,
+                                slot_ids_S: torch.Tensor, num_accepted_S: torch.Tensor) -> None:
+    """After a verify step that left the pool untouched (intermediate_states_SQRC of Q = 0): each slot (>= 0) takes the
+    last R inputs of its old state followed by the first num_accepted_S[s] tokens of its sequence in x_TC (the verify
+    step's conv input; 0 keeps the state). kernels/gated_delta.py describes the protocol."""
+    S = query_start_loc_S1.numel() - 1
+    if tuple(slot_ids_S.shape) != (S,) or tuple(num_accepted_S.shape) != (S,):
+        raise ValueError(f"slot_ids_S {tuple(slot_ids_S.shape)} and num_accepted_S {tuple(num_accepted_S.shape)} must "
+                         f"be [S={S}] (query_start_loc_S1 has S + 1 entries).")
+    if x_TC.dim() != 2 or conv_state_pool_PRC.dim() != 3 or conv_state_pool_PRC.shape[2] != x_TC.shape[1]:
+        raise ValueError(f"conv_state_pool_PRC {tuple(conv_state_pool_PRC.shape)} must be [P, R, C={x_TC.shape[-1]}].")
+    R = conv_state_pool_PRC.shape[1]
+    qsl = query_start_loc_S1.tolist()  # device -> host sync (reference only)
+    for s, (slot, n) in enumerate(zip(slot_ids_S.tolist(), num_accepted_S.tolist())):
+        n = max(0, min(qsl[s + 1] - qsl[s], n))
+        if slot >= 0:
+            xx = torch.cat([conv_state_pool_PRC[slot], x_TC[qsl[s]: qsl[s] + n].to(conv_state_pool_PRC.dtype)])
+            conv_state_pool_PRC[slot] = xx[xx.shape[0] - R:]

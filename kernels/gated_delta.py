@@ -25,6 +25,12 @@ the last accepted token and the drafts of each sequence; the state after its j-t
 intermediate_states_SQNKV[s, j] (j < Q) and the pool is left as it was. Once the sampler knows how many of them
 were accepted, `reference_commit_states` copies state number num_accepted_S[s] - 1 into the slot (0 keeps the
 slot). The conv state (kernels/causal_conv1d.py) follows the same protocol with its own buffer.
+The buffers cost Q states per sequence per layer (Qwen3-Next, one rank: 2 MB a state, x 36 layers). The other way,
+no buffer: run the verify step through `reference_gated_delta_rule_decode` with intermediate_states_SQNKV given but
+of Q = 0 ([S, 0, N, K, V]: the pool is not written), keep the layer's k, v, g, beta until the sampler has decided, and
+`reference_replay_gated_delta_state` re-runs each sequence's accepted tokens from its slot's (untouched) state into
+the slot: one state read and one written per sequence, against Q written and one copied
+(causal_conv1d.reference_replay_conv_state for the conv state).
 """
 from __future__ import annotations
 
@@ -250,7 +256,7 @@ def reference_gated_delta_rule_decode(
     o, final_SNKV, short, lens, kept = _run(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1,
                                             slot_ids_S, None, scale, keep_Q, chunked=False)
     if intermediate_states_SQNKV is not None:
-        for i, s in enumerate(short):
+        for i, s in enumerate(short if keep_Q else []):
             n = min(lens[s], keep_Q)
             intermediate_states_SQNKV[s, :n] = kept[i, :n].to(intermediate_states_SQNKV.dtype)
         return o
@@ -258,6 +264,25 @@ def reference_gated_delta_rule_decode(
         if slot >= 0:
             state_pool_PNKV[slot] = final_SNKV[s].to(state_pool_PNKV.dtype)
     return o
+
+
+def reference_replay_gated_delta_state(
+    k_TGK: torch.Tensor, v_TNV: torch.Tensor, g_TN: torch.Tensor, beta_TN: torch.Tensor, state_pool_PNKV: torch.Tensor,
+    query_start_loc_S1: torch.Tensor, slot_ids_S: torch.Tensor, num_accepted_S: torch.Tensor,
+) -> None:
+    """After a verify step that left the pool untouched: each slot (>= 0) advances over the first num_accepted_S[s]
+    tokens of its sequence in the verify batch (k, v, g, beta as the verify step had them; 0 keeps the state)."""
+    check_gdn_args(k_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1, slot_ids_S)
+    if tuple(num_accepted_S.shape) != tuple(slot_ids_S.shape):
+        raise ValueError(f"num_accepted_S {tuple(num_accepted_S.shape)} must be [S={slot_ids_S.shape[0]}].")
+    qsl, acc = query_start_loc_S1.tolist(), num_accepted_S.tolist()  # device -> host sync (reference only)
+    counts = [max(0, min(b - a, n)) for a, b, n in zip(qsl[:-1], qsl[1:], acc)]
+    rows = torch.cat([torch.arange(a, a + n) for a, n in zip(qsl[:-1], counts)] + [torch.zeros(0, dtype=torch.long)])
+    rows = rows.to(k_TGK.device)
+    qsl_kept = torch.tensor([0] + counts, device=query_start_loc_S1.device).cumsum(0)
+    k = k_TGK[rows]
+    reference_gated_delta_rule_decode(k, k, v_TNV[rows], g_TN[rows], beta_TN[rows], state_pool_PNKV, qsl_kept,
+                                      slot_ids_S)
 
 
 def reference_commit_states(pool_PX: torch.Tensor, slot_ids_S: torch.Tensor, intermediate_states_SQX: torch.Tensor,

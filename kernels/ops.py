@@ -16,10 +16,10 @@ from typing import Callable, ClassVar, Protocol
 import torch
 
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
-from .causal_conv1d import reference_causal_conv1d, reference_causal_conv1d_update
+from .causal_conv1d import reference_causal_conv1d, reference_causal_conv1d_update, reference_replay_conv_state
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .gated_delta import (reference_commit_states, reference_gated_delta_rule, reference_gated_delta_rule_decode,
-                          reference_gdn_gating)
+                          reference_gdn_gating, reference_replay_gated_delta_state)
 from .mla import reference_mla_attention, reference_write_latent
 from .mla_input import reference_mla_rope_write_latent
 from .moe import reference_fused_moe
@@ -61,6 +61,8 @@ class Kernels(Protocol):
     gated_delta_rule: Callable
     gated_delta_rule_decode: Callable
     commit_states: Callable
+    replay_gated_delta_state: Callable
+    replay_conv_state: Callable
 
 
 # Each op of `Kernels` and the reference that defines its arguments.
@@ -75,6 +77,7 @@ REFERENCES: dict[str, Callable] = dict(
     causal_conv1d=reference_causal_conv1d, causal_conv1d_update=reference_causal_conv1d_update,
     gdn_gating=reference_gdn_gating, gated_delta_rule=reference_gated_delta_rule,
     gated_delta_rule_decode=reference_gated_delta_rule_decode, commit_states=reference_commit_states,
+    replay_gated_delta_state=reference_replay_gated_delta_state, replay_conv_state=reference_replay_conv_state,
 )
 
 
@@ -105,6 +108,8 @@ class ReferenceKernels:
     gated_delta_rule = staticmethod(reference_gated_delta_rule)  # chunked per long sequence, batched recurrence else
     gated_delta_rule_decode = staticmethod(reference_gated_delta_rule_decode)
     commit_states = staticmethod(reference_commit_states)
+    replay_gated_delta_state = staticmethod(reference_replay_gated_delta_state)
+    replay_conv_state = staticmethod(reference_replay_conv_state)
 
 
 class TritonKernels:
@@ -152,9 +157,10 @@ class TritonKernels:
         self.fused_moe_fp8 = triton_fused_moe_fp8
         # Gated DeltaNet: states fp32 in slot-indexed pools, activations bf16 / fp16 / fp32 (kernels/gated_delta.py).
         from .fla_gated_delta import FlaGatedDeltaRule, fla_available
-        from .triton_causal_conv1d import triton_causal_conv1d, triton_causal_conv1d_update
+        from .triton_causal_conv1d import triton_causal_conv1d, triton_causal_conv1d_update, triton_replay_conv_state
         from .triton_gated_delta import (triton_commit_states, triton_gated_delta_rule,
-                                         triton_gated_delta_rule_decode, triton_gdn_gating)
+                                         triton_gated_delta_rule_decode, triton_gdn_gating,
+                                         triton_replay_gated_delta_state)
 
         self.causal_conv1d = triton_causal_conv1d
         self.causal_conv1d_update = triton_causal_conv1d_update
@@ -163,7 +169,9 @@ class TritonKernels:
         self.gated_delta_rule = (FlaGatedDeltaRule(fallback_fn=triton_gated_delta_rule) if fla_available()
                                  else triton_gated_delta_rule)
         self.gated_delta_rule_decode = triton_gated_delta_rule_decode  # decode, verify (intermediate states)
-        self.commit_states = triton_commit_states
+        self.commit_states = triton_commit_states  # verify's kept states -> slots
+        self.replay_gated_delta_state = triton_replay_gated_delta_state  # or: no buffers, accepted tokens re-run
+        self.replay_conv_state = triton_replay_conv_state
 
 
 def _triton_available() -> bool:

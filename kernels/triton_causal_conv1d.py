@@ -10,6 +10,7 @@ then grid (S, C / BC) writes each sequence's last R inputs to its slot. Two laun
 must be read by every token block that needs it before it is overwritten.
 Decode / verify, one launch: grid (S, C / BC), a program runs its sequence's tokens BT at a time, then writes the
 state (or each token's state to the caller's buffer): only it reads or writes that slot's channels.
+Replay after a verify step: the prefill's state-write kernel over each sequence's accepted tokens.
 
 Numerics: the sum over the W taps in fp32 (bias first, then taps oldest first), SiLU in fp32, one rounding to the
 activations' dtype; the reference rounds once too, but F.conv1d may sum the taps in another order (an ulp of fp32).
@@ -96,13 +97,16 @@ def _conv_varlen_kernel(x_ptr, w_ptr, b_ptr, pool_ptr, y_ptr, qsl_ptr, slot_ptr,
 
 
 @triton.jit
-def _conv_state_kernel(x_ptr, pool_ptr, qsl_ptr, slot_ptr, init_ptr, stride_xt, num_ch, R: tl.constexpr,
-                       BR: tl.constexpr, HAS_INIT: tl.constexpr, BC: tl.constexpr, INTERPRET: tl.constexpr):
+def _conv_state_kernel(x_ptr, pool_ptr, qsl_ptr, slot_ptr, init_ptr, acc_ptr, stride_xt, num_ch, R: tl.constexpr,
+                       BR: tl.constexpr, HAS_INIT: tl.constexpr, REPLAY: tl.constexpr, BC: tl.constexpr,
+                       INTERPRET: tl.constexpr):
     s = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = c < num_ch
     start = tl.load(qsl_ptr + s).to(tl.int64)
     end = tl.load(qsl_ptr + s + 1).to(tl.int64)
+    if REPLAY:  # the accepted tokens only
+        end = tl.minimum(end, start + tl.maximum(tl.load(acc_ptr + s).to(tl.int64), 0))
     slot = tl.load(slot_ptr + s).to(tl.int64)
     if slot >= 0:
         read = tl.full([BR], 1, tl.int1)
@@ -183,9 +187,9 @@ def triton_causal_conv1d(
             HAS_BIAS=bias_C is not None, HAS_INIT=has_initial_state_S is not None, SILU=activation == "silu",
             BT=BT, BC=BC, INTERPRET=interp, num_warps=cfg["num_warps"])
     _conv_state_kernel[(S, triton.cdiv(C, BC))](
-        x_TC, conv_state_pool_PRC, query_start_loc_S1, slot_ids_S, init, x_TC.stride(0), C, R=W - 1,
-        BR=triton.next_power_of_2(W - 1), HAS_INIT=has_initial_state_S is not None, BC=BC, INTERPRET=interp,
-        num_warps=cfg["num_warps"])
+        x_TC, conv_state_pool_PRC, query_start_loc_S1, slot_ids_S, init, init, x_TC.stride(0), C, R=W - 1,
+        BR=triton.next_power_of_2(W - 1), HAS_INIT=has_initial_state_S is not None, REPLAY=False, BC=BC,
+        INTERPRET=interp, num_warps=cfg["num_warps"])
     return out
 
 
@@ -212,3 +216,28 @@ def triton_causal_conv1d_update(
         HAS_BIAS=bias_C is not None, SILU=activation == "silu", KEEP=intermediate_states_SQRC is not None,
         BT=cfg["BLOCK_T"], BC=BC, INTERPRET=common.interpreting(x_TC), num_warps=cfg["num_warps"])
     return out
+
+
+def triton_replay_conv_state(x_TC: torch.Tensor, conv_state_pool_PRC: torch.Tensor, query_start_loc_S1: torch.Tensor,
+                             slot_ids_S: torch.Tensor, num_accepted_S: torch.Tensor) -> None:
+    """Same contract as `reference_replay_conv_state`, one launch, no host sync."""
+    S = query_start_loc_S1.numel() - 1
+    if tuple(slot_ids_S.shape) != (S,) or tuple(num_accepted_S.shape) != (S,):
+        raise ValueError(f"slot_ids_S {tuple(slot_ids_S.shape)} and num_accepted_S {tuple(num_accepted_S.shape)} must "
+                         f"be [S={S}] (query_start_loc_S1 has S + 1 entries).")
+    if x_TC.dim() != 2 or conv_state_pool_PRC.dim() != 3 or conv_state_pool_PRC.shape[2] != x_TC.shape[1]:
+        raise ValueError(f"conv_state_pool_PRC {tuple(conv_state_pool_PRC.shape)} must be [P, R, C={x_TC.shape[-1]}].")
+    common.check_dtype("x_TC", x_TC)
+    if conv_state_pool_PRC.dtype != x_TC.dtype or not conv_state_pool_PRC.is_contiguous():
+        raise ValueError(f"conv_state_pool_PRC ({conv_state_pool_PRC.dtype}) must be contiguous and of x_TC's dtype "
+                         f"({x_TC.dtype}).")
+    x_TC = x_TC if x_TC.stride(-1) == 1 else x_TC.contiguous()
+    if S == 0:
+        return
+    R, C = conv_state_pool_PRC.shape[1:]
+    cfg = launch_config("conv_update", x_TC)
+    BC = min(cfg["BLOCK_C"], triton.next_power_of_2(C))
+    _conv_state_kernel[(S, triton.cdiv(C, BC))](
+        x_TC, conv_state_pool_PRC, query_start_loc_S1, slot_ids_S, slot_ids_S, num_accepted_S, x_TC.stride(0), C,
+        R=R, BR=triton.next_power_of_2(R), HAS_INIT=False, REPLAY=True, BC=BC, INTERPRET=common.interpreting(x_TC),
+        num_warps=cfg["num_warps"])

@@ -1,5 +1,6 @@
 """The gated delta rule's recurrent kernel (kernels/gated_delta.py is the contract): decode, speculative verify and,
-without fla, prefill; the commit of a verify step's accepted states; the gates.
+without fla, prefill, and the replay of a verify step's accepted tokens (the same loop, no outputs); the commit of
+kept intermediate states; the gates.
 
 Legend: T tokens, S sequences, P state-pool slots, G q/k heads, N value heads, K q/k head dim, V value head dim,
 Q intermediate states kept per sequence; BK = K rounded up to a power of two, BV value columns per program.
@@ -46,16 +47,19 @@ def launch_config(kind: str, t: torch.Tensor) -> dict:
 
 @triton.jit
 def _gdn_recurrent_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, o_ptr, pool_ptr, inter_ptr, qsl_ptr, slot_ptr, init_ptr,
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, o_ptr, pool_ptr, inter_ptr, qsl_ptr, slot_ptr, init_ptr, acc_ptr,
     stride_qt, stride_qg, stride_kt, stride_kg, stride_vt, stride_vn, stride_gt, stride_bt,
     num_v_heads, group, key_dim, value_dim, keep, scale,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, KEEP: tl.constexpr, INTERPRET: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, KEEP: tl.constexpr, REPLAY: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     s = tl.program_id(0)
     n = tl.program_id(1)
     vb = tl.program_id(2)
     start = tl.load(qsl_ptr + s).to(tl.int64)
     end = tl.load(qsl_ptr + s + 1).to(tl.int64)
+    if REPLAY:  # the accepted tokens only, no outputs: the state moves to where the sampler stopped
+        end = tl.minimum(end, start + tl.maximum(tl.load(acc_ptr + s).to(tl.int64), 0))
     slot = tl.load(slot_ptr + s).to(tl.int64)
     read = slot >= 0
     if HAS_INIT:
@@ -87,7 +91,8 @@ def _gdn_recurrent_kernel(
         delta = (v - tl.sum(h * k[:, None], axis=0)) * beta
         h = h + k[:, None] * delta[None, :]
         o = tl.sum(h * q[:, None], axis=0)
-        tl.store(o_ptr + (t * num_v_heads + n) * value_dim + vv, common.cast(o, dt, INTERPRET), mask=v_ok)
+        if not REPLAY:
+            tl.store(o_ptr + (t * num_v_heads + n) * value_dim + vv, common.cast(o, dt, INTERPRET), mask=v_ok)
         if KEEP:
             row = (s.to(tl.int64) * keep + j) * num_v_heads + n
             tl.store(inter_ptr + row * key_dim * value_dim + tile, h, mask=tl.where(j < keep, kv_ok, False))
@@ -96,7 +101,7 @@ def _gdn_recurrent_kernel(
 
 
 def _launch_recurrent(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1, slot_ids_S,
-                      has_initial_state_S, intermediate_states_SQNKV, scale, out):
+                      has_initial_state_S, intermediate_states_SQNKV, scale, out, num_accepted_S=None):
     T, S, G, N, K, V = check_gdn_args(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1,
                                       slot_ids_S, has_initial_state_S, intermediate_states_SQNKV)
     common.check_dtype("q_TGK", q_TGK)
@@ -109,8 +114,11 @@ def _launch_recurrent(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query
         raise ValueError("intermediate_states_SQNKV must be contiguous.")
     q_TGK, k_TGK, v_TNV, g_TN, beta_TN = (x if x.stride(-1) == 1 else x.contiguous()
                                           for x in (q_TGK, k_TGK, v_TNV, g_TN, beta_TN))
+    replay = num_accepted_S is not None
+    if replay:  # no outputs: a 0-row stand-in for the (unused) output pointer
+        out = common.workspace((0, N, V), q_TGK.dtype, q_TGK.device)
     out = out if out is not None else common.workspace((T, N, V), q_TGK.dtype, q_TGK.device)
-    if tuple(out.shape) != (T, N, V) or out.dtype != q_TGK.dtype or not out.is_contiguous():
+    if (not replay and tuple(out.shape) != (T, N, V)) or out.dtype != q_TGK.dtype or not out.is_contiguous():
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be contiguous {(T, N, V)} {q_TGK.dtype}.")
     if S == 0:
         return out
@@ -121,10 +129,12 @@ def _launch_recurrent(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query
         q_TGK, k_TGK, v_TNV, g_TN, beta_TN, out, state_pool_PNKV,
         intermediate_states_SQNKV if keep else state_pool_PNKV, query_start_loc_S1, slot_ids_S,
         has_initial_state_S if has_initial_state_S is not None else slot_ids_S,
+        num_accepted_S if replay else slot_ids_S,
         q_TGK.stride(0), q_TGK.stride(1), k_TGK.stride(0), k_TGK.stride(1), v_TNV.stride(0), v_TNV.stride(1),
         g_TN.stride(0), beta_TN.stride(0), N, N // G, K, V, keep, float(K ** -0.5 if scale is None else scale),
         BK=triton.next_power_of_2(K), BV=BV, HAS_INIT=has_initial_state_S is not None,
-        KEEP=intermediate_states_SQNKV is not None, INTERPRET=common.interpreting(q_TGK), num_warps=cfg["num_warps"],
+        KEEP=intermediate_states_SQNKV is not None, REPLAY=replay, INTERPRET=common.interpreting(q_TGK),
+        num_warps=cfg["num_warps"],
     )
     return out
 
@@ -149,6 +159,18 @@ def triton_gated_delta_rule_decode(
     """Same contract as `reference_gated_delta_rule_decode`, one launch, no host sync (CUDA-graph safe)."""
     return _launch_recurrent(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1, slot_ids_S,
                              None, intermediate_states_SQNKV, scale, out)
+
+
+def triton_replay_gated_delta_state(
+    k_TGK: torch.Tensor, v_TNV: torch.Tensor, g_TN: torch.Tensor, beta_TN: torch.Tensor, state_pool_PNKV: torch.Tensor,
+    query_start_loc_S1: torch.Tensor, slot_ids_S: torch.Tensor, num_accepted_S: torch.Tensor,
+) -> None:
+    """Same contract as `reference_replay_gated_delta_state`: the recurrent kernel over each sequence's first
+    num_accepted_S[s] tokens, no outputs, the state written back; one launch, no host sync."""
+    if tuple(num_accepted_S.shape) != tuple(slot_ids_S.shape):
+        raise ValueError(f"num_accepted_S {tuple(num_accepted_S.shape)} must be [S={slot_ids_S.shape[0]}].")
+    _launch_recurrent(k_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1, slot_ids_S, None, None,
+                      None, None, num_accepted_S)
 
 
 @triton.jit

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
-from moelink.kernels.causal_conv1d import reference_causal_conv1d, reference_causal_conv1d_update
+from moelink.kernels.causal_conv1d import (reference_causal_conv1d, reference_causal_conv1d_update,
+                                           reference_replay_conv_state)
 from moelink.kernels.gated_delta import reference_commit_states
 
 C, W, P = 40, 4, 8  # channels over three 16-channel blocks in the interpreter's config; Qwen3-Next's kernel width
@@ -106,9 +107,10 @@ def test_prefill_split_anywhere_and_decodes_after_it_equal_one_pass(gen, kdev, b
 def test_verify_keeps_intermediate_states_and_commit_rolls_back(gen, kdev, backend, seed):
     if backend == "triton":
         from moelink.kernels.triton_causal_conv1d import triton_causal_conv1d_update as update
+        from moelink.kernels.triton_causal_conv1d import triton_replay_conv_state as replay
         from moelink.kernels.triton_gated_delta import triton_commit_states as commit
     else:
-        update, commit = reference_causal_conv1d_update, reference_commit_states
+        update, commit, replay = reference_causal_conv1d_update, reference_commit_states, reference_replay_conv_state
     lens, Q = [4, 3, 1], 4
     x, w, b, pool = _dev(_inputs(gen, sum(lens), torch.float32, bias=True), kdev)
     slots = torch.tensor([6, 1, 4], dtype=torch.int32, device=kdev)
@@ -132,6 +134,11 @@ def test_verify_keeps_intermediate_states_and_commit_rolls_back(gen, kdev, backe
     for s, n in enumerate(accepted.tolist()):
         slot = int(slots[s])
         assert torch.equal(got_pool[slot], pool[slot] if n == 0 else inter[s, n - 1]), f"slot {slot} (seed={seed})"
+    replay_pool = pool.clone()  # without buffers: Q = 0 keeps nothing and writes nothing, then the accepted re-run
+    assert torch.equal(update(x, w, b, replay_pool, qsl, slots, "silu", inter[:, :0]), y)
+    assert torch.equal(replay_pool, pool)
+    replay(x, replay_pool, qsl, slots, accepted)
+    assert torch.equal(replay_pool, got_pool), f"replay vs commit (seed={seed})"
 
 
 def test_bad_inputs_are_named(gen, kdev):

@@ -10,7 +10,8 @@ import torch
 from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
 from moelink.kernels.gated_delta import (reference_commit_states, reference_gated_delta_rule,
-                                         reference_gated_delta_rule_decode, reference_gdn_gating)
+                                         reference_gated_delta_rule_decode, reference_gdn_gating,
+                                         reference_replay_gated_delta_state)
 
 G, N, K, V = 2, 4, 16, 32  # 2 q/k heads, 4 value heads (each q/k head serves two), Qwen3-Next's shape in miniature
 LENS = [1, 3, 17, 69]  # a decode, a draft-sized run, a short prompt, a prompt past one 64-chunk
@@ -144,8 +145,10 @@ def test_verify_keeps_intermediate_states_and_commit_rolls_back(gen, kdev, check
     if backend == "triton":
         from moelink.kernels.triton_gated_delta import triton_commit_states as commit
         from moelink.kernels.triton_gated_delta import triton_gated_delta_rule_decode as decode
+        from moelink.kernels.triton_gated_delta import triton_replay_gated_delta_state as replay
     else:
         commit, decode = reference_commit_states, reference_gated_delta_rule_decode
+        replay = reference_replay_gated_delta_state
     lens, Q = [4, 3, 1], 4
     q, k, v, g, beta = _dev(_inputs(gen, lens, torch.float32), kdev)
     pool = _pool(gen).to(kdev)
@@ -175,6 +178,12 @@ def test_verify_keeps_intermediate_states_and_commit_rolls_back(gen, kdev, check
         slot = int(slots[s])
         want = pool[slot] if n == 0 else inter[s, n - 1]
         assert torch.equal(got_pool[slot], want), f"slot {slot} after commit of {n} (seed={seed})"
+    # Without buffers: a verify step given Q = 0 writes nothing, and the accepted tokens re-run from the slots.
+    replay_pool = pool.clone()
+    o_none = decode(q, k, v, g, beta, replay_pool, qsl, slots, inter[:, :0])
+    assert torch.equal(replay_pool, pool) and torch.equal(o_none, o), f"seed={seed}"
+    replay(k, v, g, beta, replay_pool, qsl, slots, accepted)
+    torch.testing.assert_close(replay_pool, got_pool, rtol=1e-6, atol=1e-6, msg=f"replay vs commit (seed={seed})")
 
 
 def test_triton_gating_matches_reference(gen, kdev, seed):
