@@ -173,13 +173,13 @@ class KVSocketServer:
                         raise KVRefused(f"not a KV handshake of protocol version {VERSION} in time: {exc}") from None
                     query, key, layout, token_bytes = self._request(conn, deadline)
                     saved = self._lookup(key, layout, token_bytes)
-                    if saved is None or not self.store.take(key, saved):  # claimed before it is sent
+                    with self._lock:  # served from here on: never closed to make room (and not claimed if it was)
+                        c.serving = saved is not None and c in self._conns
+                    if saved is None or not c.serving or not self.store.take(key, saved):  # claimed before it is sent
                         raise KVRefused(NO_KV)
                 except KVRefused as exc:
                     _refuse(conn, str(exc))
                     return
-                with self._lock:
-                    c.serving = True
                 # Claimed: if the send fails, the one decode request that wanted it recomputes.
                 self._reply(conn, saved, query, Deadline(self.limits.io_timeout_s, "a KV reply"))
         except (OSError, RuntimeError, KVFetchError) as exc:  # the client went away (a collective transport's group
