@@ -57,13 +57,18 @@ def _prefill(conn, transport: str, port: int, shape: str, num_tokens: int, devic
         while (msg := conn.recv())[0] == "save":
             _sync(device)
             t0 = time.perf_counter()
-            side.start_save(KVTransfer(msg[1], f"k{msg[1]}", table, num_tokens, token_ids=tuple(range(num_tokens))),
-                            blocks)
+            side.start_save(KVTransfer(msg[1], f"r{msg[1]}", table, num_tokens, token_ids=tuple(range(num_tokens)),
+                                       params=_capability(msg[1])), blocks)
             while not side.poll():  # the save's event, queried as the rank's step loop would
                 time.sleep(0.0002)
             conn.send(time.perf_counter() - t0)
     finally:
         side.close()
+
+
+def _capability(i: int) -> str:
+    """The key save i is stored and fetched under (the shape of a prefill engine's capability)."""
+    return f"benchmark-capability-{i:06d}"
 
 
 def _free_port() -> int:
@@ -93,7 +98,7 @@ def time_handoff(transport: str, shape: str, num_tokens: int, device: str, repea
             writer = ArrivalWriter(t, blocks, 0, lambda: 0, threading.Lock())
             _sync(device)
             t0 = time.perf_counter()
-            fetcher.fetch("127.0.0.1", port, f"k{i}", blocks.layout, list(range(num_tokens)), len(table), 600.0,
+            fetcher.fetch("127.0.0.1", port, _capability(i), blocks.layout, list(range(num_tokens)), len(table), 600.0,
                           blocks.device, on_group=writer)
             while not writer.done():
                 time.sleep(0.0002)
