@@ -116,7 +116,7 @@ device_info() {  # sets GPU_NAME (moe_config.device_name's spelling) and GPU_CC 
   GPU_NAME=cpu
   if [[ $MODE == run && -n "$PY" ]]; then
     local line
-    line=$("$PY" -c "import torch
+    line=$(timeout 90 "$PY" -c "import torch
 ok = torch.cuda.is_available()
 print(torch.cuda.get_device_name().replace(' ', '_') if ok else 'cpu', '%d.%d' % torch.cuda.get_device_capability() if ok else 'none')" 2>/dev/null)
     read -r GPU_NAME GPU_CC <<<"$line"
