@@ -12,7 +12,9 @@ accepted: the ones after the first rejection say nothing). Their ratio p estimat
 accepted given the drafts before it were, so the i-th draft is accepted with chance about p**i. A step verifies
 the first k drafts with p**k >= `SchedulerConfig.spec_min_draft_acceptance`: a request's length shrinks after
 rejections (to 0 within a few verify steps when none is accepted) and grows back after acceptances. A new request
-starts at p = 1 (its first step verifies every draft, as without this). At length 0 it decodes plainly; after
+starts from its client's record (`Request.client`: slower moving averages over all its requests' verify steps,
+1/1 for a client not seen yet), so a client sending many short requests whose drafts fail cannot make each new
+one verify in full. At length 0 it decodes plainly; after
 `spec_probe_interval` steps with drafts proposed, one draft is verified again (a probe): accepted, p climbs back
 and the length with it; rejected, the wait doubles, up to 8 times the interval.
 
@@ -32,6 +34,11 @@ from .request import Request
 EMA_WEIGHT = 0.5
 # A request whose probes keep failing waits at most this many times spec_probe_interval between probes.
 MAX_PROBE_BACKOFF = 8
+# A client's record moves slower (about its last 20 verify steps): it only seeds its new requests.
+CLIENT_EMA_WEIGHT = 0.05
+# Clients whose record is kept, the least recently verifying dropped first (a long-running server sees a client
+# per connection).
+MAX_CLIENTS = 4096
 
 
 class DraftControl:
@@ -43,6 +50,7 @@ class DraftControl:
         self.verify_fraction = config.spec_max_verify_fraction
         self.probe_interval = config.spec_probe_interval
         self.seen = False
+        self.clients: dict[tuple[str, ...], list[float]] = {}  # client -> [accepted, tried] moving averages
 
     # ----------------------------------------------------------------- per step
     def plan(self, running: list[Request], budget: int) -> dict[str, int]:
@@ -53,6 +61,8 @@ class DraftControl:
         for req in running:
             spec = req.spec_token_ids
             if spec:
+                if req.draft_new:
+                    self._seed(req)
                 k = self.length(req, len(spec))
                 if k:
                     wanted.append((req.draft_accepted / req.draft_tried, req, k))
@@ -89,6 +99,13 @@ class DraftControl:
             q *= p
         return k
 
+    def _seed(self, req: Request) -> None:
+        """A request's first drafts: it starts from its client's record (none yet: 1/1, every draft)."""
+        req.draft_new = False
+        record = self.clients.get(req.client)
+        if record is not None:
+            req.draft_accepted, req.draft_tried = record
+
     # ------------------------------------------------------------ per verify
     def observe(self, req: Request, num_drafts: int, accepted: int) -> None:
         """A step verified `num_drafts` of `req`'s drafts and accepted the first `accepted`."""
@@ -96,6 +113,14 @@ class DraftControl:
         keep = 1.0 - EMA_WEIGHT
         req.draft_accepted = keep * req.draft_accepted + EMA_WEIGHT * accepted
         req.draft_tried = keep * req.draft_tried + EMA_WEIGHT * tried
+        record = self.clients.pop(req.client, None)  # re-inserted last: the most recently verifying
+        if record is None:
+            record = [1.0, 1.0]
+            if len(self.clients) >= MAX_CLIENTS:
+                del self.clients[next(iter(self.clients))]
+        record[0] += CLIENT_EMA_WEIGHT * (accepted - record[0])
+        record[1] += CLIENT_EMA_WEIGHT * (tried - record[1])
+        self.clients[req.client] = record
         if req.draft_accepted < self.min_acceptance * req.draft_tried:
             # Too low to draft: wait before the next probe, twice as long as after the last failed one.
             interval = req.draft_probe_interval
@@ -105,4 +130,4 @@ class DraftControl:
             req.draft_probe_interval = 0
 
 
-__all__ = ["DraftControl", "EMA_WEIGHT", "MAX_PROBE_BACKOFF"]
+__all__ = ["CLIENT_EMA_WEIGHT", "DraftControl", "EMA_WEIGHT", "MAX_CLIENTS", "MAX_PROBE_BACKOFF"]

@@ -121,8 +121,10 @@ class Request:
         # step that schedules this request (scheduler/spec_decode.py); empty without a drafter.
         self.spec_token_ids: list[int] = []
         # Its drafts' record (scheduler/draft_control.py): moving averages of drafts accepted and drafts tried per
-        # verify step (their ratio estimates one draft's acceptance; 1/1: a new request drafts in full), and, while
-        # that is too low to draft, the steps to wait before one draft is tried again and the current wait.
+        # verify step (their ratio estimates one draft's acceptance; taken from its client's record when its first
+        # drafts come, 1/1 for a client not seen yet), and, while that is too low to draft, the steps to wait
+        # before one draft is tried again and the current wait.
+        self.draft_new = True
         self.draft_accepted = 1.0
         self.draft_tried = 1.0
         self.draft_probe_wait = 0

@@ -150,3 +150,20 @@ def test_config_errors(kwargs, message):
     with pytest.raises(ValueError) as e:
         SchedulerConfig(**kwargs)
     assert str(e.value).startswith(message)
+
+
+def test_a_new_request_starts_from_its_clients_record():
+    """A client whose drafts always fail cannot reset the cost with fresh requests: each new one starts from the
+    client's record (one probe draft, then plain), while another client's new request drafts in full."""
+    bad, good = ("host:a", "conn:1"), ("host:b", "conn:2")
+    s = make_scheduler(num_blocks=1024, block_size=4, max_num_seqs=16, max_num_batched_tokens=256)
+    first = []
+    for i in range(12):  # short requests, one after the other
+        _start(s, f"bad{i}", max_tokens=6, client=bad)
+        lengths = [_run_step(s, lambda rid, k: 0).get(f"bad{i}", 0) for _ in range(6)]
+        first.append(next((n for n in lengths if n), 0))
+        assert s.get_request(f"bad{i}") is None
+    assert first[0] == 3 and max(first[-4:]) <= 1
+    _start(s, "good0", max_tokens=6, client=good)
+    assert [_run_step(s, lambda rid, k: k).get("good0", 0) for _ in range(2)] == [0, 3]  # prefill, then all 3
+    assert set(s.draft_control.clients) == {bad, good}
