@@ -17,6 +17,7 @@ import torch
 from moelink.engine import LLM
 from moelink.engine.config import kv_sizing
 from moelink.engine.config.model import ModelConfig
+from moelink.moe.router_config import RouterConfig
 
 from tests.helpers.m2_checkpoints import VOCAB, WINDOW, m2_config, save_m2_checkpoint
 from tests.helpers.parity import (assert_pool_free, assert_same, check_prefix_cache_parity, engine_greedy, hf_greedy,
@@ -193,8 +194,7 @@ def test_minimax_router_matches_transformers():
     from moelink.moe.router import make_router
 
     hf_cfg = m2_config("minimax", num_local_experts=7, num_experts_per_tok=3)
-    cfg_router = ModelConfig  # noqa: F841  (the strategy below is what the reader builds: see test_minimax_config)
-    from moelink.moe.router_config import RouterConfig
+    # What the reader builds for MiniMax-M2 (test_minimax_config), over 7 experts.
     router = make_router(RouterConfig(7, 3, "sigmoid", "noaux_tc", 1, 1, norm_topk_prob=True))
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
@@ -222,8 +222,6 @@ def test_mimo_router_matches_transformers():
     with torch.no_grad():
         hf.weight.copy_(torch.randn(hf.weight.shape, generator=gen))
         hf.e_score_correction_bias.copy_(torch.randn(12, generator=gen) * 0.5)
-    cfg = ModelConfig.from_pretrained  # noqa: F841
-    from moelink.moe.router_config import RouterConfig
     router = make_router(RouterConfig(12, 3, "sigmoid", "noaux_tc", 3, 2, True, 2.0, float32_logits=True))
     x = torch.randn(31, hf_cfg.hidden_size, generator=gen, dtype=torch.float64)
     _, want_w, want_ids = hf(x)
