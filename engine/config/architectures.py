@@ -27,6 +27,9 @@ class ArchSpec:
     # Checkpoint tensors under these prefixes belong to no layer the engine builds (MiMo-V2-Flash's own MTP
     # layers, `model.mtp.*`): never read, counted in one log line at load.
     unread_prefixes: tuple[str, ...] = ()
+    # (published name ending, the ending transformers 5 writes with save_original_format=False): a tensor the
+    # checkpoint does not hold under the first is read under the second (MiMo-V2-Flash's sinks).
+    weight_aliases: tuple[tuple[str, str], ...] = ()
     # "gpt_oss": the only expert layout is fused, transposed and interleaved (see engine/models/moe_decoder._gpt_oss_plan).
     expert_layout: str = "auto"
 
@@ -72,6 +75,10 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     # GLM-4.5 / 4.6: GQA with partial rotary and the DeepSeek-V3 MoE block.
     Architecture("Glm4MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ), model_type="glm4_moe",
                  mtp_layers=True),
+    # Qwen3-Next-80B-A3B: gated DeltaNet on three layers of four, gated full attention on the fourth, a shared expert
+    # with a sigmoid gate beside the routed ones.
+    Architecture("Qwen3NextForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ,
+                                                  shared_experts="shared_expert"), model_type="qwen3_next"),
     # gpt-oss-20b / 120b: GQA with sinks and sliding windows, fused experts with biases, MXFP4 as published.
     Architecture("GptOssForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ, router="router",
                                                expert_layout="gpt_oss"), model_type="gpt_oss", mxfp4_experts=True),
@@ -83,7 +90,9 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     # attention configs), values narrower than q/k; DeepSeek-V3 routing without shared experts; its MTP layers
     # (model.mtp.*, a layout of their own) are not read.
     Architecture("MiMoV2FlashForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ,
-                                                    sinks="attention_sink_bias", unread_prefixes=("model.mtp.",)),
+                                                    sinks="attention_sink_bias", unread_prefixes=("model.mtp.",),
+                                                    weight_aliases=(("self_attn.attention_sink_bias",
+                                                                     "self_attn.sinks"),)),
                  model_type="mimo_v2_flash"),
 )}
 

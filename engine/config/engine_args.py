@@ -16,7 +16,7 @@ from .checkpoint_headers import check_checkpoint
 from .graph_config import CudaGraphConfig
 from .grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS, DEFAULT_MAX_GRAMMAR_CHARS,
                              DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES, GrammarConfig)
-from .kv_sizing import driver_num_kv_blocks, kv_sliding_window
+from .kv_sizing import driver_num_kv_blocks, kv_sliding_window, state_pool_bytes
 from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
@@ -57,7 +57,8 @@ class EngineConfig:
             comm_timeout_s=self.parallel.comm_timeout_s,
             two_batch_overlap=self.parallel.enable_two_batch_overlap and self.parallel.world_size > 1,
             async_scheduling=self.scheduler.async_scheduling, load_format=self.load_format,
-            kv_connector=self.kv_connector, speculative=self.speculative)
+            kv_connector=self.kv_connector, speculative=self.speculative,
+            num_state_slots=self.cache.num_state_slots, num_state_checkpoints=self.cache.num_state_checkpoints)
 
 
 @dataclass
@@ -76,6 +77,9 @@ class EngineArgs:
     kv_cache_memory_bytes: Optional[int] = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # A model with linear-attention layers: prefix-cache checkpoints of their per-sequence state (scheduler/
+    # hybrid_cache.py); None: max_num_seqs // 4 (0 without prefix caching). Each holds one sequence's state.
+    num_state_checkpoints: Optional[int] = None
     device: str = "auto"
     kernels: str = "auto"
     load_progress: bool = False
@@ -265,8 +269,10 @@ class EngineArgs:
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=model_cfg.max_model_len, async_scheduling=async_scheduling,
                                 client_fairness=self.client_fairness, **drafts)
+        slots, ckpts = self._state_slots(model_cfg, spec)
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device, spec),
                             enable_prefix_caching=self.enable_prefix_caching,
+                            num_state_slots=slots, num_state_checkpoints=ckpts,
                             sliding_window=kv_sliding_window(model_cfg),
                             block_hash_lookahead=1 if spec is not None and spec.runs_on_device else 0)
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
@@ -280,7 +286,29 @@ class EngineArgs:
                              timeout_s=self.grammar_compile_timeout, max_spec_chars=self.max_grammar_chars,
                              prestart=self.grammar_prestart)
 
+    def _state_slots(self, model_cfg: ModelConfig, spec) -> tuple[int, int]:
+        """(state slots, state checkpoints) of a model with linear-attention layers (scheduler/hybrid_cache.py): a
+        slot per sequence that may run, and a quarter as many prefix-cache checkpoints (each holds a whole
+        sequence's state: ~75 MB for Qwen3-Next-80B); (0, 0) for other models."""
+        if not model_cfg.linear_layers:
+            return 0, 0
+        if spec is not None:
+            raise ValueError(f"speculative_config is not supported for {model_cfg.architecture} yet: its "
+                             "linear-attention states would need rolling back past rejected drafts.")
+        if self.kv_connector is not None:
+            raise ValueError(f"kv_connector is not supported for {model_cfg.architecture} yet: its linear-attention "
+                             "states do not travel with the KV.")
+        ckpts = self.num_state_checkpoints
+        if ckpts is None:
+            ckpts = self.max_num_seqs // 4
+        if isinstance(ckpts, bool) or not isinstance(ckpts, int) or ckpts < 0:
+            raise ValueError(f"num_state_checkpoints={ckpts!r} is invalid: must be an integer >= 0 (None: "
+                             "max_num_seqs // 4).")
+        return self.max_num_seqs, ckpts if self.enable_prefix_caching else 0
+
     def _num_blocks(self, model_cfg: ModelConfig, device: torch.device, spec) -> int | None:
+        slots, ckpts = self._state_slots(model_cfg, spec)
         return driver_num_kv_blocks(model_cfg, self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes,
                                     device.type, self.max_num_seqs,
-                                    spec.draft_kv_bytes_per_token(model_cfg) if spec else 0)
+                                    spec.draft_kv_bytes_per_token(model_cfg) if spec else 0,
+                                    state_pool_bytes(model_cfg, slots, ckpts))

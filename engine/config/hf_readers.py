@@ -10,6 +10,7 @@ from moelink.moe.router_config import RouterConfig
 
 from .architectures import MLA_ARCHITECTURES  # multi-head latent attention (ArchSpec.latent_attention)
 from .quantization import check_architecture, read_quantization
+from .linear_attention import LinearAttentionConfig
 from .layer_configs import ROPE_TYPES, GQAConfig, MLAConfig, MoEConfig, RopeConfig, unsupported
 
 # The routing scheme of each DeepSeek-style family as transformers implements it: the scoring function and
@@ -319,5 +320,38 @@ def _agree(hf, name: str, want: list, what: str, scalar_ok: bool = False) -> Non
         raise unsupported(name, value, f"{want} (what {what} says; transformers builds the model from those)")
 
 
-_READERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "MixtralForCausalLM": _mixtral, "GptOssForCausalLM": _gpt_oss,
+def _qwen3_next(arch: str, hf, c: dict, rope: dict) -> dict:
+    """Qwen3-Next: layer_types says which layers run gated DeltaNet ("linear_attention": their shape is
+    LinearAttentionConfig's, read from the linear_* fields) and which gated full attention ("full_attention": GQA
+    with per-head q/k norm, a sigmoid output gate and partial rotary); norms are zero-centred (weight + 1); the MoE
+    block has one shared expert of its own width behind a sigmoid gate, and softmax top-k routing."""
+    layer_types = tuple(getattr(hf, "layer_types", None) or ())
+    kinds = ("linear_attention", "full_attention")
+    if len(layer_types) != c["num_layers"] or any(t not in kinds for t in layer_types):
+        raise unsupported("layer_types", list(layer_types), f"one of {', '.join(map(repr, kinds))} for each of the "
+                                                            f"num_hidden_layers={c['num_layers']} layers")
+    if "full_attention" not in layer_types:
+        raise unsupported("layer_types", list(layer_types), "at least one 'full_attention' layer")
+    if getattr(hf, "attention_bias", False):
+        raise unsupported("attention_bias", True, (False,), f" for {arch}")
+    factor = float(rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0))
+    full = _gqa(c, _rope(rope, c, _rotary_dim(c["head_dim"], factor)), qk_norm="per_head", output_gate=True)
+    linear = LinearAttentionConfig(int(hf.linear_num_key_heads), int(hf.linear_num_value_heads),
+                                   int(hf.linear_key_head_dim), int(hf.linear_value_head_dim),
+                                   int(hf.linear_conv_kernel_dim), projection="fused")
+    E = int(hf.num_experts)
+    only_dense = set(getattr(hf, "mlp_only_layers", None) or [])
+    step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
+    sparse = tuple(i for i in range(c["num_layers"]) if i not in only_dense and E > 0 and (i + 1) % step == 0)
+    norm = bool(hf.norm_topk_prob)
+    shared = int(getattr(hf, "shared_expert_intermediate_size", 0) or 0)
+    moe = MoEConfig(RouterConfig(E, c["top_k"], norm_topk_prob=norm), n_shared_experts=1 if shared else 0,
+                    shared_expert_intermediate_size=shared, shared_expert_gate=bool(shared))
+    return dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size),
+                intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm, sparse_layers=sparse, moe=moe,
+                attention=full, layer_attention=tuple(linear if t == "linear_attention" else full for t in layer_types),
+                norm_weight_offset=1.0)
+
+
+_READERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "Qwen3NextForCausalLM": _qwen3_next, "MixtralForCausalLM": _mixtral, "GptOssForCausalLM": _gpt_oss,
             "MiniMaxM2ForCausalLM": _minimax_m2, "MiMoV2FlashForCausalLM": _mimo_v2_flash}

@@ -57,6 +57,20 @@ def kv_cache_bytes_per_block(cfg: "ModelConfig", block_size: int, draft_bytes_pe
     return (per_token + draft_bytes_per_token) * block_size
 
 
+def state_bytes_per_sequence(cfg: "ModelConfig") -> int:
+    """What one sequence's per-sequence state takes in all the linear-attention layers together (their conv and
+    recurrent states: engine/config/linear_attention.py); 0 for a model without such layers."""
+    return sum(cfg.attention_for(i).state_bytes_per_sequence(cfg.dtype) for i in cfg.linear_layers)
+
+
+def state_pool_bytes(cfg: "ModelConfig", num_state_slots: int, num_state_checkpoints: int) -> int:
+    """The state pools' bytes: every slot, checkpoint and the null slot (engine/rank/state_cache.py). They come out of
+    the same budget as the KV blocks."""
+    if not cfg.linear_layers:
+        return 0
+    return (num_state_slots + num_state_checkpoints + 1) * state_bytes_per_sequence(cfg)
+
+
 def blocks_per_sequence(max_model_len: int, block_size: int) -> int:
     """Blocks one sequence of `max_model_len` tokens needs (the last one partly filled)."""
     return -(-max_model_len // block_size)
@@ -64,17 +78,18 @@ def blocks_per_sequence(max_model_len: int, block_size: int) -> int:
 
 def driver_num_kv_blocks(cfg: "ModelConfig", block_size: int, num_kv_blocks: int | None,
                          kv_cache_memory_bytes: int | None, device_type: str, max_num_seqs: int,
-                         draft_bytes_per_token: int = 0) -> int | None:
+                         draft_bytes_per_token: int = 0, state_bytes: int = 0) -> int | None:
     """The driver's choice before any weights load; None: each rank sizes its own cache once loaded (CUDA).
 
     A given `num_kv_blocks` wins; else a given byte budget; else on CPU enough for every sequence at full
     length, capped at CPU_KV_CAP_BYTES. Raises ValueError when the budget holds not even one block.
-    `draft_bytes_per_token`: as kv_cache_bytes_per_block."""
+    `draft_bytes_per_token`: as kv_cache_bytes_per_block. `state_bytes`: the per-sequence state pools
+    (state_pool_bytes), taken from a given byte budget before the blocks."""
     if num_kv_blocks is not None:
         return num_kv_blocks
     per_block = kv_cache_bytes_per_block(cfg, block_size, draft_bytes_per_token)
     if kv_cache_memory_bytes is not None:
-        budget = kv_cache_memory_bytes
+        budget = kv_cache_memory_bytes - state_bytes
     elif device_type == "cuda":
         # Sized by the workers once their weights are loaded (each measures its own
         # GPU; the engine takes the smallest), not guessed here on the driver's GPU.

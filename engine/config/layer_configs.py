@@ -98,6 +98,9 @@ class GQAConfig:
     v_head_dim: int | None = None
     # A constant every value is multiplied by before it is cached (MiMo-V2-Flash's attention_value_scale).
     value_scale: float = 1.0
+    # A sigmoid gate on the attention output, one value per query head dim (Qwen3-Next, Qwen3.5: q_proj holds each
+    # head's query rows then its gate rows; o = attention * sigmoid(gate) before o_proj).
+    output_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.qk_norm is True or self.qk_norm is False:
@@ -235,6 +238,11 @@ class MoEConfig:
     activation: str = "silu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # The shared MLP's width when the family names it apart (Qwen3-Next's shared_expert_intermediate_size); 0:
+    # n_shared_experts * moe_intermediate_size. shared_expert_gate: its output is scaled by sigmoid(x . w) per token
+    # (Qwen3-Next's shared_expert_gate, a [1, D] linear).
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
@@ -245,7 +253,7 @@ class MoEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise unsupported(name, v, "a number > 0")
-        for name in ("n_shared_experts", "first_k_dense_replace"):
+        for name in ("n_shared_experts", "first_k_dense_replace", "shared_expert_intermediate_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise unsupported(name, v, "an integer >= 0")

@@ -115,6 +115,9 @@ class ModelConfig:
     # heads, sinks, rope of their own), one per layer; () = every layer runs `attention`. Per-layer questions go
     # through `attention_for`; `attention` stays the model's kind and its model-wide facts (the sliding layers).
     layer_attention: tuple = ()
+    # Added to every RMSNorm weight of the decoder (layer norms, the final norm, q/k norms) at load: Qwen3-Next's
+    # norms are zero-centred, weight stored as w with the norm multiplying by (1 + w). 0: weights as stored.
+    norm_weight_offset: float = 0.0
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -142,7 +145,8 @@ class ModelConfig:
             if len(self.layer_attention) != self.num_layers:
                 raise ValueError(f"ModelConfig layer_attention has {len(self.layer_attention)} configs for "
                                  f"num_hidden_layers={self.num_layers} layers.")
-            kinds = {a.kind for a in self.layer_attention}
+            # Linear-attention layers (engine/config/linear_attention.py) sit beside the model's attention kind.
+            kinds = {a.kind for a in self.layer_attention} - {"linear"}
             if kinds != {self.attention.kind}:
                 raise ValueError(f"ModelConfig layer_attention holds {sorted(kinds)} attention, but the model's is "
                                  f"{self.attention.kind!r}.")
@@ -160,6 +164,11 @@ class ModelConfig:
         if self.layer_attention and layer_idx < len(self.layer_attention):
             return self.layer_attention[layer_idx]
         return self.attention
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        """The layers that keep per-sequence state instead of KV (linear attention); () for most models."""
+        return tuple(i for i, a in enumerate(self.layer_attention) if a.kind == "linear")
 
     def kv_layer_pairs(self) -> tuple[tuple[int, int], ...] | None:
         """(full, sliding) layer pairs that share one set of cache tensors (layer_configs.GQAConfig.kv_layer_pairs),

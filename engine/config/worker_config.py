@@ -45,6 +45,9 @@ class WorkerConfig:
     kv_connector: object = None
     # Speculative decoding (engine/config/speculative.py): the runner's drafter; None: off.
     speculative: object = None
+    # Per-sequence state pools of a model with linear-attention layers (CacheConfig's numbers); 0: none.
+    num_state_slots: int = 0
+    num_state_checkpoints: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):

@@ -46,7 +46,11 @@ class GQAAttention(nn.Module):
         # quant: engine/config/quantization.py's config (None = float); the method is chosen by checkpoint name.
         p = f"model.layers.{layer_idx}.self_attn."
         qkv_method = linear_method(quant, p + "q_proj", p + "k_proj", p + "v_proj")
-        self.qkv_proj = Linear(in_features or hidden_size, (self.q_size, self.kv_size, self.v_size), qkv_method,
+        # With an output gate (Qwen3-Next) q_proj's rows hold each head's query then its gate: read as [queries |
+        # gates] (gate_rows), so the first piece splits into two contiguous halves.
+        self.output_gate = attn.output_gate
+        q_rows = 2 * self.q_size if attn.output_gate else self.q_size
+        self.qkv_proj = Linear(in_features or hidden_size, (q_rows, self.kv_size, self.v_size), qkv_method,
                                kernels, dtype, device)
         # Zeros: FP8 gaps between the pieces (linear.py) get no bias from the checkpoint.
         self.qkv_bias = (nn.Parameter(torch.zeros(self.qkv_proj.rows, dtype=dtype, device=device), requires_grad=False)
@@ -68,6 +72,9 @@ class GQAAttention(nn.Module):
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x_TD.shape[0]
         q_TQ, k_TK, v_TK = self.qkv_proj.split(self.qkv_proj(x_TD, self.qkv_bias))
+        gate_TQ = None
+        if self.output_gate:
+            q_TQ, gate_TQ = q_TQ[:, :self.q_size], q_TQ[:, self.q_size:]
         if self.all_heads_norm:  # the whole projection's mean square, as transformers norms before the reshape
             q_TQ, k_TK = self.q_norm(q_TQ), self.k_norm(k_TK)
         if self.value_scale != 1.0:
@@ -94,7 +101,10 @@ class GQAAttention(nn.Module):
                                   **kv_scales)
         o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, attn, self.scale,
                                              **self._extras(), **kv_scales)
-        return self.o_proj(o_TNH.reshape(T, self.o_size), self.o_bias)
+        o_TO = o_TNH.reshape(T, self.o_size)
+        if gate_TQ is not None:
+            o_TO = o_TO * torch.sigmoid(gate_TQ)
+        return self.o_proj(o_TO, self.o_bias)
 
     def _extras(self) -> dict:
         """Only the attention arguments this layer has, so kernel strategies without them keep their signature."""
@@ -109,7 +119,8 @@ class GQAAttention(nn.Module):
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index)."""
         plan = {}
         for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            plan.update(self.qkv_proj.weight_plan(f"{p}{name}.weight", i))
+            rows = (gate_rows(self.num_heads, self.head_dim),) if i == 0 and self.output_gate else ()
+            plan.update(self.qkv_proj.weight_plan(f"{p}{name}.weight", i, rows))
             if self.qkv_bias is not None:
                 plan[f"{p}{name}.bias"] = PlanEntry(self.qkv_bias, (self.qkv_proj.piece_rows(i),))
         plan.update(self.o_proj.weight_plan(p + "o_proj.weight"))
@@ -121,3 +132,9 @@ class GQAAttention(nn.Module):
             plan[p + "q_norm.weight"] = PlanEntry(self.q_norm.weight, ())
             plan[p + "k_norm.weight"] = PlanEntry(self.k_norm.weight, ())
         return plan
+
+
+def gate_rows(num_heads: int, head_dim: int) -> torch.Tensor:
+    """q_proj's rows of a gated attention (per head: H query rows, then H gate rows) as [every query | every gate]."""
+    base = torch.arange(num_heads)[:, None] * 2 * head_dim
+    return torch.cat([(base + torch.arange(head_dim)).reshape(-1), (base + head_dim + torch.arange(head_dim)).reshape(-1)])

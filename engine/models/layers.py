@@ -14,6 +14,7 @@ from moelink.kernels.silu_mul import reference_silu_mul
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from .linear import Linear, linear_method
+from .state_step import StateStep
 
 
 @dataclass
@@ -29,13 +30,17 @@ class ForwardContext:
     attn_sliding: AttentionMetadata | None = None
     # Residual-stream states the main model's forward keeps for a drafter (EAGLE-3), or None: keep nothing.
     aux: "AuxCapture | None" = None
+    # Layers with per-sequence state (linear attention): the step's slots (engine/models/state_step.py); their
+    # `kv_caches` entries are their state pools. None: the model has no such layers.
+    state: StateStep | None = None
 
     def select(self, s0: int, s1: int) -> "ForwardContext":
         """The context of sequences [s0, s1) only (a micro-batch): same caches, their metadata, a capture of its
         own (engine/rank/step_plan.py joins the micro-batches' captures back)."""
         sliding = self.attn_sliding.select(s0, s1) if self.attn_sliding is not None else None
         aux = AuxCapture(self.aux.layers) if self.aux is not None else None
-        return ForwardContext(self.attn.select(s0, s1), self.kv_caches, sliding, aux)
+        state = self.state.select(s0, s1) if self.state is not None else None
+        return ForwardContext(self.attn.select(s0, s1), self.kv_caches, sliding, aux, state)
 
 
 class AuxCapture:

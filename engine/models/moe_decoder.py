@@ -28,6 +28,7 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.architectures import ArchSpec
 from ..config.model import ModelConfig
+from .gated_deltanet import GatedDeltaNet
 from .gqa import GQAAttention
 from .layers import DenseMLP, ForwardContext, RMSNorm
 from .mla import MLAAttention
@@ -39,9 +40,12 @@ class SharedExpertsMoE(nn.Module):
     transformers adds them. The shared MLP runs on this rank's own tokens, so under expert parallelism every
     rank holds it and it never crosses the all-to-all; only routed experts are placed, dispatched, counted."""
 
-    def __init__(self, routed: MoELayer, shared: DenseMLP):
+    def __init__(self, routed: MoELayer, shared: DenseMLP, gate_D: torch.Tensor | None = None):
+        """gate_D: Qwen3-Next's shared_expert_gate ([D]): the shared MLP's output is scaled by sigmoid(x . gate)
+        per token before the sum; None: added as it is."""
         super().__init__()
         self.routed, self.shared = routed, shared
+        self.gate_D = gate_D
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return run_stages(self.stages(x_TD))
@@ -53,11 +57,17 @@ class SharedExpertsMoE(nn.Module):
         try:
             next(routed)  # router run, dispatch issued
         except StopIteration as done:  # no expert parallelism: nothing travels
-            return done.value + self.shared(x_TD)
-        shared_TD = self.shared(x_TD)
+            return done.value + self._shared(x_TD)
+        shared_TD = self._shared(x_TD)
         yield  # dispatch in flight (the shared MLP above ran during it)
         routed_TD = yield from routed
         return routed_TD + shared_TD
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        shared_TD = self.shared(x_TD)
+        if self.gate_D is not None:
+            shared_TD = torch.sigmoid(x_TD @ self.gate_D)[:, None] * shared_TD
+        return shared_TD
 
 
 class DecoderLayer(nn.Module):
@@ -72,7 +82,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         attn = cfg.attention_for(layer_idx)  # this layer's own config where the layers differ (MiMo-V2-Flash)
-        if attn.kind == "mla":
+        # The token mixer, under its checkpoint name: self_attn (attention over the paged KV cache) or linear_attn
+        # (gated DeltaNet over per-sequence state: Qwen3-Next's three layers in four).
+        self.mixer_name = "linear_attn" if attn.kind == "linear" else "self_attn"
+        if attn.kind == "linear":
+            self.linear_attn = GatedDeltaNet(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, kernels, dt, device)
+        elif attn.kind == "mla":
             self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, attn, rope, kernels, dt, device, quant)
         else:
             self.self_attn = GQAAttention(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, rope, kernels, dt,
@@ -89,9 +104,12 @@ class DecoderLayer(nn.Module):
                                 expert_format=fmt, router_bias=m.router_bias, expert_bias=m.expert_bias,
                                 activation=MoEActivation(m.activation, m.swiglu_alpha, m.swiglu_limit))
             n_shared = cfg.moe.n_shared_experts
+            shared_size = m.shared_expert_intermediate_size or cfg.moe_intermediate_size * n_shared
+            gate = (nn.Parameter(torch.empty(cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
+                    if m.shared_expert_gate else None)
             self.mlp = (self.moe if not n_shared else SharedExpertsMoE(self.moe, DenseMLP(
-                cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dt, device, kernels=kernels, quant=quant,
-                prefix=f"{p}{moe_prefix}.{shared_name}.")))
+                cfg.hidden_size, shared_size, dt, device, kernels=kernels, quant=quant,
+                prefix=f"{p}{moe_prefix}.{shared_name}."), gate))
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dt, device, kernels=kernels, quant=quant,
                                 prefix=p + "mlp.")
@@ -106,7 +124,7 @@ class DecoderLayer(nn.Module):
             residual_TD, h_TD = x_TD, self.input_layernorm(x_TD)
         else:
             h_TD, residual_TD = self.input_layernorm.add_forward(x_TD, residual_TD)
-        h_TD = self.self_attn(positions_T, h_TD, ctx)
+        h_TD = getattr(self, self.mixer_name)(positions_T, h_TD, ctx)
         h_TD, residual_TD = self.post_attention_layernorm.add_forward(h_TD, residual_TD)
         if self.moe is None:
             return self.mlp(h_TD), residual_TD
@@ -134,8 +152,10 @@ class MoEDecoderForCausalLM(nn.Module):
         # per layer kind where the kinds rotate differently (MiMo-V2-Flash's full and sliding layers).
         ropes: dict = {}
 
-        def rope_of(i: int) -> RotaryEmbedding:
-            r = cfg.attention_for(i).rope
+        def rope_of(i: int) -> RotaryEmbedding | None:
+            r = getattr(cfg.attention_for(i), "rope", None)  # linear attention has none
+            if r is None:
+                return None
             if r not in ropes:
                 ropes[r] = RotaryEmbedding(r, cfg.hf_config, cfg.max_model_len, kernels, device)
             return ropes[r]
@@ -200,7 +220,12 @@ class MoEDecoderForCausalLM(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """After the loader filled every parameter: modules that convert what they loaded (an FP8 kv_b_proj
-        dequantized for MLA's absorption) do it now."""
+        dequantized for MLA's absorption) do it now; zero-centred norms (ModelConfig.norm_weight_offset) become
+        plain ones."""
+        if self.cfg.norm_weight_offset:
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.weight.add_(self.cfg.norm_weight_offset)
         for module in self.modules():
             if module is not self and hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()
@@ -231,7 +256,7 @@ class MoEDecoderForCausalLM(nn.Module):
         plan.update(self.norm.weight_plan("model.norm.weight"))
         for i, layer in enumerate(self.layers):
             plan.update(layer_weight_plan(layer, i, cfg, self.spec, self.expert_ids, names))
-        return plan
+        return aliased(plan, self.spec, names)
 
 
 def layer_weight_plan(layer: DecoderLayer, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
@@ -243,7 +268,7 @@ def layer_weight_plan(layer: DecoderLayer, layer_idx: int, cfg: ModelConfig, spe
     plan: WeightPlan = {}
     plan.update(layer.input_layernorm.weight_plan(p + "input_layernorm.weight"))
     plan.update(layer.post_attention_layernorm.weight_plan(p + "post_attention_layernorm.weight"))
-    plan.update(layer.self_attn.weight_plan(p + "self_attn."))
+    plan.update(getattr(layer, layer.mixer_name).weight_plan(f"{p}{layer.mixer_name}."))
     if layer.moe is None:
         plan.update(layer.mlp.weight_plan(p + "mlp."))
         return plan
@@ -255,6 +280,8 @@ def layer_weight_plan(layer: DecoderLayer, layer_idx: int, cfg: ModelConfig, spe
     plan.update(_expert_plan(layer.moe, prefix, fused, cfg, spec, expert_ids))
     if isinstance(layer.mlp, SharedExpertsMoE):  # every rank holds the shared experts whole
         plan.update(layer.mlp.shared.weight_plan(f"{p}{spec.moe_prefix}.{spec.shared_experts}."))
+        if layer.mlp.gate_D is not None:  # [1, D] on disk
+            plan[f"{p}{spec.moe_prefix}.{spec.shared_experts}_gate.weight"] = PlanEntry(layer.mlp.gate_D, (), (0,))
     return plan
 
 
@@ -299,6 +326,20 @@ def _gpt_oss_plan(mlp: MoELayer, m: str, cfg: ModelConfig, spec: ArchSpec, exper
                                                                torch.arange(D)[None, :, None]))
     plan[m + "experts.down_proj_bias"] = PlanEntry(mlp.b2_ED, (), (e,))
     return plan
+
+
+def aliased(plan: WeightPlan, spec: ArchSpec, names: frozenset[str]) -> WeightPlan:
+    """`plan` with each entry the checkpoint holds under its transformers 5 name only (ArchSpec.weight_aliases:
+    MiMo-V2-Flash's `attention_sink_bias` saved as `sinks`) read under that name."""
+    if not spec.weight_aliases or not names:
+        return plan
+    out: WeightPlan = {}
+    for name, entry in plan.items():
+        for published, alias in spec.weight_aliases:
+            if name not in names and name.endswith(published) and name[: -len(published)] + alias in names:
+                name = name[: -len(published)] + alias
+        out[name] = entry
+    return out
 
 
 def fused_experts_name(layer_idx: int) -> str:

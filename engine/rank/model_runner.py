@@ -26,6 +26,8 @@ from ..models.layers import ForwardContext
 from .drafter import make_device_drafter, make_drafter
 from .device_inputs import device_inputs
 from .kv_cache import make_kv_caches
+from .state_cache import StateCaches
+from ..models.state_step import StateStep
 from .sampler import Sampler, SamplingMetadata
 from .spec_verify import SpecStep
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
@@ -46,7 +48,8 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
                  graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
-                 load_format: str = "auto", kv_connector: WorkerKVConnector | None = None, speculative=None):
+                 load_format: str = "auto", kv_connector: WorkerKVConnector | None = None, speculative=None,
+                 num_state_slots: int = 0, num_state_checkpoints: int = 0):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 
@@ -58,7 +61,9 @@ class ModelRunner:
         `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random).
         `kv_connector`: the worker half of a KV connector (engine/rank/kv_transfer.py), which runs the KV loads
         and saves a step plans (`SchedulerOutput.kv_transfers`); None: no connector.
-        `speculative`: a SpeculativeConfig (engine/config/speculative.py): its drafter proposes after each step."""
+        `speculative`: a SpeculativeConfig (engine/config/speculative.py): its drafter proposes after each step.
+        `num_state_slots`, `num_state_checkpoints`: the per-sequence state pools of a model with linear-attention
+        layers (scheduler/hybrid_cache.py hands out the slots; engine/rank/state_cache.py holds them)."""
         self.cfg = model_cfg
         self.device = device
         self.step_plan = step_plan if step_plan is not None else SingleBatch()
@@ -66,6 +71,12 @@ class ModelRunner:
         self.kernels = select_kernels(device, kernels)
         self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress, load_format=load_format)
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
+        if model_cfg.linear_layers and num_state_slots < 1:
+            raise ValueError(f"num_state_slots={num_state_slots} is invalid for {model_cfg.architecture}: its "
+                             "linear-attention layers need one state slot per running sequence.")
+        self.num_state_slots, self.num_state_checkpoints = num_state_slots, num_state_checkpoints
+        self.state_caches: StateCaches | None = None
+        self._state_copies: list[tuple[int, int]] = []  # (slot, checkpoint) a prefix hit starts from, next step
         # (full, sliding) layer pairs sharing cache tensors, with the sliding group's own block table; None: one
         # table and one tensor set per layer (ModelConfig.kv_layer_pairs).
         self.kv_pairs = model_cfg.kv_layer_pairs()
@@ -113,6 +124,7 @@ class ModelRunner:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             budget = kv_sizing.cpu_kv_budget_bytes(avail, memory_utilization)
         draft = self.device_drafter.kv_bytes_per_token() if self.device_drafter is not None else 0
+        budget -= kv_sizing.state_pool_bytes(self.cfg, self.num_state_slots, self.num_state_checkpoints)
         return kv_sizing.blocks_in_budget(budget, kv_sizing.kv_cache_bytes_per_block(self.cfg, self.block_size, draft))
 
     def allocate_kv_cache(self, num_kv_blocks: int) -> None:
@@ -124,6 +136,14 @@ class ModelRunner:
         # One extra, never-allocated block at the end: the attention null block.
         self.null_block = num_kv_blocks
         self.kv_caches, kv_bytes = make_kv_caches(self.cfg, self.kv_pairs, num_kv_blocks, self.block_size, self.device)
+        if self.cfg.linear_layers:  # their entries of kv_caches are their state pools (gated_deltanet.py)
+            linear = set(self.cfg.linear_layers)
+            self.state_caches = StateCaches(
+                [self.cfg.attention_for(i) if i in linear else None for i in range(self.cfg.num_layers)],
+                self.num_state_slots, self.num_state_checkpoints, self.cfg.dtype, self.device)
+            for i in linear:
+                self.kv_caches[i] = self.state_caches.layers[i]
+            kv_bytes += self.state_caches.nbytes
         if self.device_drafter is not None:  # its draft layer's cache, on the same block ids (chain_drafter.py)
             kv_bytes += self.device_drafter.allocate(num_kv_blocks)
         weights = (self.model if self.device_drafter is None
@@ -137,6 +157,10 @@ class ModelRunner:
 
     # -- CUDA graphs (engine/rank/cuda_graph.py) ---------------------------------------
     def _graph_sizes(self, sizes: tuple[int, ...], ep, backend) -> tuple[int, ...]:
+        if sizes and self.cfg.linear_layers:
+            logger.info("CUDA graphs off: decode graphs of linear-attention layers (state slots as graph inputs) "
+                        "are not built yet; %s runs eagerly.", self.cfg.architecture)
+            return ()
         return graph_sizes_to_capture(sizes, self.kernels, ep, isinstance(self.step_plan, TwoBatchOverlap),
                                       backend, self.device, self.cfg.quantization is not None, logger)
 
@@ -191,6 +215,10 @@ class ModelRunner:
         )
         if self.kv_pairs is not None:
             st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
+        if self.state_caches is not None:
+            st.state_slot = new.state_slot
+            if new.state_copy_from >= 0:  # a prefix hit: the slot starts as the checkpoint's copy
+                self._state_copies.append((new.state_slot, new.state_copy_from))
         self.batch.add(st)
 
     def _resync(self, rs) -> None:
@@ -259,6 +287,14 @@ class ModelRunner:
         num_scheduled = so.num_scheduled_tokens
         states = [self.requests[r] for r in num_scheduled]
         query_lens = list(num_scheduled.values())
+        # Per-sequence state: each sequence's slot and whether it continues a state (read before the step moves
+        # num_computed_tokens on); the copies this step owes (prefix hits before the forward, saves after it).
+        state_plan = None
+        if self.state_caches is not None:
+            saves = so.state_saves
+            state_plan = ([st.state_slot for st in states], [st.num_computed_tokens > 0 for st in states],
+                          self._state_copies, [(ck, self.requests[rid].state_slot) for rid, ck in saves.items()])
+            self._state_copies = []
         rows_S = self.batch.rows_of(states)
         spec = so.scheduled_spec_tokens
         inp = build_step_inputs(states, query_lens, self.block_size, self.sliding_window, self.null_block,
@@ -290,12 +326,12 @@ class ModelRunner:
                                        inp.sliding, batch=graph_batch)
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(
-            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan))
+            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan))
         self._in_flight.append(handle)
         return handle
 
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | None, staged,
-                     ep_step, ops: list, transfers=None, draft_plan=None) -> DeviceResult:
+                     ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
         device from the steps before it), forward, sampling, the device drafter's drafts, KV saves, results out
         to host memory. Waits for nothing on the host side."""
@@ -311,11 +347,19 @@ class ModelRunner:
             x = device_inputs(inp, pending_P, dev, self.null_block) if eager_inputs else None
             # The states an EAGLE-3 head reads, kept by the forward itself (None: nothing kept, the normal path).
             aux = self.device_drafter.capture() if draft_plan is not None else None
+            state = None
+            if state_plan is not None:
+                slots, continues, copies, saves = state_plan
+                self.state_caches.copy([d for d, _ in copies], [c for _, c in copies])  # prefix hits: before
+                state = StateStep(to_device(slots, torch.int32, dev), to_device(continues, torch.bool, dev),
+                                  x.attn.query_start_loc_S1, inp.pure_decode)
             if staged is not None:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:
                 h_TD = self.step_plan.forward(self.model, x.input_ids_T, x.positions_T,
-                                              ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux))
+                                              ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux, state))
+            if state_plan is not None:  # checkpoints of the states this step ended at a block boundary: after
+                self.state_caches.copy([ck for ck, _ in saves], [slot for _, slot in saves])
             res = DeviceResult(read_moe=self._take_moe())
             if isinstance(meta, SpecStep):
                 res.spec = meta.run(self.model, self.sampler, h_TD)

@@ -42,6 +42,8 @@ class CachedRequestState:
     # view of that row of the batch's block table.
     row: int | None = None
     batch: "PersistentBatch | None" = None
+    # The request's per-sequence state slot (linear attention: engine/rank/state_cache.py); -1: the model has none.
+    state_slot: int = -1
 
     def __post_init__(self) -> None:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids

@@ -39,6 +39,7 @@ from moelink.scheduler.outputs import SchedulerOutput
 from ..contract.ep_step import plan_ep_step
 from ..contract.worker_api import WarmupConfig, WarmupReport
 from ..models.layers import ForwardContext
+from ..models.state_step import StateStep
 from .sampling_metadata import SamplingMetadata
 from ..contract.sampling_params import MAX_LOGPROBS, SamplingParams
 from .warmup_plan import StepLimits, WarmupStep, minimal_plan, plan_steps
@@ -186,7 +187,13 @@ def _run_step(runner, step: WarmupStep) -> torch.Tensor:
     positions_T = torch.from_numpy(np.concatenate([np.arange(s.cached, s.cached + s.new) for s in step.seqs])).to(dev)
     input_ids_T = torch.arange(step.num_tokens, device=dev) % runner.cfg.vocab_size
     # The sliding group's table (when it has its own) holds the null block as well.
-    ctx = ForwardContext(attn, runner.kv_caches, attn if runner.kv_pairs is not None else None)
+    # Linear-attention layers: every row a padding row of their state pools (slot -1: zeros read, nothing written).
+    state = None
+    if runner.state_caches is not None:
+        state = StateStep(torch.full((step.num_seqs,), -1, dtype=torch.int32, device=dev),
+                          torch.zeros(step.num_seqs, dtype=torch.bool, device=dev), attn.query_start_loc_S1,
+                          max(query_lens) == 1)
+    ctx = ForwardContext(attn, runner.kv_caches, attn if runner.kv_pairs is not None else None, state=state)
     _begin_ep_step(runner, step)
     h_TD = runner.step_plan.forward(runner.model, input_ids_T, positions_T, ctx)
     h_SD = h_TD.index_select(0, torch.from_numpy(qsl[1:] - 1).long().to(dev))

@@ -112,7 +112,8 @@ class Worker:
                                   stream=make_stream(self.device, cfg.async_scheduling),
                                   load_format=cfg.load_format,
                                   kv_connector=cfg.kv_connector.worker_side(self.rank) if cfg.kv_connector else None,
-                                  speculative=cfg.speculative)
+                                  speculative=cfg.speculative, num_state_slots=cfg.num_state_slots,
+                                  num_state_checkpoints=cfg.num_state_checkpoints)
 
     def preload(self) -> bool:
         """A replacement rank, before it joins (engine/cluster/rejoin.py): load its share of `plan` (weights, placement

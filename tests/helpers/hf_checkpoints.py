@@ -69,17 +69,32 @@ HF_TINY: dict[str, tuple[str, dict]] = {
         rope_parameters=dict(_YARN, partial_rotary_factor=0.25))),
 }
 
+# Hybrid models (linear attention beside full attention): kept apart from HF_TINY, whose parity tests assume every
+# full block of a prompt can hit the prefix cache (a hybrid model's hits stop at its state checkpoints).
+HF_HYBRID: dict[str, tuple[str, dict]] = {
+    # Qwen3-Next layout: gated DeltaNet on 3 layers of 4 (2 q/k heads, 4 value heads), gated full attention with a
+    # quarter of each head rotated, a shared expert behind its sigmoid gate, one dense layer (mlp_only_layers).
+    "qwen3_next": ("qwen3_next", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=12, linear_conv_kernel_dim=4, num_experts=6, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=24, mlp_only_layers=[4],
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention",
+                     "full_attention"])),
+}
+
 _CLASSES = {
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
 }
 
 
 def hf_config(name: str):
     import transformers
 
-    model_type, fields = HF_TINY[name]
+    model_type, fields = HF_TINY[name] if name in HF_TINY else HF_HYBRID[name]
     config_cls, model_cls = _CLASSES[model_type]
     cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, max_position_embeddings=MAX_POS, initializer_range=0.1,
                                              **fields)
@@ -101,7 +116,7 @@ def save_hf_checkpoint(out: Path, name: str, seed: int = 0) -> str:
         for mod_name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=torch.float64) * 0.1)
-            if type(mod).__name__.endswith("RMSNorm"):
+            if type(mod).__name__.endswith(("RMSNorm", "RMSNormGated")):
                 mod.weight.add_(torch.randn(mod.weight.shape, generator=g, dtype=torch.float64) * 0.1)
             bias = getattr(mod, "e_score_correction_bias", None)
             if bias is not None:

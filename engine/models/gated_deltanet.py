@@ -1,0 +1,142 @@
+"""Gated DeltaNet, the linear-attention token mixer of Qwen3-Next and Qwen3.5-MoE (three layers in four), over
+per-sequence state pools instead of a paged KV cache.
+
+Per layer: the input projections give q, k, v (one conv channel block: q then k then v, heads contiguous), the
+output gate z and the gating inputs b, a; a causal depthwise convolution (kernel 4, SiLU) runs over q|k|v with
+each sequence's conv state; the gated delta rule (kernels/gated_delta.py: q/k l2-normed in the kernel, decay g =
+-exp(A_log) softplus(a + dt_bias), write strength beta = sigmoid(b)) runs with each sequence's recurrent state;
+the output is RMS-normed per value head, gated by SiLU(z), and projected back (transformers' Qwen3NextGatedDeltaNet).
+
+The checkpoint's fused projections (Qwen3-Next: in_proj_qkvz, in_proj_ba, rows grouped by q/k head) are read in
+this module's order by a row permutation at load, so one matmul gives [q | k | v | z] and another [b | a] with
+every piece contiguous; Qwen3.5's split projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) load into the
+same pieces by name.
+
+States: `ctx.kv_caches[layer]` is this layer's (conv_state_PRC, ssm_state_PNKV) pools (engine/rank/state_cache.py)
+and `ctx.state` (StateStep) the step's slot of each sequence and whether it continues a state. A pure-decode step
+(one token per sequence) runs the decode forms; anything else the varlen prefill forms.
+
+Legend: T tokens in the flat batch, D hidden, S sequences, G q/k heads, N value heads, K q/k head dim, V value head
+dim, C conv channels (2 G K + N V), P state slots, R conv kernel - 1.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
+
+from ..config.linear_attention import LinearAttentionConfig
+from .layers import ForwardContext, param
+from .linear import FloatLinear, Linear
+
+
+def fused_qkvz_rows(la: LinearAttentionConfig) -> torch.Tensor:
+    """The checkpoint rows of in_proj_qkvz in this module's order [q heads | k heads | v heads | z heads].
+
+    On disk the rows come per q/k head g: [q_g (K), k_g (K), v of g's N/G value heads (N/G * V), z of them]
+    (transformers' fix_query_key_value_ordering), so value head n = g * N/G + j sits in group g."""
+    G, K, V, r = la.num_k_heads, la.head_k_dim, la.head_v_dim, la.num_v_heads // la.num_k_heads
+    group = 2 * K + 2 * r * V
+    base = torch.arange(G)[:, None] * group
+    q = (base + torch.arange(K)).reshape(-1)
+    k = (base + K + torch.arange(K)).reshape(-1)
+    v = (base + 2 * K + torch.arange(r * V)).reshape(-1)
+    z = (base + 2 * K + r * V + torch.arange(r * V)).reshape(-1)
+    return torch.cat([q, k, v, z])
+
+
+def fused_ba_rows(la: LinearAttentionConfig) -> torch.Tensor:
+    """in_proj_ba's rows in the order [b of every value head | a of every value head] (on disk: per q/k head g,
+    b then a of its N/G value heads)."""
+    G, r = la.num_k_heads, la.num_v_heads // la.num_k_heads
+    base = torch.arange(G)[:, None] * 2 * r
+    return torch.cat([(base + torch.arange(r)).reshape(-1), (base + r + torch.arange(r)).reshape(-1)])
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over each value head, then * SiLU(z) (transformers' Qwen3NextRMSNormGated: the norm's product in the
+    activations' dtype, the gate in float32)."""
+
+    def __init__(self, size: int, eps: float, dtype, device=None):
+        super().__init__()
+        self.weight = param(size, dtype=dtype, device=device)
+        self.eps = eps
+
+    def forward(self, x_TNV: torch.Tensor, z_TNV: torch.Tensor) -> torch.Tensor:
+        x32 = x_TNV.float()
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x_TNV.dtype)
+        return (self.weight * normed * torch.nn.functional.silu(z_TNV.float())).to(x_TNV.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """One linear-attention layer (module docstring)."""
+
+    def __init__(self, layer_idx: int, hidden_size: int, la: LinearAttentionConfig, rms_norm_eps: float, kernels,
+                 dtype, device=None):
+        super().__init__()
+        self.layer_idx, self.la, self.kernels = layer_idx, la, kernels
+        G, N, K, V = la.num_k_heads, la.num_v_heads, la.head_k_dim, la.head_v_dim
+        self.key_dim, self.value_dim = la.key_dim, la.value_dim
+        # Float weights only for now: the row permutation of the fused projections does not keep FP8 blocks whole.
+        self.in_proj_qkvz = Linear(hidden_size, (2 * self.key_dim + self.value_dim, self.value_dim), FloatLinear(),
+                                   kernels, dtype, device)
+        self.in_proj_ba = Linear(hidden_size, (N, N), FloatLinear(), kernels, dtype, device)
+        self.conv_weight_CW = param(la.conv_dim, la.conv_kernel, dtype=dtype, device=device)
+        self.dt_bias_N = param(N, dtype=dtype, device=device)
+        self.A_log_N = param(N, dtype=dtype, device=device)
+        self.norm = GatedRMSNorm(V, rms_norm_eps, dtype, device)
+        self.out_proj = Linear(self.value_dim, hidden_size, FloatLinear(), kernels, dtype, device)
+
+    def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """positions_T is unused (no rotary: the recurrence orders the tokens); kept for the token mixers' one
+        signature."""
+        la, T = self.la, x_TD.shape[0]
+        st = ctx.state
+        conv_pool_PRC, ssm_pool_PNKV = ctx.kv_caches[self.layer_idx]
+        mixed_TC, z_TX = self.in_proj_qkvz.split(self.in_proj_qkvz(x_TD))
+        b_TN, a_TN = self.in_proj_ba.split(self.in_proj_ba(x_TD))
+        mixed_TC = mixed_TC.contiguous()
+        if st.pure_decode:
+            conv_TC = self.kernels.causal_conv1d_update(mixed_TC, self.conv_weight_CW, None, conv_pool_PRC,
+                                                        st.query_start_loc_S1, st.slots_S, "silu")
+        else:
+            conv_TC = self.kernels.causal_conv1d(mixed_TC, self.conv_weight_CW, None, conv_pool_PRC,
+                                                 st.query_start_loc_S1, st.slots_S, st.has_initial_S, "silu")
+        q_TGK = conv_TC[:, :self.key_dim].view(T, la.num_k_heads, la.head_k_dim)
+        k_TGK = conv_TC[:, self.key_dim:2 * self.key_dim].view(T, la.num_k_heads, la.head_k_dim)
+        v_TNV = conv_TC[:, 2 * self.key_dim:].view(T, la.num_v_heads, la.head_v_dim)
+        g_TN, beta_TN = self.kernels.gdn_gating(a_TN, b_TN, self.A_log_N, self.dt_bias_N)
+        if st.pure_decode:
+            o_TNV = self.kernels.gated_delta_rule_decode(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, ssm_pool_PNKV,
+                                                         st.query_start_loc_S1, st.slots_S)
+        else:
+            o_TNV = self.kernels.gated_delta_rule(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, ssm_pool_PNKV,
+                                                  st.query_start_loc_S1, st.slots_S, st.has_initial_S)
+        o_TNV = self.norm(o_TNV, z_TX.view(T, la.num_v_heads, la.head_v_dim))
+        return self.out_proj(o_TNV.reshape(T, self.value_dim))
+
+    def weight_plan(self, p: str) -> WeightPlan:
+        """Checkpoint names under `p` ("model.layers.{i}.linear_attn.")."""
+        la = self.la
+        plan: WeightPlan = {}
+        if la.projection == "fused":
+            plan.update(self.in_proj_qkvz.method.weight_plan(self.in_proj_qkvz, p + "in_proj_qkvz.weight", (),
+                                                             (fused_qkvz_rows(la),)))
+            plan.update(self.in_proj_ba.method.weight_plan(self.in_proj_ba, p + "in_proj_ba.weight", (),
+                                                           (fused_ba_rows(la),)))
+        else:
+            plan.update(self.in_proj_qkvz.weight_plan(p + "in_proj_qkv.weight", 0))
+            plan.update(self.in_proj_qkvz.weight_plan(p + "in_proj_z.weight", 1))
+            plan.update(self.in_proj_ba.weight_plan(p + "in_proj_b.weight", 0))
+            plan.update(self.in_proj_ba.weight_plan(p + "in_proj_a.weight", 1))
+        # conv1d.weight is [C, 1, W] on disk: read as [C, W] (the middle index 0 drops the channel-group dim).
+        plan[p + "conv1d.weight"] = PlanEntry(self.conv_weight_CW, (), (slice(None), 0))
+        plan[p + "dt_bias"] = PlanEntry(self.dt_bias_N, ())
+        plan[p + "A_log"] = PlanEntry(self.A_log_N, ())
+        plan[p + "norm.weight"] = PlanEntry(self.norm.weight, ())
+        plan.update(self.out_proj.weight_plan(p + "out_proj.weight"))
+        return plan
+
+
+__all__ = ["GatedDeltaNet", "GatedRMSNorm", "fused_ba_rows", "fused_qkvz_rows"]
