@@ -253,6 +253,18 @@ def test_mimo_mtp_tensors_are_left_unread(m2_path, tmp_path, caplog):
     assert torch.equal(model.layers[1].self_attn.sinks_N, sinks) and model.layers[0].self_attn.sinks_N is None
 
 
+@pytest.mark.parametrize("name", ["minimax", "mimo"])
+def test_transformers5_layout(tmp_path, name):
+    """A checkpoint in transformers 5's own names (fused experts; MiniMax's router and bias under mlp., MiMo's
+    sinks as self_attn.sinks) runs as the published layout does: transformers' tokens for two prompts."""
+    path = save_m2_checkpoint(tmp_path, name, fused=True, num_hidden_layers=2, **(
+        dict(layer_types=["full_attention", "sliding_attention"], mlp_layer_types=["dense", "sparse"])
+        if name == "mimo" else {}))
+    ps = prompts(VOCAB, seed=9, n=2, lo=3, hi=20)
+    llm = LLM(path, dtype="float64", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=32, block_size=4)
+    assert_same(engine_greedy(llm, ps, max_new=4), hf_greedy(path, ps, max_new=4), ps)
+
+
 # -- greedy parity with transformers ------------------------------------------------------------------------------
 
 NAMES = ["minimax", "mimo"]

@@ -56,8 +56,11 @@ def m2_config(name: str, **overrides):
     return cfg
 
 
-def save_m2_checkpoint(out: Path, name: str, seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> str:
-    """Build M2_TINY[name] with transformers, draw what it initialises to constants, save it + the tokenizer."""
+def save_m2_checkpoint(out: Path, name: str, seed: int = 0, dtype: torch.dtype = torch.float64, fused: bool = False,
+                       **overrides) -> str:
+    """Build M2_TINY[name] with transformers, draw what it initialises to constants, save it + the tokenizer.
+    `fused`: in transformers 5's own names (save_original_format=False: experts.gate_up_proj / down_proj, the
+    router at mlp.gate, MiMo's sinks as self_attn.sinks), not the published ones."""
     import transformers
 
     from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
@@ -79,7 +82,7 @@ def save_m2_checkpoint(out: Path, name: str, seed: int = 0, dtype: torch.dtype =
             if isinstance(bias, torch.Tensor):
                 bias.copy_((torch.randn(bias.shape, generator=g) * 0.05).to(bias.dtype))
     out = Path(out)
-    model.to(dtype).save_pretrained(out)
+    model.to(dtype).save_pretrained(out, **({"save_original_format": False} if fused else {}))
     tok = train_tiny_tokenizer(VOCAB)
     tok.save(str(out / "tokenizer.json"))
     write_tokenizer_configs(out, tok, MAX_POS)
