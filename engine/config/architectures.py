@@ -79,6 +79,10 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     # with a sigmoid gate beside the routed ones.
     Architecture("Qwen3NextForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ,
                                                   shared_experts="shared_expert"), model_type="qwen3_next"),
+    # Qwen3.5-MoE's text model (Qwen3.5-397B-A17B, -122B-A10B, -35B-A3B): Qwen3-Next's layers with split linear-attention
+    # projections; published inside Qwen3_5MoeForConditionalGeneration checkpoints (TEXT_MODEL_OF).
+    Architecture("Qwen3_5MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ,
+                                                   shared_experts="shared_expert"), model_type="qwen3_5_moe_text"),
     # gpt-oss-20b / 120b: GQA with sinks and sliding windows, fused experts with biases, MXFP4 as published.
     Architecture("GptOssForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ, router="router",
                                                expert_layout="gpt_oss"), model_type="gpt_oss", mxfp4_experts=True),
@@ -104,7 +108,11 @@ MODEL_TYPE_ALIASES: dict[str, str] = {"kimi_k2": "deepseek_v3"}
 
 # Multimodal checkpoints whose text model is an architecture above: config.json's `text_config` is that model's
 # config (Kimi K2.5: DeepSeek-V3 with `model_type: kimi_k2`). Read by ModelConfig.text_model_config.
-TEXT_MODEL_OF: dict[str, str] = {"KimiK25ForConditionalGeneration": "DeepseekV3ForCausalLM"}
+TEXT_MODEL_OF: dict[str, str] = {"KimiK25ForConditionalGeneration": "DeepseekV3ForCausalLM",
+                                 "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeForCausalLM"}
+# Where the text model's "model." tensors live in such a checkpoint, for the wrappers moelink serves as their text
+# model (the vision tower's tensors are not read; a request with an image is refused where requests are checked).
+TEXT_WEIGHTS_PREFIX: dict[str, str] = {"Qwen3_5MoeForConditionalGeneration": "model.language_model."}
 
 # Views of the registry, by what callers ask.
 SUPPORTED_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.runnable)
@@ -114,4 +122,5 @@ MXFP4_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mxfp4_experts)
 MTP_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mtp_layers)
 
 __all__ = ["ArchSpec", "Architecture", "CONFIG_ONLY_ARCHITECTURES", "MLA_ARCHITECTURES", "MODEL_TYPE_ALIASES",
-           "MTP_ARCHITECTURES", "MXFP4_ARCHITECTURES", "REGISTRY", "SUPPORTED_ARCHITECTURES", "TEXT_MODEL_OF"]
+           "MTP_ARCHITECTURES", "MXFP4_ARCHITECTURES", "REGISTRY", "SUPPORTED_ARCHITECTURES", "TEXT_MODEL_OF",
+           "TEXT_WEIGHTS_PREFIX"]

@@ -73,6 +73,10 @@ def check_checkpoint(cfg) -> None:
     tensors = checkpoint_tensors(cfg.model)
     if not tensors:
         return  # no safetensors files: the loader says so
+    prefix = getattr(cfg, "text_weights_prefix", "")
+    if prefix:  # a multimodal checkpoint: its text model's tensors, by the text model's names
+        from moelink.engine.rank.loader import text_model_name
+        tensors = {n: e for n, e in ((text_model_name(r, prefix), e) for r, e in tensors.items()) if n is not None}
     quant = getattr(cfg, "quantization", None)
     for name, entry in tensors.items():
         dtype = entry.get("dtype") if isinstance(entry, dict) else None

@@ -321,7 +321,7 @@ def _agree(hf, name: str, want: list, what: str, scalar_ok: bool = False) -> Non
 
 
 def _qwen3_next(arch: str, hf, c: dict, rope: dict) -> dict:
-    """Qwen3-Next: layer_types says which layers run gated DeltaNet ("linear_attention": their shape is
+    """Qwen3-Next and Qwen3.5-MoE's text model: layer_types says which layers run gated DeltaNet ("linear_attention": their shape is
     LinearAttentionConfig's, read from the linear_* fields) and which gated full attention ("full_attention": GQA
     with per-head q/k norm, a sigmoid output gate and partial rotary); norms are zero-centred (weight + 1); the MoE
     block has one shared expert of its own width behind a sigmoid gate, and softmax top-k routing."""
@@ -338,20 +338,24 @@ def _qwen3_next(arch: str, hf, c: dict, rope: dict) -> dict:
     full = _gqa(c, _rope(rope, c, _rotary_dim(c["head_dim"], factor)), qk_norm="per_head", output_gate=True)
     linear = LinearAttentionConfig(int(hf.linear_num_key_heads), int(hf.linear_num_value_heads),
                                    int(hf.linear_key_head_dim), int(hf.linear_value_head_dim),
-                                   int(hf.linear_conv_kernel_dim), projection="fused")
+                                   int(hf.linear_conv_kernel_dim),
+                                   projection="split" if arch == "Qwen3_5MoeForCausalLM" else "fused")
     E = int(hf.num_experts)
     only_dense = set(getattr(hf, "mlp_only_layers", None) or [])
     step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
     sparse = tuple(i for i in range(c["num_layers"]) if i not in only_dense and E > 0 and (i + 1) % step == 0)
-    norm = bool(hf.norm_topk_prob)
+    norm = bool(getattr(hf, "norm_topk_prob", True))  # Qwen3.5 always renormalises (its config has no field)
     shared = int(getattr(hf, "shared_expert_intermediate_size", 0) or 0)
     moe = MoEConfig(RouterConfig(E, c["top_k"], norm_topk_prob=norm), n_shared_experts=1 if shared else 0,
                     shared_expert_intermediate_size=shared, shared_expert_gate=bool(shared))
+    if len(sparse) < c["num_layers"] and not getattr(hf, "intermediate_size", None):
+        raise unsupported("intermediate_size", getattr(hf, "intermediate_size", None),
+                          "a positive integer (mlp_only_layers / decoder_sparse_step leave dense layers)")
     return dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size),
-                intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm, sparse_layers=sparse, moe=moe,
-                attention=full, layer_attention=tuple(linear if t == "linear_attention" else full for t in layer_types),
+                intermediate_size=int(getattr(hf, "intermediate_size", 0) or 0), norm_topk_prob=norm,
+                sparse_layers=sparse, moe=moe, attention=full, layer_attention=tuple(linear if t == "linear_attention" else full for t in layer_types),
                 norm_weight_offset=1.0)
 
 
-_READERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "Qwen3NextForCausalLM": _qwen3_next, "MixtralForCausalLM": _mixtral, "GptOssForCausalLM": _gpt_oss,
+_READERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "Qwen3NextForCausalLM": _qwen3_next, "Qwen3_5MoeForCausalLM": _qwen3_next, "MixtralForCausalLM": _mixtral, "GptOssForCausalLM": _gpt_oss,
             "MiniMaxM2ForCausalLM": _minimax_m2, "MiMoV2FlashForCausalLM": _mimo_v2_flash}

@@ -17,7 +17,7 @@ from moelink.comm.two_level import check_node_of_rank
 from moelink.moe.router_config import RouterConfig
 
 from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, REGISTRY,  # noqa: F401
-                            SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF)
+                            SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF, TEXT_WEIGHTS_PREFIX)
 from .hf_readers import read_fields
 from .quantization import (QuantConfig, check_architecture, read_hf_quant_config, read_quantization,
                            resolve_quantization)
@@ -118,6 +118,9 @@ class ModelConfig:
     # Added to every RMSNorm weight of the decoder (layer norms, the final norm, q/k norms) at load: Qwen3-Next's
     # norms are zero-centred, weight stored as w with the norm multiplying by (1 + w). 0: weights as stored.
     norm_weight_offset: float = 0.0
+    # A multimodal checkpoint served as its text model (architectures.TEXT_WEIGHTS_PREFIX): where the text model's
+    # "model." tensors live in the files ("model.language_model." for Qwen3.5-MoE); "" for a text checkpoint.
+    text_weights_prefix: str = ""
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -208,10 +211,13 @@ class ModelConfig:
         archs = raw.get("architectures") or []
         arch = next((a for a in archs if a in KNOWN_ARCHITECTURES), None)
         whole_file = True
+        text_prefix = ""
         if arch is None and any(a in TEXT_MODEL_OF for a in archs):
-            raw, arch = _text_model_raw(raw, next(a for a in archs if a in TEXT_MODEL_OF))
+            wrapper = next(a for a in archs if a in TEXT_MODEL_OF)
+            raw, arch = _text_model_raw(raw, wrapper)
             whole_file = False
-            if require_runnable:
+            text_prefix = TEXT_WEIGHTS_PREFIX.get(wrapper, "")
+            if require_runnable and not text_prefix:
                 raise ValueError(f"config.json architectures={archs!r} is a multimodal checkpoint: its text model "
                                  f"({arch}) is read, but serving it from this checkpoint is not in this build.")
         if arch is None:
@@ -234,7 +240,8 @@ class ModelConfig:
         cfg = cls(
             model=str(path), dtype=parse_dtype(dtype, checkpoint_dtype), architecture=arch,
             max_model_len=max_model_len if max_model_len is not None else fields["max_position_embeddings"],
-            hf_config=hf.to_dict(), kv_cache_dtype=parse_kv_cache_dtype(kv_cache_dtype), **fields,
+            hf_config=hf.to_dict(), kv_cache_dtype=parse_kv_cache_dtype(kv_cache_dtype),
+            text_weights_prefix=text_prefix, **fields,
         )
         if require_runnable and arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch}: config read, model definition not available in this build "

@@ -60,10 +60,22 @@ def checkpoint_index(model_dir: str | Path) -> dict[str, Path]:
 
 class SafetensorsCheckpoint:
     """A checkpoint directory's safetensors files: tensor name → file (`checkpoint_index`), opened one file at a
-    time by `open`."""
+    time by `open`. `text_prefix`: a multimodal checkpoint's text model lives under it ("model.language_model."
+    for Qwen3.5-MoE): its tensors are named as the text model's own ("model.layers..."), the other towers' are
+    not listed (ModelConfig.text_weights_prefix)."""
 
-    def __init__(self, model_dir: str | Path):
-        self.index = checkpoint_index(model_dir)
+    def __init__(self, model_dir: str | Path, text_prefix: str = ""):
+        index = checkpoint_index(model_dir)
+        self._real: dict[str, str] = {}  # name as the model plans it -> name in the file, where they differ
+        if text_prefix:
+            index = {}
+            for real, f in checkpoint_index(model_dir).items():
+                name = text_model_name(real, text_prefix)
+                if name is not None:
+                    index[name] = f
+                    if name != real:
+                        self._real[name] = real
+        self.index = index
 
     def keys(self) -> Iterable[str]:
         return self.index.keys()
@@ -78,7 +90,28 @@ class SafetensorsCheckpoint:
             by_file.setdefault(self.index[name], []).append(name)
         for fname, group in by_file.items():
             with safe_open(str(fname), framework="pt") as st:
-                yield st, group
+                yield (_Renamed(st, self._real) if self._real else st), group
+
+
+def text_model_name(real: str, text_prefix: str) -> str | None:
+    """A multimodal checkpoint's tensor as the text model names it ("model.language_model.layers.0..." ->
+    "model.layers.0..."), or None for another tower's ("model.visual..."); names outside "model." (lm_head) stay."""
+    if real.startswith(text_prefix):
+        return "model." + real[len(text_prefix):]
+    return None if real.startswith("model.") else real
+
+
+class _Renamed:
+    """A safe_open handle read by the text model's names (SafetensorsCheckpoint's `text_prefix`)."""
+
+    def __init__(self, st, real: dict[str, str]):
+        self._st, self._real = st, real
+
+    def get_tensor(self, name: str):
+        return self._st.get_tensor(self._real.get(name, name))
+
+    def get_slice(self, name: str):
+        return self._st.get_slice(self._real.get(name, name))
 
 
 Checkpoint = SafetensorsCheckpoint | DummyCheckpoint
@@ -93,7 +126,7 @@ def open_checkpoint(cfg: ModelConfig, load_format: str, device: torch.device,
         raise ValueError(f"load_format={load_format!r} is invalid: choose from {', '.join(map(repr, LOAD_FORMATS))}.")
     if load_format == "dummy":
         return DummyCheckpoint.for_model(cfg, device, mtp_layers)
-    return SafetensorsCheckpoint(cfg.model if model_dir is None else model_dir)
+    return SafetensorsCheckpoint(cfg.model if model_dir is None else model_dir, cfg.text_weights_prefix)
 
 
 def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,

@@ -83,6 +83,13 @@ class Serving:
         return self.engine.is_healthy
 
     # -- inputs ---------------------------------------------------------------
+    def text_only_reason(self) -> str:
+        """Why images, audio or video are refused: what this server runs of the checkpoint."""
+        if self.model.text_weights_prefix:  # a multimodal checkpoint served as its text model (Qwen3.5-MoE)
+            return (f"this server runs the text model of {self.model.name} ({self.model.architecture}); its vision "
+                    "tower is not loaded, so only text and token ids are accepted.")
+        return "this model takes text only."
+
     def _prompt_byte_bound(self) -> tuple[Optional[float], Optional[int]]:
         """(most bytes one token stands for, most bytes a text prompt that fits can have); None: no bound."""
         if isinstance(self.tokenizer, NoTokenizer):  # text prompts are refused whole (engine/core/no_tokenizer.py)

@@ -108,9 +108,9 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     async def _prepare(self, rid: str, request: pb.GenerateRequest, params: SamplingParams) -> ProcessedRequest:
         for field in ("mm_inputs", "media_refs"):
             if request.HasField(field):
-                raise ValueError(f"{field} is not supported: this model takes text only.")
+                raise ValueError(f"{field} is not supported: {self.s.text_only_reason()}")
         if request.extra_mm_inputs:
-            raise ValueError("extra_mm_inputs is not supported: this model takes text only.")
+            raise ValueError(f"extra_mm_inputs is not supported: {self.s.text_only_reason()}")
         if request.HasField("kv_transfer_params"):
             raise ValueError("kv_transfer_params (the typed Mooncake message) is not supported: it cannot name the "
                              "saved KV; send kv_transfer_params_json (vLLM's JSON object) instead.")

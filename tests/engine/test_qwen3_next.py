@@ -56,3 +56,43 @@ def test_greedy_parity_under_preemption_and_prefix_hits(hf_tiny_model):
     assert_same(engine_greedy(llm, ps), want, ps)
     assert llm.engine.stats().prefix_cache_hits > hits_before
     assert_pool_free(llm)
+
+
+@pytest.mark.slow
+def test_qwen3_5_moe_multimodal_checkpoint_serves_its_text_model(hf_tiny_model):
+    """Qwen3.5-MoE as published (Qwen3_5MoeForConditionalGeneration: text under model.language_model., a vision
+    tower beside it, split linear-attention projections): the text model's greedy outputs equal transformers'."""
+    path = hf_tiny_model("qwen3_5_moe")
+    cfg = ModelConfig.from_pretrained(path, dtype="float64")
+    assert cfg.architecture == "Qwen3_5MoeForCausalLM" and cfg.text_weights_prefix == "model.language_model."
+    assert cfg.attention_for(0).projection == "split"
+    ps = prompts(VOCAB, seed=7, n=6, lo=1, hi=120)
+    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=128, block_size=16)
+    assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+    assert_pool_free(llm)
+
+
+def test_an_image_request_to_a_multimodal_checkpoint_is_refused_naming_the_missing_tower(hf_tiny_model):
+    from types import SimpleNamespace
+
+    from moelink.engine.server.serving import Serving
+
+    cfg = ModelConfig.from_pretrained(hf_tiny_model("qwen3_5_moe"))
+    reason = Serving.text_only_reason(SimpleNamespace(model=cfg))
+    assert "vision tower is not loaded" in reason and "Qwen3_5MoeForCausalLM" in reason
+    text_cfg = ModelConfig.from_pretrained(hf_tiny_model(NAME))
+    assert Serving.text_only_reason(SimpleNamespace(model=text_cfg)) == "this model takes text only."
+
+
+def test_a_layer_kind_moelink_does_not_know_is_refused_naming_it(hf_tiny_model, tmp_path):
+    import json
+    import shutil
+
+    src = hf_tiny_model(NAME)
+    shutil.copytree(src, tmp_path / "m")
+    cfg_file = tmp_path / "m" / "config.json"
+    raw = json.loads(cfg_file.read_text())
+    raw["layer_types"][1] = "mamba2"
+    cfg_file.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="layer_types.*mamba2.*linear_attention"):
+        ModelConfig.from_pretrained(str(tmp_path / "m"))

@@ -81,6 +81,13 @@ HF_HYBRID: dict[str, tuple[str, dict]] = {
         moe_intermediate_size=16, shared_expert_intermediate_size=24, mlp_only_layers=[4],
         layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention",
                      "full_attention"])),
+    # Qwen3.5-MoE as published: a multimodal checkpoint (Qwen3_5MoeForConditionalGeneration: the text model under
+    # model.language_model., a vision tower beside it) whose text model has split linear-attention projections.
+    "qwen3_5_moe": ("qwen3_5_moe", dict(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_conv_kernel_dim=4, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24)),
 }
 
 _CLASSES = {
@@ -88,7 +95,11 @@ _CLASSES = {
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration"),
 }
+# A multimodal config's vision tower, as small as its config class allows (never run by moelink).
+_TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32, patch_size=4,
+                    temporal_patch_size=2, spatial_merge_size=2)
 
 
 def hf_config(name: str):
@@ -96,8 +107,11 @@ def hf_config(name: str):
 
     model_type, fields = HF_TINY[name] if name in HF_TINY else HF_HYBRID[name]
     config_cls, model_cls = _CLASSES[model_type]
-    cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, max_position_embeddings=MAX_POS, initializer_range=0.1,
-                                             **fields)
+    common = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POS, initializer_range=0.1)
+    if model_cls.endswith("ForConditionalGeneration"):  # multimodal: the text model's fields in text_config
+        cfg = getattr(transformers, config_cls)(text_config={**common, **fields}, vision_config=_TINY_VISION)
+    else:
+        cfg = getattr(transformers, config_cls)(**common, **fields)
     cfg.architectures = [model_cls]
     return cfg
 
