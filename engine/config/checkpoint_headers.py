@@ -67,6 +67,14 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, dict]:
     return tensors
 
 
+def text_model_name(real: str, text_prefix: str) -> str | None:
+    """A multimodal checkpoint's tensor as the text model names it ("model.language_model.layers.0..." ->
+    "model.layers.0..."), or None for another tower's ("model.visual..."); names outside "model." (lm_head) stay."""
+    if real.startswith(text_prefix):
+        return "model." + real[len(text_prefix):]
+    return None if real.startswith("model.") else real
+
+
 def check_checkpoint(cfg) -> None:
     """Refuse, in one sentence naming the field or the tensor, a checkpoint whose headers disagree with `cfg`
     (a ModelConfig read from its config.json) where the model would be sized from config.json alone."""
@@ -75,7 +83,6 @@ def check_checkpoint(cfg) -> None:
         return  # no safetensors files: the loader says so
     prefix = getattr(cfg, "text_weights_prefix", "")
     if prefix:  # a multimodal checkpoint: its text model's tensors, by the text model's names
-        from moelink.engine.rank.loader import text_model_name
         tensors = {n: e for n, e in ((text_model_name(r, prefix), e) for r, e in tensors.items()) if n is not None}
     quant = getattr(cfg, "quantization", None)
     for name, entry in tensors.items():

@@ -31,6 +31,7 @@ from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
 from moelink.moe.weight_plan import WeightPlan
 
+from ..config.checkpoint_headers import text_model_name
 from ..config.model import ModelConfig
 from .dummy_weights import DummyCheckpoint
 from .nvfp4_linears import Nvfp4Piece, nvfp4_linear_plan
@@ -91,14 +92,6 @@ class SafetensorsCheckpoint:
         for fname, group in by_file.items():
             with safe_open(str(fname), framework="pt") as st:
                 yield (_Renamed(st, self._real) if self._real else st), group
-
-
-def text_model_name(real: str, text_prefix: str) -> str | None:
-    """A multimodal checkpoint's tensor as the text model names it ("model.language_model.layers.0..." ->
-    "model.layers.0..."), or None for another tower's ("model.visual..."); names outside "model." (lm_head) stay."""
-    if real.startswith(text_prefix):
-        return "model." + real[len(text_prefix):]
-    return None if real.startswith("model.") else real
 
 
 class _Renamed:
