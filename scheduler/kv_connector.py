@@ -83,7 +83,13 @@ class LoadLimits:
     max_loads: int = 128
     max_per_source: int = 64
     max_block_fraction: float = 0.5  # of the pool's blocks
-    max_per_client: int = 64  # by `Request.client` (who sent it, when the server says); anonymous: uncapped
+    max_per_client: int = 64  # by the widest name of `Request.client` (a host, a named user); anonymous: uncapped
+
+
+def _client_of(req: Request) -> tuple:
+    """Whom a load counts against: the widest name of `Request.client` (its host, or the name a keyed caller
+    vouched for), so more connections from one host do not buy more loads; () anonymous (offline use)."""
+    return tuple(getattr(req, "client", ())[:1])
 
 
 class _InFlight(NamedTuple):
@@ -166,7 +172,7 @@ class KVTransfers:
 
     def _within_limits(self, req: Request, num_tokens: int) -> bool:
         lim = self.limits
-        client = getattr(req, "client", ())
+        client = _client_of(req)
         blocks = self.kv.blocks_alone(num_tokens)
         return (len(self._load_keys) < lim.max_loads
                 and self._by_source[self._source_of(req) if self._source_of else None] < lim.max_per_source
@@ -187,7 +193,7 @@ class KVTransfers:
         self._load_started[t.transfer_id] = time.monotonic()
         self._hold(t, req)
         if self.limits is not None:
-            key = (self._source_of(req) if self._source_of else None, getattr(req, "client", ()),
+            key = (self._source_of(req) if self._source_of else None, _client_of(req),
                    len(self._in_flight[t.transfer_id].refs))
             self._load_keys[t.transfer_id] = key
             self._by_source[key[0]] += 1

@@ -152,3 +152,36 @@ def test_loads_past_their_caps_are_computed_here():
     for i in range(3):
         s2.add_request(make_request(f"load-{i}-0", [1, 2, 3, 4, 5, 6, 7, 8]))  # two blocks each, pool of 8
     assert len(s2.schedule().kv_transfers.loads) == 2  # half the pool at most
+
+
+def test_loads_are_capped_per_client_host_however_many_connections():
+    from moelink.scheduler import CacheConfig, Scheduler, SchedulerConfig
+    from moelink.scheduler.kv_connector import LoadLimits
+
+    from tests.helpers.scheduler_sim import make_request
+
+    class Connector:
+        load_limits = LoadLimits(max_loads=64, max_per_source=64, max_block_fraction=1.0, max_per_client=2)
+        trusted_loads = True
+
+        def num_loadable_tokens(self, req):
+            return req.num_prompt_tokens
+
+        def load_source(self, req):
+            return "prefill"
+
+        def wants_save(self, req):
+            return False
+
+        def transfer_done(self, t, ok):
+            pass
+
+    s = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=64),
+                  CacheConfig(block_size=4, num_kv_blocks=64), kv_connector=Connector())
+    for i in range(4):  # one host, four connections
+        s.add_request(make_request(f"a{i}", [1, 2, 3, 4], client=("host:10.0.0.9", f"conn:{i}")))
+    s.add_request(make_request("b0", [1, 2, 3, 4], client=("host:10.0.0.8", "conn:1")))
+    s.add_request(make_request("anon", [1, 2, 3, 4]))
+    so = s.schedule()
+    assert sorted(t.req_id for t in so.kv_transfers.loads) == ["a0", "a1", "anon", "b0"]
+    assert set(so.num_scheduled_tokens) == {"a2", "a3"}  # computed here
