@@ -21,6 +21,9 @@ The rules, only while requests of more than one client are held (one client alon
   preempted (recomputed later, as under KV pressure). A move never takes a client below its share nor lifts one
   above it, so slots do not ping-pong; at most MAX_PREEMPTIONS_PER_STEP a step, the emptiest client served first
   (a newcomer's first sequence gets the first slot);
+- KV: a step serves its running requests in fair order (the clients furthest below their share first), and when
+  the pool runs dry the request preempted is the latest of the client furthest above its share among those not
+  served yet (not simply the latest arrival, which would push out the newcomer every time);
 - tokens: a prompt chunk (a running request's or a newly admitted one's) is cut to what is left of its client's
   token share this step after one token for each of its running sequences, but never below one token, so every
   request progresses. Decodes are not cut: they are the latency this protects.
@@ -28,6 +31,7 @@ Preemption happens before the step's running requests are scheduled, so nothing 
 """
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Iterable
 
@@ -100,6 +104,7 @@ class ClientFairness:
         step = FairStep(self, sched, budget)
         if self.preempt:
             step.preempt(out)
+        step.begin_running()
         return step
 
     def check(self, requests: Iterable[Request]) -> None:
@@ -111,28 +116,37 @@ class ClientFairness:
 
 
 class FairStep:
-    """One step's view: each client's part, running sequences and what is left of its token share."""
+    """One step's view: each client's part, running sequences and what is left of its token share. Computed when
+    first needed: a decode step with nothing waiting and room in the pool costs nothing more."""
 
     def __init__(self, fair: ClientFairness, sched, budget: int) -> None:
-        self.fair, self.sched = fair, sched
+        self.fair, self.sched, self.budget = fair, sched, budget
         self.parts = fair.parts()
         # Requests a KV connector loads (scheduler/kv_connector.py) hold their blocks but are not waiting; those
         # loaded (`ready`) hold a sequence slot as the running ones do, those still loading none.
         kvt = sched.kv_transfers
         self.ready = list(kvt.ready) if kvt is not None else []
-        loading = list(kvt.loading.values()) if kvt is not None else []
-        usage = dict.fromkeys(fair.counts, 0)  # sequence slots held
-        for r in sched.running:
+        self._kvt = kvt
+        self.tokens_left: dict[Client, int] = {}  # filled per client at its first prompt chunk (`cap`)
+        self.num_preempted = 0
+
+    @functools.cached_property
+    def usage(self) -> dict[Client, int]:
+        """Sequence slots each client holds (running, or loaded by the KV connector)."""
+        usage = dict.fromkeys(self.fair.counts, 0)
+        for r in self.sched.running:
             usage[r.client] = usage.get(r.client, 0) + 1
         for r in self.ready:
             usage[r.client] = usage.get(r.client, 0) + 1
-        self.usage = usage
-        self.loading: dict[Client, int] = {}
-        for r in loading:
-            self.loading[r.client] = self.loading.get(r.client, 0) + 1
-        # One token of the share kept for each running sequence (its decode); chunks get the rest.
-        self.tokens_left = {c: int(budget * part) - usage.get(c, 0) for c, part in self.parts.items()}
-        self.num_preempted = 0
+        return usage
+
+    @functools.cached_property
+    def loading(self) -> dict[Client, int]:
+        """Requests each client has loading through the KV connector (neither waiting nor holding a slot)."""
+        loading: dict[Client, int] = {}
+        for r in self._kvt.loading.values() if self._kvt is not None else ():
+            loading[r.client] = loading.get(r.client, 0) + 1
+        return loading
 
     def _free_slots(self) -> int:
         return self.fair.max_seqs - len(self.sched.running) - len(self.ready)
@@ -150,6 +164,8 @@ class FairStep:
     # ---------------------------------------------------------------- slots
     def preempt(self, out) -> None:
         """Take slots for waiting clients below their share from clients above theirs (module docstring)."""
+        if not self.sched.waiting:
+            return
         waiting = self._waiting()
         if not waiting:
             return
@@ -192,15 +208,51 @@ class FairStep:
         self.usage[req.client] -= 1
         self.num_preempted += 1
 
+    # -------------------------------------------------------- running loop
+    def begin_running(self) -> None:
+        """Put the running list in fair order for this step's loop: the clients furthest below their share first
+        (each client's own in priority order). The loop serves them first when the token budget is short, and a
+        KV preemption (`kv_victim`, among the requests not served yet) can then still pick an over-share
+        client's request rather than the newcomer's own, which arrived last. `end_running` sorts it back."""
+        sched = self.sched
+        # Only when the pool could run dry this step (it writes at most the token budget, plus a block per request
+        # whose last block is full): otherwise no KV preemption can happen and decode rows all fit the budget.
+        self.reordered = sched.kv.pool.num_free_blocks <= self.budget // sched.block_size + len(sched.running)
+        if self.reordered:
+            parts, usage = self.parts, self.usage
+            ratio = {c: usage.get(c, 0) / part for c, part in parts.items()}
+            sched.running.sort(key=lambda r: ratio.get(r.client, 0.0))  # stable: priority order within a client
+
+    def end_running(self) -> None:
+        """The running list back in priority order (admission inserts by it; KV preemption takes its last)."""
+        if self.reordered:
+            priority = self.sched._priority
+            self.sched.running.sort(key=lambda r: priority[r.request_id])
+
+    def kv_victim(self, start: int) -> Request:
+        """Out of the running list, the request to preempt when the KV pool runs dry: among those not scheduled yet
+        this step (index >= `start`), the latest admitted of the client furthest above its share (relative to
+        it), so a newcomer is not the one always pushed out because it came last."""
+        running, parts, usage = self.sched.running, self.parts, self.usage
+        best_j, best = len(running) - 1, -1.0
+        for j in range(len(running) - 1, start - 1, -1):  # latest first: a client's first seen is its latest
+            c = running[j].client
+            over = usage.get(c, 0) / parts.get(c, 1.0)
+            if over > best:
+                best_j, best = j, over
+        victim = running.pop(best_j)
+        usage[victim.client] = usage.get(victim.client, 1) - 1
+        return victim
+
     # ------------------------------------------------------------ admission
     def order_waiting(self) -> None:
         """Reorder the scheduler's waiting queue so that the requests the free slots go to come first, in fair
         order (each client's own keep their order; the rest stays behind as it was). O(waiting) when several
         clients wait and a slot is free; nothing otherwise."""
         waiting = self.sched.waiting
-        free = self._free_slots()
-        if free <= 0 or len(self._waiting()) < 2:
+        if len(waiting) < 2 or self._free_slots() <= 0 or len(self._waiting()) < 2:
             return
+        free = self._free_slots()
         groups: dict[Client, list[Request]] = {}
         for r in waiting:
             groups.setdefault(r.client, []).append(r)
@@ -228,7 +280,10 @@ class FairStep:
         c = req.client
         left = self.tokens_left.get(c)
         if left is None:
-            return n
+            part = self.parts.get(c)
+            if part is None:
+                return n
+            left = int(self.budget * part) - self.usage.get(c, 0)  # one token kept for each running sequence
         own = 1 if req.status is RequestStatus.RUNNING else 0  # a running one's own token was kept for it
         allowed = left + own
         if n > allowed:

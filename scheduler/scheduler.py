@@ -209,7 +209,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         self._resync = None
         self._finished_req_ids = set()
         budget = self.scheduler_config.max_num_batched_tokens
-        # Several clients: their shares, and the slots owed to waiting ones taken by preemption (scheduler/fairness.py).
+        # Several clients: their shares, the slots owed to waiting ones taken by preemption, and the running list in
+        # fair order for this step's loop (scheduler/fairness.py).
         fair = self._fair_step = self.fairness.begin_step(self, out, budget)
         # Speculative decoding: how many drafts each request verifies this step (scheduler/draft_control.py).
         grants = self.draft_control.plan(self.running, budget) if self.draft_control.seen else None
@@ -251,8 +252,9 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                 new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
                 # The victim is the latest arrival, always at index >= i (the
-                # list is sorted), so nothing already scheduled is undone.
-                victim = self.running.pop()
+                # list is sorted), so nothing already scheduled is undone. Several clients: the latest of the one
+                # furthest above its share, also at index >= i (the list is in fair order: scheduler/fairness.py).
+                victim = self.running.pop() if fair is None else fair.kv_victim(i)
                 self._preempt(victim)
                 out.preempted_req_ids.add(victim.request_id)
                 if victim is req:
@@ -260,7 +262,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                 new_blocks = self.kv.allocate_slots(req, n)
             if new_blocks is None:
                 out.scheduled_spec_tokens.pop(req.request_id, None)
-                break  # req preempted itself; it was the last running request
+                continue  # req preempted itself: the next request (if any, a fair choice) is at index i now
             cached = CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens)
             if extras is not None:
                 extras(cached)
@@ -273,6 +275,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             budget -= n
             i += 1
 
+        if fair is not None:
+            fair.end_running()  # the running list back in priority order
         # 2) Waiting requests, FCFS. Not after a preemption: blocks are short,
         # and re-admitting the request just preempted would only thrash. (A fair-share preemption made a slot for
         # a waiting client: that one comes first.)

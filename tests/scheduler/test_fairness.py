@@ -123,6 +123,28 @@ def test_prompt_chunks_stay_within_the_token_share_while_another_client_is_serve
     assert alone.schedule().num_scheduled_tokens["long"] == 64  # alone: the whole budget
 
 
+def test_under_kv_pressure_the_heaviest_client_gives_way_not_the_newcomer():
+    # 40 blocks of 4 tokens: A's 8 long requests outgrow the pool; B's request came last.
+    s = make_scheduler(num_blocks=40, block_size=4, max_num_seqs=16, max_num_batched_tokens=64)
+    _flood(s, A, 8, "a", max_tokens=60)
+    _decode_step(s)
+    s.add_request(make_request("b0", [9, 9], max_tokens=30, client=B))
+    preempted = set()
+    for step in range(40):
+        so = _decode_step(s)
+        preempted |= so.preempted_req_ids
+        if s.get_request("b0") is None:
+            break
+    assert preempted and "b0" not in preempted  # KV preemptions happened, always of A's
+    assert step == 29  # B's 30 tokens, one a step, never pushed out
+    fcfs = make_scheduler(num_blocks=40, block_size=4, max_num_seqs=16, max_num_batched_tokens=64,
+                          client_fairness=False)
+    _flood(fcfs, A, 8, "a", max_tokens=60)
+    _decode_step(fcfs)
+    fcfs.add_request(make_request("b0", [9, 9], max_tokens=30, client=B))
+    assert any("b0" in _decode_step(fcfs).preempted_req_ids for _ in range(40))  # the latest arrival goes first
+
+
 def test_fairness_off_is_first_come_first_served():
     s = make_scheduler(num_blocks=4096, block_size=4, max_num_seqs=16, max_num_batched_tokens=8192,
                        client_fairness=False)
