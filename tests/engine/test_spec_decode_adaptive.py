@@ -57,7 +57,8 @@ def test_rejected_drafts_shrink_and_outputs_stay_exact(tiny_model, monkeypatch):
         observe(self, req, num_drafts, accepted)
 
     monkeypatch.setattr(DraftControl, "observe", record)
-    spec = {"method": "ngram", "num_speculative_tokens": K, "drafter_factory": lambda: SplitDrafter(reference, good, vocab)}
+    spec = {"method": "ngram", "num_speculative_tokens": K,
+            "drafter_factory": lambda: SplitDrafter(reference, good, vocab)}
     with _llm(path, spec) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                            use_tqdm=False)]

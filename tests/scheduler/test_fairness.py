@@ -19,8 +19,8 @@ B = ("host:10.0.0.2", "conn:2000")
 def _decode_step(s, so=None):
     """Run a scheduled step with one token for every row that samples."""
     so = so or s.schedule()
-    sampled = {rid: [3] for rid in so.num_scheduled_tokens
-               if s.get_request(rid) is not None and s.get_request(rid).num_computed_tokens >= s.get_request(rid).num_tokens}
+    reqs = {rid: s.get_request(rid) for rid in so.num_scheduled_tokens}
+    sampled = {rid: [3] for rid, r in reqs.items() if r is not None and r.num_computed_tokens >= r.num_tokens}
     s.update_from_output(so, ModelRunnerOutput(so.step_id, sampled))
     s.check_invariants()
     return so
@@ -165,7 +165,8 @@ def test_random_clients_lose_nothing_and_leak_nothing(seed, overlap, monkeypatch
     monkeypatch.setattr(FairStep, "_preempt", lambda self, req, out: (moves.append(req), preempt(self, req, out)))
     rng = random.Random(seed)
     kv_pressure = seed % 2  # odd seeds: a small pool, KV preemptions beside the fair-share ones
-    s = make_scheduler(num_blocks=60 if kv_pressure else rng.choice([400, 1000]), block_size=4, max_num_seqs=rng.choice([4, 8, 16]),
+    s = make_scheduler(num_blocks=60 if kv_pressure else rng.choice([400, 1000]), block_size=4,
+                       max_num_seqs=rng.choice([4, 8, 16]),
                        max_num_batched_tokens=rng.choice([16, 32, 64]))
     sim = Sim(s, overlap=overlap)
     clients = [(f"host:{h}", f"conn:{c}") for h in range(3) for c in range(2)] + [()]
