@@ -93,28 +93,71 @@ class GatedDeltaNet(nn.Module):
         signature."""
         la, T = self.la, x_TD.shape[0]
         st = ctx.state
-        conv_pool_PRC, ssm_pool_PNKV = ctx.kv_caches[self.layer_idx]
+        pools = ctx.kv_caches[self.layer_idx]  # (conv_state_PRC, ssm_state_PNKV)
         mixed_TC, z_TX = self.in_proj_qkvz.split(self.in_proj_qkvz(x_TD))
         b_TN, a_TN = self.in_proj_ba.split(self.in_proj_ba(x_TD))
         mixed_TC = mixed_TC.contiguous()
-        if st.pure_decode:
-            conv_TC = self.kernels.causal_conv1d_update(mixed_TC, self.conv_weight_CW, None, conv_pool_PRC,
-                                                        st.query_start_loc_S1, st.slots_S, "silu")
+        g_TN, beta_TN = self.kernels.gdn_gating(a_TN, b_TN, self.A_log_N, self.dt_bias_N)
+        if st.split is None:
+            o_TNV = self._mix(mixed_TC, g_TN, beta_TN, pools, st.query_start_loc_S1, st.slots_S, st.has_initial_S,
+                              st.pure_decode)
+        else:  # a verify step: the verifying sequences leave their states alone until replay_states
+            o_TNV = torch.empty(T, la.num_v_heads, la.head_v_dim, dtype=x_TD.dtype, device=x_TD.device)
+            v = st.split.verify
+            mixed_VC = mixed_TC.index_select(0, v.rows_T)
+            g_VN, beta_VN = g_TN.index_select(0, v.rows_T), beta_TN.index_select(0, v.rows_T)
+            o_TNV.index_copy_(0, v.rows_T, self._mix(mixed_VC, g_VN, beta_VN, pools, v.query_start_loc_S1, v.slots_S,
+                                                     v.has_initial_S, True, keep=True))
+            r = st.split.rest
+            if r is not None:
+                o_TNV.index_copy_(0, r.rows_T, self._mix(
+                    mixed_TC.index_select(0, r.rows_T), g_TN.index_select(0, r.rows_T),
+                    beta_TN.index_select(0, r.rows_T), pools, r.query_start_loc_S1, r.slots_S, r.has_initial_S,
+                    r.pure_decode))
+        o_TNV = self.norm(o_TNV, z_TX.view(T, la.num_v_heads, la.head_v_dim))
+        return self.out_proj(o_TNV.reshape(T, self.value_dim))
+
+    def _mix(self, mixed_TC, g_TN, beta_TN, pools, qsl_S1, slots_S, has_initial_S, pure_decode: bool,
+             keep: bool = False) -> torch.Tensor:
+        """The convolution and the delta rule over one batch of sequences. `keep`: a verify batch: the states are
+        read but not written (empty intermediate buffers), and what `replay_states` needs is kept."""
+        la, T = self.la, mixed_TC.shape[0]
+        conv_pool_PRC, ssm_pool_PNKV = pools
+        S = slots_S.shape[0]
+        if keep:
+            conv_TC = self.kernels.causal_conv1d_update(
+                mixed_TC, self.conv_weight_CW, None, conv_pool_PRC, qsl_S1, slots_S, "silu",
+                intermediate_states_SQRC=conv_pool_PRC.new_empty(S, 0, *conv_pool_PRC.shape[1:]))
+        elif pure_decode:
+            conv_TC = self.kernels.causal_conv1d_update(mixed_TC, self.conv_weight_CW, None, conv_pool_PRC, qsl_S1,
+                                                        slots_S, "silu")
         else:
-            conv_TC = self.kernels.causal_conv1d(mixed_TC, self.conv_weight_CW, None, conv_pool_PRC,
-                                                 st.query_start_loc_S1, st.slots_S, st.has_initial_S, "silu")
+            conv_TC = self.kernels.causal_conv1d(mixed_TC, self.conv_weight_CW, None, conv_pool_PRC, qsl_S1,
+                                                 slots_S, has_initial_S, "silu")
         q_TGK = conv_TC[:, :self.key_dim].view(T, la.num_k_heads, la.head_k_dim)
         k_TGK = conv_TC[:, self.key_dim:2 * self.key_dim].view(T, la.num_k_heads, la.head_k_dim)
         v_TNV = conv_TC[:, 2 * self.key_dim:].view(T, la.num_v_heads, la.head_v_dim)
-        g_TN, beta_TN = self.kernels.gdn_gating(a_TN, b_TN, self.A_log_N, self.dt_bias_N)
-        if st.pure_decode:
-            o_TNV = self.kernels.gated_delta_rule_decode(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, ssm_pool_PNKV,
-                                                         st.query_start_loc_S1, st.slots_S)
-        else:
-            o_TNV = self.kernels.gated_delta_rule(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, ssm_pool_PNKV,
-                                                  st.query_start_loc_S1, st.slots_S, st.has_initial_S)
-        o_TNV = self.norm(o_TNV, z_TX.view(T, la.num_v_heads, la.head_v_dim))
-        return self.out_proj(o_TNV.reshape(T, self.value_dim))
+        if keep:
+            self._replay = (mixed_TC, k_TGK, v_TNV, g_TN, beta_TN, qsl_S1, slots_S, pools)
+            return self.kernels.gated_delta_rule_decode(
+                q_TGK, k_TGK, v_TNV, g_TN, beta_TN, ssm_pool_PNKV, qsl_S1, slots_S,
+                intermediate_states_SQNKV=ssm_pool_PNKV.new_empty(S, 0, *ssm_pool_PNKV.shape[1:]))
+        if pure_decode:
+            return self.kernels.gated_delta_rule_decode(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, ssm_pool_PNKV, qsl_S1,
+                                                        slots_S)
+        return self.kernels.gated_delta_rule(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, ssm_pool_PNKV, qsl_S1, slots_S,
+                                             has_initial_S)
+
+    def replay_states(self, num_accepted_S: torch.Tensor) -> None:
+        """After a verify step's sampling: each verifying sequence's states advance over its accepted tokens only
+        (num_accepted_S [S'] in the verify group's order: the last known token plus the accepted drafts)."""
+        if getattr(self, "_replay", None) is None:
+            return
+        mixed_TC, k_TGK, v_TNV, g_TN, beta_TN, qsl_S1, slots_S, (conv_pool_PRC, ssm_pool_PNKV) = self._replay
+        self._replay = None
+        self.kernels.replay_conv_state(mixed_TC, conv_pool_PRC, qsl_S1, slots_S, num_accepted_S)
+        self.kernels.replay_gated_delta_state(k_TGK, v_TNV, g_TN, beta_TN, ssm_pool_PNKV, qsl_S1, slots_S,
+                                              num_accepted_S)
 
     def weight_plan(self, p: str) -> WeightPlan:
         """Checkpoint names under `p` ("model.layers.{i}.linear_attn.")."""

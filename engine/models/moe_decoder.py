@@ -88,7 +88,8 @@ class DecoderLayer(nn.Module):
         if attn.kind == "linear":
             self.linear_attn = GatedDeltaNet(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, kernels, dt, device)
         elif attn.kind == "mla":
-            self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, attn, rope, kernels, dt, device, quant)
+            self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, attn, rope, kernels, dt, device, quant,
+                                          cfg.max_model_len)
         else:
             self.self_attn = GQAAttention(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, rope, kernels, dt,
                                           device, quant, sinks_name=spec.sinks if spec else "sinks")
@@ -229,6 +230,13 @@ class MoEDecoderForCausalLM(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()
+
+    def replay_states(self, num_accepted_S: torch.Tensor) -> None:
+        """A verify step of a model with linear-attention layers: each layer's verifying sequences take their
+        accepted tokens into their states (engine/models/state_step.VerifySplit)."""
+        for layer in self.layers:
+            if layer.mixer_name == "linear_attn":
+                layer.linear_attn.replay_states(num_accepted_S)
 
     def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
         return F.linear(h_SD, self.lm_head)

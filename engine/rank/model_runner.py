@@ -26,8 +26,7 @@ from ..models.layers import ForwardContext
 from .drafter import make_device_drafter, make_drafter
 from .device_inputs import device_inputs
 from .kv_cache import make_kv_caches
-from .state_cache import StateCaches
-from ..models.state_step import StateStep
+from .state_cache import StateCaches, StatePlan
 from .sampler import Sampler, SamplingMetadata
 from .spec_verify import SpecStep
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
@@ -292,8 +291,11 @@ class ModelRunner:
         state_plan = None
         if self.state_caches is not None:
             saves = so.state_saves
-            state_plan = ([st.state_slot for st in states], [st.num_computed_tokens > 0 for st in states],
-                          self._state_copies, [(ck, self.requests[rid].state_slot) for rid, ck in saves.items()])
+            state_plan = StatePlan([st.state_slot for st in states], [st.num_computed_tokens > 0 for st in states],
+                                   query_lens, self._state_copies,
+                                   [(ck, self.requests[rid].state_slot) for rid, ck in saves.items()],
+                                   [bool(so.scheduled_spec_tokens.get(st.req_id)) for st in states]
+                                   if so.scheduled_spec_tokens else None)
             self._state_copies = []
         rows_S = self.batch.rows_of(states)
         spec = so.scheduled_spec_tokens
@@ -349,21 +351,24 @@ class ModelRunner:
             aux = self.device_drafter.capture() if draft_plan is not None else None
             state = None
             if state_plan is not None:
-                slots, continues, copies, saves = state_plan
-                self.state_caches.copy([d for d, _ in copies], [c for _, c in copies])  # prefix hits: before
-                state = StateStep(to_device(slots, torch.int32, dev), to_device(continues, torch.bool, dev),
-                                  x.attn.query_start_loc_S1, inp.pure_decode)
+                copies = state_plan.copies_in  # prefix hits: before the forward
+                self.state_caches.copy([d for d, _ in copies], [c for _, c in copies])
+                state = state_plan.state_step(x.attn.query_start_loc_S1, inp.pure_decode, dev)
             if staged is not None:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:
                 h_TD = self.step_plan.forward(self.model, x.input_ids_T, x.positions_T,
                                               ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux, state))
             if state_plan is not None:  # checkpoints of the states this step ended at a block boundary: after
-                self.state_caches.copy([ck for ck, _ in saves], [slot for _, slot in saves])
+                self.state_caches.copy([ck for ck, _ in state_plan.saves], [slot for _, slot in state_plan.saves])
             res = DeviceResult(read_moe=self._take_moe())
             if isinstance(meta, SpecStep):
                 res.spec = meta.run(self.model, self.sampler, h_TD)
                 handle.sampled_R = res.spec.sampled_R
+                if state is not None and state.split is not None:
+                    # The verifying sequences' states take only their accepted tokens (the last known one and the
+                    # accepted drafts: what each emits), on the device: no sync.
+                    self.model.replay_states(res.spec.emitted_R)
             elif meta is not None:
                 self._sample(handle, inp, meta, h_TD, res)
             if draft_plan is not None:  # after the acceptance rule: it drafts from the last accepted position

@@ -12,9 +12,12 @@ V value head dim.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..config.linear_attention import LinearAttentionConfig
+from ..models.state_step import StateGroup, StateStep, VerifySplit
+from .device_stream import to_device
 
 
 class StateCaches:
@@ -51,4 +54,35 @@ class StateCaches:
                 t.index_copy_(0, dst, t.index_select(0, src))
 
 
-__all__ = ["StateCaches"]
+class StatePlan:
+    """One step's per-sequence-state work, built on the host at launch (batch order): each sequence's slot and
+    whether it continues a state, the copies the step owes (prefix hits before the forward, checkpoint saves after
+    it) and, in a verify step, which sequences verify drafts (engine/models/state_step.VerifySplit)."""
+
+    def __init__(self, slots: list[int], continues: list[bool], query_lens: list[int], copies_in: list[tuple[int, int]],
+                 saves: list[tuple[int, int]], verifying: list[bool] | None):
+        self.slots, self.continues, self.query_lens = slots, continues, query_lens
+        self.copies_in, self.saves = copies_in, saves
+        self.verifying = verifying if verifying and any(verifying) else None
+
+    def state_step(self, qsl_S1: torch.Tensor, pure_decode: bool, device: torch.device) -> StateStep:
+        """The forward's StateStep on `device` (non-blocking copies of host lists: no sync)."""
+        step = StateStep(to_device(self.slots, torch.int32, device), to_device(self.continues, torch.bool, device),
+                         qsl_S1, pure_decode)
+        if self.verifying is not None:
+            verify = [s for s, v in enumerate(self.verifying) if v]
+            rest = [s for s, v in enumerate(self.verifying) if not v]
+            step.split = VerifySplit(self._group(verify, device), self._group(rest, device) if rest else None)
+        return step
+
+    def _group(self, seqs: list[int], device: torch.device) -> StateGroup:
+        starts = np.concatenate([[0], np.cumsum(self.query_lens)])
+        rows = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in seqs])
+        lens = [self.query_lens[s] for s in seqs]
+        return StateGroup(to_device(rows, torch.long, device), to_device(np.concatenate([[0], np.cumsum(lens)]),
+                                                                         torch.int32, device),
+                          to_device([self.slots[s] for s in seqs], torch.int32, device),
+                          to_device([self.continues[s] for s in seqs], torch.bool, device), max(lens) == 1)
+
+
+__all__ = ["StateCaches", "StatePlan"]

@@ -96,3 +96,29 @@ def test_a_layer_kind_moelink_does_not_know_is_refused_naming_it(hf_tiny_model, 
     cfg_file.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="layer_types.*mamba2.*linear_attention"):
         ModelConfig.from_pretrained(str(tmp_path / "m"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p_right", [0.7, 0.0])
+def test_speculative_decoding_rolls_linear_states_back_past_rejected_drafts(hf_tiny_model, p_right):
+    """Drafts right with probability 0.7 (some accepted, some rejected; a small pool so preemption and prefix
+    hits happen too), and drafts always wrong: the verifying sequences' states take only their accepted tokens
+    (GatedDeltaNet.replay_states), so greedy outputs equal plain decoding's."""
+    import functools
+
+    from moelink.benchmarks.spec_decode import OracleDrafter
+
+    path = hf_tiny_model(NAME)
+    ps = _prompts()[:6]
+    kw = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=48, num_kv_blocks=48, block_size=8,
+              num_state_checkpoints=8)
+    want = hf_greedy(path, ps)
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, {tuple(p): w for p, w in zip(ps, want)}, p_right,
+                                                 vocab=VOCAB, seed=4)}
+    llm = LLM(path, speculative_config=spec, **kw)
+    assert_same(engine_greedy(llm, ps), want, ps)
+    sd = llm.engine.stats().spec_decode
+    assert sd is not None and sd.num_draft_tokens > 0
+    assert (sd.num_accepted_tokens > 0) == (p_right > 0)
+    assert_pool_free(llm)
