@@ -16,6 +16,7 @@ from typing import Callable, ClassVar, Protocol
 import torch
 
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
+from .dsa import reference_dsa_topk, reference_sparse_mla_attention
 from .causal_conv1d import reference_causal_conv1d, reference_causal_conv1d_update, reference_replay_conv_state
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .gated_delta import (reference_commit_states, reference_gated_delta_rule, reference_gated_delta_rule_decode,
@@ -47,6 +48,9 @@ class Kernels(Protocol):
     write_latent: Callable
     mla_rope_write_latent: Callable
     mla_attention: Callable
+    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): the indexer's top-k positions, MLA over them (kernels/dsa.py).
+    dsa_topk: Callable
+    sparse_mla_attention: Callable
     route_topk: Callable
     silu_mul: Callable
     fused_moe: Callable
@@ -70,7 +74,8 @@ REFERENCES: dict[str, Callable] = dict(
     rms_norm=reference_rms_norm, add_rms_norm=reference_add_rms_norm, rotary=reference_rotary,
     write_kv=reference_write_kv, rope_write_kv=reference_rope_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
     mla_rope_write_latent=reference_mla_rope_write_latent,
-    mla_attention=reference_mla_attention, route_topk=reference_route_topk, silu_mul=reference_silu_mul,
+    mla_attention=reference_mla_attention, dsa_topk=reference_dsa_topk,
+    sparse_mla_attention=reference_sparse_mla_attention, route_topk=reference_route_topk, silu_mul=reference_silu_mul,
     fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
     fused_moe_nvfp4=reference_fused_moe_nvfp4,
@@ -95,6 +100,8 @@ class ReferenceKernels:
     write_latent = staticmethod(reference_write_latent)
     mla_rope_write_latent = staticmethod(reference_mla_rope_write_latent)
     mla_attention = staticmethod(reference_mla_attention)
+    dsa_topk = staticmethod(reference_dsa_topk)
+    sparse_mla_attention = staticmethod(reference_sparse_mla_attention)
     route_topk = staticmethod(reference_route_topk)
     silu_mul = staticmethod(reference_silu_mul)
     fused_moe = staticmethod(reference_fused_moe)
@@ -144,6 +151,8 @@ class TritonKernels:
         self.write_latent = triton_write_latent
         self.mla_rope_write_latent = triton_mla_rope_write_latent  # latent norm + rotary + latent write: one launch
         self.mla_attention = triton_mla_attention
+        self.dsa_topk = reference_dsa_topk  # Triton kernels: next commit
+        self.sparse_mla_attention = reference_sparse_mla_attention
         self.route_topk = triton_route_topk  # scores, top-k, padding mask, expert-load count: one launch
         self.silu_mul = triton_silu_mul  # dense MLPs' and shared experts' SiLU(gate)·up: one launch
         self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too

@@ -72,6 +72,12 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     Architecture("DeepseekV3ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ), model_type="deepseek_v3",
                  mtp_layers=True),
     Architecture("DeepseekV2ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ), model_type="deepseek_v2"),
+    # DeepSeek Sparse Attention (engine/config/sparse_attention.py): DeepSeek-V3.2 and GLM-5 (GLM-MoE-DSA) are MLA with a
+    # lightning indexer per layer (GLM-5's "shared" layers reuse the previous one's selection) and DeepSeek-V3's MoE.
+    Architecture("DeepseekV32ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ),
+                 model_type="deepseek_v32", mtp_layers=True),
+    Architecture("GlmMoeDsaForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=_PROJ),
+                 model_type="glm_moe_dsa", mtp_layers=True),
     # GLM-4.5 / 4.6: GQA with partial rotary and the DeepSeek-V3 MoE block.
     Architecture("Glm4MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ), model_type="glm4_moe",
                  mtp_layers=True),
@@ -120,7 +126,9 @@ CONFIG_ONLY_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if not a.runnab
 MLA_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.runnable and a.spec.latent_attention)
 MXFP4_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mxfp4_experts)
 MTP_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mtp_layers)
+# Sparse attention (a lightning indexer beside MLA): the architectures whose readers build MLAConfig.indexer.
+DSA_ARCHITECTURES = ("DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM")
 
-__all__ = ["ArchSpec", "Architecture", "CONFIG_ONLY_ARCHITECTURES", "MLA_ARCHITECTURES", "MODEL_TYPE_ALIASES",
+__all__ = ["ArchSpec", "Architecture", "CONFIG_ONLY_ARCHITECTURES", "DSA_ARCHITECTURES", "MLA_ARCHITECTURES", "MODEL_TYPE_ALIASES",
            "MTP_ARCHITECTURES", "MXFP4_ARCHITECTURES", "REGISTRY", "SUPPORTED_ARCHITECTURES", "TEXT_MODEL_OF",
            "TEXT_WEIGHTS_PREFIX"]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from moelink.moe.router_config import RouterConfig
 
-from .architectures import MLA_ARCHITECTURES  # multi-head latent attention (ArchSpec.latent_attention)
+from .architectures import DSA_ARCHITECTURES, MLA_ARCHITECTURES  # latent attention (ArchSpec.latent_attention)
+from .hf_dsa import dsa_attention, dsa_sparse_layers
 from .quantization import check_architecture, read_quantization
 from .linear_attention import LinearAttentionConfig
 from .layer_configs import ROPE_TYPES, GQAConfig, MLAConfig, MoEConfig, RopeConfig, unsupported
@@ -20,6 +21,8 @@ _DEEPSEEK_ROUTING = {
     "DeepseekV3ForCausalLM": ("sigmoid", ("noaux_tc",)),
     "Glm4MoeForCausalLM": ("sigmoid", ("noaux_tc",)),
     "DeepseekV2ForCausalLM": ("softmax", ("greedy", "group_limited_greedy")),
+    "DeepseekV32ForCausalLM": ("sigmoid", ("noaux_tc",)),
+    "GlmMoeDsaForCausalLM": ("sigmoid", ("noaux_tc",)),
 }
 _ROPE_FIELD = "rope_parameters.rope_type (rope_scaling.rope_type or rope_scaling.type in older files)"
 
@@ -140,10 +143,16 @@ def _deepseek(arch: str, hf, c: dict, rope: dict) -> dict:
     first_dense = int(getattr(hf, "first_k_dense_replace", 0) or 0)
     moe = MoEConfig(router, int(getattr(hf, "n_shared_experts", 0) or 0), first_dense,
                     getattr(hf, "moe_layer_freq", None) or 1)
+    # DeepSeek-V3.2 / GLM-5 route the layers mlp_layer_types calls sparse (transformers derives it from
+    # first_k_dense_replace when the file has none).
+    sparse = (dsa_sparse_layers(hf, c["num_layers"]) if arch in DSA_ARCHITECTURES
+              else tuple(range(first_dense, c["num_layers"])))
     fields = dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size),
-                  intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm,
-                  sparse_layers=tuple(range(first_dense, c["num_layers"])), moe=moe)
-    if arch in MLA_ARCHITECTURES:
+                  intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm, sparse_layers=sparse, moe=moe)
+    if arch in DSA_ARCHITECTURES:
+        fields["num_kv_heads"] = c["num_heads"]
+        fields.update(dsa_attention(arch, hf, c["num_layers"], _mla(arch, hf, c, rope)))
+    elif arch in MLA_ARCHITECTURES:
         fields["num_kv_heads"] = c["num_heads"]
         fields["attention"] = _mla(arch, hf, c, rope)
     else:
@@ -158,10 +167,12 @@ def _deepseek(arch: str, hf, c: dict, rope: dict) -> dict:
 
 def _mla(arch: str, hf, c: dict, rope: dict) -> MLAConfig:
     # The softmax scale exactly as transformers' model computes it (yarn's mscale_all_dim folded in).
-    if arch == "DeepseekV3ForCausalLM":
+    if arch == "DeepseekV3ForCausalLM" or arch in DSA_ARCHITECTURES:
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
-        # rope_interleave: DeepSeek's checkpoints pair rope dims (2i, 2i+1); transformers reads the flag.
-        style = "interleaved" if getattr(hf, "rope_interleave", True) else "neox"
+        # rope_interleave: DeepSeek's checkpoints pair rope dims (2i, 2i+1); transformers reads the flag (DeepSeek-V3.2
+        # and GLM-5 always interleave, whatever the file says).
+        interleave = arch in DSA_ARCHITECTURES or getattr(hf, "rope_interleave", True)
+        style = "interleaved" if interleave else "neox"
     else:
         from transformers.models.deepseek_v2.modeling_deepseek_v2 import yarn_apply_mscale
         style = "complex"  # transformers' DeepSeek-V2 rotates (2i, 2i+1) pairs as complex64 numbers

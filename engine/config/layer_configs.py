@@ -12,7 +12,9 @@ Attention kinds
   so a block costs half the layers' bytes.
 - MLAConfig: multi-head latent attention (DeepSeek-V2/V3, Kimi K2). The cache holds one row per token, the
   normalised latent c_kv and the roped key k_pe: one tensor [blocks + 1, block_size, kv_lora_rank +
-  qk_rope_head_dim] per layer (576 values for DeepSeek-V3 instead of 2 * 128 heads * 128).
+  qk_rope_head_dim] per layer (576 values for DeepSeek-V3 instead of 2 * 128 heads * 128). DeepSeek Sparse Attention
+  (DeepSeek-V3.2, GLM-5) adds the lightning indexer's key cache, [blocks + 1, block_size, index_head_dim], on the same
+  block ids (engine/config/sparse_attention.py).
 Layers of one model may differ within their kind (MiMo-V2-Flash: its sliding layers have twice the kv heads, sinks
 and a rope of their own): ModelConfig.layer_attention then holds each layer's config, and every per-layer question
 (the layer's shapes, its cache, its rope) is asked of `ModelConfig.attention_for(layer)`.
@@ -28,6 +30,8 @@ from typing import ClassVar
 import torch
 
 from moelink.moe.router_config import RouterConfig
+
+from .sparse_attention import IndexerConfig
 
 # rope_parameters.rope_type values moelink implements: "default" (plain RoPE) and "yarn" (inverse frequencies
 # and the attention factor from transformers' own ROPE_INIT_FUNCTIONS, so they are the library's numbers).
@@ -180,6 +184,9 @@ class MLAConfig:
     rope: RopeConfig
     softmax_scale: float
     attention_bias: bool = False  # biases on q_a_proj, kv_a_proj_with_mqa and o_proj (transformers' attention_bias)
+    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): the layer's lightning indexer (engine/config/sparse_attention.py),
+    # whose key cache is a second tensor beside the latent; None: dense MLA.
+    indexer: IndexerConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -191,6 +198,9 @@ class MLAConfig:
         if self.rope.rotary_dim != self.qk_rope_head_dim:
             raise ValueError(f"MLAConfig rope.rotary_dim={self.rope.rotary_dim} must equal qk_rope_head_dim="
                              f"{self.qk_rope_head_dim}.")
+        if self.indexer is not None and self.indexer.rope_dim != self.qk_rope_head_dim:
+            raise ValueError(f"MLAConfig indexer.rope_dim={self.indexer.rope_dim} must equal qk_rope_head_dim="
+                             f"{self.qk_rope_head_dim} (the indexer uses the layer's rope table).")
 
     @property
     def qk_head_dim(self) -> int:
@@ -201,12 +211,18 @@ class MLAConfig:
         return None
 
     def kv_values_per_token(self) -> int:
-        """Values one token stores in one layer's cache: its latent and its roped key, shared by every head."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        """Values one token stores in one layer's cache: its latent and its roped key, shared by every head, and
+        its indexer key under DSA."""
+        index = self.indexer.key_values_per_token if self.indexer is not None else 0
+        return self.kv_lora_rank + self.qk_rope_head_dim + index
 
     def cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
-        """One layer's cache tensor (latent_cache_BLR,), the null block included."""
-        return ((num_blocks + 1, block_size, self.kv_values_per_token()),)
+        """One layer's cache tensors, the null block included: (latent_cache_BLR,), and under DSA with an indexer
+        of its own (latent_cache_BLR, index_cache_BLI) on the same block ids."""
+        latent = (num_blocks + 1, block_size, self.kv_lora_rank + self.qk_rope_head_dim)
+        if self.indexer is None or self.indexer.shared:
+            return (latent,)
+        return latent, (num_blocks + 1, block_size, self.indexer.head_dim)
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.kv_values_per_token() * dtype.itemsize

@@ -33,6 +33,9 @@ class ForwardContext:
     # Layers with per-sequence state (linear attention): the step's slots (engine/models/state_step.py); their
     # `kv_caches` entries are their state pools. None: the model has no such layers.
     state: StateStep | None = None
+    # DeepSeek Sparse Attention: the positions the last indexer of this forward selected, int32 [T, index_topk] (-1
+    # padded), or None for a dense step; set by each layer with an indexer, read by GLM-5's shared layers after it.
+    dsa_topk: torch.Tensor | None = None
 
     def select(self, s0: int, s1: int) -> "ForwardContext":
         """The context of sequences [s0, s1) only (a micro-batch): same caches, their metadata, a capture of its

@@ -24,6 +24,7 @@ from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.layer_configs import MLAConfig
+from .dsa import LightningIndexer
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
@@ -34,7 +35,7 @@ _LATENT_NORM_EPS = 1e-6
 
 class MLAAttention(nn.Module):
     def __init__(self, layer_idx: int, hidden_size: int, attn: MLAConfig, rope: RotaryEmbedding, kernels, dtype,
-                 device=None, quant=None):
+                 device=None, quant=None, max_model_len: int = 1):
         super().__init__()
         self.layer_idx, self.attn, self.kernels, self.rope = layer_idx, attn, kernels, rope
         N, C, P = attn.num_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
@@ -62,15 +63,22 @@ class MLAAttention(nn.Module):
         self.o_proj = Linear(N * attn.v_head_dim, hidden_size, linear_method(quant, p + "o_proj"), kernels, **f)
         self.o_bias = param(hidden_size, **f) if attn.attention_bias else None
         self.kv_scale = 1.0  # the fp8 latent cache's per-layer scale (as GQAAttention.k_scale)
+        # DeepSeek Sparse Attention: this layer's lightning indexer (engine/models/dsa.py), None in a dense MLA layer and
+        # in a GLM-5 "shared" layer, which attends to the positions the previous indexer chose (ctx.dsa_topk).
+        ix = attn.indexer
+        self.sparse = ix is not None
+        self.indexer = (LightningIndexer(layer_idx, hidden_size, attn.q_lora_rank, ix, rope, kernels, dtype, device,
+                                         quant, max_model_len) if ix is not None and not ix.shared else None)
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         a = self.attn
         T, N, C, Dn = x_TD.shape[0], a.num_heads, a.kv_lora_rank, a.qk_nope_head_dim
         q_TX, kv_TR = self.fused_a_proj.split(self.fused_a_proj(x_TD, self.fused_a_bias))
         if a.q_lora_rank is not None:
-            q_TX = self.q_b_proj(self.q_a_layernorm(q_TX))
+            q_resid_TQ = self.q_a_layernorm(q_TX)
+            q_TX = self.q_b_proj(q_resid_TQ)
         q_TNX = q_TX.view(T, N, a.qk_head_dim)
-        (cache_BLR,) = ctx.kv_caches[self.layer_idx]
+        cache_BLR, *index_cache = ctx.kv_caches[self.layer_idx]
         # An fp8 latent cache (--kv-cache-dtype fp8) with this layer's scale; the plain call otherwise.
         kv_scale = (self.kv_scale,) if cache_BLR.dtype in FP8_CACHE_DTYPES else ()
         # kv_a_layernorm, the rotary of q_pe and k_pe, and the latent write in one op (one launch with the Triton
@@ -82,8 +90,14 @@ class MLAAttention(nn.Module):
         w_NXC = self.kv_b_proj.weight.view(N, Dn + a.v_head_dim, C)
         # q_latent[n] = q_nope[n] @ W_UK[n]: [N, T, Dn] @ [N, Dn, C] -> [N, T, C]
         q_latent_NTC = torch.bmm(q_TNX[..., :Dn].transpose(0, 1), w_NXC[:, :Dn])
-        out_TNC = self.kernels.mla_attention(q_latent_NTC.transpose(0, 1), q_pe_TNP, cache_BLR, ctx.attn,
-                                             a.softmax_scale, *kv_scale)
+        if self.indexer is not None:  # this step's selection, for this layer and the shared layers after it
+            ctx.dsa_topk = self.indexer(positions_T, x_TD, q_resid_TQ, index_cache[0], ctx.attn)
+        if self.sparse and ctx.dsa_topk is not None:
+            out_TNC = self.kernels.sparse_mla_attention(q_latent_NTC.transpose(0, 1), q_pe_TNP, cache_BLR, ctx.attn,
+                                                        ctx.dsa_topk, a.softmax_scale, *kv_scale)
+        else:  # dense MLA, or a DSA step whose queries all see at most index_topk positions (the same tokens)
+            out_TNC = self.kernels.mla_attention(q_latent_NTC.transpose(0, 1), q_pe_TNP, cache_BLR, ctx.attn,
+                                                 a.softmax_scale, *kv_scale)
         # o[n] = out_latent[n] @ W_UV[n]^T: [N, T, C] @ [N, C, Dv] -> [N, T, Dv]
         o_NTV = torch.bmm(out_TNC.transpose(0, 1), w_NXC[:, Dn:].transpose(1, 2))
         return self.o_proj(o_NTV.transpose(0, 1).reshape(T, N * a.v_head_dim), self.o_bias)
@@ -103,6 +117,8 @@ class MLAAttention(nn.Module):
             plan.update(self.q_b_proj.weight_plan(p + "q_b_proj.weight", 0, *q_order))
         else:
             plan.update(self.fused_a_proj.weight_plan(p + "q_proj.weight", 0, *q_order))
+        if self.indexer is not None:
+            plan.update(self.indexer.weight_plan(p + "indexer."))
         if a.attention_bias:
             plan[p + "kv_a_proj_with_mqa.bias"] = PlanEntry(self.fused_a_bias, kv_rows, *kv_order)
             plan[p + "o_proj.bias"] = PlanEntry(self.o_bias, ())

@@ -90,10 +90,33 @@ HF_HYBRID: dict[str, tuple[str, dict]] = {
         shared_expert_intermediate_size=24)),
 }
 
+# DeepSeek Sparse Attention (issue 43): MLA with a lightning indexer, index_topk small so prompts of 1..150 tokens go
+# sparse. 16 index heads keep exact ties of the index scores (a key whose every head's ReLU is 0) out of the top-k
+# boundary, where transformers' torch.topk and moelink's selection may break them differently. Kept apart from
+# HF_TINY: their parity oracle is transformers' forward without a cache (hf_greedy_nocache), not generate.
+HF_DSA: dict[str, tuple[str, dict]] = {
+    # DeepSeek-V3.2 layout: half-split indexer rope, 12 experts in 4 groups, one dense layer, top-8.
+    "dsv32": ("deepseek_v32", dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=24,
+        **_MLA_SMALL, moe_intermediate_size=16, n_routed_experts=12, n_group=4, topk_group=2,
+        num_experts_per_tok=3, first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
+        index_topk=8, index_n_heads=16, index_head_dim=16)),
+    # GLM-5 layout: interleaved indexer rope, layer 1 shares layer 0's selection ("FSF"), YaRN, MLA biases,
+    # 10 experts in one group, top-12.
+    "glm5": ("glm_moe_dsa", dict(
+        hidden_size=48, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=16,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, moe_intermediate_size=16,
+        n_routed_experts=10, n_group=1, topk_group=1, num_experts_per_tok=3, first_k_dense_replace=1,
+        n_shared_experts=1, attention_bias=True, index_topk=12, index_n_heads=16, index_head_dim=12,
+        indexer_types=["full", "shared", "full"], rope_parameters=dict(_YARN, mscale=1.0, mscale_all_dim=0.8))),
+}
+
 _CLASSES = {
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM"),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM"),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
     "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration"),
 }
@@ -105,7 +128,7 @@ _TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, 
 def hf_config(name: str):
     import transformers
 
-    model_type, fields = HF_TINY[name] if name in HF_TINY else HF_HYBRID[name]
+    model_type, fields = {**HF_TINY, **HF_HYBRID, **HF_DSA}[name]
     config_cls, model_cls = _CLASSES[model_type]
     common = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POS, initializer_range=0.1)
     if model_cls.endswith("ForConditionalGeneration"):  # multimodal: the text model's fields in text_config
@@ -132,6 +155,9 @@ def save_hf_checkpoint(out: Path, name: str, seed: int = 0) -> str:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=torch.float64) * 0.1)
             if type(mod).__name__.endswith(("RMSNorm", "RMSNormGated")):
                 mod.weight.add_(torch.randn(mod.weight.shape, generator=g, dtype=torch.float64) * 0.1)
+            if isinstance(mod, torch.nn.LayerNorm) and ".indexer." in mod_name:  # DSA's k_norm: weight and bias
+                mod.weight.add_(torch.randn(mod.weight.shape, generator=g, dtype=torch.float64) * 0.1)
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=torch.float64) * 0.1)
             bias = getattr(mod, "e_score_correction_bias", None)
             if bias is not None:
                 bias.copy_(torch.randn(bias.shape, generator=g, dtype=bias.dtype) * 0.05)

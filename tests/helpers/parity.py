@@ -80,3 +80,34 @@ def check_prefix_cache_parity(llm_factory, path: str, vocab: int, n: int, max_su
     assert hits >= 64 * (n - 1), f"expected the 64-token prefix to hit for {n - 1} prompts, got {hits} hit tokens"
     assert_same(first + rest, hf_greedy(path, ps), ps)
     assert_pool_free(llm)
+
+
+_HF_NOCACHE_OUT: dict = {}
+
+
+def hf_greedy_nocache(path: str, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt computed with no KV cache: its full forward over the whole
+    sequence again for every new token (float64). The oracle of DeepSeek Sparse Attention models, whose definition is
+    transformers' forward without a cache (transformers 5.24's cached generate selects other positions than its own
+    forward once a context passes index_topk tokens). Cached like hf_greedy."""
+    from transformers import AutoModelForCausalLM
+
+    key = (path, tuple(map(tuple, prompts)), max_new)
+    if key in _HF_NOCACHE_OUT:
+        return _HF_NOCACHE_OUT[key]
+    if path not in _HF_MODEL:
+        _HF_MODEL.clear()
+        _HF_MODEL[path] = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float64, experts_implementation="eager"
+        ).eval()
+    model = _HF_MODEL[path]
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            seq = list(p)
+            for _ in range(max_new):
+                logits = model(torch.tensor([seq]), use_cache=False, logits_to_keep=1).logits
+                seq.append(int(logits[0, -1].argmax()))
+            outs.append(seq[len(p):])
+    _HF_NOCACHE_OUT[key] = outs
+    return outs

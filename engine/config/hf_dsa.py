@@ -1,0 +1,49 @@
+"""config.json → the DeepSeek Sparse Attention parts of ModelConfig (DeepSeek-V3.2, GLM-5): each layer's lightning
+indexer and which layers are routed. hf_readers._deepseek reads the rest (MoE routing, MLA shapes) as for DeepSeek-V3.
+
+transformers' model is the definition: DeepseekV32Indexer / GlmMoeDsaIndexer (the half-split or interleaved rope of
+the index heads), GLM-5's indexer_types ("full" runs an indexer, "shared" reuses the previous full layer's top-k),
+mlp_layer_types ("dense" / "sparse" per layer, derived from first_k_dense_replace when absent).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .layer_configs import MLAConfig, unsupported
+from .sparse_attention import IndexerConfig
+
+_INDEXER_TYPES = ("full", "shared")
+_MLP_TYPES = ("dense", "sparse")
+# The indexer's rope pairing as transformers runs it: DeepSeek-V3.2 rotates half-split pairs (unlike its MLA rope),
+# GLM-5 interleaved pairs (as its MLA rope).
+_ROPE_STYLE = {"DeepseekV32ForCausalLM": "neox", "GlmMoeDsaForCausalLM": "interleaved"}
+
+
+def dsa_sparse_layers(hf, num_layers: int) -> tuple[int, ...]:
+    """The routed layers: mlp_layer_types' "sparse" ones (transformers fills the field from first_k_dense_replace)."""
+    types = list(getattr(hf, "mlp_layer_types", None) or [])
+    if len(types) != num_layers or any(t not in _MLP_TYPES for t in types):
+        raise unsupported("mlp_layer_types", types, f"one of {', '.join(map(repr, _MLP_TYPES))} for each of the "
+                                                   f"num_hidden_layers={num_layers} layers")
+    return tuple(i for i, t in enumerate(types) if t == "sparse")
+
+
+def dsa_attention(arch: str, hf, num_layers: int, mla: MLAConfig) -> dict:
+    """`attention` (the first layer's: a full indexer) and, where GLM-5 shares selections, `layer_attention` (one
+    MLAConfig per layer, shared ones without weights or key cache)."""
+    if mla.q_lora_rank is None:
+        raise unsupported("q_lora_rank", None, "a positive integer", f" for {arch} (its indexer reads the q latent)")
+    types = ["full"] * num_layers
+    if arch == "GlmMoeDsaForCausalLM":
+        types = list(getattr(hf, "indexer_types", None) or types)
+        if len(types) != num_layers or any(t not in _INDEXER_TYPES for t in types) or types[0] != "full":
+            raise unsupported("indexer_types", types, f"one of {', '.join(map(repr, _INDEXER_TYPES))} for each of the "
+                                                      f"num_hidden_layers={num_layers} layers, the first 'full' (a "
+                                                      "shared layer reuses the previous full layer's selection)")
+    indexer = IndexerConfig(int(hf.index_n_heads), int(hf.index_head_dim), int(hf.index_topk), mla.qk_rope_head_dim,
+                            _ROPE_STYLE[arch])
+    full = dataclasses.replace(mla, indexer=indexer)
+    if "shared" not in types:
+        return dict(attention=full)
+    shared = dataclasses.replace(mla, indexer=dataclasses.replace(indexer, shared=True))
+    return dict(attention=full, layer_attention=tuple(full if t == "full" else shared for t in types))

@@ -1,0 +1,94 @@
+"""DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, GLM-5): which cached positions each query of an MLA
+layer attends to (engine/config/sparse_attention.py has the definition; kernels/dsa.py the selection's contract).
+
+Legend: T tokens in the flat batch, D hidden, Q q_lora_rank, H index heads, Di index head dim, K index_topk.
+
+Per token: q = wq_b(q_resid) [H, Di] from MLA's normalised q latent; k = LayerNorm(wk(x)) [Di], one key shared by the
+heads and cached beside the latent (`ctx.kv_caches[layer] = (latent_cache, index_cache)`); both roped on their first
+qk_rope_head_dim dims with the layer's rope table (GLM-5's interleaved pairs de-interleaved at load: the rows of wq_b's
+and wk's rope parts, and k_norm's weight and bias with them, since a LayerNorm commutes with a permutation of its
+features); weights = weights_proj(x) / sqrt(H) in float32 (transformers keeps weights_proj in float32 for half models).
+
+Dense or sparse: a step whose every query sees at most K positions selects them all, so the indexer writes its keys
+and returns None (the layer runs dense MLA: the same tokens). Decode steps decide from max_model_len alone: their host
+lengths are placeholders inside a decode graph, which must capture the sparse path (device lengths, no host sync).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from moelink.kernels.attention import AttentionMetadata
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
+
+from ..config.sparse_attention import IndexerConfig
+from .layers import param
+from .linear import Linear, linear_method
+from .rope import RotaryEmbedding, deinterleave_rows
+
+# transformers' nn.LayerNorm(index_head_dim, eps=1e-6) for k_norm.
+_K_NORM_EPS = 1e-6
+
+
+class LightningIndexer(nn.Module):
+    def __init__(self, layer_idx: int, hidden_size: int, q_lora_rank: int, cfg: IndexerConfig, rope: RotaryEmbedding,
+                 kernels, dtype, device=None, quant=None, max_model_len: int = 1):
+        super().__init__()
+        self.cfg, self.rope, self.kernels, self.max_model_len = cfg, rope, kernels, max_model_len
+        H, Di = cfg.num_heads, cfg.head_dim
+        f = dict(dtype=dtype, device=device)
+        p = f"model.layers.{layer_idx}.self_attn.indexer."
+        self.wq_b = Linear(q_lora_rank, H * Di, linear_method(quant, p + "wq_b"), kernels, **f)
+        self.wk = Linear(hidden_size, Di, linear_method(quant, p + "wk"), kernels, **f)
+        self.k_norm_weight, self.k_norm_bias = param(Di, **f), param(Di, **f)
+        # float32 for half models, as transformers keeps it (_keep_in_fp32_modules); float64 runs stay float64.
+        w_dt = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        self.weights_proj = param(H, hidden_size, dtype=w_dt, device=device)
+
+    def dense(self, meta: AttentionMetadata) -> bool:
+        """Whether every query of the step sees at most index_topk positions (module docstring)."""
+        K = self.cfg.topk
+        return self.max_model_len <= K or (meta.max_query_len > 1 and meta.max_seq_len <= K)
+
+    def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, q_resid_TQ: torch.Tensor,
+                index_cache_BLI: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+        """Writes this step's keys at meta.slot_mapping_T; returns the selected positions, int32 [T, K] (-1 past a
+        query's count), or None when the step is dense."""
+        c = self.cfg
+        T = x_TD.shape[0]
+        k_TI = F.layer_norm(self.wk(x_TD), (c.head_dim,), self.k_norm_weight, self.k_norm_bias, _K_NORM_EPS)
+        dense = self.dense(meta)
+        if dense:  # keys only: rotate k alone (as its own query)
+            k_T1I = self.rope(k_TI[:, None, :], k_TI[:, None, :], positions_T)[1]
+        else:
+            q_THI = self.wq_b(q_resid_TQ).view(T, c.num_heads, c.head_dim)
+            q_THI, k_T1I = self.rope(q_THI, k_TI[:, None, :], positions_T)
+        k_TI = k_T1I[:, 0]
+        # One row per token, as a latent row is written (any split of the row: the op writes [first | second]).
+        half = c.head_dim // 2
+        self.kernels.write_latent(k_TI[:, :half], k_TI[:, half:], index_cache_BLI, meta.slot_mapping_T)
+        if dense:
+            return None
+        w = self.weights_proj
+        weights_TH = F.linear(x_TD.to(w.dtype), w).float() * c.num_heads**-0.5
+        return self.kernels.dsa_topk(q_THI, weights_TH, index_cache_BLI, meta, c.topk, c.softmax_scale,
+                                     self.max_model_len)
+
+    def weight_plan(self, p: str) -> WeightPlan:
+        """Checkpoint names under `p` ("model.layers.{i}.self_attn.indexer.") → parameters; GLM-5's interleaved rope
+        rows de-interleaved (module docstring)."""
+        q_order, k_order = self._row_orders()
+        return {**self.wq_b.weight_plan(p + "wq_b.weight", 0, *q_order),
+                **self.wk.weight_plan(p + "wk.weight", 0, *k_order),
+                p + "k_norm.weight": PlanEntry(self.k_norm_weight, (), *k_order),
+                p + "k_norm.bias": PlanEntry(self.k_norm_bias, (), *k_order),
+                p + "weights_proj.weight": PlanEntry(self.weights_proj, ())}
+
+    def _row_orders(self) -> tuple[tuple, tuple]:
+        c = self.cfg
+        if c.rope_style != "interleaved":
+            return (), ()
+        head = torch.cat([deinterleave_rows(c.rope_dim), torch.arange(c.rope_dim, c.head_dim)])
+        q_order = (torch.arange(c.num_heads)[:, None] * c.head_dim + head[None, :]).reshape(-1)
+        return ((q_order,),), ((head,),)

@@ -1,0 +1,152 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): the lightning indexer's selection and MLA over the selected
+positions. Plain-torch references (the contract, the test oracle and the CPU path); triton_dsa_topk.py and
+triton_mla_sparse.py are the Triton kernels.
+
+Legend: T query tokens in the flat batch, S sequences, H index heads, D index head dim, K top-k, W score width (at
+least every query's causal length), X context, L block size, and N, C, P, R as in mla.py.
+
+The indexer's key cache index_cache_BLD = [B + 1, L, D] sits beside the latent cache on the same block ids: token p of
+a sequence has its key at slot `block_table[p // L] * L + p % L` (written like a latent row, `write_latent`), in the
+latent cache's dtype (an fp8 one holds key / 1.0, saturated; engine/config/sparse_attention.py).
+
+Selection (transformers' DeepseekV32Indexer without a cache): query token t at position p (= seq_len - query_len + i)
+scores every position j <= p,
+    score[t, j] = sum_h weights[t, h] * relu(scale * q[t, h] . k[j])
+in float32 (transformers casts q and k to float32), and keeps the K positions of highest score, or all p + 1 of them
+when p + 1 <= K. Ties at the boundary keep the lowest positions (a stable descending sort; the Triton kernel counts
+the same way); -0.0 counts as 0.0. Output: topk_TK int32, the selected positions first (ascending here; any order
+in the Triton kernel), then -1.
+
+Sparse attention: MLA's absorbed attention (mla.py's algebra) where query t's softmax runs over its selected rows
+only. With every causal position selected it is mla.py's dense attention: the dense path serves steps whose queries
+all fit in K, and both give the same tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import FP8_CACHE_DTYPES, AttentionMetadata
+from .mla import check_mla_inputs
+
+# Query rows per gathered chunk of the references (bounds their [rows, K or X, ...] temporaries).
+_ROWS = 256
+
+
+def check_index_inputs(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLD: torch.Tensor) -> None:
+    """The shape checks shared by the reference and the Triton wrapper."""
+    if q_THD.dim() != 3 or weights_TH.shape != q_THD.shape[:2]:
+        raise ValueError(f"q_THD {tuple(q_THD.shape)} and weights_TH {tuple(weights_TH.shape)} are invalid: must be "
+                         "[T, index heads, index head dim] and [T, index heads].")
+    if index_cache_BLD.dim() != 3 or index_cache_BLD.shape[2] != q_THD.shape[2] or not index_cache_BLD.is_contiguous():
+        raise ValueError(f"index_cache_BLD {tuple(index_cache_BLD.shape)} is invalid: must be a contiguous [blocks, "
+                         f"block_size, {q_THD.shape[2]}] tensor (one indexer key per token).")
+
+
+def causal_lens(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:
+    """int64 [T]: how many positions each query token sees (its position + 1), from the device lengths (a decode row's
+    host length may be only a bound: AttentionMetadata). No host sync."""
+    qlen_S = torch.tensor(meta.query_lens, device=device, dtype=torch.long)
+    seq_T = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), qlen_S)
+    start_T = meta.query_start_loc_S1[:-1].long().index_select(0, seq_T)
+    i_T = torch.arange(seq_T.numel(), device=device) - start_T
+    return meta.seq_lens_S.long().index_select(0, seq_T) - qlen_S.index_select(0, seq_T) + i_T + 1
+
+
+def reference_dsa_index_scores(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLD: torch.Tensor,
+                               meta: AttentionMetadata, scale: float, width: int | None = None) -> torch.Tensor:
+    """float32 [T, W] index scores (module docstring), -inf at positions a query does not see. W = `width`, or the
+    host max_seq_len (a bound of every device length). Reads the host lists and device tensors only."""
+    check_index_inputs(q_THD, weights_TH, index_cache_BLD)
+    T, _, D = q_THD.shape
+    W = meta.max_seq_len if width is None else width
+    dev = q_THD.device
+    n_T = causal_lens(meta, dev)
+    pos_W = torch.arange(W, device=dev)
+    out_TW = torch.full((T, W), float("-inf"), dtype=torch.float32, device=dev)
+    L = index_cache_BLD.shape[1]
+    keys = index_cache_BLD.view(-1, D)
+    for t0 in range(0, T, _ROWS):
+        rows = slice(t0, min(T, t0 + _ROWS))
+        visible_TW = pos_W[None, :] < n_T[rows, None]
+        slots_TW = _slots_rows(meta, rows, pos_W, visible_TW, L)
+        k_TWD = keys.index_select(0, slots_TW.reshape(-1)).view(*slots_TW.shape, D)
+        if k_TWD.dtype in FP8_CACHE_DTYPES:
+            k_TWD = k_TWD.to(torch.float32)  # stored at scale 1.0
+        s_THW = torch.relu(torch.einsum("thd,twd->thw", q_THD[rows].float(), k_TWD.float()) * scale)
+        score_TW = torch.einsum("th,thw->tw", weights_TH[rows].float(), s_THW)
+        out_TW[rows] = torch.where(visible_TW, score_TW + 0.0, float("-inf"))  # + 0.0: -0.0 counts as 0.0
+    return out_TW
+
+
+def _slots_rows(meta: AttentionMetadata, rows: slice, pos_W: torch.Tensor, visible_TW: torch.Tensor,
+                block_size: int) -> torch.Tensor:
+    """Flat slots [rows, W] of positions pos_W for the query tokens `rows`; invisible ones point at position 0 (any
+    written slot: their scores are dropped)."""
+    qlen_S = torch.tensor(meta.query_lens, device=pos_W.device, dtype=torch.long)
+    seq_T = torch.repeat_interleave(torch.arange(meta.num_seqs, device=pos_W.device), qlen_S)[rows]
+    tables_TM = meta.block_tables_SM.long().index_select(0, seq_T)
+    pos_TW = torch.where(visible_TW, pos_W[None, :], 0)
+    return tables_TM.gather(1, pos_TW // block_size) * block_size + pos_TW % block_size
+
+
+def reference_topk_positions(scores_TW: torch.Tensor, n_T: torch.Tensor, topk: int) -> torch.Tensor:
+    """int32 [T, topk]: each row's `topk` highest-scoring positions among its first n_T (all of them when n_T <= topk),
+    ties to the lowest positions, ascending, then -1."""
+    T, W = scores_TW.shape
+    pos_W = torch.arange(W, device=scores_TW.device)
+    visible_TW = pos_W[None, :] < n_T[:, None]
+    masked = torch.where(visible_TW, scores_TW, float("-inf"))
+    order_TW = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :topk]
+    keep_TK = torch.arange(order_TW.shape[1], device=scores_TW.device)[None, :] < n_T[:, None]
+    big = torch.iinfo(torch.int64).max
+    picked = torch.sort(torch.where(keep_TK, order_TW, big), dim=1).values
+    out_TK = torch.full((T, topk), -1, dtype=torch.int32, device=scores_TW.device)
+    out_TK[:, : picked.shape[1]] = torch.where(picked == big, -1, picked).to(torch.int32)
+    return out_TK
+
+
+def reference_dsa_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLD: torch.Tensor,
+                       meta: AttentionMetadata, topk: int, scale: float, max_len: int | None = None) -> torch.Tensor:
+    """The indexer's selection (module docstring): int32 [T, topk] positions per query token, -1 past its count.
+    q_THD [T, H, D] (roped index queries), weights_TH [T, H] (weights_proj(x) / sqrt(H), float32), index_cache_BLD with
+    this step's keys written. `max_len`: a bound of every sequence's length the caller guarantees (max_model_len),
+    what a kernel sizes its scores by where host lengths are placeholders (a decode graph's); the reference, never
+    captured, scores min(host max_seq_len, max_len) positions. No device->host sync."""
+    width = meta.max_seq_len if max_len is None else min(meta.max_seq_len, max_len)
+    scores_TW = reference_dsa_index_scores(q_THD, weights_TH, index_cache_BLD, meta, scale, width)
+    return reference_topk_positions(scores_TW, causal_lens(meta, q_THD.device), topk)
+
+
+def reference_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor,
+                                   meta: AttentionMetadata, topk_TK: torch.Tensor, scale: float,
+                                   kv_scale: float = 1.0) -> torch.Tensor:
+    """Absorbed MLA (mla.reference_mla_attention's contract) where token t attends to the rows of its selected
+    positions topk_TK[t] (>= 0; -1 entries are padding) only. Returns out_latent_TNC [T, N, C] in q's dtype; scores,
+    softmax and P @ c_kv in float32 (float64 for float64 inputs); an fp8 cache's rows count as stored * kv_scale."""
+    check_mla_inputs(q_latent_TNC, q_pe_TNP, latent_cache_BLR)
+    T, N, C = q_latent_TNC.shape
+    if topk_TK.dim() != 2 or topk_TK.shape[0] != T:
+        raise ValueError(f"topk_TK {tuple(topk_TK.shape)} is invalid: must be [{T}, index_topk] positions.")
+    acc = torch.promote_types(q_latent_TNC.dtype, torch.float32)
+    q_TNR = torch.cat([q_latent_TNC, q_pe_TNP], dim=2).to(acc)
+    out_TNC = q_latent_TNC.new_empty(T, N, C)
+    L, R = latent_cache_BLR.shape[1:]
+    rows_all = latent_cache_BLR.view(-1, R)
+    qlen_S = torch.tensor(meta.query_lens, device=q_TNR.device, dtype=torch.long)
+    seq_T = torch.repeat_interleave(torch.arange(meta.num_seqs, device=q_TNR.device), qlen_S)
+    for t0 in range(0, T, _ROWS):
+        rows = slice(t0, min(T, t0 + _ROWS))
+        pos_TK = topk_TK[rows].long()
+        valid_TK = pos_TK >= 0
+        pos_TK = pos_TK.clamp(min=0)
+        tables_TM = meta.block_tables_SM.long().index_select(0, seq_T[rows])
+        slots_TK = tables_TM.gather(1, pos_TK // L) * L + pos_TK % L
+        kv_TKR = rows_all.index_select(0, slots_TK.reshape(-1)).view(*slots_TK.shape, R).to(acc) * kv_scale
+        s_TNK = torch.einsum("tnr,tkr->tnk", q_TNR[rows], kv_TKR) * scale
+        p_TNK = torch.softmax(s_TNK.masked_fill(~valid_TK[:, None, :], float("-inf")), dim=-1)
+        out_TNC[rows] = torch.einsum("tnk,tkc->tnc", p_TNK, kv_TKR[..., :C]).to(out_TNC.dtype)
+    return out_TNC
+
+
+__all__ = ["causal_lens", "check_index_inputs", "reference_dsa_index_scores", "reference_dsa_topk",
+           "reference_sparse_mla_attention", "reference_topk_positions"]

@@ -1,0 +1,126 @@
+"""DeepSeek Sparse Attention (issue 43): DeepSeek-V3.2 and GLM-5 checkpoints saved by transformers. The engine's greedy
+outputs equal transformers' forward without a cache (recomputed over the whole sequence for every new token:
+tests.helpers.parity.hf_greedy_nocache), token for token in float64, with index_topk 8 / 12 so prompts of 1-150 tokens
+attend sparsely: chunked and batched, with prefix caching (the indexer keys sit in the cached blocks), under
+preemption, and prefilled on one engine and decoded on another (the keys travel with the latents). The config reading
+and the cache layout are checked without a model run."""
+from __future__ import annotations
+
+import pytest
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.cluster.kv_inhost import InHostKVConnector, InHostKVStore
+from moelink.engine.config.kv_sizing import kv_cache_bytes_per_token
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.models.dsa import LightningIndexer
+
+from tests.helpers.hf_checkpoints import HF_DSA, VOCAB
+from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy_nocache, prompts
+
+
+def _prompts(name: str, n: int = 8) -> list[list[int]]:
+    return prompts(VOCAB, seed=len(name) + sum(map(ord, name)), n=n, hi=150)
+
+
+def test_reads_indexers_shared_layers_and_the_key_cache(hf_tiny_model):
+    v32 = ModelConfig.from_pretrained(hf_tiny_model("dsv32"), dtype="float64")
+    ix = v32.attention.indexer
+    assert (ix.num_heads, ix.head_dim, ix.topk, ix.rope_dim, ix.rope_style, ix.shared) == (16, 16, 8, 8, "neox", False)
+    assert v32.attention.rope.style == "interleaved" and v32.sparse_layers == (1, 2) and not v32.layer_attention
+    # latent 32 + rope 8, and the indexer key's 16 values, float64, per layer.
+    assert v32.attention.cache_shapes(10, 16) == ((11, 16, 40), (11, 16, 16))
+    assert kv_cache_bytes_per_token(v32) == 3 * (40 + 16) * 8
+    glm = ModelConfig.from_pretrained(hf_tiny_model("glm5"), dtype="float64", kv_cache_dtype="fp8")
+    assert [a.indexer.shared for a in glm.layer_attention] == [False, True, False]
+    assert glm.attention.indexer.rope_style == "interleaved"
+    assert [len(glm.attention_for(i).cache_shapes(4, 8)) for i in range(3)] == [2, 1, 2]  # shared: no key cache
+    assert kv_cache_bytes_per_token(glm) == 3 * 24 + 2 * 12  # fp8: a byte per latent and key value
+
+
+def test_refuses_what_transformers_would_not_run(tmp_path, hf_tiny_model):
+    import json
+    import shutil
+
+    src = hf_tiny_model("glm5")
+    for field, value, match in (("indexer_types", ["shared", "full", "full"], "indexer_types"),
+                                ("mlp_layer_types", ["dense", "moe", "sparse"], "mlp_layer_types")):
+        d = tmp_path / field
+        shutil.copytree(src, d)
+        raw = json.loads((d / "config.json").read_text())
+        raw[field] = value
+        (d / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(ValueError, match=match):
+            ModelConfig.from_pretrained(str(d))
+
+
+@pytest.mark.parametrize("name", list(HF_DSA))
+def test_greedy_parity_chunked_batched_and_prefix_cached(hf_tiny_model, name, monkeypatch):
+    """8 prompts of 1-150 tokens in chunks of a 48-token budget, batched; then again on the same engine, where every
+    full block comes from the prefix cache (the indexer keys with the latents), and both runs equal transformers."""
+    path = hf_tiny_model(name)
+    ps = _prompts(name)
+    ps[0] = ps[1][:6]  # within index_topk: its prefill, run alone first, takes the dense path
+    sparse_steps = []
+    real = LightningIndexer.forward
+    monkeypatch.setattr(LightningIndexer, "forward", lambda self, *a: (
+        lambda out: (sparse_steps.append(out is not None), out)[1])(real(self, *a)))
+    want = hf_greedy_nocache(path, ps)
+    llm = LLM(path, dtype="float64", max_num_seqs=8, max_num_batched_tokens=48, num_kv_blocks=256, block_size=16,
+              skip_warmup=True)
+    got = engine_greedy(llm, ps[:1])
+    assert sparse_steps[0] is False  # the prefill's selection would be every position: dense
+    got += engine_greedy(llm, ps[1:])
+    assert len({t for out in got for t in out}) > 10, "degenerate model: greedy outputs barely vary"
+    assert any(sparse_steps)
+    assert_same(got, want, ps)
+    hits_before = llm.engine.stats().prefix_cache_hits
+    again = engine_greedy(llm, ps)
+    hits = llm.engine.stats().prefix_cache_hits - hits_before
+    full_blocks = sum((len(p) - 1) // 16 * 16 for p in ps)
+    assert hits >= full_blocks > 0, f"expected >= {full_blocks} prefix-cache hit tokens, got {hits}"
+    assert_same(again, want, ps)
+    assert_pool_free(llm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(HF_DSA))
+def test_greedy_parity_under_preemption(hf_tiny_model, name):
+    path = hf_tiny_model(name)
+    ps = _prompts(name, n=16)
+    # 24 blocks of 8 tokens hold one 150-token prompt and a little more: eight running sequences must preempt.
+    llm = LLM(path, dtype="float64", max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=24, block_size=8)
+    got = engine_greedy(llm, ps)
+    assert llm.engine.stats().num_preemptions_total > 0
+    assert_same(got, hf_greedy_nocache(path, ps), ps)
+    assert_pool_free(llm)
+
+
+def _generate(path, ps, connector=None, max_tokens=6):
+    with LLM(path, dtype="float64", num_kv_blocks=96, block_size=8, max_num_batched_tokens=32, max_model_len=256,
+             skip_warmup=True, kv_connector=connector) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        outs = [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
+        stats = llm.engine.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks
+    return outs
+
+
+@pytest.mark.parametrize("name", list(HF_DSA))
+def test_prefill_on_one_engine_decode_on_another(hf_tiny_model, name, monkeypatch):
+    """Engine A prefills and saves, engine B loads every layer's cache tensors (latent and indexer keys) and decodes
+    sparsely from them: B equals transformers. A load without the keys would select from zeros."""
+    from moelink.engine.rank.kv_transfer import PagedKVBlocks
+
+    path = hf_tiny_model(name)
+    ps = prompts(VOCAB, seed=11, n=3, lo=20, hi=60)  # past index_topk: B's first token already attends sparsely
+    saved = []
+    real_read = PagedKVBlocks.read
+    monkeypatch.setattr(PagedKVBlocks, "read", lambda self, t: (lambda s: (saved.append(s), s)[1])(real_read(self, t)))
+    store = InHostKVStore()
+    _generate(path, ps, InHostKVConnector(store, load=False), max_tokens=1)
+    cfg = ModelConfig.from_pretrained(path)
+    # Per layer its tensors' rows: two (latent, keys) where the layer has an indexer, one for GLM-5's shared layer.
+    assert [len(ts) for _, ts in saved[0].groups] == [len(cfg.attention_for(i).cache_shapes(1, 1)) for i in range(3)]
+    got = _generate(path, ps, InHostKVConnector(store, save=False))
+    assert store.num_loaded == len(ps) and store.num_failed == 0
+    assert_same(got, hf_greedy_nocache(path, ps, max_new=6), ps)
