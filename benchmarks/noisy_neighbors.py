@@ -1,7 +1,8 @@
-"""Does another client's load slow a user down? One user's TTFT and inter-token gap, idle and under attack.
+r"""Does another client's load slow a user down? One user's TTFT and inter-token gap, idle and under attack.
 
     python -m moelink.benchmarks.noisy_neighbors                       # the built-in model, both attacks
-    python -m moelink.benchmarks.noisy_neighbors --attack spec --duration-s 20 --out benchmarks/results/noisy_neighbors_cpu.json
+    python -m moelink.benchmarks.noisy_neighbors --duration-s 30 --rounds 3 \
+        --out benchmarks/results/noisy_neighbors_cpu.json
 
 Two attacks from issue 41, each against `moelink serve` servers this starts on loopback (the attacker is another
 process with its own connection, so another client):

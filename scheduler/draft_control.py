@@ -124,7 +124,8 @@ class DraftControl:
         if req.draft_accepted < self.min_acceptance * req.draft_tried:
             # Too low to draft: wait before the next probe, twice as long as after the last failed one.
             interval = req.draft_probe_interval
-            interval = self.probe_interval if not interval else min(2 * interval, MAX_PROBE_BACKOFF * self.probe_interval)
+            longest = MAX_PROBE_BACKOFF * self.probe_interval
+            interval = self.probe_interval if not interval else min(2 * interval, longest)
             req.draft_probe_interval = req.draft_probe_wait = interval
         else:
             req.draft_probe_interval = 0
