@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from .json_depth import MAX_JSON_DEPTH, text_depth, too_deep, value_depth
 from .safe_text import shown
 
 KINDS = ("json", "json_object", "regex", "grammar", "choice")
@@ -38,6 +39,10 @@ class StructuredOutputParams:
             raise ValueError(f"SamplingParams.structured_outputs sets {chosen or 'nothing'}: set exactly one of {', '.join(KINDS)}.")
         if self.json is not None:
             _check(isinstance(self.json, (str, dict)), "json", self.json, "must be a JSON schema (a dict or its JSON text)")
+            # Measured before json.loads / json.dumps, which recurse per level (json_depth.py).
+            depth = text_depth(self.json) if isinstance(self.json, str) else value_depth(self.json, 100 * MAX_JSON_DEPTH)
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(too_deep(f"{PREFIX}json={shown(self.json)}", depth))
             if isinstance(self.json, str):
                 try:
                     schema = json.loads(self.json)

@@ -5,7 +5,8 @@ takes tens of seconds), and nothing else may wait on it. So:
 - Each compile worker is a thread that owns one child process (engine/core/grammar_child.py, niced) and runs
   one compile there at a time; `GrammarConfig.workers` of them. No compile runs in this process: it never
   holds the engine thread's GIL, and tokenization (asyncio's default executor, the server's threads) never
-  queues behind one.
+  queues behind one. The children are forked by one fork server that has xgrammar imported
+  (engine/core/grammar_forks.py): a killed compile's successor is ready in milliseconds, not seconds.
 - Specs wait in one FIFO of at most `max_queued`; a spec beyond that is refused (GrammarQueueFull, answered
   RESOURCE_EXHAUSTED: retry later), as is a spec longer than `max_spec_chars` (ValueError naming the field).
 - A compile that runs past `timeout_s` ends (its process is killed and replaced) with a ValueError naming
@@ -35,6 +36,7 @@ from multiprocessing.connection import Connection
 from typing import Iterable, Optional
 
 from ..config.grammar_config import GrammarConfig
+from .grammar_forks import ForkServer, supported as forks_supported
 from ..contract.safe_text import shown
 from ..contract.structured_output_params import PREFIX, StructuredOutputParams
 
@@ -71,12 +73,12 @@ class _Worker:
 
     def __init__(self, pool: "GrammarCompilerPool", index: int):
         self.pool = pool
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc = None  # a grammar_forks.Forked (or a subprocess.Popen without pidfds)
         self.conn: Optional[Connection] = None
         self.job: Optional[_Job] = None
         self.warm = False  # the child has answered once (its start-up is behind it)
         self.compiling = False  # the current job was sent to the child (under the pool's lock): killing it ends it
-        self.spare: Optional[tuple[subprocess.Popen, Connection]] = None  # started, idle until the current one dies
+        self.spare: Optional[tuple[object, Connection]] = None  # started, idle until the current one dies
         self.thread = threading.Thread(target=pool._run_worker, args=(self,), name=f"grammar-{index}", daemon=True)
 
     def start_child(self) -> None:
@@ -93,7 +95,10 @@ class _Worker:
             self.spare = self._spawn()
         # Else the next spare is started once this one is ready: two starts at once slow both.
 
-    def _spawn(self) -> tuple[subprocess.Popen, Connection]:
+    def _spawn(self):
+        """(process, socket) of a new compile process: forked (grammar_forks.py), or started here without pidfds."""
+        if self.pool._forks is not None:
+            return self.pool._forks.fork()
         parent_sock, child_sock = socket.socketpair()
         # The child imports moelink the way this process did (a checkout on sys.path, or the installed package).
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -199,6 +204,7 @@ class GrammarCompilerPool:
         self._info = None
         self._info_json: Optional[str] = None
         self._local = threading.local()  # the worker a compile thread owns
+        self._forks = ForkServer(self._tokenizer_info_json, CHILD_START_TIMEOUT_S) if forks_supported() else None
         # What became of the specs submitted: compiled, failed (did not compile), timed_out, abandoned_queued /
         # abandoned_starting / abandoned_running (every client left), refused_full, refused_too_long.
         self.counts: collections.Counter[str] = collections.Counter()
@@ -417,6 +423,8 @@ class GrammarCompilerPool:
             job.future.cancel()
         for w in workers:
             w.kill()
+        if self._forks is not None:
+            self._forks.close()
         for w in workers:
             w.thread.join(5)
             if not w.thread.is_alive():  # else the thread still uses its socket: it closes it itself

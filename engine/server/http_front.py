@@ -33,6 +33,7 @@ from typing import Awaitable, Callable, Optional
 
 import h11
 
+from ..contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
 from ..contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, rewrite
@@ -40,6 +41,7 @@ from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, rewrite
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20
+INLINE_BODY_BYTES = 256 << 10  # bodies up to this size are inspected on the event loop (well under a millisecond)
 MAX_HEAD_BYTES = 64 << 10
 READ_CHUNK = 64 << 10
 # Hop-by-hop headers the front sets itself (RFC 9110 section 7.6.1), and the framing it recomputes.
@@ -101,7 +103,10 @@ class HttpFront:
                     await _answer(conn, writer, 503, _error(reason, None))
                     return
                 try:
-                    body = self._inspect(request, body)
+                    # A large body is parsed off the event loop (every other connection and the engine's
+                    # streams share it): 64 MiB of JSON takes a second or more.
+                    body = self._inspect(request, body) if len(body) <= INLINE_BODY_BYTES else \
+                        await asyncio.to_thread(self._inspect, request, body)
                 except HttpFieldError as e:
                     await _answer(conn, writer, 400, _error(str(e), e.field))
                     return
@@ -142,6 +147,12 @@ class HttpFront:
         path = request.target.split(b"?", 1)[0].decode("latin-1")
         if request.method != b"POST" or path not in (CHAT_PATH, COMPLETIONS_PATH) or not self._authorized(request):
             return body
+        # Measured before json.loads (and the json.dumps below), which recurse per level: a 100,000-deep body
+        # closed the connection without an answer (RecursionError). smg refuses past the same depth itself.
+        depth = text_depth(body)
+        if depth > MAX_JSON_DEPTH:
+            where = deep_path(body.decode("utf-8", "replace")) or "the request body"
+            raise HttpFieldError(where.split(".", 1)[0].split("[", 1)[0], too_deep(where, depth))
         try:
             data = json.loads(body)
         except ValueError:

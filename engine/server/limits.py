@@ -93,7 +93,9 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
     """Markdown: field -> limit -> status, from the limits the servers enforce."""
     from ..config.grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS,
                                          DEFAULT_MAX_GRAMMAR_CHARS, DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES)
+    from ..contract.json_depth import MAX_JSON_DEPTH
     from ..contract.sampling_params import FLOAT_RANGES, MAX_LOGPROBS
+    from .pd_role import MAX_KV_PARAMS_JSON
 
     lim = limits or RequestLimits()
 
@@ -151,9 +153,15 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
          "HTTP 400, `param` logit_bias"),
         ("`sampling_params.json_schema` / `regex` / `grammar` / `choice` (HTTP: `response_format`, "
          "`structured_outputs`, `guided_*`)", f"at most {DEFAULT_MAX_GRAMMAR_CHARS} characters "
-         f"({flag('max_grammar_chars')}); compiled in {DEFAULT_GRAMMAR_COMPILE_WORKERS} child process of its own "
+         f"({flag('max_grammar_chars')}), a JSON schema nested at most {MAX_JSON_DEPTH} levels (measured before it "
+         f"is parsed); compiled in {DEFAULT_GRAMMAR_COMPILE_WORKERS} child process of its own "
          f"({flag('grammar_compile_workers')}) within {DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S:g} s "
-         f"({flag('grammar_compile_timeout')}), killed once every client waiting for it has left", invalid),
+         f"({flag('grammar_compile_timeout')}), dropped or killed once every client waiting for it has left (a "
+         "cancelled call, an Abort, an HTTP client that hung up)", invalid),
+        ("`kv_transfer_params_json`", f"at most {MAX_KV_PARAMS_JSON} characters, nested at most {MAX_JSON_DEPTH} "
+                                      "levels (measured before it is parsed)", invalid),
+        ("HTTP request body (chat, completions)", f"JSON nested at most {MAX_JSON_DEPTH} levels, measured before "
+                                                  "it is parsed", "HTTP 400, `param` the top-level field"),
         ("grammars waiting to compile", f"at most {DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES} "
                                         f"({flag('max_queued_grammar_compiles')})", "RESOURCE_EXHAUSTED"),
         ("requests waiting for their first token", "`--max-queued-requests` (counts sequences: a request with n "

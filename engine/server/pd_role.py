@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from ..contract.json_depth import check_text
 from ..contract.kv_transfer_params import KVTransferParams
 from ..contract.safe_text import shown
 
@@ -31,6 +32,7 @@ def kv_params_from_json(text: str) -> KVTransferParams:
     """kv_transfer_params_json -> KVTransferParams; ValueError names the field."""
     if len(text) > MAX_KV_PARAMS_JSON:
         raise ValueError(f"kv_transfer_params_json is {len(text)} characters: at most {MAX_KV_PARAMS_JSON} allowed.")
+    check_text(text, "kv_transfer_params_json")  # before json.loads, which recurses per level
     try:
         obj = json.loads(text)
     except ValueError as exc:

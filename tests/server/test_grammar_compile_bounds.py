@@ -1,7 +1,8 @@
 """Issue 32 item 3: abandoned grammar compiles must not block other clients (engine/core/grammar_compile.py).
 
-One `moelink serve` of the built-in model. Six clients send a deeply nested JSON schema (each compile takes
-tens of seconds in-process) and leave after one second. Meanwhile another client streams unconstrained tokens:
+One `moelink serve` of the built-in model. Six clients send an expensive regex (each compile takes tens of
+seconds; a deeply nested JSON schema did, before JSON past 128 levels was refused outright) and leave after one
+second. Meanwhile another client streams unconstrained tokens:
 its worst gap between two tokens stays within 2x of the same stream undisturbed. A `[a-z]+` regex request and
 a 2,500-character prompt sent after them are answered within seconds (on the old code they waited for the
 abandoned compiles: 33 s and 67 s in the issue), and SIGTERM exits within the drain grace plus a margin.
@@ -21,19 +22,13 @@ import pytest
 
 from moelink.engine.contract.structured_output_params import StructuredOutputParams
 from tests.helpers.grpc_server import ServerProcess, make_stubs
+from tests.helpers.slow_specs import expensive_regex
 
 pytest.importorskip("xgrammar")
 
 BUILTIN = str(Path(__file__).resolve().parents[2] / "builtin-model")
 FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--num-kv-blocks", "256"]
 STREAM_TOKENS = 400
-
-
-def deep_schema(depth: int) -> str:
-    s: dict = {"type": "string"}
-    for _ in range(depth):
-        s = {"type": "object", "properties": {"a": s, "b": {"type": "integer"}}, "required": ["a"]}
-    return json.dumps(s)
 
 
 def _worst_gap(stub, pb) -> tuple[float, int]:
@@ -48,11 +43,11 @@ def _worst_gap(stub, pb) -> tuple[float, int]:
     return worst, n
 
 
-def _abandon(stub, pb, schema: str) -> None:
-    """A client that sends `schema` and leaves after one second (its deadline)."""
+def _abandon(stub, pb, regex: str) -> None:
+    """A client that sends `regex` and leaves after one second (its deadline)."""
     try:
         list(stub.Generate(pb.GenerateRequest(prompt="Hi", sampling_params=pb.SamplingParams(
-            max_tokens=8, json_schema=schema)), timeout=1.0))
+            max_tokens=8, regex=regex)), timeout=1.0))
     except grpc.RpcError:
         pass
 
@@ -67,8 +62,8 @@ def _timed(fn, out: dict, name: str) -> threading.Thread:
     return t
 
 
-def _leave(stub, pb, depths) -> list[threading.Thread]:
-    leavers = [threading.Thread(target=_abandon, args=(stub, pb, deep_schema(d))) for d in depths]
+def _leave(stub, pb, seeds) -> list[threading.Thread]:
+    leavers = [threading.Thread(target=_abandon, args=(stub, pb, expensive_regex(800, seed))) for seed in seeds]
     for t in leavers:
         t.start()
     return leavers
@@ -87,7 +82,7 @@ def test_abandoned_schemas_do_not_stall_other_clients():
             base, n = min(_worst_gap(s.native, pb) for _ in range(2))
             assert n == STREAM_TOKENS
 
-            # Distinct schemas (no shared compile), each tens of seconds to compile in-process; their clients
+            # Distinct regexes (no shared compile), each tens of seconds to compile in-process; their clients
             # leave after 1 s. Measured twice, the better run kept, as the undisturbed one (a shared machine's
             # noise is not the server's). The second time a regex request and a prompt long enough to be tokenized
             # off the event loop come 1.5 s in.
@@ -150,9 +145,9 @@ def pool():
 
 def test_time_limit_names_the_field_and_the_pool_goes_on(pool):
     t0 = time.monotonic()
-    with pytest.raises(ValueError, match=r"^SamplingParams\.structured_outputs\.json=.*did not compile within 2 s "
+    with pytest.raises(ValueError, match=r"^SamplingParams\.structured_outputs\.regex=.*did not compile within 2 s "
                                          r"\(the grammar_compile_timeout limit\)"):
-        pool.compile(StructuredOutputParams(json=deep_schema(300)))
+        pool.compile(StructuredOutputParams(regex=expensive_regex(800)))
     assert time.monotonic() - t0 < 10
     assert pool.compile(StructuredOutputParams(regex="[a-z]{2}")) is not None  # a new process took over
 
@@ -166,12 +161,12 @@ def test_size_limit_refuses_before_compiling(pool):
 def test_full_queue_is_refused_and_leaving_clients_cancel(pool):
     from moelink.engine.core.structured_output import GrammarQueueFull
 
-    running = pool.submit(StructuredOutputParams(json=deep_schema(250)))
+    running = pool.submit(StructuredOutputParams(regex=expensive_regex(800, 1)))
     time.sleep(0.5)  # taken by the worker
-    queued = [pool.submit(StructuredOutputParams(json=deep_schema(240 + i))) for i in range(2)]
+    queued = [pool.submit(StructuredOutputParams(regex=expensive_regex(800, 2 + i))) for i in range(2)]
     with pytest.raises(GrammarQueueFull, match=r"2 grammar compiles are waiting already \(at most 2, "
                                                r"max_queued_grammar_compiles\)"):
-        pool.submit(StructuredOutputParams(json=deep_schema(230)))
+        pool.submit(StructuredOutputParams(regex=expensive_regex(800, 4)))
     for job in queued + [running]:  # every client leaves: nothing is compiled for them
         pool.release(job)
     assert all(j.future.cancelled() for j in queued)

@@ -78,6 +78,10 @@ def test_n_samples_each_follow_the_grammar(srv_stubs):
     (dict(json_schema="{oops"), "sampling_params.json_schema"),
     (dict(regex="(unclosed"), "sampling_params.regex"),
     (dict(grammar="root ::= missing"), "sampling_params.grammar"),
+    # Issue 41 low 4: nested past the limit is refused before json.loads (it was INTERNAL: RecursionError).
+    (dict(json_schema='{"type": "array", "items": ' * 1000 + '{"type": "string"}' + "}" * 1000),
+     "sampling_params.json_schema"),
+    (dict(json_schema="[" * 100_000), "sampling_params.json_schema"),
 ])
 def test_bad_specs_are_invalid_argument_naming_the_field(srv_stubs, service, constraint, field):
     s, _ = srv_stubs
@@ -91,3 +95,30 @@ def test_bad_specs_are_invalid_argument_naming_the_field(srv_stubs, service, con
                 timeout=30))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field + "=" in err.value.details(), err.value.details()
+
+
+@pytest.mark.parametrize("service", ["native", "vllm"])
+@pytest.mark.parametrize("depth", [1000, 100_000])
+def test_deep_json_is_invalid_argument_naming_field_depth_and_limit(srv_stubs, service, depth):
+    """Issue 41 low 4: every JSON text a request carries is measured before it is parsed: the schema and
+    kv_transfer_params_json, on both services."""
+    s, _ = srv_stubs
+    # (sampling_params is refused past ~110 KB before it is parsed: the deepest schema is a bare "[[[...")
+    schema = '{"type": "array", "items": ' * depth + '{"type": "string"}' + "}" * depth if depth < 10_000 else \
+        "[" * depth
+    kv = "[" * min(depth, 16_000)  # kv_transfer_params_json takes at most 16 Ki characters
+    found_schema = depth + 1 if depth < 10_000 else depth
+    for field, kw, found in (("sampling_params.json_schema", dict(sampling=dict(json_schema=schema)), found_schema),
+                             ("kv_transfer_params_json", dict(kv_transfer_params_json=kv), min(depth, 16_000))):
+        sampling = kw.pop("sampling", {})
+        with pytest.raises(grpc.RpcError) as err:
+            if service == "native":
+                list(s.native.Generate(s.pb.GenerateRequest(prompt="hi", sampling_params=s.pb.SamplingParams(
+                    max_tokens=2, **sampling), **kw), timeout=30))
+            else:
+                list(s.vllm.Generate(s.vpb.GenerateRequest(
+                    tokenized=s.vpb.TokenizedInput(input_ids=[5, 6]),
+                    sampling_params=s.vpb.SamplingParams(max_tokens=2, **sampling), **kw), timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert re.search(rf"^{re.escape(field)}\b.* it nests {found} levels of arrays and objects, at most 128 are "
+                         rf"allowed", err.value.details()), err.value.details()
