@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .moe_config import MoELaunchConfig, TinyConfig, config_table, lookup_moe_config
 
-FORMATS = ("float", "fp8", "mxfp4", "nvfp4")  # moe/expert_weights.py names
+FORMATS = ("float", "fp8", "mxfp4", "nvfp4", "int4")  # moe/expert_weights.py names
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,10 @@ def _table(shape: MoEShape):
         from .triton_moe_mxfp4 import mxfp4_config_table
 
         return mxfp4_config_table(shape.num_experts, shape.inter, shape.device_name, shape.config_dir)
+    if shape.fmt == "int4":
+        from .triton_moe_int4 import int4_config_table
+
+        return int4_config_table(shape.num_experts, shape.inter, shape.device_name, shape.config_dir)
     return config_table(shape.num_experts, shape.inter, shape.device_name, shape.config_dir)
 
 
@@ -127,6 +131,14 @@ def moe_variant(shape: MoEShape, num_tokens: int) -> MoEVariant:
             float_cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
             return MoEVariant("dequant", replace(float_cfg, tiny=None, dequant=False), align)
         return MoEVariant("sorted", mxfp4_config(cfg), align)
+    if shape.fmt == "int4":  # its own table: the tiny GEMVs, else the per-tile path with int4_config's blocks
+        from .moe_config import _pick
+        from .triton_moe_int4 import int4_config, int4_path
+
+        cfg = _pick(*_table(shape), T, K, E)
+        if int4_path(cfg, T, K) == "tiny":
+            return _tiny_variant(cfg.tiny, shape, T)
+        return MoEVariant("sorted", replace(int4_config(cfg), tiny=None), align)
     cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
     if shape.fmt == "nvfp4":
         from .triton_moe_nvfp4 import nvfp4_config

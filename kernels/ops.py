@@ -16,9 +16,10 @@ from typing import Callable, ClassVar, Protocol
 import torch
 
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
-from .dsa import reference_dsa_topk, reference_sparse_mla_attention
 from .causal_conv1d import reference_causal_conv1d, reference_causal_conv1d_update, reference_replay_conv_state
+from .dsa import reference_dsa_topk, reference_sparse_mla_attention
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
+from .int4 import reference_fused_moe_int4
 from .gated_delta import (reference_commit_states, reference_gated_delta_rule, reference_gated_delta_rule_decode,
                           reference_gdn_gating, reference_replay_gated_delta_state)
 from .mla import reference_mla_attention, reference_write_latent
@@ -58,6 +59,7 @@ class Kernels(Protocol):
     fused_moe_fp8: Callable
     fused_moe_mxfp4: Callable
     fused_moe_nvfp4: Callable
+    fused_moe_int4: Callable
     # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5-MoE): kernels/causal_conv1d.py, kernels/gated_delta.py.
     causal_conv1d: Callable
     causal_conv1d_update: Callable
@@ -78,7 +80,7 @@ REFERENCES: dict[str, Callable] = dict(
     sparse_mla_attention=reference_sparse_mla_attention, route_topk=reference_route_topk, silu_mul=reference_silu_mul,
     fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
-    fused_moe_nvfp4=reference_fused_moe_nvfp4,
+    fused_moe_nvfp4=reference_fused_moe_nvfp4, fused_moe_int4=reference_fused_moe_int4,
     causal_conv1d=reference_causal_conv1d, causal_conv1d_update=reference_causal_conv1d_update,
     gdn_gating=reference_gdn_gating, gated_delta_rule=reference_gated_delta_rule,
     gated_delta_rule_decode=reference_gated_delta_rule_decode, commit_states=reference_commit_states,
@@ -109,6 +111,7 @@ class ReferenceKernels:
     fused_moe_fp8 = staticmethod(reference_fused_moe_fp8)
     fused_moe_mxfp4 = staticmethod(reference_fused_moe_mxfp4)
     fused_moe_nvfp4 = staticmethod(reference_fused_moe_nvfp4)
+    fused_moe_int4 = staticmethod(reference_fused_moe_int4)
     causal_conv1d = staticmethod(reference_causal_conv1d)
     causal_conv1d_update = staticmethod(reference_causal_conv1d_update)
     gdn_gating = staticmethod(reference_gdn_gating)
@@ -134,6 +137,7 @@ class TritonKernels:
         from .triton_mla import triton_mla_attention, triton_write_latent
         from .triton_mla_input import triton_mla_rope_write_latent
         from .triton_moe import triton_fused_moe
+        from .triton_moe_int4 import triton_fused_moe_int4
         from .triton_moe_mxfp4 import triton_fused_moe_mxfp4
         from .triton_moe_nvfp4 import triton_fused_moe_nvfp4
         from .triton_norm import triton_add_rms_norm, triton_rms_norm
@@ -151,13 +155,17 @@ class TritonKernels:
         self.write_latent = triton_write_latent
         self.mla_rope_write_latent = triton_mla_rope_write_latent  # latent norm + rotary + latent write: one launch
         self.mla_attention = triton_mla_attention
-        self.dsa_topk = reference_dsa_topk  # Triton kernels: next commit
-        self.sparse_mla_attention = reference_sparse_mla_attention
+        from .triton_dsa_topk import triton_dsa_topk
+        from .triton_mla_sparse import triton_sparse_mla_attention
+
+        self.dsa_topk = triton_dsa_topk  # the indexer's scores and top-k per query: two launches
+        self.sparse_mla_attention = triton_sparse_mla_attention  # MLA over the selected rows only
         self.route_topk = triton_route_topk  # scores, top-k, padding mask, expert-load count: one launch
         self.silu_mul = triton_silu_mul  # dense MLPs' and shared experts' SiLU(gate)·up: one launch
         self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too
         self.fused_moe_mxfp4 = triton_fused_moe_mxfp4
         self.fused_moe_nvfp4 = triton_fused_moe_nvfp4  # W4A16: dequantizing K loops (kernels/nvfp4.py)
+        self.fused_moe_int4 = triton_fused_moe_int4  # W4A16 INT4: decode GEMVs + dequantizing K loops (kernels/int4.py)
         # FP8 block-scaled W8A8 (kernels/fp8.py is the contract): same signatures as the references.
         from .triton_fp8 import triton_fp8_linear
         from .triton_moe_fp8 import triton_fused_moe_fp8

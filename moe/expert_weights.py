@@ -21,6 +21,8 @@ experts only) and its kernel call, so the layer has no format branches:
   [E, 2I, D/2] / `w2_q_EDB` [E, D, I/2], float8_e4m3fn block scales `w13_scale_EFS` / `w2_scale_EDS` per 16
   values, float32 global scales `w13_scale2_E2` [E, 2] (gate's, up's) / `w2_scale2_E` [E], and the recorded
   (unused, W4A16) activation scales → kernels.fused_moe_nvfp4.
+- `Int4Experts` (moe/expert_weights_int4.py): INT4 W4A16 experts (Kimi K2 Thinking / K2.5's compressed-tensors
+  pack-quantized, GPTQ, AWQ): int32 words, group scales, optional uint8 zero points → kernels.fused_moe_int4.
 
 Plan entries are `name -> PlanEntry(dest, index, source rows)` (moe/weight_plan.py, engine/rank/loader.py); `QuantizeOnLoad` as
 the destination asks the loader to block-quantize a float checkpoint tensor into an FP8 weight and its scales.
@@ -290,7 +292,9 @@ class Nvfp4Experts:
                                        layer.w2_q_EDB, layer.w2_scale_EDS, layer.w2_scale2_E, weights_NK, ids_NK)
 
 
-ExpertFormat = FloatExperts | Fp8BlockExperts | Mxfp4Experts | Nvfp4Experts
+from .expert_weights_int4 import Int4Experts, int4_format  # noqa: E402  (INT4 W4A16: its own module)
+
+ExpertFormat = FloatExperts | Fp8BlockExperts | Mxfp4Experts | Nvfp4Experts | Int4Experts
 
 
 def make_expert_format(quant, fused: bool = False) -> ExpertFormat:
@@ -304,4 +308,7 @@ def make_expert_format(quant, fused: bool = False) -> ExpertFormat:
         return Mxfp4Experts()
     if quant.method == "nvfp4":
         return Nvfp4Experts()
-    raise ValueError(f"quantization {quant.method!r} has no expert weight format (moelink runs fp8, mxfp4 and nvfp4).")
+    if quant.method == "int4":
+        return int4_format(quant)
+    raise ValueError(f"quantization {quant.method!r} has no expert weight format (moelink runs fp8, mxfp4, nvfp4 and "
+                     f"int4).")

@@ -118,7 +118,12 @@ TEXT_MODEL_OF: dict[str, str] = {"KimiK25ForConditionalGeneration": "DeepseekV3F
                                  "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeForCausalLM"}
 # Where the text model's "model." tensors live in such a checkpoint, for the wrappers moelink serves as their text
 # model (the vision tower's tensors are not read; a request with an image is refused where requests are checked).
-TEXT_WEIGHTS_PREFIX: dict[str, str] = {"Qwen3_5MoeForConditionalGeneration": "model.language_model."}
+# Kimi K2.5 (transformers' kimi_k25 conversion mapping: `language_model.model` -> `model.language_model`,
+# `language_model.lm_head` -> `lm_head`): the text model is `language_model.model.*`, its head
+# `language_model.lm_head.weight` (checkpoint_headers.text_model_name maps both), beside `vision_tower.*` and
+# `mm_projector.*`.
+TEXT_WEIGHTS_PREFIX: dict[str, str] = {"Qwen3_5MoeForConditionalGeneration": "model.language_model.",
+                                       "KimiK25ForConditionalGeneration": "language_model.model."}
 
 # Views of the registry, by what callers ask.
 SUPPORTED_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.runnable)

@@ -68,10 +68,18 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, dict]:
 
 
 def text_model_name(real: str, text_prefix: str) -> str | None:
-    """A multimodal checkpoint's tensor as the text model names it ("model.language_model.layers.0..." ->
-    "model.layers.0..."), or None for another tower's ("model.visual..."); names outside "model." (lm_head) stay."""
+    """A multimodal checkpoint's tensor as the text model names it, or None for another tower's.
+
+    A prefix inside "model." (Qwen3.5-MoE's "model.language_model."): "model.language_model.layers.0..." ->
+    "model.layers.0...", other "model." tensors ("model.visual...") are the vision tower's, names outside "model."
+    (lm_head) stay. A prefix that wraps a whole causal LM ("X.model.": Kimi K2.5's "language_model.model."): its
+    "X.model.*" are the text model's "model.*", the rest of "X." its head ("language_model.lm_head.weight" ->
+    "lm_head.weight"), and everything outside "X." another tower's ("vision_tower.*", "mm_projector.*")."""
     if real.startswith(text_prefix):
         return "model." + real[len(text_prefix):]
+    if not text_prefix.startswith("model.") and text_prefix.endswith(".model."):
+        outer = text_prefix[: -len("model.")]
+        return real[len(outer):] if real.startswith(outer) else None
     return None if real.startswith("model.") else real
 
 

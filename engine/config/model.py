@@ -6,6 +6,8 @@ naming the field, any value moelink cannot run.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +238,9 @@ class ModelConfig:
         if arch in MTP_ARCHITECTURES:
             fields["num_nextn_predict_layers"] = raw.get("num_nextn_predict_layers") or 0
         fields["quantization"] = resolve_quantization(fields.get("quantization"), quantization, fp8_block_size)
+        if text_prefix and getattr(fields["quantization"], "method", None) == "int4":
+            # its target / ignore names may be spelled as the files name the text model ("language_model.model.")
+            fields["quantization"] = dataclasses.replace(fields["quantization"], text_prefix=text_prefix)
         checkpoint_dtype = str(hf.dtype).removeprefix("torch.") if getattr(hf, "dtype", None) else raw.get("torch_dtype")
         cfg = cls(
             model=str(path), dtype=parse_dtype(dtype, checkpoint_dtype), architecture=arch,

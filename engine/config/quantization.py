@@ -6,8 +6,12 @@ them; kernels/fp8.py has the layout) from a checkpoint that says so, or made at 
 routed experts (`quant_method: mxfp4`, as OpenAI publishes gpt-oss; kernels/mxfp4.py has the layout), and NVFP4
 routed experts (`quant_method: modelopt` with `quant_algo: NVFP4`, as NVIDIA's ModelOpt exports its FP4
 DeepSeek-R1 / Qwen3 releases, in config.json or in the older `hf_quant_config.json` beside it; kernels/nvfp4.py
-has the layout). Each reader of a `quant_method` lives in `_READERS`; a method without one is refused naming the
-field, the value and what runs.
+has the layout), and INT4 routed experts (W4A16, group-wise scales, optional zero points; kernels/int4.py has the
+layout): compressed-tensors' `pack-quantized` (`quant_method: compressed-tensors`, as Kimi K2 Thinking / K2.5 and
+llm-compressor's W4A16 releases publish them; read with the compressed-tensors library itself), and GPTQ / AWQ
+(`quant_method: gptq` / `awq`, 4 bits, no act-order), whose tensors the loader rewrites into that layout. Each
+reader of a `quant_method` lives in `_READERS`; a method without one is refused naming the field, the value and what
+runs; so is a scheme inside a method moelink does not run (FP8 or NVFP4 in compressed-tensors, 8-bit GPTQ, ...).
 
 Which modules stay float: the router gate, norms, embeddings and lm_head always (as published); any module
 that `modules_to_not_convert` (transformers' name) or `ignored_layers` (vLLM / compressed-tensors' name) lists.
@@ -23,13 +27,21 @@ from typing import Any, Mapping
 
 from .architectures import MXFP4_ARCHITECTURES  # experts in MXFP4 as published (gpt-oss's layout)
 from .layer_configs import unsupported
+from .quantization_int4 import Int4Config, _read_awq, _read_compressed_tensors, _read_gptq
 
 # Every quant_method a reader exists for (_READERS).
-SUPPORTED_METHODS = ("fp8", "mxfp4", "modelopt", "modelopt_fp4")
+SUPPORTED_METHODS = ("fp8", "mxfp4", "modelopt", "modelopt_fp4", "compressed-tensors", "gptq", "awq")
 _ACTIVATION_SCHEMES = ("dynamic",)
 _FP8_FORMATS = ("e4m3", "float8_e4m3fn")
 # `quantization=` (EngineArgs, --quantization) values that quantize a float checkpoint at load.
 ONLINE_METHODS = ("fp8",)
+# Names users try for formats moelink reads as published but does not make at load, and why.
+_INT4_WHY = ("INT4 weights are read as published (compressed-tensors pack-quantized, GPTQ, AWQ: leave quantization "
+             "unset), not made at load: a 4-bit round-to-nearest of a bf16 checkpoint loses accuracy that GPTQ / AWQ "
+             "/ QAT calibration keeps, so quantize offline (llm-compressor's W4A16) and serve that checkpoint; "
+             "online, --quantization fp8 is the choice.")
+ONLINE_REFUSED = {"int4": _INT4_WHY, "w4a16": _INT4_WHY, "gptq": _INT4_WHY, "awq": _INT4_WHY,
+                  "compressed-tensors": _INT4_WHY, "compressed_tensors": _INT4_WHY}
 
 
 @dataclass(frozen=True)
@@ -147,7 +159,7 @@ class Nvfp4Config:
         return module.rsplit(".", 1)[-1] == "experts" and not self._ignored(module)
 
 
-QuantConfig = Fp8Config | Mxfp4Config | Nvfp4Config  # the formats moelink reads
+QuantConfig = Fp8Config | Mxfp4Config | Nvfp4Config | Int4Config  # the formats moelink reads
 
 
 def read_quantization(quant: Any) -> QuantConfig | None:
@@ -162,8 +174,8 @@ def read_quantization(quant: Any) -> QuantConfig | None:
     if reader is None:
         raise unsupported("quantization_config.quant_method", method, SUPPORTED_METHODS,
                           " (fp8: block-scaled e4m3 weights as DeepSeek-V3 / Qwen3-FP8 publish them; mxfp4: "
-                          "gpt-oss's experts; modelopt: NVFP4 experts; other formats: convert the checkpoint to "
-                          "bf16 first)")
+                          "gpt-oss's experts; modelopt: NVFP4 experts; compressed-tensors / gptq / awq: INT4 W4A16 "
+                          "experts; other formats: convert the checkpoint to bf16 first)")
     return reader(quant)
 
 
@@ -226,6 +238,8 @@ def _read_modelopt(quant: Mapping) -> Nvfp4Config:
     return Nvfp4Config(int(group), skip, q.get("kv_cache_quant_algo"))
 
 
+
+
 def read_hf_quant_config(model_dir: str | Path) -> dict | None:
     """The `hf_quant_config.json` ModelOpt writes beside an older checkpoint's config.json (which then has no
     quantization_config), as a quantization_config dict for `read_quantization`; None without the file."""
@@ -243,7 +257,8 @@ def read_hf_quant_config(model_dir: str | Path) -> dict | None:
 
 
 # ("modelopt_fp4": vLLM's name for the same format, which some exports write as their quant_method)
-_READERS = {"fp8": _read_fp8, "mxfp4": _read_mxfp4, "modelopt": _read_modelopt, "modelopt_fp4": _read_modelopt}
+_READERS = {"fp8": _read_fp8, "mxfp4": _read_mxfp4, "modelopt": _read_modelopt, "modelopt_fp4": _read_modelopt,
+            "compressed-tensors": _read_compressed_tensors, "gptq": _read_gptq, "awq": _read_awq}
 
 
 def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None,
@@ -256,6 +271,8 @@ def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None,
             raise ValueError(f"fp8_block_size={list(block)!r} is invalid without quantization='fp8': it is the "
                              f"block of weights quantized at load.")
         return checkpoint
+    if requested in ONLINE_REFUSED:
+        raise ValueError(f"quantization={requested!r} is invalid: {ONLINE_REFUSED[requested]}")
     if requested not in ONLINE_METHODS:
         raise ValueError(f"quantization={requested!r} is invalid: choose from {', '.join(ONLINE_METHODS)} or None "
                          f"(None runs the checkpoint as published).")

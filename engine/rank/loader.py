@@ -9,7 +9,9 @@ FP8 (engine/config/quantization.py): FP8 tensors are copied as they are and thei
 `QuantizeOnLoad` (online FP8 from a float checkpoint) block-quantizes the tensor
 as it is read. MXFP4 (gpt-oss's experts) is uint8 blocks and scales, copied as they are; so are NVFP4 experts
 (uint8 values, e4m3 scales, float32 global scales), while NVFP4 weights elsewhere are dequantized to the
-model dtype as they load (engine/rank/nvfp4_linears.py).
+model dtype as they load (engine/rank/nvfp4_linears.py). INT4 experts' words and scales are copied, their zero
+points and GPTQ / AWQ tensors rewritten as read (a `Repack` destination, moe/expert_weights_int4.py); INT4
+linears elsewhere are dequantized at load (engine/rank/int4_linears.py).
 `process_weights_after_loading` then lets modules convert what
 they loaded (MLA's kv_b_proj, dequantized for its absorption).
 
@@ -29,11 +31,13 @@ from safetensors import safe_open
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
+from moelink.moe.expert_weights_int4 import Repack
 from moelink.moe.weight_plan import WeightPlan
 
 from ..config.checkpoint_headers import text_model_name
 from ..config.model import ModelConfig
 from .dummy_weights import DummyCheckpoint
+from .int4_linears import Int4Piece, int4_linear_plan
 from .nvfp4_linears import Nvfp4Piece, nvfp4_linear_plan
 from ..models import MoEDecoderForCausalLM, arch_spec, mtp_checkpoint_names
 from ..config.worker_config import LOAD_FORMATS
@@ -133,6 +137,8 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     plan = model.weight_plan(names)
     if getattr(cfg.quantization, "method", None) == "nvfp4":  # NVFP4 linears outside the experts: float at load
         plan = nvfp4_linear_plan(plan, names)
+    if getattr(cfg.quantization, "method", None) == "int4":  # INT4 linears outside the experts: float at load
+        plan = int4_linear_plan(plan, names, cfg.quantization)
     missing = [name for name in plan if name not in checkpoint]
     if missing:
         raise ValueError(
@@ -166,7 +172,7 @@ def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, pr
                 src = _read(st, name, source)
                 if isinstance(param, QuantizeOnLoad):
                     _quantize_into(name, src, param, idx, device)
-                elif isinstance(param, Nvfp4Piece):
+                elif isinstance(param, (Nvfp4Piece, Repack, Int4Piece)):  # rewritten as read (NVFP4 / INT4)
                     param.put(src, device)
                 else:
                     _copy_into(name, src, param[idx] if idx else param, device)

@@ -42,7 +42,8 @@ def _with_config(src: str, out: Path, weights: bool = False, **changes) -> str:
     return str(out)
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq", "bitsandbytes", "compressed-tensors"])
+# (awq, gptq and compressed-tensors are read since issue 44, as INT4 W4A16: tests/engine/test_int4_checkpoint.py)
+@pytest.mark.parametrize("method", ["bitsandbytes", "hqq", "eetq"])
 def test_other_quant_methods_are_refused_naming_the_field(fp8_tiny, tmp_path, method):
     src, _, _ = fp8_tiny("qwen3_fp8")
     path = _with_config(src, tmp_path / "q", quantization_config={"quant_method": method, "bits": 4})

@@ -1,0 +1,281 @@
+"""Fused MoE with INT4 expert weights (W4A16: Kimi K2 Thinking / K2.5's compressed-tensors experts, GPTQ and AWQ
+releases read into the same layout) in Triton: the float fused MoE (kernels/triton_moe.py) whose B tiles are
+dequantized in the K loop, and two decode GEMVs (kernels/triton_moe_int4_tiny.py).
+
+Legend: T tokens, D hidden, E local experts, G global experts, I expert intermediate size, F = 2I, K top-k,
+P = T*K pairs, R padded rows (moe_align), W = (reduction dim) / 8 int32 words of a row, S = (reduction dim) / GROUP
+groups.
+
+Weights (kernels/int4.py has the layout): w13 int32 [E, F, D/8] ([gate; up] rows) + scales [E, F, D/GROUP] (the
+model dtype) (+ zero points uint8 [E, F, D/GROUP]); w2 int32 [E, D, I/8] + [E, D, I/GROUP] (+ zeros). A row's words
+are contiguous along the reduction dim, so a [BLOCK_N, BLOCK_K/8] word tile is a plain strided load: a quarter of a
+bf16 tile's bytes. Each word's scale (and zero point) is loaded at its group's address ([BLOCK_N, BLOCK_K/8]: the
+words of a group hit the same bytes, so DRAM sees each scale once), then `dequant_int4_words` decodes the tile in
+fp32 (exact: (u - z) is a small integer, times the scale), one rounding to the activation dtype, and tl.dot with fp32
+accumulation, as the float kernel. The activations stay in their dtype (W4A16).
+
+Paths (`int4_path`, from T by the INT4 config files `int4_moe_{default,interpreter}.json`, keyed by rows per
+expert like MXFP4's): "tiny" (T*K <= TINY.max_pairs: the two GEMVs, each selected expert's packed bytes read once
+per pair) and "sorted" (per-tile dequantization, above). No dequantize-once prefill path yet (MXFP4 has one,
+`DEQUANT`): the sorted path is the prefill path here.
+
+The rest is the pipeline's and the GEMM scaffold's (kernels/triton_moe_gemm.py), as for MXFP4 / NVFP4: this format
+plugs in its K loops (`int4_up_loop`, `int4_down_loop`) and `Int4Format`; one program per tile without TMA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from . import moe_config
+from . import triton_common as common
+from .int4 import GROUP_SIZES, check_int4
+from .moe import SILU, MoEActivation
+from .moe_config import CONFIG_DIR, DEFAULT_TINY, GemmConfig, MoELaunchConfig, _pick, load_config_file
+from .triton_common import dot
+from .triton_int4_dequant import dequant_int4_words, group_of_words
+from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
+from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_int4_tiny import tiny_fused_moe_int4
+
+PATHS = ("auto", "tiny", "sorted")
+
+
+@triton.jit
+def _int4_tile(q_ptrs, s_ptrs, z_ptrs, groups, n_ok, w_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               EVEN_K: tl.constexpr, HAS_ZP: tl.constexpr):
+    """The [BN, BK] fp32 weight tile of a K step: its words, each word's scale (and zero point) by its group."""
+    q = load_weights(q_ptrs, n_ok, w_ok, EVEN_K, True)
+    s = load_weights(s_ptrs + groups[None, :], n_ok, w_ok, EVEN_K, True).to(tl.float32)
+    if HAS_ZP:
+        z = load_weights(z_ptrs + groups[None, :], n_ok, w_ok, EVEN_K, True).to(tl.float32)
+    else:
+        z = tl.full([BLOCK_N, BLOCK_K // 8], 8.0, tl.float32)
+    return dequant_int4_words(q, s, z, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def int4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """UP_LOOP of INT4 weights, FMT = (GROUP, HAS_ZP). w_ops = (wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn,
+    stride_se, stride_sn): [BLOCK_N, BLOCK_K/8] word tiles and their groups' scales / zero points (z: s's strides)."""
+    wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn = w_ops
+    GROUP: tl.constexpr = FMT[0]
+    HAS_ZP: tl.constexpr = FMT[1]
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    rows_n = offs_n.to(tl.int64)
+    e64 = expert.to(tl.int64)
+    gq_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + offs_w[None, :]
+    gs_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
+    gz_ptrs = wz_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
+    uq_ptrs = gq_ptrs + inter * stride_qn
+    us_ptrs = gs_ptrs + inter * stride_sn
+    uz_ptrs = gz_ptrs + inter * stride_sn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
+        w_ok = offs_w < (hidden - k0) // 8  # (the reduction dim is a multiple of GROUP, so of 8: whole words)
+        groups = group_of_words(k0, BLOCK_K, GROUP)
+        wg = _int4_tile(gq_ptrs, gs_ptrs, gz_ptrs, groups, n_ok, w_ok, BLOCK_N, BLOCK_K, EVEN_K, HAS_ZP)
+        wu = _int4_tile(uq_ptrs, us_ptrs, uz_ptrs, groups, n_ok, w_ok, BLOCK_N, BLOCK_K, EVEN_K, HAS_ZP)
+        acc_g = dot(a, tl.trans(wg.to(a.dtype)), acc_g, INTERPRET, PREC)
+        acc_u = dot(a, tl.trans(wu.to(a.dtype)), acc_u, INTERPRET, PREC)
+        a_ptrs += BLOCK_K
+        gq_ptrs += BLOCK_K // 8
+        uq_ptrs += BLOCK_K // 8
+    return acc_g, acc_u
+
+
+@triton.jit
+def int4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inter,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """DOWN_LOOP of INT4 weights. h_ops = (h_ptr, stride_hr), w_ops as `int4_up_loop`'s (rows of w2)."""
+    h_ptr, stride_hr = h_ops
+    wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn = w_ops
+    GROUP: tl.constexpr = FMT[0]
+    HAS_ZP: tl.constexpr = FMT[1]
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
+    rows_n = offs_n.to(tl.int64)
+    e64 = expert.to(tl.int64)
+    q_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + offs_w[None, :]
+    s_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
+    z_ptrs = wz_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
+        w_ok = offs_w < (inter - k0) // 8
+        w = _int4_tile(q_ptrs, s_ptrs, z_ptrs, group_of_words(k0, BLOCK_K, GROUP), n_ok, w_ok, BLOCK_N, BLOCK_K,
+                       EVEN_K, HAS_ZP)
+        acc = dot(a, tl.trans(w.to(a.dtype)), acc, INTERPRET, PREC)
+        a_ptrs += BLOCK_K
+        q_ptrs += BLOCK_K // 8
+    return acc
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _moe_int4_up_kernel(x_ptr, wq_ptr, ws_ptr, wz_ptr, h_ptr, sorted_ptr, expert_ids_ptr, b13_ptr, num_pairs,
+                        num_rows, inter, hidden, top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn,
+                        stride_hr, stride_be, alpha, limit, num_rows_ptr, num_experts,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PERSISTENT: tl.constexpr,
+                        TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, GROUP: tl.constexpr,
+                        HAS_ZP: tl.constexpr):
+    # (num_rows_ptr, num_experts: the pipeline's, for PERSISTENT and TMA, which INT4 runs without; last, as MXFP4)
+    sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
+                   (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
+                   (wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn), (h_ptr, stride_hr),
+                   int4_up_loop, store_h, (GROUP, HAS_ZP), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS, ACT,
+                   PERSISTENT, TMA, INTERPRET, PREC)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _moe_int4_down_kernel(h_ptr, wq_ptr, ws_ptr, wz_ptr, y_ptr, sorted_ptr, expert_ids_ptr, weights_ptr, b2_ptr,
+                          num_pairs, num_rows, hidden, inter, top_k, stride_hr, stride_qe, stride_qn, stride_se,
+                          stride_sn, stride_yr, stride_be, num_rows_ptr, num_experts,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                          EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
+                          GROUP: tl.constexpr, HAS_ZP: tl.constexpr):
+    sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
+                     (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr),
+                     (wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn), int4_down_loop,
+                     (GROUP, HAS_ZP), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA,
+                     INTERPRET, PREC)
+
+
+def int4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
+    """The launch config with BLOCK_SIZE_K at least 16 (two words, and tl.dot's K >= 16); FUSED_GATE_UP is ignored
+    (two dots, one per half)."""
+    return MoELaunchConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, BLOCK_SIZE_K=max(16, cfg.up.BLOCK_SIZE_K),
+                                                     FUSED_GATE_UP=False),
+                           replace(cfg.down, BLOCK_SIZE_K=max(16, cfg.down.BLOCK_SIZE_K)))
+
+
+@dataclass(frozen=True)
+class Int4Format(WeightFormat):
+    """INT4 experts: packed words, group scales, zero points (None: symmetric, z = 8) and the group size."""
+
+    w13q_EFW: torch.Tensor
+    w13s_EFS: torch.Tensor
+    w13z_EFS: torch.Tensor | None
+    w2q_EDW: torch.Tensor
+    w2s_EDS: torch.Tensor
+    w2z_EDS: torch.Tensor | None
+    group: int
+
+    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
+        """`int4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
+        cfg = int4_config(cfg)
+        return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
+
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (x_TD,), (h_RI,) = a, h
+        return _moe_int4_up_kernel, dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
+                                         **self._weight(self.w13q_EFW, self.w13s_EFS, self.w13z_EFS))
+
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (h_RI,) = h
+        return _moe_int4_down_kernel, dict(h_ptr=h_RI, stride_hr=h_RI.stride(0),
+                                           **self._weight(self.w2q_EDW, self.w2s_EDS, self.w2z_EDS))
+
+    def _weight(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> dict:
+        return dict(wq_ptr=q, ws_ptr=s, wz_ptr=s if z is None else z, stride_qe=q.stride(0), stride_qn=q.stride(1),
+                    stride_se=s.stride(0), stride_sn=s.stride(1), TMA=False, GROUP=self.group, HAS_ZP=z is not None)
+
+
+def int4_config_file_name(num_experts: int, inter: int, name: str) -> str:
+    """Tuned INT4 files: a prefix of their own (as FP8's and MXFP4's), so the bf16 tools' globs skip them."""
+    return f"int4,E={num_experts},N={inter},device_name={name}.json"
+
+
+def int4_config_table(num_experts: int, inter: int, name: str, config_dir: str | Path | None = None):
+    """(key kind, sorted buckets) of the INT4 file for a shape on GPU `name`: a tuned `int4,E=..,N=..,..json`, else
+    `int4_moe_default.json` (rows per expert); `int4_moe_interpreter.json` on CPU ('cpu')."""
+    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    if name == "cpu":
+        return load_config_file(str(CONFIG_DIR / "int4_moe_interpreter.json"))
+    found = load_config_file(str(root / int4_config_file_name(num_experts, inter, name)))
+    return found or load_config_file(str(CONFIG_DIR / "int4_moe_default.json"))
+
+
+def int4_path(cfg: MoELaunchConfig, num_tokens: int, top_k: int, path: str = "auto") -> str:
+    """"tiny" when T*K <= TINY.max_pairs, else "sorted"; a function of the token count alone (graph-safe)."""
+    if path != "auto":
+        return path
+    return "tiny" if cfg.uses_tiny(num_tokens * top_k) else "sorted"
+
+
+def _check(x_TD, w13_q, w13_s, w13_z, w2_q, w2_s, w2_z, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int, int]:
+    common.check_dtype("x_TD", x_TD)
+    g13 = check_int4(w13_q, w13_s, w13_z, "w13")
+    g2 = check_int4(w2_q, w2_s, w2_z, "w2")
+    if w13_q.dim() != 3 or w2_q.dim() != 3:
+        raise ValueError(f"w13 {tuple(w13_q.shape)} / w2 {tuple(w2_q.shape)} are invalid: need [E, 2I, D/8] and "
+                         "[E, D, I/8].")
+    E, F, W13 = w13_q.shape
+    D = x_TD.shape[1]
+    if g13 != g2 or g13 not in GROUP_SIZES or F % 2 or W13 * 8 != D or tuple(w2_q.shape) != (E, D, F // 16):
+        raise ValueError(f"shapes x_TD={tuple(x_TD.shape)}, w13={tuple(w13_q.shape)} (group {g13}), w2="
+                         f"{tuple(w2_q.shape)} (group {g2}) do not fit: need w13 [E, 2I, D/8] and w2 [E, D, I/8] with "
+                         f"one group size of {GROUP_SIZES} dividing D and I.")
+    if (w13_z is None) != (w2_z is None):
+        raise ValueError("w13_z / w2_z: give both zero points or neither (an asymmetric checkpoint has both).")
+    check_routing(x_TD, topk_weights_TK, topk_ids_TK)
+    return E, F // 2, D, g13
+
+
+def triton_fused_moe_int4(
+    x_TD: torch.Tensor,
+    w13_q_EFW: torch.Tensor,
+    w13_s_EFS: torch.Tensor,
+    w2_q_EDW: torch.Tensor,
+    w2_s_EDS: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    expert_map_G: torch.Tensor | None = None,
+    *,
+    w13_z_EFS: torch.Tensor | None = None,
+    w2_z_EDS: torch.Tensor | None = None,
+    b13_EF: torch.Tensor | None = None,
+    b2_ED: torch.Tensor | None = None,
+    activation: MoEActivation = SILU,
+    out: torch.Tensor | None = None,
+    config: MoELaunchConfig | None = None,
+    combine: str = "sum",
+    path: str = "auto",
+) -> torch.Tensor:
+    """Same contract as `reference_fused_moe_int4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose experts are
+    all remote are 0. `out` and `combine` as `triton_fused_moe`; `config` overrides the INT4 launch config
+    (`int4_config_table`); `path`: "auto" (`int4_path`), "tiny" (the two GEMVs; the config's TINY blocks, else
+    DEFAULT_TINY's; sums deterministically whatever `combine` says) or "sorted". No device→host sync."""
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
+    E, I, D, group = _check(x_TD, w13_q_EFW, w13_s_EFS, w13_z_EFS, w2_q_EDW, w2_s_EDS, w2_z_EDS, topk_weights_TK,
+                            topk_ids_TK)
+    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
+    act_args = activation_args(activation)
+    T, K = x_TD.shape[0], topk_ids_TK.shape[1]
+    out = output(x_TD, out, combine)
+    if T == 0:
+        return out
+    rows = lambda t: None if t is None else (t if t.is_contiguous() else t.contiguous())  # noqa: E731
+    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+    q13, s13, z13, q2, s2, z2 = map(rows, (w13_q_EFW, w13_s_EFS, w13_z_EFS, w2_q_EDW, w2_s_EDS, w2_z_EDS))
+    weights_P, ids_P = topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous()
+    if config is None:
+        config = _pick(*int4_config_table(E, I, moe_config.device_name(x_TD.device)), T, K, E)
+    if int4_path(config, T, K, path) == "tiny":
+        return tiny_fused_moe_int4(x_TD, q13, s13, z13, q2, s2, z2, group, weights_P, ids_P, expert_map_G, b13_EF,
+                                   b2_ED, act_args, out, config.tiny or DEFAULT_TINY, K)
+    fmt = Int4Format(E, I, q13, s13, z13, q2, s2, z2, group)
+    return sorted_fused_moe(fmt, x_TD, weights_P, ids_P, expert_map_G, K, config, out, combine, b13_EF, b2_ED, act_args)
