@@ -40,7 +40,8 @@ class StructuredOutputParams:
         if self.json is not None:
             _check(isinstance(self.json, (str, dict)), "json", self.json, "must be a JSON schema (a dict or its JSON text)")
             # Measured before json.loads / json.dumps, which recurse per level (json_depth.py).
-            depth = text_depth(self.json) if isinstance(self.json, str) else value_depth(self.json, 100 * MAX_JSON_DEPTH)
+            depth = text_depth(self.json) if isinstance(self.json, str) else \
+                value_depth(self.json, 100 * MAX_JSON_DEPTH)
             if depth > MAX_JSON_DEPTH:
                 raise ValueError(too_deep(f"{PREFIX}json={shown(self.json)}", depth))
             if isinstance(self.json, str):

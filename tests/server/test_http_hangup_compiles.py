@@ -143,7 +143,8 @@ def test_hung_up_compiles_are_dropped_and_others_are_served_promptly(srv):
     elapsed = time.monotonic() - t0
     logs = srv.logs()
     print(f"\nTTFT of a structured request: idle {base_ttft * 1e3:.0f} ms, after 6 hung-up compiles "
-          f"{ttft * 1e3:.0f} ms (the first {first * 1e3:.0f} ms); worst token gap of a stream: idle {base_gap * 1e3:.0f} ms, under the attack "
+          f"{ttft * 1e3:.0f} ms (the first {first * 1e3:.0f} ms); worst token gap of a stream: idle "
+          f"{base_gap * 1e3:.0f} ms, under the attack "
           f"{streamed['gap'] * 1e3:.0f} ms; compiles {dict((k, after.get(k, 0) - before.get(k, 0)) for k in after)}")
 
     abandoned = sum(after[k] - before.get(k, 0) for k in ("abandoned_queued", "abandoned_starting",

@@ -31,7 +31,8 @@ def _nested(depth: int) -> dict:
 
 
 def test_text_depth_counts_brackets_outside_strings_at_c_speed():
-    assert [text_depth(t) for t in ("1", '"[[["', "{}", '{"a": [[1]], "b": "]]]"}', '{"x": "\\"[["}')] == [0, 0, 1, 3, 1]
+    texts = ("1", '"[[["', "{}", '{"a": [[1]], "b": "]]]"}', '{"x": "\\"[["}')
+    assert [text_depth(t) for t in texts] == [0, 0, 1, 3, 1]
     assert text_depth("[" * DEEP) == DEEP and text_depth(b"[[]][[[]]]") == 3
     big = "[" + "[1]," * 4_000_000 + "[1]]"  # 16 MB, wide and shallow
     t0 = time.monotonic()
