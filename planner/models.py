@@ -5,7 +5,7 @@ attention FLOPs per (query, key) pair and KV bytes per cached token.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,10 @@ MODELS = {
     )
 }
 MODELS["deepseek-r1"] = MODELS["deepseek-v3"]  # same architecture and shapes
+# Kimi K2 Thinking / K2.5 (the text model: K2's shapes; K2.5's vision tower, ~0.4B, is not loaded by moelink): the
+# shapes of kimi-k2, published with INT4 routed experts (plan with --precision int4).
+for _name in ("kimi-k2.5", "kimi-k2-thinking"):
+    MODELS[_name] = replace(MODELS["kimi-k2"], name=_name)
 
 
 def get_model(name: str) -> ModelShape:

@@ -26,6 +26,9 @@ PRECISIONS = {
     "fp8": Precision(),
     # NVFP4 experts and dispatch, FP8 elsewhere (the Blackwell recipes of SGLang/TensorRT-LLM).
     "fp4": Precision(experts="nvfp4", dense="fp8", attention="fp8", dispatch="nvfp4"),
+    # INT4 W4A16 routed experts (group-32 bf16 scales), everything else bf16: Kimi K2 Thinking / K2.5 as published
+    # (shared experts, attention, dense layers bf16), bf16 dispatch (the activations are not quantized).
+    "int4": Precision(experts="int4", dense="bf16", attention="bf16", dispatch="bf16", shared="bf16"),
 }
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
@@ -283,7 +286,7 @@ def features_used(inp: PlanInputs, setup: Setup, overlaps: tuple[str, ...]) -> d
     return {"rank": inp.pattern == "rank" and inp.ep > 1, "ep": inp.ep > 1, "tbo": "tbo" in overlaps,
             "node": inp.pattern == "node", "fp8_kv": setup.precision.attention == "fp8",
             "redundant": setup.redundant_experts > 0, "fp4": setup.precision.experts == "nvfp4",
-            "mtp": inp.mtp_draft > 0, "attn_tp": inp.attn_tp > 1}
+            "int4": setup.precision.experts == "int4", "mtp": inp.mtp_draft > 0, "attn_tp": inp.attn_tp > 1}
 
 
 def engine_summary(inp: PlanInputs, setup: Setup | None = None, overlaps: tuple[str, ...] = ()) -> dict:

@@ -36,6 +36,8 @@ from .weight_bytes import weight_bytes
 
 OVERLAPS = ("none", "tbo")
 KV_BYTES = {"bf16": 2.0, "fp8": 1.0}
+# Weight-only formats (their GEMMs run in bf16 on the tensor cores: planner/kernels.compute_dtype).
+WEIGHT_ONLY = ("int4",)
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,16 @@ class Precision:
     dispatch: str = "fp8"
     combine: str = "bf16"
     lm_head: str = "bf16"
+    shared: str = ""  # shared experts' weights; "" = as the routed experts (Kimi's INT4: bf16 shared experts)
 
     def __post_init__(self) -> None:
-        for name in ("experts", "dense", "dispatch", "combine", "lm_head"):
-            if getattr(self, name) not in DTYPES:
+        if not self.shared:
+            object.__setattr__(self, "shared", self.experts)
+        for name in ("experts", "dense", "dispatch", "combine", "lm_head", "shared"):
+            allowed = DTYPES + (WEIGHT_ONLY if name in ("experts", "shared") else ())
+            if getattr(self, name) not in allowed:
                 raise ValueError(f"precision {name}={getattr(self, name)!r} is not supported: "
-                                 f"choose from {', '.join(DTYPES)}.")
+                                 f"choose from {', '.join(allowed)}.")
         if self.attention not in KV_BYTES:
             raise ValueError(f"precision attention={self.attention!r} is not supported: choose bf16 or fp8.")
 
@@ -196,7 +202,7 @@ class _Layers:
         out["router"] = gemm_time(ld.rows, m.hidden * m.num_experts, m.hidden + m.num_experts, self.gpu,
                                   "bf16", eff)
         out["shared_experts"] = gemm_time(ld.rows, m.num_shared * m.expert_params(),
-                                          2 * m.hidden + 3 * m.moe_intermediate, self.gpu, p.experts, eff)
+                                          2 * m.hidden + 3 * m.moe_intermediate, self.gpu, p.shared, eff)
         pairs = ld.pool * m.top_k * imb
         if self.measured is not None:
             out["routed_experts"] = self.measured.time(pairs, self.local_experts)
@@ -363,11 +369,12 @@ def weights_per_rank_bytes(model: ModelShape, setup: Setup) -> float:
     """Weights one rank holds: everything DP-replicated plus its share of routed-expert slots, matrix by
     matrix with weight_bytes (block scales and ragged edges included), as the engine counts its own.
 
-    Formats: experts and shared experts in precision.experts, attention projections and dense FFNs in
+    Formats: routed experts in precision.experts, shared experts in precision.shared, attention projections and
+    dense FFNs in
     precision.dense; MLA's kv_b_proj (absorbed into other matmuls), embeddings and LM head in bf16; router
     gates in bf16, float32 for the DeepSeek family (MLA), which routes in float32. Norm vectors are left out."""
     p = setup.precision
-    fmt = {"attn": p.dense, "dense": p.dense, "kv_b": "bf16", "shared": p.experts, "expert": p.experts,
+    fmt = {"attn": p.dense, "dense": p.dense, "kv_b": "bf16", "shared": p.shared, "expert": p.experts,
            "router": "fp32" if model.is_mla else "bf16", "embed": "bf16"}
     slots_per_expert = (model.num_experts + setup.redundant_experts) / setup.ep / model.num_experts
     total = 0.0

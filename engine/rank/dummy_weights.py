@@ -20,6 +20,8 @@ Values (by checkpoint name; the outputs are meaningless):
   [0.5, 1] * WEIGHT_RANGE / 448, so the dequantized weights are in the float range;
 - MXFP4 `*_blocks`: uniform random bytes (every nibble is an e2m1 code), `*_scales`: E8M0 exponents putting the
   largest value (6 x 2^(s - 127)) between WEIGHT_RANGE / 2 and 2 x WEIGHT_RANGE;
+- INT4 (compressed-tensors / GPTQ / AWQ experts): int32 words uniform (every nibble a value; zero points too),
+  group scales in [0.5, 1] * WEIGHT_RANGE / 8, so a symmetric weight's largest is about WEIGHT_RANGE;
 - NVFP4 (ModelOpt's experts): `weight` uniform random bytes, `weight_scale` e4m3 in [224, 448], `weight_scale_2`
   WEIGHT_RANGE / (6 x 448), so the largest value is between WEIGHT_RANGE / 2 and WEIGHT_RANGE; `input_scale` 1.
 Why 0.02 and not vLLM's 1e-3: at 1e-3 every layer adds ~1e-6 to a residual of ~1e-3 (the embedding), so the
@@ -46,6 +48,7 @@ from moelink.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from moelink.kernels.mxfp4 import FP4_MAX, SCALE_BIAS
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.expert_weights import QuantizeOnLoad
+from moelink.moe.expert_weights_int4 import Repack
 from moelink.moe.weight_plan import PlanEntry
 
 from ..config.model import ModelConfig
@@ -96,6 +99,8 @@ def _spec(entry: PlanEntry, cfg: ModelConfig) -> TensorSpec:
     param, idx, source = entry
     if isinstance(param, QuantizeOnLoad):  # online FP8: the checkpoint is float, quantized as it loads
         dest, dtype = param.weight, cfg.dtype
+    elif isinstance(param, Repack):  # INT4 tensors rewritten as they load: the checkpoint's own shape and dtype
+        return TensorSpec(*param.source)
     else:
         dest, dtype = param, param.dtype
     read = dest[idx] if idx else dest
@@ -110,6 +115,11 @@ def random_tensor(name: str, spec: TensorSpec, device: torch.device) -> torch.Te
     if dtype == torch.uint8:  # MXFP4: E8M0 scales, or e2m1 pairs (any byte is two valid codes)
         low, high = (_E8M0_LOW, _E8M0_HIGH + 1) if name.endswith("_scales") else (0, 256)
         return torch.randint(low, high, shape, dtype=dtype, device=device, generator=gen)
+    if dtype == torch.int32:  # INT4 words (every nibble a valid value) and packed zero points
+        return torch.randint(-(2**31), 2**31 - 1, shape, dtype=dtype, device=device, generator=gen)
+    if name.endswith((".weight_scale", ".scales")) and dtype != FP8_DTYPE:  # INT4 group scales: |(u - z) s| < 16 s
+        x = torch.empty(shape, dtype=torch.float32, device=device).uniform_(0.5, 1.0, generator=gen)
+        return x.mul_(WEIGHT_RANGE / 8).to(dtype)
     if dtype == FP8_DTYPE and name.endswith(".weight_scale"):  # NVFP4 block scales: positive, in e4m3's top octave
         x = torch.empty(shape, dtype=torch.float32, device=device).uniform_(FP8_MAX / 2, FP8_MAX, generator=gen)
         return x.to(FP8_DTYPE)

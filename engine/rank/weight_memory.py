@@ -14,7 +14,9 @@ from ..models.linear import Linear
 def weight_bytes_by_format(model: nn.Module) -> dict[str, int]:
     """{format: bytes} of every weight `model` holds: "fp8" (values + block scales: dense linears and experts
     in FP8), "mxfp4" (packed values + E8M0 scales: gpt-oss's experts), "nvfp4" (packed values + e4m3 scales:
-    ModelOpt's experts; their per-expert float32 global and input scales count as float) and "float" (everything
+    ModelOpt's experts; their per-expert float32 global and input scales count as float), "int4" (int32 words +
+    group scales in the model dtype + uint8 zero points when asymmetric: compressed-tensors / GPTQ / AWQ experts)
+    and "float" (everything
     else, in its own dtype). Each parameter is counted once (tied embeddings share one)."""
     out: dict[str, int] = {}
     counted: set[int] = set()
@@ -41,6 +43,14 @@ def weight_bytes_by_format(model: nn.Module) -> dict[str, int]:
                 e, n, b = q.shape
                 add("nvfp4", e * weight_bytes("nvfp4", n, 2 * b))
             counted.update(id(p) for p in (module.w13_q_EFB, module.w13_scale_EFS, module.w2_q_EDB, module.w2_scale_EDS))
+        elif hasattr(module, "expert_format") and hasattr(module, "w13_q_EFW"):
+            # INT4 [E, N, K/8] int32 words + [E, N, K/G] scales (the model dtype) (+ uint8 zero points).
+            for q, s, z in ((module.w13_q_EFW, module.w13_s_EFS, module.w13_z_EFS),
+                            (module.w2_q_EDW, module.w2_s_EDS, module.w2_z_EDS)):
+                e, n, w = q.shape
+                add("int4", e * weight_bytes("int4", n, 8 * w, group=8 * w // s.shape[-1],
+                                             float_bytes=s.element_size(), zero_points=z is not None))
+                counted.update(id(p) for p in (q, s, z) if p is not None)
         elif hasattr(module, "expert_format") and hasattr(module, "w13_EFD"):
             block = getattr(module.expert_format, "block", (1, 1))
             for w in (module.w13_EFD, module.w2_EDI):

@@ -149,8 +149,10 @@ def test_setup_validation_names_field():
         Setup(ep=0)
     with pytest.raises(ValueError, match="overlap='both'"):
         Setup(ep=2, overlap="both")
-    with pytest.raises(ValueError, match="experts='int4'"):
-        Precision(experts="int4")
+    with pytest.raises(ValueError, match="experts='int3'"):
+        Precision(experts="int3")
+    with pytest.raises(ValueError, match="dense='int4'"):  # INT4 is the routed / shared experts' weight-only format
+        Precision(dense="int4")
     with pytest.raises(ValueError, match="ep=300 exceeds"):
         decode_step(DS, get_profile("h100-hgx"), Setup(ep=300))
     with pytest.raises(ValueError, match="cached_prefix=10"):
