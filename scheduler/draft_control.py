@@ -15,8 +15,9 @@ rejections (to 0 within a few verify steps when none is accepted) and grows back
 starts from its client's record (`Request.client`: slower moving averages over all its requests' verify steps,
 1/1 for a client not seen yet), so a client sending many short requests whose drafts fail cannot make each new
 one verify in full. At length 0 it decodes plainly; after
-`spec_probe_interval` steps with drafts proposed, one draft is verified again (a probe): accepted, p climbs back
-and the length with it; rejected, the wait doubles, up to 8 times the interval.
+`spec_probe_interval` steps one draft is verified again (a probe): accepted, p climbs back and the length with
+it; rejected, the wait doubles, up to 8 times the interval. While it waits, the worker's host drafter skips it
+(`SchedulerOutput.no_draft_req_ids`): drafts nobody verifies cost no lookups either.
 
 Per step: the drafts granted are at most `spec_max_verify_fraction` of the token budget and never the tokens
 the running requests need themselves (one each), and requests with the higher p get theirs first (ties: the
@@ -53,20 +54,22 @@ class DraftControl:
         self.clients: dict[tuple[str, ...], list[float]] = {}  # client -> [accepted, tried] moving averages
 
     # ----------------------------------------------------------------- per step
-    def plan(self, running: list[Request], budget: int) -> dict[str, int]:
+    def plan(self, running: list[Request], budget: int, out=None) -> dict[str, int]:
         """How many drafts each running request holding some may verify this step (absent: none), within the
-        step's verify budget, the highest estimated acceptance first. Counts down the probe waits."""
+        step's verify budget, the highest estimated acceptance first. Counts down the probe waits, and names in
+        `out.no_draft_req_ids` the requests whose next step will verify none (the drafter need not propose)."""
         wanted: list[tuple[float, Request, int]] = []
         total = 0
+        skip = out.no_draft_req_ids if out is not None else None
         for req in running:
-            spec = req.spec_token_ids
-            if spec:
-                if req.draft_new:
-                    self._seed(req)
-                k = self.length(req, len(spec))
-                if k:
-                    wanted.append((req.draft_accepted / req.draft_tried, req, k))
-                    total += k
+            if req.draft_new:
+                self._seed(req)
+            k = self.length(req, len(req.spec_token_ids))
+            if k:
+                wanted.append((req.draft_accepted / req.draft_tried, req, k))
+                total += k
+            elif skip is not None and req.draft_probe_wait > 0:
+                skip.add(req.request_id)
         # Drafts never take the one token each running request needs (a decode starved by another request's drafts
         # would wait a whole step), nor more than their fraction of the budget.
         cap = min(int(self.verify_fraction * budget), budget - len(running))
@@ -82,8 +85,8 @@ class DraftControl:
         return grants
 
     def length(self, req: Request, proposed: int) -> int:
-        """The drafts `req` would verify of `proposed` (0 .. proposed), before the step's budget; a step of a
-        request at length 0 counts down to its next probe (which verifies one draft)."""
+        """The drafts `req` would verify of `proposed` (0 .. proposed), before the step's budget; each step of a
+        request at length 0 counts down to its next probe (which verifies one draft, once one is proposed)."""
         floor = self.min_acceptance
         if floor <= 0:
             return proposed
@@ -92,7 +95,9 @@ class DraftControl:
             if req.draft_probe_wait > 0:
                 req.draft_probe_wait -= 1
                 return 0
-            return 1  # the probe
+            return 1 if proposed else 0  # the probe
+        if not proposed:
+            return 0
         k, q = 1, p * p
         while k < proposed and q >= floor:
             k += 1

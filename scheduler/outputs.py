@@ -149,6 +149,9 @@ class SchedulerOutput:
     # Speculative decoding: per request, the draft tokens this step verifies (scheduled after the request's last
     # known token: num_scheduled_tokens counts them). Empty without a drafter.
     scheduled_spec_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Speculative decoding: requests whose drafts the next step would not verify (drafts that keep failing wait
+    # for their next probe: scheduler/draft_control.py), so the worker's host drafter skips them. Empty without one.
+    no_draft_req_ids: set[str] = field(default_factory=set)
     # Per-sequence state (scheduler/hybrid_cache.py): per request, the checkpoint slot its state is copied into
     # after this step (its chunk ends at the prompt's last whole block). Empty for models without such state.
     state_saves: dict[str, int] = field(default_factory=dict)

@@ -213,7 +213,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         # fair order for this step's loop (scheduler/fairness.py).
         fair = self._fair_step = self.fairness.begin_step(self, out, budget)
         # Speculative decoding: how many drafts each request verifies this step (scheduler/draft_control.py).
-        grants = self.draft_control.plan(self.running, budget) if self.draft_control.seen else None
+        grants = self.draft_control.plan(self.running, budget, out) if self.draft_control.seen else None
 
         scheduled = self._scheduled[out.step_id] = []
         cached_reqs, num_scheduled = out.scheduled_cached_reqs, out.num_scheduled_tokens

@@ -307,7 +307,7 @@ class ModelRunner:
         picked = [states[s] for s in inp.sample_rows]
         draft_plan = self.device_drafter.plan(inp, states, picked, spec) if self.device_drafter is not None else None
         handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, (self.kv_connector.poll if self.kv_connector is not None else None), self.drafter,
-                            spec, self.num_speculative_tokens)
+                            spec, self.num_speculative_tokens, so.no_draft_req_ids)
         meta = None
         if picked and spec:  # a verify step (speculative decoding: engine/rank/spec_verify.py)
             meta = SpecStep(self.batch, rows_S, inp.sample_rows, inp.qsl_S1, picked, spec, self.eos_token_ids,

@@ -41,11 +41,15 @@ class StepHandle:
 
     def __init__(self, step_id: int, states: list, num_tokens: int, num_seqs: int, host_s: float,
                  kv_poll: Optional[Callable[[], Optional[dict]]] = None, drafter=None,
-                 spec_tokens: Optional[dict[str, list[int]]] = None, num_speculative_tokens: int = 0):
+                 spec_tokens: Optional[dict[str, list[int]]] = None, num_speculative_tokens: int = 0,
+                 no_draft: frozenset[str] | set[str] = frozenset()):
         self.step_id = step_id
         # Speculative decoding: the rank's drafter (engine/rank/drafter.py), asked once the tokens are in; and the
         # drafts this step verifies per request (their rejected tail is rolled back at collect).
         self.drafter, self.spec_tokens, self.drafter_k = drafter, spec_tokens, num_speculative_tokens
+        # Requests the next step verifies no drafts of (the scheduler's SchedulerOutput.no_draft_req_ids): a host
+        # drafter skips them.
+        self.no_draft = no_draft
         self.kv_poll = kv_poll  # the KV connector's poll (engine/rank/kv_transfer.py); None without one
         self.states = states  # the request states of the rows that sample, in row order
         self.num_tokens, self.num_seqs = num_tokens, num_seqs
@@ -135,7 +139,8 @@ class StepHandle:
                 rows = drafts_RK.tolist()
                 out.draft_token_ids = {st.req_id: rows[r] for r, st in enumerate(self.states) if may_draft(st)}
             return
-        states = [st for st in self.states if may_draft(st)]
+        skip = self.no_draft
+        states = [st for st in self.states if may_draft(st) and st.req_id not in skip]
         if states:
             proposed = self.drafter.propose(states, self.drafter_k)
             out.draft_token_ids = {st.req_id: d for st, d in zip(states, proposed) if d}

@@ -21,11 +21,13 @@ class SplitDrafter:
 
     def __init__(self, reference: dict[tuple, list[int]], good: set[tuple], vocab: int):
         self.reference, self.good, self.vocab = reference, good, vocab
+        self.asked: dict[tuple, int] = {}  # prompt -> proposals made
 
     def propose(self, states, k: int) -> list[list[int]]:
         out = []
         for st in states:
             key = tuple(st.prompt_token_ids)
+            self.asked[key] = self.asked.get(key, 0) + 1
             pos = len(st.output_token_ids)
             ref = self.reference[key][pos: pos + k]
             out.append(ref if key in self.good else [(t + 1) % self.vocab for t in ref])
@@ -63,6 +65,7 @@ def test_rejected_drafts_shrink_and_outputs_stay_exact(tiny_model, monkeypatch):
         got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                            use_tqdm=False)]
         sd = llm.engine.stats().spec_decode
+        asked = llm.engine.executor.worker.runner.drafter.asked
     assert got == want
     for p in prompts:
         rows = verified.get(tuple(p), [])
@@ -71,6 +74,8 @@ def test_rejected_drafts_shrink_and_outputs_stay_exact(tiny_model, monkeypatch):
         else:  # 3 drafts, then 1, then none but a probe every 8, 16, 32 steps
             assert rows[:2] == [(3, 0), (1, 0)] and all(k == 1 and a == 0 for k, a in rows[2:])
             assert sum(k for k, _ in rows) <= 3 + 1 + 3
+            # While it waits for its next probe the drafter is not even asked (TOKENS - 1 steps could draft).
+            assert asked[tuple(p)] <= 12
     assert sd.num_draft_tokens < 2 * sd.num_accepted_tokens  # the failing drafts cost little
 
 

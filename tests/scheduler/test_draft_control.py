@@ -167,3 +167,20 @@ def test_a_new_request_starts_from_its_clients_record():
     _start(s, "good0", max_tokens=6, client=good)
     assert [_run_step(s, lambda rid, k: k).get("good0", 0) for _ in range(2)] == [0, 3]  # prefill, then all 3
     assert set(s.draft_control.clients) == {bad, good}
+
+
+def test_the_worker_is_told_not_to_draft_for_a_request_waiting_for_its_probe():
+    s = make_scheduler(num_blocks=256, block_size=4, spec_probe_interval=3)
+    _start(s)
+    _run_step(s, None)
+    skipped = []
+    for _ in range(10):
+        so = s.schedule()
+        skipped.append("a" in so.no_draft_req_ids)
+        k = len(so.scheduled_spec_tokens.get("a", ()))
+        s.update_from_output(so, ModelRunnerOutput(so.step_id, {"a": [5]}, draft_token_ids={"a": list(DRAFT)}))
+        skipped[-1] = (k, skipped[-1])
+    # 3 and 1 drafts rejected; then 3 steps without (the first two need no drafts after them, the third's feed the
+    # probe), the probe, rejected: 6 steps without.
+    assert skipped == [(3, False), (1, False), (0, True), (0, True), (0, False), (1, False), (0, True), (0, True),
+                       (0, True), (0, True)]
