@@ -2,7 +2,7 @@
 compiled for Hopper on a machine without a GPU, with what the compiler made of it.
 
     python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
-        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4|gdn] [--quick]
+        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4|int4|gdn|dsa] [--quick]
 
 How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
 size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
@@ -49,9 +49,11 @@ from .compile_report_text import (ATTN_DOT_KERNELS, FP8_GEMM_KERNELS, GEMM_KERNE
 from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_fp8,  # noqa: F401
                             compile_mla, compile_moe, compile_norm_rotary)
 from .compile_cases_decode import compile_decode_inputs
+from .compile_cases_dsa import compile_dsa
 from .compile_cases_gdn import compile_gdn
 from .compile_cases_mxfp4 import compile_moe_mxfp4
 from .compile_cases_nvfp4 import compile_moe_nvfp4
+from .compile_cases_int4 import compile_moe_int4
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -135,6 +137,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
         compile_moe_mxfp4(rec, quick)
     if only in (None, "nvfp4"):
         compile_moe_nvfp4(rec, quick)
+    if only in (None, "int4"):
+        compile_moe_int4(rec, quick)
     if only in (None, "attention"):
         compile_attention(rec, quick)
     if only in (None, "mla"):
@@ -147,6 +151,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
         compile_fp8(rec, quick)
     if only in (None, "gdn"):
         compile_gdn(rec, quick)
+    if only in (None, "dsa"):
+        compile_dsa(rec, quick)
     ptxas, cuobjdump = triton_ptxas(), nvidia_bin("cuobjdump")
     kernels: dict[tuple, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,7 +176,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
-    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "decode", "fp8", "mxfp4", "nvfp4", "gdn"],
+    ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "decode", "fp8", "mxfp4", "nvfp4", "int4", "gdn", "dsa"],
                     default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
     ap.add_argument("--merge", action="store_true",
@@ -233,10 +239,10 @@ def retime(rep: dict, published: bool = True) -> dict:
     rec = Recorder()
     rec.install(90)
     for run in (lambda: compile_moe(rec, published, False), lambda: compile_moe_mxfp4(rec, False),
-                lambda: compile_moe_nvfp4(rec, False),
+                lambda: compile_moe_nvfp4(rec, False), lambda: compile_moe_int4(rec, False),
                 lambda: compile_attention(rec, False), lambda: compile_mla(rec, False),
                 lambda: compile_norm_rotary(rec, False), lambda: compile_decode_inputs(rec, False),
-                lambda: compile_fp8(rec, False), lambda: compile_gdn(rec, False)):
+                lambda: compile_fp8(rec, False), lambda: compile_gdn(rec, False), lambda: compile_dsa(rec, False)):
         run()
     seconds = {}
     for r in rec.records:
@@ -288,6 +294,9 @@ FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
                   "moe": ("_moe_up_kernel", "_moe_down_kernel"),
                   "mxfp4": ("_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"),
                   "nvfp4": ("_moe_nvfp4_up_kernel", "_moe_nvfp4_down_kernel"),
+                  "int4": ("_moe_int4_up_kernel", "_moe_int4_down_kernel", "_tiny_int4_up_kernel",
+                           "_tiny_int4_down_kernel"),
+                  "dsa": ("_index_scores_kernel", "_topk_kernel", "_sparse_mla_kernel"),
                   "gdn": ("_gdn_recurrent_kernel", "_commit_kernel", "_gating_kernel", "_conv_varlen_kernel",
                           "_conv_state_kernel", "_conv_update_kernel"),
                   "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_merge_plan_kernel",

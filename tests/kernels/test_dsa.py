@@ -1,0 +1,175 @@
+"""DeepSeek Sparse Attention's kernels (kernels/dsa.py): the references against transformers' formulas and the dense MLA
+reference, and the Triton selection and sparse MLA against the references (Triton in the interpreter on CPU).
+
+Shapes are small and ragged: a decode token, a chunk over a cached prefix, a fresh prompt, contexts not multiples of
+the block, blocks scattered, unwritten cache rows NaN (a read the kernels should not make shows).
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from moelink.kernels.attention import AttentionMetadata
+from moelink.kernels.dsa import (causal_lens, reference_dsa_index_scores, reference_dsa_topk,
+                                 reference_sparse_mla_attention, reference_topk_positions)
+from moelink.kernels.mla import reference_mla_attention
+
+CTX_Q = [(37, 1), (29, 7), (9, 9), (1, 1), (20, 1)]  # (context after the step, query tokens)
+L = 4
+
+
+def _meta(gen, ctx_q, device, num_blocks=None):
+    perm = torch.randperm(num_blocks or sum(-(-c // L) for c, _ in ctx_q) + 3, generator=gen).tolist()
+    tables = [[perm.pop() for _ in range(-(-c // L))] for c, _ in ctx_q]
+    q_lens, seq_lens = [q for _, q in ctx_q], [c for c, _ in ctx_q]
+    M = max(len(t) for t in tables)
+    slots = [t[p // L] * L + p % L for t, (c, q) in zip(tables, ctx_q) for p in range(c - q, c)]
+    return AttentionMetadata(
+        torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=device),
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        torch.tensor([t + [0] * (M - len(t)) for t in tables], dtype=torch.int32, device=device),
+        torch.tensor(slots, dtype=torch.long, device=device), q_lens, seq_lens, max(q_lens), max(seq_lens),
+        null_block=len(perm) + sum(map(len, tables)) - 1)
+
+
+def _cache(gen, meta, width, dtype, device):
+    """[blocks + 1, L, width]: every position of every sequence written (random), the rest NaN."""
+    B = int(meta.block_tables_SM.max()) + 2
+    cache = torch.full((B, L, width), float("nan"), dtype=torch.float32)
+    for s, ctx in enumerate(meta.seq_lens):
+        for p in range(ctx):
+            cache[int(meta.block_tables_SM[s, p // L]), p % L] = torch.randn(width, generator=gen)
+    return cache.to(dtype).to(device)
+
+
+def _positions(meta, device):
+    """Per token, its sequence and position (host)."""
+    out = []
+    for s, (q, c) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+        out += [(s, c - q + i) for i in range(q)]
+    return out
+
+
+# -- references ------------------------------------------------------------------------------------------------------
+def test_reference_selection_is_transformers_indexer_formula(gen):
+    """score[t, j] = sum_h w[t, h] relu(scale q[t, h] . k[j]) over j <= position, top-k by torch.topk (as transformers'
+    DeepseekV32Indexer), against the reference's paged, chunked computation: the same sets."""
+    meta = _meta(gen, CTX_Q, "cpu")
+    H, D, K = 4, 16, 6
+    cache = _cache(gen, meta, D, torch.float64, "cpu")
+    T = sum(meta.query_lens)
+    q = torch.randn(T, H, D, generator=gen, dtype=torch.float64)
+    w = torch.randn(T, H, generator=gen)
+    got = reference_dsa_topk(q, w, cache, meta, K, D**-0.5)
+    for t, (s, p) in enumerate(_positions(meta, "cpu")):
+        slots = [int(meta.block_tables_SM[s, j // L]) * L + j % L for j in range(p + 1)]
+        keys = cache.view(-1, D)[slots].float()
+        score = w[t] @ torch.relu(q[t].float() @ keys.T * D**-0.5)
+        want = set(score.topk(min(K, p + 1)).indices.tolist())
+        row = got[t].tolist()
+        assert set(row[: len(want)]) == want and row[len(want):] == [-1] * (K - len(want)), (t, row, want)
+
+
+def test_reference_topk_ties_keep_the_lowest_positions():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, -0.0, 5.0], [0.0, -0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
+    got = reference_topk_positions(scores, torch.tensor([7, 6]), 3)
+    assert got.tolist() == [[1, 2, 6], [0, 1, 4]]
+
+
+def test_reference_sparse_equals_dense_when_every_position_is_selected(gen):
+    meta = _meta(gen, CTX_Q, "cpu")
+    N, C, P = 3, 16, 8
+    cache = _cache(gen, meta, C + P, torch.float64, "cpu")
+    T = sum(meta.query_lens)
+    q_lat, q_pe = torch.randn(T, N, C, generator=gen, dtype=torch.float64), torch.randn(T, N, P, generator=gen,
+                                                                                        dtype=torch.float64)
+    K = max(meta.seq_lens)
+    n = causal_lens(meta, torch.device("cpu"))
+    all_TK = torch.where(torch.arange(K)[None, :] < n[:, None], torch.arange(K)[None, :], -1).to(torch.int32)
+    dense = reference_mla_attention(q_lat, q_pe, cache, meta, 0.3)
+    torch.testing.assert_close(reference_sparse_mla_attention(q_lat, q_pe, cache, meta, all_TK, 0.3), dense)
+    # A selection that drops positions differs (the test would notice a kernel reading everything).
+    assert not torch.allclose(reference_sparse_mla_attention(q_lat, q_pe, cache, meta, all_TK[:, :3], 0.3), dense)
+
+
+# -- Triton ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, "same"), (torch.bfloat16, "fp8")], ids=["fp32", "bf16-fp8"])
+def test_triton_selection_equals_reference(gen, kdev, dtype, cache_dtype):
+    from moelink.kernels.triton_dsa_topk import triton_dsa_topk
+
+    meta = _meta(gen, CTX_Q, kdev)
+    H, D, K = 16, 12, 8
+    cdt = torch.float8_e4m3fn if cache_dtype == "fp8" else dtype
+    cache = _cache(gen, meta, D, cdt, kdev)
+    T = sum(meta.query_lens)
+    q = torch.randn(T, H, D, generator=gen).to(dtype).to(kdev)
+    w = torch.randn(T, H, generator=gen).to(kdev)
+    want = reference_dsa_topk(q.cpu(), w.cpu(), cache.cpu(), _meta_to(meta, "cpu"), K, D**-0.5)
+    got = triton_dsa_topk(q, w, cache, meta, K, D**-0.5, max_len=64)
+    _assert_same_sets(got.cpu(), want)
+
+
+def test_triton_selection_ties_and_decode_placeholders(gen, kdev):
+    """Exact ties (zero weights: every score 0) keep the lowest positions, as the reference; a decode step whose host
+    lengths are placeholders (a decode graph's: 1) reads the device lengths and scores max_len wide."""
+    from moelink.kernels.triton_dsa_topk import triton_dsa_topk
+
+    ctx_q = [(23, 1), (6, 1), (40, 1)]
+    meta = _meta(gen, ctx_q, kdev)
+    H, D, K = 16, 16, 8
+    cache = _cache(gen, meta, D, torch.float32, kdev)
+    q = torch.randn(3, H, D, generator=gen).to(kdev)
+    w = torch.randn(3, H, generator=gen)
+    w[0] = 0.0  # row 0: every score ties at 0
+    w = w.to(kdev)
+    want = reference_dsa_topk(q.cpu(), w.cpu(), cache.cpu(), _meta_to(meta, "cpu"), K, 0.25)
+    assert want[0].tolist() == list(range(8))
+    graph_meta = AttentionMetadata(meta.query_start_loc_S1, meta.seq_lens_S, meta.block_tables_SM, meta.slot_mapping_T,
+                                   [1] * 3, [1] * 3, 1, 1, meta.null_block)
+    got = triton_dsa_topk(q, w, cache, graph_meta, K, 0.25, max_len=48)
+    _assert_same_sets(got.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype,cache_dtype,splits", [(torch.float32, "same", 1), (torch.bfloat16, "same", 3),
+                                                      (torch.bfloat16, "fp8", 3)], ids=["fp32", "bf16-split", "fp8-split"])
+def test_triton_sparse_mla_equals_reference(gen, kdev, dtype, cache_dtype, splits):
+    """Split 3 ways with K = 20 and 16-slot tiles: a second split partly filled, a third empty, merged."""
+    from moelink.kernels.triton_mla_sparse import triton_sparse_mla_attention
+
+    meta = _meta(gen, CTX_Q, kdev)
+    N, C, P, K = 4, 32, 16, (20 if splits > 1 else 8)
+    cdt = torch.float8_e4m3fn if cache_dtype == "fp8" else dtype
+    cache = _cache(gen, meta, C + P, cdt, kdev)
+    T = sum(meta.query_lens)
+    q_lat = torch.randn(T, N, C, generator=gen).to(dtype).to(kdev)
+    q_pe = torch.randn(T, N, P, generator=gen).to(dtype).to(kdev)
+    # A random selection of min(K, p + 1) causal positions per token, in random order, then -1.
+    rows = []
+    for _, p in _positions(meta, "cpu"):
+        picked = torch.randperm(p + 1, generator=gen)[:K].tolist()
+        rows.append(picked + [-1] * (K - len(picked)))
+    topk = torch.tensor(rows, dtype=torch.int32)
+    kv_scale = 1.5 if cache_dtype == "fp8" else 1.0
+    want = reference_sparse_mla_attention(q_lat.double().cpu(), q_pe.double().cpu(), cache.cpu().double(),
+                                          _meta_to(meta, "cpu"), topk, 0.2, kv_scale)
+    got = triton_sparse_mla_attention(q_lat, q_pe, cache, meta, topk.to(kdev), 0.2, kv_scale, num_splits=splits)
+    err = (got.double().cpu() - want).norm() / want.norm()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+def _assert_same_sets(got: torch.Tensor, want: torch.Tensor) -> None:
+    for t in range(want.shape[0]):
+        w = [x for x in want[t].tolist() if x >= 0]
+        g = got[t].tolist()
+        assert sorted(g[: len(w)]) == w and g[len(w):] == [-1] * (len(g) - len(w)), (t, g, w)
+
+
+def _meta_to(meta: AttentionMetadata, device) -> AttentionMetadata:
+    return AttentionMetadata(meta.query_start_loc_S1.to(device), meta.seq_lens_S.to(device),
+                             meta.block_tables_SM.to(device), meta.slot_mapping_T.to(device), meta.query_lens,
+                             meta.seq_lens, meta.max_query_len, meta.max_seq_len, meta.null_block)
+
+
