@@ -27,9 +27,10 @@ from moelink.kernels.fp8 import DEFAULT_BLOCK, block_quantize
 from .file_modes import umask_mode
 from ..config.quantization import Fp8Config, quantization_config_dict
 
-# The weights DeepSeek's FP8 release quantizes (the `mlp.gate.weight` router and `lm_head` are not matched).
+# The weights DeepSeek's FP8 release quantizes (the `mlp.gate.weight` router and `lm_head` are not matched; DeepSeek-V3.2's
+# indexer: wq_b and wk, not weights_proj or k_norm).
 _QUANTIZED = re.compile(
-    r"\.(self_attn\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj)"
+    r"\.(self_attn\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|indexer\.wq_b|indexer\.wk)"
     r"|(mlp|block_sparse_moe)\.(shared_experts\.)?(gate_proj|up_proj|down_proj)"
     r"|(mlp|block_sparse_moe)\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3))\.weight$"
     r"|\.(mlp)\.experts\.(gate_up_proj|down_proj)$"

@@ -7,6 +7,7 @@ and the cache layout are checked without a model run."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.cluster.kv_inhost import InHostKVConnector, InHostKVStore
@@ -124,3 +125,28 @@ def test_prefill_on_one_engine_decode_on_another(hf_tiny_model, name, monkeypatc
     got = _generate(path, ps, InHostKVConnector(store, save=False))
     assert store.num_loaded == len(ps) and store.num_failed == 0
     assert_same(got, hf_greedy_nocache(path, ps, max_new=6), ps)
+
+
+def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(hf_tiny_model, tmp_path):
+    """DeepSeek-V3.2 in FP8 as published (16 x 16 blocks here): the indexer's wq_b and wk FP8 with their scales,
+    weights_proj float; greedy equals transformers' forward without a cache on the dequantized weights, with the
+    W8A8 activation rounding where the engine quantizes (tests/helpers/fp8_checkpoints.fake_quant_hf_model)."""
+    from safetensors import safe_open
+
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+    from moelink.kernels.fp8 import FP8_DTYPE
+    from tests.helpers.fp8_checkpoints import BLOCK, dequantized_copy, fake_quant_hf_model
+    from tests.helpers.parity import hf_greedy_nocache_with
+
+    dst = quantize_checkpoint(hf_tiny_model("dsv32_fp8"), tmp_path / "fp8", BLOCK)
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as st:
+        p = "model.layers.1.self_attn.indexer."
+        assert st.get_tensor(p + "wq_b.weight").dtype == FP8_DTYPE and p + "wk.weight_scale_inv" in st.keys()
+        assert st.get_tensor(p + "weights_proj.weight").dtype == torch.float64
+    deq = dequantized_copy(str(dst), tmp_path / "deq")
+    ps = prompts(VOCAB, seed=21, n=4, lo=3, hi=90)
+    got = engine_greedy(LLM(str(dst), dtype="float64", max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=64,
+                            block_size=8, skip_warmup=True), ps, max_new=6)
+    assert len({t for g in got for t in g}) > 5, "degenerate model"
+    assert_same(got, hf_greedy_nocache_with(fake_quant_hf_model(deq, BLOCK), ps, 6), ps)
+

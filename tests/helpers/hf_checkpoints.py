@@ -111,6 +111,16 @@ HF_DSA: dict[str, tuple[str, dict]] = {
         indexer_types=["full", "shared", "full"], rope_parameters=dict(_YARN, mscale=1.0, mscale_all_dim=0.8))),
 }
 
+# DeepSeek-V3.2 for FP8 blocks of 16 x 16: every head's q rows (8 nope + 8 rope) and kv_a's rope rows inside one block
+# (the rope de-interleave may reorder rows only within a block), the indexer's 16 heads of 16.
+HF_DSA_FP8: dict[str, tuple[str, dict]] = {
+    "dsv32_fp8": ("deepseek_v32", dict(
+        hidden_size=48, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32,
+        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=16,
+        n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_shared_experts=1, index_topk=8, index_n_heads=16, index_head_dim=16)),
+}
+
 _CLASSES = {
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
@@ -128,7 +138,7 @@ _TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, 
 def hf_config(name: str):
     import transformers
 
-    model_type, fields = {**HF_TINY, **HF_HYBRID, **HF_DSA}[name]
+    model_type, fields = {**HF_TINY, **HF_HYBRID, **HF_DSA, **HF_DSA_FP8}[name]
     config_cls, model_cls = _CLASSES[model_type]
     common = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POS, initializer_range=0.1)
     if model_cls.endswith("ForConditionalGeneration"):  # multimodal: the text model's fields in text_config

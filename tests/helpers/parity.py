@@ -100,7 +100,13 @@ def hf_greedy_nocache(path: str, prompts: list[list[int]], max_new: int = MAX_NE
         _HF_MODEL[path] = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float64, experts_implementation="eager"
         ).eval()
-    model = _HF_MODEL[path]
+    outs = hf_greedy_nocache_with(_HF_MODEL[path], prompts, max_new)
+    _HF_NOCACHE_OUT[key] = outs
+    return outs
+
+
+def hf_greedy_nocache_with(model, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
+    """hf_greedy_nocache on a model already built (a fake-quantized one: tests/helpers/fp8_checkpoints.py)."""
     outs = []
     with torch.no_grad():
         for p in prompts:
@@ -109,5 +115,4 @@ def hf_greedy_nocache(path: str, prompts: list[list[int]], max_new: int = MAX_NE
                 logits = model(torch.tensor([seq]), use_cache=False, logits_to_keep=1).logits
                 seq.append(int(logits[0, -1].argmax()))
             outs.append(seq[len(p):])
-    _HF_NOCACHE_OUT[key] = outs
     return outs
