@@ -57,6 +57,7 @@ import torch
 from moelink.kernels.attention import FP8_CACHE_DTYPES, AttentionMetadata
 
 from ..models.layers import ForwardContext
+from ..models.state_step import StateStep
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +195,17 @@ class DecodeGraphs:
 
     def __init__(self, model, kv_caches, sizes: tuple[int, ...], max_blocks_per_seq: int, null_block: int,
                  device: torch.device, backend, sliding_table: bool = False, verify_len: int = 1,
-                 max_context: int = 1, verify_batch_sizes: tuple[int, ...] | None = None):
+                 max_context: int = 1, verify_batch_sizes: tuple[int, ...] | None = None, state_slots: bool = False):
         """`sliding_table`: the sliding-window layers have their own block table (a second static table and
         slot buffer, read by those layers through ForwardContext.attn_sliding). `verify_len`: query tokens per
         row of a speculative verify step (1 + k) to capture beside the decode graphs (1: none); `max_context`:
         the longest context a row can have (max_model_len), the host bound the verify graphs are captured with
-        (module docstring); `verify_batch_sizes`: the batch sizes of those (default: every decode size)."""
+        (module docstring); `verify_batch_sizes`: the batch sizes of those (default: every decode size).
+        `state_slots`: the model has linear-attention layers: each row's state slot is a static input too (padding
+        rows -1: their states read as zeros, written nowhere), read through ForwardContext.state."""
+        if state_slots and verify_len > 1:
+            raise ValueError("DecodeGraphs: verify graphs of a model with per-sequence state are not built (its verify "
+                             "steps split the batch and replay the accepted tokens: they run eagerly).")
         if not sizes:
             raise ValueError("DecodeGraphs needs at least one batch size.")
         if verify_len < 1:
@@ -226,6 +232,10 @@ class DecodeGraphs:
         if Q > 1:
             self.qsl_B1[Q] = torch.arange(B + 1, **i32) * Q
         self.sliding_table = sliding_table
+        self.state_slots = state_slots
+        if state_slots:
+            self.state_slots_B = torch.full((B,), -1, **i32)
+            self.continues_B = torch.ones(B, dtype=torch.bool, device=device)  # decode rows continue their state
         if sliding_table:
             self.sliding_slots_T = torch.full((TB,), -1, **i64)
             self.sliding_tables_BM = torch.full((B, M), null_block, **i32)
@@ -247,6 +257,8 @@ class DecodeGraphs:
             if sliding_table:
                 h.update(sliding_slots=host((TB,), torch.long, -1),
                          sliding_tables=host((B, M), torch.int32, null_block))
+            if state_slots:
+                h.update(state_slots=host((B,), torch.int32, -1))
             return h
 
         self._staging = [staging(), staging()]
@@ -267,10 +279,13 @@ class DecodeGraphs:
         if self.sliding_table:
             meta_sliding = dataclasses.replace(meta, block_tables_SM=self.sliding_tables_BM[:b],
                                                slot_mapping_T=self.sliding_slots_T[:T])
+        state = None
+        if self.state_slots:
+            state = StateStep(self.state_slots_B[:b], self.continues_B[:b], self.qsl_B1[q][: b + 1], True)
         self.model.set_valid_rows(self.valid_T[:T])
         try:
             return self.model(self.input_ids_T[:T], self.positions_T[:T],
-                              ForwardContext(meta, self.kv_caches, meta_sliding))
+                              ForwardContext(meta, self.kv_caches, meta_sliding, state=state))
         finally:
             self.model.set_valid_rows(None)
 
@@ -324,15 +339,16 @@ class DecodeGraphs:
 
     def run(self, input_ids, positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
             tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
-            batch: int | None = None) -> torch.Tensor:
+            batch: int | None = None, state_slots: list[int] | None = None) -> torch.Tensor:
         """One step of n = len(seq_lens) sequences (n <= max_batch) of q = len(input_ids) / n tokens each (1 or
         verify_len): hidden states [n q, D]. `stage` then `replay` (the runner calls them apart: the host stages
         while the device runs the step before)."""
-        return self.replay(self.stage(input_ids, positions_T, slots_T, seq_lens, tables_SM, sliding, batch))
+        return self.replay(self.stage(input_ids, positions_T, slots_T, seq_lens, tables_SM, sliding, batch,
+                                      state_slots))
 
     def stage(self, input_ids, positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
               tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
-              batch: int | None = None) -> tuple:
+              batch: int | None = None, state_slots: list[int] | None = None) -> tuple:
         """Host work of a step: its inputs written into the next pinned staging set (rows n..b padding). The
         flat token inputs hold q per sequence, in order. `sliding`: the sliding group's (tables [n, m'], slots
         [n q]) when it has its own table. `batch`: the captured size to replay (>= n; expert parallelism: the
@@ -367,6 +383,11 @@ class DecodeGraphs:
             ms = s_tables.shape[1]
             h["sliding_tables"][:n, :ms], h["sliding_slots"][:t] = s_tables, s_slots
             h["sliding_tables"][n:b, :ms], h["sliding_slots"][t:T] = self.null_block, -1
+        if self.state_slots:
+            if state_slots is None or len(state_slots) != n:
+                raise ValueError(f"a graph step of a model with per-sequence state needs each of its {n} sequences' "
+                                 "state slot (state_slots).")
+            h["state_slots"][:n], h["state_slots"][n:b] = state_slots, -1
         return k, n, b, q, m, ms
 
     def replay(self, staged: tuple, pending_P: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -387,5 +408,7 @@ class DecodeGraphs:
         if self.sliding_table:
             self.sliding_slots_T[:T].copy_(t["sliding_slots"][:T], non_blocking=True)
             self.sliding_tables_BM[:b, :ms].copy_(t["sliding_tables"][:b, :ms], non_blocking=True)
+        if self.state_slots:
+            self.state_slots_B[:b].copy_(t["state_slots"][:b], non_blocking=True)
         steps = self.steps if q == 1 else self.verify_steps
         return steps[b].replay()[: n * q]

@@ -156,10 +156,6 @@ class ModelRunner:
 
     # -- CUDA graphs (engine/rank/cuda_graph.py) ---------------------------------------
     def _graph_sizes(self, sizes: tuple[int, ...], ep, backend) -> tuple[int, ...]:
-        if sizes and self.cfg.linear_layers:
-            logger.info("CUDA graphs off: decode graphs of linear-attention layers (state slots as graph inputs) "
-                        "are not built yet; %s runs eagerly.", self.cfg.architecture)
-            return ()
         return graph_sizes_to_capture(sizes, self.kernels, ep, isinstance(self.step_plan, TwoBatchOverlap),
                                       backend, self.device, self.cfg.quantization is not None, logger)
 
@@ -171,10 +167,15 @@ class ModelRunner:
             self.ep.all_to_all.begin_step(EPStepPlan(LOW_LATENCY, max(self.graph_sizes)))
         max_blocks = -(-self.cfg.max_model_len // self.block_size)
         verify_len = verify_graph_len(self.cfg, self.num_speculative_tokens, self.block_size, logger)
+        if self.state_caches is not None and verify_len > 1:
+            logger.info("verify graphs off: a verify step of %s splits its batch and replays the accepted tokens "
+                        "into the linear-attention states (eager); decode steps replay graphs.", self.cfg.architecture)
+            verify_len = 1
         graphs = DecodeGraphs(self.model, self.kv_caches, self.graph_sizes, max_blocks, self.null_block, self.device,
                               backend, sliding_table=self.kv_pairs is not None,
                               verify_len=verify_len, max_context=self.cfg.max_model_len,
-                              verify_batch_sizes=verify_sizes(self.graph_sizes, verify_len, self.ep, logger))
+                              verify_batch_sizes=verify_sizes(self.graph_sizes, verify_len, self.ep, logger),
+                              state_slots=self.state_caches is not None)
         t0 = time.perf_counter()
         graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
         if graphs.steps:
@@ -325,7 +326,8 @@ class ModelRunner:
         staged = None
         if graph_batch is not None:
             staged = self.graphs.stage(inp.tokens_T, inp.positions_T, inp.slots_T, inp.seq_lens, inp.tables_SM,
-                                       inp.sliding, batch=graph_batch)
+                                       inp.sliding, batch=graph_batch,
+                                       state_slots=state_plan.slots if state_plan is not None else None)
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(
             lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan))
@@ -353,7 +355,8 @@ class ModelRunner:
             if state_plan is not None:
                 copies = state_plan.copies_in  # prefix hits: before the forward
                 self.state_caches.copy([d for d, _ in copies], [c for _, c in copies])
-                state = state_plan.state_step(x.attn.query_start_loc_S1, inp.pure_decode, dev)
+                if staged is None:  # a replayed graph reads its own static slots (cuda_graph.DecodeGraphs.stage)
+                    state = state_plan.state_step(x.attn.query_start_loc_S1, inp.pure_decode, dev)
             if staged is not None:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:
