@@ -49,6 +49,9 @@
 #   kv-transfer [--quick]  kv_transfer_engines: a prefill process saves a prompt's KV (side-stream copy out), this
 #                          one loads it (each layer written as it arrives) over tcp, shm and collective (NCCL),
 #                          beside a device copy of the same bytes (issue 30; DeepSeek-V3 MLA and Qwen3 GQA KV)
+#   hybrid                 hybrid_state: a Qwen3-Next-shaped hybrid (gated DeltaNet on 3 layers of 4) beside a
+#                          Qwen3-MoE of the same active size, bf16: state / KV bytes per sequence, decode tok/s at
+#                          batch 1 and 8, prefill of 2k / 8k / 32k prompts (issue 42; benchmarks/gpu_session/hybrid.sh)
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   all                    every step in a row (a machine without the 10-minute command limit)
@@ -799,7 +802,7 @@ step_plan() {  # the first plan, then the full session, one device command per l
   for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
   steps+=("mla-fp8-kv")
   for s in "${E2E_MODELS[@]}"; do steps+=("spec --model $s"); done
-  steps+=("kv-transfer")
+  steps+=("kv-transfer" "hybrid")
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -849,6 +852,7 @@ EOF
 # The first plan (first N) and what travels with a device command (prepare, the commit, the serving wheels).
 source "$REPO/benchmarks/gpu_session/carry.sh"
 source "$REPO/benchmarks/gpu_session/first.sh"
+source "$REPO/benchmarks/gpu_session/hybrid.sh"
 
 # -- main ---------------------------------------------------------------------------------------------------------------
 case "$STEP" in
@@ -860,9 +864,9 @@ case "$STEP" in
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,57p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,60p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -887,6 +891,7 @@ case "$STEP" in
   mla-fp8-kv) step_mla_fp8_kv "$@" ;;
   spec) step_spec "$@" ;;
   kv-transfer) step_kv_transfer "$@" ;;
+  hybrid) step_hybrid "$@" ;;
   compile-report) step_compile_report ;;
   all)
     step_tests_kernels; step_tests_engine
@@ -901,7 +906,8 @@ case "$STEP" in
     for s in "${E2E_MODELS[@]}"; do step_e2e --model "$s"; step_e2e --model "$s" --dtype fp8; step_e2e --serve --model "$s"; done
     step_mla_fp8_kv
     for s in "${E2E_MODELS[@]}"; do step_spec --model "$s"; done
-    step_kv_transfer ;;
+    step_kv_transfer
+    step_hybrid ;;
 esac
 [[ $STEP != all && $STEP != tests ]] && finish_step
 exit "$STATUS"

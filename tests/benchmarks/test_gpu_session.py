@@ -42,7 +42,7 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + ["moe-mxfp4", "moe-mxfp4 --quick", "moe-nvfp4", "moe-nvfp4 --quick"]
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
-         + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick", "spec --quick"]
+         + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick", "spec --quick", "hybrid"]
          + [f"first {n}" for n in range(1, 7)])  # the first plan (test_gpu_session_first.py)
 E2E_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite")
 
@@ -155,7 +155,8 @@ def test_plan_lists_one_device_command_per_step():
                                     + ["moe-mxfp4", "moe-nvfp4"]
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
-                                    + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"])
+                                    + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"]
+                                    + ["hybrid"])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"\ntotal {sum(int(b) for _, b, _ in rows)} s" in full
 
