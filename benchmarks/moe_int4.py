@@ -13,7 +13,8 @@ zero point per group when asymmetric; bf16: 2 bytes), plus the activations in an
 routing. The ratio is the ceiling of the INT4 decode speed-up on a memory-bound step (~0.28x the bytes of bf16 at
 group 32). The GPU run times both systems (benchmarks/moe_kernels.py's Timer: median of CUDA events, L2 flushed,
 inputs rotated, CUDA-graph replay where capturable) and checks every INT4 result against the bf16 one (same
-dequantized weights: only rounding differs); gpu_session.sh step `moe-int4`.
+dequantized weights: only rounding differs). Not yet a gpu_session.sh step: run it by hand on a GPU (or add
+a `moe-int4` step beside `moe-nvfp4`, with its budget in tests/benchmarks/test_gpu_session.py).
 """
 from __future__ import annotations
 
