@@ -21,6 +21,17 @@ class MLA:
 
 
 @dataclass(frozen=True)
+class DSA:
+    """DeepSeek Sparse Attention beside MLA (DeepSeek-V3.2, GLM-5): a lightning indexer of `index_heads` heads of
+    `index_head_dim` scores every cached token (one cached key of index_head_dim per token and layer) and MLA attends
+    to the `topk` best only."""
+
+    index_heads: int
+    index_head_dim: int
+    topk: int
+
+
+@dataclass(frozen=True)
 class GQA:
     """Grouped-query attention."""
 
@@ -51,6 +62,7 @@ class ModelShape:
     n_group: int = 1
     topk_group: int = 1
     mtp_layers: int = 0
+    dsa: DSA | None = None  # sparse attention (MLA models only)
 
     def __post_init__(self) -> None:
         if not 0 <= self.first_dense < self.num_layers:
@@ -79,7 +91,10 @@ class ModelShape:
             kv_a = h * (a.kv_lora_rank + a.qk_rope_dim)
             # kv_b in prefill; in absorbed decode the same weights act as W_UK and W_UV.
             kv_b = a.kv_lora_rank * a.num_heads * (a.qk_nope_dim + a.v_dim)
-            return q + kv_a + kv_b + a.num_heads * a.v_dim * h
+            d = self.dsa
+            index = (a.q_lora_rank * d.index_heads * d.index_head_dim + h * (d.index_head_dim + d.index_heads)
+                     if d else 0)  # wq_b, wk, weights_proj
+            return q + kv_a + kv_b + a.num_heads * a.v_dim * h + index
         return h * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + a.num_heads * a.head_dim * h
 
     def weight_matrices(self) -> list[tuple[str, int, int, int]]:
@@ -95,6 +110,10 @@ class ModelShape:
                    ("attn", h, a.num_heads * a.v_dim, L)]
             if a.q_lora_rank:
                 out.append(("attn", q_dim, a.q_lora_rank, L))
+            if self.dsa:  # the indexer's wq_b and wk (FP8 as published), weights_proj (float: "kv_b"'s format)
+                d = self.dsa
+                out += [("attn", d.index_heads * d.index_head_dim, a.q_lora_rank, L), ("attn", d.index_head_dim, h, L),
+                        ("kv_b", d.index_heads, h, L)]
         else:
             out = [("attn", (a.num_heads + 2 * a.num_kv_heads) * a.head_dim, h, L),
                    ("attn", h, a.num_heads * a.head_dim, L)]
@@ -127,11 +146,23 @@ class ModelShape:
         return 4 * a.num_heads * a.head_dim
 
     def kv_elems_per_token(self) -> int:
-        """Cached elements per token per layer (MLA: latent + rope key; GQA: K and V)."""
+        """Cached elements per token per layer (MLA: latent + rope key, and DSA's indexer key; GQA: K and V)."""
         a = self.attention
         if isinstance(a, MLA):
-            return a.kv_lora_rank + a.qk_rope_dim
+            return a.kv_lora_rank + a.qk_rope_dim + (self.dsa.index_head_dim if self.dsa else 0)
         return 2 * a.num_kv_heads * a.head_dim
+
+    def attention_work(self, keys: float, decode: bool) -> tuple[float, float]:
+        """(FLOPs per query token, cached elements read per sequence) of one layer's attention over `keys` cached
+        tokens. Dense: every key, all its elements. DSA: the indexer scores every key (its index key read; H heads
+        of D, 2 FLOPs each) and MLA attends to min(keys, topk) latents only (engine: kernels/dsa.py)."""
+        d = self.dsa
+        if d is None:
+            return keys * self.attn_flops_per_key(decode), keys * self.kv_elems_per_token()
+        a = self.attention
+        sel = min(keys, d.topk)
+        flops = sel * self.attn_flops_per_key(decode) + keys * 2 * d.index_heads * d.index_head_dim
+        return flops, sel * (a.kv_lora_rank + a.qk_rope_dim) + keys * d.index_head_dim
 
     def total_params(self) -> float:
         """All weights (embedding and LM head counted once each); for memory checks."""
@@ -167,6 +198,13 @@ MODELS = {
     )
 }
 MODELS["deepseek-r1"] = MODELS["deepseek-v3"]  # same architecture and shapes
+# DeepSeek-V3.2 (-Exp): V3's shapes with a lightning indexer per layer (64 heads of 128, top-2048). GLM-5: 78 layers of
+# MLA (64 heads, nope 192, v 256, q LoRA 2048) with a 32-head indexer; every layer counted with its own indexer (its
+# "shared" layers, which reuse a previous layer's selection, would read fewer index keys).
+MODELS["deepseek-v3.2"] = replace(MODELS["deepseek-v3"], name="deepseek-v3.2", dsa=DSA(64, 128, 2048))
+MODELS["glm-5"] = ModelShape("glm-5", num_layers=78, first_dense=3, hidden=6144, dense_intermediate=12288,
+                             attention=MLA(64, 2048, 512, 192, 64, 256), num_experts=256, num_shared=1, top_k=8,
+                             moe_intermediate=2048, vocab=154880, mtp_layers=1, dsa=DSA(32, 128, 2048))
 # Kimi K2 Thinking / K2.5 (the text model: K2's shapes; K2.5's vision tower, ~0.4B, is not loaded by moelink): the
 # shapes of kimi-k2, published with INT4 routed experts (plan with --precision int4).
 for _name in ("kimi-k2.5", "kimi-k2-thinking"):

@@ -275,15 +275,14 @@ def decode_step(model: ModelShape, hw: HardwareProfile, setup: Setup,
     layers = _Layers(model, hw, setup, eff, setup.decode_pattern)
     b, q, ctx = setup.batch_per_rank, 1 + setup.mtp_draft, setup.context_len
     t = b * q
-    kv = _kv_bytes_per_token_layer(model, setup.precision)
-    # Queries of one sequence share its KV read; FLOPs scale with every query.
-    ld = _Load(rows=t, attn_flops=t * ctx * model.attn_flops_per_key(decode=True), attn_bytes=b * ctx * kv,
-               pool=t, comm=t, seqs=b)
+    kv = KV_BYTES[setup.precision.attention]
+    # Queries of one sequence share its KV read; FLOPs scale with every query. DSA: top-k latents and every index key.
+    flops, elems = model.attention_work(ctx, decode=True)
+    ld = _Load(rows=t, attn_flops=t * flops, attn_bytes=b * elems * kv, pool=t, comm=t, seqs=b)
     total, bd, imb = layers.forward(ld, lm_rows=t)
     if setup.mtp_draft:
         # Each draft token: one more decoder layer (MoE) and the LM head over the batch, no overlap.
-        draft = _Load(rows=b, attn_flops=b * ctx * model.attn_flops_per_key(decode=True), attn_bytes=b * ctx * kv,
-                      pool=b, comm=b, seqs=b)
+        draft = _Load(rows=b, attn_flops=b * flops, attn_bytes=b * elems * kv, pool=b, comm=b, seqs=b)
         one = layers.moe_compute(draft, layers.imbalance(draft))
         one.update(layers.comm(draft, layers.imbalance(draft)))
         mtp = (sum(one.values()) + gemm_time(b, model.vocab * model.hidden, model.hidden + model.vocab, hw.gpu,
@@ -316,7 +315,7 @@ def prefill_chunk(model: ModelShape, hw: HardwareProfile, setup: Setup,
     reread = n * setup.cached_prefix + (new / n) * n * (n - 1) / 2.0
     keys = setup.cached_prefix + (new + 1) / 2.0  # causal: a token sees the prefix and half its prompt
     kv = _kv_bytes_per_token_layer(model, setup.precision)
-    ld = _Load(rows=t, attn_flops=t * keys * model.attn_flops_per_key(decode=False),
+    ld = _Load(rows=t, attn_flops=t * model.attention_work(keys, decode=False)[0],
                attn_bytes=(seqs * reread + t) * kv, pool=t, comm=t, seqs=seqs)
     total, bd, imb = layers.forward(ld, lm_rows=seqs)
     if model.is_mla and reread:
@@ -358,9 +357,10 @@ def mixed_iteration(model: ModelShape, hw: HardwareProfile, setup: Setup, input_
     ctx = input_len + output_len / 2.0
     kv = _kv_bytes_per_token_layer(model, setup.precision)
     ld = _Load(rows=b + p_max,
-               attn_flops=b * ctx * model.attn_flops_per_key(True)
-               + p_max * (input_len + 1) / 2.0 * model.attn_flops_per_key(False),
-               attn_bytes=(b * ctx + p_max) * kv, pool=b + p_mean, comm=b + p_max, seqs=b + lam)
+               attn_flops=b * model.attention_work(ctx, True)[0]
+               + p_max * model.attention_work((input_len + 1) / 2.0, False)[0],
+               attn_bytes=b * model.attention_work(ctx, True)[1] * KV_BYTES[setup.precision.attention] + p_max * kv,
+               pool=b + p_mean, comm=b + p_max, seqs=b + lam)
     total, bd, imb = layers.forward(ld, lm_rows=b)
     return StepResult("mixed", total, b, bd, imb)
 

@@ -42,7 +42,8 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + ["moe-mxfp4", "moe-mxfp4 --quick", "moe-nvfp4", "moe-nvfp4 --quick"]
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
-         + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick", "spec --quick", "hybrid"]
+         + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick", "spec --quick", "hybrid",
+            "dsa"]
          + [f"first {n}" for n in range(1, 7)])  # the first plan (test_gpu_session_first.py)
 E2E_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite")
 
@@ -156,7 +157,7 @@ def test_plan_lists_one_device_command_per_step():
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
                                     + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"]
-                                    + ["hybrid"])
+                                    + ["hybrid", "dsa"])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"\ntotal {sum(int(b) for _, b, _ in rows)} s" in full
 
@@ -322,6 +323,21 @@ def test_cpu_smoke_mla_fp8_kv_step_prints_the_ratios(tmp_path):
     (f,) = tmp_path.iterdir()
     doc = json.loads(f.read_text())
     assert f.name == "mla_fp8_kv_cpu_smoke.json" and len(doc["results"]) == 5 and doc["cpu_smoke"]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_dsa_step_writes_both_paths_bytes_and_times(tmp_path):
+    """The dsa step's CPU smoke (toy shapes, reference kernels): one device-safe JSON, every point with dense and DSA
+    times and counted bytes, the latent bytes following top-k / context."""
+    proc = session("--cpu-smoke", "dsa", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    (f,) = tmp_path.iterdir()
+    doc = json.loads(f.read_text())
+    assert f.name == "dsa_decode_cpu_smoke.json" and len(doc["points"]) == 8
+    for pt in doc["points"]:
+        assert pt["dense_s"] > 0 and pt["dsa_s"] > 0
+        assert pt["latent_bytes_ratio"] == pytest.approx(min(pt["context"], 16) / pt["context"])
 
 
 @pytest.mark.slow
