@@ -56,7 +56,7 @@ def test_reference_selection_is_transformers_indexer_formula(gen):
     """score[t, j] = sum_h w[t, h] relu(scale q[t, h] . k[j]) over j <= position, top-k by torch.topk (as transformers'
     DeepseekV32Indexer), against the reference's paged, chunked computation: the same sets."""
     meta = _meta(gen, CTX_Q, "cpu")
-    H, D, K = 4, 16, 6
+    H, D, K = 16, 16, 6  # 16 heads: no key scores an exact 0 (every head's ReLU 0), where torch.topk breaks ties its way
     cache = _cache(gen, meta, D, torch.float64, "cpu")
     T = sum(meta.query_lens)
     q = torch.randn(T, H, D, generator=gen, dtype=torch.float64)
@@ -130,6 +130,25 @@ def test_triton_selection_ties_and_decode_placeholders(gen, kdev):
     graph_meta = AttentionMetadata(meta.query_start_loc_S1, meta.seq_lens_S, meta.block_tables_SM, meta.slot_mapping_T,
                                    [1] * 3, [1] * 3, 1, 1, meta.null_block)
     got = triton_dsa_topk(q, w, cache, graph_meta, K, 0.25, max_len=48)
+    _assert_same_sets(got.cpu(), want)
+
+
+def test_triton_selection_breaks_many_ties_as_the_reference(gen, kdev):
+    """Scores from 4 values over contexts up to 300 (keys c * e0, c in 0..3, queries e0): the K-th largest sits
+    among many equal scores, which the radix select must count and break to the lowest positions exactly."""
+    from moelink.kernels.triton_dsa_topk import triton_dsa_topk
+
+    ctx_q = [(300, 1), (97, 5), (40, 1)]
+    meta = _meta(gen, ctx_q, "cpu")
+    H, D, K = 16, 16, 24
+    cache = torch.zeros(int(meta.block_tables_SM.max()) + 2, L, D)
+    cache[..., 0] = torch.randint(0, 4, cache.shape[:2], generator=gen).float()
+    T = sum(meta.query_lens)
+    q = torch.zeros(T, H, D)
+    q[..., 0] = 1.0
+    w = torch.ones(T, H)
+    want = reference_dsa_topk(q, w, cache, meta, K, 0.25)
+    got = triton_dsa_topk(q.to(kdev), w.to(kdev), cache.to(kdev), _meta_to(meta, kdev), K, 0.25, max_len=320)
     _assert_same_sets(got.cpu(), want)
 
 
