@@ -171,7 +171,9 @@ def align_launch(num_pairs: int, num_experts: int) -> tuple[bool, int, int, int]
     # One-hot tiles are [SUB, X]: keep them near 8K elements whatever E is.
     SUB = max(16, min(256, 8192 // X, triton.next_power_of_2(num_pairs)))
     n_sub = triton.cdiv(num_pairs, SUB)
-    single = n_sub <= _SINGLE_MAX_SUBTILES
+    # From 512 expert columns on (Kimi K2's 384), the one-program kernel's [X] vectors beside its tiles spilled on
+    # sm_90 (4 bytes at 8 warps, compile report): two launches there, as for larger batches.
+    single = n_sub <= _SINGLE_MAX_SUBTILES and X < 512
     return single, SUB * (n_sub if single else triton.cdiv(n_sub, _MAX_CHUNKS)), SUB, X
 
 
