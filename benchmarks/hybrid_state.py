@@ -172,33 +172,6 @@ def analytic(tmp: Path) -> dict:
     return dict(models=rows, hybrid_over_moe_bytes_per_sequence=ratio)
 
 
-# -- load_format="dummy" for the hybrid -----------------------------------------------------------------------------
-def dummy_conv_weights_fix() -> str | None:
-    """Qwen3-Next's conv1d.weight is [C, 1, W] on disk and read through the plan index (slice, 0);
-    engine/rank/dummy_weights.checkpoint_shape may not read an integer index back (it then makes a [C, W] tensor,
-    which the loader refuses). If so, this process's loader gets a shape reader that does (the one-rank executor
-    runs in this process) and the note says so; None when the engine reads it already."""
-    from moelink.engine.rank import dummy_weights
-
-    probe = (slice(None), 0)
-    if tuple(dummy_weights.checkpoint_shape((6, 4), probe)) == (6, 1, 4):
-        return None
-    original = dummy_weights.checkpoint_shape
-
-    def checkpoint_shape(read_shape, src_idx):
-        if (src_idx and any(isinstance(i, int) and not isinstance(i, bool) for i in src_idx)
-                and not any(isinstance(i, torch.Tensor) for i in src_idx)):
-            rest = iter(read_shape)
-            shape = [i + 1 if isinstance(i, int) else next(rest) for i in src_idx] + list(rest)
-            if tuple(torch.empty(shape, device="meta")[src_idx].shape) == tuple(read_shape):
-                return tuple(shape)
-        return original(read_shape, src_idx)
-
-    dummy_weights.checkpoint_shape = checkpoint_shape
-    return ("engine/rank/dummy_weights.checkpoint_shape reads no integer index back (Qwen3-Next's conv1d.weight, "
-            "[C, 1, W] read as [C, W]): this run patched it in-process to make [C, 1, W]")
-
-
 # -- the engines ----------------------------------------------------------------------------------------------------
 def engine_kwargs(cfg, size: dict, device: str, max_len: int, batch_tokens: int) -> dict:
     from moelink.engine.config import kv_sizing
@@ -423,10 +396,6 @@ def main(argv=None) -> dict:
 
         from moelink.engine import LLM
 
-        fix = dummy_conv_weights_fix()
-        if fix:
-            result["notes"].append(fix)
-            print(f"note: {fix}")
         llms = {}
         try:
             for k in ("hybrid", "moe"):

@@ -84,7 +84,14 @@ def checkpoint_shape(read_shape: tuple[int, ...], src_idx: tuple) -> tuple[int, 
         return tuple(read_shape)
     tensors = [j for j, i in enumerate(src_idx) if isinstance(i, torch.Tensor)]
     if not tensors:
-        return tuple(read_shape)
+        # Slices and integers (an integer drops a dim of size >= it + 1: Qwen3-Next's conv1d.weight [C, 1, W] read as
+        # [C, W], its shared_expert_gate [1, D] read as [D]).
+        rest = iter(read_shape)
+        shape = [i + 1 if isinstance(i, int) else next(rest) for i in src_idx] + list(rest)
+        if tuple(torch.empty(shape, device="meta")[src_idx].shape) != tuple(read_shape):
+            raise ValueError(f"load_format='dummy': cannot tell the checkpoint shape of a tensor read as "
+                             f"{tuple(read_shape)} through its weight plan's index")
+        return tuple(shape)
     bcast = torch.broadcast_shapes(*(src_idx[j].shape for j in tensors))
     at = tensors[0] if tensors == list(range(tensors[0], tensors[-1] + 1)) else 0
     rest = iter(list(read_shape[:at]) + list(read_shape[at + len(bcast):]))

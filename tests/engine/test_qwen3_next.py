@@ -122,3 +122,20 @@ def test_speculative_decoding_rolls_linear_states_back_past_rejected_drafts(hf_t
     assert sd is not None and sd.num_draft_tokens > 0
     assert (sd.num_accepted_tokens > 0) == (p_right > 0)
     assert_pool_free(llm)
+
+
+def test_dummy_weights_read_integer_plan_indices_back():
+    """load_format='dummy' makes each tensor in its checkpoint shape, integer plan indices included (Qwen3-Next's
+    conv1d.weight [C, 1, W] read as [C, W]; its shared_expert_gate [1, D] read as [D])."""
+    from moelink.engine.rank.dummy_weights import checkpoint_shape
+
+    assert checkpoint_shape((6, 4), (slice(None), 0)) == (6, 1, 4)
+    assert checkpoint_shape((32,), (0,)) == (1, 32)
+
+
+@pytest.mark.slow
+def test_random_weights_load_for_a_hybrid_model(hf_tiny_model):
+    llm = LLM(hf_tiny_model(NAME), dtype="float32", load_format="dummy", max_num_seqs=2, num_kv_blocks=32,
+              block_size=16)
+    assert len(engine_greedy(llm, [[1, 2, 3, 4, 5]])[0]) == 10
+    assert_pool_free(llm)
