@@ -150,3 +150,28 @@ def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(hf_tiny_m
     assert len({t for g in got for t in g}) > 5, "degenerate model"
     assert_same(got, hf_greedy_nocache_with(fake_quant_hf_model(deq, BLOCK), ps, 6), ps)
 
+
+
+@pytest.mark.parametrize("name", list(HF_DSA))
+def test_mtp_drafts_with_an_indexer_of_their_own(hf_tiny_model, name, tmp_path):
+    """The MTP layer of a DSA checkpoint is a DSA layer too (its own indexer and key cache on the main block ids):
+    with method "mtp" (k = 2) on a checkpoint whose MTP layer guesses the main model's next token
+    (tests.helpers.mtp_checkpoints.bigram_mtp), drafts are accepted and verify steps attend sparsely; the greedy
+    outputs equal transformers' forward without a cache."""
+    import shutil
+
+    from moelink.engine.tools.tiny_hf_model import add_mtp_layers
+    from tests.helpers.mtp_checkpoints import bigram_mtp
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_tiny_model(name), src)
+    add_mtp_layers(src)
+    path = str(bigram_mtp(src, tmp_path / "bigram", mtp_scale=0.1))
+    ps = prompts(VOCAB, seed=31, n=6, lo=5, hi=120)
+    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48, num_kv_blocks=256, block_size=16,
+              skip_warmup=True, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    got = engine_greedy(llm, ps)
+    spec = llm.engine.stats().spec_decode
+    assert spec.num_accepted_tokens > 0 and spec.num_draft_tokens > spec.num_accepted_tokens
+    assert_same(got, hf_greedy_nocache(path, ps), ps)
+    assert_pool_free(llm)
