@@ -192,3 +192,44 @@ def _meta_to(meta: AttentionMetadata, device) -> AttentionMetadata:
                              meta.seq_lens, meta.max_query_len, meta.max_seq_len, meta.null_block)
 
 
+
+
+def test_triton_decode_path_reads_nothing_back_from_the_device(gen, kdev, monkeypatch):
+    """A decode step's selection and sparse MLA (what a decode graph captures) make no device→host sync: counted on
+    CPU by tests.helpers.host_syncs around the wrappers, the interpreter's own launches left out."""
+    from moelink.kernels import triton_dsa_topk as topk_mod
+    from moelink.kernels import triton_mla_sparse as sparse_mod
+
+    from tests.helpers.host_syncs import HostSyncCounter
+
+    ctx_q = [(23, 1), (6, 1), (40, 1)]
+    meta = _meta(gen, ctx_q, kdev)
+    graph_meta = AttentionMetadata(meta.query_start_loc_S1, meta.seq_lens_S, meta.block_tables_SM, meta.slot_mapping_T,
+                                   [1] * 3, [1] * 3, 1, 1, meta.null_block)  # a decode graph's placeholder lengths
+    index = _cache(gen, meta, 16, torch.bfloat16, kdev)
+    latent = _cache(gen, meta, 48, torch.bfloat16, kdev)
+    q = torch.randn(3, 16, 16, generator=gen).to(torch.bfloat16).to(kdev)
+    w = torch.randn(3, 16, generator=gen).to(kdev)
+    q_lat = torch.randn(3, 4, 32, generator=gen).to(torch.bfloat16).to(kdev)
+    q_pe = torch.randn(3, 4, 16, generator=gen).to(torch.bfloat16).to(kdev)
+    with HostSyncCounter() as counter:
+        class Paused:  # a kernel whose launch (the interpreter's numpy copies) is not counted
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                launch = self.kernel[grid]
+
+                def run(*a, **kw):
+                    with counter.paused():
+                        return launch(*a, **kw)
+                return run
+
+        for mod, name in ((topk_mod, "_index_scores_kernel"), (topk_mod, "_topk_kernel"),
+                          (sparse_mod, "_sparse_mla_kernel"), (sparse_mod, "_mla_merge_kernel")):
+            monkeypatch.setattr(mod, name, Paused(getattr(mod, name)))
+        with counter.counting():
+            sel = topk_mod.triton_dsa_topk(q, w, index, graph_meta, 8, 0.25, max_len=48)
+            for splits in (None, 3):
+                sparse_mod.triton_sparse_mla_attention(q_lat, q_pe, latent, graph_meta, sel, 0.2, num_splits=splits)
+    assert counter.count == 0, counter.where
