@@ -14,6 +14,11 @@ Why absorbed for prefill chunks too: the latent cache is the only K/V there is, 
 decode tokens, prefill chunks and chunks over a cached prefix in the same batch (the kernels take mixed
 batches); expanding K/V per head for long prompts is an optimisation for later, not a second semantics.
 Decode is graph-safe: only device tensors and the kernels' device-side lengths, no host sync.
+
+DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5: MLAConfig.indexer): the layer's lightning indexer (dsa.py) writes its
+keys into the layer's second cache tensor and selects index_topk positions per query from the q latent; attention
+then runs over those rows only (kernels.sparse_mla_attention), or dense when no query sees more (the same tokens).
+A GLM-5 "shared" layer has no indexer and attends to the positions of the last one (ForwardContext.dsa_topk).
 """
 from __future__ import annotations
 
