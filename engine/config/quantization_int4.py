@@ -28,6 +28,11 @@ def _component_run(entry: str) -> re.Pattern:
     return re.compile(r"(^|\.)" + r"\.".join(parts) + r"(\.|$)")
 
 
+# The group sizes the INT4 kernels take (kernels/int4.py GROUP_SIZES; config reading imports no kernel module, and
+# tests/engine/test_int4_checkpoint.py holds the two equal).
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
 @dataclass(frozen=True)
 class Int4Config:
     """INT4 routed experts run W4A16 (kernels/int4.py): 4-bit integers, one scale per `group_size` values along the
@@ -57,10 +62,8 @@ class Int4Config:
     online = False  # read as published; `--quantization` quantizes to FP8 only
 
     def __post_init__(self) -> None:
-        from moelink.kernels.int4 import GROUP_SIZES
-
-        if self.group_size not in GROUP_SIZES:
-            raise unsupported("quantization_config.group_size", self.group_size, GROUP_SIZES,
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise unsupported("quantization_config.group_size", self.group_size, INT4_GROUP_SIZES,
                               " (INT4 experts with one scale per group along the reduction dim)")
         if self.layout not in ("compressed-tensors", "gptq", "awq"):
             raise ValueError(f"Int4Config.layout={self.layout!r} is invalid: compressed-tensors, gptq or awq.")

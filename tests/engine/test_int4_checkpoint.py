@@ -299,3 +299,10 @@ def test_triton_engine_run_matches_reference(tiny):
               block_size=4)
     outs = ref.generate(ps, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert got == [o.outputs[0].token_ids for o in outs]
+
+
+def test_config_reading_knows_the_group_sizes_the_kernels_take():
+    from moelink.engine.config.quantization_int4 import INT4_GROUP_SIZES
+    from moelink.kernels.int4 import GROUP_SIZES
+
+    assert INT4_GROUP_SIZES == GROUP_SIZES
