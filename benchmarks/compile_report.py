@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .compile_report_text import (ATTN_DOT_KERNELS, FP8_GEMM_KERNELS, GEMM_KERNELS, H100_SMEM,  # noqa: F401
+from .compile_report_text import (ATTN_DOT_KERNELS, FP8_GEMM_KERNELS, GEMM_KERNELS, H100_SMEM, SLOW_OTHER_KERNELS,  # noqa: F401,E501
                                   markdown, notes, record_key, summarize)
 from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_fp8,  # noqa: F401
                             compile_mla, compile_moe, compile_norm_rotary)
