@@ -18,7 +18,7 @@ def _llm(path):
 
 
 def _generate(llm, prompts):
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (6, 4)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (4, 3)]
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params[: len(prompts)], use_tqdm=False)]
 
 
@@ -27,7 +27,7 @@ def test_graph_decode_of_a_hybrid_model_matches_eager(hf_tiny_model, kdev):
     if kdev.type != "cpu":
         pytest.skip("CPU stand-in for the capture; with a GPU, real graphs are captured by the engine itself")
     path = hf_tiny_model("qwen3_next")
-    prompts = [[5, 9, 13, 7, 22, 31, 4, 8, 19], [3, 3, 40]]
+    prompts = [[5, 9, 13, 7, 22, 31, 4], [3, 3, 40]]
     want = _generate(_llm(path), prompts)
     llm = _llm(path)
     runner = llm.engine.executor.worker.runner

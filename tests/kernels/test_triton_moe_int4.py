@@ -127,7 +127,9 @@ def test_reference_is_compressed_tensors_decompression(sym, gen):
     got = int4_dequantize(c["weight_packed"], c["weight_scale"], z, torch.float64)
     want = PackedQuantizationCompressor.decompress(dict(c), _scheme(sym, 32))["weight"]
     assert torch.equal(got, want.to(torch.float64))
-    assert (got - w).abs().max() <= c["weight_scale"].abs().max() * (0.5 if sym else 1.0) + 1e-12
+    # A sanity bound only (the check above is the exact one): half a step, plus what clipping the top code and a
+    # bf16-rounded scale add at a group's extreme value (seen 0.513 steps with a symmetric scheme).
+    assert (got - w).abs().max() <= c["weight_scale"].abs().max() * (0.75 if sym else 1.0) + 1e-12
     u = torch.randint(0, 16, (3, 5, 40), dtype=torch.uint8, generator=gen)
     assert torch.equal(unpack_int4(pack_int4(u)), u)
 

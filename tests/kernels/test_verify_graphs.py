@@ -33,7 +33,7 @@ def _llm(path, spec=None):
                speculative_config=spec)
 
 
-PARAMS = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=2)
+PARAMS = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True, logprobs=2)
 
 
 def _run(llm, prompts):
@@ -47,7 +47,7 @@ def reference(tiny_model):
     makes each engine run cost tens of seconds)."""
     path = tiny_model("qwen3_e6k3")
     rng = random.Random(3)
-    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (5, 17, 9, 30)]
+    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (5, 13, 9, 21)]
     with _llm(path) as plain:
         return path, prompts, _run(plain, prompts)
 
