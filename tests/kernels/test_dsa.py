@@ -20,7 +20,8 @@ L = 4
 
 
 def _meta(gen, ctx_q, device, num_blocks=None):
-    perm = torch.randperm(num_blocks or sum(-(-c // L) for c, _ in ctx_q) + 3, generator=gen).tolist()
+    num_blocks = num_blocks or sum(-(-c // L) for c, _ in ctx_q) + 3
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
     tables = [[perm.pop() for _ in range(-(-c // L))] for c, _ in ctx_q]
     q_lens, seq_lens = [q for _, q in ctx_q], [c for c, _ in ctx_q]
     M = max(len(t) for t in tables)
@@ -30,13 +31,14 @@ def _meta(gen, ctx_q, device, num_blocks=None):
         torch.tensor(seq_lens, dtype=torch.int32, device=device),
         torch.tensor([t + [0] * (M - len(t)) for t in tables], dtype=torch.int32, device=device),
         torch.tensor(slots, dtype=torch.long, device=device), q_lens, seq_lens, max(q_lens), max(seq_lens),
-        null_block=len(perm) + sum(map(len, tables)) - 1)
+        null_block=num_blocks)  # past every block a sequence owns: the contract's all-zero null block
 
 
 def _cache(gen, meta, width, dtype, device):
-    """[blocks + 1, L, width]: every position of every sequence written (random), the rest NaN."""
-    B = int(meta.block_tables_SM.max()) + 2
-    cache = torch.full((B, L, width), float("nan"), dtype=torch.float32)
+    """[blocks + 1, L, width]: every position of every sequence written (random), the null block zeros (the kernels'
+    contract: reads past a sequence's end land there), the rest NaN."""
+    cache = torch.full((meta.null_block + 1, L, width), float("nan"), dtype=torch.float32)
+    cache[meta.null_block] = 0.0
     for s, ctx in enumerate(meta.seq_lens):
         for p in range(ctx):
             cache[int(meta.block_tables_SM[s, p // L]), p % L] = torch.randn(width, generator=gen)
