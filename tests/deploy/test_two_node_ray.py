@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.local_ray import remove_ray_dir
+from tests.helpers.local_ray import remove_ray_dir, stop_process_group
 from tests.helpers.waits import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,8 +150,8 @@ def test_serve_ep2_across_two_ray_nodes(tiny_model, tmp_path):
         assert "moelink_head" in nodes and "moelink_worker" in nodes
     finally:
         _stop(server)
-        _stop(worker)
-        _stop(head)
+        stop_process_group(worker)  # Ray nodes: a short grace, then the group is killed (STOP_GRACE_S says why)
+        stop_process_group(head)
         hosts.close()
         remove_ray_dir(ray_tmp)
         remove_ray_dir(worker_tmp)

@@ -67,6 +67,31 @@ def local_ray(num_cpus: int = 4):
             ray.shutdown()
 
 
+# How long a Ray process group stopped by a test gets after SIGTERM before SIGKILL. `ray start --block` answers
+# SIGTERM by stopping its node's processes one by one, each with its own grace: about 33 s for a head on the
+# 2-core machines, which was the longest part of the tests that start one. What the tests check is done by
+# then; the rest of the group and anything still using the Ray dir is killed by PID (remove_ray_dir).
+STOP_GRACE_S = 3.0
+
+
+def stop_process_group(proc: subprocess.Popen | None, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM `proc`'s process group (started with start_new_session=True), SIGKILL it after `grace` seconds;
+    returns once `proc` is reaped (bounded)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    # The group may outlive its leader (the raylet's workers): SIGKILL whatever is left of it.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 class RayHead:
     """`ray start --head --block` on 127.0.0.1, an explicit free port and a temp dir of its own.
 
@@ -107,13 +132,7 @@ class RayHead:
                    detail=lambda: self.log.read_text()[-3000:])
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+        stop_process_group(self.proc)
         remove_ray_dir(self.temp_dir)
 
     def __enter__(self) -> "RayHead":
