@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 # Other files of a repo (PyTorch .bin duplicates, GGUF, images) are never downloaded.
 ALLOW_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                  "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+                  "tokenizer.model", "tiktoken.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 

@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 def has_tokenizer(model_dir: str | Path) -> bool:
-    """Whether `model_dir` holds the tokenizer file moelink reads (tokenizer.json)."""
-    return (Path(model_dir) / "tokenizer.json").is_file()
+    """Whether `model_dir` holds a tokenizer file moelink reads (tokenizer.json, or Kimi's tiktoken.model)."""
+    return (Path(model_dir) / "tokenizer.json").is_file() or (Path(model_dir) / "tiktoken.model").is_file()
 
 
 class NoTokenizer:

@@ -2,7 +2,8 @@
 
 `transformers` is deliberately not imported here: it is heavy, slow to import
 and only a test dependency. What we need from a Hugging Face model directory is
-small: tokenizer.json (the actual tokenizer), tokenizer_config.json (special
+small: tokenizer.json (the actual tokenizer; or Kimi's tiktoken.model, built into the same
+`tokenizers` object by tiktoken_files.py), tokenizer_config.json (special
 tokens, chat template) and the eos ids that config.json /
 generation_config.json declare. Encoding follows what
 `transformers.AutoTokenizer` (v5) does with the same files, which the tests
@@ -21,6 +22,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
+
+from .tiktoken_files import TIKTOKEN_FILE, tiktoken_backend
 
 # transformers writes this sentinel when a tokenizer has no length limit.
 _NO_MAX_LENGTH = int(1e30)
@@ -115,14 +118,18 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: Union[str, Path]) -> "Tokenizer":
-        """Load from a Hugging Face model directory (needs tokenizer.json)."""
+        """Load from a Hugging Face model directory: tokenizer.json, else a tiktoken.model (Kimi's)."""
         model_dir = Path(path)
         tok_file = model_dir / "tokenizer.json"
-        if not tok_file.is_file():
-            raise ValueError(
-                f"No tokenizer.json in {str(model_dir)!r}: moelink needs a fast (tokenizers) tokenizer file there.")
-        backend = _HFTokenizer.from_file(str(tok_file))
         tok_config = _read_json(model_dir / "tokenizer_config.json")
+        if tok_file.is_file():
+            backend = _HFTokenizer.from_file(str(tok_file))
+        elif (model_dir / TIKTOKEN_FILE).is_file():  # Kimi K2 / K2.5: a tiktoken rank file (tiktoken_files.py)
+            backend = tiktoken_backend(model_dir, tok_config)
+        else:
+            raise ValueError(
+                f"No tokenizer.json (or {TIKTOKEN_FILE}) in {str(model_dir)!r}: moelink needs a fast (tokenizers) "
+                "tokenizer file there, or a tiktoken rank file of a layout it knows.")
         model_config = _read_json(model_dir / "config.json")
         gen_config = _read_json(model_dir / "generation_config.json")
 

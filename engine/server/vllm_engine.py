@@ -44,7 +44,7 @@ except PackageNotFoundError:  # running from a source tree
     MOELINK_VERSION = "unknown"
 # What a tokenizer bundle holds, when present (the names Hugging Face tokenizers use).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "config.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
+                   "config.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "tiktoken.model", "vocab.json",
                    "merges.txt", "added_tokens.json")
 
 
