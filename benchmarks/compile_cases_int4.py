@@ -2,7 +2,8 @@
 the `Recorder` that turns launches into ahead-of-time compiles), compiled by `compile_report.py --only int4` for
 sm_90: Kimi K2 Thinking / K2.5's experts (384 x [2048, 7168], group 32, symmetric, bf16 scales) and a GPTQ / AWQ
 Qwen3-30B-A3B (128 x [768, 2048], group 128, zero points), at every int4_moe_default.json bucket (the tiny GEMVs at
-bucket 0, the per-tile path above), the per-tile path at decode sizes, an expert map and the atomic combine."""
+bucket 0, the per-tile path above, the dequantize-once pre-pass and the float GEMMs at the DEQUANT bucket), the
+per-tile path at decode sizes, an expert map and the atomic combine."""
 from __future__ import annotations
 
 import torch

@@ -32,7 +32,7 @@ pass asserts on a producer with pointer loads (checked offline for sm_90).
 Optional "TINY": {"max_pairs", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages", "down": {...}}
 turns on the tiny-batch path (kernels/triton_moe_tiny.py: no alignment, no sum pass, two launches) for
 batches of at most max_pairs (token, expert) pairs; larger batches of the same bucket take the sorted path.
-Optional "DEQUANT": true (MXFP4 files only, kernels/triton_moe_mxfp4.py): batches of this bucket that do not take
+Optional "DEQUANT": true (MXFP4 and INT4 files only, kernels/triton_moe_mxfp4.py, triton_moe_int4.py): batches of this bucket that do not take
 the tiny path dequantize every local expert once into a scratch of the activation dtype and run the float
 sorted path on it (the bucket's blocks are then the float GEMMs'), instead of dequantizing per M tile.
 """
@@ -143,7 +143,7 @@ class MoELaunchConfig:
     up: GemmConfig
     down: GemmConfig
     tiny: TinyConfig | None = None  # the tiny-batch path, for pair counts up to tiny.max_pairs
-    dequant: bool = False  # MXFP4: dequantize the experts once per call, then the float sorted path
+    dequant: bool = False  # MXFP4, INT4: dequantize the experts once per call, then the float sorted path
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "MoELaunchConfig":

@@ -2,8 +2,8 @@
 
 A Triton kernel compiles once per set of compile-time values. The fused MoE's depend on the token count T
 (the rows the expert call gets) through its launch config (the JSON bucket T selects, kernels/moe_config.py),
-the tiny-batch path (T*K <= TINY.max_pairs) and its narrowed down GEMV, MXFP4's dequantize-once buckets (its
-own table picks the path, the float table the GEMMs' blocks), the alignment kernels' sizes
+the tiny-batch path (T*K <= TINY.max_pairs) and its narrowed down GEMV, MXFP4's and INT4's dequantize-once buckets
+(their own table picks the path, the float table the GEMMs' blocks), the alignment kernels' sizes
 (moe_align.align_launch) and, for FP8, the activation quantization's block (triton_fp8.quant_block_rows).
 Everything else a launch specialises on is fixed by the layer (shapes, dtype, biases, activation) or not
 specialised at all (the pair count is `do_not_specialize`). `moe_variant` composes the wrappers' own
@@ -57,7 +57,7 @@ class MoEShape:
 class MoEVariant:
     """One compiled set of fused-MoE kernels: equal variants share every compiled kernel."""
 
-    path: str  # "sorted" (align, gate-up GEMM, down GEMM, sum), "tiny" (two GEMVs) or "dequant" (MXFP4: the
+    path: str  # "sorted" (align, gate-up GEMM, down GEMM, sum), "tiny" (two GEMVs) or "dequant" (MXFP4, INT4: the
     # experts dequantized once, then the float sorted kernels with `config`)
     config: MoELaunchConfig | TinyConfig  # the GEMMs' blocks as launched (FP8: adapted to the weight block)
     align: tuple[bool, int, int] | None = None  # sorted: moe_align's (SINGLE, CHUNK, SUB)
@@ -82,10 +82,10 @@ def _table(shape: MoEShape):
 
 
 def _tables(shape: MoEShape) -> list:
-    """Every config table a variant of `shape` is picked from: MXFP4's DEQUANT buckets run the float kernels with
-    the float table's config, so its buckets count too."""
+    """Every config table a variant of `shape` is picked from: MXFP4's and INT4's DEQUANT buckets run the float
+    kernels with the float table's config, so its buckets count too."""
     tables = [_table(shape)]
-    if shape.fmt == "mxfp4" and any(cfg.dequant for _, cfg in tables[0][1]):
+    if shape.fmt in ("mxfp4", "int4") and any(cfg.dequant for _, cfg in tables[0][1]):
         tables.append(config_table(shape.num_experts, shape.inter, shape.device_name, shape.config_dir))
     return tables
 
@@ -131,13 +131,17 @@ def moe_variant(shape: MoEShape, num_tokens: int) -> MoEVariant:
             float_cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
             return MoEVariant("dequant", replace(float_cfg, tiny=None, dequant=False), align)
         return MoEVariant("sorted", mxfp4_config(cfg), align)
-    if shape.fmt == "int4":  # its own table: the tiny GEMVs, else the per-tile path with int4_config's blocks
+    if shape.fmt == "int4":  # its own table: the tiny GEMVs, the dequantize-once buckets, else the per-tile path
         from .moe_config import _pick
         from .triton_moe_int4 import int4_config, int4_path
 
         cfg = _pick(*_table(shape), T, K, E)
-        if int4_path(cfg, T, K) == "tiny":
+        path = int4_path(cfg, T, K)
+        if path == "tiny":
             return _tiny_variant(cfg.tiny, shape, T)
+        if path == "dequant":  # the float kernels with the float config (and the pre-pass, one compiled kernel)
+            float_cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
+            return MoEVariant("dequant", replace(float_cfg, tiny=None, dequant=False), align)
         return MoEVariant("sorted", replace(int4_config(cfg), tiny=None), align)
     cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
     if shape.fmt == "nvfp4":

@@ -11,6 +11,7 @@ importing the engine would freeze that choice too early.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, ClassVar, Protocol
 
 import torch
@@ -137,6 +138,7 @@ class TritonKernels:
         from .triton_mla import triton_mla_attention, triton_write_latent
         from .triton_mla_input import triton_mla_rope_write_latent
         from .triton_moe import triton_fused_moe
+        from .triton_int4_dequant import DequantWorkspace
         from .triton_moe_int4 import triton_fused_moe_int4
         from .triton_moe_mxfp4 import triton_fused_moe_mxfp4
         from .triton_moe_nvfp4 import triton_fused_moe_nvfp4
@@ -165,7 +167,10 @@ class TritonKernels:
         self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too
         self.fused_moe_mxfp4 = triton_fused_moe_mxfp4
         self.fused_moe_nvfp4 = triton_fused_moe_nvfp4  # W4A16: dequantizing K loops (kernels/nvfp4.py)
-        self.fused_moe_int4 = triton_fused_moe_int4  # W4A16 INT4: decode GEMVs + dequantizing K loops (kernels/int4.py)
+        # W4A16 INT4 (kernels/int4.py): decode GEMVs, dequantizing K loops, and for prefill-sized batches the experts
+        # dequantized once into this rank's one workspace (every layer reuses it), then the bf16 GEMMs
+        self.int4_workspace = DequantWorkspace()
+        self.fused_moe_int4 = functools.partial(triton_fused_moe_int4, workspace=self.int4_workspace)
         # FP8 block-scaled W8A8 (kernels/fp8.py is the contract): same signatures as the references.
         from .triton_fp8 import triton_fp8_linear
         from .triton_moe_fp8 import triton_fused_moe_fp8

@@ -14,10 +14,13 @@ words of a group hit the same bytes, so DRAM sees each scale once), then `dequan
 fp32 (exact: (u - z) is a small integer, times the scale), one rounding to the activation dtype, and tl.dot with fp32
 accumulation, as the float kernel. The activations stay in their dtype (W4A16).
 
-Paths (`int4_path`, from T by the INT4 config files `int4_moe_{default,interpreter}.json`, keyed by rows per
-expert like MXFP4's): "tiny" (T*K <= TINY.max_pairs: the two GEMVs, each selected expert's packed bytes read once
-per pair) and "sorted" (per-tile dequantization, above). No dequantize-once prefill path yet (MXFP4 has one,
-`DEQUANT`): the sorted path is the prefill path here.
+Paths (`int4_path`, the one selector: from T by the INT4 config files `int4_moe_{default,interpreter}.json`, keyed
+by rows per expert like MXFP4's, so the thresholds are data): "tiny" (T*K <= TINY.max_pairs: the two GEMVs, each
+selected expert's packed bytes read once per pair: decode), "dequant" (buckets marked DEQUANT: prefill-sized
+batches; every local expert dequantized once per call by `triton_int4_dequant.dequantize_int4_experts` into a
+`DequantWorkspace` of the activation dtype, then the float sorted path, kernels/triton_moe_float.py, with the float
+launch config: the decode of each weight is paid once, not once per M tile of its expert) and "sorted" (per-tile
+dequantization in the K loop, above; between the two).
 
 The rest is the pipeline's and the GEMM scaffold's (kernels/triton_moe_gemm.py), as for MXFP4 / NVFP4: this format
 plugs in its K loops (`int4_up_loop`, `int4_down_loop`) and `Int4Format`; one program per tile without TMA.
@@ -35,14 +38,15 @@ from . import moe_config
 from . import triton_common as common
 from .int4 import GROUP_SIZES, check_int4
 from .moe import SILU, MoEActivation
-from .moe_config import CONFIG_DIR, DEFAULT_TINY, GemmConfig, MoELaunchConfig, _pick, load_config_file
+from .moe_config import CONFIG_DIR, DEFAULT_TINY, GemmConfig, MoELaunchConfig, _pick, get_moe_config, load_config_file
 from .triton_common import dot
-from .triton_int4_dequant import dequant_int4_words, group_of_words
+from .triton_int4_dequant import DequantWorkspace, dequant_int4_words, dequantize_int4_experts, group_of_words
 from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
+from .triton_moe_float import FloatFormat
 from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
 from .triton_moe_int4_tiny import tiny_fused_moe_int4
 
-PATHS = ("auto", "tiny", "sorted")
+PATHS = ("auto", "tiny", "sorted", "dequant")
 
 
 @triton.jit
@@ -209,10 +213,14 @@ def int4_config_table(num_experts: int, inter: int, name: str, config_dir: str |
 
 
 def int4_path(cfg: MoELaunchConfig, num_tokens: int, top_k: int, path: str = "auto") -> str:
-    """"tiny" when T*K <= TINY.max_pairs, else "sorted"; a function of the token count alone (graph-safe)."""
+    """Which INT4 path a batch takes under `cfg`, the bucket its token count picked (the one selector;
+    kernels/moe_variants.py composes it): "tiny" when T*K <= TINY.max_pairs, else "dequant" where the bucket says
+    DEQUANT, else "sorted". A function of the token count alone (graph-safe); `path` other than "auto" forces one."""
     if path != "auto":
         return path
-    return "tiny" if cfg.uses_tiny(num_tokens * top_k) else "sorted"
+    if cfg.uses_tiny(num_tokens * top_k):
+        return "tiny"
+    return "dequant" if cfg.dequant else "sorted"
 
 
 def _check(x_TD, w13_q, w13_s, w13_z, w2_q, w2_s, w2_z, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int, int]:
@@ -253,11 +261,14 @@ def triton_fused_moe_int4(
     config: MoELaunchConfig | None = None,
     combine: str = "sum",
     path: str = "auto",
+    workspace: DequantWorkspace | None = None,
 ) -> torch.Tensor:
     """Same contract as `reference_fused_moe_int4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose experts are
     all remote are 0. `out` and `combine` as `triton_fused_moe`; `config` overrides the INT4 launch config
     (`int4_config_table`); `path`: "auto" (`int4_path`), "tiny" (the two GEMVs; the config's TINY blocks, else
-    DEFAULT_TINY's; sums deterministically whatever `combine` says) or "sorted". No device→host sync."""
+    DEFAULT_TINY's; sums deterministically whatever `combine` says), "sorted" (per-tile dequantization) or "dequant"
+    (every local expert dequantized once into `workspace`'s buffers, a fresh scratch when None, then the float
+    sorted path with the float launch config; `config` still picks the path). No device→host sync."""
     if path not in PATHS:
         raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
     E, I, D, group = _check(x_TD, w13_q_EFW, w13_s_EFS, w13_z_EFS, w2_q_EDW, w2_s_EDS, w2_z_EDS, topk_weights_TK,
@@ -274,8 +285,21 @@ def triton_fused_moe_int4(
     weights_P, ids_P = topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous()
     if config is None:
         config = _pick(*int4_config_table(E, I, moe_config.device_name(x_TD.device)), T, K, E)
-    if int4_path(config, T, K, path) == "tiny":
+    chosen = int4_path(config, T, K, path)
+    if chosen == "tiny":
         return tiny_fused_moe_int4(x_TD, q13, s13, z13, q2, s2, z2, group, weights_P, ids_P, expert_map_G, b13_EF,
                                    b2_ED, act_args, out, config.tiny or DEFAULT_TINY, K)
+    if chosen == "dequant":
+        # Every local expert, not only those with tokens: a DEQUANT bucket holds hundreds of rows per expert, where
+        # an expert without a token is (1 - K/E)**T unlikely, so counting used experts would cost a sync or a launch
+        # and save nothing; the grid depends on shapes alone (graph-safe).
+        dt = x_TD.dtype
+        take = (lambda name, shape: None) if workspace is None else (  # noqa: E731
+            lambda name, shape: workspace.take(name, shape, dt, x_TD.device))
+        w13_EFD = dequantize_int4_experts(q13, s13, z13, dt, take("w13", (E, 2 * I, D)))
+        w2_EDI = dequantize_int4_experts(q2, s2, z2, dt, take("w2", (E, D, I)))
+        cfg = replace(get_moe_config(E, I, T, K, x_TD.device), tiny=None, dequant=False)
+        return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out,
+                                combine, b13_EF, b2_ED, act_args)
     fmt = Int4Format(E, I, q13, s13, z13, q2, s2, z2, group)
     return sorted_fused_moe(fmt, x_TD, weights_P, ids_P, expert_map_G, K, config, out, combine, b13_EF, b2_ED, act_args)

@@ -151,7 +151,7 @@ def test_int4_config_files_load_and_hold_both_paths():
 def test_bad_shapes_and_paths_are_named(gen, kdev):
     L = _layer(gen, 2, 3, 3, 2, 64, 32, "rand", torch.float32, 32, False)
     with pytest.raises(ValueError, match="path"):
-        _run(L, kdev, path="dequant")
+        _run(L, kdev, path="bogus")
     with pytest.raises(ValueError, match="zero points"):
         _run(dict(L, w2=(L["w2"][0], L["w2"][1], None)), kdev)
     (q13, s13, z13) = L["w13"]
