@@ -40,6 +40,9 @@ class ArchSpec:
         return self.attention == "mla"
 
 
+MTP_LAYOUTS = ("nextn", "qwen")
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One config.json `architectures` name moelink knows."""
@@ -56,6 +59,15 @@ class Architecture:
     # Its checkpoints may carry DeepSeek-V3's next-n prediction (MTP) layers (config.json's
     # num_nextn_predict_layers; engine/models/mtp.py).
     mtp_layers: bool = False
+    # Where and how those layers are stored: "nextn" (DeepSeek-V3's `model.layers.{num_hidden_layers + i}.*`,
+    # engine/models/mtp.py) or "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's
+    # mtp_num_hidden_layers; engine/models/qwen_mtp.py).
+    mtp_layout: str = "nextn"
+
+    def __post_init__(self) -> None:
+        if self.mtp_layout not in MTP_LAYOUTS:
+            raise ValueError(f"Architecture {self.name}: mtp_layout={self.mtp_layout!r} is invalid: choose from "
+                             f"{', '.join(map(repr, MTP_LAYOUTS))}.")
 
     @property
     def runnable(self) -> bool:
@@ -84,11 +96,13 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     # Qwen3-Next-80B-A3B: gated DeltaNet on three layers of four, gated full attention on the fourth, a shared expert
     # with a sigmoid gate beside the routed ones.
     Architecture("Qwen3NextForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ,
-                                                  shared_experts="shared_expert"), model_type="qwen3_next"),
+                                                  shared_experts="shared_expert"), model_type="qwen3_next",
+                 mtp_layers=True, mtp_layout="qwen"),
     # Qwen3.5-MoE's text model (Qwen3.5-397B-A17B, -122B-A10B, -35B-A3B): Qwen3-Next's layers with split linear-attention
     # projections; published inside Qwen3_5MoeForConditionalGeneration checkpoints (TEXT_MODEL_OF).
     Architecture("Qwen3_5MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ,
-                                                   shared_experts="shared_expert"), model_type="qwen3_5_moe_text"),
+                                                   shared_experts="shared_expert"), model_type="qwen3_5_moe_text",
+                 mtp_layers=True, mtp_layout="qwen"),
     # gpt-oss-20b / 120b: GQA with sinks and sliding windows, fused experts with biases, MXFP4 as published.
     Architecture("GptOssForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=_PROJ, router="router",
                                                expert_layout="gpt_oss"), model_type="gpt_oss", mxfp4_experts=True),

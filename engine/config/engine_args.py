@@ -292,10 +292,10 @@ class EngineArgs:
         sequence's state: ~75 MB for Qwen3-Next-80B); (0, 0) for other models."""
         if not model_cfg.linear_layers:
             return 0, 0
-        if spec is not None and spec.runs_on_device:
+        if spec is not None and spec.runs_eagle3:
             raise ValueError(f"speculative_config.method={spec.method!r} is not supported for "
-                             f"{model_cfg.architecture} yet: its MTP / EAGLE-3 draft layers are not built for "
-                             "linear-attention models; method 'ngram' (or a host drafter) is.")
+                             f"{model_cfg.architecture} yet: EAGLE-3 heads are not built for linear-attention "
+                             "models; method 'mtp' (the checkpoint's own MTP module) or 'ngram' is.")
         if self.kv_connector is not None:
             raise ValueError(f"kv_connector is not supported for {model_cfg.architecture} yet: its linear-attention "
                              "states do not travel with the KV.")

@@ -110,7 +110,8 @@ class ModelConfig:
     # latent rows) in one byte with a per-layer scale (kernels/attention.py), half a bf16 cache's bytes.
     kv_cache_dtype: torch.dtype | None = None
     # Next-n prediction (MTP) layers stored after the main ones, as `model.layers.{num_layers + i}.*`
-    # (DeepSeek-V3/R1, Kimi K2, GLM-4.5: config.json's num_nextn_predict_layers, read for MTP_ARCHITECTURES).
+    # (DeepSeek-V3/R1, Kimi K2, GLM-4.5: config.json's num_nextn_predict_layers, read for MTP_ARCHITECTURES), or
+    # as `mtp.*` (Qwen3-Next, Qwen3.5-MoE: config.json's mtp_num_hidden_layers; engine/models/qwen_mtp.py).
     # The main model never runs them; a speculative drafter builds them (engine/models/mtp.py). 0: none.
     num_nextn_predict_layers: int = 0
     # Each layer's attention config when the layers differ within their kind (MiMo-V2-Flash's sliding layers: kv
@@ -235,8 +236,10 @@ class ModelConfig:
                 check_architecture(fields["quantization"], arch)
         # transformers' DeepSeek-V3 / GLM-4-MoE configs default num_nextn_predict_layers to 1 (the full models'
         # value) whether or not the file has the field: what the checkpoint holds is what its file says.
+        # Qwen3-Next / Qwen3.5 name the count mtp_num_hidden_layers (their MTP modules: engine/models/qwen_mtp.py).
         if arch in MTP_ARCHITECTURES:
-            fields["num_nextn_predict_layers"] = raw.get("num_nextn_predict_layers") or 0
+            fields["num_nextn_predict_layers"] = (raw.get("num_nextn_predict_layers")
+                                                  or raw.get("mtp_num_hidden_layers") or 0)
         fields["quantization"] = resolve_quantization(fields.get("quantization"), quantization, fp8_block_size)
         if text_prefix and getattr(fields["quantization"], "method", None) == "int4":
             # its target / ignore names may be spelled as the files name the text model ("language_model.model.")

@@ -10,7 +10,8 @@ from __future__ import annotations
 from ..config.architectures import REGISTRY, SUPPORTED_ARCHITECTURES, ArchSpec
 from .eagle3 import Eagle3Head
 from .moe_decoder import MoEDecoderForCausalLM
-from .mtp import MTPLayer, mtp_checkpoint_names
+from .mtp import MTPLayer, make_mtp_layer, mtp_checkpoint_names
+from .qwen_mtp import QwenMTPLayer
 
 # The runnable architectures' specs, from the one registry (engine/config/architectures.py).
 ARCHITECTURES: dict[str, ArchSpec] = {n: a.spec for n, a in REGISTRY.items() if a.runnable}
@@ -25,4 +26,5 @@ def arch_spec(architecture: str) -> ArchSpec:
     return spec
 
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "Eagle3Head", "MTPLayer", "MoEDecoderForCausalLM", "arch_spec", "mtp_checkpoint_names"]
+__all__ = ["ARCHITECTURES", "ArchSpec", "Eagle3Head", "MTPLayer", "MoEDecoderForCausalLM", "QwenMTPLayer", "arch_spec",
+           "make_mtp_layer", "mtp_checkpoint_names"]

@@ -52,7 +52,7 @@ from moelink.moe.expert_weights_int4 import Repack
 from moelink.moe.weight_plan import PlanEntry
 
 from ..config.model import ModelConfig
-from ..models import MoEDecoderForCausalLM, MTPLayer, arch_spec
+from ..models import MoEDecoderForCausalLM, arch_spec, make_mtp_layer
 
 WEIGHT_RANGE = 0.02  # float weights uniform in [-0.02, 0.02] (module docstring: why not vLLM's 1e-3)
 BIAS_RANGE = 1e-3  # biases and sinks: vLLM's range
@@ -163,8 +163,8 @@ class DummyCheckpoint:
         shapes_only = MoEDecoderForCausalLM(cfg, spec, ReferenceKernels(), meta)
         plan = shapes_only.weight_plan(None)
         for i in range(mtp_layers):
-            plan.update(MTPLayer(cfg, spec, i, ReferenceKernels(), meta, embed_tokens=shapes_only.embed_tokens,
-                                 lm_head=shapes_only.lm_head).weight_plan(None))
+            plan.update(make_mtp_layer(cfg, spec, i, ReferenceKernels(), meta, embed_tokens=shapes_only.embed_tokens,
+                                       lm_head=shapes_only.lm_head).weight_plan(None))
         specs = {name: _spec(entry, cfg) for name, entry in plan.items()}
         return cls(specs, device)
 

@@ -9,8 +9,13 @@ model's position t and KV slot. h_t is the main model's FINAL-NORMED hidden stat
 `MoEDecoderForCausalLM.forward` returns): vLLM and SGLang feed that one, and the published MTP weights were
 trained with it; DeepSeek-V3's report draws the pre-norm state, and the difference shows only as drafts accepted
 less often (the verify step keeps the output exact either way). A chained step feeds the layer its own output
-(the state before shared_head.norm) and its last draft. The layer's cache is the main model's kind and dtype
-(MLA latent or GQA, fp8 with --kv-cache-dtype fp8), one extra cache layer at index num_hidden_layers.
+(the state before shared_head.norm; a Qwen3-Next / Qwen3.5 MTP module's is final-normed, as vLLM chains it:
+engine/models/qwen_mtp.py) and its last draft. The layer's cache is the main model's kind and dtype (MLA latent
+or GQA, fp8 with --kv-cache-dtype fp8), one extra cache layer at index num_hidden_layers.
+
+Hybrid models (Qwen3-Next, Qwen3.5: linear-attention layers beside full attention): the MTP module is one full-
+attention layer, so it keeps no per-sequence state; the main model's verify step rolls its linear-attention
+states back past the rejected drafts (GatedDeltaNet.replay_states), as for any drafter's drafts.
 
 Expert parallelism: the MTP layer's MoE dispatches like a main layer, so every rank runs k MTP forwards per step
 that runs a forward anywhere (catch-up, k - 1 chain steps; `moe_only_stages` where it has no rows), in the same
@@ -26,7 +31,7 @@ import torch
 from moelink.moe.layer import Stages
 
 from ..config.model import ModelConfig
-from ..models import MTPLayer, arch_spec
+from ..models import MTPLayer, QwenMTPLayer, arch_spec, make_mtp_layer
 from ..models.layers import ForwardContext
 from .chain_drafter import SCRATCH_ROWS, ChainDrafter, ChainPlan
 from .loader import load_plan, open_checkpoint
@@ -38,9 +43,10 @@ _SCRATCH_ROWS = SCRATCH_ROWS
 
 
 def load_mtp_layer(cfg: ModelConfig, model, kernels, device: torch.device, ep=None,
-                   load_format: str = "auto") -> MTPLayer:
+                   load_format: str = "auto") -> MTPLayer | QwenMTPLayer:
     """MTP module 0 of `cfg`'s checkpoint (or random, load_format "dummy"), its routed experts this rank's share
-    under `ep`; its embedding and head are `model`'s where the checkpoint has no copy."""
+    under `ep`; its embedding and head are `model`'s where the checkpoint has no copy. The architecture's layout
+    decides the module (models/mtp.make_mtp_layer: DeepSeek's next-n layer or Qwen3-Next / Qwen3.5's `mtp.*`)."""
     if cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its config.json has "
                          f"num_nextn_predict_layers={cfg.num_nextn_predict_layers} (no MTP layers).")
@@ -48,8 +54,8 @@ def load_mtp_layer(cfg: ModelConfig, model, kernels, device: torch.device, ep=No
         logger.info("checkpoint has %d MTP modules: the drafter chains module 0 only.", cfg.num_nextn_predict_layers)
     checkpoint = open_checkpoint(cfg, load_format, device, mtp_layers=1)
     names = frozenset(checkpoint.keys())
-    layer = MTPLayer(cfg, arch_spec(cfg.architecture), 0, kernels, device, ep, names,
-                     embed_tokens=model.embed_tokens, lm_head=model.lm_head)
+    layer = make_mtp_layer(cfg, arch_spec(cfg.architecture), 0, kernels, device, ep, names,
+                           embed_tokens=model.embed_tokens, lm_head=model.lm_head)
     plan = layer.weight_plan(names)
     missing = sorted(n for n in plan if n not in checkpoint)
     if missing:
@@ -71,7 +77,7 @@ class MTPDraftLayer:
     aux_layers: tuple[int, ...] = ()
     has_experts = True  # its MoE dispatches like a main layer's (module docstring)
 
-    def __init__(self, cfg: ModelConfig, layer: MTPLayer):
+    def __init__(self, cfg: ModelConfig, layer: MTPLayer | QwenMTPLayer):
         self.module = layer
         self.kv_cache_index = layer.layer_index
         self.attention, self.cache_dtype = cfg.attention, cfg.cache_dtype
