@@ -3,8 +3,9 @@ no biases: Kimi K2 Thinking / K2.5's experts (384 x [2048, 7168], group 32, symm
 Qwen3-30B-A3B (128 x [768, 2048], group 128, zero points).
 
     python -m moelink.benchmarks.moe_int4 --bytes [--tokens 1,2,4,8,16,32,64]    # CPU: bytes read per decode step
+    python -m moelink.benchmarks.moe_int4 --prefill --counts [--tokens 1024,...]   # CPU: both prefill paths, counted
     python -m moelink.benchmarks.moe_int4 [--shapes kimi-k2,qwen3-30b-a3b-gptq] [--tokens 1,4,16,64,256,1024,4096]
-        [--out benchmarks/results/moe_int4_<gpu>.json] [--cpu-smoke]
+        [--prefill] [--out benchmarks/results/moe_int4_<gpu>.json] [--cpu-smoke]
 
 `--bytes` (no GPU): what one decode step's MoE layer must read from HBM at decode batch T, counted as
 benchmarks/decode_launches.py counts a layer's bytes: the expected experts touched under uniform top-k routing,
@@ -13,8 +14,18 @@ zero point per group when asymmetric; bf16: 2 bytes), plus the activations in an
 routing. The ratio is the ceiling of the INT4 decode speed-up on a memory-bound step (~0.28x the bytes of bf16 at
 group 32). The GPU run times both systems (benchmarks/moe_kernels.py's Timer: median of CUDA events, L2 flushed,
 inputs rotated, CUDA-graph replay where capturable) and checks every INT4 result against the bf16 one (same
-dequantized weights: only rounding differs). Not yet a gpu_session.sh step: run it by hand on a GPU (or add
-a `moe-int4` step beside `moe-nvfp4`, with its budget in tests/benchmarks/test_gpu_session.py).
+dequantized weights: only rounding differs). gpu_session.sh's `int4` step runs it on a GPU (decode batches 1..64,
+then --prefill).
+
+`--prefill` puts the two prefill paths of kernels/triton_moe_int4.py side by side, each against bf16, at prefill
+token counts (PREFILL_TOKENS; shapes as one rank's call: Kimi K2.5 at EP 8 holds 48 local experts): "tile" (each M
+tile of an expert's rows dequantizes the expert's weights again in its K loop) and "dequant" (every local expert
+dequantized once into the workspace, then the bf16 GEMMs). `--counts` (CPU, no kernels): per path the bytes the K
+loops stream (weights once per M tile of 128 rows, default.json's BLOCK_M from 512 rows per expert; L2 may
+serve repeats), the HBM floor (every byte once: INT4 once for tile; INT4 read + bf16 written + bf16 read for
+dequant; bf16 once), the weight values decoded (tile: once per M tile; dequant: once), the MMA FLOPs (equal), each
+as a ratio to bf16. On a GPU, `--prefill` times "int4-tile", "int4-dequant" (path forced) and bf16 per count,
+and prints both ratios on one line.
 """
 from __future__ import annotations
 
@@ -34,6 +45,9 @@ from .moe_kernels import RESULTS, Timer, require_cuda, run_meta
 SHAPES = {"kimi-k2": (384, 8, 7168, 2048, 32, False), "qwen3-30b-a3b-gptq": (128, 8, 2048, 768, 128, True)}
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
 BYTES_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+PREFILL_TOKENS = (1024, 4096, 16384)
+# One rank's expert call at prefill: Kimi K2.5 at EP 8 (48 local of 384 experts), Qwen3-30B-A3B GPTQ at EP 1.
+PREFILL_SHAPES = {"kimi-k2-ep8": (48, 8, 7168, 2048, 32, False), "qwen3-30b-a3b-gptq": SHAPES["qwen3-30b-a3b-gptq"]}
 SMOKE_SHAPES = {"smoke": (8, 2, 64, 64, 32, True)}
 SMOKE_TOKENS = (1, 9)
 
@@ -72,6 +86,44 @@ def bytes_table(shapes: dict, tokens) -> list[dict]:
     return rows
 
 
+def prefill_counts(shape: tuple, T: int, block_m: int = 128) -> dict:
+    """The two prefill paths' counted work for one call of T tokens (module docstring: --prefill --counts). Pairs
+    are spread evenly (T*K/E rows an expert); every local expert is touched at these sizes."""
+    E, K, D, I, G, zp = shape
+    values = 3 * D * I  # one expert's weights
+    rows = T * K / E
+    tiles = E * -(-int(rows) // block_m) if rows >= 1 else E  # M tiles over all experts
+    i4, bf = expert_bytes(D, I, "int4", G, zp), expert_bytes(D, I, "bf16")
+    acts = T * D * 2 + T * K * (I * 2 * 2 + D * 2) + T * D * 2
+    out = dict(tokens=T, rows_per_expert=rows, mma_TFLOP=2 * T * K * values / 1e12)
+    paths = {"bf16": dict(stream=tiles * bf, hbm=E * bf, decoded=0),
+             "tile": dict(stream=tiles * i4, hbm=E * i4, decoded=tiles * values),
+             "dequant": dict(stream=tiles * bf + E * (i4 + bf), hbm=E * (i4 + 2 * bf), decoded=E * values)}
+    for name, p in paths.items():
+        out[f"{name}_stream_GB"] = (p["stream"] + acts) / 1e9
+        out[f"{name}_hbm_GB"] = (p["hbm"] + acts) / 1e9
+        out[f"{name}_decoded_G"] = p["decoded"] / 1e9
+    for name in ("tile", "dequant"):
+        out[f"{name}_stream_ratio"] = out[f"{name}_stream_GB"] / out["bf16_stream_GB"]
+        out[f"{name}_hbm_ratio"] = out[f"{name}_hbm_GB"] / out["bf16_hbm_GB"]
+    out["decoded_tile_over_dequant"] = out["tile_decoded_G"] / out["dequant_decoded_G"]
+    return out
+
+
+def prefill_table(shapes: dict, tokens) -> list[dict]:
+    """--prefill --counts: both paths' ratios to bf16, side by side."""
+    rows = []
+    for name, shape in shapes.items():
+        for T in tokens:
+            r = dict(shape=name, **prefill_counts(shape, T))
+            rows.append(r)
+            print(f"{name:>20} T={T:>6} rows/expert {r['rows_per_expert']:8.1f}  HBM vs bf16: tile "
+                  f"{r['tile_hbm_ratio']:.3f} dequant {r['dequant_hbm_ratio']:.3f}  streamed vs bf16: tile "
+                  f"{r['tile_stream_ratio']:.3f} dequant {r['dequant_stream_ratio']:.3f}  decoded tile/dequant "
+                  f"{r['decoded_tile_over_dequant']:.0f}x  MMA {r['mma_TFLOP']:.2f} TFLOP (all paths)")
+    return rows
+
+
 def make_layer(E, D, I, G, zp, device, gen) -> dict:
     """Random INT4 weights (any words; scales putting the largest weights near 0.02; zero points 0..15)."""
     i32 = lambda *s: torch.randint(-(2**31), 2**31 - 1, s, dtype=torch.int32, device=device, generator=gen)  # noqa: E731
@@ -81,8 +133,11 @@ def make_layer(E, D, I, G, zp, device, gen) -> dict:
                 w2q=i32(E, D, I // 8), w2s=sc(E, D, I // G), w2z=z(E, D, I // G))
 
 
-def bench(shapes, tokens, device, iters, graphs) -> list[dict]:
+def bench(shapes, tokens, device, iters, graphs, prefill: bool = False) -> list[dict]:
+    """Each system timed at each T; `prefill`: the two INT4 prefill paths forced ("tile", "dequant": a workspace
+    reused across calls, as a rank's) instead of the auto path, each line printing both ratios to bf16."""
     from moelink.kernels.int4 import int4_dequantize
+    from moelink.kernels.triton_int4_dequant import DequantWorkspace
     from moelink.kernels.triton_moe import triton_fused_moe
     from moelink.kernels.triton_moe_int4 import triton_fused_moe_int4
 
@@ -93,10 +148,15 @@ def bench(shapes, tokens, device, iters, graphs) -> list[dict]:
         L = make_layer(E, D, I, G, zp, device, gen)
         w13 = int4_dequantize(L["w13q"], L["w13s"], L["w13z"], torch.bfloat16)
         w2 = int4_dequantize(L["w2q"], L["w2s"], L["w2z"], torch.bfloat16)
-        systems = {"int4-triton": lambda x, tw, ti: triton_fused_moe_int4(x, L["w13q"], L["w13s"], L["w2q"], L["w2s"],
-                                                                          tw, ti, w13_z_EFS=L["w13z"],
-                                                                          w2_z_EDS=L["w2z"]),
-                   "bf16-triton": lambda x, tw, ti: triton_fused_moe(x, w13, w2, tw, ti)}
+        ws = DequantWorkspace()
+
+        def int4(path):
+            return lambda x, tw, ti: triton_fused_moe_int4(x, L["w13q"], L["w13s"], L["w2q"], L["w2s"], tw, ti,
+                                                           w13_z_EFS=L["w13z"], w2_z_EDS=L["w2z"], path=path,
+                                                           workspace=ws)
+        systems = ({"int4-tile": int4("sorted"), "int4-dequant": int4("dequant")} if prefill
+                   else {"int4-triton": int4("auto")})
+        systems["bf16-triton"] = lambda x, tw, ti: triton_fused_moe(x, w13, w2, tw, ti)
         for T in tokens:
             sets = []
             for _ in range(4 if device.type == "cuda" else 1):
@@ -105,10 +165,13 @@ def bench(shapes, tokens, device, iters, graphs) -> list[dict]:
                 sets.append((x, tw, ti))
             touched = statistics.mean(int(torch.unique(s[2]).numel()) for s in sets)
             got = {n: fn(*sets[0]).float() for n, fn in systems.items()}
-            err = float((got["int4-triton"] - got["bf16-triton"]).norm() / got["bf16-triton"].norm())
-            if not err <= 2e-2:
-                raise AssertionError(f"{name} T={T}: INT4 vs bf16 relative error {err:.3g}")
+            errs = {n: float((g - got["bf16-triton"]).norm() / got["bf16-triton"].norm()) for n, g in got.items()}
+            for n, err in errs.items():
+                if not err <= 2e-2:
+                    raise AssertionError(f"{name} T={T} {n}: INT4 vs bf16 relative error {err:.3g}")
+            times = {}
             for sys_name, fn in systems.items():
+                err = errs[sys_name]
                 t_eager = timer(fn, sets, iters=iters, warmup=3 if device.type == "cuda" else 1)
                 t_graph = timer.graph(fn, sets, iters=iters) if graphs else None
                 t = t_graph or t_eager
@@ -119,8 +182,13 @@ def bench(shapes, tokens, device, iters, graphs) -> list[dict]:
                                  graph_ms=None if t_graph is None else t_graph * 1e3,
                                  TFLOPs=6.0 * T * K * D * I / t / 1e12, GBps=bytes_ / t / 1e9, experts_touched=touched,
                                  rel_err_vs_bf16=err))
+                times[sys_name] = t
                 print(f"{name:>20} T={T:>5} {sys_name:>12} {t * 1e3:9.3f} ms (eager {t_eager * 1e3:9.3f}) "
                       f"{rows[-1]['GBps']:7.0f} GB/s", flush=True)
+            if prefill:
+                bf = times["bf16-triton"]
+                print(f"RATIO {name} T={T} vs bf16: tile {times['int4-tile'] / bf:.3f}  dequant "
+                      f"{times['int4-dequant'] / bf:.3f}  (rows/expert {T * K / E:.0f})", flush=True)
     return rows
 
 
@@ -133,10 +201,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/moe_int4_<gpu>.json)")
     ap.add_argument("--bytes", action="store_true", help="CPU: bytes read per decode step, INT4 vs bf16 (no kernels)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
+    ap.add_argument("--prefill", action="store_true", help="the two prefill paths (per-tile, dequantize-once) vs bf16")
+    ap.add_argument("--counts", action="store_true", help="with --prefill, CPU: counted bytes, decodes, FLOPs (no kernels)")
     args = ap.parse_args(argv)
-    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    known = PREFILL_SHAPES if args.prefill else SHAPES
+    if args.prefill and args.shapes == ",".join(SHAPES):
+        args.shapes = ",".join(PREFILL_SHAPES)
+    unknown = [s for s in args.shapes.split(",") if s not in known]
     if unknown and not args.cpu_smoke:
-        ap.error(f"--shapes: {unknown[0]!r} is not one of {', '.join(SHAPES)}")
+        ap.error(f"--shapes: {unknown[0]!r} is not one of {', '.join(known)}")
+    if args.counts and not args.prefill:
+        ap.error("--counts goes with --prefill (--bytes counts the decode steps)")
+    if args.prefill and args.counts:
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(PREFILL_TOKENS)
+        rows = prefill_table({s: PREFILL_SHAPES[s] for s in args.shapes.split(",")}, tokens)
+        result = dict(benchmark="moe_int4_prefill_counts", device="cpu (counted, not timed)", results=rows,
+                      method="benchmarks/moe_int4.py prefill_counts: per path streamed / HBM bytes, decodes, MMA FLOPs")
+        out = Path(args.out) if args.out else RESULTS / "moe_int4_prefill_counts.json"
+        write_result(out, result)
+        print(f"wrote {out}")
+        return result
     if args.bytes:
         tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(BYTES_TOKENS)
         rows = bytes_table({s: SHAPES[s] for s in args.shapes.split(",")}, tokens)
@@ -149,16 +233,20 @@ def main(argv=None) -> dict:
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined
         device, shapes, tokens, iters = torch.device("cpu"), SMOKE_SHAPES, list(SMOKE_TOKENS), 1
+        if args.prefill:
+            tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else [9, 40]  # 40: 10 rows/expert
     else:
         device = require_cuda("moe_int4")
-        shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
-        tokens, iters = [int(t) for t in (args.tokens or ",".join(map(str, TOKENS))).split(",")], args.iters
-    rows = bench(shapes, tokens, device, iters, graphs=not args.no_graphs and device.type == "cuda")
-    result = dict(benchmark="moe_int4", **run_meta(device), results=rows,
+        shapes = {s: known[s] for s in args.shapes.split(",")}
+        default = PREFILL_TOKENS if args.prefill else TOKENS
+        tokens, iters = [int(t) for t in (args.tokens or ",".join(map(str, default))).split(",")], args.iters
+    rows = bench(shapes, tokens, device, iters, graphs=not args.no_graphs and device.type == "cuda",
+                 prefill=args.prefill)
+    result = dict(benchmark="moe_int4_prefill" if args.prefill else "moe_int4", **run_meta(device), results=rows,
                   timing="as benchmarks/moe_kernels.py" if device.type == "cuda"
                   else "CPU smoke: wall clock in the Triton interpreter, meaningless as speed")
     tag = "cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")
-    out = Path(args.out) if args.out else RESULTS / f"moe_int4_{tag}.json"
+    out = Path(args.out) if args.out else RESULTS / f"moe_int4{'_prefill' if args.prefill else ''}_{tag}.json"
     write_result(out, result)
     print(json.dumps({"points": len(rows)}))
     print(f"wrote {out}")
