@@ -3,17 +3,17 @@ defined; seconds): the launch list of one batch-1 decode layer, and the fusions 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from tests.helpers.fast_interpreter import interpreter_env
 
 
 @pytest.fixture(scope="module")
 def counts(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("launches") / "l.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = interpreter_env()
     proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.decode_launches", "--small", "--context", "40",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,7 +14,6 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import torch
 from moelink.benchmarks import engine_decode, moe_kernels, tune_moe
 from moelink.kernels import moe_config
 from moelink.kernels.moe_config import GemmConfig, MoELaunchConfig
+from tests.helpers.fast_interpreter import interpreter_env
 
 CPU = torch.device("cpu")
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -40,7 +40,7 @@ def run_smoke(module: str, tmp_path: Path, *args: str) -> str:
     """stdout of `python -m moelink.benchmarks.<module> --cpu-smoke ARGS`, run in tmp_path; fails on a non-zero exit."""
     before = _snapshot()
     # Explicit, not inherited: the scripts only setdefault it, and a compiled CPU Triton would not run these kernels.
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = interpreter_env()
     proc = subprocess.run([sys.executable, "-m", f"moelink.benchmarks.{module}", "--cpu-smoke", *args],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, (f"{module} --cpu-smoke exited {proc.returncode}:\n"

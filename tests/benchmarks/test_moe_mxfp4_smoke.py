@@ -10,11 +10,12 @@ import subprocess
 import sys
 
 from moelink.benchmarks import moe_mxfp4
+from tests.helpers.fast_interpreter import interpreter_env
 
 
 def test_moe_mxfp4_smoke(tmp_path):
     out = tmp_path / "moe_mxfp4.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = interpreter_env()
     proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.moe_mxfp4", "--cpu-smoke", "--out", str(out)],
                           capture_output=True, text=True, env=env, cwd=os.getcwd(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,6 @@ get_fp8_moe_config through a config_dir."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import torch
 from moelink.benchmarks import moe_kernels, tune_moe, tune_moe_fp8
 from moelink.kernels import moe_config
 from moelink.kernels.moe_config import CONFIG_DIR, GemmConfig, MoELaunchConfig, load_config_file
+from tests.helpers.fast_interpreter import interpreter_env
 
 def fp8_config_file_name(*args):
     # (moelink.kernels.triton_* imported when a test runs, not when this module is collected: Triton reads
@@ -152,7 +152,7 @@ def test_fp8_cpu_smoke_writes_files_get_fp8_moe_config_reads(tmp_path, monkeypat
     before = set(CONFIG_DIR.iterdir())
     proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.tune_moe", "--cpu-smoke", "--dtype", "fp8",
                            "--tokens", "1", "--out-dir", str(out)], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env=dict(os.environ, TRITON_INTERPRET="1"))
+                          cwd=tmp_path, env=interpreter_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert set(CONFIG_DIR.iterdir()) == before
     printed = {(m[1], int(m[2])): json.loads(m[4]) for m in TUNED.finditer(proc.stdout)}

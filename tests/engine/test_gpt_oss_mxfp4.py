@@ -28,6 +28,7 @@ from moelink.moe.placement import ExpertPlacement
 
 from tests.helpers.gpt_oss_checkpoints import VOCAB, WINDOW, save_gpt_oss
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, prompts
+from tests.helpers.fast_interpreter import interpreter_env
 
 CPU = torch.device("cpu")
 D, I, E, L = 32, 32, 5, 3  # hidden, expert intermediate, experts, layers (gpt_oss_config's, I raised to 32)
@@ -223,7 +224,7 @@ def test_triton_engine_run_matches_reference(mxfp4_path):
     process, since Triton reads TRITON_INTERPRET when a kernel is defined) gives the reference kernels' greedy
     tokens in float32."""
     ps = [prompts(VOCAB, seed=11, n=2, lo=3, hi=9)[1]]
-    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
+    env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, mxfp4_path, json.dumps(ps)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -30,6 +30,7 @@ from tests.helpers.fp8_checkpoints import hf_greedy_with
 from tests.helpers.int4_checkpoints import (awq_checkpoint, decompressed_copy, gptq_checkpoint, int4_checkpoint,
                                             kimi_k25_checkpoint, quantization_config, save_tiny)
 from tests.helpers.nvfp4_checkpoints import VOCAB
+from tests.helpers.fast_interpreter import interpreter_env
 
 CPU = torch.device("cpu")
 MAX_NEW = 5
@@ -288,7 +289,7 @@ def test_triton_engine_run_matches_reference(tiny):
 
     dst = tiny("qwen3", False, "experts")
     ps = [_prompts(11)[1][:9]]
-    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
+    env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, dst, json.dumps(ps)], env=env, capture_output=True,
                           text=True, timeout=600, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-3000:]

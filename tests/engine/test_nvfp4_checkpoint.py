@@ -24,6 +24,7 @@ from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.fp8_checkpoints import hf_greedy_with
 from tests.helpers.nvfp4_checkpoints import VOCAB, dequantized_copy, nvfp4_checkpoint, save_tiny
+from tests.helpers.fast_interpreter import interpreter_env
 
 CPU = torch.device("cpu")
 MAX_NEW = 6
@@ -191,7 +192,7 @@ def test_triton_engine_run_matches_reference(tiny):
 
     dst, _ = tiny("qwen3")
     ps = [_prompts(11)[3]]
-    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
+    env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, dst, json.dumps(ps)], env=env, capture_output=True,
                           text=True, timeout=600, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,6 +19,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:  # the interpreter without its per-helper-call re-patching (tests/helpers/fast_interpreter.py: why)
+    from tests.helpers.fast_interpreter import install as _fast_interpreter
+
+    _fast_interpreter()
 KERNEL_DEVICE = torch.device("cpu" if INTERPRET or not torch.cuda.is_available() else "cuda")
 
 # Normwise relative error ||got - want|| / ||want|| against a float64 oracle.

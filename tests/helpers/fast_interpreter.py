@@ -1,0 +1,82 @@
+"""The Triton CPU interpreter without its redundant re-patching: the suite's kernels run the same, in less time.
+
+Triton's interpreter (3.x) swaps `triton.language`'s builtins for interpreted ones around every launch
+(`GridExecutor.__call__`: `_patch_lang`, then `restore()`), and again on *every call of a @triton.jit helper*
+inside the launch (`InterpretedFunction.__call__`), once per program. Each patch walks the language modules with
+`inspect.getmembers`. A launch of T x H programs whose body calls a few helpers (`cast`, `_normed`, ...) so
+patched the same modules tens of thousands of times: 30-45 % of an interpreter engine test's time went there.
+
+What is skipped is only a helper call's patch when every language module the helper sees (`tl` / `tl.core` in its
+globals) was already patched in this launch, by the launch itself or by an earlier helper call (the interpreter
+never restores a helper call's patch before the launch ends): the attributes it would set are set already, so the
+interpreted program is the same. A helper that sees a module not yet patched is patched as before. The launch's own patch and restore are untouched. Installed by tests/kernels/conftest.py and by
+the scripts the tests run with TRITON_INTERPRET=1 (`install()`); a no-op when the interpreter's internals are not
+the ones described (another Triton version), or without TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+
+_state = threading.local()  # per thread: the language modules patched by the launch running now (None: none)
+
+
+def _langs(fn, tl) -> frozenset:
+    return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+
+
+def install() -> bool:
+    """Patch the interpreter once per process, when TRITON_INTERPRET=1; True when installed (or already). (Not
+    before the variable is set: importing Triton's interpreter first makes Triton define compiled kernels.)"""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except ImportError:
+        return False
+    executor, function = interp.GridExecutor, getattr(interp, "InterpretedFunction", None)
+    if function is None or not hasattr(interp, "_patch_lang") or not callable(getattr(function, "rewrite", None)):
+        return False
+    if getattr(executor.__call__, "_moelink_fast", False):
+        return True
+    launch, device_call = executor.__call__, function.__call__
+
+    def launch_call(self, *args, **kwargs):
+        outer = getattr(_state, "patched", None)
+        _state.patched = _langs(self.fn, tl)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            _state.patched = outer
+
+    def helper_call(self, *args, **kwargs):
+        patched, langs = getattr(_state, "patched", None), _langs(self.fn, tl)
+        if patched is None:
+            return device_call(self, *args, **kwargs)
+        if not langs <= patched:
+            # The interpreter's own call: it patches this helper's modules (tl.core for tl.zeros, tl.sum, ...)
+            # and never restores them before the launch ends, so the rest of the launch needs no new patch.
+            _state.patched = patched | langs
+            return device_call(self, *args, **kwargs)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # what the interpreter's own call raises
+            raise interp.InterpreterError(repr(e)) from e
+
+    launch_call._moelink_fast = True
+    executor.__call__, function.__call__ = launch_call, helper_call
+    return True
+
+
+SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interpreter_site")
+
+
+def interpreter_env(env: dict | None = None) -> dict:
+    """`env` (default: this process's) for a Python the test starts with the kernels in the interpreter:
+    TRITON_INTERPRET=1, and this module installed at its start-up (interpreter_site/sitecustomize.py)."""
+    out = dict(os.environ if env is None else env, TRITON_INTERPRET="1")
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (SITE_DIR, out.get("PYTHONPATH", "")) if p)
+    return out
