@@ -25,6 +25,7 @@ class MoEActivation:
       (up' + 1) * gate' * sigmoid(alpha * gate'), with the checkpoint's swiglu_alpha (1.702) and
       swiglu_limit (7.0). gpt-oss stores gate and up interleaved; the loader de-interleaves them into the
       [gate; up] rows of w13 so every kernel sees one layout.
+    - "silu_clamp" (DeepSeek-V4): silu(min(gate, limit)) * clamp(up, -limit, limit), its swiglu_limit (10.0).
     """
 
     kind: str = "silu"
@@ -32,9 +33,9 @@ class MoEActivation:
     limit: float = 7.0
 
     def __post_init__(self):
-        if self.kind not in ("silu", "swiglu_oai"):
-            raise ValueError(f"activation={self.kind!r} is invalid: 'silu' or 'swiglu_oai'.")
-        if self.kind == "swiglu_oai" and not (self.limit > 0 and self.alpha > 0):
+        if self.kind not in ("silu", "swiglu_oai", "silu_clamp"):
+            raise ValueError(f"activation={self.kind!r} is invalid: 'silu', 'swiglu_oai' or 'silu_clamp'.")
+        if self.kind != "silu" and not (self.limit > 0 and self.alpha > 0):
             raise ValueError(f"swiglu_limit={self.limit} / swiglu_alpha={self.alpha} are invalid: both must be > 0.")
 
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -42,6 +43,8 @@ class MoEActivation:
             return F.silu(gate) * up
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
+        if self.kind == "silu_clamp":
+            return F.silu(gate) * up
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 

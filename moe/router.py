@@ -148,6 +148,10 @@ def _no_bias(router, bias_G) -> None:
 
 def make_router(cfg: RouterConfig) -> Router:
     """The strategy for `cfg`'s scheme (the only place a RouterConfig becomes a router)."""
+    if cfg.scoring_func == "sqrtsoftplus":  # DeepSeek-V4 (its hash layers build HashRouter: moe/token_routing.py)
+        from .token_routers import SqrtSoftplusRouter
+
+        return SqrtSoftplusRouter(cfg.top_k, cfg.routed_scaling_factor, cfg.float32_logits)
     if cfg.scoring_func == "sigmoid":
         return SigmoidGroupLimitedRouter(cfg.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
                                          cfg.routed_scaling_factor, cfg.float32_logits)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCORING_FUNCS = ("softmax", "sigmoid")
-# Which `topk_method`s go with each `scoring_func` (DeepSeek-V2: softmax; DeepSeek-V3 / GLM-4-MoE: sigmoid).
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
+# Which `topk_method`s go with each `scoring_func` (DeepSeek-V2: softmax; DeepSeek-V3 / GLM-4-MoE: sigmoid;
+# DeepSeek-V4: sqrt(softplus), selected with a correction bias, one group: moe/token_routers.py).
 # "topk_softmax" is no config.json value: the gpt-oss reader names it for its top-k-then-softmax router.
-TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy", "topk_softmax"), "sigmoid": ("noaux_tc",)}
+TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy", "topk_softmax"), "sigmoid": ("noaux_tc",),
+                "sqrtsoftplus": ("noaux_tc",)}
 _GROUPED = ("group_limited_greedy", "noaux_tc")
 
 

@@ -110,6 +110,11 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     # bias beside the router, experts named as Mixtral's.
     Architecture("MiniMaxM2ForCausalLM", ArchSpec("gqa", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2"),
                                                   correction_bias="e_score_correction_bias"), model_type="minimax_m2"),
+    # DeepSeek-V4 (Flash, Pro; engine/config/dsv4.py): MQA with sinks over a sliding window and compressed entries
+    # (CSA / HCA), hyper-connections, hash-routed first MoE layers, sqrtsoftplus routing; its checkpoint names are
+    # the published ones (attn.wq_a, ffn.experts.{e}.w1, hc_attn_fn, ...), which save_pretrained writes back.
+    Architecture("DeepseekV4ForCausalLM", ArchSpec("dsv4", moe_prefix="ffn", expert_names=("w1", "w3", "w2"),
+                                                   correction_bias="gate.bias"), model_type="deepseek_v4"),
     # MiMo-V2-Flash: full and sliding-window GQA layers with kv heads, sinks and rope of their own (per-layer
     # attention configs), values narrower than q/k; DeepSeek-V3 routing without shared experts; its MTP layers
     # (model.mtp.*, a layout of their own) are not read.

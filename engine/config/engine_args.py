@@ -290,8 +290,11 @@ class EngineArgs:
         """(state slots, state checkpoints) of a model with linear-attention layers (scheduler/hybrid_cache.py): a
         slot per sequence that may run, and a quarter as many prefix-cache checkpoints (each holds a whole
         sequence's state: ~75 MB for Qwen3-Next-80B); (0, 0) for other models."""
-        if not model_cfg.linear_layers:
+        if not model_cfg.state_layers:
             return 0, 0
+        if model_cfg.hyper_connections is not None and spec is not None:  # DeepSeek-V4
+            raise ValueError(f"speculative_config is not supported for {model_cfg.architecture} yet: its window and "
+                             "compressor states do not replay accepted drafts.")
         if spec is not None and spec.runs_eagle3:
             raise ValueError(f"speculative_config.method={spec.method!r} is not supported for "
                              f"{model_cfg.architecture} yet: EAGLE-3 heads are not built for linear-attention "

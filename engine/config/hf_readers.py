@@ -9,6 +9,7 @@ from __future__ import annotations
 from moelink.moe.router_config import RouterConfig
 
 from .architectures import DSA_ARCHITECTURES, MLA_ARCHITECTURES  # latent attention (ArchSpec.latent_attention)
+from .dsv4 import read_dsv4
 from .hf_dsa import dsa_attention, dsa_sparse_layers
 from .quantization import check_architecture, read_quantization
 from .linear_attention import LinearAttentionConfig
@@ -369,4 +370,5 @@ def _qwen3_next(arch: str, hf, c: dict, rope: dict) -> dict:
 
 
 _READERS = {"Qwen3MoeForCausalLM": _qwen3_moe, "Qwen3NextForCausalLM": _qwen3_next, "Qwen3_5MoeForCausalLM": _qwen3_next, "MixtralForCausalLM": _mixtral, "GptOssForCausalLM": _gpt_oss,
-            "MiniMaxM2ForCausalLM": _minimax_m2, "MiMoV2FlashForCausalLM": _mimo_v2_flash}
+            "MiniMaxM2ForCausalLM": _minimax_m2, "MiMoV2FlashForCausalLM": _mimo_v2_flash,
+            "DeepseekV4ForCausalLM": read_dsv4}

@@ -61,13 +61,13 @@ def kv_cache_bytes_per_block(cfg: "ModelConfig", block_size: int, draft_bytes_pe
 def state_bytes_per_sequence(cfg: "ModelConfig") -> int:
     """What one sequence's per-sequence state takes in all the linear-attention layers together (their conv and
     recurrent states: engine/config/linear_attention.py); 0 for a model without such layers."""
-    return sum(cfg.attention_for(i).state_bytes_per_sequence(cfg.dtype) for i in cfg.linear_layers)
+    return sum(cfg.attention_for(i).state_bytes_per_sequence(cfg.dtype) for i in cfg.state_layers)
 
 
 def state_pool_bytes(cfg: "ModelConfig", num_state_slots: int, num_state_checkpoints: int) -> int:
     """The state pools' bytes: every slot, checkpoint and the null slot (engine/rank/state_cache.py). They come out of
     the same budget as the KV blocks."""
-    if not cfg.linear_layers:
+    if not cfg.state_layers:
         return 0
     return (num_state_slots + num_state_checkpoints + 1) * state_bytes_per_sequence(cfg)
 

@@ -124,6 +124,10 @@ class ModelConfig:
     # A multimodal checkpoint served as its text model (architectures.TEXT_WEIGHTS_PREFIX): where the text model's
     # "model." tensors live in the files ("model.language_model." for Qwen3.5-MoE); "" for a text checkpoint.
     text_weights_prefix: str = ""
+    # DeepSeek-V4 (engine/config/dsv4.py): the MoE layers that route by a fixed token-id table (its hash_moe
+    # layers), and its hyper-connections (hc_mult residual streams); () and None for every other model.
+    hash_layers: tuple[int, ...] = ()
+    hyper_connections: object | None = None
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -170,6 +174,12 @@ class ModelConfig:
         if self.layer_attention and layer_idx < len(self.layer_attention):
             return self.layer_attention[layer_idx]
         return self.attention
+
+    @property
+    def state_layers(self) -> tuple[int, ...]:
+        """The layers with per-sequence state in a slot of the hybrid cache manager (their config has
+        `state_shapes`): linear attention, and DeepSeek-V4's window and compressor rows; () for most models."""
+        return tuple(i for i, a in enumerate(self.layer_attention) if hasattr(a, "state_shapes"))
 
     @property
     def linear_layers(self) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ from .dummy_weights import DummyCheckpoint
 from .int4_linears import Int4Piece, int4_linear_plan
 from .nvfp4_linears import Nvfp4Piece, nvfp4_linear_plan
 from ..models import MoEDecoderForCausalLM, arch_spec, mtp_checkpoint_names
+from ..models.dsv4_decoder import DeepseekV4ForCausalLM
 from ..config.worker_config import LOAD_FORMATS
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     spec = arch_spec(cfg.architecture)
     checkpoint = open_checkpoint(cfg, load_format, device)
     names = frozenset(checkpoint.keys())  # they pick the experts' on-disk layout, which FP8 experts are built for
-    model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep, names)
+    model_cls = DeepseekV4ForCausalLM if spec.attention == "dsv4" else MoEDecoderForCausalLM
+    model = model_cls(cfg, spec, kernels, device, ep, names)
     plan = model.weight_plan(names)
     if getattr(cfg.quantization, "method", None) == "nvfp4":  # NVFP4 linears outside the experts: float at load
         plan = nvfp4_linear_plan(plan, names)

@@ -70,9 +70,9 @@ class ModelRunner:
         self.kernels = select_kernels(device, kernels)
         self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress, load_format=load_format)
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
-        if model_cfg.linear_layers and num_state_slots < 1:
+        if model_cfg.state_layers and num_state_slots < 1:
             raise ValueError(f"num_state_slots={num_state_slots} is invalid for {model_cfg.architecture}: its "
-                             "linear-attention layers need one state slot per running sequence.")
+                             "layers with per-sequence state need one state slot per running sequence.")
         self.num_state_slots, self.num_state_checkpoints = num_state_slots, num_state_checkpoints
         self.state_caches: StateCaches | None = None
         self._state_copies: list[tuple[int, int]] = []  # (slot, checkpoint) a prefix hit starts from, next step
@@ -135,13 +135,13 @@ class ModelRunner:
         # One extra, never-allocated block at the end: the attention null block.
         self.null_block = num_kv_blocks
         self.kv_caches, kv_bytes = make_kv_caches(self.cfg, self.kv_pairs, num_kv_blocks, self.block_size, self.device)
-        if self.cfg.linear_layers:  # their entries of kv_caches are their state pools (gated_deltanet.py)
-            linear = set(self.cfg.linear_layers)
+        if self.cfg.state_layers:  # their entries of kv_caches: paged tensors (if any), then their state pools
+            stateful = set(self.cfg.state_layers)
             self.state_caches = StateCaches(
-                [self.cfg.attention_for(i) if i in linear else None for i in range(self.cfg.num_layers)],
+                [self.cfg.attention_for(i) if i in stateful else None for i in range(self.cfg.num_layers)],
                 self.num_state_slots, self.num_state_checkpoints, self.cfg.dtype, self.device)
-            for i in linear:
-                self.kv_caches[i] = self.state_caches.layers[i]
+            for i in stateful:  # linear attention has no paged tensors (gated_deltanet.py); DeepSeek-V4 has both
+                self.kv_caches[i] = tuple(self.kv_caches[i]) + self.state_caches.layers[i]
             kv_bytes += self.state_caches.nbytes
         if self.device_drafter is not None:  # its draft layer's cache, on the same block ids (chain_drafter.py)
             kv_bytes += self.device_drafter.allocate(num_kv_blocks)

@@ -33,9 +33,10 @@ class StateCaches:
             if cfg is None:
                 self.layers.append(None)
                 continue
-            conv_shape, ssm_shape = cfg.state_shapes(self.null_slot)
-            self.layers.append((torch.zeros(conv_shape, dtype=dtype, device=device),
-                                torch.zeros(ssm_shape, dtype=torch.float32, device=device)))
+            shapes = cfg.state_shapes(self.null_slot)
+            # Linear attention: conv state in the model dtype, recurrent state in float32; a kind may say (DeepSeek-V4).
+            dtypes = cfg.state_dtypes(dtype) if hasattr(cfg, "state_dtypes") else (dtype, torch.float32)
+            self.layers.append(tuple(torch.zeros(s, dtype=d, device=device) for s, d in zip(shapes, dtypes)))
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,244 @@
+"""DeepSeek-V4's layer kinds as config (issue 45): its attention (one config per layer), its hyper-connections,
+its MoE facts; and the reader of its config.json (transformers' `deepseek_v4`, DeepseekV4Config). Pure data: no
+model code, no device.
+
+Attention (`DSV4AttentionConfig`, kind "dsv4"): every layer is multi-query attention with one shared KV head that is
+its own value (K = V), per-head sinks, and a sliding window over the raw recent tokens; a compressed layer adds
+entries that summarise `compress_rate` tokens each: compressed sparse attention (CSA, rate 4 in V4: overlapping
+windows of 2 * rate, a lightning indexer picks `index_topk` entries per query) or heavily compressed attention (HCA,
+rate 128: read densely). Sliding-only layers rotate with the "main" rope, compressed layers (and their compressor
+and indexer) with the "compress" rope. The output is a grouped low-rank projection (o_groups, o_lora_rank).
+
+The cache of a layer (engine/models/dsv4_attention.py computes it, engine/rank runs it):
+- paged, on the sequence's block ids: the compressed entries, `block_size / compress_rate` per block (an entry never
+  straddles blocks: the engine's block size must be a multiple of every compress rate), and under CSA the indexer's
+  keys over the same entries. What one token costs there: (head_dim [+ index_head_dim]) / compress_rate values.
+- per sequence, in a state slot of the hybrid cache manager (scheduler/hybrid_cache.py), whose checkpoints at block
+  boundaries make prefix caching and preemption exact: the window's raw KV (the last `sliding_window` tokens, a ring
+  indexed by position mod window) and the compressors' running rows (each recent token's projected kv and gate, a
+  ring of `compress_rate` tokens, `2 * compress_rate` under CSA whose entry reads the previous window too; the
+  indexer's compressor the same at index_head_dim).
+
+Legend: P state slots (the null slot included), B blocks (the null block included), L block size, H head_dim,
+I index_head_dim, W sliding window, m compress rate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from moelink.moe.router_config import RouterConfig
+
+from .layer_configs import ROPE_TYPES, MoEConfig, RopeConfig, unsupported
+
+# config.json layer_types values and the compressor each one runs.
+LAYER_KINDS = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
+               "heavily_compressed_attention": "hca"}
+MLP_KINDS = ("hash_moe", "moe")
+SCORING_FUNCS = ("sqrtsoftplus",)
+
+
+def _positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise unsupported(name, v, "a positive integer")
+
+
+@dataclass(frozen=True)
+class DSV4AttentionConfig:
+    """One V4 layer's attention (module docstring)."""
+
+    kind: ClassVar[str] = "dsv4"
+    layer_kind: str  # "sliding", "csa" or "hca"
+    num_heads: int
+    head_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    sliding_window: int
+    rope: RopeConfig  # the trailing rope.rotary_dim dims of each head, pairs (2i, 2i + 1)
+    compress_rate: int = 0  # 0 for a sliding-only layer
+    index_n_heads: int = 0  # CSA's lightning indexer (0 elsewhere)
+    index_head_dim: int = 0
+    index_topk: int = 0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.layer_kind not in LAYER_KINDS.values():
+            raise unsupported("layer_types", self.layer_kind, tuple(LAYER_KINDS))
+        for name in ("num_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window"):
+            _positive_int(name, getattr(self, name))
+        if self.num_heads % self.o_groups:
+            raise unsupported("o_groups", self.o_groups, f"a divisor of num_attention_heads={self.num_heads}")
+        if self.rope.rotary_dim > self.head_dim:
+            raise unsupported("partial_rotary_factor", self.rope.rotary_dim / self.head_dim,
+                              "a factor giving at most head_dim rotary dims")
+        compressed = self.layer_kind != "sliding"
+        if compressed:
+            _positive_int("compress_rates", self.compress_rate)
+        elif self.compress_rate:
+            raise ValueError(f"DSV4AttentionConfig compress_rate={self.compress_rate} is invalid for a sliding layer.")
+        if self.layer_kind == "csa":
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                _positive_int(name, getattr(self, name))
+            if self.rope.rotary_dim > self.index_head_dim:
+                raise unsupported("index_head_dim", self.index_head_dim,
+                                  f"at least the {self.rope.rotary_dim} rotary dims (the indexer rotates its tail)")
+
+    # -- shapes ------------------------------------------------------------------------------------------------
+    @property
+    def softmax_scale(self) -> float:
+        return self.head_dim**-0.5
+
+    @property
+    def compressor_width(self) -> int:
+        """Values one token's compressor row holds: its kv and its gate, each H wide (2H under CSA: the Ca and Cb
+        series of overlapping windows)."""
+        series = 2 if self.layer_kind == "csa" else 1
+        return 2 * series * self.head_dim
+
+    @property
+    def compressor_ring(self) -> int:
+        """Tokens the compressor keeps per sequence: its window (two windows under CSA, whose entry reads the
+        previous window's Ca series)."""
+        return (2 if self.layer_kind == "csa" else 1) * self.compress_rate
+
+    def check_block_size(self, block_size: int) -> None:
+        """An entry must never straddle two blocks: the block size is a multiple of the compress rate."""
+        if self.compress_rate and block_size % self.compress_rate:
+            raise ValueError(f"block_size={block_size} is invalid for DeepSeek-V4: it must be a multiple of every "
+                             f"compress rate (this model's include {self.compress_rate}).")
+
+    def kv_layer_pairs(self, num_layers: int) -> None:
+        """No sliding/full pairing of tensors (layer_configs.GQAConfig.kv_layer_pairs): the window is state."""
+        return None
+
+    def cache_shapes(self, num_blocks: int, block_size: int, cache_dtype=None) -> tuple[tuple[int, ...], ...]:
+        """The paged tensors, the null block included: () for a sliding layer; (entries_BLcH,) for HCA;
+        (entries_BLcH, index_keys_BLcI) for CSA, Lc = block_size / compress_rate."""
+        if not self.compress_rate:
+            return ()
+        self.check_block_size(block_size)
+        per_block = block_size // self.compress_rate
+        entries = (num_blocks + 1, per_block, self.head_dim)
+        if self.layer_kind == "hca":
+            return (entries,)
+        return entries, (num_blocks + 1, per_block, self.index_head_dim)
+
+    def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+        """The element types of cache_shapes' tensors: all in the cache's dtype."""
+        return tuple(cache_dtype for _ in self.cache_shapes(0, self.compress_rate or 1))
+
+    def kv_values_per_token(self) -> int:
+        """Paged values per token of context: an entry (and an indexer key) per compress_rate tokens, rounded up to
+        a whole value (exact for every published shape: 512 / 128, (512 + 128) / 4)."""
+        if not self.compress_rate:
+            return 0
+        return -(-(self.head_dim + (self.index_head_dim if self.layer_kind == "csa" else 0)) // self.compress_rate)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.kv_values_per_token() * dtype.itemsize
+
+    def _slot_shapes(self) -> list[tuple[int, ...]]:
+        shapes = [(self.sliding_window, self.head_dim)]
+        if self.compress_rate:
+            shapes.append((self.compressor_ring, self.compressor_width))
+        if self.layer_kind == "csa":
+            shapes.append((self.compressor_ring, 4 * self.index_head_dim))
+        return shapes
+
+    def state_shapes(self, num_slots: int) -> tuple[tuple[int, ...], ...]:
+        """Per-sequence state pools, the null slot included (the last, as LinearAttentionConfig's): (window_PWH,)
+        and, compressed, (compressor_PmC,) and under CSA (index_compressor_PmC',) (module docstring)."""
+        return tuple((num_slots + 1, *s) for s in self._slot_shapes())
+
+    def state_dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+        return tuple(dtype for _ in self._slot_shapes())
+
+    def state_bytes_per_sequence(self, dtype: torch.dtype) -> int:
+        return sum(math.prod(s) for s in self._slot_shapes()) * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class HyperConnectionConfig:
+    """Manifold-constrained hyper-connections: `hc_mult` residual streams, mixed by a Sinkhorn-normalised matrix
+    (`sinkhorn_iters` normalisations, floor `eps`) around every attention and MLP block; a hyper-head collapses them
+    before the final norm."""
+
+    hc_mult: int
+    sinkhorn_iters: int
+    eps: float
+
+    def __post_init__(self) -> None:
+        _positive_int("hc_mult", self.hc_mult)
+        _positive_int("hc_sinkhorn_iters", self.sinkhorn_iters)
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise unsupported("hc_eps", self.eps, "a number > 0")
+
+
+def _rope(hf, label: str, rotary_dim: int) -> RopeConfig:
+    params = (getattr(hf, "rope_parameters", None) or {}).get(label) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise unsupported(f"rope_parameters.{label}.rope_type", rope_type, ROPE_TYPES)
+    return RopeConfig(rotary_dim, float(params.get("rope_theta", 10000.0)), rope_type, style="interleaved",
+                      layer_type=label)
+
+
+def read_dsv4(arch: str, hf, c: dict, rope: dict) -> dict:
+    """ModelConfig's fields of a `deepseek_v4` config.json (hf_readers.read_fields' family reader)."""
+    n = c["num_layers"]
+    if c["num_kv_heads"] != 1:
+        raise unsupported("num_key_value_heads", c["num_kv_heads"], (1,), " (V4's attention is one shared KV head)")
+    if getattr(hf, "attention_bias", False):
+        raise unsupported("attention_bias", True, (False,), f" for {arch}")
+    if getattr(hf, "mlp_bias", False):
+        raise unsupported("mlp_bias", True, (False,), f" for {arch}")
+    layer_types = list(getattr(hf, "layer_types", None) or ())
+    if len(layer_types) != n or any(t not in LAYER_KINDS for t in layer_types):
+        raise unsupported("layer_types", layer_types, f"one of {', '.join(map(repr, LAYER_KINDS))} for each of the "
+                                                      f"num_hidden_layers={n} layers")
+    mlp_types = list(getattr(hf, "mlp_layer_types", None) or ())
+    if len(mlp_types) != n or any(t not in MLP_KINDS for t in mlp_types):
+        raise unsupported("mlp_layer_types", mlp_types, f"one of {', '.join(map(repr, MLP_KINDS))} per layer")
+    scoring = getattr(hf, "scoring_func", "sqrtsoftplus")
+    if scoring not in SCORING_FUNCS:
+        raise unsupported("scoring_func", scoring, SCORING_FUNCS, f" for {arch}")
+    if not getattr(hf, "norm_topk_prob", True):
+        raise unsupported("norm_topk_prob", False, (True,), f" (transformers' {arch} always renormalises)")
+    head_dim = c["head_dim"]
+    rotary_dim = int(getattr(hf, "qk_rope_head_dim", 0) or round(head_dim * float(hf.partial_rotary_factor)))
+    rates = dict(getattr(hf, "compress_rates", None) or {})
+    ropes = {"main": _rope(hf, "main", rotary_dim), "compress": _rope(hf, "compress", rotary_dim)}
+
+    def attention(t: str) -> DSV4AttentionConfig:
+        kind = LAYER_KINDS[t]
+        csa = kind == "csa"
+        return DSV4AttentionConfig(
+            kind, c["num_heads"], head_dim, int(hf.q_lora_rank), int(hf.o_groups), int(hf.o_lora_rank),
+            int(hf.sliding_window), ropes["main" if kind == "sliding" else "compress"],
+            compress_rate=int(rates.get(t, 0)) if kind != "sliding" else 0,
+            index_n_heads=int(hf.index_n_heads) if csa else 0, index_head_dim=int(hf.index_head_dim) if csa else 0,
+            index_topk=int(hf.index_topk) if csa else 0, rms_norm_eps=c["rms_norm_eps"])
+
+    layers = tuple(attention(t) for t in layer_types)
+    E = int(hf.n_routed_experts)
+    router = RouterConfig(E, c["top_k"], scoring_func="sqrtsoftplus", topk_method="noaux_tc", norm_topk_prob=True,
+                          routed_scaling_factor=float(getattr(hf, "routed_scaling_factor", 1.0) or 1.0))
+    limit = float(hf.swiglu_limit)
+    if not limit > 0:
+        raise unsupported("swiglu_limit", limit, "a number > 0")
+    n_shared = int(getattr(hf, "n_shared_experts", 0) or 0)
+    if n_shared != 1:
+        raise unsupported("n_shared_experts", n_shared, (1,), f" (transformers' {arch} has one shared MLP)")
+    moe = MoEConfig(router, n_shared_experts=1, activation="silu_clamp", swiglu_limit=limit)
+    hc = HyperConnectionConfig(int(hf.hc_mult), int(hf.hc_sinkhorn_iters), float(hf.hc_eps))
+    return dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size), intermediate_size=0,
+                norm_topk_prob=True, sparse_layers=tuple(range(n)), moe=moe, attention=layers[0],
+                layer_attention=layers, hash_layers=tuple(i for i, t in enumerate(mlp_types) if t == "hash_moe"),
+                hyper_connections=hc)
+
+
+__all__ = ["DSV4AttentionConfig", "HyperConnectionConfig", "LAYER_KINDS", "read_dsv4"]

@@ -1,0 +1,218 @@
+"""DeepSeek-V4's attention layer (engine/config/dsv4.py has the cache layout; kernels/dsv4.py the math): MQA over one
+shared head that is key and value, per-head sinks, a sliding window of raw KV, and under CSA / HCA the compressed
+entries, all read and written through the engine's cache: the paged entries on the step's block tables, the window
+and the compressors' running rows in each sequence's state slot (ForwardContext.state).
+
+This is the reference path (plain torch, a host loop over the step's sequences, reading their lengths from the
+metadata's host lists: no device sync). A step's work per sequence, queries at positions p0..p1-1:
+1. the new tokens' kv (normed, roped), their compressor rows (kv | gate + position bias) and, under CSA, the
+   indexer's rows;
+2. every window that completes inside [p0, p1) becomes an entry (and an indexer key), written to its block;
+3. the window ring and the compressor rings take the new tokens' rows;
+4. each query attends to its window (positions p - W < k <= p) and to the entries it may see (entry w summarises
+   positions < (w + 1) m, so query p sees w < (p + 1) / m): all of them (HCA) or the indexer's top-k (CSA);
+5. the output's rope slice is rotated back by the query's position, then the grouped output projection.
+
+Legend: T tokens, N heads, H head_dim, R rotary dims (h = R / 2), Q q_lora_rank, D hidden, G o_groups, O o_lora_rank,
+m compress rate, W window, n_I / I indexer heads / head dim, P state slots, B blocks, L block size, E entries.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelink.kernels.dsv4 import (reference_compress, reference_grouped_linear, reference_indexer_topk,
+                                  reference_rms_norm_f32, reference_rope_tail, reference_sink_attention)
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
+
+from ..config.dsv4 import DSV4AttentionConfig
+from .layers import ForwardContext, param
+
+
+class RopeTable(nn.Module):
+    """cos / sin of one V4 rope, float32 [P, h]: angles as transformers computes them (positions and inverse
+    frequencies in float32)."""
+
+    def __init__(self, inv_freq_h: torch.Tensor, attention_factor: float, max_positions: int, device=None):
+        super().__init__()
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq_h.float()[None, :]
+        self.register_buffer("cos_Ph", (freqs.cos() * attention_factor).to(device), persistent=False)
+        self.register_buffer("sin_Ph", (freqs.sin() * attention_factor).to(device), persistent=False)
+
+    def rotate(self, x_TNH: torch.Tensor, positions_T: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        sin = self.sin_Ph[positions_T]
+        return reference_rope_tail(x_TNH, self.cos_Ph[positions_T], -sin if inverse else sin)
+
+
+class Compressor(nn.Module):
+    """A compressor's weights (the attention's, at H; CSA's indexer's, at I) and its step: rows for new tokens,
+    entries for the windows they complete."""
+
+    def __init__(self, hidden: int, width: int, rate: int, overlap: bool, eps: float, dtype, device):
+        super().__init__()
+        series = 2 if overlap else 1
+        self.width, self.rate, self.overlap, self.eps = width, rate, overlap, eps
+        self.wkv_CD = param(series * width, hidden, dtype=dtype, device=device)
+        self.wgate_CD = param(series * width, hidden, dtype=dtype, device=device)
+        self.ape_mC = param(rate, series * width, dtype=torch.float32, device=device)  # position bias in a window
+        self.norm_H = param(width, dtype=torch.float32, device=device)
+
+    def rows(self, h_TD: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+        """[T, 2C']: each token's kv then its gate (with the position bias of its place in the window)."""
+        gate = F.linear(h_TD, self.wgate_CD) + self.ape_mC[positions_T % self.rate]
+        return torch.cat([F.linear(h_TD, self.wkv_CD), gate.to(h_TD.dtype)], dim=-1)
+
+    def entries(self, rows_XC: torch.Tensor, base: int, windows: range, rope: RopeTable) -> torch.Tensor:
+        """The entries of `windows` (complete) from the rows of positions base.. ([E, width], normed, roped at
+        position w * m)."""
+        m, half = self.rate, rows_XC.shape[-1] // 2
+        n = len(windows)
+        first = windows.start * m - base
+        kv = rows_XC[first: first + n * m, :half].reshape(n, m, half)
+        gate = rows_XC[first: first + n * m, half:].reshape(n, m, half)
+        prev_kv = prev_gate = None
+        if self.overlap:  # the previous window's Ca half; none before window 0 (softmax weight 0)
+            H = self.width
+            prev_kv = kv.new_zeros(n, m, H)
+            prev_gate = gate.new_full((n, m, H), float("-inf"))
+            for j, w in enumerate(windows):
+                if w > 0:
+                    lo = (w - 1) * m - base
+                    prev_kv[j], prev_gate[j] = rows_XC[lo: lo + m, :H], rows_XC[lo: lo + m, half: half + H]
+        pooled = reference_compress(kv, gate, prev_kv, prev_gate)
+        normed = reference_rms_norm_f32(pooled, self.norm_H, self.eps)
+        pos = torch.arange(windows.start, windows.stop, device=rows_XC.device) * m
+        return rope.rotate(normed[:, None, :], pos)[:, 0, :]
+
+    def weight_plan(self, p: str) -> WeightPlan:
+        return {p + "wkv.weight": PlanEntry(self.wkv_CD, ()), p + "wgate.weight": PlanEntry(self.wgate_CD, ()),
+                p + "ape": PlanEntry(self.ape_mC, ()), p + "norm.weight": PlanEntry(self.norm_H, ())}
+
+
+class DSV4Attention(nn.Module):
+    """One V4 attention layer (module docstring). `ropes`: {"main": RopeTable, "compress": RopeTable}."""
+
+    def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, block_size: int | None,
+                 dtype, device):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        N, H, Q, G, O = cfg.num_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
+        self.rope = ropes["main" if cfg.layer_kind == "sliding" else "compress"]
+        self.compress_rope = ropes["compress"]
+        self.wq_a_QD = param(Q, hidden, dtype=dtype, device=device)
+        self.q_norm_Q = param(Q, dtype=torch.float32, device=device)
+        self.wq_b_NHQ = param(N * H, Q, dtype=dtype, device=device)
+        self.wkv_HD = param(H, hidden, dtype=dtype, device=device)
+        self.kv_norm_H = param(H, dtype=torch.float32, device=device)
+        self.wo_a_GOd = param(G * O, N * H // G, dtype=dtype, device=device)
+        self.wo_b_DGO = param(hidden, G * O, dtype=dtype, device=device)
+        self.sinks_N = param(N, dtype=torch.float32, device=device)
+        self.compressor = self.indexer = None
+        if cfg.compress_rate:
+            self.compressor = Compressor(hidden, H, cfg.compress_rate, cfg.layer_kind == "csa", cfg.rms_norm_eps,
+                                         dtype, device)
+        if cfg.layer_kind == "csa":
+            self.indexer = Compressor(hidden, cfg.index_head_dim, cfg.compress_rate, True, cfg.rms_norm_eps, dtype,
+                                      device)
+            self.wq_idx_nIQ = param(cfg.index_n_heads * cfg.index_head_dim, Q, dtype=dtype, device=device)
+            self.w_idx_nD = param(cfg.index_n_heads, hidden, dtype=dtype, device=device)
+
+    def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        cfg = self.cfg
+        T, N, H, eps = h_TD.shape[0], cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps
+        q_res_TQ = reference_rms_norm_f32(F.linear(h_TD, self.wq_a_QD), self.q_norm_Q, eps)
+        q_TNH = reference_rms_norm_f32(F.linear(q_res_TQ, self.wq_b_NHQ).view(T, N, H), None, eps)
+        q_TNH = self.rope.rotate(q_TNH, positions_T)
+        kv_TH = reference_rms_norm_f32(F.linear(h_TD, self.wkv_HD), self.kv_norm_H, eps)
+        kv_TH = self.rope.rotate(kv_TH[:, None, :], positions_T)[:, 0, :]
+        caches = ctx.kv_caches[self.layer_idx]
+        n_paged = len(cfg.cache_shapes(1, cfg.compress_rate or 1))
+        paged, state = caches[:n_paged], caches[n_paged:]
+        rows = idx = None
+        if self.compressor is not None:
+            rows = self.compressor.rows(h_TD, positions_T)
+        if self.indexer is not None:
+            nI, I = cfg.index_n_heads, cfg.index_head_dim
+            idx = (self.indexer.rows(h_TD, positions_T),
+                   self.compress_rope.rotate(F.linear(q_res_TQ, self.wq_idx_nIQ).view(T, nI, I), positions_T),
+                   F.linear(h_TD, self.w_idx_nD))
+        out_TNH = torch.empty_like(q_TNH)
+        attn, slots_S, tables_SM = ctx.attn, ctx.state.slots_S.long(), ctx.attn.block_tables_SM.long()
+        t0 = 0
+        for s, (q_len, p1) in enumerate(zip(attn.query_lens, attn.seq_lens)):
+            if q_len == 0:
+                continue
+            sl = slice(t0, t0 + q_len)
+            t0 += q_len
+            out_TNH[sl] = self._sequence(q_TNH[sl], kv_TH[sl], rows[sl] if rows is not None else None,
+                                         tuple(x[sl] for x in idx) if idx is not None else None, p1 - q_len, p1,
+                                         slots_S[s], tables_SM[s], paged, state)
+        out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
+        G = cfg.o_groups
+        o_TGO = reference_grouped_linear(out_TNH.reshape(T, G, -1), self.wo_a_GOd.view(G, cfg.o_lora_rank, -1))
+        return F.linear(o_TGO.reshape(T, -1), self.wo_b_DGO)
+
+    def _sequence(self, q_qNH, kv_qH, rows_qC, idx, p0: int, p1: int, slot, table_M, paged, state) -> torch.Tensor:
+        """One sequence's queries p0..p1-1: cache work (steps 1-3 of the module docstring), then attention."""
+        cfg = self.cfg
+        W, dev = cfg.sliding_window, kv_qH.device
+        window_PWH = state[0]
+        lo = max(0, p0 - W + 1)
+        keys = torch.cat([window_PWH[slot][torch.arange(lo, p0, device=dev) % W], kv_qH])  # positions lo..p1-1
+        keep = torch.arange(max(p0, p1 - W), p1, device=dev)
+        window_PWH[slot, keep % W] = kv_qH[keep - p0]
+        q_pos = torch.arange(p0, p1, device=dev)
+        k_pos = torch.arange(lo, p1, device=dev)
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - W)
+        if self.compressor is not None:
+            m = cfg.compress_rate
+            entries_EH = self._compress(self.compressor, rows_qC, state[1], paged[0], p0, p1, slot, table_M)
+            visible_q = (q_pos + 1) // m  # entry w summarises positions < (w + 1) m
+            e_pos = torch.arange(entries_EH.shape[0], device=dev)
+            seen = e_pos[None, :] < visible_q[:, None]
+            if self.indexer is not None:  # only the indexer's top-k of the visible entries
+                irows, iq_qnI, iw_qn = idx
+                keys_EI = self._compress(self.indexer, irows, state[2], paged[1], p0, p1, slot, table_M)
+                picks_qK = reference_indexer_topk(iq_qnI, iw_qn, keys_EI, visible_q, cfg.index_topk).long()
+                chosen = torch.zeros(seen.shape[0], seen.shape[1] + 1, dtype=torch.bool, device=dev)
+                chosen.scatter_(1, torch.where(picks_qK >= 0, picks_qK, seen.shape[1]), True)  # -1: a spare column
+                seen = chosen[:, :-1]
+            keys = torch.cat([keys, entries_EH])
+            allowed = torch.cat([allowed, seen], dim=1)
+        return reference_sink_attention(q_qNH, keys, allowed, self.sinks_N, cfg.softmax_scale)
+
+    def _compress(self, comp: Compressor, rows_qC, ring_PXC, entries_BLcH, p0: int, p1: int, slot,
+                  table_M) -> torch.Tensor:
+        """Writes the entries of the windows that complete in [p0, p1) into their blocks, moves the ring on, and
+        returns every entry of the sequence so far ([p1 // m, width], read back from the blocks)."""
+        m, ring, dev = comp.rate, ring_PXC.shape[1], rows_qC.device
+        L = entries_BLcH.shape[1] * m  # the block size
+        base = max(0, (p0 // m - (1 if comp.overlap else 0)) * m)
+        rows = torch.cat([ring_PXC[slot][torch.arange(base, p0, device=dev) % ring], rows_qC])
+        windows = range(p0 // m, p1 // m)
+        if len(windows):
+            new_EH = comp.entries(rows, base, windows, self.compress_rope)
+            at = torch.arange(windows.start, windows.stop, device=dev) * m
+            entries_BLcH[table_M[at // L], (at % L) // m] = new_EH.to(entries_BLcH.dtype)
+        keep = torch.arange(max(p0, p1 - ring), p1, device=dev)
+        ring_PXC[slot, keep % ring] = rows_qC[keep - p0].to(ring_PXC.dtype)
+        at = torch.arange(p1 // m, device=dev) * m
+        return entries_BLcH[table_M[at // L], (at % L) // m].to(rows_qC.dtype)
+
+    def weight_plan(self, p: str) -> WeightPlan:
+        """The published names under `p` = "model.layers.{i}.attn."."""
+        plan = {p + "wq_a.weight": PlanEntry(self.wq_a_QD, ()), p + "q_norm.weight": PlanEntry(self.q_norm_Q, ()),
+                p + "wq_b.weight": PlanEntry(self.wq_b_NHQ, ()), p + "wkv.weight": PlanEntry(self.wkv_HD, ()),
+                p + "norm.weight": PlanEntry(self.kv_norm_H, ()), p + "wo_a.weight": PlanEntry(self.wo_a_GOd, ()),
+                p + "wo_b.weight": PlanEntry(self.wo_b_DGO, ()), p + "attn_sink": PlanEntry(self.sinks_N, ())}
+        if self.compressor is not None:
+            plan.update(self.compressor.weight_plan(p + "compressor."))
+        if self.indexer is not None:
+            plan.update(self.indexer.weight_plan(p + "indexer.compressor."))
+            plan[p + "indexer.wq_b.weight"] = PlanEntry(self.wq_idx_nIQ, ())
+            plan[p + "indexer.weights_proj.weight"] = PlanEntry(self.w_idx_nD, ())
+        return plan
+
+
+__all__ = ["Compressor", "DSV4Attention", "RopeTable"]

@@ -1,0 +1,195 @@
+"""DeepSeek-V4's decoder (issue 45): embedding → hc_mult residual streams → layers → hyper-head → norm.
+
+A layer: the streams collapse (engine/models/hyper_connections.py) into the attention's input (attn_norm first),
+the attention's output spreads back over the streams; the same around the MoE block (ffn_norm): routed experts
+(moe/token_routing.TokenRoutedMoELayer: by the token-id table on the hash layers, by sqrt(softplus) scores with a
+correction bias on the rest; SwiGLU clamped at swiglu_limit) plus one shared expert, clamped the same way.
+
+The attention kind is engine/models/dsv4_attention.py; its cache (paged entries + state slots) is the rank's. The
+module answers what the runner asks of a model (`stages`, `compute_logits`, `weight_plan`, `set_valid_rows`,
+`forward_moe_only`, `moe_stats`), as MoEDecoderForCausalLM does.
+
+Legend: T tokens, n streams, D hidden, I moe_intermediate_size, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Collection
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelink.kernels.dsv4 import reference_rms_norm_f32
+from moelink.kernels.moe import MoEActivation
+from moelink.moe.expert_weights import make_expert_format
+from moelink.moe.layer import ExpertParallel, Stages, run_stages
+from moelink.moe.router import make_router
+from moelink.moe.stats import MoEStats
+from moelink.moe.token_routers import HashRouter
+from moelink.moe.token_routing import TokenRoutedMoELayer
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
+
+from ..config.architectures import ArchSpec
+from ..config.model import ModelConfig
+from .dsv4_attention import DSV4Attention, RopeTable
+from .hyper_connections import HyperConnection, HyperHead
+from .layers import ForwardContext, param
+from .rope import rope_inv_freq
+
+
+class Norm(nn.Module):
+    """V4's RMSNorm: float32 weight, computed in float32 (kernels/dsv4.reference_rms_norm_f32)."""
+
+    def __init__(self, size: int, eps: float, device=None):
+        super().__init__()
+        self.weight = param(size, dtype=torch.float32, device=device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference_rms_norm_f32(x, self.weight, self.eps)
+
+
+class ClampedMLP(nn.Module):
+    """The shared expert: down(silu(min(gate, limit)) * clamp(up, -limit, limit))."""
+
+    def __init__(self, hidden: int, inter: int, limit: float, dtype, device=None):
+        super().__init__()
+        self.w1_ID = param(inter, hidden, dtype=dtype, device=device)
+        self.w3_ID = param(inter, hidden, dtype=dtype, device=device)
+        self.w2_DI = param(hidden, inter, dtype=dtype, device=device)
+        self.act = MoEActivation("silu_clamp", limit=limit)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act(F.linear(x_TD, self.w1_ID), F.linear(x_TD, self.w3_ID)), self.w2_DI)
+
+    def weight_plan(self, p: str) -> WeightPlan:
+        return {p + "w1.weight": PlanEntry(self.w1_ID, ()), p + "w3.weight": PlanEntry(self.w3_ID, ()),
+                p + "w2.weight": PlanEntry(self.w2_DI, ())}
+
+
+class DSV4DecoderLayer(nn.Module):
+    mixer_name = "attn"
+
+    def __init__(self, cfg: ModelConfig, i: int, ropes: dict, kernels, device, ep, stats: MoEStats):
+        super().__init__()
+        D, dt, hc, eps = cfg.hidden_size, cfg.dtype, cfg.hyper_connections, cfg.rms_norm_eps
+        self.attn_hc, self.ffn_hc = HyperConnection(hc, D, eps, device), HyperConnection(hc, D, eps, device)
+        self.attn_norm, self.ffn_norm = Norm(D, eps, device), Norm(D, eps, device)
+        self.attn = DSV4Attention(cfg.attention_for(i), i, D, ropes, None, dt, device)
+        m = cfg.moe
+        router = (HashRouter(cfg.top_k, m.router.routed_scaling_factor) if i in cfg.hash_layers
+                  else make_router(m.router))
+        self.moe = TokenRoutedMoELayer(D, cfg.moe_intermediate_size, cfg.num_experts, router, kernels, dt, device,
+                                       ep=ep, moe_index=cfg.sparse_layers.index(i), stats=stats,
+                                       expert_format=make_expert_format(None, False),
+                                       activation=MoEActivation("silu_clamp", limit=m.swiglu_limit),
+                                       vocab_size=cfg.vocab_size)
+        self.shared = ClampedMLP(D, cfg.moe_intermediate_size, m.swiglu_limit, dt, device)
+
+    def stages(self, positions_T, x_TnD, input_ids_T, ctx: ForwardContext) -> Stages:
+        h_TD, mix = self.attn_hc.collapse(x_TnD)
+        x_TnD = HyperConnection.expand(x_TnD, self.attn(positions_T, self.attn_norm(h_TD), ctx), mix)
+        h_TD, mix = self.ffn_hc.collapse(x_TnD)
+        h_TD = self.ffn_norm(h_TD)
+        routed = self.moe.stages(h_TD, input_ids_T)
+        try:
+            next(routed)  # router run, dispatch issued (expert parallelism only)
+        except StopIteration as done:
+            return HyperConnection.expand(x_TnD, done.value + self.shared(h_TD), mix)
+        shared_TD = self.shared(h_TD)  # while the dispatch is in flight
+        yield
+        routed_TD = yield from routed
+        return HyperConnection.expand(x_TnD, routed_TD + shared_TD, mix)
+
+    def weight_plan(self, i: int, spec: ArchSpec, expert_ids: list[int], num_experts: int) -> WeightPlan:
+        p = f"model.layers.{i}."
+        plan: WeightPlan = {**self.attn_hc.weight_plan(p + "hc_attn"), **self.ffn_hc.weight_plan(p + "hc_ffn"),
+                            p + "attn_norm.weight": PlanEntry(self.attn_norm.weight, ()),
+                            p + "ffn_norm.weight": PlanEntry(self.ffn_norm.weight, ())}
+        plan.update(self.attn.weight_plan(p + "attn."))
+        f = f"{p}{spec.moe_prefix}."
+        plan[f + "gate.weight"] = PlanEntry(self.moe.gate_GD, ())
+        if self.moe.tid2eid_VK is not None:
+            plan[f + "gate.tid2eid"] = PlanEntry(self.moe.tid2eid_VK, ())
+        if self.moe.e_score_correction_bias_G is not None:
+            plan[f + spec.correction_bias] = PlanEntry(self.moe.e_score_correction_bias_G, ())
+        plan.update(self.moe.expert_format.weight_plan(self.moe, f, False, expert_ids, (), spec.expert_names))
+        plan.update(self.shared.weight_plan(f + "shared_experts."))
+        return plan
+
+
+class DeepseekV4ForCausalLM(nn.Module):
+    """The V4 model on the engine's reference path (module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, spec: ArchSpec, kernels, device: torch.device,
+                 ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None):
+        super().__init__()
+        if cfg.hyper_connections is None:
+            raise ValueError(f"architecture {cfg.architecture}: its ModelConfig has no hyper_connections.")
+        self.cfg, self.spec = cfg, spec
+        self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
+        self.moe_stats = MoEStats(len(cfg.sparse_layers), cfg.num_experts, device)
+        D, dt = cfg.hidden_size, cfg.dtype
+        self.embed_tokens = param(cfg.vocab_size, D, dtype=dt, device=device)
+        self.lm_head = param(cfg.vocab_size, D, dtype=dt, device=device)
+        ropes = {}
+        for label in ("main", "compress"):
+            rope = next(a.rope for a in cfg.layer_attention if a.rope.layer_type == label) if any(
+                a.rope.layer_type == label for a in cfg.layer_attention) else None
+            if rope is not None:
+                inv_freq, factor = rope_inv_freq(rope, cfg.hf_config)
+                ropes[label] = RopeTable(inv_freq, factor, cfg.max_model_len, device)
+        ropes.setdefault("compress", ropes.get("main"))
+        self.ropes = nn.ModuleDict(ropes)
+        self.layers = nn.ModuleList(DSV4DecoderLayer(cfg, i, ropes, kernels, device, ep, self.moe_stats)
+                                    for i in range(cfg.num_layers))
+        self.hc_head = HyperHead(cfg.hyper_connections, D, cfg.rms_norm_eps, device)
+        self.norm = Norm(D, cfg.rms_norm_eps, device)
+
+    def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return run_stages(self.stages(input_ids_T, positions_T, ctx))
+
+    def stages(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> Stages:
+        """The final-normed hidden states [T, D]; yields while a MoE all-to-all is in flight (EP only)."""
+        x_TD = F.embedding(input_ids_T, self.embed_tokens)
+        x_TnD = x_TD.unsqueeze(1).expand(-1, self.cfg.hyper_connections.hc_mult, -1).contiguous()
+        for layer in self.layers:
+            x_TnD = yield from layer.stages(positions_T, x_TnD, input_ids_T, ctx)
+        return self.norm(self.hc_head(x_TnD))
+
+    def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
+        return F.linear(h_SD, self.lm_head)
+
+    def set_valid_rows(self, valid_T: torch.Tensor | None) -> None:
+        for layer in self.layers:
+            layer.moe.valid_rows_T = valid_T
+
+    def forward_moe_only(self) -> None:
+        run_stages(self.moe_only_stages())
+
+    def moe_only_stages(self) -> Stages:
+        """An empty micro-batch under EP: this rank joins every MoE layer's dispatch and combine."""
+        x_0D = self.embed_tokens.new_zeros(0, self.cfg.hidden_size)
+        ids_0 = torch.zeros(0, dtype=torch.long, device=x_0D.device)
+        for layer in self.layers:
+            yield from layer.moe.stages(x_0D, ids_0)
+
+    def process_weights_after_loading(self) -> None:
+        return None
+
+    def replay_states(self, num_accepted_S: torch.Tensor) -> None:
+        raise ValueError("speculative decoding is not supported for DeepseekV4ForCausalLM yet: its window and "
+                         "compressor states do not replay accepted drafts.")
+
+    def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:
+        """The checkpoint's names as save_pretrained writes them (the published layer names under `model.`)."""
+        plan: WeightPlan = {"model.embed_tokens.weight": PlanEntry(self.embed_tokens, ()),
+                            "head.weight": PlanEntry(self.lm_head, ()),
+                            "model.norm.weight": PlanEntry(self.norm.weight, ()),
+                            **self.hc_head.weight_plan("model.hc_head.")}
+        for i, layer in enumerate(self.layers):
+            plan.update(layer.weight_plan(i, self.spec, self.expert_ids, self.cfg.num_experts))
+        return plan
+
+
+__all__ = ["DeepseekV4ForCausalLM"]

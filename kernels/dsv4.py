@@ -1,0 +1,89 @@
+"""DeepSeek-V4's attention pieces in plain torch (issue 45): the references a later session's Triton kernels replace
+behind kernels/ops.py, and what the engine's reference path runs now.
+
+Numerics follow transformers' deepseek_v4 op for op where it leaves the activations' dtype: the rotary's rope slice
+is rounded to float32 before it is rotated, the lightning indexer scores in float32, norms compute in float32 with
+float32 weights. Everything else stays in the activations' dtype (float64 in the parity tests).
+
+Legend: T queries, N heads, H head_dim, R rotary dims (the trailing R of a head), h = R / 2, S keys, n windows,
+m compress rate, C a compressor row (kv | gate), E compressed entries, n_I indexer heads, I index_head_dim, G output
+groups.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dsa import reference_topk_positions
+
+
+def reference_rope_tail(x_TNH: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor) -> torch.Tensor:
+    """Interleaved rope on the trailing R = 2h dims of every head: pairs (2i, 2i + 1) rotate by (cos, sin)[i];
+    the leading dims pass. cos/sin are float32 tables (the inverse rotation passes -sin)."""
+    R = 2 * cos_Th.shape[-1]
+    cos = cos_Th.to(x_TNH.dtype).repeat_interleave(2, dim=-1)[:, None, :]
+    sin = sin_Th.to(x_TNH.dtype).repeat_interleave(2, dim=-1)[:, None, :]
+    rope = x_TNH[..., -R:].float()
+    rotated_ = torch.stack((-rope[..., 1::2], rope[..., 0::2]), dim=-1).flatten(-2)
+    out = ((rope * cos) + (rotated_ * sin)).to(x_TNH.dtype)
+    return torch.cat([x_TNH[..., :-R], out], dim=-1)
+
+
+def reference_rms_norm_f32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """V4's RMSNorm: in float32, times a float32 weight, cast back once. Unweighted (weight None, the query's
+    per-head norm): only the scale is computed in float32, x keeps its dtype."""
+    if weight is None:
+        return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * y).to(x.dtype)
+
+
+def reference_compress(kv_nmC: torch.Tensor, gate_nmC: torch.Tensor, prev_kv_nmH: torch.Tensor | None,
+                       prev_gate_nmH: torch.Tensor | None) -> torch.Tensor:
+    """One entry per window: the softmax-over-tokens (float32) gated sum of the window's kv rows. Without
+    `prev_*` (HCA) kv/gate are the window's [n, m, H] rows; with them (CSA) kv/gate are [n, m, 2H] and the entry
+    softmaxes over 2m rows: the previous window's Ca half (prev_*, [n, m, H]; a gate of -inf where there is no
+    previous window) then this window's Cb half. Returns [n, H] before the entry norm and rope."""
+    if prev_kv_nmH is not None:
+        H = prev_kv_nmH.shape[-1]
+        kv_nmC = torch.cat([prev_kv_nmH, kv_nmC[..., H:]], dim=1)
+        gate_nmC = torch.cat([prev_gate_nmH, gate_nmC[..., H:]], dim=1)
+    weights = gate_nmC.softmax(dim=1, dtype=torch.float32).to(kv_nmC.dtype)
+    return (kv_nmC * weights).sum(dim=1)
+
+
+def reference_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: torch.Tensor, visible_T: torch.Tensor,
+                           top_k: int) -> torch.Tensor:
+    """The lightning indexer's choice per query: score[t, e] = sum_h w[t, h] * n_I^-0.5 * relu(q[t, h] . key[e]) *
+    I^-0.5 in float32 (transformers casts q, keys and the weights to float32; the weights projection's output `w_Tn`
+    comes unscaled), then the top_k entries of highest score among the first visible_T[t] (all of them when fewer),
+    ties to the lowest entries (kernels/dsa.reference_topk_positions, DeepSeek Sparse Attention's rule): int32
+    [T, top_k] entry ids, ascending, then -1."""
+    n_I, I = q_TnI.shape[1], q_TnI.shape[2]
+    scores_TnE = torch.relu(torch.einsum("tni,ei->tne", q_TnI.float(), keys_EI.float())) * I**-0.5
+    scores_TE = (scores_TnE * (w_Tn.float() * n_I**-0.5)[:, :, None]).sum(dim=1)
+    return reference_topk_positions(scores_TE, visible_T, top_k)
+
+
+def reference_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS: torch.Tensor, sinks_N: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """Multi-query attention over one shared head that is key and value (V4: K = V), with a learnable logit per
+    head in every softmax's denominator (its sink, no value): out [T, N, H]. allowed_TS: which keys each query sees
+    (a query sees at least itself)."""
+    logits_TNS = torch.einsum("tnh,sh->tns", q_TNH, k_SH) * scale
+    logits_TNS = logits_TNS.masked_fill(~allowed_TS[:, None, :], float("-inf"))
+    sinks = sinks_N.to(logits_TNS.dtype)[None, :, None].expand(q_TNH.shape[0], -1, 1)
+    combined = torch.cat([logits_TNS, sinks], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1)[..., :-1]
+    return torch.einsum("tns,sh->tnh", probs.to(k_SH.dtype), k_SH)
+
+
+def reference_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torch.Tensor:
+    """The grouped output projection's first half: each of G groups of heads [d] projected by its own [o, d]
+    block: [T, G, o]."""
+    return torch.einsum("tgd,god->tgo", x_TGd, w_GoD)
+
+
+__all__ = ["reference_compress", "reference_grouped_linear", "reference_indexer_topk", "reference_rms_norm_f32",
+           "reference_rope_tail", "reference_sink_attention"]
