@@ -5,9 +5,14 @@ triton_mla_sparse.py are the Triton kernels.
 Legend: T query tokens in the flat batch, S sequences, H index heads, D index head dim, K top-k, W score width (at
 least every query's causal length), X context, L block size, and N, C, P, R as in mla.py.
 
-The indexer's key cache index_cache_BLD = [B + 1, L, D] sits beside the latent cache on the same block ids: token p of
-a sequence has its key at slot `block_table[p // L] * L + p % L` (written like a latent row, `write_latent`), in the
-latent cache's dtype (an fp8 one holds key / 1.0, saturated; engine/config/sparse_attention.py).
+The indexer's key cache sits beside the latent cache on the same block ids: token p of a sequence has its key row at
+slot `block_table[p // L] * L + p % L`, in one of two layouts (engine/config/sparse_attention.py chooses):
+- float, index_cache_BLD [B + 1, L, D] in a float dtype (written like a latent row, `write_latent`; an e4m3 tensor of
+  this shape is read as key / 1.0);
+- fp8 with scales, index_cache_BLX uint8 [B + 1, L, X], X = fp8_key_row_bytes(D): the key in e4m3 (D bytes, padded to
+  4), then one float32 scale per SCALE_GROUP (128) values, amax / 448 (`quantize_index_keys`, `write_fp8_index_keys`).
+  A key group g reads as e4m3 * scale[g]; the scores apply the scale to each group's dot product, as the kernel does:
+      q . k = sum_g scale[g] * (q[group g] . k_e4m3[group g])
 
 Selection (transformers' DeepseekV32Indexer without a cache): query token t at position p (= seq_len - query_len + i)
 scores every position j <= p,
@@ -25,11 +30,43 @@ from __future__ import annotations
 
 import torch
 
-from .attention import FP8_CACHE_DTYPES, AttentionMetadata
+from .attention import AttentionMetadata
 from .mla import check_mla_inputs
 
 # Query rows per gathered chunk of the references (bounds their [rows, K or X, ...] temporaries).
 _ROWS = 256
+# The fp8 key layout (engine/config/sparse_attention.py has the same numbers: tests/kernels/test_dsa.py holds them
+# equal, as kernels import nothing of the engine).
+SCALE_GROUP = 128
+FP8_KEY_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = 448.0
+
+
+def fp8_key_groups(D: int) -> int:
+    """Scales per fp8 key: one per SCALE_GROUP values, the last group possibly shorter."""
+    return -(-D // SCALE_GROUP)
+
+
+def fp8_key_row_bytes(D: int) -> int:
+    """Bytes of one token's fp8 key row: D e4m3 bytes padded to 4, then fp8_key_groups(D) float32 scales."""
+    return _scale_offset(D) + 4 * fp8_key_groups(D)
+
+
+def _scale_offset(D: int) -> int:
+    return -(-D // 4) * 4
+
+
+def is_fp8_index_cache(index_cache: torch.Tensor) -> bool:
+    """Whether a key cache holds fp8 keys with scales (uint8 rows), not float keys."""
+    return index_cache.dtype == torch.uint8
+
+
+def fp8_index_views(index_cache_BLX: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp8 key cache's keys, e4m3 [B + 1, L, X] (the first D of each row are the key), and scales, float32
+    [B + 1, L, groups]: views of the same memory."""
+    g0 = _scale_offset(D) // 4
+    return (index_cache_BLX.view(FP8_KEY_DTYPE),
+            index_cache_BLX.view(torch.float32)[..., g0: g0 + fp8_key_groups(D)])
 
 
 def check_index_inputs(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLD: torch.Tensor) -> None:
@@ -37,9 +74,43 @@ def check_index_inputs(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cach
     if q_THD.dim() != 3 or weights_TH.shape != q_THD.shape[:2]:
         raise ValueError(f"q_THD {tuple(q_THD.shape)} and weights_TH {tuple(weights_TH.shape)} are invalid: must be "
                          "[T, index heads, index head dim] and [T, index heads].")
-    if index_cache_BLD.dim() != 3 or index_cache_BLD.shape[2] != q_THD.shape[2] or not index_cache_BLD.is_contiguous():
-        raise ValueError(f"index_cache_BLD {tuple(index_cache_BLD.shape)} is invalid: must be a contiguous [blocks, "
-                         f"block_size, {q_THD.shape[2]}] tensor (one indexer key per token).")
+    D = q_THD.shape[2]
+    width = fp8_key_row_bytes(D) if is_fp8_index_cache(index_cache_BLD) else D
+    if index_cache_BLD.dim() != 3 or index_cache_BLD.shape[2] != width or not index_cache_BLD.is_contiguous():
+        raise ValueError(f"index_cache_BLD {tuple(index_cache_BLD.shape)} {index_cache_BLD.dtype} is invalid: must be "
+                         f"a contiguous [blocks, block_size, {width}] tensor (one indexer key row per token: {D} float "
+                         f"values, or as uint8 {fp8_key_row_bytes(D)} bytes of fp8 key and scales).")
+
+
+def quantize_index_keys(k_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [T, D] -> (e4m3 [T, D], float32 scales [T, groups]): per group of SCALE_GROUP values, scale = amax / 448
+    and key / scale rounded to e4m3 (an all-zero group: scale 0, key 0)."""
+    T, D = k_TD.shape
+    G = fp8_key_groups(D)
+    k_TGS = torch.nn.functional.pad(k_TD.to(torch.float32), (0, G * SCALE_GROUP - D)).view(T, G, SCALE_GROUP)
+    scale_TG = k_TGS.abs().amax(dim=2) / _FP8_MAX
+    q_TGS = (k_TGS / torch.where(scale_TG > 0, scale_TG, 1.0)[..., None]).clamp(-_FP8_MAX, _FP8_MAX)
+    return q_TGS.view(T, G * SCALE_GROUP)[:, :D].to(FP8_KEY_DTYPE), scale_TG
+
+
+def write_fp8_index_keys(k_TD: torch.Tensor, index_cache_BLX: torch.Tensor, slot_mapping_T: torch.Tensor) -> None:
+    """Quantize this step's keys (quantize_index_keys) and scatter their rows into an fp8 key cache (in place). Plain
+    torch on every device (a few elementwise launches over T x D values); slots < 0 are padding tokens, whose rows
+    write zeros into the null block (the last), as write_latent does. No host sync."""
+    T, D = k_TD.shape
+    X = fp8_key_row_bytes(D)
+    if not is_fp8_index_cache(index_cache_BLX) or index_cache_BLX.shape[2] != X:
+        raise ValueError(f"index_cache_BLX {tuple(index_cache_BLX.shape)} {index_cache_BLX.dtype} is invalid: must be "
+                         f"uint8 [blocks, block_size, {X}] (fp8 keys of {D} values and their scales).")
+    k8_TD, scale_TG = quantize_index_keys(k_TD)
+    row_TX = torch.zeros(T, X, dtype=torch.uint8, device=k_TD.device)
+    row_TX[:, :D] = k8_TD.view(torch.uint8)
+    row_TX[:, _scale_offset(D):] = scale_TG.view(torch.uint8)
+    keep_T = slot_mapping_T >= 0
+    null_slot = (index_cache_BLX.shape[0] - 1) * index_cache_BLX.shape[1]
+    slots_T = torch.where(keep_T, slot_mapping_T, torch.full_like(slot_mapping_T, null_slot))
+    row_TX = torch.where(keep_T[:, None], row_TX, torch.zeros((), dtype=torch.uint8, device=row_TX.device))
+    index_cache_BLX.view(-1, X).index_copy_(0, slots_T.long(), row_TX)
 
 
 def causal_lens(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:
@@ -63,16 +134,24 @@ def reference_dsa_index_scores(q_THD: torch.Tensor, weights_TH: torch.Tensor, in
     n_T = causal_lens(meta, dev)
     pos_W = torch.arange(W, device=dev)
     out_TW = torch.full((T, W), float("-inf"), dtype=torch.float32, device=dev)
-    L = index_cache_BLD.shape[1]
-    keys = index_cache_BLD.view(-1, D)
+    L, X = index_cache_BLD.shape[1:]
+    keys = index_cache_BLD.view(-1, X)
+    fp8 = is_fp8_index_cache(index_cache_BLD)
+    qf_THD = q_THD.float()  # transformers casts q and k to float32
     for t0 in range(0, T, _ROWS):
         rows = slice(t0, min(T, t0 + _ROWS))
         visible_TW = pos_W[None, :] < n_T[rows, None]
         slots_TW = _slots_rows(meta, rows, pos_W, visible_TW, L)
-        k_TWD = keys.index_select(0, slots_TW.reshape(-1)).view(*slots_TW.shape, D)
-        if k_TWD.dtype in FP8_CACHE_DTYPES:
-            k_TWD = k_TWD.to(torch.float32)  # stored at scale 1.0
-        s_THW = torch.relu(torch.einsum("thd,twd->thw", q_THD[rows].float(), k_TWD.float()) * scale)
+        k_TWX = keys.index_select(0, slots_TW.reshape(-1)).view(*slots_TW.shape, X)
+        if fp8:  # each group's dot product times its scale (module docstring), as the kernel computes it
+            k8_TWD, scale_TWG = fp8_index_views(k_TWX, D)
+            k8_TWD = k8_TWD[..., :D].float()
+            dots_THW = sum(torch.einsum("thd,twd->thw", qf_THD[rows, :, g: g + SCALE_GROUP],
+                                        k8_TWD[..., g: g + SCALE_GROUP]) * scale_TWG[:, None, :, g // SCALE_GROUP]
+                           for g in range(0, D, SCALE_GROUP))
+        else:  # an e4m3 tensor of keys: stored at scale 1.0
+            dots_THW = torch.einsum("thd,twd->thw", qf_THD[rows], k_TWX.float())
+        s_THW = torch.relu(dots_THW * scale)
         score_TW = torch.einsum("th,thw->tw", weights_TH[rows].float(), s_THW)
         out_TW[rows] = torch.where(visible_TW, score_TW + 0.0, float("-inf"))  # + 0.0: -0.0 counts as 0.0
     return out_TW
@@ -148,5 +227,6 @@ def reference_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.T
     return out_TNC
 
 
-__all__ = ["causal_lens", "check_index_inputs", "reference_dsa_index_scores", "reference_dsa_topk",
-           "reference_sparse_mla_attention", "reference_topk_positions"]
+__all__ = ["FP8_KEY_DTYPE", "SCALE_GROUP", "causal_lens", "check_index_inputs", "fp8_index_views", "fp8_key_groups",
+           "fp8_key_row_bytes", "is_fp8_index_cache", "quantize_index_keys", "reference_dsa_index_scores",
+           "reference_dsa_topk", "reference_sparse_mla_attention", "reference_topk_positions", "write_fp8_index_keys"]

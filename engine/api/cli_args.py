@@ -46,6 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                    help="fp8 (= fp8_e4m3): the KV cache in one byte per value with a per-layer scale, twice the "
                         "tokens of a bf16 cache in the same memory; auto: the model's dtype")
+    p.add_argument("--index-cache-dtype", default="auto", choices=["auto", "fp8", "model"],
+                   help="DeepSeek Sparse Attention's indexer key cache: fp8 (e4m3 keys, a float32 scale per 128 "
+                        "values), model (the model's dtype); auto: fp8 with --kv-cache-dtype fp8, else model")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
@@ -141,7 +144,7 @@ def engine_args_from(ns: argparse.Namespace):
         enforce_eager=ns.enforce_eager,
         cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
         revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,
-        fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype,
+        fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype, index_cache_dtype=ns.index_cache_dtype,
         enable_two_batch_overlap=ns.enable_two_batch_overlap, elastic_ep=ns.elastic_ep,
         async_scheduling=ns.async_scheduling,
         ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s, load_format=ns.load_format,

@@ -11,6 +11,7 @@ import torch
 from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
 from .model import KV_CACHE_DTYPES, ModelConfig, ParallelConfig
+from .sparse_attention import INDEX_CACHE_DTYPES
 from .quantization import ONLINE_METHODS
 from .checkpoint_headers import check_checkpoint
 from .graph_config import CudaGraphConfig
@@ -118,6 +119,9 @@ class EngineArgs:
     # "fp8" (= "fp8_e4m3"): the KV cache in one byte per value with a per-layer scale (twice the tokens of a
     # bf16 cache in the same memory); "auto": the model's dtype.
     kv_cache_dtype: str = "auto"
+    # DeepSeek Sparse Attention's indexer key cache: "auto" (fp8 keys with a float32 scale per 128 values when
+    # kv_cache_dtype is fp8, else the model's dtype), "fp8" or "model" (engine/config/sparse_attention.py).
+    index_cache_dtype: str = "auto"
     # Each step as two micro-batches (split by sequences, balanced by tokens) whose attention and experts run
     # while the other's all-to-all is in flight (engine/rank/step_plan.py). Expert parallelism only: at
     # expert_parallel_size 1 there is no all-to-all, and steps run as one batch (logged once).
@@ -192,6 +196,8 @@ class EngineArgs:
             bad("quantization", f"choose from {', '.join(ONLINE_METHODS)} or None")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             bad("kv_cache_dtype", f"choose from {', '.join(map(repr, KV_CACHE_DTYPES))}")
+        if self.index_cache_dtype not in INDEX_CACHE_DTYPES:
+            bad("index_cache_dtype", f"choose from {', '.join(map(repr, INDEX_CACHE_DTYPES))}")
         if self.load_format not in LOAD_FORMATS:
             bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")
         if not isinstance(self.skip_warmup, bool):
@@ -240,7 +246,8 @@ class EngineArgs:
                         "overlap): steps run as one batch.")
         path = self.model_path()
         model_cfg = ModelConfig.from_pretrained(path, self.dtype, self.max_model_len, quantization=self.quantization,
-                                                kv_cache_dtype=self.kv_cache_dtype, fp8_block_size=self.fp8_block_size)
+                                                kv_cache_dtype=self.kv_cache_dtype, fp8_block_size=self.fp8_block_size,
+                                                index_cache_dtype=self.index_cache_dtype)
         if path != self.model:
             model_cfg.model_id = self.model
         if self.load_format != "dummy":

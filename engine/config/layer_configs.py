@@ -13,12 +13,13 @@ Attention kinds
 - MLAConfig: multi-head latent attention (DeepSeek-V2/V3, Kimi K2). The cache holds one row per token, the
   normalised latent c_kv and the roped key k_pe: one tensor [blocks + 1, block_size, kv_lora_rank +
   qk_rope_head_dim] per layer (576 values for DeepSeek-V3 instead of 2 * 128 heads * 128). DeepSeek Sparse Attention
-  (DeepSeek-V3.2, GLM-5) adds the lightning indexer's key cache, [blocks + 1, block_size, index_head_dim], on the same
-  block ids (engine/config/sparse_attention.py).
+  (DeepSeek-V3.2, GLM-5) adds the lightning indexer's key cache, [blocks + 1, block_size, key row], on the same
+  block ids: index_head_dim float values, or (fp8, the default beside an fp8 KV cache) the e4m3 key and its float32
+  scales per 128 values as bytes (engine/config/sparse_attention.py).
 Layers of one model may differ within their kind (MiMo-V2-Flash: its sliding layers have twice the kv heads, sinks
 and a rope of their own): ModelConfig.layer_attention then holds each layer's config, and every per-layer question
 (the layer's shapes, its cache, its rope) is asked of `ModelConfig.attention_for(layer)`.
-The KV sizer and the runner's allocation ask the kind (`kv_bytes_per_token`, `cache_shapes`); nothing else
+The KV sizer and the runner's allocation ask the kind (`kv_bytes_per_token`, `cache_shapes`, `cache_dtypes`); nothing else
 in the engine knows the layout.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ ROPE_TYPES = ("default", "yarn")
 # (x[2i], x[2i + 1]) as complex numbers in float32 (DeepSeek-V2, as transformers computes it).
 ROPE_STYLES = ("neox", "interleaved", "complex")
 # The experts' gated activations (kernels.moe.MoEActivation's kinds).
-MOE_ACTIVATIONS = ("silu", "swiglu_oai", "silu_clamp")
+MOE_ACTIVATIONS = ("silu", "swiglu_oai")
 # GQA's q/k RMSNorm (GQAConfig.qk_norm): "per_head" normalises each head's H dims with one [H] weight shared by the
 # heads (Qwen3-MoE, GLM's use_qk_norm); "all_heads" normalises a token's whole q (N * H dims) and k (K * H) before
 # they are split into heads, with [N * H] / [K * H] weights (MiniMax-M2's qk_norm_type "per_layer").
@@ -159,10 +160,15 @@ class GQAConfig:
         """Values one token stores in one layer's cache: a K (H values) and a V (Hv) per kv head."""
         return self.num_kv_heads * (self.head_dim + self.value_head_dim)
 
-    def cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
-        """One layer's cache tensors (k_cache_BLKH, v_cache_BLKHv), the null block included."""
+    def cache_shapes(self, num_blocks: int, block_size: int,
+                     cache_dtype: torch.dtype | None = None) -> tuple[tuple[int, ...], ...]:
+        """One layer's cache tensors (k_cache_BLKH, v_cache_BLKHv), the null block included (whatever the dtype)."""
         lead = (num_blocks + 1, block_size, self.num_kv_heads)
         return (*lead, self.head_dim), (*lead, self.value_head_dim)
+
+    def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+        """The element types of cache_shapes' tensors: both in the cache's dtype."""
+        return cache_dtype, cache_dtype
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.kv_values_per_token() * dtype.itemsize
@@ -211,21 +217,34 @@ class MLAConfig:
         return None
 
     def kv_values_per_token(self) -> int:
-        """Values one token stores in one layer's cache: its latent and its roped key, shared by every head, and
-        its indexer key under DSA."""
-        index = self.indexer.key_values_per_token if self.indexer is not None else 0
-        return self.kv_lora_rank + self.qk_rope_head_dim + index
+        """Values one token stores in one layer's latent cache: its latent and its roped key, shared by every head
+        (DSA's indexer key, in a layout of its own, is counted in bytes: kv_bytes_per_token)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
-    def cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
+    def _own_keys(self) -> bool:
+        return self.indexer is not None and not self.indexer.shared
+
+    def cache_shapes(self, num_blocks: int, block_size: int,
+                     cache_dtype: torch.dtype | None = None) -> tuple[tuple[int, ...], ...]:
         """One layer's cache tensors, the null block included: (latent_cache_BLR,), and under DSA with an indexer
-        of its own (latent_cache_BLR, index_cache_BLI) on the same block ids."""
+        of its own (latent_cache_BLR, index_cache_BLX) on the same block ids, X the key row (head_dim values, or an
+        fp8 row's bytes: engine/config/sparse_attention.py). `cache_dtype` (the latent's) decides an unresolved
+        indexer's layout (IndexerConfig.key_dtype None)."""
         latent = (num_blocks + 1, block_size, self.kv_lora_rank + self.qk_rope_head_dim)
-        if self.indexer is None or self.indexer.shared:
+        if not self._own_keys():
             return (latent,)
-        return latent, (num_blocks + 1, block_size, self.indexer.head_dim)
+        return latent, (num_blocks + 1, block_size, self.indexer.key_row(cache_dtype or torch.float32))
+
+    def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+        """The element types of cache_shapes' tensors: the latent in the cache's dtype, the indexer keys in theirs
+        (uint8 rows for fp8 keys with scales)."""
+        if not self._own_keys():
+            return (cache_dtype,)
+        return cache_dtype, self.indexer.key_cache_dtype(cache_dtype)
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return self.kv_values_per_token() * dtype.itemsize
+        index = self.indexer.key_bytes_per_token(dtype) if self.indexer is not None else 0
+        return self.kv_values_per_token() * dtype.itemsize + index
 
 
 AttentionConfig = GQAConfig | MLAConfig

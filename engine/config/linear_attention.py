@@ -89,7 +89,10 @@ class LinearAttentionConfig:
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 0
 
-    def cache_shapes(self, num_blocks: int, block_size: int) -> tuple:
+    def cache_shapes(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype | None = None) -> tuple:
+        return ()
+
+    def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple:
         return ()
 
     def kv_layer_pairs(self, num_layers: int) -> None:

@@ -23,6 +23,7 @@ from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_A
 from .hf_readers import read_fields
 from .quantization import (QuantConfig, check_architecture, read_hf_quant_config, read_quantization,
                            resolve_quantization)
+from .sparse_attention import resolve_index_cache
 from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
@@ -109,6 +110,9 @@ class ModelConfig:
     # The KV cache's element type (`--kv-cache-dtype`): None = `dtype`; float8_e4m3fn stores K/V (or MLA's
     # latent rows) in one byte with a per-layer scale (kernels/attention.py), half a bf16 cache's bytes.
     kv_cache_dtype: torch.dtype | None = None
+    # DeepSeek Sparse Attention's indexer key cache (`--index-cache-dtype`, sparse_attention.INDEX_CACHE_DTYPES):
+    # "auto" = fp8 keys with a float32 scale per 128 values when the KV cache is fp8, else the model's dtype.
+    index_cache_dtype: str = "auto"
     # Next-n prediction (MTP) layers stored after the main ones, as `model.layers.{num_layers + i}.*`
     # (DeepSeek-V3/R1, Kimi K2, GLM-4.5: config.json's num_nextn_predict_layers, read for MTP_ARCHITECTURES), or
     # as `mtp.*` (Qwen3-Next, Qwen3.5-MoE: config.json's mtp_num_hidden_layers; engine/models/qwen_mtp.py).
@@ -160,6 +164,9 @@ class ModelConfig:
             if kinds != {self.attention.kind}:
                 raise ValueError(f"ModelConfig layer_attention holds {sorted(kinds)} attention, but the model's is "
                                  f"{self.attention.kind!r}.")
+        # Every indexer's key cache layout, from the flag and the dtypes (a no-op for models without one).
+        self.attention, self.layer_attention = resolve_index_cache(self.attention, self.layer_attention, self.dtype,
+                                                                   self.cache_dtype, self.index_cache_dtype)
         if self.moe is None:
             self.moe = MoEConfig(RouterConfig(self.num_experts, self.top_k, norm_topk_prob=bool(self.norm_topk_prob)))
         r = self.moe.router
@@ -205,7 +212,8 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, model: str, dtype="auto", max_model_len: int | None = None, *,
                         require_runnable: bool = True, quantization: str | None = None,
-                        fp8_block_size: tuple[int, int] | None = None, kv_cache_dtype: str = "auto") -> "ModelConfig":
+                        fp8_block_size: tuple[int, int] | None = None, kv_cache_dtype: str = "auto",
+                        index_cache_dtype: str = "auto") -> "ModelConfig":
         """Read `model`/config.json through transformers' own config class (so every alias and default
         transformers knows applies) and validate it. Architectures in CONFIG_ONLY_ARCHITECTURES are read
         only with require_runnable=False; otherwise they are refused here, before any engine work."""
@@ -259,7 +267,7 @@ class ModelConfig:
             model=str(path), dtype=parse_dtype(dtype, checkpoint_dtype), architecture=arch,
             max_model_len=max_model_len if max_model_len is not None else fields["max_position_embeddings"],
             hf_config=hf.to_dict(), kv_cache_dtype=parse_kv_cache_dtype(kv_cache_dtype),
-            text_weights_prefix=text_prefix, **fields,
+            text_weights_prefix=text_prefix, index_cache_dtype=index_cache_dtype, **fields,
         )
         if require_runnable and arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch}: config read, model definition not available in this build "

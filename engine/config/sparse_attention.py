@@ -12,16 +12,40 @@ the first `rope_dim` (= qk_rope_head_dim) dims of each q head and of the key, wi
 GLM-5's cross-layer sharing: a "shared" layer has no indexer of its own and attends to the positions the previous
 "full" layer selected (config.json indexer_types / index_topk_pattern).
 
-The key cache: one row of `head_dim` values per token beside MLA's latent row, in the same blocks (so the scheduler's
-block accounting, prefix caching and PD transfers cover it), in the latent cache's dtype: the model dtype, or e4m3
-with scale 1.0 under --kv-cache-dtype fp8 (the published models keep fp8 keys with a scale per 128 values; a
-LayerNorm'd key sits well inside e4m3's range, so one scale loses only subnormal precision).
+The key cache: one row per token beside MLA's latent row, in the same blocks (so the scheduler's block accounting,
+prefix caching and PD transfers cover it), in one of two layouts (`IndexerConfig.key_dtype`, resolved from
+--index-cache-dtype by `resolve_index_cache`):
+- fp8 (DeepSeek's own inference code and vLLM for V3.2; the default under --kv-cache-dtype fp8): the key in e4m3, one
+  float32 scale per INDEX_SCALE_GROUP (128) values along head_dim (amax / 448: every group uses e4m3's whole range),
+  stored as bytes [key (head_dim bytes, padded to 4) | scales (4 bytes each)]: 132 bytes for a 128-value key, where
+  a bf16 key takes 256;
+- float: the key's head_dim values in a float dtype (the model's: the default without an fp8 KV cache).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 INDEXER_ROPE_STYLES = ("neox", "interleaved")
+# --index-cache-dtype: "auto" = fp8 when the KV cache is fp8, else the model's dtype; "fp8" = always the fp8 layout;
+# "model" = the model's dtype whatever the KV cache holds.
+INDEX_CACHE_DTYPES = ("auto", "fp8", "model")
+# Values per float32 scale of an fp8 key (DeepSeek-V3.2's quant block along index_head_dim).
+INDEX_SCALE_GROUP = 128
+INDEX_FP8_DTYPE = torch.float8_e4m3fn
+
+
+def index_scale_groups(head_dim: int) -> int:
+    """Scales per fp8 key: one per INDEX_SCALE_GROUP values, the last group possibly shorter."""
+    return -(-head_dim // INDEX_SCALE_GROUP)
+
+
+def index_fp8_row_bytes(head_dim: int) -> int:
+    """Bytes of one token's fp8 key row: the e4m3 key padded to 4 bytes (so the scales are float32-aligned), then its
+    float32 scales."""
+    return -(-head_dim // 4) * 4 + 4 * index_scale_groups(head_dim)
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,9 @@ class IndexerConfig:
     rope_dim: int  # qk_rope_head_dim: the rotated prefix of each index head and of the key
     rope_style: str = "neox"  # "neox" (DeepSeek-V3.2's half split) or "interleaved" (GLM-5)
     shared: bool = False  # GLM-5 "shared": reuse the previous full layer's positions (no weights, no key cache)
+    # The key cache's layout (module docstring): INDEX_FP8_DTYPE for fp8 keys with per-128 scales, a float dtype for
+    # float keys, None for the latent cache's dtype (what ModelConfig resolves away: resolve_index_cache).
+    key_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         for name, field_name in (("num_heads", "index_n_heads"), ("head_dim", "index_head_dim"), ("topk", "index_topk")):
@@ -47,11 +74,46 @@ class IndexerConfig:
             raise ValueError(f"config.json qk_rope_head_dim={self.rope_dim} is invalid for the indexer: must be even and "
                              f"at most index_head_dim={self.head_dim} (the indexer rotates that prefix of each head).")
 
+        if self.key_dtype is not None and not (self.key_dtype == INDEX_FP8_DTYPE or self.key_dtype.is_floating_point
+                                               and self.key_dtype.itemsize > 1):
+            raise ValueError(f"IndexerConfig key_dtype={self.key_dtype} is invalid: allowed: None, {INDEX_FP8_DTYPE} "
+                             "(fp8 keys with per-128 scales) or a float dtype of 2 bytes or more.")
+
     @property
     def softmax_scale(self) -> float:
         return self.head_dim**-0.5
 
-    @property
-    def key_values_per_token(self) -> int:
-        """Values the layer's key cache holds per token: the key, or none for a shared layer."""
-        return 0 if self.shared else self.head_dim
+    def fp8_keys(self, cache_dtype: torch.dtype) -> bool:
+        """Whether the key cache holds fp8 keys with scales beside a latent cache of `cache_dtype`."""
+        return (self.key_dtype or cache_dtype) == INDEX_FP8_DTYPE
+
+    def key_cache_dtype(self, cache_dtype: torch.dtype) -> torch.dtype:
+        """The key cache tensor's element type: uint8 for fp8 rows (keys and scales as bytes), else the float dtype."""
+        return torch.uint8 if self.fp8_keys(cache_dtype) else (self.key_dtype or cache_dtype)
+
+    def key_row(self, cache_dtype: torch.dtype) -> int:
+        """Elements of one token's key row (its cache tensor's last dim)."""
+        return index_fp8_row_bytes(self.head_dim) if self.fp8_keys(cache_dtype) else self.head_dim
+
+    def key_bytes_per_token(self, cache_dtype: torch.dtype) -> int:
+        """Bytes the layer's key cache holds per token: its key row, or none for a shared layer."""
+        if self.shared:
+            return 0
+        return self.key_row(cache_dtype) * self.key_cache_dtype(cache_dtype).itemsize
+
+
+def resolve_index_cache(attention, layer_attention: tuple, dtype: torch.dtype, cache_dtype: torch.dtype,
+                        choice: str) -> tuple:
+    """(attention, layer_attention) with every indexer's key_dtype set from --index-cache-dtype `choice`
+    (INDEX_CACHE_DTYPES) and the model / KV cache dtypes; configs without an indexer returned as they are."""
+    if choice not in INDEX_CACHE_DTYPES:
+        raise ValueError(f"index_cache_dtype={choice!r} is invalid: choose from "
+                         f"{', '.join(map(repr, INDEX_CACHE_DTYPES))}.")
+    fp8 = choice == "fp8" or (choice == "auto" and cache_dtype == INDEX_FP8_DTYPE)
+    key_dtype = INDEX_FP8_DTYPE if fp8 else dtype
+
+    def one(att):
+        ix = getattr(att, "indexer", None)
+        return att if ix is None else dataclasses.replace(att, indexer=dataclasses.replace(ix, key_dtype=key_dtype))
+
+    return one(attention), tuple(one(a) for a in layer_attention)

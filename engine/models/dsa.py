@@ -4,7 +4,8 @@ layer attends to (engine/config/sparse_attention.py has the definition; kernels/
 Legend: T tokens in the flat batch, D hidden, Q q_lora_rank, H index heads, Di index head dim, K index_topk.
 
 Per token: q = wq_b(q_resid) [H, Di] from MLA's normalised q latent; k = LayerNorm(wk(x)) [Di], one key shared by the
-heads and cached beside the latent (`ctx.kv_caches[layer] = (latent_cache, index_cache)`); both roped on their first
+heads and cached beside the latent (`ctx.kv_caches[layer] = (latent_cache, index_cache)`: float keys, or fp8 keys
+with a float32 scale per 128 values, as the layer's IndexerConfig.key_dtype lays the cache out); both roped on their first
 qk_rope_head_dim dims with the layer's rope table (GLM-5's interleaved pairs de-interleaved at load: the rows of wq_b's
 and wk's rope parts, and k_norm's weight and bias with them, since a LayerNorm commutes with a permutation of its
 features); weights = weights_proj(x) / sqrt(H) in float32 (transformers keeps weights_proj in float32 for half models).
@@ -20,6 +21,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from moelink.kernels.attention import AttentionMetadata
+from moelink.kernels.dsa import is_fp8_index_cache, write_fp8_index_keys
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.sparse_attention import IndexerConfig
@@ -65,9 +67,11 @@ class LightningIndexer(nn.Module):
             q_THI = self.wq_b(q_resid_TQ).view(T, c.num_heads, c.head_dim)
             q_THI, k_T1I = self.rope(q_THI, k_TI[:, None, :], positions_T)
         k_TI = k_T1I[:, 0]
-        # One row per token, as a latent row is written (any split of the row: the op writes [first | second]).
-        half = c.head_dim // 2
-        self.kernels.write_latent(k_TI[:, :half], k_TI[:, half:], index_cache_BLI, meta.slot_mapping_T)
+        if is_fp8_index_cache(index_cache_BLI):  # e4m3 keys and their per-128 scales (kernels/dsa.py's layout)
+            write_fp8_index_keys(k_TI, index_cache_BLI, meta.slot_mapping_T)
+        else:  # one row per token, as a latent row is written (any split of the row: the op writes [first | second])
+            half = c.head_dim // 2
+            self.kernels.write_latent(k_TI[:, :half], k_TI[:, half:], index_cache_BLI, meta.slot_mapping_T)
         if dense:
             return None
         w = self.weights_proj

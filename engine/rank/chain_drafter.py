@@ -145,8 +145,9 @@ class ChainDrafter:
         if self.cache and n <= self._scratch_cap:
             return
         cap = max(n, 2 * self._scratch_cap)
-        shapes = self.draft_layer.attention.cache_shapes(self.num_kv_blocks + cap, self.block_size)
-        new = tuple(torch.zeros(s, dtype=self.draft_layer.cache_dtype, device=self.device) for s in shapes)
+        att, cdt = self.draft_layer.attention, self.draft_layer.cache_dtype
+        shapes = att.cache_shapes(self.num_kv_blocks + cap, self.block_size, cdt)
+        new = tuple(torch.zeros(s, dtype=dt, device=self.device) for s, dt in zip(shapes, att.cache_dtypes(cdt)))
         for old_t, new_t in zip(self.cache, new):  # a growth keeps the real blocks (scratch lives one step)
             new_t[: self.num_kv_blocks].copy_(old_t[: self.num_kv_blocks])
         self.cache, self._scratch_cap = new, cap

@@ -12,13 +12,15 @@ from ..config.model import ModelConfig
 def make_kv_caches(cfg: ModelConfig, kv_pairs, num_kv_blocks: int, block_size: int,
                    device: torch.device) -> tuple[list[tuple[torch.Tensor, ...]], int]:
     """Per main layer its cache tensors, zeroed, in the layer's own shapes (`cfg.attention_for(layer)`):
-    (k_cache, v_cache) for GQA, (latent_cache,) for MLA, each [num_kv_blocks + 1, L, ...] (the null block last);
+    (k_cache, v_cache) for GQA, (latent_cache,) for MLA (and DSA's index_cache beside it), each [num_kv_blocks + 1, L,
+    ...] (the null block last), in the dtypes the kind gives (`cache_dtypes`: DSA's fp8 keys are uint8 rows);
     and their bytes. `kv_pairs`: (full, sliding) layer pairs that share one tensor set (a block id belongs to one
     group at a time, so their KV never meets; ModelConfig.kv_layer_pairs pairs only layers of one shape), or None."""
 
     def tensors(layer: int) -> tuple[torch.Tensor, ...]:
-        shapes = cfg.attention_for(layer).cache_shapes(num_kv_blocks, block_size)
-        return tuple(torch.zeros(shape, dtype=cfg.cache_dtype, device=device) for shape in shapes)
+        att = cfg.attention_for(layer)
+        shapes = att.cache_shapes(num_kv_blocks, block_size, cfg.cache_dtype)
+        return tuple(torch.zeros(shape, dtype=dt, device=device) for shape, dt in zip(shapes, att.cache_dtypes(cfg.cache_dtype)))
 
     if kv_pairs is None:
         caches = [tensors(i) for i in range(cfg.num_layers)]

@@ -1,0 +1,216 @@
+"""The lightning indexer's top-k in Triton (DeepSeek Sparse Attention): per query row, the K positions of highest
+score among its first n (kernels/dsa.reference_topk_positions' contract: ties to the lowest positions; any order).
+triton_dsa_topk.py computes the score rows and picks the path; this module holds the selection kernels.
+
+One select (`_select`): a radix select over the order-preserving 32-bit image of the float scores finds the K-th
+largest value thr digit by digit (11, 11 and 10 bits: three passes over the values, each a histogram of the keys
+that share the digits found so far), then one pass writes the positions above thr and, in scan order, the first
+K - count positions equal to thr.
+
+Two paths, chosen by context length (`split_programs`):
+- one program per row (`_topk_kernel`): four passes over the row; at batch 1 and 128k context one SM's work;
+- P programs per row (`_partial_topk_kernel`, then `_merge_topk_kernel`): program p selects the top K of its span of
+  cdiv(n, P) positions into a [P, K] candidate list (positions and scores; -1 past a short span's count), and one
+  program per row selects the top K of the P * K candidates. Exact: the final selection is the top K under the
+  total order (score descending, position ascending), and each of its members is in its own span's top K under the
+  same order; the candidates of one value sit in position order (spans ascending; within a span a value's
+  candidates are all above its threshold or all equal to it, each part written in position order), so the merge's
+  ties keep the lowest positions too. The device chooses by the row's own length: a row of n <= K writes its
+  positions at once, one of n <= P * K (no fewer candidates than scores) is selected by the merge program from the
+  score row alone, and only longer rows use the partials. Work per row: n / P in each partial, P * K in the merge;
+  P ~ sqrt(n / K) balances them (8 at 128k context, K = 2048: 16k values per program instead of 128k).
+"""
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+# Rows narrower than this select in one program per row (the partials' launch and the merge's extra pass cost more
+# than a few passes over a short row); P is capped so that a merge reads at most _MAX_SPLITS * K candidates.
+SPLIT_MIN_WIDTH = 16384
+_MAX_SPLITS = 16
+
+
+def split_programs(width: int, topk: int, rows: int, sms: int) -> int:
+    """Programs per row for `rows` rows of up to `width` scores: about sqrt(width / topk) (the partials' and the
+    merge's work balanced), as many as leave the SMs two rows' programs each at most; 1 (one program per row) for
+    short rows or a batch that fills the SMs alone. From host bounds only (a decode graph's `max_len`)."""
+    if width < max(SPLIT_MIN_WIDTH, 4 * topk):
+        return 1
+    p = min(math.isqrt(width // topk), _MAX_SPLITS, max(1, 2 * sms // max(rows, 1)))
+    return p if p >= 2 else 1
+
+
+@triton.jit
+def _seq_of_token(qsl_ptr, num_seqs, tok):
+    """The sequence of flat token `tok`: the first s whose queries end after it (binary search, device only)."""
+    lo = tok * 0
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid + 1) <= tok:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
+def _causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok):
+    q_start = tl.load(qsl_ptr + s_idx)
+    q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
+    return tl.load(seq_lens_ptr + s_idx) - q_len + (tok - q_start) + 1
+
+
+@triton.jit
+def _order_key(x):
+    """int64 keys in [0, 2^32) ordered as the float32 values x (IEEE bits, negatives' magnitude bits flipped, then
+    offset so that the order is unsigned: radix digits are plain bit fields)."""
+    b = x.to(tl.int32, bitcast=True)
+    return (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _load_keys(val_ptr, pos_ptr, i, n, HAS_POS: tl.constexpr):
+    """Keys and validity of entries i (< n; with HAS_POS, entries whose position is -1 are not there)."""
+    ok = i < n
+    if HAS_POS:
+        ok = ok & (tl.load(pos_ptr + i, mask=ok, other=-1) >= 0)
+    return _order_key(tl.load(val_ptr + i, mask=ok, other=0.0)), ok
+
+
+@triton.jit
+def _digit_pass(val_ptr, pos_ptr, n, want, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr, PSHIFT: tl.constexpr,
+                HAS_POS: tl.constexpr, BLOCK: tl.constexpr):
+    """One radix pass: among the keys whose bits above PSHIFT equal `prefix` (all keys for PSHIFT 32), the histogram
+    of their BITS-bit digit at SHIFT; returns (the digit holding the want-th largest of them, how many of them lie
+    in higher digits)."""
+    NB: tl.constexpr = 1 << BITS
+    offs = tl.arange(0, BLOCK)
+    hist = tl.zeros([NB], tl.int32)
+    for s0 in range(0, n, BLOCK):
+        key, ok = _load_keys(val_ptr, pos_ptr, s0 + offs, n, HAS_POS)
+        if PSHIFT < 32:
+            ok = ok & ((key >> PSHIFT) == prefix)
+        hist += tl.histogram(((key >> SHIFT) & (NB - 1)).to(tl.int32), NB, mask=ok)
+    at_least = tl.cumsum(hist, axis=0, reverse=True)  # [d]: keys with digit >= d
+    digit = tl.sum((at_least >= want).to(tl.int32), axis=0) - 1
+    above = tl.sum(tl.where(tl.arange(0, NB) > digit, hist, 0), axis=0)
+    return digit.to(tl.int64), above
+
+
+@triton.jit
+def _select(val_ptr, pos_ptr, n, K, base, out_pos_ptr, out_val_ptr, HAS_POS: tl.constexpr, WRITE_VAL: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """The K largest of the n values at val_ptr (at least K of them valid), ties to the earliest entries: writes K
+    positions to out_pos_ptr (pos_ptr[i] with HAS_POS, else base + i) and, with WRITE_VAL, their values to
+    out_val_ptr, the entries above the K-th value first, then those equal to it."""
+    d1, above1 = _digit_pass(val_ptr, pos_ptr, n, K, 0, 21, 11, 32, HAS_POS, BLOCK)
+    d2, above2 = _digit_pass(val_ptr, pos_ptr, n, K - above1, d1, 10, 11, 21, HAS_POS, BLOCK)
+    d3, above3 = _digit_pass(val_ptr, pos_ptr, n, K - above1 - above2, (d1 << 11) | d2, 0, 10, 10, HAS_POS, BLOCK)
+    thr = (d1 << 21) | (d2 << 10) | d3
+    above = above1 + above2 + above3  # keys > thr: all selected; then the first K - above keys == thr
+    offs = tl.arange(0, BLOCK)
+    n_gt = tl.zeros([], tl.int32)
+    n_eq = tl.zeros([], tl.int32)
+    for s0 in range(0, n, BLOCK):
+        i = s0 + offs
+        key, ok = _load_keys(val_ptr, pos_ptr, i, n, HAS_POS)
+        if HAS_POS:
+            pos = tl.load(pos_ptr + i, mask=ok, other=-1)
+        else:
+            pos = base + i
+        gt = ((key > thr) & ok).to(tl.int32)
+        eq = ((key == thr) & ok).to(tl.int32)
+        gt_at = n_gt + tl.cumsum(gt, axis=0) - 1
+        eq_at = above + n_eq + tl.cumsum(eq, axis=0) - 1
+        take_eq = (eq > 0) & (eq_at < K)
+        tl.store(out_pos_ptr + gt_at, pos.to(tl.int32), mask=gt > 0)
+        tl.store(out_pos_ptr + eq_at, pos.to(tl.int32), mask=take_eq)
+        if WRITE_VAL:
+            v = tl.load(val_ptr + i, mask=ok, other=0.0)
+            tl.store(out_val_ptr + gt_at, v, mask=gt > 0)
+            tl.store(out_val_ptr + eq_at, v, mask=take_eq)
+        n_gt += tl.sum(gt, axis=0)
+        n_eq += tl.sum(eq, axis=0)
+
+
+@triton.jit
+def _write_all(out_row, n, K, BLOCK: tl.constexpr):
+    """A row of n <= K positions selects them all: 0..n-1, then -1."""
+    offs = tl.arange(0, BLOCK)
+    for s0 in range(0, K, BLOCK):
+        o = s0 + offs
+        tl.store(out_row + o, tl.where(o < n, o, -1).to(tl.int32), mask=o < K)
+
+
+@triton.jit(do_not_specialize=["num_seqs", "tok0"])
+def _topk_kernel(scores_ptr, seq_lens_ptr, qsl_ptr, out_ptr, num_seqs, tok0, stride_st, stride_ot, K,
+                 BLOCK: tl.constexpr):
+    """One program per row (grid: rows)."""
+    row = tl.program_id(0)
+    tok = tok0 + row
+    s_idx = _seq_of_token(qsl_ptr, num_seqs, tok)
+    if s_idx >= num_seqs:
+        return
+    n = _causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
+    out_row = out_ptr + tok.to(tl.int64) * stride_ot
+    if n <= K:
+        _write_all(out_row, n, K, BLOCK)
+        return
+    src = scores_ptr + row.to(tl.int64) * stride_st
+    _select(src, src, n, K, 0, out_row, out_row, False, False, BLOCK)
+
+
+@triton.jit(do_not_specialize=["num_seqs", "tok0", "P"])
+def _partial_topk_kernel(scores_ptr, seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_val_ptr, num_seqs, tok0, P, stride_st,
+                         stride_ct, K, BLOCK: tl.constexpr):
+    """Grid (rows, P): program p's span's top K into candidates [row, p, :K] (module docstring)."""
+    row = tl.program_id(0)
+    p = tl.program_id(1)
+    tok = tok0 + row
+    s_idx = _seq_of_token(qsl_ptr, num_seqs, tok)
+    if s_idx >= num_seqs:
+        return
+    n = _causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
+    if n <= P * K:  # the merge program selects from the score row itself
+        return
+    span = tl.cdiv(n, P)
+    lo = p * span
+    m = tl.minimum(span, n - lo)  # >= 1: n > P * K >= P
+    src = scores_ptr + row.to(tl.int64) * stride_st + lo
+    cand = row.to(tl.int64) * stride_ct + p * K
+    if m <= K:  # the whole span, then -1
+        offs = tl.arange(0, BLOCK)
+        for s0 in range(0, K, BLOCK):
+            o = s0 + offs
+            tl.store(cand_pos_ptr + cand + o, tl.where(o < m, lo + o, -1).to(tl.int32), mask=o < K)
+            tl.store(cand_val_ptr + cand + o, tl.load(src + o, mask=o < m, other=0.0), mask=o < K)
+        return
+    _select(src, src, m, K, lo, cand_pos_ptr + cand, cand_val_ptr + cand, False, True, BLOCK)
+
+
+@triton.jit(do_not_specialize=["num_seqs", "tok0", "P"])
+def _merge_topk_kernel(scores_ptr, seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_val_ptr, out_ptr, num_seqs, tok0, P,
+                       stride_st, stride_ct, stride_ot, K, BLOCK: tl.constexpr):
+    """Grid (rows,): a row's top K from its P * K candidates, or from its score row when that is no longer."""
+    row = tl.program_id(0)
+    tok = tok0 + row
+    s_idx = _seq_of_token(qsl_ptr, num_seqs, tok)
+    if s_idx >= num_seqs:
+        return
+    n = _causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
+    out_row = out_ptr + tok.to(tl.int64) * stride_ot
+    if n <= K:
+        _write_all(out_row, n, K, BLOCK)
+    elif n <= P * K:
+        src = scores_ptr + row.to(tl.int64) * stride_st
+        _select(src, src, n, K, 0, out_row, out_row, False, False, BLOCK)
+    else:
+        cand = row.to(tl.int64) * stride_ct
+        _select(cand_val_ptr + cand, cand_pos_ptr + cand, P * K, K, 0, out_row, out_row, True, False, BLOCK)
+
+
+__all__ = ["SPLIT_MIN_WIDTH", "split_programs"]
