@@ -136,6 +136,11 @@ class HybridCacheManager:
         if new.num_computed_tokens == 0:
             new.state_copy_from = -1
 
+    def state_loaded(self, request_id: str) -> None:
+        """Its state arrives with its KV from another engine (scheduler/kv_connector.py): the slot starts from what
+        the load writes, not from a prefix hit's checkpoint."""
+        self._copy_from.pop(request_id, None)
+
     def cache_blocks(self, req: Request, num_written: int | None = None) -> None:
         self.kv.cache_blocks(req, num_written)
 

@@ -28,6 +28,13 @@ kv_connector=...)`; None, the default, costs the step loop nothing):
 - every transfer holds its own reference on its blocks until it is reported, so a request aborted, preempted or
   finished meanwhile (a prefill-only request ends with its first token) gives its own references back at once,
   while no block a transfer still reads or writes can go to another request.
+- a model with per-sequence state (linear attention: scheduler/hybrid_cache.py, the KV manager with
+  `state_slot`): the state travels with the KV, in the request's slot (`KVTransfer.state_slot`). A recurrent
+  state cannot be rewound, and the decode side computes the last prompt token itself (for its logits), so both
+  sides move the prompt's first `n - 1` tokens: the prefill side ends a watched request's prompt chunk at
+  `n - 1` (`chunk_limit`) and saves right after that step (its state and the blocks of those tokens; its next
+  step computes the last token and samples as any), and the decode side loads `n - 1` tokens, its slot taking the
+  saved state (not a prefix hit's checkpoint: `state_loaded`). A one-token prompt moves nothing.
 
 Across processes (engine/cluster/kv_remote.py, issue 30) the connector adds, beside this seam: a key other than
 the request id and the remote engine's address, carried per request (`SamplingParams.kv_transfer_params`, vLLM's
@@ -121,6 +128,10 @@ class KVTransfers:
         self._by_client: Counter = Counter()
         self._load_blocks = 0
         self.loads_over_limit = 0  # requests computed here because a load would have passed a bound
+        # Per-sequence state travels too (module docstring): the KV manager hands out state slots.
+        self.moves_state = callable(getattr(kv, "state_slot", None))
+        if not self.moves_state:
+            self.chunk_limit = None
 
     @property
     def num_holding(self) -> int:
@@ -163,8 +174,22 @@ class KVTransfers:
             self.counters.saves += 1
         return params
 
+    def _moved_tokens(self, req: Request) -> int:
+        """The prompt tokens a transfer moves: all of them, or all but the last with per-sequence state."""
+        return req.num_prompt_tokens - 1 if self.moves_state else req.num_prompt_tokens
+
+    def chunk_limit(self, req: Request, start: int, n: int) -> int:
+        """`n` prompt tokens scheduled from `start`, ended at `n - 1` of the prompt for a request whose state is saved
+        (module docstring); None (the attribute) for a model without per-sequence state."""
+        if req.request_id not in self._watched:
+            return n
+        end = self._moved_tokens(req)
+        return end - start if start < end < start + n else n
+
     def loadable(self, req: Request) -> int:
         k = min(max(self.connector.num_loadable_tokens(req), 0), req.num_tokens)
+        if self.moves_state:  # the saved state is at the prompt's n - 1 (module docstring)
+            k = min(k, req.num_prompt_tokens - 1)
         if k and self.limits is not None and not self._within_limits(req, k):
             self.loads_over_limit += 1
             return 0  # computed here: a load past a bound would hold blocks another request needs
@@ -190,6 +215,8 @@ class KVTransfers:
         first = num_hit // bs
         params = getattr(self.connector, "load_params", None)
         t = self._transfer(req, num_tokens, first, (), None if params is None else params(req))
+        if self.moves_state:  # its slot starts from the loaded state, not from a prefix hit's checkpoint
+            self.kv.state_loaded(req.request_id)
         self._load_started[t.transfer_id] = time.monotonic()
         self._hold(t, req)
         if self.limits is not None:
@@ -215,10 +242,12 @@ class KVTransfers:
                 [r for r in scheduled if r in watched]
             for rid in rids:
                 req = watched[rid]
-                if req.status is RequestStatus.RUNNING and req.num_computed_tokens >= req.num_prompt_tokens:
+                n = self._moved_tokens(req)
+                if req.status is RequestStatus.RUNNING and req.num_computed_tokens >= n:
                     del watched[rid]
-                    n = req.num_prompt_tokens
-                    t = self._transfer(req, n, 0, tuple(req.prompt_token_ids),
+                    if n == 0:
+                        continue  # a one-token prompt with state: nothing to move, the decode side computes it
+                    t = self._transfer(req, n, 0, tuple(req.prompt_token_ids[:n]),
                                        None if self._save_params is None else self._save_params(req))
                     self._hold(t, None)
                     saves.append(t)
@@ -279,7 +308,9 @@ class KVTransfers:
                   params=None) -> KVTransfer:
         self._next_id += 1
         full, sliding = self.kv.transfer_tables(req.request_id, -(-num_tokens // self.kv.block_size))
-        return KVTransfer(self._next_id, req.request_id, full, num_tokens, first_block, sliding, token_ids, params)
+        slot = self.kv.state_slot(req.request_id) if self.moves_state else None
+        return KVTransfer(self._next_id, req.request_id, full, num_tokens, first_block, sliding, token_ids, params,
+                          -1 if slot is None else slot)
 
     def _hold(self, t: KVTransfer, req: Request | None) -> None:
         refs = t.block_ids[t.first_block:] + [b for b in t.sliding_block_ids[t.first_block:] if b >= 0]

@@ -168,7 +168,8 @@ class KVTransfer:
     full-attention group's, `sliding_block_ids` the sliding-window group's when it has its own (NULL_BLOCK, -1,
     where a block left the window and holds nothing a later query reads; empty otherwise). Blocks before
     `first_block` are not copied (a load: the rank's prefix cache holds them already). The KV covers positions
-    [0, num_tokens); `token_ids` (saves) are those tokens, what a store checks a later load against."""
+    [0, num_tokens); `token_ids` (saves) are those tokens, what a store checks a later load against. A hybrid
+    model's transfer carries its state slot too: the state after `num_tokens` tokens moves beside the blocks."""
 
     transfer_id: int  # unique per scheduler; the worker reports it back (ModelRunnerOutput.kv_transfers_done)
     req_id: str
@@ -180,6 +181,9 @@ class KVTransfer:
     # A load's source, as the connector's scheduler half describes it to its worker half (`KVConnector.load_params`:
     # a network transport's address and key); plain data, pickled to the ranks. None: the connector needs none.
     params: Any = None
+    # The request's state slot on this rank (a model with linear-attention layers: scheduler/hybrid_cache.py): its
+    # per-sequence state travels with the KV, at `num_tokens` (engine/rank/kv_transfer.py's "state" groups). -1: none.
+    state_slot: int = -1
 
 
 @dataclass

@@ -51,6 +51,19 @@ from .request import Request, RequestStatus
 from .step_output import StepOutputMixin
 
 
+def _chunk_limits(*limits):
+    """One `chunk_limit(req, start, n) -> n'` applying each given one (None entries skipped); None when none."""
+    limits = [f for f in limits if f is not None]
+    if len(limits) <= 1:
+        return limits[0] if limits else None
+
+    def limit(req: Request, start: int, n: int) -> int:
+        for f in limits:
+            n = f(req, start, n)
+        return n
+    return limit
+
+
 class Scheduler(StepOutputMixin, RecoveryMixin):
     """Decides, each step, which requests compute how many tokens on one rank.
 
@@ -109,6 +122,9 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         self._scheduled: dict[int, list[tuple[Request, int]]] = {}
         # KV loads and saves through a connector (scheduler/kv_connector.py); None: no connector, no cost.
         self.kv_transfers = KVTransfers(kv_connector, self.kv) if kv_connector is not None else None
+        # Where prompt chunks must end (None: anywhere): a hybrid model's state checkpoints, and its state saved for
+        # another engine at the prompt's n - 1 (kv_connector.KVTransfers.chunk_limit).
+        self._chunk_limit = _chunk_limits(self.kv.chunk_limit, getattr(self.kv_transfers, "chunk_limit", None))
         self.spec_counters = SpecDecodeCounters()  # speculative decoding (scheduler/spec_decode.py)
         self.draft_control = DraftControl(scheduler_config)  # how many drafts each step verifies (draft_control.py)
         self.fairness = ClientFairness(scheduler_config)  # per-client shares of slots and tokens (fairness.py)
@@ -224,7 +240,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
         # allocate_slots' no-new-block case, checked here first (most decode steps) where the policy allows it.
         tables, bs, extras = self.kv.decode_tables, self.block_size, self.kv.new_step_extras
-        clip = self.kv.chunk_limit  # None unless prompt chunks must end at state checkpoints (hybrid_cache.py)
+        clip = self._chunk_limit  # None unless prompt chunks must end at given positions (hybrid models)
         while i < len(running) and budget > 0:
             req = running[i]
             known = len(req.all_token_ids)
@@ -333,8 +349,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             n = min(req.num_tokens - num_hit, budget)
             if self._fair_step is not None:  # within its client's token share (scheduler/fairness.py)
                 n = self._fair_step.cap(req, n)
-            if self.kv.chunk_limit is not None:
-                n = self.kv.chunk_limit(req, num_hit, n)
+            if self._chunk_limit is not None:
+                n = self._chunk_limit(req, num_hit, n)
             if self.kv.allocate_slots(req, n, hits) is None:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()

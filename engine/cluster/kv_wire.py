@@ -11,7 +11,9 @@ make it allocate more than the blocks it asked for. Every receive runs against a
 per-read timeout: a peer trickling a byte at a time cannot hold a connection past it).
 
 An ok reply's header carries no token ids: the decode engine proved it has the prompt (the server compares it
-with the saved one), so nothing of it is echoed back.
+with the saved one), so nothing of it is echoed back. A layout is typed per group (version 3): "full" and
+"sliding" groups are blocks of a table, a "state" group a hybrid model's per-sequence state (one row, the state at
+the transfer's `num_tokens`); both sides' layouts must be equal, so a state travels only between hybrid engines.
 
 Legend: N blocks, X the bytes of one block row of a cache tensor (engine/rank/kv_transfer.py).
 """
@@ -30,7 +32,10 @@ import torch
 from ..rank.kv_transfer import SavedKV
 
 MAGIC = b"MLKV"
-VERSION = 2  # 2: authenticated handshake, capabilities, token ids as raw int32 after the header, no ids echoed
+# 2: authenticated handshake, capabilities, token ids as raw int32 after the header, no ids echoed; 3: typed groups
+# (a layout's group kind "state": a linear-attention layer's per-sequence state beside the KV blocks,
+# engine/rank/kv_transfer.py), so a version-2 peer, which would take a state group for blocks, is refused.
+VERSION = 3
 MAX_HEADER_BYTES = 64 << 10  # a header holds a key, a layout and block shapes, never token ids or KV
 MAX_HELLO_BYTES = 1 << 10  # a message before the peer has authenticated (hello, proof, a refusal)
 TOKEN_DTYPE = np.dtype("<i4")

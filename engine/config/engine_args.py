@@ -306,9 +306,6 @@ class EngineArgs:
             raise ValueError(f"speculative_config.method={spec.method!r} is not supported for "
                              f"{model_cfg.architecture} yet: EAGLE-3 heads are not built for linear-attention "
                              "models; method 'mtp' (the checkpoint's own MTP module) or 'ngram' is.")
-        if self.kv_connector is not None:
-            raise ValueError(f"kv_connector is not supported for {model_cfg.architecture} yet: its linear-attention "
-                             "states do not travel with the KV.")
         ckpts = self.num_state_checkpoints
         if ckpts is None:
             ckpts = self.max_num_seqs // 4

@@ -7,7 +7,11 @@ size for GQA's k and v; kv_lora_rank + rope dim for MLA's latent; 1 byte per val
 `PagedKVBlocks` sees the runner's cache as *groups*, one per (cache tensors, block table) pair: each layer's
 tensors with the request's one table (GQA: (k, v); MLA: (latent,)), or, for a model whose sliding and full
 layers share tensors (gpt-oss, engine/config/layer_configs.py `kv_layer_pairs`), each shared set twice, once with
-the full table and once with the sliding table. A block row of every tensor is copied as bytes (`uint8` views),
+the full table and once with the sliding table. A model with per-sequence state (linear attention's conv and
+recurrent states, engine/rank/state_cache.py) adds one "state" group per such layer: its state pools, whose one
+"block" is the request's state slot (`KVTransfer.state_slot`), copied whatever `first_block` says (a prefix hit
+gives blocks, never the state at the transfer's end); its rows are [1, *one slot's state]. A block row of every
+tensor is copied as bytes (`uint8` views),
 so the dtype (bf16, float32, fp8) needs no case of its own; `SavedKV` keeps the dtype and shapes, and a write
 into a cache of another layout (block size, KV kind, dtype, layer count) is refused (ValueError).
 
@@ -27,7 +31,7 @@ import torch
 
 from moelink.scheduler.outputs import KVTransfer
 
-FULL, SLIDING = "full", "sliding"
+FULL, SLIDING, STATE = "full", "sliding", "state"
 
 
 @dataclass
@@ -81,16 +85,25 @@ class PendingRead:
 
 class PagedKVBlocks:
     """A rank's paged KV cache as block rows to copy (module docstring). `kv_caches`: the runner's per-layer
-    tensor tuples; `kv_pairs`: its (full, sliding) layer pairs sharing tensors, or None."""
+    tensor tuples; `kv_pairs`: its (full, sliding) layer pairs sharing tensors, or None; `state_caches`: its
+    per-sequence state pools (engine/rank/state_cache.StateCaches), or None. A stateful layer's entry of
+    `kv_caches` ends with its state pools (the runner appends them after its paged tensors, if any)."""
 
-    def __init__(self, kv_caches: list[tuple[torch.Tensor, ...]], kv_pairs, block_size: int) -> None:
+    def __init__(self, kv_caches: list[tuple[torch.Tensor, ...]], kv_pairs, block_size: int,
+                 state_caches=None) -> None:
+        states = list(state_caches.layers) if state_caches is not None else [None] * len(kv_caches)
+
+        def paged(i: int) -> tuple[torch.Tensor, ...]:
+            n = len(states[i]) if states[i] is not None else 0
+            return tuple(kv_caches[i])[:len(kv_caches[i]) - n]
+
         if kv_pairs is None:
-            self.groups = [(tensors, FULL) for tensors in kv_caches]
+            self.groups = [(paged(i), FULL) for i in range(len(kv_caches)) if paged(i)]
         else:
-            self.groups = [g for full, sliding in kv_pairs for g in ((kv_caches[full], FULL),
-                                                                     (kv_caches[sliding], SLIDING))]
+            self.groups = [g for full, sliding in kv_pairs for g in ((paged(full), FULL), (paged(sliding), SLIDING))]
+        self.groups += [(tuple(pools), STATE) for pools in states if pools is not None]
         self.block_size = block_size
-        self.device = kv_caches[0][0].device if kv_caches else torch.device("cpu")
+        self.device = next((t.device for ts, _ in self.groups for t in ts), torch.device("cpu"))
         self._copy_stream = None  # CUDA: the side stream of read_async, made on first use
         # What a saved copy must match to be written here: per group its table kind, and per tensor its dtype
         # and the shape of one block row.
@@ -99,7 +112,14 @@ class PagedKVBlocks:
 
     @staticmethod
     def _table(t: KVTransfer, kind: str) -> list[int]:
+        if kind == STATE:  # one entry: the request's slot (none without one)
+            return [t.state_slot] if t.state_slot >= 0 else []
         return t.block_ids if kind == FULL else t.sliding_block_ids
+
+    @staticmethod
+    def _first(t: KVTransfer, kind: str) -> int:
+        """The first table entry copied: `first_block` for blocks, 0 for a state (a prefix hit gives no state)."""
+        return 0 if kind == STATE else t.first_block
 
     def _block_ids(self, t: KVTransfer, device: torch.device) -> dict[str, tuple[list[int], torch.Tensor]]:
         """Per table kind, the entries of `t`'s table to copy (from `first_block` on, NULL ones skipped) and their
@@ -108,7 +128,7 @@ class PagedKVBlocks:
         for _, kind in self.groups:
             if kind not in out:
                 table = self._table(t, kind)
-                idx = [i for i in range(t.first_block, len(table)) if table[i] >= 0]
+                idx = [i for i in range(self._first(t, kind), len(table)) if table[i] >= 0]
                 out[kind] = idx, torch.tensor([table[i] for i in idx], dtype=torch.long, device=device)
         return out
 
@@ -131,15 +151,19 @@ class PagedKVBlocks:
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
         stream = self._copy_stream
+        ids = self._block_ids(t, self.device)
+        # A state slot is rewritten by the request's next step (its blocks are not): gathered here, in stream
+        # order before that step, and only copied out on the side stream.
+        snap = {g: tuple(_gather(x, ids[STATE][1]) for x in tensors)
+                for g, (tensors, kind) in enumerate(self.groups) if kind == STATE}
         stream.wait_stream(torch.cuda.current_stream(self.device))
         keep, groups = [], []
         with torch.cuda.stream(stream):
-            ids = self._block_ids(t, self.device)
-            for tensors, kind in self.groups:
+            for g, (tensors, kind) in enumerate(self.groups):
                 idx, ids_N = ids[kind]
                 rows = []
-                for x in tensors:
-                    dev_rows = _gather(x, ids_N)
+                for j, x in enumerate(tensors):
+                    dev_rows = snap[g][j] if g in snap else _gather(x, ids_N)
                     host_rows = torch.empty(dev_rows.shape, dtype=torch.uint8, pin_memory=True)
                     host_rows.copy_(dev_rows, non_blocking=True)
                     keep.append(dev_rows)  # freed once the copy is done (PendingRead.done)
@@ -158,7 +182,8 @@ class PagedKVBlocks:
         the current stream."""
         tensors, kind = self.groups[g]
         table = self._table(t, kind)
-        keep = [j for j, i in enumerate(idx) if t.first_block <= i < len(table) and table[i] >= 0]
+        first = self._first(t, kind)
+        keep = [j for j, i in enumerate(idx) if first <= i < len(table) and table[i] >= 0]
         if not keep:
             return
         dev = tensors[0].device
@@ -191,10 +216,13 @@ def layout_difference(theirs: tuple, ours: tuple) -> str | None:
         return None
     if len(theirs) != len(ours):
         return (f"{len(theirs)} vs {len(ours)} cache groups (the number of attention layers, counted twice for a "
-                f"model whose sliding and full layers share tensors)")
+                f"model whose sliding and full layers share tensors, plus one per linear-attention layer's state)")
     for g, ((kind_a, ts_a), (kind_b, ts_b)) in enumerate(zip(theirs, ours)):
         if kind_a != kind_b:
             return f"group {g} is read with the {kind_a!r} table vs the {kind_b!r} table (another KV kind)"
+        if kind_a == STATE and ts_a != ts_b:
+            return (f"a linear-attention layer's per-sequence state is {ts_a} vs {ts_b} (dtype and shape of its conv "
+                    f"and recurrent states)")
         if len(ts_a) != len(ts_b):
             return (f"{len(ts_a)} vs {len(ts_b)} cache tensors per layer (another KV kind: GQA has k and v, "
                     f"MLA one latent)")
@@ -239,4 +267,4 @@ def start_transfers(connector: "WorkerKVConnector | None", transfers, blocks: "P
         (connector.start_save if saves else connector.start_load)(t, blocks)
 
 
-__all__ = ["FULL", "SLIDING", "PagedKVBlocks", "PendingRead", "SavedKV", "WorkerKVConnector", "layout_difference", "start_transfers"]
+__all__ = ["FULL", "SLIDING", "STATE", "PagedKVBlocks", "PendingRead", "SavedKV", "WorkerKVConnector", "layout_difference", "start_transfers"]

@@ -150,7 +150,7 @@ class ModelRunner:
         logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(weights), num_kv_blocks,
                                                        self.block_size, kv_bytes))
         if self.kv_connector is not None:
-            self.kv_blocks = PagedKVBlocks(self.kv_caches, self.kv_pairs, self.block_size)
+            self.kv_blocks = PagedKVBlocks(self.kv_caches, self.kv_pairs, self.block_size, self.state_caches)
         if self.graph_sizes:
             self._capture_graphs()
 

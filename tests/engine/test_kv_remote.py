@@ -18,7 +18,7 @@ from moelink.engine import LLM, SamplingParams
 from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteKVConnector, RemoteSource
 from moelink.engine.cluster.kv_store import SavedKVStore
 from moelink.engine.cluster.kv_tcp import TCPKVServer, tcp_fetch
-from moelink.engine.cluster.kv_wire import KVFetchError, layout_to_json, send_header
+from moelink.engine.cluster.kv_wire import VERSION, KVFetchError, layout_to_json, send_header
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
 from moelink.engine.rank.kv_transfer import SavedKV, layout_difference
 
@@ -171,7 +171,7 @@ def test_a_peer_that_is_not_a_kv_server_fails_the_fetch_in_time():
                 if garbage is not None:
                     conn.sendall(garbage)
                     return
-                send_header(conn, {"ok": True, "v": 2, "nonce": "00" * 32})  # a handshake (no secret)
+                send_header(conn, {"ok": True, "v": VERSION, "nonce": "00" * 32})  # a handshake (no secret)
                 recv_header(conn)  # the request
                 send_header(conn, {"ok": True, "num_tokens": 1, "layout": layout_to_json(LAYOUT),
                                    "groups": [[[0], [[1, 4, 2, 32], [1, 4, 2, 32]]]]})

@@ -28,7 +28,7 @@ from moelink.engine.cluster.kv_auth import SecretAuth, load_secret, new_capabili
 from moelink.engine.cluster.kv_server import KVSocketServer, ServerLimits
 from moelink.engine.cluster.kv_store import SavedKVStore
 from moelink.engine.cluster.kv_tcp import TCPKVServer, bound_socket, tcp_fetch
-from moelink.engine.cluster.kv_wire import (MAGIC, Deadline, KVFetchError, layout_to_json, recv_header, send_header,
+from moelink.engine.cluster.kv_wire import (MAGIC, VERSION, Deadline, KVFetchError, layout_to_json, recv_header, send_header,
                                             tokens_to_bytes)
 from moelink.engine.rank.kv_transfer import SavedKV
 
@@ -68,7 +68,7 @@ def _ask(port: int, key, tokens=PROMPT, layout=LAYOUT, num_tokens=None, extra=No
     """One raw request; (the reply header, every byte after it until the server closes)."""
     with _connect(port) as sock:
         n = len(tokens) if num_tokens is None else num_tokens
-        send_header(sock, {"v": 2, "key": key, "layout": layout_to_json(layout), "num_tokens": n, **(extra or {})})
+        send_header(sock, {"v": VERSION, "key": key, "layout": layout_to_json(layout), "num_tokens": n, **(extra or {})})
         sock.sendall(tokens_to_bytes(tokens))
         reply = recv_header(sock, Deadline(5.0, "reply"))
         rest = b""
@@ -157,7 +157,7 @@ def test_a_decode_engine_sends_nothing_to_a_peer_that_does_not_prove_the_secret(
             with conn:
                 conn.settimeout(3)
                 seen.extend(conn.recv(1 << 16))
-                send_header(conn, {"ok": True, "v": 2, "nonce": "00" * 32, "proof": "ab" * 32})
+                send_header(conn, {"ok": True, "v": VERSION, "nonce": "00" * 32, "proof": "ab" * 32})
                 try:
                     while chunk := conn.recv(1 << 16):
                         seen.extend(chunk)
@@ -199,12 +199,36 @@ def test_the_secret_is_required_off_loopback_and_read_only_from_a_private_file(t
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
 
 
-def test_a_peer_of_another_protocol_version_is_told_so(server):
+@pytest.mark.parametrize("old", [1, 2])
+def test_a_peer_of_another_protocol_version_is_told_so(server, old):
+    """Version 1 (before the handshake) and 2 (untyped layouts: it would take a hybrid model's state groups for
+    blocks) are refused, naming both versions."""
     store, port, _ = server
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # moelink before version 2
-        send_header(sock, {"v": 1, "key": "k", "layout": [], "num_tokens": 1, "token_ids": [1]})
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        send_header(sock, {"v": old, "key": "k", "layout": [], "num_tokens": 1, "token_ids": [1]})
         reply = recv_header(sock, Deadline(5.0, "reply"))
-    assert reply["ok"] is False and "protocol version 1: this server speaks version 2" in reply["error"]
+    assert VERSION == 3
+    assert reply["ok"] is False and f"protocol version {old}: this server speaks version 3" in reply["error"]
+
+
+def test_a_server_of_the_old_protocol_version_is_refused_by_the_fetch():
+    """A version-2 prefill server's handshake reply: the fetch fails at once, naming the version it needs."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+
+        def old_server():
+            conn, _ = lsock.accept()
+            with conn:
+                conn.settimeout(3)
+                conn.recv(1 << 16)
+                send_header(conn, {"ok": True, "v": 2, "nonce": "00" * 32})
+
+        t = threading.Thread(target=old_server)
+        t.start()
+        with pytest.raises(KVFetchError, match="is not a KV server of protocol version 3"):
+            tcp_fetch("127.0.0.1", lsock.getsockname()[1], "k", LAYOUT, [1], 1, 2.0, 2.0)
+        t.join(10)
 
 
 # ------------------------------------------------------------------------------------------- High 3
