@@ -182,14 +182,27 @@ class DeepseekV4ForCausalLM(nn.Module):
                          "compressor states do not replay accepted drafts.")
 
     def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:
-        """The checkpoint's names as save_pretrained writes them (the published layer names under `model.`)."""
+        """The checkpoint's names as save_pretrained writes them (the published layer names under `model.`), or as
+        DeepSeek publishes them (no `model.` prefix, `embed.weight`, `hc_head_fn`: `published_name`) where the
+        checkpoint holds those."""
         plan: WeightPlan = {"model.embed_tokens.weight": PlanEntry(self.embed_tokens, ()),
                             "head.weight": PlanEntry(self.lm_head, ()),
                             "model.norm.weight": PlanEntry(self.norm.weight, ()),
                             **self.hc_head.weight_plan("model.hc_head.")}
         for i, layer in enumerate(self.layers):
             plan.update(layer.weight_plan(i, self.spec, self.expert_ids, self.cfg.num_experts))
-        return plan
+        names = frozenset(checkpoint_names or ())
+        if not names or "model.embed_tokens.weight" in names:
+            return plan
+        return {(published_name(n) if n not in names and published_name(n) in names else n): e for n, e in plan.items()}
 
 
-__all__ = ["DeepseekV4ForCausalLM"]
+def published_name(name: str) -> str:
+    """The name DeepSeek's own V4 checkpoints give the tensor save_pretrained calls `name` (transformers'
+    deepseek_v4 conversion mapping, read backwards): top level, embed / hc_head_* renamed."""
+    special = {"model.embed_tokens.weight": "embed.weight", "model.hc_head.hc_fn": "hc_head_fn",
+               "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale"}
+    return special.get(name, name.removeprefix("model."))
+
+
+__all__ = ["DeepseekV4ForCausalLM", "published_name"]

@@ -103,6 +103,28 @@ def test_routers_equal_transformers_modules():
 
 
 @pytest.mark.slow
+def test_published_tensor_names_load(dsv4_path, tmp_path):
+    """The same weights under the names DeepSeek publishes (no `model.` prefix, embed.weight, hc_head_fn) give the
+    same tokens."""
+    from safetensors.torch import load_file, save_file
+
+    from moelink.engine.models.dsv4_decoder import published_name
+
+    shutil.copytree(dsv4_path, tmp_path / "m")
+    files = list((tmp_path / "m").glob("*.safetensors"))
+    assert len(files) == 1
+    tensors = load_file(str(files[0]))
+    renamed = {published_name(n): t for n, t in tensors.items()}
+    assert "embed.weight" in renamed and "hc_head_fn" in renamed and "layers.0.attn.wq_a.weight" in renamed
+    files[0].unlink()
+    (tmp_path / "m" / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(renamed, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    ps = _prompts()[:3]
+    llm = LLM(str(tmp_path / "m"), dtype="float64", max_num_seqs=4, num_kv_blocks=96, block_size=8)
+    assert_same(engine_greedy(llm, ps), hf_greedy(dsv4_path, ps), ps)
+
+
+@pytest.mark.slow
 def test_greedy_parity_chunked_batched(dsv4_path):
     """Prompts of 1..150 tokens in chunks of a 48-token budget, four sequences a step, blocks of 8 (a multiple of
     both compress rates): every compression boundary, the window and the indexer's top-k crossed mid-chunk."""
@@ -135,3 +157,23 @@ def test_prefix_cache_hit_equals_miss(dsv4_path):
     """Prompts sharing a 64-token prefix (blocks of 16): every one after the first hits it and equals transformers."""
     check_prefix_cache_parity(lambda *a, **kw: LLM(*a, num_state_checkpoints=8, **kw), dsv4_path, VOCAB, n=4,
                               max_suffix=20)
+
+
+def test_kv_bytes_per_token_beside_deepseek_v3(tmp_path):
+    """kv_sizing at full size, bf16, from transformers' default configs (V4: 43 layers, hidden 4096, 2 HCA then CSA /
+    HCA interleaved, window 128; V3: 61 MLA layers). V4's paged cache per token of context is 20 CSA layers x
+    (512 + 128) / 4 values + 23 HCA layers x 512 / 128 values = 3292 values, 6584 bytes, 10.7x less than V3's 70272
+    (61 x 576 values); beside it each sequence holds its window and compressor rows in a state slot: 12.5 MB, the
+    paged bytes of ~1900 tokens, constant in the context length."""
+    from transformers import DeepseekV3Config, DeepseekV4Config
+
+    sizes = {}
+    for name, c in (("v4", DeepseekV4Config()), ("v3", DeepseekV3Config())):
+        c.architectures = ["DeepseekV4ForCausalLM" if name == "v4" else "DeepseekV3ForCausalLM"]
+        c.save_pretrained(tmp_path / name)
+        cfg = ModelConfig.from_pretrained(str(tmp_path / name), dtype="bfloat16")
+        sizes[name] = (kv_sizing.kv_cache_bytes_per_token(cfg), kv_sizing.state_bytes_per_sequence(cfg))
+    assert sizes["v3"] == (61 * 576 * 2, 0)
+    assert sizes["v4"][0] == (20 * 160 + 23 * 4) * 2 == 6584
+    window, csa_rows, hca_rows = 128 * 512, 8 * 2048 + 8 * 512, 128 * 1024
+    assert sizes["v4"][1] == (43 * window + 20 * csa_rows + 23 * hca_rows) * 2
