@@ -1,8 +1,10 @@
 """Compile cases of the DeepSeek Sparse Attention kernels (benchmarks/compile_report.py's `dsa` family): the lightning
 indexer's scores and top-k (kernels/triton_dsa_topk.py) and sparse MLA (kernels/triton_mla_sparse.py) at DeepSeek-V3.2's
 shapes (128 MLA heads, latent 512 + rope 64; 64 index heads of 128; top-2048; max_model_len 163840) and GLM-5's (64
-MLA heads, 32 index heads): decode batches (scored max_model_len wide, as a decode graph captures them; unsplit and
-split 4 ways), a mixed batch of decodes and a 97-token chunk over a 4096-token context, bf16 and fp8 caches."""
+MLA heads, 32 index heads): decode batches (scored max_model_len wide, as a decode graph captures them; sparse MLA
+unsplit and split 4 ways; the top-k on its split path, P programs per row and the merge, P = 4 at batch 64 and 8 at
+batch 4), a mixed batch of decodes and a 97-token chunk over a 4096-token context (the one-program top-k), bf16 and
+fp8 caches (fp8 index keys: uint8 rows of e4m3 keys and float32 scales)."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +17,7 @@ MAX_LEN = 163840
 
 def compile_dsa(rec: Recorder, quick: bool) -> None:
     from moelink.kernels.attention import AttentionMetadata
+    from moelink.kernels.dsa import fp8_key_row_bytes
     from moelink.kernels.triton_dsa_topk import triton_dsa_topk
     from moelink.kernels.triton_mla_sparse import triton_sparse_mla_attention
 
@@ -27,7 +30,9 @@ def compile_dsa(rec: Recorder, quick: bool) -> None:
     for name, N, H, D in models:
         for cache_dt in (dt,) if quick else (dt, torch.float8_e4m3fn):
             cache = torch.empty(1000, L, C + P, dtype=cache_dt, **meta)
-            index_cache = torch.empty(1000, L, D, dtype=cache_dt, **meta)
+            # fp8 keys as the engine keeps them beside an fp8 latent: uint8 rows of e4m3 key + float32 scales.
+            index_cache = (torch.empty(1000, L, fp8_key_row_bytes(D), dtype=torch.uint8, **meta)
+                           if cache_dt == torch.float8_e4m3fn else torch.empty(1000, L, D, dtype=cache_dt, **meta))
             for label, q_lens, splits in batches if not quick else batches[:1]:
                 S, T = len(q_lens), sum(q_lens)
                 m = AttentionMetadata(i32(S + 1), i32(S), i32(S, 10300), torch.empty(T, dtype=torch.long, **meta), q_lens,
