@@ -64,8 +64,6 @@ def test_verify_steps_replay_graphs_and_match_eager(reference, kdev):
     ref = {tuple(p): w for p, w in zip(prompts, [t for t, _ in want])}
     spec = {"method": "ngram", "num_speculative_tokens": K,
             "drafter_factory": functools.partial(OracleDrafter, ref, 0.7, vocab=400, seed=5)}
-    with _llm(path, spec) as eager:
-        want_spec = run(eager)
     with _llm(path, spec) as llm:
         runner = llm.engine.executor.worker.runner
         runner.graph_sizes, runner.graph_backend = (1, 2, 4), EagerReplay()
@@ -81,11 +79,13 @@ def test_verify_steps_replay_graphs_and_match_eager(reference, kdev):
             assert all(not t[-1].any() for t in layer)
     assert sum(verify.values()) > 0, f"no verify step replayed a graph: {verify} (decode replays {decode})"
     assert any(verify[b] for b in (2, 4)), f"padded verify sizes never served a step: {verify}"
-    for (tok_w, _), (tok_e, lps_e), (tok_g, lps_g) in zip(want, want_spec, got):
-        assert tok_g == tok_w == tok_e
-        for le, lg in zip(lps_e, lps_g):
-            assert le.keys() == lg.keys()
-            assert max(abs(le[t].logprob - lg[t].logprob) for t in le) < 1e-4
+    # Against plain decoding on the same kernels (an eager verify run in between is one more interpreter engine
+    # run for nothing: verify rows and decode rows give the same logprobs to fp32 rounding).
+    for (tok_w, lps_w), (tok_g, lps_g) in zip(want, got):
+        assert tok_g == tok_w
+        for lw, lg in zip(lps_w, lps_g):
+            assert lw.keys() == lg.keys()
+            assert max(abs(lw[t].logprob - lg[t].logprob) for t in lw) < 1e-4
 
 
 def test_verify_graphs_stay_off_where_they_cannot_be_right(caplog):
