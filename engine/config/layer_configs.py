@@ -43,7 +43,7 @@ ROPE_TYPES = ("default", "yarn")
 # (x[2i], x[2i + 1]) as complex numbers in float32 (DeepSeek-V2, as transformers computes it).
 ROPE_STYLES = ("neox", "interleaved", "complex")
 # The experts' gated activations (kernels.moe.MoEActivation's kinds).
-MOE_ACTIVATIONS = ("silu", "swiglu_oai")
+MOE_ACTIVATIONS = ("silu", "swiglu_oai", "silu_clamp")
 # GQA's q/k RMSNorm (GQAConfig.qk_norm): "per_head" normalises each head's H dims with one [H] weight shared by the
 # heads (Qwen3-MoE, GLM's use_qk_norm); "all_heads" normalises a token's whole q (N * H dims) and k (K * H) before
 # they are split into heads, with [N * H] / [K * H] weights (MiniMax-M2's qk_norm_type "per_layer").
