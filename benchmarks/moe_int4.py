@@ -136,8 +136,7 @@ def make_layer(E, D, I, G, zp, device, gen) -> dict:
 def bench(shapes, tokens, device, iters, graphs, prefill: bool = False) -> list[dict]:
     """Each system timed at each T; `prefill`: the two INT4 prefill paths forced ("tile", "dequant": a workspace
     reused across calls, as a rank's) instead of the auto path, each line printing both ratios to bf16."""
-    from moelink.kernels.int4 import int4_dequantize
-    from moelink.kernels.triton_int4_dequant import DequantWorkspace
+    from moelink.kernels.triton_int4_dequant import DequantWorkspace, dequantize_int4_experts
     from moelink.kernels.triton_moe import triton_fused_moe
     from moelink.kernels.triton_moe_int4 import triton_fused_moe_int4
 
@@ -146,8 +145,10 @@ def bench(shapes, tokens, device, iters, graphs, prefill: bool = False) -> list[
     for name, (E, K, D, I, G, zp) in shapes.items():
         gen = torch.Generator(device=device).manual_seed(0)
         L = make_layer(E, D, I, G, zp, device, gen)
-        w13 = int4_dequantize(L["w13q"], L["w13s"], L["w13z"], torch.bfloat16)
-        w2 = int4_dequantize(L["w2q"], L["w2s"], L["w2z"], torch.bfloat16)
+        # bf16's weights: the same values (the pre-pass equals int4_dequantize bit for bit), made on the device
+        # without int4_dequantize's float32 temporaries (Kimi's 384 experts: 45 GB of them)
+        w13 = dequantize_int4_experts(L["w13q"], L["w13s"], L["w13z"], torch.bfloat16)
+        w2 = dequantize_int4_experts(L["w2q"], L["w2s"], L["w2z"], torch.bfloat16)
         ws = DequantWorkspace()
 
         def int4(path):
@@ -232,9 +233,9 @@ def main(argv=None) -> dict:
         return result
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined
-        device, shapes, tokens, iters = torch.device("cpu"), SMOKE_SHAPES, list(SMOKE_TOKENS), 1
-        if args.prefill:
-            tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else [9, 40]  # 40: 10 rows/expert
+        device, shapes, iters = torch.device("cpu"), SMOKE_SHAPES, 1
+        smoke = [9, 40] if args.prefill else list(SMOKE_TOKENS)  # (prefill 40: 10 rows an expert)
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else smoke
     else:
         device = require_cuda("moe_int4")
         shapes = {s: known[s] for s in args.shapes.split(",")}

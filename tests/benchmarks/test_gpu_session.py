@@ -43,7 +43,7 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
          + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick", "spec --quick", "hybrid",
-            "dsa"]
+            "dsa", "int4"]
          + [f"first {n}" for n in range(1, 7)])  # the first plan (test_gpu_session_first.py)
 E2E_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite")
 
@@ -157,7 +157,7 @@ def test_plan_lists_one_device_command_per_step():
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
                                     + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"]
-                                    + ["hybrid", "dsa"])
+                                    + ["hybrid", "dsa", "int4"])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"\ntotal {sum(int(b) for _, b, _ in rows)} s" in full
 
@@ -326,6 +326,30 @@ def test_cpu_smoke_mla_fp8_kv_step_prints_the_ratios(tmp_path):
 
 
 @pytest.mark.slow
+def test_cpu_smoke_int4_step_runs_its_four_commands(tmp_path):
+    """The int4 step's CPU smoke: its two benchmark commands as CPU counts (decode bytes at batches 1..64, both
+    prefill paths counted; device-safe JSON), the two GPU test files through pytest (skipped on CPU, one log); its
+    dry run times the decode batches 1..64 at Kimi's experts and both prefill paths at Kimi's EP-8 share, then both
+    GPU test files."""
+    proc = session("--cpu-smoke", "int4", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names == ["gpu_tests_int4_cpu_smoke.txt", "moe_int4_bytes_cpu_smoke.json",
+                     "moe_int4_prefill_counts_cpu_smoke.json"]
+    dec = json.loads((tmp_path / "moe_int4_bytes_cpu_smoke.json").read_text())["results"]
+    assert [r["tokens"] for r in dec] == [1, 2, 4, 8, 16, 32, 64] and all(r["ratio"] < 0.3 for r in dec)
+    pre = json.loads((tmp_path / "moe_int4_prefill_counts_cpu_smoke.json").read_text())["results"]
+    assert [r["shape"] for r in pre] == ["kimi-k2-ep8"] * 3 and all("dequant_hbm_ratio" in r for r in pre)
+    log = (tmp_path / "gpu_tests_int4_cpu_smoke.txt").read_text()
+    assert "test_triton_moe_int4_gpu.py" in log and "test_int4_gpu.py" in log and "skipped" in log
+    plans = PLAN.findall(session("--dry-run", "int4").stdout)
+    cmds = {p[1]: p[7] for p in plans}
+    assert list(cmds) == ["moe_int4_decode", "moe_int4_prefill", "int4_kernels_gpu", "int4_engine_gpu"]
+    assert "--shapes kimi-k2 --tokens 1,2,4,8,16,32,64 " in cmds["moe_int4_decode"]
+    assert "--prefill --shapes kimi-k2-ep8 " in cmds["moe_int4_prefill"]
+
+
 def test_cpu_smoke_dsa_step_writes_both_paths_bytes_and_times(tmp_path):
     """The dsa step's CPU smoke (toy shapes, reference kernels): one device-safe JSON, every point with dense and DSA
     times and counted bytes, the latent bytes following top-k / context."""
