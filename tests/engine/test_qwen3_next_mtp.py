@@ -226,3 +226,38 @@ def test_random_mtp_module_drafts_rejected_still_exact(checkpoints):
     assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
     assert llm.engine.stats().spec_decode.num_draft_tokens > 0
     assert_pool_free(llm)
+
+
+@pytest.mark.slow
+def test_qwen3_5_moe_multimodal_checkpoint_drafts_with_its_top_level_mtp(hf_tiny_model, tmp_path):
+    """Qwen3.5-MoE as published: the text model under model.language_model., the MTP module at the top level
+    (mtp.*) and its count in text_config's mtp_num_hidden_layers; greedy with MTP drafts equals transformers'."""
+    path = tmp_path / "qwen3_5_mtp"
+    shutil.copytree(hf_tiny_model("qwen3_5_moe"), path)
+    add_qwen_mtp_module(path, seed=4)
+    cfg = ModelConfig.from_pretrained(str(path))
+    assert cfg.num_nextn_predict_layers == 1 and cfg.text_weights_prefix == "model.language_model."
+    names = set(SafetensorsCheckpoint(str(path), cfg.text_weights_prefix).keys())
+    assert mtp_checkpoint_names(cfg, names) and all(n.startswith("mtp.") for n in mtp_checkpoint_names(cfg, names))
+    ps = prompts(VOCAB, seed=7, n=4, lo=1, hi=60)
+    llm = LLM(str(path), speculative_config={"method": "mtp", "num_speculative_tokens": 2}, **_kw())
+    assert_same(engine_greedy(llm, ps), hf_greedy(str(path), ps), ps)
+    assert llm.engine.stats().spec_decode.num_draft_tokens > 0
+    assert_pool_free(llm)
+
+
+def test_dummy_weights_and_an_eagle3_refusal(checkpoints, tmp_path):
+    """load_format='dummy' builds the MTP module in the Qwen layout too; EAGLE-3 heads are refused for hybrid
+    models, naming the method."""
+    from moelink.engine.config.engine_args import EngineArgs
+    from moelink.engine.tools.eagle3_checkpoint import write_eagle3_checkpoint
+
+    llm = LLM(checkpoints["random"], dtype="float32", load_format="dummy", max_num_seqs=2, num_kv_blocks=32,
+              block_size=16, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    assert len(engine_greedy(llm, [[1, 2, 3, 4, 5]])[0]) == 10
+    assert_pool_free(llm)
+    head = write_eagle3_checkpoint(tmp_path / "head", vocab_size=VOCAB, draft_vocab_size=None, target_hidden_size=32)
+    args = EngineArgs(model=checkpoints["random"], speculative_config={"method": "eagle3", "model": str(head),
+                                                                      "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="method='eagle3' is not supported for Qwen3NextForCausalLM"):
+        args.create_engine_config()
