@@ -246,3 +246,61 @@ def test_random_prefill_then_decode_elsewhere(seed, overlap):
         want, reason = reference_generate(req.prompt_token_ids, max_tokens=req.max_tokens, eos=req.eos_token_ids,
                                           max_len=min(max_len, num_blocks * bs + 1))
         assert sim_b.tokens[rid] == want and sim_b.finish[rid] == reason, rid
+
+
+def _hybrid_scheduler(connector, **kw):
+    """A scheduler of a model with per-sequence state (scheduler/hybrid_cache.py): state slots and checkpoints."""
+    from moelink.scheduler import CacheConfig, Scheduler, SchedulerConfig
+
+    return Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=kw.pop("budget", 64), max_model_len=512),
+                     CacheConfig(block_size=4, num_kv_blocks=16, enable_prefix_caching=True, num_state_slots=4,
+                                 num_state_checkpoints=2), kv_connector=connector)
+
+
+def test_with_per_sequence_state_the_save_is_at_the_prompts_n_minus_1_with_its_slot():
+    """The prompt's chunk ends at n - 1 (the state there is what the decode side continues from), the save rides
+    with that step (n - 1 tokens, its blocks and the request's state slot), and the last token runs next."""
+    s = _hybrid_scheduler(FakeConnector(save=True))
+    s.add_request(make_request("a", list(range(10)), max_tokens=1))
+    so = s.schedule()  # the state checkpoint's own chunk end first (the last whole block before the final token)
+    assert so.num_scheduled_tokens == {"a": 8} and not (so.kv_transfers and so.kv_transfers.saves)
+    _report(s, so, None)
+    so = s.schedule()
+    assert so.num_scheduled_tokens == {"a": 1}
+    (t,) = so.kv_transfers.saves
+    slot = s.kv.state_slot("a")
+    assert (t.num_tokens, t.token_ids, len(t.block_ids), t.state_slot) == (9, tuple(range(9)), 3, slot) and slot >= 0
+    _report(s, so, {t.transfer_id: True})
+    so = s.schedule()
+    assert so.num_scheduled_tokens == {"a": 1} and not (so.kv_transfers and so.kv_transfers.saves)
+    s.check_invariants()
+
+
+def test_with_per_sequence_state_a_load_moves_n_minus_1_tokens_and_its_slot_takes_the_state():
+    """The decode side loads n - 1 tokens into the request's blocks and slot; admitted, its slot is not overwritten
+    by a prefix hit's checkpoint (state_copy_from -1) and it computes the last prompt token."""
+    prompt = list(range(10))
+    conn = FakeConnector({"a": prompt}, prompts={"a": prompt})
+    s = _hybrid_scheduler(conn)
+    s.add_request(make_request("a", prompt, max_tokens=4))
+    so = s.schedule()
+    (t,) = so.kv_transfers.loads
+    assert (t.num_tokens, t.first_block, t.state_slot) == (9, 0, s.kv.state_slot("a")) and t.state_slot >= 0
+    _report(s, so, {t.transfer_id: True})
+    so = s.schedule()
+    (new,) = so.scheduled_new_reqs
+    assert so.num_scheduled_tokens == {"a": 1} and new.num_computed_tokens == 9
+    assert (new.state_slot, new.state_copy_from) == (t.state_slot, -1)
+    s.check_invariants()
+
+
+def test_with_per_sequence_state_a_one_token_prompt_moves_nothing():
+    s = _hybrid_scheduler(FakeConnector(save=True))
+    s.add_request(make_request("a", [7], max_tokens=1))
+    so = s.schedule()
+    assert so.num_scheduled_tokens == {"a": 1} and (so.kv_transfers is None or not so.kv_transfers.saves)
+    conn = FakeConnector({"b": [7]}, prompts={"b": [7]})
+    s = _hybrid_scheduler(conn)
+    s.add_request(make_request("b", [7], max_tokens=1))
+    so = s.schedule()
+    assert so.num_scheduled_tokens == {"b": 1} and (so.kv_transfers is None or not so.kv_transfers.loads)
