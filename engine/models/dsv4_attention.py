@@ -4,7 +4,9 @@ entries, all read and written through the engine's cache: the paged entries on t
 and the compressors' running rows in each sequence's state slot (ForwardContext.state).
 
 This is the reference path (plain torch, a host loop over the step's sequences, reading their lengths from the
-metadata's host lists: no device sync). A step's work per sequence, queries at positions p0..p1-1:
+metadata's host lists: no device sync). The math goes through four ops that a kernel strategy (kernels/ops.py) may
+provide under these names, each with its reference in kernels/dsv4.py: `dsv4_compress`, `dsv4_indexer_topk`,
+`dsv4_sink_attention`, `dsv4_grouped_linear`; none does yet (the Triton kernels are a later step). A step's work per sequence, queries at positions p0..p1-1:
 1. the new tokens' kv (normed, roped), their compressor rows (kv | gate + position bias) and, under CSA, the
    indexer's rows;
 2. every window that completes inside [p0, p1) becomes an entry (and an indexer key), written to its block;
@@ -49,10 +51,11 @@ class Compressor(nn.Module):
     """A compressor's weights (the attention's, at H; CSA's indexer's, at I) and its step: rows for new tokens,
     entries for the windows they complete."""
 
-    def __init__(self, hidden: int, width: int, rate: int, overlap: bool, eps: float, dtype, device):
+    def __init__(self, hidden: int, width: int, rate: int, overlap: bool, eps: float, kernels, dtype, device):
         super().__init__()
         series = 2 if overlap else 1
         self.width, self.rate, self.overlap, self.eps = width, rate, overlap, eps
+        self.compress = getattr(kernels, "dsv4_compress", reference_compress)
         self.wkv_CD = param(series * width, hidden, dtype=dtype, device=device)
         self.wgate_CD = param(series * width, hidden, dtype=dtype, device=device)
         self.ape_mC = param(rate, series * width, dtype=torch.float32, device=device)  # position bias in a window
@@ -80,7 +83,7 @@ class Compressor(nn.Module):
                 if w > 0:
                     lo = (w - 1) * m - base
                     prev_kv[j], prev_gate[j] = rows_XC[lo: lo + m, :H], rows_XC[lo: lo + m, half: half + H]
-        pooled = reference_compress(kv, gate, prev_kv, prev_gate)
+        pooled = self.compress(kv, gate, prev_kv, prev_gate)
         normed = reference_rms_norm_f32(pooled, self.norm_H, self.eps)
         pos = torch.arange(windows.start, windows.stop, device=rows_XC.device) * m
         return rope.rotate(normed[:, None, :], pos)[:, 0, :]
@@ -93,10 +96,12 @@ class Compressor(nn.Module):
 class DSV4Attention(nn.Module):
     """One V4 attention layer (module docstring). `ropes`: {"main": RopeTable, "compress": RopeTable}."""
 
-    def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, block_size: int | None,
-                 dtype, device):
+    def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels, dtype, device):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
+        self.indexer_topk = getattr(kernels, "dsv4_indexer_topk", reference_indexer_topk)
+        self.sink_attention = getattr(kernels, "dsv4_sink_attention", reference_sink_attention)
+        self.grouped_linear = getattr(kernels, "dsv4_grouped_linear", reference_grouped_linear)
         N, H, Q, G, O = cfg.num_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
         self.rope = ropes["main" if cfg.layer_kind == "sliding" else "compress"]
         self.compress_rope = ropes["compress"]
@@ -111,10 +116,10 @@ class DSV4Attention(nn.Module):
         self.compressor = self.indexer = None
         if cfg.compress_rate:
             self.compressor = Compressor(hidden, H, cfg.compress_rate, cfg.layer_kind == "csa", cfg.rms_norm_eps,
-                                         dtype, device)
+                                         kernels, dtype, device)
         if cfg.layer_kind == "csa":
-            self.indexer = Compressor(hidden, cfg.index_head_dim, cfg.compress_rate, True, cfg.rms_norm_eps, dtype,
-                                      device)
+            self.indexer = Compressor(hidden, cfg.index_head_dim, cfg.compress_rate, True, cfg.rms_norm_eps, kernels,
+                                      dtype, device)
             self.wq_idx_nIQ = param(cfg.index_n_heads * cfg.index_head_dim, Q, dtype=dtype, device=device)
             self.w_idx_nD = param(cfg.index_n_heads, hidden, dtype=dtype, device=device)
 
@@ -150,7 +155,7 @@ class DSV4Attention(nn.Module):
                                          slots_S[s], tables_SM[s], paged, state)
         out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
         G = cfg.o_groups
-        o_TGO = reference_grouped_linear(out_TNH.reshape(T, G, -1), self.wo_a_GOd.view(G, cfg.o_lora_rank, -1))
+        o_TGO = self.grouped_linear(out_TNH.reshape(T, G, -1), self.wo_a_GOd.view(G, cfg.o_lora_rank, -1))
         return F.linear(o_TGO.reshape(T, -1), self.wo_b_DGO)
 
     def _sequence(self, q_qNH, kv_qH, rows_qC, idx, p0: int, p1: int, slot, table_M, paged, state) -> torch.Tensor:
@@ -174,13 +179,13 @@ class DSV4Attention(nn.Module):
             if self.indexer is not None:  # only the indexer's top-k of the visible entries
                 irows, iq_qnI, iw_qn = idx
                 keys_EI = self._compress(self.indexer, irows, state[2], paged[1], p0, p1, slot, table_M)
-                picks_qK = reference_indexer_topk(iq_qnI, iw_qn, keys_EI, visible_q, cfg.index_topk).long()
+                picks_qK = self.indexer_topk(iq_qnI, iw_qn, keys_EI, visible_q, cfg.index_topk).long()
                 chosen = torch.zeros(seen.shape[0], seen.shape[1] + 1, dtype=torch.bool, device=dev)
                 chosen.scatter_(1, torch.where(picks_qK >= 0, picks_qK, seen.shape[1]), True)  # -1: a spare column
                 seen = chosen[:, :-1]
             keys = torch.cat([keys, entries_EH])
             allowed = torch.cat([allowed, seen], dim=1)
-        return reference_sink_attention(q_qNH, keys, allowed, self.sinks_N, cfg.softmax_scale)
+        return self.sink_attention(q_qNH, keys, allowed, self.sinks_N, cfg.softmax_scale)
 
     def _compress(self, comp: Compressor, rows_qC, ring_PXC, entries_BLcH, p0: int, p1: int, slot,
                   table_M) -> torch.Tensor:

@@ -75,7 +75,7 @@ class DSV4DecoderLayer(nn.Module):
         D, dt, hc, eps = cfg.hidden_size, cfg.dtype, cfg.hyper_connections, cfg.rms_norm_eps
         self.attn_hc, self.ffn_hc = HyperConnection(hc, D, eps, device), HyperConnection(hc, D, eps, device)
         self.attn_norm, self.ffn_norm = Norm(D, eps, device), Norm(D, eps, device)
-        self.attn = DSV4Attention(cfg.attention_for(i), i, D, ropes, None, dt, device)
+        self.attn = DSV4Attention(cfg.attention_for(i), i, D, ropes, kernels, dt, device)
         m = cfg.moe
         router = (HashRouter(cfg.top_k, m.router.routed_scaling_factor) if i in cfg.hash_layers
                   else make_router(m.router))

@@ -177,3 +177,33 @@ def test_kv_bytes_per_token_beside_deepseek_v3(tmp_path):
     assert sizes["v4"][0] == (20 * 160 + 23 * 4) * 2 == 6584
     window, csa_rows, hca_rows = 128 * 512, 8 * 2048 + 8 * 512, 128 * 1024
     assert sizes["v4"][1] == (43 * window + 20 * csa_rows + 23 * hca_rows) * 2
+
+
+def test_hyper_connection_equals_transformers_module():
+    """The mixes (float32, Sinkhorn), the collapse and the expansion against DeepseekV4HyperConnection / HyperHead,
+    on random weights far from their initial values."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4HyperHead
+
+    from moelink.engine.config.dsv4 import HyperConnectionConfig
+    from moelink.engine.models.hyper_connections import HyperConnection, HyperHead
+
+    cfg = dsv4_config()
+    torch.manual_seed(1)
+    hf, hf_head = DeepseekV4HyperConnection(cfg), DeepseekV4HyperHead(cfg)
+    for p in list(hf.parameters()) + list(hf_head.parameters()):
+        p.data.normal_()
+    hc_cfg = HyperConnectionConfig(cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+    ours, head = HyperConnection(hc_cfg, cfg.hidden_size, cfg.rms_norm_eps), HyperHead(hc_cfg, cfg.hidden_size,
+                                                                                          cfg.rms_norm_eps)
+    ours.fn_MnD.copy_(hf.fn), ours.base_M.copy_(hf.base), ours.scale_3.copy_(hf.scale)
+    head.fn_nnD.copy_(hf_head.hc_fn), head.base_n.copy_(hf_head.hc_base), head.scale_1.copy_(hf_head.hc_scale)
+    x_TnD = torch.randn(5, cfg.hc_mult, cfg.hidden_size, dtype=torch.float64)
+    out_TD = torch.randn(5, cfg.hidden_size, dtype=torch.float64)
+    with torch.no_grad():
+        post, comb, collapsed = hf(x_TnD[None])
+        want = post.double().unsqueeze(-1) * out_TD[None].unsqueeze(-2) + torch.matmul(comb.double().transpose(-1, -2),
+                                                                                      x_TnD[None])
+        got_collapsed, mix = ours.collapse(x_TnD)
+        assert torch.equal(got_collapsed, collapsed[0])
+        assert torch.equal(HyperConnection.expand(x_TnD, out_TD, mix), want[0])
+        assert torch.equal(head(x_TnD), hf_head(x_TnD[None])[0])
