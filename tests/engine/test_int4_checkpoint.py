@@ -270,10 +270,11 @@ import moelink.kernels.triton_moe_int4 as m
 from moelink.engine import LLM, SamplingParams
 calls, kernel = [], m.triton_fused_moe_int4
 m.triton_fused_moe_int4 = lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k)  # TritonKernels reads it
-llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=16,
+llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=32,
           num_kv_blocks=16, block_size=4, skip_warmup=True)
 ps = json.loads(sys.argv[2])
 outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+print("WORKSPACE", llm.engine.executor.worker.runner.kernels.int4_workspace.nbytes())
 print("CALLS", json.dumps(calls))
 print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
 """
@@ -281,22 +282,25 @@ print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
 
 @pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
 def test_triton_engine_run_matches_reference(tiny):
-    """One short engine run with kernels="triton" (the INT4 Triton MoE in the interpreter: a prefill through the
-    sorted path, decodes through the GEMVs) gives the reference kernels' greedy tokens."""
+    """One short engine run with kernels="triton" (the INT4 Triton MoE in the interpreter: a 32-token prefill step,
+    10.7 rows per expert, through the dequantize-once path into the rank's workspace, decodes through the GEMVs)
+    gives the reference kernels' greedy tokens."""
     import os
     import subprocess
     import sys
 
     dst = tiny("qwen3", False, "experts")
-    ps = [_prompts(11)[1][:9]]
+    ps = [_prompts(11)[1][:9], _prompts(12)[1][:23]]
     env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, dst, json.dumps(ps)], env=env, capture_output=True,
                           text=True, timeout=600, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
-    assert max(calls) == 9 and 1 in calls, calls  # the prefill (sorted path) and the decodes (tiny GEMVs)
-    ref = LLM(dst, dtype="float32", kernels="reference", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=16,
+    assert max(calls) == 32 and 2 in calls, calls  # the prefill (dequant path) and the decodes (tiny GEMVs)
+    E, I, D = 6, 32, 64  # qwen3's tiny experts, in float32: the workspace holds one layer's
+    assert int(proc.stdout.split("WORKSPACE", 1)[1].split()[0]) == E * 3 * I * D * 4
+    ref = LLM(dst, dtype="float32", kernels="reference", max_num_seqs=2, max_num_batched_tokens=32, num_kv_blocks=16,
               block_size=4)
     outs = ref.generate(ps, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert got == [o.outputs[0].token_ids for o in outs]
