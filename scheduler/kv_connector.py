@@ -186,6 +186,12 @@ class KVTransfers:
         end = self._moved_tokens(req)
         return end - start if start < end < start + n else n
 
+    def hit_usable(self, req: Request, num_hit: int) -> bool:
+        """Whether a prefix hit of `num_hit` tokens leaves a watched request's save point (the prompt's n - 1) to a
+        step of its own: a hit reaching it would leave no step ending there, so no slot holding that state (the
+        scheduler then computes the prompt from its start; rare: n - 1 on a block boundary with a checkpoint)."""
+        return req.request_id not in self._watched or num_hit < self._moved_tokens(req)
+
     def loadable(self, req: Request) -> int:
         k = min(max(self.connector.num_loadable_tokens(req), 0), req.num_tokens)
         if self.moves_state:  # the saved state is at the prompt's n - 1 (module docstring)
@@ -245,8 +251,11 @@ class KVTransfers:
                 n = self._moved_tokens(req)
                 if req.status is RequestStatus.RUNNING and req.num_computed_tokens >= n:
                     del watched[rid]
-                    if n == 0:
-                        continue  # a one-token prompt with state: nothing to move, the decode side computes it
+                    if n == 0 or (self.moves_state and req.num_computed_tokens > n):
+                        # A one-token prompt with state moves nothing (the decode side computes it); a step that
+                        # ran past the save point leaves no slot holding that state: nothing is saved rather
+                        # than a wrong state (the decode side's load then fails and it computes the prompt).
+                        continue
                     t = self._transfer(req, n, 0, tuple(req.prompt_token_ids[:n]),
                                        None if self._save_params is None else self._save_params(req))
                     self._hold(t, None)

@@ -336,6 +336,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                 # (its grammar mask is being filled: milliseconds). FCFS: all wait.
                 break
             hits, num_hit = self.kv.get_computed_blocks(req)
+            if kvt is not None and kvt.moves_state and num_hit and not kvt.hit_usable(req, num_hit):
+                hits, num_hit = [], 0  # a state saved for another engine needs a step ending at its save point
             if kvt is not None and req.status is RequestStatus.WAITING:
                 k = kvt.loadable(req)
                 if k > num_hit:  # the connector has more of its KV than the prefix cache: load it

@@ -304,3 +304,25 @@ def test_with_per_sequence_state_a_one_token_prompt_moves_nothing():
     s.add_request(make_request("b", [7], max_tokens=1))
     so = s.schedule()
     assert so.num_scheduled_tokens == {"b": 1} and (so.kv_transfers is None or not so.kv_transfers.loads)
+
+
+def test_with_per_sequence_state_a_prefix_hit_reaching_the_save_point_is_not_used():
+    """n - 1 on a block boundary with a state checkpoint there: a hit would leave no step ending at the save point
+    (no slot holding that state), so the saved request computes its prompt from the start and saves there."""
+    prompt = list(range(9))  # n - 1 = 8: two whole blocks of 4, the checkpoint boundary too
+    s = _hybrid_scheduler(FakeConnector(save={"b"}))
+    s.add_request(make_request("a", prompt, max_tokens=1))
+    so = s.schedule()
+    assert so.num_scheduled_tokens == {"a": 8} and so.state_saves  # a checkpoint at 8
+    _report(s, so, None)
+    so = s.schedule()
+    _report(s, so, None, {"a": [5]})
+    assert s.kv.get_computed_blocks(make_request("x", prompt))[1] == 8  # an identical prompt would hit 8 tokens
+    s.add_request(make_request("b", prompt, max_tokens=1))
+    so = s.schedule()
+    assert so.num_scheduled_tokens == {"b": 8}  # from 0, not from the hit
+    (t,) = so.kv_transfers.saves
+    assert (t.req_id, t.num_tokens, t.state_slot) == ("b", 8, s.kv.state_slot("b"))
+    (new,) = so.scheduled_new_reqs
+    assert (new.num_computed_tokens, new.state_copy_from) == (0, -1)
+    s.check_invariants()
