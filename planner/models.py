@@ -32,6 +32,35 @@ class DSA:
 
 
 @dataclass(frozen=True)
+class CompressedMQA:
+    """DeepSeek-V4's attention (engine/config/dsv4.py): one shared KV head of `head_dim` that is its own value (MQA,
+    all heads), a window of the last `window` raw tokens in every layer, and per layer kind compressed entries:
+    `csa_layers` compressed sparse layers (an entry per `csa_rate` tokens, a lightning indexer of `index_heads` x
+    `index_head_dim` scores every entry and attention reads the `topk` best), `hca_layers` heavily compressed ones
+    (an entry per `hca_rate` tokens, read densely), `sliding_layers` with the window alone; q LoRA, and the grouped
+    output projection (`o_groups` groups of heads, each to `o_lora_rank`, then to hidden)."""
+
+    num_heads: int
+    head_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    window: int
+    sliding_layers: int
+    csa_layers: int
+    hca_layers: int
+    topk: int
+    csa_rate: int = 4
+    hca_rate: int = 128
+    index_heads: int = 64
+    index_head_dim: int = 128
+
+    @property
+    def layers(self) -> int:
+        return self.sliding_layers + self.csa_layers + self.hca_layers
+
+
+@dataclass(frozen=True)
 class GQA:
     """Grouped-query attention."""
 
@@ -53,7 +82,7 @@ class ModelShape:
     first_dense: int
     hidden: int
     dense_intermediate: int
-    attention: MLA | GQA
+    attention: MLA | GQA | CompressedMQA
     num_experts: int
     num_shared: int
     top_k: int
@@ -72,6 +101,9 @@ class ModelShape:
         if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"model {self.name}: n_group={self.n_group}/topk_group={self.topk_group} do not fit "
                              f"{self.num_experts} experts.")
+        if isinstance(self.attention, CompressedMQA) and self.attention.layers != self.num_layers:
+            raise ValueError(f"model {self.name}: its sliding, CSA and HCA layers ({self.attention.layers}) must be "
+                             f"its num_layers={self.num_layers}.")
 
     @property
     def moe_layers(self) -> int:
@@ -95,6 +127,11 @@ class ModelShape:
             index = (a.q_lora_rank * d.index_heads * d.index_head_dim + h * (d.index_head_dim + d.index_heads)
                      if d else 0)  # wq_b, wk, weights_proj
             return q + kv_a + kv_b + a.num_heads * a.v_dim * h + index
+        if isinstance(a, CompressedMQA):  # the mean over the layers: compressors and indexers on some only
+            H, I, NH = a.head_dim, a.index_head_dim, a.num_heads * a.head_dim
+            base = h * a.q_lora_rank + a.q_lora_rank * NH + h * H + NH * a.o_lora_rank + a.o_groups * a.o_lora_rank * h
+            csa = 4 * h * H + a.q_lora_rank * a.index_heads * I + h * a.index_heads + 4 * h * I
+            return base + (a.csa_layers * csa + a.hca_layers * 2 * h * H) / a.layers
         return h * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + a.num_heads * a.head_dim * h
 
     def weight_matrices(self) -> list[tuple[str, int, int, int]]:
@@ -114,6 +151,15 @@ class ModelShape:
                 d = self.dsa
                 out += [("attn", d.index_heads * d.index_head_dim, a.q_lora_rank, L), ("attn", d.index_head_dim, h, L),
                         ("kv_b", d.index_heads, h, L)]
+        elif isinstance(a, CompressedMQA):
+            # q_a, q_b, wkv, the grouped o_a (o_groups blocks each layer), o_b; compressors and the indexer's
+            # weights_proj in bf16 as published ("kv_b"'s format), the indexer's wq_b as the other projections.
+            H, I, NH, G, O = a.head_dim, a.index_head_dim, a.num_heads * a.head_dim, a.o_groups, a.o_lora_rank
+            out = [("attn", a.q_lora_rank, h, L), ("attn", NH, a.q_lora_rank, L), ("attn", H, h, L),
+                   ("attn", O, NH // G, L * G), ("attn", h, G * O, L),
+                   ("kv_b", 4 * H, h, a.csa_layers), ("kv_b", 2 * H, h, a.hca_layers),
+                   ("attn", a.index_heads * I, a.q_lora_rank, a.csa_layers), ("kv_b", a.index_heads, h, a.csa_layers),
+                   ("kv_b", 4 * I, h, a.csa_layers)]
         else:
             out = [("attn", (a.num_heads + 2 * a.num_kv_heads) * a.head_dim, h, L),
                    ("attn", h, a.num_heads * a.head_dim, L)]
@@ -143,19 +189,46 @@ class ModelShape:
             if decode:
                 return 2 * a.num_heads * (a.kv_lora_rank + a.qk_rope_dim) + 2 * a.num_heads * a.kv_lora_rank
             return 2 * a.num_heads * (a.qk_nope_dim + a.qk_rope_dim) + 2 * a.num_heads * a.v_dim
-        return 4 * a.num_heads * a.head_dim
+        return 4 * a.num_heads * a.head_dim  # GQA, and V4's MQA (QK and PV over head_dim, every head)
 
     def kv_elems_per_token(self) -> int:
         """Cached elements per token per layer (MLA: latent + rope key, and DSA's indexer key; GQA: K and V)."""
         a = self.attention
         if isinstance(a, MLA):
             return a.kv_lora_rank + a.qk_rope_dim + (self.dsa.index_head_dim if self.dsa else 0)
+        if isinstance(a, CompressedMQA):  # paged per token of context, the mean over the layers (the window is state)
+            return (a.csa_layers * (a.head_dim + a.index_head_dim) / a.csa_rate
+                    + a.hca_layers * a.head_dim / a.hca_rate) / a.layers
         return 2 * a.num_kv_heads * a.head_dim
+
+    def state_elems_per_sequence(self) -> float:
+        """Elements each sequence keeps whatever its length (DeepSeek-V4: every layer's window of raw KV, the
+        compressors' running kv and gate rows: CSA 2 x rate tokens of 4 x head_dim and its indexer's of 4 x
+        index_head_dim, HCA rate tokens of 2 x head_dim); 0 for every other model."""
+        a = self.attention
+        if not isinstance(a, CompressedMQA):
+            return 0.0
+        H, I = a.head_dim, a.index_head_dim
+        return (a.layers * a.window * H + a.csa_layers * 2 * a.csa_rate * (4 * H + 4 * I)
+                + a.hca_layers * a.hca_rate * 2 * H)
 
     def attention_work(self, keys: float, decode: bool) -> tuple[float, float]:
         """(FLOPs per query token, cached elements read per sequence) of one layer's attention over `keys` cached
         tokens. Dense: every key, all its elements. DSA: the indexer scores every key (its index key read; H heads
         of D, 2 FLOPs each) and MLA attends to min(keys, topk) latents only (engine: kernels/dsa.py)."""
+        a = self.attention
+        if isinstance(a, CompressedMQA):
+            # Per layer (the mean): the window's raw keys, then HCA's entries all, CSA's top-k of its entries, which
+            # the indexer scores every one of (its keys read).
+            per_key, H = self.attn_flops_per_key(decode), a.head_dim
+            win = min(keys, a.window)
+            csa_e, hca_e = keys / a.csa_rate, keys / a.hca_rate
+            sel = min(csa_e, a.topk)
+            flops = (a.layers * win * per_key + a.csa_layers * (sel * per_key + csa_e * 2 * a.index_heads
+                                                                 * a.index_head_dim) + a.hca_layers * hca_e * per_key)
+            elems = (a.layers * win * H + a.csa_layers * (sel * H + csa_e * a.index_head_dim)
+                     + a.hca_layers * hca_e * H)
+            return flops / a.layers, elems / a.layers
         d = self.dsa
         if d is None:
             return keys * self.attn_flops_per_key(decode), keys * self.kv_elems_per_token()
@@ -210,6 +283,22 @@ MODELS["glm-5"] = ModelShape("glm-5", num_layers=78, first_dense=3, hidden=6144,
 for _name in ("kimi-k2.5", "kimi-k2-thinking"):
     MODELS[_name] = replace(MODELS["kimi-k2"], name=_name)
 
+# DeepSeek-V4 (issue 45; engine/config/dsv4.py). Shapes from transformers 5.24's DeepseekV4Config docstring (heads,
+# head_dim 512, o_groups, o_lora_rank) and the public model cards (V4-Flash: 43 layers, hidden 4096, 256 experts of
+# 2048, top-6, q LoRA 1024, layers 0-1 window only then CSA / HCA alternating from CSA, index top-512; V4-Pro: 61
+# layers, hidden 7168, 384 experts of 3072, q LoRA 1536, layers 0-1 HCA then HCA / CSA alternating, index top-1024);
+# both: one shared expert, every layer MoE (the first 3 hash-routed: no router GEMM, the same expert work), window
+# 128, one MTP layer. Their totals match the cards' 284B / 1.6T (test_planner_dsv4).
+MODELS["deepseek-v4-flash"] = ModelShape(
+    "deepseek-v4-flash", num_layers=43, first_dense=0, hidden=4096, dense_intermediate=0,
+    attention=CompressedMQA(64, 512, 1024, o_groups=8, o_lora_rank=1024, window=128, sliding_layers=2, csa_layers=21,
+                            hca_layers=20, topk=512),
+    num_experts=256, num_shared=1, top_k=6, moe_intermediate=2048, vocab=129280, mtp_layers=1)
+MODELS["deepseek-v4-pro"] = ModelShape(
+    "deepseek-v4-pro", num_layers=61, first_dense=0, hidden=7168, dense_intermediate=0,
+    attention=CompressedMQA(128, 512, 1536, o_groups=16, o_lora_rank=1024, window=128, sliding_layers=0,
+                            csa_layers=29, hca_layers=32, topk=1024),
+    num_experts=384, num_shared=1, top_k=6, moe_intermediate=3072, vocab=129280, mtp_layers=1)
 
 def get_model(name: str) -> ModelShape:
     """Model by name; a ValueError lists the known names."""
