@@ -6,6 +6,8 @@ path on the same layer; the selector choosing by token count from the config fil
 workspace reused across layers; warm-up's variant plan. NaN-poisoned workspaces (conftest.py)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -116,14 +118,23 @@ def test_selector_chooses_by_token_count():
     assert int4_path(DEQUANT, 100, 2, "sorted") == "sorted"
 
 
-def test_warmup_plan_lists_the_dequant_variant():
-    """Start-up warm-up compiles what the selector reaches: the dequant variant (float blocks) once, from its
-    first token count."""
-    shape = MoEShape("int4", 8, 64, 96, 2, "cpu", 4)
-    plan = plan_moe_variants(shape, 80)
-    paths = [v.path for _, v in plan]
-    assert paths.count("dequant") >= 1 and "tiny" in paths and "sorted" in paths
-    first = min(t for t, v in plan if v.path == "dequant")
-    assert first == 32 and moe_variant(shape, 31).path == "sorted"  # 8 rows per expert: 32 tokens x 2 / 8
-    for T in range(1, 81):
-        assert (T, moe_variant(shape, T)) in plan or any(v == moe_variant(shape, T) and t <= T for t, v in plan)
+@pytest.mark.parametrize("shape,max_tokens,first_dequant", [
+    (MoEShape("int4", 8, 64, 96, 2, "cpu", 4), 80, 32),  # interpreter: 8 rows per expert = 32 tokens x 2 / 8
+    (MoEShape("int4", 48, 2048, 7168, 8, "NVIDIA_H100_80GB_HBM3", 132), 8192, 6144),  # Kimi at EP 8: 1024 rows
+])
+def test_warmup_plan_lists_the_dequant_variant(shape, max_tokens, first_dequant):
+    """Start-up warm-up compiles what the selector reaches: every token count's variant is planned from a count
+    no larger, the dequant variant (the float table's blocks) from its first token count."""
+    from moelink.kernels.moe_config import lookup_moe_config
+
+    plan = plan_moe_variants(shape, max_tokens)
+    assert {v.path for _, v in plan} == {"tiny", "sorted", "dequant"}
+    assert min(t for t, v in plan if v.path == "dequant") == first_dequant
+    assert moe_variant(shape, first_dequant - 1).path == "sorted"
+    firsts = {v: t for t, v in plan}
+    for T in range(1, max_tokens + 1, 1 if max_tokens < 100 else 37):
+        v = moe_variant(shape, T)
+        assert firsts[v] <= T, (T, v)
+        if v.path == "dequant":
+            E, I, K = shape.num_experts, shape.inter, shape.top_k
+            assert v.config == replace(lookup_moe_config(E, I, T, K, shape.device_name), tiny=None, dequant=False)
