@@ -19,7 +19,8 @@ converter.
 
 Kimi's special-token block (`tokenization_kimi.py`): ids N .. N + 257 right after the N ranks (256 reserved + 2),
 named by `added_tokens_decoder` where it names them ([BOS], [EOS], <|im_end|>, <|im_user|>, ...), else
-`<|reserved_token_{id}|>`; all are special (matched in text, skipped by decode(skip_special_tokens=True)).
+`<|reserved_token_{id}|>`; all are special (matched in text, skipped by decode(skip_special_tokens=True)). A name
+past the block extends it, so every id tokenizer_config.json names keeps its id; a name on a rank's id is refused.
 """
 from __future__ import annotations
 
@@ -142,16 +143,20 @@ def layout_of(tok_config: dict, model_dir: Path) -> TiktokenLayout:
 
 
 def special_tokens(layout: TiktokenLayout, num_ranks: int, tok_config: dict) -> list[AddedToken]:
-    """The special-token block in id order (ids num_ranks ..), named by added_tokens_decoder where it names them."""
+    """The special-token block in id order (ids num_ranks ..), named by added_tokens_decoder where it names them;
+    a name past the layout's block extends it (the ids between are reserved tokens), so every named id keeps its id."""
     named = {}
     for key, spec in (tok_config.get("added_tokens_decoder") or {}).items():
         content = spec.get("content") if isinstance(spec, dict) else spec
         if str(key).isdigit() and isinstance(content, str):
             named[int(key)] = content
-    out = []
-    for i in range(num_ranks, num_ranks + layout.num_special):
-        out.append(AddedToken(named.get(i, f"<|reserved_token_{i}|>"), special=True, normalized=False))
-    return out
+    below = sorted(i for i in named if i < num_ranks)
+    if below:
+        raise ValueError(f"tokenizer_config.json added_tokens_decoder names id {below[0]} ({named[below[0]]!r}), a rank "
+                         f"of {TIKTOKEN_FILE}: its special tokens must take ids from {num_ranks} on.")
+    end = max([num_ranks + layout.num_special] + [i + 1 for i in named])
+    return [AddedToken(named.get(i, f"<|reserved_token_{i}|>"), special=True, normalized=False)
+            for i in range(num_ranks, end)]
 
 
 def tiktoken_backend(model_dir: str | Path, tok_config: dict) -> _HFTokenizer:

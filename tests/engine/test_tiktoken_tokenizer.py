@@ -115,6 +115,25 @@ def test_bad_rank_files(tmp_path, body, match):
         read_ranks(tmp_path / "tiktoken.model")
 
 
+def test_named_ids_keep_their_ids(tmp_path, kimi_dir):
+    """A name past the 258-id block extends it (reserved names between); a name on a rank's id is refused."""
+    import json
+
+    out, ranks = kimi_dir
+    n = len(ranks)
+    (tmp_path / "tiktoken.model").write_text(rank_file_text(ranks))
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"][str(n + 300)] = {"content": "<|media_pad|>", "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.vocab_size == n + 301 and tok.convert_tokens_to_ids("<|media_pad|>") == n + 300
+    assert tok.convert_tokens_to_ids(f"<|reserved_token_{n + 299}|>") == n + 299
+    cfg["added_tokens_decoder"]["97"] = {"content": "<|bad|>", "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"added_tokens_decoder names id 97 \('<\|bad\|>'\), a rank of tiktoken.model"):
+        Tokenizer.from_dir(tmp_path)
+
+
 def test_unknown_tiktoken_class_and_missing_files(tmp_path, kimi_dir):
     out, ranks = kimi_dir
     (tmp_path / "tiktoken.model").write_text(rank_file_text(ranks))
