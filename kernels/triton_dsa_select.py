@@ -15,10 +15,10 @@ Two paths, chosen by context length (`split_programs`):
   total order (score descending, position ascending), and each of its members is in its own span's top K under the
   same order; the candidates of one value sit in position order (spans ascending; within a span a value's
   candidates are all above its threshold or all equal to it, each part written in position order), so the merge's
-  ties keep the lowest positions too. The device chooses by the row's own length: a row of n <= K writes its
-  positions at once, one of n <= P * K (no fewer candidates than scores) is selected by the merge program from the
-  score row alone, and only longer rows use the partials. Work per row: n / P in each partial, P * K in the merge;
-  P ~ sqrt(n / K) balances them (8 at 128k context, K = 2048: 16k values per program instead of 128k).
+  ties keep the lowest positions too. A row of n <= K writes its positions at once (the merge program); a row of
+  n <= P * K has spans of at most K, which the partials copy whole. Work per row: n / P in each partial, P * K in
+  the merge; P ~ sqrt(n / K) balances them (8 at 128k context, K = 2048: 16k values per program instead of 128k).
+  A decode graph's P follows max_model_len (a host bound), so a short row in it pays the merge's P * K scan.
 """
 from __future__ import annotations
 
@@ -175,14 +175,14 @@ def _partial_topk_kernel(scores_ptr, seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_v
     if s_idx >= num_seqs:
         return
     n = _causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
-    if n <= P * K:  # the merge program selects from the score row itself
+    if n <= K:  # the merge program writes every position
         return
     span = tl.cdiv(n, P)
     lo = p * span
-    m = tl.minimum(span, n - lo)  # >= 1: n > P * K >= P
+    m = tl.minimum(span, n - lo)  # < 1 for a program past a short row's end: its candidates are all -1
     src = scores_ptr + row.to(tl.int64) * stride_st + lo
     cand = row.to(tl.int64) * stride_ct + p * K
-    if m <= K:  # the whole span, then -1
+    if m <= K:  # the whole span (a short row's spans are all short: its scores copied), then -1
         offs = tl.arange(0, BLOCK)
         for s0 in range(0, K, BLOCK):
             o = s0 + offs
@@ -193,9 +193,10 @@ def _partial_topk_kernel(scores_ptr, seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_v
 
 
 @triton.jit(do_not_specialize=["num_seqs", "tok0", "P"])
-def _merge_topk_kernel(scores_ptr, seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_val_ptr, out_ptr, num_seqs, tok0, P,
-                       stride_st, stride_ct, stride_ot, K, BLOCK: tl.constexpr):
-    """Grid (rows,): a row's top K from its P * K candidates, or from its score row when that is no longer."""
+def _merge_topk_kernel(seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_val_ptr, out_ptr, num_seqs, tok0, P, stride_ct,
+                       stride_ot, K, BLOCK: tl.constexpr):
+    """Grid (rows,): a row's top K from its P * K candidates (one select instance: a second over the score row
+    doubled the cold compile to 8.7 s)."""
     row = tl.program_id(0)
     tok = tok0 + row
     s_idx = _seq_of_token(qsl_ptr, num_seqs, tok)
@@ -205,12 +206,9 @@ def _merge_topk_kernel(scores_ptr, seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_val
     out_row = out_ptr + tok.to(tl.int64) * stride_ot
     if n <= K:
         _write_all(out_row, n, K, BLOCK)
-    elif n <= P * K:
-        src = scores_ptr + row.to(tl.int64) * stride_st
-        _select(src, src, n, K, 0, out_row, out_row, False, False, BLOCK)
-    else:
-        cand = row.to(tl.int64) * stride_ct
-        _select(cand_val_ptr + cand, cand_pos_ptr + cand, P * K, K, 0, out_row, out_row, True, False, BLOCK)
+        return
+    cand = row.to(tl.int64) * stride_ct
+    _select(cand_val_ptr + cand, cand_pos_ptr + cand, P * K, K, 0, out_row, out_row, True, False, BLOCK)
 
 
 __all__ = ["SPLIT_MIN_WIDTH", "split_programs"]

@@ -38,6 +38,9 @@ _WORKSPACE_BYTES = 256 << 20
 # (BLOCK_N, num_warps) of the scores kernel; the top-k kernel's tile and warps.
 _SCORE_CONFIG = (64, 4)
 _TOPK_CONFIG = (4096, 8)  # sm_90, Triton 3.6: 213 registers, no spills (1024 x 4 warps: 255; 1024 x 8: 128)
+# The split path's partial and merge kernels (their select also moves the candidates' scores): 4096 x 8 warps spilled
+# 8 B in the partial (255 registers) with Triton 3.6 on sm_90.
+_SPLIT_TOPK_CONFIG = (2048, 8)
 
 
 @triton.jit(do_not_specialize=["num_seqs", "tok0", "G"])
@@ -114,6 +117,7 @@ def triton_dsa_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_B
     interp = common.interpreting(q_THD)
     block_n, warps = (16, 4) if interp else _SCORE_CONFIG
     block_t, t_warps = (64, 4) if interp else _TOPK_CONFIG
+    block_s, s_warps = (64, 4) if interp else _SPLIT_TOPK_CONFIG
     Wp = triton.cdiv(W, block_n) * block_n
     rows = max(1, min(T, _WORKSPACE_BYTES // (4 * Wp)))
     scores = common.workspace((rows, Wp), torch.float32, dev)
@@ -138,9 +142,9 @@ def triton_dsa_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_B
         cand_pos = common.workspace((r, P * topk), torch.int32, dev)
         cand_val = common.workspace((r, P * topk), torch.float32, dev)
         _partial_topk_kernel[(r, P)](scores, *common_args, cand_pos, cand_val, meta.num_seqs, t0, P, scores.stride(0),
-                                     cand_pos.stride(0), topk, BLOCK=block_t, num_warps=t_warps)
-        _merge_topk_kernel[(r,)](scores, *common_args, cand_pos, cand_val, out, meta.num_seqs, t0, P, scores.stride(0),
-                                 cand_pos.stride(0), out.stride(0), topk, BLOCK=block_t, num_warps=t_warps)
+                                     cand_pos.stride(0), topk, BLOCK=block_s, num_warps=s_warps)
+        _merge_topk_kernel[(r,)](*common_args, cand_pos, cand_val, out, meta.num_seqs, t0, P, cand_pos.stride(0),
+                                 out.stride(0), topk, BLOCK=block_s, num_warps=s_warps)
     return out
 
 

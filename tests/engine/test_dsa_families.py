@@ -51,6 +51,10 @@ def test_reads_indexers_shared_layers_and_the_key_cache(hf_tiny_model):
     assert kv_cache_bytes_per_token(v32_8) == 3 * (40 * 8 + 16 + 4)
     with pytest.raises(ValueError, match="index_cache_dtype='bf16' is invalid"):
         ModelConfig.from_pretrained(hf_tiny_model("dsv32"), index_cache_dtype="bf16")
+    from moelink.engine.config.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match="index_cache_dtype='e5m2' is invalid: choose from 'auto', 'fp8', 'model'"):
+        EngineArgs(model="org/name", index_cache_dtype="e5m2")
 
 
 def test_refuses_what_transformers_would_not_run(tmp_path, hf_tiny_model):
@@ -111,9 +115,9 @@ def test_greedy_parity_under_preemption(hf_tiny_model, name):
     assert_pool_free(llm)
 
 
-def _generate(path, ps, connector=None, max_tokens=6):
+def _generate(path, ps, connector=None, max_tokens=6, index_cache_dtype="auto"):
     with LLM(path, dtype="float64", num_kv_blocks=96, block_size=8, max_num_batched_tokens=32, max_model_len=256,
-             skip_warmup=True, kv_connector=connector) as llm:
+             skip_warmup=True, kv_connector=connector, index_cache_dtype=index_cache_dtype) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         outs = [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
         stats = llm.engine.stats()
@@ -121,11 +125,13 @@ def _generate(path, ps, connector=None, max_tokens=6):
     return outs
 
 
-@pytest.mark.parametrize("name", list(HF_DSA))
-def test_prefill_on_one_engine_decode_on_another(hf_tiny_model, name, monkeypatch):
-    """Engine A prefills and saves, engine B loads every layer's cache tensors (latent and indexer keys) and decodes
-    sparsely from them: B equals transformers. A load without the keys would select from zeros."""
+@pytest.mark.parametrize("name,index", [(n, "auto") for n in HF_DSA] + [("dsv32", "fp8")])
+def test_prefill_on_one_engine_decode_on_another(hf_tiny_model, name, index, monkeypatch):
+    """Engine A prefills and saves, engine B loads every layer's cache tensors (latent and indexer keys: float, or fp8
+    rows with their scales) and decodes sparsely from them: B equals transformers (with fp8 keys, transformers whose
+    indexer keys are rounded as the cache rounds them). A load without the keys would select from zeros."""
     from moelink.engine.rank.kv_transfer import PagedKVBlocks
+    from tests.helpers.parity import hf_greedy_nocache_with
 
     path = hf_tiny_model(name)
     ps = prompts(VOCAB, seed=11, n=3, lo=20, hi=60)  # past index_topk: B's first token already attends sparsely
@@ -133,13 +139,17 @@ def test_prefill_on_one_engine_decode_on_another(hf_tiny_model, name, monkeypatc
     real_read = PagedKVBlocks.read
     monkeypatch.setattr(PagedKVBlocks, "read", lambda self, t: (lambda s: (saved.append(s), s)[1])(real_read(self, t)))
     store = InHostKVStore()
-    _generate(path, ps, InHostKVConnector(store, load=False), max_tokens=1)
+    _generate(path, ps, InHostKVConnector(store, load=False), max_tokens=1, index_cache_dtype=index)
     cfg = ModelConfig.from_pretrained(path)
     # Per layer its tensors' rows: two (latent, keys) where the layer has an indexer, one for GLM-5's shared layer.
     assert [len(ts) for _, ts in saved[0].groups] == [len(cfg.attention_for(i).cache_shapes(1, 1)) for i in range(3)]
-    got = _generate(path, ps, InHostKVConnector(store, save=False))
+    if index == "fp8":  # the keys travel as their 20-byte rows (16 e4m3 bytes + a float32 scale)
+        assert saved[0].groups[0][1][1].shape[-1] == 20
+    got = _generate(path, ps, InHostKVConnector(store, save=False), index_cache_dtype=index)
     assert store.num_loaded == len(ps) and store.num_failed == 0
-    assert_same(got, hf_greedy_nocache(path, ps, max_new=6), ps)
+    want = (hf_greedy_nocache_with(_hf_with_fp8_keys(path), ps, 6) if index == "fp8"
+            else hf_greedy_nocache(path, ps, max_new=6))
+    assert_same(got, want, ps)
 
 
 def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(hf_tiny_model, tmp_path):

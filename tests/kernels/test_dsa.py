@@ -334,8 +334,8 @@ def test_triton_selection_fp8_keys_equals_reference(gen, kdev, dtype, D):
 @pytest.mark.parametrize("splits", [2, 4, 7])
 def test_split_topk_equals_reference_with_ties_and_short_rows(gen, kdev, splits):
     """The partial + merge top-k against the reference: scores of 4 values (many ties at the K-th value) over ragged
-    rows: longer than P * K (partials, a short last span at 4 and 7), between K and P * K (the merge alone), shorter
-    than K (every position), a single position."""
+    rows: longer than P * K (partials selecting, a short last span at 4 and 7), between K and P * K (spans copied
+    whole, programs past the row's end empty), shorter than K (every position), a single position."""
     from moelink.kernels.triton_dsa_topk import triton_dsa_topk
 
     ctx_q = [(300, 1), (97, 5), (40, 1), (7, 1), (1, 1), (61, 3)]
