@@ -123,3 +123,30 @@ def test_a_cut_stream_frees_every_block_and_slot_and_recomputes(case, monkeypatc
         if dec is not None:
             dec.close()
         pre.engine.shutdown()
+
+
+def test_a_prompt_the_prefill_engine_has_cached_to_its_save_point_still_moves_the_right_state(case):
+    """n - 1 = 12 on a block boundary (blocks of 4) with a state checkpoint there after the first prefill: the
+    second prefill of the same prompt does not resume from it (no step would end at the save point) and its
+    handoff decodes as one engine."""
+    path, _, _ = case
+    p = prompts(VOCAB, seed=29, n=2, lo=13, hi=13)[0]
+    with LLM(path, **KW) as one:
+        want = one.generate([p], SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids
+    pre, first = _prefill(path, [p], "tcp")
+    dec = None
+    try:
+        second = pre.generate([p], SAVE, use_tqdm=False)
+        # The checkpoint at 12 was found (the manager counts it) and not used (no token counted as a hit).
+        assert pre.engine.schedulers[0].kv.ckpts.num_hits == 1 and pre.engine.stats().prefix_cache_hits == 0
+        dec = Decoder(path)
+        dec.add([p, p], _decode_params(first + second))
+        assert dec.run(2) == [want, want]
+        assert dec.worker.stats.num_loaded == 2 and dec.computed == 2 * MAX_NEW
+        _all_free(dec.llm)
+        _all_free(pre)
+    finally:
+        if dec is not None:
+            dec.close()
+        pre.engine.shutdown()
