@@ -21,6 +21,9 @@ Kimi's special-token block (`tokenization_kimi.py`): ids N .. N + 257 right afte
 named by `added_tokens_decoder` where it names them ([BOS], [EOS], <|im_end|>, <|im_user|>, ...), else
 `<|reserved_token_{id}|>`; all are special (matched in text, skipped by decode(skip_special_tokens=True)). A name
 past the block extends it, so every id tokenizer_config.json names keeps its id; a name on a rank's id is refused.
+Its chat rendering sorts the keys of `tools` recursively (`sort_tools`; engine/core/tokenizer.py applies it). Not
+copied: its encode's cut of runs over 25,000 whitespace or non-whitespace characters (a guard against a tiktoken
+panic), which changes only such runs' tokens.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class TiktokenLayout:
     name: str
     pattern: str
     num_special: int  # ids N .. N + num_special - 1 follow the N ranks
+    sort_tools: bool = False  # its apply_chat_template sorts the keys of `tools` (recursively) before rendering
 
     def __post_init__(self) -> None:
         if self.num_special < 0:
@@ -64,7 +68,7 @@ KIMI = TiktokenLayout("kimi", "|".join([
     r"\s*[\r\n]+",
     r"\s+(?!\S)",
     r"\s+",
-]), 256 + 2)
+]), 256 + 2, sort_tools=True)
 
 # tokenizer_config.json's auto_map.AutoTokenizer[0] (the remote class) -> its layout: Kimi K2, K2 Thinking, K2.5 and
 # Kimi-Linear ship the same class.
@@ -159,10 +163,9 @@ def special_tokens(layout: TiktokenLayout, num_ranks: int, tok_config: dict) -> 
             for i in range(num_ranks, end)]
 
 
-def tiktoken_backend(model_dir: str | Path, tok_config: dict) -> _HFTokenizer:
-    """The `tokenizers.Tokenizer` of a checkpoint shipping tiktoken.model (module docstring)."""
+def tiktoken_backend(model_dir: str | Path, tok_config: dict, layout: TiktokenLayout) -> _HFTokenizer:
+    """The `tokenizers.Tokenizer` of a checkpoint shipping tiktoken.model in `layout` (module docstring)."""
     model_dir = Path(model_dir)
-    layout = layout_of(tok_config, model_dir)
     ranks = read_ranks(model_dir / TIKTOKEN_FILE)
     vocab, merges = byte_level_bpe(ranks)
     tok = _HFTokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
@@ -179,5 +182,5 @@ def tiktoken_backend(model_dir: str | Path, tok_config: dict) -> _HFTokenizer:
     return tok
 
 
-__all__ = ["KIMI", "LAYOUTS", "TIKTOKEN_FILE", "TiktokenLayout", "byte_level_bpe", "bytes_to_unicode", "read_ranks",
-           "tiktoken_backend"]
+__all__ = ["KIMI", "LAYOUTS", "TIKTOKEN_FILE", "TiktokenLayout", "byte_level_bpe", "bytes_to_unicode", "layout_of",
+           "read_ranks", "tiktoken_backend"]

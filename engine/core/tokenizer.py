@@ -23,7 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .tiktoken_files import TIKTOKEN_FILE, tiktoken_backend
+from .tiktoken_files import TIKTOKEN_FILE, layout_of, tiktoken_backend
 
 # transformers writes this sentinel when a tokenizer has no length limit.
 _NO_MAX_LENGTH = int(1e30)
@@ -90,6 +90,7 @@ class Tokenizer:
         special_tokens_map: Optional[dict[str, str]] = None,
         clean_up_tokenization_spaces: bool = False,
         name_or_path: str = "",
+        sort_tool_keys: bool = False,
     ) -> None:
         self._tok = backend
         self.name_or_path = name_or_path
@@ -102,6 +103,7 @@ class Tokenizer:
             eos_ids.add(self.eos_token_id)
         self.eos_token_ids: set[int] = eos_ids
         self.chat_template = chat_template
+        self.sort_tool_keys = sort_tool_keys  # Kimi's tokenizer code sorts `tools` before its template sees them
         self.model_max_length = model_max_length
         self.special_tokens_map: dict[str, str] = dict(special_tokens_map or {})
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
@@ -122,10 +124,13 @@ class Tokenizer:
         model_dir = Path(path)
         tok_file = model_dir / "tokenizer.json"
         tok_config = _read_json(model_dir / "tokenizer_config.json")
+        sort_tool_keys = False
         if tok_file.is_file():
             backend = _HFTokenizer.from_file(str(tok_file))
         elif (model_dir / TIKTOKEN_FILE).is_file():  # Kimi K2 / K2.5: a tiktoken rank file (tiktoken_files.py)
-            backend = tiktoken_backend(model_dir, tok_config)
+            layout = layout_of(tok_config, model_dir)
+            backend = tiktoken_backend(model_dir, tok_config, layout)
+            sort_tool_keys = layout.sort_tools
         else:
             raise ValueError(
                 f"No tokenizer.json (or {TIKTOKEN_FILE}) in {str(model_dir)!r}: moelink needs a fast (tokenizers) "
@@ -169,6 +174,7 @@ class Tokenizer:
             special_tokens_map=special_map,
             clean_up_tokenization_spaces=bool(tok_config.get("clean_up_tokenization_spaces", False)),
             name_or_path=str(model_dir),
+            sort_tool_keys=sort_tool_keys,
         )
 
     # ---- encode / decode -------------------------------------------------
@@ -252,6 +258,8 @@ class Tokenizer:
             self._chat_env = _compile_chat_template(self.chat_template)
         variables = dict(self.special_tokens_map)
         variables.update(template_kwargs)
+        if self.sort_tool_keys and variables.get("tools") is not None:
+            variables["tools"] = _deep_sorted(variables["tools"])
         try:
             text = self._chat_env.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
@@ -336,6 +344,15 @@ def _compile_chat_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"chat_template is not valid Jinja: {e}") from e
+
+
+def _deep_sorted(obj: Any) -> Any:
+    """dicts with their keys sorted, at every depth (lists keep their order)."""
+    if isinstance(obj, dict):
+        return {k: _deep_sorted(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list):
+        return [_deep_sorted(v) for v in obj]
+    return obj
 
 
 def _clean_up_tokenization(text: str) -> str:

@@ -99,6 +99,21 @@ def test_chat_template_as_shipped(kimi_dir):
     assert ids == tiktoken_encode(text, ranks, kimi_specials(len(ranks)), KIMI.pattern)
 
 
+def test_tools_reach_the_template_with_sorted_keys(tmp_path, kimi_dir):
+    """Kimi's tokenizer code sorts the tools' keys at every depth before rendering: the same JSON here."""
+    out, ranks = kimi_dir
+    (tmp_path / "tiktoken.model").write_text(rank_file_text(ranks))
+    import json
+
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ tools | tojson }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"z": 1, "a": {"y": 2, "b": 3}}}}]
+    text = Tokenizer.from_dir(tmp_path).apply_chat_template([{"role": "user", "content": "x"}], tools=tools)
+    assert text == ('[{"function": {"name": "f", "parameters": {"a": {"b": 3, "y": 2}, "z": 1}}, "type": "function"}]')
+    assert tools[0]["function"]["parameters"] == {"z": 1, "a": {"y": 2, "b": 3}}  # the caller's dict is not changed
+
+
 @pytest.mark.parametrize("body,match", [
     ("YWJj 0\nnot-base64!! 1\n", r"line 2 is invalid: a tiktoken rank file"),
     ("YWJj 0 7\n", r"line 1 is invalid"),
