@@ -33,6 +33,7 @@ from moelink.kernels.ops import ReferenceKernels
 from tests.helpers.hf_checkpoints import VOCAB, hf_config
 from tests.helpers.paged_meta import paged_meta
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
+from tests.helpers.qwen_mtp_checkpoints import bigram_mtp, with_mtp
 
 CPU = torch.device("cpu")
 BLOCK = 4
@@ -43,35 +44,9 @@ SEQS = ((5, 3), (7, 1))  # (prefix tokens of the first step, tokens of the secon
 def checkpoints(hf_tiny_model, tmp_path_factory):
     """{"random": qwen3_next with a random MTP module, "bigram": its copy whose MTP module guesses the main
     model's next token}."""
-    random_ = tmp_path_factory.mktemp("qwen3_next_mtp") / "random"
-    shutil.copytree(hf_tiny_model("qwen3_next"), random_)
-    add_qwen_mtp_module(random_, seed=3)
-    return {"random": str(random_), "bigram": str(_bigram(random_, tmp_path_factory.mktemp("qwen3_next_mtp")))}
-
-
-def _bigram(src, dst_dir, main_scale: float = 0.01, mtp_scale: float = 0.05):
-    """The main model's mixers and MLPs scaled by `main_scale` (it predicts nearly a bigram of its last token);
-    the MTP module's fc passes the token's embedding through (its hidden half, o_proj and down_proj kept at
-    `mtp_scale`, so its attention and KV cache still count) and its final norm is the main model's."""
-    from safetensors.torch import load_file, save_file
-
-    dst = dst_dir / "bigram"
-    shutil.copytree(src, dst)
-    tensors = {f: load_file(f) for f in sorted(dst.glob("*.safetensors"))}
-    norm = next(t["model.norm.weight"] for t in tensors.values() if "model.norm.weight" in t)
-    for f, ts in tensors.items():
-        for name, t in ts.items():
-            if name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight")):
-                ts[name] = t * (mtp_scale if name.startswith("mtp.") else main_scale)
-            elif name == "mtp.fc.weight":
-                D = t.shape[0]
-                ts[name] = torch.cat([torch.eye(D, dtype=t.dtype), mtp_scale * t[:, D:]], dim=1)
-            elif name == "mtp.pre_fc_norm_embedding.weight":
-                ts[name] = torch.zeros_like(t)  # zero-centred: a plain RMSNorm
-            elif name == "mtp.norm.weight":
-                ts[name] = norm.clone()
-        save_file(ts, str(f), metadata={"format": "pt"})
-    return dst
+    random_ = with_mtp(hf_tiny_model("qwen3_next"), tmp_path_factory.mktemp("qwen3_next_mtp") / "random")
+    return {"random": str(random_), "bigram": str(bigram_mtp(random_, tmp_path_factory.mktemp("qwen3_next_mtp")
+                                                               / "bigram"))}
 
 
 def _tensors(path: str) -> dict[str, torch.Tensor]:
