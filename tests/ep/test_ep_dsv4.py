@@ -15,11 +15,18 @@ from tests.helpers.parity import MAX_NEW, assert_same, engine_greedy, hf_greedy,
 pytestmark = pytest.mark.slow
 
 
-def test_dsv4_ep2_matches_transformers(local_ray, tmp_path_factory):
-    path = save_dsv4_checkpoint(tmp_path_factory.mktemp("dsv4_ep"))
+@pytest.fixture(scope="module")
+def dsv4_path(tmp_path_factory) -> str:
+    return save_dsv4_checkpoint(tmp_path_factory.mktemp("dsv4_ep"))
+
+
+@pytest.mark.parametrize("tbo", [False, True])
+def test_dsv4_ep2_matches_transformers(local_ray, dsv4_path, tbo):
+    """tbo: each step as two micro-batches (engine/rank/step_plan.py), each with its sequences' slots and tables."""
+    path = dsv4_path
     ps = prompts(VOCAB, seed=11, n=8, hi=150)
-    llm = LLM(path, expert_parallel_size=2, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48,
-              num_kv_blocks=128, block_size=8)
+    llm = LLM(path, expert_parallel_size=2, enable_two_batch_overlap=tbo, dtype="float64", max_num_seqs=4,
+              max_num_batched_tokens=48, num_kv_blocks=128, block_size=8)
     try:
         assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
         computed = sum(len(p) + MAX_NEW - 1 for p in ps)
