@@ -1,0 +1,121 @@
+"""DeepSeek-V4's decode attention (issue 45): one layer of each compressed kind at V4-Flash's shapes (64 heads, one
+shared 512-wide head that is key and value, a window of 128; CSA: an entry per 4 tokens, an indexer of 64 heads of
+128 choosing the top-512; HCA: an entry per 128 tokens read densely), bytes read and time per decode step at 32k /
+128k context, beside the same attention over every raw token (what the compression saves) and DeepSeek-V3's MLA
+bytes (576 values per token).
+
+    python -m moelink.benchmarks.dsv4_decode --cpu-proxy [--contexts 32768,131072] [--batch 1] [--json PATH]
+    python -m moelink.benchmarks.dsv4_decode --cpu-smoke        # tiny shapes: the script itself
+
+Per (context, batch), over the same random query:
+- full: the sink attention over all `ctx` raw keys (a V4 layer without its compressor);
+- csa: the indexer's scores over the ctx / 4 index keys and its top-512, then the sink attention over the window and
+  the selected entries;
+- hca: the sink attention over the window and all ctx / 128 entries.
+The ops are the kernel strategy's `dsv4_indexer_topk` / `dsv4_sink_attention` where it has them, else the references
+of kernels/dsv4.py (the only ones today: the Triton kernels are a later step, so there is no GPU path yet and the
+CPU proxy runs float32 references, wall clock). The projections (q, the index queries, the output) are the layer's
+GEMMs, not attention, and are left out. Bytes are counted, not measured: what each path must read per step (keys of
+512 values, index keys of 128, in bf16).
+Results: JSON with the run's device, date and commit (bench_timing.run_meta); a table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .bench_timing import Timer, run_meta
+
+SHAPES = dict(N=64, H=512, W=128, n_I=64, I=128, K=512, csa=4, hca=128)
+SMOKE = dict(N=4, H=32, W=8, n_I=4, I=16, K=8, csa=4, hca=16)
+MLA_VALUES = 576  # DeepSeek-V3: latent 512 + rope 64 per token
+
+
+def bytes_read(ctx: int, batch: int, s: dict, elem: int = 2) -> dict:
+    """Bytes one decode step of one layer reads, per path (module docstring)."""
+    csa_e, hca_e = ctx // s["csa"], ctx // s["hca"]
+    win = min(ctx, s["W"])
+    return dict(full=batch * ctx * s["H"] * elem,
+                csa=batch * ((win + min(csa_e, s["K"])) * s["H"] + csa_e * s["I"]) * elem,
+                hca=batch * (win + hca_e) * s["H"] * elem,
+                mla=batch * ctx * MLA_VALUES * elem)
+
+
+def one_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iters: int) -> dict:
+    from moelink.kernels.dsv4 import reference_indexer_topk, reference_sink_attention
+
+    attend = getattr(kernels, "dsv4_sink_attention", reference_sink_attention)
+    select = getattr(kernels, "dsv4_indexer_topk", reference_indexer_topk)
+    g = torch.Generator(device="cpu").manual_seed(ctx)
+    f32 = dict(dtype=torch.float32)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, **f32).to(device)
+
+    N, H, W = s["N"], s["H"], s["W"]
+    csa_e, hca_e, win = ctx // s["csa"], ctx // s["hca"], min(ctx, s["W"])
+    q_NH, sinks_N, scale = rand(1, N, H), rand(N), H**-0.5
+    raw_SH, csa_EH, hca_EH = rand(ctx, H), rand(csa_e, H), rand(hca_e, H)
+    iq_nI, iw_n, ikeys_EI = rand(1, s["n_I"], s["I"]), rand(1, s["n_I"]), rand(csa_e, s["I"])
+    visible = torch.tensor([csa_e], device=device)
+
+    def full():
+        for _ in range(batch):
+            attend(q_NH, raw_SH, torch.ones(1, ctx, dtype=torch.bool, device=device), sinks_N, scale)
+
+    def csa():
+        for _ in range(batch):
+            picks = select(iq_nI, iw_n, ikeys_EI, visible, s["K"]).long()[0]
+            keys = torch.cat([raw_SH[ctx - win:], csa_EH[picks[picks >= 0]]])
+            attend(q_NH, keys, torch.ones(1, keys.shape[0], dtype=torch.bool, device=device), sinks_N, scale)
+
+    def hca():
+        for _ in range(batch):
+            keys = torch.cat([raw_SH[ctx - win:], hca_EH])
+            attend(q_NH, keys, torch.ones(1, keys.shape[0], dtype=torch.bool, device=device), sinks_N, scale)
+
+    t = {name: timer(fn, [()], iters=iters, warmup=1) for name, fn in (("full", full), ("csa", csa), ("hca", hca))}
+    b = bytes_read(ctx, batch, s)
+    return dict(ctx=ctx, batch=batch, full_s=t["full"], csa_s=t["csa"], hca_s=t["hca"], bytes=b,
+                csa_time_ratio=t["csa"] / t["full"], hca_time_ratio=t["hca"] / t["full"],
+                csa_bytes_vs_mla=b["csa"] / b["mla"], hca_bytes_vs_mla=b["hca"] / b["mla"])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--cpu-proxy", action="store_true", help="the float32 references on CPU, wall clock")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the script")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not (args.cpu_proxy or args.cpu_smoke):
+        raise SystemExit("dsv4_decode: only --cpu-proxy / --cpu-smoke exist yet (no V4 Triton kernels to time on a "
+                         "GPU; a GPU session step comes with them).")
+    from moelink.kernels.ops import select_kernels
+
+    device = torch.device("cpu")
+    s, contexts, iters = ((SMOKE, [64, 256], 1) if args.cpu_smoke
+                          else (SHAPES, [int(x) for x in args.contexts.split(",")], args.iters))
+    kernels = select_kernels(device)
+    rep = dict(run_meta(device), kernels=kernels.name, shapes=s, proxy="cpu float32 references (wall clock)",
+               points=[])
+    print(f"{'ctx':>7} {'batch':>5} {'full ms':>9} {'csa ms':>9} {'hca ms':>9} {'csa/full':>8} {'hca/full':>8} "
+          f"{'csa B/mla B':>11} {'hca B/mla B':>11}")
+    for ctx in contexts:
+        pt = one_point(kernels, device, ctx, args.batch, s, Timer(device), iters)
+        rep["points"].append(pt)
+        print(f"{ctx:>7} {args.batch:>5} {pt['full_s'] * 1e3:>9.2f} {pt['csa_s'] * 1e3:>9.2f} {pt['hca_s'] * 1e3:>9.2f} "
+              f"{pt['csa_time_ratio']:>8.3f} {pt['hca_time_ratio']:>8.3f} {pt['csa_bytes_vs_mla']:>11.4f} "
+              f"{pt['hca_bytes_vs_mla']:>11.4f}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rep, indent=1) + "\n")
+    return rep
+
+
+if __name__ == "__main__":
+    main()
