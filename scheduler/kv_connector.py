@@ -254,7 +254,7 @@ class KVTransfers:
                     if n == 0 or (self.moves_state and req.num_computed_tokens > n):
                         # A one-token prompt with state moves nothing (the decode side computes it); a step that
                         # ran past the save point leaves no slot holding that state: nothing is saved rather
-                        # than a wrong state (the decode side's load then fails and it computes the prompt).
+                        # than a wrong state (the output then names no saved KV: the decode side computes it).
                         continue
                     t = self._transfer(req, n, 0, tuple(req.prompt_token_ids[:n]),
                                        None if self._save_params is None else self._save_params(req))
