@@ -207,3 +207,8 @@ def test_hyper_connection_equals_transformers_module():
         assert torch.equal(got_collapsed, collapsed[0])
         assert torch.equal(HyperConnection.expand(x_TnD, out_TD, mix), want[0])
         assert torch.equal(head(x_TnD), hf_head(x_TnD[None])[0])
+
+
+def test_dummy_weights_are_refused_naming_the_format(dsv4_path):
+    with pytest.raises(ValueError, match="load_format='dummy' is not supported for DeepseekV4ForCausalLM"):
+        LLM(dsv4_path, dtype="float32", load_format="dummy", max_num_seqs=2, num_kv_blocks=16, block_size=8)
