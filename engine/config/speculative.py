@@ -5,7 +5,7 @@
     --speculative-config '{"method": "eagle3", "model": "/path/to/eagle3-head", "num_speculative_tokens": 3}'
 
 Methods: "ngram" (prompt lookup: no weights), "mtp" (the checkpoint's own next-n layers, DeepSeek-V3/R1, GLM-4.5,
-Kimi K2; "deepseek_mtp" is accepted as vLLM's older name), "eagle3" (a separate EAGLE-3 head checkpoint). Every
+Kimi K2, or MTP module, Qwen3-Next and Qwen3.5-MoE; "deepseek_mtp" is accepted as vLLM's older name), "eagle3" (a separate EAGLE-3 head checkpoint). Every
 key is checked here, where the config is made: an unknown key, a wrong type or a value out of range is one
 ValueError naming the key and what is allowed.
 """
@@ -105,7 +105,8 @@ class SpeculativeConfig:
         if self.runs_mtp and num_nextn_predict_layers < 1:
             raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its config.json has "
                              f"num_nextn_predict_layers={num_nextn_predict_layers} ({architecture}: no MTP layers to "
-                             "draft with); use 'ngram', or a checkpoint that ships them (DeepSeek-V3/R1, GLM-4.5).")
+                             "draft with; Qwen3-Next / Qwen3.5 name it mtp_num_hidden_layers); use 'ngram', or a "
+                             "checkpoint that ships them (DeepSeek-V3/R1, GLM-4.5, Qwen3-Next, Qwen3.5-MoE).")
 
     def resolve_draft_model(self, model_cfg, download_dir: str | None = None,
                             weights: bool = True) -> "SpeculativeConfig":

@@ -161,6 +161,12 @@ def test_mtp_num_hidden_layers_is_read_and_the_main_model_leaves_mtp_unread(chec
         assert mtp_names == {n for n, file in json.load(f)["weight_map"].items() if file == MTP_FILE}
     with pytest.raises(ValueError, match="MTP layer 1 does not exist"):
         QwenMTPLayer(cfg, arch_spec(cfg.architecture), 1, ReferenceKernels(), CPU)
+    from moelink.engine.config.engine_args import EngineArgs
+
+    args = EngineArgs(model=hf_tiny_model("qwen3_next"), speculative_config={"method": "mtp",
+                                                                             "num_speculative_tokens": 1})
+    with pytest.raises(ValueError, match="method='mtp' is invalid for this checkpoint.*mtp_num_hidden_layers"):
+        args.create_engine_config()  # a checkpoint saved without its MTP module
 
 
 def _kw(**extra):
