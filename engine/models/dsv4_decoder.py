@@ -126,6 +126,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         super().__init__()
         if cfg.hyper_connections is None:
             raise ValueError(f"architecture {cfg.architecture}: its ModelConfig has no hyper_connections.")
+        if cfg.kv_cache_dtype is not None and cfg.kv_cache_dtype != cfg.dtype:  # entries are written unscaled
+            raise ValueError(f"kv_cache_dtype={cfg.kv_cache_dtype} is not supported for {cfg.architecture} yet: its "
+                             "compressed entries are cached in the model dtype (kv_cache_dtype='auto').")
         self.cfg, self.spec = cfg, spec
         self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
         self.moe_stats = MoEStats(len(cfg.sparse_layers), cfg.num_experts, device)

@@ -212,3 +212,14 @@ def test_hyper_connection_equals_transformers_module():
 def test_dummy_weights_are_refused_naming_the_format(dsv4_path):
     with pytest.raises(ValueError, match="load_format='dummy' is not supported for DeepseekV4ForCausalLM"):
         LLM(dsv4_path, dtype="float32", load_format="dummy", max_num_seqs=2, num_kv_blocks=16, block_size=8)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype=torch.float8_e4m3fn is not supported for DeepseekV4ForCausalLM"),
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
+     "speculative_config is not supported for DeepseekV4ForCausalLM"),
+    (dict(block_size=12), "block_size=12 is invalid for DeepSeek-V4"),
+])
+def test_what_v4_does_not_run_yet_is_refused_naming_it(dsv4_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(dsv4_path, **{**dict(dtype="float32", max_num_seqs=2, num_kv_blocks=16, block_size=8), **kw})
