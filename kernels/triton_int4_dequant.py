@@ -134,8 +134,9 @@ class DequantWorkspace:
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A [shape] `dtype` view of buffer `name` (contents undefined), reallocated only to grow or move."""
         numel = math.prod(shape)
-        buf = self._buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.device != torch.device(device) or buf.numel() < numel:
+        buf, dev = self._buffers.get(name), torch.device(device)
+        moved = buf is not None and (buf.device.type != dev.type or dev.index not in (None, buf.device.index))
+        if buf is None or moved or buf.dtype != dtype or buf.numel() < numel:
             buf = common.workspace((max(numel, 1),), dtype, device)
             self._buffers[name] = buf
         return buf[:numel].view(shape)
