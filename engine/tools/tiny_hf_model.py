@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config.architectures import MTP_ARCHITECTURES
+from ..config.architectures import MTP_ARCHITECTURES, REGISTRY
 from .file_modes import umask_mode
 
 HF_ARCHS = {
@@ -103,9 +103,10 @@ def add_mtp_layers(out: Path, num_layers: int = 1, *, seed: int = 0, init_std: O
     out = Path(out)
     config = json.loads((out / "config.json").read_text())
     arch = (config.get("architectures") or [None])[0]
-    if arch not in MTP_ARCHITECTURES:
-        raise ValueError(f"add_mtp_layers: architecture {arch!r} has no MTP layers (only "
-                         f"{', '.join(MTP_ARCHITECTURES)}).")
+    nextn = [a for a in MTP_ARCHITECTURES if REGISTRY[a].mtp_layout == "nextn"]
+    if arch not in nextn:  # Qwen3-Next / Qwen3.5 store theirs as mtp.*: engine/tools/qwen_mtp_checkpoint.py
+        raise ValueError(f"add_mtp_layers: architecture {arch!r} has no MTP layers in DeepSeek-V3's layout (only "
+                         f"{', '.join(nextn)}; Qwen3-Next / Qwen3.5: qwen_mtp_checkpoint.add_qwen_mtp_module).")
     L, first_dense = int(config["num_hidden_layers"]), int(config.get("first_k_dense_replace") or 0)
     if not isinstance(num_layers, int) or num_layers < 1 or L - 1 < first_dense:
         raise ValueError(f"add_mtp_layers: num_layers={num_layers!r} must be >= 1, and the last main layer a MoE "

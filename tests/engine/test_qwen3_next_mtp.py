@@ -161,6 +161,12 @@ def test_mtp_num_hidden_layers_is_read_and_the_main_model_leaves_mtp_unread(chec
         assert mtp_names == {n for n, file in json.load(f)["weight_map"].items() if file == MTP_FILE}
     with pytest.raises(ValueError, match="MTP layer 1 does not exist"):
         QwenMTPLayer(cfg, arch_spec(cfg.architecture), 1, ReferenceKernels(), CPU)
+    from moelink.engine.tools.tiny_hf_model import add_mtp_layers
+
+    with pytest.raises(ValueError, match="no MTP layers in DeepSeek-V3's layout.*add_qwen_mtp_module"):
+        add_mtp_layers(path)  # refused before it writes anything
+    with pytest.raises(ValueError, match="already holds mtp"):
+        add_qwen_mtp_module(path)
     from moelink.engine.config.engine_args import EngineArgs
 
     args = EngineArgs(model=hf_tiny_model("qwen3_next"), speculative_config={"method": "mtp",
