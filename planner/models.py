@@ -201,16 +201,17 @@ class ModelShape:
                     + a.hca_layers * a.head_dim / a.hca_rate) / a.layers
         return 2 * a.num_kv_heads * a.head_dim
 
-    def state_elems_per_sequence(self) -> float:
-        """Elements each sequence keeps whatever its length (DeepSeek-V4: every layer's window of raw KV, the
-        compressors' running kv and gate rows: CSA 2 x rate tokens of 4 x head_dim and its indexer's of 4 x
-        index_head_dim, HCA rate tokens of 2 x head_dim); 0 for every other model."""
+    def state_bytes_per_sequence(self, kv_bytes: float) -> float:
+        """Bytes each sequence keeps whatever its length (DeepSeek-V4: every layer's window of raw KV at `kv_bytes`
+        per value, and the compressors' running kv and gate rows in float32, as the engine keeps them: CSA 2 x rate
+        tokens of 4 x head_dim and its indexer's of 4 x index_head_dim, HCA rate tokens of 2 x head_dim); 0 for
+        every other model."""
         a = self.attention
         if not isinstance(a, CompressedMQA):
             return 0.0
         H, I = a.head_dim, a.index_head_dim
-        return (a.layers * a.window * H + a.csa_layers * 2 * a.csa_rate * (4 * H + 4 * I)
-                + a.hca_layers * a.hca_rate * 2 * H)
+        rows = a.csa_layers * 2 * a.csa_rate * (4 * H + 4 * I) + a.hca_layers * a.hca_rate * 2 * H
+        return a.layers * a.window * H * kv_bytes + rows * 4
 
     def attention_work(self, keys: float, decode: bool) -> tuple[float, float]:
         """(FLOPs per query token, cached elements read per sequence) of one layer's attention over `keys` cached

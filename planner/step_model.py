@@ -392,7 +392,7 @@ def max_batch_per_rank(model: ModelShape, hw: HardwareProfile, setup: Setup, con
     """
     free = hw.gpu.hbm_gb * 1e9 * usable_fraction - reserve_gb * 1e9 - weights_per_rank_bytes(model, setup)
     per_seq = (context_len * model.num_layers * _kv_bytes_per_token_layer(model, setup.precision)
-               + model.state_elems_per_sequence() * KV_BYTES[setup.precision.attention])  # V4's window and rows
+               + model.state_bytes_per_sequence(KV_BYTES[setup.precision.attention]))  # V4's window and rows
     if model.is_mla:  # TP attention keeps the whole latent of the group's sequences on every GPU
         per_seq *= setup.attn_tp
     return max(0, int(free // per_seq))

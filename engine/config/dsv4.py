@@ -17,7 +17,7 @@ The cache of a layer (engine/models/dsv4_attention.py computes it, engine/rank r
   boundaries make prefix caching and preemption exact: the window's raw KV (the last `sliding_window` tokens, a ring
   indexed by position mod window) and the compressors' running rows (each recent token's projected kv and gate, a
   ring of `compress_rate` tokens, `2 * compress_rate` under CSA whose entry reads the previous window too; the
-  indexer's compressor the same at index_head_dim).
+  indexer's compressor the same at index_head_dim), in float32 (`state_dtypes`).
 
 Legend: P state slots (the null slot included), B blocks (the null block included), L block size, H head_dim,
 I index_head_dim, W sliding window, m compress rate.
@@ -155,10 +155,13 @@ class DSV4AttentionConfig:
         return tuple((num_slots + 1, *s) for s in self._slot_shapes())
 
     def state_dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-        return tuple(dtype for _ in self._slot_shapes())
+        """The window in the model dtype; the compressor rows at least float32: a gate is the projection plus a
+        float32 position bias, softmaxed in float32 (transformers keeps it so; a bf16 copy would round it)."""
+        rows = torch.promote_types(dtype, torch.float32)
+        return (dtype,) + tuple(rows for _ in self._slot_shapes()[1:])
 
     def state_bytes_per_sequence(self, dtype: torch.dtype) -> int:
-        return sum(math.prod(s) for s in self._slot_shapes()) * dtype.itemsize
+        return sum(math.prod(s) * d.itemsize for s, d in zip(self._slot_shapes(), self.state_dtypes(dtype)))
 
 
 @dataclass(frozen=True)

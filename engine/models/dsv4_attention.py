@@ -62,17 +62,19 @@ class Compressor(nn.Module):
         self.norm_H = param(width, dtype=torch.float32, device=device)
 
     def rows(self, h_TD: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
-        """[T, 2C']: each token's kv then its gate (with the position bias of its place in the window)."""
+        """[T, 2C'] in at least float32: each token's kv then its gate (plus the float32 position bias of its place
+        in the window, the sum kept in float32 as transformers does)."""
         gate = F.linear(h_TD, self.wgate_CD) + self.ape_mC[positions_T % self.rate]
-        return torch.cat([F.linear(h_TD, self.wkv_CD), gate.to(h_TD.dtype)], dim=-1)
+        return torch.cat([F.linear(h_TD, self.wkv_CD).to(gate.dtype), gate], dim=-1)
 
-    def entries(self, rows_XC: torch.Tensor, base: int, windows: range, rope: RopeTable) -> torch.Tensor:
-        """The entries of `windows` (complete) from the rows of positions base.. ([E, width], normed, roped at
-        position w * m)."""
+    def entries(self, rows_XC: torch.Tensor, base: int, windows: range, rope: RopeTable,
+                dtype: torch.dtype) -> torch.Tensor:
+        """The entries of `windows` (complete) from the rows of positions base.. ([E, width] in `dtype`, the
+        activations': the kv rows are weighted in it, as transformers does; normed, roped at position w * m)."""
         m, half = self.rate, rows_XC.shape[-1] // 2
         n = len(windows)
         first = windows.start * m - base
-        kv = rows_XC[first: first + n * m, :half].reshape(n, m, half)
+        kv = rows_XC[first: first + n * m, :half].reshape(n, m, half).to(dtype)
         gate = rows_XC[first: first + n * m, half:].reshape(n, m, half)
         prev_kv = prev_gate = None
         if self.overlap:  # the previous window's Ca half; none before window 0 (softmax weight 0)
@@ -82,7 +84,8 @@ class Compressor(nn.Module):
             for j, w in enumerate(windows):
                 if w > 0:
                     lo = (w - 1) * m - base
-                    prev_kv[j], prev_gate[j] = rows_XC[lo: lo + m, :H], rows_XC[lo: lo + m, half: half + H]
+                    prev_kv[j] = rows_XC[lo: lo + m, :H].to(dtype)
+                    prev_gate[j] = rows_XC[lo: lo + m, half: half + H]
         pooled = self.compress(kv, gate, prev_kv, prev_gate)
         normed = reference_rms_norm_f32(pooled, self.norm_H, self.eps)
         pos = torch.arange(windows.start, windows.stop, device=rows_XC.device) * m
@@ -197,13 +200,13 @@ class DSV4Attention(nn.Module):
         rows = torch.cat([ring_PXC[slot][torch.arange(base, p0, device=dev) % ring], rows_qC])
         windows = range(p0 // m, p1 // m)
         if len(windows):
-            new_EH = comp.entries(rows, base, windows, self.compress_rope)
+            new_EH = comp.entries(rows, base, windows, self.compress_rope, entries_BLcH.dtype)
             at = torch.arange(windows.start, windows.stop, device=dev) * m
             entries_BLcH[table_M[at // L], (at % L) // m] = new_EH.to(entries_BLcH.dtype)
         keep = torch.arange(max(p0, p1 - ring), p1, device=dev)
         ring_PXC[slot, keep % ring] = rows_qC[keep - p0].to(ring_PXC.dtype)
         at = torch.arange(p1 // m, device=dev) * m
-        return entries_BLcH[table_M[at // L], (at % L) // m].to(rows_qC.dtype)
+        return entries_BLcH[table_M[at // L], (at % L) // m]
 
     def weight_plan(self, p: str) -> WeightPlan:
         """The published names under `p` = "model.layers.{i}.attn."."""

@@ -163,8 +163,8 @@ def test_kv_bytes_per_token_beside_deepseek_v3(tmp_path):
     """kv_sizing at full size, bf16, from transformers' default configs (V4: 43 layers, hidden 4096, 2 HCA then CSA /
     HCA interleaved, window 128; V3: 61 MLA layers). V4's paged cache per token of context is 20 CSA layers x
     (512 + 128) / 4 values + 23 HCA layers x 512 / 128 values = 3292 values, 6584 bytes, 10.7x less than V3's 70272
-    (61 x 576 values); beside it each sequence holds its window and compressor rows in a state slot: 12.5 MB, the
-    paged bytes of ~1900 tokens, constant in the context length."""
+    (61 x 576 values); beside it each sequence holds its window (bf16) and compressor rows (float32) in a state slot:
+    19.3 MB, the paged bytes of ~2900 tokens, constant in the context length."""
     from transformers import DeepseekV3Config, DeepseekV4Config
 
     sizes = {}
@@ -176,7 +176,7 @@ def test_kv_bytes_per_token_beside_deepseek_v3(tmp_path):
     assert sizes["v3"] == (61 * 576 * 2, 0)
     assert sizes["v4"][0] == (20 * 160 + 23 * 4) * 2 == 6584
     window, csa_rows, hca_rows = 128 * 512, 8 * 2048 + 8 * 512, 128 * 1024
-    assert sizes["v4"][1] == (43 * window + 20 * csa_rows + 23 * hca_rows) * 2
+    assert sizes["v4"][1] == 43 * window * 2 + (20 * csa_rows + 23 * hca_rows) * 4  # the rows in float32
 
 
 def test_hyper_connection_equals_transformers_module():

@@ -29,8 +29,8 @@ def test_kv_bytes_per_token_beside_deepseek_v3():
     # bf16, all layers: Flash's 21 CSA x (512 + 128) / 4 + 20 HCA x 512 / 128 = 3440 values vs V3's 61 x 576.
     assert FLASH.kv_elems_per_token() * FLASH.num_layers == pytest.approx(21 * 160 + 20 * 4)
     assert V3.kv_elems_per_token() * V3.num_layers / (FLASH.kv_elems_per_token() * FLASH.num_layers) > 10
-    # the per-sequence window and compressor rows: 43 windows of 128 x 512, CSA 8 x 2560, HCA 128 x 1024 values
-    assert FLASH.state_elems_per_sequence() == 43 * 128 * 512 + 21 * 8 * 2560 + 20 * 128 * 1024
+    # the per-sequence window (43 x 128 x 512 values, bf16) and compressor rows (float32: CSA 8 x 2560, HCA 128 x 1024)
+    assert FLASH.state_bytes_per_sequence(2) == 43 * 128 * 512 * 2 + (21 * 8 * 2560 + 20 * 128 * 1024) * 4
 
 
 def test_attention_read_at_long_context_and_batch_that_fits():
