@@ -290,9 +290,9 @@ def triton_fused_moe_int4(
         return tiny_fused_moe_int4(x_TD, q13, s13, z13, q2, s2, z2, group, weights_P, ids_P, expert_map_G, b13_EF,
                                    b2_ED, act_args, out, config.tiny or DEFAULT_TINY, K)
     if chosen == "dequant":
-        # Every local expert, not only those with tokens: a DEQUANT bucket holds hundreds of rows per expert, where
-        # an expert without a token is (1 - K/E)**T unlikely, so counting used experts would cost a sync or a launch
-        # and save nothing; the grid depends on shapes alone (graph-safe).
+        # Every local expert, not only those with tokens: the shipped GPU DEQUANT bucket starts at 1024 rows per
+        # expert, where an expert without a token is (1 - K/E)**T unlikely, so counting used experts would cost a
+        # sync or a launch and save nothing; the grid depends on shapes alone (graph-safe).
         dt = x_TD.dtype
         take = (lambda name, shape: None) if workspace is None else (  # noqa: E731
             lambda name, shape: workspace.take(name, shape, dt, x_TD.device))
