@@ -223,3 +223,16 @@ def test_dummy_weights_are_refused_naming_the_format(dsv4_path):
 def test_what_v4_does_not_run_yet_is_refused_naming_it(dsv4_path, kw, match):
     with pytest.raises(ValueError, match=match):
         LLM(dsv4_path, **{**dict(dtype="float32", max_num_seqs=2, num_kv_blocks=16, block_size=8), **kw})
+
+
+@pytest.mark.slow
+def test_greedy_parity_with_yarn_on_the_compress_rope(tmp_path_factory):
+    """V4 as published scales its compress rope with YaRN (attention factor forced to 1): the compressed layers, their
+    compressors and indexer rotate with it, the sliding layer with the plain main rope."""
+    path = save_dsv4_checkpoint(tmp_path_factory.mktemp("dsv4_yarn"), seed=3, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32, beta_slow=1))
+    cfg = ModelConfig.from_pretrained(path, dtype="float64")
+    assert cfg.attention_for(1).rope.rope_type == "yarn" and cfg.attention_for(0).rope.rope_type == "default"
+    ps = prompts(VOCAB, seed=5, n=4, lo=1, hi=150)
+    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48, num_kv_blocks=128, block_size=8)
+    assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
