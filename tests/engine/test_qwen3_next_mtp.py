@@ -248,3 +248,34 @@ def test_dummy_weights_and_an_eagle3_refusal(checkpoints, tmp_path):
                                                                       "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="method='eagle3' is not supported for Qwen3NextForCausalLM"):
         args.create_engine_config()
+
+
+@pytest.mark.slow
+def test_mtp_drafting_reads_nothing_back_from_the_device(checkpoints, monkeypatch):
+    """The drafter's device work on a hybrid model (catch-up, accepted offsets, chain over the Qwen MTP module)
+    makes no device→host sync: counted on CPU by tests.helpers.host_syncs, with the CPU reference expert
+    kernel's own per-expert loop left out (as tests/engine/test_spec_decode_mtp.py counts DeepSeek's)."""
+    from moelink.engine.rank.mtp_drafter import MTPDrafter
+    from moelink.moe.layer import MoELayer
+
+    from tests.helpers.host_syncs import HostSyncCounter
+
+    draft = MTPDrafter.draft
+    with HostSyncCounter() as counter:
+        def counted(self, *args, **kwargs):
+            for m in self.layer.modules():
+                if isinstance(m, MoELayer) and not hasattr(m.expert_format, "_paused"):
+                    run = m.expert_format.run
+
+                    def paused(*a, _run=run, **k):
+                        with counter.paused():
+                            return _run(*a, **k)
+                    m.expert_format.run, m.expert_format._paused = paused, True
+            with counter.counting():
+                return draft(self, *args, **kwargs)
+
+        monkeypatch.setattr(MTPDrafter, "draft", counted)
+        llm = LLM(checkpoints["bigram"], speculative_config={"method": "mtp", "num_speculative_tokens": 3}, **_kw())
+        engine_greedy(llm, prompts(VOCAB, seed=2, n=3, lo=2, hi=30), max_new=8)
+    assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+    assert counter.count == 0, counter.where
