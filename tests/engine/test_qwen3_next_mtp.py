@@ -57,51 +57,59 @@ def _tensors(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _reference(path: str, ids, hidden):
-    """Per sequence: the oracle's output rows [n, D] and logits [n, V] (module docstring)."""
-    from transformers.models.qwen3_next.modeling_qwen3_next import (Qwen3NextDecoderLayer, Qwen3NextRMSNorm,
-                                                                     Qwen3NextRotaryEmbedding)
+class _Reference:
+    """The MTP module composed of transformers' own Qwen3-Next classes holding the checkpoint's mtp.* tensors
+    (module docstring), float64."""
 
-    t = _tensors(path)
-    cfg = hf_config("qwen3_next")
-    cfg._attn_implementation = "sdpa"  # float64 scores and softmax, as moelink's attention
-    # vLLM builds the MTP layer as a full-attention layer at index 0 (its MLP kind is layer 0's).
-    cfg.layer_types = ["full_attention"] + list(cfg.layer_types[1:])
-    layer = Qwen3NextDecoderLayer(cfg, 0).to(torch.float64)
-    p, E = "mtp.layers.0.", cfg.num_experts
-    state = {}
-    for key in layer.state_dict():
-        if key == "mlp.experts.gate_up_proj":
-            state[key] = torch.stack([torch.cat([t[f"{p}mlp.experts.{e}.gate_proj.weight"],
-                                                 t[f"{p}mlp.experts.{e}.up_proj.weight"]]) for e in range(E)])
-        elif key == "mlp.experts.down_proj":
-            state[key] = torch.stack([t[f"{p}mlp.experts.{e}.down_proj.weight"] for e in range(E)])
-        else:
-            state[key] = t[p + key]
-    layer.load_state_dict(state, strict=True)  # every tensor of transformers' layer from the checkpoint
-    layer.eval()
+    def __init__(self, path: str):
+        from transformers.models.qwen3_next.modeling_qwen3_next import (Qwen3NextDecoderLayer, Qwen3NextRMSNorm,
+                                                                         Qwen3NextRotaryEmbedding)
 
-    def norm(name: str):
-        n = Qwen3NextRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps).to(torch.float64)
-        n.weight.data.copy_(t[name])
-        return n
+        self.t = t = _tensors(path)
+        cfg = hf_config("qwen3_next")
+        cfg._attn_implementation = "sdpa"  # float64 scores and softmax, as moelink's attention
+        # vLLM builds the MTP layer as a full-attention layer at index 0 (its MLP kind is layer 0's).
+        cfg.layer_types = ["full_attention"] + list(cfg.layer_types[1:])
+        self.layer = Qwen3NextDecoderLayer(cfg, 0).to(torch.float64)
+        p, E = "mtp.layers.0.", cfg.num_experts
+        state = {}
+        for key in self.layer.state_dict():
+            if key == "mlp.experts.gate_up_proj":
+                state[key] = torch.stack([torch.cat([t[f"{p}mlp.experts.{e}.gate_proj.weight"],
+                                                     t[f"{p}mlp.experts.{e}.up_proj.weight"]]) for e in range(E)])
+            elif key == "mlp.experts.down_proj":
+                state[key] = torch.stack([t[f"{p}mlp.experts.{e}.down_proj.weight"] for e in range(E)])
+            else:
+                state[key] = t[p + key]
+        self.layer.load_state_dict(state, strict=True)  # every tensor of transformers' layer from the checkpoint
+        self.layer.eval()
 
-    norm_e, norm_h, norm_out = norm("mtp.pre_fc_norm_embedding.weight"), norm("mtp.pre_fc_norm_hidden.weight"), \
-        norm("mtp.norm.weight")
-    rope = Qwen3NextRotaryEmbedding(cfg).to(torch.float64)
-    embed, head = t["model.embed_tokens.weight"], t["lm_head.weight"]
-    outs, logits = [], []
-    with torch.no_grad():
+        def norm(name: str):
+            n = Qwen3NextRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps).to(torch.float64)
+            n.weight.data.copy_(t[name])
+            return n
+
+        self.norm_e, self.norm_h, self.norm_out = (norm("mtp.pre_fc_norm_embedding.weight"),
+                                                   norm("mtp.pre_fc_norm_hidden.weight"), norm("mtp.norm.weight"))
+        self.rope = Qwen3NextRotaryEmbedding(cfg).to(torch.float64)
+        self.embed, self.head = t["model.embed_tokens.weight"], t["lm_head.weight"]
+
+    @torch.no_grad()
+    def __call__(self, ids, hidden):
+        """Per sequence (token ids [n], conditioning states [n, D], positions from 0): output rows [n, D], logits
+        [n, V]."""
+        outs, logits = [], []
         for ids_n, h_nD in zip(ids, hidden):
-            x = F.linear(torch.cat([norm_e(embed[ids_n]), norm_h(h_nD)], dim=-1), t["mtp.fc.weight"])[None]
+            x = F.linear(torch.cat([self.norm_e(self.embed[ids_n]), self.norm_h(h_nD)], dim=-1),
+                         self.t["mtp.fc.weight"])[None]
             n = x.shape[1]
             pos = torch.arange(n)[None]
             mask = torch.full((n, n), torch.finfo(torch.float64).min, dtype=torch.float64).triu(1)[None, None]
-            y = layer(x, position_embeddings=rope(x, pos), attention_mask=mask, position_ids=pos)
-            out = norm_out((y[0] if isinstance(y, tuple) else y)[0])
+            y = self.layer(x, position_embeddings=self.rope(x, pos), attention_mask=mask, position_ids=pos)
+            out = self.norm_out((y[0] if isinstance(y, tuple) else y)[0])
             outs.append(out)
-            logits.append(F.linear(out, head))
-    return outs, logits
+            logits.append(F.linear(out, self.head))
+        return outs, logits
 
 
 def test_mtp_module_matches_transformers_layers_in_float64(checkpoints):
@@ -126,7 +134,7 @@ def test_mtp_module_matches_transformers_layers_in_float64(checkpoints):
     g = torch.Generator().manual_seed(5)
     ids = [torch.randint(0, VOCAB, (a + n,), generator=g) for a, n in SEQS]
     hidden = [torch.randn(a + n, cfg.hidden_size, generator=g, dtype=torch.float64) for a, n in SEQS]
-    want_out, want_logits = _reference(path, ids, hidden)
+    want_out, want_logits = _Reference(path)(ids, hidden)
 
     tables, num_blocks = [[0, 5, 2], [4, 1]], 6  # out of order: slots come from the tables
     caches = [() for _ in range(L)] + [tuple(torch.zeros(s, dtype=torch.float64)
@@ -279,3 +287,46 @@ def test_mtp_drafting_reads_nothing_back_from_the_device(checkpoints, monkeypatc
         engine_greedy(llm, prompts(VOCAB, seed=2, n=3, lo=2, hi=30), max_new=8)
     assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
     assert counter.count == 0, counter.where
+
+
+@pytest.mark.slow
+def test_mtp_drafts_equal_transformers_states_chained_through_the_reference(checkpoints, monkeypatch):
+    """Every draft the engine proposed (random MTP module, k = 3: drafts depend on every part of it, its KV cache
+    and the chain included; chunked prefill, preemption) equals an independent recomputation: transformers' own
+    Qwen3-Next gives the final-normed hidden states of the sequence, the transformers-composed MTP reference runs
+    over the whole of it from scratch, then chains as the drafter does (its own output row and its last draft, one
+    position on)."""
+    from transformers import AutoModelForCausalLM
+
+    from moelink.engine.rank.step_handle import StepHandle
+
+    path, k = checkpoints["random"], 3
+    seen: list[tuple[list[int], list[int]]] = []
+    collect = StepHandle._draft
+
+    def spy(self, out, drafts_RK):
+        collect(self, out, drafts_RK)
+        seen.extend((list(st.all_token_ids), out.draft_token_ids[st.req_id]) for st in self.states
+                    if st.req_id in out.draft_token_ids)
+
+    monkeypatch.setattr(StepHandle, "_draft", spy)
+    ps = prompts(VOCAB, seed=17, n=4, lo=2, hi=40)
+    llm = LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": k}, **_kw())
+    engine_greedy(llm, ps, max_new=8)
+    assert len(seen) > 20
+    main = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+    ref = _Reference(path)
+    wrong = []
+    for tokens, drafts in seen:
+        m = len(tokens) - 1  # x_m was just emitted: rows t = 0 .. m-1 read (h_t, x_{t+1})
+        with torch.no_grad():
+            h = main(torch.tensor([tokens[:m]]), output_hidden_states=True).hidden_states[-1][0]
+        rows_h, rows_tok, want = h, torch.tensor(tokens[1:]), []
+        for _ in range(k):
+            (out,), (logits,) = ref([rows_tok], [rows_h])
+            d = int(logits[-1].argmax())
+            want.append(d)
+            rows_h, rows_tok = torch.cat([rows_h, out[-1:]]), torch.cat([rows_tok, torch.tensor([d])])
+        if drafts != want:
+            wrong.append((len(tokens), drafts, want))
+    assert not wrong, f"{len(wrong)} of {len(seen)} drafts differ, e.g. {wrong[:3]}"
