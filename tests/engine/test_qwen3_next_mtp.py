@@ -6,6 +6,8 @@ Oracles:
   checkpoint's `mtp.*` tensors, over whole sequences with a causal mask (transformers runs no MTP module itself):
       out = norm(layer(fc([pre_fc_norm_embedding(emb(tok_{t+1})) | pre_fc_norm_hidden(h_t)])));  logits = head(out)
   The engine's layer runs the same rows as two steps (prefixes, then the rest over its KV cache).
+- Every draft the engine proposes equals transformers' final-normed hidden states chained through that reference
+  (the drafter's conditioning, positions and chain).
 - Greedy tokens with MTP drafts equal transformers' greedy tokens (float64, chunked prefill, several sequences per
   step, preemption, then the same prompts again as prefix-cache hits): a verify step's rejected drafts roll the
   linear-attention states back (GatedDeltaNet.replay_states), so any drift would show as a different token.
