@@ -4,7 +4,7 @@ shapes (128 MLA heads, latent 512 + rope 64; 64 index heads of 128; top-2048; ma
 MLA heads, 32 index heads): decode batches (scored max_model_len wide, as a decode graph captures them; sparse MLA
 unsplit and split 4 ways; the top-k on its split path, P programs per row and the merge, P = 4 at batch 64 and 8 at
 batch 4), a mixed batch of decodes and a 97-token chunk over a 4096-token context (the one-program top-k), bf16 and
-fp8 caches (fp8 index keys: uint8 rows of e4m3 keys and float32 scales)."""
+fp8 caches (fp8 index keys: uint8 rows of e4m3 keys and float32 scales, and their write)."""
 from __future__ import annotations
 
 import torch
@@ -18,6 +18,7 @@ MAX_LEN = 163840
 def compile_dsa(rec: Recorder, quick: bool) -> None:
     from moelink.kernels.attention import AttentionMetadata
     from moelink.kernels.dsa import fp8_key_row_bytes
+    from moelink.kernels.triton_dsa_keys import triton_write_fp8_index_keys
     from moelink.kernels.triton_dsa_topk import triton_dsa_topk
     from moelink.kernels.triton_mla_sparse import triton_sparse_mla_attention
 
@@ -37,6 +38,10 @@ def compile_dsa(rec: Recorder, quick: bool) -> None:
                 S, T = len(q_lens), sum(q_lens)
                 m = AttentionMetadata(i32(S + 1), i32(S), i32(S, 10300), torch.empty(T, dtype=torch.long, **meta), q_lens,
                                       [4096] * S, max(q_lens), 4096, 999)
+                if cache_dt == torch.float8_e4m3fn:
+                    with rec.labelled(f"{name} fp8 index key write (per-128 scales), {label}"):
+                        triton_write_fp8_index_keys(torch.empty(T, D, dtype=dt, **meta), index_cache,
+                                                    torch.empty(T, dtype=torch.long, **meta))
                 with rec.labelled(f"{name} indexer scores + top-{K}, {label}, {str(cache_dt)[6:]} keys"):
                     triton_dsa_topk(torch.empty(T, H, D, dtype=dt, **meta), torch.empty(T, H, **meta), index_cache, m, K,
                                     D**-0.5, MAX_LEN)

@@ -10,7 +10,7 @@ slot `block_table[p // L] * L + p % L`, in one of two layouts (engine/config/spa
 - float, index_cache_BLD [B + 1, L, D] in a float dtype (written like a latent row, `write_latent`; an e4m3 tensor of
   this shape is read as key / 1.0);
 - fp8 with scales, index_cache_BLX uint8 [B + 1, L, X], X = fp8_key_row_bytes(D): the key in e4m3 (D bytes, padded to
-  4), then one float32 scale per SCALE_GROUP (128) values, amax / 448 (`quantize_index_keys`, `write_fp8_index_keys`).
+  4), then one float32 scale per SCALE_GROUP (128) values, amax / 448 (`quantize_index_keys`, `reference_write_fp8_index_keys`; Triton: triton_dsa_keys.py).
   A key group g reads as e4m3 * scale[g]; the scores apply the scale to each group's dot product, as the kernel does:
       q . k = sum_g scale[g] * (q[group g] . k_e4m3[group g])
 
@@ -93,15 +93,23 @@ def quantize_index_keys(k_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q_TGS.view(T, G * SCALE_GROUP)[:, :D].to(FP8_KEY_DTYPE), scale_TG
 
 
-def write_fp8_index_keys(k_TD: torch.Tensor, index_cache_BLX: torch.Tensor, slot_mapping_T: torch.Tensor) -> None:
+def check_fp8_index_write(k_TD: torch.Tensor, index_cache_BLX: torch.Tensor) -> None:
+    """The checks shared by the fp8 key writes (reference and Triton)."""
+    X = fp8_key_row_bytes(k_TD.shape[1]) if k_TD.dim() == 2 else None
+    if (X is None or not is_fp8_index_cache(index_cache_BLX) or index_cache_BLX.dim() != 3
+            or index_cache_BLX.shape[2] != X or not index_cache_BLX.is_contiguous()):
+        raise ValueError(f"k_TD {tuple(k_TD.shape)} and index_cache_BLX {tuple(index_cache_BLX.shape)} "
+                         f"{index_cache_BLX.dtype} are invalid: must be [T, D] keys and a contiguous uint8 [blocks, "
+                         f"block_size, fp8_key_row_bytes(D)] cache (fp8 keys and their scales).")
+
+
+def reference_write_fp8_index_keys(k_TD: torch.Tensor, index_cache_BLX: torch.Tensor, slot_mapping_T: torch.Tensor) -> None:
     """Quantize this step's keys (quantize_index_keys) and scatter their rows into an fp8 key cache (in place). Plain
     torch on every device (a few elementwise launches over T x D values); slots < 0 are padding tokens, whose rows
     write zeros into the null block (the last), as write_latent does. No host sync."""
+    check_fp8_index_write(k_TD, index_cache_BLX)
     T, D = k_TD.shape
     X = fp8_key_row_bytes(D)
-    if not is_fp8_index_cache(index_cache_BLX) or index_cache_BLX.shape[2] != X:
-        raise ValueError(f"index_cache_BLX {tuple(index_cache_BLX.shape)} {index_cache_BLX.dtype} is invalid: must be "
-                         f"uint8 [blocks, block_size, {X}] (fp8 keys of {D} values and their scales).")
     k8_TD, scale_TG = quantize_index_keys(k_TD)
     row_TX = torch.zeros(T, X, dtype=torch.uint8, device=k_TD.device)
     row_TX[:, :D] = k8_TD.view(torch.uint8)
@@ -228,5 +236,6 @@ def reference_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.T
 
 
 __all__ = ["FP8_KEY_DTYPE", "SCALE_GROUP", "causal_lens", "check_index_inputs", "fp8_index_views", "fp8_key_groups",
-           "fp8_key_row_bytes", "is_fp8_index_cache", "quantize_index_keys", "reference_dsa_index_scores",
-           "reference_dsa_topk", "reference_sparse_mla_attention", "reference_topk_positions", "write_fp8_index_keys"]
+           "fp8_key_row_bytes", "check_fp8_index_write", "is_fp8_index_cache", "quantize_index_keys", "reference_dsa_index_scores",
+           "reference_dsa_topk", "reference_sparse_mla_attention", "reference_topk_positions",
+           "reference_write_fp8_index_keys"]

@@ -18,7 +18,7 @@ import torch
 
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
 from .causal_conv1d import reference_causal_conv1d, reference_causal_conv1d_update, reference_replay_conv_state
-from .dsa import reference_dsa_topk, reference_sparse_mla_attention
+from .dsa import reference_dsa_topk, reference_sparse_mla_attention, reference_write_fp8_index_keys
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .int4 import reference_fused_moe_int4
 from .gated_delta import (reference_commit_states, reference_gated_delta_rule, reference_gated_delta_rule_decode,
@@ -50,8 +50,10 @@ class Kernels(Protocol):
     write_latent: Callable
     mla_rope_write_latent: Callable
     mla_attention: Callable
-    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): the indexer's top-k positions, MLA over them (kernels/dsa.py).
+    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): the indexer's top-k positions, MLA over them (kernels/dsa.py);
+    # its keys into an fp8 key cache (e4m3 with a float32 scale per 128 values).
     dsa_topk: Callable
+    write_fp8_index_keys: Callable
     sparse_mla_attention: Callable
     route_topk: Callable
     silu_mul: Callable
@@ -78,6 +80,7 @@ REFERENCES: dict[str, Callable] = dict(
     write_kv=reference_write_kv, rope_write_kv=reference_rope_write_kv, paged_attention=reference_paged_attention, write_latent=reference_write_latent,
     mla_rope_write_latent=reference_mla_rope_write_latent,
     mla_attention=reference_mla_attention, dsa_topk=reference_dsa_topk,
+    write_fp8_index_keys=reference_write_fp8_index_keys,
     sparse_mla_attention=reference_sparse_mla_attention, route_topk=reference_route_topk, silu_mul=reference_silu_mul,
     fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
@@ -104,6 +107,7 @@ class ReferenceKernels:
     mla_rope_write_latent = staticmethod(reference_mla_rope_write_latent)
     mla_attention = staticmethod(reference_mla_attention)
     dsa_topk = staticmethod(reference_dsa_topk)
+    write_fp8_index_keys = staticmethod(reference_write_fp8_index_keys)
     sparse_mla_attention = staticmethod(reference_sparse_mla_attention)
     route_topk = staticmethod(reference_route_topk)
     silu_mul = staticmethod(reference_silu_mul)
@@ -157,10 +161,12 @@ class TritonKernels:
         self.write_latent = triton_write_latent
         self.mla_rope_write_latent = triton_mla_rope_write_latent  # latent norm + rotary + latent write: one launch
         self.mla_attention = triton_mla_attention
+        from .triton_dsa_keys import triton_write_fp8_index_keys
         from .triton_dsa_topk import triton_dsa_topk
         from .triton_mla_sparse import triton_sparse_mla_attention
 
-        self.dsa_topk = triton_dsa_topk  # the indexer's scores and top-k per query: two launches
+        self.dsa_topk = triton_dsa_topk  # the indexer's scores and top-k per query: two launches (three when split)
+        self.write_fp8_index_keys = triton_write_fp8_index_keys  # quantize + scatter: one launch
         self.sparse_mla_attention = triton_sparse_mla_attention  # MLA over the selected rows only
         self.route_topk = triton_route_topk  # scores, top-k, padding mask, expert-load count: one launch
         self.silu_mul = triton_silu_mul  # dense MLPs' and shared experts' SiLU(gate)·up: one launch

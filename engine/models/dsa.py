@@ -21,7 +21,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from moelink.kernels.attention import AttentionMetadata
-from moelink.kernels.dsa import is_fp8_index_cache, write_fp8_index_keys
+from moelink.kernels.dsa import is_fp8_index_cache
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.sparse_attention import IndexerConfig
@@ -68,7 +68,7 @@ class LightningIndexer(nn.Module):
             q_THI, k_T1I = self.rope(q_THI, k_TI[:, None, :], positions_T)
         k_TI = k_T1I[:, 0]
         if is_fp8_index_cache(index_cache_BLI):  # e4m3 keys and their per-128 scales (kernels/dsa.py's layout)
-            write_fp8_index_keys(k_TI, index_cache_BLI, meta.slot_mapping_T)
+            self.kernels.write_fp8_index_keys(k_TI, index_cache_BLI, meta.slot_mapping_T)
         else:  # one row per token, as a latent row is written (any split of the row: the op writes [first | second])
             half = c.head_dim // 2
             self.kernels.write_latent(k_TI[:, :half], k_TI[:, half:], index_cache_BLI, meta.slot_mapping_T)

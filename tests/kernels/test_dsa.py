@@ -14,7 +14,7 @@ from moelink.kernels import dsa
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.dsa import (causal_lens, fp8_key_row_bytes, quantize_index_keys, reference_dsa_index_scores,
                                  reference_dsa_topk, reference_sparse_mla_attention, reference_topk_positions,
-                                 write_fp8_index_keys)
+                                 reference_write_fp8_index_keys)
 from moelink.kernels.mla import reference_mla_attention
 
 CTX_Q = [(37, 1), (29, 7), (9, 9), (1, 1), (20, 1)]  # (context after the step, query tokens)
@@ -242,7 +242,7 @@ def test_triton_decode_path_reads_nothing_back_from_the_device(gen, kdev, monkey
 # -- fp8 index keys with per-128 scales --------------------------------------------------------------------------------
 def _fp8_index_cache(gen, meta, D, device):
     """An fp8 key cache (uint8 rows [e4m3 key | pad | float32 scales]) of random LayerNorm'd keys at every written
-    position, written by write_fp8_index_keys; the float keys [B + 1, L, D] too (NaN where unwritten)."""
+    position, written by reference_write_fp8_index_keys; the float keys [B + 1, L, D] too (NaN where unwritten)."""
     keys = _cache(gen, meta, D, torch.float32, "cpu")
     keys = torch.nn.functional.layer_norm(keys, (D,)) * 2.0
     keys[meta.null_block] = 0.0
@@ -250,7 +250,7 @@ def _fp8_index_cache(gen, meta, D, device):
     written = ~keys.view(-1, D).isnan().any(1)
     cache = torch.zeros(B1, L, fp8_key_row_bytes(D), dtype=torch.uint8)
     slots = torch.arange(B1 * L)
-    write_fp8_index_keys(keys.view(-1, D)[written], cache, slots[written])
+    reference_write_fp8_index_keys(keys.view(-1, D)[written], cache, slots[written])
     return cache.to(device), keys
 
 
@@ -280,7 +280,7 @@ def test_fp8_keys_round_trip_within_e4m3_and_rows_are_bytes_as_documented(gen):
         assert ((back - part).abs() <= part.abs() * 2**-4 + amax[:, None] * 2**-10 + 1e-30).all()
     assert (s[4] == 0).all() and (k8[4].float() == 0).all()  # an all-zero key: scale 0, no NaN
     cache = torch.full((3, 2, fp8_key_row_bytes(D)), 7, dtype=torch.uint8)
-    write_fp8_index_keys(k[:2], cache, torch.tensor([3, -1]))
+    reference_write_fp8_index_keys(k[:2], cache, torch.tensor([3, -1]))
     row = cache.view(-1, cache.shape[2])[3]
     assert torch.equal(row[:D], k8[0].view(torch.uint8)) and (row[D:132] == 0).all()
     assert torch.equal(row[132:].view(torch.float32), s[0])
@@ -380,3 +380,22 @@ def test_split_programs_follow_the_context_and_the_batch():
     assert split_programs(32768, 2048, 1, 132) == 4
     assert split_programs(163840, 2048, 64, 132) == 4  # 2 x 132 SMs / 64 rows
     assert split_programs(163840, 2048, 256, 132) == 1
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 12), (torch.bfloat16, 16), (torch.float32, 160)],
+                         ids=["fp32-D12-pad", "bf16-D16", "fp32-D160-2groups"])
+def test_triton_fp8_key_write_equals_reference_bytes(gen, kdev, dtype, D):
+    """The Triton write's rows equal the reference's byte for byte (key, pad, scales), padding tokens into the null
+    block, other rows untouched; keys at scales from 1e-3 to 300 and an all-zero one."""
+    from moelink.kernels.triton_dsa_keys import triton_write_fp8_index_keys
+
+    T = 7
+    k = (torch.randn(T, D, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 300.0, 0.0, 2.0, 5.0])[:, None]).to(dtype)
+    slots = torch.tensor([5, 0, -1, 11, 2, -1, 8])
+    X = fp8_key_row_bytes(D)
+    want = torch.full((4, 3, X), 7, dtype=torch.uint8)
+    reference_write_fp8_index_keys(k, want, slots)
+    got = torch.full((4, 3, X), 7, dtype=torch.uint8, device=kdev)
+    triton_write_fp8_index_keys(k.to(kdev), got, slots.to(kdev))
+    assert torch.equal(got.cpu(), want)
+    assert (want.view(-1, X)[[1, 3, 4, 6, 7, 10]] == 7).all()  # rows no token wrote
