@@ -267,4 +267,5 @@ def start_transfers(connector: "WorkerKVConnector | None", transfers, blocks: "P
         (connector.start_save if saves else connector.start_load)(t, blocks)
 
 
-__all__ = ["FULL", "SLIDING", "STATE", "PagedKVBlocks", "PendingRead", "SavedKV", "WorkerKVConnector", "layout_difference", "start_transfers"]
+__all__ = ["FULL", "SLIDING", "STATE", "PagedKVBlocks", "PendingRead", "SavedKV", "WorkerKVConnector",
+           "layout_difference", "start_transfers"]

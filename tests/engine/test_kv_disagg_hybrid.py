@@ -42,8 +42,8 @@ def case(hf_tiny_model):
 
 def _decode_params(outs) -> list[SamplingParams]:
     """Each prefill output's kv_transfer_params (None for a one-token prompt: nothing saved, computed there)."""
-    return [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, kv_transfer_params=o.kv_transfer_params)
-            for o in outs]
+    return [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                           kv_transfer_params=o.kv_transfer_params) for o in outs]
 
 
 def _all_free(llm) -> None:
