@@ -201,6 +201,7 @@ def _meta_to(meta: AttentionMetadata, device) -> AttentionMetadata:
 def test_triton_decode_path_reads_nothing_back_from_the_device(gen, kdev, monkeypatch):
     """A decode step's selection and sparse MLA (what a decode graph captures) make no device→host sync: counted on
     CPU by tests.helpers.host_syncs around the wrappers, the interpreter's own launches left out."""
+    from moelink.kernels import triton_dsa_keys as keys_mod
     from moelink.kernels import triton_dsa_topk as topk_mod
     from moelink.kernels import triton_mla_sparse as sparse_mod
 
@@ -211,6 +212,7 @@ def test_triton_decode_path_reads_nothing_back_from_the_device(gen, kdev, monkey
     graph_meta = AttentionMetadata(meta.query_start_loc_S1, meta.seq_lens_S, meta.block_tables_SM, meta.slot_mapping_T,
                                    [1] * 3, [1] * 3, 1, 1, meta.null_block)  # a decode graph's placeholder lengths
     index = _cache(gen, meta, 16, torch.bfloat16, kdev)
+    index8 = _fp8_index_cache(gen, meta, 16, "cpu")[0].to(kdev)
     latent = _cache(gen, meta, 48, torch.bfloat16, kdev)
     q = torch.randn(3, 16, 16, generator=gen).to(torch.bfloat16).to(kdev)
     w = torch.randn(3, 16, generator=gen).to(kdev)
@@ -230,9 +232,14 @@ def test_triton_decode_path_reads_nothing_back_from_the_device(gen, kdev, monkey
                 return run
 
         for mod, name in ((topk_mod, "_index_scores_kernel"), (topk_mod, "_topk_kernel"),
+                          (topk_mod, "_partial_topk_kernel"), (topk_mod, "_merge_topk_kernel"),
+                          (keys_mod, "_write_fp8_keys_kernel"),
                           (sparse_mod, "_sparse_mla_kernel"), (sparse_mod, "_mla_merge_kernel")):
             monkeypatch.setattr(mod, name, Paused(getattr(mod, name)))
         with counter.counting():
+            # fp8 keys: this step's written (a padding slot too), then selected on the split path
+            keys_mod.triton_write_fp8_index_keys(q[:, 0], index8, graph_meta.slot_mapping_T)
+            topk_mod.triton_dsa_topk(q, w, index8, graph_meta, 8, 0.25, max_len=48, num_splits=3)
             sel = topk_mod.triton_dsa_topk(q, w, index, graph_meta, 8, 0.25, max_len=48)
             for splits in (None, 3):
                 sparse_mod.triton_sparse_mla_attention(q_lat, q_pe, latent, graph_meta, sel, 0.2, num_splits=splits)
