@@ -116,6 +116,8 @@ class DSV4Attention(nn.Module):
         self.wo_a_GOd = param(G * O, N * H // G, dtype=dtype, device=device)
         self.wo_b_DGO = param(hidden, G * O, dtype=dtype, device=device)
         self.sinks_N = param(N, dtype=torch.float32, device=device)
+        # A layer's ctx.kv_caches entry: its paged tensors (cache_shapes), then its state pools (state_shapes).
+        self.num_paged = len(cfg.cache_shapes(1, cfg.compress_rate or 1))
         self.compressor = self.indexer = None
         if cfg.compress_rate:
             self.compressor = Compressor(hidden, H, cfg.compress_rate, cfg.layer_kind == "csa", cfg.rms_norm_eps,
@@ -135,8 +137,7 @@ class DSV4Attention(nn.Module):
         kv_TH = reference_rms_norm_f32(F.linear(h_TD, self.wkv_HD), self.kv_norm_H, eps)
         kv_TH = self.rope.rotate(kv_TH[:, None, :], positions_T)[:, 0, :]
         caches = ctx.kv_caches[self.layer_idx]
-        n_paged = len(cfg.cache_shapes(1, cfg.compress_rate or 1))
-        paged, state = caches[:n_paged], caches[n_paged:]
+        paged, state = caches[:self.num_paged], caches[self.num_paged:]
         rows = idx = None
         if self.compressor is not None:
             rows = self.compressor.rows(h_TD, positions_T)
