@@ -2,10 +2,14 @@
 parallel, so each rank keeps its own sequences' compressed entries and window / compressor states; the hash-routed
 layers dispatch by the token ids each rank was given (no router GEMM picks their experts). Greedy outputs equal
 transformers' in float64 (prompts of 1-150 tokens past the compress boundaries and the indexer's top-k), every routed
-pair counted once, every block back."""
+pair counted once (the hash-routed layers' load equal to their table's, token by token), every block back."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from moelink.engine import LLM
 
@@ -28,9 +32,18 @@ def test_dsv4_ep2_matches_transformers(local_ray, dsv4_path, tbo):
     llm = LLM(path, expert_parallel_size=2, enable_two_batch_overlap=tbo, dtype="float64", max_num_seqs=4,
               max_num_batched_tokens=48, num_kv_blocks=128, block_size=8)
     try:
-        assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+        got = engine_greedy(llm, ps)
+        assert_same(got, hf_greedy(path, ps), ps)
         computed = sum(len(p) + MAX_NEW - 1 for p in ps)
-        assert llm.engine.moe_metrics.total_routed() == computed * 2 * 4  # top-2, 4 MoE layers (2 hash-routed)
+        load_LG = llm.engine.moe_metrics.tokens_per_expert
+        assert load_LG.sum() == computed * 2 * 4  # top-2, 4 MoE layers (2 hash-routed)
+        # the hash-routed layers' load, counted on both ranks, is their table's: tid2eid of every computed token
+        fed = torch.tensor([t for p, out in zip(ps, got) for t in p + out[:-1]])
+        tensors = load_file(next(Path(path).glob("*.safetensors")))
+        for layer in (0, 1):
+            table_VK = tensors[f"model.layers.{layer}.ffn.gate.tid2eid"]
+            want_G = torch.bincount(table_VK[fed].reshape(-1), minlength=load_LG.shape[1])
+            assert load_LG[layer].tolist() == want_G.tolist()
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
         llm.engine.shutdown()
