@@ -114,6 +114,8 @@ def resolve_index_cache(attention, layer_attention: tuple, dtype: torch.dtype, c
 
     def one(att):
         ix = getattr(att, "indexer", None)
-        return att if ix is None else dataclasses.replace(att, indexer=dataclasses.replace(ix, key_dtype=key_dtype))
+        if not isinstance(ix, IndexerConfig):  # no DSA indexer (another kind's field of that name is not this one)
+            return att
+        return dataclasses.replace(att, indexer=dataclasses.replace(ix, key_dtype=key_dtype))
 
     return one(attention), tuple(one(a) for a in layer_attention)
