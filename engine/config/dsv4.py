@@ -181,6 +181,15 @@ class HyperConnectionConfig:
             raise unsupported("hc_eps", self.eps, "a number > 0")
 
 
+def _int(hf, name: str) -> int:
+    """config.json's `name` as a positive integer, or one error naming it (a null or a string is refused here, not
+    left to fail later as a TypeError)."""
+    v = getattr(hf, name, None)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise unsupported(name, v, "a positive integer")
+    return v
+
+
 def _rope(hf, label: str, rotary_dim: int) -> RopeConfig:
     params = (getattr(hf, "rope_parameters", None) or {}).get(label) or {}
     rope_type = params.get("rope_type", "default")
@@ -230,14 +239,14 @@ def read_dsv4(arch: str, hf, c: dict, rope: dict) -> dict:
         kind = LAYER_KINDS[t]
         csa = kind == "csa"
         return DSV4AttentionConfig(
-            kind, c["num_heads"], head_dim, int(hf.q_lora_rank), int(hf.o_groups), int(hf.o_lora_rank),
-            int(hf.sliding_window), ropes["main" if kind == "sliding" else "compress"],
+            kind, c["num_heads"], head_dim, _int(hf, "q_lora_rank"), _int(hf, "o_groups"), _int(hf, "o_lora_rank"),
+            _int(hf, "sliding_window"), ropes["main" if kind == "sliding" else "compress"],
             compress_rate=int(rates.get(t, 0)) if kind != "sliding" else 0,
-            index_n_heads=int(hf.index_n_heads) if csa else 0, index_head_dim=int(hf.index_head_dim) if csa else 0,
-            index_topk=int(hf.index_topk) if csa else 0, rms_norm_eps=c["rms_norm_eps"])
+            index_n_heads=_int(hf, "index_n_heads") if csa else 0, index_head_dim=_int(hf, "index_head_dim") if csa else 0,
+            index_topk=_int(hf, "index_topk") if csa else 0, rms_norm_eps=c["rms_norm_eps"])
 
     layers = tuple(attention(t) for t in layer_types)
-    E = int(hf.n_routed_experts)
+    E = _int(hf, "n_routed_experts")
     router = RouterConfig(E, c["top_k"], scoring_func="sqrtsoftplus", topk_method="noaux_tc", norm_topk_prob=True,
                           routed_scaling_factor=float(getattr(hf, "routed_scaling_factor", 1.0) or 1.0))
     limit = float(hf.swiglu_limit)
@@ -247,8 +256,8 @@ def read_dsv4(arch: str, hf, c: dict, rope: dict) -> dict:
     if n_shared != 1:
         raise unsupported("n_shared_experts", n_shared, (1,), f" (transformers' {arch} has one shared MLP)")
     moe = MoEConfig(router, n_shared_experts=1, activation="silu_clamp", swiglu_limit=limit)
-    hc = HyperConnectionConfig(int(hf.hc_mult), int(hf.hc_sinkhorn_iters), float(hf.hc_eps))
-    return dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size), intermediate_size=0,
+    hc = HyperConnectionConfig(_int(hf, "hc_mult"), _int(hf, "hc_sinkhorn_iters"), float(hf.hc_eps))
+    return dict(num_experts=E, moe_intermediate_size=_int(hf, "moe_intermediate_size"), intermediate_size=0,
                 norm_topk_prob=True, sparse_layers=tuple(range(n)), moe=moe, attention=layers[0],
                 layer_attention=layers, hash_layers=tuple(i for i, t in enumerate(mlp_types) if t == "hash_moe"),
                 hyper_connections=hc)

@@ -53,6 +53,8 @@ def test_config_reads_layer_kinds_routing_and_cache_sizes(dsv4_path):
     ("layer_types", ["sliding_attention", "mamba", "sliding_attention", "sliding_attention"], "layer_types"),
     ("scoring_func", "softmax", "scoring_func='softmax'"),
     ("num_key_value_heads", 2, "num_key_value_heads=2"),
+    ("index_topk", 0, "index_topk=0 .*a positive integer"),
+    ("o_groups", 3, "o_groups=3 .*a divisor of num_attention_heads=4"),
 ])
 def test_an_unsupported_field_is_refused_naming_it(dsv4_path, tmp_path, field, value, match):
     shutil.copytree(dsv4_path, tmp_path / "m")
