@@ -18,6 +18,11 @@ The cache of a layer (engine/models/dsv4_attention.py computes it, engine/rank r
   indexed by position mod window) and the compressors' running rows (each recent token's projected kv and gate, a
   ring of `compress_rate` tokens, `2 * compress_rate` under CSA whose entry reads the previous window too; the
   indexer's compressor the same at index_head_dim), in float32 (`state_dtypes`).
+Why the window is state and not paged: paged, the raw KV of every token would stay (head_dim values per token and
+layer, as many as DeepSeek-V3's latent) unless the blocks leaving the window were freed, and the hybrid cache manager
+does not combine a sliding-window block table with its state slots (scheduler/hybrid_cache.py refuses one); a ring
+of W tokens costs what W tokens of paged KV cost, and its checkpoint at a block boundary keeps prefix hits exact.
+The compressor rows are state for the same reason: they are a partly filled window (and CSA's overlap).
 
 Legend: P state slots (the null slot included), B blocks (the null block included), L block size, H head_dim,
 I index_head_dim, W sliding window, m compress rate.
