@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import MoELayer, Stages, run_stages
-from .token_routers import HashRouter, SqrtSoftplusRouter, sqrtsoftplus  # noqa: F401 (the layer's strategies)
+from .token_routers import HashRouter, SqrtSoftplusRouter  # noqa: F401 (the layer's strategies)
 
 
 class TokenRoutedMoELayer(MoELayer):
