@@ -30,6 +30,7 @@ RUNNABLE_BLOCKS = {
     "docs/disaggregation.md": {"sh": 1},
     "docs/security.md": {"sh": 1},
     "docs/metrics.md": {"sh": 1},
+    "docs/vllm-compat.md": {"sh": 1},  # --port's help says it is gRPC
     "docs/expert-parallelism.md": {"sh": 1},
     "docs/planner.md": {"sh": 1},
     "docs/kernels.md": {"sh": 1},

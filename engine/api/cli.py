@@ -13,6 +13,7 @@ import logging
 import sys
 
 from .cli_args import add_engine_args, engine_args_from
+from .vllm_flags import add_refused_flags
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1, help="-1 disables (default: %(default)s)")
     gen.add_argument("--seed", type=int, default=None, help="per-request seed (default: none)")
     gen.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
+    add_refused_flags(gen)  # last: a flag moelink takes itself is never refused
     gen.set_defaults(func=_generate)
     # Modules of this package that add their own subcommands with `register_cli(subparsers)`.
     from . import plan_cli  # plan

@@ -9,6 +9,7 @@ from moelink.comm.backends import ALL_TO_ALL_NAMES
 
 from ..config.grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS,
                                      DEFAULT_MAX_GRAMMAR_CHARS, DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES)
+from .vllm_flags import add_vllm_engine_flags, apply_vllm_engine_flags, kv_cache_dtype_flag
 from ..config.timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
 
 
@@ -21,6 +22,17 @@ EP_FLAGS = ("--expert-parallel-size", "-ep", "--ep")
 def add_ep_flag(p: argparse.ArgumentParser, default: int, help: str, dest: str = "expert_parallel_size") -> None:
     """The expert-parallel size flag, spelled the same way by every subcommand that takes one."""
     p.add_argument(*EP_FLAGS, dest=dest, type=int, default=default, metavar="N", help=help)
+
+
+# vLLM's spelling of the tensor-parallel size, long and short.
+TP_FLAGS = ("--tensor-parallel-size", "-tp")
+
+
+def add_tp_flag(p: argparse.ArgumentParser, default: int = 1, dest: str = "tensor_parallel_size") -> None:
+    """The tensor-parallel size flag (docs/tensor-parallelism.md)."""
+    p.add_argument(*TP_FLAGS, dest=dest, type=int, default=default, metavar="N",
+                   help="ranks per tensor-parallel group (consecutive ranks of one node) that split attention, dense "
+                        "MLPs, embedding and LM head; the experts stay in EP over every rank (default %(default)d)")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -37,27 +49,34 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "from config.json alone (nothing else needed, no tokenizer: token-id prompts), to benchmark a "
                         "model without downloading it; outputs are meaningless")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or float64")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                   help="longest sequence (prompt + output) a request may have (default: the model's "
+                        "max_position_embeddings); a request past it is refused")
     p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
                    help="fp8: block-quantize a float checkpoint's weights at load (W8A8, 128x128 blocks); "
                         "default: run the checkpoint as published (FP8 checkpoints run FP8)")
     p.add_argument("--fp8-block-size", type=int, nargs=2, default=None, metavar=("BN", "BK"),
                    help="with --quantization fp8: the weight block (default 128 128)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+    p.add_argument("--kv-cache-dtype", default="auto", type=kv_cache_dtype_flag,
                    help="fp8 (= fp8_e4m3): the KV cache in one byte per value with a per-layer scale, twice the "
                         "tokens of a bf16 cache in the same memory; auto: the model's dtype")
     p.add_argument("--index-cache-dtype", default="auto", choices=["auto", "fp8", "model"],
                    help="DeepSeek Sparse Attention's indexer key cache: fp8 (e4m3 keys, a float32 scale per 128 "
                         "values), model (the model's dtype); auto: fp8 with --kv-cache-dtype fp8, else model")
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most sequences running at once on each rank (a step's decode batch; default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+                   help="fraction of each GPU's memory the engine may fill: weights, activations, then the KV cache "
+                        "takes what is left up to it (default %(default)s; ignored with --num-kv-blocks)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--device", default="auto")
-    add_ep_flag(p, default=1, help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1)")
+    add_ep_flag(p, default=1, help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1); with "
+                                   "-tp, the whole world (a multiple of -tp)")
+    add_tp_flag(p)
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
     p.add_argument("--all-to-all", default="auto", choices=ALL_TO_ALL_NAMES)
@@ -126,17 +145,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
                    help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
                         "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
+    add_vllm_engine_flags(p)
 
 
 def engine_args_from(ns: argparse.Namespace):
     from ..config.engine_args import EngineArgs
 
+    apply_vllm_engine_flags(ns)  # vLLM's spellings folded into moelink's fields first
     return EngineArgs(
         model=ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size, num_kv_blocks=ns.num_kv_blocks,
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
         enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
-        expert_parallel_size=ns.expert_parallel_size, ray_address=ns.ray_address, all_to_all=ns.all_to_all,
+        expert_parallel_size=ns.expert_parallel_size, tensor_parallel_size=ns.tensor_parallel_size,
+        ray_address=ns.ray_address, all_to_all=ns.all_to_all,
         num_redundant_experts=ns.num_redundant_experts, eplb_interval=ns.eplb_interval,
         eplb_staging_mb=ns.eplb_staging_mb,
         ep_nvlink_domain_size=ns.ep_nvlink_domain_size,
@@ -151,4 +173,5 @@ def engine_args_from(ns: argparse.Namespace):
         skip_warmup=ns.skip_warmup, speculative_config=ns.speculative_config, client_fairness=ns.client_fairness,
         grammar_compile_timeout=ns.grammar_compile_timeout, max_grammar_chars=ns.max_grammar_chars,
         max_queued_grammar_compiles=ns.max_queued_grammar_compiles, grammar_compile_workers=ns.grammar_compile_workers,
+        seed=getattr(ns, "engine_seed", None),  # serve's --seed (generate's --seed is per request)
     )

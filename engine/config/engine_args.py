@@ -22,6 +22,8 @@ from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
 from .speculative import SpeculativeConfig
+from .architectures import REGISTRY
+from .tensor_parallel import check_tensor_parallel
 from .worker_config import LOAD_FORMATS, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ class EngineConfig:
     speculative: Optional[SpeculativeConfig] = None
     # Bounds on structured-output grammar compiles (engine/config/grammar_config.py).
     grammar: GrammarConfig = GrammarConfig()
+    # Seeds requests that carry none (EngineArgs.seed); None: they sample from the ranks' generators.
+    seed: Optional[int] = None
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -59,7 +63,8 @@ class EngineConfig:
             two_batch_overlap=self.parallel.enable_two_batch_overlap and self.parallel.world_size > 1,
             async_scheduling=self.scheduler.async_scheduling, load_format=self.load_format,
             kv_connector=self.kv_connector, speculative=self.speculative,
-            num_state_slots=self.cache.num_state_slots, num_state_checkpoints=self.cache.num_state_checkpoints)
+            num_state_slots=self.cache.num_state_slots, num_state_checkpoints=self.cache.num_state_checkpoints,
+            tensor_parallel_size=self.parallel.tensor_parallel_size)
 
 
 @dataclass
@@ -85,6 +90,8 @@ class EngineArgs:
     kernels: str = "auto"
     load_progress: bool = False
     expert_parallel_size: int = 1
+    # Ranks per tensor-parallel group (vLLM's --tensor-parallel-size / -tp; ParallelConfig.tensor_parallel_size).
+    tensor_parallel_size: int = 1
     executor: str = "auto"
     ray_address: Optional[str] = None
     all_to_all: str = "auto"
@@ -145,7 +152,7 @@ class EngineArgs:
     skip_warmup: bool = False
     # A KV connector (engine/contract/kv_connector.py's `KVConnectorFactory`): each rank's scheduler loads a
     # request's prompt KV through it instead of computing it, and saves the prompt KV it computes. An object, not a
-    # command-line flag: the in-host reference is engine/cluster/kv_inhost.py. None: no connector.
+    # command-line flag: the in-host reference is engine/kv_transfer/inhost.py. None: no connector.
     kv_connector: Optional[object] = None
     # Speculative decoding, as vLLM's --speculative-config: JSON text, a dict or a SpeculativeConfig
     # (engine/config/speculative.py), e.g. '{"method": "ngram", "num_speculative_tokens": 3}'. None: off. It runs
@@ -164,10 +171,16 @@ class EngineArgs:
     grammar_compile_workers: int = DEFAULT_GRAMMAR_COMPILE_WORKERS
     # Start the compile processes with the engine rather than at the first grammar (`moelink serve` does).
     grammar_prestart: bool = False
+    # vLLM's --seed: a request without a seed of its own samples with one drawn from this seed and its arrival
+    # order (engine/core/llm_engine.py), so the same requests in the same order sample the same tokens. None: off.
+    seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
             raise ValueError(f"{field}={getattr(self, field)!r} is invalid: {allowed}.")
+
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            bad("seed", "must be an integer or None")
 
         for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_num_batched_tokens", "max_model_len"):
             v = getattr(self, name)
@@ -232,7 +245,8 @@ class EngineArgs:
                               heartbeat_timeout_s=self.heartbeat_timeout, ep_decode_capacity=self.ep_decode_capacity,
                               ep_nvlink_domain_size=self.ep_nvlink_domain_size, ep_node_ids=self.ep_node_ids,
                               enable_two_batch_overlap=self.enable_two_batch_overlap, elastic_ep=self.elastic_ep,
-                              ep_rejoin=self.ep_rejoin, ep_rejoin_delay_s=self.ep_rejoin_delay_s)
+                              ep_rejoin=self.ep_rejoin, ep_rejoin_delay_s=self.ep_rejoin_delay_s,
+                              tensor_parallel_size=self.tensor_parallel_size)
 
     def model_path(self) -> str:
         """The local directory of `model`: itself, or a repo id's snapshot from the Hugging Face cache
@@ -257,9 +271,12 @@ class EngineArgs:
             spec.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture)
             # An EAGLE-3 head's directory, fetched and checked against this model before anything is sized.
             spec = spec.resolve_draft_model(model_cfg, self.download_dir, weights=self.load_format != "dummy")
-        if parallel.expert_parallel_size > model_cfg.num_experts + parallel.num_redundant_experts:
+        check_tensor_parallel(model_cfg, parallel.tensor_parallel_size, getattr(getattr(REGISTRY.get(model_cfg.architecture), 'spec', None), 'attention', ''))
+        if parallel.tensor_parallel_size > 1:
+            self._check_tp_features(parallel.tensor_parallel_size)
+        if parallel.world_size > model_cfg.num_experts + parallel.num_redundant_experts:
             raise ValueError(
-                f"expert_parallel_size={parallel.expert_parallel_size} is invalid: the model has "
+                f"expert_parallel_size={parallel.world_size} is invalid: the model has "
                 f"{model_cfg.num_experts} experts (+{parallel.num_redundant_experts} redundant), fewer than ranks."
             )
         device = self.resolve_device()
@@ -286,7 +303,16 @@ class EngineArgs:
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,
                             skip_warmup=self.skip_warmup, kv_connector=self.kv_connector,
-                            speculative=spec, grammar=self.grammar_config())
+                            speculative=spec, grammar=self.grammar_config(), seed=self.seed)
+
+    def _check_tp_features(self, tp: int) -> None:
+        """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md)."""
+        if self.speculative_config is not None:
+            raise ValueError(f"speculative_config (--speculative-config) is not supported with tensor_parallel_size="
+                             f"{tp} yet: the drafters are not sharded; drop one of them.")
+        if self.kv_connector is not None:
+            raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported with "
+                             f"tensor_parallel_size={tp} yet: the KV a TP rank holds is its heads' only.")
 
     def grammar_config(self) -> GrammarConfig:
         return GrammarConfig(workers=self.grammar_compile_workers, max_queued=self.max_queued_grammar_compiles,

@@ -12,6 +12,7 @@ Two halves: the core (scheduler, executor, structured output: `add_core`, `abort
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -72,6 +73,7 @@ class LLMEngine:
         # The workers' samplers hold EOS back under min_tokens: they must know every
         # EOS id the schedulers stop on (generation_config.json, tokenizer too).
         config = replace(config, model=replace(config.model, eos_token_ids=tuple(sorted(self.eos_token_ids))))
+        self._arrivals = itertools.count()  # arrival numbers of requests that --seed seeds (_seeded)
         self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids, config.grammar)
         if config.grammar.prestart and not isinstance(self.tokenizer, NoTokenizer):
             self.grammars.prestart()  # its process starts while the weights load, not at the first constrained request
@@ -85,9 +87,10 @@ class LLMEngine:
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
         kvc = config.kv_connector  # a KV connector's scheduler half per rank (engine/contract/kv_connector.py)
+        # Under tensor parallelism one scheduler per TP group (the group's ranks run one batch).
         self.schedulers: list[SchedulerInterface] = [
             Scheduler(config.scheduler, config.cache, None if kvc is None else kvc.scheduler_side(r))
-            for r in range(self.world_size)]
+            for r in range(config.parallel.data_parallel_size)]
         self.router = LeastLoadedRouter(self.schedulers)
         # The requests the core holds (added, not yet finished), by rank: the engine thread's own record, so
         # that duplicate ids and aborts are decided without reading the output side's states.
@@ -134,7 +137,17 @@ class LLMEngine:
 
         `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
         passes the name of the proto field it came from). The rules: engine/core/input_processing.py."""
+        if self.config.seed is not None and (params is None or params.seed is None):
+            params = self._seeded(params)
         return process_inputs(self, request_id, prompt, params, field, compile_grammar)
+
+    def _seeded(self, params: SamplingParams | None) -> SamplingParams:
+        """vLLM's --seed: a request without a seed gets one from the engine's seed and its arrival number, so
+        the same requests in the same order sample the same tokens in every run (a mixed, not a shared,
+        generator: a request's draws do not depend on what else is in its batch)."""
+        i = next(self._arrivals)  # itertools.count: atomic under the GIL (process_inputs runs on many threads)
+        seed = (self.config.seed * 0x9E3779B97F4A7C15 + i) % (1 << 63)
+        return replace(params if params is not None else SamplingParams(), seed=seed)
 
     # -- request lifecycle ----------------------------------------------------
     def add_processed(self, req: ProcessedRequest, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:

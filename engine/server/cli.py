@@ -8,11 +8,15 @@ from ..api.cli_args import add_engine_args, engine_args_from
 from .config import DEFAULT_MAX_MESSAGE_SIZE, ServerConfig
 from .limits import add_limit_args, limits_from
 from ..api.kv_args import add_role_args, role_from_args
+from ..api.vllm_flags import (RequestLogFilter, add_refused_flags, add_vllm_server_flags, apply_kv_transfer_config,
+                              gateway_args)
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (printed at start)")
+    p.add_argument("--port", type=int, default=50051,
+                   help="moelink's gRPC port (NOT vLLM's HTTP port: the OpenAI API is --http-port, default 8000); "
+                        "0 picks a free one (printed at start)")
     p.add_argument("--served-model-name", default=None, help="model name clients see (default: the Hugging Face id given, or the directory name)")
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="refuse (RESOURCE_EXHAUSTED) beyond this many sequences waiting for their first token "
@@ -62,14 +66,19 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
                         gateway_port=ns.gateway_port, gateway_host=ns.gateway_host,
                         http_port=None if ns.no_http else ns.http_port, http_host=ns.http_host,
                         http_metrics_port=ns.http_metrics_port, http_metrics_host=ns.http_metrics_host,
-                        limits=limits_from(ns))
+                        limits=limits_from(ns), gateway_args=gateway_args(ns))
 
 
 def _serve(ns: argparse.Namespace) -> int:
     from .server import serve
 
+    apply_kv_transfer_config(ns)  # vLLM's --kv-transfer-config onto --role and the --kv-* flags
     config = server_config_from(ns)  # validate server flags before loading any weights
     args = engine_args_from(ns)
+    if ns.disable_log_requests:
+        from .serving import logger as request_logger
+
+        request_logger.addFilter(RequestLogFilter())
     role = role_from_args(ns, num_ranks=args.expert_parallel_size)
     if role.kv is not None:
         args.kv_connector = role.connector()
@@ -120,6 +129,8 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over gRPC (moelink.v1 and vllm.grpc.engine.VllmEngine)")
     add_engine_args(p)
     add_server_args(p)
+    add_vllm_server_flags(p)
+    add_refused_flags(p)  # last: a flag moelink takes itself is never refused
     p.set_defaults(func=_serve)
 
     st = subparsers.add_parser("stats", help="raw expert-load counts of a running server (JSON)")

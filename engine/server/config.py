@@ -40,6 +40,9 @@ class ServerConfig:
     http_metrics_host: str = "127.0.0.1"
     log_format: str = "text"  # "text" or "json" (one JSON object per line, with request ids)
     limits: RequestLimits = field(default_factory=RequestLimits)  # per-request caps (docs/serving.md: bad input)
+    # Extra arguments of the managed gateway (smg): vLLM's --tool-call-parser / --reasoning-parser /
+    # --chat-template as smg spells them (engine/api/vllm_flags.gateway_args).
+    gateway_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):

@@ -43,12 +43,19 @@ class RequestLimits:
     max_stop_string_chars: int = _limit(256, "sampling_params.stop[i]", "characters", "longest stop string")
     max_stop_token_ids: int = _limit(1024, "sampling_params.stop_token_ids", "ids", "most stop token ids per request")
     max_abort_ids: int = _limit(1024, "AbortRequest.request_ids", "ids", "most request ids in one Abort")
+    # vLLM's --max-logprobs: at most the engine's own bound (MAX_LOGPROBS), checked in __post_init__.
+    max_logprobs: int = _limit(20, "sampling_params.logprobs", "top logprobs", "most top logprobs per token")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f.name}={v!r} is invalid: must be a positive integer.")
+        from ..contract.sampling_params import MAX_LOGPROBS
+
+        if self.max_logprobs > MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs={self.max_logprobs} is invalid: the engine returns at most {MAX_LOGPROBS} "
+                             f"top logprobs per token (--max-logprobs 1 to {MAX_LOGPROBS}).")
 
     def check(self, name: str, count: int, what: str | None = None) -> None:
         """ValueError when `count` (a length) is over the limit `name`; `what` names the field if not the usual."""
@@ -62,6 +69,9 @@ class RequestLimits:
         """The list fields of either service's SamplingParams message, by length only (O(1) per field)."""
         self.check("max_stop_strings", len(sp.stop))
         self.check("max_stop_token_ids", len(sp.stop_token_ids))
+        if sp.HasField("logprobs") and sp.logprobs > self.max_logprobs:
+            raise ValueError(f"sampling_params.logprobs={sp.logprobs} is invalid: at most {self.max_logprobs} top "
+                             "logprobs per token (--max-logprobs).")
         for i, s in enumerate(sp.stop):
             self.check("max_stop_string_chars", len(s), f"sampling_params.stop[{i}]")
 
@@ -141,7 +151,8 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
     rows += [(f"`sampling_params.{name}`", f"a finite number in {allowed}", invalid)
              for name, allowed in FLOAT_RANGES.items()]
     rows += [
-        ("`sampling_params.logprobs`", f"0 to {MAX_LOGPROBS}", invalid),
+        ("`sampling_params.logprobs`", f"0 to {lim.max_logprobs} (`--max-logprobs`, at most {MAX_LOGPROBS})",
+         invalid),
         ("`AbortRequest.request_ids`", f"at most {lim.max_abort_ids} ids ({flag('max_abort_ids')}), each at most "
                                        f"{4 * lim.max_request_id_chars} bytes: counted and measured before parsing",
          invalid),

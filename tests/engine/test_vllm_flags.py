@@ -1,0 +1,158 @@
+"""`vllm serve`'s flags on `moelink serve` (issue 48): the table of docs/vllm-compat.md walked row by row, and the
+effects the table names (--seed, --disable-log-requests). Parsing only, but for the seed test (a tiny engine)."""
+from __future__ import annotations
+
+import ast
+import logging
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from moelink.engine.api.cli import build_parser
+from moelink.engine.api.vllm_flags import (REFUSED, RequestLogFilter, add_vllm_engine_flags, add_vllm_server_flags,
+                                           apply_kv_transfer_config, apply_vllm_engine_flags, gateway_args)
+from moelink.engine.server.limits import limits_from
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "vllm-compat.md"
+BEGIN, END = "<!-- vllm-flags-table -->", "<!-- /vllm-flags-table -->"
+CELL = re.compile(r"`([^`]*)`")
+
+
+def table_rows() -> list[tuple[str, str]]:
+    """(flag as a script writes it, 'parses to' cell) of every row."""
+    text = PAGE.read_text()
+    body = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip().splitlines()[2:]
+    rows = []
+    for line in body:
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        assert len(cells) == 3, line
+        rows.append((CELL.fullmatch(cells[0]).group(1), cells[2]))
+    return rows
+
+
+ROWS = table_rows()
+
+
+def parse_serve(flag: str):
+    """`moelink serve MODEL <flag>` as `_serve` reads it before anything loads."""
+    ns = build_parser().parse_args(["serve", "MODEL", *shlex.split(flag)])
+    apply_kv_transfer_config(ns)
+    apply_vllm_engine_flags(ns)
+    ns.gateway_args = gateway_args(ns)
+    ns.max_logprobs = limits_from(ns).max_logprobs
+    return ns
+
+
+def expected(cell: str) -> dict:
+    """`a=1, b='x'` -> {'a': 1, 'b': 'x'} (values are Python literals)."""
+    out = {}
+    for part in re.split(r",\s*(?=[a-z_]+=)", CELL.fullmatch(cell).group(1)):
+        name, value = part.split("=", 1)
+        out[name] = ast.literal_eval(value)
+    return out
+
+
+@pytest.mark.parametrize("flag,parses_to", [r for r in ROWS if r[1] not in ("refused", "not walked")],
+                         ids=lambda v: v[:40])
+def test_an_accepted_row_parses_as_the_table_says(flag, parses_to):
+    ns = parse_serve(flag)
+    for name, value in expected(parses_to).items():
+        assert getattr(ns, name) == value, (flag, name)
+
+
+@pytest.mark.parametrize("flag", [r[0] for r in ROWS if r[1] == "refused"], ids=lambda v: v[:40])
+def test_a_refused_row_stops_with_one_line_naming_the_flag(flag, capsys):
+    name = shlex.split(flag)[0] if not flag.startswith("--no-") else flag.split()[0]
+    with pytest.raises((SystemExit, ValueError)) as exc:
+        parse_serve(flag)
+    message = str(exc.value) if exc.type is ValueError else capsys.readouterr().err.strip().splitlines()[-1]
+    assert name in message, message
+    assert "\n" not in message
+
+
+def test_the_table_covers_every_vllm_flag_moelink_takes_or_refuses():
+    import argparse
+
+    flags_in_table = {shlex.split(f)[0] for f, _ in ROWS} | {t for f, _ in ROWS for t in shlex.split(f)
+                                                              if t.startswith("-")}
+    for spellings in REFUSED:
+        assert set(spellings) & flags_in_table, f"no row for {spellings}"
+    p = argparse.ArgumentParser()
+    add_vllm_engine_flags(p)
+    add_vllm_server_flags(p)
+    for action in p._actions:
+        if action.option_strings and "-h" not in action.option_strings:
+            assert set(action.option_strings) & flags_in_table, f"no row for {action.option_strings}"
+
+
+def test_port_help_says_grpc_and_names_the_http_port(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--port PORT moelink's gRPC port (NOT vLLM's HTTP port: the OpenAI API is --http-port" in out
+    for flag in ("--max-model-len", "--gpu-memory-utilization", "--max-num-seqs"):
+        assert re.search(re.escape(flag) + r" \S+ [a-z]", out), f"{flag} has no help text"
+
+
+def test_disable_log_requests_drops_the_request_lines():
+    keep = RequestLogFilter()
+
+    def record(msg):
+        return logging.LogRecord("serving", logging.INFO, __file__, 1, msg, (), None)
+
+    assert not keep.filter(record("request admitted")) and not keep.filter(record("request finished"))
+    assert keep.filter(record("%s refused: %s %s"))
+
+
+def test_kv_transfer_config_errors_name_the_key():
+    for cfg, words in [('{"kv_connector":"MoelinkConnector","kv_role":"kv_producer"}', "kv_port"),
+                       ('{"kv_connector":"MoelinkConnector","kv_role":"x"}', "kv_role"),
+                       ('{"kv_connector":"MoelinkConnector","kv_role":"kv_both","kv_buffer_size":1}', "kv_buffer_size"),
+                       ('{"kv_connector":"MoelinkConnector","kv_role":"kv_consumer",'
+                        '"kv_connector_extra_config":{"nope":1}}', "kv_connector_extra_config.nope"),
+                       ("[1]", "JSON object"), ("{", "not valid JSON")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            parse_serve(f"--kv-transfer-config '{cfg}'")
+    with pytest.raises(ValueError, match="disagree"):
+        parse_serve("--role decode --kv-transfer-config "
+                    "'{\"kv_connector\":\"MoelinkConnector\",\"kv_role\":\"kv_producer\",\"kv_port\":7100}'")
+
+
+def test_data_parallel_and_expert_parallel_sizes_must_agree():
+    with pytest.raises(ValueError, match="disagree"):
+        parse_serve("-dp 2 --enable-expert-parallel -ep 4")
+    assert parse_serve("-dp 2 --enable-expert-parallel -ep 2").expert_parallel_size == 2
+
+
+# -- --seed: the same requests in the same order sample the same tokens in two engines -------------------------
+def _sample(path: str, seed):
+    from moelink.engine.api.llm import LLM
+    from moelink.engine.contract.sampling_params import SamplingParams
+
+    with LLM(path, seed=seed, num_kv_blocks=64, max_num_seqs=4) as llm:
+        outs = llm.generate([[1, 2, 3, 4], [5, 6, 7]], SamplingParams(temperature=1.0, max_tokens=12,
+                                                                        ignore_eos=True), use_tqdm=False)
+    return [tuple(o.outputs[0].token_ids) for o in outs]
+
+
+def test_engine_seed_makes_sampling_reproducible(tiny_model):
+    path = tiny_model("qwen3_e6k3")
+    first, again, other = _sample(path, 7), _sample(path, 7), _sample(path, 8)
+    assert first == again
+    assert first != other  # 24 tokens at temperature 1 over a random tiny model: equal by chance ~never
+    assert first[0] != first[1]  # each request its own seed, not one shared stream restarted
+
+
+def test_max_logprobs_refuses_more_on_both_services():
+    from smg_grpc_proto.generated import vllm_engine_pb2
+
+    from moelink.engine.server.gen import moelink_v1_pb2
+    from moelink.engine.server.limits import RequestLimits
+
+    limits = RequestLimits(max_logprobs=5)
+    for pb in (moelink_v1_pb2, vllm_engine_pb2):
+        limits.check_sampling(pb.SamplingParams(logprobs=5))
+        with pytest.raises(ValueError, match=r"sampling_params.logprobs=6 is invalid: at most 5 .*--max-logprobs"):
+            limits.check_sampling(pb.SamplingParams(logprobs=6))
