@@ -1,5 +1,5 @@
 """KV transfer between a prefill and a decode engine: one fetch of model-shaped prompt KV over each named
-transport (engine/cluster/kv_transport.py), beside a plain copy of the same bytes on the same machine.
+transport (engine/kv_transfer/transport.py), beside a plain copy of the same bytes on the same machine.
 
     python -m moelink.benchmarks.kv_transfer [--shape deepseek-v3|qwen3-30b-a3b] [--tokens 1024,4096]
         [--transports tcp,shm] [--repeats 3] [--json PATH]
@@ -7,7 +7,7 @@ transport (engine/cluster/kv_transport.py), beside a plain copy of the same byte
 Each row: the bytes of one request's prompt KV (every layer, bf16, in 16-token blocks: MLA's 576-wide latent
 for DeepSeek-V3, 4 KV heads x 128 x K and V for Qwen3-30B-A3B), the load time (what a decode rank's fetch thread
 does: connect, header and layout check, and the bytes, each layer written into the cache blocks as it arrives,
-engine/cluster/kv_arrival.py), GB/s of the load, and the ratio to a host memcpy of the same bytes measured in the
+engine/kv_transfer/arrival.py), GB/s of the load, and the ratio to a host memcpy of the same bytes measured in the
 same run (a clone: the memcpy into fresh memory, page faults included, as a transport's buffers are). The planner's
 disaggregated serving reads `transport_gbps` from this JSON (planner/kv_handoff.py): moelink's transports stage
 KV in host memory on the prefill side, so that is what a handoff costs until a device-to-device transport exists.
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from moelink.engine.cluster.kv_store import SavedKVStore
-from moelink.engine.cluster.kv_transport import KV_TRANSPORTS, make_transport
-from moelink.engine.rank.kv_transfer import PagedKVBlocks, SavedKV
+from moelink.engine.kv_transfer.store import SavedKVStore
+from moelink.engine.kv_transfer.transport import KV_TRANSPORTS, make_transport
+from moelink.engine.kv_transfer.blocks import PagedKVBlocks, SavedKV
 from moelink.scheduler.outputs import KVTransfer
 
 BLOCK = 16
@@ -63,7 +63,7 @@ def cache_like(saved: SavedKV) -> tuple[PagedKVBlocks, KVTransfer]:
 
 def time_load(transport_name: str, saved: SavedKV, repeats: int) -> float:
     """Best of `repeats` loads (seconds), each of a fresh store entry: the fetch with every group written into
-    the cache blocks as it arrives, as a decode rank's fetch thread does (engine/cluster/kv_arrival.py)."""
+    the cache blocks as it arrives, as a decode rank's fetch thread does (engine/kv_transfer/arrival.py)."""
     transport = make_transport(transport_name, 10.0, 600.0)
     store = SavedKVStore(600.0, 1 << 40)
     port = _free_port()

@@ -1,8 +1,8 @@
 """KV handoff between two processes on one device (the issue 30 GPU measurement): a prefill rank in a child
 process saves a request's prompt KV out of its paged cache and serves it; this process, the decode rank, loads
 it into its own paged cache, each layer written as it arrives. Both through the connector's real worker halves
-(engine/cluster/kv_remote.py's save: `PagedKVBlocks.read_async` and the store; the load: the transport's fetch
-with `kv_arrival.ArrivalWriter`), beside a device copy of the same bytes measured in the same run.
+(engine/kv_transfer/remote.py's save: `PagedKVBlocks.read_async` and the store; the load: the transport's fetch
+with `arrival.ArrivalWriter`), beside a device copy of the same bytes measured in the same run.
 
     python -m moelink.benchmarks.kv_transfer_engines --device cuda [--shape deepseek-v3,qwen3-30b-a3b]
         [--tokens 1024,4096] [--transports tcp,shm,collective] [--repeats 3] [--json PATH]
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from moelink.engine.cluster.kv_arrival import ArrivalWriter
-from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteWorkerSide
-from moelink.engine.cluster.kv_transport import KV_TRANSPORTS, make_transport
-from moelink.engine.rank.kv_transfer import PagedKVBlocks
+from moelink.engine.kv_transfer.arrival import ArrivalWriter
+from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteWorkerSide
+from moelink.engine.kv_transfer.transport import KV_TRANSPORTS, make_transport
+from moelink.engine.kv_transfer.blocks import PagedKVBlocks
 from moelink.scheduler.outputs import KVTransfer
 
 from .kv_transfer import BLOCK, SHAPES

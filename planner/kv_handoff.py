@@ -3,11 +3,11 @@ costs, with moelink's transports as measured.
 
     bytes  = input_len x layers x KV bytes per token and layer   (the whole prompt: the decode side loads it all)
     save   = bytes / device-to-host bandwidth    (prefill GPU: the blocks gathered and copied to pinned host memory
-                                                  on a side stream, engine/rank/kv_transfer.py read_async)
+                                                  on a side stream, engine/kv_transfer/blocks.py read_async)
     wire   = latency + bytes / transport rate    (moelink's tcp transport as benchmarked, or the link it runs on if
                                                   that is slower)
     load   = bytes / host-to-device bandwidth    (decode GPU: each layer written into the request's reserved blocks
-                                                  as it arrives, engine/cluster/kv_arrival.py)
+                                                  as it arrives, engine/kv_transfer/arrival.py)
     TTFT added = save + max(wire, load) + one layer's load   (the load is pipelined with the wire, layer by layer)
 
 What is measured and what is assumed: the transport rate comes from benchmarks/kv_transfer.py's JSON

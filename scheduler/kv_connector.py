@@ -2,7 +2,7 @@
 
 Two halves, as in vLLM v1. The scheduler side (`KVConnector`, here, pure Python) decides *which* blocks of which
 request move: a request whose prompt KV another engine saved is loaded instead of computed, and a request's prompt
-KV is saved once its prefill step has run. The worker side (engine/rank/kv_transfer.py: `WorkerKVConnector`, and
+KV is saved once its prefill step has run. The worker side (engine/kv_transfer/blocks.py: `WorkerKVConnector`, and
 `PagedKVBlocks`, which copies a request's blocks out of / into the rank's paged cache for every KV kind) moves the
 bytes. Between them travel `KVTransfer` records: planned in `SchedulerOutput.kv_transfers` (loads run before the
 step's forward, saves after it, in the rank's stream order) and reported back by id in
@@ -36,7 +36,7 @@ kv_connector=...)`; None, the default, costs the step loop nothing):
   step computes the last token and samples as any), and the decode side loads `n - 1` tokens, its slot taking the
   saved state (not a prefix hit's checkpoint: `state_loaded`). A one-token prompt moves nothing.
 
-Across processes (engine/cluster/kv_remote.py, issue 30) the connector adds, beside this seam: a key other than
+Across processes (engine/kv_transfer/remote.py, issue 30) the connector adds, beside this seam: a key other than
 the request id and the remote engine's address, carried per request (`SamplingParams.kv_transfer_params`, vLLM's
 shape) and handed to the worker half in `KVTransfer.params` (`load_params`); the prefill output's parameters
 (`request_finished`); a layout check between engines; fetch deadlines that report a load failed; and, under

@@ -21,10 +21,10 @@ import argparse
 from dataclasses import dataclass
 from typing import Optional
 
-from ..cluster.kv_auth import SECRET_ENV, load_secret
-from ..cluster.kv_peers import parse_peers
-from ..cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
-from ..cluster.kv_transport import KV_TRANSPORTS
+from ..kv_transfer.auth import SECRET_ENV, load_secret
+from ..kv_transfer.peers import parse_peers
+from ..kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+from ..kv_transfer.transport import KV_TRANSPORTS
 from ..contract.safe_text import shown
 
 ROLES = ("both", "prefill", "decode")

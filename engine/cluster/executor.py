@@ -129,6 +129,6 @@ class InProcessExecutor(Executor):
         runner = self.worker.runner
         if runner is not None:
             runner.stream.shutdown()
-            if runner.kv_connector is not None:  # its server socket and threads (engine/cluster/kv_remote.py)
+            if runner.kv_connector is not None:  # its server socket and threads (engine/kv_transfer/remote.py)
                 runner.kv_connector.close()
 

@@ -70,6 +70,16 @@ def start_worker(state, gpu: bool, worker_config, plan: ExpertParallelPlan, bund
     ).remote(worker_config, bundle, plan)
 
 
+def check_tp_nodes(node_ids, tp: int) -> None:
+    """A TP group all-reduces every layer: its ranks must share a node (NVLink), never span the network."""
+    for g in range(0, len(node_ids), tp):
+        nodes = set(node_ids[g:g + tp])
+        if tp > 1 and len(nodes) > 1:
+            raise ValueError(f"tensor_parallel_size={tp} is invalid on this cluster: ranks {g}..{g + tp - 1} (one TP "
+                             f"group) were placed on {len(nodes)} nodes; a TP group stays inside one node, so "
+                             f"tensor_parallel_size must divide the GPUs of a node.")
+
+
 class RayExecutor(Executor):
     def __init__(self, config: EngineConfig, plan: ExpertParallelPlan | None = None):
         import ray
@@ -81,6 +91,7 @@ class RayExecutor(Executor):
         plan = plan if plan is not None else plan_expert_parallel(config)
         # The membership (engine/cluster/ep_group.py): rank r starts in bundle r; filled in as the ranks start.
         self.group = EPGroup(0, config, plan, tuple(range(n)))
+        self._tp = config.parallel.tensor_parallel_size  # ranks per TP group: consecutive, on one node
         self._state = state = _RayState()
         state.elastic = config.parallel.elastic_ep
         # Releases the actors, the placement group and a Ray we started when this executor is collected
@@ -111,6 +122,7 @@ class RayExecutor(Executor):
                     f"(cluster resources: {resources}): add nodes or lower expert_parallel_size."
                 ) from exc
             node_ids = bundle_node_ids(state.pg, n)
+            check_tp_nodes(node_ids, self._tp)
             if plan.backend.needs_node_map and plan.node_of_rank is None:
                 # The node-aware all-to-all's default node map: ranks on one Ray node share an NVLink domain.
                 plan = replace(plan, node_of_rank=node_numbers(node_ids))
@@ -271,9 +283,12 @@ class RayExecutor(Executor):
         if run_forward:
             self.plan_ep_step(outputs_per_rank)
         timeout = self.step_timeout(run_forward)
-        refs = [w.launch.remote(so, run_forward) for w, so in zip(self.workers, outputs_per_rank)]
+        # Tensor parallelism: the engine holds one scheduler per TP group (data_parallel_size); every rank of a
+        # group runs its group's step (the same SchedulerOutput), ranks g*tp .. g*tp + tp - 1.
+        per_rank = [so for so in outputs_per_rank for _ in range(self._tp)]
+        refs = [w.launch.remote(so, run_forward) for w, so in zip(self.workers, per_rank)]
         self._model_steps += run_forward
-        return [so.step_id for so in outputs_per_rank], refs, timeout
+        return [so.step_id for so in per_rank], refs, timeout
 
     def collect(self, launched: tuple) -> list[ModelRunnerOutput]:
         """The step's outputs: one round trip (each actor answers after its next step's launch, which the driver
@@ -282,7 +297,9 @@ class RayExecutor(Executor):
         late = f"its step ran longer than {timeout:g} s (--step-timeout)"
         collect_refs = [w.collect.remote(i) for w, i in zip(self.workers, step_ids)]
         self._get(launch_refs, timeout=timeout, late=late)  # a launch that raised names its rank here
-        return self._get(collect_refs, timeout=timeout, late=late)
+        # Under TP every rank of a group sampled the same tokens (engine/rank/model_runner.py broadcasts the
+        # group's first rank's): that rank answers for its group.
+        return self._get(collect_refs, timeout=timeout, late=late)[:: self._tp]
 
     def _get(self, refs, timeout: float = _PG_TIMEOUT_S, late: str | None = None) -> list:
         """ray.get over one ref per rank that names the first rank to fail, and never hangs."""

@@ -404,15 +404,23 @@ class ParallelConfig:
     # the group returns to EP N. None: on exactly when elastic_ep is.
     ep_rejoin: bool | None = None
     ep_rejoin_delay_s: float = DEFAULT_REJOIN_DELAY_S
+    # Tensor parallelism (docs/tensor-parallelism.md): groups of this many consecutive ranks split attention, dense
+    # MLPs, embedding and LM head; the world is tensor_parallel_size x data_parallel_size (DP attention), the
+    # experts in EP over the whole world. expert_parallel_size, when > 1, is that world (a multiple of this).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         n = self.expert_parallel_size
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"expert_parallel_size={n!r} is invalid: must be a positive integer.")
+        self._check_tensor_parallel()
+        n = self.world_size
         if self.executor not in _EXECUTORS:
             raise ValueError(f"executor={self.executor!r} is invalid: choose from {', '.join(_EXECUTORS)}.")
         if self.executor == "inprocess" and n > 1:
-            raise ValueError(f"executor='inprocess' runs one rank; expert_parallel_size={n} needs executor='ray' or 'auto'.")
+            raise ValueError(f"executor='inprocess' runs one rank; a world of {n} ranks (expert_parallel_size="
+                             f"{self.expert_parallel_size}, tensor_parallel_size={self.tensor_parallel_size}) needs "
+                             "executor='ray' or 'auto'.")
         # The registry owns the names and "auto"; it also refuses a backend that cannot run at n ranks.
         resolve_backend(self.all_to_all, n)
         cap = self.ep_decode_capacity
@@ -442,8 +450,40 @@ class ParallelConfig:
         check_rejoin(self.ep_rejoin, self.ep_rejoin_delay_s, self.elastic_ep)
         self._check_node_map()
 
+    def _check_tensor_parallel(self) -> None:
+        """A TP group is tensor_parallel_size consecutive ranks of one node; the world is a whole number of groups.
+        What TP does not compose with yet is refused here, naming the flag (elastic EP and rejoin: a lost rank
+        would take its whole TP group out, which engine/cluster/elastic.py does not do)."""
+        t, n = self.tensor_parallel_size, self.expert_parallel_size
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+            raise ValueError(f"tensor_parallel_size={t!r} is invalid (--tensor-parallel-size / -tp): must be a "
+                             "positive integer.")
+        if t == 1:
+            return
+        if n > 1 and n % t:
+            raise ValueError(f"tensor_parallel_size={t} is invalid with expert_parallel_size={n}: the world "
+                             f"(expert_parallel_size ranks) is a whole number of TP groups, so {t} must divide {n}.")
+        size = self.ep_nvlink_domain_size
+        if size is not None and size % t:
+            raise ValueError(f"tensor_parallel_size={t} is invalid with ep_nvlink_domain_size={size}: a TP group "
+                             f"stays inside one node (NVLink domain), so {t} must divide the {size} GPUs of a node.")
+        if self.ep_rejoin:
+            raise ValueError(f"ep_rejoin=True (--ep-rejoin) is not supported with tensor_parallel_size={t} yet: "
+                             "a lost rank takes its TP group out; run without --ep-rejoin.")
+        if self.enable_two_batch_overlap:
+            raise ValueError(f"enable_two_batch_overlap=True (--enable-two-batch-overlap) is not supported with "
+                             f"tensor_parallel_size={t} yet: drop one of the flags.")
+        # Elastic EP drops single ranks; a TP group cannot lose one of its ranks and go on, so under TP a loss
+        # fails the engine fast (as at EP 2). Off here rather than refused: it is on by default.
+        self.elastic_ep = False
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel attention groups (one scheduler each): the world over tensor_parallel_size."""
+        return self.world_size // self.tensor_parallel_size
+
     def _check_node_map(self) -> None:
-        n, size = self.expert_parallel_size, self.ep_nvlink_domain_size
+        n, size = self.world_size, self.ep_nvlink_domain_size
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"ep_nvlink_domain_size={size!r} is invalid: must be a positive integer (ranks "
@@ -467,12 +507,13 @@ class ParallelConfig:
         if self.ep_node_ids is not None:
             return tuple(self.ep_node_ids)
         if self.ep_nvlink_domain_size is not None:
-            return tuple(r // self.ep_nvlink_domain_size for r in range(self.expert_parallel_size))
+            return tuple(r // self.ep_nvlink_domain_size for r in range(self.world_size))
         return None
 
     @property
     def world_size(self) -> int:
-        return self.expert_parallel_size
+        """Every rank: expert_parallel_size, or one TP group when that is 1 (-tp N alone runs N ranks)."""
+        return max(self.expert_parallel_size, self.tensor_parallel_size)
 
     @property
     def rejoin_enabled(self) -> bool:
@@ -483,4 +524,4 @@ class ParallelConfig:
     def resolved_executor(self) -> str:
         if self.executor != "auto":
             return self.executor
-        return "inprocess" if self.expert_parallel_size == 1 else "ray"
+        return "inprocess" if self.world_size == 1 else "ray"

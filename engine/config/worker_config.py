@@ -48,6 +48,8 @@ class WorkerConfig:
     # Per-sequence state pools of a model with linear-attention layers (CacheConfig's numbers); 0: none.
     num_state_slots: int = 0
     num_state_checkpoints: int = 0
+    # Ranks per TP group (consecutive world ranks; docs/tensor-parallelism.md); 1: no tensor parallelism.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -68,6 +70,8 @@ class WorkerConfig:
             bad("gpu_memory_utilization", "must be in (0, 1]")
         if not positive_int(self.world_size):
             bad("world_size", "must be a positive integer")
+        if not positive_int(self.tensor_parallel_size) or self.world_size % self.tensor_parallel_size:
+            bad("tensor_parallel_size", f"must be a positive integer dividing world_size={self.world_size}")
         if not (isinstance(self.comm_timeout_s, (int, float)) and self.comm_timeout_s > 0):
             bad("comm_timeout_s", "must be a positive number of seconds")
         if not isinstance(self.two_batch_overlap, bool):

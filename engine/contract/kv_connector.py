@@ -2,9 +2,9 @@
 
 The driver asks it for each rank's scheduler half (`scheduler_side(rank)`: a scheduler/kv_connector.py
 `KVConnector`, pure Python) and each rank's worker builds its worker half from it (`worker_side(rank)`: an
-engine/rank/kv_transfer.py `WorkerKVConnector`, which copies blocks through the runner's `PagedKVBlocks`). The
+engine/kv_transfer/blocks.py `WorkerKVConnector`, which copies blocks through the runner's `PagedKVBlocks`). The
 factory travels to the ranks in the `WorkerConfig` (pickled to a Ray actor), so a connector whose halves share
-memory must refuse to be pickled, as the in-host reference (engine/cluster/kv_inhost.py) does; a network
+memory must refuse to be pickled, as the in-host reference (engine/kv_transfer/inhost.py) does; a network
 transport ships addresses instead. `EngineArgs(kv_connector=...)` / `LLM(..., kv_connector=...)` set it.
 """
 from __future__ import annotations

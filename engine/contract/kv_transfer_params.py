@@ -5,14 +5,14 @@ a decode engine (it usually runs with max_tokens=1). The request to the decode e
 `do_remote_prefill=True` and where that KV is: the prefill engine's host, its KV port (`remote_port`; rank r of an
 engine with `remote_ranks` ranks serves on remote_port + r, since data-parallel attention keeps a request's KV on
 the one rank that computed it) and the capability the KV was saved under (`remote_kv_token`: 128 random bits the
-prefill engine issued for this one save, engine/cluster/kv_auth.py; whoever holds it may fetch that KV once, for
+prefill engine issued for this one save, engine/kv_transfer/auth.py; whoever holds it may fetch that KV once, for
 exactly that prompt). The prefill engine's connector writes these into the request's output
-(engine/cluster/kv_remote.py); a router passes them on unchanged. vLLM's NixlConnector names the same things
+(engine/kv_transfer/remote.py); a router passes them on unchanged. vLLM's NixlConnector names the same things
 remote_host, remote_port and remote_request_id (kept, for routers that read it; not the key); block ids are not
 carried, because the prefill side copies the blocks to host memory when it saves them and frees its own at once.
 
 `remote_host` is a host name (RFC 1123) or an IP address, nothing else; which hosts and ports a decode engine
-accepts is its own configuration (engine/cluster/kv_peers.py), checked when a request is added.
+accepts is its own configuration (engine/kv_transfer/peers.py), checked when a request is added.
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ class KVTransferParams:
 
 # vLLM NixlConnector keys a vLLM-style router may send that moelink does not need: the prefill side copies the saved
 # blocks to host memory (no block ids to read remotely), engines are paired by address, and both sides' layouts
-# are checked against each other before any byte moves (engine/cluster/kv_wire.py) instead of by a TP size.
+# are checked against each other before any byte moves (engine/kv_transfer/wire.py) instead of by a TP size.
 VLLM_IGNORED_KEYS = frozenset({"remote_engine_id", "remote_block_ids", "tp_size", "remote_num_tokens"})
 
 

@@ -82,9 +82,9 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     if params.kv_transfer_params is not None and engine.config.kv_connector is None:
         # Refused, not ignored: a decode request would silently recompute its prompt, a prefill one save nothing.
         raise ValueError("SamplingParams.kv_transfer_params is set, but this engine has no KV connector: start it "
-                         "with kv_connector=RemoteKVConnector(...) (engine/cluster/kv_remote.py).")
+                         "with kv_connector=RemoteKVConnector(...) (engine/kv_transfer/remote.py).")
     if params.kv_transfer_params is not None and hasattr(engine.config.kv_connector, "check_params"):
-        # A KV source outside the engine's peers is refused here, before any connection (engine/cluster/kv_peers.py).
+        # A KV source outside the engine's peers is refused here, before any connection (engine/kv_transfer/peers.py).
         engine.config.kv_connector.check_params(params.kv_transfer_params)
     text = None
     if isinstance(prompt, dict):

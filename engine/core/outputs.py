@@ -44,5 +44,5 @@ class RequestOutput:
     # arrival_time, first_token_time, output_kind; one dict shared by a request's outputs: read, do not modify.
     metrics: dict = field(default_factory=dict)
     # Prefill/decode disaggregation: on a prefill engine's final output, the KVTransferParams a decode engine's
-    # request needs to load the KV saved for it (engine/cluster/kv_remote.py); None otherwise (as vLLM's).
+    # request needs to load the KV saved for it (engine/kv_transfer/remote.py); None otherwise (as vLLM's).
     kv_transfer_params: Optional[object] = None

@@ -3,7 +3,7 @@
 A spec names the attention kind and the checkpoint's weight names. Routing, shapes, rope, q/k norm, biases,
 dense and shared-expert layers are not part of it: ModelConfig (read from config.json by engine/config/hf_readers.py)
 holds them, so Qwen3-MoE's norm_topk_prob, GLM's use_qk_norm and DeepSeek's q_lora_rank are config facts.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.rank, engine.server, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.rank, engine.server, engine.tools.
 """
 from __future__ import annotations
 

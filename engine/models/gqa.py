@@ -13,9 +13,11 @@ from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.layer_configs import GQAConfig
+from ..config.tensor_parallel import kv_head_start, shard_attention
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
 from .rope import RotaryEmbedding
+from .tp_linear import ColumnParallel, RowParallel
 
 
 class GQAAttention(nn.Module):
@@ -29,11 +31,17 @@ class GQAAttention(nn.Module):
     and scaled by value_scale before they are cached, as transformers scales them."""
 
     def __init__(self, layer_idx: int, hidden_size: int, attn: GQAConfig, rms_norm_eps: float, rope: RotaryEmbedding,
-                 kernels, dtype, device=None, quant=None, *, in_features: int | None = None, sinks_name: str = "sinks"):
+                 kernels, dtype, device=None, quant=None, *, in_features: int | None = None, sinks_name: str = "sinks",
+                 tp=None):
         """in_features: the width q/k/v are projected from, when it is not hidden_size (an EAGLE-3 head's
         [embedding | hidden] concatenation, 2 * hidden_size, engine/models/eagle3.py); o_proj returns hidden_size.
-        sinks_name: the sinks' checkpoint name under self_attn. (ArchSpec.sinks)."""
+        sinks_name: the sinks' checkpoint name under self_attn. (ArchSpec.sinks).
+        tp: the rank's TensorParallel (comm/tensor_parallel.py; None: whole): this rank holds num_heads / size query
+        heads (and their sinks) and its kv heads (engine/config/tensor_parallel.shard_attention), qkv_proj is
+        column-parallel, o_proj row-parallel (its bias added once, after the all-reduce)."""
         super().__init__()
+        size = tp.size if tp is not None else 1
+        full, attn = attn, shard_attention(attn, size)
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.v_head_dim = attn.value_head_dim
@@ -50,12 +58,22 @@ class GQAAttention(nn.Module):
         # gates] (gate_rows), so the first piece splits into two contiguous halves.
         self.output_gate = attn.output_gate
         q_rows = 2 * self.q_size if attn.output_gate else self.q_size
+        col = row = None
+        self.q_head0, self.tp_size = 0, size
+        if size > 1:  # this rank's heads: query heads [r N/size, ...), kv heads from kv_head_start
+            q0 = tp.rank * attn.num_heads
+            k0 = kv_head_start(tp.rank, size, full.num_kv_heads)
+            col = ColumnParallel((q0 * attn.head_dim, k0 * attn.head_dim, k0 * self.v_head_dim),
+                                 (q_rows, self.kv_size, self.v_size))
+            row = RowParallel(tp, q0 * self.v_head_dim, self.o_size)
+            self.q_head0 = q0
         self.qkv_proj = Linear(in_features or hidden_size, (q_rows, self.kv_size, self.v_size), qkv_method,
-                               kernels, dtype, device)
+                               kernels, dtype, device, parallel=col)
         # Zeros: FP8 gaps between the pieces (linear.py) get no bias from the checkpoint.
         self.qkv_bias = (nn.Parameter(torch.zeros(self.qkv_proj.rows, dtype=dtype, device=device), requires_grad=False)
                          if attn.qkv_bias else None)
-        self.o_proj = Linear(self.o_size, hidden_size, linear_method(quant, p + "o_proj"), kernels, dtype, device)
+        self.o_proj = Linear(self.o_size, hidden_size, linear_method(quant, p + "o_proj"), kernels, dtype, device,
+                             parallel=row)
         self.o_bias = param(hidden_size, dtype=dtype, device=device) if attn.o_bias else None
         self.sinks_N = param(attn.num_heads, dtype=dtype, device=device) if attn.sinks else None
         self.sliding_window = attn.window(layer_idx)
@@ -121,13 +139,15 @@ class GQAAttention(nn.Module):
         for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
             rows = (gate_rows(self.num_heads, self.head_dim),) if i == 0 and self.output_gate else ()
             plan.update(self.qkv_proj.weight_plan(f"{p}{name}.weight", i, rows))
-            if self.qkv_bias is not None:
-                plan[f"{p}{name}.bias"] = PlanEntry(self.qkv_bias, (self.qkv_proj.piece_rows(i),))
+            if self.qkv_bias is not None:  # this rank's rows of the bias too (the weight's source, as a vector)
+                plan[f"{p}{name}.bias"] = PlanEntry(self.qkv_bias, (self.qkv_proj.piece_rows(i),),
+                                                    self.qkv_proj.parallel.source(i, ()))
         plan.update(self.o_proj.weight_plan(p + "o_proj.weight"))
         if self.o_bias is not None:
             plan[p + "o_proj.bias"] = PlanEntry(self.o_bias, ())
-        if self.sinks_N is not None:
-            plan[p + self.sinks_name] = PlanEntry(self.sinks_N, ())
+        if self.sinks_N is not None:  # this rank's heads' sinks
+            heads = (slice(self.q_head0, self.q_head0 + self.num_heads),) if self.tp_size > 1 else ()
+            plan[p + self.sinks_name] = PlanEntry(self.sinks_N, (), heads)
         if self.q_norm is not None:
             plan[p + "q_norm.weight"] = PlanEntry(self.q_norm.weight, ())
             plan[p + "k_norm.weight"] = PlanEntry(self.k_norm.weight, ())

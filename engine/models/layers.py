@@ -14,6 +14,7 @@ from moelink.kernels.silu_mul import reference_silu_mul
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from .linear import Linear, linear_method
+from .tp_linear import ColumnParallel, RowParallel
 from .state_step import StateStep
 
 
@@ -104,15 +105,23 @@ class DenseMLP(nn.Module):
     experts of DeepSeek / GLM MoE layers (one MLP of n_shared_experts * moe_intermediate_size)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None, *, kernels=None, quant=None,
-                 prefix: str = ""):
+                 prefix: str = "", tp=None):
         """quant: engine/config/quantization.py's config (None = float); prefix: the checkpoint names' prefix
-        ("model.layers.{i}.mlp."), which modules_to_not_convert is matched against."""
+        ("model.layers.{i}.mlp."), which modules_to_not_convert is matched against. tp: the rank's TensorParallel
+        (None: whole): gate_up column-parallel over the intermediate size, down row-parallel (an all-reduce)."""
         super().__init__()
+        col = row = None
+        if tp is not None and tp.size > 1:
+            intermediate_size //= tp.size
+            i0 = tp.rank * intermediate_size
+            col = ColumnParallel((i0, i0), (intermediate_size, intermediate_size))
+            row = RowParallel(tp, i0, intermediate_size)
         self.intermediate_size = intermediate_size
         gate_up = linear_method(quant, prefix + "gate_proj", prefix + "up_proj")
-        self.gate_up_proj = Linear(hidden_size, (intermediate_size, intermediate_size), gate_up, kernels, dtype, device)
+        self.gate_up_proj = Linear(hidden_size, (intermediate_size, intermediate_size), gate_up, kernels, dtype, device,
+                                   parallel=col)
         self.down_proj = Linear(intermediate_size, hidden_size, linear_method(quant, prefix + "down_proj"), kernels,
-                                dtype, device)
+                                dtype, device, parallel=row)
         # SiLU(gate)·up: one launch with the Triton kernels (kernels/silu_mul.py); torch's two ops without kernels.
         self.silu_mul = getattr(kernels, "silu_mul", reference_silu_mul)
 

@@ -29,6 +29,7 @@ from moelink.moe.expert_weights import fp8_plan
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.quantization import QuantConfig
+from .tp_linear import LinearParallel, Replicated
 
 
 class FloatLinear:
@@ -47,8 +48,8 @@ class FloatLinear:
     def apply(self, layer: "Linear", x_TK: torch.Tensor, bias_N: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x_TK, layer.weight, bias_N)
 
-    def weight_plan(self, layer: "Linear", name: str, index: tuple, rows: tuple) -> WeightPlan:
-        return {name: PlanEntry(layer.weight, index, rows)}
+    def weight_plan(self, layer: "Linear", name: str, index: tuple, rows: tuple, piece: int = 0) -> WeightPlan:
+        return {name: PlanEntry(layer.weight, index, layer.parallel.source(piece, rows))}
 
 
 class Fp8Linear:
@@ -82,11 +83,14 @@ class Fp8Linear:
                                 block=self.block, bias_N=bias_N)
         return y_TN.view(*lead, y_TN.shape[-1])
 
-    def weight_plan(self, layer: "Linear", name: str, index: tuple, rows: tuple) -> WeightPlan:
+    def weight_plan(self, layer: "Linear", name: str, index: tuple, rows: tuple, piece: int = 0) -> WeightPlan:
+        src = layer.parallel.source(piece, rows)
         if rows and not self.online:
-            _check_block_preserving(name, rows[0], self.block[0])
-        # A row order that keeps every row in its block leaves the block scales where they are.
-        return fp8_plan(name, layer.weight, layer.weight_scale_inv, index, self.block, self.online, rows, ())
+            _check_block_preserving(name, src[0], self.block[0])
+        # A row order that keeps every row in its block leaves the block scales where they are; a TP shard reads
+        # the block rows (or columns) of its own rows (or columns) only.
+        return fp8_plan(name, layer.weight, layer.weight_scale_inv, index, self.block, self.online, src,
+                        layer.parallel.scale_source(piece, self.block))
 
 
 def _check_block_preserving(name: str, order: torch.Tensor, bn: int) -> None:
@@ -94,7 +98,9 @@ def _check_block_preserving(name: str, order: torch.Tensor, bn: int) -> None:
     block: a row that left its block would be scaled by another block's scale."""
     if not isinstance(order, torch.Tensor):
         return
-    if not torch.equal(order // bn, torch.arange(len(order)) // bn):
+    # A TP shard's order holds its own rows, from a block boundary on: compared from its first row.
+    lo = int(order.min()) // bn * bn if len(order) else 0
+    if not torch.equal((order - lo) // bn, torch.arange(len(order)) // bn):
         raise ValueError(f"checkpoint tensor {name!r}: its rows are reordered at load (rope de-interleave) across "
                          f"FP8 blocks of {bn} rows; this layout is not supported with weight_block_size[0]={bn}.")
 
@@ -121,11 +127,14 @@ class Linear(nn.Module):
     `rows` = each piece at its `starts` row (gaps between FP8 pieces: the module docstring), and `split`
     cuts an output into the pieces. `weight` (and `weight_scale_inv` for FP8) as `method` creates them.
     dequantize_after_load: hold the weight float after loading (MLA's kv_b_proj, which is absorbed into other
-    matmuls rather than applied to activations)."""
+    matmuls rather than applied to activations).
+    parallel: how the weight is split over a TP group (tp_linear.py; default whole): `in_features` and the pieces
+    are this rank's widths."""
 
     def __init__(self, in_features: int, out_features: int | tuple[int, ...], method: LinearMethod, kernels, dtype,
-                 device=None, dequantize_after_load: bool = False):
+                 device=None, dequantize_after_load: bool = False, parallel: LinearParallel | None = None):
         super().__init__()
+        self.parallel = parallel if parallel is not None else Replicated()
         self.pieces = tuple(out_features) if isinstance(out_features, (tuple, list)) else (out_features,)
         self.in_features, self.out_features, self.dtype = in_features, sum(self.pieces), dtype
         self.method = method
@@ -139,8 +148,11 @@ class Linear(nn.Module):
         method.create(self, self.rows, in_features, dtype, device)
 
     def forward(self, x_TK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
-        """[..., rows]: every piece's columns (and any gap's, which `split` drops)."""
-        return self.method.apply(self, x_TK, bias_N)
+        """[..., rows]: every piece's columns (and any gap's, which `split` drops); a row-parallel linear's summed
+        over its TP group (the bias added once, after the sum)."""
+        if isinstance(self.parallel, Replicated):
+            return self.method.apply(self, x_TK, bias_N)
+        return self.parallel.finish(self.method.apply(self, x_TK, None), bias_N)
 
     def piece_rows(self, i: int) -> slice:
         """Rows of piece `i` in the weight (and in a stacked bias, and columns in the output)."""
@@ -154,7 +166,7 @@ class Linear(nn.Module):
         """Checkpoint `name` ("...q_proj.weight") → this weight (the rows of piece `piece`, for a stack), plus its
         scales for FP8; `rows`: a checkpoint row order to read it in (MLA's rope de-interleave)."""
         index = (self.piece_rows(piece),) if len(self.pieces) > 1 else ()
-        return self.method.weight_plan(self, name, index, rows)
+        return self.method.weight_plan(self, name, index, rows, piece)
 
     def process_weights_after_loading(self) -> None:
         if self.dequantize_after_load and isinstance(self.method, Fp8Linear):
@@ -164,4 +176,4 @@ class Linear(nn.Module):
             self.weight_scale_inv = None
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, method={self.method.name}"
+        return f"in={self.in_features}, out={self.out_features}, method={self.method.name}, tp={self.parallel.name}"

@@ -29,10 +29,12 @@ from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.layer_configs import MLAConfig
+from ..config.tensor_parallel import shard_attention
 from .dsa import LightningIndexer
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
+from .tp_linear import ColumnParallel, RowParallel
 
 # transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not config.rms_norm_eps.
 _LATENT_NORM_EPS = 1e-6
@@ -40,9 +42,22 @@ _LATENT_NORM_EPS = 1e-6
 
 class MLAAttention(nn.Module):
     def __init__(self, layer_idx: int, hidden_size: int, attn: MLAConfig, rope: RotaryEmbedding, kernels, dtype,
-                 device=None, quant=None, max_model_len: int = 1):
+                 device=None, quant=None, max_model_len: int = 1, tp=None):
+        """tp: the rank's TensorParallel (None: whole). Under TP each rank holds num_heads / size heads, as vLLM and
+        SGLang split MLA: q_b_proj and kv_b_proj column-parallel by head, o_proj row-parallel; the fused
+        q_a / kv_a projection (latent and roped key, every head's) and the latent cache are whole on every rank."""
         super().__init__()
+        size = tp.size if tp is not None else 1
+        attn = shard_attention(attn, size)
         self.layer_idx, self.attn, self.kernels, self.rope = layer_idx, attn, kernels, rope
+        h0 = tp.rank * attn.num_heads if size > 1 else 0  # this rank's first (global) head
+        self.head0, self.tp_size = h0, size
+        qb = kvb = o = None
+        if size > 1:
+            X, Dv = attn.qk_head_dim, attn.v_head_dim
+            qb = ColumnParallel((h0 * X,), (attn.num_heads * X,))
+            kvb = ColumnParallel((h0 * (attn.qk_nope_head_dim + Dv),), (attn.num_heads * (attn.qk_nope_head_dim + Dv),))
+            o = RowParallel(tp, h0 * Dv, attn.num_heads * Dv)
         N, C, P = attn.num_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
         self.q_rows = attn.q_lora_rank if attn.q_lora_rank is not None else N * attn.qk_head_dim
         f = dict(dtype=dtype, device=device)
@@ -59,13 +74,14 @@ class MLAAttention(nn.Module):
         if attn.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(attn.q_lora_rank, _LATENT_NORM_EPS, kernels, dtype, device)
             self.q_b_proj = Linear(attn.q_lora_rank, N * attn.qk_head_dim, linear_method(quant, p + "q_b_proj"),
-                                   kernels, **f)
+                                   kernels, **f, parallel=qb)
         self.kv_a_layernorm = RMSNorm(C, _LATENT_NORM_EPS, kernels, dtype, device)
         # Absorbed into the query and the output (never applied to activations): an FP8 kv_b_proj is
         # dequantized once at load.
         self.kv_b_proj = Linear(C, N * (attn.qk_nope_head_dim + attn.v_head_dim), linear_method(quant, p + "kv_b_proj"),
-                                kernels, **f, dequantize_after_load=True)
-        self.o_proj = Linear(N * attn.v_head_dim, hidden_size, linear_method(quant, p + "o_proj"), kernels, **f)
+                                kernels, **f, dequantize_after_load=True, parallel=kvb)
+        self.o_proj = Linear(N * attn.v_head_dim, hidden_size, linear_method(quant, p + "o_proj"), kernels, **f,
+                             parallel=o)
         self.o_bias = param(hidden_size, **f) if attn.attention_bias else None
         self.kv_scale = 1.0  # the fp8 latent cache's per-layer scale (as GQAAttention.k_scale)
         # DeepSeek Sparse Attention: this layer's lightning indexer (engine/models/dsa.py), None in a dense MLA layer and
@@ -140,6 +156,8 @@ class MLAAttention(nn.Module):
             return (), ()
         X, Dn, P, C = a.qk_head_dim, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
         head_X = torch.cat([torch.arange(Dn), Dn + deinterleave_rows(P)])
-        q_order = (torch.arange(a.num_heads)[:, None] * X + head_X[None, :]).reshape(-1)
+        # Every head's (the global layout); a TP shard's Linear cuts its own heads' rows out of it.
+        heads = a.num_heads * self.tp_size
+        q_order = (torch.arange(heads)[:, None] * X + head_X[None, :]).reshape(-1)
         kv_order = torch.cat([torch.arange(C), C + deinterleave_rows(P)])
         return ((q_order,),), ((kv_order,),)

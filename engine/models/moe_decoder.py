@@ -17,7 +17,6 @@ from typing import Collection
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import gate_up_order, make_expert_format
@@ -33,6 +32,7 @@ from .gqa import GQAAttention
 from .layers import DenseMLP, ForwardContext, RMSNorm
 from .mla import MLAAttention
 from .rope import RotaryEmbedding
+from .vocab_parallel import VocabShard
 
 
 class SharedExpertsMoE(nn.Module):
@@ -72,10 +72,14 @@ class SharedExpertsMoE(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, kernels, device,
-                 ep: ExpertParallel | None, stats: MoEStats, spec: ArchSpec | None = None, fused_experts: bool = False):
+                 ep: ExpertParallel | None, stats: MoEStats, spec: ArchSpec | None = None, fused_experts: bool = False,
+                 tp=None):
         """fused_experts: the checkpoint holds this layer's experts fused (experts.gate_up_proj), which decides
-        how FP8 experts lay out their gate and up blocks (moe/expert_weights.Fp8BlockExperts)."""
+        how FP8 experts lay out their gate and up blocks (moe/expert_weights.Fp8BlockExperts). tp: the rank's
+        TensorParallel (comm/tensor_parallel.py; None: no TP): attention and the dense MLP split over it, and the
+        MoE block takes only this rank's slice of the tokens (`stages`)."""
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
         dt, quant = cfg.dtype, cfg.quantization
         p = f"model.layers.{layer_idx}."
         moe_prefix, shared_name = (spec.moe_prefix, spec.shared_experts) if spec else ("mlp", "shared_experts")
@@ -89,10 +93,10 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, kernels, dt, device)
         elif attn.kind == "mla":
             self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, attn, rope, kernels, dt, device, quant,
-                                          cfg.max_model_len)
+                                          cfg.max_model_len, tp=self.tp)
         else:
             self.self_attn = GQAAttention(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, rope, kernels, dt,
-                                          device, quant, sinks_name=spec.sinks if spec else "sinks")
+                                          device, quant, sinks_name=spec.sinks if spec else "sinks", tp=self.tp)
         self.is_sparse = layer_idx in cfg.sparse_layers
         # The routed experts of this layer (None in a dense layer): EP, valid rows and the counters act on them.
         self.moe: MoELayer | None = None
@@ -113,7 +117,7 @@ class DecoderLayer(nn.Module):
                 prefix=f"{p}{moe_prefix}.{shared_name}."), gate))
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dt, device, kernels=kernels, quant=quant,
-                                prefix=p + "mlp.")
+                                prefix=p + "mlp.", tp=self.tp)
 
     def forward(self, positions_T, x_TD, residual_TD, ctx: ForwardContext):
         return run_stages(self.stages(positions_T, x_TD, residual_TD, ctx))
@@ -129,17 +133,39 @@ class DecoderLayer(nn.Module):
         h_TD, residual_TD = self.post_attention_layernorm.add_forward(h_TD, residual_TD)
         if self.moe is None:
             return self.mlp(h_TD), residual_TD
-        return (yield from self.mlp.stages(h_TD)), residual_TD
+        if self.tp is None:
+            return (yield from self.mlp.stages(h_TD)), residual_TD
+        return (yield from self._tp_moe_stages(h_TD)), residual_TD
+
+    def _tp_moe_stages(self, h_TD: torch.Tensor) -> Stages:
+        """The MoE block under TP. After the row-parallel all-reduce every rank of the TP group holds the same
+        h_TD; running the block on all of it on each rank would do the same expert work N times (vLLM issue
+        24134). So each rank takes its 1/N slice of the tokens (TensorParallel.token_rows) into the router, the EP
+        all-to-all (the experts are EP over the whole world) and the shared experts, and the group all-gathers
+        the slices' outputs back into [T, D]: one [T, D] all-gather per MoE layer, as vLLM's sequence-parallel
+        MoE does (an all-reduce of [T, D] would cost twice the bytes of a reduce-scatter + all-gather)."""
+        T = h_TD.shape[0]
+        lo, hi = self.tp.token_rows(T)
+        valid_T = self.moe.valid_rows_T  # a padded decode graph's real rows (set_valid_rows), cut like the tokens
+        if valid_T is not None:
+            self.moe.valid_rows_T = valid_T[lo:hi]
+        try:
+            y_tD = yield from self.mlp.stages(h_TD[lo:hi])
+        finally:
+            self.moe.valid_rows_T = valid_T
+        return self.tp.gather_rows(y_tD, T)
 
 
 class MoEDecoderForCausalLM(nn.Module):
     """Embedding → decoder layers → final norm; `compute_logits` applies the LM head to chosen rows."""
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, kernels, device: torch.device,
-                 ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None):
+                 ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, tp=None):
         """checkpoint_names: the tensors the checkpoint holds (None = per-expert layout), read for the experts'
-        on-disk layout per layer, as `weight_plan` reads it."""
+        on-disk layout per layer, as `weight_plan` reads it. tp: the rank's TensorParallel (None: no TP): the
+        layers split over it, and the embedding and LM head are vocab-parallel (vocab_parallel.py)."""
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
         if spec.attention != cfg.attention.kind:  # ModelConfig checks that every layer's is the model's kind
             raise ValueError(f"architecture {cfg.architecture} runs {spec.attention} attention, but its ModelConfig "
                              f"holds {cfg.attention.kind}.")
@@ -148,7 +174,10 @@ class MoEDecoderForCausalLM(nn.Module):
         self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
         self.moe_stats = MoEStats(len(cfg.sparse_layers), cfg.num_experts, device)
         dt = cfg.dtype
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
+        # Vocab rows this rank holds: all, or its ceil(V / N) shard under TP (rows past V stay zero).
+        self.vocab = VocabShard(cfg.vocab_size, self.tp)
+        rows = self.vocab.rows
+        self.embed_tokens = nn.Parameter(torch.zeros(rows, cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
         # One table per distinct rope (the layers that share one hold the same module): one for most models, one
         # per layer kind where the kinds rotate differently (MiMo-V2-Flash's full and sliding layers).
         ropes: dict = {}
@@ -164,12 +193,12 @@ class MoEDecoderForCausalLM(nn.Module):
         names = frozenset(checkpoint_names) if checkpoint_names is not None else frozenset()
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, rope_of(i), kernels, device, ep, self.moe_stats, spec,
-                         fused_experts=fused_experts_name(i) in names) for i in range(cfg.num_layers)
+                         fused_experts=fused_experts_name(i) in names, tp=self.tp) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dt, device)
         self.lm_head = (
             self.embed_tokens if cfg.tie_word_embeddings
-            else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
+            else nn.Parameter(torch.zeros(rows, cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
         )
 
     def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -181,7 +210,7 @@ class MoEDecoderForCausalLM(nn.Module):
         in flight), never otherwise; returns the final-normed hidden states [T, D]. engine/rank/step_plan.py drives
         it, alone or interleaved with another micro-batch's. With `ctx.aux` it also keeps the residual stream
         after the layers the capture names (an EAGLE-3 drafter's states: one add each, no sync)."""
-        x_TD = F.embedding(input_ids_T, self.embed_tokens)
+        x_TD = self.vocab.embed(input_ids_T, self.embed_tokens)
         residual_TD = None
         aux = ctx.aux  # an EAGLE-3 drafter's capture (models/layers.AuxCapture); None: the normal path, untouched
         for i, layer in enumerate(self.layers):
@@ -239,7 +268,8 @@ class MoEDecoderForCausalLM(nn.Module):
                 layer.linear_attn.replay_states(num_accepted_S)
 
     def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
-        return F.linear(h_SD, self.lm_head)
+        """[S, V] on every rank (under TP each rank's vocab shard, all-gathered: every rank samples the same)."""
+        return self.vocab.logits(h_SD, self.lm_head)
 
     # -- checkpoint mapping ---------------------------------------------------
     def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:
@@ -258,9 +288,9 @@ class MoEDecoderForCausalLM(nn.Module):
         """
         cfg = self.cfg
         names = frozenset(checkpoint_names) if checkpoint_names is not None else frozenset()
-        plan: WeightPlan = {"model.embed_tokens.weight": PlanEntry(self.embed_tokens, ())}
+        plan: WeightPlan = {"model.embed_tokens.weight": self.vocab.plan_entry(self.embed_tokens)}
         if not cfg.tie_word_embeddings:
-            plan["lm_head.weight"] = PlanEntry(self.lm_head, ())
+            plan["lm_head.weight"] = self.vocab.plan_entry(self.lm_head)
         plan.update(self.norm.weight_plan("model.norm.weight"))
         for i, layer in enumerate(self.layers):
             plan.update(layer_weight_plan(layer, i, cfg, self.spec, self.expert_ids, names))

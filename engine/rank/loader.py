@@ -131,14 +131,21 @@ def open_checkpoint(cfg: ModelConfig, load_format: str, device: torch.device,
 
 
 def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
-               progress: bool = False, load_format: str = "auto") -> MoEDecoderForCausalLM:
+               progress: bool = False, load_format: str = "auto", tp=None,
+               read_bytes: dict[str, int] | None = None) -> MoEDecoderForCausalLM:
     """Build the model for `cfg.architecture` on `device` and fill every parameter from the checkpoint (random
-    tensors for load_format "dummy")."""
+    tensors for load_format "dummy"). tp: the rank's TensorParallel (comm/tensor_parallel.py; None: no TP): the
+    model holds, and reads, this rank's shard of each split tensor. read_bytes: filled with the bytes read per
+    checkpoint tensor (tests and the TP benchmark)."""
     spec = arch_spec(cfg.architecture)
     checkpoint = open_checkpoint(cfg, load_format, device)
     names = frozenset(checkpoint.keys())  # they pick the experts' on-disk layout, which FP8 experts are built for
-    model_cls = DeepseekV4ForCausalLM if spec.attention == "dsv4" else MoEDecoderForCausalLM
-    model = model_cls(cfg, spec, kernels, device, ep, names)
+    if spec.attention == "dsv4":
+        if tp is not None and tp.size > 1:  # ParallelConfig's checks refuse it first; a direct caller too
+            raise ValueError(f"tensor_parallel_size={tp.size} is not supported for {cfg.architecture} yet.")
+        model = DeepseekV4ForCausalLM(cfg, spec, kernels, device, ep, names)
+    else:
+        model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep, names, tp=tp)
     plan = model.weight_plan(names)
     if getattr(cfg.quantization, "method", None) == "nvfp4":  # NVFP4 linears outside the experts: float at load
         plan = nvfp4_linear_plan(plan, names)
@@ -161,20 +168,24 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     if ignored:  # MiMo-V2-Flash's own MTP layers (model.mtp.*): a layout the engine does not build
         logger.info("checkpoint %s: %d tensors under %s not read (layers %s does not run; transformers ignores "
                     "them too).", cfg.model, len(ignored), ", ".join(spec.unread_prefixes), cfg.architecture)
-    load_plan(checkpoint, plan, device, progress)
+    load_plan(checkpoint, plan, device, progress, read_bytes)
     model.process_weights_after_loading()
     return model.eval()
 
 
-def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, progress: bool = False) -> None:
+def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, progress: bool = False,
+              read_bytes: dict[str, int] | None = None) -> None:
     """Fill every destination of `plan` (a weight plan or a part of one: elastic EP loads only the experts a
-    survivor newly holds, engine/rank/keep_runner.py) from `checkpoint`, one tensor at a time."""
+    survivor newly holds, engine/rank/keep_runner.py) from `checkpoint`, one tensor at a time; `read_bytes`
+    (when given) gets the bytes read of each tensor."""
     bar = _progress(len(plan), progress)
     with torch.no_grad():
         for st, names in checkpoint.open(plan):
             for name in names:
                 param, idx, source = plan[name]
                 src = _read(st, name, source)
+                if read_bytes is not None:
+                    read_bytes[name] = src.numel() * src.element_size()
                 if isinstance(param, QuantizeOnLoad):
                     _quantize_into(name, src, param, idx, device)
                 elif isinstance(param, (Nvfp4Piece, Repack, Int4Piece)):  # rewritten as read (NVFP4 / INT4)
@@ -236,6 +247,12 @@ def _read(st, name: str, src_idx: tuple) -> torch.Tensor:
     alone too, and the rest of the index applied to what they read: the same tensor as `full[src_idx]`."""
     if not src_idx:
         return st.get_tensor(name)
+    first = src_idx[0]
+    if isinstance(first, torch.Tensor) and first.dim() == 1 and len(first) and len(src_idx) == 1:
+        # A row order over a contiguous range (a TP shard of MLA's de-interleaved q_b rows): read the range alone.
+        lo, hi = int(first.min()), int(first.max()) + 1  # host ints of a load-time index, no device sync
+        if hi - lo == len(first):
+            return st.get_slice(name)[lo:hi][first - lo]
     if all(isinstance(i, slice) for i in src_idx):
         return st.get_slice(name)[src_idx]
     n = next(k for k, i in enumerate(src_idx) if not isinstance(i, slice))

@@ -32,11 +32,13 @@ from .spec_verify import SpecStep
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
 from ..contract.sampling_params import SamplingParams
 from .step_handle import DeviceResult, StepHandle
-from .kv_transfer import PagedKVBlocks, WorkerKVConnector, start_transfers
+from ..kv_transfer.blocks import PagedKVBlocks, WorkerKVConnector, start_transfers
 from .step_inputs import StepInputs, build_step_inputs
 from .input_batch import PersistentBatch
 from .step_plan import SingleBatch, TwoBatchOverlap
 
+
+from ..config.tensor_parallel import tp_local_config
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class ModelRunner:
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
                  graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
                  load_format: str = "auto", kv_connector: WorkerKVConnector | None = None, speculative=None,
-                 num_state_slots: int = 0, num_state_checkpoints: int = 0):
+                 num_state_slots: int = 0, num_state_checkpoints: int = 0, tp=None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 
@@ -58,17 +60,21 @@ class ModelRunner:
         `stream`: where device work runs relative to the host (engine/rank/device_stream.py; default inline, the
         serial loop).
         `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random).
-        `kv_connector`: the worker half of a KV connector (engine/rank/kv_transfer.py), which runs the KV loads
+        `kv_connector`: the worker half of a KV connector (engine/kv_transfer/blocks.py), which runs the KV loads
         and saves a step plans (`SchedulerOutput.kv_transfers`); None: no connector.
         `speculative`: a SpeculativeConfig (engine/config/speculative.py): its drafter proposes after each step.
         `num_state_slots`, `num_state_checkpoints`: the per-sequence state pools of a model with linear-attention
         layers (scheduler/hybrid_cache.py hands out the slots; engine/rank/state_cache.py holds them)."""
-        self.cfg = model_cfg
+        # Under TP (`tp`, comm/tensor_parallel.py) the rank's view: its attention heads, so its KV cache holds
+        # only its heads' K/V (engine/config/tensor_parallel.py); the model is built from the whole config + tp.
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.cfg = tp_local_config(model_cfg, tp.size) if self.tp is not None else model_cfg
         self.device = device
         self.step_plan = step_plan if step_plan is not None else SingleBatch()
         self.block_size = block_size
         self.kernels = select_kernels(device, kernels)
-        self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress, load_format=load_format)
+        self.model = load_model(model_cfg, self.kernels, device, ep, progress=load_progress, load_format=load_format,
+                                tp=self.tp)
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
         if model_cfg.state_layers and num_state_slots < 1:
             raise ValueError(f"num_state_slots={num_state_slots} is invalid for {model_cfg.architecture}: its "
@@ -452,6 +458,11 @@ class ModelRunner:
         # Penalties read their counts on the device (input_batch.PenaltyCounts): the outputs still in flight
         # are in them already, and this step's are counted right after it samples.
         result = self.sampler(logits_RV, meta)
+        if self.tp is not None:
+            # One token per sequence for the whole TP group: the logits are the same on every rank (gathered), but
+            # an unseeded random draw is each rank's own; the group's first rank's tokens are everyone's (the next
+            # step's inputs read them on the device).
+            self.tp.broadcast_first(result.token_ids_B)
         meta.record_penalised(result.token_ids_B)
         handle.sampled_R = result.token_ids_B  # stays on the device: the next step's inputs read it there
         res.tokens_R = to_host(result.token_ids_B)

@@ -33,6 +33,7 @@ class Worker:
         self.world_size = config.world_size
         self.device = self._pick_device(config.device)
         self.group = None
+        self.tp = None  # this rank's TensorParallel (comm/tensor_parallel.py) under TP, made with the process group
         self.runner: ModelRunner | None = None
         self._device_thread: int | None = None  # the thread _bind_device last made self.device current on
         self._mover = None  # an online-EPLB move under way (moe/expert_move.py ExpertMover)
@@ -81,6 +82,11 @@ class Worker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.group = init_process_group(self.rank, self.world_size, master_addr, master_port, backend,
                                         self.config.comm_timeout_s, local_addr=self.node_address())
+        if self.config.tensor_parallel_size > 1:
+            from moelink.comm.tensor_parallel import make_tp_group
+
+            # Every rank makes every TP group (torch's new_group is collective), in the same order; keeps its own.
+            self.tp = make_tp_group(self.rank, self.world_size, self.config.tensor_parallel_size)
 
     def load(self) -> None:
         self._bind_device()
@@ -113,7 +119,7 @@ class Worker:
                                   load_format=cfg.load_format,
                                   kv_connector=cfg.kv_connector.worker_side(self.rank) if cfg.kv_connector else None,
                                   speculative=cfg.speculative, num_state_slots=cfg.num_state_slots,
-                                  num_state_checkpoints=cfg.num_state_checkpoints)
+                                  num_state_checkpoints=cfg.num_state_checkpoints, tp=self.tp)
 
     def preload(self) -> bool:
         """A replacement rank, before it joins (engine/cluster/rejoin.py): load its share of `plan` (weights, placement
@@ -313,7 +319,7 @@ class Worker:
         self._launched.clear()
         if self.runner is not None:
             self.runner.quiesce(self.config.comm_timeout_s)
-            if self.runner.kv_connector is not None:  # its server socket and threads (engine/cluster/kv_remote.py)
+            if self.runner.kv_connector is not None:  # its server socket and threads (engine/kv_transfer/remote.py)
                 self.runner.kv_connector.close()
         if self.group is not None:
             from moelink.comm.process_group import destroy

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cluster.kv_wire import Deadline, KVFetchError
+from moelink.engine.kv_transfer.wire import Deadline, KVFetchError
 
 from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess, make_stubs
 from tests.helpers.kv_params import CAP, SECRET
@@ -105,7 +105,7 @@ def test_a_handoff_with_the_secret_loads_and_a_forged_capability_gets_nothing(pd
 
 
 def test_a_kv_client_without_the_secret_is_refused_at_the_handshake(pd):
-    from moelink.engine.cluster.kv_auth import SecretAuth
+    from moelink.engine.kv_transfer.auth import SecretAuth
 
     _, _, _, _, kv_port = pd
     for auth, match in ((SecretAuth(None), "requires the deployment's KV secret"),

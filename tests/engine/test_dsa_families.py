@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cluster.kv_inhost import InHostKVConnector, InHostKVStore
+from moelink.engine.kv_transfer.inhost import InHostKVConnector, InHostKVStore
 from moelink.engine.config.kv_sizing import kv_cache_bytes_per_token
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.dsa import LightningIndexer
@@ -130,7 +130,7 @@ def test_prefill_on_one_engine_decode_on_another(hf_tiny_model, name, index, mon
     """Engine A prefills and saves, engine B loads every layer's cache tensors (latent and indexer keys: float, or fp8
     rows with their scales) and decodes sparsely from them: B equals transformers (with fp8 keys, transformers whose
     indexer keys are rounded as the cache rounds them). A load without the keys would select from zeros."""
-    from moelink.engine.rank.kv_transfer import PagedKVBlocks
+    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
     from tests.helpers.parity import hf_greedy_nocache_with
 
     path = hf_tiny_model(name)

@@ -1,4 +1,4 @@
-"""engine/cluster/kv_collective.py on its own: the bytes over a gloo pair group, the group reused, and a server
+"""engine/kv_transfer/collective.py on its own: the bytes over a gloo pair group, the group reused, and a server
 process killed after its ok header, mid-transfer: the fetch fails within its deadline with the reason, the
 broken group is dropped, and the next fetch from a live server builds a new one."""
 from __future__ import annotations
@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from moelink.engine.cluster import kv_collective
-from moelink.engine.cluster.kv_collective import CollectiveKVServer, collective_fetch
-from moelink.engine.cluster.kv_store import SavedKVStore
-from moelink.engine.cluster.kv_wire import KVFetchError
-from moelink.engine.rank.kv_transfer import SavedKV
+from moelink.engine.kv_transfer import collective as kv_collective
+from moelink.engine.kv_transfer.collective import CollectiveKVServer, collective_fetch
+from moelink.engine.kv_transfer.store import SavedKVStore
+from moelink.engine.kv_transfer.wire import KVFetchError
+from moelink.engine.kv_transfer.blocks import SavedKV
 
 from tests.helpers.kv_params import NO_KV
 from tests.helpers.net import free_port, listening
@@ -53,10 +53,10 @@ def test_bytes_over_a_pair_group_reused_and_refusals_make_no_group():
 
 SERVER = textwrap.dedent("""
     import sys, time, torch
-    from moelink.engine.cluster import kv_collective
-    from moelink.engine.cluster.kv_collective import CollectiveKVServer
-    from moelink.engine.cluster.kv_store import SavedKVStore
-    from moelink.engine.rank.kv_transfer import SavedKV
+    from moelink.engine.kv_transfer import collective as kv_collective
+    from moelink.engine.kv_transfer.collective import CollectiveKVServer
+    from moelink.engine.kv_transfer.store import SavedKVStore
+    from moelink.engine.kv_transfer.blocks import SavedKV
     port = int(sys.argv[1])
     layout = (("full", (("torch.float32", (4, 2, 8)), ("torch.float32", (4, 2, 8)))),)
     rows = tuple(torch.zeros((3, 4, 2, 32), dtype=torch.uint8) for _ in range(2))

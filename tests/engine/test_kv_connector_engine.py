@@ -1,4 +1,4 @@
-"""The KV connector seam end to end with the in-host reference (engine/cluster/kv_inhost.py): engine A prefills
+"""The KV connector seam end to end with the in-host reference (engine/kv_transfer/inhost.py): engine A prefills
 and saves each prompt's KV, engine B (another LLM, same checkpoint) loads it instead of prefilling and decodes,
 and B's greedy outputs equal one engine's that did everything itself, for every KV kind: GQA's (k, v), MLA's
 latent, gpt-oss's full and sliding tables on shared tensors, an fp8 cache. A load into a cache of another layout
@@ -11,7 +11,7 @@ import pickle
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cluster.kv_inhost import InHostKVConnector, InHostKVStore
+from moelink.engine.kv_transfer.inhost import InHostKVConnector, InHostKVStore
 
 from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
 from tests.helpers.parity import prompts
@@ -68,7 +68,7 @@ def test_prefill_on_one_engine_decode_on_another(kind, tiny_model, hf_tiny_model
 
 
 def test_load_after_a_prefix_cache_hit_copies_only_the_blocks_past_it(tiny_model, monkeypatch):
-    from moelink.engine.rank.kv_transfer import PagedKVBlocks
+    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
 
     path = tiny_model("qwen3_e6k3")
     shared = prompts(200, seed=6, n=2, lo=8, hi=8)[0]  # two blocks of 4

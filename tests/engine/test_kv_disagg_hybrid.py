@@ -1,6 +1,6 @@
 """Prefill/decode disaggregation of a hybrid model (Qwen3-Next: gated DeltaNet beside full attention, issue 42):
 each linear-attention layer's conv and recurrent state travels beside the full-attention layers' KV blocks, as
-typed "state" groups of the wire layout (engine/rank/kv_transfer.py, kv_wire VERSION 3), and the decode engine's
+typed "state" groups of the wire layout (engine/kv_transfer/blocks.py, wire VERSION 3), and the decode engine's
 slot takes it (scheduler/kv_connector.py: both sides move the prompt's first n - 1 tokens).
 
 Both engines run here (the remote connector over TCP or shared memory, as across processes):
@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cluster import kv_tcp
-from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
+from moelink.engine.kv_transfer import tcp as kv_tcp
+from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
-from moelink.engine.rank.kv_transfer import STATE
+from moelink.engine.kv_transfer.blocks import STATE
 
 from tests.helpers.hf_checkpoints import VOCAB
 from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder
@@ -97,7 +97,7 @@ def test_state_travels_with_the_kv_and_decode_equals_one_engine(case, transport)
 
 def test_a_cut_stream_frees_every_block_and_slot_and_recomputes(case, monkeypatch):
     """The prefill server sends a reply's header and half of its first tensor, then closes the connection."""
-    from moelink.engine.cluster.kv_wire import saved_header, send_header
+    from moelink.engine.kv_transfer.wire import saved_header, send_header
 
     def cut(sock, saved, query=None, deadline=None):
         send_header(sock, saved_header(saved))

@@ -1,4 +1,4 @@
-"""Prefill/decode disaggregation across processes over TCP (engine/cluster/kv_remote.py): a prefill engine in a
+"""Prefill/decode disaggregation across processes over TCP (engine/kv_transfer/remote.py): a prefill engine in a
 process this test starts (tests/helpers/kv_prefill_process.py, on 127.0.0.1) prefills each prompt with
 max_tokens=1 and serves the saved KV; an engine here fetches it by the prefill request's id, decodes, and its
 greedy outputs equal one engine's that did everything, for GQA (Qwen3-MoE), MLA (DeepSeek-V3) and gpt-oss
@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from moelink.engine.cluster.kv_remote import RemoteKVConfig
+from moelink.engine.kv_transfer.remote import RemoteKVConfig
 from moelink.scheduler.request import RequestStatus
 
 from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
@@ -65,7 +65,7 @@ def test_prefill_in_another_process_decode_here(kind, tiny_model, hf_tiny_model,
 
 
 def test_prefill_in_another_process_over_shared_memory(tiny_model):
-    from moelink.engine.cluster.kv_shm import unix_socket_path
+    from moelink.engine.kv_transfer.shm import unix_socket_path
 
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=14, n=4, lo=5, hi=23)
@@ -153,7 +153,7 @@ def test_fetch_cut_off_midway_frees_the_blocks_and_recomputes(fault, tiny_model)
 def test_prefill_in_another_process_over_a_collective_group(tiny_model):
     """The "collective" transport: the exchange on the TCP socket, the bytes over a gloo pair group (NCCL on GPU
     ranks); the group is made by the first fetch and reused by the rest."""
-    from moelink.engine.cluster import kv_collective
+    from moelink.engine.kv_transfer import collective as kv_collective
 
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=15, n=4, lo=5, hi=23)
@@ -179,7 +179,7 @@ def test_prefill_in_another_process_over_a_collective_group(tiny_model):
 
 
 def test_collective_fetch_from_a_killed_prefill_process_recomputes(tiny_model):
-    from moelink.engine.cluster import kv_collective
+    from moelink.engine.kv_transfer import collective as kv_collective
 
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=16, n=2, lo=6, hi=14)

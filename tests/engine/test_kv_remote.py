@@ -1,4 +1,4 @@
-"""The remote KV connector's parts (engine/cluster/kv_remote.py and what it uses): validated parameters and
+"""The remote KV connector's parts (engine/kv_transfer/remote.py and what it uses): validated parameters and
 config, the prefill side's bounded store, the wire's checks against a wrong or hostile peer, the TCP server's
 binding and its clean close, and two engines of one process over TCP for what needs no second process (a
 layout mismatch named in words, the store bounded by TTL and by bytes). The separate-process runs and faults
@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteKVConnector, RemoteSource
-from moelink.engine.cluster.kv_store import SavedKVStore
-from moelink.engine.cluster.kv_tcp import TCPKVServer, tcp_fetch
-from moelink.engine.cluster.kv_wire import VERSION, KVFetchError, layout_to_json, send_header
+from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector, RemoteSource
+from moelink.engine.kv_transfer.store import SavedKVStore
+from moelink.engine.kv_transfer.tcp import TCPKVServer, tcp_fetch
+from moelink.engine.kv_transfer.wire import VERSION, KVFetchError, layout_to_json, send_header
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
-from moelink.engine.rank.kv_transfer import SavedKV, layout_difference
+from moelink.engine.kv_transfer.blocks import SavedKV, layout_difference
 
 from tests.helpers.kv_params import CAP, NO_KV, decode_kv
 from tests.helpers.net import free_port, listening
@@ -157,7 +157,7 @@ def test_server_binds_only_where_asked_serves_once_and_closes_clean():
 
 
 def test_a_peer_that_is_not_a_kv_server_fails_the_fetch_in_time():
-    from moelink.engine.cluster.kv_wire import recv_header
+    from moelink.engine.kv_transfer.wire import recv_header
 
     with socket.socket() as lsock:
         lsock.bind(("127.0.0.1", 0))
@@ -250,7 +250,7 @@ def test_kv_transfer_params_on_an_engine_without_a_connector_are_refused(tiny_mo
 
 
 def test_shared_memory_transport_serves_once_refuses_by_name_and_leaves_nothing():
-    from moelink.engine.cluster.kv_shm import ShmKVServer, shm_fetch, unix_socket_path
+    from moelink.engine.kv_transfer.shm import ShmKVServer, shm_fetch, unix_socket_path
 
     port = free_port()
     path = unix_socket_path("127.0.0.1", port)
@@ -283,8 +283,8 @@ def test_a_rewind_drops_loads_in_flight_without_writing_them():
     """Elastic EP's rewind counts the transfers in flight failed (scheduler/recovery.py) and the runner calls
     drop_pending: a fetch that arrives afterwards writes nothing (its blocks may be another request's) and is
     never reported."""
-    from moelink.engine.cluster.kv_remote import RemoteWorkerSide
-    from moelink.engine.rank.kv_transfer import PagedKVBlocks
+    from moelink.engine.kv_transfer.remote import RemoteWorkerSide
+    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
     from moelink.scheduler.outputs import KVTransfer
 
     port = free_port()

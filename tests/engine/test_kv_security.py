@@ -1,5 +1,5 @@
 """The KV plane as an attacker on loopback sees it (issue 41, hardening round 4): raw sockets against real KV
-servers (engine/cluster/kv_server.py and the transports), one regression test per finding and its variations.
+servers (engine/kv_transfer/server.py and the transports), one regression test per finding and its variations.
 
 High 1: no prompt echoed, no key-existence oracle, exact tokens, nothing consumed by a failed fetch, capabilities
         not derived from request ids, peers authenticated by the deployment secret.
@@ -24,13 +24,13 @@ import time
 import pytest
 import torch
 
-from moelink.engine.cluster.kv_auth import SecretAuth, load_secret, new_capability
-from moelink.engine.cluster.kv_server import KVSocketServer, ServerLimits
-from moelink.engine.cluster.kv_store import SavedKVStore
-from moelink.engine.cluster.kv_tcp import TCPKVServer, bound_socket, tcp_fetch
-from moelink.engine.cluster.kv_wire import (MAGIC, VERSION, Deadline, KVFetchError, layout_to_json, recv_header, send_header,
+from moelink.engine.kv_transfer.auth import SecretAuth, load_secret, new_capability
+from moelink.engine.kv_transfer.server import KVSocketServer, ServerLimits
+from moelink.engine.kv_transfer.store import SavedKVStore
+from moelink.engine.kv_transfer.tcp import TCPKVServer, bound_socket, tcp_fetch
+from moelink.engine.kv_transfer.wire import (MAGIC, VERSION, Deadline, KVFetchError, layout_to_json, recv_header, send_header,
                                             tokens_to_bytes)
-from moelink.engine.rank.kv_transfer import SavedKV
+from moelink.engine.kv_transfer.blocks import SavedKV
 
 from tests.helpers.kv_params import NO_KV, SECRET
 from tests.helpers.net import free_port, listening
@@ -116,7 +116,7 @@ def test_the_ok_reply_carries_no_prompt(server):
 
 
 def test_capabilities_are_random_per_save_not_derived_from_request_ids():
-    from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
+    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
     from moelink.scheduler.request import Request
 
     side = RemoteKVConnector(RemoteKVConfig(port=free_port())).scheduler_side(0)
@@ -174,7 +174,7 @@ def test_a_decode_engine_sends_nothing_to_a_peer_that_does_not_prove_the_secret(
 
 
 def test_the_secret_is_required_off_loopback_and_read_only_from_a_private_file(tmp_path):
-    from moelink.engine.cluster.kv_remote import RemoteKVConfig
+    from moelink.engine.kv_transfer.remote import RemoteKVConfig
 
     with pytest.raises(ValueError, match=r"RemoteKVConfig\.secret=None is invalid with host='10\.0\.0\.5'.*--kv-secret-file"):
         RemoteKVConfig(port=5600, host="10.0.0.5")
@@ -331,8 +331,8 @@ def test_a_trickling_peer_is_cut_off_at_the_whole_message_deadline(server):
 
 # ------------------------------------------------------------------------------------------- High 5
 def test_the_collective_rendezvous_binds_the_fetch_address_only_and_closes_after_refusals():
-    from moelink.engine.cluster import kv_collective
-    from moelink.engine.cluster.kv_collective import CollectiveKVServer, collective_fetch
+    from moelink.engine.kv_transfer import collective as kv_collective
+    from moelink.engine.kv_transfer.collective import CollectiveKVServer, collective_fetch
 
     port = free_port()
     store = SavedKVStore(60.0, 1 << 24)
@@ -357,7 +357,7 @@ def test_the_collective_rendezvous_binds_the_fetch_address_only_and_closes_after
 
 
 def test_a_collective_server_joins_only_a_rendezvous_on_its_clients_address(server):
-    from moelink.engine.cluster.kv_collective import CollectiveKVServer
+    from moelink.engine.kv_transfer.collective import CollectiveKVServer
 
     store = SavedKVStore(60.0, 1 << 24)
     port = free_port()
@@ -389,7 +389,7 @@ def test_saved_kv_past_its_ttl_is_freed_while_the_engine_is_idle():
 
 @pytest.mark.parametrize("host", ["../../tmp/x", "a/b", "..", "127.0.0.1/../../x", "a b"])
 def test_shm_socket_paths_come_from_validated_hosts_only(host):
-    from moelink.engine.cluster.kv_shm import shm_fetch, unix_socket_path
+    from moelink.engine.kv_transfer.shm import shm_fetch, unix_socket_path
     from moelink.engine.contract.kv_transfer_params import KVTransferParams
 
     from tests.helpers.kv_params import decode_kv
@@ -403,8 +403,8 @@ def test_shm_socket_paths_come_from_validated_hosts_only(host):
 
 
 def test_shm_replies_never_carry_an_earlier_replys_bytes(monkeypatch):
-    from moelink.engine.cluster import kv_shm
-    from moelink.engine.cluster.kv_shm import ShmKVServer, shm_fetch
+    from moelink.engine.kv_transfer import shm as kv_shm
+    from moelink.engine.kv_transfer.shm import ShmKVServer, shm_fetch
 
     port = free_port()
     store = SavedKVStore(60.0, 1 << 26)

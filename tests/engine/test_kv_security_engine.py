@@ -16,7 +16,7 @@ import time
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
+from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
 
 from tests.helpers.kv_params import SECRET, decode_kv, decode_params

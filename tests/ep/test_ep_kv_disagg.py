@@ -1,4 +1,4 @@
-"""Prefill/decode disaggregation with expert parallelism on one side (engine/cluster/kv_remote.py): the remote
+"""Prefill/decode disaggregation with expert parallelism on one side (engine/kv_transfer/remote.py): the remote
 KV connector travels to Ray ranks as its config (addresses, no sockets), each rank serves or fetches for its
 own requests (data-parallel attention keeps a request's KV on the rank that computed it).
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine import LLM
-from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
+from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 
 from tests.helpers.kv_disagg import KW, MAX_NEW, READY_S, Decoder, PrefillProcess, decode_params, one_engine
 from tests.helpers.net import free_port

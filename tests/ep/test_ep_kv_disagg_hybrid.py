@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine import LLM
-from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
+from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 
 from tests.helpers.hf_checkpoints import VOCAB
 from tests.helpers.kv_disagg import KW, MAX_NEW, READY_S, PrefillProcess, decode_params, one_engine

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
+from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
 
 from .local_ray import LOOPBACK_ENV

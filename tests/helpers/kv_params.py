@@ -3,7 +3,7 @@ a capability of the right shape, a deployment secret, the one refusal a server g
 serve, and decode-side kv_transfer_params naming a source (engine/contract/kv_transfer_params.py)."""
 from __future__ import annotations
 
-from moelink.engine.cluster.kv_server import NO_KV  # noqa: F401 (re-exported: what refusals are matched against)
+from moelink.engine.kv_transfer.server import NO_KV  # noqa: F401 (re-exported: what refusals are matched against)
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
 
 CAP = "test-capability-0123456789"  # the shape a prefill engine's remote_kv_token has (22+ URL-safe characters)

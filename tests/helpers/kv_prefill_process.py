@@ -21,12 +21,12 @@ import threading
 
 
 def _stall_the_server() -> None:
-    from moelink.engine.cluster import kv_tcp
+    from moelink.engine.kv_transfer import tcp as kv_tcp
 
     printing = threading.Lock()  # one line per stalled connection, never two interleaved
 
     def send_saved(sock, saved, query=None, deadline=None):
-        from moelink.engine.cluster.kv_wire import saved_header, send_header
+        from moelink.engine.kv_transfer.wire import saved_header, send_header
 
         send_header(sock, saved_header(saved))
         first = saved.groups[0][1][0].contiguous().numpy().tobytes()
@@ -40,7 +40,7 @@ def _stall_the_server() -> None:
 
 def main(spec: dict) -> None:
     from moelink.engine import LLM, SamplingParams
-    from moelink.engine.cluster.kv_remote import RemoteKVConfig, RemoteKVConnector
+    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
     from moelink.engine.contract.kv_transfer_params import KVTransferParams
 
     if spec.get("stall"):

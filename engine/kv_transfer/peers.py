@@ -11,7 +11,7 @@ configured (None) means loopback only: 127.0.0.0/8, ::1 and "localhost", any por
 
 Host names follow RFC 1123 (letters, digits and hyphens in dot-separated labels of 1-63 characters, 253 in
 all); IP literals are what `ipaddress` parses. Nothing else is a host here: no '/', no '..', no spaces, no
-URLs (the shared-memory transport derives a socket path from the host, engine/cluster/kv_shm.py).
+URLs (the shared-memory transport derives a socket path from the host, engine/kv_transfer/shm.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A decode rank's side of one KV fetch, shared by the transports (kv_tcp.py, kv_shm.py, kv_collective.py): the
+"""A decode rank's side of one KV fetch, shared by the transports (tcp.py, shm.py, collective.py): the
 handshake, the request, the first reply header; what follows the header is each transport's own.
 
 Deadlines (all of them, so a silent, slow or hostile peer costs seconds, not the whole fetch timeout): the connect
@@ -6,15 +6,15 @@ Deadlines (all of them, so a silent, slow or hostile peer costs seconds, not the
 (the server answers within it: it waits at most half of it for a save still on its way); the whole fetch,
 connection to last byte, within `total_s`. The prompt's token ids and the capability are sent only once the
 handshake has succeeded, i.e. with a deployment secret, only to a peer that proved it holds it
-(engine/cluster/kv_auth.py).
+(engine/kv_transfer/auth.py).
 """
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
 
-from .kv_auth import NO_SECRET, PeerAuth
-from .kv_wire import VERSION, Deadline, layout_to_json, recv_header, send_header, tokens_to_bytes
+from .auth import NO_SECRET, PeerAuth
+from .wire import VERSION, Deadline, layout_to_json, recv_header, send_header, tokens_to_bytes
 
 
 @dataclass(frozen=True)

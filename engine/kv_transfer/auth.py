@@ -1,7 +1,7 @@
 """Who may use the KV plane: a deployment secret both engines prove they hold, and per-request capabilities.
 
 Peers. Every KV connection starts with a handshake, before anything else on it is read or sent (the transports,
-engine/cluster/kv_server.py and kv_client.py, run it; a NIXL data plane would run the same one on its side
+engine/kv_transfer/server.py and client.py, run it; a NIXL data plane would run the same one on its side
 channel). The decode side (client) says hello with a fresh 32-byte nonce; the prefill side (server) answers with
 its own nonce and, when the deployment has a secret, its proof HMAC-SHA256(secret, "moelink-kv server" | client
 nonce | server nonce); the client checks it (constant time) and only then proves itself with HMAC-SHA256(secret,
@@ -14,13 +14,13 @@ of moelink before version 2), gets one clear refusal naming both versions.
 
 The secret: `--kv-secret-file PATH` (a file no other user may read) or the MOELINK_KV_SECRET environment
 variable, at least MIN_SECRET_BYTES bytes, the same on every prefill and decode server of a deployment. Required
-whenever a KV listener or peer is not on loopback (engine/cluster/kv_remote.py refuses the config otherwise);
+whenever a KV listener or peer is not on loopback (engine/kv_transfer/remote.py refuses the config otherwise);
 without one (loopback only) the handshake authenticates nobody, and a decode engine does not register what it
 loads for prefix reuse (the prefill side cannot be told apart from another local process, scheduler/kv_connector.py).
 
 Capabilities. A prefill engine saves each request's KV under a fresh random 128-bit token (`new_capability`), not
 under anything derived from request ids, and hands it out only in that request's own output
-(kv_transfer_params.remote_kv_token); a fetch must name it and prove the whole prompt (engine/cluster/kv_server.py).
+(kv_transfer_params.remote_kv_token); a fetch must name it and prove the whole prompt (engine/kv_transfer/server.py).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from typing import Protocol
 
 from moelink.engine.contract.kv_transfer_params import is_kv_token as is_capability
 
-from .kv_wire import MAX_HELLO_BYTES, VERSION, Deadline, KVFetchError, recv_header, send_header
+from .wire import MAX_HELLO_BYTES, VERSION, Deadline, KVFetchError, recv_header, send_header
 
 SECRET_ENV = "MOELINK_KV_SECRET"
 MIN_SECRET_BYTES = 16

@@ -20,7 +20,7 @@ step's forward and `start_save` after it, inside the step's device work (so in t
 reads the KV the step wrote, a load lands before any later step reads it), and `poll()` when it collects the
 step; the transfers ids polled go back to the scheduler (`ModelRunnerOutput.kv_transfers_done`). A start
 returns at once for a transport that moves bytes in the background and reports them done at a later poll; the
-in-host reference (engine/cluster/kv_inhost.py) copies while it starts and reports at the next poll.
+in-host reference (engine/kv_transfer/inhost.py) copies while it starts and reports at the next poll.
 """
 from __future__ import annotations
 

@@ -1,22 +1,22 @@
 """The TCP KV transport: a prefill rank serves its saved KV on one port, a decode rank fetches it by key.
 
-One fetch is one connection: the handshake (engine/cluster/kv_auth.py), then the decode side's request (the
-capability, its cache layout, the prompt's token ids) and the server's answer: the KV (engine/cluster/kv_wire.py)
-or a refusal that never says whether the key exists (engine/cluster/kv_server.py, which also bounds connections,
+One fetch is one connection: the handshake (engine/kv_transfer/auth.py), then the decode side's request (the
+capability, its cache layout, the prompt's token ids) and the server's answer: the KV (engine/kv_transfer/wire.py)
+or a refusal that never says whether the key exists (engine/kv_transfer/server.py, which also bounds connections,
 sizes and deadlines). The server binds exactly the host it is given (127.0.0.1 unless asked otherwise); `close()`
 stops its threads and closes every socket. Every blocking call on both sides runs against a deadline, so a peer
-that stops answering ends a fetch with an error, never a hang (kv_client.py).
+that stops answering ends a fetch with an error, never a hang (client.py).
 """
 from __future__ import annotations
 
 import socket
 
-from .kv_auth import PeerAuth
-from .kv_client import FetchTimeouts, request_kv
-from .kv_server import KVSocketServer, ServerLimits
-from .kv_store import SavedKVStore
-from .kv_wire import Deadline, KVFetchError, Staging, recv_saved, send_saved, socket_take
-from ..rank.kv_transfer import SavedKV
+from .auth import PeerAuth
+from .client import FetchTimeouts, request_kv
+from .server import KVSocketServer, ServerLimits
+from .store import SavedKVStore
+from .wire import Deadline, KVFetchError, Staging, recv_saved, send_saved, socket_take
+from .blocks import SavedKV
 
 
 def bound_socket(host: str, port: int) -> socket.socket:
@@ -43,7 +43,7 @@ def tcp_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int
               auth: PeerAuth | None = None, first_byte_s: float = FetchTimeouts.first_byte_s) -> SavedKV:
     """The KV saved under `key` on (host, port) for exactly `token_ids`, for this rank's cache `layout`, received
     into host memory (pinned when `pin`: it goes on to a GPU), each group handed to `on_group` as it arrives when
-    one is given (kv_wire.recv_saved); KVFetchError (with the reason) on anything short of all of it within
+    one is given (wire.recv_saved); KVFetchError (with the reason) on anything short of all of it within
     `timeout_s` (the handshake and the reply's header each within `first_byte_s`)."""
     where = f"fetching KV from {host}:{port}"
     deadline = Deadline(timeout_s, where)

@@ -1,5 +1,5 @@
 """The remote KV connector: a prefill engine and a decode engine, in separate processes or hosts, move a
-request's prompt KV over a named transport (engine/cluster/kv_transport.py: "tcp", or "shm" on one host).
+request's prompt KV over a named transport (engine/kv_transfer/transport.py: "tcp", or "shm" on one host).
 
     # prefill process: rank r serves the KV it saved on port + r of 127.0.0.1
     conn = RemoteKVConnector(RemoteKVConfig(port=5600))
@@ -16,9 +16,9 @@ Scheduler half (driver): a request whose `SamplingParams.kv_transfer_params` say
 its prompt is computed; one that says `do_remote_prefill` loads its whole prompt's KV (the scheduler then
 computes only the last prompt token, for its logits), and the load carries where from (`RemoteSource`, in
 `KVTransfer.params`). Worker half (each rank): a save copies the blocks to host memory into the rank's bounded
-store (engine/cluster/kv_store.py: dropped once fetched, after `ttl_s`, or oldest first past
+store (engine/kv_transfer/store.py: dropped once fetched, after `ttl_s`, or oldest first past
 `max_saved_bytes`), which the transport serves; a load fetches on a thread of its own (the step loop goes on)
-that writes each layer's blocks as they arrive (engine/cluster/kv_arrival.py) into the request's blocks,
+that writes each layer's blocks as they arrive (engine/kv_transfer/arrival.py) into the request's blocks,
 reserved by the scheduler since the load began, and the rank's first `poll` after the last has landed reports it.
 A save's copy to host memory is asynchronous on a GPU (`PagedKVBlocks.read_async`, a side stream): the store
 announces its key at once and serves it when the poll that finds the copy done puts it there. Anything short of
@@ -50,15 +50,15 @@ from moelink.scheduler.kv_connector import LoadLimits
 from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
 
-from ..rank.kv_transfer import PagedKVBlocks, PendingRead
-from .kv_arrival import ArrivalWriter, LoadDropped, LoadWriteFailed
-from .kv_auth import SecretAuth, is_capability, new_capability
-from .kv_config import WILDCARD_HOSTS, RemoteKVConfig, RemoteSource
-from .kv_peers import describe_peers, peer_allowed
-from .kv_server import ServerLimits
-from .kv_store import SavedKVStore
-from .kv_transport import make_transport
-from .kv_wire import KVFetchError
+from .blocks import PagedKVBlocks, PendingRead
+from .arrival import ArrivalWriter, LoadDropped, LoadWriteFailed
+from .auth import SecretAuth, is_capability, new_capability
+from .config import WILDCARD_HOSTS, RemoteKVConfig, RemoteSource
+from .peers import describe_peers, peer_allowed
+from .server import ServerLimits
+from .store import SavedKVStore
+from .transport import make_transport
+from .wire import KVFetchError
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class RemoteWorkerSide:
                 with self._lock:
                     self._writers.add(writer)
                 try:
-                    # Each group is written into the blocks as it arrives (kv_arrival.py).
+                    # Each group is written into the blocks as it arrives (arrival.py).
                     self.transport.fetch(src.host, port, src.key, kv.layout, want, max_blocks, left, kv.device,
                                          on_group=writer)
                 except KVFetchError as exc:

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..rank.kv_transfer import SavedKV
+from .blocks import SavedKV
 
 
 @dataclass
@@ -43,7 +43,7 @@ class SavedKVStore:
         self._saved: OrderedDict[str, tuple[float, SavedKV]] = OrderedDict()  # oldest first
         self._bytes = 0
         self.counters = StoreCounters()
-        # The layout of what this rank saves (its cache's, engine/rank/kv_transfer.py), known from the first save:
+        # The layout of what this rank saves (its cache's, engine/kv_transfer/blocks.py), known from the first save:
         # a server refuses a decode engine of another layout by name, whatever key it asks for.
         self.layout: tuple | None = None
 
@@ -64,7 +64,7 @@ class SavedKVStore:
         self._arrived.notify_all()
 
     def put(self, key: str, saved: SavedKV) -> None:
-        """Hold `saved` under `key` (a capability, engine/cluster/kv_auth.py) until fetched, expired or evicted."""
+        """Hold `saved` under `key` (a capability, engine/kv_transfer/auth.py) until fetched, expired or evicted."""
         with self._lock:
             self._settle(key)
             self._expire()

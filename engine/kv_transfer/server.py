@@ -1,10 +1,10 @@
-"""A prefill rank's KV server: serves its saved-KV store (engine/cluster/kv_store.py) to decode engines, one fetch
-per connection, on a listening socket a transport gives it (TCP, engine/cluster/kv_tcp.py; a Unix socket,
-kv_shm.py; the collective transport's TCP side, kv_collective.py).
+"""A prefill rank's KV server: serves its saved-KV store (engine/kv_transfer/store.py) to decode engines, one fetch
+per connection, on a listening socket a transport gives it (TCP, engine/kv_transfer/tcp.py; a Unix socket,
+shm.py; the collective transport's TCP side, collective.py).
 
 A connection, in order, each step within ServerLimits.handshake_timeout_s of accept (a whole-message deadline,
 not a per-read one: a peer trickling bytes is cut off at it):
-  1. the handshake (engine/cluster/kv_auth.py): versions, and with a deployment secret both sides' proofs;
+  1. the handshake (engine/kv_transfer/auth.py): versions, and with a deployment secret both sides' proofs;
   2. the request: a header (at most 64 KiB: the key, the decode rank's layout, `num_tokens`), then the prompt's
      token ids as raw int32, at most `max_prompt_tokens` of them, received as they arrive;
   3. the answer: an ok reply with the KV (within `io_timeout_s`), or a refusal.
@@ -31,10 +31,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..rank.kv_transfer import SavedKV, layout_difference
-from .kv_auth import NO_SECRET, KVRefused, PeerAuth
-from .kv_store import SavedKVStore
-from .kv_wire import (MAX_HELLO_BYTES, VERSION, Deadline, KVFetchError, layout_from_json, recv_header, recv_tokens,
+from .blocks import SavedKV, layout_difference
+from .auth import NO_SECRET, KVRefused, PeerAuth
+from .store import SavedKVStore
+from .wire import (MAX_HELLO_BYTES, VERSION, Deadline, KVFetchError, layout_from_json, recv_header, recv_tokens,
                       send_header, send_saved, tokens_to_bytes)
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ A message is a JSON header (4-byte magic, 4-byte big-endian length, UTF-8 JSON) 
 header declares: a request's prompt token ids (little-endian int32, `num_tokens` of them), an ok reply's saved
 tensors in order. JSON and raw bytes, never pickle: a pickle from the network runs code, and neither token ids
 nor a tensor need an encoding. Every size is bounded before anything is allocated for it: a header at most
-MAX_HEADER_BYTES (MAX_HELLO_BYTES before a peer has authenticated, engine/cluster/kv_auth.py), token ids at most
+MAX_HEADER_BYTES (MAX_HELLO_BYTES before a peer has authenticated, engine/kv_transfer/auth.py), token ids at most
 the server's `max_prompt_tokens` and received as they arrive, and every shape an ok reply declares is checked
 against the fetching rank's own cache layout before it reads a byte of it, so a wrong or hostile reply cannot
 make it allocate more than the blocks it asked for. Every receive runs against a whole-message `Deadline` (not a
@@ -15,7 +15,7 @@ with the saved one), so nothing of it is echoed back. A layout is typed per grou
 "sliding" groups are blocks of a table, a "state" group a hybrid model's per-sequence state (one row, the state at
 the transfer's `num_tokens`); both sides' layouts must be equal, so a state travels only between hybrid engines.
 
-Legend: N blocks, X the bytes of one block row of a cache tensor (engine/rank/kv_transfer.py).
+Legend: N blocks, X the bytes of one block row of a cache tensor (engine/kv_transfer/blocks.py).
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ import time
 import numpy as np
 import torch
 
-from ..rank.kv_transfer import SavedKV
+from .blocks import SavedKV
 
 MAGIC = b"MLKV"
 # 2: authenticated handshake, capabilities, token ids as raw int32 after the header, no ids echoed; 3: typed groups
 # (a layout's group kind "state": a linear-attention layer's per-sequence state beside the KV blocks,
-# engine/rank/kv_transfer.py), so a version-2 peer, which would take a state group for blocks, is refused.
+# engine/kv_transfer/blocks.py), so a version-2 peer, which would take a state group for blocks, is refused.
 VERSION = 3
 MAX_HEADER_BYTES = 64 << 10  # a header holds a key, a layout and block shapes, never token ids or KV
 MAX_HELLO_BYTES = 1 << 10  # a message before the peer has authenticated (hello, proof, a refusal)

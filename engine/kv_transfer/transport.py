@@ -1,18 +1,18 @@
 """KV transports between engines, one strategy object per choice, chosen by name (`RemoteKVConfig.transport`).
 
-A transport does two things for the remote KV connector (engine/cluster/kv_remote.py): on a prefill rank it
-serves that rank's saved-KV store (engine/cluster/kv_store.py) at an address, and on a decode rank it fetches
+A transport does two things for the remote KV connector (engine/kv_transfer/remote.py): on a prefill rank it
+serves that rank's saved-KV store (engine/kv_transfer/store.py) at an address, and on a decode rank it fetches
 the KV saved under a key from such an address. The connector around it owns everything else: which requests
 save and load, the store's bounds, the background fetch and its deadline, writing the blocks, reporting. Every
-transport runs the same handshake (engine/cluster/kv_auth.py: `auth`, the deployment secret) and the same
-request checks and bounds (engine/cluster/kv_server.py: `limits`; engine/cluster/kv_client.py: `first_byte_s`).
+transport runs the same handshake (engine/kv_transfer/auth.py: `auth`, the deployment secret) and the same
+request checks and bounds (engine/kv_transfer/server.py: `limits`; engine/kv_transfer/client.py: `first_byte_s`).
 
-- "tcp" (engine/cluster/kv_tcp.py): one connection per fetch, JSON header and raw bytes; any two hosts, CPU
+- "tcp" (engine/kv_transfer/tcp.py): one connection per fetch, JSON header and raw bytes; any two hosts, CPU
   tests. Binds only the host it is given.
-- "shm" (engine/cluster/kv_shm.py): engines on one host; the same exchange over a Unix socket (mode 0600), the
+- "shm" (engine/kv_transfer/shm.py): engines on one host; the same exchange over a Unix socket (mode 0600), the
   KV bytes in an anonymous shared-memory file whose descriptor travels with the reply.
 
-- "collective" (engine/cluster/kv_collective.py): the tcp exchange on its socket, the bytes over a
+- "collective" (engine/kv_transfer/collective.py): the tcp exchange on its socket, the bytes over a
   torch.distributed group of the two ranks: NCCL between GPU ranks, gloo on CPU.
 
 What another transport needs to be added here (CUDA IPC
@@ -29,13 +29,13 @@ from typing import Protocol
 
 import torch
 
-from ..rank.kv_transfer import SavedKV
-from .kv_auth import NO_SECRET, PeerAuth
-from .kv_client import FetchTimeouts
-from .kv_server import ServerLimits
-from .kv_store import SavedKVStore
-from .kv_shm import ShmKVServer, shm_fetch
-from .kv_tcp import TCPKVServer, tcp_fetch
+from .blocks import SavedKV
+from .auth import NO_SECRET, PeerAuth
+from .client import FetchTimeouts
+from .server import ServerLimits
+from .store import SavedKVStore
+from .shm import ShmKVServer, shm_fetch
+from .tcp import TCPKVServer, tcp_fetch
 
 
 class KVServer(Protocol):
@@ -54,7 +54,7 @@ class KVTransport(Protocol):
         """The KV saved under `key` for this rank's `layout` and `token_ids` (at most `max_blocks` blocks per
         group), its rows where they are best written from into a cache on `device` (pinned host memory, a shared
         mapping, or `device` itself); with `on_group(g, idx, rows)` each group is handed over as it arrives and not
-        kept (kv_wire.recv_saved). Raises KVFetchError with the reason, always within `timeout_s`."""
+        kept (wire.recv_saved). Raises KVFetchError with the reason, always within `timeout_s`."""
 
 
 class TCPTransport:
@@ -93,7 +93,7 @@ class ShmTransport(TCPTransport):
 
 class CollectiveTransport(TCPTransport):
     """The TCP exchange, the bytes over a torch.distributed pair group: NCCL on a CUDA rank, gloo on CPU
-    (engine/cluster/kv_collective.py). A server's device is the rank's current CUDA device when it has one; a
+    (engine/kv_transfer/collective.py). A server's device is the rank's current CUDA device when it has one; a
     fetch receives on the device of the cache it writes."""
 
     name = "collective"
@@ -103,13 +103,13 @@ class CollectiveTransport(TCPTransport):
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
-        from .kv_collective import CollectiveKVServer
+        from .collective import CollectiveKVServer
 
         return CollectiveKVServer(store, host, port, device=self._device(), limits=self.limits, auth=self.auth)
 
     def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
               timeout_s: float, device: torch.device, on_group=None) -> SavedKV:
-        from .kv_collective import collective_fetch
+        from .collective import collective_fetch
 
         return collective_fetch(host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s, timeout_s,
                                 device, on_group, self.auth, self.first_byte_s)

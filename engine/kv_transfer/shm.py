@@ -1,10 +1,10 @@
 """The shared-memory KV transport, for a prefill and a decode engine on one host: the KV bytes cross in shared
 memory, not through a socket's buffers.
 
-A fetch is the TCP transport's exchange (engine/cluster/kv_tcp.py: the same server, checks and refusals) over a
+A fetch is the TCP transport's exchange (engine/kv_transfer/tcp.py: the same server, checks and refusals) over a
 Unix-domain socket, except that an ok reply carries the KV in an anonymous shared-memory file (memfd) whose
 descriptor travels with the header (SCM_RIGHTS): the server copies the saved rows into it once (pwrite), the
-client reads them out once (pread, into memory it reuses group after group, kv_wire.Staging) and writes each
+client reads them out once (pread, into memory it reuses group after group, wire.Staging) and writes each
 group into its cache blocks as it is read. The server reuses its files (`_MemfdPool`: one goes back once its
 client has hung up), so their pages are allocated once, not per fetch. A memfd has no name anywhere, so nothing
 is left behind when either side dies: the kernel frees it when the last descriptor closes.
@@ -12,8 +12,8 @@ is left behind when either side dies: the kernel frees it when the last descript
 The socket is a file, `unix_socket_path(host, port)` in the temp dir, made by the server with mode 0600 (only the
 same user can connect: narrower than a loopback port) and removed by `close()`. `host` and `port` only name it
 (the decode side computes the same path from the prefill engine's kv_transfer_params), and only a validated host
-name or IP address and a port number can (engine/cluster/kv_peers.py: no '/', no '..'); both engines must share
-the host and its temp dir. The handshake, request and refusals are the TCP transport's (kv_server.py), per-peer
+name or IP address and a port number can (engine/kv_transfer/peers.py: no '/', no '..'); both engines must share
+the host and its temp dir. The handshake, request and refusals are the TCP transport's (server.py), per-peer
 bounds counting the peer process.
 
 A reused reply file is cut to the reply's length before it is written (ftruncate: the kernel drops, and zeroes,
@@ -29,13 +29,13 @@ import threading
 
 import torch
 
-from ..rank.kv_transfer import SavedKV
-from .kv_auth import PeerAuth
-from .kv_client import FetchTimeouts, request_kv
-from .kv_peers import is_host
-from .kv_server import KVSocketServer, ServerLimits
-from .kv_store import SavedKVStore
-from .kv_wire import Deadline, KVFetchError, Staging, recv_header, recv_saved, saved_header, send_header
+from .blocks import SavedKV
+from .auth import PeerAuth
+from .client import FetchTimeouts, request_kv
+from .peers import is_host
+from .server import KVSocketServer, ServerLimits
+from .store import SavedKVStore
+from .wire import Deadline, KVFetchError, Staging, recv_header, recv_saved, saved_header, send_header
 
 
 def unix_socket_path(host: str, port: int) -> str:
@@ -183,7 +183,7 @@ def shm_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int
                 pos = [0]
 
                 def take(shape: tuple) -> torch.Tensor:
-                    # pread into memory this fetch reuses group after group (kv_wire.Staging), not a fresh
+                    # pread into memory this fetch reuses group after group (wire.Staging), not a fresh
                     # mapping: no page faults past the first group.
                     n = math.prod(shape)
                     if pos[0] + n > size:

@@ -1,9 +1,9 @@
-"""The remote KV connector's settings (engine/cluster/kv_remote.py), validated where made, and what a load names.
+"""The remote KV connector's settings (engine/kv_transfer/remote.py), validated where made, and what a load names.
 
-Security settings (docs/security-kv.md): `secret`, the deployment's KV secret (engine/cluster/kv_auth.py), required
+Security settings (docs/security-kv.md): `secret`, the deployment's KV secret (engine/kv_transfer/auth.py), required
 as soon as anything of the KV plane leaves loopback: a listener on another host than loopback, or a decode
 engine's peer that is not loopback; `peers`, the prefill engines a decode engine may fetch from
-(engine/cluster/kv_peers.py; None: loopback only); the deadlines (`connect_timeout_s`, `first_byte_timeout_s`,
+(engine/kv_transfer/peers.py; None: loopback only); the deadlines (`connect_timeout_s`, `first_byte_timeout_s`,
 `fetch_timeout_s`) and the caps on loads (`max_loads`, `max_loads_per_source`, `max_loads_per_client`,
 `max_load_block_fraction`; scheduler/kv_connector.py) and on a request's size (`max_prompt_tokens`).
 """
@@ -15,9 +15,9 @@ from typing import Optional
 
 from moelink.engine.contract.safe_text import shown
 
-from .kv_auth import MIN_SECRET_BYTES
-from .kv_peers import describe_peers, is_host, is_loopback, parse_peers
-from .kv_transport import KV_TRANSPORTS
+from .auth import MIN_SECRET_BYTES
+from .peers import describe_peers, is_host, is_loopback, parse_peers
+from .transport import KV_TRANSPORTS
 
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 _PEERS_ALLOWED = "must be None (loopback only) or 'HOST[:PORT[-PORT]],...' (or a tuple of (host, first, last) port ranges)"
@@ -25,9 +25,9 @@ _PEERS_ALLOWED = "must be None (loopback only) or 'HOST[:PORT[-PORT]],...' (or a
 
 @dataclass(frozen=True)
 class RemoteKVConfig:
-    """The remote KV connector's settings (module docstring; engine/cluster/kv_remote.py)."""
+    """The remote KV connector's settings (module docstring; engine/kv_transfer/remote.py)."""
 
-    transport: str = "tcp"  # a name in kv_transport.KV_TRANSPORTS: "tcp", "shm" (one host); both engines the same
+    transport: str = "tcp"  # a name in transport.KV_TRANSPORTS: "tcp", "shm" (one host); both engines the same
     host: str = "127.0.0.1"  # where this engine's ranks serve their saved KV (bound exactly: never wider)
     # The address decode engines are told to fetch from (outputs' remote_host); None: `host`. Needed when `host`
     # is a wildcard (0.0.0.0, ::), which binds every interface but names none a peer can dial.
@@ -41,9 +41,9 @@ class RemoteKVConfig:
     # A fetch's handshake answer and reply header each within this (a silent source costs this, not
     # fetch_timeout_s); a server's limit for a peer's handshake and whole request from accept.
     first_byte_timeout_s: float = 5.0
-    # The deployment's KV secret (kv_auth.py): the same bytes on every prefill and decode engine. Never shown.
+    # The deployment's KV secret (auth.py): the same bytes on every prefill and decode engine. Never shown.
     secret: Optional[bytes] = field(default=None, repr=False, compare=False)
-    # The prefill engines a decode engine may fetch from (kv_peers.py): None, loopback only.
+    # The prefill engines a decode engine may fetch from (peers.py): None, loopback only.
     peers: Optional[tuple] = None
     max_prompt_tokens: int = 1 << 18  # a KV request's token ids a server reads at most (the engine's max_model_len)
     max_loads: int = 128  # loads in flight at once on a decode engine's rank (past it, a request is computed here)

@@ -1,8 +1,8 @@
 """A decode rank's load, written into its KV blocks group by group as the bytes arrive (the remote connector's
-fetch thread, engine/cluster/kv_remote.py).
+fetch thread, engine/kv_transfer/remote.py).
 
-Each group (a layer's cache tensors with one block table, engine/rank/kv_transfer.py) is written as soon as the
-transport has it (`kv_wire.recv_saved`'s `on_group`), while the next one is still on the wire: the load is
+Each group (a layer's cache tensors with one block table, engine/kv_transfer/blocks.py) is written as soon as the
+transport has it (`wire.recv_saved`'s `on_group`), while the next one is still on the wire: the load is
 pipelined layer by layer and no copy of the whole prompt's KV is held on the decode side. The blocks are the
 request's alone (the scheduler reserved them and no step reads them before the load is reported), so writing
 them from this thread while the rank steps other requests is safe; on a GPU the copies go on the writer's own
@@ -18,7 +18,7 @@ import torch
 
 from moelink.scheduler.outputs import KVTransfer
 
-from ..rank.kv_transfer import PagedKVBlocks
+from .blocks import PagedKVBlocks
 
 
 class LoadDropped(Exception):
@@ -55,7 +55,7 @@ class ArrivalWriter:
                             self._event.record(self._stream)
                         if not rows[0].is_cuda:
                             # Host sync, on the fetch thread only: the transport reuses this host memory for the
-                            # next group (kv_wire.Staging), so its copy must have left it.
+                            # next group (wire.Staging), so its copy must have left it.
                             self._event.synchronize()
                     else:
                         self.kv.write_group(g, self.t, idx, rows)

@@ -1,5 +1,5 @@
 """The collective KV transport: the exchange of the TCP transport (handshake, request, exact-match claim, refusals;
-engine/cluster/kv_server.py) on its socket, the KV bytes over a torch.distributed point-to-point group of the two
+engine/kv_transfer/server.py) on its socket, the KV bytes over a torch.distributed point-to-point group of the two
 ranks: NCCL between GPU ranks (device to device, over NVLink or the NIC as NCCL picks), gloo on CPU.
 
 A pair group is made once per (decode rank, prefill rank) and reused by later fetches: the decode rank hosts its
@@ -15,7 +15,7 @@ mid-transfer costs that fetch (recomputed by the decode engine) and nothing else
 kept per process, the least recently used dropped (and its listener closed) first.
 
 Where the bytes are: saved KV is in host memory on the prefill rank (the save copies the blocks out, on a side
-stream, engine/rank/kv_transfer.py: its blocks are free for other requests at once), so with NCCL each tensor goes
+stream, engine/kv_transfer/blocks.py: its blocks are free for other requests at once), so with NCCL each tensor goes
 host -> device on the prefill rank and NCCL to the decode rank's device, where it is received and then copied
 into the request's blocks on the device: no host round trip on the decode side.
 """
@@ -32,12 +32,12 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from ..rank.kv_transfer import SavedKV
-from .kv_auth import PeerAuth
-from .kv_client import FetchTimeouts, request_kv
-from .kv_server import KVSocketServer, ServerLimits
-from .kv_store import SavedKVStore
-from .kv_wire import Deadline, KVFetchError, Staging, recv_saved, saved_header, send_header
+from .blocks import SavedKV
+from .auth import PeerAuth
+from .client import FetchTimeouts, request_kv
+from .server import KVSocketServer, ServerLimits
+from .store import SavedKVStore
+from .wire import Deadline, KVFetchError, Staging, recv_saved, saved_header, send_header
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def CollectiveKVServer(store: SavedKVStore, host: str, port: int, io_timeout_s: 
                        device: torch.device | None = None, limits: ServerLimits | None = None,
                        auth: PeerAuth | None = None) -> KVSocketServer:
     """A server of `store` on exactly (host, port); the KV bytes go over pair groups (module docstring)."""
-    from .kv_tcp import bound_socket
+    from .tcp import bound_socket
 
     return KVSocketServer(store, bound_socket(host, port), _send_over_group(device or torch.device("cpu")),
                           limits or ServerLimits(io_timeout_s=io_timeout_s), auth)
@@ -209,7 +209,7 @@ def collective_fetch(host: str, port: int, key: str, layout: tuple, token_ids: l
             def take(shape: tuple) -> torch.Tensor:
                 # Received where the rows go next: on a GPU rank straight into device memory, which the connector's
                 # write copies into the blocks on the device (no host round trip); on CPU into host memory reused
-                # group after group (kv_wire.Staging).
+                # group after group (wire.Staging).
                 buf = torch.empty(shape, dtype=torch.uint8, device=device) if device.type != "cpu" else staging(shape)
                 if buf.numel():
                     _wait(pair.group.recv([buf], 1, 0), deadline, where)

@@ -1,0 +1,100 @@
+"""A tensor-parallel group: the collectives a TP-sharded layer runs, over an explicit process group.
+
+Legend: T tokens, R rows (logits), V vocab, Vs a rank's vocab shard, D hidden.
+
+One `TensorParallel` per rank, passed into the model (never a global): `rank` / `size` within the group, `ranks`
+the world ranks of the group (consecutive: a TP group sits inside one node), `group` the torch process group
+(gloo on CPU, NCCL on GPU, as the world's; None at size 1, where every collective is the identity). Groups are
+made by `make_tp_group`, which every rank of the world calls together (torch's new_group is collective).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class TensorParallel:
+    """This rank's place in its TP group and the group's collectives (identity at size 1)."""
+
+    def __init__(self, rank: int = 0, size: int = 1, group=None, ranks: tuple[int, ...] = (0,)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"TensorParallel size={size!r} is invalid: must be a positive integer.")
+        if not 0 <= rank < size:
+            raise ValueError(f"TensorParallel rank={rank!r} is invalid: must be in [0, {size}).")
+        if size > 1 and (group is None or len(ranks) != size):
+            raise ValueError(f"TensorParallel of size {size} needs its process group and its {size} world ranks.")
+        self.rank, self.size, self.group, self.ranks = rank, size, group, tuple(ranks)
+        # Bytes this rank sent into all-reduces / all-gathers since start (the TP benchmark reads them).
+        self.all_reduce_bytes = 0
+        self.all_gather_bytes = 0
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """[start, stop) of this rank's equal share of n (n a multiple of size)."""
+        per = n // self.size
+        return self.rank * per, (self.rank + 1) * per
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the group, in place (a row-parallel linear's partial outputs); returns it."""
+        if self.size > 1:
+            self.all_reduce_bytes += x.numel() * x.element_size()
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x_RVs: torch.Tensor) -> torch.Tensor:
+        """[R, Vs] per rank -> [R, size * Vs], the ranks' shards side by side in rank order (the LM head's logits)."""
+        if self.size == 1:
+            return x_RVs
+        x_RVs = x_RVs.contiguous()
+        parts = [torch.empty_like(x_RVs) for _ in range(self.size)]
+        self.all_gather_bytes += x_RVs.numel() * x_RVs.element_size()
+        dist.all_gather(parts, x_RVs, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def token_rows(self, num_tokens: int) -> tuple[int, int]:
+        """[lo, hi) of the tokens this rank takes into the MoE layer: ceil(T / size) rows each, the last ranks
+        fewer (or none). Every rank of the group computes the same split from the same T (no sync)."""
+        per = -(-num_tokens // self.size)
+        lo = min(num_tokens, self.rank * per)
+        return lo, min(num_tokens, lo + per)
+
+    def gather_rows(self, y_tD: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The ranks' row slices (token_rows) back into [T, D] on every rank: each pads to ceil(T / size) rows
+        (all_gather moves equal sizes), the padding is dropped."""
+        if self.size == 1:
+            return y_tD
+        per = -(-num_tokens // self.size)
+        padded = y_tD.new_zeros(per, *y_tD.shape[1:])
+        padded[: y_tD.shape[0]] = y_tD
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        self.all_gather_bytes += padded.numel() * padded.element_size()
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat(parts)[:num_tokens]
+
+    def broadcast_first(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as the group's rank 0 holds it, on every rank (the sampled tokens: one answer per group), in place."""
+        if self.size > 1:
+            dist.broadcast(x, src=self.ranks[0], group=self.group)
+        return x
+
+
+def tp_group_ranks(world_size: int, size: int) -> list[tuple[int, ...]]:
+    """The TP groups of a world: consecutive runs of `size` ranks."""
+    if size < 1 or world_size % size:
+        raise ValueError(f"tensor_parallel_size={size} does not divide the world of {world_size} ranks.")
+    return [tuple(range(g, g + size)) for g in range(0, world_size, size)]
+
+
+def make_tp_group(rank: int, world_size: int, size: int) -> TensorParallel:
+    """This world rank's TP group; every rank calls it together, in the same order (new_group is collective over
+    the world: each rank creates every group, keeps its own)."""
+    if size == 1:
+        return TensorParallel()
+    mine = None
+    for ranks in tp_group_ranks(world_size, size):
+        group = dist.new_group(ranks=list(ranks))
+        if rank in ranks:
+            mine = TensorParallel(ranks.index(rank), size, group, ranks)
+    return mine
+
+
+__all__ = ["TensorParallel", "make_tp_group", "tp_group_ranks"]

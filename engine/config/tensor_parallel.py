@@ -1,0 +1,110 @@
+"""Tensor parallelism's model-side checks and the per-rank view of a model's attention (docs/tensor-parallelism.md).
+
+A TP group of N ranks splits each attention layer's heads N ways: GQA's query heads (and its kv heads, or, when
+there are fewer kv heads than ranks, each rank holds the one kv head its query heads read, replicated as vLLM
+does), MLA's heads (the latent, one row per token, is every head's: each rank caches it whole, as vLLM and SGLang
+do). `shard_attention` gives the config one rank runs: its KV cache is sized from it (engine/rank/kv_cache.py), and
+the layers are built from it (engine/models/gqa.py, mla.py), reading their shard of each checkpoint tensor.
+
+What is not sharded yet is refused by `check_tensor_parallel`, one ValueError naming the field and the family.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .layer_configs import GQAConfig, MLAConfig
+
+# The quantization formats whose linears load sharded (each rank reads its rows or columns and their block scales).
+TP_FORMATS = (None, "fp8")
+
+
+def kv_head_start(rank: int, size: int, num_kv_heads: int) -> int:
+    """The first global kv head rank `rank` of `size` holds: its own K/size heads, or (K < size) the one its query
+    heads read, replicated over size/K ranks. rank * K // size gives both (size=4, K=2: ranks 0, 1 -> head 0)."""
+    return rank * num_kv_heads // size
+
+
+def shard_attention(attn, size: int):
+    """`attn` as one rank of a TP group of `size` holds it: heads / size (GQA's kv heads at least one)."""
+    if size == 1:
+        return attn
+    if isinstance(attn, GQAConfig):
+        return dataclasses.replace(attn, num_heads=attn.num_heads // size,
+                                   num_kv_heads=max(1, attn.num_kv_heads // size))
+    if isinstance(attn, MLAConfig):
+        return dataclasses.replace(attn, num_heads=attn.num_heads // size)
+    raise ValueError(f"attention kind {attn.kind!r} has no tensor-parallel layout.")
+
+
+def tp_local_config(cfg, size: int):
+    """The ModelConfig one rank of a TP group runs: every layer's attention sharded (shard_attention). Shapes that
+    are not per-head (hidden, vocab, experts) are unchanged: the layers shard their own weights."""
+    if size == 1:
+        return cfg
+    layers = tuple(shard_attention(a, size) for a in cfg.layer_attention)
+    return dataclasses.replace(cfg, attention=shard_attention(cfg.attention, size), layer_attention=layers)
+
+
+def check_tensor_parallel(cfg, size: int, attention_kind: str) -> None:
+    """Refuse, naming the field, a model that a TP group of `size` cannot split: heads, intermediate sizes and
+    (FP8) block boundaries must divide; families and formats not sharded yet are named."""
+    if size == 1:
+        return
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"tensor_parallel_size={size} (--tensor-parallel-size / -tp) is not supported for "
+                          f"{cfg.architecture}: {what}")
+
+    if attention_kind == "dsv4":
+        raise bad("DeepSeek-V4 is not sharded yet; run it with -tp 1 (expert parallelism only).")
+    if cfg.state_layers:
+        raise bad("hybrid linear-attention models (gated DeltaNet layers) are not sharded yet; run with -tp 1.")
+    quant = cfg.quantization
+    method = getattr(quant, "method", None)
+    if method not in TP_FORMATS:
+        raise bad(f"weights in {method!r} load sharded only as float or FP8 block-scaled for now; run with -tp 1.")
+    block = getattr(quant, "block", None) if method == "fp8" else None
+    for layer in range(cfg.num_layers):
+        a = cfg.attention_for(layer)
+        if a.num_heads % size:
+            raise bad(f"num_attention_heads={a.num_heads} is not a multiple of {size}.")
+        if isinstance(a, GQAConfig):
+            k = a.num_kv_heads
+            if k % size and size % k:
+                raise bad(f"num_key_value_heads={k} neither divides nor is a multiple of {size}.")
+            if a.output_gate:
+                raise bad("gated attention output (Qwen3-Next / Qwen3.5) is not sharded yet.")
+            if a.qk_norm == "all_heads":
+                raise bad("a q/k norm over all heads (MiniMax-M2) is not sharded yet.")
+        elif isinstance(a, MLAConfig):
+            if a.indexer is not None:
+                raise bad("DeepSeek Sparse Attention (the lightning indexer) is not sharded yet; run with -tp 1.")
+            if a.q_lora_rank is None:
+                raise bad("MLA without q_lora_rank (DeepSeek-V2-Lite: q_proj stacked with kv_a_proj_with_mqa) is not "
+                          "sharded yet.")
+        else:
+            raise bad(f"{a.kind} attention is not sharded yet.")
+    if cfg.intermediate_size % size and len(cfg.sparse_layers) < cfg.num_layers:
+        raise bad(f"intermediate_size={cfg.intermediate_size} (the dense MLP) is not a multiple of {size}.")
+    if block is not None:
+        bn, bk = block
+        widths = {"intermediate_size": cfg.intermediate_size}
+        for name, width in widths.items():
+            if (width // size) % bn or (width // size) % bk:
+                raise bad(f"{name}={width} split {size} ways is not a whole number of FP8 blocks {list(block)}.")
+        for layer in range(cfg.num_layers):
+            a = cfg.attention_for(layer)
+            if isinstance(a, GQAConfig):
+                rows = {"q heads": a.num_heads // size * a.head_dim,
+                        "kv heads": max(1, a.num_kv_heads // size) * a.head_dim}
+            else:
+                rows = {"q_b_proj heads": a.num_heads // size * a.qk_head_dim,
+                        "kv_b_proj heads": a.num_heads // size * (a.qk_nope_head_dim + a.v_head_dim),
+                        "o_proj columns": a.num_heads // size * a.v_head_dim}
+            for name, r in rows.items():
+                if r % bn or (name == "o_proj columns" and r % bk):
+                    raise bad(f"layer {layer}'s {name} per rank ({r}) is not a whole number of FP8 blocks "
+                              f"{list(block)}.")
+
+
+__all__ = ["TP_FORMATS", "check_tensor_parallel", "kv_head_start", "shard_attention", "tp_local_config"]
