@@ -87,7 +87,7 @@ MOELINK = EngineProfile(
     replace(DEFAULT_EFFICIENCY, overlap_rdma=DEFAULT_EFFICIENCY.overlap_sm,
             spec=SpecCost(FALLBACK_EAGER_LAYER_S, FALLBACK_HOST_S_PER_SEQ, "assumed (planner/spec_cost.py)")),
     patterns=("rank", "node"), precisions=("bf16", "fp8", "int4"), measured_kernels=True, mtp=True,
-    tp_attention=False,
+    tp_attention=True,
     features=(
         Feature("Triton grouped-GEMM MoE kernels (BF16, FP8 block-scaled)", BUILT_MEASURED,
                 "benchmarks/results/moe_kernels_NVIDIA_H100_80GB_HBM3_*.json"),
@@ -114,7 +114,10 @@ MOELINK = EngineProfile(
                 "issue 29: MTP drafter + verify step, greedy-exact and distribution-exact on CPU; verify graphs "
                 "(low-latency under EP), drafts eager, serial loop (planner/spec_cost.py prices those)",
                 tag="mtp"),
-        Feature("tensor-parallel attention", NOT_BUILT, "--attn-tp refused", tag="attn_tp"),
+        Feature("tensor-parallel attention (-tp N: heads, dense MLP, vocab split; MoE on 1/N token slices, EP over "
+                "the world)", BUILT, "issue 46: CPU ranks (gloo) equal one rank / transformers; not GPU-measured "
+                "(priced: one all-reduce per layer on the node's fabric, 1/t of the projection weights per GPU)",
+                tag="attn_tp"),
     ),
 )
 

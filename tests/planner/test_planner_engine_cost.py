@@ -94,8 +94,7 @@ def test_engine_profiles_refuse_modes_they_do_not_have():
     with pytest.raises(ValueError, match="pattern='expert' is not available in engine 'moelink'"):
         _inp(pattern="expert")
     _inp(mtp_draft=2, mtp_accept=0.8)  # moelink runs MTP since issue 29 (priced: test_planner_spec_cost.py)
-    with pytest.raises(ValueError, match="attn_tp=8 needs tensor-parallel attention"):
-        _inp(attn_tp=8)
+    _inp(attn_tp=8)  # moelink runs tensor-parallel attention since issue 46 (-tp)
     with pytest.raises(ValueError, match="engine='vllm' is not known"):
         get_engine("vllm")
     _inp(engine="published", precision="fp4", pattern="expert", mtp_draft=2, mtp_accept=0.8, attn_tp=8)
