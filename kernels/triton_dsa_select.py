@@ -16,9 +16,10 @@ Two paths, chosen by context length (`split_programs`):
   same order; the candidates of one value sit in position order (spans ascending; within a span a value's
   candidates are all above its threshold or all equal to it, each part written in position order), so the merge's
   ties keep the lowest positions too. A row of n <= K writes its positions at once (the merge program); a row of
-  n <= P * K has spans of at most K, which the partials copy whole. Work per row: n / P in each partial, P * K in
-  the merge; P ~ sqrt(n / K) balances them (8 at 128k context, K = 2048: 16k values per program instead of 128k).
-  A decode graph's P follows max_model_len (a host bound), so a short row in it pays the merge's P * K scan.
+  n <= P * K has spans of at most K, which the partials copy whole, packed, so the merge selects over the row's n
+  scores (a decode graph's P follows max_model_len, a host bound: a short row costs what one program per row costs,
+  plus a parallel copy). Work per row: n / P in each partial, P * K in the merge; P ~ sqrt(n / K) balances them
+  (8 at 128k context, K = 2048: 4 passes over 16k values per program, where one program makes 4 over 128k).
 """
 from __future__ import annotations
 
@@ -181,13 +182,17 @@ def _partial_topk_kernel(scores_ptr, seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_v
     lo = p * span
     m = tl.minimum(span, n - lo)  # < 1 for a program past a short row's end: its candidates are all -1
     src = scores_ptr + row.to(tl.int64) * stride_st + lo
-    cand = row.to(tl.int64) * stride_ct + p * K
-    if m <= K:  # the whole span (a short row's spans are all short: its scores copied), then -1
+    # A row of n <= P * K has spans of at most K: copied whole and packed (the candidates are the row, n of them, no
+    # holes); a longer row's span p fills slots [p * K, (p + 1) * K), a short last span padded with -1.
+    packed = n <= P * K
+    cand = row.to(tl.int64) * stride_ct + tl.where(packed, p * span, p * K)
+    if m <= K:
+        width = tl.where(packed, m, K)
         offs = tl.arange(0, BLOCK)
         for s0 in range(0, K, BLOCK):
             o = s0 + offs
-            tl.store(cand_pos_ptr + cand + o, tl.where(o < m, lo + o, -1).to(tl.int32), mask=o < K)
-            tl.store(cand_val_ptr + cand + o, tl.load(src + o, mask=o < m, other=0.0), mask=o < K)
+            tl.store(cand_pos_ptr + cand + o, tl.where(o < m, lo + o, -1).to(tl.int32), mask=o < width)
+            tl.store(cand_val_ptr + cand + o, tl.load(src + o, mask=o < m, other=0.0), mask=o < width)
         return
     _select(src, src, m, K, lo, cand_pos_ptr + cand, cand_val_ptr + cand, False, True, BLOCK)
 
@@ -208,7 +213,8 @@ def _merge_topk_kernel(seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_val_ptr, out_pt
         _write_all(out_row, n, K, BLOCK)
         return
     cand = row.to(tl.int64) * stride_ct
-    _select(cand_val_ptr + cand, cand_pos_ptr + cand, P * K, K, 0, out_row, out_row, True, False, BLOCK)
+    n_cand = tl.where(n <= P * K, n, P * K)  # a short row's candidates are the row itself, packed
+    _select(cand_val_ptr + cand, cand_pos_ptr + cand, n_cand, K, 0, out_row, out_row, True, False, BLOCK)
 
 
 __all__ = ["SPLIT_MIN_WIDTH", "split_programs"]
