@@ -238,3 +238,40 @@ def test_greedy_parity_with_yarn_on_the_compress_rope(tmp_path_factory):
     ps = prompts(VOCAB, seed=5, n=4, lo=1, hi=150)
     llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48, num_kv_blocks=128, block_size=8)
     assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+
+
+def test_float32_logits_equal_transformers_over_two_chunks(dsv4_path):
+    """Logits, not only argmax: the model in float32 over a 150-token prompt in two chunks (the window and compressor
+    rings and the paged entries carry over) against transformers' float32 forward without a cache."""
+    from transformers import AutoModelForCausalLM
+
+    from moelink.engine.models.layers import ForwardContext
+    from moelink.engine.models.state_step import StateStep
+    from moelink.engine.rank.kv_cache import make_kv_caches
+    from moelink.engine.rank.loader import load_model
+    from moelink.engine.rank.state_cache import StateCaches
+    from moelink.kernels.attention import AttentionMetadata
+    from moelink.kernels.ops import ReferenceKernels
+
+    seq = _prompts()[1]
+    assert len(seq) == 150
+    cpu = torch.device("cpu")
+    cfg = ModelConfig.from_pretrained(dsv4_path, dtype="float32")
+    model = load_model(cfg, ReferenceKernels(), cpu)
+    paged, _ = make_kv_caches(cfg, None, 32, 8, cpu)
+    states = StateCaches([cfg.attention_for(i) for i in range(cfg.num_layers)], 1, 0, cfg.dtype, cpu)
+    caches = [tuple(paged[i]) + states.layers[i] for i in range(cfg.num_layers)]
+    table = torch.arange(32, dtype=torch.int32)[None]
+    logits = []
+    for p0, p1 in ((0, 70), (70, 150)):
+        T = p1 - p0
+        meta = AttentionMetadata(torch.tensor([0, T], dtype=torch.int32), torch.tensor([p1], dtype=torch.int32), table,
+                                 torch.arange(p0, p1), [T], [p1], T, p1, 32)
+        step = StateStep(torch.tensor([0], dtype=torch.int32), torch.tensor([p0 > 0]), meta.query_start_loc_S1, False)
+        with torch.no_grad():
+            h = model(torch.tensor(seq[p0:p1]), torch.arange(p0, p1), ForwardContext(meta, caches, state=step))
+            logits.append(model.compute_logits(h))
+    hf = AutoModelForCausalLM.from_pretrained(dsv4_path, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([seq]), use_cache=False).logits[0]
+    assert torch.allclose(torch.cat(logits), want, rtol=0, atol=2e-5)
