@@ -79,6 +79,7 @@ class StateCheckpoints:
         self._by_hash: OrderedDict[BlockHash, int] = OrderedDict()  # LRU: front is evicted first
         self._hash_of: dict[int, BlockHash] = {}
         self._pending: dict[int, BlockHash] = {}  # slot -> the hash it will hold once its step is taken
+        self._tail_slots: set[int] = set()  # slots reserved or registered as tails (reserve(tail=True))
         self.num_saved = 0
         self.num_hits = 0
 
@@ -96,33 +97,54 @@ class StateCheckpoints:
     def contains(self, block_hash: BlockHash) -> bool:
         return block_hash in self._by_hash or block_hash in self._pending.values()
 
-    def reserve(self, block_hash: BlockHash) -> int | None:
+    def reserve(self, block_hash: BlockHash | None, tail: bool = False) -> int | None:
         """A slot to save into for `block_hash` (a free one, else the least recently used registered one); None
-        when every slot is pending (or there are none)."""
+        when every slot is pending (or there are none). A `tail` (a decoding request's rolling save: a one-off
+        resume point) evicts only another tail, never a prompt's checkpoint (which every request sharing that
+        prefix resumes from): None when no free slot and no tail is there."""
         if self._free:
             slot = self._free.pop()
         elif self._by_hash:
-            old_hash, slot = self._by_hash.popitem(last=False)
+            old_hash = next((h for h, s in self._by_hash.items() if s in self._tail_slots), None) if tail \
+                else next(iter(self._by_hash))
+            if old_hash is None:
+                return None
+            slot = self._by_hash.pop(old_hash)
             del self._hash_of[slot]
+            self._tail_slots.discard(slot)
         else:
             return None
         self._pending[slot] = block_hash
+        if tail:
+            self._tail_slots.add(slot)
         return slot
 
-    def commit(self, slot: int) -> None:
-        """The step that saved into `slot` was taken: the checkpoint is a hit from now on."""
-        block_hash = self._pending.pop(slot)
+    def commit(self, slot: int, block_hash: BlockHash | None = None) -> None:
+        """The step that saved into `slot` was taken: the checkpoint is a hit from now on. `block_hash`: the key,
+        for a save reserved before its block's tokens were known (reserve(None): a decode step's)."""
+        pending = self._pending.pop(slot)
+        block_hash = pending if block_hash is None else block_hash
         old = self._by_hash.pop(block_hash, None)
         if old is not None:  # the same prefix saved twice (two requests at once): keep the newer, free the older
             del self._hash_of[old]
+            self._tail_slots.discard(old)
             self._free.append(old)
         self._by_hash[block_hash] = slot
         self._hash_of[slot] = block_hash
         self.num_saved += 1
 
+    def discard(self, slot: int, block_hash: BlockHash) -> None:
+        """Forget the checkpoint `slot` holds if it still holds `block_hash` (not evicted and reused since)."""
+        if self._hash_of.get(slot) == block_hash:
+            del self._by_hash[block_hash], self._hash_of[slot]
+            self._tail_slots.discard(slot)
+            self._free.append(slot)
+
     def abandon(self, slot: int) -> None:
         """The step that was to save into `slot` never ran (a rewind): the slot is free again."""
-        if self._pending.pop(slot, None) is not None:
+        if slot in self._pending:
+            del self._pending[slot]
+            self._tail_slots.discard(slot)
             self._free.append(slot)
 
     def clear(self) -> int:
@@ -130,6 +152,7 @@ class StateCheckpoints:
         n = len(self._by_hash)
         for slot in self._by_hash.values():
             self._free.append(slot)
+            self._tail_slots.discard(slot)
         self._by_hash.clear()
         self._hash_of.clear()
         return n
@@ -138,6 +161,7 @@ class StateCheckpoints:
         slots = list(self._by_hash.values()) + list(self._pending) + self._free
         assert sorted(slots) == list(range(self.first, self.first + self.num)), "checkpoint slots lost or duplicated"
         assert {s: h for h, s in self._by_hash.items()} == self._hash_of
+        assert self._tail_slots <= set(self._by_hash.values()) | set(self._pending), "a tail slot neither held nor pending"
 
 
 __all__ = ["StateCheckpoints", "StateSlots"]

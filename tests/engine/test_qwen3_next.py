@@ -59,6 +59,26 @@ def test_greedy_parity_under_preemption_and_prefix_hits(hf_tiny_model):
 
 
 @pytest.mark.slow
+def test_a_chats_next_turn_resumes_from_the_answers_last_block(hf_tiny_model):
+    """Turn 2 = turn 1's prompt + its answer + a new message: it resumes from the state the answer's decode saved at
+    its last block boundary (scheduler/hybrid_cache.py: the rolling tail outlives the request), not only from the
+    prompt's checkpoint, and equals transformers."""
+    path = hf_tiny_model(NAME)
+    turn1 = prompts(VOCAB, seed=7, n=3, lo=13, hi=30)
+    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=64, block_size=8,
+              num_state_checkpoints=6)  # the 3 prompts' checkpoints and the 3 answers' tails
+    answers = engine_greedy(llm, turn1)
+    turn2 = [p + a + [5, 6, 7] for p, a in zip(turn1, answers)]
+    hits_before = llm.engine.stats().prefix_cache_hits
+    got = engine_greedy(llm, turn2)
+    # Each answer's decode wrote up to len(p) + 9 tokens: its last boundary is past the prompt's.
+    want_hits = sum((len(p) + len(a) - 1) // 8 * 8 for p, a in zip(turn1, answers))
+    assert llm.engine.stats().prefix_cache_hits - hits_before == want_hits
+    assert_same(got, hf_greedy(path, turn2), turn2)
+    assert_pool_free(llm)
+
+
+@pytest.mark.slow
 def test_qwen3_5_moe_multimodal_checkpoint_serves_its_text_model(hf_tiny_model):
     """Qwen3.5-MoE as published (Qwen3_5MoeForConditionalGeneration: text under model.language_model., a vision
     tower beside it, split linear-attention projections): the text model's greedy outputs equal transformers'."""

@@ -117,7 +117,8 @@ def test_a_shared_prefix_resumes_from_a_checkpoint_and_gives_the_same_tokens():
     prompt = list(range(1, 19))  # 18 tokens: checkpoint boundary 16
     sim.sched.add_request(make_request("a", prompt, max_tokens=5))
     sim.run()
-    assert sim.sched.kv.ckpts.num_saved == 1
+    # The prompt's boundary 16, and the decode's tail at 20 (written 19..22: one boundary crossed).
+    assert sim.sched.kv.ckpts.num_saved == 2
     sim.sched.add_request(make_request("b", prompt + [7, 8], max_tokens=5))
     so = sim.step()
     (new,) = so.scheduled_new_reqs
@@ -230,3 +231,38 @@ def test_the_hybrid_manager_refuses_a_sliding_group():
     with pytest.raises(ValueError, match="sliding"):
         HybridCacheManager(SlidingKVCacheManager(8, 4, True, 4, 16), 2, 0)
     HybridCacheManager(KVCacheManager(8, 4), 2, 0)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_next_turn_resumes_from_the_last_decode_boundary(overlap):
+    """A chat's next turn (this prompt + this answer + a new message) hits the answer's last block boundary: the
+    request's rolling decode tail outlives it (SGLang keeps a finished request's state too). Under the overlapped
+    loop the tail's block is keyed when its step is taken."""
+    sim = hybrid_sim(budget=64, overlap=overlap)
+    prompt = list(range(1, 19))  # 18 tokens, block 4: the prompt's checkpoint at 16
+    sim.sched.add_request(make_request("a", prompt, max_tokens=12))
+    sim.run()
+    answer = sim.tokens["a"]
+    # Written 19..29: tails at 20, 24, 28, each replacing the one before: the prompt's and the last tail remain.
+    assert sim.sched.kv.ckpts.num_saved == 4 and len(sim.sched.kv.ckpts) == 2
+    turn2 = prompt + answer + [5, 6, 7]
+    sim.sched.add_request(make_request("b", turn2, max_tokens=4))
+    so = sim.step()
+    (new,) = so.scheduled_new_reqs
+    assert new.num_computed_tokens == 28 and new.state_copy_from >= sim.sched.kv.slots.num_slots
+    sim.run()
+    assert sim.cached["b"] == 28
+    assert sim.tokens["b"] == reference_generate(turn2, max_tokens=4)[0]
+    sim.sched.kv.check_invariants()
+
+
+def test_a_verify_step_saves_no_tail():
+    """A step verifying drafts replays its state to the accepted tokens after the copy would run: no save."""
+    sim = hybrid_sim(budget=64)
+    req = make_request("a", list(range(1, 19)), max_tokens=8)
+    sim.sched.add_request(req)
+    sim.step()  # 16: the prompt's checkpoint
+    sim.step()  # 18: the rest of the prompt
+    req.spec_token_ids = [3, 4]  # drafts: the step writes 19 (input) + 2 drafts = 21, across the boundary at 20
+    so = sim.sched.schedule()
+    assert not so.state_saves
