@@ -10,8 +10,8 @@
 # Compiles (estimates from the sm_90 compile report's dsa and mla families, not yet run on a GPU):
 #   GEMM 16: dense MLA decode (the unsplit kernel at batch 32, the split-plan kernel at batch 1) and sparse MLA
 #     (unsplit, split) for bf16 and fp8 caches, the indexer scores for both key dtypes; counted 16 for margin.
-#   slow 6: the radix top-k's three kernels (one program per row; the split path's partial and merge: 2.7, 1.9 and
-#     1.6 s cold in the compile report, SLOW_OTHER_KERNELS), twice each for margin (one per key dtype before).
+#   slow 6: the radix top-k's three kernels (one program per row; the split path's partial and merge: 2.7, 1.2 and
+#     1.3 s cold in the compile report, SLOW_OTHER_KERNELS), twice each for margin (one per key dtype before).
 #   other 6: the split plan, MLA's plan merge and Z merge per cache dtype.
 #   run 150 s: 12 points (3 contexts x 2 batches x 2 caches), each 4 timings x 20 iterations and 2 graph captures;
 #     the caches of batch 32 at 128k (4.8 GB latent + 1 GB keys in bf16) filled on the device; margin.
