@@ -136,10 +136,13 @@ def apply_vllm_engine_flags(ns: argparse.Namespace) -> None:
             raise ValueError(f"--data-parallel-size={dp} without --enable-expert-parallel is invalid: moelink's "
                              "ranks always shard the experts (vLLM's replicas with experts each are N servers here); "
                              "add --enable-expert-parallel.")
-        if ns.expert_parallel_size not in (1, dp):
+        # vLLM's expert-parallel group is every rank, DP x TP; moelink's --expert-parallel-size is that world.
+        world = dp * getattr(ns, "tensor_parallel_size", 1)
+        if ns.expert_parallel_size not in (1, world):
             raise ValueError(f"--data-parallel-size={dp} and --expert-parallel-size={ns.expert_parallel_size} "
-                             "disagree: give one of them (they name the same ranks).")
-        ns.expert_parallel_size = dp
+                             f"disagree: give one of them (the ranks are data-parallel size x tensor-parallel size "
+                             f"= {world}).")
+        ns.expert_parallel_size = world
     if ns.enable_chunked_prefill is False:
         raise ValueError("--no-enable-chunked-prefill is not supported: moelink always chunks prompts longer than "
                          "--max-num-batched-tokens; set --max-num-batched-tokens to --max-model-len to prefill "

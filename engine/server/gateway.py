@@ -31,6 +31,7 @@ from typing import Awaitable, Callable, Optional
 from .gateway_admin import _KEY_ENV, WorkerCheck, new_admin_key, with_secrets  # noqa: F401 (_KEY_ENV: tests)
 from .hangups import RELAY_HEADER
 from .http_front import HttpFront
+from .http_metrics import HttpMetrics
 from .ports import bind_error, listens_on
 
 logger = logging.getLogger(__name__)
@@ -345,24 +346,27 @@ def worker_url(host: str, port: int) -> str:
 
 
 async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: Optional[int],
-                                on_hangup: Optional[Callable[[str], Awaitable[object]]] = None) -> GatewaySupervisor:
+                                on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
+                                registry=None) -> GatewaySupervisor:
     """The supervised smg for a bound server (ServerConfig `config`): in front of the keyless gateway
     listener when there is one (smg sends workers no key and no TLS), else of the main port. `on_hangup(relay_id)`:
-    the front lost an HTTP client before its answer ended (Serving.hung_up)."""
+    the front lost an HTTP client before its answer ended (Serving.hung_up). `registry`: the engine's Prometheus
+    registry, served with smg's own metrics on the HTTP port's /metrics (http_metrics.py)."""
     target = worker_url(config.gateway_host, gateway_listener_port) if gateway_listener_port is not None \
         else worker_url(config.host, grpc_port)
     # smg listens on a loopback port of its own; --http-port is the front's (http_front.py), which carries the
     # request fields smg would drop.
     spec = GatewaySpec(http_host="127.0.0.1", http_port=free_loopback_port(), worker_url=target,
                        metrics_host=config.http_metrics_host, metrics_port=config.http_metrics_port,
-                       api_key=config.api_key)
+                       api_key=config.api_key, extra_args=list(getattr(config, "gateway_args", ())))
     if not config.api_key and not is_loopback(config.http_host):
         logger.warning("--http-host %s: the OpenAI API on port %d takes requests from anyone who reaches it "
                        "(no --api-key)", config.http_host, config.http_port)
     gateway = None
     front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
                       not_serving=lambda: gateway.not_serving() if gateway is not None else None,
-                      on_hangup=on_hangup)
+                      on_hangup=on_hangup,
+                      metrics=HttpMetrics(registry, lambda: gateway.metrics_port if gateway is not None else None).body)
     try:
         await front.start()
     except OSError as e:

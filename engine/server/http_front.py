@@ -16,7 +16,8 @@ A client that goes away (its connection reads EOF) before smg's answer has ended
 compiled, or a non-streamed one, ran to its end. Each relayed request carries a relay id of the front's own in
 hangups.RELAY_HEADER (smg makes it the gRPC request id's prefix); a client's own copy of that header is dropped.
 
-Only the OpenAI API and the health probes are relayed (PUBLIC_ROUTES); every other path is 404 here. smg
+Only the OpenAI API and the health probes are relayed (PUBLIC_ROUTES); `GET /metrics` is answered here
+(Prometheus text: the engine's series, vLLM's names and smg's own, http_metrics.py); every other path is 404. smg
 serves its control plane on the same port (`POST /workers` adds a worker that then receives users' prompts,
 `DELETE /workers/ID` removes moelink's own), so a client must never reach it; smg also asks those routes
 for an admin key only moelink knows (gateway_admin.py), which guards its loopback port. The health probes
@@ -54,6 +55,8 @@ PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/r
 PROBES = ("/health", "/health_generate", "/readiness")
 _DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade", b"content-length",
             b"transfer-encoding", RELAY_HEADER.encode()}
+METRICS_PATH = b"/metrics"
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 # The start of a relay id without the client's X-Request-Id: the id OpenAI (and smg) give each kind of answer.
 _ID_KINDS = {CHAT_PATH: "chatcmpl", COMPLETIONS_PATH: "cmpl"}
 
@@ -63,13 +66,16 @@ class HttpFront:
 
     def __init__(self, host: str, port: int, upstream_port: int, api_key: Optional[str] = None,
                  not_serving: Optional[Callable[[], Optional[str]]] = None,
-                 on_hangup: Optional[Callable[[str], Awaitable[object]]] = None):
+                 on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
+                 metrics: Optional[Callable[[], Awaitable[bytes]]] = None):
         """`not_serving()`: why the gateway cannot serve now (the probes answer 503 with it), or None.
-        `on_hangup(relay_id)`: the client of the request relayed under `relay_id` left before its answer ended."""
+        `on_hangup(relay_id)`: the client of the request relayed under `relay_id` left before its answer ended.
+        `metrics()`: the Prometheus text `GET /metrics` answers (http_metrics.py), or None: 404 as any route."""
         self.host, self.port, self.upstream_port = host, port, upstream_port
         self.api_key = api_key
         self.not_serving = not_serving
         self.on_hangup = on_hangup
+        self.metrics = metrics
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
 
@@ -93,6 +99,11 @@ class HttpFront:
             got = await self._read_request(conn, reader, writer)
             if got is not None:
                 request, body = got
+                if self.metrics is not None and request.method == b"GET" and \
+                        request.target.split(b"?", 1)[0] == METRICS_PATH:
+                    # Answered here, as vLLM answers it on its API port (no API key: Prometheus sends none).
+                    await _answer(conn, writer, 200, await self.metrics(), METRICS_CONTENT_TYPE)
+                    return
                 path = public_path(request.target)
                 if path is None:
                     await _answer(conn, writer, 404, _error(
@@ -269,8 +280,9 @@ def _error(message: str, param: Optional[str]) -> bytes:
                                  "code": None}}).encode()
 
 
-async def _answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+async def _answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes,
+                  content_type: bytes = b"application/json") -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]
     writer.write(conn.send(h11.Response(status_code=status, headers=headers)) + conn.send(h11.Data(data=body))
                  + conn.send(h11.EndOfMessage()))

@@ -38,6 +38,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 from ..api.async_engine import AsyncEngine
 from ..tools.builtin_model import describe as describe_builtin_model
 from ..core.no_tokenizer import NoTokenizer
+from ..core.vllm_metrics import VllmAliasCollector
 from ..config.worker_config import DUMMY_WARNING
 from ..contract.safe_text import MAX_LOG_LINE_CHARS, shown
 from .auth import ApiKeyInterceptor
@@ -227,6 +228,9 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
         config = dataclasses.replace(config, gateway_port=0, gateway_host="127.0.0.1")
     server = MoelinkServer(engine, config)
     port = await server.start()
+    if server.engine.metrics is not None:  # vLLM's metric names beside moelink's (engine/core/vllm_metrics.py)
+        server.engine.metrics.registry.register(VllmAliasCollector(server.engine.metrics,
+                                                                   server.serving.served_model_name))
     gateway = None
     gateway_watch = None
     try:
@@ -234,7 +238,8 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
             from .gateway import start_managed_gateway
             from .gateway_health import GatewayCollector, watch_gateway
 
-            gateway = await start_managed_gateway(config, port, server.gateway_port, server.serving.hung_up)
+            registry = None if server.engine.metrics is None else server.engine.metrics.registry
+            gateway = await start_managed_gateway(config, port, server.gateway_port, server.serving.hung_up, registry)
             gateway_watch = asyncio.create_task(watch_gateway(gateway, server.health))  # the HTTP face's health
             if server.engine.metrics is not None:
                 server.engine.metrics.registry.register(GatewayCollector(gateway))
@@ -247,8 +252,11 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     host = config.host
     scheme = "TLS" if config.tls else "plaintext"
     # Tests and scripts wait for this line (it carries the port when --port 0 picked one).
+    # A vLLM user reads this line first: --port is gRPC here, the OpenAI API (vLLM's --port) is --http-port.
+    http = (f"the OpenAI API (vLLM's --port) is --http-port {config.http_port}" if gateway is not None
+            else "no OpenAI HTTP API (--no-http)")
     print(f"moelink: serving {server.serving.served_model_name!r} on {host}:{port} "
-          f"(gRPC {scheme}; services {', '.join(SERVICES)})", flush=True)
+          f"(gRPC {scheme}, --port; {http}; services {', '.join(SERVICES)})", flush=True)
     if server.metrics_port is not None:
         print(f"moelink: metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True)
     if server.gateway_port is not None:
@@ -378,7 +386,7 @@ def serve(engine_args, config: ServerConfig) -> int:
         gateway.check_http_port(config.http_host, config.http_port)  # so is a port another server holds
     configure_logging(config.log_format)
     metrics = None
-    if config.metrics_port is not None:
+    if config.metrics_port is not None or config.http_port is not None:  # the HTTP port serves /metrics too
         from ..core.metrics import EngineMetrics
 
         metrics = EngineMetrics()
