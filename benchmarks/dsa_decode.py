@@ -62,6 +62,21 @@ def bytes_read(ctx: int, batch: int, elem: int, shapes=(N, C, P, H, D, K), key_b
                 dsa=batch * (sel * (c + p) * elem + ctx * key_bytes), dsa_scores_l2=batch * ctx * 4 * (1 + 4))
 
 
+def topk_reads(ctx: int, k: int, programs: int) -> dict:
+    """Score reads of the top-k per row, counted (kernels/triton_dsa_select.py): one program makes 4 passes over the
+    row; split over P, each partial 4 over its span (1 copy pass when the row has n <= P * K) and the merge 4 over
+    its candidates (n packed, or P * K). `critical`: the longest chain of reads one row waits on."""
+    if ctx <= k:
+        return dict(total=0, critical=0)
+    if programs == 1:
+        return dict(total=4 * ctx, critical=4 * ctx)
+    span = -(-ctx // programs)
+    packed = ctx <= programs * k
+    part = span if packed else 4 * span
+    merge = 4 * (ctx if packed else programs * k)
+    return dict(total=(ctx if packed else 4 * ctx) + merge, critical=part + merge)
+
+
 def _index_cache(blocks: int, d: int, cache_dtype, g: torch.Generator, device) -> torch.Tensor:
     """The indexer key cache as the engine lays it out: bf16 keys [blocks, BLOCK, d], or for an fp8 cache uint8 rows
     of e4m3 keys and their float32 scale per 128 values (kernels/dsa.py)."""
@@ -122,6 +137,8 @@ def one_point(kernels, device, dtype, cache_dtype, ctx: int, batch: int, timer: 
     out = dict(context=ctx, batch=batch, cache=str(cache_dtype).removeprefix("torch."),
                bytes=bytes_read(ctx, batch, latent.element_size(), shapes, key_bytes), index_key_bytes=key_bytes,
                topk_programs_per_row=_programs(device, width, k, batch))
+    out["topk_score_reads"] = dict(one_program=topk_reads(ctx, k, 1),
+                                   split=topk_reads(ctx, k, out["topk_programs_per_row"]))
     paths = [("dense", dense), ("dsa", dsa), ("dsa_select", select), ("dsa_sparse_mla", sparse)]
     if split_kw is not None:
         paths.append(("dsa_select_one_program", select_one_program))
