@@ -133,6 +133,9 @@ def register_cli(subparsers) -> None:
     add_refused_flags(p)  # last: a flag moelink takes itself is never refused
     p.set_defaults(func=_serve)
 
+    from . import front_cli  # http-front: the HTTP front before a gateway started by hand
+
+    front_cli.register_cli(subparsers)
     st = subparsers.add_parser("stats", help="raw expert-load counts of a running server (JSON)")
     st.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of `moelink serve`")
     st.add_argument("--api-key", default=os.environ.get("MOELINK_API_KEY"))

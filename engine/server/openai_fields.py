@@ -8,6 +8,9 @@ before it calls a worker (it builds the worker's constraint from `response_forma
 a request it enforces as vLLM would; one it cannot carry, or a value the engine would refuse, is an
 `HttpFieldError` (HTTP 400 naming the field). A constraint is never dropped in silence.
 
+Completions' `logprobs` too: smg (1.13) answers /v1/completions without them (chat keeps them), so a
+completions request that asks for them is HTTP 400 naming the field, never answered as if it had not.
+
 `logit_bias` too: smg drops it, and the engine does not apply it (the gRPC services refuse it), so a request
 that sets a bias is HTTP 400 naming the field rather than answered as if it had none.
 """
@@ -38,6 +41,11 @@ class HttpFieldError(ValueError):
 def rewrite(path: str, body: dict) -> Optional[dict]:
     """The body to send smg in place of `body` (a chat or completions request), or None when it carries none of
     vLLM's structured-output fields. Raises HttpFieldError."""
+    if path == COMPLETIONS_PATH and body.get("logprobs") is not None:
+        raise HttpFieldError("logprobs", f"logprobs={shown(body['logprobs'])} is not supported on /v1/completions "
+                                         "here: the smg gateway (1.13) answers completions without them; ask "
+                                         "/v1/chat/completions with logprobs: true and top_logprobs, or the gRPC "
+                                         "services (moelink.v1, VllmEngine), which return them.")
     bias = body.get("logit_bias")
     if bias is not None and bias != {}:
         raise HttpFieldError("logit_bias", f"logit_bias={shown(bias)} is not supported: moelink does not apply "

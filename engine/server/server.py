@@ -257,6 +257,13 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
             else "no OpenAI HTTP API (--no-http)")
     print(f"moelink: serving {server.serving.served_model_name!r} on {host}:{port} "
           f"(gRPC {scheme}, --port; {http}; services {', '.join(SERVICES)})", flush=True)
+    if gateway is None:  # what a vLLM user must run by hand for the OpenAI API (vLLM's fields carried)
+        from .front_cli import hand_gateway_commands
+        from .gateway import worker_url
+
+        worker = worker_url(config.gateway_host, server.gateway_port) if server.gateway_port is not None else \
+            worker_url(host, port)
+        print(f"moelink: OpenAI API by hand: {hand_gateway_commands(worker, config.gateway_args)}", flush=True)
     if server.metrics_port is not None:
         print(f"moelink: metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True)
     if server.gateway_port is not None:

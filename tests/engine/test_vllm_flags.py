@@ -156,3 +156,13 @@ def test_max_logprobs_refuses_more_on_both_services():
         limits.check_sampling(pb.SamplingParams(logprobs=5))
         with pytest.raises(ValueError, match=r"sampling_params.logprobs=6 is invalid: at most 5 .*--max-logprobs"):
             limits.check_sampling(pb.SamplingParams(logprobs=6))
+
+
+def test_completions_logprobs_are_refused_naming_the_field_not_dropped():
+    from moelink.engine.server.openai_fields import HttpFieldError, rewrite
+
+    with pytest.raises(HttpFieldError, match=r"^logprobs=2 is not supported on /v1/completions") as e:
+        rewrite("/v1/completions", {"model": "m", "prompt": "x", "logprobs": 2})
+    assert e.value.field == "logprobs"
+    assert rewrite("/v1/completions", {"model": "m", "prompt": "x", "logprobs": None}) is None
+    assert rewrite("/v1/chat/completions", {"model": "m", "logprobs": True, "top_logprobs": 2}) is None  # chat keeps

@@ -103,7 +103,7 @@ def test_one_command_gives_the_openai_api_and_supervises_smg(http_server):
 
 
 @pytest.mark.slow
-def test_completions_logprobs_leave_moelink_and_smg_drops_them(http_server, offline):
+def test_completions_logprobs_leave_moelink_and_smg_drops_them(http_server, offline):  # the front: 400
     """Issue 14: completions `logprobs` vanish through the gateway. They leave moelink: the VllmEngine answer to
     the request smg sends (smg's token ids, `logprobs: 2`) carries them, equal to the offline engine's. smg
     (1.13) drops them itself: its /v1/completions builds every choice, streamed or not, with `logprobs: None`
@@ -128,15 +128,18 @@ def test_completions_logprobs_leave_moelink_and_smg_drops_them(http_server, offl
     lps = msgs[-1].complete.output_logprobs
     assert list(lps.token_ids) == ref.token_ids and list(lps.token_logprobs) == pytest.approx(want, abs=1e-4)
     assert [len(top.values) for top in lps.top_logprobs] == [2] * 4
-    # The same request through the managed gateway: the text arrives, the logprobs do not.
-    out = client.completions.create(model=SERVED, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
+    # The same request through the managed gateway: smg would answer it without the logprobs, so the front
+    # refuses it naming the field (issue 48: nothing dropped in silence), streamed or not.
+    import openai
+
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.completions.create(model=SERVED, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
+                                      stream=stream, extra_body={"ignore_eos": True})
+        assert exc.value.body["param"] == "logprobs" and "/v1/chat/completions" in exc.value.body["message"]
+    out = client.completions.create(model=SERVED, prompt=prompt, max_tokens=4, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 4
-    assert out.choices[0].logprobs is None, "smg now passes completions logprobs on: drop docs/serving.md's note, " \
-                                            "the xfail in tests/server/test_smg_gateway.py"
-    chunks = list(client.completions.create(model=SERVED, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
-                                            stream=True, extra_body={"ignore_eos": True}))
-    assert chunks and all(c.choices[0].logprobs is None for c in chunks if c.choices)
     # Chat, through the same gateway and the same VllmEngine fields, keeps them.
     chat = client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "Hello"}],
                                           max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)

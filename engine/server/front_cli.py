@@ -1,0 +1,80 @@
+"""`moelink http-front`: the managed gateway's HTTP front (http_front.py) in front of an smg gateway started by hand.
+
+`moelink serve --http-port` puts its front before the smg it manages, and the front is what carries vLLM's
+structured-output fields (guided_choice, guided_json, guided_regex, structured_outputs: smg 1.13 drops them) and
+refuses what smg would drop (completions' logprobs, logit_bias) with HTTP 400 naming the field. A gateway started
+by hand (prefill/decode pools behind smg's PD mode, smg on another host's flags) has no such front: this command
+is it. smg listens on a loopback port; clients reach this one:
+
+    smg launch --pd-disaggregation --prefill grpc://... --decode grpc://... --host 127.0.0.1 --port 8001 ...
+    moelink http-front --port 8000 --upstream-port 8001 [--upstream-metrics-port 29000]
+
+Without the server beside it, an HTTP client that hangs up is not reported to an engine (smg does not end the
+request itself: it runs to its end), and GET /metrics answers smg's metrics only (each server's own are on its
+--metrics-port).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import signal
+
+from .http_front import HttpFront
+from .http_metrics import HttpMetrics
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("http-front", help="the OpenAI HTTP front (vLLM's structured-output fields carried, "
+                                                 "dropped fields refused) before an smg gateway started by hand")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="the OpenAI API's port clients call (default %(default)s)")
+    p.add_argument("--upstream-port", type=int, required=True,
+                   help="the port of the smg gateway on this host's loopback (its `smg launch --port`)")
+    p.add_argument("--upstream-metrics-port", type=int, default=None,
+                   help="smg's --prometheus-port: GET /metrics answers its metrics (default: /metrics is 404)")
+    p.add_argument("--api-key", default=os.environ.get("MOELINK_API_KEY"),
+                   help="smg's --api-key, if it has one: the front rewrites only requests that carry it (default: "
+                        "$MOELINK_API_KEY)")
+    p.set_defaults(func=_run)
+
+
+def _run(ns: argparse.Namespace) -> int:
+    for name in ("port", "upstream_port"):
+        value = getattr(ns, name)
+        if not 1 <= value <= 65535:
+            raise ValueError(f"--{name.replace('_', '-')}={value} is invalid: must be a port in [1, 65535].")
+    if ns.port == ns.upstream_port:
+        raise ValueError(f"--port={ns.port} is invalid: must differ from --upstream-port (smg's own port).")
+    asyncio.run(_serve(ns))
+    return 0
+
+
+async def _serve(ns: argparse.Namespace) -> None:
+    metrics = None
+    if ns.upstream_metrics_port is not None:
+        metrics = HttpMetrics(None, lambda: ns.upstream_metrics_port).body
+    front = HttpFront(ns.host, ns.port, ns.upstream_port, ns.api_key, metrics=metrics)
+    try:
+        await front.start()
+    except OSError as e:
+        raise ValueError(f"--port {ns.port}: cannot listen on {ns.host} ({e.strerror or e})") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"moelink: OpenAI API front on http://{ns.host}:{ns.port}/v1 before the smg gateway on "
+          f"127.0.0.1:{ns.upstream_port}", flush=True)
+    await stop.wait()
+    await front.stop()
+    print("moelink: front stopped", flush=True)
+
+
+def hand_gateway_commands(worker: str, gateway_args: tuple[str, ...] = (), smg_port: int = 8001,
+                          http_port: int = 8000) -> str:
+    """The two commands that serve the OpenAI API before `worker` (grpc://HOST:PORT) by hand, as the managed
+    gateway would: smg on a loopback port, this front on the public one."""
+    extra = f" {shlex.join(gateway_args)}" if gateway_args else ""
+    return (f"smg launch --host 127.0.0.1 --port {smg_port} --worker-urls {worker}{extra} & "
+            f"moelink http-front --port {http_port} --upstream-port {smg_port}")
