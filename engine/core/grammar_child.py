@@ -51,6 +51,12 @@ def _die_with_parent() -> None:
 
 
 def main(fd: int, fork_server: bool = False) -> None:
+    import signal
+
+    # A terminal's Ctrl-C reaches the whole foreground process group, this process too: the server drains and
+    # then ends it (its socket closed, or SIGKILL), so SIGINT here would only print a KeyboardInterrupt traceback
+    # over the server's shutdown lines (issue 48). Forked compile processes inherit this.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Below the engine: on a machine with as many busy threads as cores, the step loop gets the CPU first.
     os.nice(10)
     _die_with_parent()
