@@ -161,3 +161,25 @@ def test_triton_fp8_key_write_equals_reference_bytes(gen, kdev, dtype, D):
     triton_write_fp8_index_keys(k.to(kdev), got, slots.to(kdev))
     assert torch.equal(got.cpu(), want)
     assert (want.view(-1, X)[[1, 3, 4, 6, 7, 10]] == 7).all()  # rows no token wrote
+
+
+def test_split_path_picked_by_the_width_equals_reference(gen, kdev, monkeypatch):
+    """No num_splits: a decode batch scored max_len = SPLIT_MIN_WIDTH wide takes the split path by itself (its
+    partial kernel launched), rows above and below P * K, and selects the reference's positions."""
+    from moelink.kernels import triton_dsa_topk as topk_mod
+    from moelink.kernels.triton_dsa_select import SPLIT_MIN_WIDTH
+
+    ctx_q = [(90, 1), (13, 1), (5, 1)]  # P = 2 (CPU: 4 "SMs", 3 rows): above P * K = 16, between K and it, below K
+    meta = meta_of(gen, ctx_q, kdev)
+    H, D, K = 16, 16, 8
+    cache = cache_of(gen, meta, D, torch.float32, kdev)
+    q = torch.randn(3, H, D, generator=gen).to(kdev)
+    w = torch.randn(3, H, generator=gen).to(kdev)
+    want = reference_dsa_topk(q.cpu(), w.cpu(), cache.cpu(), meta_to(meta, "cpu"), K, 0.25)
+    launched = []
+    real = topk_mod._partial_topk_kernel
+    monkeypatch.setattr(topk_mod, "_partial_topk_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+        launched.append(grid), real[grid])[1]})())
+    got = topk_mod.triton_dsa_topk(q, w, cache, meta, K, 0.25, max_len=SPLIT_MIN_WIDTH)
+    assert launched and launched[0][1] > 1, launched
+    assert_same_sets(got.cpu(), want)
