@@ -10,7 +10,8 @@ slot `block_table[p // L] * L + p % L`, in one of two layouts (engine/config/spa
 - float, index_cache_BLD [B + 1, L, D] in a float dtype (written like a latent row, `write_latent`; an e4m3 tensor of
   this shape is read as key / 1.0);
 - fp8 with scales, index_cache_BLX uint8 [B + 1, L, X], X = fp8_key_row_bytes(D): the key in e4m3 (D bytes, padded to
-  4), then one float32 scale per SCALE_GROUP (128) values, amax / 448 (`quantize_index_keys`, `reference_write_fp8_index_keys`; Triton: triton_dsa_keys.py).
+  4), then one float32 scale per SCALE_GROUP (128) values, amax / 448 (`quantize_index_keys`,
+  `reference_write_fp8_index_keys`; Triton: triton_dsa_keys.py).
   A key group g reads as e4m3 * scale[g]; the scores apply the scale to each group's dot product, as the kernel does:
       q . k = sum_g scale[g] * (q[group g] . k_e4m3[group g])
 
@@ -103,7 +104,8 @@ def check_fp8_index_write(k_TD: torch.Tensor, index_cache_BLX: torch.Tensor) -> 
                          f"block_size, fp8_key_row_bytes(D)] cache (fp8 keys and their scales).")
 
 
-def reference_write_fp8_index_keys(k_TD: torch.Tensor, index_cache_BLX: torch.Tensor, slot_mapping_T: torch.Tensor) -> None:
+def reference_write_fp8_index_keys(k_TD: torch.Tensor, index_cache_BLX: torch.Tensor,
+                                   slot_mapping_T: torch.Tensor) -> None:
     """Quantize this step's keys (quantize_index_keys) and scatter their rows into an fp8 key cache (in place). Plain
     torch on every device (a few elementwise launches over T x D values); slots < 0 are padding tokens, whose rows
     write zeros into the null block (the last), as write_latent does. No host sync."""
@@ -236,6 +238,7 @@ def reference_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.T
 
 
 __all__ = ["FP8_KEY_DTYPE", "SCALE_GROUP", "causal_lens", "check_index_inputs", "fp8_index_views", "fp8_key_groups",
-           "fp8_key_row_bytes", "check_fp8_index_write", "is_fp8_index_cache", "quantize_index_keys", "reference_dsa_index_scores",
+           "fp8_key_row_bytes", "check_fp8_index_write", "is_fp8_index_cache", "quantize_index_keys",
+           "reference_dsa_index_scores",
            "reference_dsa_topk", "reference_sparse_mla_attention", "reference_topk_positions",
            "reference_write_fp8_index_keys"]

@@ -45,7 +45,8 @@ def _write_fp8_keys_kernel(k_ptr, slots_ptr, key_ptr, scale_ptr, null_slot, stri
 
 def triton_write_fp8_index_keys(k_TD: torch.Tensor, index_cache_BLX: torch.Tensor,
                                 slot_mapping_T: torch.Tensor) -> None:
-    """Same contract as `dsa.reference_write_fp8_index_keys` (in place; the same bytes). k_TD float32 / bfloat16 / float16."""
+    """Same contract as `dsa.reference_write_fp8_index_keys` (in place; the same bytes). k_TD float32 / bfloat16 /
+    float16."""
     common.check_dtype("k_TD", k_TD)
     check_fp8_index_write(k_TD, index_cache_BLX)
     T, D = k_TD.shape

@@ -19,8 +19,8 @@ Attention kinds
 Layers of one model may differ within their kind (MiMo-V2-Flash: its sliding layers have twice the kv heads, sinks
 and a rope of their own): ModelConfig.layer_attention then holds each layer's config, and every per-layer question
 (the layer's shapes, its cache, its rope) is asked of `ModelConfig.attention_for(layer)`.
-The KV sizer and the runner's allocation ask the kind (`kv_bytes_per_token`, `cache_shapes`, `cache_dtypes`); nothing else
-in the engine knows the layout.
+The KV sizer and the runner's allocation ask the kind (`kv_bytes_per_token`, `cache_shapes`, `cache_dtypes`); nothing
+else in the engine knows the layout.
 """
 from __future__ import annotations
 

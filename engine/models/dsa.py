@@ -4,8 +4,8 @@ layer attends to (engine/config/sparse_attention.py has the definition; kernels/
 Legend: T tokens in the flat batch, D hidden, Q q_lora_rank, H index heads, Di index head dim, K index_topk.
 
 Per token: q = wq_b(q_resid) [H, Di] from MLA's normalised q latent; k = LayerNorm(wk(x)) [Di], one key shared by the
-heads and cached beside the latent (`ctx.kv_caches[layer] = (latent_cache, index_cache)`: float keys, or fp8 keys
-with a float32 scale per 128 values, as the layer's IndexerConfig.key_dtype lays the cache out); both roped on their first
+heads and cached beside the latent (`ctx.kv_caches[layer] = (latent_cache, index_cache)`: float keys, or fp8 keys with
+a float32 scale per 128 values, as the layer's IndexerConfig.key_dtype lays the cache out); both roped on their first
 qk_rope_head_dim dims with the layer's rope table (GLM-5's interleaved pairs de-interleaved at load: the rows of wq_b's
 and wk's rope parts, and k_norm's weight and bias with them, since a LayerNorm commutes with a permutation of its
 features); weights = weights_proj(x) / sqrt(H) in float32 (transformers keeps weights_proj in float32 for half models).

@@ -20,7 +20,8 @@ def make_kv_caches(cfg: ModelConfig, kv_pairs, num_kv_blocks: int, block_size: i
     def tensors(layer: int) -> tuple[torch.Tensor, ...]:
         att = cfg.attention_for(layer)
         shapes = att.cache_shapes(num_kv_blocks, block_size, cfg.cache_dtype)
-        return tuple(torch.zeros(shape, dtype=dt, device=device) for shape, dt in zip(shapes, att.cache_dtypes(cfg.cache_dtype)))
+        dtypes = att.cache_dtypes(cfg.cache_dtype)
+        return tuple(torch.zeros(shape, dtype=dt, device=device) for shape, dt in zip(shapes, dtypes))
 
     if kv_pairs is None:
         caches = [tensors(i) for i in range(cfg.num_layers)]
