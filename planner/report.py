@@ -12,16 +12,19 @@ def _bd(breakdown: dict) -> str:
 def format_plan(res: dict) -> str:
     """Human-readable plan for one hardware profile."""
     i, d, p, m = res["inputs"], res["decode"], res["prefill"], res["memory"]
-    lines = [
-        f"{res['model']} on {res['hardware']} ({res['hardware_description']})",
+    fits = m["max_batch_per_rank"] >= i["batch_per_rank"]
+    lines = [f"{res['model']} on {res['hardware']} ({res['hardware_description']})"] + format_answer(res) + [
+        ("the setup asked for" if fits else "the setup asked for (DOES NOT FIT: details below are hypothetical)")
+        + ":",
         f"EP {i['ep']}, decode batch {i['batch_per_rank']}/rank, input {i['input_len']}, output {i['output_len']}, "
         f"prefill chunk {i['prefill_chunk']}/rank, precision {i['precision']}, dispatch once per {i['pattern']}, "
         f"balance {i['balance']}" + (f", MTP {i['mtp_draft']} @ {i['mtp_accept']:.2f}" if i["mtp_draft"] else ""),
         f"memory: weights {m['weights_per_rank_gb']:.1f} GB/rank; KV fits {m['max_batch_per_rank']} sequences/rank "
         f"at {i['input_len'] + i['output_len']} tokens",
     ]
-    if m["max_batch_per_rank"] < i["batch_per_rank"]:
-        lines.append(f"  warning: batch {i['batch_per_rank']}/rank does not fit at EP {i['ep']} (timing shown anyway)")
+    if not fits:
+        lines.append(f"  DOES NOT FIT: batch {i['batch_per_rank']}/rank needs more KV than EP {i['ep']} leaves "
+                     f"({m['max_batch_per_rank']} sequences/rank); timing shown anyway")
     lines += [
         f"decode : {d['tokens_per_s_per_gpu']:>9,.0f} output tok/s/GPU  step {d['step_ms']:.1f} ms, ITL "
         f"{d['itl_ms']:.1f} ms ({d['tokens_per_s_per_user']:.1f} tok/s/user), overlap {d['overlap']}, "
@@ -47,10 +50,27 @@ def format_plan(res: dict) -> str:
     for r in res["sweep"]:
         dd, pre = r["decode"], r["prefill_tokens_per_s_per_gpu"]
         dec_txt = (f"{dd['batch_per_rank']:>12} | {dd['tokens_per_s_per_gpu']:>16,.0f} | {dd['itl_ms']:>6.1f}"
-                   if dd else f"{'-':>12} | {'-':>16} | {'-':>6}")
+                   if dd else f"{'-':>12} | {'does not fit / ITL':>16} | {'-':>6}")
         lines.append(f"         {r['ep']:>3} | {dec_txt} | {pre:>17,.0f}" if pre else
                      f"         {r['ep']:>3} | {dec_txt} | {'does not fit':>17}")
     return "\n".join(lines)
+
+
+def format_answer(res: dict) -> list[str]:
+    """The first screen's answer: the best setup that fits (decode under the ITL target, prefill) and its price,
+    before the setup asked for, which may not fit (issue 48: the first block was a setup that did not fit while
+    the $/M line below it belonged to another)."""
+    i, b, bp, c = res["inputs"], res["best_decode_under_slo"], res["best_prefill"], res.get("cost") or {}
+    if not b or not bp:
+        why = "no EP size/batch meets the ITL target" if not b else "no EP size fits the prompt's prefill"
+        return [f"BEST SETUP THAT FITS: none ({why} at ITL <= {i['itl_slo_ms']:g} ms): no price"]
+    lines = [f"BEST SETUP THAT FITS (ITL <= {i['itl_slo_ms']:g} ms): decode EP {b['ep']} x batch "
+             f"{b['batch_per_rank']}/rank, {b['tokens_per_s_per_gpu']:,.0f} output tok/s/GPU, ITL {b['itl_ms']:.1f} ms; "
+             f"prefill EP {bp['ep']}, {bp['tokens_per_s_per_gpu']:,.0f} input tok/s/GPU"]
+    if c.get("usd_per_m_output") is not None:
+        lines.append(f"  ${c['usd_per_m_output']:.3f} per M output tokens, ${c['usd_per_m_input']:.3f} per M input "
+                     f"tokens at ${c['gpu_hour_usd']:.2f}/GPU-hour (this setup; cost block below)")
+    return lines
 
 
 def format_comparison(results: dict) -> str:
@@ -108,7 +128,7 @@ def format_cost(res: dict) -> list[str]:
     if not c:
         return []
     head = (f"cost at ${c['gpu_hour_usd']:.2f}/GPU-hour ({c['price_source']}), utilization {c['utilization']:.0%}, "
-            f"prefix-cache hits {c['prefix_hit']:.0%}:")
+            f"prefix-cache hits {c['prefix_hit']:.0%}, of the best setup that fits:")
     if c["usd_per_m_output"] is None:
         return [head, "  no decode layout meets the ITL target or no prefill fits: no price"]
     if c.get("note"):
