@@ -63,7 +63,10 @@ def dot(a, b, acc, INTERPRET: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def activation_epilogue(acc_g, acc_u, alpha, limit, ACT: tl.constexpr):
     """The gated activation of the MoE gate-up epilogues on fp32 values (same math as `MoEActivation`):
-    ACT 0 SiLU(gate)·up, 1 gpt-oss's clamped swiglu_oai."""
+    ACT 0 SiLU(gate)·up, 1 gpt-oss's clamped swiglu_oai, 2 DeepSeek-V4's silu_clamp."""
+    if ACT == 2:  # silu_clamp: SiLU(min(gate, limit)) * clamp(up, -limit, limit)
+        g = tl.minimum(acc_g, limit)
+        return g / (1.0 + tl.exp(-g)) * tl.minimum(tl.maximum(acc_u, -limit), limit)
     if ACT == 1:  # swiglu_oai: gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha * gate)
         g = tl.minimum(acc_g, limit)
         u = tl.minimum(tl.maximum(acc_u, -limit), limit)

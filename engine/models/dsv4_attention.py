@@ -3,10 +3,11 @@ shared head that is key and value, per-head sinks, a sliding window of raw KV, a
 entries, all read and written through the engine's cache: the paged entries on the step's block tables, the window
 and the compressors' running rows in each sequence's state slot (ForwardContext.state).
 
-This is the reference path (plain torch, a host loop over the step's sequences, reading their lengths from the
-metadata's host lists: no device sync). The math goes through four ops that a kernel strategy (kernels/ops.py) may
-provide under these names, each with its reference in kernels/dsv4.py: `dsv4_compress`, `dsv4_indexer_topk`,
-`dsv4_sink_attention`, `dsv4_grouped_linear`; none does yet (the Triton kernels are a later step). A step's work per sequence, queries at positions p0..p1-1:
+A host loop over the step's sequences, reading their lengths from the metadata's host lists (no device sync, but
+host lengths: no decode CUDA graph yet, ModelRunner turns graphs off for V4). The math goes through four ops of the
+kernel strategy (kernels/ops.py), each with its reference in kernels/dsv4.py: `dsv4_compress`, `dsv4_indexer_topk`,
+`dsv4_sink_attention`, `dsv4_grouped_linear` (Triton: kernels/triton_dsv4.py, triton_dsv4_topk.py; the indexer's
+picks may come in any order). A step's work per sequence, queries at positions p0..p1-1:
 1. the new tokens' kv (normed, roped), their compressor rows (kv | gate + position bias) and, under CSA, the
    indexer's rows;
 2. every window that completes inside [p0, p1) becomes an entry (and an indexer key), written to its block;
@@ -24,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelink.kernels.dsv4 import (reference_compress, reference_grouped_linear, reference_indexer_topk,
-                                  reference_rms_norm_f32, reference_rope_tail, reference_sink_attention)
+from moelink.kernels.dsv4 import reference_rms_norm_f32, reference_rope_tail
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.dsv4 import DSV4AttentionConfig
@@ -55,7 +55,7 @@ class Compressor(nn.Module):
         super().__init__()
         series = 2 if overlap else 1
         self.width, self.rate, self.overlap, self.eps = width, rate, overlap, eps
-        self.compress = getattr(kernels, "dsv4_compress", reference_compress)
+        self.compress = kernels.dsv4_compress
         self.wkv_CD = param(series * width, hidden, dtype=dtype, device=device)
         self.wgate_CD = param(series * width, hidden, dtype=dtype, device=device)
         self.ape_mC = param(rate, series * width, dtype=torch.float32, device=device)  # position bias in a window
@@ -102,9 +102,9 @@ class DSV4Attention(nn.Module):
     def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels, dtype, device):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
-        self.indexer_topk = getattr(kernels, "dsv4_indexer_topk", reference_indexer_topk)
-        self.sink_attention = getattr(kernels, "dsv4_sink_attention", reference_sink_attention)
-        self.grouped_linear = getattr(kernels, "dsv4_grouped_linear", reference_grouped_linear)
+        self.indexer_topk = kernels.dsv4_indexer_topk
+        self.sink_attention = kernels.dsv4_sink_attention
+        self.grouped_linear = kernels.dsv4_grouped_linear
         N, H, Q, G, O = cfg.num_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
         self.rope = ropes["main" if cfg.layer_kind == "sliding" else "compress"]
         self.compress_rope = ropes["compress"]

@@ -150,7 +150,10 @@ def _expert_call(runner, layer, num_tokens: int) -> bool:
     the device has no memory for it."""
     dev, K, E = runner.device, runner.cfg.top_k, layer.num_local_slots
     probe_1G = torch.zeros(1, layer.num_experts, dtype=layer.gate_GD.dtype, device=dev)
-    weights_1K, _ = layer.router(probe_1G, layer.e_score_correction_bias_G)
+    if getattr(layer.router, "needs_table", False):  # hash-routed (DeepSeek-V4): experts by token id, from its table
+        weights_1K, _ = layer.router(probe_1G, layer.tid2eid_VK, torch.zeros(1, dtype=torch.long, device=dev))
+    else:
+        weights_1K, _ = layer.router(probe_1G, layer.e_score_correction_bias_G)
     ids_dtype = torch.int64 if layer.ep is None else torch.int32
     try:
         x_TD = torch.zeros(num_tokens, runner.cfg.hidden_size, dtype=runner.cfg.dtype, device=dev)

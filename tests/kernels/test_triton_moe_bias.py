@@ -13,6 +13,7 @@ from tests.helpers.moe_cases import DTYPES, FUSED, SMALL, WIDE, expert_map as _e
 
 OAI = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
 TIGHT = MoEActivation("swiglu_oai", alpha=1.1, limit=0.5)  # most values clamped: the clamps must be right
+CLAMP = MoEActivation("silu_clamp", limit=0.5)  # DeepSeek-V4's clamped SiLU, most values clamped
 
 # (T, E local, G global, K, D, I, routing, config, combine, activation, biases)
 CASES = [
@@ -22,6 +23,8 @@ CASES = [
     (37, 5, 5, 1, 32, 32, "one", WIDE, "sum", OAI, "b2"),  # all tokens on one expert, down bias only
     (19, 3, 9, 3, 32, 16, "map", SMALL, "sum", SILU, "both"),  # SiLU with biases
     (9, 4, 4, 2, 48, 24, "rand", FUSED, "sum", TIGHT, "none"),  # swiglu_oai without biases
+    (9, 4, 4, 2, 48, 24, "rand", FUSED, "sum", CLAMP, "none"),  # silu_clamp, fused gate|up tile
+    (1, 4, 4, 2, 32, 16, "rand", SMALL, "sum", CLAMP, "none"),  # silu_clamp, decode
 ]
 
 

@@ -1,0 +1,101 @@
+"""DeepSeek-V4's lightning indexer in Triton: scores of every compressed entry a query may see, then its top-k. Same
+contract as dsv4.reference_indexer_topk (legend there), except that the K picks come in any order (the attention
+only marks them; the tests compare them sorted).
+
+- scores (grid: queries x G, G programs per query sharing its entry tiles, about 4 programs per SM as DSA's): a
+  query's [n_I, I] index queries loaded once, each tile of BLOCK_E keys read once for all heads,
+  score = sum_h w[h] n_I^-0.5 relu(q[h] . k I^-0.5) in float32, stored into a [T, E] workspace up to the query's
+  visible count (-0.0 stored as 0.0, as the reference's float ordering sees it);
+- top-k: DeepSeek Sparse Attention's selection kernels (triton_dsa_select.py: a radix select per row, or for long
+  rows P programs per row and a merge), each query a "sequence" of one token whose causal length is its visible
+  count (seq_lens = visible_T, query starts 0..T): the same exact order, ties to the lowest entries.
+
+No host sync: the work follows visible_T on the device; E (the keys given) sizes the workspace and the split.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as common
+from .triton_common import dot
+from .triton_dsa_select import _merge_topk_kernel, _partial_topk_kernel, _topk_kernel, split_programs
+
+_SCORE_CONFIG = (64, 4)  # BLOCK_E, num_warps
+_TOPK_CONFIG = (4096, 8)  # as triton_dsa_topk's: one program per row
+_SPLIT_TOPK_CONFIG = (2048, 8)
+
+
+@triton.jit(do_not_specialize=["E", "G"])
+def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_ptr, E, G, nI, I, q_scale, w_scale, stride_qt,
+                           stride_qh, stride_wt, stride_ke, stride_st, BLOCK_NI: tl.constexpr, BLOCK_I: tl.constexpr,
+                           BLOCK_E: tl.constexpr, INTERPRET: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.minimum(tl.load(visible_ptr + t).to(tl.int32), E)
+    h = tl.arange(0, BLOCK_NI)
+    d = tl.arange(0, BLOCK_I)
+    q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :], mask=(h[:, None] < nI) & (d[None, :] < I),
+                other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + t * stride_wt + h, mask=h < nI, other=0.0).to(tl.float32) * w_scale
+    for tile in range(tl.program_id(1), tl.cdiv(n, BLOCK_E), G):
+        e = tile * BLOCK_E + tl.arange(0, BLOCK_E)
+        ok = e < n
+        k = tl.load(keys_ptr + e[:, None].to(tl.int64) * stride_ke + d[None, :], mask=ok[:, None] & (d[None, :] < I),
+                    other=0.0).to(tl.float32)
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_NI, BLOCK_E], tl.float32), INTERPRET, "ieee")
+        s = tl.maximum(s, 0.0) * q_scale
+        score = tl.sum(w[:, None] * s, axis=0)
+        score = tl.where(score == 0.0, 0.0, score)
+        tl.store(scores_ptr + t * stride_st + e, score, mask=ok)
+
+
+def triton_dsv4_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: torch.Tensor, visible_T: torch.Tensor,
+                             top_k: int, *, num_splits: int | None = None) -> torch.Tensor:
+    """int32 [T, top_k]: each query's top_k entries among its first visible_T[t] (all of them, then -1, when fewer);
+    any order. `num_splits` forces the top-k's programs per row (1: one program; tests), else split_programs picks
+    from E and the batch (host sizes only)."""
+    common.check_dtype("q_TnI", q_TnI)
+    T, nI, I = q_TnI.shape
+    E = keys_EI.shape[0]
+    if w_Tn.shape != (T, nI) or keys_EI.dim() != 2 or keys_EI.shape[1] != I or visible_T.shape != (T,):
+        raise ValueError(f"w_Tn {tuple(w_Tn.shape)}, keys_EI {tuple(keys_EI.shape)} and visible_T "
+                         f"{tuple(visible_T.shape)} are invalid: must be [{T}, {nI}], [E, {I}] and [{T}].")
+    if top_k < 1 or (num_splits is not None and num_splits < 1):
+        raise ValueError(f"top_k={top_k} / num_splits={num_splits} are invalid: must be >= 1.")
+    dev = q_TnI.device
+    out = common.workspace((T, top_k), torch.int32, dev)
+    if T == 0:
+        return out
+    interp = common.interpreting(q_TnI)
+    block_e, warps = (16, 4) if interp else _SCORE_CONFIG
+    block_t, t_warps = (64, 4) if interp else _TOPK_CONFIG
+    block_s, s_warps = (64, 4) if interp else _SPLIT_TOPK_CONFIG
+    Ep = max(1, triton.cdiv(E, block_e)) * block_e
+    scores = common.workspace((T, Ep), torch.float32, dev)
+    # Each query is a one-token "sequence" of the DSA selection kernels: causal length = its visible count.
+    lens_T = torch.clamp(visible_T, max=E).to(torch.int32)
+    qsl_T1 = torch.arange(T + 1, dtype=torch.int32, device=dev)
+    q = q_TnI if q_TnI.stride(-1) == 1 else q_TnI.contiguous()
+    w, keys = w_Tn.contiguous(), keys_EI.contiguous()
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    G = max(1, min(Ep // block_e, triton.cdiv(4 * sms, T)))
+    _indexer_scores_kernel[(T, G)](
+        q, w, keys, lens_T, scores, E, G, nI, I, I**-0.5, nI**-0.5, q.stride(0), q.stride(1), w.stride(0),
+        keys.stride(0), scores.stride(0), BLOCK_NI=max(16, triton.next_power_of_2(nI)),
+        BLOCK_I=max(16, triton.next_power_of_2(I)), BLOCK_E=block_e, INTERPRET=interp, num_warps=warps)
+    P = num_splits or split_programs(Ep, top_k, T, sms)
+    if P == 1:
+        _topk_kernel[(T,)](scores, lens_T, qsl_T1, out, T, 0, scores.stride(0), out.stride(0), top_k, BLOCK=block_t,
+                           num_warps=t_warps)
+        return out
+    cand_pos = common.workspace((T, P * top_k), torch.int32, dev)
+    cand_val = common.workspace((T, P * top_k), torch.float32, dev)
+    _partial_topk_kernel[(T, P)](scores, lens_T, qsl_T1, cand_pos, cand_val, T, 0, P, scores.stride(0),
+                                 cand_pos.stride(0), top_k, BLOCK=block_s, num_warps=s_warps)
+    _merge_topk_kernel[(T,)](lens_T, qsl_T1, cand_pos, cand_val, out, T, 0, P, cand_pos.stride(0), out.stride(0),
+                             top_k, BLOCK=block_s, num_warps=s_warps)
+    return out
+
+
+__all__ = ["triton_dsv4_indexer_topk"]

@@ -1,0 +1,59 @@
+"""DeepSeek-V4 end to end on the Triton kernels (kernels/triton_dsv4.py, triton_dsv4_topk.py, with the rest of
+TritonKernels: norms, router, fused MoE): the tiny checkpoint of tests/helpers/dsv4_checkpoint.py (every attention
+kind, compress rates 2 and 8, an indexer top-4, a window of 6) gives the reference kernels' greedy tokens in
+float32, with prompts that cross several compression boundaries and the top-k, in chunks, two sequences per step.
+On CPU the kernels run in the Triton interpreter in a fresh process (Triton reads TRITON_INTERPRET when a kernel is
+defined: tests/helpers/fast_interpreter.interpreter_env)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moelink.engine import LLM
+
+from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
+from tests.helpers.fast_interpreter import interpreter_env
+from tests.helpers.parity import assert_same, engine_greedy, prompts
+
+ENGINE = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=24, block_size=8)
+
+_TRITON_RUN = """
+import collections, json, sys
+import moelink.kernels.triton_dsv4 as k4, moelink.kernels.triton_dsv4_topk as t4
+from moelink.engine import LLM, SamplingParams
+calls = collections.Counter()
+def counted(mod, name):
+    fn = getattr(mod, name)
+    setattr(mod, name, lambda *a, **k: calls.update([name]) or fn(*a, **k))  # TritonKernels reads it when built
+for name in ("triton_dsv4_compress", "triton_dsv4_sink_attention", "triton_dsv4_grouped_linear"):
+    counted(k4, name)
+counted(t4, "triton_dsv4_indexer_topk")
+llm = LLM(sys.argv[1], kernels="triton", **json.loads(sys.argv[3]))
+ps = json.loads(sys.argv[2])
+outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+print("CALLS", json.dumps(calls))
+print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
+"""
+
+
+@pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
+def test_triton_kernels_equal_reference_kernels_greedy(tmp_path_factory):
+    path = save_dsv4_checkpoint(tmp_path_factory.mktemp("dsv4"))
+    ps = [p for p in prompts(VOCAB, seed=7, n=2, lo=11, hi=21)]
+    env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
+    proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, path, json.dumps(ps), json.dumps(ENGINE)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("TOKENS", 1)[1])
+    calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
+    # Every layer's attention and output projection ran on Triton, the compressors (3 layers, 2 under CSA) and the
+    # indexer (2 CSA layers) too, on each of the >= 4 steps.
+    assert calls.get("triton_dsv4_sink_attention", 0) >= 4 * 4 and calls.get("triton_dsv4_grouped_linear", 0) >= 4 * 4
+    assert calls.get("triton_dsv4_compress", 0) > 0 and calls.get("triton_dsv4_indexer_topk", 0) >= 2 * 4, calls
+    ref = LLM(path, kernels="reference", **ENGINE)
+    assert_same(got, engine_greedy(ref, ps, max_new=4), ps)
