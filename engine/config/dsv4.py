@@ -37,6 +37,7 @@ import torch
 
 from moelink.moe.router_config import RouterConfig
 
+from .dsv4_quant import read_dsv4_quantization
 from .layer_configs import ROPE_TYPES, MoEConfig, RopeConfig, unsupported
 
 # config.json layer_types values and the compressor each one runs.
@@ -207,16 +208,9 @@ def _rope(hf, label: str, rotary_dim: int) -> RopeConfig:
 def read_dsv4(arch: str, hf, c: dict, rope: dict) -> dict:
     """ModelConfig's fields of a `deepseek_v4` config.json (hf_readers.read_fields' family reader)."""
     n = c["num_layers"]
-    quant = c.get("quantization")
-    if quant is not None:
-        # V4-Flash / V4-Pro publish FP8 block-scaled linears with FP4 experts (quantization_config's expert_dtype):
-        # neither format is built for V4's layers yet.
-        fmt = getattr(quant, "method", type(quant).__name__)
-        expert = (getattr(hf, "quantization_config", None) or {}).get("expert_dtype") if isinstance(
-            getattr(hf, "quantization_config", None), dict) else None
-        raise unsupported("quantization_config.quant_method", fmt, "none: a float (bf16 / fp32) checkpoint",
-                          f" for {arch} in this build (its FP8 linears" + (f" and {expert} experts" if expert else "")
-                          + " are not read yet; convert the checkpoint to bf16 first)")
+    # V4-Flash / V4-Pro's FP8 block-scaled linears and FP4 experts (engine/config/dsv4_quant.py); anything else
+    # naming quantization_config is refused there.
+    read_dsv4_quantization(arch, hf, c.get("quantization"))
     if c["num_kv_heads"] != 1:
         raise unsupported("num_key_value_heads", c["num_kv_heads"], (1,), " (V4's attention is one shared KV head)")
     if getattr(hf, "attention_bias", False):

@@ -22,6 +22,7 @@ from torch import nn
 from moelink.kernels.dsv4 import reference_rms_norm_f32
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import make_expert_format
+from moelink.moe.expert_weights_dsv4 import Dsv4Fp4Experts
 from moelink.moe.layer import ExpertParallel, Stages, run_stages
 from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
@@ -30,8 +31,10 @@ from moelink.moe.token_routing import TokenRoutedMoELayer
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.architectures import ArchSpec
+from ..config.dsv4_quant import DSV4Quantization, read_dsv4_quantization
 from ..config.model import ModelConfig
 from .dsv4_attention import DSV4Attention, RopeTable
+from .dsv4_weights import fp8_dequant_plan
 from .hyper_connections import HyperConnection, HyperHead
 from .layers import ForwardContext, param
 from .rope import rope_inv_freq
@@ -67,10 +70,17 @@ class ClampedMLP(nn.Module):
                 p + "w2.weight": PlanEntry(self.w2_DI, ())}
 
 
+def expert_format(quant: DSV4Quantization | None):
+    """FP4 experts stay packed (MXFP4's storage and W4A16 kernels); float and FP8 experts are held in the model
+    dtype (FP8 ones dequantized at load: engine/models/dsv4_weights.py)."""
+    return Dsv4Fp4Experts() if quant is not None and quant.expert_dtype == "fp4" else make_expert_format(None, False)
+
+
 class DSV4DecoderLayer(nn.Module):
     mixer_name = "attn"
 
-    def __init__(self, cfg: ModelConfig, i: int, ropes: dict, kernels, device, ep, stats: MoEStats):
+    def __init__(self, cfg: ModelConfig, i: int, ropes: dict, kernels, device, ep, stats: MoEStats,
+                 quant: DSV4Quantization | None = None):
         super().__init__()
         D, dt, hc, eps = cfg.hidden_size, cfg.dtype, cfg.hyper_connections, cfg.rms_norm_eps
         self.attn_hc, self.ffn_hc = HyperConnection(hc, D, eps, device), HyperConnection(hc, D, eps, device)
@@ -81,7 +91,7 @@ class DSV4DecoderLayer(nn.Module):
                   else make_router(m.router))
         self.moe = TokenRoutedMoELayer(D, cfg.moe_intermediate_size, cfg.num_experts, router, kernels, dt, device,
                                        ep=ep, moe_index=cfg.sparse_layers.index(i), stats=stats,
-                                       expert_format=make_expert_format(None, False),
+                                       expert_format=expert_format(quant),
                                        activation=MoEActivation("silu_clamp", limit=m.swiglu_limit),
                                        vocab_size=cfg.vocab_size)
         self.shared = ClampedMLP(D, cfg.moe_intermediate_size, m.swiglu_limit, dt, device)
@@ -130,6 +140,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             raise ValueError(f"kv_cache_dtype={cfg.kv_cache_dtype} is not supported for {cfg.architecture} yet: its "
                              "compressed entries are cached in the model dtype (kv_cache_dtype='auto').")
         self.cfg, self.spec = cfg, spec
+        self.quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
         self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
         self.moe_stats = MoEStats(len(cfg.sparse_layers), cfg.num_experts, device)
         D, dt = cfg.hidden_size, cfg.dtype
@@ -144,7 +155,7 @@ class DeepseekV4ForCausalLM(nn.Module):
                 ropes[label] = RopeTable(inv_freq, factor, cfg.max_model_len, device)
         ropes.setdefault("compress", ropes.get("main"))
         self.ropes = nn.ModuleDict(ropes)
-        self.layers = nn.ModuleList(DSV4DecoderLayer(cfg, i, ropes, kernels, device, ep, self.moe_stats)
+        self.layers = nn.ModuleList(DSV4DecoderLayer(cfg, i, ropes, kernels, device, ep, self.moe_stats, self.quant)
                                     for i in range(cfg.num_layers))
         self.hc_head = HyperHead(cfg.hyper_connections, D, cfg.rms_norm_eps, device)
         self.norm = Norm(D, cfg.rms_norm_eps, device)
@@ -187,7 +198,8 @@ class DeepseekV4ForCausalLM(nn.Module):
     def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:
         """The checkpoint's names as save_pretrained writes them (the published layer names under `model.`), or as
         DeepSeek publishes them (no `model.` prefix, `embed.weight`, `hc_head_fn`: `published_name`) where the
-        checkpoint holds those."""
+        checkpoint holds those; with V4's published formats, each FP8 weight read with its `.scale` and
+        dequantized (engine/models/dsv4_weights.py), FP4 experts as packed bytes (moe/expert_weights_dsv4.py)."""
         plan: WeightPlan = {"model.embed_tokens.weight": PlanEntry(self.embed_tokens, ()),
                             "head.weight": PlanEntry(self.lm_head, ()),
                             "model.norm.weight": PlanEntry(self.norm.weight, ()),
@@ -195,9 +207,12 @@ class DeepseekV4ForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             plan.update(layer.weight_plan(i, self.spec, self.expert_ids, self.cfg.num_experts))
         names = frozenset(checkpoint_names or ())
-        if not names or "model.embed_tokens.weight" in names:
-            return plan
-        return {(published_name(n) if n not in names and published_name(n) in names else n): e for n, e in plan.items()}
+        if names and "model.embed_tokens.weight" not in names:
+            plan = {(published_name(n) if n not in names and published_name(n) in names else n): e
+                    for n, e in plan.items()}
+        if self.quant is not None:  # FP8 linears (a `.scale` beside the weight): float at load
+            plan = fp8_dequant_plan(plan, names, self.quant.block)
+        return plan
 
 
 def published_name(name: str) -> str:

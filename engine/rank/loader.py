@@ -31,6 +31,7 @@ from safetensors import safe_open
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
+from moelink.moe.expert_weights_dsv4 import PackedBytes
 from moelink.moe.expert_weights_int4 import Repack
 from moelink.moe.weight_plan import WeightPlan
 
@@ -41,6 +42,7 @@ from .int4_linears import Int4Piece, int4_linear_plan
 from .nvfp4_linears import Nvfp4Piece, nvfp4_linear_plan
 from ..models import MoEDecoderForCausalLM, arch_spec, mtp_checkpoint_names
 from ..models.dsv4_decoder import DeepseekV4ForCausalLM
+from ..models.dsv4_weights import Fp8Piece
 from ..config.worker_config import LOAD_FORMATS
 
 logger = logging.getLogger(__name__)
@@ -188,7 +190,7 @@ def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, pr
                     read_bytes[name] = src.numel() * src.element_size()
                 if isinstance(param, QuantizeOnLoad):
                     _quantize_into(name, src, param, idx, device)
-                elif isinstance(param, (Nvfp4Piece, Repack, Int4Piece)):  # rewritten as read (NVFP4 / INT4)
+                elif isinstance(param, (Nvfp4Piece, Repack, Int4Piece, Fp8Piece, PackedBytes)):  # rewritten as read
                     param.put(src, device)
                 else:
                     _copy_into(name, src, param[idx] if idx else param, device)

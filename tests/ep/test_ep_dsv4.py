@@ -47,3 +47,21 @@ def test_dsv4_ep2_matches_transformers(local_ray, dsv4_path, tbo):
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
         llm.engine.shutdown()
+
+
+def test_dsv4_published_fp4_checkpoint_ep2_matches_transformers(local_ray, tmp_path_factory):
+    """V4 as DeepSeek publishes it (FP8 linears with ue8m0 block scales, FP4 experts; tests/helpers/dsv4_published.py)
+    at EP 2: each rank reads its own experts' packed bytes, and the tokens equal transformers' on the dequantized
+    weights."""
+    from tests.helpers.dsv4_published import write_published_dsv4
+
+    d = tmp_path_factory.mktemp("dsv4_fp4_ep")
+    float_path = save_dsv4_checkpoint(d / "float", moe_intermediate_size=32)
+    path, oracle = write_published_dsv4(float_path, d / "published", d / "oracle")
+    ps = prompts(VOCAB, seed=5, n=4, hi=150)
+    llm = LLM(path, expert_parallel_size=2, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48,
+              num_kv_blocks=128, block_size=8)
+    try:
+        assert_same(engine_greedy(llm, ps), hf_greedy(oracle, ps), ps)
+    finally:
+        llm.engine.shutdown()

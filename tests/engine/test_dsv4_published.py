@@ -1,0 +1,141 @@
+"""DeepSeek-V4 checkpoints in the format DeepSeek publishes V4-Flash / V4-Pro in (issue 45 item 4): FP8 e4m3
+linears with ue8m0 block scales (`.scale`), FP4 (e2m1, ue8m0 per 32) routed experts, published tensor names
+(tests/helpers/dsv4_published.py quantizes the tiny float checkpoint with the format's own rules).
+
+The oracle is transformers running the dequantized weights (exact in float64): moelink's greedy tokens equal it token
+for token, while they differ from the float model's (the quantization is really there). Blocks of 16 x 16 (published:
+128 x 128) so the tiny linears span several scale blocks; moe_intermediate_size 32 (FP4 needs K a multiple of 32)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moelink.engine import LLM
+from moelink.engine.config.dsv4_quant import DSV4Quantization
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.config.quantization import Fp8Config
+from moelink.engine.rank.loader import load_model
+from moelink.kernels.ops import ReferenceKernels
+from moelink.moe.expert_weights_dsv4 import PackedBytes
+
+from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
+from tests.helpers.dsv4_published import write_published_dsv4
+from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def float_path(tmp_path_factory) -> str:
+    return save_dsv4_checkpoint(tmp_path_factory.mktemp("dsv4_float"), moe_intermediate_size=32)
+
+
+@pytest.fixture(scope="module")
+def fp4(float_path, tmp_path_factory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("dsv4_fp4")
+    return write_published_dsv4(float_path, d / "published", d / "oracle")
+
+
+def _engine(path: str) -> LLM:
+    return LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48, num_kv_blocks=160, block_size=8)
+
+
+def test_config_reads_the_published_formats(fp4):
+    cfg = ModelConfig.from_pretrained(fp4[0], dtype="float64")
+    assert cfg.quantization == Fp8Config((16, 16))
+    from moelink.engine.config.dsv4_quant import read_dsv4_quantization
+
+    assert read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization) == DSV4Quantization(
+        (16, 16), "fp4", "ue8m0")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda r: r.update(expert_dtype="int4"), r"quantization_config.expert_dtype='int4'.*allowed: 'fp4', 'fp8'"),
+    (lambda r: r["quantization_config"].update(scale_fmt="e5m2"), r"quantization_config.scale_fmt='e5m2'"),
+    (lambda r: r["quantization_config"].update(modules_to_not_convert=["attn"]),
+     r"quantization_config.modules_to_not_convert=\['attn'\] is not supported"),
+    (lambda r: r.update(quantization_config={"quant_method": "mxfp4"}), r"quant_method='mxfp4' is not supported"),
+    (lambda r: r.pop("quantization_config"), r"expert_dtype='fp4' is invalid .* without quantization_config"),
+], ids=["expert_dtype", "scale_fmt", "modules_to_not_convert", "quant_method", "fp4_without_fp8"])
+def test_other_formats_are_refused_naming_the_field(fp4, tmp_path, edit, match):
+    shutil.copytree(fp4[0], tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    edit(raw)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_pretrained(str(tmp_path / "m"), dtype="float64")
+
+
+def test_fp4_experts_stay_packed_and_fp8_linears_dequantize_exactly(fp4):
+    """The experts hold the file's bytes unchanged (w1 -> gate rows, w3 -> up rows, w2); an FP8 linear holds
+    e4m3 x its block's scale; the float tensors are copied."""
+    cfg = ModelConfig.from_pretrained(fp4[0], dtype="float64")
+    model = load_model(cfg, ReferenceKernels(), CPU)
+    file = load_file(f"{fp4[0]}/model.safetensors")
+    moe, inter = model.layers[3].moe, cfg.moe_intermediate_size
+    assert moe.w13_blocks_EFSQ.dtype == torch.uint8 and moe.w13_blocks_EFSQ.shape == (6, 2 * inter, 1, 16)
+    for e in (0, 4):
+        p = f"layers.3.ffn.experts.{e}."
+        gate, up = moe.w13_blocks_EFSQ[e, :inter], moe.w13_blocks_EFSQ[e, inter:]
+        assert torch.equal(gate.reshape(inter, -1), file[p + "w1.weight"].view(torch.uint8))
+        assert torch.equal(up.reshape(inter, -1), file[p + "w3.weight"].view(torch.uint8))
+        assert torch.equal(moe.w2_scales_EDS[e], file[p + "w2.scale"].view(torch.uint8))
+    w, s = file["layers.1.attn.wq_b.weight"], file["layers.1.attn.wq_b.scale"]
+    assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float8_e8m0fnu and s.shape == (4, 1)
+    want = w.double() * s.double().repeat_interleave(16, 0).repeat_interleave(16, 1)[:, : w.shape[1]]
+    assert torch.equal(model.layers[1].attn.wq_b_NHQ, want)
+    oracle = load_file(f"{fp4[1]}/model.safetensors")
+    assert torch.equal(model.layers[1].attn.wq_b_NHQ, oracle["model.layers.1.attn.wq_b.weight"])
+    assert torch.equal(model.layers[1].attn.compressor.wkv_CD, file["layers.1.attn.compressor.wkv.weight"])
+
+
+def test_an_expert_rank_reads_only_its_experts(fp4):
+    from moelink.comm.backends import make_all_to_all
+    from moelink.moe.layer import ExpertParallel
+    from moelink.moe.placement import ExpertPlacement
+
+    cfg = ModelConfig.from_pretrained(fp4[0], dtype="float64")
+    placement = ExpertPlacement(num_experts=6, ep_size=2)
+    ep = ExpertParallel(1, 2, placement, make_all_to_all("none", None, 0, 1, "cpu"), placement.to_tensors("cpu"))
+    read: dict[str, int] = {}
+    model = load_model(cfg, ReferenceKernels(), CPU, ep, read_bytes=read)
+    experts = {int(n.split(".experts.")[1].split(".")[0]) for n in read if ".experts." in n}
+    assert experts == {3, 4, 5} and model.layers[2].moe.w2_blocks_EDSQ.shape[0] == 3
+    # packed: an expert's w1 is I x D/2 bytes (16 x 16) and its scale I x D/32
+    assert read["layers.2.ffn.experts.3.w1.weight"] == 32 * 16 and read["layers.2.ffn.experts.3.w1.scale"] == 32
+
+
+def test_a_packed_tensor_of_another_dtype_is_refused():
+    dest = torch.zeros(4, 1, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="'x.weight' is torch.float16: DeepSeek-V4's FP4 experts hold packed"):
+        PackedBytes(dest, "x.weight").put(torch.zeros(4, 16, dtype=torch.float16), CPU)
+    with pytest.raises(ValueError, match=r"'x.weight' has shape \(4, 8\), expected \(4, 16\)"):
+        PackedBytes(dest, "x.weight").put(torch.zeros(4, 8, dtype=torch.int8), CPU)
+    PackedBytes(dest, "x.weight").put(torch.full((4, 16), 7, dtype=torch.int8), CPU)
+    assert bool((dest == 7).all())
+
+
+@pytest.mark.slow
+def test_fp4_checkpoint_greedy_equals_transformers_on_dequantized_weights(fp4, float_path):
+    """Prompts of 1..150 tokens (every compression boundary, the window, the indexer's top-k), chunked and
+    batched: the FP4 experts run through the MXFP4 kernels' reference, the FP8 linears dequantized."""
+    ps = prompts(VOCAB, seed=42, n=5, lo=1, hi=150)
+    llm = _engine(fp4[0])
+    got = engine_greedy(llm, ps)
+    assert_same(got, hf_greedy(fp4[1], ps), ps)
+    assert got != hf_greedy(float_path, ps), "the quantized model answers as the float one: nothing was quantized"
+    assert_pool_free(llm)
+
+
+@pytest.mark.slow
+def test_fp8_experts_checkpoint_greedy_equals_transformers(float_path, tmp_path):
+    """Without expert_dtype the routed experts are FP8 like the linears (DeepSeek's convert.py --expert-dtype fp8):
+    dequantized at load."""
+    pub, oracle = write_published_dsv4(float_path, tmp_path / "published", tmp_path / "oracle", expert_dtype="fp8")
+    assert "expert_dtype" not in json.loads((tmp_path / "published" / "config.json").read_text())
+    ps = prompts(VOCAB, seed=7, n=3, lo=1, hi=150)
+    assert_same(engine_greedy(_engine(pub), ps), hf_greedy(oracle, ps), ps)
