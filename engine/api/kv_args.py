@@ -24,7 +24,7 @@ from typing import Optional
 from ..kv_transfer.auth import SECRET_ENV, load_secret
 from ..kv_transfer.peers import parse_peers
 from ..kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
-from ..kv_transfer.transport import KV_TRANSPORTS
+from ..kv_transfer.transport import KV_TRANSPORTS, default_transport
 from ..contract.safe_text import shown
 
 ROLES = ("both", "prefill", "decode")
@@ -61,8 +61,9 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--role", default="both", choices=ROLES,
                    help="prefill: compute prompts and serve their KV on --kv-port; decode: load prompt KV from the "
                         "prefill server a request names; both (default): one server does both")
-    g.add_argument("--kv-transport", default="tcp", choices=sorted(KV_TRANSPORTS),
-                   help="how KV moves between the two servers (both must use the same; shm: one host only)")
+    g.add_argument("--kv-transport", default=None, choices=sorted(KV_TRANSPORTS),
+                   help="how KV moves between the two servers (both must use the same; shm: one host only); "
+                        "default nixl where the nixl package is installed, else tcp")
     g.add_argument("--kv-host", default="127.0.0.1",
                    help="address a prefill server's KV listener binds (default loopback; rank r on --kv-port + r)")
     g.add_argument("--kv-port", type=int, default=None, help="first KV port of a prefill server")
@@ -105,7 +106,7 @@ def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
         except ValueError as exc:
             raise ValueError(f"--kv-peers={shown(ns.kv_peers)} is invalid: {exc}") from None
     extra = {} if getattr(ns, "max_model_len", None) is None else {"max_prompt_tokens": ns.max_model_len}
-    kv = RemoteKVConfig(transport=ns.kv_transport, host=ns.kv_host, port=ns.kv_port, num_ranks=num_ranks,
+    kv = RemoteKVConfig(transport=ns.kv_transport or default_transport(), host=ns.kv_host, port=ns.kv_port, num_ranks=num_ranks,
                         advertise_host=ns.kv_advertise_host, ttl_s=ns.kv_ttl, max_saved_bytes=ns.kv_max_saved_bytes,
                         fetch_timeout_s=ns.kv_fetch_timeout, secret=load_secret(ns.kv_secret_file), peers=peers,
                         connect_timeout_s=ns.kv_connect_timeout, first_byte_timeout_s=ns.kv_first_byte_timeout,

@@ -17,7 +17,7 @@ from moelink.engine.contract.safe_text import shown
 
 from .auth import MIN_SECRET_BYTES
 from .peers import describe_peers, is_host, is_loopback, parse_peers
-from .transport import KV_TRANSPORTS
+from .transport import KV_TRANSPORTS, default_transport
 
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 _PEERS_ALLOWED = "must be None (loopback only) or 'HOST[:PORT[-PORT]],...' (or a tuple of (host, first, last) port ranges)"
@@ -27,7 +27,9 @@ _PEERS_ALLOWED = "must be None (loopback only) or 'HOST[:PORT[-PORT]],...' (or a
 class RemoteKVConfig:
     """The remote KV connector's settings (module docstring; engine/kv_transfer/remote.py)."""
 
-    transport: str = "tcp"  # a name in transport.KV_TRANSPORTS: "tcp", "shm" (one host); both engines the same
+    # A name in transport.KV_TRANSPORTS: "nixl" (the default where the nixl package is installed), "tcp" (the
+    # default without it), "shm" (one host), "collective"; both engines the same.
+    transport: str = field(default_factory=default_transport)
     host: str = "127.0.0.1"  # where this engine's ranks serve their saved KV (bound exactly: never wider)
     # The address decode engines are told to fetch from (outputs' remote_host); None: `host`. Needed when `host`
     # is a wildcard (0.0.0.0, ::), which binds every interface but names none a peer can dial.

@@ -14,17 +14,20 @@ request checks and bounds (engine/kv_transfer/server.py: `limits`; engine/kv_tra
 
 - "collective" (engine/kv_transfer/collective.py): the tcp exchange on its socket, the bytes over a
   torch.distributed group of the two ranks: NCCL between GPU ranks, gloo on CPU.
+- "nixl" (engine/kv_transfer/nixl.py): the tcp exchange on its socket, the bytes read by the decode rank out of
+  the prefill rank's memory with NIXL (UCX). The default where the nixl package is installed (`default_transport`).
 
 What another transport needs to be added here (CUDA IPC
-between GPU ranks on one node, NIXL/UCX for RDMA): `serve` returns an object with `close()` that makes the store's entries
-readable by key (a NIXL agent registers the host buffers, or the device blocks themselves, and publishes its
-metadata; the key then names remote descriptors), and `fetch` returns a `SavedKV` in this rank's layout or
+between GPU ranks on one node): `serve` returns an object with `close()` that makes the store's entries
+readable by key (as "nixl" does: its agent registers an entry's host rows and sends its metadata in the reply;
+the key names the entry), and `fetch` returns a `SavedKV` in this rank's layout or
 raises `KVFetchError` with the reason within the timeout. A transport that writes straight into the decode
 rank's blocks (RDMA) would take the rank's `PagedKVBlocks` and the transfer's block ids instead of returning
 host copies: that is the one change to this interface it needs.
 """
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import torch
@@ -115,7 +118,56 @@ class CollectiveTransport(TCPTransport):
                                 device, on_group, self.auth, self.first_byte_s)
 
 
-KV_TRANSPORTS = {"tcp": TCPTransport, "shm": ShmTransport, "collective": CollectiveTransport}
+class NixlTransport(TCPTransport):
+    """The TCP exchange, the bytes read with NIXL (engine/kv_transfer/nixl.py). One NIXL agent per transport
+    object (a rank's connector), made on first use and shared by its server and its fetches."""
+
+    name = "nixl"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._agent = None
+        self._agent_lock = threading.Lock()
+
+    def agent(self):
+        from .nixl import NixlAgent
+
+        with self._agent_lock:
+            if self._agent is None:
+                self._agent = NixlAgent()
+            return self._agent
+
+    def __getstate__(self) -> dict:  # a transport travels to Ray ranks as its settings; each rank makes its agent
+        state = dict(self.__dict__)
+        state["_agent"], state["_agent_lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._agent_lock = threading.Lock()
+
+    def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
+        from .nixl import NixlKVServer
+
+        return NixlKVServer(store, host, port, self.agent(), limits=self.limits, auth=self.auth)
+
+    def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
+              timeout_s: float, device: torch.device, on_group=None) -> SavedKV:
+        from .nixl import nixl_fetch
+
+        return nixl_fetch(self.agent(), host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s,
+                          timeout_s, pin=device.type == "cuda", on_group=on_group, auth=self.auth,
+                          first_byte_s=self.first_byte_s)
+
+
+KV_TRANSPORTS = {"tcp": TCPTransport, "shm": ShmTransport, "collective": CollectiveTransport, "nixl": NixlTransport}
+
+
+def default_transport() -> str:
+    """"nixl" where the nixl package is installed, else "tcp" (docs/disaggregation.md: which transport wins where)."""
+    from .nixl import nixl_available
+
+    return "nixl" if nixl_available() else "tcp"
 
 
 def make_transport(name: str, connect_timeout_s: float, io_timeout_s: float, auth: PeerAuth | None = None,
@@ -124,5 +176,5 @@ def make_transport(name: str, connect_timeout_s: float, io_timeout_s: float, aut
     return KV_TRANSPORTS[name](connect_timeout_s, io_timeout_s, auth, first_byte_s, limits)
 
 
-__all__ = ["CollectiveTransport", "KVServer", "KVTransport", "KV_TRANSPORTS", "ShmTransport", "TCPTransport",
-           "make_transport"]
+__all__ = ["CollectiveTransport", "KVServer", "KVTransport", "KV_TRANSPORTS", "NixlTransport", "ShmTransport",
+           "TCPTransport", "default_transport", "make_transport"]

@@ -61,7 +61,7 @@ def _prefill(path, ps, transport: str):
     return pre, outs
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", "nixl"])
 def test_state_travels_with_the_kv_and_decode_equals_one_engine(case, transport):
     path, ps, want = case
     pre, outs = _prefill(path, ps, transport)
@@ -109,7 +109,7 @@ def test_a_cut_stream_frees_every_block_and_slot_and_recomputes(case, monkeypatc
     pre, outs = _prefill(path, ps, "tcp")
     dec = None
     try:
-        dec = Decoder(path, RemoteKVConfig(fetch_timeout_s=30.0))
+        dec = Decoder(path, RemoteKVConfig(fetch_timeout_s=30.0, transport="tcp"))
         dec.add(ps, _decode_params(outs))
         assert dec.run(len(ps)) == want
         stats = dec.worker.stats
@@ -140,7 +140,7 @@ def test_a_prompt_the_prefill_engine_has_cached_to_its_save_point_still_moves_th
         second = pre.generate([p], SAVE, use_tqdm=False)
         # The checkpoint at 12 was found (the manager counts it) and not used (no token counted as a hit).
         assert pre.engine.schedulers[0].kv.ckpts.num_hits == 1 and pre.engine.stats().prefix_cache_hits == 0
-        dec = Decoder(path)
+        dec = Decoder(path, RemoteKVConfig(transport="tcp"))
         dec.add([p, p], _decode_params(first + second))
         assert dec.run(2) == [want, want]
         assert dec.worker.stats.num_loaded == 2 and dec.computed == 2 * MAX_NEW

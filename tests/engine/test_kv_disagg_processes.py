@@ -119,11 +119,12 @@ def test_fetch_cut_off_midway_frees_the_blocks_and_recomputes(fault, tiny_model)
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=9, n=2, lo=9, hi=17)
     want = one_engine(path, ps)
-    pre = PrefillProcess({"model": path, "port": free_port(), "prompts": ps, "llm": KW, "stall": True})
+    pre = PrefillProcess({"model": path, "port": free_port(), "prompts": ps, "llm": KW, "stall": True,
+                          "transport": "tcp"})
     try:
         params = decode_params(pre.expect("ready", READY_S)["params"])
         timeout = 2.0 if fault == "deadline" else 120.0
-        dec = Decoder(path, RemoteKVConfig(fetch_timeout_s=timeout))
+        dec = Decoder(path, RemoteKVConfig(fetch_timeout_s=timeout, transport="tcp"))
         try:
             free, total = dec.free_blocks()
             assert free == total

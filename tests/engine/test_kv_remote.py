@@ -313,7 +313,7 @@ def test_a_rewind_drops_loads_in_flight_without_writing_them():
         decode.close()
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm", "collective"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", "collective", "nixl"])
 def test_an_fp8_cache_over_each_transport(transport, hf_tiny_model):
     """fp8 KV (GLM-4.5 tiny, kv_cache_dtype="fp8") crosses as bytes: the wire sizes rows by the dtype's itemsize.
     Both engines here; the separate-process runs cover the other KV kinds."""

@@ -2,7 +2,8 @@
 
     python -m tests.helpers.kv_prefill_process SPEC_JSON
 
-SPEC_JSON: {"model", "port", "prompts", "llm": {LLM kwargs}, "ep": 1|2, "stall": bool, "transport": "tcp"|"shm"}. The process prefills
+SPEC_JSON: {"model", "port", "prompts", "llm": {LLM kwargs}, "ep": 1|2, "stall": bool, "transport": a name (default:
+RemoteKVConfig's, nixl where installed; "stall" is tcp's)}. The process prefills
 each prompt (max_tokens=1, do_remote_decode) under request ids "p0", "p1", ..., prints one JSON line
 {"ready": true, "first": [the first token per prompt], "params": [each output's kv_transfer_params, as a dict],
 "scan_params": [the connector's decode_params per prompt: every rank's ports]},
@@ -46,7 +47,8 @@ def main(spec: dict) -> None:
     if spec.get("stall"):
         _stall_the_server()
     ep = spec.get("ep", 1)
-    conn = RemoteKVConnector(RemoteKVConfig(port=spec["port"], num_ranks=ep, transport=spec.get("transport", "tcp")))
+    transport = {"transport": spec["transport"]} if "transport" in spec else {}
+    conn = RemoteKVConnector(RemoteKVConfig(port=spec["port"], num_ranks=ep, **transport))
     kw = dict(spec.get("llm", {}))
     with contextlib.ExitStack() as stack:
         if ep > 1:

@@ -1,0 +1,307 @@
+"""The NIXL KV transport: the side channel of the TCP transport (handshake, request, exact-match claim, refusals;
+engine/kv_transfer/server.py) on its socket, the KV bytes read by the decode rank straight out of the prefill rank's
+memory with NIXL (UCX underneath: shared memory / CMA on one host, TCP or RDMA between hosts, NVLink between GPUs),
+the library vLLM's NixlConnector, SGLang and Dynamo move KV with.
+
+A fetch, in order:
+  1. the decode rank connects to the prefill rank's KV port and runs the handshake (engine/kv_transfer/auth.py) and
+     the request (capability, layout, the prompt's token ids), exactly as over tcp;
+  2. the prefill rank claims the entry, registers its host rows with its NIXL agent and answers with the usual reply
+     header plus `nixl`: its agent's name, its metadata for those registrations (base64; the UCX worker address and
+     remote keys) and each tensor's address and length. So the agent metadata reaches a peer only after the side
+     channel authenticated it and it proved it holds the capability and the whole prompt (docs/security-kv.md);
+  3. the decode rank checks the header against its own layout (wire.recv_saved, on `meta` tensors: nothing is
+     allocated for a reply that does not fit), posts one NIXL READ per group (a layer's tensors) into a host buffer
+     its agent registered once and reuses, and hands each group to the connector's writer as soon as its READ is
+     done while the later groups are still being read (layer-pipelined, as the other transports);
+  4. the decode rank says "read" on the socket; the prefill rank then deregisters the rows (also when the socket
+     closes or the reply deadline passes: memory is exposed to one peer for one fetch at most) and closes the
+     connection, which the fetch waits for.
+
+Agents: one per transport object (a rank's connector), made on first use, named at random, with the UCX backend
+and no listener thread of its own (metadata travels only over the side channel). A decode agent keeps the prefill
+agents it has loaded (at most MAX_REMOTE_AGENTS, least recently used dropped), so later fetches from the same rank
+skip UCX's connection set-up (measured: ~80 ms the first time, < 1 ms after).
+
+What NIXL does not replace here: the save is still a copy of the blocks into host memory (PagedKVBlocks.read_async;
+the blocks are free for other requests at once) and its rows are registered per fetch (~0.1 ms for a few MiB);
+reading the cache blocks themselves, registered once at start, needs the prefill side to hold them until fetched.
+"""
+from __future__ import annotations
+
+import base64
+import importlib
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict
+
+import torch
+
+from .auth import PeerAuth
+from .blocks import SavedKV
+from .client import FetchTimeouts, request_kv
+from .server import KVSocketServer, ServerLimits
+from .store import SavedKVStore
+from .wire import (MAX_HELLO_BYTES, Deadline, KVFetchError, recv_header, recv_saved, saved_header, send_header)
+
+logger = logging.getLogger(__name__)
+
+MAX_REMOTE_AGENTS = 64  # prefill agents a decode agent keeps loaded (each holds a UCX endpoint)
+_POLL_S = 0.0002  # between polls of a READ in flight (the progress thread moves the bytes)
+_NIXL_MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")  # the meta package, or a CUDA variant's own
+
+
+def nixl_api():
+    """NIXL's Python API module (`nixl_agent`, `nixl_agent_config`), or None when no NIXL wheel is installed."""
+    for name in _NIXL_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def nixl_available() -> bool:
+    return nixl_api() is not None
+
+
+class NixlAgent:
+    """One NIXL agent with the UCX backend (module docstring), thread-safe (NIXL's strict sync mode: a rank's server
+    threads and fetch thread share it), plus the host buffers it registered once for receiving."""
+
+    def __init__(self) -> None:
+        api = nixl_api()
+        if api is None:
+            raise KVFetchError("the NIXL KV transport needs the nixl package (pip install nixl-cu12)")
+        self.name = "moelink-" + secrets.token_hex(8)
+        conf = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"],
+                                     sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        self.agent = api.nixl_agent(self.name, conf)
+        if "UCX" not in self.agent.backends:
+            raise KVFetchError("NIXL's UCX backend did not start on this machine")
+        self._lock = threading.Lock()
+        self._remotes: OrderedDict[str, None] = OrderedDict()  # loaded prefill agents, least recently used first
+        self._turns: dict[str, threading.Lock] = {}  # per prefill agent: one fetch's reads at a time
+        self._free: list[tuple[torch.Tensor, object]] = []  # registered receive buffers not in use
+
+    # ------------------------------------------------------------------ prefill side
+    def expose(self, tensors: list[torch.Tensor]):
+        """Register `tensors` (host memory) for remote reads; returns (registration, metadata bytes a peer loads to
+        read them: this agent's connection info and their remote keys)."""
+        reg = self.agent.register_memory(tensors)
+        return reg, self.agent.get_partial_agent_metadata(reg, True)
+
+    def unexpose(self, reg) -> None:
+        self.agent.deregister_memory(reg)
+
+    # ------------------------------------------------------------------ decode side
+    def load_remote(self, name: str, meta: bytes) -> None:
+        """Load (or update) a prefill agent's metadata; the least recently used past MAX_REMOTE_AGENTS is dropped.
+        This agent's own name (one transport serving and fetching, as in-process tests do) reads locally."""
+        if name == self.name:
+            return
+        got = self.agent.add_remote_agent(meta)
+        got = got.decode() if isinstance(got, bytes) else got
+        if got != name:
+            raise KVFetchError(f"the prefill rank's NIXL metadata names agent {got!r}, its reply {name!r}")
+        with self._lock:
+            self._remotes[name] = None
+            self._remotes.move_to_end(name)
+            stale = list(self._remotes)[:-MAX_REMOTE_AGENTS] if len(self._remotes) > MAX_REMOTE_AGENTS else []
+            for old in stale:
+                del self._remotes[old]
+        for old in stale:
+            self.agent.remove_remote_agent(old)
+
+    def turn(self, name: str, deadline: Deadline) -> threading.Lock:
+        """The lock a fetch from prefill agent `name` holds while it loads that agent's metadata and reads: loading
+        (partial) metadata again invalidates the agent's transfers in flight (NIXL 1.5: "remote agent was
+        invalidated or re-registered during transfer"), so fetches from one prefill rank take turns, as the
+        collective transport's do; fetches from different ranks run at once. Acquired here, within `deadline`."""
+        with self._lock:
+            lock = self._turns.setdefault(name, threading.Lock())
+            if len(self._turns) > 4 * MAX_REMOTE_AGENTS:  # names of agents long gone (restarted engines)
+                for old in [n for n, lk in self._turns.items() if n not in self._remotes and not lk.locked()]:
+                    del self._turns[old]
+                self._turns[name] = lock
+        if not lock.acquire(timeout=max(deadline.left(), 0.0)):
+            raise KVFetchError(f"{deadline.what}: timed out behind another fetch from the same prefill rank")
+        return lock
+
+    def forget_remote(self, name: str) -> None:
+        if name == self.name:
+            return
+        with self._lock:
+            known = self._remotes.pop(name, 0) is None
+        if known:
+            try:
+                self.agent.remove_remote_agent(name)
+            except Exception:  # already gone: nothing to forget
+                pass
+
+    def take_buffer(self, nbytes: int, pin: bool) -> tuple[torch.Tensor, object]:
+        """A registered host buffer of at least `nbytes` (registered once, reused fetch after fetch)."""
+        with self._lock:
+            fits = [i for i, (b, _) in enumerate(self._free) if b.numel() >= nbytes and b.is_pinned() == pin]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i][0].numel()))
+        buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=pin)
+        return buf, self.agent.register_memory([buf])
+
+    def give_buffer(self, buf: torch.Tensor, reg) -> None:
+        with self._lock:
+            self._free.append((buf, reg))
+            self._free.sort(key=lambda br: -br[0].numel())
+            extra = self._free[4:]
+            del self._free[4:]
+        for _, r in extra:
+            self.agent.deregister_memory(r)
+
+    def read(self, remote: str, local: list[torch.Tensor], addrs: list[tuple[int, int]]):
+        """Post one READ of the remote regions `addrs` (address, bytes) into `local` (registered host views)."""
+        local_descs = self.agent.get_xfer_descs(local)
+        remote_descs = self.agent.get_xfer_descs([(a, n, 0) for a, n in addrs], "DRAM")
+        handle = self.agent.initialize_xfer("READ", local_descs, remote_descs, remote)
+        if self.agent.transfer(handle) == "ERR":
+            handle.release()
+            raise KVFetchError("NIXL refused to start a KV read")
+        return handle
+
+    def wait(self, handle, deadline: Deadline) -> None:
+        """Until `handle`'s transfer is done; KVFetchError when it fails or `deadline` passes (the transfer is
+        released, which aborts it, before this returns: the prefill rank may deregister its memory after)."""
+        try:
+            while (state := self.agent.check_xfer_state(handle)) == "PROC":
+                deadline.left()
+                time.sleep(_POLL_S)
+            if state != "DONE":
+                raise KVFetchError(f"{deadline.what}: the NIXL read failed ({state})")
+        finally:
+            handle.release()
+
+
+def _send_for_nixl_read(agent_of) -> callable:
+    """The server's ok reply (KVSocketServer's `reply`): the rows registered, their metadata and addresses in the
+    header, then the wait for the reader's "read" (or its going away, or the reply deadline) before deregistering."""
+
+    def reply(conn: socket.socket, saved: SavedKV, query: dict, deadline: Deadline) -> None:
+        agent = agent_of()
+        rows = [t.contiguous() for _, ts in saved.groups for t in ts]
+        live = [t for t in rows if t.numel()]
+        reg, meta = agent.expose(live) if live else (None, b"")
+        try:
+            header = saved_header(saved)
+            header["nixl"] = {"agent": agent.name, "meta": base64.b64encode(meta).decode(),
+                              "addrs": [[t.data_ptr(), t.numel()] for t in rows]}
+            send_header(conn, header, deadline)
+            recv_header(conn, deadline, MAX_HELLO_BYTES)  # "read": its READs are done or abandoned
+        finally:
+            if reg is not None:
+                agent.unexpose(reg)
+
+    return reply
+
+
+class NixlKVServer(KVSocketServer):
+    """A server of `store` on exactly (host, port) whose replies are read with NIXL (module docstring)."""
+
+    def __init__(self, store: SavedKVStore, host: str, port: int, agent: "NixlAgent", limits: ServerLimits,
+                 auth: PeerAuth | None = None) -> None:
+        from .tcp import bound_socket
+
+        super().__init__(store, bound_socket(host, port), _send_for_nixl_read(lambda: agent), limits, auth)
+
+
+def _announced_addrs(reply: dict, count: int) -> list[tuple[int, int]]:
+    try:
+        addrs = [(int(a), int(n)) for a, n in reply["nixl"]["addrs"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KVFetchError(f"a NIXL reply without its tensors' addresses: {exc!r}") from None
+    if len(addrs) != count:
+        raise KVFetchError(f"a NIXL reply naming {len(addrs)} tensors for {count} announced")
+    return addrs
+
+
+def nixl_fetch(agent: NixlAgent, host: str, port: int, key: str, layout: tuple, token_ids: list[int],
+               max_blocks: int, connect_timeout_s: float, timeout_s: float, pin: bool = False, on_group=None,
+               auth: PeerAuth | None = None, first_byte_s: float = FetchTimeouts.first_byte_s) -> SavedKV:
+    """The KV saved under `key` on (host, port) for exactly `token_ids`, read with NIXL into host memory (pinned when
+    `pin`), each group handed to `on_group` once read while the later ones are still on their way; KVFetchError
+    (with the reason) on anything short of all of it within `timeout_s`."""
+    where = f"fetching KV from {host}:{port} over NIXL"
+    deadline = Deadline(timeout_s, where)
+    remote = None
+    try:
+        with socket.create_connection((host, port), timeout=min(connect_timeout_s, deadline.left())) as sock:
+            reply = request_kv(sock, where, key, layout, token_ids, deadline, first_byte_s, auth)
+            if reply.get("ok") is not True:
+                raise KVFetchError(f"{host}:{port} refused: {reply.get('error', 'no reason given')}")
+            # Every shape checked against this rank's layout and `max_blocks` before a byte is allocated or read.
+            plan = recv_saved(lambda shape: torch.empty(shape, dtype=torch.uint8, device="meta"), reply, layout,
+                              max_blocks, token_ids)
+            shapes = [[tuple(t.shape) for t in ts] for _, ts in plan.groups]
+            sizes = [[int(torch.Size(s).numel()) for s in g] for g in shapes]
+            addrs = _announced_addrs(reply, sum(len(g) for g in sizes))
+            if any(n != want for (_, n), want in zip(addrs, (n for g in sizes for n in g))):
+                raise KVFetchError("a NIXL reply whose tensor lengths are not its shapes'")
+            nixl = reply["nixl"]
+            if not isinstance(nixl.get("agent"), str) or not isinstance(nixl.get("meta"), str):
+                raise KVFetchError("a NIXL reply without its agent's name and metadata")
+            total = sum(n for g in sizes for n in g)
+            handles: list = []
+            failed, buf = True, None
+            turn = agent.turn(nixl["agent"], deadline) if total else None
+            try:
+                buf, reg = agent.take_buffer(total, pin)
+                if total:
+                    remote = nixl["agent"]
+                    agent.load_remote(remote, base64.b64decode(nixl["meta"], validate=True))
+                views, at, k = [], 0, 0
+                for g, gsizes in enumerate(sizes):  # every group's READ posted at once: the wire runs ahead
+                    rows, local, far = [], [], []
+                    for s, n in zip(shapes[g], gsizes):
+                        rows.append(buf[at:at + n].view(s))
+                        if n:
+                            local.append(buf[at:at + n])
+                            far.append(addrs[k])
+                        at += n
+                        k += 1
+                    views.append(tuple(rows))
+                    handles.append(agent.read(remote, local, far) if local else None)
+                groups = []
+                for g, (idx, _) in enumerate(plan.groups):
+                    if handles[g] is not None:
+                        agent.wait(handles[g], deadline)
+                        handles[g] = None
+                    if on_group is not None:
+                        on_group(g, idx, views[g])  # written into the cache blocks while later groups arrive
+                        groups.append((idx, ()))
+                    else:
+                        groups.append((idx, tuple(v.clone() for v in views[g])))
+                failed = False
+            finally:
+                for h in handles:
+                    if h is not None:
+                        h.release()  # aborted before the prefill rank may deregister
+                if turn is not None:
+                    if failed and remote is not None:
+                        agent.forget_remote(remote)  # a failed peer's endpoint is not reused
+                    turn.release()
+                if buf is not None:
+                    agent.give_buffer(buf, reg)
+            send_header(sock, {"read": True}, deadline)
+            deadline.left(sock)
+            sock.recv(1)  # the server's close: it has deregistered the rows (a fetch leaves nothing exposed)
+            return SavedKV(plan.num_tokens, plan.token_ids, plan.layout, groups)
+    except KVFetchError:
+        raise
+    except TimeoutError:
+        raise KVFetchError(f"{where}: timed out") from None
+    except Exception as exc:  # a socket error, or NIXL's own (nixlBind's exceptions): the load fails, never raises on
+        raise KVFetchError(f"{where}: {exc}") from None
+
+
+__all__ = ["MAX_REMOTE_AGENTS", "NixlAgent", "NixlKVServer", "nixl_api", "nixl_available", "nixl_fetch"]
