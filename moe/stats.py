@@ -64,6 +64,26 @@ class MoECounters:
             self.tokens_per_expert += s.tokens_per_expert
 
 
+def merge_counters(per_rank: "list[MoECounters]") -> "MoECounters":
+    """One step of several ranks as one rank's counters (a TP group, whose ranks each routed and dispatched a slice
+    of the group's tokens): SUM counters and expert counts summed, SLOWEST the maximum, per-layer lists summed
+    layer by layer, the dispatch mode the first rank's."""
+    first = per_rank[0]
+    out = MoECounters(tokens_per_expert=sum(s.tokens_per_expert for s in per_rank))
+    for f in fields(MoECounters):
+        kind = f.metadata.get("combine")
+        vals = [getattr(s, f.name) for s in per_rank]
+        if kind == SUM:
+            setattr(out, f.name, sum(vals))
+        elif kind == SLOWEST:
+            setattr(out, f.name, max(vals))
+        elif kind == PER_STEP and isinstance(getattr(first, f.name), list):
+            setattr(out, f.name, [sum(x) for x in zip(*vals)] if all(len(v) == len(vals[0]) for v in vals) else vals[0])
+        elif kind == PER_STEP:
+            setattr(out, f.name, getattr(first, f.name))
+    return out
+
+
 class MoEStats:
     """Shared by the MoE layers of one model; reset by the runner each step."""
 

@@ -18,4 +18,20 @@ class PlanEntry(NamedTuple):
 
 WeightPlan = dict[str, PlanEntry]
 
-__all__ = ["PlanEntry", "WeightPlan"]
+
+class Rearranged:
+    """A destination that rearranges the tensor read (its `source` part) before copying it into `dest`: a TP rank's
+    contiguous columns of gpt-oss's interleaved experts, de-interleaved and transposed after the read
+    (engine/models/tp_experts.py), so the rank reads only its columns."""
+
+    def __init__(self, dest, rearrange):
+        self.dest, self.rearrange = dest, rearrange
+
+    def put(self, src, device) -> None:
+        t = self.rearrange(src)
+        if tuple(t.shape) != tuple(self.dest.shape):
+            raise ValueError(f"a checkpoint tensor read as {tuple(t.shape)}, expected {tuple(self.dest.shape)}.")
+        self.dest.copy_(t.to(device=device, dtype=self.dest.dtype))
+
+
+__all__ = ["PlanEntry", "Rearranged", "WeightPlan"]

@@ -80,6 +80,21 @@ def check_tp_nodes(node_ids, tp: int) -> None:
                              f"tensor_parallel_size must divide the GPUs of a node.")
 
 
+def tp_group_outputs(outs: list[ModelRunnerOutput], tp: int, merge: bool) -> list[ModelRunnerOutput]:
+    """One output per TP group: its first rank's (the group's ranks sampled the same tokens), with the MoE counters
+    of all its ranks merged when `merge` (EP over the world: each routed and dispatched its own slice of the
+    group's tokens; experts split by TP instead: every rank routed every token, the first's counts are the group's)."""
+    from moelink.moe.stats import merge_counters
+
+    firsts = []
+    for g in range(0, len(outs), tp):
+        first, moe = outs[g], [o.stats.moe for o in outs[g:g + tp] if o.stats is not None and o.stats.moe is not None]
+        if merge and moe and first.stats is not None:
+            first.stats = replace(first.stats, moe=merge_counters(moe))
+        firsts.append(first)
+    return firsts
+
+
 class RayExecutor(Executor):
     def __init__(self, config: EngineConfig, plan: ExpertParallelPlan | None = None):
         import ray
@@ -299,7 +314,8 @@ class RayExecutor(Executor):
         self._get(launch_refs, timeout=timeout, late=late)  # a launch that raised names its rank here
         # Under TP every rank of a group sampled the same tokens (engine/rank/model_runner.py broadcasts the
         # group's first rank's): that rank answers for its group.
-        return self._get(collect_refs, timeout=timeout, late=late)[:: self._tp]
+        outs = self._get(collect_refs, timeout=timeout, late=late)
+        return outs if self._tp == 1 else tp_group_outputs(outs, self._tp, merge=self.plan.world_size > 1)
 
     def _get(self, refs, timeout: float = _PG_TIMEOUT_S, late: str | None = None) -> list:
         """ray.get over one ref per rank that names the first rank to fail, and never hangs."""

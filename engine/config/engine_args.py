@@ -271,7 +271,8 @@ class EngineArgs:
             spec.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture)
             # An EAGLE-3 head's directory, fetched and checked against this model before anything is sized.
             spec = spec.resolve_draft_model(model_cfg, self.download_dir, weights=self.load_format != "dummy")
-        check_tensor_parallel(model_cfg, parallel.tensor_parallel_size, getattr(getattr(REGISTRY.get(model_cfg.architecture), 'spec', None), 'attention', ''))
+        attention_kind = getattr(getattr(REGISTRY.get(model_cfg.architecture), "spec", None), "attention", "")
+        check_tensor_parallel(model_cfg, parallel.tensor_parallel_size, attention_kind, parallel.experts_split_by_tp)
         if parallel.tensor_parallel_size > 1:
             self._check_tp_features(parallel.tensor_parallel_size)
         if parallel.world_size > model_cfg.num_experts + parallel.num_redundant_experts:

@@ -478,6 +478,18 @@ class ParallelConfig:
         self.elastic_ep = False
 
     @property
+    def experts_split_by_tp(self) -> bool:
+        """-tp N with expert_parallel_size 1: every rank holds every expert, split by intermediate size over its TP
+        group (an all-reduce after the MoE block), as vLLM runs TP without --enable-expert-parallel; with
+        expert_parallel_size > 1 the experts are in EP over the world instead."""
+        return self.tensor_parallel_size > 1 and self.expert_parallel_size == 1
+
+    @property
+    def expert_world_size(self) -> int:
+        """The ranks the experts are placed over (the EP plan's size): 1 when TP splits them, else the world."""
+        return 1 if self.experts_split_by_tp else self.world_size
+
+    @property
     def data_parallel_size(self) -> int:
         """Data-parallel attention groups (one scheduler each): the world over tensor_parallel_size."""
         return self.world_size // self.tensor_parallel_size

@@ -14,8 +14,9 @@ import dataclasses
 
 from .layer_configs import GQAConfig, MLAConfig
 
-# The quantization formats whose linears load sharded (each rank reads its rows or columns and their block scales).
-TP_FORMATS = (None, "fp8")
+# The quantization formats TP runs: float and FP8 block-scaled linears load sharded (each rank reads its rows or
+# columns and their block scales); MXFP4 is gpt-oss's experts only (its linears are float), placed whole by EP.
+TP_FORMATS = (None, "fp8", "mxfp4")
 
 
 def kv_head_start(rank: int, size: int, num_kv_heads: int) -> int:
@@ -45,9 +46,10 @@ def tp_local_config(cfg, size: int):
     return dataclasses.replace(cfg, attention=shard_attention(cfg.attention, size), layer_attention=layers)
 
 
-def check_tensor_parallel(cfg, size: int, attention_kind: str) -> None:
+def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bool = False) -> None:
     """Refuse, naming the field, a model that a TP group of `size` cannot split: heads, intermediate sizes and
-    (FP8) block boundaries must divide; families and formats not sharded yet are named."""
+    (FP8) block boundaries must divide; families and formats not sharded yet are named. experts_split: the experts
+    split by intermediate size over the group too (expert_parallel_size 1: engine/models/tp_experts.py)."""
     if size == 1:
         return
 
@@ -62,8 +64,19 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str) -> None:
     quant = cfg.quantization
     method = getattr(quant, "method", None)
     if method not in TP_FORMATS:
-        raise bad(f"weights in {method!r} load sharded only as float or FP8 block-scaled for now; run with -tp 1.")
+        raise bad(f"weights in {method!r} load sharded only as float or FP8 block-scaled (MXFP4 experts in EP) for "
+                  "now; run with -tp 1.")
     block = getattr(quant, "block", None) if method == "fp8" else None
+    if experts_split and cfg.sparse_layers:
+        ep_hint = f"pass --expert-parallel-size {size} (or a multiple) to place the experts in EP instead."
+        if cfg.moe_intermediate_size % size:
+            raise bad(f"moe_intermediate_size={cfg.moe_intermediate_size} is not a multiple of {size}, so the experts "
+                      f"cannot split over the TP group; {ep_hint}")
+        shared = cfg.moe.shared_expert_intermediate_size or cfg.moe_intermediate_size * cfg.moe.n_shared_experts
+        if shared % size:
+            raise bad(f"the shared experts' intermediate size {shared} is not a multiple of {size}; {ep_hint}")
+        if method is not None:
+            raise bad(f"{method} experts split over a TP group (expert_parallel_size=1) are not built; {ep_hint}")
     for layer in range(cfg.num_layers):
         a = cfg.attention_for(layer)
         if a.num_heads % size:

@@ -95,7 +95,8 @@ class ExpertParallelPlan:
 def plan_expert_parallel(config: EngineConfig) -> ExpertParallelPlan:
     """The one place the engine's placement, backend and capacity are decided, from its config."""
     par = config.parallel
-    world_size = par.world_size
+    # The experts' world: every rank (EP), or one when a TP group splits each expert (ParallelConfig.experts_split_by_tp).
+    world_size = getattr(par, "expert_world_size", par.world_size)
     backend = resolve_backend(par.all_to_all, world_size)
     # One rank holds every expert and never dispatches: redundant copies have nowhere to go (a rank never
     # holds two copies of one expert), so num_redundant_experts applies from two ranks on, as it always has.

@@ -98,7 +98,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         # Set by hand_off_outputs: where `step` sends each step's core outputs instead of processing them.
         self._output_sink: Callable[[list[EngineCoreOutput]], None] | None = None
-        self.moe_metrics = MoEMetrics(len(config.model.sparse_layers), config.model.num_experts, self.world_size)
+        # Per expert-parallel rank (the world, or one when a TP group splits every expert).
+        self.moe_metrics = MoEMetrics(len(config.model.sparse_layers), config.model.num_experts, self.ep_plan.world_size)
         self._step_id = 0
         # Online EPLB (--eplb-interval): None when off.
         self.eplb = make_eplb_controller(config, self.ep_plan)
@@ -391,7 +392,7 @@ class LLMEngine:
         """Per rank: (logical expert, number of replicas of it) for each expert slot it holds."""
         p = self.ep_plan.placement  # at one rank: every expert once
         copies = [len(r) for r in p.log2phy]
-        return [[(e, copies[e]) for e in p.experts_on_rank(r)] for r in range(self.world_size)]
+        return [[(e, copies[e]) for e in p.experts_on_rank(r)] for r in range(p.ep_size)]
 
     def expert_load(self) -> ExpertLoadReport:
         """Raw expert-load counts since start: [MoE layer][expert] routed (token, expert) pairs."""

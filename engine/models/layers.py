@@ -105,17 +105,18 @@ class DenseMLP(nn.Module):
     experts of DeepSeek / GLM MoE layers (one MLP of n_shared_experts * moe_intermediate_size)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None, *, kernels=None, quant=None,
-                 prefix: str = "", tp=None):
+                 prefix: str = "", tp=None, reduce: bool = True):
         """quant: engine/config/quantization.py's config (None = float); prefix: the checkpoint names' prefix
         ("model.layers.{i}.mlp."), which modules_to_not_convert is matched against. tp: the rank's TensorParallel
-        (None: whole): gate_up column-parallel over the intermediate size, down row-parallel (an all-reduce)."""
+        (None: whole): gate_up column-parallel over the intermediate size, down row-parallel (an all-reduce; with
+        reduce False the partial sum is returned for the caller to all-reduce with the routed experts')."""
         super().__init__()
         col = row = None
         if tp is not None and tp.size > 1:
             intermediate_size //= tp.size
             i0 = tp.rank * intermediate_size
             col = ColumnParallel((i0, i0), (intermediate_size, intermediate_size))
-            row = RowParallel(tp, i0, intermediate_size)
+            row = RowParallel(tp, i0, intermediate_size, reduce)
         self.intermediate_size = intermediate_size
         gate_up = linear_method(quant, prefix + "gate_proj", prefix + "up_proj")
         self.gate_up_proj = Linear(hidden_size, (intermediate_size, intermediate_size), gate_up, kernels, dtype, device,

@@ -32,6 +32,7 @@ from .gqa import GQAAttention
 from .layers import DenseMLP, ForwardContext, RMSNorm
 from .mla import MLAAttention
 from .rope import RotaryEmbedding
+from .tp_experts import ExpertShard, token_sliced_stages
 from .vocab_parallel import VocabShard
 
 
@@ -98,13 +99,18 @@ class DecoderLayer(nn.Module):
             self.self_attn = GQAAttention(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, rope, kernels, dt,
                                           device, quant, sinks_name=spec.sinks if spec else "sinks", tp=self.tp)
         self.is_sparse = layer_idx in cfg.sparse_layers
+        self.expert_shard = None
         # The routed experts of this layer (None in a dense layer): EP, valid rows and the counters act on them.
         self.moe: MoELayer | None = None
         if self.is_sparse:
             experts = f"{p}{moe_prefix}.experts"
             fmt = make_expert_format(quant if quant is None or quant.is_quantized(experts) else None, fused_experts)
             m = cfg.moe
-            self.moe = MoELayer(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, make_router(m.router),
+            # Under TP without EP (ep None) each rank holds every expert's 1/N of the intermediate channels
+            # (tp_experts.py); with EP the experts are placed whole and the block runs on token slices.
+            self.expert_shard = ExpertShard(self.tp, cfg.moe_intermediate_size) if self.tp and ep is None else None
+            inter = self.expert_shard.w if self.expert_shard else cfg.moe_intermediate_size
+            self.moe = MoELayer(cfg.hidden_size, inter, cfg.num_experts, make_router(m.router),
                                 kernels, dt, device, ep=ep, moe_index=cfg.sparse_layers.index(layer_idx), stats=stats,
                                 expert_format=fmt, router_bias=m.router_bias, expert_bias=m.expert_bias,
                                 activation=MoEActivation(m.activation, m.swiglu_alpha, m.swiglu_limit))
@@ -112,9 +118,13 @@ class DecoderLayer(nn.Module):
             shared_size = m.shared_expert_intermediate_size or cfg.moe_intermediate_size * n_shared
             gate = (nn.Parameter(torch.empty(cfg.hidden_size, dtype=dt, device=device), requires_grad=False)
                     if m.shared_expert_gate else None)
+            if self.expert_shard and self.moe.b2_ED is not None:
+                self.moe.b2_ED.zero_()  # gpt-oss's down bias: the group's first rank loads it, the others add none
+            # Shared experts split like the routed ones (their partial sum all-reduced with the routed one's).
+            split = dict(tp=self.tp, reduce=False) if self.expert_shard else {}
             self.mlp = (self.moe if not n_shared else SharedExpertsMoE(self.moe, DenseMLP(
                 cfg.hidden_size, shared_size, dt, device, kernels=kernels, quant=quant,
-                prefix=f"{p}{moe_prefix}.{shared_name}."), gate))
+                prefix=f"{p}{moe_prefix}.{shared_name}.", **split), gate))
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dt, device, kernels=kernels, quant=quant,
                                 prefix=p + "mlp.", tp=self.tp)
@@ -135,26 +145,9 @@ class DecoderLayer(nn.Module):
             return self.mlp(h_TD), residual_TD
         if self.tp is None:
             return (yield from self.mlp.stages(h_TD)), residual_TD
-        return (yield from self._tp_moe_stages(h_TD)), residual_TD
-
-    def _tp_moe_stages(self, h_TD: torch.Tensor) -> Stages:
-        """The MoE block under TP. After the row-parallel all-reduce every rank of the TP group holds the same
-        h_TD; running the block on all of it on each rank would do the same expert work N times (vLLM issue
-        24134). So each rank takes its 1/N slice of the tokens (TensorParallel.token_rows) into the router, the EP
-        all-to-all (the experts are EP over the whole world) and the shared experts, and the group all-gathers
-        the slices' outputs back into [T, D]: one [T, D] all-gather per MoE layer, as vLLM's sequence-parallel
-        MoE does (an all-reduce of [T, D] would cost twice the bytes of a reduce-scatter + all-gather)."""
-        T = h_TD.shape[0]
-        lo, hi = self.tp.token_rows(T)
-        valid_T = self.moe.valid_rows_T  # a padded decode graph's real rows (set_valid_rows), cut like the tokens
-        if valid_T is not None:
-            self.moe.valid_rows_T = valid_T[lo:hi]
-        try:
-            y_tD = yield from self.mlp.stages(h_TD[lo:hi])
-        finally:
-            self.moe.valid_rows_T = valid_T
-        return self.tp.gather_rows(y_tD, T)
-
+        if self.expert_shard is not None:  # every token, this rank's channels of every expert: one all-reduce
+            return self.tp.all_reduce((yield from self.mlp.stages(h_TD))), residual_TD
+        return (yield from token_sliced_stages(self.tp, self.moe, self.mlp, h_TD)), residual_TD
 
 class MoEDecoderForCausalLM(nn.Module):
     """Embedding → decoder layers → final norm; `compute_logits` applies the LM head to chosen rows."""
@@ -310,12 +303,19 @@ def layer_weight_plan(layer: DecoderLayer, layer_idx: int, cfg: ModelConfig, spe
     if layer.moe is None:
         plan.update(layer.mlp.weight_plan(p + "mlp."))
         return plan
+    shard = getattr(layer, "expert_shard", None)  # experts split by TP (tp_experts.py)
     if spec.expert_layout == "gpt_oss":
         plan.update(_gpt_oss_plan(layer.moe, f"{p}{spec.moe_prefix}.", cfg, spec, expert_ids))
+        if shard is not None:
+            plan.update(shard.gpt_oss_plan(layer.moe, f"{p}{spec.moe_prefix}.", cfg.hidden_size))
+            if shard.rank:  # the down bias once per group (the others' stay zero)
+                plan.pop(f"{p}{spec.moe_prefix}.experts.down_proj_bias")
         return plan
     fused = fused_experts_name(layer_idx) in names
     prefix = p + ("mlp." if fused else spec.moe_prefix + ".")
     plan.update(_expert_plan(layer.moe, prefix, fused, cfg, spec, expert_ids))
+    if shard is not None:  # the same names, this rank's channels
+        plan.update(shard.float_plan(layer.moe, prefix, fused, expert_ids, spec.expert_names))
     if isinstance(layer.mlp, SharedExpertsMoE):  # every rank holds the shared experts whole
         plan.update(layer.mlp.shared.weight_plan(f"{p}{spec.moe_prefix}.{spec.shared_experts}."))
         if layer.mlp.gate_D is not None:  # [1, D] on disk

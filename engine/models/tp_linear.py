@@ -62,8 +62,10 @@ class RowParallel:
 
     name = "row"
 
-    def __init__(self, tp, col_start: int, in_features: int):
-        self.tp, self.col_start, self.in_features = tp, col_start, in_features
+    def __init__(self, tp, col_start: int, in_features: int, reduce: bool = True):
+        """reduce False: the caller sums the partial output with others' first and all-reduces once (a MoE block
+        whose routed and shared experts are both split by TP)."""
+        self.tp, self.col_start, self.in_features, self.reduce = tp, col_start, in_features, reduce
 
     def source(self, piece: int, rows: tuple) -> tuple:
         if rows:
@@ -75,6 +77,10 @@ class RowParallel:
         return (slice(None), slice(a // block[1], -(-b // block[1])))
 
     def finish(self, y_TN: torch.Tensor, bias_N: torch.Tensor | None) -> torch.Tensor:
+        if not self.reduce:
+            if bias_N is not None:
+                raise ValueError("a row-parallel linear left unreduced cannot add its bias (it would be added N times).")
+            return y_TN
         y_TN = self.tp.all_reduce(y_TN)
         return y_TN if bias_N is None else y_TN + bias_N
 

@@ -33,7 +33,7 @@ from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
 from moelink.moe.expert_weights_dsv4 import PackedBytes
 from moelink.moe.expert_weights_int4 import Repack
-from moelink.moe.weight_plan import WeightPlan
+from moelink.moe.weight_plan import Rearranged, WeightPlan
 
 from ..config.checkpoint_headers import text_model_name
 from ..config.model import ModelConfig
@@ -190,6 +190,8 @@ def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, pr
                     read_bytes[name] = src.numel() * src.element_size()
                 if isinstance(param, QuantizeOnLoad):
                     _quantize_into(name, src, param, idx, device)
+                elif isinstance(param, Rearranged):  # a TP rank's columns, put in the model's layout after the read
+                    param.put(src, device)
                 elif isinstance(param, (Nvfp4Piece, Repack, Int4Piece, Fp8Piece, PackedBytes)):  # rewritten as read
                     param.put(src, device)
                 else:
@@ -257,6 +259,17 @@ def _read(st, name: str, src_idx: tuple) -> torch.Tensor:
             return st.get_slice(name)[lo:hi][first - lo]
     if all(isinstance(i, slice) for i in src_idx):
         return st.get_slice(name)[src_idx]
+    *lead, last = src_idx
+    if all(isinstance(i, slice) for i in lead) and isinstance(last, torch.Tensor) and last.dim() == 1 and len(last):
+        # Rows made of a few contiguous runs (a TP rank's gate and up rows of fused experts): each run read alone.
+        runs, start = [], 0
+        for k in range(1, len(last) + 1):
+            if k == len(last) or int(last[k]) != int(last[k - 1]) + 1:  # host ints of a load-time index
+                runs.append(slice(int(last[start]), int(last[k - 1]) + 1))
+                start = k
+        if len(runs) <= 8:
+            sl = st.get_slice(name)
+            return torch.cat([sl[tuple(lead) + (r,)] for r in runs], dim=len(lead))
     n = next(k for k, i in enumerate(src_idx) if not isinstance(i, slice))
     if n:
         return st.get_slice(name)[src_idx[:n]][(slice(None),) * n + tuple(src_idx[n:])]

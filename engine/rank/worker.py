@@ -103,7 +103,8 @@ class Worker:
             return
         # World size 1 dispatches too when a fixed-capacity backend was named (the two-mode path on one rank,
         # needing no process group); otherwise one rank keeps its tokens local with no all-to-all at all.
-        ep = self._expert_parallel() if self.world_size > 1 or self.plan.decode_capacity is not None else None
+        # (Under TP with the experts split by intermediate size the plan is one rank's: no all-to-all either.)
+        ep = self._expert_parallel() if self.plan.world_size > 1 or self.plan.decode_capacity is not None else None
         self._build_runner(ep, self.config.num_kv_blocks)
 
     def _build_runner(self, ep, num_kv_blocks: int | None) -> None:

@@ -12,6 +12,8 @@ from moelink.engine.config.tensor_parallel import check_tensor_parallel
 from moelink.engine.rank.loader import checkpoint_index, load_model
 from moelink.kernels.ops import ReferenceKernels
 
+from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
+
 CPU = torch.device("cpu")
 
 
@@ -34,17 +36,19 @@ def _file_bytes(path: str) -> dict[str, int]:
     return out
 
 
-# Split by TP (each rank reads 1/2): attention projections, dense MLP, embedding and LM head; whole on every rank:
-# norms, router, the MLA a-projections, shared experts; experts: every one at EP 1 (placement is the EP plan's).
-SPLIT = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "q_b_proj.weight", "kv_b_proj.weight",
-         "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "embed_tokens.weight", "lm_head.weight",
-         "sinks", "q_proj.bias", "k_proj.bias", "v_proj.bias")
+# Whole on every rank: norms, the router, o_proj's bias (added once, after the all-reduce), MLA's a-projections (the latent is every head's), the correction bias; a
+# single kv head (Mixtral) is replicated. Everything else (attention projections, sinks and biases, dense MLP,
+# embedding, LM head, and at expert_parallel_size 1 every expert's and shared expert's channels) is read half by
+# each rank; gpt-oss's expert down bias by the group's first rank only.
+REPLICATED = ("norm.weight", "layernorm.weight", ".gate.weight", "router.weight", "router.bias", "q_a_proj.weight",
+              "kv_a_proj_with_mqa.weight", "e_score_correction_bias", "o_proj.bias")
 
 
-@pytest.mark.parametrize("which", ["qwen3", "dsv3", "mixtral"])
-def test_each_rank_reads_its_shard(tiny_model, hf_tiny_model, which):
+@pytest.mark.parametrize("which", ["qwen3", "dsv3", "mixtral", "gpt_oss"])
+def test_each_rank_reads_its_shard(tiny_model, hf_tiny_model, tmp_path, which):
     path = {"qwen3": lambda: tiny_model("qwen3_e6k3"), "dsv3": lambda: hf_tiny_model("dsv3_lora"),
-            "mixtral": lambda: tiny_model("mixtral_e5k3")}[which]()
+            "mixtral": lambda: tiny_model("mixtral_e5k3"),
+            "gpt_oss": lambda: save_gpt_oss(tmp_path, num_hidden_layers=2)}[which]()
     cfg = ModelConfig.from_pretrained(path, "float64")
     full = _file_bytes(path)
     reads = []
@@ -52,16 +56,18 @@ def test_each_rank_reads_its_shard(tiny_model, hf_tiny_model, which):
         got: dict[str, int] = {}
         load_model(cfg, ReferenceKernels(), CPU, tp=_LoadOnlyTP(rank, 2), read_bytes=got)
         reads.append(got)
-    split = [n for n in reads[0] if n.endswith(SPLIT) and ".shared_experts." not in n and ".experts." not in n]
-    assert split, "no tensor was split"
-    for name, n in reads[0].items():
-        if name in split and not (which == "mixtral" and name.endswith(("k_proj.weight", "v_proj.weight"))):
-            assert n == full[name] // 2 == reads[1][name], name  # half each, never the other rank's half
-        elif name in split:  # one kv head, replicated: each rank reads it whole
-            assert n == full[name] == reads[1][name], name
-        else:
-            assert n == full[name] == reads[1][name], name
-    assert sum(reads[0].values()) < sum(full[n] for n in reads[0])
+    names = set(reads[0]) | set(reads[1])
+    assert names == set(full), set(full) ^ names  # every tensor read by some rank
+    whole = [n for n in names if n.endswith(REPLICATED)
+             or (which == "mixtral" and n.endswith(("k_proj.weight", "v_proj.weight")))]
+    for name in names:
+        if name in whole:
+            assert reads[0][name] == reads[1][name] == full[name], name
+        elif name.endswith("down_proj_bias"):
+            assert reads[0][name] == full[name] and name not in reads[1], name
+        else:  # half each, never the other rank's half
+            assert reads[0][name] == reads[1][name] == full[name] // 2, name
+    assert sum(reads[0].values()) < 0.6 * sum(full.values())
 
 
 def test_tp_refusals(tiny_model, hf_tiny_model):

@@ -1,6 +1,9 @@
-"""Tensor parallelism on Ray (CPU ranks, gloo): greedy tokens at TP 2 (world 2), TP 2 x DP 2 (world 4: two TP
-groups, experts in EP over all four ranks) equal one rank's (Qwen3-MoE, Mixtral's single kv head replicated) or
-transformers' in float64 (DeepSeek-V3's MLA, gpt-oss's sinks and biases). Lean: a few short prompts each."""
+"""Tensor parallelism on Ray (CPU ranks, gloo): greedy tokens equal one rank's (Qwen3-MoE; Mixtral, whose single kv
+head is replicated) or transformers' in float64 (DeepSeek-V3's MLA, gpt-oss's sinks and biases) at
+- TP 2 (`-tp 2`, world 2): the experts split by intermediate size over the group (one all-reduce per MoE block);
+- TP 2 x EP 2 (`-tp 2 -ep 2`, world 2): experts in EP, each TP rank dispatching its half of the tokens;
+- TP 2 with DP attention (`-tp 2 -ep 4`, world 4: two TP groups, two schedulers, EP 4).
+Lean: a few short prompts each."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +12,7 @@ from moelink.engine import LLM
 
 from tests.helpers import hf_checkpoints
 from tests.helpers.gpt_oss_checkpoints import VOCAB as GPT_OSS_VOCAB, save_gpt_oss
-from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, prompts
+from tests.helpers.parity import MAX_NEW, assert_same, engine_greedy, hf_greedy, prompts
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.slow
@@ -17,8 +20,9 @@ pytestmark = pytest.mark.slow
 KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=4)
 
 
-# Qwen3 (4 q heads, 2 kv heads: one each) at TP 2 and at TP 2 x DP 2; Mixtral's one kv head on both ranks.
-@pytest.mark.parametrize("name,tp,ep", [("qwen3_e6k3", 2, 1), ("qwen3_e6k3", 2, 4), ("mixtral_e5k3", 2, 1)])
+# Qwen3 (4 q heads, 2 kv heads: one each) in the three compositions; Mixtral's one kv head on both ranks.
+@pytest.mark.parametrize("name,tp,ep", [("qwen3_e6k3", 2, 1), ("qwen3_e6k3", 2, 2), ("qwen3_e6k3", 2, 4),
+                                        ("mixtral_e5k3", 2, 1)])
 def test_tp_matches_single_rank(local_ray, tiny_model, name, tp, ep):
     path = tiny_model(name)
     ps = prompts(TINY_CONFIGS[name]["vocab_size"], seed=tp + ep, n=4, lo=1, hi=30)
@@ -28,24 +32,31 @@ def test_tp_matches_single_rank(local_ray, tiny_model, name, tp, ep):
         assert len(llm.engine.schedulers) == max(ep, tp) // tp  # one scheduler per TP group (DP attention)
         assert_same(engine_greedy(llm, ps), want, ps)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+        # Every routed (token, expert) pair counted once: the TP ranks' slices merged, or (experts split) one
+        # rank's count for its group.
+        cfg = TINY_CONFIGS[name]
+        computed = sum(len(p) + MAX_NEW - 1 for p in ps)
+        assert llm.engine.moe_metrics.total_routed() == computed * cfg["top_k"] * cfg["num_layers"]
     finally:
         llm.engine.shutdown()
 
 
-def test_tp_deepseek_v3_matches_transformers(local_ray, hf_tiny_model):
+@pytest.mark.parametrize("ep", [1, 4])
+def test_tp_deepseek_v3_matches_transformers(local_ray, hf_tiny_model, ep):
     path = hf_tiny_model("dsv3_lora")  # MLA with q LoRA, interleaved rope, a dense layer, shared experts
     ps = prompts(hf_checkpoints.VOCAB, seed=5, n=4, lo=1, hi=30)
-    llm = LLM(path, tensor_parallel_size=2, **KW)
+    llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=ep, **KW)
     try:
         assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
     finally:
         llm.engine.shutdown()
 
 
-def test_tp_gpt_oss_matches_transformers(local_ray, tmp_path):
-    path = save_gpt_oss(tmp_path, num_hidden_layers=3)  # sinks, q/k/v and o biases, sliding layers
+@pytest.mark.parametrize("ep", [1, 4])
+def test_tp_gpt_oss_matches_transformers(local_ray, tmp_path, ep):
+    path = save_gpt_oss(tmp_path, num_hidden_layers=3)  # sinks, q/k/v and o biases, sliding layers, expert biases
     ps = prompts(GPT_OSS_VOCAB, seed=7, n=4, lo=1, hi=30)
-    llm = LLM(path, tensor_parallel_size=2, **KW)
+    llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=ep, **KW)
     try:
         assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
     finally:
