@@ -14,6 +14,10 @@ Methods (config.json's topk_method; moe/router.RouterConfig validates them), op 
 - "noaux_tc" (DeepSeek-V3, GLM-4-MoE): sigmoid scores; selection on scores + bias_G, groups ranked by the sum
   of their top-2 biased scores, experts outside the chosen groups at -inf; the weights are the unbiased scores
   of the chosen experts, optionally renormalised (w / (sum + 1e-20)); scaled.
+- "sqrtsoftplus" (DeepSeek-V4's learned-routing layers): sqrt(softplus(x)) scores in float32 (float64 for float64
+  logits; transformers computes them in the logits' dtype, so bf16 logits give bf16 scores there: ours are the
+  more exact); selection on scores + bias_G, no groups; the weights are the unbiased scores of the chosen experts,
+  renormalised (w / (sum + 1e-20)) and scaled.
 valid_T (bool [T], padded decode graphs): rows that are False get ids -1 (no expert; weights as computed).
 counts_G (int64 [G], the layer's row of moe/stats.MoEStats): += 1 per (row, chosen expert) with id >= 0.
 
@@ -25,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+METHODS = ("greedy", "group_limited_greedy", "noaux_tc", "sqrtsoftplus")
+BIASED = ("noaux_tc", "sqrtsoftplus")  # the methods that select on scores + an e_score_correction_bias
 
 
 def reference_route_topk(
@@ -36,14 +41,16 @@ def reference_route_topk(
     """(weights_TK float32, ids_TK int64) of `method` (module docstring); updates counts_G in place."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid: choose from {', '.join(METHODS)}.")
-    if bias_G is not None and method != "noaux_tc":
-        raise ValueError(f"bias_G is only taken by method='noaux_tc' (an e_score_correction_bias), not {method!r}.")
+    if bias_G is not None and method not in BIASED:
+        raise ValueError(f"bias_G is only taken by methods {BIASED} (an e_score_correction_bias), not {method!r}.")
     if method == "greedy":
         weights_TK, ids_TK = _greedy(logits_TG, top_k, renormalize, scale)
     elif method == "group_limited_greedy":
         weights_TK, ids_TK = _softmax_grouped(logits_TG, top_k, renormalize, scale, n_group, topk_group)
-    else:
+    elif method == "noaux_tc":
         weights_TK, ids_TK = _sigmoid_grouped(logits_TG, top_k, renormalize, scale, n_group, topk_group, bias_G)
+    else:
+        weights_TK, ids_TK = _sqrtsoftplus(logits_TG, top_k, renormalize, scale, bias_G)
     if valid_T is not None:
         ids_TK = ids_TK.masked_fill(~valid_T[:, None], -1)
     if counts_G is not None and ids_TK.numel():
@@ -86,6 +93,17 @@ def _sigmoid_grouped(logits_TG, top_k, renormalize, scale, n_group, topk_group, 
         keep_TG = _group_mask(group_TP, topk_group, G)
     if keep_TG is not None:
         choice_TG = choice_TG.masked_fill(~keep_TG, float("-inf"))
+    ids_TK = torch.topk(choice_TG, top_k, dim=-1, sorted=False)[1]
+    weights_TK = scores_TG.gather(1, ids_TK)
+    if renormalize:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights_TK * scale, ids_TK
+
+
+def _sqrtsoftplus(logits_TG, top_k, renormalize, scale, bias_G):
+    scores_TG = torch.sqrt(torch.nn.functional.softplus(logits_TG.to(torch.promote_types(logits_TG.dtype,
+                                                                                          torch.float32))))
+    choice_TG = scores_TG + bias_G if bias_G is not None else scores_TG
     ids_TK = torch.topk(choice_TG, top_k, dim=-1, sorted=False)[1]
     weights_TK = scores_TG.gather(1, ids_TK)
     if renormalize:

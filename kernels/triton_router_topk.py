@@ -24,9 +24,9 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import triton_common as common
-from .router_topk import METHODS
+from .router_topk import BIASED, METHODS
 
-_METHOD_CODES = {m: i for i, m in enumerate(METHODS)}  # 0 greedy, 1 group_limited_greedy, 2 noaux_tc
+_METHOD_CODES = {m: i for i, m in enumerate(METHODS)}  # 0 greedy, 1 group_limited_greedy, 2 noaux_tc, 3 sqrtsoftplus
 
 
 @triton.jit
@@ -35,6 +35,20 @@ def _exp(x, INTERPRET: tl.constexpr):
     if INTERPRET:
         return tl.exp(x)
     return libdevice.exp(x)
+
+
+@triton.jit
+def _softplus(x, INTERPRET: tl.constexpr):
+    """torch's softplus (beta 1, threshold 20): x past 20, else log1p(e^x) (libdevice's log1p and expf on a GPU;
+    the interpreter has no libdevice: Kahan's log1p, log(u) z / (u - 1) with u = 1 + z, keeps its relative error
+    at fp32's for small z, where log(1 + z) would lose it)."""
+    if INTERPRET:
+        z = tl.exp(x)
+        u = 1.0 + z
+        y = tl.where(u == 1.0, z, tl.log(u) * z / (u - 1.0))
+    else:
+        y = libdevice.log1p(libdevice.exp(x))
+    return tl.where(x > 20.0, x, y)
 
 
 @triton.jit
@@ -61,6 +75,8 @@ def _router_topk_kernel(logits_ptr, bias_ptr, valid_ptr, counts_ptr, w_ptr, ids_
     x = tl.load(logits_ptr + t.to(tl.int64) * stride_lt + g, mask=ok, other=neg).to(tl.float32)
     if METHOD == 2:  # sigmoid: 1 / (1 + e^-x), as torch's kernel
         scores = tl.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + _exp(-x, INTERPRET))
+    elif METHOD == 3:  # sqrt(softplus(x)) (padding lanes: -inf -> 0, masked out of the choice below)
+        scores = tl.sqrt_rn(_softplus(tl.where(ok, x, 0.0), INTERPRET))
     else:  # softmax over all G: e^(x - max) / sum
         m = tl.max(tl.max(x, axis=1), axis=0)
         e = tl.where(ok, _exp(x - m, INTERPRET), 0.0)
@@ -95,7 +111,7 @@ def _router_topk_kernel(logits_ptr, bias_ptr, valid_ptr, counts_ptr, w_ptr, ids_
     id_K = tl.zeros([BK], dtype=tl.int32)
     for k in range(0, top_k):
         v, i = _argmax_2d(choice, g, BP * BS)
-        if METHOD == 2:  # the weight is the unbiased score
+        if METHOD >= 2:  # the weight is the unbiased score
             v = tl.sum(tl.sum(tl.where(g == i, scores, 0.0), axis=1), axis=0)
         w_K = tl.where(kk == k, v, w_K)
         id_K = tl.where(kk == k, i, id_K)
@@ -123,13 +139,13 @@ def triton_route_topk(
     """Same contract as `reference_route_topk`, one launch (module docstring: where the results may differ)."""
     if method not in _METHOD_CODES:
         raise ValueError(f"method={method!r} is invalid: choose from {', '.join(METHODS)}.")
-    if bias_G is not None and method != "noaux_tc":
-        raise ValueError(f"bias_G is only taken by method='noaux_tc' (an e_score_correction_bias), not {method!r}.")
+    if bias_G is not None and method not in BIASED:
+        raise ValueError(f"bias_G is only taken by methods {BIASED} (an e_score_correction_bias), not {method!r}.")
     if logits_TG.dim() != 2 or not logits_TG.dtype.is_floating_point or logits_TG.dtype == torch.float64:
         raise ValueError(f"logits_TG {tuple(logits_TG.shape)} {logits_TG.dtype} is invalid: must be [T, G] float32, "
                          "bfloat16 or float16 (the reference takes float64).")
     T, G = logits_TG.shape
-    grouped = method != "greedy"
+    grouped = method in ("group_limited_greedy", "noaux_tc")
     P = n_group if grouped else 1
     if not 1 <= top_k <= G or G % P or not 1 <= topk_group <= P:
         raise ValueError(f"top_k={top_k}, n_group={n_group}, topk_group={topk_group} are invalid for {G} experts: "

@@ -40,8 +40,10 @@ class SqrtSoftplusRouter:
     needs_bias: ClassVar[bool] = True
     needs_table: ClassVar[bool] = False
 
-    def route_args(self) -> None:
-        return None  # no fused kernel form yet (a later session's Triton router)
+    def route_args(self) -> dict:
+        """The fused router op's arguments (kernels/router_topk.py "sqrtsoftplus": scores, top-k on scores + bias,
+        renormalisation, scale, padding rows and the load count in one launch with the Triton kernels)."""
+        return {"method": "sqrtsoftplus", "renormalize": True, "scale": self.routed_scaling_factor}
 
     def __call__(self, router_logits_TG, bias_G=None, token_ids_T=None):
         scores_TG = sqrtsoftplus(router_logits_TG)

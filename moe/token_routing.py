@@ -32,6 +32,12 @@ class TokenRoutedMoELayer(MoELayer):
     def route(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights_TK, ids_TK) of this step's tokens; padding rows (valid_rows_T) route to no expert (-1)."""
         logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD)
+        route = self.router.route_args()
+        if route is not None:  # learned routing: the fused router op (MoELayer.stages does the same)
+            counts_G = self.stats.routing_counts(self.moe_index) if self.stats is not None else None
+            return self.kernels.route_topk(logits_TG, self.router.top_k, **route,
+                                           bias_G=self.e_score_correction_bias_G, valid_T=self.valid_rows_T,
+                                           counts_G=counts_G)
         side = self.tid2eid_VK if self.router.needs_table else self.e_score_correction_bias_G
         weights_TK, ids_TK = self.router(logits_TG, side, token_ids_T)
         if self.valid_rows_T is not None:

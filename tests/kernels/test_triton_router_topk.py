@@ -28,7 +28,9 @@ def _by_id(w_TK, ids_TK):
 CASES = [(1, 128, 8, "greedy", True, 1.0, 1, 1, False), (3, 64, 6, "greedy", False, 1.0, 1, 1, False),
          (5, 20, 3, "greedy", True, 2.5, 1, 1, False), (2, 20, 3, "group_limited_greedy", False, 16.0, 4, 2, False),
          (3, 24, 4, "group_limited_greedy", True, 1.0, 3, 1, False), (4, 32, 4, "noaux_tc", True, 2.5, 4, 2, True),
-         (1, 24, 3, "noaux_tc", False, 1.0, 6, 6, True), (2, 40, 5, "noaux_tc", True, 1.0, 8, 3, False)]
+         (1, 24, 3, "noaux_tc", False, 1.0, 6, 6, True), (2, 40, 5, "noaux_tc", True, 1.0, 8, 3, False),
+         # DeepSeek-V4: sqrt(softplus) scores, selection on scores + bias, no groups (V4-Flash: 256 experts, top-6)
+         (3, 256, 6, "sqrtsoftplus", True, 1.5, 1, 1, True), (2, 24, 4, "sqrtsoftplus", True, 1.0, 1, 1, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
@@ -63,6 +65,20 @@ def test_route_topk_matches_reference(T, G, K, method, renorm, scale, P, TP, bia
         w64, ids64 = _by_id(w64, ids64)
     torch.testing.assert_close(w, w64.float().masked_fill(~valid[:, None], 0) + w.masked_fill(valid[:, None], 0),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_sqrtsoftplus_scores_past_the_softplus_threshold_and_far_below_zero(kdev):
+    """softplus is x past 20 and log1p(e^x) below it (torch's threshold): logits on both sides, and far negative ones
+    (e^x tiny: where log(1 + e^x) would lose every digit) chosen through the bias."""
+    logits = torch.tensor([[25.0, 19.5, 21.0, -12.0, -30.0, 0.5, -3.0, 2.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 40.0, 0.0, 0.0, 0.0, 0.0])
+    w, ids = triton_route_topk(logits.to(kdev), 4, method="sqrtsoftplus", renormalize=True, bias_G=bias.to(kdev))
+    w64, ids64 = reference_route_topk(logits.double(), 4, method="sqrtsoftplus", renormalize=True,
+                                      bias_G=bias.double())
+    w, ids = _by_id(w.cpu(), ids.cpu())
+    w64, ids64 = _by_id(w64, ids64)
+    assert torch.equal(ids, ids64) and 3 in ids[0].tolist()
+    torch.testing.assert_close(w.double(), w64, rtol=2e-6, atol=0)
 
 
 def test_route_topk_without_mask_or_counts_and_empty(gen, kdev):
