@@ -109,7 +109,8 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bo
             a = cfg.attention_for(layer)
             if isinstance(a, GQAConfig):
                 rows = {"q heads": a.num_heads // size * a.head_dim,
-                        "kv heads": max(1, a.num_kv_heads // size) * a.head_dim}
+                        "kv heads": max(1, a.num_kv_heads // size) * a.head_dim,
+                        "o_proj columns": a.num_heads // size * a.value_head_dim}
             else:
                 rows = {"q_b_proj heads": a.num_heads // size * a.qk_head_dim,
                         "kv_b_proj heads": a.num_heads // size * (a.qk_nope_head_dim + a.v_head_dim),

@@ -86,3 +86,26 @@ def test_tp_refusals(tiny_model, hf_tiny_model):
     dsa = ModelConfig.from_pretrained(hf_tiny_model("dsv32"), "float64")
     with pytest.raises(ValueError, match="DeepSeek Sparse Attention"):
         check_tensor_parallel(dsa, 2, "mla")
+
+
+def test_fp8_rank_reads_its_rows_and_block_scales(fp8_tiny):
+    """FP8 block-scaled linears under TP 2 (experts in EP 2): each rank reads half of every split weight and half
+    of its weight_scale_inv (the block rows, or block columns, of its shard)."""
+    from moelink.moe.layer import ExpertParallel
+    from moelink.moe.placement import ExpertPlacement
+
+    _, path, _ = fp8_tiny("qwen3_fp8", block=(8, 8))
+    cfg = ModelConfig.from_pretrained(path, "float64")
+    full = _file_bytes(path)
+    reads = []
+    for rank in range(2):
+        placement = ExpertPlacement(num_experts=cfg.num_experts, ep_size=2)
+        ep = ExpertParallel(rank, 2, placement, None, placement.to_tensors(CPU))  # loading only: no all-to-all
+        got: dict[str, int] = {}
+        load_model(cfg, ReferenceKernels(), CPU, ep=ep, tp=_LoadOnlyTP(rank, 2), read_bytes=got)
+        reads.append(got)
+    split = [n for n in reads[0] if ".experts." not in n and n.endswith(
+        ("proj.weight", "proj.weight_scale_inv", "embed_tokens.weight", "lm_head.weight"))]
+    assert any(n.endswith("o_proj.weight_scale_inv") for n in split) and any(".mlp.down_proj." in n for n in split)
+    for name in split:
+        assert reads[0][name] == reads[1][name] == full[name] // 2, name

@@ -61,3 +61,17 @@ def test_tp_gpt_oss_matches_transformers(local_ray, tmp_path, ep):
         assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
     finally:
         llm.engine.shutdown()
+
+
+# FP8 block-scaled linears sharded with their block scales (blocks of 8: every shard falls on a block boundary),
+# the FP8 experts in EP 2: one rank's tokens on the same checkpoint.
+@pytest.mark.parametrize("name", ["qwen3_fp8", "dsv3_fp8"])
+def test_tp_fp8_matches_single_rank(local_ray, fp8_tiny, name):
+    _, dst, _ = fp8_tiny(name, block=(8, 8))
+    ps = prompts(400, seed=3, n=4, lo=1, hi=30)
+    want = engine_greedy(LLM(dst, **KW), ps)
+    llm = LLM(dst, tensor_parallel_size=2, expert_parallel_size=2, **KW)
+    try:
+        assert_same(engine_greedy(llm, ps), want, ps)
+    finally:
+        llm.engine.shutdown()
