@@ -58,9 +58,11 @@ def reference_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: tor
     I^-0.5 in float32 (transformers casts q, keys and the weights to float32; the weights projection's output `w_Tn`
     comes unscaled), then the top_k entries of highest score among the first visible_T[t] (all of them when fewer),
     ties to the lowest entries (kernels/dsa.reference_topk_positions, DeepSeek Sparse Attention's rule): int32
-    [T, top_k] entry ids, ascending, then -1."""
+    [T, top_k] entry ids, ascending, then -1. keys_EI: [E, I] shared by the queries (one sequence's), or [T, E, I]
+    each query's own (a batched decode step's rows, gathered through their block tables)."""
     n_I, I = q_TnI.shape[1], q_TnI.shape[2]
-    scores_TnE = torch.relu(torch.einsum("tni,ei->tne", q_TnI.float(), keys_EI.float())) * I**-0.5
+    spec = "tni,tei->tne" if keys_EI.dim() == 3 else "tni,ei->tne"
+    scores_TnE = torch.relu(torch.einsum(spec, q_TnI.float(), keys_EI.float())) * I**-0.5
     scores_TE = (scores_TnE * (w_Tn.float() * n_I**-0.5)[:, :, None]).sum(dim=1)
     return reference_topk_positions(scores_TE, visible_T, top_k)
 
@@ -69,14 +71,16 @@ def reference_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS
                              scale: float) -> torch.Tensor:
     """Multi-query attention over one shared head that is key and value (V4: K = V), with a learnable logit per
     head in every softmax's denominator (its sink, no value): out [T, N, H]. allowed_TS: which keys each query sees
-    (a query sees at least itself)."""
-    logits_TNS = torch.einsum("tnh,sh->tns", q_TNH, k_SH) * scale
+    (a query sees at least itself). k_SH: [S, H] shared by the queries (one sequence's), or [T, S, H] each query's
+    own (a batched decode step's rows)."""
+    per_query = k_SH.dim() == 3
+    logits_TNS = torch.einsum("tnh,tsh->tns" if per_query else "tnh,sh->tns", q_TNH, k_SH) * scale
     logits_TNS = logits_TNS.masked_fill(~allowed_TS[:, None, :], float("-inf"))
     sinks = sinks_N.to(logits_TNS.dtype)[None, :, None].expand(q_TNH.shape[0], -1, 1)
     combined = torch.cat([logits_TNS, sinks], dim=-1)
     combined = combined - combined.max(dim=-1, keepdim=True).values
     probs = torch.softmax(combined, dim=-1)[..., :-1]
-    return torch.einsum("tns,sh->tnh", probs.to(k_SH.dtype), k_SH)
+    return torch.einsum("tns,tsh->tnh" if per_query else "tns,sh->tnh", probs.to(k_SH.dtype), k_SH)
 
 
 def reference_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torch.Tensor:

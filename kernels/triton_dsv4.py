@@ -47,6 +47,7 @@ def _compress_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, out_ptr, stride_kn, s
     if OVERLAP:
         pe = tl.exp(pg - mx[None, :])
         den += tl.sum(pe, axis=0)
+    den = tl.where(den == 0.0, 1.0, den)  # padding channels: no row
     kv = tl.load(kv_ptr + w * stride_kn + r[:, None] * stride_km + col0 + h[None, :], mask=ok, other=0.0)
     # The weights rounded to the kv dtype, each product rounded too, as the reference's (kv * weights).sum().
     wt = cast(e / den[None, :], out_ptr.dtype.element_ty, INTERPRET)
@@ -91,7 +92,7 @@ def triton_dsv4_compress(kv_nmC: torch.Tensor, gate_nmC: torch.Tensor, prev_kv_n
 
 @triton.jit(do_not_specialize=["S"])
 def _sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale, S, N, H, stride_qt, stride_qn,
-                           stride_ks, stride_at, stride_ot, stride_on, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+                           stride_kt, stride_ks, stride_at, stride_ot, stride_on, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                            BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
                            PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -107,7 +108,7 @@ def _sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale,
         s = s0 + tl.arange(0, BLOCK_S)
         ok = (tl.load(allowed_ptr + t * stride_at + s, mask=s < S, other=0) != 0) & (s < S)
         # Rows the query may not see are read as zeros: an unwritten (NaN) row must not reach P @ V.
-        k = tl.load(k_ptr + s[:, None] * stride_ks + d[None, :], mask=ok[:, None] & (d[None, :] < H), other=0.0)
+        k = tl.load(k_ptr + t * stride_kt + s[:, None] * stride_ks + d[None, :], mask=ok[:, None] & (d[None, :] < H), other=0.0)
         logits = dot(q, tl.trans(k), tl.zeros([BLOCK_N, BLOCK_S], tl.float32), INTERPRET, PREC) * scale
         logits = tl.where(ok[None, :], logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -123,11 +124,12 @@ def _sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale,
 
 def triton_dsv4_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS: torch.Tensor,
                                sinks_N: torch.Tensor, scale: float) -> torch.Tensor:
-    """Same contract as dsv4.reference_sink_attention: out [T, N, H] in q's dtype. allowed_TS bool [T, S]."""
+    """Same contract as dsv4.reference_sink_attention: out [T, N, H] in q's dtype. allowed_TS bool [T, S]; k_SH
+    [S, H] shared, or [T, S, H] per query (a batched decode step)."""
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
-    S = k_SH.shape[0]
-    if k_SH.shape != (S, H) or allowed_TS.shape != (T, S) or allowed_TS.dtype != torch.bool or sinks_N.shape != (N,):
+    S = k_SH.shape[-2]
+    if k_SH.shape not in ((S, H), (T, S, H)) or allowed_TS.shape != (T, S) or allowed_TS.dtype != torch.bool or sinks_N.shape != (N,):
         raise ValueError(f"k_SH {tuple(k_SH.shape)}, allowed_TS {tuple(allowed_TS.shape)} {allowed_TS.dtype} and "
                          f"sinks_N {tuple(sinks_N.shape)} are invalid: must be [S, {H}], bool [{T}, S] and [{N}].")
     out = common.workspace((T, N, H), q_TNH.dtype, q_TNH.device)
@@ -142,7 +144,7 @@ def triton_dsv4_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_
     block_s = 16 if interp else (32 if block_h >= 256 else 64)
     _sink_attention_kernel[(T, triton.cdiv(N, block_n))](
         q, k, allowed, sinks_N.float().contiguous(), out, float(scale), S, N, H, q.stride(0), q.stride(1),
-        k.stride(0), allowed.stride(0), out.stride(0), out.stride(1), BLOCK_N=block_n, BLOCK_H=block_h,
+        k.stride(0) if k.dim() == 3 else 0, k.stride(-2), allowed.stride(0), out.stride(0), out.stride(1), BLOCK_N=block_n, BLOCK_H=block_h,
         BLOCK_S=block_s, INTERPRET=interp, PREC=common.dot_precision(q.dtype),
         num_warps=4 if block_h <= 128 else 8)
     return out

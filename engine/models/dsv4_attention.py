@@ -3,8 +3,8 @@ shared head that is key and value, per-head sinks, a sliding window of raw KV, a
 entries, all read and written through the engine's cache: the paged entries on the step's block tables, the window
 and the compressors' running rows in each sequence's state slot (ForwardContext.state).
 
-A host loop over the step's sequences, reading their lengths from the metadata's host lists (no device sync, but
-host lengths: no decode CUDA graph yet, ModelRunner turns graphs off for V4). The math goes through four ops of the
+A prefill or mixed step loops over its sequences, reading their lengths from the metadata's host lists (no device
+sync); a pure-decode step runs batched from device lengths only (dsv4_decode.py: what a decode CUDA graph captures). The math goes through four ops of the
 kernel strategy (kernels/ops.py), each with its reference in kernels/dsv4.py: `dsv4_compress`, `dsv4_indexer_topk`,
 `dsv4_sink_attention`, `dsv4_grouped_linear` (Triton: kernels/triton_dsv4.py, triton_dsv4_topk.py; the indexer's
 picks may come in any order). A step's work per sequence, queries at positions p0..p1-1:
@@ -29,6 +29,7 @@ from moelink.kernels.dsv4 import reference_rms_norm_f32, reference_rope_tail
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.dsv4 import DSV4AttentionConfig
+from .dsv4_decode import decode_attention
 from .layers import ForwardContext, param
 
 
@@ -146,6 +147,17 @@ class DSV4Attention(nn.Module):
             idx = (self.indexer.rows(h_TD, positions_T),
                    self.compress_rope.rotate(F.linear(q_res_TQ, self.wq_idx_nIQ).view(T, nI, I), positions_T),
                    F.linear(h_TD, self.w_idx_nD))
+        if ctx.attn.max_query_len == 1:  # pure decode: batched, device lengths only (graph-capturable)
+            out_TNH = decode_attention(self, q_TNH, kv_TH, rows, idx, ctx, paged, state)
+        else:
+            out_TNH = self._sequences(q_TNH, kv_TH, rows, idx, ctx, paged, state)
+        out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
+        G = cfg.o_groups
+        o_TGO = self.grouped_linear(out_TNH.reshape(T, G, -1), self.wo_a_GOd.view(G, cfg.o_lora_rank, -1))
+        return F.linear(o_TGO.reshape(T, -1), self.wo_b_DGO)
+
+    def _sequences(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
+        """A prefill or mixed step: sequence by sequence, from the host lengths."""
         out_TNH = torch.empty_like(q_TNH)
         attn, slots_S, tables_SM = ctx.attn, ctx.state.slots_S.long(), ctx.attn.block_tables_SM.long()
         t0 = 0
@@ -157,10 +169,7 @@ class DSV4Attention(nn.Module):
             out_TNH[sl] = self._sequence(q_TNH[sl], kv_TH[sl], rows[sl] if rows is not None else None,
                                          tuple(x[sl] for x in idx) if idx is not None else None, p1 - q_len, p1,
                                          slots_S[s], tables_SM[s], paged, state)
-        out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
-        G = cfg.o_groups
-        o_TGO = self.grouped_linear(out_TNH.reshape(T, G, -1), self.wo_a_GOd.view(G, cfg.o_lora_rank, -1))
-        return F.linear(o_TGO.reshape(T, -1), self.wo_b_DGO)
+        return out_TNH
 
     def _sequence(self, q_qNH, kv_qH, rows_qC, idx, p0: int, p1: int, slot, table_M, paged, state) -> torch.Tensor:
         """One sequence's queries p0..p1-1: cache work (steps 1-3 of the module docstring), then attention."""

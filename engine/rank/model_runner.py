@@ -97,10 +97,6 @@ class ModelRunner:
                                                   block_size, load_format)
         self.drafter = self.device_drafter or make_drafter(speculative)
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
-        if self.graph_sizes and model_cfg.hyper_connections is not None:  # DeepSeek-V4
-            logger.info("CUDA graphs off: %s runs its reference attention, which reads each sequence's host length "
-                        "(a captured decode has placeholders there).", model_cfg.architecture)
-            self.graph_sizes = ()
         if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:  # EAGLE-3
             logger.info("CUDA graphs off: an EAGLE-3 head reads states that a captured forward does not keep.")
             self.graph_sizes = ()

@@ -129,3 +129,26 @@ def test_grouped_linear_equals_reference(gen, kdev, check, dtype, T):
     want = reference_grouped_linear(x.double(), w.double())
     got = triton_dsv4_grouped_linear(x.to(kdev), w.to(kdev))
     check(got, want, dtype, f"grouped linear T={T}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_query_keys_equal_reference(gen, kdev, check, dtype):
+    """A batched decode step's layout: each query its own keys ([T, S, H] for the attention, [T, E, I] for the
+    indexer), rows it may not see NaN in the kernels' input."""
+    T, N, H, S, nI, I, E, K = 5, 5, 24, 19, 3, 16, 23, 4
+    q = torch.randn(T, N, H, generator=gen, dtype=torch.float64).to(dtype)
+    keys = torch.randn(T, S, H, generator=gen, dtype=torch.float64).to(dtype)
+    allowed = torch.rand(T, S, generator=gen) < 0.6
+    allowed[:, 0] = True
+    sinks = torch.randn(N, generator=gen)
+    want = reference_sink_attention(q.double(), keys.double(), allowed, sinks, H**-0.5)
+    got = triton_dsv4_sink_attention(q.to(kdev), keys.masked_fill(~allowed[..., None], float("nan")).to(kdev),
+                                     allowed.to(kdev), sinks.to(kdev), H**-0.5)
+    check(got, want, dtype, "sink attention, per-query keys")
+    iq, iw = torch.randn(T, nI, I, generator=gen), torch.randn(T, nI, generator=gen)
+    ikeys = torch.randn(T, E, I, generator=gen)
+    vis = torch.tensor([0, 3, 9, 17, 23])
+    want_k = reference_indexer_topk(iq, iw, ikeys, vis, K)
+    ikeys[torch.arange(E)[None, :] >= vis[:, None]] = float("nan")
+    got_k = triton_dsv4_indexer_topk(iq.to(kdev), iw.to(kdev), ikeys.to(kdev), vis.to(kdev), K)
+    assert_same_sets(got_k.cpu(), want_k)
