@@ -106,7 +106,8 @@ def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
         except ValueError as exc:
             raise ValueError(f"--kv-peers={shown(ns.kv_peers)} is invalid: {exc}") from None
     extra = {} if getattr(ns, "max_model_len", None) is None else {"max_prompt_tokens": ns.max_model_len}
-    kv = RemoteKVConfig(transport=ns.kv_transport or default_transport(), host=ns.kv_host, port=ns.kv_port, num_ranks=num_ranks,
+    kv = RemoteKVConfig(transport=ns.kv_transport or default_transport(), host=ns.kv_host, port=ns.kv_port,
+                        num_ranks=num_ranks,
                         advertise_host=ns.kv_advertise_host, ttl_s=ns.kv_ttl, max_saved_bytes=ns.kv_max_saved_bytes,
                         fetch_timeout_s=ns.kv_fetch_timeout, secret=load_secret(ns.kv_secret_file), peers=peers,
                         connect_timeout_s=ns.kv_connect_timeout, first_byte_timeout_s=ns.kv_first_byte_timeout,
