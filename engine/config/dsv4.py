@@ -197,7 +197,9 @@ def _int(hf, name: str) -> int:
 
 
 def _rope(hf, label: str, rotary_dim: int) -> RopeConfig:
-    params = (getattr(hf, "rope_parameters", None) or {}).get(label) or {}
+    """`hf`: transformers' config, or its to_dict() (ModelConfig.hf_config)."""
+    params = ((hf.get("rope_parameters") if isinstance(hf, dict) else getattr(hf, "rope_parameters", None))
+              or {}).get(label) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         raise unsupported(f"rope_parameters.{label}.rope_type", rope_type, ROPE_TYPES)
@@ -256,10 +258,34 @@ def read_dsv4(arch: str, hf, c: dict, rope: dict) -> dict:
         raise unsupported("n_shared_experts", n_shared, (1,), f" (transformers' {arch} has one shared MLP)")
     moe = MoEConfig(router, n_shared_experts=1, activation="silu_clamp", swiglu_limit=limit)
     hc = HyperConnectionConfig(_int(hf, "hc_mult"), _int(hf, "hc_sinkhorn_iters"), float(hf.hc_eps))
+    mtp = getattr(hf, "num_nextn_predict_layers", 0) or 0
+    if isinstance(mtp, bool) or not isinstance(mtp, int) or mtp < 0:
+        raise unsupported("num_nextn_predict_layers", mtp, "an integer >= 0")
     return dict(num_experts=E, moe_intermediate_size=_int(hf, "moe_intermediate_size"), intermediate_size=0,
+                num_nextn_predict_layers=mtp,
                 norm_topk_prob=True, sparse_layers=tuple(range(n)), moe=moe, attention=layers[0],
                 layer_attention=layers, hash_layers=tuple(i for i, t in enumerate(mlp_types) if t == "hash_moe"),
                 hyper_connections=hc)
 
 
-__all__ = ["DSV4AttentionConfig", "HyperConnectionConfig", "LAYER_KINDS", "read_dsv4"]
+def mtp_attention(layers: tuple[DSV4AttentionConfig, ...], hf: dict) -> DSV4AttentionConfig:
+    """An MTP layer's attention (engine/models/dsv4_mtp.py): sliding only, as DeepSeek publishes it (its
+    `compress_ratios` has one entry past the main layers, 0: the MTP layer has no compressor and no indexer, its
+    checkpoint no compressor tensors), with the "main" rope; heads, ranks and window are the main layers'."""
+    a = layers[0]
+    rope = next((x.rope for x in layers if x.rope.layer_type == "main"), None) or _rope(hf, "main", a.rope.rotary_dim)
+    return DSV4AttentionConfig("sliding", a.num_heads, a.head_dim, a.q_lora_rank, a.o_groups, a.o_lora_rank,
+                               a.sliding_window, rope, rms_norm_eps=a.rms_norm_eps)
+
+
+# Why speculative decoding is refused for V4 (engine/config/speculative.py asks): a verify step's rejected drafts
+# must be taken back out of the per-sequence state, and V4's is not only its window ring.
+SPECULATIVE_REFUSAL = (
+    "speculative_config.method={method!r} is not supported for {arch} yet: a verify step writes every draft token "
+    "into each layer's compressor rows and paged compressed entries (a CSA / HCA entry is made once its window of "
+    "compress_rate tokens is full, from rows that rejected drafts would have filled), and those are not rolled back "
+    "to the accepted tokens yet (the window ring and the MTP layer's own sliding window could be); serve it "
+    "without speculative decoding.")
+
+__all__ = ["DSV4AttentionConfig", "HyperConnectionConfig", "LAYER_KINDS", "SPECULATIVE_REFUSAL", "mtp_attention",
+           "read_dsv4"]

@@ -31,6 +31,7 @@ from moelink.moe.token_routing import TokenRoutedMoELayer
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.architectures import ArchSpec
+from ..config.dsv4 import DSV4AttentionConfig
 from ..config.dsv4_quant import DSV4Quantization, read_dsv4_quantization
 from ..config.model import ModelConfig
 from .dsv4_attention import DSV4Attention, RopeTable
@@ -80,18 +81,21 @@ class DSV4DecoderLayer(nn.Module):
     mixer_name = "attn"
 
     def __init__(self, cfg: ModelConfig, i: int, ropes: dict, kernels, device, ep, stats: MoEStats,
-                 quant: DSV4Quantization | None = None):
+                 quant: DSV4Quantization | None = None, attention: DSV4AttentionConfig | None = None,
+                 moe_index: int | None = None):
+        """Main layer i; an MTP layer (engine/models/dsv4_mtp.py) passes its own `attention` config and the row
+        `moe_index` of its own MoEStats (its layer index is past the main layers' configs)."""
         super().__init__()
         D, dt, hc, eps = cfg.hidden_size, cfg.dtype, cfg.hyper_connections, cfg.rms_norm_eps
         self.attn_hc, self.ffn_hc = HyperConnection(hc, D, eps, device), HyperConnection(hc, D, eps, device)
         self.attn_norm, self.ffn_norm = Norm(D, eps, device), Norm(D, eps, device)
-        self.attn = DSV4Attention(cfg.attention_for(i), i, D, ropes, kernels, dt, device)
+        self.attn = DSV4Attention(attention or cfg.attention_for(i), i, D, ropes, kernels, dt, device)
         m = cfg.moe
         router = (HashRouter(cfg.top_k, m.router.routed_scaling_factor) if i in cfg.hash_layers
                   else make_router(m.router))
         self.moe = TokenRoutedMoELayer(D, cfg.moe_intermediate_size, cfg.num_experts, router, kernels, dt, device,
-                                       ep=ep, moe_index=cfg.sparse_layers.index(i), stats=stats,
-                                       expert_format=expert_format(quant),
+                                       ep=ep, moe_index=cfg.sparse_layers.index(i) if moe_index is None else moe_index,
+                                       stats=stats, expert_format=expert_format(quant),
                                        activation=MoEActivation("silu_clamp", limit=m.swiglu_limit),
                                        vocab_size=cfg.vocab_size)
         self.shared = ClampedMLP(D, cfg.moe_intermediate_size, m.swiglu_limit, dt, device)
@@ -111,8 +115,10 @@ class DSV4DecoderLayer(nn.Module):
         routed_TD = yield from routed
         return HyperConnection.expand(x_TnD, routed_TD + shared_TD, mix)
 
-    def weight_plan(self, i: int, spec: ArchSpec, expert_ids: list[int], num_experts: int) -> WeightPlan:
-        p = f"model.layers.{i}."
+    def weight_plan(self, i: int, spec: ArchSpec, expert_ids: list[int], num_experts: int,
+                    prefix: str | None = None) -> WeightPlan:
+        """Names under `prefix` (default "model.layers.{i}."; an MTP layer's "mtp.{k}.")."""
+        p = f"model.layers.{i}." if prefix is None else prefix
         plan: WeightPlan = {**self.attn_hc.weight_plan(p + "hc_attn"), **self.ffn_hc.weight_plan(p + "hc_ffn"),
                             p + "attn_norm.weight": PlanEntry(self.attn_norm.weight, ()),
                             p + "ffn_norm.weight": PlanEntry(self.ffn_norm.weight, ())}
@@ -126,6 +132,19 @@ class DSV4DecoderLayer(nn.Module):
         plan.update(self.moe.expert_format.weight_plan(self.moe, f, False, expert_ids, (), spec.expert_names))
         plan.update(self.shared.weight_plan(f + "shared_experts."))
         return plan
+
+
+def rope_tables(cfg: ModelConfig, device, labels=("main", "compress")) -> dict:
+    """The RopeTables of `labels` ("main": sliding layers', "compress": CSA / HCA layers') that some layer uses;
+    "compress" falls back to "main" (DSV4Attention asks for both)."""
+    ropes = {}
+    for label in labels:
+        rope = next((a.rope for a in cfg.layer_attention if a.rope.layer_type == label), None)
+        if rope is not None:
+            inv_freq, factor = rope_inv_freq(rope, cfg.hf_config)
+            ropes[label] = RopeTable(inv_freq, factor, cfg.max_model_len, device)
+    ropes.setdefault("compress", ropes.get("main"))
+    return ropes
 
 
 class DeepseekV4ForCausalLM(nn.Module):
@@ -146,14 +165,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         D, dt = cfg.hidden_size, cfg.dtype
         self.embed_tokens = param(cfg.vocab_size, D, dtype=dt, device=device)
         self.lm_head = param(cfg.vocab_size, D, dtype=dt, device=device)
-        ropes = {}
-        for label in ("main", "compress"):
-            rope = next(a.rope for a in cfg.layer_attention if a.rope.layer_type == label) if any(
-                a.rope.layer_type == label for a in cfg.layer_attention) else None
-            if rope is not None:
-                inv_freq, factor = rope_inv_freq(rope, cfg.hf_config)
-                ropes[label] = RopeTable(inv_freq, factor, cfg.max_model_len, device)
-        ropes.setdefault("compress", ropes.get("main"))
+        ropes = rope_tables(cfg, device)
         self.ropes = nn.ModuleDict(ropes)
         self.layers = nn.ModuleList(DSV4DecoderLayer(cfg, i, ropes, kernels, device, ep, self.moe_stats, self.quant)
                                     for i in range(cfg.num_layers))
@@ -217,10 +229,12 @@ class DeepseekV4ForCausalLM(nn.Module):
 
 def published_name(name: str) -> str:
     """The name DeepSeek's own V4 checkpoints give the tensor save_pretrained calls `name` (transformers'
-    deepseek_v4 conversion mapping, read backwards): top level, embed / hc_head_* renamed."""
+    deepseek_v4 conversion mapping, read backwards): top level, embed / hc_head_* renamed, and attention's kv norm
+    `attn.kv_norm.weight` (DeepSeek's files; transformers maps both it and `attn.norm.weight` to its kv_norm and saves
+    the latter)."""
     special = {"model.embed_tokens.weight": "embed.weight", "model.hc_head.hc_fn": "hc_head_fn",
                "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale"}
-    return special.get(name, name.removeprefix("model."))
+    return special.get(name, name.removeprefix("model.").replace(".attn.norm.weight", ".attn.kv_norm.weight"))
 
 
 __all__ = ["DeepseekV4ForCausalLM", "published_name"]

@@ -40,13 +40,10 @@ def dsv4_config(**overrides):
     return cfg
 
 
-def save_dsv4_checkpoint(out: Path, seed: int = 0, **overrides) -> str:
-    """Build the tiny V4 with transformers, randomise what it initialises to constants, save it + a tokenizer."""
+def build_dsv4_model(cfg, seed: int = 0):
+    """transformers' DeepseekV4ForCausalLM in float64, with what it initialises to constants randomised."""
     from transformers import DeepseekV4ForCausalLM
 
-    from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
-
-    cfg = dsv4_config(**overrides)
     torch.manual_seed(seed)
     model = DeepseekV4ForCausalLM(cfg).to(torch.float64)
     g = torch.Generator().manual_seed(seed + 1)
@@ -69,9 +66,22 @@ def save_dsv4_checkpoint(out: Path, seed: int = 0, **overrides) -> str:
             elif name.endswith("tid2eid"):  # each token's k distinct experts, at random
                 E = cfg.n_routed_experts
                 b.copy_(torch.stack([torch.randperm(E, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]))
-    out = Path(out)
-    model.save_pretrained(out)
+    return model
+
+
+def _save_tokenizer(out: Path) -> None:
+    from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
+
     tok = train_tiny_tokenizer(VOCAB)
     tok.save(str(out / "tokenizer.json"))
     write_tokenizer_configs(out, tok, MAX_POS)
+
+
+def save_dsv4_checkpoint(out: Path, seed: int = 0, **overrides) -> str:
+    """Build the tiny V4 with transformers, randomise what it initialises to constants, save it + a tokenizer."""
+    cfg = dsv4_config(**overrides)
+    model = build_dsv4_model(cfg, seed)
+    out = Path(out)
+    model.save_pretrained(out)
+    _save_tokenizer(out)
     return str(out)

@@ -2,9 +2,11 @@
 
 From the float checkpoint transformers saved (tests/helpers/dsv4_checkpoint.py), with the format's own rules (those of
 DeepSeek's inference code: `act_quant` / `fp4_act_quant` with ue8m0 scales, and its convert.py's e2m1 table):
-- names as published: no `model.` prefix, `embed.weight`, `hc_head_fn` / `_base` / `_scale`, per-expert
+- names as published: no `model.` prefix, `embed.weight`, `hc_head_fn` / `_base` / `_scale`, `attn.kv_norm.weight`
+  (transformers saves `attn.norm.weight`; DeepSeek's headers say kv_norm), per-expert
   `layers.{i}.ffn.experts.{e}.w{1,2,3}.weight`;
-- FP8 linears (attention's wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b, the shared expert's w1 / w2 / w3):
+- FP8 linears (attention's wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b, the shared expert's w1 / w2 / w3, an MTP
+  layer's e_proj / h_proj):
   float8_e4m3fn `X.weight` and `X.scale` float8_e8m0fnu, one per `block`: scale = 2 ** ceil(log2(amax / 448)) (ue8m0
   rounds the scale up, so no value saturates), e4m3 = round(w / scale);
 - FP4 routed experts (`expert_dtype: "fp4"`): e2m1 pairs a byte along K, the low nibble the even element, as int8
@@ -32,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from moelink.kernels.mxfp4 import mxfp4_dequantize, mxfp4_quantize
 
 FP8_LINEARS = (".attn.wq_a.", ".attn.wq_b.", ".attn.wkv.", ".attn.wo_a.", ".attn.wo_b.", ".attn.indexer.wq_b.",
-               ".ffn.shared_experts.")
+               ".ffn.shared_experts.", ".e_proj.", ".h_proj.")
 E4M3_MAX = 448.0
 
 
@@ -40,7 +42,7 @@ def published(name: str) -> str:
     """The name DeepSeek's files give a tensor save_pretrained calls `name` (transformers' conversion mapping)."""
     special = {"model.embed_tokens.weight": "embed.weight", "model.hc_head.hc_fn": "hc_head_fn",
                "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale"}
-    return special.get(name, name.removeprefix("model."))
+    return special.get(name, name.removeprefix("model.").replace(".attn.norm.weight", ".attn.kv_norm.weight"))
 
 
 def fp8_ue8m0(w_NK: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
