@@ -75,3 +75,11 @@ def test_tp_fp8_matches_single_rank(local_ray, fp8_tiny, name):
         assert_same(engine_greedy(llm, ps), want, ps)
     finally:
         llm.engine.shutdown()
+
+
+def test_tp_latency_cpu_smoke(local_ray):
+    """benchmarks/tp_latency.py end to end on CPU ranks (a multi-GPU node's step; here only that it runs)."""
+    from moelink.benchmarks import tp_latency
+
+    rows = tp_latency.main(["--cpu-smoke"])["rows"]
+    assert [r["tp"] for r in rows] == [1, 2] and all(r["decode_step_ms"] > 0 for r in rows)
