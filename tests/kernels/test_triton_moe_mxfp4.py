@@ -17,6 +17,7 @@ from moelink.kernels.triton_mxfp4_dequant import dequant_words
 from tests.helpers.moe_cases import DTYPES, SMALL, WIDE, expert_map, routing
 
 OAI = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
+V4_CLAMP = MoEActivation("silu_clamp", limit=0.6)  # DeepSeek-V4's FP4 experts (moe/expert_weights_dsv4.py)
 BK64 = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
                             "num_warps": 4, "num_stages": 2,
                             "down": {"BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 2, "num_warps": 4,
@@ -30,6 +31,8 @@ CASES = [
     (37, 5, 5, 1, 64, 32, "one", SMALL, "sum", SILU, False),  # every token on expert 0, SiLU, no biases
     (19, 3, 9, 3, 160, 96, "map", BK64, "sum", SILU, True),  # SiLU with biases, remote experts, D=160 off BK
     (70, 4, 4, 2, 32, 64, "rand", None, "sum", OAI, True),  # JSON config path (interpreter.json)
+    (1, 6, 6, 2, 32, 32, "rand", None, "sum", V4_CLAMP, False),  # DeepSeek-V4 FP4 decode: clamped SiLU, no biases
+    (17, 3, 6, 2, 64, 32, "map", SMALL, "sum", V4_CLAMP, False),  # ... a prefill chunk at EP 2 (3 of 6 experts local)
 ]
 
 
