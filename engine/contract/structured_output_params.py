@@ -13,7 +13,7 @@ from typing import Optional, Union
 from .json_depth import MAX_JSON_DEPTH, text_depth, too_deep, value_depth
 from .safe_text import shown
 
-KINDS = ("json", "json_object", "regex", "grammar", "choice")
+KINDS = ("json", "json_object", "regex", "grammar", "choice", "structural_tag")
 # Messages name fields as a SamplingParams path, so servers map them to their wire names like any other.
 PREFIX = "SamplingParams.structured_outputs."
 
@@ -29,6 +29,10 @@ class StructuredOutputParams:
     regex: Optional[str] = None
     grammar: Optional[str] = None
     choice: Optional[tuple[str, ...]] = None
+    # xgrammar's structural tag (JSON text): free text until a trigger, then the tagged structure (a tool call's
+    # JSON arguments between its begin and end markers). What smg sends for a named tool_choice on parsers whose
+    # calls are tagged (Kimi K2's, DeepSeek's).
+    structural_tag: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.choice, list):
@@ -55,6 +59,12 @@ class StructuredOutputParams:
                     json.dumps(self.json)
                 except (TypeError, ValueError) as e:
                     raise ValueError(f"{PREFIX}json={shown(self.json)} is invalid: not JSON ({e}).") from None
+        if self.structural_tag is not None:
+            _check(isinstance(self.structural_tag, str) and self.structural_tag, "structural_tag", self.structural_tag,
+                   "must be a non-empty JSON text")
+            depth = text_depth(self.structural_tag)
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(too_deep(f"{PREFIX}structural_tag={shown(self.structural_tag)}", depth))
         for name in ("regex", "grammar"):
             v = getattr(self, name)
             _check(v is None or (isinstance(v, str) and v), name, v, "must be a non-empty string")

@@ -38,6 +38,8 @@ def compile_spec(compiler, kind: str, spec: str):
         return compiler.compile_regex(spec)
     if kind == "grammar":
         return compiler.compile_grammar(spec)
+    if kind == "structural_tag":
+        return compiler.compile_structural_tag(spec)
     return compiler.compile_grammar(choice_ebnf(json.loads(spec)))
 
 

@@ -337,10 +337,10 @@ def structured_from_proto(sp) -> StructuredOutputParams | None:
         return StructuredOutputParams(json=sp.json_schema)
     if which == "json_object":
         return StructuredOutputParams(json_object=sp.json_object)
-    if which in ("regex", "grammar"):
+    if which in ("regex", "grammar", "structural_tag"):
         return StructuredOutputParams(**{which: getattr(sp, which)})
     raise ValueError(f"sampling_params.{which} is not supported: moelink serves json_schema, json_object, regex, "
-                     f"grammar and choice.")
+                     f"grammar, choice and structural_tag.")
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

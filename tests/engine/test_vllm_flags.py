@@ -166,3 +166,29 @@ def test_completions_logprobs_are_refused_naming_the_field_not_dropped():
     assert e.value.field == "logprobs"
     assert rewrite("/v1/completions", {"model": "m", "prompt": "x", "logprobs": None}) is None
     assert rewrite("/v1/chat/completions", {"model": "m", "logprobs": True, "top_logprobs": 2}) is None  # chat keeps
+
+
+def test_a_structural_tag_compiles_as_smg_sends_it_for_a_named_tool_call():
+    """smg's named tool_choice for tagged tool-call formats (Kimi K2's) is an xgrammar structural tag; moelink
+    compiles it (it refused it before: issue 48). The compiled grammar accepts the tagged call and nothing else."""
+    import json as _json
+
+    import xgrammar as xgr
+
+    from moelink.engine.contract.structured_output_params import StructuredOutputParams
+    from moelink.engine.core.grammar_child import compile_spec
+
+    tag = _json.dumps({"type": "structural_tag", "format": {"type": "tag", "begin": "<call>", "end": "</call>",
+                                                             "content": {"type": "json_schema", "json_schema": {
+                                                                 "type": "object", "properties": {"city": {
+                                                                     "type": "string", "enum": ["Paris"]}},
+                                                                 "required": ["city"]}}}})
+    kind, spec = StructuredOutputParams(structural_tag=tag).key
+    vocab = [chr(c) for c in range(32, 127)]
+    compiled = compile_spec(xgr.GrammarCompiler(xgr.TokenizerInfo(vocab)), kind, spec)
+    for text, ok in (('<call>{"city": "Paris"}</call>', True), ('<call>{"city": "Rome"}</call>', False)):
+        matcher = xgr.GrammarMatcher(compiled)
+        accepted = all(matcher.accept_token(vocab.index(ch)) for ch in text)
+        assert accepted == ok, text
+    with pytest.raises(ValueError, match="structural_tag"):
+        StructuredOutputParams(structural_tag="")

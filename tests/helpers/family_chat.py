@@ -1,0 +1,98 @@
+"""Tiny checkpoints dressed as real families for chat: the family's special tokens in the tokenizer (one token
+each, as in the published tokenizers) and a chat template in the family's format (its role markers, its tool
+declarations), so the smg gateway's tool-call and reasoning parsers see what they would see from the real model.
+
+The templates are written here in each family's format, shortened (no multi-turn tool results, no system-prompt
+defaults), not the published files. The tool-call and thinking markers are added as non-special tokens so that
+they survive detokenization with skip_special_tokens (Qwen3's and GLM's tokenizers mark them so too).
+
+Each family: the tiny architecture it runs on, smg's parser names, its tokens, its template, and the text the
+family emits for a tool call and for a thought (what a test forces with a regex).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer
+
+VOCAB = 512  # the model's vocabulary; the tokenizer is trained smaller and the family's tokens fill the rest
+MAX_ADDED = 24
+
+QWEN3_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n\nFunctions you may call, one JSON signature per line:\n<tools>"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n\nCall one as <tool_call>\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+KIMI_K2_TEMPLATE = (
+    "{%- if tools %}<|im_system|>tool_declare<|im_middle|>{{ tools | tojson }}<|im_end|>{%- endif %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}<|im_user|>user<|im_middle|>"
+    "{%- elif m.role == 'assistant' %}<|im_assistant|>assistant<|im_middle|>"
+    "{%- else %}<|im_system|>{{ m.role }}<|im_middle|>{%- endif %}{{ m.content }}<|im_end|>{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_assistant|>assistant<|im_middle|>{%- endif %}")
+GLM45_TEMPLATE = (
+    "[gMASK]<sop>{%- if tools %}<|system|>\n# Tools\n\nFunctions you may call:\n<tools>"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n\nCall one as <tool_call>{name}\n"
+    "<arg_key>{key}</arg_key>\n<arg_value>{value}</arg_value>\n</tool_call>{%- endif %}"
+    "{%- for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>{%- endif %}")
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str  # the tiny architecture the family's models are
+    tool_call_parser: str  # smg's names
+    reasoning_parser: str
+    role_tokens: tuple[str, ...]  # special: never in an answer
+    text_tokens: tuple[str, ...]  # tool-call and thinking markers: not special, they reach the parsers
+    template: str
+    tool_call: Callable[[str, dict], str]  # (name, arguments) -> what the model emits
+    thought: Callable[[str, str], str]  # (reasoning, answer) -> what the model emits
+
+
+FAMILIES = {
+    "qwen3": Family(
+        "qwen3_moe", "qwen", "qwen3", (), ("<tool_call>", "</tool_call>", "<think>", "</think>"), QWEN3_TEMPLATE,
+        lambda name, args: f'<tool_call>\n{json.dumps({"name": name, "arguments": args})}\n</tool_call>',
+        lambda r, a: f"<think>{r}</think>{a}"),
+    "kimi_k2": Family(
+        "deepseek_v3", "kimik2", "kimi", ("<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>"),
+        ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+         "<|tool_call_argument_begin|>", "<|tool_call_end|>", "◁think▷", "◁/think▷"), KIMI_K2_TEMPLATE,
+        lambda name, args: (f"<|tool_calls_section_begin|><|tool_call_begin|>functions.{name}:0"
+                            f"<|tool_call_argument_begin|>{json.dumps(args)}<|tool_call_end|>"
+                            "<|tool_calls_section_end|>"),
+        lambda r, a: f"◁think▷{r}◁/think▷{a}"),
+    "glm45": Family(
+        "glm4_moe", "glm45_moe", "glm45", ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                                           "<|observation|>"),
+        ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "<think>",
+         "</think>"), GLM45_TEMPLATE,
+        lambda name, args: f"<tool_call>{name}\n" + "".join(
+            f"<arg_key>{k}</arg_key>\n<arg_value>{v}</arg_value>\n" for k, v in args.items()) + "</tool_call>",
+        lambda r, a: f"<think>{r}</think>{a}"),
+}
+
+
+def dress(model_dir: str | Path, family: Family) -> None:
+    """Give a tiny checkpoint (vocab_size VOCAB, from make_tiny_model) the family's tokens and chat template."""
+    from tokenizers import AddedToken
+
+    out = Path(model_dir)
+    assert len(family.role_tokens) + len(family.text_tokens) <= MAX_ADDED
+    tok = train_tiny_tokenizer(VOCAB - MAX_ADDED)  # the same three specials first: EOS ids stay as written
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in family.role_tokens])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.text_tokens])
+    assert tok.get_vocab_size() <= VOCAB
+    tok.save(str(out / "tokenizer.json"))
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = family.template
+    cfg["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": t.special}
+        for i, t in sorted(tok.get_added_tokens_decoder().items())}
+    cfg_path.write_text(json.dumps(cfg, indent=2))
