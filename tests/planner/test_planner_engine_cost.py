@@ -202,6 +202,8 @@ def test_tp_attention_knob_cuts_weight_reads_at_batch_one():
     # At batch 1 attention projections are weight-bound: 8 GPUs each read an eighth of them.
     assert r_tp.breakdown["attn_proj"] < 0.3 * r_dp.breakdown["attn_proj"]
     assert r_tp.breakdown["attn_allreduce"] > 0 and "attn_allreduce" not in r_dp.breakdown
+    # The MoE block on each GPU's slice of the group's rows, gathered back over NVLink (no expert work twice).
+    assert r_tp.breakdown["moe_tp_gather"] > 0 and "moe_tp_gather" not in r_dp.breakdown
     assert r_tp.seconds < r_dp.seconds
     # MLA keeps the whole latent of the group's sequences on every GPU: fewer sequences fit per GPU.
     s_dp, s_tp = make_setup(dp, 8, 1, "none"), make_setup(tp, 8, 1, "none")
