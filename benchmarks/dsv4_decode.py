@@ -12,9 +12,15 @@ Per (context, batch), over the same random query:
 - csa: the indexer's scores over the ctx / 4 index keys and its top-512, then the sink attention over the window and
   the selected entries;
 - hca: the sink attention over the window and all ctx / 128 entries.
-The ops are the kernel strategy's `dsv4_indexer_topk` / `dsv4_sink_attention` where it has them, else the references
-of kernels/dsv4.py (the only ones today: the Triton kernels are a later step, so there is no GPU path yet and the
-CPU proxy runs float32 references, wall clock). The projections (q, the index queries, the output) are the layer's
+The ops are the kernel strategy's `dsv4_indexer_topk` / `dsv4_sink_attention` (the CPU proxy: the float32
+references of kernels/dsv4.py, wall clock).
+
+    python -m moelink.benchmarks.dsv4_decode --gpu [--contexts 32768,131072] [--batches 1,32] [--json PATH]
+
+On a GPU (`--gpu`): the Triton kernels in bf16, each layer kind's decode step as the engine's batched decode path runs
+it (engine/models/dsv4_decode.py: entries and index keys gathered through the block tables up to the context, the
+per-query key layout), eager and as CUDA-graph replays, beside DeepSeek-V3's MLA decode (`mla_attention`, 128 heads,
+latent 512 + rope 64) over the same context: time per step (CUDA events, L2 flushed) and bytes. The projections (q, the index queries, the output) are the layer's
 GEMMs, not attention, and are left out. Bytes are counted, not measured: what each path must read per step (keys of
 512 values, index keys of 128, in bf16).
 Results: JSON with the run's device, date and commit (bench_timing.run_meta); a table on stdout.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -84,6 +91,62 @@ def one_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
                 csa_bytes_vs_mla=b["csa"] / b["mla"], hca_bytes_vs_mla=b["hca"] / b["mla"])
 
 
+def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iters: int) -> dict:
+    """One (context, batch) on the GPU: V4's CSA and HCA decode attention (paged entries gathered per row, as
+    dsv4_decode.py) and V3's MLA decode, eager and replayed (module docstring)."""
+    from .dsa_decode import _meta
+
+    bf = dict(dtype=torch.bfloat16, device=device)
+    g = torch.Generator(device=device).manual_seed(ctx + batch)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(torch.bfloat16)
+
+    N, H, W, K, nI, I = s["N"], s["H"], s["W"], s["K"], s["n_I"], s["I"]
+    q_TNH, sinks_N, scale = rand(batch, N, H), torch.randn(N, device=device), H**-0.5
+    window_TWH = rand(batch, W, H)
+    seen_W = torch.ones(batch, W, dtype=torch.bool, device=device)
+    csa_e, hca_e = ctx // s["csa"], ctx // s["hca"]
+    # Paged entries, one block table row per sequence (block 256 tokens: 64 CSA entries, 2 HCA entries a block).
+    L = 256
+    blocks = batch * -(-ctx // L)
+    table_TM = torch.arange(blocks, device=device).view(batch, -1)
+    csa_BLcH, idx_BLcI, hca_BLcH = rand(blocks, L // s["csa"], H), rand(blocks, L // s["csa"], I), rand(
+        blocks, L // s["hca"], H)
+    iq_TnI, iw_Tn = rand(batch, nI, I), rand(batch, nI)
+    vis_csa = torch.full((batch,), csa_e, device=device)
+
+    def gather(entries_BLcX, e_TE):
+        Lc = entries_BLcX.shape[1]
+        return entries_BLcX[table_TM.gather(1, e_TE // Lc), e_TE % Lc]
+
+    e_csa = torch.arange(csa_e, device=device)[None, :].expand(batch, -1)
+    e_hca = torch.arange(hca_e, device=device)[None, :].expand(batch, -1)
+
+    def csa():
+        picks = kernels.dsv4_indexer_topk(iq_TnI, iw_Tn, gather(idx_BLcI, e_csa), vis_csa, K).long()
+        keys = torch.cat([window_TWH, gather(csa_BLcH, picks.clamp(min=0))], dim=1)
+        return kernels.dsv4_sink_attention(q_TNH, keys, torch.cat([seen_W, picks >= 0], dim=1), sinks_N, scale)
+
+    def hca():
+        keys = torch.cat([window_TWH, gather(hca_BLcH, e_hca)], dim=1)
+        seen = torch.ones(batch, keys.shape[1], dtype=torch.bool, device=device)
+        return kernels.dsv4_sink_attention(q_TNH, keys, seen, sinks_N, scale)
+
+    meta, mla_blocks = _meta(batch, ctx, device)
+    latent = rand(mla_blocks, 16, 576)
+    q_lat, q_pe = rand(batch, 128, 512), rand(batch, 128, 64)
+
+    def mla():
+        return kernels.mla_attention(q_lat, q_pe, latent, meta, 0.1)
+
+    out = dict(ctx=ctx, batch=batch, bytes=bytes_read(ctx, batch, s))
+    for name, fn in (("csa", csa), ("hca", hca), ("mla", mla)):
+        out[f"{name}_s"] = timer(fn, [()], iters=iters)
+        out[f"{name}_graph_s"] = timer.graph(fn, [()], iters=iters)
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="32768,131072")
@@ -91,12 +154,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--cpu-proxy", action="store_true", help="the float32 references on CPU, wall clock")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the script")
+    ap.add_argument("--gpu", action="store_true", help="the Triton kernels on CUDA, bf16, beside V3's MLA")
+    ap.add_argument("--batches", default="1,32", help="with --gpu")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="with --gpu: start no point once this many seconds have passed (the GPU session's budget)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    if not (args.cpu_proxy or args.cpu_smoke):
-        raise SystemExit("dsv4_decode: only --cpu-proxy / --cpu-smoke exist yet (no V4 Triton kernels to time on a "
-                         "GPU; a GPU session step comes with them).")
+    if sum((args.cpu_proxy, args.cpu_smoke, args.gpu)) != 1:
+        raise SystemExit("dsv4_decode: choose one of --cpu-proxy, --cpu-smoke, --gpu.")
     from moelink.kernels.ops import select_kernels
+
+    if args.gpu:
+        return _main_gpu(args)
 
     device = torch.device("cpu")
     s, contexts, iters = ((SMOKE, [64, 256], 1) if args.cpu_smoke
@@ -115,6 +184,36 @@ def main(argv=None) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(rep, indent=1) + "\n")
     return rep
+
+
+def _main_gpu(args) -> dict:
+    from moelink.kernels.ops import select_kernels
+
+    if not torch.cuda.is_available():
+        raise SystemExit("dsv4_decode --gpu: no CUDA device (use --cpu-proxy).")
+    device = torch.device("cuda", torch.cuda.current_device())
+    kernels = select_kernels(device, "triton")
+    rep = dict(run_meta(device), kernels=kernels.name, shapes=SHAPES, dtype="bfloat16", points=[])
+    timer = Timer(device)
+    t0 = time.perf_counter()
+    print(f"{'ctx':>7} {'batch':>5} {'csa ms':>8} {'graph':>8} {'hca ms':>8} {'graph':>8} {'mla ms':>8} {'graph':>8}")
+    for ctx in [int(x) for x in args.contexts.split(",")]:
+        for batch in [int(x) for x in args.batches.split(",")]:
+            if args.time_budget_s is not None and time.perf_counter() - t0 > args.time_budget_s:
+                print(f"  (time budget spent: ctx {ctx} batch {batch} not started)", flush=True)
+                rep.setdefault("skipped", []).append(dict(ctx=ctx, batch=batch))
+                continue
+            pt = gpu_point(kernels, device, ctx, batch, SHAPES, timer, max(args.iters, 20))
+            rep["points"].append(pt)
+            print(f"{ctx:>7} {batch:>5} " + " ".join(_ms(pt[k]) for k in (
+                "csa_s", "csa_graph_s", "hca_s", "hca_graph_s", "mla_s", "mla_graph_s")), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rep, indent=1) + "\n")
+    return rep
+
+
+def _ms(seconds) -> str:
+    return f"{seconds * 1e3:>8.3f}" if seconds is not None else f"{'-':>8}"
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@
 #                          batch 1 and 8, prefill of 2k / 8k / 32k prompts (issue 42; benchmarks/gpu_session/hybrid.sh)
 #   dsa                    dsa_decode: DeepSeek Sparse Attention beside dense MLA, one layer's decode at DeepSeek-V3.2's
 #                          shapes, 8k / 32k / 128k context, bytes and time (issue 43; benchmarks/gpu_session/dsa.sh)
+#   dsv4                   dsv4_decode: DeepSeek-V4's CSA / HCA decode attention (Triton) beside DeepSeek-V3's MLA, one
+#                          layer at V4-Flash's shapes, 32k / 128k context, bytes and time (issue 45; gpu_session/dsv4.sh)
 #   int4                   moe_int4: the W4A16 MoE at Kimi K2.5's experts vs bf16 at decode batches 1..64, its two
 #                          prefill paths (per-tile, dequantize-once) vs bf16 at one rank's share, and the INT4 GPU
 #                          tests (kernels at Kimi's shape, a tiny Kimi K2.5 served) (issue 44; benchmarks/gpu_session/int4.sh)
@@ -807,7 +809,7 @@ step_plan() {  # the first plan, then the full session, one device command per l
   for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
   steps+=("mla-fp8-kv")
   for s in "${E2E_MODELS[@]}"; do steps+=("spec --model $s"); done
-  steps+=("kv-transfer" "hybrid" "dsa" "int4")
+  steps+=("kv-transfer" "hybrid" "dsa" "int4" "dsv4")
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -860,6 +862,7 @@ source "$REPO/benchmarks/gpu_session/first.sh"
 source "$REPO/benchmarks/gpu_session/hybrid.sh"
 source "$REPO/benchmarks/gpu_session/dsa.sh"
 source "$REPO/benchmarks/gpu_session/int4.sh"
+source "$REPO/benchmarks/gpu_session/dsv4.sh"
 
 # -- main ---------------------------------------------------------------------------------------------------------------
 case "$STEP" in
@@ -871,9 +874,9 @@ case "$STEP" in
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,63p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,67p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -901,6 +904,7 @@ case "$STEP" in
   hybrid) step_hybrid "$@" ;;
   dsa) step_dsa "$@" ;;
   int4) step_int4 "$@" ;;
+  dsv4) step_dsv4 "$@" ;;
   compile-report) step_compile_report ;;
   all)
     step_tests_kernels; step_tests_engine
@@ -918,7 +922,8 @@ case "$STEP" in
     step_kv_transfer
     step_hybrid
     step_dsa
-    step_int4 ;;
+    step_int4
+    step_dsv4 ;;
 esac
 [[ $STEP != all && $STEP != tests ]] && finish_step
 exit "$STATUS"

@@ -26,9 +26,9 @@ from .triton_common import cast, dot
 
 
 @triton.jit
-def _compress_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, out_ptr, stride_kn, stride_km, stride_gn, stride_gm,
-                     stride_pn, stride_pm, stride_qn, stride_qm, stride_on, m, H, col0, OVERLAP: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+def _dsv4_compress_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, out_ptr, stride_kn, stride_km, stride_gn, stride_gm,
+                          stride_pn, stride_pm, stride_qn, stride_qm, stride_on, m, H, col0, OVERLAP: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
     w = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     r = tl.arange(0, BLOCK_M)
@@ -82,7 +82,7 @@ def triton_dsv4_compress(kv_nmC: torch.Tensor, gate_nmC: torch.Tensor, prev_kv_n
     pgate = prev_gate_nmH.contiguous() if overlap else gate
     interp = common.interpreting(kv)
     block_h = min(64, max(16, triton.next_power_of_2(H)))
-    _compress_kernel[(n, triton.cdiv(H, block_h))](
+    _dsv4_compress_kernel[(n, triton.cdiv(H, block_h))](
         kv, gate, pkv, pgate, out, kv.stride(0), kv.stride(1), gate.stride(0), gate.stride(1), pkv.stride(0),
         pkv.stride(1), pgate.stride(0), pgate.stride(1), out.stride(0), m, H, H if overlap else 0, OVERLAP=overlap,
         BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_H=block_h,
@@ -91,10 +91,10 @@ def triton_dsv4_compress(kv_nmC: torch.Tensor, gate_nmC: torch.Tensor, prev_kv_n
 
 
 @triton.jit(do_not_specialize=["S"])
-def _sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale, S, N, H, stride_qt, stride_qn,
-                           stride_kt, stride_ks, stride_at, stride_ot, stride_on, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
-                           PREC: tl.constexpr):
+def _dsv4_sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale, S, N, H, stride_qt, stride_qn,
+                                stride_kt, stride_ks, stride_at, stride_ot, stride_on, BLOCK_N: tl.constexpr,
+                                BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
+                                PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_H)
@@ -108,7 +108,8 @@ def _sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale,
         s = s0 + tl.arange(0, BLOCK_S)
         ok = (tl.load(allowed_ptr + t * stride_at + s, mask=s < S, other=0) != 0) & (s < S)
         # Rows the query may not see are read as zeros: an unwritten (NaN) row must not reach P @ V.
-        k = tl.load(k_ptr + t * stride_kt + s[:, None] * stride_ks + d[None, :], mask=ok[:, None] & (d[None, :] < H), other=0.0)
+        k = tl.load(k_ptr + t * stride_kt + s[:, None] * stride_ks + d[None, :], mask=ok[:, None] & (d[None, :] < H),
+        other=0.0)
         logits = dot(q, tl.trans(k), tl.zeros([BLOCK_N, BLOCK_S], tl.float32), INTERPRET, PREC) * scale
         logits = tl.where(ok[None, :], logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -122,14 +123,15 @@ def _sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale,
              cast(out, out_ptr.dtype.element_ty, INTERPRET), mask=(heads[:, None] < N) & (d[None, :] < H))
 
 
-def triton_dsv4_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS: torch.Tensor,
-                               sinks_N: torch.Tensor, scale: float) -> torch.Tensor:
+def triton_dsv4_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS: torch.Tensor, sinks_N: torch.Tensor,
+                               scale: float) -> torch.Tensor:
     """Same contract as dsv4.reference_sink_attention: out [T, N, H] in q's dtype. allowed_TS bool [T, S]; k_SH
     [S, H] shared, or [T, S, H] per query (a batched decode step)."""
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
     S = k_SH.shape[-2]
-    if k_SH.shape not in ((S, H), (T, S, H)) or allowed_TS.shape != (T, S) or allowed_TS.dtype != torch.bool or sinks_N.shape != (N,):
+    if (k_SH.shape not in ((S, H), (T, S, H)) or allowed_TS.shape != (T, S) or allowed_TS.dtype != torch.bool
+            or sinks_N.shape != (N,)):
         raise ValueError(f"k_SH {tuple(k_SH.shape)}, allowed_TS {tuple(allowed_TS.shape)} {allowed_TS.dtype} and "
                          f"sinks_N {tuple(sinks_N.shape)} are invalid: must be [S, {H}], bool [{T}, S] and [{N}].")
     out = common.workspace((T, N, H), q_TNH.dtype, q_TNH.device)
@@ -142,18 +144,19 @@ def triton_dsv4_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_
     block_n = 16  # the smallest tl.dot tile: V4's 64 / 128 heads are 4 / 8 programs per query
     block_h = max(16, triton.next_power_of_2(H))
     block_s = 16 if interp else (32 if block_h >= 256 else 64)
-    _sink_attention_kernel[(T, triton.cdiv(N, block_n))](
+    _dsv4_sink_attention_kernel[(T, triton.cdiv(N, block_n))](
         q, k, allowed, sinks_N.float().contiguous(), out, float(scale), S, N, H, q.stride(0), q.stride(1),
-        k.stride(0) if k.dim() == 3 else 0, k.stride(-2), allowed.stride(0), out.stride(0), out.stride(1), BLOCK_N=block_n, BLOCK_H=block_h,
+        k.stride(0) if k.dim() == 3 else 0, k.stride(-2), allowed.stride(0), out.stride(0), out.stride(1),
+        BLOCK_N=block_n, BLOCK_H=block_h,
         BLOCK_S=block_s, INTERPRET=interp, PREC=common.dot_precision(q.dtype),
         num_warps=4 if block_h <= 128 else 8)
     return out
 
 
 @triton.jit
-def _grouped_linear_kernel(x_ptr, w_ptr, out_ptr, T, O, Dg, stride_xt, stride_xg, stride_wg, stride_wo, stride_ot,
-                           stride_og, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                           INTERPRET: tl.constexpr, PREC: tl.constexpr):
+def _dsv4_grouped_linear_kernel(x_ptr, w_ptr, out_ptr, T, O, Dg, stride_xt, stride_xg, stride_wg, stride_wo, stride_ot,
+                                stride_og, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+                                INTERPRET: tl.constexpr, PREC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     g = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -187,7 +190,7 @@ def triton_dsv4_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torc
     interp = common.interpreting(x)
     block_t = 16 if T <= 16 else 64
     block_o, block_k = (16, 16) if interp else (64, 64)
-    _grouped_linear_kernel[(triton.cdiv(T, block_t), G, triton.cdiv(O, block_o))](
+    _dsv4_grouped_linear_kernel[(triton.cdiv(T, block_t), G, triton.cdiv(O, block_o))](
         x, w, out, T, O, Dg, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=block_k, INTERPRET=interp,
         PREC=common.dot_precision(x.dtype), num_warps=4)

@@ -28,22 +28,25 @@ _SPLIT_TOPK_CONFIG = (2048, 8)
 
 
 @triton.jit(do_not_specialize=["E", "G"])
-def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_ptr, E, G, nI, I, q_scale, w_scale, stride_qt,
-                           stride_qh, stride_wt, stride_kt, stride_ke, stride_st, BLOCK_NI: tl.constexpr, BLOCK_I: tl.constexpr,
-                           BLOCK_E: tl.constexpr, INTERPRET: tl.constexpr):
+def _dsv4_indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_ptr, E, G, nI, I, q_scale, w_scale,
+                                stride_qt, stride_qh, stride_wt, stride_kt, stride_ke, stride_st,
+                                BLOCK_NI: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr,
+                                INTERPRET: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.load(visible_ptr + t).to(tl.int32), E)
     h = tl.arange(0, BLOCK_NI)
     d = tl.arange(0, BLOCK_I)
     q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :], mask=(h[:, None] < nI) & (d[None, :] < I),
-                other=0.0).to(tl.float32)
+                other=0.0)
     w = tl.load(w_ptr + t * stride_wt + h, mask=h < nI, other=0.0).to(tl.float32) * w_scale
     for tile in range(tl.program_id(1), tl.cdiv(n, BLOCK_E), G):
         e = tile * BLOCK_E + tl.arange(0, BLOCK_E)
         ok = e < n
-        k = tl.load(keys_ptr + t * stride_kt + e[:, None].to(tl.int64) * stride_ke + d[None, :], mask=ok[:, None] & (d[None, :] < I),
-                    other=0.0).to(tl.float32)
-        s = dot(q, tl.trans(k), tl.zeros([BLOCK_NI, BLOCK_E], tl.float32), INTERPRET, "ieee")
+        k = tl.load(keys_ptr + t * stride_kt + e[:, None].to(tl.int64) * stride_ke + d[None, :], mask=ok[:,
+        None] & (d[None, :] < I),
+                    other=0.0).to(q.dtype)
+        # bf16 products are exact in fp32, the MMA accumulates in fp32: the reference's float32 scores on tensor cores
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_NI, BLOCK_E], tl.float32), INTERPRET, PREC)
         s = tl.maximum(s, 0.0) * q_scale
         score = tl.sum(w[:, None] * s, axis=0)
         score = tl.where(score == 0.0, 0.0, score)
@@ -53,14 +56,16 @@ def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_ptr, E, G
 def triton_dsv4_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: torch.Tensor, visible_T: torch.Tensor,
                              top_k: int, *, num_splits: int | None = None) -> torch.Tensor:
     """int32 [T, top_k]: each query's top_k entries among its first visible_T[t] (all of them, then -1, when fewer);
-    any order. keys_EI [E, I] shared, or [T, E, I] per query (a batched decode step). `num_splits` forces the top-k's programs per row (1: one program; tests), else split_programs picks
+    any order. keys_EI [E, I] shared, or [T, E, I] per query (a batched decode step). `num_splits` forces the
+    top-k's programs per row (1: one program; tests), else split_programs picks
     from E and the batch (host sizes only)."""
     common.check_dtype("q_TnI", q_TnI)
     T, nI, I = q_TnI.shape
     E = keys_EI.shape[-2]
     if w_Tn.shape != (T, nI) or keys_EI.shape not in ((E, I), (T, E, I)) or visible_T.shape != (T,):
         raise ValueError(f"w_Tn {tuple(w_Tn.shape)}, keys_EI {tuple(keys_EI.shape)} and visible_T "
-                         f"{tuple(visible_T.shape)} are invalid: must be [{T}, {nI}], [E, {I}] or [{T}, E, {I}], and [{T}].")
+                         f"{tuple(visible_T.shape)} are invalid: must be [{T}, {nI}], [E, {I}] or [{T}, E, {I}], "
+                         f"and [{T}].")
     if top_k < 1 or (num_splits is not None and num_splits < 1):
         raise ValueError(f"top_k={top_k} / num_splits={num_splits} are invalid: must be >= 1.")
     dev = q_TnI.device
@@ -77,13 +82,15 @@ def triton_dsv4_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: t
     lens_T = torch.clamp(visible_T, max=E).to(torch.int32)
     qsl_T1 = torch.arange(T + 1, dtype=torch.int32, device=dev)
     q = q_TnI if q_TnI.stride(-1) == 1 else q_TnI.contiguous()
-    w, keys = w_Tn.contiguous(), keys_EI.contiguous()
+    w, keys = w_Tn.contiguous(), keys_EI.to(q.dtype).contiguous()
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
     G = max(1, min(Ep // block_e, triton.cdiv(4 * sms, T)))
-    _indexer_scores_kernel[(T, G)](
+    _dsv4_indexer_scores_kernel[(T, G)](
         q, w, keys, lens_T, scores, E, G, nI, I, I**-0.5, nI**-0.5, q.stride(0), q.stride(1), w.stride(0),
-        keys.stride(0) if keys.dim() == 3 else 0, keys.stride(-2), scores.stride(0), BLOCK_NI=max(16, triton.next_power_of_2(nI)),
-        BLOCK_I=max(16, triton.next_power_of_2(I)), BLOCK_E=block_e, INTERPRET=interp, num_warps=warps)
+        keys.stride(0) if keys.dim() == 3 else 0, keys.stride(-2), scores.stride(0), BLOCK_NI=max(16,
+        triton.next_power_of_2(nI)),
+        BLOCK_I=max(16, triton.next_power_of_2(I)), BLOCK_E=block_e, INTERPRET=interp,
+        PREC=common.dot_precision(q.dtype), num_warps=warps)
     P = num_splits or split_programs(Ep, top_k, T, sms)
     if P == 1:
         _topk_kernel[(T,)](scores, lens_T, qsl_T1, out, T, 0, scores.stride(0), out.stride(0), top_k, BLOCK=block_t,

@@ -43,7 +43,7 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
          + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick", "spec --quick", "hybrid",
-            "dsa", "int4"]
+            "dsa", "int4", "dsv4"]
          + [f"first {n}" for n in range(1, 7)])  # the first plan (test_gpu_session_first.py)
 E2E_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite")
 
@@ -157,7 +157,7 @@ def test_plan_lists_one_device_command_per_step():
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
                                     + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"]
-                                    + ["hybrid", "dsa", "int4"])
+                                    + ["hybrid", "dsa", "int4", "dsv4"])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"\ntotal {sum(int(b) for _, b, _ in rows)} s" in full
 
@@ -362,6 +362,20 @@ def test_cpu_smoke_dsa_step_writes_both_paths_bytes_and_times(tmp_path):
     for pt in doc["points"]:
         assert pt["dense_s"] > 0 and pt["dsa_s"] > 0
         assert pt["latent_bytes_ratio"] == pytest.approx(min(pt["context"], 16) / pt["context"])
+
+
+def test_cpu_smoke_dsv4_step_writes_each_path(tmp_path):
+    """The dsv4 step's CPU smoke (toy shapes, reference kernels): one device-safe JSON, every point timed on each path
+    with its counted bytes (the GPU run adds V3's MLA beside them)."""
+    proc = session("--cpu-smoke", "dsv4", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    (f,) = tmp_path.iterdir()
+    doc = json.loads(f.read_text())
+    assert f.name == "dsv4_decode_cpu_smoke.json" and len(doc["points"]) == 2
+    for pt in doc["points"]:
+        assert pt["full_s"] > 0 and pt["csa_s"] > 0 and pt["hca_s"] > 0
+        assert pt["bytes"]["hca"] < pt["bytes"]["full"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,71 @@
+"""Compile cases of DeepSeek-V4's attention kernels (benchmarks/compile_report.py's `dsv4` family): the compressor's
+pooling, the lightning indexer's scores over compressed entries + its top-k (DSA's selection kernels), the sink
+attention over the window and the entries, and the grouped output projection (kernels/triton_dsv4.py,
+triton_dsv4_topk.py), at V4-Flash's shapes (64 heads of 512, one shared KV head, window 128; CSA rate 4 with 64 index
+heads of 128 and top-512, HCA rate 128; 8 output groups to 1024) and V4-Pro's (128 heads, 16 groups, top-1024), bf16:
+decode batches in the per-query key layout of engine/models/dsv4_decode.py (CSA at 128k context: 32768 index keys
+per row, the top-k on its split path at batch 4; HCA: 1024 entries), a 97-token prefill chunk (shared keys), and the
+compressor at both rates."""
+from __future__ import annotations
+
+import torch
+
+from .compile_cases import Recorder
+
+CTX = 131072
+# (name, heads, o_groups, index top-k)
+MODELS = [("deepseek-v4-flash", 64, 8, 512), ("deepseek-v4-pro", 128, 16, 1024)]
+H, W, NI, I, O, CSA, HCA = 512, 128, 64, 128, 1024, 4, 128
+
+
+def compile_dsv4(rec: Recorder, quick: bool) -> None:
+    from moelink.kernels.triton_dsv4 import (triton_dsv4_compress, triton_dsv4_grouped_linear,
+                                             triton_dsv4_sink_attention)
+    from moelink.kernels.triton_dsv4_topk import triton_dsv4_indexer_topk
+
+    meta = dict(device="meta")
+    bf = dict(dtype=torch.bfloat16, **meta)
+    f32 = dict(dtype=torch.float32, **meta)
+    for name, N, G, K in MODELS[:1] if quick else MODELS:
+        for label, T in (("decode batch 64", 64), ("decode batch 4", 4)) if not quick else (("decode batch 64", 64),):
+            E = CTX // CSA
+            with rec.labelled(f"{name} indexer scores + top-{K} over {E} entries, {label}"):
+                triton_dsv4_indexer_topk(torch.empty(T, NI, I, **bf), torch.empty(T, NI, **bf),
+                                         torch.empty(T, E, I, **bf), torch.empty(T, dtype=torch.long, **meta), K)
+            for kind, S in (("CSA", W + K), ("HCA", W + CTX // HCA)):
+                with rec.labelled(f"{name} sink attention ({N} heads), {kind} window + entries ({S} keys), {label}"):
+                    triton_dsv4_sink_attention(torch.empty(T, N, H, **bf), torch.empty(T, S, H, **bf),
+                                               torch.empty(T, S, dtype=torch.bool, **meta), torch.empty(N, **f32),
+                                               H**-0.5)
+            with rec.labelled(f"{name} grouped output projection ({G} groups to {O}), {label}"):
+                triton_dsv4_grouped_linear(torch.empty(T, G, N * H // G, **bf), torch.empty(G, O, N * H // G, **bf))
+        if quick:
+            continue
+        T = 97
+        with rec.labelled(f"{name} sink attention, a 97-token chunk over 4096 tokens (shared keys)"):
+            S = W + 97 + 4096 // CSA
+            triton_dsv4_sink_attention(torch.empty(T, N, H, **bf), torch.empty(S, H, **bf),
+                                       torch.empty(T, S, dtype=torch.bool, **meta), torch.empty(N, **f32), H**-0.5)
+        with rec.labelled(f"{name} grouped output projection, a 97-token chunk"):
+            triton_dsv4_grouped_linear(torch.empty(T, G, N * H // G, **bf), torch.empty(G, O, N * H // G, **bf))
+    for kind, m, overlap in (("CSA", CSA, True), ("HCA", HCA, False)):
+        C = 2 * H if overlap else H
+        for width, what in ((H, "entries"), (I, "index keys")) if overlap else ((H, "entries"),):
+            C = 2 * width if overlap else width
+            with rec.labelled(f"compressor ({kind}, rate {m}, {what}), 24 windows"):
+                triton_dsv4_compress(torch.empty(24, m, C, **bf), torch.empty(24, m, C, **f32),
+                                     torch.empty(24, m, width, **bf) if overlap else None,
+                                     torch.empty(24, m, width, **f32) if overlap else None)
+
+
+if __name__ == "__main__":  # registers / spills of each kernel, without the report
+    import os
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    r = Recorder()
+    r.install(90)
+    compile_dsv4(r, quick=False)
+    for x in r.records:
+        k = x["kernel"]
+        print(f"{x['case']}: {k.metadata.name} warps={k.metadata.num_warps} stages={k.metadata.num_stages} "
+              f"shared={k.metadata.shared} regs={getattr(k, 'n_regs', '?')} spills={getattr(k, 'n_spills', '?')}")
