@@ -117,6 +117,9 @@ def test_a_packed_tensor_of_another_dtype_is_refused():
         PackedBytes(dest, "x.weight").put(torch.zeros(4, 8, dtype=torch.int8), CPU)
     PackedBytes(dest, "x.weight").put(torch.full((4, 16), 7, dtype=torch.int8), CPU)
     assert bool((dest == 7).all())
+    # torch's own packed-FP4 dtype (safetensors F4) holds the same bytes
+    PackedBytes(dest, "x.weight").put(torch.full((4, 16), 0x21, dtype=torch.uint8).view(torch.float4_e2m1fn_x2), CPU)
+    assert bool((dest == 0x21).all())
 
 
 @pytest.mark.slow
