@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..kv_transfer.auth import SECRET_ENV, load_secret
+from ..kv_transfer.offload import OffloadConfig, OffloadKVConnector, OffloadTiers
 from ..kv_transfer.peers import parse_peers
 from ..kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from ..kv_transfer.transport import KV_TRANSPORTS, default_transport
@@ -37,6 +38,7 @@ class ServerRole:
 
     role: str = "both"
     kv: Optional[RemoteKVConfig] = None  # None: no connector (role both without --kv-port)
+    offload: Optional[OffloadConfig] = None  # the prefix cache's host/disk tiers (--kv-offload-*); role both only
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -46,13 +48,18 @@ class ServerRole:
                              "to decode servers on --kv-port (rank r on kv_port + r).")
         if self.role == "decode" and (self.kv is None or self.kv.port is not None):
             raise ValueError("role=decode needs a KV connector that serves nothing (kv port None).")
+        if self.offload is not None and self.kv is not None:
+            raise ValueError("--kv-offload-host-bytes is invalid with --role prefill|decode or --kv-port: the offload "
+                             "tiers are a connector of their own, for --role both (one engine) for now.")
 
     @property
     def kv_role(self) -> str:
         """vLLM's name of this role ("" when the server moves no KV)."""
         return "" if self.kv is None else KV_ROLE_NAMES[self.role]
 
-    def connector(self) -> RemoteKVConnector | None:
+    def connector(self) -> RemoteKVConnector | OffloadKVConnector | None:
+        if self.offload is not None:
+            return OffloadKVConnector(OffloadTiers(self.offload))
         return None if self.kv is None else RemoteKVConnector(self.kv, KV_ROLE_NAMES[self.role])
 
 
@@ -90,10 +97,25 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
                    help="per rank: KV loads in flight at once (past it a request's prompt is computed here)")
     g.add_argument("--kv-max-loads-per-source", type=int, default=64,
                    help="per rank: KV loads in flight from one prefill server's port")
+    g.add_argument("--kv-offload-host-bytes", type=int, default=None,
+                   help="keep prompt KV blocks in host memory up to this many bytes (LRU) and load a prefix the "
+                        "device prefix cache evicted back from there instead of recomputing it (--role both)")
+    g.add_argument("--kv-offload-disk-bytes", type=int, default=0,
+                   help="below the host tier: blocks it pushes out go to files under --kv-offload-dir, up to this "
+                        "many bytes (LRU; 0: no disk tier)")
+    g.add_argument("--kv-offload-dir", default=None, help="the disk tier's directory (created 0700)")
 
 
 def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
     """The role the flags ask for; ValueError names the flag."""
+    offload = None
+    if getattr(ns, "kv_offload_host_bytes", None) is not None:
+        offload = OffloadConfig(host_bytes=ns.kv_offload_host_bytes, disk_bytes=ns.kv_offload_disk_bytes,
+                                disk_dir=ns.kv_offload_dir)
+        if ns.role != "both" or ns.kv_port is not None:
+            raise ValueError("--kv-offload-host-bytes is invalid with --role prefill|decode or --kv-port: the offload "
+                             "tiers are for --role both (one engine) for now.")
+        return ServerRole("both", offload=offload)
     if ns.role == "both" and ns.kv_port is None:
         return ServerRole("both")
     if ns.role == "decode" and ns.kv_port is not None:

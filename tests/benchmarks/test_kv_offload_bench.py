@@ -1,0 +1,17 @@
+"""benchmarks/kv_offload_ttft.py at a tiny size: the three TTFT rows and what each prompt found cached."""
+from __future__ import annotations
+
+import json
+
+from moelink.benchmarks.kv_offload_ttft import main
+
+
+def test_kv_offload_ttft_smoke_loads_from_host_where_the_device_evicted(tmp_path, capsys):
+    out = tmp_path / "ttft.json"
+    assert main(["--tokens", "64", "--repeats", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["ttft_s"]) == {"recompute", "host", "device"} and all(v > 0 for v in res["ttft_s"].values())
+    # recompute: evicted, nothing cached; host: 4 blocks of 16 loaded back, the last token computed; device: a hit
+    assert res["num_cached_tokens"] == {"recompute": 0, "host": 63, "device": 63}
+    assert res["host_tier"]["hits"] == 4 and res["host_tier"]["loaded_bytes"] > 0
+    assert "device hit" in capsys.readouterr().out
