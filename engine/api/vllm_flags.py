@@ -143,6 +143,10 @@ def apply_vllm_engine_flags(ns: argparse.Namespace) -> None:
                              f"disagree: give one of them (the ranks are data-parallel size x tensor-parallel size "
                              f"= {world}).")
         ns.expert_parallel_size = world
+    elif ns.enable_expert_parallel and getattr(ns, "tensor_parallel_size", 1) > 1 and ns.expert_parallel_size == 1:
+        # vLLM's -tp N --enable-expert-parallel: the experts in EP over the TP group's N ranks (EP = DP x TP, DP 1),
+        # not split by intermediate size as -tp N alone splits them (docs/tensor-parallelism.md).
+        ns.expert_parallel_size = ns.tensor_parallel_size
     if ns.enable_chunked_prefill is False:
         raise ValueError("--no-enable-chunked-prefill is not supported: moelink always chunks prompts longer than "
                          "--max-num-batched-tokens; set --max-num-batched-tokens to --max-model-len to prefill "
