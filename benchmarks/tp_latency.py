@@ -2,7 +2,7 @@
 
     python -m moelink.benchmarks.tp_latency --model DIR [--tp 1,2,4,8] [--ep 1] [--device cuda] [--tokens 64]
         [--load-format dummy] [--out benchmarks/results/tp_latency_<gpu>.json]
-    python -m moelink.benchmarks.tp_latency --cpu-smoke      # a tiny Qwen3-MoE on CPU ranks (Ray, gloo)
+    python -m moelink.benchmarks.tp_latency --cpu-smoke      # a tiny Qwen3-MoE at TP 2 on CPU ranks (Ray, gloo)
 
 For each TP size the engine serves one request of a 128-token prompt twice, once for 1 new token and once for
 `--tokens`: (t_tokens - t_1) / (tokens - 1) is the time per decode step at batch 1 as a user sees it (host work,
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
 
             model = str(make_tiny_model(Path(d), num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
                                         num_experts=4, top_k=2, moe_intermediate_size=32, vocab_size=512))
-            args.device, args.tokens, args.dtype, tps = "cpu", 4, "float32", [1, 2]
+            args.device, args.tokens, args.dtype, tps = "cpu", 3, "float32", [2]
         if model is None:
             ap.error("--model is required (or --cpu-smoke)")
         rows = [measure(model, tp, args.ep, args.device, args.tokens, args.load_format, args.dtype) for tp in tps]

@@ -88,13 +88,15 @@ def test_tp_refusals(tiny_model, hf_tiny_model):
         check_tensor_parallel(dsa, 2, "mla")
 
 
-def test_fp8_rank_reads_its_rows_and_block_scales(fp8_tiny):
-    """FP8 block-scaled linears under TP 2 (experts in EP 2): each rank reads half of every split weight and half
-    of its weight_scale_inv (the block rows, or block columns, of its shard)."""
+@pytest.mark.parametrize("name", ["qwen3_fp8", "dsv3_fp8"])
+def test_fp8_rank_reads_its_rows_and_block_scales(fp8_tiny, name):
+    """FP8 block-scaled linears under TP 2 (experts in EP 2, shared experts whole): each rank reads half of every
+    split weight and half of its weight_scale_inv (the block rows, or block columns, of its shard); DeepSeek-V3's
+    q_b / kv_b by head, its a-projections whole."""
     from moelink.moe.layer import ExpertParallel
     from moelink.moe.placement import ExpertPlacement
 
-    _, path, _ = fp8_tiny("qwen3_fp8", block=(8, 8))
+    _, path, _ = fp8_tiny(name, block=(8, 8))
     cfg = ModelConfig.from_pretrained(path, "float64")
     full = _file_bytes(path)
     reads = []
@@ -104,8 +106,9 @@ def test_fp8_rank_reads_its_rows_and_block_scales(fp8_tiny):
         got: dict[str, int] = {}
         load_model(cfg, ReferenceKernels(), CPU, ep=ep, tp=_LoadOnlyTP(rank, 2), read_bytes=got)
         reads.append(got)
-    split = [n for n in reads[0] if ".experts." not in n and n.endswith(
-        ("proj.weight", "proj.weight_scale_inv", "embed_tokens.weight", "lm_head.weight"))]
+    whole = REPLICATED + tuple(r.replace(".weight", ".weight_scale_inv") for r in REPLICATED)
+    split = [n for n in reads[0] if ".experts." not in n and ".shared_experts." not in n and not n.endswith(whole)
+             and n.endswith(("proj.weight", "proj.weight_scale_inv", "embed_tokens.weight", "lm_head.weight"))]
     assert any(n.endswith("o_proj.weight_scale_inv") for n in split) and any(".mlp.down_proj." in n for n in split)
     for name in split:
         assert reads[0][name] == reads[1][name] == full[name] // 2, name
