@@ -114,10 +114,11 @@ MOELINK = EngineProfile(
                 "issue 29: MTP drafter + verify step, greedy-exact and distribution-exact on CPU; verify graphs "
                 "(low-latency under EP), drafts eager, serial loop (planner/spec_cost.py prices those)",
                 tag="mtp"),
-        Feature("tensor-parallel attention (-tp N: heads, dense MLP, vocab split; MoE on 1/N token slices, EP over "
-                "the world)", BUILT, "issue 46: CPU ranks (gloo) equal one rank / transformers; not GPU-measured "
-                "(priced: one all-reduce per layer on the node's fabric, 1/t of the projection weights per GPU)",
-                tag="attn_tp"),
+        Feature("tensor-parallel attention (-tp N: heads, dense MLP, vocab split; with -ep the MoE on 1/N token "
+                "slices, EP over the world; -tp alone splits the experts)", BUILT,
+                "issue 46: CPU ranks (gloo) equal one rank / transformers; not GPU-measured (priced with EP: one "
+                "all-reduce per layer and one all-gather per MoE layer on the node's fabric, 1/t of the projection "
+                "weights per GPU)", tag="attn_tp"),
     ),
 )
 
