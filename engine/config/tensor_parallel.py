@@ -75,8 +75,13 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bo
         shared = cfg.moe.shared_expert_intermediate_size or cfg.moe_intermediate_size * cfg.moe.n_shared_experts
         if shared % size:
             raise bad(f"the shared experts' intermediate size {shared} is not a multiple of {size}; {ep_hint}")
-        if method is not None:
+        if method is not None and method != "fp8":
             raise bad(f"{method} experts split over a TP group (expert_parallel_size=1) are not built; {ep_hint}")
+        if method == "fp8":
+            w, (bn, bk) = cfg.moe_intermediate_size // size, quant.block
+            if w % bn or w % bk or (shared // size) % bn or (shared // size) % bk:
+                raise bad(f"moe_intermediate_size={cfg.moe_intermediate_size} split {size} ways is not a whole "
+                          f"number of FP8 blocks {list(quant.block)} per rank; {ep_hint}")
     for layer in range(cfg.num_layers):
         a = cfg.attention_for(layer)
         if a.num_heads % size:

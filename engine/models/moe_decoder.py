@@ -315,7 +315,7 @@ def layer_weight_plan(layer: DecoderLayer, layer_idx: int, cfg: ModelConfig, spe
     prefix = p + ("mlp." if fused else spec.moe_prefix + ".")
     plan.update(_expert_plan(layer.moe, prefix, fused, cfg, spec, expert_ids))
     if shard is not None:  # the same names, this rank's channels
-        plan.update(shard.float_plan(layer.moe, prefix, fused, expert_ids, spec.expert_names))
+        plan.update(shard.plan(layer.moe, prefix, fused, expert_ids, spec.expert_names))
     if isinstance(layer.mlp, SharedExpertsMoE):  # every rank holds the shared experts whole
         plan.update(layer.mlp.shared.weight_plan(f"{p}{spec.moe_prefix}.{spec.shared_experts}."))
         if layer.mlp.gate_D is not None:  # [1, D] on disk

@@ -22,12 +22,14 @@ Which checkpoint parts a rank reads (its shard only, through get_slice):
   read apart: engine/rank/loader._read); `experts.down_proj` [E, D, I]: the columns;
 - gpt-oss `experts.gate_up_proj` [E, D, 2I] (gate / up interleaved columns) and `down_proj` [E, I, D]: the
   interleaved columns 2 i0 .. 2 (i0 + w) de-interleaved, and the down rows; the biases likewise.
-Only float experts split this way for now; other formats are refused, naming the flag that places them in EP.
+Float and FP8 block-scaled experts split this way (FP8: a rank's w channels a whole number of blocks, its scales' block
+rows / columns read with them); other formats are refused, naming the flag that places them in EP.
 """
 from __future__ import annotations
 
 import torch
 
+from moelink.moe.expert_weights import fp8_plan
 from moelink.moe.layer import Stages
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
@@ -58,6 +60,38 @@ class ExpertShard:
                              "them in EP instead.")
         self.rank, self.inter, self.w = tp.rank, inter, inter // tp.size
         self.i0 = tp.rank * self.w
+
+    def plan(self, moe, m: str, fused: bool, expert_ids: list[int], names: tuple[str, str, str]) -> WeightPlan:
+        """The experts' plan reading this rank's slice: float, or FP8 block-scaled with the block rows / columns of
+        its slice (engine/config/tensor_parallel.py checks the slice falls on block boundaries)."""
+        if moe.expert_format.name == "fp8":
+            return self.fp8_plan(moe, m, fused, expert_ids, names)
+        return self.float_plan(moe, m, fused, expert_ids, names)
+
+    def fp8_plan(self, moe, m: str, fused: bool, expert_ids: list[int], names: tuple[str, str, str]) -> WeightPlan:
+        """moe/expert_weights.Fp8BlockExperts' layouts, this rank's channels: w is a whole number of blocks, so its
+        up rows start at w (no gap) and each piece reads its own block scales."""
+        fmt = moe.expert_format
+        (bn, bk), on, i0, w, inter = fmt.block, fmt.online, self.i0, self.w, self.inter
+        w13, w2, s13, s2 = moe.w13_EFD, moe.w2_EDI, moe.w13_scale_inv_EFD, moe.w2_scale_inv_EDI
+        own, own_k = slice(i0, i0 + w), slice(i0 // bk, (i0 + w) // bk)
+        if fused:
+            rows = torch.cat([torch.arange(i0, i0 + w), inter + torch.arange(i0, i0 + w)])
+            blocks = torch.cat([torch.arange(i0 // bn, (i0 + w) // bn), inter // bn + torch.arange(i0 // bn, (i0 + w) // bn)])
+            return {**fp8_plan(m + "experts.gate_up_proj", w13, s13, (), fmt.block, on, (slice(None), rows),
+                               (slice(None), blocks)),
+                    **fp8_plan(m + "experts.down_proj", w2, s2, (), fmt.block, on, (slice(None), slice(None), own),
+                               (slice(None), slice(None), own_k))}
+        gate, up, down = names
+        own_n = slice(i0 // bn, (i0 + w) // bn)
+        plan: WeightPlan = {}
+        for local, e in enumerate(expert_ids):
+            p = f"{m}experts.{e}."
+            plan.update(fp8_plan(f"{p}{gate}.weight", w13, s13, (local, slice(0, w)), fmt.block, on, (own,), (own_n,)))
+            plan.update(fp8_plan(f"{p}{up}.weight", w13, s13, (local, slice(w, 2 * w)), fmt.block, on, (own,), (own_n,)))
+            plan.update(fp8_plan(f"{p}{down}.weight", w2, s2, (local,), fmt.block, on, (slice(None), own),
+                                 (slice(None), own_k)))
+        return plan
 
     def float_plan(self, moe, m: str, fused: bool, expert_ids: list[int], names: tuple[str, str, str]) -> WeightPlan:
         """The float experts' plan (moe/expert_weights.FloatExperts' layouts) reading this rank's slice."""

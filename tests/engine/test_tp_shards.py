@@ -88,27 +88,34 @@ def test_tp_refusals(tiny_model, hf_tiny_model):
         check_tensor_parallel(dsa, 2, "mla")
 
 
-@pytest.mark.parametrize("name", ["qwen3_fp8", "dsv3_fp8"])
-def test_fp8_rank_reads_its_rows_and_block_scales(fp8_tiny, name):
-    """FP8 block-scaled linears under TP 2 (experts in EP 2, shared experts whole): each rank reads half of every
-    split weight and half of its weight_scale_inv (the block rows, or block columns, of its shard); DeepSeek-V3's
-    q_b / kv_b by head, its a-projections whole."""
+@pytest.mark.parametrize("name,split,fused", [("qwen3_fp8", False, False), ("dsv3_fp8", False, False),
+                                              ("qwen3_fp8", True, False), ("qwen3_fp8", True, True),
+                                              ("dsv3_fp8", True, False)])
+def test_fp8_rank_reads_its_rows_and_block_scales(fp8_tiny, name, split, fused):
+    """FP8 block-scaled linears under TP 2: each rank reads half of every split weight and half of its
+    weight_scale_inv (the block rows, or block columns, of its shard); DeepSeek-V3's q_b / kv_b by head, its
+    a-projections whole. Experts in EP 2 (shared experts whole), or (`split`) every expert's and shared expert's
+    channels halved, their block scales with them (`fused`: experts.gate_up_proj's gate and up runs read apart)."""
     from moelink.moe.layer import ExpertParallel
     from moelink.moe.placement import ExpertPlacement
 
-    _, path, _ = fp8_tiny(name, block=(8, 8))
+    _, path, _ = fp8_tiny(name, fused=fused, block=(8, 8))
     cfg = ModelConfig.from_pretrained(path, "float64")
     full = _file_bytes(path)
     reads = []
     for rank in range(2):
         placement = ExpertPlacement(num_experts=cfg.num_experts, ep_size=2)
         ep = ExpertParallel(rank, 2, placement, None, placement.to_tensors(CPU))  # loading only: no all-to-all
+        ep = None if split else ep
         got: dict[str, int] = {}
         load_model(cfg, ReferenceKernels(), CPU, ep=ep, tp=_LoadOnlyTP(rank, 2), read_bytes=got)
         reads.append(got)
     whole = REPLICATED + tuple(r.replace(".weight", ".weight_scale_inv") for r in REPLICATED)
-    split = [n for n in reads[0] if ".experts." not in n and ".shared_experts." not in n and not n.endswith(whole)
-             and n.endswith(("proj.weight", "proj.weight_scale_inv", "embed_tokens.weight", "lm_head.weight"))]
-    assert any(n.endswith("o_proj.weight_scale_inv") for n in split) and any(".mlp.down_proj." in n for n in split)
-    for name in split:
+    halved = [n for n in reads[0] if (split or (".experts." not in n and ".shared_experts." not in n))
+              and not n.endswith(whole)
+              and n.endswith(("proj.weight", "proj.weight_scale_inv", "embed_tokens.weight", "lm_head.weight",
+                              "experts.gate_up_proj", "experts.down_proj", "_proj_scale_inv"))]
+    assert not split or any(".experts." in n and "down_proj" in n and n.endswith("scale_inv") for n in halved)
+    assert any(n.endswith("o_proj.weight_scale_inv") for n in halved) and any(".mlp.down_proj." in n for n in halved)
+    for name in halved:
         assert reads[0][name] == reads[1][name] == full[name] // 2, name
