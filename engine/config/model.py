@@ -24,6 +24,7 @@ from .hf_readers import read_fields
 from .quantization import (QuantConfig, check_architecture, read_hf_quant_config, read_quantization,
                            resolve_quantization)
 from .sparse_attention import resolve_index_cache
+from .tensor_parallel import check_tp_layout
 from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
@@ -413,7 +414,8 @@ class ParallelConfig:
         n = self.expert_parallel_size
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"expert_parallel_size={n!r} is invalid: must be a positive integer.")
-        self._check_tensor_parallel()
+        # The TP layout's checks; elastic EP goes off under TP (engine/config/tensor_parallel.py says why).
+        self.elastic_ep = check_tp_layout(self)
         n = self.world_size
         if self.executor not in _EXECUTORS:
             raise ValueError(f"executor={self.executor!r} is invalid: choose from {', '.join(_EXECUTORS)}.")
@@ -449,33 +451,6 @@ class ParallelConfig:
             raise ValueError(f"elastic_ep={self.elastic_ep!r} is invalid: must be True or False.")
         check_rejoin(self.ep_rejoin, self.ep_rejoin_delay_s, self.elastic_ep)
         self._check_node_map()
-
-    def _check_tensor_parallel(self) -> None:
-        """A TP group is tensor_parallel_size consecutive ranks of one node; the world is a whole number of groups.
-        What TP does not compose with yet is refused here, naming the flag (elastic EP and rejoin: a lost rank
-        would take its whole TP group out, which engine/cluster/elastic.py does not do)."""
-        t, n = self.tensor_parallel_size, self.expert_parallel_size
-        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
-            raise ValueError(f"tensor_parallel_size={t!r} is invalid (--tensor-parallel-size / -tp): must be a "
-                             "positive integer.")
-        if t == 1:
-            return
-        if n > 1 and n % t:
-            raise ValueError(f"tensor_parallel_size={t} is invalid with expert_parallel_size={n}: the world "
-                             f"(expert_parallel_size ranks) is a whole number of TP groups, so {t} must divide {n}.")
-        size = self.ep_nvlink_domain_size
-        if size is not None and size % t:
-            raise ValueError(f"tensor_parallel_size={t} is invalid with ep_nvlink_domain_size={size}: a TP group "
-                             f"stays inside one node (NVLink domain), so {t} must divide the {size} GPUs of a node.")
-        if self.ep_rejoin:
-            raise ValueError(f"ep_rejoin=True (--ep-rejoin) is not supported with tensor_parallel_size={t} yet: "
-                             "a lost rank takes its TP group out; run without --ep-rejoin.")
-        if self.enable_two_batch_overlap:
-            raise ValueError(f"enable_two_batch_overlap=True (--enable-two-batch-overlap) is not supported with "
-                             f"tensor_parallel_size={t} yet: drop one of the flags.")
-        # Elastic EP drops single ranks; a TP group cannot lose one of its ranks and go on, so under TP a loss
-        # fails the engine fast (as at EP 2). Off here rather than refused: it is on by default.
-        self.elastic_ep = False
 
     @property
     def experts_split_by_tp(self) -> bool:

@@ -46,6 +46,35 @@ def tp_local_config(cfg, size: int):
     return dataclasses.replace(cfg, attention=shard_attention(cfg.attention, size), layer_attention=layers)
 
 
+def check_tp_layout(par) -> bool:
+    """ParallelConfig's TP fields (`par`), checked: a TP group is tensor_parallel_size consecutive ranks of one node;
+    the world is a whole number of groups. Returns the elastic_ep the config keeps (off under TP).
+    What TP does not compose with yet is refused here, naming the flag (elastic EP and rejoin: a lost rank
+    would take its whole TP group out, which engine/cluster/elastic.py does not do)."""
+    t, n = par.tensor_parallel_size, par.expert_parallel_size
+    if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+        raise ValueError(f"tensor_parallel_size={t!r} is invalid (--tensor-parallel-size / -tp): must be a "
+                         "positive integer.")
+    if t == 1:
+        return par.elastic_ep
+    if n > 1 and n % t:
+        raise ValueError(f"tensor_parallel_size={t} is invalid with expert_parallel_size={n}: the world "
+                         f"(expert_parallel_size ranks) is a whole number of TP groups, so {t} must divide {n}.")
+    size = par.ep_nvlink_domain_size
+    if size is not None and size % t:
+        raise ValueError(f"tensor_parallel_size={t} is invalid with ep_nvlink_domain_size={size}: a TP group "
+                         f"stays inside one node (NVLink domain), so {t} must divide the {size} GPUs of a node.")
+    if par.ep_rejoin:
+        raise ValueError(f"ep_rejoin=True (--ep-rejoin) is not supported with tensor_parallel_size={t} yet: "
+                         "a lost rank takes its TP group out; run without --ep-rejoin.")
+    if par.enable_two_batch_overlap:
+        raise ValueError(f"enable_two_batch_overlap=True (--enable-two-batch-overlap) is not supported with "
+                         f"tensor_parallel_size={t} yet: drop one of the flags.")
+    # Elastic EP drops single ranks; a TP group cannot lose one of its ranks and go on, so under TP a loss
+    # fails the engine fast (as at EP 2). Off here rather than refused: it is on by default.
+    return False
+
+
 def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bool = False) -> None:
     """Refuse, naming the field, a model that a TP group of `size` cannot split: heads, intermediate sizes and
     (FP8) block boundaries must divide; families and formats not sharded yet are named. experts_split: the experts
@@ -126,4 +155,4 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bo
                               f"{list(block)}.")
 
 
-__all__ = ["TP_FORMATS", "check_tensor_parallel", "kv_head_start", "shard_attention", "tp_local_config"]
+__all__ = ["TP_FORMATS", "check_tensor_parallel", "check_tp_layout", "kv_head_start", "shard_attention", "tp_local_config"]
