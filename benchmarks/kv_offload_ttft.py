@@ -10,7 +10,8 @@ token), best of `--repeats`:
   - recompute: the evicted prompt again on an engine without offload (the whole prompt computed);
   - host: the same on an engine with `OffloadKVConnector` (its blocks loaded back from host memory, the last
     prompt token computed);
-  - device: the prompt again right after it ran (a prefix-cache hit on the device).
+  - device: the prompt again right after it ran, on the engine without offload (a prefix-cache hit on the device;
+    with offload the tier would also serve the block the hit leaves out for the last token's logits).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def run(tokens: int, repeats: int, path: str) -> dict:
                 n = 3 + blocks // per_prompt
                 target, *others = ([rng.randrange(500) for _ in range(tokens)] for _ in range(n))
                 _ttft(llm, target)
-                if mode == "host":
+                if mode == "recompute":  # without offload: a pure device hit (with it the tier would serve the tail)
                     s, cached["device"] = _ttft(llm, target)  # still on the device: a prefix hit
                     rows["device"].append(s)
                 for other in others:  # the target's blocks are gone from the device pool after these
