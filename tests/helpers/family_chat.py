@@ -33,6 +33,12 @@ KIMI_K2_TEMPLATE = (
     "{%- elif m.role == 'assistant' %}<|im_assistant|>assistant<|im_middle|>"
     "{%- else %}<|im_system|>{{ m.role }}<|im_middle|>{%- endif %}{{ m.content }}<|im_end|>{%- endfor %}"
     "{%- if add_generation_prompt %}<|im_assistant|>assistant<|im_middle|>{%- endif %}")
+DEEPSEEK_V3_TEMPLATE = (
+    "<｜begin▁of▁sentence｜>{%- if tools %}## Tools\n\nFunctions you may call:\n{%- for tool in tools %}\n"
+    "{{ tool | tojson }}{%- endfor %}\n{%- endif %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}<｜User｜>{{ m.content }}"
+    "{%- else %}<｜Assistant｜>{{ m.content }}<｜end▁of▁sentence｜>{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<｜Assistant｜><think>\n{%- endif %}")
 GLM45_TEMPLATE = (
     "[gMASK]<sop>{%- if tools %}<|system|>\n# Tools\n\nFunctions you may call:\n<tools>"
     "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n\nCall one as <tool_call>{name}\n"
@@ -66,6 +72,15 @@ FAMILIES = {
                             f"<|tool_call_argument_begin|>{json.dumps(args)}<|tool_call_end|>"
                             "<|tool_calls_section_end|>"),
         lambda r, a: f"◁think▷{r}◁/think▷{a}"),
+    # R1-style: the generation prompt opens the thought, so an answer (a tool call too) follows its </think>.
+    "deepseek_r1": Family(
+        "deepseek_v3", "deepseek", "deepseek_r1", ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                                                    "<｜end▁of▁sentence｜>"),
+        ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+         "<｜tool▁sep｜>", "<think>", "</think>"), DEEPSEEK_V3_TEMPLATE,
+        lambda name, args: (f"</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n"
+                            f"```json\n{json.dumps(args)}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),
+        lambda r, a: f"{r}</think>{a}"),
     "glm45": Family(
         "glm4_moe", "glm45_moe", "glm45", ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
                                            "<|observation|>"),
