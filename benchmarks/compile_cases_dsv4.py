@@ -5,7 +5,7 @@ triton_dsv4_topk.py), at V4-Flash's shapes (64 heads of 512, one shared KV head,
 heads of 128 and top-512, HCA rate 128; 8 output groups to 1024) and V4-Pro's (128 heads, 16 groups, top-1024), bf16:
 decode batches in the per-query key layout of engine/models/dsv4_decode.py (CSA at 128k context: 32768 index keys
 per row, the top-k on its split path at batch 4; HCA: 1024 entries), a 97-token prefill chunk (shared keys), and the
-compressor at both rates."""
+compressor at both rates; the hyper-connection residual (4 streams)."""
 from __future__ import annotations
 
 import torch
@@ -13,20 +13,22 @@ import torch
 from .compile_cases import Recorder
 
 CTX = 131072
-# (name, heads, o_groups, index top-k)
-MODELS = [("deepseek-v4-flash", 64, 8, 512), ("deepseek-v4-pro", 128, 16, 1024)]
+# (name, heads, o_groups, index top-k, hidden)
+MODELS = [("deepseek-v4-flash", 64, 8, 512, 4096), ("deepseek-v4-pro", 128, 16, 1024, 7168)]
+HC = 4  # hc_mult
 H, W, NI, I, O, CSA, HCA = 512, 128, 64, 128, 1024, 4, 128
 
 
 def compile_dsv4(rec: Recorder, quick: bool) -> None:
     from moelink.kernels.triton_dsv4 import (triton_dsv4_compress, triton_dsv4_grouped_linear,
                                              triton_dsv4_sink_attention)
+    from moelink.kernels.triton_dsv4_hc import triton_dsv4_hc_expand
     from moelink.kernels.triton_dsv4_topk import triton_dsv4_indexer_topk
 
     meta = dict(device="meta")
     bf = dict(dtype=torch.bfloat16, **meta)
     f32 = dict(dtype=torch.float32, **meta)
-    for name, N, G, K in MODELS[:1] if quick else MODELS:
+    for name, N, G, K, D in MODELS[:1] if quick else MODELS:
         for label, T in (("decode batch 64", 64), ("decode batch 4", 4)) if not quick else (("decode batch 64", 64),):
             E = CTX // CSA
             with rec.labelled(f"{name} indexer scores + top-{K} over {E} entries, {label}"):
@@ -39,6 +41,9 @@ def compile_dsv4(rec: Recorder, quick: bool) -> None:
                                                H**-0.5)
             with rec.labelled(f"{name} grouped output projection ({G} groups to {O}), {label}"):
                 triton_dsv4_grouped_linear(torch.empty(T, G, N * H // G, **bf), torch.empty(G, O, N * H // G, **bf))
+            with rec.labelled(f"{name} hyper-connection residual ({HC} streams of {D}), {label}"):
+                triton_dsv4_hc_expand(torch.empty(T, HC, D, **bf), torch.empty(T, D, **bf), torch.empty(T, HC, **f32),
+                                      torch.empty(T, HC, HC, **f32))
         if quick:
             continue
         T = 97
@@ -49,7 +54,6 @@ def compile_dsv4(rec: Recorder, quick: bool) -> None:
         with rec.labelled(f"{name} grouped output projection, a 97-token chunk"):
             triton_dsv4_grouped_linear(torch.empty(T, G, N * H // G, **bf), torch.empty(G, O, N * H // G, **bf))
     for kind, m, overlap in (("CSA", CSA, True), ("HCA", HCA, False)):
-        C = 2 * H if overlap else H
         for width, what in ((H, "entries"), (I, "index keys")) if overlap else ((H, "entries"),):
             C = 2 * width if overlap else width
             with rec.labelled(f"compressor ({kind}, rate {m}, {what}), 24 windows"):

@@ -305,7 +305,7 @@ FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
                           "_sparse_mla_kernel", "_write_fp8_keys_kernel"),
                   # DeepSeek-V4 (its top-k runs DSA's selection kernels: those stay the dsa family's)
                   "dsv4": ("_dsv4_compress_kernel", "_dsv4_indexer_scores_kernel", "_dsv4_sink_attention_kernel",
-                           "_dsv4_grouped_linear_kernel"),
+                           "_dsv4_grouped_linear_kernel", "_dsv4_hc_expand_kernel"),
                   "gdn": ("_gdn_recurrent_kernel", "_commit_kernel", "_gating_kernel", "_conv_varlen_kernel",
                           "_conv_state_kernel", "_conv_update_kernel"),
                   "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_merge_plan_kernel",

@@ -89,5 +89,14 @@ def reference_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torch.
     return torch.einsum("tgd,god->tgo", x_TGd, w_GoD)
 
 
-__all__ = ["reference_compress", "reference_grouped_linear", "reference_indexer_topk", "reference_rms_norm_f32",
-           "reference_rope_tail", "reference_sink_attention"]
+def reference_hc_expand(x_TnD: torch.Tensor, out_TD: torch.Tensor, post_Tn: torch.Tensor,
+                        comb_Tnn: torch.Tensor) -> torch.Tensor:
+    """The hyper-connections' residual step after a block (engine/models/hyper_connections.py): stream k becomes
+    post[k] * out + sum_j comb[j, k] * x[j], in the activations' dtype (the float32 mixes cast to it, as transformers'
+    DeepseekV4HyperConnection does): [T, n, D]."""
+    dt = x_TnD.dtype
+    return post_Tn.to(dt).unsqueeze(-1) * out_TD.unsqueeze(-2) + torch.matmul(comb_Tnn.to(dt).transpose(-1, -2), x_TnD)
+
+
+__all__ = ["reference_compress", "reference_grouped_linear", "reference_hc_expand", "reference_indexer_topk",
+           "reference_rms_norm_f32", "reference_rope_tail", "reference_sink_attention"]

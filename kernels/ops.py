@@ -19,7 +19,8 @@ import torch
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
 from .causal_conv1d import reference_causal_conv1d, reference_causal_conv1d_update, reference_replay_conv_state
 from .dsa import reference_dsa_topk, reference_sparse_mla_attention, reference_write_fp8_index_keys
-from .dsv4 import reference_compress, reference_grouped_linear, reference_indexer_topk, reference_sink_attention
+from .dsv4 import (reference_compress, reference_grouped_linear, reference_hc_expand, reference_indexer_topk,
+                   reference_sink_attention)
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .int4 import reference_fused_moe_int4
 from .gated_delta import (reference_commit_states, reference_gated_delta_rule, reference_gated_delta_rule_decode,
@@ -57,11 +58,12 @@ class Kernels(Protocol):
     write_fp8_index_keys: Callable
     sparse_mla_attention: Callable
     # DeepSeek-V4 (kernels/dsv4.py): the compressor's pooling, the indexer's top-k over compressed entries, MQA with
-    # per-head sinks over the window and the entries, the grouped output projection.
+    # per-head sinks over the window and the entries, the grouped output projection; the hyper-connections' residual.
     dsv4_compress: Callable
     dsv4_indexer_topk: Callable
     dsv4_sink_attention: Callable
     dsv4_grouped_linear: Callable
+    dsv4_hc_expand: Callable
     route_topk: Callable
     silu_mul: Callable
     fused_moe: Callable
@@ -90,7 +92,8 @@ REFERENCES: dict[str, Callable] = dict(
     write_fp8_index_keys=reference_write_fp8_index_keys,
     sparse_mla_attention=reference_sparse_mla_attention, dsv4_compress=reference_compress,
     dsv4_indexer_topk=reference_indexer_topk, dsv4_sink_attention=reference_sink_attention,
-    dsv4_grouped_linear=reference_grouped_linear, route_topk=reference_route_topk, silu_mul=reference_silu_mul,
+    dsv4_grouped_linear=reference_grouped_linear, dsv4_hc_expand=reference_hc_expand,
+    route_topk=reference_route_topk, silu_mul=reference_silu_mul,
     fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
     fused_moe_nvfp4=reference_fused_moe_nvfp4, fused_moe_int4=reference_fused_moe_int4,
@@ -122,6 +125,7 @@ class ReferenceKernels:
     dsv4_indexer_topk = staticmethod(reference_indexer_topk)
     dsv4_sink_attention = staticmethod(reference_sink_attention)
     dsv4_grouped_linear = staticmethod(reference_grouped_linear)
+    dsv4_hc_expand = staticmethod(reference_hc_expand)
     route_topk = staticmethod(reference_route_topk)
     silu_mul = staticmethod(reference_silu_mul)
     fused_moe = staticmethod(reference_fused_moe)
@@ -182,12 +186,14 @@ class TritonKernels:
         self.write_fp8_index_keys = triton_write_fp8_index_keys  # quantize + scatter: one launch
         self.sparse_mla_attention = triton_sparse_mla_attention  # MLA over the selected rows only
         from .triton_dsv4 import triton_dsv4_compress, triton_dsv4_grouped_linear, triton_dsv4_sink_attention
+        from .triton_dsv4_hc import triton_dsv4_hc_expand
         from .triton_dsv4_topk import triton_dsv4_indexer_topk
 
         self.dsv4_compress = triton_dsv4_compress  # a step's closed windows pooled: one launch
         self.dsv4_indexer_topk = triton_dsv4_indexer_topk  # scores, then DSA's top-k kernels: two (three split)
         self.dsv4_sink_attention = triton_dsv4_sink_attention  # window + entries + sink, online softmax
         self.dsv4_grouped_linear = triton_dsv4_grouped_linear
+        self.dsv4_hc_expand = triton_dsv4_hc_expand  # the mix and the residual add: one pass over the streams
         self.route_topk = triton_route_topk  # scores, top-k, padding mask, expert-load count: one launch
         self.silu_mul = triton_silu_mul  # dense MLPs' and shared experts' SiLU(gate)·up: one launch
         self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too

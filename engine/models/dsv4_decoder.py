@@ -87,7 +87,8 @@ class DSV4DecoderLayer(nn.Module):
         `moe_index` of its own MoEStats (its layer index is past the main layers' configs)."""
         super().__init__()
         D, dt, hc, eps = cfg.hidden_size, cfg.dtype, cfg.hyper_connections, cfg.rms_norm_eps
-        self.attn_hc, self.ffn_hc = HyperConnection(hc, D, eps, device), HyperConnection(hc, D, eps, device)
+        self.attn_hc = HyperConnection(hc, D, eps, device, kernels)
+        self.ffn_hc = HyperConnection(hc, D, eps, device, kernels)
         self.attn_norm, self.ffn_norm = Norm(D, eps, device), Norm(D, eps, device)
         self.attn = DSV4Attention(attention or cfg.attention_for(i), i, D, ropes, kernels, dt, device)
         m = cfg.moe
@@ -102,18 +103,18 @@ class DSV4DecoderLayer(nn.Module):
 
     def stages(self, positions_T, x_TnD, input_ids_T, ctx: ForwardContext) -> Stages:
         h_TD, mix = self.attn_hc.collapse(x_TnD)
-        x_TnD = HyperConnection.expand(x_TnD, self.attn(positions_T, self.attn_norm(h_TD), ctx), mix)
+        x_TnD = self.attn_hc.residual(x_TnD, self.attn(positions_T, self.attn_norm(h_TD), ctx), mix)
         h_TD, mix = self.ffn_hc.collapse(x_TnD)
         h_TD = self.ffn_norm(h_TD)
         routed = self.moe.stages(h_TD, input_ids_T)
         try:
             next(routed)  # router run, dispatch issued (expert parallelism only)
         except StopIteration as done:
-            return HyperConnection.expand(x_TnD, done.value + self.shared(h_TD), mix)
+            return self.ffn_hc.residual(x_TnD, done.value + self.shared(h_TD), mix)
         shared_TD = self.shared(h_TD)  # while the dispatch is in flight
         yield
         routed_TD = yield from routed
-        return HyperConnection.expand(x_TnD, routed_TD + shared_TD, mix)
+        return self.ffn_hc.residual(x_TnD, routed_TD + shared_TD, mix)
 
     def weight_plan(self, i: int, spec: ArchSpec, expert_ids: list[int], num_experts: int,
                     prefix: str | None = None) -> WeightPlan:

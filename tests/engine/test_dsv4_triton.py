@@ -24,7 +24,7 @@ ENGINE = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=16, num_kv
 
 _TRITON_RUN = """
 import collections, json, sys
-import moelink.kernels.triton_dsv4 as k4, moelink.kernels.triton_dsv4_topk as t4
+import moelink.kernels.triton_dsv4 as k4, moelink.kernels.triton_dsv4_topk as t4, moelink.kernels.triton_dsv4_hc as h4
 from moelink.engine import LLM, SamplingParams
 calls = collections.Counter()
 def counted(mod, name):
@@ -33,6 +33,7 @@ def counted(mod, name):
 for name in ("triton_dsv4_compress", "triton_dsv4_sink_attention", "triton_dsv4_grouped_linear"):
     counted(k4, name)
 counted(t4, "triton_dsv4_indexer_topk")
+counted(h4, "triton_dsv4_hc_expand")
 llm = LLM(sys.argv[1], kernels="triton", **json.loads(sys.argv[3]))
 ps = json.loads(sys.argv[2])
 outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -55,5 +56,6 @@ def test_triton_kernels_equal_reference_kernels_greedy(tmp_path_factory):
     # indexer (2 CSA layers) too, on each of the >= 4 steps.
     assert calls.get("triton_dsv4_sink_attention", 0) >= 4 * 4 and calls.get("triton_dsv4_grouped_linear", 0) >= 4 * 4
     assert calls.get("triton_dsv4_compress", 0) > 0 and calls.get("triton_dsv4_indexer_topk", 0) >= 2 * 4, calls
+    assert calls.get("triton_dsv4_hc_expand", 0) >= 2 * 4 * 4, calls  # both residuals of every layer, every step
     ref = LLM(path, kernels="reference", **ENGINE)
     assert_same(got, engine_greedy(ref, ps, max_new=4), ps)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.kernels.dsv4 import (reference_compress, reference_grouped_linear, reference_indexer_topk,
-                                  reference_sink_attention)
+from moelink.kernels.dsv4 import (reference_compress, reference_grouped_linear, reference_hc_expand,
+                                  reference_indexer_topk, reference_sink_attention)
 from moelink.kernels.triton_dsv4 import triton_dsv4_compress, triton_dsv4_grouped_linear, triton_dsv4_sink_attention
+from moelink.kernels.triton_dsv4_hc import triton_dsv4_hc_expand
 from moelink.kernels.triton_dsv4_topk import triton_dsv4_indexer_topk
 
 from tests.helpers.dsa_cases import assert_same_sets
@@ -152,3 +153,19 @@ def test_per_query_keys_equal_reference(gen, kdev, check, dtype):
     ikeys[torch.arange(E)[None, :] >= vis[:, None]] = float("nan")
     got_k = triton_dsv4_indexer_topk(iq.to(kdev), iw.to(kdev), ikeys.to(kdev), vis.to(kdev), K)
     assert_same_sets(got_k.cpu(), want_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,n,D", [(1, 4, 40), (7, 3, 1100)])  # hc_mult 4 (V4) and 3 (the tiny model); D past a tile
+def test_hc_expand_equals_reference(gen, kdev, check, dtype, T, n, D):
+    """The hyper-connections' residual: post[k] * out + sum_j comb[j, k] x[j], mixes in float32 (Sinkhorn-like
+    positive comb, so no cancellation hides an error)."""
+    x = torch.randn(T, n, D, generator=gen, dtype=torch.float64).to(dtype)
+    out = torch.randn(T, D, generator=gen, dtype=torch.float64).to(dtype)
+    post = torch.rand(T, n, generator=gen) * 2
+    comb = torch.rand(T, n, n, generator=gen)
+    comb = comb / comb.sum(dim=-2, keepdim=True)
+    want = reference_hc_expand(x.double(), out.double(), post.double(), comb.double())
+    got = triton_dsv4_hc_expand(x.to(kdev), out.to(kdev), post.to(kdev), comb.to(kdev))
+    assert got.dtype == dtype
+    check(got, want, dtype, f"hc expand T={T} n={n}")
