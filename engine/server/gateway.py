@@ -45,6 +45,9 @@ BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 # not a reason to leave the OpenAI API down for good while the server runs (a full disk, a port held for a
 # while): keep trying, slower.
 SLOW_BACKOFF_S = (15.0, 30.0, 60.0)
+# A first start that dies by a signal before it is ready (seen: smg 1.13 aborting, SIGABRT, now and then on a
+# loaded machine) is tried again this many times in all; an exit with a status (a refusal) is not.
+START_ATTEMPTS = 3
 WORKER_CHECK_S = 2.0  # how often smg is asked whether it still lists moelink's worker
 INSTALL_HINT = ("`moelink serve --http-port` runs the smg gateway for the OpenAI API, and smg is not installed: "
                 "`pip install smg` in this environment (or `pip install -e '.[test]'`), or pass --no-http to "
@@ -140,7 +143,17 @@ class GatewaySupervisor:
 
     async def start(self) -> None:
         """Spawn smg and wait (bounded) until it serves the model; then watch it, and its worker list."""
-        await self._spawn_ready()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                await self._spawn_ready()
+                break
+            except GatewayError as exc:
+                code = None if self.proc is None else self.proc.poll()
+                crashed = code is not None and code < 0 and bind_error(self.spec.http_host, self.spec.http_port) is None
+                if not crashed or attempt == START_ATTEMPTS or self._stopping:
+                    raise
+                logger.warning("%s; starting it again (try %d of %d)", exc, attempt + 1, START_ATTEMPTS)
+                await asyncio.sleep(BACKOFF_S[0])
         self._watch = asyncio.create_task(self._supervise())
         self._worker_watch = asyncio.create_task(self._watch_worker())
 

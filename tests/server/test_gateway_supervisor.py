@@ -27,6 +27,12 @@ FAKE_SMG = textwrap.dedent('''
     mode = open(MODE_FILE).read().strip()
     if mode == "exit":
         sys.exit(3)
+    if mode == "abort-once":  # dies by SIGABRT at its first start only (a marker file beside the mode file)
+        import os
+        marker = MODE_FILE + ".aborted"
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os.abort()
     if mode == "hang":
         time.sleep(600)
 
@@ -125,6 +131,22 @@ def test_exit_before_ready_names_the_port(fake):
     sup = _supervisor(script)
     with pytest.raises(gw.GatewayError, match=rf"exited with 3 before it was ready \(port {sup.spec.http_port} in use\?\)"):
         asyncio.run(sup.start())
+
+
+def test_a_first_start_killed_by_a_signal_is_tried_again(fake, caplog):
+    """smg 1.13 sometimes aborts (SIGABRT) while starting on a loaded machine: the first start tries again, where
+    an exit with a status (above) is refused at once."""
+    script, mode = fake
+    mode.write_text("abort-once")
+    sup = _supervisor(script)
+
+    async def run():
+        await sup.start()
+        assert sup.not_serving() is None
+        await sup.stop()
+
+    asyncio.run(run())
+    assert "exited with -6 before it was ready" in caplog.text and "try 2 of 3" in caplog.text
 
 
 def test_never_ready_is_bounded_and_killed(fake):
