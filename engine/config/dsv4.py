@@ -278,14 +278,26 @@ def mtp_attention(layers: tuple[DSV4AttentionConfig, ...], hf: dict) -> DSV4Atte
                                a.sliding_window, rope, rms_norm_eps=a.rms_norm_eps)
 
 
-# Why speculative decoding is refused for V4 (engine/config/speculative.py asks): a verify step's rejected drafts
-# must be taken back out of the per-sequence state, and V4's is not only its window ring.
-SPECULATIVE_REFUSAL = (
-    "speculative_config.method={method!r} is not supported for {arch} yet: a verify step writes every draft token "
-    "into each layer's compressor rows and paged compressed entries (a CSA / HCA entry is made once its window of "
-    "compress_rate tokens is full, from rows that rejected drafts would have filled), and those are not rolled back "
-    "to the accepted tokens yet (the window ring and the MTP layer's own sliding window could be); serve it "
-    "without speculative decoding.")
+def check_speculative(spec, layers: tuple[DSV4AttentionConfig, ...], arch: str) -> None:
+    """Speculative decoding on V4 (engine/config/engine_args.py asks): host drafts (n-gram) are verified and each
+    verifying sequence's window ring and compressor rings are rolled back to its accepted tokens afterwards
+    (engine/models/dsv4_decoder.py: the ring rows the rejected drafts overwrote are restored from a copy taken before
+    the step). That needs each ring slot written once a step: num_speculative_tokens + 1 <= the smallest ring (the
+    window, a compressor's rate, 2 x rate under CSA). The MTP drafter over V4's hyper-connection streams is not wired
+    to the runner yet (engine/models/dsv4_mtp.py is the module), nor EAGLE-3."""
+    if spec is None:
+        return
+    if spec.runs_mtp or spec.runs_eagle3:
+        raise ValueError(f"speculative_config.method={spec.method!r} is not supported for {arch} yet: its MTP layer "
+                         "(engine/models/dsv4_mtp.py) drafts from the main model's hyper-connection streams, which the "
+                         "runner's device drafter does not hand over yet; use method 'ngram' (V4's window and "
+                         "compressor states are rolled back to the accepted drafts).")
+    ring = min(min(a.sliding_window, a.compressor_ring or a.sliding_window) for a in layers)
+    if spec.num_speculative_tokens + 1 > ring:
+        raise ValueError(f"speculative_config.num_speculative_tokens={spec.num_speculative_tokens} is invalid for "
+                         f"{arch}: at most {ring - 1} (a verify step's tokens must fit the smallest state ring, "
+                         f"{ring} slots, so that rejected drafts can be rolled back).")
 
-__all__ = ["DSV4AttentionConfig", "HyperConnectionConfig", "LAYER_KINDS", "SPECULATIVE_REFUSAL", "mtp_attention",
+
+__all__ = ["DSV4AttentionConfig", "HyperConnectionConfig", "LAYER_KINDS", "check_speculative", "mtp_attention",
            "read_dsv4"]

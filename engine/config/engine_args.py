@@ -21,6 +21,7 @@ from .kv_sizing import driver_num_kv_blocks, kv_sliding_window, state_pool_bytes
 from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
+from .dsv4 import check_speculative as check_dsv4_speculative
 from .speculative import SpeculativeConfig
 from .architectures import REGISTRY
 from .tensor_parallel import check_tensor_parallel
@@ -326,9 +327,8 @@ class EngineArgs:
         sequence's state: ~75 MB for Qwen3-Next-80B); (0, 0) for other models."""
         if not model_cfg.state_layers:
             return 0, 0
-        if model_cfg.hyper_connections is not None and spec is not None:  # DeepSeek-V4
-            raise ValueError(f"speculative_config is not supported for {model_cfg.architecture} yet: its window and "
-                             "compressor states do not replay accepted drafts.")
+        if model_cfg.hyper_connections is not None:  # DeepSeek-V4: which drafts its states can be rolled back from
+            check_dsv4_speculative(spec, model_cfg.layer_attention, model_cfg.architecture)
         if spec is not None and spec.runs_eagle3:
             raise ValueError(f"speculative_config.method={spec.method!r} is not supported for "
                              f"{model_cfg.architecture} yet: EAGLE-3 heads are not built for linear-attention "

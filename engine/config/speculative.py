@@ -18,8 +18,6 @@ from typing import Any, Callable, Optional
 
 from moelink.scheduler.config import SchedulerConfig
 
-from .architectures import REGISTRY
-from .dsv4 import SPECULATIVE_REFUSAL as DSV4_SPECULATIVE_REFUSAL
 from .eagle3 import check_eagle3_target, read_eagle3_config
 from .model_source import resolve_model_dir
 
@@ -103,11 +101,7 @@ class SpeculativeConfig:
         return 0
 
     def check_model(self, num_nextn_predict_layers: int, architecture: str) -> None:
-        """Refuse method "mtp" for a checkpoint without MTP layers (config.json's num_nextn_predict_layers), and
-        every method for a model whose per-sequence state rejected drafts cannot be rolled out of (DeepSeek-V4)."""
-        if getattr(REGISTRY.get(architecture), "spec", None) is not None and REGISTRY[architecture].spec.attention \
-                == "dsv4":
-            raise ValueError(DSV4_SPECULATIVE_REFUSAL.format(method=self.method, arch=architecture))
+        """Refuse method "mtp" for a checkpoint without MTP layers (config.json's num_nextn_predict_layers)."""
         if self.runs_mtp and num_nextn_predict_layers < 1:
             raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its config.json has "
                              f"num_nextn_predict_layers={num_nextn_predict_layers} ({architecture}: no MTP layers to "

@@ -35,6 +35,7 @@ from ..config.dsv4 import DSV4AttentionConfig
 from ..config.dsv4_quant import DSV4Quantization, read_dsv4_quantization
 from ..config.model import ModelConfig
 from .dsv4_attention import DSV4Attention, RopeTable
+from .dsv4_rollback import StateRollback
 from .dsv4_weights import fp8_dequant_plan
 from .hyper_connections import HyperConnection, HyperHead
 from .layers import ForwardContext, param
@@ -172,12 +173,14 @@ class DeepseekV4ForCausalLM(nn.Module):
                                     for i in range(cfg.num_layers))
         self.hc_head = HyperHead(cfg.hyper_connections, D, cfg.rms_norm_eps, device)
         self.norm = Norm(D, cfg.rms_norm_eps, device)
+        self.rollback = StateRollback([layer.attn.num_paged for layer in self.layers])
 
     def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return run_stages(self.stages(input_ids_T, positions_T, ctx))
 
     def stages(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> Stages:
         """The final-normed hidden states [T, D]; yields while a MoE all-to-all is in flight (EP only)."""
+        self.rollback.snapshot(ctx, positions_T)  # a verify step: its sequences' states copied first
         x_TD = F.embedding(input_ids_T, self.embed_tokens)
         x_TnD = x_TD.unsqueeze(1).expand(-1, self.cfg.hyper_connections.hc_mult, -1).contiguous()
         for layer in self.layers:
@@ -205,8 +208,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         return None
 
     def replay_states(self, num_accepted_S: torch.Tensor) -> None:
-        raise ValueError("speculative decoding is not supported for DeepseekV4ForCausalLM yet: its window and "
-                         "compressor states do not replay accepted drafts.")
+        """After a verify step's sampling: the verifying sequences' window and compressor rings back to their
+        accepted tokens (engine/models/dsv4_rollback.py); num_accepted_S in the verify group's order."""
+        self.rollback.restore(num_accepted_S)
 
     def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:
         """The checkpoint's names as save_pretrained writes them (the published layer names under `model.`), or as

@@ -207,9 +207,9 @@ def test_dummy_weights_are_refused_naming_the_format(dsv4_path):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(kv_cache_dtype="fp8"), "kv_cache_dtype=torch.float8_e4m3fn is not supported for DeepseekV4ForCausalLM"),
-    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
-     "speculative_config.method='ngram' is not supported for DeepseekV4ForCausalLM yet: a verify step writes every "
-     "draft token into each layer's compressor rows"),
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 4}),
+     r"speculative_config.num_speculative_tokens=4 is invalid for DeepseekV4ForCausalLM: at most 3 .*smallest state "
+     r"ring, 4 slots"),
     (dict(block_size=12), "block_size=12 is invalid for DeepSeek-V4"),
 ])
 def test_what_v4_does_not_run_yet_is_refused_naming_it(dsv4_path, kw, match):
