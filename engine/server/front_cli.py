@@ -72,9 +72,11 @@ async def _serve(ns: argparse.Namespace) -> None:
 
 
 def hand_gateway_commands(worker: str, gateway_args: tuple[str, ...] = (), smg_port: int = 8001,
-                          http_port: int = 8000) -> str:
+                          http_port: int = 8000, metrics_port: int = 29000) -> str:
     """The two commands that serve the OpenAI API before `worker` (grpc://HOST:PORT) by hand, as the managed
-    gateway would: smg on a loopback port, this front on the public one."""
+    gateway would: smg on a loopback port, its metrics on loopback too (smg's default is 0.0.0.0:29000), this
+    front on the public one, serving /metrics from both."""
     extra = f" {shlex.join(gateway_args)}" if gateway_args else ""
-    return (f"smg launch --host 127.0.0.1 --port {smg_port} --worker-urls {worker}{extra} & "
-            f"moelink http-front --port {http_port} --upstream-port {smg_port}")
+    return (f"smg launch --host 127.0.0.1 --port {smg_port} --worker-urls {worker} --prometheus-host 127.0.0.1 "
+            f"--prometheus-port {metrics_port}{extra} & "
+            f"moelink http-front --port {http_port} --upstream-port {smg_port} --upstream-metrics-port {metrics_port}")

@@ -88,5 +88,6 @@ def test_a_hand_started_gateway_gets_vllms_fields_carried_and_drops_refused(fron
 
 def test_the_serve_banner_prints_the_exact_commands():
     cmd = hand_gateway_commands("grpc://127.0.0.1:50051", ("--tool-call-parser", "qwen", "--chat-template", "a b.jinja"))
-    assert cmd == ("smg launch --host 127.0.0.1 --port 8001 --worker-urls grpc://127.0.0.1:50051 --tool-call-parser "
-                   "qwen --chat-template 'a b.jinja' & moelink http-front --port 8000 --upstream-port 8001")
+    assert cmd == ("smg launch --host 127.0.0.1 --port 8001 --worker-urls grpc://127.0.0.1:50051 --prometheus-host "
+                   "127.0.0.1 --prometheus-port 29000 --tool-call-parser qwen --chat-template 'a b.jinja' & "
+                   "moelink http-front --port 8000 --upstream-port 8001 --upstream-metrics-port 29000")
