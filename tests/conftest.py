@@ -19,6 +19,10 @@ from tests.helpers.tiny_configs import TINY_CONFIGS
 torch.set_num_threads(int(os.environ.get("MOELINK_TEST_THREADS", "1")))
 # The same for what the tests start (servers, benchmark and session-script subprocesses) unless a test says.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every Ray the tests start (ray.init here, `ray start` and servers in subprocesses) runs its workers, the EP ranks,
+# at nice 0 as the engine's own local Ray does (engine/cluster/ray_runtime.py): at Ray's default 15 they starved
+# behind the other xdist worker's CPU-bound test past the 10 s heartbeat timeout.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 # Fixtures that start processes: a `moelink serve` subprocess (tests/server), EP rank processes (tests/comm),

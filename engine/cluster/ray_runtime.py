@@ -95,8 +95,11 @@ class LocalRay:
             self.guard = subprocess.Popen([sys.executable, ray_guard.__file__, self.private_dir, str(os.getpid())],
                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
             with ray_on_loopback():
+                # Ray runs its workers at nice 15; here they are the ranks, the engine's own work: at 15 a busy
+                # host (a tokenizer, a neighbour process) starves them past the heartbeat timeout.
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                         _node_ip_address="127.0.0.1", _temp_dir=self.temp_dir)
+                         _node_ip_address="127.0.0.1", _temp_dir=self.temp_dir,
+                         _system_config={"worker_niceness": 0})
             os.chmod(self.temp_dir, 0o700)
             self._name_raylet(ray_guard)
         except BaseException:

@@ -30,6 +30,7 @@ reading the cache blocks themselves, registered once at start, needs the prefill
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib
 import logging
 import secrets
@@ -72,13 +73,17 @@ class NixlAgent:
     """One NIXL agent with the UCX backend (module docstring), thread-safe (NIXL's strict sync mode: a rank's server
     threads and fetch thread share it), plus the host buffers it registered once for receiving."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress_thread: bool) -> None:
         api = nixl_api()
         if api is None:
             raise KVFetchError("the NIXL KV transport needs the nixl package (pip install nixl-cu12)")
         self.name = "moelink-" + secrets.token_hex(8)
-        conf = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"],
-                                     sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        # UCX's progress thread polls without sleeping: ~a core for as long as the agent lives, idle or not
+        # (measured: a test process kept four of them spinning after its fetches). Only the side being read needs
+        # it (over TCP, UCX emulates a remote READ with messages the target must progress); a reader progresses
+        # its own worker each time wait() polls a transfer's state.
+        conf = api.nixl_agent_config(enable_prog_thread=progress_thread, enable_listen_thread=False,
+                                     backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         self.agent = api.nixl_agent(self.name, conf)
         if "UCX" not in self.agent.backends:
             raise KVFetchError("NIXL's UCX backend did not start on this machine")
@@ -87,15 +92,39 @@ class NixlAgent:
         self._turns: dict[str, threading.Lock] = {}  # per prefill agent: one fetch's reads at a time
         self._free: list[tuple[torch.Tensor, object]] = []  # registered receive buffers not in use
 
+    def close(self) -> None:
+        """Give the receive buffers and loaded peers back and drop the agent (its UCX worker and progress thread
+        end with it); idempotent. A fetch still holding the agent keeps it alive until it returns."""
+        with self._lock:
+            agent, self.agent = self.agent, None
+            free, self._free = self._free, []
+            remotes, self._remotes = list(self._remotes), OrderedDict()
+        if agent is None:
+            return
+        for _, reg in free:
+            with contextlib.suppress(Exception):
+                agent.deregister_memory(reg)
+        for name in remotes:
+            with contextlib.suppress(Exception):
+                agent.remove_remote_agent(name)
+
+    def _live(self):
+        agent = self.agent
+        if agent is None:
+            raise KVFetchError("the NIXL agent is closed (its KV transport was shut down)")
+        return agent
+
     # ------------------------------------------------------------------ prefill side
     def expose(self, tensors: list[torch.Tensor]):
         """Register `tensors` (host memory) for remote reads; returns (registration, metadata bytes a peer loads to
         read them: this agent's connection info and their remote keys)."""
-        reg = self.agent.register_memory(tensors)
-        return reg, self.agent.get_partial_agent_metadata(reg, True)
+        reg = self._live().register_memory(tensors)
+        return reg, self._live().get_partial_agent_metadata(reg, True)
 
     def unexpose(self, reg) -> None:
-        self.agent.deregister_memory(reg)
+        agent = self.agent
+        if agent is not None:  # else closed: its registrations went with it
+            agent.deregister_memory(reg)
 
     # ------------------------------------------------------------------ decode side
     def load_remote(self, name: str, meta: bytes) -> None:
@@ -103,7 +132,7 @@ class NixlAgent:
         This agent's own name (one transport serving and fetching, as in-process tests do) reads locally."""
         if name == self.name:
             return
-        got = self.agent.add_remote_agent(meta)
+        got = self._live().add_remote_agent(meta)
         got = got.decode() if isinstance(got, bytes) else got
         if got != name:
             raise KVFetchError(f"the prefill rank's NIXL metadata names agent {got!r}, its reply {name!r}")
@@ -114,7 +143,7 @@ class NixlAgent:
             for old in stale:
                 del self._remotes[old]
         for old in stale:
-            self.agent.remove_remote_agent(old)
+            self._live().remove_remote_agent(old)
 
     def turn(self, name: str, deadline: Deadline) -> threading.Lock:
         """The lock a fetch from prefill agent `name` holds while it loads that agent's metadata and reads: loading
@@ -138,7 +167,7 @@ class NixlAgent:
             known = self._remotes.pop(name, 0) is None
         if known:
             try:
-                self.agent.remove_remote_agent(name)
+                self._live().remove_remote_agent(name)
             except Exception:  # already gone: nothing to forget
                 pass
 
@@ -149,7 +178,7 @@ class NixlAgent:
             if fits:
                 return self._free.pop(min(fits, key=lambda i: self._free[i][0].numel()))
         buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=pin)
-        return buf, self.agent.register_memory([buf])
+        return buf, self._live().register_memory([buf])
 
     def give_buffer(self, buf: torch.Tensor, reg) -> None:
         with self._lock:
@@ -158,14 +187,14 @@ class NixlAgent:
             extra = self._free[4:]
             del self._free[4:]
         for _, r in extra:
-            self.agent.deregister_memory(r)
+            self._live().deregister_memory(r)
 
     def read(self, remote: str, local: list[torch.Tensor], addrs: list[tuple[int, int]]):
         """Post one READ of the remote regions `addrs` (address, bytes) into `local` (registered host views)."""
-        local_descs = self.agent.get_xfer_descs(local)
-        remote_descs = self.agent.get_xfer_descs([(a, n, 0) for a, n in addrs], "DRAM")
-        handle = self.agent.initialize_xfer("READ", local_descs, remote_descs, remote)
-        if self.agent.transfer(handle) == "ERR":
+        local_descs = self._live().get_xfer_descs(local)
+        remote_descs = self._live().get_xfer_descs([(a, n, 0) for a, n in addrs], "DRAM")
+        handle = self._live().initialize_xfer("READ", local_descs, remote_descs, remote)
+        if self._live().transfer(handle) == "ERR":
             handle.release()
             raise KVFetchError("NIXL refused to start a KV read")
         return handle
@@ -174,7 +203,7 @@ class NixlAgent:
         """Until `handle`'s transfer is done; KVFetchError when it fails or `deadline` passes (the transfer is
         released, which aborts it, before this returns: the prefill rank may deregister its memory after)."""
         try:
-            while (state := self.agent.check_xfer_state(handle)) == "PROC":
+            while (state := self._live().check_xfer_state(handle)) == "PROC":
                 deadline.left()
                 time.sleep(_POLL_S)
             if state != "DONE":

@@ -358,6 +358,7 @@ class RemoteWorkerSide:
             fetches = list(self._fetches)
         for th in fetches:  # each ends within fetch_timeout_s of its start
             th.join(self.config.fetch_timeout_s + self.config.connect_timeout_s)
+        self.transport.close()  # after the fetches: NIXL's agents (and their UCX threads) end here
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:

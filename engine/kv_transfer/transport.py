@@ -59,6 +59,9 @@ class KVTransport(Protocol):
         mapping, or `device` itself); with `on_group(g, idx, rows)` each group is handed over as it arrives and not
         kept (wire.recv_saved). Raises KVFetchError with the reason, always within `timeout_s`."""
 
+    def close(self) -> None:
+        """What the transport holds beyond its servers (NIXL's agents); after the connector closed its server."""
+
 
 class TCPTransport:
     """`auth`: the handshake (both roles); `first_byte_s`: a fetch's handshake and reply header deadlines, and a
@@ -72,6 +75,9 @@ class TCPTransport:
         self.connect_timeout_s, self.io_timeout_s = connect_timeout_s, io_timeout_s
         self.auth, self.first_byte_s = auth or NO_SECRET, first_byte_s
         self.limits = limits or ServerLimits(handshake_timeout_s=first_byte_s, io_timeout_s=io_timeout_s)
+
+    def close(self) -> None:  # nothing beyond the servers, which close themselves
+        pass
 
     def serve(self, store: SavedKVStore, host: str, port: int) -> TCPKVServer:
         return TCPKVServer(store, host, port, limits=self.limits, auth=self.auth)
@@ -119,27 +125,35 @@ class CollectiveTransport(TCPTransport):
 
 
 class NixlTransport(TCPTransport):
-    """The TCP exchange, the bytes read with NIXL (engine/kv_transfer/nixl.py). One NIXL agent per transport
-    object (a rank's connector), made on first use and shared by its server and its fetches."""
+    """The TCP exchange, the bytes read with NIXL (engine/kv_transfer/nixl.py). Two NIXL agents per transport object
+    (a rank's connector), each made on first use: the serving one with UCX's progress thread (peers read from it,
+    and over TCP the target must progress), the fetching one without (its waits progress it; the thread would poll
+    a core for as long as the rank lives). close() ends both."""
 
     name = "nixl"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._agent = None
+        self._agents: dict[bool, object] = {}  # progress thread or not -> NixlAgent
         self._agent_lock = threading.Lock()
 
-    def agent(self):
+    def agent(self, serving: bool):
         from .nixl import NixlAgent
 
         with self._agent_lock:
-            if self._agent is None:
-                self._agent = NixlAgent()
-            return self._agent
+            if serving not in self._agents:
+                self._agents[serving] = NixlAgent(progress_thread=serving)
+            return self._agents[serving]
 
-    def __getstate__(self) -> dict:  # a transport travels to Ray ranks as its settings; each rank makes its agent
+    def close(self) -> None:
+        with self._agent_lock:
+            agents, self._agents = list(self._agents.values()), {}
+        for a in agents:
+            a.close()
+
+    def __getstate__(self) -> dict:  # a transport travels to Ray ranks as its settings; each rank makes its agents
         state = dict(self.__dict__)
-        state["_agent"], state["_agent_lock"] = None, None
+        state["_agents"], state["_agent_lock"] = {}, None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -149,15 +163,15 @@ class NixlTransport(TCPTransport):
     def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
         from .nixl import NixlKVServer
 
-        return NixlKVServer(store, host, port, self.agent(), limits=self.limits, auth=self.auth)
+        return NixlKVServer(store, host, port, self.agent(serving=True), limits=self.limits, auth=self.auth)
 
     def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
               timeout_s: float, device: torch.device, on_group=None) -> SavedKV:
         from .nixl import nixl_fetch
 
-        return nixl_fetch(self.agent(), host, port, key, layout, token_ids, max_blocks, self.connect_timeout_s,
-                          timeout_s, pin=device.type == "cuda", on_group=on_group, auth=self.auth,
-                          first_byte_s=self.first_byte_s)
+        return nixl_fetch(self.agent(serving=False), host, port, key, layout, token_ids, max_blocks,
+                          self.connect_timeout_s, timeout_s, pin=device.type == "cuda", on_group=on_group,
+                          auth=self.auth, first_byte_s=self.first_byte_s)
 
 
 KV_TRANSPORTS = {"tcp": TCPTransport, "shm": ShmTransport, "collective": CollectiveTransport, "nixl": NixlTransport}

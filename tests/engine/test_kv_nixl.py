@@ -65,8 +65,11 @@ def pair():
     pre = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
     store = SavedKVStore(60.0, 1 << 30)
     server = pre.serve(store, "127.0.0.1", port)
-    yield pre, store, port, make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
+    dec = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
+    yield pre, store, port, dec
     server.close()
+    pre.close()
+    dec.close()
 
 
 def test_nixl_is_the_default_transport_where_installed():
@@ -75,7 +78,7 @@ def test_nixl_is_the_default_transport_where_installed():
 
 def test_a_fetch_reads_the_saved_rows_and_they_are_registered_only_for_it(pair, monkeypatch):
     pre, store, port, dec = pair
-    count = _Counted(pre.agent(), monkeypatch)
+    count = _Counted(pre.agent(serving=True), monkeypatch)
     src, saved = _saved()
     store.put("k", saved)
     got = dec.fetch("127.0.0.1", port, "k", saved.layout, TOKENS, 3, 20.0, torch.device("cpu"))
@@ -100,12 +103,13 @@ def test_an_unauthenticated_client_gets_nothing(pair, monkeypatch):
     """A wrong secret, no handshake at all, or the right secret with another prompt: refused on the side channel,
     and the prefill agent never registers a byte nor sends its metadata."""
     pre, store, port, _ = pair
-    count = _Counted(pre.agent(), monkeypatch)
+    count = _Counted(pre.agent(serving=True), monkeypatch)
     _, saved = _saved()
     store.put("k", saved)
     stranger = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(b"y" * 32))
     with pytest.raises(KVFetchError):
         stranger.fetch("127.0.0.1", port, "k", saved.layout, TOKENS, 3, 5.0, torch.device("cpu"))
+    stranger.close()
     with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:  # a request without the handshake
         sock.sendall(b'MLKV\x00\x00\x00\x20{"key":"k","v":3,"num_tokens":10}')
         sock.settimeout(5.0)
@@ -116,6 +120,7 @@ def test_an_unauthenticated_client_gets_nothing(pair, monkeypatch):
     friend = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
     with pytest.raises(KVFetchError, match="refused"):
         friend.fetch("127.0.0.1", port, "k", saved.layout, TOKENS[:-1] + [99], 3, 5.0, torch.device("cpu"))
+    friend.close()
     assert count.exposed == 0 and len(store) == 1  # still there for the request it was saved for
     store.take("k", saved)
 
@@ -135,9 +140,11 @@ def test_an_unconfigured_peer_is_refused_before_any_connection_or_agent():
 
 def test_the_transport_travels_to_ray_ranks_as_its_settings(pair):
     pre = pair[0]
-    assert pre.agent() is not None
+    assert pre.agent(serving=True) is not None
     copy = pickle.loads(pickle.dumps(pre))
-    assert copy._agent is None and copy.auth.__class__ is SecretAuth and copy.agent() is not pre.agent()
+    assert copy._agents == {} and copy.auth.__class__ is SecretAuth
+    assert copy.agent(serving=True) is not pre.agent(serving=True)
+    copy.close()
 
 
 def test_a_read_cut_midway_frees_every_block_on_both_sides_and_recomputes(tiny_model, monkeypatch):
@@ -152,7 +159,7 @@ def test_a_read_cut_midway_frees_every_block_on_both_sides_and_recomputes(tiny_m
                               kv_transfer_params=KVTransferParams(do_remote_decode=True))
         outs = pre.generate(ps, save, use_tqdm=False)
         side = pre.engine.executor.runner.kv_connector
-        count = _Counted(side.transport.agent(), monkeypatch)
+        count = _Counted(side.transport.agent(serving=True), monkeypatch)
         real_wait, waits = NixlAgent.wait, []
 
         def cut(self, handle, deadline):
@@ -179,3 +186,41 @@ def test_a_read_cut_midway_frees_every_block_on_both_sides_and_recomputes(tiny_m
         assert len(side.store) == 0 and count.exposed == count.unexposed == len(ps)
         stats = pre.engine.stats()
         assert stats.num_free_blocks == stats.num_total_blocks
+
+
+_THREADS_SCRIPT = r"""
+import os, sys, torch
+from moelink.engine.kv_transfer.store import SavedKVStore
+from moelink.engine.kv_transfer.transport import make_transport
+from tests.engine.test_kv_nixl import TOKENS, _saved
+from tests.helpers.net import free_port
+tasks = lambda: len(os.listdir("/proc/self/task"))
+base, port = tasks(), free_port()
+pre, dec = make_transport("nixl", 5.0, 20.0), make_transport("nixl", 5.0, 20.0)
+store = SavedKVStore(60.0, 1 << 30)
+server = pre.serve(store, "127.0.0.1", port)
+_, saved = _saved()
+store.put("k", saved)
+dec.fetch("127.0.0.1", port, "k", saved.layout, TOKENS, 3, 20.0, torch.device("cpu"))
+print("progress", [a.agent is not None for a in (pre.agent(serving=True), dec.agent(serving=False))],
+      sorted(pre._agents), sorted(dec._agents))
+server.close()
+pre.close()
+dec.close()
+print("left", tasks() - base)
+"""
+
+
+def test_only_the_served_agent_has_a_progress_thread_and_close_ends_every_thread():
+    """UCX's progress thread polls a core for as long as it lives: the fetching agent has none (its waits progress
+    it), and a transport's close() ends its agents' threads (a test process once kept four spinning)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=120,
+                         cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("progress", "left"))]
+    assert lines == ["progress [True, True] [True] [False]", "left 0"], out.stdout
