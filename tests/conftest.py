@@ -138,3 +138,21 @@ def fp8_tiny(tmp_path_factory):
 def listening():
     """listening(port=None, pids=None) → {(address, port)} of the TCP sockets listening on this host."""
     return net.listening
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_nixl_agent_left_open():
+    """Every module closes the NIXL agents it made (its connectors and transports): an agent left open keeps a UCX
+    thread polling a core for the rest of the worker's tests (four did once, and the suite ran past CI's limit)."""
+    yield
+    import gc
+    import sys
+
+    nixl = sys.modules.get("moelink.engine.kv_transfer.nixl")
+    if nixl is None:
+        return
+    gc.collect()
+    left = nixl.open_agents()
+    for a in left:
+        a.close()
+    assert not left, f"{len(left)} NIXL agent(s) left open by this module: close the connector or transport"

@@ -37,6 +37,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -69,6 +70,14 @@ def nixl_available() -> bool:
     return nixl_api() is not None
 
 
+_AGENTS: "weakref.WeakSet[NixlAgent]" = weakref.WeakSet()  # every agent made in this process, for open_agents()
+
+
+def open_agents() -> list["NixlAgent"]:
+    """The agents of this process not closed yet and still referenced (each holds a UCX worker and its thread)."""
+    return [a for a in list(_AGENTS) if a.agent is not None]
+
+
 class NixlAgent:
     """One NIXL agent with the UCX backend (module docstring), thread-safe (NIXL's strict sync mode: a rank's server
     threads and fetch thread share it), plus the host buffers it registered once for receiving."""
@@ -85,6 +94,7 @@ class NixlAgent:
         conf = api.nixl_agent_config(enable_prog_thread=progress_thread, enable_listen_thread=False,
                                      backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         self.agent = api.nixl_agent(self.name, conf)
+        _AGENTS.add(self)
         if "UCX" not in self.agent.backends:
             raise KVFetchError("NIXL's UCX backend did not start on this machine")
         self._lock = threading.Lock()
@@ -333,4 +343,4 @@ def nixl_fetch(agent: NixlAgent, host: str, port: int, key: str, layout: tuple, 
         raise KVFetchError(f"{where}: {exc}") from None
 
 
-__all__ = ["MAX_REMOTE_AGENTS", "NixlAgent", "NixlKVServer", "nixl_api", "nixl_available", "nixl_fetch"]
+__all__ = ["MAX_REMOTE_AGENTS", "NixlAgent", "NixlKVServer", "nixl_api", "nixl_available", "nixl_fetch", "open_agents"]
