@@ -133,3 +133,14 @@ def test_no_test_module_outside_kernels_imports_a_triton_kernel_module_at_collec
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             bad += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith("moelink.kernels.triton")]
     assert not bad, bad
+
+
+def test_test_files_have_unique_basenames():
+    """The test folders have no __init__.py (rootdir-relative module names): two test files of one basename make
+    pytest refuse to collect the second ("import file mismatch"), and its tests silently never run."""
+    from collections import Counter
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    names = Counter(p.name for p in tests.rglob("test_*.py") if "helpers" not in p.parts)
+    assert [n for n, c in names.items() if c > 1] == []

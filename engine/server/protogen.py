@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,12 +35,15 @@ def generate(out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for proto in PROTOS:
-        rc = protoc.main([
-            "grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", str(PROTO_DIR / proto),
-        ])
-        if rc != 0:
-            raise RuntimeError(f"protoc failed on {proto} (exit {rc})")
+        # In a process of its own: protoc is C++ linked into grpc_tools, and run inside a process that has loaded
+        # other native protobuf users (Ray, NIXL, a grpc server) it crashed the whole process once (a test worker).
+        args = ["grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out_dir}",
+                f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", str(PROTO_DIR / proto)]
+        run = subprocess.run([sys.executable, "-c", "import sys; from grpc_tools import protoc; "
+                              "sys.exit(protoc.main(sys.argv[1:]))", *args], capture_output=True, text=True,
+                             timeout=120)
+        if run.returncode != 0:
+            raise RuntimeError(f"protoc failed on {proto} (exit {run.returncode}): {run.stderr[-2000:]}")
         for name in generated_names(proto):
             path = out_dir / name
             # protoc writes `import x_pb2`, which only works with the folder on sys.path;

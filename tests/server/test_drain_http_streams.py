@@ -58,9 +58,11 @@ def test_a_drain_ends_streamed_completions_as_aborted(model_path):
                  "completions n=2": ("/v1/completions", dict(body, prompt="another story", n=2)),
                  "completions usage": ("/v1/completions", dict(body, prompt="a story",
                                                                stream_options={"include_usage": True})),
-                 "completions logprobs": ("/v1/completions", dict(body, prompt="a tale", logprobs=1, echo=False)),
                  "completions sampled": ("/v1/completions", dict(body, prompt="a fable", temperature=1.0, seed=3)),
-                 "chat": ("/v1/chat/completions", dict(body, messages=[{"role": "user", "content": "hi"}]))}
+                 "chat": ("/v1/chat/completions", dict(body, messages=[{"role": "user", "content": "hi"}])),
+                 # logprobs streamed on chat (completions' are refused with 400 before any stream: openai_fields.py)
+                 "chat logprobs": ("/v1/chat/completions", dict(body, messages=[{"role": "user", "content": "yo"}],
+                                                                logprobs=True, top_logprobs=1))}
         results = {name: [] for name in paths}
         started = {name: threading.Event() for name in paths}
         threads = [threading.Thread(target=_http_stream, args=(port, path, b, started[n], results[n]))
