@@ -10,6 +10,7 @@ test dependency only).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import subprocess
 import sys
@@ -29,14 +30,16 @@ def generated_names(proto: str) -> list[str]:
 
 def generate(out_dir: Path) -> list[Path]:
     """Compile every proto into out_dir; returns the files written."""
-    from grpc_tools import protoc  # test/dev dependency
-
-    include = Path(protoc.__file__).resolve().parent / "_proto"
+    # grpc_tools (test/dev dependency) is found, not imported: its native protoc module segfaults on import in a
+    # process that has loaded NIXL (measured: `import nixl` then `from grpc_tools import protoc`, SIGSEGV), and
+    # crashed a test worker that way. protoc runs in a process of its own below.
+    spec = importlib.util.find_spec("grpc_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("regenerating the stubs needs grpcio-tools (the test extra)")
+    include = Path(list(spec.submodule_search_locations)[0]) / "_proto"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for proto in PROTOS:
-        # In a process of its own: protoc is C++ linked into grpc_tools, and run inside a process that has loaded
-        # other native protobuf users (Ray, NIXL, a grpc server) it crashed the whole process once (a test worker).
         args = ["grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out_dir}",
                 f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", str(PROTO_DIR / proto)]
         run = subprocess.run([sys.executable, "-c", "import sys; from grpc_tools import protoc; "
