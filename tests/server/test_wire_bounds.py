@@ -46,8 +46,10 @@ def _refusal(fn, *args, **kw) -> grpc.RpcError:
 
 
 @pytest.mark.parametrize("with_key", [False, True])
-def test_request_ids_abort_lists_and_small_messages_are_refused_on_their_wire_size(spawn_server, with_key):
-    srv = spawn_server(*(["--api-key", KEY] if with_key else []))
+def test_request_ids_abort_lists_and_small_messages_are_refused_on_their_wire_size(request, spawn_server, with_key):
+    # Without a key: the shared session server (tests/server/conftest.py; its 1 MiB message cap is above every
+    # message sent here, so each refusal is still the wire check's); with one, a server of its own.
+    srv = spawn_server("--api-key", KEY) if with_key else request.getfixturevalue("server")
     md = AUTH if with_key else None
     with grpc.insecure_channel(srv.addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         stubs = make_stubs(ch)
