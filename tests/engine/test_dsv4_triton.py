@@ -34,7 +34,7 @@ for name in ("triton_dsv4_compress", "triton_dsv4_sink_attention", "triton_dsv4_
     counted(k4, name)
 counted(t4, "triton_dsv4_indexer_topk")
 counted(h4, "triton_dsv4_hc_expand")
-llm = LLM(sys.argv[1], kernels="triton", **json.loads(sys.argv[3]))
+llm = LLM(sys.argv[1], kernels="triton", skip_warmup=True, **json.loads(sys.argv[3]))  # warm-up: test_triton_warmup.py
 ps = json.loads(sys.argv[2])
 outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
 print("CALLS", json.dumps(calls))
