@@ -2,55 +2,35 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 
 import pytest
 
-from moelink.engine import LLM, AsyncEngine, EngineArgs, SamplingParams
+from moelink.engine import AsyncEngine, EngineArgs, SamplingParams
 
+from tests.helpers import ep_runs
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.slow
 
-MAX_NEW = 8
-
-
-def _prompts(vocab: int, seed: int, n: int = 16):
-    rng = random.Random(seed)
-    lens = [1, 200] + [rng.randint(1, 200) for _ in range(n - 2)]
-    return [[rng.randrange(vocab) for _ in range(L)] for L in lens]
-
-
-def _greedy(llm, prompts):
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
-ENGINE_KW = dict(dtype="float64", max_num_seqs=8, max_num_batched_tokens=48, num_kv_blocks=128, block_size=16)
-
 
 # Mixtral at EP 4 only (5 experts over 4 ranks: an uneven split; its EP 2 adds nothing Qwen3's EP 2 does not check).
+# The prompts (6 of 1-100 tokens: prefills chunked under the 48-token budget, ragged batches), one rank's tokens and
+# each EP run come from tests/helpers/ep_runs.py, made once per process: Qwen3's EP 4 run is also
+# test_ep_two_level.py's dispatch-byte reference.
 @pytest.mark.parametrize("name,ep", [("qwen3_e6k3", 2), ("qwen3_e6k3", 4), ("mixtral_e5k3", 4)])
 def test_ep_matches_single_rank(local_ray, tiny_model, name, ep):
-    path = tiny_model(name)
-    prompts = _prompts(TINY_CONFIGS[name]["vocab_size"], seed=ep)
-    want = _greedy(LLM(path, **ENGINE_KW), prompts)
-    llm = LLM(path, expert_parallel_size=ep, **ENGINE_KW)
-    try:
-        got = _greedy(llm, prompts)
-        assert got == want
-        m = llm.engine.moe_metrics
-        # Every routed (token, expert) pair is counted once: tokens × top-k × MoE layers.
-        cfg = TINY_CONFIGS[name]
-        computed = sum(len(p) + MAX_NEW - 1 for p in prompts)
-        assert m.total_routed() == computed * cfg["top_k"] * cfg["num_layers"]
-        assert m.bytes_dispatched > 0 and m.bytes_dispatched == m.bytes_combined
-        # Requests were spread over the ranks (DP attention), and every pool is free again.
-        stats = llm.engine.rank_stats()
-        assert all(s.num_free_blocks == s.num_total_blocks for s in stats)
-    finally:
-        llm.engine.shutdown()
+    path, vocab = tiny_model(name), TINY_CONFIGS[name]["vocab_size"]
+    prompts, want = ep_runs.one_rank(path, vocab)
+    run = ep_runs.ep_run(path, vocab, ep)
+    assert run.tokens == want
+    # Every routed (token, expert) pair is counted once: tokens × top-k × MoE layers.
+    cfg = TINY_CONFIGS[name]
+    computed = sum(len(p) + ep_runs.MAX_NEW - 1 for p in prompts)
+    assert run.total_routed == computed * cfg["top_k"] * cfg["num_layers"]
+    assert run.bytes_dispatched > 0 and run.bytes_dispatched == run.bytes_combined
+    # Requests were spread over the ranks (DP attention), and every pool is free again.
+    assert run.pools_free
 
 
 def test_dead_rank_fails_inflight_requests_fast(local_ray, tiny_model):
@@ -95,14 +75,10 @@ def test_dead_rank_fails_inflight_requests_fast(local_ray, tiny_model):
 
 def test_ep_padded_all_to_all_backend_matches(local_ray, tiny_model):
     """The fixed-buffer (CUDA-graph-safe) dispatch gives the same tokens as the counted one."""
-    path = tiny_model("qwen3_e6k3")
-    prompts = _prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=11, n=6)
-    want = _greedy(LLM(path, **ENGINE_KW), prompts)
-    llm = LLM(path, expert_parallel_size=2, all_to_all="torch_padded", **ENGINE_KW)
-    try:
-        assert _greedy(llm, prompts) == want
-    finally:
-        llm.engine.shutdown()
+    path, vocab = tiny_model("qwen3_e6k3"), TINY_CONFIGS["qwen3_e6k3"]["vocab_size"]
+    _, want = ep_runs.one_rank(path, vocab)
+    run = ep_runs.ep_run(path, vocab, 2, all_to_all="torch_padded")
+    assert run.tokens == want and run.pools_free
 
 
 def test_ep_ranks_size_the_kv_cache_together(local_ray, tiny_model):
@@ -118,8 +94,8 @@ def test_ep_ranks_size_the_kv_cache_together(local_ray, tiny_model):
     try:
         blocks = engine.config.cache.num_kv_blocks
         assert blocks > 0 and all(s.num_total_blocks == blocks for s in engine.rank_stats())
-        prompts = _prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=3, n=4)
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+        prompts, want = ep_runs.one_rank(path, TINY_CONFIGS["qwen3_e6k3"]["vocab_size"])
+        params = SamplingParams(temperature=0.0, max_tokens=ep_runs.MAX_NEW, ignore_eos=True)
         for i, p in enumerate(prompts):
             engine.add_request(f"k{i}", p, params)
         done = {}
@@ -127,6 +103,6 @@ def test_ep_ranks_size_the_kv_cache_together(local_ray, tiny_model):
             for out in engine.step():
                 if out.finished:
                     done[out.request_id] = out.outputs[0].token_ids
-        assert [done[f"k{i}"] for i in range(4)] == _greedy(LLM(path, **ENGINE_KW), prompts)
+        assert [done[f"k{i}"] for i in range(len(prompts))] == want
     finally:
         engine.shutdown()

@@ -13,16 +13,20 @@ from moelink.engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
+# 6 prompts of 2-30 tokens (two per rank at EP 3), 8 new tokens: several verify steps per request, the ranks
+# accepting different numbers of drafts.
+N_PROMPTS, NEW = 6, 8
+
 
 @pytest.mark.parametrize("name", ["qwen3", "dsv3"])
 def test_ep3_greedy_with_drafts_equals_one_rank_without(local_ray, tiny_model, hf_tiny_model, name):
     path = tiny_model("qwen3_e6k3") if name == "qwen3" else hf_tiny_model("dsv3_lora")
     kw = dict(dtype="float64", max_num_seqs=8, max_num_batched_tokens=40, num_kv_blocks=96, block_size=8)
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, detokenize=False)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, detokenize=False)
     with LLM(path, **kw) as one:
         vocab = one.engine.config.model.vocab_size
         rng = random.Random(7)
-        prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 30))] for _ in range(9)]
+        prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 30))] for _ in range(N_PROMPTS)]
         want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
     ref = {tuple(p): w for p, w in zip(prompts, want)}
     spec = {"method": "ngram", "num_speculative_tokens": 2,
@@ -50,9 +54,9 @@ def test_ep3_mtp_drafts_greedy_equals_one_rank_without(local_ray, tmp_path):
 
     path = str(bigram_mtp(make_mtp_model(tmp_path / "ckpt", "deepseek_v3"), tmp_path / "bigram"))
     kw = dict(dtype="float64", max_num_seqs=8, max_num_batched_tokens=40, num_kv_blocks=96, block_size=8)
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, detokenize=False)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, detokenize=False)
     rng = random.Random(3)
-    prompts = [[rng.randrange(3, 320) for _ in range(rng.randint(2, 30))] for _ in range(9)]
+    prompts = [[rng.randrange(3, 320) for _ in range(rng.randint(2, 30))] for _ in range(N_PROMPTS)]
     with LLM(path, **kw) as one:
         want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
     spec = {"method": "mtp", "num_speculative_tokens": 2}
@@ -69,9 +73,9 @@ def test_ep3_eagle3_drafts_greedy_equals_one_rank_without(local_ray, tiny_model,
     path = str(scaled_target(tiny_model("qwen3_e6k3", num_layers=4), tmp_path / "target"))
     head = str(bigram_head(path, tmp_path / "head", aux_layer_ids=[0, 1, 3]))
     kw = dict(dtype="float64", max_num_seqs=8, max_num_batched_tokens=40, num_kv_blocks=96, block_size=8)
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, detokenize=False)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, detokenize=False)
     rng = random.Random(3)
-    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(2, 30))] for _ in range(9)]
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(2, 30))] for _ in range(N_PROMPTS)]
     with LLM(path, **kw) as one:
         want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
     spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 2}

@@ -7,25 +7,18 @@ and exported unchanged as Prometheus metrics.
 """
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from moelink.comm.two_level import node_numbers
-from moelink.engine import LLM, SamplingParams
+from moelink.engine import LLM
 
+from tests.helpers import ep_runs
+from tests.helpers.ep_runs import ENGINE_KW, MAX_NEW, greedy as _greedy
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.slow
 
-MAX_NEW = 6
 NAME = "qwen3_e6k3"
-ENGINE_KW = dict(dtype="float64", max_num_seqs=8, max_num_batched_tokens=48, num_kv_blocks=128, block_size=16)
-
-
-def _greedy(llm, prompts):
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 def _scrape(registry) -> dict[str, float]:
@@ -41,19 +34,15 @@ def _scrape(registry) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def reference(local_ray, tiny_model):
-    """Prompts, one rank's greedy tokens, and the dispatch bytes of the one-level "torch" backend at EP 4."""
-    cfg = TINY_CONFIGS[NAME]
+    """Prompts, one rank's greedy tokens, and the dispatch bytes of the one-level "torch" backend at EP 4: the run
+    tests/ep/test_ep_ray.py checks too (tests/helpers/ep_runs.py, made once per process; its tokens must be one
+    rank's)."""
+    vocab = TINY_CONFIGS[NAME]["vocab_size"]
     path = tiny_model(NAME)
-    rng = random.Random(11)
-    prompts = [[rng.randrange(cfg["vocab_size"]) for _ in range(n)] for n in (1, 37, 5, 90, 12, 3, 60, 20)]
-    want = _greedy(LLM(path, **ENGINE_KW), prompts)
-    llm = LLM(path, expert_parallel_size=4, all_to_all="torch", **ENGINE_KW)
-    try:
-        assert _greedy(llm, prompts) == want
-        torch_bytes = llm.engine.moe_metrics.bytes_dispatched
-    finally:
-        llm.engine.shutdown()
-    return path, prompts, want, torch_bytes
+    prompts, want = ep_runs.one_rank(path, vocab)
+    torch_run = ep_runs.ep_run(path, vocab, 4, all_to_all="torch")
+    assert torch_run.tokens == want
+    return path, prompts, want, torch_run.bytes_dispatched
 
 
 @pytest.mark.parametrize("node_map,nodes", [(dict(ep_nvlink_domain_size=2), (0, 0, 1, 1)),
