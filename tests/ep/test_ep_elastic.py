@@ -17,7 +17,7 @@ from moelink.engine.cluster.executor import WorkerDiedError
 
 pytestmark = pytest.mark.slow
 
-from tests.helpers.elastic import (KW, LATE_PROMPTS, PARAMS, PROMPTS, STREAM,
+from tests.helpers.elastic import (CHUNKED, KW, LATE_PROMPTS, PARAMS, PROMPTS, STREAM,
                                    drain as _drain, engine as _engine, kill as _kill, reference as _reference)
 
 
@@ -27,7 +27,7 @@ def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_
     a replacement rank starts in rank 1's bundle, pre-loads, and is admitted at a step boundary with requests
     in flight: EP 4 again, every request complete and as undisturbed, no KV block leaked, never NOT_SERVING."""
     path = tiny_model("qwen3_e6k3")
-    want = _reference(path, stream=True)
+    want = _reference(path)
     from moelink.engine.core.metrics import EngineMetrics
 
     eng = _engine(path, expert_parallel_size=4, elastic_ep=True, ep_rejoin=True, ep_rejoin_delay_s=0.5)
@@ -145,7 +145,8 @@ def test_rank_lost_while_idle_is_recovered_then_a_failed_rejoin_falls_back_and_r
     calls it when idle), readiness never turns, and the next requests run at EP 2 with the same outputs. Then
     the rejoin: the first admission loses its replacement midway (killed as the group re-forms), so the engine
     falls back to a recovery at the ranks alive (EP 2 again, serving on); a second replacement is started and
-    admitted, also by the idle health check: EP 3 again, same outputs."""
+    admitted, also by the idle health check: EP 3 again, same outputs. Then two of its three ranks are lost at
+    once, and it fails cleanly (_two_ranks_lost_at_once_leave_one_survivor_and_fail_cleanly)."""
     import ray
 
     from moelink.engine.cluster import rejoin
@@ -201,27 +202,34 @@ def test_rank_lost_while_idle_is_recovered_then_a_failed_rejoin_falls_back_and_r
         assert _drain(eng, {}) == {f"r{i}": want[f"r{i}"] for i in range(6, 12)}
         for s in eng.rank_stats():
             assert s.num_free_blocks == s.num_total_blocks, s
+        _two_ranks_lost_at_once_leave_one_survivor_and_fail_cleanly(eng, recoveries_before=2)
     finally:
         eng.shutdown()
 
 
-def test_elastic_ep_2_to_1_fails_fast_naming_the_rank(local_ray, tiny_model):
-    """Nothing to recover to (one survivor): the old fail-fast path, one error naming the rank and why, as
-    soon as the loss is seen (no recovery attempted)."""
-    eng = _engine(tiny_model("qwen3_e6k3"), expert_parallel_size=2, elastic_ep=True)
-    try:
-        for i, p in enumerate(PROMPTS[:4]):
-            eng.add_request(f"r{i}", p, PARAMS)
-        eng.step()
-        _kill(eng.executor.rank_pids[1])
-        with pytest.raises(WorkerDiedError, match=r"^expert-parallel rank 1 died: its actor died") as info:
-            for _ in range(200):
-                eng.step()
-        assert "elastic" not in str(info.value)
-        assert eng.executor.dead_error is info.value and eng.executor.lost_error is None
-        assert eng.elastic_stats.recoveries == eng.elastic_stats.failed_recoveries == 0
-    finally:
-        eng.shutdown()
+def _two_ranks_lost_at_once_leave_one_survivor_and_fail_cleanly(eng, recoveries_before: int) -> None:
+    """EP 3 losing ranks 0 and 2 together: one survivor cannot go on; one error naming the first lost rank
+    and why; every rank stopped, health NOT_SERVING from then on. (On the EP-3 engine a test leaves: an engine
+    of its own would cost three more rank processes.)"""
+    ex = eng.executor
+    assert ex.world_size == 3 and ex.dead_error is None
+    failed_before = eng.elastic_stats.failed_recoveries
+    for i, p in enumerate(PROMPTS[:3]):
+        eng.add_request(f"x{i}", p, PARAMS)
+    eng.step()
+    _kill(ex.rank_pids[0])
+    _kill(ex.rank_pids[2])
+    time.sleep(0.5)  # both gone before the next step
+    with pytest.raises(WorkerDiedError, match=r"rank [02] died: its actor died .*elastic EP cannot go on "
+                                              r"without it: 1 rank\(s\) would survive; elastic EP needs at "
+                                              r"least 2") as info:
+        for _ in range(200):
+            eng.step()
+    assert ex.dead_error is info.value and ex.lost_error is None
+    with pytest.raises(WorkerDiedError):
+        eng.check_health()
+    assert eng.elastic_stats.failed_recoveries == failed_before + 1
+    assert eng.elastic_stats.recoveries == recoveries_before
 
 
 def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
@@ -328,48 +336,18 @@ def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_mode
         eng.shutdown()
 
 
-def test_two_ranks_lost_at_once_leave_one_survivor_and_fail_cleanly(local_ray, tiny_model):
-    """EP 3 losing ranks 0 and 2 together: one survivor cannot go on; one error naming the first lost rank
-    and why; every rank stopped, health NOT_SERVING from then on."""
-    eng = _engine(tiny_model("qwen3_e6k3"), expert_parallel_size=3, elastic_ep=True)
-    ex = eng.executor
-    try:
-        for i, p in enumerate(PROMPTS[:3]):
-            eng.add_request(f"r{i}", p, PARAMS)
-        eng.step()
-        _kill(ex.rank_pids[0])
-        _kill(ex.rank_pids[2])
-        time.sleep(0.5)  # both gone before the next step
-        with pytest.raises(WorkerDiedError, match=r"rank [02] died: its actor died .*elastic EP cannot go on "
-                                                  r"without it: 1 rank\(s\) would survive; elastic EP needs at "
-                                                  r"least 2") as info:
-            for _ in range(200):
-                eng.step()
-        assert ex.dead_error is info.value and ex.lost_error is None
-        with pytest.raises(WorkerDiedError):
-            eng.check_health()
-        assert eng.elastic_stats.failed_recoveries == 1 and eng.elastic_stats.recoveries == 0
-    finally:
-        eng.shutdown()
-
-
 def test_sigkill_during_chunked_prefill(local_ray, tiny_model):
     """The kill lands while long prompts are still being prefilled in chunks (no token out yet for most):
-    requeued from the prompt alone, they finish as undisturbed."""
+    requeued from the prompt alone, they finish as undisturbed. Then EP 2 -> 1 fails fast
+    (_elastic_ep_2_to_1_fails_fast_naming_the_rank)."""
     path = tiny_model("qwen3_e6k3")
-    prompts = [[(13 * i + j) % 60 + 2 for j in range(70 + 5 * i)] for i in range(6)]
+    ref = _reference(path)  # the one-rank run: these prompts unchunked (outputs are the same chunked)
+    want = {f"c{i}": ref[f"c{i}"] for i in range(len(CHUNKED))}
     kw = dict(max_num_batched_tokens=32, max_num_seqs=4)
-    ref = _engine(path, expert_parallel_size=1, **kw)
-    try:
-        for i, p in enumerate(prompts):
-            ref.add_request(f"p{i}", p, PARAMS)
-        want = _drain(ref, {})
-    finally:
-        ref.shutdown()
     eng = _engine(path, expert_parallel_size=3, elastic_ep=True, **kw)
     try:
-        for i, p in enumerate(prompts):
-            eng.add_request(f"p{i}", p, PARAMS)
+        for i, p in enumerate(CHUNKED):
+            eng.add_request(f"c{i}", p, PARAMS)
         assert not eng.step()  # one 32-token chunk per rank: no prompt is done
         on_lost = sum(1 for r in eng._rank_of.values() if r == 2)
         _kill(eng.executor.rank_pids[2])
@@ -381,5 +359,25 @@ def test_sigkill_during_chunked_prefill(local_ray, tiny_model):
         assert got == want
         for s in eng.rank_stats():
             assert s.num_free_blocks == s.num_total_blocks, s
+        _elastic_ep_2_to_1_fails_fast_naming_the_rank(eng)
     finally:
         eng.shutdown()
+
+
+def _elastic_ep_2_to_1_fails_fast_naming_the_rank(eng) -> None:
+    """Nothing to recover to (one survivor): the old fail-fast path, one error naming the rank and why, as
+    soon as the loss is seen (no recovery attempted). (On the EP-2 engine a test's recovery leaves: an engine of
+    its own would cost two more rank processes.)"""
+    ex, stats = eng.executor, eng.elastic_stats
+    recoveries = stats.recoveries
+    assert ex.world_size == 2 and ex.dead_error is None and stats.failed_recoveries == 0
+    for i, p in enumerate(PROMPTS[:4]):
+        eng.add_request(f"x{i}", p, PARAMS)
+    eng.step()
+    _kill(ex.rank_pids[1])
+    with pytest.raises(WorkerDiedError, match=r"^expert-parallel rank 1 died: its actor died") as info:
+        for _ in range(200):
+            eng.step()
+    assert "elastic" not in str(info.value)
+    assert ex.dead_error is info.value and ex.lost_error is None
+    assert stats.recoveries == recoveries and stats.failed_recoveries == 0
