@@ -42,12 +42,31 @@ def _greedy(llm, prompts):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
+def _prompts(seed: int, n: int, hi: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(500) for _ in range(rng.randint(4, hi))] for _ in range(n)]
+
+
+# Each test's prompts: the parametrized cases' (seeded by the EP size) and the kill test's.
+PROMPTS = {2: _prompts(2, 16, 40), 4: _prompts(4, 16, 40), "kill": _prompts(18, 20, 30)}
+
+
+@pytest.fixture(scope="module")
+def one_rank(skewed_model):
+    """Every test's prompts on one in-process rank, in one run: {tuple(prompt): greedy tokens} (float64 greedy
+    outputs depend neither on the batch around a request nor on when it arrived)."""
+    every = [p for ps in PROMPTS.values() for p in ps]
+    # All of them in one batch: a few steps instead of a few hundred (the outputs do not depend on it).
+    kw = dict(ENGINE_KW, max_num_seqs=len(every), max_num_batched_tokens=2048, num_kv_blocks=512)
+    with LLM(skewed_model, **kw) as llm:
+        return {tuple(p): out for p, out in zip(every, _greedy(llm, every))}
+
+
 # EP 2 without redundant slots (EPLB can only repack: 4 and 5 to different ranks); EP 4 with 4 (copies of 4, 5).
 @pytest.mark.parametrize("ep,redundant", [(2, 0), (4, 4)])
-def test_online_eplb_balances_skewed_load_outputs_unchanged(local_ray, skewed_model, ep, redundant):
-    rng = random.Random(ep)
-    prompts = [[rng.randrange(500) for _ in range(rng.randint(4, 40))] for _ in range(16)]
-    want = _greedy(LLM(skewed_model, **ENGINE_KW), prompts)
+def test_online_eplb_balances_skewed_load_outputs_unchanged(local_ray, skewed_model, one_rank, ep, redundant):
+    prompts = PROMPTS[ep]
+    want = [one_rank[tuple(p)] for p in prompts]
     llm = LLM(skewed_model, expert_parallel_size=ep, num_redundant_experts=redundant, eplb_interval=4, **ENGINE_KW)
     try:
         got = _greedy(llm, prompts)
@@ -78,7 +97,7 @@ def test_online_eplb_balances_skewed_load_outputs_unchanged(local_ray, skewed_mo
             assert not any(HOT[0] in held and HOT[1] in held for held in layer)
 
 
-def test_rank_killed_during_an_expert_move_every_request_completes(local_ray, skewed_model):
+def test_rank_killed_during_an_expert_move_every_request_completes(local_ray, skewed_model, one_rank):
     """Elastic EP 4 with online EPLB: SIGKILL a rank while a move chunk is in flight (seen from the controller's
     state; the chunks are slowed by a test-only knob so the kill lands inside one). Every request completes,
     greedy outputs as undisturbed, readiness never turns, no KV block leaks, and the survivors' placement
@@ -93,8 +112,7 @@ def test_rank_killed_during_an_expert_move_every_request_completes(local_ray, sk
     from moelink.engine.core.llm_engine import LLMEngine
 
     kw = dict(ENGINE_KW, heartbeat_timeout=10.0)
-    rng = random.Random(18)
-    prompts = [[rng.randrange(500) for _ in range(rng.randint(4, 30))] for _ in range(20)]
+    prompts = PROMPTS["kill"]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
     def run(eng, on_step=None):
@@ -114,11 +132,7 @@ def test_rank_killed_during_an_expert_move_every_request_completes(local_ray, sk
                 on_step()
         return done
 
-    ref = LLMEngine(EngineArgs(model=skewed_model, **kw).create_engine_config())
-    try:
-        want = {rid: o.outputs[0].token_ids for rid, o in run(ref).items()}
-    finally:
-        ref.shutdown()
+    want = {f"r{i}": one_rank[tuple(p)] for i, p in enumerate(prompts)}
     eng = LLMEngine(EngineArgs(model=skewed_model, expert_parallel_size=4, num_redundant_experts=4,
                                eplb_interval=3, elastic_ep=True, **kw).create_engine_config())
     ex = eng.executor

@@ -21,11 +21,45 @@ from tests.helpers.parity import prompts
 
 pytestmark = pytest.mark.slow
 
+PROMPTS = {21: prompts(200, seed=21, n=4, lo=5, hi=19), 22: prompts(200, seed=22, n=4, lo=5, hi=19)}
 
-def test_prefill_at_ep2_in_another_process_decode_on_one_rank(tiny_model):
+
+@pytest.fixture(scope="module")
+def want(tiny_model):
+    """One engine's greedy outputs of both tests' prompts, in one run: {seed: outputs}."""
+    outs = one_engine(tiny_model("qwen3_e6k3"), PROMPTS[21] + PROMPTS[22])
+    return {21: outs[:len(PROMPTS[21])], 22: outs[len(PROMPTS[21]):]}
+
+
+# First the test on this process's Ray (in `make test`, the one the module before left), then the one whose
+# prefill process starts a Ray of its own: the shared Ray is not stopped in between, and goes on to the next module.
+def test_prefill_on_one_rank_in_another_process_decode_at_ep2(local_ray, tiny_model, want):
     path = tiny_model("qwen3_e6k3")
-    ps = prompts(200, seed=21, n=4, lo=5, hi=19)
-    want = one_engine(path, ps)
+    ps, want = PROMPTS[22], want[22]
+    pre = PrefillProcess({"model": path, "port": free_port(), "prompts": ps, "llm": KW})
+    try:
+        ready = pre.expect("ready", READY_S)
+        llm = LLM(path, expert_parallel_size=2, kv_connector=RemoteKVConnector(RemoteKVConfig()), **KW)
+        try:
+            computed = []
+            real = llm.engine.executor.launch
+            llm.engine.executor.launch = lambda sos: (computed.append(sum(so.total_num_scheduled_tokens
+                                                                          for so in sos)), real(sos))[1]
+            outs = llm.generate(ps, decode_params(ready["params"]), use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outs] == want
+            assert sum(computed) == len(ps) * MAX_NEW  # every prompt's KV loaded, on whichever rank it went to
+            assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+        finally:
+            llm.engine.shutdown()
+        closed = pre.close()
+        assert closed["store"]["num_served"] == len(ps) and closed["store"]["held"] == 0
+    finally:
+        pre.close()
+
+
+def test_prefill_at_ep2_in_another_process_decode_on_one_rank(tiny_model, want):
+    path = tiny_model("qwen3_e6k3")
+    ps, want = PROMPTS[21], want[21]
     port = free_port()
     pre = PrefillProcess({"model": path, "port": port, "prompts": ps, "llm": KW, "ep": 2})
     try:
@@ -45,30 +79,5 @@ def test_prefill_at_ep2_in_another_process_decode_on_one_rank(tiny_model):
             assert dec.free_blocks()[0] == dec.free_blocks()[1]
         finally:
             dec.close()
-    finally:
-        pre.close()
-
-
-def test_prefill_on_one_rank_in_another_process_decode_at_ep2(local_ray, tiny_model):
-    path = tiny_model("qwen3_e6k3")
-    ps = prompts(200, seed=22, n=4, lo=5, hi=19)
-    want = one_engine(path, ps)
-    pre = PrefillProcess({"model": path, "port": free_port(), "prompts": ps, "llm": KW})
-    try:
-        ready = pre.expect("ready", READY_S)
-        llm = LLM(path, expert_parallel_size=2, kv_connector=RemoteKVConnector(RemoteKVConfig()), **KW)
-        try:
-            computed = []
-            real = llm.engine.executor.launch
-            llm.engine.executor.launch = lambda sos: (computed.append(sum(so.total_num_scheduled_tokens
-                                                                          for so in sos)), real(sos))[1]
-            outs = llm.generate(ps, decode_params(ready["params"]), use_tqdm=False)
-            assert [o.outputs[0].token_ids for o in outs] == want
-            assert sum(computed) == len(ps) * MAX_NEW  # every prompt's KV loaded, on whichever rank it went to
-            assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
-        finally:
-            llm.engine.shutdown()
-        closed = pre.close()
-        assert closed["store"]["num_served"] == len(ps) and closed["store"]["held"] == 0
     finally:
         pre.close()
