@@ -37,6 +37,19 @@ FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic
 MXFP4_QUANT = {"quant_method": "mxfp4", "modules_to_not_convert": MODULES_NOT_CONVERTED}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _heap_held_frozen():
+    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each of the
+    ~30 engines started here then collects only what was made since the last start, not the test process's whole
+    heap (0.1-0.5 s a start). Nothing checked here (weights, shapes, tokens) depends on the collector."""
+    from moelink.engine.contract import gc_policy
+
+    holder = object()
+    gc_policy.freeze_heap(holder)
+    yield
+    gc_policy.thaw_heap(holder)
+
+
 def _write_config(out: Path, cfg, quant: dict | None = None) -> str:
     """`cfg` (a transformers config, or a config.json to copy) as the directory's only file."""
     out.mkdir(parents=True, exist_ok=True)
