@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.local_ray import remove_ray_dir, stop_process_group
+from tests.helpers.local_ray import RAY_STARTED, remove_ray_dir, stop_process_group
 from tests.helpers.waits import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,8 +90,25 @@ def _stop(proc: subprocess.Popen | None, timeout=60):
 
 def _wait_for(pred, timeout: float, what: str, logs=()):
     # The cluster's processes run in other network namespaces: polled, with their logs on a timeout.
-    wait_until(pred, timeout, what, interval=1.0,
+    wait_until(pred, timeout, what, interval=0.2,
                detail=lambda: "\n".join(f"--- {p.name}:\n{p.read_text()[-2000:]}" for p in logs if p.exists()))
+
+
+def _once_logged(log: Path, line: str, ask, every: float = 5.0):
+    """A predicate for _wait_for that calls `ask` (a `ray status` or a client: a Python process each, ~0.6 s of
+    CPU) at most once a second after `log` shows `line`, and at most every `every` s before (a process that
+    logs otherwise is still seen, later)."""
+    asked = [time.monotonic()]
+
+    def pred():
+        now = time.monotonic()
+        logged = log.exists() and line in log.read_text()
+        if now - asked[0] < (1.0 if logged else every):
+            return False
+        asked[0] = now
+        return ask()
+
+    return pred
 
 
 @pytest.mark.slow
@@ -108,6 +126,7 @@ def test_serve_ep2_across_two_ray_nodes(tiny_model, tmp_path):
     # A cluster reachable beyond loopback uses Ray's token auth: one shared secret for every process.
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    env["PYTHONUNBUFFERED"] = "1"  # `ray start`'s RAY_STARTED line reaches the node's log when printed
     # Each node keeps its files in a short temp dir of its own (Ray's socket paths must stay under 107 bytes;
     # never /tmp/ray), removed at the end with anything still using it.
     ray_tmp = tempfile.mkdtemp(prefix="mlray", dir="/tmp")
@@ -121,12 +140,14 @@ def test_serve_ep2_across_two_ray_nodes(tiny_model, tmp_path):
         head = hosts.popen(hosts.head, [str(ROOT / "deploy/ray/start_head.sh"), "--node-ip", HEAD_IP, "--port", str(port),
                                         "--num-cpus", "1", "--resources", '{"moelink_head": 1}',
                                         "--temp-dir", ray_tmp], tmp_path / "head.log", env)
-        _wait_for(lambda: status().returncode == 0, 90, "the Ray head", [tmp_path / "head.log"])
+        _wait_for(_once_logged(tmp_path / "head.log", RAY_STARTED, lambda: status().returncode == 0), 90,
+                  "the Ray head", [tmp_path / "head.log"])
         worker = hosts.popen(hosts.worker, [str(ROOT / "deploy/ray/start_worker.sh"), "--address", address,
                                             "--node-ip", WORKER_IP, "--num-cpus", "1",
                                             "--resources", '{"moelink_worker": 1}', "--temp-dir", worker_tmp],
                              tmp_path / "worker.log", env)
-        _wait_for(lambda: "moelink_worker" in status().stdout, 90, "the worker node to join",
+        _wait_for(_once_logged(tmp_path / "worker.log", RAY_STARTED, lambda: "moelink_worker" in status().stdout),
+                  90, "the worker node to join",
                   [tmp_path / "head.log", tmp_path / "worker.log"])
         server = hosts.popen(hosts.head, [str(ROOT / "deploy/ray/serve.sh"), model, "--ray-address", address,
                                           "--expert-parallel-size", "2", "--dtype", "float32",
@@ -142,7 +163,14 @@ def test_serve_ep2_across_two_ray_nodes(tiny_model, tmp_path):
             result["out"] = proc.stdout + proc.stderr
             return proc.returncode == 0 and "finish_reason=length" in proc.stdout
 
-        _wait_for(served, 180, "a request served through the two-node cluster",
+        def exited():
+            if server.poll() is not None:
+                raise AssertionError("moelink serve exited:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+            return False
+
+        # The client is asked once the server printed its ready line ("moelink: serving ..."); an exit at once.
+        ask = _once_logged(tmp_path / "serve.log", "moelink: serving", served)
+        _wait_for(lambda: exited() or ask(), 180, "a request served through the two-node cluster",
                   [tmp_path / "serve.log", tmp_path / "head.log", tmp_path / "worker.log"])
         assert want[0].outputs[0].text in result["out"]
         # Both nodes gave one CPU: the 2-rank placement group had to span them.

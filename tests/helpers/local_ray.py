@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # LOOPBACK_ENV: Ray replaces a node address of 127.0.0.1 by this host's routable one and binds every interface,
@@ -73,6 +74,11 @@ def local_ray(num_cpus: int = 4):
 # then; the rest of the group and anything still using the Ray dir is killed by PID (remove_ray_dir).
 STOP_GRACE_S = 3.0
 
+# What `ray start` logs once its node is up; RayHead asks `ray status` from then on (every 1 s), and at most
+# every RAY_STATUS_EVERY_S before (a Ray that logs otherwise is still seen, later).
+RAY_STARTED = "Ray runtime started."
+RAY_STATUS_EVERY_S = 5.0
+
 
 def stop_process_group(proc: subprocess.Popen | None, grace: float = STOP_GRACE_S) -> None:
     """SIGTERM `proc`'s process group (started with start_new_session=True), SIGKILL it after `grace` seconds;
@@ -109,11 +115,13 @@ class RayHead:
         self.temp_dir = tempfile.mkdtemp(prefix="mlhead-", dir="/tmp")
         self.log = log
         with open(log, "w") as out:
+            # Unbuffered: its "Ray runtime started." line reaches the log when it is printed (see _wait_ready).
             self.proc = subprocess.Popen(
                 [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                  "--num-cpus", str(num_cpus), "--include-dashboard", "false", "--disable-usage-stats",
                  "--temp-dir", self.temp_dir],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                env={**self.env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
         try:
             self._wait_ready(ready_timeout)
         except BaseException:
@@ -121,14 +129,24 @@ class RayHead:
             raise
 
     def _wait_ready(self, timeout: float) -> None:
-        """Until `ray status` answers on the head's address (polled: the head is another process)."""
+        """Until `ray status` answers on the head's address (polled: the head is another process). Each `ray
+        status` is a Python process importing Ray (~0.6 s of CPU): it is asked once `ray start` has logged
+        RAY_STARTED (read every 0.2 s), or at most every RAY_STATUS_EVERY_S before that."""
+        asked = [time.monotonic()]  # (no `ray status` in the first seconds: the head is not up that soon)
+
         def answers():
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            now = time.monotonic()
+            if RAY_STARTED not in self.log.read_text() and now - asked[0] < RAY_STATUS_EVERY_S:
+                return False
+            if now - asked[0] < 1.0:
+                return False
+            asked[0] = now
             status = subprocess.run([RAY, "status", "--address", self.address], env=self.env,
                                     capture_output=True, text=True, timeout=60)
             return status.returncode == 0
 
-        wait_until(answers, timeout, f"the Ray head on {self.address} to answer", interval=1.0,
+        wait_until(answers, timeout, f"the Ray head on {self.address} to answer", interval=0.2,
                    detail=lambda: self.log.read_text()[-3000:])
 
     def close(self) -> None:
