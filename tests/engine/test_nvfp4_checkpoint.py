@@ -172,7 +172,7 @@ from moelink.engine import LLM, SamplingParams
 calls, kernel = [], nv.triton_fused_moe_nvfp4
 nv.triton_fused_moe_nvfp4 = lambda *a, **k: calls.append(a[0].dtype) or kernel(*a, **k)  # TritonKernels reads it
 llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=16,
-          num_kv_blocks=16, block_size=4)
+          num_kv_blocks=16, block_size=4, skip_warmup=True)  # warm-up: tests/kernels/test_triton_warmup.py
 ps = json.loads(sys.argv[2])
 outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
 print("CALLS", len(calls), set(map(str, calls)))
