@@ -21,6 +21,19 @@ pytestmark = pytest.mark.slow  # transformers generate beside the engine, in flo
 MAX_NEW = 5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _heap_held_frozen():
+    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
+    started here then collects only what was made since the last start, not the test process's whole heap (0.1-0.5
+    s a start). Nothing checked here depends on the collector."""
+    from moelink.engine.contract import gc_policy
+
+    holder = object()
+    gc_policy.freeze_heap(holder)
+    yield
+    gc_policy.thaw_heap(holder)
+
+
 def _prompts(name: str) -> list[list[int]]:
     return prompts(VOCAB, seed=len(name) + sum(map(ord, name)))
 

@@ -44,6 +44,19 @@ CPU = torch.device("cpu")
 TARGETS = {"qwen3": ("qwen3_e6k3", None), "mixtral": ("mixtral_e5k3", [0, 1, 3]), "dsv3": ("deepseek_v3", [0, 0, 1])}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _heap_held_frozen():
+    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
+    started here then collects only what was made since the last start, not the test process's whole heap (0.1-0.5
+    s a start). Nothing checked here depends on the collector."""
+    from moelink.engine.contract import gc_policy
+
+    holder = object()
+    gc_policy.freeze_heap(holder)
+    yield
+    gc_policy.thaw_heap(holder)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tiny_model, tmp_path_factory):
     """checkpoints(target, head) → (target path, head path): the scaled target and its "bigram" head, or a
