@@ -7,6 +7,7 @@ token-identically; a real handoff with the secret still loads the whole prompt.
 """
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -32,17 +33,46 @@ def _secret_file(tmp_path, mode=0o600):
     return str(f)
 
 
-@pytest.mark.parametrize("flags,match", [
+REFUSALS = [
     (["--kv-host", "10.0.0.5"], "a KV listener off loopback needs the deployment's KV secret"),
     (["--kv-host", "0.0.0.0", "--kv-advertise-host", "10.0.0.5"], "--kv-secret-file"),
     (["--kv-secret-file", "{world}"], "lets other users read or change it"),
-])
-def test_a_prefill_server_refuses_to_start_without_what_its_listener_needs(tiny_model, tmp_path, flags, match):
-    flags = [_secret_file(tmp_path, 0o644) if f == "{world}" else f for f in flags]
-    cmd = [sys.executable, "-m", "moelink.engine.api.cli", "serve", tiny_model("qwen3_e6k3"), "--role", "prefill",
-           "--kv-port", str(free_port()), "--port", "0", "--no-http", *ENGINE_FLAGS, *flags]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert out.returncode != 0 and match in out.stderr + out.stdout, out.stderr[-2000:]
+]
+
+# `moelink serve`'s own main, each case in turn in one process started for them (a process of its own each paid
+# ~2 s of CPU for its imports): it prints "RESULT <exit status> <stderr and stdout as JSON>" per case. A case
+# that starts serving instead of refusing never prints its line (the fixture's timeout fails them).
+_REFUSE = """
+import contextlib, io, json, sys
+from moelink.engine.api.cli import main
+for argv in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:
+            rc = exc.code
+    print("RESULT", json.dumps([rc, out.getvalue()]), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def refusals(tiny_model, tmp_path_factory):
+    """[(exit status, output)] of `moelink serve --role prefill` with each of REFUSALS' flags."""
+    world = _secret_file(tmp_path_factory.mktemp("kv-world"), 0o644)
+    argvs = [["serve", tiny_model("qwen3_e6k3"), "--role", "prefill", "--kv-port", str(free_port()), "--port", "0",
+              "--no-http", *ENGINE_FLAGS, *[world if f == "{world}" else f for f in flags]] for flags, _ in REFUSALS]
+    out = subprocess.run([sys.executable, "-c", _REFUSE, json.dumps(argvs)], capture_output=True, text=True,
+                         timeout=180)
+    results = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == len(REFUSALS), out.stdout[-2000:] + out.stderr[-2000:]
+    return results
+
+
+@pytest.mark.parametrize("case", range(len(REFUSALS)), ids=["off-loopback", "advertised-off-loopback", "world"])
+def test_a_prefill_server_refuses_to_start_without_what_its_listener_needs(refusals, case):
+    rc, output = refusals[case]
+    assert rc != 0 and REFUSALS[case][1] in output, output[-2000:]
 
 
 @pytest.fixture(scope="module")
