@@ -273,7 +273,7 @@ m.triton_fused_moe_int4 = lambda *a, **k: calls.append(a[0].shape[0]) or kernel(
 llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=32,
           num_kv_blocks=16, block_size=4, skip_warmup=True)
 ps = json.loads(sys.argv[2])
-outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
 print("WORKSPACE", llm.engine.executor.worker.runner.kernels.int4_workspace.nbytes())
 print("CALLS", json.dumps(calls))
 print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
@@ -283,7 +283,7 @@ print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
 @pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
 def test_triton_engine_run_matches_reference(tiny):
     """One short engine run with kernels="triton" (the INT4 Triton MoE in the interpreter: a 32-token prefill step,
-    10.7 rows per expert, through the dequantize-once path into the rank's workspace, decodes through the GEMVs)
+    10.7 rows per expert, through the dequantize-once path into the rank's workspace, a decode through the GEMVs)
     gives the reference kernels' greedy tokens."""
     import os
     import subprocess
@@ -297,12 +297,12 @@ def test_triton_engine_run_matches_reference(tiny):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
-    assert max(calls) == 32 and 2 in calls, calls  # the prefill (dequant path) and the decodes (tiny GEMVs)
+    assert max(calls) == 32 and 2 in calls, calls  # the prefill (dequant path) and a decode (tiny GEMVs)
     E, I, D = 6, 32, 64  # qwen3's tiny experts, in float32: the workspace holds one layer's
     assert int(proc.stdout.split("WORKSPACE", 1)[1].split()[0]) == E * 3 * I * D * 4
     ref = LLM(dst, dtype="float32", kernels="reference", max_num_seqs=2, max_num_batched_tokens=32, num_kv_blocks=16,
               block_size=4)
-    outs = ref.generate(ps, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    outs = ref.generate(ps, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
     assert got == [o.outputs[0].token_ids for o in outs]
 
 
