@@ -10,7 +10,6 @@ import pytest
 from moelink.engine import LLM, EngineArgs, SamplingParams
 from moelink.engine.cluster.ray_guard import processes_using
 
-from tests.helpers import local_ray as ray_helpers
 from tests.helpers.grpc_server import ServerProcess
 from tests.helpers.waits import wait_until
 
@@ -20,11 +19,14 @@ KW = dict(dtype="float32", num_kv_blocks=64, max_num_seqs=4)
 
 
 @pytest.fixture
-def local_ray():
-    """The shared Ray for one test only: the other tests here start (and check) Rays of their own."""
+def local_ray(shared_ray):
+    """The shared Ray (tests/ep/conftest.py: the one the module before left, if it did) for one test only, then
+    stopped: the other tests here start (and check) Rays of their own."""
     pytest.importorskip("ray")
-    with ray_helpers.local_ray(num_cpus=4) as ray:
-        yield ray
+    try:
+        yield shared_ray.get()
+    finally:
+        shared_ray.close()
 
 
 def _wait(pred, timeout: float, what: str):
@@ -109,7 +111,7 @@ def test_placement_failure_shuts_down_the_ray_it_started(tiny_model, monkeypatch
     real_pg = pg_mod.placement_group
     # Bundles no node can hold: the placement group never becomes ready.
     monkeypatch.setattr(pg_mod, "placement_group", lambda bundles, **kw: real_pg([{"CPU": 1000}] * len(bundles), **kw))
-    monkeypatch.setattr(ray_executor, "_PG_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(ray_executor, "_PG_TIMEOUT_S", 1.0)
     cfg = EngineArgs(model=tiny_model("qwen3_e6k3"), dtype="float32", expert_parallel_size=2, executor="ray",
                      num_kv_blocks=32).create_engine_config()
     monkeypatch.setenv("RAY_TMPDIR", ray_tmpdir)  # the executor's own Ray makes its temp dir in there
