@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from moelink.engine.config.grammar_config import GrammarConfig
 from moelink.engine.core.json_schema_grammar import JsonBounds, schema_ebnf
 from moelink.engine.core.json_string_regex import json_string_regex
 from moelink.engine.core.structured_output import GrammarCompilerPool
@@ -40,7 +41,9 @@ ISSUE_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "min
 def pool():
     tok = Tokenizer.from_dir(BUILTIN)
     vocab = json.loads((BUILTIN / "config.json").read_text())["vocab_size"]
-    pool = GrammarCompilerPool(tok, vocab, tok.eos_token_ids)
+    # What is checked is each grammar, not how fast it compiles: on a loaded 2-core machine a random schema's
+    # compile ran past the default 10 s limit (seen in a run under load 19), failing the walks' test.
+    pool = GrammarCompilerPool(tok, vocab, tok.eos_token_ids, GrammarConfig(timeout_s=120.0))
     yield pool
     pool.shutdown()
 
