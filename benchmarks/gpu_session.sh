@@ -778,6 +778,7 @@ step_unpack() {  # FILE...: tuned tarballs (or single JSON files) -> kernels/con
       *) echo "unpack: $f is neither a .tar.gz nor a .json" >&2; exit 2 ;;
     esac
   done
+  moelink_here || use_shim  # (after the names are checked: a refused tarball costs no Python start)
   "$PY" - "$tmp" "$dest" <<'EOF' || exit 2
 import shutil, sys
 from pathlib import Path
@@ -872,7 +873,6 @@ case "$STEP" in
   first) first_main "$@" ;;
   unpack)
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
-    moelink_here || use_shim
     step_unpack "$@"; exit $? ;;
   tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|compile-report|all) ;;
   ""|-h|--help) sed -n '2,67p' "${BASH_SOURCE[0]}"; exit 0 ;;
