@@ -14,21 +14,27 @@ from tests.helpers.tiny_configs import TINY_CONFIGS
 pytestmark = pytest.mark.slow
 
 
+def _assert_counters(name, prompts, total_routed, bytes_dispatched, bytes_combined):
+    # Every routed (token, expert) pair is counted once: tokens × top-k × MoE layers.
+    cfg = TINY_CONFIGS[name]
+    computed = sum(len(p) + ep_runs.MAX_NEW - 1 for p in prompts)
+    assert total_routed == computed * cfg["top_k"] * cfg["num_layers"]
+    assert bytes_dispatched > 0 and bytes_dispatched == bytes_combined
+
+
 # Mixtral at EP 4 only (5 experts over 4 ranks: an uneven split; its EP 2 adds nothing Qwen3's EP 2 does not check).
-# The prompts (6 of 1-100 tokens: prefills chunked under the 48-token budget, ragged batches), one rank's tokens and
-# each EP run come from tests/helpers/ep_runs.py, made once per process: Qwen3's EP 4 run is also
-# test_ep_two_level.py's dispatch-byte reference.
-@pytest.mark.parametrize("name,ep", [("qwen3_e6k3", 2), ("qwen3_e6k3", 4), ("mixtral_e5k3", 4)])
+# Qwen3 at EP 2 is checked the same way on test_ep_ranks_size_the_kv_cache_together's engine (one engine fewer:
+# the ranks sizing the KV cache changes only how many blocks each has). The prompts (6 of 1-100 tokens: prefills
+# chunked under the 48-token budget, ragged batches), one rank's tokens and each EP run come from
+# tests/helpers/ep_runs.py, made once per process: Qwen3's EP 4 run is also test_ep_two_level.py's dispatch-byte
+# reference.
+@pytest.mark.parametrize("name,ep", [("qwen3_e6k3", 4), ("mixtral_e5k3", 4)])
 def test_ep_matches_single_rank(local_ray, tiny_model, name, ep):
     path, vocab = tiny_model(name), TINY_CONFIGS[name]["vocab_size"]
     prompts, want = ep_runs.one_rank(path, vocab)
     run = ep_runs.ep_run(path, vocab, ep)
     assert run.tokens == want
-    # Every routed (token, expert) pair is counted once: tokens × top-k × MoE layers.
-    cfg = TINY_CONFIGS[name]
-    computed = sum(len(p) + ep_runs.MAX_NEW - 1 for p in prompts)
-    assert run.total_routed == computed * cfg["top_k"] * cfg["num_layers"]
-    assert run.bytes_dispatched > 0 and run.bytes_dispatched == run.bytes_combined
+    _assert_counters(name, prompts, run.total_routed, run.bytes_dispatched, run.bytes_combined)
     # Requests were spread over the ranks (DP attention), and every pool is free again.
     assert run.pools_free
 
@@ -82,13 +88,15 @@ def test_ep_padded_all_to_all_backend_matches(local_ray, tiny_model):
 
 
 def test_ep_ranks_size_the_kv_cache_together(local_ray, tiny_model):
-    """Deferred KV sizing (the GPU default): every rank measures, all get the smallest count."""
+    """Deferred KV sizing (the GPU default): every rank measures, all get the smallest count. Also Qwen3's EP 2
+    parity with one rank (test_ep_matches_single_rank's checks: tokens, counters, free pools) on the default
+    all-to-all, with test_ep_matches_single_rank's scheduler settings."""
     import dataclasses
 
     from moelink.engine.core.llm_engine import LLMEngine
 
     path = tiny_model("qwen3_e6k3")
-    cfg = EngineArgs(model=path, dtype="float64", max_model_len=256, expert_parallel_size=2).create_engine_config()
+    cfg = EngineArgs(model=path, max_model_len=256, expert_parallel_size=2, **ep_runs.ENGINE_KW).create_engine_config()
     cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, num_kv_blocks=None), gpu_memory_utilization=0.01)
     engine = LLMEngine(cfg)
     try:
@@ -104,5 +112,8 @@ def test_ep_ranks_size_the_kv_cache_together(local_ray, tiny_model):
                 if out.finished:
                     done[out.request_id] = out.outputs[0].token_ids
         assert [done[f"k{i}"] for i in range(len(prompts))] == want
+        m = engine.moe_metrics
+        _assert_counters("qwen3_e6k3", prompts, m.total_routed(), m.bytes_dispatched, m.bytes_combined)
+        assert all(s.num_free_blocks == s.num_total_blocks for s in engine.rank_stats())
     finally:
         engine.shutdown()
