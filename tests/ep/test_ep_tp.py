@@ -3,7 +3,8 @@ head is replicated) or transformers' in float64 (DeepSeek-V3's MLA, gpt-oss's si
 - TP 2 (`-tp 2`, world 2): the experts split by intermediate size over the group (one all-reduce per MoE block);
 - TP 2 x EP 2 (`-tp 2 -ep 2`, world 2): experts in EP, each TP rank dispatching its half of the tokens;
 - TP 2 with DP attention (`-tp 2 -ep 4`, world 4: two TP groups, two schedulers, EP 4).
-Lean: a few short prompts each."""
+Lean: a few short prompts each (4 of 1-30 tokens under a 24-token budget: a chunked prefill and a ragged batch), 4 new
+tokens each (batched decode steps, each sequence crossing a 4-token block boundary while it decodes)."""
 from __future__ import annotations
 
 import pytest
@@ -12,13 +13,29 @@ from moelink.engine import LLM
 
 from tests.helpers import hf_checkpoints
 from tests.helpers.gpt_oss_checkpoints import VOCAB as GPT_OSS_VOCAB, save_gpt_oss
-from tests.helpers.parity import MAX_NEW, assert_same, engine_greedy, hf_greedy, prompts
+from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, prompts
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.slow
 
 KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=4)
+NEW = 4  # new tokens per prompt
 _ONE_RANK: dict[str, list[list[int]]] = {}  # model path -> one rank's greedy tokens of its prompts
+
+
+def _greedy(llm, ps):
+    return engine_greedy(llm, ps, max_new=NEW)
+
+
+def _hf(path, ps):
+    return hf_greedy(path, ps, max_new=NEW)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_path(tmp_path_factory):
+    """One gpt-oss checkpoint for the module (sinks, q/k/v and o biases, sliding layers, expert biases): its
+    transformers reference is computed once (tests.helpers.parity caches it per path) for both compositions."""
+    return save_gpt_oss(tmp_path_factory.mktemp("gpt_oss_tp"), num_hidden_layers=3)
 
 
 # Qwen3 (4 q heads, 2 kv heads: one each) in the three compositions; Mixtral's one kv head on both ranks.
@@ -28,17 +45,17 @@ def test_tp_matches_single_rank(local_ray, tiny_model, name, tp, ep):
     path = tiny_model(name)
     ps = prompts(TINY_CONFIGS[name]["vocab_size"], seed=len(name), n=4, lo=1, hi=30)
     if path not in _ONE_RANK:  # one single-rank reference per model, shared by its compositions
-        _ONE_RANK[path] = engine_greedy(LLM(path, **KW), ps)
+        _ONE_RANK[path] = _greedy(LLM(path, **KW), ps)
     want = _ONE_RANK[path]
     llm = LLM(path, tensor_parallel_size=tp, expert_parallel_size=ep, **KW)
     try:
         assert len(llm.engine.schedulers) == max(ep, tp) // tp  # one scheduler per TP group (DP attention)
-        assert_same(engine_greedy(llm, ps), want, ps)
+        assert_same(_greedy(llm, ps), want, ps)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
         # Every routed (token, expert) pair counted once: the TP ranks' slices merged, or (experts split) one
         # rank's count for its group.
         cfg = TINY_CONFIGS[name]
-        computed = sum(len(p) + MAX_NEW - 1 for p in ps)
+        computed = sum(len(p) + NEW - 1 for p in ps)
         assert llm.engine.moe_metrics.total_routed() == computed * cfg["top_k"] * cfg["num_layers"]
     finally:
         llm.engine.shutdown()
@@ -50,7 +67,7 @@ def test_tp_deepseek_v3_matches_transformers(local_ray, hf_tiny_model, ep):
     ps = prompts(hf_checkpoints.VOCAB, seed=5, n=4, lo=1, hi=30)
     llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=ep, **KW)
     try:
-        assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+        assert_same(_greedy(llm, ps), _hf(path, ps), ps)
     finally:
         llm.engine.shutdown()
 
@@ -61,18 +78,18 @@ def test_tp_glm_matches_transformers(local_ray, hf_tiny_model):
     ps = prompts(hf_checkpoints.VOCAB, seed=9, n=3, lo=1, hi=24)
     llm = LLM(path, tensor_parallel_size=2, **KW)
     try:
-        assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+        assert_same(_greedy(llm, ps), _hf(path, ps), ps)
     finally:
         llm.engine.shutdown()
 
 
 @pytest.mark.parametrize("ep", [1, 4])
-def test_tp_gpt_oss_matches_transformers(local_ray, tmp_path, ep):
-    path = save_gpt_oss(tmp_path, num_hidden_layers=3)  # sinks, q/k/v and o biases, sliding layers, expert biases
+def test_tp_gpt_oss_matches_transformers(local_ray, gpt_oss_path, ep):
+    path = gpt_oss_path
     ps = prompts(GPT_OSS_VOCAB, seed=7, n=4, lo=1, hi=30)
     llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=ep, **KW)
     try:
-        assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+        assert_same(_greedy(llm, ps), _hf(path, ps), ps)
     finally:
         llm.engine.shutdown()
 
@@ -86,11 +103,11 @@ def test_tp_fp8_matches_single_rank(local_ray, fp8_tiny, ep):
     _, dst, _ = fp8_tiny("qwen3_fp8", block=(8, 8))
     ps = prompts(400, seed=3, n=4, lo=1, hi=30)
     if dst not in _ONE_RANK:
-        _ONE_RANK[dst] = engine_greedy(LLM(dst, **KW), ps)
+        _ONE_RANK[dst] = _greedy(LLM(dst, **KW), ps)
     want = _ONE_RANK[dst]
     llm = LLM(dst, tensor_parallel_size=2, expert_parallel_size=ep, **KW)
     try:
-        assert_same(engine_greedy(llm, ps), want, ps)
+        assert_same(_greedy(llm, ps), want, ps)
     finally:
         llm.engine.shutdown()
 
