@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 # which the EP 3 runs cover harder), to keep the Ray tests inside the suite's time budget.
 CASES = [("dsv3_lora", 2), ("dsv3_lora", 3), ("dsv3_yarn", 3), ("dsv2_lite", 3), ("glm_bias", 3)]
 # 6 prompts of 1-120 tokens (the 1- and 120-token ones always: prefills chunked under the 48-token budget, ragged
-# batches, two sequences per rank at EP 3), 6 new tokens each. The prompts depend on the family only, so the two
-# DeepSeek-V3 splits share one transformers reference (tests.helpers.parity caches it).
+# batches, a few sequences per rank at EP 3), 6 new tokens each. The prompts depend on the checkpoint only, not on
+# the EP size, so DeepSeek-V3's two splits share one transformers reference (tests.helpers.parity caches it).
 N_PROMPTS, HI, NEW = 6, 120, 6
 
 
