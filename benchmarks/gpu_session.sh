@@ -234,6 +234,23 @@ print(getattr(m, "__version__", "present"))
 EOF
 }
 
+torch_info() {  # torch's version, then its CUDA device (or why none), from one Python start: empty without torch
+  [[ -n "$PY" ]] || return 0
+  "$PY" - <<'EOF' 2>/dev/null
+import importlib.metadata as md, sys
+try:
+    import torch
+except Exception:
+    sys.exit(0)
+try:
+    print(md.version("torch"), flush=True)
+except Exception:
+    print(getattr(torch, "__version__", "present"), flush=True)
+print("CUDA " + str(torch.version.cuda) + ", " + torch.cuda.get_device_name() if torch.cuda.is_available()
+      else "no CUDA device (CPU build or no GPU)")
+EOF
+}
+
 IMPORT_MODE=""
 moelink_here() {  # does `import moelink.kernels` resolve to this checkout (with the current PYTHONPATH)?
   [[ -n "$PY" ]] || return 1
@@ -282,11 +299,10 @@ preflight() {  # prints the checks; returns 0 always (it reports, the steps fall
   check python "$([[ -n $PY ]] && echo 1 || echo 0)" "${PY:-none} $([[ -n $PY ]] && "$PY" -c 'import sys; print(sys.version.split()[0])')" \
     "nothing can run"
   local v
-  v=$(pymod_version torch)
-  local cuda="no CUDA device"
-  if [[ -n "$v" ]]; then
-    cuda=$("$PY" -c "import torch; print('CUDA ' + str(torch.version.cuda) + ', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device (CPU build or no GPU)')" 2>/dev/null)
-  fi
+  local tinfo cuda="no CUDA device"
+  tinfo=$(torch_info)
+  v=$(sed -n 1p <<<"$tinfo")
+  [[ -n "$v" ]] && cuda=$(sed -n 2p <<<"$tinfo")
   check torch "$([[ -n $v ]] && echo 1 || echo 0)" "${v:-absent}; $cuda" "no step can run"
   v=$(pymod_version triton)
   check triton "$([[ -n $v ]] && echo 1 || echo 0)" "${v:-absent}" "GPU kernels fall back to the torch reference (tests of them fail)"
