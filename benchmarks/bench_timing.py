@@ -38,8 +38,9 @@ class Timer:
         self.flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
 
     def __call__(self, fn, arg_sets, iters: int = 30, warmup: int = 3) -> float:
-        """Seconds (median); fn(*arg_sets[i % len(arg_sets)]) per iteration."""
-        for i in range(max(warmup, len(arg_sets))):
+        """Seconds (median); fn(*arg_sets[i % len(arg_sets)]) per iteration. Warm-up: at least one call per input
+        set, none with warmup=0 (the CPU smokes: the interpreter compiles nothing, and their times mean nothing)."""
+        for i in range(max(warmup, len(arg_sets)) if warmup else 0):
             fn(*arg_sets[i % len(arg_sets)])
         times = []
         for i in range(iters):
