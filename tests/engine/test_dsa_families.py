@@ -20,7 +20,12 @@ from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, h
 
 
 def _prompts(name: str, n: int = 8) -> list[list[int]]:
-    return prompts(VOCAB, seed=len(name) + sum(map(ord, name)), n=n, hi=150)
+    """n prompts of 1-150 tokens, the first 6 tokens long (the second's start: within index_topk, its prefill alone
+    takes the dense path); the parity tests share them, and so transformers' greedy outputs (cached in
+    tests.helpers.parity)."""
+    ps = prompts(VOCAB, seed=len(name) + sum(map(ord, name)), n=n, hi=150)
+    ps[0] = ps[1][:6]
+    return ps
 
 
 def test_reads_indexers_shared_layers_and_the_key_cache(hf_tiny_model):
@@ -78,8 +83,7 @@ def test_greedy_parity_chunked_batched_and_prefix_cached(hf_tiny_model, name, mo
     """8 prompts of 1-150 tokens in chunks of a 48-token budget, batched; then again on the same engine, where every
     full block comes from the prefix cache (the indexer keys with the latents), and both runs equal transformers."""
     path = hf_tiny_model(name)
-    ps = _prompts(name)
-    ps[0] = ps[1][:6]  # within index_topk: its prefill, run alone first, takes the dense path
+    ps = _prompts(name)  # ps[0] within index_topk: its prefill, run alone first, takes the dense path
     sparse_steps = []
     real = LightningIndexer.forward
     monkeypatch.setattr(LightningIndexer, "forward", lambda self, *a: (
@@ -106,7 +110,7 @@ def test_greedy_parity_chunked_batched_and_prefix_cached(hf_tiny_model, name, mo
 @pytest.mark.parametrize("name", list(HF_DSA))
 def test_greedy_parity_under_preemption(hf_tiny_model, name):
     path = hf_tiny_model(name)
-    ps = _prompts(name, n=16)
+    ps = _prompts(name)  # the prompts (and so transformers' outputs) of the test above
     # 24 blocks of 8 tokens hold one 150-token prompt and a little more: eight running sequences must preempt.
     llm = LLM(path, dtype="float64", max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=24, block_size=8)
     got = engine_greedy(llm, ps)
