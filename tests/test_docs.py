@@ -44,6 +44,19 @@ SH_TIMEOUT_S = 120  # each block is a --help, a cluster-model run or a small off
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _heap_held_frozen():
+    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): the engine each
+    python block builds then collects only what was made since, not the test process's whole heap (0.1-0.5 s in a
+    suite worker). Nothing checked here depends on the collector."""
+    from moelink.engine.contract import gc_policy
+
+    holder = object()
+    gc_policy.freeze_heap(holder)
+    yield
+    gc_policy.thaw_heap(holder)
+
+
 def runnable_blocks(doc: str) -> list[tuple[str, str]]:
     """(language, code) of each block the page marks runnable, in page order."""
     return RUNNABLE.findall((ROOT / doc).read_text())
