@@ -61,7 +61,7 @@ ATTN_CASES = [
     ([(150, 1), (3, 1)], 8, 2, 16, 16, 4),  # long decode split 4 ways (one split of the short one is empty)
     ([(33, 1), (70, 1)], 4, 4, 8, 16, 3),  # MHA, head dim 8 (< 16, padded), 3 splits
     ([(20, 20)], 4, 1, 16, 4, None),  # one prompt, no cached prefix, MQA (G = 4)
-    ([(45, 13), (9, 9), (30, 1), (64, 64)], 6, 2, 24, 16, 2),  # chunks over cached prefixes + a decode; H=24
+    ([(45, 13), (9, 9), (30, 1), (40, 40)], 6, 2, 24, 16, 2),  # chunks over cached prefixes + a decode; H=24
     ([(23, 2), (1, 1), (50, 17)], 4, 2, 16, 8, None),  # two-token chunk, a first-token decode, mixed
 ]
 
@@ -93,7 +93,7 @@ PREFILL_SPLIT_CASES = [
     ([(150, 3)], 4, 2, 16, 16, 4),  # a 3-token chunk over a 147-token cached prefix (the prefix-hit case)
     ([(97, 5), (40, 1), (3, 2)], 8, 2, 16, 4, 3),  # + a decode riding along, + a chunk shorter than the splits
     ([(20, 20), (66, 1)], 4, 1, 16, 16, 5),  # no prefix: late splits are invisible to early rows (causal, lse -inf)
-    ([(130, 17), (31, 9)], 6, 2, 24, 8, 2),  # q blocks spanning several rows, H=24 (padded)
+    ([(66, 17), (31, 9)], 6, 2, 24, 8, 2),  # q blocks spanning several rows, H=24 (padded)
     ([(64, 2)], 4, 4, 8, 16, 8),  # MHA, head dim 8, more splits than key tiles of the short rows
 ]
 
