@@ -258,13 +258,14 @@ moelink_here() {  # does `import moelink.kernels` resolve to this checkout (with
   f=$("$PY" -c "import moelink.kernels.moe_config as m; print(m.__file__)" 2>/dev/null) || return 1
   [[ "$f" == "$REPO/"* ]]
 }
-make_shim() {
+make_shim() {  # (written beside, then renamed: a Python of another step never reads it half-written)
   mkdir -p "$STATE/pyshim/moelink"
-  cat >"$STATE/pyshim/moelink/__init__.py" <<EOF
+  cat >"$STATE/pyshim/moelink/__init__.py.$$" <<EOF
 # Written by benchmarks/gpu_session.sh: import moelink from the source tree (pyproject maps each root
 # folder to moelink.<folder>), for when the editable install is impossible.
 __path__ = ["$REPO"]
 EOF
+  mv -f "$STATE/pyshim/moelink/__init__.py.$$" "$STATE/pyshim/moelink/__init__.py"
 }
 use_shim() {
   make_shim
@@ -794,7 +795,9 @@ step_unpack() {  # FILE...: tuned tarballs (or single JSON files) -> kernels/con
       *) echo "unpack: $f is neither a .tar.gz nor a .json" >&2; exit 2 ;;
     esac
   done
-  moelink_here || use_shim  # (after the names are checked: a refused tarball costs no Python start)
+  # This checkout's moelink through the shim: what moelink_here would check for with a Python start (an import of
+  # torch) of its own, after the names are checked (a refused tarball starts no Python at all).
+  use_shim
   "$PY" - "$tmp" "$dest" <<'EOF' || exit 2
 import shutil, sys
 from pathlib import Path
