@@ -166,7 +166,7 @@ def bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, chec
     E, K, D, I = shape
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
-    # The interpreter has nothing to warm up: none on CPU (each system already ran once for the check).
+    # The interpreter has nothing to warm up: none on CPU (each system ran once for the check, unless --no-check).
     warmup = 3 if device.type == "cuda" else 0
     has_gmm = _grouped_mm_works(device) and dtype == torch.bfloat16
     weights = make_weights(E, D, I, dtype, device, gen)  # once per shape, shared by every token count

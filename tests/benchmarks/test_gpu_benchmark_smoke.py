@@ -5,8 +5,8 @@ nothing about speed; what is checked is the script: every system, shape and
 token count is there with finite positive times, the correctness check ran,
 tune_moe's file reads back through moelink.kernels.moe_config, and
 engine_decode reports a step time and floor ratio per batch. Output goes to
-tmp_path only (never benchmarks/results/ or kernels/configs/). About 35 s
-on 2 cores, nearly all of it the moe_kernels and tune_moe runs (~15 s each).
+tmp_path only (never benchmarks/results/ or kernels/configs/). About 30 s
+of CPU, nearly all of it the tune_moe, moe_kernels and engine_decode --graphs runs (6-8 s each).
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@ runs of the steps whose shell logic matters (pytest per file, tune's tarball and
 budgets against the compile report. tune_moe's search guarantees are test_tune_moe_search.py's.
 
 A GPU session is lent for minutes: what it runs is checked here so that it produces numbers, not tracebacks.
-About 45 s on 2 cores, most of it the tune smoke run.
+About 65 s of CPU, most of it the ten CPU smoke runs (each at least a Python start that imports torch; kv-transfer,
+tests-kernels and mla-fp8-kv the largest); the benchmarks' --help, which the dry runs' flags are checked against,
+comes from one Python process.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def test_moe_int4_bytes(tmp_path):
     assert all(abs(r["weight_ratio"] - (0.5 + 3 / 128) / 2) < 1e-9 for r in gptq)  # group 128 + zero points
 
 
-@pytest.mark.slow  # the interpreter runs both systems (~40 s on 2 cores)
+@pytest.mark.slow  # the interpreter runs both systems (~5 s on 2 busy cores)
 def test_moe_int4_smoke(tmp_path):
     out = tmp_path / "moe_int4.json"
     env = interpreter_env()
