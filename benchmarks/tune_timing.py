@@ -34,7 +34,8 @@ def time_call(fn, cfg, sets, timer, iters, want=None, tol: float = 2e-2) -> floa
                 print(f"  skipped {json.dumps(cfg.to_dict())}: relative error {err:.3g} against the per-expert loop")
                 return float("inf")
         # (no warm-up call on CPU, the smokes: the interpreter compiles nothing, and its times mean nothing)
-        return timer(fn, sets, iters=iters, warmup=1 if sets[0][0].device.type == "cuda" else 0)
+        on_cpu = getattr(getattr(sets[0][0], "device", None), "type", None) == "cpu"
+        return timer(fn, sets, iters=iters, warmup=0 if on_cpu else 1)
     except Exception as e:  # noqa: BLE001 - any failure skips the candidate (compile errors come in many types)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         if _is_cuda_fault(e):
