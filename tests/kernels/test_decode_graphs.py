@@ -47,7 +47,7 @@ def _runner(llm):
 
 
 def _generate(llm, prompts):
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=3) for m in (6, 3, 5, 2, 4)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=3) for m in (5, 2, 4, 2, 3)]
     outs = llm.generate(prompts, params[: len(prompts)], use_tqdm=False)
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
@@ -59,9 +59,9 @@ def _eager_reference(path):
     """(prompts, the eager engine, its outputs) for a checkpoint, run once per module: the graph tests of one
     checkpoint compare against the same eager run (the interpreter makes each run cost tens of seconds).
     Five sequences of different lengths (one past a 16-token block; short, as the interpreter's cost grows with
-    the tokens of a step) and output budgets 2-6: decode batches
-    shrink 5 → 4 → 3 → 2 → 1 as they finish, one step each, so steps land on sizes 1, 2 and 4 (3 padded to 4) and
-    on 5 (above the largest size: eager)."""
+    the tokens of a step) and output budgets 2-5: decode batches
+    shrink 5 → 3 → 2 → 1 as they finish, one step each, so steps land on sizes 1, 2 and 4 (3 padded to 4) and on
+    5 (above the largest size: eager)."""
     if path not in _EAGER:
         rng = random.Random(1)
         prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (1, 5, 3, 17, 2)]
