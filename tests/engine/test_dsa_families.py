@@ -196,7 +196,7 @@ def test_mtp_drafts_with_an_indexer_of_their_own(hf_tiny_model, name, tmp_path):
     shutil.copytree(hf_tiny_model(name), src)
     add_mtp_layers(src)
     path = str(bigram_mtp(src, tmp_path / "bigram", mtp_scale=0.1))
-    ps = prompts(VOCAB, seed=31, n=4, lo=5, hi=120)
+    ps = prompts(VOCAB, seed=31, n=6, lo=5, hi=120)
     llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48, num_kv_blocks=256, block_size=16,
               skip_warmup=True, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
     got = engine_greedy(llm, ps)
