@@ -19,6 +19,19 @@ from tests.helpers.hf_checkpoints import HF_DSA, VOCAB
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy_nocache, prompts
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _heap_held_frozen():
+    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
+    start here then collects only what was made since, not the test process's whole heap (0.1-0.5 s each in a suite
+    worker). Nothing checked here depends on the collector."""
+    from moelink.engine.contract import gc_policy
+
+    holder = object()
+    gc_policy.freeze_heap(holder)
+    yield
+    gc_policy.thaw_heap(holder)
+
+
 def _prompts(name: str, n: int = 8) -> list[list[int]]:
     """n prompts of 1-150 tokens, the first 6 tokens long (the second's start: within index_topk, its prefill alone
     takes the dense path); the parity tests share them, and so transformers' greedy outputs (cached in
