@@ -35,6 +35,19 @@ class Replay(EagerReplay):
         return CapturedStep(fn)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _heap_held_frozen():
+    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
+    start here then collects only what was made since, not the test process's whole heap (0.1-0.5 s each in a suite
+    worker). Nothing checked here depends on the collector."""
+    from moelink.engine.contract import gc_policy
+
+    holder = object()
+    gc_policy.freeze_heap(holder)
+    yield
+    gc_policy.thaw_heap(holder)
+
+
 # -- the padded static-buffer path -------------------------------------------------------------------------
 def _llm(path, kernels):
     return LLM(path, dtype="float32", device="cpu", kernels=kernels, max_num_seqs=6, max_num_batched_tokens=64,

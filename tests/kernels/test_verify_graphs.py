@@ -33,6 +33,19 @@ class Replay(EagerReplay):
     def capture(self, fn):
         return CapturedStep(fn)
 
+@pytest.fixture(scope="module", autouse=True)
+def _heap_held_frozen():
+    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
+    start here then collects only what was made since, not the test process's whole heap (0.1-0.5 s each in a suite
+    worker). Nothing checked here depends on the collector."""
+    from moelink.engine.contract import gc_policy
+
+    holder = object()
+    gc_policy.freeze_heap(holder)
+    yield
+    gc_policy.thaw_heap(holder)
+
+
 K = 2  # drafts per step: verify rows of 3 tokens
 
 
