@@ -31,8 +31,8 @@ def _run(path, kernels, prompts, kv_cache_dtype="auto", **kw):
 @pytest.mark.slow
 # GQA; MLA (latent cache, MLA kernel); MLA over an fp8 latent cache, whose chunked prompt reads its context
 # widened once per chunk (kernels/triton_mla_wide.py) beside the decodes reading the fp8 cache.
-# DeepSeek Sparse Attention (index_topk 8 / 12: the 17-token prompt selects, and the 9-token one at 8): the indexer's Triton selection and
-# sparse MLA, GLM-5's shared layer, over an fp8 cache too.
+# DeepSeek Sparse Attention (index_topk 8 / 12: the 17-token prompt selects, and the 9-token one at 8): the indexer's
+# Triton selection and sparse MLA, GLM-5's shared layer, over an fp8 cache too.
 @pytest.mark.parametrize("name,kv", [("qwen3_e6k3", "auto"), ("dsv3_neox", "auto"), ("dsv3_neox", "fp8"),
                                      ("dsv32", "auto"), ("glm5", "fp8")])
 def test_engine_with_triton_kernels_matches_reference(tiny_model, hf_tiny_model, kdev, name, kv):
