@@ -43,10 +43,14 @@ RAY_FIXTURES = {"local_ray", "ray_tmpdir"}
 SHARED_SCOPES = ("module", "class", "package")
 
 
+# Module-scoped fixtures that share nothing costly to set up again (a check, a gc setting): no reason to group.
+UNGROUPED_FIXTURES = {"no_nixl_agent_left_open", "heap_held_frozen"}
+
+
 def _uses_shared_fixture(item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
-    defs = info.name2fixturedefs.values() if info is not None else ()
-    return any(d[-1].scope in SHARED_SCOPES for d in defs if d)
+    defs = info.name2fixturedefs.items() if info is not None else ()
+    return any(d[-1].scope in SHARED_SCOPES for name, d in defs if d and name not in UNGROUPED_FIXTURES)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -156,3 +160,17 @@ def no_nixl_agent_left_open():
     for a in left:
         a.close()
     assert not left, f"{len(left)} NIXL agent(s) left open by this module: close the connector or transport"
+
+
+@pytest.fixture(scope="module")
+def heap_held_frozen():
+    """The heap held frozen for a module, as a live engine holds it (engine/contract/gc_policy.py): every engine start
+    in the module then collects only what was made since, not the test process's whole heap (0.1-0.5 s per engine in
+    a suite worker). For modules that start many engines and check nothing that depends on the collector
+    (`pytestmark = pytest.mark.usefixtures("heap_held_frozen")`)."""
+    from moelink.engine.contract import gc_policy
+
+    holder = object()
+    gc_policy.freeze_heap(holder)
+    yield
+    gc_policy.thaw_heap(holder)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "ARCHITECTURE.md", "deploy/README.md",
         *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
@@ -42,19 +44,6 @@ RUNNABLE_BLOCKS = {
 SH_TIMEOUT_S = 120  # each block is a --help, a cluster-model run or a small offline command: 0.1-4 s
 # [text](target) and ![alt](target); the target ends at whitespace or ")" (a title may follow).
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _heap_held_frozen():
-    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): the engine each
-    python block builds then collects only what was made since, not the test process's whole heap (0.1-0.5 s in a
-    suite worker). Nothing checked here depends on the collector."""
-    from moelink.engine.contract import gc_policy
-
-    holder = object()
-    gc_policy.freeze_heap(holder)
-    yield
-    gc_policy.thaw_heap(holder)
 
 
 def runnable_blocks(doc: str) -> list[tuple[str, str]]:

@@ -18,18 +18,7 @@ from moelink.engine.models.dsa import LightningIndexer
 from tests.helpers.hf_checkpoints import HF_DSA, VOCAB
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy_nocache, prompts
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _heap_held_frozen():
-    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
-    start here then collects only what was made since, not the test process's whole heap (0.1-0.5 s each in a suite
-    worker). Nothing checked here depends on the collector."""
-    from moelink.engine.contract import gc_policy
-
-    holder = object()
-    gc_policy.freeze_heap(holder)
-    yield
-    gc_policy.thaw_heap(holder)
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
 
 def _prompts(name: str, n: int = 8) -> list[list[int]]:
@@ -191,7 +180,6 @@ def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(hf_tiny_m
                             block_size=8, skip_warmup=True), ps, max_new=6)
     assert len({t for g in got for t in g}) > 5, "degenerate model"
     assert_same(got, hf_greedy_nocache_with(fake_quant_hf_model(deq, BLOCK), ps, 6), ps)
-
 
 
 @pytest.mark.parametrize("name", list(HF_DSA))

@@ -35,19 +35,6 @@ D, I, E, L = 32, 32, 5, 3  # hidden, expert intermediate, experts, layers (gpt_o
 _MXFP4_PARAMS = ("w13_blocks_EFSQ", "w13_scales_EFS", "w2_blocks_EDSQ", "w2_scales_EDS", "b13_EF", "b2_ED")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _heap_held_frozen():
-    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
-    start here then collects only what was made since, not the test process's whole heap (0.1-0.5 s each in a suite
-    worker). Nothing checked here depends on the collector."""
-    from moelink.engine.contract import gc_policy
-
-    holder = object()
-    gc_policy.freeze_heap(holder)
-    yield
-    gc_policy.thaw_heap(holder)
-
-
 @pytest.fixture(scope="module")
 def mxfp4_path(tmp_path_factory):
     from moelink.engine.tools.mxfp4_checkpoint import quantize_mxfp4_checkpoint
@@ -220,6 +207,8 @@ _TRITON_RUN = """
 import json, sys
 import moelink.kernels.triton_moe_mxfp4 as mx
 from moelink.engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 calls, kernel = [], mx.triton_fused_moe_mxfp4
 mx.triton_fused_moe_mxfp4 = lambda *a, **k: calls.append(a[0].dtype) or kernel(*a, **k)  # TritonKernels reads it
 llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=16,

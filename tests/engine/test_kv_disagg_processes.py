@@ -20,20 +20,7 @@ from tests.helpers.kv_disagg import KW, MAX_NEW, READY_S, Decoder, PrefillProces
 from tests.helpers.net import free_port, listening
 from tests.helpers.parity import prompts
 
-pytestmark = pytest.mark.slow  # a prefill engine in a subprocess
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _heap_held_frozen():
-    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
-    started here then collects only what was made since the last start, not the test process's whole heap (0.1-0.5
-    s a start). Nothing checked here depends on the collector."""
-    from moelink.engine.contract import gc_policy
-
-    holder = object()
-    gc_policy.freeze_heap(holder)
-    yield
-    gc_policy.thaw_heap(holder)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("heap_held_frozen")]  # a prefill engine in a subprocess
 
 
 @pytest.fixture(scope="module")

@@ -32,22 +32,11 @@ from tests.helpers.fp8_checkpoints import BLOCK, FP8_TINY
 from tests.helpers.gpt_oss_checkpoints import gpt_oss_config
 from tests.helpers.hf_checkpoints import hf_config
 
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
 CPU = torch.device("cpu")
 FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
 MXFP4_QUANT = {"quant_method": "mxfp4", "modules_to_not_convert": MODULES_NOT_CONVERTED}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _heap_held_frozen():
-    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each of the
-    ~30 engines started here then collects only what was made since the last start, not the test process's whole
-    heap (0.1-0.5 s a start). Nothing checked here (weights, shapes, tokens) depends on the collector."""
-    from moelink.engine.contract import gc_policy
-
-    holder = object()
-    gc_policy.freeze_heap(holder)
-    yield
-    gc_policy.thaw_heap(holder)
 
 
 def _write_config(out: Path, cfg, quant: dict | None = None) -> str:

@@ -16,22 +16,9 @@ from moelink.engine import LLM
 from tests.helpers.hf_checkpoints import HF_TINY, VOCAB
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
 
-pytestmark = pytest.mark.slow  # transformers generate beside the engine, in float64
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("heap_held_frozen")]  # transformers generate beside the engine, in float64
 
 MAX_NEW = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _heap_held_frozen():
-    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
-    started here then collects only what was made since the last start, not the test process's whole heap (0.1-0.5
-    s a start). Nothing checked here depends on the collector."""
-    from moelink.engine.contract import gc_policy
-
-    holder = object()
-    gc_policy.freeze_heap(holder)
-    yield
-    gc_policy.thaw_heap(holder)
 
 
 def _prompts(name: str) -> list[list[int]]:

@@ -31,19 +31,6 @@ MAX_NEW = 6
 ENGINE_KW = dict(max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=64, block_size=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _heap_held_frozen():
-    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
-    start here then collects only what was made since, not the test process's whole heap (0.1-0.5 s each in a suite
-    worker). Nothing checked here depends on the collector."""
-    from moelink.engine.contract import gc_policy
-
-    holder = object()
-    gc_policy.freeze_heap(holder)
-    yield
-    gc_policy.thaw_heap(holder)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """tiny(name, hf_quant_file=False, scope="experts") -> (NVFP4 checkpoint, its dequantized float64 copy)."""
@@ -182,6 +169,8 @@ _TRITON_RUN = """
 import json, sys
 import moelink.kernels.triton_moe_nvfp4 as nv
 from moelink.engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 calls, kernel = [], nv.triton_fused_moe_nvfp4
 nv.triton_fused_moe_nvfp4 = lambda *a, **k: calls.append(a[0].dtype) or kernel(*a, **k)  # TritonKernels reads it
 llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=16,

@@ -37,24 +37,13 @@ from tests.helpers.eagle3_heads import bigram_head, scaled_target
 from tests.helpers.paged_meta import paged_meta
 from tests.helpers.mtp_checkpoints import make_mtp_model
 
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
 CPU = torch.device("cpu")
 # The targets and the aux layer ids their heads name: Qwen3 (4 layers) takes the default rule (the inputs of
 # layers 2, 2, 1); Mixtral (4 layers) names layer outputs 0, 1, 3 (states after 1, 2 and all 4 layers: the last
 # before the final norm); DeepSeek-V3 (2 layers, MLA, with an MTP layer the head leaves alone) 0, 0, 1.
 TARGETS = {"qwen3": ("qwen3_e6k3", None), "mixtral": ("mixtral_e5k3", [0, 1, 3]), "dsv3": ("deepseek_v3", [0, 0, 1])}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _heap_held_frozen():
-    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
-    started here then collects only what was made since the last start, not the test process's whole heap (0.1-0.5
-    s a start). Nothing checked here depends on the collector."""
-    from moelink.engine.contract import gc_policy
-
-    holder = object()
-    gc_policy.freeze_heap(holder)
-    yield
-    gc_policy.thaw_heap(holder)
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,7 @@ import pytest
 
 from moelink.engine import LLM, SamplingParams
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _heap_held_frozen():
-    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
-    start here then collects only what was made since, not the test process's whole heap (0.1-0.5 s each in a suite
-    worker). Nothing checked here depends on the collector."""
-    from moelink.engine.contract import gc_policy
-
-    holder = object()
-    gc_policy.freeze_heap(holder)
-    yield
-    gc_policy.thaw_heap(holder)
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
 
 def _run(path, kernels, prompts, kv_cache_dtype="auto", **kw):

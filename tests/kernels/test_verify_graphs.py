@@ -24,6 +24,8 @@ from moelink.benchmarks.spec_decode import OracleDrafter
 
 from tests.helpers.graph_replays import count_replays
 
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
 
 class Replay(EagerReplay):
     """EagerReplay whose capture records the forward without running it, as a real capture runs no kernel:
@@ -32,18 +34,6 @@ class Replay(EagerReplay):
 
     def capture(self, fn):
         return CapturedStep(fn)
-
-@pytest.fixture(scope="module", autouse=True)
-def _heap_held_frozen():
-    """The heap held frozen for the module, as a live engine holds it (engine/contract/gc_policy.py): each engine
-    start here then collects only what was made since, not the test process's whole heap (0.1-0.5 s each in a suite
-    worker). Nothing checked here depends on the collector."""
-    from moelink.engine.contract import gc_policy
-
-    holder = object()
-    gc_policy.freeze_heap(holder)
-    yield
-    gc_policy.thaw_heap(holder)
 
 
 K = 2  # drafts per step: verify rows of 3 tokens
