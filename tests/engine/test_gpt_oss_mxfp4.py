@@ -30,6 +30,8 @@ from tests.helpers.gpt_oss_checkpoints import VOCAB, WINDOW, save_gpt_oss
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, prompts
 from tests.helpers.fast_interpreter import interpreter_env
 
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
 CPU = torch.device("cpu")
 D, I, E, L = 32, 32, 5, 3  # hidden, expert intermediate, experts, layers (gpt_oss_config's, I raised to 32)
 _MXFP4_PARAMS = ("w13_blocks_EFSQ", "w13_scales_EFS", "w2_blocks_EDSQ", "w2_scales_EDS", "b13_EF", "b2_ED")
@@ -208,7 +210,6 @@ import json, sys
 import moelink.kernels.triton_moe_mxfp4 as mx
 from moelink.engine import LLM, SamplingParams
 
-pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 calls, kernel = [], mx.triton_fused_moe_mxfp4
 mx.triton_fused_moe_mxfp4 = lambda *a, **k: calls.append(a[0].dtype) or kernel(*a, **k)  # TritonKernels reads it
 llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=16,

@@ -32,6 +32,8 @@ from tests.helpers.int4_checkpoints import (awq_checkpoint, decompressed_copy, g
 from tests.helpers.nvfp4_checkpoints import VOCAB
 from tests.helpers.fast_interpreter import interpreter_env
 
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
 CPU = torch.device("cpu")
 MAX_NEW = 5
 ENGINE_KW = dict(max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=64, block_size=8)
@@ -269,7 +271,6 @@ import json, sys
 import moelink.kernels.triton_moe_int4 as m
 from moelink.engine import LLM, SamplingParams
 
-pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 calls, kernel = [], m.triton_fused_moe_int4
 m.triton_fused_moe_int4 = lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k)  # TritonKernels reads it
 llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=32,

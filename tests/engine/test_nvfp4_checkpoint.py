@@ -26,6 +26,8 @@ from tests.helpers.fp8_checkpoints import hf_greedy_with
 from tests.helpers.nvfp4_checkpoints import VOCAB, dequantized_copy, nvfp4_checkpoint, save_tiny
 from tests.helpers.fast_interpreter import interpreter_env
 
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
 CPU = torch.device("cpu")
 MAX_NEW = 6
 ENGINE_KW = dict(max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=64, block_size=8)
@@ -170,7 +172,6 @@ import json, sys
 import moelink.kernels.triton_moe_nvfp4 as nv
 from moelink.engine import LLM, SamplingParams
 
-pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 calls, kernel = [], nv.triton_fused_moe_nvfp4
 nv.triton_fused_moe_nvfp4 = lambda *a, **k: calls.append(a[0].dtype) or kernel(*a, **k)  # TritonKernels reads it
 llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=16,

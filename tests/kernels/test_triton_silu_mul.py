@@ -29,7 +29,10 @@ def test_silu_mul_matches_reference(T, I, dtype, gen, kdev, check, seed):
     bound = most * ulp + (0 if dtype == torch.float32 else up.float().abs() * silu_ulp)
     assert bool(((got.cpu().float() - want.float()).abs() <= bound).all()), f"seed={seed}"
     if dtype != torch.float32:
-        assert float((got.cpu() != want).float().mean()) < 0.02, f"more than rare last-ulp differences (seed={seed})"
+        # Rare: at most 2 % of the elements, and at least one allowed (one in a 48-element row is 2.08 %: seed
+        # 1213390507 failed a plain 2 % bound on a 1 x 48 case).
+        differ = int((got.cpu() != want).sum())
+        assert differ <= max(1, 0.02 * want.numel()), f"more than rare last-ulp differences (seed={seed})"
     check(got, reference_silu_mul(gate.double(), up.double()), dtype, "silu_mul")
 
 
