@@ -190,6 +190,21 @@ def test_the_typed_mooncake_message_and_servers_without_a_connector_refuse(pd, s
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no KV connector" in err.value.details()
 
 
+def test_prefill_server_gone_before_the_fetch_is_recomputed_exactly(model_path, pd, offline):
+    _, _, _, dec = pd
+    ids = [i * 3 % 400 + 3 for i in PROMPT_IDS]  # a prompt no other test sends (the decode server's prefix cache)
+    pre = _start(model_path, "--role", "prefill", "--kv-port", str(free_port()))
+    try:
+        with grpc.insecure_channel(pre.addr) as ch:
+            first = _vllm_generate(make_stubs(ch), ids, max_tokens=1, temperature=0.0)[-1].complete
+    finally:
+        pre.kill()
+        pre.close()
+    want = offline.generate([{"prompt_token_ids": ids}], SamplingParams(**GREEDY), use_tqdm=False)[0]
+    done = _vllm_generate(dec, ids, first.kv_transfer_params_json, **GREEDY)[-1].complete
+    assert list(done.output_ids) == want.outputs[0].token_ids and done.cached_tokens == 0
+
+
 # -- through the smg gateway's PD mode -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pd_gateway(pd, model_path):
@@ -197,31 +212,6 @@ def pd_gateway(pd, model_path):
     with launch_smg_pd(pre.addr, dec.addr, model_path) as (port, proc, log_name):
         wait_models(port, proc, log_name)
         yield port
-
-
-@pytest.fixture(scope="module")
-def dead_prefill(model_path, pd):
-    """A second prefill server for the two tests of a prefill server gone (one server start for both): it answers
-    one prefill leg (the "handoff": a prompt no other test sends, so the decode server's prefix cache has none of
-    it), then the smg gateway's PD mode is launched in front of it and the decode server and waits until it lists
-    the model. Yields {"handoff": (ids, the prefill's last response), "smg_port": the gateway's HTTP port, or None
-    where smg is not installed, "kill": SIGKILLs the prefill server (each test kills it before it counts on it
-    being gone)}."""
-    _, dec, _, _ = pd
-    ids = [i * 3 % 400 + 3 for i in PROMPT_IDS]
-    pre = _start(model_path, "--role", "prefill", "--kv-port", str(free_port()))
-    try:
-        with grpc.insecure_channel(pre.addr) as ch:
-            first = _vllm_generate(make_stubs(ch), ids, max_tokens=1, temperature=0.0)[-1].complete
-        if smg_executable() is None:
-            yield {"handoff": (ids, first), "smg_port": None, "kill": pre.kill}
-            return
-        with launch_smg_pd(pre.addr, dec.addr, model_path) as (port, proc, log_name):
-            wait_models(port, proc, log_name)
-            yield {"handoff": (ids, first), "smg_port": port, "kill": pre.kill}
-    finally:
-        pre.kill()
-        pre.close()
 
 
 def _sse_text(port: int, body: dict) -> tuple[str, list[dict]]:
@@ -302,33 +292,30 @@ def test_decode_server_killed_mid_stream_ends_the_client_stream_with_an_error(mo
         dec.close()
 
 
-def test_prefill_server_gone_ends_the_request_through_smg_with_a_reason_and_leaves_decode_idle(dead_prefill, pd):
+def test_prefill_server_gone_ends_the_request_through_smg_with_a_reason_and_leaves_decode_idle(model_path, pd):
     """The prefill pool's only server dies: a client's request through smg's PD mode ends with an error it can
     read, within the client's deadline (never a hang), and the decode server holds nothing for it."""
     _, dec, _, dec_stubs = pd
-    port = dead_prefill["smg_port"]
-    if port is None:
+    if smg_executable() is None:
         pytest.skip("the smg gateway (PyPI `smg`) is not installed")
-    dead_prefill["kill"]()  # SIGKILL: the prefill leg's connection is refused from now on
-    t0 = time.monotonic()
-    status, raw = http_request(port, "POST", "/v1/completions",
-                               dict(model="tiny-moe", prompt="a story " * 8, max_tokens=16, temperature=0.0),
-                               timeout=60)
-    assert time.monotonic() - t0 < 60
-    assert status >= 400 and raw, (status, raw)  # an error the client can read, not an empty 200
-    deadline = time.monotonic() + 10
-    while not _idle(dec_stubs) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _idle(dec_stubs)
-
-
-def test_prefill_server_gone_before_the_fetch_is_recomputed_exactly(dead_prefill, pd, offline):
-    _, _, _, dec = pd
-    ids, first = dead_prefill["handoff"]
-    dead_prefill["kill"]()  # SIGKILL (killed already if the test through smg ran)
-    want = offline.generate([{"prompt_token_ids": ids}], SamplingParams(**GREEDY), use_tqdm=False)[0]
-    done = _vllm_generate(dec, ids, first.kv_transfer_params_json, **GREEDY)[-1].complete
-    assert list(done.output_ids) == want.outputs[0].token_ids and done.cached_tokens == 0
+    pre = _start(model_path, "--role", "prefill", "--kv-port", str(free_port()))
+    try:
+        with launch_smg_pd(pre.addr, dec.addr, model_path) as (port, proc, log_name):
+            wait_models(port, proc, log_name)
+            pre.kill()  # SIGKILL: the prefill leg's connection is refused from now on
+            t0 = time.monotonic()
+            status, raw = http_request(port, "POST", "/v1/completions",
+                                       dict(model="tiny-moe", prompt="a story " * 8, max_tokens=16, temperature=0.0),
+                                       timeout=60)
+            assert time.monotonic() - t0 < 60
+            assert status >= 400 and raw, (status, raw)  # an error the client can read, not an empty 200
+            deadline = time.monotonic() + 10
+            while not _idle(dec_stubs) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _idle(dec_stubs)
+    finally:
+        pre.kill()
+        pre.close()
 
 
 def _idle(stubs) -> bool:
