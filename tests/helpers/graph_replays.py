@@ -1,5 +1,17 @@
-"""Count how often each captured decode-graph size serves a step (the CPU stand-in tests of decode graphs)."""
+"""The CPU stand-in tests of decode graphs: a capture backend that records without running, and a count of how often
+each captured size serves a step."""
 from __future__ import annotations
+
+from moelink.engine.rank.cuda_graph import CapturedStep, EagerReplay
+
+
+class Replay(EagerReplay):
+    """EagerReplay whose capture records the forward without running it, as a real capture runs no kernel:
+    capture_all's warm-up has just run the same forward on the same static buffers and its check replay runs it
+    again, so the stand-in's third run per size checked nothing more (and each is seconds in the interpreter)."""
+
+    def capture(self, fn):
+        return CapturedStep(fn)
 
 
 def count_replays(graphs, verify: bool = False) -> dict[int, int]:

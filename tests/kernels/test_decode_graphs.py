@@ -19,22 +19,14 @@ from types import SimpleNamespace
 from moelink.comm import make_all_to_all
 from moelink.comm.ep_modes import LOW_LATENCY, TwoModeAllToAll
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.rank.cuda_graph import CapturedStep, EagerReplay
+from moelink.engine.rank.cuda_graph import EagerReplay
 from moelink.engine.contract.ep_step import EPStepPlan
 
 from tests.helpers.fakes import KernelsName
-from tests.helpers.graph_replays import count_replays
+from tests.helpers.graph_replays import Replay, count_replays
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
-
-class Replay(EagerReplay):
-    """EagerReplay whose capture records the forward without running it, as a real capture runs no kernel:
-    capture_all's warm-up has just run the same forward on the same static buffers and its check replay runs it
-    again, so the stand-in's third run per size checked nothing more (and each is seconds in the interpreter)."""
-
-    def capture(self, fn):
-        return CapturedStep(fn)
 
 
 # -- the padded static-buffer path -------------------------------------------------------------------------

@@ -18,22 +18,14 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.rank.cuda_graph import CapturedStep, EagerReplay, verify_graph_len, verify_sizes
+from moelink.engine.rank.cuda_graph import verify_graph_len, verify_sizes
 
 from moelink.benchmarks.spec_decode import OracleDrafter
 
-from tests.helpers.graph_replays import count_replays
+from tests.helpers.graph_replays import Replay, count_replays
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
-
-class Replay(EagerReplay):
-    """EagerReplay whose capture records the forward without running it, as a real capture runs no kernel:
-    capture_all's warm-up has just run the same forward on the same static buffers and its check replay runs it
-    again, so the stand-in's third run per size checked nothing more (and each is seconds in the interpreter)."""
-
-    def capture(self, fn):
-        return CapturedStep(fn)
 
 
 K = 2  # drafts per step: verify rows of 3 tokens
