@@ -148,13 +148,17 @@ class DSV4Attention(nn.Module):
                    self.compress_rope.rotate(F.linear(q_res_TQ, self.wq_idx_nIQ).view(T, nI, I), positions_T),
                    F.linear(h_TD, self.w_idx_nD))
         if ctx.attn.max_query_len == 1:  # pure decode: batched, device lengths only (graph-capturable)
-            out_TNH = decode_attention(self, q_TNH, kv_TH, rows, idx, ctx, paged, state)
+            out_TNH = self._decode(q_TNH, kv_TH, rows, idx, ctx, paged, state)
         else:
             out_TNH = self._sequences(q_TNH, kv_TH, rows, idx, ctx, paged, state)
         out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
         G = cfg.o_groups
         o_TGO = self.grouped_linear(out_TNH.reshape(T, G, -1), self.wo_a_GOd.view(G, cfg.o_lora_rank, -1))
         return F.linear(o_TGO.reshape(T, -1), self.wo_b_DGO)
+
+    def _decode(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
+        """A pure-decode step, batched from device lengths (dsv4_decode.py)."""
+        return decode_attention(self, q_TNH, kv_TH, rows, idx, ctx, paged, state)
 
     def _sequences(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
         """A prefill or mixed step: sequence by sequence, from the host lengths."""

@@ -185,6 +185,8 @@ class DeepseekV4ForCausalLM(nn.Module):
         x_TnD = x_TD.unsqueeze(1).expand(-1, self.cfg.hyper_connections.hc_mult, -1).contiguous()
         for layer in self.layers:
             x_TnD = yield from layer.stages(positions_T, x_TnD, input_ids_T, ctx)
+        if ctx.aux is not None:  # the MTP drafter conditions on the streams before the hyper-head (dsv4_mtp.py)
+            ctx.aux.take(len(self.layers), x_TnD.flatten(1), None)
         return self.norm(self.hc_head(x_TnD))
 
     def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
