@@ -83,15 +83,16 @@ class DSV4DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, i: int, ropes: dict, kernels, device, ep, stats: MoEStats,
                  quant: DSV4Quantization | None = None, attention: DSV4AttentionConfig | None = None,
-                 moe_index: int | None = None):
-        """Main layer i; an MTP layer (engine/models/dsv4_mtp.py) passes its own `attention` config and the row
-        `moe_index` of its own MoEStats (its layer index is past the main layers' configs)."""
+                 moe_index: int | None = None, attention_cls: type = DSV4Attention):
+        """Main layer i; an MTP layer (engine/models/dsv4_mtp.py) passes its own `attention` config, the row
+        `moe_index` of its own MoEStats (its layer index is past the main layers' configs) and its attention class
+        (a paged window: the drafter's cache)."""
         super().__init__()
         D, dt, hc, eps = cfg.hidden_size, cfg.dtype, cfg.hyper_connections, cfg.rms_norm_eps
         self.attn_hc = HyperConnection(hc, D, eps, device, kernels)
         self.ffn_hc = HyperConnection(hc, D, eps, device, kernels)
         self.attn_norm, self.ffn_norm = Norm(D, eps, device), Norm(D, eps, device)
-        self.attn = DSV4Attention(attention or cfg.attention_for(i), i, D, ropes, kernels, dt, device)
+        self.attn = attention_cls(attention or cfg.attention_for(i), i, D, ropes, kernels, dt, device)
         m = cfg.moe
         router = (HashRouter(cfg.top_k, m.router.routed_scaling_factor) if i in cfg.hash_layers
                   else make_router(m.router))
