@@ -16,6 +16,11 @@ picks may come in any order). A step's work per sequence, queries at positions p
    positions < (w + 1) m, so query p sees w < (p + 1) / m): all of them (HCA) or the indexer's top-k (CSA);
 5. the output's rope slice is rotated back by the query's position, then the grouped output projection.
 
+The linears (wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b) are `Linear`s (engine/models/linear.py): float for a
+float checkpoint (F.linear, as transformers), FP8 with float32 block scales for DeepSeek's published FP8 files (W8A8
+through the kernel strategy's `fp8_linear`; wo_a group by group: engine/models/dsv4_weights.py says why and how the
+`.scale` tensors load). The compressors' wkv / wgate and the indexer's weights_proj ship in bf16 and stay plain.
+
 Legend: T tokens, N heads, H head_dim, R rotary dims (h = R / 2), Q q_lora_rank, D hidden, G o_groups, O o_lora_rank,
 m compress rate, W window, n_I / I indexer heads / head dim, P state slots, B blocks, L block size, E entries.
 """
@@ -29,8 +34,11 @@ from moelink.kernels.dsv4 import reference_rms_norm_f32, reference_rope_tail
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.dsv4 import DSV4AttentionConfig
+from ..config.dsv4_quant import DSV4Quantization
 from .dsv4_decode import decode_attention
+from .dsv4_weights import dsv4_linear_method, grouped_fp8_linear, published_linear_plan
 from .layers import ForwardContext, param
+from .linear import Linear
 
 
 class RopeTable(nn.Module):
@@ -98,9 +106,11 @@ class Compressor(nn.Module):
 
 
 class DSV4Attention(nn.Module):
-    """One V4 attention layer (module docstring). `ropes`: {"main": RopeTable, "compress": RopeTable}."""
+    """One V4 attention layer (module docstring). `ropes`: {"main": RopeTable, "compress": RopeTable}; `quant`: the
+    checkpoint's published FP8 format (None: a float checkpoint)."""
 
-    def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels, dtype, device):
+    def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels, dtype, device,
+                 quant: DSV4Quantization | None = None):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         self.indexer_topk = kernels.dsv4_indexer_topk
@@ -109,13 +119,19 @@ class DSV4Attention(nn.Module):
         N, H, Q, G, O = cfg.num_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
         self.rope = ropes["main" if cfg.layer_kind == "sliding" else "compress"]
         self.compress_rope = ropes["compress"]
-        self.wq_a_QD = param(Q, hidden, dtype=dtype, device=device)
+        method = dsv4_linear_method(quant)
+        self.file_block_rows = quant.block[0] if quant is not None else None  # wo_a's scales may be held finer
+
+        def linear(k: int, n: int, m=method) -> Linear:
+            return Linear(k, n, m, kernels, dtype, device)
+
+        self.wq_a = linear(hidden, Q)  # [Q, D]
         self.q_norm_Q = param(Q, dtype=torch.float32, device=device)
-        self.wq_b_NHQ = param(N * H, Q, dtype=dtype, device=device)
-        self.wkv_HD = param(H, hidden, dtype=dtype, device=device)
+        self.wq_b = linear(Q, N * H)  # [N H, Q]
+        self.wkv = linear(hidden, H)  # [H, D]
         self.kv_norm_H = param(H, dtype=torch.float32, device=device)
-        self.wo_a_GOd = param(G * O, N * H // G, dtype=dtype, device=device)
-        self.wo_b_DGO = param(hidden, G * O, dtype=dtype, device=device)
+        self.wo_a = linear(N * H // G, G * O, dsv4_linear_method(quant, group_rows=O))  # [G O, d]: group g's O rows
+        self.wo_b = linear(G * O, hidden)  # [D, G O]
         self.sinks_N = param(N, dtype=torch.float32, device=device)
         # A layer's ctx.kv_caches entry: its paged tensors (cache_shapes), then its state pools (state_shapes).
         self.num_paged = len(cfg.cache_shapes(1, cfg.compress_rate or 1))
@@ -126,16 +142,16 @@ class DSV4Attention(nn.Module):
         if cfg.layer_kind == "csa":
             self.indexer = Compressor(hidden, cfg.index_head_dim, cfg.compress_rate, True, cfg.rms_norm_eps, kernels,
                                       dtype, device)
-            self.wq_idx_nIQ = param(cfg.index_n_heads * cfg.index_head_dim, Q, dtype=dtype, device=device)
+            self.wq_idx = linear(Q, cfg.index_n_heads * cfg.index_head_dim)  # [n_I I, Q]
             self.w_idx_nD = param(cfg.index_n_heads, hidden, dtype=dtype, device=device)
 
     def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         cfg = self.cfg
         T, N, H, eps = h_TD.shape[0], cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps
-        q_res_TQ = reference_rms_norm_f32(F.linear(h_TD, self.wq_a_QD), self.q_norm_Q, eps)
-        q_TNH = reference_rms_norm_f32(F.linear(q_res_TQ, self.wq_b_NHQ).view(T, N, H), None, eps)
+        q_res_TQ = reference_rms_norm_f32(self.wq_a(h_TD), self.q_norm_Q, eps)
+        q_TNH = reference_rms_norm_f32(self.wq_b(q_res_TQ).view(T, N, H), None, eps)
         q_TNH = self.rope.rotate(q_TNH, positions_T)
-        kv_TH = reference_rms_norm_f32(F.linear(h_TD, self.wkv_HD), self.kv_norm_H, eps)
+        kv_TH = reference_rms_norm_f32(self.wkv(h_TD), self.kv_norm_H, eps)
         kv_TH = self.rope.rotate(kv_TH[:, None, :], positions_T)[:, 0, :]
         caches = ctx.kv_caches[self.layer_idx]
         paged, state = caches[:self.num_paged], caches[self.num_paged:]
@@ -145,7 +161,7 @@ class DSV4Attention(nn.Module):
         if self.indexer is not None:
             nI, I = cfg.index_n_heads, cfg.index_head_dim
             idx = (self.indexer.rows(h_TD, positions_T),
-                   self.compress_rope.rotate(F.linear(q_res_TQ, self.wq_idx_nIQ).view(T, nI, I), positions_T),
+                   self.compress_rope.rotate(self.wq_idx(q_res_TQ).view(T, nI, I), positions_T),
                    F.linear(h_TD, self.w_idx_nD))
         if ctx.attn.max_query_len == 1:  # pure decode: batched, device lengths only (graph-capturable)
             out_TNH = self._decode(q_TNH, kv_TH, rows, idx, ctx, paged, state)
@@ -153,8 +169,8 @@ class DSV4Attention(nn.Module):
             out_TNH = self._sequences(q_TNH, kv_TH, rows, idx, ctx, paged, state)
         out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
         G = cfg.o_groups
-        o_TGO = self.grouped_linear(out_TNH.reshape(T, G, -1), self.wo_a_GOd.view(G, cfg.o_lora_rank, -1))
-        return F.linear(o_TGO.reshape(T, -1), self.wo_b_DGO)
+        o_TGO = grouped_fp8_linear(self.wo_a, out_TNH.reshape(T, G, -1), self.grouped_linear)
+        return self.wo_b(o_TGO.reshape(T, -1))
 
     def _decode(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
         """A pure-decode step, batched from device lengths (dsv4_decode.py)."""
@@ -223,16 +239,17 @@ class DSV4Attention(nn.Module):
         return entries_BLcH[table_M[at // L], (at % L) // m]
 
     def weight_plan(self, p: str) -> WeightPlan:
-        """The published names under `p` = "model.layers.{i}.attn."."""
-        plan = {p + "wq_a.weight": PlanEntry(self.wq_a_QD, ()), p + "q_norm.weight": PlanEntry(self.q_norm_Q, ()),
-                p + "wq_b.weight": PlanEntry(self.wq_b_NHQ, ()), p + "wkv.weight": PlanEntry(self.wkv_HD, ()),
-                p + "norm.weight": PlanEntry(self.kv_norm_H, ()), p + "wo_a.weight": PlanEntry(self.wo_a_GOd, ()),
-                p + "wo_b.weight": PlanEntry(self.wo_b_DGO, ()), p + "attn_sink": PlanEntry(self.sinks_N, ())}
+        """The published names under `p` = "model.layers.{i}.attn." (an FP8 linear's `X.scale` beside `X.weight`)."""
+        plan = {p + "q_norm.weight": PlanEntry(self.q_norm_Q, ()), p + "norm.weight": PlanEntry(self.kv_norm_H, ()),
+                p + "attn_sink": PlanEntry(self.sinks_N, ())}
+        for name in ("wq_a", "wq_b", "wkv", "wo_b"):
+            plan.update(published_linear_plan(getattr(self, name), f"{p}{name}.weight"))
+        plan.update(published_linear_plan(self.wo_a, p + "wo_a.weight", self.file_block_rows))
         if self.compressor is not None:
             plan.update(self.compressor.weight_plan(p + "compressor."))
         if self.indexer is not None:
             plan.update(self.indexer.weight_plan(p + "indexer.compressor."))
-            plan[p + "indexer.wq_b.weight"] = PlanEntry(self.wq_idx_nIQ, ())
+            plan.update(published_linear_plan(self.wq_idx, p + "indexer.wq_b.weight"))
             plan[p + "indexer.weights_proj.weight"] = PlanEntry(self.w_idx_nD, ())
         return plan
 

@@ -3,7 +3,9 @@
 A layer: the streams collapse (engine/models/hyper_connections.py) into the attention's input (attn_norm first),
 the attention's output spreads back over the streams; the same around the MoE block (ffn_norm): routed experts
 (moe/token_routing.TokenRoutedMoELayer: by the token-id table on the hash layers, by sqrt(softplus) scores with a
-correction bias on the rest; SwiGLU clamped at swiglu_limit) plus one shared expert, clamped the same way.
+correction bias on the rest; SwiGLU clamped at swiglu_limit) plus one shared expert, clamped the same way. With
+DeepSeek's published formats, the attention's linears and the shared expert are held FP8 (W8A8,
+engine/models/dsv4_weights.py), the routed experts FP4 (packed) or FP8 (dequantized at load).
 
 The attention kind is engine/models/dsv4_attention.py; its cache (paged entries + state slots) is the rank's. The
 module answers what the runner asks of a model (`stages`, `compute_logits`, `weight_plan`, `set_valid_rows`,
@@ -36,9 +38,10 @@ from ..config.dsv4_quant import DSV4Quantization, read_dsv4_quantization
 from ..config.model import ModelConfig
 from .dsv4_attention import DSV4Attention, RopeTable
 from .dsv4_rollback import StateRollback
-from .dsv4_weights import fp8_dequant_plan
+from .dsv4_weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 from .hyper_connections import HyperConnection, HyperHead
 from .layers import ForwardContext, param
+from .linear import Linear, LinearMethod
 from .rope import rope_inv_freq
 
 
@@ -55,21 +58,26 @@ class Norm(nn.Module):
 
 
 class ClampedMLP(nn.Module):
-    """The shared expert: down(silu(min(gate, limit)) * clamp(up, -limit, limit))."""
+    """The shared expert: down(silu(min(gate, limit)) * clamp(up, -limit, limit)); w1 (gate) and w3 (up) [I, D], w2
+    (down) [D, I], each a `Linear` as `method` holds it (float, or FP8 as published)."""
 
-    def __init__(self, hidden: int, inter: int, limit: float, dtype, device=None):
+    def __init__(self, hidden: int, inter: int, limit: float, method: LinearMethod, kernels, dtype, device=None):
         super().__init__()
-        self.w1_ID = param(inter, hidden, dtype=dtype, device=device)
-        self.w3_ID = param(inter, hidden, dtype=dtype, device=device)
-        self.w2_DI = param(hidden, inter, dtype=dtype, device=device)
+        # w1 and w3 apart, not stacked: a float checkpoint runs the very F.linear calls it always did.
+        self.w1 = Linear(hidden, inter, method, kernels, dtype, device)
+        self.w3 = Linear(hidden, inter, method, kernels, dtype, device)
+        self.w2 = Linear(inter, hidden, method, kernels, dtype, device)
         self.act = MoEActivation("silu_clamp", limit=limit)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(F.linear(x_TD, self.w1_ID), F.linear(x_TD, self.w3_ID)), self.w2_DI)
+        return self.w2(self.act(self.w1(x_TD), self.w3(x_TD)))
 
     def weight_plan(self, p: str) -> WeightPlan:
-        return {p + "w1.weight": PlanEntry(self.w1_ID, ()), p + "w3.weight": PlanEntry(self.w3_ID, ()),
-                p + "w2.weight": PlanEntry(self.w2_DI, ())}
+        """`{p}w1.weight`, ... (and each FP8 one's `.scale`)."""
+        plan: WeightPlan = {}
+        for name in ("w1", "w3", "w2"):
+            plan.update(published_linear_plan(getattr(self, name), f"{p}{name}.weight"))
+        return plan
 
 
 def expert_format(quant: DSV4Quantization | None):
@@ -92,7 +100,7 @@ class DSV4DecoderLayer(nn.Module):
         self.attn_hc = HyperConnection(hc, D, eps, device, kernels)
         self.ffn_hc = HyperConnection(hc, D, eps, device, kernels)
         self.attn_norm, self.ffn_norm = Norm(D, eps, device), Norm(D, eps, device)
-        self.attn = attention_cls(attention or cfg.attention_for(i), i, D, ropes, kernels, dt, device)
+        self.attn = attention_cls(attention or cfg.attention_for(i), i, D, ropes, kernels, dt, device, quant)
         m = cfg.moe
         router = (HashRouter(cfg.top_k, m.router.routed_scaling_factor) if i in cfg.hash_layers
                   else make_router(m.router))
@@ -101,7 +109,8 @@ class DSV4DecoderLayer(nn.Module):
                                        stats=stats, expert_format=expert_format(quant),
                                        activation=MoEActivation("silu_clamp", limit=m.swiglu_limit),
                                        vocab_size=cfg.vocab_size)
-        self.shared = ClampedMLP(D, cfg.moe_intermediate_size, m.swiglu_limit, dt, device)
+        self.shared = ClampedMLP(D, cfg.moe_intermediate_size, m.swiglu_limit, dsv4_linear_method(quant), kernels, dt,
+                                 device)
 
     def stages(self, positions_T, x_TnD, input_ids_T, ctx: ForwardContext) -> Stages:
         h_TD, mix = self.attn_hc.collapse(x_TnD)
@@ -120,7 +129,8 @@ class DSV4DecoderLayer(nn.Module):
 
     def weight_plan(self, i: int, spec: ArchSpec, expert_ids: list[int], num_experts: int,
                     prefix: str | None = None) -> WeightPlan:
-        """Names under `prefix` (default "model.layers.{i}."; an MTP layer's "mtp.{k}.")."""
+        """Names under `prefix` (default "model.layers.{i}."; an MTP layer's "mtp.{k}."). The FP8 linears' entries
+        (float8_e4m3fn weights, `.scale` into float32) are ones `fp8_dequant_plan` leaves as they are."""
         p = f"model.layers.{i}." if prefix is None else prefix
         plan: WeightPlan = {**self.attn_hc.weight_plan(p + "hc_attn"), **self.ffn_hc.weight_plan(p + "hc_ffn"),
                             p + "attn_norm.weight": PlanEntry(self.attn_norm.weight, ()),
@@ -218,8 +228,9 @@ class DeepseekV4ForCausalLM(nn.Module):
     def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:
         """The checkpoint's names as save_pretrained writes them (the published layer names under `model.`), or as
         DeepSeek publishes them (no `model.` prefix, `embed.weight`, `hc_head_fn`: `published_name`) where the
-        checkpoint holds those; with V4's published formats, each FP8 weight read with its `.scale` and
-        dequantized (engine/models/dsv4_weights.py), FP4 experts as packed bytes (moe/expert_weights_dsv4.py)."""
+        checkpoint holds those; with V4's published formats, the FP8 linears held FP8 with their `.scale`, FP8
+        routed experts dequantized (engine/models/dsv4_weights.py), FP4 experts as packed bytes
+        (moe/expert_weights_dsv4.py)."""
         plan: WeightPlan = {"model.embed_tokens.weight": PlanEntry(self.embed_tokens, ()),
                             "head.weight": PlanEntry(self.lm_head, ()),
                             "model.norm.weight": PlanEntry(self.norm.weight, ()),
@@ -230,7 +241,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         if names and "model.embed_tokens.weight" not in names:
             plan = {(published_name(n) if n not in names and published_name(n) in names else n): e
                     for n, e in plan.items()}
-        if self.quant is not None:  # FP8 linears (a `.scale` beside the weight): float at load
+        if self.quant is not None:  # FP8 routed experts (a `.scale` beside a float destination): float at load
             plan = fp8_dequant_plan(plan, names, self.quant.block)
         return plan
 

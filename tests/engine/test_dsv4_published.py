@@ -2,12 +2,17 @@
 linears with ue8m0 block scales (`.scale`), FP4 (e2m1, ue8m0 per 32) routed experts, published tensor names
 (tests/helpers/dsv4_published.py quantizes the tiny float checkpoint with the format's own rules).
 
-The oracle is transformers running the dequantized weights (exact in float64): moelink's greedy tokens equal it token
-for token, while they differ from the float model's (the quantization is really there). Blocks of 16 x 16 (published:
-128 x 128) so the tiny linears span several scale blocks; moe_intermediate_size 32 (FP4 needs K a multiple of 32)."""
+The FP8 linears (attention's, the indexer's wq_b, the shared expert's) are held FP8 and run W8A8. The oracle is
+transformers running the dequantized weights (exact in float64) with the W8A8 activation rounding at the inputs of
+those linears (tests/helpers/dsv4_published.fake_quant_dsv4, as tests/engine/test_fp8_checkpoints.py does for
+DeepSeek-V3): moelink's greedy tokens equal it token for token, while they differ from the float model's (the
+quantization is really there). Blocks of 16 x 16 (published: 128 x 128) so the tiny linears span several scale blocks
+(and wo_a's groups of 8 rows split a block: its scales held in rows of 8); moe_intermediate_size 32 (FP4 needs K a
+multiple of 32)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -18,13 +23,16 @@ from moelink.engine import LLM
 from moelink.engine.config.dsv4_quant import DSV4Quantization
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.config.quantization import Fp8Config
+from moelink.engine.models.linear import Linear
 from moelink.engine.rank.loader import load_model
+from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.expert_weights_dsv4 import PackedBytes
 
 from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
-from tests.helpers.dsv4_published import write_published_dsv4
-from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
+from tests.helpers.dsv4_published import fake_quant_dsv4, write_published_dsv4
+from tests.helpers.fp8_checkpoints import hf_greedy_with
+from tests.helpers.parity import MAX_NEW, assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
 
 CPU = torch.device("cpu")
 
@@ -70,9 +78,10 @@ def test_other_formats_are_refused_naming_the_field(fp4, tmp_path, edit, match):
         ModelConfig.from_pretrained(str(tmp_path / "m"), dtype="float64")
 
 
-def test_fp4_experts_stay_packed_and_fp8_linears_dequantize_exactly(fp4):
-    """The experts hold the file's bytes unchanged (w1 -> gate rows, w3 -> up rows, w2); an FP8 linear holds
-    e4m3 x its block's scale; the float tensors are copied."""
+def test_fp4_experts_stay_packed_and_fp8_linears_stay_fp8(fp4):
+    """The experts hold the file's bytes unchanged (w1 -> gate rows, w3 -> up rows, w2); an FP8 linear holds the
+    file's e4m3 bytes and its ue8m0 scales as float32 (dequantized: the oracle's weight); the float tensors are
+    copied."""
     cfg = ModelConfig.from_pretrained(fp4[0], dtype="float64")
     model = load_model(cfg, ReferenceKernels(), CPU)
     file = load_file(f"{fp4[0]}/model.safetensors")
@@ -86,11 +95,50 @@ def test_fp4_experts_stay_packed_and_fp8_linears_dequantize_exactly(fp4):
         assert torch.equal(moe.w2_scales_EDS[e], file[p + "w2.scale"].view(torch.uint8))
     w, s = file["layers.1.attn.wq_b.weight"], file["layers.1.attn.wq_b.scale"]
     assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float8_e8m0fnu and s.shape == (4, 1)
-    want = w.double() * s.double().repeat_interleave(16, 0).repeat_interleave(16, 1)[:, : w.shape[1]]
-    assert torch.equal(model.layers[1].attn.wq_b_NHQ, want)
+    wq_b = model.layers[1].attn.wq_b
+    assert wq_b.weight.dtype == FP8_DTYPE and torch.equal(wq_b.weight.view(torch.uint8), w.view(torch.uint8))
+    assert wq_b.weight_scale_inv.dtype == torch.float32 and torch.equal(wq_b.weight_scale_inv, s.float())
     oracle = load_file(f"{fp4[1]}/model.safetensors")
-    assert torch.equal(model.layers[1].attn.wq_b_NHQ, oracle["model.layers.1.attn.wq_b.weight"])
+    for i, name, block in [(1, "wq_b", (16, 16)), (1, "wo_a", (8, 16)), (1, "wq_idx", (16, 16)), (2, "wo_b", (16, 16))]:
+        lin = getattr(model.layers[i].attn, name)  # wo_a: 2 groups of 8 rows, scales held in rows of 8
+        hf_name = {"wq_idx": "indexer.wq_b"}.get(name, name)
+        assert lin.method.block == block, name
+        assert torch.equal(block_dequantize(lin.weight, lin.weight_scale_inv, block, torch.float64),
+                           oracle[f"model.layers.{i}.attn.{hf_name}.weight"]), name
+    w2 = model.layers[3].shared.w2
+    assert torch.equal(block_dequantize(w2.weight, w2.weight_scale_inv, (16, 16), torch.float64),
+                       oracle["model.layers.3.ffn.shared_experts.w2.weight"])
     assert torch.equal(model.layers[1].attn.compressor.wkv_CD, file["layers.1.attn.compressor.wkv.weight"])
+
+
+FP8_NAMES = re.compile(r"\.(wq_a|wq_b|wkv|wo_a|wo_b|wq_idx|w1|w2|w3)\.")
+
+
+def _linear_bytes(model) -> tuple[int, int]:
+    """(bytes of the attention's and shared expert's Linears, bytes of every attention and shared-expert parameter)."""
+    lin = sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, Linear) for p in m.parameters())
+    every = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".attn." in n or ".shared." in n)
+    return lin, every
+
+
+def test_fp8_linears_hold_no_float_copy_and_half_the_bytes(fp4, float_path):
+    """Every FP8 linear (5 of attention and 3 of the shared expert a layer, the indexer's wq_b on the 2 CSA layers) is
+    float8_e4m3fn + float32 block scales and nothing else holds a float copy; against the float model in bf16 their
+    bytes are about half (1 byte a weight + 4 bytes per 16 x 16 block, 8 x 16 for wo_a: 0.51 here, 0.5001 in 128 x
+    128 blocks). The float checkpoint keeps plain float weights."""
+    published = load_model(ModelConfig.from_pretrained(fp4[0], dtype="bfloat16"), ReferenceKernels(), CPU)
+    linears = {n: m for n, m in published.named_modules() if isinstance(m, Linear)}
+    assert len(linears) == 8 * 4 + 2
+    for n, m in linears.items():
+        assert {k: p.dtype for k, p in m.named_parameters()} == {"weight": FP8_DTYPE, "weight_scale_inv": torch.float32}
+    copies = [n for n, p in published.named_parameters() if FP8_NAMES.search(n) and p.dtype not in (FP8_DTYPE, torch.float32)]
+    assert not copies
+    floats = load_model(ModelConfig.from_pretrained(float_path, dtype="bfloat16"), ReferenceKernels(), CPU)
+    assert {p.dtype for m in floats.modules() if isinstance(m, Linear) for p in m.parameters()} == {torch.bfloat16}
+    (fp8_lin, fp8_all), (bf16_lin, bf16_all) = _linear_bytes(published), _linear_bytes(floats)
+    print(f"\nattention + shared expert linears: {fp8_lin} B FP8 vs {bf16_lin} B bf16 ({fp8_lin / bf16_lin:.3f}x); "
+          f"with the float compressors, norms and sinks: {fp8_all} B vs {bf16_all} B ({fp8_all / bf16_all:.3f}x)")
+    assert fp8_lin < 0.52 * bf16_lin and fp8_all < bf16_all
 
 
 def test_an_expert_rank_reads_only_its_experts(fp4):
@@ -125,11 +173,12 @@ def test_a_packed_tensor_of_another_dtype_is_refused():
 @pytest.mark.slow
 def test_fp4_checkpoint_greedy_equals_transformers_on_dequantized_weights(fp4, float_path):
     """Prompts of 1..150 tokens (every compression boundary, the window, the indexer's top-k), chunked and
-    batched: the FP4 experts run through the MXFP4 kernels' reference, the FP8 linears dequantized."""
+    batched: the FP4 experts run through the MXFP4 kernels' reference, the FP8 linears W8A8 (the oracle rounds their
+    inputs the same way)."""
     ps = prompts(VOCAB, seed=42, n=5, lo=1, hi=150)
     llm = _engine(fp4[0])
     got = engine_greedy(llm, ps)
-    assert_same(got, hf_greedy(fp4[1], ps), ps)
+    assert_same(got, hf_greedy_with(fake_quant_dsv4(fp4[1], (16, 16)), ps, MAX_NEW), ps)
     assert got != hf_greedy(float_path, ps), "the quantized model answers as the float one: nothing was quantized"
     assert_pool_free(llm)
 
@@ -137,8 +186,8 @@ def test_fp4_checkpoint_greedy_equals_transformers_on_dequantized_weights(fp4, f
 @pytest.mark.slow
 def test_fp8_experts_checkpoint_greedy_equals_transformers(float_path, tmp_path):
     """Without expert_dtype the routed experts are FP8 like the linears (DeepSeek's convert.py --expert-dtype fp8):
-    dequantized at load."""
+    dequantized at load (W4A16's float activations: only the linears' inputs are rounded)."""
     pub, oracle = write_published_dsv4(float_path, tmp_path / "published", tmp_path / "oracle", expert_dtype="fp8")
     assert "expert_dtype" not in json.loads((tmp_path / "published" / "config.json").read_text())
     ps = prompts(VOCAB, seed=7, n=3, lo=1, hi=150)
-    assert_same(engine_greedy(_engine(pub), ps), hf_greedy(oracle, ps), ps)
+    assert_same(engine_greedy(_engine(pub), ps), hf_greedy_with(fake_quant_dsv4(oracle, (16, 16)), ps, MAX_NEW), ps)

@@ -20,7 +20,8 @@ The tensors that stay float (compressors, indexer weights_proj, gate, norms, hyp
 float checkpoint's float64 (published: bf16): only the quantized formats are under test.
 
 The oracle is the float checkpoint with every quantized weight replaced by its dequantized value (exact in float64),
-saved by name as transformers saved it: transformers runs it, and moelink must give its tokens exactly.
+saved by name as transformers saved it: transformers runs it (`fake_quant_dsv4`: with the W8A8 activation rounding at
+the inputs of the FP8 linears, which moelink runs FP8), and moelink must give its tokens exactly.
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ from safetensors.torch import load_file, save_file
 
 from moelink.kernels.mxfp4 import mxfp4_dequantize, mxfp4_quantize
 
+# transformers' modules of the FP8 linears (DeepseekV4ForCausalLM's names; the compressors' kv_proj / gate_proj and the
+# indexer's weights_proj ship in bf16 and stay float)
+HF_FP8_LINEARS = (".self_attn.q_a_proj", ".self_attn.q_b_proj", ".self_attn.kv_proj", ".self_attn.o_a_proj",
+                  ".self_attn.o_b_proj", ".indexer.q_b_proj", ".shared_experts.gate_proj", ".shared_experts.up_proj",
+                  ".shared_experts.down_proj")
 FP8_LINEARS = (".attn.wq_a.", ".attn.wq_b.", ".attn.wkv.", ".attn.wo_a.", ".attn.wo_b.", ".attn.indexer.wq_b.",
                ".ffn.shared_experts.", ".e_proj.", ".h_proj.")
 E4M3_MAX = 448.0
@@ -100,3 +106,25 @@ def write_published_dsv4(float_dir: str, out_dir: Path, oracle_dir: Path, block:
         raw["expert_dtype"] = "fp4"
     (Path(out_dir) / "config.json").write_text(json.dumps(raw, indent=2))
     return str(out_dir), str(oracle_dir)
+
+
+def fake_quant_dsv4(oracle_dir: str, block: tuple[int, int]):
+    """transformers' float64 model of `oracle_dir` (write_published_dsv4's dequantized twin) with the W8A8 activation
+    rounding moelink's FP8 linears apply (kernels/fp8.fake_quant_activation, per token per Bk channels) at the input
+    of each one: attention's wq_a / wq_b / wkv / wo_b, wo_a per group (its input [.., G, d]: each group's d channels),
+    the indexer's wq_b and the shared expert's w1 / w3 / w2. The routed experts (FP4, W4A16) keep float inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from moelink.kernels.fp8 import fake_quant_activation
+
+    bk = block[1]
+
+    def fq(module, args):
+        x = args[0]
+        return (fake_quant_activation(x.reshape(-1, x.shape[-1]), bk).to(x.dtype).view_as(x),) + tuple(args[1:])
+
+    model = AutoModelForCausalLM.from_pretrained(oracle_dir, dtype=torch.float64, experts_implementation="eager").eval()
+    hooked = [mod.register_forward_pre_hook(fq) for name, mod in model.named_modules() if name.endswith(HF_FP8_LINEARS)]
+    # 8 a layer (5 of attention, 3 of the shared expert), + the indexer's on CSA layers
+    assert len(hooked) >= 8 * len(model.model.layers), "transformers renamed V4's linears: some rounding is not hooked"
+    return model
