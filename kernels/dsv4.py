@@ -5,9 +5,13 @@ Numerics follow transformers' deepseek_v4 op for op where it leaves the activati
 is rounded to float32 before it is rotated, the lightning indexer scores in float32, norms compute in float32 with
 float32 weights. Everything else stays in the activations' dtype (float64 in the parity tests).
 
+A batched decode step's two ops read the cache where it lies (`reference_paged_indexer_topk`,
+`reference_paged_sink_attention`): index keys and entries in their pages through each query's block table, window
+rows in its state slot. These references gather them first (the oracle); triton_dsv4_paged.py reads them in place.
+
 Legend: T queries, N heads, H head_dim, R rotary dims (the trailing R of a head), h = R / 2, S keys, n windows,
 m compress rate, C a compressor row (kv | gate), E compressed entries, n_I indexer heads, I index_head_dim, G output
-groups.
+groups; paged: B blocks, Lc entries per block, M block-table width, P state slots, W window, K picks.
 """
 from __future__ import annotations
 
@@ -83,6 +87,66 @@ def reference_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS
     return torch.einsum("tns,tsh->tnh" if per_query else "tns,sh->tnh", probs.to(k_SH.dtype), k_SH)
 
 
+def gather_paged_rows(pages_BLcX: torch.Tensor, table_TM: torch.Tensor, e_TE: torch.Tensor) -> torch.Tensor:
+    """Rows e_TE of each query's sequence from its pages, [T, E', X]: row e sits in block table[t, e // Lc] at
+    e mod Lc. Ids must be >= 0 and inside the table (callers clamp or mask them)."""
+    Lc = pages_BLcX.shape[1]
+    return pages_BLcX[table_TM.long().gather(1, e_TE // Lc), e_TE % Lc]
+
+
+def _visible_pages(pages_BLcX: torch.Tensor, table_TM: torch.Tensor, visible_T: torch.Tensor):
+    """Every row the block tables address (E = table width x Lc, a host bound), rows at or past visible_T[t] zeroed
+    (a never-written row may hold NaN), and which are visible: ([T, E, X], bool [T, E])."""
+    T, E = table_TM.shape[0], table_TM.shape[1] * pages_BLcX.shape[1]
+    e_TE = torch.arange(E, device=pages_BLcX.device)[None, :].expand(T, -1)
+    seen_TE = e_TE < visible_T[:, None]
+    return torch.where(seen_TE[..., None], gather_paged_rows(pages_BLcX, table_TM, e_TE), 0), seen_TE
+
+
+def reference_paged_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_BLcI: torch.Tensor,
+                                 table_TM: torch.Tensor, visible_T: torch.Tensor, top_k: int) -> torch.Tensor:
+    """reference_indexer_topk for a batched decode step whose index keys stay in their pages: query t scores the
+    first visible_T[t] keys of its sequence, key e in block table_TM[t, e // Lc] at e mod Lc (keys_BLcI
+    [B, Lc, I]). int32 [T, top_k] entry ids, ascending, then -1. Here the keys are gathered first (the oracle);
+    the Triton op reads them through the table."""
+    keys_TEI, _ = _visible_pages(keys_BLcI, table_TM, visible_T)
+    return reference_indexer_topk(q_TnI, w_Tn, keys_TEI, visible_T, top_k)
+
+
+def window_seen(pos_T: torch.Tensor, slot_T: torch.Tensor, W: int) -> torch.Tensor:
+    """bool [T, W]: which rows of a query's window ring it sees. The ring row r of the query at position p holds
+    position p - ((p - r) mod W), seen where that is >= 0; a query without a slot (slot < 0: a padding row) sees
+    none."""
+    r_W = torch.arange(W, device=pos_T.device)
+    p_T1 = pos_T.long()[:, None]
+    return (p_T1 - (p_T1 - r_W[None, :]) % W >= 0) & (slot_T[:, None] >= 0)
+
+
+def reference_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tensor, slot_T: torch.Tensor,
+                                   pos_T: torch.Tensor, entries_BLcH: torch.Tensor | None,
+                                   table_TM: torch.Tensor | None, picks_TK: torch.Tensor | None,
+                                   visible_T: torch.Tensor | None, sinks_N: torch.Tensor, scale: float) -> torch.Tensor:
+    """reference_sink_attention for a batched decode step whose keys stay where the cache keeps them: query t (at
+    position pos_T[t]) attends to its window ring window_PWH[slot_T[t]] (the rows window_seen gives) and to
+    entries of its sequence's pages entries_BLcH [B, Lc, H] (entry e in block table_TM[t, e // Lc] at e mod Lc):
+    the ids picks_TK [T, K] (CSA: the indexer's, -1 for none) or, with picks_TK None, every entry below
+    visible_T[t] (HCA); with entries_BLcH None (a sliding layer) the window only. Rows it does not see are zeroed
+    first (a ring row of a slot's earlier request, a never-written entry). Out [T, N, H] in q's dtype. Here the
+    keys are gathered into [T, W + K or E, H] (the oracle); the Triton op reads them in place."""
+    keys_TWH = window_PWH[slot_T.long().clamp(min=0)]
+    seen_TW = window_seen(pos_T, slot_T, window_PWH.shape[1])
+    if entries_BLcH is None:
+        ent_TEH, seen_TE = keys_TWH[:, :0], seen_TW[:, :0]
+    elif picks_TK is None:
+        ent_TEH, seen_TE = _visible_pages(entries_BLcH, table_TM, visible_T)
+    else:
+        picks = picks_TK.long()
+        seen_TE = picks >= 0
+        ent_TEH = torch.where(seen_TE[..., None], gather_paged_rows(entries_BLcH, table_TM, picks.clamp(min=0)), 0)
+    keys_TSH = torch.cat([torch.where(seen_TW[..., None], keys_TWH, 0), ent_TEH], dim=1).to(q_TNH.dtype)
+    return reference_sink_attention(q_TNH, keys_TSH, torch.cat([seen_TW, seen_TE], dim=1), sinks_N, scale)
+
+
 def reference_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torch.Tensor:
     """The grouped output projection's first half: each of G groups of heads [d] projected by its own [o, d]
     block: [T, G, o]."""
@@ -98,5 +162,6 @@ def reference_hc_expand(x_TnD: torch.Tensor, out_TD: torch.Tensor, post_Tn: torc
     return post_Tn.to(dt).unsqueeze(-1) * out_TD.unsqueeze(-2) + torch.matmul(comb_Tnn.to(dt).transpose(-1, -2), x_TnD)
 
 
-__all__ = ["reference_compress", "reference_grouped_linear", "reference_hc_expand", "reference_indexer_topk",
-           "reference_rms_norm_f32", "reference_rope_tail", "reference_sink_attention"]
+__all__ = ["gather_paged_rows", "reference_compress", "reference_grouped_linear", "reference_hc_expand",
+           "reference_indexer_topk", "reference_paged_indexer_topk", "reference_paged_sink_attention",
+           "reference_rms_norm_f32", "reference_rope_tail", "reference_sink_attention", "window_seen"]

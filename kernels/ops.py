@@ -20,7 +20,7 @@ from .attention import AttentionMetadata, reference_paged_attention, reference_w
 from .causal_conv1d import reference_causal_conv1d, reference_causal_conv1d_update, reference_replay_conv_state
 from .dsa import reference_dsa_topk, reference_sparse_mla_attention, reference_write_fp8_index_keys
 from .dsv4 import (reference_compress, reference_grouped_linear, reference_hc_expand, reference_indexer_topk,
-                   reference_sink_attention)
+                   reference_paged_indexer_topk, reference_paged_sink_attention, reference_sink_attention)
 from .fp8 import reference_fp8_linear, reference_fused_moe_fp8
 from .int4 import reference_fused_moe_int4
 from .gated_delta import (reference_commit_states, reference_gated_delta_rule, reference_gated_delta_rule_decode,
@@ -64,6 +64,10 @@ class Kernels(Protocol):
     dsv4_sink_attention: Callable
     dsv4_grouped_linear: Callable
     dsv4_hc_expand: Callable
+    # A batched decode step's indexer and sink attention reading index keys and entries through the block tables
+    # and window rows from the state slots (no gathered copy; kernels/dsv4.py: reference_paged_*).
+    dsv4_paged_indexer_topk: Callable
+    dsv4_paged_sink_attention: Callable
     route_topk: Callable
     silu_mul: Callable
     fused_moe: Callable
@@ -93,6 +97,7 @@ REFERENCES: dict[str, Callable] = dict(
     sparse_mla_attention=reference_sparse_mla_attention, dsv4_compress=reference_compress,
     dsv4_indexer_topk=reference_indexer_topk, dsv4_sink_attention=reference_sink_attention,
     dsv4_grouped_linear=reference_grouped_linear, dsv4_hc_expand=reference_hc_expand,
+    dsv4_paged_indexer_topk=reference_paged_indexer_topk, dsv4_paged_sink_attention=reference_paged_sink_attention,
     route_topk=reference_route_topk, silu_mul=reference_silu_mul,
     fused_moe=reference_fused_moe, fp8_linear=reference_fp8_linear,
     fused_moe_fp8=reference_fused_moe_fp8, fused_moe_mxfp4=reference_fused_moe_mxfp4,
@@ -126,6 +131,8 @@ class ReferenceKernels:
     dsv4_sink_attention = staticmethod(reference_sink_attention)
     dsv4_grouped_linear = staticmethod(reference_grouped_linear)
     dsv4_hc_expand = staticmethod(reference_hc_expand)
+    dsv4_paged_indexer_topk = staticmethod(reference_paged_indexer_topk)
+    dsv4_paged_sink_attention = staticmethod(reference_paged_sink_attention)
     route_topk = staticmethod(reference_route_topk)
     silu_mul = staticmethod(reference_silu_mul)
     fused_moe = staticmethod(reference_fused_moe)
@@ -194,6 +201,10 @@ class TritonKernels:
         self.dsv4_sink_attention = triton_dsv4_sink_attention  # window + entries + sink, online softmax
         self.dsv4_grouped_linear = triton_dsv4_grouped_linear
         self.dsv4_hc_expand = triton_dsv4_hc_expand  # the mix and the residual add: one pass over the streams
+        from .triton_dsv4_paged import triton_dsv4_paged_indexer_topk, triton_dsv4_paged_sink_attention
+
+        self.dsv4_paged_indexer_topk = triton_dsv4_paged_indexer_topk  # keys read through the block table
+        self.dsv4_paged_sink_attention = triton_dsv4_paged_sink_attention  # ring + paged entries: one (split: two)
         self.route_topk = triton_route_topk  # scores, top-k, padding mask, expert-load count: one launch
         self.silu_mul = triton_silu_mul  # dense MLPs' and shared experts' SiLU(gate)·up: one launch
         self.fused_moe = triton_fused_moe  # takes the reference's b13_EF / b2_ED / activation keywords too

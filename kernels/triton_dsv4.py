@@ -10,6 +10,7 @@ references in kernels/dsv4.py (legend there); the indexer's top-k is triton_dsv4
   the query (the window ring's raw KV, then the compressed entries), started from the head's sink (max = sink,
   denominator 1: the sink is one more logit without a value). K = V, so each key tile is loaded once for both
   products. Rows a query may not see are zeroed before P @ V: a row never written (NaN in the cache) costs nothing.
+  Its per-tile step (`sink_softmax_step`) is shared with the paged decode kernel of triton_dsv4_paged.py.
 - `triton_dsv4_grouped_linear`: grid (row tiles, groups, output tiles), a K loop over each group's d inputs.
 
 Numerics: float32 accumulation throughout (the reference computes its logits in the activations' dtype: equal in
@@ -90,6 +91,22 @@ def triton_dsv4_compress(kv_nmC: torch.Tensor, gate_nmC: torch.Tensor, prev_kv_n
     return out
 
 
+@triton.jit
+def sink_softmax_step(q, k, ok, m_i, l_i, acc, scale, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of the online softmax: q [BLOCK_N, BLOCK_H], k [BLOCK_S, BLOCK_H] (key and value; rows not ok
+    already read as zeros), the running max, denominator and output. m_i must be finite (the kernels start it at
+    the sink), so a tile of no allowed key changes nothing. Returns (m_i, l_i, acc). Shared with the paged decode
+    kernel (triton_dsv4_paged.py)."""
+    logits = dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), INTERPRET, PREC) * scale
+    logits = tl.where(ok[None, :], logits, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(logits - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = dot(cast(p, k.dtype, INTERPRET), k, acc * alpha[:, None], INTERPRET, PREC)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["S"])
 def _dsv4_sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale, S, N, H, stride_qt, stride_qn,
                                 stride_kt, stride_ks, stride_at, stride_ot, stride_on, BLOCK_N: tl.constexpr,
@@ -110,14 +127,7 @@ def _dsv4_sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, s
         # Rows the query may not see are read as zeros: an unwritten (NaN) row must not reach P @ V.
         k = tl.load(k_ptr + t * stride_kt + s[:, None] * stride_ks + d[None, :], mask=ok[:, None] & (d[None, :] < H),
         other=0.0)
-        logits = dot(q, tl.trans(k), tl.zeros([BLOCK_N, BLOCK_S], tl.float32), INTERPRET, PREC) * scale
-        logits = tl.where(ok[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(logits - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = dot(cast(p, k.dtype, INTERPRET), k, acc * alpha[:, None], INTERPRET, PREC)
-        m_i = m_new
+        m_i, l_i, acc = sink_softmax_step(q, k, ok, m_i, l_i, acc, scale, INTERPRET, PREC)
     out = acc / l_i[:, None]
     tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_on + d[None, :],
              cast(out, out_ptr.dtype.element_ty, INTERPRET), mask=(heads[:, None] < N) & (d[None, :] < H))
@@ -197,4 +207,4 @@ def triton_dsv4_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torc
     return out
 
 
-__all__ = ["triton_dsv4_compress", "triton_dsv4_grouped_linear", "triton_dsv4_sink_attention"]
+__all__ = ["sink_softmax_step", "triton_dsv4_compress", "triton_dsv4_grouped_linear", "triton_dsv4_sink_attention"]

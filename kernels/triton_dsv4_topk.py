@@ -8,7 +8,8 @@ only marks them; the tests compare them sorted).
   visible count (-0.0 stored as 0.0, as the reference's float ordering sees it);
 - top-k: DeepSeek Sparse Attention's selection kernels (triton_dsa_select.py: a radix select per row, or for long
   rows P programs per row and a merge), each query a "sequence" of one token whose causal length is its visible
-  count (seq_lens = visible_T, query starts 0..T): the same exact order, ties to the lowest entries.
+  count (seq_lens = visible_T, query starts 0..T): the same exact order, ties to the lowest entries (`select_topk`;
+  the indexer over paged keys, triton_dsv4_paged.py, shares it and `score_tile`).
 
 No host sync: the work follows visible_T on the device; E (the keys given) sizes the workspace and the split.
 """
@@ -25,6 +26,17 @@ from .triton_dsa_select import _merge_topk_kernel, _partial_topk_kernel, _topk_k
 _SCORE_CONFIG = (64, 4)  # BLOCK_E, num_warps
 _TOPK_CONFIG = (4096, 8)  # as triton_dsa_topk's: one program per row
 _SPLIT_TOPK_CONFIG = (2048, 8)
+
+
+@triton.jit
+def score_tile(q, k, w, q_scale, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """[BLOCK_E] float32 scores of a key tile k [BLOCK_E, BLOCK_I] for the index queries q [BLOCK_NI, BLOCK_I] with
+    head weights w [BLOCK_NI] (already times n_I^-0.5); -0.0 comes out as 0.0 (the reference's float ordering)."""
+    # bf16 products are exact in fp32, the MMA accumulates in fp32: the reference's float32 scores on tensor cores
+    s = dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), INTERPRET, PREC)
+    s = tl.maximum(s, 0.0) * q_scale
+    score = tl.sum(w[:, None] * s, axis=0)
+    return tl.where(score == 0.0, 0.0, score)
 
 
 @triton.jit(do_not_specialize=["E", "G"])
@@ -45,11 +57,7 @@ def _dsv4_indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_ptr,
         k = tl.load(keys_ptr + t * stride_kt + e[:, None].to(tl.int64) * stride_ke + d[None, :], mask=ok[:,
         None] & (d[None, :] < I),
                     other=0.0).to(q.dtype)
-        # bf16 products are exact in fp32, the MMA accumulates in fp32: the reference's float32 scores on tensor cores
-        s = dot(q, tl.trans(k), tl.zeros([BLOCK_NI, BLOCK_E], tl.float32), INTERPRET, PREC)
-        s = tl.maximum(s, 0.0) * q_scale
-        score = tl.sum(w[:, None] * s, axis=0)
-        score = tl.where(score == 0.0, 0.0, score)
+        score = score_tile(q, k, w, q_scale, INTERPRET, PREC)
         tl.store(scores_ptr + t * stride_st + e, score, mask=ok)
 
 
@@ -74,13 +82,10 @@ def triton_dsv4_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: t
         return out
     interp = common.interpreting(q_TnI)
     block_e, warps = (16, 4) if interp else _SCORE_CONFIG
-    block_t, t_warps = (64, 4) if interp else _TOPK_CONFIG
-    block_s, s_warps = (64, 4) if interp else _SPLIT_TOPK_CONFIG
     Ep = max(1, triton.cdiv(E, block_e)) * block_e
     scores = common.workspace((T, Ep), torch.float32, dev)
     # Each query is a one-token "sequence" of the DSA selection kernels: causal length = its visible count.
     lens_T = torch.clamp(visible_T, max=E).to(torch.int32)
-    qsl_T1 = torch.arange(T + 1, dtype=torch.int32, device=dev)
     q = q_TnI if q_TnI.stride(-1) == 1 else q_TnI.contiguous()
     w, keys = w_Tn.contiguous(), keys_EI.to(q.dtype).contiguous()
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
@@ -91,18 +96,32 @@ def triton_dsv4_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: t
         triton.next_power_of_2(nI)),
         BLOCK_I=max(16, triton.next_power_of_2(I)), BLOCK_E=block_e, INTERPRET=interp,
         PREC=common.dot_precision(q.dtype), num_warps=warps)
-    P = num_splits or split_programs(Ep, top_k, T, sms)
-    if P == 1:
-        _topk_kernel[(T,)](scores, lens_T, qsl_T1, out, T, 0, scores.stride(0), out.stride(0), top_k, BLOCK=block_t,
-                           num_warps=t_warps)
-        return out
-    cand_pos = common.workspace((T, P * top_k), torch.int32, dev)
-    cand_val = common.workspace((T, P * top_k), torch.float32, dev)
-    _partial_topk_kernel[(T, P)](scores, lens_T, qsl_T1, cand_pos, cand_val, T, 0, P, scores.stride(0),
-                                 cand_pos.stride(0), top_k, BLOCK=block_s, num_warps=s_warps)
-    _merge_topk_kernel[(T,)](lens_T, qsl_T1, cand_pos, cand_val, out, T, 0, P, cand_pos.stride(0), out.stride(0),
-                             top_k, BLOCK=block_s, num_warps=s_warps)
+    select_topk(scores, lens_T, top_k, out, sms, num_splits=num_splits)
     return out
 
 
-__all__ = ["triton_dsv4_indexer_topk"]
+def select_topk(scores_TE: torch.Tensor, lens_T: torch.Tensor, top_k: int, out_TK: torch.Tensor, sms: int, *,
+                num_splits: int | None = None) -> None:
+    """out_TK (int32 [T, top_k]) = each row's top_k entries of scores_TE (float32 [T, E']) among its first lens_T[t] (int32), then -1: DSA's selection kernels with each row a one-token
+    "sequence" whose causal length is lens_T[t]. Shared by the indexer over given keys (above) and over paged keys
+    (triton_dsv4_paged.py)."""
+    T, Ep = scores_TE.shape
+    dev = scores_TE.device
+    interp = common.interpreting(scores_TE)
+    block_t, t_warps = (64, 4) if interp else _TOPK_CONFIG
+    block_s, s_warps = (64, 4) if interp else _SPLIT_TOPK_CONFIG
+    qsl_T1 = torch.arange(T + 1, dtype=torch.int32, device=dev)
+    P = num_splits or split_programs(Ep, top_k, T, sms)
+    if P == 1:
+        _topk_kernel[(T,)](scores_TE, lens_T, qsl_T1, out_TK, T, 0, scores_TE.stride(0), out_TK.stride(0), top_k,
+                           BLOCK=block_t, num_warps=t_warps)
+        return
+    cand_pos = common.workspace((T, P * top_k), torch.int32, dev)
+    cand_val = common.workspace((T, P * top_k), torch.float32, dev)
+    _partial_topk_kernel[(T, P)](scores_TE, lens_T, qsl_T1, cand_pos, cand_val, T, 0, P, scores_TE.stride(0),
+                                 cand_pos.stride(0), top_k, BLOCK=block_s, num_warps=s_warps)
+    _merge_topk_kernel[(T,)](lens_T, qsl_T1, cand_pos, cand_val, out_TK, T, 0, P, cand_pos.stride(0),
+                             out_TK.stride(0), top_k, BLOCK=block_s, num_warps=s_warps)
+
+
+__all__ = ["score_tile", "select_topk", "triton_dsv4_indexer_topk"]

@@ -5,82 +5,79 @@ runs here, eager or replayed, so a replay equals the eager step.
 
 Per row s, its one query at position p = seq_lens_S[s] - 1 (device), its state slot, its block table:
 1. the window ring takes the token's kv at p mod W; the query's window keys are the ring's W rows, the row at ring
-   index r holding position p - ((p - r) mod W), seen where that is >= 0;
+   index r holding position p - ((p - r) mod W), seen where that is >= 0 (kernels/dsv4.window_seen);
 2. the compressor ring takes the token's row at p mod ring; the entry of the window w = p // m is pooled from the
    ring's rows of positions w m .. w m + m - 1 (CSA: and the previous window's Ca half, none before window 0) for
    every row, and written to its block only where the window closes here ((p + 1) mod m == 0): a read-modify-write
    (torch.where), so no host branch;
-3. entries for the attention, gathered through the block table up to the host bound E = min(max_model_len,
-   table width x L) / m: all of them, seen below (p + 1) / m (HCA), or the indexer's top-k of the index keys so
-   gathered (CSA);
-4. sink attention over [window | entries] with each row's own keys (the kernels' per-query key layout); keys a row
-   may not see are zeroed first (a ring row from a slot's earlier request, a never-written entry).
-Padding rows (state slot -1, a captured graph's rows past the batch) read the null slot and the null block and
-write nothing.
+3. CSA: the indexer's top-k of the (p + 1) // m visible index keys, the kernel strategy's `dsv4_paged_indexer_topk`
+   reading each key through the row's block table (no [T, E, I] copy);
+4. sink attention over [window | entries], `dsv4_paged_sink_attention`: the window rows read from the row's slot,
+   the entries from their blocks: the picks (CSA) or every visible entry (HCA; none on a sliding layer). Rows a
+   query may not see (a ring row from a slot's earlier request, a never-written entry) are read as zeros.
+Padding rows (state slot -1, a captured graph's rows past the batch) write back the null slot's and the null
+block's rows (nothing changes) and attend to nothing (sink only). The table's width bounds the entries a row may
+have (E = M Lc, a host size): no shape follows the lengths.
 
-Cost (noted, not yet optimised): a CSA row gathers all E index keys ([E, I]) before scoring them, an HCA row all E
-entries ([E, H]); the kernels could read them through the block table instead.
-
-Legend: T rows (one query each), N heads, H head_dim, W window, m compress rate, C a compressor row, E entries (host
-bound), K index top-k, I index head dim, L block size, Lc = L / m entries per block.
+Legend: T rows (one query each), N heads, H head_dim, W window, m compress rate, C a compressor row, K index top-k,
+I index head dim, L block size, Lc = L / m entries per block, M block-table width.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from moelink.kernels.dsv4 import reference_rms_norm_f32
+from moelink.kernels.dsv4 import reference_rms_norm_f32, reference_sink_attention
+from moelink.kernels.ops import ReferenceKernels, TritonKernels
 
 
 def decode_attention(layer, q_TNH, kv_TH, rows_TC, idx, ctx, paged, state) -> torch.Tensor:
     """`layer`: a DSV4Attention; the rest as its forward computed them. Returns [T, N, H] (before the inverse rope)."""
-    cfg, dev = layer.cfg, q_TNH.device
+    cfg = layer.cfg
+    paged_topk, paged_attention = _paged_ops(layer)
     attn = ctx.attn
     p_T = attn.seq_lens_S.long() - 1
     slot_T = ctx.state.slots_S.long()
     live_T = slot_T >= 0
-    slot_T = torch.where(live_T, slot_T, state[0].shape[0] - 1)  # padding rows: the null slot (read only)
-    table_TM = attn.block_tables_SM.long()
-    W = cfg.sliding_window
-    window_PWH = state[0]
-    _write_rows(window_PWH, slot_T, p_T % W, kv_TH, live_T)
-    keys_TWH = window_PWH[slot_T]
-    r_W = torch.arange(W, device=dev)
-    seen_TW = p_T[:, None] - (p_T[:, None] - r_W[None, :]) % W >= 0
-    keys, seen = [keys_TWH], [seen_TW]
+    write_T = torch.where(live_T, slot_T, state[0].shape[0] - 1)  # padding rows: the null slot (written back as is)
+    table_TM = attn.block_tables_SM
+    _write_rows(state[0], write_T, p_T % cfg.sliding_window, kv_TH, live_T)
+    entries = picks_TK = visible_T = None
     if layer.compressor is not None:
         m = cfg.compress_rate
-        max_pos = layer.compress_rope.cos_Ph.shape[0]  # max_model_len: a host bound
-        E = min(max_pos, table_TM.shape[1] * paged[0].shape[1] * m) // m
         visible_T = (p_T + 1) // m
-        _close_window(layer, layer.compressor, rows_TC, state[1], paged[0], p_T, slot_T, live_T, table_TM)
-        e_E = torch.arange(E, device=dev)
+        entries = paged[0]
+        _close_window(layer, layer.compressor, rows_TC, state[1], entries, p_T, write_T, live_T, table_TM.long())
         if layer.indexer is not None:  # CSA: the indexer's top-k of the visible entries
             irows_TC, iq_TnI, iw_Tn = idx
-            _close_window(layer, layer.indexer, irows_TC, state[2], paged[1], p_T, slot_T, live_T, table_TM)
-            keys_TEI = _gather_entries(paged[1], table_TM, e_E[None, :].expand(len(p_T), -1))
-            keys_TEI = torch.where((e_E[None, :] < visible_T[:, None])[..., None], keys_TEI, 0)
-            picks_TK = layer.indexer_topk(iq_TnI, iw_Tn, keys_TEI, visible_T, cfg.index_topk).long()
-            keys.append(_gather_entries(paged[0], table_TM, picks_TK.clamp(min=0)))
-            seen.append(picks_TK >= 0)
-        else:  # HCA: every visible entry
-            keys.append(_gather_entries(paged[0], table_TM, e_E[None, :].expand(len(p_T), -1)))
-            seen.append(e_E[None, :] < visible_T[:, None])
-    keys_TSH, seen_TS = torch.cat(keys, dim=1), torch.cat(seen, dim=1)
-    keys_TSH = torch.where(seen_TS[..., None], keys_TSH, 0).to(q_TNH.dtype)
-    return layer.sink_attention(q_TNH, keys_TSH, seen_TS, layer.sinks_N, cfg.softmax_scale)
+            _close_window(layer, layer.indexer, irows_TC, state[2], paged[1], p_T, write_T, live_T, table_TM.long())
+            picks_TK = paged_topk(iq_TnI, iw_Tn, paged[1], table_TM, visible_T, cfg.index_topk)
+    read_T = torch.where(live_T, slot_T, -1)  # padding rows see no window row
+    return paged_attention(q_TNH, state[0], read_T, p_T, entries, table_TM, picks_TK, visible_T, layer.sinks_N,
+                           cfg.softmax_scale)
+
+
+def _paged_ops(layer):
+    """(dsv4_paged_indexer_topk, dsv4_paged_sink_attention) of the layer's kernel strategy. DSV4Attention keeps the
+    ops it runs, not its strategy, and has no paged ones yet: they are its strategy's, known by the sink attention
+    it holds (the reference's, or else Triton's: one TritonKernels per process, built on the first decode step,
+    eager, before any capture)."""
+    if layer.sink_attention is reference_sink_attention:
+        return ReferenceKernels.dsv4_paged_indexer_topk, ReferenceKernels.dsv4_paged_sink_attention
+    triton_ops = _triton_kernels()
+    return triton_ops.dsv4_paged_indexer_topk, triton_ops.dsv4_paged_sink_attention
+
+
+@functools.cache
+def _triton_kernels() -> TritonKernels:
+    return TritonKernels()
 
 
 def _write_rows(pool_PXC, slot_T, at_T, rows_TC, live_T) -> None:
     """pool[slot, at] = row for live rows; padding rows write back what is there (no host branch)."""
     old = pool_PXC[slot_T, at_T]
     pool_PXC[slot_T, at_T] = torch.where(live_T[:, None], rows_TC.to(pool_PXC.dtype), old)
-
-
-def _gather_entries(entries_BLcX, table_TM, e_TE) -> torch.Tensor:
-    """Entries e_TE of each row's sequence, [T, E', X]: entry e sits in block table[e // Lc] at e mod Lc."""
-    Lc = entries_BLcX.shape[1]
-    blk_TE = table_TM.gather(1, e_TE // Lc)
-    return entries_BLcX[blk_TE, e_TE % Lc]
 
 
 def _close_window(layer, comp, rows_TC, ring_PXC, entries_BLcX, p_T, slot_T, live_T, table_TM) -> None:

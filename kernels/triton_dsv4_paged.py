@@ -1,0 +1,254 @@
+"""DeepSeek-V4's decode attention over the cache where it lies (issue 45): a batched decode step's indexer and sink
+attention read the index keys and the compressed entries through each query's block table, and its window rows
+from its state slot, inside the kernels: no [T, E, I] or [T, S, H] copy of them is made (what the best paged sparse
+decode kernels do: FlashMLA's, vLLM's). Same contracts as dsv4.reference_paged_indexer_topk /
+reference_paged_sink_attention (legend there), except that the picks come in any order.
+
+- `triton_dsv4_paged_indexer_topk`: grid (queries, G), about 4 programs per SM as triton_dsv4_topk's. Each program
+  holds its query's [n_I, I] index queries and walks tiles of BLOCK_E of its entries (G programs of a query
+  interleaving tiles): entry e's key is read from block table[t, e // Lc] at e mod Lc, scored on tensor cores
+  (triton_dsv4_topk.score_tile) into a float32 [T, E] workspace (4 bytes an entry, against the 2 I bytes a gathered
+  bf16 key costs), then DSA's top-k selection (triton_dsv4_topk.select_topk).
+- `triton_dsv4_paged_sink_attention`: grid (queries, head tiles of 16, SPLITS). A query's keys are its W ring rows
+  (seen as window_seen says), then its entries: the picks (CSA, -1 skipped) or every visible entry (HCA). Split s
+  takes the key tiles s, s + SPLITS, ... (window tiles first), up to the row's own count (the loop bound is read
+  on the device: a short row costs what it reads). Each tile runs triton_dsv4.sink_softmax_step from a running max
+  floored at the head's sink. One split writes the output (the sink's exp(sink - max) joins the denominator at
+  the end); more (small batches: the host picks them from T and the key bound, so a graph keeps them) write
+  float32 partials (max, denominator, output) that `_merge_splits_kernel` folds with the sink.
+
+No host sync and no data-dependent shape: the sizes come from the tensors' shapes (the table width bounds E).
+Activations float32 / bfloat16 / float16; keys and window rows are cast to the query's dtype as they are read.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as common
+from .triton_common import cast
+from .triton_dsv4 import sink_softmax_step
+from .triton_dsv4_topk import score_tile, select_topk
+
+_SCORE_CONFIG = (64, 4)  # BLOCK_E, num_warps: triton_dsv4_topk's (a tile of 64 keys of 128 is one block's run)
+
+
+@triton.jit(do_not_specialize=["E", "G"])
+def _paged_scores_kernel(q_ptr, w_ptr, pages_ptr, table_ptr, lens_ptr, scores_ptr, E, G, nI, I, Lc, q_scale, w_scale,
+                         stride_qt, stride_qh, stride_wt, stride_pb, stride_pl, stride_tt, stride_st,
+                         BLOCK_NI: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr,
+                         INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.minimum(tl.load(lens_ptr + t), E)
+    h = tl.arange(0, BLOCK_NI)
+    d = tl.arange(0, BLOCK_I)
+    q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :], mask=(h[:, None] < nI) & (d[None, :] < I),
+                other=0.0)
+    w = tl.load(w_ptr + t * stride_wt + h, mask=h < nI, other=0.0).to(tl.float32) * w_scale
+    for tile in range(tl.program_id(1), tl.cdiv(n, BLOCK_E), G):
+        e = tile * BLOCK_E + tl.arange(0, BLOCK_E)
+        ok = e < n
+        blk = tl.load(table_ptr + t * stride_tt + e // Lc, mask=ok, other=0).to(tl.int64)
+        row = blk * stride_pb + (e % Lc).to(tl.int64) * stride_pl
+        k = tl.load(pages_ptr + row[:, None] + d[None, :], mask=(ok & (blk >= 0))[:, None] & (d[None, :] < I),
+                    other=0.0).to(q.dtype)
+        tl.store(scores_ptr + t * stride_st + e, score_tile(q, k, w, q_scale, INTERPRET, PREC), mask=ok)
+
+
+def triton_dsv4_paged_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_BLcI: torch.Tensor,
+                                   table_TM: torch.Tensor, visible_T: torch.Tensor, top_k: int, *,
+                                   num_splits: int | None = None) -> torch.Tensor:
+    """int32 [T, top_k]: each query's top_k entries among its first visible_T[t] index keys, read from keys_BLcI
+    [B, Lc, I] through table_TM [T, M] (all of them, then -1, when fewer); any order. `num_splits` forces the
+    top-k's programs per row (tests), else the selection picks from E = M Lc and the batch (host sizes)."""
+    common.check_dtype("q_TnI", q_TnI)
+    T, nI, I = q_TnI.shape
+    if (w_Tn.shape != (T, nI) or keys_BLcI.dim() != 3 or keys_BLcI.shape[2] != I or table_TM.dim() != 2
+            or table_TM.shape[0] != T or visible_T.shape != (T,)):
+        raise ValueError(f"w_Tn {tuple(w_Tn.shape)}, keys_BLcI {tuple(keys_BLcI.shape)}, table_TM "
+                         f"{tuple(table_TM.shape)} and visible_T {tuple(visible_T.shape)} are invalid: must be "
+                         f"[{T}, {nI}], [B, Lc, {I}], [{T}, M] and [{T}].")
+    if top_k < 1 or (num_splits is not None and num_splits < 1):
+        raise ValueError(f"top_k={top_k} / num_splits={num_splits} are invalid: must be >= 1.")
+    dev = q_TnI.device
+    out = common.workspace((T, top_k), torch.int32, dev)
+    if T == 0:
+        return out
+    interp = common.interpreting(q_TnI)
+    block_e, warps = (16, 4) if interp else _SCORE_CONFIG
+    Lc = keys_BLcI.shape[1]
+    E = table_TM.shape[1] * Lc
+    Ep = max(1, triton.cdiv(E, block_e)) * block_e
+    scores = common.workspace((T, Ep), torch.float32, dev)
+    lens_T = torch.clamp(visible_T, max=E).to(torch.int32)
+    q = q_TnI if q_TnI.stride(-1) == 1 else q_TnI.contiguous()
+    keys = keys_BLcI if keys_BLcI.stride(-1) == 1 else keys_BLcI.contiguous()
+    table = table_TM.to(torch.int32)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    G = max(1, min(Ep // block_e, triton.cdiv(4 * sms, T)))
+    _paged_scores_kernel[(T, G)](
+        q, w_Tn.contiguous(), keys, table, lens_T, scores, E, G, nI, I, Lc, I**-0.5, nI**-0.5, q.stride(0),
+        q.stride(1), w_Tn.contiguous().stride(0), keys.stride(0), keys.stride(1), table.stride(0), scores.stride(0),
+        BLOCK_NI=max(16, triton.next_power_of_2(nI)), BLOCK_I=max(16, triton.next_power_of_2(I)), BLOCK_E=block_e,
+        INTERPRET=interp, PREC=common.dot_precision(q.dtype), num_warps=warps)
+    select_topk(scores, lens_T, top_k, out, sms, num_splits=num_splits)
+    return out
+
+
+@triton.jit(do_not_specialize=["KE", "SPLITS"])
+def _paged_sink_attention_kernel(q_ptr, win_ptr, slot_ptr, pos_ptr, pages_ptr, table_ptr, picks_ptr, vis_ptr,
+                                 sinks_ptr, out_ptr, part_ptr, ml_ptr, scale, N, H, W, KE, Lc,
+                                 stride_qt, stride_qn, stride_wp, stride_ww, stride_pb, stride_pl, stride_tt,
+                                 stride_kt, stride_ot, stride_on, stride_xt, stride_xs, stride_xn, stride_mi,
+                                 stride_mt, stride_ms, SPLITS, PICKS: tl.constexpr, PARTIAL: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    d = tl.arange(0, BLOCK_H)
+    q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qn + d[None, :],
+                mask=(heads[:, None] < N) & (d[None, :] < H), other=0.0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    p = tl.load(pos_ptr + t).to(tl.int64)
+    n_ent = KE
+    if not PICKS:  # HCA: the row's visible entries only (its own loop bound)
+        n_ent = tl.minimum(tl.load(vis_ptr + t).to(tl.int32), KE)
+    win_tiles = tl.cdiv(W, BLOCK_S)
+    w_rows = tl.where(slot >= 0, W, 0)  # a padding row (slot -1) sees no ring row
+    sink = tl.load(sinks_ptr + heads, mask=heads < N, other=0.0).to(tl.float32)
+    # The running max is floored at the sink (finite: an empty tile or split changes nothing), the sink's own term
+    # exp(sink - max) joins the denominator once, at the end (or in the merge).
+    m_i = sink
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    for tile in range(split, win_tiles + tl.cdiv(n_ent, BLOCK_S), SPLITS):
+        if tile < win_tiles:  # window ring rows: row r holds position p - ((p - r) mod W), seen where >= 0
+            r = tile * BLOCK_S + tl.arange(0, BLOCK_S)
+            back = ((p - r) % W + W) % W  # (Triton's % truncates: p - r may be negative)
+            ok = (r < w_rows) & (p - back >= 0)
+            k = tl.load(win_ptr + slot * stride_wp + r[:, None].to(tl.int64) * stride_ww + d[None, :],
+                        mask=ok[:, None] & (d[None, :] < H), other=0.0).to(q.dtype)
+        else:  # entries: the picks (CSA, -1 none) or every visible one (HCA), through the block table
+            j = (tile - win_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
+            if PICKS:
+                e = tl.load(picks_ptr + t * stride_kt + j, mask=j < KE, other=-1).to(tl.int64)
+                ok = e >= 0
+            else:
+                e = j.to(tl.int64)
+                ok = j < n_ent
+            blk = tl.load(table_ptr + t * stride_tt + e // Lc, mask=ok, other=0).to(tl.int64)
+            ok = ok & (blk >= 0)
+            # Rows not seen read as zeros: a never-written entry (NaN) must not reach P @ V.
+            k = tl.load(pages_ptr + blk[:, None] * stride_pb + (e % Lc)[:, None] * stride_pl + d[None, :],
+                        mask=ok[:, None] & (d[None, :] < H), other=0.0).to(q.dtype)
+        m_i, l_i, acc = sink_softmax_step(q, k, ok, m_i, l_i, acc, scale, INTERPRET, PREC)
+    hmask = (heads[:, None] < N) & (d[None, :] < H)
+    if not PARTIAL:
+        out = acc / (l_i + tl.exp(sink - m_i))[:, None]
+        tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_on + d[None, :],
+                 cast(out, out_ptr.dtype.element_ty, INTERPRET), mask=hmask)
+    else:
+        tl.store(part_ptr + t * stride_xt + split * stride_xs + heads[:, None] * stride_xn + d[None, :], acc,
+                 mask=hmask)
+        ml = ml_ptr + t * stride_mt + split * stride_ms + heads
+        tl.store(ml, m_i, mask=heads < N)
+        tl.store(ml + stride_mi, l_i, mask=heads < N)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, ml_ptr, sinks_ptr, out_ptr, N, H, SPLITS, stride_xt, stride_xs, stride_xn,
+                         stride_mi, stride_mt, stride_ms, stride_ot, stride_on, BLOCK_N: tl.constexpr,
+                         BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_H)
+    hmask = (heads[:, None] < N) & (d[None, :] < H)
+    # Start from the sink alone (max = sink, denominator 1); every split's max is >= the sink.
+    m = tl.load(sinks_ptr + heads, mask=heads < N, other=0.0).to(tl.float32)
+    den = tl.full([BLOCK_N], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    for s in range(SPLITS):
+        ml = ml_ptr + t * stride_mt + s * stride_ms + heads
+        m_s = tl.load(ml, mask=heads < N, other=0.0)
+        l_s = tl.load(ml + stride_mi, mask=heads < N, other=0.0)
+        a_s = tl.load(part_ptr + t * stride_xt + s * stride_xs + heads[:, None] * stride_xn + d[None, :], mask=hmask,
+                      other=0.0)
+        m_new = tl.maximum(m, m_s)
+        alpha, beta = tl.exp(m - m_new), tl.exp(m_s - m_new)
+        den = den * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m = m_new
+    tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_on + d[None, :],
+             cast(acc / den[:, None], out_ptr.dtype.element_ty, INTERPRET), mask=hmask)
+
+
+def attention_splits(T: int, N: int, key_tiles: int, sms: int) -> int:
+    """Key splits per (query, head tile): enough programs for about 2 per SM, at least 4 key tiles a split (host
+    sizes only: a captured graph keeps its split)."""
+    programs = T * triton.cdiv(N, 16)
+    return max(1, min(2 * sms // programs, key_tiles // 4))
+
+
+def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tensor, slot_T: torch.Tensor,
+                                     pos_T: torch.Tensor, entries_BLcH: torch.Tensor | None,
+                                     table_TM: torch.Tensor | None, picks_TK: torch.Tensor | None,
+                                     visible_T: torch.Tensor | None, sinks_N: torch.Tensor, scale: float, *,
+                                     num_splits: int | None = None) -> torch.Tensor:
+    """Same contract as dsv4.reference_paged_sink_attention: out [T, N, H] in q's dtype. `num_splits` forces the
+    key splits (tests), else attention_splits picks them from the host sizes."""
+    common.check_dtype("q_TNH", q_TNH)
+    T, N, H = q_TNH.shape
+    window_only = entries_BLcH is None
+    if window_only:  # a sliding layer: unread stand-ins, no entry visible
+        entries_BLcH, table_TM, picks_TK, visible_T = window_PWH, slot_T[:, None], None, slot_T.new_zeros(T)
+    if (window_PWH.dim() != 3 or window_PWH.shape[2] != H or entries_BLcH.dim() != 3 or entries_BLcH.shape[2] != H
+            or table_TM.dim() != 2 or table_TM.shape[0] != T or slot_T.shape != (T,) or pos_T.shape != (T,)
+            or visible_T.shape != (T,) or sinks_N.shape != (N,)
+            or (picks_TK is not None and (picks_TK.dim() != 2 or picks_TK.shape[0] != T))):
+        raise ValueError(f"window_PWH {tuple(window_PWH.shape)}, entries_BLcH {tuple(entries_BLcH.shape)}, table_TM "
+                         f"{tuple(table_TM.shape)}, picks_TK {None if picks_TK is None else tuple(picks_TK.shape)}, "
+                         f"slot_T / pos_T / visible_T and sinks_N {tuple(sinks_N.shape)} are invalid: must be "
+                         f"[P, W, {H}], [B, Lc, {H}], [{T}, M], [{T}, K] or None, [{T}] each and [{N}].")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits={num_splits} is invalid: must be >= 1.")
+    dev = q_TNH.device
+    out = common.workspace((T, N, H), q_TNH.dtype, dev)
+    if T == 0:
+        return out
+    q = q_TNH if q_TNH.stride(-1) == 1 else q_TNH.contiguous()
+    win = window_PWH if window_PWH.stride(-1) == 1 else window_PWH.contiguous()
+    pages = entries_BLcH if entries_BLcH.stride(-1) == 1 else entries_BLcH.contiguous()
+    table = table_TM.to(torch.int32)
+    picks = picks_TK.to(torch.int32) if picks_TK is not None else table  # (unread without picks)
+    W, Lc = win.shape[1], pages.shape[1]
+    KE = 0 if window_only else picks_TK.shape[1] if picks_TK is not None else table.shape[1] * Lc
+    interp = common.interpreting(q)
+    block_n = 16  # the smallest tl.dot tile: V4's 64 / 128 heads are 4 / 8 programs per query (triton_dsv4's)
+    block_h = max(16, triton.next_power_of_2(H))
+    block_s = 16 if interp else (32 if block_h >= 256 else 64)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    splits = num_splits or attention_splits(T, N, triton.cdiv(W, block_s) + triton.cdiv(KE, block_s), sms)
+    part = ml = out  # (unwritten with one split)
+    if splits > 1:
+        part = common.workspace((T, splits, N, H), torch.float32, dev)
+        ml = common.workspace((2, T, splits, N), torch.float32, dev)
+    sinks = sinks_N.float().contiguous()
+    heads = triton.cdiv(N, block_n)
+    _paged_sink_attention_kernel[(T, heads, splits)](
+        q, win, slot_T.to(torch.int32), pos_T.to(torch.int32), pages, table, picks, visible_T.to(torch.int32), sinks,
+        out, part, ml, float(scale), N, H, W, KE, Lc, q.stride(0), q.stride(1), win.stride(0), win.stride(1),
+        pages.stride(0), pages.stride(1), table.stride(0), picks.stride(0), out.stride(0), out.stride(1),
+        part.stride(0), part.stride(1), part.stride(2), ml.stride(0), ml.stride(1), ml.stride(2), splits,
+        PICKS=picks_TK is not None, PARTIAL=splits > 1, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_S=block_s,
+        INTERPRET=interp, PREC=common.dot_precision(q.dtype), num_warps=4 if block_h <= 128 else 8)
+    if splits > 1:
+        _merge_splits_kernel[(T, heads)](
+            part, ml, sinks, out, N, H, splits, part.stride(0), part.stride(1), part.stride(2), ml.stride(0),
+            ml.stride(1), ml.stride(2), out.stride(0), out.stride(1), BLOCK_N=block_n, BLOCK_H=block_h,
+            INTERPRET=interp, num_warps=4 if block_h <= 128 else 8)
+    return out
+
+
+__all__ = ["attention_splits", "triton_dsv4_paged_indexer_topk", "triton_dsv4_paged_sink_attention"]
