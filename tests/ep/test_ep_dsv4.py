@@ -54,8 +54,9 @@ def test_dsv4_ep2_matches_transformers(local_ray, dsv4_path, tbo):
 def test_dsv4_published_fp4_checkpoint_ep2_matches_transformers(local_ray, tmp_path_factory):
     """V4 as DeepSeek publishes it (FP8 linears with ue8m0 block scales, FP4 experts; tests/helpers/dsv4_published.py)
     at EP 2: each rank reads its own experts' packed bytes, and the tokens equal transformers' on the dequantized
-    weights."""
-    from tests.helpers.dsv4_published import write_published_dsv4
+    weights with the W8A8 rounding of the FP8 linears' inputs (fake_quant_dsv4: moelink runs them FP8)."""
+    from tests.helpers.dsv4_published import fake_quant_dsv4, write_published_dsv4
+    from tests.helpers.fp8_checkpoints import hf_greedy_with
 
     d = tmp_path_factory.mktemp("dsv4_fp4_ep")
     float_path = save_dsv4_checkpoint(d / "float", moe_intermediate_size=32)
@@ -64,6 +65,6 @@ def test_dsv4_published_fp4_checkpoint_ep2_matches_transformers(local_ray, tmp_p
     llm = LLM(path, expert_parallel_size=2, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48,
               num_kv_blocks=128, block_size=8)
     try:
-        assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy(oracle, ps, max_new=NEW), ps)
+        assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy_with(fake_quant_dsv4(oracle, (16, 16)), ps, NEW), ps)
     finally:
         llm.engine.shutdown()
