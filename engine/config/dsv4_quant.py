@@ -16,8 +16,9 @@ which moves a top-level `expert_dtype` into `quantization_config`):
   Without `expert_dtype` the experts are FP8 like the other linears (DeepSeek's convert.py `--expert-dtype fp8`).
 
 How moelink runs them (engine/models/dsv4_weights.py): FP4 experts stay packed (moe/expert_weights_dsv4.py, the
-MXFP4 W4A16 kernels); FP8 linears and FP8 experts are dequantized once at load into the model dtype (V4's
-attention holds plain parameters: engine/models/dsv4_attention.py has no FP8 GEMM path yet).
+MXFP4 W4A16 kernels); attention's FP8 linears and the shared expert's are held FP8 and run W8A8
+(engine/models/linear.py's Fp8Linear, each `.scale` read into float32 block scales); the MTP layer's e_proj / h_proj
+and FP8 experts are dequantized once at load into the model dtype.
 """
 from __future__ import annotations
 
