@@ -40,7 +40,7 @@ class ArchSpec:
         return self.attention == "mla"
 
 
-MTP_LAYOUTS = ("nextn", "qwen")
+MTP_LAYOUTS = ("nextn", "qwen", "dsv4")
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,9 @@ class Architecture:
     # num_nextn_predict_layers; engine/models/mtp.py).
     mtp_layers: bool = False
     # Where and how those layers are stored: "nextn" (DeepSeek-V3's `model.layers.{num_hidden_layers + i}.*`,
-    # engine/models/mtp.py) or "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's
-    # mtp_num_hidden_layers; engine/models/qwen_mtp.py).
+    # engine/models/mtp.py), "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's
+    # mtp_num_hidden_layers; engine/models/qwen_mtp.py) or "dsv4" (DeepSeek-V4's top-level `mtp.{i}.*` over the
+    # hyper-connection streams; engine/models/dsv4_mtp.py).
     mtp_layout: str = "nextn"
 
     def __post_init__(self) -> None:
@@ -114,7 +115,8 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     # (CSA / HCA), hyper-connections, hash-routed first MoE layers, sqrtsoftplus routing; its checkpoint names are
     # the published ones (attn.wq_a, ffn.experts.{e}.w1, hc_attn_fn, ...), which save_pretrained writes back.
     Architecture("DeepseekV4ForCausalLM", ArchSpec("dsv4", moe_prefix="ffn", expert_names=("w1", "w3", "w2"),
-                                                   correction_bias="gate.bias"), model_type="deepseek_v4"),
+                                                   correction_bias="gate.bias"), model_type="deepseek_v4",
+                 mtp_layers=True, mtp_layout="dsv4"),
     # MiMo-V2-Flash: full and sliding-window GQA layers with kv heads, sinks and rope of their own (per-layer
     # attention configs), values narrower than q/k; DeepSeek-V3 routing without shared experts; its MTP layers
     # (model.mtp.*, a layout of their own) are not read.

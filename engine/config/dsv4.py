@@ -279,19 +279,18 @@ def mtp_attention(layers: tuple[DSV4AttentionConfig, ...], hf: dict) -> DSV4Atte
 
 
 def check_speculative(spec, layers: tuple[DSV4AttentionConfig, ...], arch: str) -> None:
-    """Speculative decoding on V4 (engine/config/engine_args.py asks): host drafts (n-gram) are verified and each
+    """Speculative decoding on V4 (engine/config/engine_args.py asks): drafts from n-gram lookup or the checkpoint's
+    MTP layer (method "mtp": engine/rank/mtp_drafter.py over engine/models/dsv4_mtp.py) are verified and each
     verifying sequence's window ring and compressor rings are rolled back to its accepted tokens afterwards
-    (engine/models/dsv4_decoder.py: the ring rows the rejected drafts overwrote are restored from a copy taken before
+    (engine/models/dsv4_rollback.py: the ring rows the rejected drafts overwrote are restored from a copy taken before
     the step). That needs each ring slot written once a step: num_speculative_tokens + 1 <= the smallest ring (the
-    window, a compressor's rate, 2 x rate under CSA). The MTP drafter over V4's hyper-connection streams is not wired
-    to the runner yet (engine/models/dsv4_mtp.py is the module), nor EAGLE-3."""
+    window, a compressor's rate, 2 x rate under CSA). EAGLE-3 heads are trained on one residual stream; V4 has n."""
     if spec is None:
         return
-    if spec.runs_mtp or spec.runs_eagle3:
-        raise ValueError(f"speculative_config.method={spec.method!r} is not supported for {arch} yet: its MTP layer "
-                         "(engine/models/dsv4_mtp.py) drafts from the main model's hyper-connection streams, which the "
-                         "runner's device drafter does not hand over yet; use method 'ngram' (V4's window and "
-                         "compressor states are rolled back to the accepted drafts).")
+    if spec.runs_eagle3:
+        raise ValueError(f"speculative_config.method={spec.method!r} is not supported for {arch}: an EAGLE-3 head "
+                         "reads one residual stream and V4 keeps several (hyper-connections); use method 'mtp' (the "
+                         "checkpoint's own MTP layer) or 'ngram'.")
     ring = min(min(a.sliding_window, a.compressor_ring or a.sliding_window) for a in layers)
     if spec.num_speculative_tokens + 1 > ring:
         raise ValueError(f"speculative_config.num_speculative_tokens={spec.num_speculative_tokens} is invalid for "

@@ -18,13 +18,19 @@ position t (before its hyper-head) and the token t+1,
     logits(tok_{t+2}) = head(norm(hc_head(y_TnD)))                                 (its own hyper-head and norm)
 and y_TnD conditions the next chained draft, as h_TnD did.
 
-Its cache is its sliding window (a state slot per sequence, `ctx.kv_caches[L + k]`: (window_PWH,)). It is not
-served as a drafter yet: speculative decoding on V4 is refused (engine/config/dsv4.SPECULATIVE_REFUSAL: the main
-layers' compressor rows and entries are not rolled back on rejected drafts).
+Its cache, as the speculative drafter runs it (method "mtp": engine/rank/mtp_drafter.py, a ChainDrafter), is a
+paged window: the layer's kv (one shared head, key and value) per token on the engine's block ids
+(`ctx.kv_caches[L + k]` = (kv_BLH,), `WindowCache`), each query reading its last W positions through its block
+table (`PagedWindowAttention`). A ring per sequence, as the main layers keep, would not do: the drafter writes
+positions it has not verified (the catch-up over a verify step's rejected drafts, the chained drafts past the
+sequence), and a paged slot is simply written again by the real token at that position, where a ring row would have
+lost the position W back that a later query still reads. W x H values per query read: tiny beside the main model's.
 
-Legend: T tokens, n streams, D hidden, V vocab.
+Legend: T tokens, n streams, D hidden, V vocab, N heads, H head_dim, W window, B blocks, L block size, S sequences.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +43,68 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 from ..config.architectures import ArchSpec
 from ..config.dsv4 import mtp_attention
 from ..config.model import ModelConfig
-from .dsv4_attention import RopeTable
+from .dsv4_attention import DSV4Attention, RopeTable
 from .dsv4_decoder import DSV4DecoderLayer, Norm
 from .dsv4_weights import fp8_dequant_plan
 from .hyper_connections import HyperHead
 from .layers import ForwardContext, param
 from .rope import rope_inv_freq
+
+
+@dataclass(frozen=True)
+class WindowCache:
+    """The drafter's cache of an MTP layer (module docstring): one [B + 1, L, H] tensor (the null block last), in the
+    model dtype (V4 caches nothing in fp8 yet). The chain drafter's `DraftLayer.attention`."""
+
+    head_dim: int
+
+    def cache_shapes(self, num_blocks: int, block_size: int, cache_dtype=None) -> tuple[tuple[int, ...], ...]:
+        return ((num_blocks + 1, block_size, self.head_dim),)
+
+    def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+        return (cache_dtype,)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.head_dim * dtype.itemsize
+
+
+class PagedWindowAttention(DSV4Attention):
+    """A sliding-only V4 attention over a paged window (module docstring): its step writes each token's kv to its
+    slot, then every query p attends to positions p - W < k <= p of its sequence read through its block table, with
+    the sinks. Batched, from device lengths only (no host sync), for prefill, verify and decode steps alike."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.compressor is not None:
+            raise ValueError(f"PagedWindowAttention is sliding only: layer {self.layer_idx} is {self.cfg.layer_kind}.")
+        self.num_paged = 1  # ctx.kv_caches[layer] = (kv_BLH,): no state pools
+
+    def _decode(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
+        return self._window(q_TNH, kv_TH, ctx, paged[0])
+
+    def _sequences(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
+        return self._window(q_TNH, kv_TH, ctx, paged[0])
+
+    def _window(self, q_TNH, kv_TH, ctx: ForwardContext, kv_BLH: torch.Tensor) -> torch.Tensor:
+        attn, W, dev = ctx.attn, self.cfg.sliding_window, q_TNH.device
+        B1, L, H = kv_BLH.shape
+        slot_T = attn.slot_mapping_T.long()
+        live_T = slot_T >= 0  # padding tokens write the null block's row 0 back as it is (zeros)
+        null = (B1 - 1) * L
+        flat_XH = kv_BLH.view(-1, H)
+        flat_XH.index_copy_(0, torch.where(live_T, slot_T, null),
+                            torch.where(live_T[:, None], kv_TH.to(kv_BLH.dtype), flat_XH[null]))
+        # Each token's sequence and position from the device metadata (host seq_lens may be upper bounds).
+        t_T = torch.arange(q_TNH.shape[0], device=dev)
+        qsl_S1 = attn.query_start_loc_S1.long()
+        seq_T = torch.searchsorted(qsl_S1[1:], t_T, right=True).clamp_(max=len(attn.seq_lens) - 1)
+        p_T = attn.seq_lens_S.long()[seq_T] - (qsl_S1[seq_T + 1] - t_T)
+        pos_TW = p_T[:, None] - torch.arange(W - 1, -1, -1, device=dev)[None, :]
+        seen_TW = pos_TW >= 0
+        pos_TW = pos_TW.clamp(min=0)
+        blk_TW = attn.block_tables_SM.long()[seq_T[:, None], pos_TW // L]
+        keys_TWH = torch.where(seen_TW[..., None], kv_BLH[blk_TW, pos_TW % L], 0).to(q_TNH.dtype)
+        return self.sink_attention(q_TNH, keys_TWH, seen_TW, self.sinks_N, self.cfg.softmax_scale)
 
 
 class DSV4MTPLayer(nn.Module):
@@ -56,7 +118,7 @@ class DSV4MTPLayer(nn.Module):
                              f"{cfg.num_nextn_predict_layers}.")
         D, dt, eps = cfg.hidden_size, cfg.dtype, cfg.rms_norm_eps
         self.cfg, self.spec, self.k, self.quant = cfg, spec, k, quant
-        self.index = cfg.num_layers + k
+        self.index = self.layer_index = cfg.num_layers + k
         self.embed_VD, self.head_VD = embed_VD, head_VD
         self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
         self.moe_stats = MoEStats(1, cfg.num_experts, device)  # its routed experts counted apart from the model's
@@ -64,7 +126,9 @@ class DSV4MTPLayer(nn.Module):
         inv_freq, factor = rope_inv_freq(attention.rope, cfg.hf_config)
         self.rope = RopeTable(inv_freq, factor, cfg.max_model_len, device)
         self.block = DSV4DecoderLayer(cfg, self.index, {"main": self.rope, "compress": self.rope}, kernels, device, ep,
-                                      self.moe_stats, quant, attention=attention, moe_index=0)
+                                      self.moe_stats, quant, attention=attention, moe_index=0,
+                                      attention_cls=PagedWindowAttention)
+        self.cache = WindowCache(attention.head_dim)
         self.e_proj_DD = param(D, D, dtype=dt, device=device)
         self.h_proj_DD = param(D, D, dtype=dt, device=device)
         self.enorm, self.hnorm, self.norm = Norm(D, eps, device), Norm(D, eps, device), Norm(D, eps, device)
@@ -80,6 +144,14 @@ class DSV4MTPLayer(nn.Module):
         e_TD = self.enorm(F.embedding(next_ids_T, self.embed_VD))
         x_TnD = F.linear(e_TD, self.e_proj_DD)[:, None, :] + F.linear(self.hnorm(h_TnD), self.h_proj_DD)
         return (yield from self.block.stages(positions_T, x_TnD, next_ids_T, ctx))
+
+    def moe_only_stages(self) -> Stages:
+        """An empty micro-batch under EP: this rank joins the block's MoE dispatch and combine."""
+        x_0D = self.embed_VD.new_zeros(0, self.cfg.hidden_size)
+        yield from self.block.moe.stages(x_0D, torch.zeros(0, dtype=torch.long, device=x_0D.device))
+
+    def process_weights_after_loading(self) -> None:
+        return None
 
     def compute_logits(self, y_TnD: torch.Tensor) -> torch.Tensor:
         """[T, V] draft logits of y's streams: the MTP's own hyper-head and norm, the main model's head."""
@@ -108,4 +180,4 @@ def dsv4_mtp_checkpoint_names(names) -> list[str]:
     return [n for n in names if n.startswith("mtp.")]
 
 
-__all__ = ["DSV4MTPLayer", "dsv4_mtp_checkpoint_names"]
+__all__ = ["DSV4MTPLayer", "PagedWindowAttention", "WindowCache", "dsv4_mtp_checkpoint_names"]

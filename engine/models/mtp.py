@@ -37,10 +37,12 @@ from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.architectures import REGISTRY, ArchSpec
+from ..config.dsv4_quant import read_dsv4_quantization
 from ..config.model import ModelConfig
 from .layers import ForwardContext, RMSNorm, param
 from .linear import FloatLinear, Linear, linear_method
 from .moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
+from .dsv4_mtp import DSV4MTPLayer, dsv4_mtp_checkpoint_names
 from .qwen_mtp import QwenMTPLayer, qwen_mtp_checkpoint_names
 from .rope import RotaryEmbedding
 
@@ -56,8 +58,11 @@ def mtp_layer_index(cfg: ModelConfig, i: int) -> int:
 def mtp_checkpoint_names(cfg: ModelConfig, names: Collection[str]) -> list[str]:
     """The tensors of `names` that belong to the MTP layers (`model.layers.{num_layers + i}.`, or `mtp.*` in the
     Qwen layout): read by a drafter only; the main model's loader leaves them unread."""
-    if cfg.num_nextn_predict_layers and REGISTRY[cfg.architecture].mtp_layout == "qwen":
+    layout = REGISTRY[cfg.architecture].mtp_layout
+    if cfg.num_nextn_predict_layers and layout == "qwen":
         return qwen_mtp_checkpoint_names(names)
+    if layout == "dsv4":  # the main model never reads them, whatever config.json counts
+        return dsv4_mtp_checkpoint_names(names)
     prefixes = tuple(f"model.layers.{cfg.num_layers + i}." for i in range(cfg.num_nextn_predict_layers))
     return sorted(n for n in names if n.startswith(prefixes))
 
@@ -66,9 +71,14 @@ def make_mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: to
                    ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, *,
                    embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None) -> nn.Module:
     """MTP module i in the architecture's layout (architectures.Architecture.mtp_layout): MTPLayer (DeepSeek's
-    next-n layers) or QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`); both draft through one interface (forward,
-    compute_logits, moe_only_stages, weight_plan, layer_index)."""
-    cls = QwenMTPLayer if REGISTRY[cfg.architecture].mtp_layout == "qwen" else MTPLayer
+    next-n layers), QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`) or DSV4MTPLayer (DeepSeek-V4's `mtp.{i}.*`, over
+    the hyper-connection streams: its drafter adapts it, engine/rank/mtp_drafter.py); all have compute_logits,
+    moe_only_stages, weight_plan, layer_index."""
+    layout = REGISTRY[cfg.architecture].mtp_layout
+    if layout == "dsv4":  # its embedding and head are always the main model's
+        quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
+        return DSV4MTPLayer(cfg, spec, i, embed_tokens, lm_head, kernels, device, ep, quant=quant)
+    cls = QwenMTPLayer if layout == "qwen" else MTPLayer
     return cls(cfg, spec, i, kernels, device, ep, checkpoint_names, embed_tokens=embed_tokens, lm_head=lm_head)
 
 

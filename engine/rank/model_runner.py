@@ -97,8 +97,9 @@ class ModelRunner:
                                                   block_size, load_format)
         self.drafter = self.device_drafter or make_drafter(speculative)
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
-        if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:  # EAGLE-3
-            logger.info("CUDA graphs off: an EAGLE-3 head reads states that a captured forward does not keep.")
+        if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:
+            # EAGLE-3, DeepSeek-V4's MTP (the hyper-connection streams)
+            logger.info("CUDA graphs off: the drafter reads states that a captured forward does not keep.")
             self.graph_sizes = ()
         self.graph_backend = graph_backend
         self.graphs: DecodeGraphs | None = None

@@ -17,6 +17,12 @@ Hybrid models (Qwen3-Next, Qwen3.5: linear-attention layers beside full attentio
 attention layer, so it keeps no per-sequence state; the main model's verify step rolls its linear-attention
 states back past the rejected drafts (GatedDeltaNet.replay_states), as for any drafter's drafts.
 
+DeepSeek-V4: its MTP module (engine/models/dsv4_mtp.py) reads the main model's hyper-connection streams before the
+hyper-head (not a final-normed state: DeepSeek's MTPBlock takes them), captured by the main forward as EAGLE-3's
+states are (so, as for EAGLE-3, no CUDA graphs), and keeps a paged window as its cache (`DSV4MTPDraftLayer`). The
+main model's window and compressor rings are rolled back past rejected drafts by the model itself
+(engine/models/dsv4_rollback.py).
+
 Expert parallelism: the MTP layer's MoE dispatches like a main layer, so every rank runs k MTP forwards per step
 that runs a forward anywhere (catch-up, k - 1 chain steps; `moe_only_stages` where it has no rows), in the same
 order. With num_nextn_predict_layers > 1 the drafter runs module 0 only (chained k times, as vLLM does for
@@ -32,6 +38,7 @@ from moelink.moe.layer import Stages
 
 from ..config.model import ModelConfig
 from ..models import MTPLayer, QwenMTPLayer, arch_spec, make_mtp_layer
+from ..models.dsv4_mtp import DSV4MTPLayer
 from ..models.layers import ForwardContext
 from .chain_drafter import SCRATCH_ROWS, ChainDrafter, ChainPlan
 from .loader import load_plan, open_checkpoint
@@ -43,7 +50,7 @@ _SCRATCH_ROWS = SCRATCH_ROWS
 
 
 def load_mtp_layer(cfg: ModelConfig, model, kernels, device: torch.device, ep=None,
-                   load_format: str = "auto") -> MTPLayer | QwenMTPLayer:
+                   load_format: str = "auto") -> MTPLayer | QwenMTPLayer | DSV4MTPLayer:
     """MTP module 0 of `cfg`'s checkpoint (or random, load_format "dummy"), its routed experts this rank's share
     under `ep`; its embedding and head are `model`'s where the checkpoint has no copy. The architecture's layout
     decides the module (models/mtp.make_mtp_layer: DeepSeek's next-n layer or Qwen3-Next / Qwen3.5's `mtp.*`)."""
@@ -95,6 +102,36 @@ class MTPDraftLayer:
         return self.module.moe_only_stages()
 
 
+class DSV4MTPDraftLayer:
+    """DeepSeek-V4's MTP layer (engine/models/dsv4_mtp.py) as a chain drafter's DraftLayer. It conditions on the main
+    model's n hyper-connection streams before its hyper-head, which the main forward captures after its last layer
+    (`aux_layers`; DeepseekV4ForCausalLM.stages keeps them flat, [T, n D]); the chain drafter moves [T, n D] rows
+    and never looks inside, so this adapter reshapes them to [T, n, D] for the layer and back. Its cache is the
+    layer's paged window (dsv4_mtp.WindowCache) in the model dtype."""
+
+    has_experts = True
+
+    def __init__(self, cfg: ModelConfig, layer: DSV4MTPLayer):
+        self.module = layer
+        self.kv_cache_index = layer.layer_index
+        self.aux_layers = (cfg.num_layers,)
+        self.attention, self.cache_dtype = layer.cache, cfg.dtype
+        self.streams = cfg.hyper_connections.hc_mult
+
+    def condition(self, h_TD: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
+        return aux[0]
+
+    def __call__(self, positions_T, input_ids_T, hidden_TX, ctx: ForwardContext) -> torch.Tensor:
+        y_TnD = self.module(positions_T, hidden_TX.view(hidden_TX.shape[0], self.streams, -1), input_ids_T, ctx)
+        return y_TnD.flatten(1)
+
+    def greedy(self, y_RX: torch.Tensor) -> torch.Tensor:
+        return self.module.compute_logits(y_RX.view(y_RX.shape[0], self.streams, -1)).argmax(dim=-1)
+
+    def moe_only_stages(self) -> Stages:
+        return self.module.moe_only_stages()
+
+
 class MTPDrafter(ChainDrafter):
     """The runner's device drafter for method "mtp" (module docstring)."""
 
@@ -102,10 +139,11 @@ class MTPDrafter(ChainDrafter):
                  load_format: str = "auto"):
         self.cfg = cfg
         layer = load_mtp_layer(cfg, model, kernels, device, ep, load_format)
-        super().__init__(MTPDraftLayer(cfg, layer), cfg.max_model_len, device, ep, k, block_size)
+        draft = DSV4MTPDraftLayer(cfg, layer) if isinstance(layer, DSV4MTPLayer) else MTPDraftLayer(cfg, layer)
+        super().__init__(draft, cfg.max_model_len, device, ep, k, block_size)
 
     def _scratch_rows(self) -> int:
         return _SCRATCH_ROWS  # this module's (tests shrink it to make the scratch grow mid-run)
 
 
-__all__ = ["MTPDraftLayer", "MTPDrafter", "MTPPlan", "load_mtp_layer"]
+__all__ = ["DSV4MTPDraftLayer", "MTPDraftLayer", "MTPDrafter", "MTPPlan", "load_mtp_layer"]

@@ -1,16 +1,17 @@
 """DeepSeek-V4's MTP layer (engine/models/dsv4_mtp.py) against a float64 oracle composed from transformers' V4 classes,
-and method 'mtp', which V4 refuses until the runner hands the drafter the hyper-connection streams.
+its published formats, and which speculative methods V4 takes (the drafter itself: test_dsv4_mtp_drafter.py).
 
-Oracle (tests/helpers/dsv4_mtp_checkpoint.py): DeepSeek's MTPBlock forward written around transformers' own
+Oracle (tests/helpers/dsv4_mtp_checkpoint.mtp_oracle): DeepSeek's MTPBlock forward written around transformers' own
 DeepseekV4DecoderLayer at index L (sliding attention, top-k MoE; loaded with from_pretrained, so its norms and
 hyper-connections are float32 where transformers keeps them so), DeepseekV4RMSNorm for enorm / hnorm / norm and
 DeepseekV4HyperHead for the MTP's hyper-head, over each whole sequence with transformers' sliding causal mask:
     x = e_proj(enorm(emb(tok_{t+1})))[..., None, :] + h_proj(hnorm(h_t));  y = layer(x);  logits = head(norm(hc_head(y)))
-The MTP layer runs the same sequences as two steps (a prefix, then the rest at positions > 0 past the 6-token window,
-reading its window ring): its streams and logits equal the oracle's rows (float32 parts inside: tolerance 1e-6)."""
+The MTP layer runs the same sequences as three steps (a prefix, the rest at positions > 0 past the 6-token window,
+then one decode token each), reading its paged window through block tables of 4-token blocks: its streams and logits
+equal the oracle's rows (float32 parts inside: tolerance 1e-6)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
+import itertools
 
 import pytest
 import torch
@@ -19,16 +20,20 @@ from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models import arch_spec
 from moelink.engine.models.dsv4_mtp import DSV4MTPLayer
+from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import SafetensorsCheckpoint, load_model, load_plan
+from moelink.kernels.attention import AttentionMetadata
+from moelink.engine.tools.eagle3_checkpoint import write_eagle3_checkpoint
 from moelink.kernels.ops import ReferenceKernels
 
-from tests.helpers.dsv4_checkpoint import DSV4_TINY, VOCAB
-from tests.helpers.dsv4_mtp_checkpoint import save_dsv4_with_mtp
+from tests.helpers.dsv4_checkpoint import DSV4_TINY, VOCAB, save_dsv4_checkpoint
+from tests.helpers.dsv4_mtp_checkpoint import mtp_oracle, save_dsv4_with_mtp
 
 CPU = torch.device("cpu")
 L = DSV4_TINY["num_hidden_layers"]
-# (tokens of the first step, tokens of the second) per sequence: the second crosses the 6-token window
-SEQS = ((5, 4), (7, 1))
+# tokens of each step per sequence: the second step crosses the 6-token window, the third is a pure decode step
+SEQS = ((5, 4, 1), (7, 1, 1))
+BLOCK = 4
 
 
 @pytest.fixture(scope="module")
@@ -47,42 +52,15 @@ def _mtp_layer(path: str, quant_path: str | None = None):
     return cfg, main, mtp
 
 
-def _oracle(full_path: str, own: dict):
-    from transformers import AutoModelForCausalLM
-    from transformers.masking_utils import create_sliding_window_causal_mask
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperHead, DeepseekV4RMSNorm
-
-    hf = AutoModelForCausalLM.from_pretrained(full_path, dtype=torch.float64, experts_implementation="eager").eval()
-    c = hf.config
-    enorm, hnorm, norm = (DeepseekV4RMSNorm(c.hidden_size, c.rms_norm_eps).float() for _ in range(3))
-    head = DeepseekV4HyperHead(c).float()
-    with torch.no_grad():
-        for m, k in ((enorm, "enorm.weight"), (hnorm, "hnorm.weight"), (norm, "norm.weight")):
-            m.weight.copy_(own[k])
-        head.hc_fn.copy_(own["hc_head_fn"]), head.hc_base.copy_(own["hc_head_base"])
-        head.hc_scale.copy_(own["hc_head_scale"])
-    e_proj, h_proj = own["e_proj.weight"], own["h_proj.weight"]
-
-    @torch.no_grad()
-    def run(h_SnD: torch.Tensor, next_ids_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(len(next_ids_S))[None]
-        emb = hf.model.embed_tokens(next_ids_S[None])
-        x = (enorm(emb) @ e_proj.T)[:, :, None, :] + hnorm(h_SnD[None]) @ h_proj.T
-        rope = hf.model.rotary_emb(emb, position_ids=pos, layer_type="main")
-        mask = create_sliding_window_causal_mask(config=c, inputs_embeds=emb, attention_mask=None, cache=None,
-                                                 position_ids=pos)
-        y = hf.model.layers[L](x, position_embeddings={"main": rope, "compress": rope}, position_ids=pos,
-                               attention_mask=mask, input_ids=next_ids_S[None], cache=None)
-        return y[0], hf.lm_head(norm(head(y)))[0]
-
-    return run
-
-
-def _ctx(cfg, window_PWH, q_lens, seq_lens):
-    return SimpleNamespace(kv_caches={L: (window_PWH,)},
-                           attn=SimpleNamespace(query_lens=list(q_lens), seq_lens=list(seq_lens), max_query_len=max(q_lens),
-                                                block_tables_SM=torch.zeros(len(q_lens), 1, dtype=torch.int32)),
-                           state=SimpleNamespace(slots_S=torch.arange(len(q_lens), dtype=torch.int32)))
+def _ctx(cfg, kv_BLH, q_lens, seq_lens):
+    """Sequence s owns blocks s * 4 .. s * 4 + 3 of the paged window."""
+    tables_SM = torch.arange(len(q_lens) * 4, dtype=torch.int32).view(len(q_lens), 4)
+    slots = [int(tables_SM[s, p // BLOCK]) * BLOCK + p % BLOCK
+             for s, (q, n) in enumerate(zip(q_lens, seq_lens)) for p in range(n - q, n)]
+    qsl = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    attn = AttentionMetadata(qsl, torch.tensor(seq_lens, dtype=torch.int32), tables_SM, torch.tensor(slots),
+                             list(q_lens), list(seq_lens), max(q_lens), max(seq_lens), kv_BLH.shape[0] - 1)
+    return ForwardContext(attn, {L: (kv_BLH,)})
 
 
 def test_config_reads_the_mtp_layer(mtp_ckpt):
@@ -97,23 +75,24 @@ def test_config_reads_the_mtp_layer(mtp_ckpt):
 def test_mtp_layer_equals_transformers_float64(mtp_ckpt):
     path, full, own = mtp_ckpt
     cfg, _, mtp = _mtp_layer(path)
-    oracle = _oracle(full, own)
+    oracle = mtp_oracle(full, own)
     g = torch.Generator().manual_seed(3)
     n, D, W, H = cfg.hyper_connections.hc_mult, cfg.hidden_size, cfg.layer_attention[0].sliding_window, \
         cfg.layer_attention[0].head_dim
-    seqs = [(torch.randn(a + b, n, D, generator=g, dtype=torch.float64),
-             torch.randint(0, VOCAB, (a + b,), generator=g)) for a, b in SEQS]
+    seqs = [(torch.randn(sum(q), n, D, generator=g, dtype=torch.float64),
+             torch.randint(0, VOCAB, (sum(q),), generator=g)) for q in SEQS]
     want = [oracle(h, ids) for h, ids in seqs]
-    window_PWH = torch.zeros(len(SEQS) + 1, W, H, dtype=torch.float64)
+    kv_BLH = torch.zeros(len(SEQS) * 4 + 1, BLOCK, H, dtype=torch.float64)  # the null block last
+    assert W == 6 and max(map(sum, SEQS)) > W
     done = [0] * len(SEQS)
-    for step in range(2):
+    for step in range(3):
         q_lens = [SEQS[s][step] for s in range(len(SEQS))]
         rows = [slice(done[s], done[s] + q) for s, q in enumerate(q_lens)]
         h = torch.cat([seqs[s][0][r] for s, r in enumerate(rows)])
         ids = torch.cat([seqs[s][1][r] for s, r in enumerate(rows)])
         pos = torch.cat([torch.arange(r.start, r.stop) for r in rows])
         done = [d + q for d, q in zip(done, q_lens)]
-        y = mtp(pos, h, ids, _ctx(cfg, window_PWH, q_lens, done))
+        y = mtp(pos, h, ids, _ctx(cfg, kv_BLH, q_lens, done))
         logits = mtp.compute_logits(y)
         t0 = 0
         for s, r in enumerate(rows):
@@ -121,7 +100,7 @@ def test_mtp_layer_equals_transformers_float64(mtp_ckpt):
             torch.testing.assert_close(y[t0:t0 + q], want[s][0][r], rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(logits[t0:t0 + q], want[s][1][r], rtol=1e-6, atol=1e-6)
             t0 += q
-    assert int(mtp.moe_stats.counts_LG.sum()) == sum(a + b for a, b in SEQS) * cfg.top_k  # its own counts
+    assert int(mtp.moe_stats.counts_LG.sum()) == sum(map(sum, SEQS)) * cfg.top_k  # its own counts
 
 
 def test_published_fp4_mtp_layer_loads_its_formats(mtp_ckpt, tmp_path):
@@ -142,8 +121,17 @@ def test_published_fp4_mtp_layer_loads_its_formats(mtp_ckpt, tmp_path):
                        file["mtp.0.ffn.experts.2.w3.weight"].view(torch.uint8))
 
 
-def test_method_mtp_is_refused_with_the_reason(mtp_ckpt):
-    spec = {"method": "mtp", "num_speculative_tokens": 1}
-    with pytest.raises(ValueError, match="method='mtp' is not supported for DeepseekV4ForCausalLM yet: its MTP layer "
-                                         ".*hyper-connection streams.*use method 'ngram'"):
-        LLM(mtp_ckpt[0], dtype="float64", max_num_seqs=2, num_kv_blocks=16, block_size=8, speculative_config=spec)
+def test_speculative_refusals_name_the_reason(mtp_ckpt, tmp_path):
+    """EAGLE-3 (one residual stream; V4 has several), more drafts than the smallest ring can roll back, and 'mtp' on
+    a V4 checkpoint without MTP layers: each refused in one line naming the field."""
+    kw = dict(dtype="float64", max_num_seqs=2, num_kv_blocks=16, block_size=8)
+    head = tmp_path / "head"
+    write_eagle3_checkpoint(head, vocab_size=VOCAB, draft_vocab_size=None, target_hidden_size=DSV4_TINY["hidden_size"])
+    with pytest.raises(ValueError, match="method='eagle3' is not supported for DeepseekV4ForCausalLM: an EAGLE-3 head "
+                                         "reads one residual stream.*use method 'mtp'"):
+        LLM(mtp_ckpt[0], speculative_config={"method": "eagle3", "model": str(head), "num_speculative_tokens": 1}, **kw)
+    with pytest.raises(ValueError, match="num_speculative_tokens=4 is invalid for DeepseekV4ForCausalLM: at most 3"):
+        LLM(mtp_ckpt[0], speculative_config={"method": "mtp", "num_speculative_tokens": 4}, **kw)
+    plain = save_dsv4_checkpoint(tmp_path / "plain")
+    with pytest.raises(ValueError, match="method='mtp'.*num_nextn_predict_layers=0"):
+        LLM(plain, speculative_config={"method": "mtp", "num_speculative_tokens": 1}, **kw)

@@ -11,6 +11,7 @@ model's (DeepSeek publishes no copies).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -53,3 +54,75 @@ def save_dsv4_with_mtp(out: Path, seed: int = 0, **overrides) -> tuple[str, str,
                num_nextn_predict_layers=1)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     return str(out), str(full), own
+
+
+def bigram_dsv4_mtp(ckpt: tuple[str, str, dict], out: Path, main_scale: float = 0.05) -> tuple[str, str, dict]:
+    """A copy of `ckpt` (save_dsv4_with_mtp's triple) whose MTP layer drafts what the main model emits, so that its
+    drafts are accepted often (as tests/helpers/mtp_checkpoints.bigram_mtp does for DeepSeek-V3). With every main
+    layer's outputs scaled by `main_scale` (attn.wo_b, the experts' and the shared expert's w2), the streams stay near
+    the embedding of the last token repeated n times (hyper-connection mixing is doubly stochastic: equal streams stay
+    equal) and the main model's greedy token after x is nearly argmax(head(norm(emb(x)))), a bigram. The MTP layer
+    computes that bigram of its token: e_proj = I, enorm = 1, h_proj = 0 (the streams dropped), its block's
+    attn.wo_b and w2s zero (the block adds nothing), its norm the main model's final norm. Both the checkpoint and its
+    `_full` transformers copy (the oracle's) get the same weights."""
+    path, full, own = ckpt
+    L = DSV4_TINY["num_hidden_layers"]
+    out = Path(out)
+    new_full = out.parent / (out.name + "_full")
+    shutil.copytree(path, out)
+    shutil.copytree(full, new_full)
+    main_out = lambda n: n.endswith(("attn.wo_b.weight", ".w2.weight"))  # noqa: E731
+    (st,) = out.glob("*.safetensors")
+    t = load_file(str(st))
+    D = t["mtp.0.e_proj.weight"].shape[0]
+    own = {**own, "e_proj.weight": torch.eye(D, dtype=own["e_proj.weight"].dtype),
+           "h_proj.weight": torch.zeros_like(own["h_proj.weight"]), "enorm.weight": torch.ones_like(own["enorm.weight"]),
+           "norm.weight": t["model.norm.weight"].to(own["norm.weight"].dtype)}
+    for name in t:
+        if name.startswith("mtp.0.") and name[len("mtp.0."):] in own:
+            t[name] = own[name[len("mtp.0."):]].to(t[name].dtype).clone()
+        elif main_out(name):
+            t[name] = t[name] * (0 if name.startswith("mtp.") else main_scale)
+    save_file(t, str(st), metadata={"format": "pt"})
+    (fst,) = new_full.glob("*.safetensors")
+    f = load_file(str(fst))
+    for name in f:
+        if main_out(name):
+            f[name] = f[name] * (0 if name.startswith(f"model.layers.{L}.") else main_scale)
+    save_file(f, str(fst), metadata={"format": "pt"})
+    return str(out), str(new_full), own
+
+
+def mtp_oracle(full_path: str, own: dict):
+    """DeepSeek's MTPBlock forward composed from transformers' own V4 modules (float64 model, its float32 parts as
+    transformers keeps them): the MTP block is transformers' DeepseekV4DecoderLayer at index L of the `{out}_full`
+    model, with DeepseekV4RMSNorm for enorm / hnorm / norm and DeepseekV4HyperHead for the MTP's hyper-head, over a
+    whole sequence with transformers' sliding causal mask. Returns run(h_SnD, next_ids_S) -> (y_SnD, logits_SV)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import create_sliding_window_causal_mask
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperHead, DeepseekV4RMSNorm
+
+    hf = AutoModelForCausalLM.from_pretrained(full_path, dtype=torch.float64, experts_implementation="eager").eval()
+    c = hf.config
+    enorm, hnorm, norm = (DeepseekV4RMSNorm(c.hidden_size, c.rms_norm_eps).float() for _ in range(3))
+    head = DeepseekV4HyperHead(c).float()
+    with torch.no_grad():
+        for m, k in ((enorm, "enorm.weight"), (hnorm, "hnorm.weight"), (norm, "norm.weight")):
+            m.weight.copy_(own[k])
+        head.hc_fn.copy_(own["hc_head_fn"]), head.hc_base.copy_(own["hc_head_base"])
+        head.hc_scale.copy_(own["hc_head_scale"])
+    e_proj, h_proj = own["e_proj.weight"], own["h_proj.weight"]
+
+    @torch.no_grad()
+    def run(h_SnD: torch.Tensor, next_ids_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(len(next_ids_S))[None]
+        emb = hf.model.embed_tokens(next_ids_S[None])
+        x = (enorm(emb) @ e_proj.T)[:, :, None, :] + hnorm(h_SnD[None]) @ h_proj.T
+        rope = hf.model.rotary_emb(emb, position_ids=pos, layer_type="main")
+        mask = create_sliding_window_causal_mask(config=c, inputs_embeds=emb, attention_mask=None, cache=None,
+                                                 position_ids=pos)
+        y = hf.model.layers[DSV4_TINY["num_hidden_layers"]](x, position_embeddings={"main": rope, "compress": rope}, position_ids=pos,
+                               attention_mask=mask, input_ids=next_ids_S[None], cache=None)
+        return y[0], hf.lm_head(norm(head(y)))[0]
+
+    return run
