@@ -23,6 +23,7 @@ from moelink.engine.models.dsv4_mtp import DSV4MTPLayer
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import SafetensorsCheckpoint, load_model, load_plan
 from moelink.kernels.attention import AttentionMetadata
+from moelink.kernels.fp8 import block_dequantize
 from moelink.engine.tools.eagle3_checkpoint import write_eagle3_checkpoint
 from moelink.kernels.ops import ReferenceKernels
 
@@ -104,8 +105,8 @@ def test_mtp_layer_equals_transformers_float64(mtp_ckpt):
 
 
 def test_published_fp4_mtp_layer_loads_its_formats(mtp_ckpt, tmp_path):
-    """mtp.0's e_proj / h_proj and attention FP8 (dequantized at load, equal to the oracle's values), its routed
-    experts FP4 (packed, the file's bytes)."""
+    """mtp.0's e_proj / h_proj FP8 (dequantized at load, equal to the oracle's values), its attention FP8 (held as
+    the file's bytes with its scales), its routed experts FP4 (packed, the file's bytes)."""
     from safetensors.torch import load_file
 
     from tests.helpers.dsv4_published import write_published_dsv4
@@ -115,7 +116,11 @@ def test_published_fp4_mtp_layer_loads_its_formats(mtp_ckpt, tmp_path):
     file, want = load_file(f"{pub}/model.safetensors"), load_file(f"{oracle}/model.safetensors")
     assert file["mtp.0.e_proj.weight"].dtype == torch.float8_e4m3fn
     assert torch.equal(mtp.e_proj_DD, want["mtp.0.e_proj.weight"])
-    assert torch.equal(mtp.block.attn.wq_a_QD, want["mtp.0.attn.wq_a.weight"])
+    wq_a = mtp.block.attn.wq_a  # held FP8 as published (W8A8), its ue8m0 scales as float32 block scales
+    assert wq_a.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(wq_a.weight.view(torch.uint8), file["mtp.0.attn.wq_a.weight"].view(torch.uint8))
+    dequant = block_dequantize(wq_a.weight, wq_a.weight_scale_inv, mtp.quant.block, torch.float64)
+    assert torch.equal(dequant, want["mtp.0.attn.wq_a.weight"])
     inter = mtp.block.moe.w2_blocks_EDSQ.shape[2] * 32
     assert torch.equal(mtp.block.moe.w13_blocks_EFSQ[2, inter:].reshape(inter, -1),
                        file["mtp.0.ffn.experts.2.w3.weight"].view(torch.uint8))
