@@ -1,11 +1,13 @@
 """Compile cases of DeepSeek-V4's attention kernels (benchmarks/compile_report.py's `dsv4` family): the compressor's
 pooling, the lightning indexer's scores over compressed entries + its top-k (DSA's selection kernels), the sink
 attention over the window and the entries, and the grouped output projection (kernels/triton_dsv4.py,
-triton_dsv4_topk.py), at V4-Flash's shapes (64 heads of 512, one shared KV head, window 128; CSA rate 4 with 64 index
-heads of 128 and top-512, HCA rate 128; 8 output groups to 1024) and V4-Pro's (128 heads, 16 groups, top-1024), bf16:
-decode batches in the per-query key layout of engine/models/dsv4_decode.py (CSA at 128k context: 32768 index keys
-per row, the top-k on its split path at batch 4; HCA: 1024 entries), a 97-token prefill chunk (shared keys), and the
-compressor at both rates; the hyper-connection residual (4 streams)."""
+triton_dsv4_topk.py, triton_dsv4_paged.py), at V4-Flash's shapes (64 heads of 512, one shared KV head, window 128;
+CSA rate 4 with 64 index heads of 128 and top-512, HCA rate 128; 8 output groups to 1024) and V4-Pro's (128 heads,
+16 groups, top-1024), bf16: decode batches as engine/models/dsv4_decode.py runs them, reading the cache in place
+(CSA at 128k context: 32768 index keys per row through a block table of 256-token blocks, the top-k on its split
+path at batch 4; the sink attention over the 128 ring rows and the top-k picks (CSA) or all 1024 entries (HCA),
+split-K at batch 4), a 97-token prefill chunk (shared keys: the indexer and the sink attention), and the compressor
+at both rates; the hyper-connection residual (4 streams)."""
 from __future__ import annotations
 
 import torch
@@ -24,21 +26,31 @@ def compile_dsv4(rec: Recorder, quick: bool) -> None:
                                              triton_dsv4_sink_attention)
     from moelink.kernels.triton_dsv4_hc import triton_dsv4_hc_expand
     from moelink.kernels.triton_dsv4_topk import triton_dsv4_indexer_topk
+    from moelink.kernels import triton_dsv4_paged as paged
+    from moelink.kernels.triton_dsv4_paged import triton_dsv4_paged_indexer_topk, triton_dsv4_paged_sink_attention
 
     meta = dict(device="meta")
     bf = dict(dtype=torch.bfloat16, **meta)
     f32 = dict(dtype=torch.float32, **meta)
+    i32 = dict(dtype=torch.int32, **meta)
+    L = 256  # tokens a block: 64 CSA entries, 2 HCA entries
+    paged.num_sms = lambda d: 132  # the H100's SMs: the splits (and the merge's launch) as there
     for name, N, G, K, D in MODELS[:1] if quick else MODELS:
         for label, T in (("decode batch 64", 64), ("decode batch 4", 4)) if not quick else (("decode batch 64", 64),):
-            E = CTX // CSA
-            with rec.labelled(f"{name} indexer scores + top-{K} over {E} entries, {label}"):
-                triton_dsv4_indexer_topk(torch.empty(T, NI, I, **bf), torch.empty(T, NI, **bf),
-                                         torch.empty(T, E, I, **bf), torch.empty(T, dtype=torch.long, **meta), K)
-            for kind, S in (("CSA", W + K), ("HCA", W + CTX // HCA)):
-                with rec.labelled(f"{name} sink attention ({N} heads), {kind} window + entries ({S} keys), {label}"):
-                    triton_dsv4_sink_attention(torch.empty(T, N, H, **bf), torch.empty(T, S, H, **bf),
-                                               torch.empty(T, S, dtype=torch.bool, **meta), torch.empty(N, **f32),
-                                               H**-0.5)
+            E, M = CTX // CSA, CTX // L
+            with rec.labelled(f"{name} paged indexer scores + top-{K} over {E} entries, {label}"):
+                triton_dsv4_paged_indexer_topk(torch.empty(T, NI, I, **bf), torch.empty(T, NI, **bf),
+                                               torch.empty(T * M + 1, L // CSA, I, **bf), torch.empty(T, M, **i32),
+                                               torch.empty(T, dtype=torch.long, **meta), K)
+            for kind, m, picks in (("CSA", CSA, torch.empty(T, K, **i32)), ("HCA", HCA, None)):
+                S = W + (K if picks is not None else CTX // HCA)
+                with rec.labelled(f"{name} paged sink attention ({N} heads), {kind} ring + entries ({S} keys), "
+                                  f"{label}"):
+                    i = torch.empty(T, dtype=torch.long, **meta)
+                    triton_dsv4_paged_sink_attention(torch.empty(T, N, H, **bf), torch.empty(T + 1, W, H, **bf), i, i,
+                                                     torch.empty(T * M + 1, L // m, H, **bf),
+                                                     torch.empty(T, M, **i32), picks, i, torch.empty(N, **f32),
+                                                     H**-0.5)
             with rec.labelled(f"{name} grouped output projection ({G} groups to {O}), {label}"):
                 triton_dsv4_grouped_linear(torch.empty(T, G, N * H // G, **bf), torch.empty(G, O, N * H // G, **bf))
             with rec.labelled(f"{name} hyper-connection residual ({HC} streams of {D}), {label}"):
@@ -47,6 +59,9 @@ def compile_dsv4(rec: Recorder, quick: bool) -> None:
         if quick:
             continue
         T = 97
+        with rec.labelled(f"{name} indexer scores + top-{K}, a 97-token chunk over 4096 tokens (shared keys)"):
+            triton_dsv4_indexer_topk(torch.empty(T, NI, I, **bf), torch.empty(T, NI, **bf),
+                                     torch.empty(4096 // CSA, I, **bf), torch.empty(T, dtype=torch.long, **meta), K)
         with rec.labelled(f"{name} sink attention, a 97-token chunk over 4096 tokens (shared keys)"):
             S = W + 97 + 4096 // CSA
             triton_dsv4_sink_attention(torch.empty(T, N, H, **bf), torch.empty(S, H, **bf),

@@ -18,11 +18,15 @@ references of kernels/dsv4.py, wall clock).
     python -m moelink.benchmarks.dsv4_decode --gpu [--contexts 32768,131072] [--batches 1,32] [--json PATH]
 
 On a GPU (`--gpu`): the Triton kernels in bf16, each layer kind's decode step as the engine's batched decode path runs
-it (engine/models/dsv4_decode.py: entries and index keys gathered through the block tables up to the context, the
-per-query key layout), eager and as CUDA-graph replays, beside DeepSeek-V3's MLA decode (`mla_attention`, 128 heads,
-latent 512 + rope 64) over the same context: time per step (CUDA events, L2 flushed) and bytes. The projections (q, the index queries, the output) are the layer's
-GEMMs, not attention, and are left out. Bytes are counted, not measured: what each path must read per step (keys of
-512 values, index keys of 128, in bf16).
+it (engine/models/dsv4_decode.py: the paged ops, `dsv4_paged_indexer_topk` / `dsv4_paged_sink_attention`, reading
+index keys and entries through the block tables and the window from the state slots), and beside it the path it
+replaced (`*_gather`: entries and index keys gathered per row into [T, E, X] tensors, then the per-query-key ops),
+eager and as CUDA-graph replays, beside DeepSeek-V3's MLA decode (`mla_attention`, 128 heads, latent 512 + rope 64)
+over the same context: time per step (CUDA events, L2 flushed), the paged / gather ratios, and bytes. The
+projections (q, the index queries, the output) are the layer's GEMMs, not attention, and are left out. Bytes are
+counted, not measured: what each path must read per step (keys of 512 values, index keys of 128, in bf16; `csa`,
+`hca`: what the paged kernels read, the CSA scores' float32 workspace aside, 8 bytes an entry written and read),
+and what the gather path moved (`gathered_*`: module `gathered_bytes`).
 Results: JSON with the run's device, date and commit (bench_timing.run_meta); a table on stdout.
 """
 from __future__ import annotations
@@ -49,6 +53,17 @@ def bytes_read(ctx: int, batch: int, s: dict, elem: int = 2) -> dict:
                 csa=batch * ((win + min(csa_e, s["K"])) * s["H"] + csa_e * s["I"]) * elem,
                 hca=batch * (win + hca_e) * s["H"] * elem,
                 mla=batch * ctx * MLA_VALUES * elem)
+
+
+def gathered_bytes(ctx: int, batch: int, s: dict, elem: int = 2) -> dict:
+    """Bytes the replaced gather path moved per step (read + written), at max_model_len = ctx. CSA: the index keys
+    gathered (read, write), masked by torch.where (read, write), read by the indexer: 5 E I; the window rows and the
+    picked entries gathered (read, write), concatenated (read, write), masked (read, write), read by the attention:
+    7 (W + K) H. HCA: 7 (W + E) H."""
+    csa_e, hca_e = ctx // s["csa"], ctx // s["hca"]
+    win = min(ctx, s["W"])
+    return dict(csa=batch * (5 * csa_e * s["I"] + 7 * (win + min(csa_e, s["K"])) * s["H"]) * elem,
+                hca=batch * 7 * (win + hca_e) * s["H"] * elem)
 
 
 def one_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iters: int) -> dict:
@@ -92,8 +107,8 @@ def one_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
 
 
 def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iters: int) -> dict:
-    """One (context, batch) on the GPU: V4's CSA and HCA decode attention (paged entries gathered per row, as
-    dsv4_decode.py) and V3's MLA decode, eager and replayed (module docstring)."""
+    """One (context, batch) on the GPU: V4's CSA and HCA decode attention (the paged ops dsv4_decode.py runs, and
+    the gather path they replaced) and V3's MLA decode, eager and replayed (module docstring)."""
     from .dsa_decode import _meta
 
     bf = dict(dtype=torch.bfloat16, device=device)
@@ -104,7 +119,10 @@ def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
 
     N, H, W, K, nI, I = s["N"], s["H"], s["W"], s["K"], s["n_I"], s["I"]
     q_TNH, sinks_N, scale = rand(batch, N, H), torch.randn(N, device=device), H**-0.5
-    window_TWH = rand(batch, W, H)
+    window_PWH = rand(batch + 1, W, H)  # a ring per sequence and the null slot
+    slot_T = torch.arange(batch, device=device)
+    pos_T = torch.full((batch,), ctx - 1, device=device)
+    window_TWH = window_PWH[:batch]
     seen_W = torch.ones(batch, W, dtype=torch.bool, device=device)
     csa_e, hca_e = ctx // s["csa"], ctx // s["hca"]
     # Paged entries, one block table row per sequence (block 256 tokens: 64 CSA entries, 2 HCA entries a block).
@@ -114,7 +132,7 @@ def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
     csa_BLcH, idx_BLcI, hca_BLcH = rand(blocks, L // s["csa"], H), rand(blocks, L // s["csa"], I), rand(
         blocks, L // s["hca"], H)
     iq_TnI, iw_Tn = rand(batch, nI, I), rand(batch, nI)
-    vis_csa = torch.full((batch,), csa_e, device=device)
+    vis_csa, vis_hca = torch.full((batch,), csa_e, device=device), torch.full((batch,), hca_e, device=device)
 
     def gather(entries_BLcX, e_TE):
         Lc = entries_BLcX.shape[1]
@@ -124,11 +142,20 @@ def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
     e_hca = torch.arange(hca_e, device=device)[None, :].expand(batch, -1)
 
     def csa():
+        picks = kernels.dsv4_paged_indexer_topk(iq_TnI, iw_Tn, idx_BLcI, table_TM, vis_csa, K)
+        return kernels.dsv4_paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, csa_BLcH, table_TM, picks, vis_csa,
+                                                 sinks_N, scale)
+
+    def hca():
+        return kernels.dsv4_paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, hca_BLcH, table_TM, None, vis_hca,
+                                                 sinks_N, scale)
+
+    def csa_gather():
         picks = kernels.dsv4_indexer_topk(iq_TnI, iw_Tn, gather(idx_BLcI, e_csa), vis_csa, K).long()
         keys = torch.cat([window_TWH, gather(csa_BLcH, picks.clamp(min=0))], dim=1)
         return kernels.dsv4_sink_attention(q_TNH, keys, torch.cat([seen_W, picks >= 0], dim=1), sinks_N, scale)
 
-    def hca():
+    def hca_gather():
         keys = torch.cat([window_TWH, gather(hca_BLcH, e_hca)], dim=1)
         seen = torch.ones(batch, keys.shape[1], dtype=torch.bool, device=device)
         return kernels.dsv4_sink_attention(q_TNH, keys, seen, sinks_N, scale)
@@ -140,10 +167,16 @@ def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
     def mla():
         return kernels.mla_attention(q_lat, q_pe, latent, meta, 0.1)
 
-    out = dict(ctx=ctx, batch=batch, bytes=bytes_read(ctx, batch, s))
-    for name, fn in (("csa", csa), ("hca", hca), ("mla", mla)):
+    out = dict(ctx=ctx, batch=batch, bytes=dict(bytes_read(ctx, batch, s), **{
+        f"gathered_{k}": v for k, v in gathered_bytes(ctx, batch, s).items()}))
+    for name, fn in (("csa", csa), ("hca", hca), ("csa_gather", csa_gather), ("hca_gather", hca_gather),
+                     ("mla", mla)):
         out[f"{name}_s"] = timer(fn, [()], iters=iters)
         out[f"{name}_graph_s"] = timer.graph(fn, [()], iters=iters)
+    for kind in ("csa", "hca"):  # the paged path's time over the gather path's, measured side by side
+        for g in ("", "_graph"):
+            a, b = out[f"{kind}{g}_s"], out[f"{kind}_gather{g}_s"]
+            out[f"{kind}{g}_paged_over_gather"] = a / b if a is not None and b else None
     return out
 
 
@@ -196,7 +229,8 @@ def _main_gpu(args) -> dict:
     rep = dict(run_meta(device), kernels=kernels.name, shapes=SHAPES, dtype="bfloat16", points=[])
     timer = Timer(device)
     t0 = time.perf_counter()
-    print(f"{'ctx':>7} {'batch':>5} {'csa ms':>8} {'graph':>8} {'hca ms':>8} {'graph':>8} {'mla ms':>8} {'graph':>8}")
+    print(f"{'ctx':>7} {'batch':>5} {'csa ms':>8} {'graph':>8} {'hca ms':>8} {'graph':>8} {'mla ms':>8} {'graph':>8} "
+          f"{'csa/gath':>8} {'hca/gath':>8} (graph replays: paged over gather)")
     for ctx in [int(x) for x in args.contexts.split(",")]:
         for batch in [int(x) for x in args.batches.split(",")]:
             if args.time_budget_s is not None and time.perf_counter() - t0 > args.time_budget_s:
@@ -206,7 +240,9 @@ def _main_gpu(args) -> dict:
             pt = gpu_point(kernels, device, ctx, batch, SHAPES, timer, max(args.iters, 20))
             rep["points"].append(pt)
             print(f"{ctx:>7} {batch:>5} " + " ".join(_ms(pt[k]) for k in (
-                "csa_s", "csa_graph_s", "hca_s", "hca_graph_s", "mla_s", "mla_graph_s")), flush=True)
+                "csa_s", "csa_graph_s", "hca_s", "hca_graph_s", "mla_s", "mla_graph_s")) + " " + " ".join(
+                f"{pt[k]:>8.3f}" if pt[k] is not None else f"{'-':>8}"
+                for k in ("csa_graph_paged_over_gather", "hca_graph_paged_over_gather")), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(rep, indent=1) + "\n")
     return rep

@@ -15,12 +15,14 @@ reference_paged_sink_attention (legend there), except that the picks come in any
   on the device: a short row costs what it reads). Each tile runs triton_dsv4.sink_softmax_step from a running max
   floored at the head's sink. One split writes the output (the sink's exp(sink - max) joins the denominator at
   the end); more (small batches: the host picks them from T and the key bound, so a graph keeps them) write
-  float32 partials (max, denominator, output) that `_merge_splits_kernel` folds with the sink.
+  float32 partials (max, denominator, output) that `_paged_merge_kernel` folds with the sink.
 
 No host sync and no data-dependent shape: the sizes come from the tensors' shapes (the table width bounds E).
 Activations float32 / bfloat16 / float16; keys and window rows are cast to the query's dtype as they are read.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -29,9 +31,7 @@ import triton.language as tl
 from . import triton_common as common
 from .triton_common import cast
 from .triton_dsv4 import sink_softmax_step
-from .triton_dsv4_topk import score_tile, select_topk
-
-_SCORE_CONFIG = (64, 4)  # BLOCK_E, num_warps: triton_dsv4_topk's (a tile of 64 keys of 128 is one block's run)
+from .triton_dsv4_topk import load_index_query, score_buffers, score_tile, select_topk
 
 
 @triton.jit(do_not_specialize=["E", "G"])
@@ -41,11 +41,8 @@ def _paged_scores_kernel(q_ptr, w_ptr, pages_ptr, table_ptr, lens_ptr, scores_pt
                          INTERPRET: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.load(lens_ptr + t), E)
-    h = tl.arange(0, BLOCK_NI)
+    q, w = load_index_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, nI, I, w_scale, BLOCK_NI, BLOCK_I)
     d = tl.arange(0, BLOCK_I)
-    q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :], mask=(h[:, None] < nI) & (d[None, :] < I),
-                other=0.0)
-    w = tl.load(w_ptr + t * stride_wt + h, mask=h < nI, other=0.0).to(tl.float32) * w_scale
     for tile in range(tl.program_id(1), tl.cdiv(n, BLOCK_E), G):
         e = tile * BLOCK_E + tl.arange(0, BLOCK_E)
         ok = e < n
@@ -69,23 +66,16 @@ def triton_dsv4_paged_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys
         raise ValueError(f"w_Tn {tuple(w_Tn.shape)}, keys_BLcI {tuple(keys_BLcI.shape)}, table_TM "
                          f"{tuple(table_TM.shape)} and visible_T {tuple(visible_T.shape)} are invalid: must be "
                          f"[{T}, {nI}], [B, Lc, {I}], [{T}, M] and [{T}].")
-    if top_k < 1 or (num_splits is not None and num_splits < 1):
-        raise ValueError(f"top_k={top_k} / num_splits={num_splits} are invalid: must be >= 1.")
-    dev = q_TnI.device
-    out = common.workspace((T, top_k), torch.int32, dev)
-    if T == 0:
-        return out
-    interp = common.interpreting(q_TnI)
-    block_e, warps = (16, 4) if interp else _SCORE_CONFIG
     Lc = keys_BLcI.shape[1]
     E = table_TM.shape[1] * Lc
-    Ep = max(1, triton.cdiv(E, block_e)) * block_e
-    scores = common.workspace((T, Ep), torch.float32, dev)
-    lens_T = torch.clamp(visible_T, max=E).to(torch.int32)
+    out, scores, lens_T, block_e, warps = score_buffers(q_TnI, visible_T, E, top_k, num_splits)
+    if T == 0:
+        return out
+    dev, interp, Ep = q_TnI.device, common.interpreting(q_TnI), scores.shape[1]
     q = q_TnI if q_TnI.stride(-1) == 1 else q_TnI.contiguous()
     keys = keys_BLcI if keys_BLcI.stride(-1) == 1 else keys_BLcI.contiguous()
     table = table_TM.to(torch.int32)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    sms = num_sms(dev)
     G = max(1, min(Ep // block_e, triton.cdiv(4 * sms, T)))
     _paged_scores_kernel[(T, G)](
         q, w_Tn.contiguous(), keys, table, lens_T, scores, E, G, nI, I, Lc, I**-0.5, nI**-0.5, q.stride(0),
@@ -123,26 +113,30 @@ def _paged_sink_attention_kernel(q_ptr, win_ptr, slot_ptr, pos_ptr, pages_ptr, t
     m_i = sink
     l_i = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
-    for tile in range(split, win_tiles + tl.cdiv(n_ent, BLOCK_S), SPLITS):
-        if tile < win_tiles:  # window ring rows: row r holds position p - ((p - r) mod W), seen where >= 0
-            r = tile * BLOCK_S + tl.arange(0, BLOCK_S)
-            back = ((p - r) % W + W) % W  # (Triton's % truncates: p - r may be negative)
-            ok = (r < w_rows) & (p - back >= 0)
-            k = tl.load(win_ptr + slot * stride_wp + r[:, None].to(tl.int64) * stride_ww + d[None, :],
-                        mask=ok[:, None] & (d[None, :] < H), other=0.0).to(q.dtype)
-        else:  # entries: the picks (CSA, -1 none) or every visible one (HCA), through the block table
-            j = (tile - win_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
-            if PICKS:
-                e = tl.load(picks_ptr + t * stride_kt + j, mask=j < KE, other=-1).to(tl.int64)
-                ok = e >= 0
-            else:
-                e = j.to(tl.int64)
-                ok = j < n_ent
-            blk = tl.load(table_ptr + t * stride_tt + e // Lc, mask=ok, other=0).to(tl.int64)
-            ok = ok & (blk >= 0)
-            # Rows not seen read as zeros: a never-written entry (NaN) must not reach P @ V.
-            k = tl.load(pages_ptr + blk[:, None] * stride_pb + (e % Lc)[:, None] * stride_pl + d[None, :],
-                        mask=ok[:, None] & (d[None, :] < H), other=0.0).to(q.dtype)
+    # Window ring rows (tiles 0 .. win_tiles - 1 of the row's key tiles): row r holds position p - ((p - r) mod W),
+    # seen where that is >= 0.
+    for tile in range(split, win_tiles, SPLITS):
+        r = tile * BLOCK_S + tl.arange(0, BLOCK_S)
+        back = ((p - r) % W + W) % W  # (Triton's % truncates: p - r may be negative)
+        ok = (r < w_rows) & (p - back >= 0)
+        k = tl.load(win_ptr + slot * stride_wp + r[:, None].to(tl.int64) * stride_ww + d[None, :],
+                    mask=ok[:, None] & (d[None, :] < H), other=0.0).to(q.dtype)
+        m_i, l_i, acc = sink_softmax_step(q, k, ok, m_i, l_i, acc, scale, INTERPRET, PREC)
+    # Entries (the key tiles after the window's, this split's by the same stride): the picks (CSA, -1 none) or
+    # every visible one (HCA), each through the block table.
+    for tile in range((split - win_tiles % SPLITS + SPLITS) % SPLITS, tl.cdiv(n_ent, BLOCK_S), SPLITS):
+        j = tile * BLOCK_S + tl.arange(0, BLOCK_S)
+        if PICKS:
+            e = tl.load(picks_ptr + t * stride_kt + j, mask=j < KE, other=-1)
+            ok = e >= 0
+        else:
+            e = j
+            ok = j < n_ent
+        blk = tl.load(table_ptr + t * stride_tt + e // Lc, mask=ok, other=0).to(tl.int64)
+        ok = ok & (blk >= 0)
+        # Rows not seen read as zeros: a never-written entry (NaN) must not reach P @ V.
+        k = tl.load(pages_ptr + blk[:, None] * stride_pb + (e % Lc)[:, None].to(tl.int64) * stride_pl + d[None, :],
+                    mask=ok[:, None] & (d[None, :] < H), other=0.0).to(q.dtype)
         m_i, l_i, acc = sink_softmax_step(q, k, ok, m_i, l_i, acc, scale, INTERPRET, PREC)
     hmask = (heads[:, None] < N) & (d[None, :] < H)
     if not PARTIAL:
@@ -158,7 +152,7 @@ def _paged_sink_attention_kernel(q_ptr, win_ptr, slot_ptr, pos_ptr, pages_ptr, t
 
 
 @triton.jit
-def _merge_splits_kernel(part_ptr, ml_ptr, sinks_ptr, out_ptr, N, H, SPLITS, stride_xt, stride_xs, stride_xn,
+def _paged_merge_kernel(part_ptr, ml_ptr, sinks_ptr, out_ptr, N, H, SPLITS, stride_xt, stride_xs, stride_xn,
                          stride_mi, stride_mt, stride_ms, stride_ot, stride_on, BLOCK_N: tl.constexpr,
                          BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -182,6 +176,19 @@ def _merge_splits_kernel(part_ptr, ml_ptr, sinks_ptr, out_ptr, N, H, SPLITS, str
         m = m_new
     tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_on + d[None, :],
              cast(acc / den[:, None], out_ptr.dtype.element_ty, INTERPRET), mask=hmask)
+
+
+def num_sms(device: torch.device) -> int:
+    """The device's SMs (4 in the interpreter: small grids that still split); the grids and splits follow it (the
+    offline compile report sets the H100's 132)."""
+    if device.type != "cuda":
+        return 4
+    return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=8)
+def _sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def attention_splits(T: int, N: int, key_tiles: int, sms: int) -> int:
@@ -228,7 +235,7 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     block_n = 16  # the smallest tl.dot tile: V4's 64 / 128 heads are 4 / 8 programs per query (triton_dsv4's)
     block_h = max(16, triton.next_power_of_2(H))
     block_s = 16 if interp else (32 if block_h >= 256 else 64)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    sms = num_sms(dev)
     splits = num_splits or attention_splits(T, N, triton.cdiv(W, block_s) + triton.cdiv(KE, block_s), sms)
     part = ml = out  # (unwritten with one split)
     if splits > 1:
@@ -244,11 +251,11 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
         PICKS=picks_TK is not None, PARTIAL=splits > 1, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_S=block_s,
         INTERPRET=interp, PREC=common.dot_precision(q.dtype), num_warps=4 if block_h <= 128 else 8)
     if splits > 1:
-        _merge_splits_kernel[(T, heads)](
+        _paged_merge_kernel[(T, heads)](
             part, ml, sinks, out, N, H, splits, part.stride(0), part.stride(1), part.stride(2), ml.stride(0),
             ml.stride(1), ml.stride(2), out.stride(0), out.stride(1), BLOCK_N=block_n, BLOCK_H=block_h,
             INTERPRET=interp, num_warps=4 if block_h <= 128 else 8)
     return out
 
 
-__all__ = ["attention_splits", "triton_dsv4_paged_indexer_topk", "triton_dsv4_paged_sink_attention"]
+__all__ = ["attention_splits", "num_sms", "triton_dsv4_paged_indexer_topk", "triton_dsv4_paged_sink_attention"]

@@ -9,7 +9,8 @@ only marks them; the tests compare them sorted).
 - top-k: DeepSeek Sparse Attention's selection kernels (triton_dsa_select.py: a radix select per row, or for long
   rows P programs per row and a merge), each query a "sequence" of one token whose causal length is its visible
   count (seq_lens = visible_T, query starts 0..T): the same exact order, ties to the lowest entries (`select_topk`;
-  the indexer over paged keys, triton_dsv4_paged.py, shares it and `score_tile`).
+  the indexer over paged keys, triton_dsv4_paged.py, shares it, `load_index_query`, `score_tile`
+  and `score_buffers`).
 
 No host sync: the work follows visible_T on the device; E (the keys given) sizes the workspace and the split.
 """
@@ -26,6 +27,18 @@ from .triton_dsa_select import _merge_topk_kernel, _partial_topk_kernel, _topk_k
 _SCORE_CONFIG = (64, 4)  # BLOCK_E, num_warps
 _TOPK_CONFIG = (4096, 8)  # as triton_dsa_topk's: one program per row
 _SPLIT_TOPK_CONFIG = (2048, 8)
+
+
+@triton.jit
+def load_index_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, nI, I, w_scale, BLOCK_NI: tl.constexpr,
+                     BLOCK_I: tl.constexpr):
+    """Query t's index queries [BLOCK_NI, BLOCK_I] (zeros past nI / I) and its head weights times w_scale (float32
+    [BLOCK_NI]): what a score program holds while it walks the keys."""
+    h = tl.arange(0, BLOCK_NI)
+    d = tl.arange(0, BLOCK_I)
+    q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :], mask=(h[:, None] < nI) & (d[None, :] < I),
+                other=0.0)
+    return q, tl.load(w_ptr + t * stride_wt + h, mask=h < nI, other=0.0).to(tl.float32) * w_scale
 
 
 @triton.jit
@@ -46,11 +59,8 @@ def _dsv4_indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_ptr,
                                 INTERPRET: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.load(visible_ptr + t).to(tl.int32), E)
-    h = tl.arange(0, BLOCK_NI)
+    q, w = load_index_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, nI, I, w_scale, BLOCK_NI, BLOCK_I)
     d = tl.arange(0, BLOCK_I)
-    q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :], mask=(h[:, None] < nI) & (d[None, :] < I),
-                other=0.0)
-    w = tl.load(w_ptr + t * stride_wt + h, mask=h < nI, other=0.0).to(tl.float32) * w_scale
     for tile in range(tl.program_id(1), tl.cdiv(n, BLOCK_E), G):
         e = tile * BLOCK_E + tl.arange(0, BLOCK_E)
         ok = e < n
@@ -74,18 +84,10 @@ def triton_dsv4_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: t
         raise ValueError(f"w_Tn {tuple(w_Tn.shape)}, keys_EI {tuple(keys_EI.shape)} and visible_T "
                          f"{tuple(visible_T.shape)} are invalid: must be [{T}, {nI}], [E, {I}] or [{T}, E, {I}], "
                          f"and [{T}].")
-    if top_k < 1 or (num_splits is not None and num_splits < 1):
-        raise ValueError(f"top_k={top_k} / num_splits={num_splits} are invalid: must be >= 1.")
-    dev = q_TnI.device
-    out = common.workspace((T, top_k), torch.int32, dev)
+    out, scores, lens_T, block_e, warps = score_buffers(q_TnI, visible_T, E, top_k, num_splits)
     if T == 0:
         return out
-    interp = common.interpreting(q_TnI)
-    block_e, warps = (16, 4) if interp else _SCORE_CONFIG
-    Ep = max(1, triton.cdiv(E, block_e)) * block_e
-    scores = common.workspace((T, Ep), torch.float32, dev)
-    # Each query is a one-token "sequence" of the DSA selection kernels: causal length = its visible count.
-    lens_T = torch.clamp(visible_T, max=E).to(torch.int32)
+    dev, interp, Ep = q_TnI.device, common.interpreting(q_TnI), scores.shape[1]
     q = q_TnI if q_TnI.stride(-1) == 1 else q_TnI.contiguous()
     w, keys = w_Tn.contiguous(), keys_EI.to(q.dtype).contiguous()
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
@@ -100,9 +102,25 @@ def triton_dsv4_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: t
     return out
 
 
+def score_buffers(q_TnI: torch.Tensor, visible_T: torch.Tensor, E: int, top_k: int, num_splits: int | None):
+    """What an indexer wrapper allocates before scoring E entries (this one's and triton_dsv4_paged.py's): (out
+    int32 [T, top_k], scores float32 [T, E'] with E' = E rounded up to the score tile, lens_T int32 = visible_T
+    clamped to E, BLOCK_E, num_warps). Refuses a top_k or num_splits below 1."""
+    if top_k < 1 or (num_splits is not None and num_splits < 1):
+        raise ValueError(f"top_k={top_k} / num_splits={num_splits} are invalid: must be >= 1.")
+    T, dev = q_TnI.shape[0], q_TnI.device
+    block_e, warps = (16, 4) if common.interpreting(q_TnI) else _SCORE_CONFIG
+    Ep = max(1, triton.cdiv(E, block_e)) * block_e
+    # Each query is a one-token "sequence" of the DSA selection kernels: causal length = its visible count.
+    lens_T = torch.clamp(visible_T, max=E).to(torch.int32)
+    return (common.workspace((T, top_k), torch.int32, dev), common.workspace((T, Ep), torch.float32, dev), lens_T,
+            block_e, warps)
+
+
 def select_topk(scores_TE: torch.Tensor, lens_T: torch.Tensor, top_k: int, out_TK: torch.Tensor, sms: int, *,
                 num_splits: int | None = None) -> None:
-    """out_TK (int32 [T, top_k]) = each row's top_k entries of scores_TE (float32 [T, E']) among its first lens_T[t] (int32), then -1: DSA's selection kernels with each row a one-token
+    """out_TK (int32 [T, top_k]) = each row's top_k entries of scores_TE (float32 [T, E']) among its first
+    lens_T[t] (int32), then -1: DSA's selection kernels with each row a one-token
     "sequence" whose causal length is lens_T[t]. Shared by the indexer over given keys (above) and over paged keys
     (triton_dsv4_paged.py)."""
     T, Ep = scores_TE.shape
@@ -124,4 +142,4 @@ def select_topk(scores_TE: torch.Tensor, lens_T: torch.Tensor, top_k: int, out_T
                              out_TK.stride(0), top_k, BLOCK=block_s, num_warps=s_warps)
 
 
-__all__ = ["score_tile", "select_topk", "triton_dsv4_indexer_topk"]
+__all__ = ["load_index_query", "score_buffers", "score_tile", "select_topk", "triton_dsv4_indexer_topk"]

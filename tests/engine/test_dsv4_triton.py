@@ -1,5 +1,5 @@
-"""DeepSeek-V4 end to end on the Triton kernels (kernels/triton_dsv4.py, triton_dsv4_topk.py, with the rest of
-TritonKernels: norms, router, fused MoE): the tiny checkpoint of tests/helpers/dsv4_checkpoint.py (every attention
+"""DeepSeek-V4 end to end on the Triton kernels (kernels/triton_dsv4.py, triton_dsv4_topk.py, triton_dsv4_paged.py,
+with the rest of TritonKernels: norms, router, fused MoE): the tiny checkpoint of tests/helpers/dsv4_checkpoint.py (every attention
 kind, compress rates 2 and 8, an indexer top-4, a window of 6) gives the reference kernels' greedy tokens in
 float32, with prompts that cross several compression boundaries and the top-k, in chunks, two sequences per step.
 On CPU the kernels run in the Triton interpreter in a fresh process (Triton reads TRITON_INTERPRET when a kernel is
@@ -25,6 +25,7 @@ ENGINE = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=16, num_kv
 _TRITON_RUN = """
 import collections, json, sys
 import moelink.kernels.triton_dsv4 as k4, moelink.kernels.triton_dsv4_topk as t4, moelink.kernels.triton_dsv4_hc as h4
+import moelink.kernels.triton_dsv4_paged as p4
 from moelink.engine import LLM, SamplingParams
 calls = collections.Counter()
 def counted(mod, name):
@@ -34,6 +35,8 @@ for name in ("triton_dsv4_compress", "triton_dsv4_sink_attention", "triton_dsv4_
     counted(k4, name)
 counted(t4, "triton_dsv4_indexer_topk")
 counted(h4, "triton_dsv4_hc_expand")
+counted(p4, "triton_dsv4_paged_sink_attention")
+counted(p4, "triton_dsv4_paged_indexer_topk")
 llm = LLM(sys.argv[1], kernels="triton", skip_warmup=True, **json.loads(sys.argv[3]))  # warm-up: test_triton_warmup.py
 ps = json.loads(sys.argv[2])
 outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -53,9 +56,13 @@ def test_triton_kernels_equal_reference_kernels_greedy(tmp_path_factory):
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
     # Every layer's attention and output projection ran on Triton, the compressors (3 layers, 2 under CSA) and the
-    # indexer (2 CSA layers) too, on each of the >= 4 steps.
-    assert calls.get("triton_dsv4_sink_attention", 0) >= 4 * 4 and calls.get("triton_dsv4_grouped_linear", 0) >= 4 * 4
-    assert calls.get("triton_dsv4_compress", 0) > 0 and calls.get("triton_dsv4_indexer_topk", 0) >= 2 * 4, calls
+    # indexer (2 CSA layers) too, on each of the >= 4 steps: prefill and mixed steps on the per-sequence ops, decode
+    # steps on the paged ones (kernels/triton_dsv4_paged.py).
+    attention = calls.get("triton_dsv4_sink_attention", 0) + calls.get("triton_dsv4_paged_sink_attention", 0)
+    indexer = calls.get("triton_dsv4_indexer_topk", 0) + calls.get("triton_dsv4_paged_indexer_topk", 0)
+    assert attention >= 4 * 4 and calls.get("triton_dsv4_grouped_linear", 0) >= 4 * 4, calls
+    assert calls.get("triton_dsv4_compress", 0) > 0 and indexer >= 2 * 4, calls
+    assert calls.get("triton_dsv4_paged_sink_attention", 0) >= 4 and calls.get("triton_dsv4_paged_indexer_topk", 0) >= 2
     assert calls.get("triton_dsv4_hc_expand", 0) >= 2 * 4 * 4, calls  # both residuals of every layer, every step
     ref = LLM(path, kernels="reference", **ENGINE)
     assert_same(got, engine_greedy(ref, ps, max_new=4), ps)

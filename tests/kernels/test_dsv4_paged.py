@@ -105,7 +105,8 @@ def _hand_attention(b: Batch, q, ring, pages, picks, sinks, scale):
             ids = list(range(int(b.visible[t])))
         else:
             ids = [] if pages is None else [e for e in picks[t].tolist() if e >= 0]
-        keys = torch.cat([torch.stack(rows) if rows else ring[0, :0], b.gathered(pages, t, ids) if ids else ring[0, :0]])
+        none = ring[0, :0]
+        keys = torch.cat([torch.stack(rows) if rows else none, b.gathered(pages, t, ids) if ids else none])
         allowed = torch.ones(1, keys.shape[0], dtype=torch.bool)
         outs.append(reference_sink_attention(q[t:t + 1], keys, allowed, sinks, scale))
     return torch.cat(outs)
