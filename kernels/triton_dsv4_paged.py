@@ -11,11 +11,15 @@ reference_paged_sink_attention (legend there), except that the picks come in any
   bf16 key costs), then DSA's top-k selection (triton_dsv4_topk.select_topk).
 - `triton_dsv4_paged_sink_attention`: grid (queries, head tiles of 16, SPLITS). A query's keys are its W ring rows
   (seen as window_seen says), then its entries: the picks (CSA, -1 skipped) or every visible entry (HCA). Split s
-  takes the key tiles s, s + SPLITS, ... (window tiles first), up to the row's own count (the loop bound is read
-  on the device: a short row costs what it reads). Each tile runs triton_dsv4.sink_softmax_step from a running max
+  takes the key tiles s, s + SPLITS, ... of [window | entries] (two loops: the window's tiles, then the entries'),
+  up to the row's own count (the loop bound is read on the device: a short row costs what it reads). Each tile runs triton_dsv4.sink_softmax_step from a running max
   floored at the head's sink. One split writes the output (the sink's exp(sink - max) joins the denominator at
   the end); more (small batches: the host picks them from T and the key bound, so a graph keeps them) write
   float32 partials (max, denominator, output) that `_paged_merge_kernel` folds with the sink.
+
+Tensor cores (benchmarks/results/compile_report_sm90.md, `dsv4` family): the scores on wgmma on sm_90 (a tile of 64
+index heads), tcgen05 on sm_100; the attention on mma.sync (16 heads a program, below wgmma's 64 rows: V4-Flash's
+64 heads are 4 programs a row, each reading the row's keys, the repeats served by L2).
 
 No host sync and no data-dependent shape: the sizes come from the tensors' shapes (the table width bounds E).
 Activations float32 / bfloat16 / float16; keys and window rows are cast to the query's dtype as they are read.
@@ -77,9 +81,10 @@ def triton_dsv4_paged_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys
     table = table_TM.to(torch.int32)
     sms = num_sms(dev)
     G = max(1, min(Ep // block_e, triton.cdiv(4 * sms, T)))
+    w = w_Tn.contiguous()
     _paged_scores_kernel[(T, G)](
-        q, w_Tn.contiguous(), keys, table, lens_T, scores, E, G, nI, I, Lc, I**-0.5, nI**-0.5, q.stride(0),
-        q.stride(1), w_Tn.contiguous().stride(0), keys.stride(0), keys.stride(1), table.stride(0), scores.stride(0),
+        q, w, keys, table, lens_T, scores, E, G, nI, I, Lc, I**-0.5, nI**-0.5, q.stride(0), q.stride(1),
+        w.stride(0), keys.stride(0), keys.stride(1), table.stride(0), scores.stride(0),
         BLOCK_NI=max(16, triton.next_power_of_2(nI)), BLOCK_I=max(16, triton.next_power_of_2(I)), BLOCK_E=block_e,
         INTERPRET=interp, PREC=common.dot_precision(q.dtype), num_warps=warps)
     select_topk(scores, lens_T, top_k, out, sms, num_splits=num_splits)

@@ -45,16 +45,15 @@ def decode_attention(layer, q_TNH, kv_TH, rows_TC, idx, ctx, paged, state) -> to
     _write_rows(state[0], write_T, p_T % cfg.sliding_window, kv_TH, live_T)
     entries = picks_TK = visible_T = None
     if layer.compressor is not None:
-        m = cfg.compress_rate
-        visible_T = (p_T + 1) // m
-        entries = paged[0]
-        _close_window(layer, layer.compressor, rows_TC, state[1], entries, p_T, write_T, live_T, table_TM.long())
+        visible_T = (p_T + 1) // cfg.compress_rate
+        entries, tables = paged[0], table_TM.long()
+        _close_window(layer, layer.compressor, rows_TC, state[1], entries, p_T, write_T, live_T, tables)
         if layer.indexer is not None:  # CSA: the indexer's top-k of the visible entries
             irows_TC, iq_TnI, iw_Tn = idx
-            _close_window(layer, layer.indexer, irows_TC, state[2], paged[1], p_T, write_T, live_T, table_TM.long())
+            _close_window(layer, layer.indexer, irows_TC, state[2], paged[1], p_T, write_T, live_T, tables)
             picks_TK = paged_topk(iq_TnI, iw_Tn, paged[1], table_TM, visible_T, cfg.index_topk)
-    read_T = torch.where(live_T, slot_T, -1)  # padding rows see no window row
-    return paged_attention(q_TNH, state[0], read_T, p_T, entries, table_TM, picks_TK, visible_T, layer.sinks_N,
+    # slot_T itself (-1 on padding rows: they see no window row)
+    return paged_attention(q_TNH, state[0], slot_T, p_T, entries, table_TM, picks_TK, visible_T, layer.sinks_N,
                            cfg.softmax_scale)
 
 
