@@ -129,7 +129,8 @@ def reference_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tensor
     """reference_sink_attention for a batched decode step whose keys stay where the cache keeps them: query t (at
     position pos_T[t]) attends to its window ring window_PWH[slot_T[t]] (the rows window_seen gives) and to
     entries of its sequence's pages entries_BLcH [B, Lc, H] (entry e in block table_TM[t, e // Lc] at e mod Lc):
-    the ids picks_TK [T, K] (CSA: the indexer's, -1 for none) or, with picks_TK None, every entry below
+    the ids picks_TK [T, K] (CSA: the indexer's, -1 for none; a row's valid picks within its first visible_T[t]
+    columns, as the indexer leaves them: the Triton op reads no further) or, with picks_TK None, every entry below
     visible_T[t] (HCA); with entries_BLcH None (a sliding layer) the window only. Rows it does not see are zeroed
     first (a ring row of a slot's earlier request, a never-written entry). Out [T, N, H] in q's dtype. Here the
     keys are gathered into [T, W + K or E, H] (the oracle); the Triton op reads them in place."""

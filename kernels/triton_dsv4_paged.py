@@ -107,9 +107,9 @@ def _paged_sink_attention_kernel(q_ptr, win_ptr, slot_ptr, pos_ptr, pages_ptr, t
                 mask=(heads[:, None] < N) & (d[None, :] < H), other=0.0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     p = tl.load(pos_ptr + t).to(tl.int64)
-    n_ent = KE
-    if not PICKS:  # HCA: the row's visible entries only (its own loop bound)
-        n_ent = tl.minimum(tl.load(vis_ptr + t).to(tl.int32), KE)
+    # The row's own loop bound: its visible entries (HCA), or as many picks (CSA: the indexer leaves at most that
+    # many, first; a short context skips the -1 tail of its top-k).
+    n_ent = tl.minimum(tl.load(vis_ptr + t).to(tl.int32), KE)
     win_tiles = tl.cdiv(W, BLOCK_S)
     w_rows = tl.where(slot >= 0, W, 0)  # a padding row (slot -1) sees no ring row
     sink = tl.load(sinks_ptr + heads, mask=heads < N, other=0.0).to(tl.float32)
@@ -132,7 +132,7 @@ def _paged_sink_attention_kernel(q_ptr, win_ptr, slot_ptr, pos_ptr, pages_ptr, t
     for tile in range((split - win_tiles % SPLITS + SPLITS) % SPLITS, tl.cdiv(n_ent, BLOCK_S), SPLITS):
         j = tile * BLOCK_S + tl.arange(0, BLOCK_S)
         if PICKS:
-            e = tl.load(picks_ptr + t * stride_kt + j, mask=j < KE, other=-1)
+            e = tl.load(picks_ptr + t * stride_kt + j, mask=j < n_ent, other=-1)
             ok = e >= 0
         else:
             e = j
