@@ -124,10 +124,15 @@ def published_linear_plan(linear: Linear, name: str, file_block_rows: int | None
     dest, idx, source = plan.pop(scale_name)
     held_rows = linear.method.block[0]
     if file_block_rows is not None and file_block_rows != held_rows:
-        rows = dest.shape[0]
+        rows, cols = dest.shape
         repeat = file_block_rows // held_rows  # held_rows = gcd(O, Bn) divides Bn
+        want = (-(-rows // repeat), cols)  # the file's [ceil(N / Bn), ceil(K / Bk)]
+        scale_file_name = name[: -len(".weight")] + ".scale"
 
         def finer(s_NbKb: torch.Tensor) -> torch.Tensor:
+            if tuple(s_NbKb.shape) != want:  # a longer one would otherwise be cut silently
+                raise ValueError(f"checkpoint tensor {scale_file_name!r} has shape {tuple(s_NbKb.shape)}, expected "
+                                 f"{want} from config.json and weight_block_size.")
             return s_NbKb.to(torch.float32).repeat_interleave(repeat, dim=0)[:rows]
 
         dest, idx = Rearranged(dest[idx] if idx else dest, finer), ()

@@ -141,6 +141,20 @@ def test_fp8_linears_hold_no_float_copy_and_half_the_bytes(fp4, float_path):
     assert fp8_lin < 0.52 * bf16_lin and fp8_all < bf16_all
 
 
+def test_wo_a_scales_held_finer_refuse_a_file_scale_of_another_shape():
+    """wo_a of 2 groups of 8 rows in 16-row file blocks holds [2, Kb] scales from the file's [1, Kb]; a file scale of
+    any other shape is refused naming it (repeating and cutting it would hide a wrong file)."""
+    from moelink.engine.models.dsv4_weights import dsv4_linear_method, published_linear_plan
+
+    wo_a = Linear(32, 16, dsv4_linear_method(DSV4Quantization((16, 16)), group_rows=8), ReferenceKernels(),
+                  torch.float64)
+    entry = published_linear_plan(wo_a, "layers.1.attn.wo_a.weight", 16)["layers.1.attn.wo_a.scale"]
+    entry.dest.put(torch.tensor([[0.5, 2.0]]).to(torch.float8_e8m0fnu), CPU)
+    assert wo_a.weight_scale_inv.tolist() == [[0.5, 2.0], [0.5, 2.0]]
+    with pytest.raises(ValueError, match=r"'layers.1.attn.wo_a.scale' has shape \(2, 2\), expected \(1, 2\)"):
+        entry.dest.put(torch.ones(2, 2), CPU)
+
+
 def test_an_expert_rank_reads_only_its_experts(fp4):
     from moelink.comm.backends import make_all_to_all
     from moelink.moe.layer import ExpertParallel
