@@ -183,12 +183,14 @@ def add_vllm_server_flags(p: argparse.ArgumentParser) -> None:
                         "renders them; default: the checkpoint's)")
     g.add_argument("--tool-call-parser", default=None, metavar="NAME",
                    help="the managed gateway's tool-call parser (smg's names: deepseek, kimik2, qwen, glm45_moe, "
-                        "minimax_m2, ...): tool_calls in chat responses")
+                        "minimax_m2, ...; vLLM's where they differ: hermes, kimi_k2, glm45, deepseek_v3, openai "
+                        "for gpt-oss, ...): tool_calls in chat responses")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted with --tool-call-parser (the gateway parses tool calls whenever a parser is set)")
     g.add_argument("--reasoning-parser", default=None, metavar="NAME",
                    help="the managed gateway's reasoning parser (smg's names: deepseek_r1, qwen3, glm45, kimi, "
-                        "minimax_m2, ...): reasoning_content split out of chat responses")
+                        "minimax, ...; vLLM's where they differ: kimi_k2, minimax_m2, openai_gptoss for gpt-oss): "
+                        "reasoning_content split out of chat responses")
 
 
 # vLLM's kv_role -> moelink's --role.
@@ -252,13 +254,24 @@ def _int(flag: str, key: str, value) -> int:
     return value
 
 
+# vLLM's parser names where smg (1.13, its default "legacy" parsers) spells the same format otherwise; smg's own
+# names pass through. None: gpt-oss, which smg reads in its built-in Harmony pipeline (it picks a GptOssForCausalLM
+# worker by its architecture) with no parser flag: smg has none for harmony, and refuses `openai`.
+VLLM_TOOL_CALL_PARSERS = {"openai": None, "hermes": "qwen", "kimi_k2": "kimik2", "glm45": "glm45_moe",
+                          "deepseek_v3": "deepseek", "deepseek_v31": "deepseek31", "qwen3_coder": "qwen_coder",
+                          "qwen3_xml": "qwen_xml", "llama3_json": "llama"}
+VLLM_REASONING_PARSERS = {"openai_gptoss": None, "kimi_k2": "kimi", "minimax_m2": "minimax",
+                          "minimax_m2_append_think": "minimax"}
+
+
 def gateway_args(ns: argparse.Namespace) -> tuple[str, ...]:
-    """The managed gateway's (smg) command-line arguments these flags ask for."""
+    """The managed gateway's (smg) command-line arguments these flags ask for (vLLM's parser names as smg's)."""
     if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (which parser reads the model's tool "
                          "calls).")
     args: list[str] = []
-    for flag, value in (("--tool-call-parser", ns.tool_call_parser), ("--reasoning-parser", ns.reasoning_parser),
+    for flag, value in (("--tool-call-parser", VLLM_TOOL_CALL_PARSERS.get(ns.tool_call_parser, ns.tool_call_parser)),
+                        ("--reasoning-parser", VLLM_REASONING_PARSERS.get(ns.reasoning_parser, ns.reasoning_parser)),
                         ("--chat-template", ns.chat_template)):
         if value is not None:
             args += [flag, value]

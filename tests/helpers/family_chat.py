@@ -45,6 +45,29 @@ GLM45_TEMPLATE = (
     "<arg_key>{key}</arg_key>\n<arg_value>{value}</arg_value>\n</tool_call>{%- endif %}"
     "{%- for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{%- endfor %}"
     "{%- if add_generation_prompt %}<|assistant|>{%- endif %}")
+# gpt-oss's harmony format: every message `<|start|>{role}<|message|>...<|end|>`, the tools declared by the developer
+# message as a TypeScript namespace; the answer picks its channel (analysis, commentary, final) after <|channel|>.
+GPT_OSS_TEMPLATE = (
+    "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nReasoning: medium\n\n"
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message."
+    "{% if tools %}{{ '\\n' }}Calls to these tools must go to the commentary channel: 'functions'.{% endif %}<|end|>"
+    "{% if tools %}<|start|>developer<|message|># Tools\n\n## functions\n\nnamespace functions {\n"
+    "{% for tool in tools %}{{ '\\n' }}// {{ tool.function.description }}\ntype {{ tool.function.name }} = "
+    "(_: {{ tool.function.parameters | tojson }}) => any;\n{% endfor %}{{ '\\n' }}} // namespace functions<|end|>"
+    "{% endif %}"
+    "{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+# MiniMax-M2: `]~b]{role}` ... `[e~[`, the tools as <tool> JSON lines in the system message, the generation prompt
+# opening the thought (as the published template does), so an answer (a tool call too) follows its </think>.
+# (The engine's Jinja trims the newline after a block tag, as transformers' does: newlines there are {{ '\n' }}.)
+MINIMAX_M2_TEMPLATE = (
+    "]~!b[]~b]system\nYou are a helpful assistant."
+    "{% if tools %}{{ '\\n\\n' }}# Tools\nYou may call one or more tools to assist with the user query.\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}<tool>{{ tool.function | tojson }}</tool>{% endfor %}{{ '\\n' }}</tools>\n\n"
+    "Call one as:\n<minimax:tool_call>\n<invoke name=\"tool-name\">\n<parameter name=\"key\">value</parameter>\n"
+    "</invoke>\n</minimax:tool_call>{% endif %}[e~[\n"
+    "{% for m in messages %}]~b]{{ 'ai' if m.role == 'assistant' else m.role }}\n{{ m.content }}[e~[\n{% endfor %}"
+    "{% if add_generation_prompt %}]~b]ai\n<think>\n{% endif %}")
 
 
 @dataclass(frozen=True)
@@ -52,11 +75,12 @@ class Family:
     arch: str  # the tiny architecture the family's models are
     tool_call_parser: str  # smg's names
     reasoning_parser: str
-    role_tokens: tuple[str, ...]  # special: never in an answer
+    role_tokens: tuple[str, ...]  # special: the prompt's markers (and an answer's, for harmony)
     text_tokens: tuple[str, ...]  # tool-call and thinking markers: not special, they reach the parsers
     template: str
     tool_call: Callable[[str, dict], str]  # (name, arguments) -> what the model emits
     thought: Callable[[str, str], str]  # (reasoning, answer) -> what the model emits
+    reply_tokens: tuple[str, ...] = ()  # of role_tokens, those only an answer holds (never a rendered prompt)
 
 
 FAMILIES = {
@@ -88,8 +112,51 @@ FAMILIES = {
          "</think>"), GLM45_TEMPLATE,
         lambda name, args: f"<tool_call>{name}\n" + "".join(
             f"<arg_key>{k}</arg_key>\n<arg_value>{v}</arg_value>\n" for k, v in args.items()) + "</tool_call>",
-        lambda r, a: f"<think>{r}</think>{a}"),
+        lambda r, a: f"<think>{r}</think>{a}", reply_tokens=("<|observation|>",)),
+    # smg has no --tool-call-parser for harmony: it reads gpt-oss (GptOssForCausalLM) in a pipeline of its own,
+    # with openai-harmony's published encoding (tests/server/test_tool_calls.py says what that means here).
+    # Harmony's markers are special tokens in the published tokenizer; its parser reads token ids, not text.
+    "gpt_oss": Family(
+        "gpt_oss", "", "", ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|call|>",
+                            "<|return|>"), (), GPT_OSS_TEMPLATE,
+        lambda name, args: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+                            f"{json.dumps(args)}<|call|>"),
+        lambda r, a: f"<|channel|>analysis<|message|>{r}<|end|><|start|>assistant<|channel|>final<|message|>{a}",
+        reply_tokens=("<|channel|>", "<|constrain|>", "<|call|>", "<|return|>")),
+    "minimax_m2": Family(
+        "minimax", "minimax_m2", "minimax", ("]~!b[", "]~b]", "[e~["),
+        ("<minimax:tool_call>", "</minimax:tool_call>", "<think>", "</think>"), MINIMAX_M2_TEMPLATE,
+        lambda name, args: (f"</think>\n<minimax:tool_call>\n<invoke name=\"{name}\">\n" + "".join(
+            f"<parameter name=\"{k}\">{v}</parameter>\n" for k, v in args.items())
+            + "</invoke>\n</minimax:tool_call>"),
+        lambda r, a: f"{r}</think>{a}"),
 }
+
+
+def make_family_model(out: str | Path, family: Family) -> Path:
+    """A tiny random checkpoint of the family's architecture (vocab_size VOCAB), not yet dressed."""
+    out = Path(out)
+    if family.arch == "gpt_oss":  # transformers' own GptOssForCausalLM (tests/helpers/gpt_oss_checkpoints.py)
+        import torch
+
+        from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
+        save_gpt_oss(out, dtype=torch.float32, vocab_size=VOCAB, max_position_embeddings=1024)
+    elif family.arch == "minimax":  # transformers' own MiniMaxM2ForCausalLM, m2_checkpoints.py's shape, our vocab
+        import transformers
+
+        from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
+        from tests.helpers.m2_checkpoints import M2_TINY
+
+        config_cls, model_cls, fields = M2_TINY["minimax"]
+        cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, max_position_embeddings=1024,
+                                                 initializer_range=0.1, **fields)
+        cfg.architectures = [model_cls]
+        getattr(transformers, model_cls)(cfg).save_pretrained(out)
+        write_tokenizer_configs(out, train_tiny_tokenizer(VOCAB - MAX_ADDED), 1024)  # dress() writes the rest
+    else:
+        from moelink.engine.tools.tiny_model import make_tiny_model
+        make_tiny_model(out, family.arch, vocab_size=VOCAB, max_position_embeddings=1024)
+    return out
 
 
 def dress(model_dir: str | Path, family: Family) -> None:
@@ -111,3 +178,4 @@ def dress(model_dir: str | Path, family: Family) -> None:
                  "single_word": t.single_word, "special": t.special}
         for i, t in sorted(tok.get_added_tokens_decoder().items())}
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
