@@ -252,6 +252,21 @@ def test_smg_pd_mode_completions_match_one_engine_and_load_the_kv(pd, pd_gateway
     assert lines and f"cached_tokens={n - 1}" in lines[-1], lines[-3:]
 
 
+# vLLM counts the tokens a connector loaded as computed before the first step (its scheduler's num_cached_tokens
+# takes local prefix hits + external tokens), so a decode instance reports them as cached_tokens; moelink's decode
+# server does the same (its gRPC usage, its request line). smg 1.13 builds the HTTP usage from the prefill leg
+# instead (seen for completions and chat, streamed and not: that server's own prefix-cache hits, 0 for a new prompt).
+@pytest.mark.xfail(strict=True, reason="smg 1.13 reports the prefill leg's cached_tokens (0 for a new prompt), not "
+                                       "the decode leg's prompt - 1 tokens loaded by transfer")
+def test_smg_pd_usage_reports_the_tokens_the_decode_server_loaded(pd_gateway, offline):
+    prompt = "A prompt no other test of this module sends, so no prefix of it is cached anywhere. " * 3
+    n = len(offline.generate(prompt, SamplingParams(**GREEDY), use_tqdm=False)[0].prompt_token_ids)
+    status, raw = http_request(pd_gateway, "POST", "/v1/completions", dict(model="tiny-moe", prompt=prompt, **GREEDY),
+                               timeout=60)
+    assert status == 200, raw
+    assert json.loads(raw)["usage"]["prompt_tokens_details"]["cached_tokens"] == n - 1
+
+
 def test_decode_server_killed_mid_stream_ends_the_client_stream_with_an_error(model_path, pd):
     pre, _, _, _ = pd
     if smg_executable() is None:
