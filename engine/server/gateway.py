@@ -14,6 +14,7 @@ that smg still lists moelink's worker, and registers it again when not.
 from __future__ import annotations
 
 import asyncio
+import collections
 import http.client
 import ipaddress
 import json
@@ -24,11 +25,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 
 from .gateway_admin import _KEY_ENV, WorkerCheck, new_admin_key, with_secrets  # noqa: F401 (_KEY_ENV: tests)
+from .gateway_output import TAIL_LINES, keep_tail, smg_refusal
 from .hangups import RELAY_HEADER
 from .http_front import HttpFront
 from .http_metrics import HttpMetrics
@@ -173,21 +176,30 @@ class GatewaySupervisor:
         check_http_port(self.spec.http_host, self.spec.http_port)
         self.metrics_port = self.spec.metrics_port or free_loopback_port()
         cmd, env = with_secrets(self.command(self.metrics_port), self.spec.api_key, self.admin_key)
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        log = open(self.log_path, "ab") if self.log_path else subprocess.PIPE
         try:
             # Own session and process group: the terminal's Ctrl-C goes to the server alone, which drains
             # before it stops the gateway (smg would otherwise drop in-flight HTTP requests at once).
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, preexec_fn=_die_with_parent, env=env)
         finally:
-            if log is not subprocess.DEVNULL:
+            if log is not subprocess.PIPE:
                 log.close()
+        tail: collections.deque = collections.deque(maxlen=TAIL_LINES)
+        reader = None
+        if self.proc.stdout is not None:
+            reader = threading.Thread(target=keep_tail, args=(self.proc.stdout, tail), daemon=True,
+                                      name="smg-output")
+            reader.start()
         deadline = time.monotonic() + self.ready_timeout
         while not await asyncio.to_thread(self._ready):
             if self.proc.poll() is not None:
+                if reader is not None:
+                    await asyncio.to_thread(reader.join, 2.0)  # smg's last words, read to its EOF
+                refusal = smg_refusal(tail)
                 taken = bind_error(self.spec.http_host, self.spec.http_port)  # smg is gone: anyone there is not it
                 why = f"port {self.spec.http_port} is taken ({taken})" if taken else \
-                    f"port {self.spec.http_port} in use?"
+                    f"smg says: {refusal}" if refusal else f"port {self.spec.http_port} in use?"
                 raise GatewayError(f"the smg gateway exited with {self.proc.returncode} before it was ready "
                                    f"({why}){self._log_hint()}")
             if time.monotonic() >= deadline:

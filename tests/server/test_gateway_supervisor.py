@@ -19,7 +19,8 @@ from moelink.engine.server import gateway as gw
 
 from tests.helpers.net import free_port
 
-# Reads its mode from a file at each start: "ok" serves /v1/models, "exit" exits 3, "hang" never binds.
+# Reads its mode from a file at each start: "ok" serves /v1/models, "exit" exits 3, "hang" never binds, "refuse"
+# says why on stderr (coloured, as smg's log is) and exits 2.
 FAKE_SMG = textwrap.dedent('''
     import http.server, json, sys, time
     args = sys.argv[1:]
@@ -27,6 +28,11 @@ FAKE_SMG = textwrap.dedent('''
     mode = open(MODE_FILE).read().strip()
     if mode == "exit":
         sys.exit(3)
+    if mode == "refuse":
+        print("\x1b[31mERROR\x1b[0m unknown parser name", file=sys.stderr)
+        print("RuntimeError: Invalid configuration: unknown reasoning parser 'x'", file=sys.stderr)
+        print("(the usage ends here)", file=sys.stderr)
+        sys.exit(2)
     if mode == "abort-once":  # dies by SIGABRT at its first start only (a marker file beside the mode file)
         import os
         marker = MODE_FILE + ".aborted"
@@ -123,6 +129,15 @@ def test_restarts_with_backoff_then_gives_up_and_stop_leaves_nothing(fake, monke
 
     asyncio.run(run())
     assert "giving up" in caplog.text
+
+
+def test_a_refused_start_gives_smgs_own_reason(fake):
+    script, mode = fake
+    mode.write_text("refuse")
+    sup = _supervisor(script)
+    with pytest.raises(gw.GatewayError, match=r"exited with 2 before it was ready \(smg says: RuntimeError: Invalid "
+                                              r"configuration: unknown reasoning parser 'x'\)"):
+        asyncio.run(sup.start())
 
 
 def test_exit_before_ready_names_the_port(fake):
