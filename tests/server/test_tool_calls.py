@@ -3,8 +3,10 @@ the managed smg gateway's parsers, with the official `openai` client, on tiny ch
 families (tests/helpers/family_chat.py: their tokens and chat-template formats). The random model says nothing
 useful, so every tool call is forced by constrained decoding: a named `tool_choice` and `tool_choice: required`
 (smg constrains the output itself) and `tool_choice: auto` with the family's own tool-call text forced by a
-`guided_regex` (what the family's parser must read back); streamed and not. Reasoning: the family's thinking
-text forced the same way, split into `reasoning_content`.
+`guided_grammar` (what the family's parser must read back); streamed and not. Reasoning: the family's thinking
+text forced the same way, split into `reasoning_content`. The grammar spells each marker as its one token
+(xgrammar's `Token(id)`), as the family's model emits it: a regex let the random model spell `<tool_call>` in
+byte pieces, one delta each, which smg's streaming glm45_moe and deepseek parsers pass on as content.
 
 Where smg 1.13 does not read a family right, the test is a strict xfail saying what was seen (a fixed smg shows as
 XPASS and fails the run). gpt-oss has no parser flag at all: smg reads a GptOssForCausalLM worker in its Harmony
@@ -17,6 +19,8 @@ import json
 import re
 
 import pytest
+
+from moelink.engine.core.tokenizer import Tokenizer
 
 from tests.helpers.family_chat import FAMILIES, dress, make_family_model
 from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess
@@ -44,9 +48,6 @@ GPT_OSS_WHY = ("smg 1.13 reads a GptOssForCausalLM worker only in its Harmony pi
 OPEN_THOUGHT = ("seen: the generation prompt opens the thought and smg 1.13 constrains the output to the call from "
                 "its first token (no </think> first), so its {} reasoning parser reads the whole call as "
                 "reasoning_content")
-PIECES = ("seen: the regex-forced random model spells {} in byte pieces (one delta each), not as the family's one "
-          "token, and smg 1.13's streaming {} parser passes the call on as content (unstreamed it parses; its "
-          "streaming qwen parser reads the same pieces)")
 # (family, case, stream or None for both) -> what smg 1.13 was seen to do; each is a strict xfail, so a fixed smg
 # shows up as XPASS and fails the run.
 SEEN = {
@@ -54,8 +55,6 @@ SEEN = {
     ("deepseek_r1", "required", None): OPEN_THOUGHT.format("deepseek_r1"),
     ("minimax_m2", "named", None): OPEN_THOUGHT.format("minimax"),
     ("minimax_m2", "required", None): OPEN_THOUGHT.format("minimax"),
-    ("deepseek_r1", "auto", True): PIECES.format("<｜tool▁calls▁begin｜>", "deepseek"),
-    ("glm45", "auto", True): PIECES.format("<tool_call>", "glm45_moe"),
     # Not smg's fault alone: its required constraint is a JSON array without maxItems (parallel_tool_calls=false
     # too), the random model never closes it, and the truncated array parses to no call (streamed, the items do).
     ("qwen3", "required", False): ("seen: the random model never closes smg 1.13's required-call array (no "
@@ -93,7 +92,7 @@ def family_server(family_checkpoint):
     try:
         srv.wait_for_line(r"moelink: OpenAI API on ", 30, "the OpenAI API line")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
-        yield name, fam, client
+        yield name, fam, client, Tokenizer.from_dir(path)
     finally:
         srv.stop()
         srv.close()
@@ -124,14 +123,21 @@ def _name_args(call) -> tuple[str, dict]:
     return call.function.name, json.loads(call.function.arguments)
 
 
+def _forced(fam, tok, text: str) -> dict:
+    """The request field that forces `text`: an EBNF of its pieces, each of the family's markers as its one token."""
+    markers = sorted(fam.role_tokens + fam.text_tokens, key=len, reverse=True)
+    pieces = [p for p in re.split("(" + "|".join(map(re.escape, markers)) + ")", text) if p]
+    terms = [f"Token({tok.encode(p, add_special_tokens=False)[0]})" if p in markers else
+             json.dumps(p, ensure_ascii=False) for p in pieces]  # an EBNF string literal escapes as JSON does
+    return {"guided_grammar": "root ::= " + " ".join(terms)}
+
+
 def _schema_call(call) -> bool:
     name, args = _name_args(call)
     return name == "get_weather" and list(args) == ["city"] and args["city"] in ("Paris", "Rome")  # the schema's
 
 
 def test_the_template_renders_the_tools_in_the_familys_format(family_checkpoint):
-    from moelink.engine.core.tokenizer import Tokenizer
-
     _, fam, path = family_checkpoint
     tok = Tokenizer.from_dir(path)
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
@@ -145,7 +151,7 @@ def test_the_template_renders_the_tools_in_the_familys_format(family_checkpoint)
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_named_tool_choice_is_forced_and_parsed(family_server, stream, request):
-    name, fam, client = family_server
+    name, fam, client, _ = family_server
     _expect(request, name, "named", stream)
     calls, finish, _ = _chat(client, stream, tools=TOOLS,
                              tool_choice={"type": "function", "function": {"name": "get_weather"}})
@@ -157,7 +163,7 @@ def test_a_named_tool_choice_is_forced_and_parsed(family_server, stream, request
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_required_tool_choice_is_forced_and_parsed(family_server, stream, request):
-    name, fam, client = family_server
+    name, fam, client, _ = family_server
     _expect(request, name, "required", stream)
     calls, finish, message = _chat(client, stream, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
     # The random model may go on calling (a JSON array it never closes: length); each call is still the schema's.
@@ -167,17 +173,15 @@ def test_a_required_tool_choice_is_forced_and_parsed(family_server, stream, requ
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_auto_reads_the_familys_own_tool_call_text(family_server, stream, request):
-    name, fam, client = family_server
+    name, fam, client, tok = family_server
     _expect(request, name, "auto", stream)
-    forced = re.escape(fam.tool_call("get_weather", ARGS))
     calls, finish, message = _chat(client, stream, tools=TOOLS, tool_choice="auto",
-                                   extra_body={"guided_regex": forced})
+                                   extra_body=_forced(fam, tok, fam.tool_call("get_weather", ARGS)))
     assert len(calls) == 1 and _name_args(calls[0]) == ("get_weather", ARGS), (calls, message)
     assert finish == "tool_calls"
 
 
 def test_reasoning_is_split_out(family_server):
-    _, fam, client = family_server
-    forced = re.escape(fam.thought("Paris is in France", "Sunny."))
-    _, _, message = _chat(client, False, extra_body={"guided_regex": forced})
+    _, fam, client, tok = family_server
+    _, _, message = _chat(client, False, extra_body=_forced(fam, tok, fam.thought("Paris is in France", "Sunny.")))
     assert message.content == "Sunny." and message.model_extra.get("reasoning_content") == "Paris is in France"
