@@ -3,9 +3,10 @@ shared head that is key and value, per-head sinks, a sliding window of raw KV, a
 entries, all read and written through the engine's cache: the paged entries on the step's block tables, the window
 and the compressors' running rows in each sequence's state slot (ForwardContext.state).
 
-A prefill or mixed step loops over its sequences, reading their lengths from the metadata's host lists (no device
-sync); a pure-decode step runs batched from device lengths only (dsv4_decode.py: what a decode CUDA graph captures). The math goes through four ops of the
-kernel strategy (kernels/ops.py), each with its reference in kernels/dsv4.py: `dsv4_compress`, `dsv4_indexer_topk`,
+A pure-decode step runs batched from device lengths only (dsv4_decode.py: what a decode CUDA graph captures); so does
+each run of consecutive one-token rows in a mixed or verify step, while every longer sequence (a prefill chunk, a
+verify row) runs on its own, its lengths read from the metadata's host lists (no device sync). The math goes through
+four ops of the kernel strategy (kernels/ops.py), each with its reference in kernels/dsv4.py: `dsv4_compress`, `dsv4_indexer_topk`,
 `dsv4_sink_attention`, `dsv4_grouped_linear` (Triton: kernels/triton_dsv4.py, triton_dsv4_topk.py; the indexer's
 picks may come in any order). A step's work per sequence, queries at positions p0..p1-1:
 1. the new tokens' kv (normed, roped), their compressor rows (kv | gate + position bias) and, under CSA, the
@@ -25,6 +26,8 @@ Legend: T tokens, N heads, H head_dim, R rotary dims (h = R / 2), Q q_lora_rank,
 m compress rate, W window, n_I / I indexer heads / head dim, P state slots, B blocks, L block size, E entries.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -177,18 +180,33 @@ class DSV4Attention(nn.Module):
         return decode_attention(self, q_TNH, kv_TH, rows, idx, ctx, paged, state)
 
     def _sequences(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
-        """A prefill or mixed step: sequence by sequence, from the host lengths."""
+        """A prefill, mixed or verify step: each run of consecutive one-token rows batched as a decode step (so that
+        a chunk of prefill beside a few hundred decode rows does not loop over them), every other sequence on its
+        own, from the host lengths."""
         out_TNH = torch.empty_like(q_TNH)
         attn, slots_S, tables_SM = ctx.attn, ctx.state.slots_S.long(), ctx.attn.block_tables_SM.long()
-        t0 = 0
-        for s, (q_len, p1) in enumerate(zip(attn.query_lens, attn.seq_lens)):
-            if q_len == 0:
+        part = lambda x, sl: x[sl] if x is not None else None  # noqa: E731
+        t0, s, S = 0, 0, len(attn.query_lens)
+        while s < S:
+            q_len, p1 = attn.query_lens[s], attn.seq_lens[s]
+            if q_len == 1:  # a run of decode rows [s, s1): dsv4_decode.py, from device lengths
+                s1 = s + 1
+                while s1 < S and attn.query_lens[s1] == 1:
+                    s1 += 1
+                sl = slice(t0, t0 + s1 - s)
+                run = ForwardContext(attn.select(s, s1), ctx.kv_caches,
+                                     state=dataclasses.replace(ctx.state, slots_S=ctx.state.slots_S[s:s1]))
+                out_TNH[sl] = self._decode(q_TNH[sl], kv_TH[sl], part(rows, sl),
+                                           tuple(x[sl] for x in idx) if idx is not None else None, run, paged, state)
+                t0, s = sl.stop, s1
                 continue
-            sl = slice(t0, t0 + q_len)
-            t0 += q_len
-            out_TNH[sl] = self._sequence(q_TNH[sl], kv_TH[sl], rows[sl] if rows is not None else None,
-                                         tuple(x[sl] for x in idx) if idx is not None else None, p1 - q_len, p1,
-                                         slots_S[s], tables_SM[s], paged, state)
+            if q_len > 0:
+                sl = slice(t0, t0 + q_len)
+                out_TNH[sl] = self._sequence(q_TNH[sl], kv_TH[sl], part(rows, sl),
+                                             tuple(x[sl] for x in idx) if idx is not None else None, p1 - q_len, p1,
+                                             slots_S[s], tables_SM[s], paged, state)
+                t0 += q_len
+            s += 1
         return out_TNH
 
     def _sequence(self, q_qNH, kv_qH, rows_qC, idx, p0: int, p1: int, slot, table_M, paged, state) -> torch.Tensor:
