@@ -118,6 +118,9 @@ class DSV4Attention(nn.Module):
         self.cfg, self.layer_idx = cfg, layer_idx
         self.indexer_topk = kernels.dsv4_indexer_topk
         self.sink_attention = kernels.dsv4_sink_attention
+        # the decode path's (dsv4_decode.py): keys read through the block table in the kernels
+        self.paged_indexer_topk = kernels.dsv4_paged_indexer_topk
+        self.paged_sink_attention = kernels.dsv4_paged_sink_attention
         self.grouped_linear = kernels.dsv4_grouped_linear
         N, H, Q, G, O = cfg.num_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
         self.rope = ropes["main" if cfg.layer_kind == "sliding" else "compress"]

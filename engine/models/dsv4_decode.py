@@ -24,18 +24,16 @@ I index head dim, L block size, Lc = L / m entries per block, M block-table widt
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from moelink.kernels.dsv4 import reference_rms_norm_f32, reference_sink_attention
-from moelink.kernels.ops import ReferenceKernels, TritonKernels
+from moelink.kernels.dsv4 import reference_rms_norm_f32
 
 
 def decode_attention(layer, q_TNH, kv_TH, rows_TC, idx, ctx, paged, state) -> torch.Tensor:
     """`layer`: a DSV4Attention; the rest as its forward computed them. Returns [T, N, H] (before the inverse rope)."""
     cfg = layer.cfg
-    paged_topk, paged_attention = _paged_ops(layer)
+    paged_topk, paged_attention = layer.paged_indexer_topk, layer.paged_sink_attention
     attn = ctx.attn
     p_T = attn.seq_lens_S.long() - 1
     slot_T = ctx.state.slots_S.long()
@@ -55,22 +53,6 @@ def decode_attention(layer, q_TNH, kv_TH, rows_TC, idx, ctx, paged, state) -> to
     # slot_T itself (-1 on padding rows: they see no window row)
     return paged_attention(q_TNH, state[0], slot_T, p_T, entries, table_TM, picks_TK, visible_T, layer.sinks_N,
                            cfg.softmax_scale)
-
-
-def _paged_ops(layer):
-    """(dsv4_paged_indexer_topk, dsv4_paged_sink_attention) of the layer's kernel strategy. DSV4Attention keeps the
-    ops it runs, not its strategy, and has no paged ones yet: they are its strategy's, known by the sink attention
-    it holds (the reference's, or else Triton's: one TritonKernels per process, built on the first decode step,
-    eager, before any capture)."""
-    if layer.sink_attention is reference_sink_attention:
-        return ReferenceKernels.dsv4_paged_indexer_topk, ReferenceKernels.dsv4_paged_sink_attention
-    triton_ops = _triton_kernels()
-    return triton_ops.dsv4_paged_indexer_topk, triton_ops.dsv4_paged_sink_attention
-
-
-@functools.cache
-def _triton_kernels() -> TritonKernels:
-    return TritonKernels()
 
 
 def _write_rows(pool_PXC, slot_T, at_T, rows_TC, live_T) -> None:
