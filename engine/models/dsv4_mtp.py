@@ -3,7 +3,7 @@ num_nextn_predict_layers, 1 in V4-Flash / V4-Pro).
 
 DeepSeek's inference code (`MTPBlock`, a subclass of its `Block`) and its files: module k is `mtp.{k}.*` (not
 DeepSeek-V3's `model.layers.{L + k}.*`), a whole V4 block at layer index L + k plus
-    e_proj.weight, h_proj.weight [D, D]    FP8 with `.scale` in the published files (dequantized at load)
+    e_proj.weight, h_proj.weight [D, D]    FP8 with `.scale` in the published files (held FP8, run W8A8)
     enorm.weight, hnorm.weight, norm.weight [D]
     hc_head_fn [n, nD], hc_head_base [n], hc_head_scale [1]   its own hyper-head
     attn.* (its kv norm `attn.kv_norm.weight`, as the main layers' published files name it; sliding only:
@@ -45,9 +45,10 @@ from ..config.dsv4 import mtp_attention
 from ..config.model import ModelConfig
 from .dsv4_attention import DSV4Attention, RopeTable
 from .dsv4_decoder import DSV4DecoderLayer, Norm
-from .dsv4_weights import fp8_dequant_plan
+from .dsv4_weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 from .hyper_connections import HyperHead
-from .layers import ForwardContext, param
+from .layers import ForwardContext
+from .linear import Linear
 from .rope import rope_inv_freq
 
 
@@ -129,8 +130,9 @@ class DSV4MTPLayer(nn.Module):
                                       self.moe_stats, quant, attention=attention, moe_index=0,
                                       attention_cls=PagedWindowAttention)
         self.cache = WindowCache(attention.head_dim)
-        self.e_proj_DD = param(D, D, dtype=dt, device=device)
-        self.h_proj_DD = param(D, D, dtype=dt, device=device)
+        # FP8 as published (held so, run W8A8 like the block's linears: engine/models/dsv4_weights.py)
+        self.e_proj = Linear(D, D, dsv4_linear_method(quant), kernels, dt, device)
+        self.h_proj = Linear(D, D, dsv4_linear_method(quant), kernels, dt, device)
         self.enorm, self.hnorm, self.norm = Norm(D, eps, device), Norm(D, eps, device), Norm(D, eps, device)
         self.hc_head = HyperHead(cfg.hyper_connections, D, eps, device)
 
@@ -142,7 +144,7 @@ class DSV4MTPLayer(nn.Module):
 
     def stages(self, positions_T, h_TnD, next_ids_T, ctx: ForwardContext) -> Stages:
         e_TD = self.enorm(F.embedding(next_ids_T, self.embed_VD))
-        x_TnD = F.linear(e_TD, self.e_proj_DD)[:, None, :] + F.linear(self.hnorm(h_TnD), self.h_proj_DD)
+        x_TnD = self.e_proj(e_TD)[:, None, :] + self.h_proj(self.hnorm(h_TnD))
         return (yield from self.block.stages(positions_T, x_TnD, next_ids_T, ctx))
 
     def moe_only_stages(self) -> Stages:
@@ -160,8 +162,8 @@ class DSV4MTPLayer(nn.Module):
     def weight_plan(self, checkpoint_names=None) -> WeightPlan:
         """`mtp.{k}.*` as DeepSeek publishes them (module docstring); FP8 weights read with their `.scale`."""
         p = f"mtp.{self.k}."
-        plan: WeightPlan = {p + "e_proj.weight": PlanEntry(self.e_proj_DD, ()),
-                            p + "h_proj.weight": PlanEntry(self.h_proj_DD, ()),
+        plan: WeightPlan = {**published_linear_plan(self.e_proj, p + "e_proj.weight"),
+                            **published_linear_plan(self.h_proj, p + "h_proj.weight"),
                             p + "enorm.weight": PlanEntry(self.enorm.weight, ()),
                             p + "hnorm.weight": PlanEntry(self.hnorm.weight, ()),
                             p + "norm.weight": PlanEntry(self.norm.weight, ()),

@@ -105,8 +105,8 @@ def test_mtp_layer_equals_transformers_float64(mtp_ckpt):
 
 
 def test_published_fp4_mtp_layer_loads_its_formats(mtp_ckpt, tmp_path):
-    """mtp.0's e_proj / h_proj FP8 (dequantized at load, equal to the oracle's values), its attention FP8 (held as
-    the file's bytes with its scales), its routed experts FP4 (packed, the file's bytes)."""
+    """mtp.0's e_proj / h_proj and attention FP8 (held as the file's bytes with its scales, which dequantize to the
+    oracle's values), its routed experts FP4 (packed, the file's bytes)."""
     from safetensors.torch import load_file
 
     from tests.helpers.dsv4_published import write_published_dsv4
@@ -115,12 +115,12 @@ def test_published_fp4_mtp_layer_loads_its_formats(mtp_ckpt, tmp_path):
     _, _, mtp = _mtp_layer(mtp_ckpt[0], pub)
     file, want = load_file(f"{pub}/model.safetensors"), load_file(f"{oracle}/model.safetensors")
     assert file["mtp.0.e_proj.weight"].dtype == torch.float8_e4m3fn
-    assert torch.equal(mtp.e_proj_DD, want["mtp.0.e_proj.weight"])
-    wq_a = mtp.block.attn.wq_a  # held FP8 as published (W8A8), its ue8m0 scales as float32 block scales
-    assert wq_a.weight.dtype == torch.float8_e4m3fn
-    assert torch.equal(wq_a.weight.view(torch.uint8), file["mtp.0.attn.wq_a.weight"].view(torch.uint8))
-    dequant = block_dequantize(wq_a.weight, wq_a.weight_scale_inv, mtp.quant.block, torch.float64)
-    assert torch.equal(dequant, want["mtp.0.attn.wq_a.weight"])
+    for name, linear in (("e_proj", mtp.e_proj), ("h_proj", mtp.h_proj), ("attn.wq_a", mtp.block.attn.wq_a)):
+        # held FP8 as published (W8A8), the ue8m0 scales as float32 block scales
+        assert linear.weight.dtype == torch.float8_e4m3fn
+        assert torch.equal(linear.weight.view(torch.uint8), file[f"mtp.0.{name}.weight"].view(torch.uint8))
+        dequant = block_dequantize(linear.weight, linear.weight_scale_inv, mtp.quant.block, torch.float64)
+        assert torch.equal(dequant, want[f"mtp.0.{name}.weight"])
     inter = mtp.block.moe.w2_blocks_EDSQ.shape[2] * 32
     assert torch.equal(mtp.block.moe.w13_blocks_EFSQ[2, inter:].reshape(inter, -1),
                        file["mtp.0.ffn.experts.2.w3.weight"].view(torch.uint8))

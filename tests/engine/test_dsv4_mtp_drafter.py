@@ -105,3 +105,19 @@ def test_mtp_drafts_equal_transformers_streams_chained_through_the_reference(che
         if drafts != want:
             wrong.append((len(tokens), drafts, want))
     assert not wrong, f"{len(wrong)} of {len(seen)} drafts differ, e.g. {wrong[:3]}"
+
+
+def test_published_formats_draft_and_decode_as_without_drafts(checkpoints, tmp_path):
+    """The bigram checkpoint as DeepSeek publishes it (FP8 linears with ue8m0 scales, the MTP's e_proj / h_proj and
+    block included; FP4 experts: tests/helpers/dsv4_published.py): the drafter loads the MTP's formats, its drafts
+    are accepted, and greedy tokens equal the same checkpoint's without speculation."""
+    from tests.helpers.dsv4_published import write_published_dsv4
+
+    pub, _ = write_published_dsv4(checkpoints["bigram"][0], tmp_path / "published", tmp_path / "oracle")
+    ps = prompts(VOCAB, seed=5, n=4, lo=1, hi=100)
+    want = engine_greedy(LLM(pub, **_kw()), ps, 8)
+    llm = LLM(pub, speculative_config={"method": "mtp", "num_speculative_tokens": 2}, **_kw())
+    assert llm.engine.executor.worker.runner.device_drafter.layer.e_proj.weight.dtype == torch.float8_e4m3fn
+    assert_same(engine_greedy(llm, ps, 8), want, ps)
+    assert llm.engine.stats().spec_decode.acceptance_rate > 0.3
+    assert_pool_free(llm)
