@@ -16,13 +16,14 @@ from .attention import AttentionMetadata
 
 
 @functools.lru_cache(maxsize=8)
-def _num_sms(index: int) -> int:
+def num_sms(index: int) -> int:
+    """The SM count of CUDA device `index` (cached)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def pick_splits(device: torch.device, programs: int, max_seq_len: int, block_n: int) -> int:
     """Enough splits to give every SM about two programs, never a split shorter than 2 key tiles."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    sms = num_sms(device.index or 0) if device.type == "cuda" else 4
     want = triton.cdiv(2 * sms, max(1, programs))
     return max(1, min(want, max_seq_len // (2 * block_n), 32))
 
@@ -35,7 +36,7 @@ def decode_programs(device: torch.device, num_seqs: int, lanes: int, block_n: in
     num_seqs (no split, no merge) when the batch alone fills the SMs; else about two programs per SM, at
     most 32 per sequence, and on a sliding layer at most window // (2 * block_n) per sequence (a split
     shorter than 2 key tiles is not worth its partial)."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    sms = num_sms(device.index or 0) if device.type == "cuda" else 4
     if num_seqs * lanes >= sms:
         return num_seqs
     programs = min(triton.cdiv(2 * sms, max(1, lanes)), 32 * num_seqs)

@@ -137,3 +137,16 @@ def test_bad_path_is_named(kdev):
     with pytest.raises(ValueError, match="path"):
         triton_fused_moe(x, x.new_zeros(2, 32, 32), x.new_zeros(2, 32, 16), x.new_zeros(2, 2),
                          torch.zeros(2, 2, dtype=torch.long, device=kdev), path="fast")
+
+
+def test_num_sms_reads_the_cuda_device(monkeypatch):
+    """The down kernel's block width asks the device's SM count (a CUDA-only path: the CPU tests never reach it, so it
+    once imported a name split_planning did not have)."""
+    from types import SimpleNamespace
+
+    from moelink.kernels import split_planning, triton_moe_tiny
+
+    split_planning.num_sms.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(multi_processor_count=132))
+    assert triton_moe_tiny.num_sms(torch.device("cuda", 0)) == 132
+    split_planning.num_sms.cache_clear()
