@@ -86,7 +86,7 @@ MOELINK = EngineProfile(
     # SM-occupying all-to-all kernels: two-batch overlap hides what NCCL/DeepEP-normal overlap hides.
     replace(DEFAULT_EFFICIENCY, overlap_rdma=DEFAULT_EFFICIENCY.overlap_sm,
             spec=SpecCost(FALLBACK_EAGER_LAYER_S, FALLBACK_HOST_S_PER_SEQ, "assumed (planner/spec_cost.py)")),
-    patterns=("rank", "node"), precisions=("bf16", "fp8", "int4"), measured_kernels=True, mtp=True,
+    patterns=("rank", "node"), precisions=("bf16", "fp8", "int4", "mxfp4"), measured_kernels=True, mtp=True,
     tp_attention=True,
     features=(
         Feature("Triton grouped-GEMM MoE kernels (BF16, FP8 block-scaled)", BUILT_MEASURED,
@@ -107,6 +107,9 @@ MOELINK = EngineProfile(
         Feature("INT4 W4A16 routed experts (precision int4: Kimi K2 Thinking / K2.5, GPTQ, AWQ)", BUILT,
                 "issue 44: decode GEMVs + dequantizing K loops, CPU-checked; not GPU-measured (kernel time from "
                 "the bf16 roofline at INT4 bytes)", tag="int4"),
+        Feature("MXFP4 W4A16 routed experts (precision mxfp4: gpt-oss, DeepSeek-V4 as published)", BUILT,
+                "kernels/mxfp4.py: CPU-checked; not GPU-measured (kernel time from the bf16 roofline at MXFP4 bytes)",
+                tag="mxfp4"),
         Feature("FP4 tensor-core experts / FP4 dispatch", NOT_BUILT,
                 "precision fp4 refused; NVFP4 checkpoints load and run W4A16 (dequantized to bf16 MMAs, issue 31)",
                 tag="fp4"),

@@ -25,16 +25,17 @@ from .weight_bytes import bytes_per_weight
 # Per weight of large matrices, as the engine counts them (weight_bytes.py): FP8 is 1 byte + a float32 scale
 # per 128 x 128 block, NVFP4 half a byte + an FP8 scale per 16.
 # INT4 (W4A16, Kimi's group-32 bf16 scales): half a byte + 2 / 32, 0.5625 byte a weight.
-WEIGHT_BYTES = {fmt: bytes_per_weight(fmt) for fmt in ("bf16", "fp8", "nvfp4", "int4")}
-ACT_BYTES = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 1.0, "int4": 2.0}  # FP4 GEMMs' activations arrive as FP8/FP4 (~1 B);
-# INT4 is W4A16: bf16 activations
+# MXFP4 (OCP, an e8m0 scale per 32): 0.53125 byte a weight.
+WEIGHT_BYTES = {fmt: bytes_per_weight(fmt) for fmt in ("bf16", "fp8", "nvfp4", "int4", "mxfp4")}
+ACT_BYTES = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 1.0, "int4": 2.0, "mxfp4": 2.0}  # FP4 GEMMs' activations arrive as
+# FP8/FP4 (~1 B); INT4 and MXFP4 run W4A16: bf16 activations
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 def compute_dtype(gpu: GpuSpec, weight_dtype: str) -> str:
     """Tensor-core dtype a GEMM with these weights runs in (FP4 weights run as FP8 without FP4 units; INT4 W4A16
-    weights are dequantized into bf16 MMAs)."""
-    if weight_dtype == "int4":
+    and MXFP4 W4A16 weights are dequantized into bf16 MMAs)."""
+    if weight_dtype in ("int4", "mxfp4"):
         return "bf16"
     return weight_dtype if weight_dtype in gpu.tflops else "fp8"
 

@@ -29,6 +29,9 @@ PRECISIONS = {
     # INT4 W4A16 routed experts (group-32 bf16 scales), everything else bf16: Kimi K2 Thinking / K2.5 as published
     # (shared experts, attention, dense layers bf16), bf16 dispatch (the activations are not quantized).
     "int4": Precision(experts="int4", dense="bf16", attention="bf16", dispatch="bf16", shared="bf16"),
+    # MXFP4 W4A16 routed experts (an e8m0 scale per 32 values), FP8 block-scaled shared expert and attention
+    # projections, bf16 dispatch: DeepSeek-V4-Flash / -Pro as published (engine/config/dsv4_quant.py).
+    "mxfp4": Precision(experts="mxfp4", dense="fp8", attention="bf16", dispatch="bf16", shared="fp8"),
 }
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
@@ -286,7 +289,7 @@ def features_used(inp: PlanInputs, setup: Setup, overlaps: tuple[str, ...]) -> d
     return {"rank": inp.pattern == "rank" and inp.ep > 1, "ep": inp.ep > 1, "tbo": "tbo" in overlaps,
             "node": inp.pattern == "node", "fp8_kv": setup.precision.attention == "fp8",
             "redundant": setup.redundant_experts > 0, "fp4": setup.precision.experts == "nvfp4",
-            "int4": setup.precision.experts == "int4", "mtp": inp.mtp_draft > 0, "attn_tp": inp.attn_tp > 1}
+            "int4": setup.precision.experts == "int4", "mxfp4": setup.precision.experts == "mxfp4", "mtp": inp.mtp_draft > 0, "attn_tp": inp.attn_tp > 1}
 
 
 def engine_summary(inp: PlanInputs, setup: Setup | None = None, overlaps: tuple[str, ...] = ()) -> dict:

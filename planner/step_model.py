@@ -36,8 +36,9 @@ from .weight_bytes import weight_bytes
 
 OVERLAPS = ("none", "tbo")
 KV_BYTES = {"bf16": 2.0, "fp8": 1.0}
-# Weight-only formats (their GEMMs run in bf16 on the tensor cores: planner/kernels.compute_dtype).
-WEIGHT_ONLY = ("int4",)
+# Weight-only formats (their GEMMs run in bf16 on the tensor cores: planner/kernels.compute_dtype): INT4 (Kimi
+# K2.5) and MXFP4 (gpt-oss, DeepSeek-V4's routed experts), both run W4A16 by moelink's kernels.
+WEIGHT_ONLY = ("int4", "mxfp4")
 
 
 @dataclass(frozen=True)
