@@ -204,8 +204,12 @@ class GatewaySupervisor:
                                    f"({why}){self._log_hint()}")
             if time.monotonic() >= deadline:
                 await self._terminate()
+                if reader is not None:
+                    await asyncio.to_thread(reader.join, 2.0)
+                refusal = smg_refusal(tail)  # e.g. a gpt-oss worker whose Harmony encoding smg could not load
+                said = f" (smg's last error: {refusal})" if refusal else ""
                 raise GatewayError(f"the smg gateway did not serve the model on port {self.spec.http_port} "
-                                   f"within {self.ready_timeout:g} s{self._log_hint()}")
+                                   f"within {self.ready_timeout:g} s{said}{self._log_hint()}")
             await asyncio.sleep(0.2)
 
     def _log_hint(self) -> str:

@@ -19,8 +19,9 @@ from moelink.engine.server import gateway as gw
 
 from tests.helpers.net import free_port
 
-# Reads its mode from a file at each start: "ok" serves /v1/models, "exit" exits 3, "hang" never binds, "refuse"
-# says why on stderr (coloured, as smg's log is) and exits 2.
+# Reads its mode from a file at each start: "ok" serves /v1/models, "exit" exits 3, "hang" never binds,
+# "hang-failing" never binds and logs a failing step, "refuse" says why on stderr (coloured, as smg's log is) and
+# exits 2.
 FAKE_SMG = textwrap.dedent('''
     import http.server, json, sys, time
     args = sys.argv[1:]
@@ -40,6 +41,9 @@ FAKE_SMG = textwrap.dedent('''
             open(marker, "w").close()
             os.abort()
     if mode == "hang":
+        time.sleep(600)
+    if mode == "hang-failing":  # never ready, saying why (as smg does when a gpt-oss worker's encoding won't load)
+        print("WARN Step failed step_id=ensure_harmony_encoding error=no vocab file", file=sys.stderr, flush=True)
         time.sleep(600)
 
     class H(http.server.BaseHTTPRequestHandler):
@@ -169,6 +173,16 @@ def test_never_ready_is_bounded_and_killed(fake):
     mode.write_text("hang")
     sup = _supervisor(script, ready_timeout=1.0)
     with pytest.raises(gw.GatewayError, match=r"did not serve the model on port \d+ within 1 s"):
+        asyncio.run(sup.start())
+    assert not _alive(sup.pid)
+
+
+def test_never_ready_reports_smgs_last_error(fake):
+    script, mode = fake
+    mode.write_text("hang-failing")
+    sup = _supervisor(script, ready_timeout=1.0)
+    with pytest.raises(gw.GatewayError, match=r"within 1 s \(smg's last error: WARN Step failed "
+                                              r"step_id=ensure_harmony_encoding error=no vocab file\)"):
         asyncio.run(sup.start())
     assert not _alive(sup.pid)
 
