@@ -73,7 +73,7 @@ MINIMAX_M2_TEMPLATE = (
 @dataclass(frozen=True)
 class Family:
     arch: str  # the tiny architecture the family's models are
-    tool_call_parser: str  # smg's names
+    tool_call_parser: str  # smg's names (gpt-oss: vLLM's, which moelink translates)
     reasoning_parser: str
     role_tokens: tuple[str, ...]  # special: the prompt's markers (and an answer's, for harmony)
     text_tokens: tuple[str, ...]  # tool-call and thinking markers: not special, they reach the parsers
@@ -113,11 +113,12 @@ FAMILIES = {
         lambda name, args: f"<tool_call>{name}\n" + "".join(
             f"<arg_key>{k}</arg_key>\n<arg_value>{v}</arg_value>\n" for k, v in args.items()) + "</tool_call>",
         lambda r, a: f"<think>{r}</think>{a}", reply_tokens=("<|observation|>",)),
-    # smg has no --tool-call-parser for harmony: it reads gpt-oss (GptOssForCausalLM) in a pipeline of its own,
-    # with openai-harmony's published encoding (tests/server/test_tool_calls.py says what that means here).
+    # vLLM's parser names: moelink hands smg none for them, as smg has no parser flag for harmony: it reads gpt-oss
+    # (GptOssForCausalLM) in a pipeline of its own, with openai-harmony's published encoding
+    # (tests/server/test_tool_calls.py says what that means here).
     # Harmony's markers are special tokens in the published tokenizer; its parser reads token ids, not text.
     "gpt_oss": Family(
-        "gpt_oss", "", "", ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|call|>",
+        "gpt_oss", "openai", "openai_gptoss", ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|call|>",
                             "<|return|>"), (), GPT_OSS_TEMPLATE,
         lambda name, args: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
                             f"{json.dumps(args)}<|call|>"),
