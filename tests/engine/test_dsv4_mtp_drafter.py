@@ -19,6 +19,7 @@ import torch
 
 from moelink.engine import LLM
 
+from tests.helpers.draft_spy import record_drafts
 from tests.helpers.dsv4_checkpoint import VOCAB
 from tests.helpers.dsv4_mtp_checkpoint import bigram_dsv4_mtp, mtp_oracle, save_dsv4_with_mtp
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
@@ -66,19 +67,9 @@ def test_mtp_drafts_equal_transformers_streams_chained_through_the_reference(che
     catch-up reads accepted offsets and the chain starts past them."""
     from transformers import AutoModelForCausalLM
 
-    from moelink.engine.rank.step_handle import StepHandle
-
     path, full, own = checkpoints[module]
     k = 3  # the most the tiny model's 4-slot CSA compressor ring can roll back
-    seen: list[tuple[list[int], list[int]]] = []
-    collect = StepHandle._draft
-
-    def spy(self, out, drafts_RK):
-        collect(self, out, drafts_RK)
-        seen.extend((list(st.all_token_ids), out.draft_token_ids[st.req_id]) for st in self.states
-                    if st.req_id in out.draft_token_ids)
-
-    monkeypatch.setattr(StepHandle, "_draft", spy)
+    seen = record_drafts(monkeypatch)
     ps = prompts(VOCAB, seed=17, n=4, lo=2, hi=40)
     llm = LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": k}, **_kw())
     engine_greedy(llm, ps, 8)

@@ -32,6 +32,7 @@ from moelink.engine.rank.loader import SafetensorsCheckpoint, load_plan
 from moelink.engine.tools.qwen_mtp_checkpoint import MTP_FILE, add_qwen_mtp_module
 from moelink.kernels.ops import ReferenceKernels
 
+from tests.helpers.draft_spy import record_drafts
 from tests.helpers.hf_checkpoints import VOCAB, hf_config
 from tests.helpers.paged_meta import paged_meta
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
@@ -300,18 +301,8 @@ def test_mtp_drafts_equal_transformers_states_chained_through_the_reference(chec
     position on)."""
     from transformers import AutoModelForCausalLM
 
-    from moelink.engine.rank.step_handle import StepHandle
-
     path, k = checkpoints["random"], 3
-    seen: list[tuple[list[int], list[int]]] = []
-    collect = StepHandle._draft
-
-    def spy(self, out, drafts_RK):
-        collect(self, out, drafts_RK)
-        seen.extend((list(st.all_token_ids), out.draft_token_ids[st.req_id]) for st in self.states
-                    if st.req_id in out.draft_token_ids)
-
-    monkeypatch.setattr(StepHandle, "_draft", spy)
+    seen = record_drafts(monkeypatch)
     ps = prompts(VOCAB, seed=17, n=4, lo=2, hi=40)
     llm = LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": k}, **_kw())
     engine_greedy(llm, ps, max_new=8)

@@ -28,11 +28,11 @@ from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank import chain_drafter
 from moelink.engine.rank.eagle3_loader import load_eagle3_head
-from moelink.engine.rank.step_handle import StepHandle
 from moelink.engine.rank.step_plan import TwoBatchOverlap
 from moelink.engine.tools.eagle3_checkpoint import write_eagle3_checkpoint
 from moelink.kernels.ops import ReferenceKernels
 
+from tests.helpers.draft_spy import record_drafts
 from tests.helpers.eagle3_heads import bigram_head, scaled_target
 from tests.helpers.paged_meta import paged_meta
 from tests.helpers.mtp_checkpoints import make_mtp_model
@@ -209,15 +209,7 @@ def test_eagle3_drafts_equal_the_head_run_over_the_whole_sequence(checkpoints, p
     (engine/rank/step_plan.TwoBatchOverlap), each capturing its own states, joined back."""
     path, head_path = checkpoints(target, head)
     k = 3
-    seen: list[tuple[list[int], list[int]]] = []
-    collect = StepHandle._draft
-
-    def spy(self, out, drafts_RK):
-        collect(self, out, drafts_RK)
-        seen.extend((list(st.all_token_ids), out.draft_token_ids[st.req_id]) for st in self.states
-                    if st.req_id in out.draft_token_ids)
-
-    monkeypatch.setattr(StepHandle, "_draft", spy)
+    seen = record_drafts(monkeypatch)
     # Scratch for one row at first: steps with more rows grow the head's cache (its real blocks kept) mid-run.
     monkeypatch.setattr(chain_drafter, "SCRATCH_ROWS", 1)
     got, stats = _generate(path, _spec(head_path, k), dtype="float64",

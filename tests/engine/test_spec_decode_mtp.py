@@ -26,10 +26,10 @@ from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import load_model
 from moelink.engine.rank import mtp_drafter
 from moelink.engine.rank.mtp_drafter import load_mtp_layer
-from moelink.engine.rank.step_handle import StepHandle
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.ops import ReferenceKernels
 
+from tests.helpers.draft_spy import record_drafts
 from tests.helpers.mtp_checkpoints import VOCAB, bigram_mtp, make_mtp_model
 
 CPU = torch.device("cpu")
@@ -196,15 +196,7 @@ def test_mtp_drafts_equal_the_layer_run_over_the_whole_sequence(checkpoints, pla
     """Random weights: drafts depend on every part of the MTP layer (its KV cache included) but are seldom
     accepted; "bigram_kv": accepted often, so the accepted lengths (which position drafts) are in play too."""
     path, k = checkpoints(arch, variant), 3
-    seen: list[tuple[list[int], list[int]]] = []
-    collect = StepHandle._draft
-
-    def spy(self, out, drafts_RK):
-        collect(self, out, drafts_RK)
-        seen.extend((list(st.all_token_ids), out.draft_token_ids[st.req_id]) for st in self.states
-                    if st.req_id in out.draft_token_ids)
-
-    monkeypatch.setattr(StepHandle, "_draft", spy)
+    seen = record_drafts(monkeypatch)
     # Scratch for one row at first: steps with more rows grow the MTP cache (its real blocks kept) mid-run.
     monkeypatch.setattr(mtp_drafter, "_SCRATCH_ROWS", 1)
     got, stats = _generate(path, {"method": "mtp", "num_speculative_tokens": k}, dtype="float64")
