@@ -23,6 +23,9 @@ index heads), tcgen05 on sm_100; the attention on mma.sync (16 heads a program, 
 
 No host sync and no data-dependent shape: the sizes come from the tensors' shapes (the table width bounds E).
 Activations float32 / bfloat16 / float16; keys and window rows are cast to the query's dtype as they are read.
+An fp8 KV cache's pages (uint8 rows, kernels/dsv4.FP8Rows) are dequantized as they are read (`load_fp8_rows`: the
+e4m3 bytes times their group's float32 scale, the bfloat16 rope values widened; float32, then the query's dtype, as
+the references decode them): the kernels read ~0.6 of a bf16 cache's bytes and make no dequantized copy.
 """
 from __future__ import annotations
 
@@ -33,14 +36,42 @@ import triton
 import triton.language as tl
 
 from . import triton_common as common
+from .dsv4 import FP8Rows, entry_rows, index_key_rows, is_fp8_pages
 from .triton_common import cast
 from .triton_dsv4 import sink_softmax_step
 from .triton_dsv4_topk import load_index_query, score_buffers, score_tile, select_topk
 
 
+@triton.jit
+def load_fp8_rows(p8_ptr, ps_ptr, pr_ptr, row, ok, d, NOPE, ROPE, GROUP: tl.constexpr, S0, R0):
+    """float32 [rows, D] of fp8 cache rows (FP8Rows) starting at byte offsets `row` ([rows], int64; rows not `ok`
+    read as zeros): the leading NOPE values e4m3 (p8_ptr: the pages as float8) times their group's scale (ps_ptr: as
+    float32, the scales at byte S0 of a row), the next ROPE bfloat16 (pr_ptr: as bfloat16, at byte R0)."""
+    dn = d[None, :]
+    nope = ok[:, None] & (dn < NOPE)
+    v = tl.load(p8_ptr + row[:, None] + dn, mask=nope, other=0.0).to(tl.float32)
+    sc = tl.load(ps_ptr + (row[:, None] + S0) // 4 + dn // GROUP, mask=nope, other=0.0)
+    rope = ok[:, None] & (dn >= NOPE) & (dn < NOPE + ROPE)
+    r = tl.load(pr_ptr + (row[:, None] + R0) // 2 + (dn - NOPE), mask=rope, other=0.0).to(tl.float32)
+    return tl.where(dn < NOPE, v * sc, r)
+
+
+def fp8_page_args(pages: torch.Tensor, rows: FP8Rows | None) -> tuple:
+    """The kernel arguments of one paged tensor: (as float8 or as is, as float32, as bfloat16, NOPE, ROPE, GROUP, S0,
+    R0); for float pages the views are the tensor itself and the layout unread."""
+    if rows is None:
+        return pages, pages, pages, 0, 0, 1, 0, 0
+    if not pages.is_contiguous() or pages.shape[-1] != rows.row_bytes:
+        raise ValueError(f"fp8 pages {tuple(pages.shape)} are invalid: must be a contiguous [B, Lc, {rows.row_bytes}] "
+                         f"uint8 tensor (FP8Rows(dim={rows.dim}, rope={rows.rope}, group={rows.group})).")
+    return (pages.view(torch.float8_e4m3fn), pages.view(torch.float32), pages.view(torch.bfloat16), rows.nope,
+            rows.rope, rows.group, rows.scale_offset, rows.rope_offset)
+
+
 @triton.jit(do_not_specialize=["E", "G"])
-def _paged_scores_kernel(q_ptr, w_ptr, pages_ptr, table_ptr, lens_ptr, scores_ptr, E, G, nI, I, Lc, q_scale, w_scale,
-                         stride_qt, stride_qh, stride_wt, stride_pb, stride_pl, stride_tt, stride_st,
+def _paged_scores_kernel(q_ptr, w_ptr, pages_ptr, ps_ptr, pr_ptr, table_ptr, lens_ptr, scores_ptr, E, G, nI, I, Lc,
+                         q_scale, w_scale, stride_qt, stride_qh, stride_wt, stride_pb, stride_pl, stride_tt, stride_st,
+                         NOPE, ROPE, S0, R0, GROUP: tl.constexpr, FP8: tl.constexpr,
                          BLOCK_NI: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr,
                          INTERPRET: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -52,8 +83,12 @@ def _paged_scores_kernel(q_ptr, w_ptr, pages_ptr, table_ptr, lens_ptr, scores_pt
         ok = e < n
         blk = tl.load(table_ptr + t * stride_tt + e // Lc, mask=ok, other=0).to(tl.int64)
         row = blk * stride_pb + (e % Lc).to(tl.int64) * stride_pl
-        k = tl.load(pages_ptr + row[:, None] + d[None, :], mask=(ok & (blk >= 0))[:, None] & (d[None, :] < I),
-                    other=0.0).to(q.dtype)
+        if FP8:
+            k = load_fp8_rows(pages_ptr, ps_ptr, pr_ptr, row, ok & (blk >= 0), d, NOPE, ROPE, GROUP, S0,
+                              R0).to(q.dtype)
+        else:
+            k = tl.load(pages_ptr + row[:, None] + d[None, :], mask=(ok & (blk >= 0))[:, None] & (d[None, :] < I),
+                        other=0.0).to(q.dtype)
         tl.store(scores_ptr + t * stride_st + e, score_tile(q, k, w, q_scale, INTERPRET, PREC), mask=ok)
 
 
@@ -61,15 +96,18 @@ def triton_dsv4_paged_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys
                                    table_TM: torch.Tensor, visible_T: torch.Tensor, top_k: int, *,
                                    num_splits: int | None = None) -> torch.Tensor:
     """int32 [T, top_k]: each query's top_k entries among its first visible_T[t] index keys, read from keys_BLcI
-    [B, Lc, I] through table_TM [T, M] (all of them, then -1, when fewer); any order. `num_splits` forces the
+    [B, Lc, I] (or fp8 rows, uint8 [B, Lc, X]: index_key_rows(I)) through table_TM [T, M] (all of them, then -1,
+    when fewer); any order. `num_splits` forces the
     top-k's programs per row (tests), else the selection picks from E = M Lc and the batch (host sizes)."""
     common.check_dtype("q_TnI", q_TnI)
     T, nI, I = q_TnI.shape
-    if (w_Tn.shape != (T, nI) or keys_BLcI.dim() != 3 or keys_BLcI.shape[2] != I or table_TM.dim() != 2
+    fp8 = index_key_rows(I) if is_fp8_pages(keys_BLcI) else None
+    width = fp8.row_bytes if fp8 is not None else I
+    if (w_Tn.shape != (T, nI) or keys_BLcI.dim() != 3 or keys_BLcI.shape[2] != width or table_TM.dim() != 2
             or table_TM.shape[0] != T or visible_T.shape != (T,)):
         raise ValueError(f"w_Tn {tuple(w_Tn.shape)}, keys_BLcI {tuple(keys_BLcI.shape)}, table_TM "
                          f"{tuple(table_TM.shape)} and visible_T {tuple(visible_T.shape)} are invalid: must be "
-                         f"[{T}, {nI}], [B, Lc, {I}], [{T}, M] and [{T}].")
+                         f"[{T}, {nI}], [B, Lc, {width}], [{T}, M] and [{T}].")
     Lc = keys_BLcI.shape[1]
     E = table_TM.shape[1] * Lc
     out, scores, lens_T, block_e, warps = score_buffers(q_TnI, visible_T, E, top_k, num_splits)
@@ -78,25 +116,28 @@ def triton_dsv4_paged_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys
     dev, interp, Ep = q_TnI.device, common.interpreting(q_TnI), scores.shape[1]
     q = q_TnI if q_TnI.stride(-1) == 1 else q_TnI.contiguous()
     keys = keys_BLcI if keys_BLcI.stride(-1) == 1 else keys_BLcI.contiguous()
+    k8, ks, kr, nope, rope, group, s0, r0 = fp8_page_args(keys, fp8)
     table = table_TM.to(torch.int32)
     sms = num_sms(dev)
     G = max(1, min(Ep // block_e, triton.cdiv(4 * sms, T)))
     w = w_Tn.contiguous()
     _paged_scores_kernel[(T, G)](
-        q, w, keys, table, lens_T, scores, E, G, nI, I, Lc, I**-0.5, nI**-0.5, q.stride(0), q.stride(1),
-        w.stride(0), keys.stride(0), keys.stride(1), table.stride(0), scores.stride(0),
-        BLOCK_NI=max(16, triton.next_power_of_2(nI)), BLOCK_I=max(16, triton.next_power_of_2(I)), BLOCK_E=block_e,
+        q, w, k8, ks, kr, table, lens_T, scores, E, G, nI, I, Lc, I**-0.5, nI**-0.5, q.stride(0), q.stride(1),
+        w.stride(0), keys.stride(0), keys.stride(1), table.stride(0), scores.stride(0), nope, rope, s0, r0,
+        GROUP=group, FP8=fp8 is not None, BLOCK_NI=max(16, triton.next_power_of_2(nI)), BLOCK_I=max(16, triton.next_power_of_2(I)), BLOCK_E=block_e,
         INTERPRET=interp, PREC=common.dot_precision(q.dtype), num_warps=warps)
     select_topk(scores, lens_T, top_k, out, sms, num_splits=num_splits)
     return out
 
 
 @triton.jit(do_not_specialize=["KE", "SPLITS"])
-def _paged_sink_attention_kernel(q_ptr, win_ptr, slot_ptr, pos_ptr, pages_ptr, table_ptr, picks_ptr, vis_ptr,
-                                 sinks_ptr, out_ptr, part_ptr, ml_ptr, scale, N, H, W, KE, Lc,
+def _paged_sink_attention_kernel(q_ptr, win_ptr, slot_ptr, pos_ptr, pages_ptr, ps_ptr, pr_ptr, table_ptr, picks_ptr,
+                                 vis_ptr, sinks_ptr, out_ptr, part_ptr, ml_ptr, scale, N, H, W, KE, Lc,
+                                 NOPE, ROPE, S0, R0,
                                  stride_qt, stride_qn, stride_wp, stride_ww, stride_pb, stride_pl, stride_tt,
                                  stride_kt, stride_ot, stride_on, stride_xt, stride_xs, stride_xn, stride_mi,
-                                 stride_mt, stride_ms, SPLITS, PICKS: tl.constexpr, PARTIAL: tl.constexpr,
+                                 stride_mt, stride_ms, SPLITS, GROUP: tl.constexpr, FP8: tl.constexpr,
+                                 PICKS: tl.constexpr, PARTIAL: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
                                  INTERPRET: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -140,8 +181,12 @@ def _paged_sink_attention_kernel(q_ptr, win_ptr, slot_ptr, pos_ptr, pages_ptr, t
         blk = tl.load(table_ptr + t * stride_tt + e // Lc, mask=ok, other=0).to(tl.int64)
         ok = ok & (blk >= 0)
         # Rows not seen read as zeros: a never-written entry (NaN) must not reach P @ V.
-        k = tl.load(pages_ptr + blk[:, None] * stride_pb + (e % Lc)[:, None].to(tl.int64) * stride_pl + d[None, :],
-                    mask=ok[:, None] & (d[None, :] < H), other=0.0).to(q.dtype)
+        row = blk * stride_pb + (e % Lc).to(tl.int64) * stride_pl
+        if FP8:
+            k = load_fp8_rows(pages_ptr, ps_ptr, pr_ptr, row, ok, d, NOPE, ROPE, GROUP, S0, R0).to(q.dtype)
+        else:
+            k = tl.load(pages_ptr + row[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < H),
+                        other=0.0).to(q.dtype)
         m_i, l_i, acc = sink_softmax_step(q, k, ok, m_i, l_i, acc, scale, INTERPRET, PREC)
     hmask = (heads[:, None] < N) & (d[None, :] < H)
     if not PARTIAL:
@@ -207,22 +252,25 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
                                      pos_T: torch.Tensor, entries_BLcH: torch.Tensor | None,
                                      table_TM: torch.Tensor | None, picks_TK: torch.Tensor | None,
                                      visible_T: torch.Tensor | None, sinks_N: torch.Tensor, scale: float, *,
-                                     num_splits: int | None = None) -> torch.Tensor:
-    """Same contract as dsv4.reference_paged_sink_attention: out [T, N, H] in q's dtype. `num_splits` forces the
-    key splits (tests), else attention_splits picks them from the host sizes."""
+                                     rope_dims: int = 0, num_splits: int | None = None) -> torch.Tensor:
+    """Same contract as dsv4.reference_paged_sink_attention (fp8 entries: uint8 rows laid out by
+    entry_rows(H, rope_dims)): out [T, N, H] in q's dtype. `num_splits` forces the key splits (tests), else
+    attention_splits picks them from the host sizes."""
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
     window_only = entries_BLcH is None
     if window_only:  # a sliding layer: unread stand-ins, no entry visible
         entries_BLcH, table_TM, picks_TK, visible_T = window_PWH, slot_T[:, None], None, slot_T.new_zeros(T)
-    if (window_PWH.dim() != 3 or window_PWH.shape[2] != H or entries_BLcH.dim() != 3 or entries_BLcH.shape[2] != H
+    fp8 = entry_rows(H, rope_dims) if not window_only and is_fp8_pages(entries_BLcH) else None
+    width = fp8.row_bytes if fp8 is not None else H
+    if (window_PWH.dim() != 3 or window_PWH.shape[2] != H or entries_BLcH.dim() != 3 or entries_BLcH.shape[2] != width
             or table_TM.dim() != 2 or table_TM.shape[0] != T or slot_T.shape != (T,) or pos_T.shape != (T,)
             or visible_T.shape != (T,) or sinks_N.shape != (N,)
             or (picks_TK is not None and (picks_TK.dim() != 2 or picks_TK.shape[0] != T))):
         raise ValueError(f"window_PWH {tuple(window_PWH.shape)}, entries_BLcH {tuple(entries_BLcH.shape)}, table_TM "
                          f"{tuple(table_TM.shape)}, picks_TK {None if picks_TK is None else tuple(picks_TK.shape)}, "
                          f"slot_T / pos_T / visible_T and sinks_N {tuple(sinks_N.shape)} are invalid: must be "
-                         f"[P, W, {H}], [B, Lc, {H}], [{T}, M], [{T}, K] or None, [{T}] each and [{N}].")
+                         f"[P, W, {H}], [B, Lc, {width}], [{T}, M], [{T}, K] or None, [{T}] each and [{N}].")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits={num_splits} is invalid: must be >= 1.")
     dev = q_TNH.device
@@ -232,6 +280,7 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     q = q_TNH if q_TNH.stride(-1) == 1 else q_TNH.contiguous()
     win = window_PWH if window_PWH.stride(-1) == 1 else window_PWH.contiguous()
     pages = entries_BLcH if entries_BLcH.stride(-1) == 1 else entries_BLcH.contiguous()
+    p8, ps, pr, nope, rope, group, s0, r0 = fp8_page_args(pages, fp8)
     table = table_TM.to(torch.int32)
     picks = picks_TK.to(torch.int32) if picks_TK is not None else table  # (unread without picks)
     W, Lc = win.shape[1], pages.shape[1]
@@ -249,11 +298,12 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     sinks = sinks_N.float().contiguous()
     heads = triton.cdiv(N, block_n)
     _paged_sink_attention_kernel[(T, heads, splits)](
-        q, win, slot_T.to(torch.int32), pos_T.to(torch.int32), pages, table, picks, visible_T.to(torch.int32), sinks,
-        out, part, ml, float(scale), N, H, W, KE, Lc, q.stride(0), q.stride(1), win.stride(0), win.stride(1),
+        q, win, slot_T.to(torch.int32), pos_T.to(torch.int32), p8, ps, pr, table, picks, visible_T.to(torch.int32),
+        sinks, out, part, ml, float(scale), N, H, W, KE, Lc, nope, rope, s0, r0, q.stride(0), q.stride(1), win.stride(0), win.stride(1),
         pages.stride(0), pages.stride(1), table.stride(0), picks.stride(0), out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2), ml.stride(0), ml.stride(1), ml.stride(2), splits,
-        PICKS=picks_TK is not None, PARTIAL=splits > 1, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_S=block_s,
+        GROUP=group, FP8=fp8 is not None, PICKS=picks_TK is not None, PARTIAL=splits > 1, BLOCK_N=block_n,
+        BLOCK_H=block_h, BLOCK_S=block_s,
         INTERPRET=interp, PREC=common.dot_precision(q.dtype), num_warps=4 if block_h <= 128 else 8)
     if splits > 1:
         _paged_merge_kernel[(T, heads)](
@@ -263,4 +313,4 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     return out
 
 
-__all__ = ["attention_splits", "num_sms", "triton_dsv4_paged_indexer_topk", "triton_dsv4_paged_sink_attention"]
+__all__ = ["attention_splits", "fp8_page_args", "load_fp8_rows", "num_sms", "triton_dsv4_paged_indexer_topk", "triton_dsv4_paged_sink_attention"]
