@@ -118,8 +118,9 @@ FAMILIES = {
     # (tests/server/test_tool_calls.py says what that means here).
     # Harmony's markers are special tokens in the published tokenizer; its parser reads token ids, not text.
     "gpt_oss": Family(
-        "gpt_oss", "openai", "openai_gptoss", ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|call|>",
-                            "<|return|>"), (), GPT_OSS_TEMPLATE,
+        "gpt_oss", "openai", "openai_gptoss",
+        ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|call|>", "<|return|>"), (),
+        GPT_OSS_TEMPLATE,
         lambda name, args: (f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
                             f"{json.dumps(args)}<|call|>"),
         lambda r, a: f"<|channel|>analysis<|message|>{r}<|end|><|start|>assistant<|channel|>final<|message|>{a}",
