@@ -6,8 +6,9 @@ The templates are written here in each family's format, shortened (no multi-turn
 defaults), not the published files. The tool-call and thinking markers are added as non-special tokens so that
 they survive detokenization with skip_special_tokens (Qwen3's and GLM's tokenizers mark them so too).
 
-Each family: the tiny architecture it runs on, smg's parser names, its tokens, its template, and the text the
-family emits for a tool call and for a thought (what a test forces with a regex).
+Each family: the tiny architecture it runs on (make_family_model: make_tiny_model's, or gpt-oss's and MiniMax-M2's
+own built by transformers), its parser names, its tokens, its template, and the text the family emits for a tool
+call and for a thought (what a test forces with a grammar).
 """
 from __future__ import annotations
 
