@@ -3,8 +3,11 @@
 A TP group of N ranks splits each attention layer's heads N ways: GQA's query heads (and its kv heads, or, when
 there are fewer kv heads than ranks, each rank holds the one kv head its query heads read, replicated as vLLM
 does), MLA's heads (the latent, one row per token, is every head's: each rank caches it whole, as vLLM and SGLang
-do). `shard_attention` gives the config one rank runs: its KV cache is sized from it (engine/rank/kv_cache.py), and
-the layers are built from it (engine/models/gqa.py, mla.py), reading their shard of each checkpoint tensor.
+do; DeepSeek Sparse Attention's indexer and its key cache are whole on every rank too), gated DeltaNet's q/k heads
+and the value heads of their groups (the conv and recurrent states are per head: a rank's state slots hold its
+heads only). `shard_attention` gives the config one rank runs: its KV cache and state pools are sized from it
+(engine/rank/kv_cache.py, state_cache.py), and the layers are built from it (engine/models/gqa.py, mla.py,
+gated_deltanet.py), reading their shard of each checkpoint tensor.
 
 What is not sharded yet is refused by `check_tensor_parallel`, one ValueError naming the field and the family.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from .layer_configs import GQAConfig, MLAConfig
+from .linear_attention import LinearAttentionConfig
 
 # The quantization formats TP runs: float and FP8 block-scaled linears load sharded (each rank reads its rows or
 # columns and their block scales); MXFP4 is gpt-oss's experts only (its linears are float), placed whole by EP.
@@ -26,9 +30,12 @@ def kv_head_start(rank: int, size: int, num_kv_heads: int) -> int:
 
 
 def shard_attention(attn, size: int):
-    """`attn` as one rank of a TP group of `size` holds it: heads / size (GQA's kv heads at least one)."""
+    """`attn` as one rank of a TP group of `size` holds it: heads / size (GQA's kv heads at least one; gated
+    DeltaNet's q/k heads and value heads)."""
     if size == 1:
         return attn
+    if isinstance(attn, LinearAttentionConfig):
+        return dataclasses.replace(attn, num_k_heads=attn.num_k_heads // size, num_v_heads=attn.num_v_heads // size)
     if isinstance(attn, GQAConfig):
         return dataclasses.replace(attn, num_heads=attn.num_heads // size,
                                    num_kv_heads=max(1, attn.num_kv_heads // size))
@@ -88,8 +95,6 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bo
 
     if attention_kind == "dsv4":
         raise bad("DeepSeek-V4 is not sharded yet; run it with -tp 1 (expert parallelism only).")
-    if cfg.state_layers:
-        raise bad("hybrid linear-attention models (gated DeltaNet layers) are not sharded yet; run with -tp 1.")
     quant = cfg.quantization
     method = getattr(quant, "method", None)
     if method not in TP_FORMATS:
@@ -113,23 +118,17 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bo
                           f"number of FP8 blocks {list(quant.block)} per rank; {ep_hint}")
     for layer in range(cfg.num_layers):
         a = cfg.attention_for(layer)
+        if isinstance(a, LinearAttentionConfig):  # a rank holds whole q/k head groups (their value heads with them)
+            if a.num_k_heads % size:
+                raise bad(f"linear_num_key_heads={a.num_k_heads} (gated DeltaNet) is not a multiple of {size}.")
+            continue
         if a.num_heads % size:
             raise bad(f"num_attention_heads={a.num_heads} is not a multiple of {size}.")
         if isinstance(a, GQAConfig):
             k = a.num_kv_heads
             if k % size and size % k:
                 raise bad(f"num_key_value_heads={k} neither divides nor is a multiple of {size}.")
-            if a.output_gate:
-                raise bad("gated attention output (Qwen3-Next / Qwen3.5) is not sharded yet.")
-            if a.qk_norm == "all_heads":
-                raise bad("a q/k norm over all heads (MiniMax-M2) is not sharded yet.")
-        elif isinstance(a, MLAConfig):
-            if a.indexer is not None:
-                raise bad("DeepSeek Sparse Attention (the lightning indexer) is not sharded yet; run with -tp 1.")
-            if a.q_lora_rank is None:
-                raise bad("MLA without q_lora_rank (DeepSeek-V2-Lite: q_proj stacked with kv_a_proj_with_mqa) is not "
-                          "sharded yet.")
-        else:
+        elif not isinstance(a, MLAConfig):
             raise bad(f"{a.kind} attention is not sharded yet.")
     if cfg.intermediate_size % size and len(cfg.sparse_layers) < cfg.num_layers:
         raise bad(f"intermediate_size={cfg.intermediate_size} (the dense MLP) is not a multiple of {size}.")
@@ -141,12 +140,15 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bo
                 raise bad(f"{name}={width} split {size} ways is not a whole number of FP8 blocks {list(block)}.")
         for layer in range(cfg.num_layers):
             a = cfg.attention_for(layer)
-            if isinstance(a, GQAConfig):
-                rows = {"q heads": a.num_heads // size * a.head_dim,
+            if isinstance(a, LinearAttentionConfig):  # float only (engine/models/gated_deltanet.py)
+                continue
+            if isinstance(a, GQAConfig):  # a gated q_proj holds each head's gate rows beside its query rows
+                rows = {"q heads": a.num_heads // size * a.head_dim * (2 if a.output_gate else 1),
                         "kv heads": max(1, a.num_kv_heads // size) * a.head_dim,
                         "o_proj columns": a.num_heads // size * a.value_head_dim}
             else:
-                rows = {"q_b_proj heads": a.num_heads // size * a.qk_head_dim,
+                q_name = "q_b_proj heads" if a.q_lora_rank is not None else "q_proj heads"
+                rows = {q_name: a.num_heads // size * a.qk_head_dim,
                         "kv_b_proj heads": a.num_heads // size * (a.qk_nope_head_dim + a.v_head_dim),
                         "o_proj columns": a.num_heads // size * a.v_head_dim}
             for name, r in rows.items():

@@ -10,6 +10,11 @@ qk_rope_head_dim dims with the layer's rope table (GLM-5's interleaved pairs de-
 and wk's rope parts, and k_norm's weight and bias with them, since a LayerNorm commutes with a permutation of its
 features); weights = weights_proj(x) / sqrt(H) in float32 (transformers keeps weights_proj in float32 for half models).
 
+Under tensor parallelism (mla.py splits the MLA heads) the indexer is whole on every rank, weights and key cache: its
+inputs (x and the q latent, before the heads split) are the same on every rank of the group, so every rank selects
+the same top-k with no collective, and each then attends over those rows with its own heads. Splitting its heads
+would need an all-reduce of the [T, positions] scores before the top-k, for weights that are small beside MLA's.
+
 Dense or sparse: a step whose every query sees at most K positions selects them all, so the indexer writes its keys
 and returns None (the layer runs dense MLA: the same tokens). Decode steps decide from max_model_len alone: their host
 lengths are placeholders inside a decode graph, which must capture the sparse path (device lengths, no host sync).

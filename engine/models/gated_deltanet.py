@@ -12,6 +12,9 @@ this module's order by a row permutation at load, so one matmul gives [q | k | v
 every piece contiguous; Qwen3.5's split projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) load into the
 same pieces by name.
 
+Under tensor parallelism a rank holds whole q/k head groups and their value heads (GatedDeltaNet.__init__): its
+rows of every projection, its conv channels, out_proj's columns (one all-reduce), states of its heads only.
+
 States: `ctx.kv_caches[layer]` is this layer's (conv_state_PRC, ssm_state_PNKV) pools (engine/rank/state_cache.py)
 and `ctx.state` (StateStep) the step's slot of each sequence and whether it continues a state. A pure-decode step
 (one token per sequence) runs the decode forms; anything else the varlen prefill forms.
@@ -24,21 +27,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moelink.moe.weight_plan import PlanEntry, WeightPlan
+from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
 from ..config.linear_attention import LinearAttentionConfig
+from ..config.tensor_parallel import shard_attention
 from .layers import ForwardContext, param
 from .linear import FloatLinear, Linear
+from .tp_linear import OwnRows, RowParallel
 
 
-def fused_qkvz_rows(la: LinearAttentionConfig) -> torch.Tensor:
-    """The checkpoint rows of in_proj_qkvz in this module's order [q heads | k heads | v heads | z heads].
+def fused_qkvz_rows(la: LinearAttentionConfig, g0: int = 0, groups: int | None = None) -> torch.Tensor:
+    """The checkpoint rows of in_proj_qkvz in this module's order [q heads | k heads | v heads | z heads], for the
+    q/k head groups [g0, g0 + groups) (all by default; a TP rank's own under tensor parallelism).
 
     On disk the rows come per q/k head g: [q_g (K), k_g (K), v of g's N/G value heads (N/G * V), z of them]
-    (transformers' fix_query_key_value_ordering), so value head n = g * N/G + j sits in group g."""
-    G, K, V, r = la.num_k_heads, la.head_k_dim, la.head_v_dim, la.num_v_heads // la.num_k_heads
+    (transformers' fix_query_key_value_ordering), so value head n = g * N/G + j sits in group g: a rank's groups
+    are one contiguous range of rows."""
+    K, V, r = la.head_k_dim, la.head_v_dim, la.num_v_heads // la.num_k_heads
     group = 2 * K + 2 * r * V
-    base = torch.arange(G)[:, None] * group
+    base = (g0 + torch.arange(la.num_k_heads if groups is None else groups))[:, None] * group
     q = (base + torch.arange(K)).reshape(-1)
     k = (base + K + torch.arange(K)).reshape(-1)
     v = (base + 2 * K + torch.arange(r * V)).reshape(-1)
@@ -46,12 +53,21 @@ def fused_qkvz_rows(la: LinearAttentionConfig) -> torch.Tensor:
     return torch.cat([q, k, v, z])
 
 
-def fused_ba_rows(la: LinearAttentionConfig) -> torch.Tensor:
-    """in_proj_ba's rows in the order [b of every value head | a of every value head] (on disk: per q/k head g,
-    b then a of its N/G value heads)."""
-    G, r = la.num_k_heads, la.num_v_heads // la.num_k_heads
-    base = torch.arange(G)[:, None] * 2 * r
+def fused_ba_rows(la: LinearAttentionConfig, g0: int = 0, groups: int | None = None) -> torch.Tensor:
+    """in_proj_ba's rows in the order [b of every value head | a of every value head] of the q/k head groups
+    [g0, g0 + groups) (on disk: per q/k head g, b then a of its N/G value heads)."""
+    r = la.num_v_heads // la.num_k_heads
+    base = (g0 + torch.arange(la.num_k_heads if groups is None else groups))[:, None] * 2 * r
     return torch.cat([(base + torch.arange(r)).reshape(-1), (base + r + torch.arange(r)).reshape(-1)])
+
+
+def split_qkv_rows(la: LinearAttentionConfig, g0: int, groups: int) -> torch.Tensor:
+    """The rows of Qwen3.5's in_proj_qkv ([q of every head | k | v], heads in order), and the channels of conv1d,
+    that belong to the q/k head groups [g0, g0 + groups): three contiguous runs, q's, k's and v's."""
+    K, V, r = la.head_k_dim, la.head_v_dim, la.num_v_heads // la.num_k_heads
+    run = lambda start, n: start + torch.arange(n)  # noqa: E731
+    return torch.cat([run(g0 * K, groups * K), run(la.key_dim + g0 * K, groups * K),
+                      run(2 * la.key_dim + g0 * r * V, groups * r * V)])
 
 
 class GatedRMSNorm(nn.Module):
@@ -73,20 +89,32 @@ class GatedDeltaNet(nn.Module):
     """One linear-attention layer (module docstring)."""
 
     def __init__(self, layer_idx: int, hidden_size: int, la: LinearAttentionConfig, rms_norm_eps: float, kernels,
-                 dtype, device=None):
+                 dtype, device=None, tp=None):
+        """tp: the rank's TensorParallel (comm/tensor_parallel.py; None: whole). Under TP this rank holds
+        num_k_heads / size q/k heads and the value heads of their groups (engine/config/tensor_parallel.
+        shard_attention): their rows of the input projections, their conv channels, dt_bias and A_log, and
+        out_proj's columns (row-parallel: one all-reduce). Every head's conv and delta rule is its own, so nothing
+        else crosses ranks, and the state pools (sized from the rank's config) hold the rank's heads only."""
         super().__init__()
-        self.layer_idx, self.la, self.kernels = layer_idx, la, kernels
-        G, N, K, V = la.num_k_heads, la.num_v_heads, la.head_k_dim, la.head_v_dim
+        full, size = la, (tp.size if tp is not None else 1)
+        la = shard_attention(la, size)
+        self.layer_idx, self.la, self.full, self.kernels = layer_idx, la, full, kernels
+        N, V = la.num_v_heads, la.head_v_dim
         self.key_dim, self.value_dim = la.key_dim, la.value_dim
+        # This rank's first q/k head group and value head (0 without TP).
+        self.g0 = tp.rank * la.num_k_heads if size > 1 else 0
+        self.n0 = self.g0 * (N // la.num_k_heads)
+        col, row = (OwnRows(), RowParallel(tp, self.n0 * V, self.value_dim)) if size > 1 else (None, None)
+        self.sharded = size > 1
         # Float weights only for now: the row permutation of the fused projections does not keep FP8 blocks whole.
         self.in_proj_qkvz = Linear(hidden_size, (2 * self.key_dim + self.value_dim, self.value_dim), FloatLinear(),
-                                   kernels, dtype, device)
-        self.in_proj_ba = Linear(hidden_size, (N, N), FloatLinear(), kernels, dtype, device)
+                                   kernels, dtype, device, parallel=col)
+        self.in_proj_ba = Linear(hidden_size, (N, N), FloatLinear(), kernels, dtype, device, parallel=col)
         self.conv_weight_CW = param(la.conv_dim, la.conv_kernel, dtype=dtype, device=device)
         self.dt_bias_N = param(N, dtype=dtype, device=device)
         self.A_log_N = param(N, dtype=dtype, device=device)
         self.norm = GatedRMSNorm(V, rms_norm_eps, dtype, device)
-        self.out_proj = Linear(self.value_dim, hidden_size, FloatLinear(), kernels, dtype, device)
+        self.out_proj = Linear(self.value_dim, hidden_size, FloatLinear(), kernels, dtype, device, parallel=row)
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """positions_T is unused (no rotary: the recurrence orders the tokens); kept for the token mixers' one
@@ -160,26 +188,41 @@ class GatedDeltaNet(nn.Module):
                                               num_accepted_S)
 
     def weight_plan(self, p: str) -> WeightPlan:
-        """Checkpoint names under `p` ("model.layers.{i}.linear_attn.")."""
-        la = self.la
+        """Checkpoint names under `p` ("model.layers.{i}.linear_attn."); under TP this rank's rows (heads) only,
+        each tensor's rows one contiguous range or a few (q's, k's, v's), read alone."""
+        full, G, N = self.full, self.la.num_k_heads, self.la.num_v_heads
         plan: WeightPlan = {}
-        if la.projection == "fused":
+        value_heads = (torch.arange(self.n0 * full.head_v_dim, (self.n0 + N) * full.head_v_dim),)
+        heads = (torch.arange(self.n0, self.n0 + N),)
+        if full.projection == "fused":
             plan.update(self.in_proj_qkvz.method.weight_plan(self.in_proj_qkvz, p + "in_proj_qkvz.weight", (),
-                                                             (fused_qkvz_rows(la),)))
+                                                             (fused_qkvz_rows(full, self.g0, G),)))
             plan.update(self.in_proj_ba.method.weight_plan(self.in_proj_ba, p + "in_proj_ba.weight", (),
-                                                           (fused_ba_rows(la),)))
-        else:
+                                                           (fused_ba_rows(full, self.g0, G),)))
+        elif not self.sharded:
             plan.update(self.in_proj_qkvz.weight_plan(p + "in_proj_qkv.weight", 0))
             plan.update(self.in_proj_qkvz.weight_plan(p + "in_proj_z.weight", 1))
             plan.update(self.in_proj_ba.weight_plan(p + "in_proj_b.weight", 0))
             plan.update(self.in_proj_ba.weight_plan(p + "in_proj_a.weight", 1))
-        # conv1d.weight is [C, 1, W] on disk: read as [C, W] (the middle index 0 drops the channel-group dim).
-        plan[p + "conv1d.weight"] = PlanEntry(self.conv_weight_CW, (), (slice(None), 0))
-        plan[p + "dt_bias"] = PlanEntry(self.dt_bias_N, ())
-        plan[p + "A_log"] = PlanEntry(self.A_log_N, ())
-        plan[p + "norm.weight"] = PlanEntry(self.norm.weight, ())
+        else:
+            plan.update(self.in_proj_qkvz.weight_plan(p + "in_proj_qkv.weight", 0, (split_qkv_rows(full, self.g0, G),)))
+            plan.update(self.in_proj_qkvz.weight_plan(p + "in_proj_z.weight", 1, value_heads))
+            plan.update(self.in_proj_ba.weight_plan(p + "in_proj_b.weight", 0, heads))
+            plan.update(self.in_proj_ba.weight_plan(p + "in_proj_a.weight", 1, heads))
+        # conv1d.weight is [C, 1, W] on disk: read as [C, W] (the middle index 0 drops the channel-group dim); under
+        # TP the rank's channels (its q, k, v runs) are read alone and the dim dropped after the read.
+        if self.sharded:
+            plan[p + "conv1d.weight"] = PlanEntry(Rearranged(self.conv_weight_CW, lambda t: t[:, 0]), (),
+                                                  (split_qkv_rows(full, self.g0, G),))
+            plan[p + "dt_bias"] = PlanEntry(self.dt_bias_N, (), heads)
+            plan[p + "A_log"] = PlanEntry(self.A_log_N, (), heads)
+        else:
+            plan[p + "conv1d.weight"] = PlanEntry(self.conv_weight_CW, (), (slice(None), 0))
+            plan[p + "dt_bias"] = PlanEntry(self.dt_bias_N, ())
+            plan[p + "A_log"] = PlanEntry(self.A_log_N, ())
+        plan[p + "norm.weight"] = PlanEntry(self.norm.weight, ())  # [V]: one weight every head shares
         plan.update(self.out_proj.weight_plan(p + "out_proj.weight"))
         return plan
 
 
-__all__ = ["GatedDeltaNet", "GatedRMSNorm", "fused_ba_rows", "fused_qkvz_rows"]
+__all__ = ["GatedDeltaNet", "GatedRMSNorm", "fused_ba_rows", "fused_qkvz_rows", "split_qkv_rows"]

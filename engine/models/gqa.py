@@ -37,8 +37,9 @@ class GQAAttention(nn.Module):
         [embedding | hidden] concatenation, 2 * hidden_size, engine/models/eagle3.py); o_proj returns hidden_size.
         sinks_name: the sinks' checkpoint name under self_attn. (ArchSpec.sinks).
         tp: the rank's TensorParallel (comm/tensor_parallel.py; None: whole): this rank holds num_heads / size query
-        heads (and their sinks) and its kv heads (engine/config/tensor_parallel.shard_attention), qkv_proj is
-        column-parallel, o_proj row-parallel (its bias added once, after the all-reduce)."""
+        heads (their sinks, their output gates) and its kv heads (engine/config/tensor_parallel.shard_attention),
+        qkv_proj is column-parallel, o_proj row-parallel (its bias added once, after the all-reduce); an all-heads
+        q/k norm holds its heads' part of the weights and all-reduces its mean square (`_all_heads_norm`)."""
         super().__init__()
         size = tp.size if tp is not None else 1
         full, attn = attn, shard_attention(attn, size)
@@ -59,14 +60,17 @@ class GQAAttention(nn.Module):
         self.output_gate = attn.output_gate
         q_rows = 2 * self.q_size if attn.output_gate else self.q_size
         col = row = None
-        self.q_head0, self.tp_size = 0, size
+        self.q_head0, self.kv_head0, self.tp = 0, 0, tp if size > 1 else None
         if size > 1:  # this rank's heads: query heads [r N/size, ...), kv heads from kv_head_start
             q0 = tp.rank * attn.num_heads
             k0 = kv_head_start(tp.rank, size, full.num_kv_heads)
-            col = ColumnParallel((q0 * attn.head_dim, k0 * attn.head_dim, k0 * self.v_head_dim),
+            # A gated q_proj holds 2H rows per head, so this rank's heads start at row q0 * 2H (read in gate_rows'
+            # per-rank order: its heads' rows are one contiguous range of the checkpoint).
+            q_row0 = q0 * attn.head_dim * (2 if attn.output_gate else 1)
+            col = ColumnParallel((q_row0, k0 * attn.head_dim, k0 * self.v_head_dim),
                                  (q_rows, self.kv_size, self.v_size))
             row = RowParallel(tp, q0 * self.v_head_dim, self.o_size)
-            self.q_head0 = q0
+            self.q_head0, self.kv_head0 = q0, k0
         self.qkv_proj = Linear(in_features or hidden_size, (q_rows, self.kv_size, self.v_size), qkv_method,
                                kernels, dtype, device, parallel=col)
         # Zeros: FP8 gaps between the pieces (linear.py) get no bias from the checkpoint.
@@ -94,7 +98,7 @@ class GQAAttention(nn.Module):
         if self.output_gate:
             q_TQ, gate_TQ = q_TQ[:, :self.q_size], q_TQ[:, self.q_size:]
         if self.all_heads_norm:  # the whole projection's mean square, as transformers norms before the reshape
-            q_TQ, k_TK = self.q_norm(q_TQ), self.k_norm(k_TK)
+            q_TQ, k_TK = self._all_heads_norm(q_TQ, k_TK)
         if self.value_scale != 1.0:
             v_TK = v_TK * self.value_scale
         q_TNH = q_TQ.view(T, self.num_heads, self.head_dim)
@@ -124,6 +128,21 @@ class GQAAttention(nn.Module):
             o_TO = o_TO * torch.sigmoid(gate_TQ)
         return self.o_proj(o_TO, self.o_bias)
 
+    def _all_heads_norm(self, q_TQ: torch.Tensor, k_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MiniMax-M2's q/k RMSNorm over every head. Under TP a rank holds some heads, so their mean square is a
+        part of the whole: the ranks' [T, 2] mean squares (q's, k's, in float32 as the norm kernel) are all-reduced
+        once and divided by the group size, as vLLM's MiniMax-M2 does. Equal widths per rank make that the whole
+        mean square, k's too when its heads are replicated (K < size: each of the K heads counted size / K times
+        over size * H columns)."""
+        if self.tp is None:
+            return self.q_norm(q_TQ), self.k_norm(k_TK)
+        q32_TQ, k32_TK = q_TQ.float(), k_TK.float()
+        ms_T2 = torch.stack([q32_TQ.pow(2).mean(-1), k32_TK.pow(2).mean(-1)], dim=-1)
+        ms_T2 = self.tp.all_reduce(ms_T2) / self.tp.size
+        q_TQ = self.q_norm.weight * (q32_TQ * torch.rsqrt(ms_T2[:, :1] + self.q_norm.eps)).to(q_TQ.dtype)
+        k_TK = self.k_norm.weight * (k32_TK * torch.rsqrt(ms_T2[:, 1:] + self.k_norm.eps)).to(k_TK.dtype)
+        return q_TQ, k_TK
+
     def _extras(self) -> dict:
         """Only the attention arguments this layer has, so kernel strategies without them keep their signature."""
         extras = {}
@@ -137,7 +156,8 @@ class GQAAttention(nn.Module):
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index)."""
         plan = {}
         for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            rows = (gate_rows(self.num_heads, self.head_dim),) if i == 0 and self.output_gate else ()
+            size = self.tp.size if self.tp is not None else 1
+            rows = (gate_rows(self.num_heads * size, self.head_dim, size),) if i == 0 and self.output_gate else ()
             plan.update(self.qkv_proj.weight_plan(f"{p}{name}.weight", i, rows))
             if self.qkv_bias is not None:  # this rank's rows of the bias too (the weight's source, as a vector)
                 plan[f"{p}{name}.bias"] = PlanEntry(self.qkv_bias, (self.qkv_proj.piece_rows(i),),
@@ -146,15 +166,23 @@ class GQAAttention(nn.Module):
         if self.o_bias is not None:
             plan[p + "o_proj.bias"] = PlanEntry(self.o_bias, ())
         if self.sinks_N is not None:  # this rank's heads' sinks
-            heads = (slice(self.q_head0, self.q_head0 + self.num_heads),) if self.tp_size > 1 else ()
+            heads = (slice(self.q_head0, self.q_head0 + self.num_heads),) if self.tp is not None else ()
             plan[p + self.sinks_name] = PlanEntry(self.sinks_N, (), heads)
         if self.q_norm is not None:
-            plan[p + "q_norm.weight"] = PlanEntry(self.q_norm.weight, ())
-            plan[p + "k_norm.weight"] = PlanEntry(self.k_norm.weight, ())
+            q_src = k_src = ()
+            if self.all_heads_norm and self.tp is not None:  # [N * H] / [K * H] weights: this rank's heads' part
+                q0, k0 = self.q_head0 * self.head_dim, self.kv_head0 * self.head_dim
+                q_src, k_src = (slice(q0, q0 + self.q_size),), (slice(k0, k0 + self.kv_size),)
+            plan[p + "q_norm.weight"] = PlanEntry(self.q_norm.weight, (), q_src)
+            plan[p + "k_norm.weight"] = PlanEntry(self.k_norm.weight, (), k_src)
         return plan
 
 
-def gate_rows(num_heads: int, head_dim: int) -> torch.Tensor:
-    """q_proj's rows of a gated attention (per head: H query rows, then H gate rows) as [every query | every gate]."""
-    base = torch.arange(num_heads)[:, None] * 2 * head_dim
-    return torch.cat([(base + torch.arange(head_dim)).reshape(-1), (base + head_dim + torch.arange(head_dim)).reshape(-1)])
+def gate_rows(num_heads: int, head_dim: int, groups: int = 1) -> torch.Tensor:
+    """q_proj's rows of a gated attention (per head: H query rows, then H gate rows) as [every query | every gate]
+    of each of `groups` equal runs of heads, run after run: a TP rank's heads are one run, so its rows (cut by
+    ColumnParallel) are one contiguous range of the checkpoint, read alone."""
+    per = num_heads // groups
+    base = torch.arange(per)[:, None] * 2 * head_dim
+    one = torch.cat([(base + torch.arange(head_dim)).reshape(-1), (base + head_dim + torch.arange(head_dim)).reshape(-1)])
+    return (torch.arange(groups)[:, None] * per * 2 * head_dim + one[None, :]).reshape(-1)

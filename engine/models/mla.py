@@ -45,20 +45,25 @@ class MLAAttention(nn.Module):
                  device=None, quant=None, max_model_len: int = 1, tp=None):
         """tp: the rank's TensorParallel (None: whole). Under TP each rank holds num_heads / size heads, as vLLM and
         SGLang split MLA: q_b_proj and kv_b_proj column-parallel by head, o_proj row-parallel; the fused
-        q_a / kv_a projection (latent and roped key, every head's) and the latent cache are whole on every rank."""
+        q_a / kv_a projection (latent and roped key, every head's) and the latent cache are whole on every rank.
+        Without q LoRA (DeepSeek-V2-Lite) the fused projection stacks q_proj, which is per head: its q piece is
+        this rank's heads' rows, its kv_a piece whole. DeepSeek Sparse Attention's indexer is whole on every rank
+        (dsa.py: why)."""
         super().__init__()
         size = tp.size if tp is not None else 1
         attn = shard_attention(attn, size)
         self.layer_idx, self.attn, self.kernels, self.rope = layer_idx, attn, kernels, rope
         h0 = tp.rank * attn.num_heads if size > 1 else 0  # this rank's first (global) head
         self.head0, self.tp_size = h0, size
-        qb = kvb = o = None
+        qb = kvb = o = fused = None
+        N, C, P = attn.num_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
         if size > 1:
             X, Dv = attn.qk_head_dim, attn.v_head_dim
             qb = ColumnParallel((h0 * X,), (attn.num_heads * X,))
+            if attn.q_lora_rank is None:  # q_proj by head, stacked with kv_a_proj_with_mqa read whole (rows 0..C+P)
+                fused = ColumnParallel((h0 * X, 0), (N * X, C + P))
             kvb = ColumnParallel((h0 * (attn.qk_nope_head_dim + Dv),), (attn.num_heads * (attn.qk_nope_head_dim + Dv),))
             o = RowParallel(tp, h0 * Dv, attn.num_heads * Dv)
-        N, C, P = attn.num_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
         self.q_rows = attn.q_lora_rank if attn.q_lora_rank is not None else N * attn.qk_head_dim
         f = dict(dtype=dtype, device=device)
         # x feeds two projections, q's first (q_a_proj, or q_proj) and kv_a_proj_with_mqa: one matmul over
@@ -67,7 +72,8 @@ class MLAAttention(nn.Module):
         p = f"model.layers.{layer_idx}.self_attn."
         q_first = p + ("q_a_proj" if attn.q_lora_rank is not None else "q_proj")
         self.fused_a_proj = Linear(hidden_size, (self.q_rows, C + P),
-                                   linear_method(quant, q_first, p + "kv_a_proj_with_mqa"), kernels, **f)
+                                   linear_method(quant, q_first, p + "kv_a_proj_with_mqa"), kernels, **f,
+                                   parallel=fused)
         # attention_bias puts biases on q_a_proj and kv_a_proj_with_mqa (never q_proj): zeros where none loads.
         self.fused_a_bias = (nn.Parameter(torch.zeros(self.fused_a_proj.rows, **f), requires_grad=False)
                              if attn.attention_bias else None)

@@ -91,7 +91,8 @@ class DecoderLayer(nn.Module):
         # (gated DeltaNet over per-sequence state: Qwen3-Next's three layers in four).
         self.mixer_name = "linear_attn" if attn.kind == "linear" else "self_attn"
         if attn.kind == "linear":
-            self.linear_attn = GatedDeltaNet(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, kernels, dt, device)
+            self.linear_attn = GatedDeltaNet(layer_idx, cfg.hidden_size, attn, cfg.rms_norm_eps, kernels, dt, device,
+                                             tp=self.tp)
         elif attn.kind == "mla":
             self.self_attn = MLAAttention(layer_idx, cfg.hidden_size, attn, rope, kernels, dt, device, quant,
                                           cfg.max_model_len, tp=self.tp)

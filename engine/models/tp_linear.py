@@ -4,7 +4,10 @@ Legend: T tokens, K input features, N output features (rows); Bn, Bk an FP8 bloc
 
 - `Replicated`: every rank holds the whole weight (the default; every linear at TP 1).
 - `ColumnParallel`: each rank holds some rows of each stacked piece (qkv / gate_up / MLA's q_b, kv_b): its output
-  is its heads' (or its intermediate columns') share, used as it is by the next, row-parallel, linear.
+  is its heads' (or its intermediate columns') share, used as it is by the next, row-parallel, linear. A piece
+  every rank needs whole sits in the same stack as rows [0, its width) (MLA's kv_a beside a per-head q_proj).
+- `OwnRows`: each rank holds the checkpoint rows its layer lists, in the layer's order (gated DeltaNet: a rank's
+  heads are scattered over its stacked projections' pieces, and one checkpoint tensor fills several pieces).
 - `RowParallel`: each rank holds some input columns (o_proj, down_proj); the partial outputs are summed over the
   group (one all-reduce of [T, N]) and the bias is added once, after the sum.
 
@@ -57,6 +60,24 @@ class ColumnParallel:
         return y_TN if bias_N is None else y_TN + bias_N
 
 
+class OwnRows:
+    """The rows the layer's weight plan names for this rank (its heads' rows, already cut), read as given; the
+    output is the rank's share, as ColumnParallel's. Float weights only: the rows need not fall on FP8 blocks."""
+
+    name = "own_rows"
+
+    def source(self, piece: int, rows: tuple) -> tuple:
+        if not rows:
+            raise ValueError("an OwnRows linear reads the rows its layer names: the plan gave none.")
+        return rows
+
+    def scale_source(self, piece: int, block: tuple[int, int]) -> tuple:
+        raise ValueError("an OwnRows linear is float only: it has no FP8 block scales to read.")
+
+    def finish(self, y_TN: torch.Tensor, bias_N: torch.Tensor | None) -> torch.Tensor:
+        return y_TN if bias_N is None else y_TN + bias_N
+
+
 class RowParallel:
     """Input columns [col_start, col_start + in_features) of the checkpoint tensor; the output summed over `tp`."""
 
@@ -85,6 +106,6 @@ class RowParallel:
         return y_TN if bias_N is None else y_TN + bias_N
 
 
-LinearParallel = Replicated | ColumnParallel | RowParallel
+LinearParallel = Replicated | ColumnParallel | OwnRows | RowParallel
 
-__all__ = ["ColumnParallel", "LinearParallel", "Replicated", "RowParallel"]
+__all__ = ["ColumnParallel", "LinearParallel", "OwnRows", "Replicated", "RowParallel"]

@@ -1,0 +1,56 @@
+"""Tensor parallelism for the families that need more than heads cut by rows (issue 46, docs/tensor-parallelism.md):
+at `-tp 2` (Ray, CPU ranks, gloo, float64) greedy tokens equal one rank's on the same tiny checkpoint, saved by
+transformers itself:
+- Qwen3-Next: gated attention output (each head's gate rows read with its query rows) and gated DeltaNet layers
+  (q/k head groups and their value heads split, conv channels and states per rank);
+- Qwen3.5-MoE: the same layers from split projections (in_proj_qkv / z / b / a) in a multimodal checkpoint;
+- MiniMax-M2: the q/k RMSNorm over all heads (each rank's mean square all-reduced);
+- DeepSeek-V2-Lite: MLA without q LoRA (q_proj by head, stacked with the whole kv_a_proj_with_mqa);
+- DeepSeek-V3.2: DeepSeek Sparse Attention (the lightning indexer whole on every rank, MLA heads split), prompts
+  past index_topk so the decode steps run sparse.
+What each rank reads is checked by tests/engine/test_tp_shards.py. Lean: 3 prompts, 4 new tokens each."""
+from __future__ import annotations
+
+import pytest
+
+from moelink.engine import LLM
+
+from tests.helpers import hf_checkpoints, m2_checkpoints
+from tests.helpers.parity import assert_same, engine_greedy, prompts
+
+pytestmark = pytest.mark.slow
+
+KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=4)
+NEW = 4
+
+
+def _tp_equals_one_rank(path: str, vocab: int, seed: int, lo: int = 1, hi: int = 30, **kw) -> None:
+    ps = prompts(vocab, seed=seed, n=3, lo=lo, hi=hi)
+    kw = {**KW, **kw}
+    want = engine_greedy(LLM(path, **kw), ps, max_new=NEW)
+    llm = LLM(path, tensor_parallel_size=2, **kw)
+    try:
+        assert_same(engine_greedy(llm, ps, max_new=NEW), want, ps)
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "qwen3_5_moe"])
+def test_tp_hybrid_gated_attention_matches_one_rank(local_ray, hf_tiny_model, name):
+    # Chunked prefill over state slots and decode steps: both gated DeltaNet forms, each rank its heads' states.
+    _tp_equals_one_rank(hf_tiny_model(name), hf_checkpoints.VOCAB, seed=11)
+
+
+def test_tp_minimax_all_heads_norm_matches_one_rank(local_ray, tmp_path):
+    path = m2_checkpoints.save_m2_checkpoint(tmp_path, "minimax", num_hidden_layers=2)
+    _tp_equals_one_rank(path, m2_checkpoints.VOCAB, seed=13)
+
+
+def test_tp_mla_without_q_lora_matches_one_rank(local_ray, hf_tiny_model):
+    _tp_equals_one_rank(hf_tiny_model("dsv2_lite"), hf_checkpoints.VOCAB, seed=17)
+
+
+def test_tp_sparse_attention_matches_one_rank(local_ray, hf_tiny_model):
+    # index_topk 8: prompts of 12..30 tokens select 8 of their positions at every decode step.
+    _tp_equals_one_rank(hf_tiny_model("dsv32"), hf_checkpoints.VOCAB, seed=19, lo=12, hi=30)
