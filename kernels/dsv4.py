@@ -80,6 +80,8 @@ class FP8Rows:
         values / scale rounded to e4m3; the rope values rounded to bfloat16."""
         lead, n, G = x_EX.shape[:-1], self.nope, self.groups
         x = x_EX.reshape(-1, self.dim)
+        if x.shape[0] == 0:  # (a byte view of an empty scale tensor is refused)
+            return torch.zeros(*lead, self.row_bytes, dtype=torch.uint8, device=x.device)
         v_EGg = torch.nn.functional.pad(x[:, :n].float(), (0, G * self.group - n)).view(-1, G, self.group)
         scale_EG = v_EGg.abs().amax(dim=2) / _FP8_MAX
         q_EGg = (v_EGg / torch.where(scale_EG > 0, scale_EG, 1.0)[..., None]).clamp(-_FP8_MAX, _FP8_MAX)
@@ -96,6 +98,8 @@ class FP8Rows:
         widened from bfloat16)."""
         lead, n, G = rows_EX.shape[:-1], self.nope, self.groups
         r = rows_EX.reshape(-1, self.row_bytes)
+        if r.shape[0] == 0:
+            return torch.zeros(*lead, self.dim, dtype=dtype, device=r.device)
         q = r[:, :n].contiguous().view(torch.float8_e4m3fn).float()
         scale = r[:, self.scale_offset: self.rope_offset].contiguous().view(torch.float32)
         out = [(q * scale.repeat_interleave(self.group, dim=1)[:, :n]).to(dtype)]

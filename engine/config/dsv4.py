@@ -18,6 +18,13 @@ The cache of a layer (engine/models/dsv4_attention.py computes it, engine/rank r
   indexed by position mod window) and the compressors' running rows (each recent token's projected kv and gate, a
   ring of `compress_rate` tokens, `2 * compress_rate` under CSA whose entry reads the previous window too; the
   indexer's compressor the same at index_head_dim), in float32 (`state_dtypes`).
+Under --kv-cache-dtype fp8 (float8_e4m3fn; e5m2 is not offered) the paged tensors hold fp8 rows as bytes (uint8
+[B, Lc, X], kernels/dsv4.FP8Rows): an entry's leading H - R values in e4m3 with a float32 scale per 64 and its R
+rope values in bfloat16 (DeepSeek's own fp8 sparse KV layout), an index key in e4m3 with a float32 scale per 128 (DSA's
+row). V4-Flash's CSA layer: (604 + 132) / 4 = 184 bytes per token where bf16 costs (1024 + 256) / 4 = 320. The state
+slots (window ring, compressor rows) stay in the model dtype / float32: the state pools are allocated and sized from
+the model dtype alone (engine/rank/state_cache.py, engine/config/kv_sizing.py pass no cache dtype to
+`state_dtypes`); a window ring in fp8 needs that channel first.
 Why the window is state and not paged: paged, the raw KV of every token would stay (head_dim values per token and
 layer, as many as DeepSeek-V3's latent) unless the blocks leaving the window were freed, and the hybrid cache manager
 does not combine a sliding-window block table with its state slots (scheduler/hybrid_cache.py refuses one); a ring
@@ -35,6 +42,7 @@ from typing import ClassVar
 
 import torch
 
+from moelink.kernels.dsv4 import FP8Rows, entry_rows, index_key_rows
 from moelink.moe.router_config import RouterConfig
 
 from .dsv4_quant import read_dsv4_quantization
@@ -121,21 +129,34 @@ class DSV4AttentionConfig:
         """No sliding/full pairing of tensors (layer_configs.GQAConfig.kv_layer_pairs): the window is state."""
         return None
 
+    def fp8_rows(self) -> tuple[FP8Rows, ...]:
+        """The fp8 byte layouts of cache_shapes' tensors (module docstring): the entry's, then CSA's index key's."""
+        rows = (entry_rows(self.head_dim, self.rope.rotary_dim),)
+        return rows + ((index_key_rows(self.index_head_dim),) if self.layer_kind == "csa" else ())
+
+    @staticmethod
+    def _fp8(cache_dtype) -> bool:
+        if cache_dtype is not None and cache_dtype.itemsize == 1 and cache_dtype != torch.float8_e4m3fn:
+            raise ValueError(f"kv_cache_dtype={cache_dtype} is not supported for DeepSeek-V4: its fp8 cache is "
+                             "float8_e4m3fn with scales (kv_cache_dtype='fp8').")
+        return cache_dtype == torch.float8_e4m3fn
+
     def cache_shapes(self, num_blocks: int, block_size: int, cache_dtype=None) -> tuple[tuple[int, ...], ...]:
         """The paged tensors, the null block included: () for a sliding layer; (entries_BLcH,) for HCA;
-        (entries_BLcH, index_keys_BLcI) for CSA, Lc = block_size / compress_rate."""
+        (entries_BLcH, index_keys_BLcI) for CSA, Lc = block_size / compress_rate. With an fp8 `cache_dtype` each
+        row is its FP8Rows' bytes (fp8_rows) instead of H / I values."""
         if not self.compress_rate:
             return ()
         self.check_block_size(block_size)
         per_block = block_size // self.compress_rate
-        entries = (num_blocks + 1, per_block, self.head_dim)
-        if self.layer_kind == "hca":
-            return (entries,)
-        return entries, (num_blocks + 1, per_block, self.index_head_dim)
+        widths = ([r.row_bytes for r in self.fp8_rows()] if self._fp8(cache_dtype)
+                  else [self.head_dim, self.index_head_dim][:2 if self.layer_kind == "csa" else 1])
+        return tuple((num_blocks + 1, per_block, w) for w in widths)
 
     def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-        """The element types of cache_shapes' tensors: all in the cache's dtype."""
-        return tuple(cache_dtype for _ in self.cache_shapes(0, self.compress_rate or 1))
+        """The element types of cache_shapes' tensors: all in the cache's dtype, or uint8 rows for fp8."""
+        dtype = torch.uint8 if self._fp8(cache_dtype) else cache_dtype
+        return tuple(dtype for _ in self.cache_shapes(0, self.compress_rate or 1))
 
     def kv_values_per_token(self) -> int:
         """Paged values per token of context: an entry (and an indexer key) per compress_rate tokens, rounded up to
@@ -145,6 +166,10 @@ class DSV4AttentionConfig:
         return -(-(self.head_dim + (self.index_head_dim if self.layer_kind == "csa" else 0)) // self.compress_rate)
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Paged bytes per token of context in a cache of `dtype` (fp8: the rows' bytes, scales and bfloat16 rope
+        included, per compress_rate tokens, rounded up)."""
+        if self.compress_rate and self._fp8(dtype):
+            return -(-sum(r.row_bytes for r in self.fp8_rows()) // self.compress_rate)
         return self.kv_values_per_token() * dtype.itemsize
 
     def _slot_shapes(self) -> list[tuple[int, ...]]:

@@ -16,6 +16,9 @@ picks may come in any order). A step's work per sequence, queries at positions p
 4. each query attends to its window (positions p - W < k <= p) and to the entries it may see (entry w summarises
    positions < (w + 1) m, so query p sees w < (p + 1) / m): all of them (HCA) or the indexer's top-k (CSA);
 5. the output's rope slice is rotated back by the query's position, then the grouped output projection.
+Under an fp8 KV cache (engine/config/dsv4.py) the paged entries and index keys are uint8 rows (kernels/dsv4.FP8Rows):
+written quantized (`write_form`), read back dequantized into the activations' dtype (`read_rows`; the decode ops
+dequantize inside their kernels); the entries are computed in the activations' dtype either way.
 
 The linears (wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b) are `Linear`s (engine/models/linear.py): float for a
 float checkpoint (F.linear, as transformers), FP8 with float32 block scales for DeepSeek's published FP8 files (W8A8
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelink.kernels.dsv4 import reference_rms_norm_f32, reference_rope_tail
+from moelink.kernels.dsv4 import read_rows, reference_rms_norm_f32, reference_rope_tail, write_form
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.dsv4 import DSV4AttentionConfig
@@ -141,6 +144,8 @@ class DSV4Attention(nn.Module):
         self.sinks_N = param(N, dtype=torch.float32, device=device)
         # A layer's ctx.kv_caches entry: its paged tensors (cache_shapes), then its state pools (state_shapes).
         self.num_paged = len(cfg.cache_shapes(1, cfg.compress_rate or 1))
+        # Each paged tensor's fp8 row layout (used only where the cache is fp8: uint8 pages).
+        self.row_formats = cfg.fp8_rows() if cfg.compress_rate else ()
         self.compressor = self.indexer = None
         if cfg.compress_rate:
             self.compressor = Compressor(hidden, H, cfg.compress_rate, cfg.layer_kind == "csa", cfg.rms_norm_eps,
@@ -226,13 +231,15 @@ class DSV4Attention(nn.Module):
         allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - W)
         if self.compressor is not None:
             m = cfg.compress_rate
-            entries_EH = self._compress(self.compressor, rows_qC, state[1], paged[0], p0, p1, slot, table_M)
+            entries_EH = self._compress(self.compressor, rows_qC, state[1], paged[0], self.row_formats[0], p0, p1, slot,
+                                        table_M, q_qNH.dtype)
             visible_q = (q_pos + 1) // m  # entry w summarises positions < (w + 1) m
             e_pos = torch.arange(entries_EH.shape[0], device=dev)
             seen = e_pos[None, :] < visible_q[:, None]
             if self.indexer is not None:  # only the indexer's top-k of the visible entries
                 irows, iq_qnI, iw_qn = idx
-                keys_EI = self._compress(self.indexer, irows, state[2], paged[1], p0, p1, slot, table_M)
+                keys_EI = self._compress(self.indexer, irows, state[2], paged[1], self.row_formats[1], p0, p1, slot,
+                                         table_M, q_qNH.dtype)
                 picks_qK = self.indexer_topk(iq_qnI, iw_qn, keys_EI, visible_q, cfg.index_topk).long()
                 chosen = torch.zeros(seen.shape[0], seen.shape[1] + 1, dtype=torch.bool, device=dev)
                 chosen.scatter_(1, torch.where(picks_qK >= 0, picks_qK, seen.shape[1]), True)  # -1: a spare column
@@ -241,23 +248,24 @@ class DSV4Attention(nn.Module):
             allowed = torch.cat([allowed, seen], dim=1)
         return self.sink_attention(q_qNH, keys, allowed, self.sinks_N, cfg.softmax_scale)
 
-    def _compress(self, comp: Compressor, rows_qC, ring_PXC, entries_BLcH, p0: int, p1: int, slot,
-                  table_M) -> torch.Tensor:
-        """Writes the entries of the windows that complete in [p0, p1) into their blocks, moves the ring on, and
-        returns every entry of the sequence so far ([p1 // m, width], read back from the blocks)."""
+    def _compress(self, comp: Compressor, rows_qC, ring_PXC, entries_BLcH, fmt, p0: int, p1: int, slot,
+                  table_M, dtype: torch.dtype) -> torch.Tensor:
+        """Writes the entries of the windows that complete in [p0, p1) into their blocks (fp8 pages: quantized as
+        `fmt` lays them out), moves the ring on, and returns every entry of the sequence so far ([p1 // m, width] in
+        `dtype`, the activations', read back from the blocks: what a later step reads)."""
         m, ring, dev = comp.rate, ring_PXC.shape[1], rows_qC.device
         L = entries_BLcH.shape[1] * m  # the block size
         base = max(0, (p0 // m - (1 if comp.overlap else 0)) * m)
         rows = torch.cat([ring_PXC[slot][torch.arange(base, p0, device=dev) % ring], rows_qC])
         windows = range(p0 // m, p1 // m)
         if len(windows):
-            new_EH = comp.entries(rows, base, windows, self.compress_rope, entries_BLcH.dtype)
+            new_EH = comp.entries(rows, base, windows, self.compress_rope, dtype)
             at = torch.arange(windows.start, windows.stop, device=dev) * m
-            entries_BLcH[table_M[at // L], (at % L) // m] = new_EH.to(entries_BLcH.dtype)
+            entries_BLcH[table_M[at // L], (at % L) // m] = write_form(entries_BLcH, fmt, new_EH)
         keep = torch.arange(max(p0, p1 - ring), p1, device=dev)
         ring_PXC[slot, keep % ring] = rows_qC[keep - p0].to(ring_PXC.dtype)
         at = torch.arange(p1 // m, device=dev) * m
-        return entries_BLcH[table_M[at // L], (at % L) // m]
+        return read_rows(entries_BLcH[table_M[at // L], (at % L) // m], fmt, dtype)
 
     def weight_plan(self, p: str) -> WeightPlan:
         """The published names under `p` = "model.layers.{i}.attn." (an FP8 linear's `X.scale` beside `X.weight`)."""

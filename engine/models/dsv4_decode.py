@@ -15,6 +15,8 @@ Per row s, its one query at position p = seq_lens_S[s] - 1 (device), its state s
 4. sink attention over [window | entries], `dsv4_paged_sink_attention`: the window rows read from the row's slot,
    the entries from their blocks: the picks (CSA) or every visible entry (HCA; none on a sliding layer). Rows a
    query may not see (a ring row from a slot's earlier request, a never-written entry) are read as zeros.
+Under an fp8 KV cache the entries and index keys are uint8 rows (kernels/dsv4.FP8Rows): step 2 writes them
+quantized, steps 3-4 dequantize them inside the paged ops (the layer's rope dims tell the entry layout).
 Padding rows (state slot -1, a captured graph's rows past the batch) write back the null slot's and the null
 block's rows (nothing changes) and attend to nothing (sink only). The table's width bounds the entries a row may
 have (E = M Lc, a host size): no shape follows the lengths.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from moelink.kernels.dsv4 import reference_rms_norm_f32
+from moelink.kernels.dsv4 import reference_rms_norm_f32, write_form
 
 
 def decode_attention(layer, q_TNH, kv_TH, rows_TC, idx, ctx, paged, state) -> torch.Tensor:
@@ -45,14 +47,16 @@ def decode_attention(layer, q_TNH, kv_TH, rows_TC, idx, ctx, paged, state) -> to
     if layer.compressor is not None:
         visible_T = (p_T + 1) // cfg.compress_rate
         entries, tables = paged[0], table_TM.long()
-        _close_window(layer, layer.compressor, rows_TC, state[1], entries, p_T, write_T, live_T, tables)
+        _close_window(layer, layer.compressor, rows_TC, state[1], entries, layer.row_formats[0], p_T, write_T, live_T,
+                      tables, q_TNH.dtype)
         if layer.indexer is not None:  # CSA: the indexer's top-k of the visible entries
             irows_TC, iq_TnI, iw_Tn = idx
-            _close_window(layer, layer.indexer, irows_TC, state[2], paged[1], p_T, write_T, live_T, tables)
+            _close_window(layer, layer.indexer, irows_TC, state[2], paged[1], layer.row_formats[1], p_T, write_T,
+                          live_T, tables, q_TNH.dtype)
             picks_TK = paged_topk(iq_TnI, iw_Tn, paged[1], table_TM, visible_T, cfg.index_topk)
     # slot_T itself (-1 on padding rows: they see no window row)
     return paged_attention(q_TNH, state[0], slot_T, p_T, entries, table_TM, picks_TK, visible_T, layer.sinks_N,
-                           cfg.softmax_scale)
+                           cfg.softmax_scale, rope_dims=cfg.rope.rotary_dim)
 
 
 def _write_rows(pool_PXC, slot_T, at_T, rows_TC, live_T) -> None:
@@ -61,15 +65,16 @@ def _write_rows(pool_PXC, slot_T, at_T, rows_TC, live_T) -> None:
     pool_PXC[slot_T, at_T] = torch.where(live_T[:, None], rows_TC.to(pool_PXC.dtype), old)
 
 
-def _close_window(layer, comp, rows_TC, ring_PXC, entries_BLcX, p_T, slot_T, live_T, table_TM) -> None:
-    """Step 2 of the module docstring for one compressor (the attention's or the indexer's)."""
+def _close_window(layer, comp, rows_TC, ring_PXC, entries_BLcX, fmt, p_T, slot_T, live_T, table_TM,
+                  dtype: torch.dtype) -> None:
+    """Step 2 of the module docstring for one compressor (the attention's or the indexer's), the entry computed in
+    `dtype` (the activations') and stored as the pages hold it (`fmt`'s fp8 rows, or their float dtype)."""
     m, ring = comp.rate, ring_PXC.shape[1]
     _write_rows(ring_PXC, slot_T, p_T % ring, rows_TC, live_T)
     w_T = p_T // m
     pos_Tm = w_T[:, None] * m + torch.arange(m, device=p_T.device)[None, :]
     cur = ring_PXC[slot_T[:, None], pos_Tm % ring]  # [T, m, C]
     half = cur.shape[-1] // 2
-    dtype = entries_BLcX.dtype
     kv, gate = cur[..., :half].to(dtype), cur[..., half:]
     prev_kv = prev_gate = None
     if comp.overlap:  # the previous window's Ca half; none before window 0 (softmax weight 0)
@@ -85,7 +90,7 @@ def _close_window(layer, comp, rows_TC, ring_PXC, entries_BLcX, p_T, slot_T, liv
     blk_T = table_TM.gather(1, (w_T // Lc)[:, None])[:, 0]
     closes_T = live_T & ((p_T + 1) % m == 0)
     old = entries_BLcX[blk_T, w_T % Lc]
-    entries_BLcX[blk_T, w_T % Lc] = torch.where(closes_T[:, None], new_TX.to(dtype), old)
+    entries_BLcX[blk_T, w_T % Lc] = torch.where(closes_T[:, None], write_form(entries_BLcX, fmt, new_TX), old)
 
 
 __all__ = ["decode_attention"]

@@ -168,9 +168,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         super().__init__()
         if cfg.hyper_connections is None:
             raise ValueError(f"architecture {cfg.architecture}: its ModelConfig has no hyper_connections.")
-        if cfg.kv_cache_dtype is not None and cfg.kv_cache_dtype != cfg.dtype:  # entries are written unscaled
-            raise ValueError(f"kv_cache_dtype={cfg.kv_cache_dtype} is not supported for {cfg.architecture} yet: its "
-                             "compressed entries are cached in the model dtype (kv_cache_dtype='auto').")
+        if cfg.kv_cache_dtype not in (None, cfg.dtype, torch.float8_e4m3fn):  # fp8: e4m3 rows with scales only
+            raise ValueError(f"kv_cache_dtype={cfg.kv_cache_dtype} is not supported for {cfg.architecture}: its fp8 "
+                             "cache is float8_e4m3fn with scales (kv_cache_dtype='fp8') or the model dtype ('auto').")
         self.cfg, self.spec = cfg, spec
         self.quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
         self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)

@@ -1,0 +1,108 @@
+"""DeepSeek-V4 with an fp8 KV cache (issue 45: --kv-cache-dtype fp8): the compressed entries and CSA's index keys
+paged as fp8 rows (kernels/dsv4.FP8Rows), the window ring and the compressor rows in the model dtype / float32.
+
+The oracle is transformers' own V4 (float64, no cache: its forward over the whole sequence for every new token) with
+what the engine caches rounded the same way: a hook rounds every compressor's entries (e4m3 with a float32 scale per
+64 values, the rope dims bfloat16) and a pre-hook every index key the indexer scores (e4m3, a scale per 128), through
+FP8Rows.round_trip, the format's definition. The engine's greedy tokens, over chunked prefill, several sequences per
+step, decode and prefix-cache hits, must equal it token for token.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelink.engine import LLM
+from moelink.engine.config import kv_sizing
+from moelink.engine.config.dsv4 import DSV4AttentionConfig
+from moelink.engine.config.layer_configs import RopeConfig
+from moelink.engine.config.model import ModelConfig
+from moelink.kernels.dsv4 import entry_rows, index_key_rows
+
+from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
+from tests.helpers.parity import MAX_NEW, assert_pool_free, assert_same, engine_greedy, prompts
+
+
+@pytest.fixture(scope="module")
+def dsv4_path(tmp_path_factory) -> str:
+    return save_dsv4_checkpoint(tmp_path_factory.mktemp("dsv4_fp8"))
+
+
+def _fake_quantized_greedy(path: str, ps: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
+    """transformers' greedy tokens, no cache, with the cached tensors fake-quantized (module docstring)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_v4
+
+    cfg = ModelConfig.from_pretrained(path, dtype="float64")
+    csa = next(cfg.attention_for(i) for i in range(cfg.num_layers) if cfg.attention_for(i).layer_kind == "csa")
+    entries, keys = entry_rows(csa.head_dim, csa.rope.rotary_dim), index_key_rows(csa.index_head_dim)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+    n_hooks = 0
+    for mod in model.modules():
+        if isinstance(mod, (hf_v4.DeepseekV4HCACompressor, hf_v4.DeepseekV4CSACompressor)):
+            mod.register_forward_hook(lambda _m, _a, out: (entries.round_trip(out[0]), out[1]))
+            n_hooks += 1
+        elif isinstance(mod, hf_v4.DeepseekV4IndexerScorer):
+            mod.register_forward_pre_hook(lambda _m, a: (a[0], keys.round_trip(a[1]), *a[2:]))
+            n_hooks += 1
+    assert n_hooks == 5  # 2 CSA + 1 HCA compressors, 2 indexers
+    outs = []
+    with torch.no_grad():
+        for p in ps:
+            seq = list(p)
+            for _ in range(max_new):
+                logits = model(torch.tensor([seq]), use_cache=False).logits[0, -1]
+                seq.append(int(logits.argmax()))
+            outs.append(seq[len(p):])
+    return outs
+
+
+@pytest.mark.slow
+def test_fp8_greedy_equals_transformers_with_the_cache_rounded_alike(dsv4_path):
+    """Prompts of 1..150 tokens, chunked prefill under a 48-token budget (windows closing in prefill and in decode),
+    then the same prompts again: prefix hits resume from the fp8 pages as they are."""
+    ps = prompts(VOCAB, seed=11, n=6, lo=1, hi=150)
+    want = _fake_quantized_greedy(dsv4_path, ps)
+    llm = LLM(dsv4_path, dtype="float64", kv_cache_dtype="fp8", max_num_seqs=4, max_num_batched_tokens=48,
+              num_kv_blocks=128, block_size=8, num_state_checkpoints=16)
+    got = engine_greedy(llm, ps)
+    assert len({t for out in got for t in out}) > 10, "degenerate model: greedy outputs barely vary"
+    assert_same(got, want, ps)
+    hits_before = llm.engine.stats().prefix_cache_hits
+    assert_same(engine_greedy(llm, ps), want, ps)
+    assert llm.engine.stats().prefix_cache_hits > hits_before
+    assert_pool_free(llm)
+
+
+def test_fp8_rounding_is_what_moves_the_tokens(dsv4_path):
+    """The oracle is not vacuous: rounding the cached entries changes transformers' greedy tokens for some prompt
+    of this set (else equality above would not show that the engine rounds at all)."""
+    from tests.helpers.parity import hf_greedy_nocache
+
+    ps = prompts(VOCAB, seed=11, n=6, lo=1, hi=150)
+    assert _fake_quantized_greedy(dsv4_path, ps) != hf_greedy_nocache(dsv4_path, ps)
+
+
+def test_kv_sizing_bytes_per_token_fp8_beside_bf16(dsv4_path):
+    """kv_sizing counts the fp8 rows: the tiny model (H 16 with 8 rope dims, I 8) and V4-Flash's CSA / HCA layers
+    (H 512 with 64 rope dims, I 128, rates 4 / 128), printed."""
+    bf16 = ModelConfig.from_pretrained(dsv4_path, dtype="bfloat16")
+    fp8 = ModelConfig.from_pretrained(dsv4_path, dtype="bfloat16", kv_cache_dtype="fp8")
+    tiny = kv_sizing.kv_cache_bytes_per_token(bf16), kv_sizing.kv_cache_bytes_per_token(fp8)
+    # bf16: CSA (16 + 8) / 2 values x 2 layers + HCA 16 / 8 = 26 values, 52 bytes. fp8: a CSA entry row is 8 e4m3 +
+    # one scale + 8 bf16 = 28 bytes, an index key 8 + 4 = 12: (28 + 12) / 2 = 20 a layer; HCA 28 / 8 -> 4.
+    assert tiny == (52, 44)
+    rope = RopeConfig(64, 10000.0, "default", style="interleaved")
+    flash_csa = DSV4AttentionConfig("csa", 64, 512, 1024, 8, 1024, 128, rope, compress_rate=4, index_n_heads=64,
+                                    index_head_dim=128, index_topk=512)
+    flash_hca = DSV4AttentionConfig("hca", 64, 512, 1024, 8, 1024, 128, rope, compress_rate=128)
+    flash = [(a.kv_bytes_per_token(torch.bfloat16), a.kv_bytes_per_token(torch.float8_e4m3fn))
+             for a in (flash_csa, flash_hca)]
+    # CSA: (1024 + 256) / 4 = 320 bf16, (604 + 132) / 4 = 184 fp8; HCA: 1024 / 128 = 8, 604 / 128 -> 5
+    assert flash == [(320, 184), (8, 5)]
+    print(f"kv bytes per token of context: tiny V4 bf16 {tiny[0]} fp8 {tiny[1]} ({tiny[1] / tiny[0]:.2f}x); "
+          f"V4-Flash CSA layer bf16 {flash[0][0]} fp8 {flash[0][1]} ({flash[0][1] / flash[0][0]:.2f}x), HCA layer "
+          f"bf16 {flash[1][0]} fp8 {flash[1][1]}")
+    assert fp8.attention_for(1).cache_dtypes(fp8.cache_dtype) == (torch.uint8, torch.uint8)
+    with pytest.raises(ValueError, match="kv_cache_dtype=torch.float8_e5m2 is not supported for DeepSeek-V4"):
+        flash_csa.cache_shapes(4, 8, torch.float8_e5m2)
