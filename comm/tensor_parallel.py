@@ -76,6 +76,18 @@ class TensorParallel:
             dist.broadcast(x, src=self.ranks[0], group=self.group)
         return x
 
+    def broadcast_first_packed(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each of `xs` (one dtype, any shapes) as the group's rank 0 holds it, by ONE broadcast of them packed
+        end to end (a verify step's emitted tokens, their counts and the plain rows' tokens: one collective, not
+        three). Returns new tensors, the shapes of `xs`; the identity at size 1."""
+        if self.size == 1:
+            return xs
+        if len({x.dtype for x in xs}) > 1:
+            raise ValueError(f"broadcast_first_packed packs one dtype, got {sorted(str(x.dtype) for x in xs)}.")
+        flat = torch.cat([x.reshape(-1) for x in xs])
+        dist.broadcast(flat, src=self.ranks[0], group=self.group)
+        return tuple(part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in xs]), xs))
+
 
 def tp_group_ranks(world_size: int, size: int) -> list[tuple[int, ...]]:
     """The TP groups of a world: consecutive runs of `size` ranks."""

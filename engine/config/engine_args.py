@@ -308,10 +308,10 @@ class EngineArgs:
                             speculative=spec, grammar=self.grammar_config(), seed=self.seed)
 
     def _check_tp_features(self, tp: int) -> None:
-        """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md)."""
-        if self.speculative_config is not None:
-            raise ValueError(f"speculative_config (--speculative-config) is not supported with tensor_parallel_size="
-                             f"{tp} yet: the drafters are not sharded; drop one of them.")
+        """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md).
+        Speculative decoding runs under TP with every method (engine/rank/drafter.py): host drafts on every rank,
+        the MTP layer split like a main layer, an EAGLE-3 head replicated; the models whose MTP module is not
+        sharded (DeepSeek-V4, Qwen3-Next / Qwen3.5) are refused under TP as models."""
         if self.kv_connector is not None:
             raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported with "
                              f"tensor_parallel_size={tp} yet: the KV a TP rank holds is its heads' only.")

@@ -22,6 +22,14 @@ What the caller decides (none of it is fixed by the weights): which h_t (the rep
 model's last-layer output before its final norm; vLLM and SGLang feed the final-normed one) and which positions
 (vLLM's drafter reuses the main model's position t of h_t, with the token ids shifted by one). The engine's
 drafter (engine/rank/mtp_drafter.py) takes the final-normed state and vLLM's positions.
+
+Tensor parallelism (`tp`, comm/tensor_parallel.py): the inner layer is built with the same TP strategy objects as
+a main layer (attention heads split, dense MLP / experts split or in EP, row-parallel all-reduces), the embedding
+and head are vocab-parallel like the main model's (its shards, or the layer's own tables read as shards:
+vocab_parallel.py; the logits are all-gathered, so every rank takes the same greedy draft), and eh_proj is
+replicated: its input, [enorm(embedding) | hnorm(h)], is the same on every rank after the embedding's all-reduce,
+so each rank computes the whole [T, D] projection itself (no collective; it is one D x 2D matrix beside the
+layer's experts).
 """
 from __future__ import annotations
 
@@ -30,18 +38,18 @@ from typing import Collection
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from moelink.moe.layer import ExpertParallel, Stages, run_stages
 from moelink.moe.stats import MoEStats
-from moelink.moe.weight_plan import PlanEntry, WeightPlan
+from moelink.moe.weight_plan import WeightPlan
 
 from ..config.architectures import REGISTRY, ArchSpec
 from ..config.dsv4_quant import read_dsv4_quantization
 from ..config.model import ModelConfig
-from .layers import ForwardContext, RMSNorm, param
+from .layers import ForwardContext, RMSNorm
 from .linear import FloatLinear, Linear, linear_method
 from .moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
+from .vocab_parallel import VocabShard
 from .dsv4_mtp import DSV4MTPLayer, dsv4_mtp_checkpoint_names
 from .qwen_mtp import QwenMTPLayer, qwen_mtp_checkpoint_names
 from .rope import RotaryEmbedding
@@ -69,34 +77,45 @@ def mtp_checkpoint_names(cfg: ModelConfig, names: Collection[str]) -> list[str]:
 
 def make_mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: torch.device,
                    ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, *,
-                   embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None) -> nn.Module:
+                   embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None,
+                   tp=None) -> nn.Module:
     """MTP module i in the architecture's layout (architectures.Architecture.mtp_layout): MTPLayer (DeepSeek's
     next-n layers), QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`) or DSV4MTPLayer (DeepSeek-V4's `mtp.{i}.*`, over
     the hyper-connection streams: its drafter adapts it, engine/rank/mtp_drafter.py); all have compute_logits,
-    moe_only_stages, weight_plan, layer_index."""
+    moe_only_stages, weight_plan, layer_index. `tp`: the rank's TensorParallel (DeepSeek's layout only: the models
+    of the other two are refused under TP, engine/config/tensor_parallel.check_tensor_parallel)."""
     layout = REGISTRY[cfg.architecture].mtp_layout
+    if tp is not None and tp.size > 1 and layout in ("dsv4", "qwen"):
+        raise ValueError(f"tensor_parallel_size={tp.size} is not supported for {cfg.architecture}'s MTP module "
+                         "(speculative method 'mtp') yet; run with -tp 1.")
     if layout == "dsv4":  # its embedding and head are always the main model's
         quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
         return DSV4MTPLayer(cfg, spec, i, embed_tokens, lm_head, kernels, device, ep, quant=quant)
     cls = QwenMTPLayer if layout == "qwen" else MTPLayer
+    if cls is MTPLayer:
+        return MTPLayer(cfg, spec, i, kernels, device, ep, checkpoint_names, embed_tokens=embed_tokens,
+                        lm_head=lm_head, tp=tp)
     return cls(cfg, spec, i, kernels, device, ep, checkpoint_names, embed_tokens=embed_tokens, lm_head=lm_head)
 
 
 class MTPLayer(nn.Module):
     """One next-n prediction module (module docstring). `embed_tokens` / `lm_head`: the main model's
     (MoEDecoderForCausalLM.embed_tokens / .lm_head), used where the checkpoint has no MTP copy of its own;
-    `checkpoint_names` decides that, and the experts' on-disk layout, as for the main model."""
+    `checkpoint_names` decides that, and the experts' on-disk layout, as for the main model. `tp`: the rank's
+    TensorParallel or None (module docstring): the shared tables are then the main model's vocab shards."""
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: torch.device,
                  ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, *,
-                 embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None):
+                 embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None, tp=None):
         super().__init__()
         self.cfg, self.spec = cfg, spec
+        tp = tp if tp is not None and tp.size > 1 else None
+        self.vocab = VocabShard(cfg.vocab_size, tp)  # every row, or this rank's ceil(V / N) under TP
         self.layer_index = L = mtp_layer_index(cfg, i)
         self.prefix = p = f"model.layers.{L}."
         names = frozenset(checkpoint_names) if checkpoint_names is not None else frozenset()
         self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
-        dt, D, V = cfg.dtype, cfg.hidden_size, cfg.vocab_size
+        dt, D, V = cfg.dtype, cfg.hidden_size, self.vocab.rows
         self.own_embed, self.own_head = p + "embed_tokens.weight" in names, p + "shared_head.head.weight" in names
         self.embed_tokens = self._table("embed_tokens", self.own_embed, embed_tokens, V, D, device)
         self.head = self._table("shared_head.head", self.own_head, lm_head, V, D, device)
@@ -115,13 +134,13 @@ class MTPLayer(nn.Module):
         self.moe_stats = MoEStats(1 if sparse else 0, cfg.num_experts, device)
         rope = RotaryEmbedding(cfg.attention.rope, cfg.hf_config, cfg.max_model_len, kernels, device)
         self.layer = DecoderLayer(layer_cfg, L, rope, kernels, device, ep, self.moe_stats, spec,
-                                  fused_experts=fused_experts_name(L) in names)
+                                  fused_experts=fused_experts_name(L) in names, tp=tp)
         self._layer_cfg = layer_cfg
 
     def _table(self, name: str, own: bool, shared: torch.Tensor | None, V: int, D: int, device) -> torch.Tensor:
         """A [V, D] table of this layer's own (the checkpoint has `{prefix}{name}.weight`) or the main model's."""
-        if own:
-            return param(V, D, dtype=self.cfg.dtype, device=device)
+        if own:  # zeros: under TP the last shard's rows past the vocabulary stay so (vocab_parallel.py)
+            return nn.Parameter(torch.zeros(V, D, dtype=self.cfg.dtype, device=device), requires_grad=False)
         if shared is None:
             raise ValueError(f"checkpoint has no {self.prefix}{name}.weight: the MTP layer shares the main model's, "
                              f"so pass it ({'embed_tokens' if name == 'embed_tokens' else 'lm_head'}=...).")
@@ -138,7 +157,7 @@ class MTPLayer(nn.Module):
 
     def stages(self, positions_T, input_ids_T, hidden_TD, ctx: ForwardContext) -> Stages:
         """`forward` as stages: yields while its MoE all-to-all is in flight (under expert parallelism)."""
-        e_TD = self.enorm(F.embedding(input_ids_T, self.embed_tokens))
+        e_TD = self.enorm(self.vocab.embed(input_ids_T, self.embed_tokens))
         x_TD = self.eh_proj(torch.cat([e_TD, self.hnorm(hidden_TD)], dim=-1))
         y_TD, residual_TD = yield from self.layer.stages(positions_T, x_TD, None, ctx)
         return y_TD + residual_TD
@@ -150,8 +169,8 @@ class MTPLayer(nn.Module):
             yield from self.layer.moe.stages(self.embed_tokens.new_zeros(0, self.cfg.hidden_size))
 
     def compute_logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
-        """[T, V] logits of the token after the next, from `forward`'s output rows."""
-        return F.linear(self.shared_head_norm(hidden_TD), self.head)
+        """[T, V] logits of the token after the next, from `forward`'s output rows (the same on every TP rank)."""
+        return self.vocab.logits(self.shared_head_norm(hidden_TD), self.head)
 
     def process_weights_after_loading(self) -> None:
         """As MoEDecoderForCausalLM's: an FP8 kv_b_proj is dequantized for MLA's absorption."""
@@ -168,8 +187,8 @@ class MTPLayer(nn.Module):
                             **self.eh_proj.weight_plan(p + "eh_proj.weight"),
                             **self.shared_head_norm.weight_plan(p + "shared_head.norm.weight")}
         if self.own_embed:
-            plan[p + "embed_tokens.weight"] = PlanEntry(self.embed_tokens, ())
+            plan[p + "embed_tokens.weight"] = self.vocab.plan_entry(self.embed_tokens)
         if self.own_head:
-            plan[p + "shared_head.head.weight"] = PlanEntry(self.head, ())
+            plan[p + "shared_head.head.weight"] = self.vocab.plan_entry(self.head)
         plan.update(layer_weight_plan(self.layer, self.layer_index, self._layer_cfg, self.spec, self.expert_ids, names))
         return plan

@@ -19,6 +19,13 @@ same non-blocking copies: a ChainDrafter (engine/rank/chain_drafter.py) over one
 checkpoint's next-n prediction layer (engine/rank/mtp_drafter.py) or "eagle3" a head from its own checkpoint
 (engine/rank/eagle3_drafter.py), built by the model runner (`make_device_drafter`) because it needs the model.
 Either way the drafts reach the scheduler as `ModelRunnerOutput.draft_token_ids` (engine/rank/step_handle.py).
+
+Tensor parallelism (as vLLM and SGLang run drafters: on every rank of the group): every rank of a TP group runs
+the same steps, and the group's first rank's output is the group's (engine/cluster/ray_executor.tp_group_outputs),
+so its drafts are the ones verified. A host drafter proposes on every rank from the same request states (the
+verify step's emitted tokens are the first rank's on every rank: engine/rank/spec_verify.py). A device drafter is
+built with the group: MTP's layer split like a main layer (engine/rank/mtp_drafter.py), an EAGLE-3 head
+replicated (engine/rank/eagle3_drafter.py).
 """
 from __future__ import annotations
 
@@ -84,12 +91,12 @@ def make_drafter(spec) -> Drafter | None:
                      "drafter_factory.")
 
 
-def make_device_drafter(spec, cfg, model, kernels, device, ep, block_size: int, load_format: str = "auto"):
+def make_device_drafter(spec, cfg, model, kernels, device, ep, block_size: int, load_format: str = "auto", tp=None):
     """The device drafter a SpeculativeConfig names, loaded for `model` (its weights, its cache layer), or None
-    (speculation off, or a host drafter)."""
+    (speculation off, or a host drafter). `tp`: the rank's TensorParallel, or None (module docstring)."""
     if spec is None or not spec.runs_on_device:
         return None
     k = spec.num_speculative_tokens
     if spec.runs_mtp:
-        return MTPDrafter(cfg, model, kernels, device, ep, k, block_size, load_format)
-    return Eagle3Drafter(spec.model, cfg, model, kernels, device, ep, k, block_size, load_format)
+        return MTPDrafter(cfg, model, kernels, device, ep, k, block_size, load_format, tp)
+    return Eagle3Drafter(spec.model, cfg, model, kernels, device, ep, k, block_size, load_format, tp)

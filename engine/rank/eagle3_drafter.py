@@ -15,6 +15,15 @@ when it has no rows; no collective, so the ranks' accepted lengths never need to
 extra layer at index num_hidden_layers (vLLM's), in the head's own GQA shape and the main cache's dtype, on the
 main model's block ids (KV sizing counts it: ChainDrafter.kv_bytes_per_token). Its rope table covers the main
 model's max_model_len, whatever the head's max_position_embeddings.
+
+Tensor parallelism: the head is replicated, whole, on every rank of a TP group, and each rank drafts with it.
+Why not split it like a main layer: it is one small dense layer, its inputs (the residual-stream states after a
+row-parallel all-reduce, the emitted tokens, the first rank's on every rank) are the same on every rank, and only
+the group's first rank's drafts are verified (engine/cluster/ray_executor.tp_group_outputs), so a whole copy costs
+no collective per step, where a split head would all-reduce twice per draft forward. Where the head shares the
+target's embedding or LM head, the rank's vocab shards are all-gathered once at load into whole tables for it
+(V x D each, on every rank: the price of no per-step collective; a head with its own tables, as the public heads
+with a draft vocabulary hold their LM head, pays it for the embedding only).
 """
 from __future__ import annotations
 
@@ -53,16 +62,27 @@ class Eagle3DraftLayer:
 
 
 def load_draft_head(path: str, cfg: ModelConfig, model, kernels, device: torch.device, load_format: str = "auto",
-                    head_cfg: Eagle3Config | None = None) -> Eagle3Head:
+                    head_cfg: Eagle3Config | None = None, tp=None) -> Eagle3Head:
     """The head in directory `path` for main model `cfg` / `model` (its embedding and LM head stand in where the
-    head has none), or a random one of that config.json (load_format "dummy")."""
+    head has none; under `tp` gathered whole from the rank's vocab shards: module docstring), or a random one of
+    that config.json (load_format "dummy")."""
     head_cfg = head_cfg if head_cfg is not None else read_eagle3_config(path)
     check_eagle3_target(head_cfg, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
-    kw = dict(dtype=cfg.dtype, kv_cache_index=cfg.num_layers, embed_tokens=model.embed_tokens,
-              lm_head=model.lm_head, max_positions=cfg.max_model_len)
+    embed, head = model.embed_tokens, model.lm_head
+    if tp is not None and tp.size > 1:  # every rank together (a collective of the load)
+        embed = whole_vocab_table(embed, cfg.vocab_size, tp)
+        head = embed if model.lm_head is model.embed_tokens else whole_vocab_table(head, cfg.vocab_size, tp)
+    kw = dict(dtype=cfg.dtype, kv_cache_index=cfg.num_layers, embed_tokens=embed,
+              lm_head=head, max_positions=cfg.max_model_len)
     if load_format == "dummy":
         return dummy_eagle3_head(head_cfg, kernels, device, **kw)
     return load_eagle3_head(path, kernels, device, config=head_cfg, **kw)
+
+
+def whole_vocab_table(shard_VsD: torch.Tensor, vocab_size: int, tp) -> torch.Tensor:
+    """[V, D]: a vocab-parallel table's rank shards ([Vs, D] each, models/vocab_parallel.py) side by side, cut to
+    the vocabulary, on every rank of the group (load time only)."""
+    return tp.all_gather_last(shard_VsD.t().contiguous()).t()[:vocab_size].contiguous()
 
 
 class Eagle3Drafter(ChainDrafter):
@@ -70,12 +90,12 @@ class Eagle3Drafter(ChainDrafter):
     directory (EngineArgs resolved a repo id)."""
 
     def __init__(self, path: str, cfg: ModelConfig, model, kernels, device: torch.device, ep, k: int,
-                 block_size: int, load_format: str = "auto"):
+                 block_size: int, load_format: str = "auto", tp=None):
         head_cfg = read_eagle3_config(path)
         aux_layers = check_eagle3_target(head_cfg, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
-        head = load_draft_head(path, cfg, model, kernels, device, load_format, head_cfg)
+        head = load_draft_head(path, cfg, model, kernels, device, load_format, head_cfg, tp)
         super().__init__(Eagle3DraftLayer(head, aux_layers, cfg.cache_dtype), cfg.max_model_len, device, ep, k,
                          block_size)
 
 
-__all__ = ["Eagle3DraftLayer", "Eagle3Drafter", "load_draft_head"]
+__all__ = ["Eagle3DraftLayer", "Eagle3Drafter", "load_draft_head", "whole_vocab_table"]

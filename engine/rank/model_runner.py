@@ -93,8 +93,9 @@ class ModelRunner:
         # Speculative decoding's drafter: a host one (engine/rank/drafter.py), or a draft layer (MTP, EAGLE-3)
         # drafting in the device work (built here, before the KV cache: its weights count and it keeps a cache
         # layer); None: off.
+        # Under TP every rank of the group builds it with the group (its layers split as the main ones: drafter.py).
         self.device_drafter = make_device_drafter(speculative, model_cfg, self.model, self.kernels, device, ep,
-                                                  block_size, load_format)
+                                                  block_size, load_format, tp=self.tp)
         self.drafter = self.device_drafter or make_drafter(speculative)
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
         if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:
@@ -373,7 +374,7 @@ class ModelRunner:
                 self.state_caches.copy([ck for ck, _ in state_plan.saves], [slot for _, slot in state_plan.saves])
             res = DeviceResult(read_moe=self._take_moe())
             if isinstance(meta, SpecStep):
-                res.spec = meta.run(self.model, self.sampler, h_TD)
+                res.spec = meta.run(self.model, self.sampler, h_TD, self.tp)  # TP: the group's first rank's tokens
                 handle.sampled_R = res.spec.sampled_R
                 if state is not None and state.split is not None:
                     # The verifying sequences' states take only their accepted tokens (the last known one and the

@@ -27,6 +27,13 @@ Expert parallelism: the MTP layer's MoE dispatches like a main layer, so every r
 that runs a forward anywhere (catch-up, k - 1 chain steps; `moe_only_stages` where it has no rows), in the same
 order. With num_nextn_predict_layers > 1 the drafter runs module 0 only (chained k times, as vLLM does for
 DeepSeek's one published module).
+
+Tensor parallelism: every rank of a TP group runs the layer, built with the group like a main layer
+(engine/models/mtp.py: heads and experts split, vocab-parallel embedding and head, logits all-gathered), so the
+group's ranks take the same greedy drafts from the same gathered logits, and run the same collectives in the same
+order (they run the same SchedulerOutput; the verify step's accepted counts and tokens are the group's first
+rank's: engine/rank/spec_verify.py). Its cache holds the rank's heads as a main layer's does (MLA: the latent,
+whole).
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ import torch
 from moelink.moe.layer import Stages
 
 from ..config.model import ModelConfig
+from ..config.tensor_parallel import shard_attention
 from ..models import MTPLayer, QwenMTPLayer, arch_spec, make_mtp_layer
 from ..models.dsv4_mtp import DSV4MTPLayer
 from ..models.layers import ForwardContext
@@ -50,9 +58,10 @@ _SCRATCH_ROWS = SCRATCH_ROWS
 
 
 def load_mtp_layer(cfg: ModelConfig, model, kernels, device: torch.device, ep=None,
-                   load_format: str = "auto") -> MTPLayer | QwenMTPLayer | DSV4MTPLayer:
+                   load_format: str = "auto", tp=None) -> MTPLayer | QwenMTPLayer | DSV4MTPLayer:
     """MTP module 0 of `cfg`'s checkpoint (or random, load_format "dummy"), its routed experts this rank's share
-    under `ep`; its embedding and head are `model`'s where the checkpoint has no copy. The architecture's layout
+    under `ep`, its layers split over `tp` (reading only its shards); its embedding and head are `model`'s where
+    the checkpoint has no copy (under TP: their shards, or this rank's shard of the copy). The architecture's layout
     decides the module (models/mtp.make_mtp_layer: DeepSeek's next-n layer or Qwen3-Next / Qwen3.5's `mtp.*`)."""
     if cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its config.json has "
@@ -62,7 +71,7 @@ def load_mtp_layer(cfg: ModelConfig, model, kernels, device: torch.device, ep=No
     checkpoint = open_checkpoint(cfg, load_format, device, mtp_layers=1)
     names = frozenset(checkpoint.keys())
     layer = make_mtp_layer(cfg, arch_spec(cfg.architecture), 0, kernels, device, ep, names,
-                           embed_tokens=model.embed_tokens, lm_head=model.lm_head)
+                           embed_tokens=model.embed_tokens, lm_head=model.lm_head, tp=tp)
     plan = layer.weight_plan(names)
     missing = sorted(n for n in plan if n not in checkpoint)
     if missing:
@@ -84,10 +93,11 @@ class MTPDraftLayer:
     aux_layers: tuple[int, ...] = ()
     has_experts = True  # its MoE dispatches like a main layer's (module docstring)
 
-    def __init__(self, cfg: ModelConfig, layer: MTPLayer | QwenMTPLayer):
+    def __init__(self, cfg: ModelConfig, layer: MTPLayer | QwenMTPLayer, tp_size: int = 1):
         self.module = layer
         self.kv_cache_index = layer.layer_index
-        self.attention, self.cache_dtype = cfg.attention, cfg.cache_dtype
+        # The rank's heads' cache under TP, as the main layers' (engine/config/tensor_parallel.tp_local_config).
+        self.attention, self.cache_dtype = shard_attention(cfg.attention, tp_size), cfg.cache_dtype
 
     def condition(self, h_TD: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
         return h_TD  # the main model's final-normed state (module docstring)
@@ -136,10 +146,12 @@ class MTPDrafter(ChainDrafter):
     """The runner's device drafter for method "mtp" (module docstring)."""
 
     def __init__(self, cfg: ModelConfig, model, kernels, device: torch.device, ep, k: int, block_size: int,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", tp=None):
         self.cfg = cfg
-        layer = load_mtp_layer(cfg, model, kernels, device, ep, load_format)
-        draft = DSV4MTPDraftLayer(cfg, layer) if isinstance(layer, DSV4MTPLayer) else MTPDraftLayer(cfg, layer)
+        layer = load_mtp_layer(cfg, model, kernels, device, ep, load_format, tp)
+        tp_size = tp.size if tp is not None else 1
+        draft = (DSV4MTPDraftLayer(cfg, layer) if isinstance(layer, DSV4MTPLayer)
+                 else MTPDraftLayer(cfg, layer, tp_size))
         super().__init__(draft, cfg.max_model_len, device, ep, k, block_size)
 
     def _scratch_rows(self) -> int:

@@ -11,6 +11,13 @@ and engine/rank/rejection_sampler.py picks what the request emits. Requests that
 processors the drafter left alone: engine/rank/drafter.py `may_draft`) are sampled by `Sampler` with their own
 metadata, penalties, logprobs and grammar masks included. Nothing here waits for the device: the emitted tokens
 go to host memory by non-blocking copies, read when the step is collected (engine/rank/step_handle.py).
+
+Under tensor parallelism every rank of a TP group runs the verify step on the same gathered logits, but a random
+draw (the acceptance test's uniforms, the recovered or bonus token, a plain row's sample) is each rank's own
+unless seeded. So the group's first rank's emitted tokens, counts and plain tokens are everyone's: one broadcast
+of them packed (comm/tensor_parallel.TensorParallel.broadcast_first_packed), before anything reads them
+(penalty counts, logprobs, the next step's inputs, a device drafter's catch-up), as a plain step's sampled
+tokens are broadcast (engine/rank/model_runner.py).
 """
 from __future__ import annotations
 
@@ -76,8 +83,9 @@ class SpecStep:
                 [bitmasks.get(st.req_id) for st in plain] if bitmasks else None,
                 [num_pending[r] for r in self.plain_rows])
 
-    def run(self, model, sampler, h_TD: torch.Tensor) -> "SpecResult":
-        """The device half: logits of the verified positions, the acceptance rule, the plain rows' sampling."""
+    def run(self, model, sampler, h_TD: torch.Tensor, tp=None) -> "SpecResult":
+        """The device half: logits of the verified positions, the acceptance rule, the plain rows' sampling.
+        `tp`: the rank's TensorParallel (None: no TP): the group's first rank's tokens are taken (module docstring)."""
         dev = self.device
         res = SpecResult(self.num_rows, self.verify_rows, self.plain_rows, self.num_draft)
         logits_BV = model.compute_logits(h_TD.index_select(0, to_device(self.verify_logit_rows, torch.long, dev)))
@@ -101,24 +109,33 @@ class SpecStep:
                         else torch.zeros(rows.num_requests, dtype=torch.bool, device=dev))
         out = rejection_sample(probs_BV, rows, to_device(self.draft_ids_D, torch.long, dev), None, greedy_R,
                                meta.generators)
-        res.verify_ids_RK1 = to_host(out.token_ids_RK1)
-        res.verify_counts_R = to_host(out.num_tokens_R)
-        res.emitted_R = out.num_tokens_R
-        if meta.penalised_rows_Q is not None:
-            _record_emitted(meta, out.token_ids_RK1)
-        if logprobs_BV is not None:
-            res.verify_logprobs = (to_host(_pack_position_logprobs(logprobs_BV, out.token_ids_RK1, self.num_draft,
-                                                                   meta)), meta.max_num_logprobs)
-        last_V = out.token_ids_RK1.gather(1, (out.num_tokens_R - 1).unsqueeze(1)).squeeze(1)
-        sampled_R = torch.empty(self.num_rows, dtype=torch.long, device=dev)
-        sampled_R[to_device(np.asarray(self.verify_rows), torch.long, dev)] = last_V
-        if self.plain_rows:
+        ids_RK1, counts_R = out.token_ids_RK1, out.num_tokens_R
+        result = plain_B = None
+        if self.plain_rows:  # sampled before anything reads the tokens: one broadcast carries both kinds under TP
             plain_logits = model.compute_logits(
                 h_TD.index_select(0, to_device(self.plain_logit_rows, torch.long, dev)))
             result = sampler(plain_logits, self.meta_plain)
-            self.meta_plain.record_penalised(result.token_ids_B)
-            sampled_R[to_device(np.asarray(self.plain_rows), torch.long, dev)] = result.token_ids_B
-            res.plain_ids = to_host(result.token_ids_B)
+            plain_B = result.token_ids_B
+        if tp is not None:
+            if plain_B is None:
+                ids_RK1, counts_R = tp.broadcast_first_packed(ids_RK1, counts_R)
+            else:
+                ids_RK1, counts_R, plain_B = tp.broadcast_first_packed(ids_RK1, counts_R, plain_B)
+        res.verify_ids_RK1 = to_host(ids_RK1)
+        res.verify_counts_R = to_host(counts_R)
+        res.emitted_R = counts_R
+        if meta.penalised_rows_Q is not None:
+            _record_emitted(meta, ids_RK1)
+        if logprobs_BV is not None:
+            res.verify_logprobs = (to_host(_pack_position_logprobs(logprobs_BV, ids_RK1, self.num_draft,
+                                                                   meta)), meta.max_num_logprobs)
+        last_V = ids_RK1.gather(1, (counts_R - 1).unsqueeze(1)).squeeze(1)
+        sampled_R = torch.empty(self.num_rows, dtype=torch.long, device=dev)
+        sampled_R[to_device(np.asarray(self.verify_rows), torch.long, dev)] = last_V
+        if self.plain_rows:
+            self.meta_plain.record_penalised(plain_B)
+            sampled_R[to_device(np.asarray(self.plain_rows), torch.long, dev)] = plain_B
+            res.plain_ids = to_host(plain_B)
             if result.logprobs_packed_LX is not None:
                 res.plain_logprobs = (to_host(result.logprobs_packed_LX), result.num_logprobs,
                                       result.max_num_logprobs)
