@@ -106,3 +106,29 @@ def test_kv_sizing_bytes_per_token_fp8_beside_bf16(dsv4_path):
     assert fp8.attention_for(1).cache_dtypes(fp8.cache_dtype) == (torch.uint8, torch.uint8)
     with pytest.raises(ValueError, match="kv_cache_dtype=torch.float8_e5m2 is not supported for DeepSeek-V4"):
         flash_csa.cache_shapes(4, 8, torch.float8_e5m2)
+
+
+@pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
+def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
+    """The same fp8 engine on the Triton kernels (the decode steps' paged ops dequantizing the fp8 pages inside the
+    kernels: kernels/triton_dsv4_paged.py), in the interpreter on CPU, against the reference kernels, float32, token
+    for token (test_dsv4_triton's run, with kv_cache_dtype fp8)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.engine.test_dsv4_triton import _TRITON_RUN, ENGINE
+    from tests.helpers.fast_interpreter import interpreter_env
+
+    engine = {**ENGINE, "kv_cache_dtype": "fp8"}
+    ps = prompts(VOCAB, seed=7, n=2, lo=11, hi=21)
+    env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
+    proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, dsv4_path, json.dumps(ps), json.dumps(engine)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("TOKENS", 1)[1])
+    calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
+    assert calls.get("triton_dsv4_paged_sink_attention", 0) >= 4 and calls.get("triton_dsv4_paged_indexer_topk", 0) >= 2
+    ref = LLM(dsv4_path, kernels="reference", **engine)
+    assert_same(got, engine_greedy(ref, ps, max_new=4), ps)
