@@ -132,3 +132,23 @@ def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
     assert calls.get("triton_dsv4_paged_sink_attention", 0) >= 4 and calls.get("triton_dsv4_paged_indexer_topk", 0) >= 2
     ref = LLM(dsv4_path, kernels="reference", **engine)
     assert_same(got, engine_greedy(ref, ps, max_new=4), ps)
+
+
+@pytest.mark.slow
+def test_fp8_greedy_with_mtp_drafts_equals_without(tmp_path_factory):
+    """MTP drafts (bigram module, k = 2: accepted and rejected) over the fp8 cache: entries a rejected draft closed
+    are written again by the real tokens, so the tokens equal the fp8 engine's without drafts. The drafter's own
+    window cache (engine/models/dsv4_mtp.py WindowCache) stays in the model dtype."""
+    from tests.helpers.dsv4_mtp_checkpoint import bigram_dsv4_mtp, save_dsv4_with_mtp
+
+    d = tmp_path_factory.mktemp("dsv4_fp8_mtp")
+    path = bigram_dsv4_mtp(save_dsv4_with_mtp(d / "random", moe_intermediate_size=32), d / "bigram")[0]
+    ps = prompts(VOCAB, seed=21, n=4, lo=1, hi=100)
+    kw = dict(dtype="float64", kv_cache_dtype="fp8", max_num_seqs=4, max_num_batched_tokens=48, num_kv_blocks=64,
+              block_size=8)
+    want = engine_greedy(LLM(path, **kw), ps)
+    llm = LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 2}, **kw)
+    assert_same(engine_greedy(llm, ps), want, ps)
+    sd = llm.engine.stats().spec_decode
+    assert 0.0 < sd.acceptance_rate < 1.0, sd
+    assert_pool_free(llm)
