@@ -7,12 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from moelink.engine.config.checkpoint_headers import text_model_name
 from moelink.engine.config.model import ModelConfig, ParallelConfig
 from moelink.engine.config.tensor_parallel import check_tensor_parallel
 from moelink.engine.rank.loader import checkpoint_index, load_model
 from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
+from tests.helpers.m2_checkpoints import save_m2_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -24,11 +26,16 @@ class _LoadOnlyTP:
         self.rank, self.size = rank, size
 
 
-def _file_bytes(path: str) -> dict[str, int]:
+def _file_bytes(path: str, prefix: str = "") -> dict[str, int]:
+    """Bytes of each checkpoint tensor, under the name the text model reads it by (a multimodal checkpoint's
+    other towers left out)."""
     out = {}
-    for name, f in checkpoint_index(path).items():
+    for real, f in checkpoint_index(path).items():
+        name = text_model_name(real, prefix) if prefix else real
+        if name is None:
+            continue
         with safe_open(str(f), framework="pt") as st:
-            t = st.get_slice(name)
+            t = st.get_slice(real)
             n = 1
             for d in t.get_shape():
                 n *= d
@@ -44,13 +51,23 @@ REPLICATED = ("norm.weight", "layernorm.weight", ".gate.weight", "router.weight"
               "kv_a_proj_with_mqa.weight", "e_score_correction_bias", "o_proj.bias")
 
 
-@pytest.mark.parametrize("which", ["qwen3", "dsv3", "mixtral", "gpt_oss"])
+# Also whole on every rank in the families of tests/ep/test_tp_families.py: DSA's indexer (every rank selects the
+# same positions), gated DeltaNet's norm weight (one [V] every head shares), Qwen3-Next's shared expert gate. Halved
+# there: MiniMax-M2's all-heads q/k norm weights (each rank's heads' part), gated DeltaNet's every projection, conv
+# channels, dt_bias and A_log (its head groups), DeepSeek-V2-Lite's q_proj (by head; kv_a whole).
+FAMILY_WHOLE = (".indexer.", "linear_attn.norm.weight", "shared_expert_gate.weight")
+FAMILIES = {"qwen3_next": "hf", "qwen3_5_moe": "hf", "dsv2_lite": "hf", "dsv32": "hf", "minimax": "m2"}
+
+
+@pytest.mark.parametrize("which", ["qwen3", "dsv3", "mixtral", "gpt_oss", *FAMILIES])
 def test_each_rank_reads_its_shard(tiny_model, hf_tiny_model, tmp_path, which):
     path = {"qwen3": lambda: tiny_model("qwen3_e6k3"), "dsv3": lambda: hf_tiny_model("dsv3_lora"),
             "mixtral": lambda: tiny_model("mixtral_e5k3"),
-            "gpt_oss": lambda: save_gpt_oss(tmp_path, num_hidden_layers=2)}[which]()
+            "gpt_oss": lambda: save_gpt_oss(tmp_path, num_hidden_layers=2),
+            "minimax": lambda: save_m2_checkpoint(tmp_path, "minimax", num_hidden_layers=2)}.get(
+                which, lambda: hf_tiny_model(which))()
     cfg = ModelConfig.from_pretrained(path, "float64")
-    full = _file_bytes(path)
+    full = _file_bytes(path, cfg.text_weights_prefix)
     reads = []
     for rank in range(2):
         got: dict[str, int] = {}
@@ -58,8 +75,14 @@ def test_each_rank_reads_its_shard(tiny_model, hf_tiny_model, tmp_path, which):
         reads.append(got)
     names = set(reads[0]) | set(reads[1])
     assert names == set(full), set(full) ^ names  # every tensor read by some rank
-    whole = [n for n in names if n.endswith(REPLICATED)
+    whole = [n for n in names if (n.endswith(REPLICATED) and not (which == "minimax" and "_norm." in n))
+             or any(w in n for w in FAMILY_WHOLE)
              or (which == "mixtral" and n.endswith(("k_proj.weight", "v_proj.weight")))]
+    if which in FAMILIES:  # the pieces these families shard their own way are among the halved ones
+        halved = set(names) - set(whole)
+        assert any(n.endswith({"qwen3_next": "in_proj_qkvz.weight", "qwen3_5_moe": "conv1d.weight",
+                               "dsv2_lite": "self_attn.q_proj.weight", "dsv32": "q_b_proj.weight",
+                               "minimax": "q_norm.weight"}[which]) for n in halved)
     for name in names:
         if name in whole:
             assert reads[0][name] == reads[1][name] == full[name], name
@@ -67,7 +90,8 @@ def test_each_rank_reads_its_shard(tiny_model, hf_tiny_model, tmp_path, which):
             assert reads[0][name] == full[name] and name not in reads[1], name
         else:  # half each, never the other rank's half
             assert reads[0][name] == reads[1][name] == full[name] // 2, name
-    assert sum(reads[0].values()) < 0.6 * sum(full.values())
+    # DeepSeek-V3.2's indexer (wq_b: 16 heads of 16 from the q latent) is whole on every rank: a larger share here.
+    assert sum(reads[0].values()) < (0.65 if which == "dsv32" else 0.6) * sum(full.values())
 
 
 def test_tp_refusals(tiny_model, hf_tiny_model):
@@ -83,9 +107,15 @@ def test_tp_refusals(tiny_model, hf_tiny_model):
         check_tensor_parallel(cfg, 3, "gqa")
     with pytest.raises(ValueError, match="DeepSeek-V4 is not sharded yet"):
         check_tensor_parallel(cfg, 2, "dsv4")
+    # The families sharded their own way still refuse sizes that do not divide, naming the field.
     dsa = ModelConfig.from_pretrained(hf_tiny_model("dsv32"), "float64")
-    with pytest.raises(ValueError, match="DeepSeek Sparse Attention"):
-        check_tensor_parallel(dsa, 2, "mla")
+    check_tensor_parallel(dsa, 2, "mla")
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not a multiple of 3"):
+        check_tensor_parallel(dsa, 3, "mla")
+    hybrid = ModelConfig.from_pretrained(hf_tiny_model("qwen3_next"), "float64")  # 2 q/k heads of linear attention
+    check_tensor_parallel(hybrid, 2, "gqa", experts_split=True)
+    with pytest.raises(ValueError, match=r"linear_num_key_heads=2 \(gated DeltaNet\) is not a multiple of 4"):
+        check_tensor_parallel(hybrid, 4, "gqa")
 
 
 @pytest.mark.parametrize("name,split,fused", [("qwen3_fp8", False, False), ("dsv3_fp8", False, False),
