@@ -152,3 +152,40 @@ def test_fp8_greedy_with_mtp_drafts_equals_without(tmp_path_factory):
     sd = llm.engine.stats().spec_decode
     assert 0.0 < sd.acceptance_rate < 1.0, sd
     assert_pool_free(llm)
+
+
+@pytest.mark.slow
+def test_fp8_pd_transfer_moves_the_rows_as_they_are(dsv4_path):
+    """Prefill on one fp8 engine, decode on another over TCP (engine/kv_transfer: the paged uint8 rows travel as bytes,
+    the window and compressor rows as the state groups): the decode engine computes only each prompt's last token and
+    its greedy tokens equal one fp8 engine's."""
+    from moelink.engine import SamplingParams
+    from moelink.engine.contract.kv_transfer_params import KVTransferParams
+    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+
+    from tests.helpers.kv_disagg import KW, Decoder
+    from tests.helpers.net import free_port
+
+    kw = {**KW, "block_size": 8, "kv_cache_dtype": "fp8"}
+    ps = prompts(VOCAB, seed=29, n=3, lo=1, hi=60)
+    want = engine_greedy(LLM(dsv4_path, **kw), ps, max_new=6)
+    save = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                          kv_transfer_params=KVTransferParams(do_remote_decode=True))
+    pre = LLM(dsv4_path, kv_connector=RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="tcp")), **kw)
+    dec = None
+    try:
+        outs = pre.generate(ps, save, use_tqdm=False)
+        dec = Decoder(dsv4_path, RemoteKVConfig(transport="tcp"), block_size=8, kv_cache_dtype="fp8")
+        dec.add(ps, [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                    kv_transfer_params=o.kv_transfer_params) for o in outs])
+        got = {}
+        while dec.llm.engine.has_requests():
+            for o in dec.llm.engine.step():
+                if o.finished:
+                    got[o.request_id] = o.outputs[0].token_ids
+        assert [got[f"d{i}"] for i in range(len(ps))] == want
+        assert dec.computed == len(ps) * 6
+    finally:
+        if dec is not None:
+            dec.close()
+        pre.engine.shutdown()
