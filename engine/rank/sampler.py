@@ -9,12 +9,13 @@ Shape legend:
     M  (row, token) pairs blocked by min_tokens
 
 Order of a step:
-    1. logprobs of the *raw* model distribution (before any processing, as in
-       vLLM v1, so a client sees what the model thought);
-    2. penalties (repetition, frequency, presence), then min_tokens blocking, then the structured-output
-       grammar's bitmask (tokens the grammar forbids get -inf);
-    3. greedy rows take the argmax here;
-    4. other rows: temperature, min-p, top-k, top-p, then an exponential race.
+    1. the structured-output grammar's bitmask (tokens the grammar forbids get -inf): vLLM v1 masks the logits
+       before its sampler, so a logprob never names a token the grammar forbids;
+    2. logprobs of that *raw* distribution (before any other processing, as in vLLM v1, so a client sees what the
+       model thought among what it could emit);
+    3. penalties (repetition, frequency, presence), then min_tokens blocking;
+    4. greedy rows take the argmax here;
+    5. other rows: temperature, min-p, top-k, top-p, then an exponential race.
 
 The step's inputs come batched per row in a SamplingMetadata (engine/rank/sampling_metadata.py: the host-side
 bookkeeping of which row wants what); this module is the math on the logits, and the packing of the logprob
@@ -83,6 +84,8 @@ class Sampler:
 
         # Our own float32 copy: every step below may then work in place.
         logits = logits_BV.to(dtype=torch.float32, copy=True)
+        if meta.grammar_allowed_BV is not None:
+            logits.masked_fill_(~meta.grammar_allowed_BV, _NEG_INF)
         logprobs_LV = None
         if not meta.no_logprobs:
             logprobs_LV = torch.log_softmax(logits[meta.logprob_rows_L], dim=-1)
@@ -91,8 +94,6 @@ class Sampler:
             apply_penalties(logits, meta)
         if not meta.no_min_tokens:
             logits.index_put_((meta.min_tokens_rows_M, meta.min_tokens_ids_M), logits.new_full((), _NEG_INF))
-        if meta.grammar_allowed_BV is not None:
-            logits.masked_fill_(~meta.grammar_allowed_BV, _NEG_INF)
 
         if meta.all_greedy:
             token_ids_B = logits.argmax(dim=-1)

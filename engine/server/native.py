@@ -18,7 +18,7 @@ from .limits import RequestLimits
 from .proto_params import ProtoReading, listed, plain, present
 from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import sampling_params_from_proto as params_from_proto
-from .serving import Serving, abort_rpc, optional, top_logprobs
+from .serving import Serving, abort_rpc, optional, top_logprobs, wire_logprob
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 _DEFAULTS = SamplingParams()  # unset optional fields read these
@@ -92,8 +92,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             for tid, entry in zip(comp.token_ids, comp.logprobs):
                 lp = entry[tid]
                 msg.logprobs.append(pb.TokenLogprob(
-                    token_id=tid, logprob=lp.logprob, rank=lp.rank, token=lp.decoded_token or "",
-                    top=[pb.TopLogprob(token_id=t, logprob=v.logprob, rank=v.rank, token=v.decoded_token or "")
+                    token_id=tid, logprob=wire_logprob(lp.logprob), rank=lp.rank, token=lp.decoded_token or "",
+                    top=[pb.TopLogprob(token_id=t, logprob=wire_logprob(v.logprob), rank=v.rank, token=v.decoded_token or "")
                          for t, v in top_logprobs(entry, num_logprobs)]))
         if comp.finish_reason is not None:
             msg.finish_reason = comp.finish_reason

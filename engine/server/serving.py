@@ -377,6 +377,15 @@ def optional(msg, field: str, default=None):
     return getattr(msg, field) if msg.HasField(field) else default
 
 
+# A logprob as the fronts send it: a token the grammar forbids has -inf, which JSON cannot carry; vLLM's OpenAI
+# server sends max(logprob, -9999.0) for it, and so do moelink's wires (the Python API keeps -inf).
+MIN_WIRE_LOGPROB = -9999.0
+
+
+def wire_logprob(logprob: float) -> float:
+    return max(logprob, MIN_WIRE_LOGPROB)
+
+
 def top_logprobs(entry: dict, n: Optional[int]) -> list[tuple[int, object]]:
     """The n most likely (token_id, Logprob) of one position, by rank (the sampled token may be outside)."""
     if not n:

@@ -32,7 +32,7 @@ from .limits import RequestLimits
 from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import ProtoReading, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto
-from .serving import Serving, abort_rpc, top_logprobs
+from .serving import Serving, abort_rpc, top_logprobs, wire_logprob
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +82,11 @@ def output_logprobs(token_ids, logprobs, num_top) -> pb.OutputLogProbs | None:
         return None
     proto = pb.OutputLogProbs()
     for tid, entry in zip(token_ids, logprobs):
-        proto.token_logprobs.append(entry[tid].logprob)
+        proto.token_logprobs.append(wire_logprob(entry[tid].logprob))
         proto.token_ids.append(tid)
         if num_top:
             top = top_logprobs(entry, num_top)
-            proto.top_logprobs.append(pb.TopLogProbs(values=[lp.logprob for _, lp in top], token_ids=[t for t, _ in top]))
+            proto.top_logprobs.append(pb.TopLogProbs(values=[wire_logprob(lp.logprob) for _, lp in top], token_ids=[t for t, _ in top]))
     return proto
 
 

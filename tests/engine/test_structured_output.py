@@ -66,6 +66,27 @@ def test_regex_fullmatch(llm):
         assert re.fullmatch(pattern, out.text), out.text
 
 
+def test_logprobs_name_only_tokens_the_grammar_allows(llm):
+    """As vLLM v1 (its grammar bitmask masks the logits before its sampler computes logprobs): each position's top
+    logprobs are of the masked distribution, so every finite alternative continues one of the choices (or ends it:
+    EOS), and the others are -inf (left out on the wire as -9999: engine/server/serving.wire_logprob)."""
+    import math
+
+    choices = ("red", "green", "blue")
+    so = StructuredOutputParams(choice=list(choices))
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=8, logprobs=5, structured_outputs=so)
+    out = llm.generate(["The answer is"], params, use_tqdm=False)[0].outputs[0]
+    assert out.text in choices
+    tok, prefix = llm.get_tokenizer(), ""
+    for tid, entry in zip(out.token_ids, out.logprobs):
+        assert len(entry) >= 5
+        for t, lp in entry.items():
+            if lp.logprob > -math.inf:
+                assert t == tok.eos_token_id or any(c.startswith(prefix + tok.decode([t])) for c in choices), \
+                    (prefix, tok.decode([t]), lp)
+        prefix += tok.decode([tid])
+
+
 def test_choice_and_grammar(llm):
     choices = ["yes", "no", "maybe \"so\""]
     for out in _sample(llm, StructuredOutputParams(choice=choices)):
