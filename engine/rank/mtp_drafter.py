@@ -58,11 +58,13 @@ _SCRATCH_ROWS = SCRATCH_ROWS
 
 
 def load_mtp_layer(cfg: ModelConfig, model, kernels, device: torch.device, ep=None,
-                   load_format: str = "auto", tp=None) -> MTPLayer | QwenMTPLayer | DSV4MTPLayer:
+                   load_format: str = "auto", tp=None,
+                   read_bytes: dict[str, int] | None = None) -> MTPLayer | QwenMTPLayer | DSV4MTPLayer:
     """MTP module 0 of `cfg`'s checkpoint (or random, load_format "dummy"), its routed experts this rank's share
     under `ep`, its layers split over `tp` (reading only its shards); its embedding and head are `model`'s where
     the checkpoint has no copy (under TP: their shards, or this rank's shard of the copy). The architecture's layout
-    decides the module (models/mtp.make_mtp_layer: DeepSeek's next-n layer or Qwen3-Next / Qwen3.5's `mtp.*`)."""
+    decides the module (models/mtp.make_mtp_layer: DeepSeek's next-n layer or Qwen3-Next / Qwen3.5's `mtp.*`).
+    `read_bytes`: filled with the bytes read per checkpoint tensor (engine/rank/loader.load_plan)."""
     if cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its config.json has "
                          f"num_nextn_predict_layers={cfg.num_nextn_predict_layers} (no MTP layers).")
@@ -78,7 +80,7 @@ def load_mtp_layer(cfg: ModelConfig, model, kernels, device: torch.device, ep=No
         raise ValueError(f"checkpoint {cfg.model!r} is missing MTP tensor {missing[0]!r}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                          + ": speculative method 'mtp' reads the whole MTP layer.")
-    load_plan(checkpoint, plan, device)
+    load_plan(checkpoint, plan, device, read_bytes=read_bytes)
     layer.process_weights_after_loading()
     return layer.eval()
 

@@ -4,10 +4,12 @@
 - host drafts (a drafter_factory of known acceptance, benchmarks/spec_decode.OracleDrafter: drafts accepted and
   rejected) on Qwen3-MoE at `-tp 2`;
 - the checkpoint's MTP layer (method "mtp", a "bigram" MTP layer that guesses the main model's next token:
-  tests/helpers/mtp_checkpoints.bigram_mtp) split over the group like a main layer: DeepSeek-V3 (MLA) at `-tp 2`
-  (experts split) and `-tp 2 -ep 2` (experts in EP, token slices), GLM-4-MoE (GQA: the MTP cache holds the rank's
-  kv heads) at `-tp 2`;
-- an EAGLE-3 head, replicated on every rank, on Qwen3-MoE at `-tp 2`;
+  tests/helpers/mtp_checkpoints.bigram_mtp) split over the group like a main layer, drafting what one rank's
+  drafts (as many accepted): DeepSeek-V3 (MLA) at `-tp 2` (experts split), `-tp 2 -ep 2` (experts in EP, token
+  slices) and `-tp 2 -ep 4` (two TP groups: a group without rows runs the layer's collectives alone), GLM-4-MoE
+  (GQA: the MTP cache holds the rank's kv heads) at `-tp 2`; each rank reads only its shard of the layer;
+- an EAGLE-3 head, replicated on every rank (its own embedding, or the target's gathered whole), on Qwen3-MoE at
+  `-tp 2`, drafting what it drafts on one rank;
 - unseeded random sampling with drafts at `-tp 2`: both ranks of the group hold the same tokens after every verify
   step (each rank's host drafter records the request states it sees), though each rank's own draws differ.
 Lean: 4 prompts of 2-24 tokens, 6 new tokens (several verify steps per request)."""
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 
 import pytest
+import torch
 
 from moelink.benchmarks.spec_decode import OracleDrafter
 from moelink.engine import LLM, SamplingParams
@@ -48,7 +52,7 @@ def _assert_tp_equals(path: str, prompts, want, spec: dict, tp: int = 2, ep: int
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
         stats = llm.engine.rank_stats()
         assert all(s.num_free_blocks == s.num_total_blocks for s in stats)
-        sd = stats[0].spec_decode
+        sd = llm.engine.stats().spec_decode  # every TP group's (scheduler's) together
     assert got == want
     assert sd is not None and sd.num_draft_tokens > 0
     return sd
@@ -78,30 +82,99 @@ def mtp_paths(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"mtp_{arch}")
             path = str(bigram_mtp(make_mtp_model(root / "ckpt", arch), root / "bigram"))
             ps = _prompts(320, seed=3)
-            out[arch] = (path, ps, _one_rank(path, ps))
+            with LLM(path, speculative_config=MTP_SPEC, **KW) as one:  # one rank's MTP drafts, accepted how often
+                one.generate(ps, PARAMS, use_tqdm=False)
+                sd = one.engine.stats().spec_decode
+            out[arch] = (path, ps, _one_rank(path, ps), (sd.num_draft_tokens, sd.num_accepted_tokens))
         return out[arch]
     return get
 
 
-@pytest.mark.parametrize("arch,ep", [("deepseek_v3", 1), ("deepseek_v3", 2), ("glm4_moe", 1)])
+MTP_SPEC = {"method": "mtp", "num_speculative_tokens": 2, "min_draft_acceptance": 0, "max_verify_fraction": 1}
+
+
+@pytest.mark.parametrize("arch,ep", [("deepseek_v3", 1), ("deepseek_v3", 2), ("deepseek_v3", 4), ("glm4_moe", 1)])
 def test_tp2_mtp_drafts_equal_one_rank(local_ray, mtp_paths, arch, ep):
-    path, ps, want = mtp_paths(arch)
-    spec = {"method": "mtp", "num_speculative_tokens": 2, "min_draft_acceptance": 0, "max_verify_fraction": 1}
-    sd = _assert_tp_equals(path, ps, want, spec, ep=ep)
+    path, ps, want, one_rank_drafts = mtp_paths(arch)
+    sd = _assert_tp_equals(path, ps, want, MTP_SPEC, ep=ep)
     assert sd.num_accepted_tokens > 0  # the bigram layer's drafts, from the gathered logits, are accepted
+    # The split layer drafts what the whole one does (float64): as many drafts, as many of them accepted.
+    assert (sd.num_draft_tokens, sd.num_accepted_tokens) == one_rank_drafts
 
 
-def test_tp2_eagle3_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
+class _LoadOnlyTP:
+    """A TP rank's place without a process group: loading runs no collective (as tests/engine/test_tp_shards.py)."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+
+# The MTP layer's tensors read whole by each TP rank: norms, the router and its correction bias, MLA's
+# a-projections (the latent is every head's), eh_proj (replicated: engine/models/mtp.py says why).
+MTP_WHOLE = ("norm.weight", "layernorm.weight", ".gate.weight", "e_score_correction_bias", "q_a_proj.weight",
+             "kv_a_proj_with_mqa.weight", "eh_proj.weight")
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe"])
+def test_mtp_layer_each_rank_reads_its_shard(tmp_path, arch):
+    """Each of two TP ranks reads half of every split tensor of the MTP layer (attention, experts, shared experts,
+    its own embedding and head copies) and all of the replicated ones; the main model's loader reads none of them."""
+    from safetensors import safe_open
+
+    from moelink.engine.config.model import ModelConfig
+    from moelink.engine.rank.loader import checkpoint_index, load_model
+    from moelink.engine.rank.mtp_drafter import load_mtp_layer
+    from moelink.kernels.ops import ReferenceKernels
+
+    from tests.helpers.mtp_checkpoints import make_mtp_model
+
+    path = str(make_mtp_model(tmp_path / "ckpt", arch))
+    cfg = ModelConfig.from_pretrained(path, "float64")
+    prefix = f"model.layers.{cfg.num_layers}."
+    full = {}
+    for name, f in checkpoint_index(path).items():
+        if name.startswith(prefix):
+            with safe_open(str(f), framework="pt") as st:
+                t = st.get_slice(name)
+                full[name] = math.prod(t.get_shape()) * {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
+    reads, cpu = [], torch.device("cpu")
+    for rank in range(2):
+        tp, got, main = _LoadOnlyTP(rank, 2), {}, {}
+        model = load_model(cfg, ReferenceKernels(), cpu, tp=tp, read_bytes=main)
+        assert not any(n.startswith(prefix) for n in main)
+        load_mtp_layer(cfg, model, ReferenceKernels(), cpu, tp=tp, read_bytes=got)
+        reads.append(got)
+    assert set(reads[0]) == set(reads[1]) == set(full), set(full) ^ set(reads[0])
+    for name in full:
+        share = 1 if name.endswith(MTP_WHOLE) else 2
+        assert reads[0][name] == reads[1][name] == full[name] // share, name
+
+
+@pytest.mark.parametrize("shared_embedding", [False, True])
+def test_tp2_eagle3_drafts_equal_one_rank(local_ray, tiny_model, tmp_path, shared_embedding):
+    """The head whole on every rank; `shared_embedding`: a head checkpoint without embed_tokens reads the target's,
+    gathered whole from the ranks' vocab shards at load (engine/rank/eagle3_drafter.py)."""
+    from safetensors.torch import load_file, save_file
+
     from tests.helpers.eagle3_heads import bigram_head, scaled_target
 
     path = str(scaled_target(tiny_model("qwen3_e6k3", num_layers=4), tmp_path / "target"))
-    head = str(bigram_head(path, tmp_path / "head", aux_layer_ids=[0, 1, 3]))
+    head = bigram_head(path, tmp_path / "head", aux_layer_ids=[0, 1, 3])
+    if shared_embedding:  # the bigram head's embedding is a copy of the target's: the same drafts without it
+        files = list(head.glob("*.safetensors"))
+        assert any("embed_tokens.weight" in load_file(f) for f in files)
+        for f in files:
+            save_file({n: t for n, t in load_file(f).items() if n != "embed_tokens.weight"}, f)
     ps = _prompts(512, seed=5)
-    want = _one_rank(path, ps)
-    spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 2, "min_draft_acceptance": 0,
+    spec = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 2, "min_draft_acceptance": 0,
             "max_verify_fraction": 1}
+    want = _one_rank(path, ps)
+    with LLM(path, speculative_config=spec, **KW) as one:
+        one.generate(ps, PARAMS, use_tqdm=False)
+        one_sd = one.engine.stats().spec_decode
     sd = _assert_tp_equals(path, ps, want, spec)
     assert sd.num_accepted_tokens > 0
+    assert (sd.num_draft_tokens, sd.num_accepted_tokens) == (one_sd.num_draft_tokens, one_sd.num_accepted_tokens)
 
 
 def test_tp2_sampled_verify_same_tokens_on_every_rank(local_ray, tiny_model, tmp_path):
