@@ -28,6 +28,10 @@ kv_connector=...)`; None, the default, costs the step loop nothing):
 - every transfer holds its own reference on its blocks until it is reported, so a request aborted, preempted or
   finished meanwhile (a prefill-only request ends with its first token) gives its own references back at once,
   while no block a transfer still reads or writes can go to another request.
+- a held save (a connector whose `holds_saves` is True: NIXL in place, engine/kv_transfer/nixl_inplace.py) is
+  reported only when a decode engine has read the blocks in place, or its hold deadline passed: its references
+  keep the blocks out of the pool until then, but it does not keep the engine stepping (`busy`; a held save may
+  wait minutes for a decode engine), so an idle engine gets the blocks back at its next step's report.
 - a model with per-sequence state (linear attention: scheduler/hybrid_cache.py, the KV manager with
   `state_slot`): the state travels with the KV, in the request's slot (`KVTransfer.state_slot`). A recurrent
   state cannot be rewound, and the decode side computes the last prompt token itself (for its logits), so both
@@ -132,6 +136,9 @@ class KVTransfers:
         self.moves_state = callable(getattr(kv, "state_slot", None))
         if not self.moves_state:
             self.chunk_limit = None
+        # Saves held until read (module docstring); a state's slot is copied at save time, so never held.
+        self.holds_saves = bool(getattr(connector, "holds_saves", False)) and not self.moves_state
+        self._held: set[int] = set()  # transfer ids of held saves in flight
 
     @property
     def num_holding(self) -> int:
@@ -140,8 +147,8 @@ class KVTransfers:
 
     @property
     def busy(self) -> bool:
-        """Transfers started and not reported yet."""
-        return bool(self._in_flight)
+        """Transfers started and not reported yet, held saves aside (module docstring)."""
+        return len(self._in_flight) > len(self._held)
 
     def holding(self) -> list[Request]:
         return list(self.loading.values()) + list(self.ready)
@@ -259,9 +266,13 @@ class KVTransfers:
                     t = self._transfer(req, n, 0, tuple(req.prompt_token_ids[:n]),
                                        None if self._save_params is None else self._save_params(req))
                     self._hold(t, None)
+                    if self.holds_saves:
+                        self._held.add(t.transfer_id)
                     saves.append(t)
         loads, self._new_loads = self._new_loads, []
-        awaited = len(self._in_flight) - len(loads) - len(saves)
+        # Held saves are not awaited: the engine need not step for them (the poll of any step reports them).
+        awaited = len(self._in_flight) - len(self._held) - len(loads) - sum(
+            1 for t in saves if t.transfer_id not in self._held)
         if not (loads or saves or awaited):
             return None
         return KVTransferPlan(loads, saves, awaited)
@@ -272,6 +283,7 @@ class KVTransfers:
         failed: list[Request] = []
         for tid, ok in done.items():
             f = self._in_flight.pop(tid, None)
+            self._held.discard(tid)
             started = self._load_started.pop(tid, None)
             self._load_ended(tid)
             if f is None:

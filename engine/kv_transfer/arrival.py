@@ -9,6 +9,11 @@ them from this thread while the rank steps other requests is safe; on a GPU the 
 stream and `done()` (an event query, no sync) says when the last has landed. Nothing is written once the rank
 dropped its loads (an elastic rewind, `RemoteWorkerSide.drop_pending`): the writer checks the generation under the
 side's write lock before each group, and `fence()` makes the rank's stream wait for what was enqueued before.
+
+A transport that READs straight into the blocks (NIXL in place, engine/kv_transfer/nixl_inplace.py) writes nothing
+through the writer: it checks the generation before posting its READs (`in_place()`, which also marks them in
+flight), reports each group as its READ lands (`landed`), and says when none is in flight any more (`in_place_done`);
+`fence()` waits for that, so a dropped load's blocks are not handed on while a READ may still write them.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ import torch
 from moelink.scheduler.outputs import KVTransfer
 
 from .blocks import PagedKVBlocks
+
+
+_READS_WAIT_S = 300.0  # a bound on fence()'s wait; a fetch's READs end within fetch_timeout_s (60 s by default)
 
 
 class LoadDropped(Exception):
@@ -39,6 +47,8 @@ class ArrivalWriter:
         self._cuda = kv.device.type == "cuda"
         self._stream = torch.cuda.Stream(kv.device) if self._cuda else None
         self._event = None  # CUDA: recorded after the latest group's copies
+        self._reads_idle = threading.Event()  # no in-place READ in flight (set, but while a transport's are)
+        self._reads_idle.set()
 
     def __call__(self, g: int, idx: list[int], rows: tuple[torch.Tensor, ...]) -> None:
         with self._lock:
@@ -63,12 +73,32 @@ class ArrivalWriter:
                 raise LoadWriteFailed(str(exc)) from None
         self.nbytes += sum(r.numel() for r in rows)
 
+    def in_place(self) -> None:
+        """In-place READs are about to be posted into the blocks (module docstring); LoadDropped if dropped."""
+        with self._lock:
+            if self.generation != self._current():
+                raise LoadDropped()
+            self._reads_idle.clear()
+
+    def in_place_done(self) -> None:
+        """Every in-place READ has completed or was released (aborted)."""
+        self._reads_idle.set()
+
+    def landed(self, g: int, nbytes: int) -> None:
+        """Group g's READ into the blocks completed (`nbytes` of them); LoadDropped if the load was dropped."""
+        with self._lock:
+            if self.generation != self._current():
+                raise LoadDropped()
+        self.nbytes += nbytes
+
     def done(self) -> bool:
         """Every group written (on a GPU: landed)."""
         return self._event is None or self._event.query()
 
     def fence(self) -> None:
-        """Make the rank's current stream wait for the copies enqueued so far (before its blocks are reused)."""
+        """Make the rank's current stream wait for the copies enqueued so far, and the host for in-place READs still
+        in flight (each ends within its fetch's deadline), before the blocks are reused."""
+        self._reads_idle.wait(_READS_WAIT_S)
         if self._event is not None:
             torch.cuda.current_stream(self.kv.device).wait_event(self._event)
 

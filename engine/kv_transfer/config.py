@@ -52,6 +52,11 @@ class RemoteKVConfig:
     max_loads_per_source: int = 64  # of those, from one prefill engine (host and port)
     max_loads_per_client: int = 64  # of those, for one client (Request.client, when the server names it)
     max_load_block_fraction: float = 0.5  # of the KV blocks, what loads in flight may hold at most
+    # NIXL only (engine/kv_transfer/nixl_inplace.py): a prefill rank registers its paged KV cache once and holds a
+    # saved request's blocks until a decode rank has READ them in place (no host copy on either side), or until
+    # `nixl_hold_s` passes (vLLM's NixlConnector aborts a held request after 480 s too); False: today's copy path.
+    nixl_in_place: bool = True
+    nixl_hold_s: float = 480.0
 
     def __post_init__(self) -> None:
         _check(self.transport in KV_TRANSPORTS, "transport", self.transport,
@@ -68,7 +73,8 @@ class RemoteKVConfig:
         _check(self.port is None or (_is_int(self.port) and 1 <= self.port <= 65536 - self.num_ranks), "port",
                self.port, f"must be None (serve nothing) or an integer in [1, {65536 - self.num_ranks}] "
                f"(num_ranks={self.num_ranks} ports from it)")
-        for name in ("ttl_s", "connect_timeout_s", "fetch_timeout_s", "first_byte_timeout_s"):
+        _check(isinstance(self.nixl_in_place, bool), "nixl_in_place", self.nixl_in_place, "must be True or False")
+        for name in ("ttl_s", "connect_timeout_s", "fetch_timeout_s", "first_byte_timeout_s", "nixl_hold_s"):
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, name, v,
                    "must be a finite number of seconds > 0")

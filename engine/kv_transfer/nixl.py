@@ -23,9 +23,12 @@ and no listener thread of its own (metadata travels only over the side channel).
 agents it has loaded (at most MAX_REMOTE_AGENTS, least recently used dropped), so later fetches from the same rank
 skip UCX's connection set-up (measured: ~80 ms the first time, < 1 ms after).
 
-What NIXL does not replace here: the save is still a copy of the blocks into host memory (PagedKVBlocks.read_async;
-the blocks are free for other requests at once) and its rows are registered per fetch (~0.1 ms for a few MiB);
-reading the cache blocks themselves, registered once at start, needs the prefill side to hold them until fetched.
+In place (the default, `RemoteKVConfig.nixl_in_place`; engine/kv_transfer/nixl_inplace.py): the prefill rank's
+paged cache is registered once and a saved request's blocks are held in it, not copied; the reply names the
+request's block rows (`nixl.blocks`, with the metadata of the registration made once) instead of host rows, step 4
+releases the hold instead of deregistering, and a decode rank whose connector writes the load READs those rows
+straight into its own blocks (its cache registered once too). The copy path above stays for what in place does
+not cover (nixl_inplace.py's docstring: caches with per-sequence state, registrations NIXL refuses).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import torch
 from .auth import PeerAuth
 from .blocks import SavedKV
 from .client import FetchTimeouts, request_kv
+from .nixl_inplace import CacheRegions, HeldKV, read_held, reply_held
 from .server import KVSocketServer, ServerLimits
 from .store import SavedKVStore
 from .wire import (MAX_HELLO_BYTES, Deadline, KVFetchError, recv_header, recv_saved, saved_header, send_header)
@@ -98,9 +102,11 @@ class NixlAgent:
         if "UCX" not in self.agent.backends:
             raise KVFetchError("NIXL's UCX backend did not start on this machine")
         self._lock = threading.Lock()
-        self._remotes: OrderedDict[str, None] = OrderedDict()  # loaded prefill agents, least recently used first
+        self._remotes: OrderedDict[str, bytes] = OrderedDict()  # loaded prefill agents -> their metadata, LRU first
         self._turns: dict[str, threading.Lock] = {}  # per prefill agent: one fetch's reads at a time
         self._free: list[tuple[torch.Tensor, object]] = []  # registered receive buffers not in use
+        self.regions = CacheRegions()  # KV caches registered once (nixl_inplace.py)
+        self.num_staged_bytes = 0  # bytes READ into a host buffer rather than into the cache blocks
 
     def close(self) -> None:
         """Give the receive buffers and loaded peers back and drop the agent (its UCX worker and progress thread
@@ -111,6 +117,9 @@ class NixlAgent:
             remotes, self._remotes = list(self._remotes), OrderedDict()
         if agent is None:
             return
+        for region in self.regions.take_all():
+            with contextlib.suppress(Exception):
+                agent.deregister_memory(region.reg)
         for _, reg in free:
             with contextlib.suppress(Exception):
                 agent.deregister_memory(reg)
@@ -131,6 +140,14 @@ class NixlAgent:
         reg = self._live().register_memory(tensors)
         return reg, self._live().get_partial_agent_metadata(reg, True)
 
+    def register(self, descs: list[tuple[int, int, int, str]], mem: str):
+        """Register memory regions (address, bytes, device id, "") of type `mem` once (a KV cache)."""
+        return self._live().register_memory(self._live().get_reg_descs(descs, mem))
+
+    def metadata(self, reg) -> bytes:
+        """What a peer loads to read `reg`: this agent's connection info and the regions' remote keys."""
+        return self._live().get_partial_agent_metadata(reg, True)
+
     def unexpose(self, reg) -> None:
         agent = self.agent
         if agent is not None:  # else closed: its registrations went with it
@@ -142,12 +159,16 @@ class NixlAgent:
         This agent's own name (one transport serving and fetching, as in-process tests do) reads locally."""
         if name == self.name:
             return
+        with self._lock:
+            if self._remotes.get(name) == meta:  # a cache registered once: nothing new to load
+                self._remotes.move_to_end(name)
+                return
         got = self._live().add_remote_agent(meta)
         got = got.decode() if isinstance(got, bytes) else got
         if got != name:
             raise KVFetchError(f"the prefill rank's NIXL metadata names agent {got!r}, its reply {name!r}")
         with self._lock:
-            self._remotes[name] = None
+            self._remotes[name] = meta
             self._remotes.move_to_end(name)
             stale = list(self._remotes)[:-MAX_REMOTE_AGENTS] if len(self._remotes) > MAX_REMOTE_AGENTS else []
             for old in stale:
@@ -174,7 +195,7 @@ class NixlAgent:
         if name == self.name:
             return
         with self._lock:
-            known = self._remotes.pop(name, 0) is None
+            known = self._remotes.pop(name, None) is not None
         if known:
             try:
                 self._live().remove_remote_agent(name)
@@ -209,6 +230,18 @@ class NixlAgent:
             raise KVFetchError("NIXL refused to start a KV read")
         return handle
 
+    def read_descs(self, remote: str, local: list[tuple[int, int]], local_mem: tuple[str, int],
+                   far: list[tuple[int, int]], far_mem: tuple[str, int]):
+        """Post one READ of the remote regions `far` into the local ones `local` (address, bytes; each side's
+        (memory type, device id)); both sides' regions lie in memory their agents registered."""
+        local_descs = self._live().get_xfer_descs([(a, n, local_mem[1]) for a, n in local], local_mem[0])
+        remote_descs = self._live().get_xfer_descs([(a, n, far_mem[1]) for a, n in far], far_mem[0])
+        handle = self._live().initialize_xfer("READ", local_descs, remote_descs, remote)
+        if self._live().transfer(handle) == "ERR":
+            handle.release()
+            raise KVFetchError("NIXL refused to start a KV read")
+        return handle
+
     def wait(self, handle, deadline: Deadline) -> None:
         """Until `handle`'s transfer is done; KVFetchError when it fails or `deadline` passes (the transfer is
         released, which aborts it, before this returns: the prefill rank may deregister its memory after)."""
@@ -222,12 +255,15 @@ class NixlAgent:
             handle.release()
 
 
-def _send_for_nixl_read(agent_of) -> callable:
+def _send_for_nixl_read(agent_of, store: SavedKVStore) -> callable:
     """The server's ok reply (KVSocketServer's `reply`): the rows registered, their metadata and addresses in the
     header, then the wait for the reader's "read" (or its going away, or the reply deadline) before deregistering."""
 
     def reply(conn: socket.socket, saved: SavedKV, query: dict, deadline: Deadline) -> None:
         agent = agent_of()
+        if isinstance(saved, HeldKV):
+            reply_held(conn, agent, store, saved, deadline)
+            return
         rows = [t.contiguous() for _, ts in saved.groups for t in ts]
         live = [t for t in rows if t.numel()]
         reg, meta = agent.expose(live) if live else (None, b"")
@@ -251,7 +287,7 @@ class NixlKVServer(KVSocketServer):
                  auth: PeerAuth | None = None) -> None:
         from .tcp import bound_socket
 
-        super().__init__(store, bound_socket(host, port), _send_for_nixl_read(lambda: agent), limits, auth)
+        super().__init__(store, bound_socket(host, port), _send_for_nixl_read(lambda: agent, store), limits, auth)
 
 
 def _announced_addrs(reply: dict, count: int) -> list[tuple[int, int]]:
@@ -281,15 +317,23 @@ def nixl_fetch(agent: NixlAgent, host: str, port: int, key: str, layout: tuple, 
             # Every shape checked against this rank's layout and `max_blocks` before a byte is allocated or read.
             plan = recv_saved(lambda shape: torch.empty(shape, dtype=torch.uint8, device="meta"), reply, layout,
                               max_blocks, token_ids)
+            nixl = reply.get("nixl")
+            if not isinstance(nixl, dict) or not isinstance(nixl.get("agent"), str) \
+                    or not isinstance(nixl.get("meta"), str):
+                raise KVFetchError("a NIXL reply without its agent's name and metadata")
+            if "blocks" in nixl:  # held in place on the prefill rank (nixl_inplace.py)
+                groups = read_held(agent, nixl, plan, on_group, deadline, pin)
+                send_header(sock, {"read": True}, deadline)
+                deadline.left(sock)
+                sock.recv(1)  # the server's close: its hold has ended
+                return SavedKV(plan.num_tokens, plan.token_ids, plan.layout, groups)
             shapes = [[tuple(t.shape) for t in ts] for _, ts in plan.groups]
             sizes = [[int(torch.Size(s).numel()) for s in g] for g in shapes]
             addrs = _announced_addrs(reply, sum(len(g) for g in sizes))
             if any(n != want for (_, n), want in zip(addrs, (n for g in sizes for n in g))):
                 raise KVFetchError("a NIXL reply whose tensor lengths are not its shapes'")
-            nixl = reply["nixl"]
-            if not isinstance(nixl.get("agent"), str) or not isinstance(nixl.get("meta"), str):
-                raise KVFetchError("a NIXL reply without its agent's name and metadata")
             total = sum(n for g in sizes for n in g)
+            agent.num_staged_bytes += total
             handles: list = []
             failed, buf = True, None
             turn = agent.turn(nixl["agent"], deadline) if total else None

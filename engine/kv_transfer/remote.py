@@ -17,8 +17,9 @@ its prompt is computed; one that says `do_remote_prefill` loads its whole prompt
 computes only the last prompt token, for its logits), and the load carries where from (`RemoteSource`, in
 `KVTransfer.params`). Worker half (each rank): a save copies the blocks to host memory into the rank's bounded
 store (engine/kv_transfer/store.py: dropped once fetched, after `ttl_s`, or oldest first past
-`max_saved_bytes`), which the transport serves; a load fetches on a thread of its own (the step loop goes on)
-that writes each layer's blocks as they arrive (engine/kv_transfer/arrival.py) into the request's blocks,
+`max_saved_bytes`), which the transport serves (over NIXL, by default, the blocks are not copied but held in the
+cache until a decode rank READs them in place or `nixl_hold_s` passes: engine/kv_transfer/nixl_inplace.py); a load
+fetches on a thread of its own (the step loop goes on) that writes each layer's blocks as they arrive (engine/kv_transfer/arrival.py) into the request's blocks,
 reserved by the scheduler since the load began, and the rank's first `poll` after the last has landed reports it.
 A save's copy to host memory is asynchronous on a GPU (`PagedKVBlocks.read_async`, a side stream): the store
 announces its key at once and serves it when the poll that finds the copy done puts it there. Anything short of
@@ -137,6 +138,8 @@ class _SchedulerSide:
         self.load_limits = LoadLimits(config.max_loads, config.max_loads_per_source, config.max_load_block_fraction,
                                       config.max_loads_per_client)
         self.trusted_loads = config.secret is not None  # a handshake proved the source holds the secret
+        # A save over NIXL in place is reported when read or expired (scheduler/kv_connector.py: a held save).
+        self.holds_saves = self.serves and config.transport == "nixl" and config.nixl_in_place
         self._caps: OrderedDict[str, str] = OrderedDict()  # request id -> the capability its save is under
 
     def num_loadable_tokens(self, req: Request) -> int:
@@ -225,6 +228,10 @@ class RemoteWorkerSide:
             with self._lock:
                 self._done[t.transfer_id] = False
             return
+        region = self._region(kv)
+        if region is not None:  # held in place until a decode rank reads it (nixl_inplace.py): nothing copied
+            self.store.hold(t.params, region.held(t), self.config.nixl_hold_s)
+            return
         self.store.expect(t.params)  # before the request's output can name the key to a decode engine
         try:
             pending = kv.read_async(t)
@@ -236,6 +243,13 @@ class RemoteWorkerSide:
             return
         with self._lock:
             self._saving.append((t, pending))
+
+    def _region(self, kv: PagedKVBlocks):
+        """The cache registered once for in-place saves (NIXL, `nixl_in_place`), or None: the copy path."""
+        hold = getattr(self.transport, "cache_region", None)
+        if hold is None or not self.config.nixl_in_place or self.server is None:
+            return None
+        return hold(kv)
 
     # loads: fetched on a thread; written into the blocks by the next poll after they arrive
     def start_load(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
@@ -314,6 +328,10 @@ class RemoteWorkerSide:
             self.store.put(t.params, p.saved)
             with self._lock:
                 self._done[t.transfer_id] = True
+        released = self.store.released()  # holds ended: read in place, expired, or the reader gone
+        if released:
+            with self._lock:
+                self._done.update((tid, True) for tid in released)
         with self._lock:
             written, self._written = self._written, []
         landed = [(t, w) for t, w in written if w.done()]  # event queries on a GPU: no host sync
@@ -341,6 +359,7 @@ class RemoteWorkerSide:
         for w in writers:  # the rank's next steps may reuse these blocks: after the copies already enqueued
             w.fence()
         self._abandon_saves()
+        self.store.drop_held()  # their saves count failed, their blocks freed: no fetch may name them now
 
     def _abandon_saves(self) -> None:
         with self._lock:

@@ -10,6 +10,12 @@ A save's bytes may still be on their way from the device when its request's outp
 a decode engine (`PagedKVBlocks.read_async`: the copy overlaps the next steps). The rank announces the key
 first (`expect`, in the step that computes the prompt's last token, before the output exists), and a fetch of an
 announced key waits for its `put` (or `abandon`) within the fetch's own deadline (`peek(key, wait_s)`).
+
+Held entries (NIXL in place, engine/kv_transfer/nixl_inplace.py): `hold` keeps a `HeldKV`, which names blocks
+still in the rank's cache, not bytes; it counts nothing against `max_bytes`, is never evicted, and leaves by one
+way of three: claimed by a fetch (`take`) whose reply then ends (`release`: "read", or the peer gone, or the reply
+deadline), its own `hold_until` passing (`nixl_hold_s`), or `clear`. Each way out puts the save's transfer id in
+`released()`, which the rank's poll reports to the scheduler, which then frees the blocks.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ class StoreCounters:
     num_evicted: int = 0  # dropped, oldest first, to stay within max_bytes
     num_replaced: int = 0  # saved again under the same key before it was fetched
     bytes_served: int = 0
+    num_held: int = 0  # of num_saved, those held in place (blocks kept in the cache, nothing copied)
+    num_hold_expired: int = 0  # held and never claimed within nixl_hold_s
 
 
 class SavedKVStore:
@@ -42,6 +50,8 @@ class SavedKVStore:
         self._expected: dict[str, int] = {}  # key -> saves announced and not put or abandoned yet
         self._saved: OrderedDict[str, tuple[float, SavedKV]] = OrderedDict()  # oldest first
         self._bytes = 0
+        self._held: dict[str, object] = {}  # key -> HeldKV not claimed yet
+        self._released: list[int] = []  # save transfer ids whose hold ended, for the next poll
         self.counters = StoreCounters()
         # The layout of what this rank saves (its cache's, engine/kv_transfer/blocks.py), known from the first save:
         # a server refuses a decode engine of another layout by name, whatever key it asks for.
@@ -84,12 +94,42 @@ class SavedKVStore:
             self.counters.num_saved += 1
             self.layout = saved.layout
 
+    def hold(self, key: str, held, hold_s: float) -> None:
+        """Hold `held` (a HeldKV) under `key` until claimed and released, for `hold_s` at most, or cleared."""
+        with self._lock:
+            held.hold_until = self._clock() + hold_s
+            self._settle(key)
+            self._expire()
+            old = self._held.pop(key, None)
+            if old is not None:
+                self._released.append(old.transfer_id)
+                self.counters.num_replaced += 1
+            self._held[key] = held
+            self.counters.num_saved += 1
+            self.counters.num_held += 1
+            self.layout = held.layout
+
+    def release(self, held) -> None:
+        """A claimed held entry's reply ended: its blocks may go back (reported by the next `released()`)."""
+        with self._lock:
+            self._released.append(held.transfer_id)
+
+    def released(self) -> list[int]:
+        """The save transfer ids whose hold ended since the last call (expired ones swept first)."""
+        with self._lock:
+            self._expire()
+            out, self._released = self._released, []
+            return out
+
     def peek(self, key: str, wait_s: float = 0.0) -> SavedKV | None:
         """The entry under `key`, waiting up to `wait_s` for a save of it that has begun (`expect`)."""
         with self._lock:
             if key in self._expected:
                 self._arrived.wait_for(lambda: key not in self._expected, wait_s)
             self._expire()
+            held = self._held.get(key)
+            if held is not None:
+                return held
             entry = self._saved.get(key)
             return None if entry is None else entry[1]
 
@@ -97,6 +137,11 @@ class SavedKVStore:
         """Claim `saved` (what `peek` returned) for one decode engine: dropped from the store, counted served.
         False when another fetch claimed it first (or a newer entry replaced it): a saved KV is served once."""
         with self._lock:
+            if self._held.get(key) is saved:
+                del self._held[key]  # its blocks stay held until `release`
+                self.counters.num_served += 1
+                self.counters.bytes_served += saved.nbytes
+                return True
             entry = self._saved.get(key)
             if entry is None or entry[1] is not saved:
                 return False
@@ -115,12 +160,25 @@ class SavedKVStore:
         """Drop everything (the rank is closing); a fetch waiting for an announced save is answered at once."""
         with self._lock:
             self._saved.clear()
+            self._released.extend(h.transfer_id for h in self._held.values())
+            self._held.clear()
             self._expected.clear()
             self._bytes = 0
             self._arrived.notify_all()
 
+    def drop_held(self) -> None:
+        """Forget the held entries not claimed yet without reporting them (an elastic rewind: the scheduler
+        counted their saves failed and freed the blocks already)."""
+        with self._lock:
+            self._held.clear()
+            self._released.clear()
+
     def _expire(self) -> None:
-        cutoff = self._clock() - self.ttl_s
+        now = self._clock()
+        for key in [k for k, h in self._held.items() if h.hold_until <= now]:
+            self._released.append(self._held.pop(key).transfer_id)
+            self.counters.num_hold_expired += 1
+        cutoff = now - self.ttl_s
         while self._saved:
             key, (t, saved) = next(iter(self._saved.items()))
             if t > cutoff:
@@ -136,7 +194,7 @@ class SavedKVStore:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._saved)
+            return len(self._saved) + len(self._held)
 
 
 __all__ = ["SavedKVStore", "StoreCounters"]

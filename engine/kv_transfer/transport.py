@@ -21,9 +21,10 @@ What another transport needs to be added here (CUDA IPC
 between GPU ranks on one node): `serve` returns an object with `close()` that makes the store's entries
 readable by key (as "nixl" does: its agent registers an entry's host rows and sends its metadata in the reply;
 the key names the entry), and `fetch` returns a `SavedKV` in this rank's layout or
-raises `KVFetchError` with the reason within the timeout. A transport that writes straight into the decode
-rank's blocks (RDMA) would take the rank's `PagedKVBlocks` and the transfer's block ids instead of returning
-host copies: that is the one change to this interface it needs.
+raises `KVFetchError` with the reason within the timeout. A transport that reads blocks in place (NIXL:
+engine/kv_transfer/nixl_inplace.py) also has `cache_region(kv)`, the prefill rank's cache registered once (None
+where it cannot be read in place), and on the decode side finds the rank's blocks and the load's block ids through
+the connector's `on_group` (an ArrivalWriter) instead of returning host copies.
 """
 from __future__ import annotations
 
@@ -159,6 +160,12 @@ class NixlTransport(TCPTransport):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._agent_lock = threading.Lock()
+
+    def cache_region(self, kv):
+        """`kv` (a PagedKVBlocks) registered once with the serving agent for in-place reads, or None where it cannot
+        be (nixl_inplace.py); the agent deregisters it when it closes."""
+        agent = self.agent(serving=True)
+        return agent.regions.get(agent, kv)
 
     def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
         from .nixl import NixlKVServer

@@ -1,0 +1,296 @@
+"""NIXL in place: a rank's paged KV cache registered with its NIXL agent once, and a request's blocks named by
+(address, length) so the decode rank READs the prefill rank's blocks straight into its own (issue 47 item 1).
+
+Legend: N a request's block entries moved, B block size, X the rest of a cache row in bytes.
+
+Prefill side. `CacheRegion` registers every paged tensor of the rank's cache (each once: gpt-oss's sliding and full
+layers share theirs) with the serving agent on the rank's first save, and deregisters them when the agent closes
+(the transport's close(), after the rank's server). The memory type comes from the tensor's device (DRAM on CPU,
+VRAM on CUDA): the same code for both. A saved request is then not copied: `CacheRegion.held` names its blocks,
+per group and tensor, as the (address, length) of each block row in the registered tensors, and the rank's store
+holds that `HeldKV` until one fetch claims it (the reply sends exactly those descriptors) and says "read", or until
+`RemoteKVConfig.nixl_hold_s` passes; the scheduler keeps the blocks referenced until the worker reports the hold
+over (scheduler/kv_connector.py: a held save). On CUDA the save records an event after the step that wrote the KV;
+the reply waits for it before naming a block (the READ must not overtake the kernel that writes it).
+
+Decode side. The fetching agent registers the decode rank's cache the same way, once, on its first in-place fetch,
+and posts one READ per group from the prefill rank's block rows into the rows of the blocks the scheduler
+reserved for the load (entries below `first_block` or NULL here are skipped, as `PagedKVBlocks.write_group` skips
+them): no staging buffer, and each group is reported landed (`ArrivalWriter.landed`) as its READ completes while
+the later groups' READs are in flight (layer-pipelined).
+
+Where in place does not apply, the copy path of engine/kv_transfer/nixl.py stays: a cache with per-sequence state
+groups (Qwen3-Next's linear attention, DeepSeek-V4's windows: a state slot is rewritten by the request's next step,
+so it is copied at save time, and the request's blocks go with it), a cache whose block rows are not contiguous,
+a registration NIXL refuses (a UCX without CUDA support, for VRAM), or `nixl_in_place=False`. A decode rank whose
+layout differs (block size, KV kind, dtype) is refused by the layout check, as over every transport.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from moelink.scheduler.outputs import KVTransfer
+
+from .arrival import ArrivalWriter
+from .blocks import STATE, PagedKVBlocks, SavedKV
+from .wire import MAX_HELLO_BYTES, Deadline, KVFetchError, recv_header, saved_header, send_header
+
+logger = logging.getLogger(__name__)
+
+
+def mem_type(device: torch.device) -> str:
+    """NIXL's memory type for tensors on `device`."""
+    return "VRAM" if device.type == "cuda" else "DRAM"
+
+
+def _dev_id(x: torch.Tensor) -> int:
+    return x.device.index or 0 if x.is_cuda else 0
+
+
+def in_place_ok(kv: PagedKVBlocks) -> str | None:
+    """Why `kv` cannot be read in place (module docstring), or None when it can."""
+    if not kv.groups:
+        return "no cache tensors"
+    if any(kind == STATE for _, kind in kv.groups):
+        return "per-sequence state groups (copied at save time)"
+    for tensors, _ in kv.groups:
+        for x in tensors:
+            if x.dim() < 2 or not x[0].is_contiguous():
+                return "a cache tensor whose block rows are not contiguous"
+    return None
+
+
+def row_descs(x: torch.Tensor, block_ids: list[int]) -> list[tuple[int, int]]:
+    """(address, bytes) of block rows `block_ids` of cache tensor `x` ([num_blocks, B, ...], rows contiguous)."""
+    row = x[0].numel() * x.element_size()
+    stride = x.stride(0) * x.element_size()
+    base = x.data_ptr()
+    return [(base + b * stride, row) for b in block_ids]
+
+
+def entries(kv: PagedKVBlocks, t: KVTransfer, kind: str) -> list[int]:
+    """The entries of `t`'s table of `kind` that move (from `first_block` on, NULL ones skipped)."""
+    table = kv._table(t, kind)
+    return [i for i in range(kv._first(t, kind), len(table)) if table[i] >= 0]
+
+
+@dataclass
+class HeldKV(SavedKV):
+    """A saved request whose blocks stay in the prefill rank's cache (module docstring). `groups` carries `meta`
+    tensors of the rows' shapes (what the reply header announces; nothing is allocated); `descs[g][j]`: the
+    (address, bytes) of each of the group's block rows in tensor j; `ready`: a CUDA event the reply waits for."""
+
+    descs: list = field(default_factory=list)
+    transfer_id: int = -1
+    ready: object = None
+    hold_until: float = 0.0  # the store's clock time the hold ends at (SavedKVStore.hold sets it)
+    region: object = None  # the CacheRegion its blocks are in (its metadata goes in the reply)
+
+
+class CacheRegion:
+    """A rank's paged cache registered with one NIXL agent (module docstring). `register(tensors_descs, mem)`
+    and `metadata(reg)` are the agent's; `meta` is what a reader loads (sent only in an authenticated reply)."""
+
+    def __init__(self, agent, kv: PagedKVBlocks) -> None:
+        seen, tensors = set(), []
+        for ts, _ in kv.groups:
+            for x in ts:
+                if x.data_ptr() not in seen:
+                    seen.add(x.data_ptr())
+                    tensors.append(x)
+        self.kv = kv
+        self.mem = mem_type(kv.device)
+        self.reg = agent.register([(x.data_ptr(), x.numel() * x.element_size(), _dev_id(x), "") for x in tensors],
+                                  self.mem)
+        self.meta = agent.metadata(self.reg)
+        self.dev_id = _dev_id(tensors[0])
+
+    def held(self, t: KVTransfer) -> HeldKV:
+        """`t`'s blocks named in place (module docstring); on CUDA after an event recorded now, in stream order
+        after the step that wrote them."""
+        kv = self.kv
+        groups, descs = [], []
+        for tensors, kind in kv.groups:
+            idx = entries(kv, t, kind)
+            table = kv._table(t, kind)
+            ids = [table[i] for i in idx]
+            rows = tuple(torch.empty((len(idx),) + tuple(x.shape[1:-1]) + (x.shape[-1] * x.element_size(),),
+                                     dtype=torch.uint8, device="meta") for x in tensors)
+            groups.append((idx, rows))
+            descs.append([row_descs(x, ids) for x in tensors])
+        ready = None
+        if kv.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(kv.device))
+        return HeldKV(t.num_tokens, t.token_ids, kv.layout, groups, descs, t.transfer_id, ready, region=self)
+
+    def local_descs(self, t: KVTransfer, g: int, idx: list[int]) -> tuple[list[int], list[list[tuple[int, int]]]]:
+        """For a load of `t`: which of group g's announced entries `idx` land here (positions into `idx`) and, per
+        tensor, the (address, bytes) of this cache's rows they land in."""
+        tensors, kind = self.kv.groups[g]
+        table = self.kv._table(t, kind)
+        first = self.kv._first(t, kind)
+        keep = [j for j, i in enumerate(idx) if first <= i < len(table) and table[i] >= 0]
+        ids = [table[idx[j]] for j in keep]
+        return keep, [row_descs(x, ids) for x in tensors]
+
+
+class CacheRegions:
+    """The regions one agent registered, by cache (a rank has one; tests may make more), each made once; a cache
+    that cannot be read in place (or whose registration NIXL refused) is remembered as None and never retried."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_kv: dict[int, tuple[PagedKVBlocks, CacheRegion | None]] = {}
+        self.num_registered = 0  # regions made: one per cache, whatever the fetches or saves
+
+    def get(self, agent, kv: PagedKVBlocks) -> CacheRegion | None:
+        with self._lock:
+            got = self._by_kv.get(id(kv))
+            if got is not None and got[0] is kv:
+                return got[1]
+            why, region = in_place_ok(kv), None
+            if why is None:
+                try:
+                    region = CacheRegion(agent, kv)
+                    self.num_registered += 1
+                except Exception as exc:  # NIXL's own (a UCX that cannot register this memory): the copy path
+                    why = f"NIXL did not register it: {exc}"
+            if why is not None:
+                logger.info("KV cache not read in place over NIXL (the copy path serves it): %s", why)
+            self._by_kv[id(kv)] = (kv, region)
+            return region
+
+    def take_all(self) -> list[CacheRegion]:
+        with self._lock:
+            regions, self._by_kv = [r for _, r in self._by_kv.values() if r is not None], {}
+        return regions
+
+
+
+
+def announced_blocks(nixl: dict, plan: SavedKV) -> tuple[list, str, int]:
+    """A held reply's block rows, per group and tensor (row bytes, [address per announced entry]), checked against
+    `plan` (the reply header as this rank's layout reads it), with the prefill memory's type and device id."""
+    try:
+        blocks = [[(int(row), [int(a) for a in addrs]) for row, addrs in g] for g in nixl["blocks"]]
+        far_mem, far_dev = nixl["mem"], int(nixl["dev"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KVFetchError(f"a NIXL reply without its blocks' addresses: {exc!r}") from None
+    if far_mem not in ("DRAM", "VRAM") or len(blocks) != len(plan.groups):
+        raise KVFetchError("a NIXL reply whose blocks do not match its groups")
+    for (idx, rows), g in zip(plan.groups, blocks):
+        if len(g) != len(rows):
+            raise KVFetchError("a NIXL reply whose blocks do not match its groups")
+        for r, (row, addrs) in zip(rows, g):
+            if len(addrs) != len(idx) or row != int(torch.Size(r.shape[1:]).numel()):
+                raise KVFetchError("a NIXL reply whose block rows are not its shapes'")
+    return blocks, far_mem, far_dev
+
+
+def read_blocks(agent, remote: str, nixl: dict, plan: SavedKV, on_group, deadline: Deadline, pin: bool) -> list:
+    """Read a held reply's blocks (module docstring): into the decode rank's own blocks when `on_group` is the
+    connector's ArrivalWriter (its cache registered once with `agent`), else through a registered host buffer (a
+    staging copy, counted in `agent.num_staged_bytes`). Every group's READ is posted at once and each is handed on
+    as it lands. Returns the groups for the SavedKV (no rows when handed on)."""
+    blocks, far_mem, far_dev = announced_blocks(nixl, plan)
+    writer = on_group if isinstance(on_group, ArrivalWriter) else None
+    region = agent.regions.get(agent, writer.kv) if writer is not None else None
+    buf = reg = None
+    handles: list = []
+    if region is None:
+        total = sum(r.numel() for _, rows in plan.groups for r in rows)
+        buf, reg = agent.take_buffer(total, pin)
+        agent.num_staged_bytes += total
+    else:
+        writer.in_place()
+    try:
+        views, at = [], 0
+        for g, (idx, rows) in enumerate(plan.groups):
+            local, far = [], []
+            if region is not None:
+                keep, mine = region.local_descs(writer.t, g, idx)
+                for (row, addrs), descs in zip(blocks[g], mine):
+                    local += descs
+                    far += [(addrs[j], row) for j in keep]
+                views.append(sum(n for _, n in local))
+                mem = (region.mem, region.dev_id)
+            else:
+                vs = []
+                for r, (row, addrs) in zip(rows, blocks[g]):
+                    n = r.numel()
+                    vs.append(buf[at:at + n].view(r.shape))
+                    local += [(buf.data_ptr() + at + k * row, row) for k in range(len(addrs))]
+                    far += [(a, row) for a in addrs]
+                    at += n
+                views.append(tuple(vs))
+                mem = ("DRAM", 0)
+            handles.append(agent.read_descs(remote, local, mem, far, (far_mem, far_dev)) if local else None)
+        groups = []
+        for g, (idx, _) in enumerate(plan.groups):
+            if handles[g] is not None:
+                agent.wait(handles[g], deadline)
+                handles[g] = None
+            if region is not None:
+                writer.landed(g, views[g])
+                groups.append((idx, ()))
+            elif on_group is not None:
+                on_group(g, idx, views[g])
+                groups.append((idx, ()))
+            else:
+                groups.append((idx, tuple(v.clone() for v in views[g])))
+        return groups
+    finally:
+        for h in handles:
+            if h is not None:
+                h.release()  # aborted before the prefill rank may free the blocks
+        if region is not None:
+            writer.in_place_done()
+        if buf is not None:
+            agent.give_buffer(buf, reg)
+
+
+
+def reply_held(conn: socket.socket, agent, store, held: HeldKV,
+                deadline: Deadline) -> None:
+    """The ok reply for blocks held in place: exactly this request's block rows (address per entry, row bytes) in
+    the cache registered once, its registration's metadata; the hold ends when the reader says "read", goes away,
+    or the reply deadline passes (the store then reports it to the scheduler, which frees the blocks)."""
+    try:
+        if held.ready is not None:
+            held.ready.synchronize()  # host sync, on this connection's thread: the step that wrote these blocks
+        region = held.region
+        header = saved_header(held)
+        header["nixl"] = {"agent": agent.name, "meta": base64.b64encode(region.meta).decode(), "mem": region.mem,
+                          "dev": region.dev_id,
+                          "blocks": [[[int(torch.Size(r.shape[1:]).numel()), [a for a, _ in d]] for r, d in zip(rows, g)]
+                                     for (_, rows), g in zip(held.groups, held.descs)]}
+        send_header(conn, header, deadline)
+        recv_header(conn, deadline, MAX_HELLO_BYTES)  # "read": its READs are done or abandoned
+    finally:
+        store.release(held)
+
+
+def read_held(agent, nixl: dict, plan: SavedKV, on_group, deadline: Deadline, pin: bool) -> list:
+    """A held reply's blocks READ (nixl_inplace.read_blocks) under the prefill agent's turn, its metadata loaded."""
+    remote, failed = nixl["agent"], True
+    turn = agent.turn(remote, deadline)
+    try:
+        agent.load_remote(remote, base64.b64decode(nixl["meta"], validate=True))
+        groups = read_blocks(agent, remote, nixl, plan, on_group, deadline, pin)
+        failed = False
+        return groups
+    finally:
+        if failed:
+            agent.forget_remote(remote)  # a failed peer's endpoint is not reused
+        turn.release()
+
+
+__all__ = ["CacheRegion", "CacheRegions", "HeldKV", "announced_blocks", "entries", "in_place_ok", "mem_type",
+           "read_blocks", "read_held", "reply_held", "row_descs"]

@@ -1,0 +1,199 @@
+"""NIXL in place (engine/kv_transfer/nixl_inplace.py, issue 47 item 1): the prefill rank's paged cache registered
+once, a saved request's blocks held in it (not copied) until the decode rank READs them straight into its own
+blocks (its cache registered once too) or the hold deadline passes. Whole engines (GQA, MLA) against one engine,
+with the copies and registrations counted; hold expiry; the side channel's refusals before any descriptor leaves;
+the store's held entries. The read cut mid-way is tests/engine/test_kv_nixl.py's (in place by default)."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import torch
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.contract.kv_transfer_params import KVTransferParams
+from moelink.engine.kv_transfer.arrival import ArrivalWriter
+from moelink.engine.kv_transfer.auth import SecretAuth
+from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+from moelink.engine.kv_transfer.nixl import nixl_available
+from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+from moelink.engine.kv_transfer.store import SavedKVStore
+from moelink.engine.kv_transfer.transport import make_transport
+from moelink.engine.kv_transfer.wire import KVFetchError
+from moelink.scheduler.outputs import KVTransfer
+
+from tests.engine.test_kv_nixl import TOKENS, settle
+from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder, one_engine
+from tests.helpers.kv_params import SECRET
+from tests.helpers.net import free_port
+from tests.helpers.parity import prompts
+from tests.helpers.waits import wait_until
+
+pytestmark = pytest.mark.skipif(not nixl_available(), reason="the nixl package is not installed")
+
+SAVE = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                      kv_transfer_params=KVTransferParams(do_remote_decode=True))
+
+
+def _decode_params(outs):
+    return [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                           kv_transfer_params=o.kv_transfer_params) for o in outs]
+
+
+def _free(llm) -> tuple[int, int]:
+    s = llm.engine.stats()
+    return s.num_free_blocks, s.num_total_blocks
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_greedy_pd_parity_reading_the_prefill_blocks_in_place(kind, tiny_model, hf_tiny_model, monkeypatch):
+    """Greedy tokens equal one engine's; no host copy of the KV on either side (the save never reads the blocks
+    out, the decode READs into its own blocks: nothing staged); each cache registered once, whatever the fetches;
+    the prefill blocks held until read, then back in its pool."""
+    path = tiny_model("qwen3_e6k3") if kind == "gqa" else hf_tiny_model("dsv3_lora")
+    ps = prompts(200, seed=5, n=3, lo=5, hi=23)  # one block and a bit, up to six; partial last blocks
+    want = one_engine(path, ps)
+    copies = []
+    for name in ("read", "read_async"):
+        real = getattr(PagedKVBlocks, name)
+        monkeypatch.setattr(PagedKVBlocks, name, lambda self, t, _r=real: copies.append(t) or _r(self, t))
+    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl"))
+    with LLM(path, kv_connector=conn, **KW) as pre:
+        outs = pre.generate(ps, SAVE, use_tqdm=False)
+        side = pre.engine.executor.runner.kv_connector
+        free, total = _free(pre)
+        assert free < total  # held for the decode engine, though every request finished
+        dec = Decoder(path, RemoteKVConfig(transport="nixl"))
+        try:
+            dec.add(ps, _decode_params(outs))
+            assert dec.run(len(ps)) == want
+            assert dec.computed == len(ps) * MAX_NEW  # only each last prompt token and the decode steps
+            assert dec.worker.stats.num_loaded == len(ps) and dec.worker.stats.num_failed == 0
+            fetching = dec.worker.transport.agent(serving=False)
+            assert fetching.regions.num_registered == 1 and fetching.num_staged_bytes == 0
+            assert dec.free_blocks() == (dec.free_blocks()[1],) * 2
+        finally:
+            dec.close()
+        serving = side.transport.agent(serving=True)
+        assert serving.regions.num_registered == 1 and copies == []
+        c = side.store.counters
+        assert (c.num_held, c.num_served, c.num_hold_expired, len(side.store)) == (len(ps), len(ps), 0, 0)
+        settle(pre)  # its steps report the holds the reads ended
+        assert _free(pre) == (total, total)
+
+
+def test_a_hold_past_its_deadline_frees_the_blocks_and_a_late_fetch_recomputes(tiny_model):
+    """A decode engine that does not come within nixl_hold_s: the prefill blocks go back (pool whole), and the
+    fetch that comes late is refused on the side channel: the decode engine recomputes, within its deadline."""
+    path = tiny_model("qwen3_e6k3")
+    ps = prompts(200, seed=8, n=2, lo=9, hi=17)
+    want = one_engine(path, ps)
+    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", nixl_hold_s=0.2))
+    with LLM(path, kv_connector=conn, **KW) as pre:
+        outs = pre.generate(ps, SAVE, use_tqdm=False)
+        side = pre.engine.executor.runner.kv_connector
+        total = _free(pre)[1]
+        # The server's sweeper expires holds while the engine is idle (every ServerLimits.sweep_s).
+        wait_until(lambda: side.store.counters.num_hold_expired == len(ps), 30.0, "the holds to expire")
+        settle(pre)
+        assert _free(pre) == (total, total) and len(side.store) == 0
+        dec = Decoder(path, RemoteKVConfig(transport="nixl", fetch_timeout_s=20.0))
+        try:
+            dec.add(ps, _decode_params(outs))
+            assert dec.run(len(ps)) == want
+            stats = dec.worker.stats
+            assert stats.num_failed == len(ps) and all("refused" in r for _, r in stats.failures)
+            assert dec.free_blocks() == (dec.free_blocks()[1],) * 2
+        finally:
+            dec.close()
+
+
+@pytest.fixture()
+def held():
+    """A prefill transport (the deployment secret) serving a store that holds blocks 2, 3, 4 of a three-layer
+    cache in place under "k" (transfer id 7); the decode side's transport."""
+    g = torch.Generator().manual_seed(0)
+    src = [tuple(torch.randn(6, 4, 2, 8, generator=g) for _ in range(2)) for _ in range(3)]
+    pre = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
+    store, port = SavedKVStore(60.0, 1 << 30), free_port()
+    server = pre.serve(store, "127.0.0.1", port)
+    region = pre.cache_region(PagedKVBlocks(src, None, 4))
+    assert pre.cache_region(region.kv) is region  # once per cache
+    store.hold("k", region.held(KVTransfer(7, "k", [2, 3, 4], 10, token_ids=tuple(TOKENS))), 60.0)
+    dec = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
+    yield src, region, store, port, dec
+    server.close()
+    pre.close()
+    dec.close()
+
+
+def test_a_fetch_reads_exactly_the_held_blocks_into_its_own_and_ends_the_hold(held):
+    src, region, store, port, dec = held
+    dst = [tuple(torch.zeros_like(x) for x in layer) for layer in src]
+    kv = PagedKVBlocks(dst, None, 4)
+    load = KVTransfer(2, "k", [1, 0, 5], 10)
+    writer = ArrivalWriter(load, kv, 0, lambda: 0, threading.Lock())
+    dec.fetch("127.0.0.1", port, "k", kv.layout, TOKENS, 3, 20.0, torch.device("cpu"), on_group=writer)
+    assert all(torch.equal(d[[1, 0, 5]], s[[2, 3, 4]]) for sl, dl in zip(src, dst) for s, d in zip(sl, dl))
+    assert all(not d[[2, 3, 4]].any() for dl in dst for d in dl)  # nothing but the load's blocks written
+    agent = dec.agent(serving=False)
+    assert agent.num_staged_bytes == 0 and agent.regions.num_registered == 1
+    assert writer.nbytes == 3 * sum(x[0].numel() * x.element_size() for layer in src for x in layer)
+    assert store.released() == [7] and len(store) == 0  # the hold ended with the read
+    # A reader that does not write into a cache (no connector) gets host rows, counted as staged.
+    store.hold("k", region.held(KVTransfer(8, "k", [2, 3, 4], 10, token_ids=tuple(TOKENS))), 60.0)
+    got = dec.fetch("127.0.0.1", port, "k", kv.layout, TOKENS, 3, 20.0, torch.device("cpu"))
+    assert all(torch.equal(r.view(s.dtype), s[[2, 3, 4]]) for (_, rows), sl in zip(got.groups, src)
+               for r, s in zip(rows, sl))
+    assert agent.num_staged_bytes == sum(r.numel() for _, rows in got.groups for r in rows)
+    assert store.released() == [8]
+
+
+def test_an_unauthenticated_or_wrong_prompt_fetch_gets_no_descriptor(held):
+    """A wrong secret, no handshake, the right secret with another prompt: refused on the side channel, no
+    address or metadata sent, and the hold stays for the request it was saved for."""
+    _, _, store, port, _ = held
+    layout = store.layout
+    stranger = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(b"y" * 32))
+    with pytest.raises(KVFetchError):
+        stranger.fetch("127.0.0.1", port, "k", layout, TOKENS, 3, 5.0, torch.device("cpu"))
+    stranger.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:
+        sock.sendall(b'MLKV\x00\x00\x00\x20{"key":"k","v":3,"num_tokens":10}')
+        sock.settimeout(5.0)
+        answer = b""
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    assert b"blocks" not in answer and b"meta" not in answer
+    friend = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
+    with pytest.raises(KVFetchError, match="refused"):
+        friend.fetch("127.0.0.1", port, "k", layout, TOKENS[:-1] + [99], 3, 5.0, torch.device("cpu"))
+    friend.close()
+    assert len(store) == 1 and store.released() == []
+
+
+def test_held_entries_are_never_evicted_and_every_way_out_is_released():
+    now = [0.0]
+    store = SavedKVStore(ttl_s=10.0, max_bytes=1, clock=lambda: now[0])
+    src = [tuple(torch.randn(6, 4, 2, 8) for _ in range(2))]
+    kv = PagedKVBlocks(src, None, 4)
+    from moelink.engine.kv_transfer.nixl_inplace import HeldKV
+
+    def held(tid):  # a HeldKV as CacheRegion.held makes it, without an agent
+        return HeldKV(10, tuple(TOKENS), kv.layout, [([0, 1, 2], ())], [], tid)
+
+    a, b = held(1), held(2)
+    store.hold("a", a, 5.0)
+    store.hold("b", b, 50.0)
+    assert len(store) == 2 and store.nbytes == 0  # nothing in host memory, nothing evicted past max_bytes
+    assert store.peek("a") is a and store.take("a", a) and store.released() == []  # claimed: held until release
+    store.release(a)
+    now[0] = 60.0
+    assert sorted(store.released()) == [1, 2] and store.counters.num_hold_expired == 1
+    store.hold("c", held(3), 5.0)
+    store.clear()
+    assert store.released() == [3] and len(store) == 0
+    store.hold("d", held(4), 5.0)
+    store.drop_held()  # an elastic rewind: the scheduler freed the blocks already, nothing to report
+    assert store.released() == [] and len(store) == 0
