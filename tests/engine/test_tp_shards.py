@@ -120,11 +120,11 @@ def test_tp_refusals(tiny_model, hf_tiny_model):
 
 @pytest.mark.parametrize("name,split,fused", [("qwen3_fp8", False, False), ("dsv3_fp8", False, False),
                                               ("qwen3_fp8", True, False), ("qwen3_fp8", True, True),
-                                              ("dsv3_fp8", True, False)])
+                                              ("dsv3_fp8", True, False), ("dsv3_fp8_noq", False, False)])
 def test_fp8_rank_reads_its_rows_and_block_scales(fp8_tiny, name, split, fused):
     """FP8 block-scaled linears under TP 2: each rank reads half of every split weight and half of its
     weight_scale_inv (the block rows, or block columns, of its shard); DeepSeek-V3's q_b / kv_b by head, its
-    a-projections whole. Experts in EP 2 (shared experts whole), or (`split`) every expert's and shared expert's
+    a-projections whole (without q LoRA: q_proj by head, its block scales' block rows with it, kv_a whole). Experts in EP 2 (shared experts whole), or (`split`) every expert's and shared expert's
     channels halved, their block scales with them (`fused`: experts.gate_up_proj's gate and up runs read apart)."""
     from moelink.moe.layer import ExpertParallel
     from moelink.moe.placement import ExpertPlacement
