@@ -257,10 +257,13 @@ def reference_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tensor
     columns, as the indexer leaves them: the Triton op reads no further) or, with picks_TK None, every entry below
     visible_T[t] (HCA); with entries_BLcH None (a sliding layer) the window only. Rows it does not see are zeroed
     first (a ring row of a slot's earlier request, a never-written entry). Out [T, N, H] in q's dtype. fp8 entries
-    (uint8 pages [B, Lc, X]) are decoded as entry_rows(H, rope_dims) lays them out. Here the keys are gathered into
-    [T, W + K or E, H] (the oracle); the Triton op reads them in place."""
-    rows = entry_rows(q_TNH.shape[2], rope_dims) if is_fp8_pages(entries_BLcH) else None
+    and window rows (uint8 [B, Lc, X] / [P, W, X]) are decoded as entry_rows(H, rope_dims) lays them out. Here the
+    keys are gathered into [T, W + K or E, H] (the oracle); the Triton op reads them in place."""
+    fmt = entry_rows(q_TNH.shape[2], rope_dims)
+    rows = fmt if is_fp8_pages(entries_BLcH) else None
     keys_TWH = window_PWH[slot_T.long().clamp(min=0)]
+    if is_fp8_pages(window_PWH):
+        keys_TWH = fmt.decode(keys_TWH, q_TNH.dtype)
     seen_TW = window_seen(pos_T, slot_T, window_PWH.shape[1])
     if entries_BLcH is None:
         ent_TEH, seen_TE = keys_TWH[:, :0], seen_TW[:, :0]

@@ -131,12 +131,14 @@ def triton_dsv4_paged_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys
 
 
 @triton.jit(do_not_specialize=["KE", "SPLITS"])
-def _paged_sink_attention_kernel(q_ptr, win_ptr, slot_ptr, pos_ptr, pages_ptr, ps_ptr, pr_ptr, table_ptr, picks_ptr,
+def _paged_sink_attention_kernel(q_ptr, win_ptr, ws_ptr, wr_ptr, slot_ptr, pos_ptr, pages_ptr, ps_ptr, pr_ptr,
+                                 table_ptr, picks_ptr,
                                  vis_ptr, sinks_ptr, out_ptr, part_ptr, ml_ptr, scale, N, H, W, KE, Lc,
                                  NOPE, ROPE, S0, R0,
                                  stride_qt, stride_qn, stride_wp, stride_ww, stride_pb, stride_pl, stride_tt,
                                  stride_kt, stride_ot, stride_on, stride_xt, stride_xs, stride_xn, stride_mi,
                                  stride_mt, stride_ms, SPLITS, GROUP: tl.constexpr, FP8: tl.constexpr,
+                                 WIN_FP8: tl.constexpr,
                                  PICKS: tl.constexpr, PARTIAL: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
                                  INTERPRET: tl.constexpr, PREC: tl.constexpr):
@@ -165,8 +167,12 @@ def _paged_sink_attention_kernel(q_ptr, win_ptr, slot_ptr, pos_ptr, pages_ptr, p
         r = tile * BLOCK_S + tl.arange(0, BLOCK_S)
         back = ((p - r) % W + W) % W  # (Triton's % truncates: p - r may be negative)
         ok = (r < w_rows) & (p - back >= 0)
-        k = tl.load(win_ptr + slot * stride_wp + r[:, None].to(tl.int64) * stride_ww + d[None, :],
-                    mask=ok[:, None] & (d[None, :] < H), other=0.0).to(q.dtype)
+        wrow = slot * stride_wp + r.to(tl.int64) * stride_ww
+        if WIN_FP8:
+            k = load_fp8_rows(win_ptr, ws_ptr, wr_ptr, wrow, ok, d, NOPE, ROPE, GROUP, S0, R0).to(q.dtype)
+        else:
+            k = tl.load(win_ptr + wrow[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < H),
+                        other=0.0).to(q.dtype)
         m_i, l_i, acc = sink_softmax_step(q, k, ok, m_i, l_i, acc, scale, INTERPRET, PREC)
     # Entries (the key tiles after the window's, this split's by the same stride): the picks (CSA, -1 none) or
     # every visible one (HCA), each through the block table.
@@ -253,7 +259,7 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
                                      table_TM: torch.Tensor | None, picks_TK: torch.Tensor | None,
                                      visible_T: torch.Tensor | None, sinks_N: torch.Tensor, scale: float, *,
                                      rope_dims: int = 0, num_splits: int | None = None) -> torch.Tensor:
-    """Same contract as dsv4.reference_paged_sink_attention (fp8 entries: uint8 rows laid out by
+    """Same contract as dsv4.reference_paged_sink_attention (fp8 entries and window rows: uint8 rows laid out by
     entry_rows(H, rope_dims)): out [T, N, H] in q's dtype. `num_splits` forces the key splits (tests), else
     attention_splits picks them from the host sizes."""
     common.check_dtype("q_TNH", q_TNH)
@@ -261,16 +267,21 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     window_only = entries_BLcH is None
     if window_only:  # a sliding layer: unread stand-ins, no entry visible
         entries_BLcH, table_TM, picks_TK, visible_T = window_PWH, slot_T[:, None], None, slot_T.new_zeros(T)
-    fp8 = entry_rows(H, rope_dims) if not window_only and is_fp8_pages(entries_BLcH) else None
-    width = fp8.row_bytes if fp8 is not None else H
-    if (window_PWH.dim() != 3 or window_PWH.shape[2] != H or entries_BLcH.dim() != 3 or entries_BLcH.shape[2] != width
+    fmt = entry_rows(H, rope_dims)
+    fp8 = fmt if not window_only and is_fp8_pages(entries_BLcH) else None
+    win_fp8 = fmt if is_fp8_pages(window_PWH) else None
+    win_width = fmt.row_bytes if win_fp8 is not None else H
+    width = fp8.row_bytes if fp8 is not None else win_width if window_only else H  # (the stand-in: the window)
+    if (window_PWH.dim() != 3 or window_PWH.shape[2] != win_width or entries_BLcH.dim() != 3
+            or entries_BLcH.shape[2] != width
             or table_TM.dim() != 2 or table_TM.shape[0] != T or slot_T.shape != (T,) or pos_T.shape != (T,)
             or visible_T.shape != (T,) or sinks_N.shape != (N,)
             or (picks_TK is not None and (picks_TK.dim() != 2 or picks_TK.shape[0] != T))):
         raise ValueError(f"window_PWH {tuple(window_PWH.shape)}, entries_BLcH {tuple(entries_BLcH.shape)}, table_TM "
                          f"{tuple(table_TM.shape)}, picks_TK {None if picks_TK is None else tuple(picks_TK.shape)}, "
                          f"slot_T / pos_T / visible_T and sinks_N {tuple(sinks_N.shape)} are invalid: must be "
-                         f"[P, W, {H}], [B, Lc, {width}], [{T}, M], [{T}, K] or None, [{T}] each and [{N}].")
+                         f"[P, W, {win_width}], [B, Lc, {width}], [{T}, M], [{T}, K] or None, [{T}] each and "
+                         f"[{N}].")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits={num_splits} is invalid: must be >= 1.")
     dev = q_TNH.device
@@ -280,7 +291,9 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     q = q_TNH if q_TNH.stride(-1) == 1 else q_TNH.contiguous()
     win = window_PWH if window_PWH.stride(-1) == 1 else window_PWH.contiguous()
     pages = entries_BLcH if entries_BLcH.stride(-1) == 1 else entries_BLcH.contiguous()
-    p8, ps, pr, nope, rope, group, s0, r0 = fp8_page_args(pages, fp8)
+    p8, ps, pr = fp8_page_args(pages, fp8)[:3]
+    w8, ws, wr = fp8_page_args(win, win_fp8)[:3]
+    nope, rope, group, s0, r0 = fmt.nope, fmt.rope, fmt.group, fmt.scale_offset, fmt.rope_offset  # (unread if float)
     table = table_TM.to(torch.int32)
     picks = picks_TK.to(torch.int32) if picks_TK is not None else table  # (unread without picks)
     W, Lc = win.shape[1], pages.shape[1]
@@ -298,11 +311,12 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     sinks = sinks_N.float().contiguous()
     heads = triton.cdiv(N, block_n)
     _paged_sink_attention_kernel[(T, heads, splits)](
-        q, win, slot_T.to(torch.int32), pos_T.to(torch.int32), p8, ps, pr, table, picks, visible_T.to(torch.int32),
+        q, w8, ws, wr, slot_T.to(torch.int32), pos_T.to(torch.int32), p8, ps, pr, table, picks,
+        visible_T.to(torch.int32),
         sinks, out, part, ml, float(scale), N, H, W, KE, Lc, nope, rope, s0, r0, q.stride(0), q.stride(1), win.stride(0), win.stride(1),
         pages.stride(0), pages.stride(1), table.stride(0), picks.stride(0), out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2), ml.stride(0), ml.stride(1), ml.stride(2), splits,
-        GROUP=group, FP8=fp8 is not None, PICKS=picks_TK is not None, PARTIAL=splits > 1, BLOCK_N=block_n,
+        GROUP=group, FP8=fp8 is not None, WIN_FP8=win_fp8 is not None, PICKS=picks_TK is not None, PARTIAL=splits > 1, BLOCK_N=block_n,
         BLOCK_H=block_h, BLOCK_S=block_s,
         INTERPRET=interp, PREC=common.dot_precision(q.dtype), num_warps=4 if block_h <= 128 else 8)
     if splits > 1:

@@ -21,10 +21,11 @@ The cache of a layer (engine/models/dsv4_attention.py computes it, engine/rank r
 Under --kv-cache-dtype fp8 (float8_e4m3fn; e5m2 is not offered) the paged tensors hold fp8 rows as bytes (uint8
 [B, Lc, X], kernels/dsv4.FP8Rows): an entry's leading H - R values in e4m3 with a float32 scale per 64 and its R
 rope values in bfloat16 (DeepSeek's own fp8 sparse KV layout), an index key in e4m3 with a float32 scale per 128 (DSA's
-row). V4-Flash's CSA layer: (604 + 132) / 4 = 184 bytes per token where bf16 costs (1024 + 256) / 4 = 320. The state
-slots (window ring, compressor rows) stay in the model dtype / float32: the state pools are allocated and sized from
-the model dtype alone (engine/rank/state_cache.py, engine/config/kv_sizing.py pass no cache dtype to
-`state_dtypes`); a window ring in fp8 needs that channel first.
+row). V4-Flash's CSA layer: (604 + 132) / 4 = 184 bytes per token where bf16 costs (1024 + 256) / 4 = 320. The window
+ring takes the entry's fp8 rows too once the layer's config carries the cache dtype (`cache_dtype`, set by
+`resolve_dsv4_cache`: the state pools are allocated and sized from the layer config and the model dtype alone,
+engine/rank/state_cache.py and engine/config/kv_sizing.py, so ModelConfig must resolve it, as it resolves DSA's key
+layout); the compressor rows stay float32 (a partial window's running sums, not cached values).
 Why the window is state and not paged: paged, the raw KV of every token would stay (head_dim values per token and
 layer, as many as DeepSeek-V3's latent) unless the blocks leaving the window were freed, and the hybrid cache manager
 does not combine a sliding-window block table with its state slots (scheduler/hybrid_cache.py refuses one); a ring
@@ -36,6 +37,7 @@ I index_head_dim, W sliding window, m compress rate.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -78,8 +80,12 @@ class DSV4AttentionConfig:
     index_head_dim: int = 0
     index_topk: int = 0
     rms_norm_eps: float = 1e-6
+    # The KV cache's dtype, resolved (resolve_dsv4_cache): float8_e4m3fn puts the window ring in fp8 rows as well as
+    # the paged tensors; None (as config.json is read) keeps the window in the model dtype.
+    cache_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
+        self._fp8(self.cache_dtype)  # e5m2 refused here, naming it
         if self.layer_kind not in LAYER_KINDS.values():
             raise unsupported("layer_types", self.layer_kind, tuple(LAYER_KINDS))
         for name in ("num_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window"):
@@ -172,8 +178,14 @@ class DSV4AttentionConfig:
             return -(-sum(r.row_bytes for r in self.fp8_rows()) // self.compress_rate)
         return self.kv_values_per_token() * dtype.itemsize
 
+    @property
+    def window_fp8(self) -> bool:
+        """Whether the window ring holds fp8 rows (entry_rows' bytes) rather than head_dim values."""
+        return self._fp8(self.cache_dtype)
+
     def _slot_shapes(self) -> list[tuple[int, ...]]:
-        shapes = [(self.sliding_window, self.head_dim)]
+        window = entry_rows(self.head_dim, self.rope.rotary_dim).row_bytes if self.window_fp8 else self.head_dim
+        shapes = [(self.sliding_window, window)]
         if self.compress_rate:
             shapes.append((self.compressor_ring, self.compressor_width))
         if self.layer_kind == "csa":
@@ -186,10 +198,11 @@ class DSV4AttentionConfig:
         return tuple((num_slots + 1, *s) for s in self._slot_shapes())
 
     def state_dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-        """The window in the model dtype; the compressor rows at least float32: a gate is the projection plus a
-        float32 position bias, softmaxed in float32 (transformers keeps it so; a bf16 copy would round it)."""
+        """The window in the model dtype (uint8 fp8 rows under an fp8 cache_dtype); the compressor rows at least
+        float32: a gate is the projection plus a float32 position bias, softmaxed in float32 (transformers keeps it
+        so; a bf16 copy would round it)."""
         rows = torch.promote_types(dtype, torch.float32)
-        return (dtype,) + tuple(rows for _ in self._slot_shapes()[1:])
+        return (torch.uint8 if self.window_fp8 else dtype,) + tuple(rows for _ in self._slot_shapes()[1:])
 
     def state_bytes_per_sequence(self, dtype: torch.dtype) -> int:
         return sum(math.prod(s) * d.itemsize for s, d in zip(self._slot_shapes(), self.state_dtypes(dtype)))
@@ -293,6 +306,18 @@ def read_dsv4(arch: str, hf, c: dict, rope: dict) -> dict:
                 hyper_connections=hc)
 
 
+def resolve_dsv4_cache(attention, layer_attention: tuple, cache_dtype: torch.dtype) -> tuple:
+    """(attention, layer_attention) with every V4 layer's `cache_dtype` set under an fp8 KV cache (so its window ring
+    is fp8 too); anything else returned as it is. ModelConfig's to call beside resolve_index_cache."""
+    if not DSV4AttentionConfig._fp8(cache_dtype):
+        return attention, layer_attention
+
+    def one(att):
+        return dataclasses.replace(att, cache_dtype=cache_dtype) if isinstance(att, DSV4AttentionConfig) else att
+
+    return one(attention), tuple(one(a) for a in layer_attention)
+
+
 def mtp_attention(layers: tuple[DSV4AttentionConfig, ...], hf: dict) -> DSV4AttentionConfig:
     """An MTP layer's attention (engine/models/dsv4_mtp.py): sliding only, as DeepSeek publishes it (its
     `compress_ratios` has one entry past the main layers, 0: the MTP layer has no compressor and no indexer, its
@@ -324,4 +349,4 @@ def check_speculative(spec, layers: tuple[DSV4AttentionConfig, ...], arch: str) 
 
 
 __all__ = ["DSV4AttentionConfig", "HyperConnectionConfig", "LAYER_KINDS", "check_speculative", "mtp_attention",
-           "read_dsv4"]
+           "read_dsv4", "resolve_dsv4_cache"]

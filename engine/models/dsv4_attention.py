@@ -16,9 +16,10 @@ picks may come in any order). A step's work per sequence, queries at positions p
 4. each query attends to its window (positions p - W < k <= p) and to the entries it may see (entry w summarises
    positions < (w + 1) m, so query p sees w < (p + 1) / m): all of them (HCA) or the indexer's top-k (CSA);
 5. the output's rope slice is rotated back by the query's position, then the grouped output projection.
-Under an fp8 KV cache (engine/config/dsv4.py) the paged entries and index keys are uint8 rows (kernels/dsv4.FP8Rows):
-written quantized (`write_form`), read back dequantized into the activations' dtype (`read_rows`; the decode ops
-dequantize inside their kernels); the entries are computed in the activations' dtype either way.
+Under an fp8 KV cache (engine/config/dsv4.py) the paged entries and index keys, and the window ring where the layer's
+config says so (`window_fp8`), are uint8 rows (kernels/dsv4.FP8Rows): written quantized (`write_form`), read back
+dequantized into the activations' dtype (`read_rows`; the decode ops dequantize inside their kernels); a prefill
+chunk's own keys are attended to as the ring holds them (quantized), as a decode step reads its own from the ring.
 
 The linears (wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b) are `Linear`s (engine/models/linear.py): float for a
 float checkpoint (F.linear, as transformers), FP8 with float32 block scales for DeepSeek's published FP8 files (W8A8
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelink.kernels.dsv4 import read_rows, reference_rms_norm_f32, reference_rope_tail, write_form
+from moelink.kernels.dsv4 import entry_rows, is_fp8_pages, read_rows, reference_rms_norm_f32, reference_rope_tail, write_form
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.dsv4 import DSV4AttentionConfig
@@ -146,6 +147,7 @@ class DSV4Attention(nn.Module):
         self.num_paged = len(cfg.cache_shapes(1, cfg.compress_rate or 1))
         # Each paged tensor's fp8 row layout (used only where the cache is fp8: uint8 pages).
         self.row_formats = cfg.fp8_rows() if cfg.compress_rate else ()
+        self.window_rows = entry_rows(H, cfg.rope.rotary_dim)  # the window ring's, when it is fp8
         self.compressor = self.indexer = None
         if cfg.compress_rate:
             self.compressor = Compressor(hidden, H, cfg.compress_rate, cfg.layer_kind == "csa", cfg.rms_norm_eps,
@@ -221,11 +223,15 @@ class DSV4Attention(nn.Module):
         """One sequence's queries p0..p1-1: cache work (steps 1-3 of the module docstring), then attention."""
         cfg = self.cfg
         W, dev = cfg.sliding_window, kv_qH.device
-        window_PWH = state[0]
+        window_PWH, fmt = state[0], self.window_rows
+        stored_qX = write_form(window_PWH, fmt, kv_qH)  # encoded once: what the ring holds
+        if is_fp8_pages(window_PWH):
+            kv_qH = read_rows(stored_qX, fmt, kv_qH.dtype)
         lo = max(0, p0 - W + 1)
-        keys = torch.cat([window_PWH[slot][torch.arange(lo, p0, device=dev) % W], kv_qH])  # positions lo..p1-1
+        old_H = read_rows(window_PWH[slot][torch.arange(lo, p0, device=dev) % W], fmt, kv_qH.dtype)
+        keys = torch.cat([old_H, kv_qH])  # positions lo..p1-1
         keep = torch.arange(max(p0, p1 - W), p1, device=dev)
-        window_PWH[slot, keep % W] = kv_qH[keep - p0]
+        window_PWH[slot, keep % W] = stored_qX[keep - p0]
         q_pos = torch.arange(p0, p1, device=dev)
         k_pos = torch.arange(lo, p1, device=dev)
         allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - W)

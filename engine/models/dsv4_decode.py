@@ -15,8 +15,9 @@ Per row s, its one query at position p = seq_lens_S[s] - 1 (device), its state s
 4. sink attention over [window | entries], `dsv4_paged_sink_attention`: the window rows read from the row's slot,
    the entries from their blocks: the picks (CSA) or every visible entry (HCA; none on a sliding layer). Rows a
    query may not see (a ring row from a slot's earlier request, a never-written entry) are read as zeros.
-Under an fp8 KV cache the entries and index keys are uint8 rows (kernels/dsv4.FP8Rows): step 2 writes them
-quantized, steps 3-4 dequantize them inside the paged ops (the layer's rope dims tell the entry layout).
+Under an fp8 KV cache the entries and index keys (and the window ring where the layer's config says so) are uint8
+rows (kernels/dsv4.FP8Rows): steps 1-2 write them quantized, steps 3-4 dequantize them inside the paged ops (the
+layer's rope dims tell the entry layout).
 Padding rows (state slot -1, a captured graph's rows past the batch) write back the null slot's and the null
 block's rows (nothing changes) and attend to nothing (sink only). The table's width bounds the entries a row may
 have (E = M Lc, a host size): no shape follows the lengths.
@@ -42,7 +43,7 @@ def decode_attention(layer, q_TNH, kv_TH, rows_TC, idx, ctx, paged, state) -> to
     live_T = slot_T >= 0
     write_T = torch.where(live_T, slot_T, state[0].shape[0] - 1)  # padding rows: the null slot (written back as is)
     table_TM = attn.block_tables_SM
-    _write_rows(state[0], write_T, p_T % cfg.sliding_window, kv_TH, live_T)
+    _write_rows(state[0], write_T, p_T % cfg.sliding_window, kv_TH, live_T, layer.window_rows)
     entries = picks_TK = visible_T = None
     if layer.compressor is not None:
         visible_T = (p_T + 1) // cfg.compress_rate
@@ -59,10 +60,11 @@ def decode_attention(layer, q_TNH, kv_TH, rows_TC, idx, ctx, paged, state) -> to
                            cfg.softmax_scale, rope_dims=cfg.rope.rotary_dim)
 
 
-def _write_rows(pool_PXC, slot_T, at_T, rows_TC, live_T) -> None:
-    """pool[slot, at] = row for live rows; padding rows write back what is there (no host branch)."""
+def _write_rows(pool_PXC, slot_T, at_T, rows_TC, live_T, fmt=None) -> None:
+    """pool[slot, at] = row (fp8-encoded by `fmt` where the pool holds bytes) for live rows; padding rows write back
+    what is there (no host branch)."""
     old = pool_PXC[slot_T, at_T]
-    pool_PXC[slot_T, at_T] = torch.where(live_T[:, None], rows_TC.to(pool_PXC.dtype), old)
+    pool_PXC[slot_T, at_T] = torch.where(live_T[:, None], write_form(pool_PXC, fmt, rows_TC), old)
 
 
 def _close_window(layer, comp, rows_TC, ring_PXC, entries_BLcX, fmt, p_T, slot_T, live_T, table_TM,

@@ -28,24 +28,37 @@ def dsv4_path(tmp_path_factory) -> str:
     return save_dsv4_checkpoint(tmp_path_factory.mktemp("dsv4_fp8"))
 
 
-def _fake_quantized_greedy(path: str, ps: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
-    """transformers' greedy tokens, no cache, with the cached tensors fake-quantized (module docstring)."""
+def _fake_quantized_greedy(path: str, ps: list[list[int]], max_new: int = MAX_NEW, window: bool = False,
+                           monkeypatch=None) -> list[list[int]]:
+    """transformers' greedy tokens, no cache, with the cached tensors fake-quantized (module docstring). `window`:
+    the window's raw kv too, which transformers computes inline: its rope call (`apply_rotary_pos_emb`, patched
+    through `monkeypatch`) returns it as [B, 1, S, H], as it does the compressors' entries, and nothing else of that
+    shape (queries have N heads there, the output's inverse rope S >= 2 rows: prompts of 2 tokens or more)."""
     from transformers import AutoModelForCausalLM
     from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_v4
 
     cfg = ModelConfig.from_pretrained(path, dtype="float64")
     csa = next(cfg.attention_for(i) for i in range(cfg.num_layers) if cfg.attention_for(i).layer_kind == "csa")
-    entries, keys = entry_rows(csa.head_dim, csa.rope.rotary_dim), index_key_rows(csa.index_head_dim)
+    H = csa.head_dim
+    entries, keys = entry_rows(H, csa.rope.rotary_dim), index_key_rows(csa.index_head_dim)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
     n_hooks = 0
     for mod in model.modules():
-        if isinstance(mod, (hf_v4.DeepseekV4HCACompressor, hf_v4.DeepseekV4CSACompressor)):
+        if isinstance(mod, (hf_v4.DeepseekV4HCACompressor, hf_v4.DeepseekV4CSACompressor)) and not window:
             mod.register_forward_hook(lambda _m, _a, out: (entries.round_trip(out[0]), out[1]))
             n_hooks += 1
         elif isinstance(mod, hf_v4.DeepseekV4IndexerScorer):
             mod.register_forward_pre_hook(lambda _m, a: (a[0], keys.round_trip(a[1]), *a[2:]))
             n_hooks += 1
-    assert n_hooks == 5  # 2 CSA + 1 HCA compressors, 2 indexers
+    assert n_hooks == (2 if window else 5)  # 2 CSA + 1 HCA compressors, 2 indexers
+    if window:
+        rope = hf_v4.apply_rotary_pos_emb
+
+        def rounded(x, cos, sin, *a, **kw):
+            out = rope(x, cos, sin, *a, **kw)
+            return entries.round_trip(out) if out.dim() == 4 and out.shape[1] == 1 and out.shape[-1] == H else out
+
+        monkeypatch.setattr(hf_v4, "apply_rotary_pos_emb", rounded)
     outs = []
     with torch.no_grad():
         for p in ps:
@@ -189,3 +202,45 @@ def test_fp8_pd_transfer_moves_the_rows_as_they_are(dsv4_path):
         if dec is not None:
             dec.close()
         pre.engine.shutdown()
+
+
+@pytest.fixture
+def fp8_window(monkeypatch):
+    """ModelConfig resolving every V4 layer's cache dtype (engine/config/dsv4.resolve_dsv4_cache) beside DSA's key
+    layout: the one call engine/config/model.py's __post_init__ does not make yet, made here by wrapping the call it
+    does make, so that the window ring is fp8 too."""
+    from moelink.engine.config import model as model_mod
+    from moelink.engine.config.dsv4 import resolve_dsv4_cache
+
+    real = model_mod.resolve_index_cache
+
+    def both(attention, layer_attention, dtype, cache_dtype, choice):
+        return resolve_dsv4_cache(*real(attention, layer_attention, dtype, cache_dtype, choice), cache_dtype)
+
+    monkeypatch.setattr(model_mod, "resolve_index_cache", both)
+    return monkeypatch
+
+
+@pytest.mark.slow
+def test_fp8_window_ring_greedy_equals_transformers_rounded_alike(dsv4_path, fp8_window):
+    """With the window ring in fp8 rows as well (each token's kv rounded as the entries are, a prefill chunk's own
+    keys included), greedy tokens equal transformers' with the window kv, the entries and the index keys rounded
+    alike; the state slot's window bytes shrink to the fp8 rows'."""
+    cfg = ModelConfig.from_pretrained(dsv4_path, dtype="float64", kv_cache_dtype="fp8")
+    csa = cfg.attention_for(1)
+    assert csa.window_fp8 and csa.state_dtypes(torch.float64)[0] == torch.uint8
+    # window 6 rows of 28 bytes (float64: 6 x 16 x 8) beside the float64 compressor rows
+    assert csa.state_bytes_per_sequence(torch.float64) == 6 * 28 + (4 * 64 + 4 * 32) * 8
+    ps = prompts(VOCAB, seed=11, n=6, lo=2, hi=150)
+    entries_only = _fake_quantized_greedy(dsv4_path, ps)  # (before the window's rounding is patched in)
+    want = _fake_quantized_greedy(dsv4_path, ps, window=True, monkeypatch=fp8_window)
+    llm = LLM(dsv4_path, dtype="float64", kv_cache_dtype="fp8", max_num_seqs=4, max_num_batched_tokens=48,
+              num_kv_blocks=128, block_size=8, num_state_checkpoints=16)
+    windows = [pools[0] for pools in llm.engine.executor.runner.state_caches.layers]
+    assert all(w.dtype == torch.uint8 and w.shape[-1] == 28 for w in windows)
+    assert_same(engine_greedy(llm, ps), want, ps)
+    hits_before = llm.engine.stats().prefix_cache_hits
+    assert_same(engine_greedy(llm, ps), want, ps)
+    assert llm.engine.stats().prefix_cache_hits > hits_before
+    assert_pool_free(llm)
+    assert want != entries_only  # rounding the window moves the tokens: the check bites

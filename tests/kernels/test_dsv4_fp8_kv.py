@@ -20,10 +20,10 @@ from tests.helpers.dsa_cases import assert_same_sets
 from tests.kernels.test_dsv4_paged import POS, Batch, _picks
 
 
-def _fp8_pages(b: Batch, gen, rows: FP8Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 pages [B, Lc, X] holding each row's visible entries encoded, every other row 0xFF; the same values
-    decoded, float64 [B, Lc, dim] with NaN rows where nothing was written)."""
-    vals = b.pages(gen, rows.dim) * 3
+def _fp8_pages(b: Batch, gen, rows: FP8Rows, window: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 pages [B, Lc, X] holding each row's visible entries encoded (window: the ring [P, W, X] of its seen
+    rows), every other row 0xFF; the same values decoded, float64 with NaN rows where nothing was written)."""
+    vals = (b.window(gen, rows.dim) if window else b.pages(gen, rows.dim)) * 3
     unwritten = torch.isnan(vals[..., 0])
     pages = rows.encode(torch.nan_to_num(vals))
     pages[unwritten] = 0xFF
@@ -70,25 +70,35 @@ def test_paged_indexer_topk_reads_fp8_keys(gen, kdev, m, topk, splits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["csa", "hca"])
+@pytest.mark.parametrize("kind,window_fp8", [("csa", False), ("csa", True), ("hca", False), ("hca", True),
+                                             ("sliding", True)])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-def test_paged_sink_attention_reads_fp8_entries(gen, kdev, check, dtype, kind, splits):
-    """H = 96 with 16 rope dims (80 e4m3 values: a full group and a partial one), N = 20 heads."""
+def test_paged_sink_attention_reads_fp8_entries(gen, kdev, check, dtype, kind, window_fp8, splits):
+    """H = 96 with 16 rope dims (80 e4m3 values: a full group and a partial one), N = 20 heads; the window ring
+    float or fp8 rows of the same layout; a sliding layer's fp8 window alone."""
     N, H, R, K, m = 20, 96, 16, 4, (2 if kind == "csa" else 3)
     b = Batch(gen, m)
     q = torch.randn(len(POS), N, H, generator=gen, dtype=torch.float64).to(dtype)
     sinks = torch.randn(N, generator=gen)
-    ring = b.window(gen, H).to(dtype)
+    if window_fp8:
+        ring, ring64 = _fp8_pages(b, gen, entry_rows(H, R), window=True)
+    else:
+        ring = b.window(gen, H).to(dtype)
+        ring64 = ring.double()
     pages, decoded = _fp8_pages(b, gen, entry_rows(H, R))
     picks = _picks(gen, b.visible, K) if kind == "csa" else None
-    want = reference_paged_sink_attention(q.double(), ring.double(), b.slot, b.pos, pages, b.table, picks, b.visible,
-                                          sinks, H**-0.5, rope_dims=R)
-    oracle = reference_paged_sink_attention(q.double(), ring.double(), b.slot, b.pos, decoded, b.table, picks,
-                                            b.visible, sinks, H**-0.5)
+    if kind == "sliding":
+        pages = decoded = table = visible = None
+    else:
+        table, visible = b.table, b.visible
+    want = reference_paged_sink_attention(q.double(), ring if window_fp8 else ring64, b.slot, b.pos, pages, table,
+                                          picks, visible, sinks, H**-0.5, rope_dims=R)
+    oracle = reference_paged_sink_attention(q.double(), ring64, b.slot, b.pos, decoded, table, picks, visible, sinks,
+                                            H**-0.5)
     assert torch.equal(want, oracle) and not torch.isnan(want).any()
-    got = triton_dsv4_paged_sink_attention(q.to(kdev), ring.to(kdev), b.slot.to(kdev), b.pos.to(kdev), pages.to(kdev),
-                                           b.table.to(kdev), None if picks is None else picks.to(kdev),
-                                           b.visible.to(kdev), sinks.to(kdev), H**-0.5, rope_dims=R,
+    dev = lambda x: None if x is None else x.to(kdev)  # noqa: E731
+    got = triton_dsv4_paged_sink_attention(q.to(kdev), ring.to(kdev), b.slot.to(kdev), b.pos.to(kdev), dev(pages),
+                                           dev(table), dev(picks), dev(visible), sinks.to(kdev), H**-0.5, rope_dims=R,
                                            num_splits=splits)
     assert got.dtype == dtype
     check(got[:-1], want[:-1], dtype, f"fp8 paged sink attention {kind} splits={splits}")
