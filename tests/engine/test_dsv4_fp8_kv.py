@@ -121,11 +121,25 @@ def test_kv_sizing_bytes_per_token_fp8_beside_bf16(dsv4_path):
         flash_csa.cache_shapes(4, 8, torch.float8_e5m2)
 
 
+# The fp8_window fixture's wrap, for the Triton run's own process.
+_WINDOW_PATCH = """
+from moelink.engine.config import model as _m
+from moelink.engine.config.dsv4 import resolve_dsv4_cache as _r
+_real = _m.resolve_index_cache
+def _both(a, la, dt, cdt, ch):
+    out = _r(*_real(a, la, dt, cdt, ch), cdt)
+    print("WINDOW_FP8", any(getattr(x, "window_fp8", False) for x in out[1]))
+    return out
+_m.resolve_index_cache = _both
+"""
+
+
 @pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
-def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
-    """The same fp8 engine on the Triton kernels (the decode steps' paged ops dequantizing the fp8 pages inside the
-    kernels: kernels/triton_dsv4_paged.py), in the interpreter on CPU, against the reference kernels, float32, token
-    for token (test_dsv4_triton's run, with kv_cache_dtype fp8)."""
+@pytest.mark.parametrize("window", [False, True])
+def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path, window, request):
+    """The same fp8 engine on the Triton kernels (the decode steps' paged ops dequantizing the fp8 pages, and the
+    fp8 window rows, inside the kernels: kernels/triton_dsv4_paged.py), in the interpreter on CPU, against the
+    reference kernels, float32, token for token (test_dsv4_triton's run, with kv_cache_dtype fp8)."""
     import json
     import os
     import subprocess
@@ -137,13 +151,18 @@ def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
     engine = {**ENGINE, "kv_cache_dtype": "fp8"}
     ps = prompts(VOCAB, seed=7, n=2, lo=11, hi=21)
     env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
-    proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, dsv4_path, json.dumps(ps), json.dumps(engine)], env=env,
+    script = (_WINDOW_PATCH if window else "") + _TRITON_RUN
+    proc = subprocess.run([sys.executable, "-c", script, dsv4_path, json.dumps(ps), json.dumps(engine)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
     assert calls.get("triton_dsv4_paged_sink_attention", 0) >= 4 and calls.get("triton_dsv4_paged_indexer_topk", 0) >= 2
+    assert ("WINDOW_FP8 True" in proc.stdout) == window
+    if window:
+        request.getfixturevalue("fp8_window")
     ref = LLM(dsv4_path, kernels="reference", **engine)
+    assert (ref.engine.executor.runner.state_caches.layers[0][0].dtype == torch.uint8) == window
     assert_same(got, engine_greedy(ref, ps, max_new=4), ps)
 
 
