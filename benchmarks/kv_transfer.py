@@ -9,21 +9,27 @@ for DeepSeek-V3, 4 KV heads x 128 x K and V for Qwen3-30B-A3B), the load time (w
 does: connect, header and layout check, and the bytes, each layer written into the cache blocks as it arrives,
 engine/kv_transfer/arrival.py), GB/s of the load, and the ratio to a host memcpy of the same bytes measured in the
 same run (a clone: the memcpy into fresh memory, page faults included, as a transport's buffers are). The planner's
-disaggregated serving reads `transport_gbps` from this JSON (planner/kv_handoff.py): moelink's transports stage
-KV in host memory on the prefill side, so that is what a handoff costs until a device-to-device transport exists.
+disaggregated serving reads `transport_gbps` from this JSON (planner/kv_handoff.py).
+
+"nixl_in_place" (not a transport name: NIXL with `nixl_in_place`, engine/kv_transfer/nixl_inplace.py) times what a
+load costs when the prefill rank holds the blocks in its cache (registered once) and the decode rank READs them
+straight into its own cache blocks (registered once, through the connector's ArrivalWriter): no host copy on
+either side; the other rows read a saved host copy (the prefill side's copy out of its cache is not timed there).
 The first load of each transport is not timed (NIXL: the two agents' UCX connection, ~0.1 s, made once per pair of
-ranks in a deployment, not per request).
+ranks in a deployment, not per request; in place also the caches' registrations, made once per rank).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import threading
 import time
 from pathlib import Path
 
 import torch
 
+from moelink.engine.kv_transfer.arrival import ArrivalWriter
 from moelink.engine.kv_transfer.store import SavedKVStore
 from moelink.engine.kv_transfer.transport import KV_TRANSPORTS, make_transport
 from moelink.engine.kv_transfer.blocks import PagedKVBlocks, SavedKV
@@ -96,6 +102,40 @@ def time_load(transport_name: str, saved: SavedKV, repeats: int) -> float:
     return best
 
 
+IN_PLACE = "nixl_in_place"
+
+
+def time_load_in_place(saved: SavedKV, repeats: int) -> float:
+    """Best of `repeats` NIXL loads in place (seconds): `saved`'s rows put in a prefill cache (registered once),
+    held there under a fresh key per load, READ into the decode cache's blocks by the connector's writer."""
+    prefill, client = make_transport("nixl", 10.0, 600.0), make_transport("nixl", 10.0, 600.0)
+    store = SavedKVStore(600.0, 1 << 40)
+    port = _free_port()
+    server = prefill.serve(store, "127.0.0.1", port)
+    src_kv, src_t = cache_like(saved)
+    src_kv.write(src_t, saved)
+    region = prefill.cache_region(src_kv)
+    kv, t = cache_like(saved)
+    best = float("inf")
+    try:
+        nblocks = len(saved.groups[0][0])
+        for i in range(-1, repeats):  # -1: the warm-up load, untimed
+            store.hold(f"k{i}", region.held(KVTransfer(i + 2, "bench", src_t.block_ids, saved.num_tokens,
+                                                       token_ids=saved.token_ids)), 600.0)
+            writer = ArrivalWriter(t, kv, 0, lambda: 0, threading.Lock())
+            t0 = time.perf_counter()
+            client.fetch("127.0.0.1", port, f"k{i}", saved.layout, list(saved.token_ids), nblocks, 600.0,
+                         torch.device("cpu"), on_group=writer)
+            if i >= 0:
+                best = min(best, time.perf_counter() - t0)
+            assert writer.nbytes == saved.nbytes and client.agent(serving=False).num_staged_bytes == 0
+    finally:
+        server.close()
+        prefill.close()
+        client.close()
+    return best
+
+
 def time_memcpy(saved: SavedKV, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -114,7 +154,7 @@ def run(shapes, tokens, transports, repeats) -> list[dict]:
             saved = saved_kv(shape, n)
             copy_s = time_memcpy(saved, repeats)
             for name in transports:
-                s = time_load(name, saved, repeats)
+                s = time_load_in_place(saved, repeats) if name == IN_PLACE else time_load(name, saved, repeats)
                 gb = saved.nbytes / 1e9
                 rows.append({"shape": shape, "tokens": n, "transport": name, "bytes": saved.nbytes, "load_s": s,
                              "transport_gbps": gb / s, "memcpy_gbps": gb / copy_s, "ratio_to_memcpy": copy_s / s})
@@ -127,7 +167,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="deepseek-v3,qwen3-30b-a3b")
     p.add_argument("--tokens", default="1024,4096")
-    p.add_argument("--transports", default=",".join(sorted(KV_TRANSPORTS)))
+    p.add_argument("--transports", default=",".join(sorted(KV_TRANSPORTS)),
+                   help=f"transport names, and {IN_PLACE} (NIXL reading the prefill cache's blocks in place)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write the rows and the machine here")
     ns = p.parse_args(argv)
@@ -137,8 +178,8 @@ def main(argv=None) -> int:
             p.error(f"--shape {s!r}: choose from {', '.join(SHAPES)}")
     transports = ns.transports.split(",")
     for t in transports:
-        if t not in KV_TRANSPORTS:
-            p.error(f"--transports {t!r}: choose from {', '.join(sorted(KV_TRANSPORTS))}")
+        if t not in KV_TRANSPORTS and t != IN_PLACE:
+            p.error(f"--transports {t!r}: choose from {', '.join(sorted(KV_TRANSPORTS) + [IN_PLACE])}")
     rows = run(shapes, [int(x) for x in ns.tokens.split(",")], transports, ns.repeats)
     if ns.json:
         out = {"benchmark": "kv_transfer", "machine": platform.platform(), "cpus": torch.get_num_threads(),

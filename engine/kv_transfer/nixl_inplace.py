@@ -55,6 +55,8 @@ def _dev_id(x: torch.Tensor) -> int:
 
 def in_place_ok(kv: PagedKVBlocks) -> str | None:
     """Why `kv` cannot be read in place (module docstring), or None when it can."""
+    if not isinstance(kv, PagedKVBlocks):
+        return "not a paged cache"
     if not kv.groups:
         return "no cache tensors"
     if any(kind == STATE for _, kind in kv.groups):

@@ -229,8 +229,11 @@ class RemoteWorkerSide:
                 self._done[t.transfer_id] = False
             return
         region = self._region(kv)
-        if region is not None:  # held in place until a decode rank reads it (nixl_inplace.py): nothing copied
-            self.store.hold(t.params, region.held(t), self.config.nixl_hold_s)
+        held = region.held(t) if region is not None else None
+        # Held in place until a decode rank reads it (nixl_inplace.py): nothing copied. Blocks held for decode
+        # engines that never come are bounded like saved copies (max_saved_bytes): past it, this one is copied.
+        if held is not None and self.store.held_nbytes + held.nbytes <= self.config.max_saved_bytes:
+            self.store.hold(t.params, held, self.config.nixl_hold_s)
             return
         self.store.expect(t.params)  # before the request's output can name the key to a decode engine
         try:

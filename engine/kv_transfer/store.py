@@ -12,10 +12,11 @@ first (`expect`, in the step that computes the prompt's last token, before the o
 announced key waits for its `put` (or `abandon`) within the fetch's own deadline (`peek(key, wait_s)`).
 
 Held entries (NIXL in place, engine/kv_transfer/nixl_inplace.py): `hold` keeps a `HeldKV`, which names blocks
-still in the rank's cache, not bytes; it counts nothing against `max_bytes`, is never evicted, and leaves by one
-way of three: claimed by a fetch (`take`) whose reply then ends (`release`: "read", or the peer gone, or the reply
-deadline), its own `hold_until` passing (`nixl_hold_s`), or `clear`. Each way out puts the save's transfer id in
-`released()`, which the rank's poll reports to the scheduler, which then frees the blocks.
+still in the rank's cache, not bytes; it counts nothing against `max_bytes` here (the rank saves by copy instead
+once `held_nbytes` would pass it: saves never fetched hold a bounded part of the pool), is never evicted, and
+leaves by one way of three: claimed by a fetch (`take`) whose reply then ends (`release`: "read", or the peer
+gone, or the reply deadline), its own `hold_until` passing (`nixl_hold_s`), or `clear`. Each way out puts the
+save's transfer id in `released()`, which the rank's poll reports to the scheduler, which then frees the blocks.
 """
 from __future__ import annotations
 
@@ -186,6 +187,12 @@ class SavedKVStore:
             del self._saved[key]
             self._bytes -= saved.nbytes
             self.counters.num_expired += 1
+
+    @property
+    def held_nbytes(self) -> int:
+        """The cache bytes the held entries not claimed yet name (the worker bounds them by `max_bytes` too)."""
+        with self._lock:
+            return sum(h.nbytes for h in self._held.values())
 
     @property
     def nbytes(self) -> int:

@@ -197,3 +197,51 @@ def test_held_entries_are_never_evicted_and_every_way_out_is_released():
     store.hold("d", held(4), 5.0)
     store.drop_held()  # an elastic rewind: the scheduler freed the blocks already, nothing to report
     assert store.released() == [] and len(store) == 0
+
+
+def test_the_worker_halves_hold_a_save_until_the_decode_side_read_it():
+    """RemoteWorkerSide over NIXL in place: the save is not reported (its blocks stay the scheduler's) until the
+    decode half's load has READ them, then the prefill poll reports it; the bytes exact, nothing staged."""
+    from moelink.engine.kv_transfer.config import RemoteSource
+    from moelink.engine.kv_transfer.auth import new_capability
+    from moelink.engine.kv_transfer.remote import RemoteWorkerSide
+
+    cap, port = new_capability(), free_port()
+    prefill = RemoteWorkerSide(RemoteKVConfig(port=port, transport="nixl"), 0)
+    decode = RemoteWorkerSide(RemoteKVConfig(fetch_timeout_s=10.0, transport="nixl"), 0)
+    try:
+        src = [tuple(torch.randn(6, 4, 2, 8) for _ in range(2)) for _ in range(2)]
+        prefill.start_save(KVTransfer(1, "req", [3, 1], 8, token_ids=tuple(range(8)), params=cap),
+                           PagedKVBlocks(src, None, 4))
+        assert prefill.poll() is None and prefill.store.counters.num_held == 1
+        dst = [tuple(torch.zeros_like(x) for x in layer) for layer in src]
+        t = KVTransfer(5, "req", [2, 4], 8, params=RemoteSource("127.0.0.1", port, 1, cap, tuple(range(8))))
+        decode.start_load(t, PagedKVBlocks(dst, None, 4))
+        for th in list(decode._fetches):
+            th.join(10)
+        assert decode.poll() == {5: True} and decode.stats.num_failed == 0
+        assert all(torch.equal(d[[2, 4]], s[[3, 1]]) for sl, dl in zip(src, dst) for s, d in zip(sl, dl))
+        assert decode.transport.agent(serving=False).num_staged_bytes == 0
+        wait_until(lambda: prefill.poll() == {1: True}, 10.0, "the prefill half to report the hold over")
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_held_blocks_are_bounded_by_max_saved_bytes_past_it_a_save_is_copied():
+    """Saves no decode engine fetches must not hold the whole pool: past max_saved_bytes of held blocks, the next
+    save takes the copy path (reported done at once, its blocks free)."""
+    from moelink.engine.kv_transfer.auth import new_capability
+    from moelink.engine.kv_transfer.remote import RemoteWorkerSide
+
+    src = [tuple(torch.randn(6, 4, 2, 8) for _ in range(2)) for _ in range(2)]
+    one = 2 * 2 * 2 * 4 * 2 * 8 * 4  # two blocks of every tensor, in bytes
+    side = RemoteWorkerSide(RemoteKVConfig(port=free_port(), transport="nixl", max_saved_bytes=one), 0)
+    try:
+        kv = PagedKVBlocks(src, None, 4)
+        for tid, blocks in ((1, [0, 1]), (2, [2, 3])):
+            side.start_save(KVTransfer(tid, "r", blocks, 8, token_ids=tuple(range(8)), params=new_capability()), kv)
+        assert side.poll() == {2: True}  # the copy; the first still held
+        assert (side.store.counters.num_held, side.store.counters.num_saved, side.store.held_nbytes) == (1, 2, one)
+    finally:
+        side.close()

@@ -158,8 +158,9 @@ def test_the_remote_side_loads_from_a_prefill_rank_end_to_end():
     """The worker halves of both roles over tcp: save (async form, done at once on CPU), then a load written on
     arrival and reported by the next poll, bytes exact."""
     port = free_port()
-    prefill = RemoteWorkerSide(RemoteKVConfig(port=port), 0)
-    decode = RemoteWorkerSide(RemoteKVConfig(fetch_timeout_s=10.0), 0)
+    # tcp as the docstring says (the default, nixl, holds the blocks in place: tests/engine/test_kv_nixl_inplace.py)
+    prefill = RemoteWorkerSide(RemoteKVConfig(port=port, transport="tcp"), 0)
+    decode = RemoteWorkerSide(RemoteKVConfig(fetch_timeout_s=10.0, transport="tcp"), 0)
     try:
         src = _cache(2, 8)
         prefill.start_save(KVTransfer(1, "req", [3, 1], 8, token_ids=tuple(range(8)), params=CAP),

@@ -218,7 +218,8 @@ def test_the_prefill_store_stays_bounded_by_ttl_and_bytes(tiny_model):
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=12, n=6, lo=8, hi=8)  # two blocks each: every entry the same size
     now = [0.0]
-    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), ttl_s=30.0))
+    # The host-copy store's bounds: NIXL in place holds blocks, not bytes (tests/engine/test_kv_nixl_inplace.py).
+    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), ttl_s=30.0, nixl_in_place=False))
     with LLM(path, kv_connector=conn, **KW) as pre:
         worker = pre.engine.executor.runner.kv_connector
         store = worker.store
