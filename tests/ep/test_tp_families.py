@@ -4,7 +4,8 @@ transformers itself:
 - Qwen3-Next: gated attention output (each head's gate rows read with its query rows) and gated DeltaNet layers
   (q/k head groups and their value heads split, conv channels and states per rank);
 - Qwen3.5-MoE: the same layers from split projections (in_proj_qkv / z / b / a) in a multimodal checkpoint;
-- MiniMax-M2: the q/k RMSNorm over all heads (each rank's mean square all-reduced);
+- MiniMax-M2: the q/k RMSNorm over all heads (each rank's mean square all-reduced), at -tp 4 too (kv heads
+  replicated);
 - DeepSeek-V2-Lite: MLA without q LoRA (q_proj by head, stacked with the whole kv_a_proj_with_mqa);
 - DeepSeek-V3.2: DeepSeek Sparse Attention (the lightning indexer whole on every rank, MLA heads split), prompts
   past index_topk so the decode steps run sparse.
@@ -24,11 +25,10 @@ KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blo
 NEW = 4
 
 
-def _tp_equals_one_rank(path: str, vocab: int, seed: int, lo: int = 1, hi: int = 30, **kw) -> None:
+def _tp_equals_one_rank(path: str, vocab: int, seed: int, lo: int = 1, hi: int = 30, tp: int = 2) -> None:
     ps = prompts(vocab, seed=seed, n=3, lo=lo, hi=hi)
-    kw = {**KW, **kw}
-    want = engine_greedy(LLM(path, **kw), ps, max_new=NEW)
-    llm = LLM(path, tensor_parallel_size=2, **kw)
+    want = engine_greedy(LLM(path, **KW), ps, max_new=NEW)
+    llm = LLM(path, tensor_parallel_size=tp, **KW)
     try:
         assert_same(engine_greedy(llm, ps, max_new=NEW), want, ps)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
@@ -42,9 +42,11 @@ def test_tp_hybrid_gated_attention_matches_one_rank(local_ray, hf_tiny_model, na
     _tp_equals_one_rank(hf_tiny_model(name), hf_checkpoints.VOCAB, seed=11)
 
 
-def test_tp_minimax_all_heads_norm_matches_one_rank(local_ray, tmp_path):
+# -tp 4: one q head per rank, and the 2 kv heads replicated (each counted twice in the all-reduced k mean square).
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_minimax_all_heads_norm_matches_one_rank(local_ray, tmp_path, tp):
     path = m2_checkpoints.save_m2_checkpoint(tmp_path, "minimax", num_hidden_layers=2)
-    _tp_equals_one_rank(path, m2_checkpoints.VOCAB, seed=13)
+    _tp_equals_one_rank(path, m2_checkpoints.VOCAB, seed=13, tp=tp)
 
 
 def test_tp_mla_without_q_lora_matches_one_rank(local_ray, hf_tiny_model):
