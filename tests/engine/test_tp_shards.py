@@ -52,11 +52,13 @@ REPLICATED = ("norm.weight", "layernorm.weight", ".gate.weight", "router.weight"
 
 
 # Also whole on every rank in the families of tests/ep/test_tp_families.py: DSA's indexer (every rank selects the
-# same positions), gated DeltaNet's norm weight (one [V] every head shares), Qwen3-Next's shared expert gate. Halved
+# same positions; GLM-5's layer sharing the last selection has none), GLM-5's a-projection biases (with their
+# whole weights), gated DeltaNet's norm weight (one [V] every head shares), Qwen3-Next's shared expert gate. Halved
 # there: MiniMax-M2's all-heads q/k norm weights (each rank's heads' part), gated DeltaNet's every projection, conv
 # channels, dt_bias and A_log (its head groups), DeepSeek-V2-Lite's q_proj (by head; kv_a whole).
-FAMILY_WHOLE = (".indexer.", "linear_attn.norm.weight", "shared_expert_gate.weight")
-FAMILIES = {"qwen3_next": "hf", "qwen3_5_moe": "hf", "dsv2_lite": "hf", "dsv32": "hf", "minimax": "m2"}
+FAMILY_WHOLE = (".indexer.", "q_a_proj.bias", "kv_a_proj_with_mqa.bias", "linear_attn.norm.weight",
+                "shared_expert_gate.weight")
+FAMILIES = {"qwen3_next": "hf", "qwen3_5_moe": "hf", "dsv2_lite": "hf", "dsv32": "hf", "glm5": "hf", "minimax": "m2"}
 
 
 @pytest.mark.parametrize("which", ["qwen3", "dsv3", "mixtral", "gpt_oss", *FAMILIES])
@@ -81,7 +83,7 @@ def test_each_rank_reads_its_shard(tiny_model, hf_tiny_model, tmp_path, which):
     if which in FAMILIES:  # the pieces these families shard their own way are among the halved ones
         halved = set(names) - set(whole)
         assert any(n.endswith({"qwen3_next": "in_proj_qkvz.weight", "qwen3_5_moe": "conv1d.weight",
-                               "dsv2_lite": "self_attn.q_proj.weight", "dsv32": "q_b_proj.weight",
+                               "dsv2_lite": "self_attn.q_proj.weight", "dsv32": "q_b_proj.weight", "glm5": "kv_b_proj.weight",
                                "minimax": "q_norm.weight"}[which]) for n in halved)
     for name in names:
         if name in whole:
@@ -90,8 +92,8 @@ def test_each_rank_reads_its_shard(tiny_model, hf_tiny_model, tmp_path, which):
             assert reads[0][name] == full[name] and name not in reads[1], name
         else:  # half each, never the other rank's half
             assert reads[0][name] == reads[1][name] == full[name] // 2, name
-    # DeepSeek-V3.2's indexer (wq_b: 16 heads of 16 from the q latent) is whole on every rank: a larger share here.
-    assert sum(reads[0].values()) < (0.65 if which == "dsv32" else 0.6) * sum(full.values())
+    # DSA's indexers (wq_b: 16 heads of 12-16 from the q latent) are whole on every rank: a larger share here.
+    assert sum(reads[0].values()) < (0.65 if which in ("dsv32", "glm5") else 0.6) * sum(full.values())
 
 
 def test_tp_refusals(tiny_model, hf_tiny_model):

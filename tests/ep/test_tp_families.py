@@ -7,8 +7,8 @@ transformers itself:
 - MiniMax-M2: the q/k RMSNorm over all heads (each rank's mean square all-reduced), at -tp 4 too (kv heads
   replicated);
 - DeepSeek-V2-Lite: MLA without q LoRA (q_proj by head, stacked with the whole kv_a_proj_with_mqa);
-- DeepSeek-V3.2: DeepSeek Sparse Attention (the lightning indexer whole on every rank, MLA heads split), prompts
-  past index_topk so the decode steps run sparse.
+- DeepSeek-V3.2 and GLM-5: DeepSeek Sparse Attention (the lightning indexer whole on every rank, MLA heads split),
+  prompts past index_topk so prefill and decode run sparse.
 What each rank reads is checked by tests/engine/test_tp_shards.py. Lean: 3 prompts, 4 new tokens each."""
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def test_tp_mla_without_q_lora_matches_one_rank(local_ray, hf_tiny_model):
     _tp_equals_one_rank(hf_tiny_model("dsv2_lite"), hf_checkpoints.VOCAB, seed=17)
 
 
-def test_tp_sparse_attention_matches_one_rank(local_ray, hf_tiny_model):
-    # index_topk 8: prompts of 12..30 tokens select 8 of their positions at every decode step.
-    _tp_equals_one_rank(hf_tiny_model("dsv32"), hf_checkpoints.VOCAB, seed=19, lo=12, hi=30)
+# GLM-5 too: a layer attending to the previous indexer's selection, interleaved indexer rope, MLA biases.
+@pytest.mark.parametrize("name", ["dsv32", "glm5"])
+def test_tp_sparse_attention_matches_one_rank(local_ray, hf_tiny_model, name):
+    # index_topk 8 / 12: prompts of 14..30 tokens select that many of their positions at every step.
+    _tp_equals_one_rank(hf_tiny_model(name), hf_checkpoints.VOCAB, seed=19, lo=14, hi=30)
