@@ -65,9 +65,9 @@ def split_qkv_rows(la: LinearAttentionConfig, g0: int, groups: int) -> torch.Ten
     """The rows of Qwen3.5's in_proj_qkv ([q of every head | k | v], heads in order), and the channels of conv1d,
     that belong to the q/k head groups [g0, g0 + groups): three contiguous runs, q's, k's and v's."""
     K, V, r = la.head_k_dim, la.head_v_dim, la.num_v_heads // la.num_k_heads
-    run = lambda start, n: start + torch.arange(n)  # noqa: E731
-    return torch.cat([run(g0 * K, groups * K), run(la.key_dim + g0 * K, groups * K),
-                      run(2 * la.key_dim + g0 * r * V, groups * r * V)])
+    q0, k0, v0 = g0 * K, la.key_dim + g0 * K, 2 * la.key_dim + g0 * r * V
+    return torch.cat([torch.arange(q0, q0 + groups * K), torch.arange(k0, k0 + groups * K),
+                      torch.arange(v0, v0 + groups * r * V)])
 
 
 class GatedRMSNorm(nn.Module):
