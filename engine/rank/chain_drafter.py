@@ -34,6 +34,11 @@ such drafts are never verified (the scheduler keeps verified drafts inside max_m
 Expert parallelism: a layer with routed experts (MTP) dispatches like a main layer, so every rank runs k of its
 forwards per step that runs a forward anywhere (catch-up, k - 1 chain steps; `moe_only_stages` where it has no
 rows), in the same order. A dense layer (EAGLE-3) has no collective: a rank without rows runs nothing.
+
+Tensor parallelism: every rank of a TP group runs the same forwards on the same rows (one SchedulerOutput, and the
+verify step's tokens and accepted counts are the group's first rank's: engine/rank/spec_verify.py), so a layer
+split over the group (MTP) pairs its all-reduces and gathers; a replicated one (EAGLE-3) computes the same drafts
+on every rank. The group's first rank's drafts are the ones verified.
 """
 from __future__ import annotations
 

@@ -28,8 +28,6 @@ from moelink.engine import LLM, SamplingParams
 
 from tests.helpers.recording_drafter import RecordingDrafter
 
-pytestmark = pytest.mark.slow
-
 N_PROMPTS, NEW = 4, 6
 KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=64, block_size=8)
 PARAMS = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, detokenize=False)
