@@ -23,7 +23,8 @@ index heads), tcgen05 on sm_100; the attention on mma.sync (16 heads a program, 
 
 No host sync and no data-dependent shape: the sizes come from the tensors' shapes (the table width bounds E).
 Activations float32 / bfloat16 / float16; keys and window rows are cast to the query's dtype as they are read.
-An fp8 KV cache's pages (uint8 rows, kernels/dsv4.FP8Rows) are dequantized as they are read (`load_fp8_rows`: the
+An fp8 KV cache's pages and window rows (uint8 rows, kernels/dsv4.FP8Rows) are dequantized as they are read
+(`load_fp8_rows`: the
 e4m3 bytes times their group's float32 scale, the bfloat16 rope values widened; float32, then the query's dtype, as
 the references decode them): the kernels read ~0.6 of a bf16 cache's bytes and make no dequantized copy.
 """

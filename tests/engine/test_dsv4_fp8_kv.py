@@ -9,6 +9,8 @@ step, decode and prefix-cache hits, must equal it token for token.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -116,6 +118,14 @@ def test_kv_sizing_bytes_per_token_fp8_beside_bf16(dsv4_path):
     print(f"kv bytes per token of context: tiny V4 bf16 {tiny[0]} fp8 {tiny[1]} ({tiny[1] / tiny[0]:.2f}x); "
           f"V4-Flash CSA layer bf16 {flash[0][0]} fp8 {flash[0][1]} ({flash[0][1] / flash[0][0]:.2f}x), HCA layer "
           f"bf16 {flash[1][0]} fp8 {flash[1][1]}")
+    # the state slot: the window ring in fp8 rows (once resolved: resolve_dsv4_cache), the compressor rows float32
+    state = [(a.state_bytes_per_sequence(torch.bfloat16),
+              dataclasses.replace(a, cache_dtype=torch.float8_e4m3fn).state_bytes_per_sequence(torch.bfloat16))
+             for a in (flash_csa, flash_hca)]
+    # CSA: window 128 x 1024 -> 128 x 604, rows 8 x 2048 x 4 + 8 x 512 x 4; HCA: rows 128 x 1024 x 4
+    assert state == [(131072 + 65536 + 16384, 77312 + 65536 + 16384), (131072 + 524288, 77312 + 524288)]
+    print(f"V4-Flash state bytes per sequence and layer: CSA bf16 window {state[0][0]} fp8 window {state[0][1]}, HCA "
+          f"{state[1][0]} / {state[1][1]} (the float32 compressor rows dominate HCA's)")
     assert fp8.attention_for(1).cache_dtypes(fp8.cache_dtype) == (torch.uint8, torch.uint8)
     with pytest.raises(ValueError, match="kv_cache_dtype=torch.float8_e5m2 is not supported for DeepSeek-V4"):
         flash_csa.cache_shapes(4, 8, torch.float8_e5m2)
