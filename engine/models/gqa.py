@@ -184,5 +184,6 @@ def gate_rows(num_heads: int, head_dim: int, groups: int = 1) -> torch.Tensor:
     ColumnParallel) are one contiguous range of the checkpoint, read alone."""
     per = num_heads // groups
     base = torch.arange(per)[:, None] * 2 * head_dim
-    one = torch.cat([(base + torch.arange(head_dim)).reshape(-1), (base + head_dim + torch.arange(head_dim)).reshape(-1)])
+    dims = torch.arange(head_dim)
+    one = torch.cat([(base + dims).reshape(-1), (base + head_dim + dims).reshape(-1)])
     return (torch.arange(groups)[:, None] * per * 2 * head_dim + one[None, :]).reshape(-1)

@@ -83,8 +83,8 @@ def test_each_rank_reads_its_shard(tiny_model, hf_tiny_model, tmp_path, which):
     if which in FAMILIES:  # the pieces these families shard their own way are among the halved ones
         halved = set(names) - set(whole)
         assert any(n.endswith({"qwen3_next": "in_proj_qkvz.weight", "qwen3_5_moe": "conv1d.weight",
-                               "dsv2_lite": "self_attn.q_proj.weight", "dsv32": "q_b_proj.weight", "glm5": "kv_b_proj.weight",
-                               "minimax": "q_norm.weight"}[which]) for n in halved)
+                               "dsv2_lite": "self_attn.q_proj.weight", "dsv32": "q_b_proj.weight",
+                               "glm5": "kv_b_proj.weight", "minimax": "q_norm.weight"}[which]) for n in halved)
     for name in names:
         if name in whole:
             assert reads[0][name] == reads[1][name] == full[name], name
