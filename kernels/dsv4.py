@@ -294,6 +294,6 @@ def reference_hc_expand(x_TnD: torch.Tensor, out_TD: torch.Tensor, post_Tn: torc
 
 
 __all__ = ["ENTRY_SCALE_GROUP", "FP8Rows", "INDEX_SCALE_GROUP", "entry_rows", "gather_paged_rows", "index_key_rows",
-           "is_fp8_pages", "read_rows", "write_form", "reference_compress", "reference_grouped_linear", "reference_hc_expand",
+           "is_fp8_pages", "read_rows", "reference_compress", "reference_grouped_linear", "reference_hc_expand",
            "reference_indexer_topk", "reference_paged_indexer_topk", "reference_paged_sink_attention",
-           "reference_rms_norm_f32", "reference_rope_tail", "reference_sink_attention", "window_seen"]
+           "reference_rms_norm_f32", "reference_rope_tail", "reference_sink_attention", "window_seen", "write_form"]

@@ -125,7 +125,8 @@ def triton_dsv4_paged_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys
     _paged_scores_kernel[(T, G)](
         q, w, k8, ks, kr, table, lens_T, scores, E, G, nI, I, Lc, I**-0.5, nI**-0.5, q.stride(0), q.stride(1),
         w.stride(0), keys.stride(0), keys.stride(1), table.stride(0), scores.stride(0), nope, rope, s0, r0,
-        GROUP=group, FP8=fp8 is not None, BLOCK_NI=max(16, triton.next_power_of_2(nI)), BLOCK_I=max(16, triton.next_power_of_2(I)), BLOCK_E=block_e,
+        GROUP=group, FP8=fp8 is not None, BLOCK_NI=max(16, triton.next_power_of_2(nI)),
+        BLOCK_I=max(16, triton.next_power_of_2(I)), BLOCK_E=block_e,
         INTERPRET=interp, PREC=common.dot_precision(q.dtype), num_warps=warps)
     select_topk(scores, lens_T, top_k, out, sms, num_splits=num_splits)
     return out
@@ -313,13 +314,13 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     heads = triton.cdiv(N, block_n)
     _paged_sink_attention_kernel[(T, heads, splits)](
         q, w8, ws, wr, slot_T.to(torch.int32), pos_T.to(torch.int32), p8, ps, pr, table, picks,
-        visible_T.to(torch.int32),
-        sinks, out, part, ml, float(scale), N, H, W, KE, Lc, nope, rope, s0, r0, q.stride(0), q.stride(1), win.stride(0), win.stride(1),
+        visible_T.to(torch.int32), sinks, out, part, ml, float(scale), N, H, W, KE, Lc, nope, rope, s0, r0,
+        q.stride(0), q.stride(1), win.stride(0), win.stride(1),
         pages.stride(0), pages.stride(1), table.stride(0), picks.stride(0), out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2), ml.stride(0), ml.stride(1), ml.stride(2), splits,
-        GROUP=group, FP8=fp8 is not None, WIN_FP8=win_fp8 is not None, PICKS=picks_TK is not None, PARTIAL=splits > 1, BLOCK_N=block_n,
-        BLOCK_H=block_h, BLOCK_S=block_s,
-        INTERPRET=interp, PREC=common.dot_precision(q.dtype), num_warps=4 if block_h <= 128 else 8)
+        GROUP=group, FP8=fp8 is not None, WIN_FP8=win_fp8 is not None, PICKS=picks_TK is not None,
+        PARTIAL=splits > 1, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_S=block_s, INTERPRET=interp,
+        PREC=common.dot_precision(q.dtype), num_warps=4 if block_h <= 128 else 8)
     if splits > 1:
         _paged_merge_kernel[(T, heads)](
             part, ml, sinks, out, N, H, splits, part.stride(0), part.stride(1), part.stride(2), ml.stride(0),
@@ -328,4 +329,5 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     return out
 
 
-__all__ = ["attention_splits", "fp8_page_args", "load_fp8_rows", "num_sms", "triton_dsv4_paged_indexer_topk", "triton_dsv4_paged_sink_attention"]
+__all__ = ["attention_splits", "fp8_page_args", "load_fp8_rows", "num_sms", "triton_dsv4_paged_indexer_topk",
+           "triton_dsv4_paged_sink_attention"]

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelink.kernels.dsv4 import entry_rows, is_fp8_pages, read_rows, reference_rms_norm_f32, reference_rope_tail, write_form
+from moelink.kernels.dsv4 import (entry_rows, is_fp8_pages, read_rows, reference_rms_norm_f32, reference_rope_tail,
+                                  write_form)
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.dsv4 import DSV4AttentionConfig
