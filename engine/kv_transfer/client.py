@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 
 from .auth import NO_SECRET, PeerAuth
-from .wire import VERSION, Deadline, layout_to_json, recv_header, send_header, tokens_to_bytes
+from .wire import MAX_HEADER_BYTES, VERSION, Deadline, layout_to_json, recv_header, send_header, tokens_to_bytes
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,16 @@ def first(deadline: Deadline, seconds: float, what: str) -> Deadline:
     return Deadline(min(seconds, max(deadline.left(), 0.0)), what)
 
 
+REPLY_BYTES_PER_BLOCK = 48  # what an ok reply's header may spend per block and group: an index, in place an id too
+
+
 def request_kv(sock: socket.socket, where: str, key: str, layout: tuple, token_ids, deadline: Deadline,
-               first_byte_s: float, auth: PeerAuth | None = None, extra=None) -> dict:
+               first_byte_s: float, auth: PeerAuth | None = None, extra=None, max_blocks: int = 0) -> dict:
     """Handshake, request, and the first reply header (the caller reads the rest, or the refusal in it). `extra()`,
     when given, is called after the handshake and its dict joins the request header (the collective transport
-    opens its rendezvous only for an authenticated peer)."""
+    opens its rendezvous only for an authenticated peer). The reply header is bounded by what was asked: the
+    fixed header bound plus `REPLY_BYTES_PER_BLOCK` per group and block of the `max_blocks` asked for (the header
+    lists each group's block entries: a long prompt's passes a fixed 64 KiB)."""
     (auth or NO_SECRET).client(sock, first(deadline, first_byte_s, f"{where}: the handshake"), where)
     ids = tokens_to_bytes(token_ids)
     header = {"v": VERSION, "key": key, "layout": layout_to_json(layout), "num_tokens": len(token_ids)}
@@ -42,7 +47,8 @@ def request_kv(sock: socket.socket, where: str, key: str, layout: tuple, token_i
     send_header(sock, header, deadline)
     deadline.left(sock)
     sock.sendall(ids)
-    return recv_header(sock, first(deadline, first_byte_s, f"{where}: the reply"))
+    return recv_header(sock, first(deadline, first_byte_s, f"{where}: the reply"),
+                       MAX_HEADER_BYTES + len(layout) * max_blocks * REPLY_BYTES_PER_BLOCK)
 
 
-__all__ = ["FetchTimeouts", "first", "request_kv"]
+__all__ = ["FetchTimeouts", "REPLY_BYTES_PER_BLOCK", "first", "request_kv"]

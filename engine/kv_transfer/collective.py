@@ -198,7 +198,7 @@ def collective_fetch(host: str, port: int, key: str, layout: tuple, token_ids: l
         with socket.create_connection((host, port), timeout=min(connect_timeout_s, deadline.left())) as sock:
             # The rendezvous opens after the handshake: a listener only for a peer that passed it.
             reply = request_kv(sock, where, key, layout, token_ids, deadline, first_byte_s, auth,
-                               lambda: pair.open(sock.getsockname()[0]))
+                               lambda: pair.open(sock.getsockname()[0]), max_blocks)
             if reply.get("ok") is not True:
                 refused = True
                 raise KVFetchError(f"{host}:{port} refused: {reply.get('error', 'no reason given')}")

@@ -25,9 +25,9 @@ skip UCX's connection set-up (measured: ~80 ms the first time, < 1 ms after).
 
 In place (the default, `RemoteKVConfig.nixl_in_place`; engine/kv_transfer/nixl_inplace.py): the prefill rank's
 paged cache is registered once and a saved request's blocks are held in it, not copied; the reply names the
-request's block rows (`nixl.blocks`, with the metadata of the registration made once) instead of host rows, step 4
-releases the hold instead of deregistering, and a decode rank whose connector writes the load READs those rows
-straight into its own blocks (its cache registered once too). The copy path above stays for what in place does
+request's block ids and where its rows lie (`nixl.tables`, `nixl.tensors`; the metadata of the registration made
+once) instead of host rows, step 4 releases the hold instead of deregistering, and a decode rank whose connector
+writes the load READs those rows straight into its own blocks (its cache registered once too). The copy path above stays for what in place does
 not cover (nixl_inplace.py's docstring: caches with per-sequence state, registrations NIXL refuses).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ import torch
 from .auth import PeerAuth
 from .blocks import SavedKV
 from .client import FetchTimeouts, request_kv
-from .nixl_inplace import CacheRegions, HeldKV, read_held, reply_held
+from .nixl_inplace import CacheRegions, HeldKV, deliver, read_held, reply_held
 from .server import KVSocketServer, ServerLimits
 from .store import SavedKVStore
 from .wire import (MAX_HELLO_BYTES, Deadline, KVFetchError, recv_header, recv_saved, saved_header, send_header)
@@ -311,7 +311,8 @@ def nixl_fetch(agent: NixlAgent, host: str, port: int, key: str, layout: tuple, 
     remote = None
     try:
         with socket.create_connection((host, port), timeout=min(connect_timeout_s, deadline.left())) as sock:
-            reply = request_kv(sock, where, key, layout, token_ids, deadline, first_byte_s, auth)
+            reply = request_kv(sock, where, key, layout, token_ids, deadline, first_byte_s, auth,
+                               max_blocks=max_blocks)
             if reply.get("ok") is not True:
                 raise KVFetchError(f"{host}:{port} refused: {reply.get('error', 'no reason given')}")
             # Every shape checked against this rank's layout and `max_blocks` before a byte is allocated or read.
@@ -321,7 +322,7 @@ def nixl_fetch(agent: NixlAgent, host: str, port: int, key: str, layout: tuple, 
             if not isinstance(nixl, dict) or not isinstance(nixl.get("agent"), str) \
                     or not isinstance(nixl.get("meta"), str):
                 raise KVFetchError("a NIXL reply without its agent's name and metadata")
-            if "blocks" in nixl:  # held in place on the prefill rank (nixl_inplace.py)
+            if "tables" in nixl:  # held in place on the prefill rank (nixl_inplace.py)
                 groups = read_held(agent, nixl, plan, on_group, deadline, pin)
                 send_header(sock, {"read": True}, deadline)
                 deadline.left(sock)
@@ -354,16 +355,7 @@ def nixl_fetch(agent: NixlAgent, host: str, port: int, key: str, layout: tuple, 
                         k += 1
                     views.append(tuple(rows))
                     handles.append(agent.read(remote, local, far) if local else None)
-                groups = []
-                for g, (idx, _) in enumerate(plan.groups):
-                    if handles[g] is not None:
-                        agent.wait(handles[g], deadline)
-                        handles[g] = None
-                    if on_group is not None:
-                        on_group(g, idx, views[g])  # written into the cache blocks while later groups arrive
-                        groups.append((idx, ()))
-                    else:
-                        groups.append((idx, tuple(v.clone() for v in views[g])))
+                groups = deliver(agent, plan, handles, views, deadline, on_group)
                 failed = False
             finally:
                 for h in handles:

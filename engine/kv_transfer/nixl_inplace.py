@@ -85,10 +85,14 @@ def entries(kv: PagedKVBlocks, t: KVTransfer, kind: str) -> list[int]:
 @dataclass
 class HeldKV(SavedKV):
     """A saved request whose blocks stay in the prefill rank's cache (module docstring). `groups` carries `meta`
-    tensors of the rows' shapes (what the reply header announces; nothing is allocated); `descs[g][j]`: the
-    (address, bytes) of each of the group's block rows in tensor j; `ready`: a CUDA event the reply waits for."""
+    tensors of the rows' shapes (what the reply header announces; nothing is allocated); `tables`: the request's
+    block ids, one list per table kind the groups read; `tensors[g]`: (which of `tables` group g reads, per tensor
+    (base address, bytes between blocks, row bytes)), so block row b of tensor j is at base + b * stride (the reply
+    stays small: a table's ids once, not an address per block and layer); `ready`: a CUDA event the reply waits
+    for."""
 
-    descs: list = field(default_factory=list)
+    tables: list = field(default_factory=list)
+    tensors: list = field(default_factory=list)
     transfer_id: int = -1
     ready: object = None
     hold_until: float = 0.0  # the store's clock time the hold ends at (SavedKVStore.hold sets it)
@@ -117,20 +121,23 @@ class CacheRegion:
         """`t`'s blocks named in place (module docstring); on CUDA after an event recorded now, in stream order
         after the step that wrote them."""
         kv = self.kv
-        groups, descs = [], []
+        groups, tables, kinds, layout = [], [], {}, []
         for tensors, kind in kv.groups:
             idx = entries(kv, t, kind)
-            table = kv._table(t, kind)
-            ids = [table[i] for i in idx]
+            if kind not in kinds:
+                table = kv._table(t, kind)
+                kinds[kind] = len(tables)
+                tables.append([table[i] for i in idx])
             rows = tuple(torch.empty((len(idx),) + tuple(x.shape[1:-1]) + (x.shape[-1] * x.element_size(),),
                                      dtype=torch.uint8, device="meta") for x in tensors)
             groups.append((idx, rows))
-            descs.append([row_descs(x, ids) for x in tensors])
+            layout.append((kinds[kind], [(x.data_ptr(), x.stride(0) * x.element_size(),
+                                          x[0].numel() * x.element_size()) for x in tensors]))
         ready = None
         if kv.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(kv.device))
-        return HeldKV(t.num_tokens, t.token_ids, kv.layout, groups, descs, t.transfer_id, ready, region=self)
+        return HeldKV(t.num_tokens, t.token_ids, kv.layout, groups, tables, layout, t.transfer_id, ready, region=self)
 
     def local_descs(self, t: KVTransfer, g: int, idx: list[int]) -> tuple[list[int], list[list[tuple[int, int]]]]:
         """For a load of `t`: which of group g's announced entries `idx` land here (positions into `idx`) and, per
@@ -181,19 +188,42 @@ def announced_blocks(nixl: dict, plan: SavedKV) -> tuple[list, str, int]:
     """A held reply's block rows, per group and tensor (row bytes, [address per announced entry]), checked against
     `plan` (the reply header as this rank's layout reads it), with the prefill memory's type and device id."""
     try:
-        blocks = [[(int(row), [int(a) for a in addrs]) for row, addrs in g] for g in nixl["blocks"]]
+        tables = [[int(b) for b in ids] for ids in nixl["tables"]]
+        layout = [(int(ti), [(int(a), int(st), int(row)) for a, st, row in ts]) for ti, ts in nixl["tensors"]]
         far_mem, far_dev = nixl["mem"], int(nixl["dev"])
     except (KeyError, TypeError, ValueError) as exc:
         raise KVFetchError(f"a NIXL reply without its blocks' addresses: {exc!r}") from None
-    if far_mem not in ("DRAM", "VRAM") or len(blocks) != len(plan.groups):
+    if far_mem not in ("DRAM", "VRAM") or len(layout) != len(plan.groups):
         raise KVFetchError("a NIXL reply whose blocks do not match its groups")
-    for (idx, rows), g in zip(plan.groups, blocks):
-        if len(g) != len(rows):
+    blocks = []
+    for (idx, rows), (ti, ts) in zip(plan.groups, layout):
+        if not 0 <= ti < len(tables) or len(tables[ti]) != len(idx) or len(ts) != len(rows):
             raise KVFetchError("a NIXL reply whose blocks do not match its groups")
-        for r, (row, addrs) in zip(rows, g):
-            if len(addrs) != len(idx) or row != int(torch.Size(r.shape[1:]).numel()):
-                raise KVFetchError("a NIXL reply whose block rows are not its shapes'")
+        if any(row != int(torch.Size(r.shape[1:]).numel()) for r, (_, _, row) in zip(rows, ts)):
+            raise KVFetchError("a NIXL reply whose block rows are not its shapes'")
+        blocks.append([(row, [a + b * st for b in tables[ti]]) for a, st, row in ts])
     return blocks, far_mem, far_dev
+
+
+def deliver(agent, plan: SavedKV, handles: list, views: list, deadline: Deadline, on_group, landed=None) -> list:
+    """Each group handed on as its READ (`handles[g]`, None: nothing to read) completes, in order, while the later
+    ones are still in flight: to `landed(g, nbytes)` when it was READ into the cache blocks, else to
+    `on_group(g, idx, rows)`, else kept (cloned out of the reused buffer). A handle waited for is set to None (the
+    caller releases the rest). Returns the SavedKV's groups (no rows when handed on)."""
+    groups = []
+    for g, (idx, _) in enumerate(plan.groups):
+        if handles[g] is not None:
+            agent.wait(handles[g], deadline)
+            handles[g] = None
+        if landed is not None:
+            landed(g, views[g])
+        elif on_group is not None:
+            on_group(g, idx, views[g])  # written into the cache blocks while later groups arrive
+        else:
+            groups.append((idx, tuple(v.clone() for v in views[g])))
+            continue
+        groups.append((idx, ()))
+    return groups
 
 
 def read_blocks(agent, remote: str, nixl: dict, plan: SavedKV, on_group, deadline: Deadline, pin: bool) -> list:
@@ -234,20 +264,7 @@ def read_blocks(agent, remote: str, nixl: dict, plan: SavedKV, on_group, deadlin
                 views.append(tuple(vs))
                 mem = ("DRAM", 0)
             handles.append(agent.read_descs(remote, local, mem, far, (far_mem, far_dev)) if local else None)
-        groups = []
-        for g, (idx, _) in enumerate(plan.groups):
-            if handles[g] is not None:
-                agent.wait(handles[g], deadline)
-                handles[g] = None
-            if region is not None:
-                writer.landed(g, views[g])
-                groups.append((idx, ()))
-            elif on_group is not None:
-                on_group(g, idx, views[g])
-                groups.append((idx, ()))
-            else:
-                groups.append((idx, tuple(v.clone() for v in views[g])))
-        return groups
+        return deliver(agent, plan, handles, views, deadline, on_group, writer.landed if region is not None else None)
     finally:
         for h in handles:
             if h is not None:
@@ -259,11 +276,11 @@ def read_blocks(agent, remote: str, nixl: dict, plan: SavedKV, on_group, deadlin
 
 
 
-def reply_held(conn: socket.socket, agent, store, held: HeldKV,
-                deadline: Deadline) -> None:
-    """The ok reply for blocks held in place: exactly this request's block rows (address per entry, row bytes) in
-    the cache registered once, its registration's metadata; the hold ends when the reader says "read", goes away,
-    or the reply deadline passes (the store then reports it to the scheduler, which frees the blocks)."""
+def reply_held(conn: socket.socket, agent, store, held: HeldKV, deadline: Deadline) -> None:
+    """The ok reply for blocks held in place: exactly this request's block ids (per table) and where each group's
+    tensors' rows lie in the cache registered once (HeldKV), its registration's metadata; the hold ends when the
+    reader says "read", goes away, or the reply deadline passes (the store then reports it to the scheduler, which
+    frees the blocks)."""
     try:
         if held.ready is not None:
             held.ready.synchronize()  # host sync, on this connection's thread: the step that wrote these blocks
@@ -271,8 +288,7 @@ def reply_held(conn: socket.socket, agent, store, held: HeldKV,
         header = saved_header(held)
         header["nixl"] = {"agent": agent.name, "meta": base64.b64encode(region.meta).decode(), "mem": region.mem,
                           "dev": region.dev_id,
-                          "blocks": [[[int(torch.Size(r.shape[1:]).numel()), [a for a, _ in d]] for r, d in zip(rows, g)]
-                                     for (_, rows), g in zip(held.groups, held.descs)]}
+                          "tables": held.tables, "tensors": held.tensors}
         send_header(conn, header, deadline)
         recv_header(conn, deadline, MAX_HELLO_BYTES)  # "read": its READs are done or abandoned
     finally:
@@ -294,5 +310,5 @@ def read_held(agent, nixl: dict, plan: SavedKV, on_group, deadline: Deadline, pi
         turn.release()
 
 
-__all__ = ["CacheRegion", "CacheRegions", "HeldKV", "announced_blocks", "entries", "in_place_ok", "mem_type",
+__all__ = ["CacheRegion", "CacheRegions", "HeldKV", "announced_blocks", "deliver", "entries", "in_place_ok", "mem_type",
            "read_blocks", "read_held", "reply_held", "row_descs"]

@@ -166,7 +166,8 @@ def shm_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             deadline.left(sock)
             sock.connect(path)
-            reply = request_kv(sock, where, key, layout, token_ids, deadline, first_byte_s, auth)
+            reply = request_kv(sock, where, key, layout, token_ids, deadline, first_byte_s, auth,
+                               max_blocks=max_blocks)
             if reply.get("fd") is not True:
                 raise KVFetchError(f"{path} refused: {reply.get('error', 'no reason given')}")
             deadline.left(sock)

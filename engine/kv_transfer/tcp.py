@@ -49,7 +49,8 @@ def tcp_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int
     deadline = Deadline(timeout_s, where)
     try:
         with socket.create_connection((host, port), timeout=min(connect_timeout_s, deadline.left())) as sock:
-            reply = request_kv(sock, where, key, layout, token_ids, deadline, first_byte_s, auth)
+            reply = request_kv(sock, where, key, layout, token_ids, deadline, first_byte_s, auth,
+                               max_blocks=max_blocks)
             if reply.get("ok") is not True:
                 raise KVFetchError(f"{host}:{port} refused: {reply.get('error', 'no reason given')}")
             staging = Staging(pin, reuse=on_group is not None)

@@ -32,6 +32,17 @@ pytestmark = pytest.mark.skipif(not nixl_available(), reason="the nixl package i
 TOKENS = list(range(10))
 
 
+def request_without_handshake(port: int) -> bytes:
+    """What a server answers a KV request sent with no handshake before it (all of it, until it closes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:
+        sock.sendall(b'MLKV\x00\x00\x00\x20{"key":"k","v":3,"num_tokens":10}')
+        sock.settimeout(5.0)
+        answer = b""
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    return answer
+
+
 def settle(llm) -> None:
     """One short request through a prefill engine: its steps' polls report the holds that ended while it was idle
     (a held save does not keep an engine stepping: scheduler/kv_connector.py), so their blocks go back."""
@@ -116,12 +127,7 @@ def test_an_unauthenticated_client_gets_nothing(pair, monkeypatch):
     with pytest.raises(KVFetchError):
         stranger.fetch("127.0.0.1", port, "k", saved.layout, TOKENS, 3, 5.0, torch.device("cpu"))
     stranger.close()
-    with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:  # a request without the handshake
-        sock.sendall(b'MLKV\x00\x00\x00\x20{"key":"k","v":3,"num_tokens":10}')
-        sock.settimeout(5.0)
-        answer = b""
-        while chunk := sock.recv(1 << 16):
-            answer += chunk
+    answer = request_without_handshake(port)
     assert b"nixl" not in answer and b"meta" not in answer
     friend = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
     with pytest.raises(KVFetchError, match="refused"):

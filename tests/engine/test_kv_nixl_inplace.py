@@ -5,7 +5,6 @@ with the copies and registrations counted; hold expiry; the side channel's refus
 the store's held entries. The read cut mid-way is tests/engine/test_kv_nixl.py's (in place by default)."""
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
@@ -23,7 +22,7 @@ from moelink.engine.kv_transfer.transport import make_transport
 from moelink.engine.kv_transfer.wire import KVFetchError
 from moelink.scheduler.outputs import KVTransfer
 
-from tests.engine.test_kv_nixl import TOKENS, settle
+from tests.engine.test_kv_nixl import TOKENS, request_without_handshake, settle
 from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder, one_engine
 from tests.helpers.kv_params import SECRET
 from tests.helpers.net import free_port
@@ -159,13 +158,8 @@ def test_an_unauthenticated_or_wrong_prompt_fetch_gets_no_descriptor(held):
     with pytest.raises(KVFetchError):
         stranger.fetch("127.0.0.1", port, "k", layout, TOKENS, 3, 5.0, torch.device("cpu"))
     stranger.close()
-    with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:
-        sock.sendall(b'MLKV\x00\x00\x00\x20{"key":"k","v":3,"num_tokens":10}')
-        sock.settimeout(5.0)
-        answer = b""
-        while chunk := sock.recv(1 << 16):
-            answer += chunk
-    assert b"blocks" not in answer and b"meta" not in answer
+    answer = request_without_handshake(port)
+    assert b"tables" not in answer and b"meta" not in answer
     friend = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
     with pytest.raises(KVFetchError, match="refused"):
         friend.fetch("127.0.0.1", port, "k", layout, TOKENS[:-1] + [99], 3, 5.0, torch.device("cpu"))
@@ -181,7 +175,7 @@ def test_held_entries_are_never_evicted_and_every_way_out_is_released():
     from moelink.engine.kv_transfer.nixl_inplace import HeldKV
 
     def held(tid):  # a HeldKV as CacheRegion.held makes it, without an agent
-        return HeldKV(10, tuple(TOKENS), kv.layout, [([0, 1, 2], ())], [], tid)
+        return HeldKV(10, tuple(TOKENS), kv.layout, [([0, 1, 2], ())], transfer_id=tid)
 
     a, b = held(1), held(2)
     store.hold("a", a, 5.0)
@@ -245,3 +239,28 @@ def test_held_blocks_are_bounded_by_max_saved_bytes_past_it_a_save_is_copied():
         assert (side.store.counters.num_held, side.store.counters.num_saved, side.store.held_nbytes) == (1, 2, one)
     finally:
         side.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "nixl"])
+def test_a_long_prompts_reply_header_passes_the_fixed_header_bound(transport):
+    """The ok reply's header lists every group's block entries (and in place each table's block ids): 64 layers of
+    1,100 blocks is ~350 KB of it, past the fixed 64 KiB bound, and bounded instead by what was asked."""
+    src = [(torch.randn(1100, 1, 1, 2),) for _ in range(64)]
+    kv = PagedKVBlocks(src, None, 1)
+    tokens = list(range(1100))
+    t = KVTransfer(3, "k", list(range(1100)), 1100, token_ids=tuple(tokens))
+    pre = make_transport(transport, 5.0, 30.0)
+    store, port = SavedKVStore(60.0, 1 << 30), free_port()
+    server = pre.serve(store, "127.0.0.1", port)
+    dec = make_transport(transport, 5.0, 30.0)
+    try:
+        if transport == "nixl":
+            store.hold("k", pre.cache_region(kv).held(t), 60.0)
+        else:
+            store.put("k", kv.read(t))
+        got = dec.fetch("127.0.0.1", port, "k", kv.layout, tokens, 1100, 30.0, torch.device("cpu"))
+        assert all(torch.equal(rows[0].view(s[0].dtype), s[0]) for (_, rows), s in zip(got.groups, src))
+    finally:
+        server.close()
+        pre.close()
+        dec.close()
