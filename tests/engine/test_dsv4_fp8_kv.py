@@ -177,11 +177,16 @@ def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path, window, re
 
 
 @pytest.mark.slow
-def test_fp8_greedy_with_mtp_drafts_equals_without(tmp_path_factory):
+@pytest.mark.parametrize("window", [False, True])
+def test_fp8_greedy_with_mtp_drafts_equals_without(tmp_path_factory, window, request):
     """MTP drafts (bigram module, k = 2: accepted and rejected) over the fp8 cache: entries a rejected draft closed
-    are written again by the real tokens, so the tokens equal the fp8 engine's without drafts. The drafter's own
-    window cache (engine/models/dsv4_mtp.py WindowCache) stays in the model dtype."""
+    are written again by the real tokens, and the ring rows it overwrote (fp8 window rows too) are restored
+    (engine/models/dsv4_rollback.py copies them as they are), so the tokens equal the fp8 engine's without drafts.
+    The drafter's own window cache (engine/models/dsv4_mtp.py WindowCache) stays in the model dtype."""
     from tests.helpers.dsv4_mtp_checkpoint import bigram_dsv4_mtp, save_dsv4_with_mtp
+
+    if window:
+        request.getfixturevalue("fp8_window")
 
     d = tmp_path_factory.mktemp("dsv4_fp8_mtp")
     path = bigram_dsv4_mtp(save_dsv4_with_mtp(d / "random", moe_intermediate_size=32), d / "bigram")[0]
@@ -190,6 +195,7 @@ def test_fp8_greedy_with_mtp_drafts_equals_without(tmp_path_factory):
               block_size=8)
     want = engine_greedy(LLM(path, **kw), ps)
     llm = LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 2}, **kw)
+    assert (llm.engine.executor.runner.state_caches.layers[0][0].dtype == torch.uint8) == window
     assert_same(engine_greedy(llm, ps), want, ps)
     sd = llm.engine.stats().spec_decode
     assert 0.0 < sd.acceptance_rate < 1.0, sd
@@ -197,10 +203,13 @@ def test_fp8_greedy_with_mtp_drafts_equals_without(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_fp8_pd_transfer_moves_the_rows_as_they_are(dsv4_path):
+@pytest.mark.parametrize("window", [False, True])
+def test_fp8_pd_transfer_moves_the_rows_as_they_are(dsv4_path, window, request):
     """Prefill on one fp8 engine, decode on another over TCP (engine/kv_transfer: the paged uint8 rows travel as bytes,
-    the window and compressor rows as the state groups): the decode engine computes only each prompt's last token and
-    its greedy tokens equal one fp8 engine's."""
+    the window (fp8 rows too, with `window`) and compressor rows as the state groups): the decode engine computes only
+    each prompt's last token and its greedy tokens equal one fp8 engine's."""
+    if window:
+        request.getfixturevalue("fp8_window")
     from moelink.engine import SamplingParams
     from moelink.engine.contract.kv_transfer_params import KVTransferParams
     from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
