@@ -8,10 +8,10 @@
   drafts (as many accepted): DeepSeek-V3 (MLA) at `-tp 2` (experts split), `-tp 2 -ep 2` (experts in EP, token
   slices) and `-tp 2 -ep 4` (two TP groups: a group without rows runs the layer's collectives alone), GLM-4-MoE
   (GQA: the MTP cache holds the rank's kv heads) at `-tp 2`; each rank reads only its shard of the layer;
-- an EAGLE-3 head, replicated on every rank (its own embedding, or the target's gathered whole), on Qwen3-MoE at
+- an EAGLE-3 head, replicated on every rank (the target's embedding gathered whole for it), on Qwen3-MoE at
   `-tp 2`, drafting what it drafts on one rank;
-- unseeded random sampling with drafts at `-tp 2`: both ranks of the group hold the same tokens after every verify
-  step (each rank's host drafter records the request states it sees), though each rank's own draws differ.
+- unseeded random sampling with host drafts at `-tp 2`: both ranks of the group hold the same tokens after every
+  verify step (each rank's host drafter records the request states it sees), though each rank's own draws differ.
 Lean: 4 prompts of 2-24 tokens, 6 new tokens (several verify steps per request)."""
 from __future__ import annotations
 
@@ -56,16 +56,37 @@ def _assert_tp_equals(path: str, prompts, want, spec: dict, tp: int = 2, ep: int
     return sd
 
 
-def test_tp2_host_drafts_equal_one_rank(local_ray, tiny_model):
+def test_tp2_host_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
+    """Greedy with drafts accepted and rejected equals one rank without; then unseeded sampling at temperature 1,
+    where the acceptance test's uniforms and the recovered / bonus tokens are each rank's own draws, so only the
+    group's first rank's tokens, broadcast, keep the two ranks' request states equal (each rank's drafter records
+    the states it is asked about)."""
     path = tiny_model("qwen3_e6k3")
     vocab = 512
     ps = _prompts(vocab, seed=11)
     want = _one_rank(path, ps)
     ref = {tuple(p): w for p, w in zip(ps, want)}
+    oracle = functools.partial(OracleDrafter, ref, 0.6, vocab, 5)
     spec = {"method": "ngram", "num_speculative_tokens": 2, "min_draft_acceptance": 0, "max_verify_fraction": 1,
-            "drafter_factory": functools.partial(OracleDrafter, ref, 0.6, vocab, 5)}
-    sd = _assert_tp_equals(path, ps, want, spec)
-    assert 0 < sd.num_accepted_tokens < sd.num_draft_tokens  # accepted and rejected drafts both verified
+            "drafter_factory": functools.partial(RecordingDrafter, str(tmp_path), oracle)}
+    sampled = SamplingParams(temperature=1.0, max_tokens=NEW, ignore_eos=True, detokenize=False)
+    with LLM(path, tensor_parallel_size=2, speculative_config=spec, **KW) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(ps, PARAMS, use_tqdm=False)] == want
+        sd = llm.engine.stats().spec_decode
+        assert 0 < sd.num_accepted_tokens < sd.num_draft_tokens  # accepted and rejected drafts both verified
+        for f in tmp_path.glob("*.jsonl"):  # the sampled run's records only
+            f.unlink()
+        got = [o.outputs[0].token_ids for o in llm.generate(ps, sampled, use_tqdm=False)]
+        assert llm.engine.stats().spec_decode.num_draft_tokens > sd.num_draft_tokens  # drafts verified again
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    seen = [f.read_text().splitlines() for f in sorted(tmp_path.glob("*.jsonl"))]
+    assert len(seen) == 2 and seen[0] and seen[0] == seen[1]  # the two ranks' request states, step by step
+    # What the ranks hold is what the engine returned: each request's last recorded tokens are its prompt and the
+    # start of its output.
+    outs = {tuple(p): g for p, g in zip(ps, got)}
+    for toks in {rid: toks for rid, toks in map(json.loads, seen[0])}.values():
+        prompt = next(p for p in ps if toks[: len(p)] == p)
+        assert toks[len(prompt):] == outs[tuple(prompt)][: len(toks) - len(prompt)]
 
 
 @pytest.fixture(scope="module")
@@ -148,21 +169,20 @@ def test_mtp_layer_each_rank_reads_its_shard(tmp_path, arch):
         assert reads[0][name] == reads[1][name] == full[name] // share, name
 
 
-@pytest.mark.parametrize("shared_embedding", [False, True])
-def test_tp2_eagle3_drafts_equal_one_rank(local_ray, tiny_model, tmp_path, shared_embedding):
-    """The head whole on every rank; `shared_embedding`: a head checkpoint without embed_tokens reads the target's,
-    gathered whole from the ranks' vocab shards at load (engine/rank/eagle3_drafter.py)."""
+def test_tp2_eagle3_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
+    """The head whole on every rank, without an embed_tokens of its own: it reads the target's, gathered whole from
+    the ranks' vocab shards at load (engine/rank/eagle3_drafter.py; a head with its own tables runs the same
+    replicated path without the gather)."""
     from safetensors.torch import load_file, save_file
 
     from tests.helpers.eagle3_heads import bigram_head, scaled_target
 
     path = str(scaled_target(tiny_model("qwen3_e6k3", num_layers=4), tmp_path / "target"))
     head = bigram_head(path, tmp_path / "head", aux_layer_ids=[0, 1, 3])
-    if shared_embedding:  # the bigram head's embedding is a copy of the target's: the same drafts without it
-        files = list(head.glob("*.safetensors"))
-        assert any("embed_tokens.weight" in load_file(f) for f in files)
-        for f in files:
-            save_file({n: t for n, t in load_file(f).items() if n != "embed_tokens.weight"}, f)
+    files = list(head.glob("*.safetensors"))  # the bigram head's embedding is a copy of the target's: drop it
+    assert any("embed_tokens.weight" in load_file(f) for f in files)
+    for f in files:
+        save_file({n: t for n, t in load_file(f).items() if n != "embed_tokens.weight"}, f)
     ps = _prompts(512, seed=5)
     spec = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 2, "min_draft_acceptance": 0,
             "max_verify_fraction": 1}
@@ -173,26 +193,3 @@ def test_tp2_eagle3_drafts_equal_one_rank(local_ray, tiny_model, tmp_path, share
     sd = _assert_tp_equals(path, ps, want, spec)
     assert sd.num_accepted_tokens > 0
     assert (sd.num_draft_tokens, sd.num_accepted_tokens) == (one_sd.num_draft_tokens, one_sd.num_accepted_tokens)
-
-
-def test_tp2_sampled_verify_same_tokens_on_every_rank(local_ray, tiny_model, tmp_path):
-    """Unseeded sampling at temperature 1: the acceptance test's uniforms and the recovered / bonus tokens are each
-    rank's own draws, so only the group's first rank's tokens, broadcast, keep the ranks' request states equal."""
-    path = tiny_model("qwen3_e6k3")
-    ps = _prompts(512, seed=13)
-    spec = {"method": "ngram", "num_speculative_tokens": 2, "min_draft_acceptance": 0, "max_verify_fraction": 1,
-            "drafter_factory": functools.partial(RecordingDrafter, str(tmp_path))}
-    params = SamplingParams(temperature=1.0, max_tokens=NEW, ignore_eos=True, detokenize=False)
-    with LLM(path, tensor_parallel_size=2, speculative_config=spec, **KW) as llm:
-        got = [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
-        sd = llm.engine.stats().spec_decode
-    assert sd.num_draft_tokens > 0 and all(len(g) == NEW for g in got)
-    seen = [f.read_text().splitlines() for f in sorted(tmp_path.glob("*.jsonl"))]
-    assert len(seen) == 2 and seen[0] and seen[0] == seen[1]  # the two ranks' request states, step by step
-    # The engine's outputs are what the ranks hold: each request's last recorded tokens begin with its prompt and
-    # continue with its output.
-    last = {rid: toks for rid, toks in map(json.loads, seen[0])}
-    outs = {tuple(p): g for p, g in zip(ps, got)}
-    for toks in last.values():
-        prompt = next(p for p in ps if toks[: len(p)] == p)
-        assert toks[len(prompt):] == outs[tuple(prompt)][: len(toks) - len(prompt)]
