@@ -91,11 +91,11 @@ def make_mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: to
     if layout == "dsv4":  # its embedding and head are always the main model's
         quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
         return DSV4MTPLayer(cfg, spec, i, embed_tokens, lm_head, kernels, device, ep, quant=quant)
-    cls = QwenMTPLayer if layout == "qwen" else MTPLayer
-    if cls is MTPLayer:
-        return MTPLayer(cfg, spec, i, kernels, device, ep, checkpoint_names, embed_tokens=embed_tokens,
-                        lm_head=lm_head, tp=tp)
-    return cls(cfg, spec, i, kernels, device, ep, checkpoint_names, embed_tokens=embed_tokens, lm_head=lm_head)
+    if layout == "qwen":
+        return QwenMTPLayer(cfg, spec, i, kernels, device, ep, checkpoint_names, embed_tokens=embed_tokens,
+                            lm_head=lm_head)
+    return MTPLayer(cfg, spec, i, kernels, device, ep, checkpoint_names, embed_tokens=embed_tokens, lm_head=lm_head,
+                    tp=tp)
 
 
 class MTPLayer(nn.Module):

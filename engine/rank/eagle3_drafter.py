@@ -21,9 +21,9 @@ Why not split it like a main layer: it is one small dense layer, its inputs (the
 row-parallel all-reduce, the emitted tokens, the first rank's on every rank) are the same on every rank, and only
 the group's first rank's drafts are verified (engine/cluster/ray_executor.tp_group_outputs), so a whole copy costs
 no collective per step, where a split head would all-reduce twice per draft forward. Where the head shares the
-target's embedding or LM head, the rank's vocab shards are all-gathered once at load into whole tables for it
-(V x D each, on every rank: the price of no per-step collective; a head with its own tables, as the public heads
-with a draft vocabulary hold their LM head, pays it for the embedding only).
+target's embedding or LM head, the rank's vocab shards of that table are all-gathered once at load into a whole
+one for it (V x D on every rank: the price of no per-step collective; the public heads with a draft vocabulary
+hold their own LM head, so it is the embedding alone, and a head with both tables of its own gathers nothing).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from ..models.eagle3 import Eagle3Head
 from ..models.layers import ForwardContext
 from .chain_drafter import ChainDrafter
 from .eagle3_loader import dummy_eagle3_head, load_eagle3_head
+from .loader import SafetensorsCheckpoint
 
 
 class Eagle3DraftLayer:
@@ -69,14 +70,27 @@ def load_draft_head(path: str, cfg: ModelConfig, model, kernels, device: torch.d
     head_cfg = head_cfg if head_cfg is not None else read_eagle3_config(path)
     check_eagle3_target(head_cfg, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
     embed, head = model.embed_tokens, model.lm_head
-    if tp is not None and tp.size > 1:  # every rank together (a collective of the load)
-        embed = whole_vocab_table(embed, cfg.vocab_size, tp)
-        head = embed if model.lm_head is model.embed_tokens else whole_vocab_table(head, cfg.vocab_size, tp)
+    if tp is not None and tp.size > 1:
+        embed, head = _whole_target_tables(path, model, cfg.vocab_size, head_cfg, load_format, tp)
     kw = dict(dtype=cfg.dtype, kv_cache_index=cfg.num_layers, embed_tokens=embed,
               lm_head=head, max_positions=cfg.max_model_len)
     if load_format == "dummy":
         return dummy_eagle3_head(head_cfg, kernels, device, **kw)
     return load_eagle3_head(path, kernels, device, config=head_cfg, **kw)
+
+
+def _whole_target_tables(path: str, model, vocab_size: int, head_cfg: Eagle3Config, load_format: str, tp):
+    """(embedding, LM head) of the target, whole [V, D], for a head under TP: gathered only where the head reads it
+    (it has no copy of its own; a tied head reads its embedding for both, so its head slot gets the embedding, as
+    at TP 1), None where it has its own. Every rank of the group decides alike from the same head checkpoint and
+    gathers together (a collective of the load)."""
+    own = frozenset() if load_format == "dummy" else frozenset(SafetensorsCheckpoint(path).keys())
+    embed = whole_vocab_table(model.embed_tokens, vocab_size, tp) if "embed_tokens.weight" not in own else None
+    head = embed
+    if "lm_head.weight" not in own and not head_cfg.tie_word_embeddings:
+        tied = model.lm_head is model.embed_tokens
+        head = embed if tied and embed is not None else whole_vocab_table(model.lm_head, vocab_size, tp)
+    return embed, head
 
 
 def whole_vocab_table(shard_VsD: torch.Tensor, vocab_size: int, tp) -> torch.Tensor:
