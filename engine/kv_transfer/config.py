@@ -54,7 +54,7 @@ class RemoteKVConfig:
     max_load_block_fraction: float = 0.5  # of the KV blocks, what loads in flight may hold at most
     # NIXL only (engine/kv_transfer/nixl_inplace.py): a prefill rank registers its paged KV cache once and holds a
     # saved request's blocks until a decode rank has READ them in place (no host copy on either side), or until
-    # `nixl_hold_s` passes (vLLM's NixlConnector aborts a held request after 480 s too); False: today's copy path.
+    # `nixl_hold_s` passes (vLLM's NixlConnector aborts a held request after 480 s too); False: the copy path.
     nixl_in_place: bool = True
     nixl_hold_s: float = 480.0
 

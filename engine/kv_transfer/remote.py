@@ -51,7 +51,7 @@ from moelink.scheduler.kv_connector import LoadLimits
 from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
 
-from .blocks import PagedKVBlocks, PendingRead
+from .blocks import STATE, PagedKVBlocks, PendingRead
 from .arrival import ArrivalWriter, LoadDropped, LoadWriteFailed
 from .auth import SecretAuth, is_capability, new_capability
 from .config import WILDCARD_HOSTS, RemoteKVConfig, RemoteSource
@@ -237,7 +237,10 @@ class RemoteWorkerSide:
             return
         self.store.expect(t.params)  # before the request's output can name the key to a decode engine
         try:
-            pending = kv.read_async(t)
+            # The scheduler does not step for a save it holds (scheduler/kv_connector.py): one copied instead (past
+            # the bound, a registration refused) must be in the store by this step's poll, so it is copied now
+            # (a device-to-host sync on CUDA, on this rare path only).
+            pending = PendingRead(kv.read(t)) if self._held_by_scheduler(kv) else kv.read_async(t)
         except (RuntimeError, ValueError) as exc:  # a copy that could not start (device memory): not saved
             self.store.abandon(t.params)
             logger.warning("KV save of request %s failed (a decode engine recomputes it): %s", shown(t.req_id), exc)
@@ -246,6 +249,12 @@ class RemoteWorkerSide:
             return
         with self._lock:
             self._saving.append((t, pending))
+
+    def _held_by_scheduler(self, kv: PagedKVBlocks) -> bool:
+        """Whether the scheduler half treats this rank's saves as held (`holds_saves`; never with state groups)."""
+        return (self.config.nixl_in_place and self.server is not None and isinstance(kv, PagedKVBlocks)
+                and getattr(self.transport, "cache_region", None) is not None
+                and not any(kind == STATE for _, kind in kv.groups))
 
     def _region(self, kv: PagedKVBlocks):
         """The cache registered once for in-place saves (NIXL, `nixl_in_place`), or None: the copy path."""
