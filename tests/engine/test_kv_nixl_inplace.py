@@ -2,7 +2,8 @@
 once, a saved request's blocks held in it (not copied) until the decode rank READs them straight into its own
 blocks (its cache registered once too) or the hold deadline passes. Whole engines (GQA, MLA) against one engine,
 with the copies and registrations counted; hold expiry; the side channel's refusals before any descriptor leaves;
-the store's held entries. The read cut mid-way is tests/engine/test_kv_nixl.py's (in place by default)."""
+the store's held entries; the bound on held bytes; abort and shutdown; a long prompt's reply header; the
+scheduler's held save. The read cut mid-way is tests/engine/test_kv_nixl.py's (in place by default)."""
 from __future__ import annotations
 
 import threading
@@ -264,3 +265,62 @@ def test_a_long_prompts_reply_header_passes_the_fixed_header_bound(transport):
         server.close()
         pre.close()
         dec.close()
+
+
+def test_an_aborted_prefill_and_a_shutdown_leave_no_block_held(tiny_model):
+    """A prefill request aborted after its save: its own blocks go back at once, the save's stay held until the hold
+    ends (nobody fetches: it expires), then the pool is whole; an engine shut down with holds drops them all and
+    deregisters its cache (its agents closed)."""
+    from moelink.engine.kv_transfer.nixl import open_agents
+
+    path = tiny_model("qwen3_e6k3")
+    ps = prompts(200, seed=9, n=2, lo=9, hi=17)
+    longer = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                            kv_transfer_params=KVTransferParams(do_remote_decode=True))
+    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", nixl_hold_s=0.5))
+    with LLM(path, kv_connector=conn, **KW) as pre:
+        side = pre.engine.executor.runner.kv_connector
+        total = _free(pre)[1]
+        pre.engine.add_request("a0", ps[0], longer)
+        while side.store.counters.num_held == 0:  # until the step that computes its prompt has saved it
+            pre.engine.step()
+        pre.engine.abort_requests(["a0"])
+        while pre.engine.has_requests():
+            pre.engine.step()
+        assert _free(pre)[0] < total  # the save's blocks, held
+        wait_until(lambda: side.store.counters.num_hold_expired == 1, 30.0, "the hold to expire")
+        settle(pre)
+        assert _free(pre) == (total, total)
+        pre.generate(ps[1:], SAVE, use_tqdm=False)  # held at shutdown
+        assert len(side.store) == 1
+        agents = [side.transport.agent(serving=True)]
+    assert len(side.store) == 0 and not any(a in open_agents() for a in agents)
+
+
+def test_the_scheduler_keeps_a_held_saves_blocks_without_stepping_for_it():
+    """scheduler/kv_connector.py's held save (`holds_saves`): its blocks stay referenced after the request ends,
+    but the engine is not kept stepping for it (not busy, nothing awaited); a later step's report frees them."""
+    from tests.helpers.scheduler_sim import make_request
+    from tests.scheduler.test_kv_connector import FakeConnector, _report, _scheduler
+
+    conn = FakeConnector(save={"a"})
+    conn.holds_saves = True
+    s = _scheduler(conn)
+    s.add_request(make_request("a", [1, 2, 3, 4, 5, 6], max_tokens=1))
+    so = s.schedule()
+    (t,) = so.kv_transfers.saves
+    (out,) = _report(s, so, None, {"a": [9]})
+    assert out.finish_reason == "length" and s.stats().num_free_blocks == 14  # held by the save
+    so = s.schedule()
+    assert so.finished_req_ids == {"a"} and so.kv_transfers is None  # nothing awaited: no step for the hold
+    _report(s, so, None)
+    assert not s.has_finished_requests() and s.stats().num_free_blocks == 14
+    s.check_invariants()
+    s.add_request(make_request("b", [7, 8], max_tokens=1))  # the next work's step reports the hold over
+    so = s.schedule()
+    _report(s, so, {t.transfer_id: True}, {"b": [3]})
+    assert conn.done == [("a", "save", True)]
+    s.check_invariants()
+    while s.has_unfinished_requests() or s.has_finished_requests():
+        _report(s, s.schedule(), None)
+    assert s.stats().num_free_blocks == 16
