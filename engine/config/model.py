@@ -20,6 +20,7 @@ from moelink.moe.router_config import RouterConfig
 
 from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, REGISTRY,  # noqa: F401
                             SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF, TEXT_WEIGHTS_PREFIX)
+from .dsv4 import resolve_dsv4_cache
 from .hf_readers import read_fields
 from .quantization import (QuantConfig, check_architecture, read_hf_quant_config, read_quantization,
                            resolve_quantization)
@@ -168,6 +169,9 @@ class ModelConfig:
         # Every indexer's key cache layout, from the flag and the dtypes (a no-op for models without one).
         self.attention, self.layer_attention = resolve_index_cache(self.attention, self.layer_attention, self.dtype,
                                                                    self.cache_dtype, self.index_cache_dtype)
+        # DeepSeek-V4's window ring in fp8 rows under an fp8 KV cache, as its entries (a no-op for other models).
+        self.attention, self.layer_attention = resolve_dsv4_cache(self.attention, self.layer_attention,
+                                                                  self.cache_dtype)
         if self.moe is None:
             self.moe = MoEConfig(RouterConfig(self.num_experts, self.top_k, norm_topk_prob=bool(self.norm_topk_prob)))
         r = self.moe.router

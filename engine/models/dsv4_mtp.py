@@ -55,7 +55,8 @@ from .rope import rope_inv_freq
 @dataclass(frozen=True)
 class WindowCache:
     """The drafter's cache of an MTP layer (module docstring): one [B + 1, L, H] tensor (the null block last), in the
-    model dtype (V4 caches nothing in fp8 yet). The chain drafter's `DraftLayer.attention`."""
+    model dtype, also under an fp8 KV cache (a drafter layer's few values per token). The chain drafter's
+    `DraftLayer.attention`."""
 
     head_dim: int
 
