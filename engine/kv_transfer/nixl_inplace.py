@@ -6,12 +6,14 @@ Legend: N a request's block entries moved, B block size, X the rest of a cache r
 Prefill side. `CacheRegion` registers every paged tensor of the rank's cache (each once: gpt-oss's sliding and full
 layers share theirs) with the serving agent on the rank's first save, and deregisters them when the agent closes
 (the transport's close(), after the rank's server). The memory type comes from the tensor's device (DRAM on CPU,
-VRAM on CUDA): the same code for both. A saved request is then not copied: `CacheRegion.held` names its blocks,
-per group and tensor, as the (address, length) of each block row in the registered tensors, and the rank's store
-holds that `HeldKV` until one fetch claims it (the reply sends exactly those descriptors) and says "read", or until
-`RemoteKVConfig.nixl_hold_s` passes; the scheduler keeps the blocks referenced until the worker reports the hold
-over (scheduler/kv_connector.py: a held save). On CUDA the save records an event after the step that wrote the KV;
-the reply waits for it before naming a block (the READ must not overtake the kernel that writes it).
+VRAM on CUDA): the same code for both. A saved request is then not copied: `CacheRegion.held` names its blocks
+(its block ids per table, and per group and tensor the base address, block stride and row length in the registered
+tensors: block row b is at base + b * stride), and the rank's store holds that `HeldKV` until one fetch claims it
+(the reply sends exactly that request's block ids) and says "read", or until `RemoteKVConfig.nixl_hold_s` passes
+(or, past `max_saved_bytes` of held blocks, the save is copied instead); the scheduler keeps the blocks referenced
+until the worker reports the hold over (scheduler/kv_connector.py: a held save). On CUDA the save records an event
+after the step that wrote the KV; the reply waits for it before naming a block (the READ must not overtake the
+kernel that writes it).
 
 Decode side. The fetching agent registers the decode rank's cache the same way, once, on its first in-place fetch,
 and posts one READ per group from the prefill rank's block rows into the rows of the blocks the scheduler
@@ -50,7 +52,7 @@ def mem_type(device: torch.device) -> str:
 
 
 def _dev_id(x: torch.Tensor) -> int:
-    return x.device.index or 0 if x.is_cuda else 0
+    return (x.device.index or 0) if x.is_cuda else 0
 
 
 def in_place_ok(kv: PagedKVBlocks) -> str | None:
@@ -112,8 +114,9 @@ class CacheRegion:
                     tensors.append(x)
         self.kv = kv
         self.mem = mem_type(kv.device)
-        self.reg = agent.register([(x.data_ptr(), x.numel() * x.element_size(), _dev_id(x), "") for x in tensors],
-                                  self.mem)
+        # Each tensor's span from its first block row to the end of its last (a view's rows may be strided).
+        self.reg = agent.register([(x.data_ptr(), ((x.shape[0] - 1) * x.stride(0) + x[0].numel()) * x.element_size(),
+                                    _dev_id(x), "") for x in tensors], self.mem)
         self.meta = agent.metadata(self.reg)
         self.dev_id = _dev_id(tensors[0])
 
