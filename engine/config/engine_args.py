@@ -275,7 +275,7 @@ class EngineArgs:
         attention_kind = getattr(getattr(REGISTRY.get(model_cfg.architecture), "spec", None), "attention", "")
         check_tensor_parallel(model_cfg, parallel.tensor_parallel_size, attention_kind, parallel.experts_split_by_tp)
         if parallel.tensor_parallel_size > 1:
-            self._check_tp_features(parallel.tensor_parallel_size)
+            self._check_tp_features(parallel.tensor_parallel_size, model_cfg.architecture, spec)
         if parallel.expert_world_size > model_cfg.num_experts + parallel.num_redundant_experts:
             raise ValueError(
                 f"expert_parallel_size={parallel.expert_world_size} is invalid: the model has "
@@ -307,11 +307,15 @@ class EngineArgs:
                             skip_warmup=self.skip_warmup, kv_connector=self.kv_connector,
                             speculative=spec, grammar=self.grammar_config(), seed=self.seed)
 
-    def _check_tp_features(self, tp: int) -> None:
+    def _check_tp_features(self, tp: int, architecture: str, spec: SpeculativeConfig | None) -> None:
         """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md).
-        Speculative decoding runs under TP with every method (engine/rank/drafter.py): host drafts on every rank,
-        the MTP layer split like a main layer, an EAGLE-3 head replicated; the models whose MTP module is not
-        sharded (DeepSeek-V4, Qwen3-Next / Qwen3.5) are refused under TP as models."""
+        Speculative decoding runs under TP (engine/rank/drafter.py): host drafts on every rank, DeepSeek's MTP
+        layer split like a main layer, an EAGLE-3 head replicated; Qwen3-Next / Qwen3.5's MTP module
+        (engine/models/qwen_mtp.py) is not split yet, so method 'mtp' is refused for those models."""
+        if spec is not None and spec.runs_mtp and REGISTRY[architecture].mtp_layout == "qwen":
+            raise ValueError(f"speculative_config.method={spec.method!r} is not supported for {architecture} with "
+                             f"tensor_parallel_size={tp} yet: its MTP module is not split over a TP group; use "
+                             "method 'ngram' (or a drafter_factory), or -tp 1.")
         if self.kv_connector is not None:
             raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported with "
                              f"tensor_parallel_size={tp} yet: the KV a TP rank holds is its heads' only.")

@@ -82,8 +82,8 @@ def make_mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: to
     """MTP module i in the architecture's layout (architectures.Architecture.mtp_layout): MTPLayer (DeepSeek's
     next-n layers), QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`) or DSV4MTPLayer (DeepSeek-V4's `mtp.{i}.*`, over
     the hyper-connection streams: its drafter adapts it, engine/rank/mtp_drafter.py); all have compute_logits,
-    moe_only_stages, weight_plan, layer_index. `tp`: the rank's TensorParallel (DeepSeek's layout only: the models
-    of the other two are refused under TP, engine/config/tensor_parallel.check_tensor_parallel)."""
+    moe_only_stages, weight_plan, layer_index. `tp`: the rank's TensorParallel (DeepSeek's layout only: Qwen's
+    module is refused under TP by EngineArgs, DeepSeek-V4 as a model by check_tensor_parallel)."""
     layout = REGISTRY[cfg.architecture].mtp_layout
     if tp is not None and tp.size > 1 and layout in ("dsv4", "qwen"):
         raise ValueError(f"tensor_parallel_size={tp.size} is not supported for {cfg.architecture}'s MTP module "

@@ -11,7 +11,10 @@
 - an EAGLE-3 head, replicated on every rank (the target's embedding gathered whole for it), on Qwen3-MoE at
   `-tp 2`, drafting what it drafts on one rank;
 - unseeded random sampling with host drafts at `-tp 2`: both ranks of the group hold the same tokens after every
-  verify step (each rank's host drafter records the request states it sees), though each rank's own draws differ.
+  verify step (each rank's host drafter records the request states it sees), though each rank's own draws differ;
+- DeepSeek-V3.2's MTP layer (a DSA layer with its own indexer) at `-tp 2`; Qwen3-Next with host drafts at `-tp 2`
+  (the linear-attention states rolled back by the broadcast accepted counts); Qwen3-Next's own MTP module refused
+  at `-tp 2` naming the method.
 Lean: 4 prompts of 2-24 tokens, 6 new tokens (several verify steps per request)."""
 from __future__ import annotations
 
@@ -193,3 +196,57 @@ def test_tp2_eagle3_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
     sd = _assert_tp_equals(path, ps, want, spec)
     assert sd.num_accepted_tokens > 0
     assert (sd.num_draft_tokens, sd.num_accepted_tokens) == (one_sd.num_draft_tokens, one_sd.num_accepted_tokens)
+
+
+def test_tp2_dsa_mtp_drafts_equal_one_rank(local_ray, hf_tiny_model, tmp_path):
+    """DeepSeek-V3.2: the MTP layer is a DSA layer too, split like the main ones (heads by rank, its own indexer
+    whole on every rank); greedy equals one rank without drafts, drafting and accepting as one rank does."""
+    import shutil
+
+    from moelink.engine.tools.tiny_hf_model import add_mtp_layers
+    from tests.helpers.hf_checkpoints import VOCAB
+    from tests.helpers.mtp_checkpoints import bigram_mtp
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_tiny_model("dsv32"), src)
+    add_mtp_layers(src)
+    path = str(bigram_mtp(src, tmp_path / "bigram", mtp_scale=0.1))
+    ps = _prompts(VOCAB, seed=31)
+    want = _one_rank(path, ps)
+    with LLM(path, speculative_config=MTP_SPEC, **KW) as one:
+        one.generate(ps, PARAMS, use_tqdm=False)
+        one_sd = one.engine.stats().spec_decode
+    sd = _assert_tp_equals(path, ps, want, MTP_SPEC)
+    assert sd.num_accepted_tokens > 0
+    assert (sd.num_draft_tokens, sd.num_accepted_tokens) == (one_sd.num_draft_tokens, one_sd.num_accepted_tokens)
+
+
+def test_qwen_mtp_refused_under_tp(hf_tiny_model, tmp_path):
+    """Qwen3-Next / Qwen3.5's MTP module (engine/models/qwen_mtp.py) is not split over a TP group: method 'mtp' is
+    refused at -tp 2 naming the method, before any rank starts; 'ngram' is not."""
+    from moelink.engine.config.engine_args import EngineArgs
+
+    from tests.helpers.qwen_mtp_checkpoints import with_mtp
+
+    path = str(with_mtp(hf_tiny_model("qwen3_next"), tmp_path / "mtp"))
+    args = dict(model=path, dtype="float64", tensor_parallel_size=2, num_kv_blocks=16)
+    with pytest.raises(ValueError, match="speculative_config.method='mtp' is not supported for .* "
+                                         "tensor_parallel_size=2"):
+        EngineArgs(**args, speculative_config={"method": "mtp", "num_speculative_tokens": 2}).create_engine_config()
+    cfg = EngineArgs(**args, speculative_config={"method": "ngram", "num_speculative_tokens": 2}).create_engine_config()
+    assert cfg.speculative is not None and cfg.parallel.tensor_parallel_size == 2
+
+
+def test_tp2_hybrid_host_drafts_equal_one_rank(local_ray, hf_tiny_model):
+    """Qwen3-Next (gated DeltaNet layers split over the group): a verify step rolls each rank's linear-attention
+    states back past the rejected drafts by the broadcast accepted counts, so all ranks replay the same tokens."""
+    from tests.helpers.hf_checkpoints import VOCAB
+
+    path = hf_tiny_model("qwen3_next")
+    ps = _prompts(VOCAB, seed=17)
+    want = _one_rank(path, ps)
+    ref = {tuple(p): w for p, w in zip(ps, want)}
+    spec = {"method": "ngram", "num_speculative_tokens": 2, "min_draft_acceptance": 0, "max_verify_fraction": 1,
+            "drafter_factory": functools.partial(OracleDrafter, ref, 0.6, VOCAB, 7)}
+    sd = _assert_tp_equals(path, ps, want, spec)
+    assert 0 < sd.num_accepted_tokens < sd.num_draft_tokens
