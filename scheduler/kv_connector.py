@@ -30,8 +30,10 @@ kv_connector=...)`; None, the default, costs the step loop nothing):
   while no block a transfer still reads or writes can go to another request.
 - a held save (a connector whose `holds_saves` is True: NIXL in place, engine/kv_transfer/nixl_inplace.py) is
   reported only when a decode engine has read the blocks in place, or its hold deadline passed: its references
-  keep the blocks out of the pool until then, but it does not keep the engine stepping (`busy`; a held save may
-  wait minutes for a decode engine), so an idle engine gets the blocks back at its next step's report.
+  keep the blocks out of the pool until then. It does not keep the engine stepping back to back (a held save may
+  wait minutes for a decode engine, and an offline `generate` must return before the decode engine reads): it is
+  `busy`, and awaited by the step it plans, once per `HELD_POLL_S`, so an idle engine steps (an empty step whose
+  worker polls) every 50 ms while it holds saves and gets their blocks back within that of the hold's end.
 - a model with per-sequence state (linear attention: scheduler/hybrid_cache.py, the KV manager with
   `state_slot`): the state travels with the KV, in the request's slot (`KVTransfer.state_slot`). A recurrent
   state cannot be rewound, and the decode side computes the last prompt token itself (for its logits), so both
@@ -112,6 +114,8 @@ class _InFlight(NamedTuple):
 class KVTransfers:
     """The scheduler's KV-connector bookkeeping (module docstring). `kv`: the scheduler's KV cache manager."""
 
+    HELD_POLL_S = 0.05  # how often held saves make an idle engine step (module docstring)
+
     def __init__(self, connector: KVConnector, kv) -> None:
         self.connector = connector
         self.kv = kv
@@ -139,6 +143,7 @@ class KVTransfers:
         # Saves held until read (module docstring); a state's slot is copied at save time, so never held.
         self.holds_saves = bool(getattr(connector, "holds_saves", False)) and not self.moves_state
         self._held: set[int] = set()  # transfer ids of held saves in flight
+        self._held_polled = 0.0  # time.monotonic() of the latest step that awaited them
 
     @property
     def num_holding(self) -> int:
@@ -147,8 +152,11 @@ class KVTransfers:
 
     @property
     def busy(self) -> bool:
-        """Transfers started and not reported yet, held saves aside (module docstring)."""
-        return len(self._in_flight) > len(self._held)
+        """Transfers started and not reported yet; held saves only once per HELD_POLL_S (module docstring)."""
+        return len(self._in_flight) > len(self._held) or self._held_due()
+
+    def _held_due(self) -> bool:
+        return bool(self._held) and time.monotonic() - self._held_polled >= self.HELD_POLL_S
 
     def holding(self) -> list[Request]:
         return list(self.loading.values()) + list(self.ready)
@@ -268,10 +276,15 @@ class KVTransfers:
                     self._hold(t, None)
                     if self.holds_saves:
                         self._held.add(t.transfer_id)
+                        self._held_polled = time.monotonic()  # its step polls; the next is HELD_POLL_S away
                     saves.append(t)
         loads, self._new_loads = self._new_loads, []
-        # Held saves are not awaited: the engine need not step for them (the poll of any step reports them).
-        awaited = len(self._in_flight) - len(self._held) - len(loads) - sum(
+        # Held saves are awaited once per HELD_POLL_S (module docstring); any step's poll may report them.
+        held = 0
+        if self._held_due():
+            self._held_polled = time.monotonic()
+            held = len(self._held)
+        awaited = len(self._in_flight) - len(self._held) + held - len(loads) - sum(
             1 for t in saves if t.transfer_id not in self._held)
         if not (loads or saves or awaited):
             return None

@@ -44,8 +44,9 @@ def request_without_handshake(port: int) -> bytes:
 
 
 def settle(llm) -> None:
-    """One short request through a prefill engine: its steps' polls report the holds that ended while it was idle
-    (a held save does not keep an engine stepping: scheduler/kv_connector.py), so their blocks go back."""
+    """One short request through an offline prefill engine: its steps' polls report the holds that ended while it
+    was idle (nothing steps an `LLM` between calls; a serving engine steps for them every HELD_POLL_S:
+    scheduler/kv_connector.py), so their blocks go back."""
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
 
 

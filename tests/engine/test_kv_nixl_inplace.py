@@ -299,13 +299,15 @@ def test_an_aborted_prefill_and_a_shutdown_leave_no_block_held(tiny_model):
 
 def test_the_scheduler_keeps_a_held_saves_blocks_without_stepping_for_it():
     """scheduler/kv_connector.py's held save (`holds_saves`): its blocks stay referenced after the request ends,
-    but the engine is not kept stepping for it (not busy, nothing awaited); a later step's report frees them."""
+    but the engine is not kept stepping for it back to back: busy and awaited once per HELD_POLL_S (here never,
+    then always); any later step's report frees them."""
     from tests.helpers.scheduler_sim import make_request
     from tests.scheduler.test_kv_connector import FakeConnector, _report, _scheduler
 
     conn = FakeConnector(save={"a"})
     conn.holds_saves = True
     s = _scheduler(conn)
+    s.kv_transfers.HELD_POLL_S = float("inf")
     s.add_request(make_request("a", [1, 2, 3, 4, 5, 6], max_tokens=1))
     so = s.schedule()
     (t,) = so.kv_transfers.saves
@@ -316,6 +318,11 @@ def test_the_scheduler_keeps_a_held_saves_blocks_without_stepping_for_it():
     _report(s, so, None)
     assert not s.has_finished_requests() and s.stats().num_free_blocks == 14
     s.check_invariants()
+    s.kv_transfers.HELD_POLL_S = 0.0  # due: an idle engine steps once for it, its worker polls
+    assert s.has_finished_requests()
+    so = s.schedule()
+    assert so.kv_transfers.num_awaited == 1
+    _report(s, so, None)
     s.add_request(make_request("b", [7, 8], max_tokens=1))  # the next work's step reports the hold over
     so = s.schedule()
     _report(s, so, {t.transfer_id: True}, {"b": [3]})
