@@ -34,6 +34,8 @@ from tests.helpers.recording_drafter import RecordingDrafter
 N_PROMPTS, NEW = 4, 6
 KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=64, block_size=8)
 PARAMS = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, detokenize=False)
+# Every draft verified (no adaptive draft length), so the drafts verified and accepted compare across runs.
+MTP_SPEC = {"method": "mtp", "num_speculative_tokens": 2, "min_draft_acceptance": 0, "max_verify_fraction": 1}
 
 
 def _prompts(vocab: int, seed: int) -> list[list[int]]:
@@ -57,6 +59,22 @@ def _assert_tp_equals(path: str, prompts, want, spec: dict, tp: int = 2, ep: int
     assert got == want
     assert sd is not None and sd.num_draft_tokens > 0
     return sd
+
+
+def _one_rank_drafts(path: str, prompts, spec: dict) -> tuple[int, int]:
+    """(drafts verified, drafts accepted) of one rank drafting with `spec`."""
+    with LLM(path, speculative_config=spec, **KW) as one:
+        one.generate(prompts, PARAMS, use_tqdm=False)
+        sd = one.engine.stats().spec_decode
+    return sd.num_draft_tokens, sd.num_accepted_tokens
+
+
+def _assert_drafts_as_one_rank(path: str, prompts, want, spec: dict, one_rank: tuple[int, int], ep: int = 1):
+    """A device drafter at `-tp 2 -ep ep`: `want`, and it drafted and accepted as on one rank (float64: the split
+    layer's drafts are the whole one's), some drafts accepted."""
+    sd = _assert_tp_equals(path, prompts, want, spec, ep=ep)
+    assert sd.num_accepted_tokens > 0
+    assert (sd.num_draft_tokens, sd.num_accepted_tokens) == one_rank
 
 
 def test_tp2_host_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
@@ -97,31 +115,22 @@ def mtp_paths(tmp_path_factory):
     """Bigram MTP checkpoints (one per family, made once for the module) and each one's one-rank reference."""
     from tests.helpers.mtp_checkpoints import bigram_mtp, make_mtp_model
 
-    out: dict[str, tuple[str, list, list]] = {}
+    out: dict[str, tuple[str, list, list, tuple[int, int]]] = {}
 
     def get(arch: str):
         if arch not in out:
             root = tmp_path_factory.mktemp(f"mtp_{arch}")
             path = str(bigram_mtp(make_mtp_model(root / "ckpt", arch), root / "bigram"))
             ps = _prompts(320, seed=3)
-            with LLM(path, speculative_config=MTP_SPEC, **KW) as one:  # one rank's MTP drafts, accepted how often
-                one.generate(ps, PARAMS, use_tqdm=False)
-                sd = one.engine.stats().spec_decode
-            out[arch] = (path, ps, _one_rank(path, ps), (sd.num_draft_tokens, sd.num_accepted_tokens))
+            out[arch] = (path, ps, _one_rank(path, ps), _one_rank_drafts(path, ps, MTP_SPEC))
         return out[arch]
     return get
-
-
-MTP_SPEC = {"method": "mtp", "num_speculative_tokens": 2, "min_draft_acceptance": 0, "max_verify_fraction": 1}
 
 
 @pytest.mark.parametrize("arch,ep", [("deepseek_v3", 1), ("deepseek_v3", 2), ("deepseek_v3", 4), ("glm4_moe", 1)])
 def test_tp2_mtp_drafts_equal_one_rank(local_ray, mtp_paths, arch, ep):
     path, ps, want, one_rank_drafts = mtp_paths(arch)
-    sd = _assert_tp_equals(path, ps, want, MTP_SPEC, ep=ep)
-    assert sd.num_accepted_tokens > 0  # the bigram layer's drafts, from the gathered logits, are accepted
-    # The split layer drafts what the whole one does (float64): as many drafts, as many of them accepted.
-    assert (sd.num_draft_tokens, sd.num_accepted_tokens) == one_rank_drafts
+    _assert_drafts_as_one_rank(path, ps, want, MTP_SPEC, one_rank_drafts, ep=ep)
 
 
 class _LoadOnlyTP:
@@ -189,13 +198,7 @@ def test_tp2_eagle3_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
     ps = _prompts(512, seed=5)
     spec = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 2, "min_draft_acceptance": 0,
             "max_verify_fraction": 1}
-    want = _one_rank(path, ps)
-    with LLM(path, speculative_config=spec, **KW) as one:
-        one.generate(ps, PARAMS, use_tqdm=False)
-        one_sd = one.engine.stats().spec_decode
-    sd = _assert_tp_equals(path, ps, want, spec)
-    assert sd.num_accepted_tokens > 0
-    assert (sd.num_draft_tokens, sd.num_accepted_tokens) == (one_sd.num_draft_tokens, one_sd.num_accepted_tokens)
+    _assert_drafts_as_one_rank(path, ps, _one_rank(path, ps), spec, _one_rank_drafts(path, ps, spec))
 
 
 def test_tp2_dsa_mtp_drafts_equal_one_rank(local_ray, hf_tiny_model, tmp_path):
@@ -212,13 +215,7 @@ def test_tp2_dsa_mtp_drafts_equal_one_rank(local_ray, hf_tiny_model, tmp_path):
     add_mtp_layers(src)
     path = str(bigram_mtp(src, tmp_path / "bigram", mtp_scale=0.1))
     ps = _prompts(VOCAB, seed=31)
-    want = _one_rank(path, ps)
-    with LLM(path, speculative_config=MTP_SPEC, **KW) as one:
-        one.generate(ps, PARAMS, use_tqdm=False)
-        one_sd = one.engine.stats().spec_decode
-    sd = _assert_tp_equals(path, ps, want, MTP_SPEC)
-    assert sd.num_accepted_tokens > 0
-    assert (sd.num_draft_tokens, sd.num_accepted_tokens) == (one_sd.num_draft_tokens, one_sd.num_accepted_tokens)
+    _assert_drafts_as_one_rank(path, ps, _one_rank(path, ps), MTP_SPEC, _one_rank_drafts(path, ps, MTP_SPEC))
 
 
 def test_qwen_mtp_refused_under_tp(hf_tiny_model, tmp_path):
