@@ -7,7 +7,8 @@
   tests/helpers/mtp_checkpoints.bigram_mtp) split over the group like a main layer, drafting what one rank's
   drafts (as many accepted): DeepSeek-V3 (MLA) at `-tp 2` (experts split), `-tp 2 -ep 2` (experts in EP, token
   slices) and `-tp 2 -ep 4` (two TP groups: a group without rows runs the layer's collectives alone), GLM-4-MoE
-  (GQA: the MTP cache holds the rank's kv heads) at `-tp 2`; each rank reads only its shard of the layer;
+  (GQA: the MTP cache holds the rank's kv heads) at `-tp 2`; seeded sampling with MTP drafts at `-tp 2` equals
+  one rank's; each rank reads only its shard of the layer;
 - an EAGLE-3 head, replicated on every rank (the target's embedding gathered whole for it), on Qwen3-MoE at
   `-tp 2`, drafting what it drafts on one rank;
 - unseeded random sampling with host drafts at `-tp 2`: both ranks of the group hold the same tokens after every
@@ -131,6 +132,21 @@ def mtp_paths(tmp_path_factory):
 def test_tp2_mtp_drafts_equal_one_rank(local_ray, mtp_paths, arch, ep):
     path, ps, want, one_rank_drafts = mtp_paths(arch)
     _assert_drafts_as_one_rank(path, ps, want, MTP_SPEC, one_rank_drafts, ep=ep)
+
+
+def test_tp2_mtp_seeded_sampling_equals_one_rank(local_ray, mtp_paths):
+    """Seeded sampling at temperature 0.8 with MTP drafts: the acceptance test's uniforms and the recovered / bonus
+    tokens come from each request's generator, on the group's first rank as on one rank, over the same logits
+    (float64), so the sampled tokens equal one rank's with drafts (the rejection-sampling path under TP)."""
+    path, ps, _, _ = mtp_paths("deepseek_v3")
+    params = [SamplingParams(temperature=0.8, seed=100 + i, max_tokens=NEW, ignore_eos=True, detokenize=False)
+              for i in range(len(ps))]
+    runs = []
+    for tp in (1, 2):
+        with LLM(path, tensor_parallel_size=tp, speculative_config=MTP_SPEC, **KW) as llm:
+            runs.append([o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)])
+            assert llm.engine.stats().spec_decode.num_draft_tokens > 0
+    assert runs[1] == runs[0]
 
 
 class _LoadOnlyTP:
