@@ -309,13 +309,8 @@ class EngineArgs:
 
     def _check_tp_features(self, tp: int, architecture: str, spec: SpeculativeConfig | None) -> None:
         """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md).
-        Speculative decoding runs under TP (engine/rank/drafter.py): host drafts on every rank, DeepSeek's MTP
-        layer split like a main layer, an EAGLE-3 head replicated; Qwen3-Next / Qwen3.5's MTP module
-        (engine/models/qwen_mtp.py) is not split yet, so method 'mtp' is refused for those models."""
-        if spec is not None and spec.runs_mtp and REGISTRY[architecture].mtp_layout == "qwen":
-            raise ValueError(f"speculative_config.method={spec.method!r} is not supported for {architecture} with "
-                             f"tensor_parallel_size={tp} yet: its MTP module is not split over a TP group; use "
-                             "method 'ngram' (or a drafter_factory), or -tp 1.")
+        Speculative decoding runs under TP (engine/rank/drafter.py): host drafts on every rank, the MTP layers
+        (DeepSeek's, Qwen3-Next / Qwen3.5's) split like a main layer, an EAGLE-3 head replicated."""
         if self.kv_connector is not None:
             raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported with "
                              f"tensor_parallel_size={tp} yet: the KV a TP rank holds is its heads' only.")

@@ -23,6 +23,11 @@ The inner layer is the main decoder's `DecoderLayer` built at index num_hidden_l
 full-attention config (`ModelConfig.attention_for` past the main layers), its KV cache `ctx.kv_caches[L]` (the
 drafter's cache layer, engine/rank/chain_drafter.py), and it keeps no linear-attention state. Its MLP is routed
 when the main layer 0 is (vLLM builds it with layer index 0 for `mlp_only_layers` / `decoder_sparse_step`).
+
+Tensor parallelism (`tp`): the inner layer is built with the same TP strategy objects as a main layer (heads split,
+the gated output with them, experts split or in EP), the embedding and head are the main model's vocab shards (the
+logits all-gathered: every rank takes the same greedy draft), and fc is replicated: its input is the same on every
+rank, so each computes the whole [T, D] projection (no collective for one D x 2D matrix).
 """
 from __future__ import annotations
 
@@ -31,7 +36,6 @@ from typing import Collection
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from moelink.moe.layer import ExpertParallel, Stages, run_stages
 from moelink.moe.stats import MoEStats
@@ -43,6 +47,7 @@ from .layers import ForwardContext, RMSNorm
 from .linear import FloatLinear, Linear
 from .moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
 from .rope import RotaryEmbedding
+from .vocab_parallel import VocabShard
 
 PREFIX = "mtp."
 
@@ -58,7 +63,7 @@ class QwenMTPLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: torch.device,
                  ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, *,
-                 embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None):
+                 embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None, tp=None):
         super().__init__()
         if not 0 <= i < cfg.num_nextn_predict_layers:
             raise ValueError(f"MTP layer {i} does not exist: config.json mtp_num_hidden_layers="
@@ -67,6 +72,8 @@ class QwenMTPLayer(nn.Module):
             raise ValueError("QwenMTPLayer shares the main model's embedding and LM head: pass embed_tokens=... and "
                              "lm_head=... (the checkpoint holds no MTP copies).")
         self.cfg, self.spec = cfg, spec
+        tp = tp if tp is not None and tp.size > 1 else None
+        self.vocab = VocabShard(cfg.vocab_size, tp)  # the main model's shards of its embedding and head under TP
         self.layer_index = L = cfg.num_layers + i  # its KV cache layer, after the main ones
         self.prefix = f"{PREFIX}layers.{i}."
         self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
@@ -83,7 +90,7 @@ class QwenMTPLayer(nn.Module):
         # The checkpoint names as the inner layer's plan spells them (model.layers.{L}.*): the experts' layout.
         self._names = frozenset(self._as_layer_name(n) for n in (checkpoint_names or ()))
         self.layer = DecoderLayer(layer_cfg, L, rope, kernels, device, ep, self.moe_stats, spec,
-                                  fused_experts=fused_experts_name(L) in self._names)
+                                  fused_experts=fused_experts_name(L) in self._names, tp=tp)
         if self.layer.mixer_name != "self_attn":
             raise ValueError(f"{cfg.architecture}'s MTP layer must run full attention (its model attention is "
                              f"{cfg.attention.kind!r}).")
@@ -103,7 +110,7 @@ class QwenMTPLayer(nn.Module):
 
     def stages(self, positions_T, input_ids_T, hidden_TD, ctx: ForwardContext) -> Stages:
         """`forward` as stages: yields while its MoE all-to-all is in flight (under expert parallelism)."""
-        e_TD = self.pre_fc_norm_embedding(F.embedding(input_ids_T, self.embed_tokens))
+        e_TD = self.pre_fc_norm_embedding(self.vocab.embed(input_ids_T, self.embed_tokens))
         x_TD = self.fc(torch.cat([e_TD, self.pre_fc_norm_hidden(hidden_TD)], dim=-1))
         y_TD, residual_TD = yield from self.layer.stages(positions_T, x_TD, None, ctx)
         out_TD, _ = self.norm.add_forward(y_TD, residual_TD)
@@ -115,8 +122,9 @@ class QwenMTPLayer(nn.Module):
             yield from self.layer.moe.stages(self.embed_tokens.new_zeros(0, self.cfg.hidden_size))
 
     def compute_logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
-        """[T, V] logits of the token after the next, from `forward`'s (already normed) rows."""
-        return F.linear(hidden_TD, self.head)
+        """[T, V] logits of the token after the next, from `forward`'s (already normed) rows (gathered over a TP
+        group: the same on every rank)."""
+        return self.vocab.logits(hidden_TD, self.head)
 
     def process_weights_after_loading(self) -> None:
         """As MoEDecoderForCausalLM's: the zero-centred norms (ModelConfig.norm_weight_offset) become plain ones."""

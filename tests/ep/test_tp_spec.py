@@ -14,8 +14,8 @@
 - unseeded random sampling with host drafts at `-tp 2`: both ranks of the group hold the same tokens after every
   verify step (each rank's host drafter records the request states it sees), though each rank's own draws differ;
 - DeepSeek-V3.2's MTP layer (a DSA layer with its own indexer) at `-tp 2`; Qwen3-Next with host drafts at `-tp 2`
-  (the linear-attention states rolled back by the broadcast accepted counts); Qwen3-Next's own MTP module refused
-  at `-tp 2` naming the method.
+  (the linear-attention states rolled back by the broadcast accepted counts) and with its own MTP module (split
+  like a main layer).
 Lean: 4 prompts of 2-24 tokens, 6 new tokens (several verify steps per request)."""
 from __future__ import annotations
 
@@ -234,20 +234,16 @@ def test_tp2_dsa_mtp_drafts_equal_one_rank(local_ray, hf_tiny_model, tmp_path):
     _assert_drafts_as_one_rank(path, ps, _one_rank(path, ps), MTP_SPEC, _one_rank_drafts(path, ps, MTP_SPEC))
 
 
-def test_qwen_mtp_refused_under_tp(hf_tiny_model, tmp_path):
-    """Qwen3-Next / Qwen3.5's MTP module (engine/models/qwen_mtp.py) is not split over a TP group: method 'mtp' is
-    refused at -tp 2 naming the method, before any rank starts; 'ngram' is not."""
-    from moelink.engine.config.engine_args import EngineArgs
+def test_tp2_qwen3_next_mtp_drafts_equal_one_rank(local_ray, hf_tiny_model, tmp_path):
+    """Qwen3-Next's own MTP module (engine/models/qwen_mtp.py: its gated full-attention layer split like a main
+    layer, the main model's vocab shards, fc replicated) at -tp 2: the tokens of one rank, drafted and accepted as on
+    one rank (bigram module: accepted often), the linear-attention states rolled back by the broadcast counts."""
+    from tests.helpers.hf_checkpoints import VOCAB
+    from tests.helpers.qwen_mtp_checkpoints import bigram_mtp, with_mtp
 
-    from tests.helpers.qwen_mtp_checkpoints import with_mtp
-
-    path = str(with_mtp(hf_tiny_model("qwen3_next"), tmp_path / "mtp"))
-    args = dict(model=path, dtype="float64", tensor_parallel_size=2, num_kv_blocks=16)
-    with pytest.raises(ValueError, match="speculative_config.method='mtp' is not supported for .* "
-                                         "tensor_parallel_size=2"):
-        EngineArgs(**args, speculative_config={"method": "mtp", "num_speculative_tokens": 2}).create_engine_config()
-    cfg = EngineArgs(**args, speculative_config={"method": "ngram", "num_speculative_tokens": 2}).create_engine_config()
-    assert cfg.speculative is not None and cfg.parallel.tensor_parallel_size == 2
+    path = str(bigram_mtp(with_mtp(hf_tiny_model("qwen3_next"), tmp_path / "mtp"), tmp_path / "bigram"))
+    ps = _prompts(VOCAB, seed=23)
+    _assert_drafts_as_one_rank(path, ps, _one_rank(path, ps), MTP_SPEC, _one_rank_drafts(path, ps, MTP_SPEC))
 
 
 def test_tp2_hybrid_host_drafts_equal_one_rank(local_ray, hf_tiny_model):
