@@ -92,14 +92,14 @@ class SpecStep:
         meta = self.meta_verify
         rows = DraftRows(tuple(self.num_draft))
         reps = torch.tensor([k + 1 for k in self.num_draft], device=dev)
-        # Logprobs are of the raw model distribution, as for plain rows (sampler.py's order).
+        # The grammar's mask first, then logprobs of that raw distribution, as for plain rows (sampler.py's order).
+        if self.position_masks is not None:
+            allowed_BV = unpack_bitmasks(self.position_masks, logits_BV.shape[1], dev)
+            logits_BV = logits_BV.to(torch.float32).masked_fill(~allowed_BV, float("-inf"))
         logprobs_BV = None if meta.no_logprobs else torch.log_softmax(logits_BV.float(), dim=-1)
         if not meta.no_penalties:
             logits_BV = logits_BV.to(torch.float32, copy=True)
             apply_penalties(logits_BV, PositionPenalties(meta, reps, self.prefix_pairs, dev))
-        if self.position_masks is not None:  # after the penalties, as the sampler orders them
-            allowed_BV = unpack_bitmasks(self.position_masks, logits_BV.shape[1], dev)
-            logits_BV = logits_BV.to(torch.float32).masked_fill(~allowed_BV, float("-inf"))
         if meta.all_greedy:
             probs_BV = logits_BV.float()  # only the argmax is read on greedy rows
             greedy_R = torch.ones(rows.num_requests, dtype=torch.bool, device=dev)

@@ -131,7 +131,8 @@ def test_bad_speculative_configs_are_refused(reference):
 
 def test_grammar_masks_apply_at_every_verified_position():
     """Structured output with drafts: each verified position gets the grammar's mask after the drafts before it
-    (a draft the grammar refuses is rejected), so greedy outputs equal decoding without speculation and match."""
+    (a draft the grammar refuses is rejected), so greedy outputs equal decoding without speculation and match; the
+    logprobs of each verified position are of the masked distribution, as without speculation (sampler.py)."""
     import json
     from pathlib import Path
 
@@ -145,7 +146,7 @@ def test_grammar_masks_apply_at_every_verified_position():
     kinds = [StructuredOutputParams(json=schema), StructuredOutputParams(regex=r"[a-c]{3}-[0-9]{2}"),
              StructuredOutputParams(choice=["alpha beta", "gamma delta"])]
     prompts = ["The answer is", "def main():", "x = 1"]
-    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so) for so in kinds]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so, logprobs=3) for so in kinds]
     kw = dict(dtype="float32", max_model_len=256, num_kv_blocks=64)
     with LLM(builtin, **kw) as plain:
         want = plain.generate(prompts, params, use_tqdm=False)
@@ -160,6 +161,12 @@ def test_grammar_masks_apply_at_every_verified_position():
     assert _tokens(got) == _tokens(want)
     assert sd.num_accepted_tokens > 0 and sd.num_draft_tokens > sd.num_accepted_tokens
     assert set(json.loads(got[0].outputs[0].text)) == {"color", "n"}
+    for g, w in zip(got, want):
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert lg.keys() == lw.keys()
+            for t in lg:
+                assert lg[t].rank == lw[t].rank
+                assert lg[t].logprob == pytest.approx(lw[t].logprob, abs=1e-4)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "dsv3", "glm", "gpt_oss"])
