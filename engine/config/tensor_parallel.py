@@ -57,7 +57,8 @@ def check_tp_layout(par) -> bool:
     """ParallelConfig's TP fields (`par`), checked: a TP group is tensor_parallel_size consecutive ranks of one node;
     the world is a whole number of groups. Returns the elastic_ep the config keeps (off under TP).
     What TP does not compose with yet is refused here, naming the flag (elastic EP and rejoin: a lost rank
-    would take its whole TP group out, which engine/cluster/elastic.py does not do)."""
+    would take its whole TP group out, which engine/cluster/elastic.py does not do). Two-batch overlap composes: the
+    group's ranks split every step alike (engine/rank/step_plan.py)."""
     t, n = par.tensor_parallel_size, par.expert_parallel_size
     if not isinstance(t, int) or isinstance(t, bool) or t < 1:
         raise ValueError(f"tensor_parallel_size={t!r} is invalid (--tensor-parallel-size / -tp): must be a "
@@ -74,9 +75,6 @@ def check_tp_layout(par) -> bool:
     if par.ep_rejoin:
         raise ValueError(f"ep_rejoin=True (--ep-rejoin) is not supported with tensor_parallel_size={t} yet: "
                          "a lost rank takes its TP group out; run without --ep-rejoin.")
-    if par.enable_two_batch_overlap:
-        raise ValueError(f"enable_two_batch_overlap=True (--enable-two-batch-overlap) is not supported with "
-                         f"tensor_parallel_size={t} yet: drop one of the flags.")
     # Elastic EP drops single ranks; a TP group cannot lose one of its ranks and go on, so under TP a loss
     # fails the engine fast (as at EP 2). Off here rather than refused: it is on by default.
     return False

@@ -118,3 +118,21 @@ def test_tp_latency_cpu_smoke(local_ray):
 
     rows = tp_latency.main(["--cpu-smoke"])["rows"]
     assert [r["tp"] for r in rows] == [2] and rows[0]["decode_step_ms"] > 0
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 2), (2, 4)])
+def test_tp_with_two_batch_overlap_matches_single_rank(local_ray, tiny_model, tp, ep):
+    """Two-batch overlap under TP: every rank of a TP group splits the step into the same two micro-batches (they run
+    the same SchedulerOutput), so the TP collectives of one micro-batch and the EP all-to-all of the other pair up in
+    the same order on every rank; the tokens are one rank's."""
+    name = "qwen3_e6k3"
+    path = tiny_model(name)
+    ps = prompts(TINY_CONFIGS[name]["vocab_size"], seed=len(name), n=4, lo=1, hi=30)
+    if path not in _ONE_RANK:
+        _ONE_RANK[path] = _greedy(LLM(path, **KW), ps)
+    llm = LLM(path, tensor_parallel_size=tp, expert_parallel_size=ep, enable_two_batch_overlap=True, **KW)
+    try:
+        assert_same(_greedy(llm, ps), _ONE_RANK[path], ps)
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
