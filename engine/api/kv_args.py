@@ -80,6 +80,12 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
                    help="seconds saved KV waits for its decode server before it is dropped")
     g.add_argument("--kv-max-saved-bytes", type=int, default=4 << 30,
                    help="per rank: saved KV past this is dropped oldest first")
+    g.add_argument("--kv-nixl-in-place", action=argparse.BooleanOptionalAction, default=True,
+                   help="over NIXL, hold a finished prefill's blocks in the cache until the decode server reads them "
+                        "(no copy on either side); --no-kv-nixl-in-place copies them to host memory instead")
+    g.add_argument("--kv-nixl-hold", type=float, default=480.0, metavar="SECONDS",
+                   help="over NIXL in place: seconds a finished prefill's blocks wait for their decode server before "
+                        "they go back to the pool")
     g.add_argument("--kv-fetch-timeout", type=float, default=60.0,
                    help="seconds a decode server waits for one request's KV before it computes the prompt itself")
     g.add_argument("--kv-secret-file", default=None, metavar="PATH",
@@ -133,7 +139,8 @@ def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
                         advertise_host=ns.kv_advertise_host, ttl_s=ns.kv_ttl, max_saved_bytes=ns.kv_max_saved_bytes,
                         fetch_timeout_s=ns.kv_fetch_timeout, secret=load_secret(ns.kv_secret_file), peers=peers,
                         connect_timeout_s=ns.kv_connect_timeout, first_byte_timeout_s=ns.kv_first_byte_timeout,
-                        max_loads=ns.kv_max_loads, max_loads_per_source=ns.kv_max_loads_per_source, **extra)
+                        max_loads=ns.kv_max_loads, max_loads_per_source=ns.kv_max_loads_per_source,
+                        nixl_in_place=ns.kv_nixl_in_place, nixl_hold_s=ns.kv_nixl_hold, **extra)
     return ServerRole(ns.role, kv)
 
 

@@ -79,6 +79,13 @@ def test_cli_roles_are_validated_before_any_weights_load(tmp_path):
                                         "--kv-advertise-host", "10.0.0.7", "--kv-secret-file", str(secret)]), 4)
     assert role.kv_role == "kv_producer" and role.kv.num_ranks == 4 and role.kv.reachable_host == "10.0.0.7"
     assert role_from_args(p.parse_args(["--role", "decode"]), 1).connector().kv_role == "kv_consumer"
+    held = role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600"]), 1).kv
+    assert held.nixl_in_place and held.nixl_hold_s == 480.0  # NIXL reads held blocks in place by default
+    copied = role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600", "--no-kv-nixl-in-place",
+                                          "--kv-nixl-hold", "30"]), 1).kv
+    assert not copied.nixl_in_place and copied.nixl_hold_s == 30.0
+    with pytest.raises(ValueError, match="nixl_hold_s"):
+        role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600", "--kv-nixl-hold", "-1"]), 1)
 
 
 def test_kv_params_json_accepts_vllms_shape_and_names_bad_input():
