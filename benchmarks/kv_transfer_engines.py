@@ -59,7 +59,9 @@ def _prefill(conn, transport: str, port: int, shape: str, num_tokens: int, devic
             t0 = time.perf_counter()
             side.start_save(KVTransfer(msg[1], f"r{msg[1]}", table, num_tokens, token_ids=tuple(range(num_tokens)),
                                        params=_capability(msg[1])), blocks)
-            while not side.poll():  # the save's event, queried as the rank's step loop would
+            # A copy's event, queried as the rank's step loop would; over NIXL in place nothing is copied: the save
+            # is held in the cache at once and reported done only once read (so waiting here would never end).
+            while not side.holds_saves_of(blocks) and not side.poll():
                 time.sleep(0.0002)
             conn.send(time.perf_counter() - t0)
     finally:

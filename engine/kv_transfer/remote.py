@@ -240,7 +240,7 @@ class RemoteWorkerSide:
             # The scheduler does not step for a save it holds (scheduler/kv_connector.py): one copied instead (past
             # the bound, a registration refused) must be in the store by this step's poll, so it is copied now
             # (a device-to-host sync on CUDA, on this rare path only).
-            pending = PendingRead(kv.read(t)) if self._held_by_scheduler(kv) else kv.read_async(t)
+            pending = PendingRead(kv.read(t)) if self.holds_saves_of(kv) else kv.read_async(t)
         except (RuntimeError, ValueError) as exc:  # a copy that could not start (device memory): not saved
             self.store.abandon(t.params)
             logger.warning("KV save of request %s failed (a decode engine recomputes it): %s", shown(t.req_id), exc)
@@ -250,7 +250,7 @@ class RemoteWorkerSide:
         with self._lock:
             self._saving.append((t, pending))
 
-    def _held_by_scheduler(self, kv: PagedKVBlocks) -> bool:
+    def holds_saves_of(self, kv: PagedKVBlocks) -> bool:
         """Whether the scheduler half treats this rank's saves as held (`holds_saves`; never with state groups)."""
         return (self.config.nixl_in_place and self.server is not None and isinstance(kv, PagedKVBlocks)
                 and getattr(self.transport, "cache_region", None) is not None
