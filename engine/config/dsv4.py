@@ -19,13 +19,13 @@ The cache of a layer (engine/models/dsv4_attention.py computes it, engine/rank r
   ring of `compress_rate` tokens, `2 * compress_rate` under CSA whose entry reads the previous window too; the
   indexer's compressor the same at index_head_dim), in float32 (`state_dtypes`).
 Under --kv-cache-dtype fp8 (float8_e4m3fn; e5m2 is not offered) the paged tensors hold fp8 rows as bytes (uint8
-[B, Lc, X], kernels/dsv4.FP8Rows): an entry's leading H - R values in e4m3 with a float32 scale per 64 and its R
-rope values in bfloat16 (DeepSeek's own fp8 sparse KV layout), an index key in e4m3 with a float32 scale per 128 (DSA's
-row). V4-Flash's CSA layer: (604 + 132) / 4 = 184 bytes per token where bf16 costs (1024 + 256) / 4 = 320. The window
-ring takes the entry's fp8 rows too once the layer's config carries the cache dtype (`cache_dtype`, set by
-`resolve_dsv4_cache`: the state pools are allocated and sized from the layer config and the model dtype alone,
-engine/rank/state_cache.py and engine/config/kv_sizing.py, so ModelConfig must resolve it, as it resolves DSA's key
-layout); the compressor rows stay float32 (a partial window's running sums, not cached values).
+[B, Lc, X], `fp8_row_bytes`; kernels/dsv4.FP8Rows encodes them): an entry's leading H - R values in e4m3 with a
+float32 scale per 64 and its R rope values in bfloat16 (FlashMLA's shape, with float32 scales), an index key in
+e4m3 with a float32 scale per 128 (DSA's row). V4-Flash's CSA layer: (604 + 132) / 4 = 184 bytes per token where
+bf16 costs (1024 + 256) / 4 = 320. The window ring takes the entry's fp8 rows too: the layer's config carries the cache dtype (`cache_dtype`, set by
+`resolve_dsv4_cache`, which ModelConfig calls as it resolves DSA's key layout: the state pools are allocated and
+sized from the layer config and the model dtype alone, engine/rank/state_cache.py and engine/config/kv_sizing.py);
+the compressor rows stay float32 (a partial window's running sums, not cached values).
 Why the window is state and not paged: paged, the raw KV of every token would stay (head_dim values per token and
 layer, as many as DeepSeek-V3's latent) unless the blocks leaving the window were freed, and the hybrid cache manager
 does not combine a sliding-window block table with its state slots (scheduler/hybrid_cache.py refuses one); a ring
@@ -44,7 +44,6 @@ from typing import ClassVar
 
 import torch
 
-from moelink.kernels.dsv4 import FP8Rows, entry_rows, index_key_rows
 from moelink.moe.router_config import RouterConfig
 
 from .dsv4_quant import read_dsv4_quantization
@@ -60,6 +59,20 @@ SCORING_FUNCS = ("sqrtsoftplus",)
 def _positive_int(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise unsupported(name, v, "a positive integer")
+
+
+# The fp8 rows' geometry (module docstring), in bytes: the config sizes the cache from it, kernels/dsv4.FP8Rows encodes
+# and decodes the same layout (the config layer imports no kernel: tests/engine/test_dsv4_fp8_kv.py keeps the two
+# equal). Values per float32 scale: an entry's (and window row's), an index key's (DSA's row).
+ENTRY_SCALE_GROUP = 64
+INDEX_SCALE_GROUP = 128
+
+
+def fp8_row_bytes(dim: int, rope: int, group: int) -> int:
+    """One row's bytes: the leading dim - rope values e4m3 (padded to 4 bytes), a float32 scale per `group` of them,
+    the trailing `rope` values bfloat16, the row padded to 4 bytes."""
+    nope = dim - rope
+    return -(-(-(-nope // 4) * 4 + 4 * -(-nope // group) + 2 * rope) // 4) * 4
 
 
 @dataclass(frozen=True)
@@ -135,10 +148,10 @@ class DSV4AttentionConfig:
         """No sliding/full pairing of tensors (layer_configs.GQAConfig.kv_layer_pairs): the window is state."""
         return None
 
-    def fp8_rows(self) -> tuple[FP8Rows, ...]:
-        """The fp8 byte layouts of cache_shapes' tensors (module docstring): the entry's, then CSA's index key's."""
-        rows = (entry_rows(self.head_dim, self.rope.rotary_dim),)
-        return rows + ((index_key_rows(self.index_head_dim),) if self.layer_kind == "csa" else ())
+    def fp8_row_bytes(self) -> tuple[int, ...]:
+        """The fp8 rows' bytes of cache_shapes' tensors (module docstring): the entry's, then CSA's index key's."""
+        rows = (fp8_row_bytes(self.head_dim, self.rope.rotary_dim, ENTRY_SCALE_GROUP),)
+        return rows + ((fp8_row_bytes(self.index_head_dim, 0, INDEX_SCALE_GROUP),) if self.layer_kind == "csa" else ())
 
     @staticmethod
     def _fp8(cache_dtype) -> bool:
@@ -150,12 +163,12 @@ class DSV4AttentionConfig:
     def cache_shapes(self, num_blocks: int, block_size: int, cache_dtype=None) -> tuple[tuple[int, ...], ...]:
         """The paged tensors, the null block included: () for a sliding layer; (entries_BLcH,) for HCA;
         (entries_BLcH, index_keys_BLcI) for CSA, Lc = block_size / compress_rate. With an fp8 `cache_dtype` each
-        row is its FP8Rows' bytes (fp8_rows) instead of H / I values."""
+        row is its fp8 bytes (fp8_row_bytes) instead of H / I values."""
         if not self.compress_rate:
             return ()
         self.check_block_size(block_size)
         per_block = block_size // self.compress_rate
-        widths = ([r.row_bytes for r in self.fp8_rows()] if self._fp8(cache_dtype)
+        widths = (list(self.fp8_row_bytes()) if self._fp8(cache_dtype)
                   else [self.head_dim, self.index_head_dim][:2 if self.layer_kind == "csa" else 1])
         return tuple((num_blocks + 1, per_block, w) for w in widths)
 
@@ -175,16 +188,16 @@ class DSV4AttentionConfig:
         """Paged bytes per token of context in a cache of `dtype` (fp8: the rows' bytes, scales and bfloat16 rope
         included, per compress_rate tokens, rounded up)."""
         if self.compress_rate and self._fp8(dtype):
-            return -(-sum(r.row_bytes for r in self.fp8_rows()) // self.compress_rate)
+            return -(-sum(self.fp8_row_bytes()) // self.compress_rate)
         return self.kv_values_per_token() * dtype.itemsize
 
     @property
     def window_fp8(self) -> bool:
-        """Whether the window ring holds fp8 rows (entry_rows' bytes) rather than head_dim values."""
+        """Whether the window ring holds fp8 rows (an entry's bytes) rather than head_dim values."""
         return self._fp8(self.cache_dtype)
 
     def _slot_shapes(self) -> list[tuple[int, ...]]:
-        window = entry_rows(self.head_dim, self.rope.rotary_dim).row_bytes if self.window_fp8 else self.head_dim
+        window = self.fp8_row_bytes()[0] if self.window_fp8 else self.head_dim
         shapes = [(self.sliding_window, window)]
         if self.compress_rate:
             shapes.append((self.compressor_ring, self.compressor_width))

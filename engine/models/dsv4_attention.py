@@ -6,8 +6,8 @@ and the compressors' running rows in each sequence's state slot (ForwardContext.
 A pure-decode step runs batched from device lengths only (dsv4_decode.py: what a decode CUDA graph captures); so does
 each run of consecutive one-token rows in a mixed or verify step, while every longer sequence (a prefill chunk, a
 verify row) runs on its own, its lengths read from the metadata's host lists (no device sync). The math goes through
-four ops of the kernel strategy (kernels/ops.py), each with its reference in kernels/dsv4.py: `dsv4_compress`, `dsv4_indexer_topk`,
-`dsv4_sink_attention`, `dsv4_grouped_linear` (Triton: kernels/triton_dsv4.py, triton_dsv4_topk.py; the indexer's
+four ops of the kernel strategy (kernels/ops.py), each with its reference in kernels/dsv4.py: `dsv4_compress`,
+`dsv4_indexer_topk`, `dsv4_sink_attention`, `dsv4_grouped_linear` (and the decode path's paged ops) (Triton: kernels/triton_dsv4.py, triton_dsv4_topk.py; the indexer's
 picks may come in any order). A step's work per sequence, queries at positions p0..p1-1:
 1. the new tokens' kv (normed, roped), their compressor rows (kv | gate + position bias) and, under CSA, the
    indexer's rows;
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelink.kernels.dsv4 import (entry_rows, is_fp8_pages, read_rows, reference_rms_norm_f32, reference_rope_tail,
-                                  write_form)
+from moelink.kernels.dsv4 import (entry_rows, index_key_rows, is_fp8_pages, read_rows, reference_rms_norm_f32,
+                                  reference_rope_tail, write_form)
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.dsv4 import DSV4AttentionConfig
@@ -147,7 +147,9 @@ class DSV4Attention(nn.Module):
         # A layer's ctx.kv_caches entry: its paged tensors (cache_shapes), then its state pools (state_shapes).
         self.num_paged = len(cfg.cache_shapes(1, cfg.compress_rate or 1))
         # Each paged tensor's fp8 row layout (used only where the cache is fp8: uint8 pages).
-        self.row_formats = cfg.fp8_rows() if cfg.compress_rate else ()
+        self.row_formats = (((entry_rows(H, cfg.rope.rotary_dim),)
+                             + ((index_key_rows(cfg.index_head_dim),) if cfg.layer_kind == "csa" else ()))
+                            if cfg.compress_rate else ())
         self.window_rows = entry_rows(H, cfg.rope.rotary_dim)  # the window ring's, when it is fp8
         self.compressor = self.indexer = None
         if cfg.compress_rate:

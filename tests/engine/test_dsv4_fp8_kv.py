@@ -17,7 +17,7 @@ import torch
 
 from moelink.engine import LLM
 from moelink.engine.config import kv_sizing
-from moelink.engine.config.dsv4 import DSV4AttentionConfig
+from moelink.engine.config.dsv4 import ENTRY_SCALE_GROUP, INDEX_SCALE_GROUP, DSV4AttentionConfig, fp8_row_bytes
 from moelink.engine.config.layer_configs import RopeConfig
 from moelink.engine.config.model import ModelConfig
 from moelink.kernels.dsv4 import entry_rows, index_key_rows
@@ -102,6 +102,11 @@ def test_kv_sizing_bytes_per_token_fp8_beside_bf16(dsv4_path):
              for a in (flash_csa, flash_hca)]
     # CSA: (1024 + 256) / 4 = 320 bf16, (604 + 132) / 4 = 184 fp8; HCA: 1024 / 128 = 8, 604 / 128 -> 5
     assert flash == [(320, 184), (8, 5)]
+    # the config's row bytes (it imports no kernel) are the codec's rows
+    cases = [(512, 64, ENTRY_SCALE_GROUP, entry_rows(512, 64)), (16, 8, ENTRY_SCALE_GROUP, entry_rows(16, 8)),
+             (128, 0, INDEX_SCALE_GROUP, index_key_rows(128)), (24, 0, INDEX_SCALE_GROUP, index_key_rows(24))]
+    for dim, rope, group, rows in cases:
+        assert fp8_row_bytes(dim, rope, group) == rows.row_bytes == rows.encode(torch.ones(1, dim)).shape[-1]
     print(f"kv bytes per token of context: tiny V4 bf16 {tiny[0]} fp8 {tiny[1]} ({tiny[1] / tiny[0]:.2f}x); "
           f"V4-Flash CSA layer bf16 {flash[0][0]} fp8 {flash[0][1]} ({flash[0][1] / flash[0][0]:.2f}x), HCA layer "
           f"bf16 {flash[1][0]} fp8 {flash[1][1]}")
