@@ -1,0 +1,235 @@
+"""The remote KV connector's worker half (engine/kv_transfer/remote.py is the factory and the scheduler half; its
+docstring tells the whole): on each rank, the saved-KV store and the transport's server that serves it, the saves
+(a copy to host memory, or over NIXL in place a hold on the cache's blocks: engine/kv_transfer/nixl_inplace.py), and
+the loads, each fetched on a thread of its own and written layer by layer as it arrives (engine/kv_transfer/
+arrival.py); `poll` reports what finished to the rank's step loop.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from moelink.engine.contract.safe_text import shown
+from moelink.scheduler.outputs import KVTransfer
+
+from .arrival import ArrivalWriter, LoadDropped, LoadWriteFailed
+from .auth import SecretAuth, is_capability
+from .blocks import STATE, PagedKVBlocks, PendingRead
+from .config import RemoteKVConfig, RemoteSource
+from .peers import peer_allowed
+from .server import ServerLimits
+from .store import SavedKVStore
+from .transport import make_transport
+from .wire import KVFetchError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerKVStats:
+    num_loaded: int = 0
+    num_failed: int = 0
+    bytes_loaded: int = 0
+    fetch_s: float = 0.0  # summed wall seconds of the successful fetches
+    loaded_from: dict = field(default_factory=dict)  # "host:port" -> loads it served (which prefill rank)
+    failures: deque = field(default_factory=lambda: deque(maxlen=32))  # (request id, reason), the latest
+
+
+class RemoteWorkerSide:
+    """A rank's worker half (module docstring): its saved-KV store and server, and its fetches."""
+
+    def __init__(self, config: RemoteKVConfig, rank: int) -> None:
+        self.config = config
+        limits = ServerLimits(handshake_timeout_s=config.first_byte_timeout_s, io_timeout_s=config.fetch_timeout_s,
+                              max_prompt_tokens=config.max_prompt_tokens)
+        self.transport = make_transport(config.transport, config.connect_timeout_s, config.fetch_timeout_s,
+                                        SecretAuth(config.secret), config.first_byte_timeout_s, limits)
+        self.store = SavedKVStore(config.ttl_s, config.max_saved_bytes)
+        self.server = None if config.port is None else self.transport.serve(self.store, config.host, config.port + rank)
+        self.stats = WorkerKVStats()
+        self._lock = threading.Lock()
+        self._done: dict[int, bool] = {}
+        self._written: list[tuple[KVTransfer, ArrivalWriter]] = []  # loads fully arrived, written or landing
+        self._writers: set[ArrivalWriter] = set()  # loads arriving now
+        self._write_lock = threading.Lock()  # held by a group's write and by drop_pending
+        self._saving: list[tuple[KVTransfer, PendingRead]] = []  # saves whose bytes are not in host memory yet
+        self._fetches: set[threading.Thread] = set()
+        # Bumped by drop_pending: a fetch started under an older generation is discarded when it arrives.
+        self._generation = 0
+
+    # saves: on their way to host memory from now (read_async: a side-stream copy on a GPU); stored and reported
+    # by the first poll that finds them there, so the blocks stay the scheduler's until the bytes are out.
+    def start_save(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
+        if not is_capability(t.params):  # the scheduler half names the key (save_params): never a request id
+            logger.warning("KV save of request %s has no capability to be saved under: not saved", shown(t.req_id))
+            with self._lock:
+                self._done[t.transfer_id] = False
+            return
+        region = self._region(kv)
+        held = region.held(t) if region is not None else None
+        # Held in place until a decode rank reads it (nixl_inplace.py): nothing copied. Blocks held for decode
+        # engines that never come are bounded like saved copies (max_saved_bytes): past it, this one is copied.
+        if held is not None and self.store.held_nbytes + held.nbytes <= self.config.max_saved_bytes:
+            self.store.hold(t.params, held, self.config.nixl_hold_s)
+            return
+        self.store.expect(t.params)  # before the request's output can name the key to a decode engine
+        try:
+            # The scheduler does not step for a save it holds (scheduler/kv_connector.py): one copied instead (past
+            # the bound, a registration refused) must be in the store by this step's poll, so it is copied now
+            # (a device-to-host sync on CUDA, on this rare path only).
+            pending = PendingRead(kv.read(t)) if self.holds_saves_of(kv) else kv.read_async(t)
+        except (RuntimeError, ValueError) as exc:  # a copy that could not start (device memory): not saved
+            self.store.abandon(t.params)
+            logger.warning("KV save of request %s failed (a decode engine recomputes it): %s", shown(t.req_id), exc)
+            with self._lock:
+                self._done[t.transfer_id] = False
+            return
+        with self._lock:
+            self._saving.append((t, pending))
+
+    def holds_saves_of(self, kv: PagedKVBlocks) -> bool:
+        """Whether the scheduler half treats this rank's saves as held (`holds_saves`; never with state groups)."""
+        return (self.config.nixl_in_place and self.server is not None and isinstance(kv, PagedKVBlocks)
+                and getattr(self.transport, "cache_region", None) is not None
+                and not any(kind == STATE for _, kind in kv.groups))
+
+    def _region(self, kv: PagedKVBlocks):
+        """The cache registered once for in-place saves (NIXL, `nixl_in_place`), or None: the copy path."""
+        hold = getattr(self.transport, "cache_region", None)
+        if hold is None or not self.config.nixl_in_place or self.server is None:
+            return None
+        return hold(kv)
+
+    # loads: fetched on a thread; written into the blocks by the next poll after they arrive
+    def start_load(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
+        if not isinstance(t.params, RemoteSource):
+            self._fail(t, "the load names no remote source (a request without kv_transfer_params)")
+            return
+        src = t.params
+        if not peer_allowed(self.config.peers, src.host, src.port, src.num_ranks):  # checked when added, too
+            self._fail(t, f"{src.host}:{src.port} is not one of this engine's KV peers ({describe_peers(self.config.peers)})")
+            return
+        th = threading.Thread(target=self._fetch, args=(t, kv, self._generation), name=f"kv-fetch-{t.transfer_id}",
+                              daemon=True)
+        with self._lock:
+            self._fetches.add(th)
+        th.start()
+
+    def _fetch(self, t: KVTransfer, kv: PagedKVBlocks, generation: int) -> None:
+        src: RemoteSource = t.params
+        t0 = time.monotonic()
+        want = list(src.token_ids[:t.num_tokens])
+        max_blocks = -(-t.num_tokens // kv.block_size)
+        reasons = []
+        try:
+            # Data-parallel attention: the KV is on the one prefill rank that computed it; ask each in turn.
+            for port in range(src.port, src.port + src.num_ranks):
+                left = self.config.fetch_timeout_s - (time.monotonic() - t0)
+                writer = ArrivalWriter(t, kv, generation, lambda: self._generation, self._write_lock)
+                with self._lock:
+                    self._writers.add(writer)
+                try:
+                    # Each group is written into the blocks as it arrives (arrival.py).
+                    self.transport.fetch(src.host, port, src.key, kv.layout, want, max_blocks, left, kv.device,
+                                         on_group=writer)
+                except KVFetchError as exc:
+                    reasons.append(str(exc))
+                    continue
+                finally:
+                    with self._lock:
+                        self._writers.discard(writer)
+                with self._lock:
+                    if generation != self._generation:
+                        return  # dropped (an elastic rewind): its blocks may be another request's by now
+                    self.stats.fetch_s += time.monotonic() - t0
+                    where = f"{src.host}:{port}"
+                    self.stats.loaded_from[where] = self.stats.loaded_from.get(where, 0) + 1
+                    self._written.append((t, writer))
+                return
+            self._fail(t, "; ".join(reasons), generation)
+        except LoadDropped:
+            return  # the scheduler awaits no report of it
+        except LoadWriteFailed as exc:
+            self._fail(t, str(exc), generation)
+        except Exception as exc:  # a load must be reported whatever happens, or its request would wait for ever
+            self._fail(t, f"unexpected error: {exc!r}", generation)
+        finally:
+            with self._lock:
+                self._fetches.discard(threading.current_thread())
+
+    def _fail(self, t: KVTransfer, reason: str, generation: int | None = None) -> None:
+        logger.warning("KV load of request %s failed (it is recomputed): %s", shown(t.req_id), reason)
+        with self._lock:
+            if generation is not None and generation != self._generation:
+                return  # dropped: the scheduler awaits no report of it
+            self.stats.num_failed += 1
+            self.stats.failures.append((t.req_id, reason))
+            self._done[t.transfer_id] = False
+
+    def poll(self) -> dict[int, bool] | None:
+        with self._lock:
+            saving, self._saving = self._saving, []
+        ready = [(t, p) for t, p in saving if p.done()]  # event queries: no host sync
+        if len(ready) < len(saving):
+            with self._lock:
+                self._saving = [(t, p) for t, p in saving if not p.done()] + self._saving
+        for t, p in ready:
+            self.store.put(t.params, p.saved)
+            with self._lock:
+                self._done[t.transfer_id] = True
+        released = self.store.released()  # holds ended: read in place, expired, or the reader gone
+        if released:
+            with self._lock:
+                self._done.update((tid, True) for tid in released)
+        with self._lock:
+            written, self._written = self._written, []
+        landed = [(t, w) for t, w in written if w.done()]  # event queries on a GPU: no host sync
+        if len(landed) < len(written):
+            with self._lock:
+                self._written = [(t, w) for t, w in written if not w.done()] + self._written
+        for t, w in landed:
+            with self._lock:
+                self.stats.num_loaded += 1
+                self.stats.bytes_loaded += w.nbytes
+                self._done[t.transfer_id] = True
+        self.store.expire()
+        with self._lock:
+            done, self._done = self._done, {}
+        return done or None
+
+    def drop_pending(self) -> None:
+        """Forget every load in flight and every report not polled yet: the scheduler counted them failed (an
+        elastic rewind), so a fetch that arrives later must not write blocks that may have gone to another request,
+        and a save still copying may read blocks already rewritten: it is never stored."""
+        with self._write_lock, self._lock:  # no group is being written while the generation moves
+            self._generation += 1
+            writers = [w for _, w in self._written] + list(self._writers)
+            self._written, self._done = [], {}
+        for w in writers:  # the rank's next steps may reuse these blocks: after the copies already enqueued
+            w.fence()
+        self._abandon_saves()
+        self.store.drop_held()  # their saves count failed, their blocks freed: no fetch may name them now
+
+    def _abandon_saves(self) -> None:
+        with self._lock:
+            saving, self._saving = self._saving, []
+        for t, _ in saving:  # never put: a fetch waiting for it is answered at once
+            self.store.abandon(t.params)
+
+    def close(self) -> None:
+        self._abandon_saves()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        self.store.clear()  # nothing saved outlives the rank
+        with self._lock:
+            fetches = list(self._fetches)
+        for th in fetches:  # each ends within fetch_timeout_s of its start
+            th.join(self.config.fetch_timeout_s + self.config.connect_timeout_s)
+        self.transport.close()  # after the fetches: NIXL's agents (and their UCX threads) end here
+
+
+__all__ = ["RemoteWorkerSide", "WorkerKVStats"]
