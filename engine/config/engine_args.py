@@ -10,7 +10,8 @@ import torch
 
 from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
-from .model import KV_CACHE_DTYPES, ModelConfig, ParallelConfig
+from .model import KV_CACHE_DTYPES, ModelConfig
+from .parallel import ParallelConfig
 from .sparse_attention import INDEX_CACHE_DTYPES
 from .quantization import ONLINE_METHODS
 from .checkpoint_headers import check_checkpoint

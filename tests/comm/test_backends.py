@@ -6,7 +6,7 @@ import pytest
 from moelink.comm.a2a_base import AllToAll
 from moelink.comm.all_to_all import NoAllToAll, TorchAllToAll
 from moelink.comm.backends import ALL_TO_ALL_NAMES, BACKENDS, AllToAllSpec, resolve_backend
-from moelink.engine.config.model import ParallelConfig
+from moelink.engine.config.parallel import ParallelConfig
 
 
 def test_names_and_auto():

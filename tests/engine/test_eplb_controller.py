@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moelink.engine.config.model import ParallelConfig
+from moelink.engine.config.parallel import ParallelConfig
 from moelink.engine.cluster.eplb_controller import EPLBController
 from moelink.moe.placement import ExpertPlacement
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moelink.engine.config.model import ParallelConfig
+from moelink.engine.config.parallel import ParallelConfig
 from moelink.engine.cluster.rejoin import Backoff, Phase, RejoinTracker
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moelink.engine import LLM, EngineArgs, SamplingParams
-from moelink.engine.config.model import ParallelConfig
+from moelink.engine.config.parallel import ParallelConfig
 from moelink.engine.rank.step_plan import (SingleBatch, TwoBatchOverlap, make_step_plan, run_interleaved,
                                       split_sequences)
 from moelink.kernels.attention import AttentionMetadata

@@ -8,7 +8,8 @@ import torch
 from safetensors import safe_open
 
 from moelink.engine.config.checkpoint_headers import text_model_name
-from moelink.engine.config.model import ModelConfig, ParallelConfig
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.config.parallel import ParallelConfig
 from moelink.engine.config.tensor_parallel import check_tensor_parallel
 from moelink.engine.rank.loader import checkpoint_index, load_model
 from moelink.kernels.ops import ReferenceKernels

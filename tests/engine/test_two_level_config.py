@@ -12,7 +12,7 @@ import torch
 
 from moelink.comm.backends import BACKENDS
 from moelink.comm.two_level import TwoLevelAllToAll, node_numbers
-from moelink.engine.config.model import ParallelConfig
+from moelink.engine.config.parallel import ParallelConfig
 from moelink.engine.contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from moelink.engine.core.moe_metrics import MoEMetrics
 from moelink.moe.placement import ExpertPlacement
