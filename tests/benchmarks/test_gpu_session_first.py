@@ -18,15 +18,12 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+from tests.helpers.gpu_session import PLAN, ROOT, SAFE_NAME, session
+
 DOC = ROOT / "docs" / "gpu-sessions.md"
-SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool returns
 MAX_FILES_PER_COMMAND = 8
 STEP_BUDGET_S = 570  # 600 s of the device tool less its start and transfers (test_gpu_session.py holds it)
 FIRST_BUDGET_S = 2400  # a lease of 45 minutes less the tool's starts
-PLAN = re.compile(r"^PLAN step=(\S+) cmd=(\S+) gemm_compiles=(\d+) slow_compiles=(\d+) other_compiles=(\d+) "
-                  r"run_s=(\d+) budget_s=(\d+) :: (.*)$", re.M)
 ROW = re.compile(r"^(.+?)\s+budget\s+(\d+) s\s+OUT=\$OUT bash benchmarks/gpu_session.sh (.+)$", re.M)
 # The GPU image (docs: .library/device/KINDS.md): none of these is there.
 NOT_ON_THE_GPU_IMAGE = "ray,smg,xgrammar,smg_grpc_proto,grpc_health,grpc_reflection"
@@ -46,18 +43,6 @@ class _Block:
         return spec
 sys.meta_path.insert(0, _Block())
 '''
-
-
-def session(*args: str, out: Path | None = None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    e = dict(os.environ, PYTHON=sys.executable)
-    e.update(env)
-    e.pop("TRITON_INTERPRET", None)
-    for k in ("MOELINK_COMMIT", "GPU_CC", "GPU_SESSION_STATE"):
-        if k not in env:
-            e.pop(k, None)
-    if out is not None:
-        e["OUT"] = str(out)
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=e)
 
 
 def git_commit() -> str:

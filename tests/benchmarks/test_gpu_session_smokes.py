@@ -1,0 +1,198 @@
+"""benchmarks/gpu_session.sh's CPU smoke runs (`--cpu-smoke STEP`): the steps whose shell and Python logic matters run
+for real at tiny sizes on CPU (preflight, pytest per file, tune's and tune-fp8's tarballs unpacked into configs, the
+KV handoff between two processes, the mla-fp8-kv, int4, dsa, dsv4 and spec comparisons), and what each leaves in $OUT
+is what the device tool returns. The plans and budgets of every step are test_gpu_session.py's.
+
+Most of the file's CPU time: each run is at least a Python start that imports torch (kv-transfer, tests-kernels and
+mla-fp8-kv the largest).
+"""
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+
+import pytest
+
+from moelink.benchmarks import moe_kernels
+from moelink.kernels import moe_config
+
+from tests.helpers.gpu_session import PLAN, assert_device_safe, session
+
+
+def test_cpu_smoke_kv_transfer_step_hands_kv_between_two_processes(tmp_path):
+    """A spawned prefill process saves, this one loads over every transport: one row each, one JSON."""
+    proc = session("--cpu-smoke", "kv-transfer", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    (f,) = tmp_path.iterdir()
+    rows = json.loads(f.read_text())["rows"]
+    # NIXL is measured where its package is installed (the CPU lock has it; the GPU image may not).
+    from moelink.engine.kv_transfer.nixl import nixl_available
+    nixl = ["nixl"] if nixl_available() else []
+    assert sorted(r["transport"] for r in rows) == sorted(["collective", "shm", "tcp"] + nixl)
+    assert all(r["bytes"] == 61 * 4 * 16 * 576 * 2 and r["load_gbps"] > 0 and r["save_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_preflight_runs_on_cpu_and_says_what_it_will_do(tmp_path):
+    proc = session("preflight", out=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for what in ("python", "torch", "triton", "triton NVIDIA backend + ptxas", "C compiler (Triton's launcher)",
+                 "Python.h (Triton's launcher)", "pytest", "pytest-timeout", "pip + setuptools (editable install)"):
+        assert re.search(rf"^(ok     |MISSING) {re.escape(what)}: ", out, re.M), f"no check of {what}:\n{out}"
+    # Whatever is missing says what happens instead.
+    for line in re.findall(r"^MISSING .*$", out, re.M):
+        assert " -> " in line, line
+    assert re.search(r"^plan    import: ", out, re.M) and "torch: " in out and "no CUDA device" in out
+    assert re.search(r"^plan    Triton cache: .*/\.gpu_session/triton_cache", out, re.M)
+    files = list(tmp_path.iterdir())
+    assert [f.name for f in files] == ["preflight_cpu.txt"] and "plan    import" in files[0].read_text()
+
+
+@pytest.mark.slow
+def test_cpu_smoke_tests_step_runs_pytest_per_file(tmp_path):
+    proc = session("--cpu-smoke", "tests-kernels", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_device_safe(tmp_path)
+    log = (tmp_path / "gpu_tests_kernels_cpu_smoke.txt").read_text()
+    assert "=== tests/kernels/test_triton_gpu.py" in log and re.search(r"\d+ skipped", log)  # no GPU here
+    assert re.search(r"triton_gpu: exit 0 after \d+ s \(budget \d+ s\)", proc.stdout)
+
+
+@pytest.mark.slow
+def test_cpu_smoke_tune_step_tarball_unpacks_into_configs(tmp_path):
+    out, dest = tmp_path / "out", tmp_path / "configs"
+    out.mkdir(), dest.mkdir()
+    proc = session("--cpu-smoke", "tune", out=out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(out)
+    (tarball,) = out.iterdir()
+    assert tarball.name == "tuned_configs_cpu_smoke_smoke.tar.gz"
+    with tarfile.open(tarball) as tf:
+        names = sorted(tf.getnames())
+    E, _, _, I = moe_kernels.SMOKE_SHAPES["smoke-e8"]  # the step tunes one smoke shape at one bucket
+    want = [moe_config.config_file_name(E, I, "cpu")]
+    assert names == want
+    proc = session("unpack", str(tarball), UNPACK_DEST=str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == want
+    for p in dest.iterdir():
+        key, buckets = moe_config.load_config_file(str(p))
+        assert key == "tokens" and [b for b, _ in buckets] == [1]
+        tuning = json.loads(p.read_text())["tuning"]
+        for b in [1]:  # what was written is never slower than its seed
+            assert tuning[str(b)]["tuned_ms"] <= tuning[str(b)]["seed_ms"]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_tune_fp8_step_tarball_unpacks_into_configs(tmp_path):
+    """The FP8 step's tarball holds the fp8_w8a8 file, which unpack accepts and get_fp8_moe_config would read."""
+    from moelink.benchmarks.tune_moe_fp8 import FP8_SMOKE_SHAPES
+    from moelink.kernels.triton_moe_fp8 import fp8_config_file_name
+
+    out, dest = tmp_path / "out", tmp_path / "configs"
+    out.mkdir(), dest.mkdir()
+    proc = session("--cpu-smoke", "tune-fp8", out=out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(out)
+    (tarball,) = out.iterdir()
+    assert tarball.name == "tuned_configs_fp8_cpu_smoke_smoke.tar.gz"
+    E, _, _, I = FP8_SMOKE_SHAPES["smoke-fp8-e8"]  # one smoke shape at one bucket
+    want = [fp8_config_file_name(E, I, "cpu")]
+    with tarfile.open(tarball) as tf:
+        assert sorted(tf.getnames()) == want
+    assert re.search(r"^RATIO smoke-fp8-e8 T=1: fp8 ", proc.stdout, re.M), proc.stdout[-3000:]
+    proc = session("unpack", str(tarball), UNPACK_DEST=str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == want
+    (p,) = dest.iterdir()
+    key, buckets = moe_config.load_config_file(str(p))
+    tuning = json.loads(p.read_text())["tuning"]
+    # bucket 1 tuned, 12 (the other smoke bucket) the config used until now
+    assert key == "tokens" and [b for b, _ in buckets] == [1, 12] and set(tuning) == {"1"}
+    assert tuning["1"]["tuned_ms"] <= tuning["1"]["seed_ms"] and tuning["1"]["bf16_ms"] > 0
+
+
+@pytest.mark.slow
+def test_cpu_smoke_mla_fp8_kv_step_prints_the_ratios(tmp_path):
+    """Its CPU smoke (toy shapes: the kernel in the interpreter, the engine on the reference kernels) prints one
+    `RATIO` line per kernel case and one end to end, and writes one device-safe JSON."""
+    proc = session("--cpu-smoke", "mla-fp8-kv", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    ratios = re.findall(r"^RATIO (kernel|e2e) (.+): fp8 \S+ s / bf16 \S+ s = (\d+\.\d+)$", proc.stdout, re.M)
+    assert [r[0] for r in ratios] == ["kernel"] * 4 + ["e2e"], proc.stdout
+    (f,) = tmp_path.iterdir()
+    doc = json.loads(f.read_text())
+    assert f.name == "mla_fp8_kv_cpu_smoke.json" and len(doc["results"]) == 5 and doc["cpu_smoke"]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_int4_step_runs_its_four_commands(tmp_path):
+    """The int4 step's CPU smoke: its two benchmark commands as CPU counts (decode bytes at batches 1..64, both
+    prefill paths counted; device-safe JSON), the two GPU test files through pytest (skipped on CPU, one log); its
+    dry run times the decode batches 1..64 at Kimi's experts and both prefill paths at Kimi's EP-8 share, then both
+    GPU test files."""
+    proc = session("--cpu-smoke", "int4", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names == ["gpu_tests_int4_cpu_smoke.txt", "moe_int4_bytes_cpu_smoke.json",
+                     "moe_int4_prefill_counts_cpu_smoke.json"]
+    dec = json.loads((tmp_path / "moe_int4_bytes_cpu_smoke.json").read_text())["results"]
+    assert [r["tokens"] for r in dec] == [1, 2, 4, 8, 16, 32, 64] and all(r["ratio"] < 0.3 for r in dec)
+    pre = json.loads((tmp_path / "moe_int4_prefill_counts_cpu_smoke.json").read_text())["results"]
+    assert [r["shape"] for r in pre] == ["kimi-k2-ep8"] * 3 and all("dequant_hbm_ratio" in r for r in pre)
+    log = (tmp_path / "gpu_tests_int4_cpu_smoke.txt").read_text()
+    assert "test_triton_moe_int4_gpu.py" in log and "test_int4_gpu.py" in log and "skipped" in log
+    plans = PLAN.findall(session("--dry-run", "int4").stdout)
+    cmds = {p[1]: p[7] for p in plans}
+    assert list(cmds) == ["moe_int4_decode", "moe_int4_prefill", "int4_kernels_gpu", "int4_engine_gpu"]
+    assert "--shapes kimi-k2 --tokens 1,2,4,8,16,32,64 " in cmds["moe_int4_decode"]
+    assert "--prefill --shapes kimi-k2-ep8 " in cmds["moe_int4_prefill"]
+
+
+def test_cpu_smoke_dsa_step_writes_both_paths_bytes_and_times(tmp_path):
+    """The dsa step's CPU smoke (toy shapes, reference kernels): one device-safe JSON, every point with dense and DSA
+    times and counted bytes, the latent bytes following top-k / context."""
+    proc = session("--cpu-smoke", "dsa", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    (f,) = tmp_path.iterdir()
+    doc = json.loads(f.read_text())
+    assert f.name == "dsa_decode_cpu_smoke.json" and len(doc["points"]) == 8
+    for pt in doc["points"]:
+        assert pt["dense_s"] > 0 and pt["dsa_s"] > 0
+        assert pt["latent_bytes_ratio"] == pytest.approx(min(pt["context"], 16) / pt["context"])
+
+
+def test_cpu_smoke_dsv4_step_writes_each_path(tmp_path):
+    """The dsv4 step's CPU smoke (toy shapes, reference kernels): one device-safe JSON, every point timed on each path
+    with its counted bytes (the GPU run adds V3's MLA beside them)."""
+    proc = session("--cpu-smoke", "dsv4", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    (f,) = tmp_path.iterdir()
+    doc = json.loads(f.read_text())
+    assert f.name == "dsv4_decode_cpu_smoke.json" and len(doc["points"]) == 2
+    for pt in doc["points"]:
+        assert pt["full_s"] > 0 and pt["csa_s"] > 0 and pt["hca_s"] > 0
+        assert pt["bytes"]["hca"] < pt["bytes"]["full"]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_spec_step_compares_drafts_with_plain_decoding(tmp_path):
+    """The spec step's CPU smoke (a tiny Qwen3-MoE): plain decoding in both loops and the oracle drafter at
+    p = 0.8, outputs identical, one device-safe JSON; a GPU run takes a full-size shape."""
+    proc = session("--cpu-smoke", "spec", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_device_safe(tmp_path)
+    (f,) = tmp_path.iterdir()
+    rows = json.loads(f.read_text())["batches"]["1"]
+    assert f.name == "spec_decode_cpu_smoke.json" and set(rows) == {"plain", "plain_serial", "p=0.8"}
+    assert rows["p=0.8"]["identical_to_plain"] and rows["p=0.8"]["tokens_per_request_step"] > 1
+    (plan,) = PLAN.findall(session("--dry-run", "spec", "--model", "deepseek-v2-lite").stdout)
+    assert "--shape deepseek-v2-lite" in plan[7] and "spec_decode_" in plan[7]
+    assert session("--dry-run", "spec", "--model", "llama").returncode == 2
