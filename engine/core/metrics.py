@@ -3,8 +3,11 @@
 Request-level series (outcomes, TTFT / inter-token / end-to-end histograms,
 token counters) are observed by the AsyncEngine's output thread as outputs are produced.
 Engine-level series (queue, KV use, prefix cache, preemptions, all-to-all,
-expert-load balance) are read from the engine when Prometheus scrapes, by a
-custom collector, so no per-step work is spent on them.
+expert-load balance, the KV offload tiers' counters) are read from the engine when Prometheus scrapes, by a
+custom collector, so no per-step work is spent on them. The offload tiers are reached through the engine's KV
+connector (`engine.config.kv_connector`) when it is an `OffloadStatsSource` (below: a typed protocol, since
+engine/core must not import engine/kv_transfer); their load-time histogram is observed as loads happen when the
+connector also takes an observer (`OffloadLoadObserved`).
 
 Cardinality stays bounded: labels are outcomes, phases and MoE layer indices,
 never request ids and, by default, never expert ids (per-expert counts are in
@@ -15,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Callable, Mapping, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -23,6 +27,9 @@ from .metrics_server import BoundedMetricsServer, start_metrics_server as _start
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# One offload load (host memory: a copy of a block's rows; disk: a file read): tens of microseconds to seconds.
+_OFFLOAD_LOAD_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+OFFLOAD_TIERS = ("host", "disk")  # the `tier` label's values, highest first
 _THROUGHPUT_WINDOW_S = 10.0
 # The /metrics HTTP server: at most this many requests served at once (one thread each; more are closed at
 # once), and each connection at most this long, however slowly its client sends (a scrape takes
@@ -51,13 +58,26 @@ class EngineMetrics:
         self._last_token: dict[str, tuple[float, int]] = {}  # request id → (time, tokens so far)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for the tokens/s gauge
         self._lock = threading.Lock()
+        # Observed by the KV connector's offload tiers as each load ends (attach hands it `observe_offload_load`).
+        self.offload_load = Histogram("moelink_kv_offload_load_seconds", "Seconds one load from an offload tier "
+                                      "took (host: a copy; disk: a file read), per tier.", ["tier"],
+                                      buckets=_OFFLOAD_LOAD_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(self))
 
     def attach(self, engine) -> None:
-        """The engine (an LLMEngine) whose counters the scrape reads; called once by the AsyncEngine."""
+        """The engine (an LLMEngine) whose counters the scrape reads; called once by the AsyncEngine. A KV
+        connector that reports its offload loads one by one (`OffloadLoadObserved`) is handed the histogram."""
         if self.engine is not None and self.engine is not engine:
             raise ValueError("EngineMetrics is already attached to another engine: make one per engine.")
+        if self.engine is None:
+            kvc = getattr(engine.config, "kv_connector", None)
+            if isinstance(kvc, OffloadLoadObserved):
+                kvc.observe_offload_loads(self.observe_offload_load)
         self.engine = engine
+
+    def observe_offload_load(self, tier: str, seconds: float) -> None:
+        """One load from offload tier `tier` ("host" or "disk") took `seconds` (any thread)."""
+        self.offload_load.labels(tier).observe(seconds)
 
     def on_outputs(self, outputs) -> None:
         """Observe RequestOutputs just produced (cumulative or delta kind)."""
@@ -130,6 +150,9 @@ class _EngineCollector:
             yield from kv_transfer_families(st.kv_transfer, eng.config)
         if st.spec_decode is not None:
             yield from spec_decode_families(st.spec_decode)
+        kvc = getattr(eng.config, "kv_connector", None)
+        if isinstance(kvc, OffloadStatsSource):
+            yield from offload_families(kvc.offload_tier_stats())
         yield from self._moe(eng)
 
     @staticmethod
@@ -294,6 +317,71 @@ def kv_transfer_families(c, config):
                   "report (queue, fetch and write; / loads = the mean time a request waits for its KV).",
                   c.load_wait_s)
     yield counter("moelink_kv_transfer_saves", "Requests whose prompt KV this engine saved and handed off.", c.saves)
+
+
+# -- the KV offload tiers (engine/kv_transfer/offload*.py), through typed protocols -----------------------------
+class OffloadTierCounters(Protocol):
+    """One offload tier's counters since start, as engine/kv_transfer/offload_tiers.py's `TierStats` names them:
+    blocks stored in the tier, blocks found there and loaded back (`hits`), their bytes and seconds, and blocks
+    pushed out of it (to the tier below, or dropped from the last). Optional, read when present: `stored_bytes`
+    (bytes stored in the tier since start) and `held_bytes` (bytes it holds now)."""
+
+    stored: int
+    hits: int
+    loaded_bytes: int
+    load_s: float
+    evicted: int
+
+
+@runtime_checkable
+class OffloadStatsSource(Protocol):
+    """A KV connector with offload tiers, as the metrics read it (at scrape time, from the scrape's thread)."""
+
+    def offload_tier_stats(self) -> Mapping[str, OffloadTierCounters]:
+        """Per tier ("host", "disk"), its counters; a tier the connector does not have may be left out."""
+
+
+@runtime_checkable
+class OffloadLoadObserved(Protocol):
+    """A KV connector that reports each offload load as it ends (for the load-time histogram)."""
+
+    def observe_offload_loads(self, observer: Callable[[str, float], None]) -> None:
+        """Call `observer(tier, seconds)` after every load from a tier, from whichever thread loads."""
+
+
+# Series per tier, named as vLLM's offloading connector names its own (vllm:kv_offload_*): field -> (name, help).
+_OFFLOAD_COUNTERS = {
+    "stored": ("moelink_kv_offload_stored_blocks", "KV blocks stored in the tier (from the device, or pushed down "
+                                                   "from the tier above)."),
+    "stored_bytes": ("moelink_kv_offload_store_bytes", "Bytes of KV blocks stored in the tier."),
+    "hits": ("moelink_kv_offload_block_hits", "KV blocks found in the tier and loaded back instead of recomputed."),
+    "loaded_bytes": ("moelink_kv_offload_load_bytes", "Bytes of KV blocks loaded back from the tier."),
+    "load_s": ("moelink_kv_offload_load_time_seconds", "Seconds spent loading KV blocks back from the tier (the "
+                                                       "sum of moelink_kv_offload_load_seconds)."),
+    "evicted": ("moelink_kv_offload_block_evictions", "KV blocks pushed out of the tier (host: down to disk, or "
+                                                      "dropped without one; disk: deleted)."),
+}
+
+
+def offload_families(per_tier: Mapping[str, OffloadTierCounters]):
+    """The offload tiers' counters (and, where the tiers report it, the bytes each holds now), labelled `tier`."""
+    tiers = [t for t in OFFLOAD_TIERS if t in per_tier] + sorted(set(per_tier) - set(OFFLOAD_TIERS))
+    for field, (name, doc) in _OFFLOAD_COUNTERS.items():
+        fam = CounterMetricFamily(name, doc, labels=["tier"])
+        for t in tiers:
+            value = getattr(per_tier[t], field, None)
+            if value is not None:
+                fam.add_metric([t], value)
+        if fam.samples:
+            yield fam
+    held = GaugeMetricFamily("moelink_kv_offload_held_bytes", "Bytes of KV blocks the tier holds now.",
+                             labels=["tier"])
+    for t in tiers:
+        value = getattr(per_tier[t], "held_bytes", None)
+        if value is not None:
+            held.add_metric([t], value)
+    if held.samples:
+        yield held
 
 
 def _gauge(name, doc, value):
