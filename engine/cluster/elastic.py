@@ -1,4 +1,5 @@
-"""Elastic expert parallelism: lose a rank, keep serving at EP N-1 (`--elastic-ep`).
+"""Elastic expert parallelism: lose a rank, keep serving at EP N-1 (`--elastic-ep`); under tensor parallelism a
+loss takes the rank's whole TP group out and the other groups serve on (EP N-tp, runners rebuilt).
 
     rank lost ─▶ RayExecutor records it (state.lost; the survivors are NOT killed)
               ─▶ LLMEngine.step / check_health ─▶ recover_engine
@@ -144,6 +145,11 @@ def _gather(refs, timeout: float, what: str) -> list:
         raise _Unrecoverable(f"a surviving rank failed {what}: {exc}") from exc
 
 
+def lost_tp_groups(dead: set[int], tp: int) -> set[int]:
+    """Every rank of each TP group (tp consecutive ranks) that lost one: {3}, tp=2 -> {2, 3}."""
+    return {g * tp + i for g in {r // tp for r in dead} for i in range(tp)}
+
+
 def _find_dead(ex) -> set[int]:
     """The ranks whose actor is gone or silent (a live rank answers on its heartbeat thread, also mid-step).
     Not simply the rank that reported the loss: a survivor's collective may fail (connection reset by the
@@ -227,12 +233,21 @@ def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = (), keep: bool = True
         dead = _find_dead(ex) or set(drop_if_all_alive)  # a failed rejoin whose ranks all live: drop its new ones
         if not dead:  # every rank is alive: the step failed on its own (a bug, not a loss); no rank to drop
             raise _Unrecoverable("every rank still answers, so no rank was lost: the step itself failed")
+        tp = ex.config.parallel.tensor_parallel_size
+        if tp > 1:
+            # A TP group cannot go on without one of its ranks (each holds a share of every attention layer):
+            # the whole group goes, and the survivors are whole groups, in order, so consecutive new ranks form
+            # the same groups. Their runners are rebuilt: the layers hold the old TP sub-groups.
+            dead = lost_tp_groups(dead, tp)
+            keep = False
         survivors = [r for r in range(len(old_workers)) if r not in dead]
         for r in dead:
             try:
                 ray.kill(old_workers[r], no_restart=True)
             except Exception:  # already gone
                 pass
+        if tp > 1 and not survivors:
+            raise _Unrecoverable(f"no whole TP group of {tp} ranks would survive")
         if len(survivors) < 2:
             raise _Unrecoverable(f"{len(survivors)} rank(s) would survive; elastic EP needs at least 2")
         # A survivor's step ends once its collective with the lost rank fails; the ping queues behind it.
@@ -286,7 +301,9 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: 
             s.rewind(inflight[r] if inflight is not None else None)
     else:
         gone = old
-        engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache) for _ in range(world_size)]
+        # One scheduler per TP group (data_parallel_size: the world at tensor_parallel_size 1).
+        engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache)
+                             for _ in range(engine.config.parallel.data_parallel_size)]
     reqs = sorted((req for s in gone for req in s.requests.values()), key=lambda r: r.arrival_time)
     engine.world_size = world_size
     engine.router = LeastLoadedRouter(engine.schedulers)
@@ -321,7 +338,8 @@ def recover_engine(engine) -> RecoveryResult:
         stats.failed_recoveries += 1
         raise
     dead = set(result.dead_ranks)
-    on_lost = sum(len(engine.schedulers[r].requests) for r in dead if r < len(engine.schedulers))
+    tp = engine.config.parallel.tensor_parallel_size  # one scheduler per TP group: rank r's is r // tp
+    on_lost = sum(len(engine.schedulers[g].requests) for g in {r // tp for r in dead} if g < len(engine.schedulers))
     reqs = regroup_engine(engine, result.num_kv_blocks, list(result.survivors), keep_runners=result.kept_runners)
     seconds = time.monotonic() - t0
     stats.rank_losses += len(dead)
@@ -337,5 +355,5 @@ def recover_engine(engine) -> RecoveryResult:
     return result
 
 
-__all__ = ["ElasticStats", "RecoveryResult", "recover_engine", "recover_ranks", "reform_group",
+__all__ = ["ElasticStats", "RecoveryResult", "lost_tp_groups", "recover_engine", "recover_ranks", "reform_group",
            "regroup_engine"]

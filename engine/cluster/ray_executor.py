@@ -109,6 +109,7 @@ class RayExecutor(Executor):
         self._tp = config.parallel.tensor_parallel_size  # ranks per TP group: consecutive, on one node
         self._state = state = _RayState()
         state.elastic = config.parallel.elastic_ep
+        state.tp = self._tp
         # Releases the actors, the placement group and a Ray we started when this executor is collected
         # (or at exit), if shutdown() was not called; calling it is shutdown().
         self._finalizer = weakref.finalize(self, state.release)

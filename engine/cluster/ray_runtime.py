@@ -160,13 +160,15 @@ class _RayState:
         # Elastic EP: a lost rank is recorded in `lost` (the survivors live on) for the engine to recover from;
         # each recovery starts a new heartbeat generation (the old thread ends).
         self.elastic = False
+        self.tp = 1  # ranks per TP group: a loss takes its whole group out, so recovery needs two groups
         self.lost: WorkerDiedError | None = None
         self.generation = 0
 
     def fail(self, error: Exception) -> Exception:
         """Record the first failure, stop every rank; returns the first failure (the one to report). Elastic:
         a lost rank is recorded as `lost` instead and no rank is stopped (engine/cluster/elastic.py decides)."""
-        if self.elastic and isinstance(error, WorkerDiedError) and len(self.workers) >= 3:  # >= 2 would survive
+        # Recoverable when >= 2 ranks would survive (EP), or >= 1 whole TP group (under TP).
+        if self.elastic and isinstance(error, WorkerDiedError) and len(self.workers) >= max(3, 2 * self.tp):
             with self.lock:
                 if self.dead_error is None:
                     if self.lost is None:

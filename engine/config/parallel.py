@@ -83,7 +83,7 @@ class ParallelConfig:
         n = self.expert_parallel_size
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"expert_parallel_size={n!r} is invalid: must be a positive integer.")
-        # The TP layout's checks; elastic EP goes off under TP (engine/config/tensor_parallel.py says why).
+        # The TP layout's checks (engine/config/tensor_parallel.py).
         self.elastic_ep = check_tp_layout(self)
         n = self.world_size
         if self.executor not in _EXECUTORS:
@@ -173,8 +173,11 @@ class ParallelConfig:
 
     @property
     def rejoin_enabled(self) -> bool:
-        """Whether a lost rank is replaced (ep_rejoin, by default elastic_ep)."""
-        return self.elastic_ep if self.ep_rejoin is None else self.ep_rejoin
+        """Whether a lost rank is replaced (ep_rejoin, by default elastic_ep; off by default under TP, where a loss
+        takes a whole TP group out and a replacement is one rank)."""
+        if self.ep_rejoin is None:
+            return self.elastic_ep and self.tensor_parallel_size == 1
+        return self.ep_rejoin
 
     @property
     def resolved_executor(self) -> str:

@@ -55,9 +55,9 @@ def tp_local_config(cfg, size: int):
 
 def check_tp_layout(par) -> bool:
     """ParallelConfig's TP fields (`par`), checked: a TP group is tensor_parallel_size consecutive ranks of one node;
-    the world is a whole number of groups. Returns the elastic_ep the config keeps (off under TP).
-    What TP does not compose with yet is refused here, naming the flag (elastic EP and rejoin: a lost rank
-    would take its whole TP group out, which engine/cluster/elastic.py does not do). Two-batch overlap composes: the
+    the world is a whole number of groups. Returns the elastic_ep the config keeps.
+    What TP does not compose with yet is refused here, naming the flag (rejoin: a lost rank takes its whole TP
+    group out, and a replacement rejoins one rank, not a group). Two-batch overlap composes: the
     group's ranks split every step alike (engine/rank/step_plan.py)."""
     t, n = par.tensor_parallel_size, par.expert_parallel_size
     if not isinstance(t, int) or isinstance(t, bool) or t < 1:
@@ -74,10 +74,12 @@ def check_tp_layout(par) -> bool:
                          f"stays inside one node (NVLink domain), so {t} must divide the {size} GPUs of a node.")
     if par.ep_rejoin:
         raise ValueError(f"ep_rejoin=True (--ep-rejoin) is not supported with tensor_parallel_size={t} yet: "
-                         "a lost rank takes its TP group out; run without --ep-rejoin.")
-    # Elastic EP drops single ranks; a TP group cannot lose one of its ranks and go on, so under TP a loss
-    # fails the engine fast (as at EP 2). Off here rather than refused: it is on by default.
-    return False
+                         "a lost rank takes its whole TP group out, and a rejoin admits one rank, not a group; "
+                         "run without --ep-rejoin.")
+    # Elastic EP under TP: a TP group cannot go on without one of its ranks, so a loss takes the whole group out
+    # and the other groups serve on (engine/cluster/elastic.py); with one group there is nothing to go on with and
+    # a loss fails the engine fast. Rejoin stays off (rejoin_enabled).
+    return par.elastic_ep
 
 
 def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bool = False) -> None:

@@ -374,7 +374,8 @@ class LLMEngine:
         """Elastic EP: the steps in flight (oldest first) are dropped; survivors undo them (Scheduler.rewind)."""
         if self.executor.lost_error is None:  # not elastic, or nothing to recover from: fail as before
             raise err
-        self._inflight = [[so_per_rank[r] for so_per_rank, _ in steps] for r in range(self.world_size)]
+        # Per scheduler (one per rank, or per TP group under TP), as the steps hold them.
+        self._inflight = [[so_per_rank[r] for so_per_rank, _ in steps] for r in range(len(self.schedulers))]
         recover_engine(self)
         return []
 

@@ -104,7 +104,10 @@ def test_tp_refusals(tiny_model, hf_tiny_model):
         ParallelConfig(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="ep_rejoin=True .*tensor_parallel_size=2"):
         ParallelConfig(expert_parallel_size=4, tensor_parallel_size=2, ep_rejoin=True)
-    assert ParallelConfig(expert_parallel_size=4, tensor_parallel_size=2).elastic_ep is False
+    # Elastic EP stays on under TP (a loss takes its TP group out); rejoin is off by default there.
+    par = ParallelConfig(expert_parallel_size=4, tensor_parallel_size=2)
+    assert par.elastic_ep is True and par.rejoin_enabled is False
+    assert ParallelConfig(expert_parallel_size=4).rejoin_enabled is True
     cfg = ModelConfig.from_pretrained(tiny_model("qwen3_e6k3"), "float64")  # 4 heads
     with pytest.raises(ValueError, match="num_attention_heads=4 is not a multiple of 3"):
         check_tensor_parallel(cfg, 3, "gqa")
