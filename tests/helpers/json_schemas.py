@@ -62,6 +62,23 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
             "additionalProperties": rng.random() < 0.2}
 
 
+# (decoded vocabulary, stop ids) -> (which ids stop, the ids that can close something): the same for every grammar
+# compiled on one tokenizer, and a scan of the whole vocabulary in Python, so worked out once per tokenizer, not once
+# per walk (480 walks in tests/engine/test_json_schema_grammar.py).
+_VOCAB_MASKS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _vocab_masks(vocab: list[bytes], stop_ids) -> tuple[np.ndarray, np.ndarray]:
+    key = (tuple(vocab), tuple(stop_ids))
+    if key not in _VOCAB_MASKS:
+        stops = set(stop_ids)
+        is_stop = np.zeros(len(vocab), dtype=bool)
+        is_stop[list(stops)] = True
+        closing = np.array([i for i, b in enumerate(vocab) if i not in stops and any(c in b for c in b'"}],')])
+        _VOCAB_MASKS[key] = is_stop, closing
+    return _VOCAB_MASKS[key]
+
+
 def random_walk(compiled, rng: random.Random, max_steps: int = 600, close_bias: float = 0.2,
                 stop_bias: float = 0.5) -> tuple[bytes, bool]:
     """(the bytes written, whether the grammar ended) for one walk over the compiled grammar's own vocabulary.
@@ -71,10 +88,10 @@ def random_walk(compiled, rng: random.Random, max_steps: int = 600, close_bias: 
     import xgrammar as xgr
 
     info = compiled.tokenizer_info
-    vocab, stops = info.decoded_vocab, set(info.stop_token_ids)
+    vocab = info.decoded_vocab
+    is_stop, closing = _vocab_masks(vocab, info.stop_token_ids)
     matcher = xgr.GrammarMatcher(compiled)
     mask = xgr.allocate_token_bitmask(1, info.vocab_size)
-    closing = np.array([i for i, b in enumerate(vocab) if i not in stops and any(c in b for c in b'"}],')])
     out = bytearray()
     for _ in range(max_steps):
         if matcher.is_terminated():
@@ -82,15 +99,17 @@ def random_walk(compiled, rng: random.Random, max_steps: int = 600, close_bias: 
         matcher.fill_next_token_bitmask(mask)
         bits = np.unpackbits(mask[0].numpy().view(np.uint8), bitorder="little")[: info.vocab_size]
         allowed = np.flatnonzero(bits)
-        stop = [t for t in allowed if t in stops]
-        others = [t for t in allowed if t not in stops]
-        if stop and (rng.random() < stop_bias or not others):
+        # The allowed ids split in order (numpy, not a Python loop per id: the walks' main cost once): the same
+        # picks from the same draws of `rng` as lists would give.
+        stopping = is_stop[allowed]
+        stop, others = allowed[stopping], allowed[~stopping]
+        if stop.size and (rng.random() < stop_bias or not others.size):
             token = int(stop[0])
         elif close_bias and rng.random() < close_bias and (pick := np.intersect1d(others, closing)).size:
             token = int(rng.choice(list(pick)))
         else:
             token = int(rng.choice(others))
         assert matcher.accept_token(token)
-        if token not in stops:
+        if not is_stop[token]:
             out += vocab[token]
     return bytes(out), matcher.is_terminated()
