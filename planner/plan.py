@@ -17,9 +17,11 @@ from . import imbalance
 from .imbalance import Balance
 from .kernels import load_moe_measurements, measured_efficiency
 from .models import ModelShape
-from .kv_handoff import handoff_cost
-from .step_model import (Precision, Setup, StepResult, decode_step, kv_bytes_per_token_layer, max_batch_per_rank,
-                         mixed_iteration, prefill_chunk, weights_per_rank_bytes)
+from .kv_handoff import HOST_LINK_GBPS, handoff_cost
+from .offload_tier import OffloadWorkload, chunks, tier_plan
+from .step_model import (Precision, Setup, StepResult, decode_step, kv_budget_bytes, kv_bytes_per_sequence,
+                         kv_bytes_per_token_layer, max_batch_per_rank, mixed_iteration, prefill_chunk,
+                         weights_per_rank_bytes)
 
 PRECISIONS = {
     "bf16": Precision(experts="bf16", dense="bf16", attention="bf16", dispatch="bf16"),
@@ -62,6 +64,7 @@ class PlanInputs:
     attn_tp: int = 1
     serving: str = "disaggregated"  # or "mixed": prefill and decode share every GPU (chunked prefill)
     max_num_tokens: int = 8192  # mixed serving: token budget per iteration per rank
+    offload: OffloadWorkload = OffloadWorkload()  # the KV offload tiers and the prefix reuse they serve
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -253,7 +256,9 @@ def plan(inp: PlanInputs, eff: Efficiency | None = None) -> dict:
                    "pattern": inp.pattern, "mtp_draft": inp.mtp_draft, "mtp_accept": inp.mtp_accept,
                    "engine": inp.engine, "prefix_hit": inp.prefix_hit, "attn_tp": inp.attn_tp,
                    "redundant_experts": setup.redundant_experts, "serving": inp.serving,
-                   "max_num_tokens": inp.max_num_tokens},
+                   "max_num_tokens": inp.max_num_tokens, "kv_offload_host_bytes": inp.offload.host_bytes,
+                   "kv_offload_disk_bytes": inp.offload.disk_bytes, "prefix_reuse": inp.offload.prefix_reuse,
+                   "distinct_prefixes": inp.offload.distinct_prefixes},
         "engine": engine_summary(inp, setup, (dec_ov, pre_ov)),
         "assumptions": assumptions(inp, setup),
         "memory": {"weights_per_rank_gb": round(weights_per_rank_bytes(model, setup) / 1e9, 2),
@@ -267,6 +272,7 @@ def plan(inp: PlanInputs, eff: Efficiency | None = None) -> dict:
         "best_prefill": {"ep": best_pre["ep"], "tokens_per_s_per_gpu": best_pre["prefill_tokens_per_s_per_gpu"]}
         if best_pre else None,
         "kv_handoff": handoff_summary(inp, setup, pre, dec, handoff),
+        "kv_offload": offload_summary(inp, setup, eff),
         "cost": cost_summary(inp, best_dec, best_pre["prefill_tokens_per_s_per_gpu"] if best_pre else None, handoff),
         "sweep": rows,
     }
@@ -282,6 +288,24 @@ def handoff_summary(inp: PlanInputs, setup: Setup, pre, dec, handoff) -> dict | 
     return {**handoff.to_dict(), "ttft_prefill_ms": prefill_s * 1e3, "ttft_first_decode_ms": dec.itl_s * 1e3,
             "ttft_ms": (prefill_s + handoff.ttft_s + dec.itl_s) * 1e3,
             "handoff_share_of_ttft": handoff.ttft_s / (prefill_s + handoff.ttft_s + dec.itl_s)}
+
+
+def offload_summary(inp: PlanInputs, setup: Setup, eff: Efficiency) -> dict | None:
+    """The KV offload tiers (planner/offload_tier.py) for this plan's rank: the device's room for cached prefixes
+    beside the running batch, and recomputing the reused prefix priced as its own prefill on one rank."""
+    w, model, hw = inp.offload, inp.model, inp.hardware
+    if not w.on:
+        return None
+    prefix = w.prefix_tokens(inp.input_len)
+    per_token = kv_bytes_per_sequence(model, setup, 1) - kv_bytes_per_sequence(model, setup, 0)  # state excluded
+    device = (kv_budget_bytes(model, hw, setup)
+              - inp.batch_per_rank * kv_bytes_per_sequence(model, setup, inp.input_len + inp.output_len))
+    recompute = 0.0
+    if prefix:
+        chunk = min(inp.prefill_chunk, prefix)
+        alone = replace(inp, input_len=prefix, prefix_hit=0.0, prefill_chunk=chunk, offload=OffloadWorkload())
+        recompute = chunks(prefix, chunk) * prefill_at(alone, inp.ep, eff)[0].seconds
+    return tier_plan(w, prefix, per_token, device, HOST_LINK_GBPS[hw.gpu.name], recompute)
 
 
 def features_used(inp: PlanInputs, setup: Setup, overlaps: tuple[str, ...]) -> dict[str, bool]:
@@ -321,6 +345,11 @@ def assumptions(inp: PlanInputs, setup: Setup) -> list[str]:
            f"{hw.fabric.inter.name} {hw.fabric.inter.bw_gbps:g} GB/s/dir between, at {hw.fabric.intra.efficiency:.2f}",
            f"prefix-cache hit rate {inp.prefix_hit:.0%} ({inp.cached_prefix} of {inp.input_len} prompt tokens cached)",
            f"attention: {'tensor-parallel over ' + str(inp.attn_tp) + ' GPUs' if inp.attn_tp > 1 else 'data-parallel'}"]
+    if inp.offload.on:
+        out.append(f"KV offload: each prompt's first {inp.offload.prefix_reuse:.0%} is one of "
+                   f"{inp.offload.distinct_prefixes} shared prefixes drawn uniformly, LRU tiers found with probability "
+                   f"min(1, held / working set); disk read at {inp.offload.disk_gbps:g} GB/s per GPU (assumed); a "
+                   f"router sends a prefix to the rank holding it")
     if inp.mtp_draft:
         out.append(f"MTP: {inp.mtp_draft} draft tokens, each accepted with probability {inp.mtp_accept:g}")
     return out

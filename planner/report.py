@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .calibration import TOLERANCE, VALIDATION_MAE, Result, format_table, summary
+from .offload_tier import format_offload
 
 
 def _bd(breakdown: dict) -> str:
@@ -44,6 +45,7 @@ def format_plan(res: dict) -> str:
     if bp:
         lines.append(f"best prefill: EP {bp['ep']}, {bp['tokens_per_s_per_gpu']:,.0f} tok/s/GPU")
     lines += format_handoff(res)
+    lines += format_offload(res)
     lines += format_cost(res)
     lines += format_assumptions(res)
     lines.append("EP sweep:  EP | decode batch | decode tok/s/GPU | ITL ms | prefill tok/s/GPU")

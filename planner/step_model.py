@@ -391,15 +391,27 @@ def weights_per_rank_bytes(model: ModelShape, setup: Setup) -> float:
     return total
 
 
-def max_batch_per_rank(model: ModelShape, hw: HardwareProfile, setup: Setup, context_len: int,
-                       usable_fraction: float = 0.9, reserve_gb: float = 8.0) -> int:
-    """Largest decode batch whose KV cache (context_len tokens per sequence) fits beside the weights.
+def kv_budget_bytes(model: ModelShape, hw: HardwareProfile, setup: Setup, usable_fraction: float = 0.9,
+                    reserve_gb: float = 8.0) -> float:
+    """HBM one rank has for its KV cache beside the weights (may be negative: the weights do not fit).
 
     reserve_gb: activations, all-to-all buffers and CUDA graphs (DeepEP-style buffers are a few GB).
     """
-    free = hw.gpu.hbm_gb * 1e9 * usable_fraction - reserve_gb * 1e9 - weights_per_rank_bytes(model, setup)
+    return hw.gpu.hbm_gb * 1e9 * usable_fraction - reserve_gb * 1e9 - weights_per_rank_bytes(model, setup)
+
+
+def kv_bytes_per_sequence(model: ModelShape, setup: Setup, context_len: int) -> float:
+    """One sequence's KV of `context_len` tokens on one GPU (its per-sequence state too)."""
     per_seq = (context_len * model.num_layers * _kv_bytes_per_token_layer(model, setup.precision)
                + model.state_bytes_per_sequence(KV_BYTES[setup.precision.attention]))  # V4's window and rows
     if model.is_mla:  # TP attention keeps the whole latent of the group's sequences on every GPU
         per_seq *= setup.attn_tp
-    return max(0, int(free // per_seq))
+    return per_seq
+
+
+def max_batch_per_rank(model: ModelShape, hw: HardwareProfile, setup: Setup, context_len: int,
+                       usable_fraction: float = 0.9, reserve_gb: float = 8.0) -> int:
+    """Largest decode batch whose KV cache (context_len tokens per sequence) fits beside the weights
+    (`kv_budget_bytes`)."""
+    free = kv_budget_bytes(model, hw, setup, usable_fraction, reserve_gb)
+    return max(0, int(free // kv_bytes_per_sequence(model, setup, context_len)))
