@@ -111,8 +111,6 @@ def test_tp_refusals(tiny_model, hf_tiny_model):
     cfg = ModelConfig.from_pretrained(tiny_model("qwen3_e6k3"), "float64")  # 4 heads
     with pytest.raises(ValueError, match="num_attention_heads=4 is not a multiple of 3"):
         check_tensor_parallel(cfg, 3, "gqa")
-    with pytest.raises(ValueError, match="DeepSeek-V4 is not sharded yet"):
-        check_tensor_parallel(cfg, 2, "dsv4")
     # The families sharded their own way still refuse sizes that do not divide, naming the field.
     dsa = ModelConfig.from_pretrained(hf_tiny_model("dsv32"), "float64")
     check_tensor_parallel(dsa, 2, "mla")
