@@ -7,7 +7,9 @@ do; DeepSeek Sparse Attention's indexer and its key cache are whole on every ran
 and the value heads of their groups (the conv and recurrent states are per head: a rank's state slots hold its
 heads only). `shard_attention` gives the config one rank runs: its KV cache and state pools are sized from it
 (engine/rank/kv_cache.py, state_cache.py), and the layers are built from it (engine/models/gqa.py, mla.py,
-gated_deltanet.py), reading their shard of each checkpoint tensor.
+gated_deltanet.py), reading their shard of each checkpoint tensor. DeepSeek-V4's attention (engine/config/dsv4.py)
+splits its heads and its output groups (o_groups) N ways; its one shared KV head, compressed entries, indexer keys
+and window ring are every head's and stay whole on each rank (engine/models/dsv4_attention.py).
 
 What is not sharded yet is refused by `check_tensor_parallel`, one ValueError naming the field and the family.
 """
@@ -15,12 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 
+from .dsv4 import DSV4AttentionConfig
+from .dsv4_quant import read_dsv4_quantization
 from .layer_configs import GQAConfig, MLAConfig
 from .linear_attention import LinearAttentionConfig
 
 # The quantization formats TP runs: float and FP8 block-scaled linears load sharded (each rank reads its rows or
-# columns and their block scales); MXFP4 is gpt-oss's experts only (its linears are float), placed whole by EP.
-TP_FORMATS = (None, "fp8", "mxfp4")
+# columns and their block scales); MXFP4 (gpt-oss), INT4 (compressed-tensors, GPTQ, AWQ: Kimi K2.5's experts) and
+# NVFP4 (ModelOpt) quantize the routed experts, which EP places whole (expert_parallel_size a multiple of tp): they
+# cannot split by intermediate size (EXPERT_SPLIT_FORMATS).
+TP_FORMATS = (None, "fp8", "mxfp4", "int4", "nvfp4")
+EXPERT_SPLIT_FORMATS = (None, "fp8")
 
 
 def kv_head_start(rank: int, size: int, num_kv_heads: int) -> int:
@@ -41,6 +48,8 @@ def shard_attention(attn, size: int):
                                    num_kv_heads=max(1, attn.num_kv_heads // size))
     if isinstance(attn, MLAConfig):
         return dataclasses.replace(attn, num_heads=attn.num_heads // size)
+    if isinstance(attn, DSV4AttentionConfig):  # a rank's heads feed exactly its output groups
+        return dataclasses.replace(attn, num_heads=attn.num_heads // size, o_groups=attn.o_groups // size)
     raise ValueError(f"attention kind {attn.kind!r} has no tensor-parallel layout.")
 
 
@@ -93,29 +102,16 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bo
         return ValueError(f"tensor_parallel_size={size} (--tensor-parallel-size / -tp) is not supported for "
                           f"{cfg.architecture}: {what}")
 
-    if attention_kind == "dsv4":
-        raise bad("DeepSeek-V4 is not sharded yet; run it with -tp 1 (expert parallelism only).")
     quant = cfg.quantization
     method = getattr(quant, "method", None)
     if method not in TP_FORMATS:
-        raise bad(f"weights in {method!r} load sharded only as float or FP8 block-scaled (MXFP4 experts in EP) for "
-                  "now; run with -tp 1.")
+        raise bad(f"weights in {method!r} do not load sharded; run with -tp 1.")
     block = getattr(quant, "block", None) if method == "fp8" else None
     if experts_split and cfg.sparse_layers:
-        ep_hint = f"pass --expert-parallel-size {size} (or a multiple) to place the experts in EP instead."
-        if cfg.moe_intermediate_size % size:
-            raise bad(f"moe_intermediate_size={cfg.moe_intermediate_size} is not a multiple of {size}, so the experts "
-                      f"cannot split over the TP group; {ep_hint}")
-        shared = cfg.moe.shared_expert_intermediate_size or cfg.moe_intermediate_size * cfg.moe.n_shared_experts
-        if shared % size:
-            raise bad(f"the shared experts' intermediate size {shared} is not a multiple of {size}; {ep_hint}")
-        if method is not None and method != "fp8":
-            raise bad(f"{method} experts split over a TP group (expert_parallel_size=1) are not built; {ep_hint}")
-        if method == "fp8":
-            w, (bn, bk) = cfg.moe_intermediate_size // size, quant.block
-            if w % bn or w % bk or (shared // size) % bn or (shared // size) % bk:
-                raise bad(f"moe_intermediate_size={cfg.moe_intermediate_size} split {size} ways is not a whole "
-                          f"number of FP8 blocks {list(quant.block)} per rank; {ep_hint}")
+        _check_split_experts(cfg, size, method, quant, attention_kind, bad)
+    if attention_kind == "dsv4":
+        _check_dsv4(cfg, size, block, bad)
+        return
     for layer in range(cfg.num_layers):
         a = cfg.attention_for(layer)
         if isinstance(a, LinearAttentionConfig):  # a rank holds whole q/k head groups (their value heads with them)
@@ -157,4 +153,49 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bo
                               f"{list(block)}.")
 
 
-__all__ = ["TP_FORMATS", "check_tensor_parallel", "check_tp_layout", "kv_head_start", "shard_attention", "tp_local_config"]
+def _check_split_experts(cfg, size: int, method, quant, attention_kind: str, bad) -> None:
+    """The experts split by intermediate size over the group (expert_parallel_size 1): each rank's channels of
+    the routed and shared experts a whole share (and whole FP8 blocks); packed expert formats refused."""
+    ep_hint = f"pass --expert-parallel-size {size} (or a multiple) to place the experts in EP instead."
+    if cfg.moe_intermediate_size % size:
+        raise bad(f"moe_intermediate_size={cfg.moe_intermediate_size} is not a multiple of {size}, so the experts "
+                  f"cannot split over the TP group; {ep_hint}")
+    shared = cfg.moe.shared_expert_intermediate_size or cfg.moe_intermediate_size * cfg.moe.n_shared_experts
+    if shared % size:
+        raise bad(f"the shared experts' intermediate size {shared} is not a multiple of {size}; {ep_hint}")
+    if method not in EXPERT_SPLIT_FORMATS:
+        raise bad(f"{method} experts split over a TP group (expert_parallel_size=1) are not built; {ep_hint}")
+    v4 = read_dsv4_quantization(cfg.architecture, cfg.hf_config, quant) if attention_kind == "dsv4" else None
+    if v4 is not None and v4.expert_dtype == "fp4":  # packed e2m1 in groups of 32 along K, held packed
+        raise bad(f"quantization_config.expert_dtype='fp4' experts split over a TP group (expert_parallel_size=1) "
+                  f"are not built; {ep_hint}")
+    if method == "fp8":
+        w, (bn, bk) = cfg.moe_intermediate_size // size, quant.block
+        if w % bn or w % bk or (shared // size) % bn or (shared // size) % bk:
+            raise bad(f"moe_intermediate_size={cfg.moe_intermediate_size} split {size} ways is not a whole "
+                      f"number of FP8 blocks {list(quant.block)} per rank; {ep_hint}")
+
+
+def _check_dsv4(cfg, size: int, block, bad) -> None:
+    """DeepSeek-V4's attention split over the group: heads and output groups (wo_a) divide; under its published FP8
+    format a rank's wq_b rows and wo_b columns are whole blocks (wo_a's rows need not be: its scales are held in
+    finer rows, engine/models/dsv4_weights.py)."""
+    for layer in range(cfg.num_layers):
+        a = cfg.attention_for(layer)
+        if a.num_heads % size:
+            raise bad(f"num_attention_heads={a.num_heads} is not a multiple of {size}.")
+        if a.o_groups % size:
+            raise bad(f"o_groups={a.o_groups} is not a multiple of {size}: the grouped output projection (wo_a) "
+                      "splits by whole groups.")
+        if block is not None:
+            bn, bk = block
+            rows, cols = a.num_heads // size * a.head_dim, a.o_groups // size * a.o_lora_rank
+            if rows % bn:
+                raise bad(f"layer {layer}'s wq_b rows per rank ({rows}: num_attention_heads / {size} x head_dim) are "
+                          f"not a whole number of FP8 blocks {list(block)} (quantization_config.weight_block_size).")
+            if cols % bk:
+                raise bad(f"layer {layer}'s wo_b columns per rank ({cols}: o_groups / {size} x o_lora_rank) are not "
+                          f"a whole number of FP8 blocks {list(block)} (quantization_config.weight_block_size).")
+
+
+__all__ = ["EXPERT_SPLIT_FORMATS", "TP_FORMATS", "check_tensor_parallel", "check_tp_layout", "kv_head_start", "shard_attention", "tp_local_config"]

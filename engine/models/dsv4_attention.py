@@ -21,6 +21,13 @@ config says so (`window_fp8`), are uint8 rows (kernels/dsv4.FP8Rows): written qu
 dequantized into the activations' dtype (`read_rows`; the decode ops dequantize inside their kernels); a prefill
 chunk's own keys are attended to as the ring holds them (quantized), as a decode step reads its own from the ring.
 
+Under tensor parallelism (`tp`, docs/tensor-parallelism.md) a rank holds num_heads / tp heads: its rows of wq_b (the
+q path per head) and their sinks, its o_groups / tp groups of wo_a (a group's d channels are its heads', so the rank's
+heads feed exactly its groups) and their columns of wo_b, which is row-parallel (one all-reduce of [T, D] per layer).
+The single shared KV head (key and value), the compressors and their entries, the indexer (its weights, its keys and
+its top-k) and the window ring are every head's: each rank holds them whole, computes them from the same input and
+caches them whole, as MLA's latent is (engine/models/mla.py); so the ranks pick the same entries with no collective.
+
 The linears (wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b) are `Linear`s (engine/models/linear.py): float for a
 float checkpoint (F.linear, as transformers), FP8 with float32 block scales for DeepSeek's published FP8 files (W8A8
 through the kernel strategy's `fp8_linear`; wo_a group by group: engine/models/dsv4_weights.py says why and how the
@@ -43,10 +50,12 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.dsv4 import DSV4AttentionConfig
 from ..config.dsv4_quant import DSV4Quantization
+from ..config.tensor_parallel import shard_attention
 from .dsv4_decode import decode_attention
 from .dsv4_weights import dsv4_linear_method, grouped_fp8_linear, published_linear_plan
 from .layers import ForwardContext, param
 from .linear import Linear
+from .tp_linear import ColumnParallel, RowParallel
 
 
 class RopeTable(nn.Module):
@@ -115,11 +124,15 @@ class Compressor(nn.Module):
 
 class DSV4Attention(nn.Module):
     """One V4 attention layer (module docstring). `ropes`: {"main": RopeTable, "compress": RopeTable}; `quant`: the
-    checkpoint's published FP8 format (None: a float checkpoint)."""
+    checkpoint's published FP8 format (None: a float checkpoint); `tp`: the rank's TensorParallel (None: whole), its
+    heads and output groups a 1/size share (module docstring)."""
 
     def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels, dtype, device,
-                 quant: DSV4Quantization | None = None):
+                 quant: DSV4Quantization | None = None, tp=None):
         super().__init__()
+        size = tp.size if tp is not None else 1
+        cfg = shard_attention(cfg, size)  # num_heads and o_groups this rank's (engine/config/tensor_parallel.py)
+        self.head0 = tp.rank * cfg.num_heads if size > 1 else 0  # this rank's first (global) head
         self.cfg, self.layer_idx = cfg, layer_idx
         self.indexer_topk = kernels.dsv4_indexer_topk
         self.sink_attention = kernels.dsv4_sink_attention
@@ -133,16 +146,23 @@ class DSV4Attention(nn.Module):
         method = dsv4_linear_method(quant)
         self.file_block_rows = quant.block[0] if quant is not None else None  # wo_a's scales may be held finer
 
-        def linear(k: int, n: int, m=method) -> Linear:
-            return Linear(k, n, m, kernels, dtype, device)
+        def linear(k: int, n: int, m=method, parallel=None) -> Linear:
+            return Linear(k, n, m, kernels, dtype, device, parallel=parallel)
 
+        q_rows = o_rows = o_cols = None  # whole (no TP)
+        if size > 1:  # N, G are this rank's: heads [h0, h0 + N), groups [g0, g0 + G)
+            g0 = tp.rank * G
+            q_rows = ColumnParallel((self.head0 * H,), (N * H,))
+            o_rows = ColumnParallel((g0 * O,), (G * O,))
+            o_cols = RowParallel(tp, g0 * O, G * O)
         self.wq_a = linear(hidden, Q)  # [Q, D]
         self.q_norm_Q = param(Q, dtype=torch.float32, device=device)
-        self.wq_b = linear(Q, N * H)  # [N H, Q]
+        self.wq_b = linear(Q, N * H, parallel=q_rows)  # [N H, Q]
         self.wkv = linear(hidden, H)  # [H, D]
         self.kv_norm_H = param(H, dtype=torch.float32, device=device)
-        self.wo_a = linear(N * H // G, G * O, dsv4_linear_method(quant, group_rows=O))  # [G O, d]: group g's O rows
-        self.wo_b = linear(G * O, hidden)  # [D, G O]
+        # [G O, d]: group g's O rows
+        self.wo_a = linear(N * H // G, G * O, dsv4_linear_method(quant, group_rows=O), parallel=o_rows)
+        self.wo_b = linear(G * O, hidden, parallel=o_cols)  # [D, G O]: all-reduced under TP
         self.sinks_N = param(N, dtype=torch.float32, device=device)
         # A layer's ctx.kv_caches entry: its paged tensors (cache_shapes), then its state pools (state_shapes).
         self.num_paged = len(cfg.cache_shapes(1, cfg.compress_rate or 1))
@@ -279,7 +299,7 @@ class DSV4Attention(nn.Module):
     def weight_plan(self, p: str) -> WeightPlan:
         """The published names under `p` = "model.layers.{i}.attn." (an FP8 linear's `X.scale` beside `X.weight`)."""
         plan = {p + "q_norm.weight": PlanEntry(self.q_norm_Q, ()), p + "norm.weight": PlanEntry(self.kv_norm_H, ()),
-                p + "attn_sink": PlanEntry(self.sinks_N, ())}
+                p + "attn_sink": PlanEntry(self.sinks_N, (), self._own_heads())}
         for name in ("wq_a", "wq_b", "wkv", "wo_b"):
             plan.update(published_linear_plan(getattr(self, name), f"{p}{name}.weight"))
         plan.update(published_linear_plan(self.wo_a, p + "wo_a.weight", self.file_block_rows))
@@ -290,6 +310,12 @@ class DSV4Attention(nn.Module):
             plan.update(published_linear_plan(self.wq_idx, p + "indexer.wq_b.weight"))
             plan[p + "indexer.weights_proj.weight"] = PlanEntry(self.w_idx_nD, ())
         return plan
+
+    def _own_heads(self) -> tuple:
+        """The checkpoint slice of this rank's heads in a per-head tensor (the sinks): () whole."""
+        if isinstance(self.wo_b.parallel, RowParallel):
+            return (slice(self.head0, self.head0 + self.cfg.num_heads),)
+        return ()
 
 
 __all__ = ["Compressor", "DSV4Attention", "RopeTable"]

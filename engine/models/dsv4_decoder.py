@@ -7,6 +7,14 @@ correction bias on the rest; SwiGLU clamped at swiglu_limit) plus one shared exp
 DeepSeek's published formats, the attention's linears and the shared expert are held FP8 (W8A8,
 engine/models/dsv4_weights.py), the routed experts FP4 (packed) or FP8 (dequantized at load).
 
+Under tensor parallelism (`tp`, docs/tensor-parallelism.md) the attention splits its heads (dsv4_attention.py), the
+hyper-connections (per token, the same input on every rank after the attention's all-reduce) are whole on every rank,
+the embedding and LM head are vocab-parallel (vocab_parallel.py), and the MoE block runs one of two ways
+(engine/models/tp_experts.py): with the experts in EP each rank takes its slice of the tokens (and of their ids, which
+the hash-routed layers route by) into the router, the all-to-all and the shared expert, the slices all-gathered; with
+expert_parallel_size 1 every rank holds every expert's 1/N of the intermediate channels (routed and shared: w1 / w3
+rows, w2 columns) and the block's partial output is all-reduced once.
+
 The attention kind is engine/models/dsv4_attention.py; its cache (paged entries + state slots) is the rank's. The
 module answers what the runner asks of a model (`stages`, `compute_logits`, `weight_plan`, `set_valid_rows`,
 `forward_moe_only`, `moe_stats`), as MoEDecoderForCausalLM does.
@@ -18,7 +26,6 @@ from __future__ import annotations
 from typing import Collection
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelink.kernels.dsv4 import reference_rms_norm_f32
@@ -43,6 +50,9 @@ from .hyper_connections import HyperConnection, HyperHead
 from .layers import ForwardContext, param
 from .linear import Linear, LinearMethod
 from .rope import rope_inv_freq
+from .tp_experts import ExpertShard, token_sliced_stages
+from .tp_linear import ColumnParallel, RowParallel
+from .vocab_parallel import VocabShard
 
 
 class Norm(nn.Module):
@@ -59,14 +69,21 @@ class Norm(nn.Module):
 
 class ClampedMLP(nn.Module):
     """The shared expert: down(silu(min(gate, limit)) * clamp(up, -limit, limit)); w1 (gate) and w3 (up) [I, D], w2
-    (down) [D, I], each a `Linear` as `method` holds it (float, or FP8 as published)."""
+    (down) [D, I], each a `Linear` as `method` holds it (float, or FP8 as published). `shard`: an ExpertShard (the
+    experts split over a TP group): this rank's channels [i0, i0 + w), w2's partial output left for the MoE block's
+    one all-reduce."""
 
-    def __init__(self, hidden: int, inter: int, limit: float, method: LinearMethod, kernels, dtype, device=None):
+    def __init__(self, hidden: int, inter: int, limit: float, method: LinearMethod, kernels, dtype, device=None,
+                 shard: ExpertShard | None = None, tp=None):
         super().__init__()
+        rows = cols = None
+        if shard is not None:
+            rows, cols = ColumnParallel((shard.i0,), (shard.w,)), RowParallel(tp, shard.i0, shard.w, reduce=False)
+            inter = shard.w
         # w1 and w3 apart, not stacked: a float checkpoint runs the very F.linear calls it always did.
-        self.w1 = Linear(hidden, inter, method, kernels, dtype, device)
-        self.w3 = Linear(hidden, inter, method, kernels, dtype, device)
-        self.w2 = Linear(inter, hidden, method, kernels, dtype, device)
+        self.w1 = Linear(hidden, inter, method, kernels, dtype, device, parallel=rows)
+        self.w3 = Linear(hidden, inter, method, kernels, dtype, device, parallel=rows)
+        self.w2 = Linear(inter, hidden, method, kernels, dtype, device, parallel=cols)
         self.act = MoEActivation("silu_clamp", limit=limit)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -91,41 +108,58 @@ class DSV4DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, i: int, ropes: dict, kernels, device, ep, stats: MoEStats,
                  quant: DSV4Quantization | None = None, attention: DSV4AttentionConfig | None = None,
-                 moe_index: int | None = None, attention_cls: type = DSV4Attention):
+                 moe_index: int | None = None, attention_cls: type = DSV4Attention, tp=None):
         """Main layer i; an MTP layer (engine/models/dsv4_mtp.py) passes its own `attention` config, the row
         `moe_index` of its own MoEStats (its layer index is past the main layers' configs) and its attention class
-        (a paged window: the drafter's cache)."""
+        (a paged window: the drafter's cache). `tp`: the rank's TensorParallel (None: whole; module docstring)."""
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
         D, dt, hc, eps = cfg.hidden_size, cfg.dtype, cfg.hyper_connections, cfg.rms_norm_eps
         self.attn_hc = HyperConnection(hc, D, eps, device, kernels)
         self.ffn_hc = HyperConnection(hc, D, eps, device, kernels)
         self.attn_norm, self.ffn_norm = Norm(D, eps, device), Norm(D, eps, device)
-        self.attn = attention_cls(attention or cfg.attention_for(i), i, D, ropes, kernels, dt, device, quant)
+        self.attn = attention_cls(attention or cfg.attention_for(i), i, D, ropes, kernels, dt, device, quant,
+                                  tp=self.tp)
         m = cfg.moe
         router = (HashRouter(cfg.top_k, m.router.routed_scaling_factor) if i in cfg.hash_layers
                   else make_router(m.router))
-        self.moe = TokenRoutedMoELayer(D, cfg.moe_intermediate_size, cfg.num_experts, router, kernels, dt, device,
+        # Under TP without EP every rank holds every expert's 1/N of the channels (tp_experts.py); with EP the
+        # experts are placed whole and the block runs on the rank's token slice.
+        self.expert_shard = ExpertShard(self.tp, cfg.moe_intermediate_size) if self.tp and ep is None else None
+        inter = self.expert_shard.w if self.expert_shard else cfg.moe_intermediate_size
+        self.moe = TokenRoutedMoELayer(D, inter, cfg.num_experts, router, kernels, dt, device,
                                        ep=ep, moe_index=cfg.sparse_layers.index(i) if moe_index is None else moe_index,
                                        stats=stats, expert_format=expert_format(quant),
                                        activation=MoEActivation("silu_clamp", limit=m.swiglu_limit),
                                        vocab_size=cfg.vocab_size)
         self.shared = ClampedMLP(D, cfg.moe_intermediate_size, m.swiglu_limit, dsv4_linear_method(quant), kernels, dt,
-                                 device)
+                                 device, shard=self.expert_shard, tp=self.tp)
 
     def stages(self, positions_T, x_TnD, input_ids_T, ctx: ForwardContext) -> Stages:
         h_TD, mix = self.attn_hc.collapse(x_TnD)
         x_TnD = self.attn_hc.residual(x_TnD, self.attn(positions_T, self.attn_norm(h_TD), ctx), mix)
         h_TD, mix = self.ffn_hc.collapse(x_TnD)
         h_TD = self.ffn_norm(h_TD)
+        if self.tp is None:
+            y_TD = yield from self.moe_stages(h_TD, input_ids_T)
+        elif self.expert_shard is not None:  # every token, this rank's channels of every expert: one all-reduce
+            y_TD = self.tp.all_reduce((yield from self.moe_stages(h_TD, input_ids_T)))
+        else:  # experts in EP: this rank's token slice (and its ids) through the block, the slices gathered
+            y_TD = yield from token_sliced_stages(self.tp, self.moe, _WithIds(self, input_ids_T), h_TD)
+        return self.ffn_hc.residual(x_TnD, y_TD, mix)
+
+    def moe_stages(self, h_TD: torch.Tensor, input_ids_T: torch.Tensor) -> Stages:
+        """Routed experts + the shared expert on h's rows (their token ids beside them); yields while the EP
+        dispatch and combine are in flight, the shared expert computed during the dispatch."""
         routed = self.moe.stages(h_TD, input_ids_T)
         try:
             next(routed)  # router run, dispatch issued (expert parallelism only)
         except StopIteration as done:
-            return self.ffn_hc.residual(x_TnD, done.value + self.shared(h_TD), mix)
+            return done.value + self.shared(h_TD)
         shared_TD = self.shared(h_TD)  # while the dispatch is in flight
         yield
         routed_TD = yield from routed
-        return self.ffn_hc.residual(x_TnD, routed_TD + shared_TD, mix)
+        return routed_TD + shared_TD
 
     def weight_plan(self, i: int, spec: ArchSpec, expert_ids: list[int], num_experts: int,
                     prefix: str | None = None) -> WeightPlan:
@@ -142,9 +176,24 @@ class DSV4DecoderLayer(nn.Module):
             plan[f + "gate.tid2eid"] = PlanEntry(self.moe.tid2eid_VK, ())
         if self.moe.e_score_correction_bias_G is not None:
             plan[f + spec.correction_bias] = PlanEntry(self.moe.e_score_correction_bias_G, ())
-        plan.update(self.moe.expert_format.weight_plan(self.moe, f, False, expert_ids, (), spec.expert_names))
+        if self.expert_shard is not None:  # this rank's channels of every expert (FP8 ones: dequantized at load)
+            plan.update(self.expert_shard.float_plan(self.moe, f, False, expert_ids, spec.expert_names))
+        else:
+            plan.update(self.moe.expert_format.weight_plan(self.moe, f, False, expert_ids, (), spec.expert_names))
         plan.update(self.shared.weight_plan(f + "shared_experts."))
         return plan
+
+
+class _WithIds:
+    """The MoE block of `layer` as tp_experts.token_sliced_stages runs it (`stages(h_tD)` on the rank's token slice),
+    with the slice's token ids beside it (the hash-routed layers route by them)."""
+
+    def __init__(self, layer: DSV4DecoderLayer, input_ids_T: torch.Tensor):
+        self.layer, self.input_ids_T = layer, input_ids_T
+
+    def stages(self, h_tD: torch.Tensor) -> Stages:
+        lo, hi = self.layer.tp.token_rows(self.input_ids_T.shape[0])  # the slice token_sliced_stages cut
+        return self.layer.moe_stages(h_tD, self.input_ids_T[lo:hi])
 
 
 def rope_tables(cfg: ModelConfig, device, labels=("main", "compress")) -> dict:
@@ -164,8 +213,11 @@ class DeepseekV4ForCausalLM(nn.Module):
     """The V4 model on the engine's reference path (module docstring)."""
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, kernels, device: torch.device,
-                 ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None):
+                 ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, tp=None):
+        """tp: the rank's TensorParallel (comm/tensor_parallel.py; None: no TP): the layers split over it, the
+        embedding and LM head vocab-parallel (module docstring)."""
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
         if cfg.hyper_connections is None:
             raise ValueError(f"architecture {cfg.architecture}: its ModelConfig has no hyper_connections.")
         if cfg.kv_cache_dtype not in (None, cfg.dtype, torch.float8_e4m3fn):  # fp8: e4m3 rows with scales only
@@ -176,12 +228,14 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
         self.moe_stats = MoEStats(len(cfg.sparse_layers), cfg.num_experts, device)
         D, dt = cfg.hidden_size, cfg.dtype
-        self.embed_tokens = param(cfg.vocab_size, D, dtype=dt, device=device)
-        self.lm_head = param(cfg.vocab_size, D, dtype=dt, device=device)
+        # Vocab rows this rank holds: all, or its ceil(V / N) shard under TP (rows past V stay zero).
+        self.vocab = VocabShard(cfg.vocab_size, self.tp)
+        self.embed_tokens = nn.Parameter(torch.zeros(self.vocab.rows, D, dtype=dt, device=device), requires_grad=False)
+        self.lm_head = nn.Parameter(torch.zeros(self.vocab.rows, D, dtype=dt, device=device), requires_grad=False)
         ropes = rope_tables(cfg, device)
         self.ropes = nn.ModuleDict(ropes)
-        self.layers = nn.ModuleList(DSV4DecoderLayer(cfg, i, ropes, kernels, device, ep, self.moe_stats, self.quant)
-                                    for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DSV4DecoderLayer(cfg, i, ropes, kernels, device, ep, self.moe_stats, self.quant,
+                                                     tp=self.tp) for i in range(cfg.num_layers))
         self.hc_head = HyperHead(cfg.hyper_connections, D, cfg.rms_norm_eps, device)
         self.norm = Norm(D, cfg.rms_norm_eps, device)
         self.rollback = StateRollback([layer.attn.num_paged for layer in self.layers])
@@ -192,7 +246,7 @@ class DeepseekV4ForCausalLM(nn.Module):
     def stages(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> Stages:
         """The final-normed hidden states [T, D]; yields while a MoE all-to-all is in flight (EP only)."""
         self.rollback.snapshot(ctx, positions_T)  # a verify step: its sequences' states copied first
-        x_TD = F.embedding(input_ids_T, self.embed_tokens)
+        x_TD = self.vocab.embed(input_ids_T, self.embed_tokens)
         x_TnD = x_TD.unsqueeze(1).expand(-1, self.cfg.hyper_connections.hc_mult, -1).contiguous()
         for layer in self.layers:
             x_TnD = yield from layer.stages(positions_T, x_TnD, input_ids_T, ctx)
@@ -201,7 +255,8 @@ class DeepseekV4ForCausalLM(nn.Module):
         return self.norm(self.hc_head(x_TnD))
 
     def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
-        return F.linear(h_SD, self.lm_head)
+        """[S, V] on every rank (under TP each rank's vocab shard, all-gathered: every rank samples the same)."""
+        return self.vocab.logits(h_SD, self.lm_head)
 
     def set_valid_rows(self, valid_T: torch.Tensor | None) -> None:
         for layer in self.layers:
@@ -231,8 +286,8 @@ class DeepseekV4ForCausalLM(nn.Module):
         checkpoint holds those; with V4's published formats, the FP8 linears held FP8 with their `.scale`, FP8
         routed experts dequantized (engine/models/dsv4_weights.py), FP4 experts as packed bytes
         (moe/expert_weights_dsv4.py)."""
-        plan: WeightPlan = {"model.embed_tokens.weight": PlanEntry(self.embed_tokens, ()),
-                            "head.weight": PlanEntry(self.lm_head, ()),
+        plan: WeightPlan = {"model.embed_tokens.weight": self.vocab.plan_entry(self.embed_tokens),
+                            "head.weight": self.vocab.plan_entry(self.lm_head),
                             "model.norm.weight": PlanEntry(self.norm.weight, ()),
                             **self.hc_head.weight_plan("model.hc_head.")}
         for i, layer in enumerate(self.layers):

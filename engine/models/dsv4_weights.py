@@ -22,6 +22,11 @@ experts (held in the model dtype): e4m3 x its block's scale (kernels/fp8.block_d
 float64, the scales being powers of two; one rounding into bf16). The FP4 experts, nearly all of V4's bytes, stay
 packed (moe/expert_weights_dsv4.py).
 
+Under tensor parallelism a rank reads its shard of each FP8 linear (engine/models/tp_linear.py: wq_b's and wo_a's rows,
+wo_b's columns, the split shared expert's) with the block rows / columns of the scales that cover it; wo_a's rank rows
+may start inside a file block (its finer held rows: the file rows covering them, repeated, the leading ones dropped).
+FP8 routed experts split by intermediate size read their slice and its scale blocks (`block_source`).
+
 How: `fp8_dequant_plan` rewrites a weight plan so that each float destination whose checkpoint tensor `X.weight` has
 an `X.scale` beside it reads both into one `Fp8Dequant`, which writes the destination when it has both (the loader
 reads tensors one at a time, file by file); FP8 destinations (the linears above) it leaves as they are.
@@ -41,6 +46,7 @@ from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
 from ..config.dsv4_quant import DSV4Quantization
 from .linear import FloatLinear, Fp8Linear, Linear, LinearMethod
+from .tp_linear import ColumnParallel
 
 _PARTS = ("weight", "scale")
 _SCALE_DTYPES = (torch.float32, getattr(torch, "float8_e8m0fnu", torch.float32))
@@ -95,13 +101,23 @@ def fp8_dequant_plan(plan: WeightPlan, names: Iterable[str], block: tuple[int, i
             continue
         if not isinstance(dest, torch.Tensor) or not dest.is_floating_point() or dest.dtype == FP8_DTYPE:
             continue  # FP4 bytes, or an FP8 linear that reads its weight and scale itself (published_linear_plan)
-        if source:
-            raise ValueError(f"checkpoint tensor {name!r} is FP8 and read through an index {source!r}: its block "
-                             "scales do not follow a row subset.")
         target = Fp8Dequant(dest[idx] if idx else dest, name, block)
-        out[name] = PlanEntry(Fp8Piece(target, "weight"))
-        out[base + "scale"] = PlanEntry(Fp8Piece(target, "scale"))
+        out[name] = PlanEntry(Fp8Piece(target, "weight"), (), source)
+        out[base + "scale"] = PlanEntry(Fp8Piece(target, "scale"), (), block_source(name, source, block))
     return out
+
+
+def block_source(name: str, source: tuple, block: tuple[int, int]) -> tuple:
+    """The block scales' slices of a weight read by `source` (slices per dimension: a TP rank's rows or columns of a
+    split expert, engine/models/tp_experts.py), each starting on a block boundary; () for the whole weight."""
+    out = []
+    for dim, part in enumerate(source):
+        b = block[dim]
+        if not isinstance(part, slice) or part.step not in (None, 1) or (part.start or 0) % b:
+            raise ValueError(f"checkpoint tensor {name!r} is FP8 and read through {source!r}: its block scales follow "
+                             f"only slices starting on a block boundary (weight_block_size {list(block)}).")
+        out.append(slice(None) if part.stop is None else slice((part.start or 0) // b, -(-part.stop // b)))
+    return tuple(out)
 
 
 def dsv4_linear_method(quant: DSV4Quantization | None, group_rows: int | None = None) -> LinearMethod:
@@ -126,14 +142,21 @@ def published_linear_plan(linear: Linear, name: str, file_block_rows: int | None
     if file_block_rows is not None and file_block_rows != held_rows:
         rows, cols = dest.shape
         repeat = file_block_rows // held_rows  # held_rows = gcd(O, Bn) divides Bn
-        want = (-(-rows // repeat), cols)  # the file's [ceil(N / Bn), ceil(K / Bk)]
+        # A TP rank's rows [a, a + n) of the weight (its groups: ColumnParallel) may start inside a file block: it
+        # reads the file scale rows covering them and drops the finer rows before a.
+        a, n = (linear.parallel.row_starts[0], linear.parallel.widths[0]) if isinstance(linear.parallel, ColumnParallel) \
+            else (0, rows * held_rows)
+        first = a // file_block_rows
+        source = (slice(first, -(-(a + n) // file_block_rows)),) if a or n != rows * held_rows else source
+        skip = (a - first * file_block_rows) // held_rows
         scale_file_name = name[: -len(".weight")] + ".scale"
 
         def finer(s_NbKb: torch.Tensor) -> torch.Tensor:
+            want = (-(-(skip + rows) // repeat), cols)  # the file's [ceil(N / Bn), ceil(K / Bk)] (of the rank's rows)
             if tuple(s_NbKb.shape) != want:  # a longer one would otherwise be cut silently
                 raise ValueError(f"checkpoint tensor {scale_file_name!r} has shape {tuple(s_NbKb.shape)}, expected "
                                  f"{want} from config.json and weight_block_size.")
-            return s_NbKb.to(torch.float32).repeat_interleave(repeat, dim=0)[:rows]
+            return s_NbKb.to(torch.float32).repeat_interleave(repeat, dim=0)[skip:skip + rows]
 
         dest, idx = Rearranged(dest[idx] if idx else dest, finer), ()
     plan[name[: -len(".weight")] + ".scale"] = PlanEntry(dest, idx, source)
@@ -158,5 +181,5 @@ def grouped_fp8_linear(linear: Linear, x_TGd: torch.Tensor, float_grouped: Calla
     return out_TGO
 
 
-__all__ = ["Fp8Dequant", "Fp8Piece", "dsv4_linear_method", "fp8_dequant_plan", "grouped_fp8_linear",
+__all__ = ["Fp8Dequant", "Fp8Piece", "block_source", "dsv4_linear_method", "fp8_dequant_plan", "grouped_fp8_linear",
            "published_linear_plan"]

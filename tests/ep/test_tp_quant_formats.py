@@ -1,0 +1,69 @@
+"""INT4 (compressed-tensors, Kimi K2 / K2.5's experts) and NVFP4 (ModelOpt) routed experts under tensor parallelism
+(docs/tensor-parallelism.md): at `-tp 2 -ep 2` the packed experts are placed whole by EP (each rank reads its own
+experts' words and scales), the float attention and dense layers split over the TP group, and greedy tokens equal
+transformers' on the dequantized weights (Ray, CPU ranks, gloo, float64). Split by intermediate size
+(expert_parallel_size 1) they are refused, naming the flag that places them in EP."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moelink.engine import LLM
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.config.tensor_parallel import check_tensor_parallel
+
+from tests.helpers import int4_checkpoints, nvfp4_checkpoints
+from tests.helpers.fp8_checkpoints import hf_greedy_with
+
+NEW = 4
+KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
+
+
+def _int4(tmp_path) -> tuple[str, str]:
+    """Kimi-shaped DeepSeek-V3 (MLA, shared expert, a dense layer), symmetric INT4 experts in groups of 32; its own
+    files are the oracle (transformers decompresses them: tests/ep/test_ep_int4.py)."""
+    path = int4_checkpoints.int4_checkpoint(int4_checkpoints.save_tiny(tmp_path / "float", "dsv3"), tmp_path / "int4",
+                                            True, 32, "experts")
+    return path, path
+
+
+def _nvfp4(tmp_path) -> tuple[str, str]:
+    """Qwen3-MoE with NVFP4 experts (a dense layer, 2 kv heads), and its dequantized float64 twin."""
+    path = nvfp4_checkpoints.nvfp4_checkpoint(nvfp4_checkpoints.save_tiny(tmp_path / "float", "qwen3"),
+                                              tmp_path / "nvfp4")
+    return path, nvfp4_checkpoints.dequantized_copy(path, tmp_path / "deq")
+
+
+FORMATS = {"int4": _int4, "nvfp4": _nvfp4}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_tp2_ep2_matches_transformers(local_ray, tmp_path, fmt):
+    from transformers import AutoModelForCausalLM
+
+    path, oracle = FORMATS[fmt](tmp_path)
+    rng = random.Random(5)
+    ps = [[rng.randrange(nvfp4_checkpoints.VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(3)]
+    hf = AutoModelForCausalLM.from_pretrained(oracle, dtype=torch.float64, experts_implementation="eager")
+    want = hf_greedy_with(hf.to(torch.float64).eval(), ps, NEW)
+    llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=2, **KW)
+    try:
+        from tests.helpers.parity import assert_same, engine_greedy
+
+        assert_same(engine_greedy(llm, ps, max_new=NEW), want, ps)
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_split_experts_refused(tmp_path, fmt):
+    path, _ = FORMATS[fmt](tmp_path)
+    cfg = ModelConfig.from_pretrained(path, "float64")
+    kind = "mla" if fmt == "int4" else "gqa"
+    check_tensor_parallel(cfg, 2, kind)  # experts in EP: runs
+    with pytest.raises(ValueError, match=f"{fmt} experts split over a TP group.*--expert-parallel-size 2"):
+        check_tensor_parallel(cfg, 2, kind, experts_split=True)
