@@ -11,6 +11,11 @@ it can be revived by a prefix hit until an allocation needs a fresh block and
 evicts it. The queue is LRU-ordered (front = evicted next). Blocks without a
 hash hold nothing reusable, so they go to the front and are taken first;
 cached blocks go to the back, so the least recently freed is evicted first.
+
+A KV offload tier (engine/kv_transfer/offload.py) is fed by those evictions: while `evicted` is a list (None, the
+default, records nothing), `allocate` appends (block id, hash) for each cached block it hands out, so the block's
+KV can be copied below the device before the step that received it overwrites it; `num_resets` counts
+`reset_prefix_cache` calls, after which whatever a tier holds is stale too.
 """
 from __future__ import annotations
 
@@ -81,6 +86,9 @@ class BlockPool:
         # Counters in tokens, monotonically increasing (for hit-rate metrics).
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # The offload tier's feed (module docstring): None records nothing.
+        self.evicted: list[tuple[int, BlockHash]] | None = None
+        self.num_resets = 0
 
     # ----------------------------------------------------------------- queries
     @property
@@ -141,6 +149,8 @@ class BlockPool:
             if h is not None:  # evict: its KV is about to be overwritten
                 del self._cached[h]
                 self._block_hash[block_id] = None
+                if self.evicted is not None:
+                    self.evicted.append((block_id, h))
             self._ref_cnt[block_id] = 1
             out.append(block_id)
         return out
@@ -194,6 +204,7 @@ class BlockPool:
         stay allocated; only their reusability is dropped. Returns how many
         hashes were dropped."""
         n = len(self._cached)
+        self.num_resets += 1
         for b in self._cached.values():
             self._block_hash[b] = None
         self._cached.clear()

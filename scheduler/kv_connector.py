@@ -42,6 +42,14 @@ kv_connector=...)`; None, the default, costs the step loop nothing):
   step computes the last token and samples as any), and the decode side loads `n - 1` tokens, its slot taking the
   saved state (not a prefix hit's checkpoint: `state_loaded`). A one-token prompt moves nothing.
 
+- tier work (a connector with `step_ops`, the KV offload tiers: engine/kv_transfer/offload.py): the block pool
+  records the cached blocks its allocations evict (`BlockPool.evicted`), and each step hands them to
+  `step_ops(evicted)`; what it returns (plain data: which blocks to copy where) travels as a transfer of no
+  request (`req_id` "", no blocks held: the evicted blocks already belong to their new requests) placed first
+  among the step's loads, so the worker runs it before anything of the step writes those blocks. It is
+  reported like any transfer (`transfer_done`). A connector with `bind(kv)` is given the KV cache manager when
+  the scheduler is built (to read the prefix cache, or to refuse a cache policy it cannot serve).
+
 Across processes (engine/kv_transfer/remote.py, issue 30) the connector adds, beside this seam: a key other than
 the request id and the remote engine's address, carried per request (`SamplingParams.kv_transfer_params`, vLLM's
 shape) and handed to the worker half in `KVTransfer.params` (`load_params`); the prefill output's parameters
@@ -87,6 +95,9 @@ class KVConnector(Protocol):
     # bounds on loads in flight (module docstring); without them, loads are unbounded (the in-host reference's
     # finish as they start).
     # Optional: `trusted_loads: bool` (default True): False keeps loaded KV out of the prefix cache.
+    # Optional: `bind(kv)`, called once with the scheduler's KV cache manager; `step_ops(evicted) -> object | None`,
+    # a step's tier work for the prefix-cache evictions `evicted` ([(block id, hash)]) and whatever the connector
+    # queued itself, run by the worker half before the step's forward (module docstring).
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,13 @@ class KVTransfers:
         self.holds_saves = bool(getattr(connector, "holds_saves", False)) and not self.moves_state
         self._held: set[int] = set()  # transfer ids of held saves in flight
         self._held_polled = 0.0  # time.monotonic() of the latest step that awaited them
+        bind = getattr(connector, "bind", None)
+        if bind is not None:
+            bind(kv)
+        # Tier work fed by the prefix cache's evictions (module docstring); the pool records them only then.
+        self._step_ops = getattr(connector, "step_ops", None)
+        if self._step_ops is not None:
+            kv.pool.evicted = []
 
     @property
     def num_holding(self) -> int:
@@ -279,6 +297,14 @@ class KVTransfers:
                         self._held_polled = time.monotonic()  # its step polls; the next is HELD_POLL_S away
                     saves.append(t)
         loads, self._new_loads = self._new_loads, []
+        if self._step_ops is not None:
+            evicted, self.kv.pool.evicted = self.kv.pool.evicted, []
+            ops = self._step_ops(evicted)
+            if ops is not None:  # first: before this step's loads and forward write the evicted blocks
+                self._next_id += 1
+                t = KVTransfer(self._next_id, "", [], 0, params=ops)
+                self._in_flight[t.transfer_id] = _InFlight(t, None, [])
+                loads.insert(0, t)
         # Held saves are awaited once per HELD_POLL_S (module docstring); any step's poll may report them.
         held = 0
         if self._held_due():

@@ -18,17 +18,22 @@ server, authenticates both ends of every KV connection; it is required once a KV
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 from ..kv_transfer.auth import SECRET_ENV, load_secret
-from ..kv_transfer.offload import OffloadConfig, OffloadKVConnector, OffloadTiers
+from ..kv_transfer.offload import OffloadConfig, OffloadKVConnector
 from ..kv_transfer.peers import parse_peers
 from ..kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from ..kv_transfer.transport import KV_TRANSPORTS, default_transport
 from ..contract.safe_text import shown
 
 ROLES = ("both", "prefill", "decode")
+# Why the offload tiers do not go with a disaggregation connector yet (docs/kv-offload.md).
+_OFFLOAD_WITH_PD = ("--kv-offload-host-bytes is invalid with --role prefill|decode or --kv-port: an engine takes one KV "
+                    "connector (EngineArgs.kv_connector), and the offload tiers and prefill/decode disaggregation are "
+                    "one each; use the offload tiers on a --role both server.")
 KV_ROLE_NAMES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 
 
@@ -49,8 +54,7 @@ class ServerRole:
         if self.role == "decode" and (self.kv is None or self.kv.port is not None):
             raise ValueError("role=decode needs a KV connector that serves nothing (kv port None).")
         if self.offload is not None and self.kv is not None:
-            raise ValueError("--kv-offload-host-bytes is invalid with --role prefill|decode or --kv-port: the offload "
-                             "tiers are a connector of their own, for --role both (one engine) for now.")
+            raise ValueError(_OFFLOAD_WITH_PD)
 
     @property
     def kv_role(self) -> str:
@@ -59,7 +63,7 @@ class ServerRole:
 
     def connector(self) -> RemoteKVConnector | OffloadKVConnector | None:
         if self.offload is not None:
-            return OffloadKVConnector(OffloadTiers(self.offload))
+            return OffloadKVConnector(self.offload)
         return None if self.kv is None else RemoteKVConnector(self.kv, KV_ROLE_NAMES[self.role])
 
 
@@ -104,23 +108,44 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-max-loads-per-source", type=int, default=64,
                    help="per rank: KV loads in flight from one prefill server's port")
     g.add_argument("--kv-offload-host-bytes", type=int, default=None,
-                   help="keep prompt KV blocks in host memory up to this many bytes (LRU) and load a prefix the "
-                        "device prefix cache evicted back from there instead of recomputing it (--role both)")
+                   help="per rank: keep the KV blocks the device prefix cache evicts in this many bytes of host "
+                        "memory (pinned on CUDA, allocated at start; LRU) and load a prefix found there back instead "
+                        "of recomputing it (--role both; docs/kv-offload.md)")
     g.add_argument("--kv-offload-disk-bytes", type=int, default=0,
-                   help="below the host tier: blocks it pushes out go to files under --kv-offload-dir, up to this "
-                        "many bytes (LRU; 0: no disk tier)")
-    g.add_argument("--kv-offload-dir", default=None, help="the disk tier's directory (created 0700)")
+                   help="per rank, below the host tier: blocks it pushes out go to a file under --kv-offload-dir, up "
+                        "to this many bytes (LRU; 0: no disk tier)")
+    g.add_argument("--kv-offload-dir", default=None,
+                   help="the disk tier's directory (created 0700; its file is deleted at exit)")
+
+
+def _offload_from_args(ns: argparse.Namespace) -> OffloadConfig | None:
+    """The offload tiers the --kv-offload-* flags ask for (None: none); ValueError names the flag."""
+    host = getattr(ns, "kv_offload_host_bytes", None)
+    disk, where = getattr(ns, "kv_offload_disk_bytes", 0), getattr(ns, "kv_offload_dir", None)
+    if host is None:
+        if disk or where is not None:
+            raise ValueError("--kv-offload-disk-bytes and --kv-offload-dir are invalid without "
+                             "--kv-offload-host-bytes: the disk tier is below the host tier.")
+        return None
+    if host < 1:
+        raise ValueError(f"--kv-offload-host-bytes={host} is invalid: must be >= 1 (bytes of host memory per rank).")
+    if disk < 0:
+        raise ValueError(f"--kv-offload-disk-bytes={disk} is invalid: must be >= 0 (bytes per rank; 0: no disk tier).")
+    if disk and where is None:
+        raise ValueError(f"--kv-offload-disk-bytes={disk} needs --kv-offload-dir (the disk tier's directory).")
+    if where is not None and not disk:
+        raise ValueError("--kv-offload-dir is invalid without --kv-offload-disk-bytes (the disk tier's size).")
+    if where is not None and os.path.exists(where) and not (os.path.isdir(where) and os.access(where, os.W_OK)):
+        raise ValueError(f"--kv-offload-dir={shown(where)} is invalid: not a directory this user can write.")
+    return OffloadConfig(host_bytes=host, disk_bytes=disk, disk_dir=where)
 
 
 def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
     """The role the flags ask for; ValueError names the flag."""
-    offload = None
-    if getattr(ns, "kv_offload_host_bytes", None) is not None:
-        offload = OffloadConfig(host_bytes=ns.kv_offload_host_bytes, disk_bytes=ns.kv_offload_disk_bytes,
-                                disk_dir=ns.kv_offload_dir)
+    offload = _offload_from_args(ns)
+    if offload is not None:
         if ns.role != "both" or ns.kv_port is not None:
-            raise ValueError("--kv-offload-host-bytes is invalid with --role prefill|decode or --kv-port: the offload "
-                             "tiers are for --role both (one engine) for now.")
+            raise ValueError(_OFFLOAD_WITH_PD)
         return ServerRole("both", offload=offload)
     if ns.role == "both" and ns.kv_port is None:
         return ServerRole("both")

@@ -1,148 +1,322 @@
-"""The KV offload connector (issue 47 item 2, first storey): a request's prompt blocks are written through to the
-offload tiers (engine/kv_transfer/offload_tiers.py: host memory, then disk) once its prefill step has run, and a
-fresh request whose leading blocks the device prefix cache no longer holds, but a tier does, loads them back
-before its prefill step instead of recomputing them.
+"""The KV offload connector (issue 47 item 2): prefix-cache blocks the device pool evicts are copied to host
+memory, then pushed down to a disk file, and a request whose prefix a tier holds loads those blocks back,
+asynchronously, instead of recomputing them. docs/kv-offload.md is the user's view.
 
-    tiers = OffloadTiers(OffloadConfig(host_bytes=8 << 30, disk_bytes=64 << 30, disk_dir="/local/kv"))
-    llm = LLM(model, kv_connector=OffloadKVConnector(tiers))
+    llm = LLM(model, kv_connector=OffloadKVConnector(OffloadConfig(host_bytes=8 << 30)))
+    # or: moelink serve MODEL --kv-offload-host-bytes 8589934592 [--kv-offload-disk-bytes N --kv-offload-dir D]
 
-Through the KV connector seam (scheduler/kv_connector.py): the scheduler half reports as loadable the leading
-full blocks a tier holds (`num_loadable_tokens`; the scheduler loads only when that is more than its prefix hit,
-and the loaded blocks join the prefix cache as computed ones), saves every request (`wants_save`); the worker half
-copies the blocks out after the prefill step (`PagedKVBlocks.read`: on a GPU a blocking copy to host memory) and
-writes them back before the loading request's step. Keys are the chained hash of the prompt's tokens per block
-(`block_keys`), so any request with the same prefix hits.
+Through the KV connector seam (scheduler/kv_connector.py), split as the seam splits every connector:
 
-Not yet (named): saves are write-through at prefill, not the device pool's evictions; loads run synchronously in
-the rank's step (host memory: a copy; disk: a file read) rather than on a thread; a model whose cache has
-sliding-window or per-sequence state groups saves nothing (each needs its own key rule); one process only (the
-tiers are shared by both halves in memory, like the in-host reference); the scheduler's ask hashes the prompt's
-blocks each time it asks.
+- the scheduler half (`_SchedulerSide`, one per rank, on the driver) owns the index (offload_tiers.py
+  `TierIndex`: the LRU of keys per tier and their slots) and decides every store, load, push-down and drop. Fed
+  by the device pool's evictions: each step, the blocks the pool handed out while still cached
+  (`BlockPool.evicted`) get host slots, and the step's tier work (`StepOps`: push-downs, then device -> host
+  copies) runs on the worker before the step's forward writes those blocks. Keys are the prefix cache's own block
+  hashes, so asking costs dictionary lookups on hashes the scheduler computed already.
+- a fresh request whose leading blocks the device prefix cache has, followed by blocks a tier has, loads the
+  latter (`num_loadable_tokens`, `load_params`: a `LoadPlan` of pinned slots); it waits in WAITING_FOR_KV like a
+  disaggregated decode request, its blocks held, while other requests keep stepping; when the load is reported it
+  is admitted with those tokens computed (all but the last prompt token, whose logits it needs). A failed load is
+  recomputed; an aborted one frees its blocks when the load is reported, its slots unpinned then.
+- the worker half (`_WorkerSide`, one per rank, in the rank's process) only moves bytes
+  (offload_store.py `TierStore`: host slots allocated once, pinned on CUDA; one disk file): the step's tier work
+  inline (before the forward), each load on a thread of its own (disk -> host -> device; on CUDA on a side stream
+  that first waits for the work enqueued so far), reported at the first poll after it ends.
+
+The factory holds only the config, so it pickles to Ray workers (expert parallelism): each rank allocates its
+own tiers and its scheduler half decides for it. The scheduler half needs one block's bytes (to count slots):
+in one process the worker half tells the factory after the first step (a step's tier work goes out with the
+first schedule to make the worker look at its cache); across processes the engine must call `configure(config)`
+on the driver (from the model's config, engine/config/kv_sizing.py), until which nothing is offloaded.
+
+Refused, with one line at start (`bind`): a cache with a sliding-window table or per-sequence state (scheduler
+hybrid_cache.py / sliding_kv.py: their prefix hits are not the full-attention block hashes alone), and a cache
+without prefix caching. PD: the engine takes one connector, so offload beside a disaggregation connector is
+refused by the flags (engine/api/kv_args.py) until a connector that composes two exists. Stats per tier
+(`offload_tier_stats`, offload_tiers.py `TierStats`) and each load's seconds (`observe_offload_loads`) are what
+engine/core/metrics.py reads.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from moelink.scheduler.block_pool import extend_block_hashes
 from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
 
-from .blocks import FULL, PagedKVBlocks, SavedKV
-from .offload_tiers import OffloadConfig, OffloadTiers, block_keys
+from .blocks import PagedKVBlocks
+from .offload_store import TierStore, block_bytes_of
+from .offload_tiers import TIERS, LoadPlan, OffloadConfig, StepOps, TierIndex, TierStats
 
 logger = logging.getLogger(__name__)
 
 
 class OffloadKVConnector:
-    """The factory (engine/contract/kv_connector.py) over one `OffloadTiers`, shared by both halves."""
+    """The factory (engine/contract/kv_connector.py): one `OffloadConfig`, a scheduler and a worker half per rank."""
 
-    def __init__(self, tiers: OffloadTiers) -> None:
-        self.tiers = tiers
-        self.block_size: int | None = None  # learnt from the rank's cache at its first save (the worker half)
+    name = "offload"
+
+    def __init__(self, config: OffloadConfig) -> None:
+        if not isinstance(config, OffloadConfig):
+            raise ValueError(f"OffloadKVConnector(config={config!r}) is invalid: pass an OffloadConfig")
+        self.config = config
+        self.block_bytes: int | None = None  # one block's bytes on a rank (configure, or a worker half in-process)
+        self._sides: dict[int, _SchedulerSide] = {}
+        self._observer = None
+
+    def configure(self, engine_config) -> None:
+        """Learn one block's bytes from the engine's config (the driver; needed when the ranks are other
+        processes)."""
+        from moelink.engine.config.kv_sizing import kv_cache_bytes_per_block
+
+        self.block_bytes = kv_cache_bytes_per_block(engine_config.model, engine_config.cache.block_size)
 
     def scheduler_side(self, rank: int) -> "_SchedulerSide":
-        return _SchedulerSide(self)
+        side = self._sides[rank] = _SchedulerSide(self, rank)
+        return side
 
     def worker_side(self, rank: int) -> "_WorkerSide":
-        return _WorkerSide(self)
+        return _WorkerSide(self, rank)
 
-    def __reduce__(self):
-        raise TypeError("OffloadKVConnector works inside one process (the in-process executor, "
-                        "expert_parallel_size=1): its tiers cannot be shared with Ray workers.")
+    def offload_tier_stats(self) -> dict[str, TierStats]:
+        """Per tier, the counters of every rank summed (engine/core/metrics.py)."""
+        out = {tier: TierStats() for tier in TIERS}
+        for side in list(self._sides.values()):
+            if side.index is not None:
+                for tier in TIERS:
+                    out[tier].add(side.index.stats[tier])
+        return out
+
+    def observe_offload_loads(self, observer) -> None:
+        """`observer(tier, seconds)` is called as each load is reported (on the engine's thread)."""
+        self._observer = observer
+
+    def __getstate__(self) -> dict:  # to a Ray worker: the config and what is known of the blocks, nothing live
+        return {"config": self.config, "block_bytes": self.block_bytes, "_sides": {}, "_observer": None}
 
     def __deepcopy__(self, memo) -> "OffloadKVConnector":
-        return self
+        return self  # in one process the halves meet here (block_bytes)
 
 
 class _SchedulerSide:
-    def __init__(self, owner: OffloadKVConnector) -> None:
-        self.owner = owner
+    """A rank's index and decisions (module docstring). On the engine thread."""
+
+    def __init__(self, owner: OffloadKVConnector, rank: int) -> None:
+        self.owner, self.rank = owner, rank
+        self.kv = None
+        self.index: TierIndex | None = None
+        self._probed = False
+        self._resets = 0
+        self._seq = 0
+        self._asked: dict[str, tuple[int, int]] = {}  # request id -> (device hit blocks, loadable blocks)
+        self._ops: dict[int, tuple[StepOps, list, list]] = {}  # seq -> (ops, saved keys, pushed-down keys)
+        self._loads: dict[int, tuple[list, float]] = {}  # seq -> (keys, start time)
+        self._warned = False
+
+    # ------------------------------------------------------------------ seam capabilities
+    def bind(self, kv) -> None:
+        from moelink.scheduler.kv_cache_manager import KVCacheManager
+
+        if callable(getattr(kv, "state_slot", None)) or type(kv).transfer_tables is not KVCacheManager.transfer_tables:
+            raise ValueError("KV offload (--kv-offload-host-bytes) cannot serve this model: its cache keeps a "
+                             "sliding-window table or per-sequence state beside the full-attention blocks, which "
+                             "the offload tiers do not key; run it without offload.")
+        if not kv.enable_prefix_caching:
+            raise ValueError("KV offload (--kv-offload-host-bytes) needs prefix caching: drop "
+                             "--no-enable-prefix-caching, or the offload flags.")
+        self.kv = kv
+        self._resets = kv.pool.num_resets
+
+    def _ready(self) -> bool:
+        if self.index is None and self.owner.block_bytes is not None:
+            try:
+                host, disk = self.owner.config.num_slots(self.owner.block_bytes)
+            except ValueError as exc:
+                if not self._warned:
+                    logger.error("KV offload is off: %s", exc)
+                    self._warned = True
+                return False
+            self.index = TierIndex(host, disk, self.owner.block_bytes)
+        if self.index is not None and self.kv.pool.num_resets != self._resets:
+            self._resets = self.kv.pool.num_resets
+            self.index.clear()  # the prefix cache was reset (the weights changed): the tiers' KV is stale too
+        return self.index is not None
+
+    def step_ops(self, evicted) -> StepOps | None:
+        """This step's tier work: the evicted blocks stored, pushes down queued by stores and load plans."""
+        self._asked.clear()  # asked while this step was scheduled; its loads have their plans
+        if not self._ready():
+            if self._probed:
+                return None
+            self._probed = True  # the worker half looks at its cache once, and (in one process) says its bytes
+            return StepOps(0, 0)
+        keys, blocks, slots = [], [], []
+        for b, h in evicted:
+            s = self.index.store(h)
+            if s is not None:
+                keys.append(h)
+                blocks.append(b)
+                slots.append(s)
+        demote = self.index.take_demotes()
+        if not (blocks or demote):
+            return None
+        self._seq += 1
+        ops = StepOps(self._seq, self.index.block_bytes, demote, tuple(blocks), tuple(slots))
+        disk_slot_keys = {d: k for k, d in self.index.disk.items()}
+        self._ops[self._seq] = (ops, keys, [disk_slot_keys[d] for _, d in demote if d in disk_slot_keys])
+        return ops
 
     def num_loadable_tokens(self, req: Request) -> int:
-        bs = self.owner.block_size
-        if bs is None:
-            return 0  # nothing saved yet
-        return self.owner.tiers.num_leading(block_keys(req.prompt_token_ids, bs)) * bs
+        if self.index is None or not self._ready():
+            return 0
+        bs = self.kv.block_size
+        # Every full block: the last one too (the device cache never serves the block holding the last prompt
+        # token, a tier may: the scheduler computes that token again for its logits, as after a PD load).
+        hashes = extend_block_hashes(req.block_hashes, req.all_token_ids, bs, req.num_tokens // bs, self.kv.lookahead)
+        hit = len(self.kv.pool.find_cached_blocks(hashes, (req.num_tokens - 1) // bs))
+        end = self.index.num_leading(hashes, hit)
+        if end <= hit:
+            return 0
+        self._asked[req.request_id] = (hit, end)
+        return end * bs
+
+    def load_params(self, req: Request) -> LoadPlan | None:
+        """The load's plan (pinned slots), or None: the worker half reports it failed and it is recomputed."""
+        hit, end = self._asked.pop(req.request_id)
+        keys = req.block_hashes[hit:end]
+        self._seq += 1
+        plan = self.index.plan_load(keys, self._seq)
+        if plan is not None:
+            self._loads[self._seq] = (keys, time.perf_counter())
+        return plan
 
     def wants_save(self, req: Request) -> bool:
-        return True
+        return False  # fed by evictions, not written through at prefill
 
-    def load_params(self, req: Request) -> tuple[int, ...]:
-        return tuple(req.prompt_token_ids)  # the worker half keys the blocks by them
-
-    def transfer_done(self, transfer: KVTransfer, ok: bool) -> None:
-        pass
+    def transfer_done(self, t: KVTransfer, ok: bool) -> None:
+        p = t.params
+        if isinstance(p, StepOps) and p.seq:
+            ops, keys, demoted = self._ops.pop(p.seq)
+            self.index.ops_ended(ops, keys, demoted, ok)
+        elif isinstance(p, LoadPlan):
+            keys, t0 = self._loads.pop(p.seq)
+            seconds = time.perf_counter() - t0
+            self.index.load_ended(p, keys, ok, seconds)
+            if ok and self.owner._observer is not None:
+                self.owner._observer(p.tier, seconds)
 
 
 class _WorkerSide:
-    def __init__(self, owner: OffloadKVConnector) -> None:
-        self.owner, self.tiers = owner, owner.tiers
+    """A rank's bytes (module docstring): tier work inline, loads on a thread; reports at `poll`."""
+
+    def __init__(self, owner: OffloadKVConnector, rank: int) -> None:
+        self.owner, self.rank = owner, rank
+        self.store: TierStore | None = None
+        self._refused: str | None = None
         self._lock = threading.Lock()
         self._done: dict[int, bool] = {}
-        self._refused = False
+        self._loads: dict[int, Future] = {}  # transfer id -> the loader thread's future (its CUDA event, or None)
+        self._pool: ThreadPoolExecutor | None = None
+        self._stream = None
 
-    def _report(self, t: KVTransfer, ok: bool) -> None:
-        with self._lock:
-            self._done[t.transfer_id] = ok
-
-    def _usable(self, kv: PagedKVBlocks) -> bool:
-        if any(kind != FULL for _, kind in kv.groups):
-            if not self._refused:
-                logger.warning("KV offload: this model's cache has sliding-window or per-sequence state groups; "
-                               "nothing is offloaded (its blocks are recomputed)")
-                self._refused = True
-            return False
-        return True
-
-    def start_save(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
-        if self._usable(kv):
-            self.owner.block_size = kv.block_size
-            if self.tiers.layout is None:
-                self.tiers.layout = kv.layout
-            keys = block_keys(t.token_ids, kv.block_size)
-            saved = kv.read(t)  # device-to-host copy: blocking on a GPU
-            # Every group is read with the request's one table (FULL): the same entries, in the same order.
-            for j, i in enumerate(saved.groups[0][0] if saved.groups else []):
-                if i < len(keys):  # full blocks only: a partial one has no key
-                    self.tiers.put(keys[i], tuple(tuple(r[j:j + 1].clone() for r in rows) for _, rows in saved.groups))
-        self._report(t, True)  # the blocks are free to go either way
+    def _store_for(self, kv: PagedKVBlocks) -> TierStore:
+        if self.store is None:
+            if self._refused is not None:
+                raise ValueError(self._refused)
+            try:
+                self.store = TierStore(kv, self.owner.config, self.rank)
+            except ValueError as exc:
+                self._refused = str(exc)
+                logger.error("KV offload is off on rank %d: %s", self.rank, exc)
+                raise
+            if self.owner.block_bytes is None:
+                self.owner.block_bytes = self.store.block_bytes  # in one process: the scheduler half reads it
+        return self.store
 
     def start_load(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
-        try:
-            if not self._usable(kv) or self.tiers.layout != kv.layout:
-                raise ValueError("the offload tiers hold another cache layout")
-            keys = block_keys(t.params, kv.block_size)
-            first, last = t.first_block, -(-t.num_tokens // kv.block_size)
-            blocks = []
-            for i in range(first, last):
-                rows = self.tiers.get(keys[i]) if i < len(keys) else None
-                if rows is None:
-                    raise ValueError(f"block {i} of request {t.req_id!r} left the offload tiers")
-                blocks.append(rows)
-            idx = list(range(first, last))
-            groups = [(idx, tuple(torch.cat([b[g][j] for b in blocks]) for j in range(len(blocks[0][g]))))
-                      for g in range(len(kv.groups))] if blocks else [(idx, ())] * len(kv.groups)
-            if blocks:
-                kv.write(t, SavedKV(t.num_tokens, (), kv.layout, groups))
-        except ValueError as exc:
-            logger.warning("KV offload load failed (the request is recomputed): %s", exc)
-            self._report(t, False)
-            return
-        self._report(t, True)
+        p = t.params
+        if isinstance(p, StepOps):
+            ok = True
+            try:
+                store = self._store_for(kv)
+                if p.block_bytes and p.block_bytes != store.block_bytes:
+                    raise ValueError(f"the scheduler counts {p.block_bytes} bytes per block, this rank's cache has "
+                                     f"{store.block_bytes}")
+                store.demote(p.demote)  # before the saves: a pushed-down slot may take a new block now
+                store.save(kv, p.save_blocks, p.save_slots)
+            except (ValueError, OSError) as exc:
+                logger.warning("KV offload: a step's tier work failed (its blocks are dropped): %s", exc)
+                ok = False
+            self._report(t.transfer_id, ok)
+        elif isinstance(p, LoadPlan) and self.store is not None:
+            event = None
+            if kv.device.type == "cuda":  # the side stream starts after the step's earlier work (its saves)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(kv.device))
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kv-offload-{self.rank}")
+            self._loads[t.transfer_id] = self._pool.submit(self._load, t, p, kv, event)
+        else:
+            self._report(t.transfer_id, False)  # a load the tiers could not plan: recomputed
+
+    def _load(self, t: KVTransfer, p: LoadPlan, kv: PagedKVBlocks, event):
+        """On the loader thread: disk -> host, then host -> device; returns the CUDA event to wait for, or None."""
+        self.store.promote(p.promote)
+        if event is None:
+            self.store.load(kv, t, p.host_slots)
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(kv.device)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(event)
+            self.store.load(kv, t, p.host_slots)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return done
+
+    def start_save(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
+        self._report(t.transfer_id, True)  # never planned: the scheduler half wants no save
+
+    def _report(self, tid: int, ok: bool) -> None:
+        with self._lock:
+            self._done[tid] = ok
 
     def poll(self) -> dict[int, bool] | None:
+        for tid, fut in list(self._loads.items()):
+            if not fut.done():
+                continue
+            try:
+                event = fut.result()
+            except (ValueError, OSError, RuntimeError) as exc:
+                logger.warning("KV offload load failed (the request is recomputed): %s", exc)
+                event, ok = None, False
+            else:
+                ok = True
+            if event is not None and not event.query():
+                continue
+            del self._loads[tid]
+            self._report(tid, ok)
         with self._lock:
             done, self._done = self._done, {}
         return done or None
 
     def drop_pending(self) -> None:
+        for fut in self._loads.values():
+            fut.exception()  # wait: the blocks it writes go to other requests after a rewind
+        self._loads.clear()
         with self._lock:
             self._done = {}
 
     def close(self) -> None:
-        pass  # the tiers belong to whoever made them
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
 
 
-__all__ = ["OffloadConfig", "OffloadKVConnector", "OffloadTiers"]
+__all__ = ["OffloadConfig", "OffloadKVConnector"]

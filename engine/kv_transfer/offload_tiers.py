@@ -1,186 +1,287 @@
-"""The KV offload tiers (issue 47 item 2): prefix-cache blocks kept below device memory, in host memory and then in
-files under a directory, each tier an LRU bounded in bytes. A block is keyed by the chained hash of the prompt's
-tokens up to its end (`block_keys`: the same prefix, the same key, whichever request computed it); its value is
-its rows of every cache tensor (uint8 [1, B, X] per tensor per group, `PagedKVBlocks` rows), so a load writes them
-back with `PagedKVBlocks.write`.
+"""The KV offload tiers' index (issue 47 item 2): which prefix-cache block lives in which slot of host memory or of
+the disk file, decided by the scheduler; the bytes are the worker's (engine/kv_transfer/offload_store.py).
 
-A block pushed out of host memory goes to disk (when a directory is given), one file per block, raw bytes (no
-pickle); a block pushed out of disk is deleted. A hit in either tier moves the block to the front of host memory.
-`TierStats` counts hits, bytes and load time per tier. Thread-safe: the scheduler thread asks what is there, the
-rank's device work saves and loads.
+A block is keyed by its prefix-cache hash (scheduler/block_pool.py: the chained sha256 of its tokens and every
+token before them), so a block evicted from the device pool and a later request with the same prefix meet under
+the same key, and the scheduler asks the tiers with the hashes it computed for its own prefix lookup.
+
+Each tier is a fixed number of block-sized slots (its bytes over one block's bytes: both halves divide the same
+way) and an LRU over the keys it holds:
+
+- `store(key)`: a block the device pool just evicted gets a host slot: a free one, or the least recently used
+  host entry's, that entry pushed down to a disk slot (a free one, or the least recently used disk entry's, which
+  is dropped) or dropped when there is no disk tier. A slot written by a step's work is pinned until that work is
+  reported, so no later store in the same step takes it back before the bytes are there.
+- `plan_load(keys)`: the slots a request's blocks load from; a block on disk is staged into a host slot first
+  (promoted: it leaves the disk tier once its load is reported). Every slot the load reads is pinned until its
+  load is reported: neither a store nor a push-down reuses it while a thread still reads it.
+- the pushes down each of these makes are queued (`take_demotes`) and run by the worker before the step's copies
+  from the device, so a host slot's old bytes reach the disk before a new block overwrites them.
+
+`TierStats` counts, per tier, blocks stored, found and loaded back (their bytes and seconds) and pushed out.
 """
 from __future__ import annotations
 
-import hashlib
-import math
-import os
-import threading
-import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-Rows = tuple[tuple[torch.Tensor, ...], ...]  # per group, per tensor: uint8 [1, B, X]
-
-
-def block_keys(token_ids, block_size: int) -> list[str]:
-    """One key per full block of `token_ids`: sha256 chained over the blocks' int32 token bytes (hex)."""
-    keys, h = [], b""
-    ids = np.asarray(token_ids, dtype=np.int64).astype("<i4")
-    for b in range(len(ids) // block_size):
-        h = hashlib.sha256(h + ids[b * block_size:(b + 1) * block_size].tobytes()).digest()
-        keys.append(h.hex())
-    return keys
+TIERS = ("host", "disk")
 
 
 @dataclass
 class TierStats:
-    """Per tier: blocks stored, found, loaded back (with their bytes and seconds), pushed down or dropped."""
+    """Per tier: blocks stored, found and loaded back (with their bytes and seconds), pushed down or dropped; and
+    the bytes stored since start and held now."""
 
     stored: int = 0
     hits: int = 0
     loaded_bytes: int = 0
     load_s: float = 0.0
     evicted: int = 0
+    stored_bytes: int = 0
+    held_bytes: int = 0
+
+    def add(self, other: "TierStats") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def _nonneg_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """`host_bytes`: the host tier's bound (> 0); `disk_bytes` and `disk_dir`: the disk tier's (0 / None: none)."""
+    """`host_bytes`: the host tier's size per rank (> 0); `disk_bytes` and `disk_dir`: the disk tier's (0 / None:
+    none). Each is rounded down to whole blocks once the rank's block size in bytes is known."""
 
     host_bytes: int = 4 << 30
     disk_bytes: int = 0
     disk_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.host_bytes, int) or isinstance(self.host_bytes, bool) or self.host_bytes < 1:
-            raise ValueError(f"OffloadConfig.host_bytes={self.host_bytes!r} must be an integer >= 1 (bytes)")
-        if not isinstance(self.disk_bytes, int) or isinstance(self.disk_bytes, bool) or self.disk_bytes < 0:
-            raise ValueError(f"OffloadConfig.disk_bytes={self.disk_bytes!r} must be an integer >= 0 (bytes)")
+        if not _nonneg_int(self.host_bytes) or self.host_bytes < 1:
+            raise ValueError(f"OffloadConfig.host_bytes={self.host_bytes!r} is invalid: must be an integer >= 1 "
+                             "(bytes of host memory per rank; --kv-offload-host-bytes)")
+        if not _nonneg_int(self.disk_bytes):
+            raise ValueError(f"OffloadConfig.disk_bytes={self.disk_bytes!r} is invalid: must be an integer >= 0 "
+                             "(bytes of disk per rank, 0: no disk tier; --kv-offload-disk-bytes)")
         if self.disk_bytes and not self.disk_dir:
-            raise ValueError("OffloadConfig.disk_dir must name a directory when disk_bytes > 0")
+            raise ValueError("OffloadConfig.disk_dir=None is invalid with disk_bytes > 0: name the disk tier's "
+                             "directory (--kv-offload-dir)")
+        if self.disk_dir is not None and not self.disk_bytes:
+            raise ValueError(f"OffloadConfig.disk_dir={self.disk_dir!r} is invalid with disk_bytes=0: give the disk "
+                             "tier's size too (--kv-offload-disk-bytes)")
+
+    def num_slots(self, block_bytes: int) -> tuple[int, int]:
+        """(host slots, disk slots) for blocks of `block_bytes`; ValueError when the host tier holds no block."""
+        host = self.host_bytes // block_bytes
+        if host < 1:
+            raise ValueError(f"OffloadConfig.host_bytes={self.host_bytes} is invalid for this model: one KV block "
+                             f"takes {block_bytes} bytes (--kv-offload-host-bytes must hold at least one)")
+        return host, self.disk_bytes // block_bytes
 
 
-def _nbytes(rows: Rows) -> int:
-    return sum(t.numel() for ts in rows for t in ts)
+@dataclass(frozen=True)
+class StepOps:
+    """A step's tier work for the worker, run before the step's forward in this order: `demote` (host slot ->
+    disk slot), then the device blocks `save_blocks` (evicted this step) into the host slots `save_slots`.
+    `seq` names it in the report; `block_bytes` is the scheduler's idea of one block, checked by the worker."""
+
+    seq: int
+    block_bytes: int
+    demote: tuple[tuple[int, int], ...] = ()
+    save_blocks: tuple[int, ...] = ()
+    save_slots: tuple[int, ...] = ()
 
 
-class OffloadTiers:
-    """Host memory, then disk (module docstring)."""
+@dataclass(frozen=True)
+class LoadPlan:
+    """A request's blocks from `first_block` on: `promote` (disk slot -> host slot) first, then host slot
+    `host_slots[i]` into the request's block `first_block + i`. `tier`: the lowest tier read (its load time)."""
 
-    def __init__(self, config: OffloadConfig) -> None:
-        self.config = config
-        self._lock = threading.Lock()
-        self._host: OrderedDict[str, Rows] = OrderedDict()  # least recently used first
-        self._disk: OrderedDict[str, tuple[str, list[list[tuple[int, ...]]], int]] = OrderedDict()
-        self._host_bytes = self._disk_bytes = 0
-        self.layout = None  # the cache layout blocks were saved from (PagedKVBlocks.layout), set by the first save
-        self.stats = {"host": TierStats(), "disk": TierStats()}
-        if config.disk_bytes:
-            os.makedirs(config.disk_dir, mode=0o700, exist_ok=True)
-
-    # ------------------------------------------------------------------ what is there (scheduler thread)
-    def num_leading(self, keys: list[str]) -> int:
-        """How many of `keys`, from the first, either tier holds."""
-        with self._lock:
-            n = 0
-            while n < len(keys) and (keys[n] in self._host or keys[n] in self._disk):
-                n += 1
-            return n
-
-    # ------------------------------------------------------------------ save / load (rank's device work)
-    def put(self, key: str, rows: Rows) -> None:
-        with self._lock:
-            if key in self._host:
-                self._host.move_to_end(key)
-                return
-            self._host[key] = rows
-            self._host_bytes += _nbytes(rows)
-            self.stats["host"].stored += 1
-            self._shrink_host()
-
-    def get(self, key: str) -> Rows | None:
-        """The block's rows from the highest tier holding it (a disk hit is read back and promoted), or None."""
-        t0 = time.perf_counter()
-        with self._lock:
-            rows = self._host.get(key)
-            if rows is not None:
-                self._host.move_to_end(key)
-                st = self.stats["host"]
-            else:
-                entry = self._disk.pop(key, None)
-                if entry is None:
-                    return None
-                self._disk_bytes -= entry[2]
-                rows = _read_file(*entry)
-                os.unlink(entry[0])
-                st = self.stats["disk"]
-                self._host[key] = rows
-                self._host_bytes += entry[2]
-                self._shrink_host(keep=key)
-            st.hits += 1
-            st.loaded_bytes += _nbytes(rows)
-            st.load_s += time.perf_counter() - t0
-            return rows
-
-    def _shrink_host(self, keep: str | None = None) -> None:
-        while self._host_bytes > self.config.host_bytes and self._host:
-            key = next(iter(self._host))
-            if key == keep:
-                if len(self._host) == 1:
-                    break
-                self._host.move_to_end(key)
-                continue
-            rows = self._host.pop(key)
-            n = _nbytes(rows)
-            self._host_bytes -= n
-            self.stats["host"].evicted += 1
-            if self.config.disk_bytes and n <= self.config.disk_bytes:
-                path = os.path.join(self.config.disk_dir, key)
-                shapes = [[tuple(t.shape) for t in ts] for ts in rows]
-                with open(path, "wb") as f:
-                    for ts in rows:
-                        for t in ts:
-                            f.write(t.contiguous().numpy().tobytes())
-                self._disk[key] = (path, shapes, n)
-                self._disk_bytes += n
-                self.stats["disk"].stored += 1
-                while self._disk_bytes > self.config.disk_bytes:
-                    old, (old_path, _, m) = self._disk.popitem(last=False)
-                    os.unlink(old_path)
-                    self._disk_bytes -= m
-                    self.stats["disk"].evicted += 1
-
-    def held_bytes(self) -> tuple[int, int]:
-        with self._lock:
-            return self._host_bytes, self._disk_bytes
-
-    def close(self) -> None:
-        """Delete the disk tier's files (the tiers are a cache of this process's, not a store to keep)."""
-        with self._lock:
-            for path, _, _ in self._disk.values():
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            self._disk.clear()
-            self._host.clear()
-            self._host_bytes = self._disk_bytes = 0
+    seq: int
+    host_slots: tuple[int, ...]
+    promote: tuple[tuple[int, int], ...] = ()
+    tier: str = "host"
 
 
-def _read_file(path: str, shapes: list[list[tuple[int, ...]]], nbytes: int) -> Rows:
-    flat = torch.from_numpy(np.fromfile(path, dtype=np.uint8, count=nbytes))
-    out, at = [], 0
-    for group in shapes:
-        ts = []
-        for s in group:
-            n = math.prod(s)
-            ts.append(flat[at:at + n].view(s))
-            at += n
-        out.append(tuple(ts))
-    return tuple(out)
+class TierIndex:
+    """One rank's tiers as slots and LRUs (module docstring). Not thread-safe: the scheduler's thread owns it."""
+
+    def __init__(self, num_host: int, num_disk: int, block_bytes: int) -> None:
+        self.block_bytes = block_bytes
+        self.num_host, self.num_disk = num_host, num_disk
+        self.host: OrderedDict[bytes, int] = OrderedDict()  # key -> slot, least recently used first
+        self.disk: OrderedDict[bytes, int] = OrderedDict()
+        self._free_host = list(range(num_host - 1, -1, -1))
+        self._free_disk = list(range(num_disk - 1, -1, -1))
+        self._host_pins: Counter = Counter()  # host slot -> pins (a load reads it; a step's work writes it)
+        self._disk_pins: Counter = Counter()  # disk slot -> pins (a promotion reads it)
+        self._demotes: list[tuple[int, int]] = []
+        self._orphans: set[int] = set()  # host slots of dropped blocks, freed when their last pin goes
+        self.stats = {tier: TierStats() for tier in TIERS}
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.host or key in self.disk
+
+    # ------------------------------------------------------------------ slots
+    def _take_host_slot(self) -> int | None:
+        if self._free_host:
+            return self._free_host.pop()
+        for key, slot in self.host.items():  # least recently used first
+            if not self._host_pins[slot]:
+                del self.host[key]
+                self._count("host", evicted=1)
+                self._push_down(key, slot)
+                return slot
+        return None  # every host slot is pinned by work in flight
+
+    def _push_down(self, key: bytes, host_slot: int) -> None:
+        if not self.num_disk or key in self.disk:
+            return
+        if self._free_disk:
+            d = self._free_disk.pop()
+        else:
+            old = next((k for k, s in self.disk.items() if not self._disk_pins[s]), None)
+            if old is None:
+                return  # dropped: every disk slot is being read
+            d = self.disk.pop(old)
+            self._count("disk", evicted=1)
+        self.disk[key] = d
+        self._demotes.append((host_slot, d))
+        self._count("disk", stored=1)
+
+    def _count(self, tier: str, stored: int = 0, evicted: int = 0) -> None:
+        st = self.stats[tier]
+        st.stored += stored
+        st.stored_bytes += stored * self.block_bytes
+        st.evicted += evicted
+        st.held_bytes = len(self.host if tier == "host" else self.disk) * self.block_bytes
+
+    def pin(self, slots, n: int = 1) -> None:
+        for s in slots:
+            self._host_pins[s] += n
+            if self._host_pins[s] <= 0:
+                del self._host_pins[s]
+                if s in self._orphans:
+                    self._orphans.discard(s)
+                    self._free_host.append(s)
+
+    # ------------------------------------------------------------------ what the scheduler asks
+    def num_leading(self, keys, start: int) -> int:
+        """The end of the run of `keys` from `start` on that either tier holds."""
+        n = start
+        while n < len(keys) and keys[n] in self:
+            n += 1
+        return n
+
+    def store(self, key: bytes) -> int | None:
+        """The host slot (pinned) for a block the device pool just evicted, or None (held already, or no room)."""
+        if key in self.host:
+            self.host.move_to_end(key)
+            return None
+        if key in self.disk:
+            return None  # its bytes are there already
+        slot = self._take_host_slot()
+        if slot is None:
+            return None
+        self.host[key] = slot
+        self.pin([slot])
+        self._count("host", stored=1)
+        return slot
+
+    def plan_load(self, keys, seq: int) -> LoadPlan | None:
+        """Pinned slots for `keys` (module docstring), or None, changing nothing but pushes down already queued,
+        when one of them left the tiers or no host slot is free to stage a disk block in."""
+        if not all(k in self for k in keys):
+            return None
+        # Every slot read is pinned first, so staging a disk block (which may push a host block down, and that a
+        # disk block out) cannot take one of this load's own blocks.
+        slots = {i: self.host[k] for i, k in enumerate(keys) if k in self.host}
+        on_disk = {i: self.disk[k] for i, k in enumerate(keys) if i not in slots}
+        self.pin(slots.values())
+        for d in on_disk.values():
+            self._disk_pins[d] += 1
+        for k in keys:
+            if k in self.host:
+                self.host.move_to_end(k)
+        staged = []
+        for i in on_disk:
+            s = self._take_host_slot()
+            if s is None:  # undo: nothing of this load happens
+                self.pin(slots.values(), -1)
+                for d in on_disk.values():
+                    self._disk_pins[d] -= 1
+                self._free_host.extend(staged)
+                return None
+            staged.append(s)
+        promote = []
+        for i, s in zip(on_disk, staged):
+            slots[i] = s
+            self.pin([s])
+            promote.append((on_disk[i], s))
+        for i in on_disk:  # promoted: the host slot is theirs now (their disk slot once the load ends)
+            del self.disk[keys[i]]
+            self.host[keys[i]] = slots[i]
+        for tier in TIERS:
+            self._count(tier)
+        return LoadPlan(seq, tuple(slots[i] for i in range(len(keys))), tuple(promote),
+                        "disk" if promote else "host")
+
+    def load_ended(self, plan: LoadPlan, keys, ok: bool, seconds: float) -> None:
+        """Unpin a load's slots (its promoted disk slots go free); count it per tier; a failed load's promoted
+        blocks are dropped (their host slots may hold anything)."""
+        self.pin(plan.host_slots, -1)
+        for d, _ in plan.promote:
+            self._disk_pins[d] -= 1
+            if self._disk_pins[d] <= 0:
+                del self._disk_pins[d]
+            self._free_disk.append(d)
+        if not ok:
+            promoted = {h for _, h in plan.promote}
+            self.drop([k for k in keys if self.host.get(k) in promoted])
+            return
+        n_disk = len(plan.promote)
+        for tier, n in (("host", len(plan.host_slots) - n_disk), ("disk", n_disk)):
+            st = self.stats[tier]
+            st.hits += n
+            st.loaded_bytes += n * self.block_bytes
+        self.stats[plan.tier].load_s += seconds
+
+    def ops_ended(self, ops: StepOps, keys, demoted, ok: bool) -> None:
+        """A step's tier work reported: its written slots unpinned; failed, what it stored or pushed down is dropped
+        (`keys`: the saved blocks' keys, `demoted`: the pushed-down ones)."""
+        self.pin(ops.save_slots, -1)
+        if not ok:
+            self.drop(list(keys) + list(demoted))
+
+    def take_demotes(self) -> tuple[tuple[int, int], ...]:
+        out, self._demotes = tuple(self._demotes), []
+        return out
+
+    def drop(self, keys) -> None:
+        """Forget `keys` in both tiers; their slots go free (a pinned host slot once its last pin goes)."""
+        for k in keys:
+            s = self.host.pop(k, None)
+            if s is not None:
+                (self._orphans.add if self._host_pins[s] else self._free_host.append)(s)
+            d = self.disk.pop(k, None)
+            if d is not None and not self._disk_pins[d]:
+                self._free_disk.append(d)
+        for tier in TIERS:
+            self._count(tier)
+
+    def clear(self) -> None:
+        """Forget every block (the prefix cache was reset: the weights changed); pinned slots stay pinned."""
+        self.drop(list(self.host) + list(self.disk))
+
+    def check(self) -> None:
+        """AssertionError if a slot is lost or held twice (tests)."""
+        assert len(set(self.host.values())) == len(self.host) and not set(self.host.values()) & set(self._free_host)
+        assert len(self.host) + len(self._free_host) + len(self._orphans) == self.num_host, "a host slot is lost"
+        busy_disk = {d for d, n in self._disk_pins.items() if n > 0} - set(self.disk.values())
+        assert len(self.disk) + len(self._free_disk) + len(busy_disk) == self.num_disk, "a disk slot is lost"
 
 
-__all__ = ["OffloadConfig", "OffloadTiers", "TierStats", "block_keys"]
+__all__ = ["LoadPlan", "OffloadConfig", "StepOps", "TIERS", "TierIndex", "TierStats"]

@@ -1,96 +1,193 @@
-"""The KV offload tiers (engine/kv_transfer/offload.py, offload_tiers.py): a prompt whose prefix the device prefix
-cache has evicted is loaded back from host memory (or from disk, past the host tier's bytes) instead of
-recomputed; greedy outputs equal one engine without offload; the tiers stay within their bytes, LRU."""
+"""The KV offload tiers (engine/kv_transfer/offload*.py): blocks the device prefix cache evicts go to host memory
+(then disk), a prompt whose prefix was evicted loads them back instead of recomputing them, asynchronously (other
+requests keep stepping), and greedy outputs equal one engine without offload; an abort while loading frees every
+block and slot; the index's LRU, pins and push-downs; the flags and refusals."""
 from __future__ import annotations
 
+import argparse
 import os
+import threading
 
 import pytest
-import torch
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector, OffloadTiers
-from moelink.engine.kv_transfer.offload_tiers import block_keys
+from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
+from moelink.engine.kv_transfer.offload_store import TierStore
+from moelink.engine.kv_transfer.offload_tiers import TierIndex
+from moelink.scheduler.request import RequestStatus
 
 from tests.helpers.parity import prompts
 
-# 20 blocks of 4 tokens: the device prefix cache can hold one 40-token prompt and little else.
+# 20 blocks of 4 tokens: the device prefix cache holds one 40-token prompt and little else.
 KW = dict(dtype="float64", num_kv_blocks=20, block_size=4, max_num_batched_tokens=64, max_model_len=64,
           skip_warmup=True)
+BLOCK_BYTES = 2 * 4 * 2 * 16 * 8 * 2  # k and v, B=4, 2 kv heads x 16, float64, x 2 layers (qwen3_e6k3)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+LONG = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-def _run(llm, ps):
-    return [(o.outputs[0].token_ids, o.num_cached_tokens) for o in llm.generate(ps, GREEDY, use_tqdm=False)]
+def _run(llm, ps, params=GREEDY):
+    return [(o.outputs[0].token_ids, o.num_cached_tokens) for o in llm.generate(ps, params, use_tqdm=False)]
 
 
 @pytest.fixture(scope="module")
 def case(tiny_model):
     path = tiny_model("qwen3_e6k3")
     target, *others = prompts(200, seed=31, n=4, lo=40, hi=41)  # 40 tokens each: 10 blocks
+    side = prompts(200, seed=32, n=1, lo=6, hi=7)[0]
     with LLM(path, **KW) as llm:
         want = _run(llm, [target])[0][0]
-    return path, target, others, want
+        want_side = _run(llm, [side], LONG)[0][0]
+    return path, target, others, want, side, want_side
+
+
+def _idle(llm, conn):
+    """Every device block free and every tier slot unpinned (nothing leaked)."""
+    sched = llm.engine.schedulers[0]
+    index = conn._sides[0].index
+    index.check()
+    return sched.kv.pool.num_free_blocks == KW["num_kv_blocks"] and not +index._host_pins and not +index._disk_pins
 
 
 @pytest.mark.parametrize("tier", ["host", "disk"])
 def test_an_evicted_prefix_is_loaded_back_from_its_tier_not_recomputed(case, tier, tmp_path):
-    path, target, others, want = case
-    # "disk": a host tier of two blocks' bytes, so the target's blocks are pushed down to files as others arrive.
-    block_bytes = 2 * 4 * 2 * 16 * 8 * 2  # k and v, B=4, 2 kv heads x 16, float64, x 2 layers (qwen3_e6k3)
+    path, target, others, want, _, _ = case
+    # "disk": a host tier of 12 blocks, so the target's blocks are pushed down to the file as the others arrive.
     cfg = (OffloadConfig(host_bytes=1 << 30) if tier == "host"
-           else OffloadConfig(host_bytes=2 * block_bytes, disk_bytes=1 << 30, disk_dir=str(tmp_path / "kv")))
-    tiers = OffloadTiers(cfg)
-    with LLM(path, kv_connector=OffloadKVConnector(tiers), **KW) as llm:
-        assert _run(llm, [target]) == [(want, 0)]  # computed, written through to the tiers
-        for p in others:  # each fills the device pool: the target's blocks are evicted from the prefix cache
+           else OffloadConfig(host_bytes=12 * BLOCK_BYTES, disk_bytes=1 << 30, disk_dir=str(tmp_path / "kv")))
+    conn = OffloadKVConnector(cfg)
+    with LLM(path, kv_connector=conn, **KW) as llm:
+        assert _run(llm, [target]) == [(want, 0)]  # computed; its blocks stay in the device prefix cache
+        for p in others:  # each fills the device pool: the target's blocks are evicted, to the host tier
             _run(llm, [p])
         got = _run(llm, [target])
-    assert got[0][0] == want
-    assert got[0][1] == 39  # 10 blocks held below the device; the last prompt token computed here for its logits
-    assert tiers.stats[tier].hits == 10 and tiers.stats[tier].loaded_bytes > 0
+        assert _idle(llm, conn)
+        if tier == "disk":
+            assert len(os.listdir(tmp_path / "kv")) == 1  # one file per rank
+    stats = conn.offload_tier_stats()
+    assert got == [(want, 39)]  # 10 blocks from below the device; the last prompt token computed for its logits
+    assert stats[tier].hits > 0 and stats[tier].loaded_bytes == stats[tier].hits * BLOCK_BYTES
+    assert stats["host"].hits + stats["disk"].hits == 10 and stats["host"].stored >= 10
     if tier == "disk":
-        assert tiers.stats["host"].evicted > 0 and tiers.held_bytes()[0] <= 2 * block_bytes
-    tiers.close()
-    if tier == "disk":
-        assert os.listdir(tmp_path / "kv") == []
+        assert stats["host"].evicted > 0 and stats["disk"].stored > 0
+        assert os.listdir(tmp_path / "kv") == []  # deleted with the engine
 
 
-def test_the_tiers_are_lru_within_their_bytes_and_name_bad_settings(tmp_path):
-    def rows(v):
-        return ((torch.full((1, 4, 8), v, dtype=torch.uint8),),)  # 32 bytes
+@pytest.fixture
+def gated_load(monkeypatch):
+    """Loads wait on the loader thread for `gate`; `landed` is set once one has written its blocks."""
+    gate, landed = threading.Event(), threading.Event()
+    real = TierStore.load
 
-    tiers = OffloadTiers(OffloadConfig(host_bytes=64, disk_bytes=64, disk_dir=str(tmp_path)))
-    for k in "abcd":
-        tiers.put(k, rows(ord(k)))
-    # host holds c, d; b and a went to disk; then a is read back (promoted: d's... c goes down, a is on top)
-    assert tiers.held_bytes() == (64, 64) and tiers.num_leading(["a", "b", "c", "d", "e"]) == 4
-    assert torch.equal(tiers.get("a")[0][0], rows(ord("a"))[0][0]) and tiers.stats["disk"].hits == 1
-    tiers.put("e", rows(ord("e")))  # pushes the least recent down; disk's oldest is deleted
-    assert tiers.num_leading(["a"]) == 1 and tiers.stats["disk"].evicted >= 1
-    assert block_keys(list(range(9)), 4) == block_keys(list(range(8)) + [99], 4)  # full blocks only, chained
-    assert block_keys([1, 2, 3, 4, 5, 6, 7, 8], 4)[1] != block_keys([0, 2, 3, 4, 5, 6, 7, 8], 4)[1]
-    with pytest.raises(ValueError, match="host_bytes"):
-        OffloadConfig(host_bytes=0)
-    with pytest.raises(ValueError, match="disk_dir"):
-        OffloadConfig(disk_bytes=10)
-    tiers.close()
+    def load(self, *a):
+        assert gate.wait(60)
+        real(self, *a)
+        landed.set()
+
+    monkeypatch.setattr(TierStore, "load", load)
+    return gate, landed
 
 
-def test_the_serve_flags_build_the_offload_connector_for_one_engine_only(tmp_path):
-    import argparse
+def _evicted_target(case):
+    path, target, others, *_ = case
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
+    llm = LLM(path, kv_connector=conn, **KW)
+    _run(llm, [target])
+    for p in others:
+        _run(llm, [p])
+    return llm, conn
 
+
+def _step(llm, out):
+    for o in llm.engine.step():
+        out[o.request_id] = o.outputs[0].token_ids
+
+
+def test_a_load_runs_while_another_request_decodes_and_an_abort_while_loading_frees_everything(case, gated_load):
+    _, target, _, want, side, want_side = case
+    gate, landed = gated_load
+    llm, conn = _evicted_target(case)
+    with llm:
+        eng, sched = llm.engine, llm.engine.schedulers[0]
+        out: dict[str, list[int]] = {}
+        eng.add_request("side", side, LONG)
+        _step(llm, out)
+        eng.add_request("t", target, GREEDY)
+        for _ in range(4):  # the side request decodes while t's blocks are on their way
+            _step(llm, out)
+        assert sched.requests["t"].status is RequestStatus.WAITING_FOR_KV and len(out["side"]) >= 4
+        gate.set()
+        assert landed.wait(60)
+        while eng.has_requests():
+            _step(llm, out)
+        assert out["t"] == want and out["side"] == want_side
+
+        # Abort while loading: its blocks and slots come back once the thread is done.
+        for p in case[2]:  # the target out again (these load from the tiers themselves: the gate is open)
+            _run(llm, [p])
+        gate.clear(), landed.clear()
+        eng.add_request("t2", target, GREEDY)
+        _step(llm, out)
+        assert sched.requests["t2"].status is RequestStatus.WAITING_FOR_KV
+        eng.abort_requests(["t2"])
+        gate.set()
+        assert landed.wait(60)
+        for _ in range(3):
+            _step(llm, out)
+        assert _idle(llm, conn) and not eng.has_requests()
+
+
+def test_the_index_is_lru_within_its_slots_with_pins_and_push_downs():
+    ix = TierIndex(2, 2, 10)
+    a, b, c, d, e = (bytes([i]) * 32 for i in range(5))
+    assert ix.store(a) == 0 and ix.store(b) == 1
+    assert ix.store(c) is None  # both host slots are pinned until the step's work is reported
+    ix.pin([0, 1], -1)
+    assert ix.store(c) == 0 and ix.take_demotes() == ((0, 0),)  # a pushed down to disk slot 0 first
+    assert a in ix.disk and c in ix.host and ix.num_leading([c, b, a, d], 0) == 3
+    ix.pin([0], -1)
+    plan = ix.plan_load([b, a], seq=1)  # a is staged from disk into a host slot (c's: pushed down)
+    assert plan.tier == "disk" and plan.promote == ((0, plan.host_slots[1]),) and ix.take_demotes() == ((0, 1),)
+    assert ix.store(d) is None  # every host slot is read by the load
+    ix.load_ended(plan, [b, a], True, 0.5)
+    assert ix.stats["disk"].hits == 1 and ix.stats["host"].hits == 1 and ix.stats["disk"].load_s == 0.5
+    ix.check()
+    assert ix.store(d) is not None and ix.store(e) is not None  # the disk tier drops its oldest past 2 slots
+    assert ix.plan_load([a, bytes(32)], seq=2) is None  # a block left the tiers: nothing pinned
+    ix.clear()
+    ix.check()
+    assert not ix.host and not ix.disk
+
+
+def test_the_flags_and_the_refusals_each_name_what_is_wrong(tmp_path):
     from moelink.engine.api.kv_args import add_role_args, role_from_args
 
     p = argparse.ArgumentParser()
     add_role_args(p)
-    role = role_from_args(p.parse_args(["--kv-offload-host-bytes", "1000", "--kv-offload-disk-bytes", "2000",
-                                        "--kv-offload-dir", str(tmp_path / "d")]), 1)
-    conn = role.connector()
-    assert isinstance(conn, OffloadKVConnector) and conn.tiers.config.disk_bytes == 2000 and role.kv_role == ""
-    assert os.path.isdir(tmp_path / "d")
-    with pytest.raises(ValueError, match="^--kv-offload-host-bytes is invalid with --role"):
-        role_from_args(p.parse_args(["--role", "decode", "--kv-offload-host-bytes", "1000"]), 1)
-    with pytest.raises(ValueError, match="disk_dir"):
-        role_from_args(p.parse_args(["--kv-offload-host-bytes", "1000", "--kv-offload-disk-bytes", "5"]), 1)
-    assert role_from_args(p.parse_args([]), 1).connector() is None
+
+    def role(*argv):
+        return role_from_args(p.parse_args(list(argv)), 1)
+
+    conn = role("--kv-offload-host-bytes", "1000", "--kv-offload-disk-bytes", "2000",
+                "--kv-offload-dir", str(tmp_path / "d")).connector()
+    assert isinstance(conn, OffloadKVConnector) and conn.config.disk_bytes == 2000
+    assert role().connector() is None
+    for argv, msg in [(["--role", "decode", "--kv-offload-host-bytes", "1000"], "an engine takes one KV connector"),
+                      (["--kv-offload-host-bytes", "0"], r"^--kv-offload-host-bytes=0 is invalid"),
+                      (["--kv-offload-host-bytes", "9", "--kv-offload-disk-bytes", "-1"], "disk-bytes=-1"),
+                      (["--kv-offload-host-bytes", "9", "--kv-offload-disk-bytes", "5"], "needs --kv-offload-dir"),
+                      (["--kv-offload-host-bytes", "9", "--kv-offload-dir", "x"], "without --kv-offload-disk-bytes"),
+                      (["--kv-offload-disk-bytes", "5"], "without --kv-offload-host-bytes"),
+                      (["--kv-offload-host-bytes", "9", "--kv-offload-disk-bytes", "5", "--kv-offload-dir",
+                        __file__], "not a directory")]:
+        with pytest.raises(ValueError, match=msg):
+            role(*argv)
+    with pytest.raises(ValueError, match="must hold at least one"):
+        OffloadConfig(host_bytes=100).num_slots(4096)
+
+    class StateKV:  # a linear-attention model's cache manager (scheduler/hybrid_cache.py) has state slots
+        def state_slot(self, request_id):
+            return 0
+
+    with pytest.raises(ValueError, match="sliding-window table or per-sequence state"):
+        OffloadKVConnector(OffloadConfig(host_bytes=1)).scheduler_side(0).bind(StateKV())

@@ -1,0 +1,112 @@
+"""The KV offload tiers' bytes on one rank (the worker half of engine/kv_transfer/offload.py; the scheduler's
+engine/kv_transfer/offload_tiers.py decides which slot holds what): host memory and one disk file, both
+allocated once, when the rank's first tier work arrives, and sized by the flags in whole blocks.
+
+A slot holds one block of every cache tensor of the rank: per tensor a host buffer uint8 [S, R_j] (S slots, R_j
+that tensor's bytes per block: B tokens x its row), pinned on CUDA so copies to and from the device do not stage,
+plain on CPU. The disk tier is one file of D slots of `block_bytes` each (the tensors' rows one after another),
+read and written with pread/pwrite at the slot's offset: no pickle, no file per block. The file is created 0600
+in the directory (made 0700) and deleted when the rank closes: the tiers are a cache of this process.
+
+Only a cache whose every group is read with the request's one full-attention table can be offloaded: a
+sliding-window table's or a per-sequence state's group is refused (`check_offloadable`).
+
+Legend: N blocks, S host slots, D disk slots, R bytes of one tensor per block.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moelink.scheduler.outputs import KVTransfer
+
+from .blocks import FULL, PagedKVBlocks
+from .offload_tiers import OffloadConfig
+
+
+def check_offloadable(kv: PagedKVBlocks) -> None:
+    """ValueError unless every group of the rank's cache is a full-attention one (module docstring)."""
+    kinds = sorted({kind for _, kind in kv.groups if kind != FULL})
+    if kinds:
+        raise ValueError(f"KV offload cannot serve this model: its cache has {' and '.join(kinds)} groups (a "
+                         "sliding-window table or per-sequence state), which the offload tiers do not key.")
+
+
+def block_bytes_of(kv: PagedKVBlocks) -> int:
+    """Bytes of one block across the rank's cache tensors."""
+    return sum(x[0].numel() * x.element_size() for ts, _ in kv.groups for x in ts)
+
+
+class TierStore:
+    """One rank's host slots and disk file (module docstring)."""
+
+    def __init__(self, kv: PagedKVBlocks, config: OffloadConfig, rank: int) -> None:
+        check_offloadable(kv)
+        self.tensors = [x for ts, _ in kv.groups for x in ts]
+        self.row_bytes = [x[0].numel() * x.element_size() for x in self.tensors]
+        self.block_bytes = sum(self.row_bytes)
+        self.num_host, self.num_disk = config.num_slots(self.block_bytes)
+        pin = kv.device.type == "cuda"
+        # Allocated once: every slot of the tier (a CPU tensor is not touched until written).
+        self.host_SR = [torch.empty((self.num_host, r), dtype=torch.uint8, pin_memory=pin) for r in self.row_bytes]
+        self.path, self._fd = None, -1
+        if self.num_disk:
+            os.makedirs(config.disk_dir, mode=0o700, exist_ok=True)
+            self.path = os.path.join(config.disk_dir, f"moelink-kv-{os.getpid()}-rank{rank}.bin")
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(self._fd, self.num_disk * self.block_bytes)  # sparse: disk is used as slots fill
+
+    def _slot_views(self, s: int):
+        """Slot s's bytes per tensor, as numpy views (for pread/pwrite)."""
+        return [buf[s].numpy() for buf in self.host_SR]
+
+    def demote(self, pairs) -> None:
+        """Host slot -> disk slot, for each (host slot, disk slot)."""
+        for s, d in pairs:
+            os.pwritev(self._fd, self._slot_views(s), d * self.block_bytes)
+
+    def promote(self, pairs) -> None:
+        """Disk slot -> host slot, for each (disk slot, host slot)."""
+        for d, s in pairs:
+            n = os.preadv(self._fd, self._slot_views(s), d * self.block_bytes)
+            if n != self.block_bytes:
+                raise OSError(f"KV offload: disk slot {d} gave {n} of {self.block_bytes} bytes")
+
+    def save(self, kv: PagedKVBlocks, blocks, slots) -> None:
+        """Device blocks `blocks` -> host slots `slots` (on CUDA a blocking device-to-host copy: it runs before the
+        step's forward, which would overwrite the blocks)."""
+        if not blocks:
+            return
+        saved = kv.read(KVTransfer(0, "", list(blocks), len(blocks) * kv.block_size))
+        slots_N = torch.tensor(list(slots), dtype=torch.long)
+        rows = [r for _, ts in saved.groups for r in ts]
+        for buf, r in zip(self.host_SR, rows):
+            buf.index_copy_(0, slots_N, r.reshape(len(blocks), -1))
+
+    def load(self, kv: PagedKVBlocks, t: KVTransfer, slots) -> None:
+        """Host slots `slots` -> the request's blocks from `t.first_block` on (the copy is enqueued on the current
+        stream: the caller's side stream on CUDA)."""
+        slots_N = torch.tensor(list(slots), dtype=torch.long)
+        idx = list(range(t.first_block, t.first_block + len(slots)))
+        j = 0
+        for g, (tensors, _) in enumerate(kv.groups):
+            rows = []
+            for x in tensors:
+                u8 = x.view(torch.uint8)
+                rows.append(self.host_SR[j].index_select(0, slots_N).view(len(slots), *u8.shape[1:]))
+                j += 1
+            kv.write_group(g, t, idx, tuple(rows))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self.host_SR = []
+
+
+__all__ = ["TierStore", "block_bytes_of", "check_offloadable"]
