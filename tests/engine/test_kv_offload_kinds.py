@@ -1,0 +1,48 @@
+"""The KV offload tiers for every KV kind they serve: MLA's latent and an fp8 cache (GQA's k and v:
+test_kv_offload.py) evicted to host memory and loaded back, greedy outputs equal to one engine without offload;
+and a model whose full and sliding layers share tensors (gpt-oss) refused with one line at start."""
+from __future__ import annotations
+
+import pytest
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
+from moelink.scheduler.kv_cache_manager import KVCacheManager
+
+from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
+from tests.helpers.parity import prompts
+
+KW = dict(dtype="float64", num_kv_blocks=20, block_size=4, max_num_batched_tokens=64, max_model_len=64,
+          skip_warmup=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+
+def _tokens(llm, p):
+    o = llm.generate([p], GREEDY, use_tqdm=False)[0]
+    return o.outputs[0].token_ids, o.num_cached_tokens
+
+
+@pytest.mark.parametrize("kind", ["mla", "fp8"])
+def test_an_evicted_prefix_of_every_kv_kind_loads_back(kind, hf_tiny_model):
+    path = hf_tiny_model("dsv3_lora" if kind == "mla" else "glm_bias")
+    kw = dict(KW, kv_cache_dtype="fp8") if kind == "fp8" else KW
+    target, *others = prompts(200, seed=41, n=4, lo=40, hi=41)
+    with LLM(path, **kw) as llm:
+        want = _tokens(llm, target)[0]
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
+    with LLM(path, kv_connector=conn, **kw) as llm:
+        _tokens(llm, target)
+        for p in others:
+            _tokens(llm, p)
+        assert _tokens(llm, target) == (want, 39)
+        assert llm.engine.schedulers[0].kv.pool.num_free_blocks == KW["num_kv_blocks"]
+    assert conn.offload_tier_stats()["host"].hits == 10
+
+
+def test_a_model_with_a_sliding_table_is_refused_at_start(tmp_path):
+    path = save_gpt_oss(tmp_path / "gpt_oss", num_hidden_layers=2)
+    with pytest.raises(ValueError, match="cannot serve this model: its cache keeps a sliding-window table"):
+        LLM(path, kv_connector=OffloadKVConnector(OffloadConfig(host_bytes=1 << 30)), **KW)
+    kv = KVCacheManager(8, 4, enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="needs prefix caching"):
+        OffloadKVConnector(OffloadConfig(host_bytes=1)).scheduler_side(0).bind(kv)
