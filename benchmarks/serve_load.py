@@ -7,7 +7,11 @@
     moelink bench-serve --model tiny-model          # the same, from the CLI
 
 Workload: random prompts of --input-len token ids, exactly --output-len new
-tokens each (EOS ignored), greedy, streamed. Levels: one closed loop per
+tokens each (EOS ignored), greedy, streamed. With --prefix-reuse R, a fraction R
+of the prompts begin with one of --num-prefixes shared prefixes of --prefix-len
+tokens (drawn uniformly, the same for the whole run; the rest of the prompt is
+new), so the server's prefix cache, and its KV offload tiers when it has them
+(`moelink serve --kv-offload-host-bytes`), serve them. Levels: one closed loop per
 --concurrency value (C clients, each sending its next request when the last
 one finished; max(--num-requests, 4·C) requests) and one open loop per
 --rates value (Poisson arrivals at that many requests/s; max(--num-requests,
@@ -17,6 +21,10 @@ Per level: TTFT (send → first token), ITL (gap between streamed tokens; a
 message with k tokens counts as k gaps of 1/k of its wait), TPOT, end-to-end
 latency (p50/p90/p99, ms), request and token throughput, and goodput: the
 requests/s that met every SLO (--slo-ttft-ms, --slo-tpot-ms, --slo-e2e-ms).
+With a metrics URL (--metrics-url, or the started server's own), each level also
+reports what it did to the device prefix cache (hit rate) and to each offload
+tier (blocks stored, loaded back and their bytes and seconds, evictions: the
+difference of two scrapes, benchmarks/offload_metrics.py), beside its TTFT.
 Writes JSON and a PNG plot: by default a fresh, git-ignored
 benchmarks/runs/serve_load_<device>_<UTC time>.*, so a run never overwrites
 the committed results; `--out benchmarks/results/serve_load_cpu.json` is how
@@ -42,6 +50,7 @@ from moelink.engine.api.provenance import git_commit as _git_commit
 
 from .server_process import free_port, start_server, stop_server
 from .serve_pd import PDLevels, split_text
+from .offload_metrics import offload_delta, offload_text, scrape_offload
 from .spec_metrics import level_delta, scrape
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed: written only when --out names it
@@ -69,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=64, help="requests per level")
     p.add_argument("--input-len", type=int, default=32, help="prompt token ids per request")
     p.add_argument("--output-len", type=int, default=32, help="new tokens per request (EOS ignored)")
+    p.add_argument("--prefix-reuse", type=float, default=0.0,
+                   help="fraction of requests whose prompt begins with a shared prefix, [0, 1]")
+    p.add_argument("--prefix-len", type=int, default=16, help="tokens of each shared prefix (below --input-len)")
+    p.add_argument("--num-prefixes", type=int, default=4,
+                   help="shared prefixes, drawn uniformly (more than the device cache holds exercises the offload "
+                        "tiers)")
     p.add_argument("--slo-ttft-ms", type=float, default=250.0, help="goodput SLO on time to first token")
     p.add_argument("--slo-tpot-ms", type=float, default=50.0, help="goodput SLO on time per output token")
     p.add_argument("--slo-e2e-ms", type=float, default=None, help="goodput SLO on end-to-end latency (default: none)")
@@ -87,8 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "is split into prefill, transfer (from --metrics-url: the decode server's) and first decode")
     p.add_argument("--metrics-url", default=None,
                    help="a running server's Prometheus endpoint (http://HOST:PORT/metrics), scraped around each "
-                        "level for speculative decoding's acceptance (default: none; with --model, the started "
-                        "server's own)")
+                        "level for speculative decoding's acceptance and the prefix cache's and offload tiers' "
+                        "counters (default: none; with --model, the started server's own)")
 
 
 def output_path(out: Optional[str], device: str, now: Optional[datetime] = None) -> Path:
@@ -248,9 +263,17 @@ async def _run_all(ns, target: str) -> dict:
         vocab = info.vocab_size
         specials = set(info.eos_token_ids)
 
+        def tokens(n):
+            return [t for t in (rng.randrange(vocab) for _ in range(n * 2)) if t not in specials][:n]
+
+        shared = [tokens(ns.prefix_len) for _ in range(ns.num_prefixes)] if ns.prefix_reuse else []
+
         def prompts(n):
-            return [[t for t in (rng.randrange(vocab) for _ in range(ns.input_len * 2)) if t not in specials][: ns.input_len]
-                    for _ in range(n)]
+            out = []
+            for _ in range(n):
+                head = rng.choice(shared) if shared and rng.random() < ns.prefix_reuse else []
+                out.append(head + tokens(ns.input_len - len(head)))
+            return out
 
         client = _Client(channel, ns.protocol, ns.api_key, ns.timeout_s)
         pd = PDLevels(ns, options)  # --prefill-target: two legs per request, TTFT split (benchmarks/serve_pd.py)
@@ -258,21 +281,23 @@ async def _run_all(ns, target: str) -> dict:
         await _closed_loop(client, prompts(4), ns.output_len, 4, "warmup")
         slo = dict(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2e_ms=ns.slo_e2e_ms)
         levels = []
-        spec = _SpecScrapes(None if pd.on else ns.metrics_url)
+        url = None if pd.on else ns.metrics_url
+        spec = _Scrapes(url, "speculative", scrape, level_delta)
+        offload = _Scrapes(url, "offload", scrape_offload, offload_delta)
         try:
             for c in _levels(ns.concurrency, int):
                 t = time.perf_counter()
-                spec.begin(), pd.begin()
+                spec.begin(), offload.begin(), pd.begin()
                 res = await _closed_loop(client, prompts(max(ns.num_requests, 4 * c)), ns.output_len, c, f"c{c}")
                 levels.append(dict(mode="closed_loop", concurrency=c, **summarize(res, ns.input_len, slo),
-                                   **spec.end(), **pd.end(res)))
+                                   **spec.end(), **offload.end(), **pd.end(res)))
                 print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
             for r in _levels(ns.rates, float):
                 t = time.perf_counter()
-                spec.begin(), pd.begin()
+                spec.begin(), offload.begin(), pd.begin()
                 res = await _poisson(client, prompts(max(ns.num_requests, int(2 * r))), ns.output_len, r, rng, f"r{r:g}")
                 levels.append(dict(mode="poisson", rate=r, **summarize(res, ns.input_len, slo), **spec.end(),
-                                   **pd.end(res)))
+                                   **offload.end(), **pd.end(res)))
                 print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
         finally:
             await pd.close()
@@ -282,21 +307,23 @@ async def _run_all(ns, target: str) -> dict:
                     slo=slo)
 
 
-class _SpecScrapes:
-    """Speculative decoding's counters around one level (benchmarks/spec_metrics.py); nothing without a URL."""
+class _Scrapes:
+    """One set of the server's counters around one level, as `key` of the level's report: `read(url)` before and
+    after, `delta(before, after)` (None: nothing to report); nothing without a URL. Speculative decoding's
+    (benchmarks/spec_metrics.py), the prefix cache's and offload tiers' (benchmarks/offload_metrics.py)."""
 
-    def __init__(self, url: Optional[str]):
-        self.url, self.before = url, None
+    def __init__(self, url: Optional[str], key: str, read, delta):
+        self.url, self.key, self.read, self.delta, self.before = url, key, read, delta, None
 
     def begin(self) -> None:
         if self.url is not None:
-            self.before = scrape(self.url)
+            self.before = self.read(self.url)
 
     def end(self) -> dict:
         if self.url is None:
             return {}
-        delta = level_delta(self.before, scrape(self.url))
-        return {} if delta is None else dict(speculative=delta)
+        d = self.delta(self.before, self.read(self.url))
+        return {} if d is None else {self.key: d}
 
 
 def _row(lv: dict) -> str:
@@ -309,19 +336,44 @@ def _row(lv: dict) -> str:
             + (f"  errors {lv['errors']}" if lv["errors"] else "")
             + (f"  spec: {lv['speculative']['mean_accepted_length']:.2f} tok/step, "
                f"{lv['speculative']['acceptance_rate']:.0%} accepted" if "speculative" in lv else "")
-            + split_text(lv))
+            + offload_text(lv) + split_text(lv))
 
 
 def markdown_table(result: dict) -> str:
     lines = ["| load | req/s | output tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | E2E p50 / p99 (ms) | goodput req/s |",
              "|---|---|---|---|---|---|---|"]
     for lv in result["levels"]:
-        name = f"{lv['concurrency']} concurrent" if lv["mode"] == "closed_loop" else f"Poisson {lv['rate']:g} req/s"
-        lines.append(f"| {name} | {lv['request_throughput']:.1f} | {lv['output_token_throughput']:.0f} | "
+        lines.append(f"| {_level_name(lv)} | {lv['request_throughput']:.1f} | {lv['output_token_throughput']:.0f} | "
                      f"{lv['ttft_ms']['p50']:.1f} / {lv['ttft_ms']['p99']:.1f} | {lv['itl_ms']['p50']:.2f} / "
                      f"{lv['itl_ms']['p99']:.2f} | {lv['e2e_ms']['p50']:.1f} / {lv['e2e_ms']['p99']:.1f} | "
                      f"{lv['goodput']:.1f} ({lv['goodput_fraction']:.0%}) |")
-    return "\n".join(lines)
+    return "\n".join(lines + offload_table(result))
+
+
+def _level_name(lv: dict) -> str:
+    return f"{lv['concurrency']} concurrent" if lv["mode"] == "closed_loop" else f"Poisson {lv['rate']:g} req/s"
+
+
+def offload_table(result: dict) -> list[str]:
+    """The levels' prefix cache and offload tiers beside their TTFT (none when the server reported no tiers)."""
+    lvs = [lv for lv in result["levels"] if lv.get("offload")]
+    if not lvs:
+        return []
+    tiers = sorted({t for lv in lvs for t in lv["offload"]["tiers"]}, key=lambda t: (t != "host", t))
+    lines = ["", "| load | TTFT p50 / p99 (ms) | device prefix hits | "
+             + " | ".join(f"{t}: blocks loaded, MiB, ms/block, stored, evicted" for t in tiers) + " |",
+             "|---|---|---|" + "---|" * len(tiers)]
+    for lv in lvs:
+        o, cells = lv["offload"], []
+        for t in tiers:
+            d = o["tiers"].get(t, {})
+            per = d.get("load_ms_per_block")
+            cells.append(f"{d.get('hits', 0):.0f}, {d.get('load_bytes', 0) / 2**20:.2f}, "
+                         f"{'-' if per is None else f'{per:.3f}'}, {d.get('stored_blocks', 0):.0f}, "
+                         f"{d.get('evictions', 0):.0f}")
+        lines.append(f"| {_level_name(lv)} | {lv['ttft_ms']['p50']:.1f} / {lv['ttft_ms']['p99']:.1f} | "
+                     f"{o['device_prefix_hit_rate']:.0%} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -362,6 +414,12 @@ def run_from_args(ns: argparse.Namespace) -> int:
         raise ValueError("give --target HOST:PORT (a running server) or --model DIR (start one for the run).")
     if ns.num_requests < 1 or ns.input_len < 1 or ns.output_len < 1:
         raise ValueError("--num-requests, --input-len and --output-len must be positive.")
+    if not 0 <= ns.prefix_reuse <= 1:
+        raise ValueError(f"--prefix-reuse={ns.prefix_reuse} must be in [0, 1] (the fraction of requests that begin "
+                         "with a shared prefix).")
+    if ns.prefix_reuse and not (1 <= ns.prefix_len < ns.input_len and ns.num_prefixes >= 1):
+        raise ValueError(f"--prefix-len={ns.prefix_len} must be in [1, --input-len={ns.input_len}) and "
+                         f"--num-prefixes={ns.num_prefixes} >= 1 with --prefix-reuse.")
     if ns.api_key is None:
         ns.api_key = os.environ.get("MOELINK_API_KEY")
     t0 = time.perf_counter()
@@ -383,6 +441,7 @@ def run_from_args(ns: argparse.Namespace) -> int:
     device = result["device"]
     result["config"] = dict(protocol=ns.protocol, input_len=ns.input_len, output_len=ns.output_len,
                             num_requests=ns.num_requests, concurrency=ns.concurrency, rates=ns.rates,
+                            prefix_reuse=ns.prefix_reuse, prefix_len=ns.prefix_len, num_prefixes=ns.num_prefixes,
                             serve_args=ns.serve_args, target=ns.target or "started with --model")
     result["meta"] = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), commit=_git_commit(),
                           host=platform.node(), cpu_count=os.cpu_count(), python=platform.python_version(),

@@ -27,7 +27,7 @@ from .metrics_server import BoundedMetricsServer, start_metrics_server as _start
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-# One offload load (host memory: a copy of a block's rows; disk: a file read): tens of microseconds to seconds.
+# One offload load (a request's blocks: copies from host memory, or a disk read first): microseconds to seconds.
 _OFFLOAD_LOAD_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 OFFLOAD_TIERS = ("host", "disk")  # the `tier` label's values, highest first
 _THROUGHPUT_WINDOW_S = 10.0
@@ -59,8 +59,8 @@ class EngineMetrics:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for the tokens/s gauge
         self._lock = threading.Lock()
         # Observed by the KV connector's offload tiers as each load ends (attach hands it `observe_offload_load`).
-        self.offload_load = Histogram("moelink_kv_offload_load_seconds", "Seconds one load from an offload tier "
-                                      "took (host: a copy; disk: a file read), per tier.", ["tier"],
+        self.offload_load = Histogram("moelink_kv_offload_load_seconds", "Seconds each load from an offload tier "
+                                      "took (a request's blocks found there, copied back to the device), per tier.", ["tier"],
                                       buckets=_OFFLOAD_LOAD_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(self))
 

@@ -3,7 +3,6 @@ serving with host and disk tiers shows each tier's stored blocks, hits, bytes, e
 moving over HTTP as a prefix is evicted from the device and loaded back, and the numbers are the tiers' own."""
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import pytest
@@ -11,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.core.metrics import EngineMetrics, OffloadLoadObserved, OffloadStatsSource, start_metrics_server
-from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector, OffloadTiers
+from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
 
 from tests.helpers.parity import prompts
 
@@ -19,31 +18,6 @@ KW = dict(dtype="float64", num_kv_blocks=20, block_size=4, max_num_batched_token
           skip_warmup=True)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
 BLOCK_BYTES = 2 * 4 * 2 * 16 * 8 * 2  # k and v, B=4, 2 kv heads x 16, float64, x 2 layers (qwen3_e6k3)
-
-
-class _TimedTiers(OffloadTiers):
-    """Reports each load's tier and seconds (the offload connector's side of `OffloadLoadObserved`)."""
-
-    observer = None
-
-    def get(self, key):
-        before = {t: s.hits for t, s in self.stats.items()}
-        t0 = time.perf_counter()
-        rows = super().get(key)
-        if rows is not None and self.observer is not None:
-            tier = next(t for t, s in self.stats.items() if s.hits > before[t])
-            self.observer(tier, time.perf_counter() - t0)
-        return rows
-
-
-class _Connector(OffloadKVConnector):
-    """The offload connector with the two methods engine/core/metrics.py reads (the lines its owner adds)."""
-
-    def offload_tier_stats(self):
-        return self.tiers.stats
-
-    def observe_offload_loads(self, observer):
-        self.tiers.observer = observer
 
 
 def _scrape(url: str) -> dict:
@@ -59,9 +33,9 @@ def _tier(m: dict, name: str, tier: str) -> float:
 def test_served_engine_shows_each_offload_tier_moving(tiny_model, tmp_path):
     path = tiny_model("qwen3_e6k3")
     target, *others = prompts(200, seed=31, n=4, lo=40, hi=41)  # 40 tokens: 10 blocks, half the device pool
-    # A host tier of two blocks: the target's blocks go down to disk as the others arrive.
-    tiers = _TimedTiers(OffloadConfig(host_bytes=2 * BLOCK_BYTES, disk_bytes=1 << 30, disk_dir=str(tmp_path / "kv")))
-    kvc = _Connector(tiers)
+    # A host tier of 12 blocks: the target's blocks are pushed down to disk as the others arrive.
+    kvc = OffloadKVConnector(OffloadConfig(host_bytes=12 * BLOCK_BYTES, disk_bytes=1 << 30,
+                                           disk_dir=str(tmp_path / "kv")))
     assert isinstance(kvc, OffloadStatsSource) and isinstance(kvc, OffloadLoadObserved)
     with LLM(path, kv_connector=kvc, **KW) as llm:
         metrics = EngineMetrics()
@@ -69,16 +43,18 @@ def test_served_engine_shows_each_offload_tier_moving(tiny_model, tmp_path):
         httpd = start_metrics_server(metrics.registry, "127.0.0.1", 0)
         try:
             url = f"http://127.0.0.1:{httpd.server_port}/metrics"
-            llm.generate([{"prompt_token_ids": p} for p in [target, *others]], GREEDY, use_tqdm=False)
+            for p in [target, *others]:  # one at a time: each evicts the one before from the device
+                llm.generate([{"prompt_token_ids": p}], GREEDY, use_tqdm=False)
             before = _scrape(url)
             out = llm.generate([{"prompt_token_ids": target}], GREEDY, use_tqdm=False)[0]
             after = _scrape(url)
         finally:
             httpd.close()
     assert out.num_cached_tokens == 39  # loaded back, not recomputed
-    host, disk = tiers.stats["host"], tiers.stats["disk"]
-    # Before the reload: stored and pushed down, nothing found yet.
-    assert _tier(before, "moelink_kv_offload_stored_blocks_total", "host") >= 40
+    stats = kvc.offload_tier_stats()
+    host, disk = stats["host"], stats["disk"]
+    # Before the reload: the evicted blocks stored and pushed down, nothing found yet.
+    assert _tier(before, "moelink_kv_offload_stored_blocks_total", "host") >= 10
     assert _tier(before, "moelink_kv_offload_block_evictions_total", "host") > 0
     assert _tier(before, "moelink_kv_offload_stored_blocks_total", "disk") > 0
     assert _tier(before, "moelink_kv_offload_block_hits_total", "disk") == 0
@@ -89,13 +65,19 @@ def test_served_engine_shows_each_offload_tier_moving(tiny_model, tmp_path):
         assert _tier(after, "moelink_kv_offload_stored_blocks_total", t) == st.stored
         assert _tier(after, "moelink_kv_offload_block_evictions_total", t) == st.evicted
         assert _tier(after, "moelink_kv_offload_load_time_seconds_total", t) == pytest.approx(st.load_s)
-        assert _tier(after, "moelink_kv_offload_load_seconds_count", t) == st.hits
+        assert _tier(after, "moelink_kv_offload_store_bytes_total", t) == st.stored_bytes
+        assert _tier(after, "moelink_kv_offload_held_bytes", t) == st.held_bytes
     assert host.hits + disk.hits == 10 and disk.hits > 0
     assert _tier(after, "moelink_kv_offload_load_bytes_total", "disk") > 0
+    # The histogram: observed as each load from a tier is reported (the connector's `observe_offload_loads`).
+    assert _tier(before, "moelink_kv_offload_load_seconds_count", "disk") == 0
+    assert _tier(after, "moelink_kv_offload_load_seconds_count", "disk") >= 1
+    for t in ("host", "disk"):  # the histogram's seconds are the counter's
+        assert _tier(after, "moelink_kv_offload_load_seconds_sum", t) == pytest.approx(
+            _tier(after, "moelink_kv_offload_load_time_seconds_total", t))
     assert _tier(after, "moelink_kv_offload_load_seconds_sum", "disk") > 0
     # The device prefix cache's own series beside them (its hits: the reloaded blocks join it).
     assert after[("moelink_prefix_cache_queries_total", ())] > before[("moelink_prefix_cache_queries_total", ())]
-    tiers.close()
 
 
 def test_offload_series_read_optional_fields_and_stay_off_without_tiers():
