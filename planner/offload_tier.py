@@ -5,19 +5,19 @@ time-to-first-token against recomputing the prefix.
 Workload (`OffloadWorkload`): each prompt starts with one of `distinct_prefixes` shared prefixes of
 `prefix_reuse` x input_len tokens (a system prompt, an agent's tools, a chat history), drawn uniformly; the rest
 of the prompt is new. Tiers, per GPU: each DP-attention rank has its own prefix cache and its own tiers, as each
-moelink engine does (engine/kv_transfer/offload.py), and a router sends a prefix to the rank that holds it.
+rank of a moelink engine does (engine/kv_transfer/offload.py), and a router sends a prefix to the rank that holds it.
 
     device  the HBM the weights and the running batch's KV leave (step_model.kv_budget_bytes)
-    host    `host_bytes` of pinned host memory, written through when a prompt is prefilled (it also holds what the
-            device holds) and loaded back over the GPU's host link (kv_handoff.HOST_LINK_GBPS: PCIe 5.0 x16 on
-            HGX, NVLink-C2C on Grace Blackwell)
+    host    `host_bytes` of pinned host memory, what the device prefix cache evicted (engine/kv_transfer/offload.py),
+            loaded back over the GPU's host link (kv_handoff.HOST_LINK_GBPS: PCIe 5.0 x16 on HGX, NVLink-C2C on
+            Grace Blackwell)
     disk    `disk_bytes` of local NVMe, what the host tier pushed out; read at `disk_gbps` per GPU (assumed: one
             NVMe drive's sequential read per GPU, 8 drives on an HGX node) and then copied in over the host link
 
 Where a reused prefix is found: with uniform reuse over W = distinct_prefixes x prefix tokens and LRU tiers, a
 tier holding C of those tokens has a prefix with probability min(1, C / W) (the independent-reference
-approximation of LRU). The host tier includes the device's, the disk tier excludes the host's, so
-P(device) = min(1, D/W), P(device or host) = min(1, max(D, H)/W), P(found) = min(1, max(D, H + K)/W).
+approximation of LRU). Each tier holds what the one above pushed out, so their room adds up:
+P(device) = min(1, D/W), P(device or host) = min(1, (D + H)/W), P(found) = min(1, (D + H + K)/W).
 
 What a prefix of P tokens costs (bytes = P x the KV bytes per token of every layer):
 
@@ -104,8 +104,8 @@ def tier_plan(w: OffloadWorkload, prefix_tokens: int, kv_bytes_per_token: float,
     def found(tokens: float) -> float:
         return 1.0 if working == 0 else min(1.0, tokens / working)
 
-    reach = {"device": found(held["device"]), "host": found(max(held["device"], held["host"])),
-             "disk": found(max(held["device"], held["host"] + held["disk"]))}
+    reach = {"device": found(held["device"]), "host": found(held["device"] + held["host"]),
+             "disk": found(held["device"] + held["host"] + held["disk"])}
     load = {"device": 0.0, "host": nbytes / (host_link_gbps * 1e9),
             "disk": nbytes / (min(w.disk_gbps, host_link_gbps) * 1e9)}
     rows, above = [], 0.0

@@ -18,20 +18,20 @@ from moelink.planner.report import format_plan
 
 def test_tiers_by_hand():
     # 1,000 bytes per token; 10 prefixes of 100 tokens: a working set of 1,000 tokens.
-    # device 100 tokens -> found there 10 %; host 300 tokens (it includes the device's) -> 30 % found by then;
-    # disk 500 more tokens (what the host pushed out) -> 80 %; 20 % recomputed.
+    # device 100 tokens -> found there 10 %; host 300 more (what the device evicted) -> 40 % found by then;
+    # disk 500 more (what the host pushed out) -> 90 %; 10 % recomputed.
     w = OffloadWorkload(host_bytes=300_000, disk_bytes=500_000, prefix_reuse=0.5, distinct_prefixes=10, disk_gbps=5.0)
     o = tier_plan(w, prefix_tokens=100, kv_bytes_per_token=1000.0, device_bytes=100_000.0, host_link_gbps=50.0,
                   recompute_s=0.01)
     rows = {t["tier"]: t for t in o["tiers"]}
     assert [rows[t]["prefix_tokens_held"] for t in ("device", "host", "disk")] == [100, 300, 500]
-    assert [rows[t]["hit_share"] for t in ("device", "host", "disk")] == pytest.approx([0.1, 0.2, 0.5])
-    assert o["recomputed_share"] == pytest.approx(0.2)
+    assert [rows[t]["hit_share"] for t in ("device", "host", "disk")] == pytest.approx([0.1, 0.3, 0.5])
+    assert o["recomputed_share"] == pytest.approx(0.1)
     # 100 kB over a 50 GB/s host link: 2 us; from disk at 5 GB/s (slower than the link): 20 us.
     assert rows["host"]["load_ms"] == pytest.approx(0.002) and rows["disk"]["load_ms"] == pytest.approx(0.02)
     assert rows["device"]["ttft_saved_ms"] == pytest.approx(10.0)
     assert rows["host"]["ttft_saved_ms"] == pytest.approx(10.0 - 0.002)
-    want = 0.1 * 10.0 + 0.2 * (10.0 - 0.002) + 0.5 * (10.0 - 0.02)
+    want = 0.1 * 10.0 + 0.3 * (10.0 - 0.002) + 0.5 * (10.0 - 0.02)
     assert o["mean_ttft_saved_ms"] == pytest.approx(want)
     assert o["offload_ttft_saved_ms"] == pytest.approx(want - 1.0)
     # A disk slower than recomputing saves nothing there (the request recomputes), and says so.
