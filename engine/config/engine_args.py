@@ -18,6 +18,7 @@ from .checkpoint_headers import check_checkpoint
 from .graph_config import CudaGraphConfig
 from .grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS, DEFAULT_MAX_GRAMMAR_CHARS,
                              DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES, GrammarConfig)
+from .layer_configs import MLAConfig
 from .kv_sizing import driver_num_kv_blocks, kv_sliding_window, state_pool_bytes
 from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
@@ -275,8 +276,9 @@ class EngineArgs:
             spec = spec.resolve_draft_model(model_cfg, self.download_dir, weights=self.load_format != "dummy")
         attention_kind = getattr(getattr(REGISTRY.get(model_cfg.architecture), "spec", None), "attention", "")
         check_tensor_parallel(model_cfg, parallel.tensor_parallel_size, attention_kind, parallel.experts_split_by_tp)
+        kv_connector = self.kv_connector
         if parallel.tensor_parallel_size > 1:
-            self._check_tp_features(parallel.tensor_parallel_size, model_cfg.architecture, spec)
+            kv_connector = self._check_tp_features(parallel.tensor_parallel_size, model_cfg, spec)
         if parallel.expert_world_size > model_cfg.num_experts + parallel.num_redundant_experts:
             raise ValueError(
                 f"expert_parallel_size={parallel.expert_world_size} is invalid: the model has "
@@ -305,16 +307,33 @@ class EngineArgs:
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,
-                            skip_warmup=self.skip_warmup, kv_connector=self.kv_connector,
+                            skip_warmup=self.skip_warmup, kv_connector=kv_connector,
                             speculative=spec, grammar=self.grammar_config(), seed=self.seed)
 
-    def _check_tp_features(self, tp: int, architecture: str, spec: SpeculativeConfig | None) -> None:
-        """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md).
-        Speculative decoding runs under TP (engine/rank/drafter.py): host drafts on every rank, the MTP layers
-        (DeepSeek's, Qwen3-Next / Qwen3.5's) split like a main layer, an EAGLE-3 head replicated."""
-        if self.kv_connector is not None:
-            raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported with "
-                             f"tensor_parallel_size={tp} yet: the KV a TP rank holds is its heads' only.")
+    def _check_tp_features(self, tp: int, model_cfg: ModelConfig, spec: SpeculativeConfig | None):
+        """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md);
+        returns the KV connector the engine runs with. Speculative decoding runs under TP (engine/rank/drafter.py):
+        host drafts on every rank, the MTP layers (DeepSeek's, Qwen3-Next / Qwen3.5's) split like a main layer, an
+        EAGLE-3 head replicated. A KV connector that moves head shards (the remote one,
+        engine/kv_transfer/tp_shard.py) is bound to the TP layout: each rank saves or loads its own heads."""
+        kvc = self.kv_connector
+        if kvc is None:
+            return None
+        if not callable(getattr(kvc, "for_tensor_parallel", None)):
+            raise ValueError(f"kv_connector={type(kvc).__name__} is not supported with tensor_parallel_size={tp}: "
+                             "a TP rank's KV is its heads' only, and only RemoteKVConnector "
+                             "(prefill/decode disaggregation, engine/kv_transfer/remote.py) moves head shards.")
+        if model_cfg.state_layers:
+            raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported for "
+                             f"{model_cfg.architecture} with tensor_parallel_size={tp} yet: its linear-attention "
+                             "states are split by head too, and the KV wire names the heads of paged KV only.")
+        kinds = {type(a).__name__ for a in model_cfg.layer_attention} | {type(model_cfg.attention).__name__}
+        if len(kinds) > 1:
+            raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported for "
+                             f"{model_cfg.architecture} with tensor_parallel_size={tp}: its layers mix KV kinds "
+                             f"({', '.join(sorted(kinds))}), and a rank's KV shard is one kind's.")
+        latent = isinstance(model_cfg.attention, MLAConfig)  # whole on every rank: no heads to name
+        return kvc.for_tensor_parallel(tp, 0 if latent else model_cfg.attention.num_kv_heads)
 
     def grammar_config(self) -> GrammarConfig:
         return GrammarConfig(workers=self.grammar_compile_workers, max_queued=self.max_queued_grammar_compiles,

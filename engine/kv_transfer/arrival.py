@@ -44,6 +44,9 @@ class ArrivalWriter:
     def __init__(self, t: KVTransfer, kv: PagedKVBlocks, generation: int, current, lock: threading.Lock) -> None:
         self.t, self.kv, self.generation, self._current, self._lock = t, kv, generation, current, lock
         self.nbytes = 0
+        # (offset, count) of this rank's kv heads the fetch under way carries (a prefill TP rank's shard,
+        # engine/kv_transfer/tp_shard.py); None: the rows hold every head of this cache.
+        self.heads: tuple[int, int] | None = None
         self._cuda = kv.device.type == "cuda"
         self._stream = torch.cuda.Stream(kv.device) if self._cuda else None
         self._event = None  # CUDA: recorded after the latest group's copies
@@ -60,7 +63,7 @@ class ArrivalWriter:
                         # After whatever this thread's stream did to the rows (an NCCL receive waits there).
                         self._stream.wait_stream(torch.cuda.current_stream(self.kv.device))
                         with torch.cuda.stream(self._stream):
-                            self.kv.write_group(g, self.t, idx, rows)
+                            self.kv.write_group(g, self.t, idx, rows, self.heads)
                             self._event = torch.cuda.Event()
                             self._event.record(self._stream)
                         if not rows[0].is_cuda:
@@ -68,7 +71,7 @@ class ArrivalWriter:
                             # next group (wire.Staging), so its copy must have left it.
                             self._event.synchronize()
                     else:
-                        self.kv.write_group(g, self.t, idx, rows)
+                        self.kv.write_group(g, self.t, idx, rows, self.heads)
             except (ValueError, RuntimeError) as exc:
                 raise LoadWriteFailed(str(exc)) from None
         self.nbytes += sum(r.numel() for r in rows)

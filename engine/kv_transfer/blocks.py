@@ -174,13 +174,18 @@ class PagedKVBlocks:
             event.record(stream)
         return PendingRead(SavedKV(t.num_tokens, t.token_ids, self.layout, groups), event, keep)
 
-    def write_group(self, g: int, t: KVTransfer, idx: list[int], rows: tuple[torch.Tensor, ...]) -> None:
+    def write_group(self, g: int, t: KVTransfer, idx: list[int], rows: tuple[torch.Tensor, ...],
+                    heads: tuple[int, int] | None = None) -> None:
         """Group g's rows (`idx`: the entries of the request's table they are of) into the blocks `t` names
         (entries from `first_block` on; an entry whose block here is NULL is skipped: no query reads it). The rows
         may be in host memory (pinned where the transport pinned them: the copy does not block the host), a
         shared mapping, or on this device (a collective transport received them there); the copy is enqueued on
-        the current stream."""
+        the current stream. `heads` (offset, count): the rows are those of this cache's kv heads [offset, offset +
+        count) only (a shard of a prefill rank under tensor parallelism, engine/kv_transfer/tp_shard.py), written
+        into those heads of a head-split group's [.., B, H, X] tensors; other groups take their rows whole."""
         tensors, kind = self.groups[g]
+        if heads is not None and kind != STATE and all(x.dim() == 4 for x in tensors):
+            tensors = tuple(x[:, :, heads[0]:heads[0] + heads[1]] for x in tensors)
         table = self._table(t, kind)
         first = self._first(t, kind)
         keep = [j for j, i in enumerate(idx) if first <= i < len(table) and table[i] >= 0]

@@ -40,7 +40,9 @@ config carries the secret to them: Ray's own transport must be as trusted as the
 """
 from __future__ import annotations
 
+import copy
 import logging
+import secrets
 from collections import OrderedDict
 
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
@@ -53,6 +55,7 @@ from .auth import new_capability
 from .config import WILDCARD_HOSTS, RemoteKVConfig, RemoteSource
 from .peers import describe_peers, peer_allowed
 from .remote_worker import RemoteWorkerSide, WorkerKVStats
+from .tp_shard import KVShardSpec, save_token
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +74,30 @@ class RemoteKVConnector:
         _check(self.kv_role in ("kv_producer", "kv_consumer", "kv_both"), "kv_role", self.kv_role,
                "must be kv_producer, kv_consumer or kv_both")
 
+        # The engine's TP layout (engine/kv_transfer/tp_shard.py), set by `for_tensor_parallel`; None: one rank
+        # per scheduler, each holding every kv head.
+        self.shard: KVShardSpec | None = None
+
+    def for_tensor_parallel(self, tp_size: int, num_kv_heads: int) -> "RemoteKVConnector":
+        """This connector for an engine of `tp_size` ranks per TP group whose model has `num_kv_heads` kv heads
+        (0: an MLA latent, whole on every rank): a copy, with a fresh report channel per engine
+        (engine/kv_transfer/tp_join.py). EngineArgs calls it when tensor_parallel_size > 1."""
+        out = copy.copy(self)
+        out.shard = KVShardSpec(tp_size, num_kv_heads, secrets.token_hex(8))
+        return out
+
+    @property
+    def _tp(self) -> int:
+        return 1 if self.shard is None else self.shard.tp_size
+
     def scheduler_side(self, rank: int) -> "_SchedulerSide":
-        self._check_rank(rank)
-        return _SchedulerSide(self.config, rank)
+        """`rank`: the scheduler's (the TP group's, under TP: its ranks rank * tp + [0, tp))."""
+        self._check_rank(rank * self._tp)
+        return _SchedulerSide(self.config, rank, self._tp)
 
     def worker_side(self, rank: int) -> "RemoteWorkerSide":
         self._check_rank(rank)
-        return RemoteWorkerSide(self.config, rank)
+        return RemoteWorkerSide(self.config, rank, self.shard)
 
     def decode_params(self, saved: KVTransferParams) -> KVTransferParams:
         """What a decode engine's request needs to load the KV of `saved` (a request's output kv_transfer_params,
@@ -87,6 +107,10 @@ class RemoteKVConnector:
         if c.port is None:
             raise ValueError("RemoteKVConfig.port=None: this engine serves no saved KV, so no decode engine can "
                              "load from it; give it a port.")
+        if self._tp > 1 and c.num_ranks != self._tp:
+            raise ValueError(f"RemoteKVConfig.num_ranks={c.num_ranks} names more than one TP group of "
+                             f"{self._tp} ranks: a decode engine cannot tell the groups' ports apart; pass the "
+                             "request's output kv_transfer_params (its group's ports) instead.")
         return KVTransferParams(do_remote_prefill=True, remote_host=c.reachable_host, remote_port=c.port,
                                 remote_ranks=c.num_ranks, remote_request_id=saved.remote_request_id,
                                 remote_kv_token=saved.remote_kv_token)
@@ -126,13 +150,15 @@ def _params(req: Request) -> KVTransferParams | None:
 class _SchedulerSide:
     MAX_PENDING_CAPS = 1 << 16  # saves whose request has not finished yet (an abort may never finish one)
 
-    def __init__(self, config: RemoteKVConfig, rank: int) -> None:
+    def __init__(self, config: RemoteKVConfig, rank: int, tp_size: int = 1) -> None:
         self.config, self.rank, self.serves = config, rank, config.port is not None
+        self.tp_size = tp_size  # ranks per TP group: this scheduler's ranks serve on port + rank * tp + [0, tp)
         self.load_limits = LoadLimits(config.max_loads, config.max_loads_per_source, config.max_load_block_fraction,
                                       config.max_loads_per_client)
         self.trusted_loads = config.secret is not None  # a handshake proved the source holds the secret
         # A save over NIXL in place is reported when read or expired (scheduler/kv_connector.py: a held save).
-        self.holds_saves = self.serves and config.transport == "nixl" and config.nixl_in_place
+        # Not under TP: a rank's save is its heads' shard, copied (engine/kv_transfer/tp_shard.py).
+        self.holds_saves = self.serves and config.transport == "nixl" and config.nixl_in_place and tp_size == 1
         self._caps: OrderedDict[str, str] = OrderedDict()  # request id -> the capability its save is under
 
     def num_loadable_tokens(self, req: Request) -> int:
@@ -160,21 +186,22 @@ class _SchedulerSide:
 
     def save_params(self, req: Request) -> str:
         """A fresh capability for the save of `req` (the worker half stores it under that key)."""
-        cap = self._caps[req.request_id] = new_capability()
+        cap = self._caps[req.request_id] = save_token(new_capability(), self.tp_size)
         while len(self._caps) > self.MAX_PENDING_CAPS:
             self._caps.popitem(last=False)
         return cap
 
     def request_finished(self, req: Request) -> KVTransferParams | None:
-        """A saved request's output says where its KV is: this rank's own port (no other rank to ask), and the
-        capability it is saved under."""
+        """A saved request's output says where its KV is: this rank's own port (no other rank to ask), or under TP
+        its group's ports (each rank holds its heads: `remote_ranks` = the group's size), and the capability it is
+        saved under."""
         cap = self._caps.pop(req.request_id, None)
         p = _params(req)
         if cap is None or p is None or not p.do_remote_decode or not self.serves \
                 or req.num_computed_tokens < req.num_prompt_tokens:
             return None  # not saved: not asked to, nowhere to serve it, or ended before its prompt was computed
         return KVTransferParams(do_remote_prefill=True, remote_host=self.config.reachable_host,
-                                remote_port=self.config.port + self.rank, remote_ranks=1,
+                                remote_port=self.config.port + self.rank * self.tp_size, remote_ranks=self.tp_size,
                                 remote_request_id=req.request_id, remote_kv_token=cap)
 
     def transfer_done(self, transfer: KVTransfer, ok: bool) -> None:

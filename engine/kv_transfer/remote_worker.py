@@ -19,9 +19,11 @@ from .arrival import ArrivalWriter, LoadDropped, LoadWriteFailed
 from .auth import SecretAuth, is_capability
 from .blocks import STATE, PagedKVBlocks, PendingRead
 from .config import RemoteKVConfig, RemoteSource
-from .peers import peer_allowed
+from .peers import describe_peers, peer_allowed
 from .server import ServerLimits
 from .store import SavedKVStore
+from .tp_join import TPJoin
+from .tp_shard import KVShardSpec, ShardAsk, local_heads, plan_fetches, token_tp_size, with_heads
 from .transport import make_transport
 from .wire import KVFetchError
 
@@ -41,8 +43,14 @@ class WorkerKVStats:
 class RemoteWorkerSide:
     """A rank's worker half (module docstring): its saved-KV store and server, and its fetches."""
 
-    def __init__(self, config: RemoteKVConfig, rank: int) -> None:
+    def __init__(self, config: RemoteKVConfig, rank: int, shard: KVShardSpec | None = None) -> None:
         self.config = config
+        # Tensor parallelism (engine/kv_transfer/tp_shard.py): this rank's place in its group, and the channel
+        # that joins the group's reports on its first rank (tp_join.py).
+        self.shard = shard if shard is not None and shard.tp_size > 1 else None
+        tp = 1 if self.shard is None else self.shard.tp_size
+        self.tp_rank = rank % tp
+        self._join = None if self.shard is None else TPJoin(f"{self.shard.join_id}-{rank // tp}", self.tp_rank, tp)
         limits = ServerLimits(handshake_timeout_s=config.first_byte_timeout_s, io_timeout_s=config.fetch_timeout_s,
                               max_prompt_tokens=config.max_prompt_tokens)
         self.transport = make_transport(config.transport, config.connect_timeout_s, config.fetch_timeout_s,
@@ -68,6 +76,12 @@ class RemoteWorkerSide:
             with self._lock:
                 self._done[t.transfer_id] = False
             return
+        if self.shard is not None:
+            if not self.shard.saves(self.tp_rank):  # an earlier rank of the group saves these heads (tp_shard.py)
+                with self._lock:
+                    self._done[t.transfer_id] = True
+                return
+            self.store.heads = self.shard.heads(self.tp_rank)
         region = self._region(kv)
         held = region.held(t) if region is not None else None
         # Held in place until a decode rank reads it (nixl_inplace.py): nothing copied. Blocks held for decode
@@ -93,14 +107,15 @@ class RemoteWorkerSide:
     def holds_saves_of(self, kv: PagedKVBlocks) -> bool:
         """Whether the scheduler half treats this rank's saves as held (`holds_saves`; never with state groups)."""
         return (self.config.nixl_in_place and self.server is not None and isinstance(kv, PagedKVBlocks)
+                and self.shard is None
                 and getattr(self.transport, "cache_region", None) is not None
                 and not any(kind == STATE for _, kind in kv.groups))
 
     def _region(self, kv: PagedKVBlocks):
         """The cache registered once for in-place saves (NIXL, `nixl_in_place`), or None: the copy path."""
         hold = getattr(self.transport, "cache_region", None)
-        if hold is None or not self.config.nixl_in_place or self.server is None:
-            return None
+        if hold is None or not self.config.nixl_in_place or self.server is None or self.shard is not None:
+            return None  # (under TP a save is a head shard, copied: the held blocks are not cut by heads)
         return hold(kv)
 
     # loads: fetched on a thread; written into the blocks by the next poll after they arrive
@@ -118,47 +133,77 @@ class RemoteWorkerSide:
             self._fetches.add(th)
         th.start()
 
+    def _sources(self, src: RemoteSource, kv: PagedKVBlocks) -> list[tuple[range, str, tuple, tuple | None]]:
+        """Per fetch a load makes: the ports to ask in turn, the key, the layout of the rows asked, and where they go
+        in this rank's heads ((offset, count); None: all of them). One fetch without TP on either side (data-parallel
+        attention: the KV is on the one prefill rank that computed it, asked in turn); under TP one per prefill rank
+        holding some of this rank's heads (engine/kv_transfer/tp_shard.py). ValueError for a source that cannot
+        be a TP group."""
+        every = range(src.port, src.port + src.num_ranks)
+        prefill_tp = token_tp_size(src.key)
+        if prefill_tp == 1 and self.shard is None:
+            return [(every, src.key, kv.layout, None)]
+        tp = 1 if self.shard is None else self.shard.tp_size
+        mine = local_heads(self.shard, self.tp_rank, kv.layout)
+        if prefill_tp == 1:  # its ranks hold every head: each asked in turn for this rank's
+            return [(every, ShardAsk(mine, self.tp_rank, tp).key(src.key), kv.layout, None)]
+        if src.num_ranks != prefill_tp:
+            raise ValueError(f"remote_ranks={src.num_ranks}, but the KV was saved by a TP group of {prefill_tp} ranks")
+        out = []
+        for p, ask in plan_fetches(mine, self.tp_rank, tp, prefill_tp):
+            part = ask.heads
+            layout = kv.layout if part is None else with_heads(kv.layout, part.count)
+            to = None if part is None or part == mine else (part.start - mine.start, part.count)
+            out.append((range(src.port + p, src.port + p + 1), ask.key(src.key), layout, to))
+        return out
+
     def _fetch(self, t: KVTransfer, kv: PagedKVBlocks, generation: int) -> None:
         src: RemoteSource = t.params
         t0 = time.monotonic()
         want = list(src.token_ids[:t.num_tokens])
         max_blocks = -(-t.num_tokens // kv.block_size)
-        reasons = []
+        writer = ArrivalWriter(t, kv, generation, lambda: self._generation, self._write_lock)
         try:
-            # Data-parallel attention: the KV is on the one prefill rank that computed it; ask each in turn.
-            for port in range(src.port, src.port + src.num_ranks):
-                left = self.config.fetch_timeout_s - (time.monotonic() - t0)
-                writer = ArrivalWriter(t, kv, generation, lambda: self._generation, self._write_lock)
-                with self._lock:
-                    self._writers.add(writer)
-                try:
-                    # Each group is written into the blocks as it arrives (arrival.py).
-                    self.transport.fetch(src.host, port, src.key, kv.layout, want, max_blocks, left, kv.device,
-                                         on_group=writer)
-                except KVFetchError as exc:
-                    reasons.append(str(exc))
-                    continue
-                finally:
-                    with self._lock:
-                        self._writers.discard(writer)
-                with self._lock:
-                    if generation != self._generation:
-                        return  # dropped (an elastic rewind): its blocks may be another request's by now
-                    self.stats.fetch_s += time.monotonic() - t0
-                    where = f"{src.host}:{port}"
-                    self.stats.loaded_from[where] = self.stats.loaded_from.get(where, 0) + 1
-                    self._written.append((t, writer))
-                return
-            self._fail(t, "; ".join(reasons), generation)
+            for ports, key, layout, heads in self._sources(src, kv):
+                writer.heads = heads
+                port = self._fetch_one(src.host, ports, key, layout, want, max_blocks, t0, kv, writer)
+            with self._lock:
+                if generation != self._generation:
+                    return  # dropped (an elastic rewind): its blocks may be another request's by now
+                self.stats.fetch_s += time.monotonic() - t0
+                where = f"{src.host}:{port}"
+                self.stats.loaded_from[where] = self.stats.loaded_from.get(where, 0) + 1
+                self._written.append((t, writer))
         except LoadDropped:
             return  # the scheduler awaits no report of it
-        except LoadWriteFailed as exc:
+        except (KVFetchError, LoadWriteFailed, ValueError) as exc:
             self._fail(t, str(exc), generation)
         except Exception as exc:  # a load must be reported whatever happens, or its request would wait for ever
             self._fail(t, f"unexpected error: {exc!r}", generation)
         finally:
             with self._lock:
                 self._fetches.discard(threading.current_thread())
+
+    def _fetch_one(self, host: str, ports: range, key: str, layout: tuple, want: list[int], max_blocks: int,
+                   t0: float, kv: PagedKVBlocks, writer: ArrivalWriter) -> int:
+        """One fetch, its ports asked in turn until one has it (each group written as it arrives: arrival.py);
+        the port that had it, or KVFetchError with every port's reason."""
+        reasons = []
+        for port in ports:
+            left = self.config.fetch_timeout_s - (time.monotonic() - t0)
+            written = writer.nbytes
+            with self._lock:
+                self._writers.add(writer)
+            try:
+                self.transport.fetch(host, port, key, layout, want, max_blocks, left, kv.device, on_group=writer)
+                return port
+            except KVFetchError as exc:
+                reasons.append(str(exc))
+                writer.nbytes = written  # what this port wrote is written again from the next
+            finally:
+                with self._lock:
+                    self._writers.discard(writer)
+        raise KVFetchError("; ".join(reasons))
 
     def _fail(self, t: KVTransfer, reason: str, generation: int | None = None) -> None:
         logger.warning("KV load of request %s failed (it is recomputed): %s", shown(t.req_id), reason)
@@ -198,6 +243,8 @@ class RemoteWorkerSide:
         self.store.expire()
         with self._lock:
             done, self._done = self._done, {}
+        if self._join is not None:  # under TP: reported once every rank of the group has it (tp_join.py)
+            return self._join.join(done)
         return done or None
 
     def drop_pending(self) -> None:
@@ -212,6 +259,8 @@ class RemoteWorkerSide:
             w.fence()
         self._abandon_saves()
         self.store.drop_held()  # their saves count failed, their blocks freed: no fetch may name them now
+        if self._join is not None:
+            self._join.clear()
 
     def _abandon_saves(self) -> None:
         with self._lock:
@@ -230,6 +279,8 @@ class RemoteWorkerSide:
         for th in fetches:  # each ends within fetch_timeout_s of its start
             th.join(self.config.fetch_timeout_s + self.config.connect_timeout_s)
         self.transport.close()  # after the fetches: NIXL's agents (and their UCX threads) end here
+        if self._join is not None:
+            self._join.close()
 
 
 __all__ = ["RemoteWorkerSide", "WorkerKVStats"]

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from .blocks import SavedKV, layout_difference
 from .auth import NO_SECRET, KVRefused, PeerAuth
 from .store import SavedKVStore
+from .tp_shard import Heads, ShardAsk, check_ask, local_heads, needed_ranks, parse_key, slice_heads, with_heads
 from .wire import (MAX_HELLO_BYTES, VERSION, Deadline, KVFetchError, layout_from_json, recv_header, recv_tokens,
                       send_header, send_saved, tokens_to_bytes)
 
@@ -172,11 +173,15 @@ class KVSocketServer:
                     except KVFetchError as exc:  # not our handshake (another version, a stranger), or too slow
                         raise KVRefused(f"not a KV handshake of protocol version {VERSION} in time: {exc}") from None
                     query, key, layout, token_bytes = self._request(conn, deadline)
-                    saved = self._lookup(key, layout, token_bytes)
+                    key, ask = _parse_key(key)
+                    saved = self._lookup(key, layout, token_bytes, ask)
                     with self._lock:  # served from here on: never closed to make room (and not claimed if it was)
                         c.serving = saved is not None and c in self._conns
-                    if saved is None or not c.serving or not self.store.take(key, saved):  # claimed before it is sent
+                    claim = () if ask is None else (ask.rank, needed_ranks(self._held(), ask))
+                    if saved is None or not c.serving or not self.store.take(key, saved, *claim):  # claimed before sent
                         raise KVRefused(NO_KV)
+                    if ask is not None:
+                        saved = self._shard(saved, ask)
                 except KVRefused as exc:
                     _refuse(conn, str(exc))
                     return
@@ -208,18 +213,44 @@ class KVSocketServer:
             raise KVRefused("a KV request whose layout is not one") from None
         return query, key, layout, recv_tokens(conn, n, deadline)
 
-    def _lookup(self, key: str, layout: tuple, token_bytes: bytes) -> SavedKV | None:
-        """The entry a request names, if it matches exactly (module docstring); KVRefused for another layout."""
+    def _held(self) -> Heads | None:
+        """The kv heads this rank's saves hold (the worker's, under TP; else every head of its layout)."""
+        if self.store.heads is not None or self.store.layout is None:
+            return self.store.heads
+        return local_heads(None, 0, self.store.layout)
+
+    def _lookup(self, key: str, layout: tuple, token_bytes: bytes, ask: ShardAsk | None = None) -> SavedKV | None:
+        """The entry a request names, if it matches exactly (module docstring); KVRefused for another layout, or
+        (a shard ask, engine/kv_transfer/tp_shard.py) heads this rank does not hold. A shard ask's layout is the
+        decode rank's with the heads asked: compared with this rank's cut to as many."""
         mine = self.store.layout
+        if mine is not None and ask is not None:
+            reason = check_ask(self._held(), ask)
+            if reason is not None:
+                raise KVRefused(reason)
+            mine = mine if ask.heads is None else with_heads(mine, ask.heads.count)
         diff = None if mine is None else layout_difference(mine, layout)
         if diff is not None:  # the rank's layout, not the entry's: says nothing about the key
             raise KVRefused(f"this prefill rank's KV layout is not the decode engine's: {diff}")
         saved = self.store.peek(key, self.limits.save_wait_s)
         want = token_bytes if saved is None else tokens_to_bytes(saved.token_ids)
         same = hmac.compare_digest(want, token_bytes)  # constant time, and done whether or not the key exists
-        if saved is None or not same or saved.layout != layout:
+        if saved is None or not same:
             return None
-        return saved
+        if ask is not None and check_ask(self._held(), ask) is not None:
+            return None  # (the first save came while this request waited: its layout was not known above)
+        if ask is not None and type(saved) is not SavedKV:  # a HeldKV (nixl_inplace.py): block ids, not rows
+            raise KVRefused("this prefill rank holds the KV in place (NIXL), which is not cut into TP shards: run it "
+                            "with --no-kv-nixl-in-place (RemoteKVConfig.nixl_in_place=False) for a TP decode engine")
+        ours = saved.layout if ask is None or ask.heads is None else with_heads(saved.layout, ask.heads.count)
+        return saved if ours == layout else None
+
+    def _shard(self, saved: SavedKV, ask: ShardAsk) -> SavedKV:
+        """The heads `ask` names of a claimed entry (the whole entry for a whole latent, or all of this rank's)."""
+        held = self._held()
+        if ask.heads is None or ask.heads == held:
+            return saved
+        return slice_heads(saved, ask.heads.start - held.start, ask.heads.count)
 
     def close(self) -> None:
         self._stop.set()
@@ -231,6 +262,13 @@ class KVSocketServer:
             _shut(c.sock)
         for t in threads:
             t.join(5.0)
+
+
+def _parse_key(key: str) -> tuple[str, ShardAsk | None]:
+    try:
+        return parse_key(key)
+    except ValueError as exc:
+        raise KVRefused(str(exc)) from None
 
 
 def _refuse(sock: socket.socket, message: str) -> None:

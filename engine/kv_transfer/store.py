@@ -53,6 +53,10 @@ class SavedKVStore:
         self._bytes = 0
         self._held: dict[str, object] = {}  # key -> HeldKV not claimed yet
         self._released: list[int] = []  # save transfer ids whose hold ended, for the next poll
+        self._claims: dict[str, set[int]] = {}  # key -> the decode TP ranks that claimed a shard of it (take)
+        # The global kv heads this rank's saves hold (engine/kv_transfer/tp_shard.Heads; None: every head its
+        # layout has, or a whole latent), set by the worker under tensor parallelism.
+        self.heads = None
         self.counters = StoreCounters()
         # The layout of what this rank saves (its cache's, engine/kv_transfer/blocks.py), known from the first save:
         # a server refuses a decode engine of another layout by name, whatever key it asks for.
@@ -80,6 +84,7 @@ class SavedKVStore:
             self._settle(key)
             self._expire()
             old = self._saved.pop(key, None)
+            self._claims.pop(key, None)
             if old is not None:
                 self._bytes -= old[1].nbytes
                 self.counters.num_replaced += 1
@@ -87,7 +92,8 @@ class SavedKVStore:
                 self.counters.num_evicted += 1
                 return
             while self._saved and self._bytes + saved.nbytes > self.max_bytes:
-                _, (_, evicted) = self._saved.popitem(last=False)
+                gone, (_, evicted) = self._saved.popitem(last=False)
+                self._claims.pop(gone, None)
                 self._bytes -= evicted.nbytes
                 self.counters.num_evicted += 1
             self._saved[key] = (self._clock(), saved)
@@ -134,9 +140,11 @@ class SavedKVStore:
             entry = self._saved.get(key)
             return None if entry is None else entry[1]
 
-    def take(self, key: str, saved: SavedKV) -> bool:
+    def take(self, key: str, saved: SavedKV, claimant: int | None = None, needed: frozenset = frozenset()) -> bool:
         """Claim `saved` (what `peek` returned) for one decode engine: dropped from the store, counted served.
-        False when another fetch claimed it first (or a newer entry replaced it): a saved KV is served once."""
+        False when another fetch claimed it first (or a newer entry replaced it): a saved KV is served once.
+        Under tensor parallelism (engine/kv_transfer/tp_shard.py) once per decode rank: `claimant` is the decode
+        TP rank, `needed` the ranks that take from this entry; it is dropped once all of them have claimed it."""
         with self._lock:
             if self._held.get(key) is saved:
                 del self._held[key]  # its blocks stay held until `release`
@@ -146,6 +154,14 @@ class SavedKVStore:
             entry = self._saved.get(key)
             if entry is None or entry[1] is not saved:
                 return False
+            if claimant is not None:
+                claims = self._claims.setdefault(key, set())
+                if claimant in claims:
+                    return False
+                claims.add(claimant)
+                if not needed <= claims:
+                    return True  # other decode ranks still take their heads from it
+            self._claims.pop(key, None)
             del self._saved[key]
             self._bytes -= saved.nbytes
             self.counters.num_served += 1
@@ -161,6 +177,7 @@ class SavedKVStore:
         """Drop everything (the rank is closing); a fetch waiting for an announced save is answered at once."""
         with self._lock:
             self._saved.clear()
+            self._claims.clear()
             self._released.extend(h.transfer_id for h in self._held.values())
             self._held.clear()
             self._expected.clear()
@@ -185,6 +202,7 @@ class SavedKVStore:
             if t > cutoff:
                 break
             del self._saved[key]
+            self._claims.pop(key, None)
             self._bytes -= saved.nbytes
             self.counters.num_expired += 1
 

@@ -1,0 +1,136 @@
+"""Prefill/decode disaggregation under tensor parallelism (engine/kv_transfer/tp_shard.py): a prefill engine at
+-tp P and a decode engine at -tp D on Ray (CPU ranks, gloo, float64), over tcp, for Qwen3-MoE (GQA: 2 kv heads, one
+per TP rank) and DeepSeek-V3 (MLA: the latent whole on every rank, saved once):
+- (P, D) = (2, 1): the decode rank takes each head from the prefill rank holding it (two fetches);
+- (1, 2): each decode rank takes its head cut out of the one prefill rank's rows;
+- (2, 2): rank to rank.
+Greedy tokens equal one engine's, the decode side computes only each prompt's last token (cached = prompt - 1), and
+every block is free on both sides after. One engine start per side and TP size per model (four), shared by the
+three pairs; the plans and claims for other head counts (K < tp: replicated heads) without engines.
+"""
+from __future__ import annotations
+
+import pytest
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.contract.kv_transfer_params import KVTransferParams
+from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+from moelink.engine.kv_transfer.tp_shard import (Heads, ShardAsk, needed_ranks, parse_key, plan_fetches, rank_heads,
+                                                 save_token, token_tp_size)
+
+from tests.helpers import hf_checkpoints
+from tests.helpers.net import free_port
+from tests.helpers.parity import prompts
+from tests.helpers.tiny_configs import TINY_CONFIGS
+
+pytestmark = pytest.mark.slow
+
+KW = dict(dtype="float64", num_kv_blocks=48, block_size=4, max_num_batched_tokens=32, max_model_len=64,
+          skip_warmup=True)
+NEW = 4
+PAIRS = [(2, 1), (1, 2), (2, 2)]
+SAVE = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                      kv_transfer_params=KVTransferParams(do_remote_decode=True))
+
+
+def _engines(path):
+    """{("prefill" | "decode", tp): LLM}: the four engines of one model's pairs."""
+    out = {}
+    try:
+        for tp in (1, 2):
+            port = free_port()
+            out["prefill", tp] = LLM(path, tensor_parallel_size=tp, kv_connector=RemoteKVConnector(
+                RemoteKVConfig(transport="tcp", port=port, num_ranks=tp)), **KW)
+            out["decode", tp] = LLM(path, tensor_parallel_size=tp,
+                                    kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp")), **KW)
+    except BaseException:
+        _shutdown(out)
+        raise
+    return out
+
+
+def _shutdown(engines) -> None:
+    for llm in engines.values():
+        llm.engine.shutdown()
+
+
+def _all_free(llm) -> None:
+    assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+
+
+def _check_pairs(engines, ps) -> None:
+    plain = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in engines["prefill", 1].generate(ps, plain, use_tqdm=False)]
+    for p, d in PAIRS:
+        pre, dec = engines["prefill", p], engines["decode", d]
+        saved = pre.generate(ps, SAVE, use_tqdm=False)
+        params = [o.kv_transfer_params for o in saved]
+        assert all(k.remote_ranks == p and token_tp_size(k.remote_kv_token) == p for k in params), (p, d)
+        outs = dec.generate(ps, [SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True,
+                                                kv_transfer_params=k) for k in params], use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want, (p, d)
+        assert [o.num_cached_tokens for o in outs] == [len(x) - 1 for x in ps], (p, d)  # every prompt loaded
+        if d == 1:  # in this process: its worker half's counters (one fetch per prefill rank holding its heads)
+            stats = dec.engine.executor.runner.kv_connector.stats
+            assert stats.num_failed == 0 and stats.num_loaded == len(ps) * PAIRS.count((p, 1)), (p, d)
+        pre.engine.step()  # the save reports of the group's last rank, if they came after the request ended
+        _all_free(pre)
+        _all_free(dec)
+
+
+def test_qwen3_gqa_heads_between_tp_sizes(local_ray, tiny_model):
+    name = "qwen3_e6k3"  # 4 q heads, 2 kv heads: one per rank at -tp 2
+    path = tiny_model(name)
+    engines = _engines(path)
+    try:
+        _check_pairs(engines, prompts(TINY_CONFIGS[name]["vocab_size"], seed=46, n=3, lo=5, hi=20))
+    finally:
+        _shutdown(engines)
+
+
+def test_deepseek_v3_latent_between_tp_sizes(local_ray, hf_tiny_model):
+    path = hf_tiny_model("dsv3_lora")  # MLA: the latent whole on every rank, saved by the group's first only
+    engines = _engines(path)
+    try:
+        _check_pairs(engines, prompts(hf_checkpoints.VOCAB, seed=47, n=3, lo=5, hi=20))
+    finally:
+        _shutdown(engines)
+
+
+# ---------------------------------------------------------------- the head maps, for other head counts
+@pytest.mark.parametrize("heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 2), (2, 1), (2, 4), (4, 2), (4, 4), (8, 2), (1, 8)])
+def test_every_decode_head_comes_from_exactly_one_prefill_rank(heads, prefill_tp, decode_tp):
+    """Each decode rank's fetches cover its heads once, each from the first prefill rank holding them (a replicated
+    head, K < tp, is saved and read once), and every prefill rank's entry is dropped exactly when the decode ranks
+    that take from it all have."""
+    takers: dict[int, set[int]] = {}
+    for d in range(decode_tp):
+        mine = rank_heads(d, decode_tp, heads)
+        got = []
+        for p, ask in plan_fetches(mine, d, decode_tp, prefill_tp):
+            held = rank_heads(p, prefill_tp, heads)
+            assert ask.heads.overlap(held) == ask.heads and ask.heads.overlap(mine) == ask.heads
+            got += range(ask.heads.start, ask.heads.start + ask.heads.count)
+            takers.setdefault(p, set()).add(d)
+            assert d in needed_ranks(held, ask)
+        assert got == list(range(mine.start, mine.start + mine.count))
+    for p, ds in takers.items():
+        assert needed_ranks(rank_heads(p, prefill_tp, heads), ShardAsk(Heads(0, 1, heads), 0, decode_tp)) == ds
+
+
+def test_the_latent_is_asked_of_one_prefill_rank_by_every_decode_rank():
+    plans = [plan_fetches(None, d, 4, 2) for d in range(4)]
+    assert all(plan == [(0, ShardAsk(None, d, 4))] for d, plan in enumerate(plans))
+    assert needed_ranks(None, plans[0][0][1]) == frozenset(range(4))
+
+
+def test_the_key_carries_the_ask_and_the_token_the_prefill_tp():
+    token = save_token("A" * 22, 2)
+    assert token_tp_size(token) == 2 and token_tp_size("A" * 22) == 1 and token_tp_size("B" * 40) == 1
+    ask = ShardAsk(Heads(1, 1, 2), 1, 2)
+    assert parse_key(ask.key(token)) == (token, ask)
+    assert parse_key(ShardAsk(None, 0, 2).key(token)) == (token, ShardAsk(None, 0, 2))
+    assert parse_key(token) == (token, None)
+    with pytest.raises(ValueError, match="not one"):
+        parse_key(token + ".1.2.2.0.2")  # heads 1-2 of 2
