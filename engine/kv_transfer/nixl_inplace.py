@@ -3,23 +3,28 @@
 
 Legend: N a request's block entries moved, B block size, X the rest of a cache row in bytes.
 
-Prefill side. `CacheRegion` registers every paged tensor of the rank's cache (each once: gpt-oss's sliding and full
-layers share theirs) with the serving agent on the rank's first save, and deregisters them when the agent closes
-(the transport's close(), after the rank's server). The memory type comes from the tensor's device (DRAM on CPU,
-VRAM on CUDA): the same code for both. A saved request is then not copied: `CacheRegion.held` names its blocks
-(its block ids per table, and per group and tensor the base address, block stride and row length in the registered
-tensors: block row b is at base + b * stride), and the rank's store holds that `HeldKV` until one fetch claims it
-(the reply sends exactly that request's block ids) and says "read", or until `RemoteKVConfig.nixl_hold_s` passes
-(or, past `max_saved_bytes` of held blocks, the save is copied instead); the scheduler keeps the blocks referenced
-until the worker reports the hold over (scheduler/kv_connector.py: a held save). On CUDA the save records an event
-after the step that wrote the KV; the reply waits for it before naming a block (the READ must not overtake the
-kernel that writes it).
+Registration. `CacheRegion` registers every paged tensor of a rank's cache (each once: gpt-oss's sliding and full
+layers share theirs) with one NIXL agent, once per cache, and deregisters them when the agent closes (the
+transport's close(), after the rank's server). `register_at_allocation` does it when the rank allocates its cache
+(engine start), with the serving agent on a rank that serves saved KV (prefill) and with the fetching agent on
+one that loads (decode), so neither the first save nor the first fetch pays for it; a cache allocated again (an
+elastic recovery's) replaces the old one's registration. A cache not registered by then (a worker half without
+that hook) is registered at its first save or fetch instead, as before.
 
-Decode side. The fetching agent registers the decode rank's cache the same way, once, on its first in-place fetch,
-and posts one READ per group from the prefill rank's block rows into the rows of the blocks the scheduler
-reserved for the load (entries below `first_block` or NULL here are skipped, as `PagedKVBlocks.write_group` skips
-them): no staging buffer, and each group is reported landed (`ArrivalWriter.landed`) as its READ completes while
-the later groups' READs are in flight (layer-pipelined).
+Prefill side. The memory type comes from the tensor's device (DRAM on CPU, VRAM on CUDA): the same code for both. A
+saved request is then not copied: `CacheRegion.held` names its blocks (its block ids per table, and per group and
+tensor the base address, block stride and row length in the registered tensors: block row b is at base + b *
+stride), and the rank's store holds that `HeldKV` until one fetch claims it (the reply sends exactly that request's
+block ids) and says "read", or until `RemoteKVConfig.nixl_hold_s` passes (or, past `max_saved_bytes` of held blocks,
+the save is copied instead); the scheduler keeps the blocks referenced until the worker reports the hold over
+(scheduler/kv_connector.py: a held save). On CUDA the save records an event after the step that wrote the KV; the
+reply waits for it before naming a block (the READ must not overtake the kernel that writes it).
+
+Decode side. The fetching agent holds the decode rank's cache registered the same way, once, and posts one READ per
+group from the prefill rank's block rows into the rows of the blocks the scheduler reserved for the load (entries
+below `first_block` or NULL here are skipped, as `PagedKVBlocks.write_group` skips them): no staging buffer, and
+each group is reported landed (`ArrivalWriter.landed`) as its READ completes while the later groups' READs are in
+flight (layer-pipelined).
 
 Where in place does not apply, the copy path of engine/kv_transfer/nixl.py stays: a cache with per-sequence state
 groups (Qwen3-Next's linear attention, DeepSeek-V4's windows: a state slot is rewritten by the request's next step,
@@ -179,12 +184,35 @@ class CacheRegions:
             self._by_kv[id(kv)] = (kv, region)
             return region
 
+    def bind(self, agent, kv: PagedKVBlocks) -> CacheRegion | None:
+        """`kv` registered now, as the rank's one cache (`register_at_allocation`): every other cache this agent
+        registered is deregistered first (a cache allocated again: the old tensors go back to the allocator, and
+        NIXL must not keep their memory registered). Then as `get`."""
+        with self._lock:
+            stale = [r for k, r in self._by_kv.values() if k is not kv and r is not None]
+            self._by_kv = {i: e for i, e in self._by_kv.items() if e[0] is kv}
+        for region in stale:
+            agent.unexpose(region.reg)
+        return self.get(agent, kv)
+
     def take_all(self) -> list[CacheRegion]:
         with self._lock:
             regions, self._by_kv = [r for _, r in self._by_kv.values() if r is not None], {}
         return regions
 
 
+
+
+def register_at_allocation(transport, kv: PagedKVBlocks, serving: bool) -> CacheRegion | None:
+    """A rank's cache registered with NIXL as the rank allocates it (module docstring): with `transport`'s serving
+    agent (`serving`: the rank serves saved KV) or its fetching agent (the rank loads KV). None where the transport
+    is not NIXL or the cache cannot be read in place (the copy path serves it)."""
+    from .transport import NixlTransport
+
+    if not isinstance(transport, NixlTransport):
+        return None
+    agent = transport.agent(serving=serving)
+    return agent.regions.bind(agent, kv)
 
 
 def announced_blocks(nixl: dict, plan: SavedKV) -> tuple[list, str, int]:
@@ -314,4 +342,4 @@ def read_held(agent, nixl: dict, plan: SavedKV, on_group, deadline: Deadline, pi
 
 
 __all__ = ["CacheRegion", "CacheRegions", "HeldKV", "announced_blocks", "deliver", "entries", "in_place_ok", "mem_type",
-           "read_blocks", "read_held", "reply_held", "row_descs"]
+           "read_blocks", "read_held", "register_at_allocation", "reply_held", "row_descs"]

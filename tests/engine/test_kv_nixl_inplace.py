@@ -331,3 +331,32 @@ def test_the_scheduler_keeps_a_held_saves_blocks_without_stepping_for_it():
     while s.has_unfinished_requests() or s.has_finished_requests():
         _report(s, s.schedule(), None)
     assert s.stats().num_free_blocks == 16
+
+
+def test_a_cache_is_registered_when_allocated_once_and_a_reallocation_replaces_it():
+    """`register_at_allocation` (a rank's cache as it is allocated): registered before any save or fetch, once
+    (the first save's `cache_region` reuses it), on the serving agent for a prefill rank and the fetching agent for
+    a decode rank; a cache allocated again replaces the old registration; not NIXL, nothing."""
+    from moelink.engine.kv_transfer.nixl_inplace import register_at_allocation
+
+    def cache():
+        return PagedKVBlocks([tuple(torch.zeros(6, 4, 2, 8) for _ in range(2)) for _ in range(3)], None, 4)
+
+    pre, dec = make_transport("nixl", 5.0, 20.0), make_transport("nixl", 5.0, 20.0)
+    try:
+        kv = cache()
+        region = register_at_allocation(pre, kv, serving=True)
+        serving = pre.agent(serving=True)
+        assert region is not None and serving.regions.num_registered == 1
+        assert pre.cache_region(kv) is region and serving.regions.num_registered == 1  # the first save: no second
+        again = cache()  # e.g. after an elastic recovery
+        assert register_at_allocation(pre, again, serving=True) is not region
+        live = serving.regions.take_all()  # the old cache's registration is gone, the new one's stays
+        assert serving.regions.num_registered == 2 and [r.kv for r in live] == [again]
+        serving.unexpose(live[0].reg)
+        fetching = register_at_allocation(dec, cache(), serving=False)
+        assert fetching is not None and dec.agent(serving=False).regions.num_registered == 1
+        assert register_at_allocation(make_transport("tcp", 5.0, 20.0), cache(), serving=True) is None
+    finally:
+        pre.close()
+        dec.close()
