@@ -26,6 +26,13 @@ positions it has not verified (the catch-up over a verify step's rejected drafts
 sequence), and a paged slot is simply written again by the real token at that position, where a ring row would have
 lost the position W back that a later query still reads. W x H values per query read: tiny beside the main model's.
 
+Under tensor parallelism (`tp`, docs/tensor-parallelism.md) the block splits as a main layer does (its heads, wo_a's
+groups and wo_b, its experts split or in EP on token slices: dsv4_decoder.py); its window cache holds the one shared
+kv head, whole on every rank; e_proj / h_proj, the norms and the hyper-head are replicated (their inputs, the main
+model's streams after its all-reduces and the broadcast tokens, are the same on every rank: no collective for two
+D x D matrices); the embedding and head are the main model's vocab shards (vocab_parallel.py: the embedding
+all-reduced, the logits all-gathered, so every rank drafts the same greedy tokens).
+
 Legend: T tokens, n streams, D hidden, V vocab, N heads, H head_dim, W window, B blocks, L block size, S sequences.
 """
 from __future__ import annotations
@@ -33,7 +40,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelink.moe.layer import ExpertParallel, Stages, run_stages
@@ -50,6 +56,7 @@ from .hyper_connections import HyperHead
 from .layers import ForwardContext
 from .linear import Linear
 from .rope import rope_inv_freq
+from .vocab_parallel import VocabShard
 
 
 @dataclass(frozen=True)
@@ -110,11 +117,14 @@ class PagedWindowAttention(DSV4Attention):
 
 
 class DSV4MTPLayer(nn.Module):
-    """MTP module k of a V4 checkpoint (module docstring). `embed_VD` / `head_VD`: the main model's."""
+    """MTP module k of a V4 checkpoint (module docstring). `embed_VD` / `head_VD`: the main model's (under TP its
+    vocab shards); `tp`: the rank's TensorParallel (None: whole)."""
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, k: int, embed_VD: torch.Tensor, head_VD: torch.Tensor,
-                 kernels, device: torch.device, ep: ExpertParallel | None = None, quant=None):
+                 kernels, device: torch.device, ep: ExpertParallel | None = None, quant=None, tp=None):
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.vocab = VocabShard(cfg.vocab_size, self.tp)
         if not 0 <= k < cfg.num_nextn_predict_layers:
             raise ValueError(f"MTP layer {k} does not exist: config.json num_nextn_predict_layers="
                              f"{cfg.num_nextn_predict_layers}.")
@@ -129,7 +139,7 @@ class DSV4MTPLayer(nn.Module):
         self.rope = RopeTable(inv_freq, factor, cfg.max_model_len, device)
         self.block = DSV4DecoderLayer(cfg, self.index, {"main": self.rope, "compress": self.rope}, kernels, device, ep,
                                       self.moe_stats, quant, attention=attention, moe_index=0,
-                                      attention_cls=PagedWindowAttention)
+                                      attention_cls=PagedWindowAttention, tp=self.tp)
         self.cache = WindowCache(attention.head_dim)
         # FP8 as published (held so, run W8A8 like the block's linears: engine/models/dsv4_weights.py)
         self.e_proj = Linear(D, D, dsv4_linear_method(quant), kernels, dt, device)
@@ -144,7 +154,7 @@ class DSV4MTPLayer(nn.Module):
         return run_stages(self.stages(positions_T, h_TnD, next_ids_T, ctx))
 
     def stages(self, positions_T, h_TnD, next_ids_T, ctx: ForwardContext) -> Stages:
-        e_TD = self.enorm(F.embedding(next_ids_T, self.embed_VD))
+        e_TD = self.enorm(self.vocab.embed(next_ids_T, self.embed_VD))
         x_TnD = self.e_proj(e_TD)[:, None, :] + self.h_proj(self.hnorm(h_TnD))
         return (yield from self.block.stages(positions_T, x_TnD, next_ids_T, ctx))
 
@@ -158,7 +168,7 @@ class DSV4MTPLayer(nn.Module):
 
     def compute_logits(self, y_TnD: torch.Tensor) -> torch.Tensor:
         """[T, V] draft logits of y's streams: the MTP's own hyper-head and norm, the main model's head."""
-        return F.linear(self.norm(self.hc_head(y_TnD)), self.head_VD)
+        return self.vocab.logits(self.norm(self.hc_head(y_TnD)), self.head_VD)
 
     def weight_plan(self, checkpoint_names=None) -> WeightPlan:
         """`mtp.{k}.*` as DeepSeek publishes them (module docstring); FP8 weights read with their `.scale`."""

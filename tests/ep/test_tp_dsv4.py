@@ -10,26 +10,29 @@ published format (tests/helpers/dsv4_published.py: FP8 linears held FP8 and run 
 dequantized weights with the activation rounding) with FP8 experts split at -tp 2 and FP4 experts in EP at -tp 2 -ep 2.
 Blocks of 16 x 8: wo_a's groups of 8 rows start mid-block on rank 1 (its scale rows held finer), wo_b's 8 columns per
 rank a whole block. In one process: each rank reads exactly its shard of every split tensor, and the refusals.
-One engine start per configuration; prompts of up to 60 tokens pass the compress boundaries and the indexer's top-k.
+MTP drafting (DeepSeek-V4's own MTP module) at -tp 2 -ep 2 equals transformers' tokens with drafts accepted and
+rejected. One engine start per configuration; prompts of up to 60 tokens pass the compress boundaries and the
+indexer's top-k.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.config.tensor_parallel import check_tensor_parallel
 from moelink.engine.models.dsv4_decoder import DeepseekV4ForCausalLM
-from moelink.engine.models import arch_spec
-from moelink.engine.rank.loader import checkpoint_index, load_model, load_plan, open_checkpoint
+from moelink.engine.models import arch_spec, make_mtp_layer
+from moelink.engine.rank.loader import load_model, load_plan, open_checkpoint
 from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
+from tests.helpers.dsv4_mtp_checkpoint import bigram_dsv4_mtp, save_dsv4_with_mtp
 from tests.helpers.dsv4_published import fake_quant_dsv4, write_published_dsv4
 from tests.helpers.fp8_checkpoints import hf_greedy_with
 from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, prompts
+from tests.helpers.tp_load import LoadOnlyTP, file_bytes
 
 CPU = torch.device("cpu")
 NEW = 4
@@ -47,20 +50,13 @@ def _published(float_path: str, d, expert_dtype: str) -> tuple[str, str]:
     return write_published_dsv4(float_path, d / "published", d / "oracle", block=BLOCK, expert_dtype=expert_dtype)
 
 
-class _LoadOnlyTP:
-    """A TP rank's place without a process group: loading runs no collective."""
-
-    def __init__(self, rank: int, size: int):
-        self.rank, self.size = rank, size
-
-
 @pytest.fixture(scope="module")
 def tp_loader(float_path) -> None:
     """Skips the engine runs while engine/rank/loader.load_model still refuses V4 under TP instead of passing its
     TensorParallel to DeepseekV4ForCausalLM (one line there, outside this change's files)."""
     cfg = ModelConfig.from_pretrained(float_path, "float64")
     try:
-        load_model(cfg, ReferenceKernels(), CPU, tp=_LoadOnlyTP(0, 2))
+        load_model(cfg, ReferenceKernels(), CPU, tp=LoadOnlyTP(0, 2))
     except ValueError as e:
         if "tensor_parallel_size" not in str(e):
             raise
@@ -84,6 +80,37 @@ def test_dsv4_tp_matches_transformers(local_ray, tp_loader, float_path, ep):
     assert_same(_run(float_path, ps, 2, ep), hf_greedy(float_path, ps, max_new=NEW), ps)
 
 
+@pytest.fixture(scope="module")
+def tp_mtp(tp_loader, float_path) -> None:
+    """Skips the MTP runs while engine/models/mtp.make_mtp_layer still refuses V4's MTP module under TP instead of
+    passing its TensorParallel to DSV4MTPLayer (outside this change's files)."""
+    cfg = ModelConfig.from_pretrained(float_path, "float64")
+    try:
+        make_mtp_layer(cfg, arch_spec(cfg.architecture), 0, ReferenceKernels(), CPU, tp=LoadOnlyTP(0, 2))
+    except ValueError as e:
+        if "tensor_parallel_size" in str(e):
+            pytest.skip(f"engine/models/mtp.make_mtp_layer refuses V4's MTP under TP: {e}")
+        # anything else (this checkpoint has no MTP layer): the module is built past the TP check
+
+
+@pytest.mark.slow
+def test_dsv4_mtp_drafts_under_tp_equal_transformers(local_ray, tp_mtp, tmp_path):
+    """At -tp 2 -ep 2: the MTP block's heads split like a main layer's, its experts in EP on token slices, its window
+    cache whole, its draft logits all-gathered: drafts accepted and rejected, tokens transformers'. (Its split-experts
+    way is the main layers' code: the runs above.)"""
+    path = bigram_dsv4_mtp(save_dsv4_with_mtp(tmp_path / "random", moe_intermediate_size=32), tmp_path / "bigram")[0]
+    ps = prompts(VOCAB, seed=13, n=3, lo=1, hi=60)
+    llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=2, **KW,
+              speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    try:
+        assert_same(engine_greedy(llm, ps, max_new=6), hf_greedy(path, ps, max_new=6), ps)
+        sd = llm.engine.stats().spec_decode
+        assert 0.2 < sd.acceptance_rate < 1.0, sd
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("expert_dtype,ep", [("fp8", 1), ("fp4", 2)])
 def test_dsv4_published_tp_matches_transformers(local_ray, tp_loader, float_path, tmp_path, expert_dtype, ep):
@@ -94,24 +121,12 @@ def test_dsv4_published_tp_matches_transformers(local_ray, tp_loader, float_path
     assert_same(_run(path, ps, 2, ep), hf_greedy_with(fake_quant_dsv4(oracle, BLOCK), ps, NEW), ps)
 
 
-def _file_bytes(path: str) -> dict[str, int]:
-    out = {}
-    for name, f in checkpoint_index(path).items():
-        with safe_open(str(f), framework="pt") as st:
-            t = st.get_slice(name)
-            n = 1
-            for d in t.get_shape():
-                n *= d
-            out[name] = n * {"F64": 8, "F32": 4, "I64": 8, "I8": 1, "F8_E4M3": 1, "F8_E8M0": 1}[t.get_dtype()]
-    return out
-
-
 def _rank_reads(path: str, rank: int, ep=None) -> dict[str, int]:
     cfg = ModelConfig.from_pretrained(path, "float64")
     checkpoint = open_checkpoint(cfg, "auto", CPU)
     names = frozenset(checkpoint.keys())
     model = DeepseekV4ForCausalLM(cfg, arch_spec(cfg.architecture), ReferenceKernels(), CPU, ep, names,
-                                  tp=_LoadOnlyTP(rank, 2))
+                                  tp=LoadOnlyTP(rank, 2))
     got: dict[str, int] = {}
     load_plan(checkpoint, model.weight_plan(names), CPU, read_bytes=got)
     return got
@@ -129,7 +144,7 @@ def test_each_rank_reads_its_shard(float_path, tmp_path, fmt):
     ones with their scale blocks) are read half by each rank, the rest whole by both; wo_a's scales by both whole
     here (its 2 groups of 8 rows share one file block row of 16)."""
     path = float_path if fmt == "float" else _published(float_path, tmp_path, "fp8")[0]
-    full = _file_bytes(path)
+    full = file_bytes(path)
     reads = [_rank_reads(path, rank) for rank in range(2)]
     assert set(reads[0]) == set(reads[1]) == set(full)
     for name, size in full.items():

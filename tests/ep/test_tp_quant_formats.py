@@ -16,6 +16,8 @@ from moelink.engine.config.tensor_parallel import check_tensor_parallel
 
 from tests.helpers import int4_checkpoints, nvfp4_checkpoints
 from tests.helpers.fp8_checkpoints import hf_greedy_with
+from tests.helpers.parity import assert_same, engine_greedy
+from tests.helpers.tp_load import LoadOnlyTP
 
 NEW = 4
 KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
@@ -51,8 +53,6 @@ def test_tp2_ep2_matches_transformers(local_ray, tmp_path, fmt):
     want = hf_greedy_with(hf.to(torch.float64).eval(), ps, NEW)
     llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=2, **KW)
     try:
-        from tests.helpers.parity import assert_same, engine_greedy
-
         assert_same(engine_greedy(llm, ps, max_new=NEW), want, ps)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
@@ -67,3 +67,21 @@ def test_split_experts_refused(tmp_path, fmt):
     check_tensor_parallel(cfg, 2, kind)  # experts in EP: runs
     with pytest.raises(ValueError, match=f"{fmt} experts split over a TP group.*--expert-parallel-size 2"):
         check_tensor_parallel(cfg, 2, kind, experts_split=True)
+
+
+def test_quantized_row_parallel_linear_refused_at_load(tmp_path):
+    """ModelOpt's default recipe (scope "all") quantizes the attention and dense layers too: they are dequantized at
+    load, a column-parallel one cut to its rows, but a row-parallel one (o_proj: its packed columns) is refused,
+    naming the tensor (docs/tensor-parallelism.md)."""
+    from moelink.engine.rank.loader import load_model
+    from moelink.kernels.ops import ReferenceKernels
+    from moelink.moe.layer import ExpertParallel
+    from moelink.moe.placement import ExpertPlacement
+
+    path = nvfp4_checkpoints.nvfp4_checkpoint(nvfp4_checkpoints.save_tiny(tmp_path / "float", "qwen3"),
+                                              tmp_path / "nvfp4", scope="all")
+    cfg = ModelConfig.from_pretrained(path, "float64")
+    placement = ExpertPlacement(num_experts=cfg.num_experts, ep_size=2)
+    ep = ExpertParallel(0, 2, placement, None, placement.to_tensors(torch.device("cpu")))  # loading only
+    with pytest.raises(ValueError, match=r"self_attn\.o_proj\.weight' is NVFP4 and read through a 2-dim index"):
+        load_model(cfg, ReferenceKernels(), torch.device("cpu"), ep=ep, tp=LoadOnlyTP(0, 2))
