@@ -34,6 +34,11 @@ any connection; loads are capped per source and in all (scheduler/kv_connector.p
 slot; a decode engine without the deployment secret does not register loaded KV for prefix reuse
 (`trusted_loads`: nothing proved where it came from).
 
+Tensor parallelism (engine/kv_transfer/tp_shard.py): EngineArgs binds the factory to the engine's TP layout
+(`for_tensor_parallel`); each rank then saves or loads its own kv heads, a save's output names its TP group's
+ports (`remote_ranks` = the group's size) and its token says the group's size, and the group's reports are joined
+on its first rank (engine/kv_transfer/tp_join.py).
+
 The worker half lives in engine/kv_transfer/remote_worker.py (`RemoteWorkerSide`); this module is the factory and
 the scheduler half. The factory holds only this config, so it pickles to Ray ranks: each builds its own server and store there (the
 config carries the secret to them: Ray's own transport must be as trusted as the hosts).

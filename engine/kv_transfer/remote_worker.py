@@ -2,7 +2,10 @@
 docstring tells the whole): on each rank, the saved-KV store and the transport's server that serves it, the saves
 (a copy to host memory, or over NIXL in place a hold on the cache's blocks: engine/kv_transfer/nixl_inplace.py), and
 the loads, each fetched on a thread of its own and written layer by layer as it arrives (engine/kv_transfer/
-arrival.py); `poll` reports what finished to the rank's step loop.
+arrival.py); `poll` reports what finished to the rank's step loop. Under tensor parallelism a rank saves its
+heads' shard (or nothing, when an earlier rank of its group holds the same heads), a load makes one fetch per
+prefill rank holding some of its heads (`_sources`, engine/kv_transfer/tp_shard.py), and `poll` reports what
+every rank of the group has finished (engine/kv_transfer/tp_join.py).
 """
 from __future__ import annotations
 

@@ -12,7 +12,10 @@ Refusals never tell whether a key exists: a wrong key, an entry already fetched 
 not exactly the saved one (other tokens, another count) all get NO_KV. An entry is claimed (dropped from the store)
 only by a fetch that matches it exactly, as its reply starts, so it is served once and a failed fetch consumes
 nothing. A decode rank of another cache layout is refused by name, whatever key it asked for (the rank's own layout
-is compared, not the entry's). The ok reply carries no token ids.
+is compared, not the entry's). The ok reply carries no token ids. Under tensor parallelism the key ends in a
+shard ask (engine/kv_transfer/tp_shard.py): the heads a decode rank wants of this rank's; the layout compared is
+this rank's cut to that many heads, heads it does not hold are refused by name, and the reply carries exactly
+those heads (the entry claimed once per decode rank).
 
 Bounds. At most `max_connections` connections at once and `max_per_peer` from one peer address (Unix sockets: one
 peer process), each with a thread; when either is full, the oldest connection that has not finished its request

@@ -4,7 +4,9 @@ A prefill engine copies a request's prompt KV to host memory when it saves it (`
 its own blocks at once, so what it holds for decode engines is this store, one per rank. Nothing in it lives
 for ever: an entry goes when a decode engine fetches it (`take`), when it is older than `ttl_s` (a decode engine
 that never came), or, oldest first, when a new entry would put the store past `max_bytes`. Every way out is
-counted (`counters`), so a test or a metrics scrape sees where the entries went.
+counted (`counters`), so a test or a metrics scrape sees where the entries went. Under tensor parallelism an entry
+is a rank's heads' shard, taken once per decode rank that holds some of those heads and dropped when all have
+(`take`'s claimant; engine/kv_transfer/tp_shard.py).
 
 A save's bytes may still be on their way from the device when its request's output (which names the key) reaches
 a decode engine (`PagedKVBlocks.read_async`: the copy overlaps the next steps). The rank announces the key

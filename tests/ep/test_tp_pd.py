@@ -134,3 +134,19 @@ def test_the_key_carries_the_ask_and_the_token_the_prefill_tp():
     assert parse_key(token) == (token, None)
     with pytest.raises(ValueError, match="not one"):
         parse_key(token + ".1.2.2.0.2")  # heads 1-2 of 2
+
+
+# ---------------------------------------------------------------- what stays refused under TP, by name (no engine)
+def test_other_connectors_and_hybrid_models_are_refused_under_tp(tiny_model, hf_tiny_model):
+    from moelink.engine.config.engine_args import EngineArgs
+    from moelink.engine.kv_transfer.inhost import InHostKVConnector, InHostKVStore
+
+    with pytest.raises(ValueError, match="kv_connector=InHostKVConnector is not supported with tensor_parallel_size=2"):
+        EngineArgs(model=tiny_model("qwen3_e6k3"), tensor_parallel_size=2, load_format="dummy",
+                   kv_connector=InHostKVConnector(InHostKVStore())).create_engine_config()
+    with pytest.raises(ValueError, match="kv_connector .* linear-attention states"):
+        EngineArgs(model=hf_tiny_model("qwen3_next"), tensor_parallel_size=2, load_format="dummy",
+                   kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp"))).create_engine_config()
+    cfg = EngineArgs(model=tiny_model("qwen3_e6k3"), tensor_parallel_size=2, load_format="dummy",
+                     kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp"))).create_engine_config()
+    assert cfg.kv_connector.shard.tp_size == 2 and cfg.kv_connector.shard.num_kv_heads == 2
