@@ -63,11 +63,14 @@ def tp_loader(float_path) -> None:
         pytest.skip(f"engine/rank/loader.load_model refuses V4 under TP: {e}")
 
 
-def _run(path: str, ps, tp: int, ep: int) -> list[list[int]]:
-    llm = LLM(path, tensor_parallel_size=tp, expert_parallel_size=ep, **KW)
+def _run(path: str, ps, tp: int, ep: int, new: int = NEW, check=None, **kw) -> list[list[int]]:
+    """One engine start: greedy tokens of `ps`, every block back after; `check(llm)` before it stops."""
+    llm = LLM(path, tensor_parallel_size=tp, expert_parallel_size=ep, **KW, **kw)
     try:
-        got = engine_greedy(llm, ps, max_new=NEW)
+        got = engine_greedy(llm, ps, max_new=new)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+        if check is not None:
+            check(llm)
         return got
     finally:
         llm.engine.shutdown()
@@ -100,15 +103,14 @@ def test_dsv4_mtp_drafts_under_tp_equal_transformers(local_ray, tp_mtp, tmp_path
     way is the main layers' code: the runs above.)"""
     path = bigram_dsv4_mtp(save_dsv4_with_mtp(tmp_path / "random", moe_intermediate_size=32), tmp_path / "bigram")[0]
     ps = prompts(VOCAB, seed=13, n=3, lo=1, hi=60)
-    llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=2, **KW,
-              speculative_config={"method": "mtp", "num_speculative_tokens": 2})
-    try:
-        assert_same(engine_greedy(llm, ps, max_new=6), hf_greedy(path, ps, max_new=6), ps)
+
+    def accepted_some(llm) -> None:
         sd = llm.engine.stats().spec_decode
         assert 0.2 < sd.acceptance_rate < 1.0, sd
-        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
-    finally:
-        llm.engine.shutdown()
+
+    got = _run(path, ps, 2, 2, new=6, check=accepted_some,
+               speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    assert_same(got, hf_greedy(path, ps, max_new=6), ps)
 
 
 @pytest.mark.slow
