@@ -23,6 +23,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # at nice 0 as the engine's own local Ray does (engine/cluster/ray_runtime.py): at Ray's default 15 they starved
 # behind the other xdist worker's CPU-bound test past the 10 s heartbeat timeout.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# How long such a Ray waits after SIGTERM before it SIGKILLs a worker it kills (ray.kill: every engine shutdown, a
+# recovery dropping a lost rank): Ray's default 5 s is waited out in full by a rank that cannot act on SIGTERM, a
+# frozen (SIGSTOP) one or one blocked in a collective with a dead peer, and the next engine waits for its CPUs. A
+# worker that can exit exits well within 1 s, so nothing the tests check changes; a frozen-rank test took 4 s less.
+os.environ.setdefault("RAY_kill_worker_timeout_milliseconds", "1000")
 
 
 # Fixtures that start processes: a `moelink serve` subprocess (tests/server), EP rank processes (tests/comm),
