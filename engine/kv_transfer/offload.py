@@ -83,6 +83,11 @@ class OffloadKVConnector:
     def worker_side(self, rank: int) -> "_WorkerSide":
         return _WorkerSide(self, rank)
 
+    def tier_index(self, rank: int) -> TierIndex | None:
+        """Rank `rank`'s index (None before its first step, or on a rank whose tiers are off)."""
+        side = self._sides.get(rank)
+        return None if side is None else side.index
+
     def offload_tier_stats(self) -> dict[str, TierStats]:
         """Per tier, the counters of every rank summed (engine/core/metrics.py)."""
         out = {tier: TierStats() for tier in TIERS}
@@ -203,6 +208,10 @@ class _SchedulerSide:
         if isinstance(p, StepOps) and p.seq:
             ops, keys, demoted = self._ops.pop(p.seq)
             self.index.ops_ended(ops, keys, demoted, ok)
+        elif isinstance(p, StepOps) and ok and self.owner.block_bytes is None:
+            logger.warning("KV offload is off on rank %d: its worker is another process and this engine did not "
+                           "give the driver one KV block's bytes (OffloadKVConnector.configure(engine_config))",
+                           self.rank)
         elif isinstance(p, LoadPlan):
             keys, t0 = self._loads.pop(p.seq)
             seconds = time.perf_counter() - t0
@@ -220,7 +229,7 @@ class _WorkerSide:
         self._refused: str | None = None
         self._lock = threading.Lock()
         self._done: dict[int, bool] = {}
-        self._loads: dict[int, Future] = {}  # transfer id -> the loader thread's future (its CUDA event, or None)
+        self._loads: dict[int, Future] = {}  # transfer id -> the loader thread's future
         self._pool: ThreadPoolExecutor | None = None
         self._stream = None
 
@@ -264,20 +273,20 @@ class _WorkerSide:
         else:
             self._report(t.transfer_id, False)  # a load the tiers could not plan: recomputed
 
-    def _load(self, t: KVTransfer, p: LoadPlan, kv: PagedKVBlocks, event):
-        """On the loader thread: disk -> host, then host -> device; returns the CUDA event to wait for, or None."""
+    def _load(self, t: KVTransfer, p: LoadPlan, kv: PagedKVBlocks, event) -> None:
+        """On the loader thread: disk -> host, then host -> device (on CUDA on the side stream, after `event`:
+        the work enqueued before the load, this step's saves of the blocks it overwrites)."""
         self.store.promote(p.promote)
         if event is None:
             self.store.load(kv, t, p.host_slots)
-            return None
+            return
         if self._stream is None:
             self._stream = torch.cuda.Stream(kv.device)
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(event)
             self.store.load(kv, t, p.host_slots)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        return done
+        # Device-to-host sync, on this thread only: the load is reported (and its staging reused) once it landed.
+        self._stream.synchronize()
 
     def start_save(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
         self._report(t.transfer_id, True)  # never planned: the scheduler half wants no save
@@ -290,17 +299,11 @@ class _WorkerSide:
         for tid, fut in list(self._loads.items()):
             if not fut.done():
                 continue
-            try:
-                event = fut.result()
-            except (ValueError, OSError, RuntimeError) as exc:
-                logger.warning("KV offload load failed (the request is recomputed): %s", exc)
-                event, ok = None, False
-            else:
-                ok = True
-            if event is not None and not event.query():
-                continue
             del self._loads[tid]
-            self._report(tid, ok)
+            exc = fut.exception()
+            if exc is not None:
+                logger.warning("KV offload load failed (the request is recomputed): %s", exc)
+            self._report(tid, exc is None)
         with self._lock:
             done, self._done = self._done, {}
         return done or None

@@ -21,7 +21,7 @@ import torch
 
 from moelink.scheduler.outputs import KVTransfer
 
-from .blocks import FULL, PagedKVBlocks
+from .blocks import FULL, PagedKVBlocks, _wide_dtype
 from .offload_tiers import OffloadConfig
 
 
@@ -50,6 +50,7 @@ class TierStore:
         pin = kv.device.type == "cuda"
         # Allocated once: every slot of the tier (a CPU tensor is not touched until written).
         self.host_SR = [torch.empty((self.num_host, r), dtype=torch.uint8, pin_memory=pin) for r in self.row_bytes]
+        self._stage: dict[tuple[str, int], torch.Tensor] = {}  # gathers of scattered slots (_staging)
         self.path, self._fd = None, -1
         if self.num_disk:
             os.makedirs(config.disk_dir, mode=0o700, exist_ok=True)
@@ -73,28 +74,59 @@ class TierStore:
             if n != self.block_bytes:
                 raise OSError(f"KV offload: disk slot {d} gave {n} of {self.block_bytes} bytes")
 
+    def _rows(self, j: int, slots) -> torch.Tensor:
+        """Tensor j's bytes of host slots `slots` as one uint8 [N, R] tensor: the slots themselves when they are
+        consecutive (the free list hands them out in order), else gathered into a staging buffer kept between
+        calls (a fresh tensor per call would page-fault its whole size on a CPU)."""
+        n, s0 = len(slots), slots[0]
+        if list(slots) == list(range(s0, s0 + n)):
+            return self.host_SR[j][s0:s0 + n]
+        out = self._staging("in", j, n)
+        torch.index_select(self.host_SR[j], 0, torch.tensor(list(slots), dtype=torch.long), out=out)
+        return out
+
     def save(self, kv: PagedKVBlocks, blocks, slots) -> None:
-        """Device blocks `blocks` -> host slots `slots` (on CUDA a blocking device-to-host copy: it runs before the
-        step's forward, which would overwrite the blocks)."""
+        """Device blocks `blocks` -> host slots `slots`, before the step's forward overwrites the blocks."""
         if not blocks:
             return
-        saved = kv.read(KVTransfer(0, "", list(blocks), len(blocks) * kv.block_size))
-        slots_N = torch.tensor(list(slots), dtype=torch.long)
-        rows = [r for _, ts in saved.groups for r in ts]
-        for buf, r in zip(self.host_SR, rows):
-            buf.index_copy_(0, slots_N, r.reshape(len(blocks), -1))
+        if kv.device.type == "cuda":
+            # Device-to-host sync: a blocking copy (the step's forward must not overwrite the blocks first).
+            saved = kv.read(KVTransfer(0, "", list(blocks), len(blocks) * kv.block_size))
+            slots_N = torch.tensor(list(slots), dtype=torch.long)
+            for buf, r in zip(self.host_SR, (r for _, ts in saved.groups for r in ts)):
+                buf.index_copy_(0, slots_N, r.reshape(len(blocks), -1))
+            return
+        ids_N = torch.tensor(list(blocks), dtype=torch.long)
+        s0 = slots[0]
+        direct = list(slots) == list(range(s0, s0 + len(slots)))
+        slots_N = None if direct else torch.tensor(list(slots), dtype=torch.long)
+        for j, x in enumerate(self.tensors):
+            u8 = x.view(torch.uint8)
+            dt = _wide_dtype(u8)
+            n = len(blocks)
+            out = self.host_SR[j][s0:s0 + n] if direct else self._staging("out", j, n)
+            torch.index_select(u8.view(dt), 0, ids_N, out=out.view(dt).view(n, *u8.view(dt).shape[1:]))
+            if not direct:
+                self.host_SR[j].index_copy_(0, slots_N, out)
+
+    def _staging(self, way: str, j: int, n: int) -> torch.Tensor:
+        """A uint8 [n, R_j] buffer kept between calls, one per direction ("in": the loader thread's, "out": the
+        step's saves): they run at the same time."""
+        stage = self._stage.get((way, j))
+        if stage is None or stage.shape[0] < n:
+            stage = self._stage[way, j] = torch.empty((max(n, 64), self.row_bytes[j]), dtype=torch.uint8,
+                                                      pin_memory=self.host_SR[j].is_pinned())
+        return stage[:n]
 
     def load(self, kv: PagedKVBlocks, t: KVTransfer, slots) -> None:
         """Host slots `slots` -> the request's blocks from `t.first_block` on (the copy is enqueued on the current
         stream: the caller's side stream on CUDA)."""
-        slots_N = torch.tensor(list(slots), dtype=torch.long)
         idx = list(range(t.first_block, t.first_block + len(slots)))
         j = 0
         for g, (tensors, _) in enumerate(kv.groups):
             rows = []
             for x in tensors:
-                u8 = x.view(torch.uint8)
-                rows.append(self.host_SR[j].index_select(0, slots_N).view(len(slots), *u8.shape[1:]))
+                rows.append(self._rows(j, slots).view(len(slots), *x.view(torch.uint8).shape[1:]))
                 j += 1
             kv.write_group(g, t, idx, tuple(rows))
 

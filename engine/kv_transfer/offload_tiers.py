@@ -276,6 +276,10 @@ class TierIndex:
         """Forget every block (the prefix cache was reset: the weights changed); pinned slots stay pinned."""
         self.drop(list(self.host) + list(self.disk))
 
+    def num_pinned(self) -> int:
+        """Slots held by work in flight (a load reading them, a step's copies writing them): 0 when idle."""
+        return sum(1 for n in self._host_pins.values() if n > 0) + sum(1 for n in self._disk_pins.values() if n > 0)
+
     def check(self) -> None:
         """AssertionError if a slot is lost or held twice (tests)."""
         assert len(set(self.host.values())) == len(self.host) and not set(self.host.values()) & set(self._free_host)

@@ -44,9 +44,9 @@ def case(tiny_model):
 def _idle(llm, conn):
     """Every device block free and every tier slot unpinned (nothing leaked)."""
     sched = llm.engine.schedulers[0]
-    index = conn._sides[0].index
+    index = conn.tier_index(0)
     index.check()
-    return sched.kv.pool.num_free_blocks == KW["num_kv_blocks"] and not +index._host_pins and not +index._disk_pins
+    return sched.kv.pool.num_free_blocks == KW["num_kv_blocks"] and index.num_pinned() == 0
 
 
 @pytest.mark.parametrize("tier", ["host", "disk"])
