@@ -60,7 +60,7 @@ from .auth import new_capability
 from .config import WILDCARD_HOSTS, RemoteKVConfig, RemoteSource
 from .peers import describe_peers, peer_allowed
 from .remote_worker import RemoteWorkerSide, WorkerKVStats
-from .tp_shard import KVShardSpec, save_token
+from .tp_shard import KVShardSpec, save_token, token_tp_size
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +112,11 @@ class RemoteKVConnector:
         if c.port is None:
             raise ValueError("RemoteKVConfig.port=None: this engine serves no saved KV, so no decode engine can "
                              "load from it; give it a port.")
-        if self._tp > 1 and c.num_ranks != self._tp:
-            raise ValueError(f"RemoteKVConfig.num_ranks={c.num_ranks} names more than one TP group of "
-                             f"{self._tp} ranks: a decode engine cannot tell the groups' ports apart; pass the "
-                             "request's output kv_transfer_params (its group's ports) instead.")
+        tp = token_tp_size(saved.remote_kv_token or "")  # the prefill group's size, as its token says
+        if tp > 1 and c.num_ranks != tp:
+            raise ValueError(f"RemoteKVConfig.num_ranks={c.num_ranks} names more than one TP group of {tp} ranks: a "
+                             "decode engine cannot tell the groups' ports apart; pass the request's output "
+                             "kv_transfer_params (its group's ports) instead.")
         return KVTransferParams(do_remote_prefill=True, remote_host=c.reachable_host, remote_port=c.port,
                                 remote_ranks=c.num_ranks, remote_request_id=saved.remote_request_id,
                                 remote_kv_token=saved.remote_kv_token)

@@ -150,3 +150,13 @@ def test_other_connectors_and_hybrid_models_are_refused_under_tp(tiny_model, hf_
     cfg = EngineArgs(model=tiny_model("qwen3_e6k3"), tensor_parallel_size=2, load_format="dummy",
                      kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp"))).create_engine_config()
     assert cfg.kv_connector.shard.tp_size == 2 and cfg.kv_connector.shard.num_kv_heads == 2
+
+
+def test_decode_params_refuses_several_tp_groups():
+    conn = RemoteKVConnector(RemoteKVConfig(transport="tcp", port=5600, num_ranks=4))
+    saved = KVTransferParams(do_remote_prefill=True, remote_host="127.0.0.1", remote_port=5602, remote_ranks=2,
+                             remote_kv_token=save_token("A" * 22, 2))
+    with pytest.raises(ValueError, match="num_ranks=4 names more than one TP group of 2 ranks"):
+        conn.decode_params(saved)
+    one_group = RemoteKVConnector(RemoteKVConfig(transport="tcp", port=5600, num_ranks=2)).decode_params(saved)
+    assert (one_group.remote_port, one_group.remote_ranks) == (5600, 2)
