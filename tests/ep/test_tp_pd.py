@@ -160,3 +160,28 @@ def test_decode_params_refuses_several_tp_groups():
         conn.decode_params(saved)
     one_group = RemoteKVConnector(RemoteKVConfig(transport="tcp", port=5600, num_ranks=2)).decode_params(saved)
     assert (one_group.remote_port, one_group.remote_ranks) == (5600, 2)
+
+
+def test_a_transfer_is_reported_once_every_rank_of_the_group_has_it():
+    """tp_join.py: the first rank reports a transfer only when the other rank has sent it too, failed if either
+    failed; a report sent twice counts once."""
+    import secrets
+    import time
+
+    from moelink.engine.kv_transfer.tp_join import TPJoin
+
+    name = secrets.token_hex(8)
+    first, second = TPJoin(name, 0, 2), TPJoin(name, 1, 2)
+    try:
+        assert first.join({1: True, 2: True}) is None  # the second rank has reported neither
+        assert second.join({1: True, 2: False}) == {1: True, 2: False}  # its own, which the executor drops
+        second.join({1: True})  # sent again (a cut send retried): counts once
+        got, deadline = {}, time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            got.update(first.join(None) or {})
+            time.sleep(0.01)
+        assert got == {1: True, 2: False}
+        assert first.join({3: True}) is None
+    finally:
+        second.close()
+        first.close()
