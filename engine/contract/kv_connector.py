@@ -5,7 +5,8 @@ The driver asks it for each rank's scheduler half (`scheduler_side(rank)`: a sch
 engine/kv_transfer/blocks.py `WorkerKVConnector`, which copies blocks through the runner's `PagedKVBlocks`). The
 factory travels to the ranks in the `WorkerConfig` (pickled to a Ray actor), so a connector whose halves share
 memory must refuse to be pickled, as the in-host reference (engine/kv_transfer/inhost.py) does; a network
-transport ships addresses instead. `EngineArgs(kv_connector=...)` / `LLM(..., kv_connector=...)` set it.
+transport ships addresses instead, and the offload tiers (engine/kv_transfer/offload.py) their config: their
+scheduler half decides, each rank's worker half allocates and copies on its own. `EngineArgs(kv_connector=...)` / `LLM(..., kv_connector=...)` set it.
 """
 from __future__ import annotations
 
