@@ -144,6 +144,9 @@ def format_offload(res: dict) -> list[str]:
     lines.append(f"  recomputed: {o['recomputed_share']:.1%} of requests; mean TTFT saved per request "
                  f"{o['mean_ttft_saved_ms']:,.1f} ms, {o['offload_ttft_saved_ms']:,.1f} ms of it by the host and "
                  f"disk tiers (host link {o['host_link_gbps']:g} GB/s, disk {o['disk_gbps']:g} GB/s per GPU)")
+    if "prompt_tokens_cached_share" in o:
+        lines.append(f"  prompt tokens not recomputed: {o['prompt_tokens_cached_share']:.1%} (--prefix-hit "
+                     f"{o['prompt_tokens_cached_share']:.2f} prices it in prefill GPU-seconds and dollars)")
     return lines
 
 

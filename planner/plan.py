@@ -305,7 +305,10 @@ def offload_summary(inp: PlanInputs, setup: Setup, eff: Efficiency) -> dict | No
         chunk = min(inp.prefill_chunk, prefix)
         alone = replace(inp, input_len=prefix, prefix_hit=0.0, prefill_chunk=chunk, offload=OffloadWorkload())
         recompute = chunks(prefix, chunk) * prefill_at(alone, inp.ep, eff)[0].seconds
-    return tier_plan(w, prefix, per_token, device, HOST_LINK_GBPS[hw.gpu.name], recompute)
+    out = tier_plan(w, prefix, per_token, device, HOST_LINK_GBPS[hw.gpu.name], recompute)
+    # Prompt tokens not computed, all tiers together: what --prefix-hit prices in prefill GPU-seconds and dollars.
+    out["prompt_tokens_cached_share"] = prefix / inp.input_len * (1.0 - out["recomputed_share"])
+    return out
 
 
 def features_used(inp: PlanInputs, setup: Setup, overlaps: tuple[str, ...]) -> dict[str, bool]:

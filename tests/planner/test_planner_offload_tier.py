@@ -63,6 +63,7 @@ def test_a_plan_prices_the_tiers_against_its_own_prefill():
     assert o["tiers"][0]["hit_share"] < 0.01 and o["recomputed_share"] == pytest.approx(0.0)
     text = format_plan(res)
     assert "KV offload: a reused prefix of 3,000 tokens" in text and "mean TTFT saved per request" in text
+    assert o["prompt_tokens_cached_share"] == pytest.approx(0.75) and "--prefix-hit 0.75 prices it" in text
     # Without the tiers the same workload recomputes what HBM does not hold.
     bare = plan(replace(base, offload=replace(w, host_bytes=0, disk_bytes=0)))["kv_offload"]
     assert bare["recomputed_share"] > 0.99 and bare["offload_ttft_saved_ms"] == 0
