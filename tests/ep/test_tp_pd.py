@@ -3,12 +3,16 @@
 per TP rank) and DeepSeek-V3 (MLA: the latent whole on every rank, saved once):
 - (P, D) = (2, 1): the decode rank takes each head from the prefill rank holding it (two fetches);
 - (1, 2): each decode rank takes its head cut out of the one prefill rank's rows;
-- (2, 2): rank to rank.
+- (2, 2): rank to rank;
+with EP beside TP on one side of each model (Qwen3's decode engine and DeepSeek-V3's prefill engine at `-tp 2 -ep 2`:
+the experts in EP over the group, its attention heads still split).
 Greedy tokens equal one engine's, the decode side computes only each prompt's last token (cached = prompt - 1), and
 every block is free on both sides after. One engine start per side and TP size per model (four), shared by the
 three pairs; the plans and claims for other head counts (K < tp: replicated heads) without engines.
 """
 from __future__ import annotations
+
+import socket
 
 import pytest
 
@@ -33,15 +37,36 @@ SAVE = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
                       kv_transfer_params=KVTransferParams(do_remote_decode=True))
 
 
-def _engines(path):
-    """{("prefill" | "decode", tp): LLM}: the four engines of one model's pairs."""
+def _free_ports(n: int) -> int:
+    """A port p with p .. p + n - 1 all free on 127.0.0.1 now (rank r of a prefill engine serves on p + r)."""
+    for _ in range(50):
+        port, socks = free_port(), []
+        try:
+            for i in range(n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port + i))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError(f"no {n} consecutive free ports")
+
+
+def _engines(path, ep: str):
+    """{("prefill" | "decode", tp): LLM}: the four engines of one model's pairs; the `ep` side's TP 2 engine runs its
+    experts in EP 2 over the group (`-tp 2 -ep 2`), the other's split by TP."""
     out = {}
     try:
         for tp in (1, 2):
-            port = free_port()
-            out["prefill", tp] = LLM(path, tensor_parallel_size=tp, kv_connector=RemoteKVConnector(
-                RemoteKVConfig(transport="tcp", port=port, num_ranks=tp)), **KW)
-            out["decode", tp] = LLM(path, tensor_parallel_size=tp,
+            port = _free_ports(tp)
+            eps = {side: 2 if tp == 2 and side == ep else 1 for side in ("prefill", "decode")}
+            out["prefill", tp] = LLM(path, tensor_parallel_size=tp, expert_parallel_size=eps["prefill"],
+                                     kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp", port=port,
+                                                                                   num_ranks=tp)), **KW)
+            out["decode", tp] = LLM(path, tensor_parallel_size=tp, expert_parallel_size=eps["decode"],
                                     kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp")), **KW)
     except BaseException:
         _shutdown(out)
@@ -81,7 +106,7 @@ def _check_pairs(engines, ps) -> None:
 def test_qwen3_gqa_heads_between_tp_sizes(local_ray, tiny_model):
     name = "qwen3_e6k3"  # 4 q heads, 2 kv heads: one per rank at -tp 2
     path = tiny_model(name)
-    engines = _engines(path)
+    engines = _engines(path, ep="decode")
     try:
         _check_pairs(engines, prompts(TINY_CONFIGS[name]["vocab_size"], seed=46, n=3, lo=5, hi=20))
     finally:
@@ -90,7 +115,7 @@ def test_qwen3_gqa_heads_between_tp_sizes(local_ray, tiny_model):
 
 def test_deepseek_v3_latent_between_tp_sizes(local_ray, hf_tiny_model):
     path = hf_tiny_model("dsv3_lora")  # MLA: the latent whole on every rank, saved by the group's first only
-    engines = _engines(path)
+    engines = _engines(path, ep="prefill")
     try:
         _check_pairs(engines, prompts(hf_checkpoints.VOCAB, seed=47, n=3, lo=5, hi=20))
     finally:
