@@ -29,6 +29,7 @@ README_HARDWARE = ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72", "b300-hgx"
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     from moelink.planner.hardware import PROFILES
     from moelink.planner.models import MODELS
+    from moelink.planner.offload_tier import add_offload_args
     from moelink.planner.plan import PRECISIONS
 
     p.add_argument("--model", default="deepseek-v3", choices=sorted(MODELS))
@@ -65,6 +66,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serving", default="disaggregated", choices=("disaggregated", "mixed"),
                    help="disaggregated prefill/decode pools, or mixed: both on every GPU (chunked prefill)")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="mixed serving: tokens per iteration per rank")
+    add_offload_args(p)
     p.add_argument("--report", dest="report_path", nargs="?", const="", default=None,
                    help="write a markdown cost report with Pareto and $/M-token plots (PNGs beside it); "
                         "without a path: cost_report_<model>.md here")
@@ -141,6 +143,7 @@ def run_plan(ns: argparse.Namespace) -> int:
         return _calibrate(ns)
     from moelink.planner.hardware import get_profile
     from moelink.planner.models import get_model
+    from moelink.planner.offload_tier import offload_from_args
     from moelink.planner.plan import PlanInputs, plan, with_hardware
     from moelink.planner.report import format_comparison, format_plan
 
@@ -162,7 +165,8 @@ def run_plan(ns: argparse.Namespace) -> int:
                       overlap=ns.overlap, balance=balance, pattern=ns.pattern, mtp_draft=ns.mtp_draft,
                       mtp_accept=ns.mtp_accept, engine=ns.engine, gpu_hour_usd=ns.gpu_hour_usd,
                       utilization=ns.utilization, prefix_hit=ns.prefix_hit, redundant_experts=ns.redundant_experts,
-                      attn_tp=ns.attn_tp, serving=ns.serving, max_num_tokens=ns.max_num_tokens)
+                      attn_tp=ns.attn_tp, serving=ns.serving, max_num_tokens=ns.max_num_tokens,
+                      offload=offload_from_args(ns))
     results = {}
     for name in _hardware_list(ns.hardware):
         results[name] = plan(with_hardware(base, get_profile(name)))
