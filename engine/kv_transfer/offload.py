@@ -231,6 +231,7 @@ class _WorkerSide:
         self._done: dict[int, bool] = {}
         self._loads: dict[int, Future] = {}  # transfer id -> the loader thread's future
         self._pool: ThreadPoolExecutor | None = None
+        self._warned: set[str] = set()
         self._stream = None
 
     def _store_for(self, kv: PagedKVBlocks) -> TierStore:
@@ -240,9 +241,8 @@ class _WorkerSide:
             try:
                 self.store = TierStore(kv, self.owner.config, self.rank)
             except ValueError as exc:
-                self._refused = str(exc)
-                logger.error("KV offload is off on rank %d: %s", self.rank, exc)
-                raise
+                self._refused = f"offload is off: {exc}"
+                raise ValueError(self._refused) from None
             if self.owner.block_bytes is None:
                 self.owner.block_bytes = self.store.block_bytes  # in one process: the scheduler half reads it
         return self.store
@@ -259,7 +259,7 @@ class _WorkerSide:
                 store.demote(p.demote)  # before the saves: a pushed-down slot may take a new block now
                 store.save(kv, p.save_blocks, p.save_slots)
             except (ValueError, OSError) as exc:
-                logger.warning("KV offload: a step's tier work failed (its blocks are dropped): %s", exc)
+                self._warn_once(f"KV offload: a step's tier work failed (its blocks are dropped): {exc}")
                 ok = False
             self._report(t.transfer_id, ok)
         elif isinstance(p, LoadPlan) and self.store is not None:
@@ -288,6 +288,12 @@ class _WorkerSide:
         # Device-to-host sync, on this thread only: the load is reported (and its staging reused) once it landed.
         self._stream.synchronize()
 
+    def _warn_once(self, msg: str) -> None:
+        """Each distinct failure logged once per rank (one that repeats every step would flood the log)."""
+        if msg not in self._warned:
+            self._warned.add(msg)
+            logger.warning("%s (rank %d; logged once)", msg, self.rank)
+
     def start_save(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
         self._report(t.transfer_id, True)  # never planned: the scheduler half wants no save
 
@@ -302,7 +308,7 @@ class _WorkerSide:
             del self._loads[tid]
             exc = fut.exception()
             if exc is not None:
-                logger.warning("KV offload load failed (the request is recomputed): %s", exc)
+                self._warn_once(f"KV offload: a load failed (its request is recomputed): {exc!r}")
             self._report(tid, exc is None)
         with self._lock:
             done, self._done = self._done, {}
