@@ -80,9 +80,12 @@ def _serve(ns: argparse.Namespace) -> int:
 
         request_logger.addFilter(RequestLogFilter())
     role = role_from_args(ns, num_ranks=args.expert_parallel_size)
-    if role.kv is not None:
-        args.kv_connector = role.connector()
-        print(f"moelink: {args.kv_connector.describe()}", flush=True)  # what the KV plane listens on, whom it trusts
+    connector = role.connector()  # PD's remote KV plane, or the offload tiers (--kv-offload-*), or None
+    if connector is not None:
+        args.kv_connector = connector
+        describe = getattr(connector, "describe", None)  # what the KV plane listens on, whom it trusts
+        if describe is not None:
+            print(f"moelink: {describe()}", flush=True)
     args.grammar_prestart = True  # a server's first constrained request must not wait for a compile process start
     return serve(args, config)
 

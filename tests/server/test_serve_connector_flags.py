@@ -1,0 +1,28 @@
+"""`moelink serve` hands the engine the KV connector its flags ask for (engine/server/cli._serve): the offload tiers
+alone (--kv-offload-host-bytes on a --role both server) are a connector too, not only a prefill/decode role. The
+serve call is replaced by a recorder: no weights load, no port opens."""
+from __future__ import annotations
+
+from moelink.engine.api.cli import build_parser
+from moelink.engine.kv_transfer.offload import OffloadKVConnector
+
+
+def _served_args(monkeypatch, *argv):
+    import moelink.engine.server.server as server_mod
+
+    seen = {}
+    monkeypatch.setattr(server_mod, "serve", lambda args, config: seen.setdefault("args", args) and 0)
+    ns = build_parser().parse_args(["serve", "builtin-model", *argv])
+    ns.func(ns)
+    return seen["args"]
+
+
+def test_offload_flags_give_the_engine_the_offload_connector(monkeypatch, tmp_path):
+    args = _served_args(monkeypatch, "--kv-offload-host-bytes", str(1 << 20), "--kv-offload-disk-bytes",
+                        str(4 << 20), "--kv-offload-dir", str(tmp_path))
+    assert isinstance(args.kv_connector, OffloadKVConnector)
+    assert args.kv_connector.config.host_bytes == 1 << 20 and args.kv_connector.config.disk_bytes == 4 << 20
+
+
+def test_no_kv_flags_no_connector(monkeypatch):
+    assert _served_args(monkeypatch).kv_connector is None
