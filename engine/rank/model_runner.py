@@ -159,6 +159,9 @@ class ModelRunner:
                                                        self.block_size, kv_bytes))
         if self.kv_connector is not None:
             self.kv_blocks = PagedKVBlocks(self.kv_caches, self.kv_pairs, self.block_size, self.state_caches)
+            allocated = getattr(self.kv_connector, "cache_allocated", None)  # e.g. NIXL registers it now, at start
+            if allocated is not None:
+                allocated(self.kv_blocks)
         if self.graph_sizes:
             self._capture_graphs()
 
