@@ -185,7 +185,9 @@ class _SchedulerSide:
         hashes = extend_block_hashes(req.block_hashes, req.all_token_ids, bs, req.num_tokens // bs, self.kv.lookahead)
         hit = len(self.kv.pool.find_cached_blocks(hashes, (req.num_tokens - 1) // bs))
         end = self.index.num_leading(hashes, hit)
-        if end <= hit:
+        if end <= hit or (end == hit + 1 and hit == (req.num_tokens - 1) // bs):
+            # Nothing below, or only the block holding the last prompt token, whose tokens the step that computes
+            # that token recomputes in the same forward for nearly nothing: a load would only add its wait.
             return 0
         self._asked[req.request_id] = (hit, end)
         return end * bs
