@@ -146,7 +146,8 @@ class RemoteKVConnector:
     def _check_rank(self, rank: int) -> None:
         if self.config.port is not None and rank >= self.config.num_ranks:
             raise ValueError(f"RemoteKVConfig.num_ranks={self.config.num_ranks} is too small: rank {rank} serves on "
-                             f"port + {rank}; set it to the engine's expert_parallel_size.")
+                             f"port + {rank}; set it to the engine's ranks (its expert_parallel_size, or "
+                             f"its tensor_parallel_size without EP).")
 
 
 def _params(req: Request) -> KVTransferParams | None:

@@ -210,3 +210,43 @@ def test_a_transfer_is_reported_once_every_rank_of_the_group_has_it():
     finally:
         second.close()
         first.close()
+
+
+def test_a_prefill_rank_serves_each_decode_rank_its_heads_once(tmp_path):
+    """The server side of a shard ask over tcp, no engine: a prefill rank holding kv heads 0-1 of 2 answers decode
+    rank d of 2 with head d only (its rows cut out of the saved ones), once per decode rank, and drops the entry when
+    both have taken theirs; heads it does not hold are refused by name."""
+    import torch
+
+    from moelink.engine.kv_transfer.blocks import SavedKV
+    from moelink.engine.kv_transfer.store import SavedKVStore
+    from moelink.engine.kv_transfer.transport import make_transport
+    from moelink.engine.kv_transfer.tp_shard import with_heads
+    from moelink.engine.kv_transfer.wire import KVFetchError
+
+    layout = (("full", (("torch.float32", (4, 2, 8)), ("torch.float32", (4, 2, 8)))),)  # k, v: [B, H, D] rows
+    rows = tuple(torch.randint(0, 256, (3, 4, 2, 32), dtype=torch.uint8) for _ in range(2))  # 3 blocks, bytes
+    tokens, token = tuple(range(12)), save_token("C" * 22, 2)
+    store = SavedKVStore(60.0, 1 << 20)
+    store.heads = Heads(0, 2, 2)
+    store.put(token, SavedKV(12, tokens, layout, [([0, 1, 2], rows)]))
+    tr = make_transport("tcp", 2.0, 10.0)
+    port = _free_ports(1)
+    server = tr.serve(store, "127.0.0.1", port)
+
+    def fetch(ask: ShardAsk):
+        return tr.fetch("127.0.0.1", port, ask.key(token), with_heads(layout, ask.heads.count), list(tokens), 3,
+                        10.0, torch.device("cpu"))
+
+    try:
+        with pytest.raises(KVFetchError, match="holds kv heads 0-1 of 2, not 0-0 of 4"):
+            fetch(ShardAsk(Heads(0, 1, 4), 0, 4))
+        for d in (1, 0):
+            got = fetch(ShardAsk(Heads(d, 1, 2), d, 2))
+            assert all(torch.equal(g, r[:, :, d:d + 1]) for g, r in zip(got.groups[0][1], rows))
+            assert len(store) == d  # dropped once both decode ranks have taken their head
+        with pytest.raises(KVFetchError, match="no KV for this key"):
+            fetch(ShardAsk(Heads(0, 1, 2), 0, 2))
+        assert store.counters.num_served == 1
+    finally:
+        server.close()
