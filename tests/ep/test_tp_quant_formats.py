@@ -1,4 +1,4 @@
-"""INT4 (compressed-tensors, Kimi K2 / K2.5's experts) and NVFP4 (ModelOpt) routed experts under tensor parallelism
+"""INT4 (compressed-tensors, Kimi K2.5's experts, in its multimodal checkpoint) and NVFP4 (ModelOpt) routed experts under tensor parallelism
 (docs/tensor-parallelism.md): at `-tp 2 -ep 2` the packed experts are placed whole by EP (each rank reads its own
 experts' words and scales), the float attention and dense layers split over the TP group, and greedy tokens equal
 transformers' on the dequantized weights (Ray, CPU ranks, gloo, float64). Split by intermediate size
@@ -24,11 +24,12 @@ KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blo
 
 
 def _int4(tmp_path) -> tuple[str, str]:
-    """Kimi-shaped DeepSeek-V3 (MLA, shared expert, a dense layer), symmetric INT4 experts in groups of 32; its own
+    """Kimi K2.5 as published (its multimodal checkpoint: the text model under `language_model.`) around a tiny
+    DeepSeek-V3 (MLA, shared expert, a dense layer) with symmetric INT4 experts in groups of 32; the DeepSeek-V3
     files are the oracle (transformers decompresses them: tests/ep/test_ep_int4.py)."""
-    path = int4_checkpoints.int4_checkpoint(int4_checkpoints.save_tiny(tmp_path / "float", "dsv3"), tmp_path / "int4",
+    dsv3 = int4_checkpoints.int4_checkpoint(int4_checkpoints.save_tiny(tmp_path / "float", "dsv3"), tmp_path / "int4",
                                             True, 32, "experts")
-    return path, path
+    return int4_checkpoints.kimi_k25_checkpoint(dsv3, tmp_path / "k25"), dsv3
 
 
 def _nvfp4(tmp_path) -> tuple[str, str]:
