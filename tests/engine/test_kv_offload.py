@@ -191,3 +191,32 @@ def test_the_flags_and_the_refusals_each_name_what_is_wrong(tmp_path):
 
     with pytest.raises(ValueError, match="sliding-window table or per-sequence state"):
         OffloadKVConnector(OffloadConfig(host_bytes=1)).scheduler_side(0).bind(StateKV())
+
+
+def test_the_scheduler_half_stores_what_the_pool_evicts_and_forgets_it_on_a_reset():
+    from moelink.scheduler.kv_cache_manager import KVCacheManager
+    from moelink.scheduler.kv_connector import KVTransfers
+    from moelink.scheduler.request import Request
+
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=4 * 100))
+    conn.block_bytes = 100  # 4 host slots
+    kv = KVCacheManager(4, 2)
+    kvt = KVTransfers(conn.scheduler_side(0), kv)  # binds the half, and the pool starts recording evictions
+    a = Request("a", [1, 2, 3, 4, 5])
+    kv.allocate_slots(a, 5)
+    a.num_computed_tokens = 5
+    kv.cache_blocks(a)  # blocks 0, 1 cached (full); block 2 holds one token
+    kv.free(a)
+    b = Request("b", [9] * 8)
+    kv.allocate_slots(b, 8)  # takes all four blocks (2 and 3 first: nothing cached): 1 and 0 are evicted
+    (t,) = kvt.plan({}).loads  # the step's tier work, first among its loads
+    assert sorted(t.params.save_blocks) == [0, 1] and len(t.params.save_slots) == 2
+    assert conn.tier_index(0).num_pinned() == 2  # until the worker reports the copies done
+    kvt.take_report({t.transfer_id: True})
+    assert conn.tier_index(0).num_pinned() == 0
+    kv.free(b)
+    c = Request("c", [1, 2, 3, 4, 5])
+    kv.get_computed_blocks(c)
+    assert kvt.loadable(c) == 4  # both of a's full blocks, from the host tier
+    kv.reset_prefix_cache()
+    assert kvt.loadable(c) == 0 and not conn.tier_index(0).host
