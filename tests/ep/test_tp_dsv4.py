@@ -79,8 +79,11 @@ def _run(path: str, ps, tp: int, ep: int, new: int = NEW, check=None, **kw) -> l
 @pytest.mark.slow
 @pytest.mark.parametrize("ep", [1, 2])
 def test_dsv4_tp_matches_transformers(local_ray, tp_loader, float_path, ep):
+    """At -tp 2 -ep 2 with two-batch overlap too: each micro-batch's token slices (and their ids) through the EP
+    all-to-all, in the same order on both ranks (the published run below is -tp 2 -ep 2 without it)."""
     ps = prompts(VOCAB, seed=3, n=3, lo=1, hi=60)
-    assert_same(_run(float_path, ps, 2, ep), hf_greedy(float_path, ps, max_new=NEW), ps)
+    got = _run(float_path, ps, 2, ep, enable_two_batch_overlap=ep > 1)
+    assert_same(got, hf_greedy(float_path, ps, max_new=NEW), ps)
 
 
 @pytest.fixture(scope="module")
