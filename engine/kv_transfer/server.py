@@ -243,6 +243,7 @@ class KVSocketServer:
         if ask is not None and check_ask(self._held(), ask) is not None:
             return None  # (the first save came while this request waited: its layout was not known above)
         if ask is not None and type(saved) is not SavedKV:  # a HeldKV (nixl_inplace.py): block ids, not rows
+            self.store.end_hold(key, saved)  # no decode rank of this engine can read it: its blocks go back now
             raise KVRefused("this prefill rank holds the KV in place (NIXL), which is not cut into TP shards: run it "
                             "with --no-kv-nixl-in-place (RemoteKVConfig.nixl_in_place=False) for a TP decode engine")
         ours = saved.layout if ask is None or ask.heads is None else with_heads(saved.layout, ask.heads.count)

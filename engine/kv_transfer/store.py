@@ -16,8 +16,9 @@ announced key waits for its `put` (or `abandon`) within the fetch's own deadline
 Held entries (NIXL in place, engine/kv_transfer/nixl_inplace.py): `hold` keeps a `HeldKV`, which names blocks
 still in the rank's cache, not bytes; it counts nothing against `max_bytes` here (the rank saves by copy instead
 once `held_nbytes` would pass it: saves never fetched hold a bounded part of the pool), is never evicted, and
-leaves by one way of three: claimed by a fetch (`take`) whose reply then ends (`release`: "read", or the peer
-gone, or the reply deadline), its own `hold_until` passing (`nixl_hold_s`), or `clear`. Each way out puts the
+leaves by one way of four: claimed by a fetch (`take`) whose reply then ends (`release`: "read", or the peer
+gone, or the reply deadline), its own `hold_until` passing (`nixl_hold_s`), a fetch that cannot read it in place
+(`end_hold`: a decode TP rank asking for its heads), or `clear`. Each way out puts the
 save's transfer id in `released()`, which the rank's poll reports to the scheduler, which then frees the blocks.
 """
 from __future__ import annotations
@@ -122,6 +123,14 @@ class SavedKVStore:
         """A claimed held entry's reply ended: its blocks may go back (reported by the next `released()`)."""
         with self._lock:
             self._released.append(held.transfer_id)
+
+    def end_hold(self, key: str, held) -> None:
+        """End the hold of `held` (what `peek` returned under `key`) unread: a decode engine that cannot read it in
+        place asked for it (a TP shard, engine/kv_transfer/tp_shard.py), and recomputes; its blocks go back."""
+        with self._lock:
+            if self._held.get(key) is held:
+                del self._held[key]
+                self._released.append(held.transfer_id)
 
     def released(self) -> list[int]:
         """The save transfer ids whose hold ended since the last call (expired ones swept first)."""
