@@ -82,7 +82,11 @@ def test_dsv4_tp_matches_transformers(local_ray, tp_loader, float_path, ep):
     """At -tp 2 -ep 2 with two-batch overlap too: each micro-batch's token slices (and their ids) through the EP
     all-to-all, in the same order on both ranks (the published run below is -tp 2 -ep 2 without it)."""
     ps = prompts(VOCAB, seed=3, n=3, lo=1, hi=60)
-    got = _run(float_path, ps, 2, ep, enable_two_batch_overlap=ep > 1)
+
+    def counted_once(llm) -> None:  # every routed (token, expert) pair once: top-2 in 4 MoE layers (2 hash-routed)
+        assert llm.engine.moe_metrics.total_routed() == sum(len(p) + NEW - 1 for p in ps) * 2 * 4
+
+    got = _run(float_path, ps, 2, ep, check=counted_once, enable_two_batch_overlap=ep > 1)
     assert_same(got, hf_greedy(float_path, ps, max_new=NEW), ps)
 
 
