@@ -5,14 +5,15 @@ and head vocab-parallel; the MoE block with every expert's channels split (`-tp 
 (`-tp 2 -ep 2`, the hash-routed layers routing their slice's token ids).
 
 On Ray (CPU ranks, gloo, float64), greedy tokens equal transformers' V4 on the tiny checkpoint it saved (which one
-rank's equal too: tests/engine/test_dsv4.py), for the float checkpoint at -tp 2 and -tp 2 -ep 2, and for DeepSeek's
+rank's equal too: tests/engine/test_dsv4.py), for the float checkpoint at -tp 2 and -tp 2 -ep 2 (with two-batch
+overlap; every routed pair counted once in both), and for DeepSeek's
 published format (tests/helpers/dsv4_published.py: FP8 linears held FP8 and run W8A8, against transformers on the
 dequantized weights with the activation rounding) with FP8 experts split at -tp 2 and FP4 experts in EP at -tp 2 -ep 2.
 Blocks of 16 x 8: wo_a's groups of 8 rows start mid-block on rank 1 (its scale rows held finer), wo_b's 8 columns per
 rank a whole block. In one process: each rank reads exactly its shard of every split tensor, and the refusals.
 MTP drafting (DeepSeek-V4's own MTP module) at -tp 2 -ep 2 equals transformers' tokens with drafts accepted and
 rejected. One engine start per configuration; prompts of up to 60 tokens pass the compress boundaries and the
-indexer's top-k.
+indexer's top-k. The engine runs skip, saying why, while the loader (or make_mtp_layer) still refuses V4 under TP.
 """
 from __future__ import annotations
 
