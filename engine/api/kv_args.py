@@ -11,6 +11,10 @@ Roles (vLLM's kv_role names in GetServerInfo, what smg's PD mode and other route
   name, instead of prefilling it (a failed or late transfer is recomputed here, never lost), if that engine is
   one of `--kv-peers` (default: loopback only); any other source is refused when the request arrives.
 
+`--kv-offload-host-bytes` (with `--kv-offload-disk-bytes`, `--kv-offload-dir`) adds the prefix cache's host and
+disk tiers (docs/kv-offload.md) to any role: alone (`both`), or beside the PD connector
+(engine/kv_transfer/offload_compose.py).
+
 Security (docs/security-kv.md): `--kv-secret-file` (or MOELINK_KV_SECRET), the same on every prefill and decode
 server, authenticates both ends of every KV connection; it is required once a KV listener (`--kv-host`) or a peer
 (`--kv-peers`) is not loopback.
@@ -24,16 +28,13 @@ from typing import Optional
 
 from ..kv_transfer.auth import SECRET_ENV, load_secret
 from ..kv_transfer.offload import OffloadConfig, OffloadKVConnector
+from ..kv_transfer.offload_compose import WithOffload
 from ..kv_transfer.peers import parse_peers
 from ..kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from ..kv_transfer.transport import KV_TRANSPORTS, default_transport
 from ..contract.safe_text import shown
 
 ROLES = ("both", "prefill", "decode")
-# Why the offload tiers do not go with a disaggregation connector yet (docs/kv-offload.md).
-_OFFLOAD_WITH_PD = ("--kv-offload-host-bytes is invalid with --role prefill|decode or --kv-port: an engine takes one KV "
-                    "connector (EngineArgs.kv_connector), and the offload tiers and prefill/decode disaggregation are "
-                    "one each; use the offload tiers on a --role both server.")
 KV_ROLE_NAMES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 
 
@@ -43,7 +44,7 @@ class ServerRole:
 
     role: str = "both"
     kv: Optional[RemoteKVConfig] = None  # None: no connector (role both without --kv-port)
-    offload: Optional[OffloadConfig] = None  # the prefix cache's host/disk tiers (--kv-offload-*); role both only
+    offload: Optional[OffloadConfig] = None  # the prefix cache's host/disk tiers (--kv-offload-*), any role
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -53,18 +54,18 @@ class ServerRole:
                              "to decode servers on --kv-port (rank r on kv_port + r).")
         if self.role == "decode" and (self.kv is None or self.kv.port is not None):
             raise ValueError("role=decode needs a KV connector that serves nothing (kv port None).")
-        if self.offload is not None and self.kv is not None:
-            raise ValueError(_OFFLOAD_WITH_PD)
 
     @property
     def kv_role(self) -> str:
         """vLLM's name of this role ("" when the server moves no KV)."""
         return "" if self.kv is None else KV_ROLE_NAMES[self.role]
 
-    def connector(self) -> RemoteKVConnector | OffloadKVConnector | None:
-        if self.offload is not None:
-            return OffloadKVConnector(self.offload)
-        return None if self.kv is None else RemoteKVConnector(self.kv, KV_ROLE_NAMES[self.role])
+    def connector(self) -> RemoteKVConnector | OffloadKVConnector | WithOffload | None:
+        pd = None if self.kv is None else RemoteKVConnector(self.kv, KV_ROLE_NAMES[self.role])
+        if self.offload is None:
+            return pd
+        tiers = OffloadKVConnector(self.offload)
+        return tiers if pd is None else WithOffload(pd, tiers)
 
 
 def add_role_args(p: argparse.ArgumentParser) -> None:
@@ -110,7 +111,8 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-offload-host-bytes", type=int, default=None,
                    help="per rank: keep the KV blocks the device prefix cache evicts in this many bytes of host "
                         "memory (pinned on CUDA, allocated at start; LRU) and load a prefix found there back instead "
-                        "of recomputing it (--role both; docs/kv-offload.md)")
+                        "of recomputing it (any role: beside --role prefill|decode the request's PD load comes "
+                        "first; docs/kv-offload.md)")
     g.add_argument("--kv-offload-disk-bytes", type=int, default=0,
                    help="per rank, below the host tier: blocks it pushes out go to a file under --kv-offload-dir, up "
                         "to this many bytes (LRU; 0: no disk tier)")
@@ -143,12 +145,8 @@ def _offload_from_args(ns: argparse.Namespace) -> OffloadConfig | None:
 def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
     """The role the flags ask for; ValueError names the flag."""
     offload = _offload_from_args(ns)
-    if offload is not None:
-        if ns.role != "both" or ns.kv_port is not None:
-            raise ValueError(_OFFLOAD_WITH_PD)
-        return ServerRole("both", offload=offload)
     if ns.role == "both" and ns.kv_port is None:
-        return ServerRole("both")
+        return ServerRole("both", offload=offload)
     if ns.role == "decode" and ns.kv_port is not None:
         raise ValueError(f"--kv-port={ns.kv_port} is invalid with --role decode: a decode server serves no KV "
                          f"(give it to the prefill servers).")
@@ -166,7 +164,7 @@ def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
                         connect_timeout_s=ns.kv_connect_timeout, first_byte_timeout_s=ns.kv_first_byte_timeout,
                         max_loads=ns.kv_max_loads, max_loads_per_source=ns.kv_max_loads_per_source,
                         nixl_in_place=ns.kv_nixl_in_place, nixl_hold_s=ns.kv_nixl_hold, **extra)
-    return ServerRole(ns.role, kv)
+    return ServerRole(ns.role, kv, offload)
 
 
 __all__ = ["ServerRole", "ROLES", "KV_ROLE_NAMES", "add_role_args", "role_from_args"]

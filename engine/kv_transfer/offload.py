@@ -31,8 +31,8 @@ on the driver (from the model's config, engine/config/kv_sizing.py), until which
 
 Refused, with one line at start (`bind`): a cache with a sliding-window table or per-sequence state (scheduler
 hybrid_cache.py / sliding_kv.py: their prefix hits are not the full-attention block hashes alone), and a cache
-without prefix caching. PD: the engine takes one connector, so offload beside a disaggregation connector is
-refused by the flags (engine/api/kv_args.py) until a connector that composes two exists. Stats per tier
+without prefix caching. PD: the engine takes one connector; offload_compose.py's `WithOffload` makes one of a
+disaggregation connector and this one. Stats per tier
 (`offload_tier_stats`, offload_tiers.py `TierStats`) and each load's seconds (`observe_offload_loads`) are what
 engine/core/metrics.py reads.
 """
@@ -192,14 +192,16 @@ class _SchedulerSide:
         self._asked[req.request_id] = (hit, end)
         return end * bs
 
-    def load_params(self, req: Request) -> LoadPlan | None:
-        """The load's plan (pinned slots), or None: the worker half reports it failed and it is recomputed."""
+    def load_params(self, req: Request) -> LoadPlan:
+        """The load's plan (pinned slots); one of no slots when the tiers cannot serve it after all (the worker half
+        reports it failed and the request is recomputed)."""
         hit, end = self._asked.pop(req.request_id)
         keys = req.block_hashes[hit:end]
         self._seq += 1
         plan = self.index.plan_load(keys, self._seq)
-        if plan is not None:
-            self._loads[self._seq] = (keys, time.perf_counter())
+        if plan is None:
+            return LoadPlan(self._seq, ())
+        self._loads[self._seq] = (keys, time.perf_counter())
         return plan
 
     def wants_save(self, req: Request) -> bool:
@@ -214,7 +216,7 @@ class _SchedulerSide:
             logger.warning("KV offload is off on rank %d: its worker is another process and this engine did not "
                            "give the driver one KV block's bytes (OffloadKVConnector.configure(engine_config))",
                            self.rank)
-        elif isinstance(p, LoadPlan):
+        elif isinstance(p, LoadPlan) and p.host_slots:
             keys, t0 = self._loads.pop(p.seq)
             seconds = time.perf_counter() - t0
             self.index.load_ended(p, keys, ok, seconds)
@@ -264,7 +266,7 @@ class _WorkerSide:
                 self._warn_once(f"KV offload: a step's tier work failed (its blocks are dropped): {exc}")
                 ok = False
             self._report(t.transfer_id, ok)
-        elif isinstance(p, LoadPlan) and self.store is not None:
+        elif isinstance(p, LoadPlan) and p.host_slots and self.store is not None:
             event = None
             if kv.device.type == "cuda":  # the side stream starts after the step's earlier work (its saves)
                 event = torch.cuda.Event()

@@ -12,6 +12,7 @@ import pytest
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
+from moelink.engine.kv_transfer.offload_compose import WithOffload
 from moelink.engine.kv_transfer.offload_store import TierStore
 from moelink.engine.kv_transfer.offload_tiers import TierIndex
 from moelink.scheduler.request import RequestStatus
@@ -172,8 +173,10 @@ def test_the_flags_and_the_refusals_each_name_what_is_wrong(tmp_path):
                 "--kv-offload-dir", str(tmp_path / "d")).connector()
     assert isinstance(conn, OffloadKVConnector) and conn.config.disk_bytes == 2000
     assert role().connector() is None
-    for argv, msg in [(["--role", "decode", "--kv-offload-host-bytes", "1000"], "an engine takes one KV connector"),
-                      (["--kv-offload-host-bytes", "0"], r"^--kv-offload-host-bytes=0 is invalid"),
+    with_pd = role("--role", "prefill", "--kv-port", "5600", "--kv-offload-host-bytes", "1000").connector()
+    assert isinstance(with_pd, WithOffload) and with_pd.kv_role == "kv_producer"
+    assert with_pd.offload.config.host_bytes == 1000
+    for argv, msg in [(["--kv-offload-host-bytes", "0"], r"^--kv-offload-host-bytes=0 is invalid"),
                       (["--kv-offload-host-bytes", "9", "--kv-offload-disk-bytes", "-1"], "disk-bytes=-1"),
                       (["--kv-offload-host-bytes", "9", "--kv-offload-disk-bytes", "5"], "needs --kv-offload-dir"),
                       (["--kv-offload-host-bytes", "9", "--kv-offload-dir", "x"], "without --kv-offload-disk-bytes"),

@@ -46,3 +46,31 @@ def test_a_model_with_a_sliding_table_is_refused_at_start(tmp_path):
     kv = KVCacheManager(8, 4, enable_prefix_caching=False)
     with pytest.raises(ValueError, match="needs prefix caching"):
         OffloadKVConnector(OffloadConfig(host_bytes=1)).scheduler_side(0).bind(kv)
+
+
+def test_a_prefill_engine_with_tiers_loads_an_evicted_prefix_then_saves_the_whole_prompt_for_decode(tiny_model):
+    """The offload tiers beside a PD connector (engine/kv_transfer/offload_compose.py; the in-host reference
+    stands for the remote one): the prefill engine loads the target's evicted prefix from its host tier, computes
+    the last token and saves the whole prompt; the decode engine loads that and decodes as one engine would."""
+    from moelink.engine.kv_transfer.inhost import InHostKVConnector, InHostKVStore
+    from moelink.engine.kv_transfer.offload_compose import WithOffload
+
+    path = tiny_model("qwen3_e6k3")
+    target, *others = prompts(200, seed=31, n=4, lo=40, hi=41)
+    with LLM(path, **KW) as llm:
+        want = _tokens(llm, target)[0]
+    store = InHostKVStore()
+    prefill = WithOffload(InHostKVConnector(store, load=False), OffloadKVConnector(OffloadConfig(host_bytes=1 << 30)))
+    with LLM(path, kv_connector=prefill, **KW) as llm:
+        one = SamplingParams(temperature=0.0, max_tokens=1)
+        for rid, p in [("t0", target)] + [(f"o{i}", p) for i, p in enumerate(others)] + [("t", target)]:
+            llm.engine.add_request(rid, p, one)
+            while llm.engine.has_requests():
+                llm.engine.step()
+    assert prefill.offload_tier_stats()["host"].hits == 10 and "t" in store
+    with LLM(path, kv_connector=InHostKVConnector(store, save=False), **KW) as llm:
+        llm.engine.add_request("t", target, GREEDY)
+        got = {}
+        while llm.engine.has_requests():
+            got.update({o.request_id: o.outputs[0].token_ids for o in llm.engine.step() if o.finished})
+    assert got["t"] == want and store.num_loaded == 1 and store.num_failed == 0

@@ -1,0 +1,142 @@
+"""The offload tiers beside a prefill/decode connector on one engine: an engine takes one KV connector
+(`EngineArgs.kv_connector`), so `WithOffload` is one factory over two, the disaggregation connector (`pd`: the
+remote one, engine/kv_transfer/remote.py, or the in-host reference) and the offload tiers (engine/kv_transfer/
+offload.py).
+
+    llm = LLM(model, kv_connector=WithOffload(RemoteKVConnector(cfg, "kv_producer"), OffloadKVConnector(tiers)))
+    # or: moelink serve MODEL --role prefill --kv-port 5600 --kv-offload-host-bytes N
+
+Who does what, per request: the PD connector first. A request it can load (a decode server's request that names
+its prefill server) loads from there, its whole prompt, as without offload (a saved prefix shorter than the
+prompt cannot be loaded from another engine yet, so the tier does not serve part of it); any other request (every
+request of a prefill server, a decode server's own) loads the prefix the tiers hold. Saves, the finished
+request's parameters, the bounds on loads in flight and whether loaded KV is trusted are the PD connector's; the
+evictions' tier work is the tiers'. Transfers are told apart by their parameters (the tiers' are `StepOps` and
+`LoadPlan`), so each half hears only its own. A prefill server thus keeps prefixes it evicted (multi-turn chats,
+shared system prompts) and loads them back before computing the rest, then saves the whole prompt for the decode
+server as before.
+"""
+from __future__ import annotations
+
+from moelink.scheduler.outputs import KVTransfer
+from moelink.scheduler.request import Request
+
+from .offload import OffloadKVConnector
+from .offload_tiers import LoadPlan, StepOps
+
+_TIERS = (StepOps, LoadPlan)
+_FROM_TIERS = ("offload",)  # the source a tier load counts against (LoadLimits)
+
+
+class WithOffload:
+    """A PD connector factory and the offload tiers' as one (module docstring)."""
+
+    def __init__(self, pd, offload: OffloadKVConnector) -> None:
+        self.pd, self.offload = pd, offload
+
+    def __getattr__(self, name):  # the PD connector's factory attributes (name, kv_role, check_params, ...)
+        # Not tensor parallelism's binding: the tiers are not bound to a TP layout, so the engine refuses TP here.
+        if name in ("pd", "offload", "for_tensor_parallel"):
+            raise AttributeError(name)
+        return getattr(self.pd, name)
+
+    def configure(self, engine_config) -> None:
+        self.offload.configure(engine_config)
+
+    def offload_tier_stats(self):
+        return self.offload.offload_tier_stats()
+
+    def observe_offload_loads(self, observer) -> None:
+        self.offload.observe_offload_loads(observer)
+
+    def tier_index(self, rank: int):
+        return self.offload.tier_index(rank)
+
+    def scheduler_side(self, rank: int) -> "_SchedulerSide":
+        return _SchedulerSide(self.pd.scheduler_side(rank), self.offload.scheduler_side(rank))
+
+    def worker_side(self, rank: int) -> "_WorkerSide":
+        return _WorkerSide(self.pd.worker_side(rank), self.offload.worker_side(rank))
+
+    def __deepcopy__(self, memo) -> "WithOffload":
+        return self  # both halves meet here in one process, as each connector's own do
+
+
+class _SchedulerSide:
+    def __init__(self, pd, tiers) -> None:
+        self.pd, self.tiers = pd, tiers
+        self._tier_loads: set[str] = set()  # request ids the tiers answered for this step
+        for name in ("load_limits", "trusted_loads", "holds_saves"):
+            if hasattr(pd, name):
+                setattr(self, name, getattr(pd, name))
+        for name in ("request_finished", "save_params"):
+            if callable(getattr(pd, name, None)):
+                setattr(self, name, getattr(pd, name))
+
+    def bind(self, kv) -> None:
+        self.tiers.bind(kv)
+        if callable(getattr(self.pd, "bind", None)):
+            self.pd.bind(kv)
+
+    def step_ops(self, evicted):
+        self._tier_loads.clear()
+        return self.tiers.step_ops(evicted)
+
+    def num_loadable_tokens(self, req: Request) -> int:
+        n = self.pd.num_loadable_tokens(req)
+        if n:
+            self._tier_loads.discard(req.request_id)
+            return n
+        n = self.tiers.num_loadable_tokens(req)
+        if n:
+            self._tier_loads.add(req.request_id)
+        return n
+
+    def _from_tiers(self, req: Request) -> bool:
+        return req.request_id in self._tier_loads
+
+    def load_params(self, req: Request):
+        if self._from_tiers(req):
+            return self.tiers.load_params(req)
+        f = getattr(self.pd, "load_params", None)
+        return None if f is None else f(req)
+
+    def load_source(self, req: Request):
+        if self._from_tiers(req):
+            return _FROM_TIERS
+        f = getattr(self.pd, "load_source", None)
+        return None if f is None else f(req)
+
+    def wants_save(self, req: Request) -> bool:
+        return self.pd.wants_save(req)
+
+    def transfer_done(self, t: KVTransfer, ok: bool) -> None:
+        (self.tiers if isinstance(t.params, _TIERS) else self.pd).transfer_done(t, ok)
+
+
+class _WorkerSide:
+    def __init__(self, pd, tiers) -> None:
+        self.pd, self.tiers = pd, tiers
+
+    def start_load(self, t: KVTransfer, kv) -> None:
+        (self.tiers if isinstance(t.params, _TIERS) else self.pd).start_load(t, kv)
+
+    def start_save(self, t: KVTransfer, kv) -> None:
+        self.pd.start_save(t, kv)
+
+    def poll(self) -> dict[int, bool] | None:
+        done = {**(self.pd.poll() or {}), **(self.tiers.poll() or {})}  # transfer ids are one scheduler's: disjoint
+        return done or None
+
+    def drop_pending(self) -> None:
+        self.pd.drop_pending()
+        self.tiers.drop_pending()
+
+    def close(self) -> None:
+        try:
+            self.pd.close()
+        finally:
+            self.tiers.close()
+
+
+__all__ = ["WithOffload"]
