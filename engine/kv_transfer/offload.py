@@ -14,14 +14,16 @@ Through the KV connector seam (scheduler/kv_connector.py), split as the seam spl
   copies) runs on the worker before the step's forward writes those blocks. Keys are the prefix cache's own block
   hashes, so asking costs dictionary lookups on hashes the scheduler computed already.
 - a fresh request whose leading blocks the device prefix cache has, followed by blocks a tier has, loads the
-  latter (`num_loadable_tokens`, `load_params`: a `LoadPlan` of pinned slots); it waits in WAITING_FOR_KV like a
+  latter (`num_loadable_tokens`, `load_params`: a `LoadPlan` of pinned slots; not when the tiers add only the
+  block holding the last prompt token, which its step recomputes anyway); it waits in WAITING_FOR_KV like a
   disaggregated decode request, its blocks held, while other requests keep stepping; when the load is reported it
   is admitted with those tokens computed (all but the last prompt token, whose logits it needs). A failed load is
   recomputed; an aborted one frees its blocks when the load is reported, its slots unpinned then.
 - the worker half (`_WorkerSide`, one per rank, in the rank's process) only moves bytes
   (offload_store.py `TierStore`: host slots allocated once, pinned on CUDA; one disk file): the step's tier work
-  inline (before the forward), each load on a thread of its own (disk -> host -> device; on CUDA on a side stream
-  that first waits for the work enqueued so far), reported at the first poll after it ends.
+  inline (before the forward), loads one after another on the rank's loader thread (disk -> host -> device; on
+  CUDA on a side stream that first waits for the work enqueued so far), each reported at the first poll after it
+  ends.
 
 The factory holds only the config, so it pickles to Ray workers (expert parallelism): each rank allocates its
 own tiers and its scheduler half decides for it. The scheduler half needs one block's bytes (to count slots):
