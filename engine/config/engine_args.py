@@ -19,6 +19,7 @@ from .graph_config import CudaGraphConfig
 from .grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS, DEFAULT_MAX_GRAMMAR_CHARS,
                              DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES, GrammarConfig)
 from .layer_configs import MLAConfig
+from .linear_attention import LinearAttentionConfig
 from .kv_sizing import driver_num_kv_blocks, kv_sliding_window, state_pool_bytes
 from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
@@ -323,17 +324,16 @@ class EngineArgs:
             raise ValueError(f"kv_connector={type(kvc).__name__} is not supported with tensor_parallel_size={tp}: "
                              "a TP rank's KV is its heads' only, and only RemoteKVConnector "
                              "(prefill/decode disaggregation, engine/kv_transfer/remote.py) moves head shards.")
-        if model_cfg.state_layers:
-            raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported for "
-                             f"{model_cfg.architecture} with tensor_parallel_size={tp} yet: its linear-attention "
-                             "states are split by head too, and the KV wire names the heads of paged KV only.")
-        kinds = {type(a).__name__ for a in model_cfg.layer_attention} | {type(model_cfg.attention).__name__}
+        kinds = {type(a).__name__ for a in (*model_cfg.layer_attention, model_cfg.attention)
+                 if not isinstance(a, LinearAttentionConfig)}  # (state groups: moved whole, rank to rank)
         if len(kinds) > 1:
             raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported for "
                              f"{model_cfg.architecture} with tensor_parallel_size={tp}: its layers mix KV kinds "
                              f"({', '.join(sorted(kinds))}), and a rank's KV shard is one kind's.")
         latent = isinstance(model_cfg.attention, MLAConfig)  # whole on every rank: no heads to name
-        return kvc.for_tensor_parallel(tp, 0 if latent else model_cfg.attention.num_kv_heads)
+        # A hybrid model's states move rank to rank between engines of one TP size (checked per load).
+        return kvc.for_tensor_parallel(tp, 0 if latent else model_cfg.attention.num_kv_heads,
+                                       states=bool(model_cfg.state_layers))
 
     def grammar_config(self) -> GrammarConfig:
         return GrammarConfig(workers=self.grammar_compile_workers, max_queued=self.max_queued_grammar_compiles,

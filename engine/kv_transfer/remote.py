@@ -83,12 +83,13 @@ class RemoteKVConnector:
         # per scheduler, each holding every kv head.
         self.shard: KVShardSpec | None = None
 
-    def for_tensor_parallel(self, tp_size: int, num_kv_heads: int) -> "RemoteKVConnector":
+    def for_tensor_parallel(self, tp_size: int, num_kv_heads: int, states: bool = False) -> "RemoteKVConnector":
         """This connector for an engine of `tp_size` ranks per TP group whose model has `num_kv_heads` kv heads
-        (0: an MLA latent, whole on every rank): a copy, with a fresh report channel per engine
-        (engine/kv_transfer/tp_join.py). EngineArgs calls it when tensor_parallel_size > 1."""
+        (0: an MLA latent, whole on every rank) and, with `states`, per-sequence state groups (a hybrid model): a
+        copy, with a fresh report channel per engine (engine/kv_transfer/tp_join.py). EngineArgs calls it when
+        tensor_parallel_size > 1."""
         out = copy.copy(self)
-        out.shard = KVShardSpec(tp_size, num_kv_heads, secrets.token_hex(8))
+        out.shard = KVShardSpec(tp_size, num_kv_heads, secrets.token_hex(8), states)
         return out
 
     @property

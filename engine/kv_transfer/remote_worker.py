@@ -85,6 +85,8 @@ class RemoteWorkerSide:
                     self._done[t.transfer_id] = True
                 return
             self.store.heads = self.shard.heads(self.tp_rank)
+            if self.shard.states:  # its states are its own: only the decode rank of its place takes them
+                self.store.reader = (self.tp_rank, self.shard.tp_size)
         region = self._region(kv)
         held = region.held(t) if region is not None else None
         # Held in place until a decode rank reads it (nixl_inplace.py): nothing copied. Blocks held for decode
@@ -148,12 +150,15 @@ class RemoteWorkerSide:
             return [(every, src.key, kv.layout, None)]
         tp = 1 if self.shard is None else self.shard.tp_size
         mine = local_heads(self.shard, self.tp_rank, kv.layout)
+        states = any(kind == STATE for kind, _ in kv.layout)
+        if states and prefill_tp != tp:
+            plan_fetches(mine, self.tp_rank, tp, prefill_tp, states)  # raises, naming why
         if prefill_tp == 1:  # its ranks hold every head: each asked in turn for this rank's
             return [(every, ShardAsk(mine, self.tp_rank, tp).key(src.key), kv.layout, None)]
         if src.num_ranks != prefill_tp:
             raise ValueError(f"remote_ranks={src.num_ranks}, but the KV was saved by a TP group of {prefill_tp} ranks")
         out = []
-        for p, ask in plan_fetches(mine, self.tp_rank, tp, prefill_tp):
+        for p, ask in plan_fetches(mine, self.tp_rank, tp, prefill_tp, states):
             part = ask.heads
             layout = kv.layout if part is None else with_heads(kv.layout, part.count)
             to = None if part is None or part == mine else (part.start - mine.start, part.count)

@@ -180,7 +180,7 @@ class KVSocketServer:
                     saved = self._lookup(key, layout, token_bytes, ask)
                     with self._lock:  # served from here on: never closed to make room (and not claimed if it was)
                         c.serving = saved is not None and c in self._conns
-                    claim = () if ask is None else (ask.rank, needed_ranks(self._held(), ask))
+                    claim = () if ask is None else (ask.rank, self._needed(ask))
                     if saved is None or not c.serving or not self.store.take(key, saved, *claim):  # claimed before sent
                         raise KVRefused(NO_KV)
                     if ask is not None:
@@ -228,7 +228,7 @@ class KVSocketServer:
         decode rank's with the heads asked: compared with this rank's cut to as many."""
         mine = self.store.layout
         if mine is not None and ask is not None:
-            reason = check_ask(self._held(), ask)
+            reason = check_ask(self._held(), ask, self.store.reader)
             if reason is not None:
                 raise KVRefused(reason)
             mine = mine if ask.heads is None else with_heads(mine, ask.heads.count)
@@ -240,7 +240,7 @@ class KVSocketServer:
         same = hmac.compare_digest(want, token_bytes)  # constant time, and done whether or not the key exists
         if saved is None or not same:
             return None
-        if ask is not None and check_ask(self._held(), ask) is not None:
+        if ask is not None and check_ask(self._held(), ask, self.store.reader) is not None:
             return None  # (the first save came while this request waited: its layout was not known above)
         if ask is not None and type(saved) is not SavedKV:  # a HeldKV (nixl_inplace.py): block ids, not rows
             self.store.end_hold(key, saved)  # no decode rank of this engine can read it: its blocks go back now
@@ -248,6 +248,10 @@ class KVSocketServer:
                             "with --no-kv-nixl-in-place (RemoteKVConfig.nixl_in_place=False) for a TP decode engine")
         ours = saved.layout if ask is None or ask.heads is None else with_heads(saved.layout, ask.heads.count)
         return saved if ours == layout else None
+
+    def _needed(self, ask: ShardAsk) -> frozenset:
+        """The decode ranks that take from this rank's entries: its one reader with states, else by heads."""
+        return frozenset({self.store.reader[0]}) if self.store.reader is not None else needed_ranks(self._held(), ask)
 
     def _shard(self, saved: SavedKV, ask: ShardAsk) -> SavedKV:
         """The heads `ask` names of a claimed entry (the whole entry for a whole latent, or all of this rank's)."""

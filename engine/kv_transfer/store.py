@@ -60,6 +60,9 @@ class SavedKVStore:
         # The global kv heads this rank's saves hold (engine/kv_transfer/tp_shard.Heads; None: every head its
         # layout has, or a whole latent), set by the worker under tensor parallelism.
         self.heads = None
+        # (TP rank, TP size) of a rank whose saves hold per-sequence states: the one decode rank that may take them
+        # (engine/kv_transfer/tp_shard.py); None: any decode rank whose heads this rank holds.
+        self.reader: tuple[int, int] | None = None
         self.counters = StoreCounters()
         # The layout of what this rank saves (its cache's, engine/kv_transfer/blocks.py), known from the first save:
         # a server refuses a decode engine of another layout by name, whatever key it asks for.

@@ -21,6 +21,10 @@ decode rank's heads onto the prefill ranks that hold them. Here:
   rank: it is dropped when every decode rank whose heads it holds has taken them (`needed_ranks`). The decode
   rank writes the rows at its heads' offset in its blocks (`PagedKVBlocks.write_group`'s `heads`).
 - A whole latent is asked of the group's first prefill rank by every decode rank, whole.
+- A hybrid model's per-sequence states (linear attention: conv and recurrent states of the rank's own heads) are
+  not cut: they move rank to rank between engines of one TP size only (P = D; `plan_fetches`' `states`), decode
+  rank d taking prefill rank d's whole save, which only it may claim (`SavedKVStore.reader`). Another TP size is
+  refused naming why (a conv state's channels interleave its heads' q, k and v sections).
 No gather across prefill ranks and no full-head copy: each byte crosses the wire once per decode rank that holds
 its head (K < D replicates a head on D / K decode ranks, each fetching it).
 """
@@ -73,6 +77,7 @@ class KVShardSpec:
     tp_size: int
     num_kv_heads: int
     join_id: str
+    states: bool = False  # per-sequence state groups (a hybrid model's linear attention): see `saves`
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp_size, int) or self.tp_size < 1:
@@ -86,7 +91,9 @@ class KVShardSpec:
         return None if self.num_kv_heads == 0 else rank_heads(tp_rank, self.tp_size, self.num_kv_heads)
 
     def saves(self, tp_rank: int) -> bool:
-        return first_holder(tp_rank, self.tp_size, self.num_kv_heads)
+        """Whether this rank saves: the first holder of its heads, or every rank when there are state groups (a
+        rank's linear-attention state is its own heads', never replicated)."""
+        return self.states or first_holder(tp_rank, self.tp_size, self.num_kv_heads)
 
 
 def split_groups(layout: tuple) -> list[bool]:
@@ -174,9 +181,17 @@ def needed_ranks(held: Heads | None, ask: ShardAsk) -> frozenset[int]:
                      if rank_heads(d, ask.ranks, held.total).overlap(held) is not None)
 
 
-def plan_fetches(mine: Heads | None, tp_rank: int, tp_size: int, prefill_tp: int) -> list[tuple[int, ShardAsk]]:
+def plan_fetches(mine: Heads | None, tp_rank: int, tp_size: int, prefill_tp: int,
+                 states: bool = False) -> list[tuple[int, ShardAsk]]:
     """(prefill rank of the group, ask) for each fetch decode rank `tp_rank` of `tp_size` makes to hold `mine`:
-    a whole latent from rank 0; heads from the first prefill rank holding each part of them."""
+    a whole latent from rank 0; heads from the first prefill rank holding each part of them; with state groups
+    (`states`) everything from the prefill rank of its own place (ValueError for another TP size)."""
+    if states:
+        if prefill_tp != tp_size:
+            raise ValueError(f"a hybrid model's linear-attention states move only between engines of one TP size: "
+                             f"this decode engine runs tensor_parallel_size={tp_size}, the prefill engine "
+                             f"{prefill_tp} (a state's conv channels interleave its heads' q, k and v: not cut)")
+        return [(tp_rank, ShardAsk(mine, tp_rank, tp_size))]
     if mine is None:
         return [(0, ShardAsk(None, tp_rank, tp_size))]
     out = []
@@ -187,8 +202,12 @@ def plan_fetches(mine: Heads | None, tp_rank: int, tp_size: int, prefill_tp: int
     return out
 
 
-def check_ask(held: Heads | None, ask: ShardAsk) -> str | None:
-    """Why this prefill rank cannot answer `ask` (None: it can): another KV kind, or heads it does not hold."""
+def check_ask(held: Heads | None, ask: ShardAsk, reader: tuple[int, int] | None = None) -> str | None:
+    """Why this prefill rank cannot answer `ask` (None: it can): another KV kind, heads it does not hold, or (a save
+    with states, `reader` = (its rank, its TP size)) a decode rank of another place."""
+    if reader is not None and (ask.rank, ask.ranks) != reader:
+        return (f"this prefill rank's save holds linear-attention states of TP rank {reader[0]} of {reader[1]}: "
+                f"decode rank {ask.rank} of {ask.ranks} cannot take them")
     if (held is None) != (ask.heads is None):
         return "the shard ask and this prefill rank's cache are of another KV kind (per-head vs a whole latent)"
     if held is not None and (held.total != ask.heads.total or ask.heads.overlap(held) != ask.heads):

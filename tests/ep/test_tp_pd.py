@@ -5,10 +5,11 @@ per TP rank) and DeepSeek-V3 (MLA: the latent whole on every rank, saved once):
 - (1, 2): each decode rank takes its head cut out of the one prefill rank's rows;
 - (2, 2): rank to rank;
 with EP beside TP on one side of each model (Qwen3's decode engine and DeepSeek-V3's prefill engine at `-tp 2 -ep 2`:
-the experts in EP over the group, its attention heads still split).
-Greedy tokens equal one engine's, the decode side computes only each prompt's last token (cached = prompt - 1), and
-every block is free on both sides after. One engine start per side and TP size per model (four), shared by the
-three pairs; the plans and claims for other head counts (K < tp: replicated heads) without engines.
+the experts in EP over the group, its attention heads still split); and Qwen3-Next (hybrid: its linear-attention
+states rank to rank) at (2, 2). Greedy tokens equal one engine's, the decode side computes only each prompt's last
+token (cached = prompt - 1), and every block (and state slot) is free on both sides after. One engine start per
+side and TP size per model, shared by its pairs; the plans and claims for other head counts (K < tp: replicated
+heads), a prefill rank's server, the joined reports and the refusals without engines.
 """
 from __future__ import annotations
 
@@ -81,16 +82,19 @@ def _shutdown(engines) -> None:
 
 def _all_free(llm) -> None:
     assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    for sched in llm.engine.schedulers:  # a hybrid model's state slots too
+        slots = getattr(sched.kv, "slots", None)
+        assert slots is None or slots.num_free == slots.num_slots
 
 
-def _check_pairs(engines, ps) -> None:
+def _check_pairs(engines, ps, pairs=PAIRS) -> None:
     plain = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in engines["prefill", 1].generate(ps, plain, use_tqdm=False)]
-    for p, d in PAIRS:
+    for p, d in pairs:
         pre, dec = engines["prefill", p], engines["decode", d]
         saved = pre.generate(ps, SAVE, use_tqdm=False)
-        params = [o.kv_transfer_params for o in saved]
-        assert all(k.remote_ranks == p and token_tp_size(k.remote_kv_token) == p for k in params), (p, d)
+        params = [o.kv_transfer_params for o in saved]  # None for a one-token prompt: nothing to move
+        assert all(k is None or (k.remote_ranks == p and token_tp_size(k.remote_kv_token) == p) for k in params)
         outs = dec.generate(ps, [SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True,
                                                 kv_transfer_params=k) for k in params], use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == want, (p, d)
@@ -118,6 +122,25 @@ def test_deepseek_v3_latent_between_tp_sizes(local_ray, hf_tiny_model):
     engines = _engines(path, ep="prefill")
     try:
         _check_pairs(engines, prompts(hf_checkpoints.VOCAB, seed=47, n=3, lo=5, hi=20))
+    finally:
+        _shutdown(engines)
+
+
+def test_qwen3_next_states_rank_to_rank_at_tp2(local_ray, hf_tiny_model):
+    """A hybrid model (gated DeltaNet beside full attention) at -tp 2 on both sides: each decode rank takes its
+    place's full-attention heads and linear-attention states (its own heads', not cut) from the prefill rank of the
+    same place; one-token prompts move nothing."""
+    path = hf_tiny_model("qwen3_next")
+    ps = prompts(hf_checkpoints.VOCAB, seed=48, n=3, lo=1, hi=20)
+    engines = {}
+    try:
+        engines["prefill", 1] = LLM(path, **KW)  # the one-engine reference only
+        port = _free_ports(2)
+        engines["prefill", 2] = LLM(path, tensor_parallel_size=2, kv_connector=RemoteKVConnector(
+            RemoteKVConfig(transport="tcp", port=port, num_ranks=2)), **KW)
+        engines["decode", 2] = LLM(path, tensor_parallel_size=2,
+                                   kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp")), **KW)
+        _check_pairs(engines, ps, pairs=[(2, 2)])
     finally:
         _shutdown(engines)
 
@@ -162,19 +185,25 @@ def test_the_key_carries_the_ask_and_the_token_the_prefill_tp():
 
 
 # ---------------------------------------------------------------- what stays refused under TP, by name (no engine)
-def test_other_connectors_and_hybrid_models_are_refused_under_tp(tiny_model, hf_tiny_model):
+def test_other_connectors_are_refused_under_tp_and_the_remote_one_bound(tiny_model, hf_tiny_model):
     from moelink.engine.config.engine_args import EngineArgs
     from moelink.engine.kv_transfer.inhost import InHostKVConnector, InHostKVStore
 
     with pytest.raises(ValueError, match="kv_connector=InHostKVConnector is not supported with tensor_parallel_size=2"):
         EngineArgs(model=tiny_model("qwen3_e6k3"), tensor_parallel_size=2, load_format="dummy",
                    kv_connector=InHostKVConnector(InHostKVStore())).create_engine_config()
-    with pytest.raises(ValueError, match="kv_connector .* linear-attention states"):
-        EngineArgs(model=hf_tiny_model("qwen3_next"), tensor_parallel_size=2, load_format="dummy",
-                   kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp"))).create_engine_config()
-    cfg = EngineArgs(model=tiny_model("qwen3_e6k3"), tensor_parallel_size=2, load_format="dummy",
-                     kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp"))).create_engine_config()
-    assert cfg.kv_connector.shard.tp_size == 2 and cfg.kv_connector.shard.num_kv_heads == 2
+    for name, heads, states in (("qwen3_e6k3", 2, False), ("qwen3_next", 2, True), ("dsv3_lora", 0, False)):
+        path = tiny_model(name) if name in TINY_CONFIGS else hf_tiny_model(name)
+        cfg = EngineArgs(model=path, tensor_parallel_size=2, load_format="dummy",
+                         kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp"))).create_engine_config()
+        shard = cfg.kv_connector.shard
+        assert (shard.tp_size, shard.num_kv_heads, shard.states) == (2, heads, states), name
+
+
+def test_a_hybrid_models_states_move_only_between_engines_of_one_tp_size():
+    assert plan_fetches(Heads(1, 1, 2), 1, 2, 2, states=True) == [(1, ShardAsk(Heads(1, 1, 2), 1, 2))]
+    with pytest.raises(ValueError, match="decode engine runs tensor_parallel_size=2, the prefill engine 1"):
+        plan_fetches(Heads(1, 1, 2), 1, 2, 1, states=True)
 
 
 def test_decode_params_refuses_several_tp_groups():
