@@ -279,7 +279,7 @@ class EngineArgs:
         check_tensor_parallel(model_cfg, parallel.tensor_parallel_size, attention_kind, parallel.experts_split_by_tp)
         kv_connector = self.kv_connector
         if parallel.tensor_parallel_size > 1:
-            kv_connector = self._check_tp_features(parallel.tensor_parallel_size, model_cfg, spec)
+            kv_connector = self._check_tp_features(parallel, model_cfg, spec)
         if parallel.expert_world_size > model_cfg.num_experts + parallel.num_redundant_experts:
             raise ValueError(
                 f"expert_parallel_size={parallel.expert_world_size} is invalid: the model has "
@@ -311,13 +311,13 @@ class EngineArgs:
                             skip_warmup=self.skip_warmup, kv_connector=kv_connector,
                             speculative=spec, grammar=self.grammar_config(), seed=self.seed)
 
-    def _check_tp_features(self, tp: int, model_cfg: ModelConfig, spec: SpeculativeConfig | None):
+    def _check_tp_features(self, parallel: ParallelConfig, model_cfg: ModelConfig, spec: SpeculativeConfig | None):
         """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md);
         returns the KV connector the engine runs with. Speculative decoding runs under TP (engine/rank/drafter.py):
         host drafts on every rank, the MTP layers (DeepSeek's, Qwen3-Next / Qwen3.5's) split like a main layer, an
         EAGLE-3 head replicated. A KV connector that moves head shards (the remote one,
         engine/kv_transfer/tp_shard.py) is bound to the TP layout: each rank saves or loads its own heads."""
-        kvc = self.kv_connector
+        kvc, tp = self.kv_connector, parallel.tensor_parallel_size
         if kvc is None:
             return None
         if not callable(getattr(kvc, "for_tensor_parallel", None)):
@@ -333,7 +333,7 @@ class EngineArgs:
         latent = isinstance(model_cfg.attention, MLAConfig)  # whole on every rank: no heads to name
         # A hybrid model's states move rank to rank between engines of one TP size (checked per load).
         return kvc.for_tensor_parallel(tp, 0 if latent else model_cfg.attention.num_kv_heads,
-                                       states=bool(model_cfg.state_layers))
+                                       states=bool(model_cfg.state_layers), world_size=parallel.world_size)
 
     def grammar_config(self) -> GrammarConfig:
         return GrammarConfig(workers=self.grammar_compile_workers, max_queued=self.max_queued_grammar_compiles,

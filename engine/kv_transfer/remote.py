@@ -46,6 +46,7 @@ config carries the secret to them: Ray's own transport must be as trusted as the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import secrets
 from collections import OrderedDict
@@ -83,12 +84,16 @@ class RemoteKVConnector:
         # per scheduler, each holding every kv head.
         self.shard: KVShardSpec | None = None
 
-    def for_tensor_parallel(self, tp_size: int, num_kv_heads: int, states: bool = False) -> "RemoteKVConnector":
+    def for_tensor_parallel(self, tp_size: int, num_kv_heads: int, states: bool = False,
+                            world_size: int = 1) -> "RemoteKVConnector":
         """This connector for an engine of `tp_size` ranks per TP group whose model has `num_kv_heads` kv heads
         (0: an MLA latent, whole on every rank) and, with `states`, per-sequence state groups (a hybrid model): a
         copy, with a fresh report channel per engine (engine/kv_transfer/tp_join.py). EngineArgs calls it when
-        tensor_parallel_size > 1."""
+        tensor_parallel_size > 1. A serving config's `num_ranks` below `world_size` (the engine's ranks: `-tp 2`
+        alone is 2 ranks at expert_parallel_size 1, which is what `moelink serve` passes) is raised to it."""
         out = copy.copy(self)
+        if self.config.port is not None and self.config.num_ranks < world_size:
+            out.config = dataclasses.replace(self.config, num_ranks=world_size)
         out.shard = KVShardSpec(tp_size, num_kv_heads, secrets.token_hex(8), states)
         return out
 

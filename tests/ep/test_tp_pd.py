@@ -198,6 +198,10 @@ def test_other_connectors_are_refused_under_tp_and_the_remote_one_bound(tiny_mod
                          kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp"))).create_engine_config()
         shard = cfg.kv_connector.shard
         assert (shard.tp_size, shard.num_kv_heads, shard.states) == (2, heads, states), name
+    # `moelink serve -tp 2 --role prefill` names its EP size (1) as the ranks serving: raised to the world (2).
+    cfg = EngineArgs(model=tiny_model("qwen3_e6k3"), tensor_parallel_size=2, load_format="dummy",
+                     kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp", port=5600))).create_engine_config()
+    assert cfg.kv_connector.config.num_ranks == 2
 
 
 def test_a_hybrid_models_states_move_only_between_engines_of_one_tp_size():
