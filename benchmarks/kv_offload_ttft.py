@@ -23,6 +23,7 @@ import dataclasses
 import json
 import platform
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
     if ns.json:
         out = {"benchmark": "kv_offload_ttft", "machine": platform.platform(), "cpus": torch.get_num_threads(),
                "device": "cpu", "date": time.strftime("%Y-%m-%d"),
-               "command": "python -m moelink.benchmarks.kv_offload_ttft " + " ".join(argv or []), **res}
+               "command": "python -m moelink.benchmarks.kv_offload_ttft "
+                          + " ".join(sys.argv[1:] if argv is None else argv), **res}
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {ns.json}")
