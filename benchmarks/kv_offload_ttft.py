@@ -100,7 +100,8 @@ def main(argv=None) -> int:
                                    max_position_embeddings=max(1024, ns.tokens + 64)))
         res = run(ns.tokens, ns.repeats, path, str(Path(tmp) / "kv"))
     t, x = res["ttft_s"], res["vs_recompute"]
-    print(f"{ns.tokens} tokens, TTFT: " + ", ".join(f"{m} {t[m] * 1e3:.1f} ms ({x[m]:.1f}x)" for m in MODES)
+    label = {"recompute": "recompute", "host": "host tier", "disk": "disk tier", "device": "device hit"}
+    print(f"{ns.tokens} tokens, TTFT: " + ", ".join(f"{label[m]} {t[m] * 1e3:.1f} ms ({x[m]:.1f}x)" for m in MODES)
           + f"; cached tokens {res['num_cached_tokens']}")
     if ns.json:
         out = {"benchmark": "kv_offload_ttft", "machine": platform.platform(), "cpus": torch.get_num_threads(),
