@@ -9,7 +9,9 @@ patched the same modules tens of thousands of times: 30-45 % of an interpreter e
 What is skipped is only a helper call's patch when every language module the helper sees (`tl` / `tl.core` in its
 globals) was already patched in this launch, by the launch itself or by an earlier helper call (the interpreter
 never restores a helper call's patch before the launch ends): the attributes it would set are set already, so the
-interpreted program is the same. A helper that sees a module not yet patched is patched as before. The launch's own patch and restore are untouched. Installed by tests/kernels/conftest.py and by
+interpreted program is the same. A helper that sees a module not yet patched is patched as before. The launch's own patch and restore are untouched. Two more costs of every step go: which language modules a helper sees is worked
+out once per module of helpers, not per call, and the interpreter's numpy dtype of a Triton type is looked up in a
+memo instead of a table built anew per call (`_memo_np_dtype`). Installed by tests/kernels/conftest.py and by
 the scripts the tests run with TRITON_INTERPRET=1 (`install()`); a no-op when the interpreter's internals are not
 the ones described (another Triton version), or without TRITON_INTERPRET=1.
 """
@@ -22,8 +24,42 @@ import threading
 _state = threading.local()  # per thread: the language modules patched by the launch running now (None: none)
 
 
+# id(a function's globals) -> (those globals, their size when scanned, _langs of them): one scan of a module's
+# globals per module, not per helper call (the scan was 5-8 % of an interpreter engine test once the re-patching
+# was skipped). Scanned again if the globals grew (a module importing `tl` late).
+_LANGS_OF: dict[int, tuple[dict, int, frozenset]] = {}
+
+
 def _langs(fn, tl) -> frozenset:
-    return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+    g = fn.__globals__
+    hit = _LANGS_OF.get(id(g))
+    if hit is not None and hit[0] is g and hit[1] == len(g):
+        return hit[2]
+    langs = frozenset(id(v) for v in g.values() if inspect.ismodule(v) and v in (tl, tl.core))
+    _LANGS_OF[id(g)] = (g, len(g), langs)
+    return langs
+
+
+def _memo_np_dtype(interp) -> None:
+    """The interpreter's `_get_np_dtype(tt_dtype)` memoized by the scalar type's name: the original builds a table of
+    19 numpy dtypes on every call (a block type's answer is its element type's, a pointer's uint64), ~160,000
+    calls in one engine test. Same answers: each is the original's, for the same scalar type."""
+    original = interp._get_np_dtype
+    memo: dict[str, object] = {}
+    block_type = interp.tl.block_type
+
+    def get_np_dtype(tt_dtype):
+        scalar = tt_dtype.element_ty if isinstance(tt_dtype, block_type) else tt_dtype
+        name = getattr(scalar, "name", None)
+        if not isinstance(name, str):
+            return original(tt_dtype)
+        found = memo.get(name)
+        if found is None:
+            found = memo[name] = original(scalar)
+        return found
+
+    get_np_dtype._moelink_fast = True
+    interp._get_np_dtype = get_np_dtype
 
 
 def install() -> bool:
@@ -68,6 +104,8 @@ def install() -> bool:
 
     launch_call._moelink_fast = True
     executor.__call__, function.__call__ = launch_call, helper_call
+    if callable(getattr(interp, "_get_np_dtype", None)) and hasattr(getattr(interp, "tl", None), "block_type"):
+        _memo_np_dtype(interp)
     return True
 
 
@@ -78,5 +116,14 @@ def interpreter_env(env: dict | None = None) -> dict:
     """`env` (default: this process's) for a Python the test starts with the kernels in the interpreter:
     TRITON_INTERPRET=1, and this module installed at its start-up (interpreter_site/sitecustomize.py)."""
     out = dict(os.environ if env is None else env, TRITON_INTERPRET="1")
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (SITE_DIR, out.get("PYTHONPATH", "")) if p)
+    return out
+
+
+def lazy_interpreter_env(env: dict) -> dict:
+    """`env` for a process whose Python children turn the interpreter on themselves (benchmarks/gpu_session.sh's
+    --cpu-smoke steps set TRITON_INTERPRET after start-up): TRITON_INTERPRET left as it is, and this module installed
+    in any child when Triton imports its interpreter (interpreter_site/sitecustomize.py)."""
+    out = dict(env, MOELINK_FAST_INTERPRETER="1")
     out["PYTHONPATH"] = os.pathsep.join(p for p in (SITE_DIR, out.get("PYTHONPATH", "")) if p)
     return out

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .fast_interpreter import lazy_interpreter_env
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool returns
@@ -22,6 +24,7 @@ def session(*args: str, out: Path | None = None, timeout: int = 300, **env) -> s
     e = dict(os.environ, PYTHON=sys.executable)
     e.update(env)
     e.pop("TRITON_INTERPRET", None)  # the script's children set what they need
+    e = lazy_interpreter_env(e)  # and those that turn the interpreter on get the suite's faster one
     for k in ("MOELINK_COMMIT", "GPU_CC", "GPU_SESSION_STATE"):
         if k not in env:
             e.pop(k, None)
