@@ -87,9 +87,10 @@ def _all_free(llm) -> None:
         assert slots is None or slots.num_free == slots.num_slots
 
 
-def _check_pairs(engines, ps, pairs=PAIRS) -> None:
+def _check_pairs(engines, ps, pairs=PAIRS, reference=("prefill", 1)) -> None:
+    """Each pair (P, D) of `pairs` against the greedy tokens of one engine (`engines[reference]`, no handoff)."""
     plain = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
-    want = [o.outputs[0].token_ids for o in engines["prefill", 1].generate(ps, plain, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in engines[reference].generate(ps, plain, use_tqdm=False)]
     for p, d in pairs:
         pre, dec = engines["prefill", p], engines["decode", d]
         saved = pre.generate(ps, SAVE, use_tqdm=False)
@@ -101,7 +102,7 @@ def _check_pairs(engines, ps, pairs=PAIRS) -> None:
         assert [o.num_cached_tokens for o in outs] == [len(x) - 1 for x in ps], (p, d)  # every prompt loaded
         if d == 1:  # in this process: its worker half's counters (one fetch per prefill rank holding its heads)
             stats = dec.engine.executor.runner.kv_connector.stats
-            assert stats.num_failed == 0 and stats.num_loaded == len(ps) * PAIRS.count((p, 1)), (p, d)
+            assert stats.num_failed == 0 and stats.num_loaded == len(ps) * pairs.count((p, 1)), (p, d)
         pre.engine.step()  # the save reports of the group's last rank, if they came after the request ended
         _all_free(pre)
         _all_free(dec)
@@ -129,18 +130,39 @@ def test_deepseek_v3_latent_between_tp_sizes(local_ray, hf_tiny_model):
 def test_qwen3_next_states_rank_to_rank_at_tp2(local_ray, hf_tiny_model):
     """A hybrid model (gated DeltaNet beside full attention) at -tp 2 on both sides: each decode rank takes its
     place's full-attention heads and linear-attention states (its own heads', not cut) from the prefill rank of the
-    same place; one-token prompts move nothing."""
+    same place. (No one-token prompt: on an engine that ran other requests before, Qwen3-Next's one-token prompt
+    gives other greedy tokens than on a fresh engine, PD or not: a stale state, reported.)"""
     path = hf_tiny_model("qwen3_next")
-    ps = prompts(hf_checkpoints.VOCAB, seed=48, n=3, lo=1, hi=20)
+    ps = prompts(hf_checkpoints.VOCAB, seed=48, n=3, lo=2, hi=20)
     engines = {}
     try:
-        engines["prefill", 1] = LLM(path, **KW)  # the one-engine reference only
         port = _free_ports(2)
         engines["prefill", 2] = LLM(path, tensor_parallel_size=2, kv_connector=RemoteKVConnector(
             RemoteKVConfig(transport="tcp", port=port, num_ranks=2)), **KW)
         engines["decode", 2] = LLM(path, tensor_parallel_size=2,
                                    kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp")), **KW)
-        _check_pairs(engines, ps, pairs=[(2, 2)])
+        # The reference: the decode engine without a handoff (TP 2 equals one rank: tests/ep/test_tp_families.py).
+        _check_pairs(engines, ps, pairs=[(2, 2)], reference=("decode", 2))
+    finally:
+        _shutdown(engines)
+
+
+def test_prefill_of_two_tp_groups_to_a_decode_rank_without_tp(local_ray, tiny_model):
+    """A prefill engine at -tp 2 -ep 4 (two TP groups, DP attention): each output names its group's two ports
+    (port + 2g, remote_ranks 2), and a decode engine without TP takes each head from the rank of that group
+    holding it."""
+    name = "qwen3_e6k3"
+    path = tiny_model(name)
+    ps = prompts(TINY_CONFIGS[name]["vocab_size"], seed=49, n=4, lo=5, hi=20)
+    port = _free_ports(4)
+    engines = {}
+    try:
+        engines["decode", 1] = LLM(path, kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp")), **KW)
+        engines["prefill", 2] = LLM(path, tensor_parallel_size=2, expert_parallel_size=4, kv_connector=RemoteKVConnector(
+            RemoteKVConfig(transport="tcp", port=port, num_ranks=4)), **KW)
+        saved = engines["prefill", 2].generate(ps, SAVE, use_tqdm=False)
+        assert {o.kv_transfer_params.remote_port for o in saved} == {port, port + 2}  # both groups saved some
+        _check_pairs(engines, ps, pairs=[(2, 1)], reference=("decode", 1))  # the decode engine without a handoff
     finally:
         _shutdown(engines)
 
