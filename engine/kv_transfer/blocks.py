@@ -13,7 +13,9 @@ recurrent states, engine/rank/state_cache.py) adds one "state" group per such la
 gives blocks, never the state at the transfer's end); its rows are [1, *one slot's state]. A block row of every
 tensor is copied as bytes (`uint8` views),
 so the dtype (bf16, float32, fp8) needs no case of its own; `SavedKV` keeps the dtype and shapes, and a write
-into a cache of another layout (block size, KV kind, dtype, layer count) is refused (ValueError).
+into a cache of another layout (block size, KV kind, dtype, layer count) is refused (ValueError). Under tensor
+parallelism a write may carry only some of a GQA cache's kv heads (`write_group`'s `heads`: a prefill TP rank's
+shard, engine/kv_transfer/tp_shard.py), written into those heads of each block row.
 
 `WorkerKVConnector` is what a connector's worker half implements. The model runner calls `start_load` before a
 step's forward and `start_save` after it, inside the step's device work (so in the rank's stream order: a save
