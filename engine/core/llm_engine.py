@@ -87,6 +87,10 @@ class LLMEngine:
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
         kvc = config.kv_connector  # a KV connector's scheduler half per rank (engine/contract/kv_connector.py)
+        if kvc is not None and callable(getattr(kvc, "configure", None)):
+            # Optional: learn what the sized engine is before the scheduler halves exist (the offload tiers: one
+            # block's bytes, which the driver cannot read from ranks in other processes).
+            kvc.configure(config)
         # Under tensor parallelism one scheduler per TP group (the group's ranks run one batch).
         self.schedulers: list[SchedulerInterface] = [
             Scheduler(config.scheduler, config.cache, None if kvc is None else kvc.scheduler_side(r))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.config.engine_args import EngineArgs
 from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
 
 from tests.helpers.parity import prompts
@@ -30,10 +29,10 @@ def test_ep2_ranks_offload_to_their_own_tiers(local_ray, tiny_model):
         want = _tokens(llm, [target])
     conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
     # The ranks are other processes: the driver's scheduler halves count slots from one block's bytes, which the
-    # engine's config gives (`configure`: the engine does not call it yet).
-    conn.configure(EngineArgs(model=path, **KW).create_engine_config())
-    assert conn.block_bytes == BLOCK_BYTES
+    # engine gives the connector from its config (`configure`, called before the scheduler halves exist).
+    assert conn.block_bytes is None
     with LLM(path, expert_parallel_size=2, kv_connector=conn, **KW) as llm:
+        assert conn.block_bytes == BLOCK_BYTES
         _tokens(llm, [target])
         for p in others:
             _tokens(llm, [p])
