@@ -82,15 +82,12 @@ def make_mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: to
     """MTP module i in the architecture's layout (architectures.Architecture.mtp_layout): MTPLayer (DeepSeek's
     next-n layers), QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`) or DSV4MTPLayer (DeepSeek-V4's `mtp.{i}.*`, over
     the hyper-connection streams: its drafter adapts it, engine/rank/mtp_drafter.py); all have compute_logits,
-    moe_only_stages, weight_plan, layer_index. `tp`: the rank's TensorParallel (DeepSeek-V4 is refused under TP as a
-    model by check_tensor_parallel)."""
+    moe_only_stages, weight_plan, layer_index. `tp`: the rank's TensorParallel (each module splits over it as its main
+    layers do)."""
     layout = REGISTRY[cfg.architecture].mtp_layout
-    if tp is not None and tp.size > 1 and layout == "dsv4":
-        raise ValueError(f"tensor_parallel_size={tp.size} is not supported for {cfg.architecture}'s MTP module "
-                         "(speculative method 'mtp') yet; run with -tp 1.")
     if layout == "dsv4":  # its embedding and head are always the main model's
         quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
-        return DSV4MTPLayer(cfg, spec, i, embed_tokens, lm_head, kernels, device, ep, quant=quant)
+        return DSV4MTPLayer(cfg, spec, i, embed_tokens, lm_head, kernels, device, ep, quant=quant, tp=tp)
     if layout == "qwen":
         return QwenMTPLayer(cfg, spec, i, kernels, device, ep, checkpoint_names, embed_tokens=embed_tokens,
                             lm_head=lm_head, tp=tp)

@@ -11,7 +11,8 @@ or `X.qweight` (GPTQ / AWQ) is present: the files say which modules are INT4, wh
 patterns spell. `int4_linear_plan` rewrites the plan so the parts (`weight_packed`, `weight_scale`, and
 `weight_zero_point` when asymmetric; `qweight`, `scales`, `qzeros`) are read into one `Int4Dequant`, which writes
 the destination when it has them all, in the row order the plan reads the weight in (MLA's rope de-interleave:
-applied to the dequantized rows).
+applied to the dequantized rows). A row-parallel tensor-parallel shard (o_proj, down_proj) reads only its input
+columns' words, scales and zero points, whole groups (`_column_parts`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import torch
 
 from moelink.kernels.int4 import awq_to_rows, gptq_qweight_rows, gptq_zeros_rows, int4_dequantize, unpack_rows
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
+
+from .nvfp4_linears import column_range
 
 _PARTS = {"compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point"),
           "gptq": ("qweight", "scales", "qzeros"), "awq": ("qweight", "scales", "qzeros")}
@@ -74,6 +77,21 @@ class Int4Piece(NamedTuple):
         self.target.put(self.role, src, device)
 
 
+def _column_parts(name: str, source: tuple, quant) -> dict[str, tuple]:
+    """Each part's slice for the input columns [a, b) a row-parallel TP shard reads (whole groups: a rank reads its
+    columns' packed words, scales and zero points only), in the checkpoint's layout: compressed-tensors' [N, K/8],
+    [N, K/G], zero points [N/8, K/G] (columns); GPTQ's qweight [K/8, N], AWQ's [K, N/8], their scales [K/G, N] and
+    zeros [K/G, N/8] (rows)."""
+    g = quant.group_size
+    a, b = column_range(name, source, g)
+    groups = slice(a // g, b // g)
+    q, s, z = _PARTS[quant.layout]
+    if quant.layout == "compressed-tensors":
+        return {q: (slice(None), slice(a // 8, b // 8)), s: (slice(None), groups), z: (slice(None), groups)}
+    words = slice(a // 8, b // 8) if quant.layout == "gptq" else slice(a, b)
+    return {q: (words,), s: (groups,), z: (groups,)}
+
+
 def int4_linear_plan(plan: WeightPlan, names: Iterable[str], quant) -> WeightPlan:
     """`plan` with every float destination whose checkpoint weight is INT4 (its packed tensor in `names`, no
     `X.weight`) read through an Int4Dequant (module docstring); the routed experts' int32 destinations stay."""
@@ -86,11 +104,11 @@ def int4_linear_plan(plan: WeightPlan, names: Iterable[str], quant) -> WeightPla
             continue
         if not isinstance(dest, torch.Tensor) or not dest.is_floating_point():
             continue
-        if len(source) > 1:
-            raise ValueError(f"checkpoint tensor {base + packed!r} is INT4 and read through a {len(source)}-dim "
-                             f"index; only a row order can be applied to it.")
+        parts = {}
+        if len(source) > 1:  # a row-parallel TP shard: its input columns' words, scales and zero points
+            parts, source = _column_parts(base + packed, source, quant), ()
         target = Int4Dequant(dest[idx] if idx else dest, base + packed, quant, source)
         del out[name]
         for role in target.needed():
-            out[base + role] = PlanEntry(Int4Piece(target, role), (), ())
+            out[base + role] = PlanEntry(Int4Piece(target, role), (), parts.get(role, ()))
     return out

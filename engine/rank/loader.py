@@ -143,9 +143,7 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     checkpoint = open_checkpoint(cfg, load_format, device)
     names = frozenset(checkpoint.keys())  # they pick the experts' on-disk layout, which FP8 experts are built for
     if spec.attention == "dsv4":
-        if tp is not None and tp.size > 1:  # ParallelConfig's checks refuse it first; a direct caller too
-            raise ValueError(f"tensor_parallel_size={tp.size} is not supported for {cfg.architecture} yet.")
-        model = DeepseekV4ForCausalLM(cfg, spec, kernels, device, ep, names)
+        model = DeepseekV4ForCausalLM(cfg, spec, kernels, device, ep, names, tp=tp)
     else:
         model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep, names, tp=tp)
     plan = model.weight_plan(names)

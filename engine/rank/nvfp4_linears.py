@@ -12,7 +12,8 @@ How: `nvfp4_linear_plan` rewrites a weight plan so that each float destination w
 `X.weight_scale_2`) into one `Nvfp4Dequant`, which writes the destination when it has all three (the loader reads
 tensors one at a time, file by file). A row order the plan reads the weight in (MLA's rope de-interleave) reads
 the packed bytes and the block scales alike: each row carries its own bytes and scales, so permuting rows is
-exact.
+exact. A row-parallel tensor-parallel shard (o_proj, down_proj: its input columns) reads its columns' packed bytes
+and their scales, whole groups of 16 (`column_range`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ from moelink.kernels.nvfp4 import nvfp4_dequantize
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 _PARTS = ("weight", "weight_scale", "weight_scale_2")
+GROUP = 16  # values per e4m3 scale
+
+
+def column_range(name: str, source: tuple, group: int) -> tuple[int, int]:
+    """[a, b) of a row-parallel TP shard's source (all rows, columns a..b of the unpacked weight), both on a group
+    boundary (a shard reads whole groups of packed values and their scales), else one ValueError naming why."""
+    rows, cols = source
+    if rows != slice(None) or not isinstance(cols, slice) or (cols.start or 0) % group or cols.stop is None \
+            or cols.stop % group:
+        raise ValueError(f"checkpoint tensor {name!r} is quantized in groups of {group} along its input columns, and "
+                         f"a tensor-parallel rank reads {source!r} of it: a rank's columns must start and end on a "
+                         f"group (tensor_parallel_size must divide the input width into whole groups).")
+    return cols.start or 0, cols.stop
 
 
 @dataclass
@@ -72,11 +86,12 @@ def nvfp4_linear_plan(plan: WeightPlan, names: Iterable[str]) -> WeightPlan:
             continue
         if not isinstance(dest, torch.Tensor) or not dest.is_floating_point():
             continue  # NVFP4 experts (uint8), or a destination of another kind
-        if len(source) > 1:
-            raise ValueError(f"checkpoint tensor {name!r} is NVFP4 and read through a {len(source)}-dim index; only a "
-                             f"row order can be applied to its packed bytes and scales.")
+        scale_source = source
+        if len(source) > 1:  # a row-parallel TP shard's columns: its bytes (2 values each) and its groups' scales
+            a, b = column_range(name, source, GROUP)
+            source, scale_source = (slice(None), slice(a // 2, b // 2)), (slice(None), slice(a // GROUP, b // GROUP))
         target = Nvfp4Dequant(dest[idx] if idx else dest, name)
         out[name] = PlanEntry(Nvfp4Piece(target, "weight"), (), source)
-        out[base + "weight_scale"] = PlanEntry(Nvfp4Piece(target, "weight_scale"), (), source)
+        out[base + "weight_scale"] = PlanEntry(Nvfp4Piece(target, "weight_scale"), (), scale_source)
         out[base + "weight_scale_2"] = PlanEntry(Nvfp4Piece(target, "weight_scale_2"), (), ())
     return out

@@ -42,12 +42,9 @@ def _nvfp4(tmp_path) -> tuple[str, str]:
 FORMATS = {"int4": _int4, "nvfp4": _nvfp4}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
-def test_tp2_ep2_matches_transformers(local_ray, tmp_path, fmt):
+def _tp2_ep2_equals_transformers(path: str, oracle: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    path, oracle = FORMATS[fmt](tmp_path)
     rng = random.Random(5)
     ps = [[rng.randrange(nvfp4_checkpoints.VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(3)]
     hf = AutoModelForCausalLM.from_pretrained(oracle, dtype=torch.float64, experts_implementation="eager")
@@ -60,6 +57,12 @@ def test_tp2_ep2_matches_transformers(local_ray, tmp_path, fmt):
         llm.engine.shutdown()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_tp2_ep2_matches_transformers(local_ray, tmp_path, fmt):
+    _tp2_ep2_equals_transformers(*FORMATS[fmt](tmp_path))
+
+
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_split_experts_refused(tmp_path, fmt):
     path, _ = FORMATS[fmt](tmp_path)
@@ -70,10 +73,29 @@ def test_split_experts_refused(tmp_path, fmt):
         check_tensor_parallel(cfg, 2, kind, experts_split=True)
 
 
-def test_quantized_row_parallel_linear_refused_at_load(tmp_path):
-    """ModelOpt's default recipe (scope "all") quantizes the attention and dense layers too: they are dequantized at
-    load, a column-parallel one cut to its rows, but a row-parallel one (o_proj: its packed columns) is refused,
-    naming the tensor (docs/tensor-parallelism.md)."""
+def _all_linears(fmt: str, tmp_path) -> tuple[str, str]:
+    """Every projection quantized (ModelOpt's default NVFP4 recipe; an INT4 "all linears" release), on a Qwen3-MoE
+    whose widths split over 2 ranks into whole groups (hidden, dense intermediate and o_proj's input 64: 32 a rank)."""
+    src = int4_checkpoints.save_tiny(tmp_path / "float", "qwen3")
+    if fmt == "int4":
+        path = int4_checkpoints.int4_checkpoint(src, tmp_path / "int4", True, 32, "all")
+        return path, path
+    path = nvfp4_checkpoints.nvfp4_checkpoint(src, tmp_path / "nvfp4", scope="all")
+    return path, nvfp4_checkpoints.dequantized_copy(path, tmp_path / "deq")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_tp2_ep2_all_linears_quantized_matches_transformers(local_ray, tmp_path, fmt):
+    """The attention's and dense MLP's quantized linears dequantized at load from the rank's shard: q/k/v and
+    gate/up by rows, o_proj and down_proj by input columns (each rank its columns' packed values and scales)."""
+    _tp2_ep2_equals_transformers(*_all_linears(fmt, tmp_path))
+
+
+def test_quantized_row_parallel_linear_needs_whole_groups(tmp_path):
+    """A row-parallel linear quantized in groups along its input columns splits only into whole groups: the tiny
+    NVFP4 Qwen3's dense intermediate 48 halves into 24 columns, not whole groups of 16: refused at load, naming
+    the tensor."""
     from moelink.engine.rank.loader import load_model
     from moelink.kernels.ops import ReferenceKernels
     from moelink.moe.layer import ExpertParallel
@@ -84,5 +106,5 @@ def test_quantized_row_parallel_linear_refused_at_load(tmp_path):
     cfg = ModelConfig.from_pretrained(path, "float64")
     placement = ExpertPlacement(num_experts=cfg.num_experts, ep_size=2)
     ep = ExpertParallel(0, 2, placement, None, placement.to_tensors(torch.device("cpu")))  # loading only
-    with pytest.raises(ValueError, match=r"self_attn\.o_proj\.weight' is NVFP4 and read through a 2-dim index"):
+    with pytest.raises(ValueError, match=r"mlp\.down_proj\.weight' is quantized in groups of 16 .* whole groups"):
         load_model(cfg, ReferenceKernels(), torch.device("cpu"), ep=ep, tp=LoadOnlyTP(0, 2))
