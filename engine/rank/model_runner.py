@@ -366,6 +366,7 @@ class ModelRunner:
             if state_plan is not None:
                 copies = state_plan.copies_in  # prefix hits: before the forward
                 self.state_caches.copy([d for d, _ in copies], [c for _, c in copies])
+                self.state_caches.zero(state_plan.fresh_decodes)  # one-token first chunks (StatePlan.fresh_decodes)
                 if staged is None:  # a replayed graph reads its own static slots (cuda_graph.DecodeGraphs.stage)
                     state = state_plan.state_step(x.attn.query_start_loc_S1, inp.pure_decode, dev)
             if staged is not None:

@@ -55,6 +55,18 @@ class StateCaches:
                 t.index_copy_(0, dst, t.index_select(0, src))
 
 
+    def zero(self, slots: list[int]) -> None:
+        """state[slot] = 0 in every linear layer: a sequence starting from nothing (see StatePlan.fresh_decodes)."""
+        if not slots:
+            return
+        idx = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        for pair in self.layers:
+            if pair is None:
+                continue
+            for t in pair:
+                t.index_fill_(0, idx, 0)
+
+
 class StatePlan:
     """One step's per-sequence-state work, built on the host at launch (batch order): each sequence's slot and
     whether it continues a state, the copies the step owes (prefix hits before the forward, checkpoint saves after
@@ -65,6 +77,14 @@ class StatePlan:
         self.slots, self.continues, self.query_lens = slots, continues, query_lens
         self.copies_in, self.saves = copies_in, saves
         self.verifying = verifying if verifying and any(verifying) else None
+
+    @property
+    def fresh_decodes(self) -> list[int]:
+        """The slots of sequences whose first chunk is one token (a one-token prompt, or a prompt whose prefix hit
+        ends one token short). A step of one token per sequence runs the decode kernels, which always read the
+        slot (they take no has_initial flag), so these slots are zeroed first: a state starting from nothing, as the
+        varlen kernels start a first chunk. Without it the slot's last owner's state leaked into the new sequence."""
+        return [s for s, c, q in zip(self.slots, self.continues, self.query_lens) if not c and q == 1]
 
     def state_step(self, qsl_S1: torch.Tensor, pure_decode: bool, device: torch.device) -> StateStep:
         """The forward's StateStep on `device` (non-blocking copies of host lists: no sync)."""
