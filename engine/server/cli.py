@@ -79,7 +79,8 @@ def _serve(ns: argparse.Namespace) -> int:
         from .serving import logger as request_logger
 
         request_logger.addFilter(RequestLogFilter())
-    role = role_from_args(ns, num_ranks=args.expert_parallel_size)
+    # Every rank serves KV on its own port: the world is expert_parallel_size, or one TP group when that is 1.
+    role = role_from_args(ns, num_ranks=max(args.expert_parallel_size, args.tensor_parallel_size))
     connector = role.connector()  # PD's remote KV plane, or the offload tiers (--kv-offload-*), or None
     if connector is not None:
         args.kv_connector = connector

@@ -26,3 +26,9 @@ def test_offload_flags_give_the_engine_the_offload_connector(monkeypatch, tmp_pa
 
 def test_no_kv_flags_no_connector(monkeypatch):
     assert _served_args(monkeypatch).kv_connector is None
+
+
+def test_a_tp_prefill_server_names_a_port_per_rank(monkeypatch):
+    """`-tp 2` alone is a world of 2 ranks (expert_parallel_size 1): each rank serves KV on --kv-port + rank."""
+    args = _served_args(monkeypatch, "--role", "prefill", "--kv-port", "47000", "--kv-transport", "tcp", "-tp", "2")
+    assert args.kv_connector.config.num_ranks == 2
