@@ -12,6 +12,8 @@ import weakref
 
 from moelink.engine.contract import gc_policy
 
+COLLECTOR_CHECKED = True  # these tests are about the heap's freezing: none held frozen here (tests/conftest.py)
+
 
 def _finishes(fn, timeout_s: float) -> bool:
     """Run `fn` in a daemon thread: True once it returned, False if it still runs after `timeout_s` (a hang)."""

@@ -14,6 +14,7 @@ from tests.helpers.grpc_server import ServerProcess
 from tests.helpers.waits import wait_until
 
 pytestmark = pytest.mark.slow
+COLLECTOR_CHECKED = True  # `del llm` gives the actors back: no heap held frozen here (tests/conftest.py)
 
 KW = dict(dtype="float32", num_kv_blocks=64, max_num_seqs=4)
 
