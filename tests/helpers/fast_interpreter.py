@@ -123,7 +123,8 @@ def interpreter_env(env: dict | None = None) -> dict:
 def lazy_interpreter_env(env: dict) -> dict:
     """`env` for a process whose Python children turn the interpreter on themselves (benchmarks/gpu_session.sh's
     --cpu-smoke steps set TRITON_INTERPRET after start-up): TRITON_INTERPRET left as it is, and this module installed
-    in any child when Triton imports its interpreter (interpreter_site/sitecustomize.py)."""
+    in any child when Triton imports its interpreter (interpreter_site/sitecustomize.py). Last on PYTHONPATH: a
+    `sitecustomize` the caller put there (a test standing in for another image) is the one Python imports."""
     out = dict(env, MOELINK_FAST_INTERPRETER="1")
-    out["PYTHONPATH"] = os.pathsep.join(p for p in (SITE_DIR, out.get("PYTHONPATH", "")) if p)
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (out.get("PYTHONPATH", ""), SITE_DIR) if p)
     return out
