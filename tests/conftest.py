@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints built once per session; sockets listening.
+"""Shared fixtures: tiny random Hugging Face checkpoints built once per session; sockets listening; the heap kept
+frozen from a module's first engine start on (engines_keep_heap_frozen).
 
 And the `slow` marker for every test that uses a fixture starting processes (the rest is marked where it
 is defined: Ray tests, network namespaces, anything over ~5 s). `pytest -m "not slow"` is the quick loop.
+Under `--dist loadgroup`: the xdist groups (the Ray tests on one worker, in an order that lets consecutive modules
+share one local Ray), and the Ray settings of every Ray the tests start.
 """
 from __future__ import annotations
 
