@@ -22,6 +22,7 @@ from .arrival import ArrivalWriter, LoadDropped, LoadWriteFailed
 from .auth import SecretAuth, is_capability
 from .blocks import STATE, PagedKVBlocks, PendingRead
 from .config import RemoteKVConfig, RemoteSource
+from .nixl_inplace import register_at_allocation
 from .peers import describe_peers, peer_allowed
 from .server import ServerLimits
 from .store import SavedKVStore
@@ -108,6 +109,15 @@ class RemoteWorkerSide:
             return
         with self._lock:
             self._saving.append((t, pending))
+
+    def cache_allocated(self, kv: PagedKVBlocks) -> None:
+        """The rank's cache, just allocated (the model runner calls this): registered with NIXL now, with the
+        serving agent (a prefill rank) or the fetching agent (a decode rank), not at the first save or fetch
+        (nixl_inplace.register_at_allocation). Only where the in-place path will use it: not under TP (a save is a
+        head shard, copied) nor with state groups (the copy path)."""
+        if (self.config.nixl_in_place and self.shard is None and isinstance(kv, PagedKVBlocks)
+                and not any(kind == STATE for _, kind in kv.groups)):
+            register_at_allocation(self.transport, kv, serving=self.server is not None)
 
     def holds_saves_of(self, kv: PagedKVBlocks) -> bool:
         """Whether the scheduler half treats this rank's saves as held (`holds_saves`; never with state groups)."""

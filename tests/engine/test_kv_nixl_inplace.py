@@ -60,12 +60,15 @@ def test_greedy_pd_parity_reading_the_prefill_blocks_in_place(kind, tiny_model, 
         monkeypatch.setattr(PagedKVBlocks, name, lambda self, t, _r=real: copies.append(t) or _r(self, t))
     conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl"))
     with LLM(path, kv_connector=conn, **KW) as pre:
-        outs = pre.generate(ps, SAVE, use_tqdm=False)
         side = pre.engine.executor.runner.kv_connector
+        # Registered when the cache was allocated (the runner's cache_allocated), before any request.
+        assert side.transport.agent(serving=True).regions.num_registered == 1
+        outs = pre.generate(ps, SAVE, use_tqdm=False)
         free, total = _free(pre)
         assert free < total  # held for the decode engine, though every request finished
         dec = Decoder(path, RemoteKVConfig(transport="nixl"))
         try:
+            assert dec.worker.transport.agent(serving=False).regions.num_registered == 1  # at allocation too
             dec.add(ps, _decode_params(outs))
             assert dec.run(len(ps)) == want
             assert dec.computed == len(ps) * MAX_NEW  # only each last prompt token and the decode steps
@@ -91,8 +94,10 @@ def test_a_hold_past_its_deadline_frees_the_blocks_and_a_late_fetch_recomputes(t
     want = one_engine(path, ps)
     conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", nixl_hold_s=0.2))
     with LLM(path, kv_connector=conn, **KW) as pre:
-        outs = pre.generate(ps, SAVE, use_tqdm=False)
         side = pre.engine.executor.runner.kv_connector
+        # Registered when the cache was allocated (the runner's cache_allocated), before any request.
+        assert side.transport.agent(serving=True).regions.num_registered == 1
+        outs = pre.generate(ps, SAVE, use_tqdm=False)
         total = _free(pre)[1]
         # The server's sweeper expires holds while the engine is idle (every ServerLimits.sweep_s).
         wait_until(lambda: side.store.counters.num_hold_expired == len(ps), 30.0, "the holds to expire")
