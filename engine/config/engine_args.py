@@ -24,7 +24,7 @@ from .kv_sizing import driver_num_kv_blocks, kv_sliding_window, state_pool_bytes
 from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
-from .dsv4 import check_speculative as check_dsv4_speculative
+from .dsv4 import DSV4AttentionConfig, check_speculative as check_dsv4_speculative
 from .speculative import SpeculativeConfig
 from .architectures import REGISTRY
 from .tensor_parallel import check_tensor_parallel
@@ -330,7 +330,9 @@ class EngineArgs:
             raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported for "
                              f"{model_cfg.architecture} with tensor_parallel_size={tp}: its layers mix KV kinds "
                              f"({', '.join(sorted(kinds))}), and a rank's KV shard is one kind's.")
-        latent = isinstance(model_cfg.attention, MLAConfig)  # whole on every rank: no heads to name
+        # Whole on every rank, no heads to name: MLA's latent; DeepSeek-V4's one shared KV head, compressed entries
+        # and index keys (engine/models/dsv4_attention.py keeps them whole under TP).
+        latent = isinstance(model_cfg.attention, (MLAConfig, DSV4AttentionConfig))
         # A hybrid model's states move rank to rank between engines of one TP size (checked per load).
         return kvc.for_tensor_parallel(tp, 0 if latent else model_cfg.attention.num_kv_heads,
                                        states=bool(model_cfg.state_layers), world_size=parallel.world_size)

@@ -188,9 +188,10 @@ def plan_fetches(mine: Heads | None, tp_rank: int, tp_size: int, prefill_tp: int
     (`states`) everything from the prefill rank of its own place (ValueError for another TP size)."""
     if states:
         if prefill_tp != tp_size:
-            raise ValueError(f"a hybrid model's linear-attention states move only between engines of one TP size: "
-                             f"this decode engine runs tensor_parallel_size={tp_size}, the prefill engine "
-                             f"{prefill_tp} (a state's conv channels interleave its heads' q, k and v: not cut)")
+            raise ValueError(f"per-sequence states (linear attention's, DeepSeek-V4's windows) move only between "
+                             f"engines of one TP size, rank to rank: this decode engine runs tensor_parallel_size="
+                             f"{tp_size}, the prefill engine {prefill_tp} (linear attention's conv channels interleave "
+                             "its heads' q, k and v: not cut)")
         return [(tp_rank, ShardAsk(mine, tp_rank, tp_size))]
     if mine is None:
         return [(0, ShardAsk(None, tp_rank, tp_size))]

@@ -130,10 +130,10 @@ def test_deepseek_v3_latent_between_tp_sizes(local_ray, hf_tiny_model):
 def test_qwen3_next_states_rank_to_rank_at_tp2(local_ray, hf_tiny_model):
     """A hybrid model (gated DeltaNet beside full attention) at -tp 2 on both sides: each decode rank takes its
     place's full-attention heads and linear-attention states (its own heads', not cut) from the prefill rank of the
-    same place. (No one-token prompt: on an engine that ran other requests before, Qwen3-Next's one-token prompt
-    gives other greedy tokens than on a fresh engine, PD or not: a stale state, reported.)"""
+    same place. A one-token prompt among them (nothing to move: decoded from a zeroed state slot on an engine that
+    ran other requests before, engine/rank/state_cache.StatePlan.fresh_decodes)."""
     path = hf_tiny_model("qwen3_next")
-    ps = prompts(hf_checkpoints.VOCAB, seed=48, n=3, lo=2, hi=20)
+    ps = prompts(hf_checkpoints.VOCAB, seed=48, n=3, lo=2, hi=20) + [[7]]
     engines = {}
     try:
         port = _free_ports(2)
@@ -305,3 +305,22 @@ def test_a_prefill_rank_serves_each_decode_rank_its_heads_once(tmp_path):
         assert store.counters.num_served == 1
     finally:
         server.close()
+
+
+def test_deepseek_v4_rank_to_rank_at_tp2(local_ray, tmp_path_factory):
+    """DeepSeek-V4 at -tp 2 on both sides: its one shared KV head, compressed entries and index keys are whole on
+    every rank (saved by the group's first rank, read by each decode rank), its window states rank to rank."""
+    from tests.helpers.dsv4_checkpoint import dsv4_config, save_dsv4_checkpoint
+
+    path = save_dsv4_checkpoint(tmp_path_factory.mktemp("dsv4_tp_pd"))
+    ps = prompts(dsv4_config().vocab_size, seed=49, n=3, lo=5, hi=40)
+    kw = {**KW, "block_size": 16, "num_kv_blocks": 32, "max_model_len": 128}  # a multiple of V4's compress rates
+    engines = {}
+    try:
+        engines["prefill", 2] = LLM(path, tensor_parallel_size=2, kv_connector=RemoteKVConnector(
+            RemoteKVConfig(transport="tcp", port=_free_ports(2), num_ranks=2)), **kw)
+        engines["decode", 2] = LLM(path, tensor_parallel_size=2,
+                                   kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp")), **kw)
+        _check_pairs(engines, ps, pairs=[(2, 2)], reference=("decode", 2))
+    finally:
+        _shutdown(engines)
