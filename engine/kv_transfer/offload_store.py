@@ -21,7 +21,7 @@ import torch
 
 from moelink.scheduler.outputs import KVTransfer
 
-from .blocks import FULL, PagedKVBlocks, _wide_dtype
+from .blocks import FULL, PagedKVBlocks, wide_dtype
 from .offload_tiers import OffloadConfig
 
 
@@ -102,7 +102,7 @@ class TierStore:
         slots_N = None if direct else torch.tensor(list(slots), dtype=torch.long)
         for j, x in enumerate(self.tensors):
             u8 = x.view(torch.uint8)
-            dt = _wide_dtype(u8)
+            dt = wide_dtype(u8)
             n = len(blocks)
             out = self.host_SR[j][s0:s0 + n] if direct else self._staging("out", j, n)
             torch.index_select(u8.view(dt), 0, ids_N, out=out.view(dt).view(n, *u8.view(dt).shape[1:]))
