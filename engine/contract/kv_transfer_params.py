@@ -52,7 +52,9 @@ class KVTransferParams:
     do_remote_prefill: bool = False  # decode side: load the prompt KV another engine saved
     remote_host: Optional[str] = None
     remote_port: Optional[int] = None
-    remote_ranks: int = 1  # the prefill engine's ranks (its expert_parallel_size): ports remote_port + [0, ranks)
+    # The ports to ask, remote_port + [0, ranks): the prefill engine's ranks (its expert_parallel_size), or under TP
+    # the request's TP group's ranks (remote_port its first rank's).
+    remote_ranks: int = 1
     remote_request_id: Optional[str] = None  # the prefill request's id: informational (vLLM's key), not the key
     remote_kv_token: Optional[str] = None  # the capability the KV was saved under (module docstring)
 

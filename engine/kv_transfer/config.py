@@ -35,7 +35,9 @@ class RemoteKVConfig:
     # is a wildcard (0.0.0.0, ::), which binds every interface but names none a peer can dial.
     advertise_host: Optional[str] = None
     port: Optional[int] = None  # rank r serves on port + r; None: this engine serves nothing (decode only)
-    num_ranks: int = 1  # this engine's ranks (expert_parallel_size): ports port + [0, num_ranks)
+    # This engine's ranks, each serving on its own port, port + [0, num_ranks): the world (expert_parallel_size, or
+    # the TP group's ranks under -tp alone; RemoteKVConnector.for_tensor_parallel raises it to the engine's world).
+    num_ranks: int = 1
     ttl_s: float = 120.0  # saved KV not fetched within this is dropped (swept while idle too)
     max_saved_bytes: int = 4 << 30  # per rank; past it the oldest saved KV is dropped
     connect_timeout_s: float = 5.0
