@@ -7,9 +7,12 @@ offload.py).
     # or: moelink serve MODEL --role prefill --kv-port 5600 --kv-offload-host-bytes N
 
 Who does what, per request: the PD connector first. A request it can load (a decode server's request that names
-its prefill server) loads from there, its whole prompt, as without offload (a saved prefix shorter than the
-prompt cannot be loaded from another engine yet, so the tier does not serve part of it); any other request (every
-request of a prefill server, a decode server's own) loads the prefix the tiers hold. Saves, the finished
+its prefill server) loads from there; when this engine's tiers hold a leading part of its prompt beyond the device
+prefix cache's hit (a shared system prompt the decode server evicted), that part is loaded from the tiers and only
+the rest from the prefill server: one transfer split in two (`SplitLoad`), the tiers' blocks first, the remote
+fetch writing from the block after them, reported done when both halves are (failed if either failed: the request
+is recomputed). Not for a cache with per-sequence state (the state travels with the remote load, at the prompt's
+end). Any other request (every request of a prefill server, a decode server's own) loads the prefix the tiers hold. Saves, the finished
 request's parameters, the bounds on loads in flight and whether loaded KV is trusted are the PD connector's; the
 evictions' tier work is the tiers'. Transfers are told apart by their parameters (the tiers' are `StepOps` and
 `LoadPlan`), so each half hears only its own. A prefill server thus keeps prefixes it evicted (multi-turn chats,
@@ -17,6 +20,9 @@ shared system prompts) and loads them back before computing the rest, then saves
 server as before.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
 
 from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
@@ -26,6 +32,20 @@ from .offload_tiers import LoadPlan, StepOps
 
 _TIERS = (StepOps, LoadPlan)
 _FROM_TIERS = ("offload",)  # the source a tier load counts against (LoadLimits)
+
+
+@dataclass(frozen=True)
+class SplitLoad:
+    """One PD request's load split in two (module docstring): `tier` (a LoadPlan) for the blocks from the transfer's
+    first block on, then `pd` (the PD connector's params) for the rest."""
+
+    tier: LoadPlan
+    pd: Any
+
+    def parts(self, t: KVTransfer) -> tuple[KVTransfer, KVTransfer]:
+        """`t` as each half sees it: the tiers' from t.first_block, the PD connector's after the tiers' blocks."""
+        return (replace(t, params=self.tier),
+                replace(t, params=self.pd, first_block=t.first_block + len(self.tier.host_slots)))
 
 
 class WithOffload:
@@ -66,6 +86,8 @@ class _SchedulerSide:
     def __init__(self, pd, tiers) -> None:
         self.pd, self.tiers = pd, tiers
         self._tier_loads: set[str] = set()  # request ids the tiers answered for this step
+        self._split: set[str] = set()  # PD requests whose leading blocks the tiers load (SplitLoad)
+        self._states = False  # a cache with per-sequence state: no split loads (bind)
         for name in ("load_limits", "trusted_loads", "holds_saves"):
             if hasattr(pd, name):
                 setattr(self, name, getattr(pd, name))
@@ -75,6 +97,7 @@ class _SchedulerSide:
 
     def bind(self, kv) -> None:
         self.tiers.bind(kv)
+        self._states = callable(getattr(kv, "state_slot", None))
         if callable(getattr(self.pd, "bind", None)):
             self.pd.bind(kv)
 
@@ -86,6 +109,9 @@ class _SchedulerSide:
         n = self.pd.num_loadable_tokens(req)
         if n:
             self._tier_loads.discard(req.request_id)
+            self._split.discard(req.request_id)
+            if not self._states and 0 < self.tiers.num_loadable_tokens(req) < n:
+                self._split.add(req.request_id)  # the tiers' leading blocks, then the rest from the PD source
             return n
         n = self.tiers.num_loadable_tokens(req)
         if n:
@@ -99,7 +125,11 @@ class _SchedulerSide:
         if self._from_tiers(req):
             return self.tiers.load_params(req)
         f = getattr(self.pd, "load_params", None)
-        return None if f is None else f(req)
+        pd = None if f is None else f(req)
+        if req.request_id in self._split:
+            self._split.discard(req.request_id)
+            return SplitLoad(self.tiers.load_params(req), pd)  # (a plan of no slots: the PD source loads it all)
+        return pd
 
     def load_source(self, req: Request):
         if self._from_tiers(req):
@@ -111,26 +141,54 @@ class _SchedulerSide:
         return self.pd.wants_save(req)
 
     def transfer_done(self, t: KVTransfer, ok: bool) -> None:
+        if isinstance(t.params, SplitLoad):
+            tier_t, pd_t = t.params.parts(t)
+            self.tiers.transfer_done(tier_t, ok)  # its slots unpinned, its hit counted when ok
+            self.pd.transfer_done(pd_t, ok)
+            return
         (self.tiers if isinstance(t.params, _TIERS) else self.pd).transfer_done(t, ok)
 
 
 class _WorkerSide:
     def __init__(self, pd, tiers) -> None:
         self.pd, self.tiers = pd, tiers
+        # SplitLoad transfers in flight: transfer id -> the halves' reports so far ([ok, ...]); reported at two.
+        self._joins: dict[int, list[bool]] = {}
 
     def start_load(self, t: KVTransfer, kv) -> None:
+        if isinstance(t.params, SplitLoad):
+            tier_t, pd_t = t.params.parts(t)
+            self._joins[t.transfer_id] = []
+            # Disjoint blocks: the tiers' from first_block, the fetch's after them; each on its own thread.
+            if tier_t.params.host_slots:
+                self.tiers.start_load(tier_t, kv)
+            else:
+                self._joins[t.transfer_id].append(True)  # nothing from the tiers after all
+            self.pd.start_load(pd_t, kv)
+            return
         (self.tiers if isinstance(t.params, _TIERS) else self.pd).start_load(t, kv)
 
     def start_save(self, t: KVTransfer, kv) -> None:
         self.pd.start_save(t, kv)
 
     def poll(self) -> dict[int, bool] | None:
-        done = {**(self.pd.poll() or {}), **(self.tiers.poll() or {})}  # transfer ids are one scheduler's: disjoint
+        done: dict[int, bool] = {}
+        for half in (self.pd.poll() or {}, self.tiers.poll() or {}):  # ids are one scheduler's: disjoint but splits
+            for tid, ok in half.items():
+                parts = self._joins.get(tid)
+                if parts is None:
+                    done[tid] = ok
+                    continue
+                parts.append(ok)
+                if len(parts) == 2:
+                    del self._joins[tid]
+                    done[tid] = all(parts)
         return done or None
 
     def drop_pending(self) -> None:
         self.pd.drop_pending()
         self.tiers.drop_pending()
+        self._joins.clear()
 
     def close(self) -> None:
         try:
@@ -139,4 +197,4 @@ class _WorkerSide:
             self.tiers.close()
 
 
-__all__ = ["WithOffload"]
+__all__ = ["SplitLoad", "WithOffload"]
