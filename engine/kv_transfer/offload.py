@@ -48,6 +48,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from moelink.scheduler.block_pool import extend_block_hashes
+from moelink.scheduler.sliding_kv import first_live_sliding_block, sliding_block_hash
 from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
 
@@ -120,7 +121,9 @@ class _SchedulerSide:
         self._probed = False
         self._resets = 0
         self._seq = 0
-        self._asked: dict[str, tuple[int, int]] = {}  # request id -> (device hit blocks, loadable blocks)
+        self._window: int | None = None  # the sliding-window layers' window (sliding_kv.py), None: none
+        # request id -> (device hit blocks, loadable blocks, the sliding table's first loaded entry)
+        self._asked: dict[str, tuple[int, int, int]] = {}
         self._ops: dict[int, tuple[StepOps, list, list]] = {}  # seq -> (ops, saved keys, pushed-down keys)
         self._loads: dict[int, tuple[list, float]] = {}  # seq -> (keys, start time)
         self._warned = False
@@ -128,15 +131,21 @@ class _SchedulerSide:
     # ------------------------------------------------------------------ seam capabilities
     def bind(self, kv) -> None:
         from moelink.scheduler.kv_cache_manager import KVCacheManager
+        from moelink.scheduler.sliding_kv import SlidingKVCacheManager
 
-        if callable(getattr(kv, "state_slot", None)) or type(kv).transfer_tables is not KVCacheManager.transfer_tables:
-            raise ValueError("KV offload (--kv-offload-host-bytes) cannot serve this model: its cache keeps a "
-                             "sliding-window table or per-sequence state beside the full-attention blocks, which "
-                             "the offload tiers do not key; run it without offload.")
+        if callable(getattr(kv, "state_slot", None)):
+            raise ValueError("KV offload (--kv-offload-host-bytes) cannot serve this model: its linear-attention "
+                             "layers keep a per-sequence state, and a prefix hit resumes from a state checkpoint "
+                             "the offload tiers do not save yet; run it without offload.")
+        if not isinstance(kv, SlidingKVCacheManager) and \
+                type(kv).transfer_tables is not KVCacheManager.transfer_tables:
+            raise ValueError(f"KV offload (--kv-offload-host-bytes) cannot serve this model: its cache policy "
+                             f"{type(kv).__name__} keeps tables the offload tiers do not key; run it without offload.")
         if not kv.enable_prefix_caching:
             raise ValueError("KV offload (--kv-offload-host-bytes) needs prefix caching: drop "
                              "--no-enable-prefix-caching, or the offload flags.")
         self.kv = kv
+        self._window = getattr(kv, "window", None) if isinstance(kv, SlidingKVCacheManager) else None
         self._resets = kv.pool.num_resets
 
     def _ready(self) -> bool:
@@ -185,22 +194,37 @@ class _SchedulerSide:
         # Every full block: the last one too (the device cache never serves the block holding the last prompt
         # token, a tier may: the scheduler computes that token again for its logits, as after a PD load).
         hashes = extend_block_hashes(req.block_hashes, req.all_token_ids, bs, req.num_tokens // bs, self.kv.lookahead)
-        hit = len(self.kv.pool.find_cached_blocks(hashes, (req.num_tokens - 1) // bs))
+        # The device hit as the scheduler takes it (a sliding table's shortens it to where its window is cached):
+        # the load fills the table entries after it.
+        hit = self.kv.get_computed_blocks(req)[1] // bs
         end = self.index.num_leading(hashes, hit)
+        first_sliding = end
+        while self._window is not None and end > hit:
+            # The sliding table must hold, from the tiers, every block the first recomputed token's query sees
+            # (sliding_kv.first_live_sliding_block); its entries before that are freed before any step reads them.
+            # Never a prefix whose window is not there: shortened until it is.
+            first_sliding = max(hit, first_live_sliding_block(min(end * bs, req.num_tokens - 1), self._window, bs))
+            if all(sliding_block_hash(h) in self.index for h in hashes[first_sliding:end]):
+                break
+            end -= 1
         if end <= hit or (end == hit + 1 and hit == (req.num_tokens - 1) // bs):
             # Nothing below, or only the block holding the last prompt token, whose tokens the step that computes
             # that token recomputes in the same forward for nearly nothing: a load would only add its wait.
             return 0
-        self._asked[req.request_id] = (hit, end)
+        self._asked[req.request_id] = (hit, end, first_sliding)
         return end * bs
 
     def load_params(self, req: Request) -> LoadPlan:
         """The load's plan (pinned slots); one of no slots when the tiers cannot serve it after all (the worker half
         reports it failed and the request is recomputed)."""
-        hit, end = self._asked.pop(req.request_id)
+        hit, end, first_sliding = self._asked.pop(req.request_id)
         keys = req.block_hashes[hit:end]
+        where = dict(first_block=hit)
+        if self._window is not None:
+            where.update(num_full=len(keys), sliding_first=first_sliding)
+            keys = keys + [sliding_block_hash(h) for h in req.block_hashes[first_sliding:end]]
         self._seq += 1
-        plan = self.index.plan_load(keys, self._seq)
+        plan = self.index.plan_load(keys, self._seq, **where)
         if plan is None:
             return LoadPlan(self._seq, ())
         self._loads[self._seq] = (keys, time.perf_counter())
@@ -268,7 +292,7 @@ class _WorkerSide:
                 self._warn_once(f"KV offload: a step's tier work failed (its blocks are dropped): {exc}")
                 ok = False
             self._report(t.transfer_id, ok)
-        elif isinstance(p, LoadPlan) and p.host_slots and self.store is not None:
+        elif isinstance(p, LoadPlan) and p.host_slots and self.store is not None and p.first_block == t.first_block:
             event = None
             if kv.device.type == "cuda":  # the side stream starts after the step's earlier work (its saves)
                 event = torch.cuda.Event()
@@ -277,20 +301,22 @@ class _WorkerSide:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kv-offload-{self.rank}")
             self._loads[t.transfer_id] = self._pool.submit(self._load, t, p, kv, event)
         else:
-            self._report(t.transfer_id, False)  # a load the tiers could not plan: recomputed
+            # A load the tiers could not plan, or planned for another device hit than the scheduler took (its
+            # blocks would land off by the difference): recomputed.
+            self._report(t.transfer_id, False)
 
     def _load(self, t: KVTransfer, p: LoadPlan, kv: PagedKVBlocks, event) -> None:
         """On the loader thread: disk -> host, then host -> device (on CUDA on the side stream, after `event`:
         the work enqueued before the load, this step's saves of the blocks it overwrites)."""
         self.store.promote(p.promote)
         if event is None:
-            self.store.load(kv, t, p.host_slots)
+            self.store.load(kv, t, p)
             return
         if self._stream is None:
             self._stream = torch.cuda.Stream(kv.device)
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(event)
-            self.store.load(kv, t, p.host_slots)
+            self.store.load(kv, t, p)
         # Device-to-host sync, on this thread only: the load is reported (and its staging reused) once it landed.
         self._stream.synchronize()
 

@@ -98,12 +98,24 @@ class StepOps:
 @dataclass(frozen=True)
 class LoadPlan:
     """A request's blocks from `first_block` on: `promote` (disk slot -> host slot) first, then host slot
-    `host_slots[i]` into the request's block `first_block + i`. `tier`: the lowest tier read (its load time)."""
+    `host_slots[i]` into the request's full-table entry `first_block + i` for i < `num_full` (-1: every slot is
+    a full-table block), and the slots after those into its sliding-window table from entry `sliding_first` on
+    (scheduler/sliding_kv.py: the window before the first recomputed token). `tier`: the lowest tier read (its
+    load time). `first_block` is the device prefix hit the plan was made for: the worker refuses a transfer whose
+    hit differs (the blocks would land one table entry off)."""
 
     seq: int
     host_slots: tuple[int, ...]
     promote: tuple[tuple[int, int], ...] = ()
     tier: str = "host"
+    first_block: int = -1
+    num_full: int = -1
+    sliding_first: int = 0
+
+    @property
+    def num_full_blocks(self) -> int:
+        """The full-table blocks it loads (entries `first_block` .. + this): the request's KV from the tiers."""
+        return len(self.host_slots) if self.num_full < 0 else self.num_full
 
 
 class TierIndex:
@@ -191,9 +203,10 @@ class TierIndex:
         self._count("host", stored=1)
         return slot
 
-    def plan_load(self, keys, seq: int) -> LoadPlan | None:
+    def plan_load(self, keys, seq: int, **where) -> LoadPlan | None:
         """Pinned slots for `keys` (module docstring), or None, changing nothing but pushes down already queued,
-        when one of them left the tiers or no host slot is free to stage a disk block in."""
+        when one of them left the tiers or no host slot is free to stage a disk block in. `where`: the plan's
+        `first_block`, `num_full` and `sliding_first` (LoadPlan)."""
         if not all(k in self for k in keys):
             return None
         # Every slot read is pinned first, so staging a disk block (which may push a host block down, and that a
@@ -227,7 +240,7 @@ class TierIndex:
         for tier in TIERS:
             self._count(tier)
         return LoadPlan(seq, tuple(slots[i] for i in range(len(keys))), tuple(promote),
-                        "disk" if promote else "host")
+                        "disk" if promote else "host", **where)
 
     def load_ended(self, plan: LoadPlan, keys, ok: bool, seconds: float) -> None:
         """Unpin a load's slots (its promoted disk slots go free); count it per tier; a failed load's promoted

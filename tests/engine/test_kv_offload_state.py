@@ -1,0 +1,120 @@
+"""The KV offload tiers for caches beyond one full-attention table (engine/kv_transfer/offload.py): a model whose
+sliding-window layers keep their own block table (gpt-oss, scheduler/sliding_kv.py) has both tables' evicted
+blocks saved and a prefix loaded back with the window its first recomputed token sees, greedy tokens equal to an
+engine without offload; an abort while loading frees every block and slot; a prefix whose window is not in the
+tiers is not loaded. A model with per-sequence state (Qwen3-Next) is refused with one line at start."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
+from moelink.engine.kv_transfer.offload_store import TierStore
+from moelink.scheduler.block_pool import extend_block_hashes
+from moelink.scheduler.request import RequestStatus
+from moelink.scheduler.sliding_kv import sliding_block_hash
+
+from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
+from tests.helpers.parity import prompts
+
+# Blocks of 4 tokens and a 6-token window (tests/helpers/gpt_oss_checkpoints.py); 16-token chunks, so the
+# sliding table frees (and the pool caches, then evicts) out-of-window blocks while a prompt is computed.
+KW = dict(dtype="float64", num_kv_blocks=28, block_size=4, max_num_batched_tokens=16, max_model_len=64,
+          skip_warmup=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+
+def _run(llm, ps):
+    return [(o.outputs[0].token_ids, o.num_cached_tokens) for o in llm.generate(ps, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    path = save_gpt_oss(tmp_path_factory.mktemp("gpt_oss") / "m", num_hidden_layers=2)
+    target, *others = prompts(400, seed=51, n=4, lo=40, hi=41)  # 40 tokens each: 10 blocks per table
+    with LLM(path, **KW) as llm:
+        want = _run(llm, [target])[0][0]
+    return path, target, others, want
+
+
+def _evicted_target(case):
+    path, target, others, _ = case
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
+    llm = LLM(path, kv_connector=conn, **KW)
+    assert _run(llm, [target])[0][1] == 0
+    for p in others:  # each fills the device pool: the target's blocks of both tables go to the host tier
+        _run(llm, [p])
+    return llm, conn
+
+
+def _idle(llm, conn) -> bool:
+    sched = llm.engine.schedulers[0]
+    index = conn.tier_index(0)
+    index.check()
+    return sched.kv.pool.num_free_blocks == KW["num_kv_blocks"] and index.num_pinned() == 0
+
+
+def test_a_sliding_window_prefix_loads_back_with_its_window_and_decodes_as_without_offload(case):
+    _, target, _, want = case
+    llm, conn = _evicted_target(case)
+    with llm:
+        assert not llm.engine.schedulers[0].kv.pool.find_cached_prefix(target)  # evicted from the device
+        got = _run(llm, [target])
+        assert _idle(llm, conn)
+    host = conn.offload_tier_stats()["host"]
+    assert got == [(want, 39)]  # every block but the last prompt token, which is computed for its logits
+    # 10 full-table blocks and the sliding table's window before token 39 (6 tokens: blocks 8 and 9).
+    assert host.hits == 12 and host.loaded_bytes == 12 * conn.block_bytes
+
+
+def test_a_prefix_whose_window_left_the_tiers_is_loaded_only_up_to_where_its_window_is_there(case):
+    _, target, _, want = case
+    llm, conn = _evicted_target(case)
+    with llm:
+        keys = extend_block_hashes([], target, 4)
+        conn.tier_index(0).drop([sliding_block_hash(keys[9])])  # the sliding block every 10-block hit needs
+        got = _run(llm, [target])
+        assert _idle(llm, conn)
+    host = conn.offload_tier_stats()["host"]
+    # Shortened to 9 blocks (36 tokens: token 36's window, sliding blocks 7 and 8, is there), the rest computed.
+    assert got == [(want, 36)] and host.hits == 9 + 2
+
+
+@pytest.fixture
+def gated_load(monkeypatch):
+    gate, landed = threading.Event(), threading.Event()
+    real = TierStore.load
+
+    def load(self, *a):
+        assert gate.wait(60)
+        real(self, *a)
+        landed.set()
+
+    monkeypatch.setattr(TierStore, "load", load)
+    return gate, landed
+
+
+def test_an_abort_while_loading_a_sliding_prefix_frees_every_block_and_slot(case, gated_load):
+    _, target, _, _ = case
+    gate, landed = gated_load
+    llm, conn = _evicted_target(case)
+    with llm:
+        eng, sched = llm.engine, llm.engine.schedulers[0]
+        eng.add_request("t", target, GREEDY)
+        eng.step()
+        assert sched.requests["t"].status is RequestStatus.WAITING_FOR_KV
+        eng.abort_requests(["t"])
+        gate.set()
+        assert landed.wait(60)
+        for _ in range(3):
+            eng.step()
+        assert _idle(llm, conn) and not eng.has_requests()
+
+
+def test_a_model_with_linear_attention_state_is_refused_at_start(hf_tiny_model):
+    path = hf_tiny_model("qwen3_next")
+    with pytest.raises(ValueError, match="linear-attention layers keep a per-sequence state"):
+        LLM(path, kv_connector=OffloadKVConnector(OffloadConfig(host_bytes=1 << 30)), dtype="float64",
+            num_kv_blocks=20, block_size=4, max_model_len=64, skip_warmup=True)
