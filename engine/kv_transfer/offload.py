@@ -31,9 +31,15 @@ in one process the worker half tells the factory after the first step (a step's 
 first schedule to make the worker look at its cache); across processes the engine must call `configure(config)`
 on the driver (from the model's config, engine/config/kv_sizing.py), until which nothing is offloaded.
 
-Refused, with one line at start (`bind`): a cache with a sliding-window table or per-sequence state (scheduler
-hybrid_cache.py / sliding_kv.py: their prefix hits are not the full-attention block hashes alone), and a cache
-without prefix caching. PD: the engine takes one connector; offload_compose.py's `WithOffload` makes one of a
+A sliding-window table (scheduler/sliding_kv.py, gpt-oss) is served: its evicted blocks come to the tiers under
+the pool's tagged hashes like any, and a load takes the full table's blocks after the device hit and the sliding
+table's blocks the first recomputed token sees, shortened until the tiers hold that whole window (never a prefix
+whose window is not restored); `LoadPlan.num_full` splits its slots between the tables, and its `first_block`
+(the hit it was planned for) is checked by the worker.
+
+Refused, with one line at start (`bind`): a cache with per-sequence state (scheduler/hybrid_cache.py: a prefix
+hit resumes from a state checkpoint, which the tiers do not save yet), another cache policy with tables of its
+own, and a cache without prefix caching. PD: the engine takes one connector; offload_compose.py's `WithOffload` makes one of a
 disaggregation connector and this one. Stats per tier
 (`offload_tier_stats`, offload_tiers.py `TierStats`) and each load's seconds (`observe_offload_loads`) are what
 engine/core/metrics.py reads.

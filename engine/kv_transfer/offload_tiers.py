@@ -2,7 +2,8 @@
 the disk file, decided by the scheduler; the bytes are the worker's (engine/kv_transfer/offload_store.py).
 
 A block is keyed by its prefix-cache hash (scheduler/block_pool.py: the chained sha256 of its tokens and every
-token before them), so a block evicted from the device pool and a later request with the same prefix meet under
+token before them; a sliding-window table's block by the tagged hash the pool registers it under,
+scheduler/sliding_kv.py `sliding_block_hash`), so a block evicted from the device pool and a later request with the same prefix meet under
 the same key, and the scheduler asks the tiers with the hashes it computed for its own prefix lookup.
 
 Each tier is a fixed number of block-sized slots (its bytes over one block's bytes: both halves divide the same
