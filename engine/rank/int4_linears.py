@@ -12,7 +12,9 @@ patterns spell. `int4_linear_plan` rewrites the plan so the parts (`weight_packe
 `weight_zero_point` when asymmetric; `qweight`, `scales`, `qzeros`) are read into one `Int4Dequant`, which writes
 the destination when it has them all, in the row order the plan reads the weight in (MLA's rope de-interleave:
 applied to the dequantized rows). A row-parallel tensor-parallel shard (o_proj, down_proj) reads only its input
-columns' words, scales and zero points, whole groups (`_column_parts`).
+columns' words, scales and zero points, whole groups (`_column_parts`); a column-parallel one (q/k/v, gate/up)
+only its output rows' (`_row_parts`; where the rows do not fall on whole packed words, the whole tensor is read and
+its rows kept after dequantizing).
 """
 from __future__ import annotations
 
@@ -92,6 +94,28 @@ def _column_parts(name: str, source: tuple, quant) -> dict[str, tuple]:
     return {q: (words,), s: (groups,), z: (groups,)}
 
 
+def _row_parts(rows: slice, quant) -> dict[str, tuple] | None:
+    """Each part's slice for the output rows [a, b) a column-parallel TP shard reads (its rows' packed words, scales
+    and zero points only), or None when the rows do not fall on whole packed words (then the whole tensor is read
+    and cut after dequantizing). Rows are unpacked in compressed-tensors' weight and scales [N, ...] and packed by 8
+    in its zero points [N/8, K/G]; GPTQ's qweight and scales are [., N] (unpacked), AWQ's qweight and both
+    layouts' zeros [., N/8] (packed)."""
+    a, b = rows.start or 0, rows.stop
+    if b is None or rows.step not in (None, 1):
+        return None
+    q, s, z = _PARTS[quant.layout]
+    packed_ok = a % 8 == 0 and b % 8 == 0
+    words = slice(a // 8, b // 8)
+    if quant.layout == "compressed-tensors":
+        if not quant.symmetric and not packed_ok:
+            return None
+        return {q: (slice(a, b),), s: (slice(a, b),), z: (words,)}
+    if not packed_ok and (quant.layout == "awq" or not quant.symmetric):
+        return None
+    qcols = slice(a, b) if quant.layout == "gptq" else words
+    return {q: (slice(None), qcols), s: (slice(None), slice(a, b)), z: (slice(None), words)}
+
+
 def int4_linear_plan(plan: WeightPlan, names: Iterable[str], quant) -> WeightPlan:
     """`plan` with every float destination whose checkpoint weight is INT4 (its packed tensor in `names`, no
     `X.weight`) read through an Int4Dequant (module docstring); the routed experts' int32 destinations stay."""
@@ -107,6 +131,10 @@ def int4_linear_plan(plan: WeightPlan, names: Iterable[str], quant) -> WeightPla
         parts = {}
         if len(source) > 1:  # a row-parallel TP shard: its input columns' words, scales and zero points
             parts, source = _column_parts(base + packed, source, quant), ()
+        elif len(source) == 1 and isinstance(source[0], slice):  # a column-parallel shard: its rows' only
+            rows = _row_parts(source[0], quant)
+            if rows is not None:
+                parts, source = rows, ()
         target = Int4Dequant(dest[idx] if idx else dest, base + packed, quant, source)
         del out[name]
         for role in target.needed():
