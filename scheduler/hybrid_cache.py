@@ -75,6 +75,10 @@ class HybridCacheManager:
         return self.kv.enable_prefix_caching
 
     @property
+    def lookahead(self) -> int:
+        return self.kv.lookahead
+
+    @property
     def num_cached_blocks(self) -> dict[str, int]:
         return self.kv.num_cached_blocks
 
@@ -114,16 +118,33 @@ class HybridCacheManager:
     def get_computed_blocks(self, req: Request) -> tuple[list[int], int]:
         """The KV hit shortened to the last block boundary with a state checkpoint (module docstring)."""
         self._copy_from.pop(req.request_id, None)
+        hits, num_hit, slot = self._hit(req)
+        if slot is not None:
+            self.ckpts.lookup(req.block_hashes[len(hits) - 1])  # a use: to the back of the LRU order
+            self._copy_from[req.request_id] = slot
+            self.ckpts.num_hits += 1
+        return hits, num_hit
+
+    def peek_computed_blocks(self, req: Request) -> tuple[list[int], int]:
+        """What `get_computed_blocks` would return, changing nothing (no use counted, no copy named): the KV offload
+        tiers (engine/kv_transfer/offload.py) ask where the device hit ends."""
+        return self._hit(req)[:2]
+
+    def _hit(self, req: Request) -> tuple[list[int], int, int | None]:
+        """(hit blocks, hit tokens, the checkpoint slot at their end): the longest KV hit ending on a checkpoint."""
         hits, _ = self.kv.get_computed_blocks(req)
         if not hits or not self.ckpts.num:
-            return [], 0
+            return [], 0, None
         for k in range(len(hits), 0, -1):
-            slot = self.ckpts.lookup(req.block_hashes[k - 1])
+            slot = self.checkpoint_slot(req.block_hashes[k - 1])
             if slot is not None:
-                self._copy_from[req.request_id] = slot
-                self.ckpts.num_hits += 1
-                return hits[:k], k * self.block_size
-        return [], 0
+                return hits[:k], k * self.block_size, slot
+        return [], 0, None
+
+    def checkpoint_slot(self, block_hash) -> int | None:
+        """The checkpoint slot registered under `block_hash` (the state right after that block), or None; not a use
+        (the LRU order is left as it is)."""
+        return self.ckpts._by_hash.get(block_hash)  # state_slots.StateCheckpoints' map, read without touching it
 
     def allocate_slots(self, req: Request, num_new_tokens: int,
                        computed_blocks: Sequence[int] = ()) -> list[int] | None:

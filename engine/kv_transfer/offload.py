@@ -46,6 +46,7 @@ engine/core/metrics.py reads.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -65,6 +66,12 @@ from .offload_tiers import TIERS, LoadPlan, OffloadConfig, StepOps, TierIndex, T
 logger = logging.getLogger(__name__)
 
 
+def state_key(block_hash: bytes) -> bytes:
+    """The tiers' key of the linear-attention state right after the block of `block_hash` (a state checkpoint,
+    scheduler/hybrid_cache.py): tagged so it never meets a block's key."""
+    return hashlib.sha256(b"moelink-offload-state" + block_hash).digest()
+
+
 class OffloadKVConnector:
     """The factory (engine/contract/kv_connector.py): one `OffloadConfig`, a scheduler and a worker half per rank."""
 
@@ -75,14 +82,16 @@ class OffloadKVConnector:
             raise ValueError(f"OffloadKVConnector(config={config!r}) is invalid: pass an OffloadConfig")
         self.config = config
         self.block_bytes: int | None = None  # one block's bytes on a rank (configure, or a worker half in-process)
+        self.state_bytes: int | None = None  # one slot's linear-attention state (0: none), known with block_bytes
         self._sides: dict[int, _SchedulerSide] = {}
         self._observer = None
 
     def configure(self, engine_config) -> None:
         """Learn one block's bytes from the engine's config (the driver; needed when the ranks are other
         processes)."""
-        from moelink.engine.config.kv_sizing import kv_cache_bytes_per_block
+        from moelink.engine.config.kv_sizing import kv_cache_bytes_per_block, state_bytes_per_sequence
 
+        self.state_bytes = state_bytes_per_sequence(engine_config.model)
         self.block_bytes = kv_cache_bytes_per_block(engine_config.model, engine_config.cache.block_size)
 
     def scheduler_side(self, rank: int) -> "_SchedulerSide":
@@ -111,7 +120,8 @@ class OffloadKVConnector:
         self._observer = observer
 
     def __getstate__(self) -> dict:  # to a Ray worker: the config and what is known of the blocks, nothing live
-        return {"config": self.config, "block_bytes": self.block_bytes, "_sides": {}, "_observer": None}
+        return {"config": self.config, "block_bytes": self.block_bytes, "state_bytes": self.state_bytes,
+                "_sides": {}, "_observer": None}
 
     def __deepcopy__(self, memo) -> "OffloadKVConnector":
         return self  # in one process the halves meet here (block_bytes)
@@ -124,14 +134,17 @@ class _SchedulerSide:
         self.owner, self.rank = owner, rank
         self.kv = None
         self.index: TierIndex | None = None
+        self.states: TierIndex | None = None  # host slots of linear-attention state checkpoints (None: no such model)
+        self._hybrid = None  # the KV manager when it keeps per-sequence state (scheduler/hybrid_cache.py)
         self._probed = False
         self._resets = 0
         self._seq = 0
         self._window: int | None = None  # the sliding-window layers' window (sliding_kv.py), None: none
         # request id -> (device hit blocks, loadable blocks, the sliding table's first loaded entry)
         self._asked: dict[str, tuple[int, int, int]] = {}
-        self._ops: dict[int, tuple[StepOps, list, list]] = {}  # seq -> (ops, saved keys, pushed-down keys)
-        self._loads: dict[int, tuple[list, float]] = {}  # seq -> (keys, start time)
+        # seq -> (ops, saved keys, pushed-down keys, saved state keys)
+        self._ops: dict[int, tuple[StepOps, list, list, list]] = {}
+        self._loads: dict[int, tuple[list, float, bytes | None]] = {}  # seq -> (keys, start time, state key)
         self._warned = False
 
     # ------------------------------------------------------------------ seam capabilities
@@ -139,11 +152,15 @@ class _SchedulerSide:
         from moelink.scheduler.kv_cache_manager import KVCacheManager
         from moelink.scheduler.sliding_kv import SlidingKVCacheManager
 
-        if callable(getattr(kv, "state_slot", None)):
-            raise ValueError("KV offload (--kv-offload-host-bytes) cannot serve this model: its linear-attention "
-                             "layers keep a per-sequence state, and a prefix hit resumes from a state checkpoint "
-                             "the offload tiers do not save yet; run it without offload.")
-        if not isinstance(kv, SlidingKVCacheManager) and \
+        from moelink.scheduler.hybrid_cache import HybridCacheManager
+
+        if callable(getattr(kv, "state_slot", None)) and not isinstance(kv, HybridCacheManager):
+            raise ValueError(f"KV offload (--kv-offload-host-bytes) cannot serve this model: its cache policy "
+                             f"{type(kv).__name__} keeps a per-sequence state the offload tiers do not key; run it "
+                             "without offload.")
+        if isinstance(kv, HybridCacheManager):
+            self._hybrid = kv
+        elif not isinstance(kv, SlidingKVCacheManager) and \
                 type(kv).transfer_tables is not KVCacheManager.transfer_tables:
             raise ValueError(f"KV offload (--kv-offload-host-bytes) cannot serve this model: its cache policy "
                              f"{type(kv).__name__} keeps tables the offload tiers do not key; run it without offload.")
@@ -155,18 +172,31 @@ class _SchedulerSide:
         self._resets = kv.pool.num_resets
 
     def _ready(self) -> bool:
-        if self.index is None and self.owner.block_bytes is not None:
+        state_bytes = self.owner.state_bytes or 0
+        if self.index is None and self.owner.block_bytes is not None and \
+                (self._hybrid is None or self.owner.state_bytes is not None):
+            cfg = self.owner.config
             try:
-                host, disk = self.owner.config.num_slots(self.owner.block_bytes)
+                host, disk = cfg.block_host_bytes(state_bytes).num_slots(self.owner.block_bytes)
             except ValueError as exc:
                 if not self._warned:
                     logger.error("KV offload is off: %s", exc)
                     self._warned = True
                 return False
             self.index = TierIndex(host, disk, self.owner.block_bytes)
+            if self._hybrid is not None:
+                n = cfg.num_state_slots(state_bytes)
+                if n < 1:
+                    logger.warning("KV offload saves no linear-attention state (a quarter of the host tier, %d "
+                                   "bytes, holds none of %d bytes): its prefixes are recomputed",
+                                   cfg.host_bytes // 4, state_bytes)
+                else:
+                    self.states = TierIndex(n, 0, state_bytes)
         if self.index is not None and self.kv.pool.num_resets != self._resets:
             self._resets = self.kv.pool.num_resets
             self.index.clear()  # the prefix cache was reset (the weights changed): the tiers' KV is stale too
+            if self.states is not None:
+                self.states.clear()
         return self.index is not None
 
     def step_ops(self, evicted) -> StepOps | None:
@@ -177,20 +207,30 @@ class _SchedulerSide:
                 return None
             self._probed = True  # the worker half looks at its cache once, and (in one process) says its bytes
             return StepOps(0, 0)
-        keys, blocks, slots = [], [], []
+        keys, blocks, slots, state_keys, states = [], [], [], [], []
         for b, h in evicted:
             s = self.index.store(h)
             if s is not None:
                 keys.append(h)
                 blocks.append(b)
                 slots.append(s)
+            if self.states is not None:
+                # The state checkpoint right after this block, if the device has one: a prefix ending here resumes
+                # from it, and the block it needs is leaving the device now (hybrid_cache.py). Not after a
+                # checkpoint this step's own saves took (it is gone from the map then): never a state being written.
+                c = self._hybrid.checkpoint_slot(h)
+                hs = None if c is None else self.states.store(state_key(h))
+                if hs is not None:
+                    state_keys.append(state_key(h))
+                    states.append((c, hs))
         demote = self.index.take_demotes()
-        if not (blocks or demote):
+        if not (blocks or demote or states):
             return None
         self._seq += 1
-        ops = StepOps(self._seq, self.index.block_bytes, demote, tuple(blocks), tuple(slots))
+        ops = StepOps(self._seq, self.index.block_bytes, demote, tuple(blocks), tuple(slots), tuple(states),
+                      self.states.block_bytes if self.states is not None else 0)
         disk_slot_keys = {d: k for k, d in self.index.disk.items()}
-        self._ops[self._seq] = (ops, keys, [disk_slot_keys[d] for _, d in demote if d in disk_slot_keys])
+        self._ops[self._seq] = (ops, keys, [disk_slot_keys[d] for _, d in demote if d in disk_slot_keys], state_keys)
         return ops
 
     def num_loadable_tokens(self, req: Request) -> int:
@@ -202,8 +242,15 @@ class _SchedulerSide:
         hashes = extend_block_hashes(req.block_hashes, req.all_token_ids, bs, req.num_tokens // bs, self.kv.lookahead)
         # The device hit as the scheduler takes it (a sliding table's shortens it to where its window is cached):
         # the load fills the table entries after it.
-        hit = self.kv.get_computed_blocks(req)[1] // bs
+        hybrid = self._hybrid
+        hit = (hybrid.peek_computed_blocks(req) if hybrid is not None else self.kv.get_computed_blocks(req))[1] // bs
         end = self.index.num_leading(hashes, hit)
+        if hybrid is not None:
+            # The state loaded is the one right after block `end`: it must exist (shortened until the tier holds
+            # one), and `end` must stop before the last prompt token (computed for its logits after the state).
+            end = min(end, (req.num_prompt_tokens - 1) // bs)
+            while end > hit and (self.states is None or state_key(hashes[end - 1]) not in self.states):
+                end -= 1
         first_sliding = end
         while self._window is not None and end > hit:
             # The sliding table must hold, from the tiers, every block the first recomputed token's query sees
@@ -230,10 +277,19 @@ class _SchedulerSide:
             where.update(num_full=len(keys), sliding_first=first_sliding)
             keys = keys + [sliding_block_hash(h) for h in req.block_hashes[first_sliding:end]]
         self._seq += 1
+        skey, splan = None, None
+        if self._hybrid is not None:
+            skey = state_key(req.block_hashes[end - 1])
+            splan = self.states.plan_load([skey], self._seq)  # a host slot, pinned (the state tier has no disk)
+            if splan is None:
+                return LoadPlan(self._seq, ())
+            where["state_slot"] = splan.host_slots[0]
         plan = self.index.plan_load(keys, self._seq, **where)
         if plan is None:
+            if splan is not None:
+                self.states.pin(splan.host_slots, -1)
             return LoadPlan(self._seq, ())
-        self._loads[self._seq] = (keys, time.perf_counter())
+        self._loads[self._seq] = (keys, time.perf_counter(), skey)
         return plan
 
     def wants_save(self, req: Request) -> bool:
@@ -242,16 +298,21 @@ class _SchedulerSide:
     def transfer_done(self, t: KVTransfer, ok: bool) -> None:
         p = t.params
         if isinstance(p, StepOps) and p.seq:
-            ops, keys, demoted = self._ops.pop(p.seq)
+            ops, keys, demoted, state_keys = self._ops.pop(p.seq)
             self.index.ops_ended(ops, keys, demoted, ok)
+            if ops.save_states:
+                self.states.ops_ended(StepOps(p.seq, 0, save_slots=tuple(s for _, s in ops.save_states)),
+                                      state_keys, (), ok)
         elif isinstance(p, StepOps) and ok and self.owner.block_bytes is None:
             logger.warning("KV offload is off on rank %d: its worker is another process and this engine did not "
                            "give the driver one KV block's bytes (OffloadKVConnector.configure(engine_config))",
                            self.rank)
         elif isinstance(p, LoadPlan) and p.host_slots:
-            keys, t0 = self._loads.pop(p.seq)
+            keys, t0, skey = self._loads.pop(p.seq)
             seconds = time.perf_counter() - t0
             self.index.load_ended(p, keys, ok, seconds)
+            if skey is not None:
+                self.states.load_ended(LoadPlan(p.seq, (p.state_slot,)), [skey], ok, 0.0)
             if ok and self.owner._observer is not None:
                 self.owner._observer(p.tier, seconds)
 
@@ -280,7 +341,8 @@ class _WorkerSide:
                 self._refused = f"offload is off: {exc}"
                 raise ValueError(self._refused) from None
             if self.owner.block_bytes is None:
-                self.owner.block_bytes = self.store.block_bytes  # in one process: the scheduler half reads it
+                self.owner.state_bytes = self.store.state_bytes  # in one process: the scheduler half reads them
+                self.owner.block_bytes = self.store.block_bytes
         return self.store
 
     def start_load(self, t: KVTransfer, kv: PagedKVBlocks) -> None:
@@ -292,8 +354,12 @@ class _WorkerSide:
                 if p.block_bytes and p.block_bytes != store.block_bytes:
                     raise ValueError(f"the scheduler counts {p.block_bytes} bytes per block, this rank's cache has "
                                      f"{store.block_bytes}")
+                if p.save_states and p.state_bytes != store.state_bytes:
+                    raise ValueError(f"the scheduler counts {p.state_bytes} bytes per state, this rank's state pools "
+                                     f"have {store.state_bytes}")
                 store.demote(p.demote)  # before the saves: a pushed-down slot may take a new block now
                 store.save(kv, p.save_blocks, p.save_slots)
+                store.save_states(p.save_states)
             except (ValueError, OSError) as exc:
                 self._warn_once(f"KV offload: a step's tier work failed (its blocks are dropped): {exc}")
                 ok = False

@@ -12,8 +12,10 @@ A model whose sliding-window and full-attention layers share cache tensors (gpt-
 SLIDING groups over the same tensors) hands each block id to one table at a time, so a slot holds one block's row
 of each *distinct* tensor (`unique_tensors`), whichever table the block was in; the scheduler keys the two apart
 (a sliding block under the pool's tagged hash) and `load` writes the full table's slots and the sliding table's
-each into their own table's entries. A per-sequence state's group (linear attention) is refused
-(`check_offloadable`): a state is not a block.
+each into their own table's entries. A linear-attention model's state pools (PagedKVBlocks' STATE groups) get
+host slots of their own, one slot's state of every pool each (`state_SR`, sized by
+`OffloadConfig.num_state_slots`, never pushed to disk): a state checkpoint the device is about to lose with its
+block is copied into one, and a load writes it into the request's state slot.
 
 Legend: N blocks, S host slots, D disk slots, R bytes of one tensor per block.
 """
@@ -29,18 +31,11 @@ from .blocks import SLIDING, STATE, PagedKVBlocks, wide_dtype
 from .offload_tiers import LoadPlan, OffloadConfig
 
 
-def check_offloadable(kv: PagedKVBlocks) -> None:
-    """ValueError unless every group of the rank's cache is paged KV (full or sliding table; module docstring)."""
-    if any(kind == STATE for _, kind in kv.groups):
-        raise ValueError("KV offload cannot serve this model: its cache has per-sequence state groups (linear "
-                         "attention), which are not blocks the offload tiers key.")
-
-
 def unique_tensors(kv: PagedKVBlocks) -> list[torch.Tensor]:
-    """The rank's cache tensors, each once (a sliding and a full group may share them), in group order."""
+    """The rank's paged cache tensors, each once (a sliding and a full group may share them), in group order."""
     seen, out = set(), []
-    for ts, _ in kv.groups:
-        for x in ts:
+    for ts, kind in kv.groups:
+        for x in ts if kind != STATE else ():
             if id(x) not in seen:
                 seen.add(id(x))
                 out.append(x)
@@ -52,19 +47,34 @@ def block_bytes_of(kv: PagedKVBlocks) -> int:
     return sum(x[0].numel() * x.element_size() for x in unique_tensors(kv))
 
 
+def state_tensors(kv: PagedKVBlocks) -> list[torch.Tensor]:
+    """The linear-attention layers' state pools (one row per slot), in group order."""
+    return [x for ts, kind in kv.groups if kind == STATE for x in ts]
+
+
+def state_bytes_of(kv: PagedKVBlocks) -> int:
+    """Bytes of one slot's state across the rank's state pools (0: no linear-attention layers)."""
+    return sum(x[0].numel() * x.element_size() for x in state_tensors(kv))
+
+
 class TierStore:
     """One rank's host slots and disk file (module docstring)."""
 
     def __init__(self, kv: PagedKVBlocks, config: OffloadConfig, rank: int) -> None:
-        check_offloadable(kv)
         self.tensors = unique_tensors(kv)
         self._index = {id(x): j for j, x in enumerate(self.tensors)}  # a tensor -> its host buffer
         self.row_bytes = [x[0].numel() * x.element_size() for x in self.tensors]
         self.block_bytes = sum(self.row_bytes)
-        self.num_host, self.num_disk = config.num_slots(self.block_bytes)
+        self.states = state_tensors(kv)
+        self.state_bytes = state_bytes_of(kv)
+        self.num_state = config.num_state_slots(self.state_bytes)
+        self.num_host, self.num_disk = config.block_host_bytes(self.state_bytes).num_slots(self.block_bytes)
         pin = kv.device.type == "cuda"
         # Allocated once: every slot of the tier (a CPU tensor is not touched until written).
         self.host_SR = [torch.empty((self.num_host, r), dtype=torch.uint8, pin_memory=pin) for r in self.row_bytes]
+        # State slots [num_state, one slot's state of each pool] (linear attention; host only, never on disk).
+        self.state_SR = [torch.empty((self.num_state, x[0].numel() * x.element_size()), dtype=torch.uint8,
+                                     pin_memory=pin) for x in self.states]
         self._stage: dict[tuple[str, int], torch.Tensor] = {}  # gathers of scattered slots (_staging)
         self.path, self._fd = None, -1
         if self.num_disk:
@@ -126,6 +136,24 @@ class TierStore:
             if not direct:
                 self.host_SR[j].index_copy_(0, slots_N, out)
 
+    def save_states(self, pairs) -> None:
+        """Device state checkpoint slot -> host state slot, for each (checkpoint slot, host state slot), before the
+        step's forward (a checkpoint is written only after a forward, and only into a slot no prefix names)."""
+        for c, s in pairs:
+            for buf, x in zip(self.state_SR, self.states):
+                buf[s].copy_(x[c].reshape(-1).view(torch.uint8))  # a blocking copy on CUDA (device-to-host sync)
+
+    def load_state(self, kv: PagedKVBlocks, t: KVTransfer, s: int) -> None:
+        """Host state slot `s` -> the request's state slot (`t.state_slot`)."""
+        j = 0
+        for g, (tensors, kind) in enumerate(kv.groups):
+            if kind != STATE:
+                continue
+            rows = tuple(self.state_SR[j + i][s:s + 1].view(1, *x.view(torch.uint8).shape[1:])
+                         for i, x in enumerate(tensors))
+            j += len(tensors)
+            kv.write_group(g, t, [0], rows)
+
     def _staging(self, way: str, j: int, n: int) -> torch.Tensor:
         """A uint8 [n, R_j] buffer kept between calls, one per use ("in" / "in-sliding": the loader thread's, "out":
         the step's saves): they run at the same time."""
@@ -144,9 +172,11 @@ class TierStore:
         # (on CUDA the first part's copy may still be reading its buffer).
         parts = {SLIDING: (p.host_slots[n_full:], p.sliding_first, "in-sliding")}
         full = (p.host_slots[:n_full], t.first_block, "in")
+        if p.state_slot >= 0:
+            self.load_state(kv, t, p.state_slot)
         for g, (tensors, kind) in enumerate(kv.groups):
             slots, first, way = parts.get(kind, full)
-            if not slots:
+            if not slots or kind == STATE:
                 continue
             idx = list(range(first, first + len(slots)))
             rows = tuple(self._rows(self._index[id(x)], slots, way).view(len(slots), *x.view(torch.uint8).shape[1:])
@@ -161,7 +191,7 @@ class TierStore:
                 os.unlink(self.path)
             except OSError:
                 pass
-        self.host_SR = []
+        self.host_SR, self.state_SR = [], []
 
 
-__all__ = ["TierStore", "block_bytes_of", "check_offloadable"]
+__all__ = ["TierStore", "block_bytes_of", "state_bytes_of", "unique_tensors"]

@@ -24,7 +24,7 @@ way) and an LRU over the keys it holds:
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 TIERS = ("host", "disk")
 
@@ -82,11 +82,23 @@ class OffloadConfig:
                              f"takes {block_bytes} bytes (--kv-offload-host-bytes must hold at least one)")
         return host, self.disk_bytes // block_bytes
 
+    def num_state_slots(self, state_bytes: int) -> int:
+        """Host slots for linear-attention state checkpoints of `state_bytes` each (0 when `state_bytes` is 0):
+        a quarter of the host tier, the rest is for blocks (`num_slots(block_bytes, state_bytes)`). States are
+        megabytes where a block is kilobytes, so they get a share of their own rather than a block slot each."""
+        return (self.host_bytes // 4) // state_bytes if state_bytes else 0
+
+    def block_host_bytes(self, state_bytes: int) -> "OffloadConfig":
+        """This config with the host bytes the state slots take removed (what `num_slots` divides into blocks)."""
+        taken = self.num_state_slots(state_bytes) * state_bytes
+        return self if not taken else replace(self, host_bytes=self.host_bytes - taken)
+
 
 @dataclass(frozen=True)
 class StepOps:
     """A step's tier work for the worker, run before the step's forward in this order: `demote` (host slot ->
-    disk slot), then the device blocks `save_blocks` (evicted this step) into the host slots `save_slots`.
+    disk slot), then the device blocks `save_blocks` (evicted this step) into the host slots `save_slots`, then
+    `save_states` (a device state checkpoint slot -> a host state slot).
     `seq` names it in the report; `block_bytes` is the scheduler's idea of one block, checked by the worker."""
 
     seq: int
@@ -94,6 +106,9 @@ class StepOps:
     demote: tuple[tuple[int, int], ...] = ()
     save_blocks: tuple[int, ...] = ()
     save_slots: tuple[int, ...] = ()
+    # Linear-attention state: (device checkpoint slot, host state slot) copies, beside the blocks of the same step.
+    save_states: tuple[tuple[int, int], ...] = ()
+    state_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,8 +116,8 @@ class LoadPlan:
     """A request's blocks from `first_block` on: `promote` (disk slot -> host slot) first, then host slot
     `host_slots[i]` into the request's full-table entry `first_block + i` for i < `num_full` (-1: every slot is
     a full-table block), and the slots after those into its sliding-window table from entry `sliding_first` on
-    (scheduler/sliding_kv.py: the window before the first recomputed token). `tier`: the lowest tier read (its
-    load time). `first_block` is the device prefix hit the plan was made for: the worker refuses a transfer whose
+    (scheduler/sliding_kv.py: the window before the first recomputed token); `state_slot`: the host state slot
+    holding the linear-attention state at the last block's end. `tier`: the lowest tier read (its load time). `first_block` is the device prefix hit the plan was made for: the worker refuses a transfer whose
     hit differs (the blocks would land one table entry off)."""
 
     seq: int
@@ -112,6 +127,7 @@ class LoadPlan:
     first_block: int = -1
     num_full: int = -1
     sliding_first: int = 0
+    state_slot: int = -1  # the host state slot copied into the request's state slot (-1: none)
 
     @property
     def num_full_blocks(self) -> int:

@@ -192,7 +192,7 @@ def test_the_flags_and_the_refusals_each_name_what_is_wrong(tmp_path):
         def state_slot(self, request_id):
             return 0
 
-    with pytest.raises(ValueError, match="linear-attention layers keep a per-sequence state"):
+    with pytest.raises(ValueError, match="keeps a per-sequence state the offload tiers do not key"):
         OffloadKVConnector(OffloadConfig(host_bytes=1)).scheduler_side(0).bind(StateKV())
 
 

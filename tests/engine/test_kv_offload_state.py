@@ -2,7 +2,8 @@
 sliding-window layers keep their own block table (gpt-oss, scheduler/sliding_kv.py) has both tables' evicted
 blocks saved and a prefix loaded back with the window its first recomputed token sees, greedy tokens equal to an
 engine without offload; an abort while loading frees every block and slot; a prefix whose window is not in the
-tiers is not loaded. A model with per-sequence state (Qwen3-Next) is refused with one line at start."""
+tiers is not loaded. A model with per-sequence state (Qwen3-Next, scheduler/hybrid_cache.py) has a state
+checkpoint saved with the block it follows and loaded into the request's state slot with the blocks."""
 from __future__ import annotations
 
 import threading
@@ -53,7 +54,7 @@ def _idle(llm, conn) -> bool:
     sched = llm.engine.schedulers[0]
     index = conn.tier_index(0)
     index.check()
-    return sched.kv.pool.num_free_blocks == KW["num_kv_blocks"] and index.num_pinned() == 0
+    return sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks and index.num_pinned() == 0
 
 
 def test_a_sliding_window_prefix_loads_back_with_its_window_and_decodes_as_without_offload(case):
@@ -113,8 +114,60 @@ def test_an_abort_while_loading_a_sliding_prefix_frees_every_block_and_slot(case
         assert _idle(llm, conn) and not eng.has_requests()
 
 
-def test_a_model_with_linear_attention_state_is_refused_at_start(hf_tiny_model):
+HYBRID = dict(dtype="float64", num_kv_blocks=24, block_size=4, max_num_batched_tokens=64, max_model_len=64,
+              skip_warmup=True)
+
+
+@pytest.fixture(scope="module")
+def hybrid_case(hf_tiny_model):
     path = hf_tiny_model("qwen3_next")
-    with pytest.raises(ValueError, match="linear-attention layers keep a per-sequence state"):
-        LLM(path, kv_connector=OffloadKVConnector(OffloadConfig(host_bytes=1 << 30)), dtype="float64",
-            num_kv_blocks=20, block_size=4, max_model_len=64, skip_warmup=True)
+    target, *others = prompts(200, seed=61, n=4, lo=40, hi=41)
+    with LLM(path, **HYBRID) as llm:
+        want = _run(llm, [target])[0][0]
+    return path, target, others, want
+
+
+def _evicted_hybrid_target(hybrid_case):
+    path, target, others, _ = hybrid_case
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
+    llm = LLM(path, kv_connector=conn, **HYBRID)
+    assert _run(llm, [target])[0][1] == 0
+    for p in others:
+        _run(llm, [p])
+    return llm, conn
+
+
+def test_a_linear_attention_prefix_loads_back_with_its_state_checkpoint(hybrid_case):
+    """Qwen3-Next: the target's blocks and the state checkpoint at its last whole block before the final token
+    (36 tokens: hybrid_cache.checkpoint_boundary) go to the host tier as the device evicts them; the target again
+    loads both (the state into its slot) and resumes from token 36, decoding an engine without offload's tokens."""
+    _, target, _, want = hybrid_case
+    llm, conn = _evicted_hybrid_target(hybrid_case)
+    with llm:
+        sched = llm.engine.schedulers[0]
+        assert not sched.kv.pool.find_cached_prefix(target)
+        got = _run(llm, [target])
+        assert _idle(llm, conn) and conn._sides[0].states.num_pinned() == 0
+        sched.kv.check_invariants()
+    assert got == [(want, 36)]
+    assert conn.offload_tier_stats()["host"].hits == 9 and conn._sides[0].states.stats["host"].hits == 1
+
+
+def test_an_abort_while_loading_a_linear_attention_prefix_frees_its_blocks_and_state_slot(hybrid_case, gated_load):
+    _, target, _, _ = hybrid_case
+    gate, landed = gated_load
+    llm, conn = _evicted_hybrid_target(hybrid_case)
+    with llm:
+        eng, sched = llm.engine, llm.engine.schedulers[0]
+        eng.add_request("t", target, GREEDY)
+        eng.step()
+        assert sched.requests["t"].status is RequestStatus.WAITING_FOR_KV
+        assert sched.kv.state_slot("t") is not None
+        eng.abort_requests(["t"])
+        gate.set()
+        assert landed.wait(60)
+        for _ in range(3):
+            eng.step()
+        assert _idle(llm, conn) and not eng.has_requests()
+        assert sched.kv.slots.num_free == sched.kv.slots.num_slots and conn._sides[0].states.num_pinned() == 0
+        sched.kv.check_invariants()
