@@ -45,7 +45,7 @@ class SplitLoad:
     def parts(self, t: KVTransfer) -> tuple[KVTransfer, KVTransfer]:
         """`t` as each half sees it: the tiers' from t.first_block, the PD connector's after the tiers' blocks."""
         return (replace(t, params=self.tier),
-                replace(t, params=self.pd, first_block=t.first_block + len(self.tier.host_slots)))
+                replace(t, params=self.pd, first_block=t.first_block + self.tier.num_full_blocks))
 
 
 class WithOffload:
