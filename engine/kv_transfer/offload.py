@@ -37,9 +37,14 @@ table's blocks the first recomputed token sees, shortened until the tiers hold t
 whose window is not restored); `LoadPlan.num_full` splits its slots between the tables, and its `first_block`
 (the hit it was planned for) is checked by the worker.
 
-Refused, with one line at start (`bind`): a cache with per-sequence state (scheduler/hybrid_cache.py: a prefix
-hit resumes from a state checkpoint, which the tiers do not save yet), another cache policy with tables of its
-own, and a cache without prefix caching. PD: the engine takes one connector; offload_compose.py's `WithOffload` makes one of a
+Linear-attention state (scheduler/hybrid_cache.py, Qwen3-Next): a prefix hit resumes from the state checkpoint
+after its last block, so when the pool evicts a block whose hash has a checkpoint on the device, the step's tier
+work also copies that state into a host state slot (`states`: a TierIndex of its own, a quarter of the host
+bytes, host only; key `state_key(block hash)`), and a load stops at a block whose state the host holds (and
+before the last prompt token), the state written into the request's slot with the blocks.
+
+Refused, with one line at start (`bind`): another cache policy with per-sequence state or tables of its own, and
+a cache without prefix caching. PD: the engine takes one connector; offload_compose.py's `WithOffload` makes one of a
 disaggregation connector and this one. Stats per tier
 (`offload_tier_stats`, offload_tiers.py `TierStats`) and each load's seconds (`observe_offload_loads`) are what
 engine/core/metrics.py reads.
