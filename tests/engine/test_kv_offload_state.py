@@ -40,9 +40,12 @@ def case(tmp_path_factory):
     return path, target, others, want
 
 
-def _evicted_target(case):
+BLOCK_BYTES = 2 * 4 * 2 * 16 * 8  # k and v, B=4, 2 kv heads x 16, float64: one tensor set (the pair's shared one)
+
+
+def _evicted_target(case, cfg=None):
     path, target, others, _ = case
-    conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
+    conn = OffloadKVConnector(cfg or OffloadConfig(host_bytes=1 << 30))
     llm = LLM(path, kv_connector=conn, **KW)
     assert _run(llm, [target])[0][1] == 0
     for p in others:  # each fills the device pool: the target's blocks of both tables go to the host tier
@@ -57,17 +60,23 @@ def _idle(llm, conn) -> bool:
     return sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks and index.num_pinned() == 0
 
 
-def test_a_sliding_window_prefix_loads_back_with_its_window_and_decodes_as_without_offload(case):
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_sliding_window_prefix_loads_back_with_its_window_and_decodes_as_without_offload(case, tier, tmp_path):
     _, target, _, want = case
-    llm, conn = _evicted_target(case)
+    # "disk": a 12-block host tier, so the target's blocks of both tables are pushed down to the file.
+    cfg = None if tier == "host" else \
+        OffloadConfig(host_bytes=12 * BLOCK_BYTES, disk_bytes=1 << 30, disk_dir=str(tmp_path / "kv"))
+    llm, conn = _evicted_target(case, cfg)
     with llm:
         assert not llm.engine.schedulers[0].kv.pool.find_cached_prefix(target)  # evicted from the device
         got = _run(llm, [target])
         assert _idle(llm, conn)
-    host = conn.offload_tier_stats()["host"]
+    stats = conn.offload_tier_stats()
+    assert conn.block_bytes == BLOCK_BYTES  # a slot holds the shared tensors once, whichever table the block was in
     assert got == [(want, 39)]  # every block but the last prompt token, which is computed for its logits
     # 10 full-table blocks and the sliding table's window before token 39 (6 tokens: blocks 8 and 9).
-    assert host.hits == 12 and host.loaded_bytes == 12 * conn.block_bytes
+    assert stats["host"].hits + stats["disk"].hits == 12 and stats[tier].hits > 0
+    assert stats["host"].loaded_bytes + stats["disk"].loaded_bytes == 12 * BLOCK_BYTES
 
 
 def test_a_prefix_whose_window_left_the_tiers_is_loaded_only_up_to_where_its_window_is_there(case):
