@@ -146,7 +146,9 @@ class _SchedulerSide:
         self._seq = 0
         self._window: int | None = None  # the sliding-window layers' window (sliding_kv.py), None: none
         # request id -> (device hit blocks, loadable blocks, the sliding table's first loaded entry)
-        self._asked: dict[str, tuple[int, int, int]] = {}
+        # (and the device blocks to copy up first, for a linear-attention model: num_loadable_tokens)
+        self._asked: dict[str, tuple[int, int, int, list]] = {}
+        self._staged: list[tuple[int, bytes, int]] = []  # (device block, key, host slot) for this step's tier work
         # seq -> (ops, saved keys, pushed-down keys, saved state keys)
         self._ops: dict[int, tuple[StepOps, list, list, list]] = {}
         self._loads: dict[int, tuple[list, float, bytes | None]] = {}  # seq -> (keys, start time, state key)
@@ -213,6 +215,11 @@ class _SchedulerSide:
             self._probed = True  # the worker half looks at its cache once, and (in one process) says its bytes
             return StepOps(0, 0)
         keys, blocks, slots, state_keys, states = [], [], [], [], []
+        for b, h, s in self._staged:  # a load planned this step reads them: copied up before the load starts
+            keys.append(h)
+            blocks.append(b)
+            slots.append(s)
+        self._staged = []
         for b, h in evicted:
             s = self.index.store(h)
             if s is not None:
@@ -250,12 +257,23 @@ class _SchedulerSide:
         hybrid = self._hybrid
         hit = (hybrid.peek_computed_blocks(req) if hybrid is not None else self.kv.get_computed_blocks(req))[1] // bs
         end = self.index.num_leading(hashes, hit)
+        staged = []
         if hybrid is not None:
             # The state loaded is the one right after block `end`: it must exist (shortened until the tier holds
             # one), and `end` must stop before the last prompt token (computed for its logits after the state).
-            end = min(end, (req.num_prompt_tokens - 1) // bs)
+            # Blocks after the hit still cached on the device count too: the pool evicts a sequence's tail first,
+            # so its head often stays there without a checkpoint at its end (the hit stops before it). They are
+            # copied up to host slots by this step's tier work, before the load reads them (a round trip, where
+            # the alternative is recomputing the whole prefix).
+            cap = (req.num_prompt_tokens - 1) // bs
+            on_device = self.kv.pool.find_cached_blocks(hashes, cap)
+            end = hit
+            while end < cap and (end < len(on_device) or hashes[end] in self.index):
+                end += 1
             while end > hit and (self.states is None or state_key(hashes[end - 1]) not in self.states):
                 end -= 1
+            staged = [(on_device[i], hashes[i]) for i in range(hit, min(end, len(on_device)))
+                      if hashes[i] not in self.index]
         first_sliding = end
         while self._window is not None and end > hit:
             # The sliding table must hold, from the tiers, every block the first recomputed token's query sees
@@ -269,13 +287,19 @@ class _SchedulerSide:
             # Nothing below, or only the block holding the last prompt token, whose tokens the step that computes
             # that token recomputes in the same forward for nearly nothing: a load would only add its wait.
             return 0
-        self._asked[req.request_id] = (hit, end, first_sliding)
+        self._asked[req.request_id] = (hit, end, first_sliding, staged)
         return end * bs
 
     def load_params(self, req: Request) -> LoadPlan:
         """The load's plan (pinned slots); one of no slots when the tiers cannot serve it after all (the worker half
         reports it failed and the request is recomputed)."""
-        hit, end, first_sliding = self._asked.pop(req.request_id)
+        hit, end, first_sliding, staged = self._asked.pop(req.request_id)
+        for b, h in staged:
+            # Block b still holds h's KV: it was cached when asked, this step, and nothing of this step writes a
+            # block before its tier work runs. A store that finds no slot leaves the key out: the plan then fails.
+            s = self.index.store(h)
+            if s is not None:
+                self._staged.append((b, h, s))
         keys = req.block_hashes[hit:end]
         where = dict(first_block=hit)
         if self._window is not None:

@@ -136,12 +136,12 @@ def hybrid_case(hf_tiny_model):
     return path, target, others, want
 
 
-def _evicted_hybrid_target(hybrid_case):
+def _evicted_hybrid_target(hybrid_case, num_others: int = 3):
     path, target, others, _ = hybrid_case
     conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
     llm = LLM(path, kv_connector=conn, **HYBRID)
     assert _run(llm, [target])[0][1] == 0
-    for p in others:
+    for p in others[:num_others]:
         _run(llm, [p])
     return llm, conn
 
@@ -160,6 +160,24 @@ def test_a_linear_attention_prefix_loads_back_with_its_state_checkpoint(hybrid_c
         sched.kv.check_invariants()
     assert got == [(want, 36)]
     assert conn.offload_tier_stats()["host"].hits == 9 and conn._sides[0].states.stats["host"].hits == 1
+
+
+def test_a_linear_attention_prefix_whose_head_stayed_on_the_device_loads_that_head_too(hybrid_case):
+    """Two others evict only the target's tail (the pool evicts a sequence's last blocks first): its head is still
+    cached on the device but has no checkpoint at its end, so the device hit is 0; the head's blocks are copied up
+    by the step's tier work and loaded with the tail and the state (offload.py num_loadable_tokens)."""
+    _, target, _, want = hybrid_case
+    llm, conn = _evicted_hybrid_target(hybrid_case, num_others=2)
+    with llm:
+        sched = llm.engine.schedulers[0]
+        head = len(sched.kv.pool.find_cached_prefix(target))
+        stored = conn.offload_tier_stats()["host"].stored
+        got = _run(llm, [target])
+        assert _idle(llm, conn) and conn._sides[0].states.num_pinned() == 0
+        sched.kv.check_invariants()
+    stats = conn.offload_tier_stats()["host"]
+    assert got == [(want, 36)] and stats.hits == 9 and stats.stored - stored >= head
+    assert 0 < head < 9
 
 
 def test_an_abort_while_loading_a_linear_attention_prefix_frees_its_blocks_and_state_slot(hybrid_case, gated_load):
