@@ -41,7 +41,9 @@ Linear-attention state (scheduler/hybrid_cache.py, Qwen3-Next): a prefix hit res
 after its last block, so when the pool evicts a block whose hash has a checkpoint on the device, the step's tier
 work also copies that state into a host state slot (`states`: a TierIndex of its own, a quarter of the host
 bytes, host only; key `state_key(block hash)`), and a load stops at a block whose state the host holds (and
-before the last prompt token), the state written into the request's slot with the blocks.
+before the last prompt token), the state written into the request's slot with the blocks. Blocks after the
+device hit still cached there (a head without a checkpoint at its end) are copied up by the step's tier work and
+loaded with the rest (`_staged`).
 
 Refused, with one line at start (`bind`): another cache policy with per-sequence state or tables of its own, and
 a cache without prefix caching. PD: the engine takes one connector; offload_compose.py's `WithOffload` makes one of a
