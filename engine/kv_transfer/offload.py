@@ -242,7 +242,7 @@ class _SchedulerSide:
             return None
         self._seq += 1
         ops = StepOps(self._seq, self.index.block_bytes, demote, tuple(blocks), tuple(slots), tuple(states),
-                      self.states.block_bytes if self.states is not None else 0)
+                      self.owner.state_bytes or 0)
         disk_slot_keys = {d: k for k, d in self.index.disk.items()}
         self._ops[self._seq] = (ops, keys, [disk_slot_keys[d] for _, d in demote if d in disk_slot_keys], state_keys)
         return ops
@@ -385,7 +385,8 @@ class _WorkerSide:
                 if p.block_bytes and p.block_bytes != store.block_bytes:
                     raise ValueError(f"the scheduler counts {p.block_bytes} bytes per block, this rank's cache has "
                                      f"{store.block_bytes}")
-                if p.save_states and p.state_bytes != store.state_bytes:
+                if p.block_bytes and p.state_bytes != store.state_bytes:
+                    # The state bytes split the host tier between states and blocks: both halves must count alike.
                     raise ValueError(f"the scheduler counts {p.state_bytes} bytes per state, this rank's state pools "
                                      f"have {store.state_bytes}")
                 store.demote(p.demote)  # before the saves: a pushed-down slot may take a new block now

@@ -106,7 +106,8 @@ class StepOps:
     demote: tuple[tuple[int, int], ...] = ()
     save_blocks: tuple[int, ...] = ()
     save_slots: tuple[int, ...] = ()
-    # Linear-attention state: (device checkpoint slot, host state slot) copies, beside the blocks of the same step.
+    # Linear-attention state: (device checkpoint slot, host state slot) copies, beside the blocks of the same step;
+    # `state_bytes` the scheduler's idea of one state (0: none), checked by the worker as `block_bytes` is.
     save_states: tuple[tuple[int, int], ...] = ()
     state_bytes: int = 0
 
