@@ -315,18 +315,21 @@ class EngineArgs:
         """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md);
         returns the KV connector the engine runs with. Speculative decoding runs under TP (engine/rank/drafter.py):
         host drafts on every rank, the MTP layers (DeepSeek's, Qwen3-Next / Qwen3.5's) split like a main layer, an
-        EAGLE-3 head replicated. A KV connector that moves head shards (the remote one,
-        engine/kv_transfer/tp_shard.py) is bound to the TP layout: each rank saves or loads its own heads."""
+        EAGLE-3 head replicated. A KV connector is bound to the TP layout (`for_tensor_parallel`): the remote one
+        (engine/kv_transfer/tp_shard.py) saves or loads each rank's own heads, the offload tiers
+        (engine/kv_transfer/offload.py) keep each rank's own cache and report a transfer once the group has it."""
         kvc, tp = self.kv_connector, parallel.tensor_parallel_size
         if kvc is None:
             return None
         if not callable(getattr(kvc, "for_tensor_parallel", None)):
             raise ValueError(f"kv_connector={type(kvc).__name__} is not supported with tensor_parallel_size={tp}: "
-                             "a TP rank's KV is its heads' only, and only RemoteKVConnector "
-                             "(prefill/decode disaggregation, engine/kv_transfer/remote.py) moves head shards.")
+                             "a TP rank's KV is its heads' only; the connectors bound to a TP layout are "
+                             "RemoteKVConnector (prefill/decode disaggregation, engine/kv_transfer/remote.py), "
+                             "OffloadKVConnector (the offload tiers) and WithOffload (both).")
         kinds = {type(a).__name__ for a in (*model_cfg.layer_attention, model_cfg.attention)
                  if not isinstance(a, LinearAttentionConfig)}  # (state groups: moved whole, rank to rank)
-        if len(kinds) > 1:
+        # The tiers copy each rank's own blocks whatever their kind; only a transfer between engines maps heads.
+        if len(kinds) > 1 and getattr(kvc, "name", None) != "offload":
             raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported for "
                              f"{model_cfg.architecture} with tensor_parallel_size={tp}: its layers mix KV kinds "
                              f"({', '.join(sorted(kinds))}), and a rank's KV shard is one kind's.")

@@ -45,6 +45,16 @@ before the last prompt token), the state written into the request's slot with th
 device hit still cached there (a head without a checkpoint at its end) are copied up by the step's tier work and
 loaded with the rest (`_staged`).
 
+Under tensor parallelism (`for_tensor_parallel`, bound by EngineArgs at -tp N) a TP group has one scheduler, so one
+scheduler half decides for the group, and every rank of it runs the same tier work on its own cache: its kv heads'
+rows (GQA), or its whole copy of the latent (MLA, DSA's index keys, DeepSeek-V4's entries: whole on every rank, so
+each rank's tier holds them too, as each rank's device cache does), or its heads' linear-attention state. Slots are
+counted from one rank's bytes (`configure` reads the rank's sharded config, tensor_parallel.tp_local_config), the
+same on every rank of the group, so a slot number means the same block on all of them; a transfer (a step's tier
+work, a load) is reported to the scheduler once every rank of the group has it done, failed if any failed
+(tp_join.py, the remote connector's report join): a load never admits a request while one rank's heads are
+still being written.
+
 Refused, with one line at start (`bind`): another cache policy with per-sequence state or tables of its own, and
 a cache without prefix caching. PD: the engine takes one connector; offload_compose.py's `WithOffload` makes one of a
 disaggregation connector and this one. Stats per tier
@@ -55,6 +65,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,6 +80,8 @@ from moelink.scheduler.request import Request
 from .blocks import PagedKVBlocks
 from .offload_store import TierStore, block_bytes_of
 from .offload_tiers import TIERS, LoadPlan, OffloadConfig, StepOps, TierIndex, TierStats
+from .tp_join import TPJoin
+from .tp_shard import KVShardSpec
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +105,39 @@ class OffloadKVConnector:
         self.state_bytes: int | None = None  # one slot's linear-attention state (0: none), known with block_bytes
         self._sides: dict[int, _SchedulerSide] = {}
         self._observer = None
+        # The engine's TP layout (module docstring), set by `for_tensor_parallel`; None: a scheduler per rank.
+        self.shard: KVShardSpec | None = None
+
+    def for_tensor_parallel(self, tp_size: int, num_kv_heads: int, states: bool = False,
+                            world_size: int = 1) -> "OffloadKVConnector":
+        """This connector for an engine of `tp_size` ranks per TP group (EngineArgs calls it at -tp > 1): a copy
+        whose worker halves join their group's reports on its first rank (tp_join.py, a fresh channel per engine).
+        Every rank keeps its own tiers of its own cache, so the heads (`num_kv_heads`, `states`) need no mapping
+        here; the signature is the remote connector's, which does map them."""
+        if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
+            raise ValueError(f"tensor_parallel_size={tp_size!r} is invalid for the KV offload tiers: must be an "
+                             "integer >= 1.")
+        out = OffloadKVConnector(self.config)
+        out.shard = KVShardSpec(tp_size, num_kv_heads, secrets.token_hex(8), states) if tp_size > 1 else None
+        return out
+
+    @property
+    def tp_size(self) -> int:
+        return 1 if self.shard is None else self.shard.tp_size
 
     def configure(self, engine_config) -> None:
         """Learn one block's bytes from the engine's config (the driver; needed when the ranks are other
-        processes)."""
+        processes): one rank's, from the config a rank of its TP group runs (its heads; a latent whole)."""
         from moelink.engine.config.kv_sizing import kv_cache_bytes_per_block, state_bytes_per_sequence
+        from moelink.engine.config.tensor_parallel import tp_local_config
 
-        self.state_bytes = state_bytes_per_sequence(engine_config.model)
-        self.block_bytes = kv_cache_bytes_per_block(engine_config.model, engine_config.cache.block_size)
+        tp = engine_config.parallel.tensor_parallel_size
+        if tp != self.tp_size:
+            raise ValueError(f"the KV offload connector is bound to tensor_parallel_size={self.tp_size} and the "
+                             f"engine runs {tp}: pass the connector through EngineArgs (it binds it).")
+        model = tp_local_config(engine_config.model, tp)
+        self.state_bytes = state_bytes_per_sequence(model)
+        self.block_bytes = kv_cache_bytes_per_block(model, engine_config.cache.block_size)
 
     def scheduler_side(self, rank: int) -> "_SchedulerSide":
         side = self._sides[rank] = _SchedulerSide(self, rank)
@@ -114,12 +152,15 @@ class OffloadKVConnector:
         return None if side is None else side.index
 
     def offload_tier_stats(self) -> dict[str, TierStats]:
-        """Per tier, the counters of every rank summed (engine/core/metrics.py)."""
+        """Per tier, the counters of every rank summed (engine/core/metrics.py). Under TP a scheduler half's index
+        counts one rank's bytes and every rank of its group moved as many: its byte counters are scaled by the
+        group's size (block counts are the group's, once)."""
         out = {tier: TierStats() for tier in TIERS}
+        tp = self.tp_size
         for side in list(self._sides.values()):
             if side.index is not None:
                 for tier in TIERS:
-                    out[tier].add(side.index.stats[tier])
+                    out[tier].add(side.index.stats[tier].scaled_bytes(tp))
         return out
 
     def observe_offload_loads(self, observer) -> None:
@@ -128,7 +169,7 @@ class OffloadKVConnector:
 
     def __getstate__(self) -> dict:  # to a Ray worker: the config and what is known of the blocks, nothing live
         return {"config": self.config, "block_bytes": self.block_bytes, "state_bytes": self.state_bytes,
-                "_sides": {}, "_observer": None}
+                "shard": self.shard, "_sides": {}, "_observer": None}
 
     def __deepcopy__(self, memo) -> "OffloadKVConnector":
         return self  # in one process the halves meet here (block_bytes)
@@ -353,6 +394,9 @@ class _WorkerSide:
 
     def __init__(self, owner: OffloadKVConnector, rank: int) -> None:
         self.owner, self.rank = owner, rank
+        tp = owner.tp_size
+        # Under TP: the channel that reports a transfer once every rank of the group has it done (tp_join.py).
+        self._join = None if tp == 1 else TPJoin(f"offload-{owner.shard.join_id}-{rank // tp}", rank % tp, tp)
         self.store: TierStore | None = None
         self._refused: str | None = None
         self._lock = threading.Lock()
@@ -448,6 +492,8 @@ class _WorkerSide:
             self._report(tid, exc is None)
         with self._lock:
             done, self._done = self._done, {}
+        if self._join is not None:  # under TP: what every rank of the group has done (on its first rank)
+            return self._join.join(done or None)
         return done or None
 
     def drop_pending(self) -> None:
@@ -456,8 +502,12 @@ class _WorkerSide:
         self._loads.clear()
         with self._lock:
             self._done = {}
+        if self._join is not None:
+            self._join.clear()
 
     def close(self) -> None:
+        if self._join is not None:
+            self._join.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self.store is not None:

@@ -55,10 +55,20 @@ class WithOffload:
         self.pd, self.offload = pd, offload
 
     def __getattr__(self, name):  # the PD connector's factory attributes (name, kv_role, check_params, ...)
-        # Not tensor parallelism's binding: the tiers are not bound to a TP layout, so the engine refuses TP here.
-        if name in ("pd", "offload", "for_tensor_parallel"):
+        if name in ("pd", "offload"):
             raise AttributeError(name)
         return getattr(self.pd, name)
+
+    def for_tensor_parallel(self, tp_size: int, num_kv_heads: int, states: bool = False,
+                            world_size: int = 1) -> "WithOffload":
+        """Both halves bound to the engine's TP layout (EngineArgs at -tp > 1): the PD connector's maps heads
+        between engines, the tiers' join their group's reports; a PD connector without a TP binding is refused."""
+        bind = getattr(self.pd, "for_tensor_parallel", None)
+        if not callable(bind):
+            raise ValueError(f"kv_connector={type(self.pd).__name__} (beside the offload tiers) is not supported with "
+                             f"tensor_parallel_size={tp_size}: it moves no head shards.")
+        return WithOffload(bind(tp_size, num_kv_heads, states=states, world_size=world_size),
+                           self.offload.for_tensor_parallel(tp_size, num_kv_heads, states, world_size))
 
     def configure(self, engine_config) -> None:
         self.offload.configure(engine_config)

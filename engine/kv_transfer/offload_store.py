@@ -6,7 +6,8 @@ A slot holds one block of every cache tensor of the rank: per tensor a host buff
 that tensor's bytes per block: B tokens x its row), pinned on CUDA so copies to and from the device do not stage,
 plain on CPU. The disk tier is one file of D slots of `block_bytes` each (the tensors' rows one after another),
 read and written with pread/pwrite at the slot's offset: no pickle, no file per block. The file is created 0600
-in the directory (made 0700) and deleted when the rank closes: the tiers are a cache of this process.
+in the directory (made 0700) and unlinked at once, the descriptor kept: its blocks are freed when the rank closes
+it or dies (a killed Ray actor leaves no file): the tiers are a cache of this process.
 
 A model whose sliding-window and full-attention layers share cache tensors (gpt-oss: PagedKVBlocks' FULL and
 SLIDING groups over the same tensors) hands each block id to one table at a time, so a slot holds one block's row
@@ -80,7 +81,10 @@ class TierStore:
         if self.num_disk:
             os.makedirs(config.disk_dir, mode=0o700, exist_ok=True)
             self.path = os.path.join(config.disk_dir, f"moelink-kv-{os.getpid()}-rank{rank}.bin")
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            # Unlinked at once, kept open: the file's blocks live as long as this process holds the descriptor, so
+            # a rank that is killed (Ray's shutdown kills its actors; SIGKILL, a crash) leaves no file behind.
+            os.unlink(self.path)
             os.ftruncate(self._fd, self.num_disk * self.block_bytes)  # sparse: disk is used as slots fill
 
     def _slot_views(self, s: int):
@@ -185,12 +189,8 @@ class TierStore:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            os.close(self._fd)  # the file was unlinked at its creation: its blocks go with the descriptor
             self._fd = -1
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
         self.host_SR, self.state_SR = [], []
 
 

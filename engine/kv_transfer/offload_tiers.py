@@ -46,6 +46,11 @@ class TierStats:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+    def scaled_bytes(self, n: int) -> "TierStats":
+        """These counters with the byte counts times `n` (a TP group of n ranks, each moving one index's bytes)."""
+        return TierStats(self.stored, self.hits, self.loaded_bytes * n, self.load_s, self.evicted,
+                         self.stored_bytes * n, self.held_bytes * n)
+
 
 def _nonneg_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0

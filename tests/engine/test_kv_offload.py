@@ -64,14 +64,19 @@ def test_an_evicted_prefix_is_loaded_back_from_its_tier_not_recomputed(case, tie
         got = _run(llm, [target])
         assert _idle(llm, conn)
         if tier == "disk":
-            assert len(os.listdir(tmp_path / "kv")) == 1  # one file per rank
+            # One file per rank, unlinked as soon as it was opened: held by its descriptor, never in the directory
+            # (a rank that is killed leaves nothing behind).
+            assert os.listdir(tmp_path / "kv") == []
+            held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                    if os.path.islink(f"/proc/self/fd/{fd}")]
+            assert sum(1 for x in held if x.startswith(str(tmp_path / "kv")) and x.endswith("(deleted)")) == 1
     stats = conn.offload_tier_stats()
     assert got == [(want, 39)]  # 10 blocks from below the device; the last prompt token computed for its logits
     assert stats[tier].hits > 0 and stats[tier].loaded_bytes == stats[tier].hits * BLOCK_BYTES
     assert stats["host"].hits + stats["disk"].hits == 10 and stats["host"].stored >= 10
     if tier == "disk":
         assert stats["host"].evicted > 0 and stats["disk"].stored > 0
-        assert os.listdir(tmp_path / "kv") == []  # deleted with the engine
+        assert os.listdir(tmp_path / "kv") == []
 
 
 @pytest.fixture

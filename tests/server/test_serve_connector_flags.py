@@ -32,3 +32,17 @@ def test_a_tp_prefill_server_names_a_port_per_rank(monkeypatch):
     """`-tp 2` alone is a world of 2 ranks (expert_parallel_size 1): each rank serves KV on --kv-port + rank."""
     args = _served_args(monkeypatch, "--role", "prefill", "--kv-port", "47000", "--kv-transport", "tcp", "-tp", "2")
     assert args.kv_connector.config.num_ranks == 2
+
+
+def test_offload_flags_under_tp_bind_the_tiers_to_the_tp_layout(monkeypatch):
+    """`-tp 2 --kv-offload-host-bytes N`: the engine's config holds the tiers bound to its TP layout (each rank's own
+    tiers, reports joined per group: docs/kv-offload.md), one rank's block bytes counted from its kv heads."""
+    args = _served_args(monkeypatch, "--kv-offload-host-bytes", str(1 << 20), "-tp", "2")
+    config = args.create_engine_config()
+    bound = config.kv_connector
+    assert isinstance(bound, OffloadKVConnector) and bound.tp_size == 2 and args.kv_connector.tp_size == 1
+    bound.configure(config)
+    from moelink.engine.config.kv_sizing import kv_cache_bytes_per_block
+
+    assert config.model.attention.num_kv_heads % 2 == 0  # the built-in model's kv heads split over the two ranks
+    assert bound.block_bytes * 2 == kv_cache_bytes_per_block(config.model, config.cache.block_size)
