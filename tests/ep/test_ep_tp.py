@@ -2,7 +2,8 @@
 head is replicated) or transformers' in float64 (DeepSeek-V3's MLA, gpt-oss's sinks and biases) at
 - TP 2 (`-tp 2`, world 2): the experts split by intermediate size over the group (one all-reduce per MoE block);
 - TP 2 x EP 2 (`-tp 2 -ep 2`, world 2): experts in EP, each TP rank dispatching its half of the tokens;
-- TP 2 with DP attention (`-tp 2 -ep 4`, world 4: two TP groups, two schedulers, EP 4).
+- TP 2 with DP attention (`-tp 2 -ep 4`, world 4: two TP groups, two schedulers, EP 4);
+and gpt-oss as published (MXFP4 experts, placed whole by EP) at `-tp 2 -ep 2`.
 Lean: a few short prompts each (4 of 1-30 tokens under a 24-token budget: a chunked prefill and a ragged batch), 4 new
 tokens each (batched decode steps, each sequence crossing a 4-token block boundary while it decodes)."""
 from __future__ import annotations
@@ -61,7 +62,7 @@ def test_tp_matches_single_rank(local_ray, tiny_model, name, tp, ep):
         llm.engine.shutdown()
 
 
-@pytest.mark.parametrize("ep", [1, 4])
+@pytest.mark.parametrize("ep", [1, 2, 4])
 def test_tp_deepseek_v3_matches_transformers(local_ray, hf_tiny_model, ep):
     path = hf_tiny_model("dsv3_lora")  # MLA with q LoRA, interleaved rope, a dense layer, shared experts
     ps = prompts(hf_checkpoints.VOCAB, seed=5, n=4, lo=1, hi=30)
@@ -90,6 +91,37 @@ def test_tp_gpt_oss_matches_transformers(local_ray, gpt_oss_path, ep):
     llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=ep, **KW)
     try:
         assert_same(_greedy(llm, ps), _hf(path, ps), ps)
+    finally:
+        llm.engine.shutdown()
+
+
+def test_tp2_ep2_gpt_oss_mxfp4_matches_transformers(local_ray, tmp_path):
+    """gpt-oss as OpenAI publishes it (MXFP4 experts, float attention with sinks and biases, sliding layers) at
+    `-tp 2 -ep 2`: the attention's heads split over the TP group, each rank's experts read whole (blocks and scales)
+    by EP, each TP rank dispatching its half of the tokens; greedy tokens equal transformers' own MXFP4 loader's
+    (dequantized, float64)."""
+    import torch
+    import transformers
+
+    from moelink.engine.tools.mxfp4_checkpoint import quantize_mxfp4_checkpoint
+
+    path = str(quantize_mxfp4_checkpoint(save_gpt_oss(tmp_path / "float", num_hidden_layers=4, intermediate_size=32),
+                                         tmp_path / "mxfp4"))
+    ps = prompts(GPT_OSS_VOCAB, seed=9, n=4, lo=1, hi=30)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float64, experts_implementation="eager",
+        quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+    want = []
+    with torch.no_grad():
+        for p in ps:
+            ids = torch.tensor([p])
+            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
+                              min_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
+            want.append(gen[0, len(p):].tolist())
+    llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=2, **KW)
+    try:
+        assert_same(_greedy(llm, ps), want, ps)
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
         llm.engine.shutdown()
 
