@@ -78,7 +78,7 @@ from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
 
 from .blocks import PagedKVBlocks
-from .offload_store import TierStore, block_bytes_of
+from .offload_store import TierStore
 from .offload_tiers import TIERS, LoadPlan, OffloadConfig, StepOps, TierIndex, TierStats
 from .tp_join import TPJoin
 from .tp_shard import KVShardSpec

@@ -13,6 +13,7 @@ import pytest
 from moelink.engine import LLM
 
 from tests.helpers import hf_checkpoints
+from tests.helpers.fp8_checkpoints import hf_greedy_with
 from tests.helpers.gpt_oss_checkpoints import VOCAB as GPT_OSS_VOCAB, save_gpt_oss
 from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, prompts
 from tests.helpers.tiny_configs import TINY_CONFIGS
@@ -111,13 +112,7 @@ def test_tp2_ep2_gpt_oss_mxfp4_matches_transformers(local_ray, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float64, experts_implementation="eager",
         quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
-    want = []
-    with torch.no_grad():
-        for p in ps:
-            ids = torch.tensor([p])
-            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
-                              min_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
-            want.append(gen[0, len(p):].tolist())
+    want = hf_greedy_with(hf, ps, NEW)
     llm = LLM(path, tensor_parallel_size=2, expert_parallel_size=2, **KW)
     try:
         assert_same(_greedy(llm, ps), want, ps)

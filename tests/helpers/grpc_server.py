@@ -112,6 +112,14 @@ class ServerProcess:
         with open(self.log.name) as f:
             return f.read()
 
+    def finished_line(self, prompt_tokens: int) -> str:
+        """The server's last request-log line for a finished request of `prompt_tokens` prompt tokens (a PD decode
+        server's says what it loaded: `cached_tokens=`; smg 1.13 reports the prefill leg's usage instead)."""
+        lines = [ln for ln in self.logs().splitlines()
+                 if "request finished" in ln and f"prompt_tokens={prompt_tokens} " in ln]
+        assert lines, f"no finished request of {prompt_tokens} prompt tokens in the server's log"
+        return lines[-1]
+
     def signal(self, sig=signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             os.kill(self.pid, sig)

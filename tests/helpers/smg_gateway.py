@@ -36,6 +36,37 @@ def http_request(port: int, method: str, path: str, body=None, headers=None, tim
         conn.close()
 
 
+def sse_events(resp, stop_after: int | None = None) -> list[dict]:
+    """The JSON events of a streamed response (`data:` lines, [DONE] left out), at most `stop_after` of them (the
+    caller then closes the connection with the stream open). Bounded by the socket's timeout: a hang fails."""
+    events = []
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+            continue
+        events.append(json.loads(line[5:].strip()))
+        if stop_after is not None and len(events) >= stop_after:
+            break
+    return events
+
+
+def completion_text(port: int, body: dict, timeout: float = 60.0) -> tuple[str, list[dict]]:
+    """POST /v1/completions: (the text, the stream's events, [] when not streamed); asserts a 200."""
+    if not body.get("stream"):
+        status, raw = http_request(port, "POST", "/v1/completions", body, timeout=timeout)
+        assert status == 200, raw
+        return json.loads(raw)["choices"][0]["text"], []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        events = sse_events(resp)
+    finally:
+        conn.close()
+    return "".join(c["text"] for e in events for c in e["choices"]), events
+
+
 @contextlib.contextmanager
 def launch_smg_with(*args: str):
     """`smg launch` on 127.0.0.1 with `args` (the workers), in a session of its own: `smg launch` is a launcher

@@ -20,7 +20,7 @@ from moelink.engine import SamplingParams
 
 from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess, make_stubs
 from tests.helpers.net import free_port
-from tests.helpers.smg_gateway import http_request, launch_smg_pd, smg_executable, wait_models
+from tests.helpers.smg_gateway import completion_text, http_request, launch_smg_pd, smg_executable, wait_models
 
 PROMPT_IDS = list(range(5, 70))  # 65 tokens: four full blocks of 16 and a partial one
 GREEDY = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -176,42 +176,17 @@ def pd_gateway(pd, model_path):
         yield port
 
 
-def _sse_text(port: int, body: dict) -> tuple[str, list[dict]]:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200, resp.read()
-        events = []
-        for raw in resp:
-            line = raw.decode().strip()
-            if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                events.append(json.loads(line[5:].strip()))
-        return "".join(c["text"] for e in events for c in e["choices"]), events
-    finally:
-        conn.close()
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_smg_pd_mode_completions_match_one_engine_and_load_the_kv(pd, pd_gateway, offline, stream):
     _, dec, _, _ = pd
     prompt = "Once upon a time, in a land of many experts, " * 4
     want = offline.generate(prompt, SamplingParams(**GREEDY), use_tqdm=False)[0]
-    body = dict(model="tiny-moe", prompt=prompt, stream=stream, **GREEDY)
-    if stream:
-        text, events = _sse_text(pd_gateway, body)
-        assert len(events) > 1
-    else:
-        status, raw = http_request(pd_gateway, "POST", "/v1/completions", body, timeout=60)
-        assert status == 200, raw
-        text = json.loads(raw)["choices"][0]["text"]
+    text, events = completion_text(pd_gateway, dict(model="tiny-moe", prompt=prompt, stream=stream, **GREEDY))
+    assert len(events) > 1 or not stream
     assert text == want.outputs[0].text or text == want.outputs[0].text.rstrip("\ufffd")
     # smg (1.13) reports the prefill leg's usage; the decode server's own request line says what it loaded.
     n = len(want.prompt_token_ids)
-    lines = [ln for ln in dec.logs().splitlines() if "request finished" in ln and f"prompt_tokens={n} " in ln]
-    assert lines and f"cached_tokens={n - 1}" in lines[-1], lines[-3:]
+    assert f"cached_tokens={n - 1}" in dec.finished_line(n)
 
 
 # vLLM counts the tokens a connector loaded as computed before the first step (its scheduler's num_cached_tokens
