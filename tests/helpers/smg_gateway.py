@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -50,21 +51,35 @@ def sse_events(resp, stop_after: int | None = None) -> list[dict]:
     return events
 
 
+NOT_READY_RETRY_S = 30.0  # smg lists a model before its tokenizer is registered: "retry shortly" (a 503)
+
+
 def completion_text(port: int, body: dict, timeout: float = 60.0) -> tuple[str, list[dict]]:
-    """POST /v1/completions: (the text, the stream's events, [] when not streamed); asserts a 200."""
-    if not body.get("stream"):
-        status, raw = http_request(port, "POST", "/v1/completions", body, timeout=timeout)
-        assert status == 200, raw
-        return json.loads(raw)["choices"][0]["text"], []
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200, resp.read()
-        events = sse_events(resp)
-    finally:
-        conn.close()
-    return "".join(c["text"] for e in events for c in e["choices"]), events
+    """POST /v1/completions: (the text, the stream's events, [] when not streamed); asserts a 200. A 503 that says
+    the gateway is not ready yet (smg 1.13 answers `tokenizer_not_ready` for a moment after /v1/models lists the
+    model) is retried for a bounded time; any other status fails at once."""
+    deadline = time.monotonic() + NOT_READY_RETRY_S
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            conn.request("POST", "/v1/completions", body=json.dumps(body),
+                         headers={"content-type": "application/json"})
+            resp = conn.getresponse()
+            if resp.status == 503 and time.monotonic() < deadline:
+                raw = resp.read()
+                if b"not_ready" in raw or b"retry" in raw:
+                    time.sleep(0.2)
+                    continue
+                raise AssertionError(raw)
+            if not body.get("stream"):
+                raw = resp.read()
+                assert resp.status == 200, raw
+                return json.loads(raw)["choices"][0]["text"], []
+            assert resp.status == 200, resp.read()
+            events = sse_events(resp)
+        finally:
+            conn.close()
+        return "".join(c["text"] for e in events for c in e["choices"]), events
 
 
 @contextlib.contextmanager
