@@ -510,8 +510,14 @@ class _WorkerSide:
             self._join.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+            self._pool = None
         if self.store is not None:
             self.store.close()
+            self.store = None
+        # A rank that keeps its runner through an elastic regroup (engine/rank/keep_runner.py) keeps this half after
+        # its shutdown closed it: later tier work and loads are reported failed (the blocks recomputed), never run
+        # on freed buffers.
+        self._refused = "offload is off: the rank's tiers were closed (its group was re-formed)"
 
 
 __all__ = ["OffloadConfig", "OffloadKVConnector"]

@@ -228,3 +228,18 @@ def test_the_scheduler_half_stores_what_the_pool_evicts_and_forgets_it_on_a_rese
     assert kvt.loadable(c) == 4  # both of a's full blocks, from the host tier
     kv.reset_prefix_cache()
     assert kvt.loadable(c) == 0 and not conn.tier_index(0).host
+
+
+def test_a_closed_worker_half_reports_its_work_failed_instead_of_running_it():
+    """A rank whose runner is kept through an elastic regroup keeps its closed worker half: a step's tier work and a
+    load are then reported failed (the scheduler drops those keys, the request is recomputed), never run."""
+    from moelink.engine.kv_transfer.offload_tiers import LoadPlan, StepOps
+    from moelink.scheduler.outputs import KVTransfer
+
+    side = OffloadKVConnector(OffloadConfig(host_bytes=1 << 20)).worker_side(0)
+    side.close()
+    ops = KVTransfer(1, "", [], 0, params=StepOps(1, 64))
+    load = KVTransfer(2, "r", [5], 4, params=LoadPlan(2, (0,)))
+    side.start_load(ops, None)
+    side.start_load(load, None)
+    assert side.poll() == {1: False, 2: False}
