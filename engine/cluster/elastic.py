@@ -301,9 +301,15 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: 
             s.rewind(inflight[r] if inflight is not None else None)
     else:
         gone = old
-        # One scheduler per TP group (data_parallel_size: the world at tensor_parallel_size 1).
-        engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache)
-                             for _ in range(engine.config.parallel.data_parallel_size)]
+        # One scheduler per TP group (data_parallel_size: the world at tensor_parallel_size 1), each with its KV
+        # connector's scheduler half, as the engine built them (the rebuilt runners' worker halves are fresh too).
+        kvc = engine.config.kv_connector
+        engine.schedulers = [Scheduler(engine.config.scheduler, engine.config.cache,
+                                       None if kvc is None else kvc.scheduler_side(g))
+                             for g in range(engine.config.parallel.data_parallel_size)]
+    retain = getattr(engine.config.kv_connector, "retain_scheduler_sides", None)
+    if callable(retain):  # the connector's per-scheduler state (the offload tiers' counters): the live ones only
+        retain([None if s.kv_transfers is None else s.kv_transfers.connector for s in engine.schedulers])
     reqs = sorted((req for s in gone for req in s.requests.values()), key=lambda r: r.arrival_time)
     engine.world_size = world_size
     engine.router = LeastLoadedRouter(engine.schedulers)

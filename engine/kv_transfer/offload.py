@@ -146,6 +146,13 @@ class OffloadKVConnector:
     def worker_side(self, rank: int) -> "_WorkerSide":
         return _WorkerSide(self, rank)
 
+    def retain_scheduler_sides(self, sides: list) -> None:
+        """After an elastic regroup (engine/cluster/elastic.py): `sides` are the live schedulers' halves, in their
+        new order (kept ones renumbered, rebuilt ones fresh); a lost scheduler's index and counters are dropped.
+        A composed half (offload_compose.py) is read through its `tiers`."""
+        live = [getattr(s, "tiers", s) for s in sides]
+        self._sides = {i: s for i, s in enumerate(live) if isinstance(s, _SchedulerSide)}
+
     def tier_index(self, rank: int) -> TierIndex | None:
         """Rank `rank`'s index (None before its first step, or on a rank whose tiers are off)."""
         side = self._sides.get(rank)
@@ -412,7 +419,7 @@ class _WorkerSide:
                 raise ValueError(self._refused)
             try:
                 self.store = TierStore(kv, self.owner.config, self.rank)
-            except ValueError as exc:
+            except (ValueError, OSError) as exc:  # (a disk tier's directory or file that cannot be made)
                 self._refused = f"offload is off: {exc}"
                 raise ValueError(self._refused) from None
             if self.owner.block_bytes is None:

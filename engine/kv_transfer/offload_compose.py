@@ -79,6 +79,9 @@ class WithOffload:
     def observe_offload_loads(self, observer) -> None:
         self.offload.observe_offload_loads(observer)
 
+    def retain_scheduler_sides(self, sides: list) -> None:
+        self.offload.retain_scheduler_sides(sides)
+
     def tier_index(self, rank: int):
         return self.offload.tier_index(rank)
 

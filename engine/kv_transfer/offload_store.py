@@ -23,6 +23,7 @@ Legend: N blocks, S host slots, D disk slots, R bytes of one tensor per block.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 
@@ -80,12 +81,18 @@ class TierStore:
         self.path, self._fd = None, -1
         if self.num_disk:
             os.makedirs(config.disk_dir, mode=0o700, exist_ok=True)
-            self.path = os.path.join(config.disk_dir, f"moelink-kv-{os.getpid()}-rank{rank}.bin")
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            # Unlinked at once, kept open: the file's blocks live as long as this process holds the descriptor, so
-            # a rank that is killed (Ray's shutdown kills its actors; SIGKILL, a crash) leaves no file behind.
-            os.unlink(self.path)
-            os.ftruncate(self._fd, self.num_disk * self.block_bytes)  # sparse: disk is used as slots fill
+            # A fresh name (mkstemp: 0600, never an existing file, whatever an earlier process left there), unlinked
+            # at once and kept open: the file's blocks live as long as this process holds the descriptor, so a rank
+            # that is killed (Ray's shutdown kills its actors; SIGKILL, a crash) leaves no file behind.
+            self._fd, self.path = tempfile.mkstemp(prefix=f"moelink-kv-rank{rank}-", suffix=".bin",
+                                                   dir=config.disk_dir)
+            try:
+                os.unlink(self.path)
+                os.ftruncate(self._fd, self.num_disk * self.block_bytes)  # sparse: disk is used as slots fill
+            except OSError:
+                os.close(self._fd)
+                self._fd = -1
+                raise
 
     def _slot_views(self, s: int):
         """Slot s's bytes per tensor, as numpy views (for pread/pwrite)."""

@@ -16,9 +16,11 @@ scheduler keeps stepping while transfers are awaited).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +38,30 @@ class TPJoin:
         self._closed = False
         self._readers: list[threading.Thread] = []
         if tp_rank == 0:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.bind(self.address)
+            self._sock = self._bind()
             self._sock.listen(tp_size)
             self._accepter = threading.Thread(target=self._accept, name="kv-tp-join", daemon=True)
             self._accepter.start()
 
     # ------------------------------------------------------------------ the first rank
+    BIND_WAIT_S = 10.0  # how long the name may still be held by the group's previous first rank
+
+    def _bind(self) -> socket.socket:
+        """The listening socket under `address`. After an elastic regroup a rebuilt group binds the name its
+        previous first rank held, and that process may still be exiting (Ray kills without waiting; a CUDA
+        process takes a while): the name is asked again for a bounded time before giving up."""
+        deadline = time.monotonic() + self.BIND_WAIT_S
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(self.address)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
     def _accept(self) -> None:
         while not self._closed:
             try:
@@ -119,6 +138,9 @@ class TPJoin:
                 pass
             self._sock.close()
             self._sock = None
+        accepter = getattr(self, "_accepter", None)
+        if accepter is not None:
+            accepter.join(timeout=1.0)  # its accept returns once the socket is shut: the name is free after
 
 
 __all__ = ["TPJoin"]

@@ -153,10 +153,12 @@ class Worker:
         replacement that pre-loaded exactly this share keeps it."""
         from dataclasses import replace
 
-        self.shutdown()
+        self.shutdown(keep_connector=True)
         self._eplb_abort()  # a move the lost rank broke: its staging goes with it
         if self._preloaded and (rank, world_size) == (self.rank, self.world_size) and _same_plan(plan, self.plan):
-            return
+            return  # (its runner, and the KV connector half bound to its cache, stay)
+        if self.runner is not None and self.runner.kv_connector is not None:
+            self.runner.kv_connector.close()  # the cache it is bound to goes with the runner
         self.runner = None  # freed before the new share loads: the budget holds one copy, not two
         self._preloaded = self._keeping = False
         self.rank, self.world_size, self.plan = rank, world_size, plan
@@ -171,7 +173,7 @@ class Worker:
 
         from .keep_runner import free_device_bytes, keep_blocker
 
-        self.shutdown()
+        self.shutdown(keep_connector=True)
         self._eplb_abort()  # a move the lost rank broke: its staging goes with it (its layers never switched)
         why = ("a pre-loaded replacement has no requests to keep" if self._preloaded else self._refuse_keep or
                keep_blocker(self.runner, self.rank, plan.placement.experts_on_rank(rank),
@@ -314,14 +316,17 @@ class Worker:
         unreachable process stays silent."""
         return os.getpid()
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep_connector: bool = False) -> None:
+        """Leave the group (and close the KV connector's worker half, unless `keep_connector`: a survivor that
+        keeps its runner through a regroup keeps its cache, so the connector's saved KV and offload tiers stay
+        valid in this process)."""
         # The overlapped loop: device work of launched steps may still run on the stream (a step a lost rank
         # broke, blocked in a collective until it fails); it must end before the group goes.
         self._launched.clear()
         if self.runner is not None:
             self.runner.quiesce(self.config.comm_timeout_s)
-            if self.runner.kv_connector is not None:  # its server socket and threads (engine/kv_transfer/remote.py)
-                self.runner.kv_connector.close()
+            if self.runner.kv_connector is not None and not keep_connector:
+                self.runner.kv_connector.close()  # its server socket and threads (engine/kv_transfer/remote.py)
         if self.group is not None:
             from moelink.comm.process_group import destroy
 

@@ -14,7 +14,7 @@ from moelink.engine import LLM, SamplingParams
 from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
 from moelink.engine.kv_transfer.offload_compose import WithOffload
 from moelink.engine.kv_transfer.offload_store import TierStore
-from moelink.engine.kv_transfer.offload_tiers import TierIndex
+from moelink.engine.kv_transfer.offload_tiers import TierIndex, TierStats
 from moelink.scheduler.request import RequestStatus
 
 from tests.helpers.parity import prompts
@@ -243,3 +243,45 @@ def test_a_closed_worker_half_reports_its_work_failed_instead_of_running_it():
     side.start_load(ops, None)
     side.start_load(load, None)
     assert side.poll() == {1: False, 2: False}
+
+
+def test_a_disk_tier_that_cannot_be_made_turns_offload_off_once(tmp_path):
+    """A disk tier whose directory cannot be made (here: a regular file in the way) turns the rank's offload off once,
+    with the reason, and every later step's tier work is reported failed without allocating the tiers again; a
+    file an earlier process left under the same directory never blocks a new one (mkstemp names)."""
+    import torch
+
+    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+    from moelink.engine.kv_transfer.offload_tiers import StepOps
+    from moelink.scheduler.outputs import KVTransfer
+
+    kv = PagedKVBlocks([tuple(torch.zeros(6, 4, 2, 8) for _ in range(2))], None, 4)
+    (tmp_path / "in-the-way").write_text("")
+    side = OffloadKVConnector(OffloadConfig(host_bytes=1 << 20, disk_bytes=1 << 20,
+                                            disk_dir=str(tmp_path / "in-the-way" / "kv"))).worker_side(0)
+    for tid in (1, 2):
+        side.start_load(KVTransfer(tid, "", [], 0, params=StepOps(tid, 0)), kv)
+    assert side.poll() == {1: False, 2: False} and side.store is None
+    assert side._refused.startswith("offload is off: ")
+    ok = OffloadKVConnector(OffloadConfig(host_bytes=1 << 20, disk_bytes=1 << 20, disk_dir=str(tmp_path)))
+    (tmp_path / f"moelink-kv-{os.getpid()}-rank0.bin").write_text("left by an earlier process")
+    good = ok.worker_side(0)
+    good.start_load(KVTransfer(3, "", [], 0, params=StepOps(3, 0)), kv)
+    assert good.poll() == {3: True} and good.store is not None and good.store.num_disk > 0
+    good.close()
+
+
+def test_an_elastic_regroup_keeps_only_the_live_schedulers_tier_counters():
+    """engine/cluster/elastic.py hands the connector its live scheduler halves after a regroup (kept ones renumbered,
+    rebuilt ones fresh; a composed PD + tiers half read through its tiers): a lost scheduler's index and counters
+    leave the engine's totals."""
+    from types import SimpleNamespace
+
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 20))
+    sides = [conn.scheduler_side(r) for r in range(3)]
+    for i, s in enumerate(sides):
+        s.index = SimpleNamespace(stats={"host": TierStats(stored=10 ** i), "disk": TierStats()})
+    assert conn.offload_tier_stats()["host"].stored == 111
+    conn.retain_scheduler_sides([sides[2], SimpleNamespace(tiers=sides[0]), None])
+    assert conn.tier_index(0) is sides[2].index and conn.tier_index(1) is sides[0].index
+    assert conn.offload_tier_stats()["host"].stored == 101

@@ -267,6 +267,28 @@ def test_a_transfer_is_reported_once_every_rank_of_the_group_has_it():
         first.close()
 
 
+def test_a_regrouped_first_rank_binds_the_name_its_predecessor_held():
+    """After an elastic regroup a rebuilt group's first rank binds the join name the previous one held: at once
+    after that one closed (close waits for its accept thread), and, while a predecessor still holds it (a killed
+    rank still exiting), as soon as it lets go, within TPJoin.BIND_WAIT_S."""
+    import secrets
+    import threading
+    import time
+
+    from moelink.engine.kv_transfer.tp_join import TPJoin
+
+    name = secrets.token_hex(8)
+    TPJoin(name, 0, 2).close()
+    again = TPJoin(name, 0, 2)  # closed just now: free
+    threading.Timer(0.3, again.close).start()  # held for 0.3 s more, as by a rank still exiting
+    t0 = time.monotonic()
+    third = TPJoin(name, 0, 2)
+    try:
+        assert 0.2 < time.monotonic() - t0 < TPJoin.BIND_WAIT_S
+    finally:
+        third.close()
+
+
 def test_a_prefill_rank_serves_each_decode_rank_its_heads_once(tmp_path):
     """The server side of a shard ask over tcp, no engine: a prefill rank holding kv heads 0-1 of 2 answers decode
     rank d of 2 with head d only (its rows cut out of the saved ones), once per decode rank, and drops the entry when
