@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 
 import pytest
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
 from moelink.engine.kv_transfer.offload_compose import WithOffload
-from moelink.engine.kv_transfer.offload_store import TierStore
 from moelink.engine.kv_transfer.offload_tiers import TierIndex, TierStats
 from moelink.scheduler.request import RequestStatus
 
@@ -77,21 +75,6 @@ def test_an_evicted_prefix_is_loaded_back_from_its_tier_not_recomputed(case, tie
     if tier == "disk":
         assert stats["host"].evicted > 0 and stats["disk"].stored > 0
         assert os.listdir(tmp_path / "kv") == []
-
-
-@pytest.fixture
-def gated_load(monkeypatch):
-    """Loads wait on the loader thread for `gate`; `landed` is set once one has written its blocks."""
-    gate, landed = threading.Event(), threading.Event()
-    real = TierStore.load
-
-    def load(self, *a):
-        assert gate.wait(60)
-        real(self, *a)
-        landed.set()
-
-    monkeypatch.setattr(TierStore, "load", load)
-    return gate, landed
 
 
 def _evicted_target(case):

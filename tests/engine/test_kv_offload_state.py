@@ -6,13 +6,11 @@ tiers is not loaded. A model with per-sequence state (Qwen3-Next, scheduler/hybr
 checkpoint saved with the block it follows and loaded into the request's state slot with the blocks."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
-from moelink.engine.kv_transfer.offload_store import TierStore
 from moelink.scheduler.block_pool import extend_block_hashes
 from moelink.scheduler.request import RequestStatus
 from moelink.scheduler.sliding_kv import sliding_block_hash
@@ -51,6 +49,22 @@ def _evicted_target(case, cfg=None):
     for p in others:  # each fills the device pool: the target's blocks of both tables go to the host tier
         _run(llm, [p])
     return llm, conn
+
+
+def _abort_while_loading(llm, conn, target, gated_load, while_loading=lambda: True) -> None:
+    """Request `target` (its prefix in the tiers), abort it while its load is held on the loader thread
+    (`gated_load`), let the load land: the engine ends idle, every block and tier slot back."""
+    gate, landed = gated_load
+    eng, sched = llm.engine, llm.engine.schedulers[0]
+    eng.add_request("t", target, GREEDY)
+    eng.step()
+    assert sched.requests["t"].status is RequestStatus.WAITING_FOR_KV and while_loading()
+    eng.abort_requests(["t"])
+    gate.set()
+    assert landed.wait(60)
+    for _ in range(3):
+        eng.step()
+    assert _idle(llm, conn) and not eng.has_requests()
 
 
 def _idle(llm, conn) -> bool:
@@ -92,35 +106,11 @@ def test_a_prefix_whose_window_left_the_tiers_is_loaded_only_up_to_where_its_win
     assert got == [(want, 36)] and host.hits == 9 + 2
 
 
-@pytest.fixture
-def gated_load(monkeypatch):
-    gate, landed = threading.Event(), threading.Event()
-    real = TierStore.load
-
-    def load(self, *a):
-        assert gate.wait(60)
-        real(self, *a)
-        landed.set()
-
-    monkeypatch.setattr(TierStore, "load", load)
-    return gate, landed
-
-
 def test_an_abort_while_loading_a_sliding_prefix_frees_every_block_and_slot(case, gated_load):
     _, target, _, _ = case
-    gate, landed = gated_load
     llm, conn = _evicted_target(case)
     with llm:
-        eng, sched = llm.engine, llm.engine.schedulers[0]
-        eng.add_request("t", target, GREEDY)
-        eng.step()
-        assert sched.requests["t"].status is RequestStatus.WAITING_FOR_KV
-        eng.abort_requests(["t"])
-        gate.set()
-        assert landed.wait(60)
-        for _ in range(3):
-            eng.step()
-        assert _idle(llm, conn) and not eng.has_requests()
+        _abort_while_loading(llm, conn, target, gated_load)
 
 
 HYBRID = dict(dtype="float64", num_kv_blocks=24, block_size=4, max_num_batched_tokens=64, max_model_len=64,
@@ -182,19 +172,10 @@ def test_a_linear_attention_prefix_whose_head_stayed_on_the_device_loads_that_he
 
 def test_an_abort_while_loading_a_linear_attention_prefix_frees_its_blocks_and_state_slot(hybrid_case, gated_load):
     _, target, _, _ = hybrid_case
-    gate, landed = gated_load
     llm, conn = _evicted_hybrid_target(hybrid_case)
     with llm:
-        eng, sched = llm.engine, llm.engine.schedulers[0]
-        eng.add_request("t", target, GREEDY)
-        eng.step()
-        assert sched.requests["t"].status is RequestStatus.WAITING_FOR_KV
-        assert sched.kv.state_slot("t") is not None
-        eng.abort_requests(["t"])
-        gate.set()
-        assert landed.wait(60)
-        for _ in range(3):
-            eng.step()
-        assert _idle(llm, conn) and not eng.has_requests()
+        sched = llm.engine.schedulers[0]
+        _abort_while_loading(llm, conn, target, gated_load,
+                             while_loading=lambda: sched.kv.state_slot("t") is not None)
         assert sched.kv.slots.num_free == sched.kv.slots.num_slots and conn._sides[0].states.num_pinned() == 0
         sched.kv.check_invariants()

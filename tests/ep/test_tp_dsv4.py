@@ -13,7 +13,7 @@ Blocks of 16 x 8: wo_a's groups of 8 rows start mid-block on rank 1 (its scale r
 rank a whole block. In one process: each rank reads exactly its shard of every split tensor, and the refusals.
 MTP drafting (DeepSeek-V4's own MTP module) at -tp 2 -ep 2 equals transformers' tokens with drafts accepted and
 rejected. One engine start per configuration; prompts of up to 60 tokens pass the compress boundaries and the
-indexer's top-k. The engine runs skip, saying why, while the loader (or make_mtp_layer) still refuses V4 under TP.
+indexer's top-k.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.config.tensor_parallel import check_tensor_parallel
 from moelink.engine.models.dsv4_decoder import DeepseekV4ForCausalLM
-from moelink.engine.models import arch_spec, make_mtp_layer
-from moelink.engine.rank.loader import load_model, load_plan, open_checkpoint
+from moelink.engine.models import arch_spec
+from moelink.engine.rank.loader import load_plan, open_checkpoint
 from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
@@ -51,19 +51,6 @@ def _published(float_path: str, d, expert_dtype: str) -> tuple[str, str]:
     return write_published_dsv4(float_path, d / "published", d / "oracle", block=BLOCK, expert_dtype=expert_dtype)
 
 
-@pytest.fixture(scope="module")
-def tp_loader(float_path) -> None:
-    """Skips the engine runs while engine/rank/loader.load_model still refuses V4 under TP instead of passing its
-    TensorParallel to DeepseekV4ForCausalLM (one line there, outside this change's files)."""
-    cfg = ModelConfig.from_pretrained(float_path, "float64")
-    try:
-        load_model(cfg, ReferenceKernels(), CPU, tp=LoadOnlyTP(0, 2))
-    except ValueError as e:
-        if "tensor_parallel_size" not in str(e):
-            raise
-        pytest.skip(f"engine/rank/loader.load_model refuses V4 under TP: {e}")
-
-
 def _run(path: str, ps, tp: int, ep: int, new: int = NEW, check=None, **kw) -> list[list[int]]:
     """One engine start: greedy tokens of `ps`, every block back after; `check(llm)` before it stops."""
     llm = LLM(path, tensor_parallel_size=tp, expert_parallel_size=ep, **KW, **kw)
@@ -79,7 +66,7 @@ def _run(path: str, ps, tp: int, ep: int, new: int = NEW, check=None, **kw) -> l
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ep", [1, 2])
-def test_dsv4_tp_matches_transformers(local_ray, tp_loader, float_path, ep):
+def test_dsv4_tp_matches_transformers(local_ray, float_path, ep):
     """At -tp 2 -ep 2 with two-batch overlap too: each micro-batch's token slices (and their ids) through the EP
     all-to-all, in the same order on both ranks (the published run below is -tp 2 -ep 2 without it)."""
     ps = prompts(VOCAB, seed=3, n=3, lo=1, hi=60)
@@ -91,21 +78,8 @@ def test_dsv4_tp_matches_transformers(local_ray, tp_loader, float_path, ep):
     assert_same(got, hf_greedy(float_path, ps, max_new=NEW), ps)
 
 
-@pytest.fixture(scope="module")
-def tp_mtp(tp_loader, float_path) -> None:
-    """Skips the MTP runs while engine/models/mtp.make_mtp_layer still refuses V4's MTP module under TP instead of
-    passing its TensorParallel to DSV4MTPLayer (outside this change's files)."""
-    cfg = ModelConfig.from_pretrained(float_path, "float64")
-    try:
-        make_mtp_layer(cfg, arch_spec(cfg.architecture), 0, ReferenceKernels(), CPU, tp=LoadOnlyTP(0, 2))
-    except ValueError as e:
-        if "tensor_parallel_size" in str(e):
-            pytest.skip(f"engine/models/mtp.make_mtp_layer refuses V4's MTP under TP: {e}")
-        # anything else (this checkpoint has no MTP layer): the module is built past the TP check
-
-
 @pytest.mark.slow
-def test_dsv4_mtp_drafts_under_tp_equal_transformers(local_ray, tp_mtp, tmp_path):
+def test_dsv4_mtp_drafts_under_tp_equal_transformers(local_ray, tmp_path):
     """At -tp 2 -ep 2: the MTP block's heads split like a main layer's, its experts in EP on token slices, its window
     cache whole, its draft logits all-gathered: drafts accepted and rejected, tokens transformers'. (Its split-experts
     way is the main layers' code: the runs above.)"""
@@ -123,7 +97,7 @@ def test_dsv4_mtp_drafts_under_tp_equal_transformers(local_ray, tp_mtp, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("expert_dtype,ep", [("fp8", 1), ("fp4", 2)])
-def test_dsv4_published_tp_matches_transformers(local_ray, tp_loader, float_path, tmp_path, expert_dtype, ep):
+def test_dsv4_published_tp_matches_transformers(local_ray, float_path, tmp_path, expert_dtype, ep):
     """FP8 experts split by channel (their slices and scale blocks dequantized at load) at -tp 2; FP4 experts,
     packed, placed whole by EP at -tp 2 -ep 2."""
     path, oracle = _published(float_path, tmp_path, expert_dtype)
