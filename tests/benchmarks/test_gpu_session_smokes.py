@@ -61,23 +61,29 @@ def test_cpu_smoke_tests_step_runs_pytest_per_file(tmp_path):
     assert re.search(r"triton_gpu: exit 0 after \d+ s \(budget \d+ s\)", proc.stdout)
 
 
-@pytest.mark.slow
-def test_cpu_smoke_tune_step_tarball_unpacks_into_configs(tmp_path):
+def _tune_step_unpacked(tmp_path, step: str, tarball_name: str, want: list[str]):
+    """Run a tune step's CPU smoke: its one output is `tarball_name`, holding exactly the config files `want`, which
+    the script's `unpack` puts in place. Returns (the step's process, the directory unpacked into)."""
     out, dest = tmp_path / "out", tmp_path / "configs"
     out.mkdir(), dest.mkdir()
-    proc = session("--cpu-smoke", "tune", out=out)
+    proc = session("--cpu-smoke", step, out=out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_device_safe(out)
     (tarball,) = out.iterdir()
-    assert tarball.name == "tuned_configs_cpu_smoke_smoke.tar.gz"
+    assert tarball.name == tarball_name
     with tarfile.open(tarball) as tf:
-        names = sorted(tf.getnames())
+        assert sorted(tf.getnames()) == want
+    unpacked = session("unpack", str(tarball), UNPACK_DEST=str(dest))
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert sorted(p.name for p in dest.iterdir()) == want
+    return proc, dest
+
+
+@pytest.mark.slow
+def test_cpu_smoke_tune_step_tarball_unpacks_into_configs(tmp_path):
     E, _, _, I = moe_kernels.SMOKE_SHAPES["smoke-e8"]  # the step tunes one smoke shape at one bucket
     want = [moe_config.config_file_name(E, I, "cpu")]
-    assert names == want
-    proc = session("unpack", str(tarball), UNPACK_DEST=str(dest))
-    assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in dest.iterdir()) == want
+    _, dest = _tune_step_unpacked(tmp_path, "tune", "tuned_configs_cpu_smoke_smoke.tar.gz", want)
     for p in dest.iterdir():
         key, buckets = moe_config.load_config_file(str(p))
         assert key == "tokens" and [b for b, _ in buckets] == [1]
@@ -92,21 +98,10 @@ def test_cpu_smoke_tune_fp8_step_tarball_unpacks_into_configs(tmp_path):
     from moelink.benchmarks.tune_moe_fp8 import FP8_SMOKE_SHAPES
     from moelink.kernels.triton_moe_fp8 import fp8_config_file_name
 
-    out, dest = tmp_path / "out", tmp_path / "configs"
-    out.mkdir(), dest.mkdir()
-    proc = session("--cpu-smoke", "tune-fp8", out=out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert_device_safe(out)
-    (tarball,) = out.iterdir()
-    assert tarball.name == "tuned_configs_fp8_cpu_smoke_smoke.tar.gz"
     E, _, _, I = FP8_SMOKE_SHAPES["smoke-fp8-e8"]  # one smoke shape at one bucket
     want = [fp8_config_file_name(E, I, "cpu")]
-    with tarfile.open(tarball) as tf:
-        assert sorted(tf.getnames()) == want
+    proc, dest = _tune_step_unpacked(tmp_path, "tune-fp8", "tuned_configs_fp8_cpu_smoke_smoke.tar.gz", want)
     assert re.search(r"^RATIO smoke-fp8-e8 T=1: fp8 ", proc.stdout, re.M), proc.stdout[-3000:]
-    proc = session("unpack", str(tarball), UNPACK_DEST=str(dest))
-    assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in dest.iterdir()) == want
     (p,) = dest.iterdir()
     key, buckets = moe_config.load_config_file(str(p))
     tuning = json.loads(p.read_text())["tuning"]
