@@ -18,7 +18,8 @@ from moelink.engine.cluster.executor import WorkerDiedError
 pytestmark = pytest.mark.slow
 
 from tests.helpers.elastic import (CHUNKED, KW, LATE_PROMPTS, PARAMS, PROMPTS, STREAM,
-                                   drain as _drain, engine as _engine, kill as _kill, reference as _reference)
+                                   drain as _drain, engine as _engine, kill as _kill, loss_fails_fast,
+                                   reference as _reference)
 
 
 def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_model):
@@ -371,13 +372,7 @@ def _elastic_ep_2_to_1_fails_fast_naming_the_rank(eng) -> None:
     ex, stats = eng.executor, eng.elastic_stats
     recoveries = stats.recoveries
     assert ex.world_size == 2 and ex.dead_error is None and stats.failed_recoveries == 0
-    for i, p in enumerate(PROMPTS[:4]):
-        eng.add_request(f"x{i}", p, PARAMS)
-    eng.step()
-    _kill(ex.rank_pids[1])
-    with pytest.raises(WorkerDiedError, match=r"^expert-parallel rank 1 died: its actor died") as info:
-        for _ in range(200):
-            eng.step()
-    assert "elastic" not in str(info.value)
-    assert ex.dead_error is info.value and ex.lost_error is None
+    error = loss_fails_fast(eng, 4)
+    assert str(error).startswith("expert-parallel rank 1 died: its actor died")
+    assert ex.dead_error is error and ex.lost_error is None
     assert stats.recoveries == recoveries and stats.failed_recoveries == 0

@@ -12,9 +12,8 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine.cluster.elastic import lost_tp_groups
-from moelink.engine.cluster.executor import WorkerDiedError
 
-from tests.helpers.elastic import PARAMS, PROMPTS, drain, engine, kill, reference
+from tests.helpers.elastic import PARAMS, PROMPTS, drain, engine, kill, loss_fails_fast, reference
 
 pytestmark = pytest.mark.slow
 
@@ -59,14 +58,7 @@ def test_sigkill_one_rank_of_a_tp_group_takes_the_group_out_and_the_rest_serve_o
         for s in eng.rank_stats():
             assert s.num_free_blocks == s.num_total_blocks, s
         # One group left: a loss has nothing to go on with, and fails fast naming the rank, no recovery tried.
-        for i, p in enumerate(PROMPTS[:2]):
-            eng.add_request(f"x{i}", p, PARAMS)
-        eng.step()
-        kill(ex.rank_pids[1])
-        with pytest.raises(WorkerDiedError, match=r"^expert-parallel rank 1 died") as info:
-            for _ in range(200):
-                eng.step()
-        assert "elastic" not in str(info.value)
+        loss_fails_fast(eng, 2)
         assert stats.recoveries == 1 and stats.failed_recoveries == 0
     finally:
         eng.shutdown()

@@ -71,3 +71,21 @@ def drain(eng, done: dict, on_step=None, timeout: float = 240.0) -> dict[str, li
 def kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def loss_fails_fast(eng, num_prompts: int, rank: int = 1):
+    """With nothing to recover to, SIGKILL rank `rank` while `num_prompts` requests run: the engine's steps raise
+    one WorkerDiedError naming the rank (no recovery tried, so the error never mentions elastic EP); returns it."""
+    import pytest
+
+    from moelink.engine.cluster.executor import WorkerDiedError
+
+    for i, p in enumerate(PROMPTS[:num_prompts]):
+        eng.add_request(f"x{i}", p, PARAMS)
+    eng.step()
+    kill(eng.executor.rank_pids[rank])
+    with pytest.raises(WorkerDiedError, match=rf"^expert-parallel rank {rank} died") as info:
+        for _ in range(200):
+            eng.step()
+    assert "elastic" not in str(info.value)
+    return info.value
