@@ -10,7 +10,8 @@ capability only to a peer that holds the secret, and a prefill engine reads a re
 are over both fresh nonces (no replay) and labelled by direction (a peer's proof cannot be reflected back as the
 other's). Every handshake message is at most MAX_HELLO_BYTES and the whole handshake runs against the caller's
 deadline (a few seconds from accept or connect). Versions: a hello of another protocol version, or none (a peer
-of moelink before version 2), gets one clear refusal naming both versions.
+of moelink before version 2), gets one clear refusal naming both versions; a version that is not a JSON integer
+(3.0 included), or a nonce that is not 64 hex digits, is refused naming the field and what is required.
 
 The secret: `--kv-secret-file PATH` (a file no other user may read) or the MOELINK_KV_SECRET environment
 variable, at least MIN_SECRET_BYTES bytes, the same on every prefill and decode server of a deployment. Required
@@ -87,13 +88,51 @@ def _same(proof, expected: str) -> bool:
     return isinstance(proof, str) and hmac.compare_digest(proof.encode("utf-8", "replace"), expected.encode())
 
 
+def _nonce_problem(value) -> str | None:
+    """What is wrong with a peer's nonce field (a clause), or None for 2 * NONCE_BYTES hex digits. Only its type
+    and length are described: the peer's bytes are never echoed."""
+    if value is None:
+        return "is missing"
+    if not isinstance(value, str):
+        return f"is a JSON {_json_kind(value)}, not a string"
+    if len(value) != 2 * NONCE_BYTES:
+        return f"has {len(value)} characters"
+    # bytes.fromhex skips whitespace, so a 64-character string with spaces in it would decode to fewer bytes.
+    if not all(c in "0123456789abcdefABCDEF" for c in value):
+        return "is not hexadecimal"
+    return None
+
+
+def _json_kind(value) -> str:
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), "value")
+
+
 def _nonce(value) -> bytes | None:
-    if not isinstance(value, str) or len(value) != 2 * NONCE_BYTES:
-        return None
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        return None
+    return None if _nonce_problem(value) is not None else bytes.fromhex(value)
+
+
+def _hello_refusal(hello: dict) -> str | None:
+    """Why a client's hello is refused (one sentence naming the field, what it holds and what is allowed), or None.
+    The version comes first: a peer of another version is told that, whatever else its hello lacks."""
+    v = hello.get("v")
+    if v is None:  # moelink before protocol version 2 sent no version in its first message
+        return (f"a KV peer of protocol version below 2 (its hello has no 'v'): this server speaks version {VERSION} "
+                f"{_SAME_VERSION}")
+    if isinstance(v, bool) or not isinstance(v, int):
+        # 3.0 is not version 3 (nor below 2): the field is simply not an integer.
+        return (f"the hello's protocol version 'v' is a JSON {_json_kind(v)} ({v!r:.20}), not an integer: this "
+                f"server speaks version {VERSION} {_SAME_VERSION}")
+    if v != VERSION:
+        return f"a KV peer of protocol version {v}: this server speaks version {VERSION} {_SAME_VERSION}"
+    problem = _nonce_problem(hello.get("hello"))
+    if problem is not None:
+        return (f"the hello's client nonce 'hello' {problem}: protocol version {VERSION} requires exactly "
+                f"{2 * NONCE_BYTES} hex digits (a fresh {NONCE_BYTES}-byte nonce)")
+    return None
+
+
+_SAME_VERSION = "(run the same moelink version on prefill and decode servers)"
 
 
 class PeerAuth(Protocol):
@@ -138,10 +177,10 @@ class SecretAuth:
 
     def server(self, sock: socket.socket, deadline: Deadline) -> None:
         hello = recv_header(sock, deadline, MAX_HELLO_BYTES)
-        v, cn = hello.get("v"), _nonce(hello.get("hello"))
-        if not isinstance(v, int) or isinstance(v, bool) or v != VERSION or cn is None:
-            raise KVRefused(f"a KV peer of protocol version {v if isinstance(v, int) else 'below 2'}: this server "
-                            f"speaks version {VERSION} (run the same moelink version on prefill and decode servers)")
+        refusal = _hello_refusal(hello)
+        if refusal is not None:
+            raise KVRefused(refusal)
+        cn = bytes.fromhex(hello["hello"])
         auth = hello.get("auth")
         if self._secret is not None and auth != _HMAC:
             raise KVRefused("this KV server requires the deployment's KV secret: start the decode server with the "

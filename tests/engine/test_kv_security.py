@@ -11,6 +11,7 @@ High 5: the collective transport's rendezvous binds the fetch's own address only
 Medium 1: idle and trickling connections cannot hold the server's slots.
 Low 1-4: TTL sweep while idle; shm socket paths from validated hosts only; no old bytes in shm replies; a
         non-string key refused as such.
+Issue 53 (round 5) low 1: a hello's bad nonce or non-integer version is refused naming the field, not the version.
 """
 from __future__ import annotations
 
@@ -209,6 +210,40 @@ def test_a_peer_of_another_protocol_version_is_told_so(server, old):
         reply = recv_header(sock, Deadline(5.0, "reply"))
     assert VERSION == 3
     assert reply["ok"] is False and f"protocol version {old}: this server speaks version 3" in reply["error"]
+
+
+def _hello(port: int, hello: dict) -> str:
+    """The server's refusal of one raw hello."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        send_header(sock, hello)
+        reply = recv_header(sock, Deadline(5.0, "reply"))
+    assert reply["ok"] is False
+    return reply["error"]
+
+
+@pytest.mark.parametrize("nonce, what", [("ab" * 5, "has 10 characters"), (None, "is missing"),
+                                         (7, "is a JSON number, not a string"), ("zz" * 32, "is not hexadecimal"),
+                                         ("ab " * 21 + " ", "is not hexadecimal")])
+def test_a_hello_of_this_version_with_a_bad_nonce_is_told_what_is_wrong_with_it(server, nonce, what):
+    """Issue 53 low 1: a short nonce was answered "this server speaks version 3", which the peer does."""
+    _, port, _ = server
+    error = _hello(port, {"v": VERSION, "hello": nonce, "auth": "none"})
+    assert f"the hello's client nonce 'hello' {what}: " in error and "exactly 64 hex digits" in error
+    assert "speaks version" not in error
+
+
+@pytest.mark.parametrize("v", [3.0, 2.0, "3", True])
+def test_a_version_that_is_not_an_integer_is_refused_as_such(server, v):
+    """Issue 53 low 1: 3.0 was answered "protocol version below 2"."""
+    _, port, _ = server
+    error = _hello(port, {"v": v, "hello": "ab" * 32, "auth": "none"})
+    assert "the hello's protocol version 'v' is a JSON " in error and "not an integer" in error
+    assert "below 2" not in error
+
+
+def test_a_hello_with_no_version_is_a_peer_before_version_2(server):
+    _, port, _ = server
+    assert "protocol version below 2 (its hello has no 'v')" in _hello(port, {"hello": "ab" * 32})
 
 
 def test_a_server_of_the_old_protocol_version_is_refused_by_the_fetch():
