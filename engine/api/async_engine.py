@@ -54,6 +54,12 @@ class EngineDeadError(RuntimeError):
     """The engine loop failed; every in-flight request ends with this error."""
 
 
+def reason_of(exc: BaseException) -> str:
+    """What an error says, never nothing: its message, or its type's name when that is empty (MemoryError() has
+    none, and "engine loop failed: " would leave every later refusal without a reason)."""
+    return str(exc).strip() or type(exc).__name__
+
+
 class MetricsSink(Protocol):
     """Where the output thread reports outputs (moelink.engine.core.metrics.EngineMetrics)."""
 
@@ -366,12 +372,17 @@ class AsyncEngine:
             self._send(AbortCommand(request_id))
 
     def _output_failed(self, exc: BaseException) -> None:
-        err = EngineDeadError(f"output thread failed: {exc}")
+        err = EngineDeadError(f"output thread failed: {reason_of(exc)}")
         err.__cause__ = exc
         self._die(err)
 
     def _die(self, exc: BaseException) -> None:
-        """Record the first fatal error and fail every stream with it (from any thread)."""
+        """Record the first fatal error and fail every stream with it (from any thread). It is kept as an
+        EngineDeadError naming its reason: `dead_error` goes into every later refusal and health message."""
+        if not isinstance(exc, EngineDeadError):
+            err = EngineDeadError(f"engine loop failed: {reason_of(exc)}")
+            err.__cause__ = exc
+            exc = err
         with self._lock:
             if self._dead_error is None:
                 self._dead_error = exc
@@ -380,9 +391,8 @@ class AsyncEngine:
         # The engine thread may be waiting for room in the FIFO, or idle: it ends at once.
         self._outputs.wake()
         self._wakeup.set()
-        err = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine loop failed: {exc}")
         for stream in streams:
-            stream.put(err)
+            stream.put(exc)
 
     # -- the step watchdog's report (engine/api/step_watchdog.py) ---------------
     def _step_hung(self, message: str) -> None:

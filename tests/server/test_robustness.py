@@ -185,3 +185,28 @@ def test_dead_engine_turns_health_not_serving(thread_server):
         with pytest.raises(grpc.RpcError) as err:
             list(s.native.Generate(pb.GenerateRequest(prompt="y"), timeout=10))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_an_engine_loop_failure_with_no_message_still_names_its_reason(thread_server):
+    """A MemoryError() (a tier sized past the machine, before the offload flags were bounded) has an empty message:
+    the first request's status, every later refusal and the health message name its type, never an empty reason
+    ("engine loop failed: ;")."""
+    srv = thread_server()
+
+    def broken_step():
+        raise MemoryError()
+
+    srv.engine.engine.step = broken_step
+    with grpc.insecure_channel(srv.addr) as ch:
+        s = make_stubs(ch)
+        pb, hpb = s.pb, s.hpb
+        with pytest.raises(grpc.RpcError) as err:
+            list(s.native.Generate(pb.GenerateRequest(prompt="x", sampling_params=pb.SamplingParams(max_tokens=4)),
+                                   timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "engine loop failed: MemoryError" in err.value.details(), err.value.details()
+        wait_health(s.health, hpb, "", hpb.HealthCheckResponse.NOT_SERVING, 5)
+        assert "MemoryError" in s.vllm.HealthCheck(s.vpb.HealthCheckRequest(), timeout=5).message
+        with pytest.raises(grpc.RpcError) as err:
+            list(s.native.Generate(pb.GenerateRequest(prompt="y"), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "MemoryError" in err.value.details()
