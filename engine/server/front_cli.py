@@ -35,8 +35,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--upstream-metrics-port", type=int, default=None,
                    help="smg's --prometheus-port: GET /metrics answers its metrics (default: /metrics is 404)")
     p.add_argument("--api-key", default=os.environ.get("MOELINK_API_KEY"),
-                   help="smg's --api-key, if it has one: the front rewrites only requests that carry it (default: "
-                        "$MOELINK_API_KEY)")
+                   help="smg's --api-key, if it has one: the front asks it of every /v1 path (401 without it; "
+                        "the probes and /metrics stay open) (default: $MOELINK_API_KEY)")
     p.set_defaults(func=_run)
 
 

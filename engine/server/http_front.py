@@ -8,8 +8,12 @@ the ones smg forwards (or answers 400 naming the field), and relays everything e
 How: one request per connection. The request is read whole (h11: Content-Length or chunked, bounded by
 MAX_BODY_BYTES), sent to smg on loopback with `connection: close`, and smg's answer is copied back as it comes
 (streams included) until smg closes; the response head gets `connection: close` too, so the client knows to
-open a new connection for its next request. Authentication stays smg's: a request whose key does not match is
-relayed untouched, so it gets smg's 401, not a 400 from here.
+open a new connection for its next request.
+
+The API key (`--api-key`): the front asks it (`Authorization: Bearer KEY`, as smg and vLLM do) of every path
+under /v1 (and /v1beta) itself, before a field is looked at, as vLLM guards all of /v1: smg (1.13) asked it of
+its generation routes but answered `GET /v1/models` to anyone. A request without it gets 401 here (never a 400
+naming a field). The probes (/health, /liveness, ...) and `GET /metrics` stay open, as on vLLM's API port.
 
 A client that goes away (its connection reads EOF) before smg's answer has ended is reported to the server
 (`on_hangup`), which ends the request itself: smg would not (hangups.py), and a request whose grammar still
@@ -57,6 +61,9 @@ _DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer"
             b"transfer-encoding", RELAY_HEADER.encode()}
 METRICS_PATH = b"/metrics"
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
+UNAUTHORIZED = ("this OpenAI API requires the server's API key (--api-key): send the header "
+                "`Authorization: Bearer <key>`.")
+_ASK_BEARER = ((b"www-authenticate", b"Bearer"),)  # RFC 6750: what a 401 asks for
 # The start of a relay id without the client's X-Request-Id: the id OpenAI (and smg) give each kind of answer.
 _ID_KINDS = {CHAT_PATH: "chatcmpl", COMPLETIONS_PATH: "cmpl"}
 
@@ -109,6 +116,9 @@ class HttpFront:
                     await _answer(conn, writer, 404, _error(
                         f"{shown(request.target.decode('latin-1'))} is not a route of this OpenAI API.", None))
                     return
+                if needs_key(path) and not self._authorized(request):
+                    await _answer(conn, writer, 401, _error(UNAUTHORIZED, None), extra=_ASK_BEARER)
+                    return
                 reason = self.not_serving() if self.not_serving is not None and path in PROBES else None
                 if reason is not None:
                     await _answer(conn, writer, 503, _error(reason, None))
@@ -156,7 +166,7 @@ class HttpFront:
     def _inspect(self, request: h11.Request, body: bytes) -> bytes:
         """The body to relay: rewritten when a chat or completions request carries vLLM's structured-output fields."""
         path = request.target.split(b"?", 1)[0].decode("latin-1")
-        if request.method != b"POST" or path not in (CHAT_PATH, COMPLETIONS_PATH) or not self._authorized(request):
+        if request.method != b"POST" or path not in (CHAT_PATH, COMPLETIONS_PATH):
             return body
         # Measured before json.loads (and the json.dumps below), which recurse per level: a 100,000-deep body
         # closed the connection without an answer (RecursionError). smg refuses past the same depth itself.
@@ -174,6 +184,7 @@ class HttpFront:
         return body if new is None else json.dumps(new).encode()
 
     def _authorized(self, request: h11.Request) -> bool:
+        """Whether the request carries the API key (any request does when there is none)."""
         if not self.api_key:
             return True
         given = dict(request.headers).get(b"authorization", b"")
@@ -220,6 +231,12 @@ class HttpFront:
             await self.on_hangup(relay_id)
         except Exception:  # a bug there must not turn into a connection error here
             logger.exception("ending the request of an HTTP client that hung up failed (relay id %s)", relay_id)
+
+
+def needs_key(path: str) -> bool:
+    """Whether a public path asks the API key: everything under /v1 (vLLM's rule: a path that starts with /v1,
+    /v1beta included), not the probes."""
+    return path.startswith("/v1")
 
 
 def public_path(target: bytes) -> Optional[str]:
@@ -281,9 +298,9 @@ def _error(message: str, param: Optional[str]) -> bytes:
 
 
 async def _answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes,
-                  content_type: bytes = b"application/json") -> None:
+                  content_type: bytes = b"application/json", extra: tuple = ()) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+               (b"connection", b"close"), *extra]
     writer.write(conn.send(h11.Response(status_code=status, headers=headers)) + conn.send(h11.Data(data=body))
                  + conn.send(h11.EndOfMessage()))
     await writer.drain()

@@ -150,3 +150,67 @@ def test_logit_bias_over_http_is_400(http_port):
     assert status == 400 and out["error"]["param"] == "logit_bias", out
     status, _ = _post(http_port, "/v1/completions", logit_bias={})
     assert status == 200
+
+
+# -- issue 53 low 2: GET /v1/models answered without the API key (smg asks it of generation routes only) -----------
+def _front_with_key(api_key, requests):
+    """`requests(front_port)` on a thread against a front with `api_key` before an upstream that answers 200 and
+    records each request line; (its result, the request lines the upstream saw)."""
+    import asyncio
+
+    from moelink.engine.server.http_front import HttpFront
+
+    seen: list[bytes] = []
+
+    async def upstream(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b"\r\n", 1)[0])
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    async def scenario():
+        up = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        front = HttpFront("127.0.0.1", free_port(), up.sockets[0].getsockname()[1], api_key)
+        await front.start()
+        try:
+            return await asyncio.to_thread(requests, front.port)
+        finally:
+            await front.stop()
+            up.close()
+
+    return asyncio.run(scenario()), seen
+
+
+def test_with_an_api_key_every_v1_path_asks_it_and_the_probes_do_not():
+    key = {"authorization": "Bearer k3y"}
+
+    def requests(port):
+        out = {}
+        for path in ("/v1/models", "/v1/models/tiny-moe", "/v1beta/interactions", "/v1/tokenize"):
+            for name, headers in (("none", None), ("wrong", {"authorization": "Bearer nope"}),
+                                  ("x-api-key", {"x-api-key": "k3y"}), ("key", key)):
+                out[path, name] = http_request(port, "GET", path, headers=headers)
+        # A field the front would refuse with 400 is not looked at without the key: 401 first.
+        out["chat"] = http_request(port, "POST", "/v1/chat/completions", {"model": "m", "guided_choice": []})
+        out["health"] = http_request(port, "GET", "/health")
+        out["liveness"] = http_request(port, "GET", "/liveness")
+        return out
+
+    out, seen = _front_with_key("k3y", requests)
+    for (path, name), (status, raw) in ((k, v) for k, v in out.items() if isinstance(k, tuple)):
+        if name == "key":
+            assert status == 200, (path, raw)
+        else:
+            assert status == 401 and b"--api-key" in raw and b"Bearer" in raw, (path, name, raw)
+    assert out["chat"][0] == 401
+    assert out["health"][0] == 200 and out["liveness"][0] == 200
+    # Only the keyed requests and the probes reached smg.
+    assert sorted(seen) == sorted([b"GET %s HTTP/1.1" % p.encode() for p in ("/v1/models", "/v1/models/tiny-moe",
+                                                                            "/v1beta/interactions", "/v1/tokenize",
+                                                                            "/health", "/liveness")])
+
+
+def test_without_an_api_key_v1_paths_are_relayed_as_before():
+    out, seen = _front_with_key(None, lambda port: http_request(port, "GET", "/v1/models"))
+    assert out[0] == 200 and seen == [b"GET /v1/models HTTP/1.1"]

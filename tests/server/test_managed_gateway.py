@@ -17,7 +17,7 @@ from moelink.engine.server.config import ServerConfig
 
 from tests.helpers.grpc_server import ServerProcess
 from tests.helpers.net import free_port, listening
-from tests.helpers.smg_gateway import smg_executable
+from tests.helpers.smg_gateway import http_request, smg_executable
 from tests.helpers.waits import wait_until
 
 KEY = "sk-moelink-test"
@@ -78,6 +78,11 @@ def test_one_command_gives_the_openai_api_and_supervises_smg(http_server):
     # The same API key as the server's gRPC port: without it the gateway refuses.
     with pytest.raises(openai.AuthenticationError):
         _client(port, "wrong").completions.create(model=SERVED, prompt="x", max_tokens=1)
+    # Every /v1 route, as vLLM guards them (issue 53: smg answered /v1/models to anyone); the probes stay open.
+    with pytest.raises(openai.AuthenticationError):
+        _client(port, "wrong").models.list()
+    assert http_request(port, "GET", "/v1/models")[0] == 401
+    assert http_request(port, "GET", "/health")[0] == 200
     # The key reaches smg without going on a command line (local users can read those).
     with open(f"/proc/{smg_pid}/cmdline", "rb") as f:
         assert KEY.encode() not in f.read()
