@@ -180,7 +180,8 @@ def add_vllm_server_flags(p: argparse.ArgumentParser) -> None:
                    help="no 'request admitted' / 'request finished' log lines")
     g.add_argument("--chat-template", default=None, metavar="PATH",
                    help="a Jinja chat template file for the OpenAI API's chats (given to the managed gateway, which "
-                        "renders them; default: the checkpoint's)")
+                        "renders them; default: the checkpoint's); checked before the weights load: a regular file "
+                        "of at most 1 MiB, UTF-8, that compiles with jinja2 (a path, not an inline template)")
     g.add_argument("--tool-call-parser", default=None, metavar="NAME",
                    help="the managed gateway's tool-call parser (smg's names: deepseek, kimik2, qwen, glm45_moe, "
                         "minimax_m2, ...; vLLM's where they differ: hermes, kimi_k2, glm45, deepseek_v3, openai "

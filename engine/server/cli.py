@@ -7,6 +7,7 @@ import os
 from ..api.cli_args import add_engine_args, engine_args_from
 from .config import DEFAULT_MAX_MESSAGE_SIZE, ServerConfig
 from .limits import add_limit_args, limits_from
+from ..api.chat_template_flag import check_chat_template
 from ..api.kv_args import add_role_args, role_from_args
 from ..api.vllm_flags import (RequestLogFilter, add_refused_flags, add_vllm_server_flags, apply_kv_transfer_config,
                               gateway_args)
@@ -73,6 +74,7 @@ def _serve(ns: argparse.Namespace) -> int:
     from .server import serve
 
     apply_kv_transfer_config(ns)  # vLLM's --kv-transfer-config onto --role and the --kv-* flags
+    check_chat_template(ns.chat_template)  # smg reads it at its start: a bad one must stop us before the weights
     config = server_config_from(ns)  # validate server flags before loading any weights
     args = engine_args_from(ns)
     if ns.disable_log_requests:
