@@ -29,6 +29,7 @@ from typing import Optional
 from ..kv_transfer.auth import SECRET_ENV, load_secret
 from ..kv_transfer.offload import OffloadConfig, OffloadKVConnector
 from ..kv_transfer.offload_compose import WithOffload
+from ..kv_transfer.offload_tiers import disk_bytes_excess, host_bytes_excess
 from ..kv_transfer.peers import parse_peers
 from ..kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from ..kv_transfer.transport import KV_TRANSPORTS, default_transport
@@ -112,10 +113,10 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
                    help="per rank: keep the KV blocks the device prefix cache evicts in this many bytes of host "
                         "memory (pinned on CUDA, allocated at start; LRU) and load a prefix found there back instead "
                         "of recomputing it (any role: beside --role prefill|decode the request's PD load comes "
-                        "first; docs/kv-offload.md)")
+                        "first; at most 90%% of this machine's physical memory; docs/kv-offload.md)")
     g.add_argument("--kv-offload-disk-bytes", type=int, default=0,
                    help="per rank, below the host tier: blocks it pushes out go to a file under --kv-offload-dir, up "
-                        "to this many bytes (LRU; 0: no disk tier)")
+                        "to this many bytes (LRU; 0: no disk tier; at most the free space under --kv-offload-dir)")
     g.add_argument("--kv-offload-dir", default=None,
                    help="the disk tier's directory (created 0700; its file is deleted at exit)")
 
@@ -139,6 +140,13 @@ def _offload_from_args(ns: argparse.Namespace) -> OffloadConfig | None:
         raise ValueError("--kv-offload-dir is invalid without --kv-offload-disk-bytes (the disk tier's size).")
     if where is not None and os.path.exists(where) and not (os.path.isdir(where) and os.access(where, os.W_OK)):
         raise ValueError(f"--kv-offload-dir={shown(where)} is invalid: not a directory this user can write.")
+    # Bounded by this machine before any weights load: a tier past it would start, then fail at its first eviction.
+    why = host_bytes_excess(host)
+    if why is not None:
+        raise ValueError(f"--kv-offload-host-bytes={host} is invalid: {why}.")
+    why = disk_bytes_excess(disk, where) if disk else None
+    if why is not None:
+        raise ValueError(f"--kv-offload-disk-bytes={disk} is invalid: {why}.")
     return OffloadConfig(host_bytes=host, disk_bytes=disk, disk_dir=where)
 
 

@@ -324,7 +324,8 @@ class OffloadTierCounters(Protocol):
     """One offload tier's counters since start, as engine/kv_transfer/offload_tiers.py's `TierStats` names them:
     blocks stored in the tier, blocks found there and loaded back (`hits`), their bytes and seconds, and blocks
     pushed out of it (to the tier below, or dropped from the last). Optional, read when present: `stored_bytes`
-    (bytes stored in the tier since start) and `held_bytes` (bytes it holds now)."""
+    (bytes stored in the tier since start), `held_bytes` (bytes it holds now) and `failed` (blocks dropped because
+    the copy that wrote or read them failed)."""
 
     stored: int
     hits: int
@@ -360,6 +361,8 @@ _OFFLOAD_COUNTERS = {
                                                        "sum of moelink_kv_offload_load_seconds)."),
     "evicted": ("moelink_kv_offload_block_evictions", "KV blocks pushed out of the tier (host: down to disk, or "
                                                       "dropped without one; disk: deleted)."),
+    "failed": ("moelink_kv_offload_failed_blocks", "KV blocks dropped from the tier because the copy that wrote or "
+                                                   "read them failed (a full or failing disk), never served."),
 }
 
 

@@ -94,6 +94,7 @@ class OffloadKVConnector:
     def __init__(self, config: OffloadConfig) -> None:
         if not isinstance(config, OffloadConfig):
             raise ValueError(f"OffloadKVConnector(config={config!r}) is invalid: pass an OffloadConfig")
+        config.check_machine()  # at start, before any weights load (each rank checks its own machine again)
         self.config = config
         self.block_bytes: int | None = None  # one block's bytes on a rank (configure, or a worker half in-process)
         self.state_bytes: int | None = None  # one slot's linear-attention state (0: none), known with block_bytes

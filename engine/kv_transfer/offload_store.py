@@ -5,9 +5,11 @@ allocated once, when the rank's first tier work arrives, and sized by the flags 
 A slot holds one block of every cache tensor of the rank: per tensor a host buffer uint8 [S, R_j] (S slots, R_j
 that tensor's bytes per block: B tokens x its row), pinned on CUDA so copies to and from the device do not stage,
 plain on CPU. The disk tier is one file of D slots of `block_bytes` each (the tensors' rows one after another),
-read and written with pread/pwrite at the slot's offset: no pickle, no file per block. The file is created 0600
-in the directory (made 0700) and unlinked at once, the descriptor kept: its blocks are freed when the rank closes
-it or dies (a killed Ray actor leaves no file): the tiers are a cache of this process.
+read and written with pread/pwrite at the slot's offset: no pickle, no file per block. Every write's length is
+checked (a short one continued while it makes progress: a filling disk writes part of a slot with no error), and a
+slot whose write failed is never read back; a short read fails its load. The file is created 0600 in the directory
+(made 0700) and unlinked at once, the descriptor kept: its blocks are freed when the rank closes it or dies (a
+killed Ray actor leaves no file): the tiers are a cache of this process.
 
 A model whose sliding-window and full-attention layers share cache tensors (gpt-oss: PagedKVBlocks' FULL and
 SLIDING groups over the same tensors) hands each block id to one table at a time, so a slot holds one block's row
@@ -22,6 +24,7 @@ Legend: N blocks, S host slots, D disk slots, R bytes of one tensor per block.
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
@@ -31,6 +34,31 @@ from moelink.scheduler.outputs import KVTransfer
 
 from .blocks import SLIDING, STATE, PagedKVBlocks, wide_dtype
 from .offload_tiers import LoadPlan, OffloadConfig
+
+
+def write_all(fd: int, views, offset: int) -> None:
+    """pwritev every byte of `views` (1-D uint8 arrays) at `offset`. A write may put down fewer bytes than asked with
+    no error (a filling disk, a signal): the rest is written from where it stopped while each call makes progress;
+    an OSError (ENOSPC) or a call that writes nothing raises OSError, and the caller must not read the slot back."""
+    want = sum(v.nbytes for v in views)
+    done = 0
+    while done < want:
+        n = os.pwritev(fd, _after(views, done), offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "a write made no progress")
+        done += n
+
+
+def _after(views, k: int) -> list:
+    """`views` from byte k on (the buffers a short write left unwritten)."""
+    out = []
+    for v in views:
+        if k >= v.nbytes:
+            k -= v.nbytes
+            continue
+        out.append(v[k:] if k else v)
+        k = 0
+    return out
 
 
 def unique_tensors(kv: PagedKVBlocks) -> list[torch.Tensor]:
@@ -63,6 +91,7 @@ class TierStore:
     """One rank's host slots and disk file (module docstring)."""
 
     def __init__(self, kv: PagedKVBlocks, config: OffloadConfig, rank: int) -> None:
+        config.check_machine()  # this rank's machine (the driver that checked the flags may be another one)
         self.tensors = unique_tensors(kv)
         self._index = {id(x): j for j, x in enumerate(self.tensors)}  # a tensor -> its host buffer
         self.row_bytes = [x[0].numel() * x.element_size() for x in self.tensors]
@@ -78,7 +107,8 @@ class TierStore:
         self.state_SR = [torch.empty((self.num_state, x[0].numel() * x.element_size()), dtype=torch.uint8,
                                      pin_memory=pin) for x in self.states]
         self._stage: dict[tuple[str, int], torch.Tensor] = {}  # gathers of scattered slots (_staging)
-        self.path, self._fd = None, -1
+        self.path, self._fd, self.disk_dir = None, -1, config.disk_dir
+        self._bad_disk: set[int] = set()  # disk slots whose last push-down failed: never read (`demote`)
         if self.num_disk:
             os.makedirs(config.disk_dir, mode=0o700, exist_ok=True)
             # A fresh name (mkstemp: 0600, never an existing file, whatever an earlier process left there), unlinked
@@ -99,16 +129,32 @@ class TierStore:
         return [buf[s].numpy() for buf in self.host_SR]
 
     def demote(self, pairs) -> None:
-        """Host slot -> disk slot, for each (host slot, disk slot)."""
+        """Host slot -> disk slot, for each (host slot, disk slot). Every pair is tried; a disk slot whose write
+        failed is marked bad (its bytes are part this block, part whatever was there), so `promote` refuses it even
+        before the scheduler hears of the failure, and the first failure is raised: the step's tier work is
+        reported failed and the scheduler drops its blocks. A slot written whole again is good again."""
+        failed = None
         for s, d in pairs:
-            os.pwritev(self._fd, self._slot_views(s), d * self.block_bytes)
+            try:
+                write_all(self._fd, self._slot_views(s), d * self.block_bytes)
+            except OSError as exc:
+                self._bad_disk.add(d)
+                failed = failed or OSError(exc.errno, f"a push-down to the disk tier under {self.disk_dir} failed: "
+                                                      f"{exc.strerror or exc}")
+            else:
+                self._bad_disk.discard(d)
+        if failed is not None:
+            raise failed
 
     def promote(self, pairs) -> None:
-        """Disk slot -> host slot, for each (disk slot, host slot)."""
+        """Disk slot -> host slot, for each (disk slot, host slot); OSError on a slot whose write failed or a read
+        that comes back short (the load fails and its request is recomputed: never a part-written block)."""
         for d, s in pairs:
+            if d in self._bad_disk:
+                raise OSError(errno.EIO, "a load read a disk slot whose push-down failed")
             n = os.preadv(self._fd, self._slot_views(s), d * self.block_bytes)
             if n != self.block_bytes:
-                raise OSError(f"KV offload: disk slot {d} gave {n} of {self.block_bytes} bytes")
+                raise OSError(errno.EIO, "a disk slot's read came back short")  # one line per cause: logged once
 
     def _rows(self, j: int, slots, way: str = "in") -> torch.Tensor:
         """Tensor j's bytes of host slots `slots` as one uint8 [N, R] tensor: the slots themselves when they are

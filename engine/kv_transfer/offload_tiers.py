@@ -23,16 +23,24 @@ way) and an LRU over the keys it holds:
 """
 from __future__ import annotations
 
+import os
+import shutil
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 
 TIERS = ("host", "disk")
 
+# The most of the machine's physical memory one rank's host tier may ask for: the rest is the OS's, the process's
+# and its pinned staging's. A size past it is refused at start, where it would otherwise start and fail at the
+# first eviction (issue 53: --kv-offload-host-bytes 1e15 became a MemoryError that killed the engine loop).
+HOST_MEMORY_SHARE = 0.9
+
 
 @dataclass
 class TierStats:
     """Per tier: blocks stored, found and loaded back (with their bytes and seconds), pushed down or dropped; and
-    the bytes stored since start and held now."""
+    the bytes stored since start and held now; `failed`: blocks dropped because the copy that wrote or read them
+    failed (a step's tier work or a load reported failed: a full or failing disk), never served."""
 
     stored: int = 0
     hits: int = 0
@@ -41,6 +49,7 @@ class TierStats:
     evicted: int = 0
     stored_bytes: int = 0
     held_bytes: int = 0
+    failed: int = 0
 
     def add(self, other: "TierStats") -> None:
         for name in self.__dataclass_fields__:
@@ -48,8 +57,47 @@ class TierStats:
 
     def scaled_bytes(self, n: int) -> "TierStats":
         """These counters with the byte counts times `n` (a TP group of n ranks, each moving one index's bytes)."""
-        return TierStats(self.stored, self.hits, self.loaded_bytes * n, self.load_s, self.evicted,
-                         self.stored_bytes * n, self.held_bytes * n)
+        return replace(self, loaded_bytes=self.loaded_bytes * n, stored_bytes=self.stored_bytes * n,
+                       held_bytes=self.held_bytes * n)
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def free_disk_bytes(disk_dir: str) -> int | None:
+    """Free bytes this user may write on the filesystem `disk_dir` is on, or will be on once made (its nearest
+    existing parent's); None where that cannot be read."""
+    path = os.path.abspath(disk_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def host_bytes_excess(host_bytes: int) -> str | None:
+    """Why `host_bytes` (one rank's host tier) is more than this machine can hold, or None when it is not."""
+    mem = physical_memory_bytes()
+    limit = None if mem is None else int(mem * HOST_MEMORY_SHARE)
+    if limit is None or host_bytes <= limit:
+        return None
+    return (f"more than this machine can hold: at most {limit} bytes per rank ({HOST_MEMORY_SHARE:.0%} of its "
+            f"{mem} bytes of physical memory)")
+
+
+def disk_bytes_excess(disk_bytes: int, disk_dir: str) -> str | None:
+    """Why `disk_bytes` (one rank's disk tier file, sparse: it fills as slots are written) is more than the free
+    space under `disk_dir`, or None when it is not."""
+    free = free_disk_bytes(disk_dir)
+    if free is None or disk_bytes <= free:
+        return None
+    return f"more than the disk under {disk_dir!r} has free: at most {free} bytes (its filesystem's free space now)"
 
 
 def _nonneg_int(v) -> bool:
@@ -78,6 +126,18 @@ class OffloadConfig:
         if self.disk_dir is not None and not self.disk_bytes:
             raise ValueError(f"OffloadConfig.disk_dir={self.disk_dir!r} is invalid with disk_bytes=0: give the disk "
                              "tier's size too (--kv-offload-disk-bytes)")
+
+    def check_machine(self) -> None:
+        """ValueError when this machine cannot hold the tiers (physical memory, the disk directory's free space):
+        called at start, before any weights load, and by each rank before it allocates its own."""
+        why = host_bytes_excess(self.host_bytes)
+        if why is not None:
+            raise ValueError(f"OffloadConfig.host_bytes={self.host_bytes} is invalid: {why} "
+                             "(--kv-offload-host-bytes).")
+        why = disk_bytes_excess(self.disk_bytes, self.disk_dir) if self.disk_bytes else None
+        if why is not None:
+            raise ValueError(f"OffloadConfig.disk_bytes={self.disk_bytes} is invalid: {why} "
+                             "(--kv-offload-disk-bytes).")
 
     def num_slots(self, block_bytes: int) -> tuple[int, int]:
         """(host slots, disk slots) for blocks of `block_bytes`; ValueError when the host tier holds no block."""
@@ -141,6 +201,37 @@ class LoadPlan:
         return len(self.host_slots) if self.num_full < 0 else self.num_full
 
 
+class FreeSlots:
+    """A tier's free slot numbers without a list of all of them: the ones given back (`append`, `extend`: taken
+    again first, last in first out), then the never used ones, counted up from 0 (`pop`)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self._fresh, self._back = n, 0, []
+
+    def __len__(self) -> int:
+        return len(self._back) + self.n - self._fresh
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __contains__(self, s: int) -> bool:
+        return self._fresh <= s < self.n or s in self._back
+
+    def pop(self) -> int:
+        if self._back:
+            return self._back.pop()
+        if self._fresh >= self.n:
+            raise IndexError("pop from no free slots")
+        self._fresh += 1
+        return self._fresh - 1
+
+    def append(self, s: int) -> None:
+        self._back.append(s)
+
+    def extend(self, slots) -> None:
+        self._back.extend(slots)
+
+
 class TierIndex:
     """One rank's tiers as slots and LRUs (module docstring). Not thread-safe: the scheduler's thread owns it."""
 
@@ -149,8 +240,10 @@ class TierIndex:
         self.num_host, self.num_disk = num_host, num_disk
         self.host: OrderedDict[bytes, int] = OrderedDict()  # key -> slot, least recently used first
         self.disk: OrderedDict[bytes, int] = OrderedDict()
-        self._free_host = list(range(num_host - 1, -1, -1))
-        self._free_disk = list(range(num_disk - 1, -1, -1))
+        # Free slots without a list of every slot number: nothing here grows with a tier's size (a size past the
+        # machine is refused at start, OffloadConfig.check_machine; such a list would be the first to run out).
+        self._free_host = FreeSlots(num_host)
+        self._free_disk = FreeSlots(num_disk)
         self._host_pins: Counter = Counter()  # host slot -> pins (a load reads it; a step's work writes it)
         self._disk_pins: Counter = Counter()  # disk slot -> pins (a promotion reads it)
         self._demotes: list[tuple[int, int]] = []
@@ -276,7 +369,9 @@ class TierIndex:
             self._free_disk.append(d)
         if not ok:
             promoted = {h for _, h in plan.promote}
-            self.drop([k for k in keys if self.host.get(k) in promoted])
+            lost = [k for k in keys if self.host.get(k) in promoted]
+            self.stats["disk"].failed += len(lost)  # read from disk into host slots that may hold anything now
+            self.drop(lost)
             return
         n_disk = len(plan.promote)
         for tier, n in (("host", len(plan.host_slots) - n_disk), ("disk", n_disk)):
@@ -290,7 +385,15 @@ class TierIndex:
         (`keys`: the saved blocks' keys, `demoted`: the pushed-down ones)."""
         self.pin(ops.save_slots, -1)
         if not ok:
+            self._count_failed(list(keys) + list(demoted))
             self.drop(list(keys) + list(demoted))
+
+    def _count_failed(self, keys) -> None:
+        """`keys` are dropped because the copy that wrote them failed: counted in the tier that held them."""
+        for k in keys:
+            tier = "host" if k in self.host else "disk" if k in self.disk else None
+            if tier is not None:
+                self.stats[tier].failed += 1
 
     def take_demotes(self) -> tuple[tuple[int, int], ...]:
         out, self._demotes = tuple(self._demotes), []
@@ -318,10 +421,12 @@ class TierIndex:
 
     def check(self) -> None:
         """AssertionError if a slot is lost or held twice (tests)."""
-        assert len(set(self.host.values())) == len(self.host) and not set(self.host.values()) & set(self._free_host)
+        held = self.host.values()
+        assert len(set(held)) == len(self.host) and not any(s in self._free_host for s in held)
         assert len(self.host) + len(self._free_host) + len(self._orphans) == self.num_host, "a host slot is lost"
         busy_disk = {d for d, n in self._disk_pins.items() if n > 0} - set(self.disk.values())
         assert len(self.disk) + len(self._free_disk) + len(busy_disk) == self.num_disk, "a disk slot is lost"
 
 
-__all__ = ["LoadPlan", "OffloadConfig", "StepOps", "TIERS", "TierIndex", "TierStats"]
+__all__ = ["FreeSlots", "HOST_MEMORY_SHARE", "LoadPlan", "OffloadConfig", "StepOps", "TIERS", "TierIndex", "TierStats",
+           "disk_bytes_excess", "host_bytes_excess"]

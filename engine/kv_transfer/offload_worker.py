@@ -48,8 +48,10 @@ class TierWorkerSide:
                 raise ValueError(self._refused)
             try:
                 self.store = TierStore(kv, self.owner.config, self.rank)
-            except (ValueError, OSError) as exc:  # (a disk tier's directory or file that cannot be made)
-                self._refused = f"offload is off: {exc}"
+            # (a disk tier's directory or file that cannot be made; slots this process cannot allocate: torch
+            # raises RuntimeError, a bare MemoryError says nothing, hence its type)
+            except (ValueError, OSError, MemoryError, RuntimeError) as exc:
+                self._refused = f"offload is off: {str(exc) or type(exc).__name__}"
                 raise ValueError(self._refused) from None
             if self.owner.block_bytes is None:
                 self.owner.state_bytes = self.store.state_bytes  # in one process: the scheduler half reads them
@@ -69,9 +71,17 @@ class TierWorkerSide:
                     # The state bytes split the host tier between states and blocks: both halves must count alike.
                     raise ValueError(f"the scheduler counts {p.state_bytes} bytes per state, this rank's state pools "
                                      f"have {store.state_bytes}")
-                store.demote(p.demote)  # before the saves: a pushed-down slot may take a new block now
+                failed = None
+                try:
+                    store.demote(p.demote)  # before the saves: a pushed-down slot may take a new block now
+                except OSError as exc:  # a full or failing disk: those slots are never read (TierStore.demote)
+                    failed = exc
+                # The saves run all the same: a load the scheduler plans before it hears of this step's failure
+                # reads these host slots, so they must hold their blocks.
                 store.save(kv, p.save_blocks, p.save_slots)
                 store.save_states(p.save_states)
+                if failed is not None:
+                    raise failed
             except (ValueError, OSError) as exc:
                 self._warn_once(f"KV offload: a step's tier work failed (its blocks are dropped): {exc}")
                 ok = False

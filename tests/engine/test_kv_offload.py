@@ -77,6 +77,82 @@ def test_an_evicted_prefix_is_loaded_back_from_its_tier_not_recomputed(case, tie
         assert os.listdir(tmp_path / "kv") == []
 
 
+def _filling_disk(monkeypatch, rest: str):
+    """os.pwritev / os.preadv as a disk tier that is filling up or failing sees them: a slot's first write puts half
+    of its bytes down and returns that count with no error (a tmpfs with a few KiB free); what is left of it then
+    fails with ENOSPC (`rest="enospc"`), or goes down on the next call (`"progress"`, as after a signal); or
+    (`"short-read"`) every write is whole and every read of a slot stops half-way."""
+    import errno
+
+    from moelink.engine.kv_transfer import offload_store
+
+    real_write, real_read = os.pwritev, os.preadv
+
+    def pwritev(fd, bufs, offset):
+        data = b"".join(bytes(memoryview(b).cast("B")) for b in bufs)
+        if rest != "short-read" and offset % BLOCK_BYTES == 0:  # a slot's first write: half of it
+            return real_write(fd, [data[:len(data) // 2]], offset)
+        if rest == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, [data], offset)
+
+    def preadv(fd, bufs, offset):
+        if rest != "short-read":
+            return real_read(fd, bufs, offset)
+        n = real_read(fd, bufs, offset)
+        return min(n, BLOCK_BYTES // 2)
+
+    monkeypatch.setattr(offload_store.os, "pwritev", pwritev)
+    monkeypatch.setattr(offload_store.os, "preadv", preadv)
+
+
+@pytest.mark.parametrize("rest", ["enospc", "progress", "short-read"])
+def test_a_short_disk_write_or_read_never_serves_the_block(case, rest, tmp_path, monkeypatch):
+    """Issue 53: a push-down written short (8 KiB of a 24 KiB slot on a full tmpfs, no error) was later loaded as the
+    block. Every write's length is checked: continued while the OS makes progress, else the block is dropped and its
+    slot never read; a short read fails the load (recomputed). The tokens are always the engine's without offload."""
+    path, target, others, want, _, _ = case
+    _filling_disk(monkeypatch, rest)
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=12 * BLOCK_BYTES, disk_bytes=1 << 30,
+                                            disk_dir=str(tmp_path / "kv")))
+    with LLM(path, kv_connector=conn, **KW) as llm:
+        _run(llm, [target])
+        for p in others:
+            _run(llm, [p])
+        (got, cached), = _run(llm, [target])
+        assert _idle(llm, conn)
+    stats = conn.offload_tier_stats()
+    assert got == want
+    if rest == "progress":  # every write finished on a later call: the blocks come back from disk
+        assert cached == 39 and stats["disk"].hits > 0 and stats["disk"].failed == 0
+    else:  # never from the disk tier: dropped at the failed write, or the load that read short recomputed
+        assert stats["disk"].hits == 0 and stats["disk"].failed > 0, stats
+
+
+def test_a_disk_slot_whose_write_failed_is_never_read_even_before_the_scheduler_hears(tmp_path, monkeypatch):
+    """The worker marks a disk slot whose push-down failed: a load planned before the step's failure reached the
+    scheduler (an asynchronous step) fails rather than read it, the step's saves still land, and a slot written
+    whole again is read again."""
+    import torch
+
+    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+    from moelink.engine.kv_transfer.offload_store import TierStore
+
+    kv = PagedKVBlocks([tuple(torch.arange(6 * 64, dtype=torch.float32).view(6, 4, 2, 8) for _ in range(2))], None, 4)
+    store = TierStore(kv, OffloadConfig(host_bytes=4 * 512, disk_bytes=4 * 512, disk_dir=str(tmp_path)), 0)
+    store.save(kv, [1, 2], [0, 1])
+    _filling_disk(monkeypatch, "enospc")
+    with pytest.raises(OSError, match="push-down to the disk tier under .* failed: No space left on device"):
+        store.demote([(0, 3)])
+    with pytest.raises(OSError, match="whose push-down failed"):
+        store.promote([(3, 2)])
+    monkeypatch.undo()
+    store.demote([(1, 3)])  # whole this time: slot 3 holds block 2's bytes
+    store.promote([(3, 2)])
+    assert torch.equal(store.host_SR[0][2], store.host_SR[0][1])
+    store.close()
+
+
 def _evicted_target(case):
     path, target, others, *_ = case
     conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
@@ -182,6 +258,63 @@ def test_the_flags_and_the_refusals_each_name_what_is_wrong(tmp_path):
 
     with pytest.raises(ValueError, match="keeps a per-sequence state the offload tiers do not key"):
         OffloadKVConnector(OffloadConfig(host_bytes=1)).scheduler_side(0).bind(StateKV())
+
+
+def test_tier_sizes_past_the_machine_are_refused_at_start_naming_the_flag(tmp_path, monkeypatch):
+    """Issue 53: --kv-offload-host-bytes 1e15 (or 2^63-1, 2^64) and --kv-offload-disk-bytes 1e18 started, and the
+    first eviction's MemoryError killed the engine loop. Refused when the flags are read (before any weights load),
+    one line naming the flag, the value and what is allowed; the Python API's OffloadKVConnector the same; a rank
+    whose own machine is smaller turns its offload off instead of dying; and the index allocates nothing per slot."""
+    from moelink.engine.api.kv_args import add_role_args, role_from_args
+    from moelink.engine.kv_transfer import offload_tiers
+    from moelink.engine.kv_transfer.offload_tiers import HOST_MEMORY_SHARE, StepOps
+    from moelink.scheduler.outputs import KVTransfer
+
+    p = argparse.ArgumentParser()
+    add_role_args(p)
+
+    def role(*argv):
+        return role_from_args(p.parse_args(list(argv)), 1)
+
+    mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit = int(mem * HOST_MEMORY_SHARE)
+    for v in (10 ** 15, 2 ** 63 - 1, 2 ** 64, limit + 1):
+        with pytest.raises(ValueError, match=rf"^--kv-offload-host-bytes={v} is invalid: more than this machine can "
+                                             rf"hold: at most {limit} bytes per rank \(90% of its {mem} bytes of "
+                                             r"physical memory\)\.$"):
+            role("--kv-offload-host-bytes", str(v))
+    where = str(tmp_path / "not-yet" / "kv")  # made at the first step: the free space is its parent's
+    with pytest.raises(ValueError, match=rf"^--kv-offload-disk-bytes={10 ** 18} is invalid: more than the disk under "
+                                         r"'.*not-yet/kv' has free: at most \d+ bytes"):
+        role("--kv-offload-host-bytes", "1000", "--kv-offload-disk-bytes", str(10 ** 18), "--kv-offload-dir", where)
+    assert role("--kv-offload-host-bytes", str(limit), "--kv-offload-disk-bytes", str(1 << 20),
+                "--kv-offload-dir", where).offload.host_bytes == limit  # nothing is allocated at start
+    with pytest.raises(ValueError, match=r"^OffloadConfig\.host_bytes=18446744073709551616 is invalid: more than "
+                                         r"this machine can hold.*\(--kv-offload-host-bytes\)\.$"):
+        OffloadKVConnector(OffloadConfig(host_bytes=2 ** 64))
+    with pytest.raises(ValueError, match=r"^OffloadConfig\.disk_bytes=10+ is invalid: more than the disk"):
+        OffloadKVConnector(OffloadConfig(host_bytes=1000, disk_bytes=10 ** 18, disk_dir=where))
+
+    # A rank on a smaller machine than the driver's: its offload is off, with the reason, and the engine lives.
+    import torch
+
+    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+
+    side = OffloadKVConnector(OffloadConfig(host_bytes=1 << 20)).worker_side(0)
+    monkeypatch.setattr(offload_tiers, "physical_memory_bytes", lambda: 1 << 19)
+    side.start_load(KVTransfer(1, "", [], 0, params=StepOps(1, 0)),
+                    PagedKVBlocks([tuple(torch.zeros(6, 4, 2, 8) for _ in range(2))], None, 4))
+    assert side.poll() == {1: False} and side.store is None
+    assert "OffloadConfig.host_bytes=1048576 is invalid: more than this machine can hold" in side._refused
+
+    # The index holds no list of every slot: a count past any machine costs nothing until slots are used.
+    ix = TierIndex(2 ** 62, 2 ** 62, 1)
+    a, b = bytes(32), bytes([1]) * 32
+    assert ix.store(a) == 0 and ix.store(b) == 1
+    ix.pin([0, 1], -1)
+    ix.drop([a])
+    assert ix.store(bytes([2]) * 32) == 0  # a slot given back is taken again first
+    ix.check()
 
 
 def test_the_scheduler_half_stores_what_the_pool_evicts_and_forgets_it_on_a_reset():

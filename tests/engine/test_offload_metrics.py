@@ -67,6 +67,7 @@ def test_served_engine_shows_each_offload_tier_moving(tiny_model, tmp_path):
         assert _tier(after, "moelink_kv_offload_load_time_seconds_total", t) == pytest.approx(st.load_s)
         assert _tier(after, "moelink_kv_offload_store_bytes_total", t) == st.stored_bytes
         assert _tier(after, "moelink_kv_offload_held_bytes", t) == st.held_bytes
+        assert _tier(after, "moelink_kv_offload_failed_blocks_total", t) == st.failed == 0  # no copy failed
     assert host.hits + disk.hits == 10 and disk.hits > 0
     assert _tier(after, "moelink_kv_offload_load_bytes_total", "disk") > 0
     # The histogram: observed as each load from a tier is reported (the connector's `observe_offload_loads`).
