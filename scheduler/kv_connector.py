@@ -33,7 +33,9 @@ kv_connector=...)`; None, the default, costs the step loop nothing):
   keep the blocks out of the pool until then. It does not keep the engine stepping back to back (a held save may
   wait minutes for a decode engine, and an offline `generate` must return before the decode engine reads): it is
   `busy`, and awaited by the step it plans, once per `HELD_POLL_S`, so an idle engine steps (an empty step whose
-  worker polls) every 50 ms while it holds saves and gets their blocks back within that of the hold's end.
+  worker polls) every 50 ms while it holds saves and gets their blocks back within that of the hold's end. A save
+  whose params say `hold` False (a request that did not ask for the handoff itself: engine/kv_transfer/config.py's
+  SaveKey) is copied by the worker, and awaited as any other save.
 - a model with per-sequence state (linear attention: scheduler/hybrid_cache.py, the KV manager with
   `state_slot`): the state travels with the KV, in the request's slot (`KVTransfer.state_slot`). A recurrent
   state cannot be rewound, and the decode side computes the last prompt token itself (for its logits), so both
@@ -292,7 +294,7 @@ class KVTransfers:
                     t = self._transfer(req, n, 0, tuple(req.prompt_token_ids[:n]),
                                        None if self._save_params is None else self._save_params(req))
                     self._hold(t, None)
-                    if self.holds_saves:
+                    if self.holds_saves and getattr(t.params, "hold", True):  # (a SaveKey may say it is copied)
                         self._held.add(t.transfer_id)
                         self._held_polled = time.monotonic()  # its step polls; the next is HELD_POLL_S away
                     saves.append(t)

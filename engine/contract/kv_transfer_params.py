@@ -57,6 +57,10 @@ class KVTransferParams:
     remote_ranks: int = 1
     remote_request_id: Optional[str] = None  # the prefill request's id: informational (vLLM's key), not the key
     remote_kv_token: Optional[str] = None  # the capability the KV was saved under (module docstring)
+    # Set by a prefill server's role default (engine/server/pd_role.py), never by a client: the request did not ask
+    # for a handoff itself, so its save is copied to host memory rather than held in the cache (a client that never
+    # fetches must not hold the pool: docs/security-kv.md). Not part of vLLM's JSON shape.
+    by_role_default: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.do_remote_decode, bool), "do_remote_decode", self.do_remote_decode, "must be True or False")
@@ -88,7 +92,7 @@ class KVTransferParams:
         true, "remote_block_ids": null, ...}); any other key is refused. A null value means the default."""
         if not isinstance(d, dict):
             raise ValueError(f"kv_transfer_params={shown(d)} is invalid: must be an object (a dict).")
-        names = [f.name for f in fields(cls)]
+        names = [f.name for f in fields(cls) if f.name not in _INTERNAL]
         unknown = sorted(set(d) - set(names) - VLLM_IGNORED_KEYS)
         if unknown:
             raise ValueError(f"kv_transfer_params has unknown keys {shown(unknown)}: allowed are {', '.join(names)} "
@@ -99,6 +103,8 @@ class KVTransferParams:
         """vLLM's JSON shape, the fields that are set (what a prefill engine's output hands the router)."""
         out = {}
         for f in fields(self):
+            if f.name in _INTERNAL:
+                continue
             v = getattr(self, f.name)
             if v is not None and v != f.default:
                 out[f.name] = v
@@ -110,6 +116,8 @@ class KVTransferParams:
 # vLLM NixlConnector keys a vLLM-style router may send that moelink does not need: the prefill side copies the saved
 # blocks to host memory (no block ids to read remotely), engines are paired by address, and both sides' layouts
 # are checked against each other before any byte moves (engine/kv_transfer/wire.py) instead of by a TP size.
+_INTERNAL = frozenset({"by_role_default"})  # fields no JSON object sets or shows
+
 VLLM_IGNORED_KEYS = frozenset({"remote_engine_id", "remote_block_ids", "tp_size", "remote_num_tokens"})
 
 

@@ -59,6 +59,11 @@ class RemoteKVConfig:
     # `nixl_hold_s` passes (vLLM's NixlConnector aborts a held request after 480 s too); False: the copy path.
     nixl_in_place: bool = True
     nixl_hold_s: float = 480.0
+    # The share of a rank's KV cache bytes that held saves may name at once, and of that, one client's share
+    # (docs/security-kv.md: a client that never fetches cannot starve admission). Past either, the oldest hold (the
+    # client's own, past its share) is released first; a save that alone is past them is copied instead.
+    nixl_hold_fraction: float = 0.25
+    nixl_hold_client_fraction: float = 0.0625
 
     def __post_init__(self) -> None:
         _check(self.transport in KV_TRANSPORTS, "transport", self.transport,
@@ -84,9 +89,12 @@ class RemoteKVConfig:
                      "max_loads_per_client"):
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, getattr(self, name),
                    "must be an integer >= 1")
-        f = self.max_load_block_fraction
-        _check(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1, "max_load_block_fraction", f,
-               "must be a number in (0, 1]")
+        for name in ("max_load_block_fraction", "nixl_hold_fraction", "nixl_hold_client_fraction"):
+            f = getattr(self, name)
+            _check(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1, name, f,
+                   "must be a number in (0, 1]")
+        _check(self.nixl_hold_client_fraction <= self.nixl_hold_fraction, "nixl_hold_client_fraction",
+               self.nixl_hold_client_fraction, f"must be at most nixl_hold_fraction ({self.nixl_hold_fraction})")
         if isinstance(self.peers, str):
             try:
                 object.__setattr__(self, "peers", parse_peers(self.peers))
@@ -128,6 +136,27 @@ class RemoteSource:
         return f"RemoteSource({self.host}:{self.port}+{self.num_ranks}, {len(self.token_ids)} tokens)"
 
 
+class SaveKey(str):
+    """A save's `KVTransfer.params`: the capability it is stored under (a str: every store and server op keys by
+    it), carrying what the worker half needs to decide whether to hold it in place (engine/kv_transfer/
+    remote_worker.py): `hold`, the request asked for the handoff itself (not a prefill server's role default), and
+    `client`, whom a hold counts against (the widest name of `Request.client`; () anonymous)."""
+
+    hold: bool
+    client: tuple
+
+    def __new__(cls, key: str, hold: bool = True, client: tuple = ()) -> "SaveKey":
+        out = super().__new__(cls, key)
+        out.hold, out.client = hold, tuple(client)
+        return out
+
+    def __reduce__(self):  # pickled to Ray ranks with its fields
+        return (SaveKey, (str(self), self.hold, self.client))
+
+    def __repr__(self) -> str:  # never the capability
+        return f"SaveKey(hold={self.hold}, client={self.client!r})"
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -137,4 +166,4 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"RemoteKVConfig.{name}={shown(value)} is invalid: {allowed}.")
 
 
-__all__ = ["RemoteKVConfig", "RemoteSource", "WILDCARD_HOSTS"]
+__all__ = ["RemoteKVConfig", "RemoteSource", "SaveKey", "WILDCARD_HOSTS"]

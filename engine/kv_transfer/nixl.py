@@ -48,10 +48,11 @@ import torch
 from .auth import PeerAuth
 from .blocks import SavedKV
 from .client import FetchTimeouts, request_kv
-from .nixl_inplace import CacheRegions, HeldKV, deliver, read_held, reply_held
+from .nixl_inplace import CacheRegions, HeldKV, deliver, read_held, reply_staged, stage
 from .server import KVSocketServer, ServerLimits
 from .store import SavedKVStore
-from .wire import (MAX_HELLO_BYTES, Deadline, KVFetchError, recv_header, recv_saved, saved_header, send_header)
+from .ucx_net import narrowed_env
+from .wire import Deadline, KVFetchError, Staging, recv_saved, send_header, send_saved, socket_take
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class NixlAgent:
     """One NIXL agent with the UCX backend (module docstring), thread-safe (NIXL's strict sync mode: a rank's server
     threads and fetch thread share it), plus the host buffers it registered once for receiving."""
 
-    def __init__(self, progress_thread: bool) -> None:
+    def __init__(self, progress_thread: bool, net_devices: str | None = None) -> None:
         api = nixl_api()
         if api is None:
             raise KVFetchError("the NIXL KV transport needs the nixl package (pip install nixl-cu12)")
@@ -97,7 +98,9 @@ class NixlAgent:
         # its own worker each time wait() polls a transfer's state.
         conf = api.nixl_agent_config(enable_prog_thread=progress_thread, enable_listen_thread=False,
                                      backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
-        self.agent = api.nixl_agent(self.name, conf)
+        with narrowed_env(net_devices):  # UCX listens on the interfaces it may use: only those asked (ucx_net.py)
+            self.agent = api.nixl_agent(self.name, conf)
+        self.net_devices = net_devices
         _AGENTS.add(self)
         if "UCX" not in self.agent.backends:
             raise KVFetchError("NIXL's UCX backend did not start on this machine")
@@ -220,16 +223,6 @@ class NixlAgent:
         for _, r in extra:
             self._live().deregister_memory(r)
 
-    def read(self, remote: str, local: list[torch.Tensor], addrs: list[tuple[int, int]]):
-        """Post one READ of the remote regions `addrs` (address, bytes) into `local` (registered host views)."""
-        local_descs = self._live().get_xfer_descs(local)
-        remote_descs = self._live().get_xfer_descs([(a, n, 0) for a, n in addrs], "DRAM")
-        handle = self._live().initialize_xfer("READ", local_descs, remote_descs, remote)
-        if self._live().transfer(handle) == "ERR":
-            handle.release()
-            raise KVFetchError("NIXL refused to start a KV read")
-        return handle
-
     def read_descs(self, remote: str, local: list[tuple[int, int]], local_mem: tuple[str, int],
                    far: list[tuple[int, int]], far_mem: tuple[str, int]):
         """Post one READ of the remote regions `far` into the local ones `local` (address, bytes; each side's
@@ -255,27 +248,25 @@ class NixlAgent:
             handle.release()
 
 
-def _send_for_nixl_read(agent_of, store: SavedKVStore) -> callable:
-    """The server's ok reply (KVSocketServer's `reply`): the rows registered, their metadata and addresses in the
-    header, then the wait for the reader's "read" (or its going away, or the reply deadline) before deregistering."""
+def _send_for_nixl_read(agent_of, store: SavedKVStore, authenticated: bool) -> callable:
+    """The server's ok reply (KVSocketServer's `reply`; module docstring). A held save is staged out of the cache
+    first and its hold released at once. To a peer the deployment's KV secret authenticated, the rows are registered
+    for this fetch only and named in the header (nixl_inplace.reply_staged); to any other peer (loopback without a
+    secret: any local process may complete the handshake) they go on the socket, as over tcp: such a peer never
+    gets a NIXL key to this process's memory, since UCX over TCP and shared memory does not check one at the target
+    (docs/security-kv.md)."""
 
     def reply(conn: socket.socket, saved: SavedKV, query: dict, deadline: Deadline) -> None:
-        agent = agent_of()
         if isinstance(saved, HeldKV):
-            reply_held(conn, agent, store, saved, deadline)
+            held = saved
+            try:
+                saved = stage(held)
+            finally:
+                store.release(held)  # the blocks go back before any byte leaves: no peer can reach them
+        if not authenticated:
+            send_saved(conn, saved, query, deadline)
             return
-        rows = [t.contiguous() for _, ts in saved.groups for t in ts]
-        live = [t for t in rows if t.numel()]
-        reg, meta = agent.expose(live) if live else (None, b"")
-        try:
-            header = saved_header(saved)
-            header["nixl"] = {"agent": agent.name, "meta": base64.b64encode(meta).decode(),
-                              "addrs": [[t.data_ptr(), t.numel()] for t in rows]}
-            send_header(conn, header, deadline)
-            recv_header(conn, deadline, MAX_HELLO_BYTES)  # "read": its READs are done or abandoned
-        finally:
-            if reg is not None:
-                agent.unexpose(reg)
+        reply_staged(conn, agent_of(), saved, deadline)
 
     return reply
 
@@ -287,17 +278,9 @@ class NixlKVServer(KVSocketServer):
                  auth: PeerAuth | None = None) -> None:
         from .tcp import bound_socket
 
-        super().__init__(store, bound_socket(host, port), _send_for_nixl_read(lambda: agent, store), limits, auth)
-
-
-def _announced_addrs(reply: dict, count: int) -> list[tuple[int, int]]:
-    try:
-        addrs = [(int(a), int(n)) for a, n in reply["nixl"]["addrs"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise KVFetchError(f"a NIXL reply without its tensors' addresses: {exc!r}") from None
-    if len(addrs) != count:
-        raise KVFetchError(f"a NIXL reply naming {len(addrs)} tensors for {count} announced")
-    return addrs
+        authenticated = auth is not None and bool(getattr(auth, "authenticated", False))
+        super().__init__(store, bound_socket(host, port), _send_for_nixl_read(lambda: agent, store, authenticated),
+                         limits, auth)
 
 
 def nixl_fetch(agent: NixlAgent, host: str, port: int, key: str, layout: tuple, token_ids: list[int],
@@ -308,65 +291,27 @@ def nixl_fetch(agent: NixlAgent, host: str, port: int, key: str, layout: tuple, 
     (with the reason) on anything short of all of it within `timeout_s`."""
     where = f"fetching KV from {host}:{port} over NIXL"
     deadline = Deadline(timeout_s, where)
-    remote = None
     try:
         with socket.create_connection((host, port), timeout=min(connect_timeout_s, deadline.left())) as sock:
             reply = request_kv(sock, where, key, layout, token_ids, deadline, first_byte_s, auth,
                                max_blocks=max_blocks)
             if reply.get("ok") is not True:
                 raise KVFetchError(f"{host}:{port} refused: {reply.get('error', 'no reason given')}")
+            if "nixl" not in reply:  # a peer not authenticated by the secret: the bytes follow on the socket
+                staging = Staging(pin, reuse=on_group is not None)
+                try:
+                    return recv_saved(socket_take(sock, deadline, staging), reply, layout, max_blocks, token_ids,
+                                      on_group)
+                finally:
+                    staging.release()
             # Every shape checked against this rank's layout and `max_blocks` before a byte is allocated or read.
             plan = recv_saved(lambda shape: torch.empty(shape, dtype=torch.uint8, device="meta"), reply, layout,
                               max_blocks, token_ids)
             nixl = reply.get("nixl")
             if not isinstance(nixl, dict) or not isinstance(nixl.get("agent"), str) \
-                    or not isinstance(nixl.get("meta"), str):
-                raise KVFetchError("a NIXL reply without its agent's name and metadata")
-            if "tables" in nixl:  # held in place on the prefill rank (nixl_inplace.py)
-                groups = read_held(agent, nixl, plan, on_group, deadline, pin)
-                send_header(sock, {"read": True}, deadline)
-                deadline.left(sock)
-                sock.recv(1)  # the server's close: its hold has ended
-                return SavedKV(plan.num_tokens, plan.token_ids, plan.layout, groups)
-            shapes = [[tuple(t.shape) for t in ts] for _, ts in plan.groups]
-            sizes = [[int(torch.Size(s).numel()) for s in g] for g in shapes]
-            addrs = _announced_addrs(reply, sum(len(g) for g in sizes))
-            if any(n != want for (_, n), want in zip(addrs, (n for g in sizes for n in g))):
-                raise KVFetchError("a NIXL reply whose tensor lengths are not its shapes'")
-            total = sum(n for g in sizes for n in g)
-            agent.num_staged_bytes += total
-            handles: list = []
-            failed, buf = True, None
-            turn = agent.turn(nixl["agent"], deadline) if total else None
-            try:
-                buf, reg = agent.take_buffer(total, pin)
-                if total:
-                    remote = nixl["agent"]
-                    agent.load_remote(remote, base64.b64decode(nixl["meta"], validate=True))
-                views, at, k = [], 0, 0
-                for g, gsizes in enumerate(sizes):  # every group's READ posted at once: the wire runs ahead
-                    rows, local, far = [], [], []
-                    for s, n in zip(shapes[g], gsizes):
-                        rows.append(buf[at:at + n].view(s))
-                        if n:
-                            local.append(buf[at:at + n])
-                            far.append(addrs[k])
-                        at += n
-                        k += 1
-                    views.append(tuple(rows))
-                    handles.append(agent.read(remote, local, far) if local else None)
-                groups = deliver(agent, plan, handles, views, deadline, on_group)
-                failed = False
-            finally:
-                for h in handles:
-                    if h is not None:
-                        h.release()  # aborted before the prefill rank may deregister
-                if turn is not None:
-                    if failed and remote is not None:
-                        agent.forget_remote(remote)  # a failed peer's endpoint is not reused
-                    turn.release()
-                if buf is not None:
-                    agent.give_buffer(buf, reg)
+                    or not isinstance(nixl.get("meta"), str) or "tables" not in nixl:
+                raise KVFetchError("a NIXL reply without its agent's name, metadata and blocks")
+            groups = read_held(agent, nixl, plan, on_group, deadline, pin)
             send_header(sock, {"read": True}, deadline)
             deadline.left(sock)
             sock.recv(1)  # the server's close: it has deregistered the rows (a fetch leaves nothing exposed)

@@ -91,24 +91,57 @@ def entries(kv: PagedKVBlocks, t: KVTransfer, kind: str) -> list[int]:
 
 @dataclass
 class HeldKV(SavedKV):
-    """A saved request whose blocks stay in the prefill rank's cache (module docstring). `groups` carries `meta`
-    tensors of the rows' shapes (what the reply header announces; nothing is allocated); `tables`: the request's
-    block ids, one list per table kind the groups read; `tensors[g]`: (which of `tables` group g reads, per tensor
-    (base address, bytes between blocks, row bytes)), so block row b of tensor j is at base + b * stride (the reply
-    stays small: a table's ids once, not an address per block and layer); `ready`: a CUDA event the reply waits
-    for."""
+    """A saved request whose blocks stay in the prefill rank's cache (module docstring): nothing copied and nothing
+    registered until a fetch claims it. `groups` carries `meta` tensors of the rows' shapes (what the reply header
+    announces and `nbytes` counts; nothing is allocated); `transfer`: the save (its block tables), which `stage`
+    reads the rows by; `kv`: the cache they are in; `ready`: a CUDA event after the step that wrote them; `client`:
+    whom the hold counts against (the request's widest client name; () anonymous)."""
 
-    tables: list = field(default_factory=list)
-    tensors: list = field(default_factory=list)
+    transfer: KVTransfer | None = None
+    kv: PagedKVBlocks | None = None
     transfer_id: int = -1
     ready: object = None
     hold_until: float = 0.0  # the store's clock time the hold ends at (SavedKVStore.hold sets it)
-    region: object = None  # the CacheRegion its blocks are in (its metadata goes in the reply)
+    client: tuple = ()
+
+
+class HoldRegion:
+    """A prefill rank's paged cache whose saves are held in place (module docstring). Nothing of it is registered
+    with NIXL: a peer never gets a key to the cache, only to the copy of one claimed request's rows (`stage`)."""
+
+    def __init__(self, kv: PagedKVBlocks) -> None:
+        self.kv = kv
+
+    def held(self, t: KVTransfer, client: tuple = ()) -> HeldKV:
+        """`t`'s blocks named in place (module docstring); on CUDA after an event recorded now, in stream order
+        after the step that wrote them."""
+        kv = self.kv
+        groups = []
+        for tensors, kind in kv.groups:
+            idx = entries(kv, t, kind)
+            rows = tuple(torch.empty((len(idx),) + tuple(x.shape[1:-1]) + (x.shape[-1] * x.element_size(),),
+                                     dtype=torch.uint8, device="meta") for x in tensors)
+            groups.append((idx, rows))
+        ready = None
+        if kv.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(kv.device))
+        return HeldKV(t.num_tokens, t.token_ids, kv.layout, groups, t, kv, t.transfer_id, ready, client=client)
+
+
+def stage(held: HeldKV) -> SavedKV:
+    """A claimed hold's rows copied out of the cache into host memory now (the only memory a peer will be given a
+    key to, never the cache's). A host sync on CUDA, on the fetch's connection thread: first the step that wrote the
+    blocks (`ready`), then the gather and the device-to-host copy. The caller releases the hold right after: the
+    blocks go back to the pool before any byte leaves."""
+    if held.ready is not None:
+        held.ready.synchronize()  # host sync: the step that wrote these blocks
+    return held.kv.read(held.transfer)
 
 
 class CacheRegion:
-    """A rank's paged cache registered with one NIXL agent (module docstring). `register(tensors_descs, mem)`
-    and `metadata(reg)` are the agent's; `meta` is what a reader loads (sent only in an authenticated reply)."""
+    """A decode rank's paged cache registered with its fetching NIXL agent, once (module docstring), so READs land
+    straight in its blocks. The agent's metadata of it never leaves the process: only the reader holds the key."""
 
     def __init__(self, agent, kv: PagedKVBlocks) -> None:
         seen, tensors = set(), []
@@ -122,30 +155,7 @@ class CacheRegion:
         # Each tensor's span from its first block row to the end of its last (a view's rows may be strided).
         self.reg = agent.register([(x.data_ptr(), ((x.shape[0] - 1) * x.stride(0) + x[0].numel()) * x.element_size(),
                                     _dev_id(x), "") for x in tensors], self.mem)
-        self.meta = agent.metadata(self.reg)
         self.dev_id = _dev_id(tensors[0])
-
-    def held(self, t: KVTransfer) -> HeldKV:
-        """`t`'s blocks named in place (module docstring); on CUDA after an event recorded now, in stream order
-        after the step that wrote them."""
-        kv = self.kv
-        groups, tables, kinds, layout = [], [], {}, []
-        for tensors, kind in kv.groups:
-            idx = entries(kv, t, kind)
-            if kind not in kinds:
-                table = kv._table(t, kind)
-                kinds[kind] = len(tables)
-                tables.append([table[i] for i in idx])
-            rows = tuple(torch.empty((len(idx),) + tuple(x.shape[1:-1]) + (x.shape[-1] * x.element_size(),),
-                                     dtype=torch.uint8, device="meta") for x in tensors)
-            groups.append((idx, rows))
-            layout.append((kinds[kind], [(x.data_ptr(), x.stride(0) * x.element_size(),
-                                          x[0].numel() * x.element_size()) for x in tensors]))
-        ready = None
-        if kv.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(kv.device))
-        return HeldKV(t.num_tokens, t.token_ids, kv.layout, groups, tables, layout, t.transfer_id, ready, region=self)
 
     def local_descs(self, t: KVTransfer, g: int, idx: list[int]) -> tuple[list[int], list[list[tuple[int, int]]]]:
         """For a load of `t`: which of group g's announced entries `idx` land here (positions into `idx`) and, per
@@ -201,14 +211,25 @@ class CacheRegions:
         return regions
 
 
-def register_at_allocation(transport, kv: PagedKVBlocks, serving: bool) -> CacheRegion | None:
-    """A rank's cache registered with NIXL as the rank allocates it (module docstring): with `transport`'s serving
-    agent (`serving`: the rank serves saved KV) or its fetching agent (the rank loads KV). None where the transport
-    is not NIXL or the cache cannot be read in place (the copy path serves it)."""
+def register_at_allocation(transport, kv: PagedKVBlocks) -> CacheRegion | None:
+    """A loading rank's cache registered with `transport`'s fetching NIXL agent as the rank allocates it (module
+    docstring). None where the transport is not NIXL or the cache cannot be read into in place (the reads then land
+    in a staging buffer). The serving agent never registers the cache."""
     if getattr(transport, "name", None) != "nixl":  # by name: transport.py imports this module's users
         return None
-    agent = transport.agent(serving=serving)
+    agent = transport.agent(serving=False)
     return agent.regions.bind(agent, kv)
+
+
+def cache_nbytes(kv: PagedKVBlocks) -> int:
+    """The bytes of `kv`'s cache tensors, each counted once (gpt-oss's sliding and full layers share theirs)."""
+    seen, total = set(), 0
+    for tensors, _ in kv.groups:
+        for x in tensors:
+            if x.data_ptr() not in seen:
+                seen.add(x.data_ptr())
+                total += x.numel() * x.element_size()
+    return total
 
 
 def announced_blocks(nixl: dict, plan: SavedKV) -> tuple[list, str, int]:
@@ -303,23 +324,42 @@ def read_blocks(agent, remote: str, nixl: dict, plan: SavedKV, on_group, deadlin
 
 
 
-def reply_held(conn: socket.socket, agent, store, held: HeldKV, deadline: Deadline) -> None:
-    """The ok reply for blocks held in place: exactly this request's block ids (per table) and where each group's
-    tensors' rows lie in the cache registered once (HeldKV), its registration's metadata; the hold ends when the
-    reader says "read", goes away, or the reply deadline passes (the store then reports it to the scheduler, which
-    frees the blocks)."""
+def staged_nixl(agent, saved: SavedKV) -> tuple[object, dict]:
+    """`saved`'s rows (host copies of one claimed request's blocks: `stage`, or a copied save) registered with
+    `agent` for one fetch, and the reply's `nixl` object naming them in the in-place shape (per group a table of
+    entries 0..n-1, and per tensor (base, row bytes as the stride, row bytes)), so a decode rank whose cache is
+    registered READs them straight into its blocks. The registration covers these rows only: nothing of the cache,
+    nothing of another request. Returns (registration or None, nixl object)."""
+    tables, tensors, live = [], [], []
+    for g, (idx, rows) in enumerate(saved.groups):
+        tables.append(list(range(len(idx))))
+        layout = []
+        for r in rows:
+            row = int(torch.Size(r.shape[1:]).numel()) * r.element_size()
+            layout.append((r.data_ptr(), row, row))
+            if r.numel():
+                live.append(r)
+        tensors.append((g, layout))
+    reg, meta = agent.expose(live) if live else (None, b"")
+    return reg, {"agent": agent.name, "meta": base64.b64encode(meta).decode(), "mem": "DRAM", "dev": 0,
+                 "tables": tables, "tensors": tensors}
+
+
+def reply_staged(conn: socket.socket, agent, saved: SavedKV, deadline: Deadline) -> None:
+    """The ok reply to an authenticated peer over NIXL (nixl.py): `saved`'s rows registered for this fetch only
+    (`staged_nixl`), deregistered when the reader says "read", goes away, or the reply deadline passes."""
+    rows = [t.contiguous() for _, ts in saved.groups for t in ts]
+    saved = SavedKV(saved.num_tokens, saved.token_ids, saved.layout,
+                    [(idx, tuple(rows.pop(0) for _ in ts)) for idx, ts in saved.groups])
+    reg, nixl = staged_nixl(agent, saved)
     try:
-        if held.ready is not None:
-            held.ready.synchronize()  # host sync, on this connection's thread: the step that wrote these blocks
-        region = held.region
-        header = saved_header(held)
-        header["nixl"] = {"agent": agent.name, "meta": base64.b64encode(region.meta).decode(), "mem": region.mem,
-                          "dev": region.dev_id,
-                          "tables": held.tables, "tensors": held.tensors}
+        header = saved_header(saved)
+        header["nixl"] = nixl
         send_header(conn, header, deadline)
         recv_header(conn, deadline, MAX_HELLO_BYTES)  # "read": its READs are done or abandoned
     finally:
-        store.release(held)
+        if reg is not None:
+            agent.unexpose(reg)
 
 
 def read_held(agent, nixl: dict, plan: SavedKV, on_group, deadline: Deadline, pin: bool) -> list:
@@ -337,5 +377,6 @@ def read_held(agent, nixl: dict, plan: SavedKV, on_group, deadline: Deadline, pi
         turn.release()
 
 
-__all__ = ["CacheRegion", "CacheRegions", "HeldKV", "announced_blocks", "deliver", "entries", "in_place_ok", "mem_type",
-           "read_blocks", "read_held", "register_at_allocation", "reply_held", "row_descs"]
+__all__ = ["CacheRegion", "CacheRegions", "HeldKV", "HoldRegion", "announced_blocks", "cache_nbytes", "deliver", "entries",
+           "in_place_ok", "mem_type", "read_blocks", "read_held", "register_at_allocation", "reply_staged", "row_descs",
+           "stage", "staged_nixl"]

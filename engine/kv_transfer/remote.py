@@ -58,7 +58,7 @@ from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
 
 from .auth import new_capability
-from .config import WILDCARD_HOSTS, RemoteKVConfig, RemoteSource
+from .config import WILDCARD_HOSTS, RemoteKVConfig, RemoteSource, SaveKey
 from .peers import describe_peers, peer_allowed
 from .remote_worker import RemoteWorkerSide, WorkerKVStats
 from .tp_shard import KVShardSpec, save_token, token_tp_size
@@ -108,7 +108,7 @@ class RemoteKVConnector:
 
     def worker_side(self, rank: int) -> "RemoteWorkerSide":
         self._check_rank(rank)
-        return RemoteWorkerSide(self.config, rank, self.shard)
+        return RemoteWorkerSide(self.config, rank, self.shard, loads=self.kv_role != "kv_producer")
 
     def decode_params(self, saved: KVTransferParams) -> KVTransferParams:
         """What a decode engine's request needs to load the KV of `saved` (a request's output kv_transfer_params,
@@ -197,12 +197,14 @@ class _SchedulerSide:
                            "is not saved (a decode engine will recompute it).", shown(req.request_id))
         return self.serves
 
-    def save_params(self, req: Request) -> str:
-        """A fresh capability for the save of `req` (the worker half stores it under that key)."""
+    def save_params(self, req: Request) -> SaveKey:
+        """A fresh capability for the save of `req` (the worker half stores it under that key), with whether it may
+        be held in place (the request asked for the handoff itself) and whom a hold counts against."""
+        p = _params(req)
         cap = self._caps[req.request_id] = save_token(new_capability(), self.tp_size)
         while len(self._caps) > self.MAX_PENDING_CAPS:
             self._caps.popitem(last=False)
-        return cap
+        return SaveKey(cap, hold=p is not None and not p.by_role_default, client=tuple(req.client[:1]))
 
     def request_finished(self, req: Request) -> KVTransferParams | None:
         """A saved request's output says where its KV is: this rank's own port (no other rank to ask), or under TP

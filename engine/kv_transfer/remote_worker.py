@@ -22,10 +22,10 @@ from .arrival import ArrivalWriter, LoadDropped, LoadWriteFailed
 from .auth import SecretAuth, is_capability
 from .blocks import STATE, PagedKVBlocks, PendingRead
 from .config import RemoteKVConfig, RemoteSource
-from .nixl_inplace import register_at_allocation
+from .nixl_inplace import cache_nbytes, register_at_allocation
 from .peers import describe_peers, peer_allowed
 from .server import ServerLimits
-from .store import SavedKVStore
+from .store import HoldBounds, SavedKVStore
 from .tp_join import TPJoin
 from .tp_shard import KVShardSpec, ShardAsk, local_heads, plan_fetches, token_tp_size, with_heads
 from .transport import make_transport
@@ -47,8 +47,10 @@ class WorkerKVStats:
 class RemoteWorkerSide:
     """A rank's worker half (module docstring): its saved-KV store and server, and its fetches."""
 
-    def __init__(self, config: RemoteKVConfig, rank: int, shard: KVShardSpec | None = None) -> None:
+    def __init__(self, config: RemoteKVConfig, rank: int, shard: KVShardSpec | None = None,
+                 loads: bool = True) -> None:
         self.config = config
+        self.loads = loads  # this rank may load KV (not a kv_producer): its cache is registered for READs into it
         # Tensor parallelism (engine/kv_transfer/tp_shard.py): this rank's place in its group, and the channel
         # that joins the group's reports on its first rank (tp_join.py).
         self.shard = shard if shard is not None and shard.tp_size > 1 else None
@@ -59,6 +61,9 @@ class RemoteWorkerSide:
                               max_prompt_tokens=config.max_prompt_tokens)
         self.transport = make_transport(config.transport, config.connect_timeout_s, config.fetch_timeout_s,
                                         SecretAuth(config.secret), config.first_byte_timeout_s, limits)
+        if hasattr(self.transport, "bind_hosts"):  # NIXL: UCX kept to the interfaces asked (ucx_net.py)
+            self.transport.bind_hosts(config.host if config.port is not None else None,
+                                      tuple(h for h, _, _ in config.peers or ()))
         self.store = SavedKVStore(config.ttl_s, config.max_saved_bytes)
         self.server = None if config.port is None else self.transport.serve(self.store, config.host, config.port + rank)
         self.stats = WorkerKVStats()
@@ -88,19 +93,20 @@ class RemoteWorkerSide:
             self.store.heads = self.shard.heads(self.tp_rank)
             if self.shard.states:  # its states are its own: only the decode rank of its place takes them
                 self.store.reader = (self.tp_rank, self.shard.tp_size)
-        region = self._region(kv)
-        held = region.held(t) if region is not None else None
-        # Held in place until a decode rank reads it (nixl_inplace.py): nothing copied. Blocks held for decode
-        # engines that never come are bounded like saved copies (max_saved_bytes): past it, this one is copied.
-        if held is not None and self.store.held_nbytes + held.nbytes <= self.config.max_saved_bytes:
-            self.store.hold(t.params, held, self.config.nixl_hold_s)
-            return
+        # Held in place until a decode rank reads it (nixl_inplace.py): nothing copied now. Only a request that asked
+        # for the handoff itself (SaveKey.hold), within the hold bounds (older holds released first); else copied.
+        region = self._region(kv) if getattr(t.params, "hold", True) else None
+        if region is not None:
+            held = region.held(t, tuple(getattr(t.params, "client", ())))
+            if self.store.hold(t.params, held, self.config.nixl_hold_s, self._hold_bounds(kv)):
+                return
         self.store.expect(t.params)  # before the request's output can name the key to a decode engine
         try:
-            # The scheduler does not step for a save it holds (scheduler/kv_connector.py): one copied instead (past
-            # the bound, a registration refused) must be in the store by this step's poll, so it is copied now
-            # (a device-to-host sync on CUDA, on this rare path only).
-            pending = PendingRead(kv.read(t)) if self.holds_saves_of(kv) else kv.read_async(t)
+            # The scheduler does not step for a save it holds (scheduler/kv_connector.py): one it meant to hold but
+            # copied instead (past the hold bounds) must be in the store by this step's poll, so it is copied now
+            # (a device-to-host sync on CUDA, on this rare path only). One not meant to be held is awaited as usual.
+            held_by_scheduler = self.holds_saves_of(kv) and getattr(t.params, "hold", True)
+            pending = PendingRead(kv.read(t)) if held_by_scheduler else kv.read_async(t)
         except (RuntimeError, ValueError) as exc:  # a copy that could not start (device memory): not saved
             self.store.abandon(t.params)
             logger.warning("KV save of request %s failed (a decode engine recomputes it): %s", shown(t.req_id), exc)
@@ -111,24 +117,33 @@ class RemoteWorkerSide:
             self._saving.append((t, pending))
 
     def cache_allocated(self, kv: PagedKVBlocks) -> None:
-        """The rank's cache, just allocated (the model runner calls this): registered with NIXL now, with the
-        serving agent (a prefill rank) or the fetching agent (a decode rank), not at the first save or fetch
-        (nixl_inplace.register_at_allocation). Only where the in-place path will use it: not under TP (a save is a
-        head shard, copied) nor with state groups (the copy path)."""
-        if (self.config.nixl_in_place and self.shard is None and isinstance(kv, PagedKVBlocks)
+        """The rank's cache, just allocated (the model runner calls this): registered now with the fetching NIXL
+        agent of a rank that loads (its READs land in its blocks), not at the first fetch
+        (nixl_inplace.register_at_allocation). Never with the serving agent: a peer never gets a key to the cache.
+        Only where the in-place path will use it: not under TP (a save is a head shard, copied) nor with state
+        groups (the copy path)."""
+        self._cache_bytes = cache_nbytes(kv) if isinstance(kv, PagedKVBlocks) else 0
+        if (self.config.nixl_in_place and self.shard is None and isinstance(kv, PagedKVBlocks) and self.loads
                 and not any(kind == STATE for _, kind in kv.groups)):
-            register_at_allocation(self.transport, kv, serving=self.server is not None)
+            register_at_allocation(self.transport, kv)
+
+    def _hold_bounds(self, kv: PagedKVBlocks) -> HoldBounds:
+        """The bytes held saves may name on this rank (RemoteKVConfig.nixl_hold_fraction / _client_fraction of
+        its cache), and never past `max_saved_bytes`."""
+        cache = getattr(self, "_cache_bytes", 0) or cache_nbytes(kv)
+        total = min(int(cache * self.config.nixl_hold_fraction), self.config.max_saved_bytes)
+        return HoldBounds(total, min(total, int(cache * self.config.nixl_hold_client_fraction)))
 
     def holds_saves_of(self, kv: PagedKVBlocks) -> bool:
         """Whether the scheduler half treats this rank's saves as held (`holds_saves`; never with state groups)."""
         return (self.config.nixl_in_place and self.server is not None and isinstance(kv, PagedKVBlocks)
                 and self.shard is None
-                and getattr(self.transport, "cache_region", None) is not None
+                and getattr(self.transport, "hold_region", None) is not None
                 and not any(kind == STATE for _, kind in kv.groups))
 
     def _region(self, kv: PagedKVBlocks):
-        """The cache registered once for in-place saves (NIXL, `nixl_in_place`), or None: the copy path."""
-        hold = getattr(self.transport, "cache_region", None)
+        """The cache whose saves are held in place (NIXL, `nixl_in_place`), or None: the copy path."""
+        hold = getattr(self.transport, "hold_region", None)
         if hold is None or not self.config.nixl_in_place or self.server is None or self.shard is not None:
             return None  # (under TP a save is a head shard, copied: the held blocks are not cut by heads)
         return hold(kv)

@@ -14,12 +14,15 @@ first (`expect`, in the step that computes the prompt's last token, before the o
 announced key waits for its `put` (or `abandon`) within the fetch's own deadline (`peek(key, wait_s)`).
 
 Held entries (NIXL in place, engine/kv_transfer/nixl_inplace.py): `hold` keeps a `HeldKV`, which names blocks
-still in the rank's cache, not bytes; it counts nothing against `max_bytes` here (the rank saves by copy instead
-once `held_nbytes` would pass it: saves never fetched hold a bounded part of the pool), is never evicted, and
-leaves by one way of four: claimed by a fetch (`take`) whose reply then ends (`release`: "read", or the peer
-gone, or the reply deadline), its own `hold_until` passing (`nixl_hold_s`), a fetch that cannot read it in place
-(`end_hold`: a decode TP rank asking for its heads), or `clear`. Each way out puts the
-save's transfer id in `released()`, which the rank's poll reports to the scheduler, which then frees the blocks.
+still in the rank's cache, not bytes; it counts nothing against `max_bytes` here but against its own bounds, given
+per hold (`HoldBounds`: a share of the rank's cache in all, and a smaller share per client): a new hold first
+releases its client's oldest holds past the client's share, then anyone's oldest past the total (counted
+`num_hold_evicted`), so a client that never fetches holds a bounded part of the pool and cannot starve admission;
+one alone past a bound is not held (the rank copies it instead). A held entry leaves by one way of five: claimed by
+a fetch (`take`) whose reply then ends (`release`: its rows are staged out of the cache at once, before any byte
+leaves), its own `hold_until` passing (`nixl_hold_s`), evicted by a newer hold, a fetch that cannot read it in place
+(`end_hold`: a decode TP rank asking for its heads), or `clear`. Each way out puts the save's transfer id in
+`released()`, which the rank's poll reports to the scheduler, which then frees the blocks.
 """
 from __future__ import annotations
 
@@ -41,6 +44,16 @@ class StoreCounters:
     bytes_served: int = 0
     num_held: int = 0  # of num_saved, those held in place (blocks kept in the cache, nothing copied)
     num_hold_expired: int = 0  # held and never claimed within nixl_hold_s
+    num_hold_evicted: int = 0  # held, then released unclaimed for a newer hold past the total or its client's share
+
+
+@dataclass(frozen=True)
+class HoldBounds:
+    """What held saves may name at once, in cache bytes: `total` on the rank, `per_client` for one client (the
+    widest name of `Request.client`; anonymous holds count against `total` only)."""
+
+    total: int
+    per_client: int
 
 
 class SavedKVStore:
@@ -107,8 +120,13 @@ class SavedKVStore:
             self.counters.num_saved += 1
             self.layout = saved.layout
 
-    def hold(self, key: str, held, hold_s: float) -> None:
-        """Hold `held` (a HeldKV) under `key` until claimed and released, for `hold_s` at most, or cleared."""
+    def hold(self, key: str, held, hold_s: float, bounds: HoldBounds) -> bool:
+        """Hold `held` (a HeldKV) under `key` until claimed and released, for `hold_s` at most, or cleared; older
+        holds released first to keep within `bounds` (module docstring). False, and nothing held or released, when
+        `held` alone is past a bound: the caller copies it instead."""
+        client = tuple(getattr(held, "client", ()))
+        if held.nbytes > bounds.total or (client and held.nbytes > bounds.per_client):
+            return False
         with self._lock:
             held.hold_until = self._clock() + hold_s
             self._settle(key)
@@ -117,10 +135,26 @@ class SavedKVStore:
             if old is not None:
                 self._released.append(old.transfer_id)
                 self.counters.num_replaced += 1
+            if client:
+                self._evict_holds(lambda h: tuple(getattr(h, "client", ())) == client, bounds.per_client - held.nbytes)
+            self._evict_holds(lambda h: True, bounds.total - held.nbytes)
             self._held[key] = held
             self.counters.num_saved += 1
             self.counters.num_held += 1
             self.layout = held.layout
+            return True
+
+    def _evict_holds(self, whose, room: int) -> None:
+        """Release the oldest unclaimed holds that `whose` picks until theirs name at most `room` bytes."""
+        picked = [(k, h) for k, h in self._held.items() if whose(h)]  # oldest first (insertion order)
+        total = sum(h.nbytes for _, h in picked)
+        for k, h in picked:
+            if total <= room:
+                break
+            del self._held[k]
+            self._released.append(h.transfer_id)
+            self.counters.num_hold_evicted += 1
+            total -= h.nbytes
 
     def release(self, held) -> None:
         """A claimed held entry's reply ended: its blocks may go back (reported by the next `released()`)."""
@@ -236,4 +270,4 @@ class SavedKVStore:
             return len(self._saved) + len(self._held)
 
 
-__all__ = ["SavedKVStore", "StoreCounters"]
+__all__ = ["HoldBounds", "SavedKVStore", "StoreCounters"]

@@ -15,15 +15,17 @@ request checks and bounds (engine/kv_transfer/server.py: `limits`; engine/kv_tra
 - "collective" (engine/kv_transfer/collective.py): the tcp exchange on its socket, the bytes over a
   torch.distributed group of the two ranks: NCCL between GPU ranks, gloo on CPU.
 - "nixl" (engine/kv_transfer/nixl.py): the tcp exchange on its socket, the bytes read by the decode rank out of
-  the prefill rank's memory with NIXL (UCX). The default where the nixl package is installed (`default_transport`).
+  a copy of exactly the claimed request's rows on the prefill rank, registered for that one fetch, with NIXL
+  (UCX), when the deployment's KV secret authenticated the peer; over the socket otherwise. The default where the
+  nixl package is installed (`default_transport`).
 
 What another transport needs to be added here (CUDA IPC
 between GPU ranks on one node): `serve` returns an object with `close()` that makes the store's entries
 readable by key (as "nixl" does: its agent registers an entry's host rows and sends its metadata in the reply;
 the key names the entry), and `fetch` returns a `SavedKV` in this rank's layout or
 raises `KVFetchError` with the reason within the timeout. A transport that reads blocks in place (NIXL:
-engine/kv_transfer/nixl_inplace.py) also has `cache_region(kv)`, the prefill rank's cache registered once (None
-where it cannot be read in place), and on the decode side finds the rank's blocks and the load's block ids through
+engine/kv_transfer/nixl_inplace.py) also has `hold_region(kv)`, the prefill rank's cache whose saves are held in
+it until fetched (None where they cannot be), and on the decode side finds the rank's blocks and the load's block ids through
 the connector's `on_group` (an ArrivalWriter) instead of returning host copies.
 """
 from __future__ import annotations
@@ -137,13 +139,25 @@ class NixlTransport(TCPTransport):
         super().__init__(*args, **kwargs)
         self._agents: dict[bool, object] = {}  # progress thread or not -> NixlAgent
         self._agent_lock = threading.Lock()
+        # Where UCX may listen (engine/kv_transfer/ucx_net.py): the serving agent on the KV listener's host's
+        # interface, the fetching one on those towards the allowed peers; set by `bind_hosts`, looked up when the
+        # agent is made (on the rank's own machine). Unset: loopback only, as the defaults are.
+        self.listen_host: str | None = "127.0.0.1"
+        self.peer_hosts: tuple[str, ...] = ()
+
+    def bind_hosts(self, listen_host: str | None, peer_hosts: tuple[str, ...]) -> None:
+        """The KV listener's host (None: this rank serves nothing) and the peers it loads from (() loopback)."""
+        self.listen_host, self.peer_hosts = listen_host, tuple(peer_hosts)
 
     def agent(self, serving: bool):
         from .nixl import NixlAgent
+        from .ucx_net import devices_for
 
         with self._agent_lock:
             if serving not in self._agents:
-                self._agents[serving] = NixlAgent(progress_thread=serving)
+                devices = devices_for(self.listen_host or "127.0.0.1", None) if serving \
+                    else devices_for(None, self.peer_hosts)
+                self._agents[serving] = NixlAgent(progress_thread=serving, net_devices=devices)
             return self._agents[serving]
 
     def close(self) -> None:
@@ -161,11 +175,12 @@ class NixlTransport(TCPTransport):
         self.__dict__.update(state)
         self._agent_lock = threading.Lock()
 
-    def cache_region(self, kv):
-        """`kv` (a PagedKVBlocks) registered once with the serving agent for in-place reads, or None where it cannot
-        be (nixl_inplace.py); the agent deregisters it when it closes."""
-        agent = self.agent(serving=True)
-        return agent.regions.get(agent, kv)
+    def hold_region(self, kv):
+        """`kv`'s saves held in place until fetched (nixl_inplace.HoldRegion: nothing of the cache is registered; a
+        claimed save's rows are staged out for its one fetch), or None where they cannot be (the copy path)."""
+        from .nixl_inplace import HoldRegion, in_place_ok
+
+        return HoldRegion(kv) if in_place_ok(kv) is None else None
 
     def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
         from .nixl import NixlKVServer

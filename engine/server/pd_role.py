@@ -22,9 +22,12 @@ def with_role_default(params, kv_role: str, n: int):
     """A prefill server ("kv_producer") saves the prompt KV of every request that does not say otherwise: routers
     that do not know moelink's connector (smg's vLLM PD mode treats an unknown one as "passthrough": it sends the
     prefill leg no kv_transfer_params and relays whatever the engine returns) still get a decode handoff. n > 1
-    cannot be handed off (a saved KV is served once): such a request is only computed here."""
+    cannot be handed off (a saved KV is served once): such a request is only computed here. Marked
+    `by_role_default`: its save is copied to host memory, never held in the cache (only a request that asks for the
+    handoff itself may hold blocks: docs/security-kv.md)."""
     if params.kv_transfer_params is None and kv_role == PRODUCER and n == 1:
-        return dataclasses.replace(params, kv_transfer_params=KVTransferParams(do_remote_decode=True))
+        return dataclasses.replace(params, kv_transfer_params=KVTransferParams(do_remote_decode=True,
+                                                                               by_role_default=True))
     return params
 
 

@@ -162,12 +162,13 @@ def test_the_transport_travels_to_ray_ranks_as_its_settings(pair):
 
 def test_a_read_cut_midway_frees_every_block_on_both_sides_and_recomputes(tiny_model, monkeypatch):
     """The first group's READ lands, the second fails (a peer gone mid-transfer, as UCX reports it): the decode
-    engine recomputes with every block free after, and the prefill side has dropped the entry and, its blocks held
-    in place (nothing registered per fetch), gives them back at its next step: both engines idle, every block free."""
+    engine recomputes with every block free after, and the prefill side has dropped the entry, deregistered the copy
+    it staged for each fetch (the cut does not leave it exposed) and gives the held blocks back at its next step:
+    both engines idle, every block free."""
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=21, n=2, lo=9, hi=17)
     want = one_engine(path, ps)
-    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl"))
+    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", secret=SECRET))
     with LLM(path, kv_connector=conn, **KW) as pre:
         save = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
                               kv_transfer_params=KVTransferParams(do_remote_decode=True))
@@ -184,7 +185,7 @@ def test_a_read_cut_midway_frees_every_block_on_both_sides_and_recomputes(tiny_m
             return real_wait(self, handle, deadline)
 
         monkeypatch.setattr(NixlAgent, "wait", cut)
-        dec = Decoder(path, RemoteKVConfig(transport="nixl"))
+        dec = Decoder(path, RemoteKVConfig(transport="nixl", secret=SECRET))
         try:
             free, total = dec.free_blocks()
             dec.add(ps, [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
@@ -197,7 +198,7 @@ def test_a_read_cut_midway_frees_every_block_on_both_sides_and_recomputes(tiny_m
             assert dec.free_blocks() == (total, total)
         finally:
             dec.close()
-        assert len(side.store) == 0 and count.exposed == count.unexposed == 0
+        assert len(side.store) == 0 and count.exposed == count.unexposed == len(ps)
         assert side.store.counters.num_held == len(ps)
         settle(pre)
         stats = pre.engine.stats()

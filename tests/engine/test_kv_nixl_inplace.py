@@ -1,9 +1,11 @@
-"""NIXL in place (engine/kv_transfer/nixl_inplace.py, issue 47 item 1): the prefill rank's paged cache registered
-once, a saved request's blocks held in it (not copied) until the decode rank READs them straight into its own
-blocks (its cache registered once too) or the hold deadline passes. Whole engines (GQA, MLA) against one engine,
-with the copies and registrations counted; hold expiry; the side channel's refusals before any descriptor leaves;
-the store's held entries; the bound on held bytes; abort and shutdown; a long prompt's reply header; the
-scheduler's held save. The read cut mid-way is tests/engine/test_kv_nixl.py's (in place by default)."""
+"""NIXL in place (engine/kv_transfer/nixl_inplace.py, issue 47 item 1; scoped in issue 53): a saved request's
+blocks held in the prefill rank's cache (not copied at save time, nothing of the cache registered) until a fetch
+claims them: then exactly its rows are staged out, the hold ends, and only that copy is registered for the one
+fetch, which the decode rank READs straight into its own blocks (its cache registered once). Whole engines (GQA,
+MLA) against one engine, with the copies and registrations counted; hold expiry; the side channel's refusals
+before any descriptor leaves; the store's held entries and their bounds; abort and shutdown; a long prompt's reply
+header; the scheduler's held save. The read cut mid-way is tests/engine/test_kv_nixl.py's; what a fetcher can
+reach with the metadata it got is tests/engine/test_kv_nixl_scope.py's."""
 from __future__ import annotations
 
 import threading
@@ -18,7 +20,7 @@ from moelink.engine.kv_transfer.auth import SecretAuth
 from moelink.engine.kv_transfer.blocks import PagedKVBlocks
 from moelink.engine.kv_transfer.nixl import nixl_available
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
-from moelink.engine.kv_transfer.store import SavedKVStore
+from moelink.engine.kv_transfer.store import HoldBounds, SavedKVStore
 from moelink.engine.kv_transfer.transport import make_transport
 from moelink.engine.kv_transfer.wire import KVFetchError
 from moelink.scheduler.outputs import KVTransfer
@@ -29,6 +31,8 @@ from tests.helpers.kv_params import SECRET
 from tests.helpers.net import free_port
 from tests.helpers.parity import prompts
 from tests.helpers.waits import wait_until
+
+UNBOUNDED = HoldBounds(1 << 40, 1 << 40)
 
 pytestmark = pytest.mark.skipif(not nixl_available(), reason="the nixl package is not installed")
 
@@ -58,15 +62,15 @@ def test_greedy_pd_parity_reading_the_prefill_blocks_in_place(kind, tiny_model, 
     for name in ("read", "read_async"):
         real = getattr(PagedKVBlocks, name)
         monkeypatch.setattr(PagedKVBlocks, name, lambda self, t, _r=real: copies.append(t) or _r(self, t))
-    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl"))
+    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", secret=SECRET))
     with LLM(path, kv_connector=conn, **KW) as pre:
         side = pre.engine.executor.runner.kv_connector
-        # Registered when the cache was allocated (the runner's cache_allocated), before any request.
-        assert side.transport.agent(serving=True).regions.num_registered == 1
+        # Nothing of the cache is registered with the serving agent, ever (a peer never gets a key to it).
+        assert side.transport.agent(serving=True).regions.num_registered == 0
         outs = pre.generate(ps, SAVE, use_tqdm=False)
         free, total = _free(pre)
-        assert free < total  # held for the decode engine, though every request finished
-        dec = Decoder(path, RemoteKVConfig(transport="nixl"))
+        assert free < total and copies == []  # held for the decode engine, though every request finished: no copy
+        dec = Decoder(path, RemoteKVConfig(transport="nixl", secret=SECRET))
         try:
             assert dec.worker.transport.agent(serving=False).regions.num_registered == 1  # at allocation too
             dec.add(ps, _decode_params(outs))
@@ -79,7 +83,8 @@ def test_greedy_pd_parity_reading_the_prefill_blocks_in_place(kind, tiny_model, 
         finally:
             dec.close()
         serving = side.transport.agent(serving=True)
-        assert serving.regions.num_registered == 1 and copies == []
+        # Each fetch staged exactly its request's rows out of the cache once (then the hold ended); none registered.
+        assert serving.regions.num_registered == 0 and len({t.transfer_id for t in copies}) == len(copies) == len(ps)
         c = side.store.counters
         assert (c.num_held, c.num_served, c.num_hold_expired, len(side.store)) == (len(ps), len(ps), 0, 0)
         settle(pre)  # its steps report the holds the reads ended
@@ -95,8 +100,6 @@ def test_a_hold_past_its_deadline_frees_the_blocks_and_a_late_fetch_recomputes(t
     conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", nixl_hold_s=0.2))
     with LLM(path, kv_connector=conn, **KW) as pre:
         side = pre.engine.executor.runner.kv_connector
-        # Registered when the cache was allocated (the runner's cache_allocated), before any request.
-        assert side.transport.agent(serving=True).regions.num_registered == 1
         outs = pre.generate(ps, SAVE, use_tqdm=False)
         total = _free(pre)[1]
         # The server's sweeper expires holds while the engine is idle (every ServerLimits.sweep_s).
@@ -123,9 +126,9 @@ def held():
     pre = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
     store, port = SavedKVStore(60.0, 1 << 30), free_port()
     server = pre.serve(store, "127.0.0.1", port)
-    region = pre.cache_region(PagedKVBlocks(src, None, 4))
-    assert pre.cache_region(region.kv) is region  # once per cache
-    store.hold("k", region.held(KVTransfer(7, "k", [2, 3, 4], 10, token_ids=tuple(TOKENS))), 60.0)
+    region = pre.hold_region(PagedKVBlocks(src, None, 4))
+    assert pre.agent(serving=True).regions.num_registered == 0  # nothing of the cache registered
+    store.hold("k", region.held(KVTransfer(7, "k", [2, 3, 4], 10, token_ids=tuple(TOKENS))), 60.0, UNBOUNDED)
     dec = make_transport("nixl", 5.0, 20.0, auth=SecretAuth(SECRET))
     yield src, region, store, port, dec
     server.close()
@@ -147,7 +150,7 @@ def test_a_fetch_reads_exactly_the_held_blocks_into_its_own_and_ends_the_hold(he
     assert writer.nbytes == 3 * sum(x[0].numel() * x.element_size() for layer in src for x in layer)
     assert store.released() == [7] and len(store) == 0  # the hold ended with the read
     # A reader that does not write into a cache (no connector) gets host rows, counted as staged.
-    store.hold("k", region.held(KVTransfer(8, "k", [2, 3, 4], 10, token_ids=tuple(TOKENS))), 60.0)
+    store.hold("k", region.held(KVTransfer(8, "k", [2, 3, 4], 10, token_ids=tuple(TOKENS))), 60.0, UNBOUNDED)
     got = dec.fetch("127.0.0.1", port, "k", kv.layout, TOKENS, 3, 20.0, torch.device("cpu"))
     assert all(torch.equal(r.view(s.dtype), s[[2, 3, 4]]) for (_, rows), sl in zip(got.groups, src)
                for r, s in zip(rows, sl))
@@ -180,21 +183,21 @@ def test_held_entries_are_never_evicted_and_every_way_out_is_released():
     kv = PagedKVBlocks(src, None, 4)
     from moelink.engine.kv_transfer.nixl_inplace import HeldKV
 
-    def held(tid):  # a HeldKV as CacheRegion.held makes it, without an agent
+    def held(tid):  # a HeldKV as HoldRegion.held makes it
         return HeldKV(10, tuple(TOKENS), kv.layout, [([0, 1, 2], ())], transfer_id=tid)
 
     a, b = held(1), held(2)
-    store.hold("a", a, 5.0)
-    store.hold("b", b, 50.0)
+    store.hold("a", a, 5.0, UNBOUNDED)
+    store.hold("b", b, 50.0, UNBOUNDED)
     assert len(store) == 2 and store.nbytes == 0  # nothing in host memory, nothing evicted past max_bytes
     assert store.peek("a") is a and store.take("a", a) and store.released() == []  # claimed: held until release
     store.release(a)
     now[0] = 60.0
     assert sorted(store.released()) == [1, 2] and store.counters.num_hold_expired == 1
-    store.hold("c", held(3), 5.0)
+    store.hold("c", held(3), 5.0, UNBOUNDED)
     store.clear()
     assert store.released() == [3] and len(store) == 0
-    store.hold("d", held(4), 5.0)
+    store.hold("d", held(4), 5.0, UNBOUNDED)
     store.drop_held()  # an elastic rewind: the scheduler freed the blocks already, nothing to report
     assert store.released() == [] and len(store) == 0
 
@@ -207,8 +210,9 @@ def test_the_worker_halves_hold_a_save_until_the_decode_side_read_it():
     from moelink.engine.kv_transfer.remote import RemoteWorkerSide
 
     cap, port = new_capability(), free_port()
-    prefill = RemoteWorkerSide(RemoteKVConfig(port=port, transport="nixl"), 0)
-    decode = RemoteWorkerSide(RemoteKVConfig(fetch_timeout_s=10.0, transport="nixl"), 0)
+    prefill = RemoteWorkerSide(RemoteKVConfig(port=port, transport="nixl", secret=SECRET, nixl_hold_fraction=1.0,
+                                              nixl_hold_client_fraction=1.0), 0)  # a 12-block cache: hold any
+    decode = RemoteWorkerSide(RemoteKVConfig(fetch_timeout_s=10.0, transport="nixl", secret=SECRET), 0)
     try:
         src = [tuple(torch.randn(6, 4, 2, 8) for _ in range(2)) for _ in range(2)]
         prefill.start_save(KVTransfer(1, "req", [3, 1], 8, token_ids=tuple(range(8)), params=cap),
@@ -228,21 +232,36 @@ def test_the_worker_halves_hold_a_save_until_the_decode_side_read_it():
         decode.close()
 
 
-def test_held_blocks_are_bounded_by_max_saved_bytes_past_it_a_save_is_copied():
-    """Saves no decode engine fetches must not hold the whole pool: past max_saved_bytes of held blocks, the next
-    save takes the copy path (reported done at once, its blocks free)."""
+def test_held_blocks_are_bounded_per_rank_and_per_client_oldest_released_first():
+    """Saves no decode engine fetches must not hold the pool (issue 53 finding 1): held blocks name at most
+    nixl_hold_fraction of the rank's cache, one client's at most nixl_hold_client_fraction; a new hold releases the
+    client's own oldest past its share, then anyone's oldest past the total (reported to the scheduler, which frees
+    their blocks; counted); a save alone past a bound, or one that did not ask for the handoff itself, is copied."""
     from moelink.engine.kv_transfer.auth import new_capability
+    from moelink.engine.kv_transfer.config import SaveKey
     from moelink.engine.kv_transfer.remote import RemoteWorkerSide
 
-    src = [tuple(torch.randn(6, 4, 2, 8) for _ in range(2)) for _ in range(2)]
-    one = 2 * 2 * 2 * 4 * 2 * 8 * 4  # two blocks of every tensor, in bytes
-    side = RemoteWorkerSide(RemoteKVConfig(port=free_port(), transport="nixl", max_saved_bytes=one), 0)
+    src = [tuple(torch.randn(16, 4, 2, 8) for _ in range(2))]  # 16 blocks: 512 bytes a block over both tensors
+    kv = PagedKVBlocks(src, None, 4)
+    side = RemoteWorkerSide(RemoteKVConfig(port=free_port(), transport="nixl", nixl_hold_fraction=0.25,
+                                           nixl_hold_client_fraction=0.125), 0)
     try:
-        kv = PagedKVBlocks(src, None, 4)
-        for tid, blocks in ((1, [0, 1]), (2, [2, 3])):
-            side.start_save(KVTransfer(tid, "r", blocks, 8, token_ids=tuple(range(8)), params=new_capability()), kv)
-        assert side.poll() == {2: True}  # the copy; the first still held
-        assert (side.store.counters.num_held, side.store.counters.num_saved, side.store.held_nbytes) == (1, 2, one)
+        side.cache_allocated(kv)
+        def save(tid, blocks, client, hold=True):
+            side.start_save(KVTransfer(tid, "r", blocks, 4 * len(blocks), token_ids=tuple(range(4 * len(blocks))),
+                                       params=SaveKey(new_capability(), hold, client)), kv)
+        save(1, [0], ("10.0.0.1",))
+        save(2, [1], ("10.0.0.1",))
+        save(3, [2], ("10.0.0.1",))  # the client's share is 2 blocks: its oldest hold (1) goes
+        assert side.poll() == {1: True} and side.store.counters.num_hold_evicted == 1
+        save(4, [3], ("10.0.0.2",))
+        save(5, [4], ())  # anonymous: the total only (4 blocks): nothing released yet
+        save(6, [5], ("10.0.0.3",))  # past the total: the oldest hold of anyone's (2) goes
+        assert side.poll() == {2: True} and side.store.counters.num_hold_evicted == 2
+        save(7, [6, 7, 8], ("10.0.0.4",))  # alone past the client's share: copied, reported at once
+        save(8, [9], ("10.0.0.4",), hold=False)  # a role default's save: copied
+        assert side.poll() == {7: True, 8: True}
+        assert side.store.counters.num_held == 6 and side.store.held_nbytes == 4 * 512
     finally:
         side.close()
 
@@ -261,7 +280,7 @@ def test_a_long_prompts_reply_header_passes_the_fixed_header_bound(transport):
     dec = make_transport(transport, 5.0, 30.0)
     try:
         if transport == "nixl":
-            store.hold("k", pre.cache_region(kv).held(t), 60.0)
+            store.hold("k", pre.hold_region(kv).held(t), 60.0, UNBOUNDED)
         else:
             store.put("k", kv.read(t))
         got = dec.fetch("127.0.0.1", port, "k", kv.layout, tokens, 1100, 30.0, torch.device("cpu"))
@@ -282,7 +301,7 @@ def test_an_aborted_prefill_and_a_shutdown_leave_no_block_held(tiny_model):
     ps = prompts(200, seed=9, n=2, lo=9, hi=17)
     longer = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
                             kv_transfer_params=KVTransferParams(do_remote_decode=True))
-    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", nixl_hold_s=0.5))
+    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", nixl_hold_s=0.5, secret=SECRET))
     with LLM(path, kv_connector=conn, **KW) as pre:
         side = pre.engine.executor.runner.kv_connector
         total = _free(pre)[1]
@@ -338,30 +357,33 @@ def test_the_scheduler_keeps_a_held_saves_blocks_without_stepping_for_it():
     assert s.stats().num_free_blocks == 16
 
 
-def test_a_cache_is_registered_when_allocated_once_and_a_reallocation_replaces_it():
-    """`register_at_allocation` (a rank's cache as it is allocated): registered before any save or fetch, once
-    (the first save's `cache_region` reuses it), on the serving agent for a prefill rank and the fetching agent for
-    a decode rank; a cache allocated again replaces the old registration; not NIXL, nothing."""
+def test_a_decode_cache_is_registered_when_allocated_once_and_a_prefill_cache_never():
+    """`register_at_allocation` (a loading rank's cache as it is allocated): registered with the fetching agent
+    before any fetch, once; a cache allocated again replaces the old registration; a prefill rank (kv_producer)
+    registers nothing, with either agent; not NIXL, nothing."""
     from moelink.engine.kv_transfer.nixl_inplace import register_at_allocation
+    from moelink.engine.kv_transfer.remote import RemoteWorkerSide
 
     def cache():
         return PagedKVBlocks([tuple(torch.zeros(6, 4, 2, 8) for _ in range(2)) for _ in range(3)], None, 4)
 
-    pre, dec = make_transport("nixl", 5.0, 20.0), make_transport("nixl", 5.0, 20.0)
+    dec = make_transport("nixl", 5.0, 20.0)
+    prefill = RemoteWorkerSide(RemoteKVConfig(port=free_port(), transport="nixl"), 0, loads=False)
     try:
         kv = cache()
-        region = register_at_allocation(pre, kv, serving=True)
-        serving = pre.agent(serving=True)
-        assert region is not None and serving.regions.num_registered == 1
-        assert pre.cache_region(kv) is region and serving.regions.num_registered == 1  # the first save: no second
+        region = register_at_allocation(dec, kv)
+        fetching = dec.agent(serving=False)
+        assert region is not None and fetching.regions.num_registered == 1
+        assert fetching.regions.get(fetching, kv) is region and fetching.regions.num_registered == 1  # no second
         again = cache()  # e.g. after an elastic recovery
-        assert register_at_allocation(pre, again, serving=True) is not region
-        live = serving.regions.take_all()  # the old cache's registration is gone, the new one's stays
-        assert serving.regions.num_registered == 2 and [r.kv for r in live] == [again]
-        serving.unexpose(live[0].reg)
-        fetching = register_at_allocation(dec, cache(), serving=False)
-        assert fetching is not None and dec.agent(serving=False).regions.num_registered == 1
-        assert register_at_allocation(make_transport("tcp", 5.0, 20.0), cache(), serving=True) is None
+        assert register_at_allocation(dec, again) is not region
+        live = fetching.regions.take_all()  # the old cache's registration is gone, the new one's stays
+        assert fetching.regions.num_registered == 2 and [r.kv for r in live] == [again]
+        fetching.unexpose(live[0].reg)
+        assert register_at_allocation(make_transport("tcp", 5.0, 20.0), cache()) is None
+        prefill.cache_allocated(cache())
+        assert prefill.transport.agent(serving=True).regions.num_registered == 0 and not prefill.transport._agents \
+            .get(False)
     finally:
-        pre.close()
         dec.close()
+        prefill.close()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moelink.engine.kv_transfer.arrival import ArrivalWriter, LoadDropped
+from moelink.engine.kv_transfer.auth import SecretAuth
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteSource, RemoteWorkerSide
 from moelink.engine.kv_transfer.store import SavedKVStore
 from moelink.engine.kv_transfer.transport import make_transport
@@ -18,7 +19,7 @@ from moelink.engine.kv_transfer.wire import KVFetchError
 from moelink.engine.kv_transfer.blocks import PagedKVBlocks, PendingRead
 from moelink.scheduler.outputs import KVTransfer
 
-from tests.helpers.kv_params import CAP, NO_KV
+from tests.helpers.kv_params import CAP, NO_KV, SECRET
 from tests.helpers.net import free_port
 
 
@@ -102,10 +103,11 @@ def test_an_async_save_is_stored_and_reported_by_the_poll_that_finds_it_done():
 @pytest.mark.parametrize("transport", ["tcp", "shm", "collective", "nixl"])
 def test_a_load_writes_each_group_as_it_arrives_from_reused_memory(transport):
     """Every transport hands the groups over in order; tcp and shm receive each into the same host memory
-    (one layer's bytes held at a time), nixl reads every group at once into one registered buffer, and the blocks
-    end up exactly the prefill rank's."""
+    (one layer's bytes held at a time), nixl (a peer the deployment secret authenticated: else the bytes come on
+    the socket, as tcp's) reads every group at once into one registered buffer, and the blocks end up exactly the
+    prefill rank's."""
     port = free_port()
-    tr = make_transport(transport, 5.0, 20.0)
+    tr = make_transport(transport, 5.0, 20.0, auth=SecretAuth(SECRET) if transport == "nixl" else None)
     store = SavedKVStore(60.0, 1 << 30)
     server = tr.serve(store, "127.0.0.1", port)
     src = _cache(3, 8)

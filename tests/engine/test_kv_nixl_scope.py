@@ -1,0 +1,160 @@
+"""What a fetcher can reach over NIXL with what its own fetch gave it (issue 53, findings 2 and 3).
+
+The attack of hardening round 5: a client fetches its own saved request with its own capability; the reply carried
+NIXL metadata covering the prefill rank's whole registered cache, with which it READ every user's KV (and a later
+user's, with no new fetch) and WROTE a shared system prompt's blocks. Here, on a real prefill engine:
+
+- loopback without the deployment secret (the attack's set-up: any local process completes the handshake): the
+  reply carries no NIXL metadata at all (the bytes come on the socket), the serving agent registers nothing, and a
+  decode engine still loads the KV (greedy tokens equal one engine's);
+- with the secret (an authenticated peer that misbehaves): the metadata covers a copy of exactly its request's rows,
+  for its one fetch; a READ of the cache (another user's blocks) is refused, during the fetch and with the stale
+  metadata after a later request; a WRITE into what it was given changes no byte of the cache, and the next user
+  sharing the system prompt gets one engine's tokens.
+"""
+from __future__ import annotations
+
+import base64
+import socket
+import time
+
+import pytest
+import torch
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.contract.kv_transfer_params import KVTransferParams
+from moelink.engine.kv_transfer.auth import SecretAuth
+from moelink.engine.kv_transfer.client import request_kv
+from moelink.engine.kv_transfer.nixl import NixlAgent, nixl_available
+from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+from moelink.engine.kv_transfer.wire import Deadline, send_header
+
+from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder, one_engine
+from tests.helpers.kv_params import SECRET
+from tests.helpers.net import free_port
+
+pytestmark = pytest.mark.skipif(not nixl_available(), reason="the nixl package is not installed")
+
+SAVE = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                      kv_transfer_params=KVTransferParams(do_remote_decode=True))
+SYSTEM = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]  # three blocks of 4, shared through the prefix cache
+VICTIM = SYSTEM + [41, 42, 43, 44, 45]
+ATTACKER = SYSTEM + [71, 72, 73]
+LATER = SYSTEM + [91, 92, 93, 94, 95, 96]
+
+
+def _prefill(path, secret):
+    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", secret=secret))
+    return LLM(path, kv_connector=conn, **KW)
+
+
+def _cache(llm) -> list[torch.Tensor]:
+    kv = llm.engine.executor.runner.kv_blocks
+    seen, out = set(), []
+    for tensors, _ in kv.groups:
+        for x in tensors:
+            if x.data_ptr() not in seen:
+                seen.add(x.data_ptr())
+                out.append(x)
+    return out
+
+
+def _own_fetch(llm, out, prompt, secret) -> tuple[socket.socket, dict]:
+    """The attacker's fetch of its own saved request, as any KV client makes it: the reply header, the socket open."""
+    p = out.kv_transfer_params
+    sock = socket.create_connection(("127.0.0.1", p.remote_port), timeout=10)
+    reply = request_kv(sock, "attack", p.remote_kv_token, llm.engine.executor.runner.kv_blocks.layout, prompt,
+                       Deadline(20.0, "attack"), 5.0, SecretAuth(secret), max_blocks=64)
+    assert reply["ok"] is True
+    return sock, reply
+
+
+def _transfer(agent: NixlAgent, remote: str, op: str, local: torch.Tensor, addr: int, n: int) -> str:
+    """One raw NIXL transfer of `n` bytes at `addr` of `remote`, as an attacker holding its metadata posts it:
+    'refused' (NIXL found no registration covering it), or the transfer's end state."""
+    ag = agent._live()
+    try:
+        handle = ag.initialize_xfer(op, ag.get_xfer_descs([(local.data_ptr(), n, 0)], "DRAM"),
+                                    ag.get_xfer_descs([(addr, n, 0)], "DRAM"), remote)
+    except Exception:  # nixlNotFoundError: no registration of the remote agent covers those bytes
+        return "refused"
+    try:
+        state = ag.transfer(handle)
+        deadline = time.monotonic() + 10
+        while state in ("PROC", "INIT") and time.monotonic() < deadline:
+            state = ag.check_xfer_state(handle)
+            time.sleep(0.001)
+        return state
+    finally:
+        handle.release()
+
+
+def test_without_the_secret_a_fetch_gets_its_bytes_on_the_socket_and_no_key_to_any_memory(tiny_model, monkeypatch):
+    path = tiny_model("qwen3_e6k3")
+    exposed = []
+    real = NixlAgent.expose
+    monkeypatch.setattr(NixlAgent, "expose", lambda self, ts: exposed.append(ts) or real(self, ts))
+    with _prefill(path, None) as pre:
+        pre.generate([VICTIM], SAVE, use_tqdm=False)
+        (mine,) = pre.generate([ATTACKER], SAVE, use_tqdm=False)
+        sock, reply = _own_fetch(pre, mine, ATTACKER, None)
+        sock.close()
+        assert "nixl" not in reply  # no agent name, no metadata, no address: nothing to READ or WRITE with
+        serving = pre.engine.executor.runner.kv_connector.transport.agent(serving=True)
+        assert exposed == [] and serving.regions.num_registered == 0
+        # A decode engine (no secret either) still loads the victim's KV, over the socket.
+        (victim,) = pre.generate([VICTIM[:-1] + [46]], SAVE, use_tqdm=False)
+        dec = Decoder(path, RemoteKVConfig(transport="nixl"))
+        try:
+            dec.add([VICTIM[:-1] + [46]], [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                                                          kv_transfer_params=victim.kv_transfer_params)])
+            assert dec.run(1) == one_engine(path, [VICTIM[:-1] + [46]])
+            assert dec.worker.stats.num_loaded == 1 and dec.computed == MAX_NEW
+        finally:
+            dec.close()
+        assert exposed == []
+
+
+def test_with_the_secret_a_fetch_reaches_only_a_copy_of_its_own_rows_for_its_one_fetch(tiny_model):
+    path = tiny_model("qwen3_e6k3")
+    want_later = one_engine(path, [LATER])
+    attacker = NixlAgent(progress_thread=False)
+    try:
+        with _prefill(path, SECRET) as pre:
+            pre.generate([VICTIM], SAVE, use_tqdm=False)
+            (mine,) = pre.generate([ATTACKER], SAVE, use_tqdm=False)
+            cache = _cache(pre)
+            before = [x.clone() for x in cache]
+            sock, reply = _own_fetch(pre, mine, ATTACKER, SECRET)
+            nixl = reply["nixl"]
+            remote = nixl["agent"]
+            attacker.load_remote(remote, base64.b64decode(nixl["meta"]))
+            buf = torch.zeros(1 << 20, dtype=torch.uint8)
+            attacker.register([(buf.data_ptr(), buf.numel(), 0, "")], "DRAM")
+            # Its own rows: readable (what it was given).
+            ti, ((base, _, row), *_) = nixl["tensors"][0]
+            assert _transfer(attacker, remote, "READ", buf, base, row) == "DONE"
+            # The cache: another user's blocks, the shared system prompt's, any byte of it: no key covers them.
+            for x in cache:
+                n = min(x.numel() * x.element_size(), buf.numel())
+                assert _transfer(attacker, remote, "READ", buf, x.data_ptr(), n) == "refused"
+                assert _transfer(attacker, remote, "WRITE", buf, x.data_ptr(), n) == "refused"
+            # A WRITE into what it was given lands in that copy: no byte of the cache changes.
+            buf.fill_(0x5A)
+            _transfer(attacker, remote, "WRITE", buf, base, row)
+            send_header(sock, {"read": True}, Deadline(5.0, "attack"))
+            sock.recv(1)
+            sock.close()
+            assert all(torch.equal(a, b) for a, b in zip(cache, before))
+            # A later user sharing the system prompt gets one engine's tokens; with the stale metadata and no new
+            # fetch, its blocks are out of reach too.
+            later = pre.generate([LATER], SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True),
+                                 use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in later] == want_later
+            for x in cache:
+                n = min(x.numel() * x.element_size(), buf.numel())
+                assert _transfer(attacker, remote, "READ", buf, x.data_ptr(), n) == "refused"
+            serving = pre.engine.executor.runner.kv_connector.transport.agent(serving=True)
+            assert serving.regions.num_registered == 0
+    finally:
+        attacker.close()
