@@ -265,7 +265,8 @@ def recover_ranks(ex, drop_if_all_alive: tuple[int, ...] = (), keep: bool = True
         workers = [old_workers[r] for r in survivors]
         addr, port, blocks, kept = reform_group(workers, plan, config, keep=keep)
     except _Unrecoverable as exc:
-        err = WorkerDiedError(lost.rank, f"{lost.reason}; elastic EP cannot go on without it: {exc}", lost.what)
+        err = WorkerDiedError(lost.rank, f"{lost.reason}; elastic EP cannot go on without it: {exc}", lost.what,
+                              name=lost.name)
         raise ex.give_up(err) from exc
     m = len(workers)
     ex.commit(ex.group.survivors(survivors, config, plan, addr, port, node_ids))

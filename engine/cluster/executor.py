@@ -86,11 +86,24 @@ class Executor(ABC):
             raise self.dead_error
 
 
-class WorkerDiedError(RuntimeError):
-    """A rank's worker is gone, hung or silent; the engine cannot step any more."""
+def rank_name(rank: int, tensor_parallel_size: int = 1, expert_parallel_size: int = 1) -> str:
+    """World rank `rank` named by what it is in this layout, for a loss message: under EP alone an
+    expert-parallel rank; under -tp alone (one TP group, the experts split over it) a tensor-parallel rank; under
+    TP x EP both at once, so the world rank and its TP group (a loss takes the whole group out)."""
+    if tensor_parallel_size <= 1:
+        return f"expert-parallel rank {rank}" if expert_parallel_size > 1 else f"rank {rank}"
+    if expert_parallel_size <= 1:
+        return f"tensor-parallel rank {rank}"
+    return f"rank {rank} (TP group {rank // tensor_parallel_size})"
 
-    def __init__(self, rank: int, reason: str, what: str = "died"):
-        super().__init__(f"expert-parallel rank {rank} {what}: {reason}")
+
+class WorkerDiedError(RuntimeError):
+    """A rank's worker is gone, hung or silent; the engine cannot step any more. `name`: the rank as
+    `rank_name` calls it in the engine's layout (None: an expert-parallel rank, the layout before TP)."""
+
+    def __init__(self, rank: int, reason: str, what: str = "died", name: str | None = None):
+        self.name = name if name is not None else f"expert-parallel rank {rank}"
+        super().__init__(f"{self.name} {what}: {reason}")
         self.rank, self.reason, self.what = rank, reason, what
 
 

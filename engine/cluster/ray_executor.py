@@ -39,7 +39,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config.engine_args import EngineConfig
 from .ep_group import EPGroup
-from .executor import Executor, WorkerDiedError
+from .executor import Executor, WorkerDiedError, rank_name
 from ..contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from .ray_runtime import (  # noqa: F401  (re-exported: tests and callers import them from here)
     _HEARTBEAT_GROUP, _HEARTBEAT_INTERVAL_S, _LOST_POLL_S, _PG_TIMEOUT_S, RAY_LOOPBACK_ENV, ExecutorShutDown,
@@ -109,7 +109,7 @@ class RayExecutor(Executor):
         self._tp = config.parallel.tensor_parallel_size  # ranks per TP group: consecutive, on one node
         self._state = state = _RayState()
         state.elastic = config.parallel.elastic_ep
-        state.tp = self._tp
+        state.tp, state.ep = self._tp, config.parallel.expert_parallel_size
         # Releases the actors, the placement group and a Ray we started when this executor is collected
         # (or at exit), if shutdown() was not called; calling it is shutdown().
         self._finalizer = weakref.finalize(self, state.release)
@@ -182,6 +182,7 @@ class RayExecutor(Executor):
                              f"{self.group.epoch}; a transition builds the next one (EPGroup.next).")
         self.group = group
         self._state.workers = list(group.workers)
+        self._state.ep = group.config.parallel.expert_parallel_size  # elastic EP shrinks it; names follow
         self._rejoin_drop = tuple(drop_on_recovery)
         self._ep_graph_sizes = None  # the new ranks' captured graphs are asked again
 
@@ -194,6 +195,10 @@ class RayExecutor(Executor):
             state.lost = None
             state.generation += 1
         self.start_heartbeats()
+
+    def rank_name(self, rank: int) -> str:
+        """World rank `rank` as a loss message names it in this executor's layout (executor.rank_name)."""
+        return rank_name(rank, self._state.tp, self._state.ep)
 
     def mark_lost(self, err: WorkerDiedError) -> None:
         """Record a loss the engine recovers from at its next step (kept if one is already recorded)."""
@@ -350,7 +355,7 @@ class RayExecutor(Executor):
 
     def _fail(self, rank: int, reason: str, what: str = "died"):
         # A rank the heartbeats found silent is reported as such, not as the survivor we killed after it.
-        raise self._state.fail(WorkerDiedError(rank, reason, what))
+        raise self._state.fail(self._state.died(rank, reason, what))
 
     def check_health(self) -> None:
         if self._state.dead_error is not None:

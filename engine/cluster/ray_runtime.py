@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 
-from .executor import WorkerDiedError
+from .executor import WorkerDiedError, rank_name
 
 logger = logging.getLogger("moelink.engine.cluster.ray_executor")  # one logger name for the executor's messages
 
@@ -161,8 +161,14 @@ class _RayState:
         # each recovery starts a new heartbeat generation (the old thread ends).
         self.elastic = False
         self.tp = 1  # ranks per TP group: a loss takes its whole group out, so recovery needs two groups
+        self.ep = 1  # expert_parallel_size: with tp, what a lost rank is called (executor.rank_name)
         self.lost: WorkerDiedError | None = None
         self.generation = 0
+
+    def died(self, rank: int, reason: str, what: str = "died") -> WorkerDiedError:
+        """The loss of world rank `rank`, named by what it is in this layout (a TP-only server has no
+        expert-parallel rank to name)."""
+        return WorkerDiedError(rank, reason, what, name=rank_name(rank, self.tp, self.ep))
 
     def fail(self, error: Exception) -> Exception:
         """Record the first failure, stop every rank; returns the first failure (the one to report). Elastic:
@@ -247,14 +253,14 @@ def _heartbeats(state: _RayState, interval_s: float, timeout_s: float, generatio
         answered = set(ready)
         for rank, ref in enumerate(refs):
             if ref not in answered:
-                state.fail(WorkerDiedError(
+                state.fail(state.died(
                     rank, f"no heartbeat for {timeout_s:g} s: its process is frozen, wedged or unreachable "
                           "(--heartbeat-timeout)", what="is not responding"))
                 return
             try:
                 ray.get(ref, timeout=0)
             except ray.exceptions.RayActorError as exc:
-                state.fail(WorkerDiedError(rank, f"its actor died ({type(exc).__name__})"))
+                state.fail(state.died(rank, f"its actor died ({type(exc).__name__})"))
                 return
             except Exception:  # a heartbeat cannot raise; count it as an answer
                 pass

@@ -310,7 +310,7 @@ def admit_ranks(ex) -> RejoinResult | None:
         ex.adopt(ex.group.next(config=config, plan=plan, bundles=tuple(range(n)), workers=tuple(workers),
                                rank_pids=tuple(pids), node_ids=tuple(node_ids)), drop_on_recovery=tuple(new))
         ex.mark_lost(WorkerDiedError(new[0], f"admitting replacement rank(s) {new} failed: {exc}",
-                                     "failed to rejoin"))
+                                     "failed to rejoin", name=ex.rank_name(new[0])))
         logger.error("rejoin failed midway (%s); recovering at the ranks that are alive", exc)
         raise RejoinFailed(tuple(kept), str(exc)) from exc
     ex.commit(ex.group.next(config=config, plan=plan, bundles=tuple(range(n)), workers=tuple(workers),

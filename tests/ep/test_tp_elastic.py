@@ -57,8 +57,9 @@ def test_sigkill_one_rank_of_a_tp_group_takes_the_group_out_and_the_rest_serve_o
         assert got == {f"r{i}": want[f"r{i}"] for i in range(len(prompts))}
         for s in eng.rank_stats():
             assert s.num_free_blocks == s.num_total_blocks, s
-        # One group left: a loss has nothing to go on with, and fails fast naming the rank, no recovery tried.
-        loss_fails_fast(eng, 2)
+        # One group left: a loss has nothing to go on with, and fails fast naming the rank as what it is (a rank
+        # of TP group 0, not an "expert-parallel rank"), no recovery tried.
+        loss_fails_fast(eng, 2, name="rank 1 (TP group 0)")
         assert stats.recoveries == 1 and stats.failed_recoveries == 0
     finally:
         eng.shutdown()

@@ -73,9 +73,12 @@ def kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def loss_fails_fast(eng, num_prompts: int, rank: int = 1):
+def loss_fails_fast(eng, num_prompts: int, rank: int = 1, name: str | None = None):
     """With nothing to recover to, SIGKILL rank `rank` while `num_prompts` requests run: the engine's steps raise
-    one WorkerDiedError naming the rank (no recovery tried, so the error never mentions elastic EP); returns it."""
+    one WorkerDiedError naming the rank as `name` (default: an expert-parallel rank; executor.rank_name) (no
+    recovery tried, so the error never mentions elastic EP); returns it."""
+    import re
+
     import pytest
 
     from moelink.engine.cluster.executor import WorkerDiedError
@@ -84,7 +87,8 @@ def loss_fails_fast(eng, num_prompts: int, rank: int = 1):
         eng.add_request(f"x{i}", p, PARAMS)
     eng.step()
     kill(eng.executor.rank_pids[rank])
-    with pytest.raises(WorkerDiedError, match=rf"^expert-parallel rank {rank} died") as info:
+    name = f"expert-parallel rank {rank}" if name is None else name
+    with pytest.raises(WorkerDiedError, match=rf"^{re.escape(name)} died") as info:
         for _ in range(200):
             eng.step()
     assert "elastic" not in str(info.value)
