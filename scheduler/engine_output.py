@@ -82,6 +82,9 @@ class KVTransferCounters:
     tokens_loaded: int = 0  # prompt tokens of the successful loads
     load_wait_s: float = 0.0  # summed seconds from a load's start (blocks reserved) to its report, ok or failed
     saves: int = 0  # requests whose finished output said where their saved KV is (a prefill engine's handoffs)
+    holds_read: int = 0  # saves held in the cache (NIXL) whose hold ended with a fetch claiming them
+    holds_unread: int = 0  # held saves released unread: expired, or evicted for newer holds past their bounds
+    held_blocks: int = 0  # a gauge: KV blocks held by saves now (not cumulative)
 
     @classmethod
     def combine(cls, per_rank: "list[KVTransferCounters | None]") -> "KVTransferCounters | None":
@@ -89,7 +92,8 @@ class KVTransferCounters:
         if not ranks:
             return None
         return cls(**{f: sum(getattr(c, f) for c in ranks) for f in
-                      ("loads_ok", "loads_failed", "tokens_loaded", "load_wait_s", "saves")})
+                      ("loads_ok", "loads_failed", "tokens_loaded", "load_wait_s", "saves", "holds_read",
+                       "holds_unread", "held_blocks")})
 
 
 def _combined_spec(per_rank: "list[SpecDecodeCounters | None]") -> "SpecDecodeCounters | None":

@@ -63,6 +63,7 @@ saved prefix shorter than the prompt from another engine (the remote side's toke
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -324,6 +325,12 @@ class KVTransfers:
         failed: list[Request] = []
         for tid, ok in done.items():
             f = self._in_flight.pop(tid, None)
+            if tid in self._held and f is not None:  # a held save's hold ended: read, or released unread
+                self._held.discard(tid)
+                if ok:
+                    self.counters.holds_read += 1
+                else:
+                    self.counters.holds_unread += 1
             self._held.discard(tid)
             started = self._load_started.pop(tid, None)
             self._load_ended(tid)
@@ -350,6 +357,11 @@ class KVTransfers:
                     failed.append(req)
             self.connector.transfer_done(f.transfer, ok)
         return failed
+
+    def counters_now(self) -> KVTransferCounters:
+        """The cumulative counters, with the blocks held saves keep out of the pool now."""
+        held = sum(len(self._in_flight[t].refs) for t in self._held if t in self._in_flight)
+        return dataclasses.replace(self.counters, held_blocks=held)
 
     def fail_all(self) -> list[Request]:
         """Elastic EP rewind: every transfer in flight counts as failed (its worker state was reset)."""

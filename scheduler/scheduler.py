@@ -423,7 +423,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             prefix_cache_queries=pool.prefix_cache_queries, prefix_cache_hits=pool.prefix_cache_hits,
             num_preemptions_total=self.num_preemptions_total,
             spec_decode=self.spec_counters.copy() if self.spec_counters.num_verify_rows else None,
-            kv_transfer=None if self.kv_transfers is None else dataclasses.replace(self.kv_transfers.counters))
+            kv_transfer=None if self.kv_transfers is None else self.kv_transfers.counters_now())
 
     def reset_prefix_cache(self) -> int:
         """Forget all cached prefixes (e.g. after a weight update)."""

@@ -92,6 +92,12 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-nixl-hold", type=float, default=480.0, metavar="SECONDS",
                    help="over NIXL in place: seconds a finished prefill's blocks wait for their decode server before "
                         "they go back to the pool")
+    g.add_argument("--kv-nixl-hold-fraction", type=float, default=0.25, metavar="FRACTION",
+                   help="over NIXL in place: the share of a rank's KV cache that held saves may keep out of the pool; "
+                        "past it the oldest hold is released first (its decode server recomputes)")
+    g.add_argument("--kv-nixl-hold-client-fraction", type=float, default=0.0625, metavar="FRACTION",
+                   help="over NIXL in place: the share one client's held saves may keep (at most "
+                        "--kv-nixl-hold-fraction); past it that client's oldest hold is released first")
     g.add_argument("--kv-fetch-timeout", type=float, default=60.0,
                    help="seconds a decode server waits for one request's KV before it computes the prompt itself")
     g.add_argument("--kv-secret-file", default=None, metavar="PATH",
@@ -171,7 +177,9 @@ def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
                         fetch_timeout_s=ns.kv_fetch_timeout, secret=load_secret(ns.kv_secret_file), peers=peers,
                         connect_timeout_s=ns.kv_connect_timeout, first_byte_timeout_s=ns.kv_first_byte_timeout,
                         max_loads=ns.kv_max_loads, max_loads_per_source=ns.kv_max_loads_per_source,
-                        nixl_in_place=ns.kv_nixl_in_place, nixl_hold_s=ns.kv_nixl_hold, **extra)
+                        nixl_in_place=ns.kv_nixl_in_place, nixl_hold_s=ns.kv_nixl_hold,
+                        nixl_hold_fraction=ns.kv_nixl_hold_fraction,
+                        nixl_hold_client_fraction=ns.kv_nixl_hold_client_fraction, **extra)
     return ServerRole(ns.role, kv, offload)
 
 

@@ -317,6 +317,17 @@ def kv_transfer_families(c, config):
                   "report (queue, fetch and write; / loads = the mean time a request waits for its KV).",
                   c.load_wait_s)
     yield counter("moelink_kv_transfer_saves", "Requests whose prompt KV this engine saved and handed off.", c.saves)
+    holds = CounterMetricFamily("moelink_kv_transfer_holds_ended", "Saves held in the KV cache (NIXL) whose hold "
+                                "ended, by result (read: a fetch claimed it; unread: expired, or released oldest "
+                                "first for newer holds past --kv-nixl-hold-fraction or a client's share).",
+                                labels=["role", "result"])
+    holds.add_metric([role, "read"], getattr(c, "holds_read", 0))
+    holds.add_metric([role, "unread"], getattr(c, "holds_unread", 0))
+    yield holds
+    held = GaugeMetricFamily("moelink_kv_transfer_held_blocks", "KV blocks held by saves waiting for their decode "
+                             "engine now.", labels=["role"])
+    held.add_metric([role], getattr(c, "held_blocks", 0))
+    yield held
 
 
 # -- the KV offload tiers (engine/kv_transfer/offload*.py), through typed protocols -----------------------------

@@ -258,10 +258,12 @@ class RemoteWorkerSide:
             self.store.put(t.params, p.saved)
             with self._lock:
                 self._done[t.transfer_id] = True
-        released = self.store.released()  # holds ended: read in place, expired, or the reader gone
+        # Holds ended: claimed by a fetch (True), or unread (False: expired, evicted for a newer hold, cleared): the
+        # scheduler frees the blocks either way and counts which (metrics: moelink_kv_transfer_holds_ended).
+        released = self.store.released_outcomes()
         if released:
             with self._lock:
-                self._done.update((tid, True) for tid in released)
+                self._done.update(released)
         with self._lock:
             written, self._written = self._written, []
         landed = [(t, w) for t, w in written if w.done()]  # event queries on a GPU: no host sync

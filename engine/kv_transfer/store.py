@@ -69,6 +69,7 @@ class SavedKVStore:
         self._bytes = 0
         self._held: dict[str, object] = {}  # key -> HeldKV not claimed yet
         self._released: list[int] = []  # save transfer ids whose hold ended, for the next poll
+        self._unread: set[int] = set()  # of those, the ones no fetch claimed (expired, evicted, replaced, ...)
         self._claims: dict[str, set[int]] = {}  # key -> the decode TP ranks that claimed a shard of it (take)
         # The global kv heads this rank's saves hold (engine/kv_transfer/tp_shard.Heads; None: every head its
         # layout has, or a whole latent), set by the worker under tensor parallelism.
@@ -133,7 +134,7 @@ class SavedKVStore:
             self._expire()
             old = self._held.pop(key, None)
             if old is not None:
-                self._released.append(old.transfer_id)
+                self._unread_release(old.transfer_id)
                 self.counters.num_replaced += 1
             if client:
                 self._evict_holds(lambda h: tuple(getattr(h, "client", ())) == client, bounds.per_client - held.nbytes)
@@ -152,7 +153,7 @@ class SavedKVStore:
             if total <= room:
                 break
             del self._held[k]
-            self._released.append(h.transfer_id)
+            self._unread_release(h.transfer_id)
             self.counters.num_hold_evicted += 1
             total -= h.nbytes
 
@@ -167,14 +168,24 @@ class SavedKVStore:
         with self._lock:
             if self._held.get(key) is held:
                 del self._held[key]
-                self._released.append(held.transfer_id)
+                self._unread_release(held.transfer_id)
 
     def released(self) -> list[int]:
         """The save transfer ids whose hold ended since the last call (expired ones swept first)."""
+        return [tid for tid, _ in self.released_outcomes()]
+
+    def released_outcomes(self) -> list[tuple[int, bool]]:
+        """As `released`, each with whether a fetch claimed it (False: it expired, was evicted, replaced, refused
+        or cleared unread: the rank reports that save ended unread, which the scheduler counts)."""
         with self._lock:
             self._expire()
             out, self._released = self._released, []
-            return out
+            unread, self._unread = self._unread, set()
+            return [(tid, tid not in unread) for tid in out]
+
+    def _unread_release(self, tid: int) -> None:
+        self._released.append(tid)
+        self._unread.add(tid)
 
     def peek(self, key: str, wait_s: float = 0.0) -> SavedKV | None:
         """The entry under `key`, waiting up to `wait_s` for a save of it that has begun (`expect`)."""
@@ -226,7 +237,8 @@ class SavedKVStore:
         with self._lock:
             self._saved.clear()
             self._claims.clear()
-            self._released.extend(h.transfer_id for h in self._held.values())
+            for h in self._held.values():
+                self._unread_release(h.transfer_id)
             self._held.clear()
             self._expected.clear()
             self._bytes = 0
@@ -238,11 +250,12 @@ class SavedKVStore:
         with self._lock:
             self._held.clear()
             self._released.clear()
+            self._unread.clear()
 
     def _expire(self) -> None:
         now = self._clock()
         for key in [k for k, h in self._held.items() if h.hold_until <= now]:
-            self._released.append(self._held.pop(key).transfer_id)
+            self._unread_release(self._held.pop(key).transfer_id)
             self.counters.num_hold_expired += 1
         cutoff = now - self.ttl_s
         while self._saved:

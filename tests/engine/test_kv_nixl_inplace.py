@@ -89,6 +89,8 @@ def test_greedy_pd_parity_reading_the_prefill_blocks_in_place(kind, tiny_model, 
         assert (c.num_held, c.num_served, c.num_hold_expired, len(side.store)) == (len(ps), len(ps), 0, 0)
         settle(pre)  # its steps report the holds the reads ended
         assert _free(pre) == (total, total)
+        kv_stats = pre.engine.stats().kv_transfer  # metrics: moelink_kv_transfer_holds_ended / _held_blocks
+        assert (kv_stats.holds_read, kv_stats.holds_unread, kv_stats.held_blocks) == (len(ps), 0, 0)
 
 
 def test_a_hold_past_its_deadline_frees_the_blocks_and_a_late_fetch_recomputes(tiny_model):
@@ -103,9 +105,12 @@ def test_a_hold_past_its_deadline_frees_the_blocks_and_a_late_fetch_recomputes(t
         outs = pre.generate(ps, SAVE, use_tqdm=False)
         total = _free(pre)[1]
         # The server's sweeper expires holds while the engine is idle (every ServerLimits.sweep_s).
+        assert pre.engine.stats().kv_transfer.held_blocks == total - _free(pre)[0] > 0
         wait_until(lambda: side.store.counters.num_hold_expired == len(ps), 30.0, "the holds to expire")
         settle(pre)
         assert _free(pre) == (total, total) and len(side.store) == 0
+        kv_stats = pre.engine.stats().kv_transfer
+        assert (kv_stats.holds_read, kv_stats.holds_unread, kv_stats.held_blocks) == (0, len(ps), 0)
         dec = Decoder(path, RemoteKVConfig(transport="nixl", fetch_timeout_s=20.0))
         try:
             dec.add(ps, _decode_params(outs))
@@ -253,11 +258,11 @@ def test_held_blocks_are_bounded_per_rank_and_per_client_oldest_released_first()
         save(1, [0], ("10.0.0.1",))
         save(2, [1], ("10.0.0.1",))
         save(3, [2], ("10.0.0.1",))  # the client's share is 2 blocks: its oldest hold (1) goes
-        assert side.poll() == {1: True} and side.store.counters.num_hold_evicted == 1
+        assert side.poll() == {1: False} and side.store.counters.num_hold_evicted == 1  # released unread
         save(4, [3], ("10.0.0.2",))
         save(5, [4], ())  # anonymous: the total only (4 blocks): nothing released yet
         save(6, [5], ("10.0.0.3",))  # past the total: the oldest hold of anyone's (2) goes
-        assert side.poll() == {2: True} and side.store.counters.num_hold_evicted == 2
+        assert side.poll() == {2: False} and side.store.counters.num_hold_evicted == 2
         save(7, [6, 7, 8], ("10.0.0.4",))  # alone past the client's share: copied, reported at once
         save(8, [9], ("10.0.0.4",), hold=False)  # a role default's save: copied
         assert side.poll() == {7: True, 8: True}
@@ -387,3 +392,67 @@ def test_a_decode_cache_is_registered_when_allocated_once_and_a_prefill_cache_ne
     finally:
         dec.close()
         prefill.close()
+
+
+def _step_until_idle(llm) -> int:
+    steps = 0
+    while llm.engine.has_requests():
+        llm.engine.step()
+        steps += 1
+        assert steps < 2000
+    return steps
+
+
+def test_a_client_that_never_fetches_cannot_starve_admission(tiny_model):
+    """Issue 53 finding 1 (hold exhaustion) on a real prefill engine: one client floods it with saves it never
+    fetches. Its holds keep at most its share of the pool (the oldest released first, counted), so another
+    client's requests are admitted and finish in as many steps as on an idle engine, with one engine's tokens; the
+    requests of a prefill server's role default (they did not ask for the handoff) hold nothing at all."""
+    from dataclasses import replace
+
+    from moelink.engine.core.outputs import OutputKind
+
+    path = tiny_model("qwen3_e6k3")
+    flood = prompts(300, seed=31, n=30, lo=16, hi=17)  # 4 blocks each: 120 blocks, past the 96-block pool
+    victims = prompts(400, seed=32, n=4, lo=6, hi=12)
+    want = one_engine(path, victims)
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", nixl_hold_fraction=0.25,
+                                            nixl_hold_client_fraction=0.125))
+    with LLM(path, kv_connector=conn, **KW) as pre:
+        total = _free(pre)[1]
+
+        def add(rid, prompt, params, client):
+            processed = replace(pre.engine.process_inputs(rid, prompt, params), client=client)
+            pre.engine.add_processed(processed, OutputKind.FINAL_ONLY)
+
+        for i, v in enumerate(victims):
+            add(f"base{i}", v, greedy, ("10.0.0.2",))
+        idle_steps = _step_until_idle(pre)
+        for i, p in enumerate(flood):
+            add(f"flood{i}", p, SAVE, ("10.0.0.66",))
+        _step_until_idle(pre)
+        kv_stats = pre.engine.stats().kv_transfer
+        share = int(total * 0.125)
+        assert 0 < kv_stats.held_blocks <= share and _free(pre)[0] >= total - share
+        assert kv_stats.holds_unread >= len(flood) - share // 4  # the oldest released for the newest
+        outs = {}
+        for i, v in enumerate(victims):
+            add(f"v{i}", v, greedy, ("10.0.0.2",))
+        steps = 0
+        while pre.engine.has_requests():
+            for o in pre.engine.step():
+                if o.finished:
+                    outs[o.request_id] = o.outputs[0].token_ids
+            steps += 1
+        assert steps == idle_steps and [outs[f"v{i}"] for i in range(len(victims))] == want
+        # A prefill server's role default (smg's PD mode sends the prefill leg no parameters): copied, not held.
+        side = pre.engine.executor.runner.kv_connector
+        held_before = side.store.counters.num_held
+        by_role = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                                 kv_transfer_params=KVTransferParams(do_remote_decode=True, by_role_default=True))
+        for i, p in enumerate(flood[:5]):
+            add(f"role{i}", p, by_role, ("10.0.0.67",))
+        _step_until_idle(pre)
+        settle(pre)
+        assert side.store.counters.num_held == held_before and pre.engine.stats().kv_transfer.held_blocks <= share

@@ -38,6 +38,16 @@ def test_cli_roles_are_validated_before_any_weights_load(tmp_path):
     assert not copied.nixl_in_place and copied.nixl_hold_s == 30.0
     with pytest.raises(ValueError, match="nixl_hold_s"):
         role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600", "--kv-nixl-hold", "-1"]), 1)
+    # What held saves may keep out of the pool (issue 53): a quarter of the cache, a sixteenth per client.
+    assert (held.nixl_hold_fraction, held.nixl_hold_client_fraction) == (0.25, 0.0625)
+    bounded = role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600", "--kv-nixl-hold-fraction",
+                                           "0.1", "--kv-nixl-hold-client-fraction", "0.05"]), 1).kv
+    assert (bounded.nixl_hold_fraction, bounded.nixl_hold_client_fraction) == (0.1, 0.05)
+    for flags, match in ((["--kv-nixl-hold-fraction", "1.5"], "nixl_hold_fraction"),
+                         (["--kv-nixl-hold-fraction", "0.1", "--kv-nixl-hold-client-fraction", "0.2"],
+                          "nixl_hold_client_fraction.*at most nixl_hold_fraction")):
+        with pytest.raises(ValueError, match=match):
+            role_from_args(p.parse_args(["--role", "prefill", "--kv-port", "5600", *flags]), 1)
 
 
 def test_kv_params_json_accepts_vllms_shape_and_names_bad_input():
