@@ -12,7 +12,8 @@ moves an expert whole, moe/expert_move.py): `w13_q_EFW` int32 [E, 2I, D/8] ([gat
 
 Checkpoint names per expert linear `experts.{e}.{gate,up,down}_proj.` (the only layout these exporters write):
 - compressed-tensors: `weight_packed` (copied as it is), `weight_scale`, `weight_zero_point` (int32 [N/8, S],
-  packed along N: unpacked at load by `Repack`); `weight_shape` is not read;
+  packed along N: unpacked at load by `Repack`); `weight_shape` is not loaded (engine/config/checkpoint_headers.py
+  checks it against config.json before anything is sized);
 - GPTQ: `qweight` int32 [K/8, N] (transposed at load: the same packing along K), `scales` [S, N] (transposed),
   `qzeros` [S, N/8] (unpacked, transposed, + 1 for checkpoint_format "gptq"); `g_idx` is not read (the config
   refuses desc_act, so it is k // G);

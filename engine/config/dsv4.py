@@ -56,9 +56,30 @@ MLP_KINDS = ("hash_moe", "moe")
 SCORING_FUNCS = ("sqrtsoftplus",)
 
 
+# The most each size may be, checked as config.json is read, before anything is sized from it: the window ring, the
+# compressor rings, the index top-k's selection, the hyper-connection streams are all allocated (or looped over) from
+# these alone. Each bound is the largest published value (DeepSeek-V4-Flash / V4-Pro, transformers' DeepseekV4Config
+# defaults) times a margin of 8 or more, and far below what a typo or a hostile file asks for (1e9 of them: a hang or
+# a terabyte allocation).
+DSV4_BOUNDS = {
+    "hc_mult": 64,  # published 4: residual streams, each a hidden_size row per token; the mixing matrix is hc_mult^2
+    "hc_sinkhorn_iters": 1024,  # published 20: Sinkhorn passes run for every token at every block, every step
+    "sliding_window": 1 << 16,  # published 128: a ring of that many raw KV rows per sequence and layer (state slot)
+    "compress_rates": 1 << 12,  # published 4 (CSA) and 128 (HCA): a ring of rate (CSA: 2 x rate) rows per sequence
+    "index_topk": 1 << 15,  # published 512 (Flash) and 1024 (Pro), 2048 in DeepSeek-V3.2's DSA: a top-k per query
+    "index_n_heads": 1 << 10,  # published 64
+    "index_head_dim": 1 << 12,  # published 128 (head_dim's own bound, engine/config/model.py)
+    "q_lora_rank": 1 << 16,  # published 1024 (Flash) and 1536 (Pro)
+    "o_lora_rank": 1 << 16,  # published 1024
+    "o_groups": 1 << 12,  # published 8 and 16; a divisor of num_attention_heads (itself at most 4096)
+}
+
+
 def _positive_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise unsupported(name, v, "a positive integer")
+    """A positive integer, at most DSV4_BOUNDS[name] where it has one; else one error naming the config.json field."""
+    most = DSV4_BOUNDS.get(name.split(".")[0])  # compress_rates.<layer type>: compress_rates' bound
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (most is not None and v > most):
+        raise unsupported(name, v, "a positive integer" + (f" at most {most}" if most is not None else ""))
 
 
 # The fp8 rows' geometry (module docstring), in bytes: the config sizes the cache from it, kernels/dsv4.FP8Rows encodes
@@ -239,12 +260,22 @@ class HyperConnectionConfig:
 
 
 def _int(hf, name: str) -> int:
-    """config.json's `name` as a positive integer, or one error naming it (a null or a string is refused here, not
-    left to fail later as a TypeError)."""
+    """config.json's `name` as a positive integer (at most DSV4_BOUNDS[name]), or one error naming it (a null or a
+    string is refused here, not left to fail later as a TypeError)."""
     v = getattr(hf, name, None)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise unsupported(name, v, "a positive integer")
+    _positive_int(name, v)
     return v
+
+
+def _compress_rates(hf, layer_types: list) -> dict:
+    """compress_rates: a positive integer (at most DSV4_BOUNDS["compress_rates"]) for each compressed layer kind
+    layer_types names."""
+    rates = getattr(hf, "compress_rates", None) or {}
+    if not isinstance(rates, dict):
+        raise unsupported("compress_rates", rates, "an object of one rate per compressed layer type")
+    for t in sorted({t for t in layer_types if LAYER_KINDS[t] != "sliding"}):
+        _positive_int(f"compress_rates.{t}", rates.get(t))
+    return rates
 
 
 def _rope(hf, label: str, rotary_dim: int) -> RopeConfig:
@@ -284,7 +315,7 @@ def read_dsv4(arch: str, hf, c: dict, rope: dict) -> dict:
         raise unsupported("norm_topk_prob", False, (True,), f" (transformers' {arch} always renormalises)")
     head_dim = c["head_dim"]
     rotary_dim = int(getattr(hf, "qk_rope_head_dim", 0) or round(head_dim * float(hf.partial_rotary_factor)))
-    rates = dict(getattr(hf, "compress_rates", None) or {})
+    rates = _compress_rates(hf, layer_types)
     ropes = {"main": _rope(hf, "main", rotary_dim), "compress": _rope(hf, "compress", rotary_dim)}
 
     def attention(t: str) -> DSV4AttentionConfig:
@@ -293,7 +324,7 @@ def read_dsv4(arch: str, hf, c: dict, rope: dict) -> dict:
         return DSV4AttentionConfig(
             kind, c["num_heads"], head_dim, _int(hf, "q_lora_rank"), _int(hf, "o_groups"), _int(hf, "o_lora_rank"),
             _int(hf, "sliding_window"), ropes["main" if kind == "sliding" else "compress"],
-            compress_rate=int(rates.get(t, 0)) if kind != "sliding" else 0,
+            compress_rate=rates[t] if kind != "sliding" else 0,
             index_n_heads=_int(hf, "index_n_heads") if csa else 0, index_head_dim=_int(hf, "index_head_dim") if csa else 0,
             index_topk=_int(hf, "index_topk") if csa else 0, rms_norm_eps=c["rms_norm_eps"])
 

@@ -25,6 +25,9 @@ _DEEPSEEK_ROUTING = {
     "DeepseekV32ForCausalLM": ("sigmoid", ("noaux_tc",)),
     "GlmMoeDsaForCausalLM": ("sigmoid", ("noaux_tc",)),
 }
+# The widest MLP config.json may name: intermediate_size's bound (engine/config/model.py _DIMS), 2^18, far above any
+# published model's (18,432 for DeepSeek-V3's dense layers) and far below a typo's allocation.
+_MAX_WIDTH = 1 << 18
 _ROPE_FIELD = "rope_parameters.rope_type (rope_scaling.rope_type or rope_scaling.type in older files)"
 
 
@@ -357,7 +360,14 @@ def _qwen3_next(arch: str, hf, c: dict, rope: dict) -> dict:
     step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
     sparse = tuple(i for i in range(c["num_layers"]) if i not in only_dense and E > 0 and (i + 1) % step == 0)
     norm = bool(getattr(hf, "norm_topk_prob", True))  # Qwen3.5 always renormalises (its config has no field)
-    shared = int(getattr(hf, "shared_expert_intermediate_size", 0) or 0)
+    # transformers' Qwen3NextSparseMoeBlock (and Qwen3.5-MoE's) always builds the shared MLP at this width and its
+    # sigmoid gate: at 0 the MLP is empty and adds exactly 0 to every token, gate or not. moelink reads 0 as that: no
+    # shared expert, its empty tensors and its gate not read (the same tokens as transformers: tests/engine/
+    # test_qwen3_next.py). A width is bounded as intermediate_size is (engine/config/model.py _DIMS).
+    shared = getattr(hf, "shared_expert_intermediate_size", 0)
+    if isinstance(shared, bool) or not isinstance(shared, int) or not 0 <= shared <= _MAX_WIDTH:
+        raise unsupported("shared_expert_intermediate_size", shared, f"an integer in [0, {_MAX_WIDTH}] (0: no "
+                                                                     f"shared expert)")
     moe = MoEConfig(RouterConfig(E, c["top_k"], norm_topk_prob=norm), n_shared_experts=1 if shared else 0,
                     shared_expert_intermediate_size=shared, shared_expert_gate=bool(shared))
     if len(sparse) < c["num_layers"] and not getattr(hf, "intermediate_size", None):

@@ -26,9 +26,23 @@ import torch
 PROJECTION_LAYOUTS = ("fused", "split")
 
 
+# The most each size may be, checked as config.json is read, before a state pool or a weight is sized from it. Each
+# bound is the largest published value (Qwen3-Next-80B-A3B: 16 key heads and 32 value heads of 128, a conv kernel of
+# 4; Qwen3.5-MoE: up to 64 value heads) times a margin of 16 or more, and far below what a typo or a hostile file asks
+# for (linear_value_head_dim 1e6: a recurrent state of 4 x 10^12 bytes per sequence per layer).
+LINEAR_BOUNDS = {
+    "linear_num_key_heads": 1 << 10,
+    "linear_num_value_heads": 1 << 10,
+    "linear_key_head_dim": 1 << 12,  # head_dim's own bound (engine/config/model.py)
+    "linear_value_head_dim": 1 << 12,
+    "linear_conv_kernel_dim": 1 << 6,  # the conv state keeps kernel - 1 rows per sequence and layer
+}
+
+
 def _positive_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"config.json {name}={v!r} is invalid: must be a positive integer.")
+    most = LINEAR_BOUNDS[name]
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
+        raise ValueError(f"config.json {name}={v!r} is invalid: must be an integer in [1, {most}].")
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,21 @@ class LinearAttentionConfig:
         """One sequence's state in one layer: the conv state in `dtype`, the recurrent state in float32."""
         return (self.conv_dim * (self.conv_kernel - 1) * dtype.itemsize
                 + self.num_v_heads * self.head_k_dim * self.head_v_dim * 4)
+
+    def header_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The shapes of a layer's `linear_attn.*` tensors that the linear_* fields alone decide (as transformers'
+        Qwen3NextGatedDeltaNet builds them), each with the fields it checks: engine/config/checkpoint_headers.py
+        compares them with the safetensors headers before anything is sized from config.json."""
+        f = self.fields()
+        return {"norm.weight": ((self.head_v_dim,), f"linear_value_head_dim={self.head_v_dim}"),
+                "A_log": ((self.num_v_heads,), f"linear_num_value_heads={self.num_v_heads}"),
+                "conv1d.weight": ((self.conv_dim, 1, self.conv_kernel), f)}
+
+    def fields(self) -> str:
+        """The linear_* fields as config.json names them, with their values (for an error)."""
+        return (f"linear_num_key_heads={self.num_k_heads}, linear_key_head_dim={self.head_k_dim}, "
+                f"linear_num_value_heads={self.num_v_heads}, linear_value_head_dim={self.head_v_dim}, "
+                f"linear_conv_kernel_dim={self.conv_kernel}")
 
     # -- the paged-KV questions every attention kind answers: none of it ----------------------------------------------
     def kv_values_per_token(self) -> int:

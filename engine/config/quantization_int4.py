@@ -105,6 +105,18 @@ def _refuse(field: str, value, allowed, why: str) -> ValueError:
     return unsupported(f"{_CT}.{field}", value, allowed, why)
 
 
+def _check_patterns(field: str, entries) -> None:
+    """compressed-tensors' `re:` entries (targets, ignore) compiled as its matcher compiles them (Python's re), so a
+    pattern that does not compile is refused as the config is read, naming it, not raised later as re.error."""
+    for entry in entries or ():
+        if isinstance(entry, str) and entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as e:
+                raise _refuse(field, entry, "module names, class names, or 're:' and a Python regular expression",
+                              f" (its pattern does not compile: {e})") from None
+
+
 def _read_compressed_tensors(quant: Mapping):
     """compressed-tensors' quantization_config, validated by the library (`QuantizationConfig.model_validate`: its
     defaults, the strategy it infers from a group size, its own checks), then the INT4 W4A16 scheme pulled out."""
@@ -154,11 +166,13 @@ def _read_compressed_tensors(quant: Mapping):
         if w.dynamic:
             raise _refuse(f"{where}.weights.dynamic", w.dynamic, (False,), " (static weight scales)")
         keys.add((w.group_size, bool(w.symmetric)))
+        _check_patterns(f"{where}.targets", s.targets)
         targets += list(s.targets)
     if len(keys) > 1:
         raise ValueError(f"config.json {_CT}.config_groups mixes INT4 schemes {sorted(keys)} (group size, symmetric): "
                          f"moelink runs one scheme for every INT4 module.")
     group, symmetric = keys.pop()
+    _check_patterns("ignore", qc.ignore)
     return Int4Config(int(group), symmetric, "compressed-tensors", targets=tuple(targets),
                       ignore=tuple(qc.ignore or ()))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
@@ -48,6 +48,16 @@ from ..config.worker_config import LOAD_FORMATS
 logger = logging.getLogger(__name__)
 
 
+def _open_file(fname: Path):
+    """safe_open on one checkpoint file; a file safetensors cannot read (cut short, corrupt: EngineArgs' header check
+    refuses those first, this is for a file changed since or a caller that skips it) is one error naming it."""
+    try:
+        return safe_open(str(fname), framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"checkpoint file {str(fname)!r} is truncated or corrupt: safetensors cannot read its header "
+                         f"({e}).") from None
+
+
 def checkpoint_index(model_dir: str | Path) -> dict[str, Path]:
     """Tensor name → safetensors file, from model.safetensors.index.json or the files themselves."""
     path = Path(model_dir)
@@ -60,7 +70,7 @@ def checkpoint_index(model_dir: str | Path) -> dict[str, Path]:
         raise ValueError(f"model={str(path)!r} has no *.safetensors files: moelink loads safetensors checkpoints only.")
     index: dict[str, Path] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
+        with _open_file(f) as st:
             for name in st.keys():
                 index[name] = f
     return index
@@ -97,7 +107,7 @@ class SafetensorsCheckpoint:
         for name in names:
             by_file.setdefault(self.index[name], []).append(name)
         for fname, group in by_file.items():
-            with safe_open(str(fname), framework="pt") as st:
+            with _open_file(fname) as st:
                 yield (_Renamed(st, self._real) if self._real else st), group
 
 

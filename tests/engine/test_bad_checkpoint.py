@@ -96,3 +96,23 @@ def test_nan_weights_are_refused_at_load(copy):
     with pytest.raises(ValueError, match=rf"checkpoint tensor '{name}' holds \d+ NaN value\(s\) of \d+: the "
                                          r"checkpoint is corrupt"):
         LLM(str(d), dtype="float32", max_model_len=64, num_kv_blocks=16)
+
+
+def test_a_truncated_safetensors_file_is_one_error_naming_it(copy):
+    """Issue 53: a file cut short after its header (a partial download): its header's tensors run past the file's
+    end. Before, the config was accepted and the loader raised safetensors' own SafetensorError ("incomplete
+    metadata, file not fully covered"); now the header check refuses it naming the file, and the loader, should it
+    meet such a file anyway, says the same in a ValueError."""
+    from moelink.engine.rank.loader import SafetensorsCheckpoint
+
+    d = copy()
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    f.write_bytes(raw[:8 + n + 100])
+    message = r"checkpoint file '.*model\.safetensors' is truncated or corrupt"
+    with pytest.raises(ValueError, match=message + r": its header's tensors take \d+ bytes of data, the file holds "
+                                                   r"100 after the header"):
+        _engine_config(d)
+    with pytest.raises(ValueError, match=message + r": safetensors cannot read its header"):
+        SafetensorsCheckpoint(d)

@@ -55,6 +55,19 @@ def test_config_reads_layer_kinds_routing_and_cache_sizes(dsv4_path):
     ("num_key_value_heads", 2, "num_key_value_heads=2"),
     ("index_topk", 0, "index_topk=0 .*a positive integer"),
     ("o_groups", 3, "o_groups=3 .*a divisor of num_attention_heads=4"),
+    # Issue 53: sizes bounded before anything is sized (or looped over) from them; before, 1e9 Sinkhorn iterations
+    # hung the first step and the others raised allocation tracebacks.
+    ("hc_sinkhorn_iters", 10**9,
+     r"hc_sinkhorn_iters=1000000000 is not supported: allowed: a positive integer at most 1024"),
+    ("hc_mult", 10**9, r"hc_mult=1000000000 is not supported: allowed: a positive integer at most 64"),
+    ("index_topk", 10**9, r"index_topk=1000000000 is not supported: allowed: a positive integer at most 32768"),
+    ("sliding_window", 10**12,
+     r"sliding_window=1000000000000 is not supported: allowed: a positive integer at most 65536"),
+    ("compress_rates", {"compressed_sparse_attention": 10**9, "heavily_compressed_attention": 8},
+     r"compress_rates\.compressed_sparse_attention=1000000000 is not supported: allowed: a positive integer at most "
+     r"4096"),
+    ("compress_rates", {"compressed_sparse_attention": 2, "heavily_compressed_attention": 10**12},
+     r"compress_rates\.heavily_compressed_attention=1000000000000 is not supported"),
 ])
 def test_an_unsupported_field_is_refused_naming_it(dsv4_path, tmp_path, field, value, match):
     shutil.copytree(dsv4_path, tmp_path / "m")

@@ -224,6 +224,14 @@ def test_config_readers_and_refusals():
     with pytest.raises(ValueError, match=r"input_activations"):
         read_quantization({**kimi, "config_groups": {"group_0": {**kimi["config_groups"]["group_0"],
                            "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}}}})
+    # Issue 53: a `re:` entry that does not compile, refused as the config is read (before: re.error at load).
+    with pytest.raises(ValueError, match=r"quantization_config\.ignore='re:\(' is not supported \(its pattern does not "
+                                         r"compile: missing \), unterminated subpattern.*\): allowed: module names"):
+        read_quantization({**kimi, "ignore": [*kimi["ignore"], "re:("]})
+    with pytest.raises(ValueError, match=r"quantization_config\.config_groups\.group_0\.targets='re:\[' is not "
+                                         r"supported \(its pattern does not compile"):
+        read_quantization({**kimi, "config_groups": {"group_0": {**kimi["config_groups"]["group_0"],
+                                                                 "targets": ["re:["]}}})
     with pytest.raises(ValueError, match="not a valid compressed-tensors config"):
         read_quantization({**kimi, "config_groups": {"group_0": {"weights": {"num_bits": "x"}}}})
     g = read_quantization({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True})
@@ -264,6 +272,46 @@ def test_int4_refusals(tiny, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"moe_intermediate_size=32 .*group size 64"):
         LLM(str(bad), dtype="float32", **ENGINE_KW)
+
+
+@pytest.mark.parametrize("what, message", [
+    # Issue 53: nothing read weight_shape; 2^30 rows loaded without a word.
+    ("weight_shape", r"checkpoint tensor 'model\.layers\.0\.mlp\.experts\.1\.down_proj\.weight_shape' holds "
+                     r"\[1073741824, 32\]: it must be the expert linear's shape \[64, 32\] \(config\.json "
+                     r"moe_intermediate_size=32, hidden_size=64\)"),
+    # Issue 53: a float weight_packed of the right shape was cast into the int32 words (garbage) without a word.
+    ("float_packed", r"checkpoint tensor 'model\.layers\.0\.mlp\.experts\.1\.down_proj\.weight_packed' has dtype "
+                     r"'F32' in its header: an INT4 packed weight \(compressed-tensors\) must be I32"),
+    # Outside the experts (scope "all"): the shape its packed tensor unpacks to.
+    ("linear_shape", r"checkpoint tensor 'model\.layers\.0\.self_attn\.q_proj\.weight_shape' holds \[1073741824, 64\]: "
+                     r"it must be the shape its 'model\.layers\.0\.self_attn\.q_proj\.weight_packed' \[64, 8\] unpacks "
+                     r"to \(\[64, 64\]"),
+])
+def test_int4_tensors_are_checked_before_anything_is_sized(tiny, tmp_path, what, message):
+    from safetensors.torch import load_file, save_file
+
+    from moelink.engine.config.engine_args import EngineArgs
+
+    src = Path(tiny("qwen3", True, "all" if what == "linear_shape" else "experts"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (bad / f.name).symlink_to(f)
+    for f in src.glob("*.safetensors"):
+        ts = load_file(str(f))
+        base = "model.layers.0.mlp.experts.1.down_proj."
+        if base + "weight_packed" in ts:
+            assert ts[base + "weight_shape"].tolist() == [64, 32]  # [hidden, expert width]: the down projection
+            if what == "weight_shape":
+                ts[base + "weight_shape"] = torch.tensor([1 << 30, 32])
+            elif what == "float_packed":
+                ts[base + "weight_packed"] = ts[base + "weight_packed"].view(torch.float32).clone()
+        if what == "linear_shape" and "model.layers.0.self_attn.q_proj.weight_shape" in ts:
+            ts["model.layers.0.self_attn.q_proj.weight_shape"] = torch.tensor([1 << 30, 64])
+        save_file(ts, str(bad / f.name), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(model=str(bad), dtype="float32", device="cpu", num_kv_blocks=16).create_engine_config()
 
 
 _TRITON_RUN = """

@@ -3,6 +3,8 @@ outputs equal transformers' token for token in float64, with chunked prefill and
 preemption, and resuming from prefix-cache state checkpoints (scheduler/hybrid_cache.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from moelink.engine import LLM
@@ -116,6 +118,73 @@ def test_a_layer_kind_moelink_does_not_know_is_refused_naming_it(hf_tiny_model, 
     cfg_file.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="layer_types.*mamba2.*linear_attention"):
         ModelConfig.from_pretrained(str(tmp_path / "m"))
+
+
+def _edited(src: str, tmp_path, **changes) -> str:
+    """A copy of checkpoint `src` (its files linked) whose config.json has `changes`."""
+    import json
+
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in Path(src).iterdir():
+        if f.name != "config.json":
+            (d / f.name).symlink_to(f)
+    raw = json.loads((Path(src) / "config.json").read_text())
+    raw.update(changes)
+    (d / "config.json").write_text(json.dumps(raw))
+    return str(d)
+
+
+@pytest.mark.parametrize("changes, message", [
+    # Issue 53: before, 1e6 sized the model and then read past the weights at load (an IndexError).
+    (dict(linear_value_head_dim=10**6), r"config\.json linear_value_head_dim=1000000 is invalid: must be an integer "
+                                        r"in \[1, 4096\]"),
+    # In range, but not what the weights hold: refused from the headers, before the model is sized (the same
+    # IndexError at load before).
+    (dict(linear_value_head_dim=16), r"tensor 'model\.layers\.0\.linear_attn\.norm\.weight' has shape \[12\], where "
+                                     r"config\.json \(linear_value_head_dim=16\) makes it \[16\]"),
+    (dict(shared_expert_intermediate_size=10**9), r"shared_expert_intermediate_size=1000000000 is not supported: "
+                                                  r"allowed: an integer in \[0, 262144\] \(0: no shared expert\)"),
+])
+def test_a_size_config_json_cannot_have_is_one_error_before_anything_is_sized(hf_tiny_model, tmp_path, changes,
+                                                                               message):
+    from moelink.engine.config.engine_args import EngineArgs
+
+    d = _edited(hf_tiny_model(NAME), tmp_path, **changes)
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(model=d, dtype="float64", num_kv_blocks=16, device="cpu").create_engine_config()
+
+
+def test_a_legacy_mamba_layer_type_reads_as_transformers_reads_it(hf_tiny_model, tmp_path):
+    """Issue 53 asked whether "mamba" in layer_types is accepted silently: transformers (>= 5.24, the pinned floor)
+    reads it as "linear_attention" for every model (configuration_utils._LEGACY_LAYER_TYPE_REMAP), so its own
+    Qwen3NextForCausalLM runs gated DeltaNet there, and moelink runs the same layer. A name transformers does not remap
+    is refused listing the kinds (test_a_layer_kind_moelink_does_not_know_is_refused_naming_it)."""
+    import json
+
+    src = hf_tiny_model(NAME)
+    types = json.loads((Path(src) / "config.json").read_text())["layer_types"]
+    cfg = ModelConfig.from_pretrained(_edited(src, tmp_path, layer_types=["mamba", *types[1:]]))
+    assert cfg.linear_layers == ModelConfig.from_pretrained(src).linear_layers == (0, 1, 3)
+
+
+@pytest.mark.slow
+def test_no_shared_expert_at_width_0_gives_transformers_tokens(tmp_path):
+    """Issue 53: shared_expert_intermediate_size 0. transformers' Qwen3NextSparseMoeBlock always builds the shared MLP
+    and its gate; at width 0 the MLP is empty and adds exactly 0. moelink reads 0 as no shared expert (its empty
+    tensors and its gate left unread): greedy tokens equal transformers'."""
+    import tests.helpers.hf_checkpoints as H
+
+    model_type, fields = H.HF_HYBRID[NAME]
+    H.HF_HYBRID["qwen3_next_no_shared"] = (model_type, dict(fields, shared_expert_intermediate_size=0))
+    try:
+        path = H.save_hf_checkpoint(tmp_path / "m", "qwen3_next_no_shared")
+    finally:
+        del H.HF_HYBRID["qwen3_next_no_shared"]
+    cfg = ModelConfig.from_pretrained(path)
+    assert (cfg.moe.n_shared_experts, cfg.moe.shared_expert_gate) == (0, False)
+    ps = _prompts()[:3]
+    assert_same(engine_greedy(LLM(path, dtype="float64", num_kv_blocks=64), ps), hf_greedy(path, ps), ps)
 
 
 @pytest.mark.slow
