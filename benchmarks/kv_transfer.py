@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from moelink.engine.kv_transfer.arrival import ArrivalWriter
-from moelink.engine.kv_transfer.store import SavedKVStore
+from moelink.engine.kv_transfer.store import HoldBounds, SavedKVStore
+from moelink.engine.kv_transfer.auth import SecretAuth
 from moelink.engine.kv_transfer.transport import KV_TRANSPORTS, make_transport
 from moelink.engine.kv_transfer.blocks import PagedKVBlocks, SavedKV
 from moelink.scheduler.outputs import KVTransfer
@@ -72,10 +73,12 @@ def cache_like(saved: SavedKV) -> tuple[PagedKVBlocks, KVTransfer]:
 def time_load(transport_name: str, saved: SavedKV, repeats: int) -> float:
     """Best of `repeats` loads (seconds), each of a fresh store entry: the fetch with every group written into
     the cache blocks as it arrives, as a decode rank's fetch thread does (engine/kv_transfer/arrival.py)."""
-    transport = make_transport(transport_name, 10.0, 600.0)
+    # NIXL serves a peer the deployment secret authenticated over NIXL (without one, the bytes go on the socket).
+    auth = SecretAuth(BENCH_SECRET) if transport_name == "nixl" else None
+    transport = make_transport(transport_name, 10.0, 600.0, auth=auth)
     # The decode side's transport object of its own, as another engine's would be (NIXL: another agent, so the
     # READ goes through UCX between two agents, not a local copy).
-    client = make_transport(transport_name, 10.0, 600.0)
+    client = make_transport(transport_name, 10.0, 600.0, auth=auth)
     store = SavedKVStore(600.0, 1 << 40)
     port = _free_port()
     server = transport.serve(store, "127.0.0.1", port)
@@ -103,25 +106,29 @@ def time_load(transport_name: str, saved: SavedKV, repeats: int) -> float:
 
 
 IN_PLACE = "nixl_in_place"
+BENCH_SECRET = b"moelink-kv-benchmark-secret-0123"  # both ends of the benchmark's NIXL loads prove it
 
 
 def time_load_in_place(saved: SavedKV, repeats: int) -> float:
-    """Best of `repeats` NIXL loads in place (seconds): `saved`'s rows put in a prefill cache (registered once),
-    held there under a fresh key per load, READ into the decode cache's blocks by the connector's writer."""
-    prefill, client = make_transport("nixl", 10.0, 600.0), make_transport("nixl", 10.0, 600.0)
+    """Best of `repeats` NIXL loads in place (seconds): `saved`'s rows put in a prefill cache, held there under a
+    fresh key per load; each fetch stages the held rows out (the copy registered for that fetch), and the decode
+    side READs them into its cache's blocks through the connector's writer."""
+    auth = SecretAuth(BENCH_SECRET)
+    prefill, client = make_transport("nixl", 10.0, 600.0, auth=auth), make_transport("nixl", 10.0, 600.0, auth=auth)
     store = SavedKVStore(600.0, 1 << 40)
     port = _free_port()
     server = prefill.serve(store, "127.0.0.1", port)
     src_kv, src_t = cache_like(saved)
     src_kv.write(src_t, saved)
-    region = prefill.cache_region(src_kv)
+    region = prefill.hold_region(src_kv)
     kv, t = cache_like(saved)
     best = float("inf")
     try:
         nblocks = len(saved.groups[0][0])
         for i in range(-1, repeats):  # -1: the warm-up load, untimed
             store.hold(f"k{i}", region.held(KVTransfer(i + 2, "bench", src_t.block_ids, saved.num_tokens,
-                                                       token_ids=saved.token_ids)), 600.0)
+                                                       token_ids=saved.token_ids)), 600.0,
+                       HoldBounds(1 << 40, 1 << 40))
             writer = ArrivalWriter(t, kv, 0, lambda: 0, threading.Lock())
             t0 = time.perf_counter()
             client.fetch("127.0.0.1", port, f"k{i}", saved.layout, list(saved.token_ids), nblocks, 600.0,

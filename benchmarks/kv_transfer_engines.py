@@ -27,6 +27,7 @@ import torch
 
 from moelink.engine.kv_transfer.arrival import ArrivalWriter
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteWorkerSide
+from moelink.engine.kv_transfer.auth import SecretAuth
 from moelink.engine.kv_transfer.transport import KV_TRANSPORTS, make_transport
 from moelink.engine.kv_transfer.blocks import PagedKVBlocks
 from moelink.scheduler.outputs import KVTransfer
@@ -51,7 +52,10 @@ def _sync(device: str) -> None:
 def _prefill(conn, transport: str, port: int, shape: str, num_tokens: int, device: str) -> None:
     """The child: saves the request on each ("save", i) and answers the seconds it took; ("stop",) ends it."""
     blocks, table = paged_cache(shape, num_tokens, device)
-    side = RemoteWorkerSide(RemoteKVConfig(transport=transport, port=port, max_saved_bytes=1 << 40), 0)
+    # The deployment secret (NIXL reads only for an authenticated peer), and holds allowed the whole cache (its
+    # request is half of it: the default share would copy it instead).
+    side = RemoteWorkerSide(RemoteKVConfig(transport=transport, port=port, max_saved_bytes=1 << 40, secret=SECRET,
+                                           nixl_hold_fraction=1.0, nixl_hold_client_fraction=1.0), 0)
     conn.send("ready")
     try:
         while (msg := conn.recv())[0] == "save":
@@ -66,6 +70,9 @@ def _prefill(conn, transport: str, port: int, shape: str, num_tokens: int, devic
             conn.send(time.perf_counter() - t0)
     finally:
         side.close()
+
+
+SECRET = b"moelink-kv-benchmark-secret-0123"  # both ends prove it
 
 
 def _capability(i: int) -> str:
@@ -90,7 +97,7 @@ def time_handoff(transport: str, shape: str, num_tokens: int, device: str, repea
         if not parent.poll(300) or parent.recv() != "ready":
             raise RuntimeError("the prefill process did not start")
         blocks, table = paged_cache(shape, num_tokens, device)
-        fetcher = make_transport(transport, 10.0, 600.0)
+        fetcher = make_transport(transport, 10.0, 600.0, auth=SecretAuth(SECRET))
         best_save = best_load = float("inf")
         nbytes = 0
         for i in range(repeats):

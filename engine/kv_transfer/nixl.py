@@ -1,34 +1,39 @@
 """The NIXL KV transport: the side channel of the TCP transport (handshake, request, exact-match claim, refusals;
-engine/kv_transfer/server.py) on its socket, the KV bytes read by the decode rank straight out of the prefill rank's
-memory with NIXL (UCX underneath: shared memory / CMA on one host, TCP or RDMA between hosts, NVLink between GPUs),
-the library vLLM's NixlConnector, SGLang and Dynamo move KV with.
+engine/kv_transfer/server.py) on its socket, the KV bytes read by the decode rank with NIXL (UCX underneath: shared
+memory / CMA on one host, TCP or RDMA between hosts, NVLink between GPUs), the library vLLM's NixlConnector, SGLang
+and Dynamo move KV with.
 
 A fetch, in order:
   1. the decode rank connects to the prefill rank's KV port and runs the handshake (engine/kv_transfer/auth.py) and
      the request (capability, layout, the prompt's token ids), exactly as over tcp;
-  2. the prefill rank claims the entry, registers its host rows with its NIXL agent and answers with the usual reply
-     header plus `nixl`: its agent's name, its metadata for those registrations (base64; the UCX worker address and
-     remote keys) and each tensor's address and length. So the agent metadata reaches a peer only after the side
-     channel authenticated it and it proved it holds the capability and the whole prompt (docs/security-kv.md);
+  2. the prefill rank claims the entry. A save held in its cache (in place, below) is staged out now: exactly that
+     request's rows copied to host memory, and the hold released at once (its blocks back in the pool before any
+     byte leaves). Then, to a peer the deployment's KV secret authenticated, it registers those rows (and nothing
+     else) with its NIXL agent and answers with the usual reply header plus `nixl`: its agent's name, its metadata
+     for that one registration (base64; the UCX worker address and remote keys) and where the rows lie. To a peer
+     no secret authenticated (loopback without one: any local process can complete the handshake) it sends the rows
+     on the socket, as tcp does, and no NIXL metadata at all: UCX over TCP and shared memory checks no remote key at
+     the target (measured: a READ or WRITE with a deregistered key, or at an address outside the registration by a
+     client that skips NIXL's own descriptor check, still lands), so a key is given only to a deployment member;
   3. the decode rank checks the header against its own layout (wire.recv_saved, on `meta` tensors: nothing is
-     allocated for a reply that does not fit), posts one NIXL READ per group (a layer's tensors) into a host buffer
-     its agent registered once and reuses, and hands each group to the connector's writer as soon as its READ is
-     done while the later groups are still being read (layer-pipelined, as the other transports);
+     allocated for a reply that does not fit) and posts one NIXL READ per group (a layer's tensors) straight into
+     its own cache blocks (its cache registered once with its fetching agent, whose metadata never leaves it) or,
+     where the cache cannot be read into (per-sequence state groups), into a host buffer it registered once and
+     reuses, handing each group on as its READ completes while the later groups are still being read;
   4. the decode rank says "read" on the socket; the prefill rank then deregisters the rows (also when the socket
-     closes or the reply deadline passes: memory is exposed to one peer for one fetch at most) and closes the
-     connection, which the fetch waits for.
+     closes or the reply deadline passes: a copy of one request is exposed to one peer for one fetch at most) and
+     closes the connection, which the fetch waits for.
 
-Agents: one per transport object (a rank's connector), made on first use, named at random, with the UCX backend
-and no listener thread of its own (metadata travels only over the side channel). A decode agent keeps the prefill
-agents it has loaded (at most MAX_REMOTE_AGENTS, least recently used dropped), so later fetches from the same rank
-skip UCX's connection set-up (measured: ~80 ms the first time, < 1 ms after).
+Agents: one per transport object (a rank's connector) and role, made on first use, named at random, with the UCX
+backend and no listener thread of their own (metadata travels only over the side channel); UCX kept to the
+interfaces the rank was told to use (engine/kv_transfer/ucx_net.py). A decode agent keeps the prefill agents it has
+loaded (at most MAX_REMOTE_AGENTS, least recently used dropped), so later fetches from the same rank skip UCX's
+connection set-up (measured: ~80 ms the first time, < 1 ms after).
 
-In place (the default, `RemoteKVConfig.nixl_in_place`; engine/kv_transfer/nixl_inplace.py): the prefill rank's
-paged cache is registered once and a saved request's blocks are held in it, not copied; the reply names the
-request's block ids and where its rows lie (`nixl.tables`, `nixl.tensors`; the metadata of the registration made
-once) instead of host rows, step 4 releases the hold instead of deregistering, and a decode rank whose connector
-writes the load READs those rows straight into its own blocks (its cache registered once too). The copy path above stays for what in place does
-not cover (nixl_inplace.py's docstring: caches with per-sequence state, registrations NIXL refuses).
+In place (the default, `RemoteKVConfig.nixl_in_place`; engine/kv_transfer/nixl_inplace.py): a prefill rank does not
+copy a save when it is made; it holds the request's blocks in its cache until a fetch claims them (step 2) or
+`nixl_hold_s` passes, within bounds on what holds may keep out of the pool. Nothing of the cache is ever
+registered with the serving agent.
 """
 from __future__ import annotations
 

@@ -1,36 +1,32 @@
-"""NIXL in place: a rank's paged KV cache registered with its NIXL agent once, and a request's blocks named by
-(address, length) so the decode rank READs the prefill rank's blocks straight into its own (issue 47 item 1).
+"""NIXL in place: a prefill rank holds a saved request's blocks in its paged cache (no copy when the save is made)
+until a fetch claims them, and a decode rank READs what it is given straight into its own blocks (issue 47 item 1;
+scoped to one fetch in issue 53).
 
 Legend: N a request's block entries moved, B block size, X the rest of a cache row in bytes.
 
-Registration. `CacheRegion` registers every paged tensor of a rank's cache (each once: gpt-oss's sliding and full
-layers share theirs) with one NIXL agent, once per cache, and deregisters them when the agent closes (the
-transport's close(), after the rank's server). `register_at_allocation` does it when the rank allocates its cache
-(engine start), with the serving agent on a rank that serves saved KV (prefill) and with the fetching agent on
-one that loads (decode), so neither the first save nor the first fetch pays for it; a cache allocated again (an
-elastic recovery's) replaces the old one's registration. A cache not registered by then (a worker half without
-that hook) is registered at its first save or fetch instead, as before.
+Prefill side. `HoldRegion.held` names a save's blocks (`HeldKV`: the save's transfer, its cache and, on CUDA, an
+event after the step that wrote them); the rank's store holds it until one fetch claims it, or `nixl_hold_s` passes,
+or newer holds push it out (store.py: a share of the cache in all, a smaller one per client, oldest first). Only a
+request that asked for the handoff itself is held (a prefill server's role default is copied: engine/kv_transfer/
+config.py's SaveKey). The cache itself is never registered with NIXL: at the claim, `stage` copies exactly that
+request's rows out to host memory (after the writing step's event on CUDA) and the hold ends at once, then
+`reply_staged` registers that copy alone for the one fetch (nixl.py says when: only for a peer the deployment
+secret authenticated) and names it in the in-place shape (`staged_nixl`: per group a table of entries 0..n-1, per
+tensor a base and its row stride), deregistering it when the reader says "read", goes away, or the deadline passes.
+So a peer can reach no block of the cache, another request's or a shared prefix's, for reading or writing: what it
+may WRITE into is its own copy, which nothing else reads.
 
-Prefill side. The memory type comes from the tensor's device (DRAM on CPU, VRAM on CUDA): the same code for both. A
-saved request is then not copied: `CacheRegion.held` names its blocks (its block ids per table, and per group and
-tensor the base address, block stride and row length in the registered tensors: block row b is at base + b *
-stride), and the rank's store holds that `HeldKV` until one fetch claims it (the reply sends exactly that request's
-block ids) and says "read", or until `RemoteKVConfig.nixl_hold_s` passes (or, past `max_saved_bytes` of held blocks,
-the save is copied instead); the scheduler keeps the blocks referenced until the worker reports the hold over
-(scheduler/kv_connector.py: a held save). On CUDA the save records an event after the step that wrote the KV; the
-reply waits for it before naming a block (the READ must not overtake the kernel that writes it).
+Decode side. The fetching agent holds the decode rank's cache registered once (`register_at_allocation`), and posts
+one READ per group from the announced rows into the rows of the blocks the scheduler reserved for the load
+(entries below `first_block` or NULL here are skipped, as `PagedKVBlocks.write_group` skips them): no staging
+buffer, and each group is reported landed (`ArrivalWriter.landed`) as its READ completes while the later groups'
+READs are in flight (layer-pipelined). Its metadata never leaves the process.
 
-Decode side. The fetching agent holds the decode rank's cache registered the same way, once, and posts one READ per
-group from the prefill rank's block rows into the rows of the blocks the scheduler reserved for the load (entries
-below `first_block` or NULL here are skipped, as `PagedKVBlocks.write_group` skips them): no staging buffer, and
-each group is reported landed (`ArrivalWriter.landed`) as its READ completes while the later groups' READs are in
-flight (layer-pipelined).
-
-Where in place does not apply, the copy path of engine/kv_transfer/nixl.py stays: a cache with per-sequence state
-groups (Qwen3-Next's linear attention, DeepSeek-V4's windows: a state slot is rewritten by the request's next step,
-so it is copied at save time, and the request's blocks go with it), a cache whose block rows are not contiguous,
-a registration NIXL refuses (a UCX without CUDA support, for VRAM), or `nixl_in_place=False`. A decode rank whose
-layout differs (block size, KV kind, dtype) is refused by the layout check, as over every transport.
+Where holding does not apply the copy path stays (the save copied to host memory when made, engine/kv_transfer/
+remote_worker.py): a cache with per-sequence state groups (Qwen3-Next's linear attention, DeepSeek-V4's windows: a
+state slot is rewritten by the request's next step), a cache whose block rows are not contiguous, a save past the
+hold bounds, or `nixl_in_place=False`. A decode rank whose layout differs (block size, KV kind, dtype) is refused by
+the layout check, as over every transport.
 """
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ its prompt is computed; one that says `do_remote_prefill` loads its whole prompt
 computes only the last prompt token, for its logits), and the load carries where from (`RemoteSource`, in
 `KVTransfer.params`). Worker half (each rank): a save copies the blocks to host memory into the rank's bounded
 store (engine/kv_transfer/store.py: dropped once fetched, after `ttl_s`, or oldest first past
-`max_saved_bytes`), which the transport serves (over NIXL, by default, the blocks are not copied but held in the
-cache until a decode rank READs them in place or `nixl_hold_s` passes: engine/kv_transfer/nixl_inplace.py); a load
+`max_saved_bytes`), which the transport serves (over NIXL, by default, a request that asked for the handoff itself
+has its blocks held in the cache instead, within bounds, until a fetch claims them and they are staged out, or
+`nixl_hold_s` passes: engine/kv_transfer/nixl_inplace.py); a load
 fetches on a thread of its own (the step loop goes on) that writes each layer's blocks as they arrive (engine/kv_transfer/arrival.py) into the request's blocks,
 reserved by the scheduler since the load began, and the rank's first `poll` after the last has landed reports it.
 A save's copy to host memory is asynchronous on a GPU (`PagedKVBlocks.read_async`, a side stream): the store
