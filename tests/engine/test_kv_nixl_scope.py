@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import base64
 import socket
-import time
 
 import pytest
 import torch
 
+from moelink.benchmarks.kv_attack import cache_tensors, own_fetch, raw_transfer
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
-from moelink.engine.kv_transfer.auth import SecretAuth
-from moelink.engine.kv_transfer.client import request_kv
 from moelink.engine.kv_transfer.nixl import NixlAgent, nixl_available
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from moelink.engine.kv_transfer.wire import Deadline, send_header
@@ -48,47 +46,6 @@ def _prefill(path, secret):
     return LLM(path, kv_connector=conn, **KW)
 
 
-def _cache(llm) -> list[torch.Tensor]:
-    kv = llm.engine.executor.runner.kv_blocks
-    seen, out = set(), []
-    for tensors, _ in kv.groups:
-        for x in tensors:
-            if x.data_ptr() not in seen:
-                seen.add(x.data_ptr())
-                out.append(x)
-    return out
-
-
-def _own_fetch(llm, out, prompt, secret) -> tuple[socket.socket, dict]:
-    """The attacker's fetch of its own saved request, as any KV client makes it: the reply header, the socket open."""
-    p = out.kv_transfer_params
-    sock = socket.create_connection(("127.0.0.1", p.remote_port), timeout=10)
-    reply = request_kv(sock, "attack", p.remote_kv_token, llm.engine.executor.runner.kv_blocks.layout, prompt,
-                       Deadline(20.0, "attack"), 5.0, SecretAuth(secret), max_blocks=64)
-    assert reply["ok"] is True
-    return sock, reply
-
-
-def _transfer(agent: NixlAgent, remote: str, op: str, local: torch.Tensor, addr: int, n: int) -> str:
-    """One raw NIXL transfer of `n` bytes at `addr` of `remote`, as an attacker holding its metadata posts it:
-    'refused' (NIXL found no registration covering it), or the transfer's end state."""
-    ag = agent._live()
-    try:
-        handle = ag.initialize_xfer(op, ag.get_xfer_descs([(local.data_ptr(), n, 0)], "DRAM"),
-                                    ag.get_xfer_descs([(addr, n, 0)], "DRAM"), remote)
-    except Exception:  # nixlNotFoundError: no registration of the remote agent covers those bytes
-        return "refused"
-    try:
-        state = ag.transfer(handle)
-        deadline = time.monotonic() + 10
-        while state in ("PROC", "INIT") and time.monotonic() < deadline:
-            state = ag.check_xfer_state(handle)
-            time.sleep(0.001)
-        return state
-    finally:
-        handle.release()
-
-
 def test_without_the_secret_a_fetch_gets_its_bytes_on_the_socket_and_no_key_to_any_memory(tiny_model, monkeypatch):
     path = tiny_model("qwen3_e6k3")
     exposed = []
@@ -97,7 +54,7 @@ def test_without_the_secret_a_fetch_gets_its_bytes_on_the_socket_and_no_key_to_a
     with _prefill(path, None) as pre:
         pre.generate([VICTIM], SAVE, use_tqdm=False)
         (mine,) = pre.generate([ATTACKER], SAVE, use_tqdm=False)
-        sock, reply = _own_fetch(pre, mine, ATTACKER, None)
+        sock, reply = own_fetch(pre, mine, ATTACKER, None)
         sock.close()
         assert "nixl" not in reply  # no agent name, no metadata, no address: nothing to READ or WRITE with
         serving = pre.engine.executor.runner.kv_connector.transport.agent(serving=True)
@@ -123,9 +80,9 @@ def test_with_the_secret_a_fetch_reaches_only_a_copy_of_its_own_rows_for_its_one
         with _prefill(path, SECRET) as pre:
             pre.generate([VICTIM], SAVE, use_tqdm=False)
             (mine,) = pre.generate([ATTACKER], SAVE, use_tqdm=False)
-            cache = _cache(pre)
+            cache = cache_tensors(pre)
             before = [x.clone() for x in cache]
-            sock, reply = _own_fetch(pre, mine, ATTACKER, SECRET)
+            sock, reply = own_fetch(pre, mine, ATTACKER, SECRET)
             nixl = reply["nixl"]
             remote = nixl["agent"]
             attacker.load_remote(remote, base64.b64decode(nixl["meta"]))
@@ -133,15 +90,15 @@ def test_with_the_secret_a_fetch_reaches_only_a_copy_of_its_own_rows_for_its_one
             attacker.register([(buf.data_ptr(), buf.numel(), 0, "")], "DRAM")
             # Its own rows: readable (what it was given).
             ti, ((base, _, row), *_) = nixl["tensors"][0]
-            assert _transfer(attacker, remote, "READ", buf, base, row) == "DONE"
+            assert raw_transfer(attacker, remote, "READ", buf, base, row) == "DONE"
             # The cache: another user's blocks, the shared system prompt's, any byte of it: no key covers them.
             for x in cache:
                 n = min(x.numel() * x.element_size(), buf.numel())
-                assert _transfer(attacker, remote, "READ", buf, x.data_ptr(), n) == "refused"
-                assert _transfer(attacker, remote, "WRITE", buf, x.data_ptr(), n) == "refused"
+                assert raw_transfer(attacker, remote, "READ", buf, x.data_ptr(), n) == "refused"
+                assert raw_transfer(attacker, remote, "WRITE", buf, x.data_ptr(), n) == "refused"
             # A WRITE into what it was given lands in that copy: no byte of the cache changes.
             buf.fill_(0x5A)
-            _transfer(attacker, remote, "WRITE", buf, base, row)
+            raw_transfer(attacker, remote, "WRITE", buf, base, row)
             send_header(sock, {"read": True}, Deadline(5.0, "attack"))
             sock.recv(1)
             sock.close()
@@ -153,7 +110,7 @@ def test_with_the_secret_a_fetch_reaches_only_a_copy_of_its_own_rows_for_its_one
             assert [o.outputs[0].token_ids for o in later] == want_later
             for x in cache:
                 n = min(x.numel() * x.element_size(), buf.numel())
-                assert _transfer(attacker, remote, "READ", buf, x.data_ptr(), n) == "refused"
+                assert raw_transfer(attacker, remote, "READ", buf, x.data_ptr(), n) == "refused"
             serving = pre.engine.executor.runner.kv_connector.transport.agent(serving=True)
             assert serving.regions.num_registered == 0
     finally:
