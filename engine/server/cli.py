@@ -18,7 +18,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051,
                    help="moelink's gRPC port (NOT vLLM's HTTP port: the OpenAI API is --http-port, default 8000); "
                         "0 picks a free one (printed at start)")
-    p.add_argument("--served-model-name", default=None, help="model name clients see (default: the Hugging Face id given, or the directory name)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model names clients may send, the first reported (as vLLM; default: the model argument "
+                        "as given, a Hugging Face id or a path; a directory's own name is accepted too)")
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="refuse (RESOURCE_EXHAUSTED) beyond this many sequences waiting for their first token "
                         "(a request with n samples counts n; an empty queue admits one request of any n)")

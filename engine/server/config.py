@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from .limits import DEFAULT_MAX_MESSAGE_SIZE, RequestLimits
 from .tls import check_server_tls
@@ -17,7 +17,9 @@ class ServerConfig:
 
     host: str = "127.0.0.1"  # loopback by default: exposing a server is a decision
     port: int = 50051  # 0 = any free port (the bound one is printed and returned)
-    served_model_name: Optional[str] = None  # default: the model directory's name
+    # The names clients may send as "model" (vLLM's --served-model-name: a name or several); the first is the one
+    # reported. None: the model argument as given (Serving adds its directory's name as a further alias).
+    served_model_name: Union[str, Sequence[str], None] = None
     max_queued_requests: Optional[int] = None  # admitted requests still waiting for their first token
     max_queued_tokens: Optional[int] = None  # their prompt tokens
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
@@ -87,8 +89,30 @@ class ServerConfig:
             bad("log_format", "choose 'text' or 'json'")
         if not isinstance(self.limits, RequestLimits):
             bad("limits", "must be a RequestLimits")
-        if self.served_model_name is not None and not self.served_model_name:
-            bad("served_model_name", "must be a non-empty string")
+        self._check_names(bad)
+
+    def _check_names(self, bad) -> None:
+        names = self.served_model_name
+        if names is None:
+            return
+        names = (names,) if isinstance(names, str) else tuple(names) if isinstance(names, (list, tuple)) else None
+        if not names:
+            bad("served_model_name", "give a name, or a list of names (the first is the one reported)")
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or not name or name != name.strip():
+                bad("served_model_name", "each name must be a non-empty string without leading or trailing spaces")
+            if i and "=" in name:
+                # The managed gateway gives smg each further name as `--model-alias NAME=FIRST`.
+                bad("served_model_name", f"a further name ({name!r}) cannot contain '=': the OpenAI gateway (smg) "
+                                         "reads its aliases as NAME=MODEL; only the first name may")
+        names = tuple(dict.fromkeys(names))  # a name given twice is one name
+        self.served_model_name = names[0] if len(names) == 1 else names
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """The names given (--served-model-name), the first reported; () when none was given."""
+        names = self.served_model_name
+        return () if names is None else (names,) if isinstance(names, str) else tuple(names)
 
     def _check_http(self, bad) -> None:
         if self.http_port is not None:
