@@ -26,8 +26,21 @@ def with_role_default(params, kv_role: str, n: int):
     `by_role_default`: its save is copied to host memory, never held in the cache (only a request that asks for the
     handoff itself may hold blocks: docs/security-kv.md)."""
     if params.kv_transfer_params is None and kv_role == PRODUCER and n == 1:
-        return dataclasses.replace(params, kv_transfer_params=KVTransferParams(do_remote_decode=True,
-                                                                               by_role_default=True))
+        params = dataclasses.replace(params, kv_transfer_params=KVTransferParams(do_remote_decode=True,
+                                                                                 by_role_default=True))
+    return without_grammar_on_prefill_leg(params, kv_role)
+
+
+def without_grammar_on_prefill_leg(params, kv_role: str):
+    """The prefill leg of a handoff (a prefill server's request that hands its KV off and samples one token, as a
+    router's PD mode sends it) without its structured-output constraint: that one token is not the answer (the
+    decode server computes the last prompt token itself and samples every output token under the grammar), and
+    compiling a grammar for it could outlast a router's wait for the prefill leg's first answer (smg 1.13 fails a
+    leg silent for 3 s with 504 "Prefill worker silent"; a cold or large schema takes longer: issue 54)."""
+    kv = params.kv_transfer_params
+    if (kv_role == PRODUCER and kv is not None and kv.do_remote_decode and params.max_tokens == 1
+            and params.structured_outputs is not None):
+        return dataclasses.replace(params, structured_outputs=None)
     return params
 
 
@@ -49,4 +62,4 @@ def kv_params_to_json(params: KVTransferParams) -> str:
     return json.dumps(params.to_dict(), separators=(",", ":"))
 
 
-__all__ = ["with_role_default", "kv_params_from_json", "kv_params_to_json", "MAX_KV_PARAMS_JSON"]
+__all__ = ["with_role_default", "without_grammar_on_prefill_leg", "kv_params_from_json", "kv_params_to_json", "MAX_KV_PARAMS_JSON"]

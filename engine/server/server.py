@@ -54,6 +54,10 @@ from .wire_bounds import channel_options
 
 logger = logging.getLogger(__name__)
 
+# How long a start waits for the grammar compiler to warm (the processes start while the weights load; a broken
+# install must not keep a server from starting: past this it starts cold and says so).
+GRAMMAR_WARM_TIMEOUT_S = 60.0
+
 SERVICES = (NATIVE_SERVICE, VLLM_SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -226,6 +230,13 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
         # smg dials workers in plaintext without a key: behind --api-key or TLS it needs the loopback
         # gateway listener (see _bind_gateway), so the managed gateway brings one.
         config = dataclasses.replace(config, gateway_port=0, gateway_host="127.0.0.1")
+    if not isinstance(engine.tokenizer, NoTokenizer):
+        # Before any port answers: a router's first constrained request must not wait for the compile processes to
+        # start (grammar_compile.GrammarCompilerPool.warm).
+        why = await asyncio.to_thread(engine.engine.grammars.warm, GRAMMAR_WARM_TIMEOUT_S)
+        if why is not None:
+            logger.warning("moelink: the grammar compiler did not warm up (%s): the first structured-output request "
+                           "pays its start", why)
     server = MoelinkServer(engine, config)
     port = await server.start()
     if server.engine.metrics is not None:  # vLLM's metric names beside moelink's (engine/core/vllm_metrics.py)
@@ -239,7 +250,8 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
             from .gateway_health import GatewayCollector, watch_gateway
 
             registry = None if server.engine.metrics is None else server.engine.metrics.registry
-            gateway = await start_managed_gateway(config, port, server.gateway_port, server.serving.hung_up, registry)
+            gateway = await start_managed_gateway(config, port, server.gateway_port, server.serving.hung_up, registry,
+                                                  server.serving)
             gateway_watch = asyncio.create_task(watch_gateway(gateway, server.health))  # the HTTP face's health
             if server.engine.metrics is not None:
                 server.engine.metrics.registry.register(GatewayCollector(gateway))
@@ -259,11 +271,14 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
           f"(gRPC {scheme}, --port; {http}; services {', '.join(SERVICES)})", flush=True)
     if gateway is None:  # what a vLLM user must run by hand for the OpenAI API (vLLM's fields carried)
         from .front_cli import hand_gateway_commands
-        from .gateway import worker_url
+        from .gateway import alias_args, worker_url
 
         worker = worker_url(config.gateway_host, server.gateway_port) if server.gateway_port is not None else \
             worker_url(host, port)
-        print(f"moelink: OpenAI API by hand: {hand_gateway_commands(worker, config.gateway_args)}", flush=True)
+        # The model's further names (served names, the model argument as given) as smg's aliases, as managed.
+        names = alias_args(server.serving.served_model_name, server.serving.model_aliases)
+        print(f"moelink: OpenAI API by hand: {hand_gateway_commands(worker, (*names, *config.gateway_args))}",
+              flush=True)
     if server.metrics_port is not None:
         print(f"moelink: metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True)
     if server.gateway_port is not None:
@@ -316,8 +331,10 @@ _STANDARD_RECORD_KEYS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict
 
 def _extras(record: logging.LogRecord) -> dict:
     # `extra` fields carry client values (request ids): escaped and cut, like every client value in a log.
+    # A name with a leading underscore is no `extra` field but a library's own mark on every record (Ray's
+    # log-record factory adds `_ray_timestamp_ns` to each one once it is imported): left out.
     return {k: shown(v, quote=False) if isinstance(v, str) else v
-            for k, v in record.__dict__.items() if k not in _STANDARD_RECORD_KEYS}
+            for k, v in record.__dict__.items() if k not in _STANDARD_RECORD_KEYS and not k.startswith("_")}
 
 
 class JsonFormatter(logging.Formatter):

@@ -82,14 +82,14 @@ def test_vllm_grpc_handoff_loads_the_prompt_and_matches_one_engine(pd, offline):
     assert not done.kv_transfer_params_json  # a decode server hands nothing on
 
 
-def _metrics(srv: ServerProcess) -> dict[str, float]:
-    """moelink_kv_transfer_* samples of a server's Prometheus endpoint, by name and labels."""
+def _metrics(srv: ServerProcess, prefix: str = "moelink_kv_transfer_") -> dict[str, float]:
+    """`prefix`* samples of a server's Prometheus endpoint, by name and labels."""
     import urllib.request
 
     port = int(re.search(r"--metrics-port (\d+)", " ".join(srv.proc.args)).group(1))
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-            if ln.startswith("moelink_kv_transfer_")}
+            if ln.startswith(prefix)}
 
 
 def test_transfer_metrics_per_pool_count_the_handoffs(pd):
@@ -187,6 +187,44 @@ def test_smg_pd_mode_completions_match_one_engine_and_load_the_kv(pd, pd_gateway
     # smg (1.13) reports the prefill leg's usage; the decode server's own request line says what it loaded.
     n = len(want.prompt_token_ids)
     assert f"cached_tokens={n - 1}" in dec.finished_line(n)
+
+
+def _schema(i: int) -> dict:
+    """A schema of its own per i (each a compile of its own: nothing cached by an earlier request)."""
+    return {"type": "object", "properties": {f"field_{i}": {"type": "string", "enum": [f"a{i}", f"b{i}"]},
+                                             "n": {"type": "integer", "minimum": 0, "maximum": 9 + i}},
+            "required": [f"field_{i}", "n"], "additionalProperties": False}
+
+
+def test_the_first_structured_requests_through_a_cold_pd_pair_succeed(pd, pd_gateway):
+    """Issue 54 item 1: a prefill/decode pair that never compiled a grammar, behind smg's PD mode, answers its first
+    structured-output requests (each schema new, streamed and not) instead of smg's 504 "Prefill worker silent":
+    the prefill leg of a handoff does not compile its grammar (its one token is not the answer: the decode server
+    samples every output token under the grammar), and the servers warm their grammar compilers before they serve."""
+    jsonschema = pytest.importorskip("jsonschema")
+    messages = [{"role": "user", "content": "Describe it as JSON."}]
+    pre, dec, _, _ = pd
+    compiled = 'moelink_grammar_compiles_total{outcome="compiled"}'
+    # Warmed before serving: one compile each (the warm-up's probe), before any request.
+    assert _metrics(pre, "moelink_grammar")[compiled] == _metrics(dec, "moelink_grammar")[compiled] == 1
+    for i in range(10):
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": _schema(i)}}
+        body = dict(model="tiny-moe", messages=messages, temperature=1.0, seed=i, max_tokens=48, response_format=fmt,
+                    stream=i % 2 == 1)
+        status, raw = http_request(pd_gateway, "POST", "/v1/chat/completions", body, timeout=60)
+        assert status == 200, (i, raw)
+        if body["stream"]:
+            events = [json.loads(line[5:]) for line in raw.decode().splitlines()
+                      if line.startswith("data:") and line[5:].strip() != "[DONE]"]
+            content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+            finish = [e["choices"][0].get("finish_reason") for e in events if e.get("choices")][-1]
+        else:
+            choice = json.loads(raw)["choices"][0]
+            content, finish = choice["message"]["content"], choice["finish_reason"]
+        if finish == "stop":
+            jsonschema.validate(json.loads(content), _schema(i))
+    # The prefill legs compiled nothing (their one token is discarded); the decode legs compiled each schema.
+    assert _metrics(pre, "moelink_grammar")[compiled] == 1 and _metrics(dec, "moelink_grammar")[compiled] == 11
 
 
 # vLLM counts the tokens a connector loaded as computed before the first step (its scheduler's num_cached_tokens
