@@ -80,3 +80,23 @@ def hand_gateway_commands(worker: str, gateway_args: tuple[str, ...] = (), smg_p
     return (f"smg launch --host 127.0.0.1 --port {smg_port} --worker-urls {worker} --prometheus-host 127.0.0.1 "
             f"--prometheus-port {metrics_port}{extra} & "
             f"moelink http-front --port {http_port} --upstream-port {smg_port} --upstream-metrics-port {metrics_port}")
+
+
+PD_ROLES = {"kv_producer": "prefill", "kv_consumer": "decode"}  # a server's kv_role -> its side of a PD pair
+PD_PEER = {"prefill": "grpc://DECODE_HOST:DECODE_PORT", "decode": "grpc://PREFILL_HOST:PREFILL_PORT"}
+
+
+def hand_pd_gateway_commands(role: str, worker: str, model_path: str, gateway_args: tuple[str, ...] = (),
+                             smg_port: int = 8001, http_port: int = 8000, metrics_port: int = 29000) -> str:
+    """The two commands that serve the OpenAI API before a prefill/decode pair (docs/disaggregation.md), as a
+    server of `role` ("prefill" or "decode", at `worker`, grpc://HOST:PORT) prints them: smg's PD mode on a
+    loopback port with this server on its side and a placeholder for the other's address, and this front on the
+    public one. smg's PD mode reads the tokenizer from `model_path` (--model-path)."""
+    if role not in PD_PEER:
+        raise ValueError(f"role={role!r} is invalid: a prefill/decode pair's server is 'prefill' or 'decode'.")
+    prefill, decode = (worker, PD_PEER[role]) if role == "prefill" else (PD_PEER[role], worker)
+    extra = f" {shlex.join(gateway_args)}" if gateway_args else ""
+    return (f"smg launch --pd-disaggregation --prefill {prefill} --decode {decode} "
+            f"--model-path {shlex.quote(model_path)} --host 127.0.0.1 --port {smg_port} --prometheus-host 127.0.0.1 "
+            f"--prometheus-port {metrics_port}{extra} & "
+            f"moelink http-front --port {http_port} --upstream-port {smg_port} --upstream-metrics-port {metrics_port}")

@@ -270,15 +270,17 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     print(f"moelink: serving {server.serving.served_model_name!r} on {host}:{port} "
           f"(gRPC {scheme}, --port; {http}; services {', '.join(SERVICES)})", flush=True)
     if gateway is None:  # what a vLLM user must run by hand for the OpenAI API (vLLM's fields carried)
-        from .front_cli import hand_gateway_commands
+        from .front_cli import PD_ROLES, hand_gateway_commands, hand_pd_gateway_commands
         from .gateway import alias_args, worker_url
 
         worker = worker_url(config.gateway_host, server.gateway_port) if server.gateway_port is not None else \
             worker_url(host, port)
         # The model's further names (served names, the model argument as given) as smg's aliases, as managed.
-        names = alias_args(server.serving.served_model_name, server.serving.model_aliases)
-        print(f"moelink: OpenAI API by hand: {hand_gateway_commands(worker, (*names, *config.gateway_args))}",
-              flush=True)
+        extra = (*alias_args(server.serving.served_model_name, server.serving.model_aliases), *config.gateway_args)
+        pd_role = PD_ROLES.get(server.serving.info.kv_role)  # a prefill/decode server: smg's PD mode, not one worker
+        hint = (hand_gateway_commands(worker, extra) if pd_role is None else
+                hand_pd_gateway_commands(pd_role, worker, tokenizer_path or engine.info.model.model, extra))
+        print(f"moelink: OpenAI API by hand: {hint}", flush=True)
     if server.metrics_port is not None:
         print(f"moelink: metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True)
     if server.gateway_port is not None:

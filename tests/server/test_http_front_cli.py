@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from moelink.engine.server.front_cli import hand_gateway_commands
+from moelink.engine.server.front_cli import PD_ROLES, hand_gateway_commands, hand_pd_gateway_commands
 from tests.helpers.net import free_port
 
 
@@ -91,3 +91,24 @@ def test_the_serve_banner_prints_the_exact_commands():
     assert cmd == ("smg launch --host 127.0.0.1 --port 8001 --worker-urls grpc://127.0.0.1:50051 --prometheus-host "
                    "127.0.0.1 --prometheus-port 29000 --tool-call-parser qwen --chat-template 'a b.jinja' & "
                    "moelink http-front --port 8000 --upstream-port 8001 --upstream-metrics-port 29000")
+
+
+def test_a_prefill_or_decode_server_prints_smgs_pd_mode_before_the_front():
+    """Issue 54 item 7: a `--no-http --role prefill|decode` server's hint is the PD pair's (its own address on its
+    side, a placeholder for the other), not one worker's `--worker-urls`, with the front before smg."""
+    front = " & moelink http-front --port 8000 --upstream-port 8001 --upstream-metrics-port 29000"
+    tail = ("--host 127.0.0.1 --port 8001 --prometheus-host 127.0.0.1 --prometheus-port 29000 "
+            "--model-alias tiny=m" + front)
+    assert hand_pd_gateway_commands("prefill", "grpc://127.0.0.1:50061", "/models/m", ("--model-alias", "tiny=m")) == (
+        "smg launch --pd-disaggregation --prefill grpc://127.0.0.1:50061 --decode grpc://DECODE_HOST:DECODE_PORT "
+        "--model-path /models/m " + tail)
+    assert hand_pd_gateway_commands("decode", "grpc://127.0.0.1:50062", "/models/m", ("--model-alias", "tiny=m")) == (
+        "smg launch --pd-disaggregation --prefill grpc://PREFILL_HOST:PREFILL_PORT --decode grpc://127.0.0.1:50062 "
+        "--model-path /models/m " + tail)
+    cmd = hand_pd_gateway_commands("decode", "grpc://[::1]:9", "my models/m", smg_port=18001, http_port=18000,
+                                   metrics_port=29001)
+    assert "--model-path 'my models/m' " in cmd and "--port 18001 " in cmd and "--worker-urls" not in cmd
+    assert cmd.endswith("moelink http-front --port 18000 --upstream-port 18001 --upstream-metrics-port 29001")
+    assert PD_ROLES == {"kv_producer": "prefill", "kv_consumer": "decode"}  # kv_both (and "") print one worker's
+    with pytest.raises(ValueError, match="'both'"):
+        hand_pd_gateway_commands("both", "grpc://127.0.0.1:50051", "m")

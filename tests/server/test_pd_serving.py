@@ -65,6 +65,17 @@ def test_server_info_reports_the_kv_role_a_router_pairs_by(pd, stubs):
     assert infos[0].block_size == infos[1].block_size == 16
 
 
+def test_each_server_prints_the_pd_gateway_to_run_by_hand(pd):
+    """A `--no-http` prefill or decode server's start names smg's PD mode with its own address on its side and
+    moelink's front before smg (issue 54 item 7), not the one-worker gateway a plain server prints."""
+    pre, dec, _, _ = pd
+    for srv, side in ((pre, "--prefill"), (dec, "--decode")):
+        hint = srv.wait_for_line(r"moelink: OpenAI API by hand: (.*)", 30, "the hand-started gateway").group(1)
+        assert hint.startswith("smg launch --pd-disaggregation ") and f"{side} grpc://{srv.addr} " in hint, hint
+        assert "--worker-urls" not in hint and "--model-path " in hint, hint
+        assert hint.endswith(" & moelink http-front --port 8000 --upstream-port 8001 --upstream-metrics-port 29000")
+
+
 def test_vllm_grpc_handoff_loads_the_prompt_and_matches_one_engine(pd, offline):
     _, _, pre, dec = pd
     want = offline.generate([{"prompt_token_ids": PROMPT_IDS}], SamplingParams(**GREEDY), use_tqdm=False)[0]
