@@ -5,6 +5,9 @@
     # or let it start `moelink serve MODEL --port 0` itself, and stop it afterwards
     python -m moelink.benchmarks.serve_load --model tiny-model
     moelink bench-serve --model tiny-model          # the same, from the CLI
+    # through the OpenAI HTTP API instead (streamed /v1/completions; openai-chat: /v1/chat/completions)
+    moelink bench-serve --backend openai --base-url http://127.0.0.1:8000
+    moelink bench-serve --backend openai-chat --model tiny-model
 
 Workload: random prompts of --input-len token ids, exactly --output-len new
 tokens each (EOS ignored), greedy, streamed. With --prefix-reuse R, a fraction R
@@ -30,7 +33,9 @@ benchmarks/runs/serve_load_<device>_<UTC time>.*, so a run never overwrites
 the committed results; `--out benchmarks/results/serve_load_cpu.json` is how
 those are refreshed, on purpose.
 Latencies include the client, which shares the machine with the server on
-CPU runs.
+CPU runs. Over HTTP (--backend openai / openai-chat, benchmarks/serve_http.py) the
+prompts are text of --input-len tokens and ITL is the gap between streamed events
+(vLLM's benchmark measures the same way); everything else is the same.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ from typing import Optional
 from moelink.engine.api.provenance import git_commit as _git_commit
 
 from .server_process import free_port, start_server, stop_server
+from .serve_http import BACKENDS
 from .serve_pd import PDLevels, split_text
 from .offload_metrics import offload_delta, offload_text, scrape_offload
 from .spec_metrics import level_delta, scrape
@@ -71,8 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", default=None, help="start `moelink serve MODEL --port 0` for the run, then stop it "
                                                    "(default: none; give this or --target)")
     p.add_argument("--serve-args", default="", help="extra flags for the server started with --model (default: none)")
+    p.add_argument("--backend", choices=("grpc", *BACKENDS), default="grpc",
+                   help="grpc: the gRPC services (--protocol); openai: the OpenAI HTTP API's /v1/completions, streamed; "
+                        "openai-chat: its /v1/chat/completions (vLLM's `bench serve` names)")
+    p.add_argument("--base-url", default=None,
+                   help="the OpenAI API of --backend openai / openai-chat: http://HOST:PORT (a /v1 at its end is "
+                        "fine) (default: the server started with --model; give one or the other)")
     p.add_argument("--protocol", choices=("native", "vllm"), default="native",
-                   help="moelink.v1.Generation or vllm.grpc.engine.VllmEngine")
+                   help="--backend grpc: moelink.v1.Generation or vllm.grpc.engine.VllmEngine")
     p.add_argument("--concurrency", default="1,4,16,64", help="closed-loop levels, comma separated ('' for none)")
     p.add_argument("--rates", default="20,80,200", help="Poisson arrival rates in req/s ('' for none)")
     p.add_argument("--num-requests", type=int, default=64, help="requests per level")
@@ -230,6 +242,8 @@ def summarize(results: list[dict], input_len: int, slo: dict) -> dict:
                 and (slo["e2e_ms"] is None or r["e2e"] * 1e3 <= slo["e2e_ms"]))
 
     out_tokens = sum(r["tokens"] for r in ok)
+    # Over HTTP each answer's usage says its prompt tokens (a chat's template adds some): those are counted.
+    in_tokens = sum(r.get("prompt_tokens") or input_len for r in ok)
     errors: dict[str, int] = {}
     for r in results:
         if not r["ok"]:
@@ -238,7 +252,7 @@ def summarize(results: list[dict], input_len: int, slo: dict) -> dict:
     return dict(
         num_requests=len(results), completed=len(ok), errors=errors, duration_s=round(dur, 3),
         request_throughput=round(len(ok) / dur, 3), output_token_throughput=round(out_tokens / dur, 1),
-        total_token_throughput=round((out_tokens + input_len * len(ok)) / dur, 1),
+        total_token_throughput=round((out_tokens + in_tokens) / dur, 1),
         goodput=round(n_good / dur, 3), goodput_fraction=round(n_good / len(results), 4),
         ttft_ms=stats([r["ttft"] for r in ok]), itl_ms=stats([x for r in ok for x in r["itls"]]),
         tpot_ms=stats([r["tpot"] for r in ok]), e2e_ms=stats([r["e2e"] for r in ok]),
@@ -275,36 +289,84 @@ async def _run_all(ns, target: str) -> dict:
                 out.append(head + tokens(ns.input_len - len(head)))
             return out
 
+        async def make_prompts(n):
+            return prompts(n)
+
         client = _Client(channel, ns.protocol, ns.api_key, ns.timeout_s)
         pd = PDLevels(ns, options)  # --prefill-target: two legs per request, TTFT split (benchmarks/serve_pd.py)
         client = await pd.open(client)
-        await _closed_loop(client, prompts(4), ns.output_len, 4, "warmup")
-        slo = dict(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2e_ms=ns.slo_e2e_ms)
-        levels = []
-        url = None if pd.on else ns.metrics_url
-        spec = _Scrapes(url, "speculative", scrape, level_delta)
-        offload = _Scrapes(url, "offload", scrape_offload, offload_delta)
         try:
-            for c in _levels(ns.concurrency, int):
-                t = time.perf_counter()
-                spec.begin(), offload.begin(), pd.begin()
-                res = await _closed_loop(client, prompts(max(ns.num_requests, 4 * c)), ns.output_len, c, f"c{c}")
-                levels.append(dict(mode="closed_loop", concurrency=c, **summarize(res, ns.input_len, slo),
-                                   **spec.end(), **offload.end(), **pd.end(res)))
-                print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
-            for r in _levels(ns.rates, float):
-                t = time.perf_counter()
-                spec.begin(), offload.begin(), pd.begin()
-                res = await _poisson(client, prompts(max(ns.num_requests, int(2 * r))), ns.output_len, r, rng, f"r{r:g}")
-                levels.append(dict(mode="poisson", rate=r, **summarize(res, ns.input_len, slo), **spec.end(),
-                                   **offload.end(), **pd.end(res)))
-                print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
+            levels, slo = await _run_levels(ns, client, make_prompts, rng, pd)
         finally:
             await pd.close()
-        return dict(model=dict(name=info.served_model_name, architecture=info.architecture, dtype=info.dtype,
-                               layers=info.num_layers, hidden=info.hidden_size, experts=info.num_experts,
-                               top_k=info.num_experts_per_tok), device=info.device or "unknown", levels=levels,
-                    slo=slo)
+        return dict(model=_model_of(info), device=info.device or "unknown", levels=levels, slo=slo)
+
+
+def _model_of(info) -> dict:
+    return dict(name=info.served_model_name, architecture=info.architecture, dtype=info.dtype, layers=info.num_layers,
+                hidden=info.hidden_size, experts=info.num_experts, top_k=info.num_experts_per_tok)
+
+
+async def _run_levels(ns, client, make_prompts, rng: random.Random, pd) -> tuple[list[dict], dict]:
+    """The warm-up, then every level of --concurrency and --rates with `client` (gRPC or HTTP): their summaries."""
+    await _closed_loop(client, await make_prompts(4), ns.output_len, 4, "warmup")
+    slo = dict(ttft_ms=ns.slo_ttft_ms, tpot_ms=ns.slo_tpot_ms, e2e_ms=ns.slo_e2e_ms)
+    levels = []
+    url = None if pd.on else ns.metrics_url
+    spec = _Scrapes(url, "speculative", scrape, level_delta)
+    offload = _Scrapes(url, "offload", scrape_offload, offload_delta)
+    for c in _levels(ns.concurrency, int):
+        prompts = await make_prompts(max(ns.num_requests, 4 * c))
+        t = time.perf_counter()
+        spec.begin(), offload.begin(), pd.begin()
+        res = await _closed_loop(client, prompts, ns.output_len, c, f"c{c}")
+        levels.append(dict(mode="closed_loop", concurrency=c, **summarize(res, ns.input_len, slo),
+                           **spec.end(), **offload.end(), **pd.end(res)))
+        print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
+    for r in _levels(ns.rates, float):
+        prompts = await make_prompts(max(ns.num_requests, int(2 * r)))
+        t = time.perf_counter()
+        spec.begin(), offload.begin(), pd.begin()
+        res = await _poisson(client, prompts, ns.output_len, r, rng, f"r{r:g}")
+        levels.append(dict(mode="poisson", rate=r, **summarize(res, ns.input_len, slo), **spec.end(),
+                           **offload.end(), **pd.end(res)))
+        print(_row(levels[-1]), f"({time.perf_counter() - t:.1f} s)", flush=True)
+    return levels, slo
+
+
+async def _run_all_http(ns, target: Optional[str]) -> dict:
+    """The levels through the OpenAI HTTP API at --base-url (benchmarks/serve_http.py). `target`: the server's gRPC
+    address when known (a server this run started): its ModelInfo describes the model and device."""
+    from .serve_http import HttpClient, OpenAIEndpoint, TextPrompts, served_model
+
+    endpoint = OpenAIEndpoint(ns.base_url, ns.api_key, ns.timeout_s)
+    card = await served_model(endpoint)
+    rng = random.Random(ns.seed)
+    texts = TextPrompts(endpoint, card["id"], rng)
+    shared = [await texts.make(ns.prefix_len) for _ in range(ns.num_prefixes)] if ns.prefix_reuse else []
+
+    async def make_prompts(n):
+        out = []
+        for _ in range(n):
+            if shared and rng.random() < ns.prefix_reuse:
+                out.append(rng.choice(shared) + await texts.make(ns.input_len - ns.prefix_len))
+            else:
+                out.append(await texts.make(ns.input_len))
+        return out
+
+    levels, slo = await _run_levels(ns, HttpClient(endpoint, ns.backend, card["id"]), make_prompts, rng,
+                                    PDLevels(ns, []))
+    model, device = dict(name=card["id"], max_model_len=card.get("max_model_len")), "unknown"
+    if target is not None:
+        import grpc
+
+        from moelink.engine.server.gen import moelink_v1_pb2 as pb, moelink_v1_pb2_grpc as pb_grpc
+
+        async with grpc.aio.insecure_channel(target) as channel:
+            md = (("authorization", f"Bearer {ns.api_key}"),) if ns.api_key else None
+            info = await pb_grpc.GenerationStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=30, metadata=md)
+        model, device = dict(_model_of(info), name=card["id"]), info.device or "unknown"
+    return dict(model=model, device=device, levels=levels, slo=slo, prompts_cut_by_tokenizer=bool(texts.exact))
 
 
 class _Scrapes:
@@ -410,7 +472,21 @@ def plot(result: dict, path: Path) -> None:
 
 
 def run_from_args(ns: argparse.Namespace) -> int:
-    if ns.target is None and ns.model is None:
+    http = ns.backend != "grpc"
+    if http:
+        if ns.base_url is None and ns.model is None:
+            raise ValueError(f"--backend {ns.backend}: give --base-url http://HOST:PORT (a running server's OpenAI "
+                             "API) or --model DIR (start one for the run).")
+        if ns.base_url is not None and ns.model is not None:
+            raise ValueError("--base-url and --model: give one (--model starts a server and benchmarks its own "
+                             "OpenAI API).")
+        if ns.prefill_target is not None:
+            raise ValueError(f"--prefill-target drives a prefill/decode pair over gRPC; --backend {ns.backend} goes "
+                             "through the OpenAI API (smg's PD mode pairs the legs itself): drop one.")
+    elif ns.base_url is not None:
+        raise ValueError("--base-url is the OpenAI API of --backend openai / openai-chat; --backend grpc takes "
+                         "--target HOST:PORT.")
+    elif ns.target is None and ns.model is None:
         raise ValueError("give --target HOST:PORT (a running server) or --model DIR (start one for the run).")
     if ns.num_requests < 1 or ns.input_len < 1 or ns.output_len < 1:
         raise ValueError("--num-requests, --input-len and --output-len must be positive.")
@@ -431,18 +507,24 @@ def run_from_args(ns: argparse.Namespace) -> int:
             port = free_port()
             serve_args = f"{serve_args} --metrics-port {port}".strip()
             ns.metrics_url = f"http://127.0.0.1:{port}/metrics"
-        proc, target = start_server(ns.model, serve_args)
-        print(f"started moelink serve on {target} (pid {proc.pid})", flush=True)
+        http_port = free_port() if http else None
+        proc, target = start_server(ns.model, serve_args, http_port=http_port)
+        if http:
+            ns.base_url = f"http://127.0.0.1:{http_port}"
+        print(f"started moelink serve on {target} (pid {proc.pid})"
+              + (f", its OpenAI API on {ns.base_url}" if http else ""), flush=True)
     try:
-        result = asyncio.run(_run_all(ns, target))
+        result = asyncio.run(_run_all_http(ns, target) if http else _run_all(ns, target))
     finally:
         if proc is not None:
             stop_server(proc)
     device = result["device"]
-    result["config"] = dict(protocol=ns.protocol, input_len=ns.input_len, output_len=ns.output_len,
+    result["config"] = dict(protocol=ns.protocol if not http else f"{ns.backend} (HTTP {BACKENDS[ns.backend]})",
+                            backend=ns.backend, base_url=ns.base_url, input_len=ns.input_len, output_len=ns.output_len,
                             num_requests=ns.num_requests, concurrency=ns.concurrency, rates=ns.rates,
                             prefix_reuse=ns.prefix_reuse, prefix_len=ns.prefix_len, num_prefixes=ns.num_prefixes,
-                            serve_args=ns.serve_args, target=ns.target or "started with --model")
+                            serve_args=ns.serve_args,
+                            target=ns.base_url if http and ns.model is None else ns.target or "started with --model")
     result["meta"] = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), commit=_git_commit(),
                           host=platform.node(), cpu_count=os.cpu_count(), python=platform.python_version(),
                           client_on_same_host=True, wall_s=round(time.perf_counter() - t0, 1))
@@ -459,7 +541,8 @@ def run_from_args(ns: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     """`moelink bench-serve`: registered through the `moelink.cli` entry point (pyproject.toml)."""
-    b = subparsers.add_parser("bench-serve", help="load benchmark against a running gRPC server (or one it starts)",
+    b = subparsers.add_parser("bench-serve", help="load benchmark against a running server, over gRPC or its OpenAI "
+                                                     "HTTP API (or one it starts)",
                               description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add_arguments(b)
     b.set_defaults(func=run_from_args)

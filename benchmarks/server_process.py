@@ -10,13 +10,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 
-def start_server(model: str, extra: str = "", timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start `moelink serve MODEL --port 0`; returns (process, 'host:port') once it serves."""
-    # --no-http: this benchmark speaks gRPC; a managed HTTP gateway would only take port 8000 and a core.
+def start_server(model: str, extra: str = "", timeout_s: float = 120.0,
+                 http_port: Optional[int] = None) -> tuple[subprocess.Popen, str]:
+    """Start `moelink serve MODEL --port 0`; returns (process, 'host:port') once it serves (with `http_port`, its
+    OpenAI API serves there by then too: the server says it serves once its gateway does)."""
+    # --no-http unless asked: a gRPC benchmark needs no managed HTTP gateway taking port 8000 and a core.
+    http = ["--no-http"] if http_port is None else ["--http-port", str(http_port)]
     cmd = [sys.executable, "-m", "moelink.engine.api.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
-           "--no-http", *shlex.split(extra)]
+           *http, *shlex.split(extra)]
     # Its stderr goes to an unnamed file, so that a server that dies before serving says why (an import missing
     # on the machine, the memory taken): the error carries the file's last lines.
     with tempfile.TemporaryFile() as err:  # (the child keeps its own descriptor of it)

@@ -28,6 +28,13 @@ def check_chat_template(path: Optional[str]) -> None:
     _compile(path, source)
 
 
+def read_chat_template(path: str) -> str:
+    """The template smg reads from `path` (checked as check_chat_template checks it): what the server's own
+    renderings (its HTTP front's /tokenize of messages) use, so that they agree with smg's."""
+    check_chat_template(path)
+    return _template_of(path, _read(path))
+
+
 def _bad(path: str, why: str) -> ValueError:
     from ..contract.safe_text import shown
 
@@ -120,4 +127,4 @@ def _said(exc) -> str:
     return shown(exc.message or type(exc).__name__, quote=False)
 
 
-__all__ = ["MAX_CHAT_TEMPLATE_BYTES", "check_chat_template"]
+__all__ = ["MAX_CHAT_TEMPLATE_BYTES", "check_chat_template", "read_chat_template"]

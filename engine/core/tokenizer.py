@@ -11,6 +11,7 @@ check on the tiny model.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import secrets
@@ -221,6 +222,13 @@ class Tokenizer:
         return [self._tok.token_to_id(t) for t in tokens]
 
     # ---- chat ------------------------------------------------------------
+
+    def with_chat_template(self, chat_template: str) -> "Tokenizer":
+        """This tokenizer rendering chats with `chat_template` instead (a server's --chat-template); the
+        vocabulary is shared, this one is left as it is."""
+        other = copy.copy(self)
+        other.chat_template, other._chat_env = chat_template, None
+        return other
 
     def apply_chat_template(
         self,

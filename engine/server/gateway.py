@@ -101,6 +101,10 @@ class GatewaySpec:
     api_key: Optional[str] = None  # the server's key: smg asks the same of its HTTP clients
     tokenizer_path: Optional[str] = None
     extra_args: list[str] = field(default_factory=list)
+    # The worker's further model names (vLLM's served names after the first, the model argument as given): smg
+    # routes each to the worker's own (`--model-alias NAME=SERVED`) and answers with the first, as vLLM does.
+    served_model_name: Optional[str] = None
+    model_aliases: tuple[str, ...] = ()
 
 
 class GatewaySupervisor:
@@ -142,7 +146,7 @@ class GatewaySupervisor:
                "--request-id-headers", RELAY_HEADER]
         if s.tokenizer_path:
             cmd += ["--tokenizer-path", s.tokenizer_path]
-        return cmd + list(s.extra_args)
+        return cmd + alias_args(s.served_model_name, s.model_aliases) + list(s.extra_args)
 
     async def start(self) -> None:
         """Spawn smg and wait (bounded) until it serves the model; then watch it, and its worker list."""
@@ -179,9 +183,10 @@ class GatewaySupervisor:
         log = open(self.log_path, "ab") if self.log_path else subprocess.PIPE
         try:
             # Own session and process group: the terminal's Ctrl-C goes to the server alone, which drains
-            # before it stops the gateway (smg would otherwise drop in-flight HTTP requests at once).
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_die_with_parent, env=env)
+            # before it stops the gateway (smg would otherwise drop in-flight HTTP requests at once). No
+            # preexec_fn (dying_with_parent says why): Popen then starts smg with vfork, not fork.
+            self.proc = subprocess.Popen(dying_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         finally:
             if log is not subprocess.PIPE:
                 log.close()
@@ -347,20 +352,37 @@ class GatewaySupervisor:
             self.proc.wait(STOP_TIMEOUT_S)
 
 
+def alias_args(served_model_name: Optional[str], aliases) -> list[str]:
+    """smg's flags that route each of `aliases` to the worker's `served_model_name`."""
+    if not served_model_name:
+        return []
+    return [arg for alias in aliases for arg in ("--model-alias", f"{alias}={served_model_name}")]
+
+
 def _with_key(cmd: list[str], api_key: Optional[str]) -> tuple[list[str], dict]:
     """(command, environment) that give smg `api_key` off its command line (gateway_admin.with_secrets)."""
     return with_secrets(cmd, api_key)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM smg if the server dies without stopping it (SIGKILL, OOM), so no
-    gateway outlives its server. Linux only (prctl); elsewhere stop() is the only guard."""
-    if sys.platform != "linux":
-        return
-    import ctypes
+# Run as `python -c _DIES_WITH_PARENT PARENT_PID CMD...`: asks the kernel for SIGTERM when the parent goes
+# (PR_SET_PDEATHSIG, kept across exec), gives up if the parent is gone already, then becomes CMD.
+_DIES_WITH_PARENT = ("import ctypes, os, signal, sys; "
+                     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
+                     "os.getppid() == int(sys.argv[1]) or sys.exit(1); "
+                     "os.execvp(sys.argv[2], sys.argv[2:])")
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+def dying_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd` run so that it gets SIGTERM if the server dies without stopping it (SIGKILL, OOM), so no gateway
+    outlives its server. Linux only (prctl); elsewhere stop() is the only guard.
+
+    Through a tiny bootstrap rather than a preexec_fn: a preexec_fn makes Popen fork(), and a fork while gRPC's
+    threads run makes gRPC print `fork_posix.cc:71 Other threads are currently calling into gRPC, skipping fork()
+    handlers` at every start (and run its fork handlers for nothing); without one, Popen uses vfork, which runs no
+    fork handlers. The bootstrap exec()s the command itself: the PID Popen returns is smg's."""
+    if sys.platform != "linux":
+        return list(cmd)
+    return [sys.executable, "-c", _DIES_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 def worker_url(host: str, port: int) -> str:
@@ -376,26 +398,36 @@ def worker_url(host: str, port: int) -> str:
 
 async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: Optional[int],
                                 on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
-                                registry=None) -> GatewaySupervisor:
+                                registry=None, serving=None) -> GatewaySupervisor:
     """The supervised smg for a bound server (ServerConfig `config`): in front of the keyless gateway
     listener when there is one (smg sends workers no key and no TLS), else of the main port. `on_hangup(relay_id)`:
     the front lost an HTTP client before its answer ended (Serving.hung_up). `registry`: the engine's Prometheus
-    registry, served with smg's own metrics on the HTTP port's /metrics (http_metrics.py)."""
+    registry, served with smg's own metrics on the HTTP port's /metrics (http_metrics.py). `serving`: the
+    server's Serving: its model names reach smg (aliases of the first), and the front answers vLLM's /v1/models,
+    /tokenize and /detokenize from it (vllm_routes.py)."""
     target = worker_url(config.gateway_host, gateway_listener_port) if gateway_listener_port is not None \
         else worker_url(config.host, grpc_port)
     # smg listens on a loopback port of its own; --http-port is the front's (http_front.py), which carries the
     # request fields smg would drop.
     spec = GatewaySpec(http_host="127.0.0.1", http_port=free_loopback_port(), worker_url=target,
                        metrics_host=config.http_metrics_host, metrics_port=config.http_metrics_port,
-                       api_key=config.api_key, extra_args=list(getattr(config, "gateway_args", ())))
+                       api_key=config.api_key, extra_args=list(getattr(config, "gateway_args", ())),
+                       served_model_name=getattr(serving, "served_model_name", None),
+                       model_aliases=tuple(getattr(serving, "model_aliases", ())))
     if not config.api_key and not is_loopback(config.http_host):
         logger.warning("--http-host %s: the OpenAI API on port %d takes requests from anyone who reaches it "
                        "(no --api-key)", config.http_host, config.http_port)
     gateway = None
+    local = None
+    if serving is not None:
+        from .vllm_routes import VllmRoutes
+
+        local = VllmRoutes(serving, chat_template_of(spec.extra_args))
     front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
                       not_serving=lambda: gateway.not_serving() if gateway is not None else None,
                       on_hangup=on_hangup,
-                      metrics=HttpMetrics(registry, lambda: gateway.metrics_port if gateway is not None else None).body)
+                      metrics=HttpMetrics(registry, lambda: gateway.metrics_port if gateway is not None else None).body,
+                      local=local)
     try:
         await front.start()
     except OSError as e:
@@ -410,6 +442,16 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
         await gateway.stop()
         raise
     return gateway
+
+
+def chat_template_of(gateway_args) -> Optional[str]:
+    """The --chat-template text smg is given (its flag among the gateway's arguments), or None."""
+    args = list(gateway_args)
+    if "--chat-template" not in args or args.index("--chat-template") + 1 >= len(args):
+        return None
+    from ..api.chat_template_flag import read_chat_template
+
+    return read_chat_template(args[args.index("--chat-template") + 1])
 
 
 def is_loopback(host: str) -> bool:

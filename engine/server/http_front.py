@@ -53,10 +53,16 @@ READ_CHUNK = 64 << 10
 # What clients reach through the front: the OpenAI API (each route and what lies under it, e.g.
 # /v1/models/ID) and the probes. smg's control plane (/workers, /flush_cache, /get_loads, profiling, /wasm,
 # /parse, /v1/rl) is not among them.
+# vLLM's own routes beside them: /tokenize, /detokenize (answered from the engine, vllm_routes.py), /version and
+# /ping (answered here).
 PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations",
                  "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/classify", "/v1/tokenize", "/v1/detokenize",
-                 "/v1beta/interactions", "/health", "/health_generate", "/liveness", "/readiness")
-PROBES = ("/health", "/health_generate", "/readiness")
+                 "/v1beta/interactions", "/health", "/health_generate", "/liveness", "/readiness", "/tokenize",
+                 "/detokenize", "/version", "/ping")
+PROBES = ("/health", "/health_generate", "/readiness", "/ping")
+VERSION_PATH = "/version"
+PING_PATH = "/ping"  # vLLM's (SageMaker's) probe, GET or POST: /health
+ENGINE_ROUTES = ("/tokenize", "/detokenize")  # answered only where the engine is beside the front
 _DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade", b"content-length",
             b"transfer-encoding", RELAY_HEADER.encode()}
 METRICS_PATH = b"/metrics"
@@ -74,15 +80,18 @@ class HttpFront:
     def __init__(self, host: str, port: int, upstream_port: int, api_key: Optional[str] = None,
                  not_serving: Optional[Callable[[], Optional[str]]] = None,
                  on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
-                 metrics: Optional[Callable[[], Awaitable[bytes]]] = None):
+                 metrics: Optional[Callable[[], Awaitable[bytes]]] = None, local=None):
         """`not_serving()`: why the gateway cannot serve now (the probes answer 503 with it), or None.
         `on_hangup(relay_id)`: the client of the request relayed under `relay_id` left before its answer ended.
-        `metrics()`: the Prometheus text `GET /metrics` answers (http_metrics.py), or None: 404 as any route."""
+        `metrics()`: the Prometheus text `GET /metrics` answers (http_metrics.py), or None: 404 as any route.
+        `local`: what answers vLLM's routes from the engine (vllm_routes.VllmRoutes: `await local.answer(method,
+        path, body)` -> (status, body) or None to relay), or None (a front before a gateway started by hand)."""
         self.host, self.port, self.upstream_port = host, port, upstream_port
         self.api_key = api_key
         self.not_serving = not_serving
         self.on_hangup = on_hangup
         self.metrics = metrics
+        self.local = local
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
 
@@ -122,6 +131,11 @@ class HttpFront:
                 reason = self.not_serving() if self.not_serving is not None and path in PROBES else None
                 if reason is not None:
                     await _answer(conn, writer, 503, _error(reason, None))
+                    return
+                if await self._answer_here(conn, request, path, body, writer):
+                    return
+                if path == PING_PATH:  # vLLM's /ping is its /health, by GET or POST
+                    await self._relay(conn, request, b"", reader, writer, b"GET", b"/health")
                     return
                 try:
                     # A large body is parsed off the event loop (every other connection and the engine's
@@ -163,6 +177,28 @@ class HttpFront:
             else:  # ConnectionClosed before a whole request
                 return None
 
+    async def _answer_here(self, conn, request: h11.Request, path: str, body: bytes, writer) -> bool:
+        """Answer vLLM's routes that smg lacks: /version here, /tokenize, /detokenize and /v1/models from the
+        engine (vllm_routes.py) when it is beside the front. Whether it answered."""
+        if path == VERSION_PATH:
+            if request.method != b"GET":
+                await _answer(conn, writer, 405, _error(f"{path} takes GET.", None))
+            else:
+                await _answer(conn, writer, 200, json.dumps({"version": moelink_version()}).encode())
+            return True
+        if self.local is not None:
+            got = await self.local.answer(request.method, path, body)
+            if got is None:
+                return False
+            await _answer(conn, writer, *got)
+            return True
+        if path in ENGINE_ROUTES:
+            await _answer(conn, writer, 404, _error(
+                f"{path} is answered by `moelink serve`'s own OpenAI front, which has the tokenizer; this front "
+                f"(`moelink http-front`) stands before a gateway started by hand: ask smg's /v1{path} instead.", None))
+            return True
+        return False
+
     def _inspect(self, request: h11.Request, body: bytes) -> bytes:
         """The body to relay: rewritten when a chat or completions request carries vLLM's structured-output fields."""
         path = request.target.split(b"?", 1)[0].decode("latin-1")
@@ -190,20 +226,23 @@ class HttpFront:
         given = dict(request.headers).get(b"authorization", b"")
         return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
 
-    async def _relay(self, conn, request: h11.Request, body: bytes, reader, writer) -> None:
+    async def _relay(self, conn, request: h11.Request, body: bytes, reader, writer, method: Optional[bytes] = None,
+                     target: Optional[bytes] = None) -> None:
+        """Relay `request` (as `method` `target` when given) with `body` to smg, and its answer back."""
+        method, target = method or request.method, target or request.target
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=MAX_HEAD_BYTES)
         except OSError:  # smg is down: its supervisor is restarting it
             await _answer(conn, writer, 503, _error("the OpenAI gateway (smg) is restarting: retry in a few seconds.",
                                                     None))
             return
-        path = request.target.split(b"?", 1)[0].decode("latin-1")
+        path = target.split(b"?", 1)[0].decode("latin-1")
         relay_id = new_relay_id(_ID_KINDS.get(path, "req"), _header(request, b"x-request-id"))
         # Watched from the start, not from smg's first byte: before it, a grammar may compile for many seconds.
         gone = asyncio.ensure_future(_until_eof(reader))
         answer = None
         try:
-            head = [request.method + b" " + request.target + b" HTTP/1.1"]
+            head = [method + b" " + target + b" HTTP/1.1"]
             head += [name + b": " + value for name, value in request.headers if name not in _DROPPED]
             head += [RELAY_HEADER.encode() + b": " + relay_id.encode(), b"content-length: " + str(len(body)).encode(),
                      b"connection: close"]
@@ -231,6 +270,16 @@ class HttpFront:
             await self.on_hangup(relay_id)
         except Exception:  # a bug there must not turn into a connection error here
             logger.exception("ending the request of an HTTP client that hung up failed (relay id %s)", relay_id)
+
+
+def moelink_version() -> str:
+    """moelink's version (what GET /version answers, as vLLM's answers vLLM's)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("moelink")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def needs_key(path: str) -> bool:

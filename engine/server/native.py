@@ -117,7 +117,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def ModelInfo(self, request, context) -> pb.ModelInfoResponse:
         m, s = self.s.model, self.s
         resp = pb.ModelInfoResponse(
-            served_model_name=s.served_model_name, model_path=s.model_path, architecture=m.architecture,
+            served_model_name=s.served_model_name, served_model_names=list(s.served_model_names),
+            model_path=s.model_path, architecture=m.architecture,
             model_type=str(m.hf_config.get("model_type", "")), dtype=str(m.dtype).replace("torch.", ""),
             max_model_len=s.info.max_model_len, vocab_size=m.vocab_size, eos_token_ids=list(s.info.eos_token_ids),
             num_layers=m.num_layers, hidden_size=m.hidden_size, num_experts=m.num_experts,

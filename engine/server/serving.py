@@ -59,7 +59,19 @@ class Serving:
         self.tokenizer = engine.tokenizer
         self.limits = config.limits
         self.registry = RequestRegistry(config.max_queued_requests, config.max_queued_tokens)
-        self.served_model_name = config.served_model_name or self.model.name  # the id a user gave, or the directory name
+        # The model argument as given (a Hugging Face id, or a path as typed): vLLM's default served name and its
+        # model card's `root`.
+        self.model_arg = self.model.model_id or self.model.model
+        # The names clients may send as "model", the first reported (vLLM's --served-model-name, else the model
+        # argument as given); /v1/models lists them.
+        self.served_model_names = config.served_model_names or (self.model_arg,)
+        self.served_model_name = self.served_model_names[0]
+        # Every name but the first, for the OpenAI gateway (smg's --model-alias NAME=FIRST): the further served
+        # names, and, accepted though not listed, the model argument as given and a directory's own name (what
+        # moelink served by default before). One with '=' would be misread by smg: left out.
+        implicit = (self.model_arg,) + (() if self.model.model_id else (Path(self.model.model).name,))
+        self.model_aliases = tuple(n for n in dict.fromkeys(self.served_model_names[1:] + implicit)
+                                   if n and n != self.served_model_name and "=" not in n)
         self.model_path = str(Path(self.model.model).resolve())
         self.start_time = time.time()
         # Engine ids are the client's id plus a per-admission number, never the bare client id: a retry

@@ -161,7 +161,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("served_model_name", "model_path", "architecture", "model_type", "dtype", "max_model_len", "vocab_size", "eos_token_ids", "bos_token_id", "num_layers", "hidden_size", "num_experts", "num_experts_per_tok", "block_size", "num_kv_blocks", "max_num_seqs", "expert_parallel_size", "has_chat_template", "device")
+    __slots__ = ("served_model_name", "model_path", "architecture", "model_type", "dtype", "max_model_len", "vocab_size", "eos_token_ids", "bos_token_id", "num_layers", "hidden_size", "num_experts", "num_experts_per_tok", "block_size", "num_kv_blocks", "max_num_seqs", "expert_parallel_size", "has_chat_template", "device", "served_model_names")
     SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,7 @@ class ModelInfoResponse(_message.Message):
     EXPERT_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     served_model_name: str
     model_path: str
     architecture: str
@@ -200,7 +201,8 @@ class ModelInfoResponse(_message.Message):
     expert_parallel_size: int
     has_chat_template: bool
     device: str
-    def __init__(self, served_model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., expert_parallel_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., device: _Optional[str] = ...) -> None: ...
+    served_model_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, served_model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., expert_parallel_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., device: _Optional[str] = ..., served_model_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,291 @@
+"""The routes of vLLM's API server that moelink's HTTP front answers itself, from the engine beside it.
+
+smg (1.13) has no `/tokenize`, `/detokenize` or `/version` (its `/v1/tokenize` answers another shape), and its
+`GET /v1/models` lists one name per worker without vLLM's `max_model_len`, `root`, `parent` and `permission`. A
+vLLM client (benchmark harnesses, LangChain's vLLM wrapper, a router sizing requests) calls them, so the managed
+gateway's front (http_front.py) answers them here, in vLLM's request and response shapes:
+
+- `GET /v1/models`: one vLLM model card per served name (--served-model-name, else the model argument as given),
+  each with `max_model_len`, `root` (the model argument as given), `parent` null and a `permission` entry;
+- `POST /tokenize`: `{"model", "prompt", "add_special_tokens"}` or `{"model", "messages", "add_generation_prompt",
+  "continue_final_message", "add_special_tokens", "tools", "chat_template_kwargs"}` (the server's chat template,
+  its --chat-template when given, as smg renders chats), `return_token_strs` in both; answers `{"count",
+  "max_model_len", "tokens", "token_strs"}`;
+- `POST /detokenize`: `{"model", "tokens"}` -> `{"prompt"}` (special tokens kept, as vLLM decodes).
+
+A `model` that is not a name the server takes is 404, as vLLM answers. Bounds: a tokenize request is bounded as a
+completion prompt is: text that cannot fit `max_model_len` is refused by its size before it is tokenized (or its
+messages rendered), and one whose tokens do not fit is refused after; a detokenize request's tokens as a prompt of
+token ids (fewer than max_model_len, each in the vocabulary). Each refusal is HTTP 400 naming the field; a field
+vLLM does not take, or one moelink does not (`chat_template`: a client's own Jinja; `mm_processor_kwargs`: text
+only), is refused too rather than ignored. Large inputs are tokenized on a worker thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Optional
+
+from ..core.no_tokenizer import NoTokenizer
+from ..contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
+from ..contract.safe_text import shown
+from .openai_fields import HttpFieldError
+
+TOKENIZE_PATH = "/tokenize"
+DETOKENIZE_PATH = "/detokenize"
+MODELS_PATH = "/v1/models"
+ROUTES = (TOKENIZE_PATH, DETOKENIZE_PATH)
+# Beyond this many characters (or token ids) the work runs on a worker thread, not on the event loop.
+INLINE_MAX_CHARS = 2048
+INLINE_MAX_IDS = 4096
+
+PROMPT_FIELDS = ("model", "prompt", "add_special_tokens", "return_token_strs")
+CHAT_FIELDS = ("model", "messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+               "return_token_strs", "tools", "chat_template_kwargs")
+DETOKENIZE_FIELDS = ("model", "tokens")
+_REFUSED = {"chat_template": "a request's own chat template is not taken (vLLM refuses it too unless "
+                             "--trust-request-chat-template): the server's is used",
+            "mm_processor_kwargs": "this server takes text only"}
+
+
+class NotFound(HttpFieldError):
+    """A `model` the server does not serve (HTTP 404, as vLLM answers)."""
+
+
+class VllmRoutes:
+    """Answers /v1/models, /tokenize and /detokenize from a Serving (serving.py) on the server's loop."""
+
+    def __init__(self, serving, chat_template: Optional[str] = None):
+        """`chat_template`: the server's --chat-template text (smg renders chats with it), else the tokenizer's."""
+        self.s = serving
+        tok = serving.tokenizer
+        self.tokenizer = tok.with_chat_template(chat_template) if chat_template and hasattr(
+            tok, "with_chat_template") else tok
+        self.names = frozenset(serving.served_model_names) | frozenset(serving.model_aliases)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.s.info.max_model_len
+
+    async def answer(self, method: bytes, path: str, body: bytes) -> Optional[tuple[int, bytes]]:
+        """(HTTP status, JSON body) of a request this answers, or None: the front relays it to smg."""
+        if path == MODELS_PATH and method == b"GET":
+            return 200, json.dumps(self.models()).encode()
+        if path not in ROUTES:
+            return None
+        if method != b"POST":
+            return 405, _error(f"{path} takes POST (a JSON body), not {method.decode('latin-1')}.", None,
+                               "MethodNotAllowed", 405)
+        if isinstance(self.tokenizer, NoTokenizer):
+            return 400, _error(str(self.tokenizer.error(f"{path} needs the vocabulary")), "model")
+        try:
+            data = _json_object(body)
+            if path == TOKENIZE_PATH:
+                heavy = len(body) > INLINE_MAX_CHARS
+                out = await asyncio.to_thread(self.tokenize, data) if heavy else self.tokenize(data)
+            else:
+                heavy = len(body) > INLINE_MAX_IDS * 2
+                out = await asyncio.to_thread(self.detokenize, data) if heavy else self.detokenize(data)
+        except NotFound as e:
+            return 404, _error(str(e), e.field, "NotFoundError", 404)
+        except HttpFieldError as e:
+            return 400, _error(str(e), e.field)
+        return 200, json.dumps(out).encode()
+
+    # -- GET /v1/models ----------------------------------------------------------------
+    def models(self) -> dict:
+        """vLLM's model list: one card per served name, the first the name answers report."""
+        now = int(time.time())
+        cards = [{"id": name, "object": "model", "created": now, "owned_by": "moelink", "root": self.s.model_arg,
+                  "parent": None, "max_model_len": self.max_model_len,
+                  "permission": [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
+                                  "created": now, "allow_create_engine": False, "allow_sampling": True,
+                                  "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                                  "allow_fine_tuning": False, "organization": "*", "group": None,
+                                  "is_blocking": False}]}
+                 for name in self.s.served_model_names]
+        return {"object": "list", "data": cards}
+
+    # -- POST /tokenize ----------------------------------------------------------------
+    def tokenize(self, data: dict) -> dict:
+        chat = "messages" in data
+        if chat and "prompt" in data:
+            raise HttpFieldError("prompt", "give `prompt` (text) or `messages` (a chat), not both.")
+        if not chat and "prompt" not in data:
+            raise HttpFieldError("prompt", "/tokenize takes `prompt` (text) or `messages` (a chat).")
+        self._check_fields(data, CHAT_FIELDS if chat else PROMPT_FIELDS, TOKENIZE_PATH)
+        self._check_model(data)
+        strs = _flag(data, "return_token_strs", False)
+        tok = self.tokenizer
+        if chat:
+            ids = self._chat_ids(data)
+        else:
+            prompt = data["prompt"]
+            if not isinstance(prompt, str):
+                raise HttpFieldError("prompt", f"prompt must be a string (text to tokenize), not "
+                                               f"{_kind(prompt)}: vLLM's /tokenize takes text.")
+            self._fits_as_text("prompt", prompt)
+            special = _flag(data, "add_special_tokens", True)
+            ids = tok.encode_without_gil(prompt, special) if len(prompt) > INLINE_MAX_CHARS else \
+                tok.encode(prompt, special)
+        self._fits_as_ids("messages" if chat else "prompt", len(ids))
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
+                "token_strs": tok.convert_ids_to_tokens(ids) if strs else None}
+
+    def _chat_ids(self, data: dict) -> list[int]:
+        messages = data["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise HttpFieldError("messages", "messages must be a non-empty list of {\"role\", \"content\"} objects.")
+        generation = _flag(data, "add_generation_prompt", True)
+        continue_final = _flag(data, "continue_final_message", False)
+        if generation and continue_final:
+            raise HttpFieldError("continue_final_message", "continue_final_message and add_generation_prompt cannot "
+                                                           "both be true (set add_generation_prompt to false).")
+        special = _flag(data, "add_special_tokens", False)
+        chat, size = [], 0
+        for i, m in enumerate(messages):
+            chat.append(_message(m, f"messages[{i}]", self.s.text_only_reason))
+            size += len(chat[-1]["content"].encode("utf-8", "surrogatepass")) if chat[-1]["content"] else 0
+        # The contents alone already too long to fit: refused before the template renders them.
+        self._fits_as_text("messages", size)
+        kwargs = {}
+        tools = data.get("tools")
+        if tools is not None:
+            if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+                raise HttpFieldError("tools", "tools must be a list of tool objects.")
+            kwargs["tools"] = tools
+        extra = data.get("chat_template_kwargs")
+        if extra is not None:
+            if not isinstance(extra, dict) or not all(isinstance(k, str) and k.isidentifier() for k in extra):
+                raise HttpFieldError("chat_template_kwargs", "chat_template_kwargs must be an object of template "
+                                                             "variables (names are identifiers).")
+            clash = {"messages", "add_generation_prompt", "tools"} & set(extra)
+            if clash:
+                raise HttpFieldError("chat_template_kwargs", f"chat_template_kwargs cannot set {sorted(clash)[0]!r}: "
+                                                             "it is a field of the request.")
+            kwargs.update(extra)
+        try:
+            text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=generation, **kwargs)
+        except ValueError as e:  # no template, or it raised (a role it does not know, ...)
+            raise HttpFieldError("messages", shown(str(e), quote=False)) from None
+        if continue_final:
+            text = _continued(text, chat[-1]["content"])
+        self._fits_as_text("messages", text)
+        return self.tokenizer.encode_without_gil(text, special) if len(text) > INLINE_MAX_CHARS else \
+            self.tokenizer.encode(text, special)
+
+    # -- POST /detokenize --------------------------------------------------------------
+    def detokenize(self, data: dict) -> dict:
+        self._check_fields(data, DETOKENIZE_FIELDS, DETOKENIZE_PATH)
+        self._check_model(data)
+        if "tokens" not in data:
+            raise HttpFieldError("tokens", "/detokenize takes `tokens`, a list of token ids.")
+        ids = data["tokens"]
+        if not isinstance(ids, list):
+            raise HttpFieldError("tokens", f"tokens must be a list of token ids, not {_kind(ids)}.")
+        self._fits_as_ids("tokens", len(ids))
+        vocab = self.tokenizer.vocab_size
+        for i, t in enumerate(ids):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise HttpFieldError(f"tokens[{i}]", f"tokens[{i}]={shown(json.dumps(t))} is not a token id of this "
+                                                     f"model: an integer in [0, {vocab}).")
+        return {"prompt": self.tokenizer.decode(ids, skip_special_tokens=False)}
+
+    # -- checks -------------------------------------------------------------------------
+    def _check_fields(self, data: dict, allowed: tuple[str, ...], route: str) -> None:
+        for key in data:
+            if key in allowed:
+                continue
+            why = _REFUSED.get(key)
+            if why is None:
+                why = f"it is not a field of {route} (it takes {', '.join(allowed)})"
+            raise HttpFieldError(key, f"{shown(key)} is refused: {why}.")
+
+    def _check_model(self, data: dict) -> None:
+        model = data.get("model")
+        if model is None:  # vLLM's model is optional on these routes
+            return
+        if not isinstance(model, str) or model not in self.names:
+            raise NotFound("model", f"The model `{shown(str(model), quote=False)}` does not exist: this server "
+                                    f"serves {', '.join(map(repr, self.s.served_model_names))}.")
+
+    def _fits_as_text(self, field: str, text) -> None:
+        size = text if isinstance(text, int) else len(text.encode("utf-8", "surrogatepass"))
+        reason = self.s.text_refusal(field, size)
+        if reason is not None:
+            raise HttpFieldError(field, reason)
+
+    def _fits_as_ids(self, field: str, count: int) -> None:
+        reason = self.s.ids_refusal(field, count)
+        if reason is not None:
+            raise HttpFieldError(field, reason)
+
+
+def _json_object(body: bytes) -> dict:
+    depth = text_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        where = deep_path(body.decode("utf-8", "replace")) or "the request body"
+        raise HttpFieldError(where.split(".", 1)[0].split("[", 1)[0], too_deep(where, depth))
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise HttpFieldError("body", f"the request body is not JSON ({shown(str(e), quote=False)}).") from None
+    if not isinstance(data, dict):
+        raise HttpFieldError("body", f"the request body must be a JSON object, not {_kind(data)}.")
+    return data
+
+
+def _flag(data: dict, name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HttpFieldError(name, f"{name} must be true or false, not {_kind(value)}.")
+    return value
+
+
+def _message(m, where: str, text_only) -> dict:
+    """One chat message as a template reads it: role and text content (OpenAI text parts joined by newlines,
+    as vLLM joins them for a template that takes strings)."""
+    if not isinstance(m, dict):
+        raise HttpFieldError(where, f"{where} must be an object with `role` and `content`, not {_kind(m)}.")
+    role = m.get("role")
+    if not isinstance(role, str) or not role:
+        raise HttpFieldError(f"{where}.role", f"{where}.role must be a non-empty string.")
+    content = m.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else None
+                why = text_only() if isinstance(kind, str) and kind != "text" else "a part must be {\"type\": " \
+                                                                                   "\"text\", \"text\": \"...\"}"
+                raise HttpFieldError(f"{where}.content[{j}]", f"{where}.content[{j}] is refused: {why}")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    elif content is not None and not isinstance(content, str):
+        raise HttpFieldError(f"{where}.content", f"{where}.content must be a string, a list of text parts, or null.")
+    return {**m, "content": content}
+
+
+def _continued(text: str, final: Optional[str]) -> str:
+    """The rendered chat cut just after the final message's content, as transformers' continue_final_message
+    does: the model continues that message instead of starting a new turn."""
+    final = (final or "").strip()
+    at = text.rfind(final) if final else -1
+    if at < 0:
+        raise HttpFieldError("continue_final_message", "continue_final_message needs the last message's content in "
+                                                       "the rendered chat, and this template does not write it.")
+    return text[:at + len(final)]
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _error(message: str, param: Optional[str], kind: str = "BadRequestError", code: int = 400) -> bytes:
+    """vLLM's error body: {"error": {"message", "type", "param", "code"}}."""
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
