@@ -67,6 +67,24 @@ def ray_on_loopback():
             os.environ[RAY_LOOPBACK_ENV] = old_env
 
 
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+
+def quiet_token_auth() -> None:
+    """Token authentication for the local Ray about to start, said explicitly: what `ray.init` turns on itself
+    for a new local cluster (Ray 2.5x and later), minus the warning it prints at every start when the mode was
+    left unset ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out").
+    A mode set in the environment is kept as it is (Ray reads it without a word). Ray's own step, so its cached
+    config and the processes it starts agree on the mode."""
+    if os.environ.get(RAY_AUTH_MODE_ENV) is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # a Ray without token authentication: nothing to say
+        return
+    _enable_token_auth()
+
+
 class LocalRay:
     """A Ray instance this process starts for itself, and everything it leaves on disk.
 
@@ -94,6 +112,7 @@ class LocalRay:
             # process holds (close-on-exec: Ray's processes do not inherit it).
             self.guard = subprocess.Popen([sys.executable, ray_guard.__file__, self.private_dir, str(os.getpid())],
                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+            quiet_token_auth()
             with ray_on_loopback():
                 # Ray runs its workers at nice 15; here they are the ranks, the engine's own work: at 15 a busy
                 # host (a tokenizer, a neighbour process) starves them past the heartbeat timeout.

@@ -83,6 +83,10 @@ def test_sigkilled_ep_server_leaves_no_ray_behind(tiny_model, ray_tmpdir, listen
     server = ServerProcess(tiny_model("qwen3_e6k3"), ["--expert-parallel-size", "2", "--dtype", "float32",
                                                       "--num-kv-blocks", "64"], env={"RAY_TMPDIR": ray_tmpdir})
     try:
+        # Issue 54 item 10: Ray's token-auth warning at every start, and its record mark on every log line.
+        logs = server.logs()
+        assert "Token authentication" not in logs and "_ray_timestamp_ns" not in logs, logs[-3000:]
+        assert "started a local Ray instance" in logs  # a line of ours logged with Ray imported
         ray_pids = processes_using(ray_tmpdir)
         assert ray_pids, "the server's Ray should live under RAY_TMPDIR"
         # GCS, raylet, agents, the rank actors and rank 0's rendezvous store: all on loopback.
