@@ -15,15 +15,14 @@ def format_plan(res: dict) -> str:
     i, d, p, m = res["inputs"], res["decode"], res["prefill"], res["memory"]
     fits = m["max_batch_per_rank"] >= i["batch_per_rank"]
     lines = [f"{res['model']} on {res['hardware']} ({res['hardware_description']})"] + format_answer(res) + [
-        ("the setup asked for" if fits else "the setup asked for (DOES NOT FIT: details below are hypothetical)")
-        + ":",
+        _setup_heading(res.get("setup", "asked"), fits) + ":",
         f"EP {i['ep']}, decode batch {i['batch_per_rank']}/rank, input {i['input_len']}, output {i['output_len']}, "
         f"prefill chunk {i['prefill_chunk']}/rank, precision {i['precision']}, dispatch once per {i['pattern']}, "
         f"balance {i['balance']}" + (f", MTP {i['mtp_draft']} @ {i['mtp_accept']:.2f}" if i["mtp_draft"] else ""),
         f"memory: weights {m['weights_per_rank_gb']:.1f} GB/rank; KV fits {m['max_batch_per_rank']} sequences/rank "
         f"at {i['input_len'] + i['output_len']} tokens",
     ]
-    if not fits:
+    if not fits and res.get("setup", "asked") == "asked":
         lines.append(f"  DOES NOT FIT: batch {i['batch_per_rank']}/rank needs more KV than EP {i['ep']} leaves "
                      f"({m['max_batch_per_rank']} sequences/rank); timing shown anyway")
     lines += [
@@ -56,6 +55,18 @@ def format_plan(res: dict) -> str:
         lines.append(f"         {r['ep']:>3} | {dec_txt} | {pre:>17,.0f}" if pre else
                      f"         {r['ep']:>3} | {dec_txt} | {'does not fit':>17}")
     return "\n".join(lines)
+
+
+def _setup_heading(shown: str, fits: bool) -> str:
+    """What the detailed block is: the setup asked for (--ep / --batch-per-rank), else the best setup that fits
+    (plan_cli.plan_shown), else the defaults (nothing fits). Only a setup the user asked for is headlined as not
+    fitting: defaults nobody asked for are no setup to warn about."""
+    if shown == "best":
+        return "the best setup that fits, in detail (pass --ep / --batch-per-rank for another)"
+    if shown == "defaults":
+        return ("the defaults, in detail (no setup fits the ITL target; pass --ep / --batch-per-rank for another)"
+                + ("" if fits else ", hypothetical: their KV does not fit"))
+    return "the setup asked for" if fits else "the setup asked for (DOES NOT FIT: details below are hypothetical)"
 
 
 def format_answer(res: dict) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from .cli_args import add_ep_flag
 from .provenance import git_commit as _commit
 
 README_HARDWARE = ("h100-hgx", "h200-hgx", "b200-hgx", "gb200-nvl72", "b300-hgx", "gb300-nvl72")
+# The setup priced when --ep / --batch-per-rank are not given; the plan then details the best setup that fits
+# instead of headlining this one (DeepSeek-V3's FP8 weights leave EP 8 on H100 no KV at all).
+DEFAULT_EP, DEFAULT_BATCH_PER_RANK = 8, 128
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -36,8 +40,11 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", default="h100-hgx",
                    help=f"one of {', '.join(sorted(PROFILES))}, a comma-separated list, or 'all' "
                         f"({', '.join(README_HARDWARE)})")
-    add_ep_flag(p, default=8, help="EP group size (GPUs)", dest="ep")
-    p.add_argument("--batch-per-rank", type=int, default=128, help="decode sequences per GPU")
+    add_ep_flag(p, default=None, dest="ep",
+                help=f"EP group size (GPUs) of the setup to detail (default {DEFAULT_EP}; with neither this nor "
+                     "--batch-per-rank, the best setup that fits is detailed)")
+    p.add_argument("--batch-per-rank", type=int, default=None,
+                   help=f"decode sequences per GPU of the setup to detail (default {DEFAULT_BATCH_PER_RANK})")
     p.add_argument("--input-len", type=int, default=2000)
     p.add_argument("--output-len", type=int, default=1000)
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prompt tokens per GPU per prefill forward")
@@ -159,8 +166,13 @@ def run_plan(ns: argparse.Namespace) -> int:
         if not isinstance(counts, list) or not all(isinstance(c, (int, float)) for c in counts):
             raise ValueError(f"--expert-counts={ns.expert_counts!r} must hold a list of numbers (or {{'counts': [...]}}).")
         balance = Balance("counts", counts=tuple(float(c) for c in counts))
-    base = PlanInputs(get_model(ns.model), get_profile(_hardware_list(ns.hardware)[0]), ep=ns.ep,
-                      batch_per_rank=ns.batch_per_rank, input_len=ns.input_len, output_len=ns.output_len,
+    # A setup the user asked for is detailed (and said not to fit when it does not); without --ep and
+    # --batch-per-rank, the best setup that fits is (the defaults only price the sweep's start).
+    asked = ns.ep is not None or ns.batch_per_rank is not None
+    base = PlanInputs(get_model(ns.model), get_profile(_hardware_list(ns.hardware)[0]),
+                      ep=DEFAULT_EP if ns.ep is None else ns.ep,
+                      batch_per_rank=DEFAULT_BATCH_PER_RANK if ns.batch_per_rank is None else ns.batch_per_rank,
+                      input_len=ns.input_len, output_len=ns.output_len,
                       prefill_chunk=ns.prefill_chunk, itl_slo_ms=ns.itl_slo_ms, precision=ns.precision,
                       overlap=ns.overlap, balance=balance, pattern=ns.pattern, mtp_draft=ns.mtp_draft,
                       mtp_accept=ns.mtp_accept, engine=ns.engine, gpu_hour_usd=ns.gpu_hour_usd,
@@ -169,7 +181,7 @@ def run_plan(ns: argparse.Namespace) -> int:
                       offload=offload_from_args(ns))
     results = {}
     for name in _hardware_list(ns.hardware):
-        results[name] = plan(with_hardware(base, get_profile(name)))
+        results[name] = plan_shown(with_hardware(base, get_profile(name)), asked)
         print(format_plan(results[name]))
         print()
     if len(results) > 1:
@@ -189,6 +201,21 @@ def run_plan(ns: argparse.Namespace) -> int:
         for out in write_report(base, _hardware_list(ns.hardware), path, ns.command_text):
             print(f"wrote {out}")
     return 0
+
+
+def plan_shown(inp, asked: bool) -> dict:
+    """The plan of `inp` as `moelink plan` shows it: the setup asked for, or (none asked for) the best decode setup
+    that fits, re-planned at its EP and batch so that the detail, memory and handoff lines are a setup that runs;
+    `setup` says which ("asked", "best", or "defaults" when none fits)."""
+    from moelink.planner.plan import plan
+
+    res = plan(inp)
+    if asked:
+        return {**res, "setup": "asked"}
+    best = res["best_decode_under_slo"]
+    if best is None:
+        return {**res, "setup": "defaults"}
+    return {**plan(replace(inp, ep=best["ep"], batch_per_rank=best["batch_per_rank"])), "setup": "best"}
 
 
 def register_cli(subparsers) -> None:

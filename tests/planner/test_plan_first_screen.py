@@ -38,3 +38,24 @@ def test_a_setup_that_fits_is_not_marked():
     res, lines = _screen(32, 64)
     assert res["memory"]["max_batch_per_rank"] >= 64
     assert lines[3] == "the setup asked for:" and not any("DOES NOT FIT" in x for x in lines)
+
+
+def test_defaults_nobody_asked_for_are_not_headlined_as_not_fitting(capsys):
+    """Issue 54 item 10: `moelink plan --hardware all` headlined "the setup asked for (DOES NOT FIT): EP 8, batch
+    128/rank" for defaults no one asked for. Without --ep / --batch-per-rank the block details the best setup that
+    fits; the headline stays for a setup the user did ask for."""
+    from moelink.engine.api import plan_cli
+
+    assert plan_cli.main(["--hardware", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" not in out and "the setup asked for" not in out
+    blocks = out.split("BEST SETUP THAT FITS")[1:]
+    assert len(blocks) == len(plan_cli.README_HARDWARE)
+    for block in blocks:
+        m = re.match(r" \(ITL <= 50 ms\): decode EP (\d+) x batch (\d+)/rank", block)
+        detail = next(x for x in block.splitlines() if x.startswith("the best setup that fits, in detail"))
+        shown = block.splitlines()[block.splitlines().index(detail) + 1]
+        assert shown.startswith(f"EP {m.group(1)}, decode batch {m.group(2)}/rank"), shown
+    assert plan_cli.main(["--hardware", "h100-hgx", "--batch-per-rank", "128"]) == 0  # asked for: EP 8 by default
+    out = capsys.readouterr().out
+    assert "the setup asked for (DOES NOT FIT" in out and "EP 8, decode batch 128/rank" in out
