@@ -10,8 +10,10 @@ is it. smg listens on a loopback port; clients reach this one:
     moelink http-front --port 8000 --upstream-port 8001 [--upstream-metrics-port 29000]
 
 Without the server beside it, an HTTP client that hangs up is not reported to an engine (smg does not end the
-request itself: it runs to its end), and GET /metrics answers smg's metrics only (each server's own are on its
---metrics-port).
+request itself: it runs to its end), GET /metrics answers smg's metrics only (each server's own are on its
+--metrics-port), and vLLM's /tokenize and /detokenize are 404 (no tokenizer here: smg's /v1/tokenize answers);
+/version and /ping are answered, and /v1/models is smg's. A server's further model names reach smg only as the
+`--model-alias NAME=FIRST` flags `moelink serve --no-http` prints.
 """
 from __future__ import annotations
 

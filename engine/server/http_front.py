@@ -13,7 +13,13 @@ open a new connection for its next request.
 The API key (`--api-key`): the front asks it (`Authorization: Bearer KEY`, as smg and vLLM do) of every path
 under /v1 (and /v1beta) itself, before a field is looked at, as vLLM guards all of /v1: smg (1.13) asked it of
 its generation routes but answered `GET /v1/models` to anyone. A request without it gets 401 here (never a 400
-naming a field). The probes (/health, /liveness, ...) and `GET /metrics` stay open, as on vLLM's API port.
+naming a field). The probes (/health, /liveness, ...) and `GET /metrics` stay open, as on vLLM's API port, and so
+do vLLM's own routes outside /v1 (/tokenize, /detokenize, /version, /ping): vLLM's API-key middleware guards
+paths that start with /v1 only.
+
+vLLM's routes that smg lacks are answered here: /version and /ping (vLLM's /health, GET or POST) always;
+/tokenize, /detokenize and vLLM's /v1/models cards from the engine when it is beside the front (`local`,
+vllm_routes.py); a front before a gateway started by hand answers /tokenize and /detokenize with 404.
 
 A client that goes away (its connection reads EOF) before smg's answer has ended is reported to the server
 (`on_hangup`), which ends the request itself: smg would not (hangups.py), and a request whose grammar still
