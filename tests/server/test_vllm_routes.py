@@ -193,3 +193,44 @@ def test_bench_serve_drives_the_openai_api(vllm_server, backend, tmp_path, capsy
         assert lv["ttft_ms"]["p50"] > 0 and lv["itl_ms"]["p50"] > 0 and lv["tpot_ms"]["p50"] > 0
         assert lv["total_token_throughput"] > lv["output_token_throughput"] > 0
     assert result["config"]["backend"] == backend and "| load |" in capsys.readouterr().out
+
+
+def test_a_front_before_a_hand_started_smg_answers_what_it_can():
+    """`moelink http-front` has no engine: /version here, /ping relayed as smg's GET /health (also for POST),
+    /tokenize and /detokenize 404 saying where to ask, none of them behind the key (vLLM's rule)."""
+    import asyncio
+
+    from moelink.engine.server.http_front import HttpFront
+
+    seen: list[bytes] = []
+
+    async def upstream(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b"\r\n", 1)[0])
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nOK")
+        await writer.drain()
+        writer.close()
+
+    def requests(port):
+        return {(method, path): http_request(port, method, path, {} if method == "POST" else None)
+                for method, path in (("GET", "/version"), ("GET", "/ping"), ("POST", "/ping"),
+                                     ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/v1/models"))}
+
+    async def scenario():
+        up = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        front = HttpFront("127.0.0.1", free_port(), up.sockets[0].getsockname()[1], "k3y")
+        await front.start()
+        try:
+            return await asyncio.to_thread(requests, front.port)
+        finally:
+            await front.stop()
+            up.close()
+
+    out = asyncio.run(scenario())
+    assert out["GET", "/version"][0] == 200 and "version" in json.loads(out["GET", "/version"][1])
+    assert out["GET", "/ping"] == (200, b"OK") and out["POST", "/ping"] == (200, b"OK")
+    for path in ("/tokenize", "/detokenize"):
+        status, raw = out["POST", path]
+        assert status == 404 and b"/v1" + path.encode() in raw, raw
+    assert out["GET", "/v1/models"][0] == 401
+    assert seen == [b"GET /health HTTP/1.1", b"GET /health HTTP/1.1"]
