@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ RUNNABLE_BLOCKS = {
     "docs/metrics.md": {"sh": 1},
     "docs/vllm-compat.md": {"sh": 1},  # --port's help says it is gRPC
     "docs/expert-parallelism.md": {"sh": 1},
+    "docs/tensor-parallelism.md": {"sh": 1},
     "docs/planner.md": {"sh": 1},
     "docs/kernels.md": {"sh": 1},
     "docs/benchmarks.md": {"sh": 1},
@@ -198,3 +200,117 @@ def test_benchmark_clients_install_into_the_project_venv():
     section = _section("docs/benchmarks.md", "Benchmark clients, offline (moelink bench-serve, aiperf, guidellm)")
     assert ".venv/bin/pip install aiperf guidellm" in section
     assert "venv of its own" not in section and "aiperf-venv" not in section and "guidellm-venv" not in section
+
+
+# -- every shell block accounted for (issue 54 item 7) -----------------------------------------------------------------
+# A ```sh / ```bash / ```console block is run (marked runnable, above), or each of its `moelink ...`,
+# `python -m moelink.X ...` and `make ...` lines is checked without running it (tests/helpers/doc_commands.py: the
+# real moelink parser, module X's argparse source, the Makefile), or it says why not: <!-- not-run: REASON -->
+# before it (GPU, cluster, network, other tools). Its checkable lines are checked in every case.
+
+def _shell_blocks(doc: str):
+    from tests.helpers.doc_commands import shell_blocks
+
+    return shell_blocks(doc)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_shell_block_is_run_checked_or_says_why_not(doc):
+    from tests.helpers.doc_commands import NOT_RUN, commands, unchecked
+
+    bad = []
+    for block in _shell_blocks(doc):
+        if block.marker == "runnable":
+            continue
+        if block.marker == "not-run":
+            if len(block.reason) < 8:
+                bad.append(f"{block.where}: its not-run marker gives no reason")
+            continue
+        for command in commands(block):
+            if unchecked(command):
+                bad.append(f"{block.where}, line {command.line}: `{command.text}` is neither run nor checkable: "
+                           f"mark the block runnable (quick, CPU, offline) or put <!-- not-run: REASON --> before it")
+                break  # one line names the block
+    text = (ROOT / doc).read_text()
+    markers = [ln for ln in text.splitlines() if NOT_RUN.match(ln.strip())]
+    marked = [b for b in _shell_blocks(doc) if b.marker == "not-run"]
+    if len(markers) != len(marked):
+        bad.append(f"{doc}: {len(markers)} not-run markers, {len(marked)} of them before a ```sh/bash/console block")
+    if bad:
+        pytest.fail("\n".join(bad), pytrace=False)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_documented_commands_parse(doc):
+    """Each `moelink SUB ...` line parses with `moelink`'s own parser (placeholders as values of their flags'
+    types, [optional] parts read every way), each `python -m moelink.X --flag` names a flag X defines, each
+    `make TARGET VAR=` a Makefile target and variable, each `python -m pytest tests/...` an existing path."""
+    from tests.helpers.doc_commands import check_command, commands
+
+    bad = []
+    for block in _shell_blocks(doc):
+        if block.marker == "runnable":
+            continue  # run as pasted, above
+        for command in commands(block):
+            err = check_command(command)
+            if err:
+                bad.append(f"{block.where}, line {command.line}: `{command.text}`: {err}")
+    if bad:
+        pytest.fail("documented commands that no longer parse:\n" + "\n".join(bad), pytrace=False)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_inline_make_commands_name_makefile_targets_and_variables(doc):
+    """`make serve PORT=...` in prose as in blocks: the Makefile has the target and the variables."""
+    from tests.helpers.doc_commands import check_make
+
+    text = re.sub(r"```.*?```", "", (ROOT / doc).read_text(), flags=re.DOTALL)
+    bad = []
+    for span in re.findall(r"`(make [^`]+)`", text):
+        try:
+            argv = shlex.split(span)
+        except ValueError as exc:
+            bad.append(f"`{span}`: {exc}")
+            continue
+        err = check_make(argv)
+        if err:
+            bad.append(f"`{span}`: {err}")
+    assert not bad, f"{doc}: {bad}"
+
+
+def test_the_command_checks_catch_drift():
+    """What the two tests above would report: a flag, a subcommand, a module flag, a make target or variable
+    that is not there; a placeholder typed by its flag; an optional part read both ways; an unmarked block."""
+    from tests.helpers.doc_commands import Block, check_command, commands, unchecked
+
+    def check(code: str, lang: str = "bash"):
+        block = Block("x.md", 1, 10, lang, code, None)
+        return [(c.line, c.kind, check_command(c), unchecked(c)) for c in commands(block)]
+
+    assert check("moelink serve MODEL --port PORT --http-port HTTP_PORT   # comment --nope") == \
+        [(10, "moelink", None, False)]
+    assert "unrecognized arguments: --kv-nixl-holds" in check("moelink serve MODEL --kv-nixl-holds 5")[0][2]
+    assert "invalid int value: 'x'" in check("moelink serve MODEL --port x")[0][2]
+    assert "invalid choice" in check("moelink serve MODEL --role pd")[0][2]
+    assert check("moelink nosuch --x")[0][2] == "no subcommand 'nosuch'"
+    # [--http-port 8000 | --no-http] read both ways; the second way alone would clash with --http-port
+    assert check("moelink serve M [--http-port 8000 | --no-http] [--metrics-port N]")[0][2] is None
+    assert "not allowed with" in check("moelink serve M --http-port 8000 [--metrics-port 1 | --no-http]")[0][2]
+    # a continuation line, then a chain: the second command checked on its own, the first line's number
+    assert check("moelink serve M \\\n  --port 1 &\nmoelink http-front --port 8000 --upstream-port $SMG_PORT") == \
+        [(10, "moelink", None, False), (12, "moelink", None, False)]
+    assert "--serve-args: moelink serve: error: unrecognized arguments: --nope" in \
+        check("moelink bench-serve --model m --serve-args '--num-kv-blocks 8 --nope'")[0][2]
+    assert check("python -m moelink.benchmarks.kv_transfer --transports tcp --nope")[0][2] == \
+        "benchmarks/kv_transfer.py defines no --nope (add_argument)"
+    assert check("python -m moelink.benchmarks.no_such_bench")[0][2] == \
+        "no module moelink.benchmarks.no_such_bench in the repository"
+    assert check("make serve PORT=1 HTTP_PORT=2 SERVE_ARGS='--max-model-len 64'")[0][2] is None
+    assert check("make serve PROT=1")[0][2] == "the Makefile has no variable PROT"
+    assert check("make servee")[0][2] == "the Makefile has no target servee"
+    assert "SERVE_ARGS: moelink serve" in check("make serve SERVE_ARGS=--nope")[0][2]
+    assert check(".venv/bin/python -m pytest -q tests/no_such_test.py")[0][1:3] == \
+        ("pytest", "no such test path: tests/no_such_test.py")
+    assert [u for *_, u in check("source .venv/bin/activate\ncurl -s http://x\nOUT=$OUT bash run.sh")] == \
+        [False, True, True]
+    assert check("$ moelink serve M --nope\nusage: moelink ...", lang="console")[0][2].endswith("--nope")
