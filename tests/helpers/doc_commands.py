@@ -159,9 +159,14 @@ def _expand_optional(text: str) -> list[str]:
     alternative of a group in turn (`[--http-port 8000 | --no-http]` is read both ways)."""
     groups = [[alt.strip() for alt in m.group(1).split(" | ")] for m in OPTIONAL.finditer(text)]
 
-    def fill(choice: dict[int, int]) -> str:
-        it = iter(range(len(groups)))
-        return OPTIONAL.sub(lambda m: (lambda g: groups[g][choice.get(g, 0)])(next(it)), text)
+    def fill(choice: dict[int, int]) -> str:  # group index -> the alternative taken (default the first)
+        counter = iter(range(len(groups)))
+
+        def pick(_match: re.Match) -> str:
+            g = next(counter)
+            return groups[g][choice.get(g, 0)]
+
+        return OPTIONAL.sub(pick, text)
 
     variants = [fill({})]
     for g, alts in enumerate(groups):
