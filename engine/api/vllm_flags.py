@@ -16,6 +16,8 @@ import json
 import logging
 from typing import Optional
 
+from .smg_parsers import check_parser_name
+
 # -- refused flags -------------------------------------------------------------------------------------------
 # vLLM flag -> what to use instead. Spelled as `vllm serve --help` spells them; a short alias beside its flag.
 REFUSED: dict[tuple[str, ...], str] = {
@@ -271,8 +273,12 @@ def gateway_args(ns: argparse.Namespace) -> tuple[str, ...]:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (which parser reads the model's tool "
                          "calls).")
     args: list[str] = []
-    for flag, value in (("--tool-call-parser", VLLM_TOOL_CALL_PARSERS.get(ns.tool_call_parser, ns.tool_call_parser)),
-                        ("--reasoning-parser", VLLM_REASONING_PARSERS.get(ns.reasoning_parser, ns.reasoning_parser)),
+    tool_call = VLLM_TOOL_CALL_PARSERS.get(ns.tool_call_parser, ns.tool_call_parser)
+    reasoning = VLLM_REASONING_PARSERS.get(ns.reasoning_parser, ns.reasoning_parser)
+    # Against smg's own registry now, not when smg starts after the weights have loaded (smg_parsers.py).
+    check_parser_name("--tool-call-parser", ns.tool_call_parser, tool_call, "tool_call", VLLM_TOOL_CALL_PARSERS)
+    check_parser_name("--reasoning-parser", ns.reasoning_parser, reasoning, "reasoning", VLLM_REASONING_PARSERS)
+    for flag, value in (("--tool-call-parser", tool_call), ("--reasoning-parser", reasoning),
                         ("--chat-template", ns.chat_template)):
         if value is not None:
             args += [flag, value]
