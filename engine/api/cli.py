@@ -8,7 +8,6 @@ above it (benchmarks/: `bench-serve`) register themselves through the `moelink.c
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import logging
 import sys
 
@@ -78,6 +77,8 @@ def _generate(ns: argparse.Namespace) -> int:
 def _register_plugins(sub) -> None:
     """Subcommands from the `moelink.cli` entry points. One that fails to import is left out with a
     warning: an optional extra with a missing dependency must not take `moelink serve` down with it."""
+    import importlib.metadata
+
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in sub.choices:
             continue  # an older install's metadata may name a command the package now provides itself
@@ -100,8 +101,45 @@ class SubcommandParser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace, extras
 
+    def error(self, message: str):
+        """A flag it knows given a value it refuses (`argument --flag: ...`) is answered in one line: the usage,
+        a hundred lines of flags, tells nothing the message does not. An unknown flag or a missing argument gets
+        the usage, which lists what there is."""
+        if message.startswith("argument "):
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
 
-def build_parser() -> argparse.ArgumentParser:
+
+def _register_tools(sub) -> None:
+    from ..tools import mxfp4_checkpoint, quantize_fp8, tiny_model, train_builtin
+
+    for module in (tiny_model, train_builtin, quantize_fp8, mxfp4_checkpoint):
+        module.register_cli(sub)
+
+
+def _register_server(sub) -> None:
+    from ..server import cli as server_cli  # serve, stats, http-front (the gRPC front and the HTTP one)
+
+    server_cli.register_cli(sub)
+
+
+def _register_plan(sub) -> None:
+    from . import plan_cli
+
+    plan_cli.register_cli(sub)
+
+
+# Modules of this package that add their own subcommands with `register_cli(subparsers)`, by the subcommands each
+# adds. Imported only when needed: several load torch, which `moelink serve --help` (and a refused flag) must not
+# wait for. `build_parser(command)` registers the one module that adds `command`.
+REGISTRARS = {"serve": _register_server, "stats": _register_server, "http-front": _register_server,
+              "plan": _register_plan, "make-tiny-model": _register_tools, "train-builtin-model": _register_tools,
+              "quantize-fp8": _register_tools, "quantize-mxfp4": _register_tools}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `moelink` parser. With `command` (the subcommand about to be parsed, when it is one of REGISTRARS or
+    `generate`), only that subcommand's module is imported and registered; else every subcommand, plug-ins too."""
     parser = argparse.ArgumentParser(prog="moelink", description="Mixture-of-experts LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     gen = sub.add_parser("generate", help="generate text for one or more prompts, offline")
@@ -115,20 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
     add_refused_flags(gen)  # last: a flag moelink takes itself is never refused
     gen.set_defaults(func=_generate)
-    # Modules of this package that add their own subcommands with `register_cli(subparsers)`.
-    from . import plan_cli  # plan
-    from ..tools import mxfp4_checkpoint, quantize_fp8, tiny_model, train_builtin  # quantize-fp8/-mxfp4;
-    # make-tiny-model; train-builtin-model
-    from ..server import cli as server_cli  # serve, stats (the gRPC front)
-
-    for module in (tiny_model, train_builtin, server_cli, plan_cli, quantize_fp8, mxfp4_checkpoint):
-        module.register_cli(sub)
+    if command == "generate":
+        return parser
+    if command in REGISTRARS:
+        REGISTRARS[command](sub)
+        return parser
+    for register in (_register_tools, _register_server, _register_plan):
+        register(sub)
     _register_plugins(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    ns = build_parser(command).parse_args(argv)
     try:
         return ns.func(ns) or 0
     except ValueError as exc:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-from moelink.comm.backends import ALL_TO_ALL_NAMES
-
 from ..config.grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS,
                                      DEFAULT_MAX_GRAMMAR_CHARS, DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES)
-from .vllm_flags import add_vllm_engine_flags, apply_vllm_engine_flags, kv_cache_dtype_flag
+from .vllm_flags import (add_vllm_engine_flags, apply_vllm_engine_flags, human_int, kv_cache_dtype_flag,
+                         max_model_len_flag)
 from ..config.timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
+
+
+# comm.backends.ALL_TO_ALL_NAMES spelled out: importing moelink.comm loads torch, which building the parser (and
+# `moelink serve --help`) must not wait for; tests/comm/test_backends.py checks that the two lists agree.
+ALL_TO_ALL_NAMES = ("auto", "none", "torch", "torch_padded", "nccl", "two_level")
 
 
 # The expert-parallel size: one long flag, vLLM's name, and its short alias. `-ep` is no prefix of another flag;
@@ -49,9 +53,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "from config.json alone (nothing else needed, no tokenizer: token-id prompts), to benchmark a "
                         "model without downloading it; outputs are meaningless")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or float64")
-    p.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
-                   help="longest sequence (prompt + output) a request may have (default: the model's "
-                        "max_position_embeddings); a request past it is refused")
+    p.add_argument("--max-model-len", type=max_model_len_flag, default=None, metavar="TOKENS",
+                   help="longest sequence (prompt + output) a request may have, 32k = 32000 and 32K = 32768 as vLLM "
+                        "reads them (default: the model's max_position_embeddings); a request past it is refused")
     p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
                    help="fp8: block-quantize a float checkpoint's weights at load (W8A8, 128x128 blocks); "
                         "default: run the checkpoint as published (FP8 checkpoints run FP8)")
@@ -65,17 +69,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "values), model (the model's dtype); auto: fp8 with --kv-cache-dtype fp8, else model")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="most sequences running at once on each rank (a step's decode batch; default %(default)s)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=human_int, default=None)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+    p.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=human_int, default=None)
+    p.add_argument("--gpu-memory-utilization", "--device-memory-utilization", type=float, default=0.9,
+                   metavar="FRACTION",
                    help="fraction of each GPU's memory the engine may fill: weights, activations, then the KV cache "
                         "takes what is left up to it (default %(default)s; ignored with --num-kv-blocks)")
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--no-enable-prefix-caching", "--disable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false")
     p.add_argument("--device", default="auto")
-    add_ep_flag(p, default=1, help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1); with "
-                                   "-tp, the whole world (a multiple of -tp)")
+    # -ep: vLLM's short for --enable-expert-parallel, bare, and moelink's size with a number (add_vllm_engine_flags).
+    p.add_argument(*(f for f in EP_FLAGS if f != "-ep"), dest="expert_parallel_size", type=int, default=1, metavar="N",
+                   help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1); with -tp, the whole "
+                        "world (a multiple of -tp)")
     add_tp_flag(p)
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
@@ -118,12 +126,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "with --elastic-ep)")
     p.add_argument("--ep-rejoin-delay-s", type=float, default=DEFAULT_REJOIN_DELAY_S, metavar="SECONDS",
                    help=f"how long after a rank loss the replacement is started (default {DEFAULT_REJOIN_DELAY_S:g})")
-    p.add_argument("--enforce-eager", action="store_true",
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
     p.add_argument("--skip-warmup", action="store_true",
                    help="serve without first compiling and running every kernel variant a request can hit (a "
                         "faster restart; the first requests then pay the compiles)")
-    p.add_argument("--speculative-config", default=None, metavar="JSON",
+    p.add_argument("--speculative-config", "-sc", default=None, metavar="JSON",
                    help="speculative decoding, as vLLM spells it: '{\"method\": \"ngram\", "
                         "\"num_speculative_tokens\": 3}' (prompt lookup; prompt_lookup_max / prompt_lookup_min "
                         "too; min_draft_acceptance, max_verify_fraction, draft_probe_interval bound the verify "
@@ -142,21 +150,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "(default %(default)d)")
     p.add_argument("--grammar-compile-workers", type=int, default=DEFAULT_GRAMMAR_COMPILE_WORKERS, metavar="N",
                    help="processes that compile grammars, one compile each at a time (default %(default)d)")
-    p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+    p.add_argument("--cuda-graph-sizes", "--cudagraph-capture-sizes", type=int, nargs="+", default=None, metavar="N",
                    help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
                         "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
     add_vllm_engine_flags(p)
 
 
 def engine_args_from(ns: argparse.Namespace):
+    apply_vllm_engine_flags(ns)  # vLLM's spellings folded into moelink's fields first (before torch loads)
     from ..config.engine_args import EngineArgs
 
-    apply_vllm_engine_flags(ns)  # vLLM's spellings folded into moelink's fields first
     return EngineArgs(
         model=ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, block_size=ns.block_size, num_kv_blocks=ns.num_kv_blocks,
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
-        enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=True,
+        enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=ns.use_tqdm_on_load,
         expert_parallel_size=ns.expert_parallel_size, tensor_parallel_size=ns.tensor_parallel_size,
         ray_address=ns.ray_address, all_to_all=ns.all_to_all,
         num_redundant_experts=ns.num_redundant_experts, eplb_interval=ns.eplb_interval,

@@ -24,16 +24,20 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from ..kv_transfer.auth import SECRET_ENV, load_secret
-from ..kv_transfer.offload import OffloadConfig, OffloadKVConnector
-from ..kv_transfer.offload_compose import WithOffload
-from ..kv_transfer.offload_tiers import disk_bytes_excess, host_bytes_excess
-from ..kv_transfer.peers import parse_peers
-from ..kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
-from ..kv_transfer.transport import KV_TRANSPORTS, default_transport
 from ..contract.safe_text import shown
+
+if TYPE_CHECKING:
+    from ..kv_transfer.offload import OffloadConfig, OffloadKVConnector
+    from ..kv_transfer.offload_compose import WithOffload
+    from ..kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+
+# The KV data plane (engine/kv_transfer/) is imported where a role is built, not here: its transports and its
+# auth load torch, which building the parser (and `moelink serve --help`) must not wait for. Its names the flags
+# show, spelled out (tests/server/test_pd_flags.py checks them against kv_transfer's own):
+KV_TRANSPORT_NAMES = ("collective", "nixl", "shm", "tcp")  # sorted(kv_transfer.transport.KV_TRANSPORTS)
+SECRET_ENV = "MOELINK_KV_SECRET"  # kv_transfer.auth.SECRET_ENV
 
 ROLES = ("both", "prefill", "decode")
 KV_ROLE_NAMES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
@@ -62,6 +66,10 @@ class ServerRole:
         return "" if self.kv is None else KV_ROLE_NAMES[self.role]
 
     def connector(self) -> RemoteKVConnector | OffloadKVConnector | WithOffload | None:
+        from ..kv_transfer.offload import OffloadKVConnector
+        from ..kv_transfer.offload_compose import WithOffload
+        from ..kv_transfer.remote import RemoteKVConnector
+
         pd = None if self.kv is None else RemoteKVConnector(self.kv, KV_ROLE_NAMES[self.role])
         if self.offload is None:
             return pd
@@ -74,7 +82,7 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--role", default="both", choices=ROLES,
                    help="prefill: compute prompts and serve their KV on --kv-port; decode: load prompt KV from the "
                         "prefill server a request names; both (default): one server does both")
-    g.add_argument("--kv-transport", default=None, choices=sorted(KV_TRANSPORTS),
+    g.add_argument("--kv-transport", default=None, choices=KV_TRANSPORT_NAMES,
                    help="how KV moves between the two servers (both must use the same; shm: one host only); "
                         "default nixl where the nixl package is installed, else tcp")
     g.add_argument("--kv-host", default="127.0.0.1",
@@ -129,6 +137,9 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
 
 def _offload_from_args(ns: argparse.Namespace) -> OffloadConfig | None:
     """The offload tiers the --kv-offload-* flags ask for (None: none); ValueError names the flag."""
+    from ..kv_transfer.offload import OffloadConfig
+    from ..kv_transfer.offload_tiers import disk_bytes_excess, host_bytes_excess
+
     host = getattr(ns, "kv_offload_host_bytes", None)
     disk, where = getattr(ns, "kv_offload_disk_bytes", 0), getattr(ns, "kv_offload_dir", None)
     if host is None:
@@ -158,6 +169,11 @@ def _offload_from_args(ns: argparse.Namespace) -> OffloadConfig | None:
 
 def role_from_args(ns: argparse.Namespace, num_ranks: int) -> ServerRole:
     """The role the flags ask for; ValueError names the flag."""
+    from ..kv_transfer.auth import load_secret
+    from ..kv_transfer.peers import parse_peers
+    from ..kv_transfer.remote import RemoteKVConfig
+    from ..kv_transfer.transport import default_transport
+
     offload = _offload_from_args(ns)
     if ns.role == "both" and ns.kv_port is None:
         return ServerRole("both", offload=offload)

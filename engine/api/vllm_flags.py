@@ -1,74 +1,30 @@
 """`vllm serve`'s flags on moelink's subcommands: what a launch script written for vLLM means here.
 
-Each flag of `vllm serve` that has a meaning in moelink is accepted under vLLM's name with vLLM's meaning
-(moelink's own names stay as aliases: `--expert-parallel-size` beside `--data-parallel-size
---enable-expert-parallel`, `--role` / `--kv-*` beside `--kv-transfer-config`); every other flag vLLM documents
-is refused with one line saying what to use instead, so a script never runs with a flag silently ignored.
-docs/vllm-compat.md holds the table, flag by flag, and tests/api/test_vllm_flags.py walks it.
+Every flag of `vllm serve --help` (vLLM 0.33.0), and the flags of earlier releases scripts still carry, is in the
+table of engine/api/vllm_flag_table.py: accepted with vLLM's meaning, mapped onto the moelink flag that does the
+same, or refused with one line saying what to use instead, so a script never runs with a flag silently ignored.
+This module registers the table's flags on the parsers (help texts from the table) and folds vLLM's spellings
+into moelink's fields; docs/vllm-compat.md prints the table and tests/engine/test_vllm_flag_table.py walks it.
 
 `--port` is the one name with another meaning: moelink's front is gRPC (`--port`, as in SGLang's gRPC mode) and
 the OpenAI HTTP API is `--http-port` (default 8000, vLLM's `--port` default); both help texts say so.
+
+Nothing here imports torch: `moelink serve --help`, and a refused flag, answer at once.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-from typing import Optional
+import re
 
 from .smg_parsers import check_parser_name
-
-# -- refused flags -------------------------------------------------------------------------------------------
-# vLLM flag -> what to use instead. Spelled as `vllm serve --help` spells them; a short alias beside its flag.
-REFUSED: dict[tuple[str, ...], str] = {
-    ("--pipeline-parallel-size", "-pp"): "moelink runs no pipeline parallelism: add ranks with --data-parallel-size N "
-                                        "--enable-expert-parallel (Ray beyond one rank)",
-    ("--data-parallel-size-local", "-dpl"): "moelink places its ranks with Ray: --ray-address joins a cluster",
-    ("--data-parallel-address", "-dpa"): "moelink places its ranks with Ray: --ray-address joins a cluster",
-    ("--data-parallel-rpc-port", "-dpp"): "moelink places its ranks with Ray: --ray-address joins a cluster",
-    ("--data-parallel-start-rank", "-dpr"): "moelink places its ranks with Ray: --ray-address joins a cluster",
-    ("--headless",): "moelink places its ranks with Ray: start the other nodes with `ray start --address ...`",
-    ("--distributed-executor-backend",): "moelink picks it: in-process at one rank, Ray beyond (--ray-address)",
-    ("--swap-space",): "moelink preempts by recompute and never swaps KV to the CPU: leave it out",
-    ("--cpu-offload-gb",): "moelink keeps every weight on the device: add ranks with --data-parallel-size",
-    ("--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank"): "LoRA adapters are not supported: "
-                                                                           "serve a checkpoint with merged weights",
-    ("--ssl-keyfile",): "TLS is on the gRPC port: --tls-key (put a TLS proxy in front of --http-port)",
-    ("--ssl-certfile",): "TLS is on the gRPC port: --tls-cert (put a TLS proxy in front of --http-port)",
-    ("--tokenizer-mode",): "moelink reads tokenizer.json (or a tiktoken file) with `tokenizers`: leave it out",
-    ("--enable-prompt-tokens-details",): "usage.prompt_tokens_details.cached_tokens is always reported: leave it out",
-    ("--enable-sleep-mode",): "not supported: stop the server to free the device",
-    ("--structured-outputs-config", "--guided-decoding-backend"): "moelink compiles grammars with xgrammar: bound "
-                                                                  "it with --grammar-compile-timeout / "
-                                                                  "--grammar-compile-workers",
-    ("--compilation-config", "-O"): "moelink runs its own Triton kernels: --enforce-eager / --cuda-graph-sizes",
-    ("--max-seq-len-to-capture",): "use --cuda-graph-sizes (decode batch sizes captured)",
-    ("--scheduling-policy",): "moelink serves first come, first served, shared fairly among clients: "
-                              "--client-fairness / --no-client-fairness",
-    ("--max-num-partial-prefills", "--long-prefill-token-threshold"): "prefill chunks are bounded by "
-                                                                      "--max-num-batched-tokens",
-    ("--preemption-mode",): "moelink preempts by recompute only: leave it out",
-    ("--rope-scaling", "--rope-theta", "--hf-overrides"): "moelink reads the model's config.json as published: "
-                                                          "edit it in a copy of the checkpoint",
-    ("--limit-mm-per-prompt", "--mm-processor-kwargs"): "moelink serves text models: leave it out",
-    ("--otlp-traces-endpoint",): "not supported: use --log-format json (request ids on every line) and /metrics",
-    ("--uds",): "moelink listens on TCP: --host / --http-host",
-    ("--root-path",): "not supported: put a proxy in front of --http-port",
-    ("--allowed-origins", "--allowed-methods", "--allowed-headers", "--allow-credentials"): "no CORS: put a proxy "
-                                                                                           "in front of --http-port",
-    ("--api-server-count",): "one front per server: start more servers (or more ranks)",
-    ("--response-role",): "the assistant role is the chat template's: leave it out",
-    ("--return-tokens-as-token-ids",): "not supported: ask the gRPC services for token ids",
-    ("--enable-log-outputs",): "not supported: request lines carry ids and token counts (--log-format json)",
-    ("--speculative-model", "--num-speculative-tokens"): "use --speculative-config JSON, as vLLM now spells it",
-    ("--config-format", "--load-format-options"): "moelink reads config.json: leave it out",
-    ("--pt-load-timeout",): "moelink reads safetensors only: leave it out",
-}
+from .vllm_flag_table import ALL_FLAGS, row
 
 
 class _Refused(argparse.Action):
-    """A vLLM flag moelink does not take: the parse stops with one line saying what to use instead. It takes
-    an optional value so `--swap-space 4` reads as one flag, not as a stray argument."""
+    """A vLLM flag moelink does not take: the parse stops with one line saying what to use instead (no usage
+    dump). It takes an optional value so `--swap-space 4` reads as one flag, not as a stray argument."""
 
     def __init__(self, option_strings, dest, instead: str = "", **kw):
         super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
@@ -76,18 +32,97 @@ class _Refused(argparse.Action):
         self.instead = instead
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} (a `vllm serve` flag) is not supported by moelink: {self.instead}.")
+        parser.exit(2, f"{parser.prog}: error: {option_string} (a `vllm serve` flag) is not supported by moelink: "
+                       f"{self.instead}.\n")
+
+
+class _Values(argparse.Action):
+    """A vLLM flag moelink takes with some of vLLM's values (those that mean what moelink does anyway); any other
+    value stops the parse with one line."""
+
+    def __init__(self, option_strings, dest, values: tuple[str, ...] = (), says: str = "", **kw):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, metavar="{" + ",".join(values) + "}",
+                         help=f"{says} (takes {', '.join(values)})")
+        self.allowed, self.says = values, says
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values not in self.allowed:
+            parser.exit(2, f"{parser.prog}: error: {option_string}={values!r} is not supported by moelink: "
+                           f"{self.says} (it takes {', '.join(self.allowed)}).\n")
+        setattr(namespace, self.dest, values)
+
+
+class _EpShort(argparse.Action):
+    """`-ep`: bare, vLLM's --enable-expert-parallel; with a number, moelink's --expert-parallel-size N."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs="?", type=int, default=argparse.SUPPRESS, metavar="N",
+                         help=row("-ep").says)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            namespace.enable_expert_parallel = True
+        else:
+            namespace.expert_parallel_size = values
+
+
+class OneValue(argparse.Action):
+    """A flag vLLM takes several values of and moelink one: several stop the parse with one line."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs="+", **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 1:
+            parser.exit(2, f"{parser.prog}: error: {option_string} with {len(values)} values is not supported by "
+                           f"moelink: it takes one.\n")
+        setattr(namespace, self.dest, values[0])
 
 
 def add_refused_flags(p: argparse.ArgumentParser) -> None:
+    """The table's refused flags, each a _Refused action."""
     known = set(p._option_string_actions)  # a flag the parser (or another engineer's edit) already takes wins
-    for flags, instead in REFUSED.items():
-        free = [f for f in flags if f not in known]
-        if free:
-            p.add_argument(*free, action=_Refused, instead=instead)
+    for flags, f in ALL_FLAGS.items():
+        free = [s for s in flags if s not in known]
+        if f.kind == "refused" and free:
+            p.add_argument(*free, action=_Refused, instead=f.says)
 
 
-# -- --kv-cache-dtype ----------------------------------------------------------------------------------------
+def _add(g, *spellings: str, **kw) -> None:
+    """A vLLM flag of the table, its help text the table's (a spelling not in the table is a KeyError: the code
+    cannot take a vLLM flag the table does not list)."""
+    says = row(spellings[0]).says
+    for s in spellings:
+        row(s)
+    if kw.get("action") is _Values:
+        kw.update(values=row(spellings[0]).values, says=says)
+    else:
+        kw.setdefault("help", says)
+    g.add_argument(*spellings, **kw)
+
+
+# -- values as vLLM reads them ---------------------------------------------------------------------------------
+_HUMAN = re.compile(r"(\d+(?:\.\d+)?)([kmgtKMGT]?)")
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_int(value: str) -> int:
+    """argparse type of vLLM's sizes: 1k = 1000, 1K = 1024, 25.6k = 25600 (no decimals with K/M/G/T)."""
+    m = _HUMAN.fullmatch(value.strip())
+    if m is None or ("." in m.group(1) and m.group(2) not in _DECIMAL):
+        raise argparse.ArgumentTypeError(f"invalid value: {value!r} (an integer, or with k/m/g/t = 1000^n or "
+                                         "K/M/G/T = 1024^n)")
+    number, suffix = m.groups()
+    return int(float(number) * _DECIMAL[suffix]) if suffix in _DECIMAL else int(number) * _BINARY.get(suffix, 1)
+
+
+def max_model_len_flag(value: str) -> int:
+    """argparse type of --max-model-len: human_int, and vLLM's `auto` / -1 as -1 for apply_vllm_engine_flags to
+    refuse in one line."""
+    return -1 if value.strip() in ("-1", "auto") else human_int(value)
+
+
 KV_CACHE_DTYPE_CHOICES = ("auto", "fp8", "fp8_e4m3")
 
 
@@ -111,12 +146,12 @@ def add_vllm_engine_flags(p: argparse.ArgumentParser) -> None:
                         "over them (= --expert-parallel-size N); moelink's ranks always shard the experts")
     g.add_argument("--enable-expert-parallel", action="store_true",
                    help="shard the experts over the --data-parallel-size ranks (always so in moelink)")
+    _add(g, "--disable-expert-parallel", dest="enable_expert_parallel", action="store_false", default=argparse.SUPPRESS)
+    _add(g, "-ep", action=_EpShort, dest="expert_parallel_size")
     # vLLM's positive spelling; moelink's --no-enable-prefix-caching turns it off (default on: nothing to set).
     g.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
                    default=argparse.SUPPRESS, help="on by default (--no-enable-prefix-caching: off)")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="accepted for vLLM's scripts, and does nothing: moelink never runs code from a checkpoint "
-                        "(its configs and tokenizers are read as data)")
+    _add(g, "--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)  # and --no-
     g.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="accepted when it names the model itself; moelink reads the tokenizer from the checkpoint "
                         "directory (copy tokenizer files there to serve another)")
@@ -126,6 +161,29 @@ def add_vllm_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--generation-config", default="auto",
                    help="auto (the only value taken): moelink reads the checkpoint's generation_config.json "
                         "(its EOS ids); sampling defaults come from each request")
+    _add(g, "--use-tqdm-on-load", action=argparse.BooleanOptionalAction, default=True)  # and --no-
+    _add(g, "--enable-dbo", dest="enable_two_batch_overlap", action="store_true", default=argparse.SUPPRESS)
+    _add(g, "--disable-dbo", dest="enable_two_batch_overlap", action="store_false", default=argparse.SUPPRESS)
+    _add(g, "--enable-eplb", action="store_true")
+    _add(g, "--disable-eplb", dest="enable_eplb", action="store_false", default=argparse.SUPPRESS)
+    _add(g, "--eplb-config", default=None, metavar="JSON")
+    _add(g, "--spec-method", default=None, metavar="METHOD")
+    _add(g, "--spec-model", default=None, metavar="PATH")
+    _add(g, "--spec-tokens", type=int, default=None, metavar="N")
+    for values in ("--runner", "--convert", "--tokenizer-mode", "--config-format", "--model-impl", "--logprobs-mode",
+                   "--expert-placement-strategy", "--prefix-caching-hash-algo", "--stream-interval"):
+        _add(g, values, action=_Values)
+    # Accepted, and nothing to do: what they ask for is what moelink does anyway (the table says why).
+    for no_op in (("--disable-cascade-attn", "--enable-cascade-attn"), ("--enable-ep-weight-filter",),
+                  ("--language-model-only", "--no-language-model-only"), ("--disable-log-stats",)):
+        _add(g, *no_op, dest=f"vllm_{no_op[0][2:].replace('-', '_')}", action="store_true",
+             default=argparse.SUPPRESS)
+    _add(g, "--mamba-cache-mode", default=argparse.SUPPRESS, metavar="MODE")
+
+
+# vLLM's EPLBConfig keys moelink takes (others are refused by name), and its default step_interval.
+EPLB_KEYS = ("step_interval", "num_redundant_experts", "window_size", "policy")
+VLLM_EPLB_STEP_INTERVAL = 3000
 
 
 def apply_vllm_engine_flags(ns: argparse.Namespace) -> None:
@@ -159,6 +217,64 @@ def apply_vllm_engine_flags(ns: argparse.Namespace) -> None:
     if ns.tokenizer is not None and not _same_path(ns.tokenizer, ns.model):
         raise ValueError(f"--tokenizer={ns.tokenizer!r} is not supported: moelink reads the tokenizer from the "
                          f"checkpoint ({ns.model!r}); copy the tokenizer files into a copy of it instead.")
+    if ns.max_model_len == -1:
+        raise ValueError("--max-model-len auto (or -1) is not supported: moelink serves the model's "
+                         "max_position_embeddings when the flag is left out, or the number given.")
+    _apply_eplb(ns)
+    _apply_spec(ns)
+
+
+def _apply_eplb(ns: argparse.Namespace) -> None:
+    """--enable-eplb / --eplb-config (vLLM's EPLBConfig JSON) onto --eplb-interval and --num-redundant-experts."""
+    text = ns.eplb_config
+    if text is not None and not ns.enable_eplb:
+        raise ValueError("--eplb-config without --enable-eplb is invalid: it configures the load balancing "
+                         "--enable-eplb turns on (add it).")
+    if not ns.enable_eplb:
+        return
+    cfg = {}
+    if text is not None:
+        try:
+            cfg = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"--eplb-config is not valid JSON ({exc}).") from None
+        if not isinstance(cfg, dict):
+            raise ValueError("--eplb-config must be a JSON object (vLLM's EPLBConfig).")
+        for key in cfg:
+            if key not in EPLB_KEYS:
+                raise ValueError(f"--eplb-config: {key} is not supported: moelink takes {', '.join(EPLB_KEYS)}.")
+    interval = cfg.get("step_interval", ns.eplb_interval or VLLM_EPLB_STEP_INTERVAL)
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"--eplb-config: step_interval={interval!r} is invalid: must be a positive integer.")
+    if ns.eplb_interval not in (0, interval):
+        raise ValueError(f"--eplb-config step_interval {interval} and --eplb-interval {ns.eplb_interval} disagree: "
+                         "give one of them.")
+    window = cfg.get("window_size", interval)
+    if window != interval:
+        raise ValueError(f"--eplb-config: window_size={window!r} is not supported: moelink balances on the load of "
+                         f"the whole interval; leave it out or set it to step_interval ({interval}).")
+    if cfg.get("policy", "default") != "default":
+        raise ValueError(f"--eplb-config: policy={cfg['policy']!r} is not supported: moelink's own placement "
+                         "(\"default\").")
+    redundant = cfg.get("num_redundant_experts", ns.num_redundant_experts)
+    if isinstance(redundant, bool) or not isinstance(redundant, int) or redundant < 0:
+        raise ValueError(f"--eplb-config: num_redundant_experts={redundant!r} is invalid: must be an integer >= 0.")
+    if ns.num_redundant_experts not in (0, redundant):
+        raise ValueError(f"--eplb-config num_redundant_experts {redundant} and --num-redundant-experts "
+                         f"{ns.num_redundant_experts} disagree: give one of them.")
+    ns.eplb_interval, ns.num_redundant_experts = interval, redundant
+
+
+def _apply_spec(ns: argparse.Namespace) -> None:
+    """vLLM's --spec-method / --spec-model / --spec-tokens as the --speculative-config JSON."""
+    given = {k: v for k, v in (("method", ns.spec_method), ("model", ns.spec_model),
+                               ("num_speculative_tokens", ns.spec_tokens)) if v is not None}
+    if not given:
+        return
+    if ns.speculative_config is not None:
+        raise ValueError("--spec-method / --spec-model / --spec-tokens and --speculative-config are both given: "
+                         "give one of them.")
+    ns.speculative_config = json.dumps(given)
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -171,15 +287,21 @@ def _same_path(a: str, b: str) -> bool:
 def add_vllm_server_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vLLM's names, server side (docs/vllm-compat.md)")
     g.add_argument("--kv-transfer-config", default=None, metavar="JSON",
-                   help="prefill/decode disaggregation as vLLM spells it: '{\"kv_connector\": \"MoelinkConnector\", "
-                        "\"kv_role\": \"kv_producer\" | \"kv_consumer\" | \"kv_both\", \"kv_port\": N, "
-                        "\"kv_connector_extra_config\": {\"transport\": \"tcp\", ...}}' (= --role and the --kv-* "
-                        "flags; docs/vllm-compat.md)")
+                   help="prefill/decode disaggregation (or the KV offload tier) as vLLM spells it: "
+                        "'{\"kv_connector\": \"NixlConnector\" | \"MoelinkConnector\" | ..., \"kv_role\": "
+                        "\"kv_producer\" | \"kv_consumer\" | \"kv_both\", \"kv_port\": N, "
+                        "\"kv_connector_extra_config\": {...}}' (= --role and the --kv-* flags; docs/vllm-compat.md)")
+    _add(g, "--kv-offloading-size", type=float, default=None, metavar="GIB")
+    _add(g, "--kv-offloading-backend", action=_Values)
     g.add_argument("--seed", dest="engine_seed", type=int, default=None, metavar="N",
                    help="make sampling reproducible across runs: a request without a seed of its own samples with "
                         "one drawn from this seed and its arrival order (default: none, random)")
     g.add_argument("--disable-log-requests", action="store_true",
                    help="no 'request admitted' / 'request finished' log lines")
+    _add(g, "--enable-log-requests", dest="disable_log_requests", action="store_false", default=argparse.SUPPRESS)
+    _add(g, "--max-log-len", type=int, default=argparse.SUPPRESS, metavar="N")
+    _add(g, "--enable-prompt-tokens-details", dest="vllm_enable_prompt_tokens_details", action="store_true",
+         default=argparse.SUPPRESS)
     g.add_argument("--chat-template", default=None, metavar="PATH",
                    help="a Jinja chat template file for the OpenAI API's chats (given to the managed gateway, which "
                         "renders them; default: the checkpoint's); checked before the weights load: a regular file "
@@ -190,71 +312,12 @@ def add_vllm_server_flags(p: argparse.ArgumentParser) -> None:
                         "for gpt-oss, ...): tool_calls in chat responses")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted with --tool-call-parser (the gateway parses tool calls whenever a parser is set)")
+    _add(g, "--disable-auto-tool-choice", dest="enable_auto_tool_choice", action="store_false",
+         default=argparse.SUPPRESS)
     g.add_argument("--reasoning-parser", default=None, metavar="NAME",
                    help="the managed gateway's reasoning parser (smg's names: deepseek_r1, qwen3, glm45, kimi, "
                         "minimax, ...; vLLM's where they differ: kimi_k2, minimax_m2, openai_gptoss for gpt-oss): "
                         "reasoning_content split out of chat responses")
-
-
-# vLLM's kv_role -> moelink's --role.
-KV_ROLES = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "both"}
-KV_CONNECTOR = "MoelinkConnector"
-# kv_connector_extra_config keys -> the --kv-* flag (namespace field) each sets.
-KV_EXTRA = {"transport": "kv_transport", "host": "kv_host", "advertise_host": "kv_advertise_host",
-            "ttl": "kv_ttl", "max_saved_bytes": "kv_max_saved_bytes", "fetch_timeout": "kv_fetch_timeout",
-            "secret_file": "kv_secret_file", "peers": "kv_peers", "connect_timeout": "kv_connect_timeout",
-            "first_byte_timeout": "kv_first_byte_timeout", "max_loads": "kv_max_loads",
-            "max_loads_per_source": "kv_max_loads_per_source"}
-KV_TOP = {"kv_connector", "kv_role", "kv_connector_extra_config", "kv_ip", "kv_port"}
-
-
-def apply_kv_transfer_config(ns: argparse.Namespace) -> None:
-    """--kv-transfer-config onto --role and the --kv-* fields of `ns`; ValueError names the key."""
-    text = ns.kv_transfer_config
-    if text is None:
-        return
-    flag = "--kv-transfer-config"
-    try:
-        cfg = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"{flag} is not valid JSON ({exc}).") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{flag} must be a JSON object with kv_connector and kv_role.")
-    unknown = sorted(set(cfg) - KV_TOP)
-    if unknown:
-        raise ValueError(f"{flag}: {unknown[0]} is not supported: moelink takes {', '.join(sorted(KV_TOP))}.")
-    connector = cfg.get("kv_connector")
-    if connector != KV_CONNECTOR:
-        raise ValueError(f"{flag}: kv_connector={connector!r} is not supported: moelink moves KV with its own "
-                         f"connector: \"kv_connector\": \"{KV_CONNECTOR}\" (transport in kv_connector_extra_config: "
-                         "tcp, shm or collective).")
-    role = cfg.get("kv_role")
-    if role not in KV_ROLES:
-        raise ValueError(f"{flag}: kv_role={role!r} is invalid: must be one of {', '.join(KV_ROLES)}.")
-    if ns.role not in ("both", KV_ROLES[role]):
-        raise ValueError(f"{flag}: kv_role={role!r} and --role {ns.role} disagree: give one of them.")
-    ns.role = KV_ROLES[role]
-    if "kv_port" in cfg:
-        ns.kv_port = _int(flag, "kv_port", cfg["kv_port"])
-    if "kv_ip" in cfg:
-        ns.kv_host = str(cfg["kv_ip"])
-    extra = cfg.get("kv_connector_extra_config") or {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"{flag}: kv_connector_extra_config must be a JSON object.")
-    for key, value in extra.items():
-        if key not in KV_EXTRA:
-            raise ValueError(f"{flag}: kv_connector_extra_config.{key} is not supported: moelink takes "
-                             f"{', '.join(KV_EXTRA)}.")
-        setattr(ns, KV_EXTRA[key], value)
-    if ns.role == "prefill" and ns.kv_port is None:
-        raise ValueError(f"{flag}: kv_role kv_producer needs kv_port (the first port this prefill server serves "
-                         "its saved KV on).")
-
-
-def _int(flag: str, key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{flag}: {key}={value!r} is invalid: must be an integer.")
-    return value
 
 
 # vLLM's parser names where smg (1.13, its default "legacy" parsers) spells the same format otherwise; smg's own
@@ -292,4 +355,3 @@ class RequestLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.msg not in self.DROPPED
-

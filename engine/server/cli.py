@@ -9,8 +9,8 @@ from .config import DEFAULT_MAX_MESSAGE_SIZE, ServerConfig
 from .limits import add_limit_args, limits_from
 from ..api.chat_template_flag import check_chat_template
 from ..api.kv_args import add_role_args, role_from_args
-from ..api.vllm_flags import (RequestLogFilter, add_refused_flags, add_vllm_server_flags, apply_kv_transfer_config,
-                              gateway_args)
+from ..api.vllm_flags import OneValue, RequestLogFilter, add_refused_flags, add_vllm_server_flags, gateway_args
+from ..api.vllm_kv_config import apply_kv_transfer_config
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -24,13 +24,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="refuse (RESOURCE_EXHAUSTED) beyond this many sequences waiting for their first token "
                         "(a request with n samples counts n; an empty queue admits one request of any n)")
-    p.add_argument("--max-queued-tokens", type=int, default=None,
+    p.add_argument("--max-queued-tokens", "--max-num-queued-tokens", type=int, default=None,
                    help="refuse (RESOURCE_EXHAUSTED) beyond this many prompt tokens waiting for their first token")
-    p.add_argument("--shutdown-grace", type=float, default=30.0,
+    p.add_argument("--shutdown-grace", "--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM; the rest end with 'abort'")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    p.add_argument("--api-key", default=os.environ.get("MOELINK_API_KEY"),
+    p.add_argument("--api-key", action=OneValue, default=os.environ.get("MOELINK_API_KEY"), metavar="KEY",
                    help="require metadata 'authorization: Bearer KEY' (default: $MOELINK_API_KEY)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics over HTTP on this port (default: off)")
@@ -45,7 +45,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     http.add_argument("--http-port", type=int, default=8000,
                       help="serve the OpenAI API over HTTP on this port through a managed smg gateway, started, "
                            "restarted and stopped with the server (default: %(default)s, like `vllm serve`)")
-    http.add_argument("--no-http", action="store_true", help="no HTTP gateway: serve gRPC only")
+    http.add_argument("--no-http", "--grpc", action="store_true",
+                      help="no HTTP gateway: serve gRPC only (--grpc: vLLM's name, its gRPC server on --port)")
     p.add_argument("--http-host", default="127.0.0.1",
                    help="address of --http-port (default loopback; 0.0.0.0 for all)")
     p.add_argument("--http-metrics-port", type=int, default=None,
@@ -73,8 +74,6 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from .server import serve
-
     apply_kv_transfer_config(ns)  # vLLM's --kv-transfer-config onto --role and the --kv-* flags
     check_chat_template(ns.chat_template)  # smg reads it at its start: a bad one must stop us before the weights
     config = server_config_from(ns)  # validate server flags before loading any weights
@@ -92,6 +91,8 @@ def _serve(ns: argparse.Namespace) -> int:
         if describe is not None:
             print(f"moelink: {describe()}", flush=True)
     args.grammar_prestart = True  # a server's first constrained request must not wait for a compile process start
+    from .server import serve  # the engine and gRPC: imported once every flag is checked (a refusal is at once)
+
     return serve(args, config)
 
 

@@ -11,6 +11,16 @@ from moelink.engine.api.kv_args import ServerRole, add_role_args, role_from_args
 from moelink.engine.server.pd_role import kv_params_from_json
 
 
+def test_the_flags_spell_the_kv_planes_names_as_it_does():
+    """kv_args spells out the transports and the secret's variable (importing the KV plane loads torch, which the
+    parser must not): they must be kv_transfer's own."""
+    from moelink.engine.api import kv_args
+    from moelink.engine.kv_transfer.auth import SECRET_ENV
+    from moelink.engine.kv_transfer.transport import KV_TRANSPORTS
+
+    assert kv_args.KV_TRANSPORT_NAMES == tuple(sorted(KV_TRANSPORTS)) and kv_args.SECRET_ENV == SECRET_ENV
+
+
 def test_cli_roles_are_validated_before_any_weights_load(tmp_path):
     p = argparse.ArgumentParser()
     add_role_args(p)
