@@ -83,14 +83,9 @@ def own_fetch(llm, out, prompt, secret) -> tuple[socket.socket, dict]:
 
 def cache_tensors(llm) -> list[torch.Tensor]:
     """The rank's paged cache tensors, each once."""
-    kv = llm.engine.executor.runner.kv_blocks
-    seen, out = set(), []
-    for tensors, _ in kv.groups:
-        for x in tensors:
-            if x.data_ptr() not in seen:
-                seen.add(x.data_ptr())
-                out.append(x)
-    return out
+    from moelink.engine.kv_transfer.nixl_inplace import cache_tensors as unique
+
+    return unique(llm.engine.executor.runner.kv_blocks)
 
 
 def _engine(model: str, secret, fraction: float, client_fraction: float, hold_s: float, blocks: int) -> LLM:

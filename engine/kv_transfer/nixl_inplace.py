@@ -140,12 +140,7 @@ class CacheRegion:
     straight in its blocks. The agent's metadata of it never leaves the process: only the reader holds the key."""
 
     def __init__(self, agent, kv: PagedKVBlocks) -> None:
-        seen, tensors = set(), []
-        for ts, _ in kv.groups:
-            for x in ts:
-                if x.data_ptr() not in seen:
-                    seen.add(x.data_ptr())
-                    tensors.append(x)
+        tensors = cache_tensors(kv)
         self.kv = kv
         self.mem = mem_type(kv.device)
         # Each tensor's span from its first block row to the end of its last (a view's rows may be strided).
@@ -217,15 +212,20 @@ def register_at_allocation(transport, kv: PagedKVBlocks) -> CacheRegion | None:
     return agent.regions.bind(agent, kv)
 
 
-def cache_nbytes(kv: PagedKVBlocks) -> int:
-    """The bytes of `kv`'s cache tensors, each counted once (gpt-oss's sliding and full layers share theirs)."""
-    seen, total = set(), 0
+def cache_tensors(kv: PagedKVBlocks) -> list[torch.Tensor]:
+    """`kv`'s cache tensors, each once (gpt-oss's sliding and full layers share theirs)."""
+    seen, out = set(), []
     for tensors, _ in kv.groups:
         for x in tensors:
             if x.data_ptr() not in seen:
                 seen.add(x.data_ptr())
-                total += x.numel() * x.element_size()
-    return total
+                out.append(x)
+    return out
+
+
+def cache_nbytes(kv: PagedKVBlocks) -> int:
+    """The bytes of `kv`'s cache tensors, each counted once."""
+    return sum(x.numel() * x.element_size() for x in cache_tensors(kv))
 
 
 def announced_blocks(nixl: dict, plan: SavedKV) -> tuple[list, str, int]:
@@ -373,6 +373,6 @@ def read_held(agent, nixl: dict, plan: SavedKV, on_group, deadline: Deadline, pi
         turn.release()
 
 
-__all__ = ["CacheRegion", "CacheRegions", "HeldKV", "HoldRegion", "announced_blocks", "cache_nbytes", "deliver", "entries",
-           "in_place_ok", "mem_type", "read_blocks", "read_held", "register_at_allocation", "reply_staged", "row_descs",
+__all__ = ["CacheRegion", "CacheRegions", "HeldKV", "HoldRegion", "announced_blocks", "cache_nbytes", "cache_tensors",
+           "deliver", "entries", "in_place_ok", "mem_type", "read_blocks", "read_held", "register_at_allocation", "reply_staged", "row_descs",
            "stage", "staged_nixl"]

@@ -15,7 +15,7 @@ user's, with no new fetch) and WROTE a shared system prompt's blocks. Here, on a
 from __future__ import annotations
 
 import base64
-import socket
+import os
 
 import pytest
 import torch
@@ -29,7 +29,7 @@ from moelink.engine.kv_transfer.wire import Deadline, send_header
 
 from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder, one_engine
 from tests.helpers.kv_params import SECRET
-from tests.helpers.net import free_port
+from tests.helpers.net import free_port, listening
 
 pytestmark = pytest.mark.skipif(not nixl_available(), reason="the nixl package is not installed")
 
@@ -117,38 +117,6 @@ def test_with_the_secret_a_fetch_reaches_only_a_copy_of_its_own_rows_for_its_one
         attacker.close()
 
 
-def _listening_addresses() -> set[tuple[str, int]]:
-    """The (local address, port) pairs this process's TCP sockets listen on (from /proc: no tool needed)."""
-    import os
-
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    out = set()
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
-                continue
-            hexaddr, hexport = f[1].split(":")
-            raw = bytes.fromhex(hexaddr)
-            if v6:
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                out.add((socket.inet_ntop(socket.AF_INET6, raw), int(hexport, 16)))
-            else:
-                out.add((socket.inet_ntop(socket.AF_INET, raw[::-1]), int(hexport, 16)))
-    return out
-
-
 def test_ucx_listens_only_on_the_interfaces_the_server_was_told_to_use():
     """Issue 53 finding 4: UCX's TCP transport listened on every interface for prefill and decode alike. A
     transport's agents, made for a loopback KV host and loopback peers, listen on loopback only; a wildcard host
@@ -159,12 +127,12 @@ def test_ucx_listens_only_on_the_interfaces_the_server_was_told_to_use():
     lo = interface_of("127.0.0.1")
     assert lo is not None and devices_for("127.0.0.1", None) == devices_for(None, ()) == lo
     assert devices_for("0.0.0.0", None) is None and devices_for(None, ("::",)) is None
-    before = _listening_addresses()
+    before = listening(pids=[os.getpid()])
     t = make_transport("nixl", 5.0, 5.0)
     try:
         t.bind_hosts("127.0.0.1", ())
         assert t.agent(serving=True).net_devices == t.agent(serving=False).net_devices == lo
-        new = _listening_addresses() - before
+        new = listening(pids=[os.getpid()]) - before
         assert new and all(a.startswith("127.") or a == "::1" for a, _ in new), new
     finally:
         t.close()
