@@ -377,7 +377,8 @@ class GrammarCompilerPool:
                 try:
                     worker.start_child()
                 except Exception:
-                    logger.exception("could not start a grammar compile process")  # the next job tries again
+                    if not self._closed:  # else shut down as it started (a server stopping early): nothing failed
+                        logger.exception("could not start a grammar compile process")  # the next job tries again
             with self._lock:
                 while not self._queue and not self._closed:
                     self._lock.wait()

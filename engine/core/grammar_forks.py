@@ -14,6 +14,7 @@ and the pool starts each process itself (grammar_compile.py).
 """
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
@@ -33,45 +34,77 @@ def supported() -> bool:
 
 
 class Forked:
-    """A forked compile process, by pidfd: what grammar_compile.py asks of a subprocess.Popen (poll, kill, wait)."""
+    """A forked compile process, by pidfd: what grammar_compile.py asks of a subprocess.Popen (poll, kill, wait).
+
+    Any thread may call it: the pool kills a worker's process from the thread where its last client left (or
+    from shutdown) while the worker's own thread polls, waits for and reaps the same process. So the pidfd is
+    used and closed under a lock, closed once, and never used once closed: a second close, or a signal or a
+    poll through a number already closed, hit whatever the process had opened under that number since (a
+    socket, gRPC's epoll descriptor) or raised `OSError: [Errno 9] Bad file descriptor` (issue 54 item 8).
+    A wait blocks on a duplicate of the pidfd, its own, so that it holds no lock while it waits."""
 
     def __init__(self, pid: int, pidfd: int):
         self.pid = pid
+        self._lock = threading.Lock()
         self._pidfd: Optional[int] = pidfd
         self.returncode: Optional[int] = None  # -9 once it is known to have exited (its status is the fork server's)
 
     def poll(self) -> Optional[int]:
-        if self.returncode is None and self._exited(0):
-            self._done()
-        return self.returncode
+        with self._lock:
+            if self.returncode is None and (self._pidfd is None or _readable(self._pidfd, 0)):
+                self._done()
+            return self.returncode
 
     def kill(self) -> None:
-        if self.returncode is None and self._pidfd is not None:
-            try:
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            except ProcessLookupError:  # it exited already
-                pass
+        with self._lock:
+            if self.returncode is None and self._pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                except ProcessLookupError:  # it exited already
+                    pass
 
     def wait(self, timeout: Optional[float] = None) -> int:
-        if self.returncode is None:
-            if not self._exited(timeout):
-                raise subprocess.TimeoutExpired(f"grammar compile process {self.pid}", timeout)
-            self._done()
-        return self.returncode
-
-    def _exited(self, timeout: Optional[float]) -> bool:
-        # A pidfd reads ready once its process has exited.
-        return self._pidfd is None or bool(select.select([self._pidfd], [], [], timeout)[0])
+        with self._lock:
+            if self.returncode is not None:
+                return self.returncode
+            if self._pidfd is None:
+                self._done()
+                return self.returncode
+            fd = os.dup(self._pidfd)
+        try:
+            exited = _readable(fd, timeout)
+        finally:
+            os.close(fd)
+        if not exited:
+            raise subprocess.TimeoutExpired(f"grammar compile process {self.pid}", timeout)
+        with self._lock:
+            if self.returncode is None:
+                self._done()
+            return self.returncode
 
     def _done(self) -> None:
+        # Holding the lock.
         self.returncode = -signal.SIGKILL
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
 
     def __del__(self):
-        if self._pidfd is not None:
-            os.close(self._pidfd)
+        pidfd, self._pidfd = getattr(self, "_pidfd", None), None
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _readable(fd: int, timeout: Optional[float]) -> bool:
+    """Whether `fd` reads ready within `timeout` seconds (None: waits). A pidfd reads ready once its process has
+    exited. poll, not select: a server with many connections has descriptors past select's 1024."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
+
+
+class ForkServerClosed(RuntimeError):
+    """The fork server was closed (the pool shuts down): no fork, and nothing to report."""
 
 
 class ForkServer:
@@ -91,7 +124,7 @@ class ForkServer:
         with self._lock:
             for attempt in range(2):  # a fork server that died (killed, out of memory) is started again, once
                 if self._closed:
-                    raise RuntimeError("the grammar compiler is shut down")
+                    raise ForkServerClosed("the grammar compiler is shut down")
                 if self._proc is None or self._proc.poll() is not None:
                     self._start()
                 parent, child = socket.socketpair()
@@ -107,6 +140,8 @@ class ForkServer:
                 except (EOFError, OSError, ValueError):
                     parent.close()
                     self._stop()
+                    if self._closed:  # killed by close() meanwhile
+                        raise ForkServerClosed("the grammar compiler is shut down") from None
                     if attempt:
                         raise RuntimeError("the grammar compile fork server failed twice (its log is the server's "
                                            "stderr)") from None
@@ -134,7 +169,13 @@ class ForkServer:
         except (EOFError, OSError):
             ready = False
         if not ready:
+            code = self._proc.poll()
             self._stop()
+            if self._closed:  # killed by close() while it started (a server stopping early): nothing went wrong
+                raise ForkServerClosed("the grammar compiler is shut down")
+            if code is not None:
+                raise RuntimeError(f"the grammar compile fork server exited with {code} as it started (its log is "
+                                   "the server's stderr)")
             raise RuntimeError(f"the grammar compile fork server did not start within {self.start_timeout_s:g} s "
                                "(its log is the server's stderr)")
 

@@ -131,6 +131,7 @@ class GatewaySupervisor:
         self.admin_key = new_admin_key()  # smg's control plane: only this process knows it
         self.worker_missing = False
         self.worker_registrations = 0  # times moelink's worker was registered again
+        self._output: tuple = ((), None)  # (smg's last output lines, the thread reading them) of the running smg
 
     @property
     def pid(self) -> Optional[int]:
@@ -196,6 +197,7 @@ class GatewaySupervisor:
             reader = threading.Thread(target=keep_tail, args=(self.proc.stdout, tail), daemon=True,
                                       name="smg-output")
             reader.start()
+        self._output = (tail, reader)  # read on after the start: a later exit is logged with smg's last error
         deadline = time.monotonic() + self.ready_timeout
         while not await asyncio.to_thread(self._ready):
             if self.proc.poll() is not None:
@@ -251,18 +253,19 @@ class GatewaySupervisor:
             if self._stopping:
                 return
             self.crashes += 1
+            why = await self._exit_reason(code)  # every restart is logged with it
             now = time.monotonic()
             self._restart_times = [t for t in self._restart_times if now - t < RESTART_WINDOW_S]
             if len(self._restart_times) >= MAX_RESTARTS:
                 logger.error("the smg gateway (pid %d) exited with %s; %d restarts in %.0f s already: giving up "
                              "quick restarts, the OpenAI API on port %d is down (gRPC still serves); retrying every "
-                             "%g to %g s", self.proc.pid, code, MAX_RESTARTS, RESTART_WINDOW_S,
+                             "%g to %g s", self.proc.pid, why, MAX_RESTARTS, RESTART_WINDOW_S,
                              self.spec.http_port, SLOW_BACKOFF_S[0], SLOW_BACKOFF_S[-1])
                 self._recover = asyncio.create_task(self._recover_slowly())
                 return
             delay = BACKOFF_S[min(len(self._restart_times), len(BACKOFF_S) - 1)]
             self._restart_times.append(now)
-            logger.warning("the smg gateway (pid %d) exited with %s; restarting in %.1f s", self.proc.pid, code, delay)
+            logger.warning("the smg gateway (pid %d) exited with %s; restarting in %.1f s", self.proc.pid, why, delay)
             await asyncio.sleep(delay)
             if self._stopping:
                 return
@@ -272,6 +275,21 @@ class GatewaySupervisor:
                 logger.error("restarting the smg gateway failed: %s", exc)
                 continue  # the wait above returns at once for an exited process: counts as the next attempt
             self._back()
+
+    async def _exit_reason(self, code: int) -> str:
+        """`code` as a restart's log line says it: a signal by name, and smg's last error line (or where its log
+        is)."""
+        tail, reader = self._output
+        if reader is not None:
+            await asyncio.to_thread(reader.join, 2.0)  # smg's last words, read to its EOF
+        said = smg_refusal(tail)
+        why = str(code)
+        if code is not None and code < 0:
+            try:
+                why += f" ({signal.Signals(-code).name})"
+            except ValueError:
+                pass
+        return why + (f" (smg's last error: {said})" if said else self._log_hint().replace("; ", " (", 1) + ")")
 
     async def _recover_slowly(self) -> None:
         """After the quick restarts: try again every SLOW_BACKOFF_S (growing to its last value) until smg

@@ -55,6 +55,7 @@ MAX_BODY_BYTES = 64 << 20
 INLINE_BODY_BYTES = 256 << 10  # bodies up to this size are inspected on the event loop (well under a millisecond)
 MAX_HEAD_BYTES = 64 << 10
 READ_CHUNK = 64 << 10
+CONNECT_RETRY_S = (0.1, 0.3)  # a failed connect to smg is tried again after these, unless smg is down
 # Hop-by-hop headers the front sets itself (RFC 9110 section 7.6.1), and the framing it recomputes.
 # What clients reach through the front: the OpenAI API (each route and what lies under it, e.g.
 # /v1/models/ID) and the probes. smg's control plane (/workers, /flush_cache, /get_loads, profiling, /wasm,
@@ -237,10 +238,19 @@ class HttpFront:
         """Relay `request` (as `method` `target` when given) with `body` to smg, and its answer back."""
         method, target = method or request.method, target or request.target
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=MAX_HEAD_BYTES)
-        except OSError:  # smg is down: its supervisor is restarting it
-            await _answer(conn, writer, 503, _error("the OpenAI gateway (smg) is restarting: retry in a few seconds.",
-                                                    None))
+            up_reader, up_writer = await self._connect_upstream()
+        except OSError as exc:
+            # 503 only while the supervisor has smg down (and restarts it: it logs each restart and its reason);
+            # any other failure to reach smg is the front's own error, said and logged as such (issue 54 item 8:
+            # a 503 "is restarting" was answered for any connect error, with no restart at all).
+            reason = self.not_serving() if self.not_serving is not None else None
+            if reason is not None:
+                await _answer(conn, writer, 503, _error(f"{reason} Retry in a few seconds.", None))
+                return
+            logger.error("the OpenAI front could not reach the smg gateway on 127.0.0.1:%d (%s), and no restart of "
+                         "it is under way: answered 502", self.upstream_port, exc)
+            await _answer(conn, writer, 502, _error(f"the OpenAI gateway (smg) on 127.0.0.1:{self.upstream_port} "
+                                                    f"could not be reached: {exc}.", None))
             return
         path = target.split(b"?", 1)[0].decode("latin-1")
         relay_id = new_relay_id(_ID_KINDS.get(path, "req"), _header(request, b"x-request-id"))
@@ -268,6 +278,18 @@ class HttpFront:
                 await self._hung_up(relay_id)
         if not answer.cancelled():
             answer.result()  # smg's own failure (it closed early, a head over the limit): the caller's to handle
+
+    async def _connect_upstream(self):
+        """A connection to smg. A failed connect is tried again (CONNECT_RETRY_S) unless the supervisor says smg
+        is down: smg that just exited is seen by `not_serving` a moment later, and a transient error is not
+        worth a client's error."""
+        for delay in CONNECT_RETRY_S + (None,):
+            try:
+                return await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=MAX_HEAD_BYTES)
+            except OSError:
+                if delay is None or (self.not_serving is not None and self.not_serving() is not None):
+                    raise
+            await asyncio.sleep(delay)
 
     async def _hung_up(self, relay_id: str) -> None:
         if self.on_hangup is None:

@@ -118,13 +118,17 @@ def test_rewrite_carries_each_kind_in_a_field_smg_forwards():
 
 
 def test_the_front_answers_503_while_smg_is_down():
-    """Between smg's death and its restart by the supervisor, a request gets a 503 it can retry, not a reset."""
+    """Between smg's death and its restart by the supervisor, a request gets a 503 it can retry, not a reset (the
+    supervisor's reason; without a restart under way it is a 502: tests/server/test_gateway_restart_503.py)."""
     import asyncio
 
     from moelink.engine.server.http_front import HttpFront
 
+    restarting = "the OpenAI gateway (smg) is not running; it is being restarted (1 crashes so far); gRPC still serves."
+
     async def scenario():
-        front = HttpFront("127.0.0.1", free_port(), free_port())  # nothing listens upstream
+        front = HttpFront("127.0.0.1", free_port(), free_port(),  # nothing listens upstream
+                          not_serving=lambda: restarting)
         await front.start()
         try:
             return await asyncio.to_thread(http_request, front.port, "GET", "/v1/models")
@@ -132,7 +136,7 @@ def test_the_front_answers_503_while_smg_is_down():
             await front.stop()
 
     status, raw = asyncio.run(scenario())
-    assert status == 503 and b"restarting" in raw, raw
+    assert status == 503 and b"it is being restarted" in raw, raw
 
 
 # -- issue 32 item 8: smg drops logit_bias, and it was answered as if unset ----------------------------------------
