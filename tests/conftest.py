@@ -235,3 +235,35 @@ def heap_held_frozen():
     gc_policy.freeze_heap(holder)
     yield
     gc_policy.thaw_heap(holder)
+
+
+_RANK_STARTS = [0, 0]  # (started, reused) summed over the xdist workers (their counts arrive as each ends)
+
+
+def _rank_counts() -> tuple[int, int]:
+    import sys
+
+    pool = sys.modules.get("moelink.engine.cluster.rank_pool")
+    return (0, 0) if pool is None else (pool.RANK_POOL.starts_fresh, pool.RANK_POOL.starts_saved)
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand its counts to the controller
+        workeroutput["rank_starts"] = list(_rank_counts())
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under -p no:xdist
+def pytest_testnodedown(node, error):
+    counts = getattr(node, "workeroutput", {}).get("rank_starts")
+    if counts:
+        _RANK_STARTS[0] += counts[0]
+        _RANK_STARTS[1] += counts[1]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many rank processes the Ray executors started, and how many engine starts took parked ones instead
+    (engine/cluster/rank_pool.py, issue 55): the suite's cost is mostly process starts."""
+    fresh, saved = (a + b for a, b in zip(_RANK_STARTS, _rank_counts()))
+    if fresh or saved:
+        terminalreporter.write_line(f"rank processes: {fresh} started, {saved} reused (engine/cluster/rank_pool.py)")

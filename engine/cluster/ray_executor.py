@@ -39,6 +39,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config.engine_args import EngineConfig
 from .ep_group import EPGroup
+from .rank_pool import PARK_TIMEOUT_S, RANK_POOL, Parked, ray_session
 from .executor import Executor, WorkerDiedError, rank_name
 from ..contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from .ray_runtime import (  # noqa: F401  (re-exported: tests and callers import them from here)
@@ -68,6 +69,43 @@ def start_worker(state, gpu: bool, worker_config, plan: ExpertParallelPlan, bund
         num_cpus=1, num_gpus=1 if gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(state.pg, placement_group_bundle_index=bundle),
     ).remote(worker_config, bundle, plan)
+
+
+def _take_parked(state, n: int, gpu: bool):
+    """A parked engine's ranks for this start (rank_pool.py), or None: the pool off, a Ray this executor started
+    itself, or none of this size parked."""
+    if not RANK_POOL.enabled or state.local is not None or state.connected:
+        return None
+    import ray
+
+    session = ray_session()
+    if session is None:
+        return None
+    free = int(ray.available_resources().get("GPU" if gpu else "CPU", 0))
+    return RANK_POOL.take(session, n, gpu, free)
+
+
+def _park(state, group: EPGroup, n: int) -> None:
+    """Hand a cleanly shut down engine's ranks to the pool (rank_pool.py) instead of killing them: only on a Ray
+    this executor did not start, with every rank of the start healthy (no loss, no regroup, no spare)."""
+    import ray
+
+    if not RANK_POOL.enabled or state.local is not None or state.connected:
+        return
+    with state.lock:
+        healthy = state.dead_error is None and state.lost is None and not state.released
+    workers, session = list(state.workers), ray_session()
+    if not healthy or session is None or group.epoch != 0 or state.spares or len(workers) != n:
+        return
+    try:
+        ray.get([w.park.remote() for w in workers], timeout=PARK_TIMEOUT_S)
+    except Exception as exc:  # a rank that cannot release its engine: killed as before
+        logger.warning("rank processes not parked (%s): killed instead", exc)
+        return
+    with state.lock:
+        pg, state.pg, state.workers = state.pg, None, []
+    gpu = group.config.device.type == "cuda"
+    RANK_POOL.put(Parked(session, n, gpu, pg, workers, cpus=n))
 
 
 def check_tp_nodes(node_ids, tp: int) -> None:
@@ -128,23 +166,34 @@ class RayExecutor(Executor):
                     state.connected = True
             gpu = config.device.type == "cuda"
             bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
-            state.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
-            try:
-                ray.get(state.pg.ready(), timeout=_PG_TIMEOUT_S)
-            except Exception as exc:
-                resources = ray.cluster_resources()
-                raise RuntimeError(
-                    f"Ray cannot place {n} workers of {bundle} each within {_PG_TIMEOUT_S:.0f} s "
-                    f"(cluster resources: {resources}): add nodes or lower expert_parallel_size."
-                ) from exc
+            # Rank processes a clean shutdown of an engine of as many ranks parked on this Ray (rank_pool.py).
+            parked = _take_parked(state, n, gpu)
+            if parked is not None:
+                state.pg = parked.pg
+            else:
+                state.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+                try:
+                    ray.get(state.pg.ready(), timeout=_PG_TIMEOUT_S)
+                except Exception as exc:
+                    resources = ray.cluster_resources()
+                    raise RuntimeError(
+                        f"Ray cannot place {n} workers of {bundle} each within {_PG_TIMEOUT_S:.0f} s "
+                        f"(cluster resources: {resources}): add nodes or lower expert_parallel_size."
+                    ) from exc
             node_ids = bundle_node_ids(state.pg, n)
             check_tp_nodes(node_ids, self._tp)
             if plan.backend.needs_node_map and plan.node_of_rank is None:
                 # The node-aware all-to-all's default node map: ranks on one Ray node share an NVLink domain.
                 plan = replace(plan, node_of_rank=node_numbers(node_ids))
             start = functools.partial(start_worker, state, gpu, config.worker_config(), plan)  # pickled per rank
-            state.workers = workers = [start(r) for r in range(n)]
-            pids = self._get([w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote() for w in workers])
+            if parked is not None:  # the same processes, each made this engine's rank r as a new actor would be
+                state.workers = workers = list(parked.workers)
+                cfg = config.worker_config()
+                pids = self._get([w.reinit.remote(cfg, r, plan) for r, w in enumerate(workers)])
+            else:
+                state.workers = workers = [start(r) for r in range(n)]
+                RANK_POOL.starts_fresh += n
+                pids = self._get([w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote() for w in workers])
             addr, port = self._get([workers[0].pick_master.remote()])[0]
             # Every rank must enter the rendezvous together, so these run concurrently.
             self._get([w.init_distributed.remote(addr, port) for w in workers])
@@ -162,7 +211,9 @@ class RayExecutor(Executor):
 
             self.rejoiner = Rejoiner(start, state, config.parallel.ep_rejoin_delay_s)
         self.start_heartbeats()
-        logger.info("RayExecutor: %d ranks ready (pids %s, rendezvous %s:%d)", n, list(pids), addr, port)
+        self._formed = True
+        logger.info("RayExecutor: %d ranks ready (pids %s, rendezvous %s:%d%s)", n, list(pids), addr, port,
+                    ", processes reused" if parked is not None else "")
 
     # -- membership (engine/cluster/ep_group.py): read from the group, changed only by adopt / commit -----------------
     world_size = property(lambda self: self.group.world_size)
@@ -363,5 +414,9 @@ class RayExecutor(Executor):
 
     # -- teardown -------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Kill the actors, remove the placement group, shut down a Ray we started (idempotent)."""
+        """Kill the actors, remove the placement group, shut down a Ray we started (idempotent). With the rank pool
+        on (rank_pool.py), a healthy engine on a Ray it did not start parks its rank processes instead."""
+        if getattr(self, "_formed", False):
+            self._formed = False
+            _park(self._state, self.group, self.full_config.parallel.world_size)
         self._finalizer()

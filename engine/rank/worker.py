@@ -334,6 +334,30 @@ class Worker:
             self.group = None
 
 
+    # -- reuse (engine/cluster/rank_pool.py) -----------------------------------------------------------------
+    def park(self) -> int:
+        """Release this engine from the process and keep the process for the next engine: leave the group, close
+        the KV connector, drop the runner (model, KV cache, streams), unfreeze and collect the heap (the freeze at
+        start-up kept the engine's objects from cycle collection), give the device's cached memory back. Returns the
+        process id (the parked process the next `reinit` finds)."""
+        self.shutdown()
+        self.runner = self._mover = self.tp = None
+        self._launched.clear()
+        import gc
+
+        gc.unfreeze()  # this process's own start-up freeze (_freeze_if_own_process): the next engine freezes anew
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return os.getpid()
+
+    def reinit(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan) -> int:
+        """A parked process taken by a new engine: this rank of `config` from now on, exactly as a new actor's
+        constructor would have made it (the caller then runs init_distributed and load). Returns the process id."""
+        self.__init__(config, rank, plan)
+        return os.getpid()
+
+
 def _same_plan(a: ExpertParallelPlan, b: ExpertParallelPlan) -> bool:
     try:
         return bool(a == b)

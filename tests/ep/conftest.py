@@ -15,17 +15,22 @@ import time
 
 import pytest
 
+from moelink.engine.cluster.rank_pool import RANK_POOL
 from tests.helpers import local_ray as ray_helpers
 
 # One-node tests keep Ray, and the ranks' rendezvous, on loopback (servers started here inherit this).
 os.environ.setdefault(ray_helpers.LOOPBACK_ENV, "0")
 os.environ.setdefault("MOELINK_MASTER_ADDR", "127.0.0.1")
 
-FREE_AGAIN_S = 15.0  # how long a module's Ray may take to get its CPUs back before it is not handed on
+FREE_AGAIN_S = 15.0
+# The shared Ray's logical CPUs (one per rank bundle; the machine has 2 real cores either way): 8, so that the
+# rank processes parked for reuse by an engine of one size (engine/cluster/rank_pool.py) can wait beside a running
+# engine of another (2 + 4 + 2).
+SHARED_CPUS = 8  # how long a module's Ray may take to get its CPUs back before it is not handed on
 
 
 class _SharedRay:
-    """tests.helpers.local_ray.local_ray(num_cpus=4), entered on first use and left on close()."""
+    """tests.helpers.local_ray.local_ray(num_cpus=SHARED_CPUS), entered on first use and left on close()."""
 
     def __init__(self):
         self._stack: contextlib.ExitStack | None = None
@@ -34,18 +39,23 @@ class _SharedRay:
     def get(self):
         if self.ray is None:
             stack = contextlib.ExitStack()
-            self.ray = stack.enter_context(ray_helpers.local_ray(num_cpus=4))
+            self.ray = stack.enter_context(ray_helpers.local_ray(num_cpus=SHARED_CPUS))
             self._stack = stack
+            # The engines on the shared Ray reuse their rank processes (engine/cluster/rank_pool.py): a rank
+            # process costs ~1.5 s of CPU to start, most of a small EP engine's start, and these modules start
+            # hundreds. Only here: a test of its own Ray sees its ranks go at shutdown, as a user's would.
+            RANK_POOL.enabled = os.environ.get("MOELINK_TEST_RANK_POOL", "1") != "0"  # 0: measure without
         return self.ray
 
     def all_free(self) -> bool:
-        """Whether every CPU is back (bounded wait: an engine's actors may still be going away)."""
+        """Whether every CPU is back (bounded wait: an engine's actors may still be going away), counting the CPUs
+        of the rank processes parked for the next engine (engine/cluster/rank_pool.py) as back: they are ours."""
         ray = self.ray
         deadline = time.monotonic() + FREE_AGAIN_S
         while True:
             try:
                 total = ray.cluster_resources().get("CPU", 0)
-                if total and ray.available_resources().get("CPU", 0) == total:
+                if total and ray.available_resources().get("CPU", 0) + RANK_POOL.held_cpus() == total:
                     return True
             except Exception:  # a Ray that cannot answer is not handed on
                 return False
@@ -55,6 +65,8 @@ class _SharedRay:
 
     def close(self):
         stack, self._stack, self.ray = self._stack, None, None
+        RANK_POOL.enabled = False
+        RANK_POOL.clear()  # (Ray's shutdown would take them too; cleared first, so no handle outlives it)
         if stack is not None:
             stack.close()
 

@@ -22,10 +22,16 @@ KW = dict(dtype="float32", num_kv_blocks=64, max_num_seqs=4)
 @pytest.fixture
 def local_ray(shared_ray):
     """The shared Ray (tests/ep/conftest.py: the one the module before left, if it did) for one test only, then
-    stopped: the other tests here start (and check) Rays of their own."""
+    stopped: the other tests here start (and check) Rays of their own. Without the rank pool the shared Ray turns
+    on (engine/cluster/rank_pool.py): what is checked here is that a user's LLM gives its processes back."""
     pytest.importorskip("ray")
+    from moelink.engine.cluster.rank_pool import RANK_POOL
+
     try:
-        yield shared_ray.get()
+        ray = shared_ray.get()
+        RANK_POOL.enabled = False
+        RANK_POOL.clear()
+        yield ray
     finally:
         shared_ray.close()
 

@@ -1,0 +1,124 @@
+"""Rank processes kept for the next engine: a Ray executor that shuts down cleanly parks its rank actors (and their
+placement group) here instead of killing them, and the next executor of as many ranks on the same Ray takes them and
+re-initializes each for its own config (`Worker.reinit`) instead of starting new processes (issue 55).
+
+Why: a rank process costs 1.5-1.7 s of CPU to start (importing torch and moelink), which is most of a small EP
+engine's start; an engine started again in the same process (a notebook, a server restarted by its supervisor, a
+test suite) pays it every time. What a parked rank keeps is its process and its imports: its model, KV cache,
+process group, KV connector and threads are released when it parks (`Worker.park`), and its heap is unfrozen so
+the old engine's objects are collected.
+
+Off unless asked: `MOELINK_REUSE_RANK_PROCESSES=1` (or `RANK_POOL.enabled = True`), because a parked rank holds its
+Ray resources (a placement group's CPU or GPU bundles) until it is taken, the pool is cleared (`clear`: a start of
+another size clears it first, so the resources are there), or Ray shuts down. Only an executor that connected to a
+Ray it did not start itself parks (one that started its own Ray stops it at shutdown); only a healthy one (no rank
+lost, never regrouped): anything else is killed as before. Entries are keyed by the Ray session (its GCS address),
+the rank count and the device kind, so a new Ray never gets another's handles.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+ENV = "MOELINK_REUSE_RANK_PROCESSES"
+PARK_TIMEOUT_S = 30.0  # a rank that cannot release its engine within this is killed instead
+
+
+@dataclass
+class Parked:
+    """One engine's rank actors (in rank order) and the placement group their bundles are in."""
+
+    session: str
+    num_ranks: int
+    gpu: bool
+    pg: object
+    workers: list
+    cpus: int = 0  # the CPUs its bundles hold (what a caller counting free resources adds back)
+
+
+@dataclass
+class RankPool:
+    """The parked engines of this process (module docstring)."""
+
+    enabled: bool = field(default_factory=lambda: os.environ.get(ENV, "") not in ("", "0"))
+    _parked: list = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    starts_saved: int = 0  # rank processes an engine start took from here instead of starting them
+    starts_fresh: int = 0  # rank processes Ray executors of this process started (counted with the pool off too)
+
+    def put(self, parked: Parked) -> None:
+        with self._lock:
+            self._parked.append(parked)
+
+    def take(self, session: str, num_ranks: int, gpu: bool, free: int) -> Parked | None:
+        """A parked engine of `num_ranks` ranks on this Ray session, or None. Without one, parked engines are
+        cleared, oldest first, until `free` (the Ray's free bundles of this kind: CPUs, or GPUs) and theirs make
+        room for a fresh start of `num_ranks`; another session's are always cleared (their Ray is gone)."""
+        with self._lock:
+            stale = [p for p in self._parked if p.session != session]
+            live = [p for p in self._parked if p.session == session]
+            match = next((p for p in live if (p.num_ranks, p.gpu) == (num_ranks, gpu)), None)
+            if match is not None:
+                live.remove(match)
+                self.starts_saved += match.num_ranks
+            else:
+                while live and free < num_ranks:
+                    oldest = live.pop(0)
+                    stale.append(oldest)
+                    free += oldest.num_ranks if oldest.gpu == gpu else 0
+            self._parked = live
+        for p in stale:
+            _kill(p)
+        return match
+
+    def held_cpus(self) -> int:
+        with self._lock:
+            return sum(p.cpus for p in self._parked)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._parked)
+
+    def clear(self) -> None:
+        """Kill every parked rank and remove its placement group (their Ray resources back)."""
+        with self._lock:
+            parked, self._parked = self._parked, []
+        for p in parked:
+            _kill(p)
+
+
+def _kill(p: Parked) -> None:
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return  # Ray went down with them
+        for w in p.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # already gone
+                pass
+        ray.util.remove_placement_group(p.pg)
+    except Exception:
+        logger.warning("could not release parked rank processes cleanly", exc_info=True)
+
+
+def ray_session() -> str | None:
+    """This process's Ray session (its GCS address), or None when not connected."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return str(ray.get_runtime_context().gcs_address)
+    except Exception:
+        return None
+
+
+RANK_POOL = RankPool()
+
+__all__ = ["ENV", "PARK_TIMEOUT_S", "Parked", "RANK_POOL", "RankPool", "ray_session"]

@@ -1,0 +1,48 @@
+"""Rank processes reused across engines (engine/cluster/rank_pool.py, issue 55): a Ray executor that shuts down
+cleanly on a Ray it did not start parks its ranks, and the next engine of as many ranks takes the same processes,
+re-initialized (same greedy tokens as a fresh start); one of another size clears them first; a rank lost or an
+engine that started its own Ray parks nothing."""
+from __future__ import annotations
+
+import pytest
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.cluster.rank_pool import RANK_POOL
+
+from tests.helpers.waits import wait_until
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
+
+
+def _run(path, ep: int):
+    with LLM(path, dtype="float32", expert_parallel_size=ep, num_kv_blocks=64, skip_warmup=True) as llm:
+        pids = list(llm.engine.executor.rank_pids)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    return pids, tokens
+
+
+def test_an_engine_of_as_many_ranks_reuses_the_parked_processes(local_ray, tiny_model):
+    assert RANK_POOL.enabled  # the shared Ray of tests/ep turns it on
+    RANK_POOL.clear()
+    path = tiny_model("qwen3_e6k3")
+    saved = RANK_POOL.starts_saved
+    pids, tokens = _run(path, 2)
+    assert len(RANK_POOL) == 1  # parked, not killed
+    again, tokens_again = _run(path, 2)
+    assert again == pids and tokens_again == tokens and RANK_POOL.starts_saved == saved + 2
+    # Another size: four fresh processes start beside the parked pair (room for both), then both sizes are parked;
+    # an engine of two takes the pair back.
+    four, tokens_four = _run(path, 4)
+    assert not set(four) & set(pids) and tokens_four == tokens and len(RANK_POOL) == 2
+    assert _run(path, 2)[0] == pids and _run(path, 4)[0] == four
+    # No room (a fresh start of three with two CPUs free beside the six parked): the oldest parked (the pair) are
+    # cleared first, as many as make room; the four stay.
+    assert RANK_POOL.take(RANK_POOL._parked[0].session, 3, False, free=2) is None
+    assert [p.num_ranks for p in RANK_POOL._parked] == [4]
+    RANK_POOL.clear()
+    assert len(RANK_POOL) == 0
+    total = local_ray.cluster_resources().get("CPU", 0)
+    wait_until(lambda: local_ray.available_resources().get("CPU", 0) == total, 30.0, "the parked ranks' CPUs back")
