@@ -12,7 +12,8 @@ Off unless asked: `MOELINK_REUSE_RANK_PROCESSES=1` (or `RANK_POOL.enabled = True
 Ray resources (a placement group's CPU or GPU bundles) until it is taken, the pool is cleared (`clear`: a start of
 another size clears it first, so the resources are there), or Ray shuts down. Only an executor that connected to a
 Ray it did not start itself parks (one that started its own Ray stops it at shutdown); only a healthy one (no rank
-lost, never regrouped): anything else is killed as before. Entries are keyed by the Ray session (its GCS address),
+lost, never regrouped, no step still out: a frozen rank or a hung collective would keep its park from answering):
+anything else is killed as before. Entries are keyed by the Ray session (its GCS address),
 the rank count and the device kind, so a new Ray never gets another's handles.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 ENV = "MOELINK_REUSE_RANK_PROCESSES"
-PARK_TIMEOUT_S = 30.0  # a rank that cannot release its engine within this is killed instead
+PARK_TIMEOUT_S = 10.0  # a rank that cannot release its engine within this is killed instead
 
 
 @dataclass

@@ -152,6 +152,7 @@ class RayExecutor(Executor):
         # (or at exit), if shutdown() was not called; calling it is shutdown().
         self._finalizer = weakref.finalize(self, state.release)
         self._model_steps = 0
+        self._steps_in_flight = 0  # launched and not collected (engine/cluster/rank_pool.py parks none then)
         self.rejoiner = None
         # Elastic EP: ranks the next recovery drops even when they answer (a rejoin that failed midway).
         self._rejoin_drop: tuple[int, ...] = ()
@@ -360,6 +361,7 @@ class RayExecutor(Executor):
         per_rank = [so for so in outputs_per_rank for _ in range(self._tp)]
         refs = [w.launch.remote(so, run_forward) for w, so in zip(self.workers, per_rank)]
         self._model_steps += run_forward
+        self._steps_in_flight += 1  # until its collect ends, however (a rank stuck in it is not parked)
         return [so.step_id for so in per_rank], refs, timeout
 
     def collect(self, launched: tuple) -> list[ModelRunnerOutput]:
@@ -367,11 +369,14 @@ class RayExecutor(Executor):
         sent first, so the ranks' host work for that step overlaps this one's device work)."""
         step_ids, launch_refs, timeout = launched
         late = f"its step ran longer than {timeout:g} s (--step-timeout)"
-        collect_refs = [w.collect.remote(i) for w, i in zip(self.workers, step_ids)]
-        self._get(launch_refs, timeout=timeout, late=late)  # a launch that raised names its rank here
-        # Under TP every rank of a group sampled the same tokens (engine/rank/model_runner.py broadcasts the
-        # group's first rank's): that rank answers for its group.
-        outs = self._get(collect_refs, timeout=timeout, late=late)
+        try:
+            collect_refs = [w.collect.remote(i) for w, i in zip(self.workers, step_ids)]
+            self._get(launch_refs, timeout=timeout, late=late)  # a launch that raised names its rank here
+            # Under TP every rank of a group sampled the same tokens (engine/rank/model_runner.py broadcasts the
+            # group's first rank's): that rank answers for its group.
+            outs = self._get(collect_refs, timeout=timeout, late=late)
+        finally:
+            self._steps_in_flight -= 1
         return outs if self._tp == 1 else tp_group_outputs(outs, self._tp, merge=self.plan.world_size > 1)
 
     def _get(self, refs, timeout: float = _PG_TIMEOUT_S, late: str | None = None) -> list:
@@ -418,5 +423,6 @@ class RayExecutor(Executor):
         on (rank_pool.py), a healthy engine on a Ray it did not start parks its rank processes instead."""
         if getattr(self, "_formed", False):
             self._formed = False
-            _park(self._state, self.group, self.full_config.parallel.world_size)
+            if self._steps_in_flight == 0:  # a step still out may hold a rank (a frozen one, a hung collective)
+                _park(self._state, self.group, self.full_config.parallel.world_size)
         self._finalizer()
