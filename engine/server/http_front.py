@@ -48,6 +48,7 @@ from ..contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_dee
 from ..contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, rewrite
+from .tool_calls import asks_one_call, forget, note_one_call
 
 logger = logging.getLogger(__name__)
 
@@ -147,12 +148,12 @@ class HttpFront:
                 try:
                     # A large body is parsed off the event loop (every other connection and the engine's
                     # streams share it): 64 MiB of JSON takes a second or more.
-                    body = self._inspect(request, body) if len(body) <= INLINE_BODY_BYTES else \
+                    body, one_call = self._inspect(request, body) if len(body) <= INLINE_BODY_BYTES else \
                         await asyncio.to_thread(self._inspect, request, body)
                 except HttpFieldError as e:
                     await _answer(conn, writer, 400, _error(str(e), e.field))
                     return
-                await self._relay(conn, request, body, reader, writer)
+                await self._relay(conn, request, body, reader, writer, one_call=one_call)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, h11.RemoteProtocolError):
             pass  # the client went away or spoke no HTTP: nothing to answer
         finally:
@@ -206,11 +207,13 @@ class HttpFront:
             return True
         return False
 
-    def _inspect(self, request: h11.Request, body: bytes) -> bytes:
-        """The body to relay: rewritten when a chat or completions request carries vLLM's structured-output fields."""
+    def _inspect(self, request: h11.Request, body: bytes) -> tuple[bytes, bool]:
+        """(the body to relay, whether it asks for one required tool call): the body rewritten when a chat or
+        completions request carries vLLM's structured-output fields; the call's note is for the engine, which closes
+        smg's array of calls after one (tool_calls.py: smg 1.13 drops `parallel_tool_calls: false`)."""
         path = request.target.split(b"?", 1)[0].decode("latin-1")
         if request.method != b"POST" or path not in (CHAT_PATH, COMPLETIONS_PATH):
-            return body
+            return body, False
         # Measured before json.loads (and the json.dumps below), which recurse per level: a 100,000-deep body
         # closed the connection without an answer (RecursionError). smg refuses past the same depth itself.
         depth = text_depth(body)
@@ -220,11 +223,11 @@ class HttpFront:
         try:
             data = json.loads(body)
         except ValueError:
-            return body  # smg answers malformed JSON itself
+            return body, False  # smg answers malformed JSON itself
         if not isinstance(data, dict):
-            return body
+            return body, False
         new = rewrite(path, data)
-        return body if new is None else json.dumps(new).encode()
+        return body if new is None else json.dumps(new).encode(), path == CHAT_PATH and asks_one_call(data)
 
     def _authorized(self, request: h11.Request) -> bool:
         """Whether the request carries the API key (any request does when there is none)."""
@@ -234,8 +237,9 @@ class HttpFront:
         return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
 
     async def _relay(self, conn, request: h11.Request, body: bytes, reader, writer, method: Optional[bytes] = None,
-                     target: Optional[bytes] = None) -> None:
-        """Relay `request` (as `method` `target` when given) with `body` to smg, and its answer back."""
+                     target: Optional[bytes] = None, one_call: bool = False) -> None:
+        """Relay `request` (as `method` `target` when given) with `body` to smg, and its answer back. `one_call`:
+        the request asks for one required tool call (noted for the engine under its relay id, tool_calls.py)."""
         method, target = method or request.method, target or request.target
         try:
             up_reader, up_writer = await self._connect_upstream()
@@ -254,6 +258,8 @@ class HttpFront:
             return
         path = target.split(b"?", 1)[0].decode("latin-1")
         relay_id = new_relay_id(_ID_KINDS.get(path, "req"), _header(request, b"x-request-id"))
+        if one_call:
+            note_one_call(relay_id)
         # Watched from the start, not from smg's first byte: before it, a grammar may compile for many seconds.
         gone = asyncio.ensure_future(_until_eof(reader))
         answer = None
@@ -266,6 +272,7 @@ class HttpFront:
             answer = asyncio.ensure_future(_answer_from(up_reader, up_writer, writer))
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            forget(relay_id)
             gone.cancel()
             if answer is not None and not answer.done():
                 answer.cancel()

@@ -33,6 +33,7 @@ from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import ProtoReading, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto
 from .serving import Serving, abort_rpc, top_logprobs, wire_logprob
+from .tool_calls import one_call
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,11 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             rid = self.s.request_id(request.request_id)
             # The cheap checks first: a refused request never costs a tokenization.
             params, n = sampling_params_from_proto(request.sampling_params, self.s.limits)
+            # smg's array of required calls, closed after one when the HTTP request said parallel_tool_calls: false
+            # (smg 1.13 drops it; the front noted it: tool_calls.py).
+            structured = one_call(params.structured_outputs, request.request_id)
+            if structured is not params.structured_outputs:
+                params = dataclasses.replace(params, structured_outputs=structured)
             if request.HasField("kv_transfer_params_json"):
                 # Prefill/decode disaggregation (engine/server/pd_role.py): validated with the rest of the params.
                 params = dataclasses.replace(params, kv_transfer_params=kv_params_from_json(

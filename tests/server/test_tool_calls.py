@@ -55,12 +55,13 @@ SEEN = {
     ("deepseek_r1", "required", None): OPEN_THOUGHT.format("deepseek_r1"),
     ("minimax_m2", "named", None): OPEN_THOUGHT.format("minimax"),
     ("minimax_m2", "required", None): OPEN_THOUGHT.format("minimax"),
-    # Not smg's fault alone: its required constraint is a JSON array without maxItems (parallel_tool_calls=false
-    # too), the random model never closes it, and the truncated array parses to no call (streamed, the items do).
-    ("qwen3", "required", False): ("seen: the random model never closes smg 1.13's required-call array (no "
-                                   "maxItems, even with parallel_tool_calls=false); cut at max_tokens, it parses to "
-                                   "no call"),
 }
+# smg 1.13 reads a required call back from the JSON array it forced (not with the family's parser); an array that
+# max_tokens cuts is read wrong (issue 54 item 5). Strict xfails: a fixed smg shows as XPASS.
+CUT_CALL_STREAMED = ("seen: smg 1.13 streams a required call that max_tokens cut as a call, its arguments completed "
+                     "by a partial-JSON parser ({\"city\": \"<the cut text>\"}, or null, or \"u\": null for a cut key)")
+CUT_ARRAY_UNSTREAMED = ("seen: smg 1.13 parses a required-call array that max_tokens cut to no call at all: the whole "
+                        "calls before the cut are lost, the array comes back as content")
 
 
 def _expect(request, name: str, case: str, stream: bool) -> None:
@@ -93,6 +94,12 @@ def family_server(family_checkpoint):
         srv.wait_for_line(r"moelink: OpenAI API on ", 30, "the OpenAI API line")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
         yield name, fam, client, Tokenizer.from_dir(path)
+        # SIGTERM after grammars compiled, once per family: a clean stop, nothing printed after it (issue 54 item
+        # 8: `OSError: [Errno 9] Bad file descriptor` from grammar_forks.py after "server stopped", 2 runs in 5).
+        rc = srv.stop()
+        logs = srv.logs()
+        stopped = logs[logs.find("draining:"):] if "draining:" in logs else logs
+        assert rc == 0 and "Traceback" not in stopped and "Bad file descriptor" not in logs, (rc, logs[-3000:])
     finally:
         srv.stop()
         srv.close()
@@ -100,7 +107,8 @@ def family_server(family_checkpoint):
 
 def _chat(client, stream: bool, **kw):
     body = dict(model=SERVED, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-                temperature=0, max_tokens=200, stream=stream, **kw)
+                temperature=0, max_tokens=200, stream=stream)
+    body.update(kw)
     if not stream:
         out = client.chat.completions.create(**body)
         return out.choices[0].message.tool_calls or [], out.choices[0].finish_reason, out.choices[0].message
@@ -163,12 +171,51 @@ def test_a_named_tool_choice_is_forced_and_parsed(family_server, stream, request
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_required_tool_choice_is_forced_and_parsed(family_server, stream, request):
+    """With parallel_tool_calls: false, one call, whole (issue 54 item 5): smg 1.13 forces an array of calls
+    without maxItems, which the random model never closed (not streamed: no call, the cut array as content). The
+    engine closes smg's array after one call for such a request (engine/server/tool_calls.py)."""
     name, fam, client, _ = family_server
     _expect(request, name, "required", stream)
     calls, finish, message = _chat(client, stream, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
-    # The random model may go on calling (a JSON array it never closes: length); each call is still the schema's.
-    assert calls and all(_schema_call(c) for c in calls), (calls, message)
-    assert finish in ("tool_calls", "stop", "length")
+    if fam.tool_call_parser == "kimik2":  # a structural tag (free text may follow the tagged call): not an array
+        assert calls and all(_schema_call(c) for c in calls), (calls, message)
+        assert finish in ("tool_calls", "stop", "length")
+        return
+    assert len(calls) == 1 and _schema_call(calls[0]), (calls, message)
+    assert finish == "tool_calls", (finish, message)
+
+
+def _json_array_family(fam) -> None:
+    if fam.tool_call_parser != "qwen":
+        pytest.skip("one family shows how smg reads a cut array of required calls (Qwen3's: a JSON array, no thought)")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_required_call_cut_by_max_tokens_is_no_call(family_server, stream, request):
+    """A call the model did not finish is no call (not streamed: none, the cut array as content; streamed, smg 1.13
+    sends it with its arguments cut)."""
+    name, fam, client, _ = family_server
+    _json_array_family(fam)
+    if stream:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CUT_CALL_STREAMED))
+    free = [{"type": "function", "function": {**TOOLS[0]["function"], "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+        "required": ["city"]}}}]
+    # The random model writes the city until max_tokens: the first call is cut inside its arguments.
+    calls, finish, _ = _chat(client, stream, tools=free, tool_choice="required", max_tokens=60)
+    assert (calls, finish) == ([], "length"), (calls, finish)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_calls_before_the_cut_are_returned(family_server, stream, request):
+    """parallel_tool_calls left true: the random model calls until max_tokens cuts a call; the whole ones before the
+    cut are calls (streamed, smg 1.13 sends the first; not streamed, none)."""
+    name, fam, client, _ = family_server
+    _json_array_family(fam)
+    if not stream:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CUT_ARRAY_UNSTREAMED))
+    calls, finish, message = _chat(client, stream, tools=TOOLS, tool_choice="required", max_tokens=60)
+    assert finish == "length" and calls and all(_schema_call(c) for c in calls), (calls, finish, message)
 
 
 @pytest.mark.parametrize("stream", [False, True])
