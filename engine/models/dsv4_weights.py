@@ -158,7 +158,9 @@ def published_linear_plan(linear: Linear, name: str, file_block_rows: int | None
                                  f"{want} from config.json and weight_block_size.")
             return s_NbKb.to(torch.float32).repeat_interleave(repeat, dim=0)[skip:skip + rows]
 
-        dest, idx = Rearranged(dest[idx] if idx else dest, finer), ()
+        # load_format="dummy" makes the file's coarse rows (float32: the loader reads ue8m0 into float32 anyway)
+        dest, idx = Rearranged(dest[idx] if idx else dest, finer,
+                               source=((-(-(skip + rows) // repeat), cols), torch.float32)), ()
     plan[name[: -len(".weight")] + ".scale"] = PlanEntry(dest, idx, source)
     return plan
 

@@ -48,11 +48,13 @@ from moelink.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from moelink.kernels.mxfp4 import FP4_MAX, SCALE_BIAS
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.expert_weights import QuantizeOnLoad
+from moelink.moe.expert_weights_dsv4 import PackedBytes
 from moelink.moe.expert_weights_int4 import Repack
-from moelink.moe.weight_plan import PlanEntry
+from moelink.moe.weight_plan import PlanEntry, Rearranged
 
 from ..config.model import ModelConfig
 from ..models import MoEDecoderForCausalLM, arch_spec, make_mtp_layer
+from ..models.dsv4_decoder import DeepseekV4ForCausalLM
 
 WEIGHT_RANGE = 0.02  # float weights uniform in [-0.02, 0.02] (module docstring: why not vLLM's 1e-3)
 BIAS_RANGE = 1e-3  # biases and sinks: vLLM's range
@@ -68,10 +70,12 @@ def tensor_seed(name: str) -> int:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A checkpoint tensor's shape and dtype, as the files would hold it."""
+    """A checkpoint tensor's shape and dtype, as the files would hold it; an integer table of ids (DeepSeek-V4's
+    hash-routing `gate.tid2eid`) also the number of ids its rows draw from (`ids`)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    ids: int | None = None
 
 
 def checkpoint_shape(read_shape: tuple[int, ...], src_idx: tuple) -> tuple[int, ...]:
@@ -104,10 +108,19 @@ def checkpoint_shape(read_shape: tuple[int, ...], src_idx: tuple) -> tuple[int, 
 
 def _spec(entry: PlanEntry, cfg: ModelConfig) -> TensorSpec:
     param, idx, source = entry
+    if isinstance(param, torch.Tensor) and param.dtype == torch.long:  # V4's token-id -> expert table
+        return TensorSpec(checkpoint_shape(tuple((param[idx] if idx else param).shape), source), param.dtype,
+                          ids=cfg.num_experts)
     if isinstance(param, QuantizeOnLoad):  # online FP8: the checkpoint is float, quantized as it loads
         dest, dtype = param.weight, cfg.dtype
     elif isinstance(param, Repack):  # INT4 tensors rewritten as they load: the checkpoint's own shape and dtype
         return TensorSpec(*param.source)
+    elif isinstance(param, PackedBytes):  # V4's FP4 experts: [N, K/2] e2m1 pairs or [N, K/32] E8M0 scales, as bytes
+        return TensorSpec((param.dest.shape[0], param.dest[0].numel()), torch.uint8)
+    elif isinstance(param, Rearranged):
+        if param.source is not None:  # a tensor the plan reshapes after the read (V4's wo_a scales)
+            return TensorSpec(*param.source)
+        dest, dtype = param.dest, param.dest.dtype
     else:
         dest, dtype = param, param.dtype
     read = dest[idx] if idx else dest
@@ -119,11 +132,14 @@ def random_tensor(name: str, spec: TensorSpec, device: torch.device) -> torch.Te
     gen = torch.Generator(device=device)
     gen.manual_seed(tensor_seed(name))
     shape, dtype = spec.shape, spec.dtype
-    if dtype == torch.uint8:  # MXFP4: E8M0 scales, or e2m1 pairs (any byte is two valid codes)
-        low, high = (_E8M0_LOW, _E8M0_HIGH + 1) if name.endswith("_scales") else (0, 256)
+    if dtype == torch.uint8:  # MXFP4 / V4's FP4: E8M0 scales, or e2m1 pairs (any byte is two valid codes)
+        low, high = (_E8M0_LOW, _E8M0_HIGH + 1) if name.endswith(("_scales", ".scale")) else (0, 256)
         return torch.randint(low, high, shape, dtype=dtype, device=device, generator=gen)
     if dtype == torch.int32:  # INT4 words (every nibble a valid value) and packed zero points
         return torch.randint(-(2**31), 2**31 - 1, shape, dtype=dtype, device=device, generator=gen)
+    if spec.ids is not None:  # V4's hash routing: each token's k distinct experts, at random
+        order = torch.rand(*shape[:-1], spec.ids, device=device, generator=gen).argsort(dim=-1)
+        return order[..., : shape[-1]].to(dtype)
     if name.endswith((".weight_scale", ".scales")) and dtype != FP8_DTYPE:  # INT4 group scales: |(u - z) s| < 16 s
         x = torch.empty(shape, dtype=torch.float32, device=device).uniform_(0.5, 1.0, generator=gen)
         return x.mul_(WEIGHT_RANGE / 8).to(dtype)
@@ -137,12 +153,12 @@ def random_tensor(name: str, spec: TensorSpec, device: torch.device) -> torch.Te
         return torch.full(shape, WEIGHT_RANGE / (FP4_MAX * FP8_MAX), dtype=dtype, device=device)
     if name.endswith(".input_scale"):
         return torch.ones(shape, dtype=dtype, device=device)
-    if name.endswith("_scale_inv"):  # FP8 block scales: positive, finite, dequantizing into the float range
+    if name.endswith(("_scale_inv", ".scale")):  # FP8 block scales (V4's `.scale` too): positive, into float range
         x = torch.empty(shape, dtype=dtype, device=device).uniform_(0.5, 1.0, generator=gen)
         return x.mul_(WEIGHT_RANGE / FP8_MAX)
     if name.removesuffix(".weight").endswith("norm"):  # RMSNorm weights (layernorm, q_norm, kv_a_layernorm, ...)
         return torch.ones(shape, dtype=dtype, device=device)
-    r = BIAS_RANGE if name.endswith(("bias", "sinks")) else WEIGHT_RANGE
+    r = BIAS_RANGE if name.endswith(("bias", "sinks", "attn_sink")) else WEIGHT_RANGE
     return torch.empty(shape, dtype=dtype, device=device).uniform_(-r, r, generator=gen)
 
 
@@ -160,7 +176,8 @@ class DummyCheckpoint:
         plan of the model built at one rank on the meta device; with `mtp_layers`, the first MTP modules' too
         (engine/models/mtp.py; sharing the main embedding and head, as a checkpoint without copies does)."""
         meta, spec = torch.device("meta"), arch_spec(cfg.architecture)
-        shapes_only = MoEDecoderForCausalLM(cfg, spec, ReferenceKernels(), meta)
+        model_cls = DeepseekV4ForCausalLM if spec.attention == "dsv4" else MoEDecoderForCausalLM
+        shapes_only = model_cls(cfg, spec, ReferenceKernels(), meta)
         plan = shapes_only.weight_plan(None)
         for i in range(mtp_layers):
             plan.update(make_mtp_layer(cfg, spec, i, ReferenceKernels(), meta, embed_tokens=shapes_only.embed_tokens,

@@ -135,9 +135,6 @@ def open_checkpoint(cfg: ModelConfig, load_format: str, device: torch.device,
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is invalid: choose from {', '.join(map(repr, LOAD_FORMATS))}.")
     if load_format == "dummy":
-        if arch_spec(cfg.architecture).attention == "dsv4":  # its hash table needs valid expert ids, not noise
-            raise ValueError(f"load_format='dummy' is not supported for {cfg.architecture} yet: load its checkpoint "
-                             "(load_format='auto').")
         return DummyCheckpoint.for_model(cfg, device, mtp_layers)
     return SafetensorsCheckpoint(cfg.model if model_dir is None else model_dir, cfg.text_weights_prefix)
 

@@ -5,8 +5,10 @@ directory that `transformers` loads with no missing or unexpected weights
 (so it is the test oracle for our model code) and that our loader reads like
 any downloaded checkpoint. Qwen3-MoE and Mixtral files are written here;
 DeepSeek-V3, DeepSeek-V2 and GLM-4-MoE are built and saved by transformers
-itself (tiny_hf_model.py). Everything is seeded, so the same arguments give
-byte-identical files.
+itself (tiny_hf_model.py), and every other family moelink serves from the test
+suite's presets (tiny_families.py). `format` rewrites the float checkpoint in a
+quantized format (tiny_archs.py lists which arch takes which). Everything is
+seeded, so the same arguments give byte-identical files.
 
 Shape legend: V vocab, D hidden, E experts, I expert (or dense MLP) width,
 H query heads, K kv heads, Dh head dim.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
@@ -24,11 +27,19 @@ from safetensors.torch import save_file
 from .file_modes import umask_mode
 from .tiny_corpus import (CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, SPECIAL_TOKENS,  # noqa: F401 (re-exported)
                           train_tiny_tokenizer, write_tokenizer_configs)
+from . import tiny_archs
+from .tiny_formats import FP8_BLOCK, INT4_GROUPS
 from .tiny_hf_model import HF_ARCHS, build_hf_config, write_generation_config, write_hf_model
 
-ARCHS = ("qwen3_moe", "mixtral") + tuple(HF_ARCHS)
+ARCHS = tuple(tiny_archs.ARCHS)  # qwen3_moe, mixtral, deepseek_v3, ... (`moelink make-tiny-model --list`)
+FORMATS = tuple(tiny_archs.FORMATS)
 _MLA_ARCHS = ("deepseek_v3", "deepseek_v2")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# make_tiny_model's sizes for the archs it sizes itself (tiny_archs.SIZED); None in its signature means these.
+SIZE_DEFAULTS = dict(num_layers=2, hidden_size=64, num_experts=8, top_k=2, num_heads=4, num_kv_heads=2,
+                     moe_intermediate_size=32, vocab_size=512, max_position_embeddings=1024, rope_theta=10000.0)
+# Of those, what a preset family (tiny_archs.PRESETS) takes: its other fields go through `extra`.
+_PRESET_ARGS = ("vocab_size", "max_position_embeddings")
 MIN_VOCAB_SIZE = 300  # 256 byte tokens + specials + a few merges
 
 # Init gains (std = gain / sqrt(fan_in)). Found by checking greedy
@@ -117,19 +128,20 @@ def make_tiny_model(
     out_dir: Union[str, Path],
     arch: str = "qwen3_moe",
     *,
-    num_layers: int = 2,
-    hidden_size: int = 64,
-    num_experts: int = 8,
-    top_k: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
+    format: Optional[str] = None,
+    num_layers: Optional[int] = None,
+    hidden_size: Optional[int] = None,
+    num_experts: Optional[int] = None,
+    top_k: Optional[int] = None,
+    num_heads: Optional[int] = None,
+    num_kv_heads: Optional[int] = None,
     head_dim: Optional[int] = None,
-    moe_intermediate_size: int = 32,
+    moe_intermediate_size: Optional[int] = None,
     intermediate_size: Optional[int] = None,
-    vocab_size: int = 512,
-    max_position_embeddings: int = 1024,
+    vocab_size: Optional[int] = None,
+    max_position_embeddings: Optional[int] = None,
     norm_topk_prob: Optional[bool] = None,
-    rope_theta: float = 10000.0,
+    rope_theta: Optional[float] = None,
     seed: int = 0,
     init_std: Optional[float] = None,
     dtype: str = "float32",
@@ -137,10 +149,21 @@ def make_tiny_model(
     mlp_only_layers: Sequence[int] = (),
     decoder_sparse_step: int = 1,
     extra: Optional[Mapping] = None,
+    int4_group: int = 32,
+    int4_zero_point: bool = False,
+    fp8_block: tuple[int, int] = FP8_BLOCK,
 ) -> Path:
-    """Write a random `arch` checkpoint with a trained byte-level BPE tokenizer; return its directory.
+    """Write a random `arch` checkpoint in `format` with a trained byte-level BPE tokenizer; return its directory.
 
-    arch: qwen3_moe, mixtral, deepseek_v3, deepseek_v2 or glm4_moe.
+    arch: any of ARCHS (`moelink make-tiny-model --list`: qwen3_moe, mixtral, deepseek_v3, deepseek_v2, glm4_moe,
+        kimi_k2, kimi_k25, deepseek_v32, glm_moe_dsa, qwen3_next, qwen3_5_moe, minimax_m2, mimo_v2_flash, gpt_oss,
+        deepseek_v4).
+    format: None is the arch's default (float; int4 for kimi_k2 / kimi_k25); else one of the arch's formats
+        (tiny_archs.ARCHS): fp8, mxfp4, int4, gptq, awq, nvfp4, published (DeepSeek-V4's).
+    The sizes (num_layers .. rope_theta; None: SIZE_DEFAULTS) size qwen3_moe, mixtral, deepseek_v3, deepseek_v2,
+    glm4_moe, kimi_k2 and kimi_k25. The other archs are the test suite's presets (tiny_families.py): `extra` sets any
+    of their config fields as transformers names them (num_hidden_layers with layer_types, hidden_size, ...), and of
+    the sizes only vocab_size and max_position_embeddings apply.
     head_dim: qwen3_moe and glm4_moe (default 16); mixtral uses hidden_size // num_heads; the MLA
         models (deepseek_v3, deepseek_v2) set their widths through `extra`.
     num_kv_heads: GQA models; MLA has one key and value per query head.
@@ -148,17 +171,136 @@ def make_tiny_model(
     moe_intermediate_size: width of each expert (Mixtral calls it intermediate_size).
     intermediate_size: dense-layer MLP width (qwen3_moe: layers in mlp_only_layers or off
         decoder_sparse_step; DeepSeek / GLM: the first_k_dense_replace layers); default 2 * moe_intermediate_size.
-    extra: DeepSeek / GLM only: further config fields as transformers names them (q_lora_rank,
-        kv_lora_rank, n_group, topk_group, n_shared_experts, first_k_dense_replace, rope_parameters, ...);
+    extra: further config fields as transformers names them (DeepSeek / GLM: q_lora_rank, kv_lora_rank, n_group,
+        topk_group, n_shared_experts, first_k_dense_replace, rope_parameters, ...; the presets: any field);
         num_nextn_predict_layers=n appends n MTP layers (deepseek_v3, glm4_moe: tiny_hf_model.add_mtp_layers).
     init_std: None scales each matrix by 1/sqrt(fan_in); a number uses that std everywhere.
     max_shard_size: bytes; above it the weights go to model-0000x-of-0000N.safetensors
         plus model.safetensors.index.json.
+    int4_group, int4_zero_point: the INT4 formats' group (32, 64 or 128; hidden and expert widths follow it where
+        not given) and zero points (asymmetric; awq always has them). fp8_block: the FP8 format's block.
     """
-    args = dict(locals())
-    args.pop("out_dir")
-    args["mlp_only_layers"] = tuple(mlp_only_layers)
-    _validate(args)
+    if arch not in ARCHS:
+        _fail("arch", arch, f"must be one of {', '.join(ARCHS)}")
+    fmt = tiny_archs.default_format(arch) if format is None else format
+    tiny_archs.check_format(arch, fmt)
+    if fmt in ("int4", "gptq", "awq") and int4_group not in INT4_GROUPS:
+        _fail("int4_group", int4_group, f"must be one of {', '.join(map(str, INT4_GROUPS))}")
+    if fmt == "fp8" and not (len(fp8_block) == 2 and all(isinstance(b, int) and b > 0 for b in fp8_block)):
+        _fail("fp8_block", fp8_block, "must be two positive integers (rows, columns)")
+    sizes = dict(num_layers=num_layers, hidden_size=hidden_size, num_experts=num_experts, top_k=top_k,
+                 num_heads=num_heads, num_kv_heads=num_kv_heads, moe_intermediate_size=moe_intermediate_size,
+                 vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, rope_theta=rope_theta)
+    out = Path(out_dir)
+    if arch in tiny_archs.PRESETS:
+        others = dict(head_dim=head_dim, intermediate_size=intermediate_size, norm_topk_prob=norm_topk_prob,
+                      init_std=init_std, **{k: v for k, v in sizes.items() if k not in _PRESET_ARGS})
+        for name, value in others.items():
+            if value is not None:
+                _fail(name, value, f"applies to {', '.join(tiny_archs.SIZED)} only: set {arch}'s config fields "
+                                   f"through extra (--set FIELD=VALUE, as transformers names them)")
+        if tuple(mlp_only_layers) or decoder_sparse_step != 1:
+            _fail("mlp_only_layers", list(mlp_only_layers), f"applies to qwen3_moe only (for {arch}: extra)")
+        return _make_preset(out, arch, fmt, seed=seed, dtype=dtype, max_shard_size=max_shard_size,
+                            overrides={k: sizes[k] for k in _PRESET_ARGS if sizes[k] is not None},
+                            extra=extra, int4_group=int4_group, int4_zero_point=int4_zero_point, fp8_block=fp8_block)
+    if fmt in ("int4", "gptq", "awq"):  # INT4's reduction dims (hidden, expert width) a multiple of the group
+        for name in ("hidden_size", "moe_intermediate_size"):
+            if sizes[name] is None:
+                sizes[name] = max(SIZE_DEFAULTS[name], int4_group)
+    sizes = {k: SIZE_DEFAULTS[k] if v is None else v for k, v in sizes.items()}
+    base = tiny_archs.SIZED[arch]
+    kwargs = dict(sizes, head_dim=head_dim, intermediate_size=intermediate_size, norm_topk_prob=norm_topk_prob,
+                  seed=seed, init_std=init_std, dtype=dtype, max_shard_size=max_shard_size,
+                  mlp_only_layers=tuple(mlp_only_layers), decoder_sparse_step=decoder_sparse_step, extra=extra)
+    _validate(dict(kwargs, arch=base))
+    if fmt == "float" and arch == base:
+        return _write_sized(out, base, **kwargs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        src = _write_sized(Path(tmp) / "float", base, **kwargs)
+        if arch in ("kimi_k2", "kimi_k25"):
+            tiny_archs.set_model_type(src, "kimi_k2")
+        out.mkdir(parents=True, exist_ok=True)
+        tiny_archs.convert(src, out, arch, fmt, int4_group=int4_group, int4_symmetric=not int4_zero_point,
+                           fp8_block=fp8_block)
+    return out
+
+
+def _make_preset(out: Path, arch: str, fmt: str, *, seed: int, dtype: str, max_shard_size: Optional[int],
+                 overrides: dict, extra: Optional[Mapping], int4_group: int, int4_zero_point: bool,
+                 fp8_block: tuple[int, int]) -> Path:
+    """A preset family (tiny_families.py) in `fmt`: its config, the format's sizes, `overrides`, `extra` on top;
+    bos / eos / pad the tokenizer's <|endoftext|> and generation_config.json's stops it and <|im_end|>."""
+    if dtype not in DTYPES:
+        _fail("dtype", dtype, f"must be one of {', '.join(DTYPES)}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        _fail("seed", seed, "must be an integer")
+    if max_shard_size is not None:
+        _pos_int("max_shard_size", max_shard_size)
+        if fmt == "published":
+            _fail("max_shard_size", max_shard_size, "applies to deepseek_v4's float format only (its published "
+                                                    "format is written as one file)")
+    for name, value in overrides.items():
+        _pos_int(name, value)
+    if overrides.get("vocab_size", MIN_VOCAB_SIZE) < MIN_VOCAB_SIZE:
+        _fail("vocab_size", overrides["vocab_size"], f"must be an integer >= {MIN_VOCAB_SIZE} (256 byte tokens + "
+                                                     "specials)")
+    fields = {**tiny_archs.format_overrides(arch, fmt, int4_group), **overrides, **dict(extra or {})}
+    eos_id, im_end_id = SPECIAL_TOKENS.index(EOS_TOKEN), SPECIAL_TOKENS.index(IM_END)  # trained first: ids 0, 1, 2
+    # Not pad_token_id: transformers zeroes the embedding row of the padding id, a token whose hidden state is then
+    # 0 (DSA's index keys of it all tie); generation_config.json names the pad id instead.
+    fields = {"bos_token_id": eos_id, "eos_token_id": eos_id, **fields}
+
+    def write(dst: Path) -> Path:
+        try:
+            tiny_archs.write_preset(dst, arch, seed=seed, dtype=DTYPES[dtype], fmt=fmt, overrides=fields)
+        except (TypeError, ValueError) as e:  # transformers' config classes name the bad field themselves
+            if "make_tiny_model" in str(e):
+                raise
+            raise ValueError(f"make_tiny_model: transformers refused {arch}'s config: {e}") from None
+        write_generation_config(dst, [eos_id, im_end_id], eos_id)
+        if max_shard_size is not None:
+            _reshard(dst, max_shard_size)
+        return dst
+
+    if fmt == "float":
+        return write(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        src = write(Path(tmp) / "float")
+        out.mkdir(parents=True, exist_ok=True)
+        tiny_archs.convert(src, out, arch, fmt, int4_group=int4_group, int4_symmetric=not int4_zero_point,
+                           fp8_block=fp8_block)
+    return out
+
+
+def _write_sized(
+    out: Path,
+    arch: str,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_experts: int,
+    top_k: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: Optional[int],
+    moe_intermediate_size: int,
+    intermediate_size: Optional[int],
+    vocab_size: int,
+    max_position_embeddings: int,
+    norm_topk_prob: Optional[bool],
+    rope_theta: float,
+    seed: int,
+    init_std: Optional[float],
+    dtype: str,
+    max_shard_size: Optional[int],
+    mlp_only_layers: Sequence[int],
+    decoder_sparse_step: int,
+    extra: Optional[Mapping],
+) -> Path:
+    """qwen3_moe and mixtral written here, deepseek_v3 / deepseek_v2 / glm4_moe by tiny_hf_model.py, in float."""
     if norm_topk_prob is None:
         norm_topk_prob = arch != "deepseek_v2"
     if arch == "mixtral":
@@ -180,7 +322,7 @@ def make_tiny_model(
         if arch == "glm4_moe":  # rope_parameters given whole: GLM's partial rotary default goes in with it
             common["rope_parameters"]["partial_rotary_factor"] = 0.5
         build_hf_config(arch, common, extra)  # transformers' checks, before anything is written
-    out = Path(out_dir)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = train_tiny_tokenizer(vocab_size)
@@ -226,6 +368,19 @@ def make_tiny_model(
     tensors = _random_weights(shapes, seed=seed, init_std=init_std, dtype=DTYPES[dtype])
     _save_weights(out, tensors, max_shard_size)
     return out
+
+
+def _reshard(out: Path, max_shard_size: int) -> None:
+    """save_pretrained's file(s) split into shards of at most `max_shard_size` bytes (this module's own layout)."""
+    from safetensors.torch import load_file
+
+    files = sorted(out.glob("*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    for f in files:
+        f.unlink()
+    _save_weights(out, tensors, max_shard_size)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -331,32 +486,47 @@ def _save_weights(out: Path, tensors: dict[str, torch.Tensor], max_shard_size: O
 
 def register_cli(subparsers) -> None:
     """Add `make-tiny-model OUT ...` to an argparse subparsers object."""
-    p = subparsers.add_parser("make-tiny-model", help="write a tiny random MoE checkpoint (for tests and demos)",
-                              description=make_tiny_model.__doc__)
-    p.add_argument("out", help="output directory")
-    p.add_argument("--arch", choices=ARCHS, default="qwen3_moe")
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--num-kv-heads", type=int, default=2)
+    import argparse
+
+    p = subparsers.add_parser("make-tiny-model", help="write a tiny random MoE checkpoint of any family moelink serves, "
+                              "in any format it reads (for tests and demos; --list names them)",
+                              description=make_tiny_model.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", nargs="?", help="output directory")
+    p.add_argument("--list", action="store_true", help="print every arch and format (which arch takes which) and exit")
+    p.add_argument("--arch", choices=ARCHS, default="qwen3_moe", metavar="ARCH",
+                   help=f"one of {', '.join(ARCHS)} (default: %(default)s)")
+    p.add_argument("--format", choices=FORMATS, default=None, metavar="FORMAT",
+                   help=f"one of {', '.join(FORMATS)} (default: the arch's first in --list: float; int4 for kimi_k2 "
+                        "and kimi_k25)")
+    size = "default %s; qwen3_moe, mixtral, deepseek_v3, deepseek_v2, glm4_moe, kimi_k2, kimi_k25 (others: --set)"
+    p.add_argument("--num-layers", type=int, default=None, help=size % SIZE_DEFAULTS["num_layers"])
+    p.add_argument("--hidden-size", type=int, default=None, help=size % SIZE_DEFAULTS["hidden_size"])
+    p.add_argument("--num-experts", type=int, default=None, help=size % SIZE_DEFAULTS["num_experts"])
+    p.add_argument("--top-k", type=int, default=None, help=size % SIZE_DEFAULTS["top_k"])
+    p.add_argument("--num-heads", type=int, default=None, help=size % SIZE_DEFAULTS["num_heads"])
+    p.add_argument("--num-kv-heads", type=int, default=None, help=size % SIZE_DEFAULTS["num_kv_heads"])
     p.add_argument("--head-dim", type=int, default=None, help="qwen3_moe and glm4_moe (default 16)")
-    p.add_argument("--moe-intermediate-size", type=int, default=32, help="width of each expert")
+    p.add_argument("--moe-intermediate-size", type=int, default=None,
+                   help="width of each expert; " + size % SIZE_DEFAULTS["moe_intermediate_size"])
     p.add_argument("--intermediate-size", type=int, default=None, help="dense-layer MLP width")
     p.add_argument("--mlp-only-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                    help="qwen3_moe: comma-separated dense layer indices")
     p.add_argument("--decoder-sparse-step", type=int, default=1)
-    p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--max-position-embeddings", type=int, default=1024)
-    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--vocab-size", type=int, default=None, help="default 512 (the presets: 400)")
+    p.add_argument("--max-position-embeddings", type=int, default=None, help="default 1024 (the presets: 512)")
+    p.add_argument("--rope-theta", type=float, default=None, help=size % SIZE_DEFAULTS["rope_theta"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-std", type=float, default=None)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--max-shard-size", type=int, default=None, help="bytes per safetensors shard")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="FIELD=VALUE", type=_field_value,
-                   help="deepseek_v3 / deepseek_v2 / glm4_moe: a further config field as transformers names it, "
-                        "VALUE as JSON (e.g. --set q_lora_rank=null --set n_group=4); repeatable")
+                   help="a further config field as transformers names it, VALUE as JSON (e.g. --set "
+                        "q_lora_rank=null --set n_group=4; for the preset archs any field, e.g. --set "
+                        "num_experts=8); repeatable; not for qwen3_moe / mixtral")
+    p.add_argument("--int4-group", type=int, default=32, help="int4 / gptq / awq: the group (32, 64 or 128)")
+    p.add_argument("--int4-zero-point", action="store_true", help="int4 / gptq: asymmetric, with zero points")
+    p.add_argument("--fp8-block", type=int, nargs=2, default=list(FP8_BLOCK), metavar=("BN", "BK"),
+                   help="fp8: the block (default %(default)s at these sizes)")
     p.set_defaults(func=_run_cli)
 
 
@@ -373,13 +543,19 @@ def _field_value(text: str) -> tuple[str, object]:
 
 
 def _run_cli(args) -> None:
+    if args.list:
+        print(tiny_archs.listing())
+        return
+    if args.out is None:
+        raise ValueError("make-tiny-model needs OUT, the output directory (or --list).")
     path = make_tiny_model(
-        args.out, args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
+        args.out, args.arch, format=args.format, num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_experts=args.num_experts, top_k=args.top_k, num_heads=args.num_heads,
         num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
         moe_intermediate_size=args.moe_intermediate_size, intermediate_size=args.intermediate_size,
         mlp_only_layers=args.mlp_only_layers, decoder_sparse_step=args.decoder_sparse_step,
         vocab_size=args.vocab_size, max_position_embeddings=args.max_position_embeddings,
         rope_theta=args.rope_theta, seed=args.seed, init_std=args.init_std, dtype=args.dtype,
-        max_shard_size=args.max_shard_size, extra=dict(args.extra))
+        max_shard_size=args.max_shard_size, extra=dict(args.extra), int4_group=args.int4_group,
+        int4_zero_point=args.int4_zero_point, fp8_block=tuple(args.fp8_block))
     print(path)

@@ -28,6 +28,7 @@ from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.layer import ExpertParallel
 from moelink.moe.placement import ExpertPlacement
 
+from tests.helpers.dsv4_checkpoint import dsv4_config
 from tests.helpers.fp8_checkpoints import BLOCK, FP8_TINY
 from tests.helpers.gpt_oss_checkpoints import gpt_oss_config
 from tests.helpers.hf_checkpoints import hf_config
@@ -37,6 +38,9 @@ pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collec
 CPU = torch.device("cpu")
 FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
 MXFP4_QUANT = {"quant_method": "mxfp4", "modules_to_not_convert": MODULES_NOT_CONVERTED}
+# DeepSeek-V4 as published: FP8 linears with ue8m0 block scales (16 x 16 here), FP4 experts (config.json's expert_dtype)
+DSV4_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "ue8m0",
+              "weight_block_size": list(BLOCK)}
 
 
 def _write_config(out: Path, cfg, quant: dict | None = None) -> str:
@@ -63,7 +67,8 @@ def _fp8_config(name: str):
 
 
 # case -> (config source, quantization_config, EngineArgs extras). Every architecture of the tiny checkpoints,
-# gpt-oss float and MXFP4, FP8 checkpoints (GQA and MLA with its interleaved rope) and online FP8.
+# gpt-oss float and MXFP4, FP8 checkpoints (GQA and MLA with its interleaved rope), online FP8, and DeepSeek-V4 float
+# and as published (its hash-routed layers' token-id table: random distinct expert ids a row).
 CASES = {
     "qwen3_moe": (lambda tm: tm("qwen3_e6k3"), None, {}),
     "qwen3_dense_layer": (lambda tm: tm("qwen3_e8k2_dense1"), None, {}),
@@ -77,6 +82,8 @@ CASES = {
     "qwen3_fp8": (lambda tm: _fp8_config("qwen3_fp8"), FP8_QUANT, {}),
     "deepseek_v3_fp8": (lambda tm: _fp8_config("dsv3_fp8"), FP8_QUANT, {}),
     "qwen3_online_fp8": (lambda tm: tm("qwen3_e6k3"), None, {"quantization": "fp8", "fp8_block_size": [16, 16]}),
+    "deepseek_v4": (lambda tm: dsv4_config(), None, {}),
+    "deepseek_v4_published": (lambda tm: dsv4_config(moe_intermediate_size=32, expert_dtype="fp4"), DSV4_QUANT, {}),
 }
 
 
@@ -137,7 +144,8 @@ def test_generates_from_config_json_alone(config_dir, no_safetensors, case):
     assert runs[0][0][0] != runs[0][1][0]  # the prompts lead to different tokens: the layers count
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe", "deepseek_v3_fp8", "gpt_oss", "gpt_oss_mxfp4", "qwen3_online_fp8"])
+@pytest.mark.parametrize("case", ["qwen3_moe", "deepseek_v3_fp8", "gpt_oss", "gpt_oss_mxfp4", "qwen3_online_fp8",
+                                  "deepseek_v4"])
 def test_weights_are_random_in_the_plans_shapes(config_dir, no_safetensors, case):
     path, extra = config_dir(case)
     cfg = ModelConfig.from_pretrained(path, "float32", quantization=extra.get("quantization"),
@@ -207,7 +215,7 @@ def test_checkpoint_shape_reads_the_index_back():
 
 
 @pytest.mark.parametrize("case,ep", [("qwen3_moe", 3), ("gpt_oss", 2), ("gpt_oss_mxfp4", 3), ("deepseek_v3_fp8", 2),
-                                     ("qwen3_online_fp8", 2)])
+                                     ("qwen3_online_fp8", 2), ("deepseek_v4", 2), ("deepseek_v4_published", 3)])
 def test_each_rank_holds_the_single_ranks_experts(config_dir, no_safetensors, case, ep):
     path, extra = config_dir(case)
     cfg = ModelConfig.from_pretrained(path, "float32", quantization=extra.get("quantization"),
@@ -228,10 +236,55 @@ def test_each_rank_holds_the_single_ranks_experts(config_dir, no_safetensors, ca
                     assert torch.equal(p.view(torch.uint8) if p.dtype == FP8_DTYPE else p,
                                        ref.view(torch.uint8) if ref.dtype == FP8_DTYPE else ref), (rank, i, pname)
                     compared.add(pname)
-        assert {"w13_EFD", "w2_EDI"} <= compared or {"w13_blocks_EFSQ", "w13_scales_EFS", "b13_EF"} <= compared
+        assert {"w13_EFD", "w2_EDI"} <= compared or {"w13_blocks_EFSQ", "w13_scales_EFS", "w2_blocks_EDSQ"} <= compared
+        assert case != "gpt_oss_mxfp4" or "b13_EF" in compared
         assert "fp8" not in case or {"w13_scale_inv_EFD", "w2_scale_inv_EDI"} <= compared
         # Everything else (attention, router, embeddings) is the same tensor on every rank.
         torch.testing.assert_close(model.embed_tokens, whole.embed_tokens, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["float", "published"])
+def test_dsv4_dummy_checkpoint_has_the_real_checkpoints_tensors(tmp_path, fmt):
+    """DeepSeek-V4 from config.json alone (refused before issue 54): the tensors DummyCheckpoint makes are those of the
+    checkpoint `moelink make-tiny-model --arch deepseek_v4 [--format published]` writes, name for name (DeepSeek's
+    published names mapped back to transformers'), shape for shape, in the loader's dtypes (FP4 experts and their
+    E8M0 scales as bytes, the FP8 linears' ue8m0 scales as the float32 they are read into); the hash-routed layers'
+    token-id table holds top_k distinct valid expert ids per token."""
+    from safetensors import safe_open
+
+    from moelink.engine.models.dsv4_decoder import published_name
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "v4", "deepseek_v4", format=fmt)
+    real = {}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as st:
+        for name in st.keys():
+            real[name] = (tuple(st.get_slice(name).get_shape()), st.get_slice(name).get_dtype())
+    cfg = ModelConfig.from_pretrained(str(path), "float32")
+    checkpoint = DummyCheckpoint.for_model(cfg, CPU)
+    dummy = {published_name(n) if fmt == "published" else n: s for n, s in checkpoint.specs.items()}
+    assert sorted(dummy) == sorted(real)
+    held = {"F32": {torch.float32}, "F8_E4M3": {FP8_DTYPE}, "I8": {torch.uint8}, "F8_E8M0": {torch.uint8, torch.float32},
+            "I64": {torch.long}}
+    for name, (shape, dtype) in real.items():
+        assert dummy[name].shape == shape and dummy[name].dtype in held[dtype], (name, dummy[name], shape, dtype)
+    tables = [n for n in checkpoint.specs if n.endswith("gate.tid2eid")]
+    assert len(tables) == len(cfg.hash_layers) == 2
+    for name in tables:
+        ids = checkpoint.get_tensor(name)
+        assert ids.shape == (cfg.vocab_size, cfg.top_k) and 0 <= int(ids.min()) and int(ids.max()) < cfg.num_experts
+        assert (ids.sort(dim=1).values.diff(dim=1) > 0).all(), "a token's experts are distinct"
+
+
+def test_dsv4_mtp_drafter_loads_dummy_weights(tmp_path, no_safetensors):
+    """V4 with an MTP layer (num_nextn_predict_layers 1) from config.json alone: the drafter's `mtp.0.*` are dummy
+    too, and speculative decoding keeps the greedy tokens of the run without it."""
+    path = _write_config(tmp_path / "v4_mtp", dsv4_config(num_nextn_predict_layers=1))
+    with _dummy_llm(path) as llm:
+        plain = _run(llm)
+    with _dummy_llm(path, speculative_config={"method": "mtp", "num_speculative_tokens": 2}) as llm:
+        spec = _run(llm)
+    assert [ids for ids, _ in spec] == [ids for ids, _ in plain]
 
 
 def test_a_checkpoint_with_weights_is_not_read(tiny_model, no_safetensors, caplog):

@@ -1,4 +1,5 @@
-"""A tiny DeepSeek-V4 checkpoint in the format DeepSeek publishes V4-Flash / V4-Pro in, and its float oracle.
+"""A tiny DeepSeek-V4 checkpoint in the format DeepSeek publishes V4-Flash / V4-Pro in, and its float oracle (the writer
+lives in engine/tools/tiny_formats.py, what `moelink make-tiny-model --arch deepseek_v4 --format published` writes).
 
 From the float checkpoint transformers saved (tests/helpers/dsv4_checkpoint.py), with the format's own rules (those of
 DeepSeek's inference code: `act_quant` / `fp4_act_quant` with ue8m0 scales, and its convert.py's e2m1 table):
@@ -25,87 +26,12 @@ the inputs of the FP8 linears, which moelink runs FP8), and moelink must give it
 """
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 
-from moelink.kernels.mxfp4 import mxfp4_dequantize, mxfp4_quantize
-
-# transformers' modules of the FP8 linears (DeepseekV4ForCausalLM's names; the compressors' kv_proj / gate_proj and the
-# indexer's weights_proj ship in bf16 and stay float)
-HF_FP8_LINEARS = (".self_attn.q_a_proj", ".self_attn.q_b_proj", ".self_attn.kv_proj", ".self_attn.o_a_proj",
-                  ".self_attn.o_b_proj", ".indexer.q_b_proj", ".shared_experts.gate_proj", ".shared_experts.up_proj",
-                  ".shared_experts.down_proj")
-FP8_LINEARS = (".attn.wq_a.", ".attn.wq_b.", ".attn.wkv.", ".attn.wo_a.", ".attn.wo_b.", ".attn.indexer.wq_b.",
-               ".ffn.shared_experts.", ".e_proj.", ".h_proj.")
-E4M3_MAX = 448.0
-
-
-def published(name: str) -> str:
-    """The name DeepSeek's files give a tensor save_pretrained calls `name` (transformers' conversion mapping)."""
-    special = {"model.embed_tokens.weight": "embed.weight", "model.hc_head.hc_fn": "hc_head_fn",
-               "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale"}
-    return special.get(name, name.removeprefix("model.").replace(".attn.norm.weight", ".attn.kv_norm.weight"))
-
-
-def fp8_ue8m0(w_NK: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(e4m3 weight, float8_e8m0fnu scales [ceil(N/Bn), ceil(K/Bk)], the dequantized float64 weight)."""
-    bn, bk = block
-    n, k = w_NK.shape
-    nb, kb = -(-n // bn), -(-k // bk)
-    w = w_NK.to(torch.float64)
-    padded = torch.nn.functional.pad(w, (0, kb * bk - k, 0, nb * bn - n))
-    amax = padded.reshape(nb, bn, kb, bk).abs().amax(dim=(1, 3)).clamp(min=1e-10)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))  # a power of two: exact in e8m0
-    full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
-    wq = (w / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return wq, scale.to(torch.float32).to(torch.float8_e8m0fnu), wq.to(torch.float64) * full
-
-
-def fp4_experts(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(int8 [N, K/2] packed e2m1, float8_e8m0fnu [N, K/32] scales, the dequantized float64 weight)."""
-    blocks_NSQ, scales_NS = mxfp4_quantize(w_NK)
-    n = w_NK.shape[0]
-    return (blocks_NSQ.reshape(n, -1).view(torch.int8), scales_NS.view(torch.float8_e8m0fnu),
-            mxfp4_dequantize(blocks_NSQ, scales_NS, torch.float64))
-
-
-def write_published_dsv4(float_dir: str, out_dir: Path, oracle_dir: Path, block: tuple[int, int] = (16, 16),
-                         expert_dtype: str = "fp4") -> tuple[str, str]:
-    """Write `out_dir` (the published format) and `oracle_dir` (its dequantized float twin); returns both paths."""
-    src = Path(float_dir)
-    (st_file,) = src.glob("*.safetensors")
-    tensors = load_file(str(st_file))
-    out, oracle = {}, {}
-    for name, t in tensors.items():
-        pub = published(name)
-        if ".experts." in name and ".shared_experts." not in name and name.endswith(".weight"):
-            kind = expert_dtype
-        elif any(s in name for s in FP8_LINEARS) and name.endswith(".weight"):
-            kind = "fp8"
-        else:
-            out[pub], oracle[name] = t, t
-            continue
-        if kind == "fp4":
-            q, s, deq = fp4_experts(t)
-        else:
-            q, s, deq = fp8_ue8m0(t, block)
-        out[pub], out[pub[: -len("weight")] + "scale"], oracle[name] = q, s, deq.to(t.dtype)
-    for d in (out_dir, oracle_dir):
-        shutil.copytree(src, d)
-        (Path(d) / st_file.name).unlink()
-    save_file(out, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
-    save_file(oracle, str(Path(oracle_dir) / "model.safetensors"), metadata={"format": "pt"})
-    raw = json.loads((Path(out_dir) / "config.json").read_text())
-    raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                  "scale_fmt": "ue8m0", "weight_block_size": list(block)}
-    if expert_dtype == "fp4":
-        raw["expert_dtype"] = "fp4"
-    (Path(out_dir) / "config.json").write_text(json.dumps(raw, indent=2))
-    return str(out_dir), str(oracle_dir)
+from moelink.engine.tools.tiny_formats import DSV4_FP8_LINEARS as FP8_LINEARS  # noqa: F401
+from moelink.engine.tools.tiny_formats import DSV4_HF_FP8_LINEARS as HF_FP8_LINEARS
+from moelink.engine.tools.tiny_formats import dsv4_published_name as published  # noqa: F401
+from moelink.engine.tools.tiny_formats import E4M3_MAX, fp4_experts, fp8_ue8m0, write_published_dsv4  # noqa: F401
 
 
 def fake_quant_dsv4(oracle_dir: str, block: tuple[int, int]):

@@ -1,4 +1,5 @@
-"""Tiny Qwen3-MoE and DeepSeek-V3 checkpoints for the FP8 tests, built and saved (float64) by transformers.
+"""Tiny Qwen3-MoE and DeepSeek-V3 checkpoints for the FP8 tests, built and saved (float64) by transformers (the
+builder and FP8_TINY live in engine/tools/tiny_families.py), and the oracles of the FP8 tests.
 
 Shapes are chosen for FP8 blocks of 16 x 16 (BLOCK): in the first three every stacked piece starts on a block
 boundary (q 64 / k 32 / v 32; MLA's q_a 32 then kv_a 40; gate / up 16, 48), as in most published checkpoints,
@@ -17,86 +18,14 @@ from pathlib import Path
 
 import torch
 
-VOCAB, MAX_POS = 400, 512
-BLOCK = (16, 16)
-
-FP8_TINY: dict[str, tuple[str, str, dict]] = {
-    "qwen3_fp8": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        hidden_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        moe_intermediate_size=16, intermediate_size=48, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
-        norm_topk_prob=True)),
-    "dsv3_fp8": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
-        hidden_size=40, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32,
-        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=16,
-        n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
-        n_shared_experts=1, routed_scaling_factor=2.5)),
-    # q_proj without q LoRA (its 32 rows stacked before kv_a), biases on kv_a and o, two shared experts.
-    "dsv3_fp8_noq": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
-        hidden_size=40, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=None,
-        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=16,
-        n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
-        n_shared_experts=2, routed_scaling_factor=2.5, attention_bias=True)),
-    # k and v of 24 rows (v starts at 72), experts 20 wide, the dense layer 24 wide.
-    "qwen3_fp8_ragged": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        hidden_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-        moe_intermediate_size=20, intermediate_size=24, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
-        norm_topk_prob=True)),
-    # q_a 24 rows then kv_a (with biases on both), experts and the shared expert 12 wide, the dense layer 40.
-    "dsv3_fp8_ragged": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
-        hidden_size=40, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=24,
-        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=12,
-        n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
-        n_shared_experts=1, routed_scaling_factor=2.5, attention_bias=True)),
-    # DeepSeek-V2-Lite's layout (no q LoRA, group-limited greedy over 9 experts, 2 shared experts, a dense first
-    # layer): the dense layer 56 wide, experts 20, the shared MLP 40.
-    "dsv2_fp8_ragged": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
-        hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=None,
-        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=20,
-        n_routed_experts=9, topk_method="group_limited_greedy", n_group=3, topk_group=1, num_experts_per_tok=3,
-        first_k_dense_replace=1, n_shared_experts=2, routed_scaling_factor=16.0)),
-    # The widths of the issue itself, for 128 x 128 blocks: the dense layer 200 wide (1.56 blocks, as 10944 is
-    # 85.5), experts 160 (V2-Lite-like, 2 shared: 320) and, in the Qwen3 one, 96 with a dense layer of 200.
-    "dsv2_fp8_128": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
-        hidden_size=40, intermediate_size=200, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=None,
-        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=160,
-        n_routed_experts=9, topk_method="group_limited_greedy", n_group=3, topk_group=1, num_experts_per_tok=3,
-        first_k_dense_replace=1, n_shared_experts=2, routed_scaling_factor=16.0)),
-    "qwen3_fp8_128": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        hidden_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        moe_intermediate_size=96, intermediate_size=200, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
-        norm_topk_prob=True)),
-}
+from moelink.engine.tools.tiny_families import FP8_TINY, MAX_POS, VOCAB, save_preset  # noqa: F401
+from moelink.engine.tools.tiny_formats import FP8_BLOCK as BLOCK  # noqa: F401
 
 
 def save_fp8_tiny(out: Path, name: str, seed: int = 0, fused: bool = False) -> str:
-    """transformers' own model on FP8_TINY[name], random norms / biases / correction bias, saved float64 with
-    the tiny tokenizer; `fused`: experts as transformers 5 holds them (experts.gate_up_proj / down_proj)."""
-    import transformers
-
-    from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
-
-    config_cls, model_cls, fields = FP8_TINY[name]
-    cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, max_position_embeddings=MAX_POS, initializer_range=0.1,
-                                             **fields)
-    cfg.architectures = [model_cls]
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(cfg).to(torch.float64)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:  # zeros from transformers' init
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=torch.float64) * 0.1)
-            if type(mod).__name__.endswith("RMSNorm"):
-                mod.weight.add_(torch.randn(mod.weight.shape, generator=g, dtype=torch.float64) * 0.1)
-            bias = getattr(mod, "e_score_correction_bias", None)
-            if bias is not None:
-                bias.copy_(torch.randn(bias.shape, generator=g, dtype=bias.dtype) * 0.05)
-    out = Path(out)
-    model.save_pretrained(out, **({"save_original_format": False} if fused else {}))
-    tok = train_tiny_tokenizer(VOCAB)
-    tok.save(str(out / "tokenizer.json"))
-    write_tokenizer_configs(out, tok, MAX_POS)
-    return str(out)
+    """transformers' own model on FP8_TINY[name] (engine/tools/tiny_families.py), random norms / biases / correction
+    bias, saved float64 with the tiny tokenizer; `fused`: experts as transformers 5 holds them."""
+    return save_preset(out, FP8_TINY[name], seed, fused)
 
 
 def dequantized_copy(fp8_dir: str, out: Path) -> str:

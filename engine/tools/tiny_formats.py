@@ -1,0 +1,402 @@
+"""A float checkpoint rewritten in a quantized format as its publishers write it, with the format's own library or
+rules: the quantized tiny checkpoints of `moelink make-tiny-model --format` and of the tests.
+
+- INT4 W4A16 (`int4_checkpoint`): every routed expert's gate / up / down (scope "experts", Kimi K2 Thinking's
+  recipe), or every projection (scope "all", as community W4A16 releases of Qwen3-MoE do), quantized the way
+  llm-compressor's W4A16 recipe does: scale and zero point from compressed-tensors' `calculate_qparams` over each
+  group's min / max, the packed tensors from its `PackedQuantizationCompressor.compress` (`weight_packed` int32
+  [N, K/8], `weight_scale` [N, K/G], `weight_shape`, and `weight_zero_point` int32 [N/8, K/G] when asymmetric), and
+  config.json's quantization_config from its `QuantizationConfig.model_dump()` (compressed-tensors,
+  pack-quantized). `gptq_checkpoint` / `awq_checkpoint` rewrite the same integers in GPTQ's and AutoAWQ's layouts;
+  `kimi_k25_checkpoint` wraps a DeepSeek-V3 one as Kimi K2.5 publishes it.
+- NVFP4 (`nvfp4_checkpoint`): ModelOpt's export (`weight` uint8 [N, K/2] e2m1 pairs, `weight_scale` float8_e4m3fn
+  [N, K/16], `weight_scale_2` and `input_scale` float32 scalars; gate and up quantized apart), the quantization in
+  config.json or in hf_quant_config.json.
+- DeepSeek-V4 as published (`write_published_dsv4`): DeepSeek's names, FP8 linears with ue8m0 block scales and FP4
+  routed experts, by the rules of DeepSeek's inference code (below).
+- FP8 block-scaled and gpt-oss's MXFP4 have tools of their own: quantize_fp8.py and mxfp4_checkpoint.py.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .file_modes import umask_mode
+
+
+def rewrite_checkpoint(src: Path, out: Path, tensors_fn, config_fn) -> str:
+    """Copy checkpoint `src` to `out` with each safetensors file's tensors mapped by tensors_fn and config.json by
+    config_fn (the index's weight map follows the tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    where: dict[str, str] = {}
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            tensors = tensors_fn(load_file(str(f)))
+            save_file(tensors, str(out / f.name), metadata={"format": "pt"})
+            umask_mode([out / f.name])
+            where.update({k: f.name for k in tensors})
+        elif f.is_file() and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(f, out / f.name)
+    if (src / "model.safetensors.index.json").is_file():
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": where}))
+    (out / "config.json").write_text(json.dumps(config_fn(json.loads((src / "config.json").read_text()))))
+    return str(out)
+
+
+# FP8 block-scaled (quantize_fp8.py) at tiny sizes: 16 x 16 blocks, so a 32-64 wide linear spans several.
+FP8_BLOCK = (16, 16)
+
+# Routed experts per expert, as the families name them (mlp.experts.{e}.gate_proj / up_proj / down_proj; Mixtral's
+# and MiniMax-M2's block_sparse_moe.experts.{e}.w1 / w3 / w2).
+EXPERT = re.compile(r"\.(mlp|block_sparse_moe)\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+# scope "all": every projection W4A16 / ModelOpt's default NVFP4 recipe quantizes (not the router, embeddings or
+# lm_head)
+LINEAR = re.compile(r"\.(q|k|v|o|q_a|q_b|kv_b|gate|up|down)_proj\.weight$|\.kv_a_proj_with_mqa\.weight$")
+
+# -- INT4 W4A16 ------------------------------------------------------------------------------------------------------
+
+# Kimi K2 Thinking's ignore list (everything but the routed experts stays bf16), by regex as it publishes it.
+KIMI_IGNORE = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
+INT4_GROUPS = (32, 64, 128)
+
+
+def int4_scheme(symmetric: bool, group: int):
+    """compressed-tensors' W4A16 scheme: 4-bit int weights, group strategy, `symmetric` or with zero points."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, group_size=group, strategy="group")
+    return QuantizationScheme(targets=["Linear"], weights=args)
+
+
+def compress_weight(w: torch.Tensor, symmetric: bool = True, group: int = 32, scale_dtype=torch.float32) -> dict:
+    """One [N, K] weight through compressed-tensors: qparams per group from its min / max (calculate_qparams), then
+    PackedQuantizationCompressor.compress. Scales are rounded to bf16 (Kimi's are bf16) and held in `scale_dtype`:
+    float32 by default, so transformers' decompression ((q - z) * s in the scale's dtype: at most 13 significant
+    bits) is exact and an oracle sees exactly the weights the checkpoint means; bf16 as Kimi ships them."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = int4_scheme(symmetric, group)
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"INT4 group {group}: a weight of shape {(n, k)} has K={k}, not a multiple of the group "
+                         f"(hidden and expert widths must be multiples of it).")
+    g = w.to(torch.float32).reshape(n, k // group, group)
+    scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), scheme.weights)
+    scale = scale.to(torch.bfloat16).to(scale_dtype)
+    state = {"weight": w.to(scale_dtype), "weight_scale": scale, "weight_zero_point": zp}
+    return PackedQuantizationCompressor.compress(state, scheme)
+
+
+def quantization_config(symmetric: bool, group: int, ignore: list[str]) -> dict:
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    qc = QuantizationConfig(config_groups={"group_0": int4_scheme(symmetric, group)}, ignore=ignore,
+                            format=CompressionFormat.pack_quantized.value,
+                            quantization_status=QuantizationStatus.COMPRESSED)
+    return qc.model_dump(mode="json")
+
+
+def int4_checkpoint(src: str, out: Path, symmetric: bool = True, group: int = 32, scope: str = "experts",
+                    scale_dtype=torch.float32) -> str:
+    """`src` with its routed experts (scope "experts", Kimi's recipe) or every projection (scope "all"; the router,
+    embeddings and lm_head stay float) in compressed-tensors' pack-quantized W4A16 layout."""
+    pattern = EXPERT if scope == "experts" else LINEAR
+    ignore = KIMI_IGNORE if scope == "experts" else ["lm_head", r"re:.*mlp\.gate$"]
+
+    def tensors(ts: dict) -> dict:
+        new = {}
+        for name, t in ts.items():
+            if not pattern.search(name):
+                new[name] = t
+                continue
+            base = name[: -len("weight")]
+            new.update({base + k: v for k, v in compress_weight(t, symmetric, group, scale_dtype).items()})
+        return new
+
+    def config(c: dict) -> dict:
+        c["quantization_config"] = quantization_config(symmetric, group, ignore)
+        return c
+
+    return rewrite_checkpoint(Path(src), Path(out), tensors, config)
+
+
+def _nibbles(ts: dict, base: str, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u [N, K] the stored nibbles 0..15, zero points [N, K/G] 0..15, scales [N, K/G]) of one compressed weight."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    shape = torch.Size(ts[base + "weight_shape"].tolist())
+    s = ts[base + "weight_scale"]
+    u = unpack_from_int32(ts[base + "weight_packed"], 4, shape).to(torch.int32) + 8
+    if symmetric:
+        z = torch.full(s.shape, 8, dtype=torch.int32)
+    else:
+        z = unpack_from_int32(ts[base + "weight_zero_point"], 4, (shape[0], s.shape[1]), packed_dim=0).to(torch.int32) + 8
+    return u, z, s
+
+
+def pack_k(u_KN: torch.Tensor) -> torch.Tensor:
+    """[K, N] nibbles -> int32 [K/8, N], 8 consecutive K values per word, value 8r+j at bits 4j (GPTQ's qweight)."""
+    k, n = u_KN.shape
+    v = u_KN.reshape(k // 8, 8, n).to(torch.int64)
+    word = sum(v[:, j] << (4 * j) for j in range(8))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def pack_n(u_KN: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
+    """[K, N] nibbles -> int32 [K, N/8] packed along N (GPTQ's qzeros; AWQ's with order [0, 2, 4, 6, 1, 3, 5, 7]):
+    slot j of word w holds column 8w + order[j]."""
+    k, n = u_KN.shape
+    v = u_KN.reshape(k, n // 8, 8).to(torch.int64)
+    word = sum(v[:, :, order[j]] << (4 * j) for j in range(8))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def gptq_checkpoint(int4_dir: str, out: Path, symmetric: bool, group: int, v1: bool = True) -> str:
+    """The same integers in GPTQ's layout (AutoGPTQ / GPTQModel): qweight int32 [K/8, N], qzeros int32 [K/G, N/8]
+    (checkpoint_format "gptq", v1: stored as zero - 1), scales float16 [K/G, N], g_idx [K] = k // G."""
+    def tensors(ts: dict) -> dict:
+        new = {}
+        for name, t in ts.items():
+            if name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
+                continue
+            if name.endswith(".weight_packed"):
+                base = name[: -len("weight_packed")]
+                u, z, s = _nibbles(ts, base, symmetric)
+                k = u.shape[1]
+                new[base + "qweight"] = pack_k(u.T.contiguous())
+                new[base + "qzeros"] = pack_n((z - 1 if v1 else z).T.contiguous())
+                new[base + "scales"] = s.T.contiguous().to(torch.float16)
+                new[base + "g_idx"] = torch.arange(k, dtype=torch.int32) // group
+                continue
+            new[name] = t
+        return new
+
+    def config(c: dict) -> dict:
+        c["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
+                                    "sym": symmetric, "checkpoint_format": "gptq" if v1 else "gptq_v2",
+                                    "lm_head": False, "modules_in_block_to_quantize": None}
+        return c
+
+    return rewrite_checkpoint(Path(int4_dir), Path(out), tensors, config)
+
+
+def awq_checkpoint(int4_dir: str, out: Path, symmetric: bool, group: int) -> str:
+    """The same integers in AutoAWQ's GEMM layout: qweight int32 [K, N/8] and qzeros int32 [K/G, N/8], both packed
+    along N in AWQ's order, scales float16 [K/G, N] (AWQ has zero points: from an asymmetric checkpoint, or the
+    symmetric one's 8)."""
+    def tensors(ts: dict) -> dict:
+        new = {}
+        for name, t in ts.items():
+            if name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
+                continue
+            if name.endswith(".weight_packed"):
+                base = name[: -len("weight_packed")]
+                u, z, s = _nibbles(ts, base, symmetric)
+                new[base + "qweight"] = pack_n(u.T.contiguous(), AWQ_ORDER)
+                new[base + "qzeros"] = pack_n(z.T.contiguous(), AWQ_ORDER)
+                new[base + "scales"] = s.T.contiguous().to(torch.float16)
+                continue
+            new[name] = t
+        return new
+
+    def config(c: dict) -> dict:
+        c["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                    "version": "gemm", "modules_to_not_convert": None}
+        return c
+
+    return rewrite_checkpoint(Path(int4_dir), Path(out), tensors, config)
+
+
+def kimi_k25_checkpoint(dsv3_dir: str, out: Path) -> str:
+    """A DeepSeek-V3-shaped checkpoint as Kimi K2.5 publishes its multimodal one: config.json's architectures
+    [KimiK25ForConditionalGeneration], model_type kimi_k25, the text model's config under text_config (model_type
+    kimi_k2) and the quantization at the top level; the text model's tensors under `language_model.model.` and its
+    head as `language_model.lm_head.weight`, with a vision tower's and projector's tensors beside them."""
+    def tensors(ts: dict) -> dict:
+        new = {}
+        for name, t in ts.items():
+            if name.startswith("model."):
+                new["language_model." + name] = t
+            elif name.startswith("lm_head."):
+                new["language_model." + name] = t
+            else:
+                new[name] = t
+        g = torch.Generator().manual_seed(5)
+        new["vision_tower.encoder.blocks.0.wqkv.weight"] = torch.randn(24, 8, generator=g, dtype=torch.bfloat16)
+        new["vision_tower.patch_embed.proj.weight"] = torch.randn(8, 3, 2, 2, generator=g, dtype=torch.bfloat16)
+        new["mm_projector.proj.0.weight"] = torch.randn(16, 32, generator=g, dtype=torch.bfloat16)
+        return new
+
+    def config(c: dict) -> dict:
+        quant = c.pop("quantization_config", None)
+        text = {**c, "model_type": "kimi_k2"}
+        text.pop("architectures", None)
+        top = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25", "text_config": text,
+               "vision_config": {"model_type": "kimi_k25_vision"}, "media_placeholder_token_id": 3,
+               "tie_word_embeddings": False}
+        if quant is not None:
+            top["quantization_config"] = quant
+        return top
+
+    return rewrite_checkpoint(Path(dsv3_dir), Path(out), tensors, config)
+
+
+# -- NVFP4 (ModelOpt) ------------------------------------------------------------------------------------------------
+
+# ModelOpt's exclusions as its FP4 releases write them: the attention, the router and lm_head stay bf16.
+NVFP4_IGNORE = ["lm_head", "model.layers.*.self_attn*", "model.layers.*.mlp.gate"]
+
+
+def nvfp4_checkpoint(src: str, out: Path, hf_quant_file: bool = False, scope: str = "experts") -> str:
+    """`src` with its routed experts (scope "experts"), or every projection (scope "all": attention, dense and
+    shared MLPs too, as ModelOpt's default recipe does), in ModelOpt's NVFP4 layout; the quantization in
+    config.json's quantization_config (`ignore`), or with `hf_quant_file` in hf_quant_config.json
+    (`exclude_modules`), as ModelOpt's older exports have it."""
+    from moelink.kernels.nvfp4 import nvfp4_quantize
+
+    pattern = EXPERT if scope == "experts" else LINEAR
+    ignore = NVFP4_IGNORE if scope == "experts" else ["lm_head", "model.layers.*.mlp.gate"]
+
+    def tensors(ts: dict) -> dict:
+        new = {}
+        for name, t in ts.items():
+            if not pattern.search(name):
+                new[name] = t
+                continue
+            q, s, g = nvfp4_quantize(t)
+            base = name[: -len("weight")]
+            new.update({base + "weight": q, base + "weight_scale": s, base + "weight_scale_2": g.reshape(()),
+                        base + "input_scale": torch.tensor(0.5, dtype=torch.float32)})
+        return new
+
+    def config(c: dict) -> dict:
+        if not hf_quant_file:
+            c["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                                        "kv_cache_quant_algo": None, "ignore": ignore}
+        return c
+
+    path = rewrite_checkpoint(Path(src), Path(out), tensors, config)
+    if hf_quant_file:
+        (Path(out) / "hf_quant_config.json").write_text(json.dumps({
+            "producer": {"name": "modelopt", "version": "0.29.0"},
+            "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
+                             "exclude_modules": ignore}}))
+    return path
+
+
+# -- DeepSeek-V4 as published ----------------------------------------------------------------------------------------
+#
+# From a float checkpoint transformers saved (tiny_families.save_dsv4_checkpoint), with the format's own rules (those
+# of DeepSeek's inference code: `act_quant` / `fp4_act_quant` with ue8m0 scales, and its convert.py's e2m1 table):
+# - names as published: no `model.` prefix, `embed.weight`, `hc_head_fn` / `_base` / `_scale`, `attn.kv_norm.weight`
+#   (transformers saves `attn.norm.weight`), per-expert `layers.{i}.ffn.experts.{e}.w{1,2,3}.weight`;
+# - FP8 linears (attention's wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b, the shared expert's w1 / w2 / w3, an MTP
+#   layer's e_proj / h_proj): float8_e4m3fn `X.weight` and `X.scale` float8_e8m0fnu, one per `block`:
+#   scale = 2 ** ceil(log2(amax / 448)) (ue8m0 rounds the scale up, so no value saturates), e4m3 = round(w / scale);
+# - FP4 routed experts (`expert_dtype: "fp4"`): e2m1 pairs a byte along K, the low nibble the even element, as int8
+#   [N, K/2], `X.scale` float8_e8m0fnu [N, K/32] = 2 ** ceil(log2(amax / 6)) per 32 values, values rounded to the
+#   nearest e2m1 (kernels/mxfp4.mxfp4_quantize). `expert_dtype="fp8"` writes the experts as FP8 linears instead;
+# - config.json: `quantization_config = {quant_method fp8, fmt e4m3, activation_scheme dynamic, scale_fmt ue8m0,
+#   weight_block_size}` and a top-level `expert_dtype` (V4's spelling).
+# The tensors that stay float (compressors, indexer weights_proj, gate, norms, hyper-connections, embed, head) keep the
+# float checkpoint's dtype (published: bf16).
+
+# transformers' modules of the FP8 linears (DeepseekV4ForCausalLM's names; the compressors' kv_proj / gate_proj and the
+# indexer's weights_proj ship in bf16 and stay float)
+DSV4_HF_FP8_LINEARS = (".self_attn.q_a_proj", ".self_attn.q_b_proj", ".self_attn.kv_proj", ".self_attn.o_a_proj",
+                       ".self_attn.o_b_proj", ".indexer.q_b_proj", ".shared_experts.gate_proj",
+                       ".shared_experts.up_proj", ".shared_experts.down_proj")
+DSV4_FP8_LINEARS = (".attn.wq_a.", ".attn.wq_b.", ".attn.wkv.", ".attn.wo_a.", ".attn.wo_b.", ".attn.indexer.wq_b.",
+                    ".ffn.shared_experts.", ".e_proj.", ".h_proj.")
+E4M3_MAX = 448.0
+
+
+def dsv4_published_name(name: str) -> str:
+    """The name DeepSeek's files give a tensor save_pretrained calls `name` (transformers' conversion mapping)."""
+    special = {"model.embed_tokens.weight": "embed.weight", "model.hc_head.hc_fn": "hc_head_fn",
+               "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale"}
+    return special.get(name, name.removeprefix("model.").replace(".attn.norm.weight", ".attn.kv_norm.weight"))
+
+
+def fp8_ue8m0(w_NK: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, float8_e8m0fnu scales [ceil(N/Bn), ceil(K/Bk)], the dequantized float64 weight)."""
+    bn, bk = block
+    n, k = w_NK.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    w = w_NK.to(torch.float64)
+    padded = torch.nn.functional.pad(w, (0, kb * bk - k, 0, nb * bn - n))
+    amax = padded.reshape(nb, bn, kb, bk).abs().amax(dim=(1, 3)).clamp(min=1e-10)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))  # a power of two: exact in e8m0
+    full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    wq = (w / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return wq, scale.to(torch.float32).to(torch.float8_e8m0fnu), wq.to(torch.float64) * full
+
+
+def fp4_experts(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 [N, K/2] packed e2m1, float8_e8m0fnu [N, K/32] scales, the dequantized float64 weight)."""
+    from moelink.kernels.mxfp4 import mxfp4_dequantize, mxfp4_quantize
+
+    blocks_NSQ, scales_NS = mxfp4_quantize(w_NK)
+    n = w_NK.shape[0]
+    return (blocks_NSQ.reshape(n, -1).view(torch.int8), scales_NS.view(torch.float8_e8m0fnu),
+            mxfp4_dequantize(blocks_NSQ, scales_NS, torch.float64))
+
+
+def write_published_dsv4(float_dir: str, out_dir: Path, oracle_dir: Path | None = None,
+                         block: tuple[int, int] = (16, 16), expert_dtype: str = "fp4") -> tuple[str, str | None]:
+    """Write `out_dir` (the published format) and, with `oracle_dir`, its dequantized float twin (every quantized
+    weight replaced by its dequantized value, exact in float64, under transformers' names); returns both paths."""
+    from safetensors.torch import load_file, save_file
+
+    src = Path(float_dir)
+    (st_file,) = src.glob("*.safetensors")
+    tensors = load_file(str(st_file))
+    out, oracle = {}, {}
+    for name, t in tensors.items():
+        pub = dsv4_published_name(name)
+        if ".experts." in name and ".shared_experts." not in name and name.endswith(".weight"):
+            kind = expert_dtype
+        elif any(s in name for s in DSV4_FP8_LINEARS) and name.endswith(".weight"):
+            kind = "fp8"
+        else:
+            out[pub], oracle[name] = t, t
+            continue
+        if kind == "fp4":
+            if t.shape[-1] % 32:
+                raise ValueError(f"DeepSeek-V4 FP4 experts: {name} has K={t.shape[-1]}, not a multiple of 32 (one "
+                                 "ue8m0 scale per 32 values): moe_intermediate_size and hidden_size must be.")
+            q, s, deq = fp4_experts(t)
+        else:
+            q, s, deq = fp8_ue8m0(t, block)
+        out[pub], out[pub[: -len("weight")] + "scale"], oracle[name] = q, s, deq.to(t.dtype)
+    dirs = [(Path(out_dir), out)] + ([(Path(oracle_dir), oracle)] if oracle_dir is not None else [])
+    for d, ts in dirs:
+        shutil.copytree(src, d, dirs_exist_ok=True)
+        (d / st_file.name).unlink()
+        save_file(ts, str(d / "model.safetensors"), metadata={"format": "pt"})
+        umask_mode([d / "model.safetensors"])
+    raw = json.loads((Path(out_dir) / "config.json").read_text())
+    raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "scale_fmt": "ue8m0", "weight_block_size": list(block)}
+    if expert_dtype == "fp4":
+        raw["expert_dtype"] = "fp4"
+    (Path(out_dir) / "config.json").write_text(json.dumps(raw, indent=2))
+    return str(out_dir), (str(oracle_dir) if oracle_dir is not None else None)
+
+
+__all__ = ["AWQ_ORDER", "DSV4_FP8_LINEARS", "DSV4_HF_FP8_LINEARS", "E4M3_MAX", "EXPERT", "FP8_BLOCK", "INT4_GROUPS",
+           "KIMI_IGNORE", "LINEAR", "NVFP4_IGNORE", "awq_checkpoint", "compress_weight", "dsv4_published_name",
+           "fp4_experts", "fp8_ue8m0", "gptq_checkpoint", "int4_checkpoint", "int4_scheme", "kimi_k25_checkpoint",
+           "nvfp4_checkpoint", "pack_k", "pack_n", "quantization_config", "rewrite_checkpoint", "write_published_dsv4"]
