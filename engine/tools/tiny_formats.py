@@ -161,27 +161,38 @@ def pack_n(u_KN: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
 
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_PACKED_PARTS = (".weight_scale", ".weight_shape", ".weight_zero_point")  # what a compressed-tensors linear carries
+
+
+def packed_rewrite(convert):
+    """A tensors rewrite (for `rewrite_checkpoint`) that replaces each compressed-tensors INT4 linear (its
+    weight_packed and the parts beside it) by `convert(tensors, base)`'s tensors, named base + key; every other
+    tensor is kept as it is."""
+    def tensors(ts: dict) -> dict:
+        new = {}
+        for name, t in ts.items():
+            if name.endswith(_PACKED_PARTS):
+                continue
+            if name.endswith(".weight_packed"):
+                base = name[: -len("weight_packed")]
+                new.update({base + k: v for k, v in convert(ts, base).items()})
+                continue
+            new[name] = t
+        return new
+
+    return tensors
 
 
 def gptq_checkpoint(int4_dir: str, out: Path, symmetric: bool, group: int, v1: bool = True) -> str:
     """The same integers in GPTQ's layout (AutoGPTQ / GPTQModel): qweight int32 [K/8, N], qzeros int32 [K/G, N/8]
     (checkpoint_format "gptq", v1: stored as zero - 1), scales float16 [K/G, N], g_idx [K] = k // G."""
-    def tensors(ts: dict) -> dict:
-        new = {}
-        for name, t in ts.items():
-            if name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
-                continue
-            if name.endswith(".weight_packed"):
-                base = name[: -len("weight_packed")]
-                u, z, s = _nibbles(ts, base, symmetric)
-                k = u.shape[1]
-                new[base + "qweight"] = pack_k(u.T.contiguous())
-                new[base + "qzeros"] = pack_n((z - 1 if v1 else z).T.contiguous())
-                new[base + "scales"] = s.T.contiguous().to(torch.float16)
-                new[base + "g_idx"] = torch.arange(k, dtype=torch.int32) // group
-                continue
-            new[name] = t
-        return new
+    def gptq(ts: dict, base: str) -> dict:
+        u, z, s = _nibbles(ts, base, symmetric)
+        return {"qweight": pack_k(u.T.contiguous()), "qzeros": pack_n((z - 1 if v1 else z).T.contiguous()),
+                "scales": s.T.contiguous().to(torch.float16),
+                "g_idx": torch.arange(u.shape[1], dtype=torch.int32) // group}
+
+    tensors = packed_rewrite(gptq)
 
     def config(c: dict) -> dict:
         c["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
@@ -196,20 +207,12 @@ def awq_checkpoint(int4_dir: str, out: Path, symmetric: bool, group: int) -> str
     """The same integers in AutoAWQ's GEMM layout: qweight int32 [K, N/8] and qzeros int32 [K/G, N/8], both packed
     along N in AWQ's order, scales float16 [K/G, N] (AWQ has zero points: from an asymmetric checkpoint, or the
     symmetric one's 8)."""
-    def tensors(ts: dict) -> dict:
-        new = {}
-        for name, t in ts.items():
-            if name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
-                continue
-            if name.endswith(".weight_packed"):
-                base = name[: -len("weight_packed")]
-                u, z, s = _nibbles(ts, base, symmetric)
-                new[base + "qweight"] = pack_n(u.T.contiguous(), AWQ_ORDER)
-                new[base + "qzeros"] = pack_n(z.T.contiguous(), AWQ_ORDER)
-                new[base + "scales"] = s.T.contiguous().to(torch.float16)
-                continue
-            new[name] = t
-        return new
+    def awq(ts: dict, base: str) -> dict:
+        u, z, s = _nibbles(ts, base, symmetric)
+        return {"qweight": pack_n(u.T.contiguous(), AWQ_ORDER), "qzeros": pack_n(z.T.contiguous(), AWQ_ORDER),
+                "scales": s.T.contiguous().to(torch.float16)}
+
+    tensors = packed_rewrite(awq)
 
     def config(c: dict) -> dict:
         c["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,

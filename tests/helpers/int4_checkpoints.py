@@ -25,7 +25,7 @@ import torch
 
 from moelink.engine.tools.tiny_families import INT4_TINY, save_preset  # noqa: F401
 from moelink.engine.tools.tiny_formats import (AWQ_ORDER, KIMI_IGNORE, awq_checkpoint, compress_weight,  # noqa: F401
-                                               gptq_checkpoint, int4_checkpoint, kimi_k25_checkpoint,
+                                               gptq_checkpoint, int4_checkpoint, kimi_k25_checkpoint, packed_rewrite,
                                                quantization_config, rewrite_checkpoint as _rewrite)
 from moelink.engine.tools.tiny_formats import int4_scheme as _scheme  # noqa: F401
 
@@ -46,21 +46,14 @@ def decompressed_copy(int4_dir: str, out: Path) -> str:
                                            ["quantization_config"])
     scheme = qc.config_groups["group_0"]
 
-    def tensors(ts: dict) -> dict:
-        new = {}
-        for name, t in ts.items():
-            if name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
-                continue
-            if name.endswith(".weight_packed"):
-                base = name[: -len("weight_packed")]
-                part = {k: ts[base + k] for k in ("weight_packed", "weight_scale", "weight_shape",
-                                                  "weight_zero_point") if base + k in ts}
-                # float64 scales: the dequantization (q - z) * s is then exact
-                part["weight_scale"] = part["weight_scale"].to(torch.float64)
-                new[base + "weight"] = PackedQuantizationCompressor.decompress(part, scheme)["weight"].to(torch.float64)
-                continue
-            new[name] = t
-        return new
+    def decompress(ts: dict, base: str) -> dict:
+        part = {k: ts[base + k] for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+                if base + k in ts}
+        # float64 scales: the dequantization (q - z) * s is then exact
+        part["weight_scale"] = part["weight_scale"].to(torch.float64)
+        return {"weight": PackedQuantizationCompressor.decompress(part, scheme)["weight"].to(torch.float64)}
+
+    tensors = packed_rewrite(decompress)
 
     def config(c: dict) -> dict:
         c.pop("quantization_config", None)
