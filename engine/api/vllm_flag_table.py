@@ -491,7 +491,7 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--kv-transfer-config",): accepted("prefill/decode disaggregation or the KV offload tier as vLLM spells them "
                                         "(connectors below)", "--kv-transfer-config '{\"kv_connector\": "
                                         "\"NixlConnector\", \"kv_role\": \"kv_both\"}'"),
-    ("--kv-events-config",): refused("moelink publishes no KV cache events: smg's cache-aware routing (smg launch "
+    ("--kv-events-config",): refused("moelink publishes no KV cache events: smg's cache-aware routing (its "
                                      "--policy cache_aware) routes by prefix without them"),
     ("--ec-transfer-config",): refused(TEXT),
     ("--ec-manager-config",): refused(TEXT),

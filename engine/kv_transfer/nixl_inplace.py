@@ -99,6 +99,13 @@ class HeldKV(SavedKV):
     ready: object = None
     hold_until: float = 0.0  # the store's clock time the hold ends at (SavedKVStore.hold sets it)
     client: tuple = ()
+    held_bytes: int | None = None  # the cache bytes its blocks keep out of the pool (None: the rows' bytes)
+
+    @property
+    def nbytes(self) -> int:
+        # What the hold bounds count: a block row held once, however many groups read it (gpt-oss's sliding and
+        # full layers share their tensors, so the rows summed over groups would count those blocks twice).
+        return super().nbytes if self.held_bytes is None else self.held_bytes
 
 
 class HoldRegion:
@@ -112,17 +119,23 @@ class HoldRegion:
         """`t`'s blocks named in place (module docstring); on CUDA after an event recorded now, in stream order
         after the step that wrote them."""
         kv = self.kv
-        groups = []
+        groups, blocks = [], {}  # blocks: per cache tensor, the block ids the hold keeps and a block row's bytes
         for tensors, kind in kv.groups:
             idx = entries(kv, t, kind)
             rows = tuple(torch.empty((len(idx),) + tuple(x.shape[1:-1]) + (x.shape[-1] * x.element_size(),),
                                      dtype=torch.uint8, device="meta") for x in tensors)
             groups.append((idx, rows))
+            table = kv._table(t, kind)
+            for x in tensors:
+                ids, _ = blocks.setdefault(x.data_ptr(), (set(), x[0].numel() * x.element_size()))
+                ids.update(table[i] for i in idx)
+        held_bytes = sum(len(ids) * row for ids, row in blocks.values())
         ready = None
         if kv.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(kv.device))
-        return HeldKV(t.num_tokens, t.token_ids, kv.layout, groups, t, kv, t.transfer_id, ready, client=client)
+        return HeldKV(t.num_tokens, t.token_ids, kv.layout, groups, t, kv, t.transfer_id, ready, client=client,
+                      held_bytes=held_bytes)
 
 
 def stage(held: HeldKV) -> SavedKV:

@@ -20,6 +20,7 @@ from moelink.engine.kv_transfer.auth import SecretAuth
 from moelink.engine.kv_transfer.blocks import PagedKVBlocks
 from moelink.engine.kv_transfer.nixl import nixl_available
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+from moelink.engine.kv_transfer.nixl_inplace import HoldRegion
 from moelink.engine.kv_transfer.store import HoldBounds, SavedKVStore
 from moelink.engine.kv_transfer.transport import make_transport
 from moelink.engine.kv_transfer.wire import KVFetchError
@@ -456,3 +457,16 @@ def test_a_client_that_never_fetches_cannot_starve_admission(tiny_model):
         _step_until_idle(pre)
         settle(pre)
         assert side.store.counters.num_held == held_before and pre.engine.stats().kv_transfer.held_blocks <= share
+
+
+def test_a_holds_bytes_count_each_block_row_once_where_layers_share_their_tensors():
+    """gpt-oss's sliding and full layers share their cache tensors (two block tables over one pool): a hold names
+    the blocks of both tables, and the bounds count each (tensor, block) row once, whichever tables list it."""
+    shared = tuple(torch.zeros(12, 4, 2, 8) for _ in range(2))  # one pool: 256 bytes a row, two tensors
+    kv = PagedKVBlocks([shared, shared], [(0, 1)], 4)
+    row = 2 * 4 * 2 * 8 * 4
+    region = HoldRegion(kv)
+    apart = region.held(KVTransfer(1, "r", [0, 1, 2], 12, sliding_block_ids=[3, 4, 5], token_ids=tuple(range(12))))
+    assert apart.nbytes == 6 * row  # six distinct blocks in one pool
+    same = region.held(KVTransfer(2, "r", [0, 1, 2], 12, sliding_block_ids=[0, 1, 2], token_ids=tuple(range(12))))
+    assert same.nbytes == 3 * row  # listed by both tables, held once

@@ -48,7 +48,11 @@ def main(spec: dict) -> None:
         _stall_the_server()
     ep = spec.get("ep", 1)
     transport = {"transport": spec["transport"]} if "transport" in spec else {}
-    conn = RemoteKVConnector(RemoteKVConfig(port=spec["port"], num_ranks=ep, **transport))
+    # Holds may keep the whole of these tests' small pools (96 blocks, four prompts held at once; gpt-oss holds
+    # each prompt's blocks in both its tables): the default quarter would release the oldest before the decode
+    # engine comes, which the hold tests check on their own (tests/engine/test_kv_nixl_inplace.py).
+    conn = RemoteKVConnector(RemoteKVConfig(port=spec["port"], num_ranks=ep, nixl_hold_fraction=1.0,
+                                            nixl_hold_client_fraction=1.0, **transport))
     kw = dict(spec.get("llm", {}))
     with contextlib.ExitStack() as stack:
         if ep > 1:
