@@ -122,4 +122,47 @@ def ray_session() -> str | None:
 
 RANK_POOL = RankPool()
 
-__all__ = ["ENV", "PARK_TIMEOUT_S", "Parked", "RANK_POOL", "RankPool", "ray_session"]
+
+# -- what a Ray executor asks (engine/cluster/ray_executor.py: its start and its shutdown) -------------------------
+def _may_pool(state) -> bool:
+    # Off, or a Ray the executor started itself (its shutdown stops that Ray) or connected to by address.
+    return RANK_POOL.enabled and state.local is None and not state.connected
+
+
+def take_parked(state, n: int, gpu: bool) -> Parked | None:
+    """A parked engine's ranks for an executor's start of `n` ranks (its `_RayState`), or None: the pool off, a Ray
+    the executor started itself, or none of this size parked (then the oldest parked make room if it needs it)."""
+    if not _may_pool(state):
+        return None
+    session = ray_session()
+    if session is None:
+        return None
+    import ray
+
+    free = int(ray.available_resources().get("GPU" if gpu else "CPU", 0))
+    return RANK_POOL.take(session, n, gpu, free)
+
+
+def park(state, group, n: int) -> None:
+    """Hand a cleanly shut down executor's ranks to the pool instead of killing them: only on a Ray it did not
+    start, with every rank of its start healthy (no loss, no regroup, no spare); a rank that cannot release its
+    engine within PARK_TIMEOUT_S leaves them to be killed as before. `group`: its EPGroup."""
+    if not _may_pool(state):
+        return
+    with state.lock:
+        healthy = state.dead_error is None and state.lost is None and not state.released
+    workers, session = list(state.workers), ray_session()
+    if not healthy or session is None or group.epoch != 0 or state.spares or len(workers) != n:
+        return
+    import ray
+
+    try:
+        ray.get([w.park.remote() for w in workers], timeout=PARK_TIMEOUT_S)
+    except Exception as exc:
+        logger.warning("rank processes not parked (%s): killed instead", exc)
+        return
+    with state.lock:
+        pg, state.pg, state.workers = state.pg, None, []
+    RANK_POOL.put(Parked(session, n, group.config.device.type == "cuda", pg, workers, cpus=n))
+
+__all__ = ["ENV", "PARK_TIMEOUT_S", "Parked", "RANK_POOL", "RankPool", "park", "ray_session", "take_parked"]

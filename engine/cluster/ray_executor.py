@@ -39,7 +39,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config.engine_args import EngineConfig
 from .ep_group import EPGroup
-from .rank_pool import PARK_TIMEOUT_S, RANK_POOL, Parked, ray_session
+from .rank_pool import RANK_POOL, park, take_parked
 from .executor import Executor, WorkerDiedError, rank_name
 from ..contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from .ray_runtime import (  # noqa: F401  (re-exported: tests and callers import them from here)
@@ -69,43 +69,6 @@ def start_worker(state, gpu: bool, worker_config, plan: ExpertParallelPlan, bund
         num_cpus=1, num_gpus=1 if gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(state.pg, placement_group_bundle_index=bundle),
     ).remote(worker_config, bundle, plan)
-
-
-def _take_parked(state, n: int, gpu: bool):
-    """A parked engine's ranks for this start (rank_pool.py), or None: the pool off, a Ray this executor started
-    itself, or none of this size parked."""
-    if not RANK_POOL.enabled or state.local is not None or state.connected:
-        return None
-    import ray
-
-    session = ray_session()
-    if session is None:
-        return None
-    free = int(ray.available_resources().get("GPU" if gpu else "CPU", 0))
-    return RANK_POOL.take(session, n, gpu, free)
-
-
-def _park(state, group: EPGroup, n: int) -> None:
-    """Hand a cleanly shut down engine's ranks to the pool (rank_pool.py) instead of killing them: only on a Ray
-    this executor did not start, with every rank of the start healthy (no loss, no regroup, no spare)."""
-    import ray
-
-    if not RANK_POOL.enabled or state.local is not None or state.connected:
-        return
-    with state.lock:
-        healthy = state.dead_error is None and state.lost is None and not state.released
-    workers, session = list(state.workers), ray_session()
-    if not healthy or session is None or group.epoch != 0 or state.spares or len(workers) != n:
-        return
-    try:
-        ray.get([w.park.remote() for w in workers], timeout=PARK_TIMEOUT_S)
-    except Exception as exc:  # a rank that cannot release its engine: killed as before
-        logger.warning("rank processes not parked (%s): killed instead", exc)
-        return
-    with state.lock:
-        pg, state.pg, state.workers = state.pg, None, []
-    gpu = group.config.device.type == "cuda"
-    RANK_POOL.put(Parked(session, n, gpu, pg, workers, cpus=n))
 
 
 def check_tp_nodes(node_ids, tp: int) -> None:
@@ -168,7 +131,7 @@ class RayExecutor(Executor):
             gpu = config.device.type == "cuda"
             bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
             # Rank processes a clean shutdown of an engine of as many ranks parked on this Ray (rank_pool.py).
-            parked = _take_parked(state, n, gpu)
+            parked = take_parked(state, n, gpu)
             if parked is not None:
                 state.pg = parked.pg
             else:
@@ -424,5 +387,5 @@ class RayExecutor(Executor):
         if getattr(self, "_formed", False):
             self._formed = False
             if self._steps_in_flight == 0:  # a step still out may hold a rank (a frozen one, a hung collective)
-                _park(self._state, self.group, self.full_config.parallel.world_size)
+                park(self._state, self.group, self.full_config.parallel.world_size)
         self._finalizer()

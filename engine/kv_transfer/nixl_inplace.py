@@ -357,9 +357,8 @@ def staged_nixl(agent, saved: SavedKV) -> tuple[object, dict]:
 def reply_staged(conn: socket.socket, agent, saved: SavedKV, deadline: Deadline) -> None:
     """The ok reply to an authenticated peer over NIXL (nixl.py): `saved`'s rows registered for this fetch only
     (`staged_nixl`), deregistered when the reader says "read", goes away, or the reply deadline passes."""
-    rows = [t.contiguous() for _, ts in saved.groups for t in ts]
     saved = SavedKV(saved.num_tokens, saved.token_ids, saved.layout,
-                    [(idx, tuple(rows.pop(0) for _ in ts)) for idx, ts in saved.groups])
+                    [(idx, tuple(t.contiguous() for t in ts)) for idx, ts in saved.groups])
     reg, nixl = staged_nixl(agent, saved)
     try:
         header = saved_header(saved)

@@ -51,6 +51,7 @@ class RemoteWorkerSide:
                  loads: bool = True) -> None:
         self.config = config
         self.loads = loads  # this rank may load KV (not a kv_producer): its cache is registered for READs into it
+        self._cache_bytes = 0  # the rank's KV cache bytes, from `cache_allocated` (what the hold bounds are shares of)
         # Tensor parallelism (engine/kv_transfer/tp_shard.py): this rank's place in its group, and the channel
         # that joins the group's reports on its first rank (tp_join.py).
         self.shard = shard if shard is not None and shard.tp_size > 1 else None
@@ -130,7 +131,7 @@ class RemoteWorkerSide:
     def _hold_bounds(self, kv: PagedKVBlocks) -> HoldBounds:
         """The bytes held saves may name on this rank (RemoteKVConfig.nixl_hold_fraction / _client_fraction of
         its cache), and never past `max_saved_bytes`."""
-        cache = getattr(self, "_cache_bytes", 0) or cache_nbytes(kv)
+        cache = self._cache_bytes or cache_nbytes(kv)
         total = min(int(cache * self.config.nixl_hold_fraction), self.config.max_saved_bytes)
         return HoldBounds(total, min(total, int(cache * self.config.nixl_hold_client_fraction)))
 
