@@ -27,9 +27,15 @@ a replay of b sequences runs the plan an eager step of b decodes runs, bit for
 bit, whatever max_model_len is. The reference kernels read the host lists, so
 they cannot be captured.
 
-Speculative verify steps (`verify_len` = 1 + k tokens per row): beside each decode graph b, a verify graph b of
-b x (1 + k) tokens, replayed when every row of a step has exactly 1 + k query tokens (each request verifies k
-drafts: the MTP drafter always proposes k; a step where some request has fewer runs eagerly). The same padding
+Speculative verify steps (`verify_len` = Q = 1 + k tokens per row): beside each decode graph b, a verify graph b of
+b x Q tokens, replayed for every step whose rows each have 1 to Q query tokens (verify rows of however many
+drafts the scheduler granted: its draft control gives each request its own length, and an n-gram lookup often
+finds fewer than k; decode rows among them). A row of q < Q tokens is padded at its front: Q - q padding tokens
+at the positions before its first real one (already cached: the padding reads real keys, writes no KV, routes to
+no expert) and its real tokens last, so that the kernels' rule, token i of a row sees keys up to seq_len - Q + i,
+gives each real token exactly its eager context. Hence seq_len >= Q for every row (a padding token sees at least
+one key); a step with a shorter row runs eagerly. The real tokens' outputs are gathered back in the eager order
+(`rows_T`), and so are the indices of tokens still on the device (`pending_P`). The same padding
 (rows n..b: 1 + k padding tokens each, seq_len 1 + k over the null block), and the same rule: the kernels read
 every length from the device. Their multi-token path (the prefill kernels) plans its key splits from the host
 lengths at capture, so the verify graphs are captured with the host lengths at their bound, max_model_len: a
@@ -231,6 +237,8 @@ class DecodeGraphs:
         self.qsl_B1 = {1: torch.arange(B + 1, **i32)}
         if Q > 1:
             self.qsl_B1[Q] = torch.arange(B + 1, **i32) * Q
+        # A ragged verify step: where each real token sits among the graph's b x Q rows, in the eager order.
+        self.rows_T = torch.zeros(TB, **i64)
         self.sliding_table = sliding_table
         self.state_slots = state_slots
         if state_slots:
@@ -253,7 +261,8 @@ class DecodeGraphs:
         def staging() -> dict:
             h = dict(ids=host((TB,), torch.long, 0), pos=host((TB,), torch.long, 0),
                      slots=host((TB,), torch.long, -1), lens=host((B,), torch.int32, 1),
-                     tables=host((B, M), torch.int32, null_block), valid=host((TB,), torch.bool, False))
+                     tables=host((B, M), torch.int32, null_block), valid=host((TB,), torch.bool, False),
+                     rows=host((TB,), torch.long, 0))
             if sliding_table:
                 h.update(sliding_slots=host((TB,), torch.long, -1),
                          sliding_tables=host((B, M), torch.int32, null_block))
@@ -339,25 +348,45 @@ class DecodeGraphs:
 
     def run(self, input_ids, positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
             tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
-            batch: int | None = None, state_slots: list[int] | None = None) -> torch.Tensor:
-        """One step of n = len(seq_lens) sequences (n <= max_batch) of q = len(input_ids) / n tokens each (1 or
-        verify_len): hidden states [n q, D]. `stage` then `replay` (the runner calls them apart: the host stages
-        while the device runs the step before)."""
+            batch: int | None = None, state_slots: list[int] | None = None,
+            query_lens: list[int] | None = None) -> torch.Tensor:
+        """One step of n = len(seq_lens) sequences (n <= max_batch): hidden states [len(input_ids), D] in the
+        eager order. `stage` then `replay` (the runner calls them apart: the host stages while the device runs
+        the step before)."""
         return self.replay(self.stage(input_ids, positions_T, slots_T, seq_lens, tables_SM, sliding, batch,
-                                      state_slots))
+                                      state_slots, query_lens))
+
+    def verify_fits(self, query_lens: list[int], seq_lens: list[int]) -> bool:
+        """Whether a step of these rows can replay a verify graph (module docstring): each row 1 to Q tokens,
+        some row more than one, and every row's context at least Q (its padding tokens see a key each)."""
+        Q = self.verify_len
+        return (Q > 1 and bool(query_lens) and max(query_lens) > 1 and all(1 <= q <= Q for q in query_lens)
+                and min(seq_lens) >= Q)
 
     def stage(self, input_ids, positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
               tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
-              batch: int | None = None, state_slots: list[int] | None = None) -> tuple:
+              batch: int | None = None, state_slots: list[int] | None = None,
+              query_lens: list[int] | None = None) -> tuple:
         """Host work of a step: its inputs written into the next pinned staging set (rows n..b padding). The
-        flat token inputs hold q per sequence, in order. `sliding`: the sliding group's (tables [n, m'], slots
-        [n q]) when it has its own table. `batch`: the captured size to replay (>= n; expert parallelism: the
-        size the driver chose for every rank); default the smallest holding n. Returns what `replay` needs."""
+        flat token inputs hold each sequence's tokens in order: 1 each (decode), or `query_lens` (1 to
+        verify_len each, some more than 1: a verify graph, rows shorter than verify_len padded at the front;
+        None: len(input_ids) / n each). `sliding`: the sliding group's (tables [n, m'], slots [t]) when it has
+        its own table. `batch`: the captured size to replay (>= n; expert parallelism: the size the driver chose
+        for every rank); default the smallest holding n. Returns what `replay` needs."""
         n = len(seq_lens)
-        q = len(input_ids) // n if n else 0
-        if q < 1 or q * n != len(input_ids) or q not in self.qsl_B1:
-            raise ValueError(f"a graph step of {n} sequences and {len(input_ids)} tokens is invalid: each sequence "
-                             f"must have 1 or {self.verify_len} query tokens.")
+        t = len(input_ids)
+        if query_lens is None:
+            q = t // n if n else 0
+            if q < 1 or q * n != t or q not in self.qsl_B1:
+                raise ValueError(f"a graph step of {n} sequences and {t} tokens is invalid: each sequence must "
+                                 f"have 1 or {self.verify_len} query tokens.")
+            query_lens = [q] * n
+        elif len(query_lens) != n or sum(query_lens) != t:
+            raise ValueError(f"query_lens {list(query_lens)} do not describe {n} sequences of {t} tokens in all.")
+        q = 1 if max(query_lens, default=1) == 1 else self.verify_len
+        if q > 1 and not self.verify_fits(query_lens, seq_lens):
+            raise ValueError(f"a verify graph holds rows of 1 to {self.verify_len} query tokens over contexts of at "
+                             f"least {self.verify_len} (verify_fits): got {list(query_lens)} over {list(seq_lens)}.")
         b = self.size_for(n, q) if batch is None else batch
         steps = self.steps if q == 1 else self.verify_steps
         if b not in steps or b < n:
@@ -367,41 +396,61 @@ class DecodeGraphs:
         self._num_staged += 1
         h = self._staging[k]
         m = tables_SM.shape[1]
-        t, T = n * q, b * q
-        h["ids"][:t], h["pos"][:t], h["slots"][:t], h["lens"][:n] = input_ids, positions_T, slots_T, seq_lens
+        nq, T = n * q, b * q
+        ragged = t != nq
+        if ragged:  # each row's real tokens last among its q (module docstring); padding before them
+            ql = np.asarray(query_lens, dtype=np.int64)
+            starts = np.cumsum(ql) - ql
+            dst = np.repeat(np.arange(n) * q + q - ql - starts, ql) + np.arange(t)
+            lens = np.asarray(seq_lens, dtype=np.int64)
+            h["ids"][:nq], h["slots"][:nq], h["valid"][:nq] = 0, -1, False
+            h["pos"][:nq] = np.repeat(lens - q, q) + np.tile(np.arange(q), n)
+            h["ids"][dst], h["pos"][dst], h["slots"][dst], h["valid"][dst] = input_ids, positions_T, slots_T, True
+            h["rows"][:t] = dst
+        else:
+            h["ids"][:t], h["pos"][:t], h["slots"][:t] = input_ids, positions_T, slots_T
+            h["valid"][:t] = True
+        h["lens"][:n] = seq_lens
         h["tables"][:n, :m] = tables_SM
-        h["valid"][:t] = True
         # Rows n..b: padding again (an earlier, larger step may have left real values there): q tokens at
         # positions 0..q-1 of a row whose q keys all sit in the null block.
-        h["ids"][t:T], h["slots"][t:T], h["lens"][n:b], h["valid"][t:T] = 0, -1, q, False
-        h["pos"][t:T] = np.tile(np.arange(q), b - n)
+        h["ids"][nq:T], h["slots"][nq:T], h["lens"][n:b], h["valid"][nq:T] = 0, -1, q, False
+        h["pos"][nq:T] = np.tile(np.arange(q), b - n)
         h["tables"][n:b, :m] = self.null_block
         ms = 0
         if self.sliding_table:
             # Not append-only (freed entries turn null), but every column a row reads is rewritten here.
             s_tables, s_slots = sliding
             ms = s_tables.shape[1]
-            h["sliding_tables"][:n, :ms], h["sliding_slots"][:t] = s_tables, s_slots
-            h["sliding_tables"][n:b, :ms], h["sliding_slots"][t:T] = self.null_block, -1
+            h["sliding_tables"][:n, :ms] = s_tables
+            if ragged:
+                h["sliding_slots"][:nq] = -1
+                h["sliding_slots"][dst] = s_slots
+            else:
+                h["sliding_slots"][:t] = s_slots
+            h["sliding_tables"][n:b, :ms], h["sliding_slots"][nq:T] = self.null_block, -1
         if self.state_slots:
             if state_slots is None or len(state_slots) != n:
                 raise ValueError(f"a graph step of a model with per-sequence state needs each of its {n} sequences' "
                                  "state slot (state_slots).")
             h["state_slots"][:n], h["state_slots"][n:b] = state_slots, -1
-        return k, n, b, q, m, ms
+        return k, n, b, q, m, ms, t if ragged else None
 
     def replay(self, staged: tuple, pending_P: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Device work of a step: the staged inputs copied in (non-blocking), the tokens still on the device
-        scattered in (`pending_P`: flat token rows [P], token ids [P]), graph b (of q tokens per row)
-        replayed; hidden states [n q, D]."""
-        k, n, b, q, m, ms = staged
+        scattered in (`pending_P`: flat token rows [P] in the eager order, token ids [P]), graph b (of q tokens
+        per row) replayed; hidden states [t, D] of the step's real tokens, in the eager order."""
+        k, n, b, q, m, ms, ragged_t = staged
         t = self._staging_t[k]
         T = b * q
         for dst, key, rows in ((self.input_ids_T, "ids", T), (self.positions_T, "pos", T), (self.slots_T, "slots", T),
                                (self.seq_lens_B, "lens", b), (self.valid_T, "valid", T)):
             dst[:rows].copy_(t[key][:rows], non_blocking=True)
+        if ragged_t is not None:
+            self.rows_T[:ragged_t].copy_(t["rows"][:ragged_t], non_blocking=True)
         if pending_P is not None:
-            self.input_ids_T.index_copy_(0, pending_P[0], pending_P[1])
+            at = pending_P[0] if ragged_t is None else self.rows_T.index_select(0, pending_P[0])
+            self.input_ids_T.index_copy_(0, at, pending_P[1])
         # Only the first m columns: a row reads columns < ceil(seq_len / block) <= m, and a padding row
         # (seq_len q <= block) reads column 0. Older columns past m are never read.
         self.tables_BM[:b, :m].copy_(t["tables"][:b, :m], non_blocking=True)
@@ -411,4 +460,7 @@ class DecodeGraphs:
         if self.state_slots:
             self.state_slots_B[:b].copy_(t["state_slots"][:b], non_blocking=True)
         steps = self.steps if q == 1 else self.verify_steps
-        return steps[b].replay()[: n * q]
+        out_TD = steps[b].replay()
+        if ragged_t is not None:
+            return out_TD.index_select(0, self.rows_T[:ragged_t])
+        return out_TD[: n * q]

@@ -333,12 +333,13 @@ class ModelRunner:
                 [bitmasks.get(st.req_id) for st in picked] if bitmasks else None, inp.num_pending)
             for r, st in enumerate(picked):
                 st.pending = (handle, r)  # the next step reads this token on the device
-        graph_batch = self._graph_batch(so, query_lens, len(states))
+        graph_batch = self._graph_batch(so, query_lens, inp.seq_lens)
         staged = None
         if graph_batch is not None:
             staged = self.graphs.stage(inp.tokens_T, inp.positions_T, inp.slots_T, inp.seq_lens, inp.tables_SM,
                                        inp.sliding, batch=graph_batch,
-                                       state_slots=state_plan.slots if state_plan is not None else None)
+                                       state_slots=state_plan.slots if state_plan is not None else None,
+                                       query_lens=query_lens)
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(
             lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan))
@@ -420,20 +421,18 @@ class ModelRunner:
         src = [h.sampled_R.index_select(0, to_device(rows, torch.long, dev)) for h, rows in inp.pending_src]
         return to_device(inp.pending_dst_P, torch.long, dev), src[0] if len(src) == 1 else torch.cat(src)
 
-    def _graph_batch(self, so: SchedulerOutput, query_lens: list[int], num_seqs: int) -> int | None:
+    def _graph_batch(self, so: SchedulerOutput, query_lens: list[int], seq_lens: list[int]) -> int | None:
         """The captured size this step replays, or None (eager). Under EP the driver chose it for every rank
         (the largest decode batch over ranks, `EPStepPlan.graph_batch`), so all ranks replay one size."""
         if self.graphs is None:
             return None
-        q = query_lens[0]
-        if q > 1:  # a verify graph: every row the same 1 + k tokens (engine/rank/cuda_graph.py); under EP only
-            # in a low-latency step, each rank its own size (engine/contract/ep_step.py says why that is sound)
-            if not all(n == q for n in query_lens) or (self.ep is not None and not (
+        num_seqs = len(query_lens)
+        if max(query_lens) > 1:  # a verify graph: rows of 1 to 1 + k tokens (engine/rank/cuda_graph.py); under EP
+            # only in a low-latency step, each rank its own size (engine/contract/ep_step.py says why that is sound)
+            if not self.graphs.verify_fits(query_lens, seq_lens) or (self.ep is not None and not (
                     so.ep_step is not None and so.ep_step.mode == LOW_LATENCY)):
                 return None
-            return self.graphs.size_for(num_seqs, q)
-        if max(query_lens) != 1:
-            return None
+            return self.graphs.size_for(num_seqs, self.graphs.verify_len)
         if self.ep is None:
             return self.graphs.size_for(num_seqs)
         b = so.ep_step.graph_batch if so.ep_step is not None else None

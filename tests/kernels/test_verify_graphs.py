@@ -31,6 +31,15 @@ pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collec
 K = 2  # drafts per step: verify rows of 3 tokens
 
 
+class UnevenDrafter(OracleDrafter):
+    """The oracle's drafts, cut to a length that varies with the request and the position (0 to K): the rows a
+    step verifies then have 1 to 1 + K tokens, as an n-gram lookup or the scheduler's draft control leaves them."""
+
+    def propose(self, states, k: int) -> list[list[int]]:
+        out = super().propose(states, k)
+        return [d[: (len(st.prompt_token_ids) + len(st.output_token_ids)) % (k + 1)] for st, d in zip(states, out)]
+
+
 def _llm(path, spec=None):
     return LLM(path, dtype="float32", device="cpu", kernels="triton", max_num_seqs=6, max_num_batched_tokens=64,
                num_kv_blocks=64, block_size=8, max_model_len=64, enable_prefix_caching=False, skip_warmup=True,
@@ -67,7 +76,7 @@ def test_verify_steps_replay_graphs_and_match_eager(reference, kdev):
 
     ref = {tuple(p): w for p, w in zip(prompts, [t for t, _ in want])}
     spec = {"method": "ngram", "num_speculative_tokens": K,
-            "drafter_factory": functools.partial(OracleDrafter, ref, 0.7, vocab=400, seed=5)}
+            "drafter_factory": functools.partial(UnevenDrafter, ref, 0.7, vocab=400, seed=5)}
     with _llm(path, spec) as llm:
         runner = llm.engine.executor.worker.runner
         runner.graph_sizes, runner.graph_backend = (1, 2, 4), Replay()
@@ -77,12 +86,23 @@ def test_verify_steps_replay_graphs_and_match_eager(reference, kdev):
         assert set(graphs.steps) == {1, 2, 4} and set(graphs.verify_steps) == {1, 2, 4}
         assert not runner.model.moe_stats.counts_LG.any(), "capture runs must not count as traffic"
         decode, verify = count_replays(graphs), count_replays(graphs, verify=True)
+        staged_rows = []  # the query lengths of each step staged for a verify graph
+        stage = graphs.stage
+
+        def spy(*args, query_lens=None, **kw):
+            if query_lens is not None and max(query_lens) > 1:
+                staged_rows.append(list(query_lens))
+            return stage(*args, query_lens=query_lens, **kw)
+
+        graphs.stage = spy
         got = run(llm)
         # Padding wrote no KV: the null block (last) is still zero in every cache tensor.
         for layer in runner.kv_caches:
             assert all(not t[-1].any() for t in layer)
     assert sum(verify.values()) > 0, f"no verify step replayed a graph: {verify} (decode replays {decode})"
     assert any(verify[b] for b in (2, 4)), f"padded verify sizes never served a step: {verify}"
+    # Rows of fewer than 1 + K tokens (front-padded in the graph) among the replayed verify steps.
+    assert any(min(rows) < 1 + K for rows in staged_rows), f"no ragged verify step replayed: {staged_rows}"
     # Against plain decoding on the same kernels (an eager verify run in between is one more interpreter engine
     # run for nothing: verify rows and decode rows give the same logprobs to fp32 rounding).
     for (tok_w, lps_w), (tok_g, lps_g) in zip(want, got):
