@@ -4,8 +4,10 @@
 # The commit. Result files of the first plan are named <what>_<device>_<commit>; the device tool copies the working
 # tree (uncommitted changes too) and perhaps not .git, so the commit is, in this order:
 #   MOELINK_COMMIT=<hash>                  given in the command (letters, digits, '.', '_', '-' kept);
-#   git rev-parse --short HEAD             where git works, "-dirty" added when tracked files differ from HEAD;
-#   .gpu_session/carry/commit              written by `bash benchmarks/gpu_session.sh prepare` here, carried;
+#   git rev-parse --short HEAD             where git works and tracked files equal HEAD;
+#   .gpu_session/carry/commit              written by `bash benchmarks/gpu_session.sh prepare` here, carried (before
+#                                          a dirty git: the device's .git can be older than the tree it got);
+#   git's hash with "-dirty"               where tracked files differ from HEAD and nothing was carried;
 #   "nocommit"                             and the log says how to fix it.
 # Benchmarks that record "commit": "unknown" (no git where they ran) get the resolved commit written in.
 #
@@ -31,18 +33,26 @@ git_commit_here() {  # short hash of HEAD, "-dirty" when tracked files differ; n
   git --no-optional-locks -C "$REPO" diff --quiet HEAD -- 2>/dev/null || c="$c-dirty"
   printf '%s\n' "$c"
 }
-resolve_commit() {  # sets COMMIT and COMMIT_FROM (see the header)
+resolve_commit() {  # sets COMMIT and COMMIT_FROM (see the header); exports MOELINK_COMMIT for the benchmarks
+  local git_c=""
+  git_c=$(git_commit_here) || git_c=""
   if [[ -n ${MOELINK_COMMIT:-} ]]; then
     COMMIT=$(safe_name "$MOELINK_COMMIT") COMMIT_FROM="MOELINK_COMMIT"
-  elif COMMIT=$(git_commit_here); then
-    COMMIT_FROM="git"
+  elif [[ -n $git_c && $git_c != *-dirty ]]; then
+    COMMIT=$git_c COMMIT_FROM="git"
   elif [[ -s "$CARRY/commit" ]]; then
+    # Before a dirty git: the device machine's copy of .git can be the one of the session's start while the tree
+    # is newer (seen 2026-11-25: HEAD said 76aee34 under a15b7f5's tree); prepare stamped the tree just before.
     COMMIT=$(safe_name "$(head -n 1 "$CARRY/commit")") COMMIT_FROM=".gpu_session/carry/commit"
+  elif [[ -n $git_c ]]; then
+    COMMIT=$git_c COMMIT_FROM="git"
   else
     COMMIT=nocommit
     COMMIT_FROM="nowhere: no git here, no MOELINK_COMMIT, no .gpu_session/carry/commit (run \`bash benchmarks/gpu_session.sh prepare\` before the lease and carry .gpu_session/carry, or give MOELINK_COMMIT=<hash>)"
   fi
+  [[ $COMMIT == nocommit ]] || export MOELINK_COMMIT=$COMMIT
 }
+
 # stamp_commit FILE...: JSON results that say "commit": "unknown" (the benchmark found no git) get $COMMIT.
 stamp_commit() {
   local f

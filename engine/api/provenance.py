@@ -3,12 +3,18 @@ it measured."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 
 def git_commit() -> str:
-    """Short hash of HEAD of the checkout moelink runs from, or "unknown" outside git."""
+    """Short hash of HEAD of the checkout moelink runs from, or "unknown" outside git. MOELINK_COMMIT, when set,
+    names it instead (benchmarks/gpu_session.sh sets it: a device machine's copy of .git can be older than the
+    working tree it was sent with)."""
+    given = os.environ.get("MOELINK_COMMIT", "").strip()
+    if given:
+        return given
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                               cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
