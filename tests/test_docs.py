@@ -90,6 +90,7 @@ def _venv_bin() -> Path:
 
 
 @pytest.mark.parametrize("doc,index", _all_blocks("sh"), ids=lambda v: str(v))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_sh_block_runs_as_pasted(doc, index):
     """With bash from the repository root, .venv/bin first on PATH (what `source .venv/bin/activate` gives),
     stopping at the first failing command (pipefail too), offline."""

@@ -64,6 +64,7 @@ def graph() -> ImportGraph:
     return build_graph()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_graph_sees_every_folder_and_lazy_imports(graph):
     # The checker itself: it must find modules in every folder and count imports inside functions.
     assert {unit_of(m).split(".")[0] for m in graph.files} == set(FOLDERS)

@@ -7,6 +7,8 @@ state go through the owner's methods (the EP group: `RayExecutor.adopt` / `commi
 """
 from __future__ import annotations
 
+import pytest
+
 import ast
 from pathlib import Path
 
@@ -62,6 +64,7 @@ def violations(source: str, name: str = "<src>") -> list[str]:
     return [f"{name}:{line}: {expr}" for line, expr, field in _private_writes(tree) if field not in own]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_no_module_writes_another_modules_private_fields():
     found = []
     for pkg in PACKAGES:

@@ -26,6 +26,7 @@ def names(res: dict) -> list[str]:
     return [r["name"] for r in res["per_launch"]]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_every_launch_is_listed_with_its_bytes_and_the_floor(counts):
     assert set(counts) == {"qwen3-30b-a3b", "deepseek-v2-lite"}
     for res in counts.values():

@@ -191,6 +191,7 @@ def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
     assert moe_config.get_moe_config(E, I, 3000, K, CPU, config_dir=out_dir) == OLD_CONFIG
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_tune_moe_out_of_budget_tunes_nothing(tmp_path):
     out_dir = tmp_path / "configs"
     seeded = seed_config_file(out_dir)

@@ -97,6 +97,7 @@ def test_script_is_valid_bash():
 
 
 @pytest.mark.parametrize("step", STEPS)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_every_step_fits_its_budget(step):
     """--dry-run prints each command with its compile counts and budget: the budget is the script's stated
     formula, the step's commands add up to at most STEP_BUDGET_S, which leaves the device tool its margin."""
@@ -137,6 +138,7 @@ def test_moe_step_counts_every_config_it_compiles(shape, monkeypatch):
     assert f"--shapes {shape} " in plan[7] and f"moe_kernels_cpu_{shape}.json" in plan[7]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_plan_lists_one_device_command_per_step():
     proc = session("plan")
     assert proc.returncode == 0, proc.stderr

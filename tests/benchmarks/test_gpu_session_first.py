@@ -8,6 +8,8 @@ About 25 s on 2 cores, most of it the smoke run and the engine tests' collection
 """
 from __future__ import annotations
 
+import pytest
+
 import functools
 import json
 import os
@@ -65,6 +67,7 @@ def dry_run(n: int, **env) -> tuple[list[tuple], str]:
     return PLAN.findall(proc.stdout), proc.stdout
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_plan_prints_the_first_plan_first_within_a_lease():
     """`plan` starts with the first plan: first 1 .. first 6 in order, each one device command within the tool's
     limit, their total (printed) within 2400 s; then the full plan, as before."""
@@ -120,6 +123,7 @@ def test_first_6_runs_nvfp4_on_sm100_only():
     assert plans[-1][1] == "moe_nvfp4_smoke" and "SKIPPED" not in out
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_first_2_selects_tests_that_exist():
     """A renamed test would cost the command its selection: every node id of `first 2` is collected."""
     targets = []
@@ -144,6 +148,7 @@ def gpu_image_env(tmp_path: Path, **extra) -> dict:
     return dict(PYTHONPATH=str(site), BLOCK_MODULES=NOT_ON_THE_GPU_IMAGE, **extra)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_cpu_smoke_first_1_as_on_the_gpu_image(tmp_path):
     """No git (the carried commit names the files and fills the JSON's "commit"), none of the modules the GPU image
     lacks: the engine parts run, the serving part is skipped with one line, the log holds all that was printed."""
@@ -190,6 +195,7 @@ def fake_wheel(dist_name: str, where: Path) -> Path:
     return whl
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_serve_deps_installs_the_carried_wheels_where_an_import_fails(tmp_path):
     """grpc_health missing (as on the GPU image) and carried as a wheel: serve_deps installs it under
     .gpu_session/site, puts that first on PYTHONPATH and finds every serving import."""

@@ -20,6 +20,7 @@ from moelink.kernels import moe_config
 from tests.helpers.gpu_session import PLAN, assert_device_safe, session
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_cpu_smoke_kv_transfer_step_hands_kv_between_two_processes(tmp_path):
     """A spawned prefill process saves, this one loads over every transport: one row each, one JSON."""
     proc = session("--cpu-smoke", "kv-transfer", out=tmp_path)
@@ -149,6 +150,7 @@ def test_cpu_smoke_int4_step_runs_its_four_commands(tmp_path):
     assert "--prefill --shapes kimi-k2-ep8 " in cmds["moe_int4_prefill"]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_cpu_smoke_dsa_step_writes_both_paths_bytes_and_times(tmp_path):
     """The dsa step's CPU smoke (toy shapes, reference kernels): one device-safe JSON, every point with dense and DSA
     times and counted bytes, the latent bytes following top-k / context."""
@@ -163,6 +165,7 @@ def test_cpu_smoke_dsa_step_writes_both_paths_bytes_and_times(tmp_path):
         assert pt["latent_bytes_ratio"] == pytest.approx(min(pt["context"], 16) / pt["context"])
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_cpu_smoke_dsv4_step_writes_each_path(tmp_path):
     """The dsv4 step's CPU smoke (toy shapes, reference kernels): one device-safe JSON, every point timed on each path
     with its counted bytes (the GPU run adds V3's MLA beside them)."""

@@ -28,6 +28,7 @@ def smoke(tmp_path_factory):
     return res
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_text_against_token_ids(smoke):
     ms = smoke["ms_per_decode_step"]
     assert positive(ms["detokenize"]) and positive(ms["token_ids_only"])

@@ -115,6 +115,7 @@ def test_cpu_smoke_of_the_hybrid_step_writes_decode_and_prefill_rows(tmp_path):
     assert re.search(decode_table_row, proc.stdout, re.M), proc.stdout[-2000:]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_hybrid_step_is_one_budgeted_command_named_by_device_and_commit():
     proc = session("--dry-run", "hybrid")
     assert proc.returncode == 0, proc.stdout + proc.stderr

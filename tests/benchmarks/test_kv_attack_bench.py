@@ -9,6 +9,7 @@ from moelink.engine.kv_transfer.nixl import nixl_available
 
 
 @pytest.mark.skipif(not nixl_available(), reason="the nixl package is not installed")
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_the_attack_benchmark_reports_every_finding_closed():
     from moelink.benchmarks.kv_attack import main
 

@@ -1,12 +1,15 @@
 """benchmarks/kv_transfer.py at a tiny size: every transport's row, the bytes by hand, the JSON the planner reads."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from moelink.benchmarks.kv_transfer import main
 from moelink.planner.kv_handoff import measured_transport_gbps
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_kv_transfer_smoke_writes_rows_the_planner_reads(tmp_path, capsys):
     out = tmp_path / "kv.json"
     assert main(["--shape", "deepseek-v3", "--tokens", "40", "--repeats", "1", "--json", str(out)]) == 0

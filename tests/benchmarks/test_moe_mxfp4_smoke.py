@@ -4,6 +4,8 @@ the auto path reaching all three MXFP4 paths, and the MXFP4-vs-bf16 check ran (t
 meaningless on CPU)."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ from moelink.benchmarks import moe_mxfp4
 from tests.helpers.fast_interpreter import interpreter_env
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_moe_mxfp4_smoke(tmp_path):
     out = tmp_path / "moe_mxfp4.json"
     env = interpreter_env()

@@ -2,6 +2,8 @@
 and the NVFP4-vs-bf16 check ran (the numbers themselves are meaningless on CPU)."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ from moelink.benchmarks import moe_nvfp4
 from tests.helpers.fast_interpreter import interpreter_env
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_moe_nvfp4_smoke(tmp_path):
     out = tmp_path / "moe_nvfp4.json"
     env = interpreter_env()

@@ -17,6 +17,7 @@ def test_names_and_auto():
         assert resolve_backend(name, 1) is BACKENDS[name]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_specs_say_what_the_engine_needs_to_know():
     # Capacity: the fixed-block backends (comm/nccl_all_to_all.py) size their buffers once.
     assert [n for n, s in BACKENDS.items() if s.needs_capacity] == ["torch_padded", "nccl"]

@@ -70,6 +70,7 @@ def refusals(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", range(len(REFUSALS)), ids=["off-loopback", "advertised-off-loopback", "world"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_prefill_server_refuses_to_start_without_what_its_listener_needs(refusals, case):
     rc, output = refusals[case]
     assert rc != 0 and REFUSALS[case][1] in output, output[-2000:]
@@ -105,6 +106,7 @@ def _generate(stubs, ids, kv_json=None, **params):
     return list(stubs.vllm.Generate(req, timeout=60))[-1].complete
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_the_decode_server_says_whom_it_trusts_and_refuses_other_sources(pd):
     _, dec, _, dec_stubs, kv_port = pd
     assert any(f"loads from peers: 127.0.0.1:{kv_port}" in line and "authenticated by the deployment's KV secret"
@@ -118,6 +120,7 @@ def test_the_decode_server_says_whom_it_trusts_and_refuses_other_sources(pd):
         assert "KVTransferParams.remote_host=" in err.value.details() and "--kv-peers" in err.value.details()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_handoff_with_the_secret_loads_and_a_forged_capability_gets_nothing(pd, tiny_model):
     import json
 
@@ -134,6 +137,7 @@ def test_a_handoff_with_the_secret_loads_and_a_forged_capability_gets_nothing(pd
     assert list(done.output_ids) == want.outputs[0].token_ids and done.cached_tokens == len(PROMPT_IDS) - 1
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_kv_client_without_the_secret_is_refused_at_the_handshake(pd):
     from moelink.engine.kv_transfer.auth import SecretAuth
 

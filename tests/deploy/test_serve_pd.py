@@ -25,6 +25,7 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_serve_pd_sh_serves_through_smg_and_stops_everything(tmp_path, tiny_model):
     smg = smg_executable()
     if smg is None:

@@ -84,6 +84,7 @@ def test_greedy_output_is_utf8_words(greedy, tokenizer):
     assert len(found_all) >= 12 and sum(w in words for w in found_all) / len(found_all) >= MIN_WORD_RATIO
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_greedy_tokens_equal_transformers(greedy):
     prompts, outs = greedy
     want = hf_greedy(MODEL, prompts, max_new=MAX_NEW)
@@ -100,6 +101,7 @@ def test_served_dtype_float32_gives_the_same_greedy_tokens(greedy):
     assert got == [o.token_ids for o in outs]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_json_schema_request_returns_valid_json():
     pytest.importorskip("xgrammar")
     jsonschema = pytest.importorskip("jsonschema")
@@ -155,6 +157,7 @@ def test_training_script_smoke(tmp_path, capsys):
     assert list(got) == hf_greedy(str(out), [[5, 6, 7]], max_new=3)[0]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_training_is_deterministic_given_the_seed(tmp_path):
     from moelink.engine.api.cli import main
 

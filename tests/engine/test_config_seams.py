@@ -16,6 +16,7 @@ def graph():
     return build_graph()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_engine_args_do_not_load_the_model_runner(graph):
     reached = reachable(graph, "engine.config.engine_args")
     for runtime in ("engine.rank.model_runner", "engine.rank.loader", "engine.rank.cuda_graph", "engine.rank.sampler"):

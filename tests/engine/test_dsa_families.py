@@ -81,6 +81,7 @@ def test_refuses_what_transformers_would_not_run(tmp_path, hf_tiny_model):
 
 
 @pytest.mark.parametrize("name", list(HF_DSA))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_greedy_parity_chunked_batched_and_prefix_cached(hf_tiny_model, name, monkeypatch):
     """8 prompts of 1-150 tokens in chunks of a 48-token budget, batched; then again on the same engine, where every
     full block comes from the prefix cache (the indexer keys with the latents), and both runs equal transformers."""
@@ -183,6 +184,7 @@ def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(hf_tiny_m
 
 
 @pytest.mark.parametrize("name", list(HF_DSA))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_mtp_drafts_with_an_indexer_of_their_own(hf_tiny_model, name, tmp_path):
     """The MTP layer of a DSA checkpoint is a DSA layer too (its own indexer and key cache on the main block ids):
     with method "mtp" (k = 2) on a checkpoint whose MTP layer guesses the main model's next token
@@ -238,6 +240,7 @@ def fp8_index_runs(hf_tiny_model):
     return out
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_fp8_index_cache_selects_mostly_the_float_keys_positions(fp8_index_runs):
     """The prefill steps of both runs (the same scheduling, the same prompt tokens): per query row, the share of the
     float-key selection the fp8 keys select too, per layer. Layer 0's keys differ by the fp8 rounding alone; a later

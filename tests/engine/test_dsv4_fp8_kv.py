@@ -73,6 +73,7 @@ def _fake_quantized_greedy(path: str, ps: list[list[int]], max_new: int = MAX_NE
     return outs
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_fp8_rounding_is_what_moves_the_tokens(dsv4_path, monkeypatch):
     """The oracle is not vacuous: rounding what the engine caches changes transformers' greedy tokens for some prompt
     of this set (else equality below would not show that the engine rounds at all); the index keys' and entries'

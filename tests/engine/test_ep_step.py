@@ -97,6 +97,7 @@ def _greedy(llm):
 
 @pytest.mark.parametrize("name", ["qwen3_e6k3", "mixtral_e5k3"])
 @pytest.mark.parametrize("decode_capacity", [None, 4])  # 4 < 6 decoding sequences: those steps fall back
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_two_mode_engine_matches_the_engine_without_dispatch(tiny_model, name, decode_capacity):
     path = tiny_model(name)
     want = _greedy(LLM(path, **KW))

@@ -52,6 +52,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name,fused,block", CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_published_layout_greedy_equals_transformers(fp8_tiny, name, fused, block):
     _, dst, deq = fp8_tiny(name, fused, block)
     prompts = _prompts(seed=len(name) + fused)

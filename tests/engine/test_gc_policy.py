@@ -6,6 +6,8 @@ waited on it again in `thaw_heap`: a hang (CI lost 600 s to it in one test).
 """
 from __future__ import annotations
 
+import pytest
+
 import gc
 import threading
 import weakref
@@ -60,6 +62,7 @@ def test_a_finalizer_that_thaws_the_heap_inside_the_freeze_collection_does_not_d
         gc.unfreeze()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_an_llm_dropped_in_a_cycle_is_finalized_by_the_next_engine_start(tiny_model):
     from moelink.engine import LLM
 

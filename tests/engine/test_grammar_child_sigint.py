@@ -2,6 +2,8 @@
 KeyboardInterrupt traceback over the server's shutdown and keep compiling until the server ends it (issue 48)."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import signal
 import socket
@@ -12,6 +14,7 @@ from multiprocessing.connection import Connection
 import xgrammar as xgr
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_sigint_leaves_the_compile_process_quiet_and_working():
     parent, child = socket.socketpair()
     proc = subprocess.Popen([sys.executable, "-m", "moelink.engine.core.grammar_child", str(child.fileno())],

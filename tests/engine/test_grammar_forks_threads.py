@@ -53,6 +53,7 @@ def fast_switching():
     sys.setswitchinterval(old)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_threads_that_kill_poll_and_reap_one_process_never_touch_a_closed_pidfd(fast_switching):
     errors: list[BaseException] = []
     for _ in range(200):
@@ -147,6 +148,7 @@ def recorded(monkeypatch):
     log.removeHandler(handler)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_shutdown_while_compiles_run_and_clients_leave_raises_nothing(tokenizer, recorded, fast_switching):
     pytest.importorskip("xgrammar")
     from moelink.engine.contract.structured_output_params import StructuredOutputParams

@@ -47,6 +47,7 @@ def _run(engine, constrained: bool) -> tuple[float, str | None, int]:
     return worst, text, seen
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_slow_mask_does_not_stall_other_streams(monkeypatch):
     with LLM(BUILTIN, dtype="float32", max_model_len=256, num_kv_blocks=64) as llm:
         engine = llm.engine

@@ -58,6 +58,7 @@ def _check(schema, out: bytes):
     return value
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_string_with_lengths_holds_no_raw_control_character(pool):
     # xgrammar 0.2.8's rule for a character of such a string is [^"\\\r\n]: U+0000-U+001F got through.
     matcher = xgr.GrammarMatcher(_compile(pool, ISSUE_SCHEMA))
@@ -67,6 +68,7 @@ def test_a_string_with_lengths_holds_no_raw_control_character(pool):
         assert m.accept_string(json.dumps({"name": name, "age": 7}, ensure_ascii=False)), name
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_random_schemas_random_walks_end_in_valid_json(pool):
     """120 random schemas x 4 walks: every walk that ends parses strictly and validates."""
     rng = random.Random(27)
@@ -89,6 +91,7 @@ def test_random_schemas_random_walks_end_in_valid_json(pool):
     ({"type": "integer"}, 16), ({"type": "number"}, 1 + 15 + 1 + 15 + 4), ({"type": "string"}, 4096 + 2),
     ({"type": "integer", "minimum": 0}, 16), ({"type": "number", "maximum": -3.5}, 40),
     ({"type": "string", "minLength": 3}, 4096 + 2)])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_value_left_unbounded_still_ends(pool, schema, longest):
     """A writer that never stops while it may (item 2 of issue 27: `"age": -1111761227753329...` until
     max_tokens) still reaches the end: the default JsonBounds close what the schema leaves open."""

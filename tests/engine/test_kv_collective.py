@@ -73,6 +73,7 @@ SERVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_server_killed_mid_transfer_fails_the_fetch_in_time_and_drops_the_group():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], stdout=subprocess.PIPE, text=True)

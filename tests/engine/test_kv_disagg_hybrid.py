@@ -62,6 +62,7 @@ def _prefill(path, ps, transport: str):
 
 
 @pytest.mark.parametrize("transport", ["tcp", "shm", "nixl"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_state_travels_with_the_kv_and_decode_equals_one_engine(case, transport):
     path, ps, want = case
     pre, outs = _prefill(path, ps, transport)

@@ -228,6 +228,7 @@ print("left", tasks() - base)
 """
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_only_the_served_agent_has_a_progress_thread_and_close_ends_every_thread():
     """UCX's progress thread polls a core for as long as it lives: the fetching agent has none (its waits progress
     it), and a transport's close() ends its agents' threads (a test process once kept four spinning)."""

@@ -51,6 +51,7 @@ def _free(llm) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mla"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_greedy_pd_parity_reading_the_prefill_blocks_in_place(kind, tiny_model, hf_tiny_model, monkeypatch):
     """Greedy tokens equal one engine's; no host copy of the KV on either side (the save never reads the blocks
     out, the decode READs into its own blocks: nothing staged); each cache registered once, whatever the fetches;
@@ -93,6 +94,7 @@ def test_greedy_pd_parity_reading_the_prefill_blocks_in_place(kind, tiny_model, 
         assert (kv_stats.holds_read, kv_stats.holds_unread, kv_stats.held_blocks) == (len(ps), 0, 0)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_hold_past_its_deadline_frees_the_blocks_and_a_late_fetch_recomputes(tiny_model):
     """A decode engine that does not come within nixl_hold_s: the prefill blocks go back (pool whole), and the
     fetch that comes late is refused on the side channel: the decode engine recomputes, within its deadline."""
@@ -236,6 +238,7 @@ def test_a_long_prompts_reply_header_passes_the_fixed_header_bound(transport):
         dec.close()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_an_aborted_prefill_and_a_shutdown_leave_no_block_held(tiny_model):
     """A prefill request aborted after its save: its own blocks go back at once, the save's stay held until the hold
     ends (nobody fetches: it expires), then the pool is whole; an engine shut down with holds drops them all and

@@ -46,6 +46,7 @@ def _prefill(path, secret):
     return LLM(path, kv_connector=conn, **KW)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_without_the_secret_a_fetch_gets_its_bytes_on_the_socket_and_no_key_to_any_memory(tiny_model, monkeypatch):
     path = tiny_model("qwen3_e6k3")
     exposed = []

@@ -156,6 +156,7 @@ def test_server_binds_only_where_asked_serves_once_and_closes_clean():
     assert {t.ident for t in threading.enumerate()} <= before  # the accept and connection threads ended
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_peer_that_is_not_a_kv_server_fails_the_fetch_in_time():
     from moelink.engine.kv_transfer.wire import recv_header
 
@@ -315,6 +316,7 @@ def test_a_rewind_drops_loads_in_flight_without_writing_them():
 
 
 @pytest.mark.parametrize("transport", ["tcp", "shm", "collective", "nixl"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_an_fp8_cache_over_each_transport(transport, hf_tiny_model):
     """fp8 KV (GLM-4.5 tiny, kv_cache_dtype="fp8") crosses as bytes: the wire sizes rows by the dtype's itemsize.
     Both engines here; the separate-process runs cover the other KV kinds."""

@@ -365,6 +365,7 @@ def test_a_trickling_peer_is_cut_off_at_the_whole_message_deadline(server):
 
 
 # ------------------------------------------------------------------------------------------- High 5
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_the_collective_rendezvous_binds_the_fetch_address_only_and_closes_after_refusals():
     from moelink.engine.kv_transfer import collective as kv_collective
     from moelink.engine.kv_transfer.collective import CollectiveKVServer, collective_fetch

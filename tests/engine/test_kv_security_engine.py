@@ -62,6 +62,7 @@ def test_the_engine_refuses_an_untrusted_source_before_any_connection(tiny_model
 
 
 @pytest.mark.parametrize("secret", [None, SECRET], ids=["no-secret", "secret"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_loaded_kv_reaches_the_prefix_cache_only_when_authenticated(tiny_model, secret):
     """A load from an unauthenticated source (no deployment secret: any local process could have answered)
     serves its own request, token-identical, but a later ordinary request sharing the prompt gets no prefix hit
@@ -86,6 +87,7 @@ def test_loaded_kv_reaches_the_prefix_cache_only_when_authenticated(tiny_model, 
 
 
 # ------------------------------------------------------------------------------------------- High 3
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_loads_from_a_silent_source_hold_no_slot_and_end_at_the_first_byte_deadline(tiny_model):
     path = tiny_model("qwen3_e6k3")
     ps = prompts(200, seed=42, n=9, lo=6, hi=10)

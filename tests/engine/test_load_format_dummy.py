@@ -130,6 +130,7 @@ def _run(llm: LLM) -> list[tuple[list[int], list[float]]]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_generates_from_config_json_alone(config_dir, no_safetensors, case):
     path, extra = config_dir(case)
     vocab = ModelConfig.from_pretrained(path).vocab_size

@@ -58,6 +58,7 @@ def _prompts(seed: int, n: int = 4) -> list[list[int]]:
 @pytest.mark.parametrize("name,hf_quant_file,scope", [("qwen3", False, "experts"), ("qwen3", True, "experts"),
                                                       ("dsv3", False, "experts"), ("qwen3", False, "all"),
                                                       ("dsv3", True, "all")])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_greedy_equals_transformers_on_dequantized_weights(tiny, name, hf_quant_file, scope):
     """scope "all": attention, dense and shared MLPs in NVFP4 too (ModelOpt's default recipe), which moelink
     dequantizes at load (engine/rank/nvfp4_linears.py) while the routed experts stay NVFP4."""

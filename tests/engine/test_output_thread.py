@@ -212,6 +212,7 @@ def test_an_output_thread_error_fails_every_stream_and_the_engine(tiny_model):
     assert not engine._thread.is_alive() and not engine._output.is_alive()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_blocked_consumer_stops_the_engine_thread_after_the_bound(tiny_model):
     # A step timeout far below the time the consumer blocks: waiting for the consumer is no hung step.
     sink = _BlockingSink()

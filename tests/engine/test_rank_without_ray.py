@@ -5,6 +5,8 @@ interpreter in which `import ray` fails; so is the in-process executor a single-
 """
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +39,7 @@ def _modules() -> list[str]:
     return names
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_rank_side_imports_without_ray():
     modules = _modules() + ["moelink.engine.cluster.executor"]
     assert "moelink.engine.rank.worker" in modules and "moelink.engine.rank.model_runner" in modules

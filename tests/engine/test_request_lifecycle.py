@@ -45,6 +45,7 @@ def test_async_engine_worker_forgets_aborted_request_when_idle(tiny_model):
         engine.shutdown()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_generate_after_shutdown_fails_instead_of_hanging(tiny_model):
     engine = AsyncEngine.from_engine_args(EngineArgs(model=tiny_model("qwen3_e6k3"), **_ARGS))
     engine.shutdown()

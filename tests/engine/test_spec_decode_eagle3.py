@@ -115,6 +115,7 @@ def plain(checkpoints):
 
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_greedy_with_eagle3_drafts_equals_plain_decoding(checkpoints, plain, target, k):
     path, head = checkpoints(target, "bigram")
     got, stats = _generate(path, _spec(head, k))
@@ -199,6 +200,7 @@ class _Oracle:
 @pytest.mark.parametrize("target,head,plan", [("qwen3", "random", "single"), ("mixtral", "random", "single"),
                                               ("mixtral", "bigram", "single"), ("dsv3", "random", "single"),
                                               ("qwen3", "random", "two_batch")])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_eagle3_drafts_equal_the_head_run_over_the_whole_sequence(checkpoints, plain, target, head, plan,
                                                                   monkeypatch):
     """Random heads: drafts depend on every part of the head (its KV cache, the three captured states through fc)
@@ -245,6 +247,7 @@ def test_eagle3_drafting_reads_nothing_back_from_the_device(checkpoints, monkeyp
 
 @pytest.mark.parametrize("extra", [dict(quantization="fp8", fp8_block_size=[16, 16]), dict(kv_cache_dtype="fp8")],
                          ids=["fp8_weights", "fp8_kv_cache"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_fp8_target_and_kv_cache(checkpoints, extra):
     """An FP8 target (the head stays float: its linears are FloatLinear), or every cache layer in fp8, the head's
     included."""

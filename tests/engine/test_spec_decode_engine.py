@@ -50,6 +50,7 @@ def reference(tiny_model):
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "oracle"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_greedy_output_with_a_drafter_equals_plain_decoding(reference, drafter):
     path, prompts, params, want = reference
     if drafter == "ngram":
@@ -74,6 +75,7 @@ def test_greedy_output_with_a_drafter_equals_plain_decoding(reference, drafter):
         assert 0.5 < sd.acceptance_rate < 0.9
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_seeded_sampling_with_speculation_is_reproducible(reference):
     path, prompts, _, want = reference
     ref = {tuple(p): w for p, w in zip(prompts, want)}
@@ -129,6 +131,7 @@ def test_bad_speculative_configs_are_refused(reference):
         _llm(path, {"method": "eagle3", "model": "/nowhere", "num_speculative_tokens": 1})
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_grammar_masks_apply_at_every_verified_position():
     """Structured output with drafts: each verified position gets the grammar's mask after the drafts before it
     (a draft the grammar refuses is rejected), so greedy outputs equal decoding without speculation and match; the
@@ -170,6 +173,7 @@ def test_grammar_masks_apply_at_every_verified_position():
 
 
 @pytest.mark.parametrize("family", ["mixtral", "dsv3", "glm", "gpt_oss"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_greedy_with_drafts_equals_plain_decoding_across_families(tiny_model, hf_tiny_model, tmp_path, family):
     """Mixtral, DeepSeek-V3 (MLA), GLM-4-MoE and gpt-oss (sliding-window layers, sinks): greedy outputs with a
     drafter that is right 60 % of the time equal decoding without one, chunked prefill and preemption in play."""

@@ -192,6 +192,7 @@ class _Oracle:
 
 @pytest.mark.parametrize("variant", ["random", "bigram_kv"])
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_mtp_drafts_equal_the_layer_run_over_the_whole_sequence(checkpoints, plain, arch, variant, monkeypatch):
     """Random weights: drafts depend on every part of the MTP layer (its KV cache included) but are seldom
     accepted; "bigram_kv": accepted often, so the accepted lengths (which position drafts) are in play too."""

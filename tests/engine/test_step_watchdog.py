@@ -29,6 +29,7 @@ def test_step_timeout_flags_reach_the_parallel_config(tiny_model):
             EngineArgs(model="m", **{field: value})
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_hung_step_fails_the_engine_within_the_step_timeout(tiny_model):
     engine = AsyncEngine.from_engine_args(EngineArgs(model=tiny_model("qwen3_e6k3"), step_timeout=1.0, **_ARGS))
     real_step, hang, release = engine.engine.step, threading.Event(), threading.Event()

@@ -45,6 +45,7 @@ def _sample(llm, so: StructuredOutputParams, n=20, max_tokens=64):
     return [o.outputs[0] for o in outs]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_json_schema_20_seeded_samples_validate(llm):
     for out in _sample(llm, StructuredOutputParams(json=SCHEMA)):
         assert out.finish_reason == "stop", out.text
@@ -129,6 +130,7 @@ def test_exactly_one_kind():
         StructuredOutputParams()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_grammar_survives_preemption(tiny_model):
     # 8 blocks of 16 tokens for 6 requests that each grow past 2 blocks: the scheduler must preempt
     # (recompute) some; their matchers keep the generated tokens, so outputs still validate.
@@ -203,6 +205,7 @@ ISSUE_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "min
                 "required": ["name", "age"], "additionalProperties": False}
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_issue_schema_ten_seeds_end_and_parse_strictly(llm):
     """Issue 27 items 1 and 2: the schema's answers held raw control characters (7 of 10 failed json.loads) or
     wrote "age" digits until max_tokens. Sent as JSON text, as the HTTP API sends it (property order kept)."""
@@ -214,6 +217,7 @@ def test_issue_schema_ten_seeds_end_and_parse_strictly(llm):
         assert list(value) == ["name", "age"]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_random_schemas_on_the_builtin_model(llm):
     """A property test on the model itself: 16 random schemas (tests/helpers/json_schemas.py: lengths, patterns
     with characters JSON must escape, formats, enums, ranges, nested objects, bounded arrays) x 3 seeds;
@@ -242,6 +246,7 @@ def test_random_schemas_on_the_builtin_model(llm):
     assert stopped >= 0.75 * len(outs), f"only {stopped} of {len(outs)} ended"
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_json_object_answers_end_and_parse(llm):
     outs = _sample(llm, StructuredOutputParams(json_object=True), n=8, max_tokens=200)
     for out in outs:
@@ -249,6 +254,7 @@ def test_json_object_answers_end_and_parse(llm):
             assert isinstance(json.loads(out.text), dict)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_docs_structured_output_example_finishes_for_several_seeds(llm):
     """Issue 27 item 2: the docs' example request (its schema and parameters, read from
     docs/structured-output.md) on the built-in model ends with "stop" for every seed, and validates."""

@@ -99,6 +99,7 @@ def test_the_tests_build_with_the_package():
 
 
 @pytest.mark.parametrize("arch,fmt", PAIRS, ids=[f"{a}-{f}" for a, f in PAIRS])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_every_arch_in_every_format_loads_and_generates(tmp_path, arch, fmt):
     path = make_tiny_model(tmp_path / "m", arch, format=None if fmt == tiny_archs.default_format(arch) else fmt)
     cfg = json.loads((path / "config.json").read_text())
@@ -133,6 +134,7 @@ def _oracle_dir(path, tmp_path):
 
 
 @pytest.mark.parametrize("arch", sorted(NEW))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_new_archs_greedy_equals_transformers_in_float64(tmp_path, arch):
     path = make_tiny_model(tmp_path / "m", arch, dtype="float64")
     ps = prompts(_vocab(json.loads((path / "config.json").read_text())), seed=len(arch), n=3, lo=1, hi=40)

@@ -136,6 +136,7 @@ def test_bfloat16_dtype(tmp_path):
     _assert_clean(info)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_deterministic(tmp_path):
     a = make_tiny_model(tmp_path / "a", "mixtral", seed=3)
     b = make_tiny_model(tmp_path / "b", "mixtral", seed=3)

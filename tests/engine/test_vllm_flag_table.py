@@ -89,6 +89,7 @@ def test_the_table_covers_every_flag_of_vllm_serve_help():
 
 
 @pytest.mark.parametrize("key,flag,spelling", [r for r in ROWS if r[1].kind == "refused"], ids=lambda v: str(v))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_refused_flag_stops_in_one_line_saying_what_to_use(key, flag, spelling, capsys):
     message = one_line_refusal([spelling], capsys)
     assert spelling in message and flag.says in message, message
@@ -97,6 +98,7 @@ def test_a_refused_flag_stops_in_one_line_saying_what_to_use(key, flag, spelling
 
 
 @pytest.mark.parametrize("key,flag,spelling", [r for r in ROWS if r[1].kind == "accepted"], ids=lambda v: str(v))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_an_accepted_flag_parses(key, flag, spelling, capsys):
     (action,) = [a for a in serve_parser()._actions if spelling in a.option_strings]
     assert not isinstance(action, _Refused)

@@ -64,6 +64,7 @@ def _cache_bytes(runner) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["qwen3", "dsv3", "gpt_oss"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_the_full_warm_up_mid_generation_touches_no_kv_counter_request_or_generator(models, name):
     """The full plan (every phase) on the reference kernels, between two steps of three running requests: the
     caches stay bit-identical (their null block zero), the counters zero, the request states as they were,
@@ -151,6 +152,7 @@ def test_qwen3_30b_a3b_plans_the_tuned_json_buckets_up_to_8192_tokens():
     ("nvfp4", 6, 32, 48, 2, "cpu", 64),           # the interpreter's configs (BLOCK_K raised to 32)
     ("fp8", 6, 32, 64, 3, "cpu", 64),             # the interpreter's configs
 ])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_the_moe_plan_is_every_variant_the_selector_picks(fmt, E, I, D, K, name, max_tokens):
     from moelink.kernels.moe_variants import MoEShape
 

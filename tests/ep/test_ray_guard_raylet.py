@@ -32,6 +32,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_the_guard_stops_the_workers_when_the_raylet_dies():
     temp_dir = tempfile.mkdtemp(prefix="mlguard-", dir="/tmp")
     # argv[0] is what Ray's processes are called; the temp dir on the command line ties them to this instance.
@@ -102,6 +103,7 @@ def test_a_worker_that_closes_its_files_on_sigterm_is_still_killed():
         _stop([worker])
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_raylet_named_by_the_server_is_watched_from_that_moment():
     """LocalRay names the raylet on the guard's stdin once Ray is up: a raylet the guard's own /proc scan cannot
     see (here: nothing ties the stand-in to the folder) and that dies at once is still seen to die."""

@@ -110,6 +110,7 @@ TRITON_CASES = [
 
 
 @pytest.mark.parametrize("ctx_q,N,K,H,bs,sinks,window,zd,zp,dtype", TRITON_CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_triton_matches_reference(ctx_q, N, K, H, bs, sinks, window, zd, zp, dtype, gen, kdev, check, nan_buffer):
     q, kc, vc, meta, k_new, v_new, slots = _build(gen, ctx_q, N, K, H, bs, dtype, kdev)
     triton_write_kv(k_new, v_new, kc, vc, slots)

@@ -54,6 +54,7 @@ def test_reference_matches_transformers(gen, seed):
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_triton_prefill_and_update_match_float64_reference(gen, kdev, check, dtype, bias, seed):
     from moelink.kernels.triton_causal_conv1d import triton_causal_conv1d, triton_causal_conv1d_update
 

@@ -105,6 +105,7 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("ctx,N,K,H,bs,per_seq,window,sinks,fp8", DECODE_CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_planned_decode_matches_reference(ctx, N, K, H, bs, per_seq, window, sinks, fp8, dtype, gen, kdev, check,
                                           nan_buffer):
     k_scale, v_scale = (0.5, 0.25) if fp8 else (1.0, 1.0)

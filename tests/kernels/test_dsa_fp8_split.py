@@ -74,6 +74,7 @@ def test_reference_fp8_scores_are_the_dequantized_keys_scores(gen, D):
 
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 12), (torch.bfloat16, 16), (torch.float32, 160)],
                          ids=["fp32-D12", "bf16-D16", "fp32-D160"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_triton_selection_fp8_keys_equals_reference(gen, kdev, dtype, D):
     """fp8 keys with scales: the Triton scores (per-group dots times scales) select the reference's positions, one
     program per row and split over 2-4 programs."""
@@ -94,6 +95,7 @@ def test_triton_selection_fp8_keys_equals_reference(gen, kdev, dtype, D):
 
 # -- the multi-program top-k -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("splits", [2, 4, 7])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_split_topk_equals_reference_with_ties_and_short_rows(gen, kdev, splits):
     """The partial + merge top-k against the reference: scores of 4 values (many ties at the K-th value) over ragged
     rows: longer than P * K (partials selecting, a short last span at 4 and 7), between K and P * K (spans copied

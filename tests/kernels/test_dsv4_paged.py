@@ -115,6 +115,7 @@ def _hand_attention(b: Batch, q, ring, pages, picks, sinks, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["csa", "hca", "sliding"])
 @pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_paged_sink_attention_equals_reference(gen, kdev, check, dtype, kind, splits):
     """N = 20 heads (a partial second tile), H = 24; CSA's picks (-1s among them), HCA's every visible entry, a
     sliding layer's window only; one split, three, and the host's choice."""

@@ -73,6 +73,7 @@ def test_paged_indexer_topk_reads_fp8_keys(gen, kdev, m, topk, splits):
 @pytest.mark.parametrize("kind,window_fp8", [("csa", False), ("csa", True), ("hca", False), ("hca", True),
                                              ("sliding", True)])
 @pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_paged_sink_attention_reads_fp8_entries(gen, kdev, check, dtype, kind, window_fp8, splits):
     """H = 96 with 16 rope dims (80 e4m3 values: a full group and a partial one), N = 20 heads; the window ring
     float or fp8 rows of the same layout; a sliding layer's fp8 window alone."""

@@ -81,6 +81,7 @@ ATTN_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("ctx_q,N,K,H,bs,splits,window,sinks", ATTN_CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_triton_paged_attention_fp8_cache(ctx_q, N, K, H, bs, splits, window, sinks, dtype, gen, kdev, check,
                                           nan_buffer):
     k_scale, v_scale = 0.5, 0.25

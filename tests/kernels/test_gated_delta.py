@@ -83,6 +83,7 @@ def test_reference_chunked_and_recurrent_forms_agree_in_float64(gen, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_triton_recurrence_matches_float64_reference(gen, kdev, check, dtype, seed):
     from moelink.kernels.triton_gated_delta import triton_gated_delta_rule
 
@@ -103,6 +104,7 @@ def test_triton_recurrence_matches_float64_reference(gen, kdev, check, dtype, se
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_prefill_split_anywhere_and_decodes_after_it_equal_one_pass(gen, kdev, backend, seed):
     """A 69-token prompt in one pass == in chunks [20, 1, 41, 7] (each continuing from the state) == 66 tokens of
     prefill and 3 single-token decode steps (the decode entry point, batch of two with a padding row)."""

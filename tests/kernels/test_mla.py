@@ -111,6 +111,7 @@ MLA_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("ctx_q,N,C,P,bs,splits", MLA_CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_mla_matches_reference(ctx_q, N, C, P, bs, splits, dtype, gen, kdev, check, nan_buffer):
     cache, meta, ckv_new, kpe_new, slots = _build(gen, ctx_q, C, P, bs, dtype, kdev)
     triton_write_latent(ckv_new, kpe_new, cache, slots)
@@ -284,6 +285,7 @@ def test_selectors_offer_mla():
 
 # -- compiled for sm_90 -----------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test compiles and runs these for the real device")
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_mla_compiles_for_sm90_without_spills(tmp_path):
     """The DeepSeek-V3 bf16 cases of benchmarks/compile_cases.py (decode, planned split decode + plan + merge,
     mixed batch unsplit and split + merge, latent write; the same over an fp8 latent cache, the mixed batches'

@@ -50,6 +50,7 @@ CHUNKED_STEPS = [[(24, 24), (9, 1), (30, 1)],
 
 @pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("max_rows", [wide.WIDE_ROWS_MAX, 48])  # 48 rows: several passes, 61 rows read directly
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_chunked_prefill_over_fp8_cache_matches_reference(splits, max_rows, gen, kdev, check, nan_buffer,
                                                           monkeypatch):
     monkeypatch.setattr(wide, "WIDE_ROWS_MAX", max_rows)
@@ -73,6 +74,7 @@ def test_plan_wide_groups_chunks_into_passes():
     assert plan.direct == () and plan.passes == (((0, 0), (1, 6), (2, 14)),)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_chunk_widens_its_context_once(gen, kdev):
     """The work per chunk, counted in the interpreter: each cached row of a chunk's context is widened from e4m3
     once, by the widen kernel, however many tokens the chunk has (it was once per token, in the attention

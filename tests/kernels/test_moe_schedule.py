@@ -54,6 +54,7 @@ def _inputs(gen, T, E, G, K, D, I, mode, dtype):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_new_keys_match_reference_and_plain_path(case, gen, kdev, check, nan_buffer):
     """Every combination on one input set (the plain path's output computed once per gate-up layout)."""
     T, E, G, K, D, I, mode, combine, dtype = CASES[case]
@@ -107,6 +108,7 @@ FP8_CASES = [  # (T, E, G, K, D, I, routing, combine, dtype): D, I multiples of 
 
 @pytest.mark.parametrize("persistent,tma,ws", [(1, False, False), (0, True, False), (2, True, False), (1, True, True)])
 @pytest.mark.parametrize("case", range(len(FP8_CASES)))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_fp8_new_keys_match_reference_and_plain_path(case, persistent, tma, ws, gen, kdev, seed, nan_buffer):
     """(fp8 rows are 16-byte multiples at these D and I: TMA really runs.)"""
     T, E, G, K, D, I, mode, combine, dtype = FP8_CASES[case]

@@ -68,6 +68,7 @@ ATTN_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("ctx_q,N,K,H,bs,splits", ATTN_CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_paged_attention_matches_reference(ctx_q, N, K, H, bs, splits, dtype, gen, kdev, check, nan_buffer):
     q, kc, vc, meta, k_new, v_new, slots = _build(gen, ctx_q, N, K, H, bs, dtype, kdev)
     triton_write_kv(k_new, v_new, kc, vc, slots)
@@ -79,6 +80,7 @@ def test_paged_attention_matches_reference(ctx_q, N, K, H, bs, splits, dtype, ge
     check(got, want, dtype, f"paged attention {ctx_q} N={N} K={K} H={H} L={bs} splits={splits}")
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_decode_split_counts_agree(gen, kdev, check):
     """1, 2, 5 and 8 splits of the same long decode batch give the same answer."""
     q, kc, vc, meta, k_new, v_new, slots = _build(gen, [(97, 1), (130, 1), (2, 1)], 4, 2, 16, 16, torch.float32, kdev)
@@ -100,6 +102,7 @@ PREFILL_SPLIT_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("ctx_q,N,K,H,bs,zp", PREFILL_SPLIT_CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_prefill_split_matches_reference(ctx_q, N, K, H, bs, zp, dtype, gen, kdev, check, nan_buffer):
     q, kc, vc, meta, k_new, v_new, slots = _build(gen, ctx_q, N, K, H, bs, dtype, kdev)
     triton_write_kv(k_new, v_new, kc, vc, slots)

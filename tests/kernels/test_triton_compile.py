@@ -22,6 +22,7 @@ H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile these for the real device")
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_all_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -84,6 +84,7 @@ MOE_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("T,E,G,K,D,I,mode,cfg,combine", MOE_CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_fused_moe_matches_reference(T, E, G, K, D, I, mode, cfg, combine, dtype, gen, kdev, check, nan_buffer):
     x = torch.randn(T, D, generator=gen).to(dtype)
     w13 = (torch.randn(E, 2 * I, D, generator=gen) / D**0.5).to(dtype)

@@ -30,6 +30,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("T,E,G,K,D,I,mode,cfg,combine,act,biases", CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_fused_moe_bias_activation(T, E, G, K, D, I, mode, cfg, combine, act, biases, dtype, gen, kdev, check,
                                    nan_buffer):
     x = (torch.randn(T, D, generator=gen) * 3).to(dtype)  # gate values past the clamp

@@ -59,6 +59,7 @@ TINY_CASES = [
 
 
 @pytest.mark.parametrize("T,E,G,K,D,I,mode,group,sym,dtype", TINY_CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_tiny_int4_matches_reference(T, E, G, K, D, I, mode, group, sym, dtype, gen, kdev, check, nan_buffer,
                                      monkeypatch):
     L = _layer(gen, T, E, G, K, D, I, mode, dtype, group, sym)

@@ -91,6 +91,7 @@ def test_dequant_path_matches_reference_beside_the_tile_path(T, E, G, K, D, I, m
         assert (got.cpu()[remote] == 0).all()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_workspace_is_reused_across_layers_and_grows(gen, kdev, check):
     """Two layers of one shape share the same buffers (no new allocation); a larger one grows them once."""
     ws = DequantWorkspace()

@@ -69,6 +69,7 @@ TINY_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("T,E,G,K,D,I,mode,act,biases", TINY_CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_tiny_mxfp4_matches_reference(T, E, G, K, D, I, mode, act, biases, dtype, gen, kdev, check, nan_buffer,
                                       monkeypatch):
     L = _layer(gen, T, E, G, K, D, I, mode, dtype, biases)
@@ -95,6 +96,7 @@ def test_tiny_mxfp4_out_of_range_ids_touch_nothing(gen, kdev, check):
     check(got, want, torch.float32, "tiny mxfp4 with out-of-range ids")
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_tiny_mxfp4_is_deterministic_and_ignores_combine(gen, kdev):
     L = _layer(gen, 3, 6, 6, 4, 64, 32, "rand", torch.bfloat16, "both")
     a = _run(L, kdev, activation=OAI, config=WITH_TINY, path="tiny")
@@ -130,6 +132,7 @@ DEQUANT_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("T,E,G,K,D,I,mode,act,biases,combine", DEQUANT_CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_dequant_path_matches_reference_and_the_float_path(T, E, G, K, D, I, mode, act, biases, combine, dtype, gen,
                                                            kdev, check, nan_buffer):
     L = _layer(gen, T, E, G, K, D, I, mode, dtype, biases)

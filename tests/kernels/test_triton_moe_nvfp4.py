@@ -45,6 +45,7 @@ def _weights(gen, E, D, I):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("T,E,G,K,D,I,mode,cfg,combine,act,biases", CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_fused_moe_nvfp4_matches_reference(T, E, G, K, D, I, mode, cfg, combine, act, biases, dtype, gen, kdev,
                                            check, nan_buffer):
     w = _weights(gen, E, D, I)

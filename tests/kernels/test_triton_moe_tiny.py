@@ -51,6 +51,7 @@ def _want(x, w13, w2, weights, ids, emap, b13, b2, act=SILU):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("T,E,G,K,D,I,mode,act,biases", CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_tiny_matches_reference(T, E, G, K, D, I, mode, act, biases, dtype, gen, kdev, check, nan_buffer, monkeypatch):
     x, w13, w2, weights, ids, emap, b13, b2 = _inputs(gen, T, E, G, K, D, I, mode, dtype, biases)
     ids[::2, -1] = -1  # EP receive-buffer holes

@@ -41,6 +41,7 @@ def _dev(ts, kdev):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("T,N,K,H,R,norm", CASES)
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_rope_write_kv_matches_unfused_triton_and_reference(T, N, K, H, R, norm, dtype, gen, kdev, check, seed):
     q, k, v, pos, table, caches, slots, (wq, wk) = _inputs(gen, T, N, K, H, R, norm, dtype)
     got_caches = [c.clone().to(kdev) for c in caches]

@@ -60,6 +60,7 @@ def _run_ranks(tmp_path, world: int, fmt: str) -> list[dict]:
 # expert (weights, block scales, MXFP4 blocks + scales, biases) must travel with it, bit for bit, and the
 # kernels must read the moved slots after the switch.
 @pytest.mark.parametrize("world,fmt", [(2, "float"), (4, "float"), (2, "fp8"), (2, "mxfp4")])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_move_on_gloo_ranks_outputs_unchanged(tmp_path, world, fmt):
     from tests.helpers.expert_move_worker import G, L, weights
 

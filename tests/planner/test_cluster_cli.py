@@ -1,12 +1,15 @@
 """Smoke tests of `moelink plan` and `python -m moelink.engine.api.plan_cli`."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from moelink.engine.api import plan_cli
 from moelink.engine.api import cli
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_moelink_plan_prints_throughput_breakdown_and_best(tmp_path, capsys):
     js, png = tmp_path / "plan.json", tmp_path / "plan.png"
     rc = cli.main(["plan", "--model", "deepseek-v3", "--hardware", "h200-hgx", "--ep", "8", "--batch-per-rank", "64",

@@ -2,6 +2,8 @@
 asked for that does not fit is marked so, and the $/M line belongs to the setup it follows."""
 from __future__ import annotations
 
+import pytest
+
 import re
 
 from moelink.planner.hardware import get_profile
@@ -40,6 +42,7 @@ def test_a_setup_that_fits_is_not_marked():
     assert lines[3] == "the setup asked for:" and not any("DOES NOT FIT" in x for x in lines)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_defaults_nobody_asked_for_are_not_headlined_as_not_fitting(capsys):
     """Issue 54 item 10: `moelink plan --hardware all` headlined "the setup asked for (DOES NOT FIT): EP 8, batch
     128/rank" for defaults no one asked for. Without --ep / --batch-per-rank the block details the best setup that

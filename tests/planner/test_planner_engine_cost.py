@@ -248,6 +248,7 @@ def test_blackwell_ultra_profiles():
 # --- report ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_report_writes_markdown_and_plots(tmp_path, capsys):
     out = tmp_path / "r" / "cost.md"
     assert plan_cli.main(["--model", "deepseek-v3", "--hardware", "h200-hgx,gb300-nvl72", "--report",
@@ -272,6 +273,7 @@ def test_pareto_frontier_is_a_frontier():
     assert all(math.isfinite(u) and g > 0 for u, g in zip(users, gpus))
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_report_for_all_hardware_without_a_path_within_a_minute(tmp_path, monkeypatch, capsys):
     # The acceptance command, as typed: `moelink plan --model deepseek-v3 --hardware all --report`.
     import time

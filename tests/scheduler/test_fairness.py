@@ -157,6 +157,7 @@ def test_fairness_off_is_first_come_first_served():
 
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("seed", range(6))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_random_clients_lose_nothing_and_leak_nothing(seed, overlap, monkeypatch):
     """Clients arriving and leaving at random, KV pressure, aborts: every request's output is the unbatched
     oracle's, the client counts stay right (check_invariants), and every block comes back."""

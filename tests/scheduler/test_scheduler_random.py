@@ -31,6 +31,7 @@ def _random_request(rng, rid, prefixes, vocab):
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("seed", range(40))
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_random_simulation(seed, overlap):
     """`overlap`: the engine's overlapped loop (each step's output taken after the next step is scheduled) must
     give every request the tokens and finish reason of the unbatched oracle too, and leak no block."""

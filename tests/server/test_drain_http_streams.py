@@ -44,6 +44,7 @@ def _finishes(events: list) -> tuple[list, list]:
     return [c.get("finish_reason") for p in parsed for c in p.get("choices", []) if c.get("finish_reason")], parsed
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_drain_ends_streamed_completions_as_aborted(model_path):
     if smg_executable() is None:
         pytest.skip("the smg gateway (PyPI `smg`) is not installed")

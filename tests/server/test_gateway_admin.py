@@ -44,6 +44,7 @@ def keyless_http(model_path):
         srv.close()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_the_front_relays_no_control_plane_route(keyless_http):
     _, port, _, _ = keyless_http
     rogue = {"url": "http://127.0.0.1:9"}
@@ -86,6 +87,7 @@ def _http_health(srv) -> int:
                                                     timeout=10).status
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_removed_worker_is_registered_again(keyless_http):
     srv, port, smg_pid, smg_port = keyless_http
     key = {"authorization": f"Bearer {_admin_key(smg_pid)}"}

@@ -7,6 +7,8 @@ stand-in smg of test_gateway_supervisor.py; everything binds 127.0.0.1, every wa
 """
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import os
 
@@ -15,6 +17,7 @@ from moelink.engine.server import gateway as gw
 from tests.server.test_gateway_supervisor import _supervisor, fake  # noqa: F401 (a fixture)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_after_the_quick_restarts_it_keeps_retrying_and_says_the_api_is_down(fake, monkeypatch):  # noqa: F811
     from grpc_health.v1 import health, health_pb2
     from prometheus_client import CollectorRegistry, generate_latest

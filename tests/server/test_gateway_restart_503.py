@@ -93,6 +93,7 @@ def test_a_front_before_a_hand_started_smg_that_is_down_says_so():
     assert status == 502 and b"could not be reached" in raw, raw
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_503_only_while_smg_is_restarted_and_each_restart_is_logged_with_its_reason(fake_smg, monkeypatch, caplog):
     monkeypatch.setattr(gw, "BACKOFF_S", (1.5,))  # time to ask while smg is down
 

@@ -168,6 +168,7 @@ def test_a_first_start_killed_by_a_signal_is_tried_again(fake, caplog):
     assert "exited with -6 before it was ready" in caplog.text and "try 2 of 3" in caplog.text
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_never_ready_is_bounded_and_killed(fake):
     script, mode = fake
     mode.write_text("hang")
@@ -177,6 +178,7 @@ def test_never_ready_is_bounded_and_killed(fake):
     assert not _alive(sup.pid)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_never_ready_reports_smgs_last_error(fake):
     script, mode = fake
     mode.write_text("hang-failing")

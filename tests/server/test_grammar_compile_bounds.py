@@ -69,6 +69,7 @@ def _leave(stub, pb, seeds) -> list[threading.Thread]:
     return leavers
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_abandoned_schemas_do_not_stall_other_clients():
     srv = ServerProcess(BUILTIN, FLAGS + ["--grammar-compile-timeout", "60", "--shutdown-grace", "5"])
     try:
@@ -143,6 +144,7 @@ def pool():
     p.shutdown()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_time_limit_names_the_field_and_the_pool_goes_on(pool):
     t0 = time.monotonic()
     with pytest.raises(ValueError, match=r"^SamplingParams\.structured_outputs\.regex=.*did not compile within 2 s "
@@ -158,6 +160,7 @@ def test_size_limit_refuses_before_compiling(pool):
         pool.submit(StructuredOutputParams(regex="a" * 30_001))
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_full_queue_is_refused_and_leaving_clients_cancel(pool):
     from moelink.engine.core.structured_output import GrammarQueueFull
 

@@ -183,6 +183,7 @@ def test_the_front_reports_a_client_that_left_before_smg_answered():
     assert hangups == [relay]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_the_front_reports_nothing_once_the_answer_was_relayed():
     upstream = _Upstream(answer_after=0.2)
 
@@ -201,6 +202,7 @@ def test_the_front_reports_nothing_once_the_answer_was_relayed():
 
 
 # -- the compile pool -----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_compile_abandoned_while_its_process_starts_keeps_the_start():
     """A flood of clients that hang up at once must not kill every compile process as it starts: the abandoned job
     is dropped, and the process serves the next one."""

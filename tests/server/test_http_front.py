@@ -51,6 +51,7 @@ def _post(port, path, **body):
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 @pytest.mark.parametrize("field", ["guided_choice", "structured_outputs"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_choice_over_http_is_enforced(http_port, path, field):
     value = CHOICES if field == "guided_choice" else {"choice": CHOICES}
     for seed in range(4):
@@ -149,6 +150,7 @@ def test_logit_bias_is_refused_naming_the_field_not_ignored():
         assert rewrite(path, {"model": SERVED, "logit_bias": None}) is None
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_logit_bias_over_http_is_400(http_port):
     status, out = _post(http_port, "/v1/chat/completions", logit_bias={"7": 100})
     assert status == 400 and out["error"]["param"] == "logit_bias", out

@@ -117,6 +117,7 @@ def _ttft(port: int, k: int) -> float:
     return first
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_hung_up_compiles_are_dropped_and_others_are_served_promptly(srv):
     port = srv.http_port
     _ttft(port, 3)  # the compile process is warm
@@ -178,6 +179,7 @@ def test_a_non_streamed_generation_whose_client_left_is_aborted(srv):
                      rf"generating\)", srv.logs())
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_an_abort_rpc_reaches_a_request_whose_grammar_compiles(srv):
     """The gRPC side: smg's (and any vLLM client's) Abort by request id ends a request still compiling, which the
     Abort used to miss (it looked at admitted requests only)."""

@@ -103,6 +103,7 @@ def _connection_threads() -> list:
     return [t for t in threading.enumerate() if "process_request_thread" in t.name]
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_half_open_connections_are_bounded_and_time_out(thread_server, monkeypatch):
     """200 clients that connect and never finish a request: a capped number of threads, each gone after the timeout."""
     import socket

@@ -76,6 +76,7 @@ def test_each_server_prints_the_pd_gateway_to_run_by_hand(pd):
         assert hint.endswith(" & moelink http-front --port 8000 --upstream-port 8001 --upstream-metrics-port 29000")
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_vllm_grpc_handoff_loads_the_prompt_and_matches_one_engine(pd, offline):
     _, _, pre, dec = pd
     want = offline.generate([{"prompt_token_ids": PROMPT_IDS}], SamplingParams(**GREEDY), use_tqdm=False)[0]
@@ -163,6 +164,7 @@ def test_the_typed_mooncake_message_and_servers_without_a_connector_refuse(pd, s
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no KV connector" in err.value.details()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_prefill_server_gone_before_the_fetch_is_recomputed_exactly(model_path, pd, offline):
     _, _, _, dec = pd
     ids = [i * 3 % 400 + 3 for i in PROMPT_IDS]  # a prompt no other test sends (the decode server's prefix cache)
@@ -188,6 +190,7 @@ def pd_gateway(pd, model_path):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_smg_pd_mode_completions_match_one_engine_and_load_the_kv(pd, pd_gateway, offline, stream):
     _, dec, _, _ = pd
     prompt = "Once upon a time, in a land of many experts, " * 4
@@ -207,6 +210,7 @@ def _schema(i: int) -> dict:
             "required": [f"field_{i}", "n"], "additionalProperties": False}
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_the_first_structured_requests_through_a_cold_pd_pair_succeed(pd, pd_gateway):
     """Issue 54 item 1: a prefill/decode pair that never compiled a grammar, behind smg's PD mode, answers its first
     structured-output requests (each schema new, streamed and not) instead of smg's 504 "Prefill worker silent":
@@ -253,6 +257,7 @@ def test_smg_pd_usage_reports_the_tokens_the_decode_server_loaded(pd_gateway, of
     assert json.loads(raw)["usage"]["prompt_tokens_details"]["cached_tokens"] == n - 1
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_decode_server_killed_mid_stream_ends_the_client_stream_with_an_error(model_path, pd):
     pre, _, _, _ = pd
     if smg_executable() is None:
@@ -303,6 +308,7 @@ def test_decode_server_killed_mid_stream_ends_the_client_stream_with_an_error(mo
         dec.close()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_prefill_server_gone_ends_the_request_through_smg_with_a_reason_and_leaves_decode_idle(model_path, pd):
     """The prefill pool's only server dies: a client's request through smg's PD mode ends with an error it can
     read, within the client's deadline (never a hang), and the decode server holds nothing for it."""
@@ -334,6 +340,7 @@ def _idle(stubs) -> bool:
     return all(x.num_running_reqs == 0 and x.num_waiting_reqs == 0 and x.num_used_tokens == 0 for x in loads)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_200_concurrent_handoffs_with_cancels_lose_nothing_and_free_both_pools(pd):
     """A router's two legs for 200 requests at once; every fourth decode stream is cancelled after its first
     chunk and every tenth prefill leg before its answer. The rest complete with all their tokens; afterwards both
@@ -389,6 +396,7 @@ def test_200_concurrent_handoffs_with_cancels_lose_nothing_and_free_both_pools(p
 
 
 @pytest.mark.parametrize("protocol", ["native", "vllm"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_bench_serve_drives_both_legs_and_splits_ttft(pd, tmp_path, protocol, capsys):
     from moelink.benchmarks.serve_load import main
 

@@ -31,6 +31,7 @@ class _SpyBackend:
         return getattr(self._real, name)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_text_that_cannot_fit_is_refused_before_tokenizing_and_long_text_is_tokenized_off_the_loop(thread_server):
     srv = thread_server()
     serving = srv.server.serving

@@ -52,6 +52,7 @@ def _grpc_stream(call, started: threading.Event, out: list) -> None:
         started.set()
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_second_ctrl_c_ends_every_stream_as_aborted_or_failed(model_path):
     if smg_executable() is None:
         pytest.skip("the smg gateway (PyPI `smg`) is not installed")

@@ -34,6 +34,7 @@ def _python(code: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_starting_smg_beside_a_running_grpc_server_forks_nothing():
     """The gateway's way of starting smg, beside a serving grpc.aio server: no fork(), so gRPC says nothing; with
     a preexec_fn (the old way) it does, which shows the check can fail."""

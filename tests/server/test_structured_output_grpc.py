@@ -32,6 +32,7 @@ def _native_text(s, seed, **constraint) -> tuple[str, str]:
     return "".join(m.text for m in msgs), msgs[-1].finish_reason
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_native_json_schema_regex_choice(srv_stubs):
     s, _ = srv_stubs
     for seed in range(5):

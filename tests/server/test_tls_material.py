@@ -54,6 +54,7 @@ def _config_error(cert: str, key: str) -> str:
     return str(err.value)
 
 
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_good_pair_passes(pki):
     assert ServerConfig(tls_cert=pki["server.pem"], tls_key=pki["server.key"]).tls
 

@@ -71,6 +71,7 @@ def _complete(port, model):
 
 
 # -- item 3: the served names ----------------------------------------------------------------------------
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_local_path_is_served_as_given_and_its_folder_name_too(vllm_server, model_path):
     srv, port, rel = vllm_server
     status, out = _complete(port, rel)
@@ -177,6 +178,7 @@ def test_the_managed_gateway_starts_without_grpcs_fork_warning(vllm_server):
 
 
 @pytest.mark.parametrize("backend", ["openai", "openai-chat"])
+@pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_bench_serve_drives_the_openai_api(vllm_server, backend, tmp_path, capsys):
     from moelink.engine.api.cli import main
 
