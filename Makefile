@@ -20,7 +20,7 @@ SERVE_ARGS ?=
 LOCK ?= requirements/lock-cpu.txt
 EXTRAS ?= test
 
-.PHONY: setup serve test test-gpu bench clean lock
+.PHONY: setup serve test typecheck test-gpu bench clean lock
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ serve: setup
 	@echo "Load benchmark against it: $(VENV)/bin/moelink bench-serve --target $(HOST):$(PORT)"
 	$(VENV)/bin/moelink serve $(TINY_MODEL) --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
+# mypy over the whole package, GPU-only code included (docs/testing.md#the-type-check; [tool.mypy] in pyproject.toml).
+# `make test` runs it first: seconds on its cache (.mypy_cache/), a minute or two cold.
+typecheck: setup
+	$(PY) -m tests.helpers.typecheck
+
 # Two pytest-xdist workers (the machines have 2 cores); Ray tests share one worker (tests/conftest.py).
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
@@ -60,6 +65,7 @@ TEST_WORKERS ?= 2
 # process the suite starts (EP ranks, servers, script smokes: hundreds) compiles moelink's sources again, ~0.2 s of
 # CPU each (pip compiles site-packages at install; an editable checkout is not).
 test: setup
+	$(PY) -m tests.helpers.typecheck
 	$(PY) -m compileall -q -j 2 engine scheduler moe comm kernels planner benchmarks deploy tests > /dev/null
 	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
@@ -72,4 +78,4 @@ bench: setup
 	$(PY) -m moelink.benchmarks.engine_throughput
 
 clean:
-	rm -rf $(VENV) .lock-venv tiny-model .pytest_cache  # never builtin-model/: it is committed
+	rm -rf $(VENV) .lock-venv tiny-model .pytest_cache .mypy_cache  # never builtin-model/: it is committed

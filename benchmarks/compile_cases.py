@@ -119,9 +119,10 @@ NEW_KEY_VARIANTS = (("persistent", dict(PERSISTENT=1)), ("tma", dict(TMA=True)),
 
 def moe_cases(published: bool, quick: bool):
     """(label, shape name, (E, K, D, I), T, MoELaunchConfig, dtype, map?, combine) for every config moelink or the tuner uses."""
-    from moelink.kernels.moe_config import CONFIG_DIR, DEFAULT_TINY, MoELaunchConfig, TinyGemm, load_config_file
+    from moelink.kernels.moe_config import (CONFIG_DIR, DEFAULT_TINY, MoELaunchConfig, TinyGemm, committed_config,
+                                            load_config_file)
 
-    key, default = load_config_file(str(CONFIG_DIR / "default.json"))
+    key, default = committed_config("default.json")
     assert key == "rows_per_expert"
     for name, (E, K, D, I) in MODEL_SHAPES.items():
         for bucket, cfg in default:
@@ -161,7 +162,7 @@ def moe_cases(published: bool, quick: bool):
     # The tiny-batch path (kernels/triton_moe_tiny.py) with DEFAULT_TINY at decode sizes of every shape: one
     # token (the down GEMV narrowed to fill 132 SMs where D / BN is too few programs) and eight; fp32 activations
     # and an expert map; and the widest GEMV tiles tune_moe's tiny axis keeps (its register rule, 8 warps).
-    base = load_config_file(str(CONFIG_DIR / "default.json"))[1][0][1]
+    base = committed_config("default.json")[1][0][1]
     tiny = MoELaunchConfig(base.BLOCK_SIZE_M, base.up, base.down, DEFAULT_TINY)
     for name, shape in MODEL_SHAPES.items():
         for T in (1, 8):
@@ -332,13 +333,13 @@ def compile_fp8(rec: Recorder, quick: bool) -> None:
     atomic variant; the dense GEMM at every fp8_linear.json bucket; the quantization kernel
     with them."""
     from moelink.kernels.fp8 import block_scale_shape
-    from moelink.kernels.moe_config import CONFIG_DIR, MoELaunchConfig, load_config_file
+    from moelink.kernels.moe_config import CONFIG_DIR, MoELaunchConfig, committed_config, load_config_file
     from moelink.kernels.triton_fp8 import _linear_buckets, triton_fp8_linear
     from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
 
     meta = dict(device="meta")
     f8 = torch.float8_e4m3fn
-    key, default = load_config_file(str(CONFIG_DIR / "fp8_moe_default.json"))
+    key, default = committed_config("fp8_moe_default.json")
     assert key == "rows_per_expert"
     moe = [(f"fp8_moe_default.json[{b}]", n, T, c, False, "sum") for n in ("deepseek-v3", "qwen3-30b-a3b")
            for b, c in (default[:1] if quick else default)

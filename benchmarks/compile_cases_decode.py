@@ -3,6 +3,8 @@ attention inputs (norms, rotary, paged-KV / latent write) and router top-k at th
 fp8 caches, and SiLU·mul; the shared machinery (Recorder, shapes) is benchmarks/compile_cases.py's."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .compile_cases import Recorder
@@ -29,9 +31,9 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
             qkv = torch.empty(T, (N + 2 * K) * H, dtype=dt, **meta)
             q, k, v = qkv[:, :N * H].view(T, N, H), qkv[:, N * H:(N + K) * H].view(T, K, H), qkv[:, (N + K) * H:].view(T, K, H)
             cache = torch.empty(1000, L, K, H, dtype=cache_dt, **meta)
-            w = [torch.empty(H, dtype=dt, **meta) for _ in range(2)] if norm else [None, None]
+            qw, kw = (torch.empty(H, dtype=dt, **meta), torch.empty(H, dtype=dt, **meta)) if norm else (None, None)
             with rec.labelled(f"{name} attention input (norm + rotary + KV write), {str(cache_dt)[6:]} cache"):
-                triton_rope_write_kv(q, k, v, pos, torch.empty(4096, R, **meta), cache, cache, slots, *w, 1e-6)
+                triton_rope_write_kv(q, k, v, pos, torch.empty(4096, R, **meta), cache, cache, slots, qw, kw, 1e-6)
     C, P = 512, 64
     for name, N, style in [("deepseek-v2-lite", 16, "complex")] + ([] if quick else [("deepseek-v3", 128, "neox")]):
         q = torch.empty(T, N, 192, dtype=dt, **meta)
@@ -43,7 +45,8 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
             with rec.labelled(f"{name} MLA input (latent norm + {style} rotary + latent write), {str(cache_dt)[6:]} cache"):
                 triton_mla_rope_write_latent(q[..., 128:], kv[:, :C], kv[:, C:], pos, table, style,
                                              torch.empty(C, dtype=dt, **meta), 1e-6, cache, slots)
-    routers = [("qwen3-30b-a3b", 128, 8, dt, dict(renormalize=True)),
+    routers: list[tuple[str, int, int, torch.dtype, dict[str, Any]]] = [
+               ("qwen3-30b-a3b", 128, 8, dt, dict(renormalize=True)),
                ("deepseek-v2-lite", 64, 6, torch.float32, {}),
                ("deepseek-v2", 160, 6, torch.float32, dict(method="group_limited_greedy", n_group=8, topk_group=3)),
                ("deepseek-v3", 256, 8, torch.float32, dict(method="noaux_tc", renormalize=True, scale=2.5, n_group=8,

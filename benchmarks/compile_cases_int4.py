@@ -17,12 +17,12 @@ INT4_SHAPES = {"kimi-k2": (384, 8, 7168, 2048, 32, False),
 
 def compile_moe_int4(rec: Recorder, quick: bool) -> None:
     """The INT4 fused MoE (kernels/triton_moe_int4.py) at the shapes above (module docstring)."""
-    from moelink.kernels.moe_config import CONFIG_DIR, load_config_file
+    from moelink.kernels.moe_config import committed_config
     from moelink.kernels.triton_moe_int4 import triton_fused_moe_int4
 
     meta = dict(device="meta")
     bf = torch.bfloat16
-    _, table = load_config_file(str(CONFIG_DIR / "int4_moe_default.json"))
+    _, table = committed_config("int4_moe_default.json")
     for name, (E, K, D, I, G, zp) in INT4_SHAPES.items():
         q = lambda *s: torch.empty(*s, dtype=torch.int32, **meta)  # noqa: E731
         s = lambda *s_: torch.empty(*s_, dtype=bf, **meta)  # noqa: E731
@@ -38,9 +38,9 @@ def compile_moe_int4(rec: Recorder, quick: bool) -> None:
                          ("atomic", 4096, bf, False, "atomic", "sorted"), ("tiny fp16", 1, torch.float16, False, "sum",
                                                                            "auto")]
         for label, T, dt, emap, combine, path in variants[:1] if quick else variants:
-            ws = [t.to(dt) if t.dtype == bf else t for t in w]
+            w13q, w13s, w2q, w2s = (t.to(dt) if t.dtype == bf else t for t in w)
             with rec.labelled(f"{name} INT4 g{G}{' zp' if zp else ''} T={T} {label}"):
-                triton_fused_moe_int4(torch.empty(T, D, dtype=dt, **meta), *ws, torch.empty(T, K, **meta),
+                triton_fused_moe_int4(torch.empty(T, D, dtype=dt, **meta), w13q, w13s, w2q, w2s, torch.empty(T, K, **meta),
                                       torch.empty(T, K, dtype=torch.long, **meta),
                                       torch.empty(E, dtype=torch.int32, **meta) if emap else None, combine=combine,
                                       path=path, **zeros)

@@ -16,14 +16,14 @@ def compile_moe_mxfp4(rec: Recorder, quick: bool) -> None:
     their largest batch, the per-tile path where another path is the default (the benchmark's per-tile rows), an
     expert map, the atomic combine, fp16; and the bf16 fused MoE with biases and swiglu_oai (float checkpoints)."""
     from moelink.kernels.moe import MoEActivation
-    from moelink.kernels.moe_config import CONFIG_DIR, load_config_file
+    from moelink.kernels.moe_config import committed_config
     from moelink.kernels.triton_moe import triton_fused_moe
     from moelink.kernels.triton_moe_mxfp4 import triton_fused_moe_mxfp4
 
     meta = dict(device="meta")
     u8 = lambda *s: torch.empty(*s, dtype=torch.uint8, **meta)  # noqa: E731
     act = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
-    _, table = load_config_file(str(CONFIG_DIR / "mxfp4_moe_default.json"))
+    _, table = committed_config("mxfp4_moe_default.json")
     for name, (E, K, D, I) in GPT_OSS_SHAPES.items():
         w = (u8(E, 2 * I, D // 32, 16), u8(E, 2 * I, D // 32), u8(E, D, I // 32, 16), u8(E, D, I // 32))
         bf = torch.bfloat16

@@ -16,13 +16,13 @@ def compile_moe_nvfp4(rec: Recorder, quick: bool, native: bool = False) -> None:
     """The NVFP4 fused MoE (kernels/triton_moe_nvfp4.py) at Qwen3-30B-A3B and DeepSeek-V3(-R1) shapes in ModelOpt's
     layout: every default.json bucket (decode to prefill), an expert map, the atomic combine, fp16 activations.
     `native`: the tl.dot_scaled path instead (compile it for sm_100: Recorder.install(100))."""
-    from moelink.kernels.moe_config import CONFIG_DIR, load_config_file
+    from moelink.kernels.moe_config import committed_config
     from moelink.kernels.triton_moe_nvfp4 import triton_fused_moe_nvfp4
 
     meta = dict(device="meta")
     u8 = lambda *s: torch.empty(*s, dtype=torch.uint8, **meta)  # noqa: E731
     f8 = lambda *s: torch.empty(*s, dtype=torch.float8_e4m3fn, **meta)  # noqa: E731
-    _, default = load_config_file(str(CONFIG_DIR / "default.json"))
+    _, default = committed_config("default.json")
     for name, (E, K, D, I) in NVFP4_SHAPES.items():
         w = (u8(E, 2 * I, D // 2), f8(E, 2 * I, D // 16), torch.empty(E, 2, **meta), u8(E, D, I // 2), f8(E, D, I // 16),
              torch.empty(E, **meta))

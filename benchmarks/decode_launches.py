@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ class LaunchLog:
         hooks = []
         for name, m in root.named_modules():
             full = f"{prefix}.{name}" if name else prefix
-            hooks.append(m.register_forward_pre_hook(lambda _m, _a, full=full: self.modules.append(full) and None))
+            hooks.append(m.register_forward_pre_hook(lambda _m, _a, full=full: self.modules.append(full)))
             hooks.append(m.register_forward_hook(lambda _m, _a, _o: self.modules.pop() and None))
         return hooks
 
@@ -311,7 +312,7 @@ def main(argv=None) -> dict:
     models = sorted(MODELS) if args.model == "all" else [args.model]
     from moelink.engine.api.provenance import git_commit
 
-    result = dict(benchmark="decode_launches", command="TRITON_INTERPRET=1 python -m moelink.benchmarks.decode_launches "
+    result: dict[str, Any] = dict(benchmark="decode_launches", command="TRITON_INTERPRET=1 python -m moelink.benchmarks.decode_launches "
                   + " ".join(argv if argv is not None else sys.argv[1:]), commit=git_commit(),
                   date=time.strftime("%Y-%m-%d"), results=[])
     for m in models:

@@ -120,7 +120,7 @@ def one_point(kernels, device, dtype, cache_dtype, ctx: int, batch: int, timer: 
         return kernels.dsa_topk(iq, w, index, meta, k, d**-0.5, width)
 
     def select_one_program():
-        return kernels.dsa_topk(iq, w, index, meta, k, d**-0.5, width, **split_kw(1))
+        return kernels.dsa_topk(iq, w, index, meta, k, d**-0.5, width, **split_kw(1))  # type: ignore[misc]  # CUDA only
 
     topk = select()
     if split_kw is not None:  # both top-k paths select the same positions

@@ -58,7 +58,7 @@ def run(ep: int, num_requests: int, max_tokens: int, rejoin: bool = False, rejoi
                 raise RuntimeError(f"elastic_fault: not done in {timeout_s:g} s ({stats})")
             if killed_at is None and done >= total // 3:
                 killed_at = time.monotonic() - t_start
-                os.kill(eng.executor.rank_pids[1], signal.SIGKILL)
+                os.kill(eng.executor.rank_pids[1], signal.SIGKILL)  # type: ignore[attr-defined]  # a Ray executor's
             unfinished = sum(s.num_running + s.num_waiting for s in eng.rank_stats())
             t0 = time.monotonic()
             outs = eng.step()

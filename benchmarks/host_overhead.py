@@ -204,11 +204,11 @@ def main(argv=None) -> dict:
                 for detok in (True, False):
                     runs[detok].append(decode_ms_per_step(text_llm, args.seqs, args.tokens, detok))
                 for m in modes:
-                    ms, device_ms, cpu_ms = decode_step_ms(*loop_llms[m][:1], args.seqs, args.tokens, False,
-                                                           loop_llms[m][1])
-                    loop_runs[m].append(ms)
-                    loop_device[m].append(device_ms)
-                    loop_cpu[m].append(cpu_ms)
+                    step_ms, step_device_ms, step_cpu_ms = decode_step_ms(loop_llms[m][0], args.seqs, args.tokens,
+                                                                          False, loop_llms[m][1])
+                    loop_runs[m].append(step_ms)
+                    loop_device[m].append(step_device_ms)
+                    loop_cpu[m].append(step_cpu_ms)
                 for m in timed_llms:
                     timed_runs[m].append(decode_ms_per_step(timed_llms[m][0], args.seqs, args.tokens, False))
             forward_threads = {m: sorted(stub.threads) for m, (_, stub) in timed_llms.items()}

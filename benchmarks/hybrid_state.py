@@ -52,6 +52,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -340,7 +341,7 @@ def main(argv=None) -> dict:
     t_start = time.monotonic()
     device = args.device or ("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     size_name = "smoke" if args.cpu_smoke else (args.size or ("gpu" if device.startswith("cuda") else "cpu"))
-    size = dict(SIZES[size_name])
+    size: dict[str, Any] = dict(SIZES[size_name])
     for k in ("lengths", "batches"):
         v = _ints(getattr(args, k))
         if v:

@@ -32,7 +32,7 @@ import torch
 from moelink.engine.kv_transfer.arrival import ArrivalWriter
 from moelink.engine.kv_transfer.store import HoldBounds, SavedKVStore
 from moelink.engine.kv_transfer.auth import SecretAuth
-from moelink.engine.kv_transfer.transport import KV_TRANSPORTS, make_transport
+from moelink.engine.kv_transfer.transport import KV_TRANSPORTS, NixlTransport, make_transport
 from moelink.engine.kv_transfer.blocks import PagedKVBlocks, SavedKV
 from moelink.scheduler.outputs import KVTransfer
 
@@ -114,7 +114,7 @@ def time_load_in_place(saved: SavedKV, repeats: int) -> float:
     fresh key per load; each fetch stages the held rows out (the copy registered for that fetch), and the decode
     side READs them into its cache's blocks through the connector's writer."""
     auth = SecretAuth(BENCH_SECRET)
-    prefill, client = make_transport("nixl", 10.0, 600.0, auth=auth), make_transport("nixl", 10.0, 600.0, auth=auth)
+    prefill, client = NixlTransport(10.0, 600.0, auth), NixlTransport(10.0, 600.0, auth)
     store = SavedKVStore(600.0, 1 << 40)
     port = _free_port()
     server = prefill.serve(store, "127.0.0.1", port)

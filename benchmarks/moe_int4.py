@@ -34,6 +34,7 @@ import json
 import os
 import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -216,7 +217,8 @@ def main(argv=None) -> dict:
     if args.prefill and args.counts:
         tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(PREFILL_TOKENS)
         rows = prefill_table({s: PREFILL_SHAPES[s] for s in args.shapes.split(",")}, tokens)
-        result = dict(benchmark="moe_int4_prefill_counts", device="cpu (counted, not timed)", results=rows,
+        result: dict[str, Any] = dict(benchmark="moe_int4_prefill_counts", device="cpu (counted, not timed)",
+                                      results=rows,
                       method="benchmarks/moe_int4.py prefill_counts: per path streamed / HBM bytes, decodes, MMA FLOPs")
         out = Path(args.out) if args.out else RESULTS / "moe_int4_prefill_counts.json"
         write_result(out, result)

@@ -251,7 +251,8 @@ def plot_roofline(result: dict, path: Path) -> bool:
         for shape, col in colors.items():
             pts = [(r["intensity"], r["TFLOPs"]) for r in result["results"] if r["system"] == sys_name and r["shape"] == shape]
             if pts:
-                ax.scatter(*zip(*pts), marker=mk, color=col, s=28, label=f"{sys_name} · {shape}")
+                xs, ys = zip(*pts)
+                ax.scatter(xs, ys, marker=mk, color=col, s=28, label=f"{sys_name} · {shape}")
     ax.set(xscale="log", yscale="log", xlabel="FLOP per byte touched", ylabel="TFLOP/s",
            title=f"MoE experts, {result['dtype']}, {result['device']} ({result['date']}, {result['commit']})")
     ax.grid(True, which="both", alpha=0.3)

@@ -140,13 +140,13 @@ class _Client:
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self.timeout_s = timeout_s
         if protocol == "native":
-            from moelink.engine.server.gen import moelink_v1_pb2 as pb, moelink_v1_pb2_grpc as pb_grpc
+            from moelink.engine.server.gen import moelink_v1_pb2 as native_pb, moelink_v1_pb2_grpc as native_grpc
 
-            self.pb, self.stub = pb, pb_grpc.GenerationStub(channel)
+            self.pb, self.stub = native_pb, native_grpc.GenerationStub(channel)
         else:
-            from smg_grpc_proto.generated import vllm_engine_pb2 as pb, vllm_engine_pb2_grpc as pb_grpc
+            from smg_grpc_proto.generated import vllm_engine_pb2 as vllm_pb, vllm_engine_pb2_grpc as vllm_grpc
 
-            self.pb, self.stub = pb, pb_grpc.VllmEngineStub(channel)
+            self.pb, self.stub = vllm_pb, vllm_grpc.VllmEngineStub(channel)
 
     def _request(self, rid: str, prompt: list[int], output_len: int, kv_transfer_params_json: Optional[str] = None):
         pb = self.pb
@@ -318,7 +318,9 @@ async def _run_levels(ns, client, make_prompts, rng: random.Random, pd) -> tuple
     for c in _levels(ns.concurrency, int):
         prompts = await make_prompts(max(ns.num_requests, 4 * c))
         t = time.perf_counter()
-        spec.begin(), offload.begin(), pd.begin()
+        spec.begin()
+        offload.begin()
+        pd.begin()
         res = await _closed_loop(client, prompts, ns.output_len, c, f"c{c}")
         levels.append(dict(mode="closed_loop", concurrency=c, **summarize(res, ns.input_len, slo),
                            **spec.end(), **offload.end(), **pd.end(res)))
@@ -326,7 +328,9 @@ async def _run_levels(ns, client, make_prompts, rng: random.Random, pd) -> tuple
     for r in _levels(ns.rates, float):
         prompts = await make_prompts(max(ns.num_requests, int(2 * r)))
         t = time.perf_counter()
-        spec.begin(), offload.begin(), pd.begin()
+        spec.begin()
+        offload.begin()
+        pd.begin()
         res = await _poisson(client, prompts, ns.output_len, r, rng, f"r{r:g}")
         levels.append(dict(mode="poisson", rate=r, **summarize(res, ns.input_len, slo), **spec.end(),
                            **offload.end(), **pd.end(res)))

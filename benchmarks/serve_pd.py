@@ -25,13 +25,13 @@ class PDClient:
         self.timeout_s = timeout_s
         pb = decode_client.pb
         if decode_client.protocol == "native":
-            from moelink.engine.server.gen import moelink_v1_pb2_grpc as pb_grpc
+            from moelink.engine.server.gen import moelink_v1_pb2_grpc as native_grpc
 
-            self.prefill_stub = pb_grpc.GenerationStub(prefill_channel)
+            self.prefill_stub = native_grpc.GenerationStub(prefill_channel)
         else:
-            from smg_grpc_proto.generated import vllm_engine_pb2_grpc as pb_grpc
+            from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vllm_grpc
 
-            self.prefill_stub = pb_grpc.VllmEngineStub(prefill_channel)
+            self.prefill_stub = vllm_grpc.VllmEngineStub(prefill_channel)
         self.pb = pb
 
     def _prefill_request(self, rid: str, prompt: list[int]):

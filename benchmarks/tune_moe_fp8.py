@@ -105,12 +105,13 @@ def adapt_bf16(cfg, block=(128, 128)):
 
 def fp8_seeds(shape, T, device, block=(128, 128), bf16_dir=None):
     """[(label, config as launched)], duplicates removed, in order: current, fp8_moe_default.json, bf16 tuned."""
-    from moelink.kernels.moe_config import CONFIG_DIR, _pick, config_file_name, device_name, load_config_file
+    from moelink.kernels.moe_config import (CONFIG_DIR, _pick, committed_config, config_file_name, device_name,
+                                            load_config_file)
     from moelink.kernels.triton_moe_fp8 import get_fp8_moe_config
 
     E, K, D, I = shape
     out = [("current", get_fp8_moe_config(E, I, T, K, device)),
-           ("fp8_moe_default.json", _pick(*load_config_file(str(CONFIG_DIR / "fp8_moe_default.json")), T, K, E))]
+           ("fp8_moe_default.json", _pick(*committed_config("fp8_moe_default.json"), T, K, E))]
     name = config_file_name(E, I, device_name(device))
     found = load_config_file(str((bf16_dir or CONFIG_DIR) / name))
     if found:

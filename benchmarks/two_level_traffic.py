@@ -40,8 +40,12 @@ def _rank(rank: int, world: int, port: int, nodes: list[int], cfg: dict, out_dir
         a2a = make_all_to_all(name, group, rank, world, "cpu", **options)
         recv, meta = a2a.dispatch(x, ids, w, tables)
         out = a2a.combine(recv, meta)
-        crossing = (meta.inter_node_rows.sum().item() if meta.inter_node_rows is not None else
-                    sum(c for r, c in enumerate(meta.send_counts) if nodes[r] != nodes[rank]))
+        if meta.inter_node_rows is not None:
+            crossing = int(meta.inter_node_rows.sum().item())
+        else:
+            sent = meta.send_counts
+            assert sent is not None  # the counted backends fill it
+            crossing = sum(c for r, c in enumerate(sent) if nodes[r] != nodes[rank])
         result[name] = dict(crossing=crossing, rows=meta.num_tokens_sent, out=out)
     torch.testing.assert_close(result["torch"]["out"], result["two_level"]["out"])
     torch.save({k: dict(crossing=v["crossing"], rows=v["rows"]) for k, v in result.items()},

@@ -78,7 +78,8 @@ class TorchAllToAll(AllToAll):
     def combine(self, y_ND, meta):
         return self._start_combine(y_ND, meta).wait()
 
-    def dispatch_async(self, x_TD, topk_ids_TK, topk_weights_TK, route) -> PendingHandle:
+    def dispatch_async(self, x_TD, topk_ids_TK, topk_weights_TK,  # type: ignore[override]  # no options: it sizes
+                       route) -> PendingHandle:  # each dispatch by a counts exchange
         """The counts exchange runs now (blocking: the split sizes must reach the host); the x rows and the packed
         ids+weights travel as two async collectives, and `wait()` waits for both and unpacks the metadata."""
         return self._issued(self._start_dispatch(x_TD, topk_ids_TK, topk_weights_TK, route))

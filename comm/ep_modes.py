@@ -27,8 +27,12 @@ and by the cluster model (planner/).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .a2a_base import A2AHandle, AllToAll, DispatchMeta
+
+if TYPE_CHECKING:
+    from .nccl_all_to_all import PaddedAllToAll  # the fixed-capacity transports (NcclAllToAll is one)
 
 LOW_LATENCY = "low_latency"
 HIGH_THROUGHPUT = "high_throughput"
@@ -47,7 +51,7 @@ class DispatchMode(AllToAll):
     graph_safe = False
     accepts_padding_rows = True
 
-    def __init__(self, transport: AllToAll, capacity: int):
+    def __init__(self, transport: PaddedAllToAll, capacity: int):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"{self.name} dispatch capacity must be a positive integer, got {capacity!r}.")
         super().__init__(transport.group, transport.rank, transport.world_size, transport.device)
@@ -117,7 +121,7 @@ class TwoModeAllToAll(AllToAll):
     the backend did on its own.
     """
 
-    def __init__(self, transport: AllToAll, decode_capacity: int):
+    def __init__(self, transport: PaddedAllToAll, decode_capacity: int):
         super().__init__(transport.group, transport.rank, transport.world_size, transport.device)
         self.transport = transport
         self.name = transport.name

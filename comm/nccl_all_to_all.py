@@ -74,7 +74,7 @@ class PaddedAllToAll(AllToAll):
         self._exchange(pairs)
         return finish()
 
-    def dispatch_async(self, x_TD, topk_ids_TK, topk_weights_TK, route,
+    def dispatch_async(self, x_TD, topk_ids_TK, topk_weights_TK, route,  # type: ignore[override]  # its one option
                        capacity: int | None = None) -> PendingHandle:
         """x blocks and packed ids+weights travel async (no counts exchange); `wait()` unpacks the metadata."""
         pairs, finish = self._pack_dispatch(x_TD, topk_ids_TK, topk_weights_TK, route, capacity)

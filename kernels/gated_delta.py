@@ -207,9 +207,10 @@ def _run(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1
     if short:
         st, ln = [starts[s] for s in short], [lens[s] for s in short]
         L = max(ln)
-        padded = [_pad_by_sequence(x, st, ln, L) for x in (q, k, v, g, beta)]
+        pq, pk, pv, pg, pbeta = (_pad_by_sequence(x, st, ln, L) for x in (q, k, v, g, beta))
         idx = torch.tensor(short, device=v.device)
-        o_SLNV, fin, kept = recurrent_batch(*padded, torch.tensor(ln, device=v.device), init_SNKV[idx], keep_Q)
+        o_SLNV, fin, kept = recurrent_batch(pq, pk, pv, pg, pbeta, torch.tensor(ln, device=v.device), init_SNKV[idx],
+                                            keep_Q)
         final_SNKV[idx] = fin
         for i, (a, n) in enumerate(zip(st, ln)):
             o_TNV[a: a + n] = o_SLNV[i, :n]

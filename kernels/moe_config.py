@@ -210,8 +210,12 @@ def config_file_name(num_experts: int, inter: int, name: str) -> str:
     return f"E={num_experts},N={inter},device_name={name}.json"
 
 
+# (key kind, sorted ((bucket, config), ...)): a config file as read, what `_pick` picks from.
+ConfigTable = tuple[str, tuple[tuple[int, MoELaunchConfig], ...]]
+
+
 @functools.lru_cache(maxsize=64)
-def load_config_file(path: str) -> tuple[str, tuple[tuple[int, MoELaunchConfig], ...]] | None:
+def load_config_file(path: str) -> ConfigTable | None:
     """(key kind, sorted ((bucket, config), ...)) or None when the file does not exist."""
     p = Path(path)
     if not p.is_file():
@@ -224,6 +228,14 @@ def load_config_file(path: str) -> tuple[str, tuple[tuple[int, MoELaunchConfig],
     if not buckets:
         raise ValueError(f"{p.name}: configs is empty: give at least one bucket.")
     return key, buckets
+
+
+def committed_config(name: str) -> ConfigTable:
+    """One of the config files committed in kernels/configs/ (package data: always there)."""
+    found = load_config_file(str(CONFIG_DIR / name))
+    if found is None:
+        raise FileNotFoundError(f"{CONFIG_DIR / name}: a committed MoE config file is missing from the install")
+    return found
 
 
 def _pick(key: str, buckets, num_tokens: int, top_k: int, num_experts: int) -> MoELaunchConfig:
@@ -251,21 +263,20 @@ def lookup_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int,
     return _pick(key, buckets, num_tokens, top_k, num_experts)
 
 
-def config_table(num_experts: int, inter: int, name: str,
-                 config_dir: str | Path | None = None) -> tuple[str, tuple[tuple[int, MoELaunchConfig], ...]]:
+def config_table(num_experts: int, inter: int, name: str, config_dir: str | Path | None = None) -> ConfigTable:
     """(key kind, sorted buckets) of the file a shape's launch configs come from on GPU `name`."""
     root = Path(config_dir) if config_dir is not None else CONFIG_DIR
     if name == "cpu":
-        return load_config_file(str(root / "interpreter.json")) or load_config_file(str(CONFIG_DIR / "interpreter.json"))
+        return load_config_file(str(root / "interpreter.json")) or committed_config("interpreter.json")
     found = load_config_file(str(root / config_file_name(num_experts, inter, name)))
     if found is None:
-        found = load_config_file(str(root / "default.json")) or load_config_file(str(CONFIG_DIR / "default.json"))
+        found = load_config_file(str(root / "default.json")) or committed_config("default.json")
     return found
 
 
 def default_config(num_experts: int, inter: int, num_tokens: int, top_k: int) -> MoELaunchConfig:
     """The config a GPU with no tuned file for this shape gets (default.json): tune_moe's first seed."""
-    key, buckets = load_config_file(str(CONFIG_DIR / "default.json"))
+    key, buckets = committed_config("default.json")
     return _pick(key, buckets, num_tokens, top_k, num_experts)
 
 

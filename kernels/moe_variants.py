@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .moe_config import MoELaunchConfig, TinyConfig, config_table, lookup_moe_config
+from .moe_config import ConfigTable, MoELaunchConfig, TinyConfig, config_table, lookup_moe_config
 
 FORMATS = ("float", "fp8", "mxfp4", "nvfp4", "int4")  # moe/expert_weights.py names
 
@@ -65,7 +65,7 @@ class MoEVariant:
     quant_block_rows: int | None = None  # FP8: the activation quantization's BLOCK_R
 
 
-def _table(shape: MoEShape):
+def _table(shape: MoEShape) -> ConfigTable:
     if shape.fmt == "fp8":
         from .triton_moe_fp8 import fp8_config_table
 

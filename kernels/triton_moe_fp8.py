@@ -34,7 +34,7 @@ import triton.language as tl
 from . import moe_config
 from . import triton_common as common
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPE, up_row
-from .moe_config import CONFIG_DIR, GemmConfig, MoELaunchConfig, _pick, load_config_file
+from .moe_config import CONFIG_DIR, ConfigTable, GemmConfig, MoELaunchConfig, _pick, committed_config, load_config_file
 from .moe_schedule import tma_ok
 from .triton_fp8 import check_fp8_weight, check_triton_block, quant_tile, triton_per_token_group_quant
 from .triton_moe import check_routing, output, sorted_fused_moe
@@ -184,14 +184,15 @@ def get_fp8_moe_config(num_experts: int, inter: int, num_tokens: int, top_k: int
     return _pick(key, buckets, num_tokens, top_k, num_experts)
 
 
-def fp8_config_table(num_experts: int, inter: int, name: str, config_dir: str | Path | None = None):
+def fp8_config_table(num_experts: int, inter: int, name: str,
+                     config_dir: str | Path | None = None) -> ConfigTable:
     """(key kind, sorted buckets) of the FP8 file a shape's launch configs come from on GPU `name` ('cpu': the
     interpreter's); `get_fp8_moe_config` picks from it."""
     root = Path(config_dir) if config_dir is not None else CONFIG_DIR
     if name == "cpu":
-        return load_config_file(str(CONFIG_DIR / "fp8_moe_interpreter.json"))
+        return committed_config("fp8_moe_interpreter.json")
     found = load_config_file(str(root / fp8_config_file_name(num_experts, inter, name)))
-    return found or load_config_file(str(CONFIG_DIR / "fp8_moe_default.json"))
+    return found or committed_config("fp8_moe_default.json")
 
 
 def _blocks(cfg: MoELaunchConfig, bk: int) -> tuple[int, int, int, int]:
@@ -298,8 +299,9 @@ def triton_fused_moe_fp8(
     if T == 0:
         return out
     E, I = w13q_EFD.shape[0], w2q_EDI.shape[2]
-    fmt = Fp8Format(E, I, *(t if t.is_contiguous() else t.contiguous()
-                            for t in (w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv)), (bn, bk))
+    w13q, s13, w2q, s2 = (t if t.is_contiguous() else t.contiguous()
+                          for t in (w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv))
+    fmt = Fp8Format(E, I, w13q, s13, w2q, s2, (bn, bk))
     cfg = config or get_fp8_moe_config(E, I, T, K, x_TD.device)
     return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
                             expert_map_G, K, cfg, out, combine)

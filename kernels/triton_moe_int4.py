@@ -38,7 +38,8 @@ from . import moe_config
 from . import triton_common as common
 from .int4 import GROUP_SIZES, check_int4
 from .moe import SILU, MoEActivation
-from .moe_config import CONFIG_DIR, DEFAULT_TINY, GemmConfig, MoELaunchConfig, _pick, get_moe_config, load_config_file
+from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, GemmConfig, MoELaunchConfig, _pick, committed_config,
+                         get_moe_config, load_config_file)
 from .triton_common import dot
 from .triton_int4_dequant import DequantWorkspace, dequant_int4_words, dequantize_int4_experts, group_of_words
 from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
@@ -202,14 +203,15 @@ def int4_config_file_name(num_experts: int, inter: int, name: str) -> str:
     return f"int4,E={num_experts},N={inter},device_name={name}.json"
 
 
-def int4_config_table(num_experts: int, inter: int, name: str, config_dir: str | Path | None = None):
+def int4_config_table(num_experts: int, inter: int, name: str,
+                      config_dir: str | Path | None = None) -> ConfigTable:
     """(key kind, sorted buckets) of the INT4 file for a shape on GPU `name`: a tuned `int4,E=..,N=..,..json`, else
     `int4_moe_default.json` (rows per expert); `int4_moe_interpreter.json` on CPU ('cpu')."""
     root = Path(config_dir) if config_dir is not None else CONFIG_DIR
     if name == "cpu":
-        return load_config_file(str(CONFIG_DIR / "int4_moe_interpreter.json"))
+        return committed_config("int4_moe_interpreter.json")
     found = load_config_file(str(root / int4_config_file_name(num_experts, inter, name)))
-    return found or load_config_file(str(CONFIG_DIR / "int4_moe_default.json"))
+    return found or committed_config("int4_moe_default.json")
 
 
 def int4_path(cfg: MoELaunchConfig, num_tokens: int, top_k: int, path: str = "auto") -> str:

@@ -45,8 +45,8 @@ import triton.language as tl
 from . import triton_common as common
 from .moe import SILU, MoEActivation
 from . import moe_config
-from .moe_config import (CONFIG_DIR, DEFAULT_TINY, GemmConfig, MoELaunchConfig, _pick, get_moe_config,
-                         load_config_file)
+from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, GemmConfig, MoELaunchConfig, _pick, committed_config,
+                         get_moe_config, load_config_file)
 from .mxfp4 import GROUP, _check_packed
 from .triton_common import dot
 from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
@@ -221,14 +221,15 @@ def mxfp4_config_file_name(num_experts: int, inter: int, name: str) -> str:
     return f"mxfp4,E={num_experts},N={inter},device_name={name}.json"
 
 
-def mxfp4_config_table(num_experts: int, inter: int, name: str, config_dir: str | Path | None = None):
+def mxfp4_config_table(num_experts: int, inter: int, name: str,
+                       config_dir: str | Path | None = None) -> ConfigTable:
     """(key kind, sorted buckets) of the MXFP4 file for a shape on GPU `name`: a tuned `mxfp4,E=..,N=..,..json`,
     else `mxfp4_moe_default.json` (rows per expert); `mxfp4_moe_interpreter.json` on CPU ('cpu')."""
     root = Path(config_dir) if config_dir is not None else CONFIG_DIR
     if name == "cpu":
-        return load_config_file(str(CONFIG_DIR / "mxfp4_moe_interpreter.json"))
+        return committed_config("mxfp4_moe_interpreter.json")
     found = load_config_file(str(root / mxfp4_config_file_name(num_experts, inter, name)))
-    return found or load_config_file(str(CONFIG_DIR / "mxfp4_moe_default.json"))
+    return found or committed_config("mxfp4_moe_default.json")
 
 
 def mxfp4_path(cfg: MoELaunchConfig, num_tokens: int, top_k: int, path: str = "auto") -> str:

@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .placement import ExpertPlacement
+
+if TYPE_CHECKING:
+    from .layer import MoELayer
 
 # Layer parameters that are not per local expert slot (the router's, indexed by logical expert).
 _NOT_PER_SLOT = ("gate_GD", "gate_bias_G", "e_score_correction_bias_G")
@@ -120,7 +123,7 @@ def slot_tensors(layer: nn.Module, num_slots: int) -> dict[str, torch.Tensor]:
             if n not in _NOT_PER_SLOT and p.dim() >= 1 and p.shape[0] == num_slots}
 
 
-def moe_layers(model: nn.Module) -> list[nn.Module]:
+def moe_layers(model: nn.Module) -> list[MoELayer]:
     """The model's expert-parallel MoE layers, in MoE-layer order."""
     from .layer import MoELayer
 

@@ -22,6 +22,8 @@ from .stats import MoEStats
 
 # A layer's work as a generator: it yields while an all-to-all is in flight and returns its output.
 Stages = Generator[None, None, torch.Tensor]
+# An empty micro-batch's stages under EP (`moe_only_stages`): the MoE layers' collectives alone, no output.
+MoEOnlyStages = Generator[None, None, None]
 
 
 def run_stages(stages: Generator):

@@ -13,7 +13,7 @@ Legend: T tokens, G experts, K top-k, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,20 @@ def sqrtsoftplus(logits_TG: torch.Tensor) -> torch.Tensor:
 def _weights(scores_TG: torch.Tensor, ids_TK: torch.Tensor, scale: float) -> torch.Tensor:
     w_TK = scores_TG.gather(1, ids_TK)
     return w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20) * scale
+
+
+class TokenRouter(Protocol):
+    """The router of a TokenRoutedMoELayer (module docstring): `side` is the correction bias or the token-id table."""
+
+    top_k: int
+    float32_logits: bool
+    needs_bias: ClassVar[bool]
+    needs_table: ClassVar[bool]
+
+    def __call__(self, router_logits_TG: torch.Tensor, side: torch.Tensor | None, token_ids_T: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def route_args(self) -> dict | None: ...
 
 
 @dataclass(frozen=True)
@@ -73,4 +87,4 @@ class HashRouter:
         return _weights(sqrtsoftplus(router_logits_TG), ids_TK, self.routed_scaling_factor), ids_TK
 
 
-__all__ = ["HashRouter", "SqrtSoftplusRouter", "sqrtsoftplus"]
+__all__ = ["HashRouter", "SqrtSoftplusRouter", "TokenRouter", "sqrtsoftplus"]

@@ -12,13 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import MoELayer, Stages, run_stages
-from .token_routers import HashRouter, SqrtSoftplusRouter  # noqa: F401 (the layer's strategies)
+from .token_routers import HashRouter, SqrtSoftplusRouter, TokenRouter  # noqa: F401 (the layer's strategies)
 
 
 class TokenRoutedMoELayer(MoELayer):
     """A MoELayer whose router may read the step's token ids (`stages(x_TD, token_ids_T)`); the experts, the
     expert formats, expert parallelism and the load counters are MoELayer's. A hash router's table is
     `tid2eid_VK` (int64 [V, K]), loaded with the layer."""
+
+    router: TokenRouter  # MoELayer's Router, with the token ids beside the logits
 
     def __init__(self, *args, vocab_size: int = 0, **kwargs):
         super().__init__(*args, **kwargs)

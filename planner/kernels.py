@@ -246,8 +246,8 @@ def measured_efficiency(measurements: list[MeasuredMoE], dtype: str, shape: tupl
     use = exact or pool
     if not use:
         return None
-    mm = sum(m.matmul_frac for m in use) / len(use)
-    mem = sum(m.memory_frac for m in use) / len(use)
+    mm = sum(m.matmul_frac or 0.0 for m in use) / len(use)  # (set in every one: `pool` keeps those)
+    mem = sum(m.memory_frac or 0.0 for m in use) / len(use)
     return mm, mem, ", ".join(sorted({m.source for m in use}))
 
 

@@ -26,6 +26,11 @@ class SchedulerInterface(Protocol):
     def pool_tokens(self) -> int:
         """The longest sequence (prompt + outputs) this rank can run."""
 
+    @property
+    def held(self) -> set[str]:
+        """Ids of requests the engine holds back from scheduling for now (their next grammar mask is still being
+        filled, engine/core/structured_output.py): the engine adds and removes them, the scheduler only reads."""
+
     def add_request(self, req: Request) -> None:
         """Queue a new request; ValueError if it can never run or its id is taken."""
 

@@ -6,9 +6,10 @@ keeping the per-request bookkeeping incremental (O(new blocks) per call).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .block_pool import BlockPool, extend_block_hashes
+from .outputs import CachedRequestData
 from .request import Request
 
 
@@ -51,7 +52,7 @@ class KVCacheManager:
 
     # Fills the worker-bound record of a scheduled request with what this policy adds to a step (None:
     # nothing; `new_step_extras` is the per-step form, called only when set).
-    new_step_extras = None
+    new_step_extras: Callable[[CachedRequestData], None] | None = None
 
     def max_tokens_alone(self) -> int:
         """The longest sequence whose KV fits the pool with no other request running."""

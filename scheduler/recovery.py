@@ -7,12 +7,37 @@ it uses the scheduler's fields. The engine side is engine/cluster/elastic.py.
 """
 from __future__ import annotations
 
-from .outputs import RequestResync, SchedulerOutput
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .outputs import NewRequestData, RequestResync, SchedulerOutput
 from .request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from .fairness import ClientFairness
+    from .hybrid_cache import HybridCacheManager
+    from .kv_cache_manager import KVCacheManager
+    from .kv_connector import KVTransfers
 
 
 class RecoveryMixin:
     """`requeue` and `rewind` of `scheduler.Scheduler` (module docstring)."""
+
+    if TYPE_CHECKING:  # the scheduler's fields and methods this half uses (scheduler.Scheduler sets them)
+        kv: KVCacheManager | HybridCacheManager
+        kv_transfers: KVTransfers | None
+        requests: dict[str, Request]
+        waiting: deque[Request]
+        running: list[Request]
+        fairness: ClientFairness
+        _priority: dict[str, tuple[float, int]]
+        _num_added: int
+        _scheduled: dict[int, list[tuple[Request, int]]]
+        _resync: RequestResync | None
+
+        def _recompute(self, req: Request) -> None: ...
+        def _preempt(self, req: Request) -> None: ...
+        def _new_request_data(self, req: Request, num_computed: int) -> NewRequestData: ...
 
     def requeue(self, req: Request) -> None:
         """Queue a request taken over from a scheduler that is gone (elastic EP: its rank was lost). It keeps

@@ -45,7 +45,7 @@ from .kv_connector import KVConnector, KVTransfers
 from .hybrid_cache import HybridCacheManager
 from .sliding_kv import SlidingKVCacheManager
 from .spec_decode import SpecDecodeCounters, take_drafts
-from .outputs import CachedRequestData, NewRequestData, SchedulerOutput
+from .outputs import CachedRequestData, NewRequestData, RequestResync, SchedulerOutput
 from .recovery import RecoveryMixin
 from .request import Request, RequestStatus
 from .step_output import StepOutputMixin
@@ -87,6 +87,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         self.block_size = cache_config.block_size
         # The KV policy: with a sliding window set, that group keeps its own table (scheduler/sliding_kv.py); the
         # scheduler asks the manager (decode_tables, new_step_extras, blocks_alone, ...) and never which it is.
+        self.kv: KVCacheManager | HybridCacheManager
         if cache_config.sliding_window is not None:
             self.kv = SlidingKVCacheManager(cache_config.num_kv_blocks, cache_config.block_size,
                                             cache_config.enable_prefix_caching, cache_config.sliding_window,

@@ -105,7 +105,8 @@ class SlidingKVCacheManager(KVCacheManager):
         max_full = nb - s if nb - s > s else min(s, nb // 2)
         return max(max_full, 0) * bs
 
-    def get_computed_blocks(self, req: Request) -> tuple[SlidingHit, int]:
+    def get_computed_blocks(self, req: Request) -> tuple[SlidingHit, int]:  # type: ignore[override]  # opaque to the
+        # scheduler, which hands the hit back to allocate_slots
         if not self.enable_prefix_caching:
             return SlidingHit([], []), 0
         bs = self.block_size

@@ -21,14 +21,39 @@ sides keep the same tokens. A request preempted with its token in flight takes t
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from .engine_output import EngineCoreOutput
 from .outputs import ModelRunnerOutput, SchedulerOutput
 from .request import Request, RequestStatus
 
+if TYPE_CHECKING:
+    from .config import SchedulerConfig
+    from .draft_control import DraftControl
+    from .hybrid_cache import HybridCacheManager
+    from .kv_cache_manager import KVCacheManager
+    from .kv_connector import KVTransfers
+    from .spec_decode import SpecDecodeCounters
+
 
 class StepOutputMixin:
     """`update_from_output` and the stop rules of `scheduler.Scheduler` (module docstring)."""
+
+    if TYPE_CHECKING:  # the scheduler's fields and methods this half uses (scheduler.Scheduler sets them)
+        scheduler_config: SchedulerConfig
+        block_size: int
+        kv: KVCacheManager | HybridCacheManager
+        kv_transfers: KVTransfers | None
+        requests: dict[str, Request]
+        waiting: deque[Request]
+        running: list[Request]
+        draft_control: DraftControl
+        spec_counters: SpecDecodeCounters
+        _pool_tokens: int
+        _scheduled: dict[int, list[tuple[Request, int]]]
+
+        def _recompute(self, req: Request) -> None: ...
+        def _release(self, req: Request) -> None: ...
 
     def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Take the sampled tokens of a step: append, check stops, cache full

@@ -91,7 +91,7 @@ def _template_of(path: str, text: str) -> str:
         return text.strip().replace("\\n", "\n")
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise _bad(path, f"it is not valid JSON ({exc.msg}, line {exc.lineno}); a .json chat template holds a "
                          "JSON string or {\"chat_template\": \"...\"}") from None
     if isinstance(value, dict):

@@ -18,13 +18,23 @@ class Executor(ABC):
 
     world_size: int = 1
     plan: ExpertParallelPlan  # what every rank runs (engine/contract/expert_parallel.py)
-    # Set once a rank is lost (or the executor is shut down): the engine cannot step any more.
-    dead_error: Exception | None = None
-    # Elastic EP (engine/cluster/elastic.py): a rank lost that the engine may still recover from (`recover()`); None
-    # when nothing is lost, or on an executor that cannot recover (then a loss is `dead_error`).
-    lost_error: Exception | None = None
-    # Rejoin (engine/cluster/rejoin.py): replacement ranks are ready to be admitted (`admit()`) at a step boundary.
-    rejoin_ready: bool = False
+
+    @property
+    def dead_error(self) -> Exception | None:
+        """Set once a rank is lost (or the executor is shut down): the engine cannot step any more."""
+        return None
+
+    @property
+    def lost_error(self) -> Exception | None:
+        """Elastic EP (engine/cluster/elastic.py): a rank lost that the engine may still recover from (`recover()`);
+        None when nothing is lost, or on an executor that cannot recover (then a loss is `dead_error`)."""
+        return None
+
+    @property
+    def rejoin_ready(self) -> bool:
+        """Rejoin (engine/cluster/rejoin.py): replacement ranks are ready to be admitted (`admit()`) at a step
+        boundary."""
+        return False
 
     @abstractmethod
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]: ...
@@ -135,7 +145,7 @@ class InProcessExecutor(Executor):
         self.worker.launch(so, run_forward=not so.is_empty)
         return so.step_id
 
-    def collect(self, launched: int) -> list[ModelRunnerOutput]:
+    def collect(self, launched: int) -> list[ModelRunnerOutput]:  # type: ignore[override]  # the token launch gave
         return [self.worker.collect(launched)]
 
     def shutdown(self) -> None:

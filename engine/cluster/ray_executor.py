@@ -327,7 +327,7 @@ class RayExecutor(Executor):
         self._steps_in_flight += 1  # until its collect ends, however (a rank stuck in it is not parked)
         return [so.step_id for so in per_rank], refs, timeout
 
-    def collect(self, launched: tuple) -> list[ModelRunnerOutput]:
+    def collect(self, launched: tuple) -> list[ModelRunnerOutput]:  # type: ignore[override]  # the token launch gave
         """The step's outputs: one round trip (each actor answers after its next step's launch, which the driver
         sent first, so the ranks' host work for that step overlaps this one's device work)."""
         step_ids, launch_refs, timeout = launched

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 from .elastic import _LOAD_TIMEOUT_S, _PROBE_TIMEOUT_S, _Unrecoverable, reform_group, regroup_engine
 from .executor import WorkerDiedError
@@ -132,7 +132,9 @@ class RejoinTracker:
         if self.phase is not Phase.READY:
             return {}
         out = dict(self.ready)
-        self.not_before.clear(), self.failures.clear(), self.ready.clear()
+        self.not_before.clear()
+        self.failures.clear()
+        self.ready.clear()
         return out
 
 
@@ -141,7 +143,8 @@ class Rejoiner:
     original plan and its rank = the bundle); `state` is the executor's _RayState (its `spares` hold the actors
     not yet admitted, which a release or a failure kills with the rest)."""
 
-    def __init__(self, start: Callable[[int], object], state, delay_s: float, backoff: Backoff = Backoff(),
+    # start(bundle) returns a Ray actor handle (its remote methods are attributes, untyped)
+    def __init__(self, start: Callable[[int], Any], state, delay_s: float, backoff: Backoff = Backoff(),
                  start_timeout_s: float = _START_TIMEOUT_S, load_timeout_s: float = _LOAD_TIMEOUT_S):
         self._start_actor, self._state = start, state
         self.tracker = RejoinTracker(delay_s, backoff)
@@ -289,10 +292,14 @@ def admit_ranks(ex) -> RejoinResult | None:
     for b in range(n):
         if b in ex.bundles:
             i = ex.bundles.index(b)
-            kept.append(i), workers.append(ex.workers[i]), pids.append(ex.rank_pids[i])
+            kept.append(i)
+            workers.append(ex.workers[i])
+            pids.append(ex.rank_pids[i])
         else:
             actor, pid, _ = handles[b]
-            kept.append(None), workers.append(actor), pids.append(pid)
+            kept.append(None)
+            workers.append(actor)
+            pids.append(pid)
     plan, config = ex.full_plan, ex.full_config
     try:
         node_ids = bundle_node_ids(ex.pg, n)  # a bundle may now sit on a node that joined

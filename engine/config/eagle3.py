@@ -118,7 +118,7 @@ def eagle3_aux_layers(cfg: Eagle3Config, num_target_layers: int) -> tuple[int, i
         raise ValueError(f"EAGLE-3 head: target states after layers {list(after)} do not exist in a target of "
                          f"{L} layers (config.json eagle_aux_hidden_state_layer_ids="
                          f"{list(cfg.aux_layer_ids) if cfg.aux_layer_ids is not None else None}).")
-    return after  # type: ignore[return-value]
+    return after
 
 
 def check_eagle3_target(cfg: Eagle3Config, vocab_size: int, hidden_size: int, num_layers: int

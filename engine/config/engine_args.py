@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -47,8 +47,9 @@ class EngineConfig:
     cuda_graph: CudaGraphConfig = CudaGraphConfig()  # decode batch sizes captured as CUDA graphs (none: eager)
     load_format: str = "auto"  # engine/worker_config.LOAD_FORMATS; "dummy": random weights, no tokenizer needed
     skip_warmup: bool = False  # start without compiling every kernel variant first (engine/rank/warmup.py)
-    # Moves KV between engines (prefill/decode disaggregation): engine/contract/kv_connector.py. None: none.
-    kv_connector: object = None
+    # Moves KV between engines (prefill/decode disaggregation): engine/contract/kv_connector.py. None: none. Any: a
+    # duck-typed factory (engine/config may not import engine/contract), checked by EngineArgs.
+    kv_connector: Any = None
     # Speculative decoding (engine/config/speculative.py); None: off.
     speculative: Optional[SpeculativeConfig] = None
     # Bounds on structured-output grammar compiles (engine/config/grammar_config.py).
@@ -157,11 +158,11 @@ class EngineArgs:
     # A KV connector (engine/contract/kv_connector.py's `KVConnectorFactory`): each rank's scheduler loads a
     # request's prompt KV through it instead of computing it, and saves the prompt KV it computes. An object, not a
     # command-line flag: the in-host reference is engine/kv_transfer/inhost.py. None: no connector.
-    kv_connector: Optional[object] = None
+    kv_connector: Any = None  # duck-typed (engine/config may not import engine/contract): checked in __post_init__
     # Speculative decoding, as vLLM's --speculative-config: JSON text, a dict or a SpeculativeConfig
     # (engine/config/speculative.py), e.g. '{"method": "ngram", "num_speculative_tokens": 3}'. None: off. It runs
     # the serial step loop (drafts need the tokens just emitted): async_scheduling is turned off, logged once.
-    speculative_config: Optional[object] = None
+    speculative_config: Union[str, dict, SpeculativeConfig, None] = None  # a SpeculativeConfig after __post_init__
     # Share sequence slots and each step's tokens fairly among clients (scheduler/fairness.py; who a client is:
     # engine/server/client_identity.py), preempting a client above its share for one below it that waits. False:
     # first come, first served.
@@ -271,6 +272,7 @@ class EngineArgs:
         if self.load_format != "dummy":
             check_checkpoint(model_cfg)  # headers against config.json, before any rank sizes a tensor from either
         spec = self.speculative_config
+        assert spec is None or isinstance(spec, SpeculativeConfig)  # parsed by __post_init__
         if spec is not None:
             spec.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture)
             # An EAGLE-3 head's directory, fetched and checked against this model before anything is sized.

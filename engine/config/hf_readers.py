@@ -314,8 +314,8 @@ def _mimo_v2_flash(arch: str, hf, c: dict, rope: dict) -> dict:
                          sliding_window=window if sliding else None, sliding_layers=sliding,
                          v_head_dim=Hv if Hv != H else None, value_scale=1.0 if scale is None else float(scale))
 
-    kinds = {kind: attention(kind) for kind in sorted(set(layer_types))}
-    full = kinds.get("full_attention", kinds["sliding_attention"])
+    by_kind = {kind: attention(kind) for kind in sorted(set(layer_types))}
+    full = by_kind.get("full_attention", by_kind["sliding_attention"])
     sparse = tuple(i for i, t in enumerate(mlp_types) if t == "sparse")
     E = int(hf.n_routed_experts)
     norm = bool(hf.norm_topk_prob)
@@ -324,7 +324,7 @@ def _mimo_v2_flash(arch: str, hf, c: dict, rope: dict) -> dict:
     return dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size),
                 intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm, sparse_layers=sparse,
                 moe=MoEConfig(router), rope_theta=full.rope.theta, attention=full,
-                layer_attention=tuple(kinds[t] for t in layer_types))
+                layer_attention=tuple(by_kind[t] for t in layer_types))
 
 
 def _agree(hf, name: str, want: list, what: str, scalar_ok: bool = False) -> None:

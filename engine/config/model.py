@@ -18,7 +18,7 @@ from moelink.moe.router_config import RouterConfig
 
 from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, REGISTRY,  # noqa: F401
                             SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF, TEXT_WEIGHTS_PREFIX)
-from .dsv4 import resolve_dsv4_cache
+from .dsv4 import HyperConnectionConfig, resolve_dsv4_cache
 from .hf_readers import read_fields
 from .quantization import (QuantConfig, check_architecture, read_hf_quant_config, read_quantization,
                            resolve_quantization)
@@ -128,7 +128,7 @@ class ModelConfig:
     # DeepSeek-V4 (engine/config/dsv4.py): the MoE layers that route by a fixed token-id table (its hash_moe
     # layers), and its hyper-connections (hc_mult residual streams); () and None for every other model.
     hash_layers: tuple[int, ...] = ()
-    hyper_connections: object | None = None
+    hyper_connections: HyperConnectionConfig | None = None
 
     @property
     def cache_dtype(self) -> torch.dtype:

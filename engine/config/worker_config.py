@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class WorkerConfig:
     async_scheduling: bool = False
     load_format: str = "auto"  # LOAD_FORMATS
     # A KV connector (engine/contract/kv_connector.py): the worker builds its rank's worker half from it. None: none.
-    kv_connector: object = None
+    kv_connector: Any = None  # duck-typed: engine/config may not import engine/contract
     # Speculative decoding (engine/config/speculative.py): the runner's drafter; None: off.
     speculative: object = None
     # Per-sequence state pools of a model with linear-attention layers (CacheConfig's numbers); 0: none.

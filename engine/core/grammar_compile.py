@@ -33,12 +33,15 @@ import time
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from ..config.grammar_config import GrammarConfig
-from .grammar_forks import ForkServer, supported as forks_supported
+from .grammar_forks import ForkServer, Forked, supported as forks_supported
 from ..contract.safe_text import shown
 from ..contract.structured_output_params import PREFIX, StructuredOutputParams
+
+if TYPE_CHECKING:
+    import xgrammar as xgr  # imported where used: seconds, the first time
 
 logger = logging.getLogger(__name__)
 
@@ -68,26 +71,30 @@ class _Job:
     worker: Optional["_Worker"] = None  # set while it runs (its worker may still wait for its process to start)
 
 
+_Child = Forked | subprocess.Popen  # a compile process
+
+
 class _Worker:
     """One compile thread and the child process it talks to (started on its first job, replaced once killed)."""
 
     def __init__(self, pool: "GrammarCompilerPool", index: int):
         self.pool = pool
-        self.proc = None  # a grammar_forks.Forked (or a subprocess.Popen without pidfds)
+        self.proc: Optional[_Child] = None  # a grammar_forks.Forked (or a subprocess.Popen without pidfds)
         self.conn: Optional[Connection] = None
         self.job: Optional[_Job] = None
         self.warm = False  # the child has answered once (its start-up is behind it)
         self.compiling = False  # the current job was sent to the child (under the pool's lock): killing it ends it
-        self.spare: Optional[tuple[object, Connection]] = None  # started, idle until the current one dies
+        self.spare: Optional[tuple[_Child, Connection]] = None  # started, idle until the current one dies
         self.thread = threading.Thread(target=pool._run_worker, args=(self,), name=f"grammar-{index}", daemon=True)
 
     def start_child(self) -> None:
         """Make the spare process the current one and start a new spare: a killed compile's successor starts
         at once instead of after the seconds a new process takes to import xgrammar."""
-        promoted = self.spare is not None
-        if not promoted:
-            self.spare = self._spawn()
-        (self.proc, self.conn), self.spare = self.spare, None
+        spare = self.spare
+        promoted = spare is not None
+        if spare is None:
+            spare = self._spawn()
+        (self.proc, self.conn), self.spare = spare, None
         self.warm = False
         if promoted:
             # The promoted spare has been starting for a while: its successor starts now, so that the next kill
@@ -95,7 +102,7 @@ class _Worker:
             self.spare = self._spawn()
         # Else the next spare is started once this one is ready: two starts at once slow both.
 
-    def _spawn(self):
+    def _spawn(self) -> tuple[_Child, Connection]:
         """(process, socket) of a new compile process: forked (grammar_forks.py), or started here without pidfds."""
         if self.pool._forks is not None:
             return self.pool._forks.fork()
@@ -196,7 +203,7 @@ class GrammarCompilerPool:
         self._lock = threading.Condition()  # the queue, the shared-compile table, the workers' jobs
         self._queue: collections.deque[_Job] = collections.deque()
         self._jobs: dict[tuple[str, str], _Job] = {}  # queued or running, by key (equal specs share one)
-        self._done: collections.OrderedDict[tuple[str, str], object] = collections.OrderedDict()  # compiled, LRU
+        self._done: collections.OrderedDict[tuple[str, str], xgr.CompiledGrammar] = collections.OrderedDict()  # LRU
         self._done_bytes = 0
         self._workers: list[_Worker] = []
         self._closed = False
@@ -424,7 +431,7 @@ class GrammarCompilerPool:
         logger.debug("grammar compiled in %.3f s (%s)", time.monotonic() - t0, kind)
         return xgr.CompiledGrammar.deserialize_json(compiled_json, self.tokenizer_info())
 
-    def _remember(self, key, compiled) -> None:
+    def _remember(self, key, compiled: xgr.CompiledGrammar) -> None:
         size = compiled.memory_size_bytes
         self._done[key] = compiled
         self._done_bytes += size

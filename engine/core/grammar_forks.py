@@ -149,6 +149,7 @@ class ForkServer:
                 finally:
                     child.close()
                 return Forked(pid, pidfd), Connection(parent.detach())
+            raise AssertionError("unreachable: the second failed attempt raised")
 
     def _start(self) -> None:
         self._stop()

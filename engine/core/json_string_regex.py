@@ -22,8 +22,16 @@ of the pattern is ever re-read as syntax.
 from __future__ import annotations
 
 import re
-from re import _constants as C  # the stdlib parser's opcodes (what `re.compile` itself consumes)
-from re import _parser as sre_parse
+import sys
+
+# The stdlib parser and its opcodes (what `re.compile` itself consumes): private modules of the re package since
+# Python 3.11, top-level sre_* modules before (pyproject allows 3.10).
+if sys.version_info >= (3, 11):
+    from re import _constants as C  # type: ignore[attr-defined]  # typeshed knows the sre_* names only
+    from re import _parser as sre_parse  # type: ignore[attr-defined]
+else:
+    import sre_constants as C
+    import sre_parse
 
 MAX_CODEPOINT = 0x10FFFF
 SURROGATES = (0xD800, 0xDFFF)  # not characters: UTF-8 cannot carry them, and a \\u escape of one is half a pair

@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 from moelink.scheduler.engine_output import EngineCoreOutput, SchedulerStats
 from moelink.scheduler.outputs import ModelRunnerOutput
@@ -47,6 +47,9 @@ from .structured_output import GrammarCompilerPool, StructuredOutputManager
 from .no_tokenizer import NoTokenizer, load_tokenizer
 from .tokenizer import Tokenizer
 from ..config.worker_config import DUMMY_WARNING
+
+if TYPE_CHECKING:
+    from moelink.moe.stats import MoECounters
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +338,9 @@ class LLMEngine:
         core_outputs = []
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))
-        self.moe_metrics.add_step([ro.stats.moe if ro.stats is not None else None for ro in runner_outs])
+        # A rank's StepStats.moe (typed by the scheduler's MoEStepCounters protocol) is moe/stats.py's MoECounters.
+        self.moe_metrics.add_step(cast("list[MoECounters | None]",
+                                       [ro.stats.moe if ro.stats is not None else None for ro in runner_outs]))
         if self.eplb is not None:
             counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
             self.eplb.record(counts_LG, pairs_LR)

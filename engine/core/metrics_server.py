@@ -26,6 +26,8 @@ _TICK_S = 0.1
 class _QuietHandler(WSGIRequestHandler):
     """Reads the head the accept loop already read; logs nothing."""
 
+    server: BoundedMetricsServer  # the server this handler serves (socketserver sets it)
+
     def setup(self):
         super().setup()
         self.rfile = io.BytesIO(self.server.take_head(self.connection))

@@ -23,11 +23,14 @@ from __future__ import annotations
 import logging
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
 from .grammar_compile import GrammarCompilerPool, GrammarQueueFull  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    import xgrammar as xgr  # imported where used: seconds, the first time
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class StructuredOutputManager:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        self._matchers: dict[str, object] = {}
+        self._matchers: dict[str, xgr.GrammarMatcher] = {}
         self._masks: dict[str, np.ndarray] = {}  # the mask of each matcher's current state, once filled
         self._filling: dict[str, Future] = {}
         self._finished: queue.SimpleQueue = queue.SimpleQueue()  # ids whose fill ended (the fill thread puts them)

@@ -49,7 +49,7 @@ class ArrivalWriter:
         self.heads: tuple[int, int] | None = None
         self._cuda = kv.device.type == "cuda"
         self._stream = torch.cuda.Stream(kv.device) if self._cuda else None
-        self._event = None  # CUDA: recorded after the latest group's copies
+        self._event: torch.cuda.Event | None = None  # CUDA: recorded after the latest group's copies
         self._reads_idle = threading.Event()  # no in-place READ in flight (set, but while a transport's are)
         self._reads_idle.set()
 

@@ -106,7 +106,7 @@ class PagedKVBlocks:
         self.groups += [(tuple(pools), STATE) for pools in states if pools is not None]
         self.block_size = block_size
         self.device = next((t.device for ts, _ in self.groups for t in ts), torch.device("cpu"))
-        self._copy_stream = None  # CUDA: the side stream of read_async, made on first use
+        self._copy_stream: torch.cuda.Stream | None = None  # CUDA: the side stream of read_async, made on first use
         # What a saved copy must match to be written here: per group its table kind, and per tensor its dtype
         # and the shape of one block row.
         self.layout = tuple((kind, tuple((str(t.dtype), tuple(t.shape[1:])) for t in tensors))

@@ -215,7 +215,7 @@ def collective_fetch(host: str, port: int, key: str, layout: tuple, token_ids: l
                     _wait(pair.group.recv([buf], 1, 0), deadline, where)
                 return buf
 
-            take.next_group = staging.next_group
+            take.next_group = staging.next_group  # type: ignore[attr-defined]  # recv_saved calls it when set
             try:
                 return recv_saved(take, reply, layout, max_blocks, token_ids, on_group)
             finally:

@@ -47,6 +47,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
@@ -253,7 +254,7 @@ class NixlAgent:
             handle.release()
 
 
-def _send_for_nixl_read(agent_of, store: SavedKVStore, authenticated: bool) -> callable:
+def _send_for_nixl_read(agent_of, store: SavedKVStore, authenticated: bool) -> Callable:
     """The server's ok reply (KVSocketServer's `reply`; module docstring). A held save is staged out of the cache
     first and its hold released at once. To a peer the deployment's KV secret authenticated, the rows are registered
     for this fetch only and named in the header (nixl_inplace.reply_staged); to any other peer (loopback without a

@@ -96,7 +96,7 @@ class HeldKV(SavedKV):
     transfer: KVTransfer | None = None
     kv: PagedKVBlocks | None = None
     transfer_id: int = -1
-    ready: object = None
+    ready: torch.cuda.Event | None = None
     hold_until: float = 0.0  # the store's clock time the hold ends at (SavedKVStore.hold sets it)
     client: tuple = ()
     held_bytes: int | None = None  # the cache bytes its blocks keep out of the pool (None: the rows' bytes)

@@ -67,6 +67,7 @@ import hashlib
 import logging
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 from moelink.scheduler.block_pool import extend_block_hashes
 from moelink.scheduler.sliding_kv import first_live_sliding_block, sliding_block_hash
@@ -76,6 +77,10 @@ from moelink.scheduler.request import Request
 from .offload_tiers import TIERS, LoadPlan, OffloadConfig, StepOps, TierIndex, TierStats
 from .offload_worker import TierWorkerSide
 from .tp_shard import KVShardSpec
+
+if TYPE_CHECKING:
+    from moelink.scheduler.hybrid_cache import HybridCacheManager
+    from moelink.scheduler.kv_cache_manager import KVCacheManager
 
 logger = logging.getLogger(__name__)
 
@@ -182,10 +187,10 @@ class _SchedulerSide:
 
     def __init__(self, owner: OffloadKVConnector, rank: int) -> None:
         self.owner, self.rank = owner, rank
-        self.kv = None
+        self.kv: KVCacheManager | HybridCacheManager | None = None  # the scheduler's KV manager (bind)
         self.index: TierIndex | None = None
         self.states: TierIndex | None = None  # host slots of linear-attention state checkpoints (None: no such model)
-        self._hybrid = None  # the KV manager when it keeps per-sequence state (scheduler/hybrid_cache.py)
+        self._hybrid: HybridCacheManager | None = None  # the KV manager when it keeps per-sequence state
         self._probed = False
         self._resets = 0
         self._seq = 0

@@ -40,7 +40,7 @@ class TierWorkerSide:
         self._loads: dict[int, Future] = {}  # transfer id -> the loader thread's future
         self._pool: ThreadPoolExecutor | None = None
         self._warned: set[str] = set()
-        self._stream = None
+        self._stream: torch.cuda.Stream | None = None
 
     def _store_for(self, kv: PagedKVBlocks) -> TierStore:
         if self.store is None:

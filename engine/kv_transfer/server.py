@@ -71,7 +71,8 @@ class _Conn:
     __slots__ = ("sock", "peer", "since", "serving", "thread")
 
     def __init__(self, sock: socket.socket, peer) -> None:
-        self.sock, self.peer, self.since, self.serving, self.thread = sock, peer, time.monotonic(), False, None
+        self.sock, self.peer, self.since, self.serving = sock, peer, time.monotonic(), False
+        self.thread: threading.Thread | None = None
 
 
 def _peer_of(sock: socket.socket, addr):

@@ -198,7 +198,7 @@ def shm_fetch(host: str, port: int, key: str, layout: tuple, token_ids: list[int
                         view, pos[0] = view[got:], pos[0] + got
                     return buf
 
-                take.next_group = staging.next_group
+                take.next_group = staging.next_group  # type: ignore[attr-defined]  # recv_saved calls it when set
                 return recv_saved(take, reply, layout, max_blocks, token_ids, on_group)
             finally:
                 staging.release()

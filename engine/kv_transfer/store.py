@@ -30,8 +30,12 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .blocks import SavedKV
+
+if TYPE_CHECKING:
+    from .nixl_inplace import HeldKV
 
 
 @dataclass
@@ -67,7 +71,7 @@ class SavedKVStore:
         self._expected: dict[str, int] = {}  # key -> saves announced and not put or abandoned yet
         self._saved: OrderedDict[str, tuple[float, SavedKV]] = OrderedDict()  # oldest first
         self._bytes = 0
-        self._held: dict[str, object] = {}  # key -> HeldKV not claimed yet
+        self._held: dict[str, HeldKV] = {}  # key -> HeldKV not claimed yet
         self._released: list[int] = []  # save transfer ids whose hold ended, for the next poll
         self._unread: set[int] = set()  # of those, the ones no fetch claimed (expired, evicted, replaced, ...)
         self._claims: dict[str, set[int]] = {}  # key -> the decode TP ranks that claimed a shard of it (take)
@@ -121,7 +125,7 @@ class SavedKVStore:
             self.counters.num_saved += 1
             self.layout = saved.layout
 
-    def hold(self, key: str, held, hold_s: float, bounds: HoldBounds) -> bool:
+    def hold(self, key: str, held: HeldKV, hold_s: float, bounds: HoldBounds) -> bool:
         """Hold `held` (a HeldKV) under `key` until claimed and released, for `hold_s` at most, or cleared; older
         holds released first to keep within `bounds` (module docstring). False, and nothing held or released, when
         `held` alone is past a bound: the caller copies it instead."""

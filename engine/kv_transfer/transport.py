@@ -31,7 +31,7 @@ the connector's `on_group` (an ArrivalWriter) instead of returning host copies.
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -42,6 +42,9 @@ from .server import ServerLimits
 from .store import SavedKVStore
 from .shm import ShmKVServer, shm_fetch
 from .tcp import TCPKVServer, tcp_fetch
+
+if TYPE_CHECKING:
+    from .nixl import NixlAgent
 
 
 class KVServer(Protocol):
@@ -82,7 +85,7 @@ class TCPTransport:
     def close(self) -> None:  # nothing beyond the servers, which close themselves
         pass
 
-    def serve(self, store: SavedKVStore, host: str, port: int) -> TCPKVServer:
+    def serve(self, store: SavedKVStore, host: str, port: int) -> KVServer:
         return TCPKVServer(store, host, port, limits=self.limits, auth=self.auth)
 
     def fetch(self, host: str, port: int, key: str, layout: tuple, token_ids: list[int], max_blocks: int,
@@ -137,7 +140,7 @@ class NixlTransport(TCPTransport):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._agents: dict[bool, object] = {}  # progress thread or not -> NixlAgent
+        self._agents: dict[bool, NixlAgent] = {}  # progress thread or not
         self._agent_lock = threading.Lock()
         # Where UCX may listen (engine/kv_transfer/ucx_net.py): the serving agent on the KV listener's host's
         # interface, the fetching one on those towards the allowed peers; set by `bind_hosts`, looked up when the
@@ -149,7 +152,7 @@ class NixlTransport(TCPTransport):
         """The KV listener's host (None: this rank serves nothing) and the peers it loads from (() loopback)."""
         self.listen_host, self.peer_hosts = listen_host, tuple(peer_hosts)
 
-    def agent(self, serving: bool):
+    def agent(self, serving: bool) -> NixlAgent:
         from .nixl import NixlAgent
         from .ucx_net import devices_for
 

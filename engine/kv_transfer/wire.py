@@ -269,7 +269,7 @@ def socket_take(sock: socket.socket, deadline: Deadline, staging: Staging):
             recv_exact_into(sock, memoryview(buf.numpy()).cast("B"), deadline)
         return buf
 
-    take.next_group = staging.next_group
+    take.next_group = staging.next_group  # type: ignore[attr-defined]  # recv_saved calls it when set
     return take
 
 

@@ -14,7 +14,7 @@ from .mtp import MTPLayer, make_mtp_layer, mtp_checkpoint_names
 from .qwen_mtp import QwenMTPLayer
 
 # The runnable architectures' specs, from the one registry (engine/config/architectures.py).
-ARCHITECTURES: dict[str, ArchSpec] = {n: a.spec for n, a in REGISTRY.items() if a.runnable}
+ARCHITECTURES: dict[str, ArchSpec] = {n: a.spec for n, a in REGISTRY.items() if a.spec is not None}  # runnable
 
 
 def arch_spec(architecture: str) -> ArchSpec:

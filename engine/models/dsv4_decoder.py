@@ -32,7 +32,7 @@ from moelink.kernels.dsv4 import reference_rms_norm_f32
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import make_expert_format
 from moelink.moe.expert_weights_dsv4 import Dsv4Fp4Experts
-from moelink.moe.layer import ExpertParallel, Stages, run_stages
+from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
 from moelink.moe.token_routers import HashRouter
@@ -238,7 +238,7 @@ class DeepseekV4ForCausalLM(nn.Module):
                                                      tp=self.tp) for i in range(cfg.num_layers))
         self.hc_head = HyperHead(cfg.hyper_connections, D, cfg.rms_norm_eps, device)
         self.norm = Norm(D, cfg.rms_norm_eps, device)
-        self.rollback = StateRollback([layer.attn.num_paged for layer in self.layers])
+        self.rollback = StateRollback([layer.attn.num_paged for layer in self.layers])  # type: ignore[misc]  # ints
 
     def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return run_stages(self.stages(input_ids_T, positions_T, ctx))
@@ -265,7 +265,7 @@ class DeepseekV4ForCausalLM(nn.Module):
     def forward_moe_only(self) -> None:
         run_stages(self.moe_only_stages())
 
-    def moe_only_stages(self) -> Stages:
+    def moe_only_stages(self) -> MoEOnlyStages:
         """An empty micro-batch under EP: this rank joins every MoE layer's dispatch and combine."""
         x_0D = self.embed_tokens.new_zeros(0, self.cfg.hidden_size)
         ids_0 = torch.zeros(0, dtype=torch.long, device=x_0D.device)

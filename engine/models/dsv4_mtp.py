@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moelink.moe.layer import ExpertParallel, Stages, run_stages
+from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
@@ -158,7 +158,7 @@ class DSV4MTPLayer(nn.Module):
         x_TnD = self.e_proj(e_TD)[:, None, :] + self.h_proj(self.hnorm(h_TnD))
         return (yield from self.block.stages(positions_T, x_TnD, next_ids_T, ctx))
 
-    def moe_only_stages(self) -> Stages:
+    def moe_only_stages(self) -> MoEOnlyStages:
         """An empty micro-batch under EP: this rank joins the block's MoE dispatch and combine."""
         x_0D = self.embed_VD.new_zeros(0, self.cfg.hidden_size)
         yield from self.block.moe.stages(x_0D, torch.zeros(0, dtype=torch.long, device=x_0D.device))

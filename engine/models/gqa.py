@@ -117,7 +117,7 @@ class GQAAttention(nn.Module):
                                                attn.slot_mapping_T, *norm, **kv_scales)
         else:  # a rope style the fused op does not rotate: the ops one by one
             if head_norm:
-                q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)
+                q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)  # type: ignore[misc]  # head_norm: both set
             q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
             self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
                                   **kv_scales)
@@ -135,7 +135,7 @@ class GQAAttention(nn.Module):
         mean square, k's too when its heads are replicated (K < size: each of the K heads counted size / K times
         over size * H columns)."""
         if self.tp is None:
-            return self.q_norm(q_TQ), self.k_norm(k_TK)
+            return self.q_norm(q_TQ), self.k_norm(k_TK)  # type: ignore[misc]  # all_heads_norm: both set
         q32_TQ, k32_TK = q_TQ.float(), k_TK.float()
         ms_T2 = torch.stack([q32_TQ.pow(2).mean(-1), k32_TK.pow(2).mean(-1)], dim=-1)
         ms_T2 = self.tp.all_reduce(ms_T2) / self.tp.size

@@ -131,6 +131,9 @@ class Linear(nn.Module):
     parallel: how the weight is split over a TP group (tp_linear.py; default whole): `in_features` and the pieces
     are this rank's widths."""
 
+    weight: nn.Parameter  # made by `method.create`
+    weight_scale_inv: nn.Parameter | None  # FP8's block scales (None: a float weight)
+
     def __init__(self, in_features: int, out_features: int | tuple[int, ...], method: LinearMethod, kernels, dtype,
                  device=None, dequantize_after_load: bool = False, parallel: LinearParallel | None = None):
         super().__init__()

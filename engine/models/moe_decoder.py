@@ -20,7 +20,7 @@ from torch import nn
 
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import gate_up_order, make_expert_format
-from moelink.moe.layer import ExpertParallel, MoELayer, Stages, run_stages
+from moelink.moe.layer import ExpertParallel, MoELayer, MoEOnlyStages, Stages, run_stages
 from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
@@ -234,7 +234,7 @@ class MoEDecoderForCausalLM(nn.Module):
         are local, have nothing to do)."""
         run_stages(self.moe_only_stages())
 
-    def moe_only_stages(self) -> Stages:
+    def moe_only_stages(self) -> MoEOnlyStages:
         """`forward_moe_only` as stages: the same yields as `stages` (an empty micro-batch of a two-batch step
         runs this, so its rank issues the same collectives as its peers); returns None."""
         x_0D = self.embed_tokens.new_zeros(0, self.cfg.hidden_size)

@@ -39,7 +39,7 @@ from typing import Collection
 import torch
 from torch import nn
 
-from moelink.moe.layer import ExpertParallel, Stages, run_stages
+from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
 
@@ -159,7 +159,7 @@ class MTPLayer(nn.Module):
         y_TD, residual_TD = yield from self.layer.stages(positions_T, x_TD, None, ctx)
         return y_TD + residual_TD
 
-    def moe_only_stages(self) -> Stages:
+    def moe_only_stages(self) -> MoEOnlyStages:
         """A rank with no draft tokens under expert parallelism still joins this layer's dispatch and combine
         (as MoEDecoderForCausalLM.moe_only_stages); nothing for a dense MTP layer."""
         if self.layer.moe is not None:

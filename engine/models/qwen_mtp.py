@@ -37,7 +37,7 @@ from typing import Collection
 import torch
 from torch import nn
 
-from moelink.moe.layer import ExpertParallel, Stages, run_stages
+from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
 
@@ -116,7 +116,7 @@ class QwenMTPLayer(nn.Module):
         out_TD, _ = self.norm.add_forward(y_TD, residual_TD)
         return out_TD
 
-    def moe_only_stages(self) -> Stages:
+    def moe_only_stages(self) -> MoEOnlyStages:
         """A rank with no draft tokens under expert parallelism still joins this layer's dispatch and combine."""
         if self.layer.moe is not None:
             yield from self.layer.moe.stages(self.embed_tokens.new_zeros(0, self.cfg.hidden_size))

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.attention import AttentionMetadata
-from moelink.moe.layer import Stages, run_stages
+from moelink.moe.layer import MoEOnlyStages, run_stages
 
 from ..config.layer_configs import AttentionConfig
 from ..models.layers import AuxCapture, ForwardContext
@@ -82,7 +82,7 @@ class DraftLayer(Protocol):
     def greedy(self, y_RD: torch.Tensor) -> torch.Tensor:
         """int64 [R]: the target-vocabulary ids of the greedy drafts from the layer's output rows."""
 
-    def moe_only_stages(self) -> Stages:
+    def moe_only_stages(self) -> MoEOnlyStages:
         """The layer's collectives alone (a rank with no rows); asked only when `has_experts`."""
 
 

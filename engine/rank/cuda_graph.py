@@ -420,7 +420,7 @@ class DecodeGraphs:
         ms = 0
         if self.sliding_table:
             # Not append-only (freed entries turn null), but every column a row reads is rewritten here.
-            s_tables, s_slots = sliding
+            s_tables, s_slots = sliding  # type: ignore[misc]  # sliding_table: the step has its (tables, slots)
             ms = s_tables.shape[1]
             h["sliding_tables"][:n, :ms] = s_tables
             if ragged:

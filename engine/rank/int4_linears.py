@@ -19,7 +19,7 @@ its rows kept after dequantizing).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import torch
 
@@ -27,6 +27,9 @@ from moelink.kernels.int4 import awq_to_rows, gptq_qweight_rows, gptq_zeros_rows
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from .nvfp4_linears import column_range
+
+if TYPE_CHECKING:
+    from ..config.quantization_int4 import Int4Config
 
 _PARTS = {"compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point"),
           "gptq": ("qweight", "scales", "qzeros"), "awq": ("qweight", "scales", "qzeros")}
@@ -38,7 +41,7 @@ class Int4Dequant:
 
     dest: torch.Tensor
     name: str
-    quant: object  # engine/config/quantization.Int4Config
+    quant: Int4Config
     rows: tuple
     parts: dict = field(default_factory=dict)
 

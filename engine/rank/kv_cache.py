@@ -23,11 +23,12 @@ def make_kv_caches(cfg: ModelConfig, kv_pairs, num_kv_blocks: int, block_size: i
         dtypes = att.cache_dtypes(cfg.cache_dtype)
         return tuple(torch.zeros(shape, dtype=dt, device=device) for shape, dt in zip(shapes, dtypes))
 
+    caches: list
     if kv_pairs is None:
         caches = [tensors(i) for i in range(cfg.num_layers)]
         owners = caches
     else:
-        caches: list = [None] * cfg.num_layers
+        caches = [None] * cfg.num_layers
         for full, sliding in kv_pairs:
             caches[full] = caches[sliding] = tensors(full)
         owners = [caches[full] for full, _ in kv_pairs]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -101,7 +101,7 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.index
 
-    def open(self, names: Iterable[str]) -> Iterator[tuple[object, list[str]]]:
+    def open(self, names: Iterable[str]) -> Iterator[tuple[Any, list[str]]]:  # (a safe_open handle or _Renamed, names)
         """(safe_open handle, the names it holds) per file, each file open only while its names are read."""
         by_file: dict[Path, list[str]] = {}
         for name in names:

@@ -145,8 +145,10 @@ class ModelRunner:
         self.kv_caches, kv_bytes = make_kv_caches(self.cfg, self.kv_pairs, num_kv_blocks, self.block_size, self.device)
         if self.cfg.state_layers:  # their entries of kv_caches: paged tensors (if any), then their state pools
             stateful = set(self.cfg.state_layers)
-            self.state_caches = StateCaches(
-                [self.cfg.attention_for(i) if i in stateful else None for i in range(self.cfg.num_layers)],
+            self.state_caches = StateCaches(  # state_layers: linear attention's and DeepSeek-V4's (attention_for's
+                # annotation names the paged kinds only)
+                [self.cfg.attention_for(i) if i in stateful else None  # type: ignore[misc]
+                 for i in range(self.cfg.num_layers)],
                 self.num_state_slots, self.num_state_checkpoints, self.cfg.dtype, self.device)
             for i in stateful:  # linear attention has no paged tensors (gated_deltanet.py); DeepSeek-V4 has both
                 self.kv_caches[i] = tuple(self.kv_caches[i]) + self.state_caches.layers[i]

@@ -41,7 +41,7 @@ import logging
 
 import torch
 
-from moelink.moe.layer import Stages
+from moelink.moe.layer import MoEOnlyStages
 
 from ..config.model import ModelConfig
 from ..config.tensor_parallel import shard_attention
@@ -110,7 +110,7 @@ class MTPDraftLayer:
     def greedy(self, y_RD: torch.Tensor) -> torch.Tensor:
         return self.module.compute_logits(y_RD).argmax(dim=-1)
 
-    def moe_only_stages(self) -> Stages:
+    def moe_only_stages(self) -> MoEOnlyStages:
         return self.module.moe_only_stages()
 
 
@@ -140,7 +140,7 @@ class DSV4MTPDraftLayer:
     def greedy(self, y_RX: torch.Tensor) -> torch.Tensor:
         return self.module.compute_logits(y_RX.view(y_RX.shape[0], self.streams, -1)).argmax(dim=-1)
 
-    def moe_only_stages(self) -> Stages:
+    def moe_only_stages(self) -> MoEOnlyStages:
         return self.module.moe_only_stages()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..config.dsv4 import DSV4AttentionConfig
 from ..config.linear_attention import LinearAttentionConfig
 from ..models.state_step import StateGroup, StateStep, VerifySplit
 from .device_stream import to_device
@@ -23,8 +24,8 @@ from .device_stream import to_device
 class StateCaches:
     """Per layer (conv_state_PCW', ssm_state_PNKV) for a linear-attention layer, None for any other."""
 
-    def __init__(self, layers: list[LinearAttentionConfig | None], num_slots: int, num_checkpoints: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, layers: list[LinearAttentionConfig | DSV4AttentionConfig | None], num_slots: int,
+                 num_checkpoints: int, dtype: torch.dtype, device: torch.device) -> None:
         self.num_slots, self.num_checkpoints = num_slots, num_checkpoints
         self.null_slot = num_slots + num_checkpoints
         self.device = device

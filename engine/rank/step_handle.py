@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -20,6 +20,9 @@ from moelink.scheduler.outputs import ModelRunnerOutput, StepStats
 from .device_stream import DeviceWork
 from .drafter import may_draft
 from .sampler import unpack_logprobs
+
+if TYPE_CHECKING:
+    from .spec_verify import SpecResult
 
 
 @dataclass
@@ -32,7 +35,7 @@ class DeviceResult:
     max_num_logprobs: int = 0
     read_moe: Optional[Callable[[], object]] = None  # MoEStats.take()'s reader
     device_s: float = 0.0  # seconds the device work took to run (CPU) or to launch (CUDA), host clock
-    spec: Optional[object] = None  # a verify step's sampling (engine/rank/spec_verify.py SpecResult)
+    spec: Optional[SpecResult] = None  # a verify step's sampling (engine/rank/spec_verify.py)
     drafts_RK: Optional[torch.Tensor] = None  # long [R, k], host copy: a device drafter's drafts per sampled row
 
 

@@ -11,10 +11,14 @@ token's slot in the flat batch holds 0 here and is filled on the device from ste
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moelink.scheduler.sliding_kv import first_live_sliding_block
+
+if TYPE_CHECKING:
+    from .step_handle import StepHandle
 
 
 @dataclass
@@ -35,7 +39,7 @@ class StepInputs:
     # Tokens to take from earlier steps' sampled ids on the device: flat indices, and per source step the
     # rows of its sampled ids, in the order of pending_dst_P.
     pending_dst_P: np.ndarray | None = None
-    pending_src: list[tuple[object, list[int]]] = field(default_factory=list)
+    pending_src: list[tuple[StepHandle, list[int]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +63,7 @@ def build_step_inputs(states: list, query_lens: list[int], block_size: int, slid
     starts = [st.num_computed_tokens for st in states]
     seq_lens = [c + n for c, n in zip(starts, query_lens)]
     pending_dst: list[int] = []
-    pending_src: dict[int, tuple[object, list[int]]] = {}
+    pending_src: dict[int, tuple[StepHandle, list[int]]] = {}
     sample_rows: list[int] = []
     num_pending: list[int] = []
     if max(query_lens) == 1:  # pure decode: one token per sequence, one pass over the batch
@@ -127,17 +131,17 @@ def build_step_inputs(states: list, query_lens: list[int], block_size: int, slid
     qsl = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(query_lens, out=qsl[1:])
     # Sources in order of first use, their rows in the order of pending_dst (one pass, grouped per source).
-    src = list(pending_src.values())
-    if len(src) > 1:  # more than one step in flight feeds this one: regroup dst to match the concatenation
-        order = {id(h): i for i, (h, _) in enumerate(src)}
-        per: list[list[int]] = [[] for _ in src]
+    sources = list(pending_src.values())
+    if len(sources) > 1:  # more than one step in flight feeds this one: regroup dst to match the concatenation
+        order = {id(h): i for i, (h, _) in enumerate(sources)}
+        per: list[list[int]] = [[] for _ in sources]
         for s, (st, L) in enumerate(zip(states, seq_lens)):
             if L > len(st.all_token_ids):
                 per[order[id(st.pending[0])]].append(int(last_T[s]))
         pending_dst = [d for group in per for d in group]
     return StepInputs(tokens_T, positions, slots_T, tables_SM, seq_lens, list(query_lens), qsl, sliding,
                       sample_rows, num_pending, np.asarray(pending_dst, dtype=np.int64) if pending_dst else None,
-                      src)
+                      sources)
 
 
 def _pending_source(st, position: int, sources: dict) -> int:

@@ -72,7 +72,7 @@ class TwoBatchOverlap:
                 else model.moe_only_stages() for (_, _, tok), sub in zip(parts, ctxs)]
         outs = [h_TD for h_TD in run_interleaved(gens) if h_TD is not None]
         if ctx.aux is not None:  # a drafter's captured states, back in the flat batch's order
-            ctx.aux.join([sub.aux for sub in ctxs if sub is not None])
+            ctx.aux.join([sub.aux for sub in ctxs if sub is not None])  # type: ignore[misc]  # select() gave each one
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def forward_moe_only(self, model: StepModel) -> None:

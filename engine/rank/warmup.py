@@ -110,12 +110,11 @@ class _Phase:
         self.t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:  # never swallows the exception
         if self.device.type == "cuda" and exc[0] is None:
             torch.cuda.synchronize(self.device)  # host sync: the phase's kernels finish inside its time
         if self.count:
             self.report.phases.append((self.name, self.count, time.perf_counter() - self.t0))
-        return False
 
 
 # -- MoE: direct expert calls --------------------------------------------------------------------------------

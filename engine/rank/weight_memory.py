@@ -33,21 +33,21 @@ def weight_bytes_by_format(model: nn.Module) -> dict[str, int]:
         elif hasattr(module, "expert_format") and hasattr(module, "w13_blocks_EFSQ"):
             # MXFP4 [E, N, K/32, 16] blocks + [E, N, K/32] scales: [N, K] weights per expert (biases stay float).
             for blocks in (module.w13_blocks_EFSQ, module.w2_blocks_EDSQ):
-                e, n, s, q = blocks.shape
+                e, n, s, q = blocks.shape  # type: ignore[misc]  # a Tensor (nn.Module's __getattr__ says Module too)
                 add("mxfp4", e * weight_bytes("mxfp4", n, s * 2 * q))
             counted.update(id(p) for p in (module.w13_blocks_EFSQ, module.w13_scales_EFS, module.w2_blocks_EDSQ,
                                            module.w2_scales_EDS))
         elif hasattr(module, "expert_format") and hasattr(module, "w13_q_EFB"):
             # NVFP4 [E, N, K/2] bytes + [E, N, K/16] e4m3 scales.
             for q in (module.w13_q_EFB, module.w2_q_EDB):
-                e, n, b = q.shape
+                e, n, b = q.shape  # type: ignore[misc]  # a Tensor (nn.Module's __getattr__ says Module too)
                 add("nvfp4", e * weight_bytes("nvfp4", n, 2 * b))
             counted.update(id(p) for p in (module.w13_q_EFB, module.w13_scale_EFS, module.w2_q_EDB, module.w2_scale_EDS))
         elif hasattr(module, "expert_format") and hasattr(module, "w13_q_EFW"):
             # INT4 [E, N, K/8] int32 words + [E, N, K/G] scales (the model dtype) (+ uint8 zero points).
             for q, s, z in ((module.w13_q_EFW, module.w13_s_EFS, module.w13_z_EFS),
                             (module.w2_q_EDW, module.w2_s_EDS, module.w2_z_EDS)):
-                e, n, w = q.shape
+                e, n, w = q.shape  # type: ignore[misc]  # a Tensor (nn.Module's __getattr__ says Module too)
                 add("int4", e * weight_bytes("int4", n, 8 * w, group=8 * w // s.shape[-1],
                                              float_bytes=s.element_size(), zero_points=z is not None))
                 counted.update(id(p) for p in (q, s, z) if p is not None)

@@ -19,6 +19,7 @@ from ..contract.expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
 from .device_stream import make_stream
 from ..contract.gc_policy import freeze_heap
+from .step_handle import StepHandle
 from .step_plan import make_step_plan
 from ..config.worker_config import WorkerConfig
 
@@ -41,7 +42,7 @@ class Worker:
         self._preloaded = False  # a replacement's runner built before its group (preload); all-to-all to attach
         self._keeping = False  # a survivor keeping its runner (reconfigure_keep); `load` grows it to the new share
         self._refuse_keep: str | None = None  # tests only (elastic_test_refuse_keep)
-        self._launched: dict[int, object] = {}  # step id -> StepHandle, launched and not yet collected
+        self._launched: dict[int, StepHandle] = {}  # step id -> StepHandle, launched and not yet collected
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -254,7 +255,8 @@ class Worker:
         self._bind_device()
         self._eplb_abort()  # a move left behind (none in a healthy group) must not keep its staging
         layers = moe_layers(self.runner.model)
-        self._mover = ExpertMover(layers, self.rank, self.group, [layer.placement for layer in layers],
+        self._mover = ExpertMover(layers, self.rank, self.group,
+                                  [layer.placement for layer in layers],  # type: ignore[misc]  # EP layers: all set
                                   placements, self.device, chunk_delay_s=self._eplb_chunk_delay_s)
 
     def eplb_slot_bytes(self) -> list[int]:
@@ -354,7 +356,7 @@ class Worker:
     def reinit(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan) -> int:
         """A parked process taken by a new engine: this rank of `config` from now on, exactly as a new actor's
         constructor would have made it (the caller then runs init_distributed and load). Returns the process id."""
-        self.__init__(config, rank, plan)
+        self.__init__(config, rank, plan)  # type: ignore[misc]  # re-run the constructor on purpose: same class
         return os.getpid()
 
 

@@ -240,7 +240,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, trimmer: _Trimmer, preche
                 async for response in behaviour(requests(iterator, context), context):
                     yield response
         else:
-            async def wrapped(iterator, context):
+            async def wrapped(iterator, context):  # type: ignore[misc]  # one wrapper per handler kind
                 return await behaviour(requests(iterator, context), context)
     elif inspect.isasyncgenfunction(behaviour):
         async def wrapped(request, context):
@@ -249,7 +249,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, trimmer: _Trimmer, preche
             async for response in behaviour(request, context):
                 yield response
     else:
-        async def wrapped(request, context):
+        async def wrapped(request, context):  # type: ignore[misc]  # one wrapper per handler kind
             if isinstance(request, _Refused):
                 await refuse(context, request)
             return await behaviour(request, context)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from ..contract.sampling_params import FLOAT_RANGES, SamplingParams
 from .limits import RequestLimits
 from .serving import optional, structured_from_proto, wire_message
 
-# How a protocol reads one SamplingParams field from its proto message.
-FieldReader = Callable[[object], object]
+# How a protocol reads one SamplingParams field from its proto message (Any: the generated messages are untyped).
+FieldReader = Callable[[Any], object]
 
 
 def present(field: str, default=None) -> FieldReader:
@@ -46,7 +46,7 @@ class ProtoReading:
     fields: Mapping[str, FieldReader]  # SamplingParams field name -> how to read it
     n: FieldReader  # completions per request
     # (predicate on the message, the error when it holds): fields this protocol carries and we refuse.
-    refuse: tuple[tuple[Callable[[object], bool], str], ...] = ()
+    refuse: tuple[tuple[Callable[[Any], bool], str], ...] = ()
 
 
 def as_sent(value):

@@ -28,7 +28,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,6 +52,9 @@ from .tls import check_server_tls
 from .vllm_engine import SERVICE_NAME as VLLM_SERVICE, VllmEngineServicer
 from .wire_bounds import channel_options
 
+if TYPE_CHECKING:
+    from ..core.metrics_server import BoundedMetricsServer
+
 logger = logging.getLogger(__name__)
 
 # How long a start waits for the grammar compiler to warm (the processes start while the weights load; a broken
@@ -66,6 +69,12 @@ _ABORT_WAIT_S = 5.0  # after aborting, how long handlers get to send their last 
 # How long the engine thread gets to apply the aborts itself (one step) before the streams are ended
 # from here: a hung rank can hold the engine inside a step for as long as the watchdogs allow.
 _ENGINE_ABORT_WAIT_S = 1.0
+
+
+def _registry(engine: AsyncEngine):
+    """The Prometheus registry of the engine's metrics sink, None without one. A server's sink is an EngineMetrics
+    (`serve` makes one; MoelinkServer asks for one), which owns it; the MetricsSink protocol does not name it."""
+    return None if engine.metrics is None else engine.metrics.registry  # type: ignore[attr-defined]
 
 
 class MoelinkServer:
@@ -86,7 +95,7 @@ class MoelinkServer:
         self._watchdog: Optional[asyncio.Task] = None
         self._stopped: Optional[asyncio.Event] = None
         self._draining_task: Optional[asyncio.Task] = None
-        self._metrics_server = None
+        self._metrics_server: Optional[BoundedMetricsServer] = None
         self.metrics_port: Optional[int] = None
         self.gateway_server: Optional[grpc.aio.Server] = None
         self.gateway_port: Optional[int] = None
@@ -165,9 +174,9 @@ class MoelinkServer:
     def _start_metrics(self) -> None:
         from ..core.metrics import start_metrics_server
 
-        metrics = self.engine.metrics
         # Bounded: a capped number of connections, each with a deadline (half-open ones cost no thread for long).
-        self._metrics_server = start_metrics_server(metrics.registry, self.config.metrics_host, self.config.metrics_port)
+        self._metrics_server = start_metrics_server(_registry(self.engine), self.config.metrics_host,
+                                                    self.config.metrics_port)
         self.metrics_port = self._metrics_server.server_port
 
     async def _watch_engine(self) -> None:
@@ -240,8 +249,7 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     server = MoelinkServer(engine, config)
     port = await server.start()
     if server.engine.metrics is not None:  # vLLM's metric names beside moelink's (engine/core/vllm_metrics.py)
-        server.engine.metrics.registry.register(VllmAliasCollector(server.engine.metrics,
-                                                                   server.serving.served_model_name))
+        _registry(server.engine).register(VllmAliasCollector(server.engine.metrics, server.serving.served_model_name))
     gateway = None
     gateway_watch = None
     try:
@@ -249,12 +257,12 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
             from .gateway import start_managed_gateway
             from .gateway_health import GatewayCollector, watch_gateway
 
-            registry = None if server.engine.metrics is None else server.engine.metrics.registry
+            registry = _registry(server.engine)
             gateway = await start_managed_gateway(config, port, server.gateway_port, server.serving.hung_up, registry,
                                                   server.serving)
             gateway_watch = asyncio.create_task(watch_gateway(gateway, server.health))  # the HTTP face's health
             if server.engine.metrics is not None:
-                server.engine.metrics.registry.register(GatewayCollector(gateway))
+                _registry(server.engine).register(GatewayCollector(gateway))
     except BaseException:
         await server.stop()
         raise

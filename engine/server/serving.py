@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, NoReturn, Optional
 
 import grpc
 
@@ -29,7 +29,7 @@ from ..api.async_engine import AsyncEngine, EngineDeadError
 from ..core.grammar_compile import GrammarQueueFull
 from ..core.llm_engine import ProcessedRequest, too_long
 from ..core.no_tokenizer import NoTokenizer
-from ..core.outputs import OutputKind, RequestOutput
+from ..core.outputs import Logprob, OutputKind, RequestOutput
 from ..core.prompt_bound import NoBound, bytes_per_token
 from ..contract.safe_text import MAX_MESSAGE_CHARS, shown
 from ..contract.sampling_params import SamplingParams
@@ -372,7 +372,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
-async def abort_rpc(context: grpc.aio.ServicerContext, exc: BaseException, what: str) -> None:
+async def abort_rpc(context: grpc.aio.ServicerContext, exc: BaseException, what: str) -> NoReturn:
     code, message = status_for(exc)
     # Messages quote client values (each already cut by `shown`); this bounds whatever else got in.
     message = shown(message, MAX_MESSAGE_CHARS, quote=False)
@@ -381,6 +381,7 @@ async def abort_rpc(context: grpc.aio.ServicerContext, exc: BaseException, what:
     else:
         logger.info("%s refused: %s %s", what, code.name, message)
     await context.abort(code, message)
+    raise AssertionError("unreachable: ServicerContext.abort raises")
 
 
 
@@ -398,7 +399,7 @@ def wire_logprob(logprob: float) -> float:
     return max(logprob, MIN_WIRE_LOGPROB)
 
 
-def top_logprobs(entry: dict, n: Optional[int]) -> list[tuple[int, object]]:
+def top_logprobs(entry: dict[int, Logprob], n: Optional[int]) -> list[tuple[int, Logprob]]:
     """The n most likely (token_id, Logprob) of one position, by rank (the sampled token may be outside)."""
     if not n:
         return []
