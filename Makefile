@@ -20,7 +20,7 @@ SERVE_ARGS ?=
 LOCK ?= requirements/lock-cpu.txt
 EXTRAS ?= test
 
-.PHONY: setup serve test typecheck test-gpu bench clean lock
+.PHONY: setup serve test typecheck coverage test-gpu bench clean lock
 
 setup: $(VENV)/.installed
 
@@ -68,6 +68,19 @@ test: setup
 	$(PY) -m tests.helpers.typecheck
 	$(PY) -m compileall -q -j 2 engine scheduler moe comm kernels planner benchmarks deploy tests > /dev/null
 	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+
+# The CPU suite as `make test` runs it, under coverage.py (docs/testing.md#coverage): every Python the tests start is
+# measured too (pyproject's [tool.coverage.run] patch = subprocess; Ray's rank processes through the .pth hook
+# `tests.helpers.coverage_map pth` writes into .venv, tests/helpers/coverage_ray.py). Writes build/coverage/:
+# report.txt (lines never run, per module), coverage.json, and map.md / map.json (those lines grouped by module, the
+# GPU-only blocks marked; docs/gpu-session-steps.md#gpu-only-code-where-it-runs). Exits with pytest's status.
+COVERAGE_DIR ?= build/coverage
+coverage: setup
+	rm -rf $(COVERAGE_DIR) && mkdir -p $(COVERAGE_DIR)
+	$(PY) -m tests.helpers.coverage_map pth
+	$(PY) -m compileall -q -j 2 engine scheduler moe comm kernels planner benchmarks deploy tests > /dev/null
+	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m coverage run --data-file=$(COVERAGE_DIR)/.coverage -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS); \
+	  rc=$$?; $(PY) -m tests.helpers.coverage_map report $(COVERAGE_DIR) || rc=1; exit $$rc
 
 # GPU tests live where the code needs nothing beyond torch/triton/transformers (the GPU image has no
 # smg-grpc-proto or Ray); benchmarks/gpu_session.sh runs these plus the GPU benchmarks.
