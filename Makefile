@@ -20,7 +20,7 @@ SERVE_ARGS ?=
 LOCK ?= requirements/lock-cpu.txt
 EXTRAS ?= test
 
-.PHONY: setup serve test typecheck coverage test-gpu bench clean lock
+.PHONY: setup serve test test-quick typecheck coverage test-gpu bench clean lock
 
 setup: $(VENV)/.installed
 
@@ -68,6 +68,12 @@ test: setup
 	$(PY) -m tests.helpers.typecheck
 	$(PY) -m compileall -q -j 2 engine scheduler moe comm kernels planner benchmarks deploy tests > /dev/null
 	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+
+# The quick loop to run after each change (docs/testing.md#the-quick-loop): the type check (seconds on its cache) and
+# every test not marked `slow` (no Ray, no server subprocess, nothing measured over 1 s), on the same two workers.
+test-quick: setup
+	$(PY) -m tests.helpers.typecheck
+	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q -m "not slow" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 # The CPU suite as `make test` runs it, under coverage.py (docs/testing.md#coverage): every Python the tests start is
 # measured too (pyproject's [tool.coverage.run] patch = subprocess; Ray's rank processes through the .pth hook
