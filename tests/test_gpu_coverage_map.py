@@ -158,7 +158,7 @@ def test_the_finder_sees_each_kind_of_gpu_only_block():
     assert ("sms", "tail", 20, 20) in got
     assert ("plain", "expr", 23, 23) in got
     assert ("plain", "except", 27, 27) in got
-    assert ("_load_nccl", "def", 32, 33) in got
+    assert ("_load_nccl", "def", 33, 33) in got  # its body: the def line runs at import
     assert not [g for g in got if g[0] == "Runner.__init__"], got
     assert not [g for g in got if g[0] == "plain" and g[1] == "branch"], got
 
@@ -232,14 +232,14 @@ def test_the_ray_hook_traces_actor_threads():
     ex = FunctionActorManager()._make_actor_method_executor("ping", lambda actor, x: x + 1)
     assert ex.name == "ping" and ex.method is not None
     out = []
-    t = threading.Thread(target=lambda: out.append(ex(None, 1)))  # a thread with no trace function, as Ray's are
-    before = sys.gettrace()
-    sys.settrace(None)
-    try:
-        t.start()
-        t.join()
-    finally:
-        sys.settrace(before)
+
+    def ray_thread():  # a thread with no trace function, as Ray's C++-made ones are (even under make coverage)
+        sys.settrace(None)
+        out.append(ex(None, 1))
+
+    t = threading.Thread(target=ray_thread)
+    t.start()
+    t.join()
     assert out == [2] and seen, "the executor did not install the tracer on its thread"
 
 

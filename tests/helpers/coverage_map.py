@@ -140,6 +140,9 @@ def classify(test: ast.AST, flags: _Flags) -> tuple[bool, bool]:
         fn = _attr_chain(test.func) or []
         if fn[-2:] == ["cuda", "is_available"]:
             return True, False
+        if isinstance(test.func, ast.Attribute) and test.func.attr == "startswith" and test.args \
+                and (_const_str(test.args[0]) or "").startswith("cuda"):  # device.startswith("cuda")
+            return True, False
         if fn and fn[-1] in CPU_FLAG_CALLS:
             return False, True
         if "TRITON_INTERPRET" in ast.unparse(test):
@@ -277,7 +280,13 @@ class _Finder:
     def definition(self, node, qual: str, flags: _Flags) -> None:
         name = f"{qual}.{node.name}" if qual else node.name
         if _is_nccl_name(node.name):
-            self.add(name, "def", node.lineno, node.end_lineno or node.lineno, f"NCCL-only: {node.name}")
+            # The bodies only: a `def` / `class` line and a class's method definitions run at import.
+            bodies = [node] if not isinstance(node, ast.ClassDef) else \
+                [n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            for fn in bodies:
+                body = _without_docstring(fn.body)
+                if body:
+                    self.add(name, "def", body[0].lineno, _end(body), f"NCCL-only: {node.name}")
             return
         if isinstance(node, ast.ClassDef):
             inner = flags.child()
@@ -289,9 +298,7 @@ class _Finder:
         inner = flags.child()
         _collect_flags(node.body, inner, self_attrs=False)
         before = len(self.blocks)
-        body = node.body
-        if body and isinstance(body[0], ast.Expr) and _const_str(body[0].value) is not None:
-            body = body[1:]  # the docstring
+        body = _without_docstring(node.body)
         self.stmts(node.body, name, inner)
         mine = [b for b in self.blocks[before:] if b.qualname == name and b.kind != "expr"]
         if body and mine and _covers(mine, body):
@@ -350,6 +357,12 @@ class _Finder:
                 continue
             for field in ("body", "orelse"):
                 self.stmts(getattr(st, field, []) or [], qual, flags)
+
+
+def _without_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
+    if body and isinstance(body[0], ast.Expr) and _const_str(body[0].value) is not None:
+        return body[1:]
+    return body
 
 
 def _compound(st: ast.stmt) -> bool:
