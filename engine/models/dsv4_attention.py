@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.dsv4 import (entry_rows, index_key_rows, is_fp8_pages, read_rows, reference_rms_norm_f32,
                                   reference_rope_tail, write_form)
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
@@ -128,7 +129,7 @@ class DSV4Attention(nn.Module):
     heads and output groups a 1/size share (module docstring)."""
 
     def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels, dtype, device,
-                 quant: DSV4Quantization | None = None, tp=None):
+                 quant: DSV4Quantization | None = None, tp: TensorParallel | None = None):
         super().__init__()
         size = tp.size if tp is not None else 1
         cfg = shard_attention(cfg, size)  # num_heads and o_groups this rank's (engine/config/tensor_parallel.py)

@@ -28,6 +28,7 @@ from typing import Collection
 import torch
 from torch import nn
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.dsv4 import reference_rms_norm_f32
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import make_expert_format
@@ -74,7 +75,7 @@ class ClampedMLP(nn.Module):
     one all-reduce."""
 
     def __init__(self, hidden: int, inter: int, limit: float, method: LinearMethod, kernels, dtype, device=None,
-                 shard: ExpertShard | None = None, tp=None):
+                 shard: ExpertShard | None = None, tp: TensorParallel | None = None):
         super().__init__()
         rows = cols = None
         if shard is not None:
@@ -108,7 +109,7 @@ class DSV4DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, i: int, ropes: dict, kernels, device, ep, stats: MoEStats,
                  quant: DSV4Quantization | None = None, attention: DSV4AttentionConfig | None = None,
-                 moe_index: int | None = None, attention_cls: type = DSV4Attention, tp=None):
+                 moe_index: int | None = None, attention_cls: type = DSV4Attention, tp: TensorParallel | None = None):
         """Main layer i; an MTP layer (engine/models/dsv4_mtp.py) passes its own `attention` config, the row
         `moe_index` of its own MoEStats (its layer index is past the main layers' configs) and its attention class
         (a paged window: the drafter's cache). `tp`: the rank's TensorParallel (None: whole; module docstring)."""
@@ -213,7 +214,7 @@ class DeepseekV4ForCausalLM(nn.Module):
     """The V4 model on the engine's reference path (module docstring)."""
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, kernels, device: torch.device,
-                 ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, tp=None):
+                 ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, tp: TensorParallel | None = None):
         """tp: the rank's TensorParallel (comm/tensor_parallel.py; None: no TP): the layers split over it, the
         embedding and LM head vocab-parallel (module docstring)."""
         super().__init__()

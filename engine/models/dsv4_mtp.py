@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
@@ -121,7 +122,7 @@ class DSV4MTPLayer(nn.Module):
     vocab shards); `tp`: the rank's TensorParallel (None: whole)."""
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, k: int, embed_VD: torch.Tensor, head_VD: torch.Tensor,
-                 kernels, device: torch.device, ep: ExpertParallel | None = None, quant=None, tp=None):
+                 kernels, device: torch.device, ep: ExpertParallel | None = None, quant=None, tp: TensorParallel | None = None):
         super().__init__()
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.vocab = VocabShard(cfg.vocab_size, self.tp)

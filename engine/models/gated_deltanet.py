@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
 from ..config.linear_attention import LinearAttentionConfig
@@ -89,7 +90,7 @@ class GatedDeltaNet(nn.Module):
     """One linear-attention layer (module docstring)."""
 
     def __init__(self, layer_idx: int, hidden_size: int, la: LinearAttentionConfig, rms_norm_eps: float, kernels,
-                 dtype, device=None, tp=None):
+                 dtype, device=None, tp: TensorParallel | None = None):
         """tp: the rank's TensorParallel (comm/tensor_parallel.py; None: whole). Under TP this rank holds
         num_k_heads / size q/k heads and the value heads of their groups (engine/config/tensor_parallel.
         shard_attention): their rows of the input projections, their conv channels, dt_bias and A_log, and

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
@@ -32,7 +33,7 @@ class GQAAttention(nn.Module):
 
     def __init__(self, layer_idx: int, hidden_size: int, attn: GQAConfig, rms_norm_eps: float, rope: RotaryEmbedding,
                  kernels, dtype, device=None, quant=None, *, in_features: int | None = None, sinks_name: str = "sinks",
-                 tp=None):
+                 tp: TensorParallel | None = None):
         """in_features: the width q/k/v are projected from, when it is not hidden_size (an EAGLE-3 head's
         [embedding | hidden] concatenation, 2 * hidden_size, engine/models/eagle3.py); o_proj returns hidden_size.
         sinks_name: the sinks' checkpoint name under self_attn. (ArchSpec.sinks).

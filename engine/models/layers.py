@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.silu_mul import reference_silu_mul
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
@@ -105,7 +106,7 @@ class DenseMLP(nn.Module):
     experts of DeepSeek / GLM MoE layers (one MLP of n_shared_experts * moe_intermediate_size)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None, *, kernels=None, quant=None,
-                 prefix: str = "", tp=None, reduce: bool = True):
+                 prefix: str = "", tp: TensorParallel | None = None, reduce: bool = True):
         """quant: engine/config/quantization.py's config (None = float); prefix: the checkpoint names' prefix
         ("model.layers.{i}.mlp."), which modules_to_not_convert is matched against. tp: the rank's TensorParallel
         (None: whole): gate_up column-parallel over the intermediate size, down row-parallel (an all-reduce; with

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
@@ -42,7 +43,7 @@ _LATENT_NORM_EPS = 1e-6
 
 class MLAAttention(nn.Module):
     def __init__(self, layer_idx: int, hidden_size: int, attn: MLAConfig, rope: RotaryEmbedding, kernels, dtype,
-                 device=None, quant=None, max_model_len: int = 1, tp=None):
+                 device=None, quant=None, max_model_len: int = 1, tp: TensorParallel | None = None):
         """tp: the rank's TensorParallel (None: whole). Under TP each rank holds num_heads / size heads, as vLLM and
         SGLang split MLA: q_b_proj and kv_b_proj column-parallel by head, o_proj row-parallel; the fused
         q_a / kv_a projection (latent and roped key, every head's) and the latent cache are whole on every rank.

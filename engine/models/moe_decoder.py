@@ -18,6 +18,7 @@ from typing import Collection
 import torch
 from torch import nn
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import gate_up_order, make_expert_format
 from moelink.moe.layer import ExpertParallel, MoELayer, MoEOnlyStages, Stages, run_stages
@@ -74,7 +75,7 @@ class SharedExpertsMoE(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, kernels, device,
                  ep: ExpertParallel | None, stats: MoEStats, spec: ArchSpec | None = None, fused_experts: bool = False,
-                 tp=None):
+                 tp: TensorParallel | None = None):
         """fused_experts: the checkpoint holds this layer's experts fused (experts.gate_up_proj), which decides
         how FP8 experts lay out their gate and up blocks (moe/expert_weights.Fp8BlockExperts). tp: the rank's
         TensorParallel (comm/tensor_parallel.py; None: no TP): attention and the dense MLP split over it, and the
@@ -154,7 +155,7 @@ class MoEDecoderForCausalLM(nn.Module):
     """Embedding → decoder layers → final norm; `compute_logits` applies the LM head to chosen rows."""
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, kernels, device: torch.device,
-                 ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, tp=None):
+                 ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, tp: TensorParallel | None = None):
         """checkpoint_names: the tensors the checkpoint holds (None = per-expert layout), read for the experts'
         on-disk layout per layer, as `weight_plan` reads it. tp: the rank's TensorParallel (None: no TP): the
         layers split over it, and the embedding and LM head are vocab-parallel (vocab_parallel.py)."""

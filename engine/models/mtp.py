@@ -39,6 +39,7 @@ from typing import Collection
 import torch
 from torch import nn
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
@@ -78,7 +79,7 @@ def mtp_checkpoint_names(cfg: ModelConfig, names: Collection[str]) -> list[str]:
 def make_mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: torch.device,
                    ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, *,
                    embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None,
-                   tp=None) -> nn.Module:
+                   tp: TensorParallel | None = None) -> nn.Module:
     """MTP module i in the architecture's layout (architectures.Architecture.mtp_layout): MTPLayer (DeepSeek's
     next-n layers), QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`) or DSV4MTPLayer (DeepSeek-V4's `mtp.{i}.*`, over
     the hyper-connection streams: its drafter adapts it, engine/rank/mtp_drafter.py); all have compute_logits,
@@ -103,7 +104,7 @@ class MTPLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: torch.device,
                  ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, *,
-                 embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None, tp=None):
+                 embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None, tp: TensorParallel | None = None):
         super().__init__()
         self.cfg, self.spec = cfg, spec
         tp = tp if tp is not None and tp.size > 1 else None

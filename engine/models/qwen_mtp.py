@@ -37,6 +37,7 @@ from typing import Collection
 import torch
 from torch import nn
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
@@ -63,7 +64,7 @@ class QwenMTPLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: torch.device,
                  ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, *,
-                 embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None, tp=None):
+                 embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None, tp: TensorParallel | None = None):
         super().__init__()
         if not 0 <= i < cfg.num_nextn_predict_layers:
             raise ValueError(f"MTP layer {i} does not exist: config.json mtp_num_hidden_layers="

@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.weight_plan import PlanEntry
 
 
 class VocabShard:
     """Which vocab rows this rank holds and how it embeds and computes logits with them (tp None: all of them)."""
 
-    def __init__(self, vocab_size: int, tp=None):
+    def __init__(self, vocab_size: int, tp: TensorParallel | None = None):
         self.vocab_size, self.tp = vocab_size, tp
         if tp is None:
             self.rows, self.start, self.real = vocab_size, 0, vocab_size

@@ -33,6 +33,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from moelink.comm.tensor_parallel import TensorParallel
+
 from .eagle3_drafter import Eagle3Drafter
 from .mtp_drafter import MTPDrafter
 from .ngram_proposer import NgramProposer
@@ -91,7 +93,7 @@ def make_drafter(spec) -> Drafter | None:
                      "drafter_factory.")
 
 
-def make_device_drafter(spec, cfg, model, kernels, device, ep, block_size: int, load_format: str = "auto", tp=None):
+def make_device_drafter(spec, cfg, model, kernels, device, ep, block_size: int, load_format: str = "auto", tp: TensorParallel | None = None):
     """The device drafter a SpeculativeConfig names, loaded for `model` (its weights, its cache layer), or None
     (speculation off, or a host drafter). `tp`: the rank's TensorParallel, or None (module docstring)."""
     if spec is None or not spec.runs_on_device:

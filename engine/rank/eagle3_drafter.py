@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from moelink.comm.tensor_parallel import TensorParallel
+
 from ..config.eagle3 import Eagle3Config, check_eagle3_target, read_eagle3_config
 from ..config.model import ModelConfig
 from ..models.eagle3 import Eagle3Head
@@ -63,7 +65,7 @@ class Eagle3DraftLayer:
 
 
 def load_draft_head(path: str, cfg: ModelConfig, model, kernels, device: torch.device, load_format: str = "auto",
-                    head_cfg: Eagle3Config | None = None, tp=None) -> Eagle3Head:
+                    head_cfg: Eagle3Config | None = None, tp: TensorParallel | None = None) -> Eagle3Head:
     """The head in directory `path` for main model `cfg` / `model` (its embedding and LM head stand in where the
     head has none; under `tp` gathered whole from the rank's vocab shards: module docstring), or a random one of
     that config.json (load_format "dummy")."""
@@ -104,7 +106,7 @@ class Eagle3Drafter(ChainDrafter):
     directory (EngineArgs resolved a repo id)."""
 
     def __init__(self, path: str, cfg: ModelConfig, model, kernels, device: torch.device, ep, k: int,
-                 block_size: int, load_format: str = "auto", tp=None):
+                 block_size: int, load_format: str = "auto", tp: TensorParallel | None = None):
         head_cfg = read_eagle3_config(path)
         aux_layers = check_eagle3_target(head_cfg, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
         head = load_draft_head(path, cfg, model, kernels, device, load_format, head_cfg, tp)

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
 from moelink.moe.expert_weights_dsv4 import PackedBytes
@@ -140,7 +141,7 @@ def open_checkpoint(cfg: ModelConfig, load_format: str, device: torch.device,
 
 
 def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
-               progress: bool = False, load_format: str = "auto", tp=None,
+               progress: bool = False, load_format: str = "auto", tp: TensorParallel | None = None,
                read_bytes: dict[str, int] | None = None) -> MoEDecoderForCausalLM:
     """Build the model for `cfg.architecture` on `device` and fill every parameter from the checkpoint (random
     tensors for load_format "dummy"). tp: the rank's TensorParallel (comm/tensor_parallel.py; None: no TP): the

@@ -12,6 +12,7 @@ from collections import deque
 
 import torch
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.ops import select_kernels
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
@@ -50,7 +51,7 @@ class ModelRunner:
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
                  graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
                  load_format: str = "auto", kv_connector: WorkerKVConnector | None = None, speculative=None,
-                 num_state_slots: int = 0, num_state_checkpoints: int = 0, tp=None):
+                 num_state_slots: int = 0, num_state_checkpoints: int = 0, tp: TensorParallel | None = None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 

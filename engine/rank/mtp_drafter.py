@@ -41,6 +41,7 @@ import logging
 
 import torch
 
+from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.layer import MoEOnlyStages
 
 from ..config.model import ModelConfig
@@ -58,7 +59,7 @@ _SCRATCH_ROWS = SCRATCH_ROWS
 
 
 def load_mtp_layer(cfg: ModelConfig, model, kernels, device: torch.device, ep=None,
-                   load_format: str = "auto", tp=None,
+                   load_format: str = "auto", tp: TensorParallel | None = None,
                    read_bytes: dict[str, int] | None = None) -> MTPLayer | QwenMTPLayer | DSV4MTPLayer:
     """MTP module 0 of `cfg`'s checkpoint (or random, load_format "dummy"), its routed experts this rank's share
     under `ep`, its layers split over `tp` (reading only its shards); its embedding and head are `model`'s where
@@ -148,7 +149,7 @@ class MTPDrafter(ChainDrafter):
     """The runner's device drafter for method "mtp" (module docstring)."""
 
     def __init__(self, cfg: ModelConfig, model, kernels, device: torch.device, ep, k: int, block_size: int,
-                 load_format: str = "auto", tp=None):
+                 load_format: str = "auto", tp: TensorParallel | None = None):
         self.cfg = cfg
         layer = load_mtp_layer(cfg, model, kernels, device, ep, load_format, tp)
         tp_size = tp.size if tp is not None else 1

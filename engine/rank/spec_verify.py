@@ -27,6 +27,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from moelink.comm.tensor_parallel import TensorParallel
+
 from .device_stream import to_device, to_host
 from .rejection_sampler import DraftRows, rejection_sample
 from .sampler import apply_penalties, processed_probs
@@ -83,7 +85,7 @@ class SpecStep:
                 [bitmasks.get(st.req_id) for st in plain] if bitmasks else None,
                 [num_pending[r] for r in self.plain_rows])
 
-    def run(self, model, sampler, h_TD: torch.Tensor, tp=None) -> "SpecResult":
+    def run(self, model, sampler, h_TD: torch.Tensor, tp: TensorParallel | None = None) -> "SpecResult":
         """The device half: logits of the verified positions, the acceptance rule, the plain rows' sampling.
         `tp`: the rank's TensorParallel (None: no TP): the group's first rank's tokens are taken (module docstring)."""
         dev = self.device
