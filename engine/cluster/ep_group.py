@@ -9,7 +9,10 @@ placement-group bundle `bundles[i]` (a survivor keeps its bundle; rank r starts 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Sequence
+
+from ..config.engine_args import EngineConfig
+from ..contract.expert_parallel import ExpertParallelPlan
 
 
 @dataclass(frozen=True)
@@ -18,8 +21,8 @@ class EPGroup:
     formed at start and grows by one with each transition, so a holder can tell two groups apart."""
 
     epoch: int
-    config: Any  # EngineConfig of this group (its expert_parallel_size is the group's size)
-    plan: Any  # ExpertParallelPlan the ranks run
+    config: EngineConfig  # this group's (its expert_parallel_size is the group's size)
+    plan: ExpertParallelPlan  # what the ranks run
     bundles: tuple[int, ...]  # placement-group bundle of each rank
     workers: tuple = ()  # the ranks' actors; empty while the group is being started
     rank_pids: tuple[int, ...] = ()

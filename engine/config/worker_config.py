@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .model import ModelConfig
+from .speculative import SpeculativeConfig
 
 # Where the weights come from (vLLM's names): "auto" / "safetensors" read the checkpoint's safetensors files,
 # "dummy" makes random weights on the device from config.json alone (engine/rank/dummy_weights.py).
@@ -45,7 +46,7 @@ class WorkerConfig:
     # A KV connector (engine/contract/kv_connector.py): the worker builds its rank's worker half from it. None: none.
     kv_connector: Any = None  # duck-typed: engine/config may not import engine/contract
     # Speculative decoding (engine/config/speculative.py): the runner's drafter; None: off.
-    speculative: object = None
+    speculative: SpeculativeConfig | None = None
     # Per-sequence state pools of a model with linear-attention layers (CacheConfig's numbers); 0: none.
     num_state_slots: int = 0
     num_state_checkpoints: int = 0
