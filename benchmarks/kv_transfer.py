@@ -33,7 +33,7 @@ from moelink.engine.kv_transfer.arrival import ArrivalWriter
 from moelink.engine.kv_transfer.store import HoldBounds, SavedKVStore
 from moelink.engine.kv_transfer.auth import SecretAuth
 from moelink.engine.kv_transfer.transport import KV_TRANSPORTS, NixlTransport, make_transport
-from moelink.engine.kv_transfer.blocks import PagedKVBlocks, SavedKV
+from moelink.engine.contract.kv_blocks import PagedKVBlocks, SavedKV
 from moelink.scheduler.outputs import KVTransfer
 
 BLOCK = 16

@@ -29,7 +29,7 @@ from moelink.engine.kv_transfer.arrival import ArrivalWriter
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteWorkerSide
 from moelink.engine.kv_transfer.auth import SecretAuth
 from moelink.engine.kv_transfer.transport import KV_TRANSPORTS, make_transport
-from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+from moelink.engine.contract.kv_blocks import PagedKVBlocks
 from moelink.scheduler.outputs import KVTransfer
 
 from .kv_transfer import BLOCK, SHAPES

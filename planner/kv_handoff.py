@@ -3,7 +3,7 @@ costs, with moelink's transports as measured.
 
     bytes  = input_len x layers x KV bytes per token and layer   (the whole prompt: the decode side loads it all)
     save   = bytes / device-to-host bandwidth    (prefill GPU: the blocks gathered and copied to pinned host memory
-                                                  on a side stream, engine/kv_transfer/blocks.py read_async)
+                                                  on a side stream, engine/contract/kv_blocks.py read_async)
     wire   = latency + bytes / transport rate    (moelink's tcp transport as benchmarked, or the link it runs on if
                                                   that is slower)
     load   = bytes / host-to-device bandwidth    (decode GPU: each layer written into the request's reserved blocks

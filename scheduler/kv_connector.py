@@ -2,7 +2,7 @@
 
 Two halves, as in vLLM v1. The scheduler side (`KVConnector`, here, pure Python) decides *which* blocks of which
 request move: a request whose prompt KV another engine saved is loaded instead of computed, and a request's prompt
-KV is saved once its prefill step has run. The worker side (engine/kv_transfer/blocks.py: `WorkerKVConnector`, and
+KV is saved once its prefill step has run. The worker side (engine/contract/kv_blocks.py: `WorkerKVConnector`, and
 `PagedKVBlocks`, which copies a request's blocks out of / into the rank's paged cache for every KV kind) moves the
 bytes. Between them travel `KVTransfer` records: planned in `SchedulerOutput.kv_transfers` (loads run before the
 step's forward, saves after it, in the rank's stream order) and reported back by id in

@@ -182,7 +182,7 @@ class KVTransfer:
     # a network transport's address and key); plain data, pickled to the ranks. None: the connector needs none.
     params: Any = None
     # The request's state slot on this rank (a model with linear-attention layers: scheduler/hybrid_cache.py): its
-    # per-sequence state travels with the KV, at `num_tokens` (engine/kv_transfer/blocks.py's "state" groups). -1: none.
+    # per-sequence state travels with the KV, at `num_tokens` (engine/contract/kv_blocks.py's "state" groups). -1: none.
     state_slot: int = -1
 
 

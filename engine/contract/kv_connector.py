@@ -2,7 +2,7 @@
 
 The driver asks it for each rank's scheduler half (`scheduler_side(rank)`: a scheduler/kv_connector.py
 `KVConnector`, pure Python) and each rank's worker builds its worker half from it (`worker_side(rank)`: an
-engine/kv_transfer/blocks.py `WorkerKVConnector`, which copies blocks through the runner's `PagedKVBlocks`). The
+engine/contract/kv_blocks.py `WorkerKVConnector`, which copies blocks through the runner's `PagedKVBlocks`). The
 factory travels to the ranks in the `WorkerConfig` (pickled to a Ray actor), so a connector whose halves share
 memory must refuse to be pickled, as the in-host reference (engine/kv_transfer/inhost.py) does; a network
 transport ships addresses instead, and the offload tiers (engine/kv_transfer/offload.py) their config: their
@@ -14,6 +14,8 @@ from typing import Protocol
 
 from moelink.scheduler.kv_connector import KVConnector
 
+from .kv_blocks import WorkerKVConnector
+
 
 class KVConnectorFactory(Protocol):
     """A KV connector's two halves, per rank (module docstring)."""
@@ -21,7 +23,7 @@ class KVConnectorFactory(Protocol):
     def scheduler_side(self, rank: int) -> KVConnector:
         """The rank's scheduler half (called on the driver when the engine builds its schedulers)."""
 
-    def worker_side(self, rank: int) -> object:
+    def worker_side(self, rank: int) -> WorkerKVConnector:
         """The rank's worker half, a `WorkerKVConnector` (called by the rank's worker when it builds its runner)."""
 
 

@@ -1,7 +1,7 @@
 """A decode rank's load, written into its KV blocks group by group as the bytes arrive (the remote connector's
 fetch thread, engine/kv_transfer/remote.py).
 
-Each group (a layer's cache tensors with one block table, engine/kv_transfer/blocks.py) is written as soon as the
+Each group (a layer's cache tensors with one block table, engine/contract/kv_blocks.py) is written as soon as the
 transport has it (`wire.recv_saved`'s `on_group`), while the next one is still on the wire: the load is
 pipelined layer by layer and no copy of the whole prompt's KV is held on the decode side. The blocks are the
 request's alone (the scheduler reserved them and no step reads them before the load is reported), so writing
@@ -23,7 +23,7 @@ import torch
 
 from moelink.scheduler.outputs import KVTransfer
 
-from .blocks import PagedKVBlocks
+from ..contract.kv_blocks import PagedKVBlocks
 
 
 _READS_WAIT_S = 300.0  # a bound on fence()'s wait; a fetch's READs end within fetch_timeout_s (60 s by default)

@@ -15,7 +15,7 @@ mid-transfer costs that fetch (recomputed by the decode engine) and nothing else
 kept per process, the least recently used dropped (and its listener closed) first.
 
 Where the bytes are: saved KV is in host memory on the prefill rank (the save copies the blocks out, on a side
-stream, engine/kv_transfer/blocks.py: its blocks are free for other requests at once), so with NCCL each tensor goes
+stream, engine/contract/kv_blocks.py: its blocks are free for other requests at once), so with NCCL each tensor goes
 host -> device on the prefill rank and NCCL to the decode rank's device, where it is received and then copied
 into the request's blocks on the device: no host round trip on the decode side.
 """
@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
-from .blocks import SavedKV
+from ..contract.kv_blocks import SavedKV
 from .auth import PeerAuth
 from .client import FetchTimeouts, request_kv
 from .server import KVSocketServer, ServerLimits

@@ -26,7 +26,7 @@ from moelink.scheduler.kv_connector import KVConnector
 from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
 
-from .blocks import PagedKVBlocks, SavedKV
+from ..contract.kv_blocks import PagedKVBlocks, SavedKV
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ from typing import Callable
 import torch
 
 from .auth import PeerAuth
-from .blocks import SavedKV
+from ..contract.kv_blocks import SavedKV
 from .client import FetchTimeouts, request_kv
 from .nixl_inplace import CacheRegions, HeldKV, deliver, read_held, reply_staged, stage
 from .server import KVSocketServer, ServerLimits

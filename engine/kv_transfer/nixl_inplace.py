@@ -41,7 +41,7 @@ import torch
 from moelink.scheduler.outputs import KVTransfer
 
 from .arrival import ArrivalWriter
-from .blocks import STATE, PagedKVBlocks, SavedKV
+from ..contract.kv_blocks import STATE, PagedKVBlocks, SavedKV
 from .wire import MAX_HELLO_BYTES, Deadline, KVFetchError, recv_header, saved_header, send_header
 
 logger = logging.getLogger(__name__)

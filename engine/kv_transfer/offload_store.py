@@ -32,7 +32,7 @@ import torch
 
 from moelink.scheduler.outputs import KVTransfer
 
-from .blocks import SLIDING, STATE, PagedKVBlocks, wide_dtype
+from ..contract.kv_blocks import SLIDING, STATE, PagedKVBlocks, wide_dtype
 from .offload_tiers import LoadPlan, OffloadConfig
 
 

@@ -16,7 +16,7 @@ import torch
 
 from moelink.scheduler.outputs import KVTransfer
 
-from .blocks import PagedKVBlocks
+from ..contract.kv_blocks import PagedKVBlocks
 from .offload_store import TierStore
 from .offload_tiers import LoadPlan, StepOps
 from .tp_join import TPJoin

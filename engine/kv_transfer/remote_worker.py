@@ -20,7 +20,7 @@ from moelink.scheduler.outputs import KVTransfer
 
 from .arrival import ArrivalWriter, LoadDropped, LoadWriteFailed
 from .auth import SecretAuth, is_capability
-from .blocks import STATE, PagedKVBlocks, PendingRead
+from ..contract.kv_blocks import STATE, PagedKVBlocks, PendingRead
 from .config import RemoteKVConfig, RemoteSource
 from .nixl_inplace import cache_nbytes, register_at_allocation
 from .peers import describe_peers, peer_allowed

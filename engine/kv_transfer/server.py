@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .blocks import SavedKV, layout_difference
+from ..contract.kv_blocks import SavedKV, layout_difference
 from .auth import NO_SECRET, KVRefused, PeerAuth
 from .store import SavedKVStore
 from .tp_shard import Heads, ShardAsk, check_ask, local_heads, needed_ranks, parse_key, slice_heads, with_heads

@@ -29,7 +29,7 @@ import threading
 
 import torch
 
-from .blocks import SavedKV
+from ..contract.kv_blocks import SavedKV
 from .auth import PeerAuth
 from .client import FetchTimeouts, request_kv
 from .peers import is_host

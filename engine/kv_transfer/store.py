@@ -32,7 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .blocks import SavedKV
+from ..contract.kv_blocks import SavedKV
 
 if TYPE_CHECKING:
     from .nixl_inplace import HeldKV
@@ -82,7 +82,7 @@ class SavedKVStore:
         # (engine/kv_transfer/tp_shard.py); None: any decode rank whose heads this rank holds.
         self.reader: tuple[int, int] | None = None
         self.counters = StoreCounters()
-        # The layout of what this rank saves (its cache's, engine/kv_transfer/blocks.py), known from the first save:
+        # The layout of what this rank saves (its cache's, engine/contract/kv_blocks.py), known from the first save:
         # a server refuses a decode engine of another layout by name, whatever key it asks for.
         self.layout: tuple | None = None
 

@@ -16,7 +16,7 @@ from .client import FetchTimeouts, request_kv
 from .server import KVSocketServer, ServerLimits
 from .store import SavedKVStore
 from .wire import Deadline, KVFetchError, Staging, recv_saved, send_saved, socket_take
-from .blocks import SavedKV
+from ..contract.kv_blocks import SavedKV
 
 
 def bound_socket(host: str, port: int) -> socket.socket:

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 
 from ..config.tensor_parallel import kv_head_start
-from .blocks import FULL, SLIDING, SavedKV
+from ..contract.kv_blocks import FULL, SLIDING, SavedKV
 
 CAPABILITY_CHARS = 22  # engine/kv_transfer/auth.py's new_capability: 16 random bytes, URL-safe
 _TP_SUFFIX = re.compile(r"-tp([1-9][0-9]{0,3})\Z")

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .blocks import SavedKV
+from ..contract.kv_blocks import SavedKV
 from .auth import NO_SECRET, PeerAuth
 from .client import FetchTimeouts
 from .server import ServerLimits

@@ -15,7 +15,7 @@ with the saved one), so nothing of it is echoed back. A layout is typed per grou
 "sliding" groups are blocks of a table, a "state" group a hybrid model's per-sequence state (one row, the state at
 the transfer's `num_tokens`); both sides' layouts must be equal, so a state travels only between hybrid engines.
 
-Legend: N blocks, X the bytes of one block row of a cache tensor (engine/kv_transfer/blocks.py).
+Legend: N blocks, X the bytes of one block row of a cache tensor (engine/contract/kv_blocks.py).
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ import time
 import numpy as np
 import torch
 
-from .blocks import SavedKV
+from ..contract.kv_blocks import SavedKV
 
 MAGIC = b"MLKV"
 # 2: authenticated handshake, capabilities, token ids as raw int32 after the header, no ids echoed; 3: typed groups
 # (a layout's group kind "state": a linear-attention layer's per-sequence state beside the KV blocks,
-# engine/kv_transfer/blocks.py), so a version-2 peer, which would take a state group for blocks, is refused.
+# engine/contract/kv_blocks.py), so a version-2 peer, which would take a state group for blocks, is refused.
 VERSION = 3
 MAX_HEADER_BYTES = 64 << 10  # a header holds a key, a layout and block shapes, never token ids or KV
 MAX_HELLO_BYTES = 1 << 10  # a message before the peer has authenticated (hello, proof, a refusal)

@@ -33,7 +33,7 @@ from .spec_verify import SpecStep
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
 from ..contract.sampling_params import SamplingParams
 from .step_handle import DeviceResult, StepHandle
-from ..kv_transfer.blocks import PagedKVBlocks, WorkerKVConnector, start_transfers
+from ..contract.kv_blocks import PagedKVBlocks, WorkerKVConnector, start_transfers
 from .step_inputs import StepInputs, build_step_inputs
 from .input_batch import PersistentBatch
 from .step_plan import SingleBatch, TwoBatchOverlap
@@ -61,7 +61,7 @@ class ModelRunner:
         `stream`: where device work runs relative to the host (engine/rank/device_stream.py; default inline, the
         serial loop).
         `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random).
-        `kv_connector`: the worker half of a KV connector (engine/kv_transfer/blocks.py), which runs the KV loads
+        `kv_connector`: the worker half of a KV connector (engine/contract/kv_blocks.py), which runs the KV loads
         and saves a step plans (`SchedulerOutput.kv_transfers`); None: no connector.
         `speculative`: a SpeculativeConfig (engine/config/speculative.py): its drafter proposes after each step.
         `num_state_slots`, `num_state_checkpoints`: the per-sequence state pools of a model with linear-attention

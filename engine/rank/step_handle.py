@@ -53,7 +53,7 @@ class StepHandle:
         # Requests the next step verifies no drafts of (the scheduler's SchedulerOutput.no_draft_req_ids): a host
         # drafter skips them.
         self.no_draft = no_draft
-        self.kv_poll = kv_poll  # the KV connector's poll (engine/kv_transfer/blocks.py); None without one
+        self.kv_poll = kv_poll  # the KV connector's poll (engine/contract/kv_blocks.py); None without one
         self.states = states  # the request states of the rows that sample, in row order
         self.num_tokens, self.num_seqs = num_tokens, num_seqs
         self.host_s = host_s

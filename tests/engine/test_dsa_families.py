@@ -137,7 +137,7 @@ def test_prefill_on_one_engine_decode_on_another(hf_tiny_model, name, index, mon
     """Engine A prefills and saves, engine B loads every layer's cache tensors (latent and indexer keys: float, or fp8
     rows with their scales) and decodes sparsely from them: B equals transformers (with fp8 keys, transformers whose
     indexer keys are rounded as the cache rounds them). A load without the keys would select from zeros."""
-    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+    from moelink.engine.contract.kv_blocks import PagedKVBlocks
     from tests.helpers.parity import hf_greedy_nocache_with
 
     path = hf_tiny_model(name)

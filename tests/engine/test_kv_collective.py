@@ -15,7 +15,7 @@ from moelink.engine.kv_transfer import collective as kv_collective
 from moelink.engine.kv_transfer.collective import CollectiveKVServer, collective_fetch
 from moelink.engine.kv_transfer.store import SavedKVStore
 from moelink.engine.kv_transfer.wire import KVFetchError
-from moelink.engine.kv_transfer.blocks import SavedKV
+from moelink.engine.contract.kv_blocks import SavedKV
 
 from tests.helpers.kv_params import NO_KV
 from tests.helpers.net import free_port, listening
@@ -56,7 +56,7 @@ SERVER = textwrap.dedent("""
     from moelink.engine.kv_transfer import collective as kv_collective
     from moelink.engine.kv_transfer.collective import CollectiveKVServer
     from moelink.engine.kv_transfer.store import SavedKVStore
-    from moelink.engine.kv_transfer.blocks import SavedKV
+    from moelink.engine.contract.kv_blocks import SavedKV
     port = int(sys.argv[1])
     layout = (("full", (("torch.float32", (4, 2, 8)), ("torch.float32", (4, 2, 8)))),)
     rows = tuple(torch.zeros((3, 4, 2, 32), dtype=torch.uint8) for _ in range(2))

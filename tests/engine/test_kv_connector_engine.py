@@ -68,7 +68,7 @@ def test_prefill_on_one_engine_decode_on_another(kind, tiny_model, hf_tiny_model
 
 
 def test_load_after_a_prefix_cache_hit_copies_only_the_blocks_past_it(tiny_model, monkeypatch):
-    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+    from moelink.engine.contract.kv_blocks import PagedKVBlocks
 
     path = tiny_model("qwen3_e6k3")
     shared = prompts(200, seed=6, n=2, lo=8, hi=8)[0]  # two blocks of 4

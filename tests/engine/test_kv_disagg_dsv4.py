@@ -1,6 +1,6 @@
 """Prefill/decode disaggregation of DeepSeek-V4 (issue 45): the compressed entries and CSA's indexer keys travel as
 the layers' paged groups, the window ring and the compressors' running rows as their "state" groups
-(engine/kv_transfer/blocks.PagedKVBlocks: a stateful layer's paged tensors, then its state pools), at the prompt's
+(engine/contract/kv_blocks.PagedKVBlocks: a stateful layer's paged tensors, then its state pools), at the prompt's
 n - 1 tokens. Both engines here, over TCP: the decode engine computes only each prompt's last token and its greedy
 tokens equal transformers'; both end with every block and state slot free."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from moelink.engine import SamplingParams
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from moelink.engine import LLM
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
-from moelink.engine.kv_transfer.blocks import STATE
+from moelink.engine.contract.kv_blocks import STATE
 
 from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
 from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder

@@ -1,6 +1,6 @@
 """Prefill/decode disaggregation of a hybrid model (Qwen3-Next: gated DeltaNet beside full attention, issue 42):
 each linear-attention layer's conv and recurrent state travels beside the full-attention layers' KV blocks, as
-typed "state" groups of the wire layout (engine/kv_transfer/blocks.py, wire VERSION 3), and the decode engine's
+typed "state" groups of the wire layout (engine/contract/kv_blocks.py, wire VERSION 3), and the decode engine's
 slot takes it (scheduler/kv_connector.py: both sides move the prompt's first n - 1 tokens).
 
 Both engines run here (the remote connector over TCP or shared memory, as across processes):
@@ -17,7 +17,7 @@ from moelink.engine import LLM, SamplingParams
 from moelink.engine.kv_transfer import tcp as kv_tcp
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
-from moelink.engine.kv_transfer.blocks import STATE
+from moelink.engine.contract.kv_blocks import STATE
 
 from tests.helpers.hf_checkpoints import VOCAB
 from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder

@@ -14,7 +14,7 @@ import torch
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
 from moelink.engine.kv_transfer.auth import SecretAuth
-from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+from moelink.engine.contract.kv_blocks import PagedKVBlocks
 from moelink.engine.kv_transfer.nixl import NixlAgent, nixl_available
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from moelink.engine.kv_transfer.store import SavedKVStore

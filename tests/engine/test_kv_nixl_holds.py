@@ -10,7 +10,7 @@ import torch
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
-from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+from moelink.engine.contract.kv_blocks import PagedKVBlocks
 from moelink.engine.kv_transfer.nixl import nixl_available
 from moelink.engine.kv_transfer.nixl_inplace import HoldRegion
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector

@@ -17,7 +17,7 @@ from moelink.engine import LLM, SamplingParams
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
 from moelink.engine.kv_transfer.arrival import ArrivalWriter
 from moelink.engine.kv_transfer.auth import SecretAuth
-from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+from moelink.engine.contract.kv_blocks import PagedKVBlocks
 from moelink.engine.kv_transfer.nixl import nixl_available
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from moelink.engine.kv_transfer.store import HoldBounds, SavedKVStore

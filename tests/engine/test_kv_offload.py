@@ -135,7 +135,7 @@ def test_a_disk_slot_whose_write_failed_is_never_read_even_before_the_scheduler_
     whole again is read again."""
     import torch
 
-    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+    from moelink.engine.contract.kv_blocks import PagedKVBlocks
     from moelink.engine.kv_transfer.offload_store import TierStore
 
     kv = PagedKVBlocks([tuple(torch.arange(6 * 64, dtype=torch.float32).view(6, 4, 2, 8) for _ in range(2))], None, 4)
@@ -298,7 +298,7 @@ def test_tier_sizes_past_the_machine_are_refused_at_start_naming_the_flag(tmp_pa
     # A rank on a smaller machine than the driver's: its offload is off, with the reason, and the engine lives.
     import torch
 
-    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+    from moelink.engine.contract.kv_blocks import PagedKVBlocks
 
     side = OffloadKVConnector(OffloadConfig(host_bytes=1 << 20)).worker_side(0)
     monkeypatch.setattr(offload_tiers, "physical_memory_bytes", lambda: 1 << 19)
@@ -367,7 +367,7 @@ def test_a_disk_tier_that_cannot_be_made_turns_offload_off_once(tmp_path):
     file an earlier process left under the same directory never blocks a new one (mkstemp names)."""
     import torch
 
-    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+    from moelink.engine.contract.kv_blocks import PagedKVBlocks
     from moelink.engine.kv_transfer.offload_tiers import StepOps
     from moelink.scheduler.outputs import KVTransfer
 

@@ -1,5 +1,5 @@
 """The remote connector's asynchronous save and its layer-pipelined load (engine/kv_transfer/arrival.py,
-engine/kv_transfer/blocks.py's read_async and wide copies, kv_wire.Staging): a save whose bytes are still on their
+engine/contract/kv_blocks.py's read_async and wide copies, kv_wire.Staging): a save whose bytes are still on their
 way is announced and served once they are there; a load writes each group into the blocks as it arrives, from
 memory reused group after group; a rewind while a load arrives writes nothing more."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteSource, Remo
 from moelink.engine.kv_transfer.store import SavedKVStore
 from moelink.engine.kv_transfer.transport import make_transport
 from moelink.engine.kv_transfer.wire import KVFetchError
-from moelink.engine.kv_transfer.blocks import PagedKVBlocks, PendingRead
+from moelink.engine.contract.kv_blocks import PagedKVBlocks, PendingRead
 from moelink.scheduler.outputs import KVTransfer
 
 from tests.helpers.kv_params import CAP, NO_KV, SECRET

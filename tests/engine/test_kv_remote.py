@@ -20,7 +20,7 @@ from moelink.engine.kv_transfer.store import SavedKVStore
 from moelink.engine.kv_transfer.tcp import TCPKVServer, tcp_fetch
 from moelink.engine.kv_transfer.wire import VERSION, KVFetchError, layout_to_json, send_header
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
-from moelink.engine.kv_transfer.blocks import SavedKV, layout_difference
+from moelink.engine.contract.kv_blocks import SavedKV, layout_difference
 
 from tests.helpers.kv_params import CAP, NO_KV, decode_kv
 from tests.helpers.net import free_port, listening
@@ -286,7 +286,7 @@ def test_a_rewind_drops_loads_in_flight_without_writing_them():
     drop_pending: a fetch that arrives afterwards writes nothing (its blocks may be another request's) and is
     never reported."""
     from moelink.engine.kv_transfer.remote import RemoteWorkerSide
-    from moelink.engine.kv_transfer.blocks import PagedKVBlocks
+    from moelink.engine.contract.kv_blocks import PagedKVBlocks
     from moelink.scheduler.outputs import KVTransfer
 
     port = free_port()

@@ -31,7 +31,7 @@ from moelink.engine.kv_transfer.store import SavedKVStore
 from moelink.engine.kv_transfer.tcp import TCPKVServer, bound_socket, tcp_fetch
 from moelink.engine.kv_transfer.wire import (MAGIC, VERSION, Deadline, KVFetchError, layout_to_json, recv_header, send_header,
                                             tokens_to_bytes)
-from moelink.engine.kv_transfer.blocks import SavedKV
+from moelink.engine.contract.kv_blocks import SavedKV
 
 from tests.helpers.kv_params import NO_KV, SECRET
 from tests.helpers.net import free_port, listening

@@ -295,7 +295,7 @@ def test_a_prefill_rank_serves_each_decode_rank_its_heads_once(tmp_path):
     both have taken theirs; heads it does not hold are refused by name."""
     import torch
 
-    from moelink.engine.kv_transfer.blocks import SavedKV
+    from moelink.engine.contract.kv_blocks import SavedKV
     from moelink.engine.kv_transfer.store import SavedKVStore
     from moelink.engine.kv_transfer.transport import make_transport
     from moelink.engine.kv_transfer.tp_shard import with_heads

@@ -1,4 +1,5 @@
-"""The worker side of the KV connector seam (scheduler/kv_connector.py has the scheduler side and the protocol):
+"""The worker side of the KV connector seam, a contract between the model runner and the connectors of
+engine/kv_transfer/ (scheduler/kv_connector.py has the scheduler side and the protocol):
 copying a request's KV blocks out of and into this rank's paged KV cache, for every KV kind.
 
 Legend: N blocks copied, B block size, X the rest of a cache tensor's row, in bytes (heads x head dim x dtype
