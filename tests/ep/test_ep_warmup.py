@@ -25,8 +25,10 @@ def test_the_full_warm_up_pairs_its_collectives_on_every_rank_and_changes_no_tok
     path = tiny_model("qwen3_e6k3")
     with LLM(path, **KW) as one:
         want = _generate(one)
+    # The full warm-up is minutes of small steps on a loaded 2-core machine: its step deadline and the heartbeat
+    # watchdog's are raised (a rank starved past the 10 s default was dropped once, 2026-11-26, in a whole run).
     with LLM(path, expert_parallel_size=2, all_to_all="torch_padded", enable_two_batch_overlap=True,
-             step_timeout=120.0, **KW) as llm:
+             step_timeout=120.0, heartbeat_timeout=60.0, **KW) as llm:
         reports = llm.engine.executor.warm_up(WarmupConfig(32, 4, plan="full"))
         assert [r.rank for r in reports] == [0, 1]
         # The forward phases are the same steps on both ranks (their collectives pair up).
