@@ -8,10 +8,11 @@ out). The host prepares step N+1 while the device runs step N; a strategy decide
   current stream; results come back through pinned host buffers and an event the host waits on a step later.
 * `ThreadStream`: CPU devices have no queue of their own, so one worker thread plays the stream: device work
   is submitted in order and runs there (torch ops release the GIL), while the host thread goes on.
-* `InlineStream`: device work runs at once, in the host thread (the serial loop, `async_scheduling=False`). On
-  CUDA "at once" means enqueued at once: its `wait()` still waits on an event for the step's kernels and its
-  copies to pinned memory (without it the host read sampled tokens before the GPU wrote them: garbage ids, an
-  out-of-range embedding gather, seen on an H200 on 2026-11-25).
+* `InlineStream`: device work runs at once, in the host thread (the serial loop, `async_scheduling=False`, on a
+  device whose ops block: the CPU). On CUDA the serial loop takes `CudaStream` too: there "at once" only enqueues,
+  and the host must wait on the step's event before it reads the sampled tokens from pinned memory (without it,
+  garbage ids reached an embedding gather at batch 256, seen on an H200 on 2026-11-25). The serial loop differs
+  from the overlapped one in when the engine waits, not in the stream.
 * `SimulatedStream`: a test double of a GPU stream (benchmarks and tests on CPU): launched from the host
   thread like `CudaStream`, then busy for a fixed time per step.
 
@@ -59,23 +60,13 @@ class DeviceWork:
 
 
 class InlineStream:
-    """Device work runs in the caller's thread, now (the serial loop; also any device whose ops block). On a CUDA
-    `device` the caller's thread only enqueues it: an event recorded after it is what `wait()` waits on, so the
-    host reads the step's pinned results (`to_host`) once the GPU wrote them."""
+    """Device work runs in the caller's thread, now (the serial loop on a device whose ops block: the CPU)."""
 
     name = "inline"
     asynchronous = False
 
-    def __init__(self, device: torch.device | None = None):
-        self._cuda = device is not None and device.type == "cuda"
-
     def submit(self, fn: Callable[[], object]) -> DeviceWork:
-        value = fn()
-        if not self._cuda:
-            return DeviceWork(value=value)
-        event = torch.cuda.Event()
-        event.record()  # after the step's kernels and its non-blocking copies out, on the current stream
-        return DeviceWork(value=value, event=event)
+        return DeviceWork(value=fn())
 
     def shutdown(self) -> None:
         pass
@@ -174,11 +165,12 @@ class SimulatedStream:
 
 
 def make_stream(device: torch.device, asynchronous: bool):
-    """The stream strategy for a rank: serial loop -> inline; CUDA -> its stream; other devices -> a thread."""
-    if not asynchronous:
-        return InlineStream(device)
+    """The stream strategy for a rank: CUDA -> its stream (both loops: module docstring); other devices: serial
+    loop -> inline, overlapped -> a thread."""
     if device.type == "cuda":
         return CudaStream(device)
+    if not asynchronous:
+        return InlineStream()
     return ThreadStream()
 
 

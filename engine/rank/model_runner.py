@@ -19,7 +19,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 from ..config import kv_sizing
 from ..config.model import ModelConfig
 from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len, verify_sizes
-from .device_stream import InlineStream, to_device, to_host
+from .device_stream import make_stream, to_device, to_host
 from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from .loader import load_model
 from .weight_memory import describe_memory, weight_bytes_by_format
@@ -58,7 +58,7 @@ class ModelRunner:
         `cuda_graph_sizes`: decode batch sizes to capture once the KV cache exists (empty: all
         eager). `graph_backend` replaces torch.cuda.CUDAGraph (tests: cuda_graph.EagerReplay).
         `step_plan`: how eager steps run the model (engine/rank/step_plan.py; default one batch).
-        `stream`: where device work runs relative to the host (engine/rank/device_stream.py; default inline, the
+        `stream`: where device work runs relative to the host (engine/rank/device_stream.py; default the
         serial loop).
         `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random).
         `kv_connector`: the worker half of a KV connector (engine/contract/kv_blocks.py), which runs the KV loads
@@ -110,7 +110,7 @@ class ModelRunner:
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
-        self.stream = stream if stream is not None else InlineStream(device)
+        self.stream = stream if stream is not None else make_stream(device, False)
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
