@@ -5,12 +5,13 @@ it into its own paged cache, each layer written as it arrives. Both through the 
 with `arrival.ArrivalWriter`), beside a device copy of the same bytes measured in the same run.
 
     python -m moelink.benchmarks.kv_transfer_engines --device cuda [--shape deepseek-v3,qwen3-30b-a3b]
-        [--tokens 1024,4096] [--transports tcp,shm,collective] [--repeats 3] [--json PATH]
+        [--tokens 1024,4096] [--transports tcp,shm,collective] [--repeats 3] [--json PATH] [--prefill-device D]
 
 Rows: save seconds (the prefill rank's copy out of its blocks until the store holds it), load seconds (fetch
 start until the last layer has landed in the decode rank's blocks), the load's GB/s and its ratio to the device
 copy (a clone of the same bytes on `--device`). `--device cpu` runs the same path on the CPU machines (the test
-suite's smoke).
+suite's smoke). The prefill process takes a second GPU where there is one (`--prefill-device`, default cuda:1 when
+two are visible); on one GPU the collective leg is left out: NCCL refuses two ranks on one device.
 """
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ def paged_cache(shape: str, num_tokens: int, device: str) -> tuple[PagedKVBlocks
     caches = [tuple(torch.randn(2 * nblocks, BLOCK, 1, w // 2, device=device, dtype=torch.bfloat16) for w in widths)
               for _ in range(layers)]
     return PagedKVBlocks(caches, None, BLOCK), [2 * i + 1 for i in range(nblocks)]
+
+
+def _gpu(device: str) -> int | None:
+    """The GPU index `device` names ("cuda" is GPU 0 here: no process sets another current device); None off GPU."""
+    d = torch.device(device)
+    return (d.index or 0) if d.type == "cuda" else None
 
 
 def _sync(device: str) -> None:
@@ -86,12 +93,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def time_handoff(transport: str, shape: str, num_tokens: int, device: str, repeats: int) -> dict:
-    """Best save and best load seconds over `repeats` handoffs, and the bytes moved."""
+def time_handoff(transport: str, shape: str, num_tokens: int, device: str, repeats: int,
+                 prefill_device: str | None = None) -> dict:
+    """Best save and best load seconds over `repeats` handoffs, and the bytes moved. `prefill_device`: the child's
+    (default `device`)."""
     port = _free_port()
     ctx = mp.get_context("spawn")  # a fresh CUDA context in the child
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_prefill, args=(child, transport, port, shape, num_tokens, device), daemon=True)
+    proc = ctx.Process(target=_prefill, args=(child, transport, port, shape, num_tokens, prefill_device or device),
+                       daemon=True)
     proc.start()
     try:
         if not parent.poll(300) or parent.recv() != "ready":
@@ -143,7 +153,14 @@ def main(argv=None) -> int:
                    help="comma list (default: every transport this machine can run; nixl only where its package is)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--prefill-device", default=None,
+                   help="the prefill process's device (default: cuda:1 when --device is cuda and two GPUs are "
+                        "visible, else --device)")
     ns = p.parse_args(argv)
+    if ns.prefill_device is None:
+        two = ns.device.startswith("cuda") and torch.cuda.device_count() > 1
+        ns.prefill_device = "cuda:1" if two and ns.device in ("cuda", "cuda:0") else ns.device
+    one_gpu = ns.device.startswith("cuda") and _gpu(ns.prefill_device) == _gpu(ns.device)
     for s in ns.shape.split(","):
         if s not in SHAPES:
             p.error(f"--shape {s!r}: choose from {', '.join(SHAPES)}")
@@ -155,6 +172,13 @@ def main(argv=None) -> int:
         ns.transports = ",".join(t for t in sorted(KV_TRANSPORTS) if t != "nixl" or nixl_available())
         if "nixl" not in ns.transports.split(","):
             print("note: nixl is not installed here: its leg is skipped (--transports names the legs to run)")
+        if one_gpu:
+            ns.transports = ",".join(t for t in ns.transports.split(",") if t != "collective")
+            print("note: one GPU for both processes: the collective (NCCL) leg is skipped, NCCL refuses two ranks "
+                  "on one device (--prefill-device names a second GPU)")
+    elif one_gpu and "collective" in ns.transports.split(","):
+        p.error(f"--transports collective: NCCL refuses two ranks on one device; --prefill-device must differ from "
+                f"--device ({ns.device})")
     for t in ns.transports.split(","):
         if t not in KV_TRANSPORTS:
             p.error(f"--transports {t!r}: choose from {', '.join(sorted(KV_TRANSPORTS))}")
@@ -162,7 +186,7 @@ def main(argv=None) -> int:
     for shape in ns.shape.split(","):
         for n in (int(x) for x in ns.tokens.split(",")):
             for name in ns.transports.split(","):
-                r = time_handoff(name, shape, n, ns.device, ns.repeats)
+                r = time_handoff(name, shape, n, ns.device, ns.repeats, ns.prefill_device)
                 copy_s = time_device_copy(r["bytes"], ns.device, ns.repeats)
                 gb = r["bytes"] / 1e9
                 r |= {"shape": shape, "tokens": n, "transport": name, "load_gbps": gb / r["load_s"],

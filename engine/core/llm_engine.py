@@ -431,5 +431,5 @@ class LLMEngine:
     def shutdown(self) -> None:
         self.grammars.shutdown()
         self.structured.shutdown()
+        thaw_heap(self)  # first: the executor's collect then reaches the engine's cycles (gc_policy.py)
         self.executor.shutdown()
-        thaw_heap(self)

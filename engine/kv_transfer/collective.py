@@ -231,6 +231,10 @@ def collective_fetch(host: str, port: int, key: str, layout: tuple, token_ids: l
         if isinstance(exc, TimeoutError):
             raise KVFetchError(f"{where}: timed out") from None
         if isinstance(exc, (OSError, RuntimeError)):  # gloo/NCCL report a lost peer as RuntimeError
+            if "Duplicate GPU" in str(exc):  # NCCL's own words for two ranks of a group on one device
+                raise KVFetchError(f"{where}: the prefill and this rank are on the same GPU, which NCCL cannot pair; "
+                                   f"the collective transport needs them on different GPUs (kv_transfer transport "
+                                   f"'shm' or 'nixl' serves one GPU)") from None
             raise KVFetchError(f"{where}: {exc}") from None
         raise
     finally:

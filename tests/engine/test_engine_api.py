@@ -207,3 +207,20 @@ def test_async_generate_abort_and_cancel_free_everything(tiny_model):
     finally:
         engine.shutdown()
     assert engine.engine.output_processor.states == {}
+
+
+def test_shutdown_frees_the_model_while_the_llm_is_still_held(tiny_model):
+    """`with LLM(...) as llm:` keeps `llm` bound after the block: shutdown itself must drop the model and KV cache,
+    or the next engine on the same GPU finds no memory (spec_decode on an H200, 2026-11-26)."""
+    import gc
+    import weakref
+
+    llm = LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=16, max_model_len=64)
+    model = weakref.ref(llm.engine.executor.runner.model)
+    kv = [weakref.ref(t) for t in llm.engine.executor.runner.kv_caches[0]]
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.shutdown()
+    gc.collect()
+    assert model() is None, "the engine still holds its model after shutdown"
+    assert all(r() is None for r in kv)
+    llm.shutdown()  # idempotent
