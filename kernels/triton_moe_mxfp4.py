@@ -311,8 +311,8 @@ def triton_fused_moe_mxfp4(
         return tiny_fused_moe_mxfp4(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, weights_P,
                                     ids_P, expert_map_G, b13_EF, b2_ED, act_args, out, config.tiny or DEFAULT_TINY, K)
     if chosen == "dequant":
-        # Every local expert, not only those with tokens: the shipped DEQUANT bucket starts at 512 rows per expert,
-        # where an expert without a token is (1 - K/E)**T ~ e**-512 unlikely, so a count of used experts would
+        # Every local expert, not only those with tokens: the shipped DEQUANT buckets start at 81 rows per expert,
+        # where an expert without a token is about e**-81 unlikely under even routing, so a count of used experts would
         # cost a launch and save nothing; a shape-only grid stays graph-safe. The scratch is allocated per call:
         # the caching allocator hands the same blocks to the next layer (one layer's worth at a time).
         w13_EFD = dequantize_experts(w13_blocks_EFSQ, w13_scales_EFS, dt)
