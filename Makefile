@@ -19,15 +19,16 @@ SERVE_ARGS ?=
 # `make setup LOCK=requirements/lock-gpu.txt TORCH_SPEC=torch==2.13.0 EXTRAS=test,gpu` is the GPU set.
 LOCK ?= requirements/lock-cpu.txt
 EXTRAS ?= test
+# The installer (requirements/install.py): uv at this pin, pip when it cannot (UV_SPEC= : pip alone). Same packages.
+UV_SPEC ?= uv==0.13.9
 
 .PHONY: setup serve test test-quick typecheck coverage test-gpu bench clean lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
+$(VENV)/.installed: pyproject.toml Makefile requirements/install.py $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	PIP_CONSTRAINT="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pip install "$(TORCH_SPEC)"
-	PIP_CONSTRAINT="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pip install -e ".[$(EXTRAS)]"
+	$(PY) requirements/install.py --python $(PY) --lock "$(LOCK)" --torch-spec "$(TORCH_SPEC)" --extras "$(EXTRAS)" --uv-spec "$(UV_SPEC)"
 	touch $@
 
 # Re-resolve the lock to the newest releases pyproject.toml allows (a fresh .lock-venv/), then run `make test` on it
@@ -54,7 +55,8 @@ serve: setup
 	$(VENV)/bin/moelink serve $(TINY_MODEL) --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
 # mypy over the whole package, GPU-only code included (docs/testing.md#the-type-check; [tool.mypy] in pyproject.toml).
-# `make test` runs it first: seconds on its cache (.mypy_cache/), a minute or two cold.
+# `make test` runs it as its first test (tests/test_typecheck.py) on one pytest worker while the other runs tests:
+# seconds on its cache (.mypy_cache/), about a minute of CPU cold.
 typecheck: setup
 	$(PY) -m tests.helpers.typecheck
 
@@ -65,7 +67,6 @@ TEST_WORKERS ?= 2
 # process the suite starts (EP ranks, servers, script smokes: hundreds) compiles moelink's sources again, ~0.2 s of
 # CPU each (pip compiles site-packages at install; an editable checkout is not).
 test: setup
-	$(PY) -m tests.helpers.typecheck
 	$(PY) -m compileall -q -j 2 engine scheduler moe comm kernels planner benchmarks deploy tests > /dev/null
 	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 

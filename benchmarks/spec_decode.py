@@ -78,7 +78,7 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
     from moelink.engine import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    rows = {}
+    rows: dict[str, dict[str, object]] = {}
     ref = None
     for name, async_sched in (("plain", True), ("plain_serial", False)):
         with LLM(model, async_scheduling=async_sched, **engine_kw) as llm:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+
 from tests.helpers import typecheck
 
 PROBE = textwrap.dedent('''\
@@ -28,6 +30,17 @@ PROBE = textwrap.dedent('''\
     ''')
 
 
+@pytest.mark.slow  # a minute of CPU cold; `make test-quick` runs the check before its tests instead
+@pytest.mark.xdist_group("typecheck")
+def test_the_whole_package_type_checks():
+    """`make test`'s type check: mypy over the whole package, GPU-only code included (docs/testing.md#the-type-check).
+    A test rather than a step before pytest so that its minute of CPU runs on one worker beside the other's tests
+    (tests/conftest.py schedules it first); the probe below then runs on its cache, on the same worker."""
+    out, err, status = typecheck.run()
+    assert status == 0, f"mypy found errors (make typecheck shows the same):\n{out}{err}"
+
+
+@pytest.mark.xdist_group("typecheck")
 def test_a_missing_name_of_a_moelink_module_fails_the_check(tmp_path):
     probe = tmp_path / "typecheck_probe.py"
     probe.write_text(PROBE)
