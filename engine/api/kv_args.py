@@ -1,7 +1,7 @@
 """`--role prefill|decode` and the KV connector flags (prefill/decode disaggregation), validated before any
 weights load; the server side of the handoff is engine/server/pd_role.py.
 
-Roles (vLLM's kv_role names in GetServerInfo, what smg's PD mode and other routers read):
+Roles (vLLM's kv_role names in GetServerInfo, what the managed gateway's PD mode and other routers read):
 
 * `both` (default): one engine prefills and decodes; no connector unless `--kv-port` is given ("kv_both").
 * `prefill` ("kv_producer"): serves saved prompt KV on `--kv-port` (+ rank). A request whose kv_transfer_params

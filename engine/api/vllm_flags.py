@@ -18,7 +18,6 @@ import json
 import logging
 import re
 
-from .smg_parsers import check_parser_name
 from .vllm_flag_table import ALL_FLAGS, row
 
 
@@ -318,34 +317,6 @@ def add_vllm_server_flags(p: argparse.ArgumentParser) -> None:
                    help="the managed gateway's reasoning parser (smg's names: deepseek_r1, qwen3, glm45, kimi, "
                         "minimax, ...; vLLM's where they differ: kimi_k2, minimax_m2, openai_gptoss for gpt-oss): "
                         "reasoning_content split out of chat responses")
-
-
-# vLLM's parser names where smg (1.13, its default "legacy" parsers) spells the same format otherwise; smg's own
-# names pass through. None: gpt-oss, which smg reads in its built-in Harmony pipeline (it picks a GptOssForCausalLM
-# worker by its architecture) with no parser flag: smg has none for harmony, and refuses `openai`.
-VLLM_TOOL_CALL_PARSERS = {"openai": None, "hermes": "qwen", "kimi_k2": "kimik2", "glm45": "glm45_moe",
-                          "deepseek_v3": "deepseek", "deepseek_v31": "deepseek31", "qwen3_coder": "qwen_coder",
-                          "qwen3_xml": "qwen_xml", "llama3_json": "llama"}
-VLLM_REASONING_PARSERS = {"openai_gptoss": None, "kimi_k2": "kimi", "minimax_m2": "minimax",
-                          "minimax_m2_append_think": "minimax"}
-
-
-def gateway_args(ns: argparse.Namespace) -> tuple[str, ...]:
-    """The managed gateway's (smg) command-line arguments these flags ask for (vLLM's parser names as smg's)."""
-    if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (which parser reads the model's tool "
-                         "calls).")
-    args: list[str] = []
-    tool_call = VLLM_TOOL_CALL_PARSERS.get(ns.tool_call_parser, ns.tool_call_parser)
-    reasoning = VLLM_REASONING_PARSERS.get(ns.reasoning_parser, ns.reasoning_parser)
-    # Against smg's own registry now, not when smg starts after the weights have loaded (smg_parsers.py).
-    check_parser_name("--tool-call-parser", ns.tool_call_parser, tool_call, "tool_call", VLLM_TOOL_CALL_PARSERS)
-    check_parser_name("--reasoning-parser", ns.reasoning_parser, reasoning, "reasoning", VLLM_REASONING_PARSERS)
-    for flag, value in (("--tool-call-parser", tool_call), ("--reasoning-parser", reasoning),
-                        ("--chat-template", ns.chat_template)):
-        if value is not None:
-            args += [flag, value]
-    return tuple(args)
 
 
 class RequestLogFilter(logging.Filter):

@@ -6,8 +6,8 @@ INVALID_ARGUMENT, and a 100,000-deep `[[[...` body closed the HTTP front's conne
 JSON text a request carries (a JSON schema, kv_transfer_params_json, the HTTP front's body) is measured first,
 without recursion and at C speed (strings cut out by one regex, the brackets summed by numpy), and a dict or
 list given as a value is walked with a stack of its own; past MAX_JSON_DEPTH the request is refused with one
-sentence naming the field, the depth found and the limit. 128 is serde_json's default, the depth smg itself
-holds HTTP bodies to, and far beyond any real JSON schema.
+sentence naming the field, the depth found and the limit. 128 is serde_json's default, the depth the managed gateway
+(engine/server/gateway/) itself holds HTTP bodies to, and far beyond any real JSON schema.
 """
 from __future__ import annotations
 

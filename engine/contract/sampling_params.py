@@ -75,8 +75,9 @@ class SamplingParams:
     # Keep only the prompt's last k tokens; -1: as many as fit beside max_tokens (vLLM's "the model's limit").
     truncate_prompt_tokens: Optional[int] = None
     skip_special_tokens: bool = True
-    # False: no text at all (token ids only, as a client that detokenizes itself wants, e.g. the smg
-    # gateway); saves the per-token decode on the engine thread. Stop strings need text, so they need True.
+    # False: no text at all (token ids only, as a client that detokenizes itself wants, e.g. the managed
+    # gateway, engine/server/gateway/); saves the per-token decode on the engine thread. Stop strings need
+    # text, so they need True.
     detokenize: bool = True
     # Constrain the output to a JSON schema, regex, grammar or choice (engine/core/structured_output.py).
     structured_outputs: Optional[StructuredOutputParams] = None

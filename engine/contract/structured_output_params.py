@@ -30,8 +30,8 @@ class StructuredOutputParams:
     grammar: Optional[str] = None
     choice: Optional[tuple[str, ...]] = None
     # xgrammar's structural tag (JSON text): free text until a trigger, then the tagged structure (a tool call's
-    # JSON arguments between its begin and end markers). What smg sends for a named tool_choice on parsers whose
-    # calls are tagged (Kimi K2's, DeepSeek's).
+    # JSON arguments between its begin and end markers). What the managed gateway sends for a named tool_choice
+    # on parsers whose calls are tagged (Kimi K2's, DeepSeek's).
     structural_tag: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -94,7 +94,7 @@ class StructuredOutputParams:
 
 def choice_ebnf(choices) -> str:
     """The EBNF grammar whose output is exactly one of `choices` (the choice kind's grammar, also what the
-    managed HTTP gateway sends smg for a `choice`, which smg cannot carry itself)."""
+    managed HTTP gateway's front sends for a `choice`: engine/server/gateway/quirks.py carried_constraint)."""
     alts = " | ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in choices)
     return f"root ::= {alts}"
 

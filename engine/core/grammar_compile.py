@@ -286,8 +286,9 @@ class GrammarCompilerPool:
         """Start the compile processes and run one small compile through the whole path (the fork server and a
         child up, xgrammar imported and its tokenizer info built here, a matcher made), so that a server's first
         constrained request pays only its own schema's compile: a router waits seconds at most for a prefill's
-        first answer (issue 54: smg 1.13 fails a leg silent for 3 s). Blocks up to `timeout_s`; returns why it
-        could not (a broken install, a start past the limit: the server starts anyway, and says so), else None.
+        first answer (issue 54: the managed gateway's, engine/server/gateway/quirks.py
+        prefill_leg_without_grammar). Blocks up to `timeout_s`; returns why it could not (a broken install, a start
+        past the limit: the server starts anyway, and says so), else None.
         Without xgrammar, nothing to warm."""
         import importlib.util
 

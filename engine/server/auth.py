@@ -1,7 +1,7 @@
 """Bearer-token check (`--api-key`) for every RPC except health probes.
 
-Health probes are `grpc.health.v1` and `VllmEngine/HealthCheck` (what the smg
-gateway and other vLLM clients probe). Without the key, `VllmEngine/HealthCheck`
+Health probes are `grpc.health.v1` and `VllmEngine/HealthCheck` (what the managed
+gateway, engine/server/gateway/, and other vLLM clients probe). Without the key, `VllmEngine/HealthCheck`
 answers only healthy or not: its message (which can carry the engine's error)
 is replaced by a fixed word. Everything else needs the key.
 """

@@ -7,10 +7,11 @@ import os
 from ..api.cli_args import add_engine_args, engine_args_from
 from .config import DEFAULT_MAX_MESSAGE_SIZE, ServerConfig
 from .limits import add_limit_args, limits_from
-from ..api.chat_template_flag import check_chat_template
 from ..api.kv_args import add_role_args, role_from_args
-from ..api.vllm_flags import OneValue, RequestLogFilter, add_refused_flags, add_vllm_server_flags, gateway_args
+from ..api.vllm_flags import OneValue, RequestLogFilter, add_refused_flags, add_vllm_server_flags
 from ..api.vllm_kv_config import apply_kv_transfer_config
+from .gateway.chat_template import check_chat_template
+from .gateway.parsers import gateway_args
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +76,7 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
 
 def _serve(ns: argparse.Namespace) -> int:
     apply_kv_transfer_config(ns)  # vLLM's --kv-transfer-config onto --role and the --kv-* flags
-    check_chat_template(ns.chat_template)  # smg reads it at its start: a bad one must stop us before the weights
+    check_chat_template(ns.chat_template)  # the gateway reads it at its start: a bad one must stop us before the weights
     config = server_config_from(ns)  # validate server flags before loading any weights
     args = engine_args_from(ns)
     if ns.disable_log_requests:
@@ -142,7 +143,7 @@ def register_cli(subparsers) -> None:
     add_refused_flags(p)  # last: a flag moelink takes itself is never refused
     p.set_defaults(func=_serve)
 
-    from . import front_cli  # http-front: the HTTP front before a gateway started by hand
+    from .gateway import front_cli  # http-front: the HTTP front before a gateway started by hand
 
     front_cli.register_cli(subparsers)
     st = subparsers.add_parser("stats", help="raw expert-load counts of a running server (JSON)")

@@ -29,21 +29,21 @@ class ServerConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     metrics_port: Optional[int] = None  # Prometheus /metrics over HTTP; None = off
     metrics_host: str = "127.0.0.1"
-    # A second listener for a gateway beside the server (smg sends workers no key and speaks no TLS):
+    # A second listener for a gateway beside the server (gateway/quirks.py needs_keyless_listener):
     # plaintext, no API key, VllmEngine and health only. None = off.
     gateway_port: Optional[int] = None
     gateway_host: str = "127.0.0.1"
-    # The managed OpenAI HTTP gateway (smg, supervised by the server; engine/server/gateway.py). None = off.
+    # The managed OpenAI HTTP gateway (supervised by the server; engine/server/gateway/). None = off.
     # The CLI defaults it to 8000 like `vllm serve`; the dataclass defaults it off so that embedding a
     # server never spawns a process nobody asked for.
     http_port: Optional[int] = None
     http_host: str = "127.0.0.1"
-    http_metrics_port: Optional[int] = None  # smg's Prometheus port; None = a free loopback port
+    http_metrics_port: Optional[int] = None  # the managed gateway's Prometheus port; None = a free loopback port
     http_metrics_host: str = "127.0.0.1"
     log_format: str = "text"  # "text" or "json" (one JSON object per line, with request ids)
     limits: RequestLimits = field(default_factory=RequestLimits)  # per-request caps (docs/serving.md: bad input)
-    # Extra arguments of the managed gateway (smg): vLLM's --tool-call-parser / --reasoning-parser /
-    # --chat-template as smg spells them (engine/api/vllm_flags.gateway_args).
+    # Extra arguments of the managed gateway: vLLM's --tool-call-parser / --reasoning-parser /
+    # --chat-template as the gateway spells them (engine/server/gateway/parsers.gateway_args).
     gateway_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -102,7 +102,7 @@ class ServerConfig:
             if not isinstance(name, str) or not name or name != name.strip():
                 bad("served_model_name", "each name must be a non-empty string without leading or trailing spaces")
             if i and "=" in name:
-                # The managed gateway gives smg each further name as `--model-alias NAME=FIRST`.
+                # The managed gateway is given each further name as `--model-alias NAME=FIRST`.
                 bad("served_model_name", f"a further name ({name!r}) cannot contain '=': the OpenAI gateway (smg) "
                                          "reads its aliases as NAME=MODEL; only the first name may")
         names = tuple(dict.fromkeys(names))  # a name given twice is one name
@@ -116,7 +116,7 @@ class ServerConfig:
 
     def _check_http(self, bad) -> None:
         if self.http_port is not None:
-            # smg takes no port 0, and the port is the one users type into their clients: ask for a real one.
+            # The gateway takes no port 0, and the port is the one users type into their clients: ask for a real one.
             if not _is_int(self.http_port) or not 1 <= self.http_port <= 65535:
                 bad("http_port", "must be an integer in [1, 65535] (or --no-http for gRPC only)")
             taken = {"--port": self.port, "--metrics-port": self.metrics_port, "--gateway-port": self.gateway_port,

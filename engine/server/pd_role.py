@@ -12,6 +12,7 @@ import json
 
 from ..contract.json_depth import check_text
 from ..contract.kv_transfer_params import KVTransferParams
+from .gateway.quirks import prefill_leg_without_grammar
 from ..contract.safe_text import shown
 
 PRODUCER = "kv_producer"  # a prefill server's kv_role
@@ -20,9 +21,10 @@ MAX_KV_PARAMS_JSON = 16 * 1024  # characters of kv_transfer_params_json: a few h
 
 def with_role_default(params, kv_role: str, n: int):
     """A prefill server ("kv_producer") saves the prompt KV of every request that does not say otherwise: routers
-    that do not know moelink's connector (smg's vLLM PD mode treats an unknown one as "passthrough": it sends the
-    prefill leg no kv_transfer_params and relays whatever the engine returns) still get a decode handoff. n > 1
-    cannot be handed off (a saved KV is served once): such a request is only computed here. Marked
+    that do not know moelink's connector (the managed gateway's vLLM PD mode treats an unknown one as
+    "passthrough": it sends the prefill leg no kv_transfer_params and relays whatever the engine returns) still
+    get a decode handoff. n > 1 cannot be handed off (a saved KV is served once): such a request is only computed
+    here. Marked
     `by_role_default`: its save is copied to host memory, never held in the cache (only a request that asks for the
     handoff itself may hold blocks: docs/security-kv.md)."""
     if params.kv_transfer_params is None and kv_role == PRODUCER and n == 1:
@@ -33,15 +35,10 @@ def with_role_default(params, kv_role: str, n: int):
 
 def without_grammar_on_prefill_leg(params, kv_role: str):
     """The prefill leg of a handoff (a prefill server's request that hands its KV off and samples one token, as a
-    router's PD mode sends it) without its structured-output constraint: that one token is not the answer (the
-    decode server computes the last prompt token itself and samples every output token under the grammar), and
-    compiling a grammar for it could outlast a router's wait for the prefill leg's first answer (smg 1.13 fails a
-    leg silent for 3 s with 504 "Prefill worker silent"; a cold or large schema takes longer: issue 54)."""
-    kv = params.kv_transfer_params
-    if (kv_role == PRODUCER and kv is not None and kv.do_remote_decode and params.max_tokens == 1
-            and params.structured_outputs is not None):
-        return dataclasses.replace(params, structured_outputs=None)
-    return params
+    router's PD mode sends it) without its structured-output constraint: that one token is not the answer, and
+    compiling a grammar for it could outlast a router's wait for the prefill leg's first answer (the managed
+    gateway's quirk, gateway/quirks.py prefill_leg_without_grammar; issue 54)."""
+    return prefill_leg_without_grammar(params, kv_role == PRODUCER)
 
 
 def kv_params_from_json(text: str) -> KVTransferParams:

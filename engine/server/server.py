@@ -9,8 +9,8 @@ serve at all, NOT_SERVING once the engine loop died. Each service name is
 readiness — NOT_SERVING while draining or after the engine died.
 
 With `gateway_port`, a second server on the same loop serves the VllmEngine
-service and health on a loopback port without the API key or TLS, for an smg
-gateway beside it (smg sends gRPC workers neither); it shares everything else.
+service and health on a loopback port without the API key or TLS, for a
+gateway beside it (gateway/quirks.py needs_keyless_listener); it shares everything else.
 
 Drain (SIGTERM/SIGINT, or `drain()`): readiness goes NOT_SERVING, new
 requests get UNAVAILABLE, in-flight requests have `shutdown_grace` seconds to
@@ -44,7 +44,8 @@ from ..contract.safe_text import MAX_LOG_LINE_CHARS, shown
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig
 from .decoding import DecodingInterceptor
-from .gateway import is_loopback
+from .gateway.quirks import needs_keyless_listener
+from .gateway.supervisor import is_loopback
 from .gen import moelink_v1_pb2_grpc
 from .native import SERVICE_NAME as NATIVE_SERVICE, GenerationServicer
 from .serving import Serving
@@ -147,14 +148,14 @@ class MoelinkServer:
     def _bind_gateway(self, vllm_servicer: VllmEngineServicer, options) -> None:
         """The gateway listener: VllmEngine and health, plaintext, no API key (see ServerConfig.gateway_port).
 
-        The smg gateway (1.13) connects to gRPC workers in plaintext and sends no credentials, so behind
-        --api-key or TLS it could not even probe the worker. It gets a port of its own instead, meant
-        for loopback (a gateway in the same host or pod), while the main port keeps the key and TLS.
+        The managed gateway connects to gRPC workers in plaintext and sends no credentials
+        (gateway/quirks.py needs_keyless_listener), so behind --api-key or TLS it could not even probe the
+        worker. It gets a port of its own instead, meant for loopback (a gateway in the same host or pod), while the main port keeps the key and TLS.
         It shares the engine, the queue limits and the health state with the main port.
         """
         cfg = self.config
         # The same decoding and wire prechecks as the main port (INVALID_ARGUMENT for corrupt bytes, large
-        # requests refused before parsing, memory given back): behind smg this port takes all the traffic.
+        # requests refused before parsing, memory given back): behind the gateway this port takes all the traffic.
         decoding = DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal)
         self.gateway_server = grpc.aio.server(interceptors=[decoding], options=options)
         vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(vllm_servicer, self.gateway_server)
@@ -235,8 +236,9 @@ class MoelinkServer:
 
 
 async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Optional[str] = None) -> None:
-    if config.http_port is not None and config.gateway_port is None and (config.api_key or config.tls):
-        # smg dials workers in plaintext without a key: behind --api-key or TLS it needs the loopback
+    if config.http_port is not None and config.gateway_port is None and needs_keyless_listener(config.api_key,
+                                                                                                 config.tls):
+        # The gateway dials workers in plaintext without a key: behind --api-key or TLS it needs the loopback
         # gateway listener (see _bind_gateway), so the managed gateway brings one.
         config = dataclasses.replace(config, gateway_port=0, gateway_host="127.0.0.1")
     if not isinstance(engine.tokenizer, NoTokenizer):
@@ -254,8 +256,8 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     gateway_watch = None
     try:
         if config.http_port is not None:
-            from .gateway import start_managed_gateway
-            from .gateway_health import GatewayCollector, watch_gateway
+            from .gateway.supervisor import start_managed_gateway
+            from .gateway.health import GatewayCollector, watch_gateway
 
             registry = _registry(server.engine)
             gateway = await start_managed_gateway(config, port, server.gateway_port, server.serving.hung_up, registry,
@@ -278,14 +280,14 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     print(f"moelink: serving {server.serving.served_model_name!r} on {host}:{port} "
           f"(gRPC {scheme}, --port; {http}; services {', '.join(SERVICES)})", flush=True)
     if gateway is None:  # what a vLLM user must run by hand for the OpenAI API (vLLM's fields carried)
-        from .front_cli import PD_ROLES, hand_gateway_commands, hand_pd_gateway_commands
-        from .gateway import alias_args, worker_url
+        from .gateway.front_cli import PD_ROLES, hand_gateway_commands, hand_pd_gateway_commands
+        from .gateway.supervisor import alias_args, worker_url
 
         worker = worker_url(config.gateway_host, server.gateway_port) if server.gateway_port is not None else \
             worker_url(host, port)
-        # The model's further names (served names, the model argument as given) as smg's aliases, as managed.
+        # The model's further names (served names, the model argument as given) as the gateway's aliases, as managed.
         extra = (*alias_args(server.serving.served_model_name, server.serving.model_aliases), *config.gateway_args)
-        pd_role = PD_ROLES.get(server.serving.info.kv_role)  # a prefill/decode server: smg's PD mode, not one worker
+        pd_role = PD_ROLES.get(server.serving.info.kv_role)  # a prefill/decode server: the gateway's PD mode
         hint = (hand_gateway_commands(worker, extra) if pd_role is None else
                 hand_pd_gateway_commands(pd_role, worker, tokenizer_path or engine.info.model.model, extra))
         print(f"moelink: OpenAI API by hand: {hint}", flush=True)
@@ -413,7 +415,7 @@ def configure_logging(log_format: str) -> None:
 def serve(engine_args, config: ServerConfig) -> int:
     """Load the engine, serve until SIGTERM/SIGINT, drain, exit. Blocking; returns an exit code."""
     if config.http_port is not None:
-        from . import gateway
+        from .gateway import supervisor as gateway
 
         if gateway.smg_executable() is None:  # said before any weights load
             raise gateway.GatewayError(gateway.INSTALL_HINT)

@@ -36,7 +36,7 @@ from ..contract.sampling_params import SamplingParams
 from ..contract.structured_output_params import StructuredOutputParams
 from .client_identity import client_of
 from .config import ServerConfig
-from .hangups import Abandoned, Hangups, relay_of
+from .gateway.hangups import Abandoned, Hangups, relay_of
 from .registry import Draining, DuplicateRequest, Overloaded, RequestRegistry
 
 logger = logging.getLogger(__name__)
@@ -66,9 +66,9 @@ class Serving:
         # argument as given); /v1/models lists them.
         self.served_model_names = config.served_model_names or (self.model_arg,)
         self.served_model_name = self.served_model_names[0]
-        # Every name but the first, for the OpenAI gateway (smg's --model-alias NAME=FIRST): the further served
+        # Every name but the first, for the OpenAI gateway (its --model-alias NAME=FIRST): the further served
         # names, and, accepted though not listed, the model argument as given and a directory's own name (what
-        # moelink served by default before). One with '=' would be misread by smg: left out.
+        # moelink served by default before). One with '=' would be misread by the gateway: left out.
         implicit = (self.model_arg,) + (() if self.model.model_id else (Path(self.model.model).name,))
         self.model_aliases = tuple(n for n in dict.fromkeys(self.served_model_names[1:] + implicit)
                                    if n and n != self.served_model_name and "=" not in n)

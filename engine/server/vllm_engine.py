@@ -1,6 +1,6 @@
-"""`vllm.grpc.engine.VllmEngine`: the protocol the smg gateway (and other vLLM gRPC clients) speak.
+"""`vllm.grpc.engine.VllmEngine`: the protocol the managed gateway (and other vLLM gRPC clients) speak.
 
-Proto and stubs come from the `smg-grpc-proto` package. What a gateway relies
+Proto and stubs come from the gateway project's `smg_grpc_proto` package. What a gateway relies
 on: Generate with pre-tokenized input; chunks carry *new* token ids; every
 output index ends with one GenerateComplete holding finish_reason and token
 counts; GetModelInfo names the model and a tokenizer directory the gateway can
@@ -33,7 +33,8 @@ from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import ProtoReading, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto
 from .serving import Serving, abort_rpc, top_logprobs, wire_logprob
-from .tool_calls import one_call
+from .gateway.quirks import streamed_abort_as_error
+from .gateway.tool_calls import one_call
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +130,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             rid = self.s.request_id(request.request_id)
             # The cheap checks first: a refused request never costs a tokenization.
             params, n = sampling_params_from_proto(request.sampling_params, self.s.limits)
-            # smg's array of required calls, closed after one when the HTTP request said parallel_tool_calls: false
-            # (smg 1.13 drops it; the front noted it: tool_calls.py).
+            # The gateway's array of required calls, closed after one when the HTTP request said
+            # parallel_tool_calls: false (gateway/quirks.py close_required_calls_after_one; the front noted it).
             structured = one_call(params.structured_outputs, request.request_id)
             if structured is not params.structured_outputs:
                 params = dataclasses.replace(params, structured_outputs=structured)
@@ -157,12 +158,12 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                             token_ids=comp.token_ids, prompt_tokens=len(ids), completion_tokens=len(comp.token_ids),
                             cached_tokens=out.num_cached_tokens, index=index,
                             output_logprobs=output_logprobs(comp.token_ids, comp.logprobs, params.logprobs))))
-                    if comp.finish_reason == "abort" and request.stream and self.s.registry.draining:
-                        # Cut short by the shutdown: an error, not a last message. smg (1.13) turns a streamed
-                        # completion's finish_reason it does not know ("abort") into "stop", so the HTTP client
-                        # would read a truncated answer as a finished one; an error status reaches it as an
-                        # error event. (An Abort RPC's request still ends with finish_reason "abort": its
-                        # caller asked for it. Unstreamed, smg passes "abort" on.)
+                    if comp.finish_reason == "abort" and streamed_abort_as_error(request.stream,
+                                                                                 self.s.registry.draining):
+                        # Cut short by the shutdown: an error, not a last message (gateway/quirks.py
+                        # streamed_abort_as_error: a streamed "abort" would reach the HTTP client as "stop"); an
+                        # error status reaches it as an error event. (An Abort RPC's request still ends with
+                        # finish_reason "abort": its caller asked for it.)
                         await context.abort(grpc.StatusCode.UNAVAILABLE, (
                             f"request {shown(request.request_id)} was cut short after {len(all_ids[index])} tokens: "
                             f"the server is shutting down; retry on another replica."))

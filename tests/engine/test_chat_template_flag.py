@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from moelink.engine.api.chat_template_flag import MAX_CHAT_TEMPLATE_BYTES, check_chat_template
+from moelink.engine.server.gateway.chat_template import MAX_CHAT_TEMPLATE_BYTES, check_chat_template
 from moelink.engine.tools.tiny_corpus import CHAT_TEMPLATE
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from moelink.engine.api.cli import build_parser
-from moelink.engine.api.smg_parsers import smg_parser_names
-from moelink.engine.api.vllm_flags import gateway_args
+from moelink.engine.server.gateway.parsers import smg_parser_names
+from moelink.engine.server.gateway.parsers import gateway_args
 
 BUILTIN = str(Path(__file__).resolve().parents[2] / "builtin-model")
 

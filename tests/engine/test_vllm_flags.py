@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from moelink.engine.api.cli import build_parser
-from moelink.engine.api.vllm_flags import RequestLogFilter, apply_vllm_engine_flags, gateway_args
+from moelink.engine.api.vllm_flags import RequestLogFilter, apply_vllm_engine_flags
+from moelink.engine.server.gateway.parsers import gateway_args
 from moelink.engine.api.vllm_kv_config import NIXL_HOST_ENV, NIXL_PORT_ENV, apply_kv_transfer_config
 from moelink.engine.server.limits import limits_from
 
@@ -158,7 +159,7 @@ def test_max_logprobs_refuses_more_on_both_services():
 
 
 def test_completions_logprobs_are_refused_naming_the_field_not_dropped():
-    from moelink.engine.server.openai_fields import HttpFieldError, rewrite
+    from moelink.engine.server.gateway.openai_fields import HttpFieldError, rewrite
 
     with pytest.raises(HttpFieldError, match=r"^logprobs=2 is not supported on /v1/completions") as e:
         rewrite("/v1/completions", {"model": "m", "prompt": "x", "logprobs": 2})

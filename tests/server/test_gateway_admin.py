@@ -111,7 +111,7 @@ def test_a_removed_worker_is_registered_again(keyless_http):
 
 
 def test_public_paths():
-    from moelink.engine.server.http_front import public_path
+    from moelink.engine.server.gateway.http_front import public_path
 
     assert public_path(b"/v1/chat/completions?x=1") == "/v1/chat/completions"
     assert public_path(b"/v1/models/tiny-moe") == "/v1/models/tiny-moe"

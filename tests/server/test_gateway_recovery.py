@@ -12,7 +12,7 @@ import pytest
 import asyncio
 import os
 
-from moelink.engine.server import gateway as gw
+from moelink.engine.server.gateway import supervisor as gw
 
 from tests.server.test_gateway_supervisor import _supervisor, fake  # noqa: F401 (a fixture)
 
@@ -22,7 +22,7 @@ def test_after_the_quick_restarts_it_keeps_retrying_and_says_the_api_is_down(fak
     from grpc_health.v1 import health, health_pb2
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from moelink.engine.server.gateway_health import HTTP_SERVICE, GatewayCollector, watch_gateway
+    from moelink.engine.server.gateway.health import HTTP_SERVICE, GatewayCollector, watch_gateway
 
     script, mode = fake
     monkeypatch.setattr(gw, "BACKOFF_S", (0.05,))

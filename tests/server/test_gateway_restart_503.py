@@ -1,6 +1,6 @@
 """Issue 54 item 8: a streamed chat got `503 the OpenAI gateway (smg) is restarting` with no restart logged.
 
-The front (engine/server/http_front.py) answered that 503 for any error connecting to smg, whether or not smg was
+The front (engine/server/gateway/http_front.py) answered that 503 for any error connecting to smg, whether or not smg was
 down: an fd of the server closed under the front (grammar_forks.py closed pidfds twice), a transient connect
 error, all read as "restarting". Now the 503 is answered only while the supervisor has smg down (its `not_serving`
 reason, which the supervisor logs with each restart), a failed connect is tried again first, and anything else is
@@ -19,8 +19,8 @@ import urllib.request
 
 import pytest
 
-from moelink.engine.server import gateway as gw
-from moelink.engine.server.http_front import HttpFront
+from moelink.engine.server.gateway import supervisor as gw
+from moelink.engine.server.gateway.http_front import HttpFront
 
 from tests.helpers.net import free_port
 from tests.helpers.smg_gateway import http_request
@@ -72,7 +72,7 @@ def test_a_connect_error_while_smg_runs_is_a_502_logged_not_a_503(caplog):
         finally:
             await front.stop()
 
-    with caplog.at_level(logging.ERROR, logger="moelink.engine.server.http_front"):
+    with caplog.at_level(logging.ERROR, logger="moelink.engine.server.gateway.http_front"):
         (status, raw), took = asyncio.run(scenario())
     assert status == 502, raw
     assert b"could not be reached" in raw and b"restarting" not in raw, raw
@@ -127,7 +127,7 @@ def test_503_only_while_smg_is_restarted_and_each_restart_is_logged_with_its_rea
             await front.stop()
             await sup.stop()
 
-    with caplog.at_level(logging.INFO, logger="moelink.engine.server.gateway"):
+    with caplog.at_level(logging.INFO, logger="moelink.engine.server.gateway.supervisor"):
         (status, raw), back = asyncio.run(scenario())
     assert status == 503 and b"is not running; it is being restarted (1 crashes so far)" in raw, raw
     assert back[0] == 200, back

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from moelink.engine.server import gateway as gw
+from moelink.engine.server.gateway import supervisor as gw
 
 from tests.helpers.net import free_port
 

@@ -1,5 +1,5 @@
-"""Issue 41 medium 5, the parts that need no server: relay ids, the hang-up registry (engine/server/hangups.py),
-the front reporting a client that left before smg answered (engine/server/http_front.py), and a compile
+"""Issue 41 medium 5, the parts that need no server: relay ids, the hang-up registry (engine/server/gateway/hangups.py),
+the front reporting a client that left before smg answered (engine/server/gateway/http_front.py), and a compile
 abandoned while its process starts (engine/core/grammar_compile.py). The end-to-end attack through smg is in
 tests/server/test_http_hangup_compiles.py."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import uuid
 
 import pytest
 
-from moelink.engine.server.hangups import (MAX_CLIENT_ID_CHARS, RELAY_HEADER, Abandoned, Hangups, new_relay_id,
+from moelink.engine.server.gateway.hangups import (MAX_CLIENT_ID_CHARS, RELAY_HEADER, Abandoned, Hangups, new_relay_id,
                                            relay_of)
-from moelink.engine.server.http_front import HttpFront
+from moelink.engine.server.gateway.http_front import HttpFront
 
 from tests.helpers.net import free_port
 

@@ -2,7 +2,7 @@
 
 smg 1.13 drops `guided_choice` and `structured_outputs` before it calls the worker (it forwards
 `response_format`, completions' `json_schema`, `regex` and `ebnf` only), so a choice came back as free text
-with HTTP 200. `moelink serve --http-port` puts its front (engine/server/http_front.py) before smg, which
+with HTTP 200. `moelink serve --http-port` puts its front (engine/server/gateway/http_front.py) before smg, which
 carries them in the fields smg forwards, or answers 400 naming the field. Against the real smg here; the
 rewrite itself is unit-tested without a server.
 """
@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from moelink.engine.server.openai_fields import HttpFieldError, rewrite
+from moelink.engine.server.gateway.openai_fields import HttpFieldError, rewrite
 
 from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess
 from tests.helpers.net import free_port
@@ -123,7 +123,7 @@ def test_the_front_answers_503_while_smg_is_down():
     supervisor's reason; without a restart under way it is a 502: tests/server/test_gateway_restart_503.py)."""
     import asyncio
 
-    from moelink.engine.server.http_front import HttpFront
+    from moelink.engine.server.gateway.http_front import HttpFront
 
     restarting = "the OpenAI gateway (smg) is not running; it is being restarted (1 crashes so far); gRPC still serves."
 
@@ -164,7 +164,7 @@ def _front_with_key(api_key, requests):
     records each request line; (its result, the request lines the upstream saw)."""
     import asyncio
 
-    from moelink.engine.server.http_front import HttpFront
+    from moelink.engine.server.gateway.http_front import HttpFront
 
     seen: list[bytes] = []
 

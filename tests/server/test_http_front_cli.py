@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from moelink.engine.server.front_cli import PD_ROLES, hand_gateway_commands, hand_pd_gateway_commands
+from moelink.engine.server.gateway.front_cli import PD_ROLES, hand_gateway_commands, hand_pd_gateway_commands
 from tests.helpers.net import free_port
 
 

@@ -3,7 +3,7 @@
 Through `moelink serve --http-port` (the managed smg gateway) on the built-in model. smg 1.13 keeps its gRPC call
 to the server open when its HTTP client leaves before the answer starts (streamed or not) and during a
 non-streamed answer; the server's HTTP front reports the hang-up and the server ends the request
-(engine/server/hangups.py). Six clients send expensive regexes (each tens of seconds to compile, past the 10 s
+(engine/server/gateway/hangups.py). Six clients send expensive regexes (each tens of seconds to compile, past the 10 s
 limit) and hang up after one second: their compiles are dropped or killed at once, and another user's
 structured request sent next has its first token within 2x of the same request on the idle server; a stream
 running meanwhile keeps its inter-token gap within 2x too. A non-streamed generation whose client left is

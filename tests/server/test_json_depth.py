@@ -14,8 +14,8 @@ import pytest
 from moelink.engine.contract.json_depth import (MAX_JSON_DEPTH, check_value, deep_path, text_depth, too_deep,
                                                 value_depth)
 from moelink.engine.contract.structured_output_params import StructuredOutputParams
-from moelink.engine.server.http_front import HttpFront
-from moelink.engine.server.openai_fields import HttpFieldError, rewrite
+from moelink.engine.server.gateway.http_front import HttpFront
+from moelink.engine.server.gateway.openai_fields import HttpFieldError, rewrite
 from moelink.engine.server.pd_role import kv_params_from_json
 
 from tests.helpers.net import free_port

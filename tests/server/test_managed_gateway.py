@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from moelink.engine.server import gateway as gateway_mod
+from moelink.engine.server.gateway import supervisor as gateway_mod
 from moelink.engine.server.config import ServerConfig
 
 from tests.helpers.grpc_server import ServerProcess
@@ -87,7 +87,7 @@ def test_one_command_gives_the_openai_api_and_supervises_smg(http_server):
     with open(f"/proc/{smg_pid}/cmdline", "rb") as f:
         assert KEY.encode() not in f.read()
     # Everything smg listens on is loopback: its own HTTP port and its Prometheus port (smg's own default is
-    # 0.0.0.0); the OpenAI port is the server's front (engine/server/http_front.py), on --http-host.
+    # 0.0.0.0); the OpenAI port is the server's front (engine/server/gateway/http_front.py), on --http-host.
     socks = listening(pids=[smg_pid])
     assert metrics_port in {p for _, p in socks} and port not in {p for _, p in socks}, socks
     assert {a for a, _ in socks} == {"127.0.0.1"}, socks

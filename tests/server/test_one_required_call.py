@@ -1,4 +1,4 @@
-"""Issue 54 item 5: `tool_choice: "required"` with `parallel_tool_calls: false` is one call (engine/server/tool_calls.py).
+"""Issue 54 item 5: `tool_choice: "required"` with `parallel_tool_calls: false` is one call (engine/server/gateway/tool_calls.py).
 
 smg 1.13 forces an array of calls without `maxItems` whatever `parallel_tool_calls` says, and drops that field
 before the worker; the front notes the request's relay id, and the VllmEngine service closes smg's array after one
@@ -10,8 +10,8 @@ import json
 import pytest
 
 from moelink.engine.contract.structured_output_params import StructuredOutputParams
-from moelink.engine.server import tool_calls
-from moelink.engine.server.hangups import new_relay_id
+from moelink.engine.server.gateway import tool_calls
+from moelink.engine.server.gateway.hangups import new_relay_id
 
 # What smg 1.13 sent the worker for tool_choice "required" (captured from a VllmEngine request).
 SMG_REQUIRED = ('{"type":"array","minItems":1,"items":{"type":"object","anyOf":[{"properties":{"name":{"type":'
@@ -66,8 +66,8 @@ def test_the_front_notes_the_relay_while_it_relays(monkeypatch):
     """The front's relay holds the note exactly while smg's call can arrive, under the relay id it sends smg."""
     import asyncio
 
-    from moelink.engine.server import http_front
-    from moelink.engine.server.hangups import RELAY_HEADER
+    from moelink.engine.server.gateway import http_front
+    from moelink.engine.server.gateway.hangups import RELAY_HEADER
     from tests.helpers.net import free_port
     from tests.helpers.smg_gateway import http_request
 

@@ -41,7 +41,7 @@ def test_starting_smg_beside_a_running_grpc_server_forks_nothing():
     code = """
         import asyncio, subprocess, sys
         import grpc
-        from moelink.engine.server.gateway import dying_with_parent
+        from moelink.engine.server.gateway.supervisor import dying_with_parent
 
         async def main():
             server = grpc.aio.server()
@@ -69,7 +69,7 @@ def test_starting_smg_beside_a_running_grpc_server_forks_nothing():
 def test_smg_still_dies_with_a_sigkilled_server():
     parent = _python("""
         import subprocess, time
-        from moelink.engine.server.gateway import dying_with_parent
+        from moelink.engine.server.gateway.supervisor import dying_with_parent
 
         child = subprocess.Popen(dying_with_parent(["sleep", "60"]), start_new_session=True)
         print(child.pid, flush=True)

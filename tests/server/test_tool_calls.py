@@ -173,7 +173,7 @@ def test_a_named_tool_choice_is_forced_and_parsed(family_server, stream, request
 def test_a_required_tool_choice_is_forced_and_parsed(family_server, stream, request):
     """With parallel_tool_calls: false, one call, whole (issue 54 item 5): smg 1.13 forces an array of calls
     without maxItems, which the random model never closed (not streamed: no call, the cut array as content). The
-    engine closes smg's array after one call for such a request (engine/server/tool_calls.py)."""
+    engine closes smg's array after one call for such a request (engine/server/gateway/tool_calls.py)."""
     name, fam, client, _ = family_server
     _expect(request, name, "required", stream)
     calls, finish, message = _chat(client, stream, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)

@@ -5,7 +5,7 @@
    given is the served name, further --served-model-names are accepted (the first reported), and so is the
    folder's name; smg routes them to the worker's first name (`--model-alias`).
 9. vLLM's /tokenize, /detokenize, /version and /ping were 404 and /v1/models had no max_model_len: the front answers
-   them now (engine/server/vllm_routes.py), /tokenize and /detokenize outside the API key as vLLM's middleware
+   them now (engine/server/gateway/vllm_routes.py), /tokenize and /detokenize outside the API key as vLLM's middleware
    leaves them, bounded as a completion prompt; and `moelink bench-serve` drives the OpenAI API too.
 
 One server (a relative model path, an API key) serves every HTTP test here; the several-names test uses an
@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from moelink.engine.core.tokenizer import Tokenizer
-from moelink.engine.server.gateway import alias_args
+from moelink.engine.server.gateway.supervisor import alias_args
 
 from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess, make_stubs
 from tests.helpers.net import free_port
@@ -100,7 +100,7 @@ def test_v1_models_is_vllms_model_card(vllm_server):
 
 
 def test_several_served_names_the_first_reported(thread_server, model_path):
-    from moelink.engine.server.vllm_routes import VllmRoutes
+    from moelink.engine.server.gateway.vllm_routes import VllmRoutes
 
     srv = thread_server(served_model_name=["tiny-a", "tiny-b"])
     s = srv.server.serving
@@ -202,7 +202,7 @@ def test_a_front_before_a_hand_started_smg_answers_what_it_can():
     /tokenize and /detokenize 404 saying where to ask, none of them behind the key (vLLM's rule)."""
     import asyncio
 
-    from moelink.engine.server.http_front import HttpFront
+    from moelink.engine.server.gateway.http_front import HttpFront
 
     seen: list[bytes] = []
 

@@ -14,6 +14,8 @@ import os
 import stat
 from typing import Optional
 
+from .quirks import template_from_text
+
 MAX_CHAT_TEMPLATE_BYTES = 1 << 20  # the largest checkpoint templates are tens of KB
 
 
@@ -36,7 +38,7 @@ def read_chat_template(path: str) -> str:
 
 
 def _bad(path: str, why: str) -> ValueError:
-    from ..contract.safe_text import shown
+    from ...contract.safe_text import shown
 
     return ValueError(f"--chat-template={shown(path)} is invalid: {why}.")
 
@@ -88,7 +90,7 @@ def _template_of(path: str, text: str) -> str:
     """The template smg takes from the file's text: a .json file's string or its "chat_template" string; any
     other file's text stripped, with each literal backslash-n read as a newline (smg 1.13's loader does both)."""
     if not path.endswith(".json"):
-        return text.strip().replace("\\n", "\n")
+        return template_from_text(text)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -122,7 +124,7 @@ def _compile(path: str, source: str) -> None:
 
 def _said(exc) -> str:
     """jinja2's message, escaped and bounded (it may quote the template)."""
-    from ..contract.safe_text import shown
+    from ...contract.safe_text import shown
 
     return shown(exc.message or type(exc).__name__, quote=False)
 

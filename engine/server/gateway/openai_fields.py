@@ -16,11 +16,11 @@ that sets a bias is HTTP 400 naming the field rather than answered as if it had 
 """
 from __future__ import annotations
 
-import json
 from typing import Optional
 
-from ..contract.safe_text import shown
-from ..contract.structured_output_params import PREFIX, StructuredOutputParams, choice_ebnf
+from ...contract.safe_text import shown
+from ...contract.structured_output_params import PREFIX, StructuredOutputParams
+from .quirks import carried_constraint, completions_logprobs_dropped, logit_bias_dropped
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -41,15 +41,14 @@ class HttpFieldError(ValueError):
 def rewrite(path: str, body: dict) -> Optional[dict]:
     """The body to send smg in place of `body` (a chat or completions request), or None when it carries none of
     vLLM's structured-output fields. Raises HttpFieldError."""
-    if path == COMPLETIONS_PATH and body.get("logprobs") is not None:
+    if completions_logprobs_dropped(path == COMPLETIONS_PATH, body):
         raise HttpFieldError("logprobs", f"logprobs={shown(body['logprobs'])} is not supported on /v1/completions "
                                          "here: the smg gateway (1.13) answers completions without them; ask "
                                          "/v1/chat/completions with logprobs: true and top_logprobs, or the gRPC "
                                          "services (moelink.v1, VllmEngine), which return them.")
-    bias = body.get("logit_bias")
-    if bias is not None and bias != {}:
-        raise HttpFieldError("logit_bias", f"logit_bias={shown(bias)} is not supported: moelink does not apply "
-                                           "logit biases; leave it out (null or {} is accepted).")
+    if logit_bias_dropped(body):
+        raise HttpFieldError("logit_bias", f"logit_bias={shown(body['logit_bias'])} is not supported: moelink does "
+                                           "not apply logit biases; leave it out (null or {} is accepted).")
     found = []  # (field as the client named it, kind, value)
     so = body.get("structured_outputs")
     if so is not None:
@@ -71,16 +70,7 @@ def rewrite(path: str, body: dict) -> Optional[dict]:
         raise HttpFieldError(name, f"{name} and {also[0]} are both set: a request takes one output constraint.")
     params = _params(name, kind, value)
     out = {k: v for k, v in body.items() if k != "structured_outputs" and k not in GUIDED}
-    if kind == "choice":
-        out["ebnf"] = choice_ebnf(params.choice)
-    elif kind in ("regex", "grammar"):
-        out["regex" if kind == "regex" else "ebnf"] = value
-    elif path == CHAT_PATH:
-        out["response_format"] = ({"type": "json_object"} if kind == "json_object" else
-                                  {"type": "json_schema", "json_schema": {"name": "structured_outputs",
-                                                                          "schema": _schema(params.json)}})
-    else:
-        out["json_schema"] = '{"type": "object"}' if kind == "json_object" else json.dumps(_schema(params.json))
+    out.update(carried_constraint(path == CHAT_PATH, kind, value, params))
     return out
 
 
@@ -90,10 +80,6 @@ def _params(name: str, kind: str, value) -> StructuredOutputParams:
         return StructuredOutputParams(**{kind: value})
     except (TypeError, ValueError) as e:
         raise HttpFieldError(name, str(e).replace(f"{PREFIX}{kind}", name)) from None
-
-
-def _schema(spec):
-    return json.loads(spec) if isinstance(spec, str) else spec
 
 
 def _constrains(field: str, value) -> bool:

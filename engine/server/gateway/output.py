@@ -9,7 +9,7 @@ import collections
 import re
 from typing import Optional
 
-from ..contract.safe_text import shown
+from ...contract.safe_text import shown
 
 TAIL_LINES = 40  # of smg's output kept: its refusal is the last of them
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # smg colours its log lines

@@ -28,9 +28,9 @@ import time
 import uuid
 from typing import Optional
 
-from ..core.no_tokenizer import NoTokenizer
-from ..contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
-from ..contract.safe_text import shown
+from ...core.no_tokenizer import NoTokenizer
+from ...contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
+from ...contract.safe_text import shown
 from .openai_fields import HttpFieldError
 
 TOKENIZE_PATH = "/tokenize"

@@ -30,7 +30,7 @@ Only the OpenAI API and the health probes are relayed (PUBLIC_ROUTES); `GET /met
 (Prometheus text: the engine's series, vLLM's names and smg's own, http_metrics.py); every other path is 404. smg
 serves its control plane on the same port (`POST /workers` adds a worker that then receives users' prompts,
 `DELETE /workers/ID` removes moelink's own), so a client must never reach it; smg also asks those routes
-for an admin key only moelink knows (gateway_admin.py), which guards its loopback port. The health probes
+for an admin key only moelink knows (admin.py), which guards its loopback port. The health probes
 answer 503 here while the gateway reports it cannot serve (its worker is not registered).
 """
 from __future__ import annotations
@@ -44,10 +44,11 @@ from typing import Awaitable, Callable, Optional
 
 import h11
 
-from ..contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
-from ..contract.safe_text import shown
+from ...contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
+from ...contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, rewrite
+from .quirks import needs_key
 from .tool_calls import asks_one_call, forget, note_one_call
 
 logger = logging.getLogger(__name__)
@@ -315,12 +316,6 @@ def moelink_version() -> str:
         return importlib.metadata.version("moelink")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def needs_key(path: str) -> bool:
-    """Whether a public path asks the API key: everything under /v1 (vLLM's rule: a path that starts with /v1,
-    /v1beta included), not the probes."""
-    return path.startswith("/v1")
 
 
 def public_path(target: bytes) -> Optional[str]:

@@ -21,6 +21,8 @@ import secrets
 import shutil
 from typing import Optional
 
+from .quirks import control_plane_key
+
 logger = logging.getLogger(__name__)
 
 ADMIN_KEY_ID = "moelink"
@@ -31,7 +33,7 @@ _KEY_BOOTSTRAP = ("import os, runpy, sys; key = os.environ.pop(%r, None); admin 
                   "sys.argv = sys.argv[1:] + (['--api-key', key] if key else []) + "
                   "(['--control-plane-api-keys', %r + admin] if admin else []); "
                   "runpy.run_path(sys.argv[0], run_name='__main__')"
-                  % (_KEY_ENV, _ADMIN_ENV, f"{ADMIN_KEY_ID}:moelink:admin:"))
+                  % (_KEY_ENV, _ADMIN_ENV, control_plane_key(ADMIN_KEY_ID, "")))
 ADMIN_TIMEOUT_S = 5.0
 
 
@@ -51,7 +53,7 @@ def with_secrets(cmd: list[str], api_key: Optional[str], admin_key: Optional[str
         logger.warning("%s is not a Python script: its keys go to it on its command line, which local users "
                        "can read", cmd[0])
         extra = ["--api-key", api_key] if api_key else []
-        extra += ["--control-plane-api-keys", f"{ADMIN_KEY_ID}:moelink:admin:{admin_key}"] if admin_key else []
+        extra += ["--control-plane-api-keys", control_plane_key(ADMIN_KEY_ID, admin_key)] if admin_key else []
         return cmd + extra, env
     if api_key:
         env[_KEY_ENV] = api_key

@@ -13,7 +13,7 @@ smg does not pass `parallel_tool_calls` to the worker, but the managed gateway's
 (http_front.py): it notes the relay id of a chat request asking one required call (`asks_one_call`), smg sends the
 call under that relay id (hangups.py), and the VllmEngine service closes smg's array after one item (`one_call`)
 for that request: `maxItems: 1`, what smg's later sources send. Only the array smg builds is touched (its exact
-shape, `is_required_calls_schema`), and one that has a `maxItems` already is left as it is. A front started by hand
+shape, quirks.is_required_calls_schema), and one that has a `maxItems` already is left as it is. A front started by hand
 (`moelink http-front`) runs in another process than the server: there, smg's array stays as smg sends it.
 
 A call cut by `max_tokens` is smg's to read: streamed, smg 1.13 sends it as a call, its arguments completed by a
@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from ..contract.structured_output_params import StructuredOutputParams
+from ...contract.structured_output_params import StructuredOutputParams
 from .hangups import relay_of
+from .quirks import close_required_calls_after_one
 
 # Relay ids (hangups.py) of the chat requests being relayed that ask for one required call: the front adds one
 # before it relays the request and removes it when the relay ends; the servicer reads it. One process, one loop.
@@ -51,33 +52,6 @@ def forget(relay_id: str) -> None:
     _ONE_CALL.discard(relay_id)
 
 
-def is_required_calls_schema(schema) -> bool:
-    """Whether `schema` is smg's array of required calls: `{"type": "array", "minItems": 1, "items": {"type":
-    "object", "anyOf": [{"properties": {"name": {"type": "string", "enum": [NAME]}, "parameters": ...},
-    "required": ["name", "parameters"]}, ...]}}` (with `$defs` when the tools have some)."""
-    if not isinstance(schema, dict) or schema.get("type") != "array" or schema.get("minItems") != 1:
-        return False
-    if set(schema) - {"type", "minItems", "maxItems", "items", "$defs"}:
-        return False
-    items = schema.get("items")
-    if not isinstance(items, dict) or items.get("type") != "object" or set(items) != {"type", "anyOf"}:
-        return False
-    tools = items["anyOf"]
-    if not isinstance(tools, list) or not tools:
-        return False
-    for tool in tools:
-        if not isinstance(tool, dict) or tool.get("required") != ["name", "parameters"]:
-            return False
-        props = tool.get("properties")
-        if not isinstance(props, dict) or set(props) != {"name", "parameters"}:
-            return False
-        name = props["name"]
-        if not isinstance(name, dict) or name.get("type") != "string" or not isinstance(name.get("enum"), list) \
-                or len(name["enum"]) != 1:
-            return False
-    return True
-
-
 def one_call(structured: Optional[StructuredOutputParams], request_id: str) -> Optional[StructuredOutputParams]:
     """`structured` with smg's array of required calls closed after one item when the front noted that the request
     behind `request_id` asked for one call; else `structured` itself."""
@@ -87,6 +61,5 @@ def one_call(structured: Optional[StructuredOutputParams], request_id: str) -> O
     if relay is None or relay not in _ONE_CALL:
         return structured
     schema = json.loads(structured.json) if isinstance(structured.json, str) else structured.json
-    if not is_required_calls_schema(schema) or "maxItems" in schema:
-        return structured
-    return StructuredOutputParams(json=json.dumps({**schema, "maxItems": 1}))
+    closed = close_required_calls_after_one(schema)
+    return structured if closed is None else StructuredOutputParams(json=json.dumps(closed))

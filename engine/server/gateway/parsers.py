@@ -5,7 +5,7 @@ a mistyped `--tool-call-parser qwne` stopped `moelink serve` only after the weig
 on the built-in model, minutes on a large one), with smg's argparse line. So the server asks smg's registry first
 (`smg.smg_rs.get_available_tool_call_parsers` / `get_available_reasoning_parsers`, what smg's own `--help` lists)
 and refuses an unknown name with one line listing the names smg takes (vLLM's spellings that moelink translates
-too, engine/api/vllm_flags.py), and the nearest one.
+too, quirks.smg_parser_name), and the nearest one.
 
 The registry is read in a short-lived subprocess (about 0.1 s, once per process), with the Python of the smg that
 will run (its script's interpreter): smg's 100 MB native module is not loaded into the server. Without smg (not
@@ -15,6 +15,7 @@ passes here and is still refused by smg's default legacy parsers at its start, w
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import functools
 import json
@@ -23,6 +24,8 @@ import shutil
 import subprocess
 import sys
 from typing import Iterable, Optional
+
+from .quirks import VLLM_REASONING_PARSERS, VLLM_TOOL_CALL_PARSERS, smg_parser_name
 
 _QUERY = ("import json; from smg.smg_rs import get_available_reasoning_parsers as r, "
           "get_available_tool_call_parsers as t; from importlib.metadata import version; v = version('smg'); "
@@ -85,3 +88,21 @@ def check_parser_name(flag: str, given: str, smg_name: Optional[str], kind: str,
     also = f"; or vLLM's {', '.join(vllm)}" if vllm else ""
     raise ValueError(f"{flag}={given!r} is invalid{hint}: the smg gateway ({names.get('version', '?')}) knows "
                      f"{', '.join(known)}{also}.")
+
+
+def gateway_args(ns: argparse.Namespace) -> tuple[str, ...]:
+    """The managed gateway's (smg) command-line arguments these flags ask for (vLLM's parser names as smg's)."""
+    if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (which parser reads the model's tool "
+                         "calls).")
+    args: list[str] = []
+    tool_call = smg_parser_name("tool_call", ns.tool_call_parser)
+    reasoning = smg_parser_name("reasoning", ns.reasoning_parser)
+    # Against smg's own registry now, not when smg starts after the weights have loaded (check_parser_name).
+    check_parser_name("--tool-call-parser", ns.tool_call_parser, tool_call, "tool_call", VLLM_TOOL_CALL_PARSERS)
+    check_parser_name("--reasoning-parser", ns.reasoning_parser, reasoning, "reasoning", VLLM_REASONING_PARSERS)
+    for flag, value in (("--tool-call-parser", tool_call), ("--reasoning-parser", reasoning),
+                        ("--chat-template", ns.chat_template)):
+        if value is not None:
+            args += [flag, value]
+    return tuple(args)

@@ -8,7 +8,7 @@ for health and metrics), and stops it by PID when the server stops. smg runs in 
 a Ctrl-C in the terminal reaches the server, which drains first and then stops smg: the gateway must
 outlive no request and no server. smg listens on loopback; the HTTP port is the server's own front
 (http_front.py), which hands smg the request fields it would drop and relays no control-plane route.
-smg's control plane takes an admin key made at start (gateway_admin.py); with it the supervisor checks
+smg's control plane takes an admin key made at start (admin.py); with it the supervisor checks
 that smg still lists moelink's worker, and registers it again when not.
 """
 from __future__ import annotations
@@ -30,12 +30,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 
-from .gateway_admin import _KEY_ENV, WorkerCheck, new_admin_key, with_secrets  # noqa: F401 (_KEY_ENV: tests)
-from .gateway_output import TAIL_LINES, keep_tail, smg_refusal
+from .admin import _KEY_ENV, WorkerCheck, new_admin_key, with_secrets  # noqa: F401 (_KEY_ENV: tests)
+from .output import TAIL_LINES, keep_tail, smg_refusal
+from .quirks import relay_request_id_args, start_crashed
 from .hangups import RELAY_HEADER
 from .http_front import HttpFront
 from .http_metrics import HttpMetrics
-from .ports import bind_error, listens_on
+from ..ports import bind_error, listens_on
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 # not a reason to leave the OpenAI API down for good while the server runs (a full disk, a port held for a
 # while): keep trying, slower.
 SLOW_BACKOFF_S = (15.0, 30.0, 60.0)
-# A first start that dies by a signal before it is ready (seen: smg 1.13 aborting, SIGABRT, now and then on a
-# loaded machine) is tried again this many times in all; an exit with a status (a refusal) is not.
+# A first start that dies by a signal before it is ready (quirks.start_crashed: smg 1.13 aborting, SIGABRT, now
+# and then on a loaded machine) is tried again this many times in all; an exit with a status (a refusal) is not.
 START_ATTEMPTS = 3
 WORKER_CHECK_S = 2.0  # how often smg is asked whether it still lists moelink's worker
 INSTALL_HINT = ("`moelink serve --http-port` runs the smg gateway for the OpenAI API, and smg is not installed: "
@@ -144,7 +145,7 @@ class GatewaySupervisor:
                "--worker-urls", s.worker_url, "--log-level", "warn", "--shutdown-grace-period-secs", "1",
                # The request id is the front's relay id (hangups.py), and only it: the server ends the request
                # of an HTTP client that hung up by that id, which smg does not do itself.
-               "--request-id-headers", RELAY_HEADER]
+               *relay_request_id_args(RELAY_HEADER)]
         if s.tokenizer_path:
             cmd += ["--tokenizer-path", s.tokenizer_path]
         return cmd + alias_args(s.served_model_name, s.model_aliases) + list(s.extra_args)
@@ -157,7 +158,7 @@ class GatewaySupervisor:
                 break
             except GatewayError as exc:
                 code = None if self.proc is None else self.proc.poll()
-                crashed = code is not None and code < 0 and bind_error(self.spec.http_host, self.spec.http_port) is None
+                crashed = start_crashed(code, bind_error(self.spec.http_host, self.spec.http_port) is None)
                 if not crashed or attempt == START_ATTEMPTS or self._stopping:
                     raise
                 logger.warning("%s; starting it again (try %d of %d)", exc, attempt + 1, START_ATTEMPTS)
@@ -378,7 +379,7 @@ def alias_args(served_model_name: Optional[str], aliases) -> list[str]:
 
 
 def _with_key(cmd: list[str], api_key: Optional[str]) -> tuple[list[str], dict]:
-    """(command, environment) that give smg `api_key` off its command line (gateway_admin.with_secrets)."""
+    """(command, environment) that give smg `api_key` off its command line (admin.with_secrets)."""
     return with_secrets(cmd, api_key)
 
 
@@ -467,7 +468,7 @@ def chat_template_of(gateway_args) -> Optional[str]:
     args = list(gateway_args)
     if "--chat-template" not in args or args.index("--chat-template") + 1 >= len(args):
         return None
-    from ..api.chat_template_flag import read_chat_template
+    from .chat_template import read_chat_template
 
     return read_chat_template(args[args.index("--chat-template") + 1])
 

@@ -26,7 +26,7 @@ import secrets
 import time
 from typing import Awaitable, Iterable, Iterator, Optional, TypeVar
 
-from ..contract.safe_text import shown
+from ...contract.safe_text import shown
 
 RELAY_HEADER = "x-moelink-relay-id"
 # smg honours a request-id header of 1 to 128 visible ASCII characters; a client's own X-Request-Id (kept as
