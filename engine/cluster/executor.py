@@ -122,9 +122,10 @@ class InProcessExecutor(Executor):
 
     def __init__(self, config: EngineConfig, plan: ExpertParallelPlan | None = None):
         from ..rank.worker import Worker
+        from ..spec.api import SPEC_DECODING
 
         self.plan = plan if plan is not None else plan_expert_parallel(config)
-        self.worker = Worker(config.worker_config(), rank=0, plan=self.plan)
+        self.worker = Worker(config.worker_config(), rank=0, plan=self.plan, spec_decoding=SPEC_DECODING)
         self.worker.load()
 
     @property
@@ -159,7 +160,7 @@ class InProcessExecutor(Executor):
         runner.stream.shutdown()
         if runner.kv_connector is not None:  # its server socket and threads (engine/kv_transfer/remote.py)
             runner.kv_connector.close()
-        self.worker.runner = self.worker._mover = None
+        self.worker.release_runner()
         del runner
         if self.worker.device.type == "cuda":
             # Cycles inside the modules hold tensors past the last reference; the allocator's cache holds the

@@ -19,6 +19,7 @@ from ..contract.expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
 from .device_stream import make_stream
 from ..contract.gc_policy import freeze_heap
+from ..contract.spec_decoding import SpecDecoding
 from .step_handle import StepHandle
 from .step_plan import make_step_plan
 from ..config.worker_config import WorkerConfig
@@ -27,8 +28,13 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan):
+    def __init__(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan,
+                 spec_decoding: SpecDecoding | None = None):
+        """`spec_decoding`: speculative decoding's implementation (engine/spec/api.SPEC_DECODING, handed over by the
+        cluster: the rank reaches it only through engine/contract/spec_decoding.py); needed with
+        `config.speculative`."""
         self.config = config
+        self.spec_decoding = spec_decoding
         self.rank = rank
         self.plan = plan  # the engine's, the same on every rank (engine/contract/expert_parallel.py)
         self.world_size = config.world_size
@@ -121,7 +127,8 @@ class Worker:
                                   load_format=cfg.load_format,
                                   kv_connector=cfg.kv_connector.worker_side(self.rank) if cfg.kv_connector else None,
                                   speculative=cfg.speculative, num_state_slots=cfg.num_state_slots,
-                                  num_state_checkpoints=cfg.num_state_checkpoints, tp=self.tp)
+                                  num_state_checkpoints=cfg.num_state_checkpoints, tp=self.tp,
+                                  spec_decoding=self.spec_decoding)
 
     def preload(self) -> bool:
         """A replacement rank, before it joins (engine/cluster/rejoin.py): load its share of `plan` (weights, placement
@@ -336,6 +343,12 @@ class Worker:
             self.group = None
 
 
+    def release_runner(self) -> None:
+        """Drop this rank's engine state (model, KV cache, graphs, streams; an expert move under way) so its memory
+        can go back: the in-process executor's shutdown and `park`. The caller has stopped the step stream."""
+        self.runner = self._mover = None
+        self._launched.clear()
+
     # -- reuse (engine/cluster/rank_pool.py) -----------------------------------------------------------------
     def park(self) -> int:
         """Release this engine from the process and keep the process for the next engine: leave the group, close
@@ -343,8 +356,8 @@ class Worker:
         start-up kept the engine's objects from cycle collection), give the device's cached memory back. Returns the
         process id (the parked process the next `reinit` finds)."""
         self.shutdown()
-        self.runner = self._mover = self.tp = None
-        self._launched.clear()
+        self.release_runner()
+        self.tp = None
         import gc
 
         gc.unfreeze()  # this process's own start-up freeze (_freeze_if_own_process): the next engine freezes anew
@@ -353,10 +366,11 @@ class Worker:
             torch.cuda.empty_cache()
         return os.getpid()
 
-    def reinit(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan) -> int:
+    def reinit(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan,
+               spec_decoding: SpecDecoding | None = None) -> int:
         """A parked process taken by a new engine: this rank of `config` from now on, exactly as a new actor's
         constructor would have made it (the caller then runs init_distributed and load). Returns the process id."""
-        self.__init__(config, rank, plan)  # type: ignore[misc]  # re-run the constructor on purpose: same class
+        self.__init__(config, rank, plan, spec_decoding)  # type: ignore[misc]  # re-run the constructor on purpose
         return os.getpid()
 
 

@@ -180,8 +180,9 @@ def test_the_moe_plan_follows_the_tiny_path_and_its_narrowed_down_gemv(tmp_path)
 
 def test_the_mxfp4_plan_holds_its_three_paths():
     """gpt-oss-120b (E 128, top-4) on an H100 from mxfp4_moe_default.json: the two GEMVs below 2 rows per
-    expert (63 tokens; the down GEMV's BLOCK_N narrowed at 1 token), the per-tile sorted path, and from 512 rows per expert
-    (16384 tokens) the dequantize-once path, whose GEMMs take the float table's config (default.json here)."""
+    expert (63 tokens; the down GEMV's BLOCK_N narrowed at 1 token), the per-tile sorted path, and from 81 rows per expert
+    (2,592 tokens: the plan's first size past it is 4096) the dequantize-once path, whose GEMMs take the float table's
+    config (default.json here)."""
     from moelink.kernels.moe_config import lookup_moe_config
     from moelink.kernels.moe_variants import MoEShape
 
@@ -189,7 +190,7 @@ def test_the_mxfp4_plan_holds_its_three_paths():
     first = {}
     for t, v in plan:
         first.setdefault(v.path, t)
-    assert first == {"tiny": 1, "sorted": 64, "dequant": 16384}
+    assert first == {"tiny": 1, "sorted": 64, "dequant": 4096}
     assert {v.down_block_n for _, v in plan if v.path == "tiny"} == {8, 16}
     for t, v in plan:
         if v.path == "dequant":
