@@ -11,9 +11,9 @@ p the expected tokens per verify row are (1 - p^(k+1)) / (1 - p). Per batch size
    the greedy outputs of the first are the drafter's reference continuations;
 2. per p: the same requests with k drafts per step (greedy; outputs checked token-identical to 1);
 3. with --mtp (a checkpoint with MTP layers: DeepSeek-V3, GLM-4.5), the checkpoint's own drafter (method "mtp",
-   engine/rank/mtp_drafter.py): its acceptance is the weights' (random under --load-format dummy: ~0, so the row
+   engine/spec/proposer/mtp.py): its acceptance is the weights' (random under --load-format dummy: ~0, so the row
    then prices the drafter's cost); with --eagle3 HEAD_DIR, an EAGLE-3 head for the model (method "eagle3",
-   engine/rank/eagle3_drafter.py; random under --load-format dummy, so the row prices the head's cost).
+   engine/spec/proposer/eagle3.py; random under --load-format dummy, so the row prices the head's cost).
 Reported: decode tokens/s, engine steps, tokens per request-step, mean accepted length, acceptance rate, ms per
 step, and the speed-up over both plain loops. Without --model a tiny Qwen3-MoE checkpoint is made (CPU);
 on a GPU give a full-size model directory with --load-format dummy (config.json alone), or `--shape

@@ -56,7 +56,7 @@ class AttentionMetadata:
     runner builds them on the host anyway, so the CPU path reads them without
     a device→host sync. For decode rows (query length 1) the host `seq_lens` may be upper bounds: every kernel
     reads such a row's length from `seq_lens_S` (the decode graphs, and the MTP drafter's chained steps, whose
-    lengths depend on the tokens the step accepted on the device: engine/rank/mtp_drafter.py).
+    lengths depend on the tokens the step accepted on the device: engine/spec/proposer/mtp.py).
     """
 
     query_start_loc_S1: torch.Tensor  # int32 [S + 1], cumulative query lengths

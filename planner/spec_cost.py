@@ -2,7 +2,7 @@
 
 The step model prices a speculative decode step's device work the same for every engine: 1 + k query tokens per
 sequence through every layer, plus k draft forwards (one decoder layer and the LM head each). What moelink adds
-on top is how it runs them (engine/rank/spec_verify.py, mtp_drafter.py, cuda_graph.py):
+on top is how it runs them (engine/spec/verify.py, engine/spec/proposer/mtp.py, engine/rank/cuda_graph.py):
 - the drafter's k forwards run eagerly (kernel by kernel from the host), on every rank;
 - a verify step replays a CUDA graph (every row 1 + k tokens; under expert parallelism in the low-latency mode,
   whose default capacity holds max_num_seqs x (1 + k) tokens), priced as the step model prices any graph step;

@@ -4,7 +4,7 @@ verify step's output changes (computed tokens rolled back past the first rejecte
 The worker proposes drafts after a step (`ModelRunnerOutput.draft_token_ids`); the scheduler keeps them on the
 request (`Request.spec_token_ids`) and the next step that schedules the request verifies them: it computes the
 request's last known token and its k drafts (k + 1 query tokens, KV written for all), and returns the accepted
-drafts and one more token (engine/rank/rejection_sampler.py). The request then holds `a + 1` new tokens and KV
+drafts and one more token (engine/spec/rejection.py). The request then holds `a + 1` new tokens and KV
 for `a + 1` of the `k + 1` positions: `num_computed_tokens` goes back by the `k - a` rejected drafts, whose KV
 slots the next tokens overwrite (their blocks stay allocated).
 

@@ -18,9 +18,9 @@ from tests.helpers.import_graph import FOLDERS, ROOT, ImportGraph, build_graph, 
 # Layer units, top to bottom, and what each may import besides itself. engine/server is a unit of its own:
 # the engine core serves the offline API too and must not depend on the gRPC front.
 ALLOWED: dict[str, frozenset[str]] = {
-    "benchmarks": frozenset({"engine.server", "engine.api", "engine", "engine.core", "engine.cluster", "engine.rank",
-                             "engine.kv_transfer", "engine.models", "engine.tools", "engine.contract", "engine.config",
-                             "planner", "scheduler", "moe", "comm", "kernels"}),
+    "benchmarks": frozenset({"engine.server", "engine.api", "engine", "engine.core", "engine.cluster", "engine.spec",
+                             "engine.rank", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.tools",
+                             "engine.contract", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     "engine.server": frozenset({"engine.api", "engine", "engine.core", "engine.tools", "engine.contract",
                                 "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     "engine.api": frozenset({"engine.core", "engine.cluster", "engine.kv_transfer", "engine.tools", "engine.contract", "engine.config",
@@ -30,14 +30,23 @@ ALLOWED: dict[str, frozenset[str]] = {
                          "planner", "scheduler", "moe", "comm", "kernels"}),
     "engine.core": frozenset({"engine.cluster", "engine.contract", "engine.config",
                               "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.cluster": frozenset({"engine.rank", "engine.kv_transfer", "engine.contract", "engine.config",
-                                 "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.rank": frozenset({"engine.kv_transfer", "engine.models", "engine.contract", "engine.config",
-                              "planner", "scheduler", "moe", "comm", "kernels"}),
+    "engine.cluster": frozenset({"engine.spec", "engine.rank", "engine.kv_transfer", "engine.contract",
+                                 "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
+    # Speculative decoding (engine/spec/) sits above the rank: its proposers load with the rank's loader, its verify
+    # step samples with the rank's sampler. The rank reaches it only through engine/contract/spec_decoding.py's
+    # protocols, the implementation handed to each Worker by the cluster (engine/spec/api.SPEC_DECODING).
+    "engine.spec": frozenset({"engine.rank", "engine.kv_transfer", "engine.spec.heads", "engine.models",
+                              "engine.contract", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
+    "engine.rank": frozenset({"engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.contract",
+                              "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # The KV data plane (connectors, transports, wire format, store, auth) sits below the runner, beside the models:
     # the runner calls its worker half, the API builds its connector from flags.
     "engine.kv_transfer": frozenset({"engine.contract", "engine.config", "planner", "scheduler", "moe", "comm",
                                      "kernels"}),
+    # Its draft heads (MTP modules, EAGLE-3 heads) are a floor of their own below the rank, built from the models'
+    # parts: the rank's loader leaves a checkpoint's MTP tensors unread and its dummy checkpoints make them.
+    "engine.spec.heads": frozenset({"engine.models", "engine.contract", "engine.config", "planner", "scheduler", "moe",
+                                    "comm", "kernels"}),
     "engine.models": frozenset({"engine.contract", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     "engine.tools": frozenset({"engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     "engine.contract": frozenset({"engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),

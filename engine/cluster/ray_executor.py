@@ -65,10 +65,12 @@ def start_worker(state, gpu: bool, worker_config, plan: ExpertParallelPlan, bund
     """A Worker actor for rank `bundle` in that bundle of the placement group (at start, and a replacement)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from ..spec.api import SPEC_DECODING
+
     return _worker_actor_class().options(
         num_cpus=1, num_gpus=1 if gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(state.pg, placement_group_bundle_index=bundle),
-    ).remote(worker_config, bundle, plan)
+    ).remote(worker_config, bundle, plan, SPEC_DECODING)
 
 
 def check_tp_nodes(node_ids, tp: int) -> None:
@@ -153,7 +155,9 @@ class RayExecutor(Executor):
             if parked is not None:  # the same processes, each made this engine's rank r as a new actor would be
                 state.workers = workers = list(parked.workers)
                 cfg = config.worker_config()
-                pids = self._get([w.reinit.remote(cfg, r, plan) for r, w in enumerate(workers)])
+                from ..spec.api import SPEC_DECODING
+
+                pids = self._get([w.reinit.remote(cfg, r, plan, SPEC_DECODING) for r, w in enumerate(workers)])
             else:
                 state.workers = workers = [start(r) for r in range(n)]
                 RANK_POOL.starts_fresh += n

@@ -57,12 +57,12 @@ class Architecture:
     # Its experts run in MXFP4 as published (gpt-oss's layout: gate/up interleaved rows, expert biases).
     mxfp4_experts: bool = False
     # Its checkpoints may carry DeepSeek-V3's next-n prediction (MTP) layers (config.json's
-    # num_nextn_predict_layers; engine/models/mtp.py).
+    # num_nextn_predict_layers; engine/spec/heads/mtp.py).
     mtp_layers: bool = False
     # Where and how those layers are stored: "nextn" (DeepSeek-V3's `model.layers.{num_hidden_layers + i}.*`,
-    # engine/models/mtp.py), "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's
-    # mtp_num_hidden_layers; engine/models/qwen_mtp.py) or "dsv4" (DeepSeek-V4's top-level `mtp.{i}.*` over the
-    # hyper-connection streams; engine/models/dsv4_mtp.py).
+    # engine/spec/heads/mtp.py), "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's
+    # mtp_num_hidden_layers; engine/spec/heads/qwen_mtp.py) or "dsv4" (DeepSeek-V4's top-level `mtp.{i}.*` over the
+    # hyper-connection streams; engine/spec/heads/dsv4_mtp.py).
     mtp_layout: str = "nextn"
 
     def __post_init__(self) -> None:

@@ -1,5 +1,5 @@
-"""The config.json of an EAGLE-3 draft head: a checkpoint of its own beside the target's (engine/models/eagle3.py
-builds the head; engine/rank/eagle3_loader.py loads it). Read as plain JSON and validated here, one sentence naming
+"""The config.json of an EAGLE-3 draft head: a checkpoint of its own beside the target's (engine/spec/heads/eagle3.py
+builds the head; engine/spec/proposer/eagle3_loader.py loads it). Read as plain JSON and validated here, one sentence naming
 the field for anything moelink cannot run.
 
 The format is the one the public EAGLE-3 heads for Llama and Qwen3 use (EAGLE's own training code, SpecForge and

@@ -315,7 +315,7 @@ class EngineArgs:
 
     def _check_tp_features(self, parallel: ParallelConfig, model_cfg: ModelConfig, spec: SpeculativeConfig | None):
         """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md);
-        returns the KV connector the engine runs with. Speculative decoding runs under TP (engine/rank/drafter.py):
+        returns the KV connector the engine runs with. Speculative decoding runs under TP (engine/spec/proposer/__init__.py):
         host drafts on every rank, the MTP layers (DeepSeek's, Qwen3-Next / Qwen3.5's) split like a main layer, an
         EAGLE-3 head replicated. A KV connector is bound to the TP layout (`for_tensor_parallel`): the remote one
         (engine/kv_transfer/tp_shard.py) saves or loads each rank's own heads, the offload tiers

@@ -112,8 +112,8 @@ class ModelConfig:
     index_cache_dtype: str = "auto"
     # Next-n prediction (MTP) layers stored after the main ones, as `model.layers.{num_layers + i}.*`
     # (DeepSeek-V3/R1, Kimi K2, GLM-4.5: config.json's num_nextn_predict_layers, read for MTP_ARCHITECTURES), or
-    # as `mtp.*` (Qwen3-Next, Qwen3.5-MoE: config.json's mtp_num_hidden_layers; engine/models/qwen_mtp.py).
-    # The main model never runs them; a speculative drafter builds them (engine/models/mtp.py). 0: none.
+    # as `mtp.*` (Qwen3-Next, Qwen3.5-MoE: config.json's mtp_num_hidden_layers; engine/spec/heads/qwen_mtp.py).
+    # The main model never runs them; a speculative drafter builds them (engine/spec/heads/mtp.py). 0: none.
     num_nextn_predict_layers: int = 0
     # Each layer's attention config when the layers differ within their kind (MiMo-V2-Flash's sliding layers: kv
     # heads, sinks, rope of their own), one per layer; () = every layer runs `attention`. Per-layer questions go
@@ -254,7 +254,7 @@ class ModelConfig:
                 check_architecture(fields["quantization"], arch)
         # transformers' DeepSeek-V3 / GLM-4-MoE configs default num_nextn_predict_layers to 1 (the full models'
         # value) whether or not the file has the field: what the checkpoint holds is what its file says.
-        # Qwen3-Next / Qwen3.5 name the count mtp_num_hidden_layers (their MTP modules: engine/models/qwen_mtp.py).
+        # Qwen3-Next / Qwen3.5 name the count mtp_num_hidden_layers (their MTP modules: engine/spec/heads/qwen_mtp.py).
         if arch in MTP_ARCHITECTURES:
             fields["num_nextn_predict_layers"] = (raw.get("num_nextn_predict_layers")
                                                   or raw.get("mtp_num_hidden_layers") or 0)

@@ -36,8 +36,8 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     # eagle3: the head's checkpoint directory (or a Hugging Face repo id).
     model: Optional[str] = None
-    # The Python API only (tests, benchmarks): a callable returning a Drafter (engine/rank/drafter.py) used instead
-    # of the method's own; picklable when the ranks are Ray workers.
+    # The Python API only (tests, benchmarks): a callable returning a HostDrafter (engine/contract/spec_decoding.py)
+    # used instead of the method's own; picklable when the ranks are Ray workers.
     drafter_factory: Optional[Callable[[], Any]] = None
     # How much verify work drafts may cost (the scheduler's, scheduler/draft_control.py; SchedulerConfig.spec_*):
     # a request verifies its i-th draft only while its estimated per-draft acceptance p has p**i >=
@@ -74,13 +74,13 @@ class SpeculativeConfig:
 
     @property
     def runs_mtp(self) -> bool:
-        """Whether the ranks run the checkpoint's MTP layer (engine/rank/mtp_drafter.py): method "mtp" without a
+        """Whether the ranks run the checkpoint's MTP layer (engine/spec/proposer/mtp.py): method "mtp" without a
         drafter_factory in its place."""
         return self.method == "mtp" and self.drafter_factory is None
 
     @property
     def runs_eagle3(self) -> bool:
-        """Whether the ranks run an EAGLE-3 head (engine/rank/eagle3_drafter.py): method "eagle3" without a
+        """Whether the ranks run an EAGLE-3 head (engine/spec/proposer/eagle3.py): method "eagle3" without a
         drafter_factory in its place."""
         return self.method == "eagle3" and self.drafter_factory is None
 

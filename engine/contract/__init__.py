@@ -4,5 +4,5 @@ Sampling parameters and structured-output parameters, the expert-parallel plan (
 EP plan, the typed calls the driver makes on every rank (`worker_api`), the engine facts a front end reports,
 and two process-wide helpers both sides use (log-safe text, the garbage-collector policy). Small and
 torch-light: a module here holds data and pure functions, never a thread, a device or a Ray handle.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.models, engine.rank, engine.server, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.models, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.tools.
 """

@@ -3,15 +3,12 @@
 A spec names the attention kind and the checkpoint's weight names. Routing, shapes, rope, q/k norm, biases,
 dense and shared-expert layers are not part of it: ModelConfig (read from config.json by engine/config/hf_readers.py)
 holds them, so Qwen3-MoE's norm_topk_prob, GLM's use_qk_norm and DeepSeek's q_lora_rank are config facts.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.rank, engine.server, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.tools.
 """
 from __future__ import annotations
 
 from ..config.architectures import REGISTRY, SUPPORTED_ARCHITECTURES, ArchSpec
-from .eagle3 import Eagle3Head
 from .moe_decoder import MoEDecoderForCausalLM
-from .mtp import MTPLayer, make_mtp_layer, mtp_checkpoint_names
-from .qwen_mtp import QwenMTPLayer
 
 # The runnable architectures' specs, from the one registry (engine/config/architectures.py).
 ARCHITECTURES: dict[str, ArchSpec] = {n: a.spec for n, a in REGISTRY.items() if a.spec is not None}  # runnable
@@ -26,5 +23,4 @@ def arch_spec(architecture: str) -> ArchSpec:
     return spec
 
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "Eagle3Head", "MTPLayer", "MoEDecoderForCausalLM", "QwenMTPLayer", "arch_spec",
-           "make_mtp_layer", "mtp_checkpoint_names"]
+__all__ = ["ARCHITECTURES", "ArchSpec", "MoEDecoderForCausalLM", "arch_spec"]

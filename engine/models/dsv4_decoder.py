@@ -110,7 +110,7 @@ class DSV4DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int, ropes: dict, kernels, device, ep, stats: MoEStats,
                  quant: DSV4Quantization | None = None, attention: DSV4AttentionConfig | None = None,
                  moe_index: int | None = None, attention_cls: type = DSV4Attention, tp: TensorParallel | None = None):
-        """Main layer i; an MTP layer (engine/models/dsv4_mtp.py) passes its own `attention` config, the row
+        """Main layer i; an MTP layer (engine/spec/heads/dsv4_mtp.py) passes its own `attention` config, the row
         `moe_index` of its own MoEStats (its layer index is past the main layers' configs) and its attention class
         (a paged window: the drafter's cache). `tp`: the rank's TensorParallel (None: whole; module docstring)."""
         super().__init__()

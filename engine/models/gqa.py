@@ -35,7 +35,7 @@ class GQAAttention(nn.Module):
                  kernels, dtype, device=None, quant=None, *, in_features: int | None = None, sinks_name: str = "sinks",
                  tp: TensorParallel | None = None):
         """in_features: the width q/k/v are projected from, when it is not hidden_size (an EAGLE-3 head's
-        [embedding | hidden] concatenation, 2 * hidden_size, engine/models/eagle3.py); o_proj returns hidden_size.
+        [embedding | hidden] concatenation, 2 * hidden_size, engine/spec/heads/eagle3.py); o_proj returns hidden_size.
         sinks_name: the sinks' checkpoint name under self_attn. (ArchSpec.sinks).
         tp: the rank's TensorParallel (comm/tensor_parallel.py; None: whole): this rank holds num_heads / size query
         heads (their sinks, their output gates) and its kv heads (engine/config/tensor_parallel.shard_attention),

@@ -1,6 +1,6 @@
 """A step's inputs on the device: token ids (with the tokens earlier steps left there), positions and attention
 metadata, from the host-built flat batch (engine/rank/step_inputs.py). The eager forward reads them, and so does
-the MTP drafter (engine/rank/mtp_drafter.py), under decode graphs too.
+the MTP drafter (engine/spec/proposer/mtp.py), under decode graphs too.
 
 Legend: T tokens of the flat batch, P tokens of it still on the device.
 """

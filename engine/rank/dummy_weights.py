@@ -53,7 +53,8 @@ from moelink.moe.expert_weights_int4 import Repack
 from moelink.moe.weight_plan import PlanEntry, Rearranged
 
 from ..config.model import ModelConfig
-from ..models import MoEDecoderForCausalLM, arch_spec, make_mtp_layer
+from ..models import MoEDecoderForCausalLM, arch_spec
+from ..spec.heads import make_mtp_layer
 from ..models.dsv4_decoder import DeepseekV4ForCausalLM
 
 WEIGHT_RANGE = 0.02  # float weights uniform in [-0.02, 0.02] (module docstring: why not vLLM's 1e-3)
@@ -174,7 +175,7 @@ class DummyCheckpoint:
     def for_model(cls, cfg: ModelConfig, device: torch.device, mtp_layers: int = 0) -> "DummyCheckpoint":
         """Every tensor a checkpoint of `cfg` holds (per-expert layout where the architecture has one), from the
         plan of the model built at one rank on the meta device; with `mtp_layers`, the first MTP modules' too
-        (engine/models/mtp.py; sharing the main embedding and head, as a checkpoint without copies does)."""
+        (engine/spec/heads/mtp.py; sharing the main embedding and head, as a checkpoint without copies does)."""
         meta, spec = torch.device("meta"), arch_spec(cfg.architecture)
         model_cls = DeepseekV4ForCausalLM if spec.attention == "dsv4" else MoEDecoderForCausalLM
         shapes_only = model_cls(cfg, spec, ReferenceKernels(), meta)

@@ -60,7 +60,7 @@ def keep_blocker(runner, old_rank: int, new_experts: Sequence[int], free_bytes: 
     if runner is None or runner.ep is None:
         return "the rank has no expert-parallel model runner to keep"
     drafter = getattr(runner, "device_drafter", None)
-    if drafter is not None and drafter.draft_layer.has_experts:
+    if drafter is not None and drafter.has_experts:
         return "its MTP drafter's MoE layer (speculative method 'mtp') is not grown in place: the runner is rebuilt"
     layers = moe_layers(runner.model)
     for layer in layers:

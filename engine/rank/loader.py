@@ -41,7 +41,8 @@ from ..config.model import ModelConfig
 from .dummy_weights import DummyCheckpoint
 from .int4_linears import Int4Piece, int4_linear_plan
 from .nvfp4_linears import Nvfp4Piece, nvfp4_linear_plan
-from ..models import MoEDecoderForCausalLM, arch_spec, mtp_checkpoint_names
+from ..models import MoEDecoderForCausalLM, arch_spec
+from ..spec.heads import mtp_checkpoint_names
 from ..models.dsv4_decoder import DeepseekV4ForCausalLM
 from ..models.dsv4_weights import Fp8Piece
 from ..config.worker_config import LOAD_FORMATS
@@ -167,7 +168,7 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
             + f": every {cfg.architecture} weight must be present."
         )
     # The MTP layers (num_nextn_predict_layers) are expected and left unread here: only the speculative drafter
-    # reads them (engine/rank/mtp_drafter.py, method "mtp"). Any other tensor the plan does not list is not read.
+    # reads them (engine/spec/proposer/mtp.py, method "mtp"). Any other tensor the plan does not list is not read.
     unread = mtp_checkpoint_names(cfg, names)
     if unread:
         logger.info("checkpoint %s: %d tensors of %d MTP layer(s) not part of the main model (read only by "

@@ -18,20 +18,20 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config import kv_sizing
 from ..config.model import ModelConfig
+from ..config.speculative import SpeculativeConfig
 from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len, verify_sizes
 from .device_stream import make_stream, to_device, to_host
 from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from .loader import load_model
 from .weight_memory import describe_memory, weight_bytes_by_format
 from ..models.layers import ForwardContext
-from .drafter import make_device_drafter, make_drafter
 from .device_inputs import device_inputs
 from .kv_cache import make_kv_caches
 from .state_cache import StateCaches, StatePlan
 from .sampler import Sampler, SamplingMetadata
-from .spec_verify import SpecStep
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
 from ..contract.sampling_params import SamplingParams
+from ..contract.spec_decoding import DeviceDrafter, DraftRollback, HostDrafter, SpecDecoding, VerifyStep
 from .step_handle import DeviceResult, StepHandle
 from ..contract.kv_blocks import PagedKVBlocks, WorkerKVConnector, start_transfers
 from .step_inputs import StepInputs, build_step_inputs
@@ -50,8 +50,10 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
                  graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
-                 load_format: str = "auto", kv_connector: WorkerKVConnector | None = None, speculative=None,
-                 num_state_slots: int = 0, num_state_checkpoints: int = 0, tp: TensorParallel | None = None):
+                 load_format: str = "auto", kv_connector: WorkerKVConnector | None = None,
+                 speculative: SpeculativeConfig | None = None, num_state_slots: int = 0,
+                 num_state_checkpoints: int = 0, tp: TensorParallel | None = None,
+                 spec_decoding: SpecDecoding | None = None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 
@@ -63,7 +65,9 @@ class ModelRunner:
         `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random).
         `kv_connector`: the worker half of a KV connector (engine/contract/kv_blocks.py), which runs the KV loads
         and saves a step plans (`SchedulerOutput.kv_transfers`); None: no connector.
-        `speculative`: a SpeculativeConfig (engine/config/speculative.py): its drafter proposes after each step.
+        `speculative`: a SpeculativeConfig (engine/config/speculative.py): its drafter proposes after each step;
+        `spec_decoding`: the feature that runs it (engine/spec/api.SPEC_DECODING, behind
+        engine/contract/spec_decoding.py's protocols), required with `speculative`.
         `num_state_slots`, `num_state_checkpoints`: the per-sequence state pools of a model with linear-attention
         layers (scheduler/hybrid_cache.py hands out the slots; engine/rank/state_cache.py holds them)."""
         # Under TP (`tp`, comm/tensor_parallel.py) the rank's view: its attention heads, so its KV cache holds
@@ -91,13 +95,20 @@ class ModelRunner:
         self.kv_connector = kv_connector
         self.kv_blocks: PagedKVBlocks | None = None  # the cache as the connector copies it (set with the cache)
         self.ep = ep
-        # Speculative decoding's drafter: a host one (engine/rank/drafter.py), or a draft layer (MTP, EAGLE-3)
-        # drafting in the device work (built here, before the KV cache: its weights count and it keeps a cache
-        # layer); None: off.
-        # Under TP every rank of the group builds it with the group (its layers split as the main ones: drafter.py).
-        self.device_drafter = make_device_drafter(speculative, model_cfg, self.model, self.kernels, device, ep,
-                                                  block_size, load_format, tp=self.tp)
-        self.drafter = self.device_drafter or make_drafter(speculative)
+        # Speculative decoding's drafter: a host one, or a draft layer (MTP, EAGLE-3) drafting in the device work
+        # (built here, before the KV cache: its weights count and it keeps a cache layer); None: off.
+        # Under TP every rank of the group builds it with the group (its layers split as the main ones:
+        # engine/spec/proposer/).
+        if speculative is not None and spec_decoding is None:
+            raise ValueError("ModelRunner(speculative=...) needs spec_decoding: the feature that runs it "
+                             "(moelink.engine.spec.api.SPEC_DECODING).")
+        self.spec_decoding = spec_decoding if speculative is not None else None
+        self.device_drafter: DeviceDrafter | None = None
+        self.drafter: HostDrafter | DeviceDrafter | None = None
+        if self.spec_decoding is not None:
+            self.device_drafter = self.spec_decoding.device_drafter(speculative, model_cfg, self.model, self.kernels,
+                                                                    device, ep, block_size, load_format, tp=self.tp)
+            self.drafter = self.device_drafter or self.spec_decoding.host_drafter(speculative)
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
         if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:
             # EAGLE-3, DeepSeek-V4's MTP (the hyper-connection streams)
@@ -154,7 +165,7 @@ class ModelRunner:
             for i in stateful:  # linear attention has no paged tensors (gated_deltanet.py); DeepSeek-V4 has both
                 self.kv_caches[i] = tuple(self.kv_caches[i]) + self.state_caches.layers[i]
             kv_bytes += self.state_caches.nbytes
-        if self.device_drafter is not None:  # its draft layer's cache, on the same block ids (chain_drafter.py)
+        if self.device_drafter is not None:  # its draft layer's cache, on the same block ids (engine/spec/proposer/chain.py)
             kv_bytes += self.device_drafter.allocate(num_kv_blocks)
         weights = (self.model if self.device_drafter is None
                    else torch.nn.ModuleList([self.model, self.device_drafter.layer]))
@@ -322,11 +333,14 @@ class ModelRunner:
         picked = [states[s] for s in inp.sample_rows]
         draft_plan = self.device_drafter.plan(inp, states, picked, spec) if self.device_drafter is not None else None
         handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, (self.kv_connector.poll if self.kv_connector is not None else None), self.drafter,
-                            spec, self.num_speculative_tokens, so.no_draft_req_ids)
-        meta = None
-        if picked and spec:  # a verify step (speculative decoding: engine/rank/spec_verify.py)
-            meta = SpecStep(self.batch, rows_S, inp.sample_rows, inp.qsl_S1, picked, spec, self.eos_token_ids,
-                            self.device, so.grammar_bitmask, inp.num_pending)
+                            spec, self.num_speculative_tokens, so.no_draft_req_ids,
+                            self.spec_decoding.may_draft if self.spec_decoding is not None else None)
+        meta: SamplingMetadata | VerifyStep | None = None
+        if picked and spec:  # a verify step (speculative decoding: engine/spec/verify.py)
+            assert self.spec_decoding is not None, "drafts to verify without speculative decoding"
+            meta = self.spec_decoding.verify_step(self.batch, rows_S, inp.sample_rows, inp.qsl_S1, picked, spec,
+                                                  self.eos_token_ids, self.device, so.grammar_bitmask,
+                                                  inp.num_pending)
             for r, st in enumerate(picked):
                 st.pending = (handle, r)
         elif picked:
@@ -349,7 +363,7 @@ class ModelRunner:
         self._in_flight.append(handle)
         return handle
 
-    def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | None, staged,
+    def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | VerifyStep | None, staged,
                      ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
         device from the steps before it), forward, sampling, the device drafter's drafts, KV saves, results out
@@ -381,13 +395,14 @@ class ModelRunner:
             if state_plan is not None:  # checkpoints of the states this step ended at a block boundary: after
                 self.state_caches.copy([ck for ck, _ in state_plan.saves], [slot for _, slot in state_plan.saves])
             res = DeviceResult(read_moe=self._take_moe())
-            if isinstance(meta, SpecStep):
-                res.spec = meta.run(self.model, self.sampler, h_TD, self.tp)  # TP: the group's first rank's tokens
+            if meta is not None and not isinstance(meta, SamplingMetadata):  # a verify step
+                res.spec = meta.run(self.model, h_TD, self.tp)  # TP: the group's first rank's tokens
                 handle.sampled_R = res.spec.sampled_R
                 if state is not None and state.split is not None:
                     # The verifying sequences' states take only their accepted tokens (the last known one and the
                     # accepted drafts: what each emits), on the device: no sync.
-                    self.model.replay_states(res.spec.emitted_R)
+                    rollback: DraftRollback = self.model
+                    rollback.replay_states(res.spec.emitted_R)
             elif meta is not None:
                 self._sample(handle, inp, meta, h_TD, res)
             if draft_plan is not None:  # after the acceptance rule: it drafts from the last accepted position

@@ -116,7 +116,7 @@ class Sampler:
 def processed_probs(logits: torch.Tensor, meta) -> torch.Tensor:
     """The distribution a random row samples from: temperature, min-p, top-k, top-p applied to float32 `logits`
     (in place), then softmax. `meta` needs temperature_B, min_p_B, top_k_B, top_p_B, max_top_k (a
-    SamplingMetadata, or speculative decoding's per-position expansion of one: engine/rank/spec_verify.py)."""
+    SamplingMetadata, or speculative decoding's per-position expansion of one: engine/spec/verify.py)."""
     logits.div_(meta.temperature_B.unsqueeze(1))
     if meta.min_p_B is not None:
         probs = logits.softmax(dim=-1)

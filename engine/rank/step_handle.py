@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
 from moelink.scheduler.outputs import ModelRunnerOutput, StepStats
 
+from ..contract.spec_decoding import DeviceDrafter, DraftRequest, HostDrafter, VerifyResult
 from .device_stream import DeviceWork
-from .drafter import may_draft
 from .sampler import unpack_logprobs
-
-if TYPE_CHECKING:
-    from .spec_verify import SpecResult
 
 
 @dataclass
@@ -35,7 +32,7 @@ class DeviceResult:
     max_num_logprobs: int = 0
     read_moe: Optional[Callable[[], object]] = None  # MoEStats.take()'s reader
     device_s: float = 0.0  # seconds the device work took to run (CPU) or to launch (CUDA), host clock
-    spec: Optional[SpecResult] = None  # a verify step's sampling (engine/rank/spec_verify.py)
+    spec: Optional[VerifyResult] = None  # a verify step's sampling (engine/spec/verify.py)
     drafts_RK: Optional[torch.Tensor] = None  # long [R, k], host copy: a device drafter's drafts per sampled row
 
 
@@ -43,13 +40,17 @@ class StepHandle:
     """One launched step of one rank (see the module docstring)."""
 
     def __init__(self, step_id: int, states: list, num_tokens: int, num_seqs: int, host_s: float,
-                 kv_poll: Optional[Callable[[], Optional[dict]]] = None, drafter=None,
+                 kv_poll: Optional[Callable[[], Optional[dict]]] = None,
+                 drafter: HostDrafter | DeviceDrafter | None = None,
                  spec_tokens: Optional[dict[str, list[int]]] = None, num_speculative_tokens: int = 0,
-                 no_draft: frozenset[str] | set[str] = frozenset()):
+                 no_draft: frozenset[str] | set[str] = frozenset(),
+                 may_draft: Optional[Callable[[DraftRequest], bool]] = None):
         self.step_id = step_id
-        # Speculative decoding: the rank's drafter (engine/rank/drafter.py), asked once the tokens are in; and the
-        # drafts this step verifies per request (their rejected tail is rolled back at collect).
+        # Speculative decoding (engine/contract/spec_decoding.py): the rank's drafter, asked once the tokens are in,
+        # for the requests `may_draft` lets draft; and the drafts this step verifies per request (their rejected tail
+        # is rolled back at collect).
         self.drafter, self.spec_tokens, self.drafter_k = drafter, spec_tokens, num_speculative_tokens
+        self.may_draft = may_draft
         # Requests the next step verifies no drafts of (the scheduler's SchedulerOutput.no_draft_req_ids): a host
         # drafter skips them.
         self.no_draft = no_draft
@@ -105,7 +106,7 @@ class StepHandle:
         self._output = out
         return out
 
-    def _collect_verified(self, spec, out: ModelRunnerOutput) -> None:
+    def _collect_verified(self, spec: VerifyResult, out: ModelRunnerOutput) -> None:
         """A verify step: each row's emitted tokens (accepted drafts and one more) appended; the rejected drafts'
         positions are no longer computed (their KV slots are overwritten by the next tokens)."""
         drafts = self.spec_tokens or {}
@@ -135,8 +136,10 @@ class StepHandle:
                 out.logprobs[st.req_id] = [logprobs[r]]
 
     def _draft(self, out: ModelRunnerOutput, drafts_RK: Optional[torch.Tensor]) -> None:
-        """Drafts for the next step of each request that sampled here and may draft (engine/rank/drafter.py): a
+        """Drafts for the next step of each request that sampled here and may draft (engine/spec/proposer/): a
         host drafter proposes now; a device drafter's are in `drafts_RK` (host memory already: no sync)."""
+        may_draft = self.may_draft
+        assert self.drafter is not None and may_draft is not None, "a drafter comes with its may_draft"
         if getattr(self.drafter, "on_device", False):
             if drafts_RK is not None:
                 rows = drafts_RK.tolist()
@@ -145,7 +148,7 @@ class StepHandle:
         skip = self.no_draft
         states = [st for st in self.states if may_draft(st) and st.req_id not in skip]
         if states:
-            proposed = self.drafter.propose(states, self.drafter_k)
+            proposed = self.drafter.propose(states, self.drafter_k)  # a host drafter (not on_device)
             out.draft_token_ids = {st.req_id: d for st, d in zip(states, proposed) if d}
 
 

@@ -1,4 +1,4 @@
-"""A tiny EAGLE-3 draft head with random weights, in exactly the published layout (engine/models/eagle3.py lists
+"""A tiny EAGLE-3 draft head with random weights, in exactly the published layout (engine/spec/heads/eagle3.py lists
 the tensors; engine/config/eagle3.py the config.json fields), for tests: no download.
 
 config.json is what EAGLE's and SpecForge's exports write (architectures ["LlamaForCausalLMEagle3"], model_type

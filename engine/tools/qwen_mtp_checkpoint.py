@@ -1,13 +1,13 @@
 """Append a random MTP module to a Qwen3-Next / Qwen3.5-MoE checkpoint written by transformers' `save_pretrained`.
 
 transformers neither builds nor saves the MTP module these families publish (`_keys_to_ignore_on_load_unexpected =
-["^mtp.*"]`), so a tiny test checkpoint gets one here, in the published names (engine/models/qwen_mtp.py):
+["^mtp.*"]`), so a tiny test checkpoint gets one here, in the published names (engine/spec/heads/qwen_mtp.py):
 `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.fc` [D, 2D], `mtp.layers.0.*` and `mtp.norm`, written
 to mtp.safetensors and listed in model.safetensors.index.json; config.json (its text_config for a multimodal
 Qwen3.5 checkpoint) gets mtp_num_hidden_layers = 1.
 
 The decoder layer is laid out as the main model's: attention tensors shaped as a full-attention layer's, the MLP as
-main layer 0's (the MTP layer's MLP kind follows layer 0's, engine/models/qwen_mtp.py), experts per expert or fused
+main layer 0's (the MTP layer's MLP kind follows layer 0's, engine/spec/heads/qwen_mtp.py), experts per expert or fused
 as that layer holds them. Every tensor is drawn fresh: norms zero-centred (stored w, applied as 1 + w) with noise,
 matrices fan-in scaled, the router with a gain.
 """

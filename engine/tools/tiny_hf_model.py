@@ -94,7 +94,7 @@ _MTP_FILE = "mtp.safetensors"
 def add_mtp_layers(out: Path, num_layers: int = 1, *, seed: int = 0, init_std: Optional[float] = None,
                    embeddings: bool = True) -> None:
     """Append `num_layers` random MTP layers to the DeepSeek-V3 / GLM-4-MoE checkpoint in `out`, as DeepSeek-V3
-    publishes them (engine/models/mtp.py lists the names): `model.layers.{num_hidden_layers + i}.` enorm, hnorm,
+    publishes them (engine/spec/heads/mtp.py lists the names): `model.layers.{num_hidden_layers + i}.` enorm, hnorm,
     eh_proj [D, 2D], shared_head.norm, a decoder layer laid out as the last main layer (which must be a MoE
     layer: its experts per expert or fused, as that layer is), and with `embeddings` MTP copies of the main
     embedding and head (`embed_tokens`, `shared_head.head`; DeepSeek-V3 ships them), else none (the drafter

@@ -1,4 +1,4 @@
-"""DeepSeek-V4's MTP layer (engine/models/dsv4_mtp.py) against a float64 oracle composed from transformers' V4 classes,
+"""DeepSeek-V4's MTP layer (engine/spec/heads/dsv4_mtp.py) against a float64 oracle composed from transformers' V4 classes,
 its published formats, and which speculative methods V4 takes (the drafter itself: test_dsv4_mtp_drafter.py).
 
 Oracle (tests/helpers/dsv4_mtp_checkpoint.mtp_oracle): DeepSeek's MTPBlock forward written around transformers' own
@@ -19,7 +19,7 @@ import torch
 from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models import arch_spec
-from moelink.engine.models.dsv4_mtp import DSV4MTPLayer
+from moelink.engine.spec.heads.dsv4_mtp import DSV4MTPLayer
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import SafetensorsCheckpoint, load_model, load_plan
 from moelink.kernels.attention import AttentionMetadata

@@ -1,8 +1,8 @@
-"""The EAGLE-3 draft head (engine/models/eagle3.py, loaded by engine/rank/eagle3_loader.py) against an independent
+"""The EAGLE-3 draft head (engine/spec/heads/eagle3.py, loaded by engine/spec/proposer/eagle3_loader.py) against an independent
 float64 oracle, and bad head checkpoints refused.
 
 Oracle: the published architecture in plain torch (vLLM's and SGLang's llama_eagle3.py; module docstring of
-engine/models/eagle3.py), over each whole sequence with a causal mask, reading the checkpoint's tensors:
+engine/spec/heads/eagle3.py), over each whole sequence with a causal mask, reading the checkpoint's tensors:
     g = fc([h_low | h_mid | h_high]);  e = rms(embed(tok), input_layernorm);  r = g (or rms(g, hidden_norm))
     a = o_proj(softmax(q k^T / sqrt(H) + causal) v) with q, k, v from [e | rms(g, hidden_norm)], roped at 0..n-1
     r = a + r;  y = down(silu(gate(x)) * up(x)) + r with x = rms(r, post_attention_layernorm)
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from moelink.engine.config.eagle3 import eagle3_aux_layers, read_eagle3_config
-from moelink.engine.models.eagle3 import Eagle3Head
+from moelink.engine.spec.heads.eagle3 import Eagle3Head
 from moelink.engine.models.layers import ForwardContext
-from moelink.engine.rank.eagle3_loader import load_eagle3_head
+from moelink.engine.spec.proposer.eagle3_loader import load_eagle3_head
 from moelink.engine.tools.eagle3_checkpoint import write_eagle3_checkpoint
 from moelink.kernels.ops import ReferenceKernels
 from tests.helpers.paged_meta import paged_meta

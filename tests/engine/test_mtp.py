@@ -1,4 +1,4 @@
-"""The MTP drafter layer (engine/models/mtp.py) against an independent float64 oracle, and MTP checkpoints in the
+"""The MTP drafter layer (engine/spec/heads/mtp.py) against an independent float64 oracle, and MTP checkpoints in the
 main engine.
 
 Oracle: the published forward (DeepSeek-V3 report sec. 2.2) in plain torch around transformers' own decoder
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
-from moelink.engine.models import MTPLayer, arch_spec, mtp_checkpoint_names
+from moelink.engine.models import arch_spec
+from moelink.engine.spec.heads import MTPLayer, mtp_checkpoint_names
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import SafetensorsCheckpoint, load_plan
 from moelink.engine.tools.tiny_hf_model import add_mtp_layers

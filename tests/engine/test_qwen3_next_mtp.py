@@ -1,4 +1,4 @@
-"""Qwen3-Next's MTP module (engine/models/qwen_mtp.py) as a speculative drafter (method "mtp") on a hybrid model.
+"""Qwen3-Next's MTP module (engine/spec/heads/qwen_mtp.py) as a speculative drafter (method "mtp") on a hybrid model.
 
 Oracles:
 - The module's forward against a float64 reference composed of transformers' own Qwen3-Next classes (its
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
-from moelink.engine.models import QwenMTPLayer, arch_spec, make_mtp_layer, mtp_checkpoint_names
+from moelink.engine.models import arch_spec
+from moelink.engine.spec.heads import QwenMTPLayer, make_mtp_layer, mtp_checkpoint_names
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import SafetensorsCheckpoint, load_plan
 from moelink.engine.tools.qwen_mtp_checkpoint import MTP_FILE, add_qwen_mtp_module
@@ -266,7 +267,7 @@ def test_mtp_drafting_reads_nothing_back_from_the_device(checkpoints, monkeypatc
     """The drafter's device work on a hybrid model (catch-up, accepted offsets, chain over the Qwen MTP module)
     makes no device→host sync: counted on CPU by tests.helpers.host_syncs, with the CPU reference expert
     kernel's own per-expert loop left out (as tests/engine/test_spec_decode_mtp.py counts DeepSeek's)."""
-    from moelink.engine.rank.mtp_drafter import MTPDrafter
+    from moelink.engine.spec.proposer.mtp import MTPDrafter
     from moelink.moe.layer import MoELayer
 
     from tests.helpers.host_syncs import HostSyncCounter

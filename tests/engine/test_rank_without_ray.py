@@ -1,6 +1,6 @@
 """The rank side imports without Ray: the GPU image has none, and single-GPU work must not need it.
 
-Every module of engine/rank, engine/kv_transfer, engine/models, engine/contract and engine/config is imported in a fresh
+Every module of engine/rank, engine/spec, engine/kv_transfer, engine/models, engine/contract and engine/config is imported in a fresh
 interpreter in which `import ray` fails; so is the in-process executor a single-GPU engine runs on.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY_FREE = ("engine/rank", "engine/kv_transfer", "engine/models", "engine/contract", "engine/config")
+RAY_FREE = ("engine/rank", "engine/spec", "engine/kv_transfer", "engine/models", "engine/contract", "engine/config")
 
 _BLOCK_RAY = """
 import importlib, importlib.abc, sys

@@ -1,11 +1,11 @@
-"""Speculative decoding's acceptance rule (engine/rank/rejection_sampler.py): greedy output equals plain greedy
+"""Speculative decoding's acceptance rule (engine/spec/rejection.py): greedy output equals plain greedy
 decoding, and sampled output is distributed exactly as the target, for drafters that are sometimes wrong."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moelink.engine.rank.rejection_sampler import DraftRows, rejection_sample
+from moelink.engine.spec.rejection import DraftRows, rejection_sample
 
 V = 5
 # Chi-square critical value for 4 degrees of freedom at p = 0.001: a correct sampler fails this once in 1000
@@ -101,12 +101,12 @@ def test_rows_that_do_not_match_the_layout_are_refused():
 
 
 def test_penalties_at_each_verified_position_count_the_drafts_before_it():
-    """engine/rank/spec_verify.py: position j of a verifying row is penalised as if its drafts 0 .. j-1 were
+    """engine/spec/verify.py: position j of a verifying row is penalised as if its drafts 0 .. j-1 were
     already output tokens (what plain decoding would have counted there)."""
     from types import SimpleNamespace
 
     from moelink.engine.rank.sampler import apply_penalties
-    from moelink.engine.rank.spec_verify import PositionPenalties, prefix_draft_pairs
+    from moelink.engine.spec.verify import PositionPenalties, prefix_draft_pairs
 
     counts_RV = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 2.0, 0, 0]])
     prompt_seen_RV = torch.tensor([[False, False, False, False, True], [False] * 5])

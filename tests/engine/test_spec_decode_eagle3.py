@@ -1,4 +1,4 @@
-"""Speculative decoding with an EAGLE-3 head (method "eagle3", engine/rank/eagle3_drafter.py), one rank.
+"""Speculative decoding with an EAGLE-3 head (method "eagle3", engine/spec/proposer/eagle3.py), one rank.
 
 - Greedy outputs with EAGLE-3 drafts are token-identical to decoding without speculation (Qwen3-MoE, Mixtral and
   DeepSeek-V3 tiny targets), k = 1 and 3, with chunked prefill, preemption and prefix caching in play, with a head
@@ -26,8 +26,8 @@ from moelink.engine import LLM, SamplingParams
 from moelink.engine.config.engine_args import EngineArgs
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.layers import ForwardContext
-from moelink.engine.rank import chain_drafter
-from moelink.engine.rank.eagle3_loader import load_eagle3_head
+from moelink.engine.spec.proposer import chain
+from moelink.engine.spec.proposer.eagle3_loader import load_eagle3_head
 from moelink.engine.rank.step_plan import TwoBatchOverlap
 from moelink.engine.tools.eagle3_checkpoint import write_eagle3_checkpoint
 from moelink.kernels.ops import ReferenceKernels
@@ -213,7 +213,7 @@ def test_eagle3_drafts_equal_the_head_run_over_the_whole_sequence(checkpoints, p
     k = 3
     seen = record_drafts(monkeypatch)
     # Scratch for one row at first: steps with more rows grow the head's cache (its real blocks kept) mid-run.
-    monkeypatch.setattr(chain_drafter, "SCRATCH_ROWS", 1)
+    monkeypatch.setattr(chain, "SCRATCH_ROWS", 1)
     got, stats = _generate(path, _spec(head_path, k), dtype="float64",
                            step_plan=TwoBatchOverlap() if plan == "two_batch" else None)
     assert got == plain(target, "float64")
@@ -228,7 +228,7 @@ def test_eagle3_drafts_equal_the_head_run_over_the_whole_sequence(checkpoints, p
 def test_eagle3_drafting_reads_nothing_back_from_the_device(checkpoints, monkeypatch):
     """The drafter's device work (catch-up from the captured states, accepted offsets, chain) makes no
     device→host sync: counted on CPU by tests.helpers.host_syncs."""
-    from moelink.engine.rank.eagle3_drafter import Eagle3Drafter
+    from moelink.engine.spec.proposer.eagle3 import Eagle3Drafter
 
     from tests.helpers.host_syncs import HostSyncCounter
 
@@ -283,12 +283,13 @@ def test_graphs_are_not_captured_for_a_head(checkpoints):
     from moelink.engine.config.speculative import SpeculativeConfig
     from moelink.engine.rank.cuda_graph import EagerReplay
     from moelink.engine.rank.model_runner import ModelRunner
+    from moelink.engine.spec.api import SPEC_DECODING
 
     path, head = checkpoints("qwen3", "random")
     cfg = ModelConfig.from_pretrained(path, "float32")
     for spec, sizes in ((None, (1, 2)), (_spec(head, 2), ())):
         runner = ModelRunner(cfg, 4, None, CPU, kernels="triton", cuda_graph_sizes=(1, 2), graph_backend=EagerReplay(),
-                             speculative=SpeculativeConfig.parse(spec))
+                             speculative=SpeculativeConfig.parse(spec), spec_decoding=SPEC_DECODING)
         assert runner.graph_sizes == sizes
 
 

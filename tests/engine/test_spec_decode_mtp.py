@@ -1,4 +1,4 @@
-"""Speculative decoding with the checkpoint's MTP layer (method "mtp", engine/rank/mtp_drafter.py), one rank.
+"""Speculative decoding with the checkpoint's MTP layer (method "mtp", engine/spec/proposer/mtp.py), one rank.
 
 - Greedy outputs with MTP drafts are token-identical to decoding without speculation (DeepSeek-V3: MLA; GLM-4-MoE:
   GQA), k = 1 and 2, with chunked prefill and preemption in play, on checkpoints whose MTP layer guesses the main
@@ -24,8 +24,8 @@ from moelink.engine.config.engine_args import EngineArgs
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import load_model
-from moelink.engine.rank import mtp_drafter
-from moelink.engine.rank.mtp_drafter import load_mtp_layer
+from moelink.engine.spec.proposer import mtp as mtp_proposer
+from moelink.engine.spec.proposer.mtp import load_mtp_layer
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.ops import ReferenceKernels
 
@@ -128,7 +128,7 @@ def test_penalties_logprobs_and_seeded_sampling(checkpoints):
 def test_mtp_drafting_reads_nothing_back_from_the_device(checkpoints, monkeypatch):
     """The drafter's device work (catch-up, accepted offsets, chain) makes no device→host sync: counted on CPU by
     tests.helpers.host_syncs, with the CPU reference expert kernel's own per-expert loop left out."""
-    from moelink.engine.rank.mtp_drafter import MTPDrafter
+    from moelink.engine.spec.proposer.mtp import MTPDrafter
     from moelink.moe.layer import MoELayer
 
     from tests.helpers.host_syncs import HostSyncCounter
@@ -199,7 +199,7 @@ def test_mtp_drafts_equal_the_layer_run_over_the_whole_sequence(checkpoints, pla
     path, k = checkpoints(arch, variant), 3
     seen = record_drafts(monkeypatch)
     # Scratch for one row at first: steps with more rows grow the MTP cache (its real blocks kept) mid-run.
-    monkeypatch.setattr(mtp_drafter, "_SCRATCH_ROWS", 1)
+    monkeypatch.setattr(mtp_proposer, "_SCRATCH_ROWS", 1)
     got, stats = _generate(path, {"method": "mtp", "num_speculative_tokens": k}, dtype="float64")
     assert got == plain(arch, variant, "float64")
     assert stats.num_preemptions_total > 0 and len(seen) > 50

@@ -1,11 +1,11 @@
-"""`--speculative-config` (engine/config/speculative.py) and the n-gram drafter (engine/rank/ngram_proposer.py)."""
+"""`--speculative-config` (engine/config/speculative.py) and the n-gram drafter (engine/spec/proposer/ngram.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from moelink.engine.config.speculative import SpeculativeConfig
-from moelink.engine.rank.ngram_proposer import NgramProposer
+from moelink.engine.spec.proposer.ngram import NgramProposer
 
 
 def test_vllm_spellings_parse():

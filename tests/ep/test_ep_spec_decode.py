@@ -47,7 +47,7 @@ def _assert_ep3_equals(path, prompts, params, spec, kw, want) -> None:
 
 
 def test_ep3_mtp_drafts_greedy_equals_one_rank_without(local_ray, tmp_path):
-    """Method "mtp" (engine/rank/mtp_drafter.py) under EP 3: every rank runs the MTP layer's k forwards per step
+    """Method "mtp" (engine/spec/proposer/mtp.py) under EP 3: every rank runs the MTP layer's k forwards per step
     (its MoE dispatching like a main layer's; `moe_only_stages` on a rank without rows or tokens), so the ranks
     stay in lockstep whatever each accepted; the greedy outputs equal one rank's without speculation."""
     from tests.helpers.mtp_checkpoints import bigram_mtp, make_mtp_model
@@ -64,7 +64,7 @@ def test_ep3_mtp_drafts_greedy_equals_one_rank_without(local_ray, tmp_path):
 
 
 def test_ep3_eagle3_drafts_greedy_equals_one_rank_without(local_ray, tiny_model, tmp_path):
-    """Method "eagle3" (engine/rank/eagle3_drafter.py) under EP 3 with two-batch overlap: each rank's forward keeps
+    """Method "eagle3" (engine/spec/proposer/eagle3.py) under EP 3 with two-batch overlap: each rank's forward keeps
     the head's residual-stream states (each micro-batch its own, joined back in order) and the dense head drafts for
     that rank's requests with no collective, so ranks with no rows run nothing for it and the verify steps stay in
     lockstep whatever each accepted; the greedy outputs equal one rank's without speculation."""

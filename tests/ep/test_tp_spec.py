@@ -1,6 +1,6 @@
 """Speculative decoding under tensor parallelism (Ray, CPU ranks, gloo, float64): every rank of a TP group drafts
-(engine/rank/drafter.py), the verify step's emitted tokens and counts are the group's first rank's
-(engine/rank/spec_verify.py), and greedy outputs equal one rank's without speculation:
+(engine/spec/proposer/__init__.py), the verify step's emitted tokens and counts are the group's first rank's
+(engine/spec/verify.py), and greedy outputs equal one rank's without speculation:
 - host drafts (a drafter_factory of known acceptance, benchmarks/spec_decode.OracleDrafter: drafts accepted and
   rejected) on Qwen3-MoE at `-tp 2`;
 - the checkpoint's MTP layer (method "mtp", a "bigram" MTP layer that guesses the main model's next token:
@@ -157,7 +157,7 @@ class _LoadOnlyTP:
 
 
 # The MTP layer's tensors read whole by each TP rank: norms, the router and its correction bias, MLA's
-# a-projections (the latent is every head's), eh_proj (replicated: engine/models/mtp.py says why).
+# a-projections (the latent is every head's), eh_proj (replicated: engine/spec/heads/mtp.py says why).
 MTP_WHOLE = ("norm.weight", "layernorm.weight", ".gate.weight", "e_score_correction_bias", "q_a_proj.weight",
              "kv_a_proj_with_mqa.weight", "eh_proj.weight")
 
@@ -170,7 +170,7 @@ def test_mtp_layer_each_rank_reads_its_shard(tmp_path, arch):
 
     from moelink.engine.config.model import ModelConfig
     from moelink.engine.rank.loader import checkpoint_index, load_model
-    from moelink.engine.rank.mtp_drafter import load_mtp_layer
+    from moelink.engine.spec.proposer.mtp import load_mtp_layer
     from moelink.kernels.ops import ReferenceKernels
 
     from tests.helpers.mtp_checkpoints import make_mtp_model
@@ -199,7 +199,7 @@ def test_mtp_layer_each_rank_reads_its_shard(tmp_path, arch):
 
 def test_tp2_eagle3_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
     """The head whole on every rank, without an embed_tokens of its own: it reads the target's, gathered whole from
-    the ranks' vocab shards at load (engine/rank/eagle3_drafter.py; a head with its own tables runs the same
+    the ranks' vocab shards at load (engine/spec/proposer/eagle3.py; a head with its own tables runs the same
     replicated path without the gather)."""
     from safetensors.torch import load_file, save_file
 
@@ -235,7 +235,7 @@ def test_tp2_dsa_mtp_drafts_equal_one_rank(local_ray, hf_tiny_model, tmp_path):
 
 
 def test_tp2_qwen3_next_mtp_drafts_equal_one_rank(local_ray, hf_tiny_model, tmp_path):
-    """Qwen3-Next's own MTP module (engine/models/qwen_mtp.py: its gated full-attention layer split like a main
+    """Qwen3-Next's own MTP module (engine/spec/heads/qwen_mtp.py: its gated full-attention layer split like a main
     layer, the main model's vocab shards, fc replicated) at -tp 2: the tokens of one rank, drafted and accepted as on
     one rank (bigram module: accepted often), the linear-attention states rolled back by the broadcast counts."""
     from tests.helpers.hf_checkpoints import VOCAB

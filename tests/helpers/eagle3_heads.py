@@ -1,4 +1,4 @@
-"""Tiny EAGLE-3 heads for the speculative-decoding tests (engine/rank/eagle3_drafter.py), in the published layout
+"""Tiny EAGLE-3 heads for the speculative-decoding tests (engine/spec/proposer/eagle3.py), in the published layout
 (engine/tools/eagle3_checkpoint.py writes config.json and the tensors).
 
 `scaled_target`: a copy of a tiny target whose layers' outputs are scaled down (every o_proj and expert or dense

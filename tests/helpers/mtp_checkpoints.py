@@ -1,4 +1,4 @@
-"""Tiny checkpoints with an MTP layer for the speculative-decoding tests (engine/rank/mtp_drafter.py).
+"""Tiny checkpoints with an MTP layer for the speculative-decoding tests (engine/spec/proposer/mtp.py).
 
 `make_mtp_model`: a random DeepSeek-V3 / GLM-4-MoE checkpoint with one random MTP layer (make_tiny_model's
 num_nextn_predict_layers). Random drafts are seldom accepted.

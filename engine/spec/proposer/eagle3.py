@@ -1,5 +1,5 @@
-"""The EAGLE-3 drafter (speculative method "eagle3"): a head from its own checkpoint (engine/models/eagle3.py)
-drafting inside the step's device work, as a ChainDrafter (engine/rank/chain_drafter.py: catch-up over the step's
+"""The EAGLE-3 drafter (speculative method "eagle3"): a head from its own checkpoint (engine/spec/heads/eagle3.py)
+drafting inside the step's device work, as a ChainDrafter (engine/spec/proposer/chain.py: catch-up over the step's
 tokens shifted by one, then k - 1 chained greedy drafts, scratch blocks, no host sync) over `Eagle3DraftLayer`.
 
 Legend: T tokens of the step's flat batch, D the head's hidden, Dt the main model's, R rows that sample.
@@ -31,13 +31,13 @@ import torch
 
 from moelink.comm.tensor_parallel import TensorParallel
 
-from ..config.eagle3 import Eagle3Config, check_eagle3_target, read_eagle3_config
-from ..config.model import ModelConfig
-from ..models.eagle3 import Eagle3Head
-from ..models.layers import ForwardContext
-from .chain_drafter import ChainDrafter
+from ...config.eagle3 import Eagle3Config, check_eagle3_target, read_eagle3_config
+from ...config.model import ModelConfig
+from ..heads.eagle3 import Eagle3Head
+from ...models.layers import ForwardContext
+from .chain import ChainDrafter
 from .eagle3_loader import dummy_eagle3_head, load_eagle3_head
-from .loader import SafetensorsCheckpoint
+from ...rank.loader import SafetensorsCheckpoint
 
 
 class Eagle3DraftLayer:

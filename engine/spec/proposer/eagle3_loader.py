@@ -1,4 +1,4 @@
-"""Load an EAGLE-3 draft head (engine/models/eagle3.py) from its own checkpoint directory: config.json
+"""Load an EAGLE-3 draft head (engine/spec/heads/eagle3.py) from its own checkpoint directory: config.json
 (engine/config/eagle3.py) and safetensors files in the published layout.
 
 Before any tensor is read, the checkpoint's inventory is checked against the head's weight plan: a missing
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..config.eagle3 import Eagle3Config, read_eagle3_config
-from ..models.eagle3 import Eagle3Head
-from .dummy_weights import DummyCheckpoint, TensorSpec
-from .loader import SafetensorsCheckpoint, load_plan
+from ...config.eagle3 import Eagle3Config, read_eagle3_config
+from ..heads.eagle3 import Eagle3Head
+from ...rank.dummy_weights import DummyCheckpoint, TensorSpec
+from ...rank.loader import SafetensorsCheckpoint, load_plan
 
 # safetensors dtype names by kind (safe_open's get_slice(name).get_dtype()).
 _INTEGER = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}

@@ -1,6 +1,6 @@
 """An EAGLE-3 draft head (Li et al. 2025, "EAGLE-3"), as the public heads for Llama and Qwen3 publish it: a separate
-checkpoint (engine/config/eagle3.py reads its config.json; engine/rank/eagle3_loader.py loads it), drafting in the
-step's device work as speculative method "eagle3" (engine/rank/eagle3_drafter.py).
+checkpoint (engine/config/eagle3.py reads its config.json; engine/spec/proposer/eagle3_loader.py loads it), drafting in the
+step's device work as speculative method "eagle3" (engine/spec/proposer/eagle3.py).
 
 Legend: T tokens in the flat batch, D the head's hidden size, Dt the target's, V the target's vocabulary, Vd the
 head's (draft) vocabulary, N / K query / kv heads, H head dim, I intermediate size.
@@ -37,11 +37,11 @@ import torch.nn.functional as F
 
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..config.eagle3 import Eagle3Config
-from .gqa import GQAAttention
-from .layers import DenseMLP, ForwardContext, RMSNorm, param
-from .linear import FloatLinear, Linear
-from .rope import RotaryEmbedding
+from ...config.eagle3 import Eagle3Config
+from ...models.gqa import GQAAttention
+from ...models.layers import DenseMLP, ForwardContext, RMSNorm, param
+from ...models.linear import FloatLinear, Linear
+from ...models.rope import RotaryEmbedding
 
 # Tensors a checkpoint may leave out (module docstring: what stands in for each).
 OPTIONAL_TENSORS = ("embed_tokens.weight", "lm_head.weight", "d2t", "t2d")

@@ -3,7 +3,7 @@
 Legend: T tokens in the flat batch, D hidden, V vocab.
 
 Both families publish `mtp_num_hidden_layers` modules (one in every release) beside the main model, under a layout
-of their own (not DeepSeek's `model.layers.{L}.*`, engine/models/mtp.py): the tensors sit at the checkpoint's top
+of their own (not DeepSeek's `model.layers.{L}.*`, engine/spec/heads/mtp.py): the tensors sit at the checkpoint's top
 level, outside the text model's prefix (so a Qwen3.5 multimodal checkpoint keeps them at `mtp.*` too):
     mtp.pre_fc_norm_embedding.weight, mtp.pre_fc_norm_hidden.weight [D]   zero-centred RMSNorms (weight + 1)
     mtp.fc.weight [D, 2D]                                                  no bias
@@ -21,7 +21,7 @@ none of it (`_keys_to_ignore_on_load_unexpected = ["^mtp.*"]`).
 
 The inner layer is the main decoder's `DecoderLayer` built at index num_hidden_layers: its attention is the model's
 full-attention config (`ModelConfig.attention_for` past the main layers), its KV cache `ctx.kv_caches[L]` (the
-drafter's cache layer, engine/rank/chain_drafter.py), and it keeps no linear-attention state. Its MLP is routed
+drafter's cache layer, engine/spec/proposer/chain.py), and it keeps no linear-attention state. Its MLP is routed
 when the main layer 0 is (vLLM builds it with layer index 0 for `mlp_only_layers` / `decoder_sparse_step`).
 
 Tensor parallelism (`tp`): the inner layer is built with the same TP strategy objects as a main layer (heads split,
@@ -42,13 +42,13 @@ from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
 
-from ..config.architectures import ArchSpec
-from ..config.model import ModelConfig
-from .layers import ForwardContext, RMSNorm
-from .linear import FloatLinear, Linear
-from .moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
-from .rope import RotaryEmbedding
-from .vocab_parallel import VocabShard
+from ...config.architectures import ArchSpec
+from ...config.model import ModelConfig
+from ...models.layers import ForwardContext, RMSNorm
+from ...models.linear import FloatLinear, Linear
+from ...models.moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
+from ...models.rope import RotaryEmbedding
+from ...models.vocab_parallel import VocabShard
 
 PREFIX = "mtp."
 

@@ -18,7 +18,7 @@ position t (before its hyper-head) and the token t+1,
     logits(tok_{t+2}) = head(norm(hc_head(y_TnD)))                                 (its own hyper-head and norm)
 and y_TnD conditions the next chained draft, as h_TnD did.
 
-Its cache, as the speculative drafter runs it (method "mtp": engine/rank/mtp_drafter.py, a ChainDrafter), is a
+Its cache, as the speculative drafter runs it (method "mtp": engine/spec/proposer/mtp.py, a ChainDrafter), is a
 paged window: the layer's kv (one shared head, key and value) per token on the engine's block ids
 (`ctx.kv_caches[L + k]` = (kv_BLH,), `WindowCache`), each query reading its last W positions through its block
 table (`PagedWindowAttention`). A ring per sequence, as the main layers keep, would not do: the drafter writes
@@ -47,17 +47,17 @@ from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..config.architectures import ArchSpec
-from ..config.dsv4 import mtp_attention
-from ..config.model import ModelConfig
-from .dsv4_attention import DSV4Attention, RopeTable
-from .dsv4_decoder import DSV4DecoderLayer, Norm
-from .dsv4_weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
-from .hyper_connections import HyperHead
-from .layers import ForwardContext
-from .linear import Linear
-from .rope import rope_inv_freq
-from .vocab_parallel import VocabShard
+from ...config.architectures import ArchSpec
+from ...config.dsv4 import mtp_attention
+from ...config.model import ModelConfig
+from ...models.dsv4_attention import DSV4Attention, RopeTable
+from ...models.dsv4_decoder import DSV4DecoderLayer, Norm
+from ...models.dsv4_weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
+from ...models.hyper_connections import HyperHead
+from ...models.layers import ForwardContext
+from ...models.linear import Linear
+from ...models.rope import rope_inv_freq
+from ...models.vocab_parallel import VocabShard
 
 
 @dataclass(frozen=True)

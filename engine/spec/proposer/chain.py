@@ -1,7 +1,7 @@
 """A device drafter that chains one draft layer: catch-up over the step's tokens, then k - 1 greedy drafts, all in
-the step's device work (a `DeviceDrafter` of engine/rank/drafter.py). What the layer is, is a `DraftLayer`
-strategy: DeepSeek's MTP layer (engine/rank/mtp_drafter.py, method "mtp") or an EAGLE-3 head
-(engine/rank/eagle3_drafter.py, method "eagle3").
+the step's device work (a `DeviceDrafter` of engine/contract/spec_decoding.py). What the layer is, is a `DraftLayer`
+strategy: DeepSeek's MTP layer (engine/spec/proposer/mtp.py, method "mtp") or an EAGLE-3 head
+(engine/spec/proposer/eagle3.py, method "eagle3").
 
 Legend: T tokens of the step's flat batch, D the draft layer's hidden, R rows that sample this step (the step's
 order), W chain table width (blocks), k drafts per request.
@@ -23,7 +23,7 @@ the device):
 2. Chain: for each sampled row, the greedy draft from the catch-up output at p + a, then k - 1 more, each
    feeding the layer its own output (its state before the final norm) and its last draft, one position further
    on. Drafting is greedy: the acceptance rule treats the drafts as deterministic (q one-hot), which keeps the
-   target distribution exact (engine/rank/rejection_sampler.py).
+   target distribution exact (engine/spec/rejection.py).
 The chain's positions p + a + j depend on the device's a: its attention metadata carries the device lengths and
 host upper bounds (kernels/attention.AttentionMetadata), and its KV slots come from a chain table: the row's own
 blocks, then scratch blocks of the draft cache for positions past them (the scheduler allocated up to the step's
@@ -36,7 +36,7 @@ forwards per step that runs a forward anywhere (catch-up, k - 1 chain steps; `mo
 rows), in the same order. A dense layer (EAGLE-3) has no collective: a rank without rows runs nothing.
 
 Tensor parallelism: every rank of a TP group runs the same forwards on the same rows (one SchedulerOutput, and the
-verify step's tokens and accepted counts are the group's first rank's: engine/rank/spec_verify.py), so a layer
+verify step's tokens and accepted counts are the group's first rank's: engine/spec/verify.py), so a layer
 split over the group (MTP) pairs its all-reduces and gathers; a replicated one (EAGLE-3) computes the same drafts
 on every rank. The group's first rank's drafts are the ones verified.
 """
@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -53,9 +53,10 @@ from torch import nn
 from moelink.kernels.attention import AttentionMetadata
 from moelink.moe.layer import MoEOnlyStages, run_stages
 
-from ..config.layer_configs import AttentionConfig
-from ..models.layers import AuxCapture, ForwardContext
-from .device_stream import to_device, to_host
+from ...config.layer_configs import AttentionConfig
+from ...contract.spec_decoding import CapturedStates, DraftPlan, DraftRequest, DraftStepInputs
+from ...models.layers import AuxCapture, ForwardContext
+from ...rank.device_stream import to_device, to_host
 
 # Sampled rows the first scratch allocation serves (vLLM's default max_num_seqs); more grow it (rare).
 SCRATCH_ROWS = 256
@@ -123,6 +124,10 @@ class ChainDrafter:
     def aux_layers(self) -> tuple[int, ...]:
         return self.draft_layer.aux_layers
 
+    @property
+    def has_experts(self) -> bool:
+        return self.draft_layer.has_experts
+
     def capture(self) -> AuxCapture | None:
         """What the main model's forward must capture for this drafter (models/layers.AuxCapture), or None."""
         return AuxCapture(self.aux_layers) if self.aux_layers else None
@@ -162,7 +167,8 @@ class ChainDrafter:
         return ForwardContext(attn, caches)
 
     # -- host half --------------------------------------------------------------------
-    def plan(self, inp, states: Sequence, picked: Sequence, spec_tokens) -> ChainPlan:
+    def plan(self, inp: DraftStepInputs, states: Sequence[DraftRequest], picked: Sequence[DraftRequest],
+             spec_tokens: Mapping[str, list[int]] | None) -> ChainPlan:
         """At launch, once each state's num_computed_tokens covers the step (engine/rank/model_runner.py)."""
         last_S = np.asarray(inp.qsl_S1[1:], dtype=np.int64) - 1
         samples = set(inp.sample_rows)
@@ -201,13 +207,14 @@ class ChainDrafter:
         return table, [u.tolist() for u in upper], nxt - self.num_kv_blocks
 
     # -- device half ------------------------------------------------------------------
-    def draft(self, plan: ChainPlan, h_TD: torch.Tensor, input_ids_T: torch.Tensor, positions_T: torch.Tensor,
-              attn: AttentionMetadata, sampled_R: torch.Tensor | None, accepted,
-              aux: AuxCapture | None = None) -> torch.Tensor | None:
+    def draft(self, plan: DraftPlan, h_TD: torch.Tensor, input_ids_T: torch.Tensor, positions_T: torch.Tensor,
+              attn: AttentionMetadata, sampled_R: torch.Tensor | None, accepted: torch.Tensor | None,
+              aux: CapturedStates | None = None) -> torch.Tensor | None:
         """The step's draft work (module docstring). `h_TD`: the main model's final-normed states; `aux`: what
         its forward captured for `aux_layers`; `sampled_R`: int64 [R] on the device, each sampled row's last
         emitted token; `accepted`: a verify step's int64 [R_verify] emitted counts (accepted + 1) on the device,
         or None. Returns the drafts' host copy, int64 [R, k] (read after the step's wait), or None without rows."""
+        assert isinstance(plan, ChainPlan), plan  # this drafter's own `plan`
         dev, R, layer = self.device, plan.num_rows, self.draft_layer
         self._ensure_scratch(plan.scratch)
         ids_T = torch.empty_like(input_ids_T)

@@ -1,5 +1,5 @@
-"""The MTP drafter: the checkpoint's next-n prediction layer (engine/models/mtp.py) drafting inside the step's
-device work (speculative method "mtp"): a ChainDrafter (engine/rank/chain_drafter.py: catch-up over the step's
+"""The MTP drafter: the checkpoint's next-n prediction layer (engine/spec/heads/mtp.py) drafting inside the step's
+device work (speculative method "mtp"): a ChainDrafter (engine/spec/proposer/chain.py: catch-up over the step's
 tokens shifted by one, then k - 1 chained greedy drafts, scratch blocks, no host sync) over `MTPDraftLayer`.
 
 Legend: T tokens of the step's flat batch, D hidden, R rows that sample this step.
@@ -10,14 +10,14 @@ model's position t and KV slot. h_t is the main model's FINAL-NORMED hidden stat
 trained with it; DeepSeek-V3's report draws the pre-norm state, and the difference shows only as drafts accepted
 less often (the verify step keeps the output exact either way). A chained step feeds the layer its own output
 (the state before shared_head.norm; a Qwen3-Next / Qwen3.5 MTP module's is final-normed, as vLLM chains it:
-engine/models/qwen_mtp.py) and its last draft. The layer's cache is the main model's kind and dtype (MLA latent
+engine/spec/heads/qwen_mtp.py) and its last draft. The layer's cache is the main model's kind and dtype (MLA latent
 or GQA, fp8 with --kv-cache-dtype fp8), one extra cache layer at index num_hidden_layers.
 
 Hybrid models (Qwen3-Next, Qwen3.5: linear-attention layers beside full attention): the MTP module is one full-
 attention layer, so it keeps no per-sequence state; the main model's verify step rolls its linear-attention
 states back past the rejected drafts (GatedDeltaNet.replay_states), as for any drafter's drafts.
 
-DeepSeek-V4: its MTP module (engine/models/dsv4_mtp.py) reads the main model's hyper-connection streams before the
+DeepSeek-V4: its MTP module (engine/spec/heads/dsv4_mtp.py) reads the main model's hyper-connection streams before the
 hyper-head (not a final-normed state: DeepSeek's MTPBlock takes them), captured by the main forward as EAGLE-3's
 states are (so, as for EAGLE-3, no CUDA graphs), and keeps a paged window as its cache (`DSV4MTPDraftLayer`). The
 main model's window and compressor rings are rolled back past rejected drafts by the model itself
@@ -29,10 +29,10 @@ order. With num_nextn_predict_layers > 1 the drafter runs module 0 only (chained
 DeepSeek's one published module).
 
 Tensor parallelism: every rank of a TP group runs the layer, built with the group like a main layer
-(engine/models/mtp.py: heads and experts split, vocab-parallel embedding and head, logits all-gathered), so the
+(engine/spec/heads/mtp.py: heads and experts split, vocab-parallel embedding and head, logits all-gathered), so the
 group's ranks take the same greedy drafts from the same gathered logits, and run the same collectives in the same
 order (they run the same SchedulerOutput; the verify step's accepted counts and tokens are the group's first
-rank's: engine/rank/spec_verify.py). Its cache holds the rank's heads as a main layer's does (MLA: the latent,
+rank's: engine/spec/verify.py). Its cache holds the rank's heads as a main layer's does (MLA: the latent,
 whole).
 """
 from __future__ import annotations
@@ -44,17 +44,18 @@ import torch
 from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.layer import MoEOnlyStages
 
-from ..config.model import ModelConfig
-from ..config.tensor_parallel import shard_attention
-from ..models import MTPLayer, QwenMTPLayer, arch_spec, make_mtp_layer
-from ..models.dsv4_mtp import DSV4MTPLayer
-from ..models.layers import ForwardContext
-from .chain_drafter import SCRATCH_ROWS, ChainDrafter, ChainPlan
-from .loader import load_plan, open_checkpoint
+from ...config.model import ModelConfig
+from ...config.tensor_parallel import shard_attention
+from ...models import arch_spec
+from ..heads import MTPLayer, QwenMTPLayer, make_mtp_layer
+from ..heads.dsv4_mtp import DSV4MTPLayer
+from ...models.layers import ForwardContext
+from .chain import SCRATCH_ROWS, ChainDrafter, ChainPlan
+from ...rank.loader import load_plan, open_checkpoint
 
 logger = logging.getLogger(__name__)
 
-# Sampled rows the first scratch allocation serves (chain_drafter.SCRATCH_ROWS); more grow it (rare).
+# Sampled rows the first scratch allocation serves (chain.SCRATCH_ROWS); more grow it (rare).
 _SCRATCH_ROWS = SCRATCH_ROWS
 
 
@@ -64,7 +65,7 @@ def load_mtp_layer(cfg: ModelConfig, model, kernels, device: torch.device, ep=No
     """MTP module 0 of `cfg`'s checkpoint (or random, load_format "dummy"), its routed experts this rank's share
     under `ep`, its layers split over `tp` (reading only its shards); its embedding and head are `model`'s where
     the checkpoint has no copy (under TP: their shards, or this rank's shard of the copy). The architecture's layout
-    decides the module (models/mtp.make_mtp_layer: DeepSeek's next-n layer or Qwen3-Next / Qwen3.5's `mtp.*`).
+    decides the module (spec/heads/mtp.make_mtp_layer: DeepSeek's next-n layer or Qwen3-Next / Qwen3.5's `mtp.*`).
     `read_bytes`: filled with the bytes read per checkpoint tensor (engine/rank/loader.load_plan)."""
     if cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its config.json has "
@@ -116,7 +117,7 @@ class MTPDraftLayer:
 
 
 class DSV4MTPDraftLayer:
-    """DeepSeek-V4's MTP layer (engine/models/dsv4_mtp.py) as a chain drafter's DraftLayer. It conditions on the main
+    """DeepSeek-V4's MTP layer (engine/spec/heads/dsv4_mtp.py) as a chain drafter's DraftLayer. It conditions on the main
     model's n hyper-connection streams before its hyper-head, which the main forward captures after its last layer
     (`aux_layers`; DeepseekV4ForCausalLM.stages keeps them flat, [T, n D]); the chain drafter moves [T, n D] rows
     and never looks inside, so this adapter reshapes them to [T, n, D] for the layer and back. Its cache is the

@@ -7,8 +7,8 @@ positions and the one after, per verifying row), V vocab, K the most drafts of a
 A request that verifies k drafts computed its last known token and the k drafts: its last k + 1 positions in the
 flat batch give the target's logits for each draft and for the token after them. Those rows get the same
 processors as a plain sampled row (temperature, min-p, top-k, top-p, greedy; seeds), expanded to every position,
-and engine/rank/rejection_sampler.py picks what the request emits. Requests that verify nothing (no drafts, or
-processors the drafter left alone: engine/rank/drafter.py `may_draft`) are sampled by `Sampler` with their own
+and engine/spec/rejection.py picks what the request emits. Requests that verify nothing (no drafts, or
+processors the drafter left alone: engine/spec/proposer/__init__.py `may_draft`) are sampled by `Sampler` with their own
 metadata, penalties, logprobs and grammar masks included. Nothing here waits for the device: the emitted tokens
 go to host memory by non-blocking copies, read when the step is collected (engine/rank/step_handle.py).
 
@@ -22,17 +22,18 @@ tokens are broadcast (engine/rank/model_runner.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from moelink.comm.tensor_parallel import TensorParallel
 
-from .device_stream import to_device, to_host
-from .rejection_sampler import DraftRows, rejection_sample
-from .sampler import apply_penalties, processed_probs
-from .sampling_metadata import SamplingMetadata, unpack_bitmasks
+from ..contract.spec_decoding import DraftRequest, LogitsModel, SamplingBatch
+from ..rank.device_stream import to_device, to_host
+from .rejection import DraftRows, rejection_sample
+from ..rank.sampler import Sampler, apply_penalties, processed_probs
+from ..rank.sampling_metadata import SamplingMetadata, unpack_bitmasks
 
 
 @dataclass
@@ -47,12 +48,15 @@ class _Expanded:
 
 
 class SpecStep:
-    """Host-side plan of a verify step's sampling, and its device half (`run`)."""
+    """Host-side plan of a verify step's sampling, and its device half (`run`): a VerifyStep
+    (engine/contract/spec_decoding.py). `sampler`: what samples the plain rows (the rank's Sampler, stateless)."""
 
-    def __init__(self, batch, rows_S: np.ndarray, sample_rows: list[int], qsl_S1: np.ndarray, picked: list,
-                 spec_tokens: dict[str, list[int]], eos_token_ids, device: torch.device,
-                 bitmasks: Optional[dict[str, bytes]], num_pending: list[int]):
+    def __init__(self, batch: SamplingBatch, rows_S: np.ndarray, sample_rows: list[int], qsl_S1: np.ndarray,
+                 picked: Sequence[DraftRequest], spec_tokens: Mapping[str, list[int]], eos_token_ids: set[int],
+                 device: torch.device, bitmasks: Optional[Mapping[str, bytes]], num_pending: list[int],
+                 sampler: Sampler | None = None):
         self.device = device
+        self.sampler = sampler if sampler is not None else Sampler()
         self.num_rows = len(picked)
         drafts = [spec_tokens.get(st.req_id) or [] for st in picked]
         self.verify_rows = [r for r, d in enumerate(drafts) if d]
@@ -85,7 +89,7 @@ class SpecStep:
                 [bitmasks.get(st.req_id) for st in plain] if bitmasks else None,
                 [num_pending[r] for r in self.plain_rows])
 
-    def run(self, model, sampler, h_TD: torch.Tensor, tp: TensorParallel | None = None) -> "SpecResult":
+    def run(self, model: LogitsModel, h_TD: torch.Tensor, tp: TensorParallel | None = None) -> "SpecResult":
         """The device half: logits of the verified positions, the acceptance rule, the plain rows' sampling.
         `tp`: the rank's TensorParallel (None: no TP): the group's first rank's tokens are taken (module docstring)."""
         dev = self.device
@@ -116,7 +120,7 @@ class SpecStep:
         if self.plain_rows:  # sampled before anything reads the tokens: one broadcast carries both kinds under TP
             plain_logits = model.compute_logits(
                 h_TD.index_select(0, to_device(self.plain_logit_rows, torch.long, dev)))
-            result = sampler(plain_logits, self.meta_plain)
+            result = self.sampler(plain_logits, self.meta_plain)
             plain_B = result.token_ids_B
         if tp is not None:
             if plain_B is None:

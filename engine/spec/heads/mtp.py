@@ -21,7 +21,7 @@ follow from that index; it counts its routed experts in a MoEStats of its own (o
 What the caller decides (none of it is fixed by the weights): which h_t (the report's figure feeds the main
 model's last-layer output before its final norm; vLLM and SGLang feed the final-normed one) and which positions
 (vLLM's drafter reuses the main model's position t of h_t, with the token ids shifted by one). The engine's
-drafter (engine/rank/mtp_drafter.py) takes the final-normed state and vLLM's positions.
+drafter (engine/spec/proposer/mtp.py) takes the final-normed state and vLLM's positions.
 
 Tensor parallelism (`tp`, comm/tensor_parallel.py): the inner layer is built with the same TP strategy objects as
 a main layer (attention heads split, dense MLP / experts split or in EP, row-parallel all-reduces), the embedding
@@ -44,16 +44,16 @@ from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
 
-from ..config.architectures import REGISTRY, ArchSpec
-from ..config.dsv4_quant import read_dsv4_quantization
-from ..config.model import ModelConfig
-from .layers import ForwardContext, RMSNorm
-from .linear import FloatLinear, Linear, linear_method
-from .moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
-from .vocab_parallel import VocabShard
+from ...config.architectures import REGISTRY, ArchSpec
+from ...config.dsv4_quant import read_dsv4_quantization
+from ...config.model import ModelConfig
+from ...models.layers import ForwardContext, RMSNorm
+from ...models.linear import FloatLinear, Linear, linear_method
+from ...models.moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
+from ...models.vocab_parallel import VocabShard
 from .dsv4_mtp import DSV4MTPLayer, dsv4_mtp_checkpoint_names
 from .qwen_mtp import QwenMTPLayer, qwen_mtp_checkpoint_names
-from .rope import RotaryEmbedding
+from ...models.rope import RotaryEmbedding
 
 
 def mtp_layer_index(cfg: ModelConfig, i: int) -> int:
@@ -82,7 +82,7 @@ def make_mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: to
                    tp: TensorParallel | None = None) -> nn.Module:
     """MTP module i in the architecture's layout (architectures.Architecture.mtp_layout): MTPLayer (DeepSeek's
     next-n layers), QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`) or DSV4MTPLayer (DeepSeek-V4's `mtp.{i}.*`, over
-    the hyper-connection streams: its drafter adapts it, engine/rank/mtp_drafter.py); all have compute_logits,
+    the hyper-connection streams: its drafter adapts it, engine/spec/proposer/mtp.py); all have compute_logits,
     moe_only_stages, weight_plan, layer_index. `tp`: the rank's TensorParallel (each module splits over it as its main
     layers do)."""
     layout = REGISTRY[cfg.architecture].mtp_layout
