@@ -30,6 +30,7 @@ the destination asks the loader to block-quantize a float checkpoint tensor into
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,6 +39,9 @@ from moelink.kernels.fp8 import FP8_DTYPE, block_scale_shape, reference_fused_mo
 from moelink.kernels.mxfp4 import GROUP as MXFP4_GROUP
 from moelink.kernels.nvfp4 import GROUP as NVFP4_GROUP, SCALE_DTYPE as NVFP4_SCALE_DTYPE
 from .weight_plan import PlanEntry, WeightPlan
+
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class FloatExperts:
             plan[f"{m}experts.{e}.{down}.weight"] = PlanEntry(layer.w2_EDI, (local,))
         return plan
 
-    def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+    def run(self, kernels: Kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
         return kernels.fused_moe(x_ND, layer.w13_EFD, layer.w2_EDI, weights_NK, ids_NK, **layer._extras())
 
 
@@ -169,7 +173,7 @@ class Fp8BlockExperts:
             plan.update(fp8_plan(f"{p}{down}.weight", w2, s2, (local,), b, on))
         return plan
 
-    def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+    def run(self, kernels: Kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
         # A TritonKernels without the FP8 MoE kernel yet runs the reference (correct, slower).
         fused_moe_fp8 = getattr(kernels, "fused_moe_fp8", reference_fused_moe_fp8)
         return fused_moe_fp8(x_ND, layer.w13_EFD, layer.w13_scale_inv_EFD, layer.w2_EDI, layer.w2_scale_inv_EDI,
@@ -232,7 +236,7 @@ class Mxfp4Experts:
             plan[x + "down_proj_bias"] = PlanEntry(layer.b2_ED, (), dn)
         return plan
 
-    def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+    def run(self, kernels: Kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
         return kernels.fused_moe_mxfp4(x_ND, layer.w13_blocks_EFSQ, layer.w13_scales_EFS, layer.w2_blocks_EDSQ,
                                        layer.w2_scales_EDS, weights_NK, ids_NK, **layer._extras())
 
@@ -287,12 +291,13 @@ class Nvfp4Experts:
             plan[p + "input_scale"] = PlanEntry(layer.w2_input_scale_E, (local,))
         return plan
 
-    def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+    def run(self, kernels: Kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
         return kernels.fused_moe_nvfp4(x_ND, layer.w13_q_EFB, layer.w13_scale_EFS, layer.w13_scale2_E2,
                                        layer.w2_q_EDB, layer.w2_scale_EDS, layer.w2_scale2_E, weights_NK, ids_NK)
 
 
 from .expert_weights_int4 import Int4Experts, int4_format  # noqa: E402  (INT4 W4A16: its own module)
+
 
 ExpertFormat = FloatExperts | Fp8BlockExperts | Mxfp4Experts | Nvfp4Experts | Int4Experts
 

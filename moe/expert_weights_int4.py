@@ -23,13 +23,16 @@ A `Repack` destination applies the rewrite as the tensor is read (engine/rank/lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from moelink.kernels.int4 import GROUP_SIZES, PACK, awq_to_rows, gptq_qweight_rows, gptq_zeros_rows, unpack_rows
 from .weight_plan import PlanEntry, WeightPlan
+
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ class Int4Experts:
             plan.update(self._linear(f"{p}{down}.", q2[local], s2[local], zv(z2, local)))
         return plan
 
-    def run(self, kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+    def run(self, kernels: Kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
         return kernels.fused_moe_int4(x_ND, layer.w13_q_EFW, layer.w13_s_EFS, layer.w2_q_EDW, layer.w2_s_EDS,
                                       weights_NK, ids_NK, w13_z_EFS=layer.w13_z_EFS, w2_z_EDS=layer.w2_z_EDS)
 

@@ -6,7 +6,7 @@ experts, G logical experts, I expert intermediate size, F = 2I, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generator
+from typing import TYPE_CHECKING, Generator
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from .expert_weights import ExpertFormat, FloatExperts
 from .placement import ExpertPlacement, PlacementTables
 from .router import Router
 from .stats import MoEStats
+
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
 
 # A layer's work as a generator: it yields while an all-to-all is in flight and returns its output.
 Stages = Generator[None, None, torch.Tensor]
@@ -83,7 +86,7 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, router: Router,
-                 kernels, dtype: torch.dtype, device: torch.device | None = None, *,
+                 kernels: Kernels, dtype: torch.dtype, device: torch.device | None = None, *,
                  ep: ExpertParallel | None = None, moe_index: int = 0, stats: MoEStats | None = None,
                  expert_format: ExpertFormat | None = None,
                  router_bias: bool = False, expert_bias: bool = False, activation: MoEActivation = SILU):

@@ -21,6 +21,8 @@ lengths are placeholders inside a decode graph, which must capture the sparse pa
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -34,13 +36,16 @@ from .layers import param
 from .linear import Linear, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
 
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
+
 # transformers' nn.LayerNorm(index_head_dim, eps=1e-6) for k_norm.
 _K_NORM_EPS = 1e-6
 
 
 class LightningIndexer(nn.Module):
     def __init__(self, layer_idx: int, hidden_size: int, q_lora_rank: int, cfg: IndexerConfig, rope: RotaryEmbedding,
-                 kernels, dtype, device=None, quant=None, max_model_len: int = 1):
+                 kernels: Kernels, dtype, device=None, quant=None, max_model_len: int = 1):
         super().__init__()
         self.cfg, self.rope, self.kernels, self.max_model_len = cfg, rope, kernels, max_model_len
         H, Di = cfg.num_heads, cfg.head_dim

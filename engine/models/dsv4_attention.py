@@ -39,6 +39,7 @@ m compress rate, W window, n_I / I indexer heads / head dim, P state slots, B bl
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,9 @@ from .dsv4_weights import dsv4_linear_method, grouped_fp8_linear, published_line
 from .layers import ForwardContext, param
 from .linear import Linear
 from .tp_linear import ColumnParallel, RowParallel
+
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
 
 
 class RopeTable(nn.Module):
@@ -78,7 +82,7 @@ class Compressor(nn.Module):
     """A compressor's weights (the attention's, at H; CSA's indexer's, at I) and its step: rows for new tokens,
     entries for the windows they complete."""
 
-    def __init__(self, hidden: int, width: int, rate: int, overlap: bool, eps: float, kernels, dtype, device):
+    def __init__(self, hidden: int, width: int, rate: int, overlap: bool, eps: float, kernels: Kernels, dtype, device):
         super().__init__()
         series = 2 if overlap else 1
         self.width, self.rate, self.overlap, self.eps = width, rate, overlap, eps
@@ -128,8 +132,8 @@ class DSV4Attention(nn.Module):
     checkpoint's published FP8 format (None: a float checkpoint); `tp`: the rank's TensorParallel (None: whole), its
     heads and output groups a 1/size share (module docstring)."""
 
-    def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels, dtype, device,
-                 quant: DSV4Quantization | None = None, tp: TensorParallel | None = None):
+    def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels: Kernels, dtype,
+                 device, quant: DSV4Quantization | None = None, tp: TensorParallel | None = None):
         super().__init__()
         size = tp.size if tp is not None else 1
         cfg = shard_attention(cfg, size)  # num_heads and o_groups this rank's (engine/config/tensor_parallel.py)

@@ -24,6 +24,8 @@ dim, C conv channels (2 G K + N V), P state slots, R conv kernel - 1.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -35,6 +37,9 @@ from ..config.tensor_parallel import shard_attention
 from .layers import ForwardContext, param
 from .linear import FloatLinear, Linear
 from .tp_linear import OwnRows, RowParallel
+
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
 
 
 def fused_qkvz_rows(la: LinearAttentionConfig, g0: int = 0, groups: int | None = None) -> torch.Tensor:
@@ -89,8 +94,8 @@ class GatedRMSNorm(nn.Module):
 class GatedDeltaNet(nn.Module):
     """One linear-attention layer (module docstring)."""
 
-    def __init__(self, layer_idx: int, hidden_size: int, la: LinearAttentionConfig, rms_norm_eps: float, kernels,
-                 dtype, device=None, tp: TensorParallel | None = None):
+    def __init__(self, layer_idx: int, hidden_size: int, la: LinearAttentionConfig, rms_norm_eps: float,
+                 kernels: Kernels, dtype, device=None, tp: TensorParallel | None = None):
         """tp: the rank's TensorParallel (comm/tensor_parallel.py; None: whole). Under TP this rank holds
         num_k_heads / size q/k heads and the value heads of their groups (engine/config/tensor_parallel.
         shard_attention): their rows of the input projections, their conv channels, dt_bias and A_log, and

@@ -11,6 +11,8 @@ Legend: T tokens, n streams (hc_mult), D hidden.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,9 @@ from moelink.kernels.dsv4 import reference_hc_expand
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.dsv4 import HyperConnectionConfig
+
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
 
 
 def _unweighted_norm_f32(x32: torch.Tensor, eps: float) -> torch.Tensor:
@@ -29,7 +34,8 @@ class HyperConnection(nn.Module):
     """One block's mixes: `collapse(x_TnD)` gives the block input and keeps (post, comb) for `residual` (the kernel
     strategy's `dsv4_hc_expand`: Triton fuses the mix with the residual add) or `expand` (its reference)."""
 
-    def __init__(self, cfg: HyperConnectionConfig, hidden_size: int, rms_norm_eps: float, device=None, kernels=None):
+    def __init__(self, cfg: HyperConnectionConfig, hidden_size: int, rms_norm_eps: float, device=None,
+                 kernels: Kernels | None = None):
         super().__init__()
         n = cfg.hc_mult
         self.cfg, self.eps = cfg, rms_norm_eps

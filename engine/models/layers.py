@@ -5,6 +5,7 @@ Legend: T tokens in the flat batch, D hidden, I intermediate size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 from .linear import Linear, linear_method
 from .tp_linear import ColumnParallel, RowParallel
 from .state_step import StateStep
+
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
 
 
 @dataclass
@@ -85,7 +89,7 @@ def param(*shape, dtype, device) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, kernels, dtype, device=None):
+    def __init__(self, size: int, eps: float, kernels: Kernels, dtype, device=None):
         super().__init__()
         self.weight = param(size, dtype=dtype, device=device)
         self.eps = eps
@@ -105,8 +109,8 @@ class DenseMLP(nn.Module):
     """SiLU-gated MLP with gate and up stacked (gate_up_proj's two pieces): the dense layers, and the shared
     experts of DeepSeek / GLM MoE layers (one MLP of n_shared_experts * moe_intermediate_size)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None, *, kernels=None, quant=None,
-                 prefix: str = "", tp: TensorParallel | None = None, reduce: bool = True):
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None, *, kernels: Kernels | None = None,
+                 quant=None, prefix: str = "", tp: TensorParallel | None = None, reduce: bool = True):
         """quant: engine/config/quantization.py's config (None = float); prefix: the checkpoint names' prefix
         ("model.layers.{i}.mlp."), which modules_to_not_convert is matched against. tp: the rank's TensorParallel
         (None: whole): gate_up column-parallel over the intermediate size, down row-parallel (an all-reduce; with

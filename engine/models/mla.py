@@ -22,6 +22,8 @@ A GLM-5 "shared" layer has no indexer and attends to the positions of the last o
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -37,13 +39,16 @@ from .linear import Linear, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
 from .tp_linear import ColumnParallel, RowParallel
 
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
+
 # transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not config.rms_norm_eps.
 _LATENT_NORM_EPS = 1e-6
 
 
 class MLAAttention(nn.Module):
-    def __init__(self, layer_idx: int, hidden_size: int, attn: MLAConfig, rope: RotaryEmbedding, kernels, dtype,
-                 device=None, quant=None, max_model_len: int = 1, tp: TensorParallel | None = None):
+    def __init__(self, layer_idx: int, hidden_size: int, attn: MLAConfig, rope: RotaryEmbedding, kernels: Kernels,
+                 dtype, device=None, quant=None, max_model_len: int = 1, tp: TensorParallel | None = None):
         """tp: the rank's TensorParallel (None: whole). Under TP each rank holds num_heads / size heads, as vLLM and
         SGLang split MLA: q_b_proj and kv_b_proj column-parallel by head, o_proj row-parallel; the fused
         q_a / kv_a projection (latent and roped key, every head's) and the latent cache are whole on every rank.

@@ -10,12 +10,17 @@ DeepSeek-V2, whose rotation itself runs in complex64 whatever the dtype.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from moelink.kernels.rotary import reference_rotary_complex
 
 from ..config.layer_configs import RopeConfig
+
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
 
 
 def rope_inv_freq(rope: RopeConfig, hf_config: dict) -> tuple[torch.Tensor, float]:
@@ -49,7 +54,7 @@ def deinterleave_rows(width: int) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Rotates the first `rope.rotary_dim` dims of each q and k head by the token's position; the rest pass."""
 
-    def __init__(self, rope: RopeConfig, hf_config: dict, max_positions: int, kernels, device=None):
+    def __init__(self, rope: RopeConfig, hf_config: dict, max_positions: int, kernels: Kernels, device=None):
         super().__init__()
         self.rotary_dim, self.style, self.kernels = rope.rotary_dim, rope.style, kernels
         inv_freq_h, factor = rope_inv_freq(rope, hf_config)
