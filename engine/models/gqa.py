@@ -6,6 +6,8 @@ unless GQAConfig.v_head_dim says otherwise), Q = N * H, KH = K * H.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -20,6 +22,9 @@ from .linear import Linear, linear_method
 from .rope import RotaryEmbedding
 from .tp_linear import ColumnParallel, RowParallel
 
+if TYPE_CHECKING:
+    from moelink.kernels.ops import Kernels
+
 
 class GQAAttention(nn.Module):
     """q, k, v projections stacked into one matmul (qkv_proj, and qkv_bias when the checkpoint has biases);
@@ -32,8 +37,8 @@ class GQAAttention(nn.Module):
     and scaled by value_scale before they are cached, as transformers scales them."""
 
     def __init__(self, layer_idx: int, hidden_size: int, attn: GQAConfig, rms_norm_eps: float, rope: RotaryEmbedding,
-                 kernels, dtype, device=None, quant=None, *, in_features: int | None = None, sinks_name: str = "sinks",
-                 tp: TensorParallel | None = None):
+                 kernels: Kernels, dtype, device=None, quant=None, *, in_features: int | None = None,
+                 sinks_name: str = "sinks", tp: TensorParallel | None = None):
         """in_features: the width q/k/v are projected from, when it is not hidden_size (an EAGLE-3 head's
         [embedding | hidden] concatenation, 2 * hidden_size, engine/spec/heads/eagle3.py); o_proj returns hidden_size.
         sinks_name: the sinks' checkpoint name under self_attn. (ArchSpec.sinks).
