@@ -68,13 +68,13 @@ TEST_WORKERS ?= 2
 # CPU each (pip compiles site-packages at install; an editable checkout is not).
 test: setup
 	$(PY) -m compileall -q -j 2 engine scheduler moe comm kernels planner benchmarks deploy tests > /dev/null
-	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) $(PYTEST_ARGS)
 
 # The quick loop to run after each change (docs/testing.md#the-quick-loop): the type check (seconds on its cache) and
 # every test not marked `slow` (no Ray, no server subprocess, nothing measured over 1 s), on the same two workers.
 test-quick: setup
 	$(PY) -m tests.helpers.typecheck
-	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q -m "not slow" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q -m "not slow" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) $(PYTEST_ARGS)
 
 # The CPU suite as `make test` runs it, under coverage.py (docs/testing.md#coverage): every Python the tests start is
 # measured too (pyproject's [tool.coverage.run] patch = subprocess; Ray's rank processes through the .pth hook
@@ -86,7 +86,7 @@ coverage: setup
 	rm -rf $(COVERAGE_DIR) && mkdir -p $(COVERAGE_DIR)
 	$(PY) -m tests.helpers.coverage_map pth
 	$(PY) -m compileall -q -j 2 engine scheduler moe comm kernels planner benchmarks deploy tests > /dev/null
-	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m coverage run --data-file=$(COVERAGE_DIR)/.coverage -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS); \
+	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m coverage run --data-file=$(COVERAGE_DIR)/.coverage -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) $(PYTEST_ARGS); \
 	  rc=$$?; $(PY) -m tests.helpers.coverage_map report $(COVERAGE_DIR) || rc=1; exit $$rc
 
 # GPU tests live where the code needs nothing beyond torch/triton/transformers (the GPU image has no

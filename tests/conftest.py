@@ -72,12 +72,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("ray"))
         elif item.get_closest_marker("xdist_group") is None and _uses_shared_fixture(item):
             item.add_marker(pytest.mark.xdist_group(os.path.relpath(item.path, item.config.rootpath)))
-    # The whole-package type check (tests/test_typecheck.py, a minute of CPU) first: started last it would run
-    # alone at the end of the run while the other worker idles.
-    items.sort(key=lambda it: 0 if any(m.args[:1] == ("typecheck",) for m in it.iter_markers("xdist_group")) else 1)
     if getattr(config.option, "loadgroup", False):  # a pytest-xdist worker under --dist loadgroup
+        _schedule_order(items)
         _shared_ray_modules_first(items)
         _name_groups(items)
+
+
+def _group(item) -> str | None:
+    return next((str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")),
+                None)
+
+
+def _schedule_order(items) -> None:
+    """The order the two workers take the work in (`make test` passes --no-loadscope-reorder, so pytest-xdist keeps
+    it): the whole-package type check first (a minute of CPU on one worker: last, it would run alone while the other
+    worker idles), then the Ray group (the longest unit, on the other worker), then the other groups, most tests
+    first, then the ungrouped tests in collection order, which fill both workers to the end. Without the type check
+    and its place this is pytest-xdist's own reordering (scopes by test count, stable)."""
+    groups = [_group(it) for it in items]
+    count: dict = {}
+    for g in groups:
+        count[g] = count.get(g, 0) + 1
+
+    def key(i: int) -> tuple:
+        g = groups[i]
+        rank = 0 if g == "typecheck" else 1 if g == "ray" else 2 if g is not None else 3
+        return rank, -count[g] if g is not None else 0, i
+
+    order = sorted(range(len(items)), key=key)
+    items[:] = [items[i] for i in order]
 
 
 def _is_ray_item(item) -> bool:
@@ -241,6 +264,14 @@ def heap_held_frozen():
 
 
 _RANK_STARTS = [0, 0]  # (started, reused) summed over the xdist workers (their counts arrive as each ends)
+_PY_STARTS = [0, 0]  # `python -m` children of the tests: (forked by the zygote, exec'd), tests/helpers/zygote.py
+
+
+def _py_counts() -> tuple[int, int]:
+    import sys
+
+    z = sys.modules.get("tests.helpers.zygote")
+    return (0, 0) if z is None else (z.starts["zygote"], z.starts["exec"])
 
 
 def _rank_counts() -> tuple[int, int]:
@@ -254,6 +285,7 @@ def pytest_sessionfinish(session):
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: hand its counts to the controller
         workeroutput["rank_starts"] = list(_rank_counts())
+        workeroutput["py_starts"] = list(_py_counts())
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under -p no:xdist
@@ -262,6 +294,10 @@ def pytest_testnodedown(node, error):
     if counts:
         _RANK_STARTS[0] += counts[0]
         _RANK_STARTS[1] += counts[1]
+    py = getattr(node, "workeroutput", {}).get("py_starts")
+    if py:
+        _PY_STARTS[0] += py[0]
+        _PY_STARTS[1] += py[1]
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -270,3 +306,7 @@ def pytest_terminal_summary(terminalreporter):
     fresh, saved = (a + b for a, b in zip(_RANK_STARTS, _rank_counts()))
     if fresh or saved:
         terminalreporter.write_line(f"rank processes: {fresh} started, {saved} reused (engine/cluster/rank_pool.py)")
+    forked, execd = (a + b for a, b in zip(_PY_STARTS, _py_counts()))
+    if forked or execd:
+        terminalreporter.write_line(f"python -m children: {forked} forked by the zygote, {execd} exec'd "
+                                    f"(tests/helpers/zygote.py)")

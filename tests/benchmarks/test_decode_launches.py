@@ -8,13 +8,14 @@ import sys
 
 import pytest
 from tests.helpers.fast_interpreter import interpreter_env
+from tests.helpers import zygote
 
 
 @pytest.fixture(scope="module")
 def counts(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("launches") / "l.json"
     env = interpreter_env()
-    proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.decode_launches", "--small", "--context", "40",
+    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.decode_launches", "--small", "--context", "40",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

@@ -17,6 +17,7 @@ import pytest
 from moelink.benchmarks import e2e_generate, e2e_setup, engine_e2e
 from moelink.benchmarks.e2e_report import HOST_DERIVED, HOST_FROM_ENGINE, derive
 from moelink.planner.step_cost import fixed_step_cost
+from tests.helpers import zygote
 
 FIELDS = e2e_setup.engine_fields()
 
@@ -28,7 +29,7 @@ def positive(x) -> bool:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "engine_e2e.json"
-    proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.engine_e2e", "--cpu-smoke", "--out", str(out)],
+    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.engine_e2e", "--cpu-smoke", "--out", str(out)],
                           capture_output=True, text=True, timeout=240, cwd=out.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout

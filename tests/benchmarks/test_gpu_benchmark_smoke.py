@@ -26,6 +26,7 @@ from moelink.benchmarks import engine_decode, moe_kernels, tune_moe
 from moelink.kernels import moe_config
 from moelink.kernels.moe_config import GemmConfig, MoELaunchConfig
 from tests.helpers.fast_interpreter import interpreter_env
+from tests.helpers import zygote
 
 CPU = torch.device("cpu")
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -41,7 +42,7 @@ def run_smoke(module: str, tmp_path: Path, *args: str) -> str:
     before = _snapshot()
     # Explicit, not inherited: the scripts only setdefault it, and a compiled CPU Triton would not run these kernels.
     env = interpreter_env()
-    proc = subprocess.run([sys.executable, "-m", f"moelink.benchmarks.{module}", "--cpu-smoke", *args],
+    proc = zygote.run([sys.executable, "-m", f"moelink.benchmarks.{module}", "--cpu-smoke", *args],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, (f"{module} --cpu-smoke exited {proc.returncode}:\n"
                                   f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

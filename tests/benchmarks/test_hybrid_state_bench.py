@@ -15,6 +15,7 @@ import torch
 
 from moelink.benchmarks import hybrid_state
 from moelink.engine.config.linear_attention import LinearAttentionConfig
+from tests.helpers import zygote
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
@@ -128,7 +129,7 @@ def test_hybrid_step_is_one_budgeted_command_named_by_device_and_commit():
     out = re.search(r"--json (\S+)$", command)[1]
     assert re.fullmatch(r"benchmarks/results/hybrid_state_cpu_[0-9a-f]+(-dirty)?\.json", out), out
     flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", command.split("hybrid_state", 1)[1]))
-    helptext = subprocess.run([sys.executable, "-m", "moelink.benchmarks.hybrid_state", "--help"], capture_output=True,
+    helptext = zygote.run([sys.executable, "-m", "moelink.benchmarks.hybrid_state", "--help"], capture_output=True,
                               text=True, timeout=120, check=True).stdout
     assert all(f in helptext for f in flags), flags
     assert session("--dry-run", "hybrid", "--bogus").returncode == 2

@@ -12,6 +12,7 @@ import pytest
 
 from moelink.benchmarks import moe_int4
 from tests.helpers.fast_interpreter import interpreter_env
+from tests.helpers import zygote
 
 
 def test_moe_int4_bytes(tmp_path):
@@ -27,7 +28,7 @@ def test_moe_int4_bytes(tmp_path):
 def test_moe_int4_smoke(tmp_path):
     out = tmp_path / "moe_int4.json"
     env = interpreter_env()
-    proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.moe_int4", "--cpu-smoke", "--out", str(out)],
+    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.moe_int4", "--cpu-smoke", "--out", str(out)],
                           capture_output=True, text=True, env=env, cwd=os.getcwd(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -62,7 +63,7 @@ def test_moe_int4_prefill_counts(tmp_path):
 @pytest.mark.slow  # the interpreter runs three systems (one size: 12 tokens, 3 rows an expert)
 def test_moe_int4_prefill_smoke(tmp_path):
     out = tmp_path / "moe_int4_prefill.json"
-    proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.moe_int4", "--cpu-smoke", "--prefill", "--tokens",
+    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.moe_int4", "--cpu-smoke", "--prefill", "--tokens",
                            "12", "--out", str(out)], capture_output=True, text=True, env=interpreter_env(),
                           cwd=os.getcwd(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

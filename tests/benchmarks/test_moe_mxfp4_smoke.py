@@ -13,13 +13,14 @@ import sys
 
 from moelink.benchmarks import moe_mxfp4
 from tests.helpers.fast_interpreter import interpreter_env
+from tests.helpers import zygote
 
 
 @pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_moe_mxfp4_smoke(tmp_path):
     out = tmp_path / "moe_mxfp4.json"
     env = interpreter_env()
-    proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.moe_mxfp4", "--cpu-smoke", "--out", str(out)],
+    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.moe_mxfp4", "--cpu-smoke", "--out", str(out)],
                           capture_output=True, text=True, env=env, cwd=os.getcwd(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

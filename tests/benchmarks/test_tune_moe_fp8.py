@@ -18,6 +18,7 @@ from moelink.benchmarks import moe_kernels, tune_moe, tune_moe_fp8
 from moelink.kernels import moe_config
 from moelink.kernels.moe_config import CONFIG_DIR, GemmConfig, MoELaunchConfig, load_config_file
 from tests.helpers.fast_interpreter import interpreter_env
+from tests.helpers import zygote
 
 def fp8_config_file_name(*args):
     # (moelink.kernels.triton_* imported when a test runs, not when this module is collected: Triton reads
@@ -150,7 +151,7 @@ def test_fp8_cpu_smoke_writes_files_get_fp8_moe_config_reads(tmp_path, monkeypat
     seeded = out / fp8_config_file_name(E8, I8, "cpu")
     moe_config.write_config_file(seeded, {OLD_BUCKET: OLD}, meta=dict(note="seeded by the test"))
     before = set(CONFIG_DIR.iterdir())
-    proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.tune_moe", "--cpu-smoke", "--dtype", "fp8",
+    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.tune_moe", "--cpu-smoke", "--dtype", "fp8",
                            "--tokens", "1", "--out-dir", str(out)], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path, env=interpreter_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import zygote
+
 ROOT = Path(__file__).resolve().parents[2]  # on the ranks' sys.path, for `tests.helpers`
 
 
@@ -37,7 +39,7 @@ class _Launch:
             for r in self.ranks:
                 log = open(workdir / f"rank{r}.log", "w")
                 self.logs.append(log)
-                self.procs.append(subprocess.Popen(
+                self.procs.append(zygote.popen(  # forked from the test zygote (torch imported once), else exec'd
                     [sys.executable, "-m", "tests.helpers.ep_worker", str(scenario_file), str(r), str(world_size), str(port),
                      str(workdir), mode], stdout=log, stderr=subprocess.STDOUT, env=env))
         except BaseException:

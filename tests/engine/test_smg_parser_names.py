@@ -13,6 +13,7 @@ import pytest
 from moelink.engine.api.cli import build_parser
 from moelink.engine.server.gateway.parsers import smg_parser_names
 from moelink.engine.server.gateway.parsers import gateway_args
+from tests.helpers import zygote
 
 BUILTIN = str(Path(__file__).resolve().parents[2] / "builtin-model")
 
@@ -48,7 +49,7 @@ def test_smgs_names_and_vllms_pass():
 
 def test_serve_refuses_it_before_the_model_loads():
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "moelink.engine.api.cli", "serve", BUILTIN, "--port", "0",
+    out = zygote.run([sys.executable, "-m", "moelink.engine.api.cli", "serve", BUILTIN, "--port", "0",
                           "--http-port", "0", "--reasoning-parser", "qwen3", "--tool-call-parser", "qwne"],
                          capture_output=True, text=True, timeout=120)
     took = time.monotonic() - t0

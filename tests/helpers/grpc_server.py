@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from .waits import WaitTimeout
+from tests.helpers import zygote
 
 MODEL = "qwen3_e6k3"
 ENGINE_KW = dict(dtype="float32", max_model_len=512, num_kv_blocks=4096)
@@ -53,7 +54,8 @@ class ServerProcess:
         # One intra-op thread: the tiny model gains nothing from more, and on a 2-core machine the
         # server, the test process (the offline oracle) and smg would otherwise fight over cores.
         env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        # Forked from the test zygote (tests/helpers/zygote.py: torch imported once, not per server), else exec'd.
+        self.proc = zygote.popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self.pid = self.proc.pid
         self.stdout_lines: list[str] = []
         self._lines = threading.Condition()  # notified for every stdout line and at EOF

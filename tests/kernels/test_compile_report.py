@@ -17,6 +17,7 @@ import pytest
 
 from moelink.benchmarks import compile_report
 from moelink.kernels.moe_config import CONFIG_DIR, load_config_file
+from tests.helpers import zygote
 
 REPORT = compile_report.RESULTS / "compile_report_sm90.json"
 REGENERATE = "regenerate it: python -m moelink.benchmarks.compile_report (see this test's docstring)"
@@ -159,7 +160,7 @@ def test_compile_report_script_runs_without_a_gpu(tmp_path):
     except ImportError as e:
         pytest.skip(f"no Triton NVIDIA backend: {e}")
     out = tmp_path / "r"
-    proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.compile_report", "--only", "norm", "--quick",
+    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.compile_report", "--only", "norm", "--quick",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(Path(f"{out}.json").read_text())

@@ -20,6 +20,7 @@ import torch
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.mla import reference_mla_attention, reference_write_latent
 from moelink.kernels.triton_mla import triton_mla_attention, triton_write_latent
+from tests.helpers import zygote
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 dtype_id = lambda d: str(d).split(".")[-1]  # noqa: E731
@@ -297,7 +298,7 @@ def test_mla_compiles_for_sm90_without_spills(tmp_path):
         pytest.skip(f"no Triton NVIDIA backend: {e}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "mla"
-    proc = subprocess.run([sys.executable, "-m", "moelink.benchmarks.compile_report", "--only", "mla", "--quick",
+    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.compile_report", "--only", "mla", "--quick",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(out.with_suffix(".json").read_text())["kernels"]

@@ -13,6 +13,7 @@ import torch
 
 from moelink.moe.expert_move import Transfer, plan_moves
 from moelink.moe.placement import ExpertPlacement
+from tests.helpers import zygote
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +39,7 @@ def _run_ranks(tmp_path, world: int, fmt: str) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     logs = [open(tmp_path / f"log{r}", "w") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.expert_move_worker", str(r), str(world), str(port),
+    procs = [zygote.popen([sys.executable, "-m", "tests.helpers.expert_move_worker", str(r), str(world), str(port),
                                str(tmp_path), fmt], stdout=logs[r], stderr=subprocess.STDOUT, env=env)
              for r in range(world)]
     deadline = time.monotonic() + 120

@@ -14,6 +14,7 @@ import pytest
 
 from moelink.engine.server.gateway.front_cli import PD_ROLES, hand_gateway_commands, hand_pd_gateway_commands
 from tests.helpers.net import free_port
+from tests.helpers import zygote
 
 
 class _Upstream(http.server.BaseHTTPRequestHandler):
@@ -44,7 +45,7 @@ def front():
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     up = upstream.server_address[1]
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moelink.engine.api.cli", "http-front", "--port", str(port),
+    proc = zygote.popen([sys.executable, "-m", "moelink.engine.api.cli", "http-front", "--port", str(port),
                              "--upstream-port", str(up), "--upstream-metrics-port", str(up)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

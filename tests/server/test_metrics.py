@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers.grpc_server import make_stubs, pool_is_free
 from tests.helpers.tiny_configs import TINY_CONFIGS
 from tests.helpers.waits import join_threads, wait_until
+from tests.helpers import zygote
 
 
 def _metrics_port(srv, timeout=30.0) -> int:
@@ -67,7 +68,7 @@ def test_metrics_move_with_the_workload(spawn_server, tmp_path, model_path):
         assert m[f"moelink_expert_load_max_over_mean{{layer={layer}}}"] >= 1.0
     # The raw counts behind it, through the RPC and `moelink stats`.
     out = tmp_path / "load.json"
-    proc = subprocess.run([sys.executable, "-m", "moelink.engine.api.cli", "stats", "--target", srv.addr, "--out", str(out)],
+    proc = zygote.run([sys.executable, "-m", "moelink.engine.api.cli", "stats", "--target", srv.addr, "--out", str(out)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     load = json.loads(out.read_text())

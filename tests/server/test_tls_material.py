@@ -14,6 +14,7 @@ import time
 import pytest
 
 from moelink.engine.server.config import ServerConfig
+from tests.helpers import zygote
 
 
 def _openssl(*args: str) -> None:
@@ -119,7 +120,7 @@ def test_bad_ca_bundle_is_named(pki, tmp_path, ca, problem):
 def test_serve_refuses_bad_tls_before_loading_anything(pki, tmp_path):
     """`moelink serve` names the key at once: with a model path that does not exist, the TLS error still comes first."""
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "moelink.engine.api.cli", "serve", str(tmp_path / "no-such-model"),
+    proc = zygote.run([sys.executable, "-m", "moelink.engine.api.cli", "serve", str(tmp_path / "no-such-model"),
                            "--host", "127.0.0.1", "--port", "0", "--tls-cert", pki["server.pem"],
                            "--tls-key", pki["other.key"]],
                           capture_output=True, text=True, timeout=120)
@@ -130,7 +131,7 @@ def test_serve_refuses_bad_tls_before_loading_anything(pki, tmp_path):
 
 
 def test_stats_names_a_bad_ca(pki):
-    proc = subprocess.run([sys.executable, "-m", "moelink.engine.api.cli", "stats", "--target", "127.0.0.1:1",
+    proc = zygote.run([sys.executable, "-m", "moelink.engine.api.cli", "stats", "--target", "127.0.0.1:1",
                            "--tls-ca", pki["server.der"], "--timeout", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"tls_ca={pki['server.der']!r} is invalid: not a PEM file" in proc.stderr, proc.stderr

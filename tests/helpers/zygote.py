@@ -1,0 +1,392 @@
+"""Python subprocesses of the tests forked from one interpreter that has torch imported (issue 55: the suite's
+CPU is mostly process starts; importing torch is ~1.9 s of CPU of every `python -m ...` the tests start).
+
+`popen(cmd, ...)` is `subprocess.Popen` for `[sys.executable, "-m", module, *args]`: the process is forked by a
+zygote (one per test process, started on first use, `python tests/helpers/zygote.py SOCKET`) that imported torch and numpy
+once, and then runs `module` as `python -m` would (`runpy`, `__main__`, its argv, environment, working directory,
+stdin/stdout/stderr, sys.path with the child's PYTHONPATH), exiting through the interpreter's normal shutdown
+(atexit handlers and finalizers run). It is a real process: its pid takes signals, its exit status is Popen's
+(negative for a signal). Anything else, and any environment that differs from the zygote's in what an import of
+torch reads (OpenMP/MKL thread counts, TORCH_*, LD_*, ...), gets a plain `subprocess.Popen`: nothing about what is
+tested changes, only the CPU a start costs.
+
+What the tests check is unchanged: the same module's `__main__` runs with the same arguments and environment. What
+differs: the process's parent is the zygote (a test that inspects the process tree by parent uses plain Popen: pass
+`zygote=False`), and torch is already imported when the module starts (its import-time settings are the zygote's,
+which is why the environment must match). `MOELINK_TEST_ZYGOTE=0` turns it off for a run.
+"""
+from __future__ import annotations
+
+import array
+import atexit
+import io
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+ENV_SWITCH = "MOELINK_TEST_ZYGOTE"
+# What an import of torch (and the OpenMP / MKL runtimes it loads) reads from the environment: a child asking for
+# other values than the zygote was started with gets a plain exec.
+_IMPORT_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "TORCH", "PYTORCH", "LD_", "CUDA_",
+                        "MALLOC_", "PYTHONHASHSEED", "PYTHONMALLOC", "PYTHONDEVMODE", "PYTHONWARNINGS",
+                        "PYTHONOPTIMIZE", "PYTHONFAULTHANDLER", "PYTHONNOUSERSITE", "PYTHONUSERBASE", "PYTHONHOME",
+                        "PYTHONSAFEPATH", "PYTHONIOENCODING", "PYTHONUTF8", "LC_", "LANG")
+PRELOAD = ("torch", "numpy")
+
+
+def _import_env(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV_PREFIXES)}
+
+
+# -- the client side (the test process) ------------------------------------------------------------------------------
+class ZygoteChild:
+    """A process forked by the zygote, with the part of `subprocess.Popen`'s interface the tests use."""
+
+    def __init__(self, args, pid: int, status_sock: socket.socket, stdout, stderr):
+        self.args, self.pid, self._status = args, pid, status_sock
+        self.stdout, self.stderr, self.stdin = stdout, stderr, None
+        self.returncode: int | None = None
+        self._lock = threading.Lock()
+
+    def _read_status(self, timeout: float | None) -> bool:
+        with self._lock:
+            if self.returncode is not None:
+                return True
+            ready, _, _ = select.select([self._status], [], [], timeout)
+            if not ready:
+                return False
+            data = self._status.recv(64)
+            self._status.close()
+            # The zygote reports the wait status; a zygote gone without a word (killed) leaves it unknown.
+            self.returncode = json.loads(data)["returncode"] if data else -signal.SIGKILL
+            return True
+
+    def poll(self) -> int | None:
+        self._read_status(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._read_status(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, input=None, timeout: float | None = None):
+        assert input is None, "the zygote's children get no stdin pipe"
+        out = self.stdout.read() if self.stdout is not None else None
+        err = self.stderr.read() if self.stderr is not None else None
+        self.wait(timeout)
+        return out, err
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in (self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+        self.wait()
+
+
+class _Zygote:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="moelink-zygote-")
+        self.path = os.path.join(self.dir, "sock")
+        self.env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        # Run as a script, not `-m tests.helpers.zygote`: a child must not find the `tests` package already
+        # imported (an exec'd `python -m` elsewhere would not).
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.path], env=self.env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd=root)
+        line = self.proc.stdout.readline()  # bounded: the zygote prints it once imported, or exits
+        self.proc.stdout.close()
+        if line.strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"the test zygote did not start: {line!r}")
+        self.import_env = _import_env(self.env)
+        self.lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, args, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int]) -> tuple[int, socket.socket]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.path)
+        msg = json.dumps({"argv": module_argv, "env": env, "cwd": cwd}).encode()
+        socket.send_fds(sock, [len(msg).to_bytes(8, "big") + msg], list(fds))
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(64)
+            if not chunk:
+                sock.close()
+                raise RuntimeError("the test zygote closed the connection before forking")
+            reply += chunk
+        return json.loads(reply)["pid"], sock
+
+    def close(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+        try:
+            os.unlink(self.path)
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+
+
+_zygote: _Zygote | None = None
+_zygote_lock = threading.Lock()
+starts = {"zygote": 0, "exec": 0}  # what this process started each way (the suite's summary line)
+
+
+def _get() -> _Zygote | None:
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or not _zygote.alive():
+            try:
+                _zygote = _Zygote()
+                atexit.register(_zygote.close)
+            except Exception:  # no zygote: every start execs, as before
+                _zygote = None
+        return _zygote
+
+
+def _fd(spec, mode: str, default_null: bool) -> tuple[int, object | None, bool]:
+    """(fd to hand over, the parent's end to keep or None, whether to close fd after handing it over)."""
+    if spec is None:
+        return (os.open(os.devnull, os.O_RDWR), None, True) if default_null else (-1, None, False)
+    if spec == subprocess.DEVNULL:
+        return os.open(os.devnull, os.O_RDWR), None, True
+    if spec == subprocess.PIPE:
+        r, w = os.pipe()
+        return (w, r, True) if mode == "r" else (r, w, True)
+    if isinstance(spec, int):
+        return spec, None, False
+    return spec.fileno(), None, False
+
+
+def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text=False, zygote: bool = True, **kw):
+    """`subprocess.Popen(cmd, ...)`, forked from the zygote when `cmd` is `[sys.executable, "-m", module, ...]` and
+    the environment allows (module docstring)."""
+    env = dict(os.environ if env is None else env)
+    use = (zygote and os.environ.get(ENV_SWITCH, "1") != "0" and not kw and stdin in (None, subprocess.DEVNULL)
+           and isinstance(cmd, (list, tuple)) and len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1] == "-m"
+           and not (stderr == subprocess.STDOUT and stdout is None))
+    z = _get() if use else None
+    if z is None or _import_env(env) != z.import_env:
+        starts["exec"] += 1
+        return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, stdin=stdin, env=env, cwd=cwd, text=text, **kw)
+    ours = []
+    fd_in, _, close_in = _fd(stdin, "w", True)
+    fd_out, keep_out, close_out = _fd(stdout, "r", False)
+    fd_err, keep_err, close_err = (fd_out, None, False) if stderr == subprocess.STDOUT else _fd(stderr, "r", False)
+    # None: the child writes where this process does (as Popen's inherit).
+    fds = (fd_in, fd_out if fd_out >= 0 else sys.stdout.fileno(), fd_err if fd_err >= 0 else sys.stderr.fileno())
+    try:
+        pid, status = z.spawn(cmd, list(cmd[1:]), env, os.path.abspath(cwd or os.getcwd()), fds)
+    finally:
+        for fd, close in ((fd_in, close_in), (fd_out, close_out), (fd_err, close_err)):
+            if close:
+                os.close(fd)
+    for keep in (keep_out, keep_err):
+        ours.append(None if keep is None else
+                    (io.open(keep, "r", encoding="utf-8", errors="replace") if text else io.open(keep, "rb")))
+    starts["zygote"] += 1
+    return ZygoteChild(cmd, pid, status, ours[0], ours[1])
+
+
+def run(cmd, *, capture_output: bool = False, timeout: float | None = None, check: bool = False, text: bool = False,
+        env=None, cwd=None, stdout=None, stderr=None, zygote: bool = True) -> subprocess.CompletedProcess:
+    """`subprocess.run` over `popen` (capture_output, timeout, check as there)."""
+    if capture_output:
+        stdout = stderr = subprocess.PIPE
+    proc = popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, text=text, zygote=zygote)
+    if not isinstance(proc, ZygoteChild):
+        with proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
+    else:
+        out, err = _collect(proc, timeout)
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
+
+
+def _collect(proc: ZygoteChild, timeout: float | None):
+    """Read both pipes to their ends (threads: either may fill while the other is read), then the exit status."""
+    got: dict = {}
+    threads = [threading.Thread(target=lambda k=k, f=f: got.__setitem__(k, f.read()), daemon=True)
+               for k, f in (("out", proc.stdout), ("err", proc.stderr)) if f is not None]
+    for t in threads:
+        t.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        proc.wait(timeout)
+        for t in threads:
+            t.join(None if deadline is None else max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        for f in (proc.stdout, proc.stderr):
+            if f is not None and not any(t.is_alive() for t in threads):
+                f.close()
+    return got.get("out"), got.get("err")
+
+
+# -- the zygote itself -----------------------------------------------------------------------------------------------
+def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    while len(msg) < 8 or len(msg) < 8 + int.from_bytes(msg[:8], "big"):
+        more = conn.recv(1 << 20)
+        if not more:
+            raise EOFError
+        msg += more
+    return json.loads(msg[8:8 + int.from_bytes(msg[:8], "big")]), list(fds)
+
+
+def _become_child(req: dict, fds: list[int], base_path: list[str]) -> None:
+    """In the forked child: take the request's stdio, environment, directory and argv, then run the module."""
+    for i, fd in enumerate(fds):
+        os.dup2(fd, i)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as CPython sets it at start-up
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.clear()
+    os.environ.update(req["env"])
+    os.chdir(req["cwd"])
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+
+    def stream(fd: int, write: bool):
+        raw = io.FileIO(fd, "w" if write else "r", closefd=False)
+        if not write:
+            return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8", errors="strict")
+        buf = io.BufferedWriter(raw)
+        return io.TextIOWrapper(buf, encoding="utf-8", errors="backslashreplace" if fd == 2 else "strict",
+                                line_buffering=fd == 2 or os.isatty(fd), write_through=unbuffered)
+
+    sys.stdin, sys.stdout, sys.stderr = stream(0, False), stream(1, True), stream(2, True)
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [req["cwd"], *extra, *base_path]
+    argv = req["argv"]
+    assert argv[0] == "-m"
+    sys.argv = [argv[1], *argv[2:]]  # runpy replaces argv[0] with the module's file
+    import runpy
+
+    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+
+
+def _serve(path: str) -> int:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    base_path = [p for p in sys.path[1:] if p not in os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    parent = os.getppid()  # checked every second: the zygote ends with the test process that started it
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: dict[int, socket.socket] = {}
+    print("ready", flush=True)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1)  # nobody reads the pipe after "ready"
+    os.close(null)
+    while True:
+        ready, _, _ = select.select([listener, wake_r], [], [], 1.0)
+        if os.getppid() != parent:
+            return 0
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        while children:  # reap: report each child's status on its connection
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            conn = children.pop(pid, None)
+            if conn is not None:
+                try:
+                    conn.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode())
+                except OSError:
+                    pass
+                conn.close()
+        if listener in ready:
+            conn, _ = listener.accept()
+            try:
+                req, fds = _recv_request(conn)
+            except Exception:
+                conn.close()
+                continue
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    listener.close()
+                    for c in children.values():
+                        c.close()
+                    conn.close()
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    signal.set_wakeup_fd(-1)
+                    _become_child(req, fds, base_path)
+                except SystemExit:
+                    raise  # the module's own exit: the interpreter shuts down as `python -m` would
+                except KeyboardInterrupt:  # uncaught: CPython then ends by SIGINT (exit status -2)
+                    traceback.print_exc()
+                    sys.stderr.flush()
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    os.kill(os.getpid(), signal.SIGINT)
+                    raise SystemExit(130)
+                except BaseException:
+                    traceback.print_exc()
+                    raise SystemExit(1)
+                raise SystemExit(0)
+            for fd in fds:
+                os.close(fd)
+            children[pid] = conn
+            try:
+                conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(sys.argv[1]))

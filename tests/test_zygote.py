@@ -1,0 +1,54 @@
+"""tests/helpers/zygote.py: a `python -m` forked from the zygote behaves as the exec'd one in what the tests read
+(argv, working directory, environment, sys.path, stdout/stderr, exit status, signals), and falls back to a plain
+exec where the environment differs in what an import of torch reads."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from tests.helpers import zygote
+
+PROBE = [sys.executable, "-m", "tests.helpers.zygote_probe"]
+
+
+def test_a_forked_child_sees_what_an_execd_one_sees(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PROBE": "yes", "OMP_NUM_THREADS": "1", "PYTHONPATH": root}  # `tests` from another cwd
+    got = []
+    for fork in (True, False):
+        r = zygote.run(PROBE + ["show", "x y"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+                       zygote=fork)
+        assert r.returncode == 0 and r.stderr.strip().endswith("to stderr"), r.stderr
+        seen = json.loads(r.stdout)
+        got.append((seen.pop("ppid"), seen))
+    (zparent, forked), (eparent, execd) = got
+    assert forked == execd and forked["argv"][1:] == ["show", "x y"] and forked["cwd"] == str(tmp_path)
+    assert forked["env"] == "yes" and forked["threads"] == 1 and forked["name"] == "__main__"
+    assert eparent == os.getpid() and zparent != os.getpid()  # the zygote is the forked one's parent
+
+
+def test_exit_status_exceptions_and_signals_are_popens():
+    assert zygote.run(PROBE + ["exit", "3"], timeout=60).returncode == 3
+    r = zygote.run(PROBE + ["fail"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "ValueError: boom" in r.stderr
+    p = zygote.popen(PROBE + ["sleep"], stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert isinstance(p, zygote.ZygoteChild)
+    assert p.stdout.readline().split() == ["up", str(p.pid)] and p.poll() is None
+    try:
+        p.wait(0.2)
+        raise AssertionError("the sleeper exited")
+    except subprocess.TimeoutExpired:
+        pass
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == -signal.SIGTERM
+    p.stdout.close()
+
+
+def test_another_thread_count_or_a_non_module_command_execs():
+    before = dict(zygote.starts)
+    zygote.run(PROBE + ["show"], env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, timeout=60)
+    zygote.run([sys.executable, "-c", "pass"], timeout=60)
+    assert zygote.starts["exec"] == before["exec"] + 2 and zygote.starts["zygote"] == before["zygote"]
