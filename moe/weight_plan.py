@@ -22,7 +22,7 @@ WeightPlan = dict[str, PlanEntry]
 class Rearranged:
     """A destination that rearranges the tensor read (its `source` part) before copying it into `dest`: a TP rank's
     contiguous columns of gpt-oss's interleaved experts, de-interleaved and transposed after the read
-    (engine/models/tp_experts.py), so the rank reads only its columns. `source`: the checkpoint tensor's (shape,
+    (engine/tp/experts.py), so the rank reads only its columns. `source`: the checkpoint tensor's (shape,
     dtype) where the plan's index does not tell it (load_format="dummy" makes that tensor; DeepSeek-V4's wo_a scales,
     whose file rows are coarser than the rows held)."""
 

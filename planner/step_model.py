@@ -217,7 +217,7 @@ class _Layers:
         t = self.s.attn_tp
         if t > 1:
             # Each GPU of a TP group runs the MoE block on its 1/t of the group's rows (no expert work done twice)
-            # and the group all-gathers the outputs (moelink's engine/models/tp_experts.py): every GPU receives the
+            # and the group all-gathers the outputs (moelink's engine/tp/experts.py): every GPU receives the
             # other t - 1 slices of [rows, D] in bf16 over the node's fabric.
             out["moe_tp_gather"] = self.hw.fabric.intra.transfer_time((t - 1) * ld.rows * m.hidden * 2)
         return out

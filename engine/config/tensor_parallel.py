@@ -1,23 +1,13 @@
-"""Tensor parallelism's model-side checks and the per-rank view of a model's attention (docs/tensor-parallelism.md).
+"""Tensor parallelism's model-side checks, the flags' half of the feature (docs/tensor-parallelism.md): what a TP
+group of N ranks cannot split yet is refused before the model is built.
 
-A TP group of N ranks splits each attention layer's heads N ways: GQA's query heads (and its kv heads, or, when
-there are fewer kv heads than ranks, each rank holds the one kv head its query heads read, replicated as vLLM
-does), MLA's heads (the latent, one row per token, is every head's: each rank caches it whole, as vLLM and SGLang
-do; DeepSeek Sparse Attention's indexer and its key cache are whole on every rank too), gated DeltaNet's q/k heads
-and the value heads of their groups (the conv and recurrent states are per head: a rank's state slots hold its
-heads only). `shard_attention` gives the config one rank runs: its KV cache and state pools are sized from it
-(engine/rank/kv_cache.py, state_cache.py), and the layers are built from it (engine/models/gqa.py, mla.py,
-gated_deltanet.py), reading their shard of each checkpoint tensor. DeepSeek-V4's attention (engine/config/dsv4.py)
-splits its heads and its output groups (o_groups) N ways; its one shared KV head, compressed entries, indexer keys
-and window ring are every head's and stay whole on each rank (engine/models/dsv4_attention.py).
-
-What is not sharded yet is refused by `check_tensor_parallel`, one ValueError naming the field and the family.
+`check_tp_layout` checks ParallelConfig's TP fields (the groups' place in the world, what TP does not compose with);
+`check_tensor_parallel` refuses, one ValueError naming the field and the family, a model whose heads, intermediate
+sizes or (FP8) block boundaries a group cannot divide. The split itself (a rank's attention view, its linears'
+shards, its vocab rows and expert channels, the group's collectives) is the package engine/tp/.
 """
 from __future__ import annotations
 
-import dataclasses
-
-from .dsv4 import DSV4AttentionConfig
 from .dsv4_quant import read_dsv4_quantization
 from .layer_configs import GQAConfig, MLAConfig
 from .linear_attention import LinearAttentionConfig
@@ -28,38 +18,6 @@ from .linear_attention import LinearAttentionConfig
 # cannot split by intermediate size (EXPERT_SPLIT_FORMATS).
 TP_FORMATS = (None, "fp8", "mxfp4", "int4", "nvfp4")
 EXPERT_SPLIT_FORMATS = (None, "fp8")
-
-
-def kv_head_start(rank: int, size: int, num_kv_heads: int) -> int:
-    """The first global kv head rank `rank` of `size` holds: its own K/size heads, or (K < size) the one its query
-    heads read, replicated over size/K ranks. rank * K // size gives both (size=4, K=2: ranks 0, 1 -> head 0)."""
-    return rank * num_kv_heads // size
-
-
-def shard_attention(attn, size: int):
-    """`attn` as one rank of a TP group of `size` holds it: heads / size (GQA's kv heads at least one; gated
-    DeltaNet's q/k heads and value heads)."""
-    if size == 1:
-        return attn
-    if isinstance(attn, LinearAttentionConfig):
-        return dataclasses.replace(attn, num_k_heads=attn.num_k_heads // size, num_v_heads=attn.num_v_heads // size)
-    if isinstance(attn, GQAConfig):
-        return dataclasses.replace(attn, num_heads=attn.num_heads // size,
-                                   num_kv_heads=max(1, attn.num_kv_heads // size))
-    if isinstance(attn, MLAConfig):
-        return dataclasses.replace(attn, num_heads=attn.num_heads // size)
-    if isinstance(attn, DSV4AttentionConfig):  # a rank's heads feed exactly its output groups
-        return dataclasses.replace(attn, num_heads=attn.num_heads // size, o_groups=attn.o_groups // size)
-    raise ValueError(f"attention kind {attn.kind!r} has no tensor-parallel layout.")
-
-
-def tp_local_config(cfg, size: int):
-    """The ModelConfig one rank of a TP group runs: every layer's attention sharded (shard_attention). Shapes that
-    are not per-head (hidden, vocab, experts) are unchanged: the layers shard their own weights."""
-    if size == 1:
-        return cfg
-    layers = tuple(shard_attention(a, size) for a in cfg.layer_attention)
-    return dataclasses.replace(cfg, attention=shard_attention(cfg.attention, size), layer_attention=layers)
 
 
 def check_tp_layout(par) -> bool:
@@ -94,7 +52,7 @@ def check_tp_layout(par) -> bool:
 def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bool = False) -> None:
     """Refuse, naming the field, a model that a TP group of `size` cannot split: heads, intermediate sizes and
     (FP8) block boundaries must divide; families and formats not sharded yet are named. experts_split: the experts
-    split by intermediate size over the group too (expert_parallel_size 1: engine/models/tp_experts.py)."""
+    split by intermediate size over the group too (expert_parallel_size 1: engine/tp/experts.py)."""
     if size == 1:
         return
 
@@ -198,4 +156,4 @@ def _check_dsv4(cfg, size: int, block, bad) -> None:
                           f"a whole number of FP8 blocks {list(block)} (quantization_config.weight_block_size).")
 
 
-__all__ = ["EXPERT_SPLIT_FORMATS", "TP_FORMATS", "check_tensor_parallel", "check_tp_layout", "kv_head_start", "shard_attention", "tp_local_config"]
+__all__ = ["EXPERT_SPLIT_FORMATS", "TP_FORMATS", "check_tensor_parallel", "check_tp_layout"]

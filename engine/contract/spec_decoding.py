@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.ops import Kernels
 from moelink.moe.layer import ExpertParallel
 
 from ..config.model import ModelConfig
 from ..config.speculative import SpeculativeConfig
+from ..tp.group import TensorParallel
 from .sampling_params import SamplingParams
 
 

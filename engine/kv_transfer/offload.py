@@ -129,7 +129,7 @@ class OffloadKVConnector:
         """Learn one block's bytes from the engine's config (the driver; needed when the ranks are other
         processes): one rank's, from the config a rank of its TP group runs (its heads; a latent whole)."""
         from moelink.engine.config.kv_sizing import kv_cache_bytes_per_block, state_bytes_per_sequence
-        from moelink.engine.config.tensor_parallel import tp_local_config
+        from moelink.engine.tp.attention import tp_local_config
 
         tp = engine_config.parallel.tensor_parallel_size
         if tp != self.tp_size:

@@ -4,7 +4,7 @@ the prefill rank(s) that hold them (docs/disaggregation.md, "Tensor parallelism 
 Legend: K the model's kv heads, P the prefill engine's TP size, D the decode engine's, p / d a rank's place in its
 TP group, H a cache's kv heads (per rank), N blocks, B block size, X bytes of a row.
 
-A TP rank's cache holds its heads only (engine/config/tensor_parallel.py): GQA's kv heads split D ways, or (K < D)
+A TP rank's cache holds its heads only (engine/tp/attention.py): GQA's kv heads split D ways, or (K < D)
 the one its query heads read, replicated; MLA's latent (and DSA's indexer keys) whole on every rank. So a prompt's
 KV is P shards on the prefill side and must become D shards on the decode side, as vLLM's NixlConnector maps each
 decode rank's heads onto the prefill ranks that hold them. Here:
@@ -33,8 +33,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..config.tensor_parallel import kv_head_start
 from ..contract.kv_blocks import FULL, SLIDING, SavedKV
+from ..tp.attention import kv_head_start
 
 CAPABILITY_CHARS = 22  # engine/kv_transfer/auth.py's new_capability: 16 random bytes, URL-safe
 _TP_SUFFIX = re.compile(r"-tp([1-9][0-9]{0,3})\Z")
@@ -55,7 +55,7 @@ class Heads:
 
 
 def rank_heads(tp_rank: int, tp_size: int, num_kv_heads: int) -> Heads:
-    """The kv heads TP rank `tp_rank` of `tp_size` holds (engine/config/tensor_parallel.py's split)."""
+    """The kv heads TP rank `tp_rank` of `tp_size` holds (engine/tp/attention.py's split)."""
     return Heads(kv_head_start(tp_rank, tp_size, num_kv_heads), max(1, num_kv_heads // tp_size), num_kv_heads)
 
 

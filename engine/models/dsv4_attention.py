@@ -45,19 +45,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.dsv4 import (entry_rows, index_key_rows, is_fp8_pages, read_rows, reference_rms_norm_f32,
                                   reference_rope_tail, write_form)
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.dsv4 import DSV4AttentionConfig
 from ..config.dsv4_quant import DSV4Quantization
-from ..config.tensor_parallel import shard_attention
+from ..tp.attention import shard_attention
+from ..tp.group import TensorParallel
+from ..tp.linear import ColumnParallel, RowParallel
 from .dsv4_decode import decode_attention
 from .dsv4_weights import dsv4_linear_method, grouped_fp8_linear, published_linear_plan
 from .layers import ForwardContext, param
 from .linear import Linear
-from .tp_linear import ColumnParallel, RowParallel
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -136,7 +136,7 @@ class DSV4Attention(nn.Module):
                  device, quant: DSV4Quantization | None = None, tp: TensorParallel | None = None):
         super().__init__()
         size = tp.size if tp is not None else 1
-        cfg = shard_attention(cfg, size)  # num_heads and o_groups this rank's (engine/config/tensor_parallel.py)
+        cfg = shard_attention(cfg, size)  # num_heads and o_groups this rank's (engine/tp/attention.py)
         self.head0 = tp.rank * cfg.num_heads if size > 1 else 0  # this rank's first (global) head
         self.cfg, self.layer_idx = cfg, layer_idx
         self.indexer_topk = kernels.dsv4_indexer_topk

@@ -9,8 +9,8 @@ engine/models/dsv4_weights.py), the routed experts FP4 (packed) or FP8 (dequanti
 
 Under tensor parallelism (`tp`, docs/tensor-parallelism.md) the attention splits its heads (dsv4_attention.py), the
 hyper-connections (per token, the same input on every rank after the attention's all-reduce) are whole on every rank,
-the embedding and LM head are vocab-parallel (vocab_parallel.py), and the MoE block runs one of two ways
-(engine/models/tp_experts.py): with the experts in EP each rank takes its slice of the tokens (and of their ids, which
+the embedding and LM head are vocab-parallel (engine/tp/vocab.py), and the MoE block runs one of two ways
+(engine/tp/experts.py): with the experts in EP each rank takes its slice of the tokens (and of their ids, which
 the hash-routed layers route by) into the router, the all-to-all and the shared expert, the slices all-gathered; with
 expert_parallel_size 1 every rank holds every expert's 1/N of the intermediate channels (routed and shared: w1 / w3
 rows, w2 columns) and the block's partial output is all-reduced once.
@@ -28,7 +28,6 @@ from typing import Collection
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.dsv4 import reference_rms_norm_f32
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import make_expert_format
@@ -44,6 +43,10 @@ from ..config.architectures import ArchSpec
 from ..config.dsv4 import DSV4AttentionConfig
 from ..config.dsv4_quant import DSV4Quantization, read_dsv4_quantization
 from ..config.model import ModelConfig
+from ..tp.experts import ExpertShard, token_sliced_stages
+from ..tp.group import TensorParallel
+from ..tp.linear import ColumnParallel, RowParallel
+from ..tp.vocab import VocabShard
 from .dsv4_attention import DSV4Attention, RopeTable
 from .dsv4_rollback import StateRollback
 from .dsv4_weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
@@ -51,9 +54,6 @@ from .hyper_connections import HyperConnection, HyperHead
 from .layers import ForwardContext, param
 from .linear import Linear, LinearMethod
 from .rope import rope_inv_freq
-from .tp_experts import ExpertShard, token_sliced_stages
-from .tp_linear import ColumnParallel, RowParallel
-from .vocab_parallel import VocabShard
 
 
 class Norm(nn.Module):
@@ -124,7 +124,7 @@ class DSV4DecoderLayer(nn.Module):
         m = cfg.moe
         router = (HashRouter(cfg.top_k, m.router.routed_scaling_factor) if i in cfg.hash_layers
                   else make_router(m.router))
-        # Under TP without EP every rank holds every expert's 1/N of the channels (tp_experts.py); with EP the
+        # Under TP without EP every rank holds every expert's 1/N of the channels (engine/tp/experts.py); with EP the
         # experts are placed whole and the block runs on the rank's token slice.
         self.expert_shard = ExpertShard(self.tp, cfg.moe_intermediate_size) if self.tp and ep is None else None
         inter = self.expert_shard.w if self.expert_shard else cfg.moe_intermediate_size
@@ -186,7 +186,7 @@ class DSV4DecoderLayer(nn.Module):
 
 
 class _WithIds:
-    """The MoE block of `layer` as tp_experts.token_sliced_stages runs it (`stages(h_tD)` on the rank's token slice),
+    """The MoE block of `layer` as engine/tp/experts.token_sliced_stages runs it (`stages(h_tD)` on the rank's token slice),
     with the slice's token ids beside it (the hash-routed layers route by them)."""
 
     def __init__(self, layer: DSV4DecoderLayer, input_ids_T: torch.Tensor):
@@ -215,7 +215,7 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, kernels, device: torch.device,
                  ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, tp: TensorParallel | None = None):
-        """tp: the rank's TensorParallel (comm/tensor_parallel.py; None: no TP): the layers split over it, the
+        """tp: the rank's TensorParallel (engine/tp/group.py; None: no TP): the layers split over it, the
         embedding and LM head vocab-parallel (module docstring)."""
         super().__init__()
         self.tp = tp if tp is not None and tp.size > 1 else None

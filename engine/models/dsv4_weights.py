@@ -22,7 +22,7 @@ experts (held in the model dtype): e4m3 x its block's scale (kernels/fp8.block_d
 float64, the scales being powers of two; one rounding into bf16). The FP4 experts, nearly all of V4's bytes, stay
 packed (moe/expert_weights_dsv4.py).
 
-Under tensor parallelism a rank reads its shard of each FP8 linear (engine/models/tp_linear.py: wq_b's and wo_a's rows,
+Under tensor parallelism a rank reads its shard of each FP8 linear (engine/tp/linear.py: wq_b's and wo_a's rows,
 wo_b's columns, the split shared expert's) with the block rows / columns of the scales that cover it; wo_a's rank rows
 may start inside a file block (its finer held rows: the file rows covering them, repeated, the leading ones dropped).
 FP8 routed experts split by intermediate size read their slice and its scale blocks (`block_source`).
@@ -45,8 +45,8 @@ from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
 from ..config.dsv4_quant import DSV4Quantization
+from ..tp.linear import ColumnParallel
 from .linear import FloatLinear, Fp8Linear, Linear, LinearMethod
-from .tp_linear import ColumnParallel
 
 _PARTS = ("weight", "scale")
 _SCALE_DTYPES = (torch.float32, getattr(torch, "float8_e8m0fnu", torch.float32))
@@ -109,7 +109,7 @@ def fp8_dequant_plan(plan: WeightPlan, names: Iterable[str], block: tuple[int, i
 
 def block_source(name: str, source: tuple, block: tuple[int, int]) -> tuple:
     """The block scales' slices of a weight read by `source` (slices per dimension: a TP rank's rows or columns of a
-    split expert, engine/models/tp_experts.py), each starting on a block boundary; () for the whole weight."""
+    split expert, engine/tp/experts.py), each starting on a block boundary; () for the whole weight."""
     out = []
     for dim, part in enumerate(source):
         b = block[dim]

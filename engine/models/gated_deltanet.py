@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
 from ..config.linear_attention import LinearAttentionConfig
-from ..config.tensor_parallel import shard_attention
+from ..tp.attention import shard_attention
+from ..tp.group import TensorParallel
+from ..tp.linear import OwnRows, RowParallel
 from .layers import ForwardContext, param
 from .linear import FloatLinear, Linear
-from .tp_linear import OwnRows, RowParallel
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -96,8 +96,8 @@ class GatedDeltaNet(nn.Module):
 
     def __init__(self, layer_idx: int, hidden_size: int, la: LinearAttentionConfig, rms_norm_eps: float,
                  kernels: Kernels, dtype, device=None, tp: TensorParallel | None = None):
-        """tp: the rank's TensorParallel (comm/tensor_parallel.py; None: whole). Under TP this rank holds
-        num_k_heads / size q/k heads and the value heads of their groups (engine/config/tensor_parallel.
+        """tp: the rank's TensorParallel (engine/tp/group.py; None: whole). Under TP this rank holds
+        num_k_heads / size q/k heads and the value heads of their groups (engine/tp/attention.
         shard_attention): their rows of the input projections, their conv channels, dt_bias and A_log, and
         out_proj's columns (row-parallel: one all-reduce). Every head's conv and delta rule is its own, so nothing
         else crosses ranks, and the state pools (sized from the rank's config) hold the rank's heads only."""

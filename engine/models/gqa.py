@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.layer_configs import GQAConfig
-from ..config.tensor_parallel import kv_head_start, shard_attention
+from ..tp.attention import kv_head_start, shard_attention
+from ..tp.group import TensorParallel
+from ..tp.linear import ColumnParallel, RowParallel
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
 from .rope import RotaryEmbedding
-from .tp_linear import ColumnParallel, RowParallel
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -42,8 +42,8 @@ class GQAAttention(nn.Module):
         """in_features: the width q/k/v are projected from, when it is not hidden_size (an EAGLE-3 head's
         [embedding | hidden] concatenation, 2 * hidden_size, engine/spec/heads/eagle3.py); o_proj returns hidden_size.
         sinks_name: the sinks' checkpoint name under self_attn. (ArchSpec.sinks).
-        tp: the rank's TensorParallel (comm/tensor_parallel.py; None: whole): this rank holds num_heads / size query
-        heads (their sinks, their output gates) and its kv heads (engine/config/tensor_parallel.shard_attention),
+        tp: the rank's TensorParallel (engine/tp/group.py; None: whole): this rank holds num_heads / size query
+        heads (their sinks, their output gates) and its kv heads (engine/tp/attention.shard_attention),
         qkv_proj is column-parallel, o_proj row-parallel (its bias added once, after the all-reduce); an all-heads
         q/k norm holds its heads' part of the weights and all-reduces its mean square (`_all_heads_norm`)."""
         super().__init__()

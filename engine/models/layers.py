@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.silu_mul import reference_silu_mul
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
+from ..tp.group import TensorParallel
+from ..tp.linear import ColumnParallel, RowParallel
 from .linear import Linear, linear_method
-from .tp_linear import ColumnParallel, RowParallel
 from .state_step import StateStep
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from moelink.moe.expert_weights import fp8_plan
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.quantization import QuantConfig
-from .tp_linear import LinearParallel, Replicated
+from ..tp.linear import LinearParallel, Replicated
 
 
 class FloatLinear:
@@ -128,7 +128,7 @@ class Linear(nn.Module):
     cuts an output into the pieces. `weight` (and `weight_scale_inv` for FP8) as `method` creates them.
     dequantize_after_load: hold the weight float after loading (MLA's kv_b_proj, which is absorbed into other
     matmuls rather than applied to activations).
-    parallel: how the weight is split over a TP group (tp_linear.py; default whole): `in_features` and the pieces
+    parallel: how the weight is split over a TP group (engine/tp/linear.py; default whole): `in_features` and the pieces
     are this rank's widths."""
 
     weight: nn.Parameter  # made by `method.create`

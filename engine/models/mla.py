@@ -27,17 +27,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.layer_configs import MLAConfig
-from ..config.tensor_parallel import shard_attention
+from ..tp.attention import shard_attention
+from ..tp.group import TensorParallel
+from ..tp.linear import ColumnParallel, RowParallel
 from .dsa import LightningIndexer
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
-from .tp_linear import ColumnParallel, RowParallel
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels

@@ -18,7 +18,6 @@ from typing import Collection
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import gate_up_order, make_expert_format
 from moelink.moe.layer import ExpertParallel, MoELayer, MoEOnlyStages, Stages, run_stages
@@ -28,13 +27,14 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.architectures import ArchSpec
 from ..config.model import ModelConfig
+from ..tp.experts import ExpertShard, token_sliced_stages
+from ..tp.group import TensorParallel
+from ..tp.vocab import VocabShard
 from .gated_deltanet import GatedDeltaNet
 from .gqa import GQAAttention
 from .layers import DenseMLP, ForwardContext, RMSNorm
 from .mla import MLAAttention
 from .rope import RotaryEmbedding
-from .tp_experts import ExpertShard, token_sliced_stages
-from .vocab_parallel import VocabShard
 
 
 class SharedExpertsMoE(nn.Module):
@@ -78,7 +78,7 @@ class DecoderLayer(nn.Module):
                  tp: TensorParallel | None = None):
         """fused_experts: the checkpoint holds this layer's experts fused (experts.gate_up_proj), which decides
         how FP8 experts lay out their gate and up blocks (moe/expert_weights.Fp8BlockExperts). tp: the rank's
-        TensorParallel (comm/tensor_parallel.py; None: no TP): attention and the dense MLP split over it, and the
+        TensorParallel (engine/tp/group.py; None: no TP): attention and the dense MLP split over it, and the
         MoE block takes only this rank's slice of the tokens (`stages`)."""
         super().__init__()
         self.tp = tp if tp is not None and tp.size > 1 else None
@@ -109,7 +109,7 @@ class DecoderLayer(nn.Module):
             fmt = make_expert_format(quant if quant is None or quant.is_quantized(experts) else None, fused_experts)
             m = cfg.moe
             # Under TP without EP (ep None) each rank holds every expert's 1/N of the intermediate channels
-            # (tp_experts.py); with EP the experts are placed whole and the block runs on token slices.
+            # (engine/tp/experts.py); with EP the experts are placed whole and the block runs on token slices.
             self.expert_shard = ExpertShard(self.tp, cfg.moe_intermediate_size) if self.tp and ep is None else None
             inter = self.expert_shard.w if self.expert_shard else cfg.moe_intermediate_size
             self.moe = MoELayer(cfg.hidden_size, inter, cfg.num_experts, make_router(m.router),
@@ -158,7 +158,7 @@ class MoEDecoderForCausalLM(nn.Module):
                  ep: ExpertParallel | None = None, checkpoint_names: Collection[str] | None = None, tp: TensorParallel | None = None):
         """checkpoint_names: the tensors the checkpoint holds (None = per-expert layout), read for the experts'
         on-disk layout per layer, as `weight_plan` reads it. tp: the rank's TensorParallel (None: no TP): the
-        layers split over it, and the embedding and LM head are vocab-parallel (vocab_parallel.py)."""
+        layers split over it, and the embedding and LM head are vocab-parallel (engine/tp/vocab.py)."""
         super().__init__()
         self.tp = tp if tp is not None and tp.size > 1 else None
         if spec.attention != cfg.attention.kind:  # ModelConfig checks that every layer's is the model's kind
@@ -305,7 +305,7 @@ def layer_weight_plan(layer: DecoderLayer, layer_idx: int, cfg: ModelConfig, spe
     if layer.moe is None:
         plan.update(layer.mlp.weight_plan(p + "mlp."))
         return plan
-    shard = getattr(layer, "expert_shard", None)  # experts split by TP (tp_experts.py)
+    shard = getattr(layer, "expert_shard", None)  # experts split by TP (engine/tp/experts.py)
     if spec.expert_layout == "gpt_oss":
         plan.update(_gpt_oss_plan(layer.moe, f"{p}{spec.moe_prefix}.", cfg, spec, expert_ids))
         if shard is not None:

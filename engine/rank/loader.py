@@ -29,7 +29,6 @@ from typing import Any, Iterable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
 from moelink.moe.expert_weights_dsv4 import PackedBytes
@@ -38,14 +37,15 @@ from moelink.moe.weight_plan import Rearranged, WeightPlan
 
 from ..config.checkpoint_headers import text_model_name
 from ..config.model import ModelConfig
+from ..config.worker_config import LOAD_FORMATS
+from ..models import MoEDecoderForCausalLM, arch_spec
+from ..models.dsv4_decoder import DeepseekV4ForCausalLM
+from ..models.dsv4_weights import Fp8Piece
+from ..spec.heads import mtp_checkpoint_names
+from ..tp.group import TensorParallel
 from .dummy_weights import DummyCheckpoint
 from .int4_linears import Int4Piece, int4_linear_plan
 from .nvfp4_linears import Nvfp4Piece, nvfp4_linear_plan
-from ..models import MoEDecoderForCausalLM, arch_spec
-from ..spec.heads import mtp_checkpoint_names
-from ..models.dsv4_decoder import DeepseekV4ForCausalLM
-from ..models.dsv4_weights import Fp8Piece
-from ..config.worker_config import LOAD_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
                progress: bool = False, load_format: str = "auto", tp: TensorParallel | None = None,
                read_bytes: dict[str, int] | None = None) -> MoEDecoderForCausalLM:
     """Build the model for `cfg.architecture` on `device` and fill every parameter from the checkpoint (random
-    tensors for load_format "dummy"). tp: the rank's TensorParallel (comm/tensor_parallel.py; None: no TP): the
+    tensors for load_format "dummy"). tp: the rank's TensorParallel (engine/tp/group.py; None: no TP): the
     model holds, and reads, this rank's shard of each split tensor. read_bytes: filled with the bytes read per
     checkpoint tensor (tests and the TP benchmark)."""
     spec = arch_spec(cfg.architecture)

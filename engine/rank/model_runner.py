@@ -12,34 +12,32 @@ from collections import deque
 
 import torch
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.ops import select_kernels
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config import kv_sizing
 from ..config.model import ModelConfig
 from ..config.speculative import SpeculativeConfig
-from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len, verify_sizes
-from .device_stream import make_stream, to_device, to_host
 from ..contract.ep_step import LOW_LATENCY, EPStepPlan
-from .loader import load_model
-from .weight_memory import describe_memory, weight_bytes_by_format
-from ..models.layers import ForwardContext
-from .device_inputs import device_inputs
-from .kv_cache import make_kv_caches
-from .state_cache import StateCaches, StatePlan
-from .sampler import Sampler, SamplingMetadata
-from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
+from ..contract.kv_blocks import PagedKVBlocks, WorkerKVConnector, start_transfers
 from ..contract.sampling_params import SamplingParams
 from ..contract.spec_decoding import DeviceDrafter, DraftRollback, HostDrafter, SpecDecoding, VerifyStep
-from .step_handle import DeviceResult, StepHandle
-from ..contract.kv_blocks import PagedKVBlocks, WorkerKVConnector, start_transfers
-from .step_inputs import StepInputs, build_step_inputs
+from ..models.layers import ForwardContext
+from ..tp.attention import tp_local_config
+from ..tp.group import TensorParallel
+from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len, verify_sizes
+from .device_inputs import device_inputs
+from .device_stream import make_stream, to_device, to_host
 from .input_batch import PersistentBatch
+from .kv_cache import make_kv_caches
+from .loader import load_model
+from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
+from .sampler import Sampler, SamplingMetadata
+from .state_cache import StateCaches, StatePlan
+from .step_handle import DeviceResult, StepHandle
+from .step_inputs import StepInputs, build_step_inputs
 from .step_plan import SingleBatch, TwoBatchOverlap
-
-
-from ..config.tensor_parallel import tp_local_config
+from .weight_memory import describe_memory, weight_bytes_by_format
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +68,8 @@ class ModelRunner:
         engine/contract/spec_decoding.py's protocols), required with `speculative`.
         `num_state_slots`, `num_state_checkpoints`: the per-sequence state pools of a model with linear-attention
         layers (scheduler/hybrid_cache.py hands out the slots; engine/rank/state_cache.py holds them)."""
-        # Under TP (`tp`, comm/tensor_parallel.py) the rank's view: its attention heads, so its KV cache holds
-        # only its heads' K/V (engine/config/tensor_parallel.py); the model is built from the whole config + tp.
+        # Under TP (`tp`, engine/tp/group.py) the rank's view: its attention heads, so its KV cache holds
+        # only its heads' K/V (engine/tp/attention.py); the model is built from the whole config + tp.
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.cfg = tp_local_config(model_cfg, tp.size) if self.tp is not None else model_cfg
         self.device = device

@@ -40,7 +40,7 @@ class Worker:
         self.world_size = config.world_size
         self.device = self._pick_device(config.device)
         self.group = None
-        self.tp = None  # this rank's TensorParallel (comm/tensor_parallel.py) under TP, made with the process group
+        self.tp = None  # this rank's TensorParallel (engine/tp/group.py) under TP, made with the process group
         self.runner: ModelRunner | None = None
         self._device_thread: int | None = None  # the thread _bind_device last made self.device current on
         self._mover = None  # an online-EPLB move under way (moe/expert_move.py ExpertMover)
@@ -90,7 +90,7 @@ class Worker:
         self.group = init_process_group(self.rank, self.world_size, master_addr, master_port, backend,
                                         self.config.comm_timeout_s, local_addr=self.node_address())
         if self.config.tensor_parallel_size > 1:
-            from moelink.comm.tensor_parallel import make_tp_group
+            from moelink.engine.tp.group import make_tp_group
 
             # Every rank makes every TP group (torch's new_group is collective), in the same order; keeps its own.
             self.tp = make_tp_group(self.rank, self.world_size, self.config.tensor_parallel_size)

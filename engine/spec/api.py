@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.ops import Kernels
 from moelink.moe.layer import ExpertParallel
 
@@ -18,6 +17,7 @@ from ..config.model import ModelConfig
 from ..config.speculative import SpeculativeConfig
 from ..contract.spec_decoding import (DeviceDrafter, DraftRequest, HostDrafter, SamplingBatch, SpecDecoding,
                                       VerifyStep)
+from ..tp.group import TensorParallel
 from .proposer import make_device_drafter, make_drafter, may_draft
 from .verify import SpecStep
 

@@ -15,7 +15,7 @@ go to host memory by non-blocking copies, read when the step is collected (engin
 Under tensor parallelism every rank of a TP group runs the verify step on the same gathered logits, but a random
 draw (the acceptance test's uniforms, the recovered or bonus token, a plain row's sample) is each rank's own
 unless seeded. So the group's first rank's emitted tokens, counts and plain tokens are everyone's: one broadcast
-of them packed (comm/tensor_parallel.TensorParallel.broadcast_first_packed), before anything reads them
+of them packed (engine/tp/group.TensorParallel.broadcast_first_packed), before anything reads them
 (penalty counts, logprobs, the next step's inputs, a device drafter's catch-up), as a plain step's sampled
 tokens are broadcast (engine/rank/model_runner.py).
 """
@@ -27,13 +27,12 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from moelink.comm.tensor_parallel import TensorParallel
-
 from ..contract.spec_decoding import DraftRequest, LogitsModel, SamplingBatch
 from ..rank.device_stream import to_device, to_host
 from .rejection import DraftRows, rejection_sample
 from ..rank.sampler import Sampler, apply_penalties, processed_probs
 from ..rank.sampling_metadata import SamplingMetadata, unpack_bitmasks
+from ..tp.group import TensorParallel
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""comm/tensor_parallel.py over real gloo process groups: a world of 4 ranks in two TP groups of 2 ({0, 1}, {2, 3}),
+"""engine/tp/group.py over real gloo process groups: a world of 4 ranks in two TP groups of 2 ({0, 1}, {2, 3}),
 each collective checked against the values worked out by hand; token_rows and tp_group_ranks without a group."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from moelink.comm.tensor_parallel import TensorParallel, tp_group_ranks
+from moelink.engine.tp.group import TensorParallel, tp_group_ranks
 
 
 def test_token_rows_and_groups_by_hand():
@@ -30,7 +30,7 @@ def _rank(rank: int, port: int, out) -> None:
     import torch.distributed as dist
 
     from moelink.comm.process_group import init_process_group
-    from moelink.comm.tensor_parallel import make_tp_group
+    from moelink.engine.tp.group import make_tp_group
 
     torch.set_num_threads(1)
     init_process_group(rank, 4, "127.0.0.1", port, "gloo", 30.0)

@@ -30,7 +30,7 @@ Under tensor parallelism (`tp`, docs/tensor-parallelism.md) the block splits as 
 groups and wo_b, its experts split or in EP on token slices: dsv4_decoder.py); its window cache holds the one shared
 kv head, whole on every rank; e_proj / h_proj, the norms and the hyper-head are replicated (their inputs, the main
 model's streams after its all-reduces and the broadcast tokens, are the same on every rank: no collective for two
-D x D matrices); the embedding and head are the main model's vocab shards (vocab_parallel.py: the embedding
+D x D matrices); the embedding and head are the main model's vocab shards (engine/tp/vocab.py: the embedding
 all-reduced, the logits all-gathered, so every rank drafts the same greedy tokens).
 
 Legend: T tokens, n streams, D hidden, V vocab, N heads, H head_dim, W window, B blocks, L block size, S sequences.
@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
@@ -57,7 +56,8 @@ from ...models.hyper_connections import HyperHead
 from ...models.layers import ForwardContext
 from ...models.linear import Linear
 from ...models.rope import rope_inv_freq
-from ...models.vocab_parallel import VocabShard
+from ...tp.group import TensorParallel
+from ...tp.vocab import VocabShard
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ model's last-layer output before its final norm; vLLM and SGLang feed the final-
 (vLLM's drafter reuses the main model's position t of h_t, with the token ids shifted by one). The engine's
 drafter (engine/spec/proposer/mtp.py) takes the final-normed state and vLLM's positions.
 
-Tensor parallelism (`tp`, comm/tensor_parallel.py): the inner layer is built with the same TP strategy objects as
+Tensor parallelism (`tp`, engine/tp/group.py): the inner layer is built with the same TP strategy objects as
 a main layer (attention heads split, dense MLP / experts split or in EP, row-parallel all-reduces), the embedding
 and head are vocab-parallel like the main model's (its shards, or the layer's own tables read as shards:
-vocab_parallel.py; the logits are all-gathered, so every rank takes the same greedy draft), and eh_proj is
+engine/tp/vocab.py; the logits are all-gathered, so every rank takes the same greedy draft), and eh_proj is
 replicated: its input, [enorm(embedding) | hnorm(h)], is the same on every rank after the embedding's all-reduce,
 so each rank computes the whole [T, D] projection itself (no collective; it is one D x 2D matrix beside the
 layer's experts).
@@ -39,7 +39,6 @@ from typing import Collection
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
@@ -50,10 +49,11 @@ from ...config.model import ModelConfig
 from ...models.layers import ForwardContext, RMSNorm
 from ...models.linear import FloatLinear, Linear, linear_method
 from ...models.moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
-from ...models.vocab_parallel import VocabShard
+from ...models.rope import RotaryEmbedding
+from ...tp.group import TensorParallel
+from ...tp.vocab import VocabShard
 from .dsv4_mtp import DSV4MTPLayer, dsv4_mtp_checkpoint_names
 from .qwen_mtp import QwenMTPLayer, qwen_mtp_checkpoint_names
-from ...models.rope import RotaryEmbedding
 
 
 def mtp_layer_index(cfg: ModelConfig, i: int) -> int:
@@ -137,7 +137,7 @@ class MTPLayer(nn.Module):
 
     def _table(self, name: str, own: bool, shared: torch.Tensor | None, V: int, D: int, device) -> torch.Tensor:
         """A [V, D] table of this layer's own (the checkpoint has `{prefix}{name}.weight`) or the main model's."""
-        if own:  # zeros: under TP the last shard's rows past the vocabulary stay so (vocab_parallel.py)
+        if own:  # zeros: under TP the last shard's rows past the vocabulary stay so (engine/tp/vocab.py)
             return nn.Parameter(torch.zeros(V, D, dtype=self.cfg.dtype, device=device), requires_grad=False)
         if shared is None:
             raise ValueError(f"checkpoint has no {self.prefix}{name}.weight: the MTP layer shares the main model's, "

@@ -37,7 +37,6 @@ from typing import Collection
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
@@ -48,7 +47,8 @@ from ...models.layers import ForwardContext, RMSNorm
 from ...models.linear import FloatLinear, Linear
 from ...models.moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
 from ...models.rope import RotaryEmbedding
-from ...models.vocab_parallel import VocabShard
+from ...tp.group import TensorParallel
+from ...tp.vocab import VocabShard
 
 PREFIX = "mtp."
 

@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.kernels.ops import Kernels
 from moelink.moe.layer import ExpertParallel
 
 from ...config.model import ModelConfig
 from ...config.speculative import SpeculativeConfig
 from ...contract.spec_decoding import DeviceDrafter, DraftRequest, HostDrafter
+from ...tp.group import TensorParallel
 
 from .eagle3 import Eagle3Drafter
 from .mtp import MTPDrafter

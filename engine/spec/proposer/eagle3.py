@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import torch
 
-from moelink.comm.tensor_parallel import TensorParallel
-
 from ...config.eagle3 import Eagle3Config, check_eagle3_target, read_eagle3_config
 from ...config.model import ModelConfig
 from ..heads.eagle3 import Eagle3Head
@@ -38,6 +36,7 @@ from ...models.layers import ForwardContext
 from .chain import ChainDrafter
 from .eagle3_loader import dummy_eagle3_head, load_eagle3_head
 from ...rank.loader import SafetensorsCheckpoint
+from ...tp.group import TensorParallel
 
 
 class Eagle3DraftLayer:
@@ -81,7 +80,8 @@ def load_draft_head(path: str, cfg: ModelConfig, model, kernels, device: torch.d
     return load_eagle3_head(path, kernels, device, config=head_cfg, **kw)
 
 
-def _whole_target_tables(path: str, model, vocab_size: int, head_cfg: Eagle3Config, load_format: str, tp):
+def _whole_target_tables(path: str, model, vocab_size: int, head_cfg: Eagle3Config, load_format: str,
+                         tp: TensorParallel):
     """(embedding, LM head) of the target, whole [V, D], for a head under TP: gathered only where the head reads it
     (it has no copy of its own; a tied head reads its embedding for both, so its head slot gets the embedding, as
     at TP 1), None where it has its own. Every rank of the group decides alike from the same head checkpoint and
@@ -95,8 +95,8 @@ def _whole_target_tables(path: str, model, vocab_size: int, head_cfg: Eagle3Conf
     return embed, head
 
 
-def whole_vocab_table(shard_VsD: torch.Tensor, vocab_size: int, tp) -> torch.Tensor:
-    """[V, D]: a vocab-parallel table's rank shards ([Vs, D] each, models/vocab_parallel.py) side by side, cut to
+def whole_vocab_table(shard_VsD: torch.Tensor, vocab_size: int, tp: TensorParallel) -> torch.Tensor:
+    """[V, D]: a vocab-parallel table's rank shards ([Vs, D] each, engine/tp/vocab.py) side by side, cut to
     the vocabulary, on every rank of the group (load time only)."""
     return tp.all_gather_last(shard_VsD.t().contiguous()).t()[:vocab_size].contiguous()
 

@@ -41,17 +41,17 @@ import logging
 
 import torch
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.layer import MoEOnlyStages
 
 from ...config.model import ModelConfig
-from ...config.tensor_parallel import shard_attention
 from ...models import arch_spec
+from ...models.layers import ForwardContext
+from ...rank.loader import load_plan, open_checkpoint
+from ...tp.attention import shard_attention
+from ...tp.group import TensorParallel
 from ..heads import MTPLayer, QwenMTPLayer, make_mtp_layer
 from ..heads.dsv4_mtp import DSV4MTPLayer
-from ...models.layers import ForwardContext
 from .chain import SCRATCH_ROWS, ChainDrafter, ChainPlan
-from ...rank.loader import load_plan, open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class MTPDraftLayer:
     def __init__(self, cfg: ModelConfig, layer: MTPLayer | QwenMTPLayer, tp_size: int = 1):
         self.module = layer
         self.kv_cache_index = layer.layer_index
-        # The rank's heads' cache under TP, as the main layers' (engine/config/tensor_parallel.tp_local_config).
+        # The rank's heads' cache under TP, as the main layers' (engine/tp/attention.tp_local_config).
         self.attention, self.cache_dtype = shard_attention(cfg.attention, tp_size), cfg.cache_dtype
 
     def condition(self, h_TD: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:

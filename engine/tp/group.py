@@ -16,7 +16,8 @@ import torch.distributed as dist
 class TensorParallel:
     """This rank's place in its TP group and the group's collectives (identity at size 1)."""
 
-    def __init__(self, rank: int = 0, size: int = 1, group=None, ranks: tuple[int, ...] = (0,)):
+    def __init__(self, rank: int = 0, size: int = 1, group: dist.ProcessGroup | None = None,
+                 ranks: tuple[int, ...] = (0,)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"TensorParallel size={size!r} is invalid: must be a positive integer.")
         if not 0 <= rank < size:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moelink.comm.tensor_parallel import TensorParallel
 from moelink.moe.weight_plan import PlanEntry
+
+from .group import TensorParallel
 
 
 class VocabShard:

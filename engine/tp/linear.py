@@ -18,7 +18,24 @@ engine/config/tensor_parallel.check_tensor_parallel refuses a split that does no
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+from .group import TensorParallel
+
+
+class LinearParallel(Protocol):
+    """The seam where a `Linear` (engine/models/linear.py) meets tensor parallelism: which part of a checkpoint
+    tensor (and of its FP8 block scales) this rank reads, and what its output needs after the matmul."""
+
+    name: str  # shown in the Linear's repr
+
+    def source(self, piece: int, rows: tuple) -> tuple: ...  # the checkpoint index stacked piece `piece` reads
+
+    def scale_source(self, piece: int, block: tuple[int, int]) -> tuple: ...  # its block scales' index
+
+    def finish(self, y_TN: torch.Tensor, bias_N: torch.Tensor | None) -> torch.Tensor: ...  # collective + bias
 
 
 class Replicated:
@@ -83,7 +100,7 @@ class RowParallel:
 
     name = "row"
 
-    def __init__(self, tp, col_start: int, in_features: int, reduce: bool = True):
+    def __init__(self, tp: TensorParallel, col_start: int, in_features: int, reduce: bool = True):
         """reduce False: the caller sums the partial output with others' first and all-reduces once (a MoE block
         whose routed and shared experts are both split by TP)."""
         self.tp, self.col_start, self.in_features, self.reduce = tp, col_start, in_features, reduce
@@ -105,7 +122,5 @@ class RowParallel:
         y_TN = self.tp.all_reduce(y_TN)
         return y_TN if bias_N is None else y_TN + bias_N
 
-
-LinearParallel = Replicated | ColumnParallel | OwnRows | RowParallel
 
 __all__ = ["ColumnParallel", "LinearParallel", "OwnRows", "Replicated", "RowParallel"]

@@ -33,8 +33,10 @@ from moelink.moe.expert_weights import fp8_plan
 from moelink.moe.layer import Stages
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
+from .group import TensorParallel
 
-def token_sliced_stages(tp, moe, mlp, h_TD: torch.Tensor) -> Stages:
+
+def token_sliced_stages(tp: TensorParallel, moe, mlp, h_TD: torch.Tensor) -> Stages:
     """Way 1 (module docstring): `mlp` (the MoE layer `moe`, or it with shared experts) on this rank's token slice,
     the group's slices all-gathered into [T, D]. A padded decode graph's real rows (moe.valid_rows_T) are cut like
     the tokens for the block's run."""
@@ -53,7 +55,7 @@ def token_sliced_stages(tp, moe, mlp, h_TD: torch.Tensor) -> Stages:
 class ExpertShard:
     """This rank's slice [i0, i0 + w) of every expert's intermediate channels (of I)."""
 
-    def __init__(self, tp, inter: int):
+    def __init__(self, tp: TensorParallel, inter: int):
         if inter % tp.size:
             raise ValueError(f"moe_intermediate_size={inter} is not a multiple of tensor_parallel_size={tp.size}: the "
                              f"experts cannot split over the TP group; pass --expert-parallel-size {tp.size} to place "
