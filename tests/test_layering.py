@@ -63,6 +63,13 @@ ALLOWED: dict[str, frozenset[str]] = {
     "comm": frozenset({"kernels"}),
     "kernels": frozenset(),
 }
+# Imports for annotations only (`if TYPE_CHECKING:`, never run) may reach above their floor to these modules alone:
+# the protocols of engine/contract that name what a configuration field holds (EngineArgs.kv_connector is a
+# KVConnectorFactory, SpeculativeConfig.drafter_factory makes a HostDrafter), so the seam is typed where it is
+# declared while the configuration still imports nothing above it when it runs.
+TYPING_SEAMS: dict[str, frozenset[str]] = {
+    "engine.config": frozenset({"engine.contract.kv_connector", "engine.contract.spec_decoding"}),
+}
 # The `moelink` command is the composition root: it alone in engine/ may register the server's subcommands.
 COMPOSITION_ROOTS: dict[str, frozenset[str]] = {"engine.api.cli": frozenset({"engine.server"})}
 # scheduler/ is pure Python (ARCHITECTURE.md: Design rules 13): standard library only, so it is unit-tested on
@@ -86,6 +93,9 @@ def test_graph_sees_every_folder_and_lazy_imports(graph):
     assert "engine.cluster.ray_guard" in graph.edges["engine.cluster.ray_runtime"]  # `from . import ray_guard` in a method
     assert "engine.server.cli" in graph.edges["engine.api.cli"]  # `from .server import cli` in a function
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    # `if TYPE_CHECKING:` imports are typing edges, not run-time ones.
+    assert "engine.contract.kv_connector" in graph.typing_edges["engine.config.engine_args"]
+    assert "engine.contract.kv_connector" not in graph.edges["engine.config.engine_args"]
 
 
 def test_no_upward_imports(graph):
@@ -99,6 +109,20 @@ def test_no_upward_imports(graph):
                 line = graph.where[(module, target)]
                 bad.append(f"{graph.files[module].relative_to(ROOT)}:{line}: {unit} imports {target} ({target_unit})")
     assert not bad, "imports against the layering (tests/test_layering.py ALLOWED):\n" + "\n".join(bad)
+
+
+def test_typing_only_imports_reach_no_further_than_the_seam_protocols(graph):
+    bad = []
+    for module, targets in sorted(graph.typing_edges.items()):
+        unit = unit_of(module)
+        allowed = ALLOWED[unit] | COMPOSITION_ROOTS.get(module, frozenset())
+        for target in sorted(targets):
+            target_unit = unit_of(target)
+            if target_unit != unit and target_unit not in allowed and target not in TYPING_SEAMS.get(unit, ()):
+                line = graph.where[(module, target)]
+                bad.append(f"{graph.files[module].relative_to(ROOT)}:{line}: {unit} imports {target} ({target_unit}) "
+                           "for typing")
+    assert not bad, "typing-only imports against the layering (tests/test_layering.py TYPING_SEAMS):\n" + "\n".join(bad)
 
 
 def test_no_import_cycles(graph):

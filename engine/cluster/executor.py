@@ -10,7 +10,7 @@ from ..config.engine_args import EngineConfig
 from ..contract.ep_step import attach_ep_step
 from ..contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
 from ..config.kv_sizing import common_num_kv_blocks
-from ..contract.worker_api import RankCall, rank_call
+from ..contract.worker_api import LaunchedStep, RankCall, rank_call
 
 
 class Executor(ABC):
@@ -39,15 +39,17 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]: ...
 
-    def launch(self, outputs_per_rank: list[SchedulerOutput]) -> object:
-        """The overlapped loop: start a step on every rank and return without waiting for it; `collect(token)`
+    def launch(self, outputs_per_rank: list[SchedulerOutput]) -> LaunchedStep:
+        """The overlapped loop: start a step on every rank and return without waiting for it; `collect(launched)`
         (after the next step's launch) returns its outputs. Steps are collected in launch order. This default
         runs the step at once (executors that cannot overlap)."""
-        return self.execute(outputs_per_rank)
+        return LaunchedStep(tuple(so.step_id for so in outputs_per_rank), tuple(self.execute(outputs_per_rank)))
 
-    def collect(self, launched: object) -> list[ModelRunnerOutput]:
+    def collect(self, launched: LaunchedStep) -> list[ModelRunnerOutput]:
         """The outputs of a launched step, in rank order (waits for it)."""
-        return launched
+        if launched.outputs is None:
+            raise TypeError(f"{type(self).__name__}.collect: {launched!r} was not launched by this executor.")
+        return list(launched.outputs)
 
     def shutdown(self) -> None:
         pass
@@ -138,16 +140,17 @@ class InProcessExecutor(Executor):
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         return self.collect(self.launch(outputs_per_rank))
 
-    def launch(self, outputs_per_rank: list[SchedulerOutput]) -> int:
+    def launch(self, outputs_per_rank: list[SchedulerOutput]) -> LaunchedStep:
         (so,) = outputs_per_rank
         self.plan_ep_step(outputs_per_rank)
         # No peers to join in an all-to-all: an empty step (e.g. one that only
         # carries finished ids) runs no model code.
         self.worker.launch(so, run_forward=not so.is_empty)
-        return so.step_id
+        return LaunchedStep((so.step_id,))
 
-    def collect(self, launched: int) -> list[ModelRunnerOutput]:  # type: ignore[override]  # the token launch gave
-        return [self.worker.collect(launched)]
+    def collect(self, launched: LaunchedStep) -> list[ModelRunnerOutput]:
+        (step_id,) = launched.step_ids
+        return [self.worker.collect(step_id)]
 
     def shutdown(self) -> None:
         """Stop the step stream, close the KV connector and give the device memory back: the model, KV cache and

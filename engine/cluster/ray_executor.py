@@ -32,7 +32,8 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from moelink.comm.two_level import node_numbers
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
@@ -42,6 +43,7 @@ from .ep_group import EPGroup
 from .rank_pool import RANK_POOL, park, take_parked
 from .executor import Executor, WorkerDiedError, rank_name
 from ..contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
+from ..contract.worker_api import LaunchedStep
 from .ray_runtime import (  # noqa: F401  (re-exported: tests and callers import them from here)
     _HEARTBEAT_GROUP, _HEARTBEAT_INTERVAL_S, _LOST_POLL_S, _PG_TIMEOUT_S, RAY_LOOPBACK_ENV, ExecutorShutDown,
     LocalRay, _heartbeats, _RayState, bundle_node_ids, ray_on_loopback,
@@ -81,6 +83,18 @@ def check_tp_nodes(node_ids, tp: int) -> None:
             raise ValueError(f"tensor_parallel_size={tp} is invalid on this cluster: ranks {g}..{g + tp - 1} (one TP "
                              f"group) were placed on {len(nodes)} nodes; a TP group stays inside one node, so "
                              f"tensor_parallel_size must divide the GPUs of a node.")
+
+if TYPE_CHECKING:  # typing only: Ray is imported where a Ray executor starts (ray_runtime)
+    from ray import ObjectRef
+
+
+@dataclass(frozen=True)
+class RayLaunchedStep(LaunchedStep):
+    """A step sent to the rank actors: their `launch` calls still running (`refs`, rank order) and how long
+    `collect` waits for them and for the rank's answer (`timeout_s`, the step watchdog's bound)."""
+
+    refs: tuple[ObjectRef, ...] = ()
+    timeout_s: float = 0.0
 
 
 def tp_group_outputs(outs: list[ModelRunnerOutput], tp: int, merge: bool) -> list[ModelRunnerOutput]:
@@ -312,7 +326,7 @@ class RayExecutor(Executor):
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         return self.collect(self.launch(outputs_per_rank))
 
-    def launch(self, outputs_per_rank: list[SchedulerOutput]) -> tuple:
+    def launch(self, outputs_per_rank: list[SchedulerOutput]) -> RayLaunchedStep:
         """Send the step to every rank (each does its host work and queues its device work) without waiting:
         the driver schedules the next step meanwhile. Returns what `collect` needs."""
         self.check_health()
@@ -329,12 +343,14 @@ class RayExecutor(Executor):
         refs = [w.launch.remote(so, run_forward) for w, so in zip(self.workers, per_rank)]
         self._model_steps += run_forward
         self._steps_in_flight += 1  # until its collect ends, however (a rank stuck in it is not parked)
-        return [so.step_id for so in per_rank], refs, timeout
+        return RayLaunchedStep(tuple(so.step_id for so in per_rank), refs=tuple(refs), timeout_s=timeout)
 
-    def collect(self, launched: tuple) -> list[ModelRunnerOutput]:  # type: ignore[override]  # the token launch gave
+    def collect(self, launched: LaunchedStep) -> list[ModelRunnerOutput]:
         """The step's outputs: one round trip (each actor answers after its next step's launch, which the driver
         sent first, so the ranks' host work for that step overlaps this one's device work)."""
-        step_ids, launch_refs, timeout = launched
+        if not isinstance(launched, RayLaunchedStep):
+            raise TypeError(f"RayExecutor.collect: {launched!r} was not launched by a RayExecutor.")
+        step_ids, launch_refs, timeout = launched.step_ids, list(launched.refs), launched.timeout_s
         late = f"its step ran longer than {timeout:g} s (--step-timeout)"
         try:
             collect_refs = [w.collect.remote(i) for w, i in zip(self.workers, step_ids)]

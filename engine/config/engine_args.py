@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import torch
 
@@ -30,6 +30,9 @@ from .architectures import REGISTRY
 from .tensor_parallel import check_tensor_parallel
 from .worker_config import LOAD_FORMATS, WorkerConfig
 
+if TYPE_CHECKING:  # typing only (tests/test_layering.py TYPING_SEAMS): the configuration runs without the contract
+    from ..contract.kv_connector import KVConnectorFactory, TensorParallelKVConnector
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,9 +50,8 @@ class EngineConfig:
     cuda_graph: CudaGraphConfig = CudaGraphConfig()  # decode batch sizes captured as CUDA graphs (none: eager)
     load_format: str = "auto"  # engine/worker_config.LOAD_FORMATS; "dummy": random weights, no tokenizer needed
     skip_warmup: bool = False  # start without compiling every kernel variant first (engine/rank/warmup.py)
-    # Moves KV between engines (prefill/decode disaggregation): engine/contract/kv_connector.py. None: none. Any: a
-    # duck-typed factory (engine/config may not import engine/contract), checked by EngineArgs.
-    kv_connector: Any = None
+    # Moves KV between engines (prefill/decode disaggregation): engine/contract/kv_connector.py. None: none.
+    kv_connector: KVConnectorFactory | None = None
     # Speculative decoding (engine/config/speculative.py); None: off.
     speculative: Optional[SpeculativeConfig] = None
     # Bounds on structured-output grammar compiles (engine/config/grammar_config.py).
@@ -158,7 +160,7 @@ class EngineArgs:
     # A KV connector (engine/contract/kv_connector.py's `KVConnectorFactory`): each rank's scheduler loads a
     # request's prompt KV through it instead of computing it, and saves the prompt KV it computes. An object, not a
     # command-line flag: the in-host reference is engine/kv_transfer/inhost.py. None: no connector.
-    kv_connector: Any = None  # duck-typed (engine/config may not import engine/contract): checked in __post_init__
+    kv_connector: KVConnectorFactory | None = None  # checked in __post_init__ (its two methods)
     # Speculative decoding, as vLLM's --speculative-config: JSON text, a dict or a SpeculativeConfig
     # (engine/config/speculative.py), e.g. '{"method": "ngram", "num_speculative_tokens": 3}'. None: off. It runs
     # the serial step loop (drafts need the tokens just emitted): async_scheduling is turned off, logged once.
@@ -339,8 +341,9 @@ class EngineArgs:
         # and index keys (engine/models/dsv4_attention.py keeps them whole under TP).
         latent = isinstance(model_cfg.attention, (MLAConfig, DSV4AttentionConfig))
         # A hybrid model's states move rank to rank between engines of one TP size (checked per load).
-        return kvc.for_tensor_parallel(tp, 0 if latent else model_cfg.attention.num_kv_heads,
-                                       states=bool(model_cfg.state_layers), world_size=parallel.world_size)
+        bound = cast("TensorParallelKVConnector", kvc)  # has it: checked above (the config imports no protocol)
+        return bound.for_tensor_parallel(tp, 0 if latent else model_cfg.attention.num_kv_heads,
+                                         states=bool(model_cfg.state_layers), world_size=parallel.world_size)
 
     def grammar_config(self) -> GrammarConfig:
         return GrammarConfig(workers=self.grammar_compile_workers, max_queued=self.max_queued_grammar_compiles,

@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from moelink.scheduler.config import SchedulerConfig
+
+if TYPE_CHECKING:  # typing only (tests/test_layering.py TYPING_SEAMS)
+    from ..contract.spec_decoding import HostDrafter
 
 from .eagle3 import check_eagle3_target, read_eagle3_config
 from .model_source import resolve_model_dir
@@ -38,7 +41,7 @@ class SpeculativeConfig:
     model: Optional[str] = None
     # The Python API only (tests, benchmarks): a callable returning a HostDrafter (engine/contract/spec_decoding.py)
     # used instead of the method's own; picklable when the ranks are Ray workers.
-    drafter_factory: Optional[Callable[[], Any]] = None
+    drafter_factory: Optional[Callable[[], HostDrafter]] = None
     # How much verify work drafts may cost (the scheduler's, scheduler/draft_control.py; SchedulerConfig.spec_*):
     # a request verifies its i-th draft only while its estimated per-draft acceptance p has p**i >=
     # min_draft_acceptance (0: every draft), so drafts that keep failing stop costing everyone a verify row each;

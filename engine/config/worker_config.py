@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from .model import ModelConfig
 from .speculative import SpeculativeConfig
+
+if TYPE_CHECKING:  # typing only (tests/test_layering.py TYPING_SEAMS)
+    from ..contract.kv_connector import KVConnectorFactory
 
 # Where the weights come from (vLLM's names): "auto" / "safetensors" read the checkpoint's safetensors files,
 # "dummy" makes random weights on the device from config.json alone (engine/rank/dummy_weights.py).
@@ -44,7 +47,7 @@ class WorkerConfig:
     async_scheduling: bool = False
     load_format: str = "auto"  # LOAD_FORMATS
     # A KV connector (engine/contract/kv_connector.py): the worker builds its rank's worker half from it. None: none.
-    kv_connector: Any = None  # duck-typed: engine/config may not import engine/contract
+    kv_connector: KVConnectorFactory | None = None
     # Speculative decoding (engine/config/speculative.py): the runner's drafter; None: off.
     speculative: SpeculativeConfig | None = None
     # Per-sequence state pools of a model with linear-attention layers (CacheConfig's numbers); 0: none.

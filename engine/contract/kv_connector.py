@@ -10,11 +10,14 @@ scheduler half decides, each rank's worker half allocates and copies on its own.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from moelink.scheduler.kv_connector import KVConnector
 
 from .kv_blocks import WorkerKVConnector
+
+if TYPE_CHECKING:  # typing only: the contract sits above the configuration, which names these protocols
+    from ..config.engine_args import EngineConfig
 
 
 class KVConnectorFactory(Protocol):
@@ -27,4 +30,23 @@ class KVConnectorFactory(Protocol):
         """The rank's worker half, a `WorkerKVConnector` (called by the rank's worker when it builds its runner)."""
 
 
-__all__ = ["KVConnectorFactory"]
+@runtime_checkable
+class TensorParallelKVConnector(KVConnectorFactory, Protocol):
+    """A factory bound to a TP layout (EngineArgs calls it when tensor_parallel_size > 1): the remote connector
+    (engine/kv_transfer/remote.py) saves or loads each rank's own heads, the offload tiers keep each rank's cache."""
+
+    def for_tensor_parallel(self, tp_size: int, num_kv_heads: int, states: bool = False,
+                            world_size: int = 1) -> KVConnectorFactory:
+        """This connector for an engine of `tp_size` ranks per TP group (0 kv heads: a latent, whole per rank)."""
+
+
+@runtime_checkable
+class ConfigurableKVConnector(KVConnectorFactory, Protocol):
+    """A factory that learns the sized engine before its scheduler halves exist (the offload tiers: one block's
+    bytes, which the driver cannot read from ranks in other processes)."""
+
+    def configure(self, engine_config: EngineConfig) -> None:
+        """Called once by the engine with its final EngineConfig."""
+
+
+__all__ = ["ConfigurableKVConnector", "KVConnectorFactory", "TensorParallelKVConnector"]

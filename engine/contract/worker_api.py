@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from moelink.scheduler.outputs import ModelRunnerOutput
+
 
 class RankCall(str, Enum):
     """A Worker method every rank runs together (its value is the method's name)."""
@@ -26,6 +28,18 @@ class RankCall(str, Enum):
     EPLB_STATE = "eplb_state"
     # Tests only (not a user flag): later move chunks pause, so a test can kill a rank mid-move.
     EPLB_TEST_SLOW_MOVES = "eplb_test_slow_moves"
+
+
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step every rank was sent and has not been collected yet: what `Executor.launch` returns and
+    `Executor.collect` takes (the overlapped loop launches step N+1 before it collects step N). `step_ids`: the step's
+    id on each rank (the key of the rank's StepHandle); `outputs`: the outputs already in hand, where the executor
+    ran the step at once (one that cannot overlap). An executor whose rank calls are still running subclasses it
+    with its handles on them (engine/cluster/ray_executor.RayLaunchedStep)."""
+
+    step_ids: tuple[int, ...]
+    outputs: tuple[ModelRunnerOutput, ...] | None = None
 
 
 PLANS = ("auto", "full", "minimal")
@@ -109,4 +123,4 @@ def rank_call(method) -> RankCall:
         raise ValueError(f"collective method={method!r} is invalid: it must be a RankCall ({allowed}).") from None
 
 
-__all__ = ["RankAPI", "RankCall", "WarmupConfig", "WarmupReport", "rank_call"]
+__all__ = ["LaunchedStep", "RankAPI", "RankCall", "WarmupConfig", "WarmupReport", "rank_call"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, cast
 
 from moelink.scheduler.engine_output import EngineCoreOutput, SchedulerStats
-from moelink.scheduler.outputs import ModelRunnerOutput
+from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 from moelink.scheduler.request import Request, RequestStatus
 from moelink.scheduler.router import LeastLoadedRouter
 from moelink.scheduler.interface import SchedulerInterface
@@ -41,6 +41,8 @@ from .input_processing import (  # noqa: F401  (re-exported: the server and call
 )
 from .outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
+from ..contract.kv_connector import ConfigurableKVConnector
+from ..contract.worker_api import LaunchedStep
 from ..contract.sampling_params import SamplingParams
 from .startup import set_eplb_slot_bytes, size_kv_cache, warm_up_ranks
 from .structured_output import GrammarCompilerPool, StructuredOutputManager
@@ -90,7 +92,7 @@ class LLMEngine:
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
         kvc = config.kv_connector  # a KV connector's scheduler half per rank (engine/contract/kv_connector.py)
-        if kvc is not None and callable(getattr(kvc, "configure", None)):
+        if isinstance(kvc, ConfigurableKVConnector):
             # Optional: learn what the sized engine is before the scheduler halves exist (the offload tiers: one
             # block's bytes, which the driver cannot read from ranks in other processes).
             kvc.configure(config)
@@ -115,9 +117,9 @@ class LLMEngine:
         self.elastic_stats = ElasticStats()
         # Elastic EP: per old rank, the SchedulerOutputs of the steps a loss broke (engine/cluster/elastic.py rewinds them).
         self._inflight = None
-        # The overlapped loop: (SchedulerOutputs, the executor's launch token) of the step launched and not yet
+        # The overlapped loop: (SchedulerOutputs, the executor's LaunchedStep) of the step launched and not yet
         # collected; None when nothing is in flight.
-        self._pending = None
+        self._pending: tuple[list[SchedulerOutput], LaunchedStep] | None = None
         self.async_scheduling = config.scheduler.async_scheduling
         self.loop_stats = LoopStats()
         warm_up_ranks(self.executor, config)  # KV cache in place: compile what steps hit, before serving
@@ -323,7 +325,7 @@ class LLMEngine:
         done, self._pending = self._pending, None
         return self._collect(done) if done is not None else []
 
-    def _collect(self, done) -> list[EngineCoreOutput]:
+    def _collect(self, done: tuple[list[SchedulerOutput], LaunchedStep]) -> list[EngineCoreOutput]:
         """Take a launched step's outputs: scheduler updates, metrics, structured-output matchers."""
         sched_outs, launched = done
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from moelink.moe.stats import MoECounters
 from moelink.scheduler.outputs import ModelRunnerOutput, StepStats
 
 from ..contract.spec_decoding import DeviceDrafter, DraftRequest, HostDrafter, VerifyResult
@@ -30,7 +31,7 @@ class DeviceResult:
     logprobs_LX: Optional[torch.Tensor] = None  # float32 [L, 3 + 2N], host copy (sampler.unpack_logprobs)
     num_logprobs: Optional[list] = None
     max_num_logprobs: int = 0
-    read_moe: Optional[Callable[[], object]] = None  # MoEStats.take()'s reader
+    read_moe: Optional[Callable[[], MoECounters]] = None  # MoEStats.take()'s reader
     device_s: float = 0.0  # seconds the device work took to run (CPU) or to launch (CUDA), host clock
     spec: Optional[VerifyResult] = None  # a verify step's sampling (engine/spec/verify.py)
     drafts_RK: Optional[torch.Tensor] = None  # long [R, k], host copy: a device drafter's drafts per sampled row

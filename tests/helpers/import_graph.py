@@ -1,7 +1,9 @@
 """The import graph of moelink's folders, read from the source with `ast` (nothing is imported).
 
 Every `import` and `from ... import` counts, lazy ones inside functions included, and so do constant module
-names given to `importlib.import_module`. Used by tests/test_layering.py (the layering rule and cycles) and
+names given to `importlib.import_module`. Imports under `if TYPE_CHECKING:` (never run: they name a type for the
+type checker) are kept apart, in `typing_edges`: tests/test_layering.py allows those to reach the seam protocols of
+engine/contract from the configuration below it, and no further. Used by tests/test_layering.py (the layering rule and cycles) and
 by tests that check one module's reach (e.g. engine_args must not load the model runner).
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ class ImportGraph:
     edges: dict[str, set[str]] = field(default_factory=dict)  # module -> modules of this package it imports
     external: dict[str, set[str]] = field(default_factory=dict)  # module -> top-level outside packages
     where: dict[tuple[str, str], int] = field(default_factory=dict)  # (module, imported) -> first line
+    # module -> modules of this package it imports only under `if TYPE_CHECKING:` (for annotations, never run)
+    typing_edges: dict[str, set[str]] = field(default_factory=dict)
 
 
 def _module_files() -> dict[str, Path]:
@@ -34,10 +38,22 @@ def _module_files() -> dict[str, Path]:
     return files
 
 
+def _typing_only_lines(tree: ast.AST) -> set[int]:
+    """The lines of the imports inside `if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`) blocks, not their `else`."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and (
+                (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+                or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")):
+            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt)
+                      if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return lines
+
+
 def _imported_names(module: str, path: Path, tree: ast.AST) -> list[tuple[str, int]]:
     """Absolute dotted names imported by one module (without resolving which of them are modules)."""
     is_package = path.name == "__init__.py"
-    names = []
+    names: list[tuple[str, int]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names += [(alias.name, node.lineno) for alias in node.names]
@@ -62,9 +78,10 @@ def _imported_names(module: str, path: Path, tree: ast.AST) -> list[tuple[str, i
 def build_graph() -> ImportGraph:
     graph = ImportGraph(_module_files())
     for module, path in graph.files.items():
-        edges, external = set(), set()
+        edges, external, typing_only = set(), set(), set()
         tree = ast.parse(path.read_text(), str(path))
         names = _imported_names(module, path, tree)
+        typing_lines = _typing_only_lines(tree)
         submodule_lines = set()
         for name, line in names:
             if line > 0 and name.startswith(PACKAGE + ".") and name[len(PACKAGE) + 1:] in graph.files:
@@ -77,9 +94,10 @@ def build_graph() -> ImportGraph:
             if line < 0 and -line in submodule_lines:
                 continue  # `from . import a_module`: the dependency is on the module, not on the package
             if target in graph.files and target != module:
-                edges.add(target)
+                (typing_only if abs(line) in typing_lines else edges).add(target)
                 graph.where.setdefault((module, target), abs(line))
         graph.edges[module] = edges
+        graph.typing_edges[module] = typing_only - edges
         graph.external[module] = external
     return graph
 

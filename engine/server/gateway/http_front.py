@@ -44,10 +44,9 @@ from typing import Awaitable, Callable, Optional
 
 import h11
 
-from ...contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
 from ...contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
-from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, rewrite
+from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
 from .quirks import needs_key
 from .tool_calls import asks_one_call, forget, note_one_call
 
@@ -215,12 +214,7 @@ class HttpFront:
         path = request.target.split(b"?", 1)[0].decode("latin-1")
         if request.method != b"POST" or path not in (CHAT_PATH, COMPLETIONS_PATH):
             return body, False
-        # Measured before json.loads (and the json.dumps below), which recurse per level: a 100,000-deep body
-        # closed the connection without an answer (RecursionError). smg refuses past the same depth itself.
-        depth = text_depth(body)
-        if depth > MAX_JSON_DEPTH:
-            where = deep_path(body.decode("utf-8", "replace")) or "the request body"
-            raise HttpFieldError(where.split(".", 1)[0].split("[", 1)[0], too_deep(where, depth))
+        refuse_too_deep(body)  # before json.loads and the json.dumps below, which recurse per level
         try:
             data = json.loads(body)
         except ValueError:

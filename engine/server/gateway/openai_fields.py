@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ...contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
 from ...contract.safe_text import shown
 from ...contract.structured_output_params import PREFIX, StructuredOutputParams
 from .quirks import carried_constraint, completions_logprobs_dropped, logit_bias_dropped
@@ -36,6 +37,16 @@ class HttpFieldError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+def refuse_too_deep(body: bytes) -> None:
+    """Raise HttpFieldError, naming the top-level field that nests deepest, when the JSON text `body` nests past
+    MAX_JSON_DEPTH. Measured on the text, before json.loads (which recurses per level: a 100,000-deep body closed
+    the connection without an answer, RecursionError); smg refuses past the same depth itself."""
+    depth = text_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        where = deep_path(body.decode("utf-8", "replace")) or "the request body"
+        raise HttpFieldError(where.split(".", 1)[0].split("[", 1)[0], too_deep(where, depth))
 
 
 def rewrite(path: str, body: dict) -> Optional[dict]:

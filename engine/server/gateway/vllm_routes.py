@@ -29,9 +29,8 @@ import uuid
 from typing import Optional
 
 from ...core.no_tokenizer import NoTokenizer
-from ...contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
 from ...contract.safe_text import shown
-from .openai_fields import HttpFieldError
+from .openai_fields import HttpFieldError, refuse_too_deep
 
 TOKENIZE_PATH = "/tokenize"
 DETOKENIZE_PATH = "/detokenize"
@@ -224,10 +223,7 @@ class VllmRoutes:
 
 
 def _json_object(body: bytes) -> dict:
-    depth = text_depth(body)
-    if depth > MAX_JSON_DEPTH:
-        where = deep_path(body.decode("utf-8", "replace")) or "the request body"
-        raise HttpFieldError(where.split(".", 1)[0].split("[", 1)[0], too_deep(where, depth))
+    refuse_too_deep(body)
     try:
         data = json.loads(body)
     except ValueError as e:
