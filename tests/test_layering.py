@@ -20,7 +20,7 @@ from tests.helpers.import_graph import FOLDERS, ROOT, ImportGraph, build_graph, 
 ALLOWED: dict[str, frozenset[str]] = {
     "benchmarks": frozenset({"engine.server", "engine.api", "engine", "engine.core", "engine.cluster", "engine.spec",
                              "engine.rank", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.tools",
-                             "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
+                             "engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                              "kernels"}),
     "engine.server": frozenset({"engine.api", "engine", "engine.core", "engine.tools", "engine.contract",
                                 "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
@@ -37,9 +37,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     # step samples with the rank's sampler. The rank reaches it only through engine/contract/spec_decoding.py's
     # protocols, the implementation handed to each Worker by the cluster (engine/spec/api.SPEC_DECODING).
     "engine.spec": frozenset({"engine.rank", "engine.kv_transfer", "engine.spec.heads", "engine.models",
-                              "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
+                              "engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                              "kernels"}),
-    "engine.rank": frozenset({"engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.contract",
+    "engine.rank": frozenset({"engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.state", "engine.contract",
                               "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # The KV data plane (connectors, transports, wire format, store, auth) sits below the runner, beside the models:
     # the runner calls its worker half, the API builds its connector from flags.
@@ -47,11 +47,15 @@ ALLOWED: dict[str, frozenset[str]] = {
                                      "comm", "kernels"}),
     # Its draft heads (MTP modules, EAGLE-3 heads) are a floor of their own below the rank, built from the models'
     # parts: the rank's loader leaves a checkpoint's MTP tensors unread and its dummy checkpoints make them.
-    "engine.spec.heads": frozenset({"engine.models", "engine.contract", "engine.tp", "engine.config", "planner",
+    "engine.spec.heads": frozenset({"engine.models", "engine.state", "engine.contract", "engine.tp", "engine.config", "planner",
                                     "scheduler", "moe", "comm", "kernels"}),
-    "engine.models": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
+    "engine.models": frozenset({"engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                                 "kernels"}),
     "engine.tools": frozenset({"engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
+    # The per-sequence layer state (engine/state/: the state pools, a step's StateStep) sits below the models that
+    # read it and the rank that fills it, on the contract (its host-to-device copies).
+    "engine.state": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
+                               "kernels"}),
     "engine.contract": frozenset({"engine.tp", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # Tensor parallelism (engine/tp/: the group, a rank's attention view, the sharding rules of the sharded layers)
     # sits on the configuration alone: the contract names a TensorParallel, the models build their shards with it.

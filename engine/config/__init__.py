@@ -3,5 +3,5 @@ quantization), every user-facing engine option (`EngineArgs` -> `EngineConfig`),
 from them (worker, CUDA graphs, timeouts, KV sizing).
 
 Pure values and validation: nothing here starts a process, touches a device or imports the model.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.contract, engine.core, engine.kv_transfer, engine.models, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.tools, engine.tp.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.contract, engine.core, engine.kv_transfer, engine.models, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools, engine.tp.
 """

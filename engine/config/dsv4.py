@@ -24,7 +24,7 @@ float32 scale per 64 and its R rope values in bfloat16 (FlashMLA's shape, with f
 e4m3 with a float32 scale per 128 (DSA's row). V4-Flash's CSA layer: (604 + 132) / 4 = 184 bytes per token where
 bf16 costs (1024 + 256) / 4 = 320. The window ring takes the entry's fp8 rows too: the layer's config carries the cache dtype (`cache_dtype`, set by
 `resolve_dsv4_cache`, which ModelConfig calls as it resolves DSA's key layout: the state pools are allocated and
-sized from the layer config and the model dtype alone, engine/rank/state_cache.py and engine/config/kv_sizing.py);
+sized from the layer config and the model dtype alone, engine/state/cache.py and engine/config/kv_sizing.py);
 the compressor rows stay float32 (a partial window's running sums, not cached values).
 Why the window is state and not paged: paged, the raw KV of every token would stay (head_dim values per token and
 layer, as many as DeepSeek-V3's latent) unless the blocks leaving the window were freed, and the hybrid cache manager

@@ -66,7 +66,7 @@ def state_bytes_per_sequence(cfg: "ModelConfig") -> int:
 
 
 def state_pool_bytes(cfg: "ModelConfig", num_state_slots: int, num_state_checkpoints: int) -> int:
-    """The state pools' bytes: every slot, checkpoint and the null slot (engine/rank/state_cache.py). They come out of
+    """The state pools' bytes: every slot, checkpoint and the null slot (engine/state/cache.py). They come out of
     the same budget as the KV blocks."""
     if not cfg.state_layers:
         return 0

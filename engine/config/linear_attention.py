@@ -5,7 +5,7 @@ A linear-attention layer keeps no per-token KV. Each sequence carries two fixed-
   concatenated q/k/v projections, [conv_kernel - 1, conv_dim] in the model's dtype;
 - the recurrent one: S of the gated delta rule, [num_v_heads, head_k_dim, head_v_dim] in float32 (the kernels
   accumulate it in float32 whatever the activations: kernels/gated_delta.py).
-The worker keeps them in state pools indexed by slot (engine/rank/state_cache.py), the scheduler hands out the
+The worker keeps them in state pools indexed by slot (engine/state/cache.py), the scheduler hands out the
 slots (scheduler/hybrid_cache.py), and the KV sizer counts their bytes per sequence beside the KV blocks' per
 token (engine/config/kv_sizing.py). As an attention kind it answers the paged-KV questions with "nothing"
 (`kv_bytes_per_token` 0, no `cache_shapes`), so a hybrid model's KV is its full-attention layers' alone.

@@ -9,7 +9,7 @@ size for GQA's k and v; kv_lora_rank + rope dim for MLA's latent; 1 byte per val
 tensors with the request's one table (GQA: (k, v); MLA: (latent,)), or, for a model whose sliding and full
 layers share tensors (gpt-oss, engine/config/layer_configs.py `kv_layer_pairs`), each shared set twice, once with
 the full table and once with the sliding table. A model with per-sequence state (linear attention's conv and
-recurrent states, engine/rank/state_cache.py) adds one "state" group per such layer: its state pools, whose one
+recurrent states, engine/state/cache.py) adds one "state" group per such layer: its state pools, whose one
 "block" is the request's state slot (`KVTransfer.state_slot`), copied whatever `first_block` says (a prefix hit
 gives blocks, never the state at the transfer's end); its rows are [1, *one slot's state]. A block row of every
 tensor is copied as bytes (`uint8` views),
@@ -89,7 +89,7 @@ class PendingRead:
 class PagedKVBlocks:
     """A rank's paged KV cache as block rows to copy (module docstring). `kv_caches`: the runner's per-layer
     tensor tuples; `kv_pairs`: its (full, sliding) layer pairs sharing tensors, or None; `state_caches`: its
-    per-sequence state pools (engine/rank/state_cache.StateCaches), or None. A stateful layer's entry of
+    per-sequence state pools (engine/state/cache.StateCaches), or None. A stateful layer's entry of
     `kv_caches` ends with its state pools (the runner appends them after its paged tensors, if any)."""
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, ...]], kv_pairs, block_size: int,

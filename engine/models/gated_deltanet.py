@@ -15,7 +15,7 @@ same pieces by name.
 Under tensor parallelism a rank holds whole q/k head groups and their value heads (GatedDeltaNet.__init__): its
 rows of every projection, its conv channels, out_proj's columns (one all-reduce), states of its heads only.
 
-States: `ctx.kv_caches[layer]` is this layer's (conv_state_PRC, ssm_state_PNKV) pools (engine/rank/state_cache.py)
+States: `ctx.kv_caches[layer]` is this layer's (conv_state_PRC, ssm_state_PNKV) pools (engine/state/cache.py)
 and `ctx.state` (StateStep) the step's slot of each sequence and whether it continues a state. A pure-decode step
 (one token per sequence) runs the decode forms; anything else the varlen prefill forms.
 

@@ -17,7 +17,7 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
 from .linear import Linear, linear_method
-from .state_step import StateStep
+from ..state.step import StateStep
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -36,7 +36,7 @@ class ForwardContext:
     attn_sliding: AttentionMetadata | None = None
     # Residual-stream states the main model's forward keeps for a drafter (EAGLE-3), or None: keep nothing.
     aux: "AuxCapture | None" = None
-    # Layers with per-sequence state (linear attention): the step's slots (engine/models/state_step.py); their
+    # Layers with per-sequence state (linear attention): the step's slots (engine/state/step.py); their
     # `kv_caches` entries are their state pools. None: the model has no such layers.
     state: StateStep | None = None
     # DeepSeek Sparse Attention: the positions the last indexer of this forward selected, int32 [T, index_topk] (-1

@@ -257,7 +257,7 @@ class MoEDecoderForCausalLM(nn.Module):
 
     def replay_states(self, num_accepted_S: torch.Tensor) -> None:
         """A verify step of a model with linear-attention layers: each layer's verifying sequences take their
-        accepted tokens into their states (engine/models/state_step.VerifySplit)."""
+        accepted tokens into their states (engine/state/step.VerifySplit)."""
         for layer in self.layers:
             if layer.mixer_name == "linear_attn":
                 layer.linear_attn.replay_states(num_accepted_S)

@@ -63,7 +63,7 @@ import torch
 from moelink.kernels.attention import FP8_CACHE_DTYPES, AttentionMetadata
 
 from ..models.layers import ForwardContext
-from ..models.state_step import StateStep
+from ..state.step import StateStep
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 
 from moelink.kernels.attention import AttentionMetadata
 
-from .device_stream import to_device
+from ..contract.host_copy import to_device
 from .step_inputs import StepInputs
 
 

@@ -29,7 +29,6 @@ import time
 from concurrent.futures import Future
 from typing import Callable
 
-import numpy as np
 import torch
 
 
@@ -174,24 +173,4 @@ def make_stream(device: torch.device, asynchronous: bool):
     return ThreadStream()
 
 
-def to_device(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host array or list on `device` without making the host wait for the device: from pinned memory with a
-    non-blocking copy on CUDA (a pageable copy would synchronise the stream), as is on the CPU."""
-    t = torch.as_tensor(np.asarray(array), dtype=dtype)
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """A device tensor's copy in (pinned) host memory, enqueued without a wait: read it after the step's
-    DeviceWork.wait()."""
-    if t.device.type == "cpu":
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out
-
-
-__all__ = ["CudaStream", "DeviceWork", "InlineStream", "SimulatedStream", "ThreadStream", "make_stream", "to_device",
-           "to_host"]
+__all__ = ["CudaStream", "DeviceWork", "InlineStream", "SimulatedStream", "ThreadStream", "make_stream"]

@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .device_stream import to_device
+from ..contract.host_copy import to_device
 from ..contract.sampling_params import SamplingParams
 
 

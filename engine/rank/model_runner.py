@@ -27,13 +27,14 @@ from ..tp.attention import tp_local_config
 from ..tp.group import TensorParallel
 from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len, verify_sizes
 from .device_inputs import device_inputs
-from .device_stream import make_stream, to_device, to_host
+from ..contract.host_copy import to_device, to_host
+from .device_stream import make_stream
 from .input_batch import PersistentBatch
 from .kv_cache import make_kv_caches
 from .loader import load_model
 from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
 from .sampler import Sampler, SamplingMetadata
-from .state_cache import StateCaches, StatePlan
+from ..state.cache import StateCaches, StatePlan
 from .step_handle import DeviceResult, StepHandle
 from .step_inputs import StepInputs, build_step_inputs
 from .step_plan import SingleBatch, TwoBatchOverlap
@@ -67,7 +68,7 @@ class ModelRunner:
         `spec_decoding`: the feature that runs it (engine/spec/api.SPEC_DECODING, behind
         engine/contract/spec_decoding.py's protocols), required with `speculative`.
         `num_state_slots`, `num_state_checkpoints`: the per-sequence state pools of a model with linear-attention
-        layers (scheduler/hybrid_cache.py hands out the slots; engine/rank/state_cache.py holds them)."""
+        layers (scheduler/hybrid_cache.py hands out the slots; engine/state/cache.py holds them)."""
         # Under TP (`tp`, engine/tp/group.py) the rank's view: its attention heads, so its KV cache holds
         # only its heads' K/V (engine/tp/attention.py); the model is built from the whole config + tp.
         self.tp = tp if tp is not None and tp.size > 1 else None

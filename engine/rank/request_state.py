@@ -42,7 +42,7 @@ class CachedRequestState:
     # view of that row of the batch's block table.
     row: int | None = None
     batch: "PersistentBatch | None" = None
-    # The request's per-sequence state slot (linear attention: engine/rank/state_cache.py); -1: the model has none.
+    # The request's per-sequence state slot (linear attention: engine/state/cache.py); -1: the model has none.
     state_slot: int = -1
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from moelink.engine.rank.device_stream import to_device
+from moelink.engine.contract.host_copy import to_device
 from moelink.engine.contract.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ from moelink.scheduler.outputs import SchedulerOutput
 from ..contract.ep_step import plan_ep_step
 from ..contract.worker_api import WarmupConfig, WarmupReport
 from ..models.layers import ForwardContext
-from ..models.state_step import StateStep
+from ..state.step import StateStep
 from .sampling_metadata import SamplingMetadata
 from ..contract.sampling_params import MAX_LOGPROBS, SamplingParams
 from .warmup_plan import StepLimits, WarmupStep, minimal_plan, plan_steps

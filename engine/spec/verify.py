@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..contract.spec_decoding import DraftRequest, LogitsModel, SamplingBatch
-from ..rank.device_stream import to_device, to_host
+from ..contract.host_copy import to_device, to_host
 from .rejection import DraftRows, rejection_sample
 from ..rank.sampler import Sampler, apply_penalties, processed_probs
 from ..rank.sampling_metadata import SamplingMetadata, unpack_bitmasks

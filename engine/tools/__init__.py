@@ -2,5 +2,5 @@
 built-in model and its training, the FP8 and MXFP4 quantizers.
 
 They write checkpoints the engine loads; the engine core never imports them.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.contract, engine.core, engine.kv_transfer, engine.models, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.tp.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.contract, engine.core, engine.kv_transfer, engine.models, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tp.
 """

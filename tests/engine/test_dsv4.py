@@ -245,10 +245,10 @@ def test_float32_logits_equal_transformers_over_two_chunks(dsv4_path):
     from transformers import AutoModelForCausalLM
 
     from moelink.engine.models.layers import ForwardContext
-    from moelink.engine.models.state_step import StateStep
+    from moelink.engine.state.step import StateStep
     from moelink.engine.rank.kv_cache import make_kv_caches
     from moelink.engine.rank.loader import load_model
-    from moelink.engine.rank.state_cache import StateCaches
+    from moelink.engine.state.cache import StateCaches
     from moelink.kernels.attention import AttentionMetadata
     from moelink.kernels.ops import ReferenceKernels
 

@@ -2,7 +2,7 @@
 
 A step of one token per sequence runs the decode kernels, which read the slot whatever it holds (no has_initial
 flag); a one-token prompt after other requests on the same engine read the last owner's state and drifted from
-transformers (engine/rank/state_cache.StatePlan.fresh_decodes now zeroes those slots first)."""
+transformers (engine/state/cache.StatePlan.fresh_decodes now zeroes those slots first)."""
 from __future__ import annotations
 
 from moelink.engine import LLM

@@ -131,7 +131,7 @@ def test_qwen3_next_states_rank_to_rank_at_tp2(local_ray, hf_tiny_model):
     """A hybrid model (gated DeltaNet beside full attention) at -tp 2 on both sides: each decode rank takes its
     place's full-attention heads and linear-attention states (its own heads', not cut) from the prefill rank of the
     same place. A one-token prompt among them (nothing to move: decoded from a zeroed state slot on an engine that
-    ran other requests before, engine/rank/state_cache.StatePlan.fresh_decodes)."""
+    ran other requests before, engine/state/cache.StatePlan.fresh_decodes)."""
     path = hf_tiny_model("qwen3_next")
     ps = prompts(hf_checkpoints.VOCAB, seed=48, n=3, lo=2, hi=20) + [[7]]
     engines = {}

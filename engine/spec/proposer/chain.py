@@ -56,7 +56,7 @@ from moelink.moe.layer import MoEOnlyStages, run_stages
 from ...config.layer_configs import AttentionConfig
 from ...contract.spec_decoding import CapturedStates, DraftPlan, DraftRequest, DraftStepInputs
 from ...models.layers import AuxCapture, ForwardContext
-from ...rank.device_stream import to_device, to_host
+from ...contract.host_copy import to_device, to_host
 
 # Sampled rows the first scratch allocation serves (vLLM's default max_num_seqs); more grow it (rare).
 SCRATCH_ROWS = 256

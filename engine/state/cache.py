@@ -17,8 +17,8 @@ import torch
 
 from ..config.dsv4 import DSV4AttentionConfig
 from ..config.linear_attention import LinearAttentionConfig
-from ..models.state_step import StateGroup, StateStep, VerifySplit
-from .device_stream import to_device
+from .step import StateGroup, StateStep, VerifySplit
+from ..contract.host_copy import to_device
 
 
 class StateCaches:
@@ -71,7 +71,7 @@ class StateCaches:
 class StatePlan:
     """One step's per-sequence-state work, built on the host at launch (batch order): each sequence's slot and
     whether it continues a state, the copies the step owes (prefix hits before the forward, checkpoint saves after
-    it) and, in a verify step, which sequences verify drafts (engine/models/state_step.VerifySplit)."""
+    it) and, in a verify step, which sequences verify drafts (engine/state/step.VerifySplit)."""
 
     def __init__(self, slots: list[int], continues: list[bool], query_lens: list[int], copies_in: list[tuple[int, int]],
                  saves: list[tuple[int, int]], verifying: list[bool] | None):
