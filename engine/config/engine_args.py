@@ -336,7 +336,7 @@ class EngineArgs:
                              f"{model_cfg.architecture} with tensor_parallel_size={tp}: its layers mix KV kinds "
                              f"({', '.join(sorted(kinds))}), and a rank's KV shard is one kind's.")
         # Whole on every rank, no heads to name: MLA's latent; DeepSeek-V4's one shared KV head, compressed entries
-        # and index keys (engine/models/dsv4_attention.py keeps them whole under TP).
+        # and index keys (engine/models/deepseek_v4/attention.py keeps them whole under TP).
         latent = isinstance(model_cfg.attention, (MLAConfig, DSV4AttentionConfig))
         # A hybrid model's states move rank to rank between engines of one TP size (checked per load).
         return kvc.for_tensor_parallel(tp, 0 if latent else model_cfg.attention.num_kv_heads,

@@ -55,7 +55,6 @@ from moelink.moe.weight_plan import PlanEntry, Rearranged
 from ..config.model import ModelConfig
 from ..models import MoEDecoderForCausalLM, arch_spec
 from ..spec.heads import make_mtp_layer
-from ..models.dsv4_decoder import DeepseekV4ForCausalLM
 
 WEIGHT_RANGE = 0.02  # float weights uniform in [-0.02, 0.02] (module docstring: why not vLLM's 1e-3)
 BIAS_RANGE = 1e-3  # biases and sinks: vLLM's range
@@ -177,8 +176,7 @@ class DummyCheckpoint:
         plan of the model built at one rank on the meta device; with `mtp_layers`, the first MTP modules' too
         (engine/spec/heads/mtp.py; sharing the main embedding and head, as a checkpoint without copies does)."""
         meta, spec = torch.device("meta"), arch_spec(cfg.architecture)
-        model_cls = DeepseekV4ForCausalLM if spec.attention == "dsv4" else MoEDecoderForCausalLM
-        shapes_only = model_cls(cfg, spec, ReferenceKernels(), meta)
+        shapes_only = MoEDecoderForCausalLM(cfg, spec, ReferenceKernels(), meta)
         plan = shapes_only.weight_plan(None)
         for i in range(mtp_layers):
             plan.update(make_mtp_layer(cfg, spec, i, ReferenceKernels(), meta, embed_tokens=shapes_only.embed_tokens,

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from moelink.engine import LLM
+from moelink.engine.config.dsv4_quant import read_dsv4_quantization
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models import arch_spec
 from moelink.engine.spec.heads.dsv4_mtp import DSV4MTPLayer
@@ -47,7 +48,7 @@ def _mtp_layer(path: str, quant_path: str | None = None):
     cfg = ModelConfig.from_pretrained(quant_path or path, dtype="float64")
     main = load_model(cfg, ReferenceKernels(), CPU)  # the mtp.* tensors stay unread by the main model
     mtp = DSV4MTPLayer(cfg, arch_spec(cfg.architecture), 0, main.embed_tokens, main.lm_head, ReferenceKernels(), CPU,
-                       quant=main.quant)
+                       quant=read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization))
     ckpt = SafetensorsCheckpoint(quant_path or path)
     load_plan(ckpt, mtp.weight_plan(frozenset(ckpt.keys())), CPU)
     return cfg, main, mtp

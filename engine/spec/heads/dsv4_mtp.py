@@ -27,7 +27,7 @@ sequence), and a paged slot is simply written again by the real token at that po
 lost the position W back that a later query still reads. W x H values per query read: tiny beside the main model's.
 
 Under tensor parallelism (`tp`, docs/tensor-parallelism.md) the block splits as a main layer does (its heads, wo_a's
-groups and wo_b, its experts split or in EP on token slices: dsv4_decoder.py); its window cache holds the one shared
+groups and wo_b, its experts split or in EP on token slices: engine/models/deepseek_v4/blocks.py); its window cache holds the one shared
 kv head, whole on every rank; e_proj / h_proj, the norms and the hyper-head are replicated (their inputs, the main
 model's streams after its all-reduces and the broadcast tokens, are the same on every rank: no collective for two
 D x D matrices); the embedding and head are the main model's vocab shards (engine/tp/vocab.py: the embedding
@@ -49,10 +49,10 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 from ...config.architectures import ArchSpec
 from ...config.dsv4 import mtp_attention
 from ...config.model import ModelConfig
-from ...models.dsv4_attention import DSV4Attention, RopeTable
-from ...models.dsv4_decoder import DSV4DecoderLayer, Norm
-from ...models.dsv4_weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
-from ...models.hyper_connections import HyperHead
+from ...models.deepseek_v4.attention import DSV4Attention, RopeTable
+from ...models.deepseek_v4.blocks import Norm, mtp_layer
+from ...models.deepseek_v4.hyper_connections import HyperHead
+from ...models.deepseek_v4.weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 from ...models.layers import ForwardContext
 from ...models.linear import Linear
 from ...models.rope import rope_inv_freq
@@ -138,11 +138,11 @@ class DSV4MTPLayer(nn.Module):
         attention = mtp_attention(cfg.layer_attention, cfg.hf_config)
         inv_freq, factor = rope_inv_freq(attention.rope, cfg.hf_config)
         self.rope = RopeTable(inv_freq, factor, cfg.max_model_len, device)
-        self.block = DSV4DecoderLayer(cfg, self.index, {"main": self.rope, "compress": self.rope}, kernels, device, ep,
-                                      self.moe_stats, quant, attention=attention, moe_index=0,
-                                      attention_cls=PagedWindowAttention, tp=self.tp)
+        self.block = mtp_layer(cfg, spec, self.index, {"main": self.rope, "compress": self.rope}, kernels, device, ep,
+                               self.moe_stats, quant, attention=attention, moe_index=0,
+                               attention_cls=PagedWindowAttention, tp=self.tp)
         self.cache = WindowCache(attention.head_dim)
-        # FP8 as published (held so, run W8A8 like the block's linears: engine/models/dsv4_weights.py)
+        # FP8 as published (held so, run W8A8 like the block's linears: engine/models/deepseek_v4/weights.py)
         self.e_proj = Linear(D, D, dsv4_linear_method(quant), kernels, dt, device)
         self.h_proj = Linear(D, D, dsv4_linear_method(quant), kernels, dt, device)
         self.enorm, self.hnorm, self.norm = Norm(D, eps, device), Norm(D, eps, device), Norm(D, eps, device)
@@ -182,7 +182,7 @@ class DSV4MTPLayer(nn.Module):
                             p + "hc_head_fn": PlanEntry(self.hc_head.fn_nnD, ()),
                             p + "hc_head_base": PlanEntry(self.hc_head.base_n, ()),
                             p + "hc_head_scale": PlanEntry(self.hc_head.scale_1, ())}
-        block = self.block.weight_plan(self.index, self.spec, self.expert_ids, self.cfg.num_experts, prefix=p)
+        block = self.block.weight_plan(p, self.index, self.cfg, self.spec, self.expert_ids, frozenset())
         plan.update({n.replace(".attn.norm.weight", ".attn.kv_norm.weight"): e for n, e in block.items()})
         if self.quant is not None:
             plan = fp8_dequant_plan(plan, checkpoint_names or (), self.quant.block)

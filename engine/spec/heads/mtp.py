@@ -157,7 +157,7 @@ class MTPLayer(nn.Module):
         """`forward` as stages: yields while its MoE all-to-all is in flight (under expert parallelism)."""
         e_TD = self.enorm(self.vocab.embed(input_ids_T, self.embed_tokens))
         x_TD = self.eh_proj(torch.cat([e_TD, self.hnorm(hidden_TD)], dim=-1))
-        y_TD, residual_TD = yield from self.layer.stages(positions_T, x_TD, None, ctx)
+        y_TD, residual_TD = yield from self.layer.stages(positions_T, (x_TD, None), None, ctx)
         return y_TD + residual_TD
 
     def moe_only_stages(self) -> MoEOnlyStages:

@@ -113,7 +113,7 @@ class QwenMTPLayer(nn.Module):
         """`forward` as stages: yields while its MoE all-to-all is in flight (under expert parallelism)."""
         e_TD = self.pre_fc_norm_embedding(self.vocab.embed(input_ids_T, self.embed_tokens))
         x_TD = self.fc(torch.cat([e_TD, self.pre_fc_norm_hidden(hidden_TD)], dim=-1))
-        y_TD, residual_TD = yield from self.layer.stages(positions_T, x_TD, None, ctx)
+        y_TD, residual_TD = yield from self.layer.stages(positions_T, (x_TD, None), None, ctx)
         out_TD, _ = self.norm.add_forward(y_TD, residual_TD)
         return out_TD
 

@@ -21,7 +21,7 @@ DeepSeek-V4: its MTP module (engine/spec/heads/dsv4_mtp.py) reads the main model
 hyper-head (not a final-normed state: DeepSeek's MTPBlock takes them), captured by the main forward as EAGLE-3's
 states are (so, as for EAGLE-3, no CUDA graphs), and keeps a paged window as its cache (`DSV4MTPDraftLayer`). The
 main model's window and compressor rings are rolled back past rejected drafts by the model itself
-(engine/models/dsv4_rollback.py).
+(engine/models/deepseek_v4/rollback.py).
 
 Expert parallelism: the MTP layer's MoE dispatches like a main layer, so every rank runs k MTP forwards per step
 that runs a forward anywhere (catch-up, k - 1 chain steps; `moe_only_stages` where it has no rows), in the same
