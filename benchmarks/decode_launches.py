@@ -272,7 +272,7 @@ def count(model: str, context: int, small: bool, gpu: str) -> dict:
     moe_config.device_name = lambda device: gpu  # the GPU's MoE launch config (tiny path at decode sizes)
     try:
         with torch.inference_mode(), record(log):
-            run_stages(layer.stages(pos_T, x_TD, residual_TD, ctx))
+            run_stages(layer.stages(pos_T, (x_TD, residual_TD), None, ctx))
     finally:
         moe_config.device_name = cpu_name
         for h in hooks:

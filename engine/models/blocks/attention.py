@@ -1,7 +1,7 @@
 """Attention kinds (token mixers), registered by the `kind` of a layer's attention config
 (ModelConfig.attention_for): "gqa" (gqa.py; sliding windows and sinks are its config), "mla" (mla.py; with an
 indexer in its config, DeepSeek Sparse Attention: dsa.py), "linear" (gated DeltaNet, gated_deltanet.py). A family
-adds its own from its package (DeepSeek-V4's "dsv4": engine/models/deepseek_v4/)."""
+adds its own from its package (DeepSeek-V4's: engine/models/deepseek_v4/)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
