@@ -48,8 +48,6 @@ from moelink.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from moelink.kernels.mxfp4 import FP4_MAX, SCALE_BIAS
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.expert_weights import QuantizeOnLoad
-from moelink.moe.expert_weights_dsv4 import PackedBytes
-from moelink.moe.expert_weights_int4 import Repack
 from moelink.moe.weight_plan import PlanEntry, Rearranged
 
 from ..config.model import ModelConfig
@@ -113,14 +111,13 @@ def _spec(entry: PlanEntry, cfg: ModelConfig) -> TensorSpec:
                           ids=cfg.num_experts)
     if isinstance(param, QuantizeOnLoad):  # online FP8: the checkpoint is float, quantized as it loads
         dest, dtype = param.weight, cfg.dtype
-    elif isinstance(param, Repack):  # INT4 tensors rewritten as they load: the checkpoint's own shape and dtype
-        return TensorSpec(*param.source)
-    elif isinstance(param, PackedBytes):  # V4's FP4 experts: [N, K/2] e2m1 pairs or [N, K/32] E8M0 scales, as bytes
-        return TensorSpec((param.dest.shape[0], param.dest[0].numel()), torch.uint8)
     elif isinstance(param, Rearranged):
         if param.source is not None:  # a tensor the plan reshapes after the read (V4's wo_a scales)
             return TensorSpec(*param.source)
         dest, dtype = param.dest, param.dest.dtype
+    elif not isinstance(param, torch.Tensor):  # a piece rewritten as it loads, which states the checkpoint's own
+        # (shape, dtype): INT4's Repack; V4's FP4 experts' PackedBytes, [N, K/2] e2m1 pairs or [N, K/32] E8M0 scales
+        return TensorSpec(*param.source)
     else:
         dest, dtype = param, param.dtype
     read = dest[idx] if idx else dest
