@@ -13,7 +13,7 @@ from .moe_decoder import MoEDecoderForCausalLM
 
 # The families with block kinds of their own, one line each: importing the package registers its kinds
 # (engine/models/blocks/registry.py). A family whose layers are the built-in kinds needs no line.
-from . import deepseek_v4  # noqa: E402,F401,I001
+from . import deepseek_v4  # noqa: F401
 
 # The runnable architectures' specs, from the one registry (engine/config/architectures.py).
 ARCHITECTURES: dict[str, ArchSpec] = {n: a.spec for n, a in REGISTRY.items() if a.spec is not None}  # runnable
