@@ -42,7 +42,7 @@ def build_layer(ctx: BuildContext, i: int, attn_cfg=None) -> Layer:
     return RESIDUAL.get(spec.residual)(ctx, i, ATTENTION.get(attn.kind), attn, FFN.get(ffn_kind(cfg, spec, i)))
 
 
-def DecoderLayer(cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding | None, kernels, device,
+def lone_layer(cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding | None, kernels, device,
                  ep: ExpertParallel | None, stats: MoEStats, spec: ArchSpec | None = None, fused_experts: bool = False,
                  tp: TensorParallel | None = None) -> Layer:
     """One layer built alone, with its own rotary table (an MTP layer's inner layer: engine/spec/heads/mtp.py,
@@ -185,5 +185,5 @@ def layer_weight_plan(layer: Layer, layer_idx: int, cfg: ModelConfig, spec: Arch
     return layer.weight_plan(f"model.layers.{layer_idx}.", layer_idx, cfg, spec, expert_ids, names)
 
 
-__all__ = ["DecoderLayer", "MoEDecoderForCausalLM", "PreNormLayer", "SharedExpertsMoE", "build_layer",
+__all__ = ["MoEDecoderForCausalLM", "PreNormLayer", "SharedExpertsMoE", "build_layer", "lone_layer",
            "fused_experts_name", "layer_weight_plan"]

@@ -260,8 +260,8 @@ class HyperLayer(Layer):
         aux.take(n, state.flatten(1), None)
 
 
-def mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, ropes: dict, kernels, device, ep: ExpertParallel | None, stats: MoEStats,
-              quant: DSV4Quantization | None, attention: DSV4AttentionConfig, moe_index: int, attention_cls: type,
+def mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, ropes: dict, kernels, device, ep: ExpertParallel | None,
+              stats: MoEStats, quant: DSV4Quantization | None, attention: DSV4AttentionConfig, moe_index: int, attention_cls: type,
               tp: TensorParallel | None = None) -> HyperLayer:
     """An MTP block (engine/spec/heads/dsv4_mtp.py): a main layer's kinds at index i past the main layers, with its
     own attention config and class (a paged window: the drafter's cache), rope tables, formats and MoEStats row."""

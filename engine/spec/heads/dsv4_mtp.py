@@ -27,8 +27,8 @@ sequence), and a paged slot is simply written again by the real token at that po
 lost the position W back that a later query still reads. W x H values per query read: tiny beside the main model's.
 
 Under tensor parallelism (`tp`, docs/tensor-parallelism.md) the block splits as a main layer does (its heads, wo_a's
-groups and wo_b, its experts split or in EP on token slices: engine/models/deepseek_v4/blocks.py); its window cache holds the one shared
-kv head, whole on every rank; e_proj / h_proj, the norms and the hyper-head are replicated (their inputs, the main
+groups and wo_b, its experts split or in EP on token slices: engine/models/deepseek_v4/blocks.py); its window cache
+holds the one shared kv head, whole on every rank; e_proj / h_proj, the norms and the hyper-head are replicated (their inputs, the main
 model's streams after its all-reduces and the broadcast tokens, are the same on every rank: no collective for two
 D x D matrices); the embedding and head are the main model's vocab shards (engine/tp/vocab.py: the embedding
 all-reduced, the logits all-gathered, so every rank drafts the same greedy tokens).

@@ -14,8 +14,8 @@ store module i as `model.layers.{num_hidden_layers + i}.*`:
 For a token at position t with conditioning hidden state h_t and the next token tok_{t+1}:
     x = eh_proj([enorm(emb(tok_{t+1})) | hnorm(h_t)]);  y = decoder_layer(x) + its residual
     logits(tok_{t+2}) = head(shared_head.norm(y))
-and y conditions the next chained draft (as h did). The inner layer is the main decoder's `DecoderLayer` built at
-index num_hidden_layers + i, so its checkpoint names and its KV cache (`ctx.kv_caches[num_hidden_layers + i]`)
+and y conditions the next chained draft (as h did). The inner layer is the main decoder's layer, built alone
+(`moe_decoder.lone_layer`) at index num_hidden_layers + i, so its checkpoint names and its KV cache (`ctx.kv_caches[num_hidden_layers + i]`)
 follow from that index; it counts its routed experts in a MoEStats of its own (one row), not the main model's.
 
 What the caller decides (none of it is fixed by the weights): which h_t (the report's figure feeds the main
@@ -48,7 +48,7 @@ from ...config.dsv4_quant import read_dsv4_quantization
 from ...config.model import ModelConfig
 from ...models.layers import ForwardContext, RMSNorm
 from ...models.linear import FloatLinear, Linear, linear_method
-from ...models.moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
+from ...models.moe_decoder import fused_experts_name, layer_weight_plan, lone_layer
 from ...models.rope import RotaryEmbedding
 from ...tp.group import TensorParallel
 from ...tp.vocab import VocabShard
@@ -131,7 +131,7 @@ class MTPLayer(nn.Module):
         layer_cfg = replace(cfg, sparse_layers=(L,) if sparse else ())
         self.moe_stats = MoEStats(1 if sparse else 0, cfg.num_experts, device)
         rope = RotaryEmbedding(cfg.attention.rope, cfg.hf_config, cfg.max_model_len, kernels, device)
-        self.layer = DecoderLayer(layer_cfg, L, rope, kernels, device, ep, self.moe_stats, spec,
+        self.layer = lone_layer(layer_cfg, L, rope, kernels, device, ep, self.moe_stats, spec,
                                   fused_experts=fused_experts_name(L) in names, tp=tp)
         self._layer_cfg = layer_cfg
 
