@@ -11,6 +11,7 @@ from moelink.engine.models.blocks.attention import ATTENTION
 from moelink.engine.models.blocks.checkpoint import CHECKPOINT
 from moelink.engine.models.blocks.ends import EMBEDDING, HEAD
 from moelink.engine.models.blocks.ffn import FFN
+from moelink.engine.models.blocks.mtp import MTP_LAYOUTS
 from moelink.engine.models.blocks.registry import Registry
 from moelink.engine.models.blocks.residual import RESIDUAL
 
@@ -28,6 +29,8 @@ def test_every_architecture_names_registered_kinds():
     assert set(FFN.names()) == {"dense", "routed", "routed_shared", "token_routed"}
     assert set(RESIDUAL.names()) == {"prenorm", "hyper"}
     assert REGISTRY["DeepseekV4ForCausalLM"].spec.residual == "hyper"
+    # MTP layouts other than the draft heads' own (engine/spec/heads/: "nextn", "qwen") are a family's
+    assert {a.mtp_layout for a in REGISTRY.values()} - {"nextn", "qwen"} == set(MTP_LAYOUTS.names()) == {"dsv4"}
 
 
 def test_unknown_name_is_one_error_naming_kind_and_choices():

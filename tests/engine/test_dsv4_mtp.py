@@ -1,4 +1,4 @@
-"""DeepSeek-V4's MTP layer (engine/spec/heads/dsv4_mtp.py) against a float64 oracle composed from transformers' V4 classes,
+"""DeepSeek-V4's MTP layer (engine/models/deepseek_v4/mtp.py) against a float64 oracle composed from transformers' V4 classes,
 its published formats, and which speculative methods V4 takes (the drafter itself: test_dsv4_mtp_drafter.py).
 
 Oracle (tests/helpers/dsv4_mtp_checkpoint.mtp_oracle): DeepSeek's MTPBlock forward written around transformers' own
@@ -20,7 +20,7 @@ from moelink.engine import LLM
 from moelink.engine.config.dsv4_quant import read_dsv4_quantization
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models import arch_spec
-from moelink.engine.spec.heads.dsv4_mtp import DSV4MTPLayer
+from moelink.engine.models.deepseek_v4.mtp import DSV4MTPLayer
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import SafetensorsCheckpoint, load_model, load_plan
 from moelink.kernels.attention import AttentionMetadata

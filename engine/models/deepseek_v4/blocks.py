@@ -256,14 +256,14 @@ class HyperLayer(Layer):
 
     @staticmethod
     def capture(aux: AuxCapture, n: int, state: Any) -> None:
-        """The streams flat, [T, n D] (the MTP drafter conditions on them before the hyper-head: dsv4_mtp.py)."""
+        """The streams flat, [T, n D] (the MTP drafter conditions on them before the hyper-head: mtp.py)."""
         aux.take(n, state.flatten(1), None)
 
 
 def mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, ropes: dict, kernels, device, ep: ExpertParallel | None,
               stats: MoEStats, quant: DSV4Quantization | None, attention: DSV4AttentionConfig, moe_index: int, attention_cls: type,
               tp: TensorParallel | None = None) -> HyperLayer:
-    """An MTP block (engine/spec/heads/dsv4_mtp.py): a main layer's kinds at index i past the main layers, with its
+    """An MTP block (mtp.py): a main layer's kinds at index i past the main layers, with its
     own attention config and class (a paged window: the drafter's cache), rope tables, formats and MoEStats row."""
     ctx = BuildContext(cfg, spec, kernels, device, ep, stats, tp if tp is not None and tp.size > 1 else None,
                        moe_index=moe_index, cache={"dsv4_ropes": ropes, "dsv4_quant": quant})

@@ -44,15 +44,14 @@ from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
 
 from ...config.architectures import REGISTRY, ArchSpec
-from ...config.dsv4_quant import read_dsv4_quantization
 from ...config.model import ModelConfig
+from ...models.blocks.mtp import MTP_LAYOUTS
 from ...models.layers import ForwardContext, RMSNorm
 from ...models.linear import FloatLinear, Linear, linear_method
 from ...models.moe_decoder import fused_experts_name, layer_weight_plan, lone_layer
 from ...models.rope import RotaryEmbedding
 from ...tp.group import TensorParallel
 from ...tp.vocab import VocabShard
-from .dsv4_mtp import DSV4MTPLayer, dsv4_mtp_checkpoint_names
 from .qwen_mtp import QwenMTPLayer, qwen_mtp_checkpoint_names
 
 
@@ -70,8 +69,8 @@ def mtp_checkpoint_names(cfg: ModelConfig, names: Collection[str]) -> list[str]:
     layout = REGISTRY[cfg.architecture].mtp_layout
     if cfg.num_nextn_predict_layers and layout == "qwen":
         return qwen_mtp_checkpoint_names(names)
-    if layout == "dsv4":  # the main model never reads them, whatever config.json counts
-        return dsv4_mtp_checkpoint_names(names)
+    if layout in MTP_LAYOUTS.names():  # a family's own layout (engine/models/blocks/mtp.py)
+        return MTP_LAYOUTS.get(layout).checkpoint_names(cfg, names)
     prefixes = tuple(f"model.layers.{cfg.num_layers + i}." for i in range(cfg.num_nextn_predict_layers))
     return sorted(n for n in names if n.startswith(prefixes))
 
@@ -81,14 +80,15 @@ def make_mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: to
                    embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None,
                    tp: TensorParallel | None = None) -> nn.Module:
     """MTP module i in the architecture's layout (architectures.Architecture.mtp_layout): MTPLayer (DeepSeek's
-    next-n layers), QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`) or DSV4MTPLayer (DeepSeek-V4's `mtp.{i}.*`, over
-    the hyper-connection streams: its drafter adapts it, engine/spec/proposer/mtp.py); all have compute_logits,
+    next-n layers), QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`) or a family's own layout's (engine/models/blocks/
+    mtp.py: DeepSeek-V4's `mtp.{i}.*`, over the hyper-connection streams, which its drafter adapts,
+    engine/spec/proposer/mtp.py); all have compute_logits,
     moe_only_stages, weight_plan, layer_index. `tp`: the rank's TensorParallel (each module splits over it as its main
     layers do)."""
     layout = REGISTRY[cfg.architecture].mtp_layout
-    if layout == "dsv4":  # its embedding and head are always the main model's
-        quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
-        return DSV4MTPLayer(cfg, spec, i, embed_tokens, lm_head, kernels, device, ep, quant=quant, tp=tp)
+    if layout in MTP_LAYOUTS.names():
+        return MTP_LAYOUTS.get(layout).build(cfg, spec, i, kernels, device, ep, checkpoint_names,
+                                             embed_tokens=embed_tokens, lm_head=lm_head, tp=tp)
     if layout == "qwen":
         return QwenMTPLayer(cfg, spec, i, kernels, device, ep, checkpoint_names, embed_tokens=embed_tokens,
                             lm_head=lm_head, tp=tp)

@@ -48,16 +48,18 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ...config.architectures import ArchSpec
 from ...config.dsv4 import mtp_attention
+from ...config.dsv4_quant import read_dsv4_quantization
 from ...config.model import ModelConfig
-from ...models.deepseek_v4.attention import DSV4Attention, RopeTable
-from ...models.deepseek_v4.blocks import Norm, mtp_layer
-from ...models.deepseek_v4.hyper_connections import HyperHead
-from ...models.deepseek_v4.weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
-from ...models.layers import ForwardContext
-from ...models.linear import Linear
-from ...models.rope import rope_inv_freq
 from ...tp.group import TensorParallel
 from ...tp.vocab import VocabShard
+from ..blocks.mtp import MTP_LAYOUTS, MTPLayout
+from ..layers import ForwardContext
+from ..linear import Linear
+from ..rope import rope_inv_freq
+from .attention import DSV4Attention, RopeTable
+from .blocks import Norm, mtp_layer
+from .hyper_connections import HyperHead
+from .weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,9 @@ class PagedWindowAttention(DSV4Attention):
 class DSV4MTPLayer(nn.Module):
     """MTP module k of a V4 checkpoint (module docstring). `embed_VD` / `head_VD`: the main model's (under TP its
     vocab shards); `tp`: the rank's TensorParallel (None: whole)."""
+
+    # The drafter conditions it on the main model's hyper-connection streams (engine/spec/proposer/mtp.py).
+    conditions_on_streams = True
 
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, k: int, embed_VD: torch.Tensor, head_VD: torch.Tensor,
                  kernels, device: torch.device, ep: ExpertParallel | None = None, quant=None, tp: TensorParallel | None = None):
@@ -193,5 +198,17 @@ def dsv4_mtp_checkpoint_names(names) -> list[str]:
     """The tensors of a V4 checkpoint that belong to its MTP layers (`mtp.*`): the main model leaves them unread."""
     return [n for n in names if n.startswith("mtp.")]
 
+
+def _build(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: torch.device, ep: ExpertParallel | None = None,
+           checkpoint_names=None, *, embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None,
+           tp: TensorParallel | None = None) -> nn.Module:
+    """MTP module i; its embedding and head are always the main model's."""
+    assert embed_tokens is not None and lm_head is not None
+    quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
+    return DSV4MTPLayer(cfg, spec, i, embed_tokens, lm_head, kernels, device, ep, quant=quant, tp=tp)
+
+
+# The main model never reads `mtp.*`, whatever config.json counts.
+MTP_LAYOUTS.add("dsv4", MTPLayout(_build, lambda cfg, names: dsv4_mtp_checkpoint_names(names)))
 
 __all__ = ["DSV4MTPLayer", "PagedWindowAttention", "WindowCache", "dsv4_mtp_checkpoint_names"]
