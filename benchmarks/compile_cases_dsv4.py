@@ -3,7 +3,7 @@ pooling, the lightning indexer's scores over compressed entries + its top-k (DSA
 attention over the window and the entries, and the grouped output projection (kernels/triton_dsv4.py,
 triton_dsv4_topk.py, triton_dsv4_paged.py), at V4-Flash's shapes (64 heads of 512, one shared KV head, window 128;
 CSA rate 4 with 64 index heads of 128 and top-512, HCA rate 128; 8 output groups to 1024) and V4-Pro's (128 heads,
-16 groups, top-1024), bf16: decode batches as engine/models/dsv4_decode.py runs them, reading the cache in place
+16 groups, top-1024), bf16: decode batches as engine/models/deepseek_v4/decode.py runs them, reading the cache in place
 (CSA at 128k context: 32768 index keys per row through a block table of 256-token blocks, the top-k on its split
 path at batch 4; the sink attention over the 128 ring rows and the top-k picks (CSA) or all 1024 entries (HCA),
 split-K at batch 4), a 97-token prefill chunk (shared keys: the indexer and the sink attention), and the compressor

@@ -208,11 +208,11 @@ def record(log: LaunchLog):
 
 
 def build_layer(hf: dict, layer_idx: int, max_len: int):
-    """One DecoderLayer of `hf`'s model at index `layer_idx`, random weights (norm weights 1, others fan-in
+    """One decoder layer of `hf`'s model at index `layer_idx`, random weights (norm weights 1, others fan-in
     scaled as benchmarks/engine_decode.py does), through the Triton kernel selector."""
     from moelink.engine.config.model import ModelConfig
     from moelink.engine.models import ARCHITECTURES
-    from moelink.engine.models.moe_decoder import DecoderLayer
+    from moelink.engine.models.moe_decoder import lone_layer
     from moelink.engine.models.rope import RotaryEmbedding
     from moelink.kernels.ops import select_kernels
     from moelink.moe.stats import MoEStats
@@ -224,7 +224,7 @@ def build_layer(hf: dict, layer_idx: int, max_len: int):
     kernels = select_kernels(dev, "triton")
     rope = RotaryEmbedding(cfg.attention.rope, cfg.hf_config, cfg.max_model_len, kernels, dev)
     stats = MoEStats(len(cfg.sparse_layers), cfg.num_experts, dev)
-    layer = DecoderLayer(cfg, layer_idx, rope, kernels, dev, None, stats, ARCHITECTURES[cfg.architecture])
+    layer = lone_layer(cfg, layer_idx, rope, kernels, dev, None, stats, ARCHITECTURES[cfg.architecture])
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in layer.named_parameters():
@@ -272,7 +272,7 @@ def count(model: str, context: int, small: bool, gpu: str) -> dict:
     moe_config.device_name = lambda device: gpu  # the GPU's MoE launch config (tiny path at decode sizes)
     try:
         with torch.inference_mode(), record(log):
-            run_stages(layer.stages(pos_T, x_TD, residual_TD, ctx))
+            run_stages(layer.stages(pos_T, (x_TD, residual_TD), None, ctx))
     finally:
         moe_config.device_name = cpu_name
         for h in hooks:

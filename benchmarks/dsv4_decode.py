@@ -18,7 +18,7 @@ references of kernels/dsv4.py, wall clock).
     python -m moelink.benchmarks.dsv4_decode --gpu [--contexts 32768,131072] [--batches 1,32] [--json PATH]
 
 On a GPU (`--gpu`): the Triton kernels in bf16, each layer kind's decode step as the engine's batched decode path runs
-it (engine/models/dsv4_decode.py: the paged ops, `dsv4_paged_indexer_topk` / `dsv4_paged_sink_attention`, reading
+it (engine/models/deepseek_v4/decode.py: the paged ops, `dsv4_paged_indexer_topk` / `dsv4_paged_sink_attention`, reading
 index keys and entries through the block tables and the window from the state slots), and beside it the path it
 replaced (`*_gather`: entries and index keys gathered per row into [T, E, X] tensors, then the per-query-key ops),
 eager and as CUDA-graph replays, beside DeepSeek-V3's MLA decode (`mla_attention`, 128 heads, latent 512 + rope 64)

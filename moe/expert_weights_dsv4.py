@@ -32,6 +32,11 @@ class PackedBytes(NamedTuple):
     dest: torch.Tensor
     name: str
 
+    @property
+    def source(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """The checkpoint tensor's (shape, dtype), as a `Repack` states it (load_format="dummy" makes it)."""
+        return (self.dest.shape[0], self.dest[0].numel()), torch.uint8
+
     def put(self, src: torch.Tensor, device) -> None:
         if src.dtype not in _BYTE_DTYPES:
             raise ValueError(f"checkpoint tensor {self.name!r} is {src.dtype}: DeepSeek-V4's FP4 experts hold packed "

@@ -140,6 +140,29 @@ def test_pure_python_folders_import_only_the_standard_library(graph):
     assert not {m: e for m, e in bad.items() if e}, bad
 
 
+# Model families with block kinds of their own (engine/models/<family>/, ARCHITECTURE.md rule 11): each registers its
+# kinds (and its MTP layout) when engine/models/__init__.py imports it, so nothing else in the engine names it: the
+# decoder, the loader, the draft heads and the other families never do; the benchmarks may.
+FAMILY_IMPORTERS = ("engine.models", "benchmarks")
+
+
+def test_a_model_family_is_imported_only_by_its_registry_line(graph):
+    families = {f"engine.models.{p.parent.name}" for p in (ROOT / "engine" / "models").glob("*/__init__.py")
+                if p.parent.name != "blocks"}
+    assert "engine.models.deepseek_v4" in families
+    bad = []
+    for module, targets in sorted(graph.edges.items()):
+        for target in sorted(targets):
+            family = next((f for f in families if target == f or target.startswith(f + ".")), None)
+            if family is None or module == family or module.startswith(family + "."):
+                continue
+            if module == "engine.models" or any(module == u or module.startswith(u + ".")
+                                                for u in FAMILY_IMPORTERS[1:]):
+                continue
+            bad.append(f"{graph.files[module].relative_to(ROOT)}:{graph.where[(module, target)]}: imports {target}")
+    assert not bad, "a model family is named outside its package and its registry line:\n" + "\n".join(bad)
+
+
 _MUST_NOT = re.compile(r"^Must not import:\s*(.+?)\.?\s*$", re.M)
 
 

@@ -15,7 +15,7 @@ class ArchSpec:
     """What an architecture chooses beyond its config.json: the attention kind it runs (its config must say
     the same) and its checkpoint's names (routing and shapes are ModelConfig's business)."""
 
-    attention: str  # "gqa" or "mla"
+    attention: str  # the model's attention kind: "gqa", "mla", "dsv4" (its layers may add "linear")
     moe_prefix: str  # "mlp" (Qwen3, DeepSeek, GLM) or "block_sparse_moe" (Mixtral) in the per-expert layout
     expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
     shared_experts: str = "shared_experts"  # under moe_prefix: mlp.shared_experts.{gate,up,down}_proj
@@ -32,6 +32,14 @@ class ArchSpec:
     weight_aliases: tuple[tuple[str, str], ...] = ()
     # "gpt_oss": the only expert layout is fused, transposed and interleaved (see engine/models/moe_decoder._gpt_oss_plan).
     expert_layout: str = "auto"
+    # The decoder's block kinds (engine/models/blocks/, a family's own registered from its package): the layer's
+    # residual wiring, the sparse layers' FFN ("": routed experts, with shared ones where n_shared_experts > 0), the
+    # ends of the residual stream, and how the checkpoint's names and formats map onto the blocks' plans.
+    residual: str = "prenorm"
+    ffn: str = ""
+    embedding: str = "plain"
+    head: str = "plain"
+    checkpoint: str = "hf"
 
     @property
     def latent_attention(self) -> bool:
@@ -62,7 +70,7 @@ class Architecture:
     # Where and how those layers are stored: "nextn" (DeepSeek-V3's `model.layers.{num_hidden_layers + i}.*`,
     # engine/spec/heads/mtp.py), "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's
     # mtp_num_hidden_layers; engine/spec/heads/qwen_mtp.py) or "dsv4" (DeepSeek-V4's top-level `mtp.{i}.*` over the
-    # hyper-connection streams; engine/spec/heads/dsv4_mtp.py).
+    # hyper-connection streams; engine/models/deepseek_v4/mtp.py).
     mtp_layout: str = "nextn"
 
     def __post_init__(self) -> None:
@@ -115,7 +123,9 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     # (CSA / HCA), hyper-connections, hash-routed first MoE layers, sqrtsoftplus routing; its checkpoint names are
     # the published ones (attn.wq_a, ffn.experts.{e}.w1, hc_attn_fn, ...), which save_pretrained writes back.
     Architecture("DeepseekV4ForCausalLM", ArchSpec("dsv4", moe_prefix="ffn", expert_names=("w1", "w3", "w2"),
-                                                   correction_bias="gate.bias"), model_type="deepseek_v4",
+                                                   correction_bias="gate.bias", residual="hyper", ffn="token_routed",
+                                                   embedding="hc_streams", head="hc_head", checkpoint="published"),
+                 model_type="deepseek_v4",
                  mtp_layers=True, mtp_layout="dsv4"),
     # MiMo-V2-Flash: full and sliding-window GQA layers with kv heads, sinks and rope of their own (per-layer
     # attention configs), values narrower than q/k; DeepSeek-V3 routing without shared experts; its MTP layers

@@ -9,7 +9,7 @@ windows of 2 * rate, a lightning indexer picks `index_topk` entries per query) o
 rate 128: read densely). Sliding-only layers rotate with the "main" rope, compressed layers (and their compressor
 and indexer) with the "compress" rope. The output is a grouped low-rank projection (o_groups, o_lora_rank).
 
-The cache of a layer (engine/models/dsv4_attention.py computes it, engine/rank runs it):
+The cache of a layer (engine/models/deepseek_v4/attention.py computes it, engine/rank runs it):
 - paged, on the sequence's block ids: the compressed entries, `block_size / compress_rate` per block (an entry never
   straddles blocks: the engine's block size must be a multiple of every compress rate), and under CSA the indexer's
   keys over the same entries. What one token costs there: (head_dim [+ index_head_dim]) / compress_rate values.
@@ -363,7 +363,7 @@ def resolve_dsv4_cache(attention, layer_attention: tuple, cache_dtype: torch.dty
 
 
 def mtp_attention(layers: tuple[DSV4AttentionConfig, ...], hf: dict) -> DSV4AttentionConfig:
-    """An MTP layer's attention (engine/spec/heads/dsv4_mtp.py): sliding only, as DeepSeek publishes it (its
+    """An MTP layer's attention (engine/models/deepseek_v4/mtp.py): sliding only, as DeepSeek publishes it (its
     `compress_ratios` has one entry past the main layers, 0: the MTP layer has no compressor and no indexer, its
     checkpoint no compressor tensors), with the "main" rope; heads, ranks and window are the main layers'."""
     a = layers[0]
@@ -374,9 +374,9 @@ def mtp_attention(layers: tuple[DSV4AttentionConfig, ...], hf: dict) -> DSV4Atte
 
 def check_speculative(spec, layers: tuple[DSV4AttentionConfig, ...], arch: str) -> None:
     """Speculative decoding on V4 (engine/config/engine_args.py asks): drafts from n-gram lookup or the checkpoint's
-    MTP layer (method "mtp": engine/spec/proposer/mtp.py over engine/spec/heads/dsv4_mtp.py) are verified and each
+    MTP layer (method "mtp": engine/spec/proposer/mtp.py over engine/models/deepseek_v4/mtp.py) are verified and each
     verifying sequence's window ring and compressor rings are rolled back to its accepted tokens afterwards
-    (engine/models/dsv4_rollback.py: the ring rows the rejected drafts overwrote are restored from a copy taken before
+    (engine/models/deepseek_v4/rollback.py: the ring rows the rejected drafts overwrote are restored from a copy taken before
     the step). That needs each ring slot written once a step: num_speculative_tokens + 1 <= the smallest ring (the
     window, a compressor's rate, 2 x rate under CSA). EAGLE-3 heads are trained on one residual stream; V4 has n."""
     if spec is None:

@@ -15,7 +15,7 @@ which moves a top-level `expert_dtype` into `quantization_config`):
   along K. That is the OCP MXFP4 encoding gpt-oss uses (kernels/mxfp4.py), per expert instead of fused.
   Without `expert_dtype` the experts are FP8 like the other linears (DeepSeek's convert.py `--expert-dtype fp8`).
 
-How moelink runs them (engine/models/dsv4_weights.py): FP4 experts stay packed (moe/expert_weights_dsv4.py, the
+How moelink runs them (engine/models/deepseek_v4/weights.py): FP4 experts stay packed (moe/expert_weights_dsv4.py, the
 MXFP4 W4A16 kernels); attention's FP8 linears and the shared expert's are held FP8 and run W8A8
 (engine/models/linear.py's Fp8Linear, each `.scale` read into float32 block scales); the MTP layer's e_proj / h_proj
 and FP8 experts are dequantized once at load into the model dtype.

@@ -338,7 +338,7 @@ class EngineArgs:
                              f"{model_cfg.architecture} with tensor_parallel_size={tp}: its layers mix KV kinds "
                              f"({', '.join(sorted(kinds))}), and a rank's KV shard is one kind's.")
         # Whole on every rank, no heads to name: MLA's latent; DeepSeek-V4's one shared KV head, compressed entries
-        # and index keys (engine/models/dsv4_attention.py keeps them whole under TP).
+        # and index keys (engine/models/deepseek_v4/attention.py keeps them whole under TP).
         latent = isinstance(model_cfg.attention, (MLAConfig, DSV4AttentionConfig))
         # A hybrid model's states move rank to rank between engines of one TP size (checked per load).
         bound = cast("TensorParallelKVConnector", kvc)  # has it: checked above (the config imports no protocol)

@@ -1,6 +1,7 @@
-"""Model registry: `architectures` name in config.json → ArchSpec of the one decoder (moe_decoder.py).
+"""Model registry: `architectures` name in config.json → ArchSpec of the one decoder (moe_decoder.py), and the
+families' packages, whose import registers their block kinds (blocks/).
 
-A spec names the attention kind and the checkpoint's weight names. Routing, shapes, rope, q/k norm, biases,
+A spec names the block kinds and the checkpoint's weight names. Routing, shapes, rope, q/k norm, biases,
 dense and shared-expert layers are not part of it: ModelConfig (read from config.json by engine/config/hf_readers.py)
 holds them, so Qwen3-MoE's norm_topk_prob, GLM's use_qk_norm and DeepSeek's q_lora_rank are config facts.
 Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.tools.
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 from ..config.architectures import REGISTRY, SUPPORTED_ARCHITECTURES, ArchSpec
 from .moe_decoder import MoEDecoderForCausalLM
+
+# The families with block kinds of their own, one line each: importing the package registers its kinds
+# (engine/models/blocks/registry.py). A family whose layers are the built-in kinds needs no line.
+from . import deepseek_v4  # noqa: F401
 
 # The runnable architectures' specs, from the one registry (engine/config/architectures.py).
 ARCHITECTURES: dict[str, ArchSpec] = {n: a.spec for n, a in REGISTRY.items() if a.spec is not None}  # runnable

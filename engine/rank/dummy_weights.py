@@ -48,14 +48,11 @@ from moelink.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from moelink.kernels.mxfp4 import FP4_MAX, SCALE_BIAS
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.expert_weights import QuantizeOnLoad
-from moelink.moe.expert_weights_dsv4 import PackedBytes
-from moelink.moe.expert_weights_int4 import Repack
 from moelink.moe.weight_plan import PlanEntry, Rearranged
 
 from ..config.model import ModelConfig
 from ..models import MoEDecoderForCausalLM, arch_spec
 from ..spec.heads import make_mtp_layer
-from ..models.dsv4_decoder import DeepseekV4ForCausalLM
 
 WEIGHT_RANGE = 0.02  # float weights uniform in [-0.02, 0.02] (module docstring: why not vLLM's 1e-3)
 BIAS_RANGE = 1e-3  # biases and sinks: vLLM's range
@@ -114,14 +111,13 @@ def _spec(entry: PlanEntry, cfg: ModelConfig) -> TensorSpec:
                           ids=cfg.num_experts)
     if isinstance(param, QuantizeOnLoad):  # online FP8: the checkpoint is float, quantized as it loads
         dest, dtype = param.weight, cfg.dtype
-    elif isinstance(param, Repack):  # INT4 tensors rewritten as they load: the checkpoint's own shape and dtype
-        return TensorSpec(*param.source)
-    elif isinstance(param, PackedBytes):  # V4's FP4 experts: [N, K/2] e2m1 pairs or [N, K/32] E8M0 scales, as bytes
-        return TensorSpec((param.dest.shape[0], param.dest[0].numel()), torch.uint8)
     elif isinstance(param, Rearranged):
         if param.source is not None:  # a tensor the plan reshapes after the read (V4's wo_a scales)
             return TensorSpec(*param.source)
         dest, dtype = param.dest, param.dest.dtype
+    elif not isinstance(param, torch.Tensor):  # a piece rewritten as it loads, which states the checkpoint's own
+        # (shape, dtype): INT4's Repack; V4's FP4 experts' PackedBytes, [N, K/2] e2m1 pairs or [N, K/32] E8M0 scales
+        return TensorSpec(*param.source)
     else:
         dest, dtype = param, param.dtype
     read = dest[idx] if idx else dest
@@ -177,8 +173,7 @@ class DummyCheckpoint:
         plan of the model built at one rank on the meta device; with `mtp_layers`, the first MTP modules' too
         (engine/spec/heads/mtp.py; sharing the main embedding and head, as a checkpoint without copies does)."""
         meta, spec = torch.device("meta"), arch_spec(cfg.architecture)
-        model_cls = DeepseekV4ForCausalLM if spec.attention == "dsv4" else MoEDecoderForCausalLM
-        shapes_only = model_cls(cfg, spec, ReferenceKernels(), meta)
+        shapes_only = MoEDecoderForCausalLM(cfg, spec, ReferenceKernels(), meta)
         plan = shapes_only.weight_plan(None)
         for i in range(mtp_layers):
             plan.update(make_mtp_layer(cfg, spec, i, ReferenceKernels(), meta, embed_tokens=shapes_only.embed_tokens,

@@ -31,21 +31,17 @@ from safetensors import SafetensorError, safe_open
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
-from moelink.moe.expert_weights_dsv4 import PackedBytes
-from moelink.moe.expert_weights_int4 import Repack
 from moelink.moe.weight_plan import Rearranged, WeightPlan
 
 from ..config.checkpoint_headers import text_model_name
 from ..config.model import ModelConfig
 from ..config.worker_config import LOAD_FORMATS
 from ..models import MoEDecoderForCausalLM, arch_spec
-from ..models.dsv4_decoder import DeepseekV4ForCausalLM
-from ..models.dsv4_weights import Fp8Piece
 from ..spec.heads import mtp_checkpoint_names
 from ..tp.group import TensorParallel
 from .dummy_weights import DummyCheckpoint
-from .int4_linears import Int4Piece, int4_linear_plan
-from .nvfp4_linears import Nvfp4Piece, nvfp4_linear_plan
+from .int4_linears import int4_linear_plan
+from .nvfp4_linears import nvfp4_linear_plan
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +147,7 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     spec = arch_spec(cfg.architecture)
     checkpoint = open_checkpoint(cfg, load_format, device)
     names = frozenset(checkpoint.keys())  # they pick the experts' on-disk layout, which FP8 experts are built for
-    if spec.attention == "dsv4":
-        model = DeepseekV4ForCausalLM(cfg, spec, kernels, device, ep, names, tp=tp)
-    else:
-        model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep, names, tp=tp)
+    model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep, names, tp=tp)
     plan = model.weight_plan(names)
     if getattr(cfg.quantization, "method", None) == "nvfp4":  # NVFP4 linears outside the experts: float at load
         plan = nvfp4_linear_plan(plan, names)
@@ -199,7 +192,8 @@ def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, pr
                     _quantize_into(name, src, param, idx, device)
                 elif isinstance(param, Rearranged):  # a TP rank's columns, put in the model's layout after the read
                     param.put(src, device)
-                elif isinstance(param, (Nvfp4Piece, Repack, Int4Piece, Fp8Piece, PackedBytes)):  # rewritten as read
+                elif not isinstance(param, torch.Tensor):  # a piece rewritten as read (Nvfp4Piece, Repack, Int4Piece,
+                    # a family's own: its `put`)
                     param.put(src, device)
                 else:
                     _copy_into(name, src, param[idx] if idx else param, device)

@@ -5,7 +5,7 @@ step's sampling, every processor per verified position) over the acceptance rule
 (`SPEC_DECODING`). The rank calls the feature only through engine/contract/spec_decoding.py's protocols
 (`SpecDecoding`: `HostDrafter`, `DeviceDrafter`, `VerifyStep`, `VerifyResult`, `DraftRollback`); the rollback of a
 verify step's rejected drafts is the model's own (`replay_states`: gated DeltaNet's states,
-engine/models/dsv4_rollback.py's rings). Its other halves: the flag (engine/config/speculative.py) and the
+engine/models/deepseek_v4/rollback.py's rings). Its other halves: the flag (engine/config/speculative.py) and the
 scheduler's (scheduler/spec_decode.py, scheduler/draft_control.py). ARCHITECTURE.md: Speculative decoding.
 
 This file imports nothing: the rank imports `engine.spec.heads`, and Python runs this file first.

@@ -12,19 +12,26 @@ V value head dim.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
-from ..config.dsv4 import DSV4AttentionConfig
-from ..config.linear_attention import LinearAttentionConfig
-from .step import StateGroup, StateStep, VerifySplit
 from ..contract.host_copy import to_device
+from .step import StateGroup, StateStep, VerifySplit
+
+
+class StateConfig(Protocol):
+    """A layer config whose kind keeps per-sequence state (linear attention's LinearAttentionConfig, DeepSeek-V4's
+    attention config): its tensors' shapes for P slots; a kind may give their dtypes too (`state_dtypes(dtype)`)."""
+
+    def state_shapes(self, num_slots: int) -> tuple[tuple[int, ...], ...]: ...
 
 
 class StateCaches:
     """Per layer (conv_state_PCW', ssm_state_PNKV) for a linear-attention layer, None for any other."""
 
-    def __init__(self, layers: list[LinearAttentionConfig | DSV4AttentionConfig | None], num_slots: int,
+    def __init__(self, layers: list[StateConfig | None], num_slots: int,
                  num_checkpoints: int, dtype: torch.dtype, device: torch.device) -> None:
         self.num_slots, self.num_checkpoints = num_slots, num_checkpoints
         self.null_slot = num_slots + num_checkpoints
@@ -36,7 +43,8 @@ class StateCaches:
                 continue
             shapes = cfg.state_shapes(self.null_slot)
             # Linear attention: conv state in the model dtype, recurrent state in float32; a kind may say (DeepSeek-V4).
-            dtypes = cfg.state_dtypes(dtype) if hasattr(cfg, "state_dtypes") else (dtype, torch.float32)
+            state_dtypes = getattr(cfg, "state_dtypes", None)
+            dtypes = state_dtypes(dtype) if state_dtypes is not None else (dtype, torch.float32)
             self.layers.append(tuple(torch.zeros(s, dtype=d, device=device) for s, d in zip(shapes, dtypes)))
 
     @property

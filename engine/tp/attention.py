@@ -9,7 +9,7 @@ heads only). `shard_attention` gives the config one rank runs: its KV cache and 
 (engine/rank/kv_cache.py, engine/state/cache.py), and the layers are built from it (engine/models/gqa.py, mla.py,
 gated_deltanet.py), reading their shard of each checkpoint tensor. DeepSeek-V4's attention (engine/config/dsv4.py)
 splits its heads and its output groups (o_groups) N ways; its one shared KV head, compressed entries, indexer keys
-and window ring are every head's and stay whole on each rank (engine/models/dsv4_attention.py).
+and window ring are every head's and stay whole on each rank (engine/models/deepseek_v4/attention.py).
 
 What a TP group cannot split yet is refused before any of this runs, by engine/config/tensor_parallel.py (the
 flags' half of the feature: `check_tp_layout`, `check_tensor_parallel`).

@@ -9,7 +9,7 @@ router, the EP all-to-all and the shared experts, and the group all-gathers the 
 2. Routed experts split over a TP group by intermediate size (-tp N with expert_parallel_size 1, as vLLM runs TP
 without --enable-expert-parallel): every rank holds every expert's [I/N] slice of gate, up and down, computes every
 token with it, and the MoE block's output (routed + shared, both partial) is all-reduced once over the group
-(engine/models/moe_decoder.DecoderLayer.stages). The down projection is linear in the intermediate channels, so the
+(engine/models/blocks/ffn.ffn_stages). The down projection is linear in the intermediate channels, so the
 partial outputs sum to the whole; gpt-oss's clamped SwiGLU is per channel, and its down bias is added by the group's
 first rank only.
 

@@ -112,7 +112,7 @@ def test_published_tensor_names_load(dsv4_path, tmp_path):
     same tokens."""
     from safetensors.torch import load_file, save_file
 
-    from moelink.engine.models.dsv4_decoder import published_name
+    from moelink.engine.models.deepseek_v4.blocks import published_name
 
     shutil.copytree(dsv4_path, tmp_path / "m")
     files = list((tmp_path / "m").glob("*.safetensors"))
@@ -189,7 +189,7 @@ def test_hyper_connection_equals_transformers_module():
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4HyperHead
 
     from moelink.engine.config.dsv4 import HyperConnectionConfig
-    from moelink.engine.models.hyper_connections import HyperConnection, HyperHead
+    from moelink.engine.models.deepseek_v4.hyper_connections import HyperConnection, HyperHead
 
     cfg = dsv4_config()
     torch.manual_seed(1)

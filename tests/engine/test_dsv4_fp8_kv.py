@@ -156,8 +156,8 @@ def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
 def test_fp8_greedy_with_mtp_drafts_equals_without(tmp_path_factory):
     """MTP drafts (bigram module, k = 2: accepted and rejected) over the fp8 cache: entries a rejected draft closed
     are written again by the real tokens, and the ring rows it overwrote (fp8 window rows too) are restored
-    (engine/models/dsv4_rollback.py copies them as they are), so the tokens equal the fp8 engine's without drafts.
-    The drafter's own window cache (engine/spec/heads/dsv4_mtp.py WindowCache) stays in the model dtype."""
+    (engine/models/deepseek_v4/rollback.py copies them as they are), so the tokens equal the fp8 engine's without drafts.
+    The drafter's own window cache (engine/models/deepseek_v4/mtp.py WindowCache) stays in the model dtype."""
     from tests.helpers.dsv4_mtp_checkpoint import bigram_dsv4_mtp, save_dsv4_with_mtp
 
     d = tmp_path_factory.mktemp("dsv4_fp8_mtp")

@@ -1,4 +1,4 @@
-"""DeepSeek-V4's MTP layer (engine/spec/heads/dsv4_mtp.py) against a float64 oracle composed from transformers' V4 classes,
+"""DeepSeek-V4's MTP layer (engine/models/deepseek_v4/mtp.py) against a float64 oracle composed from transformers' V4 classes,
 its published formats, and which speculative methods V4 takes (the drafter itself: test_dsv4_mtp_drafter.py).
 
 Oracle (tests/helpers/dsv4_mtp_checkpoint.mtp_oracle): DeepSeek's MTPBlock forward written around transformers' own
@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from moelink.engine import LLM
+from moelink.engine.config.dsv4_quant import read_dsv4_quantization
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models import arch_spec
-from moelink.engine.spec.heads.dsv4_mtp import DSV4MTPLayer
+from moelink.engine.models.deepseek_v4.mtp import DSV4MTPLayer
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import SafetensorsCheckpoint, load_model, load_plan
 from moelink.kernels.attention import AttentionMetadata
@@ -47,7 +48,7 @@ def _mtp_layer(path: str, quant_path: str | None = None):
     cfg = ModelConfig.from_pretrained(quant_path or path, dtype="float64")
     main = load_model(cfg, ReferenceKernels(), CPU)  # the mtp.* tensors stay unread by the main model
     mtp = DSV4MTPLayer(cfg, arch_spec(cfg.architecture), 0, main.embed_tokens, main.lm_head, ReferenceKernels(), CPU,
-                       quant=main.quant)
+                       quant=read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization))
     ckpt = SafetensorsCheckpoint(quant_path or path)
     load_plan(ckpt, mtp.weight_plan(frozenset(ckpt.keys())), CPU)
     return cfg, main, mtp

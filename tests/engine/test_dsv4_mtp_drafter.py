@@ -1,5 +1,5 @@
-"""DeepSeek-V4's MTP layer as the speculative drafter (method "mtp": engine/spec/proposer/mtp.DSV4MTPDraftLayer over
-engine/spec/heads/dsv4_mtp.py), on a tiny V4 with an MTP module in DeepSeek's published layout (`mtp.0.*`): random, or
+"""DeepSeek-V4's MTP layer as the speculative drafter (method "mtp": engine/spec/proposer/mtp.StreamsDraftLayer over
+engine/models/deepseek_v4/mtp.py), on a tiny V4 with an MTP module in DeepSeek's published layout (`mtp.0.*`): random, or
 built to draft the main model's bigram (tests/helpers/dsv4_mtp_checkpoint.bigram_dsv4_mtp: accepted often).
 
 - Every draft the engine proposed equals an independent recomputation: transformers' own V4 gives the

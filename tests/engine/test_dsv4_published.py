@@ -144,7 +144,7 @@ def test_fp8_linears_hold_no_float_copy_and_half_the_bytes(fp4, float_path):
 def test_wo_a_scales_held_finer_refuse_a_file_scale_of_another_shape():
     """wo_a of 2 groups of 8 rows in 16-row file blocks holds [2, Kb] scales from the file's [1, Kb]; a file scale of
     any other shape is refused naming it (repeating and cutting it would hide a wrong file)."""
-    from moelink.engine.models.dsv4_weights import dsv4_linear_method, published_linear_plan
+    from moelink.engine.models.deepseek_v4.weights import dsv4_linear_method, published_linear_plan
 
     wo_a = Linear(32, 16, dsv4_linear_method(DSV4Quantization((16, 16)), group_rows=8), ReferenceKernels(),
                   torch.float64)

@@ -1,4 +1,4 @@
-"""Speculative decoding on DeepSeek-V4 (engine/models/dsv4_rollback.py): drafts right with probability 0.6
+"""Speculative decoding on DeepSeek-V4 (engine/models/deepseek_v4/rollback.py): drafts right with probability 0.6
 (benchmarks/spec_decode.OracleDrafter: accepted and rejected drafts both in play, k = 3, the most the tiny model's
 4-slot CSA compressor ring allows), verified in steps whose rejected drafts wrote the window ring, the compressor
 rings and completed compressed entries; the states rolled back to the accepted tokens, greedy outputs equal

@@ -253,7 +253,7 @@ def test_dsv4_dummy_checkpoint_has_the_real_checkpoints_tensors(tmp_path, fmt):
     token-id table holds top_k distinct valid expert ids per token."""
     from safetensors import safe_open
 
-    from moelink.engine.models.dsv4_decoder import published_name
+    from moelink.engine.models.deepseek_v4.blocks import published_name
     from moelink.engine.tools.tiny_model import make_tiny_model
 
     path = make_tiny_model(tmp_path / "v4", "deepseek_v4", format=fmt)

@@ -23,8 +23,7 @@ import torch
 from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.config.tensor_parallel import check_tensor_parallel
-from moelink.engine.models.dsv4_decoder import DeepseekV4ForCausalLM
-from moelink.engine.models import arch_spec
+from moelink.engine.models import MoEDecoderForCausalLM, arch_spec
 from moelink.engine.rank.loader import load_plan, open_checkpoint
 from moelink.kernels.ops import ReferenceKernels
 
@@ -109,7 +108,7 @@ def _rank_reads(path: str, rank: int, ep=None) -> dict[str, int]:
     cfg = ModelConfig.from_pretrained(path, "float64")
     checkpoint = open_checkpoint(cfg, "auto", CPU)
     names = frozenset(checkpoint.keys())
-    model = DeepseekV4ForCausalLM(cfg, arch_spec(cfg.architecture), ReferenceKernels(), CPU, ep, names,
+    model = MoEDecoderForCausalLM(cfg, arch_spec(cfg.architecture), ReferenceKernels(), CPU, ep, names,
                                   tp=LoadOnlyTP(rank, 2))
     got: dict[str, int] = {}
     load_plan(checkpoint, model.weight_plan(names), CPU, read_bytes=got)

@@ -1,5 +1,5 @@
 """DeepSeek-V4's decode graphs (engine/rank/cuda_graph.py with EagerReplay on CPU, the Triton kernels in the
-interpreter): its decode attention reads device lengths only (engine/models/dsv4_decode.py), each row's state slot
+interpreter): its decode attention reads device lengths only (engine/models/deepseek_v4/decode.py), each row's state slot
 is a static graph input (padding rows -1: they read the null slot and write no state, no entry), and a decode
 replayed from graphs equals the eager engine token for token while prompts cross compression boundaries and the
 indexer's top-k; every block comes back."""

@@ -1,4 +1,4 @@
-"""DeepSeek-V4's grouped output projection wo_a held FP8 (engine/models/dsv4_weights.grouped_fp8_linear): each group
+"""DeepSeek-V4's grouped output projection wo_a held FP8 (engine/models/deepseek_v4/weights.grouped_fp8_linear): each group
 of heads through the FP8 GEMM (the Triton kernel, in the interpreter on CPU, and the reference), against float64.
 
 Oracle: group g's activations rounded as the W8A8 GEMM rounds them (fake_quant_activation: per token per Bk of the
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moelink.engine.config.dsv4_quant import DSV4Quantization
-from moelink.engine.models.dsv4_weights import dsv4_linear_method, grouped_fp8_linear
+from moelink.engine.models.deepseek_v4.weights import dsv4_linear_method, grouped_fp8_linear
 from moelink.engine.models.linear import Linear
 from moelink.kernels.fp8 import block_dequantize, block_quantize, fake_quant_activation, reference_fp8_linear
 from moelink.kernels.triton_fp8 import triton_fp8_linear

@@ -1,7 +1,7 @@
 """DeepSeek-V4's Triton kernels (kernels/triton_dsv4.py, triton_dsv4_topk.py) against their plain-torch references
 (kernels/dsv4.py) run in float64 on the same inputs; Triton in the interpreter on CPU.
 
-Shapes are small and ragged, built as the attention layer builds them (engine/models/dsv4_attention.py): a decode
+Shapes are small and ragged, built as the attention layer builds them (engine/models/deepseek_v4/attention.py): a decode
 token, a chunk over a cached prefix, a fresh prompt; contexts and windows not multiples of the compress rate or the
 kernels' tiles; key rows no query may read (never-written cache rows) NaN-poisoned in the kernel's input only.
 """

@@ -3,7 +3,7 @@ attention over window ring rows and entries, all read where the cache keeps them
 references (kernels/dsv4.py: reference_paged_*), and those references against the per-query-key ops on keys this
 test gathers by hand. Triton in the interpreter on CPU.
 
-A batch as a decode step makes it (engine/models/dsv4_decode.py): rows of different lengths on shuffled blocks of
+A batch as a decode step makes it (engine/models/deepseek_v4/decode.py): rows of different lengths on shuffled blocks of
 Lc = 3 entries (so E = M Lc = 15 is no multiple of a tile and a row's last block is partly written), a padding row
 (slot -1, every table column the null block, nothing visible), picks with -1s; every cache row no query may read
 (ring rows of positions < 0, entries at or past a row's visible count, blocks no table names) is NaN.

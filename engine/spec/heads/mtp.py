@@ -14,8 +14,8 @@ store module i as `model.layers.{num_hidden_layers + i}.*`:
 For a token at position t with conditioning hidden state h_t and the next token tok_{t+1}:
     x = eh_proj([enorm(emb(tok_{t+1})) | hnorm(h_t)]);  y = decoder_layer(x) + its residual
     logits(tok_{t+2}) = head(shared_head.norm(y))
-and y conditions the next chained draft (as h did). The inner layer is the main decoder's `DecoderLayer` built at
-index num_hidden_layers + i, so its checkpoint names and its KV cache (`ctx.kv_caches[num_hidden_layers + i]`)
+and y conditions the next chained draft (as h did). The inner layer is the main decoder's layer, built alone
+(`moe_decoder.lone_layer`) at index num_hidden_layers + i, so its checkpoint names and its KV cache (`ctx.kv_caches[num_hidden_layers + i]`)
 follow from that index; it counts its routed experts in a MoEStats of its own (one row), not the main model's.
 
 What the caller decides (none of it is fixed by the weights): which h_t (the report's figure feeds the main
@@ -44,15 +44,14 @@ from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
 
 from ...config.architectures import REGISTRY, ArchSpec
-from ...config.dsv4_quant import read_dsv4_quantization
 from ...config.model import ModelConfig
+from ...models.blocks.mtp import MTP_LAYOUTS
 from ...models.layers import ForwardContext, RMSNorm
 from ...models.linear import FloatLinear, Linear, linear_method
-from ...models.moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
+from ...models.moe_decoder import fused_experts_name, layer_weight_plan, lone_layer
 from ...models.rope import RotaryEmbedding
 from ...tp.group import TensorParallel
 from ...tp.vocab import VocabShard
-from .dsv4_mtp import DSV4MTPLayer, dsv4_mtp_checkpoint_names
 from .qwen_mtp import QwenMTPLayer, qwen_mtp_checkpoint_names
 
 
@@ -70,8 +69,8 @@ def mtp_checkpoint_names(cfg: ModelConfig, names: Collection[str]) -> list[str]:
     layout = REGISTRY[cfg.architecture].mtp_layout
     if cfg.num_nextn_predict_layers and layout == "qwen":
         return qwen_mtp_checkpoint_names(names)
-    if layout == "dsv4":  # the main model never reads them, whatever config.json counts
-        return dsv4_mtp_checkpoint_names(names)
+    if layout in MTP_LAYOUTS.names():  # a family's own layout (engine/models/blocks/mtp.py)
+        return MTP_LAYOUTS.get(layout).checkpoint_names(cfg, names)
     prefixes = tuple(f"model.layers.{cfg.num_layers + i}." for i in range(cfg.num_nextn_predict_layers))
     return sorted(n for n in names if n.startswith(prefixes))
 
@@ -81,14 +80,15 @@ def make_mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: to
                    embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None,
                    tp: TensorParallel | None = None) -> nn.Module:
     """MTP module i in the architecture's layout (architectures.Architecture.mtp_layout): MTPLayer (DeepSeek's
-    next-n layers), QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`) or DSV4MTPLayer (DeepSeek-V4's `mtp.{i}.*`, over
-    the hyper-connection streams: its drafter adapts it, engine/spec/proposer/mtp.py); all have compute_logits,
+    next-n layers), QwenMTPLayer (Qwen3-Next / Qwen3.5's `mtp.*`) or a family's own layout's (engine/models/blocks/
+    mtp.py: DeepSeek-V4's `mtp.{i}.*`, over the hyper-connection streams, which its drafter adapts,
+    engine/spec/proposer/mtp.py); all have compute_logits,
     moe_only_stages, weight_plan, layer_index. `tp`: the rank's TensorParallel (each module splits over it as its main
     layers do)."""
     layout = REGISTRY[cfg.architecture].mtp_layout
-    if layout == "dsv4":  # its embedding and head are always the main model's
-        quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
-        return DSV4MTPLayer(cfg, spec, i, embed_tokens, lm_head, kernels, device, ep, quant=quant, tp=tp)
+    if layout in MTP_LAYOUTS.names():
+        return MTP_LAYOUTS.get(layout).build(cfg, spec, i, kernels, device, ep, checkpoint_names,
+                                             embed_tokens=embed_tokens, lm_head=lm_head, tp=tp)
     if layout == "qwen":
         return QwenMTPLayer(cfg, spec, i, kernels, device, ep, checkpoint_names, embed_tokens=embed_tokens,
                             lm_head=lm_head, tp=tp)
@@ -131,7 +131,7 @@ class MTPLayer(nn.Module):
         layer_cfg = replace(cfg, sparse_layers=(L,) if sparse else ())
         self.moe_stats = MoEStats(1 if sparse else 0, cfg.num_experts, device)
         rope = RotaryEmbedding(cfg.attention.rope, cfg.hf_config, cfg.max_model_len, kernels, device)
-        self.layer = DecoderLayer(layer_cfg, L, rope, kernels, device, ep, self.moe_stats, spec,
+        self.layer = lone_layer(layer_cfg, L, rope, kernels, device, ep, self.moe_stats, spec,
                                   fused_experts=fused_experts_name(L) in names, tp=tp)
         self._layer_cfg = layer_cfg
 
@@ -157,7 +157,7 @@ class MTPLayer(nn.Module):
         """`forward` as stages: yields while its MoE all-to-all is in flight (under expert parallelism)."""
         e_TD = self.enorm(self.vocab.embed(input_ids_T, self.embed_tokens))
         x_TD = self.eh_proj(torch.cat([e_TD, self.hnorm(hidden_TD)], dim=-1))
-        y_TD, residual_TD = yield from self.layer.stages(positions_T, x_TD, None, ctx)
+        y_TD, residual_TD = yield from self.layer.stages(positions_T, (x_TD, None), None, ctx)
         return y_TD + residual_TD
 
     def moe_only_stages(self) -> MoEOnlyStages:

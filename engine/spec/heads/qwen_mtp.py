@@ -19,8 +19,8 @@ token tok_{t+1} (vLLM's and SGLang's qwen3_next_mtp, the order of the concatenat
 and `out` (final-normed, unlike DeepSeek's pre-norm state) conditions the next chained draft. transformers loads
 none of it (`_keys_to_ignore_on_load_unexpected = ["^mtp.*"]`).
 
-The inner layer is the main decoder's `DecoderLayer` built at index num_hidden_layers: its attention is the model's
-full-attention config (`ModelConfig.attention_for` past the main layers), its KV cache `ctx.kv_caches[L]` (the
+The inner layer is the main decoder's layer, built alone (`moe_decoder.lone_layer`) at index num_hidden_layers: its
+attention is the model's full-attention config (`ModelConfig.attention_for` past the main layers), its KV cache `ctx.kv_caches[L]` (the
 drafter's cache layer, engine/spec/proposer/chain.py), and it keeps no linear-attention state. Its MLP is routed
 when the main layer 0 is (vLLM builds it with layer index 0 for `mlp_only_layers` / `decoder_sparse_step`).
 
@@ -45,7 +45,7 @@ from ...config.architectures import ArchSpec
 from ...config.model import ModelConfig
 from ...models.layers import ForwardContext, RMSNorm
 from ...models.linear import FloatLinear, Linear
-from ...models.moe_decoder import DecoderLayer, fused_experts_name, layer_weight_plan
+from ...models.moe_decoder import fused_experts_name, layer_weight_plan, lone_layer
 from ...models.rope import RotaryEmbedding
 from ...tp.group import TensorParallel
 from ...tp.vocab import VocabShard
@@ -90,7 +90,7 @@ class QwenMTPLayer(nn.Module):
         rope = RotaryEmbedding(cfg.attention.rope, cfg.hf_config, cfg.max_model_len, kernels, device)
         # The checkpoint names as the inner layer's plan spells them (model.layers.{L}.*): the experts' layout.
         self._names = frozenset(self._as_layer_name(n) for n in (checkpoint_names or ()))
-        self.layer = DecoderLayer(layer_cfg, L, rope, kernels, device, ep, self.moe_stats, spec,
+        self.layer = lone_layer(layer_cfg, L, rope, kernels, device, ep, self.moe_stats, spec,
                                   fused_experts=fused_experts_name(L) in self._names, tp=tp)
         if self.layer.mixer_name != "self_attn":
             raise ValueError(f"{cfg.architecture}'s MTP layer must run full attention (its model attention is "
@@ -113,7 +113,7 @@ class QwenMTPLayer(nn.Module):
         """`forward` as stages: yields while its MoE all-to-all is in flight (under expert parallelism)."""
         e_TD = self.pre_fc_norm_embedding(self.vocab.embed(input_ids_T, self.embed_tokens))
         x_TD = self.fc(torch.cat([e_TD, self.pre_fc_norm_hidden(hidden_TD)], dim=-1))
-        y_TD, residual_TD = yield from self.layer.stages(positions_T, x_TD, None, ctx)
+        y_TD, residual_TD = yield from self.layer.stages(positions_T, (x_TD, None), None, ctx)
         out_TD, _ = self.norm.add_forward(y_TD, residual_TD)
         return out_TD
 

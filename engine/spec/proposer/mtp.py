@@ -17,11 +17,11 @@ Hybrid models (Qwen3-Next, Qwen3.5: linear-attention layers beside full attentio
 attention layer, so it keeps no per-sequence state; the main model's verify step rolls its linear-attention
 states back past the rejected drafts (GatedDeltaNet.replay_states), as for any drafter's drafts.
 
-DeepSeek-V4: its MTP module (engine/spec/heads/dsv4_mtp.py) reads the main model's hyper-connection streams before the
+DeepSeek-V4: its MTP module (engine/models/deepseek_v4/mtp.py) reads the main model's hyper-connection streams before the
 hyper-head (not a final-normed state: DeepSeek's MTPBlock takes them), captured by the main forward as EAGLE-3's
-states are (so, as for EAGLE-3, no CUDA graphs), and keeps a paged window as its cache (`DSV4MTPDraftLayer`). The
+states are (so, as for EAGLE-3, no CUDA graphs), and keeps a paged window as its cache (`StreamsDraftLayer`). The
 main model's window and compressor rings are rolled back past rejected drafts by the model itself
-(engine/models/dsv4_rollback.py).
+(engine/models/deepseek_v4/rollback.py).
 
 Expert parallelism: the MTP layer's MoE dispatches like a main layer, so every rank runs k MTP forwards per step
 that runs a forward anywhere (catch-up, k - 1 chain steps; `moe_only_stages` where it has no rows), in the same
@@ -38,8 +38,10 @@ whole).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
+from torch import nn
 
 from moelink.moe.layer import MoEOnlyStages
 
@@ -50,7 +52,6 @@ from ...rank.loader import load_plan, open_checkpoint
 from ...tp.attention import shard_attention
 from ...tp.group import TensorParallel
 from ..heads import MTPLayer, QwenMTPLayer, make_mtp_layer
-from ..heads.dsv4_mtp import DSV4MTPLayer
 from .chain import SCRATCH_ROWS, ChainDrafter, ChainPlan
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ _SCRATCH_ROWS = SCRATCH_ROWS
 
 def load_mtp_layer(cfg: ModelConfig, model, kernels, device: torch.device, ep=None,
                    load_format: str = "auto", tp: TensorParallel | None = None,
-                   read_bytes: dict[str, int] | None = None) -> MTPLayer | QwenMTPLayer | DSV4MTPLayer:
+                   read_bytes: dict[str, int] | None = None) -> nn.Module:
     """MTP module 0 of `cfg`'s checkpoint (or random, load_format "dummy"), its routed experts this rank's share
     under `ep`, its layers split over `tp` (reading only its shards); its embedding and head are `model`'s where
     the checkpoint has no copy (under TP: their shards, or this rank's shard of the copy). The architecture's layout
@@ -116,16 +117,16 @@ class MTPDraftLayer:
         return self.module.moe_only_stages()
 
 
-class DSV4MTPDraftLayer:
-    """DeepSeek-V4's MTP layer (engine/spec/heads/dsv4_mtp.py) as a chain drafter's DraftLayer. It conditions on the main
-    model's n hyper-connection streams before its hyper-head, which the main forward captures after its last layer
-    (`aux_layers`; DeepseekV4ForCausalLM.stages keeps them flat, [T, n D]); the chain drafter moves [T, n D] rows
-    and never looks inside, so this adapter reshapes them to [T, n, D] for the layer and back. Its cache is the
-    layer's paged window (dsv4_mtp.WindowCache) in the model dtype."""
+class StreamsDraftLayer:
+    """An MTP layer over the main model's hyper-connection streams (DeepSeek-V4's, engine/models/deepseek_v4/mtp.py)
+    as a chain drafter's DraftLayer. It conditions on the main model's n streams before its hyper-head, which the main
+    forward captures after its last layer (`aux_layers`; the "hyper" residual kind keeps them flat, [T, n D]); the
+    chain drafter moves [T, n D] rows and never looks inside, so this adapter reshapes them to [T, n, D] for the layer
+    and back. Its cache is the layer's own (`layer.cache`: V4's paged window) in the model dtype."""
 
     has_experts = True
 
-    def __init__(self, cfg: ModelConfig, layer: DSV4MTPLayer):
+    def __init__(self, cfg: ModelConfig, layer: Any):
         self.module = layer
         self.kv_cache_index = layer.layer_index
         self.aux_layers = (cfg.num_layers,)
@@ -154,7 +155,7 @@ class MTPDrafter(ChainDrafter):
         self.cfg = cfg
         layer = load_mtp_layer(cfg, model, kernels, device, ep, load_format, tp)
         tp_size = tp.size if tp is not None else 1
-        draft = (DSV4MTPDraftLayer(cfg, layer) if isinstance(layer, DSV4MTPLayer)
+        draft = (StreamsDraftLayer(cfg, layer) if getattr(layer, "conditions_on_streams", False)
                  else MTPDraftLayer(cfg, layer, tp_size))
         super().__init__(draft, cfg.max_model_len, device, ep, k, block_size)
 
@@ -162,4 +163,4 @@ class MTPDrafter(ChainDrafter):
         return _SCRATCH_ROWS  # this module's (tests shrink it to make the scratch grow mid-run)
 
 
-__all__ = ["DSV4MTPDraftLayer", "MTPDraftLayer", "MTPDrafter", "MTPPlan", "load_mtp_layer"]
+__all__ = ["StreamsDraftLayer", "MTPDraftLayer", "MTPDrafter", "MTPPlan", "load_mtp_layer"]

@@ -27,8 +27,8 @@ sequence), and a paged slot is simply written again by the real token at that po
 lost the position W back that a later query still reads. W x H values per query read: tiny beside the main model's.
 
 Under tensor parallelism (`tp`, docs/tensor-parallelism.md) the block splits as a main layer does (its heads, wo_a's
-groups and wo_b, its experts split or in EP on token slices: dsv4_decoder.py); its window cache holds the one shared
-kv head, whole on every rank; e_proj / h_proj, the norms and the hyper-head are replicated (their inputs, the main
+groups and wo_b, its experts split or in EP on token slices: engine/models/deepseek_v4/blocks.py); its window cache
+holds the one shared kv head, whole on every rank; e_proj / h_proj, the norms and the hyper-head are replicated (their inputs, the main
 model's streams after its all-reduces and the broadcast tokens, are the same on every rank: no collective for two
 D x D matrices); the embedding and head are the main model's vocab shards (engine/tp/vocab.py: the embedding
 all-reduced, the logits all-gathered, so every rank drafts the same greedy tokens).
@@ -48,16 +48,18 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ...config.architectures import ArchSpec
 from ...config.dsv4 import mtp_attention
+from ...config.dsv4_quant import read_dsv4_quantization
 from ...config.model import ModelConfig
-from ...models.dsv4_attention import DSV4Attention, RopeTable
-from ...models.dsv4_decoder import DSV4DecoderLayer, Norm
-from ...models.dsv4_weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
-from ...models.hyper_connections import HyperHead
-from ...models.layers import ForwardContext
-from ...models.linear import Linear
-from ...models.rope import rope_inv_freq
 from ...tp.group import TensorParallel
 from ...tp.vocab import VocabShard
+from ..blocks.mtp import MTP_LAYOUTS, MTPLayout
+from ..layers import ForwardContext
+from ..linear import Linear
+from ..rope import rope_inv_freq
+from .attention import DSV4Attention, RopeTable
+from .blocks import Norm, mtp_layer
+from .hyper_connections import HyperHead
+from .weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,9 @@ class DSV4MTPLayer(nn.Module):
     """MTP module k of a V4 checkpoint (module docstring). `embed_VD` / `head_VD`: the main model's (under TP its
     vocab shards); `tp`: the rank's TensorParallel (None: whole)."""
 
+    # The drafter conditions it on the main model's hyper-connection streams (engine/spec/proposer/mtp.py).
+    conditions_on_streams = True
+
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, k: int, embed_VD: torch.Tensor, head_VD: torch.Tensor,
                  kernels, device: torch.device, ep: ExpertParallel | None = None, quant=None, tp: TensorParallel | None = None):
         super().__init__()
@@ -138,11 +143,11 @@ class DSV4MTPLayer(nn.Module):
         attention = mtp_attention(cfg.layer_attention, cfg.hf_config)
         inv_freq, factor = rope_inv_freq(attention.rope, cfg.hf_config)
         self.rope = RopeTable(inv_freq, factor, cfg.max_model_len, device)
-        self.block = DSV4DecoderLayer(cfg, self.index, {"main": self.rope, "compress": self.rope}, kernels, device, ep,
-                                      self.moe_stats, quant, attention=attention, moe_index=0,
-                                      attention_cls=PagedWindowAttention, tp=self.tp)
+        self.block = mtp_layer(cfg, spec, self.index, {"main": self.rope, "compress": self.rope}, kernels, device, ep,
+                               self.moe_stats, quant, attention=attention, moe_index=0,
+                               attention_cls=PagedWindowAttention, tp=self.tp)
         self.cache = WindowCache(attention.head_dim)
-        # FP8 as published (held so, run W8A8 like the block's linears: engine/models/dsv4_weights.py)
+        # FP8 as published (held so, run W8A8 like the block's linears: engine/models/deepseek_v4/weights.py)
         self.e_proj = Linear(D, D, dsv4_linear_method(quant), kernels, dt, device)
         self.h_proj = Linear(D, D, dsv4_linear_method(quant), kernels, dt, device)
         self.enorm, self.hnorm, self.norm = Norm(D, eps, device), Norm(D, eps, device), Norm(D, eps, device)
@@ -182,7 +187,7 @@ class DSV4MTPLayer(nn.Module):
                             p + "hc_head_fn": PlanEntry(self.hc_head.fn_nnD, ()),
                             p + "hc_head_base": PlanEntry(self.hc_head.base_n, ()),
                             p + "hc_head_scale": PlanEntry(self.hc_head.scale_1, ())}
-        block = self.block.weight_plan(self.index, self.spec, self.expert_ids, self.cfg.num_experts, prefix=p)
+        block = self.block.weight_plan(p, self.index, self.cfg, self.spec, self.expert_ids, frozenset())
         plan.update({n.replace(".attn.norm.weight", ".attn.kv_norm.weight"): e for n, e in block.items()})
         if self.quant is not None:
             plan = fp8_dequant_plan(plan, checkpoint_names or (), self.quant.block)
@@ -193,5 +198,17 @@ def dsv4_mtp_checkpoint_names(names) -> list[str]:
     """The tensors of a V4 checkpoint that belong to its MTP layers (`mtp.*`): the main model leaves them unread."""
     return [n for n in names if n.startswith("mtp.")]
 
+
+def _build(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: torch.device, ep: ExpertParallel | None = None,
+           checkpoint_names=None, *, embed_tokens: torch.Tensor | None = None, lm_head: torch.Tensor | None = None,
+           tp: TensorParallel | None = None) -> nn.Module:
+    """MTP module i; its embedding and head are always the main model's."""
+    assert embed_tokens is not None and lm_head is not None
+    quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
+    return DSV4MTPLayer(cfg, spec, i, embed_tokens, lm_head, kernels, device, ep, quant=quant, tp=tp)
+
+
+# The main model never reads `mtp.*`, whatever config.json counts.
+MTP_LAYOUTS.add("dsv4", MTPLayout(_build, lambda cfg, names: dsv4_mtp_checkpoint_names(names)))
 
 __all__ = ["DSV4MTPLayer", "PagedWindowAttention", "WindowCache", "dsv4_mtp_checkpoint_names"]

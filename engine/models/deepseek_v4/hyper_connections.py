@@ -20,7 +20,7 @@ from torch import nn
 from moelink.kernels.dsv4 import reference_hc_expand
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..config.dsv4 import HyperConnectionConfig
+from ...config.dsv4 import HyperConnectionConfig
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels

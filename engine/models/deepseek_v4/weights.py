@@ -44,9 +44,9 @@ import torch
 from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
-from ..config.dsv4_quant import DSV4Quantization
-from ..tp.linear import ColumnParallel
-from .linear import FloatLinear, Fp8Linear, Linear, LinearMethod
+from ...config.dsv4_quant import DSV4Quantization
+from ...tp.linear import ColumnParallel
+from ..linear import FloatLinear, Fp8Linear, Linear, LinearMethod
 
 _PARTS = ("weight", "scale")
 _SCALE_DTYPES = (torch.float32, getattr(torch, "float8_e8m0fnu", torch.float32))

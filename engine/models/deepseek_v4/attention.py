@@ -30,7 +30,7 @@ caches them whole, as MLA's latent is (engine/models/mla.py); so the ranks pick 
 
 The linears (wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b) are `Linear`s (engine/models/linear.py): float for a
 float checkpoint (F.linear, as transformers), FP8 with float32 block scales for DeepSeek's published FP8 files (W8A8
-through the kernel strategy's `fp8_linear`; wo_a group by group: engine/models/dsv4_weights.py says why and how the
+through the kernel strategy's `fp8_linear`; wo_a group by group: engine/models/deepseek_v4/weights.py says why and how the
 `.scale` tensors load). The compressors' wkv / wgate and the indexer's weights_proj ship in bf16 and stay plain.
 
 Legend: T tokens, N heads, H head_dim, R rotary dims (h = R / 2), Q q_lora_rank, D hidden, G o_groups, O o_lora_rank,
@@ -49,15 +49,15 @@ from moelink.kernels.dsv4 import (entry_rows, index_key_rows, is_fp8_pages, read
                                   reference_rope_tail, write_form)
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..config.dsv4 import DSV4AttentionConfig
-from ..config.dsv4_quant import DSV4Quantization
-from ..tp.attention import shard_attention
-from ..tp.group import TensorParallel
-from ..tp.linear import ColumnParallel, RowParallel
-from .dsv4_decode import decode_attention
-from .dsv4_weights import dsv4_linear_method, grouped_fp8_linear, published_linear_plan
-from .layers import ForwardContext, param
-from .linear import Linear
+from ...config.dsv4 import DSV4AttentionConfig
+from ...config.dsv4_quant import DSV4Quantization
+from ...tp.attention import shard_attention
+from ...tp.group import TensorParallel
+from ...tp.linear import ColumnParallel, RowParallel
+from .decode import decode_attention
+from .weights import dsv4_linear_method, grouped_fp8_linear, published_linear_plan
+from ..layers import ForwardContext, param
+from ..linear import Linear
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels

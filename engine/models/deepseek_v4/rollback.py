@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import ForwardContext
+from ..layers import ForwardContext
 
 
 class StateRollback:

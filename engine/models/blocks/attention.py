@@ -1,0 +1,80 @@
+"""Attention kinds (token mixers), registered by the `kind` of a layer's attention config
+(ModelConfig.attention_for): "gqa" (gqa.py; sliding windows and sinks are its config), "mla" (mla.py; with an
+indexer in its config, DeepSeek Sparse Attention: dsa.py), "linear" (gated DeltaNet, gated_deltanet.py). A family
+adds its own from its package (DeepSeek-V4's: engine/models/deepseek_v4/)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from ..gated_deltanet import GatedDeltaNet
+from ..gqa import GQAAttention
+from ..layers import ForwardContext
+from ..mla import MLAAttention
+from .context import BuildContext
+from .registry import Registry
+
+
+class StateHook(Protocol):
+    """What a kind with per-sequence state does around a verify step (speculative decoding): `before` the
+    forward (copy what a rejected draft would overwrite), `replay` after sampling (back to the accepted tokens)."""
+
+    def before(self, ctx: ForwardContext, positions_T: torch.Tensor) -> None: ...
+
+    def replay(self, num_accepted_S: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class AttentionKind:
+    """module_name: the layer attribute, which is also the checkpoint's name (self_attn, linear_attn, attn).
+    build(ctx, layer index, that layer's attention config) -> the module: `module(positions_T, h_TD, ctx)`,
+    `module.weight_plan(prefix)`. state_hook(the model's modules of this kind) -> its StateHook, or None."""
+
+    module_name: str
+    build: Callable[[BuildContext, int, Any], nn.Module]
+    state_hook: Callable[[Sequence[nn.Module]], StateHook | None] = lambda mixers: None
+
+
+ATTENTION: Registry[AttentionKind] = Registry("attention")
+
+
+def _gqa(ctx: BuildContext, i: int, attn) -> nn.Module:
+    cfg = ctx.cfg
+    return GQAAttention(i, cfg.hidden_size, attn, cfg.rms_norm_eps, ctx.rope(i), ctx.kernels, cfg.dtype, ctx.device,
+                        cfg.quantization, sinks_name=ctx.spec.sinks, tp=ctx.tp)
+
+
+def _mla(ctx: BuildContext, i: int, attn) -> nn.Module:
+    cfg = ctx.cfg
+    return MLAAttention(i, cfg.hidden_size, attn, ctx.rope(i), ctx.kernels, cfg.dtype, ctx.device, cfg.quantization,
+                        cfg.max_model_len, tp=ctx.tp)
+
+
+def _linear(ctx: BuildContext, i: int, attn) -> nn.Module:
+    cfg = ctx.cfg
+    return GatedDeltaNet(i, cfg.hidden_size, attn, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device, tp=ctx.tp)
+
+
+class _ReplayLinear:
+    """Gated DeltaNet's verify step: each layer's verifying sequences take their accepted tokens into their states
+    after sampling (engine/state/step.VerifySplit); nothing to do before."""
+
+    def __init__(self, mixers: Sequence[nn.Module]):
+        self.mixers = list(mixers)
+
+    def before(self, ctx: ForwardContext, positions_T: torch.Tensor) -> None:
+        return None
+
+    def replay(self, num_accepted_S: torch.Tensor) -> None:
+        for mixer in self.mixers:
+            mixer.replay_states(num_accepted_S)  # GatedDeltaNet's
+
+
+ATTENTION.add("gqa", AttentionKind("self_attn", _gqa))
+ATTENTION.add("mla", AttentionKind("self_attn", _mla))
+ATTENTION.add("linear", AttentionKind("linear_attn", _linear, _ReplayLinear))
+
+__all__ = ["ATTENTION", "AttentionKind", "StateHook"]

@@ -1,0 +1,122 @@
+"""Residual kinds: how a layer wires its attention and FFN blocks into the residual stream. The kind is the
+layer's class: "prenorm" (PreNormLayer, every family but DeepSeek-V4) or a family's own (V4's hyper-connections,
+"hyper": engine/models/deepseek_v4/blocks.py). Each keeps the stream in a form of its own (`state`), which the
+embedding kind makes and the head kind ends (engine/models/blocks/ends.py).
+
+Legend: T tokens, D hidden.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from moelink.moe.layer import Stages, run_stages
+from moelink.moe.weight_plan import WeightPlan
+
+from ...config.architectures import ArchSpec
+from ...config.model import ModelConfig
+from ..layers import AuxCapture, ForwardContext, RMSNorm
+from .attention import AttentionKind
+from .context import BuildContext
+from .ffn import FFNBlock, ffn_stages
+from .registry import Registry
+
+
+class Layer(nn.Module):
+    """What every residual kind holds: the token mixer under its checkpoint name (`mixer_name`), the FFN block's
+    modules under theirs (`ffn`: its FFNBlock; `moe`: its routed experts or None)."""
+
+    mixer_name: str
+    ffn: FFNBlock
+
+    def __init__(self, ctx: BuildContext):
+        super().__init__()
+        self.tp = ctx.tp
+
+    def install(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
+                ffn: Callable[[BuildContext, int], FFNBlock]) -> None:
+        """Build the mixer and the FFN block and hold their modules (attention first, as the checkpoint lists them)."""
+        self.mixer_name = attention.module_name
+        setattr(self, self.mixer_name, attention.build(ctx, i, attn_cfg))
+        self.ffn = ffn(ctx, i)
+        self.moe = self.ffn.moe
+        self.expert_shard = self.ffn.expert_shard
+        for name, module in self.ffn.modules.items():
+            setattr(self, name, module)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return getattr(self, self.mixer_name)
+
+    def forward(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None, ctx: ForwardContext):
+        return run_stages(self.stages(positions_T, state, input_ids_T, ctx))
+
+    def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
+               ctx: ForwardContext) -> Stages:
+        """The layer as stages (moe.layer.MoELayer.stages): yields while its MoE all-to-all is in flight, returns
+        the stream after it. A dense layer never yields."""
+        raise NotImplementedError
+
+    def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
+                    names: frozenset[str]) -> WeightPlan:
+        """The layer's checkpoint names under `p` ("model.layers.{i}.", or an MTP layer's own)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def capture(aux: AuxCapture, n: int, state: Any) -> None:
+        """Keep the stream after `n` layers for a drafter (ForwardContext.aux)."""
+        raise NotImplementedError
+
+
+class LayerClass(Protocol):
+    def __call__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
+                 ffn: Callable[[BuildContext, int], FFNBlock]) -> Layer: ...
+
+    def capture(self, aux: AuxCapture, n: int, state: Any) -> None: ...
+
+
+RESIDUAL: Registry[LayerClass] = Registry("residual")
+
+
+@RESIDUAL.register("prenorm")
+class PreNormLayer(Layer):
+    """h = x + attn(norm1(x));  out = h + ffn(norm2(h)), the residual add fused into the next norm: the stream is
+    (x_TD, residual_TD), residual None before the first layer."""
+
+    def __init__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
+                 ffn: Callable[[BuildContext, int], FFNBlock]):
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device)
+        self.is_sparse = i in cfg.sparse_layers
+        self.install(ctx, i, attention, attn_cfg, ffn)
+
+    def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
+               ctx: ForwardContext) -> Stages:
+        x_TD, residual_TD = state
+        if residual_TD is None:
+            residual_TD, h_TD = x_TD, self.input_layernorm(x_TD)
+        else:
+            h_TD, residual_TD = self.input_layernorm.add_forward(x_TD, residual_TD)
+        h_TD = self.mixer(positions_T, h_TD, ctx)
+        h_TD, residual_TD = self.post_attention_layernorm.add_forward(h_TD, residual_TD)
+        return (yield from ffn_stages(self.ffn, self.tp, h_TD, input_ids_T)), residual_TD
+
+    def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
+                    names: frozenset[str]) -> WeightPlan:
+        plan: WeightPlan = {}
+        plan.update(self.input_layernorm.weight_plan(p + "input_layernorm.weight"))
+        plan.update(self.post_attention_layernorm.weight_plan(p + "post_attention_layernorm.weight"))
+        plan.update(self.mixer.weight_plan(f"{p}{self.mixer_name}."))
+        plan.update(self.ffn.weight_plan(p, layer_idx, cfg, spec, expert_ids, names))
+        return plan
+
+    @staticmethod
+    def capture(aux: AuxCapture, n: int, state: Any) -> None:
+        aux.take(n, *state)
+
+
+__all__ = ["Layer", "LayerClass", "PreNormLayer", "RESIDUAL"]

@@ -1,0 +1,46 @@
+"""The decoder's block registry (engine/models/blocks/): every kind an architecture names is registered once the
+model package is imported (the families register their own), and a name nobody registered is one error naming the
+kind and the names allowed."""
+from __future__ import annotations
+
+import pytest
+
+from moelink.engine.config.architectures import REGISTRY
+from moelink.engine.models import ARCHITECTURES
+from moelink.engine.models.blocks.attention import ATTENTION
+from moelink.engine.models.blocks.checkpoint import CHECKPOINT
+from moelink.engine.models.blocks.ends import EMBEDDING, HEAD
+from moelink.engine.models.blocks.ffn import FFN
+from moelink.engine.models.blocks.mtp import MTP_LAYOUTS
+from moelink.engine.models.blocks.registry import Registry
+from moelink.engine.models.blocks.residual import RESIDUAL
+
+
+def test_every_architecture_names_registered_kinds():
+    for name, spec in ARCHITECTURES.items():
+        ATTENTION.get(spec.attention)
+        RESIDUAL.get(spec.residual)
+        EMBEDDING.get(spec.embedding)
+        HEAD.get(spec.head)
+        CHECKPOINT.get(spec.checkpoint)
+        if spec.ffn:
+            FFN.get(spec.ffn)
+    assert {"gqa", "mla", "linear", "dsv4"} <= set(ATTENTION.names())
+    assert set(FFN.names()) == {"dense", "routed", "routed_shared", "token_routed"}
+    assert set(RESIDUAL.names()) == {"prenorm", "hyper"}
+    assert REGISTRY["DeepseekV4ForCausalLM"].spec.residual == "hyper"
+    # MTP layouts other than the draft heads' own (engine/spec/heads/: "nextn", "qwen") are a family's
+    assert {a.mtp_layout for a in REGISTRY.values()} - {"nextn", "qwen"} == set(MTP_LAYOUTS.names()) == {"dsv4"}
+
+
+def test_unknown_name_is_one_error_naming_kind_and_choices():
+    with pytest.raises(ValueError, match=r"^residual block 'bogus' is not registered: choose from 'hyper', 'prenorm'\.$"):
+        RESIDUAL.get("bogus")
+
+
+def test_a_name_registered_twice_is_refused():
+    reg: Registry[int] = Registry("ffn")
+    reg.add("dense", 1)
+    with pytest.raises(ValueError, match="ffn block 'dense' is registered twice"):
+        reg.add("dense", 2)
+    assert reg.get("dense") == 1
