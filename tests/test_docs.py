@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collec
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "ARCHITECTURE.md", "deploy/README.md",
-        *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+        *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md"))]  # docs/architecture/ too
 MARKER = "<!-- runnable -->"
 RUNNABLE = re.compile(r"<!-- runnable -->\n```(python|sh)\n(.*?)\n```", re.DOTALL)
 # How many blocks each page marks runnable, by language: a marker that no longer matches (a block renamed
@@ -147,7 +147,8 @@ def test_relative_links_resolve_to_files_in_the_repository(doc):
 
 def test_the_docs_index_lists_every_page():
     listed = set(_links("docs/README.md"))
-    missing = [p.name for p in (ROOT / "docs").glob("*.md") if p.name != "README.md" and p.name not in listed]
+    missing = [name for name in (p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md"))
+               if name != "README.md" and name not in listed]
     assert not missing, f"docs/README.md does not list {missing}"
 
 
