@@ -171,6 +171,31 @@ def test_no_tracked_file_cites_a_design_document_outside_the_repository():
     assert not citing, f"these files cite DESIGN.md, which is not in the repository: {citing}"
 
 
+def test_code_citations_of_architecture_name_its_rules_and_sections():
+    """Comments cite "ARCHITECTURE.md: Design rules N" (or "ARCHITECTURE.md rule N") and "ARCHITECTURE.md: Section":
+    each number is one of the page's design rules and each section one of its headings, so moving a long text to
+    docs/architecture/ (issue 56 item 6) cannot leave a citation pointing at nothing."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    page = (ROOT / "ARCHITECTURE.md").read_text()
+    rules = set(re.findall(r"^(\d+)\. ", _section("ARCHITECTURE.md", "Design rules"), flags=re.M))
+    headings = {h.strip() for h in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", page, flags=re.DOTALL),
+                                              flags=re.M)}
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    bad = []
+    for name in files.decode().split("\0"):
+        if not name.endswith((".py", ".md", ".toml", ".json")) or name == "tests/test_docs.py" \
+                or not (ROOT / name).is_file():
+            continue
+        text = re.sub(r"\s+", " ", (ROOT / name).read_text(errors="replace"))
+        for cited in re.findall(r"ARCHITECTURE\.md:? (?:Design rules|rule) (\d+(?: and \d+)*)", text):
+            bad += [f"{name}: rule {n}" for n in re.findall(r"\d+", cited) if n not in rules]
+        for section in re.findall(r"ARCHITECTURE\.md[:,] ([A-Z][^.;:()]*?)[.;:)]", text):
+            if not section.startswith("Design rules") and section not in headings:
+                bad.append(f"{name}: section {section!r}")
+    assert not bad, f"citations of ARCHITECTURE.md that name no rule or heading of it: {bad}"
+
+
 def test_link_pattern_reads_the_forms_the_docs_use():
     text = 'see [a](b.md), ![img](c/d.png "t"), [x](../README.md#bad-input) and [y](#z) but not [z] (w)'
     assert LINK.findall(text) == ["b.md", "c/d.png", "../README.md#bad-input", "#z"]
