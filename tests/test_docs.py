@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collec
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "ARCHITECTURE.md", "deploy/README.md",
-        *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+        *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md"))]  # docs/architecture/ too
 MARKER = "<!-- runnable -->"
 RUNNABLE = re.compile(r"<!-- runnable -->\n```(python|sh)\n(.*?)\n```", re.DOTALL)
 # How many blocks each page marks runnable, by language: a marker that no longer matches (a block renamed
@@ -147,7 +147,8 @@ def test_relative_links_resolve_to_files_in_the_repository(doc):
 
 def test_the_docs_index_lists_every_page():
     listed = set(_links("docs/README.md"))
-    missing = [p.name for p in (ROOT / "docs").glob("*.md") if p.name != "README.md" and p.name not in listed]
+    missing = [name for name in (p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md"))
+               if name != "README.md" and name not in listed]
     assert not missing, f"docs/README.md does not list {missing}"
 
 
@@ -168,6 +169,31 @@ def test_no_tracked_file_cites_a_design_document_outside_the_repository():
               if name and name != "tests/test_docs.py" and (ROOT / name).is_file()
               and b"DESIGN.md" in (ROOT / name).read_bytes()]
     assert not citing, f"these files cite DESIGN.md, which is not in the repository: {citing}"
+
+
+def test_code_citations_of_architecture_name_its_rules_and_sections():
+    """Comments cite "ARCHITECTURE.md: Design rules N" (or "ARCHITECTURE.md rule N") and "ARCHITECTURE.md: Section":
+    each number is one of the page's design rules and each section one of its headings, so moving a long text to
+    docs/architecture/ (issue 56 item 6) cannot leave a citation pointing at nothing."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    page = (ROOT / "ARCHITECTURE.md").read_text()
+    rules = set(re.findall(r"^(\d+)\. ", _section("ARCHITECTURE.md", "Design rules"), flags=re.M))
+    headings = {h.strip() for h in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", page, flags=re.DOTALL),
+                                              flags=re.M)}
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    bad = []
+    for name in files.decode().split("\0"):
+        if not name.endswith((".py", ".md", ".toml", ".json")) or name == "tests/test_docs.py" \
+                or not (ROOT / name).is_file():
+            continue
+        text = re.sub(r"\s+", " ", (ROOT / name).read_text(errors="replace"))
+        for cited in re.findall(r"ARCHITECTURE\.md:? (?:Design rules|rule) (\d+(?: and \d+)*)", text):
+            bad += [f"{name}: rule {n}" for n in re.findall(r"\d+", cited) if n not in rules]
+        for section in re.findall(r"ARCHITECTURE\.md[:,] ([A-Z][^.;:()]*?)[.;:)]", text):
+            if not section.startswith("Design rules") and section not in headings:
+                bad.append(f"{name}: section {section!r}")
+    assert not bad, f"citations of ARCHITECTURE.md that name no rule or heading of it: {bad}"
 
 
 def test_link_pattern_reads_the_forms_the_docs_use():
