@@ -52,3 +52,39 @@ def test_another_thread_count_or_a_non_module_command_execs():
     zygote.run(PROBE + ["show"], env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, timeout=60)
     zygote.run([sys.executable, "-c", "pass"], timeout=60)
     assert zygote.starts["exec"] == before["exec"] + 2 and zygote.starts["zygote"] == before["zygote"]
+
+
+def test_a_scripts_python_shim_forks_module_runs_and_ends_as_the_child_ended(tmp_path):
+    """zygote_shim.py: a shell script's `$PYTHON -m ...` (benchmarks/gpu_session.sh under tests/helpers/
+    gpu_session.py) is forked by the zygote, its output, exit code and end by a signal the plain run's; `-c` execs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PROBE": "yes", "OMP_NUM_THREADS": "1", "PYTHONPATH": root, **zygote.shim_env()}
+    assert env["PYTHON"] == zygote.SHIM
+
+    def script(cmd: str, **kw):
+        return subprocess.run(["bash", "-c", cmd], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              **kw)
+
+    r = script('"$PYTHON" -m tests.helpers.zygote_probe show "x y"')
+    seen = json.loads(r.stdout)
+    assert r.returncode == 0 and seen["argv"][1:] == ["show", "x y"] and seen["cwd"] == str(tmp_path)
+    assert seen["env"] == "yes" and r.stderr.strip().endswith("to stderr")
+    assert seen["ppid"] == zygote._get().proc.pid  # forked by the zygote, not exec'd by the shim
+    assert script('"$PYTHON" -m tests.helpers.zygote_probe exit 3').returncode == 3
+    assert "ValueError: boom" in script('"$PYTHON" -m tests.helpers.zygote_probe fail').stderr
+    # A signal to the shim (as `timeout` sends one) reaches the child, and the shim ends by it too.
+    r = script('"$PYTHON" -m tests.helpers.zygote_probe sleep & sleep 3; kill -TERM $!; wait $!; echo "status $?"')
+    assert r.stdout.split()[-2:] == ["status", str(128 + signal.SIGTERM)], r.stdout + r.stderr
+    r = script('"$PYTHON" -c "import sys; print(sys.flags.no_site)"')  # not `-m`: the real interpreter, with site
+    assert r.returncode == 0 and r.stdout.strip() == "0"
+
+
+def test_a_forked_child_imports_the_sitecustomize_its_pythonpath_brings(tmp_path):
+    """Python's start-up imports `sitecustomize` from PYTHONPATH (tests/helpers/interpreter_site: the faster Triton
+    interpreter in the children the tests start); a forked child does the same."""
+    (tmp_path / "sitecustomize.py").write_text("import os\nos.environ['PROBE'] = 'from sitecustomize'\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}
+    for fork in (True, False):
+        r = zygote.run(PROBE + ["show"], capture_output=True, text=True, env=env, timeout=60, zygote=fork)
+        assert json.loads(r.stdout)["env"] == "from sitecustomize", (fork, r.stderr)

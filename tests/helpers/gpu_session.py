@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import zygote
 from .fast_interpreter import lazy_interpreter_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +22,9 @@ PLAN = re.compile(r"^PLAN step=(\S+) cmd=(\S+) gemm_compiles=(\d+) slow_compiles
 def session(*args: str, out: Path | None = None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
     """The script run with `args` under this Python, $OUT at `out`; the session-state variables (commit, compute
     capability, state file) only where `env` gives them, so the caller's environment does not leak in."""
-    e = dict(os.environ, PYTHON=sys.executable)
+    # $PYTHON: the zygote's shim where there is a zygote (its `-m` children forked with torch imported; the rest
+    # exec'd: tests/helpers/zygote_shim.py), else this interpreter.
+    e = {**os.environ, "PYTHON": sys.executable, **zygote.shim_env()}
     e.update(env)
     e.pop("TRITON_INTERPRET", None)  # the script's children set what they need
     e = lazy_interpreter_env(e)  # and those that turn the interpreter on get the suite's faster one

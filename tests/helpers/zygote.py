@@ -46,6 +46,35 @@ def _import_env(env: dict) -> dict:
     return {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV_PREFIXES)}
 
 
+# A script the tests run (benchmarks/gpu_session.sh) calls `$PYTHON -m ...`: given `shim_env()`, its $PYTHON is the
+# shim, which has the zygote named here fork those too (tests/helpers/zygote_shim.py).
+SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote_python")
+SHIM_SOCKET, SHIM_PYTHON, SHIM_IMPORT_ENV = "MOELINK_ZYGOTE_SOCKET", "MOELINK_ZYGOTE_PYTHON", "MOELINK_ZYGOTE_IMPORT_ENV"
+
+
+def spawn_at(path: str, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int]) -> tuple[int, socket.socket]:
+    """Ask the zygote listening at `path` to fork `python -m ...` (module_argv) with these stdio fds: (its pid, the
+    connection its exit status will arrive on)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    msg = json.dumps({"argv": module_argv, "env": env, "cwd": cwd}).encode()
+    socket.send_fds(sock, [len(msg).to_bytes(8, "big") + msg], list(fds))
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = sock.recv(64)
+        if not chunk:
+            sock.close()
+            raise RuntimeError("the test zygote closed the connection before forking")
+        reply += chunk
+    return json.loads(reply)["pid"], sock
+
+
+def shim_env() -> dict:
+    """`_Zygote.shim_env` of this process's zygote (started if need be); {} where there is none (or it is off)."""
+    z = _get() if os.environ.get(ENV_SWITCH, "1") != "0" else None
+    return z.shim_env() if z is not None else {}
+
+
 # -- the client side (the test process) ------------------------------------------------------------------------------
 class ZygoteChild:
     """A process forked by the zygote, with the part of `subprocess.Popen`'s interface the tests use."""
@@ -132,18 +161,12 @@ class _Zygote:
         return self.proc.poll() is None
 
     def spawn(self, args, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int]) -> tuple[int, socket.socket]:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self.path)
-        msg = json.dumps({"argv": module_argv, "env": env, "cwd": cwd}).encode()
-        socket.send_fds(sock, [len(msg).to_bytes(8, "big") + msg], list(fds))
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(64)
-            if not chunk:
-                sock.close()
-                raise RuntimeError("the test zygote closed the connection before forking")
-            reply += chunk
-        return json.loads(reply)["pid"], sock
+        return spawn_at(self.path, module_argv, env, cwd, fds)
+
+    def shim_env(self) -> dict:
+        """What a script's environment needs for its `$PYTHON -m ...` to be forked here too (zygote_shim.py)."""
+        return {"PYTHON": SHIM, SHIM_SOCKET: self.path, SHIM_PYTHON: sys.executable,
+                SHIM_IMPORT_ENV: json.dumps(self.import_env, sort_keys=True)}
 
     def close(self) -> None:
         if self.alive():
@@ -302,6 +325,12 @@ def _become_child(req: dict, fds: list[int], base_path: list[str]) -> None:
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [req["cwd"], *extra, *base_path]
+    # Python's start-up imports `sitecustomize` from the path; the zygote's own start-up imported its own (if any),
+    # so a child whose PYTHONPATH brings one (tests/helpers/interpreter_site: the faster Triton interpreter) imports
+    # that one now, as its exec'd start-up would.
+    if any(os.path.isfile(os.path.join(p, "sitecustomize.py")) for p in extra):
+        sys.modules.pop("sitecustomize", None)
+        import sitecustomize  # noqa: F401
     argv = req["argv"]
     assert argv[0] == "-m"
     sys.argv = [argv[1], *argv[2:]]  # runpy replaces argv[0] with the module's file

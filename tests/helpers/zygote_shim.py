@@ -1,0 +1,54 @@
+"""The `python` a script started by a test runs (benchmarks/gpu_session.sh's $PYTHON, set by
+tests/helpers/gpu_session.py from `zygote.shim_env()`): `python -m MODULE ...` is forked by the test process's zygote
+(tests/helpers/zygote.py: torch already imported, ~2 s of CPU saved per start), with this process's stdio, environment
+and directory; this process stays in between, passes the signals it gets (a `timeout` around the command, a Ctrl-C) to
+the forked child and ends as the child ended (its exit code, or the same signal). Anything else (`-c`, a script, an
+environment whose import-relevant variables differ from the zygote's, no zygote reachable) execs the real
+interpreter, as a plain `python` would run. Standard library only: it starts with `python -S`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import zygote  # noqa: E402  (tests/helpers/zygote.py: standard library only)
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _exec_real(argv: list[str]) -> None:
+    real = os.environ[zygote.SHIM_PYTHON]
+    os.execv(real, [real, *argv])
+
+
+def main(argv: list[str]) -> int:
+    path = os.environ.get(zygote.SHIM_SOCKET)
+    wanted = os.environ.get(zygote.SHIM_IMPORT_ENV)
+    if not (len(argv) >= 2 and argv[0] == "-m" and path and wanted is not None
+            and zygote._import_env(dict(os.environ)) == json.loads(wanted)):
+        _exec_real(argv)
+    try:
+        pid, status = zygote.spawn_at(path, list(argv), dict(os.environ), os.getcwd(), (0, 1, 2))
+    except OSError:  # the zygote is gone (its test process ended): run it the plain way
+        _exec_real(argv)
+    for sig in FORWARDED:
+        signal.signal(sig, lambda s, _f: os.kill(pid, s))
+    while True:  # the status arrives when the zygote reaps the child; signals interrupt the wait, then it goes on
+        ready, _, _ = select.select([status], [], [])
+        if ready:
+            break
+    data = status.recv(64)
+    code = json.loads(data)["returncode"] if data else -signal.SIGKILL
+    if code < 0:  # ended by a signal: end the same way, as the caller of a plain python would see
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
