@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine.config.architectures import REGISTRY
-from moelink.engine.models import ARCHITECTURES
+from moelink.engine.models.registry import ARCHITECTURES
 from moelink.engine.models.blocks.attention import ATTENTION
 from moelink.engine.models.blocks.checkpoint import CHECKPOINT
 from moelink.engine.models.blocks.ends import EMBEDDING, HEAD
