@@ -192,6 +192,7 @@ def test_the_models_package_and_family_packages_import_nothing(graph):
     assert {p: sorted(graph.edges[p]) for p in packages if graph.edges.get(p)} == {}
 
 
+@pytest.mark.slow  # a fresh interpreter, about 2 s: not in the quick loop
 def test_reading_the_registry_and_the_readers_loads_no_model_code():
     """The registry (engine/config/architectures.py) imports no torch, and the config readers no model code: the
     families' modules they import by computed name are their config.py and reader.py alone."""
