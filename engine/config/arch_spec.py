@@ -49,7 +49,9 @@ class ArchSpec:
         return self.attention == "mla"
 
 
-MTP_LAYOUTS = ("nextn", "qwen", "dsv4")
+# The MTP layouts of the draft heads (engine/spec/heads/); any other is a family's own, registered by its kinds.py
+# (engine/models/blocks/mtp.py: DeepSeek-V4's "dsv4"), and a name nobody registered is refused when the head is built.
+MTP_LAYOUTS = ("nextn", "qwen")
 
 
 @dataclass(frozen=True)
@@ -70,14 +72,15 @@ class Architecture:
     mtp_layers: bool = False
     # Where and how those layers are stored: "nextn" (DeepSeek-V3's `model.layers.{num_hidden_layers + i}.*`,
     # engine/spec/heads/mtp.py), "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's
-    # mtp_num_hidden_layers; engine/spec/heads/qwen_mtp.py) or "dsv4" (DeepSeek-V4's top-level `mtp.{i}.*` over the
-    # hyper-connection streams; engine/models/deepseek_v4/mtp.py).
+    # mtp_num_hidden_layers; engine/spec/heads/qwen_mtp.py) or a family's own, registered by its kinds.py (DeepSeek-V4's
+    # "dsv4": top-level `mtp.{i}.*` over the hyper-connection streams; engine/models/deepseek_v4/mtp.py).
     mtp_layout: str = "nextn"
 
     def __post_init__(self) -> None:
-        if self.mtp_layout not in MTP_LAYOUTS:
+        if not isinstance(self.mtp_layout, str) or not self.mtp_layout.isidentifier():
             raise ValueError(f"Architecture {self.name}: mtp_layout={self.mtp_layout!r} is invalid: choose from "
-                             f"{', '.join(map(repr, MTP_LAYOUTS))}.")
+                             f"{', '.join(map(repr, MTP_LAYOUTS))} or a layout a family registers "
+                             f"(engine/models/blocks/mtp.py).")
 
     @property
     def runnable(self) -> bool:
