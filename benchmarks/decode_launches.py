@@ -211,7 +211,7 @@ def build_layer(hf: dict, layer_idx: int, max_len: int):
     """One decoder layer of `hf`'s model at index `layer_idx`, random weights (norm weights 1, others fan-in
     scaled as benchmarks/engine_decode.py does), through the Triton kernel selector."""
     from moelink.engine.config.model import ModelConfig
-    from moelink.engine.models import ARCHITECTURES
+    from moelink.engine.models.registry import ARCHITECTURES
     from moelink.engine.models.moe_decoder import lone_layer
     from moelink.engine.models.rope import RotaryEmbedding
     from moelink.kernels.ops import select_kernels

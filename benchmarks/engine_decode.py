@@ -77,7 +77,7 @@ BLOCK = 16
 def build_model(hf: dict, num_layers: int, device, kernels_name: str, max_len: int):
     """The engine's model class, random weights; config read the engine's way (from a config.json)."""
     from moelink.engine.config.model import ModelConfig
-    from moelink.engine.models import ARCHITECTURES, MoEDecoderForCausalLM
+    from moelink.engine.models.registry import ARCHITECTURES, MoEDecoderForCausalLM
     from moelink.kernels.ops import select_kernels
 
     with tempfile.TemporaryDirectory() as d:

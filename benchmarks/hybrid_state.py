@@ -130,7 +130,7 @@ def read_config(path: Path, dtype: str, max_model_len: int | None = None):
 def param_counts(cfg) -> dict:
     """Parameters of the engine's model for `cfg`, built on the meta device: all of them, and those one token
     reads without the embedding and LM head (routed experts counted top_k / num_experts of them)."""
-    from moelink.engine.models import arch_spec
+    from moelink.engine.models.registry import arch_spec
     from moelink.engine.models.moe_decoder import MoEDecoderForCausalLM
     from moelink.kernels.ops import ReferenceKernels
 

@@ -81,7 +81,16 @@ COMPOSITION_ROOTS: dict[str, frozenset[str]] = {"engine.api.cli": frozenset({"en
 STDLIB_ONLY = ("scheduler",)
 
 
+# A model family's config modules (engine/models/<family>/config.py: its registry entries; reader.py: its config
+# reader) are engine/config's: engine/config/architectures.py and hf_readers.py import them (by computed name,
+# engine/config/families.py) before any model code, so they may import only what engine/config may.
+FAMILY_CONFIG_PARTS = ("config", "reader")
+
+
 def unit_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 4 and parts[:2] == ["engine", "models"] and parts[3] in FAMILY_CONFIG_PARTS:
+        return "engine.config"
     return max((u for u in ALLOWED if module == u or module.startswith(u + ".")), key=len)
 
 
@@ -140,15 +149,19 @@ def test_pure_python_folders_import_only_the_standard_library(graph):
     assert not {m: e for m, e in bad.items() if e}, bad
 
 
-# Model families with block kinds of their own (engine/models/<family>/, ARCHITECTURE.md rule 11): each registers its
-# kinds (and its MTP layout) when engine/models/__init__.py imports it, so nothing else in the engine names it: the
-# decoder, the loader, the draft heads and the other families never do; the benchmarks may.
-FAMILY_IMPORTERS = ("engine.models", "benchmarks")
+# Model families (engine/models/<family>/, ARCHITECTURE.md rule 11): each is one package, imported by computed name
+# from its line in engine/config/families.py (its config modules by engine/config, its kinds.py by
+# engine/models/blocks/registry.py), so nothing else in the engine names it: the decoder, the loader, the draft heads
+# and the other families never do; the benchmarks may.
+FAMILY_IMPORTERS = ("benchmarks",)
+
+
+def _family_packages() -> set[str]:
+    return {p.parent.name for p in (ROOT / "engine" / "models").glob("*/__init__.py") if p.parent.name != "blocks"}
 
 
 def test_a_model_family_is_imported_only_by_its_registry_line(graph):
-    families = {f"engine.models.{p.parent.name}" for p in (ROOT / "engine" / "models").glob("*/__init__.py")
-                if p.parent.name != "blocks"}
+    families = {f"engine.models.{name}" for name in _family_packages()}
     assert "engine.models.deepseek_v4" in families
     bad = []
     for module, targets in sorted(graph.edges.items()):
@@ -156,11 +169,46 @@ def test_a_model_family_is_imported_only_by_its_registry_line(graph):
             family = next((f for f in families if target == f or target.startswith(f + ".")), None)
             if family is None or module == family or module.startswith(family + "."):
                 continue
-            if module == "engine.models" or any(module == u or module.startswith(u + ".")
-                                                for u in FAMILY_IMPORTERS[1:]):
+            if any(module == u or module.startswith(u + ".") for u in FAMILY_IMPORTERS):
                 continue
             bad.append(f"{graph.files[module].relative_to(ROOT)}:{graph.where[(module, target)]}: imports {target}")
     assert not bad, "a model family is named outside its package and its registry line:\n" + "\n".join(bad)
+
+
+def test_every_family_package_is_one_registry_line_and_has_its_config_modules():
+    from moelink.engine.config.families import FAMILIES
+
+    assert sorted(FAMILIES) == sorted(_family_packages()), "engine/config/families.py lists each engine/models/<family>/"
+    assert len(set(FAMILIES)) == len(FAMILIES)
+    for family in FAMILIES:
+        for part in FAMILY_CONFIG_PARTS:
+            assert (ROOT / "engine" / "models" / family / f"{part}.py").is_file(), f"engine/models/{family}/{part}.py"
+
+
+def test_the_models_package_and_family_packages_import_nothing(graph):
+    """engine/config imports the families' config modules, and with them their parent packages: those must stay
+    empty of imports, or reading a config would load the decoder."""
+    packages = ["engine.models"] + [f"engine.models.{name}" for name in sorted(_family_packages())]
+    assert {p: sorted(graph.edges[p]) for p in packages if graph.edges.get(p)} == {}
+
+
+@pytest.mark.slow  # a fresh interpreter, about 2 s: not in the quick loop
+def test_reading_the_registry_and_the_readers_loads_no_model_code():
+    """The registry (engine/config/architectures.py) imports no torch, and the config readers no model code: the
+    families' modules they import by computed name are their config.py and reader.py alone."""
+    import subprocess
+
+    code = ("import sys; import moelink.engine.config.architectures; assert 'torch' not in sys.modules, 'torch'; "
+            "import moelink.engine.config.hf_readers; "
+            "print(sorted(m for m in sys.modules if m.startswith('moelink.engine.models')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+    from moelink.engine.config.families import FAMILIES
+
+    expected = {"moelink.engine.models"} | {f"moelink.engine.models.{f}" for f in FAMILIES} | {
+        f"moelink.engine.models.{f}.{part}" for f in FAMILIES for part in FAMILY_CONFIG_PARTS}
+    assert loaded == expected, sorted(loaded ^ expected)
 
 
 _MUST_NOT = re.compile(r"^Must not import:\s*(.+?)\.?\s*$", re.M)

@@ -1,5 +1,5 @@
 """config.json → the DeepSeek Sparse Attention parts of ModelConfig (DeepSeek-V3.2, GLM-5): each layer's lightning
-indexer and which layers are routed. hf_readers._deepseek reads the rest (MoE routing, MLA shapes) as for DeepSeek-V3.
+indexer and which layers are routed. engine/models/deepseek/reader.py reads the rest (MoE routing, MLA shapes) as for DeepSeek-V3.
 
 transformers' model is the definition: DeepseekV32Indexer / GlmMoeDsaIndexer (the half-split or interleaved rope of
 the index heads), GLM-5's indexer_types ("full" runs an indexer, "shared" reuses the previous full layer's top-k),

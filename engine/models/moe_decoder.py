@@ -6,7 +6,7 @@ A layer is a residual kind (its class: "prenorm", or DeepSeek-V4's hyper-connect
 `sparse_layers`, else the architecture's own or "routed" / "routed_shared" by n_shared_experts: `ffn_kind`). The
 model's embedding, head and checkpoint kinds are its ArchSpec's. ModelConfig holds every shape and routing fact;
 the ArchSpec names the kinds and the checkpoint's weight names. A family that adds kinds registers them from its
-own package (engine/models/__init__.py imports the families); this module names none.
+own package (its kinds.py, imported at the first lookup: blocks/registry.py); this module names none.
 
 Legend: T tokens in the flat batch, D hidden, V vocab, S sequences.
 """

@@ -51,7 +51,7 @@ from moelink.moe.expert_weights import QuantizeOnLoad
 from moelink.moe.weight_plan import PlanEntry, Rearranged
 
 from ..config.model import ModelConfig
-from ..models import MoEDecoderForCausalLM, arch_spec
+from ..models.registry import MoEDecoderForCausalLM, arch_spec
 from ..spec.heads import make_mtp_layer
 
 WEIGHT_RANGE = 0.02  # float weights uniform in [-0.02, 0.02] (module docstring: why not vLLM's 1e-3)

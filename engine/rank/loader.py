@@ -36,7 +36,7 @@ from moelink.moe.weight_plan import Rearranged, WeightPlan
 from ..config.checkpoint_headers import text_model_name
 from ..config.model import ModelConfig
 from ..config.worker_config import LOAD_FORMATS
-from ..models import MoEDecoderForCausalLM, arch_spec
+from ..models.registry import MoEDecoderForCausalLM, arch_spec
 from ..spec.heads import mtp_checkpoint_names
 from ..tp.group import TensorParallel
 from .dummy_weights import DummyCheckpoint

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine.config.architectures import REGISTRY
-from moelink.engine.models import ARCHITECTURES
+from moelink.engine.models.registry import ARCHITECTURES
 from moelink.engine.models.blocks.attention import ATTENTION
 from moelink.engine.models.blocks.checkpoint import CHECKPOINT
 from moelink.engine.models.blocks.ends import EMBEDDING, HEAD
@@ -44,3 +44,15 @@ def test_a_name_registered_twice_is_refused():
     with pytest.raises(ValueError, match="ffn block 'dense' is registered twice"):
         reg.add("dense", 2)
     assert reg.get("dense") == 1
+
+
+def test_an_mtp_layout_is_built_in_or_a_family_registers_it():
+    """An Architecture names a draft-head layout ("nextn", "qwen") or a family's own; a name nobody registered is
+    refused when the head is built, naming the layouts registered."""
+    from moelink.engine.config.arch_spec import Architecture
+
+    with pytest.raises(ValueError, match=r"mtp_layout='not a name' is invalid: choose from 'nextn', 'qwen' or a "
+                                         r"layout a family registers"):
+        Architecture("X", None, mtp_layout="not a name")
+    with pytest.raises(ValueError, match=r"^mtp layout block 'bogus' is not registered: choose from 'dsv4'\.$"):
+        MTP_LAYOUTS.get("bogus")

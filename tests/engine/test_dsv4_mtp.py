@@ -19,7 +19,7 @@ import torch
 from moelink.engine import LLM
 from moelink.engine.config.dsv4_quant import read_dsv4_quantization
 from moelink.engine.config.model import ModelConfig
-from moelink.engine.models import arch_spec
+from moelink.engine.models.registry import arch_spec
 from moelink.engine.models.deepseek_v4.mtp import DSV4MTPLayer
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import SafetensorsCheckpoint, load_model, load_plan

@@ -19,7 +19,7 @@ from moelink.engine import LLM
 from moelink.engine.config.model import CONFIG_ONLY_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelConfig
 from moelink.engine.config.layer_configs import GQAConfig, MLAConfig, RopeConfig
 from moelink.engine.rank.loader import checkpoint_index, load_model
-from moelink.engine.models import ARCHITECTURES
+from moelink.engine.models.registry import ARCHITECTURES
 from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs
 from moelink.kernels.ops import ReferenceKernels
 from moelink.moe.layer import ExpertParallel
@@ -208,7 +208,7 @@ def test_config_only_architectures_refuse_to_run(tmp_path, monkeypatch):
     # Every known architecture runs today; a config-only one (read, not built) is simulated by taking GLM-4-MoE
     # out of the runnable lists.
     from moelink.engine.config import model as config_module
-    from moelink.engine import models as models_module
+    from moelink.engine.models import registry as models_module
 
     monkeypatch.setattr(config_module, "SUPPORTED_ARCHITECTURES",
                         tuple(a for a in SUPPORTED_ARCHITECTURES if a != "Glm4MoeForCausalLM"))

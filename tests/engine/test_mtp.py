@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
-from moelink.engine.models import arch_spec
+from moelink.engine.models.registry import arch_spec
 from moelink.engine.spec.heads import MTPLayer, mtp_checkpoint_names
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.rank.loader import SafetensorsCheckpoint, load_plan

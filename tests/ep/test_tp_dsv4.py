@@ -23,7 +23,7 @@ import torch
 from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.config.tensor_parallel import check_tensor_parallel
-from moelink.engine.models import MoEDecoderForCausalLM, arch_spec
+from moelink.engine.models.registry import MoEDecoderForCausalLM, arch_spec
 from moelink.engine.rank.loader import load_plan, open_checkpoint
 from moelink.kernels.ops import ReferenceKernels
 

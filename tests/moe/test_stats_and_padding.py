@@ -93,7 +93,7 @@ def test_set_valid_rows_under_expert_parallelism_needs_a_padding_aware_all_to_al
 
     from moelink.comm import make_all_to_all
     from moelink.engine.config.model import ModelConfig
-    from moelink.engine.models import ARCHITECTURES, MoEDecoderForCausalLM
+    from moelink.engine.models.registry import ARCHITECTURES, MoEDecoderForCausalLM
 
     cfg = ModelConfig.from_pretrained(tiny_model("qwen3_e6k3"), "float32", None)
     model = MoEDecoderForCausalLM(cfg, ARCHITECTURES[cfg.architecture], ReferenceKernels(), torch.device("cpu"))

@@ -13,7 +13,7 @@ import torch
 
 from moelink.engine.config import kv_sizing
 from moelink.engine.config.model import ModelConfig
-from moelink.engine.models import arch_spec
+from moelink.engine.models.registry import arch_spec
 from moelink.engine.models.moe_decoder import MoEDecoderForCausalLM
 from moelink.kernels.ops import ReferenceKernels
 from moelink.planner.models import MLA, MODELS, ModelShape

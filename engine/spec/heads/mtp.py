@@ -43,7 +43,7 @@ from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
 
-from ...config.architectures import REGISTRY, ArchSpec
+from ...config.architectures import MTP_LAYOUTS as BUILT_IN_LAYOUTS, REGISTRY, ArchSpec
 from ...config.model import ModelConfig
 from ...models.blocks.mtp import MTP_LAYOUTS
 from ...models.layers import ForwardContext, RMSNorm
@@ -69,7 +69,7 @@ def mtp_checkpoint_names(cfg: ModelConfig, names: Collection[str]) -> list[str]:
     layout = REGISTRY[cfg.architecture].mtp_layout
     if cfg.num_nextn_predict_layers and layout == "qwen":
         return qwen_mtp_checkpoint_names(names)
-    if layout in MTP_LAYOUTS.names():  # a family's own layout (engine/models/blocks/mtp.py)
+    if layout not in BUILT_IN_LAYOUTS:  # a family's own layout (engine/models/blocks/mtp.py; unregistered: an error)
         return MTP_LAYOUTS.get(layout).checkpoint_names(cfg, names)
     prefixes = tuple(f"model.layers.{cfg.num_layers + i}." for i in range(cfg.num_nextn_predict_layers))
     return sorted(n for n in names if n.startswith(prefixes))
@@ -86,7 +86,7 @@ def make_mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, kernels, device: to
     moe_only_stages, weight_plan, layer_index. `tp`: the rank's TensorParallel (each module splits over it as its main
     layers do)."""
     layout = REGISTRY[cfg.architecture].mtp_layout
-    if layout in MTP_LAYOUTS.names():
+    if layout not in BUILT_IN_LAYOUTS:
         return MTP_LAYOUTS.get(layout).build(cfg, spec, i, kernels, device, ep, checkpoint_names,
                                              embed_tokens=embed_tokens, lm_head=lm_head, tp=tp)
     if layout == "qwen":

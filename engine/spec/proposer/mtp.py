@@ -46,7 +46,7 @@ from torch import nn
 from moelink.moe.layer import MoEOnlyStages
 
 from ...config.model import ModelConfig
-from ...models import arch_spec
+from ...models.registry import arch_spec
 from ...models.layers import ForwardContext
 from ...rank.loader import load_plan, open_checkpoint
 from ...tp.attention import shard_attention
