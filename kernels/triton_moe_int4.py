@@ -23,7 +23,8 @@ launch config: the decode of each weight is paid once, not once per M tile of it
 dequantization in the K loop, above; between the two).
 
 The rest is the pipeline's and the GEMM scaffold's (kernels/triton_moe_gemm.py), as for MXFP4 / NVFP4: this format
-plugs in its K loops (`int4_up_loop`, `int4_down_loop`) and `Int4Format`; one program per tile without TMA.
+plugs its weight tile and dot (`int4_tile`, `int4_dot`) into the packed formats' K loops
+(kernels/triton_moe_packed.py) and `Int4Format`; one program per tile without TMA.
 """
 from __future__ import annotations
 
@@ -44,16 +45,22 @@ from .triton_common import dot
 from .triton_int4_dequant import DequantWorkspace, dequant_int4_words, dequantize_int4_experts, group_of_words
 from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
 from .triton_moe_float import FloatFormat
-from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_gemm import WeightFormat, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_packed import packed_down_loop, packed_up_loop
 from .triton_moe_int4_tiny import tiny_fused_moe_int4
 
 PATHS = ("auto", "tiny", "sorted", "dequant")
 
 
 @triton.jit
-def _int4_tile(q_ptrs, s_ptrs, z_ptrs, groups, n_ok, w_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               EVEN_K: tl.constexpr, HAS_ZP: tl.constexpr):
-    """The [BN, BK] fp32 weight tile of a K step: its words, each word's scale (and zero point) by its group."""
+def int4_tile(q_ptrs, s_ptrs, z_ptrs, k0, k_left, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr, FMT: tl.constexpr):
+    """TILE of INT4 (kernels/triton_moe_packed.py), FMT[5:] = (GROUP, HAS_ZP): the [BN, BK] fp32 weight tile of a
+    K step: its words, each word's scale (and zero point) by its group (s_ptrs, z_ptrs: the rows' first group)."""
+    GROUP: tl.constexpr = FMT[5]
+    HAS_ZP: tl.constexpr = FMT[6]
+    w_ok = tl.arange(0, BLOCK_K // 8) < k_left // 8  # (the reduction dim is a multiple of GROUP, so of 8: whole words)
+    groups = group_of_words(k0, BLOCK_K, GROUP)
     q = load_weights(q_ptrs, n_ok, w_ok, EVEN_K, True)
     s = load_weights(s_ptrs + groups[None, :], n_ok, w_ok, EVEN_K, True).to(tl.float32)
     if HAS_ZP:
@@ -64,67 +71,10 @@ def _int4_tile(q_ptrs, s_ptrs, z_ptrs, groups, n_ok, w_ok, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def int4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """UP_LOOP of INT4 weights, FMT = (GROUP, HAS_ZP). w_ops = (wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn,
-    stride_se, stride_sn): [BLOCK_N, BLOCK_K/8] word tiles and their groups' scales / zero points (z: s's strides)."""
-    wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn = w_ops
-    GROUP: tl.constexpr = FMT[0]
-    HAS_ZP: tl.constexpr = FMT[1]
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    rows_n = offs_n.to(tl.int64)
-    e64 = expert.to(tl.int64)
-    gq_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + offs_w[None, :]
-    gs_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
-    gz_ptrs = wz_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
-    uq_ptrs = gq_ptrs + inter * stride_qn
-    us_ptrs = gs_ptrs + inter * stride_sn
-    uz_ptrs = gz_ptrs + inter * stride_sn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
-        w_ok = offs_w < (hidden - k0) // 8  # (the reduction dim is a multiple of GROUP, so of 8: whole words)
-        groups = group_of_words(k0, BLOCK_K, GROUP)
-        wg = _int4_tile(gq_ptrs, gs_ptrs, gz_ptrs, groups, n_ok, w_ok, BLOCK_N, BLOCK_K, EVEN_K, HAS_ZP)
-        wu = _int4_tile(uq_ptrs, us_ptrs, uz_ptrs, groups, n_ok, w_ok, BLOCK_N, BLOCK_K, EVEN_K, HAS_ZP)
-        acc_g = dot(a, tl.trans(wg.to(a.dtype)), acc_g, INTERPRET, PREC)
-        acc_u = dot(a, tl.trans(wu.to(a.dtype)), acc_u, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        gq_ptrs += BLOCK_K // 8
-        uq_ptrs += BLOCK_K // 8
-    return acc_g, acc_u
-
-
-@triton.jit
-def int4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inter,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """DOWN_LOOP of INT4 weights. h_ops = (h_ptr, stride_hr), w_ops as `int4_up_loop`'s (rows of w2)."""
-    h_ptr, stride_hr = h_ops
-    wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn = w_ops
-    GROUP: tl.constexpr = FMT[0]
-    HAS_ZP: tl.constexpr = FMT[1]
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
-    rows_n = offs_n.to(tl.int64)
-    e64 = expert.to(tl.int64)
-    q_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + offs_w[None, :]
-    s_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
-    z_ptrs = wz_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
-        w_ok = offs_w < (inter - k0) // 8
-        w = _int4_tile(q_ptrs, s_ptrs, z_ptrs, group_of_words(k0, BLOCK_K, GROUP), n_ok, w_ok, BLOCK_N, BLOCK_K,
-                       EVEN_K, HAS_ZP)
-        acc = dot(a, tl.trans(w.to(a.dtype)), acc, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        q_ptrs += BLOCK_K // 8
-    return acc
+def int4_dot(a, w, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr,
+             PREC: tl.constexpr):
+    """DOT of INT4: the decoded tile rounded once to the activation dtype, tl.dot with fp32 accumulation."""
+    return dot(a, tl.trans(w.to(a.dtype)), acc, INTERPRET, PREC)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -138,9 +88,9 @@ def _moe_int4_up_kernel(x_ptr, wq_ptr, ws_ptr, wz_ptr, h_ptr, sorted_ptr, expert
     # (num_rows_ptr, num_experts: the pipeline's, for PERSISTENT and TMA, which INT4 runs without; last, as MXFP4)
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
                    (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
-                   (wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn), (h_ptr, stride_hr),
-                   int4_up_loop, store_h, (GROUP, HAS_ZP), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS, ACT,
-                   PERSISTENT, TMA, INTERPRET, PREC)
+                   (wq_ptr, ws_ptr, wz_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, 1, 0),
+                   (h_ptr, stride_hr), packed_up_loop, store_h, (int4_tile, int4_dot, 8, 0, False, GROUP, HAS_ZP),
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS, ACT, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -153,9 +103,9 @@ def _moe_int4_down_kernel(h_ptr, wq_ptr, ws_ptr, wz_ptr, y_ptr, sorted_ptr, expe
                           GROUP: tl.constexpr, HAS_ZP: tl.constexpr):
     sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
                      (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr),
-                     (wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn), int4_down_loop,
-                     (GROUP, HAS_ZP), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA,
-                     INTERPRET, PREC)
+                     (wq_ptr, ws_ptr, wz_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, 1, 0),
+                     packed_down_loop, (int4_tile, int4_dot, 8, 0, False, GROUP, HAS_ZP), BLOCK_M, BLOCK_N, BLOCK_K,
+                     GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 def int4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:

@@ -30,8 +30,9 @@ quantized to MXFP8/MXFP4, a numerics change not made here). Not run on Blackwell
 The rest is the pipeline's (kernels/triton_moe.py) and the GEMM scaffold's (kernels/triton_moe_gemm.py), as for
 float weights: moe_align, gather of x rows by pair // K, [gate; up] accumulators with biases and the activation
 in the epilogue, h_RI in sorted order, the down GEMM times the routed weight, and the deterministic top-k sum
-or fp32 atomics. This format plugs in its K loops (`mxfp4_up_loop`, `mxfp4_down_loop`) and `Mxfp4Format`; it
-runs one program per tile without TMA (the config's PERSISTENT and TMA keys are not applied to it).
+or fp32 atomics. This format plugs its dot (`mxfp4_dot`, on `scaled_tile`'s bytes or words and scales) into the
+packed formats' K loops (kernels/triton_moe_packed.py) and `Mxfp4Format`; it runs one program per tile without TMA
+(the config's PERSISTENT and TMA keys are not applied to it).
 """
 from __future__ import annotations
 
@@ -51,89 +52,28 @@ from .mxfp4 import GROUP, _check_packed
 from .triton_common import dot
 from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
 from .triton_moe_float import FloatFormat
-from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_gemm import WeightFormat, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_packed import packed_down_loop, packed_up_loop, scaled_tile
 from .triton_moe_mxfp4_tiny import tiny_fused_moe_mxfp4
 from .triton_mxfp4_dequant import dequant_words, dequantize_experts, e8m0_to_fp32, word_view
 
 _NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+SCALE_GROUP: tl.constexpr = tl.constexpr(GROUP)  # K values a scale (the packed K loops' SG)
 PATHS = ("auto", "tiny", "sorted", "dequant")
 
 
 @triton.jit
-def _mxfp4_dot(a, q, s, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
-               A_FORMAT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    # q: [BN, BK/2] bytes when NATIVE, else [BN, BK/8] int32 words (`dequant_words`: ~2 integer ops a value)
+def mxfp4_dot(a, w, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr,
+              PREC: tl.constexpr):
+    """DOT of MXFP4 (kernels/triton_moe_packed.py), FMT[5:] = (NATIVE, A_FORMAT); w = (q, s) of `scaled_tile`: q
+    [BN, BK/2] bytes when NATIVE, else [BN, BK/8] int32 words (`dequant_words`: ~2 integer ops a value), s the
+    [BN, BK/32] E8M0 scales."""
+    q, s = w
+    NATIVE: tl.constexpr = FMT[5]
+    A_FORMAT: tl.constexpr = FMT[6]
     if NATIVE:
         return tl.dot_scaled(a, None, A_FORMAT, tl.trans(q), s, "e2m1", acc)
     return dot(a, tl.trans(dequant_words(q, s, BLOCK_N, BLOCK_K).to(a.dtype)), acc, INTERPRET, PREC)
-
-
-@triton.jit
-def mxfp4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                  TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """UP_LOOP of MXFP4 weights, FMT = (NATIVE, A_FORMAT). w_ops = (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se,
-    stride_sn, stride_ss): [BLOCK_N, BLOCK_K/2] byte tiles and their [BLOCK_N, BLOCK_K/32] scales."""
-    wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss = w_ops
-    NATIVE: tl.constexpr = FMT[0]
-    A_FORMAT: tl.constexpr = FMT[1]
-    KQ: tl.constexpr = BLOCK_K // 2 if NATIVE else BLOCK_K // 8  # bytes (NATIVE) or int32 words of a K step
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kq = tl.arange(0, KQ)
-    offs_ks = tl.arange(0, BLOCK_K // 32)  # scale groups
-    rows_n = offs_n.to(tl.int64)
-    gq_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
-    gs_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
-    uq_ptrs = gq_ptrs + inter * stride_qn
-    us_ptrs = gs_ptrs + inter * stride_sn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
-        # (the reduction dim is a multiple of 32, one scale group, not of BLOCK_K: whole bytes and groups)
-        kq_ok = offs_kq < (hidden - k0) * KQ // BLOCK_K
-        ks_ok = offs_ks < (hidden - k0) // 32
-        qg = load_weights(gq_ptrs, n_ok, kq_ok, EVEN_K, True)
-        sg = load_weights(gs_ptrs, n_ok, ks_ok, EVEN_K, True)
-        qu = load_weights(uq_ptrs, n_ok, kq_ok, EVEN_K, True)
-        su = load_weights(us_ptrs, n_ok, ks_ok, EVEN_K, True)
-        acc_g = _mxfp4_dot(a, qg, sg, acc_g, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
-        acc_u = _mxfp4_dot(a, qu, su, acc_u, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        gq_ptrs += KQ
-        uq_ptrs += KQ
-        gs_ptrs += (BLOCK_K // 32) * stride_ss
-        us_ptrs += (BLOCK_K // 32) * stride_ss
-    return acc_g, acc_u
-
-
-@triton.jit
-def mxfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inter,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """DOWN_LOOP of MXFP4 weights. h_ops = (h_ptr, stride_hr), w_ops as `mxfp4_up_loop`'s (rows of w2)."""
-    h_ptr, stride_hr = h_ops
-    wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss = w_ops
-    NATIVE: tl.constexpr = FMT[0]
-    A_FORMAT: tl.constexpr = FMT[1]
-    KQ: tl.constexpr = BLOCK_K // 2 if NATIVE else BLOCK_K // 8
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kq = tl.arange(0, KQ)
-    offs_ks = tl.arange(0, BLOCK_K // 32)
-    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
-    rows_n = offs_n.to(tl.int64)
-    q_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
-    s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
-        q = load_weights(q_ptrs, n_ok, offs_kq < (inter - k0) * KQ // BLOCK_K, EVEN_K, True)
-        s = load_weights(s_ptrs, n_ok, offs_ks < (inter - k0) // 32, EVEN_K, True)
-        acc = _mxfp4_dot(a, q, s, acc, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        q_ptrs += KQ
-        s_ptrs += (BLOCK_K // 32) * stride_ss
-    return acc
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -148,9 +88,10 @@ def _moe_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, sorted_ptr, expert_ids_pt
     # FP8 takes the bias arguments, so the parameters before them keep their order: see WeightFormat)
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
                    (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
-                   (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss), (h_ptr, stride_hr),
-                   mxfp4_up_loop, store_h, (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS,
-                   ACT, PERSISTENT, TMA, INTERPRET, PREC)
+                   (wq_ptr, ws_ptr, ws_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, 0),
+                   (h_ptr, stride_hr), packed_up_loop, store_h,
+                   (scaled_tile, mxfp4_dot, 2 if NATIVE else 8, SCALE_GROUP, False, NATIVE, A_FORMAT), BLOCK_M,
+                   BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS, ACT, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -163,9 +104,10 @@ def _moe_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ids_
                            NATIVE: tl.constexpr, A_FORMAT: tl.constexpr):
     sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
                      (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr),
-                     (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss), mxfp4_down_loop,
-                     (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA,
-                     INTERPRET, PREC)
+                     (wq_ptr, ws_ptr, ws_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, 0),
+                     packed_down_loop,
+                     (scaled_tile, mxfp4_dot, 2 if NATIVE else 8, SCALE_GROUP, False, NATIVE, A_FORMAT), BLOCK_M,
+                     BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 def _bytes_view(blocks: torch.Tensor) -> torch.Tensor:
