@@ -42,6 +42,8 @@ No device→host sync anywhere: grids come from shapes only.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -112,6 +114,40 @@ def output(x_TD: torch.Tensor, out: torch.Tensor | None, combine: str) -> torch.
     if out.shape != x_TD.shape or out.dtype != dt or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [T, D] = {tuple(x_TD.shape)}, {dt}, rows contiguous.")
     return out
+
+
+class Routed(NamedTuple):
+    """What every format's entry point holds once its weights are checked (`routed`)."""
+
+    x_TD: torch.Tensor  # rows contiguous
+    weights_P: torch.Tensor  # the flat [T*K] routing
+    ids_P: torch.Tensor
+    b13_EF: torch.Tensor | None  # checked
+    b2_ED: torch.Tensor | None
+    act_args: tuple[int, float, float]  # `activation_args`
+    out: torch.Tensor  # `output`
+    T: int
+    K: int
+
+    def sorted(self, fmt: WeightFormat, expert_map_G: torch.Tensor | None, cfg: MoELaunchConfig,
+               combine: str) -> torch.Tensor:
+        """`sorted_fused_moe` of these inputs with weights in format `fmt`."""
+        return sorted_fused_moe(fmt, self.x_TD, self.weights_P, self.ids_P, expert_map_G, self.K, cfg, self.out, combine,
+                                self.b13_EF, self.b2_ED, self.act_args)
+
+
+def routed(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int, inter: int,
+           b13_EF: torch.Tensor | None, b2_ED: torch.Tensor | None, activation: MoEActivation,
+           out: torch.Tensor | None, combine: str) -> Routed:
+    """The entry points' prologue after their weight checks, written once: the biases checked (b13 [E, 2I], b2
+    [E, D]), `activation_args`, the result buffer (`output`), x with contiguous rows and the flat routing."""
+    D = x_TD.shape[1]
+    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, num_experts, 2 * inter), check_bias("b2_ED", b2_ED, num_experts, D)
+    act_args = activation_args(activation)
+    out = output(x_TD, out, combine)
+    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+    return Routed(x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(), b13_EF, b2_ED,
+                  act_args, out, x_TD.shape[0], topk_ids_TK.shape[1])
 
 
 def _gemm_constexprs(bm: int, g: GemmConfig, k_dim: int) -> dict:
@@ -213,20 +249,14 @@ def triton_fused_moe(
     _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK)
     if path not in _PATHS:
         raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(_PATHS)}.")
-    T, D = x_TD.shape
     E, F, _ = w13_EFD.shape
-    I, K = F // 2, topk_ids_TK.shape[1]
-    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, F), check_bias("b2_ED", b2_ED, E, D)
-    act_args = activation_args(activation)
-    out = output(x_TD, out, combine)
-    if T == 0:
-        return out
-    x_TD, w13_EFD, w2_EDI = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_TD, w13_EFD, w2_EDI))
-    weights_P = topk_weights_TK.reshape(-1).contiguous()
-    ids_P = topk_ids_TK.reshape(-1).contiguous()
-    cfg = config or get_moe_config(E, I, T, K, x_TD.device)
-    if path == "tiny" or (path == "auto" and cfg.uses_tiny(T * K)):
-        return triton_moe_tiny.tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF, b2_ED,
-                                              *act_args, out, cfg.tiny or DEFAULT_TINY, K)
-    return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out, combine,
-                            b13_EF, b2_ED, act_args)
+    I = F // 2
+    r = routed(x_TD, topk_weights_TK, topk_ids_TK, E, I, b13_EF, b2_ED, activation, out, combine)
+    if r.T == 0:
+        return r.out
+    w13_EFD, w2_EDI = (t if t.stride(-1) == 1 else t.contiguous() for t in (w13_EFD, w2_EDI))
+    cfg = config or get_moe_config(E, I, r.T, r.K, r.x_TD.device)
+    if path == "tiny" or (path == "auto" and cfg.uses_tiny(r.T * r.K)):
+        return triton_moe_tiny.tiny_fused_moe(r.x_TD, w13_EFD, w2_EDI, r.weights_P, r.ids_P, expert_map_G, r.b13_EF,
+                                              r.b2_ED, *r.act_args, r.out, cfg.tiny or DEFAULT_TINY, r.K)
+    return r.sorted(FloatFormat(E, I, w13_EFD, w2_EDI), expert_map_G, cfg, combine)

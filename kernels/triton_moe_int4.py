@@ -29,6 +29,7 @@ plugs its weight tile and dot (`int4_tile`, `int4_dot`) into the packed formats'
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -39,14 +40,14 @@ from . import moe_config
 from . import triton_common as common
 from .int4 import GROUP_SIZES, check_int4
 from .moe import SILU, MoEActivation
-from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, GemmConfig, MoELaunchConfig, _pick, committed_config,
+from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, MoELaunchConfig, _pick, committed_config,
                          get_moe_config, load_config_file)
 from .triton_common import dot
 from .triton_int4_dequant import DequantWorkspace, dequant_int4_words, dequantize_int4_experts, group_of_words
-from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
+from .triton_moe import check_routing, routed
 from .triton_moe_float import FloatFormat
-from .triton_moe_gemm import WeightFormat, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
-from .triton_moe_packed import packed_down_loop, packed_up_loop
+from .triton_moe_gemm import load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_packed import PackedFormat, packed_down_loop, packed_up_loop
 from .triton_moe_int4_tiny import tiny_fused_moe_int4
 
 PATHS = ("auto", "tiny", "sorted", "dequant")
@@ -117,7 +118,7 @@ def int4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
 
 
 @dataclass(frozen=True)
-class Int4Format(WeightFormat):
+class Int4Format(PackedFormat):
     """INT4 experts: packed words, group scales, zero points (None: symmetric, z = 8) and the group size."""
 
     w13q_EFW: torch.Tensor
@@ -127,25 +128,15 @@ class Int4Format(WeightFormat):
     w2s_EDS: torch.Tensor
     w2z_EDS: torch.Tensor | None
     group: int
+    KERNELS: ClassVar = (_moe_int4_up_kernel, _moe_int4_down_kernel)
 
-    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
-        """`int4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
-        cfg = int4_config(cfg)
-        return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
+    def fit(self, cfg: MoELaunchConfig) -> MoELaunchConfig:
+        return int4_config(cfg)
 
-    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (x_TD,), (h_RI,) = a, h
-        return _moe_int4_up_kernel, dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
-                                         **self._weight(self.w13q_EFW, self.w13s_EFS, self.w13z_EFS))
-
-    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (h_RI,) = h
-        return _moe_int4_down_kernel, dict(h_ptr=h_RI, stride_hr=h_RI.stride(0),
-                                           **self._weight(self.w2q_EDW, self.w2s_EDS, self.w2z_EDS))
-
-    def _weight(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> dict:
+    def weight(self, up: bool) -> dict:
+        q, s, z = (self.w13q_EFW, self.w13s_EFS, self.w13z_EFS) if up else (self.w2q_EDW, self.w2s_EDS, self.w2z_EDS)
         return dict(wq_ptr=q, ws_ptr=s, wz_ptr=s if z is None else z, stride_qe=q.stride(0), stride_qn=q.stride(1),
-                    stride_se=s.stride(0), stride_sn=s.stride(1), TMA=False, GROUP=self.group, HAS_ZP=z is not None)
+                    stride_se=s.stride(0), stride_sn=s.stride(1), GROUP=self.group, HAS_ZP=z is not None)
 
 
 def int4_config_file_name(num_experts: int, inter: int, name: str) -> str:
@@ -225,22 +216,18 @@ def triton_fused_moe_int4(
         raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
     E, I, D, group = _check(x_TD, w13_q_EFW, w13_s_EFS, w13_z_EFS, w2_q_EDW, w2_s_EDS, w2_z_EDS, topk_weights_TK,
                             topk_ids_TK)
-    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
-    act_args = activation_args(activation)
-    T, K = x_TD.shape[0], topk_ids_TK.shape[1]
-    out = output(x_TD, out, combine)
+    r = routed(x_TD, topk_weights_TK, topk_ids_TK, E, I, b13_EF, b2_ED, activation, out, combine)
+    T, K = r.T, r.K
     if T == 0:
-        return out
+        return r.out
     rows = lambda t: None if t is None else (t if t.is_contiguous() else t.contiguous())  # noqa: E731
-    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
     q13, s13, z13, q2, s2, z2 = map(rows, (w13_q_EFW, w13_s_EFS, w13_z_EFS, w2_q_EDW, w2_s_EDS, w2_z_EDS))
-    weights_P, ids_P = topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous()
     if config is None:
         config = _pick(*int4_config_table(E, I, moe_config.device_name(x_TD.device)), T, K, E)
     chosen = int4_path(config, T, K, path)
     if chosen == "tiny":
-        return tiny_fused_moe_int4(x_TD, q13, s13, z13, q2, s2, z2, group, weights_P, ids_P, expert_map_G, b13_EF,
-                                   b2_ED, act_args, out, config.tiny or DEFAULT_TINY, K)
+        return tiny_fused_moe_int4(r.x_TD, q13, s13, z13, q2, s2, z2, group, r.weights_P, r.ids_P, expert_map_G,
+                                   r.b13_EF, r.b2_ED, r.act_args, r.out, config.tiny or DEFAULT_TINY, K)
     if chosen == "dequant":
         # Every local expert, not only those with tokens: the shipped GPU DEQUANT bucket starts at 1024 rows per
         # expert, where an expert without a token is (1 - K/E)**T unlikely, so counting used experts would cost a
@@ -251,7 +238,5 @@ def triton_fused_moe_int4(
         w13_EFD = dequantize_int4_experts(q13, s13, z13, dt, take("w13", (E, 2 * I, D)))
         w2_EDI = dequantize_int4_experts(q2, s2, z2, dt, take("w2", (E, D, I)))
         cfg = replace(get_moe_config(E, I, T, K, x_TD.device), tiny=None, dequant=False)
-        return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out,
-                                combine, b13_EF, b2_ED, act_args)
-    fmt = Int4Format(E, I, q13, s13, z13, q2, s2, z2, group)
-    return sorted_fused_moe(fmt, x_TD, weights_P, ids_P, expert_map_G, K, config, out, combine, b13_EF, b2_ED, act_args)
+        return r.sorted(FloatFormat(E, I, w13_EFD, w2_EDI), expert_map_G, cfg, combine)
+    return r.sorted(Int4Format(E, I, q13, s13, z13, q2, s2, z2, group), expert_map_G, config, combine)

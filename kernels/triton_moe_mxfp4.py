@@ -37,6 +37,7 @@ packed formats' K loops (kernels/triton_moe_packed.py) and `Mxfp4Format`; it run
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -46,14 +47,14 @@ import triton.language as tl
 from . import triton_common as common
 from .moe import SILU, MoEActivation
 from . import moe_config
-from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, GemmConfig, MoELaunchConfig, _pick, committed_config,
+from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, MoELaunchConfig, _pick, committed_config,
                          get_moe_config, load_config_file)
 from .mxfp4 import GROUP, _check_packed
 from .triton_common import dot
-from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
+from .triton_moe import check_routing, routed
 from .triton_moe_float import FloatFormat
-from .triton_moe_gemm import WeightFormat, sorted_down_gemm, sorted_up_gemm, store_h
-from .triton_moe_packed import packed_down_loop, packed_up_loop, scaled_tile
+from .triton_moe_gemm import sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_packed import PackedFormat, packed_down_loop, packed_up_loop, scaled_tile
 from .triton_moe_mxfp4_tiny import tiny_fused_moe_mxfp4
 from .triton_mxfp4_dequant import dequant_words, dequantize_experts, e8m0_to_fp32, word_view
 
@@ -126,7 +127,7 @@ def mxfp4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
 
 
 @dataclass(frozen=True)
-class Mxfp4Format(WeightFormat):
+class Mxfp4Format(PackedFormat):
     """MXFP4 experts with their blocks as int32 word views (`word_view`: B = D/8 for w13, I/8 for w2), or byte views
     with `native` (`_bytes_view`: B = D/2, I/2, what tl.dot_scaled takes); `native` picks
     tl.dot_scaled for activations of dtype `a_format` (module docstring)."""
@@ -137,25 +138,16 @@ class Mxfp4Format(WeightFormat):
     w2s_EDS: torch.Tensor
     native: bool
     a_format: str
+    KERNELS: ClassVar = (_moe_mxfp4_up_kernel, _moe_mxfp4_down_kernel)
 
-    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
-        """`mxfp4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
-        cfg = mxfp4_config(cfg)
-        return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
+    def fit(self, cfg: MoELaunchConfig) -> MoELaunchConfig:
+        return mxfp4_config(cfg)
 
-    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (x_TD,), (h_RI,) = a, h
-        return _moe_mxfp4_up_kernel, dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
-                                          **self._weight(self.w13q_EFB, self.w13s_EFS))
-
-    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (h_RI,) = h
-        return _moe_mxfp4_down_kernel, dict(h_ptr=h_RI, stride_hr=h_RI.stride(0), **self._weight(self.w2q_EDB, self.w2s_EDS))
-
-    def _weight(self, q: torch.Tensor, s: torch.Tensor) -> dict:
+    def weight(self, up: bool) -> dict:
         """A GEMM's weight operands (bytes, scales and their strides) and this format's constexprs."""
+        q, s = (self.w13q_EFB, self.w13s_EFS) if up else (self.w2q_EDB, self.w2s_EDS)
         return dict(wq_ptr=q, ws_ptr=s, stride_qe=q.stride(0), stride_qn=q.stride(1), stride_se=s.stride(0),
-                    stride_sn=s.stride(1), stride_ss=s.stride(2), TMA=False, NATIVE=self.native, A_FORMAT=self.a_format)
+                    stride_sn=s.stride(1), stride_ss=s.stride(2), NATIVE=self.native, A_FORMAT=self.a_format)
 
 
 def mxfp4_config_file_name(num_experts: int, inter: int, name: str) -> str:
@@ -232,26 +224,23 @@ def triton_fused_moe_mxfp4(
     """
     if path not in PATHS:
         raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
-    E, I, D = _check(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, topk_weights_TK,
+    E, I, _ = _check(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, topk_weights_TK,
                      topk_ids_TK)
-    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
-    act_args = activation_args(activation)
-    T, K = x_TD.shape[0], topk_ids_TK.shape[1]
     dt = x_TD.dtype
     if native and dt not in _NATIVE_DTYPES:
         raise ValueError(f"native=True is invalid with x_TD.dtype={dt}: tl.dot_scaled takes bf16 or fp16 activations.")
-    out = output(x_TD, out, combine)
+    r = routed(x_TD, topk_weights_TK, topk_ids_TK, E, I, b13_EF, b2_ED, activation, out, combine)
+    T, K = r.T, r.K
     if T == 0:
-        return out
-    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
-    weights_P, ids_P = topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous()
+        return r.out
     given = config is not None
     if not given:
         config = _pick(*mxfp4_config_table(E, I, moe_config.device_name(x_TD.device)), T, K, E)
     chosen = "sorted" if native else mxfp4_path(config, T, K, path)
     if chosen == "tiny":
-        return tiny_fused_moe_mxfp4(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, weights_P,
-                                    ids_P, expert_map_G, b13_EF, b2_ED, act_args, out, config.tiny or DEFAULT_TINY, K)
+        return tiny_fused_moe_mxfp4(r.x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, r.weights_P,
+                                    r.ids_P, expert_map_G, r.b13_EF, r.b2_ED, r.act_args, r.out,
+                                    config.tiny or DEFAULT_TINY, K)
     if chosen == "dequant":
         # Every local expert, not only those with tokens: the shipped DEQUANT buckets start at 81 rows per expert,
         # where an expert without a token is about e**-81 unlikely under even routing, so a count of used experts would
@@ -260,9 +249,8 @@ def triton_fused_moe_mxfp4(
         w13_EFD = dequantize_experts(w13_blocks_EFSQ, w13_scales_EFS, dt)
         w2_EDI = dequantize_experts(w2_blocks_EDSQ, w2_scales_EDS, dt)
         cfg = replace(config if given else get_moe_config(E, I, T, K, x_TD.device), tiny=None, dequant=False)
-        return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out,
-                                combine, b13_EF, b2_ED, act_args)
+        return r.sorted(FloatFormat(E, I, w13_EFD, w2_EDI), expert_map_G, cfg, combine)
     view = _bytes_view if native else word_view  # (the K loops' operand: bytes for tl.dot_scaled, else words)
     fmt = Mxfp4Format(E, I, view(w13_blocks_EFSQ), w13_scales_EFS, view(w2_blocks_EDSQ), w2_scales_EDS,
                       bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
-    return sorted_fused_moe(fmt, x_TD, weights_P, ids_P, expert_map_G, K, config, out, combine, b13_EF, b2_ED, act_args)
+    return r.sorted(fmt, expert_map_G, config, combine)

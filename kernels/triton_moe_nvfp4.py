@@ -40,6 +40,7 @@ packed formats' K loops (kernels/triton_moe_packed.py) and `Nvfp4Format`; one pr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import triton
@@ -47,12 +48,12 @@ import triton.language as tl
 
 from . import triton_common as common
 from .moe import SILU, MoEActivation
-from .moe_config import GemmConfig, MoELaunchConfig, get_moe_config
+from .moe_config import MoELaunchConfig, get_moe_config
 from .nvfp4 import GROUP, _check_globals, check_nvfp4
 from .triton_common import dot
-from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
-from .triton_moe_gemm import WeightFormat, sorted_down_gemm, sorted_up_gemm, store_h
-from .triton_moe_packed import packed_down_loop, packed_up_loop, scaled_tile
+from .triton_moe import check_routing, routed
+from .triton_moe_gemm import sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_packed import PackedFormat, packed_down_loop, packed_up_loop, scaled_tile
 
 _NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 SCALE_GROUP: tl.constexpr = tl.constexpr(GROUP)  # K values a scale (the packed K loops' SG)
@@ -154,7 +155,7 @@ def nvfp4_config(cfg: MoELaunchConfig, native: bool = False) -> MoELaunchConfig:
 
 
 @dataclass(frozen=True)
-class Nvfp4Format(WeightFormat):
+class Nvfp4Format(PackedFormat):
     """NVFP4 experts: packed bytes, e4m3 block scales, per-expert global scales; `native` picks tl.dot_scaled for
     activations of dtype `a_format` (module docstring)."""
 
@@ -166,27 +167,17 @@ class Nvfp4Format(WeightFormat):
     w2g_E: torch.Tensor
     native: bool
     a_format: str
+    KERNELS: ClassVar = (_moe_nvfp4_up_kernel, _moe_nvfp4_down_kernel)
 
-    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
-        """`nvfp4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
-        cfg = nvfp4_config(cfg, self.native)
-        return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
+    def fit(self, cfg: MoELaunchConfig) -> MoELaunchConfig:
+        return nvfp4_config(cfg, self.native)
 
-    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (x_TD,), (h_RI,) = a, h
-        return _moe_nvfp4_up_kernel, dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
-                                          **self._weight(self.w13q_EFB, self.w13s_EFS, self.w13g_E2))
-
-    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (h_RI,) = h
-        return _moe_nvfp4_down_kernel, dict(h_ptr=h_RI, stride_hr=h_RI.stride(0),
-                                            **self._weight(self.w2q_EDB, self.w2s_EDS, self.w2g_E))
-
-    def _weight(self, q: torch.Tensor, s: torch.Tensor, g: torch.Tensor) -> dict:
+    def weight(self, up: bool) -> dict:
         """A GEMM's weight operands (bytes, scales, global scales and their strides) and this format's constexprs."""
+        q, s, g = (self.w13q_EFB, self.w13s_EFS, self.w13g_E2) if up else (self.w2q_EDB, self.w2s_EDS, self.w2g_E)
         return dict(wq_ptr=q, ws_ptr=s, wg_ptr=g, stride_qe=q.stride(0), stride_qn=q.stride(1), stride_se=s.stride(0),
-                    stride_sn=s.stride(1), stride_ss=s.stride(2), stride_ge=g.stride(0), TMA=False,
-                    NATIVE=self.native, A_FORMAT=self.a_format)
+                    stride_sn=s.stride(1), stride_ss=s.stride(2), stride_ge=g.stride(0), NATIVE=self.native,
+                    A_FORMAT=self.a_format)
 
 
 def _check(x_TD, w13_q, w13_s, w13_g, w2_q, w2_s, w2_g, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int]:
@@ -231,25 +222,19 @@ def triton_fused_moe_nvfp4(
     """Same contract as `reference_fused_moe_nvfp4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose experts
     are all remote are 0. `out`, `config` and `combine` as `triton_fused_moe`; `native=True` takes the
     tl.dot_scaled path (module docstring; bf16/fp16 activations only). No device→host sync."""
-    E, I, D = _check(x_TD, w13_q_EFB, w13_scale_EFS, w13_scale2_E2, w2_q_EDB, w2_scale_EDS, w2_scale2_E,
+    E, I, _ = _check(x_TD, w13_q_EFB, w13_scale_EFS, w13_scale2_E2, w2_q_EDB, w2_scale_EDS, w2_scale2_E,
                      topk_weights_TK, topk_ids_TK)
-    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
-    act_args = activation_args(activation)
-    T, K = x_TD.shape[0], topk_ids_TK.shape[1]
     dt = x_TD.dtype
     if native and dt not in _NATIVE_DTYPES:
         raise ValueError(f"native=True is invalid with x_TD.dtype={dt}: tl.dot_scaled takes bf16 or fp16 activations.")
     if native and _triton_version() < (3, 9):
         raise ValueError(f"native=True is invalid with Triton {triton.__version__}: its compiler fails on tl.dot_scaled "
                          "with e4m3 scales (module docstring); it needs Triton >= 3.9, or use native=False.")
-    out = output(x_TD, out, combine)
-    if T == 0:
-        return out
-    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+    r = routed(x_TD, topk_weights_TK, topk_ids_TK, E, I, b13_EF, b2_ED, activation, out, combine)
+    if r.T == 0:
+        return r.out
     rows = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731  (K-contiguous bytes and scales)
     u8 = lambda t: rows(t).view(torch.uint8)  # noqa: E731  (the kernels decode e4m3 from its bits)
     fmt = Nvfp4Format(E, I, rows(w13_q_EFB), u8(w13_scale_EFS), w13_scale2_E2.contiguous(), rows(w2_q_EDB),
                       u8(w2_scale_EDS), w2_scale2_E.contiguous(), bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
-    cfg = config or get_moe_config(E, I, T, K, x_TD.device)
-    return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
-                            expert_map_G, K, cfg, out, combine, b13_EF, b2_ED, act_args)
+    return r.sorted(fmt, expert_map_G, config or get_moe_config(E, I, r.T, r.K, x_TD.device), combine)

@@ -21,14 +21,19 @@ its TILE and DOT as FMT[5], FMT[6]):
   g), constant along K as they are.
 w_ops = (wq_ptr, ws_ptr, wz_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge): a format
 passes any pointer and stride for those it has not (they are never read). `scaled_tile` is the TILE of the formats
-whose scales step along K (MXFP4, NVFP4).
+whose scales step along K (MXFP4, NVFP4). The host side they share is `PackedFormat`.
 """
 from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import triton
 import triton.language as tl
 
-from .triton_moe_gemm import load_rows, load_weights
+from .moe_config import GemmConfig, MoELaunchConfig
+from .triton_moe_gemm import WeightFormat, load_rows, load_weights
 
 
 @triton.jit
@@ -122,3 +127,36 @@ def packed_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, i
     if HAS_G:
         acc = acc * tl.load(w_ops[3] + expert.to(tl.int64) * w_ops[9])
     return acc
+
+
+@dataclass(frozen=True)
+class PackedFormat(WeightFormat):
+    """The host side the packed formats share: each GEMM one program per tile with pointer loads (the config's
+    PERSISTENT and TMA keys are not applied), A is x and h is [R, I] in x's dtype (WeightFormat's defaults). A
+    subclass names its two kernels (KERNELS: gate-up's, down's; their x/h operands are x_ptr, stride_xt, h_ptr,
+    stride_hr), fits the launch config to its weights (`fit`) and gives a GEMM's weight operands and constexprs
+    (`weight`)."""
+
+    KERNELS: ClassVar[tuple[triton.JITFunction, triton.JITFunction]]
+
+    @abstractmethod
+    def fit(self, cfg: MoELaunchConfig) -> MoELaunchConfig:
+        """The launch config as this format runs it (its block sizes)."""
+
+    @abstractmethod
+    def weight(self, up: bool) -> dict:
+        """The gate-up (`up`) or down GEMM's weight tensors, strides and constexprs, by kernel parameter name."""
+
+    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
+        """`fit`'s, one program per tile and pointer loads."""
+        cfg = self.fit(cfg)
+        return replace(cfg.up, PERSISTENT=0, TMA=False), replace(cfg.down, PERSISTENT=0, TMA=False)
+
+    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (x_TD,), (h_RI,) = a, h
+        return self.KERNELS[0], dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
+                                     TMA=False, **self.weight(True))
+
+    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
+        (h_RI,) = h
+        return self.KERNELS[1], dict(h_ptr=h_RI, stride_hr=h_RI.stride(0), TMA=False, **self.weight(False))
