@@ -221,22 +221,11 @@ def _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK) -> None:
     check_routing(x_TD, topk_weights_TK, topk_ids_TK)
 
 
-def triton_fused_moe(
-    x_TD: torch.Tensor,
-    w13_EFD: torch.Tensor,
-    w2_EDI: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-    out: torch.Tensor | None = None,
-    config: MoELaunchConfig | None = None,
-    combine: str = "sum",
-    path: str = "auto",
-) -> torch.Tensor:
+def triton_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor, topk_weights_TK: torch.Tensor,
+                     topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
+                     b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+                     activation: MoEActivation = SILU, out: torch.Tensor | None = None,
+                     config: MoELaunchConfig | None = None, combine: str = "sum", path: str = "auto") -> torch.Tensor:
     """Same contract as `reference_fused_moe` (biases b13 [E, F] / b2 [E, D] of any float dtype, activation):
     [T, D] in x's dtype; rows whose experts are all remote are 0.
 

@@ -185,27 +185,13 @@ def _check(x_TD, w13_q, w13_s, w13_z, w2_q, w2_s, w2_z, topk_weights_TK, topk_id
     return E, F // 2, D, g13
 
 
-def triton_fused_moe_int4(
-    x_TD: torch.Tensor,
-    w13_q_EFW: torch.Tensor,
-    w13_s_EFS: torch.Tensor,
-    w2_q_EDW: torch.Tensor,
-    w2_s_EDS: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    w13_z_EFS: torch.Tensor | None = None,
-    w2_z_EDS: torch.Tensor | None = None,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-    out: torch.Tensor | None = None,
-    config: MoELaunchConfig | None = None,
-    combine: str = "sum",
-    path: str = "auto",
-    workspace: DequantWorkspace | None = None,
-) -> torch.Tensor:
+def triton_fused_moe_int4(x_TD: torch.Tensor, w13_q_EFW: torch.Tensor, w13_s_EFS: torch.Tensor, w2_q_EDW: torch.Tensor,
+                          w2_s_EDS: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                          expert_map_G: torch.Tensor | None = None, *, w13_z_EFS: torch.Tensor | None = None,
+                          w2_z_EDS: torch.Tensor | None = None, b13_EF: torch.Tensor | None = None,
+                          b2_ED: torch.Tensor | None = None, activation: MoEActivation = SILU,
+                          out: torch.Tensor | None = None, config: MoELaunchConfig | None = None, combine: str = "sum",
+                          path: str = "auto", workspace: DequantWorkspace | None = None) -> torch.Tensor:
     """Same contract as `reference_fused_moe_int4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose experts are
     all remote are 0. `out` and `combine` as `triton_fused_moe`; `config` overrides the INT4 launch config
     (`int4_config_table`); `path`: "auto" (`int4_path`), "tiny" (the two GEMVs; the config's TINY blocks, else

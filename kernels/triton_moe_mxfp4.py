@@ -194,25 +194,13 @@ def _check(x_TD, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights_TK, 
     return E, F // 2, D
 
 
-def triton_fused_moe_mxfp4(
-    x_TD: torch.Tensor,
-    w13_blocks_EFSQ: torch.Tensor,
-    w13_scales_EFS: torch.Tensor,
-    w2_blocks_EDSQ: torch.Tensor,
-    w2_scales_EDS: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-    out: torch.Tensor | None = None,
-    config: MoELaunchConfig | None = None,
-    combine: str = "sum",
-    native: bool = False,
-    path: str = "auto",
-) -> torch.Tensor:
+def triton_fused_moe_mxfp4(x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w13_scales_EFS: torch.Tensor,
+                           w2_blocks_EDSQ: torch.Tensor, w2_scales_EDS: torch.Tensor, topk_weights_TK: torch.Tensor,
+                           topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
+                           b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+                           activation: MoEActivation = SILU, out: torch.Tensor | None = None,
+                           config: MoELaunchConfig | None = None, combine: str = "sum", native: bool = False,
+                           path: str = "auto") -> torch.Tensor:
     """Same contract as `reference_fused_moe_mxfp4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose
     experts are all remote are 0. `out` and `combine` as `triton_fused_moe`; `config` overrides the MXFP4 launch
     config (`mxfp4_config_table`); `native=True` takes the tl.dot_scaled path (module docstring; bf16/fp16

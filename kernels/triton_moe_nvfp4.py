@@ -199,26 +199,13 @@ def _check(x_TD, w13_q, w13_s, w13_g, w2_q, w2_s, w2_g, topk_weights_TK, topk_id
     return E, F // 2, D
 
 
-def triton_fused_moe_nvfp4(
-    x_TD: torch.Tensor,
-    w13_q_EFB: torch.Tensor,
-    w13_scale_EFS: torch.Tensor,
-    w13_scale2_E2: torch.Tensor,
-    w2_q_EDB: torch.Tensor,
-    w2_scale_EDS: torch.Tensor,
-    w2_scale2_E: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-    out: torch.Tensor | None = None,
-    config: MoELaunchConfig | None = None,
-    combine: str = "sum",
-    native: bool = False,
-) -> torch.Tensor:
+def triton_fused_moe_nvfp4(x_TD: torch.Tensor, w13_q_EFB: torch.Tensor, w13_scale_EFS: torch.Tensor,
+                           w13_scale2_E2: torch.Tensor, w2_q_EDB: torch.Tensor, w2_scale_EDS: torch.Tensor,
+                           w2_scale2_E: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                           expert_map_G: torch.Tensor | None = None, *, b13_EF: torch.Tensor | None = None,
+                           b2_ED: torch.Tensor | None = None, activation: MoEActivation = SILU,
+                           out: torch.Tensor | None = None, config: MoELaunchConfig | None = None, combine: str = "sum",
+                           native: bool = False) -> torch.Tensor:
     """Same contract as `reference_fused_moe_nvfp4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose experts
     are all remote are 0. `out`, `config` and `combine` as `triton_fused_moe`; `native=True` takes the
     tl.dot_scaled path (module docstring; bf16/fp16 activations only). No device→host sync."""
