@@ -30,6 +30,7 @@ import triton.language as tl
 from .moe_config import TinyConfig
 from .triton_int4_dequant import group_of_words, int4_slots
 from .triton_moe_mxfp4_tiny import _split8
+from .triton_moe_packed import gate_up_ptrs
 from .triton_moe_tiny import run_tiny, tiny_down_epilogue, tiny_down_program, tiny_up_epilogue, tiny_up_program
 from .triton_mxfp4_dequant import half_f32
 
@@ -73,14 +74,10 @@ def _tiny_int4_up_kernel(x_ptr, wq_ptr, ws_ptr, wz_ptr, h_ptr, ids_ptr, map_ptr,
     BW: tl.constexpr = BLOCK_K // 8
     offs_w = tl.arange(0, BW)
     x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xt + offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]
-    rows = offs_n.to(tl.int64)
-    e64 = expert.to(tl.int64)
-    gq_ptrs = wq_ptr + e64 * stride_qe + rows[:, None] * stride_qn + offs_w[None, :]  # [BN, BW]
-    gs_ptrs = ws_ptr + e64 * stride_se + rows[:, None] * stride_sn
-    gz_ptrs = wz_ptr + e64 * stride_se + rows[:, None] * stride_sn
-    uq_ptrs = gq_ptrs + inter * stride_qn
-    us_ptrs = gs_ptrs + inter * stride_sn
-    uz_ptrs = gz_ptrs + inter * stride_sn
+    # [BN, BW] word tiles and their rows' first group, gate's then up's (as the sorted path's K loop starts)
+    gq_ptrs, gs_ptrs, gz_ptrs, uq_ptrs, us_ptrs, uz_ptrs = gate_up_ptrs(
+        (wq_ptr, ws_ptr, wz_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, 1, 0), expert, offs_n, inter,
+        BLOCK_K, (None, None, 8, 0, False))
     acc_g = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):

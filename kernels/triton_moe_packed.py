@@ -53,6 +53,17 @@ def _packed_ptrs(w_ops, expert, offs_n, BLOCK_K: tl.constexpr, FMT: tl.constexpr
 
 
 @triton.jit
+def gate_up_ptrs(w_ops, expert, offs_n, inter, BLOCK_K: tl.constexpr, FMT: tl.constexpr):
+    """(q, s, z) pointer tiles of the expert's gate rows offs_n, then of its up rows I + offs_n, at K = 0 (w_ops and
+    FMT[2:4] as the K loops take them: the INT4 gate-up GEMV of kernels/triton_moe_int4_tiny.py starts from them
+    too)."""
+    stride_qn, stride_sn = w_ops[5], w_ops[7]
+    gq_ptrs, gs_ptrs, gz_ptrs = _packed_ptrs(w_ops, expert, offs_n, BLOCK_K, FMT)
+    return (gq_ptrs, gs_ptrs, gz_ptrs, gq_ptrs + inter * stride_qn, gs_ptrs + inter * stride_sn,
+            gz_ptrs + inter * stride_sn)
+
+
+@triton.jit
 def scaled_tile(q_ptrs, s_ptrs, z_ptrs, k0, k_left, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 EVEN_K: tl.constexpr, FMT: tl.constexpr):
     """TILE of the formats whose scale tiles step along K: (q [BN, BK/QDIV], s [BN, BK/SG]) as stored (the reduction
@@ -74,12 +85,9 @@ def packed_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pi
     QDIV: tl.constexpr = FMT[2]
     SG: tl.constexpr = FMT[3]
     HAS_G: tl.constexpr = FMT[4]
-    stride_qn, stride_sn, stride_ss = w_ops[5], w_ops[7], w_ops[8]
+    stride_ss = w_ops[8]
     offs_k = tl.arange(0, BLOCK_K)
-    gq_ptrs, gs_ptrs, gz_ptrs = _packed_ptrs(w_ops, expert, offs_n, BLOCK_K, FMT)
-    uq_ptrs = gq_ptrs + inter * stride_qn
-    us_ptrs = gs_ptrs + inter * stride_sn
-    uz_ptrs = gz_ptrs + inter * stride_sn
+    gq_ptrs, gs_ptrs, gz_ptrs, uq_ptrs, us_ptrs, uz_ptrs = gate_up_ptrs(w_ops, expert, offs_n, inter, BLOCK_K, FMT)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
