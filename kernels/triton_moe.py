@@ -28,7 +28,9 @@ All accumulation is fp32 whatever the input dtype (fp32, bf16, fp16).
 Weight formats plug into this pipeline (`sorted_fused_moe`) as a strategy object (triton_moe_gemm.WeightFormat):
 its two GEMM kernels, built on the one GEMM scaffold (kernels/triton_moe_gemm.py) with the format's K loops, and
 what they are launched with. Float weights: kernels/triton_moe_float.py (this module's `triton_fused_moe`); FP8 block-scaled
-W8A8: kernels/triton_moe_fp8.py; MXFP4: kernels/triton_moe_mxfp4.py.
+W8A8: kernels/triton_moe_fp8.py; the packed formats' K loops and host side: kernels/triton_moe_packed.py, with
+MXFP4 (kernels/triton_moe_mxfp4.py), NVFP4 (triton_moe_nvfp4.py) and INT4 (triton_moe_int4.py) plugging in their
+weight tile and dot. Every entry point's prologue after its weight checks is `routed`.
 Expert biases (gpt-oss: b13 [E, F] on the gate-up GEMM, b2 [E, D] on the down GEMM, scaled by the routed
 weight like the rest of the expert's output) and the activation (`MoEActivation`: SiLU·up, or gpt-oss's
 clamped swiglu_oai) are constexpr switches of the scaffold's epilogues: without biases the kernels load nothing
