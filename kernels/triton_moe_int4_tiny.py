@@ -31,7 +31,8 @@ from .moe_config import TinyConfig
 from .triton_int4_dequant import group_of_words, int4_slots
 from .triton_moe_mxfp4_tiny import _split8
 from .triton_moe_packed import gate_up_ptrs
-from .triton_moe_tiny import run_tiny, tiny_down_epilogue, tiny_down_program, tiny_up_epilogue, tiny_up_program
+from .triton_moe_tiny import (run_tiny, tiny_columns, tiny_down_epilogue, tiny_down_program, tiny_up_epilogue,
+                              tiny_up_program)
 from .triton_mxfp4_dequant import half_f32
 
 
@@ -68,9 +69,10 @@ def _tiny_int4_up_kernel(x_ptr, wq_ptr, ws_ptr, wz_ptr, h_ptr, ids_ptr, map_ptr,
                          alpha, limit, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                          HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr,
                          GROUP: tl.constexpr, HAS_ZP: tl.constexpr):
-    pair, expert, offs_n, n_ok = tiny_up_program(ids_ptr, map_ptr, num_pairs, num_ids, inter, BLOCK_N, HAS_MAP)
+    pair, expert = tiny_up_program(ids_ptr, map_ptr, num_pairs, num_ids, HAS_MAP)
     if expert < 0:
         return
+    offs_n, n_ok = tiny_columns(inter, BLOCK_N)
     BW: tl.constexpr = BLOCK_K // 8
     offs_w = tl.arange(0, BW)
     x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xt + offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]

@@ -29,7 +29,8 @@ import triton.language as tl
 
 from .moe_config import TinyConfig
 from .mxfp4 import GROUP
-from .triton_moe_tiny import run_tiny, tiny_down_epilogue, tiny_down_program, tiny_up_epilogue, tiny_up_program
+from .triton_moe_tiny import (run_tiny, tiny_columns, tiny_down_epilogue, tiny_down_program, tiny_up_epilogue,
+                              tiny_up_program)
 from .triton_mxfp4_dequant import e2m1_slots, e8m0_to_fp32, half_f32, word_view
 
 
@@ -71,9 +72,10 @@ def _tiny_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, ids_ptr, map_ptr, b13_pt
                           HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
     # Weight tiles are [BN, G, 4] words (G scale groups of 4 words each, one 16-byte vector per group), so a
     # group's scale is one load and one product per word; K steps hold whole groups (BLOCK_K % 32 == 0).
-    pair, expert, offs_n, n_ok = tiny_up_program(ids_ptr, map_ptr, num_pairs, num_ids, inter, BLOCK_N, HAS_MAP)
+    pair, expert = tiny_up_program(ids_ptr, map_ptr, num_pairs, num_ids, HAS_MAP)
     if expert < 0:
         return
+    offs_n, n_ok = tiny_columns(inter, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_K // 32)
     words = offs_g[:, None] * 4 + tl.arange(0, 4)[None, :]  # [G, 4]
     x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xt + words[:, :, None] * 8 + tl.arange(0, 8)  # [G, 4, 8]
