@@ -133,17 +133,10 @@ def up_row(w13q_EFD: torch.Tensor, w2q_EDI: torch.Tensor) -> int:
     return rows - inter
 
 
-def reference_fused_moe_fp8(
-    x_TD: torch.Tensor,
-    w13q_EFD: torch.Tensor,
-    w13_scale_inv: torch.Tensor,
-    w2q_EDI: torch.Tensor,
-    w2_scale_inv: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    block: tuple[int, int] = DEFAULT_BLOCK,
-) -> torch.Tensor:
+def reference_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_inv: torch.Tensor,
+                            w2q_EDI: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor,
+                            topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None,
+                            block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
     """The fused MoE of moelink.kernels.moe.reference_fused_moe with FP8 block-scaled expert weights
     (w13q [E, F, D] with scales [E, ceil(F/Bn), ceil(D/Bk)], w2q [E, D, I] with [E, ceil(D/Bn), ceil(I/Bk)])
     and W8A8 activations: the token's hidden state is group-quantized before gate/up and silu(gate) * up before

@@ -132,22 +132,12 @@ def int4_quantize(w: torch.Tensor, group: int = 32, symmetric: bool = True, scal
     return pack_int4(u.flatten(-2)), s.contiguous(), z
 
 
-def reference_fused_moe_int4(
-    x_TD: torch.Tensor,
-    w13_q_EFW: torch.Tensor,
-    w13_s_EFS: torch.Tensor,
-    w2_q_EDW: torch.Tensor,
-    w2_s_EDS: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    w13_z_EFS: torch.Tensor | None = None,
-    w2_z_EDS: torch.Tensor | None = None,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-) -> torch.Tensor:
+def reference_fused_moe_int4(x_TD: torch.Tensor, w13_q_EFW: torch.Tensor, w13_s_EFS: torch.Tensor,
+                             w2_q_EDW: torch.Tensor, w2_s_EDS: torch.Tensor, topk_weights_TK: torch.Tensor,
+                             topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
+                             w13_z_EFS: torch.Tensor | None = None, w2_z_EDS: torch.Tensor | None = None,
+                             b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+                             activation: MoEActivation = SILU) -> torch.Tensor:
     """`reference_fused_moe` with INT4 expert weights: dequantize to x's dtype, then the float reference.
 
     w13 int32 [E, 2I, D/8] ([gate; up] rows) + scales [E, 2I, D/G] (+ zero points uint8, same shape; None: 8), w2

@@ -56,18 +56,10 @@ SILU = MoEActivation()
 _PADDED_MAX_PAIRS = 256
 
 
-def reference_fused_moe(
-    x_TD: torch.Tensor,
-    w13_EFD: torch.Tensor,
-    w2_EDI: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-) -> torch.Tensor:
+def reference_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor, topk_weights_TK: torch.Tensor,
+                        topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
+                        b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+                        activation: MoEActivation = SILU) -> torch.Tensor:
     """out[t] = Σ_k w[t,k] · (down_e(act(gate_e(x[t]), up_e(x[t]))) + b2_e) over the local experts e = ids[t,k],
     with gate_e / up_e including b13_e's halves when given (gpt-oss's expert biases; the routed weight scales
     the down bias too, as transformers applies it).

@@ -119,30 +119,20 @@ def moe_variant(shape: MoEShape, num_tokens: int) -> MoEVariant:
         groups = -(-D // bk)
         return MoEVariant("sorted", launched, align, quant_block_rows=quant_block_rows(T * groups, bk,
                                                                                        shape.device_name == "cpu"))
-    if shape.fmt == "mxfp4":
-        from .moe_config import _pick
-        from .triton_moe_mxfp4 import mxfp4_config, mxfp4_path
-
-        cfg = _pick(*_table(shape), T, K, E)
-        path = mxfp4_path(cfg, T, K)
-        if path == "tiny":
-            return _tiny_variant(cfg.tiny, shape, T)
-        if path == "dequant":  # the float kernels with the float config (and the pre-pass, one compiled kernel)
-            float_cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
-            return MoEVariant("dequant", replace(float_cfg, tiny=None, dequant=False), align)
-        return MoEVariant("sorted", mxfp4_config(cfg), align)
-    if shape.fmt == "int4":  # its own table: the tiny GEMVs, the dequantize-once buckets, else the per-tile path
+    if shape.fmt in ("mxfp4", "int4"):  # their own tables: the tiny GEMVs, the dequantize-once buckets, else per tile
         from .moe_config import _pick
         from .triton_moe_int4 import int4_config, int4_path
+        from .triton_moe_mxfp4 import mxfp4_config, mxfp4_path
 
+        fit, select = (mxfp4_config, mxfp4_path) if shape.fmt == "mxfp4" else (int4_config, int4_path)
         cfg = _pick(*_table(shape), T, K, E)
-        path = int4_path(cfg, T, K)
+        path = select(cfg, T, K)
         if path == "tiny":
             return _tiny_variant(cfg.tiny, shape, T)
         if path == "dequant":  # the float kernels with the float config (and the pre-pass, one compiled kernel)
             float_cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
             return MoEVariant("dequant", replace(float_cfg, tiny=None, dequant=False), align)
-        return MoEVariant("sorted", replace(int4_config(cfg), tiny=None), align)
+        return MoEVariant("sorted", replace(fit(cfg), tiny=None), align)
     cfg = lookup_moe_config(E, I, T, K, shape.device_name, shape.config_dir)
     if shape.fmt == "nvfp4":
         from .triton_moe_nvfp4 import nvfp4_config

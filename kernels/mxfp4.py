@@ -107,20 +107,11 @@ def deinterleave_gate_up(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((t[:, 0::2], t[:, 1::2]), dim=1).contiguous()
 
 
-def reference_fused_moe_mxfp4(
-    x_TD: torch.Tensor,
-    w13_blocks_EFSQ: torch.Tensor,
-    w13_scales_EFS: torch.Tensor,
-    w2_blocks_EDSQ: torch.Tensor,
-    w2_scales_EDS: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-) -> torch.Tensor:
+def reference_fused_moe_mxfp4(x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w13_scales_EFS: torch.Tensor,
+                              w2_blocks_EDSQ: torch.Tensor, w2_scales_EDS: torch.Tensor, topk_weights_TK: torch.Tensor,
+                              topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
+                              b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+                              activation: MoEActivation = SILU) -> torch.Tensor:
     """`reference_fused_moe` with MXFP4 expert weights: dequantize to x's dtype, then the float reference.
 
     w13 is [E, F, D/32, 16] + [E, F, D/32] with [gate; up] rows (already de-interleaved, module docstring), w2

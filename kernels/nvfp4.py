@@ -99,22 +99,11 @@ def _check_globals(w13_scale2_E2: torch.Tensor, w2_scale2_E: torch.Tensor, E: in
                          f"invalid: need [E, 2] (gate's and up's weight_scale_2) and [E] with E={E}.")
 
 
-def reference_fused_moe_nvfp4(
-    x_TD: torch.Tensor,
-    w13_q_EFB: torch.Tensor,
-    w13_scale_EFS: torch.Tensor,
-    w13_scale2_E2: torch.Tensor,
-    w2_q_EDB: torch.Tensor,
-    w2_scale_EDS: torch.Tensor,
-    w2_scale2_E: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-) -> torch.Tensor:
+def reference_fused_moe_nvfp4(x_TD: torch.Tensor, w13_q_EFB: torch.Tensor, w13_scale_EFS: torch.Tensor,
+                              w13_scale2_E2: torch.Tensor, w2_q_EDB: torch.Tensor, w2_scale_EDS: torch.Tensor,
+                              w2_scale2_E: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                              expert_map_G: torch.Tensor | None = None, *, b13_EF: torch.Tensor | None = None,
+                              b2_ED: torch.Tensor | None = None, activation: MoEActivation = SILU) -> torch.Tensor:
     """`reference_fused_moe` with NVFP4 expert weights: dequantize to x's dtype (gate rows by their global scale,
     up rows by theirs), then the float reference. w13 [E, 2I, D/2] + [E, 2I, D/16] + [E, 2] with [gate; up] rows,
     w2 [E, D, I/2] + [E, D, I/16] + [E]. Returns [T, D] in x's dtype; with float64 x this is the exact oracle

@@ -28,7 +28,9 @@ All accumulation is fp32 whatever the input dtype (fp32, bf16, fp16).
 Weight formats plug into this pipeline (`sorted_fused_moe`) as a strategy object (triton_moe_gemm.WeightFormat):
 its two GEMM kernels, built on the one GEMM scaffold (kernels/triton_moe_gemm.py) with the format's K loops, and
 what they are launched with. Float weights: kernels/triton_moe_float.py (this module's `triton_fused_moe`); FP8 block-scaled
-W8A8: kernels/triton_moe_fp8.py; MXFP4: kernels/triton_moe_mxfp4.py.
+W8A8: kernels/triton_moe_fp8.py; the packed formats' K loops and host side: kernels/triton_moe_packed.py, with
+MXFP4 (kernels/triton_moe_mxfp4.py), NVFP4 (triton_moe_nvfp4.py) and INT4 (triton_moe_int4.py) plugging in their
+weight tile and dot. Every entry point's prologue after its weight checks is `routed`.
 Expert biases (gpt-oss: b13 [E, F] on the gate-up GEMM, b2 [E, D] on the down GEMM, scaled by the routed
 weight like the rest of the expert's output) and the activation (`MoEActivation`: SiLU·up, or gpt-oss's
 clamped swiglu_oai) are constexpr switches of the scaffold's epilogues: without biases the kernels load nothing
@@ -41,6 +43,8 @@ one compiled kernel per config (T*K % 16 would otherwise split them), so a new b
 No device→host sync anywhere: grids come from shapes only.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -114,6 +118,40 @@ def output(x_TD: torch.Tensor, out: torch.Tensor | None, combine: str) -> torch.
     return out
 
 
+class Routed(NamedTuple):
+    """What every format's entry point holds once its weights are checked (`routed`)."""
+
+    x_TD: torch.Tensor  # rows contiguous
+    weights_P: torch.Tensor  # the flat [T*K] routing
+    ids_P: torch.Tensor
+    b13_EF: torch.Tensor | None  # checked
+    b2_ED: torch.Tensor | None
+    act_args: tuple[int, float, float]  # `activation_args`
+    out: torch.Tensor  # `output`
+    T: int
+    K: int
+
+    def sorted(self, fmt: WeightFormat, expert_map_G: torch.Tensor | None, cfg: MoELaunchConfig,
+               combine: str) -> torch.Tensor:
+        """`sorted_fused_moe` of these inputs with weights in format `fmt`."""
+        return sorted_fused_moe(fmt, self.x_TD, self.weights_P, self.ids_P, expert_map_G, self.K, cfg, self.out, combine,
+                                self.b13_EF, self.b2_ED, self.act_args)
+
+
+def routed(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int, inter: int,
+           b13_EF: torch.Tensor | None, b2_ED: torch.Tensor | None, activation: MoEActivation,
+           out: torch.Tensor | None, combine: str) -> Routed:
+    """The entry points' prologue after their weight checks, written once: the biases checked (b13 [E, 2I], b2
+    [E, D]), `activation_args`, the result buffer (`output`), x with contiguous rows and the flat routing."""
+    D = x_TD.shape[1]
+    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, num_experts, 2 * inter), check_bias("b2_ED", b2_ED, num_experts, D)
+    act_args = activation_args(activation)
+    out = output(x_TD, out, combine)
+    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+    return Routed(x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(), b13_EF, b2_ED,
+                  act_args, out, x_TD.shape[0], topk_ids_TK.shape[1])
+
+
 def _gemm_constexprs(bm: int, g: GemmConfig, k_dim: int) -> dict:
     """The scaffold's launch keywords every format's kernels take for one GEMM of reduction dim `k_dim`."""
     return dict(BLOCK_M=bm, BLOCK_N=g.BLOCK_SIZE_N, BLOCK_K=g.BLOCK_SIZE_K, GROUP_M=g.GROUP_SIZE_M,
@@ -185,22 +223,11 @@ def _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK) -> None:
     check_routing(x_TD, topk_weights_TK, topk_ids_TK)
 
 
-def triton_fused_moe(
-    x_TD: torch.Tensor,
-    w13_EFD: torch.Tensor,
-    w2_EDI: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-    out: torch.Tensor | None = None,
-    config: MoELaunchConfig | None = None,
-    combine: str = "sum",
-    path: str = "auto",
-) -> torch.Tensor:
+def triton_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor, topk_weights_TK: torch.Tensor,
+                     topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
+                     b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+                     activation: MoEActivation = SILU, out: torch.Tensor | None = None,
+                     config: MoELaunchConfig | None = None, combine: str = "sum", path: str = "auto") -> torch.Tensor:
     """Same contract as `reference_fused_moe` (biases b13 [E, F] / b2 [E, D] of any float dtype, activation):
     [T, D] in x's dtype; rows whose experts are all remote are 0.
 
@@ -213,20 +240,14 @@ def triton_fused_moe(
     _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK)
     if path not in _PATHS:
         raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(_PATHS)}.")
-    T, D = x_TD.shape
     E, F, _ = w13_EFD.shape
-    I, K = F // 2, topk_ids_TK.shape[1]
-    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, F), check_bias("b2_ED", b2_ED, E, D)
-    act_args = activation_args(activation)
-    out = output(x_TD, out, combine)
-    if T == 0:
-        return out
-    x_TD, w13_EFD, w2_EDI = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_TD, w13_EFD, w2_EDI))
-    weights_P = topk_weights_TK.reshape(-1).contiguous()
-    ids_P = topk_ids_TK.reshape(-1).contiguous()
-    cfg = config or get_moe_config(E, I, T, K, x_TD.device)
-    if path == "tiny" or (path == "auto" and cfg.uses_tiny(T * K)):
-        return triton_moe_tiny.tiny_fused_moe(x_TD, w13_EFD, w2_EDI, weights_P, ids_P, expert_map_G, b13_EF, b2_ED,
-                                              *act_args, out, cfg.tiny or DEFAULT_TINY, K)
-    return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out, combine,
-                            b13_EF, b2_ED, act_args)
+    I = F // 2
+    r = routed(x_TD, topk_weights_TK, topk_ids_TK, E, I, b13_EF, b2_ED, activation, out, combine)
+    if r.T == 0:
+        return r.out
+    w13_EFD, w2_EDI = (t if t.stride(-1) == 1 else t.contiguous() for t in (w13_EFD, w2_EDI))
+    cfg = config or get_moe_config(E, I, r.T, r.K, r.x_TD.device)
+    if path == "tiny" or (path == "auto" and cfg.uses_tiny(r.T * r.K)):
+        return triton_moe_tiny.tiny_fused_moe(r.x_TD, w13_EFD, w2_EDI, r.weights_P, r.ids_P, expert_map_G, r.b13_EF,
+                                              r.b2_ED, *r.act_args, r.out, cfg.tiny or DEFAULT_TINY, r.K)
+    return r.sorted(FloatFormat(E, I, w13_EFD, w2_EDI), expert_map_G, cfg, combine)

@@ -272,21 +272,11 @@ def _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK
     check_routing(x_TD, topk_weights_TK, topk_ids_TK)
 
 
-def triton_fused_moe_fp8(
-    x_TD: torch.Tensor,
-    w13q_EFD: torch.Tensor,
-    w13_scale_inv: torch.Tensor,
-    w2q_EDI: torch.Tensor,
-    w2_scale_inv: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    block: tuple[int, int] = DEFAULT_BLOCK,
-    *,
-    out: torch.Tensor | None = None,
-    config: MoELaunchConfig | None = None,
-    combine: str = "sum",
-) -> torch.Tensor:
+def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_inv: torch.Tensor, w2q_EDI: torch.Tensor,
+                         w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                         expert_map_G: torch.Tensor | None = None, block: tuple[int, int] = DEFAULT_BLOCK, *,
+                         out: torch.Tensor | None = None, config: MoELaunchConfig | None = None,
+                         combine: str = "sum") -> torch.Tensor:
     """Same contract as fp8.reference_fused_moe_fp8: x [T, D] (float32/bfloat16/float16), FP8 expert weights with
     their block scales; [T, D] in x's dtype, rows whose experts are all remote are 0.
 

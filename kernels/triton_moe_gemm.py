@@ -22,8 +22,9 @@ each format compiles to its own straight-line code, no runtime dispatch):
 start with the row pointer and its stride); FMT is a constexpr tuple (or value) of its compile-time switches, read
 by index (`SCALE_N: tl.constexpr = FMT[0]`): a compiled kernel passes the elements of a runtime tuple as values,
 so no constexpr the code needs as one (a block size, a switch) travels in x_ops, w_ops or h_ops. The host side of
-a format is a `WeightFormat`. A new format (NVFP4: e2m1 bytes with fp8 scales per 16 values and a global scale)
-is its two loops, two kernels that call `sorted_up_gemm` / `sorted_down_gemm`, and a `WeightFormat`.
+a format is a `WeightFormat`. A new format is its two loops, two kernels that call `sorted_up_gemm` /
+`sorted_down_gemm`, and a `WeightFormat`; a packed one (values packed along K with group scales, as INT4, MXFP4 and
+NVFP4) takes the loops of kernels/triton_moe_packed.py and gives only its weight tile and dot, and `PackedFormat`.
 
 Two Triton rules these helpers follow, which the interpreter does not check: a helper returns once (statements
 after a `return` inside a constexpr `if` are traced too), and it returns one type (a tensor descriptor or, without

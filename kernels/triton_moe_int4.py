@@ -23,11 +23,13 @@ launch config: the decode of each weight is paid once, not once per M tile of it
 dequantization in the K loop, above; between the two).
 
 The rest is the pipeline's and the GEMM scaffold's (kernels/triton_moe_gemm.py), as for MXFP4 / NVFP4: this format
-plugs in its K loops (`int4_up_loop`, `int4_down_loop`) and `Int4Format`; one program per tile without TMA.
+plugs its weight tile and dot (`int4_tile`, `int4_dot`) into the packed formats' K loops
+(kernels/triton_moe_packed.py) and `Int4Format`; one program per tile without TMA.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -38,22 +40,28 @@ from . import moe_config
 from . import triton_common as common
 from .int4 import GROUP_SIZES, check_int4
 from .moe import SILU, MoEActivation
-from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, GemmConfig, MoELaunchConfig, _pick, committed_config,
+from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, MoELaunchConfig, _pick, committed_config,
                          get_moe_config, load_config_file)
 from .triton_common import dot
 from .triton_int4_dequant import DequantWorkspace, dequant_int4_words, dequantize_int4_experts, group_of_words
-from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
+from .triton_moe import check_routing, routed
 from .triton_moe_float import FloatFormat
-from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_gemm import load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_packed import PackedFormat, packed_down_loop, packed_up_loop
 from .triton_moe_int4_tiny import tiny_fused_moe_int4
 
 PATHS = ("auto", "tiny", "sorted", "dequant")
 
 
 @triton.jit
-def _int4_tile(q_ptrs, s_ptrs, z_ptrs, groups, n_ok, w_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               EVEN_K: tl.constexpr, HAS_ZP: tl.constexpr):
-    """The [BN, BK] fp32 weight tile of a K step: its words, each word's scale (and zero point) by its group."""
+def int4_tile(q_ptrs, s_ptrs, z_ptrs, k0, k_left, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr, FMT: tl.constexpr):
+    """TILE of INT4 (kernels/triton_moe_packed.py), FMT[5:] = (GROUP, HAS_ZP): the [BN, BK] fp32 weight tile of a
+    K step: its words, each word's scale (and zero point) by its group (s_ptrs, z_ptrs: the rows' first group)."""
+    GROUP: tl.constexpr = FMT[5]
+    HAS_ZP: tl.constexpr = FMT[6]
+    w_ok = tl.arange(0, BLOCK_K // 8) < k_left // 8  # (the reduction dim is a multiple of GROUP, so of 8: whole words)
+    groups = group_of_words(k0, BLOCK_K, GROUP)
     q = load_weights(q_ptrs, n_ok, w_ok, EVEN_K, True)
     s = load_weights(s_ptrs + groups[None, :], n_ok, w_ok, EVEN_K, True).to(tl.float32)
     if HAS_ZP:
@@ -64,67 +72,10 @@ def _int4_tile(q_ptrs, s_ptrs, z_ptrs, groups, n_ok, w_ok, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def int4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """UP_LOOP of INT4 weights, FMT = (GROUP, HAS_ZP). w_ops = (wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn,
-    stride_se, stride_sn): [BLOCK_N, BLOCK_K/8] word tiles and their groups' scales / zero points (z: s's strides)."""
-    wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn = w_ops
-    GROUP: tl.constexpr = FMT[0]
-    HAS_ZP: tl.constexpr = FMT[1]
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    rows_n = offs_n.to(tl.int64)
-    e64 = expert.to(tl.int64)
-    gq_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + offs_w[None, :]
-    gs_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
-    gz_ptrs = wz_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
-    uq_ptrs = gq_ptrs + inter * stride_qn
-    us_ptrs = gs_ptrs + inter * stride_sn
-    uz_ptrs = gz_ptrs + inter * stride_sn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
-        w_ok = offs_w < (hidden - k0) // 8  # (the reduction dim is a multiple of GROUP, so of 8: whole words)
-        groups = group_of_words(k0, BLOCK_K, GROUP)
-        wg = _int4_tile(gq_ptrs, gs_ptrs, gz_ptrs, groups, n_ok, w_ok, BLOCK_N, BLOCK_K, EVEN_K, HAS_ZP)
-        wu = _int4_tile(uq_ptrs, us_ptrs, uz_ptrs, groups, n_ok, w_ok, BLOCK_N, BLOCK_K, EVEN_K, HAS_ZP)
-        acc_g = dot(a, tl.trans(wg.to(a.dtype)), acc_g, INTERPRET, PREC)
-        acc_u = dot(a, tl.trans(wu.to(a.dtype)), acc_u, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        gq_ptrs += BLOCK_K // 8
-        uq_ptrs += BLOCK_K // 8
-    return acc_g, acc_u
-
-
-@triton.jit
-def int4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inter,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """DOWN_LOOP of INT4 weights. h_ops = (h_ptr, stride_hr), w_ops as `int4_up_loop`'s (rows of w2)."""
-    h_ptr, stride_hr = h_ops
-    wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn = w_ops
-    GROUP: tl.constexpr = FMT[0]
-    HAS_ZP: tl.constexpr = FMT[1]
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
-    rows_n = offs_n.to(tl.int64)
-    e64 = expert.to(tl.int64)
-    q_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + offs_w[None, :]
-    s_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
-    z_ptrs = wz_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
-        w_ok = offs_w < (inter - k0) // 8
-        w = _int4_tile(q_ptrs, s_ptrs, z_ptrs, group_of_words(k0, BLOCK_K, GROUP), n_ok, w_ok, BLOCK_N, BLOCK_K,
-                       EVEN_K, HAS_ZP)
-        acc = dot(a, tl.trans(w.to(a.dtype)), acc, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        q_ptrs += BLOCK_K // 8
-    return acc
+def int4_dot(a, w, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr,
+             PREC: tl.constexpr):
+    """DOT of INT4: the decoded tile rounded once to the activation dtype, tl.dot with fp32 accumulation."""
+    return dot(a, tl.trans(w.to(a.dtype)), acc, INTERPRET, PREC)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -138,9 +89,9 @@ def _moe_int4_up_kernel(x_ptr, wq_ptr, ws_ptr, wz_ptr, h_ptr, sorted_ptr, expert
     # (num_rows_ptr, num_experts: the pipeline's, for PERSISTENT and TMA, which INT4 runs without; last, as MXFP4)
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
                    (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
-                   (wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn), (h_ptr, stride_hr),
-                   int4_up_loop, store_h, (GROUP, HAS_ZP), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS, ACT,
-                   PERSISTENT, TMA, INTERPRET, PREC)
+                   (wq_ptr, ws_ptr, wz_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, 1, 0),
+                   (h_ptr, stride_hr), packed_up_loop, store_h, (int4_tile, int4_dot, 8, 0, False, GROUP, HAS_ZP),
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS, ACT, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -153,9 +104,9 @@ def _moe_int4_down_kernel(h_ptr, wq_ptr, ws_ptr, wz_ptr, y_ptr, sorted_ptr, expe
                           GROUP: tl.constexpr, HAS_ZP: tl.constexpr):
     sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
                      (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr),
-                     (wq_ptr, ws_ptr, wz_ptr, stride_qe, stride_qn, stride_se, stride_sn), int4_down_loop,
-                     (GROUP, HAS_ZP), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA,
-                     INTERPRET, PREC)
+                     (wq_ptr, ws_ptr, wz_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, 1, 0),
+                     packed_down_loop, (int4_tile, int4_dot, 8, 0, False, GROUP, HAS_ZP), BLOCK_M, BLOCK_N, BLOCK_K,
+                     GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 def int4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
@@ -167,7 +118,7 @@ def int4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
 
 
 @dataclass(frozen=True)
-class Int4Format(WeightFormat):
+class Int4Format(PackedFormat):
     """INT4 experts: packed words, group scales, zero points (None: symmetric, z = 8) and the group size."""
 
     w13q_EFW: torch.Tensor
@@ -177,25 +128,15 @@ class Int4Format(WeightFormat):
     w2s_EDS: torch.Tensor
     w2z_EDS: torch.Tensor | None
     group: int
+    KERNELS: ClassVar = (_moe_int4_up_kernel, _moe_int4_down_kernel)
 
-    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
-        """`int4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
-        cfg = int4_config(cfg)
-        return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
+    def fit(self, cfg: MoELaunchConfig) -> MoELaunchConfig:
+        return int4_config(cfg)
 
-    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (x_TD,), (h_RI,) = a, h
-        return _moe_int4_up_kernel, dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
-                                         **self._weight(self.w13q_EFW, self.w13s_EFS, self.w13z_EFS))
-
-    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (h_RI,) = h
-        return _moe_int4_down_kernel, dict(h_ptr=h_RI, stride_hr=h_RI.stride(0),
-                                           **self._weight(self.w2q_EDW, self.w2s_EDS, self.w2z_EDS))
-
-    def _weight(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> dict:
+    def weight(self, up: bool) -> dict:
+        q, s, z = (self.w13q_EFW, self.w13s_EFS, self.w13z_EFS) if up else (self.w2q_EDW, self.w2s_EDS, self.w2z_EDS)
         return dict(wq_ptr=q, ws_ptr=s, wz_ptr=s if z is None else z, stride_qe=q.stride(0), stride_qn=q.stride(1),
-                    stride_se=s.stride(0), stride_sn=s.stride(1), TMA=False, GROUP=self.group, HAS_ZP=z is not None)
+                    stride_se=s.stride(0), stride_sn=s.stride(1), GROUP=self.group, HAS_ZP=z is not None)
 
 
 def int4_config_file_name(num_experts: int, inter: int, name: str) -> str:
@@ -244,27 +185,13 @@ def _check(x_TD, w13_q, w13_s, w13_z, w2_q, w2_s, w2_z, topk_weights_TK, topk_id
     return E, F // 2, D, g13
 
 
-def triton_fused_moe_int4(
-    x_TD: torch.Tensor,
-    w13_q_EFW: torch.Tensor,
-    w13_s_EFS: torch.Tensor,
-    w2_q_EDW: torch.Tensor,
-    w2_s_EDS: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    w13_z_EFS: torch.Tensor | None = None,
-    w2_z_EDS: torch.Tensor | None = None,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-    out: torch.Tensor | None = None,
-    config: MoELaunchConfig | None = None,
-    combine: str = "sum",
-    path: str = "auto",
-    workspace: DequantWorkspace | None = None,
-) -> torch.Tensor:
+def triton_fused_moe_int4(x_TD: torch.Tensor, w13_q_EFW: torch.Tensor, w13_s_EFS: torch.Tensor, w2_q_EDW: torch.Tensor,
+                          w2_s_EDS: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                          expert_map_G: torch.Tensor | None = None, *, w13_z_EFS: torch.Tensor | None = None,
+                          w2_z_EDS: torch.Tensor | None = None, b13_EF: torch.Tensor | None = None,
+                          b2_ED: torch.Tensor | None = None, activation: MoEActivation = SILU,
+                          out: torch.Tensor | None = None, config: MoELaunchConfig | None = None, combine: str = "sum",
+                          path: str = "auto", workspace: DequantWorkspace | None = None) -> torch.Tensor:
     """Same contract as `reference_fused_moe_int4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose experts are
     all remote are 0. `out` and `combine` as `triton_fused_moe`; `config` overrides the INT4 launch config
     (`int4_config_table`); `path`: "auto" (`int4_path`), "tiny" (the two GEMVs; the config's TINY blocks, else
@@ -275,22 +202,18 @@ def triton_fused_moe_int4(
         raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
     E, I, D, group = _check(x_TD, w13_q_EFW, w13_s_EFS, w13_z_EFS, w2_q_EDW, w2_s_EDS, w2_z_EDS, topk_weights_TK,
                             topk_ids_TK)
-    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
-    act_args = activation_args(activation)
-    T, K = x_TD.shape[0], topk_ids_TK.shape[1]
-    out = output(x_TD, out, combine)
+    r = routed(x_TD, topk_weights_TK, topk_ids_TK, E, I, b13_EF, b2_ED, activation, out, combine)
+    T, K = r.T, r.K
     if T == 0:
-        return out
+        return r.out
     rows = lambda t: None if t is None else (t if t.is_contiguous() else t.contiguous())  # noqa: E731
-    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
     q13, s13, z13, q2, s2, z2 = map(rows, (w13_q_EFW, w13_s_EFS, w13_z_EFS, w2_q_EDW, w2_s_EDS, w2_z_EDS))
-    weights_P, ids_P = topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous()
     if config is None:
         config = _pick(*int4_config_table(E, I, moe_config.device_name(x_TD.device)), T, K, E)
     chosen = int4_path(config, T, K, path)
     if chosen == "tiny":
-        return tiny_fused_moe_int4(x_TD, q13, s13, z13, q2, s2, z2, group, weights_P, ids_P, expert_map_G, b13_EF,
-                                   b2_ED, act_args, out, config.tiny or DEFAULT_TINY, K)
+        return tiny_fused_moe_int4(r.x_TD, q13, s13, z13, q2, s2, z2, group, r.weights_P, r.ids_P, expert_map_G,
+                                   r.b13_EF, r.b2_ED, r.act_args, r.out, config.tiny or DEFAULT_TINY, K)
     if chosen == "dequant":
         # Every local expert, not only those with tokens: the shipped GPU DEQUANT bucket starts at 1024 rows per
         # expert, where an expert without a token is (1 - K/E)**T unlikely, so counting used experts would cost a
@@ -301,7 +224,5 @@ def triton_fused_moe_int4(
         w13_EFD = dequantize_int4_experts(q13, s13, z13, dt, take("w13", (E, 2 * I, D)))
         w2_EDI = dequantize_int4_experts(q2, s2, z2, dt, take("w2", (E, D, I)))
         cfg = replace(get_moe_config(E, I, T, K, x_TD.device), tiny=None, dequant=False)
-        return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out,
-                                combine, b13_EF, b2_ED, act_args)
-    fmt = Int4Format(E, I, q13, s13, z13, q2, s2, z2, group)
-    return sorted_fused_moe(fmt, x_TD, weights_P, ids_P, expert_map_G, K, config, out, combine, b13_EF, b2_ED, act_args)
+        return r.sorted(FloatFormat(E, I, w13_EFD, w2_EDI), expert_map_G, cfg, combine)
+    return r.sorted(Int4Format(E, I, q13, s13, z13, q2, s2, z2, group), expert_map_G, config, combine)

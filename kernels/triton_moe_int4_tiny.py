@@ -17,8 +17,8 @@ fp32 accumulation:
    the K experts' w2 rows), h scaled by the routed weight, the pair axis summed in registers in a fixed order
    (deterministic, no atomics), one store per output row.
 Launch, grid narrowing, the remote-expert exits and the epilogues are shared with the float path
-(`triton_moe_tiny.run_tiny`, `tiny_up_epilogue`, `tiny_down_epilogue`, `tiny_token_pairs`). A word's scale and zero
-point are loaded at its group's address ([BLOCK_N, BLOCK_K / 8]: the GROUP / 8 words of a group hit the same bytes).
+(`triton_moe_tiny.run_tiny`, `tiny_up_program`, `tiny_down_program`, `tiny_up_epilogue`, `tiny_down_epilogue`).
+A word's scale and zero point are loaded at its group's address ([BLOCK_N, BLOCK_K / 8]: the GROUP / 8 words of a group hit the same bytes).
 TinyConfig's BLOCK_SIZE_K counts values here (a multiple of 8).
 """
 from __future__ import annotations
@@ -27,11 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_align import _local_expert
 from .moe_config import TinyConfig
 from .triton_int4_dequant import group_of_words, int4_slots
 from .triton_moe_mxfp4_tiny import _split8
-from .triton_moe_tiny import run_tiny, tiny_down_epilogue, tiny_token_pairs, tiny_up_epilogue
+from .triton_moe_packed import gate_up_ptrs
+from .triton_moe_tiny import (run_tiny, tiny_columns, tiny_down_epilogue, tiny_down_program, tiny_up_epilogue,
+                              tiny_up_program)
 from .triton_mxfp4_dequant import half_f32
 
 
@@ -68,23 +69,17 @@ def _tiny_int4_up_kernel(x_ptr, wq_ptr, ws_ptr, wz_ptr, h_ptr, ids_ptr, map_ptr,
                          alpha, limit, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                          HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr,
                          GROUP: tl.constexpr, HAS_ZP: tl.constexpr):
-    pair = tl.program_id(0)
-    expert = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
+    pair, expert = tiny_up_program(ids_ptr, map_ptr, num_pairs, num_ids, HAS_MAP)
     if expert < 0:
         return
+    offs_n, n_ok = tiny_columns(inter, BLOCK_N)
     BW: tl.constexpr = BLOCK_K // 8
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < inter
     offs_w = tl.arange(0, BW)
     x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xt + offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]
-    rows = offs_n.to(tl.int64)
-    e64 = expert.to(tl.int64)
-    gq_ptrs = wq_ptr + e64 * stride_qe + rows[:, None] * stride_qn + offs_w[None, :]  # [BN, BW]
-    gs_ptrs = ws_ptr + e64 * stride_se + rows[:, None] * stride_sn
-    gz_ptrs = wz_ptr + e64 * stride_se + rows[:, None] * stride_sn
-    uq_ptrs = gq_ptrs + inter * stride_qn
-    us_ptrs = gs_ptrs + inter * stride_sn
-    uz_ptrs = gz_ptrs + inter * stride_sn
+    # [BN, BW] word tiles and their rows' first group, gate's then up's (as the sorted path's K loop starts)
+    gq_ptrs, gs_ptrs, gz_ptrs, uq_ptrs, us_ptrs, uz_ptrs = gate_up_ptrs(
+        (wq_ptr, ws_ptr, wz_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, 1, 0), expert, offs_n, inter,
+        BLOCK_K, (None, None, 8, 0, False))
     acc_g = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
@@ -118,12 +113,9 @@ def _tiny_int4_down_kernel(h_ptr, wq_ptr, ws_ptr, wz_ptr, out_ptr, ids_ptr, map_
                            INTERPRET: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr):
     # [KP, BN, BW] word tiles: the token's K experts side by side; the pair axis is reduced after the K loop.
     BW: tl.constexpr = BLOCK_K // 8
-    t = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < hidden
+    t, offs_n, n_ok, pair_p, expert_p, live_p, w_p = tiny_down_program(ids_ptr, map_ptr, weights_ptr, num_pairs,
+                                                                       num_ids, hidden, BLOCK_N, TOP_K, KP, HAS_MAP)
     offs_w = tl.arange(0, BW)
-    pair_p, expert_p, live_p, w_p = tiny_token_pairs(t, ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, TOP_K, KP,
-                                                     HAS_MAP)
     h_ptrs = (h_ptr + pair_p[:, None, None].to(tl.int64) * stride_hp + offs_w[None, :, None] * 8
               + tl.arange(0, 8)[None, None, :])  # [KP, BW, 8]
     e = tl.maximum(expert_p, 0).to(tl.int64)

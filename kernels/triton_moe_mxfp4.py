@@ -30,12 +30,14 @@ quantized to MXFP8/MXFP4, a numerics change not made here). Not run on Blackwell
 The rest is the pipeline's (kernels/triton_moe.py) and the GEMM scaffold's (kernels/triton_moe_gemm.py), as for
 float weights: moe_align, gather of x rows by pair // K, [gate; up] accumulators with biases and the activation
 in the epilogue, h_RI in sorted order, the down GEMM times the routed weight, and the deterministic top-k sum
-or fp32 atomics. This format plugs in its K loops (`mxfp4_up_loop`, `mxfp4_down_loop`) and `Mxfp4Format`; it
-runs one program per tile without TMA (the config's PERSISTENT and TMA keys are not applied to it).
+or fp32 atomics. This format plugs its dot (`mxfp4_dot`, on `scaled_tile`'s bytes or words and scales) into the
+packed formats' K loops (kernels/triton_moe_packed.py) and `Mxfp4Format`; it runs one program per tile without TMA
+(the config's PERSISTENT and TMA keys are not applied to it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -45,95 +47,34 @@ import triton.language as tl
 from . import triton_common as common
 from .moe import SILU, MoEActivation
 from . import moe_config
-from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, GemmConfig, MoELaunchConfig, _pick, committed_config,
+from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, MoELaunchConfig, _pick, committed_config,
                          get_moe_config, load_config_file)
 from .mxfp4 import GROUP, _check_packed
 from .triton_common import dot
-from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
+from .triton_moe import check_routing, routed
 from .triton_moe_float import FloatFormat
-from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_gemm import sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_packed import PackedFormat, packed_down_loop, packed_up_loop, scaled_tile
 from .triton_moe_mxfp4_tiny import tiny_fused_moe_mxfp4
 from .triton_mxfp4_dequant import dequant_words, dequantize_experts, e8m0_to_fp32, word_view
 
 _NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+SCALE_GROUP: tl.constexpr = tl.constexpr(GROUP)  # K values a scale (the packed K loops' SG)
 PATHS = ("auto", "tiny", "sorted", "dequant")
 
 
 @triton.jit
-def _mxfp4_dot(a, q, s, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
-               A_FORMAT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    # q: [BN, BK/2] bytes when NATIVE, else [BN, BK/8] int32 words (`dequant_words`: ~2 integer ops a value)
+def mxfp4_dot(a, w, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr,
+              PREC: tl.constexpr):
+    """DOT of MXFP4 (kernels/triton_moe_packed.py), FMT[5:] = (NATIVE, A_FORMAT); w = (q, s) of `scaled_tile`: q
+    [BN, BK/2] bytes when NATIVE, else [BN, BK/8] int32 words (`dequant_words`: ~2 integer ops a value), s the
+    [BN, BK/32] E8M0 scales."""
+    q, s = w
+    NATIVE: tl.constexpr = FMT[5]
+    A_FORMAT: tl.constexpr = FMT[6]
     if NATIVE:
         return tl.dot_scaled(a, None, A_FORMAT, tl.trans(q), s, "e2m1", acc)
     return dot(a, tl.trans(dequant_words(q, s, BLOCK_N, BLOCK_K).to(a.dtype)), acc, INTERPRET, PREC)
-
-
-@triton.jit
-def mxfp4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                  TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """UP_LOOP of MXFP4 weights, FMT = (NATIVE, A_FORMAT). w_ops = (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se,
-    stride_sn, stride_ss): [BLOCK_N, BLOCK_K/2] byte tiles and their [BLOCK_N, BLOCK_K/32] scales."""
-    wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss = w_ops
-    NATIVE: tl.constexpr = FMT[0]
-    A_FORMAT: tl.constexpr = FMT[1]
-    KQ: tl.constexpr = BLOCK_K // 2 if NATIVE else BLOCK_K // 8  # bytes (NATIVE) or int32 words of a K step
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kq = tl.arange(0, KQ)
-    offs_ks = tl.arange(0, BLOCK_K // 32)  # scale groups
-    rows_n = offs_n.to(tl.int64)
-    gq_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
-    gs_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
-    uq_ptrs = gq_ptrs + inter * stride_qn
-    us_ptrs = gs_ptrs + inter * stride_sn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
-        # (the reduction dim is a multiple of 32, one scale group, not of BLOCK_K: whole bytes and groups)
-        kq_ok = offs_kq < (hidden - k0) * KQ // BLOCK_K
-        ks_ok = offs_ks < (hidden - k0) // 32
-        qg = load_weights(gq_ptrs, n_ok, kq_ok, EVEN_K, True)
-        sg = load_weights(gs_ptrs, n_ok, ks_ok, EVEN_K, True)
-        qu = load_weights(uq_ptrs, n_ok, kq_ok, EVEN_K, True)
-        su = load_weights(us_ptrs, n_ok, ks_ok, EVEN_K, True)
-        acc_g = _mxfp4_dot(a, qg, sg, acc_g, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
-        acc_u = _mxfp4_dot(a, qu, su, acc_u, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        gq_ptrs += KQ
-        uq_ptrs += KQ
-        gs_ptrs += (BLOCK_K // 32) * stride_ss
-        us_ptrs += (BLOCK_K // 32) * stride_ss
-    return acc_g, acc_u
-
-
-@triton.jit
-def mxfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inter,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """DOWN_LOOP of MXFP4 weights. h_ops = (h_ptr, stride_hr), w_ops as `mxfp4_up_loop`'s (rows of w2)."""
-    h_ptr, stride_hr = h_ops
-    wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss = w_ops
-    NATIVE: tl.constexpr = FMT[0]
-    A_FORMAT: tl.constexpr = FMT[1]
-    KQ: tl.constexpr = BLOCK_K // 2 if NATIVE else BLOCK_K // 8
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kq = tl.arange(0, KQ)
-    offs_ks = tl.arange(0, BLOCK_K // 32)
-    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
-    rows_n = offs_n.to(tl.int64)
-    q_ptrs = wq_ptr + expert.to(tl.int64) * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
-    s_ptrs = ws_ptr + expert.to(tl.int64) * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
-        q = load_weights(q_ptrs, n_ok, offs_kq < (inter - k0) * KQ // BLOCK_K, EVEN_K, True)
-        s = load_weights(s_ptrs, n_ok, offs_ks < (inter - k0) // 32, EVEN_K, True)
-        acc = _mxfp4_dot(a, q, s, acc, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        q_ptrs += KQ
-        s_ptrs += (BLOCK_K // 32) * stride_ss
-    return acc
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -148,9 +89,10 @@ def _moe_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, sorted_ptr, expert_ids_pt
     # FP8 takes the bias arguments, so the parameters before them keep their order: see WeightFormat)
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
                    (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
-                   (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss), (h_ptr, stride_hr),
-                   mxfp4_up_loop, store_h, (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS,
-                   ACT, PERSISTENT, TMA, INTERPRET, PREC)
+                   (wq_ptr, ws_ptr, ws_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, 0),
+                   (h_ptr, stride_hr), packed_up_loop, store_h,
+                   (scaled_tile, mxfp4_dot, 2 if NATIVE else 8, SCALE_GROUP, False, NATIVE, A_FORMAT), BLOCK_M,
+                   BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS, ACT, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -163,9 +105,10 @@ def _moe_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ids_
                            NATIVE: tl.constexpr, A_FORMAT: tl.constexpr):
     sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
                      (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr),
-                     (wq_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss), mxfp4_down_loop,
-                     (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA,
-                     INTERPRET, PREC)
+                     (wq_ptr, ws_ptr, ws_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, 0),
+                     packed_down_loop,
+                     (scaled_tile, mxfp4_dot, 2 if NATIVE else 8, SCALE_GROUP, False, NATIVE, A_FORMAT), BLOCK_M,
+                     BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 def _bytes_view(blocks: torch.Tensor) -> torch.Tensor:
@@ -184,7 +127,7 @@ def mxfp4_config(cfg: MoELaunchConfig) -> MoELaunchConfig:
 
 
 @dataclass(frozen=True)
-class Mxfp4Format(WeightFormat):
+class Mxfp4Format(PackedFormat):
     """MXFP4 experts with their blocks as int32 word views (`word_view`: B = D/8 for w13, I/8 for w2), or byte views
     with `native` (`_bytes_view`: B = D/2, I/2, what tl.dot_scaled takes); `native` picks
     tl.dot_scaled for activations of dtype `a_format` (module docstring)."""
@@ -195,25 +138,16 @@ class Mxfp4Format(WeightFormat):
     w2s_EDS: torch.Tensor
     native: bool
     a_format: str
+    KERNELS: ClassVar = (_moe_mxfp4_up_kernel, _moe_mxfp4_down_kernel)
 
-    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
-        """`mxfp4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
-        cfg = mxfp4_config(cfg)
-        return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
+    def fit(self, cfg: MoELaunchConfig) -> MoELaunchConfig:
+        return mxfp4_config(cfg)
 
-    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (x_TD,), (h_RI,) = a, h
-        return _moe_mxfp4_up_kernel, dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
-                                          **self._weight(self.w13q_EFB, self.w13s_EFS))
-
-    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (h_RI,) = h
-        return _moe_mxfp4_down_kernel, dict(h_ptr=h_RI, stride_hr=h_RI.stride(0), **self._weight(self.w2q_EDB, self.w2s_EDS))
-
-    def _weight(self, q: torch.Tensor, s: torch.Tensor) -> dict:
+    def weight(self, up: bool) -> dict:
         """A GEMM's weight operands (bytes, scales and their strides) and this format's constexprs."""
+        q, s = (self.w13q_EFB, self.w13s_EFS) if up else (self.w2q_EDB, self.w2s_EDS)
         return dict(wq_ptr=q, ws_ptr=s, stride_qe=q.stride(0), stride_qn=q.stride(1), stride_se=s.stride(0),
-                    stride_sn=s.stride(1), stride_ss=s.stride(2), TMA=False, NATIVE=self.native, A_FORMAT=self.a_format)
+                    stride_sn=s.stride(1), stride_ss=s.stride(2), NATIVE=self.native, A_FORMAT=self.a_format)
 
 
 def mxfp4_config_file_name(num_experts: int, inter: int, name: str) -> str:
@@ -260,25 +194,13 @@ def _check(x_TD, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights_TK, 
     return E, F // 2, D
 
 
-def triton_fused_moe_mxfp4(
-    x_TD: torch.Tensor,
-    w13_blocks_EFSQ: torch.Tensor,
-    w13_scales_EFS: torch.Tensor,
-    w2_blocks_EDSQ: torch.Tensor,
-    w2_scales_EDS: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-    out: torch.Tensor | None = None,
-    config: MoELaunchConfig | None = None,
-    combine: str = "sum",
-    native: bool = False,
-    path: str = "auto",
-) -> torch.Tensor:
+def triton_fused_moe_mxfp4(x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w13_scales_EFS: torch.Tensor,
+                           w2_blocks_EDSQ: torch.Tensor, w2_scales_EDS: torch.Tensor, topk_weights_TK: torch.Tensor,
+                           topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
+                           b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+                           activation: MoEActivation = SILU, out: torch.Tensor | None = None,
+                           config: MoELaunchConfig | None = None, combine: str = "sum", native: bool = False,
+                           path: str = "auto") -> torch.Tensor:
     """Same contract as `reference_fused_moe_mxfp4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose
     experts are all remote are 0. `out` and `combine` as `triton_fused_moe`; `config` overrides the MXFP4 launch
     config (`mxfp4_config_table`); `native=True` takes the tl.dot_scaled path (module docstring; bf16/fp16
@@ -290,26 +212,23 @@ def triton_fused_moe_mxfp4(
     """
     if path not in PATHS:
         raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
-    E, I, D = _check(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, topk_weights_TK,
+    E, I, _ = _check(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, topk_weights_TK,
                      topk_ids_TK)
-    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
-    act_args = activation_args(activation)
-    T, K = x_TD.shape[0], topk_ids_TK.shape[1]
     dt = x_TD.dtype
     if native and dt not in _NATIVE_DTYPES:
         raise ValueError(f"native=True is invalid with x_TD.dtype={dt}: tl.dot_scaled takes bf16 or fp16 activations.")
-    out = output(x_TD, out, combine)
+    r = routed(x_TD, topk_weights_TK, topk_ids_TK, E, I, b13_EF, b2_ED, activation, out, combine)
+    T, K = r.T, r.K
     if T == 0:
-        return out
-    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
-    weights_P, ids_P = topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous()
+        return r.out
     given = config is not None
     if not given:
         config = _pick(*mxfp4_config_table(E, I, moe_config.device_name(x_TD.device)), T, K, E)
     chosen = "sorted" if native else mxfp4_path(config, T, K, path)
     if chosen == "tiny":
-        return tiny_fused_moe_mxfp4(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, weights_P,
-                                    ids_P, expert_map_G, b13_EF, b2_ED, act_args, out, config.tiny or DEFAULT_TINY, K)
+        return tiny_fused_moe_mxfp4(r.x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, r.weights_P,
+                                    r.ids_P, expert_map_G, r.b13_EF, r.b2_ED, r.act_args, r.out,
+                                    config.tiny or DEFAULT_TINY, K)
     if chosen == "dequant":
         # Every local expert, not only those with tokens: the shipped DEQUANT buckets start at 81 rows per expert,
         # where an expert without a token is about e**-81 unlikely under even routing, so a count of used experts would
@@ -318,9 +237,8 @@ def triton_fused_moe_mxfp4(
         w13_EFD = dequantize_experts(w13_blocks_EFSQ, w13_scales_EFS, dt)
         w2_EDI = dequantize_experts(w2_blocks_EDSQ, w2_scales_EDS, dt)
         cfg = replace(config if given else get_moe_config(E, I, T, K, x_TD.device), tiny=None, dequant=False)
-        return sorted_fused_moe(FloatFormat(E, I, w13_EFD, w2_EDI), x_TD, weights_P, ids_P, expert_map_G, K, cfg, out,
-                                combine, b13_EF, b2_ED, act_args)
+        return r.sorted(FloatFormat(E, I, w13_EFD, w2_EDI), expert_map_G, cfg, combine)
     view = _bytes_view if native else word_view  # (the K loops' operand: bytes for tl.dot_scaled, else words)
     fmt = Mxfp4Format(E, I, view(w13_blocks_EFSQ), w13_scales_EFS, view(w2_blocks_EDSQ), w2_scales_EDS,
                       bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
-    return sorted_fused_moe(fmt, x_TD, weights_P, ids_P, expert_map_G, K, config, out, combine, b13_EF, b2_ED, act_args)
+    return r.sorted(fmt, expert_map_G, config, combine)

@@ -18,7 +18,7 @@ and multiplied on the CUDA cores with fp32 accumulation:
    words of the K experts' w2 rows), h scaled by the routed weight, the pair axis summed in registers in a
    fixed order (deterministic, no atomics), + Σ_k w_k · b2[e_k], one store per output row.
 Launch, grid narrowing, the remote-expert exits and the epilogues are shared with the float path
-(`triton_moe_tiny.run_tiny`, `tiny_up_epilogue`, `tiny_down_epilogue`, `tiny_token_pairs`).
+(`triton_moe_tiny.run_tiny`, `tiny_up_program`, `tiny_down_program`, `tiny_up_epilogue`, `tiny_down_epilogue`).
 TinyConfig's BLOCK_SIZE_K counts values here (a multiple of 32, so a K step holds whole scale groups).
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_align import _local_expert
 from .moe_config import TinyConfig
 from .mxfp4 import GROUP
-from .triton_moe_tiny import run_tiny, tiny_down_epilogue, tiny_token_pairs, tiny_up_epilogue
+from .triton_moe_tiny import (run_tiny, tiny_columns, tiny_down_epilogue, tiny_down_program, tiny_up_epilogue,
+                              tiny_up_program)
 from .triton_mxfp4_dequant import e2m1_slots, e8m0_to_fp32, half_f32, word_view
 
 
@@ -72,12 +72,10 @@ def _tiny_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, ids_ptr, map_ptr, b13_pt
                           HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
     # Weight tiles are [BN, G, 4] words (G scale groups of 4 words each, one 16-byte vector per group), so a
     # group's scale is one load and one product per word; K steps hold whole groups (BLOCK_K % 32 == 0).
-    pair = tl.program_id(0)
-    expert = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
+    pair, expert = tiny_up_program(ids_ptr, map_ptr, num_pairs, num_ids, HAS_MAP)
     if expert < 0:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < inter
+    offs_n, n_ok = tiny_columns(inter, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_K // 32)
     words = offs_g[:, None] * 4 + tl.arange(0, 4)[None, :]  # [G, 4]
     x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xt + words[:, :, None] * 8 + tl.arange(0, 8)  # [G, 4, 8]
@@ -121,13 +119,10 @@ def _tiny_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, we
                             INTERPRET: tl.constexpr):
     # [KP, BN, G, 4] word tiles: the token's K experts side by side; the pair axis is reduced after the K loop
     # (no cross-thread reduction per step).
-    t = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < hidden
+    t, offs_n, n_ok, pair_p, expert_p, live_p, w_p = tiny_down_program(ids_ptr, map_ptr, weights_ptr, num_pairs,
+                                                                       num_ids, hidden, BLOCK_N, TOP_K, KP, HAS_MAP)
     offs_g = tl.arange(0, BLOCK_K // 32)
     words = offs_g[:, None] * 4 + tl.arange(0, 4)[None, :]  # [G, 4]
-    pair_p, expert_p, live_p, w_p = tiny_token_pairs(t, ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, TOP_K, KP,
-                                                     HAS_MAP)
     h_ptrs = (h_ptr + pair_p[:, None, None, None].to(tl.int64) * stride_hp + words[None, :, :, None] * 8
               + tl.arange(0, 8))  # [KP, G, 4, 8]
     e = tl.maximum(expert_p, 0).to(tl.int64)

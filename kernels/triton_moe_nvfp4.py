@@ -34,11 +34,13 @@ interpreter: Triton 3.9's interpreter reads every dot_scaled scale as an E8M0 ex
 runs it against the reference only on a GPU of compute capability >= 10, hence opt-in.
 
 The rest is the pipeline's and the GEMM scaffold's (kernels/triton_moe_gemm.py), as for MXFP4: this format
-plugs in its K loops (`nvfp4_up_loop`, `nvfp4_down_loop`) and `Nvfp4Format`; one program per tile without TMA.
+plugs its dot (`nvfp4_dot`, on `scaled_tile`'s bytes and scales; the global scales are the loops' HAS_G) into the
+packed formats' K loops (kernels/triton_moe_packed.py) and `Nvfp4Format`; one program per tile without TMA.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import triton
@@ -46,13 +48,15 @@ import triton.language as tl
 
 from . import triton_common as common
 from .moe import SILU, MoEActivation
-from .moe_config import GemmConfig, MoELaunchConfig, get_moe_config
+from .moe_config import MoELaunchConfig, get_moe_config
 from .nvfp4 import GROUP, _check_globals, check_nvfp4
 from .triton_common import dot
-from .triton_moe import activation_args, check_bias, check_routing, output, sorted_fused_moe
-from .triton_moe_gemm import WeightFormat, load_rows, load_weights, sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe import check_routing, routed
+from .triton_moe_gemm import sorted_down_gemm, sorted_up_gemm, store_h
+from .triton_moe_packed import PackedFormat, packed_down_loop, packed_up_loop, scaled_tile
 
 _NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+SCALE_GROUP: tl.constexpr = tl.constexpr(GROUP)  # K values a scale (the packed K loops' SG)
 
 
 @triton.jit
@@ -82,82 +86,16 @@ def nvfp4_dequant_tile(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype
 
 
 @triton.jit
-def _nvfp4_dot(a, q, s, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr,
-               A_FORMAT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+def nvfp4_dot(a, w, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr,
+              PREC: tl.constexpr):
+    """DOT of NVFP4 (kernels/triton_moe_packed.py), FMT[5:] = (NATIVE, A_FORMAT); w = (q, s) of `scaled_tile`:
+    [BN, BK/2] bytes and their [BN, BK/16] e4m3 scales' bytes (the global scale is the loop's, after it)."""
+    q, s = w
+    NATIVE: tl.constexpr = FMT[5]
+    A_FORMAT: tl.constexpr = FMT[6]
     if NATIVE:
         return tl.dot_scaled(a, None, A_FORMAT, tl.trans(q), s.to(tl.float8e4nv, bitcast=True), "e2m1", acc)
     return dot(a, nvfp4_dequant_tile(q, s, BLOCK_N, BLOCK_K, a.dtype), acc, INTERPRET, PREC)
-
-
-@triton.jit
-def nvfp4_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                  TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """UP_LOOP of NVFP4 weights, FMT = (NATIVE, A_FORMAT). w_ops = (wq_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn,
-    stride_se, stride_sn, stride_ss, stride_ge): [BLOCK_N, BLOCK_K/2] byte tiles, their [BLOCK_N, BLOCK_K/16]
-    scales, and the expert's (gate, up) global scales at wg_ptr + expert * stride_ge + (0, 1)."""
-    wq_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge = w_ops
-    NATIVE: tl.constexpr = FMT[0]
-    A_FORMAT: tl.constexpr = FMT[1]
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kq = tl.arange(0, BLOCK_K // 2)  # bytes
-    offs_ks = tl.arange(0, BLOCK_K // 16)  # scale groups
-    rows_n = offs_n.to(tl.int64)
-    e64 = expert.to(tl.int64)
-    gq_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
-    gs_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
-    uq_ptrs = gq_ptrs + inter * stride_qn
-    us_ptrs = gs_ptrs + inter * stride_sn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
-        # (the reduction dim is a multiple of 16, one scale group, not of BLOCK_K: whole bytes and groups)
-        kq_ok = offs_kq < (hidden - k0) // 2
-        ks_ok = offs_ks < (hidden - k0) // 16
-        qg = load_weights(gq_ptrs, n_ok, kq_ok, EVEN_K, True)
-        sg = load_weights(gs_ptrs, n_ok, ks_ok, EVEN_K, True)
-        qu = load_weights(uq_ptrs, n_ok, kq_ok, EVEN_K, True)
-        su = load_weights(us_ptrs, n_ok, ks_ok, EVEN_K, True)
-        acc_g = _nvfp4_dot(a, qg, sg, acc_g, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
-        acc_u = _nvfp4_dot(a, qu, su, acc_u, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        gq_ptrs += BLOCK_K // 2
-        uq_ptrs += BLOCK_K // 2
-        gs_ptrs += (BLOCK_K // 16) * stride_ss
-        us_ptrs += (BLOCK_K // 16) * stride_ss
-    g_ptr = wg_ptr + e64 * stride_ge
-    return acc_g * tl.load(g_ptr), acc_u * tl.load(g_ptr + 1)
-
-
-@triton.jit
-def nvfp4_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, inter,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    TMA: tl.constexpr, FMT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
-    """DOWN_LOOP of NVFP4 weights. h_ops = (h_ptr, stride_hr), w_ops as `nvfp4_up_loop`'s (rows of w2; the global
-    scale at wg_ptr + expert * stride_ge)."""
-    h_ptr, stride_hr = h_ops
-    wq_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge = w_ops
-    NATIVE: tl.constexpr = FMT[0]
-    A_FORMAT: tl.constexpr = FMT[1]
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kq = tl.arange(0, BLOCK_K // 2)
-    offs_ks = tl.arange(0, BLOCK_K // 16)
-    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
-    rows_n = offs_n.to(tl.int64)
-    e64 = expert.to(tl.int64)
-    q_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + offs_kq[None, :]
-    s_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn + offs_ks[None, :] * stride_ss
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
-        q = load_weights(q_ptrs, n_ok, offs_kq < (inter - k0) // 2, EVEN_K, True)
-        s = load_weights(s_ptrs, n_ok, offs_ks < (inter - k0) // 16, EVEN_K, True)
-        acc = _nvfp4_dot(a, q, s, acc, BLOCK_N, BLOCK_K, NATIVE, A_FORMAT, INTERPRET, PREC)
-        a_ptrs += BLOCK_K
-        q_ptrs += BLOCK_K // 2
-        s_ptrs += (BLOCK_K // 16) * stride_ss
-    return acc * tl.load(wg_ptr + e64 * stride_ge)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -171,9 +109,10 @@ def _moe_nvfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, wg_ptr, h_ptr, sorted_ptr, exper
     # (num_rows_ptr, num_experts: the pipeline's, for PERSISTENT and TMA, which NVFP4 runs without; last, as MXFP4)
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
                    (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
-                   (wq_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge),
-                   (h_ptr, stride_hr), nvfp4_up_loop, store_h, (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                   EVEN_K, HAS_BIAS, ACT, PERSISTENT, TMA, INTERPRET, PREC)
+                   (wq_ptr, ws_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge),
+                   (h_ptr, stride_hr), packed_up_loop, store_h,
+                   (scaled_tile, nvfp4_dot, 2, SCALE_GROUP, True, NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K,
+                   GROUP_M, EVEN_K, HAS_BIAS, ACT, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -186,9 +125,9 @@ def _moe_nvfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, wg_ptr, y_ptr, sorted_ptr, exp
                            NATIVE: tl.constexpr, A_FORMAT: tl.constexpr):
     sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
                      (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr),
-                     (wq_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge),
-                     nvfp4_down_loop, (NATIVE, A_FORMAT), BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS,
-                     PERSISTENT, TMA, INTERPRET, PREC)
+                     (wq_ptr, ws_ptr, ws_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge),
+                     packed_down_loop, (scaled_tile, nvfp4_dot, 2, SCALE_GROUP, True, NATIVE, A_FORMAT), BLOCK_M, BLOCK_N,
+                     BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA, INTERPRET, PREC)
 
 
 def _triton_version() -> tuple[int, int]:
@@ -216,7 +155,7 @@ def nvfp4_config(cfg: MoELaunchConfig, native: bool = False) -> MoELaunchConfig:
 
 
 @dataclass(frozen=True)
-class Nvfp4Format(WeightFormat):
+class Nvfp4Format(PackedFormat):
     """NVFP4 experts: packed bytes, e4m3 block scales, per-expert global scales; `native` picks tl.dot_scaled for
     activations of dtype `a_format` (module docstring)."""
 
@@ -228,27 +167,17 @@ class Nvfp4Format(WeightFormat):
     w2g_E: torch.Tensor
     native: bool
     a_format: str
+    KERNELS: ClassVar = (_moe_nvfp4_up_kernel, _moe_nvfp4_down_kernel)
 
-    def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
-        """`nvfp4_config`'s, one program per tile and pointer loads: PERSISTENT and TMA are not applied here."""
-        cfg = nvfp4_config(cfg, self.native)
-        return tuple(replace(g, PERSISTENT=0, TMA=False) for g in (cfg.up, cfg.down))
+    def fit(self, cfg: MoELaunchConfig) -> MoELaunchConfig:
+        return nvfp4_config(cfg, self.native)
 
-    def up_launch(self, g: GemmConfig, a: tuple, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (x_TD,), (h_RI,) = a, h
-        return _moe_nvfp4_up_kernel, dict(x_ptr=x_TD, h_ptr=h_RI, stride_xt=x_TD.stride(0), stride_hr=h_RI.stride(0),
-                                          **self._weight(self.w13q_EFB, self.w13s_EFS, self.w13g_E2))
-
-    def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
-        (h_RI,) = h
-        return _moe_nvfp4_down_kernel, dict(h_ptr=h_RI, stride_hr=h_RI.stride(0),
-                                            **self._weight(self.w2q_EDB, self.w2s_EDS, self.w2g_E))
-
-    def _weight(self, q: torch.Tensor, s: torch.Tensor, g: torch.Tensor) -> dict:
+    def weight(self, up: bool) -> dict:
         """A GEMM's weight operands (bytes, scales, global scales and their strides) and this format's constexprs."""
+        q, s, g = (self.w13q_EFB, self.w13s_EFS, self.w13g_E2) if up else (self.w2q_EDB, self.w2s_EDS, self.w2g_E)
         return dict(wq_ptr=q, ws_ptr=s, wg_ptr=g, stride_qe=q.stride(0), stride_qn=q.stride(1), stride_se=s.stride(0),
-                    stride_sn=s.stride(1), stride_ss=s.stride(2), stride_ge=g.stride(0), TMA=False,
-                    NATIVE=self.native, A_FORMAT=self.a_format)
+                    stride_sn=s.stride(1), stride_ss=s.stride(2), stride_ge=g.stride(0), NATIVE=self.native,
+                    A_FORMAT=self.a_format)
 
 
 def _check(x_TD, w13_q, w13_s, w13_g, w2_q, w2_s, w2_g, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int]:
@@ -270,48 +199,29 @@ def _check(x_TD, w13_q, w13_s, w13_g, w2_q, w2_s, w2_g, topk_weights_TK, topk_id
     return E, F // 2, D
 
 
-def triton_fused_moe_nvfp4(
-    x_TD: torch.Tensor,
-    w13_q_EFB: torch.Tensor,
-    w13_scale_EFS: torch.Tensor,
-    w13_scale2_E2: torch.Tensor,
-    w2_q_EDB: torch.Tensor,
-    w2_scale_EDS: torch.Tensor,
-    w2_scale2_E: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    expert_map_G: torch.Tensor | None = None,
-    *,
-    b13_EF: torch.Tensor | None = None,
-    b2_ED: torch.Tensor | None = None,
-    activation: MoEActivation = SILU,
-    out: torch.Tensor | None = None,
-    config: MoELaunchConfig | None = None,
-    combine: str = "sum",
-    native: bool = False,
-) -> torch.Tensor:
+def triton_fused_moe_nvfp4(x_TD: torch.Tensor, w13_q_EFB: torch.Tensor, w13_scale_EFS: torch.Tensor,
+                           w13_scale2_E2: torch.Tensor, w2_q_EDB: torch.Tensor, w2_scale_EDS: torch.Tensor,
+                           w2_scale2_E: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                           expert_map_G: torch.Tensor | None = None, *, b13_EF: torch.Tensor | None = None,
+                           b2_ED: torch.Tensor | None = None, activation: MoEActivation = SILU,
+                           out: torch.Tensor | None = None, config: MoELaunchConfig | None = None, combine: str = "sum",
+                           native: bool = False) -> torch.Tensor:
     """Same contract as `reference_fused_moe_nvfp4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose experts
     are all remote are 0. `out`, `config` and `combine` as `triton_fused_moe`; `native=True` takes the
     tl.dot_scaled path (module docstring; bf16/fp16 activations only). No device→host sync."""
-    E, I, D = _check(x_TD, w13_q_EFB, w13_scale_EFS, w13_scale2_E2, w2_q_EDB, w2_scale_EDS, w2_scale2_E,
+    E, I, _ = _check(x_TD, w13_q_EFB, w13_scale_EFS, w13_scale2_E2, w2_q_EDB, w2_scale_EDS, w2_scale2_E,
                      topk_weights_TK, topk_ids_TK)
-    b13_EF, b2_ED = check_bias("b13_EF", b13_EF, E, 2 * I), check_bias("b2_ED", b2_ED, E, D)
-    act_args = activation_args(activation)
-    T, K = x_TD.shape[0], topk_ids_TK.shape[1]
     dt = x_TD.dtype
     if native and dt not in _NATIVE_DTYPES:
         raise ValueError(f"native=True is invalid with x_TD.dtype={dt}: tl.dot_scaled takes bf16 or fp16 activations.")
     if native and _triton_version() < (3, 9):
         raise ValueError(f"native=True is invalid with Triton {triton.__version__}: its compiler fails on tl.dot_scaled "
                          "with e4m3 scales (module docstring); it needs Triton >= 3.9, or use native=False.")
-    out = output(x_TD, out, combine)
-    if T == 0:
-        return out
-    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+    r = routed(x_TD, topk_weights_TK, topk_ids_TK, E, I, b13_EF, b2_ED, activation, out, combine)
+    if r.T == 0:
+        return r.out
     rows = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731  (K-contiguous bytes and scales)
     u8 = lambda t: rows(t).view(torch.uint8)  # noqa: E731  (the kernels decode e4m3 from its bits)
     fmt = Nvfp4Format(E, I, rows(w13_q_EFB), u8(w13_scale_EFS), w13_scale2_E2.contiguous(), rows(w2_q_EDB),
                       u8(w2_scale_EDS), w2_scale2_E.contiguous(), bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
-    cfg = config or get_moe_config(E, I, T, K, x_TD.device)
-    return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
-                            expert_map_G, K, cfg, out, combine, b13_EF, b2_ED, act_args)
+    return r.sorted(fmt, expert_map_G, config or get_moe_config(E, I, r.T, r.K, x_TD.device), combine)

@@ -38,12 +38,10 @@ def _tiny_up_kernel(x_ptr, w13_ptr, h_ptr, ids_ptr, map_ptr, b13_ptr, num_pairs,
                     stride_xt, stride_we, stride_wf, stride_hp, stride_be, alpha, limit,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
-    pair = tl.program_id(0)
-    expert = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
+    pair, expert = tiny_up_program(ids_ptr, map_ptr, num_pairs, num_ids, HAS_MAP)
     if expert < 0:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < inter
+    offs_n, n_ok = tiny_columns(inter, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_xt + offs_k
     w_ptr = w13_ptr + expert.to(tl.int64) * stride_we
@@ -91,12 +89,9 @@ def _tiny_down_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, b2_
     # All K pairs of the token at once: each step loads a [KP, BLOCK_N, BLOCK_K] tile (K experts' rows side by
     # side), so a program keeps K times the bytes of one weight tile in flight; the pair axis is summed in
     # registers, in a fixed order. Lanes k >= TOP_K and remote pairs are masked: their memory is never read.
-    t = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < hidden
+    t, offs_n, n_ok, pair_p, expert_p, live_p, w_p = tiny_down_program(ids_ptr, map_ptr, weights_ptr, num_pairs,
+                                                                       num_ids, hidden, BLOCK_N, TOP_K, KP, HAS_MAP)
     offs_k = tl.arange(0, BLOCK_K)
-    pair_p, expert_p, live_p, w_p = tiny_token_pairs(t, ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, TOP_K, KP,
-                                                     HAS_MAP)
     h_ptrs = h_ptr + pair_p[:, None].to(tl.int64) * stride_hp + offs_k[None, :]  # [KP, BK]
     b_ptrs = (w2_ptr + tl.maximum(expert_p, 0).to(tl.int64)[:, None, None] * stride_we
               + offs_n[None, :, None].to(tl.int64) * stride_wd + offs_k[None, None, :])  # [KP, BN, BK]
@@ -116,6 +111,34 @@ def _tiny_down_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, b2_
         b_ptrs += BLOCK_K
     tiny_down_epilogue(tl.sum(acc, axis=1), t, expert_p, live_p, w_p, offs_n, n_ok, b2_ptr, stride_be, out_ptr,
                        stride_ot, HAS_BIAS, INTERPRET)
+
+
+@triton.jit
+def tiny_up_program(ids_ptr, map_ptr, num_pairs, num_ids, HAS_MAP: tl.constexpr):
+    """Every format's gate-up GEMV starts here: the program's pair and its local expert (-1: nothing to do, the
+    kernel returns before anything else; its columns come after, `tiny_columns`: computed first, they cost the
+    MXFP4 GEMV 2 to 4 registers)."""
+    pair = tl.program_id(0)
+    return pair, _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
+
+
+@triton.jit
+def tiny_columns(size, BLOCK_N: tl.constexpr):
+    """A GEMV program's output columns (program_id(1)'s block of BLOCK_N) and which of them lie below `size`."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_n, offs_n < size
+
+
+@triton.jit
+def tiny_down_program(ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, hidden, BLOCK_N: tl.constexpr,
+                      TOP_K: tl.constexpr, KP: tl.constexpr, HAS_MAP: tl.constexpr):
+    """Every format's down GEMV starts here: the program's token t, its output columns (offs_n, n_ok) and its pair
+    lanes (pair, local expert, live, routed weight: `tiny_token_pairs`)."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pair_p, expert_p, live_p, w_p = tiny_token_pairs(t, ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, TOP_K, KP,
+                                                     HAS_MAP)
+    return t, offs_n, offs_n < hidden, pair_p, expert_p, live_p, w_p
 
 
 @triton.jit
