@@ -25,6 +25,7 @@ WHERE_DRIVEN = {
     "needs_key": "tests/server/test_http_front.py",
     "control_plane_key": "tests/server/test_gateway_admin.py",
     "start_crashed": "tests/server/test_gateway_supervisor.py",
+    "tokenizer_ready": "tests/server/test_http_hangup_compiles.py, tests/server/test_gateway_supervisor.py",
     "streamed_abort_as_error": "tests/server/test_drain_http_streams.py",
     "needs_keyless_listener": "tests/server/test_gateway_auth.py",
     "prefill_leg_without_grammar": "tests/server/test_pd_serving.py",
@@ -107,6 +108,13 @@ def test_needs_key():
 
 def test_control_plane_key():
     assert quirks.control_plane_key("moelink", "K") == "moelink:moelink:admin:K"
+
+
+def test_tokenizer_ready():
+    assert not quirks.tokenizer_ready(503, b'{"error":{"code":"tokenizer_not_ready","message":"retry shortly"}}')
+    assert quirks.tokenizer_ready(200, b'{"tokens":[74,75],"count":2}')
+    assert quirks.tokenizer_ready(404, b"")  # a release without the route
+    assert quirks.tokenizer_ready(503, b'{"error":{"code":"no_workers"}}')  # another 503 is not this quirk
 
 
 def test_start_crashed():

@@ -89,6 +89,10 @@ LEGACY_PARSER_NAMES = Quirk(
     "smg's default (legacy) tool-call and reasoning parsers spell some of vLLM's formats otherwise (hermes is "
     "qwen, kimi_k2 is kimik2 / kimi, ...), and it reads gpt-oss in its Harmony pipeline with no parser flag",
     *SEEN_1_13)
+MODELS_BEFORE_TOKENIZER = Quirk(
+    "smg lists the model on /v1/models before it has registered the model's tokenizer: for a moment after, its "
+    "generation routes answer 503 `tokenizer_not_ready` (seen on a loaded machine right after the server said the "
+    "OpenAI API was on)", *SEEN_1_13)
 
 # Each quirk's function name -> its Quirk (filled by @works_around).
 QUIRKS: dict[str, Quirk] = {}
@@ -206,6 +210,14 @@ def start_crashed(returncode: Optional[int], port_free: bool) -> bool:
     """smg 1.13: whether a first start that failed is worth another try: smg died by a signal (`returncode` < 0)
     and its HTTP port is free (no other server took it). An exit with a status is a refusal: not tried again."""
     return returncode is not None and returncode < 0 and port_free
+
+
+@works_around(MODELS_BEFORE_TOKENIZER)
+def tokenizer_ready(status: int, body: bytes) -> bool:
+    """smg 1.13: whether smg's answer to `POST /v1/tokenize` (asked once /v1/models lists the model) says the model's
+    tokenizer is registered, so the gateway may be reported ready: anything but a 503 naming `tokenizer_not_ready`
+    (a release without the route answers 404: nothing to wait for)."""
+    return not (status == 503 and b"tokenizer_not_ready" in body)
 
 
 @works_around(STREAMED_ABORT_AS_STOP)

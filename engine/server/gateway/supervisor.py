@@ -32,7 +32,7 @@ from typing import Awaitable, Callable, Optional
 
 from .admin import _KEY_ENV, WorkerCheck, new_admin_key, with_secrets  # noqa: F401 (_KEY_ENV: tests)
 from .output import TAIL_LINES, keep_tail, smg_refusal
-from .quirks import relay_request_id_args, start_crashed
+from .quirks import relay_request_id_args, start_crashed, tokenizer_ready
 from .hangups import RELAY_HEADER
 from .http_front import HttpFront
 from .http_metrics import HttpMetrics
@@ -226,25 +226,42 @@ class GatewaySupervisor:
     def _ready(self) -> bool:
         """The gateway this supervisor started listens on the HTTP port, and lists the model there. Checked by
         its PID first: a server that already held the port (or took it since) answers /v1/models just as well."""
-        return listens_on(self.proc.pid, self.spec.http_port) is not False and self._lists_model()
+        if listens_on(self.proc.pid, self.spec.http_port) is False:
+            return False
+        model = self._listed_model()
+        return model is not None and self._tokenizes(model)
 
-    def _lists_model(self) -> bool:
-        """smg lists a real model id once it has probed the worker (it says 'unknown' before)."""
+    def _ask(self, method: str, path: str, body: Optional[dict] = None) -> tuple[int, bytes]:
+        """One request to the gateway's own port (status, body); OSError when it does not answer."""
         host = "127.0.0.1" if self.spec.http_host in ("0.0.0.0", "") else self.spec.http_host
         host = "::1" if host == "::" else host.strip("[]")
         headers = {"authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
+        if body is not None:
+            headers["content-type"] = "application/json"
         conn = http.client.HTTPConnection(host, self.spec.http_port, timeout=2)
         try:
-            conn.request("GET", "/v1/models", headers=headers)
+            conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
             resp = conn.getresponse()
-            if resp.status != 200:
-                return False
-            ids = [m["id"] for m in json.loads(resp.read())["data"]]
-            return bool(ids) and "unknown" not in ids
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+            return resp.status, resp.read()
         finally:
             conn.close()
+
+    def _listed_model(self) -> Optional[str]:
+        """The first model id smg lists once it has probed the worker (it says 'unknown' before); None until then."""
+        try:
+            status, raw = self._ask("GET", "/v1/models")
+            ids = [m["id"] for m in json.loads(raw)["data"]] if status == 200 else []
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return ids[0] if ids and "unknown" not in ids else None
+
+    def _tokenizes(self, model: str) -> bool:
+        """smg has registered `model`'s tokenizer (quirks.tokenizer_ready: it lists a model before that, and its
+        generation routes answer 503 until then); tokenizing one word runs no engine work."""
+        try:
+            return tokenizer_ready(*self._ask("POST", "/v1/tokenize", {"model": model, "prompt": "ready"}))
+        except OSError:
+            return False
 
     async def _supervise(self) -> None:
         """Restart smg when it exits on its own, with backoff: MAX_RESTARTS quick tries in RESTART_WINDOW_S,
