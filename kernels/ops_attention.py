@@ -1,6 +1,6 @@
 """The GQA attention family of the kernel seam (kernels/ops.py): rotary, the paged KV cache's writes, paged attention.
 
-References in kernels/rotary.py, kernels/attention.py, kernels/rope_kv.py; Triton in kernels/triton_rotary.py,
+References in kernels/rotary.py (rotary, and rotary with the KV write), kernels/attention.py; Triton in kernels/triton_rotary.py,
 triton_attention.py, triton_rope_kv.py (imported only when a Triton backend is built). Legend: T tokens, N query
 heads, K kv heads, H head size, B blocks, L block size, P positions, R rotary dims.
 """
@@ -12,8 +12,7 @@ import torch
 
 from . import registry
 from .attention import AttentionMetadata, reference_paged_attention, reference_write_kv
-from .rope_kv import reference_rope_write_kv
-from .rotary import reference_rotary
+from .rotary import reference_rope_write_kv, reference_rotary
 
 
 class AttentionKernels(Protocol):

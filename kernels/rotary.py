@@ -1,10 +1,23 @@
-"""Rotary position embedding (NeoX / Hugging Face `rotate_half` layout).
+"""Rotary position embedding (NeoX / Hugging Face `rotate_half` layout; DeepSeek's complex pairs), and the GQA
+attention input in one op (`reference_rope_write_kv`): per-head q/k RMSNorm (Qwen3; optional), rotary over the
+first R dims of each head, and the paged-KV write of k and v. That one is the reference (the composition of the
+three references it replaces: the contract, the oracle and the CPU path); kernels/triton_rope_kv.py does it in one
+launch.
 
-Legend: T tokens, N query heads, K kv heads, H head dim, P positions.
+Legend: T tokens, N query heads, K kv heads, H head dim, R rotary dims (R <= H, even; GLM's partial rotary has
+R < H), P positions, B cache blocks, L block size.
+
+Why one op: at batch 1 each of these is a launch that moves a few kB (a decode layer's floor is tens of MB read in
+tens of microseconds), so four to five dependent launches per layer (q norm, k norm, rotary, v copy, KV write) cost
+more than their bytes; fused, q and k are read once from the qkv projection's output and written once, q to its
+output and k, v straight into the cache.
 """
 from __future__ import annotations
 
 import torch
+
+from .attention import reference_write_kv
+from .norm import reference_rms_norm
 
 
 def rotary_cos_sin_cache(head_dim: int, max_positions: int, base: float, device=None) -> torch.Tensor:
@@ -50,3 +63,32 @@ def _rotate_complex(x_TXR: torch.Tensor, table_T1h: torch.Tensor) -> torch.Tenso
     x_TXh2 = x_TXR.float().reshape(*x_TXR.shape[:-1], -1, 2).contiguous()
     out_TXh = torch.view_as_complex(x_TXh2) * table_T1h
     return torch.view_as_real(out_TXh).flatten(-2).to(x_TXR.dtype)
+
+
+def reference_rope_write_kv(
+    q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, positions_T: torch.Tensor,
+    cos_sin_PR: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, slot_mapping_T: torch.Tensor,
+    q_norm_H: torch.Tensor | None = None, k_norm_H: torch.Tensor | None = None, eps: float = 1e-6,
+    k_scale: float = 1.0, v_scale: float = 1.0,
+) -> torch.Tensor:
+    """q, k [T, *, H], v [T, K, Hv] (Hv = H but for narrower values; strided views of the qkv projection are
+    fine); q_norm_H / k_norm_H: the per-head RMSNorm
+    weights (both or neither), applied before the rotation; cos_sin_PR: the float32 rotary table (cos in the
+    first R/2 columns, sin in the last; rotary.rotary_cos_sin_cache, or models' RotaryEmbedding.table_PR), which
+    rotates the first R dims of each head (the rest pass through). Writes the normed, roped k and v into their
+    cache slots (reference_write_kv: slot < 0 writes nothing, an fp8 cache stores x / scale); returns the normed,
+    roped q, a new contiguous [T, N, H] tensor of q's dtype."""
+    if (q_norm_H is None) != (k_norm_H is None):
+        raise ValueError("q_norm_H and k_norm_H must be given together (a per-head q/k norm) or both be None.")
+    R = cos_sin_PR.shape[-1]
+    H = q_TNH.shape[-1]
+    if R % 2 or R > H:
+        raise ValueError(f"cos_sin_PR has {R} columns: the rotary dims must be even and at most head_dim={H}.")
+    if q_norm_H is not None:
+        q_TNH, k_TKH = reference_rms_norm(q_TNH, q_norm_H, eps), reference_rms_norm(k_TKH, k_norm_H, eps)
+    q_rot, k_rot = reference_rotary(q_TNH[..., :R], k_TKH[..., :R], positions_T, cos_sin_PR)
+    if R < H:
+        q_rot, k_rot = torch.cat([q_rot, q_TNH[..., R:]], dim=-1), torch.cat([k_rot, k_TKH[..., R:]], dim=-1)
+    reference_write_kv(k_rot.contiguous(), v_TKH.contiguous(), k_cache_BLKH, v_cache_BLKH, slot_mapping_T,
+                       k_scale, v_scale)
+    return q_rot.contiguous()

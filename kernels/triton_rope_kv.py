@@ -1,5 +1,5 @@
-"""The GQA attention input in one launch (kernels/rope_kv.py is the contract): q/k RMSNorm per head, rotary,
-paged-KV write of k and v. Grid (T, N + K): program (t, h < N) makes q head h of token t; program (t, N + j)
+"""The GQA attention input in one launch (kernels/rotary.py's reference_rope_write_kv is the contract): q/k RMSNorm
+per head, rotary, paged-KV write of k and v. Grid (T, N + K): program (t, h < N) makes q head h of token t; program (t, N + j)
 makes kv head j, k normed and roped and v as it is, written to the token's cache slot.
 
 Legend: T tokens, N query heads, K kv heads, H head dim, Hv value head dim (H but for narrower values), R rotary

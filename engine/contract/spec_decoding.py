@@ -38,7 +38,7 @@ from .sampling_params import SamplingParams
 
 
 class DraftRequest(Protocol):
-    """What the feature reads of a request's state (engine/rank/request_state.CachedRequestState)."""
+    """What the feature reads of a request's state (engine/rank/input_batch.CachedRequestState)."""
 
     @property
     def req_id(self) -> str: ...

@@ -117,7 +117,7 @@ class GQAAttention(nn.Module):
         fp8 = k_cache.dtype in FP8_CACHE_DTYPES
         kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if fp8 else {}
         if self.rope.style == "neox":
-            # q/k norms, rotary and the KV write in one op (one launch with the Triton kernels: kernels/rope_kv.py).
+            # q/k norms, rotary and the KV write in one op (one launch with the Triton kernels: kernels/rotary.py reference_rope_write_kv).
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if head_norm else ()
             q_TNH = self.kernels.rope_write_kv(q_TNH, k_TKH, v_TKH, positions_T, self.rope.table_PR, k_cache, v_cache,
                                                attn.slot_mapping_T, *norm, **kv_scales)

@@ -28,9 +28,8 @@ from ..tp.vocab import VocabShard
 from .blocks.attention import ATTENTION
 from .blocks.checkpoint import CHECKPOINT
 from .blocks.context import BuildContext
-from .blocks.ends import EMBEDDING, HEAD
 from .blocks.ffn import FFN, SharedExpertsMoE, ffn_kind, fused_experts_name
-from .blocks.residual import RESIDUAL, Layer, PreNormLayer
+from .blocks.stream import EMBEDDING, HEAD, RESIDUAL, Layer, PreNormLayer
 from .layers import ForwardContext
 from .rope import RotaryEmbedding
 

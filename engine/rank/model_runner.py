@@ -26,17 +26,15 @@ from ..models.layers import ForwardContext
 from ..tp.attention import tp_local_config
 from ..tp.group import TensorParallel
 from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len, verify_sizes
-from .device_inputs import device_inputs
 from ..contract.host_copy import to_device, to_host
 from .device_stream import make_stream
-from .input_batch import PersistentBatch
 from .kv_cache import make_kv_caches
 from .loader import load_model
-from .request_state import CachedRequestState, SlidingTable  # noqa: F401  (re-exported)
+from .input_batch import CachedRequestState, PersistentBatch, SlidingTable  # noqa: F401  (re-exported)
 from .sampler import Sampler, SamplingMetadata
 from ..state.cache import StateCaches, StatePlan
 from .step_handle import DeviceResult, StepHandle
-from .step_inputs import StepInputs, build_step_inputs
+from .step_inputs import StepInputs, build_step_inputs, device_inputs
 from .step_plan import SingleBatch, TwoBatchOverlap
 from .weight_memory import describe_memory, weight_bytes_by_format
 

@@ -1,4 +1,7 @@
-"""One step's flat batch, built on the host from the runner's request states (numpy; no device, no torch).
+"""One step's inputs: the flat batch built on the host from the runner's request states (`StepInputs`, numpy),
+and its copy on the device (`StepTensors`: token ids with the tokens earlier steps left there, positions and
+attention metadata). The eager forward reads the device copy, and so does the MTP drafter
+(engine/spec/proposer/mtp.py), under decode graphs too.
 
 Legend: T scheduled tokens in the flat batch, S sequences, M max blocks per sequence, R rows that sample,
 P tokens of the batch still on the device (sampled by a step in flight).
@@ -10,12 +13,17 @@ token's slot in the flat batch holds 0 here and is filled on the device from ste
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
+from moelink.kernels.attention import AttentionMetadata
 from moelink.scheduler.sliding_kv import first_live_sliding_block
+
+from ..contract.host_copy import to_device
 
 if TYPE_CHECKING:
     from .step_handle import StepHandle
@@ -169,4 +177,34 @@ def _sliding_tables(states, starts, seq_of_token, positions, bs: int, window: in
     return tables_SM, slots
 
 
-__all__ = ["StepInputs", "build_step_inputs"]
+@dataclass
+class StepTensors:
+    input_ids_T: torch.Tensor  # int64 [T]
+    positions_T: torch.Tensor  # int64 [T]
+    attn: AttentionMetadata
+    attn_sliding: AttentionMetadata | None  # the sliding group's, when it has its own table
+
+
+def device_inputs(inp: StepInputs, pending_P: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device,
+                  null_block: int) -> StepTensors:
+    """Non-blocking copies of the step's host arrays; `pending_P` (flat indices [P], ids [P]) scattered into the ids."""
+    input_ids_T = to_device(inp.tokens_T, torch.long, device)
+    if pending_P is not None:
+        input_ids_T.index_copy_(0, pending_P[0], pending_P[1])
+    attn = AttentionMetadata(
+        query_start_loc_S1=to_device(inp.qsl_S1, torch.int32, device),
+        seq_lens_S=to_device(inp.seq_lens, torch.int32, device),
+        block_tables_SM=to_device(inp.tables_SM, torch.int32, device),
+        slot_mapping_T=to_device(inp.slots_T, torch.long, device),
+        query_lens=inp.query_lens, seq_lens=inp.seq_lens,
+        max_query_len=max(inp.query_lens), max_seq_len=max(inp.seq_lens), null_block=null_block,
+    )
+    attn_sliding = None
+    if inp.sliding is not None:
+        attn_sliding = dataclasses.replace(
+            attn, block_tables_SM=to_device(inp.sliding[0], torch.int32, device),
+            slot_mapping_T=to_device(inp.sliding[1], torch.long, device))
+    return StepTensors(input_ids_T, to_device(inp.positions_T, torch.long, device), attn, attn_sliding)
+
+
+__all__ = ["StepInputs", "StepTensors", "build_step_inputs", "device_inputs"]

@@ -9,11 +9,10 @@ from moelink.engine.config.architectures import REGISTRY
 from moelink.engine.models.registry import ARCHITECTURES
 from moelink.engine.models.blocks.attention import ATTENTION
 from moelink.engine.models.blocks.checkpoint import CHECKPOINT
-from moelink.engine.models.blocks.ends import EMBEDDING, HEAD
 from moelink.engine.models.blocks.ffn import FFN
 from moelink.engine.models.blocks.mtp import MTP_LAYOUTS
 from moelink.engine.models.blocks.registry import Registry
-from moelink.engine.models.blocks.residual import RESIDUAL
+from moelink.engine.models.blocks.stream import EMBEDDING, HEAD, RESIDUAL
 
 
 def test_every_architecture_names_registered_kinds():

@@ -10,7 +10,7 @@ import torch
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.rank.input_batch import PersistentBatch
-from moelink.engine.rank.request_state import CachedRequestState
+from moelink.engine.rank.input_batch import CachedRequestState
 from moelink.engine.rank.sampler import Sampler, SamplingMetadata
 
 CPU = torch.device("cpu")

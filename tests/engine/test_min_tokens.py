@@ -38,7 +38,7 @@ def test_stop_strings_ignored_until_min_tokens(tiny_model):
     # vLLM semantics (vllm-project/vllm#22014): min_tokens holds back every stop
     # condition, stop strings included; a stop string may end the request only
     # in text decoded after the first min_tokens tokens.
-    from moelink.engine.core.detokenizer import IncrementalDetokenizer
+    from moelink.engine.core.output_processor import IncrementalDetokenizer
     from moelink.engine.core.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tiny_model("qwen3_e6k3"))

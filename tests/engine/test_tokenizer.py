@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from moelink.engine.core.detokenizer import IncrementalDetokenizer
+from moelink.engine.core.output_processor import IncrementalDetokenizer
 from moelink.engine.tools.tiny_model import make_tiny_model
 from moelink.engine.core.tokenizer import Tokenizer
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moelink.kernels.attention import reference_write_kv
-from moelink.kernels.rope_kv import reference_rope_write_kv
+from moelink.kernels.rotary import reference_rope_write_kv
 from moelink.kernels.rotary import rotary_cos_sin_cache
 from moelink.kernels.triton_kv_write import triton_write_kv
 from moelink.kernels.triton_norm import triton_rms_norm

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moelink.kernels.attention import AttentionMetadata, reference_paged_attention, reference_write_kv
-from moelink.kernels.rope_kv import reference_rope_write_kv
+from moelink.kernels.rotary import reference_rope_write_kv
 from moelink.kernels.rotary import rotary_cos_sin_cache
 from moelink.kernels.triton_attention import triton_paged_attention, triton_write_kv
 from moelink.kernels.triton_rope_kv import triton_rope_write_kv

@@ -11,6 +11,7 @@ Legend: T tokens, D hidden, E experts.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
@@ -71,7 +72,7 @@ def overlapped(routed: Stages, shared: Callable[[], torch.Tensor]) -> Stages:
     return routed_TD + shared_TD
 
 
-class FFNBlock:
+class FFNBlock(ABC):
     """One layer's FFN block. `modules`: what the layer holds, by attribute name, in registration order.
     `moe`: its routed experts (None in a dense layer): expert parallelism, valid rows and the counters act on them.
     `expert_shard`: the experts split over a TP group by channels (engine/tp/experts.py), else None."""
@@ -80,27 +81,29 @@ class FFNBlock:
     moe: Any = None
     expert_shard: ExpertShard | None = None
 
+    @abstractmethod
     def stages(self, h_TD: torch.Tensor, input_ids_T: torch.Tensor | None) -> Stages:
         """The block on h's rows (their token ids beside them, for the kinds that route by them)."""
-        raise NotImplementedError
 
     def sliced(self, input_ids_T: torch.Tensor | None, tp: TensorParallel) -> Any:
-        """What token_sliced_stages runs on this rank's token slice: an object with `stages(h_tD)`."""
-        raise NotImplementedError
+        """What token_sliced_stages runs on this rank's token slice: an object with `stages(h_tD)`. Only a block
+        with routed experts is sliced (ffn_stages asks for it when `moe` is set)."""
+        raise TypeError(f"{type(self).__name__} has no routed experts: it is never run token-sliced.")
 
     def moe_only_stages(self, x_0D: torch.Tensor) -> Stages:
-        """An empty micro-batch under EP: the routed experts' dispatch and combine, no tokens."""
-        raise NotImplementedError
+        """An empty micro-batch under EP: the routed experts' dispatch and combine, no tokens. Only a block with
+        routed experts has them."""
+        raise TypeError(f"{type(self).__name__} has no routed experts: no dispatch to join.")
 
     @property
     def refuses_padding_rows(self) -> bool:
         """Padded rows (set_valid_rows) cannot be dispatched by this block's all-to-all."""
         return False
 
+    @abstractmethod
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
                     names: frozenset[str]) -> WeightPlan:
         """Checkpoint names under the layer's prefix `p` ("model.layers.{i}.")."""
-        raise NotImplementedError
 
 
 def ffn_stages(block: FFNBlock, tp: TensorParallel | None, h_TD: torch.Tensor,

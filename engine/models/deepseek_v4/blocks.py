@@ -48,9 +48,8 @@ from ...tp.linear import ColumnParallel, RowParallel
 from ..blocks.attention import ATTENTION, AttentionKind
 from ..blocks.checkpoint import CHECKPOINT, CheckpointKind
 from ..blocks.context import BuildContext
-from ..blocks.ends import EMBEDDING, HEAD, Head
 from ..blocks.ffn import FFN, FFNBlock, ffn_stages, overlapped
-from ..blocks.residual import RESIDUAL, Layer
+from ..blocks.stream import EMBEDDING, HEAD, RESIDUAL, Head, Layer
 from ..layers import AuxCapture, ForwardContext, param
 from ..linear import Linear, LinearMethod
 from ..rope import rope_inv_freq

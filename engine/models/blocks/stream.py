@@ -1,12 +1,20 @@
-"""Residual kinds: how a layer wires its attention and FFN blocks into the residual stream. The kind is the
-layer's class: "prenorm" (PreNormLayer, every family but DeepSeek-V4) or a family's own (V4's hyper-connections,
-"hyper": engine/models/deepseek_v4/blocks.py). Each keeps the stream in a form of its own (`state`), which the
-embedding kind makes and the head kind ends (engine/models/blocks/ends.py).
+"""The residual stream's kinds: how it starts (embedding kinds), how each layer wires its attention and FFN blocks
+into it (residual kinds), and how it ends (head kinds). The three go together: each residual kind keeps the stream
+in a form of its own (`state`), which its embedding kind makes and its head kind ends.
+
+- Residual kinds: the kind is the layer's class, "prenorm" (PreNormLayer, every family but DeepSeek-V4) or a
+  family's own (V4's hyper-connections, "hyper": engine/models/deepseek_v4/blocks.py).
+- Embedding kinds turn the embedded tokens [T, D] into the stream's first state; head kinds end the last state in
+  the final-normed hidden states [T, D] and name their checkpoint tensors. "plain" for both is every family's but
+  DeepSeek-V4's (its hyper-connection streams: "hc_streams" / "hc_head"). The embedding and LM head tables are the
+  decoder's (vocab-parallel under TP, engine/tp/vocab.py); the kinds say only what happens between them and the
+  layers.
 
 Legend: T tokens, D hidden.
 """
 from __future__ import annotations
 
+from abc import ABC, ABCMeta, abstractmethod
 from typing import Any, Callable, Protocol
 
 import torch
@@ -23,8 +31,48 @@ from .context import BuildContext
 from .ffn import FFNBlock, ffn_stages
 from .registry import Registry
 
+EMBEDDING: Registry[Callable[[ModelConfig, torch.Tensor], Any]] = Registry("embedding")
+EMBEDDING.add("plain", lambda cfg, x_TD: (x_TD, None))  # PreNormLayer's (x, residual), no residual yet
 
-class Layer(nn.Module):
+
+class Head(ABC):
+    """`modules`: what the decoder holds, by attribute name (model.norm, ...). `lm_head_name`: the LM head's
+    checkpoint tensor (unless tied to the embedding)."""
+
+    modules: dict[str, nn.Module]
+    lm_head_name = "lm_head.weight"
+    tieable = True  # config.json's tie_word_embeddings may share the embedding table
+
+    @abstractmethod
+    def finish(self, state: Any) -> torch.Tensor:
+        """The last layer's stream -> the final-normed hidden states [T, D]."""
+
+    @abstractmethod
+    def weight_plan(self) -> WeightPlan:
+        """The head's checkpoint names (the final norm, ...)."""
+
+
+HEAD: Registry[Callable[[BuildContext], Head]] = Registry("head")
+
+
+@HEAD.register("plain")
+class PlainHead(Head):
+    """The final RMSNorm, the last layer's residual add fused into it."""
+
+    def __init__(self, ctx: BuildContext):
+        cfg = ctx.cfg
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device)
+        self.modules = {"norm": self.norm}
+
+    def finish(self, state: Any) -> torch.Tensor:
+        h_TD, _ = self.norm.add_forward(*state)
+        return h_TD
+
+    def weight_plan(self) -> WeightPlan:
+        return self.norm.weight_plan("model.norm.weight")
+
+
+class Layer(nn.Module, metaclass=ABCMeta):
     """What every residual kind holds: the token mixer under its checkpoint name (`mixer_name`), the FFN block's
     modules under theirs (`ffn`: its FFNBlock; `moe`: its routed experts or None)."""
 
@@ -53,21 +101,21 @@ class Layer(nn.Module):
     def forward(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None, ctx: ForwardContext):
         return run_stages(self.stages(positions_T, state, input_ids_T, ctx))
 
+    @abstractmethod
     def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
                ctx: ForwardContext) -> Stages:
         """The layer as stages (moe.layer.MoELayer.stages): yields while its MoE all-to-all is in flight, returns
         the stream after it. A dense layer never yields."""
-        raise NotImplementedError
 
+    @abstractmethod
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
                     names: frozenset[str]) -> WeightPlan:
         """The layer's checkpoint names under `p` ("model.layers.{i}.", or an MTP layer's own)."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def capture(aux: AuxCapture, n: int, state: Any) -> None:
         """Keep the stream after `n` layers for a drafter (ForwardContext.aux)."""
-        raise NotImplementedError
 
 
 class LayerClass(Protocol):
@@ -119,4 +167,4 @@ class PreNormLayer(Layer):
         aux.take(n, *state)
 
 
-__all__ = ["Layer", "LayerClass", "PreNormLayer", "RESIDUAL"]
+__all__ = ["EMBEDDING", "HEAD", "Head", "Layer", "LayerClass", "PreNormLayer", "RESIDUAL"]
