@@ -98,6 +98,9 @@ class GQAConfig:
     # "sliding_attention" layer_types: transformers masks key positions <= query position - sliding_window).
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()
+    # Layers whose q and k get no rotary at all ("NoPE"): EXAONE-MoE's full-attention layers between its sliding
+    # ones (transformers: "global NoPE for hybrid attention"); position reaches them only through the sliding layers.
+    nope_layers: tuple[int, ...] = ()
     # The width of a value head when it differs from q/k's head_dim (MiMo-V2-Flash: 128 vs 192); None: head_dim.
     # The V cache, the attention output and o_proj's input are this wide.
     v_head_dim: int | None = None
@@ -127,6 +130,8 @@ class GQAConfig:
             raise unsupported("sliding_window", w, "null or a positive integer")
         if self.sliding_layers and w is None:
             raise unsupported("sliding_window", w, "a positive integer: layer_types names sliding_attention layers")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.nope_layers):
+            raise ValueError(f"GQAConfig nope_layers={self.nope_layers!r} is invalid: layer indices >= 0.")
         if self.rope.rotary_dim > self.head_dim:
             raise ValueError(f"config.json partial_rotary_factor gives rotary_dim={self.rope.rotary_dim}, more than "
                              f"head_dim={self.head_dim}.")
@@ -143,6 +148,10 @@ class GQAConfig:
     def window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx` (None: it attends to the whole context)."""
         return self.sliding_window if layer_idx in self.sliding_layers else None
+
+    def rotates(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` rotates q and k (False on a NoPE layer)."""
+        return layer_idx not in self.nope_layers
 
     def kv_layer_pairs(self, num_layers: int) -> tuple[tuple[int, int], ...] | None:
         """(full layer, sliding layer) pairs that share one set of cache tensors, or None: every layer has its

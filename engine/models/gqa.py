@@ -30,7 +30,8 @@ class GQAAttention(nn.Module):
     """q, k, v projections stacked into one matmul (qkv_proj, and qkv_bias when the checkpoint has biases);
     optional q/k RMSNorm before rotary, per head (Qwen3; GLM's use_qk_norm: fused into the rotary + KV-write op)
     or over all heads at once (MiniMax-M2: the [T, N * H] and [T, K * H] projections normed before they split
-    into heads); rotary over the first rope.rotary_dim dims of each head (all of them, or a partial prefix).
+    into heads); rotary over the first rope.rotary_dim dims of each head (all of them, or a partial prefix), or
+    none on a NoPE layer (EXAONE-MoE's full-attention layers).
     gpt-oss adds an o_proj bias, per-head attention sinks and, on its sliding layers, a window: both go to the
     attention kernel as per-layer arguments (a Python int and a parameter: nothing per step, so decode graphs
     capture them). MiMo-V2-Flash's values are v_head_dim wide (the V cache, the output and o_proj's input too)
@@ -87,6 +88,7 @@ class GQAAttention(nn.Module):
         self.o_bias = param(hidden_size, dtype=dtype, device=device) if attn.o_bias else None
         self.sinks_N = param(attn.num_heads, dtype=dtype, device=device) if attn.sinks else None
         self.sliding_window = attn.window(layer_idx)
+        self.rotary = attn.rotates(layer_idx)  # False: a NoPE layer (GQAConfig.nope_layers)
         # The fp8 KV cache's per-layer scales (stored = k / k_scale): 1.0, as vLLM runs a checkpoint that ships
         # none; e4m3 covers ±448 with steps of 2^-9 near zero, ample for normed, roped keys and values.
         self.k_scale = self.v_scale = 1.0
@@ -116,15 +118,16 @@ class GQAAttention(nn.Module):
         attn = ctx.attn_sliding if self.sliding_window is not None and ctx.attn_sliding is not None else ctx.attn
         fp8 = k_cache.dtype in FP8_CACHE_DTYPES
         kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if fp8 else {}
-        if self.rope.style == "neox":
-            # q/k norms, rotary and the KV write in one op (one launch with the Triton kernels: kernels/rotary.py reference_rope_write_kv).
+        if self.rope.style == "neox" and self.rotary:
+            # q/k norms, rotary and the KV write in one op (one Triton launch; reference: kernels/rotary.py).
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if head_norm else ()
             q_TNH = self.kernels.rope_write_kv(q_TNH, k_TKH, v_TKH, positions_T, self.rope.table_PR, k_cache, v_cache,
                                                attn.slot_mapping_T, *norm, **kv_scales)
-        else:  # a rope style the fused op does not rotate: the ops one by one
+        else:  # no rotary (a NoPE layer), or a rope style the fused op does not rotate: the ops one by one
             if head_norm:
                 q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)  # type: ignore[misc]  # head_norm: both set
-            q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
+            if self.rotary:
+                q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
             self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
                                   **kv_scales)
         o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, attn, self.scale,

@@ -8,7 +8,9 @@ transformers itself:
   replicated);
 - DeepSeek-V2-Lite: MLA without q LoRA (q_proj by head, stacked with the whole kv_a_proj_with_mqa);
 - DeepSeek-V3.2 and GLM-5: DeepSeek Sparse Attention (the lightning indexer whole on every rank, MLA heads split),
-  prompts past index_topk so prefill and decode run sparse.
+  prompts past index_topk so prefill and decode run sparse;
+- EXAONE-MoE: sliding layers with rotary and a full layer without (NoPE), per-head q/k norms, heads split; and its
+  experts at EP 2 against transformers (DeepSeek-V3 routing in groups, a shared expert on every rank).
 What each rank reads is checked by tests/engine/test_tp_shards.py. Lean: 3 prompts, 4 new tokens each."""
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import pytest
 
 from moelink.engine import LLM
 
-from tests.helpers import hf_checkpoints, m2_checkpoints
-from tests.helpers.parity import assert_same, engine_greedy, prompts
+from tests.helpers import exaone_checkpoints, hf_checkpoints, m2_checkpoints
+from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, prompts
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +60,21 @@ def test_tp_mla_without_q_lora_matches_one_rank(local_ray, hf_tiny_model):
 def test_tp_sparse_attention_matches_one_rank(local_ray, hf_tiny_model, name):
     # index_topk 8 / 12: prompts of 14..30 tokens select that many of their positions at every step.
     _tp_equals_one_rank(hf_tiny_model(name), hf_checkpoints.VOCAB, seed=19, lo=14, hi=30)
+
+
+def test_tp_exaone_nope_and_sliding_matches_one_rank(local_ray, tmp_path):
+    # Prompts of 8..40 tokens: past the 6-token window, so the sliding layers drop keys the NoPE layer still reads.
+    path = exaone_checkpoints.save_exaone_checkpoint(tmp_path, num_hidden_layers=4)
+    _tp_equals_one_rank(path, exaone_checkpoints.VOCAB, seed=23, lo=8, hi=40)
+
+
+def test_ep_exaone_matches_transformers(local_ray, tmp_path):
+    """EP 2: 8 routed experts 4 / 4, the shared expert on both ranks; greedy tokens equal transformers'."""
+    path = exaone_checkpoints.save_exaone_checkpoint(tmp_path, num_hidden_layers=4)
+    ps = prompts(exaone_checkpoints.VOCAB, seed=29, n=4, lo=1, hi=60)
+    llm = LLM(path, expert_parallel_size=2, **KW)
+    try:
+        assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy(path, ps, max_new=NEW), ps)
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
