@@ -16,6 +16,7 @@ import torch
 
 from moelink.moe.router_config import RouterConfig
 
+from .awaited import awaited_refusal
 from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, REGISTRY,  # noqa: F401
                             SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF, TEXT_WEIGHTS_PREFIX)
 from .dsv4 import HyperConnectionConfig, resolve_dsv4_cache
@@ -242,7 +243,8 @@ class ModelConfig:
                 raise ValueError(f"config.json architectures={archs!r} is a multimodal checkpoint: its text model "
                                  f"({arch}) is read, but serving it from this checkpoint is not in this build.")
         if arch is None:
-            raise ValueError(f"config.json architectures={archs!r} is not supported: moelink runs {', '.join(SUPPORTED_ARCHITECTURES)}.")
+            raise ValueError(awaited_refusal(raw) or f"config.json architectures={archs!r} is not supported: moelink "
+                                                     f"runs {', '.join(SUPPORTED_ARCHITECTURES)}.")
         if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)):
             raise ValueError(f"max_model_len={max_model_len!r} is invalid: must be a positive integer.")
         hf = _auto_config(path, raw, arch, whole_file=whole_file)

@@ -1,0 +1,43 @@
+"""DeepSeek-V4.1 and Kimi K3 (served by vLLM from its own model code, not defined by the locked transformers): a
+checkpoint of either is refused naming the model and the transformers it waits for (issue 57), not as an unknown
+architecture; the version named is the one the lock pins and the one installed."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import transformers
+
+from moelink.engine.config.awaited import LOCKED_TRANSFORMERS
+from moelink.engine.config.model import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_locked_version_is_the_lock_and_the_installed_one():
+    for lock in ("lock-cpu.txt", "lock-gpu.txt"):
+        pinned = re.search(r"^transformers==(\S+)$", (ROOT / "requirements" / lock).read_text(), re.M).group(1)
+        assert pinned.startswith(LOCKED_TRANSFORMERS + "."), (lock, pinned)
+    assert transformers.__version__.startswith(LOCKED_TRANSFORMERS + ".")
+
+
+@pytest.mark.parametrize("raw,name", [
+    ({"architectures": ["DeepseekV41ForCausalLM"], "model_type": "deepseek_v4_1"}, "DeepSeek-V4.1"),
+    ({"architectures": ["KimiK3ForCausalLM"], "model_type": "kimi_k3"}, "Kimi K3"),
+    ({"architectures": ["SomethingForCausalLM"], "model_type": "kimi_k3"}, "Kimi K3"),
+])
+def test_awaited_models_are_refused_naming_the_transformers_they_wait_for(tmp_path, raw, name):
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "hidden_size": 64}))
+    with pytest.raises(ValueError) as e:
+        ModelConfig.from_pretrained(str(tmp_path))
+    msg = str(e.value)
+    assert f"is {name}, which transformers {LOCKED_TRANSFORMERS} " in msg
+    assert f"the first transformers release after {LOCKED_TRANSFORMERS} that implements {name}" in msg
+
+
+def test_an_unknown_architecture_is_still_refused_listing_what_runs(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"], "model_type": "foo"}))
+    with pytest.raises(ValueError, match=r"architectures=\['FooForCausalLM'\] is not supported: moelink runs "):
+        ModelConfig.from_pretrained(str(tmp_path))
