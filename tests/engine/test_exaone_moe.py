@@ -160,3 +160,70 @@ def test_greedy_parity_under_preemption(exaone_path):
 def test_prefix_cache_hit_parity(exaone_path):
     """A 64-token cached prefix (10x the window): sliding and NoPE layers read it from the one block table."""
     check_prefix_cache_parity(LLM, exaone_path, VOCAB, n=3, max_suffix=5)
+
+
+# -- prefill/decode disaggregation ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_pd_transfer_equals_one_engine(exaone_path):
+    """A prefill engine saves each prompt's KV (sliding and NoPE layers alike), a decode engine loads it over TCP:
+    the decode side computes only each prompt's last token, its tokens equal one engine's, both pools end free."""
+    from moelink.engine import SamplingParams
+    from moelink.engine.contract.kv_transfer_params import KVTransferParams
+    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+
+    from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder, one_engine
+    from tests.helpers.net import free_port
+
+    ps = prompts(VOCAB, seed=31, n=4, lo=2, hi=40)  # past the 6-token window, chunked by the 32-token budget
+    want = one_engine(exaone_path, ps)
+    save = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                          kv_transfer_params=KVTransferParams(do_remote_decode=True))
+    pre = LLM(exaone_path, kv_connector=RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="tcp")), **KW)
+    dec = None
+    try:
+        outs = pre.generate(ps, save, use_tqdm=False)
+        dec = Decoder(exaone_path, RemoteKVConfig(transport="tcp"))
+        dec.add(ps, [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                                    kv_transfer_params=o.kv_transfer_params) for o in outs])
+        got, cached = {}, {}
+        while dec.llm.engine.has_requests():
+            for o in dec.llm.engine.step():
+                if o.finished:
+                    got[o.request_id], cached[o.request_id] = o.outputs[0].token_ids, o.num_cached_tokens
+        assert [got[f"d{i}"] for i in range(len(ps))] == want
+        assert [cached[f"d{i}"] for i in range(len(ps))] == [len(p) - 1 for p in ps]
+        assert dec.computed == len(ps) * MAX_NEW and dec.worker.stats.num_loaded == len(ps)
+        for llm in (pre, dec.llm):
+            stats = llm.engine.stats()
+            assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        if dec is not None:
+            dec.close()
+        pre.engine.shutdown()
+
+
+# -- FP8 ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fp8_block_checkpoint(tmp_path):
+    """The FP8 block layout (`moelink quantize-fp8`, 16 x 16 blocks) loads through the FP8 block path and gives the
+    greedy tokens of transformers' float64 model on the dequantized weights with the W8A8 activation rounding where
+    the engine applies it. The router, its correction bias and the norms stay float."""
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+    from moelink.kernels.fp8 import FP8_DTYPE
+
+    from tests.helpers.fp8_checkpoints import BLOCK, dequantized_copy, fake_quant_hf_model, hf_greedy_with
+
+    src = save_checkpoint(tmp_path / "float")
+    dst = str(quantize_checkpoint(src, tmp_path / "fp8", BLOCK))
+    deq = dequantized_copy(dst, tmp_path / "dequantized")
+    cfg = ModelConfig.from_pretrained(dst, dtype="float64")
+    assert cfg.quantization.method == "fp8" and cfg.quantization.block == BLOCK
+    ps = prompts(VOCAB, seed=5, n=4, lo=1, hi=40)
+    with LLM(dst, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8) as llm:
+        layer = llm.engine.executor.worker.runner.model.layers[1]
+        assert layer.self_attn.qkv_proj.weight.dtype == FP8_DTYPE and layer.moe.gate_GD.dtype != FP8_DTYPE
+        got = engine_greedy(llm, ps, max_new=6)
+    assert len({t for g in got for t in g}) > 5, "degenerate model"
+    assert got == hf_greedy_with(fake_quant_hf_model(deq, BLOCK), ps, 6)
