@@ -89,9 +89,17 @@ class MoELayer(nn.Module):
                  kernels: Kernels, dtype: torch.dtype, device: torch.device | None = None, *,
                  ep: ExpertParallel | None = None, moe_index: int = 0, stats: MoEStats | None = None,
                  expert_format: ExpertFormat | None = None,
-                 router_bias: bool = False, expert_bias: bool = False, activation: MoEActivation = SILU):
+                 router_bias: bool = False, expert_bias: bool = False, activation: MoEActivation = SILU,
+                 zero_experts: int = 0):
         super().__init__()
         self.num_experts = num_experts
+        # Zero-computation experts (LongCat-Flash): the router scores num_experts + zero_experts; a pick of one of
+        # the last zero_experts is its weight times the token itself (an identity expert), no weights, no traffic.
+        self.zero_experts = zero_experts
+        # What this rank adds of the identity picks: 1, or 0 on all but one rank where the experts' channels are
+        # split over a TP group and the partial sums are all-reduced (engine/models/blocks/ffn.py).
+        self.identity_share = 1.0
+        routed = num_experts + zero_experts
         self.router = router
         self.kernels = kernels
         self.ep = ep
@@ -108,7 +116,7 @@ class MoELayer(nn.Module):
         # The DeepSeek family runs its gate matmul in float32 (as transformers does): the weight is held in
         # float32 from load, not cast every step (7 MB read + written per layer per step at DeepSeek-V3 size).
         gate_dtype = torch.float32 if router.float32_logits else dtype
-        self.gate_GD = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=gate_dtype, device=device),
+        self.gate_GD = nn.Parameter(torch.empty(routed, hidden_size, dtype=gate_dtype, device=device),
                                     requires_grad=False)
         # w13_EFD, w2_EDI (and the format's scales) are the format's parameters, set on this layer.
         self.expert_format = expert_format if expert_format is not None else FloatExperts()
@@ -119,10 +127,10 @@ class MoELayer(nn.Module):
         self.expert_format.create(self, num_local, hidden_size, intermediate_size, dtype, device)
         factory = dict(dtype=dtype, device=device)
         self.e_score_correction_bias_G = (
-            nn.Parameter(torch.zeros(num_experts, dtype=torch.float32, device=device), requires_grad=False)
+            nn.Parameter(torch.zeros(routed, dtype=torch.float32, device=device), requires_grad=False)
             if router.needs_bias else None
         )
-        self.gate_bias_G = (nn.Parameter(torch.empty(num_experts, dtype=gate_dtype, device=device), requires_grad=False)
+        self.gate_bias_G = (nn.Parameter(torch.empty(routed, dtype=gate_dtype, device=device), requires_grad=False)
                             if router_bias else None)
         self.b13_EF = (nn.Parameter(torch.empty(num_local, 2 * intermediate_size, **factory), requires_grad=False)
                        if expert_bias else None)
@@ -144,7 +152,7 @@ class MoELayer(nn.Module):
         runs other work at the yields: the shared experts, the other micro-batch (engine/rank/step_plan.py)."""
         # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
         logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
-        route = self.router.route_args()
+        route = self.router.route_args() if not self.zero_experts else None
         if route is not None:
             # Scores, top-k, the padding rows' ids (-1) and the expert-load count in one op: one launch with the
             # Triton kernels, where the ops one by one were ~11 at decode (kernels/router_topk.py).
@@ -156,11 +164,35 @@ class MoELayer(nn.Module):
             weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
             if self.valid_rows_T is not None:
                 ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)
+            identity_T1 = None
+            if self.zero_experts:
+                weights_TK, ids_TK, identity_T1 = self._zero_experts(weights_TK, ids_TK)
             if self.stats is not None:
                 self.stats.record_routing(self.moe_index, ids_TK)
+            if identity_T1 is not None:
+                if self.ep is None:
+                    out_TD = self.expert_format.run(self.kernels, self, x_TD, weights_TK, ids_TK)
+                else:
+                    out_TD = yield from self._forward_ep(x_TD, weights_TK, self._ep_ids(ids_TK))
+                return out_TD + x_TD * identity_T1.to(x_TD.dtype)
         if self.ep is None:
             return self.expert_format.run(self.kernels, self, x_TD, weights_TK, ids_TK)
         return (yield from self._forward_ep(x_TD, weights_TK, ids_TK))
+
+    def _zero_experts(self, weights_TK: torch.Tensor, ids_TK: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The picks of zero-computation experts taken out: (weights with those 0, ids with those -1, each row's
+        identity weight [T, 1]: the sum of its zero picks' weights, times this rank's share)."""
+        zero_TK = ids_TK >= self.num_experts
+        identity_T1 = (weights_TK * zero_TK).sum(dim=-1, keepdim=True) * self.identity_share
+        return weights_TK.masked_fill(zero_TK, 0.0), ids_TK.masked_fill(zero_TK, -1), identity_T1
+
+    def _ep_ids(self, ids_TK: torch.Tensor) -> torch.Tensor:
+        """Ids for the dispatch: -1 (routed nowhere) where the all-to-all takes such rows; else expert 0 with the
+        weight 0 (one wasted expert slot per zero pick: the counted backends look every id up in the placement)."""
+        if self.ep is not None and self.ep.all_to_all.accepts_padding_rows:
+            return ids_TK
+        return ids_TK.clamp(min=0)
 
     def _forward_ep(self, x_TD, weights_TK, ids_TK) -> Stages:
         # The phase times are the host time spent in each phase's calls (issue + wait), so with overlap they

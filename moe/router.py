@@ -20,7 +20,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from moelink.kernels.router_topk import reference_route_topk
+from moelink.kernels.router_topk import reference_route_topk, reference_softmax_biased_topk
 
 from .router_config import SCORING_FUNCS, TOPK_METHODS, RouterConfig  # noqa: F401 (re-exported)
 
@@ -116,6 +116,31 @@ class SigmoidGroupLimitedRouter:
 
 
 @dataclass(frozen=True)
+class SoftmaxBiasedRouter:
+    """LongCat-Flash: softmax scores over every expert (its zero-computation ones included), selection on scores +
+    bias_G (e_score_correction_bias), the weights the unbiased scores of the chosen experts, optionally
+    renormalised, then scaled (kernels/router_topk.reference_softmax_biased_topk). No fused form yet: the layer
+    calls it (route_args None), and counts the load itself."""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float = 1.0
+    float32_logits: bool = True
+    needs_bias: ClassVar[bool] = True
+
+    def route_args(self) -> None:
+        return None
+
+    def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights_TK float32, ids_TK int64)."""
+        return reference_softmax_biased_topk(router_logits_TG, self.top_k, bias_G, self.norm_topk_prob,
+                                             self.routed_scaling_factor, self.n_group, self.topk_group)
+
+
+@dataclass(frozen=True)
 class TopKSoftmaxRouter:
     """gpt-oss: top-k of the logits (the router linear's bias already added by the layer), then a softmax over
     the k chosen logits alone, in the logits' dtype, as transformers' GptOssTopKRouter computes it (in exact
@@ -142,8 +167,8 @@ class TopKSoftmaxRouter:
 
 def _no_bias(router, bias_G) -> None:
     if bias_G is not None:
-        raise ValueError(f"{type(router).__name__} takes no e_score_correction_bias: only scoring_func='sigmoid' "
-                         "(topk_method='noaux_tc') selects with one.")
+        raise ValueError(f"{type(router).__name__} takes no e_score_correction_bias: only "
+                         "topk_method='noaux_tc' (and DeepSeek-V4's sqrtsoftplus) selects with one.")
 
 
 def make_router(cfg: RouterConfig) -> Router:
@@ -157,6 +182,9 @@ def make_router(cfg: RouterConfig) -> Router:
                                          cfg.routed_scaling_factor, cfg.float32_logits)
     if cfg.topk_method == "topk_softmax":
         return TopKSoftmaxRouter(cfg.top_k, cfg.float32_logits)
+    if cfg.topk_method == "noaux_tc":  # softmax scores, selected with a correction bias (LongCat-Flash)
+        return SoftmaxBiasedRouter(cfg.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                                   cfg.routed_scaling_factor, cfg.float32_logits)
     if cfg.topk_method == "group_limited_greedy":
         return SoftmaxGroupLimitedRouter(cfg.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
                                          cfg.routed_scaling_factor, cfg.float32_logits)

@@ -9,7 +9,7 @@ SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 # Which `topk_method`s go with each `scoring_func` (DeepSeek-V2: softmax; DeepSeek-V3 / GLM-4-MoE: sigmoid;
 # DeepSeek-V4: sqrt(softplus), selected with a correction bias, one group: moe/token_routers.py).
 # "topk_softmax" is no config.json value: the gpt-oss reader names it for its top-k-then-softmax router.
-TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy", "topk_softmax"), "sigmoid": ("noaux_tc",),
+TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy", "topk_softmax", "noaux_tc"), "sigmoid": ("noaux_tc",),
                 "sqrtsoftplus": ("noaux_tc",)}
 _GROUPED = ("group_limited_greedy", "noaux_tc")
 
@@ -30,7 +30,8 @@ class RouterConfig:
     (DeepSeek-V2: top-k within the `topk_group` groups of highest max score) or "topk_softmax" (gpt-oss: top-k
     of the logits, then a softmax over those k alone; norm_topk_prob must be true); "sigmoid" with "noaux_tc"
     (DeepSeek-V3, GLM-4-MoE: selection on scores + e_score_correction_bias, groups ranked by the sum of
-    their top-2). n_group / topk_group apply to the grouped methods only. norm_topk_prob renormalises the
+    their top-2); "softmax" with "noaux_tc" (LongCat-Flash: the same selection on softmax scores over every expert,
+    zero-computation ones included). n_group / topk_group apply to the grouped methods only. norm_topk_prob renormalises the
     k weights to sum to 1; routed_scaling_factor multiplies them after that. float32_logits: the gate
     matmul runs in float32 whatever the model dtype (transformers' DeepSeek-V2/V3 and GLM-4-MoE).
     """

@@ -41,6 +41,9 @@ class ArchSpec:
     embedding: str = "plain"
     head: str = "plain"
     checkpoint: str = "hf"
+    # Engine layers per checkpoint layer: 2 where one transformers layer is two attention sublayers, each an engine
+    # layer with its own cache (LongCat-Flash: model.layers.{j} holds engine layers 2j and 2j + 1).
+    sublayers: int = 1
 
     @property
     def latent_attention(self) -> bool:

@@ -20,6 +20,7 @@ import stat
 import struct
 from pathlib import Path
 
+from .architectures import REGISTRY
 from .dsv4_quant import dsv4_fp4_expert
 
 # safetensors' own reader refuses headers above 100 MB.
@@ -163,9 +164,11 @@ def check_checkpoint(cfg) -> None:
                 raise ValueError(f"config.json {field}={value} disagrees with the checkpoint: model.embed_tokens.weight "
                                  f"has shape {shape}.")
     layers = {int(m.group(1)) for m in map(_LAYER.search, tensors) if m}
-    if layers and max(layers) + 1 < cfg.num_layers:
+    arch = REGISTRY.get(getattr(cfg, "architecture", ""))
+    per = arch.spec.sublayers if arch is not None and arch.spec is not None else 1  # engine layers per checkpoint's
+    if layers and (max(layers) + 1) * per < cfg.num_layers:
         raise ValueError(f"config.json num_hidden_layers={cfg.num_layers} disagrees with the checkpoint: it holds "
-                         f"layers 0 to {max(layers)}.")
+                         f"layers 0 to {max(layers)}" + (f" ({per} sublayers each)." if per > 1 else "."))
     experts = {int(m.group(1)) for m in map(_EXPERT.search, tensors) if m}
     if experts and max(experts) + 1 < cfg.num_experts:
         raise ValueError(f"config.json num_experts={cfg.num_experts} (n_routed_experts, num_local_experts) disagrees "

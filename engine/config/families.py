@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib.util
 
 FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral", "deepseek", "qwen3_next", "gpt_oss", "minimax_m2", "deepseek_v4",
-                             "mimo_v2_flash", "exaone_moe")
+                             "mimo_v2_flash", "exaone_moe",
+                             "longcat_flash")
 
 
 def family_module(family: str, part: str) -> str:

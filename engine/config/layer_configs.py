@@ -202,8 +202,18 @@ class MLAConfig:
     # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): the layer's lightning indexer (engine/config/sparse_attention.py),
     # whose key cache is a second tensor beside the latent; None: dense MLA.
     indexer: IndexerConfig | None = None
+    # Multipliers on q (after q_b_proj) and on the latent (after kv_a_layernorm): LongCat-Flash's mla_scale_q_lora /
+    # mla_scale_kv_lora; folded into those two weights at load (engine/models/mla.py), so no step pays for them.
+    q_scale: float = 1.0
+    latent_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("q_scale", "latent_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"MLAConfig {name}={v!r} is invalid: must be a finite number > 0.")
+        if self.q_scale != 1.0 and self.q_lora_rank is None:
+            raise ValueError("MLAConfig q_scale scales q_b_proj's output: it needs a q_lora_rank.")
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -287,6 +297,9 @@ class MoEConfig:
     # (Qwen3-Next's shared_expert_gate, a [1, D] linear).
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
+    # Zero-computation experts (LongCat-Flash's zero_expert_num): the router scores this many more than the routed
+    # experts, and a pick of one is the token itself times its weight (moe/layer.MoELayer): no weights, no traffic.
+    zero_experts: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
@@ -297,7 +310,7 @@ class MoEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise unsupported(name, v, "a number > 0")
-        for name in ("n_shared_experts", "first_k_dense_replace", "shared_expert_intermediate_size"):
+        for name in ("n_shared_experts", "first_k_dense_replace", "shared_expert_intermediate_size", "zero_experts"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise unsupported(name, v, "an integer >= 0")

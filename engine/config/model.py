@@ -171,9 +171,12 @@ class ModelConfig:
         if self.moe is None:
             self.moe = MoEConfig(RouterConfig(self.num_experts, self.top_k, norm_topk_prob=bool(self.norm_topk_prob)))
         r = self.moe.router
-        if (r.num_experts, r.top_k, r.norm_topk_prob) != (self.num_experts, self.top_k, self.norm_topk_prob):
+        # The router scores the routed experts and the zero-computation ones (MoEConfig.zero_experts).
+        routed = self.num_experts + self.moe.zero_experts
+        if (r.num_experts, r.top_k, r.norm_topk_prob) != (routed, self.top_k, self.norm_topk_prob):
             raise ValueError(f"ModelConfig moe.router (num_experts={r.num_experts}, top_k={r.top_k}, norm_topk_prob="
-                             f"{r.norm_topk_prob}) disagrees with num_experts={self.num_experts}, top_k={self.top_k}, "
+                             f"{r.norm_topk_prob}) disagrees with num_experts={self.num_experts} (+ "
+                             f"{self.moe.zero_experts} zero-computation), top_k={self.top_k}, "
                              f"norm_topk_prob={self.norm_topk_prob}.")
 
     def attention_for(self, layer_idx: int) -> AttentionConfig:

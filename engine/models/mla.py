@@ -135,6 +135,20 @@ class MLAAttention(nn.Module):
         o_NTV = torch.bmm(out_TNC.transpose(0, 1), w_NXC[:, Dn:].transpose(1, 2))
         return self.o_proj(o_NTV.transpose(0, 1).reshape(T, N * a.v_head_dim), self.o_bias)
 
+    def process_weights_after_loading(self) -> None:
+        """Fold MLAConfig's q_scale into q_b_proj and latent_scale into kv_a_layernorm (LongCat-Flash): the same
+        products transformers takes after those two ops, paid once here instead of every step."""
+        a = self.attn
+        if a.q_scale != 1.0:
+            if self.q_b_proj.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise ValueError(f"layer {self.layer_idx}: MLAConfig q_scale cannot be folded into a quantized "
+                                 f"q_b_proj ({self.q_b_proj.weight.dtype}).")
+            with torch.no_grad():
+                self.q_b_proj.weight.mul_(a.q_scale)
+        if a.latent_scale != 1.0:
+            with torch.no_grad():
+                self.kv_a_layernorm.weight.mul_(a.latent_scale)
+
     def weight_plan(self, p: str) -> WeightPlan:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index[, checkpoint rows])."""
         a = self.attn

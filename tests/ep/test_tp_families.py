@@ -9,6 +9,9 @@ transformers itself:
 - DeepSeek-V2-Lite: MLA without q LoRA (q_proj by head, stacked with the whole kv_a_proj_with_mqa);
 - DeepSeek-V3.2 and GLM-5: DeepSeek Sparse Attention (the lightning indexer whole on every rank, MLA heads split),
   prompts past index_topk so prefill and decode run sparse;
+- LongCat-Flash: the shortcut-connected MoE over sublayer pairs, MLA heads split, the zero-computation experts'
+  identity added once over the experts' channel all-reduce; and at EP 2 against transformers (zero picks routed
+  nowhere, or to an expert with weight 0 where the all-to-all looks every id up);
 - EXAONE-MoE: sliding layers with rotary and a full layer without (NoPE), per-head q/k norms, heads split; and its
   experts at EP 2 against transformers (DeepSeek-V3 routing in groups, a shared expert on every rank).
 What each rank reads is checked by tests/engine/test_tp_shards.py. Lean: 3 prompts, 4 new tokens each."""
@@ -18,7 +21,7 @@ import pytest
 
 from moelink.engine import LLM
 
-from tests.helpers import exaone_checkpoints, hf_checkpoints, m2_checkpoints
+from tests.helpers import exaone_checkpoints, hf_checkpoints, longcat_checkpoints, m2_checkpoints
 from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, prompts
 
 pytestmark = pytest.mark.slow
@@ -72,6 +75,23 @@ def test_ep_exaone_matches_transformers(local_ray, tmp_path):
     """EP 2: 8 routed experts 4 / 4, the shared expert on both ranks; greedy tokens equal transformers'."""
     path = exaone_checkpoints.save_exaone_checkpoint(tmp_path, num_hidden_layers=4)
     ps = prompts(exaone_checkpoints.VOCAB, seed=29, n=4, lo=1, hi=60)
+    llm = LLM(path, expert_parallel_size=2, **KW)
+    try:
+        assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy(path, ps, max_new=NEW), ps)
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
+
+
+def test_tp_longcat_matches_one_rank(local_ray, tmp_path):
+    path = longcat_checkpoints.save_longcat_checkpoint(tmp_path)
+    _tp_equals_one_rank(path, longcat_checkpoints.VOCAB, seed=41, hi=40)
+
+
+def test_ep_longcat_matches_transformers(local_ray, tmp_path):
+    """EP 2: 6 routed experts 3 / 3 beside 2 zero-computation ones; greedy tokens equal transformers'."""
+    path = longcat_checkpoints.save_longcat_checkpoint(tmp_path)
+    ps = prompts(longcat_checkpoints.VOCAB, seed=43, n=4, lo=1, hi=60)
     llm = LLM(path, expert_parallel_size=2, **KW)
     try:
         assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy(path, ps, max_new=NEW), ps)

@@ -156,9 +156,12 @@ class RoutedFFN(FFNBlock):
         self.moe = MoELayer(cfg.hidden_size, inter, cfg.num_experts, make_router(m.router),
                             ctx.kernels, cfg.dtype, ctx.device, ep=ctx.ep, moe_index=ctx.moe_row(i),
                             stats=ctx.stats, expert_format=fmt, router_bias=m.router_bias, expert_bias=m.expert_bias,
-                            activation=MoEActivation(m.activation, m.swiglu_alpha, m.swiglu_limit))
+                            activation=MoEActivation(m.activation, m.swiglu_alpha, m.swiglu_limit),
+                            zero_experts=m.zero_experts)
         if self.expert_shard and self.moe.b2_ED is not None:
             self.moe.b2_ED.zero_()  # gpt-oss's down bias: the group's first rank loads it, the others add none
+        if self.expert_shard and self.expert_shard.rank:
+            self.moe.identity_share = 0.0  # zero-computation experts' tokens: added once over the all-reduce
         self.mlp: nn.Module = self.moe
         self.modules = {"moe": self.moe, "mlp": self.mlp}
 
@@ -244,7 +247,7 @@ def _expert_plan(mlp: MoELayer, m: str, fused: bool, cfg: ModelConfig, spec: Arc
     writes them by default (`{moe_prefix}.experts.{e}.{expert_names}.weight`); fused, as transformers 5 holds them in
     memory and writes them with `save_pretrained(save_original_format=False)`: `mlp.experts.gate_up_proj` [E, 2I, D]
     (gate rows, then up rows: our w13 order) and `mlp.experts.down_proj` [E, D, I], with the router at `mlp.gate`."""
-    plan: WeightPlan = {m + "gate.weight": PlanEntry(mlp.gate_GD, ())}
+    plan: WeightPlan = {m + f"{spec.router}.weight": PlanEntry(mlp.gate_GD, ())}
     if mlp.e_score_correction_bias_G is not None:
         plan[m + spec.correction_bias] = PlanEntry(mlp.e_score_correction_bias_G, ())
     # The expert format lists its weights (and scales) for this rank's experts, in either layout.

@@ -1,0 +1,215 @@
+"""LongCat-Flash (LongcatFlashForCausalLM) against transformers 5.24's own model: config reading (two engine layers
+per transformers layer) and its refusals, the router against transformers' LongcatFlashTopkRouter (softmax scores
+over routed and zero-computation experts, selected with the correction bias), and greedy parity with transformers'
+`generate` in float64, token for token: 1-150-token prompts together under a small token budget (chunked prefill,
+batches), again under a KV pool small enough to preempt, prefix-cache hits, and prefill/decode over TCP. What the
+family adds: the shortcut-connected MoE (its residual kind, engine/models/longcat_flash/kinds.py), zero-computation
+experts (MoEConfig.zero_experts) and MLA's LoRA scales (MLAConfig.q_scale / latent_scale, folded at load); each
+parity test fails without each (measured: the identity experts dropped, or the scales not folded, prompt 0 differs
+from its third token). Checkpoints: tests/helpers/longcat_checkpoints.py; EP 2 and TP 2 in
+tests/ep/test_tp_families.py."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moelink.engine import LLM
+from moelink.engine.config import kv_sizing
+from moelink.engine.config.model import ModelConfig
+from moelink.moe.router_config import RouterConfig
+
+from tests.helpers.longcat_checkpoints import VOCAB, longcat_config, save_longcat_checkpoint
+from tests.helpers.parity import (assert_pool_free, assert_same, check_prefix_cache_parity, engine_greedy, hf_greedy,
+                                  prompts)
+
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
+
+@pytest.fixture(scope="module")
+def longcat_path(tmp_path_factory) -> str:
+    return save_longcat_checkpoint(tmp_path_factory.mktemp("longcat"))
+
+
+def _config_dir(tmp_path, edit=None, **overrides) -> str:
+    longcat_config(**overrides).save_pretrained(tmp_path)
+    if edit is not None:
+        raw = json.loads((tmp_path / "config.json").read_text())
+        edit(raw)
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+    return str(tmp_path)
+
+
+def _set(**fields):
+    return lambda raw: raw.update(fields)
+
+
+# -- config ---------------------------------------------------------------------------------------------------
+
+def test_config(tmp_path):
+    """2 transformers layers = 4 engine layers, the routed experts on the even ones; the router over 6 + 2."""
+    cfg = ModelConfig.from_pretrained(_config_dir(tmp_path))
+    a, m = cfg.attention, cfg.moe
+    assert cfg.num_layers == 4 and cfg.sparse_layers == (0, 2)
+    assert (a.kind, a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim) == (
+        "mla", 16, 16, 8, 8, 8)
+    assert a.rope.style == "interleaved" and a.softmax_scale == 16 ** -0.5
+    assert a.q_scale == math.sqrt(32 / 16) and a.latent_scale == math.sqrt(32 / 16)
+    assert (cfg.num_experts, m.zero_experts, cfg.top_k, cfg.moe_intermediate_size, cfg.intermediate_size) == (
+        6, 2, 3, 16, 48)
+    r = m.router
+    assert (r.num_experts, r.scoring_func, r.topk_method, r.norm_topk_prob, r.routed_scaling_factor,
+            r.float32_logits) == (8, "softmax", "noaux_tc", False, 6.0, True)
+    # One MLA latent (kv_lora_rank + qk_rope_head_dim values) per engine layer: four per token.
+    assert kv_sizing.kv_cache_bytes_per_token(cfg) == 4 * (16 + 8) * 4  # float32 (the config's dtype, unset)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_set(head_dim=16), r"config.json head_dim=16 is not supported \(transformers rotates .*\): allowed: 8"),
+    (_set(mlp_bias=True), r"mlp_bias=True is not supported for LongcatFlashForCausalLM"),
+    (_set(n_routed_experts=0), r"n_routed_experts=0 is not supported"),
+])
+def test_config_refusals(tmp_path, edit, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_pretrained(_config_dir(tmp_path, edit))
+
+
+def test_checkpoint_layers_count_in_sublayers(tmp_path, longcat_path):
+    """The header check counts two engine layers per checkpoint layer: a file with one layer fewer than
+    num_layers says so."""
+    import shutil
+
+    from moelink.engine.config.checkpoint_headers import check_checkpoint
+
+    check_checkpoint(ModelConfig.from_pretrained(longcat_path))  # 2 layers held, 4 engine layers: whole
+    short = tmp_path / "short"
+    shutil.copytree(longcat_path, short)
+    raw = json.loads((short / "config.json").read_text())
+    raw["num_layers"] = 3
+    (short / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"num_hidden_layers=6 disagrees with the checkpoint: it holds layers 0 to 1 "
+                                         r"\(2 sublayers each\)"):
+        check_checkpoint(ModelConfig.from_pretrained(str(short)))
+
+
+def test_router_matches_transformers():
+    """Softmax over routed + zero-computation experts in float32, the top-k of scores + correction bias, the
+    unbiased scores times routed_scaling_factor: transformers' LongcatFlashTopkRouter, ids and weights equal."""
+    from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashTopkRouter
+
+    from moelink.moe.router import make_router
+
+    hf_cfg = longcat_config(n_routed_experts=9, zero_expert_num=3, moe_topk=4)
+    hf = LongcatFlashTopkRouter(hf_cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        hf.classifier.weight.copy_(torch.randn(hf.classifier.weight.shape, generator=gen))
+        hf.e_score_correction_bias.copy_(torch.randn(12, generator=gen) * 0.1)
+    router = make_router(RouterConfig(12, 4, "softmax", "noaux_tc", 1, 1, False, 6.0, float32_logits=True))
+    x = torch.randn(31, hf_cfg.hidden_size, generator=gen, dtype=torch.float64)
+    _, want_w, want_ids = hf(x)
+    w, ids = router(torch.nn.functional.linear(x.float(), hf.classifier.weight.float()), hf.e_score_correction_bias)
+    order, want_order = ids.argsort(-1), want_ids.argsort(-1)
+    assert torch.equal(ids.gather(1, order), want_ids.gather(1, want_order))
+    torch.testing.assert_close(w.gather(1, order), want_w.gather(1, want_order), rtol=0, atol=0)
+    assert (ids >= 9).any(), "no zero-computation expert picked: the case does not exercise them"
+
+
+def test_zero_experts_take_the_token_itself():
+    """MoELayer with zero-computation experts: a row whose k picks are all identity experts gets x times the sum of
+    their weights, and no routed expert is counted for it."""
+    from moelink.kernels.ops import ReferenceKernels
+    from moelink.moe.layer import MoELayer
+    from moelink.moe.router import make_router
+    from moelink.moe.stats import MoEStats
+
+    stats = MoEStats(1, 3, torch.device("cpu"))
+    layer = MoELayer(8, 4, 3, make_router(RouterConfig(5, 2, "softmax", "noaux_tc", 1, 1, False, 2.0,
+                                                       float32_logits=True)),
+                     ReferenceKernels(), torch.float64, stats=stats, zero_experts=2)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, dtype=p.dtype) * 0.1)
+        layer.e_score_correction_bias_G.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0]))  # the identity experts win
+    x = torch.randn(3, 8, dtype=torch.float64)
+    scores = torch.softmax(torch.nn.functional.linear(x.float(), layer.gate_GD), dim=-1)
+    want = x * (scores[:, 3:].sum(-1, keepdim=True) * 2.0).double()
+    torch.testing.assert_close(layer(x), want)
+    assert int(stats.counts_LG.sum()) == 0
+
+
+def test_shortcut_layers_build(longcat_path):
+    with LLM(longcat_path, dtype="float64", max_num_seqs=1, num_kv_blocks=16, block_size=8) as llm:
+        layers = llm.engine.executor.worker.runner.model.layers
+        assert [(layer.pair, layer.sub, layer.moe is not None) for layer in layers] == [
+            (0, 0, True), (0, 1, False), (1, 0, True), (1, 1, False)]
+        assert all(layer.moe.zero_experts == 2 for layer in layers[::2])
+
+
+# -- greedy parity with transformers ------------------------------------------------------------------------------
+
+def _prompts() -> list[list[int]]:
+    return prompts(VOCAB, seed=71, n=12, lo=1, hi=150)
+
+
+@pytest.mark.slow  # transformers' generate beside the engine, in float64
+def test_greedy_parity_chunked_batched(longcat_path):
+    ps = _prompts()
+    llm = LLM(longcat_path, dtype="float64", max_num_seqs=6, max_num_batched_tokens=24, num_kv_blocks=256,
+              block_size=8)
+    got = engine_greedy(llm, ps)
+    assert len({t for out in got for t in out}) > 10, "degenerate model: greedy outputs barely vary"
+    assert_same(got, hf_greedy(longcat_path, ps), ps)
+    assert_pool_free(llm)
+
+
+@pytest.mark.slow
+def test_greedy_parity_under_preemption(longcat_path):
+    ps = _prompts()  # the chunked test's: transformers' outputs are cached
+    # 64 blocks of 8 tokens: six running sequences of up to 160 tokens must preempt.
+    llm = LLM(longcat_path, dtype="float64", max_num_seqs=6, max_num_batched_tokens=48, num_kv_blocks=32,
+              block_size=8)
+    got = engine_greedy(llm, ps)
+    assert llm.engine.stats().num_preemptions_total > 0
+    assert_same(got, hf_greedy(longcat_path, ps), ps)
+    assert_pool_free(llm)
+
+
+@pytest.mark.slow
+def test_prefix_cache_hit_parity(longcat_path):
+    check_prefix_cache_parity(LLM, longcat_path, VOCAB, n=3, max_suffix=5)
+
+
+@pytest.mark.slow
+def test_pd_transfer_equals_one_engine(longcat_path):
+    """A prefill engine saves each prompt's four latents per token, a decode engine loads them over TCP: the decode
+    side computes only each prompt's last token, its tokens equal one engine's, both pools end free."""
+    from moelink.engine import SamplingParams
+    from moelink.engine.contract.kv_transfer_params import KVTransferParams
+    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+
+    from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder, one_engine
+    from tests.helpers.net import free_port
+
+    ps = prompts(VOCAB, seed=37, n=4, lo=2, hi=40)
+    want = one_engine(longcat_path, ps)
+    save = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                          kv_transfer_params=KVTransferParams(do_remote_decode=True))
+    pre = LLM(longcat_path, kv_connector=RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="tcp")), **KW)
+    dec = None
+    try:
+        outs = pre.generate(ps, save, use_tqdm=False)
+        dec = Decoder(longcat_path, RemoteKVConfig(transport="tcp"))
+        dec.add(ps, [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                                    kv_transfer_params=o.kv_transfer_params) for o in outs])
+        assert dec.run(len(ps)) == want
+        assert dec.computed == len(ps) * MAX_NEW and dec.worker.stats.num_loaded == len(ps)
+        for llm in (pre, dec.llm):
+            stats = llm.engine.stats()
+            assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        if dec is not None:
+            dec.close()
+        pre.engine.shutdown()
