@@ -281,10 +281,9 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
           f"(gRPC {scheme}, --port; {http}; services {', '.join(SERVICES)})", flush=True)
     if gateway is None:  # what a vLLM user must run by hand for the OpenAI API (vLLM's fields carried)
         from .gateway.front_cli import by_hand_commands
-        from .gateway.supervisor import worker_url
+        from .gateway.supervisor import server_worker_url
 
-        worker = worker_url(config.gateway_host, server.gateway_port) if server.gateway_port is not None else \
-            worker_url(host, port)
+        worker = server_worker_url(config, port, server.gateway_port)
         # The model's further names (served names, the model argument as given) as the gateway's aliases, as managed;
         # a prefill/decode server's (its kv_role) in the gateway's PD mode.
         hint = by_hand_commands(worker, config.gateway, server.serving.served_model_name, server.serving.model_aliases,

@@ -14,7 +14,8 @@ from moelink.engine.server.config import ServerConfig
 from moelink.engine.server.gateway.front_cli import by_hand_commands
 from moelink.engine.server.gateway.options import (GATEWAY_FLAGS, GatewayOptions, add_gateway_flags, alias_args,
                                                    gateway_options, model_alias_refusal)
-from moelink.engine.server.gateway.supervisor import GatewaySpec, GatewaySupervisor, chat_template_of
+from moelink.engine.server.gateway.supervisor import (GatewaySpec, GatewaySupervisor, chat_template_of,
+                                                      server_worker_url)
 
 
 def test_the_table_marks_exactly_the_flags_the_gateway_registers():
@@ -84,3 +85,9 @@ def test_the_managed_gateway_reads_its_template_and_names_itself(tmp_path):
     gateway = GatewaySupervisor(spec, exe="/bin/true")
     gateway.metrics_port = 29000
     assert gateway.describe() == "smg gateway pid None; its metrics on http://::1:29000/metrics"
+
+
+def test_the_gateway_dials_the_keyless_listener_when_there_is_one():
+    config = ServerConfig(host="0.0.0.0", port=50051)
+    assert server_worker_url(config, 50051, None) == "grpc://127.0.0.1:50051"
+    assert server_worker_url(ServerConfig(gateway_host="::1"), 50051, 50052) == "grpc://[::1]:50052"

@@ -439,6 +439,14 @@ def worker_url(host: str, port: int) -> str:
     return f"grpc://{host}:{port}"
 
 
+def server_worker_url(config, grpc_port: int, gateway_listener_port: Optional[int]) -> str:
+    """The worker address a gateway dials for a bound server (ServerConfig `config`): its keyless gateway listener
+    when there is one (smg sends workers no key and no TLS), else its main port."""
+    if gateway_listener_port is not None:
+        return worker_url(config.gateway_host, gateway_listener_port)
+    return worker_url(config.host, grpc_port)
+
+
 async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: Optional[int],
                                 on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
                                 registry=None, serving=None) -> GatewaySupervisor:
@@ -449,8 +457,7 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     server's Serving: its model names reach smg (aliases of the first), and the front answers vLLM's /v1/models,
     /tokenize and /detokenize from it (vllm_routes.py)."""
     options: GatewayOptions = config.gateway
-    target = worker_url(config.gateway_host, gateway_listener_port) if gateway_listener_port is not None \
-        else worker_url(config.host, grpc_port)
+    target = server_worker_url(config, grpc_port, gateway_listener_port)
     # smg listens on a loopback port of its own; --http-port is the front's (http_front.py), which carries the
     # request fields smg would drop.
     spec = GatewaySpec(http_host="127.0.0.1", http_port=free_loopback_port(), worker_url=target,
