@@ -80,7 +80,7 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
                                      "HTTP gateway"),
     ("--lora-modules",): refused(LORA),
     ("--chat-template",): to_gateway("a Jinja chat template file the managed gateway renders chats with",
-                                   "--chat-template t.jinja"),
+                                     "--chat-template t.jinja"),
     ("--chat-template-content-format",): refused(GATEWAY),
     ("--trust-request-chat-template", "--no-trust-request-chat-template"): refused(
         "the chat template is --chat-template or the checkpoint's: leave it out"),
@@ -91,13 +91,12 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--return-tokens-as-token-ids", "--no-return-tokens-as-token-ids"): refused(
         "not supported: ask the gRPC services for token ids"),
     ("--enable-auto-tool-choice",): to_gateway("with --tool-call-parser: the gateway parses tool calls whenever a "
-                                             "parser is set", "--enable-auto-tool-choice --tool-call-parser qwen"),
+                                               "parser is set", "--enable-auto-tool-choice --tool-call-parser qwen"),
     ("--disable-auto-tool-choice",): to_gateway("accepted (vLLM's default): no tool-call parsing unless "
-                                              "--enable-auto-tool-choice"),
+                                                "--enable-auto-tool-choice"),
     ("--exclude-tools-when-tool-choice-none", "--no-exclude-tools-when-tool-choice-none"): refused(GATEWAY),
     ("--tool-call-parser",): to_gateway("the managed gateway's tool-call parser (vLLM's names translated to the "
-                                        "gateway's)",
-                                      "--tool-call-parser hermes"),
+                                        "gateway's)", "--tool-call-parser hermes"),
     ("--tool-parser-plugin",): refused("the gateway's built-in parsers only: --tool-call-parser NAME"),
     ("--tool-strict-level",): refused(GATEWAY),
     ("--tool-server",): refused("no built-in tools: leave it out"),
@@ -250,8 +249,7 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--enable-mamba-cache-stochastic-rounding", "--disable-mamba-cache-stochastic-rounding"): refused(STATE),
     ("--mamba-cache-philox-rounds",): refused(STATE),
     ("--reasoning-parser",): to_gateway("the managed gateway's reasoning parser (vLLM's names translated to the "
-                                        "gateway's)",
-                                      "--reasoning-parser deepseek_r1"),
+                                        "gateway's)", "--reasoning-parser deepseek_r1"),
     ("--reasoning-parser-plugin",): refused("the gateway's built-in parsers only: --reasoning-parser NAME"),
     # -- parallelism -----------------------------------------------------------------------------------------
     ("--distributed-executor-backend",): refused("moelink picks it: in-process at one rank, Ray beyond "

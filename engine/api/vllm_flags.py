@@ -285,7 +285,7 @@ def _same_path(a: str, b: str) -> bool:
 
 
 # -- accepted server flags (serve) ----------------------------------------------------------------------------
-def add_vllm_server_flags(p: argparse.ArgumentParser):
+def add_vllm_server_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """vLLM's server flags the server reads itself, in their group of `p`, which is returned: the server adds the
     flags its OpenAI HTTP gateway reads to it (the table's rows marked http_gateway)."""
     g = p.add_argument_group("vLLM's names, server side (docs/vllm-compat.md)")

@@ -71,7 +71,7 @@ def gateway_args(ns: argparse.Namespace) -> tuple[str, ...]:
     return gateway_options(ns).args()
 
 
-def add_gateway_flags(g) -> None:
+def add_gateway_flags(g: argparse._ActionsContainer) -> None:
     """vLLM's flags the gateway reads, on `moelink serve`'s parser (`g`: a parser or its group of vLLM's flags)."""
     g.add_argument("--chat-template", default=None, metavar="PATH",
                    help="a Jinja chat template file for the OpenAI API's chats (given to the managed gateway, which "
