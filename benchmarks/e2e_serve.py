@@ -1,6 +1,6 @@
 """`engine_e2e`'s serving part: a `moelink serve` subprocess (gRPC only, free loopback port) driven by the
 bench-serve load generator (`serve_load`), over the VllmEngine protocol: token-id prompts in, token ids out
-(the server then detokenizes nothing, as behind the smg gateway).
+(the server then detokenizes nothing, as behind the OpenAI HTTP gateway).
 
 Measured: the server's start-up (process start to its "serving" line), the TTFT of the very first request
 after start-up (alone, before anything warmed the server up), then one closed loop per concurrency level (C

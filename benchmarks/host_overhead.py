@@ -17,7 +17,7 @@ processes take the cores from the engine thread now and then, and the wall clock
 same code measured 8 and 17 us per sequence an hour apart); the thread's CPU time is the host work itself, what a
 host with a core of its own (a GPU server) pays. Both are saved; the CPU figure is the host cost.
 1. requests that want text (detokenize=True, the native API and LLM.generate) and token ids only
-   (detokenize=False, what the VllmEngine protocol / smg gateway path sets when there are no stop strings),
+   (detokenize=False, what the VllmEngine protocol / HTTP gateway path sets when there are no stop strings),
    on a 2-layer model with the engine's default loop;
 2. the step loop, async scheduling on and off (`EngineArgs.async_scheduling`): host microseconds per sequence
    per decode step, 1-layer model, token ids (device work on the engine's `SimulatedStream` at 0 ms when it

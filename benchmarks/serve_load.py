@@ -486,7 +486,7 @@ def run_from_args(ns: argparse.Namespace) -> int:
                              "OpenAI API).")
         if ns.prefill_target is not None:
             raise ValueError(f"--prefill-target drives a prefill/decode pair over gRPC; --backend {ns.backend} goes "
-                             "through the OpenAI API (smg's PD mode pairs the legs itself): drop one.")
+                             "through the OpenAI API (the gateway's PD mode pairs the legs itself): drop one.")
     elif ns.base_url is not None:
         raise ValueError("--base-url is the OpenAI API of --backend openai / openai-chat; --backend grpc takes "
                          "--target HOST:PORT.")

@@ -1,9 +1,9 @@
 """`moelink bench-serve --prefill-target P --target D`: load on a prefill/decode pair, each request driven as a
 router drives it, with time-to-first-token split into its parts.
 
-Per request, as smg's PD mode does: the prefill leg (the prompt, max_tokens=1, on the prefill server; its last
-message says where the prompt's KV is), then the decode leg (the same prompt and the handoff, streamed from the
-decode server). The client sees TTFT = prefill leg + decode leg's first token. The decode leg's first token
+Per request, as the OpenAI HTTP gateway's PD mode does: the prefill leg (the prompt, max_tokens=1, on the prefill
+server; its last message says where the prompt's KV is), then the decode leg (the same prompt and the handoff,
+streamed from the decode server). The client sees TTFT = prefill leg + decode leg's first token. The decode leg's first token
 itself is the KV handoff (the decode server reserving blocks, fetching and writing the KV) and the first decode
 step: the handoff's mean comes from the decode server's own counters (`moelink_kv_transfer_load_seconds_total` /
 `moelink_kv_transfer_loads_total` over the level, from --metrics-url), the first decode is the rest. Both

@@ -8,6 +8,9 @@ Each row is keyed by the flag's spellings as vLLM's parser spells them (a long f
 alias), and is one of
 
 * accepted: moelink takes the flag with vLLM's meaning (`values`: only those values; any other is refused);
+  `http_gateway`: the managed OpenAI HTTP gateway reads it, and the gateway package registers it on `moelink serve`
+  and translates it for the gateway (engine/server/gateway/options.py, GATEWAY_FLAGS: a floor above this one, so
+  this table only marks the rows; tests/server/test_gateway_options.py keeps the two equal);
 * mapped: the flag is vLLM's spelling of a moelink flag: `example` parses as `same_as` does;
 * refused: the parse stops with one line naming the flag and saying what to use instead.
 """
@@ -25,10 +28,16 @@ class VllmFlag:
     example: str = ""  # how a script writes it (default: the first spelling alone)
     same_as: str = ""  # mapped: moelink's own spelling, which parses the same
     values: tuple[str, ...] = ()  # accepted with these values only
+    http_gateway: bool = False  # accepted: the OpenAI HTTP gateway reads it (engine/server/gateway/options.py)
 
 
 def accepted(says: str, example: str = "", values: tuple[str, ...] = ()) -> VllmFlag:
     return VllmFlag("accepted", says, example, "", values)
+
+
+def to_gateway(says: str, example: str = "") -> VllmFlag:
+    """Accepted, and read by the OpenAI HTTP gateway (which registers it: engine/server/gateway/options.py)."""
+    return VllmFlag("accepted", says, example, http_gateway=True)
 
 
 def mapped(same_as: str, says: str, example: str = "") -> VllmFlag:
@@ -50,7 +59,9 @@ NO_CP = ("moelink runs no context parallelism: split a model with --tensor-paral
          "--data-parallel-size N --enable-expert-parallel")
 WEIGHTS_ON_DEVICE = ("moelink keeps every weight on the device: add ranks with --data-parallel-size N "
                      "--enable-expert-parallel")
-GATEWAY = "the OpenAI API is served by the managed smg gateway, which has no such setting: leave it out"
+GATEWAY = "the OpenAI API is served by the managed HTTP gateway, which has no such setting: leave it out"
+ROUTER = ("one server balances over its own ranks: put a router in front of several servers (the OpenAI HTTP "
+          "gateway started by hand routes over several: docs/serving.md)")
 NO_TLS = "TLS is on the gRPC port (--tls-cert, --tls-key): put a TLS proxy in front of --http-port"
 NO_CORS = "no CORS: put a proxy in front of --http-port"
 METRICS = "not supported: moelink's metrics are on /metrics (docs/metrics.md)"
@@ -68,8 +79,8 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--grpc",): mapped("--no-http", "serve gRPC only (moelink.v1 and vllm.grpc.engine.VllmEngine on --port), no "
                                      "HTTP gateway"),
     ("--lora-modules",): refused(LORA),
-    ("--chat-template",): accepted("a Jinja chat template file the managed gateway renders chats with",
-                                   "--chat-template t.jinja"),
+    ("--chat-template",): to_gateway("a Jinja chat template file the managed gateway renders chats with",
+                                     "--chat-template t.jinja"),
     ("--chat-template-content-format",): refused(GATEWAY),
     ("--trust-request-chat-template", "--no-trust-request-chat-template"): refused(
         "the chat template is --chat-template or the checkpoint's: leave it out"),
@@ -79,13 +90,13 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--response-role",): refused("the assistant role is the chat template's: leave it out"),
     ("--return-tokens-as-token-ids", "--no-return-tokens-as-token-ids"): refused(
         "not supported: ask the gRPC services for token ids"),
-    ("--enable-auto-tool-choice",): accepted("with --tool-call-parser: the gateway parses tool calls whenever a "
-                                             "parser is set", "--enable-auto-tool-choice --tool-call-parser qwen"),
-    ("--disable-auto-tool-choice",): accepted("accepted (vLLM's default): no tool-call parsing unless "
-                                              "--enable-auto-tool-choice"),
+    ("--enable-auto-tool-choice",): to_gateway("with --tool-call-parser: the gateway parses tool calls whenever a "
+                                               "parser is set", "--enable-auto-tool-choice --tool-call-parser qwen"),
+    ("--disable-auto-tool-choice",): to_gateway("accepted (vLLM's default): no tool-call parsing unless "
+                                                "--enable-auto-tool-choice"),
     ("--exclude-tools-when-tool-choice-none", "--no-exclude-tools-when-tool-choice-none"): refused(GATEWAY),
-    ("--tool-call-parser",): accepted("the managed gateway's tool-call parser (vLLM's names translated to smg's)",
-                                      "--tool-call-parser hermes"),
+    ("--tool-call-parser",): to_gateway("the managed gateway's tool-call parser (vLLM's names translated to the "
+                                        "gateway's)", "--tool-call-parser hermes"),
     ("--tool-parser-plugin",): refused("the gateway's built-in parsers only: --tool-call-parser NAME"),
     ("--tool-strict-level",): refused(GATEWAY),
     ("--tool-server",): refused("no built-in tools: leave it out"),
@@ -122,12 +133,12 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--dp-supervisor-probe-timeout-s",): refused(RAY),
     ("--dp-supervisor-probe-failure-threshold",): refused(RAY),
     ("--uds",): refused("moelink listens on TCP: --host / --http-host"),
-    ("--uvicorn-log-level",): refused("no uvicorn: the managed smg gateway serves HTTP and logs its warnings and "
+    ("--uvicorn-log-level",): refused("no uvicorn: the managed HTTP gateway serves HTTP and logs its warnings and "
                                       "errors; moelink's own lines: --log-format"),
     ("--disable-uvicorn-access-log", "--enable-uvicorn-access-log"): refused(
-        "no uvicorn: the managed smg gateway serves HTTP and logs no access lines; leave it out"),
+        "no uvicorn: the managed HTTP gateway serves HTTP and logs no access lines; leave it out"),
     ("--disable-access-log-for-endpoints",): refused(
-        "no uvicorn: the managed smg gateway serves HTTP and logs no access lines; leave it out"),
+        "no uvicorn: the managed HTTP gateway serves HTTP and logs no access lines; leave it out"),
     ("--allow-credentials", "--no-allow-credentials"): refused(NO_CORS),
     ("--allowed-origins",): refused(NO_CORS),
     ("--allowed-methods",): refused(NO_CORS),
@@ -237,8 +248,8 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--mamba-ssu-algorithm",): refused(STATE),
     ("--enable-mamba-cache-stochastic-rounding", "--disable-mamba-cache-stochastic-rounding"): refused(STATE),
     ("--mamba-cache-philox-rounds",): refused(STATE),
-    ("--reasoning-parser",): accepted("the managed gateway's reasoning parser (vLLM's names translated to smg's)",
-                                      "--reasoning-parser deepseek_r1"),
+    ("--reasoning-parser",): to_gateway("the managed gateway's reasoning parser (vLLM's names translated to the "
+                                        "gateway's)", "--reasoning-parser deepseek_r1"),
     ("--reasoning-parser-plugin",): refused("the gateway's built-in parsers only: --reasoning-parser NAME"),
     # -- parallelism -----------------------------------------------------------------------------------------
     ("--distributed-executor-backend",): refused("moelink picks it: in-process at one rank, Ray beyond "
@@ -276,12 +287,9 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--data-parallel-address", "-dpa"): refused(RAY),
     ("--data-parallel-rpc-port", "-dpp"): refused(RAY),
     ("--data-parallel-backend", "-dpb"): refused(RAY),
-    ("--data-parallel-hybrid-lb", "--no-data-parallel-hybrid-lb", "-dph"): refused(
-        "one server balances over its own ranks: put a router (smg) in front of several servers"),
-    ("--data-parallel-external-lb", "--no-data-parallel-external-lb", "-dpe"): refused(
-        "one server balances over its own ranks: put a router (smg) in front of several servers"),
-    ("--data-parallel-multi-port-external-lb", "-dpm"): refused(
-        "one server balances over its own ranks: put a router (smg) in front of several servers"),
+    ("--data-parallel-hybrid-lb", "--no-data-parallel-hybrid-lb", "-dph"): refused(ROUTER),
+    ("--data-parallel-external-lb", "--no-data-parallel-external-lb", "-dpe"): refused(ROUTER),
+    ("--data-parallel-multi-port-external-lb", "-dpm"): refused(ROUTER),
     ("--enable-hc-sp", "--disable-hc-sp"): refused(NOT_SUPPORTED),
     ("--enable-expert-parallel",): accepted("shard the experts over the --data-parallel-size ranks (always so in "
                                             "moelink; at one rank nothing changes)"),
@@ -491,8 +499,8 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--kv-transfer-config",): accepted("prefill/decode disaggregation or the KV offload tier as vLLM spells them "
                                         "(connectors below)", "--kv-transfer-config '{\"kv_connector\": "
                                         "\"NixlConnector\", \"kv_role\": \"kv_both\"}'"),
-    ("--kv-events-config",): refused("moelink publishes no KV cache events: smg's cache-aware routing (its "
-                                     "--policy cache_aware) routes by prefix without them"),
+    ("--kv-events-config",): refused("moelink publishes no KV cache events: the OpenAI HTTP gateway's "
+                                     "cache-aware routing routes by prefix without them (docs/serving.md)"),
     ("--ec-transfer-config",): refused(TEXT),
     ("--ec-manager-config",): refused(TEXT),
     ("--compilation-config", "-cc"): refused("moelink runs its own Triton kernels: --enforce-eager / "

@@ -5,6 +5,8 @@ table of engine/api/vllm_flag_table.py: accepted with vLLM's meaning, mapped ont
 same, or refused with one line saying what to use instead, so a script never runs with a flag silently ignored.
 This module registers the table's flags on the parsers (help texts from the table) and folds vLLM's spellings
 into moelink's fields; docs/vllm-compat.md prints the table and tests/engine/test_vllm_flag_table.py walks it.
+The flags the OpenAI HTTP gateway reads (the rows marked http_gateway) are the server's to register: the gateway
+package (engine/server/gateway/options.py) adds them to add_vllm_server_flags's group.
 
 `--port` is the one name with another meaning: moelink's front is gRPC (`--port`, as in SGLang's gRPC mode) and
 the OpenAI HTTP API is `--http-port` (default 8000, vLLM's `--port` default); both help texts say so.
@@ -283,7 +285,9 @@ def _same_path(a: str, b: str) -> bool:
 
 
 # -- accepted server flags (serve) ----------------------------------------------------------------------------
-def add_vllm_server_flags(p: argparse.ArgumentParser) -> None:
+def add_vllm_server_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """vLLM's server flags the server reads itself, in their group of `p`, which is returned: the server adds the
+    flags its OpenAI HTTP gateway reads to it (the table's rows marked http_gateway)."""
     g = p.add_argument_group("vLLM's names, server side (docs/vllm-compat.md)")
     g.add_argument("--kv-transfer-config", default=None, metavar="JSON",
                    help="prefill/decode disaggregation (or the KV offload tier) as vLLM spells it: "
@@ -301,22 +305,7 @@ def add_vllm_server_flags(p: argparse.ArgumentParser) -> None:
     _add(g, "--max-log-len", type=int, default=argparse.SUPPRESS, metavar="N")
     _add(g, "--enable-prompt-tokens-details", dest="vllm_enable_prompt_tokens_details", action="store_true",
          default=argparse.SUPPRESS)
-    g.add_argument("--chat-template", default=None, metavar="PATH",
-                   help="a Jinja chat template file for the OpenAI API's chats (given to the managed gateway, which "
-                        "renders them; default: the checkpoint's); checked before the weights load: a regular file "
-                        "of at most 1 MiB, UTF-8, that compiles with jinja2 (a path, not an inline template)")
-    g.add_argument("--tool-call-parser", default=None, metavar="NAME",
-                   help="the managed gateway's tool-call parser (smg's names: deepseek, kimik2, qwen, glm45_moe, "
-                        "minimax_m2, ...; vLLM's where they differ: hermes, kimi_k2, glm45, deepseek_v3, openai "
-                        "for gpt-oss, ...): tool_calls in chat responses")
-    g.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="accepted with --tool-call-parser (the gateway parses tool calls whenever a parser is set)")
-    _add(g, "--disable-auto-tool-choice", dest="enable_auto_tool_choice", action="store_false",
-         default=argparse.SUPPRESS)
-    g.add_argument("--reasoning-parser", default=None, metavar="NAME",
-                   help="the managed gateway's reasoning parser (smg's names: deepseek_r1, qwen3, glm45, kimi, "
-                        "minimax, ...; vLLM's where they differ: kimi_k2, minimax_m2, openai_gptoss for gpt-oss): "
-                        "reasoning_content split out of chat responses")
+    return g
 
 
 class RequestLogFilter(logging.Filter):

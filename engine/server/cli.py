@@ -11,7 +11,7 @@ from ..api.kv_args import add_role_args, role_from_args
 from ..api.vllm_flags import OneValue, RequestLogFilter, add_refused_flags, add_vllm_server_flags
 from ..api.vllm_kv_config import apply_kv_transfer_config
 from .gateway.chat_template import check_chat_template
-from .gateway.parsers import gateway_args
+from .gateway.options import add_gateway_flags, gateway_options
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -38,14 +38,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default loopback)")
     p.add_argument("--gateway-port", type=int, default=None,
                    help="also serve vllm.grpc.engine.VllmEngine and health on this port in plaintext and WITHOUT "
-                        "the API key, for an smg gateway on the same host (smg sends workers no key and no TLS); "
-                        "0 picks a free one (default: off)")
+                        "the API key, for an OpenAI HTTP gateway on the same host that sends workers no key and no "
+                        "TLS; 0 picks a free one (default: off)")
     p.add_argument("--gateway-host", default="127.0.0.1",
                    help="address of --gateway-port (default loopback: only this host can reach it)")
     http = p.add_mutually_exclusive_group()
     http.add_argument("--http-port", type=int, default=8000,
-                      help="serve the OpenAI API over HTTP on this port through a managed smg gateway, started, "
-                           "restarted and stopped with the server (default: %(default)s, like `vllm serve`)")
+                      help="serve the OpenAI API over HTTP on this port through the managed OpenAI HTTP gateway, "
+                           "started, restarted and stopped with the server (default: %(default)s, like `vllm serve`)")
     http.add_argument("--no-http", "--grpc", action="store_true",
                       help="no HTTP gateway: serve gRPC only (--grpc: vLLM's name, its gRPC server on --port)")
     p.add_argument("--http-host", default="127.0.0.1",
@@ -71,7 +71,7 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
                         gateway_port=ns.gateway_port, gateway_host=ns.gateway_host,
                         http_port=None if ns.no_http else ns.http_port, http_host=ns.http_host,
                         http_metrics_port=ns.http_metrics_port, http_metrics_host=ns.http_metrics_host,
-                        limits=limits_from(ns), gateway_args=gateway_args(ns))
+                        limits=limits_from(ns), gateway=gateway_options(ns))
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -139,7 +139,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over gRPC (moelink.v1 and vllm.grpc.engine.VllmEngine)")
     add_engine_args(p)
     add_server_args(p)
-    add_vllm_server_flags(p)
+    add_gateway_flags(add_vllm_server_flags(p))  # vLLM's flags the OpenAI HTTP gateway reads, in their group
     add_refused_flags(p)  # last: a flag moelink takes itself is never refused
     p.set_defaults(func=_serve)
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+from .gateway.options import GatewayOptions, model_alias_refusal
 from .limits import DEFAULT_MAX_MESSAGE_SIZE, RequestLimits
 from .tls import check_server_tls
 
@@ -42,9 +43,9 @@ class ServerConfig:
     http_metrics_host: str = "127.0.0.1"
     log_format: str = "text"  # "text" or "json" (one JSON object per line, with request ids)
     limits: RequestLimits = field(default_factory=RequestLimits)  # per-request caps (docs/serving.md: bad input)
-    # Extra arguments of the managed gateway: vLLM's --tool-call-parser / --reasoning-parser /
-    # --chat-template as the gateway spells them (engine/server/gateway/parsers.gateway_args).
-    gateway_args: tuple[str, ...] = ()
+    # What the managed gateway (or the commands printed for one started by hand) is asked for beyond serving the
+    # worker: vLLM's --tool-call-parser / --reasoning-parser / --chat-template (engine/server/gateway/options.py).
+    gateway: GatewayOptions = field(default_factory=GatewayOptions)
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -89,6 +90,8 @@ class ServerConfig:
             bad("log_format", "choose 'text' or 'json'")
         if not isinstance(self.limits, RequestLimits):
             bad("limits", "must be a RequestLimits")
+        if not isinstance(self.gateway, GatewayOptions):
+            bad("gateway", "must be a GatewayOptions")
         self._check_names(bad)
 
     def _check_names(self, bad) -> None:
@@ -101,10 +104,9 @@ class ServerConfig:
         for i, name in enumerate(names):
             if not isinstance(name, str) or not name or name != name.strip():
                 bad("served_model_name", "each name must be a non-empty string without leading or trailing spaces")
-            if i and "=" in name:
-                # The managed gateway is given each further name as `--model-alias NAME=FIRST`.
-                bad("served_model_name", f"a further name ({name!r}) cannot contain '=': the OpenAI gateway (smg) "
-                                         "reads its aliases as NAME=MODEL; only the first name may")
+            why = model_alias_refusal(name) if i else None  # the gateway is given each further name as an alias
+            if why is not None:
+                bad("served_model_name", f"a further name ({name!r}) {why}; only the first name may")
         names = tuple(dict.fromkeys(names))  # a name given twice is one name
         self.served_model_name = names[0] if len(names) == 1 else names
 

@@ -160,7 +160,8 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
          f"at most {SMALL_REQUEST_MAX_BYTES >> 10} KiB, refused before parsing", invalid),
         ("VllmEngine: `logit_bias`, `prompt_logprobs`, multimodal inputs", "not supported",
          invalid),
-        ("HTTP `logit_bias`", "not supported: a non-empty bias is refused, never ignored (smg would drop it)",
+        ("HTTP `logit_bias`", "not supported: a non-empty bias is refused, never ignored (the OpenAI HTTP "
+                              "gateway would drop it)",
          "HTTP 400, `param` logit_bias"),
         ("`sampling_params.json_schema` / `regex` / `grammar` / `choice` (HTTP: `response_format`, "
          "`structured_outputs`, `guided_*`)", f"at most {DEFAULT_MAX_GRAMMAR_CHARS} characters "

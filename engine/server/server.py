@@ -280,16 +280,14 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     print(f"moelink: serving {server.serving.served_model_name!r} on {host}:{port} "
           f"(gRPC {scheme}, --port; {http}; services {', '.join(SERVICES)})", flush=True)
     if gateway is None:  # what a vLLM user must run by hand for the OpenAI API (vLLM's fields carried)
-        from .gateway.front_cli import PD_ROLES, hand_gateway_commands, hand_pd_gateway_commands
-        from .gateway.supervisor import alias_args, worker_url
+        from .gateway.front_cli import by_hand_commands
+        from .gateway.supervisor import server_worker_url
 
-        worker = worker_url(config.gateway_host, server.gateway_port) if server.gateway_port is not None else \
-            worker_url(host, port)
-        # The model's further names (served names, the model argument as given) as the gateway's aliases, as managed.
-        extra = (*alias_args(server.serving.served_model_name, server.serving.model_aliases), *config.gateway_args)
-        pd_role = PD_ROLES.get(server.serving.info.kv_role)  # a prefill/decode server: the gateway's PD mode
-        hint = (hand_gateway_commands(worker, extra) if pd_role is None else
-                hand_pd_gateway_commands(pd_role, worker, tokenizer_path or engine.info.model.model, extra))
+        worker = server_worker_url(config, port, server.gateway_port)
+        # The model's further names (served names, the model argument as given) as the gateway's aliases, as managed;
+        # a prefill/decode server's (its kv_role) in the gateway's PD mode.
+        hint = by_hand_commands(worker, config.gateway, server.serving.served_model_name, server.serving.model_aliases,
+                                server.serving.info.kv_role, tokenizer_path or engine.info.model.model)
         print(f"moelink: OpenAI API by hand: {hint}", flush=True)
     if server.metrics_port is not None:
         print(f"moelink: metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True)
@@ -307,8 +305,7 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     if gateway is not None:
         key = " (same API key)" if config.api_key else ""
         print(f"moelink: OpenAI API on http://{_url_host(config.http_host)}:{config.http_port}/v1{key} "
-              f"(smg gateway pid {gateway.pid}; its metrics on http://{config.http_metrics_host}:"
-              f"{gateway.metrics_port}/metrics)", flush=True)
+              f"({gateway.describe()})", flush=True)
     try:
         await server.wait_closed()
     finally:
@@ -417,9 +414,8 @@ def serve(engine_args, config: ServerConfig) -> int:
     if config.http_port is not None:
         from .gateway import supervisor as gateway
 
-        if gateway.smg_executable() is None:  # said before any weights load
-            raise gateway.GatewayError(gateway.INSTALL_HINT)
-        gateway.check_http_port(config.http_host, config.http_port)  # so is a port another server holds
+        # Said before any weights load: the gateway is not installed, or another server holds the port.
+        gateway.check_can_start(config.http_host, config.http_port)
     configure_logging(config.log_format)
     metrics = None
     if config.metrics_port is not None or config.http_port is not None:  # the HTTP port serves /metrics too

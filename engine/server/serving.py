@@ -37,6 +37,7 @@ from ..contract.structured_output_params import StructuredOutputParams
 from .client_identity import client_of
 from .config import ServerConfig
 from .gateway.hangups import Abandoned, Hangups, relay_of
+from .gateway.options import model_alias_refusal
 from .registry import Draining, DuplicateRequest, Overloaded, RequestRegistry
 
 logger = logging.getLogger(__name__)
@@ -66,12 +67,12 @@ class Serving:
         # argument as given); /v1/models lists them.
         self.served_model_names = config.served_model_names or (self.model_arg,)
         self.served_model_name = self.served_model_names[0]
-        # Every name but the first, for the OpenAI gateway (its --model-alias NAME=FIRST): the further served
-        # names, and, accepted though not listed, the model argument as given and a directory's own name (what
-        # moelink served by default before). One with '=' would be misread by the gateway: left out.
+        # Every name but the first, aliases of it on the OpenAI gateway (gateway/options.py alias_args): the further
+        # served names, and, accepted though not listed, the model argument as given and a directory's own name (what
+        # moelink served by default before). One the gateway cannot take as an alias (model_alias_refusal): left out.
         implicit = (self.model_arg,) + (() if self.model.model_id else (Path(self.model.model).name,))
         self.model_aliases = tuple(n for n in dict.fromkeys(self.served_model_names[1:] + implicit)
-                                   if n and n != self.served_model_name and "=" not in n)
+                                   if n and n != self.served_model_name and model_alias_refusal(n) is None)
         self.model_path = str(Path(self.model.model).resolve())
         self.start_time = time.time()
         # Engine ids are the client's id plus a per-admission number, never the bare client id: a retry

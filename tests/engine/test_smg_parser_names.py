@@ -12,7 +12,7 @@ import pytest
 
 from moelink.engine.api.cli import build_parser
 from moelink.engine.server.gateway.parsers import smg_parser_names
-from moelink.engine.server.gateway.parsers import gateway_args
+from moelink.engine.server.gateway.options import gateway_args
 from tests.helpers import zygote
 
 BUILTIN = str(Path(__file__).resolve().parents[2] / "builtin-model")

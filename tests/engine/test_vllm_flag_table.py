@@ -16,7 +16,7 @@ from moelink.engine.api.cli import build_parser
 from moelink.engine.api.vllm_flag_table import (EARLIER_VLLM_FLAGS, VLLM_RELEASE, VLLM_SERVE_FLAGS, VllmFlag,
                                                 markdown_table)
 from moelink.engine.api.vllm_flags import _Refused, apply_vllm_engine_flags, human_int
-from moelink.engine.server.gateway.parsers import gateway_args
+from moelink.engine.server.gateway.options import gateway_args
 from moelink.engine.api.vllm_kv_config import (CONNECTORS, NIXL_HOST_ENV, NIXL_PORT_ENV, OFFLOAD,
                                                apply_kv_transfer_config, connector_table)
 from moelink.engine.server.limits import limits_from

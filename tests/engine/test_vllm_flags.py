@@ -13,7 +13,7 @@ import pytest
 
 from moelink.engine.api.cli import build_parser
 from moelink.engine.api.vllm_flags import RequestLogFilter, apply_vllm_engine_flags
-from moelink.engine.server.gateway.parsers import gateway_args
+from moelink.engine.server.gateway.options import gateway_args
 from moelink.engine.api.vllm_kv_config import NIXL_HOST_ENV, NIXL_PORT_ENV, apply_kv_transfer_config
 from moelink.engine.server.limits import limits_from
 

@@ -22,9 +22,11 @@ import asyncio
 import os
 import shlex
 import signal
+from typing import Optional, Sequence
 
 from .http_front import HttpFront
 from .http_metrics import HttpMetrics
+from .options import GatewayOptions, alias_args
 
 
 def register_cli(subparsers) -> None:
@@ -102,3 +104,16 @@ def hand_pd_gateway_commands(role: str, worker: str, model_path: str, gateway_ar
             f"--model-path {shlex.quote(model_path)} --host 127.0.0.1 --port {smg_port} --prometheus-host 127.0.0.1 "
             f"--prometheus-port {metrics_port}{extra} & "
             f"moelink http-front --port {http_port} --upstream-port {smg_port} --upstream-metrics-port {metrics_port}")
+
+
+def by_hand_commands(worker: str, options: GatewayOptions, served_model_name: Optional[str],
+                     model_aliases: Sequence[str], kv_role: Optional[str], model_path: str) -> str:
+    """What a server started without the managed gateway (`--no-http`, at `worker`, grpc://HOST:PORT) prints for
+    the OpenAI API by hand, as the managed gateway would serve it: the model's further names as aliases of the first
+    (`served_model_name`), `options`; a server of a prefill/decode pair (`kv_role`) in smg's PD mode, which reads
+    the tokenizer from `model_path`."""
+    extra = (*alias_args(served_model_name, model_aliases), *options.args())
+    pd_role = PD_ROLES.get(kv_role) if kv_role is not None else None
+    if pd_role is None:
+        return hand_gateway_commands(worker, extra)
+    return hand_pd_gateway_commands(pd_role, worker, model_path, extra)

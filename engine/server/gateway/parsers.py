@@ -15,7 +15,6 @@ passes here and is still refused by smg's default legacy parsers at its start, w
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import functools
 import json
@@ -24,8 +23,6 @@ import shutil
 import subprocess
 import sys
 from typing import Iterable, Optional
-
-from .quirks import VLLM_REASONING_PARSERS, VLLM_TOOL_CALL_PARSERS, smg_parser_name
 
 _QUERY = ("import json; from smg.smg_rs import get_available_reasoning_parsers as r, "
           "get_available_tool_call_parsers as t; from importlib.metadata import version; v = version('smg'); "
@@ -89,20 +86,3 @@ def check_parser_name(flag: str, given: str, smg_name: Optional[str], kind: str,
     raise ValueError(f"{flag}={given!r} is invalid{hint}: the smg gateway ({names.get('version', '?')}) knows "
                      f"{', '.join(known)}{also}.")
 
-
-def gateway_args(ns: argparse.Namespace) -> tuple[str, ...]:
-    """The managed gateway's (smg) command-line arguments these flags ask for (vLLM's parser names as smg's)."""
-    if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (which parser reads the model's tool "
-                         "calls).")
-    args: list[str] = []
-    tool_call = smg_parser_name("tool_call", ns.tool_call_parser)
-    reasoning = smg_parser_name("reasoning", ns.reasoning_parser)
-    # Against smg's own registry now, not when smg starts after the weights have loaded (check_parser_name).
-    check_parser_name("--tool-call-parser", ns.tool_call_parser, tool_call, "tool_call", VLLM_TOOL_CALL_PARSERS)
-    check_parser_name("--reasoning-parser", ns.reasoning_parser, reasoning, "reasoning", VLLM_REASONING_PARSERS)
-    for flag, value in (("--tool-call-parser", tool_call), ("--reasoning-parser", reasoning),
-                        ("--chat-template", ns.chat_template)):
-        if value is not None:
-            args += [flag, value]
-    return tuple(args)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 
 from .admin import _KEY_ENV, WorkerCheck, new_admin_key, with_secrets  # noqa: F401 (_KEY_ENV: tests)
+from .options import GatewayOptions, alias_args
 from .output import TAIL_LINES, keep_tail, smg_refusal
 from .quirks import relay_request_id_args, start_crashed, tokenizer_ready
 from .hangups import RELAY_HEADER
@@ -72,6 +73,14 @@ def check_http_port(host: str, port: int) -> None:
         raise GatewayError(f"http_port={port} is invalid: could not bind {host}:{port} ({reason}): another server "
                            f"(a second `moelink serve`?) holds it; stop it, pick another --http-port, or pass "
                            f"--no-http to serve gRPC only.")
+
+
+def check_can_start(http_host: str, http_port: int) -> None:
+    """GatewayError unless the managed gateway can start on `http_host:http_port`: smg is installed and the port is
+    free. Said before any weights load."""
+    if smg_executable() is None:
+        raise GatewayError(INSTALL_HINT)
+    check_http_port(http_host, http_port)
 
 
 def smg_executable() -> Optional[str]:
@@ -137,6 +146,11 @@ class GatewaySupervisor:
     @property
     def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc is not None else None
+
+    def describe(self) -> str:
+        """The gateway as the server's start line names it: its process and where its own metrics are."""
+        return (f"smg gateway pid {self.pid}; its metrics on http://{self.spec.metrics_host}:{self.metrics_port}"
+                "/metrics")
 
     def command(self, metrics_port: int) -> list[str]:
         s = self.spec
@@ -388,13 +402,6 @@ class GatewaySupervisor:
             self.proc.wait(STOP_TIMEOUT_S)
 
 
-def alias_args(served_model_name: Optional[str], aliases) -> list[str]:
-    """smg's flags that route each of `aliases` to the worker's `served_model_name`."""
-    if not served_model_name:
-        return []
-    return [arg for alias in aliases for arg in ("--model-alias", f"{alias}={served_model_name}")]
-
-
 def _with_key(cmd: list[str], api_key: Optional[str]) -> tuple[list[str], dict]:
     """(command, environment) that give smg `api_key` off its command line (admin.with_secrets)."""
     return with_secrets(cmd, api_key)
@@ -432,6 +439,14 @@ def worker_url(host: str, port: int) -> str:
     return f"grpc://{host}:{port}"
 
 
+def server_worker_url(config, grpc_port: int, gateway_listener_port: Optional[int]) -> str:
+    """The worker address a gateway dials for a bound server (ServerConfig `config`): its keyless gateway listener
+    when there is one (smg sends workers no key and no TLS), else its main port."""
+    if gateway_listener_port is not None:
+        return worker_url(config.gateway_host, gateway_listener_port)
+    return worker_url(config.host, grpc_port)
+
+
 async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: Optional[int],
                                 on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
                                 registry=None, serving=None) -> GatewaySupervisor:
@@ -441,13 +456,13 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     registry, served with smg's own metrics on the HTTP port's /metrics (http_metrics.py). `serving`: the
     server's Serving: its model names reach smg (aliases of the first), and the front answers vLLM's /v1/models,
     /tokenize and /detokenize from it (vllm_routes.py)."""
-    target = worker_url(config.gateway_host, gateway_listener_port) if gateway_listener_port is not None \
-        else worker_url(config.host, grpc_port)
+    options: GatewayOptions = config.gateway
+    target = server_worker_url(config, grpc_port, gateway_listener_port)
     # smg listens on a loopback port of its own; --http-port is the front's (http_front.py), which carries the
     # request fields smg would drop.
     spec = GatewaySpec(http_host="127.0.0.1", http_port=free_loopback_port(), worker_url=target,
                        metrics_host=config.http_metrics_host, metrics_port=config.http_metrics_port,
-                       api_key=config.api_key, extra_args=list(getattr(config, "gateway_args", ())),
+                       api_key=config.api_key, extra_args=list(options.args()),
                        served_model_name=getattr(serving, "served_model_name", None),
                        model_aliases=tuple(getattr(serving, "model_aliases", ())))
     if not config.api_key and not is_loopback(config.http_host):
@@ -458,7 +473,7 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     if serving is not None:
         from .vllm_routes import VllmRoutes
 
-        local = VllmRoutes(serving, chat_template_of(spec.extra_args))
+        local = VllmRoutes(serving, chat_template_of(options))
     front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
                       not_serving=lambda: gateway.not_serving() if gateway is not None else None,
                       on_hangup=on_hangup,
@@ -480,14 +495,13 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     return gateway
 
 
-def chat_template_of(gateway_args) -> Optional[str]:
-    """The --chat-template text smg is given (its flag among the gateway's arguments), or None."""
-    args = list(gateway_args)
-    if "--chat-template" not in args or args.index("--chat-template") + 1 >= len(args):
+def chat_template_of(options: GatewayOptions) -> Optional[str]:
+    """The text of the chat template file smg is given (options.chat_template), or None."""
+    if options.chat_template is None:
         return None
     from .chat_template import read_chat_template
 
-    return read_chat_template(args[args.index("--chat-template") + 1])
+    return read_chat_template(options.chat_template)
 
 
 def is_loopback(host: str) -> bool:
