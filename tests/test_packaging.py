@@ -1,6 +1,6 @@
 """Every package of the checkout ships: the wheel (the GPU image's `pip install .`) holds every folder with an
-`__init__.py` under the root folders (pyproject's package-dir), and the editable install (`make setup`) imports each from its
-folder. The packages are found by setuptools' discovery (setup.py), never listed by hand: a hand list once left
+`__init__.py` under the root folders (pyproject's package-dir), and the editable install (`make setup`) imports each
+from its folder. The packages are found by setuptools' discovery (setup.py), never listed by hand: a hand list once left
 moelink.engine.server.gateway out of the wheel (2026-11-26), and a new model family's folder needs no edit."""
 from __future__ import annotations
 

@@ -51,6 +51,10 @@ def _gather() -> dict[str, TinyArch]:
                 raise ValueError(f"make-tiny-model: --arch {name} is declared twice ({module} and an earlier family)")
             if (arch.sized is None) == (arch.write is None):
                 raise ValueError(f"make-tiny-model: --arch {name} ({module}) needs one writer: `sized` or `write`")
+            unknown = [f for f in arch.formats if f not in _GENERIC_FORMATS and f not in arch.own_formats]
+            if unknown:
+                raise ValueError(f"make-tiny-model: --arch {name} ({module}) offers unknown formats {unknown}: "
+                                 f"{', '.join(_GENERIC_FORMATS)} or its own_formats")
             archs[name] = arch
     return archs
 
@@ -68,8 +72,8 @@ PRESETS = tuple(a for a in ARCHS if a not in SIZED)
 def check_arch(arch: str) -> TinyArch:
     """The TinyArch of `arch`; one clear error naming every arch (the families' tiny.py) for another."""
     if arch not in ARCHS:
-        raise ValueError(f"make_tiny_model: arch={arch!r} is invalid: must be one of {', '.join(ARCHS)} (each family's "
-                         "engine/models/<family>/tiny.py declares its own).")
+        raise ValueError(f"make_tiny_model: arch={arch!r} is invalid: must be one of {', '.join(ARCHS)} (each "
+                         "family's engine/models/<family>/tiny.py declares its own).")
     return ARCHS[arch]
 
 

@@ -46,8 +46,9 @@ class TinyArch:
     How its float checkpoint is written, one of:
     - `sized`: by make_tiny_model's own writer of that layout (tiny_model.py: "qwen3_moe", "mixtral";
       tiny_hf_model.py: "deepseek_v3", "deepseek_v2", "glm4_moe"), sized by its arguments;
-    - `write(out, *, seed, dtype, fmt, overrides)`: a preset, its config fields changed by `overrides` (make_tiny_model's
-      `extra` and the format's fields), saved with the tiny tokenizer (save_model); `fmt` lets a family pick a
+    - `write(out, *, seed, dtype, fmt, overrides)`: a preset, its config fields changed by `overrides`
+      (make_tiny_model's `extra` and the format's fields), saved with the tiny tokenizer (save_model); `fmt` lets a
+      family pick a
       preset shaped for a format.
     expert_width: the config field of the routed experts' width (the INT4 formats make it a multiple of the group);
     format_fields: config fields a format needs ({"mxfp4": {"intermediate_size": 32}});

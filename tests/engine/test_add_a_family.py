@@ -6,8 +6,8 @@ reader.py reads it (Qwen3-MoE's reader, imported, not copied), its kinds.py regi
 experts, counted as they are built) and its tiny.py declares its tiny checkpoint (`moelink make-tiny-model --arch
 toy_moe`: a Qwen3-MoE preset built by transformers, saved under the toy's name). Its one registry line is
 engine/config/families.py's FAMILIES with the package's full name added, in a fresh interpreter before anything reads
-the registry: no file of the repository is touched (nor pyproject.toml: the packages are found, tests/test_packaging.py).
-The engine builds and runs the toy family, its sparse layers through the new kind, and its greedy tokens equal the
+the registry: no file of the repository is touched (nor pyproject.toml: the packages are found,
+tests/test_packaging.py). The engine builds and runs the toy family, its sparse layers through the new kind, and its greedy tokens equal the
 built-in Qwen3-MoE path's on the same weights (the kind does the same math); `make-tiny-model` lists the toy arch,
 writes its checkpoint, which the engine serves, and names it among the allowed arches when refusing an unknown one.
 """

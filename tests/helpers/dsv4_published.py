@@ -1,5 +1,6 @@
 """A tiny DeepSeek-V4 checkpoint in the format DeepSeek publishes V4-Flash / V4-Pro in, and its float oracle (the writer
-lives in engine/models/deepseek_v4/tiny.py, what `moelink make-tiny-model --arch deepseek_v4 --format published` writes).
+lives in engine/models/deepseek_v4/tiny.py, what `moelink make-tiny-model --arch deepseek_v4 --format published`
+writes).
 
 From the float checkpoint transformers saved (tests/helpers/dsv4_checkpoint.py), with the format's own rules (those of
 DeepSeek's inference code: `act_quant` / `fp4_act_quant` with ue8m0 scales, and its convert.py's e2m1 table):

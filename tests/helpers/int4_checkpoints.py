@@ -13,8 +13,9 @@ Thinking ships (group 32, symmetric, everything but the routed experts ignored).
 attention, dense and shared MLPs too (as community W4A16 releases of Qwen3-MoE do). `decompressed_copy` is the float64
 checkpoint holding exactly what the INT4 one means, made by the same library's `decompress` (the oracle's weights);
 `gptq_checkpoint` / `awq_checkpoint` rewrite the same integers in GPTQ's and AWQ's own layouts.
-`kimi_k25_checkpoint` (engine/models/deepseek/tiny.py) wraps a DeepSeek-V3 one as Kimi K2.5 publishes it (KimiK25ForConditionalGeneration,
-`language_model.model.*`, `language_model.lm_head.weight`, a vision tower's tensors beside them).
+`kimi_k25_checkpoint` (engine/models/deepseek/tiny.py) wraps a DeepSeek-V3 one as Kimi K2.5 publishes it
+(KimiK25ForConditionalGeneration, `language_model.model.*`, `language_model.lm_head.weight`, a vision tower's tensors
+beside them).
 """
 from __future__ import annotations
 

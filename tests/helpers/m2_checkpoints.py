@@ -1,7 +1,7 @@
 """Tiny MiniMax-M2 and MiMo-V2-Flash checkpoints built and saved by transformers itself (its own model classes,
-`save_pretrained`), with the tiny tokenizer beside them: the presets live in the package (engine/models/minimax_m2/tiny.py
-and mimo_v2_flash/tiny.py, drawn by engine/tools/tiny_families.save_drawn_preset, what `moelink make-tiny-model --arch
-minimax_m2 / mimo_v2_flash` writes). What each exercises: the presets' comments there. Every parameter transformers
+`save_pretrained`), with the tiny tokenizer beside them: the presets live in the package
+(engine/models/minimax_m2/tiny.py and mimo_v2_flash/tiny.py, drawn by engine/tools/tiny_families.save_drawn_preset,
+what `moelink make-tiny-model --arch minimax_m2 / mimo_v2_flash` writes). What each exercises: the presets' comments there. Every parameter transformers
 initialises to a constant gets random values (norm weights, biases, sinks, the correction bias), so a weight loaded
 into the wrong place shows.
 """
