@@ -26,7 +26,7 @@ UV_SPEC ?= uv==0.13.9
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile requirements/install.py $(LOCK)
+$(VENV)/.installed: pyproject.toml setup.py Makefile requirements/install.py $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) requirements/install.py --python $(PY) --lock "$(LOCK)" --torch-spec "$(TORCH_SPEC)" --extras "$(EXTRAS)" --uv-spec "$(UV_SPEC)"
 	touch $@

@@ -85,12 +85,17 @@ STDLIB_ONLY = ("scheduler",)
 # reader) are engine/config's: engine/config/architectures.py and hf_readers.py import them (by computed name,
 # engine/config/families.py) before any model code, so they may import only what engine/config may.
 FAMILY_CONFIG_PARTS = ("config", "reader")
+# A family's tiny checkpoints (engine/models/<family>/tiny.py: its `moelink make-tiny-model` presets) are
+# engine/tools': engine/tools/tiny_archs.py imports them (by computed name) and they build on its generic writers.
+FAMILY_TOOL_PARTS = ("tiny",)
 
 
 def unit_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 4 and parts[:2] == ["engine", "models"] and parts[3] in FAMILY_CONFIG_PARTS:
         return "engine.config"
+    if len(parts) == 4 and parts[:2] == ["engine", "models"] and parts[3] in FAMILY_TOOL_PARTS:
+        return "engine.tools"
     return max((u for u in ALLOWED if module == u or module.startswith(u + ".")), key=len)
 
 

@@ -1,7 +1,7 @@
 """The one decoder (moe_decoder.py) of registered block kinds (blocks/), its layers (gqa.py, mla.py, dsa.py,
 gated_deltanet.py, linear.py, rope.py), the architecture registry's models side (registry.py: ARCHITECTURES,
-arch_spec) and one package per model family (engine/models/<family>/: its registry entries, config reader and
-block kinds; engine/config/families.py lists them). Imports nothing: engine/config imports the families' config
-modules, which sit under this package, before any model code.
+arch_spec) and one package per model family (engine/models/<family>/: its registry entries, config reader, block
+kinds and tiny checkpoints; engine/config/families.py lists them). Imports nothing: engine/config imports the
+families' config modules, which sit under this package, before any model code.
 Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.tools.
 """

@@ -1,37 +1,32 @@
 """What `moelink make-tiny-model` offers: every family moelink serves (`--arch`) in every format moelink reads for it
 (`--format`), and how each is written. `moelink make-tiny-model --list` prints these tables.
 
-Three writers:
-- tiny_model.py's own (qwen3_moe, mixtral) and tiny_hf_model.py's (deepseek_v3, deepseek_v2, glm4_moe; kimi_k2 and
-  kimi_k25 on deepseek_v3), sized by make_tiny_model's arguments;
-- the test suite's presets, built and saved by transformers (tiny_families.py: deepseek_v32, glm_moe_dsa,
-  qwen3_next, qwen3_5_moe, minimax_m2, mimo_v2_flash, gpt_oss, deepseek_v4), changed by config fields (`extra`);
-- a format (tiny_formats.py, quantize_fp8.py, mxfp4_checkpoint.py) rewrites the float checkpoint.
+The arches are the families': each family's package declares its own in `engine/models/<family>/tiny.py` (`ARCHS`, a
+name -> TinyArch of engine/tools/tiny_families.py), and ARCHS here gathers them in the registry's order
+(engine/config/families.py: FAMILIES), importing each family's tiny module by computed name as the registry imports
+its config modules: this module names no family. Three writers:
+- tiny_model.py's own (qwen3_moe, mixtral layouts) and tiny_hf_model.py's (deepseek_v3, deepseek_v2, glm4_moe
+  layouts), sized by make_tiny_model's arguments: a TinyArch's `sized`;
+- a family's presets, built and saved by transformers (a TinyArch's `write`), changed by config fields (`extra`);
+- a format (tiny_formats.py, quantize_fp8.py, mxfp4_checkpoint.py, or a family's `own_formats`) rewrites the float
+  checkpoint.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from ..config.families import FAMILIES, family_module, has_part
+from .tiny_families import TinyArch
 
-@dataclass(frozen=True)
-class TinyArch:
-    """One `--arch`: the `architectures` its config.json names, the published checkpoints it stands for, and the
-    formats moelink reads it in (the first is the default)."""
-
-    architecture: str
-    covers: str
-    formats: tuple[str, ...]
-
-
-# Formats: name -> what the checkpoint holds.
-FORMATS: dict[str, str] = {
+# Formats every family may offer: name -> what the checkpoint holds (a family's own formats join them: FORMATS).
+_GENERIC_FORMATS: dict[str, str] = {
     "float": "every weight in --dtype (float32 by default)",
     "fp8": "DeepSeek's FP8 block-scaled W8A8 layout (weight_scale_inv per 16 x 16 block at these sizes), as "
            "`moelink quantize-fp8` writes it",
@@ -41,39 +36,45 @@ FORMATS: dict[str, str] = {
     "gptq": "the int4 experts' integers in GPTQ's layout (qweight / qzeros / scales / g_idx)",
     "awq": "the int4 experts' integers in AutoAWQ's GEMM layout (zero points)",
     "nvfp4": "ModelOpt's NVFP4 routed experts (e2m1, e4m3 scale per 16 values, a global scale)",
-    "published": "DeepSeek-V4 as DeepSeek publishes it: FP8 linears with ue8m0 block scales, FP4 routed experts, "
-                 "DeepSeek's tensor names",
 }
 
-_QUANT = ("fp8", "int4", "gptq", "awq", "nvfp4")
-ARCHS: dict[str, TinyArch] = {
-    "qwen3_moe": TinyArch("Qwen3MoeForCausalLM", "Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder MoE",
-                          ("float",) + _QUANT),
-    "mixtral": TinyArch("MixtralForCausalLM", "Mixtral-8x7B, Mixtral-8x22B", ("float",) + _QUANT),
-    "deepseek_v3": TinyArch("DeepseekV3ForCausalLM", "DeepSeek-V3, DeepSeek-R1", ("float",) + _QUANT),
-    "deepseek_v2": TinyArch("DeepseekV2ForCausalLM", "DeepSeek-V2, DeepSeek-V2-Lite", ("float",) + _QUANT),
-    "glm4_moe": TinyArch("Glm4MoeForCausalLM", "GLM-4.5, GLM-4.5-Air, GLM-4.6", ("float",) + _QUANT),
-    "kimi_k2": TinyArch("DeepseekV3ForCausalLM", "Kimi K2, K2 Thinking (model_type kimi_k2; INT4 experts as K2 "
-                        "Thinking publishes them, FP8 as K2)", ("int4", "float", "fp8")),
-    "kimi_k25": TinyArch("KimiK25ForConditionalGeneration", "Kimi K2.5 (its text model under language_model., a "
-                         "vision tower's tensors beside it; INT4 experts)", ("int4", "float")),
-    "deepseek_v32": TinyArch("DeepseekV32ForCausalLM", "DeepSeek-V3.2 (-Exp)", ("float",) + _QUANT),
-    "glm_moe_dsa": TinyArch("GlmMoeDsaForCausalLM", "GLM-5", ("float",) + _QUANT),
-    # No fp8: the q / gate split of gated attention moves rows across FP8 blocks, which the loader refuses.
-    "qwen3_next": TinyArch("Qwen3NextForCausalLM", "Qwen3-Next-80B-A3B", ("float", "int4", "gptq", "awq", "nvfp4")),
-    "qwen3_5_moe": TinyArch("Qwen3_5MoeForConditionalGeneration", "Qwen3.5-MoE (397B-A17B, 122B-A10B, 35B-A3B) as "
-                            "published (the text model of a multimodal checkpoint)",
-                            ("float", "int4", "gptq", "awq", "nvfp4")),
-    "minimax_m2": TinyArch("MiniMaxM2ForCausalLM", "MiniMax-M2, M2.1", ("float",) + _QUANT),
-    "mimo_v2_flash": TinyArch("MiMoV2FlashForCausalLM", "MiMo-V2-Flash", ("float",) + _QUANT),
-    "gpt_oss": TinyArch("GptOssForCausalLM", "gpt-oss-20b, gpt-oss-120b", ("float", "mxfp4")),
-    "deepseek_v4": TinyArch("DeepseekV4ForCausalLM", "DeepSeek-V4 (Flash, Pro)", ("float", "published")),
-}
-# Written by tiny_model.py / tiny_hf_model.py and sized by make_tiny_model's arguments (kimi_k2 / kimi_k25: a
-# deepseek_v3 with Kimi's config and files); the others are tiny_families.py's presets.
-SIZED = {"qwen3_moe": "qwen3_moe", "mixtral": "mixtral", "deepseek_v3": "deepseek_v3", "deepseek_v2": "deepseek_v2",
-         "glm4_moe": "glm4_moe", "kimi_k2": "deepseek_v3", "kimi_k25": "deepseek_v3"}
+
+def _gather() -> dict[str, TinyArch]:
+    """Every family's `ARCHS` (its tiny.py), in FAMILIES order; a family without tiny.py offers none."""
+    archs: dict[str, TinyArch] = {}
+    for family in FAMILIES:
+        if not has_part(family, "tiny"):
+            continue
+        module = family_module(family, "tiny")
+        for name, arch in importlib.import_module(module).ARCHS.items():
+            if name in archs:
+                raise ValueError(f"make-tiny-model: --arch {name} is declared twice ({module} and an earlier family)")
+            if (arch.sized is None) == (arch.write is None):
+                raise ValueError(f"make-tiny-model: --arch {name} ({module}) needs one writer: `sized` or `write`")
+            unknown = [f for f in arch.formats if f not in _GENERIC_FORMATS and f not in arch.own_formats]
+            if unknown:
+                raise ValueError(f"make-tiny-model: --arch {name} ({module}) offers unknown formats {unknown}: "
+                                 f"{', '.join(_GENERIC_FORMATS)} or its own_formats")
+            archs[name] = arch
+    return archs
+
+
+ARCHS: dict[str, TinyArch] = _gather()
+# Formats: name -> what the checkpoint holds.
+FORMATS: dict[str, str] = {**_GENERIC_FORMATS, **{f: text for a in ARCHS.values()
+                                                 for f, (text, _) in a.own_formats.items()}}
+# Written by tiny_model.py / tiny_hf_model.py and sized by make_tiny_model's arguments (arch -> the layout: Kimi's
+# are a deepseek_v3 with Kimi's config and files); the others are their families' presets.
+SIZED = {name: a.sized for name, a in ARCHS.items() if a.sized is not None}
 PRESETS = tuple(a for a in ARCHS if a not in SIZED)
+
+
+def check_arch(arch: str) -> TinyArch:
+    """The TinyArch of `arch`; one clear error naming every arch (the families' tiny.py) for another."""
+    if arch not in ARCHS:
+        raise ValueError(f"make_tiny_model: arch={arch!r} is invalid: must be one of {', '.join(ARCHS)} (each "
+                         "family's engine/models/<family>/tiny.py declares its own).")
+    return ARCHS[arch]
 
 
 def default_format(arch: str) -> str:
@@ -90,53 +91,38 @@ def check_format(arch: str, fmt: str) -> None:
 
 def format_overrides(arch: str, fmt: str, int4_group: int) -> dict:
     """Config fields a preset needs for `fmt`: INT4's reduction dims (hidden and expert widths) a multiple of the
-    group; MXFP4's and V4's FP4 expert widths a multiple of 32 (one scale per 32 values); GLM-5's FP8 indexer heads
-    one 16-row block each (the rope de-interleave keeps rows inside their block)."""
+    group; what the family declares for a format (TinyArch.format_fields: MXFP4's and V4's FP4 expert widths a multiple
+    of 32, GLM-5's FP8 indexer heads one 16-row block each)."""
+    a = ARCHS[arch]
     if fmt in ("int4", "gptq", "awq"):
-        expert_width = "intermediate_size" if arch == "minimax_m2" else "moe_intermediate_size"
-        return {"hidden_size": max(64, int4_group), expert_width: max(32, int4_group)}
-    if fmt == "mxfp4":
-        return {"intermediate_size": 32}
-    if fmt == "published":
-        return {"moe_intermediate_size": 32}
-    if fmt == "fp8" and arch == "glm_moe_dsa":
-        return {"index_head_dim": 16}
-    return {}
+        return {"hidden_size": max(64, int4_group), a.expert_width: max(32, int4_group)}
+    return dict(a.format_fields.get(fmt, {}))
 
 
 def write_preset(out: Path, arch: str, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapping) -> None:
-    """tiny_families' checkpoint of `arch` (config fields `overrides` on top) in float, into `out`."""
-    from . import tiny_families as tf
-
-    kw = dict(overrides)
-    if arch == "deepseek_v32":
-        tf.save_hf_checkpoint(out, "dsv32_fp8" if fmt == "fp8" else "dsv32", seed, dtype, **kw)
-    elif arch == "glm_moe_dsa":
-        tf.save_hf_checkpoint(out, "glm5", seed, dtype, **kw)
-    elif arch in ("qwen3_next", "qwen3_5_moe"):
-        tf.save_hf_checkpoint(out, arch, seed, dtype, **kw)
-    elif arch in ("minimax_m2", "mimo_v2_flash"):
-        tf.save_m2_checkpoint(out, {"minimax_m2": "minimax", "mimo_v2_flash": "mimo"}[arch], seed, dtype, **kw)
-    elif arch == "gpt_oss":
-        tf.save_gpt_oss(out, dtype, seed, **kw)
-    elif arch == "deepseek_v4":
-        tf.save_dsv4_checkpoint(out, seed, dtype, **kw)
-    else:
+    """The family's preset of `arch` (config fields `overrides` on top) in float, into `out`."""
+    write = ARCHS[arch].write
+    if write is None:
         raise ValueError(f"make_tiny_model: arch={arch!r} has no preset")
+    write(out, seed=seed, dtype=dtype, fmt=fmt, overrides=dict(overrides))
 
 
 def convert(src: Path, out: Path, arch: str, fmt: str, *, int4_group: int, int4_symmetric: bool,
             fp8_block: tuple[int, int]) -> None:
-    """The float checkpoint `src` rewritten into `out` in `fmt` (kimi_k25: then wrapped as Kimi K2.5 publishes)."""
+    """The float checkpoint `src` rewritten into `out` in `fmt` (a family's own format by its converter), then
+    wrapped as published where the family says so (TinyArch.wrap: Kimi K2.5's)."""
     from . import tiny_formats
 
+    a = ARCHS[arch]
     target = out
     tmp = None
-    if arch == "kimi_k25":  # the DeepSeek-V3 checkpoint in its format first, then wrapped
+    if a.wrap is not None:  # the checkpoint in its format first, then wrapped
         tmp = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.")
         target = Path(tmp.name) / "text"
     try:
-        if fmt == "float":
+        if fmt in a.own_formats:
+            a.own_formats[fmt][1](str(src), target)
+        elif fmt == "float":
             shutil.copytree(src, target, dirs_exist_ok=True)
         elif fmt == "fp8":
             from .quantize_fp8 import quantize_checkpoint
@@ -148,8 +134,6 @@ def convert(src: Path, out: Path, arch: str, fmt: str, *, int4_group: int, int4_
             quantize_mxfp4_checkpoint(src, target)
         elif fmt == "nvfp4":
             tiny_formats.nvfp4_checkpoint(str(src), target)
-        elif fmt == "published":
-            tiny_formats.write_published_dsv4(str(src), target)
         else:
             if int4_group not in tiny_formats.INT4_GROUPS:
                 raise ValueError(f"make_tiny_model: int4_group={int4_group!r} is invalid: must be one of "
@@ -168,8 +152,8 @@ def convert(src: Path, out: Path, arch: str, fmt: str, *, int4_group: int, int4_
             finally:
                 if int4_dir != target:
                     shutil.rmtree(int4_dir, ignore_errors=True)
-        if arch == "kimi_k25":
-            tiny_formats.kimi_k25_checkpoint(str(target), out)
+        if a.wrap is not None:
+            a.wrap(str(target), out)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -194,5 +178,5 @@ def listing() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ARCHS", "FORMATS", "PRESETS", "SIZED", "TinyArch", "check_format", "convert", "default_format",
-           "format_overrides", "listing", "set_model_type", "write_preset"]
+__all__ = ["ARCHS", "FORMATS", "PRESETS", "SIZED", "TinyArch", "check_arch", "check_format", "convert",
+           "default_format", "format_overrides", "listing", "set_model_type", "write_preset"]

@@ -7,14 +7,14 @@ rules: the quantized tiny checkpoints of `moelink make-tiny-model --format` and 
   group's min / max, the packed tensors from its `PackedQuantizationCompressor.compress` (`weight_packed` int32
   [N, K/8], `weight_scale` [N, K/G], `weight_shape`, and `weight_zero_point` int32 [N/8, K/G] when asymmetric), and
   config.json's quantization_config from its `QuantizationConfig.model_dump()` (compressed-tensors,
-  pack-quantized). `gptq_checkpoint` / `awq_checkpoint` rewrite the same integers in GPTQ's and AutoAWQ's layouts;
-  `kimi_k25_checkpoint` wraps a DeepSeek-V3 one as Kimi K2.5 publishes it.
+  pack-quantized). `gptq_checkpoint` / `awq_checkpoint` rewrite the same integers in GPTQ's and AutoAWQ's layouts.
 - NVFP4 (`nvfp4_checkpoint`): ModelOpt's export (`weight` uint8 [N, K/2] e2m1 pairs, `weight_scale` float8_e4m3fn
   [N, K/16], `weight_scale_2` and `input_scale` float32 scalars; gate and up quantized apart), the quantization in
   config.json or in hf_quant_config.json.
-- DeepSeek-V4 as published (`write_published_dsv4`): DeepSeek's names, FP8 linears with ue8m0 block scales and FP4
-  routed experts, by the rules of DeepSeek's inference code (below).
 - FP8 block-scaled and gpt-oss's MXFP4 have tools of their own: quantize_fp8.py and mxfp4_checkpoint.py.
+A family's own formats and wrappers live in its package (engine/models/<family>/tiny.py, `TinyArch.own_formats` and
+`wrap`): DeepSeek-V4 as published (deepseek_v4/tiny.py: `write_published_dsv4`), Kimi K2.5's multimodal wrapper of a
+DeepSeek-V3 checkpoint (deepseek/tiny.py: `kimi_k25_checkpoint`).
 """
 from __future__ import annotations
 
@@ -222,40 +222,6 @@ def awq_checkpoint(int4_dir: str, out: Path, symmetric: bool, group: int) -> str
     return rewrite_checkpoint(Path(int4_dir), Path(out), tensors, config)
 
 
-def kimi_k25_checkpoint(dsv3_dir: str, out: Path) -> str:
-    """A DeepSeek-V3-shaped checkpoint as Kimi K2.5 publishes its multimodal one: config.json's architectures
-    [KimiK25ForConditionalGeneration], model_type kimi_k25, the text model's config under text_config (model_type
-    kimi_k2) and the quantization at the top level; the text model's tensors under `language_model.model.` and its
-    head as `language_model.lm_head.weight`, with a vision tower's and projector's tensors beside them."""
-    def tensors(ts: dict) -> dict:
-        new = {}
-        for name, t in ts.items():
-            if name.startswith("model."):
-                new["language_model." + name] = t
-            elif name.startswith("lm_head."):
-                new["language_model." + name] = t
-            else:
-                new[name] = t
-        g = torch.Generator().manual_seed(5)
-        new["vision_tower.encoder.blocks.0.wqkv.weight"] = torch.randn(24, 8, generator=g, dtype=torch.bfloat16)
-        new["vision_tower.patch_embed.proj.weight"] = torch.randn(8, 3, 2, 2, generator=g, dtype=torch.bfloat16)
-        new["mm_projector.proj.0.weight"] = torch.randn(16, 32, generator=g, dtype=torch.bfloat16)
-        return new
-
-    def config(c: dict) -> dict:
-        quant = c.pop("quantization_config", None)
-        text = {**c, "model_type": "kimi_k2"}
-        text.pop("architectures", None)
-        top = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25", "text_config": text,
-               "vision_config": {"model_type": "kimi_k25_vision"}, "media_placeholder_token_id": 3,
-               "tie_word_embeddings": False}
-        if quant is not None:
-            top["quantization_config"] = quant
-        return top
-
-    return rewrite_checkpoint(Path(dsv3_dir), Path(out), tensors, config)
-
-
 # -- NVFP4 (ModelOpt) ------------------------------------------------------------------------------------------------
 
 # ModelOpt's exclusions as its FP4 releases write them: the attention, the router and lm_head stay bf16.
@@ -299,107 +265,6 @@ def nvfp4_checkpoint(src: str, out: Path, hf_quant_file: bool = False, scope: st
     return path
 
 
-# -- DeepSeek-V4 as published ----------------------------------------------------------------------------------------
-#
-# From a float checkpoint transformers saved (tiny_families.save_dsv4_checkpoint), with the format's own rules (those
-# of DeepSeek's inference code: `act_quant` / `fp4_act_quant` with ue8m0 scales, and its convert.py's e2m1 table):
-# - names as published: no `model.` prefix, `embed.weight`, `hc_head_fn` / `_base` / `_scale`, `attn.kv_norm.weight`
-#   (transformers saves `attn.norm.weight`), per-expert `layers.{i}.ffn.experts.{e}.w{1,2,3}.weight`;
-# - FP8 linears (attention's wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b, the shared expert's w1 / w2 / w3, an MTP
-#   layer's e_proj / h_proj): float8_e4m3fn `X.weight` and `X.scale` float8_e8m0fnu, one per `block`:
-#   scale = 2 ** ceil(log2(amax / 448)) (ue8m0 rounds the scale up, so no value saturates), e4m3 = round(w / scale);
-# - FP4 routed experts (`expert_dtype: "fp4"`): e2m1 pairs a byte along K, the low nibble the even element, as int8
-#   [N, K/2], `X.scale` float8_e8m0fnu [N, K/32] = 2 ** ceil(log2(amax / 6)) per 32 values, values rounded to the
-#   nearest e2m1 (kernels/mxfp4.mxfp4_quantize). `expert_dtype="fp8"` writes the experts as FP8 linears instead;
-# - config.json: `quantization_config = {quant_method fp8, fmt e4m3, activation_scheme dynamic, scale_fmt ue8m0,
-#   weight_block_size}` and a top-level `expert_dtype` (V4's spelling).
-# The tensors that stay float (compressors, indexer weights_proj, gate, norms, hyper-connections, embed, head) keep the
-# float checkpoint's dtype (published: bf16).
-
-# transformers' modules of the FP8 linears (DeepseekV4ForCausalLM's names; the compressors' kv_proj / gate_proj and the
-# indexer's weights_proj ship in bf16 and stay float)
-DSV4_HF_FP8_LINEARS = (".self_attn.q_a_proj", ".self_attn.q_b_proj", ".self_attn.kv_proj", ".self_attn.o_a_proj",
-                       ".self_attn.o_b_proj", ".indexer.q_b_proj", ".shared_experts.gate_proj",
-                       ".shared_experts.up_proj", ".shared_experts.down_proj")
-DSV4_FP8_LINEARS = (".attn.wq_a.", ".attn.wq_b.", ".attn.wkv.", ".attn.wo_a.", ".attn.wo_b.", ".attn.indexer.wq_b.",
-                    ".ffn.shared_experts.", ".e_proj.", ".h_proj.")
-E4M3_MAX = 448.0
-
-
-def dsv4_published_name(name: str) -> str:
-    """The name DeepSeek's files give a tensor save_pretrained calls `name` (transformers' conversion mapping)."""
-    special = {"model.embed_tokens.weight": "embed.weight", "model.hc_head.hc_fn": "hc_head_fn",
-               "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale"}
-    return special.get(name, name.removeprefix("model.").replace(".attn.norm.weight", ".attn.kv_norm.weight"))
-
-
-def fp8_ue8m0(w_NK: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(e4m3 weight, float8_e8m0fnu scales [ceil(N/Bn), ceil(K/Bk)], the dequantized float64 weight)."""
-    bn, bk = block
-    n, k = w_NK.shape
-    nb, kb = -(-n // bn), -(-k // bk)
-    w = w_NK.to(torch.float64)
-    padded = torch.nn.functional.pad(w, (0, kb * bk - k, 0, nb * bn - n))
-    amax = padded.reshape(nb, bn, kb, bk).abs().amax(dim=(1, 3)).clamp(min=1e-10)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))  # a power of two: exact in e8m0
-    full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
-    wq = (w / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return wq, scale.to(torch.float32).to(torch.float8_e8m0fnu), wq.to(torch.float64) * full
-
-
-def fp4_experts(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(int8 [N, K/2] packed e2m1, float8_e8m0fnu [N, K/32] scales, the dequantized float64 weight)."""
-    from moelink.kernels.mxfp4 import mxfp4_dequantize, mxfp4_quantize
-
-    blocks_NSQ, scales_NS = mxfp4_quantize(w_NK)
-    n = w_NK.shape[0]
-    return (blocks_NSQ.reshape(n, -1).view(torch.int8), scales_NS.view(torch.float8_e8m0fnu),
-            mxfp4_dequantize(blocks_NSQ, scales_NS, torch.float64))
-
-
-def write_published_dsv4(float_dir: str, out_dir: Path, oracle_dir: Path | None = None,
-                         block: tuple[int, int] = (16, 16), expert_dtype: str = "fp4") -> tuple[str, str | None]:
-    """Write `out_dir` (the published format) and, with `oracle_dir`, its dequantized float twin (every quantized
-    weight replaced by its dequantized value, exact in float64, under transformers' names); returns both paths."""
-    from safetensors.torch import load_file, save_file
-
-    src = Path(float_dir)
-    (st_file,) = src.glob("*.safetensors")
-    tensors = load_file(str(st_file))
-    out, oracle = {}, {}
-    for name, t in tensors.items():
-        pub = dsv4_published_name(name)
-        if ".experts." in name and ".shared_experts." not in name and name.endswith(".weight"):
-            kind = expert_dtype
-        elif any(s in name for s in DSV4_FP8_LINEARS) and name.endswith(".weight"):
-            kind = "fp8"
-        else:
-            out[pub], oracle[name] = t, t
-            continue
-        if kind == "fp4":
-            if t.shape[-1] % 32:
-                raise ValueError(f"DeepSeek-V4 FP4 experts: {name} has K={t.shape[-1]}, not a multiple of 32 (one "
-                                 "ue8m0 scale per 32 values): moe_intermediate_size and hidden_size must be.")
-            q, s, deq = fp4_experts(t)
-        else:
-            q, s, deq = fp8_ue8m0(t, block)
-        out[pub], out[pub[: -len("weight")] + "scale"], oracle[name] = q, s, deq.to(t.dtype)
-    dirs = [(Path(out_dir), out)] + ([(Path(oracle_dir), oracle)] if oracle_dir is not None else [])
-    for d, ts in dirs:
-        shutil.copytree(src, d, dirs_exist_ok=True)
-        (d / st_file.name).unlink()
-        save_file(ts, str(d / "model.safetensors"), metadata={"format": "pt"})
-        umask_mode([d / "model.safetensors"])
-    raw = json.loads((Path(out_dir) / "config.json").read_text())
-    raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                  "scale_fmt": "ue8m0", "weight_block_size": list(block)}
-    if expert_dtype == "fp4":
-        raw["expert_dtype"] = "fp4"
-    (Path(out_dir) / "config.json").write_text(json.dumps(raw, indent=2))
-    return str(out_dir), (str(oracle_dir) if oracle_dir is not None else None)
-
-
-__all__ = ["AWQ_ORDER", "DSV4_FP8_LINEARS", "DSV4_HF_FP8_LINEARS", "E4M3_MAX", "EXPERT", "FP8_BLOCK", "INT4_GROUPS",
-           "KIMI_IGNORE", "LINEAR", "NVFP4_IGNORE", "awq_checkpoint", "compress_weight", "dsv4_published_name",
-           "fp4_experts", "fp8_ue8m0", "gptq_checkpoint", "int4_checkpoint", "int4_scheme", "kimi_k25_checkpoint",
-           "nvfp4_checkpoint", "pack_k", "pack_n", "quantization_config", "rewrite_checkpoint", "write_published_dsv4"]
+__all__ = ["AWQ_ORDER", "EXPERT", "FP8_BLOCK", "INT4_GROUPS", "KIMI_IGNORE", "LINEAR", "NVFP4_IGNORE", "awq_checkpoint",
+           "compress_weight", "gptq_checkpoint", "int4_checkpoint", "int4_scheme", "nvfp4_checkpoint", "pack_k",
+           "pack_n", "quantization_config", "rewrite_checkpoint"]

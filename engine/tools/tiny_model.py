@@ -5,9 +5,10 @@ directory that `transformers` loads with no missing or unexpected weights
 (so it is the test oracle for our model code) and that our loader reads like
 any downloaded checkpoint. Qwen3-MoE and Mixtral files are written here;
 DeepSeek-V3, DeepSeek-V2 and GLM-4-MoE are built and saved by transformers
-itself (tiny_hf_model.py), and every other family moelink serves from the test
-suite's presets (tiny_families.py). `format` rewrites the float checkpoint in a
-quantized format (tiny_archs.py lists which arch takes which). Everything is
+itself (tiny_hf_model.py), and every other family moelink serves from its own
+presets (engine/models/<family>/tiny.py, gathered by tiny_archs.py from the
+family registry). `format` rewrites the float checkpoint in a quantized format
+(tiny_archs.py lists which arch takes which). Everything is
 seeded, so the same arguments give byte-identical files.
 
 Shape legend: V vocab, D hidden, E experts, I expert (or dense MLP) width,
@@ -61,8 +62,6 @@ def _pos_int(name: str, value) -> None:
 
 
 def _validate(a: dict) -> None:
-    if a["arch"] not in ARCHS:
-        _fail("arch", a["arch"], f"must be one of {', '.join(ARCHS)}")
     for name in ("num_layers", "hidden_size", "num_experts", "top_k", "num_heads", "num_kv_heads",
                  "moe_intermediate_size", "max_position_embeddings", "decoder_sparse_step"):
         _pos_int(name, a[name])
@@ -155,13 +154,13 @@ def make_tiny_model(
 ) -> Path:
     """Write a random `arch` checkpoint in `format` with a trained byte-level BPE tokenizer; return its directory.
 
-    arch: any of ARCHS (`moelink make-tiny-model --list`: qwen3_moe, mixtral, deepseek_v3, deepseek_v2, glm4_moe,
-        kimi_k2, kimi_k25, deepseek_v32, glm_moe_dsa, qwen3_next, qwen3_5_moe, minimax_m2, mimo_v2_flash, gpt_oss,
-        deepseek_v4).
+    arch: any of ARCHS, the arches the families declare (engine/models/<family>/tiny.py; `moelink make-tiny-model
+        --list`: qwen3_moe, mixtral, deepseek_v3, deepseek_v2, glm4_moe, kimi_k2, kimi_k25, deepseek_v32,
+        glm_moe_dsa, qwen3_next, qwen3_5_moe, gpt_oss, minimax_m2, deepseek_v4, mimo_v2_flash).
     format: None is the arch's default (float; int4 for kimi_k2 / kimi_k25); else one of the arch's formats
         (tiny_archs.ARCHS): fp8, mxfp4, int4, gptq, awq, nvfp4, published (DeepSeek-V4's).
     The sizes (num_layers .. rope_theta; None: SIZE_DEFAULTS) size qwen3_moe, mixtral, deepseek_v3, deepseek_v2,
-    glm4_moe, kimi_k2 and kimi_k25. The other archs are the test suite's presets (tiny_families.py): `extra` sets any
+    glm4_moe, kimi_k2 and kimi_k25. The other archs are their families' presets (tiny.py): `extra` sets any
     of their config fields as transformers names them (num_hidden_layers with layer_types, hidden_size, ...), and of
     the sizes only vocab_size and max_position_embeddings apply.
     head_dim: qwen3_moe and glm4_moe (default 16); mixtral uses hidden_size // num_heads; the MLA
@@ -180,8 +179,7 @@ def make_tiny_model(
     int4_group, int4_zero_point: the INT4 formats' group (32, 64 or 128; hidden and expert widths follow it where
         not given) and zero points (asymmetric; awq always has them). fp8_block: the FP8 format's block.
     """
-    if arch not in ARCHS:
-        _fail("arch", arch, f"must be one of {', '.join(ARCHS)}")
+    tiny_arch = tiny_archs.check_arch(arch)
     fmt = tiny_archs.default_format(arch) if format is None else format
     tiny_archs.check_format(arch, fmt)
     if fmt in ("int4", "gptq", "awq") and int4_group not in INT4_GROUPS:
@@ -219,8 +217,8 @@ def make_tiny_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         src = _write_sized(Path(tmp) / "float", base, **kwargs)
-        if arch in ("kimi_k2", "kimi_k25"):
-            tiny_archs.set_model_type(src, "kimi_k2")
+        if tiny_arch.model_type is not None:
+            tiny_archs.set_model_type(src, tiny_arch.model_type)
         out.mkdir(parents=True, exist_ok=True)
         tiny_archs.convert(src, out, arch, fmt, int4_group=int4_group, int4_symmetric=not int4_zero_point,
                            fp8_block=fp8_block)
@@ -230,7 +228,7 @@ def make_tiny_model(
 def _make_preset(out: Path, arch: str, fmt: str, *, seed: int, dtype: str, max_shard_size: Optional[int],
                  overrides: dict, extra: Optional[Mapping], int4_group: int, int4_zero_point: bool,
                  fp8_block: tuple[int, int]) -> Path:
-    """A preset family (tiny_families.py) in `fmt`: its config, the format's sizes, `overrides`, `extra` on top;
+    """A family's preset (its tiny.py) in `fmt`: its config, the format's sizes, `overrides`, `extra` on top;
     bos / eos / pad the tokenizer's <|endoftext|> and generation_config.json's stops it and <|im_end|>."""
     if dtype not in DTYPES:
         _fail("dtype", dtype, f"must be one of {', '.join(DTYPES)}")
@@ -238,9 +236,9 @@ def _make_preset(out: Path, arch: str, fmt: str, *, seed: int, dtype: str, max_s
         _fail("seed", seed, "must be an integer")
     if max_shard_size is not None:
         _pos_int("max_shard_size", max_shard_size)
-        if fmt == "published":
-            _fail("max_shard_size", max_shard_size, "applies to deepseek_v4's float format only (its published "
-                                                    "format is written as one file)")
+        if fmt in tiny_archs.ARCHS[arch].own_formats:
+            _fail("max_shard_size", max_shard_size, f"applies to {arch}'s float format only (its {fmt} format is "
+                                                    "written as one file)")
     for name, value in overrides.items():
         _pos_int(name, value)
     if overrides.get("vocab_size", MIN_VOCAB_SIZE) < MIN_VOCAB_SIZE:

@@ -175,8 +175,8 @@ def test_no_shared_expert_at_width_0_gives_transformers_tokens(tmp_path):
     tensors and its gate left unread): greedy tokens equal transformers'."""
     import tests.helpers.hf_checkpoints as H
 
-    model_type, fields = H.HF_HYBRID[NAME]
-    H.HF_HYBRID["qwen3_next_no_shared"] = (model_type, dict(fields, shared_expert_intermediate_size=0))
+    config_cls, model_cls, fields = H.HF_HYBRID[NAME]
+    H.HF_HYBRID["qwen3_next_no_shared"] = (config_cls, model_cls, dict(fields, shared_expert_intermediate_size=0))
     try:
         path = H.save_hf_checkpoint(tmp_path / "m", "qwen3_next_no_shared")
     finally:

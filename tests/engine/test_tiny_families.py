@@ -1,6 +1,7 @@
 """`moelink make-tiny-model --arch NAME [--format FORMAT]` (issue 54 item 6): every family moelink serves, in every
-format moelink reads it in, one command away, written by the builders the tests use (engine/tools/tiny_families.py,
-tiny_formats.py: tests/helpers/*_checkpoints.py name them, no second copy).
+format moelink reads it in, one command away, written by the builders the tests use (each family's
+engine/models/<family>/tiny.py, engine/tools/tiny_families.py, tiny_formats.py: tests/helpers/*_checkpoints.py name
+them, no second copy).
 
 Oracles: the registry (every runnable architecture is some arch's config.json `architectures`, or its text model);
 LLM(...) loads each (arch, format) checkpoint and generates; for the archs make-tiny-model gained, greedy tokens equal
@@ -15,7 +16,7 @@ import pytest
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.config.architectures import SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF
-from moelink.engine.tools import tiny_archs, tiny_families
+from moelink.engine.tools import tiny_archs
 from moelink.engine.tools.tiny_model import ARCHS, FORMATS, make_tiny_model
 
 from tests.helpers.parity import engine_greedy, hf_greedy, hf_greedy_nocache, prompts
@@ -86,16 +87,36 @@ def test_invalid_arguments_name_the_field(tmp_path, kwargs, field):
 
 
 def test_the_tests_build_with_the_package():
-    """The helpers name the package's builders: one copy, the one make-tiny-model runs."""
-    from tests.helpers import dsv4_checkpoint, gpt_oss_checkpoints, hf_checkpoints, int4_checkpoints, m2_checkpoints
-
-    assert hf_checkpoints.save_hf_checkpoint is tiny_families.save_hf_checkpoint
-    assert m2_checkpoints.save_m2_checkpoint is tiny_families.save_m2_checkpoint
-    assert gpt_oss_checkpoints.save_gpt_oss is tiny_families.save_gpt_oss
-    assert dsv4_checkpoint.save_dsv4_checkpoint is tiny_families.save_dsv4_checkpoint
+    """The helpers name the package's builders and the families' presets: one copy, the one make-tiny-model runs."""
+    from moelink.engine.models.deepseek import tiny as deepseek
+    from moelink.engine.models.deepseek_v4 import tiny as deepseek_v4
+    from moelink.engine.models.gpt_oss import tiny as gpt_oss
+    from moelink.engine.models.mimo_v2_flash import tiny as mimo_v2_flash
+    from moelink.engine.models.minimax_m2 import tiny as minimax_m2
+    from moelink.engine.models.qwen3_next import tiny as qwen3_next
     from moelink.engine.tools import tiny_formats
+    from tests.helpers import (dsv4_checkpoint, dsv4_published, gpt_oss_checkpoints, hf_checkpoints, int4_checkpoints,
+                               m2_checkpoints)
 
+    assert hf_checkpoints.HF_DSA is deepseek.HF_DSA and hf_checkpoints.HF_HYBRID is qwen3_next.HF_HYBRID
+    assert m2_checkpoints.M2_TINY == {"minimax": minimax_m2.MINIMAX, "mimo": mimo_v2_flash.MIMO}
+    assert gpt_oss_checkpoints.save_gpt_oss is gpt_oss.save_gpt_oss
+    assert dsv4_checkpoint.save_dsv4_checkpoint is deepseek_v4.save_dsv4_checkpoint
+    assert dsv4_published.write_published_dsv4 is deepseek_v4.write_published_dsv4
     assert int4_checkpoints.int4_checkpoint is tiny_formats.int4_checkpoint
+    assert int4_checkpoints.kimi_k25_checkpoint is deepseek.kimi_k25_checkpoint
+
+
+def test_the_archs_are_the_families_own():
+    """`--arch` names are gathered from each family's tiny.py, in the registry's order; an unknown one is refused with
+    every name."""
+    from moelink.engine.config.families import FAMILIES
+
+    owners = [f for f in FAMILIES for name in tiny_archs.ARCHS
+              if name in __import__(f"moelink.engine.models.{f}.tiny", fromlist=["ARCHS"]).ARCHS]
+    assert len(owners) == len(tiny_archs.ARCHS) and owners == sorted(owners, key=FAMILIES.index)
+    with pytest.raises(ValueError, match="arch='nope' is invalid: must be one of qwen3_moe, mixtral, .*mimo_v2_flash"):
+        make_tiny_model("unused", "nope")
 
 
 @pytest.mark.parametrize("arch,fmt", PAIRS, ids=[f"{a}-{f}" for a, f in PAIRS])

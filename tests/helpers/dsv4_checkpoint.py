@@ -1,5 +1,5 @@
 """A tiny DeepSeek-V4 checkpoint built and saved by transformers itself (DeepseekV4ForCausalLM, float64): the builder
-lives in the package (engine/tools/tiny_families.py, what `moelink make-tiny-model --arch deepseek_v4` writes).
+lives in the package (engine/models/deepseek_v4/tiny.py, what `moelink make-tiny-model --arch deepseek_v4` writes).
 
 Small enough to run in a test, shaped so every V4 part is exercised by prompts of 1..150 tokens: one layer of each
 attention kind (sliding only, compressed sparse attention at rate 2 with an indexer top-4 (16 index heads keep exact
@@ -10,8 +10,9 @@ a limit the random weights reach. What transformers initialises to constants is 
 """
 from pathlib import Path
 
-from moelink.engine.tools.tiny_families import (CSA_RATE, DSV4_TINY, HCA_RATE, MAX_POS, VOCAB,  # noqa: F401
-                                                build_dsv4_model, dsv4_config, save_dsv4_checkpoint, save_tokenizer)
+from moelink.engine.models.deepseek_v4.tiny import (CSA_RATE, DSV4_TINY, HCA_RATE,  # noqa: F401
+                                                    build_dsv4_model, dsv4_config, save_dsv4_checkpoint)
+from moelink.engine.tools.tiny_families import MAX_POS, VOCAB, save_tokenizer  # noqa: F401
 
 
 def _save_tokenizer(out: Path) -> None:

@@ -1,5 +1,6 @@
 """A tiny DeepSeek-V4 checkpoint in the format DeepSeek publishes V4-Flash / V4-Pro in, and its float oracle (the writer
-lives in engine/tools/tiny_formats.py, what `moelink make-tiny-model --arch deepseek_v4 --format published` writes).
+lives in engine/models/deepseek_v4/tiny.py, what `moelink make-tiny-model --arch deepseek_v4 --format published`
+writes).
 
 From the float checkpoint transformers saved (tests/helpers/dsv4_checkpoint.py), with the format's own rules (those of
 DeepSeek's inference code: `act_quant` / `fp4_act_quant` with ue8m0 scales, and its convert.py's e2m1 table):
@@ -28,10 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from moelink.engine.tools.tiny_formats import DSV4_FP8_LINEARS as FP8_LINEARS  # noqa: F401
-from moelink.engine.tools.tiny_formats import DSV4_HF_FP8_LINEARS as HF_FP8_LINEARS
-from moelink.engine.tools.tiny_formats import dsv4_published_name as published  # noqa: F401
-from moelink.engine.tools.tiny_formats import E4M3_MAX, fp4_experts, fp8_ue8m0, write_published_dsv4  # noqa: F401
+from moelink.engine.models.deepseek_v4.tiny import DSV4_FP8_LINEARS as FP8_LINEARS  # noqa: F401
+from moelink.engine.models.deepseek_v4.tiny import DSV4_HF_FP8_LINEARS as HF_FP8_LINEARS
+from moelink.engine.models.deepseek_v4.tiny import dsv4_published_name as published  # noqa: F401
+from moelink.engine.models.deepseek_v4.tiny import E4M3_MAX, fp4_experts, fp8_ue8m0, write_published_dsv4  # noqa: F401
 
 
 def fake_quant_dsv4(oracle_dir: str, block: tuple[int, int]):

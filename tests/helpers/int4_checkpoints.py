@@ -13,8 +13,9 @@ Thinking ships (group 32, symmetric, everything but the routed experts ignored).
 attention, dense and shared MLPs too (as community W4A16 releases of Qwen3-MoE do). `decompressed_copy` is the float64
 checkpoint holding exactly what the INT4 one means, made by the same library's `decompress` (the oracle's weights);
 `gptq_checkpoint` / `awq_checkpoint` rewrite the same integers in GPTQ's and AWQ's own layouts.
-`kimi_k25_checkpoint` wraps a DeepSeek-V3 one as Kimi K2.5 publishes it (KimiK25ForConditionalGeneration,
-`language_model.model.*`, `language_model.lm_head.weight`, a vision tower's tensors beside them).
+`kimi_k25_checkpoint` (engine/models/deepseek/tiny.py) wraps a DeepSeek-V3 one as Kimi K2.5 publishes it
+(KimiK25ForConditionalGeneration, `language_model.model.*`, `language_model.lm_head.weight`, a vision tower's tensors
+beside them).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from pathlib import Path
 import torch
 
 from moelink.engine.tools.tiny_families import INT4_TINY, save_preset  # noqa: F401
+from moelink.engine.models.deepseek.tiny import kimi_k25_checkpoint  # noqa: F401
 from moelink.engine.tools.tiny_formats import (AWQ_ORDER, KIMI_IGNORE, awq_checkpoint, compress_weight,  # noqa: F401
-                                               gptq_checkpoint, int4_checkpoint, kimi_k25_checkpoint, packed_rewrite,
-                                               quantization_config, rewrite_checkpoint as _rewrite)
+                                               gptq_checkpoint, int4_checkpoint, packed_rewrite, quantization_config,
+                                               rewrite_checkpoint as _rewrite)
 from moelink.engine.tools.tiny_formats import int4_scheme as _scheme  # noqa: F401
 
 

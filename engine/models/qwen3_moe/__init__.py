@@ -1,3 +1,4 @@
 """Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder MoE): its architecture entry (config.py) and config
 reader (reader.py); its layers are the built-in block kinds. Imports nothing: engine/config reads the family's
-config modules (engine/config/families.py)."""
+config modules (engine/config/families.py).
+Its tiny checkpoints (`moelink make-tiny-model --arch`): tiny.py."""
